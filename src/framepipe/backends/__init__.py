@@ -1,0 +1,1 @@
+"""Pluggable backends: one contract per family (broker, state, objects)."""

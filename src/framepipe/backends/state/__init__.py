@@ -1,0 +1,6 @@
+"""State backend: SQLAlchemy Core schema and store (SQLite embedded, PostgreSQL distributed)."""
+
+from framepipe.backends.state.schema import SCHEMA_HEAD, events, executions, ledger, metadata, steps
+from framepipe.backends.state.store import StateStore
+
+__all__ = ["SCHEMA_HEAD", "StateStore", "events", "executions", "ledger", "metadata", "steps"]

@@ -1,0 +1,91 @@
+"""The state schema (SQLAlchemy Core): executions, steps, events and the import ledger.
+
+Times are unix seconds (floats) so SQLite and PostgreSQL store and compare them alike.
+The schema only changes through the migrations in ``migrations/versions``; ``SCHEMA_HEAD`` is
+the revision this code expects.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "steps"]
+
+SCHEMA_HEAD = "0001"
+
+metadata = sa.MetaData()
+
+executions = sa.Table(
+    "fp_executions",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("pipeline", sa.String(200), nullable=False),
+    sa.Column("pipeline_ref", sa.Text, nullable=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("inputs", sa.JSON, nullable=False),
+    sa.Column("progress", sa.Float, nullable=False, default=0.0),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("heartbeat_at", sa.Float, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("runs", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Index("ix_fp_executions_status", "status"),
+    sa.Index("ix_fp_executions_created", "created_at"),
+)
+
+steps = sa.Table(
+    "fp_steps",
+    metadata,
+    sa.Column("execution_id", sa.String(32),
+              sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("depends_on", sa.JSON, nullable=False),
+    sa.Column("spawned_by", sa.String(300), nullable=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),
+    sa.Column("progress", sa.Float, nullable=False),
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("crashes", sa.Integer, nullable=False),
+    sa.Column("output", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("done_seq", sa.Integer, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("ready_at", sa.Float, nullable=True),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
+)
+
+events = sa.Table(
+    "fp_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("type", sa.String(60), nullable=False),
+    sa.Column("execution_id", sa.String(32), nullable=True),
+    sa.Column("step_key", sa.String(300), nullable=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Index("ix_fp_events_execution", "execution_id", "id"),
+)
+
+ledger = sa.Table(
+    "fp_ledger",
+    metadata,
+    sa.Column("namespace", sa.String(200), primary_key=True),
+    sa.Column("identity", sa.String(500), primary_key=True),
+    sa.Column("content_hash", sa.String(128), nullable=True),
+    sa.Column("size", sa.BigInteger, nullable=True),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("execution_id", sa.String(32), nullable=True),
+    sa.Column("step_key", sa.String(300), nullable=True),
+    sa.Column("imported_at", sa.Float, nullable=False),
+    sa.Index("ix_fp_ledger_hash", "namespace", "content_hash"),
+)

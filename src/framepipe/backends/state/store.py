@@ -1,0 +1,159 @@
+"""The state store: one SQLAlchemy engine on SQLite (embedded) or PostgreSQL (distributed).
+
+Guarantees:
+
+* The schema is at :data:`SCHEMA_HEAD` once the store is open: a fresh database is migrated
+  (Alembic, under a lock so concurrent openers do not race), an older one is upgraded, a newer
+  or unknown one is refused with :class:`SchemaVersionError` instead of being touched.
+* On SQLite the file is in WAL mode with a busy timeout, and write transactions start with
+  ``BEGIN IMMEDIATE``: concurrent writers in several processes queue for the lock instead of
+  failing with "database is locked" when a read transaction tries to upgrade.
+* A committed write is durable per ``sqlite_synchronous`` (``FULL`` by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+
+from framepipe.backends.state.schema import SCHEMA_HEAD
+from framepipe.errors import MissingDependencyError, SchemaVersionError, StateStoreError
+
+__all__ = ["StateStore"]
+
+_MIGRATIONS = Path(__file__).with_name("migrations")
+_WRITE = "framepipe_write"
+
+
+def _alembic_config(connection: sa.Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class StateStore:
+    """An open state database. Thread-safe: each call checks a connection out of the pool."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL",
+                 busy_timeout_s: float = 60.0, migrate: bool = True) -> None:
+        self.url = url
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa.exc.ArgumentError as exc:
+            raise StateStoreError(f"invalid database URL {url!r}: {exc}") from exc
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
+        elif self.dialect == "postgresql":
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_size"] = 10
+        try:
+            self.engine = sa.create_engine(parsed, **kwargs)
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError(exc.name or "psycopg", "postgres",
+                                         f"the database URL {parsed.render_as_string()}") from exc
+        if self.dialect == "sqlite":
+            self._install_sqlite_pragmas(sqlite_synchronous, busy_timeout_s)
+        self._writer = self.engine.execution_options(**{_WRITE: True})
+        self._closed = False
+        if migrate:
+            self.migrate()
+
+    def _install_sqlite_pragmas(self, synchronous: str, busy_timeout_s: float) -> None:
+        @sa.event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @sa.event.listens_for(self.engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            immediate = conn.get_execution_options().get(_WRITE, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    # -- transactions -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A write transaction, committed on exit and rolled back on error."""
+        self._check_open()
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only transaction with a consistent snapshot."""
+        self._check_open()
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        """The schema revision stamped in the database, or None if it has none yet."""
+        with self.read() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def migrate(self) -> None:
+        """Bring the schema to :data:`SCHEMA_HEAD`, refusing a newer or unknown revision."""
+        self._check_open()
+        try:
+            with self.write() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql(
+                        f"SELECT pg_advisory_xact_lock({zlib.crc32(b'framepipe-migrate')})")
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == SCHEMA_HEAD:
+                    return
+                cfg = _alembic_config(conn)
+                if current is not None:
+                    try:
+                        ScriptDirectory.from_config(cfg).get_revision(current)
+                    except CommandError as exc:
+                        raise SchemaVersionError(
+                            f"database {self.safe_url} has schema revision {current!r}, which "
+                            f"this framepipe does not know (its newest is {SCHEMA_HEAD!r}); "
+                            "a newer framepipe wrote it: upgrade framepipe") from exc
+                command.upgrade(cfg, "head")
+        except sa.exc.OperationalError as exc:
+            raise StateStoreError(f"cannot open database {self.safe_url}: {exc.orig}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden, for messages."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateStoreError(f"state store {self.safe_url} is closed")
+
+    def close(self) -> None:
+        """Dispose of the connection pool; further use raises :class:`StateStoreError`."""
+        if not self._closed:
+            self._closed = True
+            self.engine.dispose()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,113 @@
+"""Settings, from ``FRAMEPIPE_*`` environment variables or a TOML config file.
+
+Precedence, highest first: keyword arguments, environment variables, the config file
+(``FRAMEPIPE_CONFIG`` or ``./framepipe.toml`` when present), defaults. With no settings at all
+framepipe runs embedded: SQLite and local files under ``./.framepipe/``, in-process queues.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from framepipe.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+
+def _config_file() -> Path | None:
+    explicit = os.environ.get("FRAMEPIPE_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"FRAMEPIPE_CONFIG={explicit}: no such file")
+        return path
+    default = Path("framepipe.toml")
+    return default if default.is_file() else None
+
+
+class Settings(BaseSettings):
+    """framepipe's settings. Every field is read from ``FRAMEPIPE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
+
+    home: Path = Field(Path(".framepipe"), description="Folder for embedded state and objects.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the state database; default SQLite under home.")
+    objects_url: str | None = Field(
+        None, description="Object store URL (file:///path); default home/objects.")
+    broker_url: str = Field("memory://", description="Broker URL; memory:// is in-process.")
+    concurrency: int = Field(
+        default_factory=lambda: max(4, os.cpu_count() or 1), ge=1,
+        description="Steps run at once by one engine.")
+    log_level: str = "INFO"
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable.")
+    retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay in seconds.")
+    retry_max_delay: float = Field(60.0, ge=0, description="Cap of the retry delay.")
+    heartbeat_interval: float = Field(
+        2.0, gt=0, description="How often a running engine marks its executions alive.")
+    shutdown_grace: float = Field(
+        10.0, ge=0, description="Seconds running steps get to finish on Ctrl-C / SIGTERM.")
+    max_step_output_bytes: int = Field(
+        1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data).")
+    max_step_crashes: int = Field(
+        3, ge=1, description="A step whose process died this many times is failed as crashed.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The state database URL, defaulting to ``sqlite:///<home>/state.db``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'state.db').resolve()}"
+
+    @property
+    def resolved_objects_url(self) -> str:
+        """The object store URL, defaulting to ``file://<home>/objects``."""
+        if self.objects_url:
+            return self.objects_url
+        return (self.home / "objects").resolve().as_uri()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings; a bad value raises :class:`ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"FRAMEPIPE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid framepipe settings: {problems}") from exc

@@ -1,0 +1,192 @@
+"""One error tree for framepipe, grouped by what the caller can do about it.
+
+::
+
+    FramepipeError
+    ├── ConfigError                  fix the settings (env var, config file, URL)
+    ├── MissingDependencyError       install the named extra
+    ├── PipelineDefinitionError      fix the pipeline code; raised before the step runs
+    │   ├── PipelineCycleError
+    │   ├── UnknownDependencyError
+    │   ├── UnknownStepError
+    │   └── StepParamsError
+    ├── StepError                    one step of one execution failed
+    │   ├── StepFailedError          the step raised; ``__cause__`` is its exception
+    │   ├── StepOutputError          the step returned something that cannot be stored
+    │   ├── StepCrashedError         the process died while the step ran
+    │   └── StepCancelledError       the execution was cancelled or interrupted
+    ├── ExecutionError               about a whole execution
+    │   ├── ExecutionNotFoundError
+    │   ├── ExecutionStateError      the execution is in a state that forbids the call
+    │   └── ExecutionFailedError     ``run``/``wait`` of an execution that did not complete
+    ├── StateStoreError              the state database
+    │   └── SchemaVersionError
+    └── ObjectStoreError             the object store
+        ├── InvalidKeyError
+        └── ObjectNotFoundError
+
+Every error that concerns a step names the pipeline and the step key in its message and
+carries them as attributes, so logs, events and the CLI can show them without parsing.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ExecutionError",
+    "ExecutionFailedError",
+    "ExecutionNotFoundError",
+    "ExecutionStateError",
+    "FramepipeError",
+    "InvalidKeyError",
+    "MissingDependencyError",
+    "ObjectNotFoundError",
+    "ObjectStoreError",
+    "PipelineCycleError",
+    "PipelineDefinitionError",
+    "SchemaVersionError",
+    "StateStoreError",
+    "StepCancelledError",
+    "StepCrashedError",
+    "StepError",
+    "StepFailedError",
+    "StepOutputError",
+    "StepParamsError",
+    "UnknownDependencyError",
+    "UnknownStepError",
+]
+
+
+class FramepipeError(Exception):
+    """Base of every error framepipe raises on purpose."""
+
+
+class ConfigError(FramepipeError):
+    """A setting is missing or invalid; the message names the setting and its source."""
+
+
+class MissingDependencyError(FramepipeError, ImportError):
+    """An optional dependency is not installed; the message gives the pip command."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the '{package}' package: pip install 'framepipe[{extra}]'"
+        )
+
+
+def _where(pipeline: str | None, step_key: str | None) -> str:
+    parts = []
+    if pipeline is not None:
+        parts.append(f"pipeline '{pipeline}'")
+    if step_key is not None:
+        parts.append(f"step '{step_key}'")
+    return ", ".join(parts)
+
+
+class PipelineDefinitionError(FramepipeError):
+    """The pipeline's code is wrong: fix it; retrying will not help."""
+
+    def __init__(self, message: str, *, pipeline: str | None = None,
+                 step_key: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.step_key = step_key
+        where = _where(pipeline, step_key)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class PipelineCycleError(PipelineDefinitionError):
+    """The declared ``depends_on`` edges form a cycle."""
+
+
+class UnknownDependencyError(PipelineDefinitionError):
+    """A ``depends_on`` names no step of the pipeline or execution."""
+
+
+class UnknownStepError(PipelineDefinitionError):
+    """``spawn_step`` (or a lookup) names a step the pipeline does not define."""
+
+
+class StepParamsError(PipelineDefinitionError):
+    """A step's parameters do not match its function, or cannot be serialised."""
+
+
+class StepError(FramepipeError):
+    """One step of one execution did not complete."""
+
+    def __init__(self, message: str, *, pipeline: str, step_key: str,
+                 execution_id: str | None = None) -> None:
+        self.pipeline = pipeline
+        self.step_key = step_key
+        self.execution_id = execution_id
+        super().__init__(f"{_where(pipeline, step_key)}: {message}")
+
+
+class StepFailedError(StepError):
+    """The step's function raised; the original exception is ``__cause__``."""
+
+
+class StepOutputError(StepError):
+    """The step returned a value that is not a JSON-serialisable dict (or is too large)."""
+
+
+class StepCrashedError(StepError):
+    """The process running the step died without the step raising."""
+
+
+class StepCancelledError(StepError):
+    """Raised inside a step (by ``ctx.progress``/``ctx.check_cancelled``) once its
+    execution is cancelled or interrupted; the step stops at that point."""
+
+
+class ExecutionError(FramepipeError):
+    """About a whole execution."""
+
+    def __init__(self, message: str, *, execution_id: str | None = None) -> None:
+        self.execution_id = execution_id
+        super().__init__(message)
+
+
+class ExecutionNotFoundError(ExecutionError, LookupError):
+    """No execution has that id (or the id prefix is ambiguous)."""
+
+
+class ExecutionStateError(ExecutionError):
+    """The execution's status forbids the call (e.g. retrying a completed execution)."""
+
+
+class ExecutionFailedError(ExecutionError):
+    """The awaited execution ended failed, cancelled or interrupted.
+
+    ``status`` is its final status and ``errors`` maps each failed step key to its error text.
+    """
+
+    def __init__(self, message: str, *, execution_id: str, status: str,
+                 errors: dict[str, str]) -> None:
+        self.status = status
+        self.errors = errors
+        super().__init__(message, execution_id=execution_id)
+
+
+class StateStoreError(FramepipeError):
+    """The state database cannot be opened, migrated or written."""
+
+
+class SchemaVersionError(StateStoreError):
+    """The database schema is newer than this framepipe, or unknown to it."""
+
+
+class ObjectStoreError(FramepipeError):
+    """The object store cannot be reached or refused an operation."""
+
+
+class InvalidKeyError(ObjectStoreError, ValueError):
+    """An object key is empty, absolute, or would escape the store (``..``)."""
+
+
+class ObjectNotFoundError(ObjectStoreError, KeyError):
+    """No object is stored under the key."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""

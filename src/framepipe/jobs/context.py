@@ -1,0 +1,182 @@
+"""What a running step sees: :class:`StepContext`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from framepipe.errors import (
+    PipelineCycleError,
+    StepCancelledError,
+    StepParamsError,
+    UnknownDependencyError,
+    UnknownStepError,
+)
+from framepipe.jobs.keys import is_step_key, step_key
+from framepipe.jobs.ledger import Ledger, ledger_row
+from framepipe.logs import ComponentLogger, get_logger
+
+if TYPE_CHECKING:
+    from framepipe.backends.objects import ObjectStore
+    from framepipe.backends.state import StateStore
+    from framepipe.jobs.pipeline import Pipeline
+
+__all__ = ["StepContext", "StepLedger"]
+
+
+class StepLedger(Ledger):
+    """The ledger as a step sees it: :meth:`record` is committed with the step's completion."""
+
+    def __init__(self, store: StateStore, namespace: str, ctx: StepContext) -> None:
+        super().__init__(store, namespace)
+        self._ctx = ctx
+
+    def record(self, identity: str, *, content_hash: str | None = None, size: int | None = None,
+               meta: dict[str, Any] | None = None) -> None:
+        """Record ``identity`` as imported once this step completes (not if it fails)."""
+        try:
+            row = ledger_row(self.namespace, identity, content_hash=content_hash, size=size,
+                             meta=meta, execution_id=self._ctx.execution_id,
+                             step_key=self._ctx.step_key)
+        except (TypeError, ValueError) as exc:
+            raise StepParamsError(f"ledger meta for {identity!r} is not JSON-serialisable: {exc}",
+                                  pipeline=self._ctx.pipeline.name,
+                                  step_key=self._ctx.step_key) from exc
+        self._ctx._ledger_rows.append(row)
+
+
+class StepContext:
+    """The first argument of every step function.
+
+    ``inputs`` are the execution's inputs; ``data`` is the merged output of the steps that had
+    completed when this one started (read-only); ``params`` are this instance's parameters.
+    ``progress``, ``spawn_step`` and ``ledger.record`` may be called from the step's own thread.
+    """
+
+    def __init__(self, *, pipeline: Pipeline, execution_id: str, step_key: str,
+                 step_name: str, attempt: int, inputs: Mapping[str, Any],
+                 data: Mapping[str, Any], params: Mapping[str, Any], store: StateStore,
+                 objects: Callable[[], ObjectStore],
+                 post: Callable[[tuple[Any, ...]], None],
+                 has_key: Callable[[str], bool]) -> None:
+        self.pipeline = pipeline
+        self.execution_id = execution_id
+        self.step_key = step_key
+        self.step_name = step_name
+        self.attempt = attempt
+        self.inputs = inputs
+        self.data = data
+        self.params = MappingProxyType(dict(params))
+        self.store = store
+        self.log: ComponentLogger = get_logger(f"{pipeline.name}/{step_key}")
+        self._objects = objects
+        self._post = post
+        self._has_key = has_key
+        self._cancel = threading.Event()
+        self._spawned: set[str] = set()
+        self._ledger_rows: list[dict[str, Any]] = []
+        self._tempdirs: list[Path] = []
+        self.ledger = StepLedger(store, pipeline.name, self)
+
+    # -- progress and cancellation -------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the execution was cancelled, failed elsewhere, or is shutting down."""
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`StepCancelledError` if the step should stop now."""
+        if self._cancel.is_set():
+            raise StepCancelledError("stopped: the execution is cancelled or shutting down",
+                                     pipeline=self.pipeline.name, step_key=self.step_key,
+                                     execution_id=self.execution_id)
+
+    def progress(self, pct: float, message: str | None = None) -> None:
+        """Report this step's progress (0-100) with an optional message.
+
+        Raises :class:`StepCancelledError` once the execution is being stopped, so a long step
+        that reports progress stops at its next report."""
+        self.check_cancelled()
+        self._post(("progress", self.execution_id, self.step_key,
+                    min(100.0, max(0.0, float(pct))), message))
+
+    # -- dynamic steps ------------------------------------------------------------------------
+
+    def spawn_step(self, name: str, params: Mapping[str, Any] | None = None,
+                   depends_on: Iterable[str] | None = None) -> str:
+        """Create an instance of step ``name`` with ``params``; return its key.
+
+        The instance also waits for ``depends_on`` (step keys or step names) on top of the
+        step's declared ``depends_on``. It is queued as soon as this call is committed, not when
+        the calling step ends. Spawning a key that already exists returns it and changes nothing.
+        """
+        pipeline = self.pipeline
+        step = pipeline.get(name)
+        if step is None:
+            raise UnknownStepError(
+                f"spawn_step names unknown step {name!r} (steps: {', '.join(pipeline.steps)})",
+                pipeline=pipeline.name, step_key=self.step_key)
+        values = dict(params or {})
+        step.check_params(values, pipeline.name, name)
+        try:
+            key = step_key(name, values)
+        except (TypeError, ValueError) as exc:
+            raise StepParamsError(f"parameters of spawned step {name!r} are not "
+                                  f"JSON-serialisable: {exc}", pipeline=pipeline.name,
+                                  step_key=self.step_key) from exc
+        if isinstance(depends_on, str):
+            depends_on = [depends_on]
+        deps: list[str] = []
+        for dep in depends_on or ():
+            dep_name = dep.partition(":")[0]
+            if is_step_key(dep):
+                if not (self._has_key(dep) or dep in self._spawned):
+                    raise UnknownDependencyError(
+                        f"spawn_step({name!r}) depends on {dep!r}, which is no step of this "
+                        "execution", pipeline=pipeline.name, step_key=self.step_key)
+            elif pipeline.get(dep) is None:
+                raise UnknownDependencyError(
+                    f"spawn_step({name!r}) depends on {dep!r}, which is no step of this "
+                    "pipeline", pipeline=pipeline.name, step_key=self.step_key)
+            if dep_name == name and not is_step_key(dep) and step.parameterised:
+                raise PipelineCycleError(f"{key} cannot wait for every instance of its own step",
+                                         pipeline=pipeline.name, step_key=self.step_key)
+            if name in pipeline.upstream_names(dep_name):
+                raise PipelineCycleError(
+                    f"{key} would wait for {dep}, which waits for every {name!r} step",
+                    pipeline=pipeline.name, step_key=self.step_key)
+            deps.append(dep)
+        if key not in self._spawned and not self._has_key(key):
+            self._spawned.add(key)
+            self._post(("spawn", self.execution_id, self.step_key, name, values, key, deps))
+        return key
+
+    # -- resources ------------------------------------------------------------------------------
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store (frames, videos, thumbnails)."""
+        return self._objects()
+
+    def get_ledger(self, namespace: str) -> StepLedger:
+        """The ledger of another namespace (the default is the pipeline's name)."""
+        return StepLedger(self.store, namespace, self)
+
+    def tempdir(self) -> Path:
+        """A fresh directory for this attempt, deleted when the step ends, failed or not."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.step_key)
+        path = Path(tempfile.mkdtemp(prefix=f"framepipe-{self.execution_id[:8]}-{safe}-"))
+        self._tempdirs.append(path)
+        return path
+
+    def _cleanup(self) -> None:
+        for path in self._tempdirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self._tempdirs.clear()

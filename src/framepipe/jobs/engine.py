@@ -1,0 +1,967 @@
+"""The job engine: runs executions of pipelines, in-process, durable in the state store.
+
+How it works: one scheduler task on the event loop owns all in-memory state. Steps run in a
+thread pool (sync functions) or on the loop (``async def``); they talk to the scheduler only by
+posting messages (progress, spawn, outcome). The scheduler drains its inbox, applies the changes
+in memory, and commits them in **one transaction per round** (group commit), in a dedicated
+database thread; only after that commit does it publish the round's events and start the steps
+the round made ready. So a step never starts before its dependencies' completion is durable, and
+every event a subscriber sees is already on disk.
+
+Failure policy (fail fast): when a step fails for good, nothing new starts in its execution;
+steps already running are allowed to finish and their results are kept, so ``retry`` does not
+redo them. ``cancel`` (and Ctrl-C/SIGTERM) also asks running steps to stop: ``ctx.progress`` and
+``ctx.check_cancelled`` raise :class:`StepCancelledError` in them, and ``async`` steps are
+cancelled.
+
+Dependencies: a step waits for every step key it depends on. A dependency on a step *name* of a
+step without parameters is its one instance; on a *parameterised* name (every instance of it,
+including ones not spawned yet) it is satisfied when all existing instances are completed and
+nothing else in the execution is ready, running or waiting to retry, since only those could
+still spawn one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
+from typing import Any
+
+import sqlalchemy as sa
+import tenacity
+
+from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.state import StateStore, executions
+from framepipe.backoff import Backoff
+from framepipe.config import Settings, load_settings
+from framepipe.errors import (
+    ExecutionFailedError,
+    ExecutionStateError,
+    FramepipeError,
+    PipelineDefinitionError,
+    StepCancelledError,
+    StepOutputError,
+    UnknownStepError,
+)
+from framepipe.events import Event, EventBus
+from framepipe.jobs.context import StepContext
+from framepipe.jobs.keys import canonical_json, is_step_key
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.pipeline import Pipeline, Step
+from framepipe.jobs.records import (
+    Batch,
+    get_execution,
+    load_rows,
+    this_owner,
+    write_batch,
+)
+from framepipe.jobs.recovery import recover_orphans
+from framepipe.logs import get_logger
+
+__all__ = ["JobEngine"]
+
+_ACTIVE = frozenset({StepStatus.READY, StepStatus.RUNNING, StepStatus.RETRYING})
+_log = get_logger("jobs.engine")
+
+
+class _S:
+    """In-memory state of one step; mutated only by the scheduler."""
+
+    __slots__ = ("attempt", "crashes", "created_at", "ctx", "deps", "dependents", "done_seq",
+                 "error", "failures", "finished_at", "key", "message", "name", "name_deps",
+                 "new", "next_attempt_at", "output", "params", "progress", "ready_at", "seq",
+                 "spawned_by", "started_at", "status", "step", "task", "timer", "waiting",
+                 "weight", "x")
+
+    def __init__(self, x: _X, row: Mapping[str, Any], step: Step) -> None:
+        self.x = x
+        self.step = step
+        self.key: str = row["key"]
+        self.name: str = row["name"]
+        self.params: dict[str, Any] = row["params"]
+        self.deps: list[str] = list(row["depends_on"])
+        self.spawned_by: str | None = row["spawned_by"]
+        self.status = StepStatus(row["status"])
+        self.weight: float = row["weight"]
+        self.progress: float = row["progress"]
+        self.message: str | None = row["message"]
+        self.attempt: int = row["attempt"]
+        self.failures: int = row["failures"]
+        self.crashes: int = row["crashes"]
+        self.output: dict[str, Any] | None = row["output"]
+        self.error: str | None = row["error"]
+        self.seq: int = row["seq"]
+        self.done_seq: int | None = row["done_seq"]
+        self.created_at: float = row["created_at"]
+        self.ready_at: float | None = row["ready_at"]
+        self.started_at: float | None = row["started_at"]
+        self.finished_at: float | None = row["finished_at"]
+        self.next_attempt_at: float | None = row["next_attempt_at"]
+        self.waiting = 0
+        self.name_deps: list[str] = []
+        self.dependents: list[_S] = []
+        self.ctx: StepContext | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.new = False
+
+    def row(self) -> dict[str, Any]:
+        return {"execution_id": self.x.id, "key": self.key, "name": self.name,
+                "params": self.params, "depends_on": self.deps, "spawned_by": self.spawned_by,
+                "status": self.status.value, "weight": self.weight, "progress": self.progress,
+                "message": self.message, "attempt": self.attempt, "failures": self.failures,
+                "crashes": self.crashes, "output": self.output, "error": self.error,
+                "seq": self.seq, "done_seq": self.done_seq, "created_at": self.created_at,
+                "ready_at": self.ready_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "next_attempt_at": self.next_attempt_at}
+
+
+class _X:
+    """In-memory state of one execution being run by this engine."""
+
+    def __init__(self, row: Mapping[str, Any], pipeline: Pipeline) -> None:
+        self.id: str = row["id"]
+        self.pipeline = pipeline
+        self.row = dict(row)
+        self.inputs = MappingProxyType(dict(row["inputs"]))
+        self.steps: dict[str, _S] = {}
+        self.active = 0
+        self.running = 0
+        self.unfinished = 0
+        self.unfinished_by_name: collections.Counter[str] = collections.Counter()
+        self.name_waiters: dict[str, _S] = {}
+        self.data: dict[str, Any] = {}
+        self.snapshot: Mapping[str, Any] | None = None
+        self.wsum = 0.0
+        self.wtotal = 0.0
+        self.next_seq = 0
+        self.next_done_seq = 0
+        self.stopping: ExecutionStatus | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def data_view(self) -> Mapping[str, Any]:
+        if self.snapshot is None:
+            self.snapshot = MappingProxyType(dict(self.data))
+        return self.snapshot
+
+    @property
+    def label(self) -> str:
+        return f"{self.pipeline.name}/{self.id[:8]}"
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, FramepipeError):
+        head = f"{type(exc).__name__}: {exc}"
+    else:
+        head = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    tb = "".join(traceback.format_exception(exc)).rstrip()
+    return f"{head}\n\n{tb}"
+
+
+class JobEngine:
+    """Runs executions of pipelines in this process, durable in a :class:`StateStore`.
+
+    Use as an async context manager (``async with JobEngine() as engine``), then
+    :meth:`submit` / :meth:`wait` / :meth:`run`, :meth:`retry`, :meth:`cancel`. ``concurrency``
+    steps run at once across all executions of this engine. Several engines (processes) may
+    share one store: each runs the executions it submitted or resumed.
+    """
+
+    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
+                 objects: ObjectStore | None = None, concurrency: int | None = None,
+                 bus: EventBus | None = None) -> None:
+        self.settings = settings or load_settings()
+        self._own_store = store is None
+        self.store = store or StateStore(self.settings.resolved_database_url,
+                                         sqlite_synchronous=self.settings.sqlite_synchronous)
+        self._objects = objects
+        self.concurrency = concurrency or self.settings.concurrency
+        self.bus = bus or EventBus()
+        self.owner = this_owner(uuid.uuid4().hex[:8])
+        self._pipelines: dict[str, Pipeline] = {}
+        self._execs: dict[str, _X] = {}
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._ready: collections.deque[_S] = collections.deque()
+        self._dirty_steps: dict[int, _S] = {}
+        self._dirty_execs: dict[str, _X] = {}
+        self._events: list[Event] = []
+        self._progress_events: dict[tuple[str, str], Event] = {}
+        self._ledger_rows: list[dict[str, Any]] = []
+        self._after_commit: list[Callable[[], None]] = []
+        self._running = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._db: ThreadPoolExecutor | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self._scheduling = True
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> JobEngine:
+        """Start the scheduler; recovers executions whose engine died."""
+        if self._closed:
+            raise ExecutionStateError("the job engine is closed")
+        if self._started:
+            return self
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
+        self._started = True
+        events = await self._in_db(self._recover)
+        self.bus.publish(events)
+        self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
+                       asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
+        return self
+
+    def _recover(self) -> list[Event]:
+        return recover_orphans(self.store, max_step_crashes=self.settings.max_step_crashes,
+                               stale_after=max(10.0, 5 * self.settings.heartbeat_interval))
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop: running executions are interrupted (resumable with :meth:`retry`).
+
+        Running steps are asked to stop and get ``grace`` seconds (setting ``shutdown_grace``)
+        to finish; a step still running after that is left pending in the store."""
+        if not self._started or self._closed:
+            self._closed = True
+            return
+        if self._execs:
+            await self.interrupt(grace=grace)
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._flush()
+        assert self._pool is not None and self._db is not None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._db.shutdown(wait=True)
+        if self._objects is not None and self._own_objects:
+            self._objects.close()
+        if self._own_store:
+            self.store.close()
+
+    async def __aenter__(self) -> JobEngine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    _own_objects = False
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store given steps as ``ctx.objects`` (opened on first use)."""
+        if self._objects is None:
+            self._objects = open_object_store(self.settings.resolved_objects_url)
+            self._own_objects = True
+        return self._objects
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def register(self, pipeline: Pipeline) -> None:
+        """Make ``pipeline`` known by name, for :meth:`retry` of its executions."""
+        pipeline.validate()
+        self._pipelines[pipeline.name] = pipeline
+
+    async def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+                     ref: str | None = None) -> str:
+        """Create an execution of ``pipeline`` and start it; return its id.
+
+        The execution and its initial steps are committed before this returns."""
+        self._check_started()
+        pipeline.validate()
+        self.register(pipeline)
+        inputs = dict(inputs or {})
+        try:
+            canonical_json(inputs)
+        except (TypeError, ValueError) as exc:
+            raise PipelineDefinitionError(f"inputs are not JSON-serialisable: {exc}",
+                                          pipeline=pipeline.name) from exc
+        now = time.time()
+        row = {"id": uuid.uuid4().hex, "pipeline": pipeline.name,
+               "pipeline_ref": ref or pipeline.ref, "status": ExecutionStatus.RUNNING.value,
+               "inputs": inputs, "progress": 0.0, "error": None, "owner": self.owner,
+               "heartbeat_at": now, "cancel_requested": False, "runs": 1, "created_at": now,
+               "started_at": now, "finished_at": None}
+        x = _X(row, pipeline)
+        step_rows = [self._new_step_row(x, step, {}, step.name, [], None, now)
+                     for step in pipeline.initial_steps]
+        batch = Batch(new_executions=[row], new_steps=step_rows, events=[
+            Event("execution.created", now, x.id, None,
+                  {"pipeline": pipeline.name, "inputs": inputs}),
+            Event("execution.started", now, x.id, None, {"run": 1})])
+        events = await self._in_db(write_batch, self.store, batch)
+        self.bus.publish(events)
+        self._adopt(x, step_rows)
+        _log.info("[%s] execution started (%d initial steps)", x.label, len(step_rows))
+        return x.id
+
+    async def wait(self, execution_id: str, *, raise_on_failure: bool = True,
+                   poll_interval: float = 0.5) -> ExecutionInfo:
+        """Wait until the execution finishes; return it with its steps and data.
+
+        Raises :class:`ExecutionFailedError` if it did not complete (unless
+        ``raise_on_failure`` is false). An execution run by another process is polled."""
+        x = self._execs.get(execution_id)
+        if x is not None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            x.waiters.append(future)
+            await future
+        while True:
+            info = await self._in_db(get_execution, self.store, execution_id)
+            if info.status.finished:
+                break
+            await asyncio.sleep(poll_interval)
+        if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
+            raise ExecutionFailedError(
+                f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "
+                f"{(info.error or '').splitlines()[0] if info.error else 'no error recorded'}",
+                execution_id=info.id, status=info.status.value, errors=info.errors)
+        return info
+
+    async def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+                  raise_on_failure: bool = True) -> ExecutionInfo:
+        """Submit an execution and wait for its end."""
+        execution_id = await self.submit(pipeline, inputs)
+        return await self.wait(execution_id, raise_on_failure=raise_on_failure)
+
+    async def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+        """Resume a failed, cancelled or interrupted execution from where it stopped.
+
+        Completed steps are not run again; failed, cancelled and pending steps run with fresh
+        retry budgets. ``pipeline`` defaults to one registered under the execution's pipeline
+        name. Returns the full execution id."""
+        self._check_started()
+        await self._in_db(self._recover)
+        info = await self._in_db(get_execution, self.store, execution_id, with_steps=False)
+        if info.id in self._execs:
+            raise ExecutionStateError(f"execution {info.id[:12]} is running in this engine",
+                                      execution_id=info.id)
+        if not info.status.retryable:
+            what = ("has completed; nothing to retry" if info.status is ExecutionStatus.COMPLETED
+                    else f"is {info.status.value} (owner {info.owner})")
+            raise ExecutionStateError(f"execution {info.id[:12]} of pipeline '{info.pipeline}' "
+                                      f"{what}", execution_id=info.id)
+        pipeline = pipeline or self._pipelines.get(info.pipeline)
+        if pipeline is None:
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', which this engine "
+                "does not know: pass the pipeline or register it", execution_id=info.id)
+        if pipeline.name != info.pipeline:
+            raise ExecutionStateError(f"execution {info.id[:12]} is of pipeline "
+                                      f"'{info.pipeline}', not '{pipeline.name}'",
+                                      execution_id=info.id)
+        pipeline.validate()
+        self.register(pipeline)
+        now = time.time()
+        claimed = await self._in_db(self._claim, info.id, info.status.value, now)
+        if not claimed:
+            raise ExecutionStateError(f"execution {info.id[:12]} was resumed by another process",
+                                      execution_id=info.id)
+        row, step_rows = await self._in_db(load_rows, self.store, info.id)
+        for r in step_rows:
+            if r["status"] != StepStatus.COMPLETED.value:
+                r.update(status=StepStatus.PENDING.value, failures=0, crashes=0, error=None,
+                         next_attempt_at=None, ready_at=None)
+        x = _X(row, pipeline)
+        for r in step_rows:
+            if pipeline.get(r["name"]) is None:
+                raise UnknownStepError(f"execution {info.id[:12]} has step {r['key']!r}, which "
+                                       "the pipeline no longer defines", pipeline=pipeline.name)
+        self._adopt(x, step_rows, dirty=True)
+        x.row["error"] = None
+        self._mark_exec(x)
+        self._emit(Event("execution.retried", now, x.id, None, {"run": row["runs"]}))
+        self._wakeup()
+        _log.info("[%s] execution resumed (run %d)", x.label, row["runs"])
+        return x.id
+
+    def _claim(self, execution_id: str, status: str, now: float) -> bool:
+        with self.store.write() as conn:
+            return bool(conn.execute(
+                executions.update()
+                .where(executions.c.id == execution_id, executions.c.status == status)
+                .values(status=ExecutionStatus.RUNNING.value, owner=self.owner,
+                        heartbeat_at=now, cancel_requested=False, finished_at=None,
+                        error=None, runs=executions.c.runs + 1)).rowcount)
+
+    async def cancel(self, execution_id: str) -> None:
+        """Cancel an execution: nothing new starts, running steps are asked to stop, unfinished
+        steps end ``cancelled``. An execution run by another engine is asked to cancel through
+        the store; one that is not running is cancelled at once."""
+        self._check_started()
+        x = self._execs.get(execution_id)
+        if x is None:
+            from framepipe.jobs.control import request_cancel
+
+            events = await self._in_db(request_cancel, self.store, execution_id)
+            self.bus.publish(events)
+            return
+        self._stop_execution(x, ExecutionStatus.CANCELLED, "cancelled by request")
+        self._wakeup()
+
+    async def interrupt(self, *, grace: float | None = None) -> None:
+        """Stop every execution of this engine as ``interrupted`` (Ctrl-C / SIGTERM)."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self._scheduling = False
+        waits = []
+        for x in list(self._execs.values()):
+            self._stop_execution(x, ExecutionStatus.INTERRUPTED, "interrupted (shutdown)")
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            x.waiters.append(future)
+            waits.append(future)
+        self._wakeup()
+        if waits:
+            _done, pending = await asyncio.wait(waits, timeout=grace)
+            if pending:
+                for x in list(self._execs.values()):
+                    self._finalize(x, force=True)
+                self._wakeup()
+                await asyncio.wait(pending, timeout=5)
+
+    @property
+    def active_executions(self) -> list[str]:
+        """Ids of the executions this engine is running."""
+        return list(self._execs)
+
+    # -- building the in-memory graph -------------------------------------------------------
+
+    def _new_step_row(self, x: _X, step: Step, params: dict[str, Any], key: str,
+                      deps: Iterable[str], spawned_by: str | None, now: float) -> dict[str, Any]:
+        merged = list(dict.fromkeys([*step.depends_on, *deps]))
+        seq = x.next_seq
+        x.next_seq += 1
+        return {"execution_id": x.id, "key": key, "name": step.name, "params": params,
+                "depends_on": merged, "spawned_by": spawned_by,
+                "status": StepStatus.PENDING.value, "weight": step.weight, "progress": 0.0,
+                "message": None, "attempt": 0, "failures": 0, "crashes": 0, "output": None,
+                "error": None, "seq": seq, "done_seq": None, "created_at": now,
+                "ready_at": None, "started_at": None, "finished_at": None,
+                "next_attempt_at": None}
+
+    def _adopt(self, x: _X, step_rows: list[dict[str, Any]], *, dirty: bool = False) -> None:
+        self._execs[x.id] = x
+        for r in step_rows:
+            s = _S(x, r, x.pipeline.steps[r["name"]])
+            x.steps[s.key] = s
+            x.next_seq = max(x.next_seq, s.seq + 1)
+            if s.done_seq is not None:
+                x.next_done_seq = max(x.next_done_seq, s.done_seq + 1)
+        for s in sorted(x.steps.values(), key=lambda s: s.done_seq or 0):
+            if s.status is StepStatus.COMPLETED and s.output:
+                x.data.update(s.output)
+        for s in x.steps.values():
+            self._count(x, s, +1)
+        for s in x.steps.values():
+            self._link(s)
+            if dirty:
+                self._dirty_steps[id(s)] = s
+        for s in list(x.steps.values()):
+            if s.status is StepStatus.PENDING and s.waiting == 0 and not s.name_deps:
+                self._make_ready(s)
+        self._recompute_progress(x)
+        self._check_quiescent(x)
+        self._wakeup()
+
+    def _count(self, x: _X, s: _S, sign: int) -> None:
+        if s.status is not StepStatus.COMPLETED:
+            x.unfinished += sign
+            x.unfinished_by_name[s.name] += sign
+        if s.status in _ACTIVE:
+            x.active += sign
+        if s.status is StepStatus.RUNNING:
+            x.running += sign
+            self._running += sign
+
+    def _set(self, s: _S, status: StepStatus) -> None:
+        x = s.x
+        self._count(x, s, -1)
+        s.status = status
+        self._count(x, s, +1)
+        self._dirty_steps[id(s)] = s
+
+    def _link(self, s: _S) -> None:
+        x = s.x
+        for dep in s.deps:
+            target_step = x.pipeline.get(dep.partition(":")[0])
+            if is_step_key(dep) or (target_step is not None and not target_step.parameterised):
+                t = x.steps.get(dep)
+                if t is None:
+                    self._stop_execution(x, ExecutionStatus.FAILED,
+                                         f"step '{s.key}' depends on '{dep}', which does not "
+                                         "exist in this execution")
+                    continue
+                if t.status is not StepStatus.COMPLETED:
+                    s.waiting += 1
+                    t.dependents.append(s)
+            else:
+                s.name_deps.append(dep)
+        if s.name_deps and s.status is not StepStatus.COMPLETED:
+            x.name_waiters[s.key] = s
+
+    # -- the scheduler ----------------------------------------------------------------------
+
+    def _wakeup(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _post(self, message: tuple[Any, ...]) -> None:
+        """Called from step threads (and the loop): queue a message for the scheduler."""
+        self._inbox.append(message)
+        loop = self._loop
+        if loop is not None and self._wake is not None and not self._wake.is_set():
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # loop closed: the engine is gone, drop the message
+                pass
+
+    async def _scheduler(self) -> None:
+        assert self._wake is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                self._drain()
+                await self._flush()
+                self._dispatch()
+                if self._dirty_steps or self._dirty_execs or self._events or self._inbox:
+                    self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fatal = exc
+            _log.exception("job engine scheduler failed; executions stay resumable")
+            for x in list(self._execs.values()):
+                for f in x.waiters:
+                    if not f.done():
+                        f.set_exception(exc)
+            raise
+
+    def _drain(self) -> None:
+        while self._inbox:
+            message = self._inbox.popleft()
+            kind = message[0]
+            x = self._execs.get(message[1])
+            if x is None:
+                continue
+            if kind == "progress":
+                self._on_progress(x, *message[2:])
+            elif kind == "spawn":
+                self._on_spawn(x, *message[2:])
+            elif kind == "outcome":
+                self._on_outcome(x, *message[2:])
+        for x in list(self._execs.values()):
+            self._check_quiescent(x)
+
+    async def _flush(self) -> None:
+        if not (self._dirty_steps or self._dirty_execs or self._events or self._ledger_rows
+                or self._progress_events):
+            return
+        batch = Batch()
+        for s in self._dirty_steps.values():
+            (batch.new_steps if s.new else batch.steps).append(s.row())
+            s.new = False
+        batch.new_steps.sort(key=lambda r: r["seq"])
+        self._dirty_steps = {}
+        for x in self._dirty_execs.values():
+            batch.executions.append({k: x.row[k] for k in (
+                "id", "status", "progress", "error", "owner", "heartbeat_at",
+                "cancel_requested", "runs", "started_at", "finished_at")})
+        self._dirty_execs = {}
+        batch.events = self._events
+        batch.events.extend(self._progress_events.values())
+        self._events, self._progress_events = [], {}
+        batch.ledger, self._ledger_rows = self._ledger_rows, []
+        after, self._after_commit = self._after_commit, []
+        committed = await self._in_db(self._write, batch)
+        self.bus.publish(committed)
+        for fn in after:
+            fn()
+
+    def _write(self, batch: Batch) -> list[Event]:
+        for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
+                wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
+                stop=tenacity.stop_after_delay(120), reraise=True,
+                before_sleep=lambda rs: _log.warning(
+                    "state store write failed (%s); retrying", rs.outcome and rs.outcome.exception())):
+            with attempt:
+                return write_batch(self.store, batch)
+        raise AssertionError("unreachable")
+
+    async def _in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._db, fn, *args)
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _mark_exec(self, x: _X) -> None:
+        self._dirty_execs[x.id] = x
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    def _make_ready(self, s: _S) -> None:
+        x = s.x
+        x.name_waiters.pop(s.key, None)
+        if x.stopping is not None:
+            return
+        self._set(s, StepStatus.READY)
+
+        def enqueue() -> None:
+            if s.status is StepStatus.READY:
+                s.ready_at = time.time()
+                self._dirty_steps[id(s)] = s
+                self._ready.append(s)
+
+        self._after_commit.append(enqueue)
+
+    def _dispatch(self) -> None:
+        while self._ready and self._running < self.concurrency and self._scheduling:
+            s = self._ready.popleft()
+            x = s.x
+            if s.status is not StepStatus.READY or x.id not in self._execs:
+                continue
+            if x.stopping is not None:
+                self._set(s, StepStatus.PENDING)
+                continue
+            self._start(s)
+
+    def _start(self, s: _S) -> None:
+        x = s.x
+        s.attempt += 1
+        s.started_at = time.time()
+        s.message = None
+        s.next_attempt_at = None
+        self._set(s, StepStatus.RUNNING)
+        self._set_progress(s, 0.0)
+        self._emit(Event("step.started", s.started_at, x.id, s.key, {"attempt": s.attempt}))
+        ctx = StepContext(pipeline=x.pipeline, execution_id=x.id, step_key=s.key,
+                          step_name=s.name, attempt=s.attempt, inputs=x.inputs,
+                          data=x.data_view(), params=s.params, store=self.store,
+                          objects=lambda: self.objects, post=self._post,
+                          has_key=x.steps.__contains__)
+        s.ctx = ctx
+        if s.step.is_async:
+            s.task = asyncio.create_task(self._run_async(s, ctx))
+        else:
+            assert self._pool is not None
+            self._pool.submit(self._run_sync, s, ctx)
+
+    def _run_sync(self, s: _S, ctx: StepContext) -> None:
+        try:
+            result = s.step.fn(ctx, **s.params)
+            outcome = self._checked(s, ctx, result)
+        except BaseException as exc:
+            outcome = ("error", exc)
+        finally:
+            ctx._cleanup()
+        self._post(("outcome", s.x.id, s, ctx, outcome))
+
+    async def _run_async(self, s: _S, ctx: StepContext) -> None:
+        try:
+            result = await s.step.fn(ctx, **s.params)
+            outcome = self._checked(s, ctx, result)
+        except asyncio.CancelledError:
+            outcome = ("error", StepCancelledError("cancelled", pipeline=s.x.pipeline.name,
+                                                   step_key=s.key, execution_id=s.x.id))
+        except BaseException as exc:
+            outcome = ("error", exc)
+        finally:
+            ctx._cleanup()
+        self._post(("outcome", s.x.id, s, ctx, outcome))
+
+    def _checked(self, s: _S, ctx: StepContext, result: Any) -> tuple[Any, ...]:
+        """Validate a step's return value in the step's own thread."""
+        pipeline = s.x.pipeline.name
+        if result is None:
+            result = {}
+        if not isinstance(result, dict):
+            raise StepOutputError(f"returned {type(result).__name__}; a step returns a dict "
+                                  "(merged into the execution's data) or None",
+                                  pipeline=pipeline, step_key=s.key, execution_id=s.x.id)
+        try:
+            text = canonical_json(result)
+        except (TypeError, ValueError) as exc:
+            bad = next((k for k, v in result.items() if not _serialisable(k, v)), None)
+            where = f" (key {bad!r}: {type(result[bad]).__name__})" if bad is not None else ""
+            raise StepOutputError(f"returned a value that is not JSON-serialisable{where}: "
+                                  f"{exc}", pipeline=pipeline, step_key=s.key,
+                                  execution_id=s.x.id) from exc
+        limit = self.settings.max_step_output_bytes
+        if len(text) > limit:
+            raise StepOutputError(f"returned {len(text)} bytes of JSON, more than the "
+                                  f"{limit}-byte limit: store paths, not contents",
+                                  pipeline=pipeline, step_key=s.key, execution_id=s.x.id)
+        return ("done", result, ctx._ledger_rows)
+
+    def _on_progress(self, x: _X, key: str, pct: float, message: str | None) -> None:
+        s = x.steps.get(key)
+        if s is None or s.status is not StepStatus.RUNNING:
+            return
+        s.message = message
+        self._set_progress(s, pct)
+        self._dirty_steps[id(s)] = s
+        self._progress_events[(x.id, key)] = Event(
+            "step.progress", time.time(), x.id, key,
+            {"progress": pct, "message": message, "execution_progress": x.row["progress"]})
+
+    def _on_spawn(self, x: _X, spawner: str, name: str, params: dict[str, Any], key: str,
+                  deps: list[str]) -> None:
+        if key in x.steps:
+            return
+        now = time.time()
+        step = x.pipeline.steps[name]
+        row = self._new_step_row(x, step, params, key, deps, spawner, now)
+        s = _S(x, row, step)
+        s.new = True
+        x.steps[key] = s
+        self._count(x, s, +1)
+        self._dirty_steps[id(s)] = s
+        x.wtotal += s.weight
+        self._link(s)
+        self._emit(Event("step.spawned", now, x.id, key,
+                         {"name": name, "params": params, "depends_on": s.deps,
+                          "spawned_by": spawner}))
+        if s.waiting == 0 and not s.name_deps:
+            self._make_ready(s)
+        self._recompute_progress(x)
+
+    def _on_outcome(self, x: _X, s: _S, ctx: StepContext, outcome: tuple[Any, ...]) -> None:
+        if s.status is not StepStatus.RUNNING or s.ctx is not ctx:
+            _log.warning("[%s] late result of step %s ignored (the step was %s)", x.label,
+                         s.key, s.status.value)
+            return
+        s.ctx = None
+        s.task = None
+        now = time.time()
+        s.finished_at = now
+        self._progress_events.pop((x.id, s.key), None)
+        if outcome[0] == "done":
+            self._complete(x, s, outcome[1], outcome[2], now)
+        else:
+            self._fail(x, s, outcome[1], now)
+        if x.stopping is not None and x.running == 0:
+            self._finalize(x)
+
+    def _complete(self, x: _X, s: _S, output: dict[str, Any], ledger_rows: list[dict[str, Any]],
+                  now: float) -> None:
+        s.output = output
+        s.error = None
+        s.done_seq = x.next_done_seq
+        x.next_done_seq += 1
+        self._set(s, StepStatus.COMPLETED)
+        self._set_progress(s, 100.0)
+        if output:
+            x.data.update(output)
+            x.snapshot = None
+        self._ledger_rows.extend(ledger_rows)
+        self._emit(Event("step.completed", now, x.id, s.key,
+                         {"attempt": s.attempt, "duration": now - (s.started_at or now),
+                          "execution_progress": x.row["progress"]}))
+        for d in s.dependents:
+            d.waiting -= 1
+            if d.waiting == 0 and not d.name_deps and d.status is StepStatus.PENDING:
+                self._make_ready(d)
+        s.dependents = []
+        if x.unfinished == 0 and x.stopping is None:
+            self._finish(x, ExecutionStatus.COMPLETED, None)
+
+    def _fail(self, x: _X, s: _S, exc: BaseException, now: float) -> None:
+        text = _error_text(exc)
+        s.error = text
+        if isinstance(exc, StepCancelledError) or (
+                x.stopping is not None and x.stopping is not ExecutionStatus.FAILED):
+            status = (StepStatus.CANCELLED if x.stopping is ExecutionStatus.CANCELLED
+                      else StepStatus.PENDING)
+            self._set(s, status)
+            self._emit(Event("step.cancelled" if status is StepStatus.CANCELLED
+                             else "step.interrupted", now, x.id, s.key, {"attempt": s.attempt}))
+            return
+        s.failures += 1
+        permanent = isinstance(exc, (StepOutputError, PipelineDefinitionError))
+        if not permanent and s.failures <= s.step.retries and x.stopping is None:
+            initial = (s.step.retry_delay if s.step.retry_delay is not None
+                       else self.settings.retry_initial_delay)
+            delay = Backoff(initial=initial, maximum=self.settings.retry_max_delay).delay(
+                s.failures)
+            s.next_attempt_at = now + delay
+            self._set(s, StepStatus.RETRYING)
+            _log.warning("[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                         x.label, s.key, s.failures, s.step.retries + 1, delay,
+                         text.splitlines()[0])
+            self._emit(Event("step.retrying", now, x.id, s.key,
+                             {"attempt": s.attempt, "error": text.splitlines()[0],
+                              "delay": delay}))
+            assert self._loop is not None
+            s.timer = self._loop.call_later(delay, self._retry_due, s)
+            return
+        self._set(s, StepStatus.FAILED)
+        tries = f"after {s.failures} attempt{'s' if s.failures != 1 else ''}"
+        summary = (f"pipeline '{x.pipeline.name}', step '{s.key}' failed {tries}: "
+                   f"{text.splitlines()[0]}")
+        _log.error("[%s] %s", x.label, summary)
+        self._emit(Event("step.failed", now, x.id, s.key,
+                         {"attempt": s.attempt, "error": text.splitlines()[0],
+                          "traceback": text}))
+        self._stop_execution(x, ExecutionStatus.FAILED, summary)
+
+    def _retry_due(self, s: _S) -> None:
+        s.timer = None
+        if s.status is StepStatus.RETRYING and s.x.stopping is None:
+            self._set(s, StepStatus.PENDING)
+            self._make_ready(s)
+            self._wakeup()
+
+    def _stop_execution(self, x: _X, reason: ExecutionStatus, error: str) -> None:
+        if x.stopping is not None:
+            if reason is ExecutionStatus.CANCELLED and x.stopping is not ExecutionStatus.FAILED:
+                x.stopping = reason
+            return
+        x.stopping = reason
+        x.row["error"] = error
+        for s in x.steps.values():
+            if s.timer is not None:
+                s.timer.cancel()
+                s.timer = None
+            if s.status is StepStatus.RUNNING and reason is not ExecutionStatus.FAILED:
+                if s.ctx is not None:
+                    s.ctx._cancel.set()
+                if s.task is not None:
+                    s.task.cancel()
+        if x.running == 0:
+            self._finalize(x)
+
+    def _finalize(self, x: _X, *, force: bool = False) -> None:
+        """End a stopping execution once no step of it runs (or at once with ``force``)."""
+        if x.id not in self._execs or x.stopping is None:
+            return
+        if x.running and not force:
+            return
+        end = StepStatus.CANCELLED if x.stopping is ExecutionStatus.CANCELLED else StepStatus.PENDING
+        for s in x.steps.values():
+            if s.status in (StepStatus.READY, StepStatus.RETRYING, StepStatus.RUNNING) or (
+                    s.status is StepStatus.PENDING and end is StepStatus.CANCELLED):
+                if s.ctx is not None:
+                    s.ctx._cancel.set()
+                    s.ctx = None
+                self._set(s, end)
+        self._finish(x, x.stopping, x.row["error"])
+
+    def _finish(self, x: _X, status: ExecutionStatus, error: str | None) -> None:
+        now = time.time()
+        x.row.update(status=status.value, error=error, finished_at=now)
+        if status is ExecutionStatus.COMPLETED:
+            x.row["progress"] = 100.0
+        self._mark_exec(x)
+        started = x.row.get("started_at") or now
+        self._emit(Event(f"execution.{status.value}", now, x.id, None,
+                         {"error": error, "duration": now - started,
+                          "progress": x.row["progress"], "steps": len(x.steps)}))
+        log = _log.info if status is ExecutionStatus.COMPLETED else _log.error
+        log("[%s] execution %s%s", x.label, status.value, f": {error}" if error else "")
+        del self._execs[x.id]
+
+        def release() -> None:
+            for f in x.waiters:
+                if not f.done():
+                    f.set_result(None)
+
+        self._after_commit.append(release)
+
+    def _check_quiescent(self, x: _X) -> None:
+        if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
+            return
+        released = [s for s in x.name_waiters.values()
+                    if s.status is StepStatus.PENDING and s.waiting == 0
+                    and all(x.unfinished_by_name[n] == 0 for n in s.name_deps)]
+        for s in released:
+            self._make_ready(s)
+        if released:
+            return
+        stuck = [s for s in x.steps.values() if s.status is StepStatus.PENDING]
+        detail = "; ".join(
+            f"{s.key} waits for {', '.join(s.deps) or 'nothing'}" for s in stuck[:5])
+        self._stop_execution(x, ExecutionStatus.FAILED,
+                             f"pipeline '{x.pipeline.name}': no step can run any more "
+                             f"({len(stuck)} waiting: {detail})")
+
+    # -- progress -------------------------------------------------------------------------------
+
+    def _set_progress(self, s: _S, pct: float) -> None:
+        x = s.x
+        x.wsum += s.weight * (pct - s.progress)
+        s.progress = pct
+        self._recompute_progress(x)
+
+    def _recompute_progress(self, x: _X) -> None:
+        if x.wtotal == 0.0 and x.steps:
+            x.wtotal = sum(s.weight for s in x.steps.values())
+            x.wsum = sum(s.weight * (100.0 if s.status is StepStatus.COMPLETED else s.progress)
+                         for s in x.steps.values())
+        if x.wtotal > 0:
+            value = x.wsum / x.wtotal
+        else:
+            done = sum(1 for s in x.steps.values() if s.status is StepStatus.COMPLETED)
+            value = 100.0 * done / max(1, len(x.steps))
+        value = round(min(100.0, value), 2)
+        if value > x.row["progress"]:
+            x.row["progress"] = value
+            self._mark_exec(x)
+
+    # -- heartbeat and remote cancel --------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            if not self._execs:
+                continue
+            now = time.time()
+            for x in self._execs.values():
+                x.row["heartbeat_at"] = now
+                self._mark_exec(x)
+            ids = list(self._execs)
+            cancelled = await self._in_db(self._cancel_requested, ids)
+            for execution_id in cancelled:
+                x = self._execs.get(execution_id)
+                if x is not None:
+                    _log.info("[%s] cancel requested through the store", x.label)
+                    self._stop_execution(x, ExecutionStatus.CANCELLED, "cancelled by request")
+            self._wakeup()
+
+    def _cancel_requested(self, ids: list[str]) -> list[str]:
+        with self.store.read() as conn:
+            return list(conn.execute(sa.select(executions.c.id).where(
+                executions.c.id.in_(ids), executions.c.cancel_requested.is_(True))).scalars())
+
+    def _check_started(self) -> None:
+        if self._closed:
+            raise ExecutionStateError("the job engine is stopped")
+        if not self._started:
+            raise ExecutionStateError("the job engine is not started: use 'async with engine'")
+        if self._fatal is not None:
+            raise ExecutionStateError(f"the job engine failed: {self._fatal!r}")
+
+
+def _serialisable(key: Any, value: Any) -> bool:
+    try:
+        canonical_json({key: value})
+    except (TypeError, ValueError):
+        return False
+    return True
+

@@ -1,0 +1,250 @@
+"""Reading and writing jobs in the state store (executions, steps, events, ledger).
+
+The engine batches its writes: :func:`write_batch` commits a whole group of state changes in one
+transaction, so they become durable together or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore, events, executions, ledger, steps
+from framepipe.errors import ExecutionNotFoundError
+from framepipe.events import Event
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
+
+__all__ = [
+    "Batch",
+    "find_execution",
+    "get_execution",
+    "list_events",
+    "list_executions",
+    "owner_is_dead",
+    "this_owner",
+    "write_batch",
+]
+
+_STEP_COLS = [c.name for c in steps.columns]
+_EXEC_MUTABLE = ["status", "progress", "error", "owner", "heartbeat_at", "cancel_requested",
+                 "runs", "started_at", "finished_at"]
+_STEP_MUTABLE = [c for c in _STEP_COLS if c not in ("execution_id", "key", "name", "params",
+                                                    "depends_on", "spawned_by", "created_at",
+                                                    "seq")]
+
+_update_step = (
+    steps.update()
+    .where(steps.c.execution_id == sa.bindparam("b_execution_id"),
+           steps.c.key == sa.bindparam("b_key"))
+    .values({c: sa.bindparam(f"b_{c}") for c in _STEP_MUTABLE})
+)
+_update_exec = (
+    executions.update()
+    .where(executions.c.id == sa.bindparam("b_id"))
+    .values({c: sa.bindparam(f"b_{c}") for c in _EXEC_MUTABLE})
+)
+
+
+@dataclass
+class Batch:
+    """State changes committed together by :func:`write_batch`."""
+
+    new_executions: list[dict[str, Any]] = field(default_factory=list)
+    executions: list[dict[str, Any]] = field(default_factory=list)
+    new_steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_executions or self.executions or self.new_steps or self.steps
+                    or self.events or self.ledger)
+
+
+def write_batch(store: StateStore, batch: Batch) -> list[Event]:
+    """Commit ``batch`` in one transaction; return its events with their ids."""
+    with store.write() as conn:
+        if batch.new_executions:
+            conn.execute(executions.insert(), batch.new_executions)
+        if batch.new_steps:
+            conn.execute(steps.insert(), batch.new_steps)
+        if batch.executions:
+            conn.execute(_update_exec, [{f"b_{k}": v for k, v in row.items()}
+                                        for row in batch.executions])
+        if batch.steps:
+            conn.execute(_update_step, [{f"b_{k}": row[k] for k in
+                                         ("execution_id", "key", *_STEP_MUTABLE)}
+                                        for row in batch.steps])
+        if batch.ledger:
+            _upsert_ledger(store, conn, batch.ledger)
+        if not batch.events:
+            return []
+        rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
+                 "step_key": e.step_key, "data": e.data} for e in batch.events]
+        ids = conn.execute(events.insert().returning(events.c.id, sort_by_parameter_order=True),
+                           rows).scalars().all()
+    return [Event(type=e.type, ts=e.ts, execution_id=e.execution_id, step_key=e.step_key,
+                  data=e.data, id=i) for e, i in zip(batch.events, ids, strict=True)]
+
+
+def _upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    if store.dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(ledger)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt = sqlite_insert(ledger)  # type: ignore[assignment]
+    excluded = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["namespace", "identity"],
+        set_={c: excluded[c] for c in ("content_hash", "size", "meta", "execution_id",
+                                       "step_key", "imported_at")})
+    conn.execute(stmt, rows)
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+def find_execution(store: StateStore, id_or_prefix: str) -> str:
+    """The full id of the execution whose id is or starts with ``id_or_prefix``."""
+    with store.read() as conn:
+        if conn.execute(sa.select(executions.c.id).where(executions.c.id == id_or_prefix)).first():
+            return id_or_prefix
+        if len(id_or_prefix) < 4:
+            raise ExecutionNotFoundError(f"no execution {id_or_prefix!r} (give at least 4 "
+                                         "characters of its id)", execution_id=id_or_prefix)
+        found = conn.execute(sa.select(executions.c.id)
+                             .where(executions.c.id.startswith(id_or_prefix, autoescape=True))
+                             .limit(2)).scalars().all()
+    if not found:
+        raise ExecutionNotFoundError(f"no execution {id_or_prefix!r}", execution_id=id_or_prefix)
+    if len(found) > 1:
+        raise ExecutionNotFoundError(f"execution id prefix {id_or_prefix!r} is ambiguous",
+                                     execution_id=id_or_prefix)
+    return str(found[0])
+
+
+def _step_info(row: sa.Row[Any]) -> StepInfo:
+    m = row._mapping
+    return StepInfo(key=m["key"], name=m["name"], status=StepStatus(m["status"]),
+                    params=m["params"], depends_on=m["depends_on"], weight=m["weight"],
+                    progress=m["progress"], message=m["message"], attempt=m["attempt"],
+                    failures=m["failures"], crashes=m["crashes"], output=m["output"],
+                    error=m["error"], spawned_by=m["spawned_by"], created_at=m["created_at"],
+                    ready_at=m["ready_at"], started_at=m["started_at"],
+                    finished_at=m["finished_at"])
+
+
+def _execution_info(row: sa.Row[Any]) -> ExecutionInfo:
+    m = row._mapping
+    return ExecutionInfo(id=m["id"], pipeline=m["pipeline"], pipeline_ref=m["pipeline_ref"],
+                         status=ExecutionStatus(m["status"]), inputs=m["inputs"],
+                         progress=m["progress"], error=m["error"], owner=m["owner"],
+                         runs=m["runs"], created_at=m["created_at"],
+                         started_at=m["started_at"], finished_at=m["finished_at"])
+
+
+def get_execution(store: StateStore, execution_id: str, *, with_steps: bool = True) -> ExecutionInfo:
+    """The execution (by id or unique prefix) with its steps in creation order and its data."""
+    execution_id = find_execution(store, execution_id)
+    with store.read() as conn:
+        row = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).one()
+        info = _execution_info(row)
+        if with_steps:
+            rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
+                                .order_by(steps.c.seq)).all()
+            info.steps = [_step_info(r) for r in rows]
+            done = sorted((s for s in rows if s.done_seq is not None), key=lambda r: r.done_seq)
+            for r in done:
+                info.data.update(r.output or {})
+    return info
+
+
+def list_executions(store: StateStore, *, limit: int = 50,
+                    status: Sequence[str] | None = None,
+                    pipeline: str | None = None) -> list[tuple[ExecutionInfo, int, int]]:
+    """Newest executions first, each with (completed steps, total steps)."""
+    counts = (sa.select(steps.c.execution_id,
+                        sa.func.count().label("total"),
+                        sa.func.sum(sa.case((steps.c.status == "completed", 1), else_=0))
+                        .label("done"))
+              .group_by(steps.c.execution_id).subquery())
+    query = (sa.select(executions, counts.c.total, counts.c.done)
+             .outerjoin(counts, counts.c.execution_id == executions.c.id)
+             .order_by(executions.c.created_at.desc()).limit(limit))
+    if status:
+        query = query.where(executions.c.status.in_(list(status)))
+    if pipeline:
+        query = query.where(executions.c.pipeline == pipeline)
+    with store.read() as conn:
+        rows = conn.execute(query).all()
+    return [(_execution_info(r), int(r.done or 0), int(r.total or 0)) for r in rows]
+
+
+def list_events(store: StateStore, execution_id: str | None = None, *, after_id: int = 0,
+                limit: int = 1000) -> list[Event]:
+    """Stored events after ``after_id``, oldest first."""
+    query = sa.select(events).where(events.c.id > after_id).order_by(events.c.id).limit(limit)
+    if execution_id is not None:
+        query = query.where(events.c.execution_id == execution_id)
+    with store.read() as conn:
+        rows = conn.execute(query).all()
+    return [Event(type=r.type, ts=r.ts, execution_id=r.execution_id, step_key=r.step_key,
+                  data=r.data, id=r.id) for r in rows]
+
+
+def load_rows(store: StateStore, execution_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The raw execution row and its step rows (creation order), for an engine to resume."""
+    with store.read() as conn:
+        row = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).first()
+        if row is None:
+            raise ExecutionNotFoundError(f"no execution {execution_id!r}",
+                                         execution_id=execution_id)
+        rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
+                            .order_by(steps.c.seq)).all()
+    return dict(row._mapping), [dict(r._mapping) for r in rows]
+
+
+# -- owners ----------------------------------------------------------------------------------
+
+
+def this_owner(tag: str) -> str:
+    """The owner string of an engine in this process: ``host:pid:tag``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
+
+
+def owner_is_dead(owner: str | None, heartbeat_at: float | None, stale_after: float) -> bool:
+    """True when the engine that owns an execution is gone: its process is not alive on this
+    host, or (another host) its heartbeat is older than ``stale_after`` seconds."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host == socket.gethostname() and pid_text.isdigit():
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return _is_zombie(pid)
+    return heartbeat_at is None or time.time() - heartbeat_at > stale_after
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False

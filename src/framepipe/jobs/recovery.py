@@ -1,0 +1,96 @@
+"""Recovery of executions whose engine died (killed, crashed, or a step killed the process).
+
+An execution still marked ``running`` whose owner is gone is marked ``interrupted``; the steps
+it was running go back to ``pending`` with their ``crashes`` counted, and a step that has now
+killed its process ``max_step_crashes`` times is failed as crashed (a poison step) instead of
+being run again. Completed steps are untouched, so ``retry`` resumes where the run stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore, executions, steps
+from framepipe.events import Event
+from framepipe.jobs.models import ExecutionStatus, StepStatus
+from framepipe.jobs.records import Batch, owner_is_dead, write_batch
+
+__all__ = ["recover_orphans"]
+
+
+def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
+                    stale_after: float = 30.0) -> list[Event]:
+    """Mark executions of dead engines interrupted (or failed, for poison steps).
+
+    Returns the committed events; safe to call from several processes at once."""
+    with store.read() as conn:
+        candidates = conn.execute(
+            sa.select(executions.c.id, executions.c.owner, executions.c.heartbeat_at)
+            .where(executions.c.status == ExecutionStatus.RUNNING.value)).all()
+    dead = [r.id for r in candidates if owner_is_dead(r.owner, r.heartbeat_at, stale_after)]
+    committed: list[Event] = []
+    for execution_id in dead:
+        committed.extend(_recover_one(store, execution_id, max_step_crashes))
+    return committed
+
+
+def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int) -> list[Event]:
+    now = time.time()
+    with store.read() as conn:
+        x = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).one()
+        running = conn.execute(sa.select(steps).where(
+            steps.c.execution_id == execution_id,
+            steps.c.status.in_([StepStatus.RUNNING.value, StepStatus.READY.value,
+                                StepStatus.RETRYING.value]))).all()
+    batch = Batch()
+    crashed: list[str] = []
+    poisoned: list[str] = []
+    for row in running:
+        update: dict[str, Any] = {c: row._mapping[c] for c in row._mapping.keys()}
+        update["status"] = StepStatus.PENDING.value
+        update["next_attempt_at"] = None
+        if row.status == StepStatus.RUNNING.value:
+            crashes = row.crashes + 1
+            update["crashes"] = crashes
+            update["finished_at"] = now
+            crashed.append(row.key)
+            text = (f"the process running this step (owner {x.owner}) died without the step "
+                    f"raising (killed, os._exit or a native crash); crash {crashes}")
+            update["error"] = text
+            if crashes >= max_step_crashes:
+                update["status"] = StepStatus.FAILED.value
+                update["error"] = (f"StepCrashedError: pipeline '{x.pipeline}', step "
+                                   f"'{row.key}': {text} of at most {max_step_crashes}")
+                poisoned.append(row.key)
+            batch.events.append(Event(
+                "step.failed" if row.key in poisoned else "step.crashed", now, execution_id,
+                row.key, {"error": update["error"], "crashes": crashes}))
+        batch.steps.append(update)
+    status = ExecutionStatus.FAILED if poisoned else ExecutionStatus.INTERRUPTED
+    if poisoned:
+        error = (f"pipeline '{x.pipeline}': step(s) {', '.join(poisoned)} crashed their process "
+                 f"{max_step_crashes} times; failed as poison")
+    elif crashed:
+        error = (f"pipeline '{x.pipeline}': the process {x.owner} died while step(s) "
+                 f"{', '.join(crashed)} ran; retry to resume")
+    else:
+        error = f"pipeline '{x.pipeline}': the process {x.owner} stopped; retry to resume"
+    row_x = {c: x._mapping[c] for c in ("id", "status", "progress", "error", "owner",
+                                        "heartbeat_at", "cancel_requested", "runs",
+                                        "started_at", "finished_at")}
+    row_x.update(status=status.value, error=error, finished_at=now)
+    batch.executions.append(row_x)
+    batch.events.append(Event(f"execution.{status.value}", now, execution_id, None,
+                              {"error": error, "crashed_steps": crashed}))
+    with store.write() as conn:
+        # Only if still running: another process may have recovered it first.
+        claimed = conn.execute(executions.update().where(
+            executions.c.id == execution_id,
+            executions.c.status == ExecutionStatus.RUNNING.value,
+            executions.c.owner == x.owner).values(status=status.value)).rowcount
+    if not claimed:
+        return []
+    return write_batch(store, batch)

@@ -1,0 +1,30 @@
+"""Synchronous conveniences over :class:`JobEngine`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from framepipe.config import Settings
+from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.pipeline import Pipeline
+
+__all__ = ["run_pipeline"]
+
+
+def run_pipeline(pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+                 settings: Settings | None = None,
+                 raise_on_failure: bool = True) -> ExecutionInfo:
+    """Run one execution of ``pipeline`` to its end on the configured store and return it.
+
+    Blocks; raises :class:`ExecutionFailedError` if it does not complete (unless
+    ``raise_on_failure`` is false). Not for use inside a running event loop: there, use
+    ``async with JobEngine() as engine: await engine.run(...)``."""
+
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(pipeline, inputs, raise_on_failure=raise_on_failure)
+
+    return asyncio.run(main())
