@@ -124,7 +124,7 @@ class StepContext:
                 f"spawn_step names unknown step {name!r} (steps: {', '.join(pipeline.steps)})",
                 pipeline=pipeline.name, step_key=self.step_key)
         values = dict(params or {})
-        step.check_params(values, pipeline.name, name)
+        step.check_params(values, pipeline.name, self.step_key)
         try:
             key = step_key(name, values)
         except (TypeError, ValueError) as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 import traceback
 import uuid
@@ -205,6 +206,13 @@ class JobEngine:
         self._closed = False
         self._fatal: BaseException | None = None
         self._scheduling = True
+        self._write_retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
+            stop=tenacity.stop_after_delay(120), reraise=True,
+            before_sleep=lambda rs: _log.warning(
+                "state store write failed (%s); retrying",
+                rs.outcome.exception() if rs.outcome else None))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -223,7 +231,23 @@ class JobEngine:
         self.bus.publish(events)
         self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
                        asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
+        for task in self._tasks:
+            task.add_done_callback(self._task_ended)
         return self
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """A background task of the engine ended: unless stopped on purpose, fail loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        self._fatal = exc
+        _log.error("job engine task %s died: %r; its executions stay resumable",
+                   task.get_name(), exc, exc_info=exc)
+        for x in list(self._execs.values()):
+            for f in x.waiters:
+                if not f.done():
+                    f.set_exception(exc)
 
     def _recover(self) -> list[Event]:
         return recover_orphans(self.store, max_step_crashes=self.settings.max_step_crashes,
@@ -347,7 +371,8 @@ class JobEngine:
         name. Returns the full execution id."""
         self._check_started()
         await self._in_db(self._recover)
-        info = await self._in_db(get_execution, self.store, execution_id, with_steps=False)
+        info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
+                                                    with_steps=False))
         if info.id in self._execs:
             raise ExecutionStateError(f"execution {info.id[:12]} is running in this engine",
                                       execution_id=info.id)
@@ -530,26 +555,32 @@ class JobEngine:
                 pass
 
     async def _scheduler(self) -> None:
+        """Drain messages and start ready steps continuously; commit in the background.
+
+        One commit is in flight at a time; what happens meanwhile goes into the next one, so
+        under load many state changes share one transaction (group commit)."""
         assert self._wake is not None
+        commit: asyncio.Task[None] | None = None
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
                 self._drain()
-                await self._flush()
                 self._dispatch()
-                if self._dirty_steps or self._dirty_execs or self._events or self._inbox:
-                    self._wake.set()
+                if commit is not None and commit.done():
+                    commit.result()
+                    commit = None
+                if commit is None and self._has_changes():
+                    commit = asyncio.create_task(self._flush())
+                    commit.add_done_callback(lambda _t: self._wakeup())
         except asyncio.CancelledError:
+            if commit is not None:
+                await commit
             raise
-        except BaseException as exc:
-            self._fatal = exc
-            _log.exception("job engine scheduler failed; executions stay resumable")
-            for x in list(self._execs.values()):
-                for f in x.waiters:
-                    if not f.done():
-                        f.set_exception(exc)
-            raise
+
+    def _has_changes(self) -> bool:
+        return bool(self._dirty_steps or self._dirty_execs or self._events or self._ledger_rows
+                    or self._progress_events or self._after_commit)
 
     def _drain(self) -> None:
         while self._inbox:
@@ -568,8 +599,7 @@ class JobEngine:
             self._check_quiescent(x)
 
     async def _flush(self) -> None:
-        if not (self._dirty_steps or self._dirty_execs or self._events or self._ledger_rows
-                or self._progress_events):
+        if not self._has_changes():
             return
         batch = Batch()
         for s in self._dirty_steps.values():
@@ -579,8 +609,8 @@ class JobEngine:
         self._dirty_steps = {}
         for x in self._dirty_execs.values():
             batch.executions.append({k: x.row[k] for k in (
-                "id", "status", "progress", "error", "owner", "heartbeat_at",
-                "cancel_requested", "runs", "started_at", "finished_at")})
+                "id", "status", "progress", "error", "owner", "heartbeat_at", "runs",
+                "started_at", "finished_at")})
         self._dirty_execs = {}
         batch.events = self._events
         batch.events.extend(self._progress_events.values())
@@ -593,12 +623,8 @@ class JobEngine:
             fn()
 
     def _write(self, batch: Batch) -> list[Event]:
-        for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
-                wait=tenacity.wait_exponential_jitter(initial=0.05, max=5.0),
-                stop=tenacity.stop_after_delay(120), reraise=True,
-                before_sleep=lambda rs: _log.warning(
-                    "state store write failed (%s); retrying", rs.outcome and rs.outcome.exception())):
+        """Commit a batch; a lost connection (server restart, lock timeout) is retried."""
+        for attempt in self._write_retrying:
             with attempt:
                 return write_batch(self.store, batch)
         raise AssertionError("unreachable")
@@ -786,6 +812,7 @@ class JobEngine:
         s.error = text
         if isinstance(exc, StepCancelledError) or (
                 x.stopping is not None and x.stopping is not ExecutionStatus.FAILED):
+            s.error = text.splitlines()[0]
             status = (StepStatus.CANCELLED if x.stopping is ExecutionStatus.CANCELLED
                       else StepStatus.PENDING)
             self._set(s, status)

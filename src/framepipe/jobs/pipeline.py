@@ -59,7 +59,8 @@ class Step:
             if unknown:
                 parts.append(f"unexpected parameter(s) {', '.join(unknown)}")
             raise StepParamsError(
-                f"{'; '.join(parts)} for {self.name}({', '.join(self.params)})",
+                f"spawn_step({self.name!r}): {'; '.join(parts)} for "
+                f"{self.name}({', '.join(self.params)})",
                 pipeline=pipeline, step_key=key)
 
 

@@ -32,8 +32,10 @@ __all__ = [
 ]
 
 _STEP_COLS = [c.name for c in steps.columns]
-_EXEC_MUTABLE = ["status", "progress", "error", "owner", "heartbeat_at", "cancel_requested",
-                 "runs", "started_at", "finished_at"]
+# cancel_requested is not here: only request_cancel sets it and only a claim clears it, so an
+# engine's routine write can never undo a cancel request made by another process.
+_EXEC_MUTABLE = ["status", "progress", "error", "owner", "heartbeat_at", "runs", "started_at",
+                 "finished_at"]
 _STEP_MUTABLE = [c for c in _STEP_COLS if c not in ("execution_id", "key", "name", "params",
                                                     "depends_on", "spawned_by", "created_at",
                                                     "seq")]

@@ -79,8 +79,7 @@ def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int) ->
     else:
         error = f"pipeline '{x.pipeline}': the process {x.owner} stopped; retry to resume"
     row_x = {c: x._mapping[c] for c in ("id", "status", "progress", "error", "owner",
-                                        "heartbeat_at", "cancel_requested", "runs",
-                                        "started_at", "finished_at")}
+                                        "heartbeat_at", "runs", "started_at", "finished_at")}
     row_x.update(status=status.value, error=error, finished_at=now)
     batch.executions.append(row_x)
     batch.events.append(Event(f"execution.{status.value}", now, execution_id, None,

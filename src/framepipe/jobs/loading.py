@@ -1,0 +1,166 @@
+"""Loading a pipeline from a reference: ``FILE.py:NAME`` or ``package.module:NAME``.
+
+``NAME`` is the Python variable that holds the :class:`Pipeline` or its ``Pipeline.name``; without
+``:NAME`` the module must define exactly one pipeline. A file is imported under a fresh module
+name starting with ``framepipe_userfile_`` (every load runs the file again, so an edited file is
+picked up), with its folder first on ``sys.path`` so it can import its neighbours. A module is
+imported normally, with the current folder on ``sys.path`` as ``python -m`` would have it.
+
+Every problem is a :class:`PipelineDefinitionError` with a message that says what to fix. The
+loaded pipeline is validated (cycles, dangling ``depends_on``) before it is returned.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from framepipe.errors import PipelineDefinitionError
+from framepipe.jobs.pipeline import Pipeline
+
+__all__ = ["LoadedPipeline", "load_pipeline", "resolve_pipeline"]
+
+USERFILE_PREFIX = "framepipe_userfile_"
+_counter = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A pipeline and the canonical reference that loads it again from any folder:
+    ``/abs/path/file.py:PIPELINE_NAME`` or ``package.module:PIPELINE_NAME``."""
+
+    pipeline: Pipeline
+    ref: str
+
+
+def load_pipeline(ref: str) -> Pipeline:
+    """The pipeline ``ref`` names (``FILE.py:NAME`` or ``package.module:NAME``), validated."""
+    return resolve_pipeline(ref).pipeline
+
+
+def resolve_pipeline(ref: str) -> LoadedPipeline:
+    """Like :func:`load_pipeline`, also returning the canonical reference to store."""
+    target, name = _split(ref)
+    if not target:
+        raise PipelineDefinitionError(
+            f"invalid pipeline reference {ref!r}: give FILE.py:NAME or package.module:NAME")
+    if _looks_like_file(target):
+        path = Path(target).expanduser().resolve()
+        module = _import_file(path, target)
+        where = str(path)
+    else:
+        module = _import_module(target)
+        where = target
+    pipeline = _pick(module, name, where)
+    pipeline.validate()
+    return LoadedPipeline(pipeline, f"{where}:{pipeline.name}")
+
+
+def _split(ref: str) -> tuple[str, str | None]:
+    ref = ref.strip()
+    head, sep, tail = ref.rpartition(":")
+    # "C:\\x\\p.py" or "dir/with:colon/p.py": the part after ':' is a path, not a NAME.
+    if not sep or not tail or "/" in tail or "\\" in tail or tail.endswith(".py"):
+        return ref, None
+    return head, tail
+
+
+def _looks_like_file(target: str) -> bool:
+    return (target.endswith(".py") or "/" in target or os.sep in target
+            or Path(target).is_file())
+
+
+def _import_file(path: Path, given: str) -> ModuleType:
+    if not path.exists():
+        raise PipelineDefinitionError(f"pipeline file {given} not found (looked for {path})")
+    if not path.is_file():
+        raise PipelineDefinitionError(f"pipeline file {given} is not a file")
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"{USERFILE_PREFIX}{stem}_{next(_counter)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PipelineDefinitionError(f"pipeline file {given} is not a Python file")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(name, None)
+        raise PipelineDefinitionError(
+            f"importing pipeline file {path} failed: {_describe(exc)}") from exc
+    return module
+
+
+def _import_module(target: str) -> ModuleType:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
+            raise PipelineDefinitionError(
+                f"no module named {target!r} (for a file, give FILE.py:NAME)") from exc
+        raise PipelineDefinitionError(
+            f"importing module {target} failed: {_describe(exc)}") from exc
+    except (Exception, SystemExit) as exc:
+        raise PipelineDefinitionError(
+            f"importing module {target} failed: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _pipelines(module: ModuleType) -> dict[str, Pipeline]:
+    """The module's pipelines by variable name, each object once (first name wins)."""
+    found: dict[str, Pipeline] = {}
+    seen: set[int] = set()
+    for var, value in vars(module).items():
+        if isinstance(value, Pipeline) and id(value) not in seen:
+            seen.add(id(value))
+            found[var] = value
+    return found
+
+
+def _listing(found: dict[str, Pipeline]) -> str:
+    if not found:
+        return "it defines no Pipeline"
+    names = ", ".join(var if var == p.name else f"{var} (named {p.name!r})"
+                      for var, p in found.items())
+    return f"its pipelines: {names}"
+
+
+def _pick(module: ModuleType, name: str | None, where: str) -> Pipeline:
+    found = _pipelines(module)
+    if name is None:
+        if len(found) == 1:
+            return next(iter(found.values()))
+        raise PipelineDefinitionError(
+            f"{where} defines {len(found) or 'no'} pipeline{'s' if len(found) != 1 else ''}: "
+            f"add :NAME to the reference ({_listing(found)})")
+    value = vars(module).get(name)
+    if isinstance(value, Pipeline):
+        return value
+    by_name = [p for p in found.values() if p.name == name]
+    if len(by_name) == 1:
+        return by_name[0]
+    if len(by_name) > 1:
+        raise PipelineDefinitionError(
+            f"{where} defines {len(by_name)} pipelines named {name!r}: use the variable name "
+            f"({_listing(found)})")
+    if value is not None:
+        raise PipelineDefinitionError(
+            f"{name!r} in {where} is a {type(value).__name__}, not a Pipeline ({_listing(found)})")
+    raise PipelineDefinitionError(f"no pipeline {name!r} in {where} ({_listing(found)})")

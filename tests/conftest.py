@@ -1,0 +1,78 @@
+"""Shared fixtures: one suite, every state backend (SQLite file, real PostgreSQL server).
+
+PostgreSQL is the server on 127.0.0.1:5432 (database ``test``, trust auth), or
+``FRAMEPIPE_TEST_POSTGRES_URL``. Each test gets a schema of its own. When the server is missing
+the PostgreSQL cases skip with the reason, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings
+
+PG_URL = os.environ.get("FRAMEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def service_missing(what: str, exc: BaseException) -> None:
+    """Skip (laptop) or fail (CI) because a real service is not reachable."""
+    message = f"{what} is not reachable: {exc}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing service fails the run)")
+    pytest.skip(message)
+
+
+def _pg_engine() -> sa.Engine:
+    try:
+        engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except Exception as exc:
+        service_missing(f"PostgreSQL at {PG_URL}", exc)
+    return engine
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL of the real PostgreSQL server, confined to a fresh schema dropped afterwards."""
+    admin = _pg_engine()
+    schema = f"fp_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The state database URL of each backend in turn."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings on the backend under test, with fast retries."""
+    return Settings(home=tmp_path / "home", database_url=database_url, retry_initial_delay=0.01,
+                    retry_max_delay=0.05, heartbeat_interval=0.2, shutdown_grace=2.0)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[StateStore]:
+    """An open state store on the backend under test."""
+    with StateStore(settings.resolved_database_url) as s:
+        yield s

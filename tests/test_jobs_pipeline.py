@@ -1,0 +1,88 @@
+"""Pipeline definitions: keys, validation, parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from framepipe import Pipeline, StepContext, step_key
+from framepipe.errors import PipelineCycleError, StepParamsError, UnknownDependencyError
+
+
+def test_step_keys_are_content_addressed_and_stable() -> None:
+    a = step_key("copy", {"path": "a.mp4", "n": 1})
+    assert a == step_key("copy", {"n": 1, "path": "a.mp4"})
+    assert a.startswith("copy:") and len(a.split(":")[1]) == 12
+    assert a != step_key("copy", {"path": "b.mp4", "n": 1})
+    assert step_key("scan", {}) == "scan"
+    # Fixed value: keys must not change between releases or processes.
+    assert step_key("copy", {"path": "a.mp4"}) == "copy:" + __import__("hashlib").blake2b(
+        b'{"path":"a.mp4"}', digest_size=6).hexdigest()
+
+
+def test_parameterless_steps_are_initial() -> None:
+    p = Pipeline("p")
+
+    @p.step()
+    def scan(ctx: StepContext) -> None: ...
+
+    @p.step(depends_on=["scan"])
+    def copy(ctx: StepContext, path: str, tries: int = 1) -> None: ...
+
+    p.validate()
+    assert [s.name for s in p.initial_steps] == ["scan"]
+    assert p.steps["copy"].params == ("path", "tries")
+    assert p.steps["copy"].required == frozenset({"path"})
+
+
+def test_unknown_dependency_names_pipeline_and_step() -> None:
+    p = Pipeline("imp")
+
+    @p.step(depends_on=["nope"])
+    def scan(ctx: StepContext) -> None: ...
+
+    with pytest.raises(UnknownDependencyError, match=r"pipeline 'imp', step 'scan'.*'nope'"):
+        p.validate()
+
+
+def test_cycle_is_reported_with_its_path() -> None:
+    p = Pipeline("loop")
+
+    @p.step(depends_on=["c"])
+    def a(ctx: StepContext) -> None: ...
+
+    @p.step(depends_on=["a"])
+    def b(ctx: StepContext) -> None: ...
+
+    @p.step(depends_on=["b"])
+    def c(ctx: StepContext) -> None: ...
+
+    with pytest.raises(PipelineCycleError, match=r"pipeline 'loop'.*a -> c -> b -> a"):
+        p.validate()
+
+
+def test_bad_definitions_are_refused_at_definition() -> None:
+    p = Pipeline("p")
+    with pytest.raises(UnknownDependencyError, match="must be a step name"):
+        p.add_step(lambda ctx: None, name="x", depends_on=["copy:abc"])
+    with pytest.raises(StepParamsError, match="first positional parameter"):
+        p.add_step(lambda: None, name="y")
+    with pytest.raises(StepParamsError, match="passable by keyword"):
+        p.add_step(lambda ctx, *args: None, name="z")
+
+    @p.step()
+    def dup(ctx: StepContext) -> None: ...
+
+    with pytest.raises(StepParamsError, match="defined twice"):
+        p.add_step(lambda ctx: None, name="dup")
+    with pytest.raises(ValueError, match="invalid name"):
+        Pipeline("has space")
+
+
+def test_pipeline_without_initial_step_is_refused() -> None:
+    p = Pipeline("p")
+
+    @p.step()
+    def only(ctx: StepContext, x: int) -> None: ...
+
+    with pytest.raises(UnknownDependencyError, match="no initial step"):
+        p.validate()

@@ -1,0 +1,83 @@
+"""The state store: migrations, SQLite concurrency, schema version checks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from framepipe.backends.state import SCHEMA_HEAD, StateStore, executions
+from framepipe.errors import SchemaVersionError, StateStoreError
+
+
+def test_fresh_database_is_migrated_to_head(database_url: str) -> None:
+    with StateStore(database_url) as store:
+        assert store.current_revision() == SCHEMA_HEAD
+        names = set(sa.inspect(store.engine).get_table_names())
+        assert {"fp_executions", "fp_steps", "fp_events", "fp_ledger",
+                "alembic_version"} <= names
+
+
+def test_reopening_keeps_data_and_revision(database_url: str) -> None:
+    with StateStore(database_url) as store, store.write() as conn:
+        conn.execute(executions.insert().values(
+            id="x" * 32, pipeline="p", status="completed", inputs={}, progress=100.0,
+            cancel_requested=False, runs=1, created_at=time.time()))
+    with StateStore(database_url) as store, store.read() as conn:
+        assert conn.execute(sa.select(executions.c.pipeline)).scalar_one() == "p"
+
+
+def test_newer_schema_is_refused_not_touched(database_url: str) -> None:
+    with StateStore(database_url) as store, store.write() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(SchemaVersionError, match="9999.*upgrade framepipe"):
+        StateStore(database_url)
+    with StateStore(database_url, migrate=False) as store:
+        assert store.current_revision() == "9999"
+
+
+def test_sqlite_is_wal_with_busy_timeout(tmp_path: Path) -> None:
+    with StateStore(f"sqlite:///{tmp_path / 's.db'}") as store, store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_use_after_close_raises(tmp_path: Path) -> None:
+    store = StateStore(f"sqlite:///{tmp_path / 's.db'}")
+    store.close()
+    with pytest.raises(StateStoreError, match="closed"), store.read():
+        pass
+
+
+def test_unreachable_database_is_a_clear_error() -> None:
+    with pytest.raises(StateStoreError, match="cannot open database"):
+        StateStore("postgresql+psycopg://127.0.0.1:1/nothing?connect_timeout=2")
+
+
+def _hammer(url: str, worker: int, count: int) -> None:
+    with StateStore(url) as store:
+        for i in range(count):
+            with store.write() as conn:
+                n = conn.execute(sa.select(sa.func.count()).select_from(executions)).scalar_one()
+                conn.execute(executions.insert().values(
+                    id=f"{worker:04d}{i:028d}", pipeline=f"w{worker}", status="pending",
+                    inputs={"seen": n}, progress=0.0, cancel_requested=False, runs=0,
+                    created_at=time.time()))
+
+
+def test_concurrent_writer_processes_never_see_database_is_locked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    StateStore(url).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hammer, args=(url, w, 150)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with StateStore(url) as store, store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(executions)).scalar_one() == 600
