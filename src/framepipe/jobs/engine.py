@@ -32,6 +32,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -53,6 +54,7 @@ from framepipe.errors import (
 )
 from framepipe.events import Event, EventBus
 from framepipe.jobs.context import StepContext
+from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json, is_step_key
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline, Step
@@ -227,6 +229,7 @@ class JobEngine:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
         self._started = True
+        self._journal = Journal(self.journal_dir, self.owner)
         events = await self._in_db(self._recover)
         self.bus.publish(events)
         self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
@@ -251,7 +254,13 @@ class JobEngine:
 
     def _recover(self) -> list[Event]:
         return recover_orphans(self.store, max_step_crashes=self.settings.max_step_crashes,
-                               stale_after=max(10.0, 5 * self.settings.heartbeat_interval))
+                               stale_after=max(10.0, 5 * self.settings.heartbeat_interval),
+                               journal_dir=self.journal_dir)
+
+    @property
+    def journal_dir(self) -> Path:
+        """Where engines of this home keep their step journals."""
+        return self.settings.home / "run"
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop: running executions are interrupted (resumable with :meth:`retry`).
@@ -273,6 +282,7 @@ class JobEngine:
         assert self._pool is not None and self._db is not None
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._db.shutdown(wait=True)
+        self._journal.close()
         if self._objects is not None and self._own_objects:
             self._objects.close()
         if self._own_store:
@@ -367,7 +377,8 @@ class JobEngine:
         """Resume a failed, cancelled or interrupted execution from where it stopped.
 
         Completed steps are not run again; failed, cancelled and pending steps run with fresh
-        retry budgets. ``pipeline`` defaults to one registered under the execution's pipeline
+        retry budgets. Crash counts are kept across runs, so a step that keeps killing its
+        process is failed as poison after ``max_step_crashes`` crashes in all. ``pipeline`` defaults to one registered under the execution's pipeline
         name. Returns the full execution id."""
         self._check_started()
         await self._in_db(self._recover)
@@ -400,7 +411,7 @@ class JobEngine:
         row, step_rows = await self._in_db(load_rows, self.store, info.id)
         for r in step_rows:
             if r["status"] != StepStatus.COMPLETED.value:
-                r.update(status=StepStatus.PENDING.value, failures=0, crashes=0, error=None,
+                r.update(status=StepStatus.PENDING.value, failures=0, error=None,
                          next_attempt_at=None, ready_at=None)
         x = _X(row, pipeline)
         for r in step_rows:
@@ -682,6 +693,7 @@ class JobEngine:
                           objects=lambda: self.objects, post=self._post,
                           has_key=x.steps.__contains__)
         s.ctx = ctx
+        self._journal.started(x.id, s.key)
         if s.step.is_async:
             s.task = asyncio.create_task(self._run_async(s, ctx))
         else:
@@ -696,6 +708,7 @@ class JobEngine:
             outcome = ("error", exc)
         finally:
             ctx._cleanup()
+            self._journal.ended(s.x.id, s.key)
         self._post(("outcome", s.x.id, s, ctx, outcome))
 
     async def _run_async(self, s: _S, ctx: StepContext) -> None:
@@ -709,6 +722,7 @@ class JobEngine:
             outcome = ("error", exc)
         finally:
             ctx._cleanup()
+            self._journal.ended(s.x.id, s.key)
         self._post(("outcome", s.x.id, s, ctx, outcome))
 
     def _checked(self, s: _S, ctx: StepContext, result: Any) -> tuple[Any, ...]:
@@ -962,6 +976,8 @@ class JobEngine:
             for x in self._execs.values():
                 x.row["heartbeat_at"] = now
                 self._mark_exec(x)
+            self._journal.compact([(x.id, s.key) for x in self._execs.values()
+                                   for s in x.steps.values() if s.status is StepStatus.RUNNING])
             ids = list(self._execs)
             cancelled = await self._in_db(self._cancel_requested, ids)
             for execution_id in cancelled:

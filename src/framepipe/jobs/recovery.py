@@ -9,12 +9,14 @@ being run again. Completed steps are untouched, so ``retry`` resumes where the r
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, steps
 from framepipe.events import Event
+from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.records import Batch, owner_is_dead, write_batch
 
@@ -22,22 +24,32 @@ __all__ = ["recover_orphans"]
 
 
 def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
-                    stale_after: float = 30.0) -> list[Event]:
+                    stale_after: float = 30.0, journal_dir: Path | None = None) -> list[Event]:
     """Mark executions of dead engines interrupted (or failed, for poison steps).
 
-    Returns the committed events; safe to call from several processes at once."""
+    A step counts as crashed if the store shows it running, or if the dead engine's journal
+    (in ``journal_dir``, same host) shows it started and never ended. Returns the committed
+    events; safe to call from several processes at once."""
     with store.read() as conn:
         candidates = conn.execute(
             sa.select(executions.c.id, executions.c.owner, executions.c.heartbeat_at)
             .where(executions.c.status == ExecutionStatus.RUNNING.value)).all()
-    dead = [r.id for r in candidates if owner_is_dead(r.owner, r.heartbeat_at, stale_after)]
+    dead = [r for r in candidates if owner_is_dead(r.owner, r.heartbeat_at, stale_after)]
     committed: list[Event] = []
-    for execution_id in dead:
-        committed.extend(_recover_one(store, execution_id, max_step_crashes))
+    owners = {r.owner for r in dead if r.owner}
+    started = {owner: read_unfinished(journal_dir, owner) if journal_dir else set()
+               for owner in owners}
+    for r in dead:
+        in_flight = {key for e, key in started.get(r.owner, set()) if e == r.id}
+        committed.extend(_recover_one(store, r.id, max_step_crashes, in_flight))
+    if journal_dir is not None:
+        for owner in owners:
+            journal_path(journal_dir, owner).unlink(missing_ok=True)
     return committed
 
 
-def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int) -> list[Event]:
+def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int,
+                 in_flight: set[str]) -> list[Event]:
     now = time.time()
     with store.read() as conn:
         x = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).one()
@@ -52,7 +64,7 @@ def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int) ->
         update: dict[str, Any] = {c: row._mapping[c] for c in row._mapping.keys()}
         update["status"] = StepStatus.PENDING.value
         update["next_attempt_at"] = None
-        if row.status == StepStatus.RUNNING.value:
+        if row.status == StepStatus.RUNNING.value or row.key in in_flight:
             crashes = row.crashes + 1
             update["crashes"] = crashes
             update["finished_at"] = now
