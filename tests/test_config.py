@@ -35,13 +35,13 @@ def test_explicit_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("FRAMEPIPE_CONFIG", str(path))
     assert load_settings().resolved_database_url == "postgresql+psycopg://db/x"
     monkeypatch.setenv("FRAMEPIPE_CONFIG", str(tmp_path / "missing.toml"))
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_settings()
 
 
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRAMEPIPE_CONCURRENCY", "lots")
-    with pytest.raises(ConfigError, match="FRAMEPIPE_CONCURRENCY"):
+    with pytest.raises(ConfigError, match=r"FRAMEPIPE_CONCURRENCY"):
         load_settings()
     monkeypatch.delenv("FRAMEPIPE_CONCURRENCY")
     with pytest.raises(ConfigError, match="FRAMEPIPE_LOG_LEVEL"):

@@ -487,7 +487,7 @@ def test_cancel_stops_running_and_pending_steps(settings: Settings, tmp_path: Pa
             await engine.retry(execution_id)
             return cancelled, execution_id
 
-    cancelled, execution_id = run(main())
+    cancelled, _ = run(main())
     assert cancelled.status is ExecutionStatus.CANCELLED
     assert {s.key: s.status for s in cancelled.steps} == {
         "long": StepStatus.CANCELLED, "later": StepStatus.CANCELLED}

@@ -33,7 +33,7 @@ def test_reopening_keeps_data_and_revision(database_url: str) -> None:
 def test_newer_schema_is_refused_not_touched(database_url: str) -> None:
     with StateStore(database_url) as store, store.write() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-    with pytest.raises(SchemaVersionError, match="9999.*upgrade framepipe"):
+    with pytest.raises(SchemaVersionError, match=r"9999.*upgrade framepipe"):
         StateStore(database_url)
     with StateStore(database_url, migrate=False) as store:
         assert store.current_revision() == "9999"

@@ -26,8 +26,8 @@ __all__ = ["make_clip", "pipeline", "prepare_card"]
 pipeline = Pipeline("demo_import", description="Import new clips from a card, probe, thumbnail.")
 
 
-def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25, size: tuple[int, int] = (320, 240),
-              hue: int = 0) -> Path:
+def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25,
+              size: tuple[int, int] = (320, 240), hue: int = 0) -> Path:
     """Encode a synthetic H.264 clip (moving colour bars) with PyAV; returns ``path``."""
     width, height = size
     path.parent.mkdir(parents=True, exist_ok=True)

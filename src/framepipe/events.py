@@ -35,7 +35,7 @@ class Event:
 
 
 class Subscription:
-    """An async iterator of events matching one execution (or all, when ``execution_id`` is None)."""
+    """An async iterator of the events of one execution (of all when ``execution_id`` is None)."""
 
     def __init__(self, bus: EventBus, execution_id: str | None, maxsize: int) -> None:
         self._bus = bus

@@ -29,7 +29,8 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
         super().__init__(logging.getLogger(f"framepipe.{component}"), {"component": component})
         self.component = component
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(self, msg: Any,
+                kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(kwargs.get("extra") or {})
         extra.setdefault("component", self.component)
         kwargs["extra"] = extra

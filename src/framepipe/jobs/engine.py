@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 import tenacity
@@ -70,6 +70,7 @@ from framepipe.logs import get_logger
 
 __all__ = ["JobEngine"]
 
+T = TypeVar("T")
 _ACTIVE = frozenset({StepStatus.READY, StepStatus.RUNNING, StepStatus.RETRYING})
 _log = get_logger("jobs.engine")
 
@@ -77,11 +78,38 @@ _log = get_logger("jobs.engine")
 class _S:
     """In-memory state of one step; mutated only by the scheduler."""
 
-    __slots__ = ("attempt", "crashes", "created_at", "ctx", "deps", "dependents", "done_seq",
-                 "error", "failures", "finished_at", "key", "message", "name", "name_deps",
-                 "new", "next_attempt_at", "output", "params", "progress", "ready_at", "seq",
-                 "spawned_by", "started_at", "status", "step", "task", "timer", "waiting",
-                 "weight", "x")
+    __slots__ = (
+        "attempt",
+        "crashes",
+        "created_at",
+        "ctx",
+        "dependents",
+        "deps",
+        "done_seq",
+        "error",
+        "failures",
+        "finished_at",
+        "key",
+        "message",
+        "name",
+        "name_deps",
+        "new",
+        "next_attempt_at",
+        "output",
+        "params",
+        "progress",
+        "ready_at",
+        "seq",
+        "spawned_by",
+        "started_at",
+        "status",
+        "step",
+        "task",
+        "timer",
+        "waiting",
+        "weight",
+        "x",
+    )
 
     def __init__(self, x: _X, row: Mapping[str, Any], step: Step) -> None:
         self.x = x
@@ -279,7 +307,8 @@ class JobEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._flush()
-        assert self._pool is not None and self._db is not None
+        assert self._pool is not None
+        assert self._db is not None
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._db.shutdown(wait=True)
         self._journal.close()
@@ -378,8 +407,9 @@ class JobEngine:
 
         Completed steps are not run again; failed, cancelled and pending steps run with fresh
         retry budgets. Crash counts are kept across runs, so a step that keeps killing its
-        process is failed as poison after ``max_step_crashes`` crashes in all. ``pipeline`` defaults to one registered under the execution's pipeline
-        name. Returns the full execution id."""
+        process is failed as poison after ``max_step_crashes`` crashes in all. ``pipeline``
+        defaults to one registered under the execution's pipeline name. Returns the full
+        execution id."""
         self._check_started()
         await self._in_db(self._recover)
         info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
@@ -560,10 +590,8 @@ class JobEngine:
         self._inbox.append(message)
         loop = self._loop
         if loop is not None and self._wake is not None and not self._wake.is_set():
-            try:
+            with contextlib.suppress(RuntimeError):  # loop closed: the engine is gone
                 loop.call_soon_threadsafe(self._wake.set)
-            except RuntimeError:  # loop closed: the engine is gone, drop the message
-                pass
 
     async def _scheduler(self) -> None:
         """Drain messages and start ready steps continuously; commit in the background.
@@ -640,7 +668,7 @@ class JobEngine:
                 return write_batch(self.store, batch)
         raise AssertionError("unreachable")
 
-    async def _in_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _in_db(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._db, fn, *args)
 
@@ -893,7 +921,8 @@ class JobEngine:
             return
         if x.running and not force:
             return
-        end = StepStatus.CANCELLED if x.stopping is ExecutionStatus.CANCELLED else StepStatus.PENDING
+        cancelled = x.stopping is ExecutionStatus.CANCELLED
+        end = StepStatus.CANCELLED if cancelled else StepStatus.PENDING
         for s in x.steps.values():
             if s.status in (StepStatus.READY, StepStatus.RETRYING, StepStatus.RUNNING) or (
                     s.status is StepStatus.PENDING and end is StepStatus.CANCELLED):
@@ -981,10 +1010,11 @@ class JobEngine:
             ids = list(self._execs)
             cancelled = await self._in_db(self._cancel_requested, ids)
             for execution_id in cancelled:
-                x = self._execs.get(execution_id)
-                if x is not None:
-                    _log.info("[%s] cancel requested through the store", x.label)
-                    self._stop_execution(x, ExecutionStatus.CANCELLED, "cancelled by request")
+                target = self._execs.get(execution_id)
+                if target is not None:
+                    _log.info("[%s] cancel requested through the store", target.label)
+                    self._stop_execution(target, ExecutionStatus.CANCELLED,
+                                         "cancelled by request")
             self._wakeup()
 
     def _cancel_requested(self, ids: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,7 +154,8 @@ def _execution_info(row: sa.Row[Any]) -> ExecutionInfo:
                          started_at=m["started_at"], finished_at=m["finished_at"])
 
 
-def get_execution(store: StateStore, execution_id: str, *, with_steps: bool = True) -> ExecutionInfo:
+def get_execution(store: StateStore, execution_id: str, *,
+                  with_steps: bool = True) -> ExecutionInfo:
     """The execution (by id or unique prefix) with its steps in creation order and its data."""
     execution_id = find_execution(store, execution_id)
     with store.read() as conn:

@@ -61,7 +61,7 @@ def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int,
     crashed: list[str] = []
     poisoned: list[str] = []
     for row in running:
-        update: dict[str, Any] = {c: row._mapping[c] for c in row._mapping.keys()}
+        update: dict[str, Any] = {c: row._mapping[c] for c in row._mapping}
         update["status"] = StepStatus.PENDING.value
         update["next_attempt_at"] = None
         if row.status == StepStatus.RUNNING.value or row.key in in_flight:
