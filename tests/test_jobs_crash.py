@@ -110,7 +110,7 @@ def test_step_that_keeps_killing_its_process_is_failed_as_poison(settings: Setti
     from framepipe.jobs.recovery import recover_orphans
 
     with StateStore(settings.resolved_database_url) as store:
-        events = recover_orphans(store, max_step_crashes=3, journal_dir=settings.home / "run")
+        events = recover_orphans(store, max_step_crashes=3, journal_dir=settings.run_dir)
         info = get_execution(store, execution_id)
     assert info.status is ExecutionStatus.FAILED
     assert info.step("killer").status is StepStatus.FAILED

@@ -15,7 +15,6 @@ Progress and messages go to stderr, results (summaries, tables, ``--json``) to s
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, cast
+from typing import Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 import typer
@@ -60,7 +59,7 @@ from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.records import find_execution, get_execution, list_executions
-from framepipe.jobs.recovery import recover_orphans
+from framepipe.jobs.recovery import recover_for
 from framepipe.logs import configure_logging
 
 __all__ = ["app", "main"]
@@ -153,8 +152,7 @@ def _open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
 
 def _recover(store: StateStore, settings: Settings) -> None:
     """Mark executions whose process died as interrupted (or failed, for poison steps)."""
-    recover_orphans(store, max_step_crashes=settings.max_step_crashes,
-                    stale_after=max(10.0, 5 * settings.heartbeat_interval))
+    recover_for(store, settings)
 
 
 def _flush_std() -> None:
@@ -387,31 +385,34 @@ async def _follow(settings: Settings, store: StateStore, begin: Begin, *, label:
         if state.execution_id is not None and state.interrupting is None:
             state.interrupting = loop.create_task(engine.interrupt())
 
-    async with engine:
-        signals = (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        async with engine:
+            for sig in signals:
+                loop.add_signal_handler(sig, on_signal, sig)
+            remove_listener = None
+            try:
+                if view is not None:
+                    remove_listener = engine.bus.add_listener(view.on_event)
+                    view.start()
+                execution_id = await begin(engine)
+                state.execution_id = execution_id
+                if state.signum is not None and state.interrupting is None:
+                    state.interrupting = loop.create_task(engine.interrupt())
+                if view is not None:
+                    view.prime(await loop.run_in_executor(None, get_execution, store,
+                                                          execution_id))
+                info = await engine.wait(execution_id, raise_on_failure=False)
+                if state.interrupting is not None:
+                    await state.interrupting
+            finally:
+                if view is not None:
+                    view.stop()
+                if remove_listener is not None:
+                    remove_listener()
+    finally:
         for sig in signals:
-            loop.add_signal_handler(sig, on_signal, sig)
-        remove_listener = None
-        try:
-            if view is not None:
-                remove_listener = engine.bus.add_listener(view.on_event)
-                view.start()
-            execution_id = await begin(engine)
-            state.execution_id = execution_id
-            if state.signum is not None and state.interrupting is None:
-                state.interrupting = loop.create_task(engine.interrupt())
-            if view is not None:
-                view.prime(await loop.run_in_executor(None, get_execution, store, execution_id))
-            info = await engine.wait(execution_id, raise_on_failure=False)
-            if state.interrupting is not None:
-                await state.interrupting
-        finally:
-            if view is not None:
-                view.stop()
-            if remove_listener is not None:
-                remove_listener()
-    for sig in signals:
-        loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)
 
     if as_json:
         _dump_json(info.to_dict())
@@ -421,11 +422,11 @@ async def _follow(settings: Settings, store: StateStore, begin: Begin, *, label:
         return 0, state.signum is not None
     for key, text in info.errors.items():
         _say(err, f"step '{key}' failed: {_first_line(text)}", "red")
-    if not info.errors:
-        _say(err, f"execution {info.status.value}: {_first_line(info.error) or 'no error'}",
-             "red")
     if info.status is ExecutionStatus.INTERRUPTED or state.signum is not None:
         _hint(err, info.id)
+    elif not info.errors:
+        _say(err, f"execution {info.status.value}: {_first_line(info.error) or 'no error'}",
+             "red")
     if state.signum is not None:
         return 128 + state.signum, True
     return 1, False
@@ -687,22 +688,37 @@ def demo(
     ctx: typer.Context,
     *,
     home: Annotated[Path | None, typer.Option(
-        "--home", help="Folder for the demo's state and objects.")] = None,
+        "--home", help="Folder for the demo's state, objects and card.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the demo on embedded defaults."""
+    """Run the demo on embedded defaults: import clips from a generated SD card, twice.
+
+    The second round adds a clip to the card: the ledger makes it import only that one."""
     with _errors():
-        _settings(ctx)
-        globals_ = ctx.find_object(_Globals) or _Globals()
-        try:
-            module = importlib.import_module("framepipe.demo")
-        except ModuleNotFoundError as exc:
-            if exc.name != "framepipe.demo":
-                raise
-            raise _UsageError("the demo is not part of this framepipe installation") from exc
-        run_demo = cast(Callable[..., int], module.run_demo)
-        code = run_demo(home=home or globals_.overrides.get("home"), quiet=quiet)
-    raise typer.Exit(code)
+        from framepipe.demo import pipeline as demo_pipeline
+        from framepipe.demo import prepare_card
+
+        settings = _settings(ctx, **({"home": home} if home is not None else {}))
+        card = (settings.home / "demo-card").resolve()
+        err, out = _console(stderr=True), _console()
+
+        async def begin(engine: JobEngine) -> str:
+            return await engine.submit(demo_pipeline, {"card": str(card)},
+                                       ref="framepipe.demo:demo_import")
+
+        with _open_store(settings) as store:
+            for round_, clips in ((1, 3), (2, 4)):
+                prepare_card(card, clips)
+                _say(err, f"round {round_}: the card {card} holds {clips} clips", "bold")
+                code, interrupted = asyncio.run(_follow(
+                    settings, store, begin, label=f"demo_import (round {round_})",
+                    quiet=quiet, as_json=False, concurrency=None))
+                if code or interrupted:
+                    _flush_std()
+                    os._exit(code)
+        _say(out, f"objects: {settings.resolved_objects_url} (imports/, thumbnails/, reports/)")
+        _say(out, "next: framepipe jobs list · framepipe jobs show <id>")
+    raise typer.Exit(0)
 
 
 @db_app.command("upgrade")

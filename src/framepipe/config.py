@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.home / 'state.db').resolve()}"
 
     @property
+    def run_dir(self) -> Path:
+        """Folder for this machine's per-process run files (step journals)."""
+        return self.home / "run"
+
+    @property
     def resolved_objects_url(self) -> str:
         """The object store URL, defaulting to ``file://<home>/objects``."""
         if self.objects_url:

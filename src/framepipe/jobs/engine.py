@@ -32,7 +32,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -65,7 +64,7 @@ from framepipe.jobs.records import (
     this_owner,
     write_batch,
 )
-from framepipe.jobs.recovery import recover_orphans
+from framepipe.jobs.recovery import recover_for
 from framepipe.logs import get_logger
 
 __all__ = ["JobEngine"]
@@ -257,7 +256,7 @@ class JobEngine:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
         self._started = True
-        self._journal = Journal(self.journal_dir, self.owner)
+        self._journal = Journal(self.settings.run_dir, self.owner)
         events = await self._in_db(self._recover)
         self.bus.publish(events)
         self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
@@ -281,14 +280,8 @@ class JobEngine:
                     f.set_exception(exc)
 
     def _recover(self) -> list[Event]:
-        return recover_orphans(self.store, max_step_crashes=self.settings.max_step_crashes,
-                               stale_after=max(10.0, 5 * self.settings.heartbeat_interval),
-                               journal_dir=self.journal_dir)
+        return recover_for(self.store, self.settings)
 
-    @property
-    def journal_dir(self) -> Path:
-        """Where engines of this home keep their step journals."""
-        return self.settings.home / "run"
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop: running executions are interrupted (resumable with :meth:`retry`).

@@ -15,12 +15,20 @@ from typing import Any
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, steps
+from framepipe.config import Settings
 from framepipe.events import Event
 from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.records import Batch, owner_is_dead, write_batch
 
-__all__ = ["recover_orphans"]
+__all__ = ["recover_for", "recover_orphans"]
+
+
+def recover_for(store: StateStore, settings: Settings) -> list[Event]:
+    """:func:`recover_orphans` with the thresholds and journal folder of ``settings``."""
+    return recover_orphans(store, max_step_crashes=settings.max_step_crashes,
+                           stale_after=max(10.0, 5 * settings.heartbeat_interval),
+                           journal_dir=settings.run_dir)
 
 
 def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
