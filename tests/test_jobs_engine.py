@@ -579,7 +579,7 @@ def test_ledger_imports_only_new_files_and_only_on_success(settings: Settings,
 
     @pipeline.step()
     def copy(ctx: StepContext, identity: str, name: str) -> None:
-        if name == "bad.mp4":
+        if name == "z_bad.mp4":
             raise OSError("card removed")
         ctx.objects.put(f"imports/{name}", (card / name).read_bytes())
         copied.append(name)
@@ -591,7 +591,8 @@ def test_ledger_imports_only_new_files_and_only_on_success(settings: Settings,
             results.append(await engine.run(pipeline))
             results.append(await engine.run(pipeline))
             (card / "d.mp4").write_bytes(b"new")
-            (card / "bad.mp4").write_bytes(b"broken")
+            # spawned after d.mp4, so both start together (fail-fast lets running steps finish)
+            (card / "z_bad.mp4").write_bytes(b"broken")
             results.append(await engine.run(pipeline, raise_on_failure=False))
             ledger = Ledger(engine.store, "importer")
             entries = await asyncio.to_thread(ledger.entries)
@@ -603,7 +604,7 @@ def test_ledger_imports_only_new_files_and_only_on_success(settings: Settings,
     assert third.data["new"] == 2 and third.status is ExecutionStatus.FAILED
     assert sorted(copied) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
     names = sorted(e.meta["name"] for e in entries)
-    assert names == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]  # bad.mp4 failed: not imported
+    assert names == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]  # z_bad.mp4 failed: not imported
     assert all(e.execution_id and e.step_key and e.step_key.startswith("copy:") for e in entries)
     assert stored == ["imports/a.mp4", "imports/b.mp4", "imports/c.mp4", "imports/d.mp4"]
 
