@@ -19,6 +19,12 @@
     │   ├── ExecutionNotFoundError
     │   ├── ExecutionStateError      the execution is in a state that forbids the call
     │   └── ExecutionFailedError     ``run``/``wait`` of an execution that did not complete
+    ├── StreamError                  a live stream; names the source (and stage, frame)
+    │   ├── SourceError              a source cannot be opened or read
+    │   │   ├── CaptureExitedError   the capture subprocess exited (``exit_code``)
+    │   │   └── SourceStalledError   no frame within the stall timeout
+    │   ├── FrameError               a frame cannot be decoded or encoded
+    │   └── ProcessorError           a stage's processor raised for a frame
     ├── StateStoreError              the state database
     │   └── SchemaVersionError
     └── ObjectStoreError             the object store
@@ -32,11 +38,13 @@ carries them as attributes, so logs, events and the CLI can show them without pa
 from __future__ import annotations
 
 __all__ = [
+    "CaptureExitedError",
     "ConfigError",
     "ExecutionError",
     "ExecutionFailedError",
     "ExecutionNotFoundError",
     "ExecutionStateError",
+    "FrameError",
     "FramepipeError",
     "InvalidKeyError",
     "MissingDependencyError",
@@ -44,7 +52,10 @@ __all__ = [
     "ObjectStoreError",
     "PipelineCycleError",
     "PipelineDefinitionError",
+    "ProcessorError",
     "SchemaVersionError",
+    "SourceError",
+    "SourceStalledError",
     "StateStoreError",
     "StepCancelledError",
     "StepCrashedError",
@@ -52,6 +63,7 @@ __all__ = [
     "StepFailedError",
     "StepOutputError",
     "StepParamsError",
+    "StreamError",
     "UnknownDependencyError",
     "UnknownStepError",
 ]
@@ -167,6 +179,48 @@ class ExecutionFailedError(ExecutionError):
         self.status = status
         self.errors = errors
         super().__init__(message, execution_id=execution_id)
+
+
+class StreamError(FramepipeError):
+    """About a live stream; ``source_id`` names the source when known."""
+
+    def __init__(self, message: str, *, source_id: str | None = None) -> None:
+        self.source_id = source_id
+        super().__init__(f"[{source_id}] {message}" if source_id else message)
+
+
+class SourceError(StreamError):
+    """A source cannot be opened or read (unreachable URL, not a video, truncated file ...)."""
+
+
+class CaptureExitedError(SourceError):
+    """The capture subprocess exited; ``exit_code`` is its code (negative: killed by a signal)
+    and ``stderr_tail`` the last lines it printed."""
+
+    def __init__(self, message: str, *, source_id: str | None = None,
+                 exit_code: int | None = None, stderr_tail: str = "") -> None:
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+        super().__init__(message, source_id=source_id)
+
+
+class SourceStalledError(SourceError):
+    """No frame arrived within the stall timeout."""
+
+
+class FrameError(StreamError):
+    """A frame cannot be decoded or encoded (bad JPEG, wrong raw size ...)."""
+
+
+class ProcessorError(StreamError):
+    """A stage's processor raised; ``stage`` and ``seq`` name where; ``__cause__`` is why."""
+
+    def __init__(self, message: str, *, source_id: str | None = None, stage: str | None = None,
+                 seq: int | None = None) -> None:
+        self.stage = stage
+        self.seq = seq
+        where = f"stage '{stage}'" + (f", frame {seq}" if seq is not None else "")
+        super().__init__(f"{where}: {message}" if stage else message, source_id=source_id)
 
 
 class StateStoreError(FramepipeError):

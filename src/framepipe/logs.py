@@ -25,8 +25,9 @@ class _ComponentFilter(logging.Filter):
 class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger that stamps every record with its component name."""
 
-    def __init__(self, component: str) -> None:
-        super().__init__(logging.getLogger(f"framepipe.{component}"), {"component": component})
+    def __init__(self, component: str, logger: str | None = None) -> None:
+        super().__init__(logging.getLogger(logger or f"framepipe.{component}"),
+                         {"component": component})
         self.component = component
 
     def process(self, msg: Any,
@@ -37,9 +38,12 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
-def get_logger(component: str) -> ComponentLogger:
-    """The logger of one component (``jobs.engine``, ``station_1``, ``sd_import/3fa2...``)."""
-    return ComponentLogger(component)
+def get_logger(component: str, logger: str | None = None) -> ComponentLogger:
+    """The logger of one component (``jobs.engine``, ``station_1``, ``sd_import/copy:3fa2``).
+
+    ``logger`` names the underlying :mod:`logging` logger (default ``framepipe.<component>``);
+    give a shared one for short-lived components such as steps, since loggers live forever."""
+    return ComponentLogger(component, logger)
 
 
 def configure_logging(level: str | int = "INFO", *, stream: Any = None) -> None:

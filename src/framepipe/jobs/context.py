@@ -74,7 +74,7 @@ class StepContext:
         self.data = data
         self.params = MappingProxyType(dict(params))
         self.store = store
-        self.log: ComponentLogger = get_logger(f"{pipeline.name}/{step_key}")
+        self._log: ComponentLogger | None = None
         self._objects = objects
         self._post = post
         self._has_key = has_key
@@ -83,6 +83,13 @@ class StepContext:
         self._ledger_rows: list[dict[str, Any]] = []
         self._tempdirs: list[Path] = []
         self.ledger = StepLedger(store, pipeline.name, self)
+
+    @property
+    def log(self) -> ComponentLogger:
+        """This step's logger: every line carries ``[pipeline/step_key]``."""
+        if self._log is None:
+            self._log = get_logger(f"{self.pipeline.name}/{self.step_key}", "framepipe.steps")
+        return self._log
 
     # -- progress and cancellation -------------------------------------------------------------
 

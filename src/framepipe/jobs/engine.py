@@ -682,8 +682,7 @@ class JobEngine:
 
         def enqueue() -> None:
             if s.status is StepStatus.READY:
-                s.ready_at = time.time()
-                self._dirty_steps[id(s)] = s
+                s.ready_at = time.time()  # stored with the step's start, not a write of its own
                 self._ready.append(s)
 
         self._after_commit.append(enqueue)

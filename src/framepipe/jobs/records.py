@@ -89,8 +89,15 @@ def write_batch(store: StateStore, batch: Batch) -> list[Event]:
             return []
         rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
                  "step_key": e.step_key, "data": e.data} for e in batch.events]
-        ids = conn.execute(events.insert().returning(events.c.id, sort_by_parameter_order=True),
-                           rows).scalars().all()
+        if store.dialect == "sqlite":
+            # One multi-row INSERT under the write lock assigns increasing ids in row order;
+            # asking SQLAlchemy to sort by parameter order would send one INSERT per row.
+            ids = sorted(conn.execute(events.insert().returning(events.c.id),
+                                      rows).scalars().all())
+        else:
+            ids = list(conn.execute(
+                events.insert().returning(events.c.id, sort_by_parameter_order=True),
+                rows).scalars().all())
     return [Event(type=e.type, ts=e.ts, execution_id=e.execution_id, step_key=e.step_key,
                   data=e.data, id=i) for e, i in zip(batch.events, ids, strict=True)]
 
