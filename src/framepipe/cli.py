@@ -56,8 +56,9 @@ from framepipe.errors import (
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
-from framepipe.jobs.loading import resolve_pipeline
+from framepipe.jobs.loading import LoadedPipeline, resolve_pipeline, resolve_target
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import find_execution, get_execution, list_executions
 from framepipe.jobs.recovery import recover_for
 from framepipe.logs import configure_logging
@@ -503,11 +504,17 @@ def run(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run one execution of a pipeline to its end, with a progress display."""
+    """Run one execution of a job pipeline to its end, with a progress display; or run a live
+    App / StreamPipeline until Ctrl-C or SIGTERM stops it gracefully."""
     with _errors():
         settings = _settings(ctx)
         values = parse_inputs(inputs or [], inputs_json)
-        loaded = resolve_pipeline(ref)
+        resolved = resolve_target(ref)
+        if not isinstance(resolved.target, Pipeline):
+            from framepipe.live import run_live
+
+            raise typer.Exit(run_live(resolved.target, settings, _console(stderr=True)))
+        loaded = LoadedPipeline(resolved.target, resolved.ref)
 
         async def begin(engine: JobEngine) -> str:
             return await engine.submit(loaded.pipeline, values, ref=loaded.ref)
@@ -681,6 +688,37 @@ def jobs_cancel(
     else:
         _say(console, f"cancel requested: the process running execution {full_id} stops it "
                       "within its heartbeat interval")
+
+
+@app.command()
+def sources(ctx: typer.Context) -> None:
+    """Sources of the live apps running from this home: state, fps, restarts, last error."""
+    with _errors():
+        from framepipe.live import sources_table
+
+        table = sources_table(_settings(ctx))
+        if table is None:
+            _say(_console(), "no live app has run from this home")
+            raise typer.Exit(0)
+        _console().print(table)
+
+
+@app.command()
+def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Health of the live apps running from this home (state, performance score, uptime)."""
+    with _errors():
+        from framepipe.app import read_snapshots
+        from framepipe.live import health_table
+
+        settings = _settings(ctx)
+        if as_json:
+            _dump_json(read_snapshots(settings))
+            raise typer.Exit(0)
+        table = health_table(settings)
+        if table is None:
+            _say(_console(), "no live app has run from this home")
+            raise typer.Exit(0)
+        _console().print(table)
 
 
 @app.command()

@@ -21,11 +21,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from framepipe.errors import PipelineDefinitionError
 from framepipe.jobs.pipeline import Pipeline
 
-__all__ = ["LoadedPipeline", "load_pipeline", "resolve_pipeline"]
+__all__ = ["LoadedPipeline", "LoadedTarget", "load_pipeline", "resolve_pipeline",
+           "resolve_target"]
 
 USERFILE_PREFIX = "framepipe_userfile_"
 _counter = itertools.count(1)
@@ -40,6 +42,31 @@ class LoadedPipeline:
     ref: str
 
 
+@dataclass(frozen=True)
+class LoadedTarget:
+    """Something ``framepipe run`` can run: a job :class:`Pipeline`, a live ``App`` or a
+    ``StreamPipeline``, with its canonical reference."""
+
+    target: Any
+    ref: str
+
+
+def _runnable_types() -> tuple[type, ...]:
+    from framepipe.app import App
+    from framepipe.stream.pipeline import StreamPipeline
+
+    return (Pipeline, App, StreamPipeline)
+
+
+def resolve_target(ref: str) -> LoadedTarget:
+    """Load a job pipeline, an ``App`` or a ``StreamPipeline`` named by ``ref``."""
+    module, where, name = _load(ref)
+    target = _pick(module, name, where, _runnable_types(), "Pipeline, App or StreamPipeline")
+    if isinstance(target, Pipeline):
+        target.validate()
+    return LoadedTarget(target, f"{where}:{target.name}")
+
+
 def load_pipeline(ref: str) -> Pipeline:
     """The pipeline ``ref`` names (``FILE.py:NAME`` or ``package.module:NAME``), validated."""
     return resolve_pipeline(ref).pipeline
@@ -47,20 +74,22 @@ def load_pipeline(ref: str) -> Pipeline:
 
 def resolve_pipeline(ref: str) -> LoadedPipeline:
     """Like :func:`load_pipeline`, also returning the canonical reference to store."""
+    module, where, name = _load(ref)
+    pipeline = _pick(module, name, where, (Pipeline,), "Pipeline")
+    assert isinstance(pipeline, Pipeline)
+    pipeline.validate()
+    return LoadedPipeline(pipeline, f"{where}:{pipeline.name}")
+
+
+def _load(ref: str) -> tuple[ModuleType, str, str | None]:
     target, name = _split(ref)
     if not target:
         raise PipelineDefinitionError(
             f"invalid pipeline reference {ref!r}: give FILE.py:NAME or package.module:NAME")
     if _looks_like_file(target):
         path = Path(target).expanduser().resolve()
-        module = _import_file(path, target)
-        where = str(path)
-    else:
-        module = _import_module(target)
-        where = target
-    pipeline = _pick(module, name, where)
-    pipeline.validate()
-    return LoadedPipeline(pipeline, f"{where}:{pipeline.name}")
+        return _import_file(path, target), str(path), name
+    return _import_module(target), target, name
 
 
 def _split(ref: str) -> tuple[str, str | None]:
@@ -123,35 +152,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _pipelines(module: ModuleType) -> dict[str, Pipeline]:
+def _pipelines(module: ModuleType, kinds: tuple[type, ...]) -> dict[str, Any]:
     """The module's pipelines by variable name, each object once (first name wins)."""
-    found: dict[str, Pipeline] = {}
+    found: dict[str, Any] = {}
     seen: set[int] = set()
     for var, value in vars(module).items():
-        if isinstance(value, Pipeline) and id(value) not in seen:
+        if isinstance(value, kinds) and id(value) not in seen:
             seen.add(id(value))
             found[var] = value
     return found
 
 
-def _listing(found: dict[str, Pipeline]) -> str:
+def _listing(found: dict[str, Any], what: str = "Pipeline") -> str:
     if not found:
-        return "it defines no Pipeline"
+        return f"it defines no {what}"
     names = ", ".join(var if var == p.name else f"{var} (named {p.name!r})"
                       for var, p in found.items())
     return f"its pipelines: {names}"
 
 
-def _pick(module: ModuleType, name: str | None, where: str) -> Pipeline:
-    found = _pipelines(module)
+def _pick(module: ModuleType, name: str | None, where: str, kinds: tuple[type, ...],
+          what: str) -> Any:
+    found = _pipelines(module, kinds)
     if name is None:
         if len(found) == 1:
             return next(iter(found.values()))
         raise PipelineDefinitionError(
             f"{where} defines {len(found) or 'no'} pipeline{'s' if len(found) != 1 else ''}: "
-            f"add :NAME to the reference ({_listing(found)})")
+            f"add :NAME to the reference ({_listing(found, what)})")
     value = vars(module).get(name)
-    if isinstance(value, Pipeline):
+    if isinstance(value, kinds):
         return value
     by_name = [p for p in found.values() if p.name == name]
     if len(by_name) == 1:
@@ -159,8 +189,8 @@ def _pick(module: ModuleType, name: str | None, where: str) -> Pipeline:
     if len(by_name) > 1:
         raise PipelineDefinitionError(
             f"{where} defines {len(by_name)} pipelines named {name!r}: use the variable name "
-            f"({_listing(found)})")
+            f"({_listing(found, what)})")
     if value is not None:
-        raise PipelineDefinitionError(
-            f"{name!r} in {where} is a {type(value).__name__}, not a Pipeline ({_listing(found)})")
-    raise PipelineDefinitionError(f"no pipeline {name!r} in {where} ({_listing(found)})")
+        raise PipelineDefinitionError(f"{name!r} in {where} is a {type(value).__name__}, not a "
+                                      f"{what} ({_listing(found, what)})")
+    raise PipelineDefinitionError(f"no pipeline {name!r} in {where} ({_listing(found, what)})")

@@ -1,0 +1,330 @@
+"""The orchestrator: several live pipelines (one per station or camera) run side by side.
+
+Guarantees: each pipeline is isolated (a dead camera, a failing processor or a crashed task
+in one never stops another); ``start()`` starts them concurrently and a pipeline added while
+running starts at once; ``stop()`` stops them concurrently with a bounded drain. A pipeline
+whose source failed for good is restarted after ``restart_cooldown`` seconds, at most
+``max_restart_attempts`` times (auto-recovery), then reported with ``system_error``. Every few
+seconds the app checks performance (``performance_warning`` below ``performance_threshold``)
+and writes a health snapshot that ``framepipe health`` / ``framepipe sources`` read from
+another terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from framepipe.config import Settings, load_settings
+from framepipe.logs import get_logger
+from framepipe.stream.pipeline import StreamPipeline
+from framepipe.supervise import HealthState
+from framepipe.telemetry import metrics_registry, render
+
+__all__ = ["App", "AppHealth", "SystemState", "read_snapshots"]
+
+Callback = Callable[[str, dict[str, Any]], Any]
+
+
+class SystemState(StrEnum):
+    """State of the whole app."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class AppHealth:
+    """What :meth:`App.health` returns."""
+
+    name: str
+    state: SystemState
+    performance_score: float
+    uptime: float
+    last_error: str | None
+    pid: int
+    updated_at: float
+    pipeline_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+
+class App:
+    """Holds stream pipelines and runs them with isolation, recovery, health and metrics."""
+
+    def __init__(self, name: str = "framepipe", *, settings: Settings | None = None,
+                 auto_recovery: bool = True, max_restart_attempts: int = 3,
+                 restart_cooldown: float = 30.0, health_interval: float = 2.0,
+                 performance_threshold: float = 0.5) -> None:
+        self.name = name
+        self.settings = settings or load_settings()
+        self.auto_recovery = auto_recovery
+        self.max_restart_attempts = max_restart_attempts
+        self.restart_cooldown = restart_cooldown
+        self.health_interval = health_interval
+        self.performance_threshold = performance_threshold
+        self.pipelines: dict[str, StreamPipeline] = {}
+        self.restart_attempts: dict[str, int] = {}
+        self.state = SystemState.STOPPED
+        self.last_error: str | None = None
+        self.started_at: float | None = None
+        self.log = get_logger(f"app.{name}")
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._warned: set[str] = set()
+        self._stopping = False
+        self.registry = metrics_registry(lambda: list(self.pipelines.values()))
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(event, data)`` (sync or async) on ``event`` (``"*"`` for all):
+        ``segment.completed``, ``segment.started``, ``source.started|died|stalled|restarting|
+        failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered``,
+        ``system_error``, ``performance_warning``. Returns a function that unregisters it."""
+        self._callbacks.setdefault(event, []).append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks[event].remove(callback)
+
+        return remove
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Deliver an event to its callbacks; a raising callback is logged, never propagated."""
+        for callback in (*self._callbacks.get(event, ()), *self._callbacks.get("*", ())):
+            try:
+                result = callback(event, data)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    task.add_done_callback(self._callback_done)
+            except Exception:
+                self.log.exception("callback for %s raised; ignored", event)
+        if event == "source.started" and data.get("attempt", 0):
+            self.emit("source.restarted", data)
+
+    def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("async callback raised: %r", task.exception())
+
+    # -- pipelines ------------------------------------------------------------------------------
+
+    async def add(self, pipeline: StreamPipeline) -> StreamPipeline:
+        """Add a pipeline; if the app runs, it starts now (its first frame follows within the
+        source's open time)."""
+        if pipeline.name in self.pipelines:
+            raise ValueError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
+        self.pipelines[pipeline.name] = pipeline
+        pipeline.on_event(self.emit)
+        if self.state in (SystemState.RUNNING, SystemState.DEGRADED, SystemState.STARTING):
+            await self._start_one(pipeline)
+        return pipeline
+
+    def add_pipeline(self, pipeline: StreamPipeline) -> StreamPipeline:
+        """Add a pipeline before :meth:`start` (sync form of :meth:`add`)."""
+        if self.state not in (SystemState.STOPPED,):
+            raise RuntimeError("the app is running: use 'await app.add(pipeline)'")
+        if pipeline.name in self.pipelines:
+            raise ValueError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
+        self.pipelines[pipeline.name] = pipeline
+        pipeline.on_event(self.emit)
+        return pipeline
+
+    async def remove(self, name: str) -> None:
+        """Stop and remove one pipeline; the others keep running."""
+        pipeline = self.pipelines.pop(name)
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            watcher.cancel()
+        await pipeline.stop()
+
+    async def _start_one(self, pipeline: StreamPipeline) -> None:
+        try:
+            await pipeline.start()
+        except Exception as exc:
+            self._error(pipeline.name, f"pipeline {pipeline.name!r} failed to start: "
+                                       f"{type(exc).__name__}: {exc}")
+            return
+        self._watchers[pipeline.name] = asyncio.create_task(self._watch(pipeline),
+                                                            name=f"watch-{pipeline.name}")
+
+    async def _watch(self, pipeline: StreamPipeline) -> None:
+        """Wait for a pipeline's end; recover it if it failed."""
+        while True:
+            await pipeline.wait()
+            if self._stopping or pipeline.state is not HealthState.FAILED:
+                return
+            attempts = self.restart_attempts.get(pipeline.name, 0)
+            error = pipeline.last_error or "unknown error"
+            if not self.auto_recovery or attempts >= self.max_restart_attempts:
+                self._error(pipeline.name, f"pipeline {pipeline.name!r} failed: {error}"
+                            + (f" (after {attempts} recoveries)" if attempts else ""))
+                return
+            self.restart_attempts[pipeline.name] = attempts + 1
+            self.log.warning("[%s] recovering in %gs (recovery %d of %d): %s", pipeline.name,
+                             self.restart_cooldown, attempts + 1, self.max_restart_attempts,
+                             error)
+            await asyncio.sleep(self.restart_cooldown)
+            if self._stopping:
+                return
+            try:
+                await pipeline.start()
+            except Exception as exc:
+                self._error(pipeline.name, f"recovery of {pipeline.name!r} failed: {exc}")
+                return
+            self.emit("pipeline.recovered", {"pipeline": pipeline.name,
+                                             "attempt": attempts + 1})
+
+    def _error(self, pipeline: str, message: str) -> None:
+        self.last_error = message
+        self.log.error("%s", message)
+        self.emit("system_error", {"pipeline": pipeline, "error": message})
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every pipeline concurrently, then the health monitor."""
+        if self.state not in (SystemState.STOPPED,):
+            raise RuntimeError(f"app {self.name!r} is {self.state.value}")
+        self._stopping = False
+        self.state = SystemState.STARTING
+        self.started_at = time.time()
+        await asyncio.gather(*(self._start_one(p) for p in self.pipelines.values()))
+        self.state = SystemState.RUNNING
+        self._monitor = asyncio.create_task(self._monitor_loop(), name=f"monitor-{self.name}")
+        self.log.info("app started with %d pipeline(s)", len(self.pipelines))
+
+    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Stop every pipeline concurrently (each drains for at most ``timeout`` seconds)."""
+        if self.state is SystemState.STOPPED:
+            return
+        self._stopping = True
+        self.state = SystemState.STOPPING
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        await asyncio.gather(*(p.stop(drain_timeout=timeout) for p in self.pipelines.values()),
+                             return_exceptions=True)
+        self._watchers.clear()
+        self.state = SystemState.STOPPED
+        self._write_snapshot()
+        self.log.info("app stopped")
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait(self) -> None:
+        """Return once every pipeline ended for good (finished, or failed beyond recovery)."""
+        while self._watchers and not all(w.done() for w in self._watchers.values()):
+            await asyncio.wait(list(self._watchers.values()))
+
+    async def run(self, until: asyncio.Event | None = None) -> None:
+        """Start, run until ``until`` is set (or every pipeline ended), then stop."""
+        await self.start()
+        try:
+            ended = asyncio.create_task(self.wait())
+            waits: set[asyncio.Future[Any]] = {ended}
+            if until is not None:
+                waits.add(asyncio.ensure_future(until.wait()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        finally:
+            await self.stop()
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def health(self) -> AppHealth:
+        """State, performance score (mean of the pipelines'), uptime, last error and
+        per-pipeline status."""
+        statuses = {name: p.health() for name, p in self.pipelines.items()}
+        scores = [s["performance_score"] for s in statuses.values()]
+        failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
+        state = self.state
+        if state is SystemState.RUNNING and failed:
+            state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
+        elif state is SystemState.RUNNING and scores and min(scores) < self.performance_threshold:
+            state = SystemState.DEGRADED
+        return AppHealth(name=self.name, state=state,
+                         performance_score=round(sum(scores) / len(scores), 3) if scores else 1.0,
+                         uptime=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+                         last_error=self.last_error, pid=os.getpid(), updated_at=time.time(),
+                         pipeline_status=statuses)
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of every pipeline's metrics."""
+        return render(self.registry)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                for name, pipeline in self.pipelines.items():
+                    if pipeline.state is not HealthState.RUNNING:
+                        continue
+                    score = pipeline.performance_score()
+                    if score < self.performance_threshold and name not in self._warned:
+                        self._warned.add(name)
+                        self.emit("performance_warning", {"pipeline": name, "score": score})
+                    elif score >= self.performance_threshold:
+                        self._warned.discard(name)
+                self._write_snapshot()
+            except Exception:
+                self.log.exception("health monitor pass failed")
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where this app's health snapshot is written."""
+        return self.settings.run_dir / "apps" / f"{self.name}.json"
+
+    def _write_snapshot(self) -> None:
+        path = self.snapshot_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.health().to_dict(), default=str))
+        os.replace(tmp, path)
+
+
+def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
+    """Health snapshots of the apps of this home; a snapshot of a dead process says so."""
+    from framepipe.jobs.records import owner_is_dead
+
+    folder = settings.run_dir / "apps"
+    snapshots = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        import socket
+
+        owner = f"{socket.gethostname()}:{data.get('pid')}:app"
+        if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
+            data["state"] = "dead"
+        snapshots.append(data)
+    return snapshots

@@ -1,0 +1,101 @@
+"""Running live apps from the command line, and reading their health from another terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from framepipe.app import App, read_snapshots
+from framepipe.config import Settings
+from framepipe.stream.pipeline import StreamPipeline
+
+__all__ = ["health_table", "run_live", "sources_table"]
+
+
+def run_live(target: App | StreamPipeline, settings: Settings, console: Console) -> int:
+    """Run an App (or one StreamPipeline in an App of its own) until every pipeline ended or
+    Ctrl-C / SIGTERM; those stop it gracefully (drain, close segments). Returns the exit code:
+    0 after a clean end or a signal's graceful stop, 1 if a pipeline failed."""
+    app = target if isinstance(target, App) else App(target.name, settings=settings)
+    if isinstance(target, StreamPipeline):
+        app.add_pipeline(target)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            console.print(f"[yellow]{signal.Signals(signum).name}: stopping {app.name} "
+                          "gracefully[/]")
+            stop.set()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            await app.start()
+
+            ended = asyncio.create_task(app.wait())
+            ended.add_done_callback(lambda _t: stop.set())
+            await stop.wait()
+            ended.cancel()
+            failed = [n for n, p in app.pipelines.items() if p.state.value == "failed"]
+            await app.stop()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        for name in failed:
+            console.print(f"[red]pipeline {name} failed: {app.pipelines[name].last_error}[/]")
+        return 1 if failed and not received else 0
+
+    return asyncio.run(main())
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def health_table(settings: Settings) -> Table | None:
+    """One row per app of this home: state, performance score, uptime, last error."""
+    snapshots = read_snapshots(settings)
+    if not snapshots:
+        return None
+    table = Table("app", "state", "score", "uptime s", "pid", "pipelines", "last error")
+    for snap in snapshots:
+        pipelines = snap.get("pipeline_status", {})
+        table.add_row(snap["name"], snap["state"], _fmt(snap.get("performance_score"), 2),
+                      _fmt(snap.get("uptime")), str(snap.get("pid")),
+                      ", ".join(f"{n}={p['state']}" for n, p in pipelines.items()),
+                      (snap.get("last_error") or "")[:80])
+    return table
+
+
+def sources_table(settings: Settings) -> Table | None:
+    """One row per source of every app of this home."""
+    snapshots = read_snapshots(settings)
+    if not snapshots:
+        return None
+    table = Table("app", "pipeline", "source", "state", "fps", "frames", "restarts", "stalls",
+                  "pid", "segments", "last error")
+    for snap in snapshots:
+        for name, status in snap.get("pipeline_status", {}).items():
+            src = status.get("source") or {}
+            uptime = src.get("uptime") or 0.0
+            fps = (src.get("frames", 0) / uptime) if uptime else None
+            state = status["state"] if snap["state"] != "dead" else "dead"
+            table.add_row(snap["name"], name, status.get("source_description", ""), state,
+                          _fmt(fps), str(status.get("frames_captured", 0)),
+                          str(src.get("restarts", 0)), str(src.get("stalls", 0)),
+                          str(src.get("pid") or "-"), str(status.get("segments_completed", 0)),
+                          (status.get("last_error") or "")[:60])
+    return table

@@ -1,0 +1,20 @@
+"""Sources of frames: one contract (:class:`Source`), three families.
+
+* :class:`VideoSource`: files, RTSP/TCP/HTTP streams and devices through PyAV, decoded in a
+  thread; files can be paced at their native rate and looped.
+* :class:`CommandSource`: one persistent subprocess (gst-launch-1.0, ffmpeg) writing MJPEG or
+  raw video to its stdout.
+* :class:`PatternSource`: synthetic frames (colour bars or noise with a moving box).
+
+Each ``source.frames(started)`` call is one capture session, an async iterator of
+:class:`~framepipe.frames.Frame`. Close it with ``aclose()`` (or ``contextlib.aclosing``) when
+you stop early: a bare ``break`` leaves the clean-up (thread, subprocess) to the garbage
+collector's async-generator finaliser.
+"""
+
+from framepipe.sources.av import VideoSource
+from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.command import CommandSource
+from framepipe.sources.pattern import PatternSource
+
+__all__ = ["CommandSource", "PatternSource", "Source", "StartedCallback", "VideoSource"]

@@ -1,0 +1,386 @@
+"""``VideoSource``: files, RTSP, TCP/HTTP streams and devices decoded with PyAV.
+
+Guarantees of one :meth:`VideoSource.frames` session:
+
+* Decoding runs in a dedicated thread, never on the event loop. Frames reach the consumer
+  through a bounded hand-off (``max_queue`` frames); a slow consumer holds the decoder back
+  instead of growing memory.
+* ``started(None)`` is called (on the event loop) once the container is open and has a
+  video stream, before the first frame.
+* Any failure in the thread (cannot open, no video stream, corrupt or truncated data, a network
+  read that times out) reaches the consumer as :class:`~framepipe.errors.SourceError` naming
+  the source and the URL, with PyAV's exception as ``__cause__``. The thread never dies silently
+  and the consumer never waits forever for a dead thread.
+* The end of a file (without ``loop``) or of a stream the server closed is a normal end: the
+  iterator returns. A file that ends clearly before the frame count its header announces is
+  reported as truncated (``SourceError``).
+* Closing the iterator (``aclose``, ``break`` in ``async for``, cancelling the consumer) stops
+  the thread and joins it. The thread checks its stop flag between packets and while it paces
+  or waits for room, so it stops at once, except when it is blocked in network I/O: then it
+  stops when that call returns (at most ``open_timeout``/``read_timeout`` seconds); ``aclose``
+  waits for it that long without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import av
+import av.error
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from framepipe.errors import SourceError
+from framepipe.frames import Frame, now_ms
+from framepipe.logs import get_logger
+from framepipe.sources.base import Source, StartedCallback
+
+__all__ = ["VideoSource"]
+
+Image = npt.NDArray[np.uint8]
+
+_NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "http", "https",
+                              "srt", "rtp", "hls"})
+_MAX_BAD_PACKETS = 25  # consecutive undecodable packets tolerated on a live stream
+_FULL_TO_LIMITED_Y = np.round(16 + np.arange(256) * 219 / 255).astype(np.uint8)
+_FULL_TO_LIMITED_C = np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(
+    np.uint8)
+
+
+def _default_source_id(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file") or len(parts.scheme) == 1:  # a path (or a Windows drive)
+        name = Path(parts.path if parts.scheme == "file" else url).stem
+    else:
+        host = parts.hostname or parts.scheme
+        name = host + (f"_{parts.port}" if parts.port else "")
+        path = parts.path.strip("/")
+        if path:
+            name += "_" + path.replace("/", "_")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "video"
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (``rtsp://user:***@host/...``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(slots=True)
+class _Decoded:
+    image: Image
+    pts: float | None
+    ts_ms: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+_Kind = Literal["opened", "frame", "error", "end"]
+
+
+class _Channel:
+    """Hands items from the decode thread to the event loop.
+
+    Frames are bounded by a semaphore (the thread waits for room, checking the stop flag);
+    control items (opened, error, end) never wait, so the end of a session always arrives.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[_Kind, Any]] = asyncio.Queue()
+        self.room = threading.Semaphore(capacity)
+        self.stopped = threading.Event()
+
+    def put_frame(self, item: _Decoded) -> bool:
+        """Queue a frame (waits for room); False once the consumer has stopped."""
+        while not self.room.acquire(timeout=0.25):
+            if self.stopped.is_set():
+                return False
+        if self.stopped.is_set():
+            return False
+        return self.post("frame", item)
+
+    def post(self, kind: _Kind, payload: Any = None) -> bool:
+        """Queue a control item without waiting; False if the event loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.stopped.set()
+            return False
+        return True
+
+    async def get(self) -> tuple[_Kind, Any]:
+        kind, payload = await self.queue.get()
+        if kind == "frame":
+            self.room.release()
+        return kind, payload
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.room.release()  # wake a thread waiting for room
+
+
+class _Stopped(Exception):
+    """Internal: the consumer closed the session; unwinds the decode thread."""
+
+
+class VideoSource(Source):
+    """Frames of a video file, network stream (RTSP, TCP, HTTP ...) or device, decoded by PyAV.
+
+    ``url`` is a path or a URL PyAV/FFmpeg can open. ``source_id`` defaults to a name derived
+    from it (the file's stem, or host, port and path). ``realtime=True`` paces frames at their
+    native rate by pts (for files; a live stream is paced by its sender). ``loop=True`` restarts
+    a file from the beginning at its end, pts continuing to increase. ``options`` are FFmpeg
+    options (RTSP defaults to ``rtsp_transport=tcp``); ``container_format`` forces a demuxer
+    (``v4l2`` is chosen for ``/dev/video*``). ``open_timeout``/``read_timeout`` bound network
+    I/O. ``max_queue`` bounds the frames decoded ahead of the consumer.
+
+    Images are BGR ``uint8``. With ``bgr_via_opencv`` (default), yuv420p/yuvj420p frames of even
+    size are converted with ``cv2.cvtColor(..., COLOR_YUV2BGR_I420)`` from the planes (BT.601
+    matrix, like FFmpeg's default; full-range yuvj420p is first mapped to limited range), which
+    is faster than PyAV 18's ``to_ndarray(format="bgr24")``; other frames use PyAV's conversion.
+
+    ``live`` is False for a file played once (its end ends a pipeline) and True otherwise;
+    ``fps`` is the stream's nominal rate, known once a session has opened it.
+
+    A frame whose size differs from the previous frame's carries ``meta["size_changed"] = True``
+    (the first change of a session is logged as a warning, later ones at debug level).
+    """
+
+    def __init__(self, url: str | os.PathLike[str], source_id: str | None = None, *,
+                 realtime: bool = False, loop: bool = False,
+                 options: Mapping[str, str] | None = None, open_timeout: float = 10.0,
+                 read_timeout: float = 10.0, max_queue: int = 8, bgr_via_opencv: bool = True,
+                 container_format: str | None = None) -> None:
+        url = os.fspath(url)
+        super().__init__(source_id or _default_source_id(url))
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, not {max_queue}")
+        self.url = url
+        self.realtime = realtime
+        self.loop = loop
+        self.open_timeout = float(open_timeout)
+        self.read_timeout = float(read_timeout)
+        self.max_queue = max_queue
+        self.bgr_via_opencv = bgr_via_opencv
+        scheme = urlsplit(url).scheme.lower()
+        self.is_network = scheme in _NETWORK_SCHEMES
+        is_file = (scheme in ("", "file") or len(scheme) == 1) and not url.startswith("/dev/")
+        self.live = loop or not is_file  # a file played once is finite
+        self.options: dict[str, str] = {}
+        if scheme in ("rtsp", "rtsps"):
+            self.options["rtsp_transport"] = "tcp"
+        self.options.update(options or {})
+        if container_format is None and url.startswith("/dev/video"):
+            container_format = "v4l2"
+        self.container_format = container_format
+        self._log = get_logger(self.source_id)
+
+    def describe(self) -> str:
+        """The URL (password hidden) and the pacing flags."""
+        flags = [name for name, on in (("realtime", self.realtime), ("loop", self.loop)) if on]
+        return _redact(self.url) + (f" ({', '.join(flags)})" if flags else "")
+
+    # -- the consumer side (event loop) -----------------------------------------------------
+
+    async def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+        """One capture session; see the module docstring for its guarantees."""
+        channel = _Channel(asyncio.get_running_loop(), self.max_queue)
+        thread = threading.Thread(target=self._run, args=(channel,), daemon=True,
+                                  name=f"framepipe-decode-{self.source_id}")
+        thread.start()
+        ended = False
+        try:
+            while True:
+                kind, payload = await channel.get()
+                if kind == "frame":
+                    item: _Decoded = payload
+                    yield Frame(image=item.image, source_id=self.source_id,
+                                seq=self.next_seq(), ts_ms=item.ts_ms, pts=item.pts,
+                                meta=item.meta)
+                elif kind == "opened":
+                    if started is not None:
+                        started(None)
+                elif kind == "error":
+                    ended = True  # the thread posts "end" right after; join below is short
+                    raise payload
+                else:
+                    ended = True
+                    return
+        finally:
+            channel.stop()
+            if ended or await self._await_end(channel):
+                thread.join()  # "end" is the thread's last act: this returns at once
+            else:
+                self._log.warning("decode thread of %s is still blocked in I/O; it exits when "
+                                  "that call returns", self.describe())
+
+    async def _await_end(self, channel: _Channel) -> bool:
+        """Wait (without blocking the loop) until the stopped thread posts its end."""
+        async def drain() -> None:
+            while (await channel.get())[0] != "end":
+                pass
+
+        limit = max(self.open_timeout, self.read_timeout) + 1.0
+        try:
+            await asyncio.wait_for(drain(), timeout=limit)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the decode thread ------------------------------------------------------------------
+
+    def _run(self, channel: _Channel) -> None:
+        try:
+            self._decode(channel)
+        except _Stopped:
+            pass
+        except SourceError as exc:
+            channel.post("error", exc)
+        except av.error.ExitError as exc:  # PyAV's timeout interrupted a blocking read
+            channel.post("error", self._fail(f"no data within {self.read_timeout:g}s", exc))
+        except Exception as exc:
+            channel.post("error", self._fail("error while reading", exc))
+        finally:
+            channel.post("end")
+
+    def _fail(self, message: str, exc: BaseException | None = None) -> SourceError:
+        text = f"{_redact(self.url)}: {message}" + ("" if exc is None else f": {exc}")
+        error = SourceError(text, source_id=self.source_id)
+        error.__cause__ = exc
+        return error
+
+    def _open(self) -> Any:
+        if not self.is_network and os.path.isfile(self.url) and os.path.getsize(self.url) == 0:
+            raise self._fail("cannot open, the file is empty (0 bytes)")
+        try:
+            return av.open(self.url, options=self.options, format=self.container_format,
+                           timeout=(self.open_timeout, self.read_timeout))
+        except av.error.InvalidDataError as exc:
+            raise self._fail("cannot open, not a readable video (unknown format, corrupt or "
+                             "truncated)", exc) from exc
+        except av.error.ExitError as exc:
+            raise self._fail(f"cannot open, no answer within {self.open_timeout:g}s",
+                             exc) from exc
+        except Exception as exc:
+            raise self._fail("cannot open", exc) from exc
+
+    def _decode(self, channel: _Channel) -> None:
+        pts_offset = 0.0
+        next_pts = 0.0  # where the next pass starts when looping
+        pacer = _Pacer(channel.stopped) if self.realtime else None
+        last_size: tuple[int, int] | None = None
+        size_changes = 0
+        passes = 0
+        while True:
+            container = self._open()
+            try:
+                if not container.streams.video:
+                    kinds = ", ".join(s.type for s in container.streams) or "none"
+                    raise self._fail(f"no video stream (streams: {kinds})")
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                if passes == 0:
+                    channel.post("opened")
+                rate = stream.average_rate or stream.guessed_rate
+                frame_time = 1.0 / float(rate) if rate else 0.04
+                if rate:
+                    self.fps = float(rate)
+                count, bad_packets = 0, 0
+                first_time: float | None = None
+                last_pts = next_pts
+                for packet in container.demux(stream):
+                    if channel.stopped.is_set():
+                        raise _Stopped
+                    try:
+                        decoded = packet.decode()
+                        bad_packets = 0
+                    except av.error.InvalidDataError as exc:
+                        bad_packets += 1
+                        if not self.is_network or bad_packets > _MAX_BAD_PACKETS:
+                            raise self._fail(f"corrupt or truncated data after {count} frames "
+                                             f"of pass {passes + 1}", exc) from exc
+                        if bad_packets == 1:
+                            self._log.warning("skipping undecodable packet: %s", exc)
+                        continue
+                    for frame in decoded:
+                        ts = now_ms()
+                        time_s = frame.time
+                        if time_s is None:
+                            time_s = (first_time or 0.0) + count * frame_time
+                        if first_time is None:
+                            first_time = time_s
+                            pts_offset = next_pts - time_s if passes else 0.0
+                        pts = time_s + pts_offset
+                        meta: dict[str, Any] = {}
+                        size = (frame.width, frame.height)
+                        if last_size is not None and size != last_size:
+                            meta["size_changed"] = True
+                            size_changes += 1
+                            log = self._log.warning if size_changes == 1 else self._log.debug
+                            log("frame size changed from %dx%d to %dx%d at frame %d of %s",
+                                *last_size, *size, count + 1, self.describe())
+                        last_size = size
+                        image = self._to_bgr(frame)
+                        count += 1
+                        last_pts = pts
+                        if pacer is not None:
+                            pacer.wait_until(pts)
+                        if not channel.put_frame(_Decoded(image, pts, ts, meta)):
+                            raise _Stopped
+                expected = int(stream.frames or 0)
+                if (not self.is_network and expected > 0
+                        and count < expected - max(2, expected // 100)):
+                    raise self._fail(f"truncated file: decoded {count} frames of the {expected} "
+                                     "its header announces")
+            finally:
+                container.close()
+            if not self.loop:
+                return
+            if count == 0:
+                raise self._fail("cannot loop: the file has no frames")
+            passes += 1
+            next_pts = last_pts + frame_time
+
+    def _to_bgr(self, frame: Any) -> Image:
+        name = frame.format.name
+        if (self.bgr_via_opencv and name in ("yuv420p", "yuvj420p")
+                and frame.width % 2 == 0 and frame.height % 2 == 0):
+            planes = frame.to_ndarray()  # (h * 3 / 2, w): Y then U then V
+            if name == "yuvj420p":  # full range: OpenCV's I420 conversion expects limited
+                h = frame.height
+                planes[:h] = cv2.LUT(planes[:h], _FULL_TO_LIMITED_Y)
+                planes[h:] = cv2.LUT(planes[h:], _FULL_TO_LIMITED_C)
+            return np.asarray(cv2.cvtColor(planes, cv2.COLOR_YUV2BGR_I420), dtype=np.uint8)
+        return np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+
+
+class _Pacer:
+    """Sleeps the decode thread so frames leave at their pts relative to the session start."""
+
+    def __init__(self, stopped: threading.Event) -> None:
+        self.stopped = stopped
+        self.anchor: tuple[float, float] | None = None  # (monotonic, pts)
+
+    def wait_until(self, pts: float) -> None:
+        now = time.monotonic()
+        if self.anchor is None:
+            self.anchor = (now, pts)
+            return
+        delay = self.anchor[0] + (pts - self.anchor[1]) - now
+        if delay < -1.0:  # far behind (slow consumer): re-anchor instead of bursting
+            self.anchor = (now, pts)
+        elif delay > 0 and self.stopped.wait(delay):
+            raise _Stopped

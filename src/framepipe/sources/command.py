@@ -1,0 +1,413 @@
+"""``CommandSource``: one persistent capture subprocess writing frames to its stdout.
+
+Typical commands: ``gst-launch-1.0 -q ... ! jpegenc ! fdsink fd=1`` or
+``ffmpeg -i URL -f mjpeg -`` (``format="mjpeg"``: a concatenated JPEG stream) and
+``ffmpeg -i URL -f rawvideo -pix_fmt bgr24 -`` (``format="rawvideo"``: fixed-size frames).
+
+Guarantees of one :meth:`CommandSource.frames` session:
+
+* Exactly one subprocess, in a new session (its own process group); ``started(pid)`` is called
+  right after it starts.
+* Its stderr is drained concurrently (the child never blocks on a full pipe); the last
+  ``stderr_lines`` lines are kept and attached to errors.
+* The death of the capture is noticed at once, without polling: the end of stdout is awaited,
+  then the exit code, and :class:`~framepipe.errors.CaptureExitedError` is raised with
+  ``exit_code`` (negative: killed by that signal) and ``stderr_tail``. Exit code 0 raises too:
+  a live capture is not supposed to end. On Linux a pidfd also watches the child itself, so a
+  child that dies while a grandchild keeps the pipes open is noticed too (its process group is
+  killed half a second after its death, which ends stdout).
+* Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
+  stdout offset: more than ``max_garbage_bytes`` without a JPEG frame, a frame larger than
+  ``max_frame_bytes``, or a JPEG frame that fails to decode.
+* Closing or cancelling the iterator, or any error, terminates the whole process group
+  (SIGTERM, then SIGKILL after 2 s) and reaps the child: no zombie, no orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shlex
+import signal
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from framepipe.errors import CaptureExitedError, FrameError, SourceError
+from framepipe.frames import Frame, decode_jpeg, now_ms
+from framepipe.logs import get_logger
+from framepipe.sources.base import Source, StartedCallback
+
+__all__ = ["CommandSource"]
+
+Image = npt.NDArray[np.uint8]
+
+_SOI = b"\xff\xd8"
+_EOI = b"\xff\xd9"
+_SOS = 0xDA
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: markers without a length
+_BYTES_PER_PIXEL = {"bgr24": 3, "rgb24": 3, "gray": 1}
+_TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+_ORPHAN_GRACE = 0.5  # seconds a dead child's pipes may stay open before its group is killed
+
+
+class _JpegSplitter:
+    """Splits a byte stream of concatenated JPEG images, across reads.
+
+    Markers are walked by their lengths up to the start of scan, so a thumbnail (an SOI/EOI
+    pair inside an APP segment) does not cut a frame; the frame ends at the first EOI after the
+    scan data. Bytes outside frames are skipped and counted as garbage.
+    """
+
+    def __init__(self, max_frame_bytes: int, max_garbage_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.max_garbage_bytes = max_garbage_bytes
+        self.buf = bytearray()
+        self.offset = 0  # stream offset of buf[0]
+        self.garbage = 0  # bytes skipped since the last frame
+        self.garbage_offset = 0  # stream offset of the first of them
+        self.garbage_sample = b""
+        self._pos: int | None = None  # marker walk position while buf starts with SOI
+        self._scan: int | None = None  # where to look for EOI once in the scan data
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The complete JPEG frames (stream offset, bytes) that ``data`` completes."""
+        self.buf += data
+        frames: list[tuple[int, bytes]] = []
+        while True:
+            if self._pos is None and not self._find_soi():
+                break
+            end = self._find_end()
+            if end is None:
+                break
+            if end < 0:  # not a JPEG after all: skip its SOI and look again
+                self._skip(2)
+                continue
+            frames.append((self.offset, bytes(self.buf[:end])))
+            del self.buf[:end]
+            self.offset += end
+            self.garbage = 0
+            self._pos = self._scan = None
+        if len(self.buf) > self.max_frame_bytes:
+            raise FrameError(f"a JPEG frame at stdout offset {self.offset} is larger than "
+                             f"max_frame_bytes={self.max_frame_bytes} without its end marker")
+        if self.garbage > self.max_garbage_bytes:
+            raise FrameError(f"stdout is not an MJPEG stream: {self.garbage} bytes from offset "
+                             f"{self.garbage_offset} hold no JPEG frame "
+                             f"(they start with {self.garbage_sample!r})")
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back (an incomplete frame)."""
+        return len(self.buf)
+
+    def _find_soi(self) -> bool:
+        index = self.buf.find(_SOI)
+        if index < 0:  # keep a last 0xFF: it may be the first half of a split SOI
+            self._skip(len(self.buf) - 1 if self.buf.endswith(b"\xff") else len(self.buf))
+            return False
+        self._skip(index)
+        self._pos = 2
+        return True
+
+    def _skip(self, count: int) -> None:
+        if count <= 0:
+            return
+        if self.garbage == 0:
+            self.garbage_offset = self.offset
+            self.garbage_sample = bytes(self.buf[:24])
+        self.garbage += count
+        del self.buf[:count]
+        self.offset += count
+        self._pos = self._scan = None
+
+    def _find_end(self) -> int | None:
+        """End index of the frame at buf[0]; None: need more data; -1: not a JPEG."""
+        buf = self.buf
+        if self._scan is None:
+            pos = self._pos or 2
+            while True:
+                while pos < len(buf) and buf[pos] == 0xFF and pos + 1 < len(buf) \
+                        and buf[pos + 1] == 0xFF:
+                    pos += 1  # fill bytes
+                if pos + 2 > len(buf):
+                    self._pos = pos
+                    return None
+                if buf[pos] != 0xFF:
+                    return -1
+                marker = buf[pos + 1]
+                if marker in _STANDALONE:
+                    pos += 2
+                    continue
+                if marker in (0x00, 0xD8, 0xD9):  # stuffing, SOI again, EOI before any scan
+                    return -1
+                if pos + 4 > len(buf):
+                    self._pos = pos
+                    return None
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                if length < 2:
+                    return -1
+                pos += 2 + length
+                if marker == _SOS:
+                    self._scan = pos
+                    break
+        index = buf.find(_EOI, self._scan)
+        if index < 0:
+            self._scan = max(self._scan, len(buf) - 1)
+            return None
+        return index + 2
+
+
+class CommandSource(Source):
+    """Frames that one persistent subprocess writes to its stdout.
+
+    ``argv`` is the command (no shell). ``format="mjpeg"`` reads concatenated JPEG images;
+    ``format="rawvideo"`` reads frames of ``width * height`` pixels in ``pix_fmt``
+    (``bgr24``, ``rgb24`` or ``gray``; converted to BGR). ``env`` adds variables to the
+    inherited environment. ``stderr_lines`` lines of stderr are kept for errors. Frames have
+    ``pts=None`` and ``ts_ms`` = the wall clock when they were read. ``fps`` states the nominal
+    rate, if known. A capture is ``live``: every session end is a failure. See the module
+    docstring for what a session guarantees.
+    """
+
+    def __init__(self, argv: Sequence[str], source_id: str, *,
+                 format: Literal["mjpeg", "rawvideo"] = "mjpeg",
+                 width: int | None = None, height: int | None = None, pix_fmt: str = "bgr24",
+                 env: Mapping[str, str] | None = None, stderr_lines: int = 50,
+                 max_frame_bytes: int = 50_000_000, max_garbage_bytes: int = 5_000_000,
+                 fps: float | None = None) -> None:
+        super().__init__(source_id)
+        self.fps = fps  # nominal rate when the caller knows it (health compares against it)
+        self.live = True
+        self.argv = [os.fspath(arg) for arg in argv]
+        if not self.argv:
+            raise ValueError("CommandSource needs a command")
+        if format not in ("mjpeg", "rawvideo"):
+            raise ValueError(f"format must be 'mjpeg' or 'rawvideo', not {format!r}")
+        if format == "rawvideo":
+            if not width or not height or width < 1 or height < 1:
+                raise ValueError("format='rawvideo' needs width and height")
+            if pix_fmt not in _BYTES_PER_PIXEL:
+                raise ValueError(f"pix_fmt must be one of {sorted(_BYTES_PER_PIXEL)}, "
+                                 f"not {pix_fmt!r}")
+        self.format = format
+        self._shape = (height or 0, width or 0, _BYTES_PER_PIXEL.get(pix_fmt, 3))
+        self.width = width
+        self.height = height
+        self.pix_fmt = pix_fmt
+        self.env = dict(env) if env is not None else None
+        self.stderr_lines = stderr_lines
+        self.max_frame_bytes = max_frame_bytes
+        self.max_garbage_bytes = max_garbage_bytes
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log = get_logger(source_id)
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the running capture subprocess, or None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def describe(self) -> str:
+        """The command line, shortened to 120 characters."""
+        line = shlex.join(self.argv)
+        return line if len(line) <= 120 else line[:117] + "..."
+
+    async def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+        """One capture session; see the module docstring for its guarantees."""
+        env = None if self.env is None else {**os.environ, **self.env}
+        frame_bytes = (self._shape[0] * self._shape[1] * self._shape[2]
+                       if self.format == "rawvideo" else 0)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env,
+                limit=max(1 << 20, frame_bytes))
+        except OSError as exc:
+            raise SourceError(f"cannot start capture command {self.describe()}: {exc}",
+                              source_id=self.source_id) from exc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        self._proc = proc
+        tail: deque[str] = deque(maxlen=max(1, self.stderr_lines))
+        stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr, tail))
+        exited = asyncio.create_task(proc.wait())  # done once it exited and closed its pipes
+        unwatch = _watch_exit(proc.pid, exited)
+        decoder = ThreadPoolExecutor(1, thread_name_prefix=f"framepipe-jpeg-{self.source_id}")
+        self._log.info("capture started (PID: %d): %s", proc.pid, self.describe())
+        try:
+            if started is not None:
+                started(proc.pid)
+            read: Callable[[], Awaitable[Image | None]]
+            if self.format == "mjpeg":
+                read = _MjpegReader(proc.stdout, self, decoder).read
+            else:
+                read = _RawReader(proc.stdout, self, self._shape).read
+            while (image := await read()) is not None:
+                yield Frame(image=image, source_id=self.source_id, seq=self.next_seq(),
+                            ts_ms=now_ms())
+            code = await self._exit_code(proc, exited)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
+            stderr_tail = "\n".join(tail)
+            last = f"; stderr: {tail[-1]}" if tail else ""
+            raise CaptureExitedError(f"capture subprocess exited (exit code: {code}){last}",
+                                     source_id=self.source_id, exit_code=code,
+                                     stderr_tail=stderr_tail)
+        finally:
+            unwatch()
+            decoder.shutdown(wait=False, cancel_futures=True)
+            try:
+                await self._terminate(proc, exited)
+            finally:
+                stderr_task.cancel()
+                exited.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stderr_task
+                self._proc = None
+
+    async def _exit_code(self, proc: asyncio.subprocess.Process,
+                         exited: asyncio.Task[int]) -> int | None:
+        """The exit code once stdout ended; a child that stays alive is stopped first."""
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(exited), 2.0)
+        if proc.returncode is not None:  # exited; leftovers hold a pipe (killed in finally)
+            return proc.returncode
+        self._log.warning("capture closed its stdout but is still running: stopping it")
+        await self._terminate(proc, exited)
+        return proc.returncode
+
+    async def _terminate(self, proc: asyncio.subprocess.Process,
+                         exited: asyncio.Task[int]) -> None:
+        """SIGTERM the process group, SIGKILL it after 2 s, reap the child."""
+        if proc.returncode is None:
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), _TERM_GRACE)
+            except TimeoutError:
+                self._log.warning("capture (PID: %d) ignored SIGTERM for %gs: killing it",
+                                  proc.pid, _TERM_GRACE)
+            except asyncio.CancelledError:
+                _kill_group(proc.pid, signal.SIGKILL)
+                raise
+        _kill_group(proc.pid, signal.SIGKILL)  # the child if still alive, and any leftovers
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), 5.0)
+        except TimeoutError:
+            self._log.warning("capture (PID: %d) still not reaped after SIGKILL", proc.pid)
+
+    async def _drain_stderr(self, stream: asyncio.StreamReader, tail: deque[str]) -> None:
+        partial = b""
+        while chunk := await stream.read(65536):
+            *lines, partial = re.split(rb"[\r\n]", partial + chunk)
+            partial = partial[-4096:]
+            for raw in lines:
+                self._keep_line(raw, tail)
+        self._keep_line(partial, tail)
+
+    def _keep_line(self, raw: bytes, tail: deque[str]) -> None:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            tail.append(line)
+            self._log.debug("stderr: %s", line)
+
+
+class _MjpegReader:
+    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource,
+                 decoder: ThreadPoolExecutor) -> None:
+        self.stdout = stdout
+        self.source = source
+        self.decoder = decoder
+        self.splitter = _JpegSplitter(source.max_frame_bytes, source.max_garbage_bytes)
+        self.ready: deque[tuple[int, bytes]] = deque()
+
+    async def read(self) -> Image | None:
+        """The next decoded frame (decoded off the event loop), or None at the end of stdout."""
+        while not self.ready:
+            chunk = await self.stdout.read(1 << 20)
+            if not chunk:
+                if self.splitter.pending:
+                    self.source._log.debug("stdout ended inside a frame (%d bytes dropped)",
+                                           self.splitter.pending)
+                return None
+            try:
+                self.ready.extend(self.splitter.feed(chunk))
+            except FrameError as exc:
+                raise FrameError(str(exc), source_id=self.source.source_id) from None
+        offset, data = self.ready.popleft()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.decoder, decode_jpeg, data)
+        except FrameError as exc:
+            raise FrameError(f"the JPEG frame at stdout offset {offset} ({len(data)} bytes) "
+                             f"does not decode: {exc}", source_id=self.source.source_id) from exc
+
+
+class _RawReader:
+    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource,
+                 shape: tuple[int, int, int]) -> None:
+        self.stdout = stdout
+        self.source = source
+        self.shape = shape
+        self.frame_bytes = shape[0] * shape[1] * shape[2]
+
+    async def read(self) -> Image | None:
+        """The next frame converted to BGR, or None at the end of stdout."""
+        try:
+            data = await self.stdout.readexactly(self.frame_bytes)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                self.source._log.debug("stdout ended inside a frame (%d of %d bytes)",
+                                       len(exc.partial), self.frame_bytes)
+            return None
+        pixels = np.frombuffer(data, np.uint8).reshape(self.shape)
+        if self.source.pix_fmt == "bgr24":
+            return pixels.copy()  # writable, like every other frame's image
+        code = cv2.COLOR_RGB2BGR if self.source.pix_fmt == "rgb24" else cv2.COLOR_GRAY2BGR
+        return np.asarray(cv2.cvtColor(pixels, code), dtype=np.uint8)
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _watch_exit(pid: int, exited: asyncio.Task[int]) -> Callable[[], None]:
+    """Kill the process group of ``pid`` if its pipes stay open after it died (Linux pidfd).
+
+    Returns the function that stops watching. Event-driven: the pidfd becomes readable when
+    the child exits; nothing polls.
+    """
+    loop = asyncio.get_running_loop()
+    timer: list[asyncio.TimerHandle] = []
+
+    def kill_leftovers() -> None:
+        if not exited.done():
+            _kill_group(pid, signal.SIGKILL)
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
+        return lambda: None
+
+    def on_exit() -> None:
+        loop.remove_reader(fd)
+        timer.append(loop.call_later(_ORPHAN_GRACE, kill_leftovers))
+
+    loop.add_reader(fd, on_exit)
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+        for handle in timer:
+            handle.cancel()
+
+    return unwatch

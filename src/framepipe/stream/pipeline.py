@@ -1,0 +1,426 @@
+"""The live pipeline: one supervised source, stages, an optional segmenter, sinks.
+
+Guarantees:
+
+* One persistent capture session at a time, supervised: its death is noticed at once, a stall
+  (no frame for ``stall_timeout``) counts as a failure, restarts back off exponentially, and
+  after ``max_restarts`` consecutive failures the source is ``failed`` (the pipeline ends).
+* Frames flow through bounded queues. The first stage's policy decides what a slow pipeline
+  does to the capture: ``block`` makes it wait (files: no frame lost; the wait is not a stall),
+  ``drop_oldest`` drops the oldest queued frame (live cameras: the newest frame matters).
+* Stages before a segmenter keep the source's frame order (``ordered``), whatever their worker
+  counts. A processor that raises is counted and reported (``processor.error``) and the frame is
+  dropped; the pipeline goes on.
+* A bug that kills one of the pipeline's tasks fails the pipeline loudly (``pipeline.failed``,
+  logged with the traceback); nothing waits forever on a dead task.
+* ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
+  closes open segments, and tears the processors down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from framepipe.backoff import Backoff
+from framepipe.errors import ProcessorError
+from framepipe.frames import Frame
+from framepipe.logs import get_logger
+from framepipe.processors.base import Processor
+from framepipe.sources.base import Source
+from framepipe.stream.queue import FrameQueue
+from framepipe.stream.segment import Segment, Segmenter, SegmentMarker
+from framepipe.stream.sinks import Sink
+from framepipe.stream.stage import END, Hop, Stage, StageStats
+from framepipe.supervise import HealthState, Supervisor, SupervisorContext
+
+__all__ = ["EventCallback", "StreamPipeline"]
+
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+class _Tick:
+    control = True
+
+
+_TICK = _Tick()
+
+
+class StreamPipeline:
+    """``source -> stages -> segmenter -> sinks`` for one source (a station, a camera)."""
+
+    def __init__(self, name: str, source: Source, stages: Sequence[Stage] = (),
+                 segmenter: Segmenter | None = None, sinks: Sequence[Sink | Stage] = (), *,
+                 stall_timeout: float | None = 10.0, start_timeout: float | None = None,
+                 backoff: Backoff | None = None, max_restarts: int | None = 5,
+                 healthy_after: float = 30.0, restart_on_end: bool | None = None,
+                 drain_timeout: float = 5.0, on_event: EventCallback | None = None) -> None:
+        self.name = name
+        self.source = source
+        self.stages = list(stages)
+        self.segmenter = segmenter
+        self.sinks = [s if isinstance(s, Stage) else Stage(s, workers=max(1, s.workers),
+                                                          name=s.label)
+                      for s in sinks]
+        self.stall_timeout = stall_timeout
+        self.start_timeout = start_timeout
+        self.backoff = backoff or Backoff(2.0, 2.0, 60.0, 0.1)
+        self.max_restarts = max_restarts
+        self.healthy_after = healthy_after
+        self.restart_on_end = source.live if restart_on_end is None else restart_on_end
+        self.drain_timeout = drain_timeout
+        self._listeners: list[EventCallback] = [on_event] if on_event else []
+        self.log = get_logger(name)
+        names = [s.label for s in [*self.stages, *self.sinks]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pipeline {name!r}: stage names must be unique, got {names}")
+        self.state = HealthState.STOPPED
+        self.last_error: str | None = None
+        self.started_at: float | None = None
+        self.frames_captured = 0
+        self.frames_out = 0
+        self.segments_completed = 0
+        self.open_segment: Segment | None = None
+        self.stats: list[StageStats] = []
+        self.supervisor: Supervisor | None = None
+        self._hops: list[Hop] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._done: asyncio.Event | None = None
+        self._capture_q: FrameQueue | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on_event(self, callback: EventCallback) -> None:
+        """Call ``callback(type, data)`` for each of this pipeline's events."""
+        self._listeners.append(callback)
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        data.setdefault("pipeline", self.name)
+        data.setdefault("source_id", self.source.source_id)
+        for listener in tuple(self._listeners):
+            try:
+                listener(kind, data)
+            except Exception:
+                self.log.exception("event callback for %s raised; ignored", kind)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between start() and the end of the run."""
+        return self._done is not None and not self._done.is_set()
+
+    async def start(self) -> None:
+        """Set the processors up, start the hops and the supervised capture; returns at once."""
+        if self.running:
+            raise RuntimeError(f"pipeline {self.name!r} is already running")
+        self._done = asyncio.Event()
+        self.state = HealthState.STARTING
+        self.started_at = time.time()
+        self.last_error = None
+        self._build()
+        try:
+            for hop in self._hops:
+                await hop.setup()
+        except Exception as exc:
+            self.state = HealthState.FAILED
+            self.last_error = f"setup failed: {type(exc).__name__}: {exc}"
+            self._done.set()
+            self._emit("pipeline.failed", error=self.last_error)
+            raise
+        for hop in self._hops:
+            self._spawn(hop.run(), f"{self.name}:{hop.name}")
+        if self.segmenter is not None:
+            self._spawn(self._segment_loop(), f"{self.name}:segmenter")
+        self._spawn(self._collect(), f"{self.name}:collector")
+        self.supervisor = Supervisor(
+            self.source.source_id, self._capture, backoff=self.backoff,
+            max_attempts=self.max_restarts, stall_timeout=self.stall_timeout,
+            start_timeout=self.start_timeout, healthy_after=self.healthy_after,
+            restart_on_end=self.restart_on_end, on_event=self._on_supervisor_event)
+        await self.supervisor.start()
+        self._spawn(self._end_of_capture(), f"{self.name}:capture-end")
+        self._emit("pipeline.started", source=self.source.describe())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.log.error("pipeline task %s died: %r", task.get_name(), exc, exc_info=exc)
+        self._fail(f"task {task.get_name()} died: {type(exc).__name__}: {exc}")
+
+    def _fail(self, error: str) -> None:
+        if self._done is None or self._done.is_set():
+            return
+        self.state = HealthState.FAILED
+        self.last_error = error
+        self._emit("pipeline.failed", error=error)
+        for task in self._tasks:
+            task.cancel()
+        if self.supervisor is not None:
+            asyncio.get_running_loop().create_task(self.supervisor.stop())
+        self._done.set()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop the capture, drain the queued frames (bounded), close segments, tear down."""
+        if self._done is None:
+            return
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if not self._done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), timeout)
+        await self._shutdown()
+
+    async def wait(self) -> None:
+        """Wait until the pipeline ends (finite source drained, failure, or stop)."""
+        assert self._done is not None, "pipeline not started"
+        await self._done.wait()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        hops, self._hops = self._hops, []
+        for hop in hops:
+            try:
+                await hop.teardown()
+            except Exception:
+                self.log.exception("teardown of %s failed", hop.name)
+        if self.state not in (HealthState.FAILED,):
+            self.state = HealthState.STOPPED
+        self._emit("pipeline.stopped", state=self.state.value)
+
+    async def run(self) -> None:
+        """Start and wait for the end (Ctrl-C/cancel stops it gracefully)."""
+        await self.start()
+        try:
+            await self.wait()
+        finally:
+            if self.running:
+                await self.stop()
+
+    async def __aenter__(self) -> StreamPipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Queues in flow order: stages, the segmenter, sinks, the collector."""
+        needs_order = self.segmenter is not None
+        stage_qs = [FrameQueue(s.queue_size, s.overflow) for s in self.stages]
+        sink_qs = [FrameQueue(s.queue_size, s.overflow) for s in self.sinks]
+        self._seg_q = FrameQueue(64, "block") if self.segmenter is not None else None
+        self._out_q = FrameQueue(64, "block")
+        seg = [] if self._seg_q is None else [self._seg_q]
+        chain: list[FrameQueue] = [*stage_qs, *seg, *sink_qs, self._out_q]
+        self._first_q = chain[0]
+        self._sink_q = chain[len(stage_qs) + len(seg)]
+        self._hops, self.stats = [], []
+        hop_specs = [(stage, q, False) for stage, q in zip(self.stages, stage_qs, strict=True)]
+        hop_specs += [(stage, q, True) for stage, q in zip(self.sinks, sink_qs, strict=True)]
+        for stage, queue, is_sink in hop_specs:
+            following = chain[chain.index(queue) + 1]
+            processor = stage.processor
+            assert isinstance(processor, Processor)
+            stats = StageStats(stage.label)
+            ordered = stage.ordered if stage.ordered is not None else (
+                needs_order and not is_sink)
+            control = (self._sink_control(processor)
+                       if is_sink and isinstance(processor, Sink) else None)
+            self._hops.append(Hop(
+                stage.label, source_id=self.source.source_id, workers=stage.workers,
+                queue=queue, ordered=ordered, output=following.put, stats=stats,
+                processor=processor, inline=stage.inline, control=control,
+                on_error=self._on_processor_error))
+            self.stats.append(stats)
+
+    def _sink_control(self, sink: Sink) -> Callable[[Any], Awaitable[None]]:
+        async def control(item: Any) -> None:
+            if isinstance(item, SegmentMarker):
+                await asyncio.get_running_loop().run_in_executor(None, sink.segment_closed,
+                                                                 item.segment)
+        return control
+
+    # -- capture --------------------------------------------------------------------------------
+
+    async def _capture(self, ctx: SupervisorContext) -> None:
+        first = self._first_q
+        keepalive = max(0.05, (self.stall_timeout or 4.0) / 4)
+        async for frame in self.source.frames(started=ctx.started):
+            ctx.alive()
+            self.frames_captured += 1
+            if self.state is not HealthState.RUNNING:
+                self.state = HealthState.RUNNING
+            if len(first) < first.maxsize or first.overflow != "block":
+                await first.put(frame)
+                continue
+            # Backpressure: waiting for the pipeline is not a stall of the source.
+            put = asyncio.ensure_future(first.put(frame))
+            try:
+                while not put.done():
+                    await asyncio.wait({put}, timeout=keepalive)
+                    ctx.alive()
+            finally:
+                put.cancel()
+
+    async def _end_of_capture(self) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.wait()
+        health = self.supervisor.health
+        if health.state is HealthState.FAILED:
+            self.state = HealthState.FAILED
+            self.last_error = health.last_error
+        await self._first_q.put(END)
+
+    def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind in ("died", "stalled", "failed"):
+            self.last_error = data.get("error") or self.last_error
+        if kind == "restarting":
+            self.state = HealthState.BACKOFF
+        elif kind == "stalled":
+            self.state = HealthState.STALLED
+        elif kind == "started":
+            self.state = HealthState.RUNNING
+        self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
+
+    def _on_processor_error(self, error: ProcessorError) -> None:
+        self.last_error = str(error)
+        self.log.warning("%s", error)
+        self._emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
+
+    # -- segmenter ------------------------------------------------------------------------------
+
+    async def _segment_loop(self) -> None:
+        assert self.segmenter is not None
+        assert self._seg_q is not None
+        state = self.segmenter.state()
+        queue, out = self._seg_q, self._sink_q.put
+        while True:
+            item = await queue.get()
+            if item is END:
+                for seg in state.close_all("end"):
+                    await out(SegmentMarker(seg))
+                self.open_segment = None
+                await out(END)
+                return
+            if item is _TICK:
+                self._timer_at = None
+                expired = state.expire(time.time())
+                if expired is not None:
+                    self.open_segment = None
+                    await out(SegmentMarker(expired))
+                self._arm(state.deadline())
+                continue
+            if isinstance(item, Frame):
+                closed, joined = state.feed(item)
+                for seg in closed:
+                    await out(SegmentMarker(seg))
+                if joined is not None and joined is not self.open_segment:
+                    self.open_segment = joined
+                    self._emit("segment.started", segment_id=joined.id, key=joined.key,
+                               first_ts_ms=joined.first_ts_ms)
+                elif joined is None and state.current is None:
+                    self.open_segment = None
+                self._arm(state.deadline())
+            await out(item)
+
+    def _arm(self, deadline: float | None) -> None:
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._seg_q is not None
+        queue = self._seg_q
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.time()), queue.put_control, _TICK)
+
+    # -- the end of the line ------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        queue = self._out_q
+        while True:
+            item = await queue.get()
+            if item is END:
+                self._done_ok()
+                return
+            if isinstance(item, SegmentMarker):
+                seg = item.segment
+                seg.completed_at = time.time()
+                self.segments_completed += 1
+                data = seg.to_dict()
+                self.log.info("Segment %s completed: latency=%.1fs frames=%d", seg.id,
+                              seg.latency_s or 0.0, seg.frames)
+                self._emit("segment.completed", **data)
+            elif not getattr(item, "control", False):
+                self.frames_out += 1
+
+    def _done_ok(self) -> None:
+        assert self._done is not None
+        if not self._done.is_set():
+            self._done.set()
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def performance_score(self) -> float:
+        """0-1: achieved capture fps against the source's nominal fps, less the share of frames
+        dropped or failed."""
+        if self.state in (HealthState.FAILED, HealthState.STOPPED):
+            return 0.0 if self.state is HealthState.FAILED else 1.0
+        score = 1.0
+        target = self.source.fps
+        if target and self.supervisor is not None and self.supervisor.health.frames > 10:
+            score = min(1.0, self._capture_fps() / target)
+        total = max(1, self.frames_captured)
+        lost = sum(s.dropped + s.errors for s in self.stats)
+        return round(max(0.0, score * (1.0 - min(1.0, lost / total))), 3)
+
+    def _capture_fps(self) -> float:
+        assert self.supervisor is not None
+        health = self.supervisor.health
+        if health.started_at is None:
+            return 0.0
+        return health.frames / max(1e-3, time.time() - health.started_at)
+
+    def _capture_q_dropped(self) -> int:
+        return self._first_q.dropped if hasattr(self, "_first_q") else 0
+
+    def health(self) -> dict[str, Any]:
+        """State, performance score, uptime, last error, source and per-stage status."""
+        sup = self.supervisor.health.to_dict() if self.supervisor is not None else None
+        return {
+            "name": self.name, "state": self.state.value,
+            "performance_score": self.performance_score(),
+            "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            "last_error": self.last_error, "source": sup,
+            "source_description": self.source.describe(),
+            "frames_captured": self.frames_captured, "frames_out": self.frames_out,
+            "capture_dropped": self._capture_q_dropped(),
+            "segments_completed": self.segments_completed,
+            "open_segment": self.open_segment.id if self.open_segment else None,
+            "stages": [s.to_dict() for s in self.stats],
+        }

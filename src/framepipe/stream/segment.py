@@ -1,0 +1,185 @@
+"""Segments: a live stream grouped into episodes (orders, visits).
+
+A :class:`Segmenter` reads a key that a stage put on each frame (``frame.meta[key]``, e.g. an
+order id read from a QR tag, or a face id) or, without a key, treats every frame that reaches it
+as activity (put a motion gate before it). A segment opens at the first keyed frame, takes the
+frames that follow (untagged ones too, while it is open), and closes when:
+
+* no keyed frame came for ``timeout`` seconds (``reason="timeout"``);
+* a frame with a different key arrives (``"key_changed"``; the new key opens a new segment);
+* it lasted ``max_duration`` seconds (``"max_duration"``);
+* the stream ends (``"end"``).
+
+The segmenter sees each source's frames in order. A closed segment flows on as a marker behind
+its frames, so sinks finish its frames before ``segment.completed`` is emitted; the event carries
+the segment id, source, key, first/last frame time, frame count, stored keys and the latency:
+the time from the segment's last frame to the event. A key seen again after its segment closed
+opens a new segment with id ``<key>.2`` (``.3`` ...), so stored frames never mix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from framepipe.frames import Frame
+
+__all__ = ["Segment", "SegmentMarker", "Segmenter"]
+
+KeyFn = Callable[[Frame], "str | None"]
+
+
+@dataclass
+class Segment:
+    """One episode of one source."""
+
+    id: str
+    source_id: str
+    key: str | None
+    first_ts_ms: int
+    last_ts_ms: int
+    last_key_ts_ms: int
+    opened_at: float
+    frames: int = 0
+    closed_at: float | None = None
+    reason: str | None = None
+    completed_at: float | None = None
+    stored: list[str] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency_s(self) -> float | None:
+        """Seconds from the last frame to completion (or close)."""
+        end = self.completed_at or self.closed_at
+        return None if end is None else end - self.last_ts_ms / 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``segment.completed`` event's data)."""
+        return {"segment_id": self.id, "source_id": self.source_id, "key": self.key,
+                "first_ts_ms": self.first_ts_ms, "last_ts_ms": self.last_ts_ms,
+                "frames": self.frames, "reason": self.reason,
+                "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
+                "stored": list(self.stored), "selected": list(self.selected),
+                "meta": dict(self.meta)}
+
+
+@dataclass
+class SegmentMarker:
+    """Control item: ``segment`` closed; flows behind its frames through the sinks."""
+
+    segment: Segment
+    control: bool = True
+
+
+class Segmenter:
+    """Groups one source's frames into segments (see the module docstring)."""
+
+    def __init__(self, key: str | KeyFn | None = None, *, timeout: float = 10.0,
+                 max_duration: float | None = None, include_untagged: bool = True,
+                 remember: int = 10_000) -> None:
+        if timeout <= 0:
+            raise ValueError(f"segment timeout must be > 0, got {timeout}")
+        self.key = key
+        self.timeout = timeout
+        self.max_duration = max_duration
+        self.include_untagged = include_untagged
+        self._remember = remember
+        self._key_fn: KeyFn
+        if key is None:
+            self._key_fn = lambda frame: ""
+        elif isinstance(key, str):
+            name = key
+            self._key_fn = lambda frame: _as_key(frame.meta.get(name))
+        else:
+            fn = key
+            self._key_fn = lambda frame: _as_key(fn(frame))
+
+    def state(self) -> _SegmenterState:
+        """Fresh per-source state (one per stream pipeline)."""
+        return _SegmenterState(self)
+
+
+def _as_key(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+class _SegmenterState:
+    def __init__(self, config: Segmenter) -> None:
+        self.config = config
+        self.current: Segment | None = None
+        self._seen: OrderedDict[str, int] = OrderedDict()
+
+    def _new_id(self, key: str | None, frame: Frame) -> str:
+        if not key:
+            return f"{frame.source_id}-{frame.ts_ms}"
+        count = self._seen.get(key, 0) + 1
+        self._seen[key] = count
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.config._remember:
+            self._seen.popitem(last=False)
+        return key if count == 1 else f"{key}.{count}"
+
+    def feed(self, frame: Frame) -> tuple[list[Segment], Segment | None]:
+        """Route one frame: (segments closed by it, the segment it joins or None)."""
+        closed: list[Segment] = []
+        key = self.config._key_fn(frame)
+        cur = self.current
+        if cur is not None and self.config.max_duration is not None and (
+                frame.ts_ms - cur.first_ts_ms) / 1000.0 >= self.config.max_duration:
+            closed.append(self._close("max_duration"))
+            cur = None
+        if key is not None:
+            if cur is not None and cur.key != (key or None):
+                closed.append(self._close("key_changed"))
+                cur = None
+            if cur is None:
+                cur = Segment(id=self._new_id(key, frame), source_id=frame.source_id,
+                              key=key or None, first_ts_ms=frame.ts_ms, last_ts_ms=frame.ts_ms,
+                              last_key_ts_ms=frame.ts_ms, opened_at=time.time())
+                self.current = cur
+            cur.last_key_ts_ms = frame.ts_ms
+        elif cur is None or not self.config.include_untagged:
+            return closed, None
+        cur.frames += 1
+        cur.last_ts_ms = frame.ts_ms
+        frame.segment_id = cur.id
+        return closed, cur
+
+    def deadline(self) -> float | None:
+        """Wall-clock time at which the open segment times out, or None."""
+        cur = self.current
+        if cur is None:
+            return None
+        deadline = cur.last_key_ts_ms / 1000.0 + self.config.timeout
+        if self.config.max_duration is not None:
+            deadline = min(deadline, cur.first_ts_ms / 1000.0 + self.config.max_duration)
+        return deadline
+
+    def expire(self, now: float) -> Segment | None:
+        """Close the open segment if its deadline passed."""
+        deadline = self.deadline()
+        if deadline is None or now < deadline:
+            return None
+        cur = self.current
+        assert cur is not None
+        over = (self.config.max_duration is not None
+                and now >= cur.first_ts_ms / 1000.0 + self.config.max_duration)
+        return self._close("max_duration" if over else "timeout")
+
+    def close_all(self, reason: str = "end") -> list[Segment]:
+        """Close the open segment (end of stream)."""
+        return [self._close(reason)] if self.current is not None else []
+
+    def _close(self, reason: str) -> Segment:
+        cur = self.current
+        assert cur is not None
+        cur.closed_at = time.time()
+        cur.reason = reason
+        self.current = None
+        return cur

@@ -1,0 +1,281 @@
+"""Stages of a live pipeline and the hop runtime that moves items between them.
+
+A :class:`Stage` is a processor with its own worker count and a bounded input queue with an
+overflow policy. At run time every stage, the segmenter and every sink is a *hop*: workers take
+items from the hop's queue, handle them and hand the results to the next hop. With ``ordered``
+the results leave a hop in the order the items entered it, whatever the worker count, so a
+segmenter or a stateful stage downstream sees each source's frames in order. Control items
+(segment markers, end of stream) are never dropped and act as barriers: a hop handles one only
+after every item before it has left the hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from framepipe.errors import ProcessorError
+from framepipe.processors.base import Processor, as_processor
+from framepipe.stream.queue import FrameQueue, Overflow
+
+__all__ = ["END", "Stage", "StageStats"]
+
+
+class _End:
+    control = True
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()
+"""End of stream: the last item a hop passes on."""
+
+
+@dataclass
+class Stage:
+    """A processing stage: ``processor`` (a :class:`Processor` or a function ``frame -> frame |
+    None``), ``workers`` concurrent calls, an input queue of ``queue_size`` with ``overflow``
+    (``block`` = backpressure, ``drop_oldest`` = live). ``ordered`` (default: when something
+    downstream needs order) keeps the source's frame order. ``inline`` runs a sync processor on
+    the event loop instead of a thread (only for work of a few microseconds)."""
+
+    processor: Processor | Callable[[Any], Any]
+    workers: int = 1
+    queue_size: int = 16
+    overflow: Overflow = "block"
+    ordered: bool | None = None
+    name: str | None = None
+    inline: bool = False
+
+    def __post_init__(self) -> None:
+        self.processor = as_processor(self.processor, self.name)
+        if self.workers < 1:
+            raise ValueError(f"stage {self.label!r}: workers must be >= 1, got {self.workers}")
+        if self.queue_size < 1:
+            raise ValueError(f"stage {self.label!r}: queue_size must be >= 1")
+
+    @property
+    def label(self) -> str:
+        """The stage's name (default: its processor's)."""
+        assert isinstance(self.processor, Processor)
+        return self.name or self.processor.label
+
+
+@dataclass
+class StageStats:
+    """Counters of one hop. ``fps`` is measured over the last ``window`` seconds."""
+
+    name: str
+    frames_in: int = 0
+    frames_out: int = 0
+    filtered: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    last_error: str | None = None
+    queue: FrameQueue | None = None
+    window: float = 5.0
+    _times: collections.deque[float] = field(default_factory=collections.deque, repr=False)
+    _lat: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256),
+                                           repr=False)
+
+    def record(self, seconds: float) -> None:
+        """Count one processed frame that took ``seconds``."""
+        now = time.monotonic()
+        self._times.append(now)
+        self._lat.append(seconds)
+        self.busy_s += seconds
+        cutoff = now - self.window
+        while self._times and self._times[0] < cutoff:
+            self._times.popleft()
+
+    @property
+    def fps(self) -> float:
+        """Frames handled per second over the recent window."""
+        now = time.monotonic()
+        cutoff = now - self.window
+        while self._times and self._times[0] < cutoff:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return float(len(self._times)) / self.window
+        span = max(now - self._times[0], 1e-6)
+        return len(self._times) / max(span, min(self.window, span))
+
+    @property
+    def latency_ms(self) -> float:
+        """Median processing time of the recent frames, in milliseconds."""
+        if not self._lat:
+            return 0.0
+        ordered = sorted(self._lat)
+        return 1000.0 * ordered[len(ordered) // 2]
+
+    @property
+    def dropped(self) -> int:
+        """Frames the input queue dropped (``drop_oldest``)."""
+        return self.queue.dropped if self.queue is not None else 0
+
+    @property
+    def depth(self) -> int:
+        """Items waiting in the input queue."""
+        return len(self.queue) if self.queue is not None else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {"name": self.name, "fps": round(self.fps, 2),
+                "latency_ms": round(self.latency_ms, 3),
+                "frames_in": self.frames_in, "frames_out": self.frames_out,
+                "filtered": self.filtered, "errors": self.errors, "dropped": self.dropped,
+                "queue_depth": self.depth, "last_error": self.last_error}
+
+
+Output = Callable[[Any], Awaitable[None]]
+ErrorHook = Callable[[ProcessorError], None]
+
+
+class Hop:
+    """Runtime of one stage, sink or segmenter: a queue, workers, ordered hand-off."""
+
+    def __init__(self, name: str, *, source_id: str, workers: int, queue: FrameQueue,
+                 ordered: bool, output: Output, stats: StageStats,
+                 handle: Callable[[Any], Awaitable[Any]] | None = None,
+                 processor: Processor | None = None, inline: bool = False,
+                 control: Callable[[Any], Awaitable[Any]] | None = None,
+                 on_error: ErrorHook | None = None) -> None:
+        self.name = name
+        self.source_id = source_id
+        self.workers = workers
+        self.queue = queue
+        self.ordered = ordered
+        self.output = output
+        self.stats = stats
+        stats.queue = queue
+        self.processor = processor
+        self.inline = inline
+        self._handle = handle
+        self._control = control
+        self._on_error = on_error
+        self._executor: ThreadPoolExecutor | None = None
+        self._next_idx = 0
+        self._release = 0
+        self._pending: dict[int, Any] = {}
+        self._release_lock = asyncio.Lock()
+        self._done: set[int] = set()
+        self._watermark = 0
+        self._progress = asyncio.Condition()
+
+    async def setup(self) -> None:
+        """Create the worker threads and call the processor's ``setup`` once (in a thread)."""
+        proc = self.processor
+        needs_threads = proc is not None and not proc.is_async and not self.inline
+        if needs_threads:
+            self._executor = ThreadPoolExecutor(self.workers,
+                                                thread_name_prefix=f"fp-{self.name}")
+        if self.processor is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.processor.setup)
+
+    async def teardown(self) -> None:
+        """Call the processor's ``teardown`` and release the threads."""
+        try:
+            if self.processor is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                 self.processor.teardown)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+
+    async def run(self) -> None:
+        """Handle items until END, then pass END on."""
+        workers = [asyncio.create_task(self._worker(), name=f"hop-{self.name}-{i}")
+                   for i in range(self.workers)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            raise
+        await self.output(END)
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if item is END:
+                await self.queue.put(END)  # let the sibling workers see it too
+                return
+            idx = self._next_idx
+            self._next_idx += 1
+            if getattr(item, "control", False):
+                await self._barrier(idx)
+                result = item
+                if self._control is not None:
+                    await self._control(item)
+            else:
+                self.stats.frames_in += 1
+                result = await self._process(item)
+            await self._complete(idx, result)
+
+    async def _process(self, item: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            if self._handle is not None:
+                result = await self._handle(item)
+            else:
+                assert self.processor is not None
+                if self.processor.is_async:
+                    result = await self.processor.process(item)
+                elif self.inline:
+                    result = self.processor.process(item)
+                else:
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self.processor.process, item)
+        except Exception as exc:
+            self.stats.errors += 1
+            error = ProcessorError(f"{type(exc).__name__}: {exc}", source_id=self.source_id,
+                                   stage=self.name, seq=getattr(item, "seq", None))
+            error.__cause__ = exc
+            self.stats.last_error = str(error)
+            if self._on_error is not None:
+                self._on_error(error)
+            return None
+        self.stats.record(time.perf_counter() - started)
+        if result is None:
+            self.stats.filtered += 1
+        return result
+
+    async def _complete(self, idx: int, result: Any) -> None:
+        if not self.ordered:
+            if result is not None:
+                self.stats.frames_out += 0 if getattr(result, "control", False) else 1
+                await self.output(result)
+            await self._mark_done(idx)
+            return
+        self._pending[idx] = result
+        if self._release_lock.locked():
+            return  # the worker holding the lock releases it in order
+        async with self._release_lock:
+            while self._release in self._pending:
+                out = self._pending.pop(self._release)
+                if out is not None:
+                    self.stats.frames_out += 0 if getattr(out, "control", False) else 1
+                    await self.output(out)
+                await self._mark_done(self._release)
+                self._release += 1
+
+    async def _mark_done(self, idx: int) -> None:
+        self._done.add(idx)
+        advanced = False
+        while self._watermark in self._done:
+            self._done.discard(self._watermark)
+            self._watermark += 1
+            advanced = True
+        if advanced:
+            async with self._progress:
+                self._progress.notify_all()
+
+    async def _barrier(self, idx: int) -> None:
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._watermark >= idx)

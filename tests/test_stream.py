@@ -1,0 +1,261 @@
+"""Live pipelines: stages, ordering, overflow, errors, segments, frame store, motion gate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from framepipe import LocalObjectStore
+from framepipe.frames import Frame
+from framepipe.processors import Processor
+from framepipe.sources import PatternSource
+from framepipe.stream import FrameStore, MotionGate, Segmenter, Sink, Stage, StreamPipeline
+from framepipe.supervise import HealthState
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+def run_pipeline(pipeline: StreamPipeline) -> Events:
+    events: Events = []
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+    asyncio.run(asyncio.wait_for(pipeline.run(), 60))
+    return events
+
+
+def of(events: Events, kind: str) -> list[dict[str, Any]]:
+    return [data for k, data in events if k == kind]
+
+
+class Collect(Sink):
+    """A sink that keeps what reaches it."""
+
+    def __init__(self) -> None:
+        self.name = "collect"
+        self.frames: list[Frame] = []
+        self.closed: list[str] = []
+        self.lock = threading.Lock()
+
+    def write(self, frame: Frame) -> None:
+        with self.lock:
+            self.frames.append(frame)
+
+    def segment_closed(self, segment: Any) -> None:
+        with self.lock:
+            seen = [f.seq for f in self.frames if f.segment_id == segment.id]
+        assert len(seen) == segment.frames  # every frame of it was written before
+        self.closed.append(segment.id)
+
+
+def test_ordered_stage_keeps_source_order_with_many_workers() -> None:
+    def jitter(frame: Frame) -> Frame:
+        time.sleep(random.uniform(0, 0.004))
+        frame.meta["worker"] = threading.get_ident()
+        return frame
+
+    sink = Collect()
+    pipeline = StreamPipeline("ordered", PatternSource("cam", count=120, realtime=False),
+                              stages=[Stage(jitter, workers=4, ordered=True)], sinks=[sink])
+    run_pipeline(pipeline)
+    assert [f.seq for f in sink.frames] == list(range(1, 121))
+    assert len({f.meta["worker"] for f in sink.frames}) > 1  # really ran in parallel
+    stats = pipeline.stats[0]
+    assert (stats.frames_in, stats.frames_out, stats.errors) == (120, 120, 0)
+
+
+def test_block_loses_nothing_and_drop_oldest_drops_and_counts() -> None:
+    def slow(frame: Frame) -> Frame:
+        time.sleep(0.01)
+        return frame
+
+    kept = Collect()
+    blocking = StreamPipeline("block", PatternSource("a", count=60, realtime=False),
+                              stages=[Stage(slow, queue_size=2)], sinks=[kept])
+    run_pipeline(blocking)
+    assert len(kept.frames) == 60
+    assert blocking.stats[0].dropped == 0
+
+    live = Collect()
+    dropping = StreamPipeline("drop", PatternSource("b", count=60, realtime=False),
+                              stages=[Stage(slow, queue_size=2, overflow="drop_oldest")],
+                              sinks=[live])
+    run_pipeline(dropping)
+    dropped = dropping.stats[0].dropped
+    assert dropped > 0
+    assert len(live.frames) + dropped == 60
+    assert [f.seq for f in live.frames] == sorted(f.seq for f in live.frames)
+
+
+def test_failing_processor_is_counted_reported_and_does_not_stop_the_stream() -> None:
+    def picky(frame: Frame) -> Frame:
+        if frame.seq % 10 == 0:
+            raise ValueError(f"cannot read frame {frame.seq}")
+        return frame
+
+    sink = Collect()
+    pipeline = StreamPipeline("picky", PatternSource("cam", count=50, realtime=False),
+                              stages=[Stage(picky, workers=2)], sinks=[sink])
+    events = run_pipeline(pipeline)
+    errors = of(events, "processor.error")
+    assert [e["seq"] for e in errors] == [10, 20, 30, 40, 50] or sorted(
+        e["seq"] for e in errors) == [10, 20, 30, 40, 50]
+    assert "stage 'picky', frame 10: ValueError: cannot read frame 10" in errors[0]["error"] \
+        or any("cannot read frame" in e["error"] for e in errors)
+    assert pipeline.stats[0].errors == 5
+    assert len(sink.frames) == 45
+    assert pipeline.state is HealthState.STOPPED
+
+
+def test_processor_setup_and_teardown_run_once() -> None:
+    class Model(Processor):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.threads: set[int] = set()
+
+        def setup(self) -> None:
+            self.calls.append("setup")
+            self.threads.add(threading.get_ident())
+
+        def process(self, item: Any) -> Any:
+            self.threads.add(threading.get_ident())
+            return item
+
+        def teardown(self) -> None:
+            self.calls.append("teardown")
+
+    model = Model()
+    run_pipeline(StreamPipeline("model", PatternSource("cam", count=20, realtime=False),
+                                stages=[Stage(model, workers=3)]))
+    assert model.calls == ["setup", "teardown"]
+    assert threading.get_ident() not in model.threads  # blocking work ran off the loop
+
+
+def tagger(orders: dict[range, str]) -> Any:
+    def tag(frame: Frame) -> Frame:
+        for frames, order in orders.items():
+            if frame.seq in frames:
+                frame.meta["order"] = order
+        return frame
+
+    return tag
+
+
+def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    tags = tagger({range(5, 15): "ORDER_1", range(15, 20): "ORDER_2",
+                   range(40, 45): "ORDER_1", range(60, 63): "ORDER_3"})
+    frames = FrameStore(store)
+    pipeline = StreamPipeline(
+        "station_1", PatternSource("station_1", count=63, fps=100, realtime=True),
+        stages=[Stage(tags, workers=2)], segmenter=Segmenter("order", timeout=0.08),
+        sinks=[frames])
+    events = run_pipeline(pipeline)
+    done = of(events, "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done] == [
+        ("ORDER_1", "key_changed"), ("ORDER_2", "timeout"), ("ORDER_1.2", "timeout"),
+        ("ORDER_3", "end")]
+    first = done[0]
+    assert first["frames"] == 10 and first["source_id"] == "station_1"
+    assert first["stored"] == [
+        f"frames/station_1/ORDER_1/frame_{f.ts_ms}_{f.seq}.jpg"
+        for f in frames.read_frames("station_1", "ORDER_1")]
+    assert len(first["stored"]) == 10
+    assert first["latency_s"] >= 0 and first["first_ts_ms"] <= first["last_ts_ms"]
+    # ORDER_2 kept the untagged frames that followed it until its timeout
+    assert done[1]["frames"] > 5
+    assert [d["segment_id"] for d in of(events, "segment.started")] == [
+        "ORDER_1", "ORDER_2", "ORDER_1.2", "ORDER_3"]
+    back = list(frames.read_frames("station_1", "ORDER_2"))
+    assert len(back) == done[1]["frames"] and back[0].image.shape == (240, 320, 3)
+    assert pipeline.segments_completed == 4
+
+
+def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+
+    def score(frame: Frame) -> Frame:
+        frame.meta["order"] = "ORDER_9"
+        frame.meta["score"] = -abs(frame.seq - 7)  # frames 7, 6 and 8 are the best
+        return frame
+
+    run_pipeline(StreamPipeline(
+        "s", PatternSource("s", count=12, realtime=False), stages=[Stage(score)],
+        segmenter=Segmenter("order", timeout=5), sinks=[FrameStore(store, select_best=3)]))
+    selected = sorted(o.key for o in store.list("selected/"))
+    assert len(selected) == 3
+    assert [k.rsplit("_", 1)[1] for k in selected] == ["6.jpg", "7.jpg", "8.jpg"]
+    assert all(store.get(k)[:2] == b"\xff\xd8" for k in selected)
+
+
+def test_sink_sees_all_frames_of_a_segment_before_it_closes() -> None:
+    sink = Collect()
+    tag = tagger({range(1, 30): "A", range(30, 60): "B"})
+    run_pipeline(StreamPipeline("barrier", PatternSource("c", count=60, realtime=False),
+                                stages=[Stage(tag, workers=3)],
+                                segmenter=Segmenter("order", timeout=5),
+                                sinks=[Stage(sink, workers=4)]))
+    assert sink.closed == ["A", "B"]
+
+
+def test_activity_segments_after_a_motion_gate() -> None:
+    frozen = np.full((120, 160, 3), 80, np.uint8)
+
+    def still_then_moving(image: np.ndarray, seq: int) -> None:
+        if 20 <= seq < 40:
+            image[:] = frozen  # no motion
+        elif seq >= 40:
+            image[:] = frozen
+            x = (seq * 7) % 140
+            image[40:80, x:x + 20] = 255
+
+    gate = MotionGate(0.002)
+    pipeline = StreamPipeline(
+        "porch", PatternSource("porch", width=160, height=120, count=60, fps=200,
+                               realtime=True, draw=still_then_moving),
+        stages=[Stage(gate)], segmenter=Segmenter(None, timeout=0.05))
+    events = run_pipeline(pipeline)
+    stats = pipeline.stats[0]
+    assert stats.filtered >= 19  # the still frames did not pass
+    visits = of(events, "segment.completed")
+    assert len(visits) >= 2  # the first moving part and the last one, split by stillness
+    assert all(v["key"] is None for v in visits)
+
+
+def test_motion_gate_methods() -> None:
+    a = Frame(np.zeros((240, 320, 3), np.uint8), "cam", 1)
+    b = Frame(np.zeros((240, 320, 3), np.uint8), "cam", 2)
+    b.image[100:140, 100:160] = 255
+    for method in ("diff", "mog2"):
+        gate = MotionGate(0.01, method=method)  # type: ignore[arg-type]
+        assert gate.process(a) is None  # the first frame counts as still
+        assert gate.process(b) is b
+        assert b.meta["motion"] > 0.01
+    with pytest.raises(ValueError, match="fraction"):
+        MotionGate(5)
+
+
+def test_a_task_that_dies_fails_the_pipeline_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(Sink):
+        name = "broken"
+
+        def write(self, frame: Frame) -> None:
+            pass
+
+        def segment_closed(self, segment: Any) -> None:
+            raise RuntimeError("disk on fire")
+
+    pipeline = StreamPipeline("doomed", PatternSource("d", count=500, fps=200, realtime=True),
+                              stages=[Stage(tagger({range(1, 5): "X"}))],
+                              segmenter=Segmenter("order", timeout=0.02), sinks=[Broken()])
+    events = run_pipeline(pipeline)  # returns: no hang on the dead task
+    assert pipeline.state is HealthState.FAILED
+    failed = of(events, "pipeline.failed")
+    assert failed and "disk on fire" in failed[0]["error"]
+    assert "disk on fire" in caplog.text
+    assert pipeline.frames_captured < 500  # the capture was stopped
