@@ -184,13 +184,20 @@ def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> N
         frame.meta["score"] = -abs(frame.seq - 7)  # frames 7, 6 and 8 are the best
         return frame
 
+    bucket = LocalObjectStore(tmp_path / "selected-bucket")
     run_pipeline(StreamPipeline(
         "s", PatternSource("s", count=12, realtime=False), stages=[Stage(score)],
-        segmenter=Segmenter("order", timeout=5), sinks=[FrameStore(store, select_best=3)]))
+        segmenter=Segmenter("order", timeout=5),
+        sinks=[FrameStore(store, select_best=3),
+               Stage(FrameStore(store, select_best=2, selected_prefix="",
+                                selected_store=bucket), name="to_bucket")]))
     selected = sorted(o.key for o in store.list("selected/"))
     assert len(selected) == 3
     assert [k.rsplit("_", 1)[1] for k in selected] == ["6.jpg", "7.jpg", "8.jpg"]
     assert all(store.get(k)[:2] == b"\xff\xd8" for k in selected)
+    in_bucket = sorted(o.key for o in bucket.list())
+    assert [k.rsplit("_", 1)[1] for k in in_bucket] == ["6.jpg", "7.jpg"]
+    assert in_bucket[0].startswith("frames/s/ORDER_9/")
 
 
 def test_sink_sees_all_frames_of_a_segment_before_it_closes() -> None:

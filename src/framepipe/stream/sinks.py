@@ -46,12 +46,14 @@ class FrameStore(Sink):
     ``frame.meta`` entry. Frames outside any segment are skipped unless ``store_unsegmented``
     (they then use ``segment_id="none"``). With ``select_best=N`` the N frames with the highest
     ``frame.meta[score_key]`` of each segment are copied under ``selected_prefix`` (same key
-    below it) when the segment closes; their keys go to ``segment.selected``."""
+    below it), in ``selected_store`` when given (another bucket) or the same store, when the
+    segment closes; their keys go to ``segment.selected``."""
 
     def __init__(self, objects: ObjectStore, *, template: str = DEFAULT_TEMPLATE,
                  quality: int = 85, workers: int = 2, store_unsegmented: bool = False,
                  select_best: int = 0, score_key: str = "score",
-                 selected_prefix: str = "selected/") -> None:
+                 selected_prefix: str = "selected/",
+                 selected_store: ObjectStore | None = None) -> None:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         if not fields:
             raise ConfigError(f"frame key template {template!r} has no fields: every frame "
@@ -63,7 +65,8 @@ class FrameStore(Sink):
         self.store_unsegmented = store_unsegmented
         self.select_best = select_best
         self.score_key = score_key
-        self.selected_prefix = selected_prefix.rstrip("/") + "/"
+        self.selected_prefix = selected_prefix.rstrip("/") + "/" if selected_prefix else ""
+        self.selected_store = selected_store
         self.name = "frame_store"
         self._lock = threading.Lock()
         self._by_segment: dict[str, list[tuple[int, str, float]]] = {}
@@ -99,7 +102,10 @@ class FrameStore(Sink):
             best = heapq.nlargest(self.select_best, written, key=lambda w: (w[2], -w[0]))
             for _, key, _ in sorted(best):
                 target = self.selected_prefix + key
-                self.objects.copy(key, target)
+                if self.selected_store is None:
+                    self.objects.copy(key, target)
+                else:
+                    self.selected_store.put(target, self.objects.get(key))
                 segment.selected.append(target)
 
     def list_frames(self, source_id: str, segment_id: str | None = None) -> list[ObjectInfo]:
