@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -321,8 +322,6 @@ def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        import socket
-
         owner = f"{socket.gethostname()}:{data.get('pid')}:app"
         if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
             data["state"] = "dead"

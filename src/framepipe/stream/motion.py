@@ -60,12 +60,12 @@ class MotionGate(Processor):
                     state.apply(small, learningRate=1.0)  # the first frame is the background
                     return 0.0
                 mask = state.apply(small)
-                return float(np.count_nonzero(mask > 0)) / mask.size
+                return float(np.count_nonzero(mask > 0) / mask.size)
             self._state[frame.source_id] = small
         if state is None or state.shape != small.shape:
             return 0.0
         moved = cv2.absdiff(state, small) > self.pixel_delta
-        return float(np.count_nonzero(moved)) / moved.size
+        return float(np.count_nonzero(moved) / moved.size)
 
     def process(self, item: Any) -> Any:
         frame: Frame = item

@@ -92,6 +92,7 @@ class StreamPipeline:
         self._capture_q: FrameQueue | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._shutdown_task: asyncio.Future[None] | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -120,6 +121,7 @@ class StreamPipeline:
         if self.running:
             raise RuntimeError(f"pipeline {self.name!r} is already running")
         self._done = asyncio.Event()
+        self._shutdown_task = None
         self.state = HealthState.STARTING
         self.started_at = time.time()
         self.last_error = None
@@ -190,6 +192,12 @@ class StreamPipeline:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        """Tear the run down once, however many callers wait for it."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(self._teardown())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _teardown(self) -> None:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
