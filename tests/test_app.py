@@ -41,7 +41,8 @@ def need(tool: str) -> str:
     return path
 
 
-async def until(check: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+async def until(check: Callable[[], bool], timeout: float = 15.0,  # noqa: ASYNC109
+                what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
