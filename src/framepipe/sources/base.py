@@ -11,7 +11,7 @@ session holds: threads, subprocesses, sockets. ``seq`` keeps increasing across s
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from framepipe.frames import Frame
 
@@ -40,7 +40,7 @@ class Source(abc.ABC):
         return self._seq
 
     @abc.abstractmethod
-    def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+    def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session: call ``started(pid)`` when open, then yield frames."""
 
     def describe(self) -> str:

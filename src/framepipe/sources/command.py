@@ -32,7 +32,7 @@ import re
 import shlex
 import signal
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -221,7 +221,7 @@ class CommandSource(Source):
         line = shlex.join(self.argv)
         return line if len(line) <= 120 else line[:117] + "..."
 
-    async def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+    async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session; see the module docstring for its guarantees."""
         env = None if self.env is None else {**os.environ, **self.env}
         frame_bytes = (self._shape[0] * self._shape[1] * self._shape[2]

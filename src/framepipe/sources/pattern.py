@@ -7,7 +7,7 @@ motion; an optional ``draw(image, seq)`` hook paints more (a QR code, a label) i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Literal
 
 import numpy as np
@@ -85,7 +85,7 @@ class PatternSource(Source):
             image[y:y + side, x:x + side] = 255
         return image
 
-    async def frames(self, started: StartedCallback | None = None) -> AsyncIterator[Frame]:
+    async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One session of ``count`` frames (or endless); see the class docstring."""
         if started is not None:
             started(None)

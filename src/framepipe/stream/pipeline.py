@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from framepipe.backoff import Backoff
@@ -278,7 +278,12 @@ class StreamPipeline:
     async def _capture(self, ctx: SupervisorContext) -> None:
         first = self._first_q
         keepalive = max(0.05, (self.stall_timeout or 4.0) / 4)
-        async for frame in self.source.frames(started=ctx.started):
+        async with contextlib.aclosing(self.source.frames(started=ctx.started)) as frames:
+            await self._pump(ctx, frames, first, keepalive)
+
+    async def _pump(self, ctx: SupervisorContext, frames: AsyncGenerator[Frame, None],
+                    first: FrameQueue, keepalive: float) -> None:
+        async for frame in frames:
             ctx.alive()
             self.frames_captured += 1
             if self.state is not HealthState.RUNNING:
