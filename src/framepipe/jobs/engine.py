@@ -722,27 +722,25 @@ class JobEngine:
 
     def _run_sync(self, s: _S, ctx: StepContext) -> None:
         try:
-            result = s.step.fn(ctx, **s.params)
-            outcome = self._checked(s, ctx, result)
+            outcome = self._checked(s, ctx, s.step.fn(ctx, **s.params))
         except BaseException as exc:
             outcome = ("error", exc)
-        finally:
-            ctx._cleanup()
-            self._journal.ended(s.x.id, s.key)
-        self._post(("outcome", s.x.id, s, ctx, outcome))
+        self._ran(s, ctx, outcome)
 
     async def _run_async(self, s: _S, ctx: StepContext) -> None:
         try:
-            result = await s.step.fn(ctx, **s.params)
-            outcome = self._checked(s, ctx, result)
+            outcome = self._checked(s, ctx, await s.step.fn(ctx, **s.params))
         except asyncio.CancelledError:
             outcome = ("error", StepCancelledError("cancelled", pipeline=s.x.pipeline.name,
                                                    step_key=s.key, execution_id=s.x.id))
         except BaseException as exc:
             outcome = ("error", exc)
-        finally:
-            ctx._cleanup()
-            self._journal.ended(s.x.id, s.key)
+        self._ran(s, ctx, outcome)
+
+    def _ran(self, s: _S, ctx: StepContext, outcome: tuple[Any, ...]) -> None:
+        """The step's code is done (in its own thread or task): clean up, tell the scheduler."""
+        ctx._cleanup()
+        self._journal.ended(s.x.id, s.key)
         self._post(("outcome", s.x.id, s, ctx, outcome))
 
     def _checked(self, s: _S, ctx: StepContext, result: Any) -> tuple[Any, ...]:
