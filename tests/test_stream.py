@@ -266,3 +266,18 @@ def test_a_task_that_dies_fails_the_pipeline_loudly(caplog: pytest.LogCaptureFix
     assert failed and "disk on fire" in failed[0]["error"]
     assert "disk on fire" in caplog.text
     assert pipeline.frames_captured < 500  # the capture was stopped
+
+
+def test_stream_clock_segments_recorded_video_by_its_own_time() -> None:
+    # 200 fps of "video" processed as fast as possible: 10 tagged frames, 40 untagged
+    # (0.2 stream-seconds), 10 tagged. With a 0.1 s stream-time timeout that is two orders,
+    # whatever the processing speed.
+    tags = tagger({range(1, 11): "A", range(51, 61): "A"})
+    pipeline = StreamPipeline(
+        "recorded", PatternSource("recorded", fps=200, count=75, realtime=False),
+        stages=[Stage(tags)], segmenter=Segmenter("order", timeout=0.1, clock="stream"))
+    done = of(run_pipeline(pipeline), "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done] == [("A", "timeout"), ("A.2", "end")]
+    assert done[0]["frames"] == 10 + 19  # the untagged frames within 0.1 stream-seconds
+    with pytest.raises(ValueError, match="clock"):
+        Segmenter("order", clock="sundial")  # type: ignore[arg-type]

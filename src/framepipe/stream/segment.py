@@ -10,6 +10,11 @@ frames that follow (untagged ones too, while it is open), and closes when:
 * it lasted ``max_duration`` seconds (``"max_duration"``);
 * the stream ends (``"end"``).
 
+Time is the wall clock by default (``clock="wall"``: live cameras; a timer closes a segment
+even when no frame comes). With ``clock="stream"`` it is the frames' own ``pts`` (recorded video
+processed faster or slower than real time): a segment times out when a frame arrives ``timeout``
+stream-seconds after its last keyed frame, or at the end of the stream.
+
 The segmenter sees each source's frames in order. A closed segment flows on as a marker behind
 its frames, so sinks finish its frames before ``segment.completed`` is emitted; the event carries
 the segment id, source, key, first/last frame time, frame count, stored keys and the latency:
@@ -23,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from framepipe.frames import Frame
 
@@ -43,6 +48,8 @@ class Segment:
     last_ts_ms: int
     last_key_ts_ms: int
     opened_at: float
+    first_t: float = 0.0
+    last_key_t: float = 0.0
     frames: int = 0
     closed_at: float | None = None
     reason: str | None = None
@@ -80,9 +87,12 @@ class Segmenter:
 
     def __init__(self, key: str | KeyFn | None = None, *, timeout: float = 10.0,
                  max_duration: float | None = None, include_untagged: bool = True,
-                 remember: int = 10_000) -> None:
+                 clock: Literal["wall", "stream"] = "wall", remember: int = 10_000) -> None:
         if timeout <= 0:
             raise ValueError(f"segment timeout must be > 0, got {timeout}")
+        if clock not in ("wall", "stream"):
+            raise ValueError(f"segment clock must be 'wall' or 'stream', got {clock!r}")
+        self.clock = clock
         self.key = key
         self.timeout = timeout
         self.max_duration = max_duration
@@ -125,14 +135,24 @@ class _SegmenterState:
             self._seen.popitem(last=False)
         return key if count == 1 else f"{key}.{count}"
 
+    def _time(self, frame: Frame) -> float:
+        if self.config.clock == "stream" and frame.pts is not None:
+            return float(frame.pts)
+        return frame.ts_ms / 1000.0
+
     def feed(self, frame: Frame) -> tuple[list[Segment], Segment | None]:
         """Route one frame: (segments closed by it, the segment it joins or None)."""
         closed: list[Segment] = []
         key = self.config._key_fn(frame)
+        t = self._time(frame)
         cur = self.current
         if cur is not None and self.config.max_duration is not None and (
-                frame.ts_ms - cur.first_ts_ms) / 1000.0 >= self.config.max_duration:
+                t - cur.first_t) >= self.config.max_duration:
             closed.append(self._close("max_duration"))
+            cur = None
+        if cur is not None and self.config.clock == "stream" and (
+                t - cur.last_key_t) >= self.config.timeout:
+            closed.append(self._close("timeout"))
             cur = None
         if key is not None:
             if cur is not None and cur.key != (key or None):
@@ -141,9 +161,10 @@ class _SegmenterState:
             if cur is None:
                 cur = Segment(id=self._new_id(key, frame), source_id=frame.source_id,
                               key=key or None, first_ts_ms=frame.ts_ms, last_ts_ms=frame.ts_ms,
-                              last_key_ts_ms=frame.ts_ms, opened_at=time.time())
+                              last_key_ts_ms=frame.ts_ms, opened_at=time.time(), first_t=t)
                 self.current = cur
             cur.last_key_ts_ms = frame.ts_ms
+            cur.last_key_t = t
         elif cur is None or not self.config.include_untagged:
             return closed, None
         cur.frames += 1
@@ -152,9 +173,10 @@ class _SegmenterState:
         return closed, cur
 
     def deadline(self) -> float | None:
-        """Wall-clock time at which the open segment times out, or None."""
+        """Wall-clock time at which the open segment times out, or None (also with the
+        stream clock, where only frames move time on)."""
         cur = self.current
-        if cur is None:
+        if cur is None or self.config.clock == "stream":
             return None
         deadline = cur.last_key_ts_ms / 1000.0 + self.config.timeout
         if self.config.max_duration is not None:
