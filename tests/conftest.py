@@ -18,6 +18,9 @@ import sqlalchemy as sa
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 
+# Never let an AWS SDK look for instance metadata (a non-loopback address) during the tests.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
 PG_URL = os.environ.get("FRAMEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

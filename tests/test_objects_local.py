@@ -375,7 +375,6 @@ def test_open_plain_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("s3://frames?endpoint=http://127.0.0.1:9000", "not available yet"),
     ("memory://", "unsupported.*'memory'.*file:///"),
     ("https://example.com/x", "unsupported.*'https'"),
     ("file://otherhost/path", "host 'otherhost'"),

@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the state database; default SQLite under home.")
     objects_url: str | None = Field(
-        None, description="Object store URL (file:///path); default home/objects.")
+        None, description="Object store URL: file:///path, or s3://bucket/prefix?endpoint=URL"
+                          "&region=R (credentials from FRAMEPIPE_S3_ACCESS_KEY/_SECRET_KEY or "
+                          "the AWS chain); default home/objects.")
     broker_url: str = Field("memory://", description="Broker URL; memory:// is in-process.")
     concurrency: int = Field(
         default_factory=lambda: max(4, os.cpu_count() or 1), ge=1,

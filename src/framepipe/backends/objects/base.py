@@ -319,7 +319,8 @@ def open_object_store(url: str) -> ObjectStore:
 
     - ``file:///absolute/path`` or a plain directory path: :class:`LocalObjectStore` (the
       directory is created if missing);
-    - ``s3://bucket...``: not available yet in this version.
+    - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``: :class:`S3ObjectStore`
+      (``pip install 'framepipe[s3]'``); credentials come from the environment, never the URL.
     """
     from framepipe.backends.objects.local import LocalObjectStore
 
@@ -342,8 +343,9 @@ def open_object_store(url: str) -> ObjectStore:
             raise ObjectStoreError(f"object store URL {url!r} has no path")
         return LocalObjectStore(path)
     if scheme == "s3":
-        raise ObjectStoreError(
-            f"S3 object stores are not available yet in this version (url {_redact(url)})")
+        from framepipe.backends.objects.s3 import S3ObjectStore
+
+        return S3ObjectStore.from_url(url)
     raise ObjectStoreError(
         f"unsupported object store URL {_redact(url)!r}: scheme {scheme!r}; supported: "
-        "file:///absolute/path or a plain directory path (s3:// is planned)")
+        "file:///absolute/path, a plain directory path, or s3://bucket/prefix")

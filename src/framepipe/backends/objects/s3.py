@@ -1,0 +1,539 @@
+"""The S3 object store: objects in a bucket of AWS S3 or an S3-compatible server (MinIO ...).
+
+Needs ``pip install 'framepipe[s3]'`` (boto3, imported only when a store is opened). Open one
+with ``open_object_store("s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1")``
+or :class:`S3ObjectStore` directly. The object of key ``k`` is ``<prefix>/k`` in the bucket, so
+stores with different prefixes share a bucket without seeing each other's objects.
+
+Credentials, first found wins: the ``access_key``/``secret_key``/``session_token`` arguments,
+``FRAMEPIPE_S3_ACCESS_KEY``/``FRAMEPIPE_S3_SECRET_KEY``/``FRAMEPIPE_S3_SESSION_TOKEN``, then the
+standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles).
+Credentials never go in the URL.
+
+S3 makes every ``PUT`` and completed multipart upload visible atomically, so the contract's
+atomic visibility holds. Files stream: ``put_file`` uploads in parts of ``multipart_threshold``
+bytes above that size and ``get_file`` downloads straight into the temporary file the base class
+renames into place; neither reads the whole object into memory. The bucket is checked when the
+store opens, so a wrong bucket, wrong credentials or an unreachable endpoint fail at start with
+an error naming the bucket and the endpoint, not at the first frame.
+
+S3 keeps modification times to the second; ``modified`` is whole seconds from ``stat`` and
+``list``, and the server's clock at the response for ``put``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from framepipe.backends.objects.base import (
+    MAX_KEY_BYTES,
+    ObjectInfo,
+    ObjectStore,
+    _key_problem,
+)
+from framepipe.errors import (
+    ConfigError,
+    FramepipeError,
+    InvalidKeyError,
+    MissingDependencyError,
+    ObjectStoreError,
+)
+
+__all__ = ["S3ObjectStore"]
+
+MIB = 1024 * 1024
+_MIN_PART_BYTES = 5 * MIB  # S3's smallest multipart part (but the last)
+_MAX_COPY_OBJECT_BYTES = 5 * 1024**3  # largest object a single CopyObject accepts
+_COPY_ATTEMPTS = 3
+# Memory a transfer holds stays bounded whatever the object's size: botocore hashes each part
+# in flight in 1 MiB chunks (about 2 MiB a part), and a download queues at most
+# _IO_QUEUE chunks of 256 KiB for the disk writer (boto3's default, 100, buffers 25 MiB).
+_TRANSFER_THREADS = 4
+_IO_QUEUE = 8
+_POOL_CONNECTIONS = 32  # requests in flight at once: threads putting frames, transfer parts
+_LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # botocore's rule, loosely
+_URL_OPTIONS = ("endpoint", "region", "create")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                     "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity",
+                     "InvalidClientTokenId", "403", "Forbidden"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}
+_CREDENTIAL_HINT = ("set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                    "FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY")
+
+
+@dataclass(frozen=True)
+class _Boto:
+    """The parts of boto3/botocore the store uses, imported on first use."""
+
+    boto3: Any
+    Config: Any
+    TransferConfig: Any
+    exceptions: Any
+
+
+def _import_boto() -> _Boto:
+    try:
+        boto3 = importlib.import_module("boto3")
+        config = importlib.import_module("botocore.config")
+        exceptions = importlib.import_module("botocore.exceptions")
+        transfer = importlib.import_module("boto3.s3.transfer")
+    except ImportError as exc:
+        raise MissingDependencyError("boto3", "s3", "the S3 object store") from exc
+    return _Boto(boto3, config.Config, transfer.TransferConfig, exceptions)
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _normalise_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str):
+        raise ConfigError(f"S3 prefix must be a str, not {type(prefix).__name__}")
+    stripped = prefix.removesuffix("/")
+    if not stripped:
+        return ""
+    problem = _key_problem(stripped)
+    if problem is not None:
+        raise ConfigError(f"invalid S3 prefix {prefix!r}: {problem}")
+    return stripped + "/"
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _error_code(exc: BaseException) -> tuple[str, str, int | None]:
+    """``(code, message, HTTP status)`` of a botocore ``ClientError``, else empty."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", "", None
+    error = response.get("Error") or {}
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return str(error.get("Code", "")), str(error.get("Message", "")), status
+
+
+class S3ObjectStore(ObjectStore):
+    """Objects in S3 bucket ``bucket`` under ``prefix``, at ``endpoint_url`` (AWS if ``None``).
+
+    ``create_bucket=True`` creates a missing bucket instead of failing. Objects of at least
+    ``multipart_threshold`` bytes are uploaded, downloaded and copied in parts of that size.
+    Each request times out after ``connect_timeout``/``read_timeout`` seconds and is tried up
+    to ``max_attempts`` times (botocore's standard retry mode: throttling, 5xx, connection
+    errors). Invalid arguments raise :class:`ConfigError`; a missing bucket, rejected
+    credentials or an unreachable endpoint raise :class:`ObjectStoreError` at construction.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        session_token: str | None = None,
+        create_bucket: bool = False,
+        multipart_threshold: int = 8 * MIB,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if not isinstance(bucket, str) or not _BUCKET_NAME.fullmatch(bucket):
+            raise ConfigError(
+                f"invalid S3 bucket name {bucket!r}: use letters, digits, '.', '-' and '_'")
+        self._bucket = bucket
+        self._prefix = _normalise_prefix(prefix)
+        if endpoint_url is not None:
+            parts = urllib.parse.urlsplit(endpoint_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"invalid S3 endpoint {_without_userinfo(endpoint_url)!r}: "
+                    "use http(s)://host[:port]")
+            if "@" in parts.netloc:
+                raise ConfigError(
+                    f"S3 endpoint {_without_userinfo(endpoint_url)!r} carries credentials; "
+                    "pass access_key/secret_key (or set FRAMEPIPE_S3_ACCESS_KEY/"
+                    "FRAMEPIPE_S3_SECRET_KEY) instead")
+        if multipart_threshold < 1:
+            raise ConfigError(f"multipart_threshold must be positive, not {multipart_threshold}")
+        if not (connect_timeout > 0 and read_timeout > 0):
+            raise ConfigError("connect_timeout and read_timeout must be positive")
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts must be at least 1, not {max_attempts}")
+        access_key = access_key or _env("FRAMEPIPE_S3_ACCESS_KEY")
+        secret_key = secret_key or _env("FRAMEPIPE_S3_SECRET_KEY")
+        session_token = session_token or _env("FRAMEPIPE_S3_SESSION_TOKEN")
+        if (access_key is None) != (secret_key is None):
+            raise ConfigError(
+                "S3 credentials need both an access key and a secret key "
+                "(access_key/secret_key or FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY); "
+                "only one is set")
+
+        self._boto = boto = _import_boto()
+        self._endpoint_url = endpoint_url
+        self._region = region
+        self._read_timeout = read_timeout
+        try:
+            session = boto.boto3.session.Session(
+                aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                aws_session_token=session_token if access_key else None, region_name=region)
+            config = boto.Config(
+                connect_timeout=connect_timeout, read_timeout=read_timeout,
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                max_pool_connections=_POOL_CONNECTIONS,
+                # S3-compatible servers (MinIO, a loopback test server) take bucket-in-path
+                s3={"addressing_style": "path"} if endpoint_url else None,
+            )
+            self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except (ValueError, boto.exceptions.BotoCoreError) as exc:
+            raise ConfigError(f"cannot configure the S3 client for bucket {bucket!r}: {exc}"
+                              ) from exc
+        self._endpoint = _without_userinfo(str(self._client.meta.endpoint_url))
+        self._transfer = boto.TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=max(multipart_threshold, _MIN_PART_BYTES),
+            max_concurrency=_TRANSFER_THREADS,
+            max_io_queue=_IO_QUEUE,
+        )
+        self._url = self._make_url()
+        try:
+            self._open_bucket(create_bucket)
+        except BaseException:
+            self._client.close()
+            raise
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str) -> S3ObjectStore:
+        """Open ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``; credentials come
+        from the environment (see the module docstring), never from the URL."""
+        parts = urllib.parse.urlsplit(url)
+        if "@" in parts.netloc:
+            shown = urllib.parse.urlunsplit(
+                parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+            raise ObjectStoreError(
+                f"object store URL {shown!r} carries credentials; {_CREDENTIAL_HINT} instead")
+        if parts.scheme.lower() != "s3":
+            raise ObjectStoreError(f"object store URL {url!r} is not an s3:// URL")
+        if not parts.netloc:
+            raise ObjectStoreError(f"object store URL {url!r} names no bucket (s3://bucket/...)")
+        if parts.fragment:
+            raise ObjectStoreError(f"object store URL {url!r}: S3 URLs take no #fragment")
+        try:
+            pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True,
+                                           strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise ObjectStoreError(f"object store URL {url!r}: bad query: {exc}") from exc
+        options: dict[str, str] = {}
+        for name, value in pairs:
+            if name not in _URL_OPTIONS:
+                raise ObjectStoreError(
+                    f"object store URL {url!r}: unknown option {name!r}; S3 URLs take "
+                    f"{', '.join(_URL_OPTIONS)}")
+            if name in options:
+                raise ObjectStoreError(f"object store URL {url!r}: option {name!r} given twice")
+            options[name] = value
+        create = options.get("create", "").lower()
+        if create not in _TRUE | _FALSE:
+            raise ObjectStoreError(
+                f"object store URL {url!r}: create={options['create']!r}, expected 1 or 0")
+        return cls(
+            parts.netloc,
+            prefix=urllib.parse.unquote(parts.path.lstrip("/")),
+            endpoint_url=options.get("endpoint") or None,
+            region=options.get("region") or None,
+            create_bucket=create in _TRUE,
+        )
+
+    def _make_url(self) -> str:
+        path = urllib.parse.quote(self._prefix.removesuffix("/"), safe="/")
+        query: dict[str, str] = {}
+        if self._endpoint_url is not None:
+            query["endpoint"] = _without_userinfo(self._endpoint_url)
+        if self._region is not None:
+            query["region"] = self._region
+        url = f"s3://{self._bucket}/{path}" if path else f"s3://{self._bucket}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query, safe=":/")
+        return url
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def prefix(self) -> str:
+        """The prefix every key is stored under, ``""`` or ending with ``/``."""
+        return self._prefix
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests go to (without credentials)."""
+        return self._endpoint
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def _cause(self, exc: BaseException) -> BaseException:
+        """The botocore error behind ``exc`` (boto3 and s3transfer wrap them)."""
+        exceptions = self._boto.exceptions
+        botocore_errors: tuple[type[BaseException], ...] = (
+            exceptions.ClientError, exceptions.BotoCoreError)
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            if isinstance(current, botocore_errors):
+                return current
+            seen.add(id(current))
+            last = getattr(current, "last_exception", None)
+            current = (last if isinstance(last, BaseException)
+                       else current.__cause__ or current.__context__)
+        return exc
+
+    def _is_missing(self, exc: BaseException) -> bool:
+        return _error_code(self._cause(exc))[0] in _MISSING_CODES
+
+    def _error(self, action: str, key: str | None, exc: BaseException) -> FramepipeError:
+        """A clear error for ``exc`` raised while doing ``action`` (to ``key``)."""
+        cause = self._cause(exc)
+        exceptions = self._boto.exceptions
+        bucket, endpoint = self._bucket, self._endpoint
+        if key is not None:
+            doing = f" ({action} {key!r})"
+        else:
+            doing = "" if action == "open" else f" ({action})"
+        if isinstance(cause, exceptions.ClientError):
+            code, message, status = _error_code(cause)
+            detail = f"{code}: {message}" if message else code or str(cause)
+            if code == "NoSuchBucket" or (key is None and code in _MISSING_CODES):
+                return ObjectStoreError(
+                    f"bucket {bucket!r} does not exist at {endpoint} "
+                    f"(create it or pass create_bucket=True){doing}")
+            region = self._bucket_region(cause) if status in (301, 307, 400) else None
+            if region is not None:
+                return ObjectStoreError(
+                    f"bucket {bucket!r} is in region {region!r}, not "
+                    f"{self._client.meta.region_name!r}: pass region={region}{doing}")
+            if code in _DENIED_CODES:
+                return ObjectStoreError(
+                    f"access denied by {endpoint} for bucket {bucket!r} ({detail}){doing}: "
+                    "the credentials lack permission")
+            if code in _CREDENTIAL_CODES or status == 403:
+                return ObjectStoreError(
+                    f"credentials rejected by {endpoint} for bucket {bucket!r} "
+                    f"({detail}){doing}; {_CREDENTIAL_HINT}")
+            return ObjectStoreError(
+                f"S3 error from {endpoint} for bucket {bucket!r}{doing}: {detail}")
+        if isinstance(cause, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
+            return ConfigError(
+                f"no S3 credentials for bucket {bucket!r} at {endpoint}{doing}: {cause}; "
+                f"{_CREDENTIAL_HINT}")
+        if isinstance(cause, exceptions.ReadTimeoutError):
+            return ObjectStoreError(
+                f"S3 endpoint {endpoint} did not answer within {self._read_timeout:g} s "
+                f"for bucket {bucket!r}{doing}: {cause}")
+        if isinstance(cause, exceptions.ConnectionError | exceptions.HTTPClientError):
+            return ObjectStoreError(
+                f"cannot reach S3 endpoint {endpoint}: {cause} (bucket {bucket!r}{doing})")
+        return ObjectStoreError(
+            f"cannot {action} {key!r} in {self._url}: {type(cause).__name__}: {cause}"
+            if key is not None else
+            f"cannot {action} bucket {bucket!r} at {endpoint}: {type(cause).__name__}: {cause}")
+
+    def _bucket_region(self, exc: BaseException) -> str | None:
+        """The bucket's region if S3 answered that it lives in another one."""
+        response: dict[str, Any] = getattr(exc, "response", {})
+        headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        region = headers.get("x-amz-bucket-region") or (response.get("Error") or {}).get(
+            "Region")
+        if isinstance(region, str) and region and region != self._client.meta.region_name:
+            return region
+        return None
+
+    # -- bucket -------------------------------------------------------------------------------
+
+    def _open_bucket(self, create: bool) -> None:
+        """Check the bucket once, so a bad configuration fails now, not at the first frame."""
+        try:
+            self._client.head_bucket(Bucket=self._bucket)
+        except Exception as exc:
+            code = _error_code(self._cause(exc))[0]
+            if not (create and code in _MISSING_CODES | {"NoSuchBucket"}):
+                raise self._error("open", None, exc) from exc
+        else:
+            return
+        kwargs: dict[str, Any] = {}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(Bucket=self._bucket, **kwargs)
+        except Exception as exc:
+            if _error_code(self._cause(exc))[0] != "BucketAlreadyOwnedByYou":  # a racing opener
+                raise self._error("create", None, exc) from exc
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        full = self._prefix + key
+        size = len(full.encode("utf-8"))
+        if size > MAX_KEY_BYTES:
+            raise InvalidKeyError(
+                f"invalid object key {key!r}: with the prefix {self._prefix!r} it is {size} "
+                f"bytes, longer than S3's {MAX_KEY_BYTES}")
+        return full
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        full = self._full(key)
+        body = data if isinstance(data, bytes | bytearray) else bytes(data)
+        try:
+            response = self._client.put_object(Bucket=self._bucket, Key=full, Body=body)
+        except Exception as exc:
+            raise self._error("put", key, exc) from exc
+        return ObjectInfo(key, len(body), _response_time(response))
+
+    def _put_file(self, key: str, path: Path) -> ObjectInfo:
+        full = self._full(key)
+        try:
+            size = path.stat().st_size
+            self._client.upload_file(str(path), self._bucket, full, Config=self._transfer)
+        except Exception as exc:
+            raise self._error("upload", key, exc) from exc
+        info = self._stat(key)
+        return info if info is not None else ObjectInfo(key, size, time.time())
+
+    def _copy(self, src_key: str, dst_key: str) -> ObjectInfo | None:
+        src, dst = self._full(src_key), self._full(dst_key)
+        for _ in range(_COPY_ATTEMPTS):
+            head = self._head(src_key, src)
+            if head is None:
+                return None
+            etag, size = head["ETag"], int(head["ContentLength"])
+            source = {"Bucket": self._bucket, "Key": src}
+            try:
+                if size <= _MAX_COPY_OBJECT_BYTES:  # one server-side request
+                    response = self._client.copy_object(
+                        Bucket=self._bucket, Key=dst, CopySource=source,
+                        CopySourceIfMatch=etag)
+                    modified = response["CopyObjectResult"]["LastModified"].timestamp()
+                    return ObjectInfo(dst_key, size, float(math.floor(modified)))
+                self._client.copy(source, self._bucket, dst,
+                                  ExtraArgs={"CopySourceIfMatch": etag}, Config=self._transfer)
+            except Exception as exc:
+                code = _error_code(self._cause(exc))[0]
+                if code in ("PreconditionFailed", "412"):  # replaced meanwhile: copy the new one
+                    continue
+                if code in _MISSING_CODES:
+                    return None
+                raise self._error(f"copy {src_key!r} to", dst_key, exc) from exc
+            info = self._stat(dst_key)
+            return info if info is not None else ObjectInfo(dst_key, size, time.time())
+        raise ObjectStoreError(
+            f"cannot copy {src_key!r} to {dst_key!r} in {self._url}: the source changed "
+            f"during {_COPY_ATTEMPTS} attempts")
+
+    def _delete(self, key: str) -> bool:
+        full = self._full(key)
+        if self._head(key, full) is None:  # S3 deletes are idempotent and do not say
+            return False
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=full)
+        except Exception as exc:
+            raise self._error("delete", key, exc) from exc
+        return True
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _head(self, key: str, full: str) -> dict[str, Any] | None:
+        try:
+            head: dict[str, Any] = self._client.head_object(Bucket=self._bucket, Key=full)
+        except Exception as exc:
+            if self._is_missing(exc):
+                return None
+            raise self._error("stat", key, exc) from exc
+        return head
+
+    def _get_bytes(self, key: str) -> bytes | None:
+        full = self._full(key)
+        try:
+            response = self._client.get_object(Bucket=self._bucket, Key=full)
+            with response["Body"] as body:
+                data: bytes = body.read()
+        except Exception as exc:
+            if self._is_missing(exc):
+                return None
+            raise self._error("get", key, exc) from exc
+        return data
+
+    def _get_file(self, key: str, path: Path) -> bool:
+        full = self._full(key)
+        try:
+            with path.open("wb") as file:  # the base's temp file: parts are written in place
+                self._client.download_fileobj(self._bucket, full, file, Config=self._transfer)
+        except Exception as exc:
+            if self._is_missing(exc):
+                return False
+            raise self._error("download", key, exc) from exc
+        return True
+
+    def _stat(self, key: str) -> ObjectInfo | None:
+        head = self._head(key, self._full(key))
+        if head is None:
+            return None
+        modified = head["LastModified"].timestamp()
+        return ObjectInfo(key, int(head["ContentLength"]), float(math.floor(modified)))
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # S3 lists in UTF-8 byte order, which is str order; the store prefix is common to all
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self._bucket, Prefix=self._prefix + prefix,
+                                   PaginationConfig={"PageSize": _LIST_PAGE_SIZE})
+        start = len(self._prefix)
+        try:
+            for page in pages:
+                for item in page.get("Contents", ()):
+                    key = item["Key"][start:]
+                    if _key_problem(key) is not None:  # e.g. "folder/" markers of other tools
+                        continue
+                    modified = float(math.floor(item["LastModified"].timestamp()))
+                    yield ObjectInfo(key, int(item["Size"]), modified)
+        except Exception as exc:
+            raise self._error("list", prefix or None, exc) from exc
+
+    def _close(self) -> None:
+        self._client.close()
+
+
+def _response_time(response: dict[str, Any]) -> float:
+    """The server's ``Date`` of a response (whole seconds), or the local clock."""
+    date = ((response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}).get("date")
+    if isinstance(date, str):
+        try:
+            return parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            pass
+    return float(math.floor(time.time()))
