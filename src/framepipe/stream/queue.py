@@ -75,6 +75,14 @@ class FrameQueue:
                 return True
         return False
 
+    def get_frame_nowait(self) -> Any | None:
+        """The oldest item if there is one and it is not a control item, else None."""
+        if not self._items or getattr(self._items[0], "control", False):
+            return None
+        item = self._items.popleft()
+        self._wake(self._putters)
+        return item
+
     def put_control(self, item: Any) -> None:
         """Add a control item now (never blocks, never dropped); usable from callbacks."""
         self._items.append(item)

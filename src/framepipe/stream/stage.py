@@ -156,6 +156,8 @@ class Hop:
         stats.queue = queue
         self.processor = processor
         self.inline = inline
+        self._is_async = processor is not None and processor.is_async
+        self._cost = 0.0  # moving average of one call's seconds, to decide on batching
         self._handle = handle
         self._control = control
         self._on_error = on_error
@@ -213,10 +215,52 @@ class Hop:
                 result = item
                 if self._control is not None:
                     await self._control(item)
-            else:
+                await self._complete(idx, result)
+                continue
+            batch = self._take_batch(item)
+            if len(batch) == 1:
                 self.stats.frames_in += 1
-                result = await self._process(item)
-            await self._complete(idx, result)
+                await self._complete(idx, await self._process(item))
+                continue
+            first = idx
+            self._next_idx += len(batch) - 1
+            self.stats.frames_in += len(batch)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call_batch, batch)
+            for offset, (frame, outcome) in enumerate(zip(batch, results, strict=True)):
+                await self._complete(first + offset, self._account(frame, *outcome))
+
+    _BATCH = 16
+    _CHEAP_S = 0.0005
+
+    def _take_batch(self, item: Any) -> list[Any]:
+        """``item`` plus, for a cheap threaded processor, frames already queued behind it,
+        so that one thread hand-off serves several frames. Each worker takes at most its share
+        of the queue, so the other workers stay busy."""
+        batch = [item]
+        if (self._executor is None or self._handle is not None or self._is_async
+                or self._cost > self._CHEAP_S):
+            return batch
+        limit = min(self._BATCH, 1 + len(self.queue) // self.workers)
+        while len(batch) < limit:
+            more = self.queue.get_frame_nowait()
+            if more is None:
+                break
+            batch.append(more)
+        return batch
+
+    def _call_batch(self, batch: list[Any]) -> list[tuple[Any, BaseException | None, float]]:
+        """Run the processor on each frame of ``batch`` in this worker thread."""
+        assert self.processor is not None
+        out: list[tuple[Any, BaseException | None, float]] = []
+        for frame in batch:
+            started = time.perf_counter()
+            try:
+                out.append((self.processor.process(frame), None,
+                            time.perf_counter() - started))
+            except Exception as exc:
+                out.append((None, exc, time.perf_counter() - started))
+        return out
 
     async def _process(self, item: Any) -> Any:
         started = time.perf_counter()
@@ -225,7 +269,7 @@ class Hop:
                 result = await self._handle(item)
             else:
                 assert self.processor is not None
-                if self.processor.is_async:
+                if self._is_async:
                     result = await self.processor.process(item)
                 elif self.inline:
                     result = self.processor.process(item)
@@ -233,6 +277,14 @@ class Hop:
                     result = await asyncio.get_running_loop().run_in_executor(
                         self._executor, self.processor.process, item)
         except Exception as exc:
+            return self._account(item, None, exc, time.perf_counter() - started)
+        return self._account(item, result, None, time.perf_counter() - started)
+
+    def _account(self, item: Any, result: Any, exc: BaseException | None,
+                 seconds: float) -> Any:
+        """Count one processor call; report a failure; return what goes downstream."""
+        self._cost = seconds if self._cost == 0.0 else 0.9 * self._cost + 0.1 * seconds
+        if exc is not None:
             self.stats.errors += 1
             error = ProcessorError(f"{type(exc).__name__}: {exc}", source_id=self.source_id,
                                    stage=self.name, seq=getattr(item, "seq", None))
@@ -241,7 +293,7 @@ class Hop:
             if self._on_error is not None:
                 self._on_error(error)
             return None
-        self.stats.record(time.perf_counter() - started)
+        self.stats.record(seconds)
         if result is None:
             self.stats.filtered += 1
         return result
