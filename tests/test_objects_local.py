@@ -427,3 +427,11 @@ def test_dotdot_segment_rejected(parts: list[str], where: int) -> None:
             store.put(key, b"x")
         assert os.listdir(tmp) == ["store"]
         assert os.listdir(Path(tmp) / "store") == []
+
+
+def test_non_durable_store_is_still_atomic(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "fast", durable=False)
+    store.put("frames/a/1.jpg", b"x" * 1000)
+    assert store.get("frames/a/1.jpg") == b"x" * 1000
+    assert [o.key for o in store.list()] == ["frames/a/1.jpg"]
+    assert not [p for p in (tmp_path / "fast").rglob("*") if p.name.startswith(".tmp-")]

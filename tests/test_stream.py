@@ -281,3 +281,27 @@ def test_stream_clock_segments_recorded_video_by_its_own_time() -> None:
     assert done[0]["frames"] in (29, 30)  # + the untagged frames within 0.1 stream-seconds
     with pytest.raises(ValueError, match="clock"):
         Segmenter("order", clock="sundial")  # type: ignore[arg-type]
+
+
+def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> None:
+    threads: set[int] = set()
+
+    def cheap(frame: Frame) -> Frame:
+        threads.add(threading.get_ident())
+        if frame.seq % 97 == 0:
+            raise ValueError("bad frame")
+        return frame
+
+    sink = Collect()
+    pipeline = StreamPipeline(
+        "batched", PatternSource("cam", width=16, height=16, count=2000, realtime=False),
+        stages=[Stage(cheap, workers=2, queue_size=64, ordered=True),
+                Stage(lambda f: f, name="second", workers=3, ordered=True)],
+        sinks=[sink])
+    events = run_pipeline(pipeline)
+    expected = [s for s in range(1, 2001) if s % 97]
+    assert [f.seq for f in sink.frames] == expected
+    assert sorted(e["seq"] for e in of(events, "processor.error")) == list(range(97, 2001, 97))
+    assert pipeline.stats[0].errors == 20
+    assert pipeline.stats[0].frames_in == 2000
+    assert threading.get_ident() not in threads
