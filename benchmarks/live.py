@@ -719,7 +719,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="runs per throughput/hop "
                         "configuration (default 3, 1 with --quick)")
     parser.add_argument("--no-diagnostics", action="store_true",
-                        help="skip the diagnostic throughput rows (loop and framepipe with an fsync per frame)")
+                        help="skip the diagnostic throughput rows (an fsync per frame)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the throughput pipeline (W=1 and W=2) per thread and "
                              "print it to stderr (not in the report)")

@@ -27,9 +27,16 @@
     │   └── ProcessorError           a stage's processor raised for a frame
     ├── StateStoreError              the state database
     │   └── SchemaVersionError
-    └── ObjectStoreError             the object store
-        ├── InvalidKeyError
-        └── ObjectNotFoundError
+    ├── ObjectStoreError             the object store
+    │   ├── InvalidKeyError
+    │   └── ObjectNotFoundError
+    └── ProcessorRegistryError       remote processors registered on Redis (seed 004)
+        ├── RegistryConnectionError  Redis cannot be reached; names the URL
+        ├── NoProcessorError         no live processor offers the capability; names those on offer
+        ├── CircuitOpenError         every processor offering it has its circuit breaker open
+        ├── NoCapacityError          all of them stayed busy for the whole routing wait
+        ├── ResultTimeoutError       no result for the frame within the timeout
+        └── RemoteProcessingError    the processor reported an error for the frame
 
 Every error that concerns a step names the pipeline and the step key in its message and
 carries them as attributes, so logs, events and the CLI can show them without parsing.
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 __all__ = [
     "CaptureExitedError",
+    "CircuitOpenError",
     "ConfigError",
     "ExecutionError",
     "ExecutionFailedError",
@@ -48,11 +56,17 @@ __all__ = [
     "FramepipeError",
     "InvalidKeyError",
     "MissingDependencyError",
+    "NoCapacityError",
+    "NoProcessorError",
     "ObjectNotFoundError",
     "ObjectStoreError",
     "PipelineCycleError",
     "PipelineDefinitionError",
     "ProcessorError",
+    "ProcessorRegistryError",
+    "RegistryConnectionError",
+    "RemoteProcessingError",
+    "ResultTimeoutError",
     "SchemaVersionError",
     "SourceError",
     "SourceStalledError",
@@ -244,3 +258,77 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class ProcessorRegistryError(FramepipeError):
+    """About remote processors: the registry on Redis, its router, a :class:`ProcessorClient`."""
+
+
+class RegistryConnectionError(ProcessorRegistryError):
+    """Redis cannot be reached (or was lost); ``url`` is the Redis URL, password masked."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        self.url = url
+        super().__init__(message)
+
+
+class NoProcessorError(ProcessorRegistryError, LookupError):
+    """No live processor offers ``capability``; ``offered`` lists the capabilities on offer."""
+
+    def __init__(self, capability: str, offered: list[str]) -> None:
+        self.capability = capability
+        self.offered = offered
+        on_offer = ", ".join(repr(c) for c in offered) if offered else "none (no live processor)"
+        super().__init__(f"no live processor offers capability {capability!r}; "
+                         f"capabilities on offer: {on_offer}")
+
+
+class CircuitOpenError(ProcessorRegistryError):
+    """Every processor offering ``capability`` has its circuit breaker open after repeated
+    failures; ``retry_in`` is the time (s) until the first one lets a trial frame through."""
+
+    def __init__(self, capability: str, processors: list[str], retry_in: float) -> None:
+        self.capability = capability
+        self.processors = processors
+        self.retry_in = retry_in
+        super().__init__(f"capability {capability!r}: the circuit breaker of every processor "
+                         f"offering it is open ({', '.join(processors)}); next trial in "
+                         f"{retry_in:.1f}s")
+
+
+class NoCapacityError(ProcessorRegistryError):
+    """Every processor offering ``capability`` stayed at capacity for ``waited`` seconds."""
+
+    def __init__(self, capability: str, processors: list[str], waited: float) -> None:
+        self.capability = capability
+        self.processors = processors
+        self.waited = waited
+        super().__init__(f"capability {capability!r}: every processor offering it "
+                         f"({', '.join(processors)}) stayed at capacity for {waited:.1f}s")
+
+
+class ResultTimeoutError(ProcessorRegistryError):
+    """No result arrived for frame ``frame_id`` (sent to ``processor_id``) within ``timeout``."""
+
+    def __init__(self, *, frame_id: str, capability: str, processor_id: str,
+                 timeout: float) -> None:
+        self.frame_id = frame_id
+        self.capability = capability
+        self.processor_id = processor_id
+        self.timeout = timeout
+        super().__init__(f"frame {frame_id} ({capability!r}, routed to processor "
+                         f"{processor_id!r}): no result within {timeout:g}s")
+
+
+class RemoteProcessingError(ProcessorRegistryError):
+    """The processor reported an error for the frame. ``kind`` says whose fault:
+    ``processor`` (``process_frame`` raised or timed out), ``output`` (its result is not a
+    JSON-serialisable dict), ``input`` (the stream entry is malformed), ``lost`` (the frame
+    outlived too many processors)."""
+
+    def __init__(self, message: str, *, frame_id: str, processor_id: str, kind: str) -> None:
+        self.frame_id = frame_id
+        self.processor_id = processor_id
+        self.kind = kind
+        super().__init__(f"frame {frame_id or '?'} on processor {processor_id!r} ({kind} "
+                         f"error): {message}")
