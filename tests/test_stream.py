@@ -151,10 +151,12 @@ def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path)
     tags = tagger({range(5, 15): "ORDER_1", range(15, 20): "ORDER_2",
                    range(40, 45): "ORDER_1", range(60, 63): "ORDER_3"})
     frames = FrameStore(store)
+    # The stream clock makes the test independent of the machine's load (a wall-clock gap of
+    # 75 ms between two frames is easy to hit on a busy CI machine).
     pipeline = StreamPipeline(
-        "station_1", PatternSource("station_1", count=63, fps=100, realtime=True),
-        stages=[Stage(tags, workers=2)], segmenter=Segmenter("order", timeout=0.08),
-        sinks=[frames])
+        "station_1", PatternSource("station_1", count=63, fps=100, realtime=False),
+        stages=[Stage(tags, workers=2)],
+        segmenter=Segmenter("order", timeout=0.075, clock="stream"), sinks=[frames])
     events = run_pipeline(pipeline)
     done = of(events, "segment.completed")
     assert [(d["segment_id"], d["reason"]) for d in done] == [
@@ -168,7 +170,7 @@ def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path)
     assert len(first["stored"]) == 10
     assert first["latency_s"] >= 0 and first["first_ts_ms"] <= first["last_ts_ms"]
     # ORDER_2 kept the untagged frames that followed it until its timeout
-    assert done[1]["frames"] > 5
+    assert done[1]["frames"] == 5 + 7
     assert [d["segment_id"] for d in of(events, "segment.started")] == [
         "ORDER_1", "ORDER_2", "ORDER_1.2", "ORDER_3"]
     back = list(frames.read_frames("station_1", "ORDER_2"))
@@ -305,3 +307,15 @@ def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> No
     assert pipeline.stats[0].errors == 20
     assert pipeline.stats[0].frames_in == 2000
     assert threading.get_ident() not in threads
+
+
+def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
+    tags = tagger({range(1, 6): "ORDER_W"})
+    started = time.monotonic()
+    pipeline = StreamPipeline(
+        "wall", PatternSource("wall", count=60, fps=50, realtime=True), stages=[Stage(tags)],
+        segmenter=Segmenter("order", timeout=0.3, include_untagged=False))
+    done = of(run_pipeline(pipeline), "segment.completed")
+    assert [(d["segment_id"], d["reason"], d["frames"]) for d in done] == [
+        ("ORDER_W", "timeout", 5)]
+    assert time.monotonic() - started >= 1.0  # closed by the timer while frames still came

@@ -30,19 +30,25 @@
     ├── ObjectStoreError             the object store
     │   ├── InvalidKeyError
     │   └── ObjectNotFoundError
-    └── ProcessorRegistryError       remote processors registered on Redis (seed 004)
-        ├── RegistryConnectionError  Redis cannot be reached; names the URL
-        ├── NoProcessorError         no live processor offers the capability; names those on offer
-        ├── CircuitOpenError         every processor offering it has its circuit breaker open
-        ├── NoCapacityError          all of them stayed busy for the whole routing wait
-        ├── ResultTimeoutError       no result for the frame within the timeout
-        └── RemoteProcessingError    the processor reported an error for the frame
+    ├── ProcessorRegistryError       remote processors registered on Redis (seed 004)
+    │   ├── RegistryConnectionError  Redis cannot be reached; names the URL
+    │   ├── NoProcessorError         no live processor offers the capability; names those on offer
+    │   ├── CircuitOpenError         every processor offering it has its circuit breaker open
+    │   ├── NoCapacityError          all of them stayed busy for the whole routing wait
+    │   ├── ResultTimeoutError       no result for the frame within the timeout
+    │   └── RemoteProcessingError    the processor reported an error for the frame
+    ├── ModelError                   a model adapter's call failed; names the model (script, URL)
+    │   ├── ModelTimeoutError        no result within the adapter's timeout (its processes killed)
+    │   └── ModelOutputError         the model ran but its answer breaks the protocol
+    └── MediaError                   a media file cannot be read or written; names the path
 
 Every error that concerns a step names the pipeline and the step key in its message and
 carries them as attributes, so logs, events and the CLI can show them without parsing.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 __all__ = [
     "CaptureExitedError",
@@ -55,7 +61,11 @@ __all__ = [
     "FrameError",
     "FramepipeError",
     "InvalidKeyError",
+    "MediaError",
     "MissingDependencyError",
+    "ModelError",
+    "ModelOutputError",
+    "ModelTimeoutError",
     "NoCapacityError",
     "NoProcessorError",
     "ObjectNotFoundError",
@@ -332,3 +342,39 @@ class RemoteProcessingError(ProcessorRegistryError):
         self.kind = kind
         super().__init__(f"frame {frame_id or '?'} on processor {processor_id!r} ({kind} "
                          f"error): {message}")
+
+
+class ModelError(FramepipeError):
+    """A model adapter's call failed. The message names the model (its script or URL).
+
+    ``retryable`` says whether the adapter's retry policy may try again (a crash, an HTTP 5xx, a
+    lost connection, a timeout) or not (an HTTP 4xx, a model that answered ``success: false``,
+    an answer that breaks the protocol). ``exit_code`` and ``stderr_tail`` are set for a
+    subprocess model, ``status_code`` for an HTTP model."""
+
+    def __init__(self, message: str, *, model: str | None = None, retryable: bool = False,
+                 exit_code: int | None = None, stderr_tail: str = "",
+                 status_code: int | None = None) -> None:
+        self.model = model
+        self.retryable = retryable
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class ModelTimeoutError(ModelError, TimeoutError):
+    """No result within the adapter's timeout; a subprocess model's process group was killed."""
+
+
+class ModelOutputError(ModelError):
+    """The model ran but its answer breaks the protocol: no ``frames_path`` line, a body that
+    is not JSON, a ``frames_path`` that does not exist."""
+
+
+class MediaError(FramepipeError):
+    """A media file cannot be read or written; ``path`` names it and the message says why."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")

@@ -1,5 +1,9 @@
 """Processors: units of work applied to frames (live stages) or items (jobs).
 
+Model adapters (:class:`ModelAdapter`, :class:`PythonModel`, :class:`SubprocessModel`,
+:class:`HttpModel`, :class:`MockModel`, :func:`adapter_from_settings`, :func:`as_step_progress`)
+live in :mod:`framepipe.processors.adapters`, also imported on first use.
+
 Remote processors (:class:`ProcessorClient`, :class:`ProcessorRegistry`,
 :class:`RemoteProcessor`) need the ``redis`` extra (``pip install 'framepipe[redis]'``); they
 are imported on first use, so the rest works without it.
@@ -13,22 +17,48 @@ from typing import TYPE_CHECKING, Any
 from framepipe.processors.base import FunctionProcessor, Processor, as_processor
 
 if TYPE_CHECKING:
+    from framepipe.processors.adapters import (
+        HttpModel,
+        MockModel,
+        ModelAdapter,
+        ModelResult,
+        PythonModel,
+        SubprocessModel,
+        adapter_from_settings,
+        as_step_progress,
+    )
     from framepipe.processors.client import ProcessorClient
     from framepipe.processors.registry import ProcessorInfo, ProcessorRegistry, ProcessorResult
     from framepipe.processors.remote import RemoteProcessor
 
 __all__ = [
     "FunctionProcessor",
+    "HttpModel",
+    "MockModel",
+    "ModelAdapter",
+    "ModelResult",
     "Processor",
     "ProcessorClient",
     "ProcessorInfo",
     "ProcessorRegistry",
     "ProcessorResult",
+    "PythonModel",
     "RemoteProcessor",
+    "SubprocessModel",
+    "adapter_from_settings",
     "as_processor",
+    "as_step_progress",
 ]
 
 _LAZY = {
+    "HttpModel": "framepipe.processors.adapters",
+    "MockModel": "framepipe.processors.adapters",
+    "ModelAdapter": "framepipe.processors.adapters",
+    "ModelResult": "framepipe.processors.adapters",
+    "PythonModel": "framepipe.processors.adapters",
+    "SubprocessModel": "framepipe.processors.adapters",
+    "adapter_from_settings": "framepipe.processors.adapters",
+    "as_step_progress": "framepipe.processors.adapters",
     "ProcessorClient": "framepipe.processors.client",
     "ProcessorInfo": "framepipe.processors.registry",
     "ProcessorRegistry": "framepipe.processors.registry",
@@ -38,7 +68,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    """Import the Redis-backed names on first use (they need the ``redis`` extra)."""
+    """Import the Redis-backed names (they need the ``redis`` extra) and the model adapters
+    on first use."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

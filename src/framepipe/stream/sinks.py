@@ -117,11 +117,17 @@ class FrameStore(Sink):
         return list(self.objects.list(prefix))
 
     def read_frames(self, source_id: str, segment_id: str) -> Iterator[Frame]:
-        """The stored frames of one segment, decoded, in capture order."""
+        """The stored frames of one segment, decoded, in capture order (``ts_ms``, ``seq``
+        from the default key names; key order otherwise)."""
+        entries = []
         for info in self.list_frames(source_id, segment_id):
-            name = info.key.rsplit("/", 1)[-1]
-            stem = name.rsplit(".", 1)[0]
+            stem = info.key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
             parts = stem.split("_")
-            ts_ms, seq = (int(parts[-2]), int(parts[-1])) if len(parts) >= 3 else (0, 0)
-            yield Frame(image=decode_jpeg(self.objects.get(info.key)), source_id=source_id,
-                        seq=seq, ts_ms=ts_ms, segment_id=segment_id, meta={"key": info.key})
+            try:
+                ts_ms, seq = int(parts[-2]), int(parts[-1])
+            except (IndexError, ValueError):
+                ts_ms, seq = 0, 0
+            entries.append((ts_ms, seq, info.key))
+        for ts_ms, seq, key in sorted(entries):
+            yield Frame(image=decode_jpeg(self.objects.get(key)), source_id=source_id,
+                        seq=seq, ts_ms=ts_ms, segment_id=segment_id, meta={"key": key})

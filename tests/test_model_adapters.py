@@ -1,0 +1,658 @@
+"""Model adapters against real things: model scripts run as subprocesses (tests/models/), a real
+HTTP server on loopback, in-process models inside a live pipeline, and a real job engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cv2
+import numpy as np
+import pytest
+
+from framepipe import JobEngine, Pipeline, Settings, StepContext
+from framepipe.errors import (
+    ConfigError,
+    ExecutionFailedError,
+    ModelError,
+    ModelOutputError,
+    ModelTimeoutError,
+)
+from framepipe.frames import Frame
+from framepipe.jobs.records import list_events
+from framepipe.processors import (
+    HttpModel,
+    MockModel,
+    ModelAdapter,
+    ModelResult,
+    PythonModel,
+    SubprocessModel,
+    adapter_from_settings,
+    as_step_progress,
+)
+from framepipe.sources import PatternSource
+from framepipe.stream import Sink, Stage, StreamPipeline
+
+MODELS = Path(__file__).parent / "models"
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture
+def clip(tmp_path: Path) -> Path:
+    path = tmp_path / "input.mp4"
+    path.write_bytes(b"not really a video, the test models only read bytes" * 10)
+    return path
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.02)
+    return [p for p in pids if alive(p)]
+
+
+# -- SubprocessModel ----------------------------------------------------------------------------
+
+
+def test_subprocess_model_follows_the_seed_protocol(tmp_path: Path, clip: Path) -> None:
+    seen: list[float] = []
+    model = SubprocessModel(MODELS / "good_model.py")
+    result = run(model.infer(clip, prompt="turn into anime", style="studio", seed=42,
+                             output_dir=tmp_path / "out", progress=seen.append, frames=4))
+    assert result.frames_path == tmp_path / "out" / "frames"
+    files = result.frame_files()
+    assert [f.name for f in files] == [f"frame_{i:04d}.png" for i in range(4)]
+    image = cv2.imread(str(files[0]))
+    assert image is not None and image.shape == (24, 32, 3)
+    assert (result.frames_path / "args.txt").read_text() == "turn into anime|studio|42"
+    assert seen == [25.0, 50.0, 75.0, 100.0]
+    assert result.extra == {"stdout": ["loading model"]}
+
+
+def test_subprocess_command_is_the_seed_interface(tmp_path: Path) -> None:
+    model = SubprocessModel("model.py", python="python3")
+    argv = model.command("in.mp4", prompt="p q", style="s", seed=7, output_dir="out",
+                         steps=20, fast=True, skip=False)
+    assert argv == ["python3", "model.py", "--input", "in.mp4", "--prompt", "p q", "--style",
+                    "s", "--seed", "7", "--output-dir", "out", "--steps", "20", "--fast"]
+    custom = SubprocessModel(argv=["run-model", "{input}", "-o", "{output_dir}"])
+    assert custom.command("a", output_dir="b") == ["run-model", "a", "-o", "b"]
+
+
+def test_subprocess_nonzero_exit_names_code_and_stderr(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "crash_model.py")
+    with pytest.raises(ModelError) as info:
+        run(model.infer(clip, output_dir=tmp_path))
+    err = info.value
+    assert err.exit_code == 3
+    assert "exited with code 3" in str(err) and "crash_model.py" in str(err)
+    assert "CUDA out of memory" in err.stderr_tail and "CUDA out of memory" in str(err)
+    assert not isinstance(err, ModelOutputError | ModelTimeoutError)
+
+
+def test_subprocess_without_frames_path_is_an_output_error(tmp_path: Path, clip: Path) -> None:
+    seen: list[float] = []
+    model = SubprocessModel(MODELS / "silent_model.py", max_retries=2, retry_initial=0.01)
+    with pytest.raises(ModelOutputError, match="without printing a 'frames_path: PATH'"):
+        run(model.infer(clip, output_dir=tmp_path, progress=seen.append))
+    assert seen == [50.0, 100.0]  # not retried: the protocol error would repeat
+
+
+def test_subprocess_frames_path_that_does_not_exist(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "good_model.py")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ModelOutputError, match=f"frames_path {missing} does not exist"):
+        run(model.infer(clip, output_dir=tmp_path / "out", report_path=str(missing)))
+
+
+def test_subprocess_retries_a_crash_with_backoff(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "flaky_model.py", max_retries=2, retry_initial=0.05)
+    started = time.monotonic()
+    result = run(model.infer(clip, output_dir=tmp_path, fail_times=2))
+    assert (tmp_path / "runs.txt").read_text() == "3"
+    assert result.frames_path == tmp_path / "frames"
+    assert time.monotonic() - started >= 0.05 + 0.1 * 0.9  # two backoff delays
+
+    (tmp_path / "runs.txt").unlink()
+    with pytest.raises(ModelError, match="failed after 2 attempts; last error") as info:
+        run(SubprocessModel(MODELS / "flaky_model.py", max_retries=1, retry_initial=0.01)
+            .infer(clip, output_dir=tmp_path, fail_times=5))
+    assert info.value.exit_code == 1 and "transient failure 2" in str(info.value)
+
+
+def test_subprocess_timeout_kills_the_whole_process_group(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "hang_model.py", timeout=1.5)
+    seen: list[float] = []
+    started = time.monotonic()
+    with pytest.raises(ModelTimeoutError, match=r"no result within 1.5s"):
+        run(model.infer(clip, output_dir=tmp_path, progress=seen.append))
+    assert time.monotonic() - started < 10
+    assert seen == [5.0]
+    pids = [int(p) for p in (tmp_path / "pids.txt").read_text().split()]
+    assert len(pids) == 2  # the script and its child sleep
+    assert wait_gone(pids) == []
+
+
+def test_cancelling_the_task_kills_the_whole_process_group(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "hang_model.py")
+    pid_file = tmp_path / "pids.txt"
+
+    async def main() -> list[int]:
+        running = asyncio.Event()  # the script reports progress once its pids are written
+        task = asyncio.create_task(model.infer(clip, output_dir=tmp_path,
+                                               progress=lambda pct: running.set()))
+        await running.wait()
+        pids = [int(p) for p in pid_file.read_text().split()]
+        assert all(alive(p) for p in pids)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pids
+
+    pids = run(main())
+    assert wait_gone(pids) == []
+
+
+def test_subprocess_missing_interpreter_is_a_clear_error(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "good_model.py", python=str(tmp_path / "no-python"))
+    with pytest.raises(ModelError, match="cannot start"):
+        run(model.infer(clip, output_dir=tmp_path))
+
+
+# -- HttpModel against a real server on loopback --------------------------------------------------
+
+Reply = Callable[[dict[str, str]], tuple[int, bytes]]
+
+
+class ModelServer:
+    """A real HTTP server on 127.0.0.1 answering ``POST /infer`` with ``replies`` in turn (the
+    last one repeats); it keeps the form fields of every request."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+        self.requests: list[dict[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+                message = BytesParser(policy=HTTP).parsebytes(head + body)
+                fields: dict[str, str] = {"path": self.path}
+                for part in message.iter_parts():
+                    name = str(part.get_param("name", header="content-disposition"))
+                    payload = part.get_payload(decode=True)
+                    assert isinstance(payload, bytes)
+                    fields[name] = payload.decode(errors="replace")
+                    if part.get_filename():
+                        fields[f"{name}.filename"] = str(part.get_filename())
+                index = len(server.requests)
+                server.requests.append(fields)
+                status, reply = server.replies[min(index, len(server.replies) - 1)](fields)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ModelServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ok(frames_path: Path) -> Reply:
+    def reply(fields: dict[str, str]) -> tuple[int, bytes]:
+        return 200, json.dumps({"success": True, "frames_path": str(frames_path),
+                                "model": "anime-v2"}).encode()
+    return reply
+
+
+def fixed(status: int, body: bytes) -> Reply:
+    return lambda fields: (status, body)
+
+
+@pytest.fixture
+def frames_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "server-frames"
+    path.mkdir()
+    return path
+
+
+def test_http_model_posts_the_seed_form(tmp_path: Path, clip: Path, frames_dir: Path) -> None:
+    seen: list[float] = []
+    with ModelServer([ok(frames_dir)]) as server:
+        model = HttpModel(server.url + "/", timeout=5, check_frames_path=True)
+        result = run(model.infer(clip, prompt="turn into anime", style="studio", seed=42,
+                                 output_dir=tmp_path / "out", progress=seen.append))
+    assert result == ModelResult(frames_dir, {"model": "anime-v2"})
+    [request] = server.requests
+    assert request["path"] == "/infer"
+    assert request["input_file"] == clip.read_text()
+    assert request["input_file.filename"] == "input.mp4"
+    assert (request["prompt"], request["style"], request["seed"]) == ("turn into anime",
+                                                                      "studio", "42")
+    assert seen == [0.0, 100.0]
+
+
+def test_http_500_then_success_is_retried(tmp_path: Path, clip: Path, frames_dir: Path) -> None:
+    with ModelServer([fixed(500, b"warming up"), fixed(503, b"busy"), ok(frames_dir)]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
+        result = run(model.infer(clip, output_dir=tmp_path))
+    assert result.frames_path == frames_dir
+    assert len(server.requests) == 3
+
+
+def test_http_always_500_fails_clearly_after_retries(tmp_path: Path, clip: Path) -> None:
+    with ModelServer([fixed(500, b'{"error": "model crashed"}')]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=2, retry_initial=0.01)
+        with pytest.raises(ModelError) as info:
+            run(model.infer(clip, output_dir=tmp_path))
+    assert len(server.requests) == 3
+    message = str(info.value)
+    assert "failed after 3 attempts" in message and server.url in message
+    assert "HTTP 500" in message and "model crashed" in message
+    assert info.value.status_code == 500
+
+
+def test_http_4xx_is_not_retried(tmp_path: Path, clip: Path) -> None:
+    with ModelServer([fixed(400, b'{"error": "missing prompt"}')]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
+        with pytest.raises(ModelError, match=r"HTTP 400.*missing prompt") as info:
+            run(model.infer(clip, output_dir=tmp_path))
+    assert len(server.requests) == 1
+    assert info.value.status_code == 400 and not info.value.retryable
+
+
+def test_http_success_false_carries_the_server_error(tmp_path: Path, clip: Path) -> None:
+    body = json.dumps({"success": False, "error": "unsupported style 'noir'"}).encode()
+    with ModelServer([fixed(200, body)]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
+        with pytest.raises(ModelError, match="the model failed: unsupported style 'noir'"):
+            run(model.infer(clip, style="noir", output_dir=tmp_path))
+    assert len(server.requests) == 1
+
+
+def test_http_non_json_body_is_an_output_error(tmp_path: Path, clip: Path) -> None:
+    with ModelServer([fixed(200, b"<html>proxy error</html>")]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
+        with pytest.raises(ModelOutputError, match=r"not JSON.*proxy error"):
+            run(model.infer(clip, output_dir=tmp_path))
+    assert len(server.requests) == 1
+
+
+def test_http_slow_response_times_out_and_is_retried(tmp_path: Path, clip: Path,
+                                                     frames_dir: Path) -> None:
+    def slow(fields: dict[str, str]) -> tuple[int, bytes]:
+        time.sleep(1.5)
+        return ok(frames_dir)(fields)
+
+    with ModelServer([slow]) as server:
+        model = HttpModel(server.url, timeout=0.3, max_retries=1, retry_initial=0.01)
+        started = time.monotonic()
+        with pytest.raises(ModelTimeoutError, match=r"failed after 2 attempts.*127\.0\.0\.1.*"
+                                                     r"(no result within 0\.3s|timed out)"):
+            run(model.infer(clip, output_dir=tmp_path))
+        assert time.monotonic() - started < 1.4
+    assert len(server.requests) == 2
+
+
+def test_http_unreachable_server_names_the_url(tmp_path: Path, clip: Path) -> None:
+    with ModelServer([fixed(200, b"{}")]) as server:
+        url = server.url
+    model = HttpModel(url, timeout=2, max_retries=1, retry_initial=0.01)
+    with pytest.raises(ModelError, match=rf"failed after 2 attempts.*{url}.*ConnectError"):
+        run(model.infer(clip, output_dir=tmp_path))
+
+
+# -- MockModel ----------------------------------------------------------------------------------
+
+
+def test_mock_model_writes_frames_with_progress(tmp_path: Path, clip: Path) -> None:
+    seen: list[float] = []
+    model = MockModel(frames=5, size=(64, 48), fmt="jpg")
+    result = run(model.infer(clip, seed=3, output_dir=tmp_path, progress=seen.append))
+    files = result.frame_files()
+    assert [f.name for f in files] == [f"frame_{i:04d}.jpg" for i in range(5)]
+    image = cv2.imread(str(files[2]))
+    assert image is not None and image.shape == (48, 64, 3)
+    assert seen == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+    again = run(MockModel(frames=1, size=(64, 48)).infer(clip, seed=3,
+                                                          output_dir=tmp_path / "b"))
+    png = cv2.imread(str(again.frame_files()[0]))
+    assert png is not None
+    assert np.array_equal(png, MockModel(size=(64, 48)).render(0, seed=3))
+
+
+def test_mock_model_timeout_and_file_only_process(tmp_path: Path, clip: Path) -> None:
+    model = MockModel(frames=50, delay=0.05, timeout=0.2)
+    with pytest.raises(ModelTimeoutError, match="MockModel"):
+        run(model.infer(clip, output_dir=tmp_path))
+    assert len(list((tmp_path / "frames").iterdir())) < 50
+    with pytest.raises(NotImplementedError, match="works on files"):
+        model.process(Frame(np.zeros((8, 8, 3), np.uint8), "cam", 1))
+
+
+# -- PythonModel --------------------------------------------------------------------------------
+
+
+class Collect(Sink):
+    def __init__(self) -> None:
+        self.name = "collect"
+        self.frames: list[Frame] = []
+        self.lock = threading.Lock()
+
+    def write(self, frame: Frame) -> None:
+        with self.lock:
+            self.frames.append(frame)
+
+
+class Negative:
+    """A model class: loaded once, then called on each frame in the stage's threads."""
+
+    loads = 0
+
+    def load(self) -> None:
+        type(self).loads += 1
+        self.table = np.arange(255, -1, -1, dtype=np.uint8)
+
+    def process_frame(self, image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        out: np.ndarray[Any, Any] = self.table[image]
+        return out
+
+
+def test_python_model_is_a_live_stage_processor() -> None:
+    Negative.loads = 0
+    sink = Collect()
+    source = PatternSource("cam", width=64, height=48, count=30, realtime=False)
+
+    def keep_original(frame: Frame) -> Frame:
+        frame.meta["original"] = frame.image.copy()
+        return frame
+
+    async def main() -> None:
+        pipeline = StreamPipeline("negate", source,
+                                  stages=[Stage(keep_original),
+                                          Stage(PythonModel(Negative), workers=3, ordered=True)],
+                                  sinks=[sink])
+        await pipeline.run()
+
+    run(main())
+    assert Negative.loads == 1
+    assert [f.seq for f in sink.frames] == list(range(1, 31))
+    for frame in sink.frames:
+        assert np.array_equal(frame.image, 255 - frame.meta["original"])
+
+
+def test_python_model_function_results_and_drops() -> None:
+    sink = Collect()
+
+    def brightness(image: np.ndarray[Any, Any]) -> float | None:
+        mean = float(image.mean())
+        return None if mean < 0 else mean
+
+    model = PythonModel(brightness, name="brightness")
+    pipeline = StreamPipeline("measure", PatternSource("cam", count=5, realtime=False),
+                              stages=[Stage(model)], sinks=[sink])
+    run(pipeline.run())
+    assert len(sink.frames) == 5
+    assert all(f.meta["brightness"] > 0 for f in sink.frames)
+
+
+def test_python_model_infer_in_a_thread(tmp_path: Path, clip: Path) -> None:
+    threads: list[int] = []
+
+    class Stylise:
+        instances = 0
+
+        def __init__(self) -> None:
+            type(self).instances += 1
+
+        def infer(self, input_path: Path, *, prompt: str, style: str, seed: int,
+                  output_dir: Path, progress: Callable[[float], None]) -> dict[str, Any]:
+            threads.append(threading.get_ident())
+            out = output_dir / "frames"
+            out.mkdir()
+            for i in range(4):
+                cv2.imwrite(str(out / f"f{i}.png"), np.full((8, 8, 3), seed, np.uint8))
+                progress((i + 1) * 25)
+            return {"frames_path": out, "prompt": prompt}
+
+    model = PythonModel(Stylise)
+    seen: list[float] = []
+
+    async def main() -> list[ModelResult]:
+        async with model:
+            return [await model.infer(clip, prompt="p", seed=9, output_dir=tmp_path / str(i),
+                                      progress=seen.append) for i in range(2)]
+
+    results = run(main())
+    assert Stylise.instances == 1
+    assert threads and threading.get_ident() not in threads
+    assert [len(r.frame_files()) for r in results] == [4, 4]
+    assert results[0].extra == {"prompt": "p"}
+    assert seen == [25.0, 50.0, 75.0, 100.0] * 2
+
+    def broken(input_path: Path, **kwargs: Any) -> str:
+        raise ValueError("bad weights")
+
+    with pytest.raises(ModelError, match="raised ValueError: bad weights"):
+        run(PythonModel(broken).infer(clip, output_dir=tmp_path / "x"))
+    with pytest.raises(ModelOutputError, match="returned int"):
+        run(PythonModel(lambda path, **kw: 3).infer(clip, output_dir=tmp_path / "y"))
+
+
+def test_python_model_cancel_stops_at_the_next_progress(tmp_path: Path, clip: Path) -> None:
+    steps: list[int] = []
+    stopped = threading.Event()
+
+    def slow(input_path: Path, *, progress: Callable[[float], None], **kw: Any) -> str:
+        try:
+            for i in range(200):
+                steps.append(i)
+                progress(i / 2)
+                time.sleep(0.01)
+        except BaseException:
+            stopped.set()
+            raise
+        return str(tmp_path)
+
+    with pytest.raises(ModelTimeoutError):
+        run(PythonModel(slow, timeout=0.2).infer(clip, output_dir=tmp_path))
+    assert stopped.wait(5)
+    assert len(steps) < 200
+
+
+def test_progress_callback_errors_pass_through_unretried(tmp_path: Path, clip: Path) -> None:
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def model(input_path: Path, *, progress: Callable[[float], None], **kw: Any) -> str:
+        calls.append(1)
+        progress(10)
+        return str(tmp_path)
+
+    def stop(pct: float) -> None:
+        raise Stop("the step is cancelled")
+
+    for adapter in (PythonModel(model, max_retries=2, retry_initial=0.01),
+                    SubprocessModel(MODELS / "good_model.py", max_retries=2,
+                                    retry_initial=0.01)):
+        with pytest.raises(Stop):
+            run(adapter.infer(clip, output_dir=tmp_path / "out", progress=stop))
+    assert calls == [1]
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_adapter_from_settings_each_type(tmp_path: Path) -> None:
+    assert isinstance(adapter_from_settings({}), MockModel)
+    assert isinstance(adapter_from_settings({"MODEL_ADAPTER_TYPE": "MOCK"}), MockModel)
+
+    script = MODELS / "good_model.py"
+    python = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script),
+                                    "PYTHON_PATH": "python3"})
+    assert isinstance(python, SubprocessModel)
+    assert python.command("i", output_dir="o")[:2] == ["python3", str(script)]
+    default_python = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python",
+                                            "PYTHON_SCRIPT": str(script)})
+    assert isinstance(default_python, SubprocessModel) and default_python.python == sys.executable
+
+    http = adapter_from_settings({"MODEL_ADAPTER_TYPE": "http",
+                                  "MODEL_API_URL": "http://127.0.0.1:5000",
+                                  "MODEL_API_TIMEOUT": "2500"})
+    assert isinstance(http, HttpModel)
+    assert http.endpoint == "http://127.0.0.1:5000/infer" and http.timeout == 2.5
+    seed_default = adapter_from_settings({"MODEL_ADAPTER_TYPE": "http"})
+    assert isinstance(seed_default, HttpModel) and seed_default.timeout == 300.0
+
+
+@pytest.mark.parametrize(("env", "match"), [
+    ({"MODEL_ADAPTER_TYPE": "onnx"}, "MODEL_ADAPTER_TYPE='onnx' is not one of: mock, python, "
+                                     "http"),
+    ({"MODEL_ADAPTER_TYPE": "python"}, "needs PYTHON_SCRIPT"),
+    ({"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": "/nope/model.py"},
+     "PYTHON_SCRIPT=/nope/model.py: no such file"),
+    ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_TIMEOUT": "soon"}, "MODEL_API_TIMEOUT='soon'"),
+    ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": "localhost:5000"}, "MODEL_API_URL"),
+])
+def test_adapter_from_settings_bad_values(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        adapter_from_settings(env)
+
+
+def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) -> None:
+    model = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python",
+                                   "PYTHON_SCRIPT": str(MODELS / "good_model.py")})
+    result = run(model.infer(clip, prompt="x", output_dir=tmp_path))
+    assert len(result.frame_files()) == 4
+
+
+# -- inside a job step --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mock", "subprocess"])
+def test_progress_is_mapped_into_the_step_range(settings: Settings, clip: Path,
+                                                kind: str) -> None:
+    # the engine keeps the latest progress of a round, so the mock takes a little time per frame
+    model: ModelAdapter = (MockModel(frames=8, size=(32, 24), delay=0.05) if kind == "mock"
+                           else SubprocessModel(MODELS / "good_model.py"))
+    pipeline = Pipeline("ml_video")
+
+    @pipeline.step()
+    async def inference(ctx: StepContext) -> dict[str, Any]:
+        result = await model.infer(ctx.inputs["video"], prompt="anime",
+                                   output_dir=ctx.tempdir(),
+                                   progress=as_step_progress(ctx, 15, 65, "inference"))
+        return {"frames": len(result.frame_files())}
+
+    async def main() -> tuple[Any, list[Any]]:
+        async with JobEngine(settings=settings) as engine:
+            info = await engine.run(pipeline, {"video": str(clip)})
+            stored = await asyncio.to_thread(list_events, engine.store, info.id)
+            return info, stored
+
+    info, stored = run(main())
+    assert info.data == {"frames": 8 if kind == "mock" else 4}
+    values = [e.data["progress"] for e in stored if e.type == "step.progress"]
+    assert values, "no progress was stored"
+    assert all(15 <= v <= 65 for v in values)
+    assert values == sorted(values) and max(values) > 15
+    if kind == "subprocess":
+        assert values[-1] == 65
+    assert {e.data["message"] for e in stored if e.type == "step.progress"} == {"inference"}
+
+
+def test_cancelling_the_execution_kills_the_model_processes(settings: Settings, clip: Path,
+                                                            tmp_path: Path) -> None:
+    model = SubprocessModel(MODELS / "hang_model.py")
+    pipeline = Pipeline("hanging")
+    pid_file = tmp_path / "work" / "pids.txt"
+
+    running = asyncio.Event()  # the script reports progress once its pids are written
+
+    @pipeline.step()
+    async def inference(ctx: StepContext) -> dict[str, Any]:
+        step_progress = as_step_progress(ctx, 15, 65)
+
+        def progress(pct: float) -> None:
+            step_progress(pct)
+            running.set()
+
+        await model.infer(ctx.inputs["video"], output_dir=pid_file.parent, progress=progress)
+        return {}
+
+    async def main() -> tuple[Any, list[int]]:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(pipeline, {"video": str(clip)})
+            await running.wait()
+            pids = [int(p) for p in pid_file.read_text().split()]
+            await engine.cancel(execution_id)
+            info = await engine.wait(execution_id, raise_on_failure=False)
+            return info, pids
+
+    info, pids = run(main())
+    assert info.status.value == "cancelled"
+    assert wait_gone(pids) == []
+
+
+def test_a_failing_model_fails_the_step_with_its_message(settings: Settings,
+                                                         clip: Path) -> None:
+    model = SubprocessModel(MODELS / "crash_model.py")
+    pipeline = Pipeline("crashing")
+
+    @pipeline.step()
+    async def inference(ctx: StepContext) -> dict[str, Any]:
+        await model.infer(ctx.inputs["video"], output_dir=ctx.tempdir())
+        return {}
+
+    async def main() -> None:
+        async with JobEngine(settings=settings) as engine:
+            await engine.run(pipeline, {"video": str(clip)})
+
+    with pytest.raises(ExecutionFailedError) as info:
+        run(main())
+    [error] = info.value.errors.values()
+    assert "exited with code 3" in error and "CUDA out of memory" in error
