@@ -1,0 +1,1 @@
+"""Ready-made job pipelines built on framepipe's toolkit."""
