@@ -377,4 +377,5 @@ class MediaError(FramepipeError):
 
     def __init__(self, path: Path | str, message: str) -> None:
         self.path = Path(path)
+        self.reason = message
         super().__init__(f"{self.path}: {message}")

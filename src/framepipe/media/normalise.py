@@ -31,7 +31,9 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
     Given only ``width`` or ``height``, the other side keeps the aspect ratio; sides are made
     even. ``fps`` converts to a constant frame rate (frames dropped or repeated); by default the
     source's average rate is kept (a variable frame rate becomes constant). ``progress`` gets
-    0-100 (output frames done / expected). The write is atomic."""
+    0-100 (output frames done / expected). The write is atomic. A file whose header announces
+    more frames than can be decoded (a truncated upload) is a :class:`MediaError`, not a short
+    output."""
     src, dst = Path(src), Path(dst)
     with open_video(src) as (container, stream):
         src_rate = stream_rate(stream)
@@ -49,5 +51,11 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
                 report.step()
             if writer.frames == 0:
                 raise MediaError(src, "holds no decodable video frames")
+            declared = stream.frames or 0
+            expected = declared * out_rate / src_rate
+            if declared and writer.frames < 0.95 * expected - 2:
+                raise MediaError(src, f"truncated: its header announces {declared} frames but "
+                                      f"only about {round(writer.frames * src_rate / out_rate)} "
+                                      "could be decoded")
     report.finish()
     return dst

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 
 from framepipe import media
-from framepipe.errors import InvalidKeyError
+from framepipe.errors import InvalidKeyError, MediaError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.processors.adapters import adapter_from_settings, as_step_progress
@@ -97,9 +97,12 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
     src = _fetch(ctx, ctx.data["input_key"])
     dst = ctx.tempdir() / "preprocessed.mp4"
-    media.normalise(src, dst, width=int(ctx.inputs.get("width", 640)),
-                    fps=float(ctx.inputs.get("fps", 25)), preset="veryfast",
-                    progress=ctx.progress)
+    try:
+        media.normalise(src, dst, width=int(ctx.inputs.get("width", 640)),
+                        fps=float(ctx.inputs.get("fps", 25)), preset="veryfast",
+                        progress=ctx.progress)
+    except MediaError as exc:  # name the user's file, not this step's temporary copy
+        raise MediaError(str(ctx.inputs["input"]), exc.reason) from exc
     key = f"{_prefix(ctx)}/preprocessed.mp4"
     ctx.objects.put_file(key, dst)
     return {"preprocessed_key": key, "preprocessed_info": media.probe(dst).as_dict()}

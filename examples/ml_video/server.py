@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""An example model server on seed 003's HTTP contract, standard library only.
+
+    python server.py --host 127.0.0.1 --port 5000 --output-root /srv/ml-frames
+
+``POST /infer`` with a ``multipart/form-data`` body: ``input_file`` (the video), ``prompt``,
+``style``, ``seed``. It runs :func:`model.run` (the same transform as ``model.py``) and answers
+``{"success": true, "frames_path": "<output-root>/<request id>/frames", "frames": N}``; on
+failure HTTP 500 with ``{"success": false, "error": "..."}`` (HTTP 400 for a malformed request).
+``GET /health`` answers ``{"ok": true}`` (a readiness probe).
+
+``frames_path`` is a path on this machine: the pipeline reads the frames from disk, so the
+server and the worker must share ``--output-root`` (same machine or a shared volume). Each
+request's folder stays there for the client to read; clean it up with a cron job or tmpfs.
+
+``--fail MESSAGE`` answers every ``/infer`` with HTTP 500 and that message, to try a client's
+error handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import uuid
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import model  # model.py next to this file
+
+__all__ = ["ModelServer", "parse_multipart"]
+
+MAX_BODY = 2 * 1024**3
+
+
+class BadRequest(Exception):
+    """The request is malformed (HTTP 400)."""
+
+
+def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a ``multipart/form-data`` body: ``{name: (filename or None, bytes)}``."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise BadRequest(f"expected multipart/form-data, not {content_type or 'no content type'}")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise BadRequest("the multipart body cannot be parsed (boundary missing?)")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        assert isinstance(part, Message)
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        fields[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return fields
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ModelServer
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _read_form(self) -> tuple[dict[str, tuple[str | None, bytes]], int]:
+        """The request's form fields and seed; :class:`BadRequest` when malformed."""
+        raw = self.headers.get("Content-Length") or "-1"
+        length = int(raw) if raw.strip().isdigit() else -1
+        if not 0 <= length <= MAX_BODY:
+            raise BadRequest("a Content-Length up to 2 GiB is required")
+        fields = parse_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
+        if "input_file" not in fields:
+            raise BadRequest("the form has no 'input_file'")
+        seed_text = fields.get("seed", (None, b"0"))[1].decode() or "0"
+        try:
+            return fields, int(seed_text)
+        except ValueError as exc:
+            raise BadRequest(f"seed {seed_text!r} is not an integer") from exc
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/health":
+            self._answer(200, {"ok": True})
+        else:
+            self._answer(404, {"success": False, "error": f"no route {self.path}"})
+
+    def do_POST(self) -> None:
+        if self.path.split("?")[0] != "/infer":
+            self._answer(404, {"success": False, "error": f"no route {self.path}"})
+            return
+        try:
+            fields, seed = self._read_form()
+        except BadRequest as exc:
+            self._answer(400, {"success": False, "error": str(exc)})
+            return
+        if self.server.fail:
+            self._answer(500, {"success": False, "error": self.server.fail})
+            return
+        filename, content = fields["input_file"]
+        style = fields.get("style", (None, b"cartoon"))[1].decode() or "cartoon"
+        prompt = fields.get("prompt", (None, b""))[1].decode()
+        workdir = self.server.output_root / uuid.uuid4().hex
+        workdir.mkdir(parents=True)
+        source = workdir / ("input" + (Path(filename).suffix if filename else ".mp4"))
+        source.write_bytes(content)
+        try:
+            frames = model.run(source, workdir, style=style, seed=seed)
+        except Exception as exc:
+            self.log_message("inference failed: %s", exc)
+            # name the client's file, not this server's temporary copy
+            error = str(exc).replace(str(source), filename or "input_file")
+            self._answer(500, {"success": False, "error": error})
+            return
+        finally:
+            source.unlink(missing_ok=True)
+        count = sum(1 for _ in frames.glob("*.png"))
+        self._answer(200, {"success": True, "frames_path": str(frames.resolve()),
+                           "frames": count, "prompt": prompt, "style": style})
+
+
+class ModelServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], output_root: Path, fail: str = "") -> None:
+        super().__init__(address, Handler)
+        self.output_root = output_root
+        self.fail = fail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--output-root", required=True, type=Path,
+                        help="where each request's frames are written (shared with the worker)")
+    parser.add_argument("--fail", default="", metavar="MESSAGE",
+                        help="answer every /infer with HTTP 500 and MESSAGE (for testing)")
+    args = parser.parse_args(argv)
+    root = args.output_root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with ModelServer((args.host, args.port), root, args.fail) as server:
+        print(f"model server on http://{args.host}:{server.server_port} "
+              f"(frames under {root})", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
