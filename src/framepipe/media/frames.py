@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -97,18 +100,35 @@ def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
     """Encode images into an H.264 MP4 at ``dst``.
 
     ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
-    The video takes the first image's size (made even); other sizes are scaled to it."""
+    The video takes the first image's size (made even); other sizes are scaled to it. Images
+    are read ahead on two threads (OpenCV releases the GIL), in order, at most
+    ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the folder in
+    memory."""
     paths = _frame_list(frames)
     dst = Path(dst)
     first = _read(paths[0])
     height, width = first.shape[:2]
     rate = Fraction(fps).limit_denominator(1001)
     report = Progress(progress, len(paths))
-    with atomic_output(dst) as tmp, H264Writer(tmp, width=even(width), height=even(height),
-                                                fps=rate, crf=crf, preset=preset) as writer:
-        for i, path in enumerate(paths):
-            image = first if i == 0 else _read(path)
+    with (ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,
+          atomic_output(dst) as tmp,
+          H264Writer(tmp, width=even(width), height=even(height), fps=rate, crf=crf,
+                     preset=preset) as writer):
+        pending: collections.deque[Future[np.ndarray]] = collections.deque()
+        upcoming = iter(paths[1:])
+        writer.write(av.VideoFrame.from_ndarray(first, format="bgr24"))
+        report.step()
+        for path in itertools.islice(upcoming, _READ_AHEAD):
+            pending.append(pool.submit(_read, path))
+        while pending:
+            image = pending.popleft().result()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append(pool.submit(_read, nxt))
             writer.write(av.VideoFrame.from_ndarray(image, format="bgr24"))
             report.step()
     report.finish()
     return dst
+
+
+_READ_AHEAD = 4
