@@ -10,9 +10,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-from av.video.reformatter import VideoReformatter
 import av.container
 import av.video.stream
+from av.video.reformatter import VideoReformatter
 
 from framepipe.errors import MediaError
 
