@@ -217,11 +217,11 @@ class Hop:
                     await self._control(item)
                 await self._complete(idx, result)
                 continue
-            batch = self._take_batch(item)
-            if len(batch) == 1:
+            if not self._threaded:
                 self.stats.frames_in += 1
                 await self._complete(idx, await self._process(item))
                 continue
+            batch = self._take_batch(item)
             first = idx
             self._next_idx += len(batch) - 1
             self.stats.frames_in += len(batch)
@@ -233,13 +233,19 @@ class Hop:
     _BATCH = 16
     _CHEAP_S = 0.0005
 
+    @property
+    def _threaded(self) -> bool:
+        """A sync processor run in this hop's threads. Its calls are timed inside the thread
+        (``_call_batch``), so the batching decision sees the processor's own cost, not the
+        hand-off and queueing delays of a loaded machine."""
+        return self._executor is not None and self._handle is None and not self._is_async
+
     def _take_batch(self, item: Any) -> list[Any]:
         """``item`` plus, for a cheap threaded processor, frames already queued behind it,
         so that one thread hand-off serves several frames. Each worker takes at most its share
         of the queue, so the other workers stay busy."""
         batch = [item]
-        if (self._executor is None or self._handle is not None or self._is_async
-                or self._cost > self._CHEAP_S):
+        if self._cost > self._CHEAP_S:
             return batch
         limit = min(self._BATCH, 1 + len(self.queue) // self.workers)
         while len(batch) < limit:
@@ -271,11 +277,8 @@ class Hop:
                 assert self.processor is not None
                 if self._is_async:
                     result = await self.processor.process(item)
-                elif self.inline:
+                else:  # inline: threaded processors go through _call_batch
                     result = self.processor.process(item)
-                else:
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self.processor.process, item)
         except Exception as exc:
             return self._account(item, None, exc, time.perf_counter() - started)
         return self._account(item, result, None, time.perf_counter() - started)
