@@ -52,6 +52,7 @@ import cv2
 import numpy as np
 import redis as redis_sync
 import run_all
+from live import met, pct, spread
 
 from framepipe.frames import Frame
 from framepipe.processors import Processor, ProcessorClient, ProcessorRegistry, RemoteProcessor
@@ -258,25 +259,6 @@ async def local_processor(registry: ProcessorRegistry, ns: str, processor_id: st
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    """``median (min-max)`` of repeated runs."""
-    text = fmt.format(statistics.median(values))
-    if len(values) > 1:
-        text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})"
-    return text
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "**not met**"
 
 
 def test_image(width: int, height: int) -> tuple[np.ndarray, str]:

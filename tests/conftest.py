@@ -7,6 +7,7 @@ the PostgreSQL cases skip with the reason, except under ``CI=true``, where they 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from framepipe.config import Settings
 # Never let an AWS SDK look for instance metadata (a non-loopback address) during the tests.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
+REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("FRAMEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -79,3 +81,26 @@ def store(settings: Settings) -> Iterator[StateStore]:
     """An open state store on the backend under test."""
     with StateStore(settings.resolved_database_url) as s:
         yield s
+
+
+@contextlib.contextmanager
+def redis_namespace(prefix: str) -> Iterator[str]:
+    """A fresh key prefix on the real Redis (``REDIS_URL``); every key under it, result streams
+    included, is deleted afterwards. Skips (laptop) or fails (CI) when Redis is missing."""
+    try:
+        import redis
+    except ImportError as exc:
+        service_missing("the redis package (pip install 'framepipe[redis]')", exc)
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        service_missing(f"Redis at {REDIS_URL}", exc)
+    namespace = f"{prefix}{uuid.uuid4().hex[:10]}:"
+    try:
+        yield namespace
+    finally:
+        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

