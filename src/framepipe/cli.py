@@ -146,14 +146,19 @@ def _settings(ctx: typer.Context, **extra: Any) -> Settings:
     return settings
 
 
-def _open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
-    return StateStore(settings.resolved_database_url,
-                      sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
-
-
-def _recover(store: StateStore, settings: Settings) -> None:
-    """Mark executions whose process died as interrupted (or failed, for poison steps)."""
-    recover_for(store, settings)
+def _open_store(settings: Settings, *, migrate: bool = True,
+                recover: bool = False) -> StateStore:
+    """The state store; with ``recover``, executions whose process died are first marked
+    interrupted (or failed, for poison steps), so listings show them as they are."""
+    store = StateStore(settings.resolved_database_url,
+                       sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
+    if recover:
+        try:
+            recover_for(store, settings)
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def _flush_std() -> None:
@@ -542,8 +547,7 @@ def jobs_list(
             if value not in known:
                 raise _UsageError(f"--status {value!r}: use one of {', '.join(known)}")
         settings = _settings(ctx)
-        with _open_store(settings) as store:
-            _recover(store, settings)
+        with _open_store(settings, recover=True) as store:
             rows = list_executions(store, limit=limit, status=status or None, pipeline=pipeline)
     if as_json:
         items = []
@@ -585,8 +589,7 @@ def jobs_show(
     """Show one execution with its steps."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings) as store:
-            _recover(store, settings)
+        with _open_store(settings, recover=True) as store:
             info = get_execution(store, execution_id)
     if as_json:
         _dump_json(info.to_dict())
@@ -644,8 +647,7 @@ def jobs_retry(
     """Resume a failed, cancelled or interrupted execution; completed steps are not re-run."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings) as store:
-            _recover(store, settings)
+        with _open_store(settings, recover=True) as store:
             info = get_execution(store, execution_id, with_steps=False)
             if not info.status.retryable:
                 what = ("has completed; nothing to retry"
@@ -678,8 +680,7 @@ def jobs_cancel(
     """Cancel an execution (at once, or through the process running it)."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings) as store:
-            _recover(store, settings)
+        with _open_store(settings, recover=True) as store:
             full_id = find_execution(store, execution_id)
             events = request_cancel(store, full_id)
     console = _console()
