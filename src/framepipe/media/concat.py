@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,16 +13,24 @@ import numpy as np
 
 from framepipe.errors import MediaError
 from framepipe.media._io import (
+    AudioFormat,
+    AudioQueue,
     H264Writer,
     Progress,
     ProgressCallback,
+    Upright,
     atomic_output,
+    audio_format,
     decode,
+    decode_with_audio,
     estimate_frames,
     even,
+    frame_rotation,
     open_video,
+    peek,
     resample,
     stream_rate,
+    stream_start,
 )
 
 __all__ = ["concat"]
@@ -44,39 +53,87 @@ def _fit(frames: Iterator[av.VideoFrame], width: int, height: int) -> Iterator[a
         yield av.VideoFrame.from_ndarray(np.asarray(padded, dtype=np.uint8), format="bgr24")
 
 
+@dataclass(frozen=True)
+class _Part:
+    path: Path
+    frames: int
+    rate: Fraction
+    width: int  # upright
+    height: int
+    rotation: int
+    audio: AudioFormat | None
+
+
+def _survey(path: Path) -> _Part:
+    with open_video(path) as (container, stream):
+        first, _ = peek(decode(container, stream, path))
+        if first is None:
+            raise MediaError(path, "holds no decodable video frames")
+        turn = Upright(frame_rotation(first, stream))
+        width, height = turn.size(stream.width, stream.height)
+        sound = container.streams.audio
+        return _Part(path, estimate_frames(stream, container), stream_rate(stream), width,
+                     height, turn.rotation, audio_format(sound[0]) if sound else None)
+
+
+def _ignore(frame: av.AudioFrame) -> None:
+    pass
+
+
 def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = None,
            height: int | None = None, fps: float | Fraction | None = None, crf: int = 23,
-           preset: str = "medium", progress: ProgressCallback | None = None) -> Path:
+           preset: str = "medium", audio: bool = True,
+           progress: ProgressCallback | None = None) -> Path:
     """Join ``parts`` (e.g. intro, main clip, splash screen) into one H.264 MP4 at ``dst``.
 
     Every part is re-encoded to one size and frame rate: ``width``/``height``/``fps`` when
-    given, else the first part's. A part of another aspect ratio is letterboxed (scaled to fit,
-    padded black); another frame rate is converted (frames dropped or repeated). Video only.
-    Atomic write."""
+    given, else the first part's (upright: a part with a display rotation is turned upright
+    first, and the output has no rotation). A part of another aspect ratio is letterboxed
+    (scaled to fit, padded black); another frame rate is converted (frames dropped or
+    repeated).
+
+    Audio: when any part has sound (and ``audio`` is true) the output has one AAC track at
+    the first such part's rate, stereo if any part is stereo. Each part's sound is aligned with
+    its video and made exactly as long as that part's video (cut, or padded with silence), so
+    the parts stay in sync; a part without sound contributes silence. When no part has
+    sound, the output has none. Atomic write."""
     paths = [Path(p) for p in parts]
     if not paths:
         raise ValueError("concat needs at least one part")
-    with open_video(paths[0]) as (_, first):
-        out_w = even(width if width is not None else first.width)
-        out_h = even(height if height is not None else first.height)
-        out_rate = Fraction(fps).limit_denominator(1001) if fps else stream_rate(first)
-    total = 0
-    for path in paths:
-        with open_video(path) as (container, stream):
-            total += round(estimate_frames(stream, container) * out_rate / stream_rate(stream))
+    survey = [_survey(path) for path in paths]
+    first = survey[0]
+    out_w = even(width if width is not None else first.width)
+    out_h = even(height if height is not None else first.height)
+    out_rate = Fraction(fps).limit_denominator(1001) if fps else first.rate
+    total = sum(round(part.frames * out_rate / part.rate) for part in survey)
+    sounds = [part.audio for part in survey if part.audio is not None] if audio else []
+    queue = None
+    if sounds:
+        stereo = any(fmt.layout == "stereo" for fmt in sounds)
+        queue = AudioQueue(AudioFormat(sounds[0].rate, "stereo" if stereo else "mono"))
     dst = Path(dst)
     report = Progress(progress, total)
     with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h, fps=out_rate,
-                                                crf=crf, preset=preset) as writer:
-        for path in paths:
+                                                crf=crf, preset=preset,
+                                                audio=queue) as writer:
+        for part in survey:
             before = writer.frames
-            with open_video(path) as (container, stream):
-                frames = resample(decode(container, stream, path), stream_rate(stream),
-                                  out_rate)
-                for frame in _fit(frames, out_w, out_h):
+            with open_video(part.path) as (container, stream):
+                astream = None
+                if queue is not None:
+                    queue.begin(stream_start(stream))
+                    if container.streams.audio:
+                        astream = container.streams.audio[0]
+                frames = decode_with_audio(container, stream, astream,
+                                           queue.push if queue is not None else _ignore,
+                                           part.path)
+                turn = Upright(part.rotation)
+                for frame in _fit(turn.frames(resample(frames, part.rate, out_rate)), out_w,
+                                  out_h):
                     writer.write(frame)
                     report.step()
             if writer.frames == before:
-                raise MediaError(path, "holds no decodable video frames")
+                raise MediaError(part.path, "holds no decodable video frames")
+            writer.end_part()
     report.finish()
     return dst

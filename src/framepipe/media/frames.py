@@ -22,7 +22,9 @@ from framepipe.media._io import (
     decode,
     estimate_frames,
     even,
+    frame_rotation,
     open_video,
+    upright_image,
 )
 
 __all__ = ["IMAGE_SUFFIXES", "extract_frames", "stitch", "write_image"]
@@ -46,6 +48,7 @@ def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
     """Save every ``every``-th frame of ``src`` as ``out_dir/frame_NNNNNN.<fmt>``.
 
     NNNNNN is the frame's index in the source (0-based). Stops after ``max_frames`` images.
+    Images are upright: a clip with a display rotation is turned as players turn it.
     Returns the written paths in order; each file is written atomically."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
@@ -58,12 +61,15 @@ def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
         if max_frames is not None:
             wanted = min(wanted, max_frames)
         report = Progress(progress, wanted)
+        rotation: int | None = None
         for index, frame in enumerate(decode(container, stream, src)):
+            if rotation is None:
+                rotation = frame_rotation(frame, stream)
             if max_frames is not None and len(written) >= max_frames:
                 break
             if index % every:
                 continue
-            image = frame.to_ndarray(format="bgr24")
+            image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
             written.append(write_image(out / f"frame_{index:06d}.{fmt}", image,
                                        quality=quality))
             report.step()

@@ -5,52 +5,80 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import av
+
 from framepipe.errors import MediaError
 from framepipe.media._io import (
+    AudioQueue,
     H264Writer,
     Progress,
     ProgressCallback,
+    Upright,
     atomic_output,
-    decode,
+    audio_format,
+    decode_with_audio,
     estimate_frames,
     fit_size,
+    frame_rotation,
     open_video,
+    peek,
     resample,
     stream_rate,
+    stream_start,
 )
 
 __all__ = ["normalise"]
 
 
+def _ignore(frame: av.AudioFrame) -> None:
+    pass
+
+
 def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
               height: int | None = None, fps: float | Fraction | None = None,
               pix_fmt: str = "yuv420p", crf: int = 23, preset: str = "medium",
-              progress: ProgressCallback | None = None) -> Path:
-    """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264, video only).
+              audio: bool = True, progress: ProgressCallback | None = None) -> Path:
+    """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264; sound as AAC).
 
-    Given only ``width`` or ``height``, the other side keeps the aspect ratio; sides are made
-    even. ``fps`` converts to a constant frame rate (frames dropped or repeated); by default the
-    source's average rate is kept (a variable frame rate becomes constant). ``progress`` gets
-    0-100 (output frames done / expected). The write is atomic. A file whose header announces
-    more frames than can be decoded (a truncated upload) is a :class:`MediaError`, not a short
-    output."""
+    Rotation: a clip with a display rotation (a phone's portrait video) comes out upright,
+    turned as players turn it, and the output carries no rotation; ``width``/``height`` are
+    of the upright picture. Given only ``width`` or ``height``, the other side keeps the
+    aspect ratio; sides are made even. ``fps`` converts to a constant frame rate (frames
+    dropped or repeated); by default the source's average rate is kept (a variable frame rate
+    becomes constant).
+
+    Audio: the first audio stream is kept (``audio=False`` drops it), re-encoded to AAC at its
+    own rate (48 kHz if AAC lacks that rate), mono or stereo, aligned with the video's start;
+    it is not cut at the video's end. A source without audio gives an output without audio.
+
+    ``progress`` gets 0-100 (output frames done / expected). The write is atomic. A file whose
+    header announces more frames than can be decoded (a truncated upload) is a
+    :class:`MediaError`, not a short output."""
     src, dst = Path(src), Path(dst)
     with open_video(src) as (container, stream):
         src_rate = stream_rate(stream)
         out_rate = Fraction(fps).limit_denominator(1001) if fps else src_rate
         if out_rate <= 0:
             raise ValueError(f"fps must be positive, not {fps}")
-        out_w, out_h = fit_size(stream.width, stream.height, width, height)
+        astream = container.streams.audio[0] if audio and container.streams.audio else None
+        queue = AudioQueue(audio_format(astream)) if astream is not None else None
+        if queue is not None:
+            queue.begin(stream_start(stream))
+        first, frames = peek(decode_with_audio(container, stream, astream,
+                                               queue.push if queue is not None else _ignore,
+                                               src))
+        if first is None:
+            raise MediaError(src, "holds no decodable video frames")
+        turn = Upright(frame_rotation(first, stream))
+        out_w, out_h = fit_size(*turn.size(stream.width, stream.height), width, height)
         total = round(estimate_frames(stream, container) * out_rate / src_rate)
         report = Progress(progress, total)
         with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h,
                                                     fps=out_rate, crf=crf, preset=preset,
-                                                    pix_fmt=pix_fmt) as writer:
-            for frame in resample(decode(container, stream, src), src_rate, out_rate):
+                                                    pix_fmt=pix_fmt, audio=queue) as writer:
+            for frame in turn.frames(resample(frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
-            if writer.frames == 0:
-                raise MediaError(src, "holds no decodable video frames")
             declared = stream.frames or 0
             expected = declared * out_rate / src_rate
             if declared and writer.frames < 0.95 * expected - 2:

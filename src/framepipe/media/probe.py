@@ -9,7 +9,7 @@ from typing import Any
 import av
 
 from framepipe.errors import MediaError
-from framepipe.media._io import estimate_frames, open_video
+from framepipe.media._io import estimate_frames, frame_rotation, open_video
 
 __all__ = ["MediaInfo", "probe"]
 
@@ -19,8 +19,12 @@ class MediaInfo:
     """Facts about a video file.
 
     ``rotation`` is the display rotation in degrees counter-clockwise (0, 90, 180, 270), from
-    the stream's display matrix or, failing that, the legacy ``rotate`` tag (which is clockwise).
+    the stream's display matrix or, failing that, the legacy ``rotate`` tag (which is
+    clockwise): how far players turn the stored picture to show it upright. ``width`` and
+    ``height`` are of the stored picture; :attr:`display_size` is the upright one. The media
+    functions that write images or video turn it upright themselves.
     ``frames`` comes from the container header, else it is estimated from duration x fps.
+    ``audio_duration`` is the first audio stream's length in seconds (None without audio).
     """
 
     path: Path
@@ -35,22 +39,20 @@ class MediaInfo:
     rotation: int
     size: int
     container: str
+    audio_duration: float | None = None
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) as shown: the stored size, swapped by a quarter-turn rotation."""
+        if self.rotation in (90, 270):
+            return self.height, self.width
+        return self.width, self.height
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values (the path as a string)."""
         data = asdict(self)
         data["path"] = str(self.path)
         return data
-
-
-def _rotation_from_tag(tags: dict[str, str]) -> int | None:
-    value = tags.get("rotate")
-    if value is None:
-        return None
-    try:
-        return (-int(float(value))) % 360
-    except ValueError:
-        return None
 
 
 def probe(path: Path | str) -> MediaInfo:
@@ -67,16 +69,22 @@ def probe(path: Path | str) -> MediaInfo:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        rotation = None
+        first = None
         try:
             for frame in container.decode(stream):
-                rotation = round(frame.rotation) % 360
+                first = frame
                 break
         except av.FFmpegError as exc:
             raise MediaError(path, f"the video stream cannot be decoded ({exc})") from exc
-        if not rotation:
-            rotation = _rotation_from_tag(dict(stream.metadata)) or rotation or 0
+        rotation = frame_rotation(first, stream)
         audio = container.streams.audio
+        audio_duration = None
+        if audio:
+            sound = audio[0]
+            if sound.duration is not None and sound.time_base is not None:
+                audio_duration = float(sound.duration * sound.time_base)
+            else:
+                audio_duration = duration
         return MediaInfo(
             path=path,
             duration=duration,
@@ -90,4 +98,5 @@ def probe(path: Path | str) -> MediaInfo:
             rotation=rotation,
             size=path.stat().st_size,
             container=container.format.name,
+            audio_duration=audio_duration,
         )

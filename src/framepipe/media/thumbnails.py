@@ -7,6 +7,7 @@ from pathlib import Path
 import av
 import av.container
 import av.video.stream
+import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
@@ -16,9 +17,11 @@ from framepipe.media._io import (
     decode,
     estimate_frames,
     even,
+    frame_rotation,
     frame_seconds,
     open_video,
     stream_rate,
+    upright_image,
 )
 from framepipe.media.frames import write_image
 
@@ -82,22 +85,26 @@ def _frames_in_one_pass(container: av.container.InputContainer,
     return picked
 
 
-def _scaled(frame: av.VideoFrame, width: int | None) -> np.ndarray:
+def _scaled(frame: av.VideoFrame, width: int | None, rotation: int) -> np.ndarray:
+    """The frame as an upright BGR image, ``width`` wide (keeping the aspect) if given."""
+    image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
     if width is None:
-        return frame.to_ndarray(format="bgr24")
-    height = even(frame.height * width / frame.width)
-    return frame.reformat(width=width, height=height, format="bgr24",
-                          interpolation="AREA").to_ndarray()
+        return image
+    h, w = image.shape[:2]
+    return np.asarray(cv2.resize(image, (width, even(h * width / w)),
+                                 interpolation=cv2.INTER_AREA))
 
 
 def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
               width: int | None = None, quality: int = 90) -> Path:
     """Save the frame at ``at`` seconds (default: the middle) as an image (format from
-    ``dst``'s suffix), scaled to ``width`` keeping the aspect if given. Atomic write."""
+    ``dst``'s suffix), scaled to ``width`` keeping the aspect if given, upright (a clip with a
+    display rotation is turned as players turn it). Atomic write."""
     src, dst = Path(src), Path(dst)
     with open_video(src) as (container, stream):
         when = _duration(container, stream) / 2 if at is None else max(0.0, at)
-        image = _scaled(_frame_at(container, stream, src, when), width)
+        frame = _frame_at(container, stream, src, when)
+        image = _scaled(frame, width, frame_rotation(frame, stream))
     return write_image(dst, image, quality=quality)
 
 
@@ -108,15 +115,13 @@ def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int
 
     Tiles are ``width // cols`` wide (even) and keep the video's aspect; the sheet is
     ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
-    ``(i + 0.5) / (cols * rows)`` of the duration. Atomic write."""
+    ``(i + 0.5) / (cols * rows)`` of the duration. Tiles are upright (a clip with a display
+    rotation is turned as players turn it). Atomic write."""
     if cols < 1 or rows < 1:
         raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
     src, dst = Path(src), Path(dst)
     count = cols * rows
     with open_video(src) as (container, stream):
-        tile_w = even(width // cols)
-        tile_h = even(stream.height * tile_w / stream.width)
-        sheet = np.zeros((tile_h * rows, tile_w * cols, 3), dtype=np.uint8)
         duration = _duration(container, stream)
         total = estimate_frames(stream, container)
         times = [duration * (i + 0.5) / count for i in range(count)]
@@ -128,9 +133,17 @@ def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int
             for when in times:
                 frames.append(_frame_at(container, stream, src, when))
                 report.step()
+        rotation = frame_rotation(frames[0], stream)
+        sideways = rotation in (90, 270)
+        shown_w, shown_h = (stream.height, stream.width) if sideways else (stream.width,
+                                                                            stream.height)
+        tile_w = even(width // cols)
+        tile_h = even(shown_h * tile_w / shown_w)
+        sheet = np.zeros((tile_h * rows, tile_w * cols, 3), dtype=np.uint8)
         for i, frame in enumerate(frames):
-            tile = frame.reformat(width=tile_w, height=tile_h, format="bgr24",
-                                  interpolation="AREA").to_ndarray()
+            raw_w, raw_h = (tile_h, tile_w) if sideways else (tile_w, tile_h)
+            tile = upright_image(frame.reformat(width=raw_w, height=raw_h, format="bgr24",
+                                                interpolation="AREA").to_ndarray(), rotation)
             r, c = divmod(i, cols)
             sheet[r * tile_h:(r + 1) * tile_h, c * tile_w:(c + 1) * tile_w] = tile
     write_image(dst, sheet, quality=quality)

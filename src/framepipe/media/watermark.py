@@ -10,14 +10,20 @@ import numpy as np
 
 from framepipe.errors import MediaError
 from framepipe.media._io import (
+    AudioQueue,
     H264Writer,
     Progress,
     ProgressCallback,
     atomic_output,
-    decode,
+    audio_format,
+    decode_with_audio,
     estimate_frames,
+    frame_rotation,
     open_video,
+    peek,
     stream_rate,
+    stream_start,
+    upright_image,
 )
 
 __all__ = ["POSITIONS", "overlay_position", "render_text", "watermark"]
@@ -74,21 +80,34 @@ def overlay_position(position: str, frame_size: tuple[int, int], patch_size: tup
 def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
               image: Path | str | np.ndarray | None = None, position: str = "bottom-right",
               opacity: float = 0.8, margin: int = 16, font_scale: float | None = None,
-              crf: int = 23, preset: str = "medium",
+              crf: int = 23, preset: str = "medium", audio: bool = True,
               progress: ProgressCallback | None = None) -> Path:
     """Blend ``text`` or ``image`` (PNG alpha respected) into every frame; H.264 MP4 at ``dst``.
 
     The overlay sits at ``position`` (``top-left``, ``top-right``, ``bottom-left``,
-    ``bottom-right``, ``center``) ``margin`` pixels from the edges; only that region of each
-    frame changes. Text scales with the frame height unless ``font_scale`` is given. Frame
-    size and rate are kept. Atomic write."""
+    ``bottom-right``, ``center``) ``margin`` pixels from the edges of the upright picture (a
+    clip with a display rotation is turned upright first; the output has no rotation); only
+    that region of each frame changes. Text scales with the frame height unless ``font_scale``
+    is given. Frame size and rate are kept. The first audio stream is kept, re-encoded to AAC
+    as :func:`~framepipe.media.normalise` does (``audio=False`` drops it). Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0-1, not {opacity}")
     src, dst = Path(src), Path(dst)
     with open_video(src) as (container, stream):
-        fw, fh = stream.width, stream.height
+        astream = container.streams.audio[0] if audio and container.streams.audio else None
+        queue = AudioQueue(audio_format(astream)) if astream is not None else None
+        if queue is not None:
+            queue.begin(stream_start(stream))
+        first, frames = peek(decode_with_audio(container, stream, astream,
+                                               queue.push if queue is not None else _ignore,
+                                               src))
+        if first is None:
+            raise MediaError(src, "holds no decodable video frames")
+        rotation = frame_rotation(first, stream)
+        fw, fh = (stream.height, stream.width) if rotation in (90, 270) else (stream.width,
+                                                                               stream.height)
         if text is not None:
             scale = font_scale if font_scale is not None else max(0.4, fh / 720)
             patch, alpha = render_text(text, font_scale=scale,
@@ -110,15 +129,18 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
         report = Progress(progress, estimate_frames(stream, container))
         with atomic_output(dst) as tmp, H264Writer(tmp, width=fw - fw % 2, height=fh - fh % 2,
                                                     fps=stream_rate(stream), crf=crf,
-                                                    preset=preset) as writer:
-            for frame in decode(container, stream, src):
-                bgr = frame.to_ndarray(format="bgr24")
+                                                    preset=preset, audio=queue) as writer:
+            for frame in frames:
+                bgr = np.ascontiguousarray(upright_image(frame.to_ndarray(format="bgr24"),
+                                                         rotation))
                 region = bgr[y:y + ph, x:x + pw]
                 region[:] = (region.astype(np.float32) * keep + fg).astype(np.uint8)
                 out = av.VideoFrame.from_ndarray(bgr, format="bgr24")
                 writer.write(out)
                 report.step()
-            if writer.frames == 0:
-                raise MediaError(src, "holds no decodable video frames")
     report.finish()
     return dst
+
+
+def _ignore(frame: av.AudioFrame) -> None:
+    pass
