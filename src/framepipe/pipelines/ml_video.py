@@ -12,7 +12,8 @@ Inputs: ``input`` (a local file or an object key), ``prompt``, ``style`` (defaul
 the seed's settings (``MODEL_ADAPTER_TYPE=mock|python|http``, ``PYTHON_SCRIPT``,
 ``MODEL_API_URL``, ``MODEL_API_TIMEOUT``).
 
-Every step works in its own temporary folder (deleted afterwards, failed or not) and passes
+The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails). Every
+step works in its own temporary folder (deleted afterwards, failed or not) and passes
 its results on through the object store under ``ml/<execution id>/``, so steps can run on
 different workers and a retry resumes at the failed step. The weights make the execution's
 progress follow the seed's ranges: fetch 0-10 %, preprocess 10-15 %, inference 15-65 %,
@@ -95,17 +96,14 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["fetch"], weight=5, retries=2)
 def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
-    src = _fetch(ctx, ctx.data["input_key"])
-    dst = ctx.tempdir() / "preprocessed.mp4"
     try:
-        media.normalise(src, dst, width=int(ctx.inputs.get("width", 640)),
-                        fps=float(ctx.inputs.get("fps", 25)), preset="veryfast",
-                        progress=ctx.progress)
-    except MediaError as exc:  # name the user's file, not this step's temporary copy
+        out = media.run_media(ctx, "normalise", ctx.data["input_key"],
+                              key="ml/{execution_id}/preprocessed.mp4",
+                              width=int(ctx.inputs.get("width", 640)),
+                              fps=float(ctx.inputs.get("fps", 25)), preset="veryfast")
+    except MediaError as exc:  # name the user's file, not this job's copy of it
         raise MediaError(str(ctx.inputs["input"]), exc.reason) from exc
-    key = f"{_prefix(ctx)}/preprocessed.mp4"
-    ctx.objects.put_file(key, dst)
-    return {"preprocessed_key": key, "preprocessed_info": media.probe(dst).as_dict()}
+    return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
 
 
 @ml_video.step(depends_on=["preprocess"], weight=50, retries=1)
@@ -163,15 +161,11 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
 def thumbnails(ctx: StepContext) -> dict[str, Any]:
     """A thumbnail and a contact sheet of the result."""
-    video = _fetch(ctx, ctx.data["video"])
-    thumb = media.thumbnail(video, ctx.tempdir() / "thumbnail.jpg", width=320)
-    ctx.progress(30)
-    grid = media.thumbnail_grid(video, ctx.tempdir() / "grid.jpg", cols=3, rows=2, width=960,
-                                progress=lambda pct: ctx.progress(30 + 0.7 * pct))
-    keys = {"thumbnail": f"{_prefix(ctx)}/thumbnail.jpg", "grid": f"{_prefix(ctx)}/grid.jpg"}
-    ctx.objects.put_file(keys["thumbnail"], thumb)
-    ctx.objects.put_file(keys["grid"], grid)
-    return keys
+    thumb = media.run_media(ctx, "thumbnail", ctx.data["video"], width=320,
+                            key="ml/{execution_id}/thumbnail.jpg")
+    grid = media.run_media(ctx, "thumbnail_grid", ctx.data["video"], cols=3, rows=2, width=960,
+                           key="ml/{execution_id}/grid.jpg")
+    return {"thumbnail": thumb["key"], "grid": grid["key"]}
 
 
 @ml_video.step(depends_on=["thumbnails"], weight=5)

@@ -1,0 +1,283 @@
+"""framepipe.media.steps: the media toolkit as ready job steps, run by the real job engine on
+real clips, with the object store, progress, temp folders and failures checked."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from framepipe import (
+    ExecutionStatus,
+    JobEngine,
+    Pipeline,
+    Settings,
+    StateStore,
+    StepContext,
+    open_object_store,
+)
+from framepipe.backends.objects import ObjectStore
+from framepipe.errors import StepParamsError
+from framepipe.media import probe
+from framepipe.media.steps import OPERATIONS, Input, media_step, run_media
+from media import audio_of, dominant_hz, make_clip, make_qr_clip
+
+FAST = "ultrafast"
+
+
+def run(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
+    async def main() -> Any:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(pipeline, inputs, raise_on_failure=False)
+
+    return asyncio.run(asyncio.wait_for(main(), 120))
+
+
+@pytest.fixture
+def objects(settings: Settings) -> ObjectStore:
+    return open_object_store(settings.resolved_objects_url)
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder every temporary directory goes to during the test (to check it is empty)."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def fetch(objects: ObjectStore, key: str, folder: Path) -> Path:
+    return objects.get_file(key, folder / key.replace("/", "_"))
+
+
+def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_path: Path,
+                                                        objects: ObjectStore,
+                                                        scratch: Path) -> None:
+    video = make_clip(tmp_path / "video.mp4", frames=50, size=(320, 240), tone_hz=440)
+    intro = make_clip(tmp_path / "intro.mp4", frames=25, size=(320, 240))
+    objects.put_file("uploads/intro.mp4", intro)  # one source from the object store
+    booking = make_qr_clip(tmp_path / "qr.mp4", [(None, 10), ("BOOKING-42", 20)])
+
+    p = Pipeline("publish")
+    media_step(p, "probe", name="check", source="video")
+    media_step(p, "normalise", source="video", width=Input("width", 320), fps=10,
+               preset=FAST, depends_on=["check"])
+    media_step(p, "watermark", source="normalise", text="ACME", preset=FAST)
+    media_step(p, "concat", source=["intro", "watermark"], preset=FAST)
+    media_step(p, "thumbnail", source="concat", width=64, at=0.5)
+    media_step(p, "thumbnail_grid", name="grid", source="concat", cols=2, rows=2, width=128,
+               key="media/{execution_id}/sheet.png")
+    media_step(p, "extract_frames", name="frames", source="normalise", every=4)
+    media_step(p, "stitch", source="frames", fps=5, preset=FAST)
+    media_step(p, "decode_qr", name="qr", source="booking", every=2)
+    assert p.steps["watermark"].depends_on == ("normalise",)
+    assert p.steps["concat"].depends_on == ("watermark",)
+    assert p.steps["stitch"].depends_on == ("frames",)
+
+    info = run(settings, p, {"video": str(video), "intro": "uploads/intro.mp4",
+                             "booking": str(booking), "width": 160})
+    assert info.status is ExecutionStatus.COMPLETED, info.errors
+    data = info.data
+    here = tmp_path / "fetched"
+
+    assert data["check"]["info"]["width"] == 320 and data["check"]["source"] == "video"
+    assert data["check"]["info"]["path"] == str(video)
+
+    norm = data["normalise"]
+    assert norm["key"] == f"media/{info.id}/normalise.mp4"
+    assert (norm["info"]["width"], norm["info"]["height"], norm["info"]["fps"]) == (160, 120,
+                                                                                  10.0)
+    assert norm["info"]["path"] == norm["key"]
+    assert norm["size"] == objects.stat(norm["key"]).size
+    assert probe(fetch(objects, norm["key"], here)).frames == 20
+
+    joined = fetch(objects, data["concat"]["key"], here)
+    assert data["concat"]["source"] == ["intro", "watermark"]
+    assert probe(joined).frames == 75  # 1 s intro + 2 s of video (10 fps -> 25 fps)
+    samples, rate = audio_of(joined)  # the intro was silent, the video had its tone
+    assert float(np.abs(samples[: int(0.9 * rate)]).max()) < 0.01
+    assert dominant_hz(samples[int(1.1 * rate):int(2.9 * rate)], rate) == pytest.approx(440,
+                                                                                        abs=5)
+
+    thumb = data["thumbnail"]
+    assert (thumb["width"], thumb["height"]) == (64, 48)
+    assert objects.get(thumb["key"])[:2] == b"\xff\xd8"
+    grid = data["grid"]
+    assert grid["key"] == f"media/{info.id}/sheet.png"
+    assert objects.get(grid["key"])[:4] == b"\x89PNG" and grid["width"] == 128
+
+    frames = data["frames"]
+    assert frames["count"] == 5 and frames["prefix"] == f"media/{info.id}/frames"
+    assert [k.rsplit("/", 1)[-1] for k in frames["keys"]] == [
+        f"frame_{i:06d}.jpg" for i in (0, 4, 8, 12, 16)]
+    assert [o.key for o in objects.list(frames["prefix"] + "/")] == frames["keys"]
+    assert data["stitch"]["info"]["frames"] == 5 and data["stitch"]["info"]["fps"] == 5.0
+
+    assert data["qr"]["text"] == "BOOKING-42"
+    assert data["qr"]["codes"][0]["frame_index"] >= 10
+
+    assert list(scratch.iterdir()) == []  # every step's temp folder is gone
+
+
+def ctx_for(pipeline: Pipeline, step: str, settings: Settings, objects: ObjectStore,
+            inputs: dict[str, Any], posted: list[tuple[Any, ...]]) -> StepContext:
+    """A real StepContext whose messages to the scheduler are kept in ``posted``."""
+    return StepContext(pipeline=pipeline, execution_id="0123456789abcdef", step_key=step,
+                       step_name=step, attempt=1, inputs=inputs, data={}, params={},
+                       store=StateStore(settings.resolved_database_url),
+                       objects=lambda: objects, post=posted.append,
+                       has_key=lambda key: False)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("operation", ["normalise", "watermark", "extract_frames",
+                                       "thumbnail_grid", "concat"])
+def test_progress_is_real_and_reaches_100_within_the_step(settings: Settings, tmp_path: Path,
+                                                          objects: ObjectStore, scratch: Path,
+                                                          operation: str) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120))
+    objects.put_file("in/clip.mp4", clip)
+    p = Pipeline("progress")
+    options: dict[str, Any] = {"text": "x"} if operation == "watermark" else {}
+    if operation in ("normalise", "watermark", "concat"):
+        options["preset"] = FAST
+    source: Any = ["clip", "clip"] if operation == "concat" else "clip"
+    media_step(p, operation, name="work", source=source, **options)  # type: ignore[arg-type]
+    posted: list[tuple[Any, ...]] = []
+    ctx = ctx_for(p, "work", settings, objects, {"clip": "in/clip.mp4"}, posted)
+    try:
+        result = p.steps["work"].fn(ctx)["work"]
+    finally:
+        ctx._cleanup()
+    values = [m[3] for m in posted if m[0] == "progress"]
+    assert {m[4] for m in posted if m[0] == "progress"} == {operation}
+    assert values == sorted(values) and values[-1] == 100.0
+    assert values[0] <= 10.0  # the download
+    working = [v for v in values if 10.0 < v < 90.0]
+    assert len(working) >= 5, values  # frames done / total, not a jump to the end
+    assert result["source"] == source
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "audio_only"])
+def test_a_bad_input_fails_the_step_naming_it_cleans_up_and_uploads_nothing(
+        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
+        corruption: str) -> None:
+    good = make_clip(tmp_path / "good.mp4", frames=60, size=(160, 120), tone_hz=330,
+                     options={"movflags": "faststart"})
+    if corruption == "garbage":
+        bad = b"this is not a video\n" * 200
+    elif corruption == "truncated":
+        bad = good.read_bytes()[: good.stat().st_size * 2 // 3]
+    else:
+        sound = tmp_path / "voice.m4a"
+        import av
+
+        with av.open(str(sound), "w", format="mp4") as container:
+            stream = container.add_stream("aac", rate=8000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.float32), format="fltp",
+                                               layout="mono")
+            frame.sample_rate = 8000
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        bad = sound.read_bytes()
+    objects.put("uploads/clip.mp4", bad)
+    p = Pipeline("bad_input")
+    media_step(p, "normalise", source="clip", preset=FAST, retries=1, retry_delay=0.01)
+    media_step(p, "thumbnail", source="normalise")
+
+    failed = run(settings, p, {"clip": "uploads/clip.mp4"})
+    assert failed.status is ExecutionStatus.FAILED
+    message = failed.errors["normalise"].splitlines()[0]
+    assert message.startswith("MediaError: uploads/clip.mp4: "), message
+    assert str(scratch) not in message  # the user's file, not the step's copy
+    assert list(scratch.iterdir()) == []
+    assert list(objects.list("media/")) == []
+
+    # the cause fixed (a good upload under the same key), the execution is retried
+    objects.put_file("uploads/clip.mp4", good)
+
+    async def retry() -> Any:
+        async with JobEngine(settings=settings) as engine:
+            await engine.retry(failed.id, p)
+            return await engine.wait(failed.id)
+
+    done = asyncio.run(asyncio.wait_for(retry(), 120))
+    assert done.status is ExecutionStatus.COMPLETED
+    assert done.data["normalise"]["info"]["audio_codec"] == "aac"
+    assert objects.exists(done.data["thumbnail"]["key"])
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_bad_local_file_is_named_by_its_own_path(settings: Settings, tmp_path: Path,
+                                                   objects: ObjectStore, scratch: Path) -> None:
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video")
+    p = Pipeline("local_bad")
+    media_step(p, "watermark", source="input", text="x")
+    info = run(settings, p, {"input": str(notes)})
+    assert f"{notes}: cannot be opened as a video file" in info.errors["watermark"]
+    missing = run(settings, p, {"input": "uploads/nothing-here.mp4"})
+    assert "uploads/nothing-here.mp4: no such file, nor object key" in \
+        missing.errors["watermark"]
+    assert list(scratch.iterdir()) == []
+    assert list(objects.list("")) == []
+
+
+def test_run_media_in_a_step_of_your_own_with_a_key_template(settings: Settings,
+                                                             tmp_path: Path,
+                                                             objects: ObjectStore) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=20, size=(160, 120))
+    logo = np.zeros((20, 40, 4), np.uint8)
+    logo[..., 2], logo[..., 3] = 255, 255  # opaque red
+    cv2.imwrite(str(tmp_path / "logo.png"), logo)
+    objects.put_file("brand/logo.png", tmp_path / "logo.png")
+    p = Pipeline("own")
+
+    @p.step()
+    def publish(ctx: StepContext) -> dict[str, Any]:
+        marked = run_media(ctx, "watermark", "input", image="brand/logo.png",
+                           position="top-left", margin=0, opacity=1.0, preset=FAST,
+                           key="out/{inputs[name]}/marked{ext}")
+        ctx.progress(100)
+        thumb = run_media(ctx, "thumbnail", marked["key"], at=0,
+                          key="out/{inputs[name]}/poster.png")
+        return {"video": marked["key"], "poster": thumb["key"]}
+
+    info = run(settings, p, {"input": str(clip), "name": "spring"})
+    assert info.status is ExecutionStatus.COMPLETED, info.errors
+    assert info.data == {"video": "out/spring/marked.mp4", "poster": "out/spring/poster.png"}
+    poster = cv2.imread(str(fetch(objects, "out/spring/poster.png", tmp_path / "f")))
+    assert poster is not None
+    assert poster[5:15, 5:35, 2].mean() > 200 and poster[5:15, 5:35, :2].mean() < 60
+
+
+def test_media_steps_are_checked_when_added(tmp_path: Path) -> None:
+    p = Pipeline("checked")
+    with pytest.raises(StepParamsError, match=r"normalise takes no option\(s\) colour"):
+        media_step(p, "normalise", colour="red")
+    with pytest.raises(StepParamsError, match="bad key template"):
+        media_step(p, "normalise", key="media/{nope}.mp4")
+    with pytest.raises(StepParamsError, match="only concat takes a list"):
+        media_step(p, "normalise", source=["a", "b"])
+    with pytest.raises(ValueError, match="unknown media operation 'blur'"):
+        media_step(p, "blur")  # type: ignore[arg-type]
+    assert set(OPERATIONS) == {"probe", "normalise", "extract_frames", "stitch", "thumbnail",
+                               "thumbnail_grid", "watermark", "concat", "decode_qr"}
+    assert list(p.steps) == []
+
+
+def test_a_missing_input_option_names_the_input(settings: Settings, tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=10, size=(64, 48))
+    p = Pipeline("inputs")
+    media_step(p, "normalise", width=Input("width"), preset=FAST)
+    info = run(settings, p, {"input": str(clip)})
+    assert "option width= reads input 'width'" in info.errors["normalise"]
+    done = run(settings, p, {"input": str(clip), "width": 32})
+    assert done.data["normalise"]["info"]["width"] == 32
