@@ -570,6 +570,94 @@ def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) 
     assert len(result.frame_files()) == 4
 
 
+@pytest.mark.parametrize("names", ["framepipe", "seed"])
+def test_http_retries_from_settings_against_a_server_that_fails_then_succeeds(
+        tmp_path: Path, clip: Path, frames_dir: Path, names: str) -> None:
+    prefix = "FRAMEPIPE_" if names == "framepipe" else ""
+    failures = [fixed(500, b"warming up")] * 3
+    with ModelServer([*failures, ok(frames_dir)]) as server:
+        env = {"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": server.url,
+               "MODEL_API_TIMEOUT": "5000", f"{prefix}MODEL_API_RETRIES": "3",
+               f"{prefix}MODEL_API_RETRY_INITIAL": "0.01", f"{prefix}MODEL_API_RETRY_MAX": "0.02"}
+        model = adapter_from_settings(env)
+        assert isinstance(model, HttpModel)
+        assert model.max_retries == 3
+        assert (model.backoff.initial, model.backoff.maximum) == (0.01, 0.02)
+        result = run(model.infer(clip, output_dir=tmp_path))
+        assert result.frames_path == frames_dir
+        assert len(server.requests) == 4  # three 500s, then the answer
+
+    with ModelServer([*failures, ok(frames_dir)]) as server:
+        env = {**env, "MODEL_API_URL": server.url, f"{prefix}MODEL_API_RETRIES": "2"}
+        with pytest.raises(ModelError, match=r"failed after 3 attempts.*HTTP 500"):
+            run(adapter_from_settings(env).infer(clip, output_dir=tmp_path))
+        assert len(server.requests) == 3
+
+
+def test_retry_settings_precedence_and_defaults(tmp_path: Path) -> None:
+    http = {"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": "http://127.0.0.1:9"}
+    default = adapter_from_settings(http)
+    assert default.max_retries == 3
+    assert (default.backoff.initial, default.backoff.maximum) == (1.0, 30.0)
+    both = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5",
+                                  "MODEL_API_RETRIES": "1"})
+    assert both.max_retries == 5  # framepipe's own name wins over the seed-style one
+    configured = Settings(home=tmp_path, model_api_retries=0, model_api_retry_initial=0.5,
+                          model_api_retry_max=4)
+    model = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5"},
+                                  settings=configured)
+    assert model.max_retries == 0  # the Settings object (env and config file) first
+    assert (model.backoff.initial, model.backoff.maximum) == (0.5, 4.0)
+
+    script = {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(MODELS / "good_model.py")}
+    assert adapter_from_settings(script).max_retries == 0  # a script is not retried by default
+    assert adapter_from_settings({**script, "MODEL_API_RETRIES": "2"}).max_retries == 2
+
+
+@pytest.mark.parametrize(("var", "value", "match"), [
+    ("FRAMEPIPE_MODEL_API_RETRIES", "-1", "FRAMEPIPE_MODEL_API_RETRIES='-1': expected a whole"),
+    ("MODEL_API_RETRIES", "two", "MODEL_API_RETRIES='two': expected a whole number"),
+    ("MODEL_API_RETRIES", "2.5", "MODEL_API_RETRIES='2.5'"),
+    ("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "soon", "FRAMEPIPE_MODEL_API_RETRY_INITIAL='soon': "
+                                                  "expected a number of seconds"),
+    ("MODEL_API_RETRY_MAX", "-3", "MODEL_API_RETRY_MAX='-3'"),
+])
+def test_bad_retry_settings_name_the_variable(var: str, value: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        adapter_from_settings({"MODEL_ADAPTER_TYPE": "http", var: value})
+
+
+def test_subprocess_retries_from_the_environment_in_a_job_step(
+        settings: Settings, clip: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process environment (read through Settings) sets the retries of the model a step
+    builds with adapter_from_settings(): a script failing twice then succeeds on attempt 3."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
+    monkeypatch.setenv("PYTHON_SCRIPT", str(MODELS / "flaky_model.py"))
+    monkeypatch.setenv("FRAMEPIPE_MODEL_API_RETRIES", "2")
+    monkeypatch.setenv("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "0.01")
+    work = tmp_path / "work"
+    pipeline = Pipeline("flaky")
+
+    @pipeline.step()
+    async def inference(ctx: StepContext) -> dict[str, Any]:
+        model = adapter_from_settings()
+        result = await model.infer(ctx.inputs["video"], output_dir=work, fail_times=2)
+        return {"frames": len(result.frame_files()), "retries": model.max_retries}
+
+    async def main() -> Any:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(pipeline, {"video": str(clip)})
+
+    info = run(main())
+    assert info.data == {"frames": 1, "retries": 2}
+    assert (work / "runs.txt").read_text() == "3"
+
+    monkeypatch.setenv("FRAMEPIPE_MODEL_API_RETRIES", "-1")
+    with pytest.raises(ConfigError, match="FRAMEPIPE_MODEL_API_RETRIES"):
+        adapter_from_settings()
+
+
 # -- inside a job step --------------------------------------------------------------------------
 
 

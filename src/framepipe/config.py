@@ -56,6 +56,16 @@ class Settings(BaseSettings):
         "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable.")
     retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay in seconds.")
     retry_max_delay: float = Field(60.0, ge=0, description="Cap of the retry delay.")
+    model_api_retries: int | None = Field(
+        None, ge=0, description="Retries of a failed model call by an adapter built from the "
+                                "settings (HttpModel default 3, SubprocessModel default 0); "
+                                "also MODEL_API_RETRIES.")
+    model_api_retry_initial: float | None = Field(
+        None, ge=0, description="First delay before a model call is retried, in seconds "
+                                "(default 1), doubling each retry; also MODEL_API_RETRY_INITIAL.")
+    model_api_retry_max: float | None = Field(
+        None, ge=0, description="Cap of that delay, in seconds (default 30); also "
+                                "MODEL_API_RETRY_MAX.")
     heartbeat_interval: float = Field(
         2.0, gt=0, description="How often a running engine marks its executions alive.")
     shutdown_grace: float = Field(

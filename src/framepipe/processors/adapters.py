@@ -62,6 +62,7 @@ from framepipe.frames import Frame, Image
 from framepipe.processors.base import Processor
 
 if TYPE_CHECKING:
+    from framepipe.config import Settings
     from framepipe.jobs.context import StepContext
 
 __all__ = [
@@ -685,7 +686,40 @@ class MockModel(ModelAdapter):
 ADAPTER_TYPES = ("mock", "python", "http")
 
 
-def adapter_from_settings(env: Mapping[str, str] | None = None) -> ModelAdapter:
+_RETRY_SETTINGS = (
+    # (keyword of the adapter, Settings field, seed-style variable, type, what it is)
+    ("max_retries", "model_api_retries", "MODEL_API_RETRIES", int, "a whole number >= 0"),
+    ("retry_initial", "model_api_retry_initial", "MODEL_API_RETRY_INITIAL", float,
+     "a number of seconds >= 0"),
+    ("retry_max", "model_api_retry_max", "MODEL_API_RETRY_MAX", float,
+     "a number of seconds >= 0"),
+)
+
+
+def _retry_options(env: Mapping[str, str], settings: Settings | None) -> dict[str, Any]:
+    """The retry keywords the settings give (absent ones keep the adapter's defaults)."""
+    options: dict[str, Any] = {}
+    for keyword, field_name, seed_name, kind, expected in _RETRY_SETTINGS:
+        value = getattr(settings, field_name) if settings is not None else None
+        if value is None:
+            for var in (f"FRAMEPIPE_{field_name.upper()}", seed_name):
+                raw = env.get(var, "").strip()
+                if not raw:
+                    continue
+                try:
+                    value = kind(raw)
+                except ValueError:
+                    value = None
+                if value is None or not value >= 0:
+                    raise ConfigError(f"{var}={raw!r}: expected {expected}")
+                break
+        if value is not None:
+            options[keyword] = value
+    return options
+
+
+def adapter_from_settings(env: Mapping[str, str] | None = None, *,
+                          settings: Settings | None = None) -> ModelAdapter:
     """The adapter the seed's environment variables select (``env`` defaults to
     ``os.environ``):
 
@@ -694,8 +728,23 @@ def adapter_from_settings(env: Mapping[str, str] | None = None) -> ModelAdapter:
     - http: ``MODEL_API_URL`` (default ``http://localhost:5000``), ``MODEL_API_TIMEOUT`` in
       milliseconds (default 300000).
 
+    Retries of the python and http adapters (a crash, an HTTP 5xx, a timeout): how many
+    (``FRAMEPIPE_MODEL_API_RETRIES``, default 3 for http, 0 for python), the first delay and
+    its cap in seconds (``FRAMEPIPE_MODEL_API_RETRY_INITIAL``, default 1;
+    ``FRAMEPIPE_MODEL_API_RETRY_MAX``, default 30; the delay doubles each retry). Each is read
+    from ``settings`` (the :class:`~framepipe.config.Settings` field ``model_api_retries``
+    ..., which also reads the config file; loaded when neither ``env`` nor ``settings`` is
+    given), else from the ``FRAMEPIPE_`` variable in ``env``, else from the seed-style name
+    without the prefix (``MODEL_API_RETRIES``, ``MODEL_API_RETRY_INITIAL``,
+    ``MODEL_API_RETRY_MAX``, also seconds).
+
     Raises :class:`ConfigError` naming the variable for a missing or invalid value."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
+        if settings is None:
+            from framepipe.config import load_settings
+
+            settings = load_settings()
     kind = (env.get("MODEL_ADAPTER_TYPE") or "mock").strip().lower()
     if kind == "mock":
         return MockModel()
@@ -707,7 +756,7 @@ def adapter_from_settings(env: Mapping[str, str] | None = None) -> ModelAdapter:
         if not Path(script).is_file():
             raise ConfigError(f"PYTHON_SCRIPT={script}: no such file")
         return SubprocessModel(script, python=env.get("PYTHON_PATH", "").strip()
-                               or sys.executable)
+                               or sys.executable, **_retry_options(env, settings))
     if kind == "http":
         url = env.get("MODEL_API_URL", "").strip() or "http://localhost:5000"
         raw = env.get("MODEL_API_TIMEOUT", "").strip() or "300000"
@@ -718,8 +767,9 @@ def adapter_from_settings(env: Mapping[str, str] | None = None) -> ModelAdapter:
         if not timeout_ms > 0:
             raise ConfigError(f"MODEL_API_TIMEOUT={raw!r}: expected a positive number of "
                               "milliseconds")
+        retries = _retry_options(env, settings)
         try:
-            return HttpModel(url, timeout=timeout_ms / 1000.0)
+            return HttpModel(url, timeout=timeout_ms / 1000.0, **retries)
         except ConfigError as exc:
             raise ConfigError(f"MODEL_API_URL: {exc}") from exc
     raise ConfigError(f"MODEL_ADAPTER_TYPE={env.get('MODEL_ADAPTER_TYPE')!r} is not one of: "
