@@ -19,6 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from framepipe import __version__
+from framepipe.backends.state import SCHEMA_HEAD
 from framepipe.cli import _ProgressView, app, parse_inputs
 from framepipe.config import load_settings
 from framepipe.errors import PipelineCycleError, PipelineDefinitionError
@@ -651,10 +652,10 @@ def test_db_current_and_upgrade(tmp_path: Path) -> None:
     assert "revision none" in fresh.stdout
     upgraded = cli(home, "db", "upgrade")
     assert upgraded.exit_code == 0, upgraded.output
-    assert "0001" in upgraded.stdout
+    assert f"to {SCHEMA_HEAD}" in upgraded.stdout
     current = cli(home, "db", "current")
     assert current.exit_code == 0, current.output
-    assert "revision 0001 (head)" in current.stdout
+    assert f"revision {SCHEMA_HEAD} (head)" in current.stdout
     assert f"url sqlite:///{(home / 'state.db').resolve()}" in current.stdout
 
 

@@ -30,6 +30,28 @@ def test_reopening_keeps_data_and_revision(database_url: str) -> None:
         assert conn.execute(sa.select(executions.c.pipeline)).scalar_one() == "p"
 
 
+def test_a_0001_database_is_upgraded_keeping_its_rows(database_url: str) -> None:
+    from alembic import command
+
+    from framepipe.backends.state.store import _alembic_config
+
+    with StateStore(database_url, migrate=False) as store:
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "0001")
+        with store.write() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO fp_executions (id, pipeline, status, inputs, progress, "
+                "cancel_requested, runs, created_at) VALUES "
+                "('old1', 'p', 'completed', '{}', 100.0, false, 1, 1.0)")
+        assert store.current_revision() == "0001"
+    with StateStore(database_url) as store, store.read() as conn:
+        assert store.current_revision() == SCHEMA_HEAD
+        row = conn.execute(sa.select(executions.c.id, executions.c.mode,
+                                     executions.c.unfinished)).one()
+        assert tuple(row) == ("old1", "local", 0)
+        assert {"fp_step_deps", "fp_workers"} <= set(sa.inspect(store.engine).get_table_names())
+
+
 def test_newer_schema_is_refused_not_touched(database_url: str) -> None:
     with StateStore(database_url) as store, store.write() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")

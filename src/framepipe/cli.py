@@ -4,6 +4,7 @@
 
     framepipe run FILE.py:PIPELINE --input key=value ...   run one execution to its end
     framepipe jobs list | show ID | retry ID | cancel ID    executions in the state store
+    framepipe worker                                        run distributed job steps
     framepipe demo                                          the embedded demo
     framepipe db upgrade | current                          the state database's schema
 
@@ -689,6 +690,43 @@ def jobs_cancel(
     else:
         _say(console, f"cancel requested: the process running execution {full_id} stops it "
                       "within its heartbeat interval")
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    *,
+    concurrency: ConcurrencyOpt = None,
+    broker_url: Annotated[str | None, typer.Option(
+        "--broker-url", help="Redis URL of the job broker (FRAMEPIPE_BROKER_URL).")] = None,
+    pipelines: Annotated[list[str] | None, typer.Option(
+        "--pipeline", "-p", metavar="FILE.py:NAME",
+        help="Load this pipeline up front (others load from each execution's stored "
+             "reference). Repeatable.")] = None,
+) -> None:
+    """Run the steps of distributed executions until SIGTERM or Ctrl-C: start any number, on
+    any number of machines, with the same FRAMEPIPE_DATABASE_URL and FRAMEPIPE_BROKER_URL."""
+    from framepipe.jobs.output_tail import OutputTail
+    from framepipe.jobs.worker import Worker
+
+    with _errors():
+        tail = OutputTail().start()
+        settings = _settings(ctx, broker_url=broker_url)
+        loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])
+        engine = Worker(settings, concurrency=concurrency, pipelines=loaded,
+                        output_tail=tail.text)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, engine.request_stop)
+            await engine.run()
+
+        asyncio.run(main())
+    _flush_std()
+    # Steps handed back after the grace period may still run in their threads, which
+    # cannot be stopped from outside; their results are discarded, so leave without them.
+    os._exit(0)
 
 
 @app.command()

@@ -74,6 +74,22 @@ class Settings(BaseSettings):
         1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data).")
     max_step_crashes: int = Field(
         3, ge=1, description="A step whose process died this many times is failed as crashed.")
+    jobs_mode: Literal["auto", "local", "workers"] = Field(
+        "auto", description="Where job steps run: 'local' in the submitting process, 'workers' "
+                            "on 'framepipe worker' processes through the broker; 'auto' picks "
+                            "workers when broker_url is a redis:// URL.")
+    broker_namespace: str = Field(
+        "framepipe", description="Prefix of the broker's Redis keys (several deployments may "
+                                 "share one Redis).")
+    lease_seconds: float = Field(
+        6.0, gt=0, description="A worker's hold on a running step, renewed while it runs; a "
+                               "killed worker's steps are taken over once it expires.")
+    sweep_interval: float = Field(
+        1.0, gt=0, description="How often each worker looks for expired leases, due retries "
+                               "and ready steps the broker lost.")
+    republish_after: float = Field(
+        10.0, gt=0, description="A ready step not taken this many seconds after it was "
+                                "published is published again.")
 
     @field_validator("log_level")
     @classmethod
@@ -104,6 +120,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'state.db').resolve()}"
+
+    @property
+    def distributed_jobs(self) -> bool:
+        """True when job steps run on workers (``jobs_mode``, or ``auto`` with Redis)."""
+        if self.jobs_mode == "auto":
+            return self.broker_url.startswith(("redis://", "rediss://", "unix://"))
+        return self.jobs_mode == "workers"
 
     @property
     def run_dir(self) -> Path:

@@ -25,6 +25,7 @@
     │   │   └── SourceStalledError   no frame within the stall timeout
     │   ├── FrameError               a frame cannot be decoded or encoded
     │   └── ProcessorError           a stage's processor raised for a frame
+    ├── BrokerError                  the job broker (Redis Streams) cannot be reached; names the URL
     ├── StateStoreError              the state database
     │   └── SchemaVersionError
     ├── ObjectStoreError             the object store
@@ -51,6 +52,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "BrokerError",
     "CaptureExitedError",
     "CircuitOpenError",
     "ConfigError",
@@ -268,6 +270,15 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class BrokerError(FramepipeError):
+    """The job broker (Redis Streams delivering ready steps to workers) cannot be reached or
+    refused a command; ``url`` is its URL, password masked."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        self.url = url
+        super().__init__(message)
 
 
 class ProcessorRegistryError(FramepipeError):

@@ -28,12 +28,11 @@ import collections
 import contextlib
 import functools
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 import tenacity
@@ -52,20 +51,26 @@ from framepipe.errors import (
     UnknownStepError,
 )
 from framepipe.events import Event, EventBus
+from framepipe.jobs import dispatch
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json, is_step_key
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.outcomes import check_output, error_text
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.jobs.records import (
     Batch,
     get_execution,
+    list_events,
     load_rows,
     this_owner,
     write_batch,
 )
 from framepipe.jobs.recovery import recover_for
 from framepipe.logs import get_logger
+
+if TYPE_CHECKING:
+    from framepipe.jobs.broker import StepBroker
 
 __all__ = ["JobEngine"]
 
@@ -186,15 +191,6 @@ class _X:
         return f"{self.pipeline.name}/{self.id[:8]}"
 
 
-def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, FramepipeError):
-        head = f"{type(exc).__name__}: {exc}"
-    else:
-        head = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    tb = "".join(traceback.format_exception(exc)).rstrip()
-    return f"{head}\n\n{tb}"
-
-
 class JobEngine:
     """Runs executions of pipelines in this process, durable in a :class:`StateStore`.
 
@@ -235,6 +231,7 @@ class JobEngine:
         self._closed = False
         self._fatal: BaseException | None = None
         self._scheduling = True
+        self._broker: StepBroker | None = None
         self._write_retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
@@ -305,6 +302,8 @@ class JobEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._db.shutdown(wait=True)
         self._journal.close()
+        if self._broker is not None:
+            self._broker.close()
         if self._objects is not None and self._own_objects:
             self._objects.close()
         if self._own_store:
@@ -347,6 +346,8 @@ class JobEngine:
         except (TypeError, ValueError) as exc:
             raise PipelineDefinitionError(f"inputs are not JSON-serialisable: {exc}",
                                           pipeline=pipeline.name) from exc
+        if self.settings.distributed_jobs:
+            return await self._submit_to_workers(pipeline, inputs, ref or pipeline.ref)
         now = time.time()
         row = {"id": uuid.uuid4().hex, "pipeline": pipeline.name,
                "pipeline_ref": ref or pipeline.ref, "status": ExecutionStatus.RUNNING.value,
@@ -367,27 +368,71 @@ class JobEngine:
         return x.id
 
     async def wait(self, execution_id: str, *, raise_on_failure: bool = True,
-                   poll_interval: float = 0.5) -> ExecutionInfo:
+                   poll_interval: float | None = None) -> ExecutionInfo:
         """Wait until the execution finishes; return it with its steps and data.
 
         Raises :class:`ExecutionFailedError` if it did not complete (unless
-        ``raise_on_failure`` is false). An execution run by another process is polled."""
+        ``raise_on_failure`` is false). An execution run by another process (or by workers)
+        is polled every ``poll_interval`` seconds (0.05 for workers, else 0.5), and its stored
+        events are published on :attr:`bus` as they appear."""
         x = self._execs.get(execution_id)
         if x is not None:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             x.waiters.append(future)
             await future
-        while True:
-            info = await self._in_db(get_execution, self.store, execution_id)
-            if info.status.finished:
-                break
-            await asyncio.sleep(poll_interval)
+        else:
+            interval = poll_interval if poll_interval is not None else (
+                0.05 if self.settings.distributed_jobs else 0.5)
+            after = 0
+            while True:
+                status, new = await self._in_db(self._poll, execution_id, after)
+                if new:
+                    after = new[-1].id or after
+                    self.bus.publish(new)
+                if status.finished:
+                    break
+                await asyncio.sleep(interval)
+        info = await self._in_db(get_execution, self.store, execution_id)
         if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
             raise ExecutionFailedError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "
                 f"{(info.error or '').splitlines()[0] if info.error else 'no error recorded'}",
                 execution_id=info.id, status=info.status.value, errors=info.errors)
         return info
+
+    def _poll(self, execution_id: str, after: int) -> tuple[ExecutionStatus, list[Event]]:
+        with self.store.read() as conn:
+            status = conn.execute(sa.select(executions.c.status).where(
+                executions.c.id == execution_id)).scalar_one()
+        return ExecutionStatus(status), list_events(self.store, execution_id, after_id=after)
+
+    async def _submit_to_workers(self, pipeline: Pipeline, inputs: dict[str, Any],
+                                 ref: str | None) -> str:
+        if not ref:
+            raise PipelineDefinitionError(
+                "workers load a pipeline by reference, and this one has none (defined "
+                "interactively?): define it in a module or file", pipeline=pipeline.name)
+        execution_id, ready, events = await self._in_db(functools.partial(
+            dispatch.submit, self.store, pipeline, inputs, ref=ref))
+        self.bus.publish(events)
+        await self._publish(ready)
+        _log.info("[%s/%s] execution submitted to the workers (%d step(s) ready)",
+                  pipeline.name, execution_id[:8], len(ready))
+        return execution_id
+
+    async def _publish(self, ready: list[dispatch.Delivery]) -> None:
+        """Hand ready steps to the broker; if it is down, the workers' sweep does it later."""
+        if not ready:
+            return
+        if self._broker is None:
+            from framepipe.jobs.broker import StepBroker
+
+            self._broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
+        try:
+            await self._in_db(self._broker.publish, ready)
+        except FramepipeError as exc:
+            _log.warning("%s; the steps stay ready in the store and the workers publish them "
+                         "again", exc)
 
     async def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
                   raise_on_failure: bool = True) -> ExecutionInfo:
@@ -407,6 +452,13 @@ class JobEngine:
         await self._in_db(self._recover)
         info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
                                                     with_steps=False))
+        if await self._in_db(self._mode, info.id) == dispatch.MODE:
+            full_id, ready, events = await self._in_db(dispatch.resume, self.store, info.id)
+            self.bus.publish(events)
+            await self._publish(ready)
+            _log.info("[%s/%s] execution resumed on the workers (%d step(s) ready)",
+                      info.pipeline, full_id[:8], len(ready))
+            return full_id
         if info.id in self._execs:
             raise ExecutionStateError(f"execution {info.id[:12]} is running in this engine",
                                       execution_id=info.id)
@@ -448,6 +500,11 @@ class JobEngine:
         self._wakeup()
         _log.info("[%s] execution resumed (run %d)", x.label, row["runs"])
         return x.id
+
+    def _mode(self, execution_id: str) -> str:
+        with self.store.read() as conn:
+            return str(conn.execute(sa.select(executions.c.mode).where(
+                executions.c.id == execution_id)).scalar_one())
 
     def _claim(self, execution_id: str, status: str, now: float) -> bool:
         with self.store.write() as conn:
@@ -745,27 +802,9 @@ class JobEngine:
 
     def _checked(self, s: _S, ctx: StepContext, result: Any) -> tuple[Any, ...]:
         """Validate a step's return value in the step's own thread."""
-        pipeline = s.x.pipeline.name
-        if result is None:
-            result = {}
-        if not isinstance(result, dict):
-            raise StepOutputError(f"returned {type(result).__name__}; a step returns a dict "
-                                  "(merged into the execution's data) or None",
-                                  pipeline=pipeline, step_key=s.key, execution_id=s.x.id)
-        try:
-            text = canonical_json(result)
-        except (TypeError, ValueError) as exc:
-            bad = next((k for k, v in result.items() if not _serialisable(k, v)), None)
-            where = f" (key {bad!r}: {type(result[bad]).__name__})" if bad is not None else ""
-            raise StepOutputError(f"returned a value that is not JSON-serialisable{where}: "
-                                  f"{exc}", pipeline=pipeline, step_key=s.key,
-                                  execution_id=s.x.id) from exc
-        limit = self.settings.max_step_output_bytes
-        if len(text) > limit:
-            raise StepOutputError(f"returned {len(text)} bytes of JSON, more than the "
-                                  f"{limit}-byte limit: store paths, not contents",
-                                  pipeline=pipeline, step_key=s.key, execution_id=s.x.id)
-        return ("done", result, ctx._ledger_rows)
+        output = check_output(result, pipeline=s.x.pipeline.name, step_key=s.key,
+                              execution_id=s.x.id, limit=self.settings.max_step_output_bytes)
+        return ("done", output, ctx._ledger_rows)
 
     def _on_progress(self, x: _X, key: str, pct: float, message: str | None) -> None:
         s = x.steps.get(key)
@@ -840,7 +879,7 @@ class JobEngine:
             self._finish(x, ExecutionStatus.COMPLETED, None)
 
     def _fail(self, x: _X, s: _S, exc: BaseException, now: float) -> None:
-        text = _error_text(exc)
+        text = error_text(exc)
         s.error = text
         if isinstance(exc, StepCancelledError) or (
                 x.stopping is not None and x.stopping is not ExecutionStatus.FAILED):
@@ -1019,12 +1058,3 @@ class JobEngine:
             raise ExecutionStateError("the job engine is not started: use 'async with engine'")
         if self._fatal is not None:
             raise ExecutionStateError(f"the job engine failed: {self._fatal!r}")
-
-
-def _serialisable(key: Any, value: Any) -> bool:
-    try:
-        canonical_json({key: value})
-    except (TypeError, ValueError):
-        return False
-    return True
-

@@ -24,10 +24,12 @@ __all__ = [
     "Batch",
     "find_execution",
     "get_execution",
+    "insert_events",
     "list_events",
     "list_executions",
     "owner_is_dead",
     "this_owner",
+    "upsert_ledger",
     "write_batch",
 ]
 
@@ -36,9 +38,11 @@ _STEP_COLS = [c.name for c in steps.columns]
 # engine's routine write can never undo a cancel request made by another process.
 _EXEC_MUTABLE = ["status", "progress", "error", "owner", "heartbeat_at", "runs", "started_at",
                  "finished_at"]
+# The distributed columns (waiting, lease_until, worker, published_at) are the workers' alone.
 _STEP_MUTABLE = [c for c in _STEP_COLS if c not in ("execution_id", "key", "name", "params",
                                                     "depends_on", "spawned_by", "created_at",
-                                                    "seq")]
+                                                    "seq", "waiting", "lease_until", "worker",
+                                                    "published_at")]
 
 _update_step = (
     steps.update()
@@ -84,25 +88,29 @@ def write_batch(store: StateStore, batch: Batch) -> list[Event]:
                                          ("execution_id", "key", *_STEP_MUTABLE)}
                                         for row in batch.steps])
         if batch.ledger:
-            _upsert_ledger(store, conn, batch.ledger)
-        if not batch.events:
-            return []
-        rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
-                 "step_key": e.step_key, "data": e.data} for e in batch.events]
-        if store.dialect == "sqlite":
-            # One multi-row INSERT under the write lock assigns increasing ids in row order;
-            # asking SQLAlchemy to sort by parameter order would send one INSERT per row.
-            ids = sorted(conn.execute(events.insert().returning(events.c.id),
-                                      rows).scalars().all())
-        else:
-            ids = list(conn.execute(
-                events.insert().returning(events.c.id, sort_by_parameter_order=True),
-                rows).scalars().all())
+            upsert_ledger(store, conn, batch.ledger)
+        return insert_events(store, conn, batch.events)
+
+
+def insert_events(store: StateStore, conn: sa.Connection, batch: Sequence[Event]) -> list[Event]:
+    """Insert ``batch`` in the open transaction; return the events with their ids, in order."""
+    if not batch:
+        return []
+    rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
+             "step_key": e.step_key, "data": e.data} for e in batch]
+    if store.dialect == "sqlite":
+        # One multi-row INSERT under the write lock assigns increasing ids in row order;
+        # asking SQLAlchemy to sort by parameter order would send one INSERT per row.
+        ids = sorted(conn.execute(events.insert().returning(events.c.id), rows).scalars().all())
+    else:
+        ids = list(conn.execute(
+            events.insert().returning(events.c.id, sort_by_parameter_order=True),
+            rows).scalars().all())
     return [Event(type=e.type, ts=e.ts, execution_id=e.execution_id, step_key=e.step_key,
-                  data=e.data, id=i) for e, i in zip(batch.events, ids, strict=True)]
+                  data=e.data, id=i) for e, i in zip(batch, ids, strict=True)]
 
 
-def _upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+def upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
     if store.dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 

@@ -1,5 +1,8 @@
 """Recovery of executions whose engine died (killed, crashed, or a step killed the process).
 
+Only executions of an embedded engine (mode ``local``) have an owner; distributed ones are
+recovered step by step by the workers' lease sweep (:mod:`framepipe.jobs.dispatch`).
+
 An execution still marked ``running`` whose owner is gone is marked ``interrupted``; the steps
 it was running go back to ``pending`` with their ``crashes`` counted, and a step that has now
 killed its process ``max_step_crashes`` times is failed as crashed (a poison step) instead of
@@ -41,7 +44,8 @@ def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
     with store.read() as conn:
         candidates = conn.execute(
             sa.select(executions.c.id, executions.c.owner, executions.c.heartbeat_at)
-            .where(executions.c.status == ExecutionStatus.RUNNING.value)).all()
+            .where(executions.c.status == ExecutionStatus.RUNNING.value,
+                   executions.c.mode == "local")).all()
     dead = [r for r in candidates if owner_is_dead(r.owner, r.heartbeat_at, stale_after)]
     committed: list[Event] = []
     owners = {r.owner for r in dead if r.owner}

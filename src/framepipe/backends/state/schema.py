@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "steps"]
+__all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "step_deps", "steps",
+           "workers"]
 
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 metadata = sa.MetaData()
 
@@ -32,6 +33,15 @@ executions = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # Kept by the workers of a distributed execution (mode 'workers') under its row lock;
+    # the embedded engine keeps these counts in memory and leaves the columns at 0.
+    sa.Column("mode", sa.String(10), nullable=False, server_default="local"),
+    sa.Column("unfinished", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("active", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("wsum", sa.Float, nullable=False, server_default="0"),
+    sa.Column("wtotal", sa.Float, nullable=False, server_default="0"),
+    sa.Column("next_seq", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_done_seq", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_fp_executions_status", "status"),
     sa.Index("ix_fp_executions_created", "created_at"),
 )
@@ -62,6 +72,40 @@ steps = sa.Table(
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("next_attempt_at", sa.Float, nullable=True),
+    # Distributed executions: unmet step-key dependencies, the lease of the running attempt,
+    # the worker holding it, and when the step was last handed to the broker.
+    sa.Column("waiting", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_until", sa.Float, nullable=True),
+    sa.Column("worker", sa.String(200), nullable=True),
+    sa.Column("published_at", sa.Float, nullable=True),
+    sa.Index("ix_fp_steps_status", "status", "lease_until"),
+    sa.Index("ix_fp_steps_exec_status", "execution_id", "status"),
+    sa.Index("ix_fp_steps_exec_name", "execution_id", "name"),
+)
+
+step_deps = sa.Table(
+    "fp_step_deps",
+    metadata,
+    sa.Column("execution_id", sa.String(32),
+              sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("dep", sa.String(300), primary_key=True),
+    sa.Column("step_key", sa.String(300), primary_key=True),
+    # 'key': waits for that one step; 'name': for every instance of a parameterised step.
+    sa.Column("kind", sa.String(4), nullable=False),
+)
+
+workers = sa.Table(
+    "fp_workers",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("steps_done", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("output_tail", sa.Text, nullable=True),
 )
 
 events = sa.Table(

@@ -1,0 +1,5 @@
+"""``python -m framepipe``: the command line."""
+
+from framepipe.cli import main
+
+main()

@@ -1,0 +1,667 @@
+"""``framepipe worker``: runs the steps of distributed executions, any number per machine.
+
+A worker reads ready steps from the broker, claims them in the state store as a new attempt
+with a lease, runs them (threads for plain functions, its event loop for ``async def``), and
+commits what they report (progress, spawned steps, outcomes) in one transaction per round,
+fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
+
+* a step runs on at most ``concurrency`` slots of this worker; a claim is committed before the
+  step's code starts, and the broker entry is acknowledged only after that commit;
+* while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s); a step
+  whose lease was taken over (this worker was cut off or paused) is told to stop and its late
+  result is not written; a step of an execution cancelled elsewhere is told to stop
+  (``ctx.cancelled``);
+* every worker sweeps for steps nobody holds (a killed worker's, retries that are due, ready
+  steps the broker lost) every ``sweep_interval`` seconds;
+* on SIGTERM (:meth:`Worker.request_stop`) it takes no new step, gives running steps
+  ``shutdown_grace`` seconds, hands the ones still running back (ready for another worker,
+  not counted as a failure), commits, and returns;
+* a lost Redis or database connection is retried with backoff; nothing is acknowledged before
+  it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.state import StateStore, steps
+from framepipe.backoff import Backoff
+from framepipe.config import Settings, load_settings
+from framepipe.errors import (
+    BrokerError,
+    FramepipeError,
+    PipelineDefinitionError,
+    StepCancelledError,
+    StepOutputError,
+)
+from framepipe.jobs import dispatch
+from framepipe.jobs.broker import Entry, StepBroker
+from framepipe.jobs.context import StepContext
+from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
+from framepipe.jobs.loading import resolve_pipeline
+from framepipe.jobs.models import StepStatus
+from framepipe.jobs.outcomes import check_output, error_text
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import this_owner
+from framepipe.logs import get_logger
+
+__all__ = ["Worker"]
+
+T = TypeVar("T")
+_log = get_logger("jobs.worker")
+_DB_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
+
+
+class _LazyData(Mapping[str, Any]):
+    """The execution's data, read from the store when the step first looks at it."""
+
+    def __init__(self, load: Callable[[], dict[str, Any]]) -> None:
+        self._load = load
+        self._data: Mapping[str, Any] | None = None
+
+    def _get(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = MappingProxyType(self._load())
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+@dataclass(eq=False)
+class _Run:
+    """One attempt this worker runs."""
+
+    claimed: Claimed
+    pipeline: Pipeline | None
+    ctx: StepContext | None = None
+    task: asyncio.Task[None] | None = None
+    committed_progress: float = 0.0
+    lost: bool = False
+    cancelled: bool = False
+    handed_back: bool = False
+    finished: bool = False
+
+    @property
+    def ident(self) -> tuple[str, str, int]:
+        return (self.claimed.execution_id, self.claimed.key, self.claimed.attempt)
+
+
+@dataclass
+class _Pending:
+    """What the step threads reported since the last commit."""
+
+    outcomes: list[tuple[_Run, Outcome]] = field(default_factory=list)
+    progress: dict[tuple[str, str, int], tuple[_Run, float, str | None]] = field(
+        default_factory=dict)
+    spawns: list[Spawn] = field(default_factory=list)
+
+
+class Worker:
+    """A worker process's engine. ``await worker.run()`` until :meth:`request_stop`.
+
+    ``pipelines`` are known by name in advance; others are loaded from the reference stored
+    with each execution (``package.module:NAME`` or ``/path/file.py:NAME``)."""
+
+    def __init__(self, settings: Settings | None = None, *, store: StateStore | None = None,
+                 concurrency: int | None = None, pipelines: tuple[Pipeline, ...] = (),
+                 output_tail: Callable[[], str] | None = None) -> None:
+        self.settings = settings or load_settings()
+        if not self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            raise BrokerError(f"a worker needs a Redis broker: FRAMEPIPE_BROKER_URL is "
+                              f"{self.settings.broker_url!r}", url=self.settings.broker_url)
+        self._own_store = store is None
+        self.store = store or StateStore(self.settings.resolved_database_url,
+                                         sqlite_synchronous=self.settings.sqlite_synchronous)
+        self.concurrency = concurrency or self.settings.concurrency
+        self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
+        self.broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
+        self.lease = self.settings.lease_seconds
+        self.steps_done = 0
+        self._output_tail = output_tail
+        self._by_name = {p.name: p for p in pipelines}
+        self._by_ref: dict[str, Pipeline] = {}
+        self._load_lock = threading.Lock()
+        self._objects: ObjectStore | None = None
+        self._runs: dict[tuple[str, str, int], _Run] = {}
+        self._pending = _Pending()
+        self._lock = threading.Lock()
+        self._slots = threading.Condition(self._lock)
+        self._taken = 0  # slots reserved by the reader or held by running steps
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._ended: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._db: ThreadPoolExecutor | None = None
+        self._retry_timers: list[asyncio.TimerHandle] = []
+        self._closing = False
+        self.started_at = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop taking steps and shut down gracefully (thread- and signal-safe)."""
+        self._stopping.set()
+        with self._lock:
+            self._slots.notify_all()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; returns after the graceful shutdown."""
+        self.started_at = time.time()
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
+        await self._in_db_retrying(self._register, what="registering the worker")
+        reader = threading.Thread(target=self._reader, name="framepipe-reader", daemon=True)
+        reader.start()
+        tasks = [asyncio.create_task(self._committer(), name="framepipe-commit"),
+                 asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
+        _log.info("Worker %s started: concurrency %d, broker %s (%s), database %s", self.id,
+                  self.concurrency, self.broker.safe_url, self.broker.stream,
+                  self.store.safe_url)
+        try:
+            stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop:
+                    task.result()
+        finally:
+            self.request_stop()
+            await self._shutdown(tasks, reader)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]], reader: threading.Thread) -> None:
+        grace = self.settings.shutdown_grace
+        started = time.monotonic()
+        # The reader ends within one blocking read; whatever it claimed until then is started
+        # before the grace period is counted down, so nothing claimed is left behind.
+        await asyncio.to_thread(reader.join, 5.0)
+        await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_runs(),
+                                   max(0.0, grace - (time.monotonic() - started)))
+        left = self._live_runs()
+        for run in left:
+            _log.warning("Worker %s stopping: step %s of %s still running after %.1fs; "
+                         "handing it back", self.id, run.claimed.key,
+                         run.claimed.execution_id[:8], grace)
+            run.handed_back = True
+            if run.ctx is not None:
+                run.ctx._cancel.set()
+            if run.task is not None:
+                run.task.cancel()
+            self._post_outcome(run, Outcome(
+                execution_id=run.claimed.execution_id, key=run.claimed.key,
+                attempt=run.claimed.attempt, kind="handback", weight=run.claimed.weight,
+                before=run.committed_progress))
+        for timer in self._retry_timers:
+            timer.cancel()
+        committer, *others = tasks
+        self._closing = True
+        self._wakeup()
+        if not committer.done():
+            # The committer drains what is queued, then returns: an in-flight commit is
+            # never cancelled half-way (its outcome would be lost, not just late).
+            await asyncio.wait([committer])
+        await self._flush()
+        for task in others:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self._in_db(self._deregister)
+        assert self._pool is not None
+        assert self._db is not None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._db.shutdown(wait=True)
+        self.broker.close()
+        if self._objects is not None:
+            self._objects.close()
+        if self._own_store:
+            self.store.close()
+        _log.info("Worker %s stopped (%d step(s) done)", self.id, self.steps_done)
+
+    async def _drain_runs(self) -> None:
+        assert self._ended is not None
+        while self._live_runs():
+            self._ended.clear()
+            await self._ended.wait()
+
+    def _live_runs(self) -> list[_Run]:
+        return [r for r in self._runs.values() if not r.finished and not r.lost]
+
+    def _register(self) -> None:
+        self.broker.ensure_group()
+        dispatch.renew(self.store, self.id, [], lease=self.lease, concurrency=self.concurrency,
+                       output_tail=self._tail(), steps_done=self.steps_done)
+
+    def _deregister(self) -> None:
+        dispatch.renew(self.store, self.id, [], lease=self.lease, concurrency=self.concurrency,
+                       output_tail=self._tail(), status="stopped",
+                       steps_done=self.steps_done)
+
+    def _tail(self) -> str | None:
+        return self._output_tail() if self._output_tail is not None else None
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store steps get as ``ctx.objects``."""
+        if self._objects is None:
+            self._objects = open_object_store(self.settings.resolved_objects_url)
+        return self._objects
+
+    # -- reading and claiming (the reader thread) -----------------------------------------------
+
+    def _reader(self) -> None:
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        failures = 0
+        while not self._stopping.is_set():
+            with self._lock:
+                while self._taken >= self.concurrency and not self._stopping.is_set():
+                    self._slots.wait(0.5)
+                free = self.concurrency - self._taken
+                self._taken += free
+            if self._stopping.is_set():
+                self._release(free)
+                return
+            try:
+                entries = self.broker.read(self.id, free, block_ms=1000)
+                if entries:
+                    self._claim_entries(entries, free)
+                else:
+                    self._release(free)
+                failures = 0
+            except (BrokerError, *_DB_ERRORS) as exc:
+                self._release(free)
+                failures += 1
+                delay = backoff.delay(min(failures, 8))
+                _log.warning("Worker %s: %s; retrying in %.1fs", self.id,
+                             str(exc).splitlines()[0], delay)
+                self._stopping.wait(delay)
+            except Exception:
+                self._release(free)
+                _log.exception("Worker %s: reader failed; stopping", self.id)
+                self.request_stop()
+                return
+
+    def _claim_entries(self, entries: list[Entry], reserved: int) -> None:
+        """Claim delivered steps in the store, acknowledge them, hand them to the loop."""
+        if self._stopping.is_set():
+            # Give them back at once: entries left pending would wait for XAUTOCLAIM.
+            self.broker.ack([i for i, _d in entries])
+            self.broker.publish([d for _i, d in entries])
+            self._release(reserved)
+            return
+        claimed, _events = dispatch.claim(self.store, self.id, [d for _i, d in entries],
+                                          lease=self.lease)
+        self._release(reserved - len(claimed))
+        if claimed:
+            runs = [_Run(c, self._pipeline_for(c)) for c in claimed]
+            loop = self._loop
+            assert loop is not None
+            loop.call_soon_threadsafe(self._start_all, runs)
+        try:
+            self.broker.ack([i for i, _d in entries])
+        except BrokerError as exc:  # the entries are taken over later and found claimed
+            _log.warning("Worker %s: %s", self.id, exc)
+
+    def _release(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._lock:
+            self._taken -= n
+            self._slots.notify_all()
+
+    def _pipeline_for(self, c: Claimed) -> Pipeline | None:
+        with self._load_lock:
+            if c.pipeline_ref:
+                found = self._by_ref.get(c.pipeline_ref)
+                if found is None:
+                    try:
+                        found = resolve_pipeline(c.pipeline_ref).pipeline
+                    except FramepipeError as exc:
+                        _log.error("Worker %s cannot load pipeline %r for execution %s: %s",
+                                   self.id, c.pipeline_ref, c.execution_id[:8], exc)
+                        found = self._by_name.get(c.pipeline)
+                    else:
+                        self._by_ref[c.pipeline_ref] = found
+                if found is not None and found.name == c.pipeline:
+                    return found
+            return self._by_name.get(c.pipeline)
+
+    # -- running steps (the event loop) ------------------------------------------------------
+
+    def _start_all(self, runs: list[_Run]) -> None:
+        for run in runs:
+            self._runs[run.ident] = run
+            self._start(run)
+
+    def _start(self, run: _Run) -> None:
+        c = run.claimed
+        run.committed_progress = c.progress
+        pipeline = run.pipeline
+        step = pipeline.get(c.name) if pipeline is not None else None
+        if pipeline is None or step is None:
+            what = (f"step {c.name!r}" if pipeline is not None
+                    else f"pipeline {c.pipeline!r} ({c.pipeline_ref or 'no reference stored'})")
+            exc = PipelineDefinitionError(
+                f"worker {self.id} cannot run step {c.key!r}: {what} is not known here; "
+                "make the pipeline importable on every worker (or pass it to the worker)",
+                pipeline=c.pipeline)
+            self._post_outcome(run, self._failed(run, exc, retries=0))
+            return
+        store = self.store
+        ctx = StepContext(pipeline=pipeline, execution_id=c.execution_id, step_key=c.key,
+                          step_name=c.name, attempt=c.attempt, inputs=MappingProxyType(c.inputs),
+                          data=_LazyData(lambda: _load_data(store, c.execution_id)),
+                          params=c.params, store=store, objects=lambda: self.objects,
+                          post=lambda message: self._post_message(run, message),
+                          has_key=lambda key: _has_key(store, c.execution_id, key))
+        run.ctx = ctx
+        if step.is_async:
+            run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))
+        else:
+            assert self._pool is not None
+            self._pool.submit(self._run_sync, run, ctx)
+
+    def _run_sync(self, run: _Run, ctx: StepContext) -> None:
+        step = ctx.pipeline.steps[run.claimed.name]
+        try:
+            outcome = self._done(run, step.fn(ctx, **run.claimed.params))
+        except BaseException as exc:
+            outcome = self._failed(run, exc, retries=step.retries)
+        ctx._cleanup()
+        self._post_outcome(run, outcome)
+
+    async def _run_async(self, run: _Run, ctx: StepContext) -> None:
+        step = ctx.pipeline.steps[run.claimed.name]
+        try:
+            outcome = self._done(run, await step.fn(ctx, **run.claimed.params))
+        except asyncio.CancelledError:
+            outcome = self._failed(run, StepCancelledError(
+                "cancelled", pipeline=ctx.pipeline.name, step_key=run.claimed.key,
+                execution_id=run.claimed.execution_id), retries=0)
+        except BaseException as exc:
+            outcome = self._failed(run, exc, retries=step.retries)
+        ctx._cleanup()
+        self._post_outcome(run, outcome)
+
+    def _done(self, run: _Run, result: Any) -> Outcome:
+        c = run.claimed
+        output = check_output(result, pipeline=c.pipeline, step_key=c.key,
+                              execution_id=c.execution_id,
+                              limit=self.settings.max_step_output_bytes)
+        assert run.ctx is not None
+        return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind="done",
+                       weight=c.weight, before=run.committed_progress, output=output,
+                       ledger=list(run.ctx._ledger_rows))
+
+    def _failed(self, run: _Run, exc: BaseException, *, retries: int) -> Outcome:
+        c = run.claimed
+        kind: Any = "failed"
+        if run.cancelled:
+            kind = "cancelled"
+        elif self._stopping.is_set() and isinstance(exc, StepCancelledError):
+            kind = "handback"
+        step = run.pipeline.get(c.name) if run.pipeline is not None else None
+        initial = (step.retry_delay if step is not None and step.retry_delay is not None
+                   else self.settings.retry_initial_delay)
+        backoff = Backoff(initial=initial, maximum=max(initial, self.settings.retry_max_delay))
+        return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind=kind,
+                       weight=c.weight, before=run.committed_progress, error=error_text(exc),
+                       permanent=isinstance(exc, (StepOutputError, PipelineDefinitionError)),
+                       retries=retries,
+                       retry_delays=[backoff.delay(i) for i in range(1, retries + 1)])
+
+    def _post_message(self, run: _Run, message: tuple[Any, ...]) -> None:
+        """A message from a step's context (its thread or the loop)."""
+        kind = message[0]
+        if run.lost or run.handed_back or run.finished:
+            return
+        with self._lock:
+            if kind == "progress":
+                _kind, _e, _k, pct, text = message
+                self._pending.progress[run.ident] = (run, pct, text)
+            elif kind == "spawn":
+                _kind, execution_id, spawner, name, values, key, deps = message
+                assert run.pipeline is not None
+                spec = dispatch.step_spec(run.pipeline, name, values, key, deps, spawner)
+                self._pending.spawns.append(Spawn(execution_id, spawner, run.claimed.attempt,
+                                                  spec))
+        self._wakeup()
+
+    def _post_outcome(self, run: _Run, outcome: Outcome) -> None:
+        with self._lock:
+            if run.finished:
+                return
+            run.finished = True
+            if not run.lost:
+                self._pending.outcomes.append((run, outcome))
+        self._wakeup()
+        loop, ended = self._loop, self._ended
+        if loop is not None and ended is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(ended.set)
+
+    def _wakeup(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    # -- committing ----------------------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+            if self._closing:
+                with self._lock:
+                    pending = self._pending
+                    empty = not (pending.outcomes or pending.progress or pending.spawns)
+                if empty:
+                    return
+
+    async def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, _Pending()
+        if not (pending.outcomes or pending.progress or pending.spawns):
+            return
+        work = Round(spawns=pending.spawns)
+        for ident, (run, pct, text) in pending.progress.items():
+            if run.finished or run.lost:
+                continue
+            work.progress.append(ProgressUpdate(ident[0], ident[1], ident[2],
+                                                run.claimed.weight, run.committed_progress,
+                                                pct, text))
+            run.committed_progress = pct
+        for run, outcome in pending.outcomes:
+            outcome.before = run.committed_progress
+        work.outcomes = [o for _r, o in pending.outcomes]
+        result = await self._in_db_retrying(dispatch.commit_round, self.store, work,
+                                            what="committing step results")
+        for run, outcome in pending.outcomes:
+            self._runs.pop(run.ident, None)
+            if outcome.kind == "done":
+                self.steps_done += 1
+        self._release(len(pending.outcomes))
+        for execution_id, key, attempt in result.fenced:
+            _log.warning("Worker %s: step %s of %s attempt %d no longer held by this worker "
+                         "(its lease was taken over); its late writes were discarded",
+                         self.id, key, execution_id[:8], attempt)
+        if result.ready:
+            await self._publish(result.ready)
+        loop = asyncio.get_running_loop()
+        for at, delivery in result.retry_at:
+            self._retry_timers.append(loop.call_later(max(0.0, at - time.time()),
+                                                      self._retry_due, delivery))
+
+    def _retry_due(self, _delivery: Delivery) -> None:
+        if not self._stopping.is_set():
+            asyncio.get_running_loop().create_task(self._release_due())
+
+    async def _release_due(self) -> None:
+        ready = await self._in_db_retrying(dispatch.release_due, self.store,
+                                           what="releasing due retries")
+        await self._publish(ready)
+
+    async def _publish(self, ready: list[Delivery]) -> None:
+        """Publish ready steps; on a broker failure the sweep publishes them later."""
+        try:
+            await self._in_db(self.broker.publish, ready)
+        except BrokerError as exc:
+            _log.warning("Worker %s: %s; the %d step(s) stay ready in the store and are "
+                         "published again by the sweep", self.id, exc, len(ready))
+
+    # -- heartbeat, sweep, takeover ----------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        renew_every = min(self.lease / 3, 1.0)
+        sweep_every = self.settings.sweep_interval
+        last_renew = last_sweep = last_claim = time.monotonic()
+        while True:
+            await asyncio.sleep(min(renew_every, sweep_every, 0.5))
+            now = time.monotonic()
+            try:
+                if now - last_renew >= renew_every:
+                    last_renew = now
+                    await self._renew()
+                if now - last_sweep >= sweep_every and not self._stopping.is_set():
+                    last_sweep = now
+                    await self._sweep()
+                if now - last_claim >= self.lease and not self._stopping.is_set():
+                    last_claim = now
+                    await self._takeover()
+            except (BrokerError, *_DB_ERRORS) as exc:
+                _log.warning("Worker %s: heartbeat failed (%s); retrying", self.id,
+                             str(exc).splitlines()[0])
+
+    async def _renew(self) -> None:
+        held = [r.ident for r in self._runs.values() if not r.finished and not r.lost]
+        lost, stopped = await self._in_db(functools.partial(
+            dispatch.renew, self.store, self.id, held, lease=self.lease,
+            concurrency=self.concurrency, output_tail=self._tail(),
+            steps_done=self.steps_done))
+        for ident in held:
+            run = self._runs.get(ident)
+            if run is None:
+                continue
+            if ident in lost:
+                with self._lock:
+                    if run.finished:  # its outcome is queued; the commit fences it
+                        continue
+                    run.lost = True
+                _log.warning("Worker %s: lost the lease of step %s of %s (attempt %d); "
+                             "stopping it", self.id, ident[1], ident[0][:8], ident[2])
+                self._stop_run(run)
+                self._runs.pop(ident, None)
+                self._release(1)
+            elif ident[0] in stopped:
+                run.cancelled = True
+                self._stop_run(run)
+
+    def _stop_run(self, run: _Run) -> None:
+        if run.ctx is not None:
+            run.ctx._cancel.set()
+        if run.task is not None:
+            run.task.cancel()
+
+    async def _sweep(self) -> None:
+        settings = self.settings
+        ready, _events = await self._in_db(functools.partial(
+            dispatch.sweep, self.store, max_crashes=settings.max_step_crashes,
+            stale_after=max(2 * self.lease, 5 * settings.heartbeat_interval),
+            republish_after=settings.republish_after))
+        if ready:
+            await self._publish(ready)
+
+    async def _takeover(self) -> None:
+        def work() -> None:
+            with self._lock:
+                free = self.concurrency - self._taken
+                if free <= 0:
+                    return
+                self._taken += free
+            try:
+                entries = self.broker.autoclaim(self.id, int(self.lease * 1000), count=free)
+                if entries:
+                    _log.info("Worker %s took over %d idle broker entr(ies)", self.id,
+                              len(entries))
+                    self._claim_entries(entries, free)
+                else:
+                    self._release(free)
+            except BaseException:
+                self._release(free)
+                raise
+
+        await asyncio.to_thread(work)
+
+    # -- database calls ------------------------------------------------------------------------
+
+    async def _in_db(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._db, fn, *args)
+
+    async def _in_db_retrying(self, fn: Callable[..., T], *args: Any, what: str) -> T:
+        """Retry on a lost database or broker connection, with backoff, until it works."""
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        failures = 0
+        while True:
+            try:
+                return await self._in_db(fn, *args)
+            except (BrokerError, *_DB_ERRORS) as exc:
+                failures += 1
+                delay = backoff.delay(min(failures, 8))
+                _log.warning("Worker %s: %s failed (%s); retrying in %.1fs", self.id, what,
+                             str(exc).splitlines()[0], delay)
+                await asyncio.sleep(delay)
+
+
+def _load_data(store: StateStore, execution_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    with store.read() as conn:
+        for output in conn.execute(sa.select(steps.c.output).where(
+                steps.c.execution_id == execution_id,
+                steps.c.status == StepStatus.COMPLETED.value).order_by(steps.c.done_seq)
+                ).scalars():
+            data.update(output or {})
+    return data
+
+
+def _has_key(store: StateStore, execution_id: str, key: str) -> bool:
+    with store.read() as conn:
+        return conn.execute(sa.select(steps.c.key).where(
+            steps.c.execution_id == execution_id, steps.c.key == key)).first() is not None

@@ -1,0 +1,460 @@
+"""Distributed jobs: ``framepipe worker`` processes on the real Redis and the real PostgreSQL
+(and SQLite for the basic case), killed, paused, stopped and cut off from Redis mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import worker_pipelines as wp
+from conftest import REDIS_URL, redis_namespace, service_missing
+from framepipe.backends.state import StateStore, events, steps, workers
+from framepipe.config import Settings
+from framepipe.errors import BrokerError, ExecutionFailedError
+from framepipe.jobs.control import request_cancel
+from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import get_execution
+from framepipe.jobs.runner import run_pipeline
+
+TESTS = Path(__file__).resolve().parent
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Cluster:
+    """Worker processes sharing one database and one broker namespace with the test."""
+
+    def __init__(self, tmp_path: Path, database_url: str, broker_url: str, namespace: str,
+                 **overrides: Any) -> None:
+        values: dict[str, Any] = {
+            "home": tmp_path / "home", "database_url": database_url,
+            "broker_url": broker_url, "broker_namespace": namespace, "lease_seconds": 2.0,
+            "sweep_interval": 0.2, "republish_after": 3.0, "retry_initial_delay": 0.05,
+            "retry_max_delay": 0.2, "shutdown_grace": 2.0, "max_step_crashes": 3,
+            "log_level": "INFO", **overrides}
+        self.settings = Settings(**values)
+        self.dir = tmp_path / "work"
+        self.dir.mkdir()
+        self.env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1",
+                    **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()}}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.store = StateStore(database_url)
+        self._n = 0
+
+    def worker(self, concurrency: int = 2, **env: str) -> subprocess.Popen[bytes]:
+        self._n += 1
+        log = open(self.dir.parent / f"worker{self._n}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "framepipe", "worker", "-c",
+                                 str(concurrency)], env={**self.env, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=self.dir)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def wait_registered(self, *procs: subprocess.Popen[bytes]) -> None:
+        pids = {p.pid for p in procs}
+
+        def registered() -> bool:
+            with self.store.read() as conn:
+                found = set(conn.execute(sa.select(workers.c.pid).where(
+                    workers.c.status == "running")).scalars())
+            return pids <= found
+
+        wait_for("the workers to register", registered)
+
+    def log(self, n: int) -> str:
+        return (self.dir.parent / f"worker{n}.log").read_text(errors="replace")
+
+    def submit(self, pipeline: Pipeline, **inputs: Any) -> str:
+        async def main() -> str:
+            async with JobEngine(settings=self.settings) as engine:
+                return await engine.submit(pipeline, {"dir": str(self.dir), **inputs})
+
+        return asyncio.run(main())
+
+    def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
+        return wait_for(f"execution {execution_id[:8]} to finish", lambda: (
+            info if (info := get_execution(self.store, execution_id)).status.finished
+            else None), timeout)
+
+    def running(self, execution_id: str) -> list[Any]:
+        with self.store.read() as conn:
+            return list(conn.execute(sa.select(steps.c.key, steps.c.worker, steps.c.attempt)
+                                     .where(steps.c.execution_id == execution_id,
+                                            steps.c.status == StepStatus.RUNNING.value)))
+
+    def completions(self, execution_id: str) -> collections.Counter[str]:
+        with self.store.read() as conn:
+            keys = conn.execute(sa.select(events.c.step_key).where(
+                events.c.execution_id == execution_id,
+                events.c.type == "step.completed")).scalars()
+            return collections.Counter(keys)
+
+    def runs_log(self) -> list[list[str]]:
+        path = self.dir / "runs.log"
+        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.store.close()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+    with redis_namespace("fp-workers-") as namespace:
+
+        def make(database_url: str, broker_url: str = REDIS_URL, **overrides: Any) -> Cluster:
+            cluster = Cluster(tmp_path, database_url, broker_url, namespace, **overrides)
+            made.append(cluster)
+            return cluster
+
+        try:
+            yield make
+        finally:
+            for cluster in made:
+                cluster.close()
+
+
+def pid_of(worker_id: str) -> int:
+    return int(worker_id.split(":")[1])
+
+
+# -- the basics, on SQLite and PostgreSQL ----------------------------------------------------
+
+
+def test_user_code_runs_unchanged_on_two_workers(cluster_factory: Callable[..., Cluster],
+                                                 database_url: str) -> None:
+    cluster = cluster_factory(database_url)
+    a, b = cluster.worker(), cluster.worker()
+    cluster.wait_registered(a, b)
+    info = run_pipeline(wp.fanout, {"dir": str(cluster.dir), "n": 40, "sleep": 0.05},
+                        settings=cluster.settings)
+    assert info.status is ExecutionStatus.COMPLETED
+    assert info.data["joined"] == 40
+    assert info.progress == 100.0
+    assert {info.data[f"w{i}"] for i in range(40)} == {a.pid, b.pid}
+    assert all(s.status is StepStatus.COMPLETED and s.attempt == 1 for s in info.steps)
+    assert set(cluster.completions(info.id).values()) == {1}
+    assert len(info.steps) == 42
+
+
+def test_retries_failure_and_resume_on_workers(cluster_factory: Callable[..., Cluster],
+                                               database_url: str) -> None:
+    cluster = cluster_factory(database_url)
+    cluster.wait_registered(cluster.worker())
+    execution_id = cluster.submit(wp.chain)
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.FAILED
+    assert "step 'gated' failed after 1 attempt: FileNotFoundError: gate file" in (info.error
+                                                                                  or "")
+    by_key = {s.key: s for s in info.steps}
+    assert by_key["flaky"].status is StepStatus.COMPLETED
+    assert by_key["flaky"].output == {"c": 3, "flaky_attempt": 3}
+    assert by_key["gated"].status is StepStatus.FAILED
+    (cluster.dir / "gate").touch()
+
+    async def retry() -> ExecutionInfo:
+        async with JobEngine(settings=cluster.settings) as engine:
+            await engine.retry(execution_id[:8], wp.chain)
+            return await engine.wait(execution_id)
+
+    info = asyncio.run(retry())
+    assert info.status is ExecutionStatus.COMPLETED
+    assert info.data == {"a": 1, "b": 2, "c": 3, "flaky_attempt": 3, "d": 4}
+    ran = collections.Counter(line[1] for line in cluster.runs_log())
+    assert ran == {"flaky": 3, "gated": 2}  # completed steps were not run again
+    with cluster.store.read() as conn:
+        progress = conn.execute(sa.select(events.c.data).where(
+            events.c.execution_id == execution_id, events.c.type == "step.progress",
+            events.c.step_key == "first")).scalars().first()
+    assert progress is not None
+    assert progress["message"] == "halfway"
+
+
+def test_cancel_stops_a_running_step(cluster_factory: Callable[..., Cluster],
+                                     database_url: str) -> None:
+    cluster = cluster_factory(database_url)
+    proc = cluster.worker()
+    cluster.wait_registered(proc)
+    execution_id = cluster.submit(wp.slow, seconds=60)
+    wait_for("the step to start", lambda: cluster.running(execution_id))
+    request_cancel(cluster.store, execution_id)
+    info = wait_for("the step to end cancelled", lambda: (
+        i if (i := get_execution(cluster.store, execution_id)).steps[0].status
+        is StepStatus.CANCELLED else None), timeout=15)
+    assert info.status is ExecutionStatus.CANCELLED
+    assert proc.poll() is None  # the worker lives on
+
+
+def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[..., Cluster],
+                                                      database_url: str) -> None:
+    cluster = cluster_factory(database_url)
+    execution_id = cluster.submit(wp.fanout, n=5)
+    time.sleep(0.3)
+    assert get_execution(cluster.store, execution_id).status is ExecutionStatus.RUNNING
+    cluster.worker()
+    assert cluster.wait(execution_id).status is ExecutionStatus.COMPLETED
+
+
+# -- failures of workers, on PostgreSQL ---------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..., Cluster],
+                                                    pg_url: str) -> None:
+    cluster = cluster_factory(pg_url, max_step_crashes=100)
+    live = [cluster.worker(), cluster.worker(), cluster.worker()]
+    cluster.wait_registered(*live)
+    n = 120
+    execution_id = cluster.submit(wp.fanout, n=n, sleep=0.3)
+    kills = 0
+    for _cycle in range(20):
+        held = wait_for("a worker to hold a step", lambda: [
+            r for r in cluster.running(execution_id)
+            if r.worker and pid_of(r.worker) in {p.pid for p in live}], timeout=30)
+        victim = next(p for p in live if p.pid == pid_of(held[0].worker))
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        kills += 1
+        live.remove(victim)
+        live.append(cluster.worker())
+        time.sleep(0.2)
+    info = cluster.wait(execution_id, timeout=120)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data["joined"] == n
+    completions = cluster.completions(execution_id)
+    assert len(completions) == n + 2
+    assert set(completions.values()) == {1}  # no step completed twice
+    crashed = [s for s in info.steps if s.crashes]
+    assert kills == 20
+    assert sum(s.crashes for s in crashed) >= 20  # every kill hit a running step
+    assert all(s.status is StepStatus.COMPLETED for s in info.steps)
+
+
+@pytest.mark.postgres
+def test_a_paused_worker_loses_its_lease_and_its_late_result(
+        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
+    cluster = cluster_factory(pg_url, lease_seconds=1.5)
+    first = cluster.worker()
+    cluster.wait_registered(first)
+    execution_id = cluster.submit(wp.slow, seconds=2.5)
+    wait_for("the step to start", lambda: cluster.running(execution_id))
+    os.kill(first.pid, signal.SIGSTOP)
+    second = cluster.worker()
+    try:
+        taken = wait_for("another worker to take the step over", lambda: [
+            r for r in cluster.running(execution_id) if r.attempt == 2], timeout=20)
+        assert pid_of(taken[0].worker) == second.pid
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED
+    assert info.data == {"long_done_by": second.pid, "long_attempt": 2}
+    assert cluster.completions(execution_id) == {"long": 1}
+    step = info.steps[0]
+    assert step.crashes == 0  # a paused worker is alive: its lease lapsed, it did not crash
+    time.sleep(1.0)  # the woken worker's late outcome, if any, is fenced, not written
+    assert cluster.completions(execution_id) == {"long": 1}
+    assert get_execution(cluster.store, execution_id).data["long_attempt"] == 2
+
+
+@pytest.mark.postgres
+def test_a_step_that_kills_its_worker_is_failed_as_poison_with_the_output_tail(
+        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
+    cluster = cluster_factory(pg_url, max_step_crashes=2)
+    proc = cluster.worker()
+    cluster.wait_registered(proc)
+    execution_id = cluster.submit(wp.crasher)
+    deaths = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        info = get_execution(cluster.store, execution_id)
+        if info.status.finished:
+            break
+        if proc.poll() is not None:
+            assert proc.returncode == 3
+            deaths += 1
+            proc = cluster.worker()  # what a process supervisor would do
+        time.sleep(0.1)
+    assert info.status is ExecutionStatus.FAILED
+    assert deaths == 2
+    by_key = {s.key: s for s in info.steps}
+    assert by_key["fine"].status is StepStatus.COMPLETED
+    crash = by_key["crash"]
+    assert crash.status is StepStatus.FAILED
+    assert crash.crashes == 2
+    assert (crash.error or "").startswith("StepCrashedError: pipeline 'wk_crasher', step "
+                                          "'crash': worker ")
+    assert "about to take the worker down (attempt 2)" in (crash.error or "")
+    assert "crashed its worker 2 times; failed as poison" in (info.error or "")
+
+
+@pytest.mark.postgres
+def test_sigterm_finishes_or_hands_back_the_running_step(
+        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
+    cluster = cluster_factory(pg_url, shutdown_grace=5.0)
+    proc = cluster.worker()
+    cluster.wait_registered(proc)
+    execution_id = cluster.submit(wp.slow, seconds=1.0)
+    wait_for("the step to start", lambda: cluster.running(execution_id))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    info = get_execution(cluster.store, execution_id)
+    assert info.status is ExecutionStatus.COMPLETED  # finished within the grace period
+    assert info.data["long_done_by"] == proc.pid
+
+    cluster.settings = cluster.settings.model_copy(update={"shutdown_grace": 0.5})
+    short = cluster.worker(FRAMEPIPE_SHUTDOWN_GRACE="0.5")
+    cluster.wait_registered(short)
+    execution_id = cluster.submit(wp.slow, seconds=3.0)
+    wait_for("the step to start", lambda: cluster.running(execution_id))
+    short.send_signal(signal.SIGTERM)
+    assert short.wait(timeout=20) == 0
+    step = get_execution(cluster.store, execution_id).steps[0]
+    assert step.status is StepStatus.READY  # handed back, not failed
+    assert (step.failures, step.crashes) == (0, 0)
+    other = cluster.worker()
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED
+    assert info.data == {"long_done_by": other.pid, "long_attempt": 2}
+    assert "handing it back" in cluster.log(2)
+
+
+# -- the broker failing ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        service_missing("redis-server (apt-get install redis-server)",
+                        FileNotFoundError("redis-server"))
+    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for("redis-server to listen", up, timeout=10)
+    return proc
+
+
+@pytest.mark.postgres
+def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., Cluster],
+                                                pg_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    redis_proc = _redis_server(port, tmp_path)
+    try:
+        cluster = cluster_factory(pg_url, broker_url=f"redis://127.0.0.1:{port}/0")
+        a, b = cluster.worker(), cluster.worker()
+        cluster.wait_registered(a, b)
+        n = 80
+        execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
+        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        redis_proc.kill()  # no persistence: the stream and the group are gone
+        redis_proc.wait()
+        time.sleep(1.0)
+        redis_proc = _redis_server(port, tmp_path)
+        info = cluster.wait(execution_id, timeout=90)
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert info.data["joined"] == n
+        assert set(cluster.completions(execution_id).values()) == {1}
+        assert a.poll() is None
+        assert b.poll() is None
+        assert "retrying" in cluster.log(1) + cluster.log(2)
+    finally:
+        redis_proc.kill()
+        redis_proc.wait()
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_a_worker_needs_a_redis_broker(tmp_path: Path) -> None:
+    from framepipe.jobs.worker import Worker
+
+    settings = Settings(home=tmp_path, broker_url="memory://")
+    with pytest.raises(BrokerError, match="a worker needs a Redis broker"):
+        Worker(settings)
+
+
+def test_malformed_entries_and_unknown_pipelines_fail_clearly(
+        cluster_factory: Callable[..., Cluster], database_url: str, tmp_path: Path) -> None:
+    import redis
+
+    cluster = cluster_factory(database_url)
+    proc = cluster.worker()
+    cluster.wait_registered(proc)
+    client = redis.Redis.from_url(REDIS_URL)
+    stream = f"{cluster.settings.broker_namespace.rstrip(':')}:jobs:steps"
+    client.xadd(stream, {"bogus": "1"})
+    wait_for("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
+    assert client.xpending(stream, "workers")["pending"] == 0
+    client.close()
+
+    module = tmp_path / "elsewhere.py"
+    module.write_text("from framepipe import Pipeline\n"
+                      "lost = Pipeline('wk_lost')\n"
+                      "@lost.step()\n"
+                      "def only(ctx):\n"
+                      "    return {}\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import elsewhere  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+    execution_id = cluster.submit(elsewhere.lost)
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.FAILED
+    assert "cannot run step 'only'" in (info.error or "")
+    assert "pipeline 'wk_lost' (elsewhere:wk_lost) is not known here" in (info.error or "")
+
+
+def test_run_pipeline_raises_for_a_failed_distributed_execution(
+        cluster_factory: Callable[..., Cluster], database_url: str) -> None:
+    cluster = cluster_factory(database_url)
+    cluster.wait_registered(cluster.worker())
+    with pytest.raises(ExecutionFailedError, match="gate file"):
+        run_pipeline(wp.chain, {"dir": str(cluster.dir)}, settings=cluster.settings)

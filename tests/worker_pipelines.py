@@ -1,0 +1,106 @@
+"""Pipelines the distributed-worker tests submit; workers import them as ``worker_pipelines``
+(the tests put this folder on the workers' PYTHONPATH). Side effects go to files under
+``ctx.inputs["dir"]`` so the tests can see what ran where."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from framepipe import Pipeline, StepContext
+
+
+def _log(ctx: StepContext, what: str) -> None:
+    with open(Path(ctx.inputs["dir"]) / "runs.log", "a") as fh:
+        fh.write(f"{what} {ctx.step_key} {ctx.attempt} {os.getpid()}\n")
+
+
+fanout = Pipeline("wk_fanout")
+
+
+@fanout.step()
+def start(ctx: StepContext) -> dict[str, Any]:
+    n = int(ctx.inputs["n"])
+    for i in range(n):
+        ctx.spawn_step("work", params={"i": i})
+    return {"spawned": n}
+
+
+@fanout.step()
+def work(ctx: StepContext, i: int) -> dict[str, Any]:
+    pause = float(ctx.inputs.get("sleep", 0))
+    if pause:
+        _log(ctx, "start")
+        time.sleep(pause)
+        _log(ctx, "end")
+    return {f"w{i}": os.getpid()}
+
+
+@fanout.step(depends_on=["work"])
+def join(ctx: StepContext) -> dict[str, Any]:
+    return {"joined": sum(1 for k in ctx.data if k.startswith("w"))}
+
+
+chain = Pipeline("wk_chain")
+
+
+@chain.step()
+def first(ctx: StepContext) -> dict[str, Any]:
+    ctx.progress(50, "halfway")
+    time.sleep(0.3)  # a progress report is committed on its own, not only with the outcome
+    return {"a": 1}
+
+
+@chain.step(depends_on=["first"])
+def second(ctx: StepContext) -> dict[str, Any]:
+    return {"b": ctx.data["a"] + 1}
+
+
+@chain.step(depends_on=["second"], retries=2, retry_delay=0.05)
+def flaky(ctx: StepContext) -> dict[str, Any]:
+    _log(ctx, "flaky")
+    if ctx.attempt < 3:
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"c": ctx.data["b"] + 1, "flaky_attempt": ctx.attempt}
+
+
+@chain.step(depends_on=["flaky"])
+def gated(ctx: StepContext) -> dict[str, Any]:
+    _log(ctx, "gated")
+    gate = Path(ctx.inputs["dir"]) / "gate"
+    if not gate.exists():
+        raise FileNotFoundError(f"gate file {gate} is missing")
+    return {"d": ctx.data["c"] + 1}
+
+
+crasher = Pipeline("wk_crasher")
+
+
+@crasher.step()
+def fine(ctx: StepContext) -> dict[str, Any]:
+    return {"fine": True}
+
+
+@crasher.step(depends_on=["fine"])
+def crash(ctx: StepContext) -> dict[str, Any]:
+    print(f"crash step: about to take the worker down (attempt {ctx.attempt})", flush=True)
+    time.sleep(float(ctx.inputs.get("before_crash", 1.5)))
+    sys.stdout.flush()
+    os._exit(3)
+
+
+slow = Pipeline("wk_slow")
+
+
+@slow.step()
+def long(ctx: StepContext) -> dict[str, Any]:
+    _log(ctx, "start")
+    deadline = time.monotonic() + float(ctx.inputs["seconds"])
+    while time.monotonic() < deadline:
+        ctx.check_cancelled()
+        time.sleep(0.05)
+    _log(ctx, "end")
+    return {"long_done_by": os.getpid(), "long_attempt": ctx.attempt}
