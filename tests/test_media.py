@@ -608,3 +608,39 @@ def test_a_rotation_written_by_the_ffmpeg_command_line(tmp_path: Path) -> None:
     out = normalise(tagged, tmp_path / "n.mp4", preset=FAST)
     assert probe(out).rotation == 0 and probe(out).display_size == (96, 160)
     assert np.abs(decoded(out)[0].astype(int) - reference.astype(int)).mean() < 12
+
+
+def test_an_undecodable_audio_packet_leaves_a_gap_not_a_failure(tmp_path: Path) -> None:
+    src = tmp_path / "glitch.mp4"
+    rate = 44100
+    with av.open(str(src), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.options = {"preset": "ultrafast"}
+        sound = container.add_stream("aac", rate=rate)
+        sound.layout = "mono"
+        for i in range(25):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        t = np.arange(rate) / rate
+        wave = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[np.newaxis, :]
+        packets = []
+        for at in range(0, rate, 1024):
+            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, at:at + 1024]),
+                                               format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = rate, at, Fraction(1, rate)
+            packets += sound.encode(chunk)
+        packets += sound.encode(None)
+        good = packets[20]
+        bad = av.Packet(b"\xff\xf1" + bytes(range(200)))  # garbage in the middle of the sound
+        bad.pts, bad.dts, bad.time_base = good.pts, good.dts, good.time_base
+        bad.stream = sound
+        for packet in [*packets[:20], bad, *packets[21:]]:
+            container.mux(packet)
+    out = normalise(src, tmp_path / "n.mp4", preset=FAST)
+    info = probe(out)
+    assert info.frames == 25 and info.audio_codec == "aac"
+    assert info.audio_duration == pytest.approx(1.0, abs=0.05)
+    assert tone_at(out, 0.05, 0.4) == pytest.approx(440, abs=5)

@@ -525,8 +525,9 @@ def decode_with_audio(container: av.container.InputContainer,
                       on_audio: Callable[[av.AudioFrame], None],
                       path: Path) -> Iterator[av.VideoFrame]:
     """The video stream's frames, in one pass over the file that also decodes ``audio`` (when
-    given) and hands its frames to ``on_audio`` as they come. A decode error becomes
-    :class:`MediaError` naming ``path``."""
+    given) and hands its frames to ``on_audio`` as they come. A video or container error
+    becomes :class:`MediaError` naming ``path``; an audio packet that cannot be decoded is
+    skipped (the sound has a gap there), as players do, rather than failing the video."""
     if audio is None:
         yield from decode(container, stream, path)
         return
@@ -536,10 +537,14 @@ def decode_with_audio(container: av.container.InputContainer,
                 for frame in packet.decode():
                     assert isinstance(frame, av.VideoFrame)
                     yield frame
-            else:
-                for sound in packet.decode():
-                    assert isinstance(sound, av.AudioFrame)
-                    on_audio(sound)
+                continue
+            try:
+                sounds = packet.decode()
+            except av.FFmpegError:
+                continue
+            for sound in sounds:
+                assert isinstance(sound, av.AudioFrame)
+                on_audio(sound)
     except av.FFmpegError as exc:
         raise MediaError(path, f"decoding failed ({exc})") from exc
 

@@ -100,6 +100,17 @@ def _read(path: Path) -> np.ndarray:
     return image
 
 
+def _read_frame(path: Path, width: int, height: int) -> av.VideoFrame:
+    """One image as a frame for the writer (run on a reader thread): converted to yuv420p by
+    OpenCV (BT.601, limited range, as libswscale's default) when it has the video's size,
+    else left BGR for the writer to scale."""
+    image = _read(path)
+    if image.shape[:2] == (height, width):
+        yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+        return av.VideoFrame.from_ndarray(np.asarray(yuv, dtype=np.uint8), format="yuv420p")
+    return av.VideoFrame.from_ndarray(image, format="bgr24")
+
+
 def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
            fps: float | Fraction = 25, crf: int = 23, preset: str = "medium",
            progress: ProgressCallback | None = None) -> Path:
@@ -107,31 +118,32 @@ def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
 
     ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
     The video takes the first image's size (made even); other sizes are scaled to it. Images
-    are read ahead on two threads (OpenCV releases the GIL), in order, at most
-    ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the folder in
-    memory."""
+    are read and converted to yuv420p ahead on two threads (OpenCV releases the GIL), in
+    order, at most ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the
+    folder in memory."""
     paths = _frame_list(frames)
     dst = Path(dst)
     first = _read(paths[0])
     height, width = first.shape[:2]
+    out_w, out_h = even(width), even(height)
     rate = Fraction(fps).limit_denominator(1001)
     report = Progress(progress, len(paths))
     with (ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,
           atomic_output(dst) as tmp,
-          H264Writer(tmp, width=even(width), height=even(height), fps=rate, crf=crf,
+          H264Writer(tmp, width=out_w, height=out_h, fps=rate, crf=crf,
                      preset=preset) as writer):
-        pending: collections.deque[Future[np.ndarray]] = collections.deque()
+        pending: collections.deque[Future[av.VideoFrame]] = collections.deque()
         upcoming = iter(paths[1:])
+        for path in itertools.islice(upcoming, _READ_AHEAD):
+            pending.append(pool.submit(_read_frame, path, out_w, out_h))
         writer.write(av.VideoFrame.from_ndarray(first, format="bgr24"))
         report.step()
-        for path in itertools.islice(upcoming, _READ_AHEAD):
-            pending.append(pool.submit(_read, path))
         while pending:
-            image = pending.popleft().result()
+            frame = pending.popleft().result()
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append(pool.submit(_read, nxt))
-            writer.write(av.VideoFrame.from_ndarray(image, format="bgr24"))
+                pending.append(pool.submit(_read_frame, nxt, out_w, out_h))
+            writer.write(frame)
             report.step()
     report.finish()
     return dst

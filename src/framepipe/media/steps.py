@@ -200,7 +200,9 @@ def run_media(ctx: StepContext, operation: Operation, source: str | Sequence[str
 
     The guarantees are the module's: a temporary folder removed afterwards (failed or not),
     uploads under ``key`` only after success, progress 0-100 % of the step, a
-    :class:`MediaError` naming the user's file."""
+    :class:`MediaError` naming the user's file. Calling it twice in one step: give each call
+    its own ``key`` (the default names the step, so the second output of the same kind would
+    replace the first)."""
     op = _op(operation)
     _check_options(operation, options, ctx.pipeline.name, ctx.step_key)
     work = ctx.tempdir()
