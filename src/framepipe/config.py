@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(
         1.0, gt=0, description="How often each worker looks for expired leases, due retries "
                                "and ready steps the broker lost.")
+    worker_prefetch: int = Field(
+        2, ge=1, description="A worker claims up to concurrency x this many steps, so short "
+                             "steps are claimed and committed in batches; 1 claims only what "
+                             "it can start at once (fairest for long steps).")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")

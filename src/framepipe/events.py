@@ -104,6 +104,11 @@ class EventBus:
 
         return remove
 
+    @property
+    def watched(self) -> bool:
+        """True while anyone subscribes or listens (publishing to nobody can be skipped)."""
+        return bool(self._subscriptions or self._listeners)
+
     def publish(self, events: Iterable[Event]) -> None:
         """Deliver committed events to every subscriber and listener."""
         for event in events:

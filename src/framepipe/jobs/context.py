@@ -64,7 +64,8 @@ class StepContext:
                  data: Mapping[str, Any], params: Mapping[str, Any], store: StateStore,
                  objects: Callable[[], ObjectStore],
                  post: Callable[[tuple[Any, ...]], None],
-                 has_key: Callable[[str], bool]) -> None:
+                 has_key: Callable[[str], bool],
+                 known_key: Callable[[str], bool] | None = None) -> None:
         self.pipeline = pipeline
         self.execution_id = execution_id
         self.step_key = step_key
@@ -78,6 +79,9 @@ class StepContext:
         self._objects = objects
         self._post = post
         self._has_key = has_key
+        # Whether a spawned key may be skipped as existing: a cheap check is enough, since
+        # spawning an existing key changes nothing anyway.
+        self._known_key = known_key or has_key
         self._cancel = threading.Event()
         self._spawned: set[str] = set()
         self._ledger_rows: list[dict[str, Any]] = []
@@ -160,7 +164,7 @@ class StepContext:
                     f"{key} would wait for {dep}, which waits for every {name!r} step",
                     pipeline=pipeline.name, step_key=self.step_key)
             deps.append(dep)
-        if key not in self._spawned and not self._has_key(key):
+        if key not in self._spawned and not self._known_key(key):
             self._spawned.add(key)
             self._post(("spawn", self.execution_id, self.step_key, name, values, key, deps))
         return key

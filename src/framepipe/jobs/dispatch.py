@@ -186,9 +186,29 @@ class RoundResult:
     """What a commit produced: steps to publish, retry times, fenced writes, events."""
 
     ready: list[Delivery] = field(default_factory=list)
+    claimed: list[Claimed] = field(default_factory=list)
     retry_at: list[tuple[float, Delivery]] = field(default_factory=list)
     fenced: list[tuple[str, str, int]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+
+
+_complete_step = (
+    steps.update()
+    .where(steps.c.execution_id == sa.bindparam("b_e"), steps.c.key == sa.bindparam("b_k"))
+    .values(status=StepStatus.COMPLETED.value, error=None, progress=100.0, lease_until=None,
+            output=sa.bindparam("b_output", type_=steps.c.output.type),
+            done_seq=sa.bindparam("b_seq"), finished_at=sa.bindparam("b_now"))
+)
+
+
+def _crossed(before: int, after: int) -> bool:
+    """True when an execution's step count passed 256, 1024, 4096, ... (x4)."""
+    mark = 256
+    while mark <= after:
+        if before < mark:
+            return True
+        mark *= 4
+    return False
 
 
 class _X:
@@ -308,6 +328,11 @@ class _Tx:
         self.conn.execute(steps.insert(), rows)
         if edges:
             self.conn.execute(step_deps.insert(), edges)
+        if self.store.dialect == "postgresql" and _crossed(x.next_seq - len(rows), x.next_seq):
+            # A burst of new steps in a young table: without fresh statistics PostgreSQL
+            # plans key lookups as scans of the whole execution (autovacuum may take a
+            # minute to analyze), which makes every claim and completion O(steps).
+            self.conn.exec_driver_sql("ANALYZE fp_steps, fp_step_deps")
         x.unfinished += len(rows)
         x.active += len(ready)
         x.wtotal += sum(r["weight"] for r in rows)
@@ -338,30 +363,38 @@ class _Tx:
 
     def complete(self, x: _X, done: list[Outcome]) -> list[Outcome]:
         """Commit completions; return the fenced ones (not committed)."""
-        fenced: list[Outcome] = []
-        finished: list[str] = []
-        for o in done:
-            n = self.conn.execute(steps.update().where(
-                steps.c.execution_id == x.id, steps.c.key == o.key,
-                steps.c.attempt == o.attempt, steps.c.status == StepStatus.RUNNING.value)
-                .values(status=StepStatus.COMPLETED.value, output=o.output, error=None,
-                        done_seq=x.next_done_seq, progress=100.0, finished_at=self.now,
-                        lease_until=None)).rowcount
-            if not n:
-                fenced.append(o)
-                continue
-            x.next_done_seq += 1
-            x.unfinished -= 1
-            x.active -= 1
-            x.wsum += o.weight * (100.0 - o.before)
-            finished.append(o.key)
-            if o.ledger:
-                upsert_ledger(self.store, self.conn, o.ledger)
-            self.emit("step.completed", x, o.key, {"attempt": o.attempt,
-                                                   "execution_progress": x.progress})
-        if finished:
-            self._release_dependents(x, finished)
-        return fenced
+        if not done:
+            return []
+        held: set[tuple[str, int]] = set()
+        keys = [o.key for o in done]
+        for i in range(0, len(keys), _CHUNK):
+            query = sa.select(steps.c.key, steps.c.attempt).where(
+                steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]),
+                steps.c.status == StepStatus.RUNNING.value)
+            if self.store.dialect == "postgresql":
+                query = query.with_for_update()
+            held.update((r.key, r.attempt) for r in self.conn.execute(query))
+        # Under the execution's lock nothing else moves these rows off 'running' (claims take
+        # only ready rows; sweeps lock the execution first), so the check above stands.
+        ok = [o for o in done if (o.key, o.attempt) in held]
+        if ok:
+            rows = []
+            for o in ok:
+                rows.append({"b_e": x.id, "b_k": o.key, "b_output": o.output,
+                             "b_seq": x.next_done_seq, "b_now": self.now})
+                x.next_done_seq += 1
+                x.wsum += o.weight * (100.0 - o.before)
+                if o.ledger:
+                    upsert_ledger(self.store, self.conn, o.ledger)
+            self.conn.execute(_complete_step, rows)
+            x.unfinished -= len(ok)
+            x.active -= len(ok)
+            progress = round(x.wsum / x.wtotal, 2) if x.wtotal else 0.0
+            for o in ok:
+                self.emit("step.completed", x, o.key, {"attempt": o.attempt,
+                                                       "execution_progress": progress})
+            self._release_dependents(x, [o.key for o in ok])
+        return [o for o in done if (o.key, o.attempt) not in held]
 
     def _release_dependents(self, x: _X, finished: list[str]) -> None:
         waiting: dict[str, int] = defaultdict(int)
@@ -621,43 +654,61 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
           lease: float) -> tuple[list[Claimed], list[Event]]:
     """Take the delivered steps that are still ready in a running execution, each as a new
-    attempt with a lease of ``lease`` seconds. Stale deliveries are skipped."""
-    now = time.time()
-    claimed: list[Claimed] = []
-    new_events: list[Event] = []
-    with store.write() as conn:
-        ids = sorted({d.execution_id for d in deliveries})
-        xs = {r.id: r for r in conn.execute(sa.select(
-            executions.c.id, executions.c.status, executions.c.pipeline,
-            executions.c.pipeline_ref, executions.c.inputs).where(executions.c.id.in_(ids)))}
-        for d in sorted(set(deliveries)):
-            x = xs.get(d.execution_id)
-            if x is None or x.status != _RUNNING:
-                continue
-            row = conn.execute(steps.update().where(
-                steps.c.execution_id == d.execution_id, steps.c.key == d.key,
-                steps.c.status == StepStatus.READY.value).values(
-                    status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1, worker=worker,
-                    lease_until=now + lease, started_at=now, message=None,
+    attempt with a lease of ``lease`` seconds, in one statement. Stale deliveries are skipped.
+
+    Not a durable commit: if the database loses it in a crash, the step is ready again and
+    this attempt's later writes are fenced off."""
+    if not deliveries:
+        return [], []
+    with store.write(durable=False) as conn:
+        return _claim_in(store, conn, worker, deliveries, lease, time.time())
+
+
+def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
+              deliveries: Sequence[Delivery], lease: float,
+              now: float) -> tuple[list[Claimed], list[Event]]:
+    by_exec: dict[str, set[str]] = defaultdict(set)
+    for d in deliveries:
+        by_exec[d.execution_id].add(d.key)
+    xs = {r.id: r for r in conn.execute(sa.select(
+        executions.c.id, executions.c.pipeline, executions.c.pipeline_ref,
+        executions.c.inputs).where(executions.c.id.in_(sorted(by_exec)),
+                                   executions.c.status == _RUNNING))}
+    rows: list[Any] = []
+    for execution_id in sorted(xs):
+        rows.extend(conn.execute(steps.update().where(
+            steps.c.execution_id == execution_id,
+            steps.c.key.in_(sorted(by_exec[execution_id])),
+            steps.c.status == StepStatus.READY.value)
+            .values(status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1,
+                    worker=worker, lease_until=now + lease, started_at=now, message=None,
                     next_attempt_at=None)
-                .returning(steps.c.name, steps.c.params, steps.c.attempt, steps.c.weight,
-                           steps.c.progress, steps.c.ready_at)).first()
-            if row is None:
-                continue
-            claimed.append(Claimed(
-                execution_id=d.execution_id, key=d.key, name=row.name, params=row.params,
-                attempt=row.attempt, weight=row.weight, progress=row.progress,
-                pipeline=x.pipeline, pipeline_ref=x.pipeline_ref, inputs=x.inputs,
-                ready_at=row.ready_at, started_at=now))
-            new_events.append(Event("step.started", now, d.execution_id, d.key,
-                                    {"attempt": row.attempt, "worker": worker}))
-        committed = insert_events(store, conn, new_events)
+            .returning(steps.c.execution_id, steps.c.key, steps.c.name, steps.c.params,
+                       steps.c.attempt, steps.c.weight, steps.c.progress,
+                       steps.c.ready_at)).all())
+    if not rows:
+        return [], []
+    claimed = [Claimed(
+        execution_id=r.execution_id, key=r.key, name=r.name, params=r.params,
+        attempt=r.attempt, weight=r.weight, progress=r.progress,
+        pipeline=xs[r.execution_id].pipeline, pipeline_ref=xs[r.execution_id].pipeline_ref,
+        inputs=xs[r.execution_id].inputs, ready_at=r.ready_at, started_at=now)
+        for r in rows]
+    committed = insert_events(store, conn, [
+        Event("step.started", now, c.execution_id, c.key,
+              {"attempt": c.attempt, "worker": worker}) for c in claimed])
     return claimed, committed
 
 
-def commit_round(store: StateStore, work: Round) -> RoundResult:
+def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
+                 take: int = 0, lease: float = 0.0) -> RoundResult:
     """Commit a worker's round (spawns, progress, outcomes) in one transaction, fenced by
-    attempt; dependents of completed steps become ready in the same transaction."""
+    attempt; dependents of completed steps become ready in the same transaction.
+
+    With ``worker`` and ``take > 0``, up to ``take`` of the steps made ready are claimed by
+    that worker in the same transaction (``result.claimed``): a worker with free slots runs
+    the next step of a chain without a round trip through the broker. The rest are in
+    ``result.ready``, to publish."""
     result = RoundResult()
     by_exec: dict[str, Round] = defaultdict(Round)
     for s in work.spawns:
@@ -666,7 +717,9 @@ def commit_round(store: StateStore, work: Round) -> RoundResult:
         by_exec[p.execution_id].progress.append(p)
     for o in work.outcomes:
         by_exec[o.execution_id].outcomes.append(o)
-    with store.write() as conn:
+    # Spawns and progress alone need no flush: the outcome commit of the same attempt is
+    # durable and flushes them with it; until then, a crash re-runs the attempt anyway.
+    with store.write(durable=bool(work.outcomes)) as conn:
         tx = _Tx(store, conn, time.time())
         for execution_id in sorted(by_exec):
             part = by_exec[execution_id]
@@ -695,13 +748,20 @@ def commit_round(store: StateStore, work: Round) -> RoundResult:
                     result.fenced.append((o.execution_id, o.key, o.attempt))
             tx.settle(x)
         result.events = tx.save()
-        retrying = [(o.execution_id, o.key) for o in work.outcomes if o.kind == "failed"]
-        if retrying:
-            for r in conn.execute(sa.select(steps.c.execution_id, steps.c.key,
-                                            steps.c.next_attempt_at).where(
-                    steps.c.status == StepStatus.RETRYING.value,
-                    sa.tuple_(steps.c.execution_id, steps.c.key).in_(retrying))):
-                result.retry_at.append((r.next_attempt_at, Delivery(r.execution_id, r.key)))
+        if worker is not None and take > 0 and tx.ready:
+            mine = tx.ready[:take]
+            result.claimed, claim_events = _claim_in(store, conn, worker, mine, lease, tx.now)
+            result.events.extend(claim_events)
+            taken = {(c.execution_id, c.key) for c in result.claimed}
+            tx.ready = [d for d in tx.ready if (d.execution_id, d.key) not in taken]
+        for o in work.outcomes:
+            if o.kind != "failed":
+                continue
+            at = conn.execute(sa.select(steps.c.next_attempt_at).where(
+                steps.c.execution_id == o.execution_id, steps.c.key == o.key,
+                steps.c.status == StepStatus.RETRYING.value)).scalar()
+            if at is not None:
+                result.retry_at.append((at, Delivery(o.execution_id, o.key)))
     result.ready = tx.ready
     return result
 
@@ -726,11 +786,14 @@ def _commit_spawns(tx: _Tx, x: _X, spawns: list[Spawn], result: RoundResult) -> 
 def release_due(store: StateStore) -> list[Delivery]:
     """Make the steps whose retry delay has passed ready again; return them to publish."""
     now = time.time()
+    due = (steps.c.status == StepStatus.RETRYING.value, steps.c.next_attempt_at <= now,
+           steps.c.execution_id.in_(sa.select(executions.c.id).where(
+               executions.c.status == _RUNNING, executions.c.mode == MODE)))
+    with store.read() as conn:
+        if conn.execute(sa.select(steps.c.key).where(*due).limit(1)).first() is None:
+            return []
     with store.write() as conn:
-        rows = conn.execute(sa.select(steps.c.execution_id, steps.c.key).where(
-            steps.c.status == StepStatus.RETRYING.value, steps.c.next_attempt_at <= now,
-            steps.c.execution_id.in_(sa.select(executions.c.id).where(
-                executions.c.status == _RUNNING, executions.c.mode == MODE)))).all()
+        rows = conn.execute(sa.select(steps.c.execution_id, steps.c.key).where(*due)).all()
         out: list[Delivery] = []
         for r in rows:
             n = conn.execute(steps.update().where(
@@ -753,7 +816,7 @@ def renew(store: StateStore, worker: str, held: Sequence[tuple[str, str, int]], 
     failed execution's running steps finish and keep their results)."""
     now = time.time()
     lost: set[tuple[str, str, int]] = set()
-    with store.write() as conn:
+    with store.write(durable=False) as conn:
         for execution_id, key, attempt in held:
             n = conn.execute(steps.update().where(
                 steps.c.execution_id == execution_id, steps.c.key == key,
@@ -817,13 +880,16 @@ def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
                 tx.settle(x)
             committed = tx.save()
         out.extend(tx.ready)
-    with store.write() as conn:
-        stale: Sequence[Any] = conn.execute(sa.select(steps.c.execution_id, steps.c.key).where(
-            steps.c.status == StepStatus.READY.value,
-            steps.c.published_at < now - republish_after,
-            steps.c.execution_id.in_(sa.select(executions.c.id).where(
-                executions.c.status == _RUNNING, executions.c.mode == MODE)))
-            .limit(5000)).all()
+    forgotten = (steps.c.status == StepStatus.READY.value,
+                 steps.c.published_at < now - republish_after,
+                 steps.c.execution_id.in_(sa.select(executions.c.id).where(
+                     executions.c.status == _RUNNING, executions.c.mode == MODE)))
+    with store.read() as conn:
+        if conn.execute(sa.select(steps.c.key).where(*forgotten).limit(1)).first() is None:
+            return out, committed
+    with store.write(durable=False) as conn:
+        stale: Sequence[Any] = conn.execute(sa.select(steps.c.execution_id, steps.c.key)
+                                            .where(*forgotten).limit(5000)).all()
         for r in stale:
             conn.execute(steps.update().where(steps.c.execution_id == r.execution_id,
                                               steps.c.key == r.key)

@@ -385,7 +385,8 @@ class JobEngine:
                 0.05 if self.settings.distributed_jobs else 0.5)
             after = 0
             while True:
-                status, new = await self._in_db(self._poll, execution_id, after)
+                status, new = await self._in_db(self._poll, execution_id, after,
+                                                self.bus.watched)
                 if new:
                     after = new[-1].id or after
                     self.bus.publish(new)
@@ -400,10 +401,13 @@ class JobEngine:
                 execution_id=info.id, status=info.status.value, errors=info.errors)
         return info
 
-    def _poll(self, execution_id: str, after: int) -> tuple[ExecutionStatus, list[Event]]:
+    def _poll(self, execution_id: str, after: int,
+              with_events: bool) -> tuple[ExecutionStatus, list[Event]]:
         with self.store.read() as conn:
             status = conn.execute(sa.select(executions.c.status).where(
                 executions.c.id == execution_id)).scalar_one()
+        if not with_events:
+            return ExecutionStatus(status), []
         return ExecutionStatus(status), list_events(self.store, execution_id, after_id=after)
 
     async def _submit_to_workers(self, pipeline: Pipeline, inputs: dict[str, Any],

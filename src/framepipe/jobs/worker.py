@@ -5,7 +5,8 @@ with a lease, runs them (threads for plain functions, its event loop for ``async
 commits what they report (progress, spawned steps, outcomes) in one transaction per round,
 fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
 
-* a step runs on at most ``concurrency`` slots of this worker; a claim is committed before the
+* at most ``concurrency`` steps run at once; up to ``concurrency x worker_prefetch`` are
+  claimed (short steps are claimed and committed in batches); a claim is committed before the
   step's code starts, and the broker entry is acknowledged only after that commit;
 * while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s); a step
   whose lease was taken over (this worker was cut off or paused) is told to stop and its late
@@ -133,6 +134,7 @@ class Worker:
         self.store = store or StateStore(self.settings.resolved_database_url,
                                          sqlite_synchronous=self.settings.sqlite_synchronous)
         self.concurrency = concurrency or self.settings.concurrency
+        self.capacity = self.concurrency * self.settings.worker_prefetch
         self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
         self.broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
         self.lease = self.settings.lease_seconds
@@ -151,6 +153,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._ended: asyncio.Event | None = None
+        self._async_slots: asyncio.Semaphore | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._db: ThreadPoolExecutor | None = None
         self._retry_timers: list[asyncio.TimerHandle] = []
@@ -180,6 +183,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
+        self._async_slots = asyncio.Semaphore(self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
         await self._in_db_retrying(self._register, what="registering the worker")
@@ -288,9 +292,9 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             with self._lock:
-                while self._taken >= self.concurrency and not self._stopping.is_set():
+                while self._taken >= self.capacity and not self._stopping.is_set():
                     self._slots.wait(0.5)
-                free = self.concurrency - self._taken
+                free = self.capacity - self._taken
                 self._taken += free
             if self._stopping.is_set():
                 self._release(free)
@@ -387,7 +391,8 @@ class Worker:
                           data=_LazyData(lambda: _load_data(store, c.execution_id)),
                           params=c.params, store=store, objects=lambda: self.objects,
                           post=lambda message: self._post_message(run, message),
-                          has_key=lambda key: _has_key(store, c.execution_id, key))
+                          has_key=lambda key: _has_key(store, c.execution_id, key),
+                          known_key=lambda key: False)
         run.ctx = ctx
         if step.is_async:
             run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))
@@ -406,8 +411,10 @@ class Worker:
 
     async def _run_async(self, run: _Run, ctx: StepContext) -> None:
         step = ctx.pipeline.steps[run.claimed.name]
+        assert self._async_slots is not None
         try:
-            outcome = self._done(run, await step.fn(ctx, **run.claimed.params))
+            async with self._async_slots:  # at most `concurrency` run; claimed ones wait
+                outcome = self._done(run, await step.fn(ctx, **run.claimed.params))
         except asyncio.CancelledError:
             outcome = self._failed(run, StepCancelledError(
                 "cancelled", pipeline=ctx.pipeline.name, step_key=run.claimed.key,
@@ -466,8 +473,13 @@ class Worker:
             if run.finished:
                 return
             run.finished = True
-            if not run.lost:
-                self._pending.outcomes.append((run, outcome))
+            if run.lost:  # its slot was given back when the lease was lost
+                return
+            self._pending.outcomes.append((run, outcome))
+            # The slot is free once the code is done: the next step may be claimed while
+            # this outcome is being committed.
+            self._taken -= 1
+            self._slots.notify_all()
         self._wakeup()
         loop, ended = self._loop, self._ended
         if loop is not None and ended is not None:
@@ -511,13 +523,22 @@ class Worker:
         for run, outcome in pending.outcomes:
             outcome.before = run.committed_progress
         work.outcomes = [o for _r, o in pending.outcomes]
-        result = await self._in_db_retrying(dispatch.commit_round, self.store, work,
-                                            what="committing step results")
+        with self._lock:
+            take = 0 if self._stopping.is_set() else max(0, self.capacity - self._taken)
+            self._taken += take
+        result: dispatch.RoundResult | None = None
+        try:
+            result = await self._in_db_retrying(
+                functools.partial(dispatch.commit_round, self.store, work, worker=self.id,
+                                  take=take, lease=self.lease), what="committing step results")
+        finally:
+            self._release(take - (len(result.claimed) if result is not None else 0))
+        if result.claimed:
+            self._start_all([_Run(c, self._pipeline_for(c)) for c in result.claimed])
         for run, outcome in pending.outcomes:
             self._runs.pop(run.ident, None)
             if outcome.kind == "done":
                 self.steps_done += 1
-        self._release(len(pending.outcomes))
         for execution_id, key, attempt in result.fenced:
             _log.warning("Worker %s: step %s of %s attempt %d no longer held by this worker "
                          "(its lease was taken over); its late writes were discarded",
@@ -611,7 +632,7 @@ class Worker:
     async def _takeover(self) -> None:
         def work() -> None:
             with self._lock:
-                free = self.concurrency - self._taken
+                free = self.capacity - self._taken
                 if free <= 0:
                     return
                 self._taken += free

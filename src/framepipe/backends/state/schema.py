@@ -78,9 +78,16 @@ steps = sa.Table(
     sa.Column("lease_until", sa.Float, nullable=True),
     sa.Column("worker", sa.String(200), nullable=True),
     sa.Column("published_at", sa.Float, nullable=True),
-    sa.Index("ix_fp_steps_status", "status", "lease_until"),
-    sa.Index("ix_fp_steps_exec_status", "execution_id", "status"),
-    sa.Index("ix_fp_steps_exec_name", "execution_id", "name"),
+    # Partial indexes for the workers' sweeps, and no other index leading with execution_id:
+    # on a fresh table without statistics PostgreSQL would pick one for a claim and scan every
+    # step of the execution instead of looking the keys up by primary key.
+    sa.Index("ix_fp_steps_running", "lease_until", postgresql_where=sa.text("status = 'running'"),
+             sqlite_where=sa.text("status = 'running'")),
+    sa.Index("ix_fp_steps_ready", "published_at", postgresql_where=sa.text("status = 'ready'"),
+             sqlite_where=sa.text("status = 'ready'")),
+    sa.Index("ix_fp_steps_retrying", "next_attempt_at",
+             postgresql_where=sa.text("status = 'retrying'"),
+             sqlite_where=sa.text("status = 'retrying'")),
 )
 
 step_deps = sa.Table(

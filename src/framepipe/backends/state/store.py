@@ -93,10 +93,17 @@ class StateStore:
     # -- transactions -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sa.Connection]:
-        """A write transaction, committed on exit and rolled back on error."""
+    def write(self, *, durable: bool = True) -> Iterator[sa.Connection]:
+        """A write transaction, committed on exit and rolled back on error.
+
+        ``durable=False`` lets PostgreSQL acknowledge the commit before its WAL is flushed
+        (``synchronous_commit = off`` for this transaction only): a server crash may lose it,
+        but never reorders it after a later durable commit, which flushes it too. For writes a
+        later durable commit supersedes (claims, leases, progress). SQLite ignores it."""
         self._check_open()
         with self._writer.begin() as conn:
+            if not durable and self.dialect == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
             yield conn
 
     @contextlib.contextmanager

@@ -28,9 +28,11 @@ def upgrade() -> None:
         batch.add_column(sa.Column("lease_until", sa.Float, nullable=True))
         batch.add_column(sa.Column("worker", sa.String(200), nullable=True))
         batch.add_column(sa.Column("published_at", sa.Float, nullable=True))
-    op.create_index("ix_fp_steps_status", "fp_steps", ["status", "lease_until"])
-    op.create_index("ix_fp_steps_exec_status", "fp_steps", ["execution_id", "status"])
-    op.create_index("ix_fp_steps_exec_name", "fp_steps", ["execution_id", "name"])
+    for name, column, status in (("ix_fp_steps_running", "lease_until", "running"),
+                                 ("ix_fp_steps_ready", "published_at", "ready"),
+                                 ("ix_fp_steps_retrying", "next_attempt_at", "retrying")):
+        where = sa.text(f"status = '{status}'")
+        op.create_index(name, "fp_steps", [column], postgresql_where=where, sqlite_where=where)
     op.create_table(
         "fp_step_deps",
         sa.Column("execution_id", sa.String(32),
@@ -56,9 +58,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("fp_workers")
     op.drop_table("fp_step_deps")
-    op.drop_index("ix_fp_steps_exec_name", "fp_steps")
-    op.drop_index("ix_fp_steps_exec_status", "fp_steps")
-    op.drop_index("ix_fp_steps_status", "fp_steps")
+    for name in ("ix_fp_steps_retrying", "ix_fp_steps_ready",
+                 "ix_fp_steps_running"):
+        op.drop_index(name, "fp_steps")
     with op.batch_alter_table("fp_steps") as batch:
         for name in ("published_at", "worker", "lease_until", "waiting"):
             batch.drop_column(name)
