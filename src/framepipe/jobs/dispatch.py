@@ -228,6 +228,8 @@ class _X:
         self.error: str | None = row["error"]
         self.finished_at: float | None = row["finished_at"]
         self.started_at: float | None = row["started_at"]
+        self.pipeline_ref: str | None = row["pipeline_ref"]
+        self.inputs: dict[str, Any] = row["inputs"]
 
     @property
     def running(self) -> bool:
@@ -279,15 +281,15 @@ class _Tx:
 
     def insert_steps(self, x: _X, specs: Sequence[StepSpec], *, spawned: bool) -> None:
         keys = list(dict.fromkeys(s.key for s in specs))
-        existing = self._statuses(x.id, keys)
+        deps = {d for s in specs for d in s.key_deps}
+        statuses = self._statuses(x.id, list(dict.fromkeys([*keys, *deps])))
         fresh: dict[str, StepSpec] = {}
         for s in specs:
-            if s.key not in existing and s.key not in fresh:
+            if s.key not in statuses and s.key not in fresh:
                 fresh[s.key] = s
         if not fresh:
             return
-        outside = {d for s in fresh.values() for d in s.key_deps if d not in fresh}
-        statuses = self._statuses(x.id, list(outside))
+        now = time.time()
         rows: list[dict[str, Any]] = []
         edges: list[dict[str, Any]] = []
         ready: list[str] = []
@@ -312,10 +314,10 @@ class _Tx:
                 "weight": s.weight, "progress": 0.0, "message": None, "attempt": 0,
                 "failures": 0, "crashes": 0, "output": None, "error": None,
                 "seq": x.next_seq, "done_seq": None, "created_at": self.now,
-                "ready_at": self.now if status is StepStatus.READY else None,
+                "ready_at": now if status is StepStatus.READY else None,
                 "started_at": None, "finished_at": None, "next_attempt_at": None,
                 "waiting": waiting, "lease_until": None, "worker": None,
-                "published_at": self.now if status is StepStatus.READY else None})
+                "published_at": now if status is StepStatus.READY else None})
             x.next_seq += 1
             edges.extend({"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "key"}
                          for d in s.key_deps)
@@ -349,15 +351,44 @@ class _Tx:
                     steps.c.execution_id == execution_id, steps.c.key.in_(chunk))))
         return found
 
+    def claim_ready(self, worker: str, take: int, lease: float) -> list[Claimed]:
+        """Claim up to ``take`` of the steps this transaction made ready, for ``worker``."""
+        by_exec: dict[str, list[str]] = defaultdict(list)
+        for d in self.ready[:take]:
+            if self.xs[d.execution_id].running:
+                by_exec[d.execution_id].append(d.key)
+        claimed: list[Claimed] = []
+        now = time.time()
+        for execution_id, keys in by_exec.items():
+            x = self.xs[execution_id]
+            for r in self.conn.execute(steps.update().where(
+                    steps.c.execution_id == execution_id, steps.c.key.in_(keys),
+                    steps.c.status == StepStatus.READY.value)
+                    .values(status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1,
+                            worker=worker, lease_until=now + lease, started_at=now,
+                            message=None, next_attempt_at=None)
+                    .returning(steps.c.key, steps.c.name, steps.c.params, steps.c.attempt,
+                               steps.c.weight, steps.c.progress, steps.c.ready_at)):
+                claimed.append(Claimed(
+                    execution_id=execution_id, key=r.key, name=r.name, params=r.params,
+                    attempt=r.attempt, weight=r.weight, progress=r.progress,
+                    pipeline=x.pipeline, pipeline_ref=x.pipeline_ref, inputs=x.inputs,
+                    ready_at=r.ready_at, started_at=now))
+                self.emit("step.started", x, r.key, {"attempt": r.attempt, "worker": worker})
+        taken = {(c.execution_id, c.key) for c in claimed}
+        self.ready = [d for d in self.ready if (d.execution_id, d.key) not in taken]
+        return claimed
+
     def make_ready(self, x: _X, keys: Sequence[str]) -> None:
         if not keys or not x.running:
             return
+        now = time.time()  # ready from here on, not from the start of the transaction
         for i in range(0, len(keys), _CHUNK):
             n = self.conn.execute(steps.update().where(
                 steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]),
                 steps.c.status == StepStatus.PENDING.value).values(
-                    status=StepStatus.READY.value, ready_at=self.now,
-                    published_at=self.now)).rowcount
+                    status=StepStatus.READY.value, ready_at=now,
+                    published_at=now)).rowcount
             x.active += n
         self.ready.extend(Delivery(x.id, k) for k in keys)
 
@@ -398,32 +429,37 @@ class _Tx:
 
     def _release_dependents(self, x: _X, finished: list[str]) -> None:
         waiting: dict[str, int] = defaultdict(int)
+        with_names: set[str] = set()
+        dependent = step_deps.alias("dependent")
         for i in range(0, len(finished), _CHUNK):
-            for r in self.conn.execute(sa.select(step_deps.c.step_key).where(
-                    step_deps.c.execution_id == x.id, step_deps.c.kind == "key",
-                    step_deps.c.dep.in_(finished[i:i + _CHUNK]))):
-                waiting[r.step_key] += 1
+            chunk = finished[i:i + _CHUNK]
+            # The dependents of these steps, and (in the same round trip) which of them also
+            # wait for every instance of some step name.
+            for r in self.conn.execute(sa.select(step_deps.c.step_key, step_deps.c.kind).where(
+                    step_deps.c.execution_id == x.id, sa.or_(
+                        sa.and_(step_deps.c.kind == "key", step_deps.c.dep.in_(chunk)),
+                        sa.and_(step_deps.c.kind == "name", step_deps.c.step_key.in_(
+                            sa.select(dependent.c.step_key).where(
+                                dependent.c.execution_id == x.id, dependent.c.kind == "key",
+                                dependent.c.dep.in_(chunk))))))):
+                if r.kind == "key":
+                    waiting[r.step_key] += 1
+                else:
+                    with_names.add(r.step_key)
         if not waiting:
             return
         by_count: dict[int, list[str]] = defaultdict(list)
         for key, n in waiting.items():
             by_count[n].append(key)
+        zero: list[str] = []
         for n, keys in by_count.items():
             for i in range(0, len(keys), _CHUNK):
-                self.conn.execute(steps.update().where(
+                zero.extend(r.key for r in self.conn.execute(steps.update().where(
                     steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]))
-                    .values(waiting=steps.c.waiting - n))
-        candidates = list(waiting)
-        free: list[str] = []
-        for i in range(0, len(candidates), _CHUNK):
-            chunk = candidates[i:i + _CHUNK]
-            with_names = {r.step_key for r in self.conn.execute(
-                sa.select(step_deps.c.step_key).where(
-                    step_deps.c.execution_id == x.id, step_deps.c.kind == "name",
-                    step_deps.c.step_key.in_(chunk)))}
-            free.extend(r.key for r in self.conn.execute(sa.select(steps.c.key).where(
-                steps.c.execution_id == x.id, steps.c.key.in_(chunk), steps.c.waiting == 0,
-                steps.c.status == StepStatus.PENDING.value)) if r.key not in with_names)
+                    .values(waiting=steps.c.waiting - n)
+                    .returning(steps.c.key, steps.c.waiting, steps.c.status))
+                    if r.waiting == 0 and r.status == StepStatus.PENDING.value)
+        free = [k for k in zero if k not in with_names]
         self.make_ready(x, free)
 
     def fail(self, x: _X, o: Outcome) -> bool:
@@ -747,13 +783,9 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
                 if not ok:
                     result.fenced.append((o.execution_id, o.key, o.attempt))
             tx.settle(x)
-        result.events = tx.save()
         if worker is not None and take > 0 and tx.ready:
-            mine = tx.ready[:take]
-            result.claimed, claim_events = _claim_in(store, conn, worker, mine, lease, tx.now)
-            result.events.extend(claim_events)
-            taken = {(c.execution_id, c.key) for c in result.claimed}
-            tx.ready = [d for d in tx.ready if (d.execution_id, d.key) not in taken]
+            result.claimed = tx.claim_ready(worker, take, lease)
+        result.events = tx.save()
         for o in work.outcomes:
             if o.kind != "failed":
                 continue
