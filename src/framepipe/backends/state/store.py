@@ -17,17 +17,15 @@ import contextlib
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util.exc import CommandError
 
 from framepipe.backends.state.schema import SCHEMA_HEAD
 from framepipe.errors import MissingDependencyError, SchemaVersionError, StateStoreError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = ["StateStore"]
 
@@ -36,10 +34,19 @@ _WRITE = "framepipe_write"
 
 
 def _alembic_config(connection: sa.Connection) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.attributes["connection"] = connection
     return cfg
+
+
+def _stamped_revision(conn: sa.Connection) -> str | None:
+    """The revision in Alembic's version table, or None when there is none yet."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
 
 
 class StateStore:
@@ -118,7 +125,7 @@ class StateStore:
     def current_revision(self) -> str | None:
         """The schema revision stamped in the database, or None if it has none yet."""
         with self.read() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return _stamped_revision(conn)
 
     def migrate(self) -> None:
         """Bring the schema to :data:`SCHEMA_HEAD`, refusing a newer or unknown revision."""
@@ -128,9 +135,15 @@ class StateStore:
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(
                         f"SELECT pg_advisory_xact_lock({zlib.crc32(b'framepipe-migrate')})")
-                current = MigrationContext.configure(conn).get_current_revision()
+                current = _stamped_revision(conn)
                 if current == SCHEMA_HEAD:
                     return
+                # Alembic is imported only when the schema must change (it costs a worker's
+                # start-up a fifth of a second).
+                from alembic import command
+                from alembic.script import ScriptDirectory
+                from alembic.util.exc import CommandError
+
                 cfg = _alembic_config(conn)
                 if current is not None:
                     try:
