@@ -231,6 +231,23 @@ def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[
     assert cluster.wait(execution_id).status is ExecutionStatus.COMPLETED
 
 
+def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[..., Cluster],
+                                                   database_url: str) -> None:
+    # Quick steps let the first worker claim ahead (prefetch); once the long ones show how
+    # long they take, it hands back the claimed ones it has not started.
+    cluster = cluster_factory(database_url, worker_prefetch=4)
+    first = cluster.worker(concurrency=1)
+    cluster.wait_registered(first)
+    execution_id = cluster.submit(wp.mixed)
+    wait_for("the long steps to be claimed", lambda: cluster.running(execution_id))
+    second = cluster.worker(concurrency=1)
+    info = cluster.wait(execution_id, timeout=60)
+    assert info.status is ExecutionStatus.COMPLETED
+    ran_by = {info.data[f"part{i}"] for i in range(4)}
+    assert ran_by == {first.pid, second.pid}
+    assert "handing back" in cluster.log(1)
+
+
 # -- failures of workers, on PostgreSQL ---------------------------------------------------------
 
 

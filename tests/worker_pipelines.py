@@ -104,3 +104,31 @@ def long(ctx: StepContext) -> dict[str, Any]:
         time.sleep(0.05)
     _log(ctx, "end")
     return {"long_done_by": os.getpid(), "long_attempt": ctx.attempt}
+
+
+mixed = Pipeline("wk_mixed")
+
+
+@mixed.step()
+def begin(ctx: StepContext) -> dict[str, Any]:
+    for i in range(8):
+        ctx.spawn_step("quick", params={"i": i})
+    return {}
+
+
+@mixed.step()
+def quick(ctx: StepContext, i: int) -> dict[str, Any]:
+    return {}
+
+
+@mixed.step(depends_on=["quick"])
+def then_long(ctx: StepContext) -> dict[str, Any]:
+    for i in range(4):
+        ctx.spawn_step("slow_part", params={"i": i})
+    return {}
+
+
+@mixed.step()
+def slow_part(ctx: StepContext, i: int) -> dict[str, Any]:
+    time.sleep(1.0)
+    return {f"part{i}": os.getpid()}

@@ -88,9 +88,9 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often each worker looks for expired leases, due retries "
                                "and ready steps the broker lost.")
     worker_prefetch: int = Field(
-        2, ge=1, description="A worker claims up to concurrency x this many steps, so short "
-                             "steps are claimed and committed in batches; 1 claims only what "
-                             "it can start at once (fairest for long steps).")
+        4, ge=1, description="While its recent steps are short (under 50 ms), a worker claims "
+                             "up to concurrency x this many, so tiny steps are claimed and "
+                             "committed in batches; long steps are never hoarded.")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")

@@ -143,7 +143,9 @@ class Outcome:
 
     ``done``: completed with ``output``; ``failed``: raised (``error``; retried while
     ``failures < retries`` unless ``permanent``); ``cancelled``: stopped because its execution
-    was cancelled; ``handback``: the worker is stopping and gives the step back, not counted."""
+    was cancelled; ``handback``: the worker gives the step back (stopping, or it had claimed
+    more long steps than it can start), not counted as a failure; one that never ``ran`` does
+    not count as an attempt either."""
 
     execution_id: str
     key: str
@@ -157,6 +159,7 @@ class Outcome:
     permanent: bool = False
     retries: int = 0
     retry_delays: Sequence[float] = ()
+    ran: bool = True
 
 
 @dataclass(slots=True)
@@ -500,7 +503,8 @@ class _Tx:
         if o.kind == "handback" and x.running:
             n = self.conn.execute(steps.update().where(*fenced).values(
                 status=StepStatus.READY.value, ready_at=self.now, published_at=self.now,
-                lease_until=None, worker=None)).rowcount
+                lease_until=None, worker=None,
+                attempt=steps.c.attempt - (0 if o.ran else 1))).rowcount
             if n:
                 self.ready.append(Delivery(x.id, o.key))
                 self.emit("step.interrupted", x, o.key, {"attempt": o.attempt})
@@ -688,34 +692,35 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 
 
 def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
-          lease: float) -> tuple[list[Claimed], list[Event]]:
+          lease: float, known: dict[str, tuple[str, str | None, dict[str, Any]]] | None = None,
+          ) -> tuple[list[Claimed], list[Event]]:
     """Take the delivered steps that are still ready in a running execution, each as a new
-    attempt with a lease of ``lease`` seconds, in one statement. Stale deliveries are skipped.
+    attempt with a lease of ``lease`` seconds. Stale deliveries are skipped. ``known`` caches
+    each execution's (pipeline, reference, inputs), which never change; it is filled here.
 
     Not a durable commit: if the database loses it in a crash, the step is ready again and
     this attempt's later writes are fenced off."""
     if not deliveries:
         return [], []
     with store.write(durable=False) as conn:
-        return _claim_in(store, conn, worker, deliveries, lease, time.time())
+        return _claim_in(store, conn, worker, deliveries, lease, time.time(),
+                         {} if known is None else known)
 
 
 def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
-              deliveries: Sequence[Delivery], lease: float,
-              now: float) -> tuple[list[Claimed], list[Event]]:
+              deliveries: Sequence[Delivery], lease: float, now: float,
+              known: dict[str, tuple[str, str | None, dict[str, Any]]],
+              ) -> tuple[list[Claimed], list[Event]]:
     by_exec: dict[str, set[str]] = defaultdict(set)
     for d in deliveries:
         by_exec[d.execution_id].add(d.key)
-    xs = {r.id: r for r in conn.execute(sa.select(
-        executions.c.id, executions.c.pipeline, executions.c.pipeline_ref,
-        executions.c.inputs).where(executions.c.id.in_(sorted(by_exec)),
-                                   executions.c.status == _RUNNING))}
+    running = sa.select(executions.c.id).where(executions.c.status == _RUNNING)
     rows: list[Any] = []
-    for execution_id in sorted(xs):
+    for execution_id in sorted(by_exec):
         rows.extend(conn.execute(steps.update().where(
             steps.c.execution_id == execution_id,
             steps.c.key.in_(sorted(by_exec[execution_id])),
-            steps.c.status == StepStatus.READY.value)
+            steps.c.status == StepStatus.READY.value, steps.c.execution_id.in_(running))
             .values(status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1,
                     worker=worker, lease_until=now + lease, started_at=now, message=None,
                     next_attempt_at=None)
@@ -724,12 +729,21 @@ def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
                        steps.c.ready_at)).all())
     if not rows:
         return [], []
-    claimed = [Claimed(
-        execution_id=r.execution_id, key=r.key, name=r.name, params=r.params,
-        attempt=r.attempt, weight=r.weight, progress=r.progress,
-        pipeline=xs[r.execution_id].pipeline, pipeline_ref=xs[r.execution_id].pipeline_ref,
-        inputs=xs[r.execution_id].inputs, ready_at=r.ready_at, started_at=now)
-        for r in rows]
+    missing = {r.execution_id for r in rows} - known.keys()
+    if missing:
+        if len(known) > 1000:
+            known.clear()
+        for x in conn.execute(sa.select(
+                executions.c.id, executions.c.pipeline, executions.c.pipeline_ref,
+                executions.c.inputs).where(executions.c.id.in_(sorted(missing)))):
+            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs)
+    claimed = []
+    for r in rows:
+        pipeline, ref, inputs = known[r.execution_id]
+        claimed.append(Claimed(
+            execution_id=r.execution_id, key=r.key, name=r.name, params=r.params,
+            attempt=r.attempt, weight=r.weight, progress=r.progress, pipeline=pipeline,
+            pipeline_ref=ref, inputs=inputs, ready_at=r.ready_at, started_at=now))
     committed = insert_events(store, conn, [
         Event("step.started", now, c.execution_id, c.key,
               {"attempt": c.attempt, "worker": worker}) for c in claimed])

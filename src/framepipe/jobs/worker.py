@@ -5,9 +5,10 @@ with a lease, runs them (threads for plain functions, its event loop for ``async
 commits what they report (progress, spawned steps, outcomes) in one transaction per round,
 fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
 
-* at most ``concurrency`` steps run at once; up to ``concurrency x worker_prefetch`` are
-  claimed (short steps are claimed and committed in batches); a claim is committed before the
-  step's code starts, and the broker entry is acknowledged only after that commit;
+* at most ``concurrency`` steps run at once; while recent steps are short, up to
+  ``concurrency x worker_prefetch`` are claimed, so tiny steps are claimed and committed in
+  batches (:attr:`Worker.capacity`); a claim is committed before the step's code starts, and
+  the broker entry is acknowledged only after that commit;
 * while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s); a step
   whose lease was taken over (this worker was cut off or paused) is told to stop and its late
   result is not written; a step of an execution cancelled elsewhere is told to stop
@@ -64,6 +65,7 @@ __all__ = ["Worker"]
 T = TypeVar("T")
 _log = get_logger("jobs.worker")
 _DB_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
+_SHORT_STEP = 0.05
 
 
 class _LazyData(Mapping[str, Any]):
@@ -97,6 +99,7 @@ class _Run:
     ctx: StepContext | None = None
     task: asyncio.Task[None] | None = None
     committed_progress: float = 0.0
+    began: float | None = None
     lost: bool = False
     cancelled: bool = False
     handed_back: bool = False
@@ -134,7 +137,7 @@ class Worker:
         self.store = store or StateStore(self.settings.resolved_database_url,
                                          sqlite_synchronous=self.settings.sqlite_synchronous)
         self.concurrency = concurrency or self.settings.concurrency
-        self.capacity = self.concurrency * self.settings.worker_prefetch
+        self._avg_run: float | None = None  # moving average of step run times, seconds
         self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
         self.broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
         self.lease = self.settings.lease_seconds
@@ -142,6 +145,8 @@ class Worker:
         self._output_tail = output_tail
         self._by_name = {p.name: p for p in pipelines}
         self._by_ref: dict[str, Pipeline] = {}
+        self._known: dict[str, tuple[str, str | None, dict[str, Any]]] = {}
+        self._claim_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._objects: ObjectStore | None = None
         self._runs: dict[tuple[str, str, int], _Run] = {}
@@ -171,6 +176,16 @@ class Worker:
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
+
+    @property
+    def capacity(self) -> int:
+        """How many steps this worker holds at most: ``concurrency``, times ``worker_prefetch``
+        while its recent steps are short (under 50 ms on average), so tiny steps are claimed
+        and committed in batches but long ones are not hoarded while other workers idle."""
+        avg = self._avg_run
+        if avg is not None and avg < _SHORT_STEP:
+            return self.concurrency * self.settings.worker_prefetch
+        return self.concurrency
 
     @property
     def stopping(self) -> bool:
@@ -227,7 +242,7 @@ class Worker:
             self._post_outcome(run, Outcome(
                 execution_id=run.claimed.execution_id, key=run.claimed.key,
                 attempt=run.claimed.attempt, kind="handback", weight=run.claimed.weight,
-                before=run.committed_progress))
+                before=run.committed_progress, ran=run.began is not None))
         for timer in self._retry_timers:
             timer.cancel()
         committer, *others = tasks
@@ -327,8 +342,9 @@ class Worker:
             self.broker.publish([d for _i, d in entries])
             self._release(reserved)
             return
-        claimed, _events = dispatch.claim(self.store, self.id, [d for _i, d in entries],
-                                          lease=self.lease)
+        with self._claim_lock:  # the reader and a takeover may claim at once
+            claimed, _events = dispatch.claim(self.store, self.id, [d for _i, d in entries],
+                                              lease=self.lease, known=self._known)
         self._release(reserved - len(claimed))
         if claimed:
             runs = [_Run(c, self._pipeline_for(c)) for c in claimed]
@@ -371,6 +387,30 @@ class Worker:
             self._runs[run.ident] = run
             self._start(run)
 
+    def _hand_back_queued(self) -> None:
+        """Steps turned out long: give back the claimed ones not started yet, so idle workers
+        can take them instead of waiting behind this worker's busy threads."""
+        queued: list[_Run] = []
+        with self._lock:
+            busy = sum(1 for r in self._runs.values() if r.began is not None and not r.finished)
+            if busy < self.concurrency:  # a free thread takes the next one at once
+                return
+            for run in self._runs.values():
+                if run.began is None and not (run.finished or run.lost or run.handed_back):
+                    run.handed_back = True  # its thread, if it comes, will not run it
+                    queued.append(run)
+        if queued:
+            _log.info("Worker %s: steps take %.2fs on average; handing back %d claimed step(s) "
+                      "not started yet", self.id, self._avg_run or 0.0, len(queued))
+        for run in queued:
+            if run.task is not None:
+                run.task.cancel()
+            self._post_outcome(run, Outcome(
+                execution_id=run.claimed.execution_id, key=run.claimed.key,
+                attempt=run.claimed.attempt, kind="handback", weight=run.claimed.weight,
+                before=run.committed_progress,
+                ran=run.began is not None))
+
     def _start(self, run: _Run) -> None:
         c = run.claimed
         run.committed_progress = c.progress
@@ -400,8 +440,18 @@ class Worker:
             assert self._pool is not None
             self._pool.submit(self._run_sync, run, ctx)
 
+    def _begin(self, run: _Run) -> bool:
+        """Mark the run started, unless it was handed back while it waited for a slot."""
+        with self._lock:
+            if run.handed_back or run.finished or run.lost:
+                return False
+            run.began = time.monotonic()
+            return True
+
     def _run_sync(self, run: _Run, ctx: StepContext) -> None:
         step = ctx.pipeline.steps[run.claimed.name]
+        if not self._begin(run):
+            return
         try:
             outcome = self._done(run, step.fn(ctx, **run.claimed.params))
         except BaseException as exc:
@@ -414,6 +464,8 @@ class Worker:
         assert self._async_slots is not None
         try:
             async with self._async_slots:  # at most `concurrency` run; claimed ones wait
+                if not self._begin(run):
+                    return
                 outcome = self._done(run, await step.fn(ctx, **run.claimed.params))
         except asyncio.CancelledError:
             outcome = self._failed(run, StepCancelledError(
@@ -469,6 +521,7 @@ class Worker:
         self._wakeup()
 
     def _post_outcome(self, run: _Run, outcome: Outcome) -> None:
+        loop = self._loop
         with self._lock:
             if run.finished:
                 return
@@ -476,19 +529,24 @@ class Worker:
             if run.lost:  # its slot was given back when the lease was lost
                 return
             self._pending.outcomes.append((run, outcome))
+            if run.began is not None:
+                took = time.monotonic() - run.began
+                avg = self._avg_run
+                self._avg_run = took if avg is None else 0.8 * avg + 0.2 * took
             # The slot is free once the code is done: the next step may be claimed while
             # this outcome is being committed.
             self._taken -= 1
             self._slots.notify_all()
         self._wakeup()
-        loop, ended = self._loop, self._ended
+        ended = self._ended
         if loop is not None and ended is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(ended.set)
 
     def _wakeup(self) -> None:
         loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
+        # Reading the flag from another thread may see it stale; at worst one extra wake-up.
+        if loop is not None and wake is not None and not wake.is_set():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
 
@@ -580,6 +638,8 @@ class Worker:
                 if now - last_renew >= renew_every:
                     last_renew = now
                     await self._renew()
+                    if self.capacity <= self.concurrency:
+                        self._hand_back_queued()
                 if now - last_sweep >= sweep_every and not self._stopping.is_set():
                     last_sweep = now
                     await self._sweep()

@@ -14,6 +14,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,30 @@ def _alembic_config(connection: sa.Connection) -> Config:
     return cfg
 
 
+_IDLE_PING_S = 5.0
+
+
+def _ping_if_idle(engine: sa.Engine) -> None:
+    """Check a pooled connection before use only if it sat idle for a while (a database
+    restart drops it): ``pool_pre_ping`` would add a round trip to every transaction."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < _IDLE_PING_S:
+            return
+        try:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            dbapi_conn.rollback()
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
+
+
 def _stamped_revision(conn: sa.Connection) -> str | None:
     """The revision in Alembic's version table, or None when there is none yet."""
     if not sa.inspect(conn).has_table("alembic_version"):
@@ -67,15 +92,28 @@ class StateStore:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
         elif self.dialect == "postgresql":
-            kwargs["pool_pre_ping"] = True
             kwargs["pool_size"] = 10
         try:
             self.engine = sa.create_engine(parsed, **kwargs)
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(exc.name or "psycopg", "postgres",
                                          f"the database URL {parsed.render_as_string()}") from exc
+        self._relaxed: sa.Engine | None = None
         if self.dialect == "sqlite":
             self._install_sqlite_pragmas(sqlite_synchronous, busy_timeout_s)
+        elif self.dialect == "postgresql":
+            _ping_if_idle(self.engine)
+            # A second, small pool whose sessions commit without waiting for the WAL flush
+            # (write(durable=False)): no extra round trip per transaction to switch it.
+            self._relaxed = sa.create_engine(parsed, pool_size=2, max_overflow=8)
+            _ping_if_idle(self._relaxed)
+
+            @sa.event.listens_for(self._relaxed, "connect")
+            def _relax(dbapi_conn: Any, _record: Any) -> None:
+                with dbapi_conn.cursor() as cursor:
+                    cursor.execute("SET synchronous_commit = off")
+                dbapi_conn.commit()
+
         self._writer = self.engine.execution_options(**{_WRITE: True})
         self._closed = False
         if migrate:
@@ -108,9 +146,8 @@ class StateStore:
         but never reorders it after a later durable commit, which flushes it too. For writes a
         later durable commit supersedes (claims, leases, progress). SQLite ignores it."""
         self._check_open()
-        with self._writer.begin() as conn:
-            if not durable and self.dialect == "postgresql":
-                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+        engine = self._writer if durable or self._relaxed is None else self._relaxed
+        with engine.begin() as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -171,6 +208,8 @@ class StateStore:
         if not self._closed:
             self._closed = True
             self.engine.dispose()
+            if self._relaxed is not None:
+                self._relaxed.dispose()
 
     def __enter__(self) -> StateStore:
         return self
