@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -424,6 +425,83 @@ def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., C
     finally:
         redis_proc.kill()
         redis_proc.wait()
+
+
+def _pg_tool(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        service_missing(f"PostgreSQL's {name} (apt-get install postgresql)",
+                        FileNotFoundError(name))
+    return str(found[-1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own on a free port (as user ``postgres`` when the
+    tests run as root, which PostgreSQL refuses)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        # Outside pytest's temp folder, which only root may enter.
+        self.root = Path(tempfile.mkdtemp(prefix="fp-pg-"))
+        self.data = self.root / "pgdata"
+        self.run_as: list[str] = []
+        self.data.mkdir()
+        if os.geteuid() == 0:
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres", "postgres")
+            shutil.chown(self.data, "postgres", "postgres")
+        subprocess.run([*self.run_as, _pg_tool("initdb"), "-D", str(self.data), "-A", "trust",
+                        "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-w", "-l",
+                        str(self.data / "server.log"), "-o",
+                        f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1",
+                        "start"], check=True, capture_output=True)
+
+    def crash(self) -> None:
+        """Stop at once, as a crash would (no checkpoint; recovery replays the WAL)."""
+        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m",
+                        "immediate", "stop"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m", "fast",
+                        "stop"], capture_output=True, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def test_postgres_restarting_mid_run_loses_nothing(
+        cluster_factory: Callable[..., Cluster]) -> None:
+    pg = PrivatePostgres()
+    pg.start()
+    try:
+        cluster = cluster_factory(pg.url)
+        a, b = cluster.worker(), cluster.worker()
+        cluster.wait_registered(a, b)
+        n = 60
+        execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
+        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        pg.crash()
+        time.sleep(2.0)
+        pg.start()
+
+        def finished() -> ExecutionInfo | None:
+            try:
+                info = get_execution(cluster.store, execution_id)
+            except sa.exc.OperationalError:  # the test's own pool meets the restart too
+                return None
+            return info if info.status.finished else None
+
+        info = wait_for("the execution to finish after the restart", finished, timeout=90)
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert info.data["joined"] == n
+        assert set(cluster.completions(execution_id).values()) == {1}
+        assert a.poll() is None
+        assert b.poll() is None
+        assert "retrying" in cluster.log(1) + cluster.log(2)
+    finally:
+        pg.stop()
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
     BrokerError,
-    FramepipeError,
     PipelineDefinitionError,
     StepCancelledError,
     StepOutputError,
@@ -370,7 +369,7 @@ class Worker:
                 if found is None:
                     try:
                         found = resolve_pipeline(c.pipeline_ref).pipeline
-                    except FramepipeError as exc:
+                    except Exception as exc:  # user code: any error fails just its steps
                         _log.error("Worker %s cannot load pipeline %r for execution %s: %s",
                                    self.id, c.pipeline_ref, c.execution_id[:8], exc)
                         found = self._by_name.get(c.pipeline)
