@@ -97,6 +97,12 @@ class Cluster:
 
         return asyncio.run(main())
 
+    def submit_running(self, pipeline: Pipeline, **inputs: Any) -> str:
+        """Submit and wait until one of its steps runs on a worker."""
+        execution_id = self.submit(pipeline, **inputs)
+        wait_for("a step to start", lambda: self.running(execution_id))
+        return execution_id
+
     def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
         return wait_for(f"execution {execution_id[:8]} to finish", lambda: (
             info if (info := get_execution(self.store, execution_id)).status.finished
@@ -212,8 +218,7 @@ def test_cancel_stops_a_running_step(cluster_factory: Callable[..., Cluster],
     cluster = cluster_factory(database_url)
     proc = cluster.worker()
     cluster.wait_registered(proc)
-    execution_id = cluster.submit(wp.slow, seconds=60)
-    wait_for("the step to start", lambda: cluster.running(execution_id))
+    execution_id = cluster.submit_running(wp.slow, seconds=60)
     request_cancel(cluster.store, execution_id)
     info = wait_for("the step to end cancelled", lambda: (
         i if (i := get_execution(cluster.store, execution_id)).steps[0].status
@@ -290,8 +295,7 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     cluster = cluster_factory(pg_url, lease_seconds=1.5)
     first = cluster.worker()
     cluster.wait_registered(first)
-    execution_id = cluster.submit(wp.slow, seconds=2.5)
-    wait_for("the step to start", lambda: cluster.running(execution_id))
+    execution_id = cluster.submit_running(wp.slow, seconds=2.5)
     os.kill(first.pid, signal.SIGSTOP)
     second = cluster.worker()
     try:
@@ -348,8 +352,7 @@ def test_sigterm_finishes_or_hands_back_the_running_step(
     cluster = cluster_factory(pg_url, shutdown_grace=5.0)
     proc = cluster.worker()
     cluster.wait_registered(proc)
-    execution_id = cluster.submit(wp.slow, seconds=1.0)
-    wait_for("the step to start", lambda: cluster.running(execution_id))
+    execution_id = cluster.submit_running(wp.slow, seconds=1.0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     info = get_execution(cluster.store, execution_id)
@@ -359,8 +362,7 @@ def test_sigterm_finishes_or_hands_back_the_running_step(
     cluster.settings = cluster.settings.model_copy(update={"shutdown_grace": 0.5})
     short = cluster.worker(FRAMEPIPE_SHUTDOWN_GRACE="0.5")
     cluster.wait_registered(short)
-    execution_id = cluster.submit(wp.slow, seconds=3.0)
-    wait_for("the step to start", lambda: cluster.running(execution_id))
+    execution_id = cluster.submit_running(wp.slow, seconds=3.0)
     short.send_signal(signal.SIGTERM)
     assert short.wait(timeout=20) == 0
     step = get_execution(cluster.store, execution_id).steps[0]
@@ -513,6 +515,21 @@ def test_a_worker_needs_a_redis_broker(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, broker_url="memory://")
     with pytest.raises(BrokerError, match="a worker needs a Redis broker"):
         Worker(settings)
+
+
+def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
+        cluster_factory: Callable[..., Cluster], database_url: str) -> None:
+    port = _free_port()  # nothing listens there
+    cluster = cluster_factory(database_url, broker_url=f"redis://127.0.0.1:{port}/0")
+    proc = cluster.worker()
+    wait_for("the worker to report the broker", lambda: "retrying" in cluster.log(1),
+             timeout=20)
+    text = cluster.log(1)
+    assert f"job broker redis://127.0.0.1:{port}/0" in text
+    assert "registering the worker failed" in text
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert "stopped before it could register" in cluster.log(1)
 
 
 def test_malformed_entries_and_unknown_pipelines_fail_clearly(

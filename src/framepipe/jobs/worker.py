@@ -200,7 +200,20 @@ class Worker:
         self._async_slots = asyncio.Semaphore(self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
-        await self._in_db_retrying(self._register, what="registering the worker")
+        register = asyncio.create_task(self._in_db_retrying(
+            self._register, what="registering the worker", while_stopping=None))
+        stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
+        await asyncio.wait([register, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not register.done():  # stopped before Redis or the database could be reached
+            register.cancel()
+            self._pool.shutdown(wait=False)
+            self._db.shutdown(wait=False)
+            self.broker.close()
+            if self._own_store:
+                self.store.close()
+            _log.info("Worker %s stopped before it could register", self.id)
+            return
+        register.result()
         reader = threading.Thread(target=self._reader, name="framepipe-reader", daemon=True)
         reader.start()
         tasks = [asyncio.create_task(self._committer(), name="framepipe-commit"),
@@ -209,7 +222,6 @@ class Worker:
                   self.concurrency, self.broker.safe_url, self.broker.stream,
                   self.store.safe_url)
         try:
-            stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop:
@@ -683,7 +695,7 @@ class Worker:
         settings = self.settings
         ready, _events = await self._in_db(functools.partial(
             dispatch.sweep, self.store, max_crashes=settings.max_step_crashes,
-            stale_after=max(2 * self.lease, 5 * settings.heartbeat_interval),
+            stale_after=max(self.lease / 2, 2.0),
             republish_after=settings.republish_after))
         if ready:
             await self._publish(ready)
@@ -715,14 +727,25 @@ class Worker:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._db, fn, *args)
 
-    async def _in_db_retrying(self, fn: Callable[..., T], *args: Any, what: str) -> T:
-        """Retry on a lost database or broker connection, with backoff, until it works."""
+    async def _in_db_retrying(self, fn: Callable[..., T], *args: Any, what: str,
+                              while_stopping: float | None = 30.0) -> T:
+        """Retry on a lost database or broker connection, with backoff, until it works.
+
+        Once the worker is stopping, retries go on for ``while_stopping`` seconds more (None:
+        not at all), then the error is raised: what was not committed is redone elsewhere
+        when the leases lapse."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         failures = 0
+        stop_deadline: float | None = None
         while True:
             try:
                 return await self._in_db(fn, *args)
             except (BrokerError, *_DB_ERRORS) as exc:
+                if self._stopping.is_set():
+                    if stop_deadline is None:
+                        stop_deadline = time.monotonic() + (while_stopping or 0.0)
+                    if while_stopping is None or time.monotonic() >= stop_deadline:
+                        raise
                 failures += 1
                 delay = backoff.delay(min(failures, 8))
                 _log.warning("Worker %s: %s failed (%s); retrying in %.1fs", self.id, what,
