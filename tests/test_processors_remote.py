@@ -301,6 +301,31 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_reply_stream_is_trimmed_once_read(ns: str) -> None:
+    async def main() -> None:
+        detector = Detector("face-1", ["face_detection"], ns, capacity=4)
+        async with serving(detector), ProcessorRegistry(REDIS_URL, ns,
+                                                        poll_interval=0.05) as registry:
+            results = await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
+                                             for i in range(40)))
+            assert all(r.ok for r in results)
+            client = sync_redis()
+            try:
+                # read replies are not deleted one by one on the hot path; the health watch
+                # trims everything read so far
+                await wait_until(lambda: client.xlen(registry.reply_stream) == 0, 10,
+                                 "the reply stream was never trimmed")
+                assert (await registry.call(make_frame(99), "face_detection")).ok
+                await wait_until(lambda: client.xlen(registry.reply_stream) == 0, 10,
+                                 "the reply stream was not trimmed again")
+                # the result stream keeps every result
+                assert len(results_on(REDIS_URL, f"{ns}faces:detected")) == 41
+            finally:
+                client.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_capacity_is_never_exceeded(ns: str) -> None:
     async def main() -> None:
         detector = Detector("cap-2", ["face_detection"], ns, capacity=2, delay=0.05)
@@ -500,7 +525,10 @@ def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
                     gone = {i.processor_id: i.state for i in registry.processors()}
                     assert gone["doomed"] == "dead"
                     client = sync_redis()
-                    assert client.smembers(f"{ns}processors") == {b"rescuer"}
+                    # the watch removes the dead one right after re-routing its entries; the
+                    # re-routed results can come back before it has
+                    await wait_until(lambda: client.smembers(f"{ns}processors") == {b"rescuer"},
+                                     5, "the dead processor was never removed")
                     assert not client.exists(f"{ns}proc:doomed", f"{ns}proc:doomed:frames")
                     client.close()
                     # re-routed entries carry the attempt number and where they came from

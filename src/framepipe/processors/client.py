@@ -52,6 +52,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -74,7 +75,7 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
+    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("redis", "redis", "Remote processors") from _exc
@@ -146,6 +147,23 @@ class Keys:
 
 # -- Lua: atomic checks shared by the client and the registry ---------------------------------
 
+class Script:
+    """A Lua script run by its SHA1 (``EVALSHA``), loaded again when Redis lost it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+
+async def run_script(redis: aioredis.Redis, script: Script, *args: Any, keys: int) -> Any:
+    """``EVALSHA`` ``script`` with ``keys`` keys then the other arguments; ``EVAL`` (which
+    caches it again) when Redis does not know it (a restart, ``SCRIPT FLUSH``)."""
+    try:
+        return await redis.evalsha(script.sha, keys, *args)
+    except NoScriptError:
+        return await redis.eval(script.text, keys, *args)
+
+
 HEARTBEAT_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == false or state == 'dead' or state == 'stopped' then return 0 end
@@ -195,6 +213,9 @@ return -1
 none), publish to the result stream ('1'/'0'), reply ('1'/'0'), field, value, ... Publishes,
 then acknowledges and deletes the entry: an error while publishing stops the script before the
 acknowledgement, so nothing is acknowledged that was not published. -1: the group is gone."""
+
+PUBLISH = Script(PUBLISH_LUA)
+ROUTE = Script(ROUTE_LUA)
 
 MARK_DEAD_LUA = """
 local hb = redis.call('HGET', KEYS[1], 'last_heartbeat')
@@ -440,6 +461,7 @@ class ProcessorClient(abc.ABC):
         self._stop_requested = False
         self._registered = asyncio.Event()
         self._draining_task: asyncio.Task[None] | None = None
+        self._slot: asyncio.Future[None] | None = None
         self._running = False
 
     # -- what a subclass implements ---------------------------------------------------------
@@ -498,8 +520,23 @@ class ProcessorClient(abc.ABC):
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+                loop.call_soon_threadsafe(self._on_stop)
         return _StopWaiter(self)
+
+    def _on_stop(self) -> None:
+        """In the loop: take no new frame; tell the routers at once (``draining``)."""
+        if self._stop_event is None or self._stop_event.is_set():
+            return
+        self._stop_event.set()
+        if self._registered.is_set() and self._draining_task is None:
+            self._draining_task = asyncio.ensure_future(self._set_draining())
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consumer waiting for a free slot (a frame finished, or stopping)."""
+        slot = self._slot
+        if slot is not None and not slot.done():
+            slot.set_result(None)
 
     async def _wait_stopped(self) -> None:
         if self._stopped_event is not None and self._running:
@@ -665,33 +702,29 @@ class ProcessorClient(abc.ABC):
 
     async def _consume(self) -> None:
         redis = self._require_redis()
-        assert self._stop_event is not None
+        loop = asyncio.get_running_loop()
         backlog = await self._recover()
-        stop_wait = asyncio.ensure_future(self._stop_event.wait())
-        try:
-            while not self._stopping:
-                free = self.capacity - len(self._inflight)
-                if free <= 0:
-                    await asyncio.wait({stop_wait, *self._inflight.values()},
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                if backlog:
-                    for mid, fields in backlog[:free]:
-                        self._spawn(mid, fields)
-                    del backlog[:free]
-                    continue
-                read = asyncio.ensure_future(redis.xreadgroup(
-                    GROUP, self.processor_id, {self.stream: ">"}, count=free,
-                    block=max(1, int(self.poll_interval * 1000))))
-                await asyncio.wait({read, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not read.done():  # stopping: tell routers at once, then finish the read
-                    self._draining_task = asyncio.ensure_future(self._set_draining())
-                    await asyncio.wait({read})
-                for _stream, entries in cast(list[Any], read.result() or []):
-                    for mid, fields in entries:
-                        self._spawn(mid, fields)
-        finally:
-            stop_wait.cancel()
+        while not self._stopping:
+            free = self.capacity - len(self._inflight)
+            if free <= 0:  # wait for a frame to finish (or stop())
+                self._slot = loop.create_future()
+                try:
+                    await self._slot
+                finally:
+                    self._slot = None
+                continue
+            if backlog:
+                for mid, fields in backlog[:free]:
+                    self._spawn(mid, fields)
+                del backlog[:free]
+                continue
+            # stop() marks the processor draining at once; the read ends within poll_interval
+            reply = await redis.xreadgroup(GROUP, self.processor_id, {self.stream: ">"},
+                                           count=free,
+                                           block=max(1, int(self.poll_interval * 1000)))
+            for _stream, entries in cast(list[Any], reply or []):
+                for mid, fields in entries:
+                    self._spawn(mid, fields)
 
     def _spawn(self, mid: bytes, fields: Fields | None) -> None:
         if fields is None:  # deleted while pending
@@ -704,6 +737,7 @@ class ProcessorClient(abc.ABC):
     def _finished(self, mid: bytes, task: asyncio.Task[None]) -> None:
         if self._inflight.get(mid) is task:
             del self._inflight[mid]
+        self._wake()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.log.error("handling entry %s failed unexpectedly: %r", mid.decode(), exc,
@@ -813,9 +847,8 @@ class ProcessorClient(abc.ABC):
         while True:
             redis = self._require_redis()
             try:
-                acked = await redis.eval(
-                    PUBLISH_LUA, 3, self.stream, self.result_stream, reply_to or self.stream,
-                    *args)
+                acked = await run_script(redis, PUBLISH, self.stream, self.result_stream,
+                                         reply_to or self.stream, *args, keys=3)
             except REDIS_DOWN as exc:
                 attempt += 1
                 delay = self.backoff.delay(attempt)

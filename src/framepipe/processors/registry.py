@@ -61,7 +61,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis  # the client module gave the fix-it message if missing
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
@@ -82,7 +82,7 @@ from framepipe.processors.client import (
     GROUP,
     MARK_DEAD_LUA,
     REDIS_DOWN,
-    ROUTE_LUA,
+    ROUTE,
     Keys,
     ProcessorState,
     connect,
@@ -383,6 +383,8 @@ class ProcessorRegistry:
         self._failed: BaseException | None = None
         self._closed = False
         self._waiting_logged: set[str] = set()
+        self._reply_read: bytes | str = ""  # the last reply entry read (trimmed by the watch)
+        self._reply_trimmed: bytes | str = ""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -747,14 +749,7 @@ class ProcessorRegistry:
         while self._outbox:
             batch, self._outbox = self._outbox, []
             try:
-                redis = self._require()
-                async with redis.pipeline(transaction=False) as pipe:
-                    for proc, fields, _ in batch:
-                        args: list[bytes | str] = []
-                        for key, value in fields.items():
-                            args += [key, value]
-                        pipe.eval(ROUTE_LUA, 2, self.keys.proc(proc.id), proc.stream, *args)
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._write(batch)
             except BaseException as exc:
                 for _, _, future in batch:
                     if not future.done():
@@ -768,6 +763,30 @@ class ProcessorRegistry:
                         future.set_exception(result)
                     else:
                         future.set_result(result)
+
+    async def _write(self, batch: _Outbox) -> list[Any]:
+        """One pipeline of route scripts (by SHA; sent again as text where Redis lost it)."""
+        redis = self._require()
+        todo = list(range(len(batch)))
+        results: list[Any] = [None] * len(batch)
+        script = False
+        while todo:
+            async with redis.pipeline(transaction=False) as pipe:
+                for index in todo:
+                    proc, fields, _ = batch[index]
+                    args: list[bytes | str] = []
+                    for key, value in fields.items():
+                        args += [key, value]
+                    if script:
+                        pipe.eval(ROUTE.text, 2, self.keys.proc(proc.id), proc.stream, *args)
+                    else:
+                        pipe.evalsha(ROUTE.sha, 2, self.keys.proc(proc.id), proc.stream, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            for index, reply in zip(todo, replies, strict=True):
+                results[index] = reply
+            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+            script = True
+        return results
 
     async def route(self, item: Routable, capability: str, *, wait: float | None = None,
                     quality: int = 85) -> str:
@@ -798,26 +817,28 @@ class ProcessorRegistry:
         assert track.future is not None
         limit = self.result_timeout if timeout is None else timeout
         track.timeout = limit
+        future = track.future
         try:
-            return await asyncio.wait_for(asyncio.shield(track.future), limit)
+            async with asyncio.timeout(limit):
+                return await future
         except TimeoutError:
-            if track.future.done():
-                return track.future.result()
-            self._expire(track, limit)
-            return await track.future  # raises ResultTimeoutError
+            if future.done() and not future.cancelled():
+                return future.result()  # came in the same loop turn as the timeout
+            raise self._expire(track, limit) from None
         finally:
             if not track.future.done():  # cancelled caller: forget the frame's future
                 track.future.cancel()
 
-    def _expire(self, track: _Track, timeout: float) -> None:
+    def _expire(self, track: _Track, timeout: float) -> ResultTimeoutError:
         self._release(track)
         proc = self._procs.get(track.processor_id)
         if proc is not None:
             self._failure(proc, f"no result within {timeout:g}s")
+        error = ResultTimeoutError(frame_id=track.frame_id, capability=track.capability,
+                                   processor_id=track.processor_id, timeout=timeout)
         if track.future is not None and not track.future.done():
-            track.future.set_exception(ResultTimeoutError(
-                frame_id=track.frame_id, capability=track.capability,
-                processor_id=track.processor_id, timeout=timeout))
+            track.future.set_exception(error)
+        return error
 
     # -- results ------------------------------------------------------------------------------
 
@@ -838,15 +859,10 @@ class ProcessorRegistry:
             if failures:
                 self.log.info("reply stream: Redis reachable again")
                 failures = 0
-            ids = []
             for _stream, entries in cast(list[Any], reply or []):
                 for mid, fields in entries:
-                    last = mid
-                    ids.append(mid)
+                    last = self._reply_read = mid
                     self._on_reply(fields)
-            if ids:
-                with contextlib.suppress(*REDIS_DOWN):
-                    await redis.xdel(self.reply_stream, *ids)
 
     def _on_reply(self, fields: Mapping[bytes, bytes]) -> None:
         try:
@@ -906,9 +922,20 @@ class ProcessorRegistry:
                                      silent, self.heartbeat_timeout)
             if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
                 await self._reap(proc)
+        await self._trim_replies()
         for track in list(self._routed.values()):  # call() expires its own, on time
             if now - track.routed_at > track.timeout + self.poll_interval:
                 self._expire(track, track.timeout)
+
+    async def _trim_replies(self) -> None:
+        """Remove the reply entries already read (once per tick rather than an XDEL per
+        batch on the hot path); MAXLEN ~ 10,000 on every reply bounds it meanwhile."""
+        read = self._reply_read
+        if not read or read == self._reply_trimmed:
+            return
+        ms, _, seq = _text(read).partition("-")
+        await self._require().xtrim(self.reply_stream, minid=f"{ms}-{int(seq or 0) + 1}")
+        self._reply_trimmed = read
 
     async def _reap(self, proc: _Proc) -> None:
         """Re-route what is left in a dead or stopped processor's stream, then remove it."""
