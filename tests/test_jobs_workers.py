@@ -543,7 +543,8 @@ def test_malformed_entries_and_unknown_pipelines_fail_clearly(
     stream = f"{cluster.settings.broker_namespace.rstrip(':')}:jobs:steps"
     client.xadd(stream, {"bogus": "1"})
     wait_for("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
-    assert client.xpending(stream, "workers")["pending"] == 0
+    wait_for("the malformed entry to be acknowledged (it cannot be handled)",
+             lambda: client.xpending(stream, "workers")["pending"] == 0, timeout=10)
     client.close()
 
     module = tmp_path / "elsewhere.py"
