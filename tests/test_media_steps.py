@@ -19,6 +19,7 @@ from framepipe import (
     Settings,
     StateStore,
     StepContext,
+    StepStatus,
     open_object_store,
 )
 from framepipe.backends.objects import ObjectStore
@@ -281,3 +282,56 @@ def test_a_missing_input_option_names_the_input(settings: Settings, tmp_path: Pa
     assert "option width= reads input 'width'" in info.errors["normalise"]
     done = run(settings, p, {"input": str(clip), "width": 32})
     assert done.data["normalise"]["info"]["width"] == 32
+
+
+@pytest.mark.parametrize("fix", ["raise_the_limit", "replace_the_input"])
+def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
+        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
+        monkeypatch: pytest.MonkeyPatch, fix: str) -> None:
+    large = make_clip(tmp_path / "large.mp4", frames=20, size=(320, 240))
+    objects.put_file("uploads/clip.mp4", large)
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(160 * 120))  # read by the step
+    p = Pipeline("huge")
+    media_step(p, "normalise", source="clip", width=160, preset=FAST)
+    media_step(p, "thumbnail", source="normalise")
+
+    failed = run(settings, p, {"clip": "uploads/clip.mp4"})
+    assert failed.status is ExecutionStatus.FAILED
+    message = failed.errors["normalise"].splitlines()[0]
+    assert message.startswith("MediaError: uploads/clip.mp4: its picture is 320x240 (76,800 "
+                              "pixels), larger than the limit of 19,200 pixels"), message
+    assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in message
+    assert str(scratch) not in message
+    assert failed.step("thumbnail").status is not StepStatus.COMPLETED
+    assert list(scratch.iterdir()) == []  # the step's temp folder (and its download) is gone
+    assert list(objects.list("media/")) == []  # nothing uploaded
+
+    if fix == "raise_the_limit":
+        monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(320 * 240))
+    else:
+        objects.put_file("uploads/clip.mp4",
+                         make_clip(tmp_path / "small.mp4", frames=20, size=(160, 120)))
+
+    async def retry() -> Any:
+        async with JobEngine(settings=settings) as engine:
+            await engine.retry(failed.id, p)
+            return await engine.wait(failed.id)
+
+    done = asyncio.run(asyncio.wait_for(retry(), 120))
+    assert done.status is ExecutionStatus.COMPLETED, done.errors
+    info = done.data["normalise"]["info"]
+    assert (info["width"], info["height"], info["frames"]) == (160, 120, 20)
+    assert objects.exists(done.data["thumbnail"]["key"])
+    assert list(scratch.iterdir()) == []
+
+
+def test_the_pixel_limit_is_a_step_option_too(settings: Settings, tmp_path: Path,
+                                              objects: ObjectStore) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(320, 240))
+    p = Pipeline("option")
+    media_step(p, "probe", source="clip", max_pixels=Input("max_pixels", None))
+    refused = run(settings, p, {"clip": str(clip), "max_pixels": 1000})
+    assert f"{clip}: its picture is 320x240" in refused.errors["probe"]
+    allowed = run(settings, p, {"clip": str(clip)})  # no input: the setting (8192x8192)
+    assert allowed.data["probe"]["info"]["width"] == 320
+    assert allowed.data["probe"]["info"]["variable_frame_rate"] is False

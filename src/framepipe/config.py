@@ -91,6 +91,10 @@ class Settings(BaseSettings):
         4, ge=1, description="While its recent steps are short (under 50 ms), a worker claims "
                              "up to concurrency x this many, so tiny steps are claimed and "
                              "committed in batches; long steps are never hoarded.")
+    media_max_pixels: int = Field(
+        8192 * 8192, ge=0, description="Largest picture (width x height) framepipe.media will "
+                                       "decode or write, checked from the file's headers "
+                                       "before any frame is decoded; 0 means no limit.")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")

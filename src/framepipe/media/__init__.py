@@ -8,6 +8,20 @@ when complete, so a failed or interrupted run leaves no partial file at ``dst``.
 non-video inputs raise :class:`MediaError` naming the file. Sound is kept (re-encoded to
 AAC) and rotated clips come out upright.
 
+Picture-size limit: every function that reads a video (``probe`` included) or images
+(``stitch``) takes ``max_pixels`` (default: the setting ``media_max_pixels``, i.e.
+``FRAMEPIPE_MEDIA_MAX_PIXELS`` or the config file, default :data:`DEFAULT_MAX_PIXELS` =
+8192 x 8192; 0: no limit) and refuses a larger picture with a :class:`MediaError` naming the
+file, its size and the limit, judged from the headers before any frame is decoded; a
+requested output larger than the limit is a :class:`ValueError`. Frames are decoded one at a
+time, so a large picture within the limit (a 4K clip normalised to 720p) costs a few frames'
+memory, not the clip's.
+
+Variable frame rates: :class:`MediaInfo` gives the average ``fps`` and a
+``variable_frame_rate`` hint; operations that convert the rate (``normalise``, ``concat``,
+``extract_frames(fps=...)``) and pick a frame at a time (``thumbnail``, ``thumbnail_grid``) go
+by the frames' timestamps, not their count.
+
 Each function is also a ready job step: :func:`media_step` adds one to a pipeline and
 :func:`run_media` runs one inside a step of your own (:mod:`framepipe.media.steps`: temp folder
 per step, inputs from the object store or local paths, outputs uploaded, real progress).
@@ -16,7 +30,7 @@ per step, inputs from the object store or local paths, outputs uploaded, real pr
 from __future__ import annotations
 
 from framepipe.errors import MediaError
-from framepipe.media._io import ProgressCallback, atomic_output
+from framepipe.media._io import DEFAULT_MAX_PIXELS, ProgressCallback, atomic_output
 from framepipe.media.concat import concat
 from framepipe.media.frames import extract_frames, stitch
 from framepipe.media.normalise import normalise
@@ -27,6 +41,7 @@ from framepipe.media.thumbnails import thumbnail, thumbnail_grid
 from framepipe.media.watermark import watermark
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "Input",
     "MediaError",
     "MediaInfo",

@@ -1,18 +1,20 @@
-"""Shared plumbing: atomic outputs, opening inputs, progress, rate conversion, rotation,
-audio kept through a re-encode, the H.264 writer."""
+"""Shared plumbing: atomic outputs, opening inputs, the picture-size limit, progress, rate
+conversion, rotation, audio kept through a re-encode, the H.264 writer."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import itertools
+import math
 import os
 import secrets
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import av
 import av.audio.stream
@@ -27,6 +29,8 @@ from framepipe.errors import MediaError
 
 __all__ = [
     "AAC_RATES",
+    "BACKSTOP",
+    "DEFAULT_MAX_PIXELS",
     "AudioFormat",
     "AudioQueue",
     "H264Writer",
@@ -35,15 +39,20 @@ __all__ = [
     "Upright",
     "atomic_output",
     "audio_format",
+    "check_output_size",
+    "check_picture",
     "decode",
     "decode_with_audio",
     "estimate_frames",
     "even",
     "fit_size",
+    "frame_duration",
     "frame_rotation",
     "frame_seconds",
+    "image_size",
     "open_video",
     "peek",
+    "pixel_limit",
     "resample",
     "stream_rate",
     "stream_start",
@@ -78,19 +87,149 @@ def atomic_output(dst: Path | str) -> Iterator[Path]:
         raise
 
 
+# -- the picture-size limit ----------------------------------------------------------------------
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""The default picture-size limit (the setting ``media_max_pixels``): 8192 x 8192, room for
+8K UHD (7680 x 4320) and the largest H.264/HEVC level, while one decoded frame stays near
+100 MB (yuv420p) and its BGR copy near 200 MB."""
+
+BACKSTOP = 4
+"""FFmpeg's own ``max_pixels`` is this many times the limit (see :func:`open_video`)."""
+
+_RAISE_IT = ("raise the limit with max_pixels= or the setting FRAMEPIPE_MEDIA_MAX_PIXELS "
+             "(0: no limit)")
+
+
+def pixel_limit(max_pixels: int | None) -> int:
+    """The picture-size limit in pixels, 0 for none: ``max_pixels`` when given, else the
+    setting ``media_max_pixels`` (``FRAMEPIPE_MEDIA_MAX_PIXELS`` or the config file; default
+    :data:`DEFAULT_MAX_PIXELS`). A bad setting raises :class:`ConfigError` naming it; a bad
+    ``max_pixels`` raises :class:`ValueError`."""
+    if max_pixels is None:
+        from framepipe.config import load_settings
+
+        return load_settings().media_max_pixels
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+        raise ValueError(f"max_pixels must be a whole number >= 0 (0: no limit), not "
+                         f"{max_pixels!r}")
+    return max_pixels
+
+
+def _limit_text(limit: int) -> str:
+    side = math.isqrt(limit)
+    return f"{limit:,} pixels" + (f" ({side}x{side})" if side * side == limit else "")
+
+
+def check_picture(path: Path | str, width: int, height: int, limit: int,
+                  what: str = "its picture") -> None:
+    """Raise :class:`MediaError` naming ``path``, its size and the limit (and how to raise it)
+    when a ``width`` x ``height`` picture is larger than ``limit`` pixels (0: no limit)."""
+    if limit and width * height > limit:
+        raise MediaError(path, f"{what} is {width}x{height} ({width * height:,} pixels), "
+                               f"larger than the limit of {_limit_text(limit)}: refused "
+                               f"before decoding; {_RAISE_IT}")
+
+
+def check_output_size(width: int, height: int, limit: int) -> None:
+    """Raise :class:`ValueError` when a requested output of ``width`` x ``height`` is larger
+    than ``limit`` pixels (0: no limit), before anything is decoded or written."""
+    if limit and width * height > limit:
+        raise ValueError(f"the requested output size {width}x{height} "
+                         f"({width * height:,} pixels) is larger than the limit of "
+                         f"{_limit_text(limit)}; {_RAISE_IT}")
+
+
+def image_size(path: Path | str) -> tuple[int, int] | None:
+    """(width, height) of a PNG, JPEG, BMP or WebP image read from its header alone (no pixel
+    is decoded); None for another format or a header that cannot be parsed."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(32)
+            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+                width, height = struct.unpack(">II", head[16:24])
+                return int(width), int(height)
+            if head.startswith(b"BM") and len(head) >= 26:
+                width, height = struct.unpack("<ii", head[18:26])
+                return abs(int(width)), abs(int(height))
+            if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+                return _webp_size(head)
+            if head.startswith(b"\xff\xd8"):
+                file.seek(2)
+                return _jpeg_size(file)
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30:
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(head) >= 25:
+        (bits,) = struct.unpack("<I", head[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(head) >= 30:
+        return (int.from_bytes(head[24:27], "little") + 1,
+                int.from_bytes(head[27:30], "little") + 1)
+    return None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(file: Any) -> tuple[int, int] | None:
+    """Walk a JPEG's marker segments (from just after SOI) to its frame header."""
+    while True:
+        byte = file.read(1)
+        if not byte:
+            return None
+        if byte != b"\xff":
+            continue
+        marker = file.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = file.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD9:  # markers without a length
+            if code == 0xD9:
+                return None
+            continue
+        length_bytes = file.read(2)
+        if len(length_bytes) < 2:
+            return None
+        (length,) = struct.unpack(">H", length_bytes)
+        if code in _JPEG_SOF:
+            data = file.read(5)
+            if len(data) < 5:
+                return None
+            height, width = struct.unpack(">HH", data[1:5])
+            return int(width), int(height)
+        file.seek(length - 2, os.SEEK_CUR)
+
+
 @contextlib.contextmanager
-def open_video(src: Path | str) -> Iterator[tuple[av.container.InputContainer,
-                                                  av.video.stream.VideoStream]]:
+def open_video(src: Path | str, *, max_pixels: int) -> Iterator[
+        tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
     """Open ``src`` for reading and yield (container, first video stream), multi-threaded decode.
 
-    A missing, unreadable or non-video file raises :class:`MediaError` naming the path."""
+    A missing, unreadable or non-video file raises :class:`MediaError` naming the path. So does
+    a video whose picture is larger than ``max_pixels`` (0: no limit), judged from the size
+    the demuxer and parsers read from the headers, before any frame is decoded. FFmpeg itself
+    gets :data:`BACKSTOP` times the limit as its own ``max_pixels`` (its stream probing and the
+    decoder then allocate no larger frame), a backstop for sizes the headers do not tell (a
+    size change mid-stream); the margin is there because FFmpeg counts padded, aligned sizes
+    (1920x1080 H.264 is coded as 1920x1088)."""
     path = Path(src)
     if not path.exists():
         raise MediaError(path, "no such file")
     if not path.is_file():
         raise MediaError(path, "not a file")
+    options = {"max_pixels": str(BACKSTOP * max_pixels)} if max_pixels else {}
     try:
-        container = av.open(str(path), "r")
+        container = av.open(str(path), "r", options=options)
     except (av.FFmpegError, UnicodeDecodeError) as exc:
         raise MediaError(path, f"cannot be opened as a video file ({exc})") from exc
     try:
@@ -98,7 +237,10 @@ def open_video(src: Path | str) -> Iterator[tuple[av.container.InputContainer,
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
             raise MediaError(path, f"holds no video stream ({kinds})")
         stream = container.streams.video[0]
+        check_picture(path, stream.width, stream.height, max_pixels)
         stream.thread_type = "AUTO"
+        if max_pixels:
+            stream.codec_context.options = {**stream.codec_context.options, **options}
         yield container, stream
     finally:
         container.close()
@@ -153,13 +295,27 @@ def frame_seconds(frame: av.VideoFrame, index: int, rate: Fraction) -> float:
     return float(t)
 
 
+def frame_duration(frame: av.VideoFrame, rate: Fraction) -> float:
+    """How long the frame is shown, in seconds: its own duration (the container's, e.g. an MP4
+    sample's, which a variable frame rate sets frame by frame) when known, else one frame at
+    ``rate``."""
+    duration = getattr(frame, "duration", None)
+    if duration and duration > 0 and frame.time_base is not None:
+        return float(duration * frame.time_base)
+    return 1 / float(rate)
+
+
 def resample(frames: Iterator[av.VideoFrame], src_rate: Fraction,
              out_rate: Fraction) -> Iterator[av.VideoFrame]:
     """Constant-rate output at ``out_rate`` from frames at their own timestamps.
 
-    Each output slot ``n`` (at ``n / out_rate`` s from the first frame) shows the source frame
-    nearest before it: frames are dropped or repeated as needed (also turns a variable frame
-    rate into a constant one)."""
+    Output slot ``n`` (at ``T = n / out_rate`` s from the first frame) shows the latest source
+    frame whose timestamp is before ``T`` plus half a slot, as the ffmpeg command line's
+    ``fps`` filter does (it rounds each timestamp to the nearest slot): frames are dropped or
+    repeated by their timestamps, so a variable frame rate (bursts, gaps) becomes a constant
+    one in order and in time. The output lasts until the last frame's end (its timestamp plus
+    its own duration, :func:`frame_duration`), rounded to whole slots: within half a slot of
+    the source's video duration."""
     slot = 1 / float(out_rate)
     half = slot / 2
     prev: av.VideoFrame | None = None
@@ -176,7 +332,7 @@ def resample(frames: Iterator[av.VideoFrame], src_rate: Fraction,
                 n += 1
         prev, last_t = frame, t
     if prev is not None:
-        end = last_t - t0 + 1 / float(src_rate)
+        end = last_t - t0 + frame_duration(prev, src_rate)
         while n * slot + half <= end:
             yield prev
             n += 1

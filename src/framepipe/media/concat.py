@@ -21,6 +21,7 @@ from framepipe.media._io import (
     Upright,
     atomic_output,
     audio_format,
+    check_output_size,
     decode,
     decode_with_audio,
     estimate_frames,
@@ -28,6 +29,7 @@ from framepipe.media._io import (
     frame_rotation,
     open_video,
     peek,
+    pixel_limit,
     resample,
     stream_rate,
     stream_start,
@@ -64,8 +66,8 @@ class _Part:
     audio: AudioFormat | None
 
 
-def _survey(path: Path) -> _Part:
-    with open_video(path) as (container, stream):
+def _survey(path: Path, limit: int) -> _Part:
+    with open_video(path, max_pixels=limit) as (container, stream):
         first, _ = peek(decode(container, stream, path))
         if first is None:
             raise MediaError(path, "holds no decodable video frames")
@@ -82,7 +84,7 @@ def _ignore(frame: av.AudioFrame) -> None:
 
 def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = None,
            height: int | None = None, fps: float | Fraction | None = None, crf: int = 23,
-           preset: str = "medium", audio: bool = True,
+           preset: str = "medium", audio: bool = True, max_pixels: int | None = None,
            progress: ProgressCallback | None = None) -> Path:
     """Join ``parts`` (e.g. intro, main clip, splash screen) into one H.264 MP4 at ``dst``.
 
@@ -96,14 +98,22 @@ def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = 
     the first such part's rate, stereo if any part is stereo. Each part's sound is aligned with
     its video and made exactly as long as that part's video (cut, or padded with silence), so
     the parts stay in sync; a part without sound contributes silence. When no part has
-    sound, the output has none. Atomic write."""
+    sound, the output has none.
+
+    Size limit: each part is checked before it is decoded, and a part whose picture is
+    larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``,
+    8192 x 8192; 0: no limit) is refused with a :class:`MediaError` naming that part, its size
+    and the limit; a requested output larger than the limit is a :class:`ValueError`. Atomic
+    write."""
     paths = [Path(p) for p in parts]
     if not paths:
         raise ValueError("concat needs at least one part")
-    survey = [_survey(path) for path in paths]
+    limit = pixel_limit(max_pixels)
+    survey = [_survey(path, limit) for path in paths]
     first = survey[0]
     out_w = even(width if width is not None else first.width)
     out_h = even(height if height is not None else first.height)
+    check_output_size(out_w, out_h, limit)
     out_rate = Fraction(fps).limit_denominator(1001) if fps else first.rate
     total = sum(round(part.frames * out_rate / part.rate) for part in survey)
     sounds = [part.audio for part in survey if part.audio is not None] if audio else []
@@ -118,7 +128,7 @@ def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = 
                                                 audio=queue) as writer:
         for part in survey:
             before = writer.frames
-            with open_video(part.path) as (container, stream):
+            with open_video(part.path, max_pixels=limit) as (container, stream):
                 astream = None
                 if queue is not None:
                     queue.begin(stream_start(stream))

@@ -19,11 +19,16 @@ from framepipe.media._io import (
     Progress,
     ProgressCallback,
     atomic_output,
+    check_picture,
     decode,
     estimate_frames,
     even,
     frame_rotation,
+    image_size,
     open_video,
+    pixel_limit,
+    resample,
+    stream_rate,
     upright_image,
 )
 
@@ -43,36 +48,54 @@ def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
 
 
 def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
-                   max_frames: int | None = None, fmt: str = "jpg", quality: int = 90,
+                   fps: float | Fraction | None = None, max_frames: int | None = None,
+                   fmt: str = "jpg", quality: int = 90, max_pixels: int | None = None,
                    progress: ProgressCallback | None = None) -> list[Path]:
-    """Save every ``every``-th frame of ``src`` as ``out_dir/frame_NNNNNN.<fmt>``.
+    """Save frames of ``src`` as images ``out_dir/frame_NNNNNN.<fmt>``.
 
-    NNNNNN is the frame's index in the source (0-based). Stops after ``max_frames`` images.
-    Images are upright: a clip with a display rotation is turned as players turn it.
-    Returns the written paths in order; each file is written atomically."""
+    By index (default): every ``every``-th decoded frame; NNNNNN is the frame's index in the
+    source (0-based). By time (``fps``): ``fps`` images a second of the clip, picked by the
+    frames' timestamps as :func:`~framepipe.media.normalise` picks them (image ``n`` is the
+    frame on screen at ``n / fps`` s from the first frame, rounded to the nearest ``1 / fps``),
+    so a variable frame rate is sampled evenly in time; NNNNNN is ``n``, and a frame shown
+    for several slots is saved once per slot. Stops after ``max_frames`` images.
+
+    Images are upright: a clip with a display rotation is turned as players turn it. A video
+    larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no
+    limit) is refused with a :class:`MediaError` before any frame is decoded. Returns the
+    written paths in order; each file is written atomically."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
+    if fps is not None and every != 1:
+        raise ValueError("extract_frames takes every= (by index) or fps= (by time), not both")
+    out_rate = None if fps is None else Fraction(fps).limit_denominator(1001)
+    if out_rate is not None and out_rate <= 0:
+        raise ValueError(f"fps must be positive, not {fps}")
     src, out = Path(src), Path(out_dir)
     fmt = fmt.lower().lstrip(".")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with open_video(src) as (container, stream):
-        wanted = -(-estimate_frames(stream, container) // every)
+    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
+        src_rate = stream_rate(stream)
+        total = estimate_frames(stream, container)
+        wanted = (-(-total // every) if out_rate is None
+                  else round(total * out_rate / src_rate))
         if max_frames is not None:
             wanted = min(wanted, max_frames)
         report = Progress(progress, wanted)
         rotation: int | None = None
-        for index, frame in enumerate(decode(container, stream, src)):
+        frames = decode(container, stream, src)
+        picked = (((i, f) for i, f in enumerate(frames) if i % every == 0)
+                  if out_rate is None else enumerate(resample(frames, src_rate, out_rate)))
+        for number, frame in picked if max_frames != 0 else ():
             if rotation is None:
                 rotation = frame_rotation(frame, stream)
-            if max_frames is not None and len(written) >= max_frames:
-                break
-            if index % every:
-                continue
             image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
-            written.append(write_image(out / f"frame_{index:06d}.{fmt}", image,
+            written.append(write_image(out / f"frame_{number:06d}.{fmt}", image,
                                        quality=quality))
             report.step()
+            if max_frames is not None and len(written) >= max_frames:
+                break
     report.finish()
     return written
 
@@ -93,18 +116,25 @@ def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
     return paths
 
 
-def _read(path: Path) -> np.ndarray:
+def _read(path: Path, limit: int) -> np.ndarray:
+    """The image, refused before decoding when its header says it is larger than ``limit``
+    pixels (PNG, JPEG, BMP, WebP), else after (other formats)."""
+    size = image_size(path)
+    if size is not None:
+        check_picture(path, *size, limit, what="the image")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise MediaError(path, "cannot be read as an image")
+    if size is None:
+        check_picture(path, image.shape[1], image.shape[0], limit, what="the image")
     return image
 
 
-def _read_frame(path: Path, width: int, height: int) -> av.VideoFrame:
+def _read_frame(path: Path, width: int, height: int, limit: int) -> av.VideoFrame:
     """One image as a frame for the writer (run on a reader thread): converted to yuv420p by
     OpenCV (BT.601, limited range, as libswscale's default) when it has the video's size,
     else left BGR for the writer to scale."""
-    image = _read(path)
+    image = _read(path, limit)
     if image.shape[:2] == (height, width):
         yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
         return av.VideoFrame.from_ndarray(np.asarray(yuv, dtype=np.uint8), format="yuv420p")
@@ -113,17 +143,23 @@ def _read_frame(path: Path, width: int, height: int) -> av.VideoFrame:
 
 def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
            fps: float | Fraction = 25, crf: int = 23, preset: str = "medium",
-           progress: ProgressCallback | None = None) -> Path:
+           max_pixels: int | None = None, progress: ProgressCallback | None = None) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
 
     ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
     The video takes the first image's size (made even); other sizes are scaled to it. Images
     are read and converted to yuv420p ahead on two threads (OpenCV releases the GIL), in
     order, at most ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the
-    folder in memory."""
+    folder in memory.
+
+    An image larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``,
+    8192 x 8192; 0: no limit) is a :class:`MediaError` naming it, its size and the limit:
+    PNG, JPEG, BMP and WebP images are refused from their headers, before decoding; other
+    formats once read."""
     paths = _frame_list(frames)
     dst = Path(dst)
-    first = _read(paths[0])
+    limit = pixel_limit(max_pixels)
+    first = _read(paths[0], limit)
     height, width = first.shape[:2]
     out_w, out_h = even(width), even(height)
     rate = Fraction(fps).limit_denominator(1001)
@@ -135,14 +171,14 @@ def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
         pending: collections.deque[Future[av.VideoFrame]] = collections.deque()
         upcoming = iter(paths[1:])
         for path in itertools.islice(upcoming, _READ_AHEAD):
-            pending.append(pool.submit(_read_frame, path, out_w, out_h))
+            pending.append(pool.submit(_read_frame, path, out_w, out_h, limit))
         writer.write(av.VideoFrame.from_ndarray(first, format="bgr24"))
         report.step()
         while pending:
             frame = pending.popleft().result()
             nxt = next(upcoming, None)
             if nxt is not None:
-                pending.append(pool.submit(_read_frame, nxt, out_w, out_h))
+                pending.append(pool.submit(_read_frame, nxt, out_w, out_h, limit))
             writer.write(frame)
             report.step()
     report.finish()

@@ -16,12 +16,14 @@ from framepipe.media._io import (
     Upright,
     atomic_output,
     audio_format,
+    check_output_size,
     decode_with_audio,
     estimate_frames,
     fit_size,
     frame_rotation,
     open_video,
     peek,
+    pixel_limit,
     resample,
     stream_rate,
     stream_start,
@@ -37,15 +39,23 @@ def _ignore(frame: av.AudioFrame) -> None:
 def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
               height: int | None = None, fps: float | Fraction | None = None,
               pix_fmt: str = "yuv420p", crf: int = 23, preset: str = "medium",
-              audio: bool = True, progress: ProgressCallback | None = None) -> Path:
+              audio: bool = True, max_pixels: int | None = None,
+              progress: ProgressCallback | None = None) -> Path:
     """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264; sound as AAC).
 
     Rotation: a clip with a display rotation (a phone's portrait video) comes out upright,
     turned as players turn it, and the output carries no rotation; ``width``/``height`` are
     of the upright picture. Given only ``width`` or ``height``, the other side keeps the
-    aspect ratio; sides are made even. ``fps`` converts to a constant frame rate (frames
-    dropped or repeated); by default the source's average rate is kept (a variable frame rate
-    becomes constant).
+    aspect ratio; sides are made even. ``fps`` converts to a constant frame rate: frames are
+    dropped or repeated by their timestamps (see :func:`~framepipe.media._io.resample`), so a
+    variable frame rate (gaps, bursts) comes out constant, in order, lasting as long as the
+    source's video within half an output frame. By default the source's average rate is kept.
+
+    Size limit: a source whose picture is larger than ``max_pixels`` (default: the setting
+    ``FRAMEPIPE_MEDIA_MAX_PIXELS``, 8192 x 8192; 0: no limit) is refused with a
+    :class:`MediaError` naming it, its size and the limit, before any frame is decoded; a
+    requested output larger than the limit is a :class:`ValueError`. A large source within the
+    limit (4K to 720p) is decoded frame by frame, never held whole.
 
     Audio: the first audio stream is kept (``audio=False`` drops it), re-encoded to AAC at its
     own rate (48 kHz if AAC lacks that rate), mono or stereo, aligned with the video's start;
@@ -55,7 +65,8 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
     header announces more frames than can be decoded (a truncated upload) is a
     :class:`MediaError`, not a short output."""
     src, dst = Path(src), Path(dst)
-    with open_video(src) as (container, stream):
+    limit = pixel_limit(max_pixels)
+    with open_video(src, max_pixels=limit) as (container, stream):
         src_rate = stream_rate(stream)
         out_rate = Fraction(fps).limit_denominator(1001) if fps else src_rate
         if out_rate <= 0:
@@ -71,6 +82,7 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
             raise MediaError(src, "holds no decodable video frames")
         turn = Upright(frame_rotation(first, stream))
         out_w, out_h = fit_size(*turn.size(stream.width, stream.height), width, height)
+        check_output_size(out_w, out_h, limit)
         total = round(estimate_frames(stream, container) * out_rate / src_rate)
         report = Progress(progress, total)
         with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h,

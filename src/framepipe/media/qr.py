@@ -17,6 +17,7 @@ from framepipe.media._io import (
     estimate_frames,
     frame_seconds,
     open_video,
+    pixel_limit,
     stream_rate,
 )
 
@@ -87,7 +88,7 @@ def _read(zxing: ModuleType, gray: np.ndarray) -> list[Any]:
 
 
 def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
-              stop_after: int | None = None,
+              stop_after: int | None = None, max_pixels: int | None = None,
               progress: ProgressCallback | None = None) -> QrResult | None:
     """Scan every ``every``-th frame of ``src`` (the first ``max_frames`` frames, default all)
     for QR codes with zxing-cpp.
@@ -96,7 +97,9 @@ def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
     distinct text (``ambiguous`` when there are several) and the frames where a symbol was
     seen but not readable (zxing-cpp >= 2.3). ``stop_after`` ends the scan once that many
     frames held a readable code (None: scan to the end, needed to notice a second, different
-    code)."""
+    code). A video larger than ``max_pixels`` (default: the setting
+    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
+    any frame is decoded."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
     zxing = _zxing()
@@ -105,7 +108,7 @@ def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
     unreadable: list[int] = []
     scanned = 0
     readable_frames = 0
-    with open_video(src) as (container, stream):
+    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         rate = stream_rate(stream)
         limit = estimate_frames(stream, container)
         if max_frames is not None:

@@ -35,7 +35,10 @@ What every step guarantees:
 - progress: downloading is 0-10 % of the step, the operation 10-90 % (frames done / total, as
   the function reports it), uploading 90-100 %, and the step reports 100 % when done;
 - a media failure is a :class:`~framepipe.errors.MediaError` naming the user's file (the
-  object key or local path the source named, never the temporary copy);
+  object key or local path the source named, never the temporary copy); that includes a
+  video larger than the picture-size limit (the ``max_pixels`` option, else the setting
+  ``FRAMEPIPE_MEDIA_MAX_PIXELS``, read when the step runs), refused before it is decoded,
+  so a retry after raising the limit (or replacing the file) runs it;
 - it returns ``{step_name: result}`` (merged into the execution's data), the result a JSON
   dict: ``key``, ``size`` and ``info`` (:class:`~framepipe.media.MediaInfo` fields, ``path``
   replaced by the key) for a video; ``key``, ``size``, ``width``, ``height`` for an image;
@@ -241,6 +244,7 @@ class _Run:
         self.names: dict[Path, str] = {}  # local copy -> what the user named
         self._downloads = 0
         self._last = 0.0
+        self.max_pixels: int | None = None  # the operation's option, for probing its output
 
     # -- progress -------------------------------------------------------------------------
 
@@ -368,8 +372,9 @@ class _Run:
     def _run(self, refs: list[str], options: dict[str, Any]) -> dict[str, Any]:
         fn, op = self.op.fn, self.operation
         work = self.report(_WORK)
+        self.max_pixels = options.get("max_pixels")
         if op == "probe":
-            info = probe(self.fetch(refs[0]))
+            info = probe(self.fetch(refs[0]), **options)
             work(100)
             return {"info": self._info(info, None)}
         if op == "decode_qr":
@@ -415,7 +420,7 @@ class _Run:
         upload = self.report(_UPLOAD)
         result: dict[str, Any] = {"key": key, "size": path.stat().st_size}
         if self.op.ext == ".mp4":
-            result["info"] = self._info(probe(path), key)
+            result["info"] = self._info(probe(path, max_pixels=self.max_pixels), key)
         else:
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is None:

@@ -14,12 +14,14 @@ from framepipe.errors import MediaError
 from framepipe.media._io import (
     Progress,
     ProgressCallback,
+    check_output_size,
     decode,
     estimate_frames,
     even,
     frame_rotation,
     frame_seconds,
     open_video,
+    pixel_limit,
     stream_rate,
     upright_image,
 )
@@ -28,6 +30,7 @@ from framepipe.media.frames import write_image
 __all__ = ["thumbnail", "thumbnail_grid"]
 
 SEQUENTIAL_FRAMES_PER_TILE = 300  # up to this many frames per tile, decode once, don't seek
+_EPSILON = 1e-6  # seconds: float noise in a timestamp, not a frame
 
 
 def _duration(container: av.container.InputContainer,
@@ -39,49 +42,56 @@ def _duration(container: av.container.InputContainer,
     return 0.0
 
 
+def _start(stream: av.video.stream.VideoStream) -> float:
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
+
+
 def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
               path: Path, at: float) -> av.VideoFrame:
-    """The first frame shown at or after ``at`` seconds (the last frame if ``at`` is past the
-    end): seek to the keyframe before, then decode forward."""
-    half = 0.5 / float(stream_rate(stream))
-    start = float(stream.start_time * stream.time_base) \
-        if stream.start_time is not None and stream.time_base is not None else 0.0
+    """The frame on screen at ``at`` seconds: the last one whose timestamp is at or before it
+    (the first frame if ``at`` comes before it, the last if ``at`` is past the end), by
+    timestamp, so a variable frame rate's gaps and bursts are honoured. Seeks to the keyframe
+    before ``at``, then decodes forward."""
+    start = _start(stream)
     if stream.time_base is not None and at > 0:
         try:
             container.seek(int((start + at) / stream.time_base), stream=stream, backward=True)
         except av.FFmpegError:
             container.seek(0, stream=stream)
-    last = None
-    for frame in decode(container, stream, path):
-        last = frame
-        if frame.time is None or frame.time - start >= at - half:
-            return frame
-    if last is None:
+    shown = None
+    rate = stream_rate(stream)
+    for index, frame in enumerate(decode(container, stream, path)):
+        if shown is not None and frame_seconds(frame, index, rate) - start > at + _EPSILON:
+            return shown
+        shown = frame
+    if shown is None:
         raise MediaError(path, "holds no decodable video frames")
-    return last
+    return shown
 
 
 def _frames_in_one_pass(container: av.container.InputContainer,
                         stream: av.video.stream.VideoStream, path: Path, times: list[float],
                         total: int, progress: ProgressCallback | None) -> list[av.VideoFrame]:
-    """The first frame at or after each of ``times`` (sorted), decoding the clip once."""
-    half = 0.5 / float(stream_rate(stream))
-    start = float(stream.start_time * stream.time_base) \
-        if stream.start_time is not None and stream.time_base is not None else 0.0
+    """The frame on screen at each of ``times`` (sorted; as :func:`_frame_at` picks it),
+    decoding the clip once."""
+    start = _start(stream)
+    rate = stream_rate(stream)
     report = Progress(progress, total)
     picked: list[av.VideoFrame] = []
-    last = None
+    shown = None
     for index, frame in enumerate(decode(container, stream, path)):
-        last = frame
-        t = frame_seconds(frame, index, stream_rate(stream)) - start
-        while len(picked) < len(times) and t >= times[len(picked)] - half:
-            picked.append(frame)
-        report.step()
+        t = frame_seconds(frame, index, rate) - start
+        while len(picked) < len(times) and t > times[len(picked)] + _EPSILON:
+            picked.append(shown if shown is not None else frame)
         if len(picked) == len(times):
             break
-    if last is None:
+        shown = frame
+        report.step()
+    if shown is None:
         raise MediaError(path, "holds no decodable video frames")
-    picked += [last] * (len(times) - len(picked))
+    picked += [shown] * (len(times) - len(picked))
     return picked
 
 
@@ -96,32 +106,49 @@ def _scaled(frame: av.VideoFrame, width: int | None, rotation: int) -> np.ndarra
 
 
 def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
-              width: int | None = None, quality: int = 90) -> Path:
-    """Save the frame at ``at`` seconds (default: the middle) as an image (format from
-    ``dst``'s suffix), scaled to ``width`` keeping the aspect if given, upright (a clip with a
-    display rotation is turned as players turn it). Atomic write."""
+              width: int | None = None, quality: int = 90,
+              max_pixels: int | None = None) -> Path:
+    """Save the frame on screen at ``at`` seconds from the clip's start (default: the middle)
+    as an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
+    ``at``, so on a variable frame rate it is the frame a player shows then. Scaled to
+    ``width`` keeping the aspect if given, upright (a clip with a display rotation is turned as
+    players turn it). A video larger than ``max_pixels`` (default: the setting
+    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
+    any frame is decoded, as is (:class:`ValueError`) a ``width`` giving a larger image.
+    Atomic write."""
     src, dst = Path(src), Path(dst)
-    with open_video(src) as (container, stream):
+    limit = pixel_limit(max_pixels)
+    with open_video(src, max_pixels=limit) as (container, stream):
         when = _duration(container, stream) / 2 if at is None else max(0.0, at)
         frame = _frame_at(container, stream, src, when)
-        image = _scaled(frame, width, frame_rotation(frame, stream))
+        rotation = frame_rotation(frame, stream)
+        if width is not None:
+            shown_w, shown_h = ((frame.height, frame.width) if rotation in (90, 270)
+                                else (frame.width, frame.height))
+            check_output_size(width, even(shown_h * width / shown_w), limit)
+        image = _scaled(frame, width, rotation)
     return write_image(dst, image, quality=quality)
 
 
 def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int = 3,
-                   width: int = 960, quality: int = 90,
+                   width: int = 960, quality: int = 90, max_pixels: int | None = None,
                    progress: ProgressCallback | None = None) -> Path:
     """A ``cols`` x ``rows`` contact sheet of frames spread evenly over the clip.
 
     Tiles are ``width // cols`` wide (even) and keep the video's aspect; the sheet is
     ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
-    ``(i + 0.5) / (cols * rows)`` of the duration. Tiles are upright (a clip with a display
-    rotation is turned as players turn it). Atomic write."""
+    ``(i + 0.5) / (cols * rows)`` of the duration: the frame on screen then (as
+    :func:`thumbnail` picks it). Tiles are upright (a clip with a display rotation is turned as
+    players turn it). A video larger than ``max_pixels`` (default: the setting
+    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
+    any frame is decoded, as is (:class:`ValueError`) a sheet that would be larger. Atomic
+    write."""
     if cols < 1 or rows < 1:
         raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
     src, dst = Path(src), Path(dst)
     count = cols * rows
-    with open_video(src) as (container, stream):
+    limit = pixel_limit(max_pixels)
+    with open_video(src, max_pixels=limit) as (container, stream):
         duration = _duration(container, stream)
         total = estimate_frames(stream, container)
         times = [duration * (i + 0.5) / count for i in range(count)]
@@ -139,6 +166,7 @@ def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int
                                                                             stream.height)
         tile_w = even(width // cols)
         tile_h = even(shown_h * tile_w / shown_w)
+        check_output_size(tile_w * cols, tile_h * rows, limit)
         sheet = np.zeros((tile_h * rows, tile_w * cols, 3), dtype=np.uint8)
         for i, frame in enumerate(frames):
             raw_w, raw_h = (tile_h, tile_w) if sideways else (tile_w, tile_h)

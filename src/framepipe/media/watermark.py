@@ -21,6 +21,7 @@ from framepipe.media._io import (
     frame_rotation,
     open_video,
     peek,
+    pixel_limit,
     stream_rate,
     stream_start,
     upright_image,
@@ -81,7 +82,7 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
               image: Path | str | np.ndarray | None = None, position: str = "bottom-right",
               opacity: float = 0.8, margin: int = 16, font_scale: float | None = None,
               crf: int = 23, preset: str = "medium", audio: bool = True,
-              progress: ProgressCallback | None = None) -> Path:
+              max_pixels: int | None = None, progress: ProgressCallback | None = None) -> Path:
     """Blend ``text`` or ``image`` (PNG alpha respected) into every frame; H.264 MP4 at ``dst``.
 
     The overlay sits at ``position`` (``top-left``, ``top-right``, ``bottom-left``,
@@ -89,13 +90,16 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
     clip with a display rotation is turned upright first; the output has no rotation); only
     that region of each frame changes. Text scales with the frame height unless ``font_scale``
     is given. Frame size and rate are kept. The first audio stream is kept, re-encoded to AAC
-    as :func:`~framepipe.media.normalise` does (``audio=False`` drops it). Atomic write."""
+    as :func:`~framepipe.media.normalise` does (``audio=False`` drops it). A video larger than
+    ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``, 8192 x 8192; 0: no
+    limit) is refused with a :class:`MediaError` naming it, its size and the limit, before any
+    frame is decoded. Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0-1, not {opacity}")
     src, dst = Path(src), Path(dst)
-    with open_video(src) as (container, stream):
+    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         astream = container.streams.audio[0] if audio and container.streams.audio else None
         queue = AudioQueue(audio_format(astream)) if astream is not None else None
         if queue is not None:
