@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from media import free_port, make_clip
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml_video"
 MODEL = EXAMPLE / "model.py"
 SERVER = EXAMPLE / "server.py"
+MODELS = Path(__file__).resolve().parent / "models"
 FRAMES = 20
 
 
@@ -286,6 +288,69 @@ def test_a_crashing_model_script_fails_inference_then_retry_with_the_good_script
     assert done.data["frames"] == FRAMES
     steps = started(events)
     assert steps.count("fetch") == 1 and steps.count("preprocess") == 1, steps
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder every step's temporary directory goes to during the test."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("script", ["silent_model.py", "mute_model.py"])
+def test_a_model_script_that_prints_no_frames_path_fails_inference_then_retry_with_the_good_one(
+        settings: Settings, clip: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch,
+        script: str) -> None:
+    """``silent_model.py`` prints progress and chatter but no ``frames_path:`` line;
+    ``mute_model.py`` writes its frames but prints nothing at all. Both exit 0."""
+    quiet = MODELS / script
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
+    monkeypatch.setenv("PYTHON_PATH", sys.executable)
+    monkeypatch.setenv("PYTHON_SCRIPT", str(quiet))
+    failed, _ = run_ml(settings, clip, width=160)
+    assert failed.status is ExecutionStatus.FAILED
+    assert failed.step("inference").status is StepStatus.FAILED
+    assert failed.step("preprocess").status is StepStatus.COMPLETED
+    error = failed.errors["inference"]
+    assert error.startswith("ModelOutputError: "), error
+    assert str(quiet) in error
+    assert "exited 0 without printing a 'frames_path: PATH' line" in error
+    assert list(scratch.iterdir()) == []  # the model's output folder went with the step's
+    objects = open_object_store(settings.resolved_objects_url)
+    assert list(objects.list(f"ml/{failed.id}/frames/")) == []  # nothing uploaded
+
+    monkeypatch.setenv("PYTHON_SCRIPT", str(MODEL))  # the script fixed
+    done, events = retry_ml(settings, failed.id)
+    assert done.status is ExecutionStatus.COMPLETED, done.error
+    assert done.data["frames"] == FRAMES
+    steps = started(events)
+    assert steps.count("fetch") == 1 and steps.count("preprocess") == 1, steps
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_video_above_the_pixel_limit_fails_fetch_then_retry_after_raising_it(
+        settings: Settings, clip: Path, scratch: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(160 * 120))
+    failed, events = run_ml(settings, clip, width=160)
+    assert failed.status is ExecutionStatus.FAILED
+    error = failed.errors["fetch"]
+    assert error.startswith(f"MediaError: {clip}: its picture is 320x240 (76,800 pixels), "
+                            "larger than the limit of 19,200 pixels"), error
+    assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in error
+    assert started(events).count("preprocess") == 0
+    objects = open_object_store(settings.resolved_objects_url)
+    assert list(objects.list(f"ml/{failed.id}/")) == []
+    assert list(scratch.iterdir()) == []
+
+    # raised to 1080p: the clip and the 960-wide contact sheet the pipeline writes both fit
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(1920 * 1080))
+    done, _ = retry_ml(settings, failed.id)
+    assert done.status is ExecutionStatus.COMPLETED, done.error
+    assert done.data["preprocessed_info"]["width"] == 160
 
 
 def test_an_http_model_answering_500_fails_inference_then_retry_with_a_good_server(

@@ -123,6 +123,21 @@ def test_subprocess_without_frames_path_is_an_output_error(tmp_path: Path, clip:
     assert seen == [50.0, 100.0]  # not retried: the protocol error would repeat
 
 
+def test_subprocess_that_prints_nothing_is_an_output_error(tmp_path: Path, clip: Path) -> None:
+    seen: list[float] = []
+    script = MODELS / "mute_model.py"
+    model = SubprocessModel(script, max_retries=2, retry_initial=0.01)
+    with pytest.raises(ModelOutputError) as info:
+        run(model.infer(clip, output_dir=tmp_path, progress=seen.append))
+    message = str(info.value)
+    assert str(script) in message
+    assert "exited 0 without printing a 'frames_path: PATH' line" in message
+    assert info.value.exit_code == 0
+    assert (tmp_path / "frames").is_dir()  # it did write frames, but never said where
+    assert (tmp_path / "runs.txt").read_text() == "1"  # not retried: it would not say so again
+    assert seen == []
+
+
 def test_subprocess_frames_path_that_does_not_exist(tmp_path: Path, clip: Path) -> None:
     model = SubprocessModel(MODELS / "good_model.py")
     missing = tmp_path / "nowhere"
