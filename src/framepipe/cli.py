@@ -5,6 +5,7 @@
     framepipe run FILE.py:PIPELINE --input key=value ...   run one execution to its end
     framepipe jobs list | show ID | retry ID | cancel ID    executions in the state store
     framepipe worker                                        run distributed job steps
+    framepipe serve --pipeline FILE.py:NAME                 the HTTP API and live events
     framepipe demo                                          the embedded demo
     framepipe db upgrade | current                          the state database's schema
 
@@ -727,6 +728,38 @@ def worker(
     # Steps handed back after the grace period may still run in their threads, which
     # cannot be stopped from outside; their results are discarded, so leave without them.
     os._exit(0)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    *,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    pipelines: Annotated[list[str] | None, typer.Option(
+        "--pipeline", "-p", metavar="FILE.py:NAME",
+        help="A pipeline the service may start. Repeatable.")] = None,
+) -> None:
+    """Serve the HTTP API and the WebSocket of live events (FRAMEPIPE_API_TOKEN: the bearer
+    token, required to bind anything but a loopback address)."""
+    import ipaddress
+
+    with _errors():
+        settings = _settings(ctx)
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not settings.api_token:
+            raise _UsageError(f"refusing to serve on {host} without a token: set "
+                              "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)")
+        from framepipe.server import create_app
+
+        loaded = [resolve_pipeline(ref).pipeline for ref in pipelines or []]
+        application = create_app(settings, pipelines=loaded)
+        import uvicorn
+
+        uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower())
 
 
 @app.command()

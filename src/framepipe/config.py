@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         8192 * 8192, ge=0, description="Largest picture (width x height) framepipe.media will "
                                        "decode or write, checked from the file's headers "
                                        "before any frame is decoded; 0 means no limit.")
+    api_token: str | None = Field(
+        None, description="Bearer token the HTTP service requires on every call but /health; "
+                          "without one it only binds to a loopback address.")
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")

@@ -1,0 +1,312 @@
+"""The FastAPI application: executions, pipelines, events and objects over REST, live events
+over a WebSocket, health without a token.
+
+Guarantees:
+
+* every route but ``/health`` needs ``Authorization: Bearer <token>`` when a token is set
+  (the WebSocket also takes ``?token=``); a wrong or missing one is a 401 (WebSocket close code
+  1008) before anything is read or written;
+* bad input is a 4xx whose ``detail`` says what is wrong (unknown pipeline 404, invalid body
+  422, a state that forbids the call 409, a key escaping the store 400, an upload over the
+  limit 413), and nothing is half-created: an execution exists only once it was committed;
+* a WebSocket subscriber gets the current state first (``snapshot``), then every event
+  committed after it, in order; one that falls too far behind is told so (``lagged``) and
+  closed, to reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from framepipe import __version__
+from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings, load_settings
+from framepipe.errors import (
+    ExecutionNotFoundError,
+    ExecutionStateError,
+    FramepipeError,
+    InvalidKeyError,
+    MissingDependencyError,
+    ObjectNotFoundError,
+    PipelineDefinitionError,
+)
+from framepipe.jobs.control import request_cancel
+from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import get_execution, list_events, list_executions
+from framepipe.server.feed import EventFeed
+
+try:
+    from fastapi import (
+        APIRouter,
+        Depends,
+        FastAPI,
+        HTTPException,
+        Query,
+        Request,
+        WebSocket,
+        WebSocketDisconnect,
+    )
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["create_app"]
+
+
+class SubmitBody(BaseModel):
+    """``POST /api/executions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str = Field(min_length=1, max_length=200, description="A registered pipeline.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="The execution's inputs.")
+
+
+class Submitted(BaseModel):
+    """The created execution."""
+
+    id: str
+    pipeline: str
+    status: str
+
+
+def _execution(info: ExecutionInfo, *, with_steps: bool) -> dict[str, Any]:
+    out = info.to_dict()
+    if not with_steps:
+        out.pop("steps", None)
+        out.pop("data", None)
+    return out
+
+
+def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline] = (),
+               token: str | None = None, store: StateStore | None = None,
+               objects: ObjectStore | None = None) -> FastAPI:
+    """The service over ``settings``' state store and object store.
+
+    ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``) is the
+    bearer token. Executions run in an engine inside the service process, or on workers when
+    the settings say so (``jobs_mode``)."""
+    settings = settings or load_settings()
+    token = token if token is not None else settings.api_token
+    known: dict[str, Pipeline] = {}
+    for p in pipelines:
+        p.validate()
+        known[p.name] = p
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        own_store = store is None
+        st = store or StateStore(settings.resolved_database_url,
+                                 sqlite_synchronous=settings.sqlite_synchronous)
+        obj = objects or open_object_store(settings.resolved_objects_url)
+        engine = JobEngine(st, settings=settings, objects=obj)
+        for p in known.values():
+            engine.register(p)
+        await engine.start()
+        feed = EventFeed(st)
+        await feed.start()
+        state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time())
+        try:
+            yield
+        finally:
+            await feed.stop()
+            await engine.stop()
+            if objects is None:
+                obj.close()
+            if own_store:
+                st.close()
+
+    app = FastAPI(title="framepipe", version=__version__, lifespan=lifespan,
+                  description="Executions of job pipelines, their steps and events.")
+
+    def check_token(request: Request) -> None:
+        if not token:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
+
+    @app.exception_handler(FramepipeError)
+    async def _framepipe_error(_request: Request, exc: FramepipeError) -> JSONResponse:
+        status = 400
+        if isinstance(exc, (ExecutionNotFoundError, ObjectNotFoundError)):
+            status = 404
+        elif isinstance(exc, ExecutionStateError):
+            status = 409
+        elif isinstance(exc, PipelineDefinitionError):
+            status = 422
+        elif isinstance(exc, InvalidKeyError):
+            status = 400
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    def _store() -> StateStore:
+        return state["store"]  # type: ignore[no-any-return]
+
+    # -- health ------------------------------------------------------------------------------
+
+    @app.get("/health", tags=["health"])
+    async def health() -> dict[str, Any]:
+        """Liveness and the database's reachability; needs no token."""
+        try:
+            await asyncio.to_thread(lambda: list_events(_store(), limit=1))
+            database = "ok"
+        except Exception as exc:
+            database = f"error: {type(exc).__name__}"
+        return {"status": "ok" if database == "ok" else "degraded", "database": database,
+                "version": __version__, "uptime": time.time() - state.get("started", time.time()),
+                "jobs": "workers" if settings.distributed_jobs else "local"}
+
+    # -- pipelines and executions ----------------------------------------------------------
+
+    @api.get("/pipelines", tags=["pipelines"])
+    async def pipelines_list() -> list[dict[str, Any]]:
+        """The pipelines this service may start."""
+        return [{"name": p.name, "ref": p.ref, "description": p.description,
+                 "steps": [{"name": s.name, "depends_on": list(s.depends_on),
+                            "params": list(s.params), "retries": s.retries, "weight": s.weight}
+                           for s in p.steps.values()]} for p in known.values()]
+
+    @api.post("/executions", status_code=201, tags=["executions"])
+    async def executions_submit(body: SubmitBody) -> Submitted:
+        """Start an execution of a registered pipeline."""
+        pipeline = known.get(body.pipeline)
+        if pipeline is None:
+            raise HTTPException(404, f"unknown pipeline {body.pipeline!r} (known: "
+                                     f"{', '.join(sorted(known)) or 'none'})")
+        execution_id = await state["engine"].submit(pipeline, body.inputs)
+        return Submitted(id=execution_id, pipeline=pipeline.name, status="running")
+
+    @api.get("/executions", tags=["executions"])
+    async def executions_list(
+            limit: Annotated[int, Query(ge=1, le=500)] = 50,
+            status: Annotated[list[str] | None, Query()] = None,
+            pipeline: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> list[dict[str, Any]]:
+        """Newest executions first, each with its completed and total step counts."""
+        rows = await asyncio.to_thread(lambda: list_executions(
+            _store(), limit=limit, status=status, pipeline=pipeline))
+        return [{**_execution(info, with_steps=False), "steps_done": done, "steps_total": total}
+                for info, done, total in rows]
+
+    @api.get("/executions/{execution_id}", tags=["executions"])
+    async def executions_show(execution_id: str) -> dict[str, Any]:
+        """An execution (id or unique prefix) with its steps and data."""
+        info = await asyncio.to_thread(get_execution, _store(), execution_id)
+        return _execution(info, with_steps=True)
+
+    @api.post("/executions/{execution_id}/retry", status_code=202, tags=["executions"])
+    async def executions_retry(execution_id: str) -> dict[str, Any]:
+        """Resume a failed, cancelled or interrupted execution from where it stopped."""
+        info = await asyncio.to_thread(get_execution, _store(), execution_id, with_steps=False)
+        pipeline = known.get(info.pipeline)
+        if pipeline is None:
+            raise HTTPException(409, f"execution {info.id[:12]} is of pipeline "
+                                     f"'{info.pipeline}', which this service does not know")
+        full_id = await state["engine"].retry(info.id, pipeline)
+        return {"id": full_id, "status": "running"}
+
+    @api.post("/executions/{execution_id}/cancel", status_code=202, tags=["executions"])
+    async def executions_cancel(execution_id: str) -> dict[str, Any]:
+        """Cancel an execution (at once, or through the process running it)."""
+        engine: JobEngine = state["engine"]
+        info = await asyncio.to_thread(get_execution, _store(), execution_id, with_steps=False)
+        if info.id in engine.active_executions:
+            await engine.cancel(info.id)
+        else:
+            await asyncio.to_thread(request_cancel, _store(), info.id)
+        return {"id": info.id, "status": "cancelling"}
+
+    # -- events ---------------------------------------------------------------------------
+
+    @api.get("/events", tags=["events"])
+    async def events_page(
+            execution_id: Annotated[str | None, Query(max_length=64)] = None,
+            after: Annotated[int, Query(ge=0)] = 0,
+            limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
+        """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
+        rows = await asyncio.to_thread(lambda: list_events(
+            _store(), execution_id, after_id=after, limit=limit))
+        return {"events": [e.to_dict() for e in rows],
+                "next": rows[-1].id if rows else after}
+
+    @app.websocket("/ws")
+    async def live(websocket: WebSocket, execution_id: str | None = None,
+                   token_param: Annotated[str | None, Query(alias="token")] = None) -> None:
+        """The current state, then every event as it is committed."""
+        if token:
+            given = token_param or websocket.headers.get("authorization", "").partition(" ")[2]
+            if not hmac.compare_digest(given.strip(), token):
+                await websocket.close(code=1008, reason="missing or wrong token")
+                return
+        await websocket.accept()
+        feed: EventFeed = state["feed"]
+        async with feed.subscribe(execution_id) as stream:
+            after = feed.last_id
+            try:
+                if execution_id is not None:
+                    info = await asyncio.to_thread(get_execution, _store(), execution_id)
+                    snapshot: Any = {"execution": _execution(info, with_steps=True)}
+                else:
+                    rows = await asyncio.to_thread(lambda: list_executions(_store(), limit=50))
+                    snapshot = {"executions": [
+                        {**_execution(i, with_steps=False), "steps_done": d, "steps_total": t}
+                        for i, d, t in rows]}
+            except ExecutionNotFoundError as exc:
+                await websocket.send_json({"type": "error", "detail": str(exc)})
+                await websocket.close(code=1008)
+                return
+            await websocket.send_json({"type": "snapshot", "after": after, **snapshot})
+            try:
+                async for event in stream:
+                    if event is None:
+                        await websocket.send_json({"type": "lagged"})
+                        break
+                    await websocket.send_json({"type": "event", "event": event.to_dict()})
+            except WebSocketDisconnect:
+                return
+        await websocket.close()
+
+    # -- objects ------------------------------------------------------------------------------
+
+    @api.put("/objects/{key:path}", status_code=201, tags=["objects"])
+    async def objects_put(key: str, request: Request) -> dict[str, Any]:
+        """Store the request body under ``key`` (at most ``max_upload_bytes``)."""
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"upload is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        obj: ObjectStore = state["objects"]
+        info = await asyncio.to_thread(obj.put, key, b"".join(chunks))
+        return {"key": info.key, "size": info.size}
+
+    @api.get("/objects/{key:path}", tags=["objects"])
+    async def objects_get(key: str) -> Response:
+        """The object stored under ``key``."""
+        obj: ObjectStore = state["objects"]
+        data = await asyncio.to_thread(obj.get, key)
+        return Response(data, media_type="application/octet-stream")
+
+    app.include_router(api)
+    app.state.framepipe = state
+    app.state.pipelines = known
+    return app

@@ -1,0 +1,120 @@
+"""Live events for the service: the stored events, tailed and fanned out to subscribers.
+
+Every event is committed to the state store before anyone may see it, by an embedded engine in
+this process, by workers or by another process; so the service follows the store rather than an
+in-process bus, and sees all of them alike. A subscriber gets each event once, in id order;
+one that falls behind (its queue of ``maxsize`` is full) is dropped with a ``lagged`` marker, so
+a slow browser cannot hold events in memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from framepipe.backends.state import StateStore
+from framepipe.events import Event
+from framepipe.jobs.records import list_events
+from framepipe.logs import get_logger
+
+__all__ = ["EventFeed"]
+
+_log = get_logger("server.feed")
+_LAGGED = object()
+
+
+class _Subscriber:
+    def __init__(self, execution_id: str | None, maxsize: int) -> None:
+        self.execution_id = execution_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+        self.lagged = False
+
+
+class EventFeed:
+    """Tails ``fp_events`` every ``interval`` seconds from the id it was started at."""
+
+    def __init__(self, store: StateStore, *, interval: float = 0.1, maxsize: int = 1000) -> None:
+        self.store = store
+        self.interval = interval
+        self.maxsize = maxsize
+        self.last_id = 0
+        self._subscribers: set[_Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start tailing after the newest stored event."""
+        self.last_id = await asyncio.to_thread(self._newest)
+        self._task = asyncio.create_task(self._tail(), name="framepipe-event-feed")
+
+    async def stop(self) -> None:
+        """Stop tailing; subscribers get the end of their stream."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for sub in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+
+    def _newest(self) -> int:
+        with self.store.read() as conn:
+            from sqlalchemy import func, select
+
+            from framepipe.backends.state import events
+
+            return int(conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
+
+    async def _tail(self) -> None:
+        while True:
+            try:
+                batch = await asyncio.to_thread(list_events, self.store, None,
+                                                after_id=self.last_id, limit=1000)
+            except Exception as exc:  # the database restarting: keep trying
+                _log.warning("event feed: reading events failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if batch:
+                self.last_id = batch[-1].id or self.last_id
+                self._fan_out(batch)
+            if len(batch) < 1000:
+                await asyncio.sleep(self.interval)
+
+    def _fan_out(self, batch: list[Event]) -> None:
+        for sub in list(self._subscribers):
+            if sub.lagged:
+                continue
+            for event in batch:
+                if sub.execution_id is not None and event.execution_id != sub.execution_id:
+                    continue
+                try:
+                    sub.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    sub.lagged = True
+                    sub.queue = asyncio.Queue(1)
+                    sub.queue.put_nowait(_LAGGED)
+                    break
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, execution_id: str | None = None) -> AsyncIterator[
+            AsyncIterator[Event | None]]:
+        """Events from now on (of one execution, or all); ``None`` marks a subscriber that fell
+        behind and was cut off (reconnect and read the current state)."""
+        sub = _Subscriber(execution_id, self.maxsize)
+        self._subscribers.add(sub)
+
+        async def stream() -> AsyncIterator[Event | None]:
+            while True:
+                item = await sub.queue.get()
+                if item is None:
+                    return
+                if item is _LAGGED:
+                    yield None
+                    return
+                yield item
+
+        try:
+            yield stream()
+        finally:
+            self._subscribers.discard(sub)

@@ -1,0 +1,239 @@
+"""The HTTP service over real HTTP: uvicorn on a loopback port, httpx and a WebSocket client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import websockets
+from typer.testing import CliRunner
+
+from framepipe import Pipeline, StepContext
+from framepipe.cli import app as cli_app
+from framepipe.config import Settings
+from framepipe.server import create_app
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+demo = Pipeline("svc_demo")
+
+
+@demo.step()
+def count(ctx: StepContext) -> dict[str, Any]:
+    steps = int(ctx.inputs.get("steps", 5))
+    for i in range(steps):
+        time.sleep(float(ctx.inputs.get("pause", 0.05)))
+        ctx.progress(100 * (i + 1) / steps, f"{i + 1} of {steps}")
+    return {"counted": steps}
+
+
+@demo.step(depends_on=["count"])
+def gate(ctx: StepContext) -> dict[str, Any]:
+    gate_file = ctx.inputs.get("gate")
+    if gate_file and not Path(gate_file).exists():
+        raise FileNotFoundError(f"gate file {gate_file} is missing")
+    return {"passed": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """uvicorn serving the app in a thread of this process, on a free loopback port."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.port = _free_port()
+        app = create_app(settings, pipelines=[demo], token=TOKEN, **kwargs)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    with Server(settings.model_copy(update={"max_upload_bytes": 1000})) as running:
+        yield running
+
+
+def wait_status(client: httpx.Client, execution_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/api/executions/{execution_id}").json()
+        if body["status"] not in ("pending", "running"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"execution {execution_id} did not finish")
+
+
+def test_health_is_open_and_everything_else_needs_the_token(server: Server) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        health = client.get("/health")
+        assert health.status_code == 200
+        assert health.json()["database"] == "ok"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            denied = client.get("/api/pipelines", headers=headers)
+            assert denied.status_code == 401
+            assert "bearer token" in denied.json()["detail"]
+        ok = client.get("/api/pipelines", headers=AUTH)
+        assert ok.status_code == 200
+        assert [p["name"] for p in ok.json()] == ["svc_demo"]
+        assert ok.json()[0]["steps"][1] == {"name": "gate", "depends_on": ["count"],
+                                            "params": [], "retries": 0, "weight": 1.0}
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        created = client.post("/api/executions", json={
+            "pipeline": "svc_demo", "inputs": {"steps": 3, "gate": str(gate)}})
+        assert created.status_code == 201, created.text
+        execution_id = created.json()["id"]
+        failed = wait_status(client, execution_id)
+        assert failed["status"] == "failed"
+        assert "gate file" in failed["error"]
+        steps = {s["key"]: s for s in failed["steps"]}
+        assert steps["count"]["status"] == "completed"
+        assert failed["data"] == {"counted": 3}
+
+        gate.touch()
+        retried = client.post(f"/api/executions/{execution_id[:8]}/retry")
+        assert retried.status_code == 202, retried.text
+        done = wait_status(client, execution_id)
+        assert done["status"] == "completed"
+        assert done["data"] == {"counted": 3, "passed": True}
+        assert {s["key"]: s["attempt"] for s in done["steps"]} == {"count": 1, "gate": 2}
+
+        again = client.post(f"/api/executions/{execution_id}/retry")
+        assert again.status_code == 409
+        assert "has completed; nothing to retry" in again.json()["detail"]
+
+        listed = client.get("/api/executions").json()
+        assert [(e["id"], e["steps_done"], e["steps_total"]) for e in listed] == [
+            (execution_id, 2, 2)]
+        page = client.get("/api/events", params={"execution_id": execution_id, "limit": 5})
+        first = page.json()
+        assert len(first["events"]) == 5
+        rest = client.get("/api/events", params={"execution_id": execution_id,
+                                                 "after": first["next"]}).json()
+        types = [e["type"] for e in first["events"] + rest["events"]]
+        assert types[0] == "execution.created"
+        assert types.count("execution.completed") == 1
+        assert "step.progress" in types
+
+
+def test_bad_requests_say_what_is_wrong_and_create_nothing(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        bad_json = client.post("/api/executions", content=b"{not json",
+                               headers={"Content-Type": "application/json"})
+        assert bad_json.status_code == 422
+        assert "JSON" in json.dumps(bad_json.json())
+        unknown = client.post("/api/executions", json={"pipeline": "nope"})
+        assert unknown.status_code == 404
+        assert unknown.json()["detail"] == "unknown pipeline 'nope' (known: svc_demo)"
+        wrong_type = client.post("/api/executions", json={"pipeline": "svc_demo",
+                                                          "inputs": [1, 2]})
+        assert wrong_type.status_code == 422
+        assert wrong_type.json()["detail"][0]["loc"] == ["body", "inputs"]
+        extra = client.post("/api/executions", json={"pipeline": "svc_demo", "x": 1})
+        assert extra.status_code == 422
+        missing = client.get("/api/executions/feedbeef")
+        assert missing.status_code == 404
+        assert "no execution 'feedbeef'" in missing.json()["detail"]
+        bad_limit = client.get("/api/executions", params={"limit": "lots"})
+        assert bad_limit.status_code == 422
+        assert client.get("/api/executions").json() == []  # nothing half-created
+
+
+def test_objects_upload_download_limits_and_keys(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        put = client.put("/api/objects/frames/cam1/0001.jpg", content=b"\xff\xd8jpeg")
+        assert put.status_code == 201
+        assert put.json() == {"key": "frames/cam1/0001.jpg", "size": 6}
+        assert client.get("/api/objects/frames/cam1/0001.jpg").content == b"\xff\xd8jpeg"
+        big = client.put("/api/objects/frames/big.bin", content=b"x" * 5000)
+        assert big.status_code == 413
+        assert "over the limit of 1000" in big.json()["detail"]
+        assert client.get("/api/objects/frames/big.bin").status_code == 404
+        escape = client.put("/api/objects/frames/%2E%2E/%2E%2E/etc/passwd", content=b"x")
+        assert escape.status_code == 400
+        assert ".." in escape.json()["detail"]
+
+
+def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as client:
+            created = await client.post("/api/executions", json={
+                "pipeline": "svc_demo", "inputs": {"steps": 8, "pause": 0.15}})
+            execution_id = created.json()["id"]
+        ws_url = f"ws://127.0.0.1:{server.port}/ws?execution_id={execution_id}&token={TOKEN}"
+        seen: list[dict[str, Any]] = []
+        async with websockets.connect(ws_url) as ws:
+            snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                assert message["type"] == "event"
+                seen.append(message["event"])
+                if message["event"]["type"] == "execution.completed":
+                    break
+        return snapshot, seen
+
+    snapshot, seen = asyncio.run(scenario())
+    assert snapshot["type"] == "snapshot"
+    assert snapshot["execution"]["pipeline"] == "svc_demo"
+    assert snapshot["execution"]["status"] == "running"
+    progress = [e["data"]["progress"] for e in seen if e["type"] == "step.progress"
+                and e["step_key"] == "count"]
+    assert len(progress) >= 3  # progress arrived as it happened, not all at the end
+    assert progress == sorted(progress)
+    assert [e["type"] for e in seen][-1] == "execution.completed"
+    assert all(e["execution_id"] == snapshot["execution"]["id"] for e in seen)
+
+
+def test_websocket_refuses_a_missing_token(server: Server) -> None:
+    async def scenario() -> int | None:
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+                await asyncio.wait_for(ws.recv(), 5)
+        except websockets.ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+        return None
+
+    assert asyncio.run(scenario()) in (1008, 403)
+
+
+def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["--home", str(tmp_path), "serve", "--host",
+                                          "0.0.0.0"], env={"FRAMEPIPE_API_TOKEN": ""})
+    assert result.exit_code == 2
+    assert "refusing to serve on 0.0.0.0 without a token" in result.output
