@@ -11,16 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 import websockets
 from typer.testing import CliRunner
 
 from framepipe import Pipeline, StepContext
+from framepipe.app import App
 from framepipe.cli import app as cli_app
 from framepipe.config import Settings
 from framepipe.server import create_app
+from framepipe.sources import PatternSource
+from framepipe.stream import Stage, StreamPipeline
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -230,6 +235,54 @@ def test_websocket_refuses_a_missing_token(server: Server) -> None:
         return None
 
     assert asyncio.run(scenario()) in (1008, 403)
+
+
+def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> None:
+    app = App("lobby", settings=settings, health_interval=0.05)
+    pipeline = app.add_pipeline(StreamPipeline(
+        "door", PatternSource("door", width=1280, height=720, fps=30),
+        stages=[Stage(lambda f: f, name="noop")]))
+    stop = threading.Event()
+
+    def run_app() -> None:
+        async def main() -> None:
+            await app.start()
+            try:
+                await asyncio.to_thread(stop.wait)
+            finally:
+                await app.stop()
+
+        asyncio.run(main())
+
+    runner = threading.Thread(target=run_app, daemon=True)
+    runner.start()
+    try:
+        with Server(settings) as server, httpx.Client(base_url=server.url,
+                                                      headers=AUTH) as client:
+            deadline = time.monotonic() + 30
+            sources: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                sources = client.get("/api/sources").json()
+                if sources and sources[0]["frame_url"] and pipeline.frames_captured > 5:
+                    break
+                time.sleep(0.05)
+            assert [(s["app"], s["pipeline"], s["state"]) for s in sources] == [
+                ("lobby", "door", "running")]
+            assert sources[0]["frames"] > 0
+            frame = client.get(sources[0]["frame_url"])
+            assert frame.status_code == 200
+            assert frame.headers["content-type"] == "image/jpeg"
+            image = cv2.imdecode(np.frombuffer(frame.content, np.uint8), cv2.IMREAD_COLOR)
+            assert image.shape == (360, 640, 3)  # the preview is at most 640 wide
+            assert client.get("/api/sources/lobby/nope/frame").status_code == 404
+            assert client.get("/api/sources/../door/frame").status_code == 404
+            assert client.get("/api/sources/lobby/..%2Fx/frame").status_code == 404
+            refused = client.get("/api/sources/lobby/.hidden/frame")
+            assert refused.status_code == 422  # a name may not start with a dot
+            assert client.get("/api/processors").json() == []  # no Redis broker here
+    finally:
+        stop.set()
+        runner.join(timeout=30)
 
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:

@@ -25,13 +25,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from framepipe.config import Settings, load_settings
+from framepipe.errors import FramepipeError
+from framepipe.frames import encode_jpeg
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import HealthState
 from framepipe.telemetry import metrics_registry, render
 
-__all__ = ["App", "AppHealth", "SystemState", "read_snapshots"]
+__all__ = ["App", "AppHealth", "SystemState", "preview_dir", "read_snapshots"]
 
 Callback = Callable[[str, dict[str, Any]], Any]
 
@@ -82,6 +86,7 @@ class App:
         self.health_interval = health_interval
         self.performance_threshold = performance_threshold
         self.pipelines: dict[str, StreamPipeline] = {}
+        self._previewed: dict[str, Any] = {}
         self.restart_attempts: dict[str, int] = {}
         self.state = SystemState.STOPPED
         self.last_error: str | None = None
@@ -309,6 +314,36 @@ class App:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.health().to_dict(), default=str))
         os.replace(tmp, path)
+        self._write_previews()
+
+    def _write_previews(self) -> None:
+        """The latest frame of each pipeline as a small JPEG beside the snapshot
+        (``<run>/apps/<app>/<pipeline>.jpg``), for dashboards in other processes."""
+        folder = preview_dir(self.settings, self.name)
+        for name, pipeline in self.pipelines.items():
+            frame = pipeline.latest_frame
+            if frame is None or frame is self._previewed.get(name):
+                continue
+            self._previewed[name] = frame
+            image: Any = frame.image
+            if image.shape[1] > 640:
+                height = max(2, round(image.shape[0] * 640 / image.shape[1]))
+                image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
+            try:
+                data = encode_jpeg(image, 80)
+            except FramepipeError as exc:
+                self.log.warning("preview of %s not written: %s", name, exc)
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{name}.jpg"
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+
+
+def preview_dir(settings: Settings, app: str) -> Path:
+    """Where an app writes its pipelines' latest-frame previews."""
+    return settings.run_dir / "apps" / app
 
 
 def read_snapshots(settings: Settings) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from framepipe import __version__
+from framepipe.app import preview_dir, read_snapshots
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
@@ -41,6 +42,7 @@ from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution, list_events, list_executions
+from framepipe.logs import get_logger
 from framepipe.server.feed import EventFeed
 
 try:
@@ -54,12 +56,36 @@ try:
         WebSocket,
         WebSocketDisconnect,
     )
+    from fastapi import (
+        Path as Path_,
+    )
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
 __all__ = ["create_app"]
+
+_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # an app or pipeline name; never '..'
+
+_log = get_logger("server")
+
+
+async def _open_registry(settings: Settings) -> Any:
+    """A processor registry on the broker's Redis, or None (no Redis broker, or down)."""
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    try:
+        from framepipe.processors.registry import ProcessorRegistry
+
+        registry = ProcessorRegistry(settings.broker_url, f"{settings.broker_namespace}:",
+                                     connect_retries=0)
+        await registry.start()
+    except Exception as exc:
+        _log.warning("processors are not listed: the registry on %s did not start (%s)",
+                     settings.broker_url, exc)
+        return None
+    return registry
 
 
 class SubmitBody(BaseModel):
@@ -114,10 +140,14 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         await engine.start()
         feed = EventFeed(st)
         await feed.start()
-        state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time())
+        registry = await _open_registry(settings)
+        state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
+                     registry=registry)
         try:
             yield
         finally:
+            if registry is not None:
+                await registry.stop()
             await feed.stop()
             await engine.stop()
             if objects is None:
@@ -278,6 +308,51 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             except WebSocketDisconnect:
                 return
         await websocket.close()
+
+    # -- sources and processors -------------------------------------------------------------
+
+    @api.get("/sources", tags=["sources"])
+    async def sources_list() -> list[dict[str, Any]]:
+        """Sources of the live apps of this home (from their health snapshots)."""
+        snapshots = await asyncio.to_thread(read_snapshots, settings)
+        out = []
+        for snap in snapshots:
+            for name, status in snap.get("pipeline_status", {}).items():
+                src = status.get("source") or {}
+                uptime = src.get("uptime") or 0.0
+                has_frame = (preview_dir(settings, snap["name"]) / f"{name}.jpg").is_file()
+                out.append({
+                    "app": snap["name"], "pipeline": name,
+                    "source": status.get("source_description", ""),
+                    "state": "dead" if snap["state"] == "dead" else status.get("state"),
+                    "fps": (src.get("frames", 0) / uptime) if uptime else None,
+                    "frames": status.get("frames_captured", 0),
+                    "restarts": src.get("restarts", 0), "last_error": status.get("last_error"),
+                    "frame_url": f"/api/sources/{snap['name']}/{name}/frame" if has_frame
+                    else None})
+        return out
+
+    @api.get("/sources/{app_name}/{pipeline}/frame", tags=["sources"],
+             responses={200: {"content": {"image/jpeg": {}}}})
+    async def sources_frame(
+            app_name: Annotated[str, Path_(pattern=_NAME)],
+            pipeline: Annotated[str, Path_(pattern=_NAME)]) -> Response:
+        """The latest frame of a source, as a JPEG (at most 640 pixels wide)."""
+        path = preview_dir(settings, app_name) / f"{pipeline}.jpg"
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise HTTPException(404, f"no frame of {app_name}/{pipeline} yet") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @api.get("/processors", tags=["processors"])
+    async def processors_list() -> list[dict[str, Any]]:
+        """Processors registered on the broker's Redis, with capacity and health."""
+        registry = state.get("registry")
+        if registry is None:
+            return []
+        return [p.to_dict() | {"healthy": p.state == "ready" and p.circuit == "closed"}
+                for p in registry.processors(include_departed=False)]
 
     # -- objects ------------------------------------------------------------------------------
 

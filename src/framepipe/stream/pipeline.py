@@ -81,6 +81,8 @@ class StreamPipeline:
         self.last_error: str | None = None
         self.started_at: float | None = None
         self.frames_captured = 0
+        self.latest_frame: Frame | None = None
+        """The last frame captured (for previews; the pipeline keeps no other reference)."""
         self.frames_out = 0
         self.segments_completed = 0
         self.open_segment: Segment | None = None
@@ -286,6 +288,7 @@ class StreamPipeline:
         async for frame in frames:
             ctx.alive()
             self.frames_captured += 1
+            self.latest_frame = frame
             if self.state is not HealthState.RUNNING:
                 self.state = HealthState.RUNNING
             if len(first) < first.maxsize or first.overflow != "block":
