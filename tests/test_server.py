@@ -129,6 +129,10 @@ def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
         assert steps["count"]["status"] == "completed"
         assert failed["data"] == {"counted": 3}
 
+        while_failed = client.get("/metrics").text
+        assert 'framepipe_step_failures{pipeline="svc_demo",step="gate"} 1.0' in while_failed
+        assert 'framepipe_executions{pipeline="svc_demo",status="failed"} 1.0' in while_failed
+
         gate.touch()
         retried = client.post(f"/api/executions/{execution_id[:8]}/retry")
         assert retried.status_code == 202, retried.text
@@ -140,6 +144,14 @@ def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
         again = client.post(f"/api/executions/{execution_id}/retry")
         assert again.status_code == 409
         assert "has completed; nothing to retry" in again.json()["detail"]
+
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        text = metrics.text
+        assert 'framepipe_executions{pipeline="svc_demo",status="completed"} 1.0' in text
+        assert 'framepipe_step_duration_seconds_count{pipeline="svc_demo",step="count"} 1.0' in text
+        assert 'framepipe_steps{pipeline="svc_demo",status="completed",step="gate"} 1.0' in text
 
         listed = client.get("/api/executions").json()
         assert [(e["id"], e["steps_done"], e["steps_total"]) for e in listed] == [

@@ -309,6 +309,23 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                 return
         await websocket.close()
 
+    # -- metrics -----------------------------------------------------------------------------
+
+    @app.get("/metrics", tags=["health"], dependencies=[Depends(check_token)],
+             responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        """Prometheus text: executions and steps by status, step run times, failures and
+        crashes, workers, and the job broker's backlog."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from framepipe.server.metrics import jobs_registry
+
+        registry = state.get("metrics")
+        if registry is None:
+            registry = state["metrics"] = jobs_registry(_store(), settings)
+        body = await asyncio.to_thread(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     # -- sources and processors -------------------------------------------------------------
 
     @api.get("/sources", tags=["sources"])
