@@ -264,7 +264,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
     @api.get("/events", tags=["events"])
     async def events_page(
             execution_id: Annotated[str | None, Query(max_length=64)] = None,
-            after: Annotated[int, Query(ge=0)] = 0,
+            after: Annotated[int, Query(ge=0, le=2**62)] = 0,
             limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
         """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
         rows = await asyncio.to_thread(lambda: list_events(
