@@ -48,7 +48,12 @@ from framepipe.errors import (
     RemoteProcessingError,
 )
 from framepipe.frames import Frame, encode_jpeg
-from framepipe.processors import ProcessorClient, ProcessorRegistry, RemoteProcessor
+from framepipe.processors import (
+    ProcessorClient,
+    ProcessorRegistry,
+    ProcessorResult,
+    RemoteProcessor,
+)
 from framepipe.sources import PatternSource
 from framepipe.stream import Sink, Stage, StreamPipeline
 
@@ -326,6 +331,43 @@ def test_reply_stream_is_trimmed_once_read(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_process_frame_runs_in_the_frames_trace_context(ns: str) -> None:
+    otel_trace = pytest.importorskip("opentelemetry.trace")
+    propagate = pytest.importorskip("opentelemetry.propagate")
+
+    class Traced(ProcessorClient):
+        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any]:
+            context = otel_trace.get_current_span().get_span_context()
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # what the service would pass on to the next hop
+            return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}",
+                    "remote": context.is_remote, "sampled": context.trace_flags.sampled,
+                    "injected": carrier.get("traceparent", "")}
+
+    async def main() -> None:
+        traced = Traced("traced", ["face_detection"], result_stream=f"{ns}faces:detected",
+                        redis_url=REDIS_URL, namespace=ns)
+        async with serving(traced), ProcessorRegistry(REDIS_URL, ns) as registry:
+            jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+            for flags in ("01", "00"):
+                trace = f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"
+                result = (await registry.call({"image_data": jpeg, "trace_context": trace},
+                                              "face_detection")).check()
+                assert result.data == {
+                    "trace_id": "0af7651916cd43dd8448eb211c80319c",
+                    "span_id": "b7ad6b7169203331", "remote": True, "sampled": flags == "01",
+                    "injected": trace}
+            # an all-zero trace id is not a trace: process_frame runs without one
+            bad = "00-00000000000000000000000000000000-b7ad6b7169203331-01"
+            result = (await registry.call({"image_data": jpeg, "trace_context": bad},
+                                          "face_detection")).check()
+            assert result.data is not None and result.data["trace_id"] == "0" * 32
+            # and the context does not leak into the next frame
+            assert otel_trace.get_current_span().get_span_context().trace_id == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_capacity_is_never_exceeded(ns: str) -> None:
     async def main() -> None:
         detector = Detector("cap-2", ["face_detection"], ns, capacity=2, delay=0.05)
@@ -591,7 +633,8 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
 class PrivateRedis:
     """A redis-server of the test's own on a free port, without persistence."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, password: str | None = None,
+                 unixsocket: Path | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             service_missing("redis-server", FileNotFoundError("redis-server is not on PATH"))
@@ -599,13 +642,17 @@ class PrivateRedis:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.extra = ["--requirepass", password] if password else []
+        if unixsocket is not None:
+            self.extra += ["--unixsocket", str(unixsocket), "--unixsocketperm", "700"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
@@ -674,6 +721,96 @@ def test_client_and_registry_reconnect_after_a_redis_restart(private_redis: Priv
         assert detector.processed == 7
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+async def calls_through(url: str, ns: str, n: int = 6) -> list[ProcessorResult]:
+    """``n`` concurrent calls to an in-process Detector (capacity 2) over ``url``, then one
+    more after Redis forgot its scripts (SCRIPT FLUSH: they are sent again)."""
+    detector = Detector("face-1", ["face_detection"], ns, url=url)
+    async with serving(detector), ProcessorRegistry(url, ns) as registry:
+        results = list(await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
+                                              for i in range(n))))
+        client = redis_sync.Redis.from_url(url)
+        client.script_flush()
+        client.close()
+        results.append(await registry.call(make_frame(n), "face_detection"))
+        assert detector.peak <= 2
+        assert registry._routes is not None and registry._replies is not None
+        wires = {registry._routes.lean, registry._replies.lean}
+        assert detector._reads is not None and detector._writes is not None
+        wires |= {detector._reads.lean, detector._writes.lean}
+        assert len(wires) == 1, "all four hot-path connections of one kind"
+    return results
+
+
+def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "r.sock"
+    server = PrivateRedis(tmp_path, password="s3cret", unixsocket=sock)
+    server.start()
+    try:
+        for url, db in ((f"redis://:s3cret@127.0.0.1:{server.port}/3", 3),
+                        (f"unix://:s3cret@{sock}?db=5", 5)):
+            ns = f"fptest:{uuid.uuid4().hex[:10]}:"
+            results = asyncio.run(asyncio.wait_for(calls_through(url, ns), 60))
+            assert [r.ok for r in results] == [True] * 7
+            assert [r.data["seq"] for r in results if r.data] == list(range(7))
+            client = redis_sync.Redis(port=server.port, password="s3cret", db=db)
+            assert client.xlen(f"{ns}faces:detected") == 7  # in the URL's database
+            client.close()
+    finally:
+        server.stop()
+
+
+def test_hot_path_runs_on_redis_py_without_hiredis(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from framepipe.processors import client as client_module
+
+    monkeypatch.setattr(client_module, "_hiredis", None)
+    server = PrivateRedis(tmp_path, password="s3cret")
+    server.start()
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
+        results = asyncio.run(asyncio.wait_for(calls_through(url, "fptest:py:"), 60))
+        assert [r.ok for r in results] == [True] * 7
+        ids = [r.frame_id for r in results]
+        assert len(set(ids)) == 7
+    finally:
+        server.stop()
+
+
+def test_hot_path_connection_times_out_on_a_silent_server() -> None:
+    from framepipe.processors.client import Wire, connect
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # reads nothing, answers nothing
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        redis = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2)
+        wire = Wire(redis)
+        assert wire.lean
+        try:
+            with pytest.raises(redis_sync.TimeoutError):
+                await wire.execute("PING")
+            with pytest.raises(redis_sync.TimeoutError):  # a blocking read: block + timeout
+                await wire.execute("XREAD", "BLOCK", 100, "STREAMS", "s", "0", block=0.1)
+            with pytest.raises(redis_sync.TimeoutError):  # a new connection each time
+                await wire.execute_many([("PING",), ("PING",)])
+            assert len(accepted) == 3
+        finally:
+            await wire.close()
+            with pytest.raises(redis_sync.ConnectionError):
+                await wire.execute("PING")  # closed for good
+            await redis.aclose()
+            server.close()
+            for writer in accepted:
+                writer.close()
+            await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_unreachable_redis_at_start_is_a_clear_error() -> None:

@@ -10,8 +10,8 @@ Guarantees:
 
 * At most ``capacity`` frames are inside ``process_frame`` at any moment (XREADGROUP asks for
   no more than the free capacity).
-* A frame entry is acknowledged only after its result was published, in one MULTI/EXEC with the
-  acknowledgement, to ``result_stream`` and to the router's reply stream. A frame whose handling
+* A frame entry is acknowledged only after its result was published, in one Lua script with
+  the acknowledgement, to ``result_stream`` and to the router's reply stream. A frame whose handling
   is interrupted (the process killed, Redis lost for good, the shutdown timeout) stays pending in
   the processor's stream; the :class:`~framepipe.processors.registry.ProcessorRegistry`
   re-routes it to another processor. Delivery is at least once.
@@ -42,6 +42,11 @@ is accepted) and, from the router, ``capability``, ``reply_to``, ``attempt``. Re
 Keys (``namespace`` default ``framepipe:``): ``<ns>processors`` (set of ids),
 ``<ns>proc:<id>`` (hash), ``<ns>proc:<id>:frames`` (the processor's stream, consumer group
 ``processors``); result streams are named by the processor, without the namespace.
+
+Connections: the hot path of a frame (the processor's blocking ``XREADGROUP``, its publish
+script, the router's route script and its blocking read of the replies) runs on
+:class:`Wire` connections, one per path, which speak RESP2 through hiredis without redis-py's
+per-command machinery; registration, heartbeats and the registry's health watch use redis-py.
 """
 
 from __future__ import annotations
@@ -50,18 +55,20 @@ import abc
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import functools
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -74,11 +81,17 @@ try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("redis", "redis", "Remote processors") from _exc
+
+_hiredis: Any
+try:
+    import hiredis as _hiredis
+except ImportError:  # pragma: no cover - part of the redis extra; Wire falls back to redis-py
+    _hiredis = None
 
 if TYPE_CHECKING:
     import numpy as np
@@ -148,20 +161,12 @@ class Keys:
 # -- Lua: atomic checks shared by the client and the registry ---------------------------------
 
 class Script:
-    """A Lua script run by its SHA1 (``EVALSHA``), loaded again when Redis lost it."""
+    """A Lua script run by its SHA1 (``EVALSHA``, see :meth:`Wire.run`), sent as text again
+    when Redis lost it."""
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-
-async def run_script(redis: aioredis.Redis, script: Script, *args: Any, keys: int) -> Any:
-    """``EVALSHA`` ``script`` with ``keys`` keys then the other arguments; ``EVAL`` (which
-    caches it again) when Redis does not know it (a restart, ``SCRIPT FLUSH``)."""
-    try:
-        return await redis.evalsha(script.sha, keys, *args)
-    except NoScriptError:
-        return await redis.eval(script.text, keys, *args)
 
 
 HEARTBEAT_LUA = """
@@ -233,16 +238,18 @@ heartbeat arrived meanwhile."""
 # -- trace context ------------------------------------------------------------------------------
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_otel_modules: tuple[Any, Any] | Literal[False] | None = False
+_otel_modules: tuple[Any, Any, Any] | Literal[False] | None = False
 
 
-def _otel() -> tuple[Any, Any] | None:
-    """``(opentelemetry.propagate, opentelemetry.context)`` when installed, else None."""
+def _otel() -> tuple[Any, Any, Any] | None:
+    """``(opentelemetry.propagate, opentelemetry.context, opentelemetry.trace)`` when
+    installed, else None."""
     global _otel_modules  # noqa: PLW0603 - a once-only import cache
     if _otel_modules is False:
         try:
             _otel_modules = (importlib.import_module("opentelemetry.propagate"),
-                             importlib.import_module("opentelemetry.context"))
+                             importlib.import_module("opentelemetry.context"),
+                             importlib.import_module("opentelemetry.trace"))
         except ImportError:
             _otel_modules = None
     return _otel_modules
@@ -278,17 +285,30 @@ def parse_traceparent(value: bytes | str | None) -> str | None:
     return text if _TRACEPARENT.match(text) else None
 
 
-@contextlib.contextmanager
-def _trace_scope(traceparent: str | None) -> Iterator[None]:
-    """Make ``traceparent`` the current OpenTelemetry context (when OpenTelemetry is there)."""
+def _attach_trace(traceparent: str | None) -> object | None:
+    """Make ``traceparent`` (a valid W3C traceparent, or None) the current OpenTelemetry
+    context when OpenTelemetry is installed: its span context, remote, as the W3C
+    propagator's ``extract`` gives it (built directly: a third of the cost). Returns the
+    token for :func:`_detach_trace`, or None."""
+    if traceparent is None:
+        return None
     otel = _otel()
-    if otel is None or traceparent is None:
-        yield
-        return
-    token = otel[1].attach(otel[0].extract({"traceparent": traceparent}))
-    try:
-        yield
-    finally:
+    if otel is None:
+        return None
+    trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+    if not trace_id or not span_id or traceparent.startswith("ff"):
+        return None  # invalid: extract() would give no context either
+    api = otel[2]
+    span = api.NonRecordingSpan(api.SpanContext(
+        trace_id=trace_id, span_id=span_id, is_remote=True,
+        trace_flags=api.TraceFlags(int(traceparent[53:55], 16))))
+    return cast(object, otel[1].attach(api.set_span_in_context(span)))
+
+
+def _detach_trace(token: object | None) -> None:
+    if token is not None:
+        otel = _otel()
+        assert otel is not None
         otel[1].detach(token)
 
 
@@ -368,6 +388,321 @@ async def ping_with_retries(client: aioredis.Redis, url: str, *, retries: int,
                     f"{what}: cannot reach Redis at {safe_url(url)} after {attempt} attempts: "
                     f"{type(exc).__name__}: {exc}", url=safe_url(url)) from exc
             await asyncio.sleep(backoff.delay(attempt))
+
+
+# -- the hot path's own connections -------------------------------------------------------------
+
+
+_BIG = 4096
+
+
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP. hiredis packs small commands fastest, but copies a large value
+    byte by byte (about 100 us for an 80 KB JPEG): those are joined here, in one copy."""
+    for arg in args:
+        if type(arg) is bytes and len(arg) > _BIG:
+            break
+    else:
+        return cast(bytes, _hiredis.pack_command(tuple(args)))
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        kind = type(arg)
+        data = (arg if kind is bytes else arg.encode() if kind is str
+                else str(arg).encode() if kind is int or kind is float else bytes(arg))
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    return type(error)(*error.args)
+
+
+class _Resp(asyncio.Protocol):
+    """One Redis connection speaking RESP2 through hiredis. Requests are written at once
+    (so concurrent ones pipeline by themselves) and each reply resolves the oldest waiting
+    future, directly from ``data_received``: no reader task, no lock, no pool."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.reader = _hiredis.Reader(replyError=ResponseError)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = (
+            collections.deque())
+        self.transport: asyncio.Transport | None = None
+        self.error: BaseException | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            try:
+                reply = reader.gets()
+            except Exception as exc:  # hiredis.ProtocolError
+                self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not waiting:
+                self.fail(RedisConnectionError("a reply from Redis that nothing asked for"))
+                return
+            future = waiting.popleft()[0]
+            if not future.done():  # done: its caller was cancelled; the reply is dropped
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Connection to Redis lost: {exc}" if exc is not None
+                                       else "Connection closed by Redis."))
+
+    def request(self, payload: bytes, count: int,
+                limit: float | None) -> list[asyncio.Future[Any]]:
+        """Write ``payload`` (``count`` packed commands); a future per reply. ``limit``:
+        seconds for all of them to be answered, else the connection is dropped."""
+        if self.error is not None:
+            raise _copy_error(self.error)
+        assert self.transport is not None
+        futures = [self.loop.create_future() for _ in range(count)]
+        deadline = math.inf if limit is None else self.loop.time() + limit
+        self.waiting.extend((future, deadline) for future in futures)
+        self.transport.write(payload)
+        if self.watchdog is None:
+            self._arm()
+        return futures
+
+    def _arm(self) -> None:
+        deadline = self.waiting[0][1] if self.waiting else math.inf
+        if deadline != math.inf:
+            self.watchdog = self.loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        """The oldest request's deadline (replies come in order: if it has no reply, Redis
+        or the network is stuck)."""
+        self.watchdog = None
+        if self.waiting and self.waiting[0][1] <= self.loop.time():
+            self.fail(RedisTimeoutError("Timeout reading from Redis"))
+        else:
+            self._arm()
+
+    def fail(self, error: BaseException) -> None:
+        """Close the connection; every waiting request gets ``error``."""
+        if self.error is None:
+            self.error = error
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.waiting:
+            future = self.waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(_copy_error(error))
+
+
+class Wire:
+    """A Redis connection of its own for one hot path (routing, results, a processor's
+    stream): commands go out pipelined and come back as raw RESP2 replies (bytes, ints,
+    nested lists, None) without redis-py's per-command machinery (pool, retry wrapper,
+    response callbacks, pure-Python command packing), which costs about three times the CPU
+    of the command itself. Error replies raise :class:`ResponseError`; a lost connection
+    raises redis-py's ``ConnectionError`` (``TimeoutError`` after ``socket_timeout``) and the
+    next command connects again. Opened from a redis-py client's settings (host and port or
+    Unix socket, username, password, db); with TLS, a custom connection class or a
+    credential provider, or without ``hiredis``, the same interface runs on a redis-py
+    connection of its own."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        pool = client.connection_pool
+        self._kwargs: dict[str, Any] = dict(pool.connection_kwargs)
+        self._class: type[Any] = pool.connection_class
+        timeout = self._kwargs.get("socket_timeout")
+        self._timeout: float | None = float(timeout) if timeout else None
+        self._connect_timeout = float(self._kwargs.get("socket_connect_timeout") or 10.0)
+        self.lean = (_hiredis is not None
+                     and self._class in (aioredis.Connection,
+                                         aioredis.UnixDomainSocketConnection)
+                     and self._kwargs.get("credential_provider") is None)
+        self._proto: _Resp | None = None
+        self._conn: Any = None  # the redis-py connection when not lean
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def _limit(self, block: float) -> float | None:
+        return None if self._timeout is None else self._timeout + block
+
+    async def execute(self, *args: Any, block: float = 0.0) -> Any:
+        """One command's reply. ``block``: seconds it may block in Redis (XREAD BLOCK)."""
+        proto = self._proto
+        if proto is None or proto.error is not None:
+            if not self.lean:
+                [reply] = await self._execute_py([args], block)
+                if isinstance(reply, ResponseError):
+                    raise reply
+                return reply
+            proto = await self._open()
+        reply = await proto.request(_pack(args), 1, self._limit(block))[0]
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def execute_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Pipelined commands; their replies in order, error replies as ResponseError."""
+        if not commands:
+            return []
+        if not self.lean:
+            return await self._execute_py(commands, 0.0)
+        proto = self._proto
+        if proto is None or proto.error is not None:
+            proto = await self._open()
+        payload = (_pack(commands[0]) if len(commands) == 1
+                   else b"".join([_pack(c) for c in commands]))
+        futures = proto.request(payload, len(commands), self._limit(0.0))
+        try:
+            await futures[-1]  # answered in order: the last one done, all are
+        except BaseException:
+            for future in futures:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: one error raised for all
+                else:
+                    future.cancel()
+            raise
+        return [future.result() for future in futures]
+
+    async def run(self, script: Script, *args: Any, keys: int) -> Any:
+        """``EVALSHA`` ``script``; ``EVAL`` (which caches it again) when Redis lost it."""
+        try:
+            return await self.execute("EVALSHA", script.sha, keys, *args)
+        except ResponseError as exc:
+            if not _is_noscript(exc):
+                raise
+        return await self.execute("EVAL", script.text, keys, *args)
+
+    async def run_many(self, script: Script, calls: Sequence[Sequence[Any]], *,
+                       keys: int) -> list[Any]:
+        """:meth:`run` for each argument list, pipelined; replies or ResponseErrors."""
+        replies = await self.execute_many([("EVALSHA", script.sha, keys, *c) for c in calls])
+        lost = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        if lost:
+            again = await self.execute_many([("EVAL", script.text, keys, *calls[i])
+                                             for i in lost])
+            for index, reply in zip(lost, again, strict=True):
+                replies[index] = reply
+        return replies
+
+    async def close(self) -> None:
+        """Close the connection; waiting commands fail, later ones raise ConnectionError."""
+        self._closed = True
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            proto.fail(RedisConnectionError("Connection closed by framepipe."))
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    def _where(self) -> str:
+        kw = self._kwargs
+        return str(kw["path"]) if "path" in kw else f"{kw.get('host', 'localhost')}:" \
+            f"{kw.get('port', 6379)}"
+
+    async def _open(self) -> _Resp:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._closed:
+                raise RedisConnectionError("Connection closed by framepipe.")
+            proto = self._proto
+            if proto is not None and proto.error is None:
+                return proto
+            loop = asyncio.get_running_loop()
+            kw = self._kwargs
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    if "path" in kw:
+                        _, proto = await loop.create_unix_connection(
+                            lambda: _Resp(loop), kw["path"])
+                    else:
+                        _, proto = await loop.create_connection(
+                            lambda: _Resp(loop), kw.get("host") or "localhost",
+                            int(kw.get("port") or 6379))
+            except TimeoutError as exc:
+                raise RedisTimeoutError(f"Timeout connecting to {self._where()}") from exc
+            except OSError as exc:
+                raise RedisConnectionError(
+                    f"Error connecting to {self._where()}: {exc}") from exc
+            hello: list[tuple[Any, ...]] = []
+            if kw.get("password"):
+                user = kw.get("username")
+                hello.append(("AUTH", user, kw["password"]) if user
+                             else ("AUTH", kw["password"]))
+            if kw.get("db"):
+                hello.append(("SELECT", kw["db"]))
+            if kw.get("client_name"):
+                hello.append(("CLIENT", "SETNAME", kw["client_name"]))
+            if hello:
+                try:
+                    futures = proto.request(b"".join(_pack(c) for c in hello), len(hello),
+                                            self._timeout or self._connect_timeout)
+                    replies = [await future for future in futures]
+                except BaseException:
+                    proto.fail(RedisConnectionError("connection handshake failed"))
+                    raise
+                for command, reply in zip(hello, replies, strict=True):
+                    if isinstance(reply, ResponseError):
+                        proto.fail(RedisConnectionError("connection handshake failed"))
+                        if command[0] == "AUTH":
+                            raise AuthenticationError(str(reply))
+                        raise reply
+            self._proto = proto
+            return proto
+
+    async def _execute_py(self, commands: Sequence[Sequence[Any]], block: float) -> list[Any]:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._closed:
+                raise RedisConnectionError("Connection closed by framepipe.")
+            conn = self._conn
+            if conn is None:  # RESP2: the replies framepipe parses
+                conn = self._conn = self._class(**{**self._kwargs, "protocol": 2})
+            try:
+                await conn.send_packed_command(conn.pack_commands(commands),
+                                               check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response(
+                            disable_decoding=True, timeout=self._limit(block)))
+                    except ResponseError as exc:
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                self._conn = None
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                raise
+
+
+def _is_noscript(reply: Any) -> bool:
+    """An error reply saying Redis does not know the script (redis-py strips the prefix)."""
+    return isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError)
+                                                and str(reply).startswith("NOSCRIPT"))
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, Fields | None]]:
+    """The entries of a raw ``XREAD``/``XREADGROUP`` reply (one or more streams): ``(id,
+    fields)``, fields None for an entry deleted while pending."""
+    out: list[tuple[bytes, Fields | None]] = []
+    for _stream, entries in reply or ():
+        for mid, flat in entries:
+            if flat is None:
+                out.append((mid, None))
+            else:
+                pairs = iter(flat)
+                out.append((mid, dict(zip(pairs, pairs, strict=True))))
+    return out
 
 
 @dataclass
@@ -462,6 +797,8 @@ class ProcessorClient(abc.ABC):
         self._registered = asyncio.Event()
         self._draining_task: asyncio.Task[None] | None = None
         self._slot: asyncio.Future[None] | None = None
+        self._reads: Wire | None = None  # XREADGROUP (blocks)
+        self._writes: Wire | None = None  # publish + acknowledge
         self._running = False
 
     # -- what a subclass implements ---------------------------------------------------------
@@ -572,6 +909,7 @@ class ProcessorClient(abc.ABC):
                 raise RegistryConnectionError(
                     f"{what}: lost Redis at {safe_url(self.redis_url)} while registering: "
                     f"{type(exc).__name__}: {exc}", url=safe_url(self.redis_url)) from exc
+            self._reads, self._writes = Wire(self._redis), Wire(self._redis)
             beat_done = asyncio.Event()
             heartbeat = asyncio.create_task(self._heartbeat_loop(beat_done),
                                             name=f"{self.processor_id}:heartbeat")
@@ -580,6 +918,10 @@ class ProcessorClient(abc.ABC):
             finally:
                 await self._shutdown(heartbeat, beat_done)
         finally:
+            for wire in (self._reads, self._writes):
+                if wire is not None:
+                    await wire.close()
+            self._reads = self._writes = None
             if self._external is None and self._redis is not None:
                 await self._redis.aclose()
                 self._redis = None
@@ -701,9 +1043,11 @@ class ProcessorClient(abc.ABC):
         return backlog
 
     async def _consume(self) -> None:
-        redis = self._require_redis()
+        reads = self._reads
+        assert reads is not None
         loop = asyncio.get_running_loop()
         backlog = await self._recover()
+        block_ms = max(1, int(self.poll_interval * 1000))
         while not self._stopping:
             free = self.capacity - len(self._inflight)
             if free <= 0:  # wait for a frame to finish (or stop())
@@ -719,12 +1063,12 @@ class ProcessorClient(abc.ABC):
                 del backlog[:free]
                 continue
             # stop() marks the processor draining at once; the read ends within poll_interval
-            reply = await redis.xreadgroup(GROUP, self.processor_id, {self.stream: ">"},
-                                           count=free,
-                                           block=max(1, int(self.poll_interval * 1000)))
-            for _stream, entries in cast(list[Any], reply or []):
-                for mid, fields in entries:
-                    self._spawn(mid, fields)
+            reply = await reads.execute(
+                "XREADGROUP", "GROUP", GROUP, self.processor_id, "COUNT", free, "BLOCK",
+                block_ms, "STREAMS", self.stream, ">", block=self.poll_interval)
+            if reply:
+                for mid, entry in stream_entries(reply):
+                    self._spawn(mid, entry)
 
     def _spawn(self, mid: bytes, fields: Fields | None) -> None:
         if fields is None:  # deleted while pending
@@ -772,19 +1116,24 @@ class ProcessorClient(abc.ABC):
         return data
 
     async def _run_user(self, data: Fields, traceparent: str | None) -> _Outcome:
-        deadline = asyncio.timeout(self.frame_timeout)
+        deadline = None if self.frame_timeout is None else asyncio.timeout(self.frame_timeout)
+        token = _attach_trace(traceparent)
         try:
-            with _trace_scope(traceparent):
+            if deadline is None:
+                result = await self.process_frame(data)
+            else:
                 async with deadline:
                     result = await self.process_frame(data)
         except Exception as exc:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 return _Outcome(False, kind="processor", error=(
                     f"process_frame took longer than frame_timeout={self.frame_timeout:g}s"))
             self.log.warning("process_frame raised for frame %s: %s: %s",
                              _text(data.get(b"frame_id")), type(exc).__name__, exc,
                              exc_info=exc)
             return _Outcome(False, error=f"{type(exc).__name__}: {exc}", kind="processor")
+        finally:
+            _detach_trace(token)
         if result is None:
             return _Outcome(True)
         if not isinstance(result, dict):
@@ -815,6 +1164,9 @@ class ProcessorClient(abc.ABC):
         payload = self._result_fields(mid, fields, outcome, traceparent,
                                       (time.perf_counter() - started) * 1000.0)
         await self._publish(mid, fields, outcome, payload)
+        if self._inflight.get(mid) is asyncio.current_task():  # free the slot now, not
+            del self._inflight[mid]  # a loop turn later in the task's done callback
+            self._wake()
 
     def _result_fields(self, mid: bytes, fields: Fields, outcome: _Outcome,
                        traceparent: str | None, duration_ms: float) -> dict[str, str | bytes]:
@@ -845,10 +1197,12 @@ class ProcessorClient(abc.ABC):
             args += [key, value]
         attempt = 0
         while True:
-            redis = self._require_redis()
+            wire = self._writes
+            if wire is None:
+                raise RuntimeError(f"processor {self.processor_id!r} is not running")
             try:
-                acked = await run_script(redis, PUBLISH, self.stream, self.result_stream,
-                                         reply_to or self.stream, *args, keys=3)
+                acked = await wire.run(PUBLISH, self.stream, self.result_stream,
+                                       reply_to or self.stream, *args, keys=3)
             except REDIS_DOWN as exc:
                 attempt += 1
                 delay = self.backoff.delay(attempt)

@@ -11,8 +11,9 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
 * Among the ``ready`` processors offering the capability, whose circuit breaker lets frames
   through and that have free capacity (``capacity`` minus the frames this registry routed to
   them and has no result for yet), the least loaded one gets the frame, by one atomic Lua
-  ``XADD`` to its dedicated stream that only succeeds while it is ``ready``. Concurrent routes
-  are written in one pipeline per event-loop turn; ``route_many`` pipelines its batch.
+  ``XADD`` to its dedicated stream that only succeeds while it is ``ready`` (the script runs
+  by its SHA). Routes go out at once on the registry's own connection to Redis, so concurrent
+  ones are pipelined; ``route_many`` writes its batch in one go.
 * No live processor offers the capability: :class:`~framepipe.errors.NoProcessorError` at once,
   naming the capability and those on offer. Every processor offering it has its breaker open:
   :class:`~framepipe.errors.CircuitOpenError` at once. All busy: the route **waits** for free
@@ -37,7 +38,9 @@ Health (a background task every ``poll_interval``):
   processor raised, returned a bad result, or gave no result within the timeout; malformed
   input does not count) it is ``open`` and gets no frame for ``circuit_reset`` seconds, then
   ``half_open``: one trial frame; success closes it, failure opens it again.
-* Results arrive on the registry's reply stream and resolve the awaiting :meth:`call` (and
+* Results arrive on the registry's reply stream (read by one blocking ``XREAD`` loop on a
+  connection of its own; the health watch trims the entries read, ``MAXLEN ~ 10000`` bounds
+  it meanwhile) and resolve the awaiting :meth:`call` (and
   :class:`~framepipe.processors.remote.RemoteProcessor`) by ``frame_id``; a result that does not
   come within ``result_timeout`` (or the call's timeout) fails the call with
   :class:`~framepipe.errors.ResultTimeoutError`.
@@ -61,7 +64,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import redis.asyncio as aioredis  # the client module gave the fix-it message if missing
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
@@ -85,11 +88,13 @@ from framepipe.processors.client import (
     ROUTE,
     Keys,
     ProcessorState,
+    Wire,
     connect,
     new_traceparent,
     parse_traceparent,
     ping_with_retries,
     safe_url,
+    stream_entries,
 )
 
 __all__ = [
@@ -144,10 +149,13 @@ def _entry_fields(item: Mapping[Any, Any]) -> dict[str, bytes | str]:
     """A user's entry dict as stream fields; fills ``frame_id`` and ``trace_context``."""
     out: dict[str, bytes | str] = {}
     for key, value in item.items():
-        name = _text(key)
-        if value is None:
+        name = key if type(key) is str else _text(key)
+        kind = type(value)
+        if kind is bytes or kind is str:
+            out[name] = value
+        elif value is None:
             continue
-        if isinstance(value, bytes | str):
+        elif isinstance(value, bytes | str):
             out[name] = value
         elif isinstance(value, bool):
             out[name] = "1" if value else "0"
@@ -188,18 +196,21 @@ class ProcessorResult:
         """Parse a result entry (raises ValueError when it is not one)."""
         if b"frame_id" not in fields or b"status" not in fields:
             raise ValueError(f"not a result entry: fields {sorted(fields)}")
-        raw = fields.get(b"result")
-        data = json.loads(raw) if raw else None
-        return cls(frame_id=_text(fields[b"frame_id"]),
-                   processor_id=_text(fields.get(b"processor_id")),
-                   ok=fields[b"status"] == b"ok", data=data,
-                   error=_text(fields.get(b"error")) or None,
-                   error_kind=_text(fields.get(b"error_kind")) or None,
-                   trace_context=_text(fields.get(b"trace_context")),
-                   camera_id=_text(fields.get(b"camera_id")),
-                   capability=_text(fields.get(b"capability")),
-                   duration_ms=float(fields.get(b"duration_ms") or 0.0),
-                   entry_id=_text(fields.get(b"entry_id")))
+        get = fields.get
+        raw = get(b"result")
+        error = get(b"error")
+        kind = get(b"error_kind")
+        return cls(frame_id=fields[b"frame_id"].decode("utf-8", "replace"),
+                   processor_id=get(b"processor_id", b"").decode("utf-8", "replace"),
+                   ok=fields[b"status"] == b"ok",
+                   data=json.loads(raw.decode("utf-8")) if raw else None,
+                   error=error.decode("utf-8", "replace") if error else None,
+                   error_kind=kind.decode("utf-8", "replace") if kind else None,
+                   trace_context=get(b"trace_context", b"").decode("utf-8", "replace"),
+                   camera_id=get(b"camera_id", b"").decode("utf-8", "replace"),
+                   capability=get(b"capability", b"").decode("utf-8", "replace"),
+                   duration_ms=float(get(b"duration_ms") or 0.0),
+                   entry_id=get(b"entry_id", b"").decode("utf-8", "replace"))
 
     def check(self) -> ProcessorResult:
         """This result; :class:`RemoteProcessingError` when it reports an error."""
@@ -273,6 +284,10 @@ class _Proc:
     opened_at: float = 0.0
     trial: str | None = None
     last_routed: float = 0.0
+    hash_key: str = ""
+
+    def __post_init__(self) -> None:
+        self.hash_key = self.keys.proc(self.id)
 
     def update(self, h: Mapping[bytes, bytes], now: float) -> None:
         try:
@@ -334,7 +349,6 @@ class _Track:
     message_id: str = ""
 
 
-_Outbox = list[tuple[_Proc, dict[str, bytes | str], asyncio.Future[Any]]]
 
 
 class ProcessorRegistry:
@@ -377,9 +391,10 @@ class ProcessorRegistry:
         self._departed: collections.OrderedDict[str, ProcessorInfo] = collections.OrderedDict()
         self._routed: dict[str, _Track] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._outbox: _Outbox = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._routes: Wire | None = None  # route scripts, pipelined
+        self._replies: Wire | None = None  # the blocking read of the reply stream
         self._pulse = asyncio.Event()
+        self._pulse_waiters = 0
         self._failed: BaseException | None = None
         self._closed = False
         self._waiting_logged: set[str] = set()
@@ -403,6 +418,7 @@ class ProcessorRegistry:
             await redis.aclose()
             raise
         self._redis = redis
+        self._routes, self._replies = Wire(redis), Wire(redis)
         await self.refresh()
         for coro, name in ((self._reply_loop(), "replies"), (self._watch_loop(), "watch")):
             task = asyncio.create_task(coro, name=f"registry-{self.registry_id}:{name}")
@@ -426,8 +442,10 @@ class ProcessorRegistry:
             for task in stuck:
                 self.log.warning("registry task %s did not stop within 5s", task.get_name())
         self._tasks = []
-        if self._flusher is not None:
-            await asyncio.wait({self._flusher}, timeout=5.0)
+        for wire in (self._routes, self._replies):
+            if wire is not None:
+                await wire.close()
+        self._routes = self._replies = None
         for track in list(self._routed.values()):
             if track.future is not None and not track.future.done():
                 track.future.set_exception(ProcessorRegistryError(
@@ -484,12 +502,17 @@ class ProcessorRegistry:
             f"{type(exc).__name__}: {exc}", url=safe_url(self.redis_url))
 
     def _notify(self) -> None:
-        self._pulse.set()
-        self._pulse = asyncio.Event()
+        if self._pulse_waiters:  # a fresh Event per change only when a route waits on it
+            self._pulse.set()
+            self._pulse = asyncio.Event()
 
     async def _wait_change(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._pulse.wait(), seconds)
+        self._pulse_waiters += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pulse.wait(), seconds)
+        finally:
+            self._pulse_waiters -= 1
 
     # -- the view of the processors -----------------------------------------------------------
 
@@ -670,9 +693,14 @@ class ProcessorRegistry:
                         wait: float | None, want_futures: bool, quality: int) -> list[_Track]:
         """Route ``items`` as capacity allows; every reservation is either sent or released."""
         self._require()
-        entries = [await self._fields(item, quality) for item in items]
-        counts = collections.Counter(_text(e["frame_id"]) for e in entries)
-        clash = sorted(i for i, n in counts.items() if n > 1 or i in self._routed)
+        entries = [_entry_fields(item) if isinstance(item, Mapping)
+                   else await self._fields(item, quality) for item in items]
+        if len(entries) == 1:
+            frame_id = _text(entries[0]["frame_id"])
+            clash = [frame_id] if frame_id in self._routed else []
+        else:
+            counts = collections.Counter(_text(e["frame_id"]) for e in entries)
+            clash = sorted(i for i, n in counts.items() if n > 1 or i in self._routed)
         if clash:
             raise ValueError(f"frame ids must be unique among the frames in flight: {clash}")
         limit = self.route_timeout if wait is None else wait
@@ -732,61 +760,23 @@ class ProcessorRegistry:
         return [t for t in done if t is not None]
 
     async def _send(self, items: list[tuple[_Proc, dict[str, bytes | str]]]) -> list[Any]:
-        """XADD each entry to its processor's stream (Lua, only while ready); concurrent
-        callers share one pipeline per loop turn. Results: message id, None or an exception."""
-        loop = asyncio.get_running_loop()
-        futures = []
+        """XADD each entry to its processor's stream (Lua by SHA, only while ready), written
+        at once on the registry's route connection: concurrent routes pipeline by themselves.
+        Results: message id, None (not ready) or an exception."""
+        wire = self._routes
+        if wire is None:
+            self._require()
+            raise ProcessorRegistryError("the registry is not started")
+        calls = []
         for proc, fields in items:
-            future: asyncio.Future[Any] = loop.create_future()
-            self._outbox.append((proc, fields, future))
-            futures.append(future)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-        return list(await asyncio.gather(*futures, return_exceptions=True))
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the routes of this loop turn join the batch
-        while self._outbox:
-            batch, self._outbox = self._outbox, []
-            try:
-                results = await self._write(batch)
-            except BaseException as exc:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, _, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-
-    async def _write(self, batch: _Outbox) -> list[Any]:
-        """One pipeline of route scripts (by SHA; sent again as text where Redis lost it)."""
-        redis = self._require()
-        todo = list(range(len(batch)))
-        results: list[Any] = [None] * len(batch)
-        script = False
-        while todo:
-            async with redis.pipeline(transaction=False) as pipe:
-                for index in todo:
-                    proc, fields, _ = batch[index]
-                    args: list[bytes | str] = []
-                    for key, value in fields.items():
-                        args += [key, value]
-                    if script:
-                        pipe.eval(ROUTE.text, 2, self.keys.proc(proc.id), proc.stream, *args)
-                    else:
-                        pipe.evalsha(ROUTE.sha, 2, self.keys.proc(proc.id), proc.stream, *args)
-                replies = await pipe.execute(raise_on_error=False)
-            for index, reply in zip(todo, replies, strict=True):
-                results[index] = reply
-            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
-            script = True
-        return results
+            args: list[bytes | str] = [proc.hash_key, proc.stream]
+            for pair in fields.items():
+                args += pair
+            calls.append(args)
+        try:
+            return await wire.run_many(ROUTE, calls, keys=2)
+        except Exception as exc:
+            return [exc] * len(items)
 
     async def route(self, item: Routable, capability: str, *, wait: float | None = None,
                     quality: int = 85) -> str:
@@ -818,38 +808,41 @@ class ProcessorRegistry:
         limit = self.result_timeout if timeout is None else timeout
         track.timeout = limit
         future = track.future
+        # on time, _expire fails the future with ResultTimeoutError (no task cancellation)
+        timer = asyncio.get_running_loop().call_later(limit, self._expire, track, limit)
         try:
-            async with asyncio.timeout(limit):
-                return await future
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result()  # came in the same loop turn as the timeout
-            raise self._expire(track, limit) from None
+            return await future
         finally:
+            timer.cancel()
             if not track.future.done():  # cancelled caller: forget the frame's future
                 track.future.cancel()
 
-    def _expire(self, track: _Track, timeout: float) -> ResultTimeoutError:
+    def _expire(self, track: _Track, timeout: float) -> None:
+        if self._routed.get(track.frame_id) is not track:
+            return  # its result came (or the registry stopped) meanwhile
         self._release(track)
         proc = self._procs.get(track.processor_id)
         if proc is not None:
             self._failure(proc, f"no result within {timeout:g}s")
-        error = ResultTimeoutError(frame_id=track.frame_id, capability=track.capability,
-                                   processor_id=track.processor_id, timeout=timeout)
         if track.future is not None and not track.future.done():
-            track.future.set_exception(error)
-        return error
+            track.future.set_exception(ResultTimeoutError(
+                frame_id=track.frame_id, capability=track.capability,
+                processor_id=track.processor_id, timeout=timeout))
 
     # -- results ------------------------------------------------------------------------------
 
     async def _reply_loop(self) -> None:
-        redis = self._require()
+        wire = self._replies
+        assert wire is not None
         last: bytes | str = "0-0"
         failures = 0
         while not self._closed:
             try:
-                reply = await redis.xread({self.reply_stream: last}, count=500, block=1000)
+                reply = await wire.execute("XREAD", "COUNT", 500, "BLOCK", 1000, "STREAMS",
+                                           self.reply_stream, last, block=1.0)
             except REDIS_DOWN as exc:
+                if self._closed:
+                    return
                 failures += 1
                 if failures == 1:
                     self.log.warning("reply stream: Redis at %s unreachable (%s); retrying",
@@ -859,10 +852,11 @@ class ProcessorRegistry:
             if failures:
                 self.log.info("reply stream: Redis reachable again")
                 failures = 0
-            for _stream, entries in cast(list[Any], reply or []):
-                for mid, fields in entries:
+            if reply:
+                for mid, fields in stream_entries(reply):
                     last = self._reply_read = mid
-                    self._on_reply(fields)
+                    if fields is not None:
+                        self._on_reply(fields)
 
     def _on_reply(self, fields: Mapping[bytes, bytes]) -> None:
         try:
