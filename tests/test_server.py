@@ -297,6 +297,46 @@ def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> 
         runner.join(timeout=30)
 
 
+def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> None:
+    app = App("station", settings=settings, health_interval=0.05)
+    one = app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=50),
+                                          stages=[Stage(lambda f: f, name="noop")]))
+    app.add_pipeline(StreamPipeline("station_2", PatternSource("station_2", fps=50),
+                                    stages=[Stage(lambda f: f, name="noop")]))
+
+    def state_of(client: httpx.Client, name: str) -> str:
+        rows = {s["pipeline"]: s for s in client.get("/api/sources").json()}
+        return str(rows[name]["state"]) if name in rows else ""
+
+    def until(what: str, check: Any) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    with Server(settings, apps=[app]) as server, httpx.Client(base_url=server.url,
+                                                              headers=AUTH) as client:
+        until("station_1 to run", lambda: state_of(client, "station_1") == "running")
+        stopped = client.post("/api/sources/station/station_1/stop")
+        assert stopped.status_code == 202
+        assert stopped.json()["state"] == "stopped"
+        until("the snapshot to show it", lambda: state_of(client, "station_1") == "stopped")
+        frames = one.frames_captured
+        time.sleep(0.3)
+        assert one.frames_captured == frames  # stopped for real
+        assert state_of(client, "station_2") == "running"  # the other one is untouched
+        started = client.post("/api/sources/station/station_1/start")
+        assert started.status_code == 202
+        until("frames again", lambda: one.frames_captured > frames + 5)
+        until("station_1 to run", lambda: state_of(client, "station_1") == "running")
+        missing = client.post("/api/sources/station/station_9/stop")
+        assert missing.status_code == 404
+        assert "has no pipeline 'station_9' (it has: station_1, station_2)" in (
+            missing.json()["detail"])
+        assert client.post("/api/sources/elsewhere/x/stop").status_code == 404
+
+
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_app, ["--home", str(tmp_path), "serve", "--host",
                                           "0.0.0.0"], env={"FRAMEPIPE_API_TOKEN": ""})

@@ -94,6 +94,7 @@ class App:
         self.log = get_logger(f"app.{name}")
         self._callbacks: dict[str, list[Callback]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.paused: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
@@ -161,6 +162,26 @@ class App:
         if watcher is not None:
             watcher.cancel()
         await pipeline.stop()
+
+    async def pause(self, name: str) -> None:
+        """Stop one pipeline and keep it (state ``stopped``, not recovered) until
+        :meth:`resume`; the others keep running."""
+        pipeline = self.pipelines[name]
+        self.paused.add(name)
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            watcher.cancel()
+        await pipeline.stop()
+        self.emit("pipeline.paused", {"pipeline": name})
+
+    async def resume(self, name: str) -> None:
+        """Start a paused pipeline again (its source restarts; counters go on)."""
+        pipeline = self.pipelines[name]
+        if name not in self.paused:
+            return
+        self.paused.discard(name)
+        await self._start_one(pipeline)
+        self.emit("pipeline.resumed", {"pipeline": name})
 
     async def _start_one(self, pipeline: StreamPipeline) -> None:
         try:
@@ -269,7 +290,9 @@ class App:
         """State, performance score (mean of the pipelines'), uptime, last error and
         per-pipeline status."""
         statuses = {name: p.health() for name, p in self.pipelines.items()}
-        scores = [s["performance_score"] for s in statuses.values()]
+        for name in self.paused & statuses.keys():
+            statuses[name]["state"] = "stopped"
+        scores = [s["performance_score"] for n, s in statuses.items() if n not in self.paused]
         failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
         state = self.state
         if state is SystemState.RUNNING and failed:

@@ -739,6 +739,10 @@ def serve(
     pipelines: Annotated[list[str] | None, typer.Option(
         "--pipeline", "-p", metavar="FILE.py:NAME",
         help="A pipeline the service may start. Repeatable.")] = None,
+    live: Annotated[list[str] | None, typer.Option(
+        "--app", metavar="FILE.py:NAME",
+        help="A live App (or StreamPipeline) to run inside the service, its sources "
+             "controllable over the API. Repeatable.")] = None,
 ) -> None:
     """Serve the HTTP API and the WebSocket of live events (FRAMEPIPE_API_TOKEN: the bearer
     token, required to bind anything but a loopback address)."""
@@ -756,7 +760,21 @@ def serve(
         from framepipe.server import create_app
 
         loaded = [resolve_pipeline(ref).pipeline for ref in pipelines or []]
-        application = create_app(settings, pipelines=loaded)
+        from framepipe.app import App
+        from framepipe.stream.pipeline import StreamPipeline
+
+        hosted: list[App] = []
+        for ref in live or []:
+            target = resolve_target(ref).target
+            if isinstance(target, StreamPipeline):
+                single = App(target.name, settings=settings)
+                single.add_pipeline(target)
+                target = single
+            if not isinstance(target, App):
+                raise _UsageError(f"--app {ref}: a job pipeline is not a live app (use "
+                                  "--pipeline)")
+            hosted.append(target)
+        application = create_app(settings, pipelines=loaded, apps=hosted)
         import uvicorn
 
         uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower())

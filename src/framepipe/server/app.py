@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from framepipe import __version__
-from framepipe.app import preview_dir, read_snapshots
+from framepipe.app import App, preview_dir, read_snapshots
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
@@ -114,12 +114,14 @@ def _execution(info: ExecutionInfo, *, with_steps: bool) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline] = (),
                token: str | None = None, store: StateStore | None = None,
-               objects: ObjectStore | None = None) -> FastAPI:
+               objects: ObjectStore | None = None, apps: Sequence[App] = ()) -> FastAPI:
     """The service over ``settings``' state store and object store.
 
     ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``) is the
-    bearer token. Executions run in an engine inside the service process, or on workers when
-    the settings say so (``jobs_mode``)."""
+    bearer token. ``apps`` (live apps) run inside the service, which can then stop and start
+    their sources; apps of other processes of this home are listed, not controlled.
+    Executions run in an engine inside the service process, or on workers when the settings
+    say so (``jobs_mode``)."""
     settings = settings or load_settings()
     token = token if token is not None else settings.api_token
     known: dict[str, Pipeline] = {}
@@ -127,6 +129,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         p.validate()
         known[p.name] = p
     state: dict[str, Any] = {}
+    hosted = {a.name: a for a in apps}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -143,9 +146,13 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         registry = await _open_registry(settings)
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
                      registry=registry)
+        for live_app in hosted.values():
+            await live_app.start()
         try:
             yield
         finally:
+            for live_app in hosted.values():
+                await live_app.stop()
             if registry is not None:
                 await registry.stop()
             await feed.stop()
@@ -361,6 +368,37 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         except FileNotFoundError:
             raise HTTPException(404, f"no frame of {app_name}/{pipeline} yet") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def _control(app_name: str, pipeline: str, start: bool) -> dict[str, Any]:
+        live_app = hosted.get(app_name)
+        if live_app is None:
+            known_apps = {snap["name"] for snap in await asyncio.to_thread(read_snapshots,
+                                                                           settings)}
+            if app_name in known_apps:
+                raise HTTPException(409, f"app {app_name!r} runs in another process; only "
+                                         "apps served by this service can be controlled")
+            raise HTTPException(404, f"no app {app_name!r}")
+        if pipeline not in live_app.pipelines:
+            raise HTTPException(404, f"app {app_name!r} has no pipeline {pipeline!r} "
+                                     f"(it has: {', '.join(live_app.pipelines)})")
+        if start:
+            await live_app.resume(pipeline)
+        else:
+            await live_app.pause(pipeline)
+        return {"app": app_name, "pipeline": pipeline,
+                "state": live_app.health().pipeline_status[pipeline]["state"]}
+
+    @api.post("/sources/{app_name}/{pipeline}/stop", status_code=202, tags=["sources"])
+    async def sources_stop(app_name: Annotated[str, Path_(pattern=_NAME)],
+                           pipeline: Annotated[str, Path_(pattern=_NAME)]) -> dict[str, Any]:
+        """Stop a source of an app served here (kept, not recovered, until started)."""
+        return await _control(app_name, pipeline, start=False)
+
+    @api.post("/sources/{app_name}/{pipeline}/start", status_code=202, tags=["sources"])
+    async def sources_start(app_name: Annotated[str, Path_(pattern=_NAME)],
+                            pipeline: Annotated[str, Path_(pattern=_NAME)]) -> dict[str, Any]:
+        """Start a stopped source of an app served here again."""
+        return await _control(app_name, pipeline, start=True)
 
     @api.get("/processors", tags=["processors"])
     async def processors_list() -> list[dict[str, Any]]:
