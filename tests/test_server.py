@@ -335,6 +335,11 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         assert "has no pipeline 'station_9' (it has: station_1, station_2)" in (
             missing.json()["detail"])
         assert client.post("/api/sources/elsewhere/x/stop").status_code == 404
+        events = client.get("/api/events", params={"limit": 1000}).json()["events"]
+        paused = [e for e in events if e["type"] == "pipeline.paused"]
+        assert [e["data"] for e in paused] == [{"app": "station", "pipeline": "station_1"}]
+        assert any(e["type"] == "source.started" and e["data"]["app"] == "station"
+                   for e in events)
 
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ Guarantees:
   422, a state that forbids the call 409, a key escaping the store 400, an upload over the
   limit 413), and nothing is half-created: an execution exists only once it was committed;
 * a WebSocket subscriber gets the current state first (``snapshot``), then every event
-  committed after it, in order; one that falls too far behind is told so (``lagged``) and
+  committed after it, in order (the jobs' events, and those of the live apps served here:
+  segments, sources, pipelines); one that falls too far behind is told so (``lagged``) and
   closed, to reconnect.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -37,11 +39,18 @@ from framepipe.errors import (
     ObjectNotFoundError,
     PipelineDefinitionError,
 )
+from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import get_execution, list_events, list_executions
+from framepipe.jobs.records import (
+    Batch,
+    get_execution,
+    list_events,
+    list_executions,
+    write_batch,
+)
 from framepipe.logs import get_logger
 from framepipe.server.feed import EventFeed
 
@@ -69,6 +78,21 @@ __all__ = ["create_app"]
 _NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # an app or pipeline name; never '..'
 
 _log = get_logger("server")
+
+
+def _recorder(store: StateStore, app_name: str) -> Any:
+    """An App callback storing the app's events (segments, sources, pipelines), so that the
+    event feed, ``/api/events`` and the WebSocket carry them like the jobs' events."""
+
+    async def record(event: str, data: dict[str, Any]) -> None:
+        payload = json.loads(json.dumps({"app": app_name, **data}, default=str))
+        batch = Batch(events=[Event(event, time.time(), None, None, payload)])
+        try:
+            await asyncio.to_thread(write_batch, store, batch)
+        except Exception as exc:  # the database away: the app runs on regardless
+            _log.warning("event %s of app %s not stored: %s", event, app_name, exc)
+
+    return record
 
 
 async def _open_registry(settings: Settings) -> Any:
@@ -147,6 +171,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
                      registry=registry)
         for live_app in hosted.values():
+            live_app.on("*", _recorder(st, live_app.name))
             await live_app.start()
         try:
             yield
