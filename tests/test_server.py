@@ -335,6 +335,10 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         assert "has no pipeline 'station_9' (it has: station_1, station_2)" in (
             missing.json()["detail"])
         assert client.post("/api/sources/elsewhere/x/stop").status_code == 404
+        metrics = client.get("/metrics").text
+        assert 'pipeline="station_2"' in metrics
+        assert "framepipe_stage_fps{" in metrics
+        assert "framepipe_source_restarts{" in metrics
         events = client.get("/api/events", params={"limit": 1000}).json()["events"]
         paused = [e for e in events if e["type"] == "pipeline.paused"]
         assert [e["data"] for e in paused] == [{"app": "station", "pipeline": "station_1"}]

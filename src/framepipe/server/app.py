@@ -347,14 +347,17 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
              responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         """Prometheus text: executions and steps by status, step run times, failures and
-        crashes, workers, and the job broker's backlog."""
+        crashes, workers, the job broker's backlog, and the live pipelines of the apps served
+        here (per stage fps, latency, queue depth, drops; per source restarts)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         from framepipe.server.metrics import jobs_registry
 
         registry = state.get("metrics")
         if registry is None:
-            registry = state["metrics"] = jobs_registry(_store(), settings)
+            registry = state["metrics"] = jobs_registry(
+                _store(), settings,
+                lambda: [p for a in hosted.values() for p in a.pipelines.values()])
         body = await asyncio.to_thread(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

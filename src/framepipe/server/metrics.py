@@ -3,7 +3,7 @@ read at scrape time (nothing is counted per step for Prometheus)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,6 +13,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from framepipe.backends.state import StateStore, executions, steps, workers
 from framepipe.config import Settings
 from framepipe.logs import get_logger
+from framepipe.stream.pipeline import StreamPipeline
+from framepipe.telemetry import StreamCollector
 
 __all__ = ["jobs_registry"]
 
@@ -102,8 +104,13 @@ class _JobsCollector(Collector):
         yield backlog
 
 
-def jobs_registry(store: StateStore, settings: Settings) -> CollectorRegistry:
-    """A Prometheus registry whose only collector reads the jobs when scraped."""
+def jobs_registry(store: StateStore, settings: Settings,
+                  pipelines: Callable[[], Iterable[StreamPipeline]] | None = None,
+                  ) -> CollectorRegistry:
+    """A Prometheus registry that reads the jobs when scraped, and with ``pipelines`` the live
+    pipelines' metrics too (per stage fps, latency, queue depth, drops; per source restarts)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_JobsCollector(store, settings))
+    if pipelines is not None:
+        registry.register(StreamCollector(pipelines))
     return registry

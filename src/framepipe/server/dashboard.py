@@ -1,0 +1,56 @@
+"""The dashboard: one page at ``/`` and its static files under ``/static/``.
+
+Plain HTML, CSS and JavaScript shipped inside the package (``server/static/``), so nothing is
+built or fetched from elsewhere to run it. The page itself holds no data and needs no token;
+it asks for the token once (kept in the tab's ``sessionStorage``; ``/?token=...`` pre-fills it)
+and then calls the API with ``Authorization: Bearer`` and the WebSocket with ``?token=``, so
+every byte of state still goes through the token check of the API.
+
+What it shows: executions with their steps and a progress bar each, updated live over
+``/ws`` (reconnecting with backoff; a ``lagged`` notice or a closed socket brings a fresh
+snapshot), sources with their health state and latest frame, processors with capacity and
+health, and the recent events. The layout is a single column on a phone screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from framepipe.errors import MissingDependencyError
+
+try:
+    from fastapi import FastAPI
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the dashboard") from exc
+
+__all__ = ["STATIC_DIR", "mount_dashboard"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+"""The page and its script and style sheet, served as they are."""
+
+# Everything the page loads comes from this app: no inline script, no other origin. Frames are
+# shown through blob: URLs (fetched with the token); the WebSocket is on the same host.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self' ws: wss:; form-action 'self'; base-uri 'none'; "
+        "frame-ancestors 'none'")
+_PAGE_HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """Serve the dashboard page at ``GET /`` and its files at ``/static/...`` on ``app``.
+
+    Neither needs the token: the page is the same for everyone and asks for the token before
+    it reads anything from the API."""
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():  # a broken install, not a user error: say where it looked
+        raise FileNotFoundError(f"the dashboard page is missing: {page}")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        """The dashboard page."""
+        return FileResponse(page, media_type="text/html", headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
