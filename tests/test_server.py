@@ -338,7 +338,7 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         metrics = client.get("/metrics").text
         assert 'pipeline="station_2"' in metrics
         assert "framepipe_stage_fps{" in metrics
-        assert "framepipe_source_restarts{" in metrics
+        assert "framepipe_source_restarts_total{" in metrics
         events = client.get("/api/events", params={"limit": 1000}).json()["events"]
         paused = [e for e in events if e["type"] == "pipeline.paused"]
         assert [e["data"] for e in paused] == [{"app": "station", "pipeline": "station_1"}]
