@@ -1,0 +1,329 @@
+"""The dashboard in a real browser: Debian's ``chromium`` driven by Playwright (no browser
+download: ``executable_path``), against the service on uvicorn on a loopback port.
+
+The browser test skips when ``/usr/bin/chromium`` or the ``playwright`` package is missing, and
+fails under ``CI=true`` (``.ci/run`` installs both). It saves the screenshot ``docs/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from conftest import service_missing
+from framepipe import Pipeline, StepContext
+from framepipe.app import App
+from framepipe.config import Settings
+from framepipe.server import create_app
+from framepipe.server.dashboard import mount_dashboard
+from framepipe.sources import PatternSource
+from framepipe.stream import StreamPipeline
+
+TOKEN = "dash-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+
+render = Pipeline("render_clip", description="A job whose first step reports progress slowly.")
+
+
+@render.step(weight=3)
+def encode(ctx: StepContext) -> dict[str, Any]:
+    steps = int(ctx.inputs.get("steps", 5))
+    for i in range(steps):
+        time.sleep(float(ctx.inputs.get("pause", 0.01)))
+        ctx.progress(100 * (i + 1) / steps, f"frame batch {i + 1} of {steps}")
+    return {"batches": steps}
+
+
+@render.step(depends_on=["encode"])
+def publish(ctx: StepContext) -> dict[str, Any]:
+    if ctx.inputs.get("fail"):
+        raise RuntimeError("the upload target refused the file (HTTP 507)")
+    return {"published": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """The app with its dashboard on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, settings: Settings, port: int | None = None) -> None:
+        self.port = port or _free_port()
+        app = create_app(settings, pipelines=[render], token=TOKEN)
+        if not any(getattr(route, "path", None) == "/" for route in app.routes):
+            mount_dashboard(app)  # until create_app mounts it itself
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Service:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class LiveApp:
+    """A live app with one synthetic camera in a thread of its own, writing its health
+    snapshot (and, where the app does, its latest frame) under the settings' home."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = App("station", settings=settings, health_interval=0.2)
+        self.app.add_pipeline(StreamPipeline(
+            "counter_cam", PatternSource("counter_cam", width=320, height=180, fps=10)))
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            await self.app.start()
+            self._started.set()
+            try:
+                await asyncio.to_thread(self._stop.wait)
+            finally:
+                await self.app.stop()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+
+    def __enter__(self) -> LiveApp:
+        self.thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """The dashboard does not depend on the backend: SQLite only."""
+    return Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}",
+                    retry_initial_delay=0.01, retry_max_delay=0.05, heartbeat_interval=0.2,
+                    shutdown_grace=2.0)
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[Service]:
+    with Service(settings) as running:
+        yield running
+
+
+def wait_finished(client: httpx.Client, execution_id: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status: str = client.get(f"/api/executions/{execution_id}").json()["status"]
+        if status not in ("pending", "running"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"execution {execution_id} did not finish")
+
+
+def test_the_page_and_its_files_need_no_token_but_the_api_does(service: Service) -> None:
+    with httpx.Client(base_url=service.url) as client:
+        page = client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert '<script src="/static/dashboard.js"' in page.text
+        for path, kind in (("/static/dashboard.js", "javascript"),
+                           ("/static/dashboard.css", "text/css"),
+                           ("/static/favicon.svg", "image/svg+xml")):
+            served = client.get(path)
+            assert served.status_code == 200, path
+            assert kind in served.headers["content-type"], path
+        assert client.get("/static/../app.py").status_code == 404
+        assert client.get("/static/nope.js").status_code == 404
+        assert client.get("/api/executions").status_code == 401
+        assert "/" not in client.get("/openapi.json", headers=AUTH).json()["paths"]
+
+
+def _playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        service_missing("the playwright package (pip install 'framepipe[test]')", exc)
+    if not CHROMIUM.exists():
+        service_missing(f"Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+                        FileNotFoundError(CHROMIUM))
+    return sync_playwright
+
+
+def _progress(page: Any, execution_id: str) -> float:
+    value = page.eval_on_selector(
+        f'.exec[data-execution="{execution_id}"] progress.exec-progress', "el => el.value")
+    return float(value)
+
+
+def test_dashboard_in_headless_chromium(settings: Settings, tmp_path: Path) -> None:
+    sync_playwright = _playwright()
+    services = [Service(settings).__enter__()]
+    try:
+        _scenario(sync_playwright, services, settings, tmp_path)
+    finally:
+        for service in services:
+            service.__exit__()
+
+
+def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
+              tmp_path: Path) -> None:
+    service = services[0]
+    with httpx.Client(base_url=service.url, headers=AUTH) as client, LiveApp(settings):
+        # A finished execution, a failed one, then one that reports progress for ~20 s.
+        done = client.post("/api/executions", json={"pipeline": "render_clip",
+                                                    "inputs": {"steps": 3}}).json()["id"]
+        assert wait_finished(client, done) == "completed"
+        failed = client.post("/api/executions", json={
+            "pipeline": "render_clip", "inputs": {"steps": 2, "fail": True}}).json()["id"]
+        assert wait_finished(client, failed) == "failed"
+        created = client.post("/api/executions", json={
+            "pipeline": "render_clip", "inputs": {"steps": 80, "pause": 0.25}})
+        assert created.status_code == 201, created.text
+        running = created.json()["id"]
+        deadline = time.monotonic() + 20  # the camera's first preview frame
+        while not any(s["frame_url"] for s in client.get("/api/sources").json()):
+            assert time.monotonic() < deadline, "the live source has no frame"
+            time.sleep(0.1)
+
+        errors: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                desk = browser.new_context(viewport={"width": 1280, "height": 860})
+                page = desk.new_page()
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{service.url}/?token={TOKEN}")
+                # The token is taken from the address and dropped from it.
+                page.wait_for_selector("#board:not([hidden])")
+                assert "token" not in page.url
+                page.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
+
+                # The running execution: its step, and a progress bar that moves.
+                bar = f'.exec[data-execution="{running}"] progress.exec-progress'
+                # (Predicates as functions: the page's CSP forbids eval of a string.)
+                page.wait_for_function("sel => document.querySelector(sel)?.value > 0",
+                                       arg=bar, timeout=15_000)
+                first = _progress(page, running)
+                page.wait_for_timeout(1500)
+                second = _progress(page, running)
+                assert 0 < first < second < 100, (first, second)
+                step = page.locator(f'.exec[data-execution="{running}"] .step[data-step="encode"]')
+                step.wait_for()
+                assert step.get_attribute("data-status") == "running"
+                assert "frame batch" in step.inner_text()
+                assert float(step.locator("progress").evaluate("el => el.value")) > 0
+                assert page.locator(f'.exec[data-execution="{running}"] '
+                                    '.step[data-step="publish"]').count() == 1
+
+                # The other two executions, with their status; the failure says why.
+                statuses = {x: page.get_attribute(f'.exec[data-execution="{x}"]', "data-status")
+                            for x in (done, failed)}
+                assert statuses == {done: "completed", failed: "failed"}
+                page.click(f'.exec[data-execution="{failed}"] > summary')
+                page.wait_for_selector(
+                    f'.exec[data-execution="{failed}"] .step[data-step="publish"]'
+                    '[data-status="failed"]')
+                assert "HTTP 507" in page.inner_text(f'.exec[data-execution="{failed}"]')
+
+                # Recent events arrive live, and the other panels answer.
+                page.wait_for_selector('#events .ev[data-type="step.progress"]')
+                assert page.locator('#events .ev[data-type="execution.failed"]').count() == 1
+                page.wait_for_selector("#processors li")
+                assert page.inner_text("#processors") == "none"  # no broker: no registry
+
+                # The camera of the live app: its health state and its latest frame, fetched
+                # with the token and refreshed (a new blob: URL) every couple of seconds.
+                source = '.source[data-source="station/counter_cam"]'
+                frame = page.wait_for_selector(f'{source}[data-frame="loaded"] img',
+                                               timeout=15_000)
+                assert frame.evaluate("img => img.naturalWidth") == 320
+                assert page.inner_text(f"{source} .badge") == "running"
+                shown = frame.get_attribute("src")
+                assert shown.startswith("blob:")
+                page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old",
+                                       arg=[f"{source} img", shown], timeout=10_000)
+
+                page.wait_for_timeout(300)  # let the bars' transition settle
+                page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+                SCREENSHOT.parent.mkdir(exist_ok=True)
+                shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
+
+                # A phone: the page asks for the token, then fits the screen's width.
+                phone = browser.new_context(viewport={"width": 390, "height": 844},
+                                            device_scale_factor=2, is_mobile=True,
+                                            has_touch=True)
+                small = phone.new_page()
+                small.on("pageerror", lambda exc: errors.append(str(exc)))
+                small.goto(service.url)
+                small.wait_for_selector("#login:not([hidden])")
+                small.fill("#token", "wrong")
+                small.click("#login button[type=submit]")
+                small.wait_for_selector("#login-error:not([hidden])")
+                assert "refused" in small.inner_text("#login-error")
+                small.fill("#token", TOKEN)
+                small.click("#login button[type=submit]")
+                small.wait_for_selector(f'.exec[data-execution="{running}"] .step')
+                small.wait_for_selector('#conn[data-state="live"]')
+                widths = small.evaluate(
+                    "() => [document.documentElement.scrollWidth, window.innerWidth]")
+                assert widths[0] <= widths[1], f"horizontal scrolling on a phone: {widths}"
+                small.screenshot(path=str(tmp_path / "dashboard-phone.png"), full_page=True)
+
+                # Cancel from the phone; the desktop page sees it live.
+                small.click(f'.exec[data-execution="{running}"] button[data-action="cancel"]')
+                page.wait_for_selector(f'.exec[data-execution="{running}"]'
+                                       '[data-status="cancelled"]', timeout=15_000)
+                phone.close()
+
+                # The service restarts: the page reconnects by itself and gets the state first.
+                service.__exit__()
+                page.wait_for_selector('#conn:not([data-state="live"])', timeout=15_000)
+                services.append(Service(settings, port=service.port).__enter__())
+                page.wait_for_selector('#conn[data-state="live"]', timeout=20_000)
+                after = client.post("/api/executions", json={
+                    "pipeline": "render_clip", "inputs": {"steps": 2}}).json()["id"]
+                page.wait_for_selector(f'.exec[data-execution="{after}"]'
+                                       '[data-status="completed"]', timeout=15_000)
+                assert page.locator(f'.exec[data-execution="{running}"]'
+                                    '[data-status="cancelled"]').count() == 1
+                desk.close()
+            finally:
+                browser.close()
+        assert errors == []
+        assert client.get(f"/api/executions/{running}").json()["status"] == "cancelled"
+    assert SCREENSHOT.stat().st_size > 10_000
