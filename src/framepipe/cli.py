@@ -777,7 +777,8 @@ def serve(
         application = create_app(settings, pipelines=loaded, apps=hosted)
         import uvicorn
 
-        uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower())
+        uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower(),
+                    timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))
 
 
 @app.command()

@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -52,6 +53,7 @@ from framepipe.jobs.records import (
     write_batch,
 )
 from framepipe.logs import get_logger
+from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.feed import EventFeed
 
 try:
@@ -331,15 +333,36 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                 await websocket.close(code=1008)
                 return
             await websocket.send_json({"type": "snapshot", "after": after, **snapshot})
-            try:
+
+            async def forward() -> None:
                 async for event in stream:
                     if event is None:
                         await websocket.send_json({"type": "lagged"})
-                        break
+                        return
                     await websocket.send_json({"type": "event", "event": event.to_dict()})
-            except WebSocketDisconnect:
-                return
-        await websocket.close()
+
+            async def until_closed() -> None:
+                # The client sends nothing; this returns when it goes away (or the server
+                # shuts down), so an idle subscription never holds the server up.
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                    while True:
+                        message = await websocket.receive()
+                        if message["type"] == "websocket.disconnect":
+                            return
+
+            sender = asyncio.create_task(forward())
+            watcher = asyncio.create_task(until_closed())
+            try:
+                await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (sender, watcher):
+                    task.cancel()
+                for task in (sender, watcher):
+                    with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect,
+                                             RuntimeError):
+                        await task
+        with contextlib.suppress(RuntimeError):
+            await websocket.close()
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -465,6 +488,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         return Response(data, media_type="application/octet-stream")
 
     app.include_router(api)
+    mount_dashboard(app)
     app.state.framepipe = state
     app.state.pipelines = known
     return app
