@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import cProfile
 import importlib.metadata
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,9 +167,99 @@ def relay(config: str) -> None:
     asyncio.run(main())
 
 
+class RawConnection(asyncio.Protocol):
+    """The least an asyncio Redis client can do, for the raw floor (no redis-py, no
+    framepipe): RESP2 packed and parsed by hiredis on a bare Protocol; each reply resolves the
+    oldest waiting future in ``data_received``."""
+
+    def __init__(self) -> None:
+        import hiredis
+
+        self.reader = hiredis.Reader()
+        self.pack = hiredis.pack_command
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def open(cls, url: str) -> RawConnection:
+        parts = urllib.parse.urlsplit(url)
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(cls, parts.hostname or "127.0.0.1",
+                                               parts.port or 6379)
+        if parts.password:
+            await conn.send("AUTH", parts.password)
+        if parts.path.strip("/") not in ("", "0"):
+            await conn.send("SELECT", parts.path.strip("/"))
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(f"raw connection lost: {exc}"))
+
+    def send(self, *args: Any) -> asyncio.Future[Any]:
+        """Write one command; the future of its reply (big values joined, not hiredis-packed:
+        ``pack_command`` copies large values slowly)."""
+        assert self.transport is not None
+        if any(type(a) is bytes and len(a) > 4096 for a in args):
+            parts = [b"*%d\r\n" % len(args)]
+            for arg in args:
+                data = arg if isinstance(arg, bytes) else str(arg).encode()
+                parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.write(self.pack(args))
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        return future
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def raw_relay(config: str) -> None:
+    """``--raw-relay CONFIG``: the raw floor: :class:`RawConnection` answers each entry of a
+    stream (blocking XREADGROUP; then XADD of the reply, XACK and XDEL pipelined)."""
+    cfg = json.loads(config)
+
+    async def main() -> None:
+        conn = await RawConnection.open(cfg["url"])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await conn.send("XGROUP", "CREATE", cfg["stream"], RELAY_GROUP, "0", "MKSTREAM")
+        await conn.send("SET", cfg["ready"], "1")
+        while not stop.is_set():
+            got = await conn.send("XREADGROUP", "GROUP", RELAY_GROUP, "relay", "COUNT", 1,
+                                  "BLOCK", 200, "STREAMS", cfg["stream"], ">")
+            for _stream, entries in got or []:
+                for mid, flat in entries:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                    conn.send("XADD", cfg["reply"], "MAXLEN", "~", 10_000, "*", "frame_id",
+                              fields[b"frame_id"], "ok", "1")
+                    conn.send("XACK", cfg["stream"], RELAY_GROUP, mid)
+                    await conn.send("XDEL", cfg["stream"], mid)
+        conn.close()
+
+    asyncio.run(main())
+
+
 class ProcessorProcess:
     """A :class:`NoopClient` in its own process (this file with ``--serve``), or with
-    ``mode="--relay"`` the bare redis-py relay."""
+    ``mode="--relay"`` the bare redis-py relay (``--raw-relay``: the raw one)."""
 
     def __init__(self, ns: str, processor_id: str, capacity: int,
                  profile: Path | None = None, mode: str = "--serve") -> None:
@@ -224,9 +316,10 @@ async def remote_processor(registry: ProcessorRegistry, ns: str, processor_id: s
 
 
 @contextlib.asynccontextmanager
-async def bare_relay(ns: str, relay_id: str) -> AsyncIterator[tuple[ProcessorProcess, Any]]:
-    """The bare relay process and a redis-py client of this process for the block."""
-    child = ProcessorProcess(ns, relay_id, 1, mode="--relay")
+async def bare_relay(ns: str, relay_id: str,
+                     mode: str = "--relay") -> AsyncIterator[tuple[ProcessorProcess, Any]]:
+    """The bare (or raw) relay process and a redis-py client of this process for the block."""
+    child = ProcessorProcess(ns, relay_id, 1, mode=mode)
     client = connect(REDIS_URL)
     child.start()
     try:
@@ -376,7 +469,9 @@ LOCAL = "`registry.call(entry)`, processor in this process"
 REMOTE_FRAME = "`registry.call(frame)` (JPEG encoded per call), processor in another process"
 BARE = ("floor without framepipe: plain redis-py `XADD` -> `XREADGROUP` in another process -> "
         "`XADD` reply + `XACK` + `XDEL` (one pipeline) -> blocking `XREAD`")
-VARIANTS = (INPROC, REMOTE, LOCAL, REMOTE_FRAME, BARE)
+RAW = ("raw floor: the same commands with hiredis on a bare asyncio `Protocol` (no redis-py, "
+       "no framepipe)")
+VARIANTS = (INPROC, REMOTE, LOCAL, REMOTE_FRAME, BARE, RAW)
 
 
 def size_label(width: int, height: int) -> str:
@@ -449,6 +544,31 @@ async def timed_bare(client: Any, cfg: dict[str, Any], make: Callable[[int], Any
             out.seconds.append(elapsed)
 
 
+async def timed_raw(conn: RawConnection, cfg: dict[str, Any], make: Callable[[int], Any],
+                    n: int, out: Samples | None) -> None:
+    """``n`` sequential round trips through the raw relay on :class:`RawConnection`: XADD
+    (the entry's fields), then a blocking XREAD of the reply stream."""
+    last = cfg.setdefault("last", "0-0")
+    for i in range(n):
+        item = make(i)
+        args: list[Any] = ["XADD", cfg["stream"], "*"]
+        for pair in item.items():
+            args += pair
+        t0 = time.perf_counter()
+        await conn.send(*args)
+        got = await conn.send("XREAD", "COUNT", 1, "BLOCK", 10_000, "STREAMS", cfg["reply"],
+                              last)
+        elapsed = time.perf_counter() - t0
+        if not got:
+            raise RuntimeError("the raw relay did not answer within 10 s")
+        mid, flat = got[0][1][0]
+        last = cfg["last"] = mid
+        if flat[flat.index(b"frame_id") + 1].decode() != item["frame_id"]:
+            raise RuntimeError(f"raw relay: reply {flat} for {item['frame_id']}")
+        if out is not None:
+            out.seconds.append(elapsed)
+
+
 async def timed_inproc(make: Callable[[int], Any], n: int, out: Samples) -> None:
     noop = NoopProcessor()
     for i in range(n):
@@ -487,7 +607,9 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
     server = redis_pid()
     async with (remote_processor(registry, ns, "hop-remote", 1) as remote,
                 local_processor(registry, ns, "hop-local", 1) as local,
-                bare_relay(ns, "hop-bare") as (bare, bare_client)):
+                bare_relay(ns, "hop-bare") as (bare, bare_client),
+                bare_relay(ns, "hop-raw", "--raw-relay") as (raw, _)):
+        raw_conn = await RawConnection.open(REDIS_URL)
         for width, height in SIZES:
             label = size_label(width, height)
             image, what = test_image(width, height)
@@ -511,13 +633,15 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
                     registry, remote.capability, new_frame, k, out)),
                 (BARE, lambda out, k, entry=entry: timed_bare(bare_client, bare.cfg, entry, k,
                                                               out)),
+                (RAW, lambda out, k, entry=entry: timed_raw(raw_conn, raw.cfg, entry, k, out)),
             ]
             pids: dict[str, dict[str, int | None]] = {
                 INPROC: {CALLER: None},
                 REMOTE: {CALLER: None, PROCESSOR: remote.pid, REDIS: server},
                 LOCAL: {CALLER: None, REDIS: server},
                 REMOTE_FRAME: {CALLER: None, PROCESSOR: remote.pid, REDIS: server},
-                BARE: {CALLER: None, PROCESSOR: bare.pid, REDIS: server}}
+                BARE: {CALLER: None, PROCESSOR: bare.pid, REDIS: server},
+                RAW: {CALLER: None, PROCESSOR: raw.pid, REDIS: server}}
             for _variant, run in runs:  # warm-up: connections, scripts cached, JIT-free paths
                 await run(None, 100)
             for round_ in range(rounds):  # interleaved, so load changes hit every row alike
@@ -531,6 +655,7 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
                         + f" ms (load {os.getloadavg()[0]:.2f})")
             result.encode[label] = Samples()
             timed_encode(frame, min(n, 500), result.encode[label])
+        raw_conn.close()
         await timed_ping(n, result.ping)
         if profile:
             await profile_round_trip(registry, ns, n)
@@ -797,7 +922,7 @@ def report(r: Results) -> str:
                              ms(1000 * pct(s.in_processor, 0.5)), ms(1000 * pct(s.back, 0.5))])
         out += table(["frame", "path", "call -> `process_frame` starts (route, XADD, "
                       "XREADGROUP wakes)", "inside the client (validate, no-op, build result)",
-                      "result published -> `call` returns (EVAL publish+ack, XREAD wakes)"],
+                      "result published -> `call` returns (publish+ack script, XREAD wakes)"],
                      rows)
         out += ["", "CPU time per call (user + system, from `getrusage` and `/proc/<pid>/stat`, "
                 "10 ms ticks). \"caller\" is this whole process: the registry's background "
@@ -805,7 +930,7 @@ def report(r: Results) -> str:
                 "else uses it meanwhile, so its column is an upper bound:", ""]
         rows = []
         for label in hops.images:
-            for variant in (REMOTE, LOCAL, REMOTE_FRAME, BARE):
+            for variant in (REMOTE, LOCAL, REMOTE_FRAME, BARE, RAW):
                 s = hops.samples[(label, variant)]
                 cells = [f"{s.cpu_us(who):.0f} us" if who in s.cpu else "-"
                          for who in (CALLER, PROCESSOR, REDIS)]
@@ -913,8 +1038,8 @@ async def measure(results: Results, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] in ("--serve", "--relay"):
-        (serve if sys.argv[1] == "--serve" else relay)(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] in ("--serve", "--relay", "--raw-relay"):
+        {"--serve": serve, "--relay": relay, "--raw-relay": raw_relay}[sys.argv[1]](sys.argv[2])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",

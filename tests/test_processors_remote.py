@@ -399,6 +399,33 @@ def test_capacity_is_never_exceeded(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_frames_reach_the_processor_in_routing_order(ns: str) -> None:
+    """Routes made one after the other arrive in that order: those waiting for capacity go
+    first (a new route does not take the slot a waiting one was woken for), and so do those
+    made while the registry's connection is still being made."""
+    async def main() -> None:
+        detector = Detector("ordered", ["face_detection"], ns, capacity=4)
+        async with serving(detector), ProcessorRegistry(REDIS_URL, ns) as registry:
+            limit = asyncio.Semaphore(8)  # the injector's pattern: 8 calls in flight at most
+
+            async def one(seq: int) -> ProcessorResult:
+                try:
+                    return await registry.call(make_frame(seq), "face_detection")
+                finally:
+                    limit.release()
+
+            calls = []
+            for seq in range(80):
+                await limit.acquire()
+                calls.append(asyncio.create_task(one(seq)))
+            assert all(r.ok for r in await asyncio.gather(*calls))
+            arrived = [int(f[b"frame_id"].split(b":")[1]) for f in detector.seen]
+            assert arrived == list(range(80))
+
+    for _ in range(3):
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_routing_by_capability_and_least_load(ns: str) -> None:
     async def main() -> None:
         faces = Detector("faces", ["face_detection"], ns, capacity=4, delay=0.2)

@@ -418,9 +418,10 @@ def _copy_error(error: BaseException) -> BaseException:
 
 
 class _Resp(asyncio.Protocol):
-    """One Redis connection speaking RESP2 through hiredis. Requests are written at once
-    (so concurrent ones pipeline by themselves) and each reply resolves the oldest waiting
-    future, directly from ``data_received``: no reader task, no lock, no pool."""
+    """One Redis connection speaking RESP2 through hiredis. A request is written at once (so
+    concurrent ones pipeline by themselves), or held, in order, until the connection is made
+    and its handshake done; each reply resolves the oldest waiting future directly from
+    ``data_received``: no reader task, no lock, no pool."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -428,8 +429,10 @@ class _Resp(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = (
             collections.deque())
         self.transport: asyncio.Transport | None = None
+        self.held: list[bytes] | None = []  # requests made before the handshake was done
         self.error: BaseException | None = None
         self.watchdog: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -457,20 +460,36 @@ class _Resp(asyncio.Protocol):
         self.fail(RedisConnectionError(f"Connection to Redis lost: {exc}" if exc is not None
                                        else "Connection closed by Redis."))
 
-    def request(self, payload: bytes, count: int,
-                limit: float | None) -> list[asyncio.Future[Any]]:
-        """Write ``payload`` (``count`` packed commands); a future per reply. ``limit``:
-        seconds for all of them to be answered, else the connection is dropped."""
+    def request(self, payload: bytes, count: int, limit: float | None, *,
+                handshake: bool = False) -> list[asyncio.Future[Any]]:
+        """Write ``payload`` (``count`` packed commands), or hold it until the handshake is
+        done; a future per reply. ``limit``: seconds for all of them to be answered, else the
+        connection is dropped. ``handshake``: written first, ahead of what is held."""
         if self.error is not None:
             raise _copy_error(self.error)
-        assert self.transport is not None
         futures = [self.loop.create_future() for _ in range(count)]
         deadline = math.inf if limit is None else self.loop.time() + limit
-        self.waiting.extend((future, deadline) for future in futures)
-        self.transport.write(payload)
+        if handshake:
+            assert self.transport is not None
+            self.waiting.extendleft((future, deadline) for future in reversed(futures))
+            self.transport.write(payload)
+        else:
+            self.waiting.extend((future, deadline) for future in futures)
+            if self.held is None:
+                assert self.transport is not None
+                self.transport.write(payload)
+            else:
+                self.held.append(payload)
         if self.watchdog is None:
             self._arm()
         return futures
+
+    def ready(self) -> None:
+        """The handshake is done: write the held requests, in order."""
+        held, self.held = self.held, None
+        if held:
+            assert self.transport is not None
+            self.transport.write(b"".join(held))
 
     def _arm(self) -> None:
         deadline = self.waiting[0][1] if self.waiting else math.inf
@@ -490,6 +509,7 @@ class _Resp(asyncio.Protocol):
         """Close the connection; every waiting request gets ``error``."""
         if self.error is None:
             self.error = error
+        self.held = None
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
@@ -503,15 +523,16 @@ class _Resp(asyncio.Protocol):
 
 class Wire:
     """A Redis connection of its own for one hot path (routing, results, a processor's
-    stream): commands go out pipelined and come back as raw RESP2 replies (bytes, ints,
-    nested lists, None) without redis-py's per-command machinery (pool, retry wrapper,
-    response callbacks, pure-Python command packing), which costs about three times the CPU
-    of the command itself. Error replies raise :class:`ResponseError`; a lost connection
-    raises redis-py's ``ConnectionError`` (``TimeoutError`` after ``socket_timeout``) and the
-    next command connects again. Opened from a redis-py client's settings (host and port or
-    Unix socket, username, password, db); with TLS, a custom connection class or a
-    credential provider, or without ``hiredis``, the same interface runs on a redis-py
-    connection of its own."""
+    stream): commands go out pipelined, in the order they were made (also while the
+    connection is being made), and come back as raw RESP2 replies (bytes, ints, nested
+    lists, None) without redis-py's per-command machinery (pool, retry wrapper, response
+    callbacks, pure-Python command packing), which costs about three times the CPU of the
+    command itself. Error replies raise :class:`ResponseError`; a lost connection raises
+    redis-py's ``ConnectionError`` (``TimeoutError`` after ``socket_timeout``) and the next
+    command connects again. Opened from a redis-py client's settings (host and port or Unix
+    socket, username, password, db); with TLS, a custom connection class or a credential
+    provider, or without ``hiredis``, the same interface runs on a redis-py connection of
+    its own."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
@@ -534,15 +555,13 @@ class Wire:
 
     async def execute(self, *args: Any, block: float = 0.0) -> Any:
         """One command's reply. ``block``: seconds it may block in Redis (XREAD BLOCK)."""
-        proto = self._proto
-        if proto is None or proto.error is not None:
-            if not self.lean:
-                [reply] = await self._execute_py([args], block)
-                if isinstance(reply, ResponseError):
-                    raise reply
-                return reply
-            proto = await self._open()
-        reply = await proto.request(_pack(args), 1, self._limit(block))[0]
+        if not self.lean:
+            [reply] = await self._execute_py([args], block)
+        else:
+            proto = self._proto
+            if proto is None or proto.error is not None:
+                proto = self._connection()
+            reply = await proto.request(_pack(args), 1, self._limit(block))[0]
         if isinstance(reply, ResponseError):
             raise reply
         return reply
@@ -555,7 +574,7 @@ class Wire:
             return await self._execute_py(commands, 0.0)
         proto = self._proto
         if proto is None or proto.error is not None:
-            proto = await self._open()
+            proto = self._connection()
         payload = (_pack(commands[0]) if len(commands) == 1
                    else b"".join([_pack(c) for c in commands]))
         futures = proto.request(payload, len(commands), self._limit(0.0))
@@ -597,6 +616,10 @@ class Wire:
         proto, self._proto = self._proto, None
         if proto is not None:
             proto.fail(RedisConnectionError("Connection closed by framepipe."))
+            if proto.connecting is not None and not proto.connecting.done():
+                proto.connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await proto.connecting
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -604,34 +627,30 @@ class Wire:
 
     def _where(self) -> str:
         kw = self._kwargs
-        return str(kw["path"]) if "path" in kw else f"{kw.get('host', 'localhost')}:" \
-            f"{kw.get('port', 6379)}"
+        if "path" in kw:
+            return str(kw["path"])
+        return f"{kw.get('host') or 'localhost'}:{kw.get('port') or 6379}"
 
-    async def _open(self) -> _Resp:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._closed:
-                raise RedisConnectionError("Connection closed by framepipe.")
-            proto = self._proto
-            if proto is not None and proto.error is None:
-                return proto
-            loop = asyncio.get_running_loop()
-            kw = self._kwargs
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    if "path" in kw:
-                        _, proto = await loop.create_unix_connection(
-                            lambda: _Resp(loop), kw["path"])
-                    else:
-                        _, proto = await loop.create_connection(
-                            lambda: _Resp(loop), kw.get("host") or "localhost",
-                            int(kw.get("port") or 6379))
-            except TimeoutError as exc:
-                raise RedisTimeoutError(f"Timeout connecting to {self._where()}") from exc
-            except OSError as exc:
-                raise RedisConnectionError(
-                    f"Error connecting to {self._where()}: {exc}") from exc
+    def _connection(self) -> _Resp:
+        """A new connection, being made: requests wait in it, in order, until it is ready."""
+        if self._closed:
+            raise RedisConnectionError("Connection closed by framepipe.")
+        proto = self._proto = _Resp(asyncio.get_running_loop())
+        proto.connecting = asyncio.get_running_loop().create_task(self._connect(proto))
+        return proto
+
+    async def _connect(self, proto: _Resp) -> None:
+        """Connect ``proto``, authenticate, select the database, then release its requests;
+        on failure, fail them (never raises)."""
+        loop = asyncio.get_running_loop()
+        kw = self._kwargs
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if "path" in kw:
+                    await loop.create_unix_connection(lambda: proto, kw["path"])
+                else:
+                    await loop.create_connection(lambda: proto, kw.get("host") or "localhost",
+                                                 int(kw.get("port") or 6379))
             hello: list[tuple[Any, ...]] = []
             if kw.get("password"):
                 user = kw.get("username")
@@ -642,21 +661,25 @@ class Wire:
             if kw.get("client_name"):
                 hello.append(("CLIENT", "SETNAME", kw["client_name"]))
             if hello:
-                try:
-                    futures = proto.request(b"".join(_pack(c) for c in hello), len(hello),
-                                            self._timeout or self._connect_timeout)
-                    replies = [await future for future in futures]
-                except BaseException:
-                    proto.fail(RedisConnectionError("connection handshake failed"))
-                    raise
-                for command, reply in zip(hello, replies, strict=True):
+                futures = proto.request(b"".join(_pack(c) for c in hello), len(hello),
+                                        self._timeout or self._connect_timeout, handshake=True)
+                for command, future in zip(hello, futures, strict=True):
+                    reply = await future
                     if isinstance(reply, ResponseError):
-                        proto.fail(RedisConnectionError("connection handshake failed"))
-                        if command[0] == "AUTH":
-                            raise AuthenticationError(str(reply))
-                        raise reply
-            self._proto = proto
-            return proto
+                        error = (AuthenticationError(str(reply)) if command[0] == "AUTH"
+                                 else RedisConnectionError(f"{command[0]} failed: {reply}"))
+                        proto.fail(error)
+                        return
+            proto.ready()
+        except asyncio.CancelledError:
+            proto.fail(RedisConnectionError("Connection closed by framepipe."))
+            raise
+        except TimeoutError:
+            proto.fail(RedisTimeoutError(f"Timeout connecting to {self._where()}"))
+        except OSError as exc:
+            proto.fail(RedisConnectionError(f"Error connecting to {self._where()}: {exc}"))
+        except Exception as exc:  # the connection was lost meanwhile: already failed
+            proto.fail(RedisConnectionError(f"Error connecting to {self._where()}: {exc}"))
 
     async def _execute_py(self, commands: Sequence[Sequence[Any]], block: float) -> list[Any]:
         if self._lock is None:

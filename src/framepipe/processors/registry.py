@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import secrets
 import time
@@ -108,6 +109,10 @@ __all__ = [
 
 Routable = Frame | Mapping[str, Any] | Mapping[bytes, Any]
 """What can be routed: a :class:`Frame` (sent as JPEG), or a frame entry as a dict of fields."""
+
+INLINE_ENCODE_PIXELS = 256 * 256
+"""Frames up to this many pixels are JPEG-encoded on the event loop (at most about 0.2 ms
+here; the hand-off to a thread costs more than that); larger ones in the default executor."""
 
 REAPER = "framepipe-reaper"
 """The consumer name the registry claims a dead processor's entries under."""
@@ -395,6 +400,9 @@ class ProcessorRegistry:
         self._replies: Wire | None = None  # the blocking read of the reply stream
         self._pulse = asyncio.Event()
         self._pulse_waiters = 0
+        self._lines: dict[str, collections.deque[int]] = {}  # capability -> tickets of the
+        # routes waiting for capacity, in arrival order: only the first may take a free slot
+        self._tickets = itertools.count()
         self._failed: BaseException | None = None
         self._closed = False
         self._waiting_logged: set[str] = set()
@@ -683,6 +691,8 @@ class ProcessorRegistry:
 
     async def _fields(self, item: Routable, quality: int) -> dict[str, bytes | str]:
         if isinstance(item, Frame):
+            if item.width * item.height <= INLINE_ENCODE_PIXELS:
+                return frame_entry(item, quality=quality)
             return await asyncio.get_running_loop().run_in_executor(
                 None, lambda: frame_entry(item, quality=quality))
         if isinstance(item, Mapping):
@@ -691,7 +701,9 @@ class ProcessorRegistry:
 
     async def _dispatch(self, items: Sequence[Routable], capability: str, *,
                         wait: float | None, want_futures: bool, quality: int) -> list[_Track]:
-        """Route ``items`` as capacity allows; every reservation is either sent or released."""
+        """Route ``items`` as capacity allows; every reservation is either sent or released.
+        Routes that have to wait for capacity queue per capability: a free slot goes to the
+        first in line, never to a route that came later."""
         self._require()
         entries = [_entry_fields(item) if isinstance(item, Mapping)
                    else await self._fields(item, quality) for item in items]
@@ -708,56 +720,75 @@ class ProcessorRegistry:
         queue = collections.deque(range(len(entries)))
         done: list[_Track | None] = [None] * len(entries)
         refreshed = False
-        while queue:
-            batch: list[tuple[int, _Proc, _Track]] = []
+        ticket: int | None = None  # this route's place in the capability's line, once waiting
+        try:
             while queue:
-                try:
-                    proc = self._choose(capability)
-                except (NoProcessorError, CircuitOpenError) as exc:
-                    if batch:
-                        break  # send the reserved ones first; the next round raises
-                    if isinstance(exc, NoProcessorError) and not refreshed:
-                        refreshed = True  # a processor may have registered since the last read
-                        await self.refresh()
-                        continue
-                    raise
-                if proc is None:
-                    break
-                index = queue.popleft()
-                batch.append((index, proc, self._reserve(proc, entries[index], capability,
-                                                         want_futures)))
-            if batch:
-                try:
-                    results = await self._send([(p, entries[i]) for i, p, _ in batch])
-                except BaseException:
-                    for _, _, track in batch:
-                        self._release(track)
-                    raise
-                error: BaseException | None = None
-                for (index, proc, track), result in zip(batch, results, strict=True):
-                    if isinstance(result, BaseException):
-                        self._release(track)
-                        error = error or result
-                    elif result is None:  # no longer ready: choose again
-                        self._release(track)
-                        proc.routable = False
-                        queue.append(index)
-                    else:
-                        track.message_id = _text(result)
-                        done[index] = track
-                if error is not None:
-                    if isinstance(error, REDIS_DOWN):
-                        raise self._down(error) from error
-                    raise error
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NoCapacityError(capability, sorted(
-                    p.id for p in self._procs.values()
-                    if p.live and capability in p.capabilities), limit)
-            await self._wait_change(min(remaining, 0.25))
-            self._require()
+                batch: list[tuple[int, _Proc, _Track]] = []
+                while queue:
+                    try:
+                        proc = self._choose(capability)
+                    except (NoProcessorError, CircuitOpenError) as exc:
+                        if batch:
+                            break  # send the reserved ones first; the next round raises
+                        if isinstance(exc, NoProcessorError) and not refreshed:
+                            refreshed = True  # one may have registered since the last read
+                            await self.refresh()
+                            continue
+                        raise
+                    line = self._lines.get(capability)
+                    if proc is None or (line and line[0] != ticket):
+                        break  # no free slot, or one that the route first in line gets
+                    index = queue.popleft()
+                    batch.append((index, proc, self._reserve(proc, entries[index], capability,
+                                                             want_futures)))
+                if batch:
+                    await self._send_batch(batch, entries, queue, done)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoCapacityError(capability, sorted(
+                        p.id for p in self._procs.values()
+                        if p.live and capability in p.capabilities), limit)
+                if ticket is None:
+                    ticket = next(self._tickets)
+                    self._lines.setdefault(capability, collections.deque()).append(ticket)
+                await self._wait_change(min(remaining, 0.25))
+                self._require()
+        finally:
+            if ticket is not None:
+                line = self._lines[capability]
+                line.remove(ticket)
+                if not line:
+                    del self._lines[capability]
+                self._notify()  # the next in line may take a slot now
         return [t for t in done if t is not None]
+
+    async def _send_batch(self, batch: list[tuple[int, _Proc, _Track]],
+                          entries: list[dict[str, bytes | str]], queue: collections.deque[int],
+                          done: list[_Track | None]) -> None:
+        """Send reserved entries; refused ones (not ready any more) go back to ``queue``."""
+        try:
+            results = await self._send([(p, entries[i]) for i, p, _ in batch])
+        except BaseException:
+            for _, _, track in batch:
+                self._release(track)
+            raise
+        error: BaseException | None = None
+        for (index, proc, track), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self._release(track)
+                error = error or result
+            elif result is None:  # no longer ready: choose again
+                self._release(track)
+                proc.routable = False
+                queue.append(index)
+            else:
+                track.message_id = _text(result)
+                done[index] = track
+        if error is not None:
+            if isinstance(error, REDIS_DOWN):
+                raise self._down(error) from error
+            raise error
 
     async def _send(self, items: list[tuple[_Proc, dict[str, bytes | str]]]) -> list[Any]:
         """XADD each entry to its processor's stream (Lua by SHA, only while ready), written
