@@ -13,7 +13,9 @@ The processor is :class:`NoopClient`, a ``ProcessorClient`` that returns ``{"fra
 
 1. Per-hop round trip, sequential (one frame at a time), 16x16 and 640x360 JPEG frames: the
    same no-op awaited in process against ``registry.call(...)`` to the processor in another
-   process and in this process; "Redis adds per hop" = p50(remote) - p50(in process).
+   process and in this process; "Redis adds per hop" = p50(remote) - p50(in process). Two
+   floors without framepipe do the least a stream round trip can do (``--relay``: plain
+   redis-py; ``--raw-relay``: hiredis on a bare asyncio Protocol).
 2. Throughput through one processor of capacity 1, 4 and 16 (640x360 JPEG), with ``route_many``
    and with ``capacity`` concurrent callers of ``call``.
 3. A ``StreamPipeline`` on ``PatternSource(640x360, realtime=False, count=500)`` with
