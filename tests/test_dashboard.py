@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,18 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from conftest import service_missing
 from framepipe import Pipeline, StepContext
 from framepipe.app import App
 from framepipe.config import Settings
-from framepipe.server import create_app
-from framepipe.server.dashboard import mount_dashboard
 from framepipe.sources import PatternSource
 from framepipe.stream import StreamPipeline
+from test_server import TOKEN, Server
 
-TOKEN = "dash-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -58,38 +54,9 @@ def publish(ctx: StepContext) -> dict[str, Any]:
     return {"published": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Service:
-    """The app with its dashboard on uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, settings: Settings, port: int | None = None) -> None:
-        self.port = port or _free_port()
-        app = create_app(settings, pipelines=[render], token=TOKEN)
-        if not any(getattr(route, "path", None) == "/" for route in app.routes):
-            mount_dashboard(app)  # until create_app mounts it itself
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Service:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def Service(settings: Settings, port: int | None = None) -> Server:
+    """The app with its dashboard (mounted by create_app) on uvicorn, as test_server runs it."""
+    return Server(settings, pipelines=(render,), port=port)
 
 
 class LiveApp:

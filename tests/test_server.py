@@ -59,9 +59,10 @@ def _free_port() -> int:
 class Server:
     """uvicorn serving the app in a thread of this process, on a free loopback port."""
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        self.port = _free_port()
-        app = create_app(settings, pipelines=[demo], token=TOKEN, **kwargs)
+    def __init__(self, settings: Settings, *, pipelines: tuple[Pipeline, ...] = (demo,),
+                 port: int | None = None, **kwargs: Any) -> None:
+        self.port = port or _free_port()
+        app = create_app(settings, pipelines=pipelines, token=TOKEN, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="on",
                                                     timeout_graceful_shutdown=2))

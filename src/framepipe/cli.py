@@ -775,7 +775,10 @@ def serve(
                                   "--pipeline)")
             hosted.append(target)
         application = create_app(settings, pipelines=loaded, apps=hosted)
-        import uvicorn
+        try:
+            import uvicorn
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError("uvicorn", "server", "framepipe serve") from exc
 
         uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower(),
                     timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))

@@ -14,7 +14,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from framepipe.backends.state import StateStore
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore, events
 from framepipe.events import Event
 from framepipe.jobs.records import list_events
 from framepipe.logs import get_logger
@@ -60,11 +62,8 @@ class EventFeed:
 
     def _newest(self) -> int:
         with self.store.read() as conn:
-            from sqlalchemy import func, select
-
-            from framepipe.backends.state import events
-
-            return int(conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0)))
+                       .scalar_one())
 
     async def _tail(self) -> None:
         while True:
