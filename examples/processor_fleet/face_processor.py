@@ -12,9 +12,12 @@ is ever downloaded. dlib comes from the ``dlib-bin`` wheel::
 Each frame: the JPEG is decoded, small images (narrower than ``--upscale-below`` px, default
 300) are upscaled x2 so that HOG finds small faces, faces are detected, their 128-d encodings
 computed and, when known faces were given, matched by Euclidean distance (``--tolerance``, 0.6).
-The work runs in a worker thread, off the event loop. dlib 20's ``compute_face_descriptor``
-holds the GIL, so more threads in one process do not add throughput: run more processes
-(``--id face-recognition-2`` ...) and the registry spreads frames over them by free capacity.
+The dlib work is :class:`framepipe.processors.faces.FaceAnalyzer`'s (shared with the doorbell
+example); a known-face image that is unreadable or shows no face is skipped with a warning, and
+of several faces the largest is taken. The work runs in a worker thread, off the event loop.
+dlib 20's ``compute_face_descriptor`` holds the GIL, so more threads in one process do not add
+throughput: run more processes (``--id face-recognition-2`` ...) and the registry spreads frames
+over them by free capacity.
 
 SIGTERM or Ctrl-C stops it gracefully (frames in flight finish, then it deregisters; exit 0).
 """
@@ -24,33 +27,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import os
-import queue
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import cv2
-import numpy as np
-import numpy.typing as npt
 
 from framepipe.errors import FramepipeError
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorClient
-
-try:
-    import dlib  # type: ignore[import-untyped]
-except ImportError as _exc:  # pragma: no cover - depends on the environment
-    raise SystemExit(f"dlib is missing ({_exc}): pip install dlib-bin face_recognition_models"
-                     ) from _exc
+from framepipe.processors.faces import (
+    MODEL_FILES,
+    Face,
+    FaceAnalyzer,
+    FaceMatcher,
+    KnownFace,
+    load_known_faces,
+    model_path,
+)
 
 __all__ = [
     "CAPABILITIES",
+    "MODEL_FILES",
     "RESULT_STREAM",
     "FaceRecognitionProcessor",
     "KnownFace",
@@ -63,82 +63,6 @@ RESULT_STREAM = "faces:detected"
 DEFAULT_ID = "face-recognition-1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "framepipe:"
-MODEL_FILES = {
-    "landmarks5": "shape_predictor_5_face_landmarks.dat",
-    "landmarks68": "shape_predictor_68_face_landmarks.dat",
-    "encoder": "dlib_face_recognition_resnet_model_v1.dat",
-}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-RGB = npt.NDArray[np.uint8]
-Encoding = npt.NDArray[np.float64]
-
-
-def model_path(name: str) -> Path:
-    """The path of one of dlib's model files shipped in ``face_recognition_models``.
-
-    The package is located without importing it (its ``__init__`` imports the deprecated
-    ``pkg_resources``). Raises :class:`FileNotFoundError` saying what to install."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        path = Path(location) / "models" / name
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"dlib model {name!r} not found: the face_recognition_models "
-                            "package is missing (pip install face_recognition_models)")
-
-
-@dataclass(frozen=True)
-class KnownFace:
-    """A named face to recognise: its name (the file's stem) and 128-d encoding."""
-
-    name: str
-    encoding: Encoding
-    source: str
-
-
-@dataclass
-class _Detection:
-    box: tuple[int, int, int, int]
-    """left, top, right, bottom in the original image's pixels."""
-    score: float
-    encoding: Encoding
-
-
-class _Models:
-    """One set of dlib models. dlib's detector and network keep state while they run, so a
-    set is used by one thread at a time (they wait in a pool)."""
-
-    def __init__(self, landmarks: int) -> None:
-        predictor = MODEL_FILES["landmarks5" if landmarks == 5 else "landmarks68"]
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(str(model_path(predictor)))
-        self.encoder = dlib.face_recognition_model_v1(str(model_path(MODEL_FILES["encoder"])))
-
-    def analyse(self, rgb: RGB, *, scale: int, upsample: int) -> list[_Detection]:
-        """Detect the faces in ``rgb`` (already upscaled by ``scale``) and encode them."""
-        rects, scores, _ = self.detector.run(rgb, upsample, 0.0)
-        found: list[_Detection] = []
-        height, width = rgb.shape[:2]
-        for rect, score in zip(rects, scores, strict=True):
-            shape = self.predictor(rgb, rect)
-            encoding = np.asarray(self.encoder.compute_face_descriptor(rgb, shape),
-                                  dtype=np.float64)
-            box = (round(max(0, rect.left()) / scale), round(max(0, rect.top()) / scale),
-                   round(min(width, rect.right()) / scale),
-                   round(min(height, rect.bottom()) / scale))
-            found.append(_Detection(box, float(score), encoding))
-        return found
-
-
-def _prepare(bgr: npt.NDArray[np.uint8], upscale_below: int) -> tuple[RGB, int]:
-    """RGB image for dlib, upscaled x2 when narrower than ``upscale_below``; and the scale."""
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    scale = 2 if upscale_below and rgb.shape[1] < upscale_below else 1
-    if scale != 1:
-        rgb = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(rgb, dtype=np.uint8), scale
 
 
 class FaceRecognitionProcessor(ProcessorClient):
@@ -180,8 +104,10 @@ class FaceRecognitionProcessor(ProcessorClient):
         self.upsample = upsample
         self.include_encodings = include_encodings
         self.known: list[KnownFace] = []
-        self._known_matrix: Encoding = np.zeros((0, 128))
-        self._models: queue.SimpleQueue[_Models] = queue.SimpleQueue()
+        self.matcher = FaceMatcher((), tolerance)
+        self.analyzer = FaceAnalyzer(model="hog", landmarks=landmarks,
+                                     upscale_below=upscale_below, upsample=upsample,
+                                     sets=threads)
         self._executor: ThreadPoolExecutor | None = None
         self.frames_with_faces = 0
 
@@ -195,15 +121,11 @@ class FaceRecognitionProcessor(ProcessorClient):
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix=self.processor_id)
         loop = asyncio.get_running_loop()
         try:
-            sets = await asyncio.gather(*(loop.run_in_executor(executor, _Models, self.landmarks)
-                                          for _ in range(self.threads)))
-            for models in sets:
-                self._models.put(models)
+            await loop.run_in_executor(executor, self.analyzer.load)
             if self.known_dir is not None:
                 self.known = await loop.run_in_executor(executor, self._load_known,
                                                         self.known_dir)
-                if self.known:
-                    self._known_matrix = np.stack([k.encoding for k in self.known])
+                self.matcher = FaceMatcher(self.known, self.tolerance)
         except BaseException:
             executor.shutdown(wait=False, cancel_futures=True)
             raise
@@ -227,55 +149,26 @@ class FaceRecognitionProcessor(ProcessorClient):
 
     def _load_known(self, directory: Path) -> list[KnownFace]:
         """Encode the face in each ``<name>.jpg``/``.png`` of ``directory`` (the largest one
-        when there are several); an image without a face is skipped with a warning."""
+        when there are several); an unusable image is skipped with a warning."""
         if not directory.is_dir():
             raise FileNotFoundError(f"known faces directory {directory} does not exist")
-        models = self._models.get()
-        try:
-            known: list[KnownFace] = []
-            for path in sorted(directory.iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-                if bgr is None:
-                    self.log.warning("Known face %s: not a readable image; skipped", path)
-                    continue
-                rgb, scale = _prepare(np.asarray(bgr, dtype=np.uint8), self.upscale_below)
-                faces = models.analyse(rgb, scale=scale, upsample=self.upsample)
-                if not faces:  # try harder once: a known face is worth the time
-                    faces = models.analyse(rgb, scale=scale, upsample=self.upsample + 1)
-                if not faces:
-                    self.log.warning("Known face %s: no face found; skipped", path)
-                    continue
-                largest = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-                known.append(KnownFace(path.stem, largest.encoding, str(path)))
-            return known
-        finally:
-            self._models.put(models)
+        loaded = load_known_faces(directory, self.analyzer, multiple="largest")
+        for rejected in loaded.rejected:
+            self.log.warning("Known face %s: %s; skipped", rejected.source, rejected.reason)
+        return loaded.faces
 
-    def match(self, encoding: Encoding) -> tuple[str | None, float | None]:
+    def match(self, encoding: Any) -> tuple[str | None, float | None]:
         """The closest known face within ``tolerance`` (or None) and its distance (None when
         no faces are known)."""
-        if not self.known:
-            return None, None
-        distances = np.linalg.norm(self._known_matrix - encoding, axis=1)
-        best = int(np.argmin(distances))
-        distance = float(distances[best])
-        return (self.known[best].name if distance <= self.tolerance else None), distance
+        return self.matcher.match(encoding)
 
     # -- frames -------------------------------------------------------------------------------
 
-    def _analyse_frame(self, frame_data: dict[bytes, bytes]) -> tuple[list[_Detection],
+    def _analyse_frame(self, frame_data: dict[bytes, bytes]) -> tuple[list[Face],
                                                                      tuple[int, int]]:
         """Decode, upscale, detect and encode (in a worker thread)."""
         bgr = self.decode_image(frame_data)
-        rgb, scale = _prepare(bgr, self.upscale_below)
-        models = self._models.get()
-        try:
-            return (models.analyse(rgb, scale=scale, upsample=self.upsample),
-                    (int(bgr.shape[1]), int(bgr.shape[0])))
-        finally:
-            self._models.put(models)
+        return self.analyzer.analyse(bgr), (int(bgr.shape[1]), int(bgr.shape[0]))
 
     async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
         """Detect, encode and name the faces of one frame (see the class docstring)."""
@@ -287,8 +180,8 @@ class FaceRecognitionProcessor(ProcessorClient):
         faces: list[dict[str, Any]] = []
         for detection in detections:
             name, distance = self.match(detection.encoding)
-            face: dict[str, Any] = {"box": list(detection.box),
-                                    "score": round(detection.score, 4), "name": name,
+            face: dict[str, Any] = {"box": detection.box.as_list(),
+                                    "score": round(detection.box.score, 4), "name": name,
                                     "distance": None if distance is None else round(distance, 4)}
             if self.include_encodings:
                 face["encoding"] = [round(float(v), 6) for v in detection.encoding]
