@@ -207,24 +207,32 @@ def test_objects_upload_download_limits_and_keys(server: Server) -> None:
 
 
 def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
-    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as client:
             created = await client.post("/api/executions", json={
                 "pipeline": "svc_demo", "inputs": {"steps": 8, "pause": 0.15}})
             execution_id = created.json()["id"]
         ws_url = f"ws://127.0.0.1:{server.port}/ws?execution_id={execution_id}&token={TOKEN}"
         seen: list[dict[str, Any]] = []
+        summaries: list[dict[str, Any]] = []
         async with websockets.connect(ws_url) as ws:
             snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if message["type"] == "pipeline:progress":  # the seed's summary message
+                    summaries.append(message)
+                    if message["step_key"] is None:
+                        break
+                    continue
                 assert message["type"] == "event"
                 seen.append(message["event"])
-                if message["event"]["type"] == "execution.completed":
-                    break
-        return snapshot, seen
+        return snapshot, seen, summaries
 
-    snapshot, seen = asyncio.run(scenario())
+    snapshot, seen, summaries = asyncio.run(scenario())
+    overall = [m["progress"] for m in summaries]
+    assert overall == sorted(overall) and overall[-1] == 100.0
+    assert {m["step_key"] for m in summaries} == {"count", "gate", None}
+    assert any(0 < m["step_progress"] < 100 for m in summaries if m["step_key"] == "count")
     assert snapshot["type"] == "snapshot"
     assert snapshot["execution"]["pipeline"] == "svc_demo"
     assert snapshot["execution"]["status"] == "running"

@@ -41,7 +41,9 @@
     ├── ModelError                   a model adapter's call failed; names the model (script, URL)
     │   ├── ModelTimeoutError        no result within the adapter's timeout (its processes killed)
     │   └── ModelOutputError         the model ran but its answer breaks the protocol
-    └── MediaError                   a media file cannot be read or written; names the path
+    ├── MediaError                   a media file cannot be read or written; names the path
+    └── DetectorError                a host-side detector (SD import) failed a request; names it
+        └── DetectorUnavailableError the detector is not connected, or disconnected mid-request
 
 Every error that concerns a step names the pipeline and the step key in its message and
 carries them as attributes, so logs, events and the CLI can show them without parsing.
@@ -56,6 +58,8 @@ __all__ = [
     "CaptureExitedError",
     "CircuitOpenError",
     "ConfigError",
+    "DetectorError",
+    "DetectorUnavailableError",
     "ExecutionError",
     "ExecutionFailedError",
     "ExecutionNotFoundError",
@@ -390,3 +394,21 @@ class MediaError(FramepipeError):
         self.path = Path(path)
         self.reason = message
         super().__init__(f"{self.path}: {message}")
+
+
+class DetectorError(FramepipeError):
+    """A host-side detector (the SD-card import's card reader process) refused or failed a
+    request; ``detector_id`` names the detector and ``session_id`` the card session, when
+    known, and the message says which file and why."""
+
+    def __init__(self, message: str, *, detector_id: str | None = None,
+                 session_id: str | None = None) -> None:
+        self.detector_id = detector_id
+        self.session_id = session_id
+        where = f"detector {detector_id!r}" if detector_id else "detector"
+        super().__init__(f"{where}: {message}")
+
+
+class DetectorUnavailableError(DetectorError):
+    """No detector owning the session is connected (within the wait), or it disconnected
+    while a request was waiting for its answer: retrying once it is back may succeed."""

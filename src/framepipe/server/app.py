@@ -54,6 +54,7 @@ from framepipe.jobs.records import (
 )
 from framepipe.logs import get_logger
 from framepipe.server.dashboard import mount_dashboard
+from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
 
 try:
@@ -138,14 +139,31 @@ def _execution(info: ExecutionInfo, *, with_steps: bool) -> dict[str, Any]:
     return out
 
 
+def _pipeline_progress(event: Event) -> dict[str, Any]:
+    """The seed's ``pipeline:progress`` message: a step's progress and its execution's
+    (``progress``, never decreasing within one WebSocket: the sender keeps the highest)."""
+    data = event.data
+    if event.type == "execution.completed":
+        return {"type": "pipeline:progress", "execution_id": event.execution_id,
+                "step_key": None, "step_progress": None, "progress": data.get("progress"),
+                "message": "completed"}
+    return {"type": "pipeline:progress", "execution_id": event.execution_id,
+            "step_key": event.step_key,
+            "step_progress": 100.0 if event.type == "step.completed" else data.get("progress"),
+            "progress": data.get("execution_progress"), "message": data.get("message")}
+
+
 def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline] = (),
                token: str | None = None, store: StateStore | None = None,
-               objects: ObjectStore | None = None, apps: Sequence[App] = ()) -> FastAPI:
+               objects: ObjectStore | None = None, apps: Sequence[App] = (),
+               detector_hub: DetectorHub | None = None) -> FastAPI:
     """The service over ``settings``' state store and object store.
 
     ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``) is the
     bearer token. ``apps`` (live apps) run inside the service, which can then stop and start
     their sources; apps of other processes of this home are listed, not controlled.
+    ``detector_hub`` serves host-side detectors at ``/ws/detector`` (default: a hub without
+    handlers, which only tracks them; see :mod:`framepipe.server.detector`).
     Executions run in an engine inside the service process, or on workers when the settings
     say so (``jobs_mode``)."""
     settings = settings or load_settings()
@@ -156,6 +174,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         known[p.name] = p
     state: dict[str, Any] = {}
     hosted = {a.name: a for a in apps}
+    hub = detector_hub or DetectorHub()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +189,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         feed = EventFeed(st)
         await feed.start()
         registry = await _open_registry(settings)
+        hub.bind(engine, st)
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
                      registry=registry)
         for live_app in hosted.values():
@@ -178,6 +198,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         try:
             yield
         finally:
+            await hub.close()
             for live_app in hosted.values():
                 await live_app.stop()
             if registry is not None:
@@ -335,11 +356,21 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             await websocket.send_json({"type": "snapshot", "after": after, **snapshot})
 
             async def forward() -> None:
+                # Coalesced progress events of one commit may carry execution progress out of
+                # order; the highest seen so far is what a browser should show.
+                highest: dict[str | None, float] = {}
                 async for event in stream:
                     if event is None:
                         await websocket.send_json({"type": "lagged"})
                         return
                     await websocket.send_json({"type": "event", "event": event.to_dict()})
+                    if event.type in ("step.progress", "step.completed", "execution.completed"):
+                        message = _pipeline_progress(event)
+                        if message["progress"] is not None:
+                            message["progress"] = highest[event.execution_id] = max(
+                                float(message["progress"]),
+                                highest.get(event.execution_id, 0.0))
+                        await websocket.send_json(message)
 
             async def until_closed() -> None:
                 # The client sends nothing; this returns when it goes away (or the server
@@ -361,7 +392,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                     with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect,
                                              RuntimeError):
                         await task
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close()
 
     # -- metrics -----------------------------------------------------------------------------
@@ -488,7 +519,9 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         return Response(data, media_type="application/octet-stream")
 
     app.include_router(api)
+    mount_detector(app, hub, token, check_token)
     mount_dashboard(app)
+    app.state.detector_hub = hub
     app.state.framepipe = state
     app.state.pipelines = known
     return app

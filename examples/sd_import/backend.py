@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""The SD-import backend: framepipe's HTTP service with the detector WebSocket and the
+``sd_import`` pipeline.
+
+    FRAMEPIPE_API_TOKEN=change-me python examples/sd_import/backend.py \\
+        --shared /shared-videos --port 8000 [--small-limit 50MB]
+
+Detectors connect to ``ws://HOST:PORT/ws/detector``; browsers open ``http://HOST:PORT/`` (the
+dashboard) or ``ws://HOST:PORT/ws`` (``pipeline:progress`` and every event). On
+``sd:file_list`` the backend checks the list (a malformed one is answered with ``error`` and
+starts nothing), then starts one execution of ``sd_import`` per card insertion and answers
+``sd:status`` (``importing`` with the execution id). A card whose import still runs is
+answered ``already_importing`` with that execution's id: the running import copies
+everything new, so nothing is lost and nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from framepipe.config import Settings, load_settings
+from framepipe.errors import ExecutionNotFoundError
+from framepipe.jobs.loading import load_pipeline
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import get_execution
+from framepipe.server import create_app
+from framepipe.server.detector import DetectorHub, DetectorMessage
+
+__all__ = ["FileEntry", "FileList", "build_app", "make_hub", "parse_size"]
+
+HERE = Path(__file__).resolve().parent
+PIPELINE_REF = f"{HERE / 'sd_pipeline.py'}:sd_import"
+
+
+def parse_size(text: str) -> int:
+    """``50MB``, ``512KiB``, ``1000`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?i?b?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 50MB, 512KiB, 1000)")
+    unit = match.group(2).lower().rstrip("b").rstrip("i")
+    factor = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    return int(float(match.group(1)) * factor)
+
+
+class FileEntry(BaseModel):
+    """One file of a card, as the detector lists it (metadata only)."""
+
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1, max_length=1000)
+    size: int = Field(ge=0)
+    mtime: float
+    fingerprint: str = Field(min_length=8, max_length=128)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in value or ":" in value:
+            raise ValueError(f"path {value!r} must be relative to the card, with '/', "
+                             "and stay inside it")
+        return pure.as_posix()
+
+
+class FileList(BaseModel):
+    """``sd:file_list``."""
+
+    model_config = ConfigDict(extra="ignore")
+    session_id: str = Field(min_length=1, max_length=200)
+    card_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+    label: str = ""
+    files: list[FileEntry] = Field(max_length=100_000)
+
+
+def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
+             reconnect_wait: float = 30.0,
+             extra_inputs: dict[str, Any] | None = None) -> DetectorHub:
+    """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``."""
+    hub = DetectorHub(reconnect_wait=reconnect_wait)
+    running: dict[str, str] = {}  # card id -> execution id of its latest import
+
+    async def on_file_list(msg: DetectorMessage) -> None:
+        try:
+            listing = FileList.model_validate(msg.message)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                 for e in exc.errors(include_url=False))
+            await msg.reply({"type": "error", "session_id": msg.message.get("session_id"),
+                             "detail": f"sd:file_list rejected, nothing started: {problems}"})
+            return
+        previous = running.get(listing.card_id)
+        if previous is not None and hub.store is not None:
+            try:
+                info = await asyncio.to_thread(get_execution, hub.store, previous,
+                                               with_steps=False)
+                status = info.status.value
+            except ExecutionNotFoundError:
+                status = "gone"
+            if status in ("pending", "running"):
+                await msg.reply({"type": "sd:status", "session_id": listing.session_id,
+                                 "card_id": listing.card_id, "state": "already_importing",
+                                 "execution_id": previous})
+                return
+        inputs = {"hub": hub.id, "session_id": listing.session_id,
+                  "detector_id": msg.detector_id, "card_id": listing.card_id,
+                  "label": listing.label, "shared_dir": str(shared_dir),
+                  "small_limit": small_limit,
+                  "files": [f.model_dump() for f in listing.files], **(extra_inputs or {})}
+        execution_id = await msg.engine.submit(pipeline, inputs)
+        running[listing.card_id] = execution_id
+        await msg.reply({"type": "sd:status", "session_id": listing.session_id,
+                         "card_id": listing.card_id, "state": "importing",
+                         "execution_id": execution_id})
+
+    async def on_inserted(msg: DetectorMessage) -> None:
+        pass  # the hub already records the session's owner; the file list follows
+
+    hub.on("sd:file_list", on_file_list)
+    hub.on("detector:sd_inserted", on_inserted)
+    return hub
+
+
+def build_app(settings: Settings, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
+              token: str | None = None, reconnect_wait: float = 30.0) -> Any:
+    """The service: ``create_app`` with the ``sd_import`` pipeline and its detector hub."""
+    pipeline = load_pipeline(PIPELINE_REF)
+    hub = make_hub(pipeline, shared_dir=shared_dir, small_limit=small_limit,
+                   reconnect_wait=reconnect_wait)
+    return create_app(settings, pipelines=[pipeline], token=token, detector_hub=hub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, required=True,
+                        help="the shared folder as this machine sees it")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--small-limit", type=parse_size, default=50 * 1024**2,
+                        help="files smaller than this are QR-clip candidates (default 50MB)")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    settings = load_settings()
+    token = settings.api_token or os.environ.get("FRAMEPIPE_API_TOKEN")
+    if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")
+    args.shared.mkdir(parents=True, exist_ok=True)
+    app = build_app(settings, shared_dir=args.shared.resolve(), small_limit=args.small_limit,
+                    token=token)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""The SD-card detector: a small host process that sees cards and copies what the backend asks.
+
+    python examples/sd_import/detector.py --watch /media \\
+        --backend ws://127.0.0.1:8000/ws/detector --shared /shared-videos [--card E:\\ ...]
+
+Cards: every subfolder of a ``--watch`` folder is a card (``/media/$USER/*`` on Linux), and
+every ``--card`` folder (``E:\\`` on Windows) is one while it exists and holds files. The
+folders are polled (``--interval``, 1 s); a card counts once its listing is the same twice in a
+row ``--settle`` seconds apart (a card still mounting is not announced half-listed).
+
+For each new card it sends ``detector:sd_inserted`` and ``sd:file_list`` (path relative to the
+card with ``/``, size, mtime, and a cheap content fingerprint: BLAKE2b of the size and the
+first and last 64 KiB), and ``detector:sd_removed`` when it goes. It answers every
+``sd:copy_request`` by copying the file into the shared folder, one file at a time:
+
+* to a temporary name beside the target (``.NAME.part``), in chunks (``--max-rate`` limits
+  the speed), reporting ``sd:copy_progress``; then ``fsync``, then the copy's size and
+  fingerprint are checked against the listing, and only then is it renamed to its final name
+  (atomic on the same volume) and the folder synced: a final name is always a whole, checked
+  file; an interrupted copy leaves at most a ``.part`` file, which the next attempt overwrites;
+* ``sd:file_copied`` says ``ok: true`` with ``dest``, ``size`` and ``fingerprint``, or
+  ``ok: false`` with ``code`` (``vanished``: the file is no longer on the card; ``changed``:
+  its size or content differs from the listing; ``not_mounted``: the card is gone;
+  ``refused``: a path outside the card or the shared folder; ``io_error``) and ``error``;
+* a file already at its destination with the right size and fingerprint is not copied again.
+
+The backend never reads the card. The connection reconnects by itself with exponential
+backoff (the ``websockets`` client's); after a reconnect the detector says which cards it
+still has (``detector:hello``), so copies the backend retries reach it, and announces the cards
+the backend has not acknowledged yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from framepipe.jobs.ledger import file_fingerprint
+
+__all__ = ["Card", "Detector", "copy_file", "list_card"]
+
+log = logging.getLogger("sd_detector")
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mts", ".m2ts", ".m4v", ".mkv", ".insv", ".360")
+_IGNORED_DIRS = {"system volume information", "$recycle.bin", "lost+found"}
+
+
+# -- cards -----------------------------------------------------------------------------------
+
+def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[dict[str, Any]]:
+    """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
+    ``fingerprint``; hidden files and system folders skipped; sorted by path."""
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d.lower() not in _IGNORED_DIRS]
+        for name in names:
+            if name.startswith(".") or not name.lower().endswith(suffixes):
+                continue
+            path = Path(folder) / name
+            try:
+                st = path.stat()
+                fingerprint = file_fingerprint(path)
+            except OSError:  # vanished while listing: the next poll sees the truth
+                continue
+            out.append({"path": path.relative_to(root).as_posix(), "size": st.st_size,
+                        "mtime": st.st_mtime, "fingerprint": fingerprint})
+    return sorted(out, key=lambda e: e["path"])
+
+
+def card_label(root: Path) -> str:
+    """The folder's name, or the drive's letter for a drive root (``E:\\`` -> ``E``)."""
+    return root.name or root.drive.rstrip(":\\/") or "card"
+
+
+def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
+    """A stable id of a card: its label and the oldest file's identity (adding files to a card
+    keeps its id; another card with the same label gets another)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "card"
+    if not files:
+        return f"{safe}-empty"
+    first = min(files, key=lambda e: (e["mtime"], e["path"]))
+    digest = hashlib.blake2b(f"{first['path']}|{first['size']}|{first['fingerprint']}".encode(),
+                             digest_size=6).hexdigest()
+    return f"{safe}-{digest}"
+
+
+@dataclass
+class Card:
+    """One inserted card and its session (one per insertion)."""
+
+    root: Path
+    label: str
+    card_id: str
+    files: list[dict[str, Any]]
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    acknowledged: bool = False
+    removed: bool = False
+
+    def inserted(self) -> dict[str, Any]:
+        return {"type": "detector:sd_inserted", "session_id": self.session_id,
+                "card_id": self.card_id, "label": self.label, "root": str(self.root),
+                "file_count": len(self.files)}
+
+    def file_list(self) -> dict[str, Any]:
+        return {"type": "sd:file_list", "session_id": self.session_id, "card_id": self.card_id,
+                "label": self.label, "files": self.files}
+
+
+# -- copying -----------------------------------------------------------------------------------
+
+class CopyAborted(Exception):
+    """The connection the request came on closed: stop, the backend will ask again."""
+
+
+def _inside(base: Path, rel: str) -> Path | None:
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in rel:
+        return None
+    path = base.joinpath(*pure.parts)
+    return path if path.resolve().is_relative_to(base.resolve()) else None
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "posix":  # Windows cannot open a folder for fsync; its rename is durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
+              fingerprint: str, abort: threading.Event | None = None,
+              progress: Callable[[int], None] | None = None,
+              max_rate: float | None = None) -> dict[str, Any]:
+    """Copy ``rel`` of ``card`` to ``dest_rel`` under ``shared`` (temp name, fsync, check
+    size and fingerprint, atomic rename); the ``sd:file_copied`` fields."""
+    src = _inside(card.root, rel)
+    dst = _inside(shared, dest_rel)
+    if src is None or dst is None:
+        return {"ok": False, "code": "refused",
+                "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder"}
+    if card.removed or not card.root.is_dir():
+        return {"ok": False, "code": "not_mounted", "error": f"card {card.card_id} is not "
+                f"mounted at {card.root} any more"}
+    if not src.is_file():
+        return {"ok": False, "code": "vanished", "error": f"{rel} is no longer on the card"}
+    if dst.is_file() and dst.stat().st_size == size and file_fingerprint(dst) == fingerprint:
+        return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint,
+                "already": True}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.part")
+    chunk = 1 << 20 if not max_rate else max(4096, min(1 << 20, int(max_rate / 10)))
+    started = time.monotonic()
+    copied = 0
+    try:
+        with src.open("rb") as fin, tmp.open("wb") as fout:
+            while block := fin.read(chunk):
+                if abort is not None and abort.is_set():
+                    raise CopyAborted(rel)
+                fout.write(block)
+                copied += len(block)
+                if progress is not None:
+                    progress(copied)
+                if max_rate:
+                    ahead = copied / max_rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            fout.flush()
+            os.fsync(fout.fileno())
+        got = tmp.stat().st_size
+        if got != size or file_fingerprint(tmp) != fingerprint:
+            return {"ok": False, "code": "changed", "error": f"{rel} differs from the listing "
+                    f"(size {got}, listed {size}, or another fingerprint): insert the card "
+                    "again to list it anew"}
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except FileNotFoundError:
+        return {"ok": False, "code": "vanished", "error": f"{rel} vanished while copying"}
+    except OSError as exc:
+        return {"ok": False, "code": "io_error", "error": f"{rel}: {exc}"}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint}
+
+
+# -- the process -----------------------------------------------------------------------------
+
+class Detector:
+    """Watches folders for cards, talks to the backend, copies on request."""
+
+    def __init__(self, *, backend: str, shared: Path, token: str | None,
+                 watch: list[Path], cards: list[Path], detector_id: str,
+                 interval: float = 1.0, settle: float = 1.0,
+                 max_rate: float | None = None) -> None:
+        self.backend = backend
+        self.shared = shared
+        self.token = token
+        self.watch = watch
+        self.card_dirs = cards
+        self.detector_id = detector_id
+        self.interval = interval
+        self.settle = settle
+        self.max_rate = max_rate
+        self.cards: dict[Path, Card] = {}
+        self.ws: ClientConnection | None = None
+        self.copies: asyncio.Queue[tuple[ClientConnection, dict[str, Any]]] = asyncio.Queue()
+        self._abort = threading.Event()
+
+    # watching
+
+    def _roots(self) -> set[Path]:
+        roots: set[Path] = set()
+        for folder in self.watch:
+            with contextlib.suppress(OSError):
+                roots.update(p for p in folder.iterdir()
+                             if p.is_dir() and not p.name.startswith("."))
+        for card in self.card_dirs:
+            with contextlib.suppress(OSError):
+                if card.is_dir() and any(card.iterdir()):
+                    roots.add(card)
+        return roots
+
+    async def watch_cards(self) -> None:
+        pending: dict[Path, list[dict[str, Any]]] = {}
+        while True:
+            roots = await asyncio.to_thread(self._roots)
+            for root in list(self.cards):
+                if root not in roots:
+                    card = self.cards.pop(root)
+                    card.removed = True
+                    log.info("card %s removed from %s", card.card_id, root)
+                    await self._send({"type": "detector:sd_removed",
+                                      "session_id": card.session_id, "card_id": card.card_id})
+            for root in roots - set(self.cards):
+                files = await asyncio.to_thread(list_card, root)
+                if self.settle > 0 and pending.get(root) != files:
+                    pending[root] = files  # listed again after --settle before it counts
+                    continue
+                pending.pop(root, None)
+                label = card_label(root)
+                card = Card(root, label, card_id_of(label, files), files)
+                self.cards[root] = card
+                log.info("card %s inserted at %s: %d files", card.card_id, root, len(files))
+                await self._announce(card)
+            for root in list(pending):
+                if root not in roots:
+                    del pending[root]
+            await asyncio.sleep(self.settle if pending else self.interval)
+
+    async def _send(self, message: dict[str, Any], ws: ClientConnection | None = None) -> bool:
+        ws = ws or self.ws
+        if ws is None:
+            return False
+        try:
+            await ws.send(json.dumps(message))
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def _announce(self, card: Card) -> None:
+        if await self._send(card.inserted()):
+            await self._send(card.file_list())
+
+    # the connection
+
+    async def connection(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async for ws in connect(self.backend, additional_headers=headers, max_size=2**26,
+                                open_timeout=10):
+            try:
+                hello = {"type": "detector:hello", "detector_id": self.detector_id,
+                         "hostname": socket.gethostname(), "platform": platform.system(),
+                         "sessions": [{"session_id": c.session_id, "card_id": c.card_id,
+                                       "label": c.label} for c in self.cards.values()]}
+                await ws.send(json.dumps(hello))
+                self.ws = ws
+                self._abort = threading.Event()
+                log.info("connected to %s as %s", self.backend, self.detector_id)
+                for card in list(self.cards.values()):
+                    if not card.acknowledged:
+                        await self._announce(card)
+                async for raw in ws:
+                    await self._on_message(ws, raw)
+            except ConnectionClosed as exc:
+                log.warning("connection to the backend closed (%s); reconnecting", exc)
+            finally:
+                self._abort.set()  # a copy for this connection: the backend will ask again
+                self.ws = None
+
+    async def _on_message(self, ws: ClientConnection, raw: str | bytes) -> None:
+        try:
+            message = json.loads(raw)
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable message from the backend: %r", raw[:200])
+            return
+        if kind == "sd:copy_request":
+            await self.copies.put((ws, message))
+        elif kind == "sd:status":
+            for card in self.cards.values():
+                if card.session_id == message.get("session_id"):
+                    card.acknowledged = True
+            log.info("status of %s: %s %s", message.get("card_id") or message.get("session_id"),
+                     message.get("state"), message.get("execution_id", ""))
+        elif kind == "error":
+            log.warning("backend: %s", message.get("detail"))
+        elif kind != "detector:welcome":
+            log.info("ignored %s from the backend", kind)
+
+    async def copier(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            ws, request = await self.copies.get()
+            if ws is not self.ws:
+                continue  # asked on a connection that is gone: the backend asks again
+            await self._copy(loop, ws, request)
+
+    async def _copy(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection,
+                    request: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "sd:file_copied", "request_id": request.get("request_id"),
+                                 "session_id": request.get("session_id"),
+                                 "path": request.get("path")}
+        # By card id too: after a restart of this process the card has a new session, and the
+        # backend's retried copy still names the old one.
+        card = next((c for c in self.cards.values()
+                     if c.session_id == request.get("session_id")
+                     or c.card_id == request.get("card_id")), None)
+        if card is None:
+            await self._send({**reply, "ok": False, "code": "not_mounted",
+                              "error": f"no card with session {request.get('session_id')} is "
+                                       "inserted"}, ws)
+            return
+        last = [0.0]
+
+        def progress(done: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.2:
+                last[0] = now
+                message = {"type": "sd:copy_progress", "request_id": request.get("request_id"),
+                           "session_id": card.session_id, "bytes": done,
+                           "total": request.get("size")}
+                asyncio.run_coroutine_threadsafe(self._send(message, ws), loop)
+
+        log.info("copying %s of %s", request.get("path"), card.card_id)
+        try:
+            result = await asyncio.to_thread(
+                copy_file, card, str(request.get("path")), self.shared, str(request.get("dest")),
+                size=int(request.get("size", -1)), fingerprint=str(request.get("fingerprint")),
+                abort=self._abort, progress=progress, max_rate=self.max_rate)
+        except CopyAborted:
+            log.warning("copy of %s stopped: the connection closed", request.get("path"))
+            return
+        await self._send({**reply, **result}, ws)
+        log.info("copied %s: %s", request.get("path"), "ok" if result["ok"] else result["error"])
+
+    async def run(self) -> None:
+        self.shared.mkdir(parents=True, exist_ok=True)
+        tasks = [asyncio.create_task(self.watch_cards(), name="watch"),
+                 asyncio.create_task(self.connection(), name="connection"),
+                 asyncio.create_task(self.copier(), name="copier")]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            task.cancel()
+        for task in done:
+            task.result()  # a failed task fails the detector loudly
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--watch", type=Path, action="append", default=[],
+                        help="a folder whose subfolders are cards (repeatable)")
+    parser.add_argument("--card", type=Path, action="append", default=[],
+                        help="a folder that is a card while it exists, e.g. E:\\ (repeatable)")
+    parser.add_argument("--backend", required=True, help="ws://HOST:PORT/ws/detector")
+    parser.add_argument("--shared", type=Path, required=True,
+                        help="the shared folder as this machine sees it")
+    parser.add_argument("--token", default=os.environ.get("FRAMEPIPE_API_TOKEN"),
+                        help="the service's bearer token (default: FRAMEPIPE_API_TOKEN)")
+    parser.add_argument("--detector-id", default=socket.gethostname())
+    parser.add_argument("--interval", type=float, default=1.0, help="poll interval (s)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="a new card's listing must be unchanged this long (s); 0: at once")
+    parser.add_argument("--max-rate", type=float, default=None,
+                        help="copy at most this many bytes per second")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if not args.watch and not args.card:
+        parser.error("give --watch DIR and/or --card DIR")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s detector %(levelname)s %(message)s")
+    detector = Detector(backend=args.backend, shared=args.shared, token=args.token,
+                        watch=args.watch, cards=args.card, detector_id=args.detector_id,
+                        interval=args.interval, settle=args.settle, max_rate=args.max_rate)
+
+    async def run() -> None:
+        task = asyncio.create_task(detector.run())
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C only
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    except InvalidStatus as exc:
+        log.error("the backend refused the connection: %s", exc)  # noqa: TRY400
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The SD-card import pipeline (seed 002): new files only, QR clips first, bookings from the
+QR codes, every video rendered with intro, watermark and splash screen.
+
+One execution per card insertion. Its inputs come from the backend (``backend.py``) when a
+detector sends ``sd:file_list``: ``hub`` (the service's detector hub), ``session_id``,
+``detector_id``, ``card_id``, ``files`` (``path``, ``size``, ``mtime``, ``fingerprint`` each),
+``shared_dir`` (where copies land, as the backend sees it) and ``small_limit`` (bytes; smaller
+files are QR-clip candidates). Optional: ``intro`` and ``splash`` (video paths; default: title
+cards made here).
+
+Steps (``*`` = one instance per file)::
+
+    plan            the ledger drops what was imported; copy* for every new small file
+    copy*           the detector copies one file into the shared folder; verified here
+                    (size, fingerprint); a QR candidate then gets scan_qr*, a video of a
+                    booking extract_metadata* -> render* (spawned at once, so rendering starts
+                    while later files are still copying)
+    scan_qr*        decode_qr on a copied small file: a booking, nothing, or a problem
+    assign          (after every scan) files in time order, each QR clip starting a jump; the
+                    jump's remaining new files are copied, each a copy* with its booking
+    extract_metadata*, render*
+    summary         (at the end) what was imported, what was held and why
+
+The ledger (``fp_ledger``, namespace ``sd_import``: the seed's ``imported_file`` table) holds
+a file once it is copied, verified and belongs to a booking (QR clips: once their code is read;
+namespace ``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new
+videos to a jump whose QR clip was imported before). Entries are committed with the step's
+completion, so a failed or interrupted copy is never taken as imported. A file is identified
+by its size and content fingerprint, not its path: a card mounted elsewhere is the same card.
+
+Files held (not imported, copied again at the next insertion): videos with no QR clip before
+them, after an unreadable or unrecognised QR clip, or after two QR clips of different
+bookings. Files that vanished between listing and copy are reported ``missing``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import cv2
+import numpy as np
+
+from framepipe import Pipeline, StepContext
+from framepipe.errors import DetectorError, MediaError
+from framepipe.jobs.ledger import file_fingerprint
+from framepipe.media import concat, decode_qr, probe, stitch, watermark
+from framepipe.server.detector import get_hub
+
+__all__ = ["QR_NAMESPACE", "parse_booking", "sd_import", "title_card"]
+
+QR_NAMESPACE = "sd_import.qr"
+COPY_RETRIES = 4
+
+sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos (seed 002)")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def identity(entry: Mapping[str, Any]) -> str:
+    """A file's ledger identity: its size and content fingerprint."""
+    return f"{int(entry['size'])}:{entry['fingerprint']}"
+
+
+def parse_booking(text: str) -> dict[str, str] | None:
+    """The booking in a QR code's text, or None if the text is not a booking.
+
+    Accepted: ``{"booking_id": "...", "passenger": "..."}`` (JSON) or ``BOOKING;PASSENGER``."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if (isinstance(data, dict) and isinstance(data.get("booking_id"), str)
+                and isinstance(data.get("passenger"), str)
+                and data["booking_id"].strip() and data["passenger"].strip()):
+            return {"booking_id": data["booking_id"].strip(),
+                    "passenger": data["passenger"].strip()}
+        return None
+    booking, sep, passenger = text.partition(";")
+    if sep and booking.strip() and passenger.strip():
+        return {"booking_id": booking.strip(), "passenger": passenger.strip()}
+    return None
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
+
+
+def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: float = 25,
+               seconds: float = 1.0) -> Path:
+    """A still title card (white text on dark blue) of ``seconds`` as an H.264 MP4."""
+    width, height = size
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:] = (90, 40, 20)
+    scale = max(0.3, height / 360)
+    thickness = max(1, round(2 * scale))
+    step = int(40 * scale)
+    top = height // 2 - step * (len(lines) - 1) // 2
+    for i, line in enumerate(lines):
+        (tw, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        cv2.putText(image, line, (max(0, (width - tw) // 2), top + i * step),
+                    cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    still = dst.with_suffix(".png")
+    cv2.imwrite(str(still), image)
+    count = max(1, round(seconds * fps))
+    return stitch([still] * count, dst, fps=fps, preset="ultrafast")
+
+
+def _shared(ctx: StepContext, dest: str) -> Path:
+    return Path(ctx.inputs["shared_dir"]).joinpath(*PurePosixPath(dest).parts)
+
+
+def _file(ctx: StepContext, path: str) -> dict[str, Any]:
+    for entry in ctx.inputs["files"]:
+        if entry["path"] == path:
+            return dict(entry)
+    raise KeyError(f"{path!r} is not in the card's file list")
+
+
+def _spawn_processing(ctx: StepContext, path: str, booking: Mapping[str, str],
+                      after: str | None) -> None:
+    params = {"path": path, "booking_id": booking["booking_id"],
+              "passenger": booking["passenger"]}
+    meta = ctx.spawn_step("extract_metadata", params={"path": path},
+                          depends_on=[after] if after else None)
+    ctx.spawn_step("render", params=params, depends_on=[meta])
+
+
+# -- steps -----------------------------------------------------------------------------------
+
+@sd_import.step(weight=0.5)
+def plan(ctx: StepContext) -> dict[str, Any]:
+    """Drop what the ledger holds; copy the new small files first (QR candidates)."""
+    files = ctx.inputs.get("files")
+    if not isinstance(files, list):
+        raise TypeError("input 'files' must be the card's file list")
+    for n, entry in enumerate(files):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("path"), str)
+                or not isinstance(entry.get("size"), int)
+                or not isinstance(entry.get("fingerprint"), str)):
+            raise TypeError(f"file list entry {n} ({entry!r}) needs path, size, fingerprint")
+    limit = int(ctx.inputs.get("small_limit", 50 * 1024 * 1024))
+    ids = {e["path"]: identity(e) for e in files}
+    new_ids = set(ctx.ledger.filter_new(ids.values()))
+    qr_ledger = ctx.get_ledger(QR_NAMESPACE)
+    known_qr: dict[str, dict[str, Any]] = {}
+    for path, ident in ids.items():
+        if ident not in new_ids:
+            entry = qr_ledger.get(ident)
+            if entry is not None:
+                known_qr[path] = dict(entry.meta)
+    new = [e for e in files if ids[e["path"]] in new_ids]
+    small = [e for e in new if e["size"] < limit]
+    for e in small:
+        ctx.spawn_step("copy", params={"path": e["path"]})
+    ctx.progress(100, f"{len(new)} new of {len(files)} files, {len(small)} small")
+    return {"plan": {"card_id": ctx.inputs.get("card_id"), "files": len(files),
+                     "new": [e["path"] for e in new], "small": [e["path"] for e in small],
+                     "known_qr": known_qr}}
+
+
+@sd_import.step(retries=COPY_RETRIES, retry_delay=1.0, weight=1.0)
+async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = None) -> dict[
+        str, Any]:
+    """Ask the detector for one file; verify the copy; spawn what comes next.
+
+    A file the detector no longer finds is ``missing`` (not retried: listing it again is the
+    detector's job). Anything else that goes wrong (the detector gone, a short copy, a wrong
+    fingerprint) raises, and the step is retried."""
+    entry = _file(ctx, path)
+    hub = get_hub(ctx.inputs["hub"])
+    dest = f"{ctx.inputs['card_id']}/{path}"
+    size = int(entry["size"])
+
+    def on_progress(message: Mapping[str, Any]) -> None:
+        done = int(message.get("bytes", 0))
+        ctx.progress(99 * done / size if size else 0, f"copying {path}")
+
+    answer = await hub.request(
+        ctx.inputs["session_id"],
+        {"type": "sd:copy_request", "card_id": ctx.inputs["card_id"], "path": path,
+         "dest": dest, "size": size,
+         "fingerprint": entry["fingerprint"]},
+        what=f"the copy of {path}", on_progress=on_progress)
+    if not answer.get("ok"):
+        if answer.get("code") == "vanished":
+            ctx.log.warning("%s vanished from the card before it was copied", path)
+            return {f"copied/{path}": {"status": "missing", "error": answer.get("error")}}
+        raise DetectorError(f"copy of {path} failed: {answer.get('error', 'no reason given')}",
+                            detector_id=hub.owner(ctx.inputs["session_id"]),
+                            session_id=ctx.inputs["session_id"])
+    local = _shared(ctx, dest)
+    if not local.is_file():
+        raise DetectorError(f"says {path} was copied, but {local} does not exist (is the "
+                            "shared folder the same on both sides?)",
+                            session_id=ctx.inputs["session_id"])
+    got_size = local.stat().st_size
+    if got_size != size or file_fingerprint(local) != entry["fingerprint"]:
+        raise DetectorError(f"copy of {path} at {local} does not match the card's file "
+                            f"(size {got_size} of {size}, or another fingerprint)",
+                            session_id=ctx.inputs["session_id"])
+    if booking is None:
+        ctx.spawn_step("scan_qr", params={"path": path}, depends_on=[ctx.step_key])
+    else:
+        ctx.ledger.record(identity(entry), size=size,
+                          meta={"path": path, "card_id": ctx.inputs["card_id"], "dest": dest,
+                                "kind": "video", **booking})
+        _spawn_processing(ctx, path, booking, ctx.step_key)
+    ctx.progress(100, f"copied {path}")
+    return {f"copied/{path}": {"status": "copied", "dest": dest, "size": size}}
+
+
+@sd_import.step(weight=0.5)
+def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
+    """Read a QR code from a copied small file; a booking is recorded with the clip."""
+    dest = ctx.data[f"copied/{path}"]["dest"]
+    result = decode_qr(_shared(ctx, dest), every=2, stop_after=3,
+                       progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
+    out: dict[str, Any]
+    if result is None:
+        out = {"status": "none"}
+    elif not result.readable:
+        out = {"status": "unreadable", "frames": list(result.unreadable_frames[:10])}
+    elif result.ambiguous:
+        out = {"status": "ambiguous", "texts": result.texts}
+    else:
+        booking = parse_booking(result.texts[0])
+        if booking is None:
+            out = {"status": "unrecognised", "text": result.texts[0][:200]}
+        else:
+            out = {"status": "booking", **booking}
+            entry = _file(ctx, path)
+            meta = {"path": path, "card_id": ctx.inputs["card_id"], "dest": dest,
+                    "kind": "qr", **booking}
+            ctx.ledger.record(identity(entry), size=entry["size"], meta=meta)
+            ctx.get_ledger(QR_NAMESPACE).record(identity(entry), size=entry["size"], meta=booking)
+    return {f"qr/{path}": out}
+
+
+@sd_import.step(depends_on=["plan", "scan_qr"], weight=0.5)
+def assign(ctx: StepContext) -> dict[str, Any]:
+    """Group the card's files into jumps (each QR clip starts one, in time order) and copy and
+    render the new videos of each jump; hold those whose booking cannot be told."""
+    plan_data = ctx.data["plan"]
+    new = set(plan_data["new"])
+    small = set(plan_data["small"])
+    known_qr: dict[str, dict[str, str]] = plan_data["known_qr"]
+    files = sorted(ctx.inputs["files"], key=lambda e: (float(e.get("mtime", 0)), e["path"]))
+    jumps: list[dict[str, Any]] = []
+    held: list[dict[str, str]] = []
+    problems: list[str] = []
+    current: dict[str, Any] | None = None  # the jump new videos belong to
+    reason = "no QR clip before it"
+    qr_run: list[str] = []  # QR clips in a row, no video between them
+    for entry in files:
+        path = entry["path"]
+        scan = ctx.data.get(f"qr/{path}")
+        if ctx.data.get(f"copied/{path}", {}).get("status") == "missing":
+            problems.append(f"{path}: vanished from the card before it was copied")
+            continue
+        status = scan["status"] if scan else ("booking" if path in known_qr else "none")
+        if status in ("unreadable", "ambiguous", "unrecognised"):
+            assert scan is not None
+            detail = {"unreadable": "a QR code that cannot be read",
+                      "ambiguous": f"several QR codes ({', '.join(scan.get('texts', []))})",
+                      "unrecognised": f"a QR code that is no booking ({scan.get('text')!r})"
+                      }[status]
+            problems.append(f"{path}: {detail}")
+            current, qr_run = None, []
+            reason = f"after {path}, which holds {detail}"
+            continue
+        if status == "booking":
+            found = ({"booking_id": scan["booking_id"], "passenger": scan["passenger"]}
+                     if scan else known_qr[path])
+            if qr_run and current is None and reason.startswith("after two QR clips"):
+                qr_run.append(path)  # more codes after a conflicting pair: still conflicting
+            elif qr_run and current is not None and current["booking_id"] != found["booking_id"]:
+                problems.append(f"{current['qr_clip']} ({current['booking_id']}) and {path} "
+                                f"({found['booking_id']}): two QR clips of different bookings "
+                                "with no video between them")
+                if jumps and jumps[-1] is current:
+                    jumps.pop()
+                current = None
+                reason = f"after two QR clips of different bookings ({qr_run[-1]}, {path})"
+                qr_run.append(path)
+            elif qr_run and current is not None:
+                qr_run.append(path)  # the same code filmed twice: one jump
+            else:
+                current = {**found, "qr_clip": path, "videos": []}
+                jumps.append(current)
+                qr_run = [path]
+            continue
+        qr_run = []
+        if path not in new:
+            continue
+        if current is None:
+            held.append({"path": path, "reason": reason})
+            continue
+        booking = {"booking_id": current["booking_id"], "passenger": current["passenger"]}
+        current["videos"].append(path)
+        if path in small:  # copied already, as a QR candidate
+            ctx.ledger.record(identity(entry), size=entry["size"],
+                              meta={"path": path, "card_id": ctx.inputs["card_id"],
+                                    "dest": ctx.data[f"copied/{path}"]["dest"],
+                                    "kind": "video", **booking})
+            _spawn_processing(ctx, path, booking, None)
+        else:
+            ctx.spawn_step("copy", params={"path": path, "booking": booking})
+    return {"assign": {"jumps": [j for j in jumps if j["videos"] or j["qr_clip"] not in
+                                 known_qr],
+                       "held": held, "problems": problems}}
+
+
+@sd_import.step(weight=0.5)
+def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
+    """Probe the copied video."""
+    dest = ctx.data[f"copied/{path}"]["dest"]
+    info = probe(_shared(ctx, dest))
+    width, height = info.display_size
+    return {f"meta/{path}": {"duration": info.duration, "fps": info.fps, "frames": info.frames,
+                             "width": width, "height": height, "size": info.size,
+                             "video_codec": info.video_codec}}
+
+
+@sd_import.step(weight=3.0)
+def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict[str, Any]:
+    """Intro + the video watermarked with passenger and booking + splash screen, uploaded to
+    ``bookings/<booking>/<file>.mp4``."""
+    dest = ctx.data[f"copied/{path}"]["dest"]
+    meta = ctx.data[f"meta/{path}"]
+    src = _shared(ctx, dest)
+    work = ctx.tempdir()
+    size = (meta["width"] - meta["width"] % 2, meta["height"] - meta["height"] % 2)
+    fps = float(meta["fps"]) or 25.0
+    intro = (Path(ctx.inputs["intro"]) if ctx.inputs.get("intro")
+             else title_card(work / "intro.mp4", ["Tandem jump", passenger], size, fps=fps))
+    splash = (Path(ctx.inputs["splash"]) if ctx.inputs.get("splash")
+              else title_card(work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"],
+                              size, fps=fps))
+    ctx.progress(10, "title cards")
+    marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
+                       position="bottom-left", margin=4, preset="ultrafast",
+                       progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
+    try:
+        final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
+                       height=size[1], fps=fps, preset="ultrafast",
+                       progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
+    except MediaError as exc:
+        raise MediaError(src, f"rendering failed: {exc.reason}") from exc
+    key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
+    info = ctx.objects.put_file(key, final)
+    ctx.progress(100, f"uploaded {key}")
+    return {f"render/{path}": {"key": key, "size": info.size, "booking_id": booking_id}}
+
+
+@sd_import.step(depends_on=["assign", "copy", "scan_qr", "extract_metadata", "render"],
+                weight=0.1)
+def summary(ctx: StepContext) -> dict[str, Any]:
+    """What this insertion imported, held and found wrong; told to the detector too."""
+    data = ctx.data
+    assigned = data.get("assign", {"jumps": [], "held": [], "problems": []})
+    rendered = {k.removeprefix("render/"): v for k, v in data.items()
+                if k.startswith("render/")}
+    copied = [k.removeprefix("copied/") for k, v in data.items()
+              if k.startswith("copied/") and v.get("status") == "copied"]
+    bookings: dict[str, dict[str, Any]] = {}
+    for jump in assigned["jumps"]:
+        b = bookings.setdefault(jump["booking_id"], {"passenger": jump["passenger"],
+                                                     "videos": [], "outputs": []})
+        for video in jump["videos"]:
+            b["videos"].append(video)
+            if video in rendered:
+                b["outputs"].append(rendered[video]["key"])
+    if not data["plan"]["new"]:
+        status = "nothing_new"
+    elif assigned["held"] or assigned["problems"]:
+        status = "needs_attention"
+    else:
+        status = "imported"
+    result = {"status": status, "card_id": ctx.inputs.get("card_id"),
+              "copied": sorted(copied), "bookings": bookings, "held": assigned["held"],
+              "problems": assigned["problems"]}
+    hub_id = ctx.inputs.get("hub")
+    if hub_id:
+        try:
+            get_hub(hub_id).send_sync(ctx.inputs["session_id"], {
+                "type": "sd:status", "state": status, "execution_id": ctx.execution_id,
+                "summary": result})
+        except Exception as exc:  # a notice only: the detector may be gone
+            ctx.log.info("status not sent to the detector: %s", exc)
+    return {"summary": result}

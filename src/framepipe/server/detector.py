@@ -1,0 +1,470 @@
+"""Host-side detectors over a WebSocket: the generic half of the SD-card import protocol.
+
+A *detector* is a small process on the machine that has the card reader (see
+``examples/sd_import/detector.py``). It connects to ``/ws/detector`` of the service with the
+service's bearer token (``Authorization: Bearer`` or ``?token=``), says who it is, announces
+cards (*sessions*) and answers requests the backend sends it. The backend never reads the card:
+it asks the detector to copy files into a shared folder and waits for the answer.
+
+Every message is one JSON object in a text frame with a ``type``::
+
+    detector -> backend  {"type": "detector:hello", "detector_id": "host-1", "sessions": [...]}
+    backend -> detector  {"type": "detector:welcome", "hub_id": "..."}
+    detector -> backend  {"type": "detector:sd_inserted", "session_id": "...", ...}
+    detector -> backend  {"type": "sd:file_list", "session_id": "...", "files": [...]}
+    backend -> detector  {"type": "sd:copy_request", "request_id": "...", "session_id": "...",
+                          "path": "DCIM/0001.MP4", "dest": "...", ...}
+    detector -> backend  {"type": "sd:copy_progress", "request_id": "...", "bytes": N,
+                          "total": M}
+    detector -> backend  {"type": "sd:file_copied", "request_id": "...", "ok": true, ...}
+
+What :class:`DetectorHub` guarantees:
+
+* a connection that does not present the token is closed (code 1008) before anything is read;
+  the first message must be ``detector:hello`` with a ``detector_id``, else it is closed
+  (1008) with the reason; a detector that connects again with the same id replaces its older
+  connection;
+* a message that is not a JSON object with a ``type`` is answered with ``{"type": "error"}``
+  naming the problem, and the connection stays open: one bad message loses nothing else;
+* every message carrying a ``session_id`` makes its sender the owner of that session (a
+  reconnecting detector lists its sessions in ``detector:hello``), so :meth:`DetectorHub.request`
+  reaches the detector that has the card now;
+* a request waits for the answer carrying its ``request_id``. When the owner is not connected
+  it waits ``reconnect_wait`` seconds for it to come back; when the owner disconnects while the
+  request waits, the request fails at once with :class:`DetectorUnavailableError` naming the
+  detector, the session and what was asked; a request never waits longer than its timeout;
+* other message types go to the handlers registered with :meth:`DetectorHub.on` (an app's own
+  logic, e.g. starting an import on ``sd:file_list``); a handler that raises is logged and the
+  detector gets an ``error`` message; a type with no handler is answered with ``error``.
+
+Requests are made on the service's event loop (an ``async`` step of an engine running in the
+service) or from any thread with :meth:`DetectorHub.request_sync`. Steps find the hub of
+their service with :func:`get_hub` from the id the hub gave them (``hub.id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
+from framepipe.logs import get_logger
+
+try:
+    from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the detector endpoint") from exc
+
+if TYPE_CHECKING:
+    from framepipe.backends.state import StateStore
+    from framepipe.jobs.engine import JobEngine
+
+__all__ = ["DetectorConnection", "DetectorHub", "DetectorMessage", "Handler", "get_hub",
+           "mount_detector"]
+
+_log = get_logger("server.detector")
+_hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
+
+ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+def get_hub(hub_id: str) -> DetectorHub:
+    """The live hub with id ``hub_id`` in this process.
+
+    Raises :class:`DetectorUnavailableError` when there is none: the step asking runs in
+    another process than the service the detectors are connected to (run the steps that talk
+    to detectors in the service's engine)."""
+    hub = _hubs.get(hub_id)
+    if hub is None:
+        raise DetectorUnavailableError(
+            f"no detector hub {hub_id!r} in this process: a step that talks to a detector must "
+            "run in the service the detector is connected to")
+    return hub
+
+
+@dataclass
+class DetectorConnection:
+    """One connected detector."""
+
+    detector_id: str
+    websocket: WebSocket
+    hello: dict[str, Any]
+    connected_at: float = field(default_factory=time.time)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Send one message; raises :class:`DetectorUnavailableError` if the connection is
+        gone."""
+        if self.closed.is_set():
+            raise DetectorUnavailableError("disconnected", detector_id=self.detector_id)
+        try:
+            async with self.lock:
+                await self.websocket.send_text(json.dumps(message))
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            raise DetectorUnavailableError(f"disconnected ({exc})",
+                                           detector_id=self.detector_id) from exc
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description (for ``GET /api/detectors``)."""
+        return {"detector_id": self.detector_id, "connected_at": self.connected_at,
+                "hostname": self.hello.get("hostname"), "platform": self.hello.get("platform")}
+
+
+@dataclass
+class DetectorMessage:
+    """What a handler gets: the message, who sent it, and the service it arrived at."""
+
+    hub: DetectorHub
+    connection: DetectorConnection
+    message: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.message["type"])
+
+    @property
+    def detector_id(self) -> str:
+        return self.connection.detector_id
+
+    @property
+    def engine(self) -> JobEngine:
+        """The service's job engine (to submit an execution)."""
+        return self.hub.engine
+
+    async def reply(self, message: Mapping[str, Any]) -> None:
+        """Send ``message`` back to the detector that sent this one."""
+        await self.connection.send(message)
+
+
+Handler = Callable[[DetectorMessage], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    session_id: str
+    detector_id: str
+    what: str
+    on_progress: ProgressCallback | None
+
+
+class DetectorHub:
+    """Tracks the connected detectors and the sessions they own; carries requests to them.
+
+    ``reconnect_wait`` is how long a request waits for the owner of its session to connect;
+    ``request_timeout`` the default time to wait for an answer."""
+
+    def __init__(self, *, reconnect_wait: float = 30.0, request_timeout: float = 600.0) -> None:
+        self.id = uuid.uuid4().hex
+        self.reconnect_wait = reconnect_wait
+        self.request_timeout = request_timeout
+        self._handlers: dict[str, Handler] = {}
+        self._connections: dict[str, DetectorConnection] = {}
+        self._owners: dict[str, str] = {}  # session -> detector id
+        self._sessions: dict[str, dict[str, Any]] = {}  # session -> last announcement
+        self._pending: dict[str, _Pending] = {}
+        self._changed: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._engine: JobEngine | None = None
+        self.store: StateStore | None = None
+        _hubs[self.id] = self
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def on(self, message_type: str, handler: Handler) -> None:
+        """Call ``handler`` for every message of ``message_type`` (one handler per type)."""
+        if message_type in self._handlers:
+            raise ValueError(f"message type {message_type!r} already has a handler")
+        self._handlers[message_type] = handler
+
+    def bind(self, engine: JobEngine, store: StateStore) -> None:
+        """Attach the service's engine and store (done by ``create_app`` at start-up)."""
+        self._engine = engine
+        self.store = store
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Condition()
+
+    @property
+    def engine(self) -> JobEngine:
+        if self._engine is None:
+            raise RuntimeError("the detector hub is not bound to a running service")
+        return self._engine
+
+    async def close(self) -> None:
+        """Fail every waiting request and forget the connections (service shutdown)."""
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(DetectorUnavailableError(
+                    f"the service is shutting down while waiting for {pending.what}",
+                    detector_id=pending.detector_id, session_id=pending.session_id))
+        self._pending.clear()
+        for conn in list(self._connections.values()):
+            conn.closed.set()
+            with contextlib.suppress(Exception):
+                await conn.websocket.close(code=1001)
+        self._connections.clear()
+
+    # -- what is connected ----------------------------------------------------------------
+
+    def detectors(self) -> list[dict[str, Any]]:
+        """The connected detectors, each with the sessions it owns (cards not removed)."""
+        out = []
+        for conn in self._connections.values():
+            sessions = [self._sessions[s] for s, owner in self._owners.items()
+                        if owner == conn.detector_id and s in self._sessions]
+            out.append({**conn.describe(), "sessions": sessions})
+        return out
+
+    def owner(self, session_id: str) -> str | None:
+        """The id of the detector owning ``session_id`` (connected or not), or None."""
+        return self._owners.get(session_id)
+
+    def is_connected(self, detector_id: str) -> bool:
+        return detector_id in self._connections
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def _connection_for(self, session_id: str, wait: float) -> DetectorConnection:
+        assert self._changed is not None
+        deadline = time.monotonic() + wait
+        async with self._changed:
+            while True:
+                owner = self._owners.get(session_id)
+                conn = self._connections.get(owner) if owner is not None else None
+                if conn is not None and not conn.closed.is_set():
+                    return conn
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if owner is None:
+                        raise DetectorUnavailableError(
+                            f"no connected detector owns session {session_id!r}",
+                            session_id=session_id)
+                    raise DetectorUnavailableError(
+                        f"not connected (waited {wait:g}s for it to come back)",
+                        detector_id=owner, session_id=session_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+
+    async def request(self, session_id: str, message: Mapping[str, Any], *,
+                      answer_timeout: float | None = None, what: str | None = None,
+                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Send ``message`` (a dict with a ``type``) to the detector owning ``session_id`` and
+        return its answer: the next message from it with the same ``request_id`` (added here)
+        that is not a progress report. Progress reports (messages with the ``request_id`` and
+        a ``type`` ending in ``_progress``) go to ``on_progress``.
+
+        Raises :class:`DetectorUnavailableError` when no owner connects within
+        ``reconnect_wait`` or it disconnects before answering, and :class:`DetectorError`
+        when no answer comes within ``answer_timeout`` (default ``request_timeout``)."""
+        if self._loop is None:
+            raise RuntimeError("the detector hub is not bound to a running service")
+        if asyncio.get_running_loop() is not self._loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                self.request(session_id, message, answer_timeout=answer_timeout, what=what,
+                             on_progress=on_progress), self._loop))
+        timeout = self.request_timeout if answer_timeout is None else answer_timeout
+        what = what or str(message.get("type"))
+        started = time.monotonic()
+        conn = await self._connection_for(session_id, min(self.reconnect_wait, timeout))
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._pending[request_id] = _Pending(future, session_id, conn.detector_id, what,
+                                             on_progress)
+        try:
+            await conn.send({**message, "request_id": request_id, "session_id": session_id})
+            left = max(0.0, timeout - (time.monotonic() - started))
+            try:
+                return await asyncio.wait_for(future, left)
+            except TimeoutError:
+                raise DetectorError(f"no answer to {what} within {timeout:g}s",
+                                    detector_id=conn.detector_id,
+                                    session_id=session_id) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
+                     answer_timeout: float | None = None, what: str | None = None,
+                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """:meth:`request` from a thread that is not the service's event loop (a sync step)."""
+        if self._loop is None:
+            raise RuntimeError("the detector hub is not bound to a running service")
+        return asyncio.run_coroutine_threadsafe(
+            self.request(session_id, message, answer_timeout=answer_timeout, what=what,
+                         on_progress=on_progress), self._loop).result()
+
+    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
+        """Send ``message`` to the owner of ``session_id`` if it is connected; False if not
+        (for notices such as a status, which a later reconnect does not need)."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+                self.send(session_id, message), self._loop))
+        owner = self._owners.get(session_id)
+        conn = self._connections.get(owner) if owner is not None else None
+        if conn is None:
+            return False
+        try:
+            await conn.send({**message, "session_id": session_id})
+        except DetectorUnavailableError:
+            return False
+        return True
+
+    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
+                  wait: float = 10.0) -> bool:
+        """:meth:`send` from a thread that is not the service's event loop."""
+        if self._loop is None:
+            return False
+        return asyncio.run_coroutine_threadsafe(self.send(session_id, message),
+                                                self._loop).result(wait)
+
+    # -- the endpoint ----------------------------------------------------------------------
+
+    async def serve(self, websocket: WebSocket, token: str | None) -> None:
+        """Run one detector connection until it closes (the ``/ws/detector`` endpoint)."""
+        if token:
+            given = (websocket.query_params.get("token")
+                     or websocket.headers.get("authorization", "").partition(" ")[2])
+            if not hmac.compare_digest(given.strip(), token):
+                await websocket.close(code=1008, reason="missing or wrong token")
+                return
+        await websocket.accept()
+        try:
+            hello = await websocket.receive_json()
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        except ValueError:
+            hello = None
+        detector_id = hello.get("detector_id") if isinstance(hello, dict) else None
+        if (not isinstance(hello, dict) or hello.get("type") != "detector:hello"
+                or not isinstance(detector_id, str) or not detector_id.strip()
+                or len(detector_id) > 200):
+            await websocket.send_json({"type": "error", "detail": "the first message must be "
+                                       "{\"type\": \"detector:hello\", \"detector_id\": ...}"})
+            await websocket.close(code=1008, reason="expected detector:hello")
+            return
+        conn = DetectorConnection(detector_id, websocket, hello)
+        old = self._connections.get(detector_id)
+        if old is not None:
+            _log.info("detector %s connected again; the older connection is closed", detector_id)
+            await self._drop(old, "replaced by a newer connection of the same detector")
+            with contextlib.suppress(Exception):
+                await old.websocket.close(code=1000, reason="replaced")
+        self._connections[detector_id] = conn
+        for session in hello.get("sessions") or []:
+            if isinstance(session, dict) and isinstance(session.get("session_id"), str):
+                self._claim(conn, session)
+        await self._notify()
+        _log.info("detector %s connected (%s)", detector_id, hello.get("hostname", "?"))
+        try:
+            await conn.send({"type": "detector:welcome", "hub_id": self.id})
+            while True:
+                try:
+                    raw = await websocket.receive_text()
+                except (WebSocketDisconnect, RuntimeError):
+                    break
+                await self._dispatch(conn, raw)
+        except DetectorUnavailableError:
+            pass
+        finally:
+            if self._connections.get(detector_id) is conn:
+                del self._connections[detector_id]
+                await self._drop(conn, "disconnected")
+            _log.info("detector %s disconnected", detector_id)
+
+    def _claim(self, conn: DetectorConnection, message: Mapping[str, Any]) -> None:
+        session_id = str(message["session_id"])
+        self._owners[session_id] = conn.detector_id
+        known = self._sessions.setdefault(session_id, {"session_id": session_id})
+        for key in ("card_id", "label", "root", "file_count"):
+            if key in message:
+                known[key] = message[key]
+
+    async def _notify(self) -> None:
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _drop(self, conn: DetectorConnection, why: str) -> None:
+        conn.closed.set()
+        for request_id, pending in list(self._pending.items()):
+            if pending.detector_id == conn.detector_id and not pending.future.done():
+                pending.future.set_exception(DetectorUnavailableError(
+                    f"{why} while the backend waited for {pending.what}",
+                    detector_id=conn.detector_id, session_id=pending.session_id))
+                self._pending.pop(request_id, None)
+        await self._notify()
+
+    async def _dispatch(self, conn: DetectorConnection, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError as exc:
+            await conn.send({"type": "error", "detail": f"not JSON: {exc}"})
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            await conn.send({"type": "error",
+                             "detail": "a message must be a JSON object with a string 'type'"})
+            return
+        kind: str = message["type"]
+        if isinstance(message.get("session_id"), str) and kind != "detector:sd_removed":
+            if self._owners.get(message["session_id"]) != conn.detector_id:
+                self._claim(conn, message)
+                await self._notify()
+            else:
+                self._claim(conn, message)
+        request_id = message.get("request_id")
+        if isinstance(request_id, str) and request_id in self._pending:
+            pending = self._pending[request_id]
+            if kind.endswith("_progress"):
+                if pending.on_progress is not None:
+                    try:
+                        pending.on_progress(message)
+                    except Exception as exc:  # e.g. the step was cancelled: stop reporting
+                        _log.debug("progress callback of %s raised %r", pending.what, exc)
+                return
+            if not pending.future.done():
+                pending.future.set_result(message)
+            return
+        if kind == "detector:sd_removed" and isinstance(message.get("session_id"), str):
+            self._sessions.pop(message["session_id"], None)
+        if isinstance(request_id, str) and kind.endswith(("_progress", "_copied")):
+            return  # the answer to a request nobody waits for any more (timed out, retried)
+        handler = self._handlers.get(kind)
+        if handler is None:
+            if kind != "detector:sd_removed":
+                await conn.send({"type": "error", "detail": f"unknown message type {kind!r} "
+                                 f"(this service handles: "
+                                 f"{', '.join(sorted(self._handlers)) or 'none'})"})
+            return
+        try:
+            await handler(DetectorMessage(self, conn, message))
+        except DetectorUnavailableError:
+            raise
+        except Exception as exc:
+            _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
+            await conn.send({"type": "error", "detail": f"{kind} failed: {exc}",
+                             "session_id": message.get("session_id")})
+
+
+def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
+                   check_token: Callable[..., None]) -> None:
+    """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
+    (both behind the service's token)."""
+    from fastapi import Depends
+
+    @app.websocket("/ws/detector")
+    async def detector_socket(websocket: WebSocket) -> None:
+        """A host-side detector's connection (see :mod:`framepipe.server.detector`)."""
+        await hub.serve(websocket, token)
+
+    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)])
+    async def detectors_list() -> list[dict[str, Any]]:
+        """Connected detectors and the card sessions each owns."""
+        return hub.detectors()
