@@ -141,7 +141,7 @@ def test_killing_the_capture_process_is_noticed_and_restarted(
 
 def test_a_silent_capture_is_a_stall_and_restarted(tmp_path: Path) -> None:
     pipeline = StreamPipeline("quiet", CommandSource(["sleep", "30"], "quiet"),
-                              stall_timeout=0.3, backoff=FAST, max_restarts=2)
+                              stall_timeout=0.3, backoff=FAST, max_restarts=1)
     events: list[tuple[str, dict[str, Any]]] = []
     pipeline.on_event(lambda k, d: events.append((k, d)))
     asyncio.run(asyncio.wait_for(pipeline.run(), 30))

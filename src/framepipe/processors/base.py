@@ -13,7 +13,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FunctionProcessor", "Processor", "as_processor"]
+from framepipe.logs import get_logger
+
+__all__ = ["EventSink", "FunctionProcessor", "Processor", "as_processor"]
+
+EventSink = Callable[[str, dict[str, Any]], None]
+"""Where a processor's events go: ``sink(event, data)``, callable from any thread."""
 
 
 class Processor:
@@ -25,6 +30,8 @@ class Processor:
     name: str = ""
     capabilities: tuple[str, ...] = ()
     capacity: int = 1
+    event_sink: EventSink | None = None
+    """Set by the pipeline that runs the processor (one pipeline per instance)."""
 
     def setup(self) -> None:
         """Called once before the first item (load models here)."""
@@ -35,6 +42,19 @@ class Processor:
 
     def teardown(self) -> None:
         """Called once after the last item, also after a failure."""
+
+    def emit(self, event: str, **data: Any) -> None:
+        """Report an event (``tag.unreadable``, ``face.detected`` ...) from :meth:`process` or
+        :meth:`setup`, in any thread. In a :class:`~framepipe.stream.StreamPipeline` it reaches
+        the pipeline's listeners (``App.on`` callbacks, the service's event feed) on the event
+        loop, in the order emitted, with ``pipeline`` and ``source_id`` added; a raising
+        listener never reaches the processor. Outside a pipeline it is logged (debug) and
+        dropped."""
+        sink = self.event_sink
+        if sink is None:
+            get_logger(self.label).debug("event %s (no pipeline listens): %s", event, data)
+            return
+        sink(event, data)
 
     @property
     def is_async(self) -> bool:

@@ -4,13 +4,16 @@ Guarantees:
 
 * One persistent capture session at a time, supervised: its death is noticed at once, a stall
   (no frame for ``stall_timeout``) counts as a failure, restarts back off exponentially, and
-  after ``max_restarts`` consecutive failures the source is ``failed`` (the pipeline ends).
+  after ``max_restarts`` restarts that all failed in a row, the next failure leaves the source
+  ``failed`` (the pipeline ends); ``None`` restarts forever.
 * Frames flow through bounded queues. The first stage's policy decides what a slow pipeline
   does to the capture: ``block`` makes it wait (files: no frame lost; the wait is not a stall),
   ``drop_oldest`` drops the oldest queued frame (live cameras: the newest frame matters).
 * Stages before a segmenter keep the source's frame order (``ordered``), whatever their worker
   counts. A processor that raises is counted and reported (``processor.error``) and the frame is
-  dropped; the pipeline goes on.
+  dropped; the pipeline goes on. A processor's own events (``self.emit(...)``, from any
+  thread) reach the pipeline's listeners on the loop, in order, tagged with the pipeline and
+  source.
 * A bug that kills one of the pipeline's tasks fails the pipeline loudly (``pipeline.failed``,
   logged with the traceback); nothing waits forever on a dead task.
 * ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
@@ -68,6 +71,8 @@ class StreamPipeline:
         self.stall_timeout = stall_timeout
         self.start_timeout = start_timeout
         self.backoff = backoff or Backoff(2.0, 2.0, 60.0, 0.1)
+        if max_restarts is not None and max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0 or None, got {max_restarts}")
         self.max_restarts = max_restarts
         self.healthy_after = healthy_after
         self.restart_on_end = source.live if restart_on_end is None else restart_on_end
@@ -95,12 +100,28 @@ class StreamPipeline:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._shutdown_task: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
     def on_event(self, callback: EventCallback) -> None:
         """Call ``callback(type, data)`` for each of this pipeline's events."""
         self._listeners.append(callback)
+
+    def _emit_from_processor(self, kind: str, data: dict[str, Any]) -> None:
+        """A processor's :meth:`~framepipe.processors.Processor.emit`, from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.log.debug("event %s after the pipeline ended: %s", kind, data)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._emit(kind, **data)
+        else:
+            loop.call_soon_threadsafe(lambda: self._emit(kind, **data))
 
     def _emit(self, kind: str, **data: Any) -> None:
         data.setdefault("pipeline", self.name)
@@ -127,6 +148,7 @@ class StreamPipeline:
         self.state = HealthState.STARTING
         self.started_at = time.time()
         self.last_error = None
+        self._loop = asyncio.get_running_loop()
         self._build()
         try:
             for hop in self._hops:
@@ -144,7 +166,8 @@ class StreamPipeline:
         self._spawn(self._collect(), f"{self.name}:collector")
         self.supervisor = Supervisor(
             self.source.source_id, self._capture, backoff=self.backoff,
-            max_attempts=self.max_restarts, stall_timeout=self.stall_timeout,
+            max_attempts=None if self.max_restarts is None else self.max_restarts + 1,
+            stall_timeout=self.stall_timeout,
             start_timeout=self.start_timeout, healthy_after=self.healthy_after,
             restart_on_end=self.restart_on_end, on_event=self._on_supervisor_event)
         await self.supervisor.start()
@@ -256,6 +279,7 @@ class StreamPipeline:
             following = chain[chain.index(queue) + 1]
             processor = stage.processor
             assert isinstance(processor, Processor)
+            processor.event_sink = self._emit_from_processor
             stats = StageStats(stage.label)
             ordered = stage.ordered if stage.ordered is not None else (
                 needs_order and not is_sink)
@@ -389,8 +413,10 @@ class StreamPipeline:
                 seg.completed_at = time.time()
                 self.segments_completed += 1
                 data = seg.to_dict()
-                self.log.info("Segment %s completed: latency=%.1fs frames=%d", seg.id,
-                              seg.latency_s or 0.0, seg.frames)
+                label = self.segmenter.label if self.segmenter is not None else "segment"
+                self.log.info("%s %s completed: latency=%.1fs frames=%d",
+                              label[:1].upper() + label[1:], seg.id, seg.latency_s or 0.0,
+                              seg.frames)
                 self._emit("segment.completed", **data)
             elif not getattr(item, "control", False):
                 self.frames_out += 1

@@ -87,12 +87,15 @@ class Segmenter:
 
     def __init__(self, key: str | KeyFn | None = None, *, timeout: float = 10.0,
                  max_duration: float | None = None, include_untagged: bool = True,
-                 clock: Literal["wall", "stream"] = "wall", remember: int = 10_000) -> None:
+                 clock: Literal["wall", "stream"] = "wall", remember: int = 10_000,
+                 label: str = "segment") -> None:
         if timeout <= 0:
             raise ValueError(f"segment timeout must be > 0, got {timeout}")
         if clock not in ("wall", "stream"):
             raise ValueError(f"segment clock must be 'wall' or 'stream', got {clock!r}")
         self.clock = clock
+        self.label = label
+        """What a segment is called in logs: ``Order ORDER_1 completed: ...``."""
         self.key = key
         self.timeout = timeout
         self.max_duration = max_duration

@@ -1,0 +1,521 @@
+"""The order-accuracy station (seed 000) on framepipe: one persistent capture per station,
+orders read from QR order tags, frames stored per station and order.
+
+Per station, one :class:`~framepipe.stream.StreamPipeline`::
+
+    capture (ffmpeg / gst-launch-1.0 subprocess, or PyAV)   one process per station, for good
+      -> order_tags  (OrderTagStage, N workers, source order kept)
+      -> segmenter   (an order = a segment keyed by the order id; closes after order_timeout s
+                      without its tag, or when another order's tag shows up)
+      -> frame_store (frames/{station_id}/{order_id}/frame_{ts_ms}_{n}.jpg, best frames of each
+                      order copied to the `selected` prefix or bucket)
+
+:class:`OrderAccuracy` runs the stations in one :class:`~framepipe.App`: stations can be added
+and removed while it runs, each fails alone, and every order ends with the log line
+``Order ORDER_123 completed: latency=0.4s frames=80`` and an ``order.completed`` event.
+
+What an order holds, and what happens to odd tags:
+
+* An order opens at the first frame showing its tag and takes every frame after it until it
+  closes, also frames where the tag is hidden for a moment (a hand over the ticket).
+* A tag that is seen but does not decode is reported (``tag.unreadable``, at most once per
+  ``report_every`` seconds per station, with the count); the frame stays with the open order.
+* Two different order tags in one frame (``tag.conflict``): the frame stays with the order
+  being seen, if it is one of them; otherwise it belongs to no new order.
+* A decoded text that is not an order id (``ORDER_PATTERN``; ids become storage keys) is
+  reported as ``tag.invalid`` and ignored.
+* A tag that reappears after its order closed opens a new order: its frames go under
+  ``<order_id>.2`` (``.3`` ...), its event has ``order_id`` and ``repeat``; stored frames never
+  mix.
+* A capture that dies is restarted (2, 4, 8 ... 60 s, ``max_restarts`` attempts); the open
+  order closes on its timeout meanwhile, with all its frames. A station whose capture fails for
+  good emits ``station.failed``; the other stations go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import cv2
+import numpy as np
+
+from framepipe.app import App
+from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.state import StateStore
+from framepipe.backoff import Backoff
+from framepipe.config import Settings, load_settings
+from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.event_sinks import RedisEventSink, StoreEventSink
+from framepipe.frames import Frame
+from framepipe.logs import get_logger
+from framepipe.processors.base import Processor
+from framepipe.sources import CommandSource, Source, VideoSource
+from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+
+__all__ = ["FRAME_TEMPLATE", "ORDER_PATTERN", "OrderAccuracy", "OrderKey", "OrderTagStage",
+           "QrTagReader", "TagReader", "TagReading", "build_station", "station_source"]
+
+FRAME_TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
+ORDER_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+STATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+Capture = Literal["ffmpeg", "gst", "av"]
+
+
+# -- reading tags -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagReading:
+    """One tag in a frame: its text (None: seen but not decodable) and how sharp it is there
+    (the variance of the Laplacian over the tag's box: higher is sharper)."""
+
+    text: str | None
+    sharpness: float
+    error: str | None = None
+
+
+class TagReader(Protocol):
+    """Finds order tags in an image. :class:`QrTagReader` reads QR codes; an OCR reader of
+    printed order numbers fits the same interface."""
+
+    def read(self, image: np.ndarray) -> list[TagReading]:
+        """Every tag in ``image`` (BGR), readable or not."""
+        ...
+
+
+class QrTagReader:
+    """QR order tags, read with zxing-cpp (``pip install 'framepipe[qr]'``)."""
+
+    def __init__(self) -> None:
+        try:
+            import zxingcpp
+        except ImportError as exc:
+            raise MissingDependencyError("zxing-cpp", "qr", "reading QR order tags") from exc
+        self._zxing = zxingcpp
+
+    def read(self, image: np.ndarray) -> list[TagReading]:
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        fmt = self._zxing.BarcodeFormat.QRCode
+        try:
+            found = self._zxing.read_barcodes(gray, formats=fmt, return_errors=True)
+        except TypeError:  # zxing-cpp < 2.3 reports readable codes only
+            found = self._zxing.read_barcodes(gray, formats=fmt)
+        readings = []
+        for code in found:
+            error = getattr(code, "error", None)
+            sharpness = _sharpness(gray, code.position)
+            if error or not code.valid:
+                readings.append(TagReading(None, sharpness, str(error) or "not decodable"))
+            else:
+                readings.append(TagReading(code.text, sharpness))
+        return readings
+
+
+def _sharpness(gray: np.ndarray, position: Any) -> float:
+    points = [position.top_left, position.top_right, position.bottom_right,
+              position.bottom_left]
+    xs = [p.x for p in points]
+    ys = [p.y for p in points]
+    h, w = gray.shape[:2]
+    x0, x1 = max(0, min(xs)), min(w, max(xs) + 1)
+    y0, y1 = max(0, min(ys)), min(h, max(ys) + 1)
+    if x1 - x0 < 3 or y1 - y0 < 3:
+        return 0.0
+    return float(cv2.Laplacian(gray[y0:y1, x0:x1], cv2.CV_64F).var())
+
+
+class OrderTagStage(Processor):
+    """Reads the order tag of each frame of one station.
+
+    Sets ``frame.meta``: ``station_id`` always; ``order_id`` and ``tag_sharpness`` when exactly
+    one order tag was read; ``order_tags`` (sorted) when several different ones were;
+    ``tag_error`` when a tag was seen but none decoded. Reports ``tag.unreadable``,
+    ``tag.conflict`` and ``tag.invalid`` events (each at most once per ``report_every``
+    seconds, with the number of frames since the last report) and ``station.first_frame``
+    once per start. Thread-safe: run it with several workers."""
+
+    name = "order_tags"
+
+    def __init__(self, station_id: str, reader: TagReader | None = None, *,
+                 pattern: str = ORDER_PATTERN, report_every: float = 5.0) -> None:
+        self.station_id = station_id
+        self.reader = reader
+        self.pattern = re.compile(pattern)
+        self.report_every = report_every
+        self.added_at = time.time()
+        self._first = True
+        self._lock = threading.Lock()
+        self._reports: dict[str, tuple[float, int]] = {}
+        self._log = get_logger(station_id)
+
+    def setup(self) -> None:
+        if self.reader is None:
+            self.reader = QrTagReader()
+        self._first = True
+
+    def process(self, item: Any) -> Any:
+        frame: Frame = item
+        assert self.reader is not None
+        frame.meta["station_id"] = self.station_id
+        if self._first:
+            self._first_frame()
+        readings = self.reader.read(frame.image)
+        orders: dict[str, float] = {}
+        unreadable: list[str] = []
+        invalid: list[str] = []
+        for reading in readings:
+            if reading.text is None:
+                unreadable.append(reading.error or "not decodable")
+            elif self.pattern.fullmatch(reading.text) is None:
+                invalid.append(reading.text)
+            else:
+                orders[reading.text] = max(orders.get(reading.text, 0.0), reading.sharpness)
+        if len(orders) == 1:
+            (order_id, sharpness), = orders.items()
+            frame.meta["order_id"] = order_id
+            frame.meta["tag_sharpness"] = round(sharpness, 3)
+        elif orders:
+            frame.meta["order_tags"] = sorted(orders)
+            frame.meta["tag_sharpness"] = round(max(orders.values()), 3)
+            self._report("tag.conflict", frame, "order tags %s in one frame",
+                         tags=sorted(orders))
+        if unreadable and not orders:
+            frame.meta["tag_error"] = unreadable[0]
+            self._report("tag.unreadable", frame, "an order tag that does not decode (%s)",
+                         error=unreadable[0])
+        if invalid:
+            self._report("tag.invalid", frame, "a code that is not an order id: %r",
+                         texts=invalid[:5])
+        return frame
+
+    def _first_frame(self) -> None:
+        with self._lock:
+            if not self._first:
+                return
+            self._first = False
+        seconds = time.time() - self.added_at
+        self._log.info("first frame processed %.2fs after the station was started", seconds)
+        self.emit("station.first_frame", station_id=self.station_id,
+                  seconds=round(seconds, 3))
+
+    def _report(self, event: str, frame: Frame, message: str, **data: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._reports.get(event, (float("-inf"), 0))
+            count += 1
+            if now - last < self.report_every:
+                self._reports[event] = (last, count)
+                return
+            self._reports[event] = (now, 0)
+        detail = next(iter(data.values()))
+        self._log.warning(f"frame %d: {message} (%d frame(s) since the last report)",
+                          frame.seq, detail, count)
+        self.emit(event, station_id=self.station_id, seq=frame.seq, ts_ms=frame.ts_ms,
+                  frames=count, **data)
+
+
+class OrderKey:
+    """The segmenter's key for one station: the frame's ``order_id``. On a conflict (several
+    order tags) the order seen last stays, if it is among them; otherwise the frame opens no
+    order. Called in frame order (by the segmenter)."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def __call__(self, frame: Frame) -> str | None:
+        order_id = frame.meta.get("order_id")
+        if order_id:
+            self.last = str(order_id)
+            return self.last
+        tags = frame.meta.get("order_tags")
+        if tags and self.last in tags:
+            return self.last
+        return None
+
+
+# -- capture ------------------------------------------------------------------------------------
+
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def station_source(station_id: str, spec: str, *, capture: Capture = "ffmpeg",
+                   fps: float | None = None, loop: bool = False,
+                   realtime: bool = True) -> Source:
+    """The capture of one station.
+
+    ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), or
+    ``cmd:<command line>`` (any command writing an MJPEG stream to stdout, e.g. a
+    ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline). ``capture`` picks how files and
+    URLs are read: an ``ffmpeg`` or ``gst`` subprocess (the seed's model: one persistent
+    process per station, which ``STATION_ID`` is passed to), or ``av`` (PyAV in this
+    process). Files are played at their own rate (``realtime``) and, with ``loop``, forever;
+    ``fps`` resamples the capture (the seed ran at 1 fps)."""
+    env = {"STATION_ID": station_id}
+    if spec.startswith("cmd:"):
+        argv = shlex.split(spec[4:])
+        if not argv:
+            raise ConfigError(f"station {station_id}: 'cmd:' needs a command")
+        return CommandSource(argv, station_id, env=env, fps=fps)
+    is_url = _URL.match(spec) is not None and not spec.lower().startswith("file:")
+    if not is_url and not Path(spec).is_file():
+        raise ConfigError(f"station {station_id}: video file {spec!r} does not exist")
+    if capture == "av":
+        return VideoSource(spec, station_id, realtime=realtime and not is_url,
+                        loop=loop and not is_url)
+    if capture == "ffmpeg":
+        return CommandSource(_ffmpeg(spec, is_url, fps=fps, loop=loop, realtime=realtime),
+                             station_id, env=env, fps=fps)
+    if capture == "gst":
+        if loop and not is_url:
+            raise ConfigError(f"station {station_id}: looping a file needs capture 'ffmpeg' "
+                              "or 'av' (gst-launch-1.0 cannot seek back on its own)")
+        return CommandSource(_gst(spec, is_url, fps=fps, realtime=realtime), station_id,
+                             env=env, fps=fps)
+    raise ConfigError(f"station {station_id}: capture must be ffmpeg, gst or av, "
+                      f"not {capture!r}")
+
+
+def _ffmpeg(spec: str, is_url: bool, *, fps: float | None, loop: bool,
+            realtime: bool) -> list[str]:
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    if not is_url:
+        argv += ["-re"] if realtime else []
+        argv += ["-stream_loop", "-1"] if loop else []
+    elif spec.lower().startswith("rtsp"):
+        argv += ["-rtsp_transport", "tcp"]
+    argv += ["-i", spec, "-an"]
+    if fps:
+        argv += ["-vf", f"fps={fps:g}"]
+    return [*argv, "-f", "mjpeg", "-q:v", "3", "-"]
+
+
+def _gst(spec: str, is_url: bool, *, fps: float | None, realtime: bool) -> list[str]:
+    if not is_url:
+        head = ["filesrc", f"location={spec}", "!", "decodebin"]
+    elif spec.lower().startswith("rtsp"):
+        head = ["rtspsrc", f"location={spec}", "latency=200", "!", "decodebin"]
+    else:
+        head = ["uridecodebin", f"uri={spec}"]
+    rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] \
+        if fps else []
+    sync = "true" if realtime and not is_url else "false"
+    return ["gst-launch-1.0", "-q", *head, "!", "videoconvert", *rate, "!", "jpegenc",
+            "quality=90", "!", "fdsink", "fd=1", f"sync={sync}"]
+
+
+def build_station(station_id: str, source: Source, *, frames: ObjectStore,
+                  selected: ObjectStore | None = None, selected_prefix: str = "selected/",
+                  order_timeout: float = 10.0, max_order_seconds: float | None = None,
+                  best_frames: int = 3, tag_workers: int = 2, store_workers: int = 2,
+                  reader: TagReader | None = None, stall_timeout: float | None = 10.0,
+                  max_restarts: int = 5, backoff: Backoff | None = None) -> StreamPipeline:
+    """The pipeline of one station (see the module docstring)."""
+    if STATION_PATTERN.fullmatch(station_id) is None:
+        raise ConfigError(f"station id {station_id!r}: use letters, digits, '_' and '-' "
+                          "(it becomes part of storage keys)")
+    if order_timeout <= 0:
+        raise ConfigError(f"order_timeout must be > 0 seconds, got {order_timeout}")
+    return StreamPipeline(
+        station_id, source,
+        stages=[Stage(OrderTagStage(station_id, reader), workers=tag_workers, queue_size=32)],
+        segmenter=Segmenter(OrderKey(), timeout=order_timeout, max_duration=max_order_seconds,
+                            label="order"),
+        sinks=[FrameStore(frames, template=FRAME_TEMPLATE, workers=store_workers,
+                          select_best=best_frames, score_key="tag_sharpness",
+                          selected_prefix=selected_prefix, selected_store=selected)],
+        stall_timeout=stall_timeout, max_restarts=max_restarts,
+        backoff=backoff or Backoff(2.0, 2.0, 60.0, 0.0))
+
+
+# -- the service --------------------------------------------------------------------------------
+
+
+OrderCallback = Callable[[dict[str, Any]], Any]
+
+
+class OrderAccuracy:
+    """Every station of a site in one app (see the module docstring).
+
+    ``frames`` is the object store of the frames (default: the settings' store,
+    ``FRAMEPIPE_OBJECTS_URL``, a local folder under ``.framepipe/`` when unset). ``selected``
+    is where the best frames of each order go: a key prefix in that store (default
+    ``selected/``) or an object store URL of its own (``s3://selected?endpoint=...``).
+    Events are committed to the state store (``FRAMEPIPE_DATABASE_URL``: SQLite by default,
+    PostgreSQL when set) where ``framepipe serve`` shows them, and appended to the Redis
+    Stream ``<namespace>:events:order_accuracy`` when ``FRAMEPIPE_BROKER_URL`` is Redis."""
+
+    def __init__(self, settings: Settings | None = None, *, frames: ObjectStore | None = None,
+                 selected: str | ObjectStore = "selected/", order_timeout: float = 10.0,
+                 max_order_seconds: float | None = None, best_frames: int = 3,
+                 capture: Capture = "ffmpeg", fps: float | None = None, loop: bool = False,
+                 realtime: bool = True, tag_workers: int = 2, max_restarts: int = 5,
+                 stall_timeout: float | None = 10.0, backoff: Backoff | None = None,
+                 store_events: bool = True, name: str = "order_accuracy") -> None:
+        self.settings = settings or load_settings()
+        self.frames = frames or open_object_store(self.settings.resolved_objects_url)
+        if isinstance(selected, str) and _URL.match(selected):
+            self.selected: ObjectStore | None = open_object_store(selected)
+            self.selected_prefix = ""
+        elif isinstance(selected, str):
+            self.selected, self.selected_prefix = None, selected
+        else:
+            self.selected, self.selected_prefix = selected, ""
+        self.options: dict[str, Any] = dict(
+            order_timeout=order_timeout, max_order_seconds=max_order_seconds,
+            best_frames=best_frames, tag_workers=tag_workers, max_restarts=max_restarts,
+            stall_timeout=stall_timeout, backoff=backoff)
+        self.capture_options: dict[str, Any] = dict(capture=capture, fps=fps, loop=loop,
+                                                    realtime=realtime)
+        self.app = App(name, settings=self.settings, auto_recovery=False)
+        self.specs: dict[str, str] = {}
+        self.orders_completed = 0
+        self._callbacks: list[OrderCallback] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._sinks: list[StoreEventSink | RedisEventSink] = []
+        self._store: StateStore | None = None
+        self._store_events = store_events
+        self.app.on("segment.started", self._order_started)
+        self.app.on("segment.completed", self._order_completed)
+        self.app.on("source.failed", self._station_failed)
+
+    # -- stations -------------------------------------------------------------------------------
+
+    def _pipeline(self, station_id: str, spec: str) -> StreamPipeline:
+        source = station_source(station_id, spec, **self.capture_options)
+        return build_station(station_id, source, frames=self.frames, selected=self.selected,
+                             selected_prefix=self.selected_prefix, **self.options)
+
+    def add_station_before_start(self, station_id: str, spec: str) -> None:
+        """Configure a station before :meth:`start`."""
+        self.app.add_pipeline(self._pipeline(station_id, spec))
+        self.specs[station_id] = spec
+
+    async def add_station(self, station_id: str, spec: str) -> None:
+        """Add a station; when the app runs its capture starts now."""
+        if station_id in self.app.pipelines:
+            raise ConfigError(f"station {station_id} exists already")
+        pipeline = self._pipeline(station_id, spec)
+        self.specs[station_id] = spec
+        await self.app.add(pipeline)
+        self.app.emit("station.added", {"station_id": station_id, "source": spec})
+
+    async def remove_station(self, station_id: str) -> None:
+        """Stop a station (its open order closes with all its frames) and forget it."""
+        await self.app.remove(station_id)
+        self.specs.pop(station_id, None)
+        self.app.emit("station.removed", {"station_id": station_id})
+
+    async def apply(self, stations: Mapping[str, str]) -> None:
+        """Make the running stations those of ``stations`` (id -> source): add the new,
+        remove the missing, restart those whose source changed. One bad station is reported
+        and skipped; the others are applied."""
+        for station_id in [s for s in self.specs if s not in stations]:
+            await self.remove_station(station_id)
+        for station_id, spec in stations.items():
+            try:
+                if station_id in self.specs and self.specs[station_id] != spec:
+                    await self.remove_station(station_id)
+                if station_id not in self.specs:
+                    await self.add_station(station_id, spec)
+            except ConfigError as exc:
+                get_logger(station_id).error("station not started: %s", exc)
+                self.app.emit("station.invalid", {"station_id": station_id,
+                                                  "error": str(exc)})
+
+    # -- orders ---------------------------------------------------------------------------------
+
+    def on_order(self, callback: OrderCallback) -> None:
+        """Call ``callback(order)`` (sync or async) with each completed order's data."""
+        self._callbacks.append(callback)
+
+    def _order_started(self, _event: str, data: dict[str, Any]) -> None:
+        self.app.emit("order.started", {"order_id": data.get("key"),
+                                        "segment_id": data.get("segment_id"),
+                                        "station_id": data.get("source_id"),
+                                        "first_ts_ms": data.get("first_ts_ms")})
+
+    def _order_completed(self, _event: str, data: dict[str, Any]) -> None:
+        segment_id = str(data["segment_id"])
+        order_id = data.get("key") or segment_id
+        repeat = int(segment_id.rsplit(".", 1)[1]) if "." in segment_id else 1
+        order = {"order_id": order_id, "segment_id": segment_id, "repeat": repeat,
+                 "station_id": data.get("source_id"), "frames": data.get("frames"),
+                 "first_ts_ms": data.get("first_ts_ms"), "last_ts_ms": data.get("last_ts_ms"),
+                 "latency_s": data.get("latency_s"), "reason": data.get("reason"),
+                 "stored": data.get("stored", []), "selected": data.get("selected", [])}
+        self.orders_completed += 1
+        self.app.emit("order.completed", order)
+        for callback in self._callbacks:
+            try:
+                result = callback(order)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            except Exception:
+                get_logger("order_accuracy").exception("order callback raised; ignored")
+
+    def _station_failed(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        get_logger(station_id).error("Station failed for good: %s", data.get("error"))
+        self.app.emit("station.failed", {"station_id": station_id, "error": data.get("error"),
+                                         "attempts": data.get("attempts")})
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the event sinks and start every station."""
+        if self._store_events:
+            self._store = StateStore(self.settings.resolved_database_url,
+                                     sqlite_synchronous=self.settings.sqlite_synchronous)
+            self._sinks.append(StoreEventSink(self._store, self.app.name))
+        if self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            stream = f"{self.settings.broker_namespace}:events:{self.app.name}"
+            self._sinks.append(RedisEventSink(self.settings.broker_url, stream))
+        for sink in self._sinks:
+            self.app.on("*", sink)
+        await self.app.start()
+
+    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Stop every station (open orders close with their frames), then flush the events."""
+        await self.app.stop(timeout)
+        for sink in self._sinks:
+            await sink.aclose()
+        self._sinks.clear()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> OrderAccuracy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def health(self) -> dict[str, Any]:
+        """The app's health with ``orders_completed``."""
+        health = self.app.health().to_dict()
+        health["orders_completed"] = self.orders_completed
+        return health
+
+
+def parse_stations(items: Sequence[str]) -> dict[str, str]:
+    """``["station_1=video.mp4", ...]`` as a mapping; a clear error for a malformed item."""
+    stations: dict[str, str] = {}
+    for item in items:
+        station_id, sep, spec = item.partition("=")
+        if not sep or not station_id.strip() or not spec.strip():
+            raise ConfigError(f"station {item!r}: give STATION_ID=SOURCE, e.g. "
+                              "station_1=video.mp4")
+        stations[station_id.strip()] = spec.strip()
+    return stations

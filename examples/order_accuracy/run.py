@@ -1,0 +1,194 @@
+"""Run order-accuracy stations until Ctrl-C / SIGTERM (graceful: open orders close and are
+stored before it exits).
+
+    # no camera: generate a station video with QR order tags and run two stations on it
+    python examples/order_accuracy/run.py --demo --duration 30
+
+    # real stations: a file, an RTSP camera, a capture command of your own
+    python examples/order_accuracy/run.py --station station_1=counter.mp4 \\
+        --station station_2=rtsp://10.0.0.12/stream1 \\
+        --station 'station_3=cmd:gst-launch-1.0 -q v4l2src ! videoconvert ! jpegenc ! fdsink fd=1'
+
+    # stations from a JSON file ({"station_1": "counter.mp4", ...}), re-read when it changes:
+    # add a line and that station starts; remove it and it stops
+    python examples/order_accuracy/run.py --stations-file stations.json
+
+Embedded by default (frames under .framepipe/objects/, events in .framepipe/state.db). Set
+FRAMEPIPE_OBJECTS_URL / FRAMEPIPE_DATABASE_URL / FRAMEPIPE_BROKER_URL for S3 (MinIO),
+PostgreSQL and Redis; the code is the same. ``--json`` prints every event as a JSON line on
+stdout (logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_video import default_schedule, make_station_video
+from orders import OrderAccuracy, parse_stations
+
+from framepipe.backoff import Backoff
+from framepipe.config import load_settings
+from framepipe.errors import ConfigError
+from framepipe.logs import configure_logging, get_logger
+
+log = get_logger("order_accuracy")
+
+
+def read_stations_file(path: Path) -> dict[str, str]:
+    """``{"station_id": "source", ...}`` from ``path``; a clear error when it is not that."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"stations file {path}: {exc}") from exc
+    if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"stations file {path}: expected a JSON object of "
+                          '"station_id": "source" strings')
+    return data
+
+
+async def watch_stations(service: OrderAccuracy, path: Path, stop: asyncio.Event,
+                         interval: float = 0.5) -> None:
+    """Apply ``path`` now and each time it changes, until ``stop``. A bad edit is logged and
+    the stations keep running as they are."""
+    seen: tuple[int, int] | None = None
+    while not stop.is_set():
+        try:
+            stat = await asyncio.to_thread(path.stat)
+            mark: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            mark = None
+        if mark != seen:
+            seen = mark
+            error: ConfigError | None = None
+            try:
+                stations = read_stations_file(path) if mark is not None else {}
+            except ConfigError as exc:
+                error = exc
+            if error is None:
+                await service.apply(stations)
+            else:
+                log.error("%s; stations unchanged", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+def demo_video(home: Path) -> Path:
+    """The generated station video of ``--demo`` (made once)."""
+    path = home / "order_accuracy" / "station.mp4"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        orders = ["ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"]
+        make_station_video(path, default_schedule(orders, damaged=True, conflict=True))
+        log.info("generated %s", path)
+    return path
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    stations = parse_stations(args.station or [])
+    loop_files = args.loop
+    if args.demo:
+        video = str(demo_video(settings.home))
+        stations.setdefault("station_1", video)
+        stations.setdefault("station_2", video)
+        loop_files = True
+    if not stations and args.stations_file is None:
+        raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
+    service = OrderAccuracy(
+        settings, selected=args.selected, order_timeout=args.order_timeout,
+        max_order_seconds=args.max_order_seconds, best_frames=args.best_frames,
+        capture=args.capture, fps=args.fps, loop=loop_files, tag_workers=args.tag_workers,
+        max_restarts=args.max_restarts, stall_timeout=args.stall_timeout,
+        backoff=Backoff(args.restart_delay, 2.0, 60.0, 0.0))
+    if args.json:
+        def print_event(event: str, data: dict[str, Any]) -> None:
+            print(json.dumps({"type": event, **data}, default=str), flush=True)
+
+        service.app.on("*", print_event)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await service.apply(stations)  # a bad station is reported and skipped
+    if not service.specs and args.stations_file is None:
+        await service.stop()
+        raise ConfigError("no station could be started")
+    tasks = []
+    if args.stations_file is not None:
+        tasks.append(asyncio.create_task(watch_stations(service, args.stations_file, stop)))
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.duration)
+    finally:
+        stop.set()
+        for task in tasks:
+            await task
+        await service.stop()
+    health = service.health()
+    log.info("stopped: %d order(s) completed", health["orders_completed"])
+    failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
+    return 1 if failed else 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Order-accuracy stations on framepipe (seed 000).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--station", action="append", metavar="ID=SOURCE",
+                        help="a station and its video file, stream URL or cmd:COMMAND "
+                             "(repeat for more stations)")
+    parser.add_argument("--stations-file", type=Path, metavar="FILE",
+                        help="a JSON object of stations, re-read when it changes")
+    parser.add_argument("--demo", action="store_true",
+                        help="generate a station video and run station_1 and station_2 on it")
+    parser.add_argument("--capture", choices=["ffmpeg", "gst", "av"], default="ffmpeg",
+                        help="how files and URLs are captured (default: an ffmpeg "
+                             "subprocess per station)")
+    parser.add_argument("--loop", action="store_true", help="play video files forever")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="capture rate (default: the source's own)")
+    parser.add_argument("--order-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="an order closes after this long without its tag (default 10)")
+    parser.add_argument("--max-order-seconds", type=float, default=None)
+    parser.add_argument("--best-frames", type=int, default=3,
+                        help="frames per order copied to --selected (sharpest tag)")
+    parser.add_argument("--selected", default="selected/",
+                        help="a key prefix, or an object store URL (s3://selected?endpoint=...)")
+    parser.add_argument("--tag-workers", type=int, default=2)
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="capture restarts before a station fails for good (default 5)")
+    parser.add_argument("--restart-delay", type=float, default=2.0,
+                        help="first restart delay, doubled each time up to 60 s (default 2)")
+    parser.add_argument("--stall-timeout", type=float, default=10.0,
+                        help="a capture with no frame for this long is restarted")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="stop after this many seconds (default: run until Ctrl-C)")
+    parser.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(main_async(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""Where a live app's events go besides its callbacks: the state store and a Redis Stream.
+
+Both sinks are :meth:`App.on <framepipe.app.App.on>` callbacks (``app.on("*", sink)``).
+Guarantees:
+
+* Calling a sink never blocks and never raises: the event is queued (bounded: past
+  ``max_pending`` the oldest queued event is dropped and counted in ``dropped``).
+* One writer task per sink writes the queued events in the order they were emitted, in batches
+  (one transaction, one pipeline round trip).
+* A backend that is away (database restarting, Redis down) costs a warning per failed batch,
+  never the app: the batch is retried with backoff while newer events queue behind it, and it
+  is dropped (counted) after ``retries`` failed attempts.
+* :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection.
+
+:class:`StoreEventSink` commits the events to the ``fp_events`` table, where ``/api/events``,
+the service's WebSocket and ``framepipe serve``'s dashboard read them; the data gets an ``app``
+field. :class:`RedisEventSink` appends each event to a Redis Stream (``XADD`` with approximate
+``MAXLEN`` trimming) as fields ``type``, ``ts`` and ``data`` (JSON), for consumers elsewhere,
+e.g. an order-checking service reading ``order.completed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from typing import Any
+
+from framepipe.backends.state import StateStore
+from framepipe.backoff import Backoff
+from framepipe.errors import MissingDependencyError
+from framepipe.events import Event
+from framepipe.logs import get_logger
+
+__all__ = ["RedisEventSink", "StoreEventSink"]
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    return result
+
+
+class _QueuedSink:
+    """The queue, the ordered batching writer and the retry policy; subclasses write."""
+
+    kind = "events"
+
+    def __init__(self, *, max_pending: int = 10_000, batch: int = 256, retries: int = 5,
+                 backoff: Backoff | None = None) -> None:
+        if max_pending < 1 or batch < 1 or retries < 1:
+            raise ValueError("max_pending, batch and retries must be >= 1")
+        self.max_pending = max_pending
+        self.batch = batch
+        self.retries = retries
+        self.backoff = backoff or Backoff(0.5, 2.0, 10.0, 0.1)
+        self.dropped = 0
+        self.written = 0
+        self._pending: deque[Event] = deque()
+        self._wake: asyncio.Event | None = None
+        self._idle = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._log = get_logger(f"events.{self.kind}")
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        """Queue one event (an ``App.on`` callback); never blocks, never raises."""
+        if self._closed:
+            self.dropped += 1
+            return
+        if len(self._pending) >= self.max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(Event(event, time.time(), None, None, self._shape(data)))
+        self._idle.clear()
+        if self._writer is None:
+            self._wake = asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"event-sink-{self.kind}")
+        assert self._wake is not None
+        self._wake.set()
+
+    def _shape(self, data: dict[str, Any]) -> dict[str, Any]:
+        return _jsonable(data)
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._pending:
+                self._idle.set()
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._pending[i] for i in range(min(self.batch, len(self._pending)))]
+            if await self._write_with_retries(batch):
+                self.written += len(batch)
+            else:
+                self.dropped += len(batch)
+            for _ in batch:
+                self._pending.popleft()
+
+    async def _write_with_retries(self, batch: list[Event]) -> bool:
+        for attempt in range(1, self.retries + 1):
+            try:
+                await self._write(batch)
+                return True
+            except Exception as exc:
+                if attempt == self.retries or self._closed:
+                    self._log.warning("%d event(s) not written after %d attempt(s): %s",
+                                      len(batch), attempt, exc)
+                    return False
+                delay = self.backoff.delay(attempt)
+                self._log.warning("writing %d event(s) failed (%s); retrying in %.1fs",
+                                  len(batch), exc, delay)
+                await asyncio.sleep(delay)
+        return False
+
+    async def _write(self, batch: list[Event]) -> None:
+        raise NotImplementedError
+
+    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (a bound, not a deadline API)
+        """Wait until every event queued so far was written (or dropped), at most ``timeout``."""
+        if not self._pending:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Write what is queued (bounded by ``timeout``), stop the writer, release the backend."""
+        self._closed = True
+        writer = self._writer
+        if writer is not None:
+            assert self._wake is not None
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
+            except TimeoutError:
+                self.dropped += len(self._pending)
+                self._log.warning("%d event(s) not written before close", len(self._pending))
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+        await self._release()
+
+    async def _release(self) -> None:
+        """Release the backend connection (subclasses)."""
+
+
+class StoreEventSink(_QueuedSink):
+    """Commits an app's events to the state store's event table (see the module docstring).
+    ``app_name`` is added to each event's data as ``app``."""
+
+    kind = "store"
+
+    def __init__(self, store: StateStore, app_name: str, **options: Any) -> None:
+        super().__init__(**options)
+        self.store = store
+        self.app_name = app_name
+
+    def _shape(self, data: dict[str, Any]) -> dict[str, Any]:
+        return _jsonable({"app": self.app_name, **data})
+
+    async def _write(self, batch: list[Event]) -> None:
+        from framepipe.jobs.records import Batch, write_batch
+
+        await asyncio.to_thread(write_batch, self.store, Batch(events=batch))
+
+
+class RedisEventSink(_QueuedSink):
+    """Appends an app's events to the Redis Stream ``stream`` at ``url`` (see the module
+    docstring); ``types`` limits it to those event types (default: all)."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, stream: str, *, maxlen: int = 100_000,
+                 types: set[str] | frozenset[str] | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        try:
+            import redis.asyncio as redis_asyncio
+        except ImportError as exc:
+            raise MissingDependencyError("redis", "redis", "events on Redis Streams") from exc
+        self.stream = stream
+        self.maxlen = maxlen
+        self.types = frozenset(types) if types is not None else None
+        self._client: Any = redis_asyncio.Redis.from_url(url)
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if self.types is None or event in self.types:
+            super().__call__(event, data)
+
+    async def _write(self, batch: list[Event]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in batch:
+                pipe.xadd(self.stream, {"type": event.type, "ts": repr(event.ts),
+                                        "data": json.dumps(event.data)},
+                          maxlen=self.maxlen, approximate=True)
+            await pipe.execute()
+
+    async def _release(self) -> None:
+        await self._client.aclose()

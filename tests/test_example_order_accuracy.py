@@ -1,0 +1,379 @@
+"""The order-accuracy example (``examples/order_accuracy/``, seed 000) end to end.
+
+The example's runner is a real process; each station's capture is a real ffmpeg (or
+gst-launch-1.0) subprocess playing a generated station video (QR order tickets made with
+segno, idle gaps, a damaged ticket, two tickets at once) at its own rate. The tests read the
+runner's events (JSON lines on stdout) and logs (stderr), the object store and the state
+store; they kill a capture with SIGKILL and stop the runner with SIGTERM. Without ffmpeg,
+gst-launch-1.0, zxing-cpp, segno, Redis, PostgreSQL or moto the tests skip with the reason,
+except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import IN_CI, REDIS_URL, redis_namespace
+from media import need_tool
+from s3server import aws_test_env, s3_server_at
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "order_accuracy"
+FPS = 10
+TIMEOUT = 1.0  # the order timeout the tests run with
+KEY = re.compile(r"^frames/(?P<station>[^/]+)/(?P<order>[^/]+)/frame_(?P<ts>\d+)_(?P<n>\d+)\.jpg$")
+
+pytestmark = pytest.mark.timeout(240)
+
+for _module in ("zxingcpp", "segno"):
+    try:
+        __import__(_module)
+    except ImportError as _exc:
+        if IN_CI:
+            pytest.fail(f"{_module} is missing ({_exc}); CI=true: a missing dependency fails "
+                        "the run", pytrace=False)
+        pytest.skip(f"{_module} is missing: pip install 'framepipe[test]'",
+                    allow_module_level=True)
+
+sys.path.insert(0, str(EXAMPLE))
+from make_video import default_schedule, make_station_video  # noqa: E402
+
+
+class Runner:
+    """``run.py`` as a subprocess: its events (stdout JSON lines) and log lines (stderr) are
+    collected by threads; :meth:`wait_for` waits for an event matching a predicate."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "run.py"), "--json", *args], cwd=cwd,
+            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        self.events: list[dict[str, Any]] = []
+        self.logs: list[str] = []
+        self._new: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._threads = [threading.Thread(target=self._read_events, daemon=True),
+                         threading.Thread(target=self._read_logs, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_events(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            self._new.put(event)
+
+    def _read_logs(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.logs.append(line.rstrip("\n"))
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
+                 what: str = "event") -> dict[str, Any]:
+        for event in list(self.events):
+            if match(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self._new.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self._new.empty():
+                    break
+                continue
+            if match(event):
+                return event
+        raise AssertionError(f"no {what} within {timeout}s; runner exit code "
+                             f"{self.proc.poll()}; log tail:\n" + "\n".join(self.logs[-30:]))
+
+    def of(self, kind: str, station: str | None = None) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind
+                and (station is None or e.get("station_id", e.get("source_id")) == station)]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        for thread in self._threads:
+            thread.join(5)
+        return code
+
+    def log_lines(self, station: str) -> list[str]:
+        """The messages logged for ``station`` (the part after ``[station]``)."""
+        mark = f"[{station}] "
+        return [line.split(mark, 1)[1] for line in self.logs if mark in line]
+
+
+def completed(station: str, segment: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (e["type"] == "order.completed" and e["station_id"] == station
+                      and e["segment_id"] == segment)
+
+
+@pytest.fixture(scope="module")
+def station_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """ORDER_101, a damaged ticket, ORDER_102, ORDER_103 and ORDER_104 with both tickets in
+    view for half a second between them, idle gaps longer than the order timeout."""
+    need_tool("ffmpeg")
+    path = tmp_path_factory.mktemp("video") / "station.mp4"
+    shots = default_schedule(["ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"],
+                             order_seconds=2.0, gap_seconds=1.6, lead_seconds=1.0,
+                             damaged=True, conflict=True)
+    schedule = make_station_video(path, shots, fps=FPS)
+    return path, schedule
+
+
+@pytest.fixture
+def runner_factory(tmp_path: Path) -> Iterator[Callable[..., Runner]]:
+    runners: list[Runner] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Runner:
+        home = tmp_path / "home"
+        runner = Runner([*args], {"FRAMEPIPE_HOME": str(home), **(env or {})}, tmp_path)
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        if runner.proc.poll() is None:
+            runner.proc.kill()
+            runner.proc.wait()
+
+
+def trailing_frames() -> int:
+    """Frames of an order after its tag left: those of the order timeout."""
+    return round(TIMEOUT * FPS)
+
+
+def test_stations_orders_storage_and_a_killed_capture(
+        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
+        tmp_path: Path) -> None:
+    video, schedule = station_video
+    tagged = schedule["tagged_frames"]
+    stations_file = tmp_path / "stations.json"
+    stations_file.write_text(json.dumps({"station_1": str(video)}))
+    runner = runner_factory("--stations-file", str(stations_file),
+                            "--order-timeout", str(TIMEOUT), "--best-frames", "3")
+
+    # station_1 runs; station_2 is added to the running app through the stations file
+    runner.wait_for(lambda e: e["type"] == "station.first_frame"
+                    and e["station_id"] == "station_1", what="station_1's first frame")
+    stations_file.write_text(json.dumps({"station_1": str(video), "station_2": str(video)}))
+    runner.wait_for(lambda e: e["type"] == "station.added" and e["station_id"] == "station_2",
+                    what="station_2 added")
+    first = runner.wait_for(lambda e: e["type"] == "station.first_frame"
+                            and e["station_id"] == "station_2", what="station_2's first frame")
+    assert first["seconds"] >= 0
+
+    # kill station_2's capture in the middle of ORDER_102
+    started = runner.wait_for(lambda e: e["type"] == "source.started"
+                              and e["source_id"] == "station_2")
+    runner.wait_for(lambda e: e["type"] == "order.started" and e["station_id"] == "station_2"
+                    and e["order_id"] == "ORDER_102", what="station_2's ORDER_102")
+    time.sleep(0.5)
+    os.kill(started["pid"], signal.SIGKILL)
+    restarted = runner.wait_for(lambda e: e["type"] == "source.started"
+                                and e["source_id"] == "station_2" and e["attempt"] == 1,
+                                what="station_2's capture restarted")
+    assert restarted["pid"] != started["pid"]
+    # the replayed video shows ORDER_101 again: a new order, never mixed with the first
+    again = runner.wait_for(completed("station_2", "ORDER_101.2"), timeout=60)
+    assert again["order_id"] == "ORDER_101" and again["repeat"] == 2
+    runner.wait_for(completed("station_1", "ORDER_104"), timeout=60)
+    assert runner.stop() == 0
+
+    # station_1: every order, in order, with its frames
+    orders = runner.of("order.completed", "station_1")
+    assert [o["segment_id"] for o in orders] == ["ORDER_101", "ORDER_102", "ORDER_103",
+                                                 "ORDER_104"]
+    expected = {
+        "ORDER_101": tagged["ORDER_101"] + trailing_frames(),
+        "ORDER_102": tagged["ORDER_102"] + trailing_frames(),
+        "ORDER_103": tagged["ORDER_103"] + FPS // 2,  # + both tickets in view: ORDER_103 stays
+        "ORDER_104": tagged["ORDER_104"] + trailing_frames(),
+    }
+    reasons = {"ORDER_103": "key_changed"}
+    objects = tmp_path / "home" / "objects"
+    for order in orders:
+        oid = order["order_id"]
+        assert abs(order["frames"] - expected[oid]) <= 3, (oid, order["frames"], expected[oid])
+        assert order["reason"] == reasons.get(oid, "timeout")
+        assert order["station_id"] == "station_1"
+        assert order["first_ts_ms"] < order["last_ts_ms"]
+        assert order["latency_s"] is not None and 0 <= order["latency_s"] < TIMEOUT + 5
+        # every frame stored under the seed's layout, nothing else in the order's folder
+        assert len(order["stored"]) == order["frames"]
+        numbers = []
+        for key in order["stored"]:
+            match = KEY.match(key)
+            assert match, key
+            assert (match["station"], match["order"]) == ("station_1", oid)
+            assert order["first_ts_ms"] <= int(match["ts"]) <= order["last_ts_ms"]
+            assert (objects / key).stat().st_size > 1000
+            numbers.append(int(match["n"]))
+        assert numbers == sorted(numbers)
+        on_disk = sorted(p.relative_to(objects).as_posix()
+                         for p in (objects / "frames" / "station_1" / oid).iterdir())
+        assert on_disk == sorted(order["stored"])
+        # the three frames with the sharpest tag, copied under selected/
+        assert len(order["selected"]) == 3
+        for key in order["selected"]:
+            assert key.startswith("selected/frames/station_1/")
+            assert key.removeprefix("selected/") in order["stored"]
+            assert (objects / key).read_bytes() == (objects / key.removeprefix(
+                "selected/")).read_bytes()
+    logged = runner.log_lines("station_1")
+    for order in orders:
+        assert (f"Order {order['segment_id']} completed: latency={order['latency_s']:.1f}s "
+                f"frames={order['frames']}") in logged
+
+    # bad tags were reported, not turned into orders
+    unreadable = runner.of("tag.unreadable", "station_1")
+    assert unreadable and "ChecksumError" in unreadable[0]["error"]
+    conflict = runner.of("tag.conflict", "station_1")
+    assert conflict and conflict[0]["tags"] == ["ORDER_103", "ORDER_104"]
+
+    # station_2: the kill was noticed at once, logged as the seed shows, and restarted in 2 s
+    lines = runner.log_lines("station_2")
+    died = lines.index("Pipeline subprocess died (exit code: -9)")
+    assert lines[died + 1] == "Restarting pipeline in 2s (attempt 1)"
+    assert f"Persistent pipeline started (PID: {restarted['pid']})" in lines[died + 2:]
+    # the order open at the kill closed on its timeout with every frame it had
+    cut = next(o for o in runner.of("order.completed", "station_2")
+               if o["segment_id"] == "ORDER_102")
+    assert cut["reason"] == "timeout" and 0 < cut["frames"] < expected["ORDER_102"]
+    assert len(cut["stored"]) == cut["frames"]
+    assert all((objects / key).is_file() for key in cut["stored"])
+    # one capture process per station at a time: station_1 was never restarted by the kill
+    assert [e["attempt"] for e in runner.of("source.started", "station_1")] == [0]
+
+    # the events were committed to the embedded state store, for `framepipe serve`
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'state.db'}")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT data FROM fp_events WHERE type = 'order.completed'")).scalars().all()
+    engine.dispose()
+    stored = [json.loads(r) if isinstance(r, str) else r for r in rows]
+    assert {(d["station_id"], d["segment_id"]) for d in stored} >= {
+        ("station_1", o) for o in expected}
+    assert all(d["app"] == "order_accuracy" for d in stored)
+
+
+def test_a_station_that_dies_for_good_fails_alone_and_keeps_its_orders(
+        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
+        tmp_path: Path) -> None:
+    video, _schedule = station_video
+    # station_bad's capture shows 2.6 s of the video (ORDER_101 from 1.0 s) and exits;
+    # its one restart does the same; then it has failed for good
+    bad = f"cmd:ffmpeg -hide_banner -loglevel error -nostdin -re -t 2.6 -i {video} " \
+          "-an -f mjpeg -q:v 3 -"
+    runner = runner_factory("--station", f"station_ok={video}", "--station", f"station_bad={bad}",
+                            "--station", "station_missing=/no/such/video.mp4",
+                            "--order-timeout", str(TIMEOUT), "--max-restarts", "1",
+                            "--restart-delay", "1.5")
+    failed = runner.wait_for(lambda e: e["type"] == "station.failed", timeout=60,
+                             what="station_bad failed")
+    assert failed["station_id"] == "station_bad"
+    assert "exit code: 0" in failed["error"]
+    runner.wait_for(completed("station_ok", "ORDER_102"), timeout=60)
+    assert runner.stop() == 1  # a station failed
+
+    bad_orders = runner.of("order.completed", "station_bad")
+    # the first session's ORDER_101 closed on its timeout during the restart delay; the
+    # second session's closed when the station failed: both with every frame stored
+    assert [o["segment_id"] for o in bad_orders] == ["ORDER_101", "ORDER_101.2"]
+    assert [o["reason"] for o in bad_orders] == ["timeout", "end"]
+    objects = tmp_path / "home" / "objects"
+    for order in bad_orders:
+        assert order["frames"] >= 10
+        assert len(order["stored"]) == order["frames"]
+        assert all((objects / key).is_file() for key in order["stored"])
+    lines = runner.log_lines("station_bad")
+    assert "Pipeline subprocess died (exit code: 0)" in lines
+    assert any(line.startswith("Station failed for good:") for line in lines)
+    # station_ok went on: its orders completed after station_bad failed
+    ok = [o["segment_id"] for o in runner.of("order.completed", "station_ok")]
+    assert ok[:2] == ["ORDER_101", "ORDER_102"]
+    # the station whose video does not exist was refused with the reason; the others ran
+    invalid = runner.of("station.invalid")
+    assert [e["station_id"] for e in invalid] == ["station_missing"]
+    assert "does not exist" in invalid[0]["error"]
+    assert any("[station_missing]" in line and "does not exist" in line for line in runner.logs)
+
+
+def test_distributed_redis_postgresql_s3_with_gstreamer(
+        tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str) -> None:
+    need_tool("gst-launch-1.0")
+    need_tool("ffmpeg")
+    import redis
+
+    with redis_namespace("fp-oa-") as namespace:
+        run_distributed(tmp_path, runner_factory, pg_url, namespace.rstrip(":"),
+                        redis.Redis.from_url(REDIS_URL))
+
+
+def run_distributed(tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str,
+                    namespace: str, client: Any) -> None:
+    video = tmp_path / "short.mp4"
+    make_station_video(video, default_schedule(["ORDER_201", "ORDER_202"], order_seconds=1.5,
+                                               gap_seconds=1.4, lead_seconds=0.5), fps=FPS)
+    with aws_test_env(), s3_server_at(tmp_path) as s3:
+        s3.client.create_bucket(Bucket="orders")
+        s3.client.create_bucket(Bucket="selected")
+        env = {"FRAMEPIPE_OBJECTS_URL": f"s3://orders?endpoint={s3.endpoint}",
+               "FRAMEPIPE_DATABASE_URL": pg_url, "FRAMEPIPE_BROKER_URL": REDIS_URL,
+               "FRAMEPIPE_BROKER_NAMESPACE": namespace, **{k: os.environ[k] for k in (
+                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
+        runner = runner_factory("--station", f"station_1={video}", "--capture", "gst",
+                                "--order-timeout", str(TIMEOUT), "--best-frames", "2",
+                                "--selected", f"s3://selected?endpoint={s3.endpoint}", env=env)
+        runner.wait_for(completed("station_1", "ORDER_202"), timeout=60)
+        assert runner.stop() == 0
+        orders = runner.of("order.completed", "station_1")
+        assert [o["order_id"] for o in orders][:2] == ["ORDER_201", "ORDER_202"]
+        listed = s3.client.list_objects_v2(Bucket="orders", Prefix="frames/station_1/")
+        keys = {item["Key"] for item in listed.get("Contents", ())}
+        for order in orders[:2]:
+            assert set(order["stored"]) <= keys
+            assert len(order["stored"]) == order["frames"] > 10
+            assert all(KEY.match(k) for k in order["stored"])
+            assert len(order["selected"]) == 2
+            for key in order["selected"]:
+                body = s3.client.get_object(Bucket="selected", Key=key)["Body"].read()
+                assert body[:2] == b"\xff\xd8"
+        # the capture was gst-launch-1.0, one process
+        assert any("capture started" in line and "gst-launch-1.0" in line
+                   for line in runner.logs)
+
+    # events committed to PostgreSQL and appended to the Redis Stream
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT data FROM fp_events WHERE type = 'order.completed' ORDER BY id")
+        ).scalars().all()
+    engine.dispose()
+    assert [r["segment_id"] for r in rows][:2] == ["ORDER_201", "ORDER_202"]
+    stream = f"{namespace}:events:order_accuracy"
+    entries = client.xrange(stream)
+    client.close()
+    completed_entries = [json.loads(fields[b"data"]) for _id, fields in entries
+                         if fields[b"type"] == b"order.completed"]
+    assert [e["segment_id"] for e in completed_entries][:2] == ["ORDER_201", "ORDER_202"]
+    assert completed_entries[0]["stored"] == orders[0]["stored"]
