@@ -26,6 +26,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from conftest import IN_CI
@@ -332,3 +333,135 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert summary["bookings"]["B1003"]["videos"] == [v3a]
         assert len(summary["bookings"]["B1003"]["outputs"]) == 1
         assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, qr3, v3a}
+
+
+def imports_of(client: httpx.Client, label: str) -> list[dict[str, Any]]:
+    """Executions of the card labelled ``label``, oldest first."""
+    return [e for e in executions(client) if e["inputs"].get("label") == label]
+
+
+def ended(client: httpx.Client, label: str, n: int = 1) -> dict[str, Any] | None:
+    rows = imports_of(client, label)
+    if len(rows) < n or rows[n - 1]["status"] in ("pending", "running"):
+        return None
+    body: dict[str, Any] = client.get(f"/api/executions/{rows[n - 1]['id']}").json()
+    return body
+
+
+def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -> None:
+    server, watcher, shared = world["server"], world["watcher"], world["shared"]
+    bad = CardMaker(world["cards"] / "BAD")
+    v0 = bad.video()                                  # no QR clip before it
+    qr_x = bad.qr("B2000;Xavier Durand", damage=True)  # unreadable
+    v1 = bad.video()
+    qr_a, qr_b = bad.qr("B2001;Ann"), bad.qr("B2002;Ben")  # two bookings for one jump
+    v2 = bad.video()
+    qr_c, qr_c2 = bad.qr("B2003;Cid"), bad.qr("B2003;Cid")  # the same code filmed twice
+    v3, v4 = bad.video(), bad.video()                 # one vanishes, one is interrupted
+    qr_d = bad.qr("hello world")                      # a QR code that is no booking
+    v5 = bad.video()
+    noqr = CardMaker(world["cards"] / "NOQR")
+    lone = noqr.video()
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], shared, log, "--max-rate", "250000")
+    world["detectors"].append(detector.start())
+
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        mounted = insert(bad.folder, world["watch"])
+        insert(noqr.folder, world["watch"])
+
+        nothing = wait_for("the import of the card without QR clip",
+                           lambda: ended(client, "NOQR"), detector=detector)
+        assert nothing["status"] == "completed", nothing.get("error")
+        summary = nothing["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        assert summary["held"] == [{"path": lone, "reason": "no QR clip before it"}]
+        assert summary["copied"] == [] and summary["bookings"] == {}
+
+        # While one of the two videos of B2003 copies, the other vanishes from the card ...
+        def copying() -> str | None:
+            for m in watcher.of("pipeline:progress"):
+                for path in (v3, v4):
+                    if m.get("message") == f"copying {path}":
+                        return path
+            return None
+
+        first = wait_for("a copy of a video of B2003", copying, detector=detector)
+        gone = v4 if first == v3 else v3
+        (mounted / gone).unlink()
+        # ... and the detector dies in the middle of that copy.
+        detector.kill()
+        running = imports_of(client, "BAD")[0]
+        card_id = running["inputs"]["card_id"]
+        final, part = shared / card_id / first, shared / card_id / Path(first).parent / (
+            f".{Path(first).name}.part")
+        assert not final.exists()  # a partial copy never has the final name ...
+        assert part.exists()
+        assert first not in ledger_paths(world["settings"])  # ... nor counts as imported
+        retrying = wait_for("the interrupted copy's retry", lambda: [
+            m for m in watcher.of("event") if m["event"]["type"] == "step.retrying"
+            and "disconnected while the backend waited for the copy of "
+            f"{first}" in m["event"]["data"].get("error", "")], detector=detector)
+        assert "test-host" in retrying[0]["event"]["data"]["error"]
+
+        # Meanwhile: the same card from another detector, a malformed list, a wrong token.
+        twin_url = f"{server.url.replace('http', 'ws')}/ws/detector"
+        with ws_connect(twin_url, additional_headers=AUTH) as twin:
+            twin.send(json.dumps({"type": "detector:hello", "detector_id": "twin"}))
+            assert json.loads(twin.recv(10))["type"] == "detector:welcome"
+            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-1",
+                                  "card_id": card_id, "label": "BAD",
+                                  "files": running["inputs"]["files"]}))
+            status = json.loads(twin.recv(10))
+            assert status == {"type": "sd:status", "session_id": "twin-1",
+                              "card_id": card_id, "state": "already_importing",
+                              "execution_id": running["id"]}
+            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-2",
+                                  "card_id": "X", "files": [
+                                      {"path": "../../etc/passwd", "size": 1, "mtime": 0,
+                                       "fingerprint": "0123456789"}]}))
+            error = json.loads(twin.recv(10))
+            assert error["type"] == "error"
+            assert "files.0.path" in error["detail"] and "stay inside it" in error["detail"]
+            twin.send("{not json")
+            assert json.loads(twin.recv(10))["detail"].startswith("not JSON")
+            twin.send(json.dumps({"type": "sd:eject_all"}))
+            assert "unknown message type 'sd:eject_all'" in json.loads(twin.recv(10))["detail"]
+        with pytest.raises(InvalidStatus, match="403"):  # closed before it is accepted
+            ws_connect(f"{twin_url}?token=wrong")
+        assert len(imports_of(client, "BAD")) == 1
+
+        # The detector comes back: the retried copy reaches it and the import completes.
+        detector = Detector(server.url, world["watch"], shared, log)
+        world["detectors"].append(detector.start())
+        done = wait_for("the import of the bad card", lambda: ended(client, "BAD"),
+                        detector=detector)
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        assert summary["bookings"] == {"B2003": {
+            "passenger": "Cid", "videos": [first], "missing": [gone],
+            "outputs": [f"bookings/B2003/{Path(first).stem}.mp4"]}}
+        assert [h["path"] for h in summary["held"]] == [v0, v1, v2, v5]
+        reasons = [h["reason"] for h in summary["held"]]
+        assert reasons[0] == "no QR clip before it"
+        assert reasons[1] == f"after {qr_x}, which holds a QR code that cannot be read"
+        assert reasons[2] == f"after two QR clips of different bookings ({qr_a}, {qr_b})"
+        assert reasons[3].startswith(f"after {qr_d}, which holds a QR code that is no booking")
+        problems = "\n".join(summary["problems"])
+        assert f"{gone}: vanished from the card before it was copied" in problems
+        assert f"{qr_x}: a QR code that cannot be read" in problems
+        assert "two QR clips of different bookings" in problems
+        assert "'hello world'" in problems
+        copy_of_first = next(s for s in done["steps"] if s["name"] == "copy"
+                             and s["params"]["path"] == first)
+        assert copy_of_first["attempt"] >= 2 and copy_of_first["status"] == "completed"
+
+        # Imported: the readable QR clips and the one video; held and vanished files are not,
+        # so the next insertion tries them again. No partial file is left.
+        imported = set(ledger_paths(world["settings"]))
+        assert imported - {qr_c, qr_c2} == {qr_a, qr_b, first}
+        assert len(imported & {qr_c, qr_c2}) == 1  # byte-identical clips: one identity
+        assert final.is_file() and not part.exists()
+        assert not (shared / card_id / gone).exists()
+        assert not list(shared.rglob("*.part"))

@@ -371,20 +371,30 @@ def summary(ctx: StepContext) -> dict[str, Any]:
     bookings: dict[str, dict[str, Any]] = {}
     for jump in assigned["jumps"]:
         b = bookings.setdefault(jump["booking_id"], {"passenger": jump["passenger"],
-                                                     "videos": [], "outputs": []})
+                                                     "videos": [], "outputs": [],
+                                                     "missing": []})
         for video in jump["videos"]:
+            if data.get(f"copied/{video}", {}).get("status") == "missing":
+                b["missing"].append(video)
+                continue
             b["videos"].append(video)
             if video in rendered:
                 b["outputs"].append(rendered[video]["key"])
+    problems = list(assigned["problems"])
+    for key, value in data.items():
+        if key.startswith("copied/") and value.get("status") == "missing":
+            problem = f"{key.removeprefix('copied/')}: vanished from the card before it was copied"
+            if problem not in problems:
+                problems.append(problem)
     if not data["plan"]["new"]:
         status = "nothing_new"
-    elif assigned["held"] or assigned["problems"]:
+    elif assigned["held"] or problems:
         status = "needs_attention"
     else:
         status = "imported"
     result = {"status": status, "card_id": ctx.inputs.get("card_id"),
               "copied": sorted(copied), "bookings": bookings, "held": assigned["held"],
-              "problems": assigned["problems"]}
+              "problems": problems}
     hub_id = ctx.inputs.get("hub")
     if hub_id:
         try:
