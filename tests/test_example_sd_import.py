@@ -9,6 +9,7 @@ segno or zxing-cpp the tests skip with the reason, except under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -220,25 +221,34 @@ def sqlite_settings(tmp_path: Path) -> Settings:
                     shutdown_grace=2.0, concurrency=4)
 
 
-@pytest.fixture
-def world(tmp_path: Path, sqlite_settings: Settings) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def running_world(tmp_path: Path, settings: Settings,
+                  **hub_options: Any) -> Iterator[dict[str, Any]]:
+    """The service with the sd_import hub (``hub_options`` go to ``make_hub``), a card folder
+    to watch, a shared folder, and a WebSocket watching progress."""
     watch, shared, cards = tmp_path / "media", tmp_path / "shared", tmp_path / "cards"
     for folder in (watch, shared, cards):
         folder.mkdir()
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
     hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=SMALL_LIMIT,
-                              reconnect_wait=20)
-    with Server(sqlite_settings, pipelines=(pipeline,), detector_hub=hub) as server:
+                              reconnect_wait=20, **hub_options)
+    with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:
         watcher = Watcher(server.url)
         detectors: list[Detector] = []
         try:
             yield {"server": server, "watch": watch, "shared": shared, "cards": cards,
-                   "watcher": watcher, "settings": sqlite_settings, "detectors": detectors,
+                   "watcher": watcher, "settings": settings, "detectors": detectors,
                    "tmp": tmp_path}
         finally:
             for d in detectors:
                 d.stop()
             watcher.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, sqlite_settings: Settings) -> Iterator[dict[str, Any]]:
+    with running_world(tmp_path, sqlite_settings) as running:
+        yield running
 
 
 def ledger_paths(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -465,3 +475,46 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         assert final.is_file() and not part.exists()
         assert not (shared / card_id / gone).exists()
         assert not list(shared.rglob("*.part"))
+
+
+def test_a_failed_render_is_retried_from_that_step_without_copying_again(
+        tmp_path: Path, sqlite_settings: Settings) -> None:
+    intro = tmp_path / "assets" / "intro.mp4"  # missing at first
+    with running_world(tmp_path, sqlite_settings, extra_inputs={"intro": str(intro)}) as world:
+        server = world["server"]
+        maker = CardMaker(world["cards"] / "RETRY")
+        maker.qr("B3001;Dana Holm")
+        videos = [maker.video(), maker.video()]
+        detector = Detector(server.url, world["watch"], world["shared"],
+                            world["tmp"] / "det.log")
+        world["detectors"].append(detector.start())
+        with httpx.Client(base_url=server.url, headers=AUTH) as client:
+            insert(maker.folder, world["watch"])
+            failed = wait_for("the import", lambda: ended(client, "RETRY"), detector=detector)
+            assert failed["status"] == "failed"
+            assert str(intro) in failed["error"]
+            renders = [s for s in failed["steps"] if s["name"] == "render"]
+            assert any(s["status"] == "failed" for s in renders)
+            copies = {s["key"]: s for s in failed["steps"] if s["name"] == "copy"}
+            assert len(copies) == 3 and all(s["status"] == "completed"
+                                            for s in copies.values())
+
+            intro.parent.mkdir()
+            jump_clip(intro, seed=99, frames=10)
+            retried = client.post(f"/api/executions/{failed['id']}/retry")
+            assert retried.status_code == 202, retried.text
+            done = wait_for("the retried import", lambda: ended(client, "RETRY"),
+                            detector=detector)
+            assert done["status"] == "completed", done.get("error")
+            summary = done["data"]["summary"]
+            assert summary["status"] == "imported"
+            assert summary["bookings"]["B3001"]["videos"] == videos
+            assert len(summary["bookings"]["B3001"]["outputs"]) == 2
+            for step in done["steps"]:
+                if step["name"] == "copy":  # nothing was copied again
+                    assert step["attempt"] == copies[step["key"]]["attempt"] == 1
+            assert any(s["name"] == "render" and s["attempt"] == 2 for s in done["steps"])
+            key = summary["bookings"]["B3001"]["outputs"][0]
+            (tmp_path / "out.mp4").write_bytes(client.get(f"/api/objects/{key}").content)
+            with av.open(str(tmp_path / "out.mp4")) as container:
+                assert sum(1 for _ in container.decode(video=0)) == 10 + 25 + 25

@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from framepipe import Pipeline, StepContext
-from framepipe.errors import DetectorError, MediaError
+from framepipe.errors import DetectorError
 from framepipe.jobs.ledger import file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
@@ -346,12 +346,9 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
                        position="bottom-left", margin=4, preset="ultrafast",
                        progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
-    try:
-        final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
-                       height=size[1], fps=fps, preset="ultrafast",
-                       progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
-    except MediaError as exc:
-        raise MediaError(src, f"rendering failed: {exc.reason}") from exc
+    final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
+                   height=size[1], fps=fps, preset="ultrafast",
+                   progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
     key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
     info = ctx.objects.put_file(key, final)
     ctx.progress(100, f"uploaded {key}")
