@@ -47,18 +47,28 @@ from typing import Any, Literal, Protocol
 import cv2
 import numpy as np
 
-from framepipe.app import App
-from framepipe.backends.objects import ObjectStore, open_object_store
-from framepipe.backends.state import StateStore
-from framepipe.backoff import Backoff
-from framepipe.config import Settings, load_settings
+from framepipe import (
+    App,
+    Backoff,
+    CommandSource,
+    Frame,
+    FrameStore,
+    ObjectStore,
+    Processor,
+    RedisEventSink,
+    Segmenter,
+    Settings,
+    Source,
+    Stage,
+    StateStore,
+    StoreEventSink,
+    StreamPipeline,
+    VideoSource,
+    get_logger,
+    load_settings,
+    open_object_store,
+)
 from framepipe.errors import ConfigError, MissingDependencyError
-from framepipe.event_sinks import RedisEventSink, StoreEventSink
-from framepipe.frames import Frame
-from framepipe.logs import get_logger
-from framepipe.processors.base import Processor
-from framepipe.sources import CommandSource, Source, VideoSource
-from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
 
 __all__ = ["FRAME_TEMPLATE", "ORDER_PATTERN", "OrderAccuracy", "OrderKey", "OrderTagStage",
            "QrTagReader", "TagReader", "TagReading", "build_station", "station_source"]

@@ -98,15 +98,18 @@ async def main_async(args: argparse.Namespace) -> int:
     settings = load_settings()
     stations = parse_stations(args.station or [])
     loop_files = args.loop
+    order_timeout = 10.0 if args.order_timeout is None else args.order_timeout
     if args.demo:
         video = str(demo_video(settings.home))
         stations.setdefault("station_1", video)
         stations.setdefault("station_2", video)
         loop_files = True
+        if args.order_timeout is None:  # the demo video's idle gaps are 2.5 s
+            order_timeout = 2.0
     if not stations and args.stations_file is None:
         raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
     service = OrderAccuracy(
-        settings, selected=args.selected, order_timeout=args.order_timeout,
+        settings, selected=args.selected, order_timeout=order_timeout,
         max_order_seconds=args.max_order_seconds, best_frames=args.best_frames,
         capture=args.capture, fps=args.fps, loop=loop_files, tag_workers=args.tag_workers,
         max_restarts=args.max_restarts, stall_timeout=args.stall_timeout,
@@ -159,8 +162,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop", action="store_true", help="play video files forever")
     parser.add_argument("--fps", type=float, default=None,
                         help="capture rate (default: the source's own)")
-    parser.add_argument("--order-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="an order closes after this long without its tag (default 10)")
+    parser.add_argument("--order-timeout", type=float, default=None, metavar="SECONDS",
+                        help="an order closes after this long without its tag (default 10; "
+                             "2 with --demo, whose idle gaps are 2.5 s)")
     parser.add_argument("--max-order-seconds", type=float, default=None)
     parser.add_argument("--best-frames", type=int, default=3,
                         help="frames per order copied to --selected (sharpest tag)")

@@ -1,9 +1,16 @@
 """framepipe: video pipelines that keep running.
 
-Batch jobs (this release): define a :class:`Pipeline` of steps in Python, run it with a
-:class:`JobEngine` (or :func:`run_pipeline`, or ``framepipe run FILE.py:PIPELINE``), embedded
-on SQLite and local files, or on PostgreSQL with the same code.
+Batch jobs: define a :class:`Pipeline` of steps in Python, run it with a :class:`JobEngine`
+(or :func:`run_pipeline`, or ``framepipe run FILE.py:PIPELINE``), embedded on SQLite and local
+files, or on PostgreSQL and Redis workers with the same code.
+
+Live streams: an :class:`App` runs :class:`StreamPipeline` s (a supervised :class:`Source`,
+:class:`Stage` s of :class:`Processor` s, a :class:`Segmenter`, sinks such as
+:class:`FrameStore`). Those names load on first use, so that ``import framepipe`` stays light
+for the job API and the CLI.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from framepipe.backends.objects import LocalObjectStore, ObjectInfo, ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
@@ -28,27 +35,85 @@ from framepipe.jobs import (
 from framepipe.jobs.runner import run_pipeline
 from framepipe.logs import configure_logging, get_logger
 
+if TYPE_CHECKING:
+    from framepipe.app import App, AppHealth, SystemState
+    from framepipe.backoff import Backoff
+    from framepipe.event_sinks import RedisEventSink, StoreEventSink
+    from framepipe.frames import Frame
+    from framepipe.processors.base import Processor, as_processor
+    from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
+    from framepipe.stream import FrameStore, MotionGate, Segment, Segmenter, Sink, Stage
+    from framepipe.stream.pipeline import StreamPipeline
+    from framepipe.supervise import HealthState, Supervisor
+
 __version__ = "0.1.0"
 
+_LAZY = {
+    "App": "framepipe.app", "AppHealth": "framepipe.app", "SystemState": "framepipe.app",
+    "Backoff": "framepipe.backoff", "Frame": "framepipe.frames",
+    "RedisEventSink": "framepipe.event_sinks", "StoreEventSink": "framepipe.event_sinks",
+    "Processor": "framepipe.processors.base", "as_processor": "framepipe.processors.base",
+    "CommandSource": "framepipe.sources", "PatternSource": "framepipe.sources",
+    "Source": "framepipe.sources", "VideoSource": "framepipe.sources",
+    "FrameStore": "framepipe.stream", "MotionGate": "framepipe.stream",
+    "Segment": "framepipe.stream", "Segmenter": "framepipe.stream", "Sink": "framepipe.stream",
+    "Stage": "framepipe.stream", "StreamPipeline": "framepipe.stream.pipeline",
+    "HealthState": "framepipe.supervise", "Supervisor": "framepipe.supervise",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'framepipe' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "App",
+    "AppHealth",
+    "Backoff",
+    "CommandSource",
     "Event",
     "EventBus",
     "ExecutionInfo",
     "ExecutionStatus",
+    "Frame",
+    "FrameStore",
     "FramepipeError",
+    "HealthState",
     "JobEngine",
     "Ledger",
     "LocalObjectStore",
+    "MotionGate",
     "ObjectInfo",
     "ObjectStore",
+    "PatternSource",
     "Pipeline",
+    "Processor",
+    "RedisEventSink",
+    "Segment",
+    "Segmenter",
     "Settings",
+    "Sink",
+    "Source",
+    "Stage",
     "StateStore",
     "Step",
     "StepContext",
     "StepInfo",
     "StepStatus",
+    "StoreEventSink",
+    "StreamPipeline",
+    "Supervisor",
+    "SystemState",
+    "VideoSource",
     "__version__",
+    "as_processor",
     "configure_logging",
     "content_hash",
     "file_fingerprint",
