@@ -108,7 +108,7 @@ class _QueuedSink:
                 await self._write(batch)
                 return True
             except Exception as exc:
-                if attempt == self.retries or self._closed:
+                if attempt == self.retries:
                     self._log.warning("%d event(s) not written after %d attempt(s): %s",
                                       len(batch), attempt, exc)
                     return False

@@ -1,0 +1,143 @@
+"""Event sinks (state store, Redis Stream) and processor events, against the real backends.
+
+The store sink runs on SQLite and PostgreSQL (the ``store`` fixture), the Redis sink on the real
+Redis at ``REDIS_URL`` and on a port where nothing listens. Processor events go through a real
+``App`` and ``StreamPipeline`` with worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import REDIS_URL, redis_namespace
+from framepipe import (
+    App,
+    Frame,
+    PatternSource,
+    Processor,
+    RedisEventSink,
+    Settings,
+    Stage,
+    StateStore,
+    StoreEventSink,
+    StreamPipeline,
+)
+from framepipe.backends.state.schema import events
+from framepipe.backoff import Backoff
+from media import free_port
+
+
+def stored(store: StateStore) -> list[tuple[str, dict[str, Any]]]:
+    with store.read() as conn:
+        rows = conn.execute(sa.select(events.c.type, events.c.data).order_by(events.c.id))
+        return [(r.type, r.data if isinstance(r.data, dict) else json.loads(r.data))
+                for r in rows]
+
+
+def test_the_store_sink_commits_every_event_in_order(store: StateStore) -> None:
+    async def main() -> StoreEventSink:
+        sink = StoreEventSink(store, "site", batch=64)
+        for i in range(500):
+            sink("order.completed" if i % 2 else "order.started", {"n": i, "path": Path("/x")})
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # let the writer take batches while events arrive
+        await sink.aclose()
+        return sink
+
+    sink = asyncio.run(main())
+    rows = stored(store)
+    assert [d["n"] for _, d in rows] == list(range(500))
+    assert rows[1] == ("order.completed", {"app": "site", "n": 1, "path": "/x"})
+    assert sink.written == 500 and sink.dropped == 0
+
+
+def test_the_redis_sink_appends_in_order_with_a_type_filter() -> None:
+    import redis
+
+    with redis_namespace("fp-sink-") as namespace:
+        stream = f"{namespace}events"
+
+        async def main() -> None:
+            sink = RedisEventSink(REDIS_URL, stream, types={"order.completed"}, maxlen=1000)
+            for i in range(300):
+                sink("order.completed", {"n": i})
+                sink("tag.unreadable", {"n": i})
+            await sink.aclose()
+            assert sink.written == 300
+
+        asyncio.run(main())
+        client = redis.Redis.from_url(REDIS_URL)
+        entries = client.xrange(stream)
+        client.close()
+    assert [json.loads(f[b"data"])["n"] for _, f in entries] == list(range(300))
+    assert {f[b"type"] for _, f in entries} == {b"order.completed"}
+
+
+def test_a_redis_that_is_away_never_blocks_or_raises_and_drops_are_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(url, "events", retries=2, backoff=Backoff(0.01, 2, 0.05, 0),
+                              max_pending=50)
+        for i in range(120):
+            sink("order.completed", {"n": i})  # returns at once
+        assert sink.dropped == 70  # the oldest, beyond max_pending
+        await sink.aclose(timeout=10)
+        return sink
+
+    with caplog.at_level(logging.WARNING, logger="framepipe"):
+        sink = asyncio.run(main())
+    assert sink.written == 0 and sink.dropped == 120
+    assert any("not written after 2 attempt(s)" in r.getMessage() for r in caplog.records)
+
+
+class Tagger(Processor):
+    """Emits an event for every frame from its worker threads."""
+
+    name = "tagger"
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    def process(self, item: Any) -> Any:
+        frame: Frame = item
+        self.threads.add(threading.current_thread().name)
+        self.emit("tag.seen", seq=frame.seq)
+        return frame
+
+
+def test_processor_events_reach_the_app_in_order_from_worker_threads(tmp_path: Path) -> None:
+    tagger = Tagger()
+    app = App("site", settings=Settings(home=tmp_path))
+    seen: list[dict[str, Any]] = []
+    app.on("tag.seen", lambda _e, data: seen.append(data))
+    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", count=60, realtime=False),
+                                    stages=[Stage(tagger, workers=1)]))
+
+    async def main() -> None:
+        await app.start()
+        await app.wait()
+        await app.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert [d["seq"] for d in seen] == sorted(d["seq"] for d in seen)
+    assert len(seen) == 60
+    assert all(d["pipeline"] == "cam" and d["source_id"] == "cam" for d in seen)
+    assert all(name.startswith("fp-tagger") for name in tagger.threads)
+
+
+def test_a_processor_outside_a_pipeline_may_emit(caplog: pytest.LogCaptureFixture) -> None:
+    tagger = Tagger()
+    with caplog.at_level(logging.DEBUG, logger="framepipe"):
+        tagger.process(Frame(image=__import__("numpy").zeros((2, 2, 3), "uint8"),
+                             source_id="s", seq=1))
+    assert any("tag.seen" in r.getMessage() for r in caplog.records)
