@@ -27,11 +27,12 @@ import av
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import IN_CI
-from framepipe.backends.state import StateStore
+from conftest import IN_CI, REDIS_URL, redis_namespace
+from framepipe.backends.state import StateStore, steps
 from framepipe.config import Settings
 from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.loading import load_pipeline
@@ -518,3 +519,64 @@ def test_a_failed_render_is_retried_from_that_step_without_copying_again(
             (tmp_path / "out.mp4").write_bytes(client.get(f"/api/objects/{key}").content)
             with av.open(str(tmp_path / "out.mp4")) as container:
                 assert sum(1 for _ in container.decode(video=0)) == 10 + 25 + 25
+
+
+def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -> None:
+    """``framepipe worker`` processes run every step; copies reach the detector through the
+    service's hub over Redis. SQLite and PostgreSQL alike."""
+    with redis_namespace("fp-sd-") as namespace:
+        values: dict[str, Any] = {
+            "home": tmp_path / "home", "database_url": database_url, "broker_url": REDIS_URL,
+            "broker_namespace": namespace, "jobs_mode": "workers", "lease_seconds": 3.0,
+            "sweep_interval": 0.2, "retry_initial_delay": 0.2, "retry_max_delay": 1.0,
+            "shutdown_grace": 2.0}
+        settings = Settings(**values)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()}}
+        procs = []
+        for n in range(2):
+            with (tmp_path / f"worker{n}.log").open("wb") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "framepipe", "worker", "-c", "3"], env=env,
+                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+        try:
+            with running_world(tmp_path, settings) as world:
+                server = world["server"]
+                maker = CardMaker(world["cards"] / "WORKERS")
+                qr = maker.qr("B4001;Eva Ek")
+                videos = [maker.video(), maker.video()]
+                detector = Detector(server.url, world["watch"], world["shared"],
+                                    world["tmp"] / "det.log")
+                world["detectors"].append(detector.start())
+                with httpx.Client(base_url=server.url, headers=AUTH) as client:
+                    insert(maker.folder, world["watch"])
+                    done = wait_for("the import on workers", lambda: ended(client, "WORKERS"),
+                                    timeout=90, detector=detector)
+                    assert done["status"] == "completed", done.get("error")
+                    summary = done["data"]["summary"]
+                    assert summary["status"] == "imported"
+                    assert sorted(summary["copied"]) == sorted([qr, *videos])
+                    assert summary["bookings"]["B4001"]["videos"] == videos
+                    assert len(summary["bookings"]["B4001"]["outputs"]) == 2
+                    def progress() -> list[dict[str, Any]]:
+                        return [m for m in world["watcher"].of("pipeline:progress")
+                                if m["execution_id"] == done["id"]]
+
+                    last = wait_for("the execution's last progress", lambda: [
+                        m for m in progress() if m["step_key"] is None])
+                    assert last[0]["progress"] == 100.0
+                    assert any((m["step_key"] or "").startswith("render:")
+                               for m in progress())
+                with StateStore(settings.resolved_database_url) as store, store.read() as conn:
+                    ran_on = set(conn.execute(sa.select(steps.c.worker).where(
+                        steps.c.execution_id == done["id"])).scalars())
+                assert None not in ran_on and ran_on  # every step ran on a worker
+                assert len(ledger_paths(settings)) == 3
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

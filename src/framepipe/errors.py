@@ -405,6 +405,7 @@ class DetectorError(FramepipeError):
                  session_id: str | None = None) -> None:
         self.detector_id = detector_id
         self.session_id = session_id
+        self.reason = message
         where = f"detector {detector_id!r}" if detector_id else "detector"
         super().__init__(f"{where}: {message}")
 

@@ -189,7 +189,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         feed = EventFeed(st)
         await feed.start()
         registry = await _open_registry(settings)
-        hub.bind(engine, st)
+        await hub.start(engine, st, settings)
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
                      registry=registry)
         for live_app in hosted.values():

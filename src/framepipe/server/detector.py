@@ -40,6 +40,14 @@ What :class:`DetectorHub` guarantees:
 Requests are made on the service's event loop (an ``async`` step of an engine running in the
 service) or from any thread with :meth:`DetectorHub.request_sync`. Steps find the hub of
 their service with :func:`get_hub` from the id the hub gave them (``hub.id``).
+
+Workers. When the service sends steps to ``framepipe worker`` processes over Redis, the hub
+also relays: a step on a worker gets a :class:`RemoteDetectorHub` from :func:`get_hub`, which
+pushes its request to the list ``{namespace}:detector:{hub_id}:requests``; the service takes it,
+makes the request here and pushes progress and the answer (or the error, with its class) to a
+reply list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry)
+while it runs, so a worker asking a stopped service fails at once with
+:class:`DetectorUnavailableError` instead of waiting.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from framepipe.config import Settings, load_settings
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
 
@@ -67,8 +76,8 @@ if TYPE_CHECKING:
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
 
-__all__ = ["DetectorConnection", "DetectorHub", "DetectorMessage", "Handler", "get_hub",
-           "mount_detector"]
+__all__ = ["DetectorConnection", "DetectorHub", "DetectorMessage", "Handler",
+           "RemoteDetectorHub", "get_hub", "mount_detector"]
 
 _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
@@ -76,18 +85,22 @@ _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictiona
 ProgressCallback = Callable[[Mapping[str, Any]], None]
 
 
-def get_hub(hub_id: str) -> DetectorHub:
-    """The live hub with id ``hub_id`` in this process.
+def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | RemoteDetectorHub:
+    """The hub with id ``hub_id``: the live one in this process, else (a step on a worker)
+    a :class:`RemoteDetectorHub` reaching it through the broker's Redis.
 
-    Raises :class:`DetectorUnavailableError` when there is none: the step asking runs in
-    another process than the service the detectors are connected to (run the steps that talk
-    to detectors in the service's engine)."""
+    Raises :class:`DetectorUnavailableError` when the hub is in no reachable process (not in
+    this one, and the broker, from ``settings`` or the environment, is not Redis)."""
     hub = _hubs.get(hub_id)
-    if hub is None:
+    if hub is not None:
+        return hub
+    settings = settings or load_settings()
+    if not _is_redis(settings.broker_url):
         raise DetectorUnavailableError(
-            f"no detector hub {hub_id!r} in this process: a step that talks to a detector must "
-            "run in the service the detector is connected to")
-    return hub
+            f"no detector hub {hub_id!r} in this process, and no Redis broker to reach the "
+            "service holding it: run the steps that talk to detectors in that service, or "
+            "on workers sharing its Redis (FRAMEPIPE_BROKER_URL)")
+    return RemoteDetectorHub(hub_id, settings.broker_url, settings.broker_namespace)
 
 
 @dataclass
@@ -176,6 +189,7 @@ class DetectorHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: JobEngine | None = None
         self.store: StateStore | None = None
+        self._relay: _Relay | None = None
         _hubs[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
@@ -186,12 +200,18 @@ class DetectorHub:
             raise ValueError(f"message type {message_type!r} already has a handler")
         self._handlers[message_type] = handler
 
-    def bind(self, engine: JobEngine, store: StateStore) -> None:
-        """Attach the service's engine and store (done by ``create_app`` at start-up)."""
+    async def start(self, engine: JobEngine, store: StateStore,
+                    settings: Settings | None = None) -> None:
+        """Attach the service's engine and store (done by ``create_app`` at start-up); when
+        the settings send steps to workers over Redis, also relay their requests (see
+        :class:`RemoteDetectorHub`)."""
         self._engine = engine
         self.store = store
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Condition()
+        if settings is not None and settings.distributed_jobs and _is_redis(settings.broker_url):
+            self._relay = _Relay(self, settings.broker_url, settings.broker_namespace)
+            await self._relay.start()
 
     @property
     def engine(self) -> JobEngine:
@@ -201,6 +221,9 @@ class DetectorHub:
 
     async def close(self) -> None:
         """Fail every waiting request and forget the connections (service shutdown)."""
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
         for pending in list(self._pending.values()):
             if not pending.future.done():
                 pending.future.set_exception(DetectorUnavailableError(
@@ -468,3 +491,205 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
     async def detectors_list() -> list[dict[str, Any]]:
         """Connected detectors and the card sessions each owns."""
         return hub.detectors()
+
+
+# -- reaching the hub from workers (Redis) ---------------------------------------------------
+
+_ALIVE_TTL = 5
+_REPLY_TTL = 600
+
+
+def _is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def _redis_asyncio() -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as exc:
+        raise MissingDependencyError("redis", "redis", "detectors reached from workers") from exc
+    return redis_asyncio
+
+
+def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
+    base = f"{namespace}:detector:{hub_id}"
+    return f"{base}:requests", f"{base}:alive"
+
+
+class _Relay:
+    """The service's side: takes workers' requests from Redis, answers through Redis."""
+
+    def __init__(self, hub: DetectorHub, url: str, namespace: str) -> None:
+        self.hub = hub
+        self.url = url
+        self.requests, self.alive = _keys(namespace, hub.id)
+        self._client: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._client = _redis_asyncio().Redis.from_url(self.url)
+        await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
+        self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
+                      asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
+
+    async def stop(self) -> None:
+        for task in [*self._main, *self._tasks]:
+            task.cancel()
+        for task in [*self._main, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.delete(self.alive)
+            await self._client.aclose()
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
+            except Exception as exc:  # Redis restarting: the next beat tries again
+                _log.warning("detector relay: heartbeat failed (%s)", exc)
+            await asyncio.sleep(1.0)
+
+    async def _take(self) -> None:
+        while True:
+            try:
+                item = await self._client.blpop([self.requests], timeout=1)
+            except Exception as exc:
+                _log.warning("detector relay: reading requests failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if item is None:
+                continue
+            try:
+                request = json.loads(item[1])
+                reply_to = str(request["reply_to"])
+            except (ValueError, KeyError, TypeError):
+                _log.warning("detector relay: dropped a malformed request %r", item[1][:200])
+                continue
+            task = asyncio.create_task(self._serve(reply_to, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, reply_to: str, answer: Mapping[str, Any]) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.rpush(reply_to, json.dumps(answer))
+            pipe.expire(reply_to, _REPLY_TTL)
+            await pipe.execute()
+
+    async def _serve(self, reply_to: str, request: dict[str, Any]) -> None:
+        session_id = str(request.get("session_id"))
+        message = request.get("message") or {}
+        try:
+            if request.get("kind") == "send":
+                sent = await self.hub.send(session_id, message)
+                await self._push(reply_to, {"kind": "answer", "message": {"sent": sent}})
+                return
+            progress: list[asyncio.Task[None]] = []
+
+            def on_progress(update: Mapping[str, Any]) -> None:
+                progress.append(asyncio.create_task(
+                    self._push(reply_to, {"kind": "progress", "message": dict(update)})))
+
+            answer = await self.hub.request(session_id, message,
+                                            answer_timeout=request.get("answer_timeout"),
+                                            what=request.get("what"), on_progress=on_progress)
+            await asyncio.gather(*progress, return_exceptions=True)
+            await self._push(reply_to, {"kind": "answer", "message": answer})
+        except DetectorError as exc:
+            await self._push(reply_to, {
+                "kind": "error", "class": type(exc).__name__, "reason": exc.reason,
+                "detector_id": exc.detector_id, "session_id": exc.session_id})
+        except Exception as exc:
+            _log.exception("detector relay: request %s failed", request.get("what"))
+            await self._push(reply_to, {"kind": "error", "class": "DetectorError",
+                                        "reason": f"the service failed the request: {exc}",
+                                        "detector_id": None, "session_id": session_id})
+
+
+class RemoteDetectorHub:
+    """A :class:`DetectorHub` of a service in another process, reached through Redis (what a
+    step on a worker gets from :func:`get_hub`). Same calls, same errors: a detector error is
+    raised here with its class and message; a service that is not running (no heartbeat) is a
+    :class:`DetectorUnavailableError` at once; one that stops answering is one within
+    ``_ALIVE_TTL`` seconds."""
+
+    def __init__(self, hub_id: str, url: str, namespace: str, *,
+                 request_timeout: float = 600.0) -> None:
+        self.id = hub_id
+        self.url = url
+        self.requests, self.alive = _keys(namespace, hub_id)
+        self.request_timeout = request_timeout
+
+    def owner(self, session_id: str) -> str | None:
+        """Not known here (the service knows); None."""
+        return None
+
+    async def _call(self, kind: str, session_id: str, message: Mapping[str, Any],
+                    answer_timeout: float | None, what: str | None,
+                    on_progress: ProgressCallback | None) -> dict[str, Any]:
+        client = _redis_asyncio().Redis.from_url(self.url)
+        reply_to = f"{self.requests.rsplit(':', 2)[0]}:reply:{uuid.uuid4().hex}"
+        what = what or str(message.get("type"))
+        try:
+            if not await client.exists(self.alive):
+                raise DetectorUnavailableError(
+                    f"the service holding detector hub {self.id} is not running (no heartbeat "
+                    f"on {self.alive}), so {what} cannot be asked for", session_id=session_id)
+            await client.rpush(self.requests, json.dumps({
+                "kind": kind, "reply_to": reply_to, "session_id": session_id,
+                "message": dict(message), "answer_timeout": answer_timeout, "what": what}))
+            limit = (self.request_timeout if answer_timeout is None else answer_timeout) + 120
+            deadline = time.monotonic() + limit
+            while True:
+                item = await client.blpop([reply_to], timeout=1)
+                if item is None:
+                    if time.monotonic() > deadline:
+                        raise DetectorError(f"no answer to {what} within {limit:g}s",
+                                            session_id=session_id)
+                    if not await client.exists(self.alive):
+                        raise DetectorUnavailableError(
+                            f"the service holding detector hub {self.id} stopped while "
+                            f"waiting for {what}", session_id=session_id)
+                    continue
+                reply = json.loads(item[1])
+                if reply["kind"] == "progress":
+                    if on_progress is not None:
+                        on_progress(reply["message"])
+                    continue
+                if reply["kind"] == "answer":
+                    return dict(reply["message"])
+                cls = (DetectorUnavailableError if reply.get("class") == "DetectorUnavailableError"
+                       else DetectorError)
+                raise cls(str(reply.get("reason")), detector_id=reply.get("detector_id"),
+                          session_id=reply.get("session_id"))
+        finally:
+            with contextlib.suppress(Exception):
+                await client.delete(reply_to)
+            await client.aclose()
+
+    async def request(self, session_id: str, message: Mapping[str, Any], *,
+                      answer_timeout: float | None = None, what: str | None = None,
+                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """:meth:`DetectorHub.request`, made by the service on behalf of this process."""
+        return await self._call("request", session_id, message, answer_timeout, what,
+                                on_progress)
+
+    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
+                     answer_timeout: float | None = None, what: str | None = None,
+                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """:meth:`request` from a thread without a running event loop (a sync step)."""
+        return asyncio.run(self.request(session_id, message, answer_timeout=answer_timeout,
+                                        what=what, on_progress=on_progress))
+
+    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
+        """:meth:`DetectorHub.send` through the service; False if the detector is away."""
+        answer = await self._call("send", session_id, message, 30.0, str(message.get("type")),
+                                  None)
+        return bool(answer.get("sent"))
+
+    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
+                  wait: float = 10.0) -> bool:
+        """:meth:`send` from a thread without a running event loop."""
+        return asyncio.run(self.send(session_id, message))
