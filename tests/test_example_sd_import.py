@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import IN_CI, REDIS_URL, redis_namespace
+from conftest import IN_CI, REDIS_URL, redis_namespace, service_missing
 from framepipe.backends.state import StateStore, steps
 from framepipe.config import Settings
 from framepipe.jobs.ledger import Ledger
@@ -580,3 +580,37 @@ def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_the_dashboard_shows_the_detector_its_card_and_the_import(
+        world: dict[str, Any]) -> None:
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        service_missing("playwright (pip install playwright)", exc)
+    if not chromium.exists():
+        service_missing("Debian's chromium", FileNotFoundError(str(chromium)))
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "SHOWCARD")
+    maker.qr("B5001;Fia Falk")
+    maker.video()
+    detector = Detector(server.url, world["watch"], world["shared"], world["tmp"] / "det.log")
+    world["detectors"].append(detector.start())
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        wait_for("the detector", lambda: client.get("/api/detectors").json(), detector=detector)
+        insert(maker.folder, world["watch"])
+        wait_for("the import", lambda: ended(client, "SHOWCARD"), detector=detector)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/?token={TOKEN}")
+            page.wait_for_selector('#detectors li[data-detector="test-host"]')
+            assert "SHOWCARD" in page.inner_text("#detectors")
+            page.wait_for_selector(".exec")
+            assert "sd_import" in page.inner_text("#executions")
+            page.screenshot(path=str(world["tmp"] / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()

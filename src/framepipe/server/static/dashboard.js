@@ -14,6 +14,7 @@
   const MAX_EVENTS = 50;
   const SOURCES_EVERY_MS = 2000;
   const PROCESSORS_EVERY_MS = 5000;
+  const DETECTORS_EVERY_MS = 3000;
   const ACTIVE = new Set(["pending", "running"]);
   const RETRYABLE = new Set(["failed", "cancelled", "interrupted"]);
 
@@ -774,6 +775,44 @@
     }));
   }
 
+  // -- detectors (host processes that copy from SD cards) ----------------------------------------
+
+  async function refreshDetectors() {
+    const list = $("detectors");
+    let rows;
+    try {
+      const res = await api("/api/detectors");
+      if (res.status === 404) rows = [];
+      else if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      else rows = await res.json();
+    } catch (err) {
+      if (err instanceof AuthError) return;
+      list.replaceChildren(el("li", { class: "none", text: `none (${err.message})` }));
+      return;
+    }
+    setText($("detectors-count"), rows.length ? `${rows.length}` : "");
+    if (!Array.isArray(rows) || rows.length === 0) {
+      list.replaceChildren(el("li", { class: "none", text: "none connected" }));
+      return;
+    }
+    list.replaceChildren(...rows.map((d) => {
+      const info = [];
+      if (d.hostname) info.push(d.hostname);
+      if (d.platform) info.push(d.platform);
+      if (Number.isFinite(d.connected_at)) info.push(`connected ${ago(d.connected_at)}`);
+      const cards = (d.sessions || []).map((c) => {
+        const files = Number.isFinite(c.file_count) ? ` · ${c.file_count} files` : "";
+        return el("span", { class: "chip", title: c.card_id || c.session_id,
+                            text: `${c.label || c.card_id || c.session_id}${files}` });
+      });
+      return el("li", { class: "detector", "data-detector": d.detector_id },
+        el("b", { class: "mono", text: d.detector_id }),
+        el("div", { class: "detector-info", text: info.join(" · ") }),
+        el("div", { class: "detector-cards" },
+          ...(cards.length ? cards : [el("span", { class: "muted", text: "no card" })])));
+    }));
+  }
+
   // -- footer ------------------------------------------------------------------------------------
 
   async function refreshHealth() {
@@ -829,6 +868,7 @@
     connect();
     every(SOURCES_EVERY_MS, refreshSources);
     every(PROCESSORS_EVERY_MS, refreshProcessors);
+    every(DETECTORS_EVERY_MS, refreshDetectors);
     every(10000, refreshHealth);
     // Elapsed times of running executions.
     state.timers.push(setInterval(() => {
