@@ -377,3 +377,43 @@ def run_distributed(tmp_path: Path, runner_factory: Callable[..., Runner], pg_ur
                          if fields[b"type"] == b"order.completed"]
     assert [e["segment_id"] for e in completed_entries][:2] == ["ORDER_201", "ORDER_202"]
     assert completed_entries[0]["stored"] == orders[0]["stored"]
+
+
+def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
+        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
+        tmp_path: Path) -> None:
+    """Two "cameras" stream the station video over TCP (MPEG-TS, as an encoder box would);
+    station_1 captures its camera with an ffmpeg subprocess, station_2 with PyAV in-process."""
+    from media import free_port
+
+    need_tool("ffmpeg")
+    video, schedule = station_video
+    cameras = []
+    urls = []
+    for _ in range(2):
+        port = free_port()
+        urls.append(f"tcp://127.0.0.1:{port}")
+        cameras.append(subprocess.Popen(
+            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-i", str(video),
+             "-c", "copy", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"],
+            stdin=subprocess.DEVNULL))
+    try:
+        # a capture that connects before its camera listens is refused and retried quickly
+        ffmpeg_run = runner_factory("--station", f"station_1={urls[0]}", "--order-timeout",
+                                    str(TIMEOUT), "--restart-delay", "0.3")
+        av_run = runner_factory("--station", f"station_2={urls[1]}", "--capture", "av",
+                                "--order-timeout", str(TIMEOUT), "--restart-delay", "0.3",
+                                env={"FRAMEPIPE_HOME": str(tmp_path / "home_av")})
+        for run, station in ((ffmpeg_run, "station_1"), (av_run, "station_2")):
+            order = run.wait_for(completed(station, "ORDER_102"), timeout=60)
+            assert abs(order["frames"] - schedule["tagged_frames"]["ORDER_102"]
+                       - trailing_frames()) <= 3
+            assert run.stop() == 0
+            ids = [o["segment_id"] for o in run.of("order.completed", station)]
+            assert ids[:2] == ["ORDER_101", "ORDER_102"]
+        assert any("capture started" in line and "ffmpeg" in line and urls[0] in line
+                   for line in ffmpeg_run.logs)
+    finally:
+        for camera in cameras:
+            camera.kill()
+            camera.wait()
