@@ -242,15 +242,23 @@ class FaceAnalyzer:
             for models in self._sets:
                 models.load(detect=detect, encode=encode)
 
+    def unload(self) -> None:
+        """Drop every model set (the next use loads fresh ones); calls in flight finish with
+        the sets they hold."""
+        with self._lock:
+            self._sets = []
+            self._pool = queue.SimpleQueue()
+
     @contextlib.contextmanager
     def _models(self) -> Iterator[_ModelSet]:
         if len(self._sets) < self.sets:
             self.load(detect=False, encode=False)
-        models = self._pool.get()
+        pool = self._pool
+        models = pool.get()
         try:
             yield models
         finally:
-            self._pool.put(models)
+            pool.put(models)
 
     def _box(self, rect: Any, score: float, scale: int, size: tuple[int, int]) -> FaceBox:
         width, height = size

@@ -1,0 +1,20 @@
+"""The face-recognition doorbell (seed 001) on framepipe.
+
+Camera -> [motion gate] -> face detection -> face recognition -> visits -> events, with the
+seed's management API (:class:`OrchestratorManager`), its legacy ``DoorbellSecuritySystem``
+API (:class:`LegacyAdapter`, from ``manager.get_legacy_interface()``) and
+:class:`MigrationUtils`. The seed's modules map as follows::
+
+    src.integration.orchestrator_manager -> doorbell.manager
+    src.integration.legacy_adapter       -> doorbell.legacy
+    src.integration.migration_utils      -> doorbell.migration
+"""
+
+from doorbell.config import DoorbellConfig, load_config
+from doorbell.legacy import LegacyAdapter
+from doorbell.manager import HealthStatus, OrchestratorManager, SystemState
+from doorbell.migration import MigrationUtils
+from doorbell.orchestrator import PipelineOrchestrator
+
+__all__ = ["DoorbellConfig", "HealthStatus", "LegacyAdapter", "MigrationUtils",
+           "OrchestratorManager", "PipelineOrchestrator", "SystemState", "load_config"]

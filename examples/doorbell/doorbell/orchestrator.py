@@ -1,0 +1,420 @@
+"""The pipeline orchestrator: camera -> [motion gate] -> face detection -> recognition ->
+visits (segments) -> event processing, on a framepipe :class:`~framepipe.app.App`.
+
+Runs on one asyncio event loop (the :class:`~doorbell.manager.OrchestratorManager` gives it a
+thread of its own). Guarantees:
+
+* Known faces are loaded from ``known_faces_dir`` before the pipeline starts; an image that
+  cannot be used (unreadable, no face, several faces) is left out, reported in ``issues`` and as
+  a ``known_face.rejected`` event, and the others still work.
+* Every visit (a run of frames with a face, closed ``visit_timeout`` seconds after the last
+  one) gives exactly one ``visitor.known`` or ``visitor.unknown`` event, emitted after its
+  snapshot is in the object store; a doorbell press gives ``doorbell.pressed`` and, when a
+  face is in view, a ``visitor.*`` event too. Events are kept in memory (the last
+  ``recent_events``) and stored as JSON under ``events/`` in the object store.
+* Notifications: callbacks (``App.on``) get every event; with ``webhook_url`` each visitor event
+  is POSTed as JSON in a worker thread (a failure is logged and emitted as
+  ``notification.failed``, never raised).
+* The camera, the pipeline's workers and its recovery are framepipe's: a camera that fails is
+  retried with backoff (``camera.max_retries``), a pipeline that fails for good is recovered
+  after ``restart_cooldown_seconds``, at most ``max_restart_attempts`` times, then
+  ``system_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from doorbell.config import DoorbellConfig
+from doorbell.stages import (
+    FaceDetection,
+    FaceRecognition,
+    Guarded,
+    VisitRecorder,
+    decide_visitor,
+    snapshot_key,
+)
+from framepipe.app import App
+from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backoff import Backoff
+from framepipe.config import Settings, load_settings
+from framepipe.frames import Frame
+from framepipe.logs import get_logger
+from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces, load_known_faces
+from framepipe.sources import VideoSource
+from framepipe.sources.base import Source
+from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
+from framepipe.stream.sinks import Sink
+
+__all__ = ["PipelineOrchestrator"]
+
+PIPELINE = "doorbell"
+
+
+def _now_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class PipelineOrchestrator:
+    """Builds and runs the doorbell's live pipeline; see the module docstring."""
+
+    def __init__(self, config: DoorbellConfig, *, settings: Settings | None = None) -> None:
+        self.config = config
+        home = config.raw.get("framepipe_home")
+        self.settings = settings or (load_settings(home=home) if home else load_settings())
+        self.app = App("doorbell", settings=self.settings,
+                       auto_recovery=config.auto_recovery_enabled,
+                       max_restart_attempts=config.max_restart_attempts,
+                       restart_cooldown=config.restart_cooldown_seconds,
+                       health_interval=config.health_check_interval,
+                       performance_threshold=config.performance_threshold)
+        self.log = get_logger("doorbell")
+        self.detector = FaceAnalyzer(model=config.detection_model, landmarks=config.landmarks,
+                                     upscale_below=config.upscale_below,
+                                     upsample=config.upsample, sets=config.detection_workers)
+        # one more set than workers: doorbell presses never wait for the pipeline's frames
+        self.recognizer = FaceAnalyzer(model=config.detection_model, landmarks=config.landmarks,
+                                       upscale_below=config.upscale_below,
+                                       upsample=config.upsample,
+                                       sets=config.recognition_workers + 1)
+        self.matcher = FaceMatcher((), config.tolerance)
+        self.known = KnownFaces([], [])
+        self.objects: ObjectStore | None = None
+        self.pipeline: StreamPipeline | None = None
+        self.events: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=max(1, config.recent_events))
+        self.events_total = 0
+        self.issues: list[str] = []
+        self.notifications_sent = 0
+        self.notifications_failed = 0
+        self._event_times: collections.deque[float] = collections.deque()
+        self._pending: set[asyncio.Future[Any]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.guards: dict[str, Guarded] = {}
+        self._recovering = False
+        self.app.on("segment.completed", self._on_segment)
+        self.app.on("processor.error", self._on_processor_error)
+        if config.detector_type == "gpu":
+            self.issues.append("face_detection.detector_type is 'gpu' but the dlib-bin wheel "
+                               "has no CUDA: detection runs on the CPU")
+
+    # -- building ---------------------------------------------------------------------------
+
+    def make_source(self) -> Source:
+        """The camera: a video file, a device (``/dev/video0`` or ``0``) or a stream URL."""
+        cfg = self.config
+        url = cfg.camera_source
+        if re.fullmatch(r"\d+", url):
+            url = f"/dev/video{url}"
+        return VideoSource(url, cfg.camera_name, realtime=cfg.camera_realtime,
+                           loop=cfg.camera_loop, open_timeout=cfg.open_timeout,
+                           read_timeout=cfg.stall_timeout)
+
+    def make_detection(self) -> FaceDetection:
+        """The face detection processor (a subclass may wrap or replace it)."""
+        return FaceDetection(self.detector)
+
+    def make_stages(self, source: Source) -> list[Stage]:
+        """[motion gate], face detection, face recognition, each with its workers."""
+        cfg = self.config
+        overflow = "drop_oldest" if source.live and not cfg.camera_loop else "block"
+        stages = []
+        if cfg.motion_enabled:
+            stages.append(Stage(MotionGate(cfg.motion_threshold), queue_size=cfg.queue_size,
+                                overflow=overflow))
+        detection = Guarded(self.make_detection())
+        recognition = Guarded(FaceRecognition(self.recognizer, lambda: self.matcher))
+        self.guards = {detection.name: detection, recognition.name: recognition}
+        stages.append(Stage(detection, workers=cfg.detection_workers, queue_size=cfg.queue_size,
+                            overflow="block" if stages else overflow))
+        stages.append(Stage(recognition, workers=cfg.recognition_workers,
+                            queue_size=cfg.queue_size))
+        return stages
+
+    def build_pipeline(self) -> StreamPipeline:
+        """The whole pipeline (not started)."""
+        cfg = self.config
+        assert self.objects is not None
+        source = self.make_source()
+        recorded = isinstance(source, VideoSource) and not source.live and not source.realtime
+        sinks: list[Sink] = [VisitRecorder(self.objects, min_known_ratio=cfg.min_known_ratio)]
+        if cfg.store_frames:
+            sinks.insert(0, FrameStore(self.objects, template="visits/{source_id}/{segment_id}/"
+                                                              "frame_{ts_ms}_{seq}.jpg"))
+        return StreamPipeline(
+            PIPELINE, source, self.make_stages(source),
+            # a recorded file runs faster than real time: visits follow its own clock
+            Segmenter(None, timeout=cfg.visit_timeout, max_duration=cfg.max_visit_duration,
+                      clock="stream" if recorded else "wall"),
+            sinks, stall_timeout=cfg.stall_timeout, start_timeout=cfg.open_timeout + 5.0,
+            backoff=Backoff(cfg.camera_retry_delay, 2.0, 60.0, 0.1),
+            max_restarts=cfg.camera_max_retries)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the object store, load the known faces, build and start the pipeline."""
+        loop = self.loop = asyncio.get_running_loop()
+        if self.objects is None:
+            self.objects = await loop.run_in_executor(None, open_object_store,
+                                                      self.config.objects_url)
+        await loop.run_in_executor(None, self.reload_known_faces)
+        if self.pipeline is None:
+            self.pipeline = self.build_pipeline()
+            self.app.add_pipeline(self.pipeline)
+        await self.app.start()
+
+    async def stop(self) -> None:
+        """Stop the pipeline (queued frames drain, the open visit closes), then wait for the
+        pending notifications."""
+        await self.app.stop()
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=self.config.webhook_timeout + 1)
+
+    def reload_known_faces(self) -> KnownFaces:
+        """Encode ``known_faces_dir`` again (blocking); the pipeline uses the new faces from
+        its next frame. Unusable images are reported (``issues``, ``known_face.rejected``)."""
+        folder = self.config.known_faces_dir
+        self.issues = [i for i in self.issues if not i.startswith("known face")]
+        if not folder.is_dir():
+            self.issues.append(f"known faces directory {folder} does not exist: every visitor "
+                               "is unknown")
+            known = KnownFaces([], [])
+        else:
+            known = load_known_faces(folder, self.recognizer)
+        for rejected in known.rejected:
+            message = f"known face {rejected.source} rejected: {rejected.reason}"
+            self.issues.append(message)
+            self.log.warning("%s", message)
+            self._emit_threadsafe("known_face.rejected", {"file": rejected.source,
+                                                          "error": rejected.reason})
+        self.known = known
+        self.matcher = FaceMatcher(known.faces, self.config.tolerance)
+        self.log.info("%d known face(s): %s", len(known.faces), ", ".join(known.names) or "-")
+        return known
+
+    def _emit_threadsafe(self, event: str, data: dict[str, Any]) -> None:
+        loop = self.loop
+        if loop is None or _in_loop(loop):
+            self.app.emit(event, data)
+        else:
+            loop.call_soon_threadsafe(self.app.emit, event, data)
+
+    # -- crashed workers --------------------------------------------------------------------
+
+    def _on_processor_error(self, _event: str, data: dict[str, Any]) -> None:
+        guard = self.guards.get(str(data.get("stage")))
+        if (guard is None or self._recovering
+                or guard.streak < self.config.component_failure_threshold):
+            return
+        self._recovering = True
+        task = asyncio.ensure_future(self._recover_stage(guard, str(data.get("error"))))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _recover_stage(self, guard: Guarded, error: str) -> None:
+        """A stage failed on ``component_failure_threshold`` frames in a row: its workers are
+        taken as crashed. Restart the pipeline (fresh models) after the cooldown, counted as a
+        recovery; beyond ``max_restart_attempts`` stop it and report ``system_error``."""
+        app, cfg = self.app, self.config
+        try:
+            attempts = app.restart_attempts.get(PIPELINE, 0)
+            message = (f"stage {guard.name!r} crashed: {guard.streak} frames failed in a row, "
+                       f"the last with: {error}")
+            if not cfg.auto_recovery_enabled or attempts >= cfg.max_restart_attempts:
+                await app.pause(PIPELINE)
+                app.last_error = message + (f" (after {attempts} recoveries)" if attempts
+                                            else "")
+                self.log.error("%s", app.last_error)
+                app.emit("system_error", {"pipeline": PIPELINE, "error": app.last_error})
+                return
+            app.restart_attempts[PIPELINE] = attempts + 1
+            self.log.warning("%s; restarting the pipeline in %gs (recovery %d of %d)", message,
+                             cfg.restart_cooldown_seconds, attempts + 1,
+                             cfg.max_restart_attempts)
+            app.emit("component.crashed", {"pipeline": PIPELINE, "stage": guard.name,
+                                           "error": message, "attempt": attempts + 1})
+            await app.pause(PIPELINE)  # no frame goes to the broken workers meanwhile
+            await asyncio.sleep(cfg.restart_cooldown_seconds)
+            await app.resume(PIPELINE)
+            app.emit("pipeline.recovered", {"pipeline": PIPELINE, "attempt": attempts + 1,
+                                            "reason": message})
+        finally:
+            self._recovering = False
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _on_segment(self, _event: str, data: dict[str, Any]) -> None:
+        visitor = data.get("meta", {}).get("visitor")
+        if not visitor:
+            return
+        self.publish("visitor.known" if visitor["known"] else "visitor.unknown", {
+            "event_id": f"visit-{data['segment_id']}", "trigger": "visit",
+            "source_id": data["source_id"], "segment_id": data["segment_id"],
+            "name": visitor["name"], "known": visitor["known"],
+            "distance": visitor["distance"], "snapshot_key": visitor["snapshot_key"],
+            "frames": data["frames"], "face_frames": visitor["face_frames"],
+            "matched_frames": visitor["matched_frames"], "names_seen": visitor["names_seen"],
+            "first_ts_ms": data["first_ts_ms"], "last_ts_ms": data["last_ts_ms"],
+            "latency_s": data["latency_s"], "faces": visitor["faces"]})
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Record an event, store it, notify callbacks and the webhook (on the loop)."""
+        now = time.time()
+        event = {"type": kind, "timestamp": _now_iso(now), "ts": now, **payload}
+        self.events.append(event)
+        self.events_total += 1
+        self._event_times.append(now)
+        self.log.info("%s: %s (distance %s) %s", kind, event.get("name") or "unknown",
+                      event.get("distance"), event.get("snapshot_key") or "")
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(None, self._store_and_notify, event)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        self.app.emit(kind, event)
+        return event
+
+    def _store_and_notify(self, event: dict[str, Any]) -> None:
+        """Store the event's JSON; POST it to the webhook (in a worker thread)."""
+        if self.objects is not None:
+            try:
+                self.objects.put(f"events/{event['event_id']}.json",
+                                 json.dumps(event, default=str).encode())
+            except Exception as exc:
+                self.log.warning("event %s not stored: %s", event["event_id"], exc)
+        url = self.config.webhook_url
+        if not url or not event["type"].startswith(("visitor.", "doorbell.")):
+            return
+        try:
+            response = httpx.post(url, json=event, timeout=self.config.webhook_timeout)
+            response.raise_for_status()
+            self.notifications_sent += 1
+        except httpx.HTTPError as exc:
+            self.notifications_failed += 1
+            self.log.warning("webhook %s failed for %s: %s", url, event["event_id"], exc)
+            self._emit_threadsafe("notification.failed", {"event_id": event["event_id"],
+                                                          "url": url, "error": str(exc)})
+
+    def events_per_minute(self) -> float:
+        """Events in the last 60 seconds."""
+        cutoff = time.time() - 60.0
+        while self._event_times and self._event_times[0] < cutoff:
+            self._event_times.popleft()
+        return float(len(self._event_times))
+
+    # -- the doorbell -----------------------------------------------------------------------
+
+    async def trigger(self, channel: int | None = None) -> dict[str, Any]:
+        """A doorbell press: recognise the faces in the camera's latest frame, store it, emit
+        ``doorbell.pressed`` (and ``visitor.*`` when a face is in view); returns the result."""
+        frame: Frame | None = self.pipeline.latest_frame if self.pipeline else None
+        now = time.time()
+        if frame is None:
+            state = self.pipeline.state.value if self.pipeline else "not started"
+            result: dict[str, Any] = {"success": False, "channel": channel,
+                                      "error": f"no camera frame yet (pipeline {state})"}
+            self.app.emit("doorbell.pressed", {**result, "timestamp": _now_iso(now)})
+            return result
+        loop = asyncio.get_running_loop()
+        faces = await loop.run_in_executor(None, self.recognizer.analyse, frame.image)
+        matcher = self.matcher
+        described = []
+        votes: collections.Counter[str] = collections.Counter()
+        best: dict[str, float] = {}
+        nearest: float | None = None
+        for face in faces:
+            name, distance = matcher.match(face.encoding)
+            described.append({"box": face.box.as_list(), "score": round(face.box.score, 4),
+                              "name": name,
+                              "distance": None if distance is None else round(distance, 4)})
+            if distance is not None:
+                nearest = distance if nearest is None else min(nearest, distance)
+            if name is not None and distance is not None:
+                votes[name] += 1
+                best[name] = min(distance, best.get(name, distance))
+        event_id = f"doorbell-{frame.source_id}-{frame.ts_ms}-{frame.seq}"
+        key = snapshot_key(frame.source_id, event_id)
+        assert self.objects is not None
+        await loop.run_in_executor(None, self.objects.put, key, frame.to_jpeg(90))
+        result = {"success": True, "channel": channel, "event_id": event_id,
+                  "faces_detected": len(faces), "faces": described, "snapshot_key": key,
+                  "frame_seq": frame.seq, "frame_ts_ms": frame.ts_ms}
+        if faces:
+            verdict = decide_visitor(len(faces), votes, best, nearest, 0.0)
+            result.update(visitor=verdict["name"], known=verdict["known"],
+                          distance=verdict["distance"])
+        self.publish("doorbell.pressed", dict(result))
+        if faces:
+            self.publish("visitor.known" if result["known"] else "visitor.unknown", {
+                "event_id": f"{event_id}-visitor", "trigger": "doorbell",
+                "source_id": frame.source_id, "name": result["visitor"],
+                "known": result["known"], "distance": result["distance"],
+                "snapshot_key": key, "faces": described})
+        return result
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def get_pipeline_metrics(self) -> dict[str, Any]:
+        """Pipeline status, uptime, events per minute, queue status (with a backlog warning
+        when a queue is at least ``queue_backlog_threshold`` full) and worker status."""
+        pipeline = self.pipeline
+        health = self.app.health()
+        status = pipeline.health() if pipeline is not None else None
+        queues: dict[str, Any] = {}
+        workers: dict[str, Any] = {}
+        backlog = 0
+        warning = False
+        stages = {s.label: s for s in (pipeline.stages + pipeline.sinks)} if pipeline else {}
+        for stats in pipeline.stats if pipeline is not None else []:
+            stage = stages.get(stats.name)
+            capacity = stage.queue_size if stage is not None else 0
+            # a pipeline that ended keeps its end-of-stream markers queued: nothing waits
+            depth = stats.depth if pipeline is not None and pipeline.running else 0
+            backlog += depth
+            full = bool(capacity) and depth >= self.config.queue_backlog_threshold * capacity
+            warning = warning or full
+            queues[stats.name] = {"depth": depth, "capacity": capacity,
+                                  "dropped": stats.dropped, "backlog": full}
+            workers[stats.name] = {"workers": stage.workers if stage is not None else 1,
+                                   "fps": round(stats.fps, 2),
+                                   "latency_ms": round(stats.latency_ms, 2),
+                                   "frames_in": stats.frames_in, "frames_out": stats.frames_out,
+                                   "filtered": stats.filtered, "errors": stats.errors,
+                                   "busy_s": round(stats.busy_s, 3),
+                                   "last_error": stats.last_error}
+        queues["total_backlog"] = backlog
+        queues["backlog_warning"] = warning
+        return {
+            "pipeline_status": status["state"] if status else "not started",
+            "state": health.state.value,
+            "uptime": health.uptime,
+            "events_per_minute": self.events_per_minute(),
+            "events_total": self.events_total,
+            "visits": status["segments_completed"] if status else 0,
+            "frames_captured": status["frames_captured"] if status else 0,
+            "frames_with_faces": status["frames_out"] if status else 0,
+            "performance_score": health.performance_score,
+            "queue_status": queues,
+            "worker_status": workers,
+            "source": status["source"] if status else None,
+            "restart_attempts": sum(self.app.restart_attempts.values()),
+            "known_faces": self.known.names,
+            "notifications": {"sent": self.notifications_sent,
+                              "failed": self.notifications_failed},
+        }
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
