@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -169,8 +170,12 @@ def test_stations_orders_storage_and_a_killed_capture(
     tagged = schedule["tagged_frames"]
     stations_file = tmp_path / "stations.json"
     stations_file.write_text(json.dumps({"station_1": str(video)}))
+    from media import free_port
+
+    metrics_port = free_port()
     runner = runner_factory("--stations-file", str(stations_file),
-                            "--order-timeout", str(TIMEOUT), "--best-frames", "3")
+                            "--order-timeout", str(TIMEOUT), "--best-frames", "3",
+                            "--metrics-port", str(metrics_port))
 
     # station_1 runs; station_2 is added to the running app through the stations file
     runner.wait_for(lambda e: e["type"] == "station.first_frame"
@@ -197,7 +202,15 @@ def test_stations_orders_storage_and_a_killed_capture(
     again = runner.wait_for(completed("station_2", "ORDER_101.2"), timeout=60)
     assert again["order_id"] == "ORDER_101" and again["repeat"] == 2
     runner.wait_for(completed("station_1", "ORDER_104"), timeout=60)
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert runner.stop() == 0
+    # Prometheus: orders (segments) completed and their latency, restarts per station
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert samples['framepipe_segments_completed_total{pipeline="station_1"}'] >= 4
+    assert samples['framepipe_segment_latency_seconds{pipeline="station_1",quantile="0.5"}'] >= 0
+    assert samples['framepipe_source_restarts_total{pipeline="station_2",source="station_2"}'] == 1
+    assert samples['framepipe_stage_frames_total{pipeline="station_1",stage="order_tags"}'] > 100
 
     # station_1: every order, in order, with its frames
     orders = runner.of("order.completed", "station_1")

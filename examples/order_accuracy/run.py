@@ -124,6 +124,12 @@ async def main_async(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        server, thread = start_http_server(args.metrics_port, "127.0.0.1",
+                                           registry=service.app.registry)
+        log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     await service.apply(stations)  # a bad station is reported and skipped
     if not service.specs and args.stations_file is None:
         await service.stop()
@@ -139,6 +145,9 @@ async def main_async(args: argparse.Namespace) -> int:
         for task in tasks:
             await task
         await service.stop()
+        if args.metrics_port is not None:
+            server.shutdown()
+            thread.join(5)
     health = service.health()
     log.info("stopped: %d order(s) completed", health["orders_completed"])
     failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
@@ -180,6 +189,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics: per station "
+                             "capture fps, restarts, stalls, stage latency and queue depth, "
+                             "orders completed and their latency")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 

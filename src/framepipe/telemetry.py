@@ -49,6 +49,10 @@ class StreamCollector(Collector):
                                        labels=["pipeline"])
         score = GaugeMetricFamily("framepipe_performance_score", "0-1 performance score",
                                   labels=["pipeline"])
+        seg_latency = GaugeMetricFamily(
+            "framepipe_segment_latency_seconds",
+            "Last frame of a segment to its completion, over the last 256 segments",
+            labels=["pipeline", "quantile"])
         for p in self._pipelines():
             for s in p.stats:
                 key = [p.name, s.name]
@@ -65,9 +69,14 @@ class StreamCollector(Collector):
             captured.add_metric(key, p.frames_captured)
             up.add_metric(key, 1.0 if p.state.value == "running" else 0.0)
             segments.add_metric([p.name], p.segments_completed)
+            recent = sorted(p.segment_latencies)
+            for q in (0.5, 0.95, 1.0):
+                if recent:
+                    value = recent[min(len(recent) - 1, round(q * (len(recent) - 1)))]
+                    seg_latency.add_metric([p.name, f"{q:g}"], value)
             score.add_metric([p.name], p.performance_score())
         yield from (fps, latency, depth, frames, drops, errors, restarts, stalls, captured, up,
-                    segments, score)
+                    segments, score, seg_latency)
 
 
 def metrics_registry(pipelines: Callable[[], Iterable[StreamPipeline]]) -> CollectorRegistry:

@@ -23,6 +23,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -90,6 +91,8 @@ class StreamPipeline:
         """The last frame captured (for previews; the pipeline keeps no other reference)."""
         self.frames_out = 0
         self.segments_completed = 0
+        self.segment_latencies: collections.deque[float] = collections.deque(maxlen=256)
+        """The latencies (s) of the last 256 segments completed."""
         self.open_segment: Segment | None = None
         self.stats: list[StageStats] = []
         self.supervisor: Supervisor | None = None
@@ -412,6 +415,8 @@ class StreamPipeline:
                 seg = item.segment
                 seg.completed_at = time.time()
                 self.segments_completed += 1
+                if seg.latency_s is not None:
+                    self.segment_latencies.append(seg.latency_s)
                 data = seg.to_dict()
                 label = self.segmenter.label if self.segmenter is not None else "segment"
                 self.log.info("%s %s completed: latency=%.1fs frames=%d",
