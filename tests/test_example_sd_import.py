@@ -10,6 +10,7 @@ segno or zxing-cpp the tests skip with the reason, except under ``CI=true``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -99,9 +100,9 @@ class CardMaker:
         assert path.stat().st_size < SMALL_LIMIT
         return self._stamp(path)
 
-    def video(self) -> str:
-        path = jump_clip(self._next(), seed=self.n)
-        assert path.stat().st_size >= SMALL_LIMIT
+    def video(self, *, small: bool = False) -> str:
+        path = jump_clip(self._next(), seed=self.n, frames=2 if small else 25)
+        assert (path.stat().st_size < SMALL_LIMIT) == small
         return self._stamp(path)
 
 
@@ -267,6 +268,7 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
     v1a, v1b = maker.video(), maker.video()
     qr2 = maker.qr("B1002;Bo Berg")
     v2a = maker.video()
+    v2b = maker.video(small=True)  # a short clip: copied with the QR candidates, then rendered
     detector = Detector(server.url, world["watch"], world["shared"], world["tmp"] / "det.log")
     world["detectors"].append(detector.start())
 
@@ -276,10 +278,10 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert first["status"] == "completed", first.get("error")
         summary = first["data"]["summary"]
         assert summary["status"] == "imported"
-        assert sorted(summary["copied"]) == sorted([qr1, v1a, v1b, qr2, v2a])
+        assert sorted(summary["copied"]) == sorted([qr1, v1a, v1b, qr2, v2a, v2b])
         assert summary["bookings"]["B1001"]["passenger"] == "Anna Svensson"
         assert summary["bookings"]["B1001"]["videos"] == [v1a, v1b]
-        assert summary["bookings"]["B1002"]["videos"] == [v2a]
+        assert summary["bookings"]["B1002"]["videos"] == [v2a, v2b]
         assert summary["held"] == [] and summary["problems"] == []
 
         # QR candidates are copied (and read) before the rest is asked for.
@@ -287,15 +289,19 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         copies = [s for s in steps if s["name"] == "copy"]
         small = [s for s in copies if "booking" not in s["params"]]
         large = [s for s in copies if "booking" in s["params"]]
-        assert {s["params"]["path"] for s in small} == {qr1, qr2}
+        assert {s["params"]["path"] for s in small} == {qr1, qr2, v2b}
         assert {s["params"]["path"] for s in large} == {v1a, v1b, v2a}
         assert max(s["finished_at"] for s in small) <= min(s["started_at"] for s in large)
+        for chain in (small, large):  # one copy at a time: each waits for the one before
+            chain.sort(key=lambda s: s["started_at"])
+            assert all(a["finished_at"] <= b["started_at"]
+                       for a, b in itertools.pairwise(chain))
         names = [s["name"] for s in steps]
-        assert names.count("extract_metadata") == 3 and names.count("render") == 3
+        assert names.count("extract_metadata") == 4 and names.count("render") == 4
 
         # Rendered: intro (1 s) + the watermarked video (25 frames) + splash (1 s).
         for key in summary["bookings"]["B1001"]["outputs"] + summary["bookings"]["B1002"][
-                "outputs"]:
+                "outputs"][:1]:
             assert key.startswith(("bookings/B1001/", "bookings/B1002/"))
             got = client.get(f"/api/objects/{key}")
             assert got.status_code == 200
@@ -305,9 +311,9 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
                 frames = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
             assert len(frames) == 75
             assert frames[0][:, :, 0].mean() > frames[0][:, :, 2].mean() + 30  # dark blue card
-        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a}
+        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b}
         assert sorted(p.name for p in (world["shared"]).rglob("*") if p.is_file()) == sorted(
-            Path(p).name for p in (qr1, v1a, v1b, qr2, v2a))
+            Path(p).name for p in (qr1, v1a, v1b, qr2, v2a, v2b))
 
         # Progress of every step and of the whole execution reached the browser's socket.
         progress = [m for m in watcher.of("pipeline:progress")
@@ -343,7 +349,8 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert list(summary["bookings"]) == ["B1003"]
         assert summary["bookings"]["B1003"]["videos"] == [v3a]
         assert len(summary["bookings"]["B1003"]["outputs"]) == 1
-        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, qr3, v3a}
+        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b, qr3,
+                                                        v3a}
 
 
 def imports_of(client: httpx.Client, label: str) -> list[dict[str, Any]]:
@@ -614,3 +621,49 @@ def test_the_dashboard_shows_the_detector_its_card_and_the_import(
             page.screenshot(path=str(world["tmp"] / "dashboard.png"), full_page=True)
         finally:
             browser.close()
+
+
+# -- the detector's own rules (no service needed) ----------------------------------------------
+
+def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> None:
+    import detector as sd_detector  # examples/sd_import/detector.py
+
+    card = tmp_path / "GOPRO"
+    (card / "DCIM").mkdir(parents=True)
+    (card / "DCIM" / "a.MP4").write_bytes(b"a" * 1000)
+    (card / "DCIM" / ".hidden.mp4").write_bytes(b"x")
+    (card / "DCIM" / "notes.txt").write_text("x")
+    (card / "System Volume Information").mkdir()
+    (card / "System Volume Information" / "b.mp4").write_bytes(b"b")
+    os.utime(card / "DCIM" / "a.MP4", (1000, 1000))
+    files = sd_detector.list_card(card)
+    assert [f["path"] for f in files] == ["DCIM/a.MP4"]
+    card_id = sd_detector.card_id_of("GOPRO", files)
+    (card / "DCIM" / "b.MP4").write_bytes(b"b" * 10)
+    os.utime(card / "DCIM" / "b.MP4", (2000, 2000))
+    assert sd_detector.card_id_of("GOPRO", sd_detector.list_card(card)) == card_id  # stable
+    assert sd_detector.card_id_of("OTHER", files) != card_id
+    assert sd_detector.card_label(Path("E:/")) in ("E", "E:")  # a drive root has no name
+
+    entry = next(f for f in sd_detector.list_card(card) if f["path"] == "DCIM/b.MP4")
+    found = sd_detector.Card(card, "GOPRO", card_id, files)
+    shared = tmp_path / "shared"
+    for rel, dest in (("../secret.mp4", "x/a.mp4"), ("DCIM/b.MP4", "../../etc/x"),
+                      ("/etc/passwd", "x"), ("DCIM\\b.MP4", "x")):
+        refused = sd_detector.copy_file(found, rel, shared, dest, size=10,
+                                        fingerprint=entry["fingerprint"])
+        assert refused["code"] == "refused", rel
+    changed = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=11,
+                                    fingerprint=entry["fingerprint"])
+    assert changed["code"] == "changed" and not (shared / "c" / "b.MP4").exists()
+    assert not list(shared.rglob("*.part"))
+    ok = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=10,
+                               fingerprint=entry["fingerprint"])
+    assert ok["ok"] and (shared / "c" / "b.MP4").read_bytes() == b"b" * 10
+    again = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=10,
+                                  fingerprint=entry["fingerprint"])
+    assert again == {**ok, "already": True}  # a verified copy is not made twice
+    (card / "DCIM" / "b.MP4").unlink()
+    gone = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "d/b.MP4", size=10,
+                                 fingerprint=entry["fingerprint"])
+    assert gone["code"] == "vanished"

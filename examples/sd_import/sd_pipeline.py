@@ -11,7 +11,10 @@ cards made here).
 Steps (``*`` = one instance per file)::
 
     plan            the ledger drops what was imported; copy* for every new small file
-    copy*           the detector copies one file into the shared folder; verified here
+    copy*           the detector copies one file into the shared folder; verified here.
+                    Copies are chained (each waits for the one before): the card reader
+                    copies one file at a time anyway, and a chain holds one engine slot, not
+                    one per file, so renders get slots while later files copy
                     (size, fingerprint); a QR candidate then gets scan_qr*, a video of a
                     booking extract_metadata* -> render* (spawned at once, so rendering starts
                     while later files are still copying)
@@ -156,8 +159,10 @@ def plan(ctx: StepContext) -> dict[str, Any]:
                 known_qr[path] = dict(entry.meta)
     new = [e for e in files if ids[e["path"]] in new_ids]
     small = [e for e in new if e["size"] < limit]
-    for e in small:
-        ctx.spawn_step("copy", params={"path": e["path"]})
+    previous: str | None = None
+    for e in small:  # one after another: the card reader copies one file at a time anyway
+        previous = ctx.spawn_step("copy", params={"path": e["path"]},
+                                  depends_on=[previous] if previous else None)
     ctx.progress(100, f"{len(new)} new of {len(files)} files, {len(small)} small")
     return {"plan": {"card_id": ctx.inputs.get("card_id"), "files": len(files),
                      "new": [e["path"] for e in new], "small": [e["path"] for e in small],
@@ -257,6 +262,7 @@ def assign(ctx: StepContext) -> dict[str, Any]:
     current: dict[str, Any] | None = None  # the jump new videos belong to
     reason = "no QR clip before it"
     qr_run: list[str] = []  # QR clips in a row, no video between them
+    previous_copy: str | None = None
     for entry in files:
         path = entry["path"]
         scan = ctx.data.get(f"qr/{path}")
@@ -310,7 +316,8 @@ def assign(ctx: StepContext) -> dict[str, Any]:
                                     "kind": "video", **booking})
             _spawn_processing(ctx, path, booking, None)
         else:
-            ctx.spawn_step("copy", params={"path": path, "booking": booking})
+            previous_copy = ctx.spawn_step("copy", params={"path": path, "booking": booking},
+                                           depends_on=[previous_copy] if previous_copy else None)
     return {"assign": {"jumps": [j for j in jumps if j["videos"] or j["qr_clip"] not in
                                  known_qr],
                        "held": held, "problems": problems}}
