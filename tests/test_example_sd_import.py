@@ -552,11 +552,25 @@ def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -
                 maker = CardMaker(world["cards"] / "WORKERS")
                 qr = maker.qr("B4001;Eva Ek")
                 videos = [maker.video(), maker.video()]
-                detector = Detector(server.url, world["watch"], world["shared"],
-                                    world["tmp"] / "det.log")
+                log = world["tmp"] / "det.log"
+                detector = Detector(server.url, world["watch"], world["shared"], log,
+                                    "--max-rate", "250000")
                 world["detectors"].append(detector.start())
                 with httpx.Client(base_url=server.url, headers=AUTH) as client:
                     insert(maker.folder, world["watch"])
+                    # The detector dies mid-copy: the worker's step hears it through Redis.
+                    wait_for("a video's copy", lambda: [
+                        m for m in world["watcher"].of("pipeline:progress")
+                        if m.get("message") == f"copying {videos[0]}"], detector=detector)
+                    detector.kill()
+                    wait_for("the copy's retry on a worker", lambda: [
+                        m for m in world["watcher"].of("event")
+                        if m["event"]["type"] == "step.retrying"
+                        and "DetectorUnavailableError: detector 'test-host': disconnected "
+                        f"while the backend waited for the copy of {videos[0]}"
+                        in m["event"]["data"].get("error", "")], detector=detector)
+                    detector = Detector(server.url, world["watch"], world["shared"], log)
+                    world["detectors"].append(detector.start())
                     done = wait_for("the import on workers", lambda: ended(client, "WORKERS"),
                                     timeout=90, detector=detector)
                     assert done["status"] == "completed", done.get("error")
