@@ -551,14 +551,22 @@ def test_migration_utils(tmp_path: Path, media: dict[str, Path]) -> None:
 
 
 def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) -> None:
-    """``run.py --camera FILE`` prints the visitor event as a JSON line and exits 0."""
+    """``run.py --camera FILE --motion`` (the motion gate before detection) prints the
+    visitor event as a JSON line and exits 0."""
     known_dir(tmp_path, media["alice"])
     done = subprocess.run(
         [sys.executable, str(EXAMPLE / "run.py"), "--camera", str(media["carphone_cut"]),
-         "--data-dir", str(tmp_path / "data"), "--workers", "1", "--status-every", "0"],
+         "--data-dir", str(tmp_path / "data"), "--workers", "1", "--status-every", "0", "--motion"],
         capture_output=True, text=True, timeout=WAIT, check=False, cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(e["type"], e["name"]) for e in lines] == [("visitor.known", "alice")]
     assert (tmp_path / "data" / "objects" / lines[0]["snapshot_key"]).is_file()
+    (metrics,) = [json.loads(line.removeprefix("metrics: "))
+                  for line in done.stderr.splitlines() if line.startswith("metrics: ")]
+    gate = metrics["worker_status"]["motion_gate"]
+    assert gate["frames_in"] == 30 and gate["errors"] == 0
+    passed = gate["frames_in"] - gate["filtered"]
+    assert metrics["worker_status"]["face_detection"]["frames_in"] == passed
+    assert lines[0]["face_frames"] <= passed

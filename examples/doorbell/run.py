@@ -7,10 +7,11 @@
     python examples/doorbell/run.py --camera rtsp://user:pass@cam.local/stream1
 
 Prints one JSON line per visitor event (and doorbell press) on stdout; health every
-``--status-every`` seconds on stderr. A video file played once ends the run when it is
-processed (``--loop`` repeats it, ``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it
-gracefully. Press Enter (with ``--stdin-bell``) to ring the doorbell. Exit code 0, or 1 when
-the system ended in the ERROR state.
+``--status-every`` seconds on stderr, and the final metrics as ``metrics: {json}`` there. A
+video file played once ends the run when it is processed (``--loop`` repeats it,
+``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it gracefully. Press Enter (with
+``--stdin-bell``) to ring the doorbell. Exit code 0, or 1 when the system ended in the ERROR
+state.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         health = manager.get_health_status()
         manager.stop()
+        metrics = manager.orchestrator.get_pipeline_metrics()
+        print("metrics: " + json.dumps(metrics, default=str), file=sys.stderr, flush=True)
     if health.state is SystemState.ERROR:
         print(f"doorbell: stopped in ERROR: {health.last_error}", file=sys.stderr)
         return 1

@@ -364,7 +364,17 @@ class PipelineOrchestrator:
 
     def get_pipeline_metrics(self) -> dict[str, Any]:
         """Pipeline status, uptime, events per minute, queue status (with a backlog warning
-        when a queue is at least ``queue_backlog_threshold`` full) and worker status."""
+        when a queue is at least ``queue_backlog_threshold`` full) and worker status. Safe from
+        any thread: read on the orchestrator's loop while it runs."""
+        loop = self.loop
+        if loop is not None and loop.is_running() and not _in_loop(loop):
+            async def read() -> dict[str, Any]:
+                return self._metrics()
+
+            return asyncio.run_coroutine_threadsafe(read(), loop).result(10.0)
+        return self._metrics()
+
+    def _metrics(self) -> dict[str, Any]:
         pipeline = self.pipeline
         health = self.app.health()
         status = pipeline.health() if pipeline is not None else None
