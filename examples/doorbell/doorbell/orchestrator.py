@@ -264,7 +264,8 @@ class PipelineOrchestrator:
             "frames": data["frames"], "face_frames": visitor["face_frames"],
             "matched_frames": visitor["matched_frames"], "names_seen": visitor["names_seen"],
             "first_ts_ms": data["first_ts_ms"], "last_ts_ms": data["last_ts_ms"],
-            "latency_s": data["latency_s"], "faces": visitor["faces"]})
+            "closed": data["reason"], "latency_s": data["latency_s"],
+            "faces": visitor["faces"]})
 
     def publish(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Record an event, store it, notify callbacks and the webhook (on the loop)."""
