@@ -441,6 +441,9 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
             error = json.loads(twin.recv(10))
             assert error["type"] == "error"
             assert "files.0.path" in error["detail"] and "stay inside it" in error["detail"]
+            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-3",
+                                  "card_id": "..", "files": []}))
+            assert "card_id" in json.loads(twin.recv(10))["detail"]
             twin.send("{not json")
             assert json.loads(twin.recv(10))["detail"].startswith("not JSON")
             twin.send(json.dumps({"type": "sd:eject_all"}))

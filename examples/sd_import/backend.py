@@ -74,7 +74,8 @@ class FileList(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     session_id: str = Field(min_length=1, max_length=200)
-    card_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
+    card_id: str = Field(min_length=1, max_length=200,
+                         pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name, never '..'
     label: str = ""
     files: list[FileEntry] = Field(max_length=100_000)
 
