@@ -163,7 +163,7 @@ class Detector:
         self.args = [sys.executable, str(EXAMPLE / "detector.py"), "--watch", str(watch),
                      "--backend", f"{url.replace('http', 'ws')}/ws/detector",
                      "--shared", str(shared), "--token", TOKEN, "--detector-id", "test-host",
-                     "--interval", "0.2", "--settle", "0", *extra]
+                     "--interval", "0.2", "--settle", "0", "--max-backoff", "0.3", *extra]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -684,3 +684,60 @@ def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> 
     gone = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "d/b.MP4", size=10,
                                  fingerprint=entry["fingerprint"])
     assert gone["code"] == "vanished"
+
+
+def test_the_backend_restarting_mid_import_resumes_with_a_retry(
+        tmp_path: Path, sqlite_settings: Settings) -> None:
+    watch, shared, cards = tmp_path / "media", tmp_path / "shared", tmp_path / "cards"
+    for folder in (watch, shared, cards):
+        folder.mkdir()
+    pipeline = load_pipeline(sd_backend.PIPELINE_REF)
+
+    def serve(port: int | None = None) -> Server:
+        hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=SMALL_LIMIT,
+                                  reconnect_wait=20)
+        return Server(sqlite_settings, pipelines=(pipeline,), port=port, detector_hub=hub)
+
+    maker = CardMaker(cards / "RESTART")
+    maker.qr("B6001;Gus Gran")
+    videos = [maker.video(), maker.video()]
+    first = serve().__enter__()
+    second: Server | None = None
+    detector = Detector(first.url, watch, shared, tmp_path / "det.log", "--max-rate", "250000")
+    detector.start()
+    try:
+        with httpx.Client(base_url=first.url, headers=AUTH) as client:
+            insert(maker.folder, watch)
+
+            def copying_a_video() -> bool:
+                rows = imports_of(client, "RESTART")
+                if not rows:
+                    return False
+                body = client.get(f"/api/executions/{rows[0]['id']}").json()
+                return any(s["name"] == "copy" and "booking" in s["params"]
+                           and s["status"] == "running" and s["progress"] > 0
+                           for s in body["steps"])
+
+            wait_for("a video's copy", copying_a_video, detector=detector)
+        first.__exit__(None, None, None)  # the backend stops in the middle of it
+        second = serve(port=first.port).__enter__()
+        with httpx.Client(base_url=second.url, headers=AUTH) as client:
+            stopped = imports_of(client, "RESTART")[0]
+            assert stopped["status"] == "interrupted", stopped
+            wait_for("the detector to reconnect", lambda: client.get("/api/detectors").json(),
+                     detector=detector)
+            retried = client.post(f"/api/executions/{stopped['id']}/retry")
+            assert retried.status_code == 202, retried.text
+            done = wait_for("the resumed import", lambda: ended(client, "RESTART"),
+                            detector=detector)
+            assert done["status"] == "completed", done.get("error")
+            summary = done["data"]["summary"]
+            assert summary["status"] == "imported"
+            assert summary["bookings"]["B6001"]["videos"] == videos
+            assert len(summary["bookings"]["B6001"]["outputs"]) == 2
+            assert len(imports_of(client, "RESTART")) == 1  # resumed, not started again
+        assert len(ledger_paths(sqlite_settings)) == 3
+        assert not list(shared.rglob("*.part"))
+    finally:
+        detector.stop()
+        (second or first).__exit__(None, None, None)

@@ -84,7 +84,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
              reconnect_wait: float = 30.0,
              extra_inputs: dict[str, Any] | None = None) -> DetectorHub:
     """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``."""
-    hub = DetectorHub(reconnect_wait=reconnect_wait)
+    hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait)
     running: dict[str, str] = {}  # card id -> execution id of its latest import
 
     async def on_file_list(msg: DetectorMessage) -> None:

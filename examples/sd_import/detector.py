@@ -26,9 +26,9 @@ first and last 64 KiB), and ``detector:sd_removed`` when it goes. It answers eve
 * a file already at its destination with the right size and fingerprint is not copied again.
 
 The backend never reads the card. The connection reconnects by itself with exponential
-backoff (the ``websockets`` client's); after a reconnect the detector says which cards it
-still has (``detector:hello``), so copies the backend retries reach it, and announces the cards
-the backend has not acknowledged yet.
+backoff and jitter (the ``websockets`` client's, from 1 s up to ``--max-backoff``, 30 s);
+after a reconnect the detector says which cards it still has (``detector:hello``), so copies
+the backend retries reach it, and announces the cards the backend has not acknowledged yet.
 """
 
 from __future__ import annotations
@@ -48,12 +48,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from framepipe.jobs.ledger import file_fingerprint
@@ -214,7 +215,7 @@ class Detector:
     def __init__(self, *, backend: str, shared: Path, token: str | None,
                  watch: list[Path], cards: list[Path], detector_id: str,
                  interval: float = 1.0, settle: float = 1.0,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, max_backoff: float = 30.0) -> None:
         self.backend = backend
         self.shared = shared
         self.token = token
@@ -224,6 +225,7 @@ class Detector:
         self.interval = interval
         self.settle = settle
         self.max_rate = max_rate
+        self.max_backoff = max_backoff
         self.cards: dict[Path, Card] = {}
         self.ws: ClientConnection | None = None
         self.copies: asyncio.Queue[tuple[ClientConnection, dict[str, Any]]] = asyncio.Queue()
@@ -288,8 +290,12 @@ class Detector:
 
     async def connection(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        def delays() -> Generator[float]:
+            return backoff(initial_delay=min(1.0, self.max_backoff),
+                           min_delay=min(1.0, self.max_backoff), max_delay=self.max_backoff)
+
         async for ws in connect(self.backend, additional_headers=headers, max_size=2**26,
-                                open_timeout=10):
+                                open_timeout=10, reconnect_delays=delays):
             try:
                 hello = {"type": "detector:hello", "detector_id": self.detector_id,
                          "hostname": socket.gethostname(), "platform": platform.system(),
@@ -405,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a new card's listing must be unchanged this long (s); 0: at once")
     parser.add_argument("--max-rate", type=float, default=None,
                         help="copy at most this many bytes per second")
+    parser.add_argument("--max-backoff", type=float, default=30.0,
+                        help="longest wait between reconnection attempts (s)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not args.watch and not args.card:
@@ -413,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s detector %(levelname)s %(message)s")
     detector = Detector(backend=args.backend, shared=args.shared, token=args.token,
                         watch=args.watch, cards=args.card, detector_id=args.detector_id,
-                        interval=args.interval, settle=args.settle, max_rate=args.max_rate)
+                        interval=args.interval, settle=args.settle, max_rate=args.max_rate,
+                        max_backoff=args.max_backoff)
 
     async def run() -> None:
         task = asyncio.create_task(detector.run())

@@ -174,10 +174,17 @@ class DetectorHub:
     """Tracks the connected detectors and the sessions they own; carries requests to them.
 
     ``reconnect_wait`` is how long a request waits for the owner of its session to connect;
-    ``request_timeout`` the default time to wait for an answer."""
+    ``request_timeout`` the default time to wait for an answer.
 
-    def __init__(self, *, reconnect_wait: float = 30.0, request_timeout: float = 600.0) -> None:
-        self.id = uuid.uuid4().hex
+    ``hub_id`` names the hub for :func:`get_hub`; steps store it in their inputs, so it stays
+    the same across restarts of the service (a retried execution reaches the new hub). Within
+    one process (and one Redis namespace, with workers) each hub needs its own id."""
+
+    def __init__(self, hub_id: str = "default", *, reconnect_wait: float = 30.0,
+                 request_timeout: float = 600.0) -> None:
+        if not hub_id or ":" in hub_id or len(hub_id) > 100:
+            raise ValueError(f"hub id {hub_id!r} must be 1-100 characters without ':'")
+        self.id = hub_id
         self.reconnect_wait = reconnect_wait
         self.request_timeout = request_timeout
         self._handlers: dict[str, Handler] = {}
