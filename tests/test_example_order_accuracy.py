@@ -430,3 +430,58 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
         for camera in cameras:
             camera.kill()
             camera.wait()
+
+
+def test_the_stations_hosted_by_framepipe_serve(
+        station_video: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """``framepipe serve --app examples/order_accuracy/service.py:app``: the orders reach the
+    service's event API, the stations are listed with their latest frame and can be stopped."""
+    from media import free_port
+
+    video, _schedule = station_video
+    port = free_port()
+    env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
+           "ORDER_STATIONS": f"station_1={video}", "ORDER_TIMEOUT": str(TIMEOUT),
+           "ORDER_LOOP": "1"}
+    env.pop("FRAMEPIPE_API_TOKEN", None)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "framepipe", "serve", "--port", str(port),
+         "--app", f"{EXAMPLE / 'service.py'}:app"], env=env, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        orders: list[dict[str, Any]] = []
+        with httpx.Client(base_url=base, timeout=5) as client:
+            while time.monotonic() < deadline and len(orders) < 2:
+                time.sleep(0.3)
+                if serve.poll() is not None:
+                    break
+                try:
+                    page = client.get("/api/events", params={"limit": 1000}).json()
+                except httpx.TransportError:
+                    continue
+                orders = [e["data"] for e in page["events"] if e["type"] == "order.completed"]
+            assert [o["segment_id"] for o in orders][:2] == ["ORDER_101", "ORDER_102"], \
+                serve.stderr.read() if serve.poll() is not None else orders
+            assert orders[0]["app"] == "order_accuracy"
+            assert orders[0]["station_id"] == "station_1" and orders[0]["frames"] > 10
+            sources = client.get("/api/sources").json()
+            (station,) = [s for s in sources if s["pipeline"] == "station_1"]
+            assert station["app"] == "order_accuracy" and station["state"] == "running"
+            assert station["frame_url"] is not None
+            frame = client.get(station["frame_url"])
+            assert frame.status_code == 200 and frame.content[:2] == b"\xff\xd8"
+            assert client.post("/api/sources/order_accuracy/station_1/stop").status_code == 202
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            code = serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+            raise
+    # uvicorn shuts down gracefully, then re-raises the signal for the process manager
+    assert code in (0, -signal.SIGTERM)
+    log = serve.stderr.read() if serve.stderr is not None else ""
+    assert "app stopped" in log and "Application shutdown complete" in log, log[-3000:]
