@@ -741,3 +741,22 @@ def test_the_backend_restarting_mid_import_resumes_with_a_retry(
     finally:
         detector.stop()
         (second or first).__exit__(None, None, None)
+
+
+def test_a_worker_asking_a_stopped_service_is_told_at_once() -> None:
+    """``get_hub`` on a worker gives a RemoteDetectorHub; with no service holding the hub (no
+    heartbeat on Redis) a request fails at once, naming the hub, instead of waiting."""
+    import asyncio
+
+    from framepipe.errors import DetectorUnavailableError
+    from framepipe.server.detector import RemoteDetectorHub, get_hub
+
+    with redis_namespace("fp-sd-") as namespace:
+        settings = Settings(broker_url=REDIS_URL, broker_namespace=namespace)
+        hub = get_hub("nobody", settings)
+        assert isinstance(hub, RemoteDetectorHub)
+        with pytest.raises(DetectorUnavailableError, match="hub nobody is not running"):
+            asyncio.run(hub.request("s1", {"type": "sd:copy_request", "path": "a.mp4"},
+                                    what="the copy of a.mp4"))
+    with pytest.raises(DetectorUnavailableError, match="no Redis broker"):
+        get_hub("nobody", Settings(broker_url="memory://"))
