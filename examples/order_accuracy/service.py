@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orders import OrderAccuracy, parse_stations  # noqa: E402
-from run import read_stations_file  # noqa: E402
+from orders import OrderAccuracy, parse_stations
+from run import read_stations_file
 
-from framepipe.errors import ConfigError  # noqa: E402
+from framepipe.errors import ConfigError
 
 __all__ = ["app", "service"]
 
