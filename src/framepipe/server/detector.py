@@ -20,7 +20,7 @@ Every message is one JSON object in a text frame with a ``type``::
 
 What :class:`DetectorHub` guarantees:
 
-* a connection that does not present the token is closed (code 1008) before anything is read;
+* a connection that does not present the token is refused before it is accepted (HTTP 403);
   the first message must be ``detector:hello`` with a ``detector_id``, else it is closed
   (1008) with the reason; a detector that connects again with the same id replaces its older
   connection;
@@ -67,12 +67,9 @@ from framepipe.config import Settings, load_settings
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
 
-try:
-    from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-except ModuleNotFoundError as exc:
-    raise MissingDependencyError(exc.name or "fastapi", "server", "the detector endpoint") from exc
-
 if TYPE_CHECKING:
+    from fastapi import FastAPI, WebSocket
+
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
 
@@ -83,6 +80,17 @@ _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+def _disconnect() -> type[Exception]:
+    """Starlette's WebSocketDisconnect, imported when a connection needs it: a worker that only
+    reaches a hub through Redis (:class:`RemoteDetectorHub`) needs no server extra."""
+    try:
+        from starlette.websockets import WebSocketDisconnect
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(exc.name or "fastapi", "server",
+                                     "the detector endpoint") from exc
+    return WebSocketDisconnect
 
 
 def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | RemoteDetectorHub:
@@ -122,7 +130,7 @@ class DetectorConnection:
         try:
             async with self.lock:
                 await self.websocket.send_text(json.dumps(message))
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        except (_disconnect(), RuntimeError, OSError) as exc:
             raise DetectorUnavailableError(f"disconnected ({exc})",
                                            detector_id=self.detector_id) from exc
 
@@ -368,7 +376,7 @@ class DetectorHub:
         await websocket.accept()
         try:
             hello = await websocket.receive_json()
-        except (WebSocketDisconnect, RuntimeError):
+        except (_disconnect(), RuntimeError):
             return
         except ValueError:
             hello = None
@@ -398,7 +406,7 @@ class DetectorHub:
             while True:
                 try:
                     raw = await websocket.receive_text()
-                except (WebSocketDisconnect, RuntimeError):
+                except (_disconnect(), RuntimeError):
                     break
                 await self._dispatch(conn, raw)
         except DetectorUnavailableError:
@@ -487,12 +495,16 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
                    check_token: Callable[..., None]) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""
-    from fastapi import Depends
+    from fastapi import Depends, WebSocket
 
-    @app.websocket("/ws/detector")
     async def detector_socket(websocket: WebSocket) -> None:
         """A host-side detector's connection (see :mod:`framepipe.server.detector`)."""
         await hub.serve(websocket, token)
+
+    # FastAPI resolves annotations in the module's globals, where WebSocket is not imported
+    # (this module loads without the server extra, for workers).
+    detector_socket.__annotations__["websocket"] = WebSocket
+    app.websocket("/ws/detector")(detector_socket)
 
     @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)])
     async def detectors_list() -> list[dict[str, Any]]:
