@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import av
@@ -660,7 +660,8 @@ def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> 
     os.utime(card / "DCIM" / "b.MP4", (2000, 2000))
     assert sd_detector.card_id_of("GOPRO", sd_detector.list_card(card)) == card_id  # stable
     assert sd_detector.card_id_of("OTHER", files) != card_id
-    assert sd_detector.card_label(Path("E:/")) in ("E", "E:")  # a drive root has no name
+    assert sd_detector.card_label(PureWindowsPath("E:\\")) == "E"  # a drive root has no name
+    assert sd_detector.card_label(PureWindowsPath("E:\\DCIM")) == "DCIM"
 
     entry = next(f for f in sd_detector.list_card(card) if f["path"] == "DCIM/b.MP4")
     found = sd_detector.Card(card, "GOPRO", card_id, files)

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -89,7 +90,7 @@ def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[di
     return sorted(out, key=lambda e: e["path"])
 
 
-def card_label(root: Path) -> str:
+def card_label(root: PurePath) -> str:
     """The folder's name, or the drive's letter for a drive root (``E:\\`` -> ``E``)."""
     return root.name or root.drive.rstrip(":\\/") or "card"
 
@@ -294,8 +295,11 @@ class Detector:
             return backoff(initial_delay=min(1.0, self.max_backoff),
                            min_delay=min(1.0, self.max_backoff), max_delay=self.max_backoff)
 
+        options: dict[str, Any] = {}
+        if "reconnect_delays" in inspect.signature(connect.__init__).parameters:
+            options["reconnect_delays"] = delays  # older websockets: WEBSOCKETS_BACKOFF_* env
         async for ws in connect(self.backend, additional_headers=headers, max_size=2**26,
-                                open_timeout=10, reconnect_delays=delays):
+                                open_timeout=10, **options):
             try:
                 hello = {"type": "detector:hello", "detector_id": self.detector_id,
                          "hostname": socket.gethostname(), "platform": platform.system(),
