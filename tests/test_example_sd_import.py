@@ -761,3 +761,49 @@ def test_a_worker_asking_a_stopped_service_is_told_at_once() -> None:
                                     what="the copy of a.mp4"))
     with pytest.raises(DetectorUnavailableError, match="no Redis broker"):
         get_hub("nobody", Settings(broker_url="memory://"))
+
+
+def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
+    """``python examples/sd_import/backend.py`` and ``detector.py`` as their README runs them."""
+    from media import free_port
+
+    watch, shared = tmp_path / "media", tmp_path / "shared"
+    watch.mkdir()
+    port = free_port()
+    env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
+           "FRAMEPIPE_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "backend.log").open("wb") as out:
+        backend = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "backend.py"), "--shared", str(shared), "--port",
+             str(port), "--small-limit", "150KiB"], env=env, stdout=out,
+            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    detector = Detector(url, watch, shared, tmp_path / "det.log")
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.HTTPError:
+                return backend.poll() is not None  # died: stop waiting, fail below
+        wait_for("the backend", up)
+        assert backend.poll() is None, (tmp_path / "backend.log").read_text()
+        detector.start()
+        maker = CardMaker(tmp_path / "cards" / "CLI")
+        maker.qr("B7001;Hugo Hall")
+        video = maker.video()
+        insert(maker.folder, watch)
+        with httpx.Client(base_url=url, headers=AUTH) as client:
+            done = wait_for("the import", lambda: ended(client, "CLI"), detector=detector)
+            assert done["status"] == "completed", done.get("error")
+            assert done["data"]["summary"]["bookings"]["B7001"]["videos"] == [video]
+            key = done["data"]["summary"]["bookings"]["B7001"]["outputs"][0]
+            assert client.get(f"/api/objects/{key}").status_code == 200
+            assert client.get("/api/detectors").json()[0]["detector_id"] == "test-host"
+    finally:
+        detector.stop()
+        backend.send_signal(signal.SIGINT)
+        try:
+            backend.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+            backend.wait()
