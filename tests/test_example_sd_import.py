@@ -95,8 +95,10 @@ class CardMaker:
         os.utime(path, (self.clock, self.clock))
         return path.relative_to(self.folder).as_posix()
 
-    def qr(self, text: str, *, damage: bool = False) -> str:
-        path = make_qr_clip(self._next(), [(text, 8)], size=(320, 288), damage=damage)
+    def qr(self, *texts: str, damage: bool = False) -> str:
+        """A QR clip of 8 frames showing each text in turn (two: two codes in one clip)."""
+        path = make_qr_clip(self._next(), [(t, 8 // len(texts)) for t in texts], size=(320, 288),
+                            damage=damage)
         assert path.stat().st_size < SMALL_LIMIT
         return self._stamp(path)
 
@@ -376,6 +378,8 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
     v2 = bad.video()
     qr_c, qr_c2 = bad.qr("B2003;Cid"), bad.qr("B2003;Cid")  # the same code filmed twice
     v3, v4 = bad.video(), bad.video()                 # one vanishes, one is interrupted
+    qr_m = bad.qr("B2004;Ida", "B2005;Jon")           # two codes in one clip
+    v6 = bad.video()
     qr_d = bad.qr("hello world")                      # a QR code that is no booking
     v5 = bad.video()
     noqr = CardMaker(world["cards"] / "NOQR")
@@ -463,12 +467,14 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         assert summary["bookings"] == {"B2003": {
             "passenger": "Cid", "videos": [first], "missing": [gone],
             "outputs": [f"bookings/B2003/{Path(first).stem}.mp4"]}}
-        assert [h["path"] for h in summary["held"]] == [v0, v1, v2, v5]
+        assert [h["path"] for h in summary["held"]] == [v0, v1, v2, v6, v5]
         reasons = [h["reason"] for h in summary["held"]]
         assert reasons[0] == "no QR clip before it"
         assert reasons[1] == f"after {qr_x}, which holds a QR code that cannot be read"
         assert reasons[2] == f"after two QR clips of different bookings ({qr_a}, {qr_b})"
-        assert reasons[3].startswith(f"after {qr_d}, which holds a QR code that is no booking")
+        assert reasons[3] == (f"after {qr_m}, which holds several QR codes (B2004;Ida, "
+                              "B2005;Jon)")
+        assert reasons[4].startswith(f"after {qr_d}, which holds a QR code that is no booking")
         problems = "\n".join(summary["problems"])
         assert f"{gone}: vanished from the card before it was copied" in problems
         assert f"{qr_x}: a QR code that cannot be read" in problems

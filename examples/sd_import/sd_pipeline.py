@@ -11,13 +11,12 @@ cards made here).
 Steps (``*`` = one instance per file)::
 
     plan            the ledger drops what was imported; copy* for every new small file
-    copy*           the detector copies one file into the shared folder; verified here.
-                    Copies are chained (each waits for the one before): the card reader
-                    copies one file at a time anyway, and a chain holds one engine slot, not
-                    one per file, so renders get slots while later files copy
+    copy*           the detector copies one file into the shared folder; verified here
                     (size, fingerprint); a QR candidate then gets scan_qr*, a video of a
                     booking extract_metadata* -> render* (spawned at once, so rendering starts
-                    while later files are still copying)
+                    while later files are still copying). Copies are chained (each waits for
+                    the one before): the card reader copies one file at a time anyway, and a
+                    chain holds one engine slot, not one per file, so renders get slots
     scan_qr*        decode_qr on a copied small file: a booking, nothing, or a problem
     assign          (after every scan) files in time order, each QR clip starting a jump; the
                     jump's remaining new files are copied, each a copy* with its booking
@@ -38,6 +37,7 @@ bookings. Files that vanished between listing and copy are reported ``missing``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -200,12 +200,13 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
                             detector_id=hub.owner(ctx.inputs["session_id"]),
                             session_id=ctx.inputs["session_id"])
     local = _shared(ctx, dest)
-    if not local.is_file():
+    if not await asyncio.to_thread(local.is_file):
         raise DetectorError(f"says {path} was copied, but {local} does not exist (is the "
                             "shared folder the same on both sides?)",
                             session_id=ctx.inputs["session_id"])
-    got_size = local.stat().st_size
-    if got_size != size or file_fingerprint(local) != entry["fingerprint"]:
+    got_size = (await asyncio.to_thread(local.stat)).st_size
+    if (got_size != size
+            or await asyncio.to_thread(file_fingerprint, local) != entry["fingerprint"]):
         raise DetectorError(f"copy of {path} at {local} does not match the card's file "
                             f"(size {got_size} of {size}, or another fingerprint)",
                             session_id=ctx.inputs["session_id"])
@@ -224,7 +225,8 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
 def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     """Read a QR code from a copied small file; a booking is recorded with the clip."""
     dest = ctx.data[f"copied/{path}"]["dest"]
-    result = decode_qr(_shared(ctx, dest), every=2, stop_after=3,
+    # The whole clip is scanned: a second, different code further on makes it ambiguous.
+    result = decode_qr(_shared(ctx, dest), every=2,
                        progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
     out: dict[str, Any]
     if result is None:
