@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import re
 import sys
@@ -86,6 +87,9 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
     """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``."""
     hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait)
     running: dict[str, str] = {}  # card id -> execution id of its latest import
+    # Two detectors announcing one card at once must not both start an import.
+    card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+        asyncio.Lock)
 
     async def on_file_list(msg: DetectorMessage) -> None:
         try:
@@ -96,6 +100,10 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
             await msg.reply({"type": "error", "session_id": msg.message.get("session_id"),
                              "detail": f"sd:file_list rejected, nothing started: {problems}"})
             return
+        async with card_locks[listing.card_id]:
+            await start_import(msg, listing)
+
+    async def start_import(msg: DetectorMessage, listing: FileList) -> None:
         previous = running.get(listing.card_id)
         if previous is not None and hub.store is not None:
             try:
