@@ -288,10 +288,14 @@ def test_unknown_visitor_through_the_legacy_api(tmp_path: Path, media: dict[str,
                                                 analyzer: FaceAnalyzer) -> None:
     """The cyclist comes; only alice is known: an unknown visitor, seen through the old
     DoorbellSecuritySystem API (captures, status, button, face manager, camera, settings);
-    once the cyclist's image is added through the face manager he is recognised."""
+    once the cyclist's image is added through the face manager he is recognised. With
+    68-point landmarks ("large") and every frame of the visit stored."""
     known_dir(tmp_path, media["alice"])
     manager = OrchestratorManager(make_config(
-        tmp_path, media["bikes_cut"], pipeline_config={"face_detection": {"upsample": 1}}))
+        tmp_path, media["bikes_cut"], pipeline_config={
+            "face_detection": {"upsample": 1},
+            "face_recognition": {"worker_count": 1, "encoding_model": "large"},
+            "event_processing": {"store_frames": True}}))
     events = Recorder(manager, "visitor.known", "visitor.unknown", "pipeline.stopped")
     legacy = manager.get_legacy_interface()
     assert manager.get_legacy_interface() is legacy
@@ -312,6 +316,9 @@ def test_unknown_visitor_through_the_legacy_api(tmp_path: Path, media: dict[str,
         assert capture["type"] == "visitor.unknown" and capture["known"] is False
         image = cv2.imread(capture["image_path"])
         assert image is not None and image.shape == (272, 640, 3)
+        objects = LocalObjectStore(tmp_path / "data" / "objects")  # store_frames: every frame
+        stored = list(objects.list(f"visits/front_door/{visit['segment_id']}/"))
+        assert len(stored) == visit["frames"] == visit["face_frames"]
 
         status = legacy.get_system_status()
         assert status["running"] is True and status["state"] == "running"
