@@ -262,8 +262,19 @@ def ledger_paths(settings: Settings) -> dict[str, dict[str, Any]]:
 
 # -- the tests -------------------------------------------------------------------------------
 
+@pytest.fixture
+def any_db_world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
+    """``world`` on each state backend in turn (SQLite, the real PostgreSQL)."""
+    settings = Settings(home=tmp_path / "home", database_url=database_url,
+                        retry_initial_delay=0.2, retry_max_delay=1.0, heartbeat_interval=0.2,
+                        shutdown_grace=2.0, concurrency=4)
+    with running_world(tmp_path, settings) as running:
+        yield running
+
+
 def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
-        world: dict[str, Any]) -> None:
+        any_db_world: dict[str, Any]) -> None:
+    world = any_db_world
     server, watcher = world["server"], world["watcher"]
     maker = CardMaker(world["cards"] / "GOPRO1")
     qr1 = maker.qr('{"booking_id": "B1001", "passenger": "Anna Svensson"}')
