@@ -824,3 +824,33 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             backend.kill()
             backend.wait()
+
+
+def test_the_detector_endpoint_rules(world: dict[str, Any]) -> None:
+    """The framework's /ws/detector: hello first, one connection per detector id, the list of
+    detectors behind the token."""
+    from websockets.exceptions import ConnectionClosed
+
+    server = world["server"]
+    url = f"{server.url.replace('http', 'ws')}/ws/detector?token={TOKEN}"
+    with ws_connect(url) as rude:
+        rude.send(json.dumps({"type": "sd:file_list", "files": []}))
+        assert "detector:hello" in json.loads(rude.recv(10))["detail"]
+        with pytest.raises(ConnectionClosed) as closed:
+            rude.recv(10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    with ws_connect(url) as first:
+        first.send(json.dumps({"type": "detector:hello", "detector_id": "dup",
+                               "sessions": [{"session_id": "s1", "card_id": "C-1",
+                                             "label": "C"}]}))
+        assert json.loads(first.recv(10))["type"] == "detector:welcome"
+        with ws_connect(url) as second:
+            second.send(json.dumps({"type": "detector:hello", "detector_id": "dup"}))
+            assert json.loads(second.recv(10))["type"] == "detector:welcome"
+            with pytest.raises(ConnectionClosed):  # replaced by the newer connection
+                first.recv(10)
+            listed = httpx.get(f"{server.url}/api/detectors", headers=AUTH).json()
+            assert [d["detector_id"] for d in listed] == ["dup"]
+            assert listed[0]["sessions"] == [{"session_id": "s1", "card_id": "C-1",
+                                              "label": "C"}]
+    assert httpx.get(f"{server.url}/api/detectors").status_code == 401
