@@ -12,7 +12,11 @@ Guarantees:
 * a WebSocket subscriber gets the current state first (``snapshot``), then every event
   committed after it, in order (the jobs' events, and those of the live apps served here:
   segments, sources, pipelines); one that falls too far behind is told so (``lagged``) and
-  closed, to reconnect.
+  closed, to reconnect. A step's progress or completion, and an execution's completion, are
+  also summed up as ``pipeline:progress`` (step and execution progress; the execution's never
+  decreases within one socket);
+* host-side detectors (the SD-card import) connect to ``/ws/detector``
+  (:mod:`framepipe.server.detector`).
 """
 
 from __future__ import annotations

@@ -547,8 +547,8 @@ class _Relay:
         self._main: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        """Start relaying; Redis being away now is retried in the background, not fatal."""
         self._client = _redis_asyncio().Redis.from_url(self.url)
-        await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
         self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
                       asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
 
