@@ -222,11 +222,15 @@ class OrchestratorManager:
             loop, thread = self._loop, self._thread
             if loop is None or thread is None or not thread.is_alive():
                 return
-            with contextlib.suppress(concurrent.futures.TimeoutError):
+            try:
                 self._run(self._stop(), timeout=timeout)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout)
-            self._loop = self._thread = None
+            except concurrent.futures.TimeoutError:
+                self.log.exception("stop did not finish within %gs; the loop is stopped "
+                                   "anyway", timeout)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout)
+                self._loop = self._thread = None
 
     async def _stop(self) -> None:
         if self._monitor is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import re
 import time
@@ -100,6 +101,7 @@ class PipelineOrchestrator:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guards: dict[str, Guarded] = {}
         self._recovering = False
+        self._recovery: asyncio.Future[None] | None = None
         self.app.on("segment.completed", self._on_segment)
         self.app.on("processor.error", self._on_processor_error)
         if config.detector_type == "gpu":
@@ -161,20 +163,31 @@ class PipelineOrchestrator:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the object store, load the known faces, build and start the pipeline."""
+        """Open the object store, load the models (raises
+        :class:`~framepipe.errors.MissingDependencyError` without dlib or its models) and the
+        known faces, build and start the pipeline."""
         loop = self.loop = asyncio.get_running_loop()
         if self.objects is None:
             self.objects = await loop.run_in_executor(None, open_object_store,
                                                       self.config.objects_url)
+        # dlib and its models load here, so that a missing one fails start() with the fix
+        await loop.run_in_executor(None, lambda: self.detector.load(detect=True, encode=False))
+        await loop.run_in_executor(None, self.recognizer.load)
         await loop.run_in_executor(None, self.reload_known_faces)
         if self.pipeline is None:
             self.pipeline = self.build_pipeline()
             self.app.add_pipeline(self.pipeline)
+        self.app.paused.discard(PIPELINE)  # stopped for good before a manual restart
         await self.app.start()
 
     async def stop(self) -> None:
         """Stop the pipeline (queued frames drain, the open visit closes), then wait for the
-        pending notifications."""
+        pending notifications. A recovery in progress is cancelled first (it would start
+        the pipeline again)."""
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
         await self.app.stop()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self.config.webhook_timeout + 1)
@@ -216,9 +229,7 @@ class PipelineOrchestrator:
                 or guard.streak < self.config.component_failure_threshold):
             return
         self._recovering = True
-        task = asyncio.ensure_future(self._recover_stage(guard, str(data.get("error"))))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._recovery = asyncio.ensure_future(self._recover_stage(guard, str(data.get("error"))))
 
     async def _recover_stage(self, guard: Guarded, error: str) -> None:
         """A stage failed on ``component_failure_threshold`` frames in a row: its workers are
