@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from framepipe import (
     StoreEventSink,
     StreamPipeline,
 )
+from framepipe.backends.state.retention import parse_duration, prune_events
 from framepipe.backends.state.schema import events
 from framepipe.backoff import Backoff
 from media import free_port
@@ -141,3 +143,47 @@ def test_a_processor_outside_a_pipeline_may_emit(caplog: pytest.LogCaptureFixtur
         tagger.process(Frame(image=__import__("numpy").zeros((2, 2, 3), "uint8"),
                              source_id="s", seq=1))
     assert any("tag.seen" in r.getMessage() for r in caplog.records)
+
+
+def _events_at(store: StateStore, rows: list[tuple[float, str | None]]) -> None:
+    with store.write() as conn:
+        conn.execute(events.insert(), [
+            {"ts": ts, "type": "x", "execution_id": execution_id, "step_key": None,
+             "data": {"ts": ts}} for ts, execution_id in rows])
+
+
+def test_prune_events_deletes_old_app_events_only(store: StateStore) -> None:
+    now = 1_000_000.0
+    day = 86400.0
+    _events_at(store, [(now - 10 * day, None)] * 7 + [(now - 10 * day, "exec1"),
+                                                      (now - 2 * day, None), (now, None)])
+    assert prune_events(store, 7 * day, batch=3, now=now) == 7  # in batches of 3
+    left = stored(store)
+    assert sorted(d["ts"] for _, d in left) == [now - 10 * day, now - 2 * day, now]
+    assert prune_events(store, 7 * day, now=now) == 0
+
+
+def test_the_store_sink_prunes_by_the_retention_setting(store: StateStore) -> None:
+    old = time.time() - 3 * 86400
+    _events_at(store, [(old, None), (old, "exec1")])
+
+    async def main() -> None:
+        sink = StoreEventSink(store, "site", retention_days=1)
+        sink("order.completed", {"n": 1})
+        await sink.aclose()
+
+    asyncio.run(main())
+    assert sorted(t for t, _ in stored(store)) == ["order.completed", "x"]  # exec1's stays
+
+
+def test_the_prune_command(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    with StateStore(f"sqlite:///{tmp_path / 'home' / 'state.db'}") as st:
+        _events_at(st, [(time.time() - 8 * 86400, None), (time.time(), None)])
+    result = cli(tmp_path / "home", "db", "prune-events", "--older-than", "7d")
+    assert result.exit_code == 0, result.output
+    assert "deleted 1 event(s) older than 7d" in result.stdout
+    bad = cli(tmp_path / "home", "db", "prune-events", "--older-than", "a week")
+    assert bad.exit_code == 2 and "is not a duration" in bad.output
+    assert parse_duration("90") == 90 and parse_duration("12h") == 43200

@@ -487,7 +487,9 @@ class OrderAccuracy:
         if self._store_events:
             self._store = StateStore(self.settings.resolved_database_url,
                                      sqlite_synchronous=self.settings.sqlite_synchronous)
-            self._sinks.append(StoreEventSink(self._store, self.app.name))
+            self._sinks.append(StoreEventSink(
+                self._store, self.app.name,
+                retention_days=self.settings.events_retention_days))
         if self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
             stream = f"{self.settings.broker_namespace}:events:{self.app.name}"
             self._sinks.append(RedisEventSink(self.settings.broker_url, stream))

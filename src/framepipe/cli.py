@@ -886,6 +886,29 @@ def db_current(ctx: typer.Context) -> None:
     _say(console, f"url {url}")
 
 
+@db_app.command("prune-events")
+def db_prune_events(
+    ctx: typer.Context,
+    *,
+    older_than: Annotated[str, typer.Option(
+        "--older-than", metavar="DURATION",
+        help="Delete live apps' events older than this: 3600, 30m, 12h, 7d, 2w.")],
+) -> None:
+    """Delete live apps' events (orders, visits, sources) older than a duration; events of
+    executions stay with their executions."""
+    from framepipe.backends.state.retention import parse_duration, prune_events
+
+    with _errors():
+        try:
+            seconds = parse_duration(older_than)
+        except ValueError as exc:
+            raise _UsageError(f"--older-than: {exc}") from None
+        settings = _settings(ctx)
+        with _open_store(settings) as store:
+            deleted = prune_events(store, seconds)
+    _say(_console(), f"deleted {deleted} event(s) older than {older_than}")
+
+
 def main() -> None:
     """The ``framepipe`` console script."""
     app(prog_name="framepipe")

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
                           "without one it only binds to a loopback address.")
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
+    events_retention_days: float | None = Field(
+        None, gt=0, description="Live apps' events older than this many days are deleted "
+                                "(hourly, by the apps' event sinks); unset keeps them.")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")

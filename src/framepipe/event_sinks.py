@@ -14,9 +14,11 @@ Guarantees:
 
 :class:`StoreEventSink` commits the events to the ``fp_events`` table, where ``/api/events``,
 the service's WebSocket and ``framepipe serve``'s dashboard read them; the data gets an ``app``
-field. :class:`RedisEventSink` appends each event to a Redis Stream (``XADD`` with approximate
-``MAXLEN`` trimming) as fields ``type``, ``ts`` and ``data`` (JSON), for consumers elsewhere,
-e.g. an order-checking service reading ``order.completed``.
+field, and with ``retention_days`` it deletes the app events older than that every hour (see
+:mod:`framepipe.backends.state.retention`). :class:`RedisEventSink` appends each event to a
+Redis Stream (``XADD`` with approximate ``MAXLEN`` trimming) as fields ``type``, ``ts`` and
+``data`` (JSON), for consumers elsewhere, e.g. an order-checking service reading
+``order.completed``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from framepipe.backends.state import StateStore
+from framepipe.backends.state.retention import prune_events
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.events import Event
@@ -155,10 +158,13 @@ class StoreEventSink(_QueuedSink):
 
     kind = "store"
 
-    def __init__(self, store: StateStore, app_name: str, **options: Any) -> None:
+    def __init__(self, store: StateStore, app_name: str, *,
+                 retention_days: float | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.store = store
         self.app_name = app_name
+        self.retention_days = retention_days
+        self._pruned_at = float("-inf")
 
     def _shape(self, data: dict[str, Any]) -> dict[str, Any]:
         return _jsonable({"app": self.app_name, **data})
@@ -167,6 +173,18 @@ class StoreEventSink(_QueuedSink):
         from framepipe.jobs.records import Batch, write_batch
 
         await asyncio.to_thread(write_batch, self.store, Batch(events=batch))
+        if self.retention_days is not None and time.monotonic() - self._pruned_at > 3600:
+            self._pruned_at = time.monotonic()
+            try:
+                deleted = await asyncio.to_thread(prune_events, self.store,
+                                                  self.retention_days * 86400)
+            except Exception as exc:  # retention is housekeeping: the events go on
+                self._log.warning("pruning events older than %g days failed: %s",
+                                  self.retention_days, exc)
+            else:
+                if deleted:
+                    self._log.info("pruned %d event(s) older than %g days", deleted,
+                                   self.retention_days)
 
 
 class RedisEventSink(_QueuedSink):
