@@ -348,6 +348,16 @@ def test_unknown_visitor_through_the_legacy_api(tmp_path: Path, media: dict[str,
         legacy.stop()
     assert legacy.running is False
 
+    # the captures outlive the process: a new system on the same data lists them
+    again = OrchestratorManager(make_config(tmp_path, tmp_path / "no-camera.mp4"))
+    old = again.get_legacy_interface()
+    old.start()
+    try:
+        assert [c["event_id"] for c in old.get_recent_captures(limit=1)] == [
+            visit["event_id"]]
+    finally:
+        old.stop()
+
 
 def test_camera_that_never_opens_is_retried_then_error(tmp_path: Path,
                                                        media: dict[str, Path]) -> None:
@@ -480,8 +490,14 @@ def test_detector_that_stays_broken_ends_in_error(tmp_path: Path,
         assert len(events.wait("system_error", 2)) == 2
         assert len(events.events["pipeline.recovered"]) == 4
         assert manager.get_health_status().state is SystemState.ERROR
+        # stopped in the middle of a recovery: the recovery does not start it again
+        manager.restart()
+        events.wait("component.crashed", 5)
     finally:
         manager.stop()
+    assert manager.get_health_status().state is SystemState.STOPPED
+    pipeline = manager.orchestrator.pipeline
+    assert pipeline is not None and not pipeline.running
 
 
 def test_network_camera(tmp_path: Path, media: dict[str, Path]) -> None:

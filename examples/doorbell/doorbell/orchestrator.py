@@ -11,7 +11,8 @@ thread of its own). Guarantees:
   one) gives exactly one ``visitor.known`` or ``visitor.unknown`` event, emitted after its
   snapshot is in the object store; a doorbell press gives ``doorbell.pressed`` and, when a
   face is in view, a ``visitor.*`` event too. Events are kept in memory (the last
-  ``recent_events``) and stored as JSON under ``events/`` in the object store.
+  ``recent_events``, reloaded from the store at start) and stored as JSON under ``events/``
+  in the object store.
 * Notifications: callbacks (``App.on``) get every event; with ``webhook_url`` each visitor event
   is POSTed as JSON in a worker thread (a failure is logged and emitted as
   ``notification.failed``, never raised).
@@ -47,6 +48,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
+from framepipe.errors import FramepipeError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces, load_known_faces
@@ -174,6 +176,8 @@ class PipelineOrchestrator:
         await loop.run_in_executor(None, lambda: self.detector.load(detect=True, encode=False))
         await loop.run_in_executor(None, self.recognizer.load)
         await loop.run_in_executor(None, self.reload_known_faces)
+        if not self.events:
+            self.events.extend(await loop.run_in_executor(None, self._stored_events))
         if self.pipeline is None:
             self.pipeline = self.build_pipeline()
             self.app.add_pipeline(self.pipeline)
@@ -314,6 +318,19 @@ class PipelineOrchestrator:
             self.log.warning("webhook %s failed for %s: %s", url, event["event_id"], exc)
             self._emit_threadsafe("notification.failed", {"event_id": event["event_id"],
                                                           "url": url, "error": str(exc)})
+
+    def _stored_events(self) -> list[dict[str, Any]]:
+        """The latest ``recent_events`` events stored by earlier runs, oldest first (by the
+        objects' modification time; unreadable ones skipped)."""
+        assert self.objects is not None
+        infos = sorted(self.objects.list("events/"), key=lambda i: i.modified)
+        events = []
+        for info in infos[-self.config.recent_events:]:
+            try:
+                events.append(json.loads(self.objects.get(info.key)))
+            except (ValueError, FramepipeError) as exc:
+                self.log.warning("stored event %s skipped: %s", info.key, exc)
+        return events
 
     def events_per_minute(self) -> float:
         """Events in the last 60 seconds."""
