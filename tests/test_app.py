@@ -255,3 +255,48 @@ def test_framepipe_run_runs_an_app_until_sigterm(tmp_path: Path) -> None:
     final = json.loads(snapshot.read_text())
     assert final["state"] == "stopped"
     assert final["pipeline_status"]["station_1"]["frames_captured"] > 0
+
+
+def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path) -> None:
+    """A model that fails to load at start (twice) is retried by recovery; one that never
+    loads ends in system_error after max_restart_attempts; the app's state says so."""
+    from framepipe.processors import Processor
+
+    class Model(Processor):
+        name = "model"
+
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+
+        def setup(self) -> None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise RuntimeError("weights not loaded")
+
+        def process(self, item: Any) -> Any:
+            return item
+
+    app = App("models", settings=Settings(home=tmp_path), restart_cooldown=0.05,
+              max_restart_attempts=2, health_interval=0.05)
+    events = record(app)
+    flaky = app.add_pipeline(StreamPipeline("flaky", PatternSource("flaky", fps=50),
+                                            stages=[Stage(Model(2))]))
+    app.add_pipeline(StreamPipeline("broken", PatternSource("broken", fps=50),
+                                    stages=[Stage(Model(10))]))
+
+    async def main() -> Any:
+        await app.start()
+        try:
+            await until(lambda: bool(kinds(events, "system_error")), what="system_error")
+            await until(lambda: flaky.frames_out > 5, what="flaky's frames")
+            return app.health()
+        finally:
+            await app.stop()
+
+    health = asyncio.run(main())
+    assert [d["pipeline"] for d in kinds(events, "pipeline.recovered")] == ["flaky"]
+    assert app.restart_attempts == {"flaky": 2, "broken": 2}
+    error = kinds(events, "system_error")[0]
+    assert error["pipeline"] == "broken" and "weights not loaded" in error["error"]
+    assert health.state is SystemState.DEGRADED
+    assert SystemState.ERROR is SystemState.FAILED

@@ -319,3 +319,35 @@ def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     assert [(d["segment_id"], d["reason"], d["frames"]) for d in done] == [
         ("ORDER_W", "timeout", 5)]
     assert time.monotonic() - started >= 1.0  # closed by the timer while frames still came
+
+
+def test_a_pipeline_running_behind_its_camera_does_not_split_a_segment() -> None:
+    """Keyed frames captured 20 ms apart reach the segmenter 120 ms apart (a slow stage): the
+    lag grows past the 0.3 s timeout, yet the key never left the picture, so one segment."""
+    tags = tagger({range(1, 16): "ORDER_L"})
+
+    def slow(frame: Frame) -> Frame:
+        time.sleep(0.12)
+        return frame
+
+    pipeline = StreamPipeline(
+        "late", PatternSource("late", count=15, fps=50, realtime=True),
+        stages=[Stage(tags), Stage(slow, queue_size=32)],
+        segmenter=Segmenter("order", timeout=0.3))
+    done = of(run_pipeline(pipeline), "segment.completed")
+    assert [(d["segment_id"], d["frames"]) for d in done] == [("ORDER_L", 15)]
+    assert done[0]["last_ts_ms"] - done[0]["first_ts_ms"] < 600  # captured within 0.3 s...
+    # ...but the lag at the end was over a second: by capture time it would have split
+
+
+def test_a_processor_calling_sys_exit_is_a_processor_error() -> None:
+    def bail(frame: Frame) -> Frame:
+        if frame.seq == 3:
+            raise SystemExit(4)
+        return frame
+
+    pipeline = StreamPipeline("bail", PatternSource("bail", count=6, realtime=False),
+                              stages=[Stage(bail), Stage(bail, name="inline", inline=True)])
+    events = run_pipeline(pipeline)
+    assert [e["stage"] for e in of(events, "processor.error")] == ["bail"]
+    assert pipeline.frames_out == 5

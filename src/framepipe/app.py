@@ -47,6 +47,7 @@ class SystemState(StrEnum):
     RUNNING = "running"
     DEGRADED = "degraded"
     FAILED = "failed"
+    ERROR = "failed"  # the seeds' name for FAILED (an alias: SystemState.ERROR is FAILED)
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -184,12 +185,12 @@ class App:
         self.emit("pipeline.resumed", {"pipeline": name})
 
     async def _start_one(self, pipeline: StreamPipeline) -> None:
+        """Start a pipeline and watch it; one that fails to start (a model that does not load)
+        is failed and goes through recovery like one that failed later."""
         try:
             await pipeline.start()
-        except Exception as exc:
-            self._error(pipeline.name, f"pipeline {pipeline.name!r} failed to start: "
-                                       f"{type(exc).__name__}: {exc}")
-            return
+        except Exception:
+            self.log.exception("pipeline %r failed to start", pipeline.name)
         self._watchers[pipeline.name] = asyncio.create_task(self._watch(pipeline),
                                                             name=f"watch-{pipeline.name}")
 
@@ -214,9 +215,9 @@ class App:
                 return
             try:
                 await pipeline.start()
-            except Exception as exc:
-                self._error(pipeline.name, f"recovery of {pipeline.name!r} failed: {exc}")
-                return
+            except Exception:  # failed again: the loop counts it as the next failure
+                self.log.exception("recovery of %r failed to start", pipeline.name)
+                continue
             self.emit("pipeline.recovered", {"pipeline": pipeline.name,
                                              "attempt": attempts + 1})
 
@@ -232,6 +233,7 @@ class App:
         if self.state not in (SystemState.STOPPED,):
             raise RuntimeError(f"app {self.name!r} is {self.state.value}")
         self._stopping = False
+        self.paused.clear()
         self.state = SystemState.STARTING
         self.started_at = time.time()
         await asyncio.gather(*(self._start_one(p) for p in self.pipelines.values()))

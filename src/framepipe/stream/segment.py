@@ -11,7 +11,9 @@ frames that follow (untagged ones too, while it is open), and closes when:
 * the stream ends (``"end"``).
 
 Time is the wall clock by default (``clock="wall"``: live cameras; a timer closes a segment
-even when no frame comes). With ``clock="stream"`` it is the frames' own ``pts`` (recorded video
+even when no frame comes; the timeout counts from when the last keyed frame reached the
+segmenter, so a pipeline running behind its camera does not split a segment). With
+``clock="stream"`` it is the frames' own ``pts`` (recorded video
 processed faster or slower than real time): a segment times out when a frame arrives ``timeout``
 stream-seconds after its last keyed frame, or at the end of the stream.
 
@@ -50,6 +52,8 @@ class Segment:
     opened_at: float
     first_t: float = 0.0
     last_key_t: float = 0.0
+    last_key_at: float = 0.0
+    """Wall time the last keyed frame reached the segmenter (the timeout counts from it)."""
     frames: int = 0
     closed_at: float | None = None
     reason: str | None = None
@@ -168,6 +172,7 @@ class _SegmenterState:
                 self.current = cur
             cur.last_key_ts_ms = frame.ts_ms
             cur.last_key_t = t
+            cur.last_key_at = time.time()
         elif cur is None or not self.config.include_untagged:
             return closed, None
         cur.frames += 1
@@ -181,7 +186,9 @@ class _SegmenterState:
         cur = self.current
         if cur is None or self.config.clock == "stream":
             return None
-        deadline = cur.last_key_ts_ms / 1000.0 + self.config.timeout
+        # From when the key was last seen here, not captured: a pipeline running late must not
+        # split a segment whose keyed frames are still on their way.
+        deadline = max(cur.last_key_ts_ms / 1000.0, cur.last_key_at) + self.config.timeout
         if self.config.max_duration is not None:
             deadline = min(deadline, cur.first_ts_ms / 1000.0 + self.config.max_duration)
         return deadline

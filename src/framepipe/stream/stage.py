@@ -264,7 +264,7 @@ class Hop:
             try:
                 out.append((self.processor.process(frame), None,
                             time.perf_counter() - started))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a processor is its failure
                 out.append((None, exc, time.perf_counter() - started))
         return out
 
@@ -279,7 +279,7 @@ class Hop:
                     result = await self.processor.process(item)
                 else:  # inline: threaded processors go through _call_batch
                     result = self.processor.process(item)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             return self._account(item, None, exc, time.perf_counter() - started)
         return self._account(item, result, None, time.perf_counter() - started)
 
