@@ -311,6 +311,16 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
                        for a, b in itertools.pairwise(chain))
         names = [s["name"] for s in steps]
         assert names.count("extract_metadata") == 4 and names.count("render") == 4
+        # A video's processing waits for its own copy only, never for later ones: rendering
+        # can run while the rest of the card is still copying.
+        by_key = {s["key"]: s for s in steps}
+        copy_of = {s["params"]["path"]: s["key"] for s in copies}
+        for render in (s for s in steps if s["name"] == "render"):
+            (meta_key,) = render["depends_on"]
+            assert by_key[meta_key]["name"] == "extract_metadata"
+            own = [] if render["params"]["path"] in {qr1, qr2, v2b} else [
+                copy_of[render["params"]["path"]]]
+            assert by_key[meta_key]["depends_on"] == own
 
         # Rendered: intro (1 s) + the watermarked video (25 frames) + splash (1 s).
         for key in summary["bookings"]["B1001"]["outputs"] + summary["bookings"]["B1002"][
