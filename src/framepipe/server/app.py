@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -44,17 +43,16 @@ from framepipe.errors import (
     ObjectNotFoundError,
     PipelineDefinitionError,
 )
+from framepipe.event_sinks import StoreEventSink
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import (
-    Batch,
     get_execution,
     list_events,
     list_executions,
-    write_batch,
 )
 from framepipe.logs import get_logger
 from framepipe.server.dashboard import mount_dashboard
@@ -85,21 +83,6 @@ __all__ = ["create_app"]
 _NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # an app or pipeline name; never '..'
 
 _log = get_logger("server")
-
-
-def _recorder(store: StateStore, app_name: str) -> Any:
-    """An App callback storing the app's events (segments, sources, pipelines), so that the
-    event feed, ``/api/events`` and the WebSocket carry them like the jobs' events."""
-
-    async def record(event: str, data: dict[str, Any]) -> None:
-        payload = json.loads(json.dumps({"app": app_name, **data}, default=str))
-        batch = Batch(events=[Event(event, time.time(), None, None, payload)])
-        try:
-            await asyncio.to_thread(write_batch, store, batch)
-        except Exception as exc:  # the database away: the app runs on regardless
-            _log.warning("event %s of app %s not stored: %s", event, app_name, exc)
-
-    return record
 
 
 async def _open_registry(settings: Settings) -> Any:
@@ -196,8 +179,12 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         await hub.start(engine, st, settings)
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
                      registry=registry)
-        for live_app in hosted.values():
-            live_app.on("*", _recorder(st, live_app.name))
+        sinks = []
+        for live_app in hosted.values():  # the apps' events join the feed like the jobs'
+            sink = StoreEventSink(st, live_app.name,
+                                  retention_days=settings.events_retention_days)
+            sinks.append(sink)
+            live_app.on("*", sink)
             await live_app.start()
         try:
             yield
@@ -205,6 +192,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             await hub.close()
             for live_app in hosted.values():
                 await live_app.stop()
+            for sink in sinks:
+                await sink.aclose()
             if registry is not None:
                 await registry.stop()
             await feed.stop()
