@@ -103,6 +103,7 @@ class PipelineOrchestrator:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.guards: dict[str, Guarded] = {}
         self._recovering = False
+        self._stopping = False
         self._recovery: asyncio.Future[None] | None = None
         self.app.on("segment.completed", self._on_segment)
         self.app.on("processor.error", self._on_processor_error)
@@ -182,12 +183,14 @@ class PipelineOrchestrator:
             self.pipeline = self.build_pipeline()
             self.app.add_pipeline(self.pipeline)
         self.app.paused.discard(PIPELINE)  # stopped for good before a manual restart
+        self._stopping = False
         await self.app.start()
 
     async def stop(self) -> None:
         """Stop the pipeline (queued frames drain, the open visit closes), then wait for the
         pending notifications. A recovery in progress is cancelled first (it would start
-        the pipeline again)."""
+        the pipeline again), and none starts while the frames drain."""
+        self._stopping = True
         if self._recovery is not None and not self._recovery.done():
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,7 +232,7 @@ class PipelineOrchestrator:
 
     def _on_processor_error(self, _event: str, data: dict[str, Any]) -> None:
         guard = self.guards.get(str(data.get("stage")))
-        if (guard is None or self._recovering
+        if (guard is None or self._recovering or self._stopping
                 or guard.streak < self.config.component_failure_threshold):
             return
         self._recovering = True
