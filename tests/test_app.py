@@ -300,3 +300,7 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
     assert error["pipeline"] == "broken" and "weights not loaded" in error["error"]
     assert health.state is SystemState.DEGRADED
     assert SystemState.ERROR is SystemState.FAILED
+    app.reset_recovery("broken")
+    assert app.restart_attempts == {"flaky": 2}
+    app.reset_recovery()
+    assert app.restart_attempts == {}

@@ -351,3 +351,27 @@ def test_a_processor_calling_sys_exit_is_a_processor_error() -> None:
     events = run_pipeline(pipeline)
     assert [e["stage"] for e in of(events, "processor.error")] == ["bail"]
     assert pipeline.frames_out == 5
+
+
+def test_a_finite_source_draining_is_not_scored_as_slow() -> None:
+    def slow(frame: Frame) -> Frame:
+        time.sleep(0.04)
+        return frame
+
+    pipeline = StreamPipeline("drain", PatternSource("drain", count=20, fps=100, realtime=True),
+                              stages=[Stage(slow, queue_size=32)])
+
+    async def main() -> list[float]:
+        await pipeline.start()
+        scores = []
+        while pipeline.running:
+            sup = pipeline.supervisor
+            if sup is not None and sup.health.state is not HealthState.RUNNING:
+                scores.append(pipeline.performance_score())  # captured all, still draining
+            await asyncio.sleep(0.02)
+        await pipeline.wait()
+        return scores
+
+    scores = asyncio.run(asyncio.wait_for(main(), 30))
+    assert scores and set(scores) == {1.0}
+    assert pipeline.frames_out == 20

@@ -184,6 +184,14 @@ class App:
         await self._start_one(pipeline)
         self.emit("pipeline.resumed", {"pipeline": name})
 
+    def reset_recovery(self, name: str | None = None) -> None:
+        """Forget the recoveries counted for pipeline ``name`` (every pipeline when None), e.g.
+        once an operator fixed its camera: auto-recovery has ``max_restart_attempts`` again."""
+        if name is None:
+            self.restart_attempts.clear()
+        else:
+            self.restart_attempts.pop(name, None)
+
     async def _start_one(self, pipeline: StreamPipeline) -> None:
         """Start a pipeline and watch it; one that fails to start (a model that does not load)
         is failed and goes through recovery like one that failed later."""

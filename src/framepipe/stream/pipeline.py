@@ -434,13 +434,16 @@ class StreamPipeline:
     # -- health ---------------------------------------------------------------------------------
 
     def performance_score(self) -> float:
-        """0-1: achieved capture fps against the source's nominal fps, less the share of frames
-        dropped or failed."""
+        """0-1: achieved capture fps against the source's nominal fps (while the capture
+        runs; a finite source that ended and is draining is not slow), less the share of
+        frames dropped or failed."""
         if self.state in (HealthState.FAILED, HealthState.STOPPED):
             return 0.0 if self.state is HealthState.FAILED else 1.0
         score = 1.0
         target = self.source.fps
-        if target and self.supervisor is not None and self.supervisor.health.frames > 10:
+        sup = self.supervisor
+        if (target and sup is not None and sup.health.state is HealthState.RUNNING
+                and sup.health.frames > 10):
             score = min(1.0, self._capture_fps() / target)
         total = max(1, self.frames_captured)
         lost = sum(s.dropped + s.errors for s in self.stats)
