@@ -304,3 +304,59 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
     assert app.restart_attempts == {"flaky": 2}
     app.reset_recovery()
     assert app.restart_attempts == {}
+
+
+def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_models(
+        tmp_path: Path) -> None:
+    """``max_consecutive_errors=3``: a model broken on its first load fails 3 frames in a row,
+    the pipeline is recovered with a new setup() and then works; one broken on every load ends
+    in system_error; a model failing every other frame is never taken as crashed."""
+    from framepipe.processors import Processor
+
+    class Model(Processor):
+        name = "model"
+
+        def __init__(self, broken_loads: int, every_other: bool = False) -> None:
+            self.broken_loads = broken_loads
+            self.every_other = every_other
+            self.loads = 0
+
+        def setup(self) -> None:
+            self.loads += 1
+
+        def process(self, item: Any) -> Any:
+            if self.loads <= self.broken_loads:
+                raise RuntimeError(f"model state corrupted (load {self.loads})")
+            if self.every_other and item.seq % 2:
+                raise ValueError("a bad frame")
+            return item
+
+    app = App("crashes", settings=Settings(home=tmp_path), restart_cooldown=0.05,
+              max_restart_attempts=2, health_interval=0.05)
+    events = record(app)
+    flaky, broken, noisy = Model(1), Model(1000), Model(0, every_other=True)
+    pipelines = {name: app.add_pipeline(StreamPipeline(
+        name, PatternSource(name, fps=100), stages=[Stage(model, max_consecutive_errors=3)]))
+        for name, model in (("flaky", flaky), ("broken", broken), ("noisy", noisy))}
+
+    async def main() -> None:
+        await app.start()
+        try:
+            await until(lambda: bool(kinds(events, "system_error")), what="system_error")
+            frames = pipelines["flaky"].frames_out
+            await until(lambda: pipelines["flaky"].frames_out > frames + 5, what="flaky")
+        finally:
+            await app.stop()
+
+    asyncio.run(main())
+    crashed = kinds(events, "stage.crashed")
+    assert {c["pipeline"] for c in crashed} == {"flaky", "broken"}
+    assert all(c["stage"] == "model" and c["errors"] == 3 for c in crashed)
+    recovered = [r for r in kinds(events, "pipeline.recovered") if r["pipeline"] == "flaky"]
+    assert len(recovered) == 1 and "stage 'model' crashed" in recovered[0]["reason"]
+    assert flaky.loads == 2  # recovered with a fresh setup()
+    (error,) = kinds(events, "system_error")
+    assert error["pipeline"] == "broken"
+    assert "stage 'model' crashed: 3 frames failed in a row" in error["error"]
+    assert "model state corrupted" in error["error"] and "(after 2 recoveries)" in error["error"]
+    assert noisy.loads == 1 and pipelines["noisy"].stats[0].errors > 10

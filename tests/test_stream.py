@@ -375,3 +375,24 @@ def test_a_finite_source_draining_is_not_scored_as_slow() -> None:
     scores = asyncio.run(asyncio.wait_for(main(), 30))
     assert scores and set(scores) == {1.0}
     assert pipeline.frames_out == 20
+
+
+def test_a_crashed_stage_fails_the_pipeline_even_while_frames_keep_coming() -> None:
+    """The capture delivers frames as fast as it can; frames read after the crash, before the
+    capture has stopped, must not turn the failed pipeline back to running (the App would then
+    see it stopped, not failed, and never recover it)."""
+    def broken(frame: Frame) -> Frame:
+        raise RuntimeError("model state corrupted")
+
+    async def once() -> tuple[HealthState, str | None]:
+        pipeline = StreamPipeline(
+            "crash", PatternSource("crash", width=32, height=24, realtime=False),
+            stages=[Stage(broken, workers=2, max_consecutive_errors=2)])
+        await pipeline.start()
+        await asyncio.wait_for(pipeline.wait(), 10)
+        return pipeline.state, pipeline.last_error
+
+    for _ in range(20):
+        state, error = asyncio.run(once())
+        assert state is HealthState.FAILED
+        assert error is not None and "stage 'broken' crashed: 2 frames failed in a row" in error

@@ -227,7 +227,7 @@ class App:
                 self.log.exception("recovery of %r failed to start", pipeline.name)
                 continue
             self.emit("pipeline.recovered", {"pipeline": pipeline.name,
-                                             "attempt": attempts + 1})
+                                             "attempt": attempts + 1, "reason": error})
 
     def _error(self, pipeline: str, message: str) -> None:
         self.last_error = message

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import re
 import time
@@ -39,7 +38,6 @@ from doorbell.config import DoorbellConfig
 from doorbell.stages import (
     FaceDetection,
     FaceRecognition,
-    Guarded,
     VisitRecorder,
     decide_visitor,
     snapshot_key,
@@ -101,12 +99,8 @@ class PipelineOrchestrator:
         self._event_times: collections.deque[float] = collections.deque()
         self._pending: set[asyncio.Future[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.guards: dict[str, Guarded] = {}
-        self._recovering = False
-        self._stopping = False
-        self._recovery: asyncio.Future[None] | None = None
         self.app.on("segment.completed", self._on_segment)
-        self.app.on("processor.error", self._on_processor_error)
+        self.app.on("stage.crashed", self._on_stage_crashed)
         if config.detector_type == "gpu":
             self.issues.append("face_detection.detector_type is 'gpu' but the dlib-bin wheel "
                                "has no CUDA: detection runs on the CPU")
@@ -135,13 +129,15 @@ class PipelineOrchestrator:
         if cfg.motion_enabled:
             stages.append(Stage(MotionGate(cfg.motion_threshold), queue_size=cfg.queue_size,
                                 overflow=overflow))
-        detection = Guarded(self.make_detection())
-        recognition = Guarded(FaceRecognition(self.recognizer, lambda: self.matcher))
-        self.guards = {detection.name: detection, recognition.name: recognition}
-        stages.append(Stage(detection, workers=cfg.detection_workers, queue_size=cfg.queue_size,
-                            overflow="block" if stages else overflow))
-        stages.append(Stage(recognition, workers=cfg.recognition_workers,
-                            queue_size=cfg.queue_size))
+        # a face stage failing on that many frames in a row has crashed: framepipe fails the
+        # pipeline and the App recovers it with fresh models (cooldown, max attempts)
+        crashed = cfg.component_failure_threshold
+        stages.append(Stage(self.make_detection(), workers=cfg.detection_workers,
+                            queue_size=cfg.queue_size, overflow="block" if stages else overflow,
+                            max_consecutive_errors=crashed))
+        stages.append(Stage(FaceRecognition(self.recognizer, lambda: self.matcher),
+                            workers=cfg.recognition_workers, queue_size=cfg.queue_size,
+                            max_consecutive_errors=crashed))
         return stages
 
     def build_pipeline(self) -> StreamPipeline:
@@ -182,19 +178,12 @@ class PipelineOrchestrator:
         if self.pipeline is None:
             self.pipeline = self.build_pipeline()
             self.app.add_pipeline(self.pipeline)
-        self.app.paused.discard(PIPELINE)  # stopped for good before a manual restart
-        self._stopping = False
         await self.app.start()
 
     async def stop(self) -> None:
         """Stop the pipeline (queued frames drain, the open visit closes), then wait for the
-        pending notifications. A recovery in progress is cancelled first (it would start
-        the pipeline again), and none starts while the frames drain."""
-        self._stopping = True
-        if self._recovery is not None and not self._recovery.done():
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+        pending notifications. A recovery in progress is cancelled (it would start the
+        pipeline again)."""
         await self.app.stop()
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self.config.webhook_timeout + 1)
@@ -230,43 +219,14 @@ class PipelineOrchestrator:
 
     # -- crashed workers --------------------------------------------------------------------
 
-    def _on_processor_error(self, _event: str, data: dict[str, Any]) -> None:
-        guard = self.guards.get(str(data.get("stage")))
-        if (guard is None or self._recovering or self._stopping
-                or guard.streak < self.config.component_failure_threshold):
-            return
-        self._recovering = True
-        self._recovery = asyncio.ensure_future(self._recover_stage(guard, str(data.get("error"))))
-
-    async def _recover_stage(self, guard: Guarded, error: str) -> None:
-        """A stage failed on ``component_failure_threshold`` frames in a row: its workers are
-        taken as crashed. Restart the pipeline (fresh models) after the cooldown, counted as a
-        recovery; beyond ``max_restart_attempts`` stop it and report ``system_error``."""
-        app, cfg = self.app, self.config
-        try:
-            attempts = app.restart_attempts.get(PIPELINE, 0)
-            message = (f"stage {guard.name!r} crashed: {guard.streak} frames failed in a row, "
-                       f"the last with: {error}")
-            if not cfg.auto_recovery_enabled or attempts >= cfg.max_restart_attempts:
-                await app.pause(PIPELINE)
-                app.last_error = message + (f" (after {attempts} recoveries)" if attempts
-                                            else "")
-                self.log.error("%s", app.last_error)
-                app.emit("system_error", {"pipeline": PIPELINE, "error": app.last_error})
-                return
-            app.restart_attempts[PIPELINE] = attempts + 1
-            self.log.warning("%s; restarting the pipeline in %gs (recovery %d of %d)", message,
-                             cfg.restart_cooldown_seconds, attempts + 1,
-                             cfg.max_restart_attempts)
-            app.emit("component.crashed", {"pipeline": PIPELINE, "stage": guard.name,
-                                           "error": message, "attempt": attempts + 1})
-            await app.pause(PIPELINE)  # no frame goes to the broken workers meanwhile
-            await asyncio.sleep(cfg.restart_cooldown_seconds)
-            await app.resume(PIPELINE)
-            app.emit("pipeline.recovered", {"pipeline": PIPELINE, "attempt": attempts + 1,
-                                            "reason": message})
-        finally:
-            self._recovering = False
+    def _on_stage_crashed(self, _event: str, data: dict[str, Any]) -> None:
+        """framepipe failed the pipeline because a face stage crashed; the App recovers it
+        (or, past ``max_restart_attempts``, reports ``system_error``)."""
+        attempt = self.app.restart_attempts.get(PIPELINE, 0) + 1
+        self.app.emit("component.crashed", {
+            "pipeline": PIPELINE, "stage": data.get("stage"), "error": data.get("error"),
+            "attempt": attempt, "recovering": (self.config.auto_recovery_enabled
+                                               and attempt <= self.config.max_restart_attempts)})
 
     # -- events -----------------------------------------------------------------------------
 

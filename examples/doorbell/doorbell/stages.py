@@ -25,7 +25,7 @@ from framepipe.processors.faces import FaceAnalyzer, FaceBox, FaceMatcher
 from framepipe.stream.segment import Segment
 from framepipe.stream.sinks import Sink
 
-__all__ = ["FaceDetection", "FaceRecognition", "Guarded", "VisitRecorder", "decide_visitor",
+__all__ = ["FaceDetection", "FaceRecognition", "VisitRecorder", "decide_visitor",
            "snapshot_key"]
 
 
@@ -84,36 +84,6 @@ class FaceRecognition(Processor):
                           "distance": None if distance is None else round(distance, 4)})
         frame.meta["faces"] = faces
         return frame
-
-
-class Guarded(Processor):
-    """Runs ``inner`` and counts its consecutive failures (``streak``), so that a worker that
-    fails on every frame (a crashed model) can be told from one bad frame."""
-
-    def __init__(self, inner: Processor) -> None:
-        self.inner = inner
-        self.name = inner.label
-        self.streak = 0
-        self._lock = threading.Lock()
-
-    def setup(self) -> None:
-        with self._lock:
-            self.streak = 0
-        self.inner.setup()
-
-    def teardown(self) -> None:
-        self.inner.teardown()
-
-    def process(self, item: Any) -> Any:
-        try:
-            result = self.inner.process(item)
-        except Exception:
-            with self._lock:
-                self.streak += 1
-            raise
-        with self._lock:
-            self.streak = 0
-        return result
 
 
 @dataclass

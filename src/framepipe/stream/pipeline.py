@@ -104,6 +104,7 @@ class StreamPipeline:
         self._timer_at: float | None = None
         self._shutdown_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping_capture: asyncio.Task[None] | None = None
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -197,8 +198,9 @@ class StreamPipeline:
         self._emit("pipeline.failed", error=error)
         for task in self._tasks:
             task.cancel()
-        if self.supervisor is not None:
-            asyncio.get_running_loop().create_task(self.supervisor.stop())
+        if self.supervisor is not None:  # kept: the loop holds tasks only weakly
+            self._stopping_capture = asyncio.get_running_loop().create_task(
+                self.supervisor.stop())
         self._done.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -292,7 +294,9 @@ class StreamPipeline:
                 stage.label, source_id=self.source.source_id, workers=stage.workers,
                 queue=queue, ordered=ordered, output=following.put, stats=stats,
                 processor=processor, inline=stage.inline, control=control,
-                on_error=self._on_processor_error))
+                on_error=self._on_processor_error,
+                crash_after=stage.max_consecutive_errors,
+                on_crash=self._on_stage_crash))
             self.stats.append(stats)
 
     def _sink_control(self, sink: Sink) -> Callable[[Any], Awaitable[None]]:
@@ -316,7 +320,7 @@ class StreamPipeline:
             ctx.alive()
             self.frames_captured += 1
             self.latest_frame = frame
-            if self.state is not HealthState.RUNNING:
+            if self.state is not HealthState.RUNNING and not self._ended():
                 self.state = HealthState.RUNNING
             if len(first) < first.maxsize or first.overflow != "block":
                 await first.put(frame)
@@ -339,19 +343,32 @@ class StreamPipeline:
             self.last_error = health.last_error
         await self._first_q.put(END)
 
+    def _ended(self) -> bool:
+        """True once the run is over (failed or finished): its state no longer changes."""
+        return self._done is not None and self._done.is_set()
+
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind in ("died", "stalled", "failed"):
-            self.last_error = data.get("error") or self.last_error
-        if kind == "restarting":
-            self.state = HealthState.BACKOFF
-        elif kind == "stalled":
-            self.state = HealthState.STALLED
-        elif kind == "started":
-            self.state = HealthState.RUNNING
+        if not self._ended():  # a capture winding down after a failure: the failure stands
+            if kind in ("died", "stalled", "failed"):
+                self.last_error = data.get("error") or self.last_error
+            if kind == "restarting":
+                self.state = HealthState.BACKOFF
+            elif kind == "stalled":
+                self.state = HealthState.STALLED
+            elif kind == "started":
+                self.state = HealthState.RUNNING
         self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 
+    def _on_stage_crash(self, stage: str, errors: int, error: ProcessorError) -> None:
+        message = (f"stage {stage!r} crashed: {errors} frames failed in a row, the last with: "
+                   f"{error}")
+        self.log.error("%s", message)
+        self._emit("stage.crashed", stage=stage, errors=errors, error=message)
+        self._fail(message)
+
     def _on_processor_error(self, error: ProcessorError) -> None:
-        self.last_error = str(error)
+        if self.state is not HealthState.FAILED:  # the failure's reason stays the last error
+            self.last_error = str(error)
         self.log.warning("%s", error)
         self._emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
 

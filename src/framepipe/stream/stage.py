@@ -43,7 +43,12 @@ class Stage:
     None``), ``workers`` concurrent calls, an input queue of ``queue_size`` with ``overflow``
     (``block`` = backpressure, ``drop_oldest`` = live). ``ordered`` (default: when something
     downstream needs order) keeps the source's frame order. ``inline`` runs a sync processor on
-    the event loop instead of a thread (only for work of a few microseconds)."""
+    the event loop instead of a thread (only for work of a few microseconds).
+
+    ``max_consecutive_errors``: a processor that raises on that many frames in a row is taken
+    as crashed (a model in a broken state, a lost GPU), not as a run of bad frames: the
+    pipeline emits ``stage.crashed`` and fails, and the ``App`` recovers it with fresh
+    processors (``setup()`` again) after its cooldown. None: every error is one frame's."""
 
     processor: Processor | Callable[[Any], Any]
     workers: int = 1
@@ -52,9 +57,12 @@ class Stage:
     ordered: bool | None = None
     name: str | None = None
     inline: bool = False
+    max_consecutive_errors: int | None = None
 
     def __post_init__(self) -> None:
         self.processor = as_processor(self.processor, self.name)
+        if self.max_consecutive_errors is not None and self.max_consecutive_errors < 1:
+            raise ValueError(f"stage {self.label!r}: max_consecutive_errors must be >= 1")
         if self.workers < 1:
             raise ValueError(f"stage {self.label!r}: workers must be >= 1, got {self.workers}")
         if self.queue_size < 1:
@@ -135,6 +143,7 @@ class StageStats:
 
 Output = Callable[[Any], Awaitable[None]]
 ErrorHook = Callable[[ProcessorError], None]
+CrashHook = Callable[[str, int, ProcessorError], None]
 
 
 class Hop:
@@ -145,7 +154,8 @@ class Hop:
                  handle: Callable[[Any], Awaitable[Any]] | None = None,
                  processor: Processor | None = None, inline: bool = False,
                  control: Callable[[Any], Awaitable[Any]] | None = None,
-                 on_error: ErrorHook | None = None) -> None:
+                 on_error: ErrorHook | None = None, crash_after: int | None = None,
+                 on_crash: CrashHook | None = None) -> None:
         self.name = name
         self.source_id = source_id
         self.workers = workers
@@ -161,6 +171,9 @@ class Hop:
         self._handle = handle
         self._control = control
         self._on_error = on_error
+        self._crash_after = crash_after
+        self._on_crash = on_crash
+        self._streak = 0  # processor calls that raised in a row
         self._executor: ThreadPoolExecutor | None = None
         self._next_idx = 0
         self._release = 0
@@ -295,7 +308,12 @@ class Hop:
             self.stats.last_error = str(error)
             if self._on_error is not None:
                 self._on_error(error)
+            self._streak += 1
+            if (self._crash_after is not None and self._streak == self._crash_after
+                    and self._on_crash is not None):
+                self._on_crash(self.name, self._streak, error)
             return None
+        self._streak = 0
         self.stats.record(seconds)
         if result is None:
             self.stats.filtered += 1
