@@ -263,13 +263,17 @@
         el("button", { type: "button", "data-action": "cancel", text: "Cancel" }),
         el("button", { type: "button", "data-action": "retry", text: "Retry" })));
     node.append(summary, body);
-    node.addEventListener("toggle", () => {
+    // The user's choice is taken at the click itself (mouse or keyboard), not in the "toggle"
+    // event, which comes later: a re-render in between would undo the click.
+    summary.addEventListener("click", () => {
       const id = node.dataset.execution;
-      // Opened or closed as the page would have it by itself: no choice of the user to keep.
-      if (String(node.open) === node.dataset.auto) state.userOpen.delete(id);
-      else state.userOpen.set(id, node.open);
-      const known = state.executions.get(id);
-      if (node.open && known && known.steps === null) scheduleDetail(id, 0);
+      const open = !node.open;
+      if (String(open) === node.dataset.auto) state.userOpen.delete(id);
+      else state.userOpen.set(id, open);
+    });
+    node.addEventListener("toggle", () => {
+      const known = state.executions.get(node.dataset.execution);
+      if (node.open && known && known.steps === null) scheduleDetail(known.id, 0);
     });
     body.querySelector(".actions").addEventListener("click", (ev) => {
       const button = ev.target.closest("button[data-action]");
