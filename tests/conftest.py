@@ -8,10 +8,12 @@ the PostgreSQL cases skip with the reason, except under ``CI=true``, where they 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -25,6 +27,21 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("FRAMEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def dependency_missing(message: str) -> NoReturn:
+    """Skip (laptop) or fail (CI) because a package, tool or file the test needs is not
+    installed; also at a module's top level."""
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing dependency fails the run)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def need_modules(*names: str, install: str) -> None:
+    """:func:`dependency_missing` unless every module in ``names`` can be imported."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            dependency_missing(f"{name} is not installed: {install}")
 
 
 def service_missing(what: str, exc: BaseException) -> None:

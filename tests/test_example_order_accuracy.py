@@ -28,7 +28,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import IN_CI, REDIS_URL, redis_namespace
+from conftest import REDIS_URL, need_modules, redis_namespace
 from media import need_tool
 from s3server import aws_test_env, s3_server_at
 
@@ -39,15 +39,7 @@ KEY = re.compile(r"^frames/(?P<station>[^/]+)/(?P<order>[^/]+)/frame_(?P<ts>\d+)
 
 pytestmark = pytest.mark.timeout(240)
 
-for _module in ("zxingcpp", "segno"):
-    try:
-        __import__(_module)
-    except ImportError as _exc:
-        if IN_CI:
-            pytest.fail(f"{_module} is missing ({_exc}); CI=true: a missing dependency fails "
-                        "the run", pytrace=False)
-        pytest.skip(f"{_module} is missing: pip install 'framepipe[test]'",
-                    allow_module_level=True)
+need_modules("zxingcpp", "segno", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
 from make_video import default_schedule, make_station_video  # noqa: E402

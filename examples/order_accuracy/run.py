@@ -154,6 +154,20 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = False) -> Any:
+    """An argparse type: a number >= ``minimum`` (> with ``strict``), or a clear error."""
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Order-accuracy stations on framepipe (seed 000).",
@@ -169,27 +183,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="how files and URLs are captured (default: an ffmpeg "
                              "subprocess per station)")
     parser.add_argument("--loop", action="store_true", help="play video files forever")
-    parser.add_argument("--fps", type=float, default=None,
+    parser.add_argument("--fps", type=_number(float, 0, strict=True), default=None,
                         help="capture rate (default: the source's own)")
-    parser.add_argument("--order-timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--order-timeout", type=_number(float, 0, strict=True), default=None,
+                        metavar="SECONDS",
                         help="an order closes after this long without its tag (default 10; "
                              "2 with --demo, whose idle gaps are 2.5 s)")
-    parser.add_argument("--max-order-seconds", type=float, default=None)
-    parser.add_argument("--best-frames", type=int, default=3,
+    parser.add_argument("--max-order-seconds", type=_number(float, 0, strict=True), default=None)
+    parser.add_argument("--best-frames", type=_number(int, 0), default=3,
                         help="frames per order copied to --selected (sharpest tag)")
     parser.add_argument("--selected", default="selected/",
                         help="a key prefix, or an object store URL (s3://selected?endpoint=...)")
-    parser.add_argument("--tag-workers", type=int, default=2)
-    parser.add_argument("--max-restarts", type=int, default=5,
+    parser.add_argument("--tag-workers", type=_number(int, 1), default=2)
+    parser.add_argument("--max-restarts", type=_number(int, 0), default=5,
                         help="capture restarts before a station fails for good (default 5)")
-    parser.add_argument("--restart-delay", type=float, default=2.0,
+    parser.add_argument("--restart-delay", type=_number(float, 0), default=2.0,
                         help="first restart delay, doubled each time up to 60 s (default 2)")
-    parser.add_argument("--stall-timeout", type=float, default=10.0,
+    parser.add_argument("--stall-timeout", type=_number(float, 0, strict=True), default=10.0,
                         help="a capture with no frame for this long is restarted")
-    parser.add_argument("--duration", type=float, default=None,
+    parser.add_argument("--duration", type=_number(float, 0, strict=True), default=None,
                         help="stop after this many seconds (default: run until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    parser.add_argument("--metrics-port", type=_number(int, 0), default=None, metavar="PORT",
                         help="serve Prometheus metrics on 127.0.0.1:PORT/metrics: per station "
                              "capture fps, restarts, stalls, stage latency and queue depth, "
                              "orders completed and their latency")

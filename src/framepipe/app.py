@@ -94,6 +94,7 @@ class App:
         self.started_at: float | None = None
         self.log = get_logger(f"app.{name}")
         self._callbacks: dict[str, list[Callback]] = {}
+        self._callback_tasks: set[asyncio.Future[Any]] = set()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.paused: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -123,6 +124,7 @@ class App:
                 result = callback(event, data)
                 if inspect.isawaitable(result):
                     task = asyncio.ensure_future(result)
+                    self._callback_tasks.add(task)  # the loop holds tasks only weakly
                     task.add_done_callback(self._callback_done)
             except Exception:
                 self.log.exception("callback for %s raised; ignored", event)
@@ -130,6 +132,7 @@ class App:
             self.emit("source.restarted", data)
 
     def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        self._callback_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("async callback raised: %r", task.exception())
 

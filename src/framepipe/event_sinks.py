@@ -62,7 +62,6 @@ class _QueuedSink:
         self.written = 0
         self._pending: deque[Event] = deque()
         self._wake: asyncio.Event | None = None
-        self._idle = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._log = get_logger(f"events.{self.kind}")
@@ -76,7 +75,6 @@ class _QueuedSink:
             self._pending.popleft()
             self.dropped += 1
         self._pending.append(Event(event, time.time(), None, None, self._shape(data)))
-        self._idle.clear()
         if self._writer is None:
             self._wake = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(
@@ -91,7 +89,6 @@ class _QueuedSink:
         assert self._wake is not None
         while True:
             if not self._pending:
-                self._idle.set()
                 if self._closed:
                     return
                 self._wake.clear()
@@ -123,13 +120,6 @@ class _QueuedSink:
 
     async def _write(self, batch: list[Event]) -> None:
         raise NotImplementedError
-
-    async def flush(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (a bound, not a deadline API)
-        """Wait until every event queued so far was written (or dropped), at most ``timeout``."""
-        if not self._pending:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Write what is queued (bounded by ``timeout``), stop the writer, release the backend."""

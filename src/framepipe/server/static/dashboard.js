@@ -738,11 +738,12 @@
 
   // -- processors --------------------------------------------------------------------------------
 
-  async function refreshProcessors() {
-    const list = $("processors");
+  // A panel listing what GET `url` returns (404: none), with its count, one item per row.
+  async function refreshList(url, id, empty, item) {
+    const list = $(id);
     let rows;
     try {
-      const res = await api("/api/processors");
+      const res = await api(url);
       if (res.status === 404) rows = [];
       else if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       else rows = await res.json();
@@ -751,12 +752,14 @@
       list.replaceChildren(el("li", { class: "none", text: `none (${err.message})` }));
       return;
     }
-    setText($("processors-count"), rows.length ? `${rows.length}` : "");
-    if (!Array.isArray(rows) || rows.length === 0) {
-      list.replaceChildren(el("li", { class: "none", text: "none" }));
-      return;
-    }
-    list.replaceChildren(...rows.map((p) => {
+    if (!Array.isArray(rows)) rows = [];
+    setText($(`${id}-count`), rows.length ? `${rows.length}` : "");
+    if (rows.length === 0) list.replaceChildren(el("li", { class: "none", text: empty }));
+    else list.replaceChildren(...rows.map(item));
+  }
+
+  function refreshProcessors() {
+    return refreshList("/api/processors", "processors", "none", (p) => {
       const health = p.healthy ? "healthy" : "unhealthy";
       const capacity = Number(p.capacity) || 0;
       const busy = Number(p.in_flight) || 0;
@@ -776,30 +779,13 @@
           el("span", { text: `${busy} / ${capacity} in flight` }),
           el("progress", { max: Math.max(capacity, 1), value: Math.min(busy, Math.max(capacity, 1)) })),
         info.length ? el("div", { class: "proc-info", text: info.join(" · ") }) : null);
-    }));
+    });
   }
 
   // -- detectors (host processes that copy from SD cards) ----------------------------------------
 
-  async function refreshDetectors() {
-    const list = $("detectors");
-    let rows;
-    try {
-      const res = await api("/api/detectors");
-      if (res.status === 404) rows = [];
-      else if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
-      else rows = await res.json();
-    } catch (err) {
-      if (err instanceof AuthError) return;
-      list.replaceChildren(el("li", { class: "none", text: `none (${err.message})` }));
-      return;
-    }
-    setText($("detectors-count"), rows.length ? `${rows.length}` : "");
-    if (!Array.isArray(rows) || rows.length === 0) {
-      list.replaceChildren(el("li", { class: "none", text: "none connected" }));
-      return;
-    }
-    list.replaceChildren(...rows.map((d) => {
+  function refreshDetectors() {
+    return refreshList("/api/detectors", "detectors", "none connected", (d) => {
       const info = [];
       if (d.hostname) info.push(d.hostname);
       if (d.platform) info.push(d.platform);
@@ -814,7 +800,7 @@
         el("div", { class: "detector-info", text: info.join(" · ") }),
         el("div", { class: "detector-cards" },
           ...(cards.length ? cards : [el("span", { class: "muted", text: "no card" })])));
-    }));
+    });
   }
 
   // -- footer ------------------------------------------------------------------------------------
