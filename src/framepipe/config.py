@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    NoDecode,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -100,12 +101,50 @@ class Settings(BaseSettings):
                           "without one it only binds to a loopback address.")
     max_upload_bytes: int = Field(
         512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
+    max_inputs_bytes: int = Field(
+        1_048_576, gt=0, description="Largest inputs of one execution, as JSON (store paths "
+                                     "or object keys, not contents); also caps JSON request "
+                                     "bodies of the HTTP service.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names (with an optional :port) the HTTP service answers besides "
+                    "its bound address and localhost; comma-separated. '*' answers any "
+                    "(only sensible behind a proxy that checks Host).")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port]) whose pages may use the service "
+                    "besides its own; comma-separated.")
+    input_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders whose files executions submitted over HTTP may name as local "
+                    "paths; comma-separated. Empty (the default): none, only object keys.")
     events_retention_days: float | None = Field(
         None, gt=0, description="Live apps' events older than this many days are deleted "
                                 "(hourly, by the apps' event sinks); unset keeps them.")
     republish_after: float = Field(
         10.0, gt=0, description="A ready step not taken this many seconds after it was "
                                 "published is published again.")
+
+    @field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.strip() or value != value.strip():
+            raise ValueError("the token is blank or has spaces around it")
+        if not value.isascii() or not value.isprintable():
+            raise ValueError("the token must be printable ASCII (it travels in an HTTP header)")
+        if len(value) < 16:
+            raise ValueError("the token is shorter than 16 characters; make one with "
+                             "python -c 'import secrets; print(secrets.token_urlsafe())'")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -4,6 +4,9 @@
 
     FramepipeError
     ├── ConfigError                  fix the settings (env var, config file, URL)
+    ├── InvalidInputError            refused at the boundary: names the field and what is wrong
+    │   ├── InputTooLargeError       over a size limit; names the limit and its setting
+    │   └── PathNotAllowedError      a local path outside the configured roots
     ├── MissingDependencyError       install the named extra
     ├── PipelineDefinitionError      fix the pipeline code; raised before the step runs
     │   ├── PipelineCycleError
@@ -66,6 +69,8 @@ __all__ = [
     "ExecutionStateError",
     "FrameError",
     "FramepipeError",
+    "InputTooLargeError",
+    "InvalidInputError",
     "InvalidKeyError",
     "MediaError",
     "MissingDependencyError",
@@ -76,6 +81,7 @@ __all__ = [
     "NoProcessorError",
     "ObjectNotFoundError",
     "ObjectStoreError",
+    "PathNotAllowedError",
     "PipelineCycleError",
     "PipelineDefinitionError",
     "ProcessorError",
@@ -105,6 +111,27 @@ class FramepipeError(Exception):
 
 class ConfigError(FramepipeError):
     """A setting is missing or invalid; the message names the setting and its source."""
+
+
+class InvalidInputError(FramepipeError, ValueError):
+    """Input from outside (an HTTP body, a detector message, an execution's inputs, a file
+    list) was refused before anything was stored or started; ``where`` names the field
+    (``inputs.files[2]``) and the message says what is wrong with it."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        self.where = where
+        self.reason = message
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class InputTooLargeError(InvalidInputError):
+    """The input is over a size limit; the message names the limit and the setting that
+    raises it."""
+
+
+class PathNotAllowedError(InvalidInputError):
+    """A local path named by an input is outside the roots the settings allow
+    (``input_roots``); the message never says whether the path exists."""
 
 
 class MissingDependencyError(FramepipeError, ImportError):

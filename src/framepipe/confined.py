@@ -1,0 +1,137 @@
+"""Paths named by untrusted input, confined to a root: no ``..``, no symlink out, no guessing.
+
+Guarantees:
+
+* :func:`relative_parts` turns a relative path from outside (a file list, a request) into its
+  segments, or refuses it with :class:`~framepipe.errors.InvalidInputError` naming ``where``:
+  empty, ``.``, ``..``, absolute (``/x``, ``C:``, ``\\\\host``), a backslash, a NUL or invalid
+  Unicode are refused, never "normalised" into something else;
+* :func:`open_beneath` opens a file below a root directory without following a symbolic link
+  at any level (each directory is opened with ``O_NOFOLLOW`` relative to its parent), so a
+  link planted anywhere in a shared folder is an error naming it, not a way out; it can create
+  the file exclusively (``O_CREAT | O_EXCL``), so a planted file or link is never written
+  through;
+* :func:`confine` accepts a local path only inside one of the allowed roots (after resolving
+  every link); the refusal says the same thing whether or not the path exists, so errors do
+  not reveal what is on the machine outside the roots.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+
+from framepipe.errors import InvalidInputError, PathNotAllowedError
+from framepipe.untrusted import check_text
+
+__all__ = ["LinkRefusedError", "confine", "open_beneath", "relative_parts"]
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class LinkRefusedError(InvalidInputError, OSError):
+    """A symbolic link (or something that is not a regular file or folder) was found where
+    a file or folder was expected below a root; the message names it."""
+
+
+def relative_parts(value: object, where: str, *, max_length: int = 4096) -> tuple[str, ...]:
+    """The segments of the relative POSIX path ``value`` (see the module for what is
+    refused)."""
+    text = check_text(value, where, max_length=max_length)
+    if not text.strip():
+        raise InvalidInputError("is an empty path", where=where)
+    if "\\" in text:
+        raise InvalidInputError(f"{text!r} holds a backslash; use '/' between folders",
+                                where=where)
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise InvalidInputError(f"{text!r} is absolute; a path relative to the root is needed",
+                                where=where)
+    parts = tuple(p for p in text.split("/") if p != "")
+    for part in parts:
+        if part in (".", ".."):
+            raise InvalidInputError(f"{text!r} holds a {part!r} segment", where=where)
+    if not parts:
+        raise InvalidInputError(f"{text!r} names no file", where=where)
+    return parts
+
+
+def _open_dir_fd(root: Path) -> int:
+    return os.open(root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int = os.O_RDONLY,
+                 mode: int = 0o600, *, where: str | None = None,
+                 make_dirs: bool = False) -> int:
+    """A file descriptor of ``root/parts...`` opened with ``flags``, following no link.
+
+    ``root`` itself may be a link (the operator chose it); nothing below it may be. With
+    ``make_dirs`` missing folders are created (mode 0o755). Raises :class:`LinkRefusedError`
+    naming the first segment that is a link or not a folder, and :class:`OSError` (e.g.
+    ``FileNotFoundError``, ``FileExistsError`` for ``O_EXCL``) as ``os.open`` does."""
+    if not parts:
+        raise InvalidInputError("names no file", where=where)
+    label = where or "/".join(parts)
+    dir_fd = _open_dir_fd(Path(root))
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                next_fd = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
+                                  dir_fd=dir_fd)
+            except FileNotFoundError:
+                if not make_dirs:
+                    raise
+                try:
+                    os.mkdir(part, 0o755, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                next_fd = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
+                                  dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    shown = "/".join(parts[: i + 1])
+                    raise LinkRefusedError(
+                        f"{shown!r} is a symbolic link or not a folder; links are not "
+                        "followed below the root", where=label) from None
+                raise
+            os.close(dir_fd)
+            dir_fd = next_fd
+        try:
+            fd = os.open(parts[-1], flags | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LinkRefusedError(
+                    f"{'/'.join(parts)!r} is a symbolic link; links are not followed below "
+                    "the root", where=label) from None
+            raise
+    finally:
+        os.close(dir_fd)
+    if not (flags & (os.O_WRONLY | os.O_RDWR)):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
+    return fd
+
+
+def confine(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]], *,
+            where: str, setting: str = "FRAMEPIPE_INPUT_ROOTS") -> Path:
+    """``path`` resolved (links followed), if it lies inside one of ``roots``; else
+    :class:`PathNotAllowedError`. The error is the same whether the path exists or not."""
+    roots = [Path(os.path.realpath(r)) for r in roots]
+    text = os.fspath(path)
+    check_text(text, where)
+    if not roots:
+        raise PathNotAllowedError(
+            f"local paths are not accepted here (no roots are configured: {setting})",
+            where=where)
+    candidate = Path(os.path.realpath(text))
+    for root in roots:
+        if candidate == root or candidate.is_relative_to(root):
+            return candidate
+    raise PathNotAllowedError(
+        f"{PurePosixPath(text).name!r} is not inside an allowed root ({setting})", where=where)
