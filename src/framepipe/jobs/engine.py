@@ -68,6 +68,7 @@ from framepipe.jobs.records import (
 )
 from framepipe.jobs.recovery import recover_for
 from framepipe.logs import get_logger
+from framepipe.untrusted import check_json, check_size
 
 if TYPE_CHECKING:
     from framepipe.jobs.broker import StepBroker
@@ -341,6 +342,9 @@ class JobEngine:
         pipeline.validate()
         self.register(pipeline)
         inputs = dict(inputs or {})
+        check_json(inputs, "inputs")
+        check_size(inputs, "inputs", limit=self.settings.max_inputs_bytes,
+                   setting="FRAMEPIPE_MAX_INPUTS_BYTES")
         try:
             canonical_json(inputs)
         except (TypeError, ValueError) as exc:

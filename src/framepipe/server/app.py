@@ -324,12 +324,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
     async def live(websocket: WebSocket, execution_id: str | None = None,
                    token_param: Annotated[str | None, Query(alias="token")] = None) -> None:
         """The current state, then every event as it is committed."""
-        if token:
-            given = token_param or websocket.headers.get("authorization", "").partition(" ")[2]
-            if not hmac.compare_digest(given.strip(), token):
-                await websocket.close(code=1008, reason="missing or wrong token")
-                return
-        await websocket.accept()
+        if not await admit_websocket(websocket, token):
+            return
         feed: EventFeed = state["feed"]
         async with feed.subscribe(execution_id) as stream:
             after = feed.last_id

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 import uuid
@@ -66,6 +65,7 @@ from typing import TYPE_CHECKING, Any
 from framepipe.config import Settings, load_settings
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
+from framepipe.server.guard import admit_websocket
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, WebSocket
@@ -367,13 +367,8 @@ class DetectorHub:
 
     async def serve(self, websocket: WebSocket, token: str | None) -> None:
         """Run one detector connection until it closes (the ``/ws/detector`` endpoint)."""
-        if token:
-            given = (websocket.query_params.get("token")
-                     or websocket.headers.get("authorization", "").partition(" ")[2])
-            if not hmac.compare_digest(given.strip(), token):
-                await websocket.close(code=1008, reason="missing or wrong token")
-                return
-        await websocket.accept()
+        if not await admit_websocket(websocket, token):
+            return
         try:
             hello = await websocket.receive_json()
         except (_disconnect(), RuntimeError):

@@ -1,0 +1,68 @@
+"""Who may talk to the service: the bearer token, the ``Host`` and ``Origin`` a browser sends.
+
+Guarantees:
+
+* :func:`token_matches` compares in constant time and never raises, whatever bytes a client
+  sends (a non-ASCII ``Authorization`` header is a wrong token, not a server error);
+* a WebSocket presents its token as the subprotocol ``framepipe.token.<base64url(token)>``
+  (what a browser can send without putting the secret in the URL), as
+  ``Authorization: Bearer`` (other clients), or, for older clients, as ``?token=`` (which
+  the access log then shows redacted); :func:`admit_websocket` accepts the connection only
+  with the right token, echoing the subprotocol it was given, and closes it with 1008
+  otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+__all__ = ["TOKEN_SUBPROTOCOL", "admit_websocket", "bearer_token", "token_matches"]
+
+TOKEN_SUBPROTOCOL = "framepipe.token."
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    """True when ``given`` is ``token`` (constant time; any text, never raises)."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                               token.encode("utf-8"))
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, value = (authorization or "").partition(" ")
+    return value if scheme.lower() == "bearer" else None
+
+
+def _subprotocol_token(websocket: WebSocket) -> tuple[str | None, str | None]:
+    for offered in websocket.scope.get("subprotocols") or ():
+        if offered.startswith(TOKEN_SUBPROTOCOL):
+            encoded = offered[len(TOKEN_SUBPROTOCOL):]
+            try:
+                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                return raw.decode("utf-8", "surrogateescape"), offered
+            except (binascii.Error, ValueError):
+                return "", offered
+    return None, None
+
+
+async def admit_websocket(websocket: WebSocket, token: str | None) -> bool:
+    """Accept ``websocket`` if it presents ``token`` (or no token is configured); else close
+    it with 1008 and return False."""
+    given, subprotocol = _subprotocol_token(websocket)
+    if given is None:
+        given = bearer_token(websocket.headers.get("authorization"))
+    if given is None:
+        given = websocket.query_params.get("token")
+    if token and not token_matches(given, token):
+        await websocket.close(code=1008, reason="missing or wrong token")
+        return False
+    await websocket.accept(subprotocol=subprotocol)
+    return True
