@@ -18,6 +18,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -85,10 +86,8 @@ def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int 
             except FileNotFoundError:
                 if not make_dirs:
                     raise
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=dir_fd)
-                except FileExistsError:
-                    pass
                 next_fd = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
                                   dir_fd=dir_fd)
             except OSError as exc:

@@ -58,6 +58,7 @@ from framepipe.logs import get_logger
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
+from framepipe.server.guard import admit_websocket
 
 try:
     from fastapi import (
