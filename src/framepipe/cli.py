@@ -52,8 +52,10 @@ from framepipe.errors import (
     ConfigError,
     ExecutionStateError,
     FramepipeError,
+    InvalidInputError,
     MissingDependencyError,
     PipelineDefinitionError,
+    StateStoreError,
 )
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
@@ -130,7 +132,8 @@ def _errors() -> Iterator[None]:
         yield
     except _UsageError as exc:
         _die(str(exc), 2)
-    except (ConfigError, PipelineDefinitionError, MissingDependencyError) as exc:
+    except (ConfigError, PipelineDefinitionError, MissingDependencyError,
+            InvalidInputError) as exc:
         _die(str(exc), 2)
     except FramepipeError as exc:
         _die(str(exc), 1)
@@ -743,10 +746,17 @@ def serve(
         "--app", metavar="FILE.py:NAME",
         help="A live App (or StreamPipeline) to run inside the service, its sources "
              "controllable over the API. Repeatable.")] = None,
+    no_token: Annotated[bool, typer.Option(
+        "--no-token", help="Serve a loopback address without a token (any local user and "
+                           "program may then use it; web pages still may not).")] = False,
 ) -> None:
-    """Serve the HTTP API and the WebSocket of live events (FRAMEPIPE_API_TOKEN: the bearer
-    token, required to bind anything but a loopback address)."""
+    """Serve the HTTP API, the dashboard and the WebSocket of live events.
+
+    Every route but /health needs the bearer token: FRAMEPIPE_API_TOKEN, or else one made for
+    this run and printed with the dashboard's URL (as Jupyter does). A token is required to
+    bind anything but a loopback address."""
     import ipaddress
+    import secrets
 
     with _errors():
         settings = _settings(ctx)
@@ -757,6 +767,14 @@ def serve(
         if not loopback and not settings.api_token:
             raise _UsageError(f"refusing to serve on {host} without a token: set "
                               "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)")
+        token = settings.api_token
+        if token is None and not no_token:
+            token = secrets.token_urlsafe(24)
+        store = _open_store(settings)
+        problem = store.check_writable()
+        if problem is not None:
+            store.close()
+            raise StateStoreError(f"the state database {store.safe_url} is {problem}")
         from framepipe.server import create_app
 
         loaded = [resolve_pipeline(ref).pipeline for ref in pipelines or []]
@@ -774,14 +792,26 @@ def serve(
                 raise _UsageError(f"--app {ref}: a job pipeline is not a live app (use "
                                   "--pipeline)")
             hosted.append(target)
-        application = create_app(settings, pipelines=loaded, apps=hosted)
+        application = create_app(settings, pipelines=loaded, apps=hosted, store=store,
+                                 token=token or "")
         try:
             import uvicorn
         except ModuleNotFoundError as exc:
             raise MissingDependencyError("uvicorn", "server", "framepipe serve") from exc
 
-        uvicorn.run(application, host=host, port=port, log_level=settings.log_level.lower(),
-                    timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))
+        shown = f"[{host}]" if ":" in host else host
+        link = f"http://{shown}:{port}/"
+        if token and settings.api_token is None:
+            link += f"#token={token}"
+            _say(_console(), "A token was made for this run (set FRAMEPIPE_API_TOKEN to choose "
+                             "one; --no-token for none on loopback).")
+        _say(_console(), f"Dashboard: {link}")
+        try:
+            uvicorn.run(application, host=host, port=port,
+                        log_level=settings.log_level.lower(),
+                        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))
+        finally:
+            store.close()
 
 
 @app.command()

@@ -297,7 +297,11 @@ class InvalidKeyError(ObjectStoreError, ValueError):
 
 
 class ObjectNotFoundError(ObjectStoreError, KeyError):
-    """No object is stored under the key."""
+    """No object is stored under the key (``key``, when known)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""

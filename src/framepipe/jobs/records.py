@@ -163,7 +163,7 @@ def _step_info(row: sa.Row[Any]) -> StepInfo:
 def _execution_info(row: sa.Row[Any]) -> ExecutionInfo:
     m = row._mapping
     return ExecutionInfo(id=m["id"], pipeline=m["pipeline"], pipeline_ref=m["pipeline_ref"],
-                         status=ExecutionStatus(m["status"]), inputs=m["inputs"],
+                         status=ExecutionStatus(m["status"]), inputs=m.get("inputs") or {},
                          progress=m["progress"], error=m["error"], owner=m["owner"],
                          runs=m["runs"], created_at=m["created_at"],
                          started_at=m["started_at"], finished_at=m["finished_at"])
@@ -188,14 +188,19 @@ def get_execution(store: StateStore, execution_id: str, *,
 
 def list_executions(store: StateStore, *, limit: int = 50,
                     status: Sequence[str] | None = None,
-                    pipeline: str | None = None) -> list[tuple[ExecutionInfo, int, int]]:
-    """Newest executions first, each with (completed steps, total steps)."""
+                    pipeline: str | None = None,
+                    with_inputs: bool = True) -> list[tuple[ExecutionInfo, int, int]]:
+    """Newest executions first, each with (completed steps, total steps).
+
+    ``with_inputs=False`` does not read the inputs (left empty): a listing stays small
+    whatever a client submitted."""
     counts = (sa.select(steps.c.execution_id,
                         sa.func.count().label("total"),
                         sa.func.sum(sa.case((steps.c.status == "completed", 1), else_=0))
                         .label("done"))
               .group_by(steps.c.execution_id).subquery())
-    query = (sa.select(executions, counts.c.total, counts.c.done)
+    columns = [c for c in executions.c if with_inputs or c.name != "inputs"]
+    query = (sa.select(*columns, counts.c.total, counts.c.done)
              .outerjoin(counts, counts.c.execution_id == executions.c.id)
              .order_by(executions.c.created_at.desc()).limit(limit))
     if status:
@@ -203,7 +208,7 @@ def list_executions(store: StateStore, *, limit: int = 50,
     if pipeline:
         query = query.where(executions.c.pipeline == pipeline)
     with store.read() as conn:
-        rows = conn.execute(query).all()
+        rows: Sequence[Any] = conn.execute(query).all()
     return [(_execution_info(r), int(r.done or 0), int(r.total or 0)) for r in rows]
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -32,16 +33,20 @@ from typing import Annotated, Any
 from framepipe import __version__
 from framepipe.app import App, preview_dir, read_snapshots
 from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.objects.base import validate_key
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
     ExecutionNotFoundError,
     ExecutionStateError,
     FramepipeError,
+    InputTooLargeError,
+    InvalidInputError,
     InvalidKeyError,
     MissingDependencyError,
     ObjectNotFoundError,
     PipelineDefinitionError,
+    StateStoreError,
 )
 from framepipe.event_sinks import StoreEventSink
 from framepipe.events import Event
@@ -58,7 +63,14 @@ from framepipe.logs import get_logger
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
-from framepipe.server.guard import admit_websocket
+from framepipe.server.guard import (
+    BrowserGuard,
+    admit_websocket,
+    bearer_token,
+    hide_tokens_in_access_log,
+    token_matches,
+)
+from framepipe.untrusted import dumps
 
 try:
     from fastapi import (
@@ -74,8 +86,11 @@ try:
     from fastapi import (
         Path as Path_,
     )
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field
+    from sqlalchemy.exc import SQLAlchemyError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
@@ -103,6 +118,14 @@ async def _open_registry(settings: Settings) -> Any:
     return registry
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: a lone surrogate stored before it was refused at the
+    boundary is sent as its ``\\uXXXX`` escape instead of failing the whole response."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
+
+
 class SubmitBody(BaseModel):
     """``POST /api/executions``."""
 
@@ -120,11 +143,19 @@ class Submitted(BaseModel):
 
 
 def _execution(info: ExecutionInfo, *, with_steps: bool) -> dict[str, Any]:
+    """An execution as the API shows it; a listing (``with_steps=False``) carries no steps,
+    data or inputs, so its size does not depend on what clients submitted."""
     out = info.to_dict()
     if not with_steps:
         out.pop("steps", None)
         out.pop("data", None)
+        out.pop("inputs", None)
     return out
+
+
+def _summaries(rows: Sequence[tuple[ExecutionInfo, int, int]]) -> list[dict[str, Any]]:
+    return [{**_execution(info, with_steps=False), "steps_done": done, "steps_total": total}
+            for info, done, total in rows]
 
 
 def _pipeline_progress(event: Event) -> dict[str, Any]:
@@ -147,15 +178,18 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                detector_hub: DetectorHub | None = None) -> FastAPI:
     """The service over ``settings``' state store and object store.
 
-    ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``) is the
-    bearer token. ``apps`` (live apps) run inside the service, which can then stop and start
-    their sources; apps of other processes of this home are listed, not controlled.
+    ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``; ``""``
+    for none) is the bearer token. ``apps`` (live apps) run inside the service, which can
+    then stop and start their sources; apps of other processes of this home are listed, not
+    controlled.
     ``detector_hub`` serves host-side detectors at ``/ws/detector`` (default: a hub without
     handlers, which only tracks them; see :mod:`framepipe.server.detector`).
     Executions run in an engine inside the service process, or on workers when the settings
     say so (``jobs_mode``)."""
     settings = settings or load_settings()
     token = token if token is not None else settings.api_token
+    if token and (not token.strip() or not token.isascii() or not token.isprintable()):
+        raise ValueError("the API token must be printable ASCII and not blank")
     known: dict[str, Pipeline] = {}
     for p in pipelines:
         p.validate()
@@ -166,6 +200,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        hide_tokens_in_access_log()
         own_store = store is None
         st = store or StateStore(settings.resolved_database_url,
                                  sqlite_synchronous=settings.sqlite_synchronous)
@@ -179,7 +214,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         registry = await _open_registry(settings)
         await hub.start(engine, st, settings)
         state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
-                     registry=registry)
+                     registry=registry, objects_url=obj.url)
         sinks = []
         for live_app in hosted.values():  # the apps' events join the feed like the jobs'
             sink = StoreEventSink(st, live_app.name,
@@ -205,31 +240,68 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                 st.close()
 
     app = FastAPI(title="framepipe", version=__version__, lifespan=lifespan,
+                  default_response_class=SafeJSONResponse,
                   description="Executions of job pipelines, their steps and events.")
+    app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts,
+                       allowed_origins=settings.allowed_origins,
+                       max_json_bytes=settings.max_inputs_bytes + 64 * 1024)
 
     def check_token(request: Request) -> None:
         if not token:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip(), token):
+        if not token_matches(bearer_token(request.headers.get("authorization")), token):
             raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)",
                                 headers={"WWW-Authenticate": "Bearer"})
 
     api = APIRouter(prefix="/api", dependencies=[Depends(check_token)])
 
+    def public(text: str) -> str:
+        """``text`` without the server's own paths (its home and object store)."""
+        for private, shown in ((state.get("objects_url"), "the object store"),
+                               (str(settings.home.resolve()), "<home>")):
+            if private:
+                text = text.replace(private, shown)
+        return text
+
     @app.exception_handler(FramepipeError)
     async def _framepipe_error(_request: Request, exc: FramepipeError) -> JSONResponse:
         status = 400
-        if isinstance(exc, (ExecutionNotFoundError, ObjectNotFoundError)):
+        if isinstance(exc, ObjectNotFoundError) and exc.key is not None:
+            return SafeJSONResponse({"detail": f"no object {exc.key!r}"}, status_code=404)
+        if isinstance(exc, ExecutionNotFoundError):
             status = 404
         elif isinstance(exc, ExecutionStateError):
             status = 409
-        elif isinstance(exc, PipelineDefinitionError):
+        elif isinstance(exc, InputTooLargeError):
+            status = 413
+        elif isinstance(exc, (PipelineDefinitionError, InvalidInputError)):
             status = 422
         elif isinstance(exc, InvalidKeyError):
             status = 400
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        elif isinstance(exc, StateStoreError):
+            status = 503
+        return SafeJSONResponse({"detail": public(str(exc))}, status_code=status)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        _log.error("state database error: %s", exc)
+        reason = str(getattr(exc, "orig", None) or type(exc).__name__)
+        return SafeJSONResponse({"detail": public(f"the state database failed: {reason}")},
+                                status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                                headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The errors echo the input; what cannot be encoded is escaped, never a 500.
+        errors = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")}
+                  for err in exc.errors()]
+        return SafeJSONResponse({"detail": errors}, status_code=422)
 
     def _store() -> StateStore:
         return state["store"]  # type: ignore[no-any-return]
@@ -237,16 +309,16 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
     # -- health ------------------------------------------------------------------------------
 
     @app.get("/health", tags=["health"])
-    async def health() -> dict[str, Any]:
-        """Liveness and the database's reachability; needs no token."""
-        try:
-            await asyncio.to_thread(lambda: list_events(_store(), limit=1))
-            database = "ok"
-        except Exception as exc:
-            database = f"error: {type(exc).__name__}"
-        return {"status": "ok" if database == "ok" else "degraded", "database": database,
-                "version": __version__, "uptime": time.time() - state.get("started", time.time()),
+    async def health() -> Response:
+        """Liveness and whether the state database can be read and written; needs no token.
+        503 (``status: degraded``) when it cannot, with the reason."""
+        problem = await asyncio.to_thread(_store().check_writable)
+        database = "ok" if problem is None else public(problem)
+        body = {"status": "ok" if problem is None else "degraded", "database": database,
+                "version": __version__,
+                "uptime": time.time() - state.get("started", time.time()),
                 "jobs": "workers" if settings.distributed_jobs else "local"}
+        return SafeJSONResponse(body, status_code=200 if problem is None else 503)
 
     # -- pipelines and executions ----------------------------------------------------------
 
@@ -265,7 +337,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         if pipeline is None:
             raise HTTPException(404, f"unknown pipeline {body.pipeline!r} (known: "
                                      f"{', '.join(sorted(known)) or 'none'})")
-        execution_id = await state["engine"].submit(pipeline, body.inputs)
+        execution_id = await state["engine"].submit(pipeline, body.inputs,
+                                                    input_roots=settings.input_roots)
         return Submitted(id=execution_id, pipeline=pipeline.name, status="running")
 
     @api.get("/executions", tags=["executions"])
@@ -274,11 +347,11 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             status: Annotated[list[str] | None, Query()] = None,
             pipeline: Annotated[str | None, Query(max_length=200)] = None,
     ) -> list[dict[str, Any]]:
-        """Newest executions first, each with its completed and total step counts."""
+        """Newest executions first, each with its completed and total step counts (without
+        inputs, steps or data: ``GET /api/executions/{id}`` has them)."""
         rows = await asyncio.to_thread(lambda: list_executions(
-            _store(), limit=limit, status=status, pipeline=pipeline))
-        return [{**_execution(info, with_steps=False), "steps_done": done, "steps_total": total}
-                for info, done, total in rows]
+            _store(), limit=limit, status=status, pipeline=pipeline, with_inputs=False))
+        return _summaries(rows)
 
     @api.get("/executions/{execution_id}", tags=["executions"])
     async def executions_show(execution_id: str) -> dict[str, Any]:
@@ -335,15 +408,14 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                     info = await asyncio.to_thread(get_execution, _store(), execution_id)
                     snapshot: Any = {"execution": _execution(info, with_steps=True)}
                 else:
-                    rows = await asyncio.to_thread(lambda: list_executions(_store(), limit=50))
-                    snapshot = {"executions": [
-                        {**_execution(i, with_steps=False), "steps_done": d, "steps_total": t}
-                        for i, d, t in rows]}
+                    rows = await asyncio.to_thread(lambda: list_executions(
+                        _store(), limit=50, with_inputs=False))
+                    snapshot = {"executions": _summaries(rows)}
             except ExecutionNotFoundError as exc:
-                await websocket.send_json({"type": "error", "detail": str(exc)})
+                await websocket.send_text(dumps({"type": "error", "detail": str(exc)}))
                 await websocket.close(code=1008)
                 return
-            await websocket.send_json({"type": "snapshot", "after": after, **snapshot})
+            await websocket.send_text(dumps({"type": "snapshot", "after": after, **snapshot}))
 
             async def forward() -> None:
                 # Coalesced progress events of one commit may carry execution progress out of
@@ -351,16 +423,16 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
                 highest: dict[str | None, float] = {}
                 async for event in stream:
                     if event is None:
-                        await websocket.send_json({"type": "lagged"})
+                        await websocket.send_text(dumps({"type": "lagged"}))
                         return
-                    await websocket.send_json({"type": "event", "event": event.to_dict()})
+                    await websocket.send_text(dumps({"type": "event", "event": event.to_dict()}))
                     if event.type in ("step.progress", "step.completed", "execution.completed"):
                         message = _pipeline_progress(event)
                         if message["progress"] is not None:
                             message["progress"] = highest[event.execution_id] = max(
                                 float(message["progress"]),
                                 highest.get(event.execution_id, 0.0))
-                        await websocket.send_json(message)
+                        await websocket.send_text(dumps(message))
 
             async def until_closed() -> None:
                 # The client sends nothing; this returns when it goes away (or the server
@@ -485,20 +557,29 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
 
     @api.put("/objects/{key:path}", status_code=201, tags=["objects"])
     async def objects_put(key: str, request: Request) -> dict[str, Any]:
-        """Store the request body under ``key`` (at most ``max_upload_bytes``)."""
+        """Store the request body under ``key`` (at most ``max_upload_bytes``). The body is
+        streamed to a temporary file, never held in memory, and stored only once complete:
+        an upload cut short or over the limit stores nothing."""
         limit = settings.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"upload is over the limit of {limit} bytes")
-            chunks.append(chunk)
+            raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit} "
+                                     "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
         obj: ObjectStore = state["objects"]
-        info = await asyncio.to_thread(obj.put, key, b"".join(chunks))
+        validate_key(key)
+        fd, tmp = tempfile.mkstemp(prefix="framepipe-upload-")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                size = 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPException(413, f"upload is over the limit of {limit} bytes "
+                                                 "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
+                    file.write(chunk)
+            info = await asyncio.to_thread(obj.put_file, key, tmp)
+        finally:
+            os.unlink(tmp)
         return {"key": info.key, "size": info.size}
 
     @api.get("/objects/{key:path}", tags=["objects"])

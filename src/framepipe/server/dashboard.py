@@ -2,9 +2,10 @@
 
 Plain HTML, CSS and JavaScript shipped inside the package (``server/static/``), so nothing is
 built or fetched from elsewhere to run it. The page itself holds no data and needs no token;
-it asks for the token once (kept in the tab's ``sessionStorage``; ``/?token=...`` pre-fills it)
-and then calls the API with ``Authorization: Bearer`` and the WebSocket with ``?token=``, so
-every byte of state still goes through the token check of the API.
+it asks for the token once (kept in the tab's ``sessionStorage``; the link ``/#token=...``
+that ``framepipe serve`` prints fills it in, the fragment never reaching a server or its logs)
+and then calls the API with ``Authorization: Bearer`` and the WebSocket with the token as a
+subprotocol, so every byte of state still goes through the token check of the API.
 
 What it shows: executions with their steps and a progress bar each, updated live over
 ``/ws`` (reconnecting with backoff; a ``lagged`` notice or a closed socket brings a fresh

@@ -259,7 +259,7 @@ class ObjectStore(abc.ABC):
         return validate_key(key)
 
     def _not_found(self, key: str) -> ObjectNotFoundError:
-        return ObjectNotFoundError(f"no object {key!r} in {self.url}")
+        return ObjectNotFoundError(f"no object {key!r} in {self.url}", key=key)
 
     # -- primitives: keys are valid, the store is open ----------------------------------------
 

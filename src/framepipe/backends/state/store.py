@@ -191,8 +191,51 @@ class StateStore:
                             f"this framepipe does not know (its newest is {SCHEMA_HEAD!r}); "
                             "a newer framepipe wrote it: upgrade framepipe") from exc
                 command.upgrade(cfg, "head")
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DatabaseError as exc:  # also "file is not a database" (corrupt)
             raise StateStoreError(f"cannot open database {self.safe_url}: {exc.orig}") from exc
+
+    def check_writable(self) -> str | None:
+        """None when the database can be read and written now; else why not, in one line
+        (for health checks). Writes nothing and waits at most a fraction of a second: on
+        SQLite it takes the write lock and gives it back (a lock held by another writer means
+        writable), on PostgreSQL it asks whether the session is read-only."""
+        try:
+            with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    return self._sqlite_write_probe(conn)
+                with conn.begin():
+                    conn.exec_driver_sql("SELECT 1").scalar()
+                    if self.dialect == "postgresql":
+                        read_only = conn.exec_driver_sql("SHOW transaction_read_only").scalar()
+                        if read_only == "on":
+                            return "read-only: the server accepts no writes"
+        except Exception as exc:
+            return f"unreachable: {getattr(exc, 'orig', None) or type(exc).__name__}"
+        return None
+
+    def _sqlite_write_probe(self, conn: sa.Connection) -> str | None:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        timeout = cursor.execute("PRAGMA busy_timeout").fetchone()[0]
+        cursor.execute("PRAGMA busy_timeout=200")
+        try:
+            cursor.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:  # deletes nothing, but only a writable database lets it run
+                cursor.execute("DELETE FROM fp_events WHERE id < 0")
+            finally:
+                cursor.execute("ROLLBACK")
+        except Exception as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                return None
+            return f"read-only: {text}" if "readonly" in text or "read-only" in text \
+                else f"unusable: {text}"
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
+            cursor.close()
+        return None
 
     @property
     def safe_url(self) -> str:

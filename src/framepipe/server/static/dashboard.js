@@ -1,6 +1,7 @@
 // framepipe dashboard. Plain JavaScript, no build step, no other origin.
 //
-// Data: REST under /api with "Authorization: Bearer <token>", live events over /ws?token=...
+// Data: REST under /api with "Authorization: Bearer <token>", live events over /ws with the
+// token as a WebSocket subprotocol (never in a URL).
 // The WebSocket sends a snapshot first, then every committed event; the page applies the events
 // to what it holds (and fetches an execution's steps when it needs them). When the socket closes
 // or says "lagged", the page reconnects with backoff and takes a fresh snapshot. Sources and
@@ -98,15 +99,31 @@
   // -- token and API ----------------------------------------------------------------------------
 
   function readToken() {
+    // The link `framepipe serve` prints carries the token in the fragment (#token=...), which
+    // the browser never sends to a server; ?token=... of older links is taken the same way.
     const url = new URL(window.location.href);
-    const given = url.searchParams.get("token");
+    const fragment = new URLSearchParams(url.hash.replace(/^#/, ""));
+    const given = fragment.get("token") ?? url.searchParams.get("token");
     if (given !== null) {
       // Take it once, keep it in this tab, and drop it from the address bar and history.
       sessionStorage.setItem(TOKEN_KEY, given);
       url.searchParams.delete("token");
-      history.replaceState(null, "", url.pathname + url.search + url.hash);
+      fragment.delete("token");
+      const hash = fragment.toString();
+      history.replaceState(null, "", url.pathname + url.search + (hash ? `#${hash}` : ""));
     }
     return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  function tokenProtocols() {
+    // A browser cannot set headers on a WebSocket; the token travels as a subprotocol
+    // (framepipe.token.<base64url>) instead of in the URL, where access logs would keep it.
+    if (!state.token) return [];
+    const bytes = new TextEncoder().encode(state.token);
+    let binary = "";
+    bytes.forEach((b) => { binary += String.fromCharCode(b); });
+    const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return [`framepipe.token.${encoded}`];
   }
 
   function authHeaders() {
@@ -285,7 +302,9 @@
   async function act(id, action, button) {
     button.disabled = true;
     try {
-      await apiJson(`/api/executions/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+      await apiJson(`/api/executions/${encodeURIComponent(id)}/${action}`, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+      });
       scheduleDetail(id, 100);
     } catch (err) {
       if (!(err instanceof AuthError)) window.alert(`${action} failed: ${err.message}`);
@@ -538,11 +557,10 @@
   function connect() {
     clearTimeout(state.wsTimer);
     const proto = window.location.protocol === "https:" ? "wss" : "ws";
-    const query = state.token ? `?token=${encodeURIComponent(state.token)}` : "";
     setConn("connecting", state.wsAttempt ? "reconnecting…" : "connecting…");
     let ws;
     try {
-      ws = new WebSocket(`${proto}://${window.location.host}/ws${query}`);
+      ws = new WebSocket(`${proto}://${window.location.host}/ws`, tokenProtocols());
     } catch (err) {
       console.warn("websocket", err);
       retryLater();
