@@ -31,6 +31,7 @@ from framepipe.media import (
 from framepipe.media._io import image_size
 from media import (
     audio_of,
+    counter_image,
     dominant_hz,
     make_clip,
     make_qr_clip,
@@ -919,3 +920,57 @@ def test_thumbnail_grid_on_a_variable_rate_picks_by_time(tmp_path: Path,
              for c in (0, 1)]
     assert [read_counter(t) for t in tiles] == [
         on_screen(VFR_MS, duration_ms * (i + 0.5) / 4) for i in range(4)]
+
+
+# -- truncated clips --------------------------------------------------------------------------
+
+
+def truncated_counter_clip(tmp_path: Path) -> tuple[Path, int, float]:
+    """A 10 s clip (250 frames at 25 fps, frame ``i`` showing counter ``i``, a keyframe every
+    second, its index first) cut to its first third, as an interrupted upload leaves it: the
+    header still says 10 s. Returns the path, the last frame that decodes and its time, as
+    PyAV itself sees them."""
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"preset": FAST, "g": "25", "crf": "18"}
+        for i in range(250):
+            frame = av.VideoFrame.from_ndarray(counter_image(i), format="bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    last, when = -1, 0.0
+    with av.open(str(cut)) as container:
+        try:
+            for frame in container.decode(video=0):
+                last, when = read_counter(frame.to_ndarray(format="bgr24")), float(frame.time)
+        except av.FFmpegError:
+            pass  # the cut: the packet that runs past the end of the file
+    assert probe(cut).duration == 10.0 and 25 < last < 125, last
+    return cut, last, when
+
+
+def test_thumbnail_past_the_end_of_a_truncated_clip_is_its_last_decodable_frame(
+        tmp_path: Path) -> None:
+    """Issue 14: ``thumbnail(at=9.0)`` on a clip whose frames end at ~3.3 s said "holds no
+    decodable video frames"; the seek to 9 s (from the index) finds nothing to decode."""
+    cut, last, when = truncated_counter_clip(tmp_path)
+    for at in (9.0, None, when + 0.5):  # None: the middle of the announced 10 s
+        image = imread(thumbnail(cut, tmp_path / "t.png", at=at))
+        assert read_counter(image) == last, at
+    # a time within the decodable part still gets the frame on screen then
+    assert read_counter(imread(thumbnail(cut, tmp_path / "t.png", at=1.0))) == 25
+
+
+def test_thumbnail_grid_of_a_truncated_clip_repeats_its_last_decodable_frame(
+        tmp_path: Path) -> None:
+    cut, last, _ = truncated_counter_clip(tmp_path)
+    sheet = imread(thumbnail_grid(cut, tmp_path / "g.png", cols=2, rows=2, width=320))
+    tiles = [sheet[r * 120:(r + 1) * 120, c * 160:(c + 1) * 160] for r in (0, 1)
+             for c in (0, 1)]
+    # times 1.25, 3.75, 6.25, 8.75 s of the announced 10 s; frames end before 3.75 s
+    assert [read_counter(t) for t in tiles] == [31, last, last, last]

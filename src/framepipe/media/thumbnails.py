@@ -51,23 +51,51 @@ def _start(stream: av.video.stream.VideoStream) -> float:
 def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
               path: Path, at: float) -> av.VideoFrame:
     """The frame on screen at ``at`` seconds: the last one whose timestamp is at or before it
-    (the first frame if ``at`` comes before it, the last if ``at`` is past the end), by
-    timestamp, so a variable frame rate's gaps and bursts are honoured. Seeks to the keyframe
-    before ``at``, then decodes forward."""
+    (the first frame if ``at`` comes before it, the last decodable one if ``at`` is past the
+    end), by timestamp, so a variable frame rate's gaps and bursts are honoured. Seeks to the
+    keyframe before ``at``, then decodes forward.
+
+    A truncated file's index still lists the frames that were cut off, so the seek can land
+    past the last decodable frame: then the seek goes back 1, 2, 4 ... seconds before ``at``
+    (and last to the start) until something decodes, and the last frame decoded is the
+    answer. Decoding stops at the first packet that cannot be decoded once a frame was found
+    (the cut of a truncated file)."""
+    back = 1.0
+    seek_to = at
+    while True:
+        frame = _last_frame_until(container, stream, path, seek_to, at)
+        if frame is not None:
+            return frame
+        if seek_to <= 0:
+            raise MediaError(path, "holds no decodable video frames")
+        seek_to = max(0.0, at - back)
+        back *= 2
+
+
+def _last_frame_until(container: av.container.InputContainer,
+                      stream: av.video.stream.VideoStream, path: Path, seek_to: float,
+                      at: float) -> av.VideoFrame | None:
+    """Seek to the keyframe before ``seek_to``, decode forward: the last frame at or before
+    ``at`` (None if nothing decodes from there)."""
     start = _start(stream)
-    if stream.time_base is not None and at > 0:
+    if stream.time_base is not None and seek_to > 0:
         try:
-            container.seek(int((start + at) / stream.time_base), stream=stream, backward=True)
+            container.seek(int((start + seek_to) / stream.time_base), stream=stream,
+                           backward=True)
         except av.FFmpegError:
             container.seek(0, stream=stream)
+    else:
+        container.seek(0, stream=stream)
     shown = None
     rate = stream_rate(stream)
-    for index, frame in enumerate(decode(container, stream, path)):
-        if shown is not None and frame_seconds(frame, index, rate) - start > at + _EPSILON:
-            return shown
-        shown = frame
-    if shown is None:
-        raise MediaError(path, "holds no decodable video frames")
+    try:
+        for index, frame in enumerate(decode(container, stream, path)):
+            if shown is not None and frame_seconds(frame, index, rate) - start > at + _EPSILON:
+                return shown
+            shown = frame
+    except MediaError:
+        if shown is None and seek_to <= 0:
+            raise  # not even the first frame decodes: say why
     return shown
 
 
@@ -75,20 +103,24 @@ def _frames_in_one_pass(container: av.container.InputContainer,
                         stream: av.video.stream.VideoStream, path: Path, times: list[float],
                         total: int, progress: ProgressCallback | None) -> list[av.VideoFrame]:
     """The frame on screen at each of ``times`` (sorted; as :func:`_frame_at` picks it),
-    decoding the clip once."""
+    decoding the clip once (up to the first packet that cannot be decoded, as there)."""
     start = _start(stream)
     rate = stream_rate(stream)
     report = Progress(progress, total)
     picked: list[av.VideoFrame] = []
     shown = None
-    for index, frame in enumerate(decode(container, stream, path)):
-        t = frame_seconds(frame, index, rate) - start
-        while len(picked) < len(times) and t > times[len(picked)] + _EPSILON:
-            picked.append(shown if shown is not None else frame)
-        if len(picked) == len(times):
-            break
-        shown = frame
-        report.step()
+    try:
+        for index, frame in enumerate(decode(container, stream, path)):
+            t = frame_seconds(frame, index, rate) - start
+            while len(picked) < len(times) and t > times[len(picked)] + _EPSILON:
+                picked.append(shown if shown is not None else frame)
+            if len(picked) == len(times):
+                break
+            shown = frame
+            report.step()
+    except MediaError:
+        if shown is None:
+            raise
     if shown is None:
         raise MediaError(path, "holds no decodable video frames")
     picked += [shown] * (len(times) - len(picked))
@@ -110,12 +142,14 @@ def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
               max_pixels: int | None = None) -> Path:
     """Save the frame on screen at ``at`` seconds from the clip's start (default: the middle)
     as an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
-    ``at``, so on a variable frame rate it is the frame a player shows then. Scaled to
-    ``width`` keeping the aspect if given, upright (a clip with a display rotation is turned as
-    players turn it). A video larger than ``max_pixels`` (default: the setting
-    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
-    any frame is decoded, as is (:class:`ValueError`) a ``width`` giving a larger image.
-    Atomic write."""
+    ``at``, so on a variable frame rate it is the frame a player shows then. Past the end, it
+    is the last frame that decodes; that includes a truncated file whose header announces
+    frames that were cut off (``at`` beyond where its frames end gives its last decodable
+    frame, not an error). Scaled to ``width`` keeping the aspect if given, upright (a clip
+    with a display rotation is turned as players turn it). A video larger than
+    ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is
+    refused with a :class:`MediaError` before any frame is decoded, as is
+    (:class:`ValueError`) a ``width`` giving a larger image. Atomic write."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
     with open_video(src, max_pixels=limit) as (container, stream):
