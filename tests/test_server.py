@@ -60,9 +60,9 @@ class Server:
     """uvicorn serving the app in a thread of this process, on a free loopback port."""
 
     def __init__(self, settings: Settings, *, pipelines: tuple[Pipeline, ...] = (demo,),
-                 port: int | None = None, **kwargs: Any) -> None:
+                 port: int | None = None, token: str = TOKEN, **kwargs: Any) -> None:
         self.port = port or _free_port()
-        app = create_app(settings, pipelines=pipelines, token=TOKEN, **kwargs)
+        app = create_app(settings, pipelines=pipelines, token=token, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="on",
                                                     timeout_graceful_shutdown=2))

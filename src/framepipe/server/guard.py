@@ -124,10 +124,12 @@ class RedactTokens(logging.Filter):
 
 
 def hide_tokens_in_access_log() -> None:
-    """Install :class:`RedactTokens` on uvicorn's access logger (once)."""
-    logger = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactTokens) for f in logger.filters):
-        logger.addFilter(RedactTokens())
+    """Install :class:`RedactTokens` on uvicorn's loggers (once): the access log, and the
+    error log, where uvicorn writes WebSocket handshakes with their query."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
 
 
 @dataclass(frozen=True)

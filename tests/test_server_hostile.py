@@ -1,0 +1,375 @@
+"""The service against hostile neighbours and careless clients, over real HTTP and WebSockets.
+
+Each test reproduces a way a real deployment was hurt: a web page driving the service of the
+user who opened it (foreign ``Origin``, a DNS-rebinding ``Host``, a simple cross-site POST),
+one string breaking every listing for good, inputs of any size, a token in access logs, a
+non-ASCII token answered with a 500, server paths in error texts, a corrupt or read-only
+state database."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from framepipe import Pipeline, StepContext
+from framepipe.backends.state import StateStore
+from framepipe.backends.state.schema import events as events_table
+from framepipe.backends.state.schema import executions as executions_table
+from framepipe.config import Settings
+from test_server import AUTH, TOKEN, Server, _free_port
+
+EVIL = "https://evil.example"
+
+quick = Pipeline("quick")
+
+
+@quick.step()
+def only(ctx: StepContext) -> dict[str, Any]:
+    return {"seen": sorted(ctx.inputs)}
+
+
+@pytest.fixture
+def open_server(settings: Settings) -> Iterator[Server]:
+    """A service with no token: the default on loopback that web pages must still not use."""
+    with Server(settings, pipelines=(quick,), token="") as running:
+        yield running
+
+
+def _ws(server: Server, path: str, **kwargs: Any) -> Any:
+    return ws_connect(f"ws://127.0.0.1:{server.port}{path}", open_timeout=10, **kwargs)
+
+
+def _refused_handshake(server: Server, path: str, **kwargs: Any) -> int:
+    with pytest.raises(InvalidStatus) as refused, _ws(server, path, **kwargs):
+        pass
+    return int(refused.value.response.status_code)
+
+
+# -- 1. other origins and hosts --------------------------------------------------------------
+
+
+def test_a_web_page_of_another_origin_cannot_use_a_service_without_token(
+        open_server: Server) -> None:
+    own = f"http://127.0.0.1:{open_server.port}"
+    with httpx.Client(base_url=open_server.url) as client:
+        # A program (no Origin) and the service's own page may use it.
+        assert client.get("/api/executions").status_code == 200
+        assert client.get("/api/executions", headers={"Origin": own}).status_code == 200
+        for origin in (EVIL, "null", f"http://127.0.0.1:{open_server.port + 1}"):
+            read = client.get("/api/executions", headers={"Origin": origin})
+            assert read.status_code == 403, origin
+            assert "FRAMEPIPE_ALLOWED_ORIGINS" in read.json()["detail"]
+        # The cross-site "simple" POST a page can send without a preflight: refused whether
+        # the browser adds its Origin or not, and nothing is cancelled.
+        submitted = client.post("/api/executions", json={"pipeline": "quick"})
+        assert submitted.status_code == 201
+        execution_id = submitted.json()["id"]
+        simple = client.post(f"/api/executions/{execution_id}/cancel", content="{}",
+                             headers={"Content-Type": "text/plain", "Origin": EVIL})
+        assert simple.status_code == 403
+        no_origin = client.post(f"/api/executions/{execution_id}/cancel", content="x=1",
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert no_origin.status_code == 415
+        assert "application/json" in no_origin.json()["detail"]
+        time.sleep(0.3)
+        events = client.get("/api/events", params={"execution_id": execution_id}).json()
+        assert not [e for e in events["events"] if "cancel" in e["type"]]
+    # WebSockets: the live feed and the detector endpoint refuse a foreign page's handshake.
+    assert _refused_handshake(open_server, "/ws", origin=EVIL) == 403
+    assert _refused_handshake(open_server, "/ws/detector", origin=EVIL) == 403
+    with _ws(open_server, "/ws", origin=own) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
+
+
+def test_a_dns_rebinding_host_is_refused(open_server: Server, settings: Settings) -> None:
+    with httpx.Client(base_url=open_server.url) as client:
+        rebound = client.get("/api/executions",
+                             headers={"Host": f"evil.example:{open_server.port}"})
+        assert rebound.status_code == 400
+        assert "FRAMEPIPE_ALLOWED_HOSTS" in rebound.json()["detail"]
+        # The page's own origin matches its (rebound) host, yet the host is not ours.
+        assert client.get("/", headers={"Host": "evil.example",
+                                        "Origin": "http://evil.example"}).status_code == 400
+        for host in (f"localhost:{open_server.port}", f"127.0.0.1:{open_server.port}"):
+            assert client.get("/api/executions", headers={"Host": host}).status_code == 200
+    # The handshake of a page on a rebound name reaches 127.0.0.1 with Host: evil.example.
+    with socket.create_connection(("127.0.0.1", open_server.port)) as sock, \
+            pytest.raises(InvalidStatus) as refused, \
+            ws_connect(f"ws://evil.example:{open_server.port}/ws", sock=sock, open_timeout=10):
+        pass
+    assert refused.value.response.status_code == 403
+
+
+def test_hosts_and_origins_of_the_operators_choice_are_allowed(settings: Settings) -> None:
+    chosen = settings.model_copy(update={"allowed_hosts": ["framepipe.lan"],
+                                         "allowed_origins": ["https://ops.example"]})
+    with Server(chosen, pipelines=(quick,), token="") as server, \
+            httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/executions",
+                          headers={"Host": "framepipe.lan", "Origin": "http://framepipe.lan"}
+                          ).status_code == 200
+        assert client.get("/api/executions",
+                          headers={"Origin": "https://ops.example"}).status_code == 200
+        assert client.get("/api/executions",
+                          headers={"Host": "other.lan"}).status_code == 400
+
+
+# -- 2. strings that are not valid Unicode ------------------------------------------------------
+
+
+def _post_raw(client: httpx.Client, body: str) -> httpx.Response:
+    return client.post("/api/executions", content=body.encode(),
+                       headers={"Content-Type": "application/json"})
+
+
+def _store_old_bad_rows(settings: Settings) -> str:
+    """An execution and an event holding a lone surrogate, as versions before the boundary
+    checks stored them."""
+    store = StateStore(settings.resolved_database_url)
+    now = time.time()
+    with store.write() as conn:
+        conn.execute(sa.insert(executions_table).values(
+            id="bad" + "0" * 29, pipeline="quick", pipeline_ref=None, status="failed",
+            inputs={"n": "\ud800"}, progress=0.0, error="x\udcff", owner=None,
+            heartbeat_at=now, cancel_requested=False, runs=1, created_at=now,
+            started_at=now, finished_at=now))
+        conn.execute(sa.insert(events_table).values(
+            type="execution.failed", ts=now, execution_id="bad" + "0" * 29, step_key=None,
+            data={"label": "\ud800"}))
+    store.close()
+    return "bad" + "0" * 29
+
+
+def test_lone_surrogates_are_refused_and_stored_ones_never_break_a_listing(
+        settings: Settings) -> None:
+    if settings.resolved_database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL itself refuses a lone surrogate; only the refusal applies")
+    bad_id = _store_old_bad_rows(settings)
+    for _run in range(2):  # and after a restart of the service
+        with Server(settings, pipelines=(quick,)) as server, \
+                httpx.Client(base_url=server.url, headers=AUTH) as client:
+            refused = _post_raw(client, '{"pipeline": "quick", "inputs": {"n": "\\ud800"}}')
+            assert refused.status_code == 422
+            assert "inputs.n" in refused.json()["detail"]
+            assert "surrogate" in refused.json()["detail"]
+            assert _post_raw(client, '{"pipeline": "\\ud800"}').status_code in (404, 422)
+            assert _post_raw(client, '{"pipeline": "quick", "inputs": {"\\udfff": 1}}'
+                             ).status_code == 422
+            nul = _post_raw(client, '{"pipeline": "quick", "inputs": {"n": "a\\u0000b"}}')
+            assert nul.status_code == 422
+            assert "NUL" in nul.json()["detail"]
+            listing = client.get("/api/executions")
+            assert listing.status_code == 200
+            assert bad_id in [e["id"] for e in listing.json()]
+            shown = client.get(f"/api/executions/{bad_id}")
+            assert shown.status_code == 200
+            assert "\\ud800" in shown.text  # shown escaped
+            assert client.get("/api/events", params={"limit": 1000}).status_code == 200
+            with _ws(server, "/ws", additional_headers=AUTH) as ws:
+                snapshot = json.loads(ws.recv(timeout=10))
+            assert snapshot["type"] == "snapshot"
+            assert bad_id in [e["id"] for e in snapshot["executions"]]
+
+
+# -- 4. sizes -----------------------------------------------------------------------------------
+
+
+def test_inputs_have_a_size_limit_and_listings_do_not_carry_them(settings: Settings) -> None:
+    limited = settings.model_copy(update={"max_inputs_bytes": 20_000})
+    with Server(limited, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url, headers=AUTH) as client:
+        over = client.post("/api/executions",
+                           json={"pipeline": "quick", "inputs": {"blob": "x" * 30_000}})
+        assert over.status_code == 413
+        assert "FRAMEPIPE_MAX_INPUTS_BYTES" in over.json()["detail"]
+        huge = client.post("/api/executions",
+                           json={"pipeline": "quick", "inputs": {"blob": "x" * 2_000_000}})
+        assert huge.status_code == 413  # refused before the body is read whole
+        deep = _post_raw(client, '{"pipeline": "quick", "inputs": {"a": ' + "[" * 5000
+                         + "]" * 5000 + "}}")
+        assert deep.status_code in (400, 422)
+        near = client.post("/api/executions",
+                           json={"pipeline": "quick", "inputs": {"blob": "y" * 15_000}})
+        assert near.status_code == 201
+        listing = client.get("/api/executions", params={"limit": 1})
+        assert listing.status_code == 200
+        assert "inputs" not in listing.json()[0]
+        assert len(listing.content) < 2_000
+        full = client.get(f"/api/executions/{near.json()['id']}")
+        assert full.json()["inputs"]["blob"] == "y" * 15_000
+
+
+def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) -> None:
+    size = 48 * 1024 * 1024
+    roomy = settings.model_copy(update={"max_upload_bytes": 64 * 1024 * 1024})
+    chunk = os.urandom(1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(chunk)):
+            yield chunk
+
+    with Server(roomy, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+        tracemalloc.start()
+        try:
+            stored = client.put("/api/objects/big/upload.bin", content=body())
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert stored.status_code == 201
+        assert stored.json()["size"] == size
+        assert peak < size // 4, f"the upload held {peak} bytes in memory"
+        small = settings.model_copy(update={"max_upload_bytes": 1000})
+    with Server(small, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url, headers=AUTH) as client:
+        over = client.put("/api/objects/over.bin", content=iter([b"x" * 600, b"y" * 600]))
+        assert over.status_code == 413
+        assert client.get("/api/objects/over.bin").status_code == 404  # nothing half-stored
+
+
+# -- 6. tokens, paths, databases ----------------------------------------------------------------
+
+
+def test_a_non_ascii_token_is_refused_not_a_server_error(settings: Settings,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    with Server(settings, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url) as client:
+        for raw in (b"Bearer \xc3\xa9", b"Bearer \xff\xfe", "Bearer é".encode()):
+            denied = client.get("/api/executions", headers={"Authorization": raw})
+            assert denied.status_code == 401
+        for path in ("/ws?token=%C3%A9", "/ws/detector?token=%C3%A9", "/ws?token=%FF"):
+            assert _refused_handshake(server, path) == 403
+        encoded = base64.urlsafe_b64encode(b"\xc3\xa9").decode().rstrip("=")
+        assert _refused_handshake(server, "/ws",
+                                  subprotocols=[f"framepipe.token.{encoded}"]) == 403
+        # The token as a subprotocol (what the dashboard sends) or a header is accepted.
+        good = base64.urlsafe_b64encode(TOKEN.encode()).decode().rstrip("=")
+        with _ws(server, "/ws", subprotocols=[f"framepipe.token.{good}"]) as ws:
+            assert ws.subprotocol == f"framepipe.token.{good}"
+            assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_error_details_do_not_carry_server_paths(settings: Settings) -> None:
+    with Server(settings, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url, headers=AUTH) as client:
+        missing = client.get("/api/objects/nowhere/x.bin")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "no object 'nowhere/x.bin'"
+        for response in (missing, client.get("/api/executions/nope")):
+            assert str(settings.home.resolve()) not in response.text
+            assert "file://" not in response.text
+
+
+def test_schema_and_docs_are_public_and_hold_no_data(settings: Settings) -> None:
+    with Server(settings, pipelines=(quick,)) as server, \
+            httpx.Client(base_url=server.url) as client:
+        schema = client.get("/openapi.json")
+        assert schema.status_code == 200
+        assert "quick" not in schema.text  # the same for every installation
+        assert client.get("/docs").status_code == 200
+        assert client.get("/api/pipelines").status_code == 401
+
+
+def test_health_and_submit_tell_the_truth_on_a_read_only_database(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    StateStore(settings.resolved_database_url).close()
+    read_only = StateStore(f"sqlite:///file:{tmp_path / 'state.db'}?mode=ro&uri=true",
+                           migrate=False)
+    try:
+        with Server(settings, pipelines=(quick,), store=read_only) as server, \
+                httpx.Client(base_url=server.url, headers=AUTH) as client:
+            health = client.get("/health")
+            assert health.status_code == 503
+            assert health.json()["database"].startswith("read-only")
+            refused = client.post("/api/executions", json={"pipeline": "quick"})
+            assert refused.status_code == 503
+            assert "readonly database" in refused.json()["detail"]
+            assert str(tmp_path) not in refused.text
+    finally:
+        read_only.close()
+
+
+def _serve(home: Path, *args: str, env: dict[str, str] | None = None,
+           timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "framepipe", "--home", str(home), "serve",
+                           "--port", str(_free_port()), *args],
+                          check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "FRAMEPIPE_API_TOKEN": "", **(env or {})})
+
+
+def test_serve_on_a_corrupt_or_read_only_database_says_so_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"this is not SQLite " * 500)
+    corrupt = _serve(tmp_path)
+    assert corrupt.returncode == 1
+    assert "Traceback" not in corrupt.stderr
+    assert "file is not a database" in corrupt.stderr
+    assert len(corrupt.stderr.strip().splitlines()) <= 2
+    good = tmp_path / "good"
+    good.mkdir()
+    StateStore(f"sqlite:///{good / 'state.db'}").close()
+    read_only = _serve(good, env={
+        "FRAMEPIPE_DATABASE_URL": f"sqlite:///file:{good / 'state.db'}?mode=ro&uri=true"})
+    assert read_only.returncode == 1
+    assert "Traceback" not in read_only.stderr
+    assert "readonly" in read_only.stderr
+
+
+def test_a_blank_token_is_refused(tmp_path: Path) -> None:
+    for blank in (" ", "  padded-token-of-enough-length  "):
+        result = _serve(tmp_path, "--host", "0.0.0.0", env={"FRAMEPIPE_API_TOKEN": blank})
+        assert result.returncode == 2
+        assert "FRAMEPIPE_API_TOKEN" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "framepipe", "--home", str(tmp_path),
+                             "serve", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "FRAMEPIPE_API_TOKEN": "",
+                                 "FRAMEPIPE_LOG_LEVEL": "INFO"})
+    try:
+        assert proc.stdout is not None
+        link = ""
+        deadline = time.monotonic() + 30
+        while "#token=" not in link and time.monotonic() < deadline:
+            link = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#token=" in link
+        token = link.strip().rsplit("#token=", 1)[1]
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.get(f"{url}/api/executions").status_code == 401
+        assert httpx.get(f"{url}/api/executions",
+                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        with ws_connect(f"ws://127.0.0.1:{port}/ws?token={token}", open_timeout=10) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
+        httpx.get(f"{url}/?token={token}")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "GET /ws?token=***" in out or "/ws?token=***" in out
+    assert "/?token=***" in out
+    assert token not in out
