@@ -9,6 +9,7 @@ fails under ``CI=true`` (``.ci/run`` installs both). It saves a screenshot in it
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import threading
@@ -54,9 +55,9 @@ def publish(ctx: StepContext) -> dict[str, Any]:
     return {"published": True}
 
 
-def Service(settings: Settings, port: int | None = None) -> Server:
+def Service(settings: Settings, port: int | None = None, token: str = TOKEN) -> Server:
     """The app with its dashboard (mounted by create_app) on uvicorn, as test_server runs it."""
-    return Server(settings, pipelines=(render,), port=port)
+    return Server(settings, pipelines=(render,), port=port, token=token)
 
 
 class LiveApp:
@@ -196,7 +197,7 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 desk = browser.new_context(viewport={"width": 1280, "height": 860})
                 page = desk.new_page()
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
-                page.goto(f"{service.url}/?token={TOKEN}")
+                page.goto(f"{service.url}/#token={TOKEN}")  # the link `serve` prints
                 # The token is taken from the address and dropped from it.
                 page.wait_for_selector("#board:not([hidden])")
                 assert "token" not in page.url
@@ -297,3 +298,76 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
         assert errors == []
         assert client.get(f"/api/executions/{running}").json()["status"] == "cancelled"
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+_ATTACK = """
+async (target) => {
+  const out = {};
+  try {
+    await fetch(`${target}/api/executions`);
+    out.read = "answered";
+  } catch (err) { out.read = "blocked"; }
+  const id = target.split("#")[1];
+  const base = target.split("#")[0];
+  try {
+    const res = await fetch(`${base}/api/executions/${id}/cancel`,
+                            {method: "POST", mode: "no-cors", body: "{}",
+                             headers: {"Content-Type": "text/plain"}});
+    out.post = res.type;
+  } catch (err) { out.post = "blocked"; }
+  out.socket = await new Promise((resolve) => {
+    const ws = new WebSocket(base.replace("http", "ws") + "/ws");
+    ws.onmessage = (m) => { resolve("read: " + m.data.slice(0, 40)); ws.close(); };
+    ws.onerror = () => resolve("refused");
+    setTimeout(() => resolve("timeout"), 5000);
+  });
+  return out;
+}
+"""
+
+
+def test_a_page_of_another_origin_is_refused_in_chromium(settings: Settings,
+                                                         tmp_path: Path) -> None:
+    """A service with no token (loopback) and a page of another origin in the same browser:
+    the page cannot read executions, cancel one, or open the live feed; a page reaching the
+    service under a rebound host name (DNS rebinding, mapped in Chromium's resolver) is
+    refused too. The execution goes on."""
+    import http.server
+    import socketserver
+
+    sync_playwright = _playwright()
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(tmp_path / "evil"))
+    with Service(settings, token="") as service, \
+            socketserver.TCPServer(("127.0.0.1", 0), handler) as evil, \
+            httpx.Client(base_url=service.url) as client:
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        running = client.post("/api/executions", json={
+            "pipeline": "render_clip", "inputs": {"steps": 60, "pause": 0.25}}).json()["id"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM),
+                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP rebound.example 127.0.0.1"])
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                found = page.evaluate(_ATTACK, f"{service.url}#{running}")
+                assert found["read"] == "blocked"
+                assert found["socket"] == "refused"
+                rebound = page.goto(f"http://rebound.example:{service.port}/")
+                assert rebound is not None and rebound.status == 400
+                assert "FRAMEPIPE_ALLOWED_HOSTS" in page.content()
+                # The user's own dashboard, same browser, works without a token.
+                own = browser.new_page()
+                own.goto(service.url)
+                own.wait_for_selector(f'.exec[data-execution="{running}"]')
+                own.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
+            finally:
+                browser.close()
+            evil.shutdown()
+        events = client.get("/api/events", params={"execution_id": running}).json()["events"]
+        assert not [e for e in events if "cancel" in e["type"]]
+        assert client.get(f"/api/executions/{running}").json()["status"] == "running"
+        client.post(f"/api/executions/{running}/cancel", json={})

@@ -145,7 +145,7 @@ def _store_old_bad_rows(settings: Settings) -> str:
     with store.write() as conn:
         conn.execute(sa.insert(executions_table).values(
             id="bad" + "0" * 29, pipeline="quick", pipeline_ref=None, status="failed",
-            inputs={"n": "\ud800"}, progress=0.0, error="x\udcff", owner=None,
+            inputs={"n": "\ud800"}, progress=0.0, error=None, owner=None,
             heartbeat_at=now, cancel_requested=False, runs=1, created_at=now,
             started_at=now, finished_at=now))
         conn.execute(sa.insert(events_table).values(
