@@ -3,12 +3,21 @@ over a WebSocket, health without a token.
 
 Guarantees:
 
-* every route but ``/health`` needs ``Authorization: Bearer <token>`` when a token is set
-  (the WebSocket also takes ``?token=``); a wrong or missing one is a 401 (WebSocket close code
-  1008) before anything is read or written;
-* bad input is a 4xx whose ``detail`` says what is wrong (unknown pipeline 404, invalid body
-  422, a state that forbids the call 409, a key escaping the store 400, an upload over the
-  limit 413), and nothing is half-created: an execution exists only once it was committed;
+* before any route runs, :class:`~framepipe.server.guard.BrowserGuard` refuses a foreign
+  ``Host`` (DNS rebinding), a foreign ``Origin`` (another site's page, also on WebSockets) and
+  a tokenless ``POST`` that is not JSON, with or without a token configured;
+* every route but ``/health``, the dashboard's page and files and the API's schema and docs
+  (``/openapi.json``, ``/docs``, ``/redoc``: the same for every installation) needs
+  ``Authorization: Bearer <token>`` when a token is set (a WebSocket presents it as a
+  subprotocol, a header, or ``?token=``, see :mod:`framepipe.server.guard`); a wrong or
+  missing one is a 401 (WebSocket close code 1008) before anything is read or written;
+* bad input is a 4xx whose ``detail`` says what is wrong and never shows the server's paths
+  (unknown pipeline 404, invalid body or inputs 422 naming the field, a state that forbids the
+  call 409, a key escaping the store 400, inputs or an upload over the limit 413), and nothing
+  is half-created: an execution exists only once it was committed, an object only once its
+  upload arrived whole; a state database that fails is a 503 naming the cause;
+* no stored value can make a response fail: text that cannot be encoded (a lone surrogate
+  stored by an older version) is sent as its JSON escape; listings carry no inputs;
 * a WebSocket subscriber gets the current state first (``snapshot``), then every event
   committed after it, in order (the jobs' events, and those of the live apps served here:
   segments, sources, pipelines); one that falls too far behind is told so (``lagged``) and
