@@ -41,6 +41,7 @@ from media import make_qr_clip
 from test_server import AUTH, TOKEN, Server
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
+CLI_TOKEN = "sd-import-command-token"  # what backend.py's settings accept (16+ characters)
 SMALL_LIMIT = 160_000  # QR clips are ~100 KB, jump videos larger (checked as made)
 
 pytestmark = pytest.mark.timeout(180)
@@ -153,10 +154,11 @@ class Watcher:
 class Detector:
     """examples/sd_import/detector.py as a process."""
 
-    def __init__(self, url: str, watch: Path, shared: Path, log: Path, *extra: str) -> None:
+    def __init__(self, url: str, watch: Path, shared: Path, log: Path, *extra: str,
+                 token: str = TOKEN) -> None:
         self.args = [sys.executable, str(EXAMPLE / "detector.py"), "--watch", str(watch),
                      "--backend", f"{url.replace('http', 'ws')}/ws/detector",
-                     "--shared", str(shared), "--token", TOKEN, "--detector-id", "test-host",
+                     "--shared", str(shared), "--token", token, "--detector-id", "test-host",
                      "--interval", "0.2", "--settle", "0", "--max-backoff", "0.3", *extra]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -368,9 +370,19 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
                                                         v3a}
 
 
+_inputs: dict[str, dict[str, Any]] = {}  # execution id -> its inputs (they never change)
+
+
 def imports_of(client: httpx.Client, label: str) -> list[dict[str, Any]]:
-    """Executions of the card labelled ``label``, oldest first."""
-    return [e for e in executions(client) if e["inputs"].get("label") == label]
+    """Executions of the card labelled ``label``, oldest first, each with its ``inputs``
+    (listings do not carry inputs: they are read once per execution)."""
+    out = []
+    for row in executions(client):
+        if row["id"] not in _inputs:
+            _inputs[row["id"]] = client.get(f"/api/executions/{row['id']}").json()["inputs"]
+        if _inputs[row["id"]].get("label") == label:
+            out.append({**row, "inputs": _inputs[row["id"]]})
+    return out
 
 
 def ended(client: httpx.Client, label: str, n: int = 1) -> dict[str, Any] | None:
@@ -457,7 +469,7 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
                                        "fingerprint": "0123456789"}]}))
             error = json.loads(twin.recv(10))
             assert error["type"] == "error"
-            assert "files.0.path" in error["detail"] and "stay inside it" in error["detail"]
+            assert "files[0].path" in error["detail"] and "'..' segment" in error["detail"]
             twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-3",
                                   "card_id": "..", "files": []}))
             assert "card_id" in json.loads(twin.recv(10))["detail"]
@@ -783,21 +795,22 @@ def test_a_worker_asking_a_stopped_service_is_told_at_once() -> None:
 
 
 def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
-    """``python examples/sd_import/backend.py`` and ``detector.py`` as their README runs them."""
+    """``python examples/sd_import/backend.py`` and ``detector.py`` as their README runs them
+    (with a token the settings accept: at least 16 characters)."""
     from media import free_port
 
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
     port = free_port()
     env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
-           "FRAMEPIPE_API_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+           "FRAMEPIPE_API_TOKEN": CLI_TOKEN, "PYTHONUNBUFFERED": "1"}
     with (tmp_path / "backend.log").open("wb") as out:
         backend = subprocess.Popen(
             [sys.executable, str(EXAMPLE / "backend.py"), "--shared", str(shared), "--port",
              str(port), "--small-limit", "150KiB"], env=env, stdout=out,
             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    detector = Detector(url, watch, shared, tmp_path / "det.log")
+    detector = Detector(url, watch, shared, tmp_path / "det.log", token=CLI_TOKEN)
     try:
         def up() -> bool:
             try:
@@ -811,7 +824,8 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
         maker.qr("B7001;Hugo Hall")
         video = maker.video()
         insert(maker.folder, watch)
-        with httpx.Client(base_url=url, headers=AUTH) as client:
+        with httpx.Client(base_url=url,
+                          headers={"Authorization": f"Bearer {CLI_TOKEN}"}) as client:
             done = wait_for("the import", lambda: ended(client, "CLI"), detector=detector)
             assert done["status"] == "completed", done.get("error")
             assert done["data"]["summary"]["bookings"]["B7001"]["videos"] == [video]

@@ -7,8 +7,10 @@
 
 Detectors connect to ``ws://HOST:PORT/ws/detector``; browsers open ``http://HOST:PORT/`` (the
 dashboard) or ``ws://HOST:PORT/ws`` (``pipeline:progress`` and every event). On
-``sd:file_list`` the backend checks the list (a malformed one is answered with ``error`` and
-starts nothing), then starts one execution of ``sd_import`` per card insertion and answers
+``sd:file_list`` the backend checks the list (a malformed one is answered with ``error`` naming
+the entry, ``files[3].path``, and starts nothing: a path must be relative to the card, with
+``/``, and hold no empty, ``.`` or ``..`` segment, backslash or NUL; no path may be listed twice),
+then starts one execution of ``sd_import`` per card insertion and answers
 ``sd:status`` (``importing`` with the execution id). A card whose import still runs is
 answered ``already_importing`` with that execution's id: the running import copies
 everything new, so nothing is lost and nothing is copied twice.
@@ -22,13 +24,21 @@ import collections
 import os
 import re
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import ExecutionNotFoundError
+from framepipe.confined import relative_parts
+from framepipe.errors import ConfigError, ExecutionNotFoundError, InvalidInputError
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution
@@ -63,11 +73,15 @@ class FileEntry(BaseModel):
     @field_validator("path")
     @classmethod
     def _relative(cls, value: str) -> str:
-        pure = PurePosixPath(value)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in value or ":" in value:
-            raise ValueError(f"path {value!r} must be relative to the card, with '/', "
-                             "and stay inside it")
-        return pure.as_posix()
+        """The path as ``a/b/c``: relative to the card, no ``.``/``..``/empty segment (a
+        doubled ``/`` is one), no backslash, no NUL, no drive (``C:``)."""
+        try:
+            parts = relative_parts(value, "path", max_length=1000)
+        except InvalidInputError as exc:
+            raise ValueError(exc.reason) from None
+        if any(":" in part for part in parts):
+            raise ValueError(f"{value!r} holds a ':'; paths on a card have none")
+        return "/".join(parts)
 
 
 class FileList(BaseModel):
@@ -77,8 +91,26 @@ class FileList(BaseModel):
     session_id: str = Field(min_length=1, max_length=200)
     card_id: str = Field(min_length=1, max_length=200,
                          pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name, never '..'
-    label: str = ""
+    label: str = Field(default="", max_length=200)
     files: list[FileEntry] = Field(max_length=100_000)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FileList:
+        seen: dict[str, int] = {}
+        for n, entry in enumerate(self.files):
+            first = seen.setdefault(entry.path, n)
+            if first != n:
+                raise ValueError(f"files[{n}].path: {entry.path!r} is listed twice (also "
+                                 f"files[{first}])")
+        return self
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """Pydantic's ``('files', 3, 'path')`` as ``files[3].path``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
@@ -95,8 +127,10 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
         try:
             listing = FileList.model_validate(msg.message)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                 for e in exc.errors(include_url=False))
+            problems = "; ".join(
+                f"{_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                if e["loc"] else e["msg"].removeprefix("Value error, ")
+                for e in exc.errors(include_url=False))
             await msg.reply({"type": "error", "session_id": msg.message.get("session_id"),
                              "detail": f"sd:file_list rejected, nothing started: {problems}"})
             return
@@ -156,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import uvicorn
 
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        parser.error(str(exc))
     token = settings.api_token or os.environ.get("FRAMEPIPE_API_TOKEN")
     if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")

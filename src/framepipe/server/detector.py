@@ -2,9 +2,10 @@
 
 A *detector* is a small process on the machine that has the card reader (see
 ``examples/sd_import/detector.py``). It connects to ``/ws/detector`` of the service with the
-service's bearer token (``Authorization: Bearer`` or ``?token=``), says who it is, announces
-cards (*sessions*) and answers requests the backend sends it. The backend never reads the card:
-it asks the detector to copy files into a shared folder and waits for the answer.
+service's bearer token (``Authorization: Bearer``, the token subprotocol, or ``?token=``), says
+who it is, announces cards (*sessions*) and answers requests the backend sends it. The backend
+never reads the card: it asks the detector to copy files into a shared folder and waits for the
+answer.
 
 Every message is one JSON object in a text frame with a ``type``::
 
@@ -20,22 +21,49 @@ Every message is one JSON object in a text frame with a ``type``::
 
 What :class:`DetectorHub` guarantees:
 
-* a connection that does not present the token is refused before it is accepted (HTTP 403);
-  the first message must be ``detector:hello`` with a ``detector_id``, else it is closed
-  (1008) with the reason; a detector that connects again with the same id replaces its older
-  connection;
-* a message that is not a JSON object with a ``type`` is answered with ``{"type": "error"}``
-  naming the problem, and the connection stays open: one bad message loses nothing else;
-* every message carrying a ``session_id`` makes its sender the owner of that session (a
-  reconnecting detector lists its sessions in ``detector:hello``), so :meth:`DetectorHub.request`
-  reaches the detector that has the card now;
+* a connection that does not present the token is refused (see
+  :func:`framepipe.server.guard.admit_websocket`);
+* the first message must be a ``detector:hello`` that passes every check below, within
+  ``hello_timeout`` seconds; otherwise the detector gets ``{"type": "error", "detail": ...,
+  "field": ...}`` naming the field and the connection is closed with 1008 (1003 for a binary
+  frame). Nothing of a refused hello is registered: it never shows in ``GET /api/detectors``
+  and owns no session. A hello needs a ``detector_id`` of 1-200 printable characters;
+  ``hostname`` and ``platform``, when given, are text; ``sessions``, when given, is a list of
+  objects each with a ``session_id`` (1-200 printable characters) and, optionally,
+  ``card_id``, ``label``, ``root`` (text) and ``file_count`` (a whole number >= 0);
+* every message is checked at the boundary before anything else looks at it: it must be a
+  JSON object with a string ``type``, hold only storable JSON (no lone surrogate such as
+  ``"\\ud800"``, no NUL, finite numbers, nested at most
+  :data:`~framepipe.untrusted.MAX_DEPTH` deep; see :func:`framepipe.untrusted.check_json`), and
+  its ``session_id`` and announcement fields (as for ``sessions`` above) must be well formed.
+  A message that is not is answered with ``error`` naming the field (``message.label``) and
+  goes no further: it is neither recorded, nor handed to a handler, nor put in an
+  execution's inputs. A binary frame is answered with ``error``. The connection stays open
+  in both cases: one bad message loses nothing else;
+* a session belongs to the detector (``detector_id``) that first named it, for the life of the
+  hub, also while that detector is disconnected and after the card is removed: a message from
+  another detector naming it (``detector:sd_inserted``, ``sd:file_list``, an answer, a
+  removal, or a ``sessions`` entry of its hello) is refused with ``error`` and changes nothing,
+  so copy requests for a card only ever go to the detector that announced it. The same
+  detector connecting again keeps its sessions whether or not its hello lists them (a
+  detector restarted after a crash has forgotten its old sessions, and the backend's retried
+  copies must still reach it). A detector id is a claim made with the shared token, not a
+  credential: whoever holds the token can connect under any id (a newer connection with the
+  same id replaces the older one). A detector owns at most ``max_sessions`` sessions; beyond
+  that the oldest removed ones are forgotten, and if none was removed new ones are refused;
+* an answer (a message with the ``request_id`` of a waiting request) counts only when it
+  comes on the connection the request was sent on;
 * a request waits for the answer carrying its ``request_id``. When the owner is not connected
   it waits ``reconnect_wait`` seconds for it to come back; when the owner disconnects while the
   request waits, the request fails at once with :class:`DetectorUnavailableError` naming the
   detector, the session and what was asked; a request never waits longer than its timeout;
+* the connection is forgotten on every way out of it (a close, a network error, a refused
+  message, the service stopping): no detector stays listed after its connection ended;
 * other message types go to the handlers registered with :meth:`DetectorHub.on` (an app's own
   logic, e.g. starting an import on ``sd:file_list``); a handler that raises is logged and the
-  detector gets an ``error`` message; a type with no handler is answered with ``error``.
+  detector gets an ``error`` message; a type with no handler is answered with ``error``;
+* ``GET /api/detectors`` always answers: text stored in the hub is sent escaped if it could
+  not be encoded, never as a server error.
 
 Requests are made on the service's event loop (an ``async`` step of an engine running in the
 service) or from any thread with :meth:`DetectorHub.request_sync`. Steps find the hub of
@@ -63,9 +91,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
+from framepipe.errors import (
+    DetectorError,
+    DetectorUnavailableError,
+    InvalidInputError,
+    MissingDependencyError,
+)
 from framepipe.logs import get_logger
 from framepipe.server.guard import admit_websocket
+from framepipe.untrusted import MAX_DEPTH, check_json, check_text, dumps
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, WebSocket
@@ -80,6 +114,103 @@ _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+MAX_ID_LENGTH = 200
+"""Longest ``detector_id`` and ``session_id`` accepted."""
+_MAX_TEXT = 1000  # other announced text: hostname, platform, card id, label, card root
+_ANNOUNCED: dict[str, type] = {"card_id": str, "label": str, "root": str, "file_count": int}
+
+
+def _identifier(value: object, where: str) -> str:
+    """A detector or session id: 1-200 printable characters (no control characters: ids go
+    to logs and to the dashboard as they are)."""
+    text = check_text(value, where, max_length=MAX_ID_LENGTH)
+    if not text.strip():
+        raise InvalidInputError("is blank", where=where)
+    if not text.isprintable():
+        raise InvalidInputError("holds a control character", where=where)
+    return text
+
+
+def _optional_text(message: Mapping[str, Any], key: str, where: str) -> None:
+    if message.get(key) is not None:
+        check_text(message[key], f"{where}.{key}", max_length=_MAX_TEXT)
+
+
+def _announced(message: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The announcement fields of ``message`` (card id, label, root, file count), checked."""
+    out: dict[str, Any] = {}
+    for key, kind in _ANNOUNCED.items():
+        if key not in message or message[key] is None:
+            continue
+        value = message[key]
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError("must be a whole number >= 0", where=f"{where}.{key}")
+        else:
+            check_text(value, f"{where}.{key}", max_length=_MAX_TEXT)
+        out[key] = value
+    return out
+
+
+def _parse(raw: str | bytes, where: str) -> dict[str, Any]:
+    """The JSON object of one text frame, refused (:class:`InvalidInputError` naming the
+    field) unless it is storable JSON with a string ``type``; a binary frame is refused."""
+    if isinstance(raw, bytes):
+        raise InvalidInputError("is a binary frame; messages are JSON objects in text frames",
+                                where=where)
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidInputError(f"is nested more than {MAX_DEPTH} levels deep",
+                                where=where) from None
+    except ValueError as exc:
+        raise InvalidInputError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise InvalidInputError("a message must be a JSON object with a string 'type'",
+                                where=where)
+    check_json(value, where)
+    return value
+
+
+def _check_hello(hello: dict[str, Any]) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """The detector id and the sessions (id, announcement) of a ``detector:hello``, or
+    :class:`InvalidInputError` naming the first bad field."""
+    if hello.get("type") != "detector:hello":
+        raise InvalidInputError('the first message must be {"type": "detector:hello", '
+                                '"detector_id": ...}', where="hello.type")
+    detector_id = _identifier(hello.get("detector_id"), "hello.detector_id")
+    _optional_text(hello, "hostname", "hello")
+    _optional_text(hello, "platform", "hello")
+    listed = hello.get("sessions")
+    sessions: list[tuple[str, dict[str, Any]]] = []
+    if listed is not None:
+        if not isinstance(listed, list):
+            raise InvalidInputError(f"must be a list of sessions, not {type(listed).__name__}",
+                                    where="hello.sessions")
+        for n, session in enumerate(listed):
+            where = f"hello.sessions[{n}]"
+            if not isinstance(session, dict):
+                raise InvalidInputError('must be an object {"session_id": ...}', where=where)
+            session_id = _identifier(session.get("session_id"), f"{where}.session_id")
+            sessions.append((session_id, _announced(session, where)))
+    return detector_id, sessions
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to the 123 bytes a WebSocket close reason may have."""
+    return text.encode("utf-8")[:120].decode("utf-8", "ignore")
+
+
+def _error(exc: InvalidInputError, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "detail": str(exc), "field": exc.where, **extra}
+
+
+def _not_yours(session_id: str) -> dict[str, Any]:
+    """The refusal of a message naming another detector's session (the owner is not named)."""
+    return {"type": "error", "session_id": session_id, "field": "session_id",
+            "detail": f"session {session_id!r} belongs to another detector; refused (a card "
+                      "session is only served by the detector that announced it)"}
 
 
 def _disconnect() -> type[Exception]:
@@ -173,31 +304,41 @@ Handler = Callable[[DetectorMessage], Awaitable[None]]
 class _Pending:
     future: asyncio.Future[dict[str, Any]]
     session_id: str
-    detector_id: str
+    connection: DetectorConnection
     what: str
     on_progress: ProgressCallback | None
+
+    @property
+    def detector_id(self) -> str:
+        return self.connection.detector_id
 
 
 class DetectorHub:
     """Tracks the connected detectors and the sessions they own; carries requests to them.
 
     ``reconnect_wait`` is how long a request waits for the owner of its session to connect;
-    ``request_timeout`` the default time to wait for an answer.
+    ``request_timeout`` the default time to wait for an answer; ``hello_timeout`` how long a
+    new connection has to say ``detector:hello``; ``max_sessions`` how many sessions one
+    detector may own (see the module for what happens beyond).
 
     ``hub_id`` names the hub for :func:`get_hub`; steps store it in their inputs, so it stays
     the same across restarts of the service (a retried execution reaches the new hub). Within
     one process (and one Redis namespace, with workers) each hub needs its own id."""
 
     def __init__(self, hub_id: str = "default", *, reconnect_wait: float = 30.0,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0, hello_timeout: float = 30.0,
+                 max_sessions: int = 10_000) -> None:
         if not hub_id or ":" in hub_id or len(hub_id) > 100:
             raise ValueError(f"hub id {hub_id!r} must be 1-100 characters without ':'")
         self.id = hub_id
         self.reconnect_wait = reconnect_wait
         self.request_timeout = request_timeout
+        self.hello_timeout = hello_timeout
+        self.max_sessions = max_sessions
         self._handlers: dict[str, Handler] = {}
         self._connections: dict[str, DetectorConnection] = {}
-        self._owners: dict[str, str] = {}  # session -> detector id
+        self._owners: dict[str, str] = {}  # session -> detector id (kept after a removal)
+        self._owned: dict[str, dict[str, None]] = {}  # detector id -> its sessions, oldest first
         self._sessions: dict[str, dict[str, Any]] = {}  # session -> last announcement
         self._pending: dict[str, _Pending] = {}
         self._changed: asyncio.Condition | None = None
@@ -257,8 +398,8 @@ class DetectorHub:
         """The connected detectors, each with the sessions it owns (cards not removed)."""
         out = []
         for conn in self._connections.values():
-            sessions = [self._sessions[s] for s, owner in self._owners.items()
-                        if owner == conn.detector_id and s in self._sessions]
+            sessions = [self._sessions[s] for s in self._owned.get(conn.detector_id, ())
+                        if s in self._sessions]
             out.append({**conn.describe(), "sessions": sessions})
         return out
 
@@ -315,8 +456,7 @@ class DetectorHub:
         conn = await self._connection_for(session_id, min(self.reconnect_wait, timeout))
         request_id = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._pending[request_id] = _Pending(future, session_id, conn.detector_id, what,
-                                             on_progress)
+        self._pending[request_id] = _Pending(future, session_id, conn, what, on_progress)
         try:
             await conn.send({**message, "request_id": request_id, "session_id": session_id})
             left = max(0.0, timeout - (time.monotonic() - started))
@@ -370,38 +510,42 @@ class DetectorHub:
         if not await admit_websocket(websocket, token):
             return
         try:
-            hello = await websocket.receive_json()
-        except (_disconnect(), RuntimeError):
+            first = await asyncio.wait_for(_receive(websocket), self.hello_timeout)
+        except TimeoutError:
+            await _refuse(websocket, InvalidInputError(
+                f"no detector:hello within {self.hello_timeout:g}s", where="hello"))
             return
-        except ValueError:
-            hello = None
-        detector_id = hello.get("detector_id") if isinstance(hello, dict) else None
-        if (not isinstance(hello, dict) or hello.get("type") != "detector:hello"
-                or not isinstance(detector_id, str) or not detector_id.strip()
-                or len(detector_id) > 200):
-            await websocket.send_json({"type": "error", "detail": "the first message must be "
-                                       "{\"type\": \"detector:hello\", \"detector_id\": ...}"})
-            await websocket.close(code=1008, reason="expected detector:hello")
+        if first is None:
             return
-        conn = DetectorConnection(detector_id, websocket, hello)
-        old = self._connections.get(detector_id)
-        if old is not None:
-            _log.info("detector %s connected again; the older connection is closed", detector_id)
-            await self._drop(old, "replaced by a newer connection of the same detector")
-            with contextlib.suppress(Exception):
-                await old.websocket.close(code=1000, reason="replaced")
-        self._connections[detector_id] = conn
-        for session in hello.get("sessions") or []:
-            if isinstance(session, dict) and isinstance(session.get("session_id"), str):
-                self._claim(conn, session)
-        await self._notify()
-        _log.info("detector %s connected (%s)", detector_id, hello.get("hostname", "?"))
         try:
+            hello = _parse(first, "hello")
+            detector_id, sessions = _check_hello(hello)
+        except InvalidInputError as exc:
+            await _refuse(websocket, exc, code=1003 if isinstance(first, bytes) else 1008)
+            return
+        # Valid: only now is anything registered, and the finally below forgets it on every
+        # way out.
+        conn = DetectorConnection(detector_id, websocket, hello)
+        try:
+            old = self._connections.get(detector_id)
+            if old is not None:
+                _log.info("detector %s connected again; the older connection is closed",
+                          detector_id)
+                await self._drop(old, "replaced by a newer connection of the same detector")
+                with contextlib.suppress(Exception):
+                    await old.websocket.close(code=1000, reason="replaced")
+            self._connections[detector_id] = conn
+            refused = [self._claim(conn, session_id, fields)
+                       for session_id, fields in sessions]
+            await self._notify()
+            _log.info("detector %s connected (%s)", detector_id, hello.get("hostname") or "?")
             await conn.send({"type": "detector:welcome", "hub_id": self.id})
+            for problem in refused:
+                if problem is not None:
+                    await conn.send(problem)
             while True:
-                try:
-                    raw = await websocket.receive_text()
-                except (_disconnect(), RuntimeError):
+                raw = await _receive(websocket)
+                if raw is None:
                     break
                 await self._dispatch(conn, raw)
         except DetectorUnavailableError:
@@ -410,15 +554,32 @@ class DetectorHub:
             if self._connections.get(detector_id) is conn:
                 del self._connections[detector_id]
                 await self._drop(conn, "disconnected")
+            conn.closed.set()
             _log.info("detector %s disconnected", detector_id)
 
-    def _claim(self, conn: DetectorConnection, message: Mapping[str, Any]) -> None:
-        session_id = str(message["session_id"])
-        self._owners[session_id] = conn.detector_id
+    def _claim(self, conn: DetectorConnection, session_id: str,
+               fields: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Make ``session_id`` (already checked) the session of ``conn``'s detector and record
+        its announcement ``fields``; the ``error`` message to send instead when it belongs to
+        another detector, or this one owns too many."""
+        owner = self._owners.get(session_id)
+        if owner is not None and owner != conn.detector_id:
+            return _not_yours(session_id)
+        if owner is None:
+            owned = self._owned.setdefault(conn.detector_id, {})
+            if len(owned) >= self.max_sessions:
+                removed = next((s for s in owned if s not in self._sessions), None)
+                if removed is None:
+                    return {"type": "error", "session_id": session_id, "field": "session_id",
+                            "detail": f"this detector already has {self.max_sessions} cards "
+                                      "announced and not removed; session refused"}
+                del owned[removed]
+                del self._owners[removed]
+            owned[session_id] = None
+            self._owners[session_id] = conn.detector_id
         known = self._sessions.setdefault(session_id, {"session_id": session_id})
-        for key in ("card_id", "label", "root", "file_count"):
-            if key in message:
-                known[key] = message[key]
+        known.update(fields)
+        return None
 
     async def _notify(self) -> None:
         if self._changed is not None:
@@ -428,33 +589,44 @@ class DetectorHub:
     async def _drop(self, conn: DetectorConnection, why: str) -> None:
         conn.closed.set()
         for request_id, pending in list(self._pending.items()):
-            if pending.detector_id == conn.detector_id and not pending.future.done():
+            if pending.connection is conn and not pending.future.done():
                 pending.future.set_exception(DetectorUnavailableError(
                     f"{why} while the backend waited for {pending.what}",
                     detector_id=conn.detector_id, session_id=pending.session_id))
                 self._pending.pop(request_id, None)
         await self._notify()
 
-    async def _dispatch(self, conn: DetectorConnection, raw: str) -> None:
+    async def _dispatch(self, conn: DetectorConnection, raw: str | bytes) -> None:
         try:
-            message = json.loads(raw)
-        except ValueError as exc:
-            await conn.send({"type": "error", "detail": f"not JSON: {exc}"})
-            return
-        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-            await conn.send({"type": "error",
-                             "detail": "a message must be a JSON object with a string 'type'"})
+            message = _parse(raw, "message")
+            session_id = message.get("session_id")
+            if session_id is not None:
+                session_id = _identifier(session_id, "message.session_id")
+            fields = _announced(message, "message")
+        except InvalidInputError as exc:
+            await conn.send(_error(exc))
             return
         kind: str = message["type"]
-        if isinstance(message.get("session_id"), str) and kind != "detector:sd_removed":
-            if self._owners.get(message["session_id"]) != conn.detector_id:
-                self._claim(conn, message)
-                await self._notify()
-            else:
-                self._claim(conn, message)
         request_id = message.get("request_id")
-        if isinstance(request_id, str) and request_id in self._pending:
-            pending = self._pending[request_id]
+        pending = self._pending.get(request_id) if isinstance(request_id, str) else None
+        if pending is not None and pending.connection is not conn:
+            await conn.send({"type": "error", "field": "request_id",
+                             "detail": f"request {request_id!r} was sent to another detector "
+                                       "or connection; this answer is ignored"})
+            return
+        if session_id is not None:
+            if kind == "detector:sd_removed":
+                owner = self._owners.get(session_id)
+                problem = None if owner in (None, conn.detector_id) else _not_yours(session_id)
+            else:
+                was_new = session_id not in self._owners
+                problem = self._claim(conn, session_id, fields)
+                if problem is None and was_new:
+                    await self._notify()
+            if problem is not None:
+                await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
+                return
+        if pending is not None:
             if kind.endswith("_progress"):
                 if pending.on_progress is not None:
                     try:
@@ -465,8 +637,8 @@ class DetectorHub:
             if not pending.future.done():
                 pending.future.set_result(message)
             return
-        if kind == "detector:sd_removed" and isinstance(message.get("session_id"), str):
-            self._sessions.pop(message["session_id"], None)
+        if kind == "detector:sd_removed" and session_id is not None:
+            self._sessions.pop(session_id, None)
         if isinstance(request_id, str) and kind.endswith(("_progress", "_copied")):
             return  # the answer to a request nobody waits for any more (timed out, retried)
         handler = self._handlers.get(kind)
@@ -483,14 +655,36 @@ class DetectorHub:
         except Exception as exc:
             _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
             await conn.send({"type": "error", "detail": f"{kind} failed: {exc}",
-                             "session_id": message.get("session_id")})
+                             "session_id": session_id})
+
+
+async def _receive(websocket: WebSocket) -> str | bytes | None:
+    """The next frame's text or bytes; None once the connection is gone."""
+    try:
+        frame = await websocket.receive()
+    except (_disconnect(), RuntimeError):
+        return None
+    if frame["type"] == "websocket.disconnect":
+        return None
+    text = frame.get("text")
+    if text is not None:
+        return str(text)
+    return bytes(frame.get("bytes") or b"")
+
+
+async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008) -> None:
+    """Tell a connection why it is refused, then close it with ``code``."""
+    with contextlib.suppress(_disconnect(), RuntimeError, OSError):
+        await websocket.send_text(dumps(_error(exc)))
+    with contextlib.suppress(_disconnect(), RuntimeError, OSError):
+        await websocket.close(code=code, reason=_close_reason(str(exc)))
 
 
 def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
                    check_token: Callable[..., None]) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""
-    from fastapi import Depends, WebSocket
+    from fastapi import Depends, Response, WebSocket
 
     async def detector_socket(websocket: WebSocket) -> None:
         """A host-side detector's connection (see :mod:`framepipe.server.detector`)."""
@@ -501,10 +695,14 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
     detector_socket.__annotations__["websocket"] = WebSocket
     app.websocket("/ws/detector")(detector_socket)
 
-    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)])
-    async def detectors_list() -> list[dict[str, Any]]:
-        """Connected detectors and the card sessions each owns."""
-        return hub.detectors()
+    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)],
+             response_class=Response,
+             responses={200: {"content": {"application/json": {}},
+                              "description": "Connected detectors and their sessions"}})
+    async def detectors_list() -> Response:
+        """Connected detectors and the card sessions each owns (text the hub holds is sent
+        escaped when it cannot be encoded as it is: this listing never fails on it)."""
+        return Response(dumps(hub.detectors()), media_type="application/json")
 
 
 # -- reaching the hub from workers (Redis) ---------------------------------------------------

@@ -1,0 +1,386 @@
+"""The detector hub (``/ws/detector``) against hostile and careless detectors (issue 14).
+
+Real components only: the service on uvicorn (SQLite state) with the SD import's hub, real
+WebSocket clients playing detectors, and the real detector process for the token's transport.
+Each test reproduces one hole: a malformed ``hello`` that left a zombie detector, a binary frame
+that dropped the connection without a close frame, text that cannot be stored (a lone surrogate,
+NUL) reaching ``/api/detectors`` and execution inputs, file lists with paths such as ``.`` or
+``x\\x00.mp4`` starting an import, and a detector taking over another detector's card session.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+from websockets.sync.server import ServerConnection, serve
+
+from conftest import need_modules
+from framepipe.config import Settings
+from framepipe.jobs.loading import load_pipeline
+from media import free_port
+from test_server import AUTH, TOKEN, Server
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
+
+pytestmark = pytest.mark.timeout(120)
+
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
+
+sys.path.insert(0, str(EXAMPLE))
+import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)
+
+
+@pytest.fixture
+def hub_server(tmp_path: Path) -> Iterator[tuple[Server, Any]]:
+    """The service with the SD import's detector hub (nothing is ever copied here)."""
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}",
+                        retry_initial_delay=0.2, retry_max_delay=1.0, shutdown_grace=2.0)
+    pipeline = load_pipeline(sd_backend.PIPELINE_REF)
+    hub = sd_backend.make_hub(pipeline, shared_dir=tmp_path / "shared", reconnect_wait=1)
+    with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:
+        yield server, hub
+
+
+def ws_url(server: Server) -> str:
+    return f"{server.url.replace('http', 'ws')}/ws/detector"
+
+
+def connect(server: Server) -> ClientConnection:
+    return ws_connect(ws_url(server), additional_headers=AUTH)
+
+
+def recv(ws: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(ws.recv(10))
+    return message
+
+
+def hello(ws: ClientConnection, detector_id: str, **extra: Any) -> dict[str, Any]:
+    ws.send(json.dumps({"type": "detector:hello", "detector_id": detector_id, **extra}))
+    return recv(ws)
+
+
+def detectors(server: Server) -> list[dict[str, Any]]:
+    listed = httpx.get(f"{server.url}/api/detectors", headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    body: list[dict[str, Any]] = listed.json()
+    return body
+
+
+def executions(server: Server) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = httpx.get(f"{server.url}/api/executions",
+                                           headers=AUTH).json()
+    return rows
+
+
+def closed_with(ws: ClientConnection) -> int:
+    """The close code the server sent (fails if the connection dropped without one)."""
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(10)
+    assert closed.value.rcvd is not None, "dropped without a close frame"
+    return closed.value.rcvd.code
+
+
+BAD_HELLOS: list[tuple[dict[str, Any], str]] = [
+    ({"detector_id": "z", "sessions": 5}, "hello.sessions"),
+    ({"detector_id": "z", "sessions": [5]}, "hello.sessions[0]"),
+    ({"detector_id": "z", "sessions": [{"card_id": "C"}]}, "hello.sessions[0].session_id"),
+    ({"detector_id": "z", "sessions": [{"session_id": 7}]}, "hello.sessions[0].session_id"),
+    ({"detector_id": "z", "sessions": [{"session_id": "s", "label": ["x"]}]},
+     "hello.sessions[0].label"),
+    ({"detector_id": "\ud800"}, "hello.detector_id"),
+    ({"detector_id": "a\x00b"}, "hello.detector_id"),
+    ({"detector_id": "x" * 300}, "hello.detector_id"),
+    ({"detector_id": "line\nbreak"}, "hello.detector_id"),
+    ({"detector_id": "   "}, "hello.detector_id"),
+    ({"detector_id": 5}, "hello.detector_id"),
+    ({"detector_id": "z", "hostname": {"a": 1}}, "hello.hostname"),
+    ({"detector_id": "z", "platform": "\ud83d"}, "hello.platform"),
+    ({"detector_id": "z", "extra": {"deep": "\x00"}}, "hello.extra.deep"),
+]
+
+
+@pytest.mark.parametrize(("fields", "where"), BAD_HELLOS,
+                         ids=[w + f"-{i}" for i, (_, w) in enumerate(BAD_HELLOS)])
+def test_a_malformed_hello_is_refused_with_the_field_and_leaves_no_detector(
+        hub_server: tuple[Server, Any], fields: dict[str, Any], where: str) -> None:
+    server, hub = hub_server
+    with connect(server) as ws:
+        ws.send(json.dumps({"type": "detector:hello", **fields}))
+        answer = recv(ws)
+        assert answer["type"] == "error", answer
+        assert answer["field"] == where, answer
+        assert where in answer["detail"]
+        assert closed_with(ws) == 1008
+    assert detectors(server) == []
+    assert hub._connections == {} and hub._owners == {}  # nothing was registered
+
+
+def test_hello_that_is_not_json_or_binary_is_refused_with_a_close_frame(
+        hub_server: tuple[Server, Any]) -> None:
+    server, _ = hub_server
+    for first in (b"\x00\x01 binary", "{not json", "[" * 100_000, '{"type": "detector:hello", '
+                  '"detector_id": "z", "n": NaN}'):
+        with connect(server) as ws:
+            ws.send(first)
+            answer = recv(ws)
+            assert answer["type"] == "error", answer
+            assert closed_with(ws) in (1003, 1008)
+    assert detectors(server) == []
+
+
+def test_a_binary_frame_after_hello_is_answered_and_the_connection_stays(
+        hub_server: tuple[Server, Any]) -> None:
+    server, _ = hub_server
+    with connect(server) as ws:
+        assert hello(ws, "bin")["type"] == "detector:welcome"
+        ws.send(b"\x89PNG\r\n\x1a\n")
+        answer = recv(ws)
+        assert answer["type"] == "error" and "binary" in answer["detail"], answer
+        ws.send(json.dumps({"type": "sd:eject_all"}))  # still connected and served
+        assert "unknown message type 'sd:eject_all'" in recv(ws)["detail"]
+        assert [d["detector_id"] for d in detectors(server)] == ["bin"]
+
+
+def test_text_that_cannot_be_stored_is_refused_at_the_boundary_naming_the_field(
+        hub_server: tuple[Server, Any]) -> None:
+    server, _ = hub_server
+    good_file = {"path": "DCIM/a.mp4", "size": 10, "mtime": 1.0, "fingerprint": "0123456789"}
+    with connect(server) as ws:
+        assert hello(ws, "text")["type"] == "detector:welcome"
+        refused = [
+            ({"type": "detector:sd_inserted", "session_id": "s1", "card_id": "C-1",
+              "label": "\ud800"}, "message.label"),
+            ({"type": "detector:sd_inserted", "session_id": "s2", "card_id": "C\x00"},
+             "message.card_id"),
+            ({"type": "sd:file_list", "session_id": "s3", "card_id": "C-3", "label": "\udfff",
+              "files": [good_file]}, "message.label"),
+            ({"type": "sd:file_list", "session_id": "s4", "card_id": "C-4",
+              "files": [good_file, {**good_file, "fingerprint": "01234567\ud800"}]},
+             "message.files[1].fingerprint"),
+            ({"type": "detector:sd_inserted", "session_id": "\ud800"}, "message.session_id"),
+            ({"type": "detector:sd_inserted", "session_id": 12}, "message.session_id"),
+            ({"type": "detector:sd_inserted", "session_id": "s" * 300}, "message.session_id"),
+            ({"type": "detector:sd_inserted", "session_id": "s5", "file_count": "many"},
+             "message.file_count"),
+        ]
+        for message, where in refused:
+            ws.send(json.dumps(message))
+            answer = recv(ws)
+            assert answer["type"] == "error", (message, answer)
+            assert answer["field"] == where, (message, answer)
+            assert where in answer["detail"]
+        # Not JSON a store can hold: non-finite numbers, nesting past the limit.
+        ws.send('{"type": "detector:sd_inserted", "session_id": "s6", "file_count": Infinity}')
+        assert recv(ws)["field"] == "message.file_count"
+        ws.send('{"type": "x", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        assert "nested" in recv(ws)["detail"]
+        nested: Any = 1
+        for _ in range(80):
+            nested = [nested]
+        ws.send(json.dumps({"type": "x", "deep": nested}))
+        assert "nested" in recv(ws)["detail"]
+        # The connection stayed; nothing refused was recorded or started.
+        ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "ok-1",
+                            "card_id": "C-OK", "label": "fine"}))
+        ws.send(json.dumps({"type": "sd:eject_all"}))
+        assert "unknown message type" in recv(ws)["detail"]
+        listed = detectors(server)
+        assert [s["session_id"] for s in listed[0]["sessions"]] == ["ok-1"]
+    assert executions(server) == []
+
+
+def test_api_detectors_never_fails_on_what_is_stored(hub_server: tuple[Server, Any]) -> None:
+    """Whatever text a hub holds (stored before the checks existed, or by a handler), the
+    listing answers 200 with it escaped."""
+    server, hub = hub_server
+    with connect(server) as ws:
+        assert hello(ws, "robust", hostname="host")["type"] == "detector:welcome"
+        ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "weird",
+                            "label": "fine"}))
+        time.sleep(0.2)  # recorded (no answer comes: the example's handler says nothing)
+
+        def plant() -> None:  # as if stored before the boundary checks existed
+            hub._sessions["weird"]["label"] = "\ud800"
+            hub._connections["robust"].hello["hostname"] = "x\udc80"
+
+        hub._loop.call_soon_threadsafe(plant)
+        time.sleep(0.2)
+        got = httpx.get(f"{server.url}/api/detectors", headers=AUTH)
+        assert got.status_code == 200, got.text
+        assert "\\ud800" in got.text
+        assert got.json()[0]["sessions"][0]["session_id"] == "weird"
+
+
+BAD_PATHS = [".", "..", "x\x00.mp4", "/etc/passwd", "DCIM\\a.mp4", "a/../b.mp4", "./a.mp4",
+             "", "C:a.mp4", "DCIM/./a.mp4"]
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS, ids=[repr(p) for p in BAD_PATHS])
+def test_a_file_list_with_a_bad_path_is_refused_naming_the_entry_and_starts_nothing(
+        hub_server: tuple[Server, Any], bad: str) -> None:
+    server, _ = hub_server
+    files = [{"path": f"DCIM/{n}.mp4", "size": 10 + n, "mtime": 1.0 + n,
+              "fingerprint": f"{n:010d}"} for n in range(3)]
+    files.append({"path": bad, "size": 50, "mtime": 9.0, "fingerprint": "9999999999"})
+    with connect(server) as ws:
+        assert hello(ws, "paths")["type"] == "detector:welcome"
+        ws.send(json.dumps({"type": "sd:file_list", "session_id": "p1", "card_id": "CARD-1",
+                            "label": "CARD", "files": files}))
+        answer = recv(ws)
+        assert answer["type"] == "error", answer
+        assert "files[3]" in answer["detail"], answer
+        assert "nothing started" in answer["detail"] or answer.get("field"), answer
+    assert executions(server) == []
+
+
+def test_a_file_list_naming_one_path_twice_is_refused(hub_server: tuple[Server, Any]) -> None:
+    server, _ = hub_server
+    entry = {"path": "DCIM/a.mp4", "size": 10, "mtime": 1.0, "fingerprint": "0123456789"}
+    with connect(server) as ws:
+        assert hello(ws, "dups")["type"] == "detector:welcome"
+        ws.send(json.dumps({"type": "sd:file_list", "session_id": "d1", "card_id": "CARD-2",
+                            "files": [entry, {**entry, "path": "DCIM//a.mp4"}]}))
+        answer = recv(ws)
+        assert "files[1].path" in answer["detail"] and "files[0]" in answer["detail"], answer
+    assert executions(server) == []
+
+
+def _ask(hub: Any, session_id: str,
+         timeout: float = 10) -> concurrent.futures.Future[dict[str, Any]]:
+    """``hub.request`` for a copy, made on the service's loop from a test thread."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(hub.request_sync, session_id, {
+        "type": "sd:copy_request", "path": "DCIM/a.mp4", "dest": "C/DCIM/a.mp4"},
+        answer_timeout=timeout, what="the copy of DCIM/a.mp4")
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_a_session_belongs_to_the_detector_that_opened_it(
+        hub_server: tuple[Server, Any]) -> None:
+    server, hub = hub_server
+    with connect(server) as owner:
+        assert hello(owner, "reader-a")["type"] == "detector:welcome"
+        owner.send(json.dumps({"type": "detector:sd_inserted", "session_id": "s1",
+                               "card_id": "CARD-A", "label": "CARD"}))
+        with connect(server) as thief:
+            assert hello(thief, "reader-b")["type"] == "detector:welcome"
+            # Every way of naming s1 from another detector is refused and changes nothing.
+            for message in (
+                    {"type": "detector:sd_inserted", "session_id": "s1", "card_id": "CARD-A"},
+                    {"type": "sd:file_list", "session_id": "s1", "card_id": "CARD-A",
+                     "files": []},
+                    {"type": "sd:copy_progress", "session_id": "s1", "request_id": "r",
+                     "bytes": 1},
+                    {"type": "detector:sd_removed", "session_id": "s1", "card_id": "CARD-A"}):
+                thief.send(json.dumps(message))
+                answer = recv(thief)
+                assert answer["type"] == "error", (message, answer)
+                assert "session 's1'" in answer["detail"] and "another detector" in answer[
+                    "detail"], answer
+                assert "reader-a" not in answer["detail"]  # who owns it is not told
+            assert hub.owner("s1") == "reader-a"
+            assert executions(server) == []
+            listed = {d["detector_id"]: d["sessions"] for d in detectors(server)}
+            assert [s["session_id"] for s in listed["reader-a"]] == ["s1"]
+            assert listed["reader-b"] == []
+
+            # A copy for s1 reaches its owner only; an answer from the thief does not count,
+            # even with the right request id.
+            asked = _ask(hub, "s1")
+            request = recv(owner)
+            assert request["type"] == "sd:copy_request" and request["session_id"] == "s1"
+            thief.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
+                                   "ok": True, "dest": "C/DCIM/a.mp4"}))
+            answer = recv(thief)
+            assert answer["type"] == "error" and "another detector" in answer["detail"]
+            owner.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
+                                   "session_id": "s1", "ok": False, "code": "vanished"}))
+            assert asked.result(10)["code"] == "vanished"
+
+            # A third detector listing s1 in its hello is welcomed, but does not get s1.
+            with connect(server) as other:
+                assert hello(other, "reader-c", sessions=[{"session_id": "s1"}])["type"] == (
+                    "detector:welcome")
+                answer = recv(other)
+                assert answer["type"] == "error" and "session 's1'" in answer["detail"]
+            assert hub.owner("s1") == "reader-a"
+
+            # The owner crashes: its session stays its own while it is away ...
+            owner.close()
+            deadline = time.monotonic() + 5
+            while hub.is_connected("reader-a") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            thief.send(json.dumps({"type": "detector:sd_inserted", "session_id": "s1",
+                                   "card_id": "CARD-A"}))
+            assert recv(thief)["type"] == "error"
+            assert hub.owner("s1") == "reader-a"
+
+    # ... and it keeps it when it comes back, whether its hello lists the session (a
+    # reconnect) or not (a restarted process that lost its memory: the backend's retried
+    # copies must still reach it).
+    with connect(server) as back:
+        assert hello(back, "reader-a", sessions=[{"session_id": "s1", "card_id": "CARD-A"}])[
+            "type"] == "detector:welcome"
+        asked = _ask(hub, "s1")
+        request = recv(back)
+        back.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
+                              "session_id": "s1", "ok": True}))
+        assert asked.result(10)["ok"] is True
+    with connect(server) as restarted:
+        assert hello(restarted, "reader-a")["type"] == "detector:welcome"
+        asked = _ask(hub, "s1")
+        request = recv(restarted)
+        assert request["session_id"] == "s1"
+        restarted.send(json.dumps({"type": "sd:file_copied",
+                                   "request_id": request["request_id"], "ok": True}))
+        assert asked.result(10)["ok"] is True
+
+
+def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
+        tmp_path: Path) -> None:
+    """``examples/sd_import/detector.py`` connects with ``Authorization: Bearer``: the token
+    never appears in the URL (which access logs and proxies record)."""
+    seen: list[tuple[str, str | None]] = []
+    got = threading.Event()
+
+    def handler(connection: ServerConnection) -> None:
+        assert connection.request is not None
+        seen.append((connection.request.path,
+                     connection.request.headers.get("Authorization")))
+        got.set()
+        with_hello = json.loads(connection.recv(10))
+        assert with_hello["type"] == "detector:hello"
+
+    port = free_port()
+    with serve(handler, "127.0.0.1", port) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        (tmp_path / "media").mkdir()
+        proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "detector.py"), "--watch", str(tmp_path / "media"),
+             "--backend", f"ws://127.0.0.1:{port}/ws/detector", "--shared",
+             str(tmp_path / "shared"), "--token", TOKEN, "--detector-id", "hdr",
+             "--max-backoff", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            assert got.wait(30), "the detector did not connect"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            server.shutdown()
+    path, authorization = seen[0]
+    assert path == "/ws/detector" and TOKEN not in path
+    assert authorization == f"Bearer {TOKEN}"
