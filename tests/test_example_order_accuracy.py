@@ -434,8 +434,7 @@ def test_the_stations_hosted_by_framepipe_serve(
     port = free_port()
     env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
            "ORDER_STATIONS": f"station_1={video}", "ORDER_TIMEOUT": str(TIMEOUT),
-           "ORDER_LOOP": "1"}
-    env.pop("FRAMEPIPE_API_TOKEN", None)
+           "ORDER_LOOP": "1", "FRAMEPIPE_API_TOKEN": "order-accuracy-test-token"}
     serve = subprocess.Popen(
         [sys.executable, "-m", "framepipe", "serve", "--port", str(port),
          "--app", f"{EXAMPLE / 'service.py'}:app"], env=env, cwd=tmp_path,
@@ -444,7 +443,8 @@ def test_the_stations_hosted_by_framepipe_serve(
     try:
         deadline = time.monotonic() + 60
         orders: list[dict[str, Any]] = []
-        with httpx.Client(base_url=base, timeout=5) as client:
+        with httpx.Client(base_url=base, timeout=5, headers={
+                "Authorization": "Bearer order-accuracy-test-token"}) as client:
             while time.monotonic() < deadline and len(orders) < 2:
                 time.sleep(0.3)
                 if serve.poll() is not None:
