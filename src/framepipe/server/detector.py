@@ -684,7 +684,7 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
                    check_token: Callable[..., None]) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""
-    from fastapi import Depends, Response, WebSocket
+    from fastapi import Depends, WebSocket
 
     async def detector_socket(websocket: WebSocket) -> None:
         """A host-side detector's connection (see :mod:`framepipe.server.detector`)."""
@@ -695,14 +695,12 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
     detector_socket.__annotations__["websocket"] = WebSocket
     app.websocket("/ws/detector")(detector_socket)
 
-    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)],
-             response_class=Response,
-             responses={200: {"content": {"application/json": {}},
-                              "description": "Connected detectors and their sessions"}})
-    async def detectors_list() -> Response:
-        """Connected detectors and the card sessions each owns (text the hub holds is sent
-        escaped when it cannot be encoded as it is: this listing never fails on it)."""
-        return Response(dumps(hub.detectors()), media_type="application/json")
+    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)])
+    async def detectors_list() -> list[dict[str, Any]]:
+        """Connected detectors and the card sessions each owns (sent through the service's
+        response class, which escapes text that cannot be encoded: this listing never fails
+        on it)."""
+        return hub.detectors()
 
 
 # -- reaching the hub from workers (Redis) ---------------------------------------------------
