@@ -11,6 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from framepipe import (
     ExecutionStatus,
@@ -23,7 +24,8 @@ from framepipe import (
     open_object_store,
 )
 from framepipe.backends.objects import ObjectStore
-from framepipe.errors import StepParamsError
+from framepipe.errors import PathNotAllowedError, StepParamsError
+from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.media import probe
 from framepipe.media.steps import OPERATIONS, Input, media_step, run_media
 from media import audio_of, dominant_hz, make_clip, make_qr_clip
@@ -229,6 +231,54 @@ def test_a_bad_local_file_is_named_by_its_own_path(settings: Settings, tmp_path:
         missing.errors["watermark"]
     assert list(scratch.iterdir()) == []
     assert list(objects.list("")) == []
+
+
+class PublishInputs(BaseModel):
+    video: LocalPathOrKey
+    width: int = 64
+
+
+def test_a_declared_input_is_read_as_the_submit_confined_it(
+        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: with its inputs declared, a media step never reads a file the submitter was
+    not allowed (a relative value is an object key, not a file of the server's working
+    folder); a local file inside the roots is copied without following links and named by its
+    own path."""
+    p = Pipeline("declared_media", inputs=PublishInputs)
+    media_step(p, "normalise", source="video", width=Input("width"), preset=FAST)
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    make_clip(uploads / "clip.mp4", frames=10, size=(160, 120))
+    (tmp_path / "notes.mp4").write_text("not a video")
+
+    def submit(inputs: dict[str, Any]) -> Any:
+        async def main() -> Any:
+            async with JobEngine(settings=settings) as engine:
+                execution_id = await engine.submit(p, inputs, input_roots=[uploads])
+                return await engine.wait(execution_id, raise_on_failure=False)
+
+        return asyncio.run(asyncio.wait_for(main(), 120))
+
+    monkeypatch.chdir(uploads)  # "clip.mp4" is a file here, but only a key to the submitter
+    as_key = submit({"video": "clip.mp4"})
+    assert as_key.status is ExecutionStatus.FAILED
+    assert "MediaError: clip.mp4: no such object in the object store" in \
+        as_key.errors["normalise"]
+    with pytest.raises(PathNotAllowedError):
+        submit({"video": str(tmp_path / "notes.mp4")})
+
+    done = submit({"video": str(uploads / "clip.mp4")})
+    assert done.status is ExecutionStatus.COMPLETED, done.error
+    assert done.data["normalise"]["info"]["width"] == 64
+    assert done.data["normalise"]["source"] == "video"
+    (uploads / "bad.mp4").write_text("not a video")
+    bad = submit({"video": str(uploads / "bad.mp4")})
+    message = bad.errors["normalise"].splitlines()[0]
+    assert message.startswith(f"MediaError: {uploads / 'bad.mp4'}: cannot be opened as a "
+                              "video file"), message
+    assert str(scratch) not in message  # the user's file, not the step's copy
+    assert list(scratch.iterdir()) == []
 
 
 def test_run_media_in_a_step_of_your_own_with_a_key_template(settings: Settings,

@@ -2,6 +2,7 @@
 
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import Ledger, content_hash, file_fingerprint, file_identity
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
@@ -12,6 +13,7 @@ __all__ = [
     "ExecutionStatus",
     "JobEngine",
     "Ledger",
+    "LocalPathOrKey",
     "Pipeline",
     "Step",
     "StepContext",

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -334,9 +335,22 @@ class JobEngine:
         self._pipelines[pipeline.name] = pipeline
 
     async def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                     ref: str | None = None) -> str:
+                     ref: str | None = None,
+                     input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
         """Create an execution of ``pipeline`` and start it; return its id.
 
+        ``inputs`` are checked first, in both modes, and a refusal creates nothing: storable
+        JSON within ``max_inputs_bytes`` (:class:`InputTooLargeError` otherwise), then the
+        pipeline's declared inputs model if it has one (:meth:`Pipeline.check_inputs`:
+        :class:`InvalidInputError` naming the field). ``input_roots`` is for submitters that
+        do not own the machine (the HTTP service passes the setting ``input_roots``): the
+        local paths among the declared inputs (fields of type
+        :data:`~framepipe.jobs.inputs.LocalPathOrKey`) must then lie inside those folders
+        (:class:`PathNotAllowedError` otherwise), and ``[]`` allows none, only object keys;
+        None (the command line, the Python API) leaves them unrestricted. A pipeline that
+        declares no inputs gets them as given, whatever ``input_roots`` says. What is stored,
+        and what the steps see, is the checked form (resolved paths; see
+        :mod:`framepipe.jobs.inputs` for why the roots need not travel with the execution).
         The execution and its initial steps are committed before this returns."""
         self._check_started()
         pipeline.validate()
@@ -345,6 +359,9 @@ class JobEngine:
         check_json(inputs, "inputs")
         check_size(inputs, "inputs", limit=self.settings.max_inputs_bytes,
                    setting="FRAMEPIPE_MAX_INPUTS_BYTES")
+        if pipeline.inputs is not None:  # paths are resolved: file system calls
+            inputs = await asyncio.to_thread(pipeline.check_inputs, inputs,
+                                             input_roots=input_roots)
         try:
             canonical_json(inputs)
         except (TypeError, ValueError) as exc:

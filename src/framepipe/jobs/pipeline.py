@@ -9,13 +9,17 @@ the pipeline and the step.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+from pydantic import BaseModel
+
 from framepipe.errors import PipelineCycleError, StepParamsError, UnknownDependencyError
+from framepipe.jobs.inputs import validate_inputs
 from framepipe.jobs.keys import validate_step_name
 
 __all__ = ["Pipeline", "Step"]
@@ -99,11 +103,22 @@ def _module_ref(depth: int) -> str | None:
 
 
 class Pipeline:
-    """A named DAG of steps. Decorate functions with :meth:`step` to add them."""
+    """A named DAG of steps. Decorate functions with :meth:`step` to add them.
 
-    def __init__(self, name: str, *, description: str = "") -> None:
+    ``inputs``, a Pydantic model, declares the execution's inputs: every submit validates
+    them against it before an execution exists, and confines the local paths among them
+    (fields of type :data:`~framepipe.jobs.inputs.LocalPathOrKey`) to the roots the submitter
+    gives (:mod:`framepipe.jobs.inputs`). Without it, inputs are taken as given."""
+
+    def __init__(self, name: str, *, description: str = "",
+                 inputs: type[BaseModel] | None = None) -> None:
         self.name = validate_step_name(name)
         self.description = description
+        if inputs is not None and not (isinstance(inputs, type)
+                                       and issubclass(inputs, BaseModel)):
+            raise StepParamsError(f"inputs must be a Pydantic model class, not {inputs!r}",
+                                  pipeline=self.name)
+        self.inputs = inputs
         self._steps: dict[str, Step] = {}
         self._validated = False
         self.module_ref = _module_ref(2)
@@ -112,6 +127,17 @@ class Pipeline:
     def steps(self) -> Mapping[str, Step]:
         """The steps by name, in the order they were added."""
         return self._steps
+
+    def check_inputs(self, inputs: Mapping[str, Any], *,
+                     input_roots: Iterable[str | os.PathLike[str]] | None = None
+                     ) -> dict[str, Any]:
+        """``inputs`` as an execution of this pipeline stores them: validated against the
+        declared model (:func:`~framepipe.jobs.inputs.validate_inputs`: an
+        :class:`~framepipe.errors.InvalidInputError` naming the field, local paths confined to
+        ``input_roots`` unless it is None), or as given when none is declared."""
+        if self.inputs is None:
+            return dict(inputs)
+        return validate_inputs(self.inputs, inputs, input_roots=input_roots)
 
     @property
     def ref(self) -> str | None:

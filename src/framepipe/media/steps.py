@@ -61,6 +61,7 @@ import cv2
 
 from framepipe.errors import InvalidKeyError, MediaError, StepParamsError
 from framepipe.jobs.context import StepContext
+from framepipe.jobs.inputs import copy_local_file, local_path, path_or_key_fields
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.media.concat import concat
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames, stitch
@@ -287,6 +288,9 @@ class _Run:
             if not isinstance(value, str) or not value:
                 raise StepParamsError(f"input {ref!r} is {value!r}, not a path or object key",
                                       pipeline=ctx.pipeline.name, step_key=ctx.step_key)
+            model = ctx.pipeline.inputs
+            if model is not None and ref in path_or_key_fields(model):
+                return ("key" if local_path(value) is None else "local"), value
             return "ref", value
         return "ref", ref
 
@@ -297,20 +301,36 @@ class _Run:
             return False
 
     def fetch(self, ref: str, *, folder: bool = False) -> Path:
-        """The source ``ref`` as a local file (or folder of images)."""
+        """The source ``ref`` as a local file (or folder of images).
+
+        A declared :data:`~framepipe.jobs.inputs.LocalPathOrKey` input is taken as the submit
+        stored it: an absolute path is a file, copied without following links (a folder is
+        refused), anything else an object key, never looked up on the disk. Other sources are
+        a local path if one exists there, else an object key (or prefix)."""
         kind, value = self._lookup(ref)
         slot = self.work / f"in{self._downloads}"
         self._downloads += 1
         report = self.report(_FETCH)
-        if kind == "ref":
+        if kind == "local":
+            if folder:
+                raise MediaError(value, "a folder of images must be given as an object-key "
+                                        "prefix here (this input is a file or an object)")
+            slot.mkdir(parents=True)
+            dest = copy_local_file(value, slot / Path(value).name)
+            self.names[dest] = value
+            report(100)
+            return dest
+        if kind in ("ref", "key"):
             local = Path(value)
-            if local.exists():
+            if kind == "ref" and local.exists():
                 return local
             if not folder and self._object_exists(value):
                 dest = self.ctx.objects.get_file(value, slot / value.rsplit("/", 1)[-1])
                 self.names[dest] = value
                 report(100)
                 return dest
+            if not folder and kind == "key":
+                raise MediaError(value, "no such object in the object store")
             if not folder:
                 raise MediaError(value, "no such file, nor object key in "
                                         f"{self.ctx.objects.url}")
