@@ -9,9 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus, open_object_store
-from framepipe.jobs.records import list_events
+from framepipe.backends.state import StateStore
+from framepipe.cli import app as cli_app
+from framepipe.errors import InvalidInputError, PathNotAllowedError
+from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.records import list_events, list_executions
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
 from media import make_clip
@@ -97,8 +102,104 @@ def test_a_missing_or_non_video_input_fails_fetch_clearly(
         settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     missing, _, _ = run_ml(settings, tmp_path / "nope.mp4")
-    assert "neither a file nor an object key" in missing.errors["fetch"]
+    assert f"no such file: '{tmp_path / 'nope.mp4'}'" in missing.errors["fetch"]
+    key, _, _ = run_ml(settings, Path("uploads/nope.mp4"))  # relative, not on disk: a key
+    assert "input 'uploads/nope.mp4': no such object in the object store" in key.errors["fetch"]
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     bad, _, _ = run_ml(settings, text)
     assert "notes.mp4" in bad.errors["fetch"] and "MediaError" in bad.errors["fetch"]
+
+
+# -- inputs checked at submit (issue 14) ----------------------------------------------------
+
+
+def submit_ml(settings: Settings, inputs: dict[str, Any],
+              input_roots: list[Path] | None = None) -> ExecutionInfo:
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(ml_video, inputs, input_roots=input_roots)
+            return await engine.wait(execution_id, raise_on_failure=False)
+
+    return asyncio.run(main())
+
+
+def executions(settings: Settings) -> list[Any]:
+    with StateStore(settings.resolved_database_url) as store:
+        return list_executions(store)
+
+
+@pytest.mark.parametrize(("inputs", "where"), [
+    ({"input": "in.mp4", "width": "abc"}, "inputs.width"),
+    ({"input": 5}, "inputs.input"),
+    ({"prompt": "anime"}, "inputs.input"),
+    ({"input": "in.mp4", "fps": 0}, "inputs.fps"),
+    ({"input": "in.mp4", "seed": 1.5}, "inputs.seed"),
+    ({"input": "in.mp4", "contrast": "inf"}, "inputs.contrast"),
+    ({"input": "in.mp4", "widht": 160}, "inputs.widht"),
+])
+def test_inputs_that_can_never_succeed_fail_at_submit_naming_the_field(
+        settings: Settings, inputs: dict[str, Any], where: str) -> None:
+    """They were retried 3 times before the execution failed; now nothing is created."""
+    with pytest.raises(InvalidInputError) as caught:
+        submit_ml(settings, inputs)
+    assert caught.value.where == where, caught.value
+    assert executions(settings) == []
+
+
+def test_the_documented_inputs_are_accepted_and_stored_with_their_defaults(
+        settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    info = submit_ml(settings, {"input": str(clip), "prompt": "anime", "style": "studio",
+                                "seed": "42", "width": 160, "fps": 12.5, "brightness": 10,
+                                "contrast": 1.2})
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.inputs == {"input": str(clip.resolve()), "prompt": "anime", "style": "studio",
+                           "seed": 42, "width": 160, "fps": 12.5, "brightness": 10.0,
+                           "contrast": 1.2}
+    assert info.data["preprocessed_info"]["fps"] == 12.5
+    defaults = submit_ml(settings, {"input": str(clip), "width": 160}).inputs
+    assert defaults == {"input": str(clip.resolve()), "prompt": "", "style": "default",
+                        "seed": 0, "width": 160, "fps": 25.0, "brightness": 0.0,
+                        "contrast": 1.0}
+
+
+def test_the_command_line_refuses_them_with_the_field_and_exit_code_2(
+        tmp_path: Path, clip: Path) -> None:
+    result = CliRunner().invoke(cli_app, [
+        "--home", str(tmp_path / "home"), "run", "framepipe.pipelines.ml_video:ml_video",
+        "-i", f"input={clip}", "-i", "width=abc"])
+    assert result.exit_code == 2, result.output
+    assert "inputs.width: Input should be a valid integer" in result.output
+
+
+def test_a_local_path_outside_the_roots_is_refused_and_says_nothing_about_it(
+        settings: Settings, clip: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: submitted over HTTP, ``input: "/some/private/file.mp4"`` was copied into the
+    object store (downloadable), and the errors told whether a path existed."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    absent = tmp_path / "absent" / clip.name  # the same name, nothing there
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    for roots in ([], [uploads]):
+        with pytest.raises(PathNotAllowedError) as there:
+            submit_ml(settings, {"input": str(clip)}, roots)
+        with pytest.raises(PathNotAllowedError) as not_there:
+            submit_ml(settings, {"input": str(absent)}, roots)
+        assert there.value.where == "inputs.input"
+        assert str(there.value) == str(not_there.value)
+        assert str(tmp_path) not in str(there.value)
+    assert executions(settings) == []
+    objects = open_object_store(settings.resolved_objects_url)
+    assert list(objects.list()) == []
+
+    # an object key is what a client without roots gives; a root makes its files usable
+    objects.put_file("uploads/in.mp4", clip)
+    by_key = submit_ml(settings, {"input": "uploads/in.mp4", "width": 160}, [])
+    assert by_key.status is ExecutionStatus.COMPLETED, by_key.error
+    assert by_key.data["input_key"] == "uploads/in.mp4"
+    (uploads / "in.mp4").write_bytes(clip.read_bytes())
+    by_path = submit_ml(settings, {"input": str(uploads / "in.mp4"), "width": 160}, [uploads])
+    assert by_path.status is ExecutionStatus.COMPLETED, by_path.error
+    assert by_path.data["input_key"] == f"ml/{by_path.id}/input.mp4"

@@ -6,11 +6,14 @@ Run it like any pipeline::
     MODEL_ADAPTER_TYPE=mock framepipe run framepipe.pipelines.ml_video:ml_video \\
         --input input=clip.mp4 --input prompt="turn into anime" --input style=studio
 
-Inputs: ``input`` (a local file or an object key), ``prompt``, ``style`` (default
-``"default"``), ``seed`` (default 0), ``width`` (preprocess width, default 640), ``fps``
-(default 25), ``brightness``/``contrast`` (postprocess, default 0 / 1.0). The model is chosen by
-the seed's settings (``MODEL_ADAPTER_TYPE=mock|python|http``, ``PYTHON_SCRIPT``,
-``MODEL_API_URL``, ``MODEL_API_TIMEOUT``).
+Inputs (:class:`MlVideoInputs`, checked when an execution is submitted: a wrong or unknown one
+is refused with :class:`~framepipe.errors.InvalidInputError` naming it, and no execution is
+created): ``input`` (the video: a local file or an object key, see
+:mod:`framepipe.jobs.inputs`; over HTTP local files only inside ``FRAMEPIPE_INPUT_ROOTS``),
+``prompt``, ``style`` (default ``"default"``), ``seed`` (default 0), ``width`` (preprocess
+width, default 640), ``fps`` (default 25), ``brightness``/``contrast`` (postprocess, default
+0 / 1.0). The model is chosen by the seed's settings (``MODEL_ADAPTER_TYPE=mock|python|http``,
+``PYTHON_SCRIPT``, ``MODEL_API_URL``, ``MODEL_API_TIMEOUT``).
 
 The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails). Every
 step works in its own temporary folder (deleted afterwards, failed or not) and passes
@@ -28,16 +31,39 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
-from framepipe.errors import InvalidKeyError, MediaError
+from framepipe.errors import MediaError
 from framepipe.jobs.context import StepContext
+from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_path
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.processors.adapters import adapter_from_settings, as_step_progress
 
-__all__ = ["ml_video"]
+__all__ = ["MlVideoInputs", "ml_video"]
 
-ml_video = Pipeline("ml_video", description="Stylise a video with a model (seed 003).")
+
+class MlVideoInputs(BaseModel):
+    """The inputs of :data:`ml_video`; an input not listed here is refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    input: LocalPathOrKey = Field(description="The video: a local file or an object key.")
+    prompt: str = Field("", description="What the model is asked to do.")
+    style: str = Field("default", description="The model's style.")
+    seed: int = Field(0, description="The model's random seed.")
+    width: int = Field(640, ge=2, le=8192, description="Preprocess width, in pixels.")
+    fps: float = Field(25.0, gt=0, le=240, description="Frames a second, in and out.")
+    brightness: float = Field(0.0, description="Postprocess: added to every pixel value.")
+    contrast: float = Field(1.0, description="Postprocess: every pixel value times this.")
+
+
+ml_video = Pipeline("ml_video", description="Stylise a video with a model (seed 003).",
+                    inputs=MlVideoInputs)
+
+
+def _inputs(ctx: StepContext) -> MlVideoInputs:
+    return load_inputs(MlVideoInputs, ctx.inputs)
 
 
 def _prefix(ctx: StepContext) -> str:
@@ -76,33 +102,35 @@ def _download_folder(ctx: StepContext, prefix: str) -> Path:
 
 @ml_video.step(weight=10, retries=2)
 def fetch(ctx: StepContext) -> dict[str, Any]:
-    """Bring the input into the object store (a local file is uploaded; a key is checked)."""
-    source = str(ctx.inputs["input"])
-    path = Path(source)
-    if not path.is_file():
-        try:
-            if ctx.objects.exists(source):
-                return {"input_key": source}
-        except InvalidKeyError:
-            pass
-        raise FileNotFoundError(f"input {source!r} is neither a file nor an object key in "
-                                f"{ctx.objects.url}")
-    info = media.probe(path)  # refuse a non-video before anything else runs
+    """Bring the input into the object store: a local file (as the submit resolved and
+    confined it) is copied without following links, probed (a non-video is refused before
+    anything else runs) and uploaded; an object key is checked."""
+    source = _inputs(ctx).input
+    path = local_path(source)
+    if path is None:
+        if not ctx.objects.exists(source):
+            raise FileNotFoundError(f"input {source!r}: no such object in the object store")
+        return {"input_key": source}
+    copy = copy_local_file(path, ctx.tempdir() / path.name)
+    try:
+        info = media.probe(copy).as_dict()
+    except MediaError as exc:  # name the user's file, not this step's copy of it
+        raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
     key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
-    ctx.objects.put_file(key, path)
-    return {"input_key": key, "input_info": info.as_dict()}
+    ctx.objects.put_file(key, copy)
+    return {"input_key": key, "input_info": {**info, "path": source}}
 
 
 @ml_video.step(depends_on=["fetch"], weight=5, retries=2)
 def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
+    inputs = _inputs(ctx)
     try:
         out = media.run_media(ctx, "normalise", ctx.data["input_key"],
-                              key="ml/{execution_id}/preprocessed.mp4",
-                              width=int(ctx.inputs.get("width", 640)),
-                              fps=float(ctx.inputs.get("fps", 25)), preset="veryfast")
+                              key="ml/{execution_id}/preprocessed.mp4", width=inputs.width,
+                              fps=inputs.fps, preset="veryfast")
     except MediaError as exc:  # name the user's file, not this job's copy of it
-        raise MediaError(str(ctx.inputs["input"]), exc.reason) from exc
+        raise MediaError(inputs.input, exc.reason) from exc
     return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
 
 
@@ -110,11 +138,11 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
 async def inference(ctx: StepContext) -> dict[str, Any]:
     """Run the model (any adapter) on the preprocessed video; its frames go to the store."""
     src = _fetch(ctx, ctx.data["preprocessed_key"])
+    inputs = _inputs(ctx)
     model = adapter_from_settings()
     try:
-        result = await model.infer(src, prompt=str(ctx.inputs.get("prompt", "")),
-                                   style=str(ctx.inputs.get("style", "default")),
-                                   seed=int(ctx.inputs.get("seed", 0)),
+        result = await model.infer(src, prompt=inputs.prompt, style=inputs.style,
+                                   seed=inputs.seed,
                                    output_dir=ctx.tempdir(),
                                    progress=as_step_progress(ctx, 0, 90, "inference"))
     finally:
@@ -131,8 +159,8 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
     """Colour correction of every frame (contrast and brightness, OpenCV)."""
     folder = _download_folder(ctx, ctx.data["frames_prefix"])
     out = ctx.tempdir()
-    alpha = float(ctx.inputs.get("contrast", 1.0))
-    beta = float(ctx.inputs.get("brightness", 0.0))
+    inputs = _inputs(ctx)
+    alpha, beta = inputs.contrast, inputs.brightness
     paths = _images(folder)
     for n, path in enumerate(paths, 1):
         image = cv2.imread(str(path))
@@ -151,7 +179,7 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
     folder = _download_folder(ctx, ctx.data["post_prefix"])
     dst = ctx.tempdir() / "output.mp4"
-    media.stitch(folder, dst, fps=float(ctx.inputs.get("fps", 25)), preset="veryfast",
+    media.stitch(folder, dst, fps=_inputs(ctx).fps, preset="veryfast",
                  progress=ctx.progress)
     key = f"{_prefix(ctx)}/output.mp4"
     ctx.objects.put_file(key, dst)
@@ -173,8 +201,8 @@ def finalize(ctx: StepContext) -> dict[str, Any]:
     """A manifest of the job next to its outputs."""
     manifest = {k: ctx.data.get(k) for k in ("input_key", "video", "thumbnail", "grid",
                                             "frames", "model", "video_info")}
-    manifest.update(prompt=ctx.inputs.get("prompt", ""), style=ctx.inputs.get("style",
-                                                                               "default"))
+    inputs = _inputs(ctx)
+    manifest.update(prompt=inputs.prompt, style=inputs.style)
     key = f"{_prefix(ctx)}/manifest.json"
     ctx.objects.put(key, json.dumps(manifest, indent=2, default=str).encode())
     return {"manifest": key}
