@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from conftest import REDIS_URL, redis_namespace
 from framepipe import ExecutionStatus, JobEngine, Settings, StepContext, open_object_store
 from framepipe.errors import InvalidInputError, PathNotAllowedError, StepParamsError
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_path
@@ -235,3 +236,36 @@ def test_the_confinement_holds_when_the_step_runs_after_a_link_was_planted(
     assert info.status is ExecutionStatus.FAILED
     error = info.errors["read"]
     assert "symbolic link" in error and "SECRET" not in str(info.data), error
+
+
+def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
+        tmp_path: Path, tree: Path, database_url: str) -> None:
+    """The roots do not travel to the worker, the resolved path does: submitted with roots
+    while no worker runs, one execution's folder is then replaced by a link out of the root;
+    a ``framepipe worker`` started afterwards reads the intact one and refuses the other."""
+    from test_jobs_workers import Cluster
+
+    root = tree / "root"
+    with redis_namespace("fp-inputs-") as namespace:
+        cluster = Cluster(tmp_path, database_url, REDIS_URL, namespace)
+        try:
+            async def submit_both() -> tuple[str, str]:
+                async with JobEngine(settings=cluster.settings) as engine:
+                    return (await engine.submit(declared, {"video": str(root / "clip.txt")},
+                                                input_roots=[root]),
+                            await engine.submit(declared,
+                                                {"video": str(root / "dir" / "clip.txt")},
+                                                input_roots=[root]))
+
+            intact, swapped = asyncio.run(submit_both())
+            (root / "dir").rename(root / "was_dir")
+            (root / "dir").symlink_to(tree / "outside")
+            (tree / "outside" / "clip.txt").write_text("SECRET")
+            cluster.wait_registered(cluster.worker())
+            done, refused_ = cluster.wait(intact), cluster.wait(swapped)
+        finally:
+            cluster.close()
+    assert done.status is ExecutionStatus.COMPLETED, done.error
+    assert done.data["text"] == "inside"
+    assert refused_.status is ExecutionStatus.FAILED
+    assert "symbolic link" in refused_.errors["read"] and "SECRET" not in str(refused_.data)
