@@ -18,17 +18,31 @@ first and last 64 KiB), and ``detector:sd_removed`` when it goes. It answers eve
   the speed), reporting ``sd:copy_progress``; then ``fsync``, then the copy's size and
   fingerprint are checked against the listing, and only then is it renamed to its final name
   (atomic on the same volume) and the folder synced: a final name is always a whole, checked
-  file; an interrupted copy leaves at most a ``.part`` file, which the next attempt overwrites;
+  file; an interrupted copy leaves at most a ``.part`` file, which the next attempt removes
+  and creates anew;
+* no symbolic link is followed, on the card or in the shared folder: each folder on the way is
+  opened below its root without following links (:func:`framepipe.confined.open_dir_beneath`)
+  and every name in it is opened, created, renamed and removed relative to that folder; the
+  temporary file is created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``), so a link or file
+  planted under its name is never written through. A link (or anything but a regular file or
+  folder, such as a fifo) where a file or folder is expected is refused, naming it relative
+  to its root; a planted ``.part`` link is left in place for a person to look at. The card's
+  listing skips links. (Windows has no ``dir_fd``: there each segment is checked not to be a
+  link before the path is used, which a racing writer could defeat; the exclusive create
+  still never writes through a link);
 * ``sd:file_copied`` says ``ok: true`` with ``dest``, ``size`` and ``fingerprint``, or
   ``ok: false`` with ``code`` (``vanished``: the file is no longer on the card; ``changed``:
   its size or content differs from the listing; ``not_mounted``: the card is gone;
-  ``refused``: a path outside the card or the shared folder; ``io_error``) and ``error``;
+  ``refused``: a path outside the card or the shared folder, or a link where a file or folder
+  is expected; ``io_error``) and ``error``, which names the file and the reason;
 * a file already at its destination with the right size and fingerprint is not copied again.
 
-The backend never reads the card. The connection reconnects by itself with exponential
-backoff and jitter (the ``websockets`` client's, from 1 s up to ``--max-backoff``, 30 s);
-after a reconnect the detector says which cards it still has (``detector:hello``), so copies
-the backend retries reach it, and announces the cards the backend has not acknowledged yet.
+The backend never reads the card. The token goes in an ``Authorization: Bearer`` header, never
+in the URL (which access logs and proxies record). The connection reconnects by itself with
+exponential backoff and jitter (the ``websockets`` client's, from 1 s up to ``--max-backoff``,
+30 s); after a reconnect the detector says which cards it still has (``detector:hello``), so
+copies the backend retries reach it, and announces the cards the backend has not acknowledged
+yet.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import hashlib
 import inspect
 import json
@@ -45,19 +60,23 @@ import platform
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath, PurePosixPath
+from pathlib import Path, PurePath
+from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from framepipe.confined import LinkRefusedError, fd_path, open_dir_beneath, relative_parts
+from framepipe.errors import InvalidInputError
 from framepipe.jobs.ledger import file_fingerprint
 
 __all__ = ["Card", "Detector", "copy_file", "list_card"]
@@ -72,21 +91,35 @@ _IGNORED_DIRS = {"system volume information", "$recycle.bin", "lost+found"}
 
 def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[dict[str, Any]]:
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
-    ``fingerprint``; hidden files and system folders skipped; sorted by path."""
+    ``fingerprint``; hidden files and system folders skipped; sorted by path. Only regular
+    files are listed, read without following links (a link on the card, to a file or a
+    folder, is skipped: what it points to is not on the card)."""
     out = []
-    for folder, dirs, names in os.walk(root):
+    for folder, dirs, names in os.walk(root):  # does not descend into linked folders
         dirs[:] = [d for d in dirs if not d.startswith(".") and d.lower() not in _IGNORED_DIRS]
-        for name in names:
-            if name.startswith(".") or not name.lower().endswith(suffixes):
-                continue
-            path = Path(folder) / name
-            try:
-                st = path.stat()
-                fingerprint = file_fingerprint(path)
-            except OSError:  # vanished while listing: the next poll sees the truth
-                continue
-            out.append({"path": path.relative_to(root).as_posix(), "size": st.st_size,
-                        "mtime": st.st_mtime, "fingerprint": fingerprint})
+        wanted = [n for n in names
+                  if not n.startswith(".") and n.lower().endswith(suffixes)]
+        if not wanted:
+            continue
+        rel = Path(folder).relative_to(root).parts
+        try:
+            with _Folder(root, rel, where="the card") as here:
+                for name in wanted:
+                    try:
+                        fd = here.open_file(name)
+                    except OSError:  # a link, vanished: the next poll sees the truth
+                        continue
+                    try:
+                        st = os.fstat(fd)
+                        fingerprint = here.fingerprint(fd, name)
+                    except OSError:
+                        continue
+                    finally:
+                        os.close(fd)
+                    out.append({"path": "/".join((*rel, name)), "size": st.st_size,
+                                "mtime": st.st_mtime, "fingerprint": fingerprint})
+        except OSError:  # the folder vanished or was replaced by a link while listing
+            continue
     return sorted(out, key=lambda e: e["path"])
 
 
@@ -135,49 +168,193 @@ class CopyAborted(Exception):
     """The connection the request came on closed: stop, the backend will ask again."""
 
 
-def _inside(base: Path, rel: str) -> Path | None:
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts or "\\" in rel:
-        return None
-    path = base.joinpath(*pure.parts)
-    return path if path.resolve().is_relative_to(base.resolve()) else None
+_AT = {os.open, os.stat, os.unlink, os.rename} <= os.supports_dir_fd  # POSIX; not Windows
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a fifo where a file is expected: no wait
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name == "posix":  # Windows cannot open a folder for fsync; its rename is durable
-        fd = os.open(folder, os.O_RDONLY)
+class _Folder:
+    """A folder below ``root``, reached without following a link, in which names are opened,
+    created, checked, renamed and removed relative to the folder itself (``dir_fd``), so
+    nothing renamed or linked above it meanwhile can redirect them.
+
+    Where the platform has no ``dir_fd`` (Windows), each segment is checked not to be a link
+    before the path is used (a check a racing writer could defeat) and names are used by path.
+    Raises :class:`LinkRefusedError` naming the first segment that is a link or not a folder
+    (relative to ``root``; ``where`` names the root in messages), ``FileNotFoundError`` for
+    a missing folder (created instead with ``make``)."""
+
+    def __init__(self, root: Path, parts: Sequence[str], *, where: str,
+                 make: bool = False) -> None:
+        self.where = where
+        self.parts = tuple(parts)
+        self.fd: int | None = None
+        self.path = root.joinpath(*self.parts)
+        if _AT:
+            self.fd = open_dir_beneath(root, self.parts, where=where, make_dirs=make)
+            return
+        path = root
+        for i, part in enumerate(self.parts):
+            path = path / part
+            if path.is_symlink() or getattr(path, "is_junction", lambda: False)() or (
+                    path.exists() and not path.is_dir()):
+                raise LinkRefusedError(f"{'/'.join(self.parts[: i + 1])!r} is a symbolic link "
+                                       "or not a folder; links are not followed below the "
+                                       "root", where=where)
+            if make:
+                path.mkdir(exist_ok=True)
+        if not path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such folder", "/".join(self.parts))
+
+    def __enter__(self) -> _Folder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def shown(self, name: str) -> str:
+        """``name`` as a path relative to the root (for messages: no absolute paths)."""
+        return "/".join((*self.parts, name))
+
+    def _name(self, name: str) -> str:
+        return name if self.fd is not None else str(self.path / name)
+
+    def lstat(self, name: str) -> os.stat_result:
+        return os.stat(self._name(name), dir_fd=self.fd, follow_symlinks=False)
+
+    def open(self, name: str, flags: int, mode: int = 0o644) -> int:
+        """``os.open`` of ``name`` here with ``O_NOFOLLOW``; a link is a LinkRefusedError."""
+        if self.fd is None and os.path.islink(self._name(name)):
+            raise LinkRefusedError(f"{self.shown(name)!r} is a symbolic link; links are not "
+                                   "followed", where=self.where)
         try:
-            os.fsync(fd)
-        finally:
+            return os.open(self._name(name), flags | _NOFOLLOW | _CLOEXEC | _BINARY, mode,
+                           dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LinkRefusedError(f"{self.shown(name)!r} is a symbolic link; links are "
+                                       "not followed", where=self.where) from None
+            raise
+
+    def open_file(self, name: str) -> int:
+        """``name`` opened for reading, if it is a regular file (not a link, folder, fifo)."""
+        fd = self.open(name, os.O_RDONLY | _NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
+            raise LinkRefusedError(f"{self.shown(name)!r} is not a regular file",
+                                   where=self.where)
+        return fd
+
+    def create(self, name: str) -> int:
+        """``name`` created anew, exclusively, for reading and writing. A regular file of
+        that name (a stale temporary file of an interrupted copy) is removed first; anything
+        else there (a link, a folder) is a LinkRefusedError and is left as it is."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+        try:
+            return self.open(name, flags)
+        except FileExistsError:
+            pass
+        if not stat.S_ISREG(self.lstat(name).st_mode):
+            raise LinkRefusedError(
+                f"{self.shown(name)!r} is a symbolic link or not a regular file where the "
+                "temporary copy goes; it is not written through (remove it)", where=self.where)
+        os.unlink(self._name(name), dir_fd=self.fd)
+        return self.open(name, flags)
+
+    def fingerprint(self, fd: int, name: str) -> str:
+        """The content fingerprint of the file open as ``fd`` (``name`` here)."""
+        try:
+            path = fd_path(fd)
+        except OSError:  # Windows: by name, checked when it was opened
+            path = self._name(name)
+        return file_fingerprint(path)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(self._name(src), self._name(dst), src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name(name), dir_fd=self.fd)
+
+    def sync(self) -> None:
+        """Make the folder's entries durable (POSIX; Windows's rename is durable)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
 
 
 def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
               fingerprint: str, abort: threading.Event | None = None,
               progress: Callable[[int], None] | None = None,
               max_rate: float | None = None) -> dict[str, Any]:
-    """Copy ``rel`` of ``card`` to ``dest_rel`` under ``shared`` (temp name, fsync, check
-    size and fingerprint, atomic rename); the ``sd:file_copied`` fields."""
-    src = _inside(card.root, rel)
-    dst = _inside(shared, dest_rel)
-    if src is None or dst is None:
+    """Copy ``rel`` of ``card`` to ``dest_rel`` under ``shared`` (temp name created
+    exclusively, fsync, check size and fingerprint, atomic rename), following no link on
+    either side; the ``sd:file_copied`` fields."""
+    try:
+        src_parts = relative_parts(rel, "path")
+        dst_parts = relative_parts(dest_rel, "dest")
+    except InvalidInputError as exc:
         return {"ok": False, "code": "refused",
-                "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder"}
+                "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder ({exc})"}
     if card.removed or not card.root.is_dir():
         return {"ok": False, "code": "not_mounted", "error": f"card {card.card_id} is not "
                 f"mounted at {card.root} any more"}
-    if not src.is_file():
+    try:
+        with _Folder(card.root, src_parts[:-1], where="on the card") as src_dir:
+            fd_in = src_dir.open_file(src_parts[-1])
+    except LinkRefusedError as exc:
+        return {"ok": False, "code": "refused", "error": f"{rel}: {exc}"}
+    except FileNotFoundError:
         return {"ok": False, "code": "vanished", "error": f"{rel} is no longer on the card"}
-    if dst.is_file() and dst.stat().st_size == size and file_fingerprint(dst) == fingerprint:
-        return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint,
-                "already": True}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.part")
+    except OSError as exc:
+        return {"ok": False, "code": "io_error", "error": f"{rel}: {exc.strerror or exc}"}
+    try:
+        with os.fdopen(fd_in, "rb") as fin:
+            shared.mkdir(parents=True, exist_ok=True)  # the root itself: the operator's choice
+            with _Folder(shared, dst_parts[:-1], where="in the shared folder",
+                         make=True) as dst_dir:
+                return _copy(fin, dst_dir, dst_parts[-1], rel, dest_rel, size=size,
+                             fingerprint=fingerprint, abort=abort, progress=progress,
+                             max_rate=max_rate)
+    except LinkRefusedError as exc:
+        return {"ok": False, "code": "refused", "error": f"{rel}: {exc}"}
+    except OSError as exc:  # the card's file is open: an error here is the shared folder's
+        return {"ok": False, "code": "io_error",
+                "error": f"{rel} -> {dest_rel}: {exc.strerror or exc}"}
+
+
+def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, size: int,
+          fingerprint: str, abort: threading.Event | None,
+          progress: Callable[[int], None] | None, max_rate: float | None) -> dict[str, Any]:
+    """The copy itself, into ``name`` of ``dst_dir`` (see :func:`copy_file`)."""
+    try:
+        existing = dst_dir.lstat(name)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISREG(existing.st_mode):
+            raise LinkRefusedError(f"{dst_dir.shown(name)!r} is a symbolic link or not a "
+                                   "regular file where the copy goes", where=dst_dir.where)
+        if existing.st_size == size:
+            fd = dst_dir.open_file(name)
+            try:
+                same = dst_dir.fingerprint(fd, name) == fingerprint
+            finally:
+                os.close(fd)
+            if same:
+                return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint,
+                        "already": True}
+    tmp = f".{name}.part"
     chunk = 1 << 20 if not max_rate else max(4096, min(1 << 20, int(max_rate / 10)))
     started = time.monotonic()
     copied = 0
+    fd_out = dst_dir.create(tmp)
     try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
+        with os.fdopen(fd_out, "r+b") as fout:
             while block := fin.read(chunk):
                 if abort is not None and abort.is_set():
                     raise CopyAborted(rel)
@@ -191,20 +368,15 @@ def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
                         time.sleep(ahead)
             fout.flush()
             os.fsync(fout.fileno())
-        got = tmp.stat().st_size
-        if got != size or file_fingerprint(tmp) != fingerprint:
-            return {"ok": False, "code": "changed", "error": f"{rel} differs from the listing "
-                    f"(size {got}, listed {size}, or another fingerprint): insert the card "
-                    "again to list it anew"}
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except FileNotFoundError:
-        return {"ok": False, "code": "vanished", "error": f"{rel} vanished while copying"}
-    except OSError as exc:
-        return {"ok": False, "code": "io_error", "error": f"{rel}: {exc}"}
+            got = os.fstat(fout.fileno()).st_size
+            if got != size or dst_dir.fingerprint(fout.fileno(), tmp) != fingerprint:
+                return {"ok": False, "code": "changed", "error": f"{rel} differs from the "
+                        f"listing (size {got}, listed {size}, or another fingerprint): insert "
+                        "the card again to list it anew"}
+        dst_dir.replace(tmp, name)
+        dst_dir.sync()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        dst_dir.remove(tmp)  # ours (or nothing, once renamed); removing a link follows none
     return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint}
 
 

@@ -33,14 +33,29 @@ by its size and content fingerprint, not its path: a card mounted elsewhere is t
 Files held (not imported, copied again at the next insertion): videos with no QR clip before
 them, after an unreadable or unrecognised QR clip, or after two QR clips of different
 bookings. Files that vanished between listing and copy are reported ``missing``.
+
+The shared folder is read only through :func:`shared_file`: every copy is opened below
+``shared_dir`` without following a symbolic link at any level
+(:func:`framepipe.confined.open_beneath`), and what reads it (the size and fingerprint check,
+the QR scan, probing, rendering) reads that opened file and nothing else. A link (or anything
+but a regular file) where a copy should be, planted by whoever can write to the share, is
+never followed: the copy step reports the file ``refused`` with the reason naming the link
+(relative to the shared folder; neither the size nor the content of what it points to is
+read or told), does not retry it, and the card's other files import; a QR candidate refused
+this way holds the videos after it like an unreadable QR clip. The detector refusing a copy
+(``code: refused``, e.g. a planted ``.part`` link on its side) is reported the same way.
+Paths in ``files`` must pass :func:`framepipe.confined.relative_parts`, else ``plan`` fails at
+once naming the entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -48,12 +63,13 @@ import cv2
 import numpy as np
 
 from framepipe import Pipeline, StepContext
-from framepipe.errors import DetectorError
+from framepipe.confined import LinkRefusedError, fd_path, open_beneath, relative_parts
+from framepipe.errors import DetectorError, MediaError
 from framepipe.jobs.ledger import file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
 
-__all__ = ["QR_NAMESPACE", "parse_booking", "sd_import", "title_card"]
+__all__ = ["QR_NAMESPACE", "parse_booking", "sd_import", "shared_file", "title_card"]
 
 QR_NAMESPACE = "sd_import.qr"
 COPY_RETRIES = 4
@@ -114,8 +130,39 @@ def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: f
     return stitch([still] * count, dst, fps=fps, preset="ultrafast")
 
 
-def _shared(ctx: StepContext, dest: str) -> Path:
-    return Path(ctx.inputs["shared_dir"]).joinpath(*PurePosixPath(dest).parts)
+@contextlib.contextmanager
+def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]:
+    """The copy ``dest`` (relative, ``/``) in the shared folder, opened below ``shared_dir``
+    without following any link, as a path naming that open file (``/proc/self/fd/N``): a
+    library given it reads this file, whatever is renamed or linked in the share meanwhile.
+
+    Raises :class:`~framepipe.confined.LinkRefusedError` naming the link (or the entry that is
+    not a regular file) relative to the shared folder, ``FileNotFoundError`` when there is no
+    copy; a :class:`~framepipe.errors.MediaError` about the file is raised again naming
+    ``dest`` instead of the internal path."""
+    parts = relative_parts(dest, "dest")
+    fd = open_beneath(shared_dir, parts, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0),
+                      where="in the shared folder")
+    try:
+        path = Path(fd_path(fd))
+        try:
+            yield path
+        except MediaError as exc:
+            if exc.path != path:
+                raise
+            raise MediaError(dest, exc.reason) from None
+    finally:
+        os.close(fd)
+
+
+def _measure(shared_dir: str, dest: str) -> tuple[int, str]:
+    """Size and fingerprint of the copy ``dest`` (see :func:`shared_file`)."""
+    with shared_file(shared_dir, dest) as local:
+        return local.stat().st_size, file_fingerprint(local)
+
+
+def _refused(path: str, error: object) -> dict[str, Any]:
+    return {f"copied/{path}": {"status": "refused", "error": f"{path}: {error}"}}
 
 
 def _file(ctx: StepContext, path: str) -> dict[str, Any]:
@@ -147,6 +194,7 @@ def plan(ctx: StepContext) -> dict[str, Any]:
                 or not isinstance(entry.get("size"), int)
                 or not isinstance(entry.get("fingerprint"), str)):
             raise TypeError(f"file list entry {n} ({entry!r}) needs path, size, fingerprint")
+        relative_parts(entry["path"], f"inputs.files[{n}].path")
     limit = int(ctx.inputs.get("small_limit", 50 * 1024 * 1024))
     ids = {e["path"]: identity(e) for e in files}
     new_ids = set(ctx.ledger.filter_new(ids.values()))
@@ -175,8 +223,10 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
     """Ask the detector for one file; verify the copy; spawn what comes next.
 
     A file the detector no longer finds is ``missing`` (not retried: listing it again is the
-    detector's job). Anything else that goes wrong (the detector gone, a short copy, a wrong
-    fingerprint) raises, and the step is retried."""
+    detector's job). A copy the detector refuses, or one that is a link (or not a regular
+    file) in the shared folder, is ``refused`` with the reason (not retried: a person must
+    look at the share). Anything else that goes wrong (the detector gone, a short copy, a
+    wrong fingerprint) raises, and the step is retried."""
     entry = _file(ctx, path)
     hub = get_hub(ctx.inputs["hub"])
     dest = f"{ctx.inputs['card_id']}/{path}"
@@ -196,20 +246,27 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
         if answer.get("code") == "vanished":
             ctx.log.warning("%s vanished from the card before it was copied", path)
             return {f"copied/{path}": {"status": "missing", "error": answer.get("error")}}
+        if answer.get("code") == "refused":
+            ctx.log.warning("the detector refused to copy %s: %s", path, answer.get("error"))
+            reason = str(answer.get("error") or "no reason given").removeprefix(f"{path}: ")
+            return _refused(path, f"the detector refused the copy: {reason}")
         raise DetectorError(f"copy of {path} failed: {answer.get('error', 'no reason given')}",
                             detector_id=hub.owner(ctx.inputs["session_id"]),
                             session_id=ctx.inputs["session_id"])
-    local = _shared(ctx, dest)
-    if not await asyncio.to_thread(local.is_file):
-        raise DetectorError(f"says {path} was copied, but {local} does not exist (is the "
-                            "shared folder the same on both sides?)",
-                            session_id=ctx.inputs["session_id"])
-    got_size = (await asyncio.to_thread(local.stat)).st_size
-    if (got_size != size
-            or await asyncio.to_thread(file_fingerprint, local) != entry["fingerprint"]):
-        raise DetectorError(f"copy of {path} at {local} does not match the card's file "
-                            f"(size {got_size} of {size}, or another fingerprint)",
-                            session_id=ctx.inputs["session_id"])
+    try:
+        got_size, got_fingerprint = await asyncio.to_thread(
+            _measure, ctx.inputs["shared_dir"], dest)
+    except LinkRefusedError as exc:
+        ctx.log.warning("the copy of %s is not read: %s", path, exc)
+        return _refused(path, exc)
+    except FileNotFoundError:
+        raise DetectorError(f"says {path} was copied, but {dest} is not in the shared folder "
+                            "(is the shared folder the same on both sides?)",
+                            session_id=ctx.inputs["session_id"]) from None
+    if got_size != size or got_fingerprint != entry["fingerprint"]:
+        raise DetectorError(f"copy of {path} at {dest} in the shared folder does not match "
+                            f"the card's file (size {got_size} of {size}, or another "
+                            "fingerprint)", session_id=ctx.inputs["session_id"])
     if booking is None:
         ctx.spawn_step("scan_qr", params={"path": path}, depends_on=[ctx.step_key])
     else:
@@ -226,8 +283,12 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     """Read a QR code from a copied small file; a booking is recorded with the clip."""
     dest = ctx.data[f"copied/{path}"]["dest"]
     # The whole clip is scanned: a second, different code further on makes it ambiguous.
-    result = decode_qr(_shared(ctx, dest), every=2,
-                       progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
+    try:
+        with shared_file(ctx.inputs["shared_dir"], dest) as local:
+            result = decode_qr(local, every=2,
+                               progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
+    except LinkRefusedError as exc:  # replaced by a link since it was copied
+        return {f"qr/{path}": {"status": "refused", "error": f"{path}: {exc}"}}
     out: dict[str, Any]
     if result is None:
         out = {"status": "none"}
@@ -268,8 +329,16 @@ def assign(ctx: StepContext) -> dict[str, Any]:
     for entry in files:
         path = entry["path"]
         scan = ctx.data.get(f"qr/{path}")
-        if ctx.data.get(f"copied/{path}", {}).get("status") == "missing":
+        copied = ctx.data.get(f"copied/{path}", {})
+        if copied.get("status") == "missing":
             problems.append(f"{path}: vanished from the card before it was copied")
+            continue
+        refused = copied if copied.get("status") == "refused" else (
+            scan if scan and scan["status"] == "refused" else None)
+        if refused is not None:  # a QR candidate that cannot be read: as if unreadable
+            problems.append(f"{path}: not imported: {refused['error'].removeprefix(path + ': ')}")
+            current, qr_run = None, []
+            reason = f"after {path}, which could not be read from the shared folder"
             continue
         status = scan["status"] if scan else ("booking" if path in known_qr else "none")
         if status in ("unreadable", "ambiguous", "unrecognised"):
@@ -329,7 +398,8 @@ def assign(ctx: StepContext) -> dict[str, Any]:
 def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     """Probe the copied video."""
     dest = ctx.data[f"copied/{path}"]["dest"]
-    info = probe(_shared(ctx, dest))
+    with shared_file(ctx.inputs["shared_dir"], dest) as local:
+        info = probe(local)
     width, height = info.display_size
     return {f"meta/{path}": {"duration": info.duration, "fps": info.fps, "frames": info.frames,
                              "width": width, "height": height, "size": info.size,
@@ -342,7 +412,6 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     ``bookings/<booking>/<file>.mp4``."""
     dest = ctx.data[f"copied/{path}"]["dest"]
     meta = ctx.data[f"meta/{path}"]
-    src = _shared(ctx, dest)
     work = ctx.tempdir()
     size = (meta["width"] - meta["width"] % 2, meta["height"] - meta["height"] % 2)
     fps = float(meta["fps"]) or 25.0
@@ -352,9 +421,10 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
               else title_card(work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"],
                               size, fps=fps))
     ctx.progress(10, "title cards")
-    marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
-                       position="bottom-left", margin=4, preset="ultrafast",
-                       progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
+    with shared_file(ctx.inputs["shared_dir"], dest) as src:
+        marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
+                           position="bottom-left", margin=4, preset="ultrafast",
+                           progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
     final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
                    height=size[1], fps=fps, preset="ultrafast",
                    progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
@@ -380,18 +450,28 @@ def summary(ctx: StepContext) -> dict[str, Any]:
                                                      "videos": [], "outputs": [],
                                                      "missing": []})
         for video in jump["videos"]:
-            if data.get(f"copied/{video}", {}).get("status") == "missing":
+            status = data.get(f"copied/{video}", {}).get("status")
+            if status == "missing":
                 b["missing"].append(video)
+                continue
+            if status == "refused":  # told in the problems
                 continue
             b["videos"].append(video)
             if video in rendered:
                 b["outputs"].append(rendered[video]["key"])
     problems = list(assigned["problems"])
     for key, value in data.items():
-        if key.startswith("copied/") and value.get("status") == "missing":
-            problem = f"{key.removeprefix('copied/')}: vanished from the card before it was copied"
-            if problem not in problems:
-                problems.append(problem)
+        if not key.startswith("copied/"):
+            continue
+        path = key.removeprefix("copied/")
+        if value.get("status") == "missing":
+            problem = f"{path}: vanished from the card before it was copied"
+        elif value.get("status") == "refused":
+            problem = f"{path}: not imported: {value['error'].removeprefix(path + ': ')}"
+        else:
+            continue
+        if problem not in problems:
+            problems.append(problem)
     if not data["plan"]["new"]:
         status = "nothing_new"
     elif assigned["held"] or problems:

@@ -11,6 +11,11 @@ Guarantees:
   link planted anywhere in a shared folder is an error naming it, not a way out; it can create
   the file exclusively (``O_CREAT | O_EXCL``), so a planted file or link is never written
   through;
+* :func:`open_dir_beneath` opens a folder below a root the same way, to work by name inside it
+  (``dir_fd=``): a rename, a removal or an exclusive create there stays in that folder,
+  whatever is renamed or linked above it meanwhile; :func:`fd_path` names an open file by a
+  path (``/proc/self/fd/N``) for libraries that only take paths, so they read the very file
+  that was opened without following links;
 * :func:`confine` accepts a local path only inside one of the allowed roots (after resolving
   every link); the refusal says the same thing whether or not the path exists, so errors do
   not reveal what is on the machine outside the roots.
@@ -28,7 +33,8 @@ from pathlib import Path, PurePosixPath
 from framepipe.errors import InvalidInputError, PathNotAllowedError
 from framepipe.untrusted import check_text
 
-__all__ = ["LinkRefusedError", "confine", "open_beneath", "relative_parts"]
+__all__ = ["LinkRefusedError", "confine", "fd_path", "open_beneath", "open_dir_beneath",
+           "relative_parts"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -115,6 +121,67 @@ def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int 
             os.close(fd)
             raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
     return fd
+
+
+def _enter_dir(dir_fd: int, part: str, shown: str, label: str, make: bool) -> int:
+    """The folder ``part`` of the open folder ``dir_fd``, opened without following a link
+    (created first with ``make``)."""
+    flags = os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC
+    try:
+        try:
+            return os.open(part, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if not make:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=dir_fd)
+            return os.open(part, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise LinkRefusedError(f"{shown!r} is a symbolic link or not a folder; links are "
+                                   "not followed below the root", where=label) from None
+        raise
+
+
+def open_dir_beneath(root: str | os.PathLike[str], parts: Sequence[str], *,
+                     where: str | None = None, make_dirs: bool = False) -> int:
+    """A file descriptor of the folder ``root/parts...`` (``root`` itself for no parts),
+    following no link below ``root``; the caller closes it.
+
+    Work by name inside it with ``dir_fd=`` (``os.open`` with ``O_NOFOLLOW`` and ``O_EXCL``,
+    ``os.replace``, ``os.unlink``, ``os.stat(..., follow_symlinks=False)``): those stay in this
+    very folder whatever is renamed or linked above it later. With ``make_dirs`` missing
+    folders are created (mode 0o755). Raises :class:`LinkRefusedError` naming the first
+    segment that is a link or not a folder, :class:`InvalidInputError` for a segment that is
+    empty, ``.``, ``..`` or holds ``/`` or NUL (use :func:`relative_parts`), and
+    :class:`OSError` as ``os.open`` does."""
+    label = where or "/".join(parts) or "."
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or "\x00" in part:
+            raise InvalidInputError(f"{part!r} is not a folder name", where=label)
+    dir_fd = _open_dir_fd(Path(root))
+    try:
+        for i, part in enumerate(parts):
+            next_fd = _enter_dir(dir_fd, part, "/".join(parts[: i + 1]), label, make_dirs)
+            os.close(dir_fd)
+            dir_fd = next_fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+def fd_path(fd: int) -> str:
+    """A path naming the open file ``fd`` itself: ``/proc/self/fd/N`` on Linux, ``/dev/fd/N``
+    on macOS and the BSDs. Opening it reaches the file that ``fd`` is, whatever was renamed,
+    replaced or linked since, so a library that only takes paths (FFmpeg, a fingerprint)
+    reads what was opened with :func:`open_beneath` and nothing else. On macOS opening it
+    duplicates ``fd`` (shared offset, same access mode). :class:`OSError` where the platform
+    cannot name open files (Windows)."""
+    for base in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(base):
+            return f"{base}/{fd}"
+    raise OSError(errno.ENOTSUP, "this platform cannot name an open file by a path")
 
 
 def confine(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]], *,
