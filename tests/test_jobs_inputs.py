@@ -140,6 +140,16 @@ def test_the_validated_inputs_are_stored(settings: Settings) -> None:
     assert info.inputs["count"] == 3 and info.data["count"] == 3
 
 
+def test_a_step_reads_inputs_stored_before_the_model_was_declared() -> None:
+    """A retry of an older execution: unknown inputs are left out, strings coerced, and a
+    value that cannot fit is named."""
+    loaded = load_inputs(Inputs, {"video": "a.txt", "count": "2", "priority": "high"})
+    assert (loaded.video, loaded.count) == ("a.txt", 2)
+    with pytest.raises(InvalidInputError) as caught:
+        load_inputs(Inputs, {"video": "a.txt", "count": "many"})
+    assert caught.value.where == "inputs.count"
+
+
 def test_a_pipeline_without_declared_inputs_gets_them_as_given(settings: Settings) -> None:
     plain = Pipeline("plain")
 

@@ -169,8 +169,17 @@ def _refusal(exc: ValidationError, where: str) -> InvalidInputError:
 def load_inputs(model: type[M], inputs: Mapping[str, Any]) -> M:
     """The stored inputs of an execution (``ctx.inputs``) as ``model``, for a step to read:
     typed, with defaults. Values are taken as the submit stored them (no path is looked up or
-    confined again: see the module)."""
-    return model.model_validate(dict(inputs))
+    confined again: see the module). An execution stored before its pipeline declared the
+    model may not fit it: inputs the model does not know are left out when it forbids them,
+    and a value that does not fit is an :class:`InvalidInputError` naming it."""
+    values = dict(inputs)
+    if model.model_config.get("extra") == "forbid":
+        known = {f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields)
+        values = {k: v for k, v in values.items() if k in known}
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise _refusal(exc, "inputs") from None
 
 
 def local_path(value: str) -> Path | None:
