@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -107,6 +108,7 @@ BAD_HELLOS: list[tuple[dict[str, Any], str]] = [
     ({"detector_id": "   "}, "hello.detector_id"),
     ({"detector_id": 5}, "hello.detector_id"),
     ({"detector_id": "z", "hostname": {"a": 1}}, "hello.hostname"),
+    ({"detector_id": "z", "hostname": "evil\x1b[31m"}, "hello.hostname"),
     ({"detector_id": "z", "platform": "\ud83d"}, "hello.platform"),
     ({"detector_id": "z", "extra": {"deep": "\x00"}}, "hello.extra.deep"),
 ]
@@ -384,3 +386,33 @@ def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
     path, authorization = seen[0]
     assert path == "/ws/detector" and TOKEN not in path
     assert authorization == f"Bearer {TOKEN}"
+
+
+def test_a_card_with_names_that_are_not_utf8_is_still_announced(
+        hub_server: tuple[Server, Any], tmp_path: Path) -> None:
+    """A card formatted elsewhere can hold names in a legacy encoding, which Python keeps as
+    lone surrogates and the hub refuses. The detector skips such files and shows such a card
+    name with U+FFFD, so its hello and the rest of the card still get through."""
+    import detector as sd_detector  # examples/sd_import/detector.py
+
+    server, _ = hub_server
+    root = Path(os.fsdecode(bytes(tmp_path) + b"/CARD\xe9"))
+    (root / "DCIM").mkdir(parents=True)
+    (root / "DCIM" / "good.mp4").write_bytes(b"g" * 100)
+    Path(os.fsdecode(bytes(root / "DCIM") + b"/bad\xff.mp4")).write_bytes(b"b" * 100)
+    Path(os.fsdecode(bytes(root) + b"/F\xfeLDER")).mkdir()
+    Path(os.fsdecode(bytes(root) + b"/F\xfeLDER/x.mp4")).write_bytes(b"x" * 100)
+    files = sd_detector.list_card(root)
+    assert [f["path"] for f in files] == ["DCIM/good.mp4"]
+    label = sd_detector.card_label(root)
+    assert label == "CARD\ufffd"
+    card = sd_detector.Card(root, label, sd_detector.card_id_of(label, files), files)
+    with connect(server) as ws:
+        assert hello(ws, "legacy", sessions=[{"session_id": card.session_id,
+                                              "card_id": card.card_id,
+                                              "label": card.label}])["type"] == (
+            "detector:welcome")
+        ws.send(json.dumps(card.inserted()))
+        ws.send(json.dumps(card.file_list()))
+        answer = recv(ws)
+        assert answer["type"] == "sd:status" and answer["state"] == "importing", answer

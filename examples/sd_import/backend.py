@@ -91,7 +91,7 @@ class FileList(BaseModel):
     session_id: str = Field(min_length=1, max_length=200)
     card_id: str = Field(min_length=1, max_length=200,
                          pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name, never '..'
-    label: str = Field(default="", max_length=200)
+    label: str = Field(default="", max_length=1000)
     files: list[FileEntry] = Field(max_length=100_000)
 
     @model_validator(mode="after")

@@ -93,15 +93,25 @@ def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[di
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
     ``fingerprint``; hidden files and system folders skipped; sorted by path. Only regular
     files are listed, read without following links (a link on the card, to a file or a
-    folder, is skipped: what it points to is not on the card)."""
+    folder, is skipped: what it points to is not on the card). Files and folders whose names
+    are not valid UTF-8 are skipped with a warning (a path must be text the backend can
+    store)."""
     out = []
     for folder, dirs, names in os.walk(root):  # does not descend into linked folders
         dirs[:] = [d for d in dirs if not d.startswith(".") and d.lower() not in _IGNORED_DIRS]
         wanted = [n for n in names
                   if not n.startswith(".") and n.lower().endswith(suffixes)]
+        rel = Path(folder).relative_to(root).parts
+        if any(as_text(part) != part for part in rel):  # not UTF-8: the backend refuses it
+            log.warning("skipped folder %s: its name is not valid UTF-8",
+                        as_text("/".join(rel)))
+            dirs[:] = []
+            continue
+        for name in [n for n in wanted if as_text(n) != n]:
+            log.warning("skipped %s: its name is not valid UTF-8", as_text(name))
+            wanted.remove(name)
         if not wanted:
             continue
-        rel = Path(folder).relative_to(root).parts
         try:
             with _Folder(root, rel, where="the card") as here:
                 for name in wanted:
@@ -123,9 +133,16 @@ def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[di
     return sorted(out, key=lambda e: e["path"])
 
 
+def as_text(text: str) -> str:
+    """``text`` as valid Unicode: bytes of a name that are not UTF-8 (Python keeps them as
+    lone surrogates, which the backend refuses) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def card_label(root: PurePath) -> str:
-    """The folder's name, or the drive's letter for a drive root (``E:\\`` -> ``E``)."""
-    return root.name or root.drive.rstrip(":\\/") or "card"
+    """The folder's name, or the drive's letter for a drive root (``E:\\`` -> ``E``), as
+    valid Unicode (see :func:`as_text`)."""
+    return as_text(root.name or root.drive.rstrip(":\\/") or "card")
 
 
 def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
@@ -154,7 +171,7 @@ class Card:
 
     def inserted(self) -> dict[str, Any]:
         return {"type": "detector:sd_inserted", "session_id": self.session_id,
-                "card_id": self.card_id, "label": self.label, "root": str(self.root),
+                "card_id": self.card_id, "label": self.label, "root": as_text(str(self.root)),
                 "file_count": len(self.files)}
 
     def file_list(self) -> dict[str, Any]:

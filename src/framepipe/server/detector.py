@@ -28,9 +28,10 @@ What :class:`DetectorHub` guarantees:
   "field": ...}`` naming the field and the connection is closed with 1008 (1003 for a binary
   frame). Nothing of a refused hello is registered: it never shows in ``GET /api/detectors``
   and owns no session. A hello needs a ``detector_id`` of 1-200 printable characters;
-  ``hostname`` and ``platform``, when given, are text; ``sessions``, when given, is a list of
-  objects each with a ``session_id`` (1-200 printable characters) and, optionally,
-  ``card_id``, ``label``, ``root`` (text) and ``file_count`` (a whole number >= 0);
+  ``hostname`` and ``platform``, when given, are at most 200 printable characters;
+  ``sessions``, when given, is a list of objects each with a ``session_id`` (1-200 printable
+  characters) and, optionally, ``card_id``, ``label``, ``root`` (text, at most 1000
+  characters) and ``file_count`` (a whole number >= 0);
 * every message is checked at the boundary before anything else looks at it: it must be a
   JSON object with a string ``type``, hold only storable JSON (no lone surrogate such as
   ``"\\ud800"``, no NUL, finite numbers, nested at most
@@ -57,8 +58,9 @@ What :class:`DetectorHub` guarantees:
   it waits ``reconnect_wait`` seconds for it to come back; when the owner disconnects while the
   request waits, the request fails at once with :class:`DetectorUnavailableError` naming the
   detector, the session and what was asked; a request never waits longer than its timeout;
-* the connection is forgotten on every way out of it (a close, a network error, a refused
-  message, the service stopping): no detector stays listed after its connection ended;
+* the connection is forgotten on every way out of it (a close, a network error, a failure
+  while serving it, the service stopping): no detector stays listed after its connection
+  ended;
 * other message types go to the handlers registered with :meth:`DetectorHub.on` (an app's own
   logic, e.g. starting an import on ``sd:file_list``); a handler that raises is logged and the
   detector gets an ``error`` message; a type with no handler is answered with ``error``;
@@ -132,9 +134,12 @@ def _identifier(value: object, where: str) -> str:
     return text
 
 
-def _optional_text(message: Mapping[str, Any], key: str, where: str) -> None:
+def _optional_name(message: Mapping[str, Any], key: str, where: str) -> None:
+    """``message[key]``, if given, is printable text (a host or platform name: it is logged)."""
     if message.get(key) is not None:
-        check_text(message[key], f"{where}.{key}", max_length=_MAX_TEXT)
+        text = check_text(message[key], f"{where}.{key}", max_length=MAX_ID_LENGTH)
+        if not text.isprintable():
+            raise InvalidInputError("holds a control character", where=f"{where}.{key}")
 
 
 def _announced(message: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -180,8 +185,8 @@ def _check_hello(hello: dict[str, Any]) -> tuple[str, list[tuple[str, dict[str, 
         raise InvalidInputError('the first message must be {"type": "detector:hello", '
                                 '"detector_id": ...}', where="hello.type")
     detector_id = _identifier(hello.get("detector_id"), "hello.detector_id")
-    _optional_text(hello, "hostname", "hello")
-    _optional_text(hello, "platform", "hello")
+    _optional_name(hello, "hostname", "hello")
+    _optional_name(hello, "platform", "hello")
     listed = hello.get("sessions")
     sessions: list[tuple[str, dict[str, Any]]] = []
     if listed is not None:
