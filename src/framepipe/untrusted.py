@@ -103,10 +103,25 @@ def check_size(value: Any, where: str, *, limit: int, setting: str) -> int:
     return size
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def dumps(value: Any) -> str:
-    """JSON text of ``value`` that always encodes as UTF-8: non-ASCII text as itself, unless
-    a lone surrogate (stored before it was refused) forces ``\\uXXXX`` escapes throughout."""
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """JSON text of ``value`` that always encodes as UTF-8 and is always valid JSON:
+    non-ASCII text as itself, unless a lone surrogate (stored before it was refused) forces
+    ``\\uXXXX`` escapes throughout; a non-finite number (which JSON cannot hold) as null."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        value = _finite(value)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

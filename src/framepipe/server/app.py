@@ -307,8 +307,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        # The errors echo the input; what cannot be encoded is escaped, never a 500.
-        errors = [{k: v for k, v in err.items() if k in ("type", "loc", "msg", "input")}
+        # Not the input itself: it can be megabytes (and it is the client's own).
+        errors = [{k: v for k, v in err.items() if k in ("type", "loc", "msg")}
                   for err in exc.errors()]
         return SafeJSONResponse({"detail": errors}, status_code=422)
 
