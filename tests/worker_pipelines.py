@@ -132,3 +132,13 @@ def then_long(ctx: StepContext) -> dict[str, Any]:
 def slow_part(ctx: StepContext, i: int) -> dict[str, Any]:
     time.sleep(1.0)
     return {f"part{i}": os.getpid()}
+
+
+patient = Pipeline("wk_patient")
+
+
+@patient.step(retries=1, retry_delay=120)
+def stubborn(ctx: StepContext) -> dict[str, Any]:
+    """Fails every time; asks for two minutes between attempts, which the operator's cap
+    (the setting retry_max_delay) shortens."""
+    raise RuntimeError(f"attempt {ctx.attempt} failed")

@@ -1,15 +1,70 @@
-"""How a step's result or exception becomes what the store keeps (shared by the embedded
-engine and the workers)."""
+"""How a step's result or exception becomes what the store keeps, and whether a failed step
+runs again and when: the rules the embedded engine and the workers share."""
 
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from framepipe.errors import FramepipeError, StepOutputError
+from framepipe.backoff import Backoff
+from framepipe.errors import (
+    FramepipeError,
+    InvalidInputError,
+    PipelineDefinitionError,
+    StepOutputError,
+)
 from framepipe.jobs.keys import canonical_json
 
-__all__ = ["check_output", "error_text"]
+if TYPE_CHECKING:
+    from framepipe.config import Settings
+    from framepipe.jobs.pipeline import Step
+
+__all__ = ["RetryPolicy", "check_output", "error_text", "is_permanent"]
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for a failure that no retry can mend: an output that cannot be stored, a pipeline
+    definition error, inputs that are invalid."""
+    return isinstance(exc, (StepOutputError, PipelineDefinitionError, InvalidInputError))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Whether a failed step runs again, and after how long; one rule for both modes.
+
+    A step is retried while its failures number at most ``retries`` and the failure is not
+    :func:`permanent <is_permanent>`. The delay before retry ``n`` is exponential with
+    jitter, starting at the step's ``retry_delay`` (else the setting ``retry_initial_delay``)
+    and never above the setting ``retry_max_delay``, even when the step's own first delay is
+    longer: the setting is the operator's cap."""
+
+    retries: int
+    backoff: Backoff
+
+    @classmethod
+    def of(cls, step: Step | None, settings: Settings, *,
+           retries: int | None = None) -> RetryPolicy:
+        """The policy of ``step`` under ``settings`` (``retries`` overrides the step's)."""
+        initial = (step.retry_delay if step is not None and step.retry_delay is not None
+                   else settings.retry_initial_delay)
+        count = retries if retries is not None else (step.retries if step is not None else 0)
+        return cls(count, Backoff(initial=initial, maximum=settings.retry_max_delay))
+
+    def retries_after(self, failures: int, exc: BaseException | None = None, *,
+                      permanent: bool = False) -> bool:
+        """True when a step that has now failed ``failures`` times runs again."""
+        if permanent or (exc is not None and is_permanent(exc)):
+            return False
+        return failures <= self.retries
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before the retry that follows failure number ``failures``."""
+        return self.backoff.delay(failures)
+
+    def delays(self) -> list[float]:
+        """The delays before every retry, drawn now (what a worker sends with its outcome)."""
+        return [self.delay(n) for n in range(1, self.retries + 1)]
 
 
 def error_text(exc: BaseException) -> str:
