@@ -59,6 +59,18 @@ def read(ctx: StepContext) -> dict[str, Any]:
             "count": inputs.count}
 
 
+seen = Pipeline("roots_seen")
+
+
+@seen.step()
+def look(ctx: StepContext) -> dict[str, Any]:
+    """What a step is told of its execution's roots; fails while ``inputs.fail`` exists."""
+    if os.path.exists(ctx.inputs["fail"]):
+        raise RuntimeError("asked to fail")
+    roots = ctx.input_roots
+    return {"roots": None if roots is None else [str(r) for r in roots], "pid": os.getpid()}
+
+
 def submit(settings: Settings, inputs: Mapping[str, Any],
            input_roots: Sequence[Path] | None = None) -> ExecutionInfo:
     async def main() -> ExecutionInfo:
@@ -279,3 +291,55 @@ def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
     assert done.data["text"] == "inside"
     assert refused_.status is ExecutionStatus.FAILED
     assert "symbolic link" in refused_.errors["read"] and "SECRET" not in str(refused_.data)
+
+
+# -- the roots travel with the execution ----------------------------------------------------
+
+
+def test_every_step_sees_the_roots_its_submit_recorded_and_a_retry_keeps_them(
+        tmp_path: Path, tree: Path, database_url: str) -> None:
+    """``ctx.input_roots`` is what the submit recorded (resolved, without repeats; None:
+    unrestricted; []: none), in this process and on a ``framepipe worker`` started later,
+    which has no roots of its own; a retry (``resume`` on the workers) keeps them."""
+    from test_jobs_workers import Cluster
+
+    root = tree / "root"
+    (tree / "alias").symlink_to(root, target_is_directory=True)
+    flag = tmp_path / "fail"
+    cases: list[tuple[list[Path] | None, list[str] | None]] = [
+        ([tree / "alias", root, tree / "outside"],
+         [os.path.realpath(root), os.path.realpath(tree / "outside")]),
+        (None, None),
+        ([], [])]
+
+    async def run_all(settings: Settings, wait: Any = None) -> list[ExecutionInfo]:
+        async with JobEngine(settings=settings) as engine:
+            flag.touch()
+            ids = [await engine.submit(seen, {"fail": str(flag)}, input_roots=given)
+                   for given, _ in cases]
+            for execution_id in ids:
+                failed = (wait(execution_id) if wait else
+                          await engine.wait(execution_id, raise_on_failure=False))
+                assert failed.status is ExecutionStatus.FAILED
+            flag.unlink()
+            for execution_id in ids:
+                await engine.retry(execution_id, seen)
+            if wait:
+                return [wait(execution_id) for execution_id in ids]
+            return [await engine.wait(execution_id) for execution_id in ids]
+
+    embedded = asyncio.run(run_all(Settings(home=tmp_path / "home", database_url=database_url,
+                                            retry_initial_delay=0.01)))
+    for info, (_, expected) in zip(embedded, cases, strict=True):
+        assert info.data == {"roots": expected, "pid": os.getpid()}
+    (tmp_path / "cluster").mkdir()
+    with redis_namespace("fp-inputs-") as namespace:
+        cluster = Cluster(tmp_path / "cluster", database_url, REDIS_URL, namespace)
+        try:
+            cluster.wait_registered(cluster.worker())
+            on_workers = asyncio.run(run_all(cluster.settings, cluster.wait))
+        finally:
+            cluster.close()
+    for info, (_, expected) in zip(on_workers, cases, strict=True):
+        assert info.data["roots"] == expected and info.data["pid"] != os.getpid()
+        assert info.runs == 2

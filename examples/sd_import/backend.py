@@ -14,6 +14,13 @@ then starts one execution of ``sd_import`` per card insertion and answers
 ``sd:status`` (``importing`` with the execution id). A card whose import still runs is
 answered ``already_importing`` with that execution's id: the running import copies
 everything new, so nothing is lost and nothing is copied twice.
+
+Local files: the handler submits each import with ``input_roots`` = the shared folder (and
+the folders of an ``intro`` or ``splash`` given as local paths in ``extra_inputs``), so its
+steps can read no other local file; the detector supplies names relative to the card and the
+share, never local paths. Imports submitted by HTTP clients (``POST /api/executions``) are
+confined by the setting ``FRAMEPIPE_INPUT_ROOTS`` instead (none by default: such an import is
+refused, since its ``shared_dir`` is a local folder).
 """
 
 from __future__ import annotations
@@ -27,18 +34,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sd_pipeline import CARD_ID_PATTERN, FileEntry
 
 from framepipe.config import Settings, load_settings
-from framepipe.confined import relative_parts
-from framepipe.errors import ConfigError, ExecutionNotFoundError, InvalidInputError
+from framepipe.errors import ConfigError, ExecutionNotFoundError
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution
@@ -61,36 +61,12 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-class FileEntry(BaseModel):
-    """One file of a card, as the detector lists it (metadata only)."""
-
-    model_config = ConfigDict(extra="ignore")
-    path: str = Field(min_length=1, max_length=1000)
-    size: int = Field(ge=0)
-    mtime: float
-    fingerprint: str = Field(min_length=8, max_length=128)
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, value: str) -> str:
-        """The path as ``a/b/c``: relative to the card, no ``.``/``..``/empty segment (a
-        doubled ``/`` is one), no backslash, no NUL, no drive (``C:``)."""
-        try:
-            parts = relative_parts(value, "path", max_length=1000)
-        except InvalidInputError as exc:
-            raise ValueError(exc.reason) from None
-        if any(":" in part for part in parts):
-            raise ValueError(f"{value!r} holds a ':'; paths on a card have none")
-        return "/".join(parts)
-
-
 class FileList(BaseModel):
     """``sd:file_list``."""
 
     model_config = ConfigDict(extra="ignore")
     session_id: str = Field(min_length=1, max_length=200)
-    card_id: str = Field(min_length=1, max_length=200,
-                         pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name, never '..'
+    card_id: str = Field(min_length=1, max_length=200, pattern=CARD_ID_PATTERN)
     label: str = Field(default="", max_length=1000)
     files: list[FileEntry] = Field(max_length=100_000)
 
@@ -116,8 +92,17 @@ def _location(loc: tuple[int | str, ...]) -> str:
 def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
              reconnect_wait: float = 30.0,
              extra_inputs: dict[str, Any] | None = None) -> DetectorHub:
-    """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``."""
+    """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``.
+
+    Each import is submitted with ``input_roots``: ``shared_dir`` and the folder of an
+    ``intro`` or ``splash`` that ``extra_inputs`` gives as an absolute local path (see the
+    module), recorded with the execution and applied by its steps wherever they run."""
     hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait)
+    input_roots = [shared_dir]
+    for name in ("intro", "splash"):
+        value = (extra_inputs or {}).get(name)
+        if isinstance(value, str) and os.path.isabs(value):
+            input_roots.append(Path(value).parent)
     running: dict[str, str] = {}  # card id -> execution id of its latest import
     # Two detectors announcing one card at once must not both start an import.
     card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
@@ -156,7 +141,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
                   "label": listing.label, "shared_dir": str(shared_dir),
                   "small_limit": small_limit,
                   "files": [f.model_dump() for f in listing.files], **(extra_inputs or {})}
-        execution_id = await msg.engine.submit(pipeline, inputs)
+        execution_id = await msg.engine.submit(pipeline, inputs, input_roots=input_roots)
         running[listing.card_id] = execution_id
         await msg.reply({"type": "sd:status", "session_id": listing.session_id,
                          "card_id": listing.card_id, "state": "importing",

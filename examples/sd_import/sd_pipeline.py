@@ -5,8 +5,19 @@ One execution per card insertion. Its inputs come from the backend (``backend.py
 detector sends ``sd:file_list``: ``hub`` (the service's detector hub), ``session_id``,
 ``detector_id``, ``card_id``, ``files`` (``path``, ``size``, ``mtime``, ``fingerprint`` each),
 ``shared_dir`` (where copies land, as the backend sees it) and ``small_limit`` (bytes; smaller
-files are QR-clip candidates). Optional: ``intro`` and ``splash`` (video paths; default: title
-cards made here).
+files are QR-clip candidates). Optional: ``intro`` and ``splash`` (videos, as local paths or
+object keys; default: title cards made here).
+
+The inputs are declared (:class:`SdImportInputs`), so whoever submits an execution, the
+backend's detector handler or a client of ``POST /api/executions``, is checked before it
+exists: a malformed file list, card id or limit is refused naming the field, and
+``shared_dir`` (a :data:`~framepipe.jobs.inputs.LocalPath`) and a local ``intro`` or
+``splash`` must lie inside the submitter's ``input_roots``. Over HTTP those are the setting
+``FRAMEPIPE_INPUT_ROOTS`` (none by default), so a client cannot point an import at a folder of
+its choice and have it read; the backend's own submissions are confined to its shared folder
+(and the folders of the intro and splash it was configured with). Every step reads those paths
+through :func:`framepipe.jobs.inputs.local_input`, which checks them against the execution's
+recorded roots again.
 
 Steps (``*`` = one instance per file)::
 
@@ -61,20 +72,67 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from framepipe import Pipeline, StepContext
 from framepipe.confined import LinkRefusedError, fd_path, open_beneath, relative_parts
-from framepipe.errors import DetectorError, MediaError
+from framepipe.errors import DetectorError, InvalidInputError, MediaError
+from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
 from framepipe.jobs.ledger import file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
 
-__all__ = ["QR_NAMESPACE", "parse_booking", "sd_import", "shared_file", "title_card"]
+__all__ = ["CARD_ID_PATTERN", "QR_NAMESPACE", "FileEntry", "SdImportInputs", "parse_booking",
+           "sd_import", "shared_dir_of", "shared_file", "title_card"]
 
 QR_NAMESPACE = "sd_import.qr"
 COPY_RETRIES = 4
+CARD_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a folder name, never '..'
 
-sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos (seed 002)")
+
+class FileEntry(BaseModel):
+    """One file of a card, as the detector lists it (metadata only)."""
+
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1, max_length=1000)
+    size: int = Field(ge=0)
+    mtime: float
+    fingerprint: str = Field(min_length=8, max_length=128)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        """The path as ``a/b/c``: relative to the card, no ``.``/``..``/empty segment (a
+        doubled ``/`` is one), no backslash, no NUL, no drive (``C:``)."""
+        try:
+            parts = relative_parts(value, "path", max_length=1000)
+        except InvalidInputError as exc:
+            raise ValueError(exc.reason) from None
+        if any(":" in part for part in parts):
+            raise ValueError(f"{value!r} holds a ':'; paths on a card have none")
+        return "/".join(parts)
+
+
+class SdImportInputs(BaseModel):
+    """The inputs of one import (see the module): checked at submit, whoever submits."""
+
+    model_config = ConfigDict(extra="forbid")
+    hub: str = Field(min_length=1, max_length=200, description="The detector hub's id.")
+    session_id: str = Field(min_length=1, max_length=200)
+    detector_id: str | None = Field(None, max_length=200)
+    card_id: str = Field(min_length=1, max_length=200, pattern=CARD_ID_PATTERN)
+    label: str = Field("", max_length=1000)
+    shared_dir: LocalPath = Field(description="The shared folder as the backend sees it; "
+                                              "inside the submitter's input_roots.")
+    small_limit: int = Field(50 * 1024 * 1024, ge=0,
+                             description="Files smaller than this (bytes) are QR candidates.")
+    files: list[FileEntry] = Field(max_length=100_000)
+    intro: LocalPathOrKey | None = None
+    splash: LocalPathOrKey | None = None
+
+
+sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos (seed 002)",
+                     inputs=SdImportInputs)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -130,6 +188,31 @@ def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: f
     return stitch([still] * count, dst, fps=fps, preset="ultrafast")
 
 
+def shared_dir_of(ctx: StepContext) -> Path:
+    """The execution's shared folder, checked against its recorded ``input_roots`` again
+    (:func:`~framepipe.jobs.inputs.local_input`: a
+    :class:`~framepipe.errors.PathNotAllowedError` outside them)."""
+    value = ctx.inputs.get("shared_dir")
+    if not isinstance(value, str):
+        raise InvalidInputError("the shared folder is missing", where="inputs.shared_dir")
+    folder = local_input(ctx, value, where="inputs.shared_dir", declared=True)
+    if folder is None:
+        raise InvalidInputError("must be an absolute local path", where="inputs.shared_dir")
+    return folder
+
+
+def _asset(ctx: StepContext, name: str, work: Path) -> Path | None:
+    """The ``intro`` or ``splash`` input in ``work``: a local file allowed by the execution's
+    roots (copied without following links) or an object; None when not given."""
+    value = ctx.inputs.get(name)
+    if not value:
+        return None
+    local = local_input(ctx, value, where=f"inputs.{name}", declared=True)
+    if local is None:
+        return ctx.objects.get_file(value, work / f"{name}-{PurePosixPath(value).name}")
+    return copy_local_file(local, work / f"{name}-{local.name}")
+
+
 @contextlib.contextmanager
 def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]:
     """The copy ``dest`` (relative, ``/``) in the shared folder, opened below ``shared_dir``
@@ -141,8 +224,7 @@ def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]
     copy; a :class:`~framepipe.errors.MediaError` about the file is raised again naming
     ``dest`` instead of the internal path."""
     parts = relative_parts(dest, "dest")
-    fd = open_beneath(shared_dir, parts, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0),
-                      where="in the shared folder")
+    fd = open_beneath(shared_dir, parts, os.O_RDONLY, where="in the shared folder")
     try:
         path = Path(fd_path(fd))
         try:
@@ -155,7 +237,7 @@ def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]
         os.close(fd)
 
 
-def _measure(shared_dir: str, dest: str) -> tuple[int, str]:
+def _measure(shared_dir: Path, dest: str) -> tuple[int, str]:
     """Size and fingerprint of the copy ``dest`` (see :func:`shared_file`)."""
     with shared_file(shared_dir, dest) as local:
         return local.stat().st_size, file_fingerprint(local)
@@ -186,6 +268,7 @@ def _spawn_processing(ctx: StepContext, path: str, booking: Mapping[str, str],
 @sd_import.step(weight=0.5)
 def plan(ctx: StepContext) -> dict[str, Any]:
     """Drop what the ledger holds; copy the new small files first (QR candidates)."""
+    shared_dir_of(ctx)  # an import that may not read its shared folder stops here
     files = ctx.inputs.get("files")
     if not isinstance(files, list):
         raise TypeError("input 'files' must be the card's file list")
@@ -228,6 +311,7 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
     look at the share). Anything else that goes wrong (the detector gone, a short copy, a
     wrong fingerprint) raises, and the step is retried."""
     entry = _file(ctx, path)
+    shared_dir = await asyncio.to_thread(shared_dir_of, ctx)  # before the detector copies
     hub = get_hub(ctx.inputs["hub"])
     dest = f"{ctx.inputs['card_id']}/{path}"
     size = int(entry["size"])
@@ -254,8 +338,7 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
                             detector_id=hub.owner(ctx.inputs["session_id"]),
                             session_id=ctx.inputs["session_id"])
     try:
-        got_size, got_fingerprint = await asyncio.to_thread(
-            _measure, ctx.inputs["shared_dir"], dest)
+        got_size, got_fingerprint = await asyncio.to_thread(_measure, shared_dir, dest)
     except LinkRefusedError as exc:
         ctx.log.warning("the copy of %s is not read: %s", path, exc)
         return _refused(path, exc)
@@ -284,7 +367,7 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     dest = ctx.data[f"copied/{path}"]["dest"]
     # The whole clip is scanned: a second, different code further on makes it ambiguous.
     try:
-        with shared_file(ctx.inputs["shared_dir"], dest) as local:
+        with shared_file(shared_dir_of(ctx), dest) as local:
             result = decode_qr(local, every=2,
                                progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
     except LinkRefusedError as exc:  # replaced by a link since it was copied
@@ -398,7 +481,7 @@ def assign(ctx: StepContext) -> dict[str, Any]:
 def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     """Probe the copied video."""
     dest = ctx.data[f"copied/{path}"]["dest"]
-    with shared_file(ctx.inputs["shared_dir"], dest) as local:
+    with shared_file(shared_dir_of(ctx), dest) as local:
         info = probe(local)
     width, height = info.display_size
     return {f"meta/{path}": {"duration": info.duration, "fps": info.fps, "frames": info.frames,
@@ -415,13 +498,12 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     work = ctx.tempdir()
     size = (meta["width"] - meta["width"] % 2, meta["height"] - meta["height"] % 2)
     fps = float(meta["fps"]) or 25.0
-    intro = (Path(ctx.inputs["intro"]) if ctx.inputs.get("intro")
-             else title_card(work / "intro.mp4", ["Tandem jump", passenger], size, fps=fps))
-    splash = (Path(ctx.inputs["splash"]) if ctx.inputs.get("splash")
-              else title_card(work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"],
-                              size, fps=fps))
+    intro = _asset(ctx, "intro", work) or title_card(
+        work / "intro.mp4", ["Tandem jump", passenger], size, fps=fps)
+    splash = _asset(ctx, "splash", work) or title_card(
+        work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"], size, fps=fps)
     ctx.progress(10, "title cards")
-    with shared_file(ctx.inputs["shared_dir"], dest) as src:
+    with shared_file(shared_dir_of(ctx), dest) as src:
         marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
                            position="bottom-left", margin=4, preset="ultrafast",
                            progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))

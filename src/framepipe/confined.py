@@ -10,12 +10,15 @@ Guarantees:
   at any level (each directory is opened with ``O_NOFOLLOW`` relative to its parent), so a
   link planted anywhere in a shared folder is an error naming it, not a way out; it can create
   the file exclusively (``O_CREAT | O_EXCL``), so a planted file or link is never written
-  through;
+  through; a read-only open finds a regular file or fails at once (opened ``O_NONBLOCK``, so
+  a planted FIFO never blocks the reader);
 * :func:`open_dir_beneath` opens a folder below a root the same way, to work by name inside it
   (``dir_fd=``): a rename, a removal or an exclusive create there stays in that folder,
   whatever is renamed or linked above it meanwhile; :func:`fd_path` names an open file by a
   path (``/proc/self/fd/N``) for libraries that only take paths, so they read the very file
   that was opened without following links;
+* the two open functions walk with one loop (``_walk``) and refuse segments that are empty,
+  ``.``, ``..`` or hold ``/`` or NUL, so a segment never leaves its folder;
 * :func:`confine` accepts a local path only inside one of the allowed roots (after resolving
   every link); the refusal says the same thing whether or not the path exists, so errors do
   not reveal what is on the machine outside the roots.
@@ -39,6 +42,7 @@ __all__ = ["LinkRefusedError", "confine", "fd_path", "open_beneath", "open_dir_b
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 class LinkRefusedError(InvalidInputError, OSError):
@@ -71,56 +75,11 @@ def _open_dir_fd(root: Path) -> int:
     return os.open(root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
 
 
-def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int = os.O_RDONLY,
-                 mode: int = 0o600, *, where: str | None = None,
-                 make_dirs: bool = False) -> int:
-    """A file descriptor of ``root/parts...`` opened with ``flags``, following no link.
-
-    ``root`` itself may be a link (the operator chose it); nothing below it may be. With
-    ``make_dirs`` missing folders are created (mode 0o755). Raises :class:`LinkRefusedError`
-    naming the first segment that is a link or not a folder, and :class:`OSError` (e.g.
-    ``FileNotFoundError``, ``FileExistsError`` for ``O_EXCL``) as ``os.open`` does."""
-    if not parts:
-        raise InvalidInputError("names no file", where=where)
-    label = where or "/".join(parts)
-    dir_fd = _open_dir_fd(Path(root))
-    try:
-        for i, part in enumerate(parts[:-1]):
-            try:
-                next_fd = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
-                                  dir_fd=dir_fd)
-            except FileNotFoundError:
-                if not make_dirs:
-                    raise
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=dir_fd)
-                next_fd = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
-                                  dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    shown = "/".join(parts[: i + 1])
-                    raise LinkRefusedError(
-                        f"{shown!r} is a symbolic link or not a folder; links are not "
-                        "followed below the root", where=label) from None
-                raise
-            os.close(dir_fd)
-            dir_fd = next_fd
-        try:
-            fd = os.open(parts[-1], flags | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise LinkRefusedError(
-                    f"{'/'.join(parts)!r} is a symbolic link; links are not followed below "
-                    "the root", where=label) from None
-            raise
-    finally:
-        os.close(dir_fd)
-    if not (flags & (os.O_WRONLY | os.O_RDWR)):
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
-    return fd
+def _check_parts(parts: Sequence[str], label: str) -> None:
+    """Refuse a segment that would not name one entry of its folder (``..`` would leave it)."""
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or "\x00" in part:
+            raise InvalidInputError(f"{part!r} is not a file or folder name", where=label)
 
 
 def _enter_dir(dir_fd: int, part: str, shown: str, label: str, make: bool) -> int:
@@ -143,6 +102,70 @@ def _enter_dir(dir_fd: int, part: str, shown: str, label: str, make: bool) -> in
         raise
 
 
+def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str,
+          make_dirs: bool) -> int:
+    """The one walk of :func:`open_beneath` and :func:`open_dir_beneath`: a descriptor of the
+    folder ``root/parts...``, each segment opened relative to its parent without following
+    a link (``root`` itself may be one). The caller closes it."""
+    _check_parts(parts, label)
+    dir_fd = _open_dir_fd(Path(root))
+    try:
+        for i, part in enumerate(parts):
+            next_fd = _enter_dir(dir_fd, part, "/".join(parts[: i + 1]), label, make_dirs)
+            os.close(dir_fd)
+            dir_fd = next_fd
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int = os.O_RDONLY,
+                 mode: int = 0o600, *, where: str | None = None,
+                 make_dirs: bool = False) -> int:
+    """A file descriptor of ``root/parts...`` opened with ``flags``, following no link.
+
+    ``root`` itself may be a link (the operator chose it); nothing below it may be. With
+    ``make_dirs`` missing folders are created (mode 0o755). A read-only open must find a
+    regular file: it is opened with ``O_NONBLOCK`` (cleared again on the regular file), so a
+    FIFO or device planted where a file is expected is refused at once instead of blocking
+    the reader. Raises :class:`LinkRefusedError` naming the first segment that is a link or
+    not a folder, or the last one when a read finds no regular file there,
+    :class:`InvalidInputError` for a segment that is empty, ``.``, ``..`` or holds ``/`` or
+    NUL, and :class:`OSError` (e.g. ``FileNotFoundError``, ``FileExistsError`` for
+    ``O_EXCL``) as ``os.open`` does."""
+    if not parts:
+        raise InvalidInputError("names no file", where=where)
+    label = where or "/".join(parts)
+    reading = not (flags & (os.O_WRONLY | os.O_RDWR))
+    if reading:
+        flags |= _NONBLOCK
+    dir_fd = _walk(root, parts[:-1], label, make_dirs)
+    try:
+        _check_parts(parts[-1:], label)
+        fd = os.open(parts[-1], flags | _NOFOLLOW | _CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LinkRefusedError(
+                f"{'/'.join(parts)!r} is a symbolic link; links are not followed below "
+                "the root", where=label) from None
+        raise
+    finally:
+        os.close(dir_fd)
+    if reading:
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular:
+                os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not regular:
+            os.close(fd)
+            raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
+    return fd
+
+
 def open_dir_beneath(root: str | os.PathLike[str], parts: Sequence[str], *,
                      where: str | None = None, make_dirs: bool = False) -> int:
     """A file descriptor of the folder ``root/parts...`` (``root`` itself for no parts),
@@ -155,20 +178,7 @@ def open_dir_beneath(root: str | os.PathLike[str], parts: Sequence[str], *,
     segment that is a link or not a folder, :class:`InvalidInputError` for a segment that is
     empty, ``.``, ``..`` or holds ``/`` or NUL (use :func:`relative_parts`), and
     :class:`OSError` as ``os.open`` does."""
-    label = where or "/".join(parts) or "."
-    for part in parts:
-        if part in ("", ".", "..") or "/" in part or "\x00" in part:
-            raise InvalidInputError(f"{part!r} is not a folder name", where=label)
-    dir_fd = _open_dir_fd(Path(root))
-    try:
-        for i, part in enumerate(parts):
-            next_fd = _enter_dir(dir_fd, part, "/".join(parts[: i + 1]), label, make_dirs)
-            os.close(dir_fd)
-            dir_fd = next_fd
-    except BaseException:
-        os.close(dir_fd)
-        raise
-    return dir_fd
+    return _walk(root, parts, where or "/".join(parts) or ".", make_dirs)
 
 
 def fd_path(fd: int) -> str:

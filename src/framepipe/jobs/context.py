@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -56,7 +57,10 @@ class StepContext:
 
     ``inputs`` are the execution's inputs; ``data`` is the merged output of the steps that had
     completed when this one started (read-only); ``params`` are this instance's parameters.
-    ``progress``, ``spawn_step`` and ``ledger.record`` may be called from the step's own thread.
+    :attr:`input_roots` says which local files the inputs may name (see
+    :func:`framepipe.jobs.inputs.local_input`, the one way a step should turn an input into
+    a local file). ``progress``, ``spawn_step`` and ``ledger.record`` may be called from the
+    step's own thread.
     """
 
     def __init__(self, *, pipeline: Pipeline, execution_id: str, step_key: str,
@@ -65,7 +69,8 @@ class StepContext:
                  objects: Callable[[], ObjectStore],
                  post: Callable[[tuple[Any, ...]], None],
                  has_key: Callable[[str], bool],
-                 known_key: Callable[[str], bool] | None = None) -> None:
+                 known_key: Callable[[str], bool] | None = None,
+                 input_roots: Iterable[str | os.PathLike[str]] | None = None) -> None:
         self.pipeline = pipeline
         self.execution_id = execution_id
         self.step_key = step_key
@@ -86,7 +91,17 @@ class StepContext:
         self._spawned: set[str] = set()
         self._ledger_rows: list[dict[str, Any]] = []
         self._tempdirs: list[Path] = []
+        self._input_roots = (None if input_roots is None
+                             else tuple(Path(root) for root in input_roots))
         self.ledger = StepLedger(store, pipeline.name, self)
+
+    @property
+    def input_roots(self) -> tuple[Path, ...] | None:
+        """The folders whose local files this execution's inputs may name, as its submitter
+        was allowed (the HTTP service: the setting ``input_roots``; ``()``: none, object keys
+        only), or None: unrestricted (submitted from the command line or the Python API).
+        Recorded by the submit, kept by a retry, never set by a client; read-only."""
+        return self._input_roots
 
     @property
     def log(self) -> ComponentLogger:

@@ -44,6 +44,7 @@ __all__ = [
     "MODE",
     "Claimed",
     "Delivery",
+    "Known",
     "Outcome",
     "ProgressUpdate",
     "Round",
@@ -120,6 +121,7 @@ class Claimed:
     pipeline: str
     pipeline_ref: str | None
     inputs: dict[str, Any]
+    input_roots: list[str] | None  # the execution's recorded roots (None: unrestricted)
     ready_at: float | None
     started_at: float
 
@@ -233,6 +235,7 @@ class _X:
         self.started_at: float | None = row["started_at"]
         self.pipeline_ref: str | None = row["pipeline_ref"]
         self.inputs: dict[str, Any] = row["inputs"]
+        self.input_roots: list[str] | None = row["input_roots"]
 
     @property
     def running(self) -> bool:
@@ -376,7 +379,7 @@ class _Tx:
                     execution_id=execution_id, key=r.key, name=r.name, params=r.params,
                     attempt=r.attempt, weight=r.weight, progress=r.progress,
                     pipeline=x.pipeline, pipeline_ref=x.pipeline_ref, inputs=x.inputs,
-                    ready_at=r.ready_at, started_at=now))
+                    input_roots=x.input_roots, ready_at=r.ready_at, started_at=now))
                 self.emit("step.started", x, r.key, {"attempt": r.attempt, "worker": worker})
         taken = {(c.execution_id, c.key) for c in claimed}
         self.ready = [d for d in self.ready if (d.execution_id, d.key) not in taken]
@@ -582,15 +585,22 @@ class _Tx:
 
 
 def submit(store: StateStore, pipeline: Pipeline, inputs: Mapping[str, Any], *,
-           ref: str | None) -> tuple[str, list[Delivery], list[Event]]:
+           ref: str | None, input_roots: Sequence[str] | None = None,
+           ) -> tuple[str, list[Delivery], list[Event]]:
     """Create a distributed execution of ``pipeline``; return its id, the steps to publish and
-    the committed events. Nothing runs until a worker takes a published step."""
+    the committed events. Nothing runs until a worker takes a published step.
+
+    ``input_roots`` is recorded as given (the engine resolved it:
+    :func:`~framepipe.jobs.inputs.recorded_roots`; None: unrestricted); nothing after this
+    writes it, and workers hand it to each step with the inputs."""
     now = time.time()
     execution_id = uuid.uuid4().hex
     with store.write() as conn:
         conn.execute(executions.insert().values(
             id=execution_id, pipeline=pipeline.name, pipeline_ref=ref or pipeline.ref,
-            status=_RUNNING, inputs=dict(inputs), progress=0.0, error=None, owner=None,
+            status=_RUNNING, inputs=dict(inputs),
+            input_roots=None if input_roots is None else list(input_roots),
+            progress=0.0, error=None, owner=None,
             heartbeat_at=None, cancel_requested=False, runs=1, created_at=now, started_at=now,
             finished_at=None, mode=MODE))
         tx = _Tx(store, conn, now)
@@ -608,7 +618,8 @@ def submit(store: StateStore, pipeline: Pipeline, inputs: Mapping[str, Any], *,
 def resume(store: StateStore, execution_id: str) -> tuple[str, list[Delivery], list[Event]]:
     """Resume a failed, cancelled or interrupted distributed execution from where it stopped:
     completed steps are kept, the others run again with fresh retry budgets (crash counts are
-    kept). Returns the full id, the steps to publish and the committed events."""
+    kept); its inputs and recorded ``input_roots`` are kept. Returns the full id, the steps
+    to publish and the committed events."""
     execution_id = find_execution(store, execution_id)
     now = time.time()
     with store.write() as conn:
@@ -691,12 +702,18 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 # -- what workers commit ---------------------------------------------------------------------
 
 
+Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None]]
+"""What :func:`claim` caches per execution id: (pipeline, reference, inputs, input_roots),
+which never change after the submit."""
+
+
 def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
-          lease: float, known: dict[str, tuple[str, str | None, dict[str, Any]]] | None = None,
+          lease: float, known: Known | None = None,
           ) -> tuple[list[Claimed], list[Event]]:
     """Take the delivered steps that are still ready in a running execution, each as a new
     attempt with a lease of ``lease`` seconds. Stale deliveries are skipped. ``known`` caches
-    each execution's (pipeline, reference, inputs), which never change; it is filled here.
+    each execution's (pipeline, reference, inputs, input_roots), which never change; it is
+    filled here (one query for the executions not in it, none for those that are).
 
     Not a durable commit: if the database loses it in a crash, the step is ready again and
     this attempt's later writes are fenced off."""
@@ -708,8 +725,7 @@ def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
 
 
 def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
-              deliveries: Sequence[Delivery], lease: float, now: float,
-              known: dict[str, tuple[str, str | None, dict[str, Any]]],
+              deliveries: Sequence[Delivery], lease: float, now: float, known: Known,
               ) -> tuple[list[Claimed], list[Event]]:
     by_exec: dict[str, set[str]] = defaultdict(set)
     for d in deliveries:
@@ -735,15 +751,17 @@ def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
             known.clear()
         for x in conn.execute(sa.select(
                 executions.c.id, executions.c.pipeline, executions.c.pipeline_ref,
-                executions.c.inputs).where(executions.c.id.in_(sorted(missing)))):
-            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs)
+                executions.c.inputs, executions.c.input_roots)
+                .where(executions.c.id.in_(sorted(missing)))):
+            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs, x.input_roots)
     claimed = []
     for r in rows:
-        pipeline, ref, inputs = known[r.execution_id]
+        pipeline, ref, inputs, roots = known[r.execution_id]
         claimed.append(Claimed(
             execution_id=r.execution_id, key=r.key, name=r.name, params=r.params,
             attempt=r.attempt, weight=r.weight, progress=r.progress, pipeline=pipeline,
-            pipeline_ref=ref, inputs=inputs, ready_at=r.ready_at, started_at=now))
+            pipeline_ref=ref, inputs=inputs, input_roots=roots, ready_at=r.ready_at,
+            started_at=now))
     committed = insert_events(store, conn, [
         Event("step.started", now, c.execution_id, c.key,
               {"attempt": c.attempt, "worker": worker}) for c in claimed])

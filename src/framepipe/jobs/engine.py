@@ -54,6 +54,7 @@ from framepipe.errors import (
 from framepipe.events import Event, EventBus
 from framepipe.jobs import dispatch
 from framepipe.jobs.context import StepContext
+from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json, is_step_key
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
@@ -168,6 +169,8 @@ class _X:
         self.pipeline = pipeline
         self.row = dict(row)
         self.inputs = MappingProxyType(dict(row["inputs"]))
+        roots = row.get("input_roots")
+        self.input_roots: tuple[str, ...] | None = None if roots is None else tuple(roots)
         self.steps: dict[str, _S] = {}
         self.active = 0
         self.running = 0
@@ -348,10 +351,14 @@ class JobEngine:
         :data:`~framepipe.jobs.inputs.LocalPathOrKey`) must then lie inside those folders
         (:class:`PathNotAllowedError` otherwise), and ``[]`` allows none, only object keys;
         None (the command line, the Python API) leaves them unrestricted. A pipeline that
-        declares no inputs gets them as given, whatever ``input_roots`` says. What is stored,
-        and what the steps see, is the checked form (resolved paths; see
-        :mod:`framepipe.jobs.inputs` for why the roots need not travel with the execution).
-        The execution and its initial steps are committed before this returns."""
+        declares no inputs gets them as given. Either way ``input_roots`` is recorded with the
+        execution (resolved; None stays None: unrestricted), by this call only, and kept by
+        :meth:`retry`; every step sees it as :attr:`StepContext.input_roots`, in this engine
+        or on a worker, and :func:`~framepipe.jobs.inputs.local_input` applies it to any
+        input a step reads as a local file (undeclared inputs included). What is stored, and
+        what the steps see, is the checked form (resolved paths; see
+        :mod:`framepipe.jobs.inputs`). The execution and its initial steps are committed
+        before this returns."""
         self._check_started()
         pipeline.validate()
         self.register(pipeline)
@@ -362,19 +369,21 @@ class JobEngine:
         if pipeline.inputs is not None:  # paths are resolved: file system calls
             inputs = await asyncio.to_thread(pipeline.check_inputs, inputs,
                                              input_roots=input_roots)
+        roots = (None if input_roots is None
+                 else await asyncio.to_thread(recorded_roots, input_roots))
         try:
             canonical_json(inputs)
         except (TypeError, ValueError) as exc:
             raise PipelineDefinitionError(f"inputs are not JSON-serialisable: {exc}",
                                           pipeline=pipeline.name) from exc
         if self.settings.distributed_jobs:
-            return await self._submit_to_workers(pipeline, inputs, ref or pipeline.ref)
+            return await self._submit_to_workers(pipeline, inputs, ref or pipeline.ref, roots)
         now = time.time()
         row = {"id": uuid.uuid4().hex, "pipeline": pipeline.name,
                "pipeline_ref": ref or pipeline.ref, "status": ExecutionStatus.RUNNING.value,
-               "inputs": inputs, "progress": 0.0, "error": None, "owner": self.owner,
-               "heartbeat_at": now, "cancel_requested": False, "runs": 1, "created_at": now,
-               "started_at": now, "finished_at": None}
+               "inputs": inputs, "input_roots": roots, "progress": 0.0, "error": None,
+               "owner": self.owner, "heartbeat_at": now, "cancel_requested": False, "runs": 1,
+               "created_at": now, "started_at": now, "finished_at": None}
         x = _X(row, pipeline)
         step_rows = [self._new_step_row(x, step, {}, step.name, [], None, now)
                      for step in pipeline.initial_steps]
@@ -432,13 +441,13 @@ class JobEngine:
         return ExecutionStatus(status), list_events(self.store, execution_id, after_id=after)
 
     async def _submit_to_workers(self, pipeline: Pipeline, inputs: dict[str, Any],
-                                 ref: str | None) -> str:
+                                 ref: str | None, input_roots: list[str] | None) -> str:
         if not ref:
             raise PipelineDefinitionError(
                 "workers load a pipeline by reference, and this one has none (defined "
                 "interactively?): define it in a module or file", pipeline=pipeline.name)
         execution_id, ready, events = await self._in_db(functools.partial(
-            dispatch.submit, self.store, pipeline, inputs, ref=ref))
+            dispatch.submit, self.store, pipeline, inputs, ref=ref, input_roots=input_roots))
         self.bus.publish(events)
         await self._publish(ready)
         _log.info("[%s/%s] execution submitted to the workers (%d step(s) ready)",
@@ -469,10 +478,11 @@ class JobEngine:
         """Resume a failed, cancelled or interrupted execution from where it stopped.
 
         Completed steps are not run again; failed, cancelled and pending steps run with fresh
-        retry budgets. Crash counts are kept across runs, so a step that keeps killing its
-        process is failed as poison after ``max_step_crashes`` crashes in all. ``pipeline``
-        defaults to one registered under the execution's pipeline name. Returns the full
-        execution id."""
+        retry budgets. The execution keeps its inputs and the ``input_roots`` its submit
+        recorded (whoever asks for the retry). Crash counts are kept across runs, so a step
+        that keeps killing its process is failed as poison after ``max_step_crashes``
+        crashes in all. ``pipeline`` defaults to one registered under the execution's
+        pipeline name. Returns the full execution id."""
         self._check_started()
         await self._in_db(self._recover)
         info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
@@ -793,7 +803,7 @@ class JobEngine:
                           step_name=s.name, attempt=s.attempt, inputs=x.inputs,
                           data=x.data_view(), params=s.params, store=self.store,
                           objects=lambda: self.objects, post=self._post,
-                          has_key=x.steps.__contains__)
+                          has_key=x.steps.__contains__, input_roots=x.input_roots)
         s.ctx = ctx
         self._journal.started(x.id, s.key)
         if s.step.is_async:

@@ -1,8 +1,9 @@
-"""Declared inputs: a pipeline's inputs validated, and its local paths confined, before an
-execution of it exists.
+"""Declared inputs and local paths: a pipeline's inputs validated, and the local files they
+name confined, before an execution of it exists and again when a step reads them.
 
 A pipeline declares its inputs with a Pydantic model; a field of type :data:`LocalPathOrKey`
-names a file, as a local path or an object key::
+names a file, as a local path or an object key, one of type :data:`LocalPath` a local file or
+folder (never an object key)::
 
     class Inputs(BaseModel):
         model_config = ConfigDict(extra="forbid")   # a misspelt input is refused too
@@ -14,11 +15,32 @@ names a file, as a local path or an object key::
     @publish.step()
     def fetch(ctx):
         inputs = load_inputs(Inputs, ctx.inputs)
-        path = local_path(inputs.video)        # None: an object key
-        ...
+        path = local_input(ctx, inputs.video, where="inputs.video", declared=True)
+        if path is None:                          # an object key
+            ...
+        copy = copy_local_file(path, ctx.tempdir() / path.name)
 
-Guarantees (:func:`validate_inputs`, which :meth:`JobEngine.submit` runs in both modes, before
-anything is stored):
+**The rule** (one rule, in both modes, for declared and undeclared inputs): the submitter
+decides which local files an execution may name, and the execution keeps that decision.
+
+* :meth:`JobEngine.submit(..., input_roots=) <framepipe.jobs.engine.JobEngine.submit>` records
+  ``input_roots`` with the execution (:func:`recorded_roots`: resolved absolute folders),
+  embedded or distributed. ``None`` (the command line, the Python API, whose users own the
+  machine) leaves local paths unrestricted; a list confines them to those folders (the HTTP
+  service passes the setting ``input_roots``, ``FRAMEPIPE_INPUT_ROOTS``; ``[]``, its default,
+  allows no local path at all, only object keys). Only the submit writes it; a retry keeps
+  it; no client sets it. A step sees it as :attr:`StepContext.input_roots
+  <framepipe.jobs.context.StepContext.input_roots>`, on this machine or on a worker.
+* :func:`local_input` is the one way a step turns an input value into a local file: with
+  roots, only an absolute path that lies inside one of them once resolved
+  (:func:`framepipe.confined.confine`: :class:`~framepipe.errors.PathNotAllowedError`, worded
+  the same whether the path exists or not), and a relative value is an object key, never
+  looked up on the disk (where it would be relative to the server's working folder);
+  without roots, today's convenience: an existing path, relative or absolute, is local.
+  The media steps (:mod:`framepipe.media.steps`) read every input through it.
+
+Guarantees at submit (:func:`validate_inputs`, which :meth:`JobEngine.submit` runs in both
+modes, before anything is stored):
 
 * inputs that do not fit the model are refused with
   :class:`~framepipe.errors.InvalidInputError` whose ``where`` names the field
@@ -27,29 +49,27 @@ anything is stored):
   form), so the record says what the execution runs with;
 * a :data:`LocalPathOrKey` value is stored as either an absolute path, resolved (every link
   followed, so the stored path holds none), or an object key (relative). Which one is decided
-  at submit, never by looking at a disk when the step runs:
+  at submit, never by looking at a disk when the step runs (read it with ``declared=True``):
 
-  - with ``input_roots`` given (a list of folders; the HTTP service passes the setting
-    ``input_roots``): an absolute path must lie inside one of them once resolved, else
-    :class:`~framepipe.errors.PathNotAllowedError`, worded the same whether the path exists
-    or not (:func:`framepipe.confined.confine`); ``[]`` refuses every local path. Any other
-    value is an object key (its syntax checked); it is never looked up on the disk, where a
-    relative path would be relative to the server's working folder;
-  - without ``input_roots`` (``None``: the command line and the Python API, whose users own
-    the machine): a path that exists, relative to the working folder or absolute, and any
-    absolute path, is a local path, resolved; anything else is an object key.
+  - with ``input_roots`` given: an absolute path must lie inside one of them once resolved,
+    else :class:`~framepipe.errors.PathNotAllowedError` (same wording whether it exists or
+    not); any other value is an object key (its syntax checked);
+  - without: a path that exists, relative to the working folder or absolute, and any
+    absolute path, is a local path, resolved; anything else is an object key;
+* a :data:`LocalPath` value (a shared folder, say) is stored absolute and resolved; with
+  ``input_roots`` it must be absolute and inside a root, like a local :data:`LocalPathOrKey`.
 
-How the confinement travels with the execution: the roots do not. The submit records the
-resolved path, which was inside a root and held no link when it was checked, in the stored
-inputs, which only the submit writes (a client gives inputs to the submit, never to a step).
-When the step runs, on this machine or a worker in another process, it reads the file with
-:func:`copy_local_file`, which opens every folder on that path without following a link: so
-it reads that very path or fails (a link planted on it after the submit is an error naming
-it), and it never needs the roots or the submitter's settings. Workers must see the path as
-the submitting machine did (one machine, or a shared volume mounted at the same place).
+When a step runs, a declared value is checked again against the execution's roots by
+:func:`local_input` (defense in depth: a link planted on the path after the submit that leads
+out of the roots is refused), and :func:`copy_local_file` then reads it opening every folder
+without following a link, so what it reads is the very path that was checked, or it fails
+naming the link. Workers must see the paths as the submitting machine did (one machine, or a
+shared volume mounted at the same place).
 
 A pipeline without an inputs model gets its inputs as given (storable JSON within
-``max_inputs_bytes``, nothing more): its steps must treat them as untrusted.
+``max_inputs_bytes``, nothing more): the submit cannot tell which of them name files, so its
+steps must read any file an input names through :func:`local_input`, which applies the
+execution's roots when the step runs.
 """
 
 from __future__ import annotations
@@ -59,17 +79,21 @@ import shutil
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo
 
 from framepipe.backends.objects.base import validate_key
 from framepipe.confined import confine, open_beneath
 from framepipe.errors import InvalidInputError, InvalidKeyError
-from framepipe.untrusted import check_json
+from framepipe.untrusted import check_json, check_text
 
-__all__ = ["LocalPathOrKey", "copy_local_file", "load_inputs", "local_path",
-           "path_or_key_fields", "validate_inputs"]
+if TYPE_CHECKING:
+    from framepipe.jobs.context import StepContext
+
+__all__ = ["LocalPath", "LocalPathOrKey", "copy_local_file", "declared_path_fields",
+           "load_inputs", "local_input", "local_path", "path_or_key_fields", "recorded_roots",
+           "validate_inputs"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -98,19 +122,95 @@ def _path_or_key(value: str, info: ValidationInfo) -> str:
         raise InvalidInputError(f"no local file by that name, and {exc}", where=field) from None
 
 
-class _PathOrKeyMarker:
-    """Marks a field as a :data:`LocalPathOrKey` (found by :func:`path_or_key_fields`)."""
+def _local(value: str, info: ValidationInfo) -> str:
+    """A :data:`LocalPath` in canonical form (absolute, resolved; confined with roots); at
+    submit only, like :func:`_path_or_key`."""
+    context = info.context if isinstance(info.context, Mapping) else {}
+    if _SUBMIT not in context:
+        return value
+    roots: tuple[Path, ...] | None = context[_SUBMIT]
+    field = info.field_name or "input"
+    check_text(value, field)
+    if not value.strip():
+        raise InvalidInputError("is an empty path", where=field)
+    if roots is None:
+        return os.path.realpath(value)
+    if not os.path.isabs(value):
+        raise InvalidInputError(f"{value!r} is relative; an absolute local path is needed",
+                                where=field)
+    return str(confine(value, roots, where=field))
+
+
+class _Marker:
+    """Marks a field as :data:`LocalPathOrKey` or :data:`LocalPath` (found by
+    :func:`path_or_key_fields` and :func:`declared_path_fields`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def __repr__(self) -> str:
-        return "LocalPathOrKey"
+        return self.name
 
 
-_MARKER = _PathOrKeyMarker()
+_MARKER = _Marker("LocalPathOrKey")
+_LOCAL_MARKER = _Marker("LocalPath")
 
 LocalPathOrKey = Annotated[str, AfterValidator(_path_or_key), _MARKER]
 """A field naming a file as a local path or an object key; stored as an absolute, resolved
 path (confined at submit when the submitter gives roots) or as a relative object key. Read it
-with :func:`local_path` and :func:`copy_local_file`."""
+with :func:`local_input` (``declared=True``) and :func:`copy_local_file`."""
+
+LocalPath = Annotated[str, AfterValidator(_local), _LOCAL_MARKER]
+"""A field naming a local file or folder, never an object key; stored absolute and resolved,
+and with the submitter's roots it must be an absolute path inside one of them
+(:class:`~framepipe.errors.PathNotAllowedError` otherwise, worded the same whether it exists
+or not). Read it with :func:`local_input` (``declared=True``), which checks it again."""
+
+
+def recorded_roots(input_roots: Iterable[str | os.PathLike[str]] | None) -> list[str] | None:
+    """``input_roots`` as an execution records them: None stays None (unrestricted), else
+    each folder resolved (links followed) and absolute, in order, without repeats. Touches
+    the file system (run it off the event loop)."""
+    if input_roots is None:
+        return None
+    recorded: list[str] = []
+    for root in input_roots:
+        text = os.fspath(root)
+        check_text(text, "input_roots")
+        resolved = os.path.realpath(text)
+        if resolved not in recorded:
+            recorded.append(resolved)
+    return recorded
+
+
+def local_input(ctx: StepContext, value: str, *, where: str,
+                declared: bool = False) -> Path | None:
+    """The local file (or folder) that the input ``value`` names, or None when it is to be
+    taken as an object key; the one way a step should turn an input into a local path.
+
+    With ``ctx.input_roots`` (the submitter was confined): only an absolute path, which must
+    lie inside one of the roots once resolved, is local; it is returned resolved, and
+    :class:`~framepipe.errors.PathNotAllowedError` naming ``where`` says the same whether it
+    exists or not. A relative value is an object key and is never looked up on the disk.
+    Without roots (``None``: the command line, the Python API): a path that exists, relative
+    or absolute, is local (returned absolute), anything else an object key.
+
+    ``declared``: ``value`` is a stored :data:`LocalPathOrKey` or :data:`LocalPath`, whose
+    kind the submit decided: absolute is local (checked against the roots again when there
+    are some), anything else an object key, whatever the disk holds.
+
+    Read what it returns with :func:`copy_local_file` (or
+    :func:`framepipe.confined.open_beneath`), which follows no link, so what is read is the
+    path that was checked."""
+    roots = ctx.input_roots
+    text = check_text(value, where)
+    if roots is None and not declared:
+        return Path(os.path.abspath(text)) if os.path.exists(text) else None
+    if not os.path.isabs(text):
+        return None
+    if roots is None:
+        return Path(text)
+    return confine(text, roots, where=where)
 
 
 def validate_inputs(model: type[BaseModel], inputs: Mapping[str, Any], *,
@@ -184,7 +284,8 @@ def load_inputs(model: type[M], inputs: Mapping[str, Any]) -> M:
 
 def local_path(value: str) -> Path | None:
     """The local path a stored :data:`LocalPathOrKey` value names, or None when it is an
-    object key."""
+    object key. It does not check the execution's roots again: in a step, prefer
+    :func:`local_input` with ``declared=True``."""
     return Path(value) if os.path.isabs(value) else None
 
 
@@ -202,9 +303,8 @@ def copy_local_file(path: str | os.PathLike[str], dest: Path) -> Path:
     if not os.path.isabs(text):
         raise ValueError(f"{text!r} is not an absolute path")
     parts = Path(text).parts[1:]
-    try:
-        # O_NONBLOCK: opening a FIFO planted there must not wait for a writer
-        fd = open_beneath("/", parts, os.O_RDONLY | os.O_NONBLOCK, where=text)
+    try:  # a FIFO planted there is refused at once (open_beneath opens it non-blocking)
+        fd = open_beneath("/", parts, os.O_RDONLY, where=text)
     except FileNotFoundError:
         raise FileNotFoundError(2, "no such file", text) from None
     with os.fdopen(fd, "rb") as src, open(dest, "xb") as out:
@@ -212,19 +312,32 @@ def copy_local_file(path: str | os.PathLike[str], dest: Path) -> Path:
     return dest
 
 
-def _marked(annotation: Any) -> bool:
-    if annotation is LocalPathOrKey:
-        return True
+def _is_marker(item: object, markers: tuple[_Marker, ...]) -> bool:
+    return any(item is marker for marker in markers)
+
+
+def _marked(annotation: Any, markers: tuple[_Marker, ...]) -> bool:
     metadata = getattr(annotation, "__metadata__", ())
-    return any(m is _MARKER for m in metadata) or any(
-        _marked(arg) for arg in typing.get_args(annotation))
+    return any(_is_marker(m, markers) for m in metadata) or any(
+        _marked(arg, markers) for arg in typing.get_args(annotation))
+
+
+def _fields(model: type[BaseModel], markers: tuple[_Marker, ...]) -> frozenset[str]:
+    names = set()
+    for name, field in model.model_fields.items():
+        if (any(_is_marker(m, markers) for m in field.metadata)
+                or _marked(field.annotation, markers)):
+            names.add(field.alias or name)
+    return frozenset(names)
 
 
 def path_or_key_fields(model: type[BaseModel]) -> frozenset[str]:
     """The inputs (by the name they are stored under) that ``model`` declares as
     :data:`LocalPathOrKey`, also inside ``Optional`` or a union."""
-    names = set()
-    for name, field in model.model_fields.items():
-        if any(m is _MARKER for m in field.metadata) or _marked(field.annotation):
-            names.add(field.alias or name)
-    return frozenset(names)
+    return _fields(model, (_MARKER,))
+
+
+def declared_path_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The inputs that ``model`` declares as :data:`LocalPathOrKey` or :data:`LocalPath`
+    (whose kind the submit decided: read them with ``local_input(..., declared=True)``)."""
+    return _fields(model, (_MARKER, _LOCAL_MARKER))

@@ -144,7 +144,7 @@ class Worker:
         self._output_tail = output_tail
         self._by_name = {p.name: p for p in pipelines}
         self._by_ref: dict[str, Pipeline] = {}
-        self._known: dict[str, tuple[str, str | None, dict[str, Any]]] = {}
+        self._known: dispatch.Known = {}
         self._claim_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._objects: ObjectStore | None = None
@@ -443,7 +443,7 @@ class Worker:
                           params=c.params, store=store, objects=lambda: self.objects,
                           post=lambda message: self._post_message(run, message),
                           has_key=lambda key: _has_key(store, c.execution_id, key),
-                          known_key=lambda key: False)
+                          known_key=lambda key: False, input_roots=c.input_roots)
         run.ctx = ctx
         if step.is_async:
             run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))

@@ -22,7 +22,21 @@ the file it uploaded, or the folder of frames ``extract_frames`` uploaded; ``med
 it to ``depends_on``), the name of an execution input (whose value is a local path or an object
 key), or itself a local path or an object key. For ``stitch`` it is a folder of images: a local
 folder, an object-key prefix, or an ``extract_frames`` step. ``concat`` takes a list of
-sources; ``watermark``'s ``image`` option is a source too.
+sources; ``watermark``'s ``image`` option is a source too (given as a string, or read from an
+input with :class:`Input`).
+
+Which local files an input may name is the execution's, not the step's, to say: every value
+taken from the inputs goes through :func:`framepipe.jobs.inputs.local_input` with the
+execution's recorded roots (:attr:`StepContext.input_roots`). Submitted over HTTP (roots: the
+setting ``FRAMEPIPE_INPUT_ROOTS``, none by default), an input is a local file only as an
+absolute path inside a root, read by a copy that follows no link; any other absolute path
+fails the step with :class:`~framepipe.errors.PathNotAllowedError` worded alike whether the
+file exists or not, before anything is read or uploaded; a relative value is an object key,
+never a file of the server's working folder. Submitted from the command line or the Python
+API (no roots), an input naming an existing local file or folder is read where it is, as
+before. A declared :data:`~framepipe.jobs.inputs.LocalPathOrKey` input keeps the kind the
+submit gave it and is checked against the roots again. Sources written in the pipeline's code
+and the outputs of steps are the pipeline author's and are taken as they are.
 
 What every step guarantees:
 
@@ -61,7 +75,7 @@ import cv2
 
 from framepipe.errors import InvalidKeyError, MediaError, StepParamsError
 from framepipe.jobs.context import StepContext
-from framepipe.jobs.inputs import copy_local_file, local_path, path_or_key_fields
+from framepipe.jobs.inputs import copy_local_file, declared_path_fields, local_input
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.media.concat import concat
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames, stitch
@@ -222,7 +236,10 @@ def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, A
         if not isinstance(given, Input):
             out[option] = given
         elif given.name in ctx.inputs:
-            out[option] = ctx.inputs[given.name]
+            value = ctx.inputs[given.name]
+            # A file named by an input is read as that input (the execution's roots apply).
+            out[option] = (_FromInput(given.name)
+                           if option in _SOURCE_OPTIONS and isinstance(value, str) else value)
         elif given.default is not inspect.Parameter.empty:
             out[option] = given.default
         else:
@@ -230,6 +247,17 @@ def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, A
                                   "execution does not have", pipeline=ctx.pipeline.name,
                                   step_key=ctx.step_key)
     return out
+
+
+_SOURCE_OPTIONS = frozenset({"image"})  # options that name a file, read like a source
+
+
+@dataclass(frozen=True)
+class _FromInput:
+    """A source option given as :class:`Input`: the input's name, so its value is read as an
+    input (through :func:`local_input`), not as a source written in the pipeline's code."""
+
+    name: str
 
 
 class _Run:
@@ -263,8 +291,13 @@ class _Run:
 
     # -- sources --------------------------------------------------------------------------
 
-    def _lookup(self, ref: str) -> tuple[str, str]:
-        """(kind, value): kind ``prefix`` or ``ref`` (a local path or an object key)."""
+    def _lookup(self, ref: str) -> tuple[str, str, Path | None]:
+        """(kind, value, local file). Kinds: ``prefix`` (an object prefix), ``key`` (an object
+        key, never looked up on the disk), ``local`` (a local file allowed by the execution's
+        roots, or a declared input's, given as the third item: copied without following
+        links), ``path`` (a local file or folder of an unrestricted execution, read where it
+        is), ``ref`` (a source of the pipeline's own: a local path if one exists there, else
+        an object key)."""
         ctx = self.ctx
         if ctx.pipeline.get(ref) is not None:
             if ref not in ctx.data:
@@ -275,24 +308,35 @@ class _Run:
             value = ctx.data[ref]
             if isinstance(value, Mapping):
                 if isinstance(value.get("prefix"), str):
-                    return "prefix", value["prefix"]
+                    return "prefix", value["prefix"], None
                 if isinstance(value.get("key"), str):
-                    return "ref", value["key"]
+                    return "ref", value["key"], None
             if isinstance(value, str):
-                return "ref", value
+                return "ref", value, None
             raise StepParamsError(f"source {ref!r}: its output {value!r} names no file (a "
                                   "key, or a dict with 'key' or 'prefix')",
                                   pipeline=ctx.pipeline.name, step_key=ctx.step_key)
         if ref in ctx.inputs:
-            value = ctx.inputs[ref]
-            if not isinstance(value, str) or not value:
-                raise StepParamsError(f"input {ref!r} is {value!r}, not a path or object key",
-                                      pipeline=ctx.pipeline.name, step_key=ctx.step_key)
-            model = ctx.pipeline.inputs
-            if model is not None and ref in path_or_key_fields(model):
-                return ("key" if local_path(value) is None else "local"), value
-            return "ref", value
-        return "ref", ref
+            return self._input(ref)
+        return "ref", ref, None
+
+    def _input(self, name: str) -> tuple[str, str, Path | None]:
+        """The input ``name`` as a source (see :meth:`_lookup`), as the execution's roots
+        allow (:func:`local_input`; see the module)."""
+        ctx = self.ctx
+        value = ctx.inputs.get(name)
+        if not isinstance(value, str) or not value:
+            raise StepParamsError(f"input {name!r} is {value!r}, not a path or object key",
+                                  pipeline=ctx.pipeline.name, step_key=ctx.step_key)
+        model = ctx.pipeline.inputs
+        declared = model is not None and name in declared_path_fields(model)
+        confined = declared or ctx.input_roots is not None
+        local = local_input(ctx, value, where=f"inputs.{name}", declared=declared)
+        if local is None:  # no local file: an object key (unconfined: no such file either)
+            return ("key" if confined else "ref"), value, None
+        if confined:
+            return "local", value, local
+        return "path", value, None
 
     def _object_exists(self, key: str) -> bool:
         try:
@@ -300,14 +344,19 @@ class _Run:
         except InvalidKeyError:
             return False
 
-    def fetch(self, ref: str, *, folder: bool = False) -> Path:
+    def fetch(self, ref: str | _FromInput, *, folder: bool = False) -> Path:
         """The source ``ref`` as a local file (or folder of images).
 
-        A declared :data:`~framepipe.jobs.inputs.LocalPathOrKey` input is taken as the submit
-        stored it: an absolute path is a file, copied without following links (a folder is
-        refused), anything else an object key, never looked up on the disk. Other sources are
-        a local path if one exists there, else an object key (or prefix)."""
-        kind, value = self._lookup(ref)
+        An input (named by the source, or given with :class:`Input`) is read as the
+        execution's roots allow (:func:`~framepipe.jobs.inputs.local_input`): a local file
+        allowed by the roots, or a declared input's, is copied without following links (a
+        folder is refused), a value outside the roots fails with
+        :class:`~framepipe.errors.PathNotAllowedError` before anything is read, and an
+        object key is never looked up on the disk; without roots an existing local path is
+        read where it is. Sources of the pipeline's own (written in its code, or a step's
+        output) are a local path if one exists there, else an object key (or prefix)."""
+        kind, value, local = (self._input(ref.name) if isinstance(ref, _FromInput)
+                              else self._lookup(ref))
         slot = self.work / f"in{self._downloads}"
         self._downloads += 1
         report = self.report(_FETCH)
@@ -315,15 +364,17 @@ class _Run:
             if folder:
                 raise MediaError(value, "a folder of images must be given as an object-key "
                                         "prefix here (this input is a file or an object)")
+            assert local is not None
             slot.mkdir(parents=True)
-            dest = copy_local_file(value, slot / Path(value).name)
+            dest = copy_local_file(local, slot / local.name)
             self.names[dest] = value
             report(100)
             return dest
+        if kind == "path":
+            return Path(value)
         if kind in ("ref", "key"):
-            local = Path(value)
-            if kind == "ref" and local.exists():
-                return local
+            if kind == "ref" and Path(value).exists():
+                return Path(value)
             if not folder and self._object_exists(value):
                 dest = self.ctx.objects.get_file(value, slot / value.rsplit("/", 1)[-1])
                 self.names[dest] = value
@@ -418,7 +469,7 @@ class _Run:
             parts = [self.fetch(ref) for ref in refs]
         else:
             src = self.fetch(refs[0])
-        if op == "watermark" and isinstance(options.get("image"), str):
+        if op == "watermark" and isinstance(options.get("image"), (str, _FromInput)):
             options["image"] = self.fetch(options["image"])
         key = self.key(self.op.ext)
         dst = self.output_path(key)

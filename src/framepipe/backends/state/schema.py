@@ -12,7 +12,7 @@ import sqlalchemy as sa
 __all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "step_deps", "steps",
            "workers"]
 
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 metadata = sa.MetaData()
 
@@ -42,6 +42,10 @@ executions = sa.Table(
     sa.Column("wtotal", sa.Float, nullable=False, server_default="0"),
     sa.Column("next_seq", sa.Integer, nullable=False, server_default="0"),
     sa.Column("next_done_seq", sa.Integer, nullable=False, server_default="0"),
+    # The folders whose local files the submitter may name (resolved absolute paths), or
+    # NULL: unrestricted (the command line, the Python API). Written by the submit only,
+    # never updated (a retry keeps it); steps see it as StepContext.input_roots.
+    sa.Column("input_roots", sa.JSON(none_as_null=True), nullable=True),
     sa.Index("ix_fp_executions_status", "status"),
     sa.Index("ix_fp_executions_created", "created_at"),
 )
