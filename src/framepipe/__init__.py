@@ -6,40 +6,46 @@ files, or on PostgreSQL and Redis workers with the same code.
 
 Live streams: an :class:`App` runs :class:`StreamPipeline` s (a supervised :class:`Source`,
 :class:`Stage` s of :class:`Processor` s, a :class:`Segmenter`, sinks such as
-:class:`FrameStore`). Those names load on first use, so that ``import framepipe`` stays light
-for the job API and the CLI.
+:class:`FrameStore`). Every name loads on first use, so that ``import framepipe`` stays light
+for what a program uses: importing it loads settings, errors and events, nothing else.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from framepipe.backends.objects import LocalObjectStore, ObjectInfo, ObjectStore, open_object_store
-from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError
 from framepipe.events import Event, EventBus
-from framepipe.jobs import (
-    ExecutionInfo,
-    ExecutionStatus,
-    JobEngine,
-    Ledger,
-    Pipeline,
-    Step,
-    StepContext,
-    StepInfo,
-    StepStatus,
-    content_hash,
-    file_fingerprint,
-    file_identity,
-    step_key,
-)
-from framepipe.jobs.runner import run_pipeline
+from framepipe.lazy import attach
 from framepipe.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
     from framepipe.app import App, AppHealth, SystemState
+    from framepipe.backends.objects import (
+        LocalObjectStore,
+        ObjectInfo,
+        ObjectStore,
+        open_object_store,
+    )
+    from framepipe.backends.state import StateStore
     from framepipe.backoff import Backoff
     from framepipe.event_sinks import RedisEventSink, StoreEventSink
     from framepipe.frames import Frame
+    from framepipe.jobs import (
+        ExecutionInfo,
+        ExecutionStatus,
+        JobEngine,
+        Ledger,
+        Pipeline,
+        Step,
+        StepContext,
+        StepInfo,
+        StepStatus,
+        content_hash,
+        file_fingerprint,
+        file_identity,
+        step_key,
+    )
+    from framepipe.jobs.runner import run_pipeline
     from framepipe.processors.base import Processor, as_processor
     from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
     from framepipe.stream import FrameStore, MotionGate, Segment, Segmenter, Sink, Stage
@@ -48,7 +54,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
+_JOBS = ("ExecutionInfo", "ExecutionStatus", "JobEngine", "Ledger", "Pipeline", "Step",
+         "StepContext", "StepInfo", "StepStatus", "content_hash", "file_fingerprint",
+         "file_identity", "step_key")
+_OBJECTS = ("LocalObjectStore", "ObjectInfo", "ObjectStore", "open_object_store")
+
+__getattr__ = attach("framepipe", {
+    **dict.fromkeys(_JOBS, "framepipe.jobs"),
+    **dict.fromkeys(_OBJECTS, "framepipe.backends.objects"),
+    "StateStore": "framepipe.backends.state", "run_pipeline": "framepipe.jobs.runner",
     "App": "framepipe.app", "AppHealth": "framepipe.app", "SystemState": "framepipe.app",
     "Backoff": "framepipe.backoff", "Frame": "framepipe.frames",
     "RedisEventSink": "framepipe.event_sinks", "StoreEventSink": "framepipe.event_sinks",
@@ -59,18 +73,7 @@ _LAZY = {
     "Segment": "framepipe.stream", "Segmenter": "framepipe.stream", "Sink": "framepipe.stream",
     "Stage": "framepipe.stream", "StreamPipeline": "framepipe.stream.pipeline",
     "HealthState": "framepipe.supervise", "Supervisor": "framepipe.supervise",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'framepipe' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+}, globals())
 
 
 __all__ = [

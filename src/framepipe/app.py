@@ -30,6 +30,7 @@ import cv2
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError
 from framepipe.frames import encode_jpeg
+from framepipe.liveness import owner_is_dead
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import HealthState
@@ -384,8 +385,6 @@ def preview_dir(settings: Settings, app: str) -> Path:
 
 def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
     """Health snapshots of the apps of this home; a snapshot of a dead process says so."""
-    from framepipe.jobs.records import owner_is_dead
-
     folder = settings.run_dir / "apps"
     snapshots = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from framepipe.errors import ConfigError
+from framepipe.redis import is_redis_url
 
 __all__ = ["Settings", "load_settings"]
 
@@ -177,7 +178,7 @@ class Settings(BaseSettings):
     def distributed_jobs(self) -> bool:
         """True when job steps run on workers (``jobs_mode``, or ``auto`` with Redis)."""
         if self.jobs_mode == "auto":
-            return self.broker_url.startswith(("redis://", "rediss://", "unix://"))
+            return is_redis_url(self.broker_url)
         return self.jobs_mode == "workers"
 
     @property

@@ -31,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from framepipe.backends.state import StateStore
+from framepipe.backends.state.event_log import append_events
 from framepipe.backends.state.retention import prune_events
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
@@ -160,9 +161,7 @@ class StoreEventSink(_QueuedSink):
         return _jsonable({"app": self.app_name, **data})
 
     async def _write(self, batch: list[Event]) -> None:
-        from framepipe.jobs.records import Batch, write_batch
-
-        await asyncio.to_thread(write_batch, self.store, Batch(events=batch))
+        await asyncio.to_thread(append_events, self.store, batch)
         if self.retention_days is not None and time.monotonic() - self._pruned_at > 3600:
             self._pruned_at = time.monotonic()
             try:

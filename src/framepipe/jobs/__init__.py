@@ -1,12 +1,21 @@
-"""Batch jobs: DAG pipelines with spawned steps, retries, resume, progress and a ledger."""
+"""Batch jobs: DAG pipelines with spawned steps, retries, resume, progress and a ledger.
+
+Defining a pipeline does not load the engine: :class:`JobEngine` loads on first use."""
+
+from typing import TYPE_CHECKING
 
 from framepipe.jobs.context import StepContext
-from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import Ledger, content_hash, file_fingerprint, file_identity
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
 from framepipe.jobs.pipeline import Pipeline, Step
+from framepipe.lazy import attach
+
+if TYPE_CHECKING:
+    from framepipe.jobs.engine import JobEngine
+
+__getattr__ = attach("framepipe.jobs", {"JobEngine": "framepipe.jobs.engine"}, globals())
 
 __all__ = [
     "ExecutionInfo",

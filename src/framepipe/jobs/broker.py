@@ -24,7 +24,7 @@ except ModuleNotFoundError as exc:
                                  "distributed jobs (a redis:// broker)") from exc
 from framepipe.jobs.dispatch import Delivery
 from framepipe.logs import get_logger
-from framepipe.processors.client import safe_url
+from framepipe.redis import is_redis_url, safe_url
 
 __all__ = ["Entry", "StepBroker"]
 
@@ -41,7 +41,7 @@ class StepBroker:
 
     def __init__(self, url: str, namespace: str = "framepipe", *,
                  socket_timeout: float = 10.0) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if not is_redis_url(url):
             raise BrokerError(f"job broker URL {safe_url(url)!r} is not a redis:// URL; "
                               "distributed jobs need Redis (FRAMEPIPE_BROKER_URL)", url=url)
         self.url = url

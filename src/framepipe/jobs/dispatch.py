@@ -33,12 +33,14 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, step_deps, steps, workers
+from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.keys import is_step_key
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import find_execution, insert_events, owner_is_dead, upsert_ledger
+from framepipe.jobs.records import find_execution, upsert_ledger
+from framepipe.liveness import owner_is_dead
 
 __all__ = [
     "MODE",

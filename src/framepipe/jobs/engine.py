@@ -40,7 +40,6 @@ import tenacity
 
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore, executions
-from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
     ExecutionFailedError,
@@ -48,7 +47,6 @@ from framepipe.errors import (
     FramepipeError,
     PipelineDefinitionError,
     StepCancelledError,
-    StepOutputError,
     UnknownStepError,
 )
 from framepipe.events import Event, EventBus
@@ -58,17 +56,17 @@ from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json, is_step_key
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
-from framepipe.jobs.outcomes import check_output, error_text
+from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.jobs.records import (
     Batch,
     get_execution,
     list_events,
     load_rows,
-    this_owner,
     write_batch,
 )
 from framepipe.jobs.recovery import recover_for
+from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.untrusted import check_json, check_size
 
@@ -926,12 +924,9 @@ class JobEngine:
                              else "step.interrupted", now, x.id, s.key, {"attempt": s.attempt}))
             return
         s.failures += 1
-        permanent = isinstance(exc, (StepOutputError, PipelineDefinitionError))
-        if not permanent and s.failures <= s.step.retries and x.stopping is None:
-            initial = (s.step.retry_delay if s.step.retry_delay is not None
-                       else self.settings.retry_initial_delay)
-            delay = Backoff(initial=initial, maximum=self.settings.retry_max_delay).delay(
-                s.failures)
+        policy = RetryPolicy.of(s.step, self.settings)
+        if policy.retries_after(s.failures, exc) and x.stopping is None:
+            delay = policy.delay(s.failures)
             s.next_attempt_at = now + delay
             self._set(s, StepStatus.RETRYING)
             _log.warning("[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",

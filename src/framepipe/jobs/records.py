@@ -6,9 +6,6 @@ transaction, so they become durable together or not at all.
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, events, executions, ledger, steps
+from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionNotFoundError
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
@@ -27,8 +25,6 @@ __all__ = [
     "insert_events",
     "list_events",
     "list_executions",
-    "owner_is_dead",
-    "this_owner",
     "upsert_ledger",
     "write_batch",
 ]
@@ -90,24 +86,6 @@ def write_batch(store: StateStore, batch: Batch) -> list[Event]:
         if batch.ledger:
             upsert_ledger(store, conn, batch.ledger)
         return insert_events(store, conn, batch.events)
-
-
-def insert_events(store: StateStore, conn: sa.Connection, batch: Sequence[Event]) -> list[Event]:
-    """Insert ``batch`` in the open transaction; return the events with their ids, in order."""
-    if not batch:
-        return []
-    rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
-             "step_key": e.step_key, "data": e.data} for e in batch]
-    if store.dialect == "sqlite":
-        # One multi-row INSERT under the write lock assigns increasing ids in row order;
-        # asking SQLAlchemy to sort by parameter order would send one INSERT per row.
-        ids = sorted(conn.execute(events.insert().returning(events.c.id), rows).scalars().all())
-    else:
-        ids = list(conn.execute(
-            events.insert().returning(events.c.id, sort_by_parameter_order=True),
-            rows).scalars().all())
-    return [Event(type=e.type, ts=e.ts, execution_id=e.execution_id, step_key=e.step_key,
-                  data=e.data, id=i) for e, i in zip(batch, ids, strict=True)]
 
 
 def upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
@@ -234,40 +212,3 @@ def load_rows(store: StateStore, execution_id: str) -> tuple[dict[str, Any], lis
         rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
                             .order_by(steps.c.seq)).all()
     return dict(row._mapping), [dict(r._mapping) for r in rows]
-
-
-# -- owners ----------------------------------------------------------------------------------
-
-
-def this_owner(tag: str) -> str:
-    """The owner string of an engine in this process: ``host:pid:tag``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
-
-
-def owner_is_dead(owner: str | None, heartbeat_at: float | None, stale_after: float) -> bool:
-    """True when the engine that owns an execution is gone: its process is not alive on this
-    host, or (another host) its heartbeat is older than ``stale_after`` seconds."""
-    if not owner:
-        return True
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host == socket.gethostname() and pid_text.isdigit():
-        pid = int(pid_text)
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return _is_zombie(pid)
-    return heartbeat_at is None or time.time() - heartbeat_at > stale_after
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False

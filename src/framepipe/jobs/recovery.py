@@ -22,7 +22,8 @@ from framepipe.config import Settings
 from framepipe.events import Event
 from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
-from framepipe.jobs.records import Batch, owner_is_dead, write_batch
+from framepipe.jobs.records import Batch, write_batch
+from framepipe.liveness import owner_is_dead
 
 __all__ = ["recover_for", "recover_orphans"]
 

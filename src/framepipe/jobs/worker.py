@@ -46,7 +46,6 @@ from framepipe.errors import (
     BrokerError,
     PipelineDefinitionError,
     StepCancelledError,
-    StepOutputError,
 )
 from framepipe.jobs import dispatch
 from framepipe.jobs.broker import Entry, StepBroker
@@ -54,9 +53,9 @@ from framepipe.jobs.context import StepContext
 from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import StepStatus
-from framepipe.jobs.outcomes import check_output, error_text
+from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import this_owner
+from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 
 __all__ = ["Worker"]
@@ -505,14 +504,11 @@ class Worker:
         elif self._stopping.is_set() and isinstance(exc, StepCancelledError):
             kind = "handback"
         step = run.pipeline.get(c.name) if run.pipeline is not None else None
-        initial = (step.retry_delay if step is not None and step.retry_delay is not None
-                   else self.settings.retry_initial_delay)
-        backoff = Backoff(initial=initial, maximum=max(initial, self.settings.retry_max_delay))
+        policy = RetryPolicy.of(step, self.settings, retries=retries)
         return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind=kind,
                        weight=c.weight, before=run.committed_progress, error=error_text(exc),
-                       permanent=isinstance(exc, (StepOutputError, PipelineDefinitionError)),
-                       retries=retries,
-                       retry_delays=[backoff.delay(i) for i in range(1, retries + 1)])
+                       permanent=is_permanent(exc), retries=retries,
+                       retry_delays=policy.delays())
 
     def _post_message(self, run: _Run, message: tuple[Any, ...]) -> None:
         """A message from a step's context (its thread or the loop)."""

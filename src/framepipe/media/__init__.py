@@ -26,9 +26,13 @@ by the frames' timestamps, not their count.
 Each function is also a ready job step: :func:`media_step` adds one to a pipeline and
 :func:`run_media` runs one inside a step of your own (:mod:`framepipe.media.steps`: temp folder
 per step, inputs from the object store or local paths, outputs uploaded, real progress).
+Importing :mod:`framepipe.media` loads neither the job engine nor the state store; the steps
+load them when first used.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from framepipe.errors import MediaError
 from framepipe.media._io import DEFAULT_MAX_PIXELS, ProgressCallback, atomic_output
@@ -37,9 +41,22 @@ from framepipe.media.frames import extract_frames, stitch
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.qr import QrCode, QrResult, decode_qr
-from framepipe.media.steps import Input, media_step, run_media
 from framepipe.media.thumbnails import thumbnail, thumbnail_grid
 from framepipe.media.watermark import watermark
+
+if TYPE_CHECKING:
+    from framepipe.media.steps import Input, media_step, run_media
+
+_STEPS = frozenset({"Input", "media_step", "run_media"})
+
+
+def __getattr__(name: str) -> Any:
+    # The job steps load the job machinery (and SQLAlchemy); the media functions need neither.
+    if name in _STEPS:
+        from framepipe.media import steps
+
+        return getattr(steps, name)
+    raise AttributeError(f"module 'framepipe.media' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

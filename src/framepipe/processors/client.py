@@ -71,11 +71,11 @@ import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError, RegistryConnectionError
 from framepipe.logs import get_logger
+from framepipe.redis import safe_url
 
 try:
     import redis.asyncio as aioredis
@@ -349,18 +349,6 @@ def decode_image_data(data: bytes, fmt: str = "jpeg") -> bytes:
 
 def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode("utf-8", "replace")
-
-
-def safe_url(url: str) -> str:
-    """``url`` with its password masked, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str, *, retries: int = 0, connect_timeout: float = 2.0,

@@ -94,9 +94,9 @@ from framepipe.processors.client import (
     new_traceparent,
     parse_traceparent,
     ping_with_retries,
-    safe_url,
     stream_entries,
 )
+from framepipe.redis import safe_url
 
 __all__ = [
     "CircuitState",

@@ -69,6 +69,7 @@ from framepipe.jobs.records import (
     list_executions,
 )
 from framepipe.logs import get_logger
+from framepipe.redis import is_redis_url
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
@@ -112,7 +113,7 @@ _log = get_logger("server")
 
 async def _open_registry(settings: Settings) -> Any:
     """A processor registry on the broker's Redis, or None (no Redis broker, or down)."""
-    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(settings.broker_url):
         return None
     try:
         from framepipe.processors.registry import ProcessorRegistry

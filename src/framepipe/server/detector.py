@@ -100,6 +100,7 @@ from framepipe.errors import (
     MissingDependencyError,
 )
 from framepipe.logs import get_logger
+from framepipe.redis import is_redis_url
 from framepipe.server.guard import admit_websocket
 from framepipe.untrusted import MAX_DEPTH, check_json, check_text, dumps
 
@@ -239,7 +240,7 @@ def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | Remo
     if hub is not None:
         return hub
     settings = settings or load_settings()
-    if not _is_redis(settings.broker_url):
+    if not is_redis_url(settings.broker_url):
         raise DetectorUnavailableError(
             f"no detector hub {hub_id!r} in this process, and no Redis broker to reach the "
             "service holding it: run the steps that talk to detectors in that service, or "
@@ -370,7 +371,7 @@ class DetectorHub:
         self.store = store
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Condition()
-        if settings is not None and settings.distributed_jobs and _is_redis(settings.broker_url):
+        if settings is not None and settings.distributed_jobs and is_redis_url(settings.broker_url):
             self._relay = _Relay(self, settings.broker_url, settings.broker_namespace)
             await self._relay.start()
 
@@ -712,10 +713,6 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
 
 _ALIVE_TTL = 5
 _REPLY_TTL = 600
-
-
-def _is_redis(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
 
 
 def _redis_asyncio() -> Any:
