@@ -373,3 +373,28 @@ def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> 
     assert "GET /ws?token=***" in out or "/ws?token=***" in out
     assert "/?token=***" in out
     assert token not in out
+
+
+def test_the_demo_import_names_no_folder_of_the_server_over_http(tmp_path: Path) -> None:
+    """The demo's card is a declared local folder: over HTTP, with no input roots, a client
+    cannot point it at a folder of the server; inside a configured root it imports."""
+    from framepipe.demo import pipeline as demo_import
+    from framepipe.demo import prepare_card
+
+    card = tmp_path / "cards" / "sd1"
+    prepare_card(card, 1)
+    for roots, expected in (([], 422), ([tmp_path / "cards"], 201)):
+        settings = Settings(home=tmp_path / f"home{len(roots)}", input_roots=roots)
+        with Server(settings, pipelines=(demo_import,)) as server, \
+                httpx.Client(base_url=server.url, headers=AUTH) as client:
+            details = []
+            for folder in ("/etc/ssl", "/nowhere/ssl"):
+                answer = client.post("/api/executions", json={
+                    "pipeline": "demo_import", "inputs": {"card": folder}})
+                assert answer.status_code == 422, folder
+                details.append(answer.json()["detail"])
+            assert details[0] == details[1]  # whether the folder exists is not told
+            assert "inputs.card" in details[0]
+            ours = client.post("/api/executions", json={
+                "pipeline": "demo_import", "inputs": {"card": str(card)}})
+            assert ours.status_code == expected, ours.text

@@ -16,14 +16,24 @@ from typing import Any
 
 import av
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from framepipe.jobs.context import StepContext
+from framepipe.jobs.inputs import LocalPath, local_input
 from framepipe.jobs.ledger import file_fingerprint, file_identity
 from framepipe.jobs.pipeline import Pipeline
 
 __all__ = ["make_clip", "pipeline", "prepare_card"]
 
-pipeline = Pipeline("demo_import", description="Import new clips from a card, probe, thumbnail.")
+class DemoInputs(BaseModel):
+    """The demo's one input: the card, a local folder (confined like any local path)."""
+
+    model_config = ConfigDict(extra="forbid")
+    card: LocalPath
+
+
+pipeline = Pipeline("demo_import", description="Import new clips from a card, probe, thumbnail.",
+                    inputs=DemoInputs)
 
 
 def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25,
@@ -62,10 +72,11 @@ def prepare_card(card: Path, count: int = 3) -> list[Path]:
 @pipeline.step()
 def scan(ctx: StepContext) -> dict[str, Any]:
     """List the card; spawn copy + thumbnail steps for files the ledger has not seen."""
-    card = Path(ctx.inputs["card"])
-    if not card.is_dir():
-        raise FileNotFoundError(f"card folder {card} does not exist")
-    files = {file_identity(p, card): p for p in sorted(card.glob("*.mp4"))}
+    card = local_input(ctx, ctx.inputs["card"], where="inputs.card", declared=True)
+    if card is None or not card.is_dir():
+        raise FileNotFoundError(f"card folder {ctx.inputs['card']} does not exist")
+    files = {file_identity(p, card): p for p in sorted(card.glob("*.mp4"))
+             if p.is_file() and not p.is_symlink()}  # a link on a card is not a clip
     new = ctx.ledger.filter_new(files)
     for identity in new:
         path = str(files[identity])

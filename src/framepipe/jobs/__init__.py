@@ -5,7 +5,7 @@ Defining a pipeline does not load the engine: :class:`JobEngine` loads on first 
 from typing import TYPE_CHECKING
 
 from framepipe.jobs.context import StepContext
-from framepipe.jobs.inputs import LocalPathOrKey
+from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, local_input
 from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import Ledger, content_hash, file_fingerprint, file_identity
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
@@ -22,6 +22,7 @@ __all__ = [
     "ExecutionStatus",
     "JobEngine",
     "Ledger",
+    "LocalPath",
     "LocalPathOrKey",
     "Pipeline",
     "Step",
@@ -31,5 +32,6 @@ __all__ = [
     "content_hash",
     "file_fingerprint",
     "file_identity",
+    "local_input",
     "step_key",
 ]

@@ -57,6 +57,7 @@ from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text, is_pe
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
+from framepipe.redis import is_redis_url
 
 __all__ = ["Worker"]
 
@@ -128,7 +129,7 @@ class Worker:
                  concurrency: int | None = None, pipelines: tuple[Pipeline, ...] = (),
                  output_tail: Callable[[], str] | None = None) -> None:
         self.settings = settings or load_settings()
-        if not self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        if not is_redis_url(self.settings.broker_url):
             raise BrokerError(f"a worker needs a Redis broker: FRAMEPIPE_BROKER_URL is "
                               f"{self.settings.broker_url!r}", url=self.settings.broker_url)
         self._own_store = store is None

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from framepipe import media
 from framepipe.errors import MediaError
 from framepipe.jobs.context import StepContext
-from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_path
+from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.processors.adapters import adapter_from_settings, as_step_progress
 
@@ -106,7 +106,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
     confined it) is copied without following links, probed (a non-video is refused before
     anything else runs) and uploaded; an object key is checked."""
     source = _inputs(ctx).input
-    path = local_path(source)
+    path = local_input(ctx, source, where="inputs.input", declared=True)
     if path is None:
         if not ctx.objects.exists(source):
             raise FileNotFoundError(f"input {source!r}: no such object in the object store")
