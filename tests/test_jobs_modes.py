@@ -76,3 +76,21 @@ def test_a_retry_delay_is_capped_by_the_setting_in_both_modes(run_in_mode: Runne
     assert len(started) == 2
     assert 0.4 <= started[1] - started[0] < 5
     assert "failed after 2 attempts: RuntimeError: attempt 2 failed" in (info.error or "")
+
+
+@pytest.mark.parametrize(("mode", "says"), [
+    ("initial", "would do nothing: 'join' takes no parameters"),
+    ("differs", "names the existing instance piece:"),
+    ("differs_later", "names the existing instance piece:"),
+    ("again", None),
+])
+def test_a_spawn_whose_dependencies_would_be_dropped_is_refused(
+        run_in_mode: Runner, mode: str, says: str | None) -> None:
+    info, events = run_in_mode(wp.footgun, {"mode": mode})
+    if says is None:
+        assert info.status.value == "completed"
+        return
+    assert info.status.value == "failed"
+    assert says in (info.error or "")
+    assert "StepParamsError" in (info.error or "")
+    assert not [e for e in events if e.type == "step.retrying"]  # permanent: not retried

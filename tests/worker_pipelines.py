@@ -142,3 +142,38 @@ def stubborn(ctx: StepContext) -> dict[str, Any]:
     """Fails every time; asks for two minutes between attempts, which the operator's cap
     (the setting retry_max_delay) shortens."""
     raise RuntimeError(f"attempt {ctx.attempt} failed")
+
+
+footgun = Pipeline("wk_footgun")
+
+
+@footgun.step()
+def split(ctx: StepContext) -> dict[str, Any]:
+    keys = [ctx.spawn_step("piece", {"i": i}) for i in range(2)]
+    mode = ctx.inputs["mode"]
+    if mode == "initial":  # join takes no parameters: it already exists and already ran
+        ctx.spawn_step("join", depends_on=keys)
+    elif mode == "differs":
+        ctx.spawn_step("piece", {"i": 0}, depends_on=[keys[1]])
+    elif mode == "again":  # the same instance again, without dependencies: just its key
+        assert ctx.spawn_step("piece", {"i": 0}) == keys[0]
+    return {"split": True}
+
+
+@footgun.step()
+def piece(ctx: StepContext, i: int) -> dict[str, Any]:
+    return {f"p{i}": True}
+
+
+@footgun.step()
+def join(ctx: StepContext) -> dict[str, Any]:
+    return {"joined": True}
+
+
+@footgun.step(depends_on=["split"])
+def later(ctx: StepContext) -> dict[str, Any]:
+    """Spawns an instance another step made, with other dependencies (a lookup in the store
+    on workers, in memory embedded)."""
+    if ctx.inputs["mode"] == "differs_later":
+        ctx.spawn_step("piece", {"i": 0}, depends_on=["join"])
+    return {}

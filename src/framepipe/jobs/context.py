@@ -7,7 +7,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -70,7 +70,8 @@ class StepContext:
                  post: Callable[[tuple[Any, ...]], None],
                  has_key: Callable[[str], bool],
                  known_key: Callable[[str], bool] | None = None,
-                 input_roots: Iterable[str | os.PathLike[str]] | None = None) -> None:
+                 input_roots: Iterable[str | os.PathLike[str]] | None = None,
+                 deps_of: Callable[[str], Sequence[str] | None] | None = None) -> None:
         self.pipeline = pipeline
         self.execution_id = execution_id
         self.step_key = step_key
@@ -87,8 +88,9 @@ class StepContext:
         # Whether a spawned key may be skipped as existing: a cheap check is enough, since
         # spawning an existing key changes nothing anyway.
         self._known_key = known_key or has_key
+        self._deps_of = deps_of or (lambda _key: None)
         self._cancel = threading.Event()
-        self._spawned: set[str] = set()
+        self._spawned: dict[str, frozenset[str]] = {}  # key -> its dependencies
         self._ledger_rows: list[dict[str, Any]] = []
         self._tempdirs: list[Path] = []
         self._input_roots = (None if input_roots is None
@@ -142,6 +144,12 @@ class StepContext:
         The instance also waits for ``depends_on`` (step keys or step names) on top of the
         step's declared ``depends_on``. It is queued as soon as this call is committed, not when
         the calling step ends. Spawning a key that already exists returns it and changes nothing.
+
+        ``depends_on`` that could only be silently dropped is refused with
+        :class:`StepParamsError`, in both modes: given for a step without parameters (an
+        initial step, which exists from the execution's start: declare its dependencies on
+        the step instead), or differing from those of the existing instance with the same
+        key.
         """
         pipeline = self.pipeline
         step = pipeline.get(name)
@@ -179,8 +187,27 @@ class StepContext:
                     f"{key} would wait for {dep}, which waits for every {name!r} step",
                     pipeline=pipeline.name, step_key=self.step_key)
             deps.append(dep)
+        if deps and not step.parameterised:
+            raise StepParamsError(
+                f"spawn_step({name!r}, depends_on={deps!r}) would do nothing: {name!r} takes no "
+                "parameters, so it is an initial step of every execution, created when the "
+                "execution starts, and a spawn cannot give it dependencies. Declare them on the "
+                f"step (@pipeline.step(depends_on=[{deps[0].partition(':')[0]!r}])), or give "
+                f"it a parameter so that each spawn makes an instance that waits",
+                pipeline=pipeline.name, step_key=self.step_key)
+        wanted = frozenset([*step.depends_on, *deps])
+        existing = self._spawned.get(key)
+        if existing is None and deps:
+            found = self._deps_of(key)
+            existing = None if found is None else frozenset(found)
+        if deps and existing is not None and existing != wanted:
+            raise StepParamsError(
+                f"spawn_step({name!r}) names the existing instance {key} with other "
+                f"dependencies ({sorted(wanted)} instead of {sorted(existing)}), which would be "
+                "ignored: spawn it once with all its dependencies, or give the instances "
+                "different parameters", pipeline=pipeline.name, step_key=self.step_key)
         if key not in self._spawned and not self._known_key(key):
-            self._spawned.add(key)
+            self._spawned[key] = wanted
             self._post(("spawn", self.execution_id, self.step_key, name, values, key, deps))
         return key
 

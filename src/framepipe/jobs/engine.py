@@ -194,6 +194,13 @@ class _X:
         return f"{self.pipeline.name}/{self.id[:8]}"
 
 
+def _deps_of(x: _X, key: str) -> list[str] | None:
+    """The dependencies of step ``key`` of ``x`` (read from a step's thread: the list is
+    replaced, never changed in place, once the step exists)."""
+    s = x.steps.get(key)
+    return None if s is None else list(s.deps)
+
+
 class JobEngine:
     """Runs executions of pipelines in this process, durable in a :class:`StateStore`.
 
@@ -801,7 +808,8 @@ class JobEngine:
                           step_name=s.name, attempt=s.attempt, inputs=x.inputs,
                           data=x.data_view(), params=s.params, store=self.store,
                           objects=lambda: self.objects, post=self._post,
-                          has_key=x.steps.__contains__, input_roots=x.input_roots)
+                          has_key=x.steps.__contains__, input_roots=x.input_roots,
+                          deps_of=lambda key: _deps_of(x, key))
         s.ctx = ctx
         self._journal.started(x.id, s.key)
         if s.step.is_async:

@@ -443,7 +443,8 @@ class Worker:
                           params=c.params, store=store, objects=lambda: self.objects,
                           post=lambda message: self._post_message(run, message),
                           has_key=lambda key: _has_key(store, c.execution_id, key),
-                          known_key=lambda key: False, input_roots=c.input_roots)
+                          known_key=lambda key: False, input_roots=c.input_roots,
+                          deps_of=lambda key: _deps_of(store, c.execution_id, key))
         run.ctx = ctx
         if step.is_async:
             run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))
@@ -759,6 +760,13 @@ def _load_data(store: StateStore, execution_id: str) -> dict[str, Any]:
                 ).scalars():
             data.update(output or {})
     return data
+
+
+def _deps_of(store: StateStore, execution_id: str, key: str) -> list[str] | None:
+    with store.read() as conn:
+        found = conn.execute(sa.select(steps.c.depends_on).where(
+            steps.c.execution_id == execution_id, steps.c.key == key)).first()
+    return None if found is None else list(found.depends_on)
 
 
 def _has_key(store: StateStore, execution_id: str, key: str) -> bool:
