@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,34 @@ if TYPE_CHECKING:
     from framepipe.backends.state import StateStore
     from framepipe.jobs.pipeline import Pipeline
 
-__all__ = ["StepContext", "StepLedger"]
+__all__ = ["Progressed", "Spawned", "StepContext", "StepLedger", "StepMessage"]
+
+
+@dataclass(frozen=True, slots=True)
+class Progressed:
+    """A running step reported its progress (0-100) and an optional message."""
+
+    execution_id: str
+    step_key: str
+    pct: float
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """A running step (``spawner``) spawned the instance ``key`` of step ``name``; ``deps``
+    are the keys or names it waits for besides the step's declared ``depends_on``."""
+
+    execution_id: str
+    spawner: str
+    name: str
+    params: dict[str, Any]
+    key: str
+    deps: list[str]
+
+
+StepMessage = Progressed | Spawned
+"""What a step's context sends its scheduler (the engine, or the worker running it)."""
 
 
 class StepLedger(Ledger):
@@ -67,7 +95,7 @@ class StepContext:
                  step_name: str, attempt: int, inputs: Mapping[str, Any],
                  data: Mapping[str, Any], params: Mapping[str, Any], store: StateStore,
                  objects: Callable[[], ObjectStore],
-                 post: Callable[[tuple[Any, ...]], None],
+                 post: Callable[[StepMessage], None],
                  has_key: Callable[[str], bool],
                  known_key: Callable[[str], bool] | None = None,
                  input_roots: Iterable[str | os.PathLike[str]] | None = None,
@@ -132,8 +160,8 @@ class StepContext:
         Raises :class:`StepCancelledError` once the execution is being stopped, so a long step
         that reports progress stops at its next report."""
         self.check_cancelled()
-        self._post(("progress", self.execution_id, self.step_key,
-                    min(100.0, max(0.0, float(pct))), message))
+        self._post(Progressed(self.execution_id, self.step_key,
+                              min(100.0, max(0.0, float(pct))), message))
 
     # -- dynamic steps ------------------------------------------------------------------------
 
@@ -208,7 +236,7 @@ class StepContext:
                 "different parameters", pipeline=pipeline.name, step_key=self.step_key)
         if key not in self._spawned and not self._known_key(key):
             self._spawned[key] = wanted
-            self._post(("spawn", self.execution_id, self.step_key, name, values, key, deps))
+            self._post(Spawned(self.execution_id, self.step_key, name, values, key, deps))
         return key
 
     # -- resources ------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def _crossed(before: int, after: int) -> bool:
     return False
 
 
-class _X:
+class _ExecRow:
     """The locked row of one execution, with the counters a transaction changes."""
 
     def __init__(self, row: Mapping[str, Any]) -> None:
@@ -261,9 +261,9 @@ class _Tx:
         self.now = now
         self.events: list[Event] = []
         self.ready: list[Delivery] = []
-        self.xs: dict[str, _X] = {}
+        self.xs: dict[str, _ExecRow] = {}
 
-    def lock(self, execution_id: str) -> _X | None:
+    def lock(self, execution_id: str) -> _ExecRow | None:
         x = self.xs.get(execution_id)
         if x is not None:
             return x
@@ -273,7 +273,7 @@ class _Tx:
         row = self.conn.execute(query).first()
         if row is None:
             return None
-        x = self.xs[execution_id] = _X(dict(row._mapping))
+        x = self.xs[execution_id] = _ExecRow(dict(row._mapping))
         return x
 
     def save(self) -> list[Event]:
@@ -282,12 +282,12 @@ class _Tx:
                               .values(**x.values()))
         return insert_events(self.store, self.conn, self.events)
 
-    def emit(self, type_: str, x: _X, key: str | None, data: dict[str, Any]) -> None:
+    def emit(self, type_: str, x: _ExecRow, key: str | None, data: dict[str, Any]) -> None:
         self.events.append(Event(type_, self.now, x.id, key, data))
 
     # -- transitions ------------------------------------------------------------------------
 
-    def insert_steps(self, x: _X, specs: Sequence[StepSpec], *, spawned: bool) -> None:
+    def insert_steps(self, x: _ExecRow, specs: Sequence[StepSpec], *, spawned: bool) -> None:
         keys = list(dict.fromkeys(s.key for s in specs))
         deps = {d for s in specs for d in s.key_deps}
         statuses = self._statuses(x.id, list(dict.fromkeys([*keys, *deps])))
@@ -387,7 +387,7 @@ class _Tx:
         self.ready = [d for d in self.ready if (d.execution_id, d.key) not in taken]
         return claimed
 
-    def make_ready(self, x: _X, keys: Sequence[str]) -> None:
+    def make_ready(self, x: _ExecRow, keys: Sequence[str]) -> None:
         if not keys or not x.running:
             return
         now = time.time()  # ready from here on, not from the start of the transaction
@@ -400,7 +400,7 @@ class _Tx:
             x.active += n
         self.ready.extend(Delivery(x.id, k) for k in keys)
 
-    def complete(self, x: _X, done: list[Outcome]) -> list[Outcome]:
+    def complete(self, x: _ExecRow, done: list[Outcome]) -> list[Outcome]:
         """Commit completions; return the fenced ones (not committed)."""
         if not done:
             return []
@@ -435,7 +435,7 @@ class _Tx:
             self._release_dependents(x, [o.key for o in ok])
         return [o for o in done if (o.key, o.attempt) not in held]
 
-    def _release_dependents(self, x: _X, finished: list[str]) -> None:
+    def _release_dependents(self, x: _ExecRow, finished: list[str]) -> None:
         waiting: dict[str, int] = defaultdict(int)
         with_names: set[str] = set()
         dependent = step_deps.alias("dependent")
@@ -470,7 +470,7 @@ class _Tx:
         free = [k for k in zero if k not in with_names]
         self.make_ready(x, free)
 
-    def fail(self, x: _X, o: Outcome) -> bool:
+    def fail(self, x: _ExecRow, o: Outcome) -> bool:
         """Commit a failed attempt (retry, or fail the execution); False if fenced."""
         head = (o.error or "failed").splitlines()[0]
         row = self.conn.execute(sa.select(steps.c.failures, steps.c.status, steps.c.attempt)
@@ -501,7 +501,7 @@ class _Tx:
                                f"{head}")
         return True
 
-    def end_attempt(self, x: _X, o: Outcome) -> bool:
+    def end_attempt(self, x: _ExecRow, o: Outcome) -> bool:
         """A cancelled or handed-back attempt; False if fenced."""
         fenced = (steps.c.execution_id == x.id, steps.c.key == o.key,
                   steps.c.attempt == o.attempt, steps.c.status == StepStatus.RUNNING.value)
@@ -525,7 +525,7 @@ class _Tx:
                       else "step.interrupted", x, o.key, {"attempt": o.attempt})
         return bool(n)
 
-    def fail_execution(self, x: _X, error: str) -> None:
+    def fail_execution(self, x: _ExecRow, error: str) -> None:
         """Fail fast: nothing new starts; running steps finish and keep their results."""
         if not x.running:
             return
@@ -542,7 +542,7 @@ class _Tx:
                                                 "duration": self.now - (x.started_at or
                                                                         self.now)})
 
-    def settle(self, x: _X) -> None:
+    def settle(self, x: _ExecRow) -> None:
         """With nothing ready, running or retrying: complete the execution, release the steps
         waiting for every instance of a step name, or fail it as stuck."""
         if not x.running or x.active > 0:
@@ -832,7 +832,7 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
     return result
 
 
-def _commit_spawns(tx: _Tx, x: _X, spawns: list[Spawn], result: RoundResult) -> None:
+def _commit_spawns(tx: _Tx, x: _ExecRow, spawns: list[Spawn], result: RoundResult) -> None:
     if not spawns:
         return
     holders = {(s.spawner, s.attempt) for s in spawns}
@@ -964,7 +964,7 @@ def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
     return out, committed
 
 
-def _reclaim(tx: _Tx, x: _X, r: Any, crashed: bool, tail: str | None,
+def _reclaim(tx: _Tx, x: _ExecRow, r: Any, crashed: bool, tail: str | None,
              max_crashes: int) -> None:
     fenced = (steps.c.execution_id == x.id, steps.c.key == r.key, steps.c.attempt == r.attempt,
               steps.c.status == StepStatus.RUNNING.value)

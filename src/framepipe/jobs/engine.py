@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,7 +52,7 @@ from framepipe.errors import (
 )
 from framepipe.events import Event, EventBus
 from framepipe.jobs import dispatch
-from framepipe.jobs.context import StepContext
+from framepipe.jobs.context import Progressed, Spawned, StepContext, StepMessage
 from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json, is_step_key
@@ -80,7 +81,7 @@ _ACTIVE = frozenset({StepStatus.READY, StepStatus.RUNNING, StepStatus.RETRYING})
 _log = get_logger("jobs.engine")
 
 
-class _S:
+class _StepState:
     """In-memory state of one step; mutated only by the scheduler."""
 
     __slots__ = (
@@ -116,7 +117,7 @@ class _S:
         "x",
     )
 
-    def __init__(self, x: _X, row: Mapping[str, Any], step: Step) -> None:
+    def __init__(self, x: _ExecState, row: Mapping[str, Any], step: Step) -> None:
         self.x = x
         self.step = step
         self.key: str = row["key"]
@@ -142,7 +143,7 @@ class _S:
         self.next_attempt_at: float | None = row["next_attempt_at"]
         self.waiting = 0
         self.name_deps: list[str] = []
-        self.dependents: list[_S] = []
+        self.dependents: list[_StepState] = []
         self.ctx: StepContext | None = None
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -159,7 +160,7 @@ class _S:
                 "finished_at": self.finished_at, "next_attempt_at": self.next_attempt_at}
 
 
-class _X:
+class _ExecState:
     """In-memory state of one execution being run by this engine."""
 
     def __init__(self, row: Mapping[str, Any], pipeline: Pipeline) -> None:
@@ -169,12 +170,12 @@ class _X:
         self.inputs = MappingProxyType(dict(row["inputs"]))
         roots = row.get("input_roots")
         self.input_roots: tuple[str, ...] | None = None if roots is None else tuple(roots)
-        self.steps: dict[str, _S] = {}
+        self.steps: dict[str, _StepState] = {}
         self.active = 0
         self.running = 0
         self.unfinished = 0
         self.unfinished_by_name: collections.Counter[str] = collections.Counter()
-        self.name_waiters: dict[str, _S] = {}
+        self.name_waiters: dict[str, _StepState] = {}
         self.data: dict[str, Any] = {}
         self.snapshot: Mapping[str, Any] | None = None
         self.wsum = 0.0
@@ -194,7 +195,23 @@ class _X:
         return f"{self.pipeline.name}/{self.id[:8]}"
 
 
-def _deps_of(x: _X, key: str) -> list[str] | None:
+@dataclass(slots=True)
+class _Finished:
+    """A step's code is done: its checked ``output`` and ledger rows, or the ``error`` it
+    raised (what its thread or task sends the scheduler)."""
+
+    step: _StepState
+    ctx: StepContext
+    output: dict[str, Any] | None = None
+    ledger_rows: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def execution_id(self) -> str:
+        return self.step.x.id
+
+
+def _deps_of(x: _ExecState, key: str) -> list[str] | None:
     """The dependencies of step ``key`` of ``x`` (read from a step's thread: the list is
     replaced, never changed in place, once the step exists)."""
     s = x.steps.get(key)
@@ -222,11 +239,11 @@ class JobEngine:
         self.bus = bus or EventBus()
         self.owner = this_owner(uuid.uuid4().hex[:8])
         self._pipelines: dict[str, Pipeline] = {}
-        self._execs: dict[str, _X] = {}
-        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
-        self._ready: collections.deque[_S] = collections.deque()
-        self._dirty_steps: dict[int, _S] = {}
-        self._dirty_execs: dict[str, _X] = {}
+        self._execs: dict[str, _ExecState] = {}
+        self._inbox: collections.deque[StepMessage | _Finished] = collections.deque()
+        self._ready: collections.deque[_StepState] = collections.deque()
+        self._dirty_steps: dict[int, _StepState] = {}
+        self._dirty_execs: dict[str, _ExecState] = {}
         self._events: list[Event] = []
         self._progress_events: dict[tuple[str, str], Event] = {}
         self._ledger_rows: list[dict[str, Any]] = []
@@ -389,7 +406,7 @@ class JobEngine:
                "inputs": inputs, "input_roots": roots, "progress": 0.0, "error": None,
                "owner": self.owner, "heartbeat_at": now, "cancel_requested": False, "runs": 1,
                "created_at": now, "started_at": now, "finished_at": None}
-        x = _X(row, pipeline)
+        x = _ExecState(row, pipeline)
         step_rows = [self._new_step_row(x, step, {}, step.name, [], None, now)
                      for step in pipeline.initial_steps]
         batch = Batch(new_executions=[row], new_steps=step_rows, events=[
@@ -528,7 +545,7 @@ class JobEngine:
             if r["status"] != StepStatus.COMPLETED.value:
                 r.update(status=StepStatus.PENDING.value, failures=0, error=None,
                          next_attempt_at=None, ready_at=None)
-        x = _X(row, pipeline)
+        x = _ExecState(row, pipeline)
         for r in step_rows:
             if pipeline.get(r["name"]) is None:
                 raise UnknownStepError(f"execution {info.id[:12]} has step {r['key']!r}, which "
@@ -596,7 +613,7 @@ class JobEngine:
 
     # -- building the in-memory graph -------------------------------------------------------
 
-    def _new_step_row(self, x: _X, step: Step, params: dict[str, Any], key: str,
+    def _new_step_row(self, x: _ExecState, step: Step, params: dict[str, Any], key: str,
                       deps: Iterable[str], spawned_by: str | None, now: float) -> dict[str, Any]:
         merged = list(dict.fromkeys([*step.depends_on, *deps]))
         seq = x.next_seq
@@ -609,10 +626,11 @@ class JobEngine:
                 "ready_at": None, "started_at": None, "finished_at": None,
                 "next_attempt_at": None}
 
-    def _adopt(self, x: _X, step_rows: list[dict[str, Any]], *, dirty: bool = False) -> None:
+    def _adopt(self, x: _ExecState, step_rows: list[dict[str, Any]], *,
+               dirty: bool = False) -> None:
         self._execs[x.id] = x
         for r in step_rows:
-            s = _S(x, r, x.pipeline.steps[r["name"]])
+            s = _StepState(x, r, x.pipeline.steps[r["name"]])
             x.steps[s.key] = s
             x.next_seq = max(x.next_seq, s.seq + 1)
             if s.done_seq is not None:
@@ -633,7 +651,7 @@ class JobEngine:
         self._check_quiescent(x)
         self._wakeup()
 
-    def _count(self, x: _X, s: _S, sign: int) -> None:
+    def _count(self, x: _ExecState, s: _StepState, sign: int) -> None:
         if s.status is not StepStatus.COMPLETED:
             x.unfinished += sign
             x.unfinished_by_name[s.name] += sign
@@ -643,14 +661,14 @@ class JobEngine:
             x.running += sign
             self._running += sign
 
-    def _set(self, s: _S, status: StepStatus) -> None:
+    def _set(self, s: _StepState, status: StepStatus) -> None:
         x = s.x
         self._count(x, s, -1)
         s.status = status
         self._count(x, s, +1)
         self._dirty_steps[id(s)] = s
 
-    def _link(self, s: _S) -> None:
+    def _link(self, s: _StepState) -> None:
         x = s.x
         for dep in s.deps:
             target_step = x.pipeline.get(dep.partition(":")[0])
@@ -675,7 +693,7 @@ class JobEngine:
         if self._wake is not None:
             self._wake.set()
 
-    def _post(self, message: tuple[Any, ...]) -> None:
+    def _post(self, message: StepMessage | _Finished) -> None:
         """Called from step threads (and the loop): queue a message for the scheduler."""
         self._inbox.append(message)
         loop = self._loop
@@ -714,16 +732,16 @@ class JobEngine:
     def _drain(self) -> None:
         while self._inbox:
             message = self._inbox.popleft()
-            kind = message[0]
-            x = self._execs.get(message[1])
+            x = self._execs.get(message.execution_id)
             if x is None:
                 continue
-            if kind == "progress":
-                self._on_progress(x, *message[2:])
-            elif kind == "spawn":
-                self._on_spawn(x, *message[2:])
-            elif kind == "outcome":
-                self._on_outcome(x, *message[2:])
+            if isinstance(message, Progressed):
+                self._on_progress(x, message.step_key, message.pct, message.message)
+            elif isinstance(message, Spawned):
+                self._on_spawn(x, message.spawner, message.name, message.params, message.key,
+                               message.deps)
+            else:
+                self._on_outcome(x, message)
         for x in list(self._execs.values()):
             self._check_quiescent(x)
 
@@ -765,12 +783,12 @@ class JobEngine:
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
-    def _mark_exec(self, x: _X) -> None:
+    def _mark_exec(self, x: _ExecState) -> None:
         self._dirty_execs[x.id] = x
 
     # -- transitions ----------------------------------------------------------------------------
 
-    def _make_ready(self, s: _S) -> None:
+    def _make_ready(self, s: _StepState) -> None:
         x = s.x
         x.name_waiters.pop(s.key, None)
         if x.stopping is not None:
@@ -795,7 +813,7 @@ class JobEngine:
                 continue
             self._start(s)
 
-    def _start(self, s: _S) -> None:
+    def _start(self, s: _StepState) -> None:
         x = s.x
         s.attempt += 1
         s.started_at = time.time()
@@ -818,36 +836,36 @@ class JobEngine:
             assert self._pool is not None
             self._pool.submit(self._run_sync, s, ctx)
 
-    def _run_sync(self, s: _S, ctx: StepContext) -> None:
+    def _run_sync(self, s: _StepState, ctx: StepContext) -> None:
         try:
             outcome = self._checked(s, ctx, s.step.fn(ctx, **s.params))
         except BaseException as exc:
-            outcome = ("error", exc)
-        self._ran(s, ctx, outcome)
+            outcome = _Finished(s, ctx, error=exc)
+        self._ran(outcome)
 
-    async def _run_async(self, s: _S, ctx: StepContext) -> None:
+    async def _run_async(self, s: _StepState, ctx: StepContext) -> None:
         try:
             outcome = self._checked(s, ctx, await s.step.fn(ctx, **s.params))
         except asyncio.CancelledError:
-            outcome = ("error", StepCancelledError("cancelled", pipeline=s.x.pipeline.name,
-                                                   step_key=s.key, execution_id=s.x.id))
+            outcome = _Finished(s, ctx, error=StepCancelledError(
+                "cancelled", pipeline=s.x.pipeline.name, step_key=s.key, execution_id=s.x.id))
         except BaseException as exc:
-            outcome = ("error", exc)
-        self._ran(s, ctx, outcome)
+            outcome = _Finished(s, ctx, error=exc)
+        self._ran(outcome)
 
-    def _ran(self, s: _S, ctx: StepContext, outcome: tuple[Any, ...]) -> None:
+    def _ran(self, outcome: _Finished) -> None:
         """The step's code is done (in its own thread or task): clean up, tell the scheduler."""
-        ctx._cleanup()
-        self._journal.ended(s.x.id, s.key)
-        self._post(("outcome", s.x.id, s, ctx, outcome))
+        outcome.ctx._cleanup()
+        self._journal.ended(outcome.step.x.id, outcome.step.key)
+        self._post(outcome)
 
-    def _checked(self, s: _S, ctx: StepContext, result: Any) -> tuple[Any, ...]:
+    def _checked(self, s: _StepState, ctx: StepContext, result: Any) -> _Finished:
         """Validate a step's return value in the step's own thread."""
         output = check_output(result, pipeline=s.x.pipeline.name, step_key=s.key,
                               execution_id=s.x.id, limit=self.settings.max_step_output_bytes)
-        return ("done", output, ctx._ledger_rows)
+        return _Finished(s, ctx, output=output, ledger_rows=ctx._ledger_rows)
 
-    def _on_progress(self, x: _X, key: str, pct: float, message: str | None) -> None:
+    def _on_progress(self, x: _ExecState, key: str, pct: float, message: str | None) -> None:
         s = x.steps.get(key)
         if s is None or s.status is not StepStatus.RUNNING:
             return
@@ -858,14 +876,14 @@ class JobEngine:
             "step.progress", time.time(), x.id, key,
             {"progress": pct, "message": message, "execution_progress": x.row["progress"]})
 
-    def _on_spawn(self, x: _X, spawner: str, name: str, params: dict[str, Any], key: str,
+    def _on_spawn(self, x: _ExecState, spawner: str, name: str, params: dict[str, Any], key: str,
                   deps: list[str]) -> None:
         if key in x.steps:
             return
         now = time.time()
         step = x.pipeline.steps[name]
         row = self._new_step_row(x, step, params, key, deps, spawner, now)
-        s = _S(x, row, step)
+        s = _StepState(x, row, step)
         s.new = True
         x.steps[key] = s
         self._count(x, s, +1)
@@ -879,7 +897,8 @@ class JobEngine:
             self._make_ready(s)
         self._recompute_progress(x)
 
-    def _on_outcome(self, x: _X, s: _S, ctx: StepContext, outcome: tuple[Any, ...]) -> None:
+    def _on_outcome(self, x: _ExecState, outcome: _Finished) -> None:
+        s, ctx = outcome.step, outcome.ctx
         if s.status is not StepStatus.RUNNING or s.ctx is not ctx:
             _log.warning("[%s] late result of step %s ignored (the step was %s)", x.label,
                          s.key, s.status.value)
@@ -889,15 +908,15 @@ class JobEngine:
         now = time.time()
         s.finished_at = now
         self._progress_events.pop((x.id, s.key), None)
-        if outcome[0] == "done":
-            self._complete(x, s, outcome[1], outcome[2], now)
+        if outcome.error is None:
+            self._complete(x, s, outcome.output or {}, outcome.ledger_rows, now)
         else:
-            self._fail(x, s, outcome[1], now)
+            self._fail(x, s, outcome.error, now)
         if x.stopping is not None and x.running == 0:
             self._finalize(x)
 
-    def _complete(self, x: _X, s: _S, output: dict[str, Any], ledger_rows: list[dict[str, Any]],
-                  now: float) -> None:
+    def _complete(self, x: _ExecState, s: _StepState, output: dict[str, Any],
+                  ledger_rows: list[dict[str, Any]], now: float) -> None:
         s.output = output
         s.error = None
         s.done_seq = x.next_done_seq
@@ -919,7 +938,7 @@ class JobEngine:
         if x.unfinished == 0 and x.stopping is None:
             self._finish(x, ExecutionStatus.COMPLETED, None)
 
-    def _fail(self, x: _X, s: _S, exc: BaseException, now: float) -> None:
+    def _fail(self, x: _ExecState, s: _StepState, exc: BaseException, now: float) -> None:
         text = error_text(exc)
         s.error = text
         if isinstance(exc, StepCancelledError) or (
@@ -956,14 +975,14 @@ class JobEngine:
                           "traceback": text}))
         self._stop_execution(x, ExecutionStatus.FAILED, summary)
 
-    def _retry_due(self, s: _S) -> None:
+    def _retry_due(self, s: _StepState) -> None:
         s.timer = None
         if s.status is StepStatus.RETRYING and s.x.stopping is None:
             self._set(s, StepStatus.PENDING)
             self._make_ready(s)
             self._wakeup()
 
-    def _stop_execution(self, x: _X, reason: ExecutionStatus, error: str) -> None:
+    def _stop_execution(self, x: _ExecState, reason: ExecutionStatus, error: str) -> None:
         if x.stopping is not None:
             if reason is ExecutionStatus.CANCELLED and x.stopping is not ExecutionStatus.FAILED:
                 x.stopping = reason
@@ -982,7 +1001,7 @@ class JobEngine:
         if x.running == 0:
             self._finalize(x)
 
-    def _finalize(self, x: _X, *, force: bool = False) -> None:
+    def _finalize(self, x: _ExecState, *, force: bool = False) -> None:
         """End a stopping execution once no step of it runs (or at once with ``force``)."""
         if x.id not in self._execs or x.stopping is None:
             return
@@ -999,7 +1018,7 @@ class JobEngine:
                 self._set(s, end)
         self._finish(x, x.stopping, x.row["error"])
 
-    def _finish(self, x: _X, status: ExecutionStatus, error: str | None) -> None:
+    def _finish(self, x: _ExecState, status: ExecutionStatus, error: str | None) -> None:
         now = time.time()
         x.row.update(status=status.value, error=error, finished_at=now)
         if status is ExecutionStatus.COMPLETED:
@@ -1020,7 +1039,7 @@ class JobEngine:
 
         self._after_commit.append(release)
 
-    def _check_quiescent(self, x: _X) -> None:
+    def _check_quiescent(self, x: _ExecState) -> None:
         if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
             return
         released = [s for s in x.name_waiters.values()
@@ -1039,13 +1058,13 @@ class JobEngine:
 
     # -- progress -------------------------------------------------------------------------------
 
-    def _set_progress(self, s: _S, pct: float) -> None:
+    def _set_progress(self, s: _StepState, pct: float) -> None:
         x = s.x
         x.wsum += s.weight * (pct - s.progress)
         s.progress = pct
         self._recompute_progress(x)
 
-    def _recompute_progress(self, x: _X) -> None:
+    def _recompute_progress(self, x: _ExecState) -> None:
         if x.wtotal == 0.0 and x.steps:
             x.wtotal = sum(s.weight for s in x.steps.values())
             x.wsum = sum(s.weight * (100.0 if s.status is StepStatus.COMPLETED else s.progress)

@@ -49,7 +49,7 @@ from framepipe.errors import (
 )
 from framepipe.jobs import dispatch
 from framepipe.jobs.broker import Entry, StepBroker
-from framepipe.jobs.context import StepContext
+from framepipe.jobs.context import Progressed, StepContext, StepMessage
 from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import StepStatus
@@ -512,21 +512,19 @@ class Worker:
                        permanent=is_permanent(exc), retries=retries,
                        retry_delays=policy.delays())
 
-    def _post_message(self, run: _Run, message: tuple[Any, ...]) -> None:
+    def _post_message(self, run: _Run, message: StepMessage) -> None:
         """A message from a step's context (its thread or the loop)."""
-        kind = message[0]
         if run.lost or run.handed_back or run.finished:
             return
         with self._lock:
-            if kind == "progress":
-                _kind, _e, _k, pct, text = message
-                self._pending.progress[run.ident] = (run, pct, text)
-            elif kind == "spawn":
-                _kind, execution_id, spawner, name, values, key, deps = message
+            if isinstance(message, Progressed):
+                self._pending.progress[run.ident] = (run, message.pct, message.message)
+            else:
                 assert run.pipeline is not None
-                spec = dispatch.step_spec(run.pipeline, name, values, key, deps, spawner)
-                self._pending.spawns.append(Spawn(execution_id, spawner, run.claimed.attempt,
-                                                  spec))
+                spec = dispatch.step_spec(run.pipeline, message.name, message.params,
+                                          message.key, message.deps, message.spawner)
+                self._pending.spawns.append(Spawn(message.execution_id, message.spawner,
+                                                  run.claimed.attempt, spec))
         self._wakeup()
 
     def _post_outcome(self, run: _Run, outcome: Outcome) -> None:
