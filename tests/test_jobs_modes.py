@@ -5,11 +5,15 @@ and not the other is a bug this suite is here to catch."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as fuzz_settings
+from hypothesis import strategies as st
 
 import worker_pipelines as wp
 from framepipe.backends.state import StateStore
@@ -21,47 +25,74 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import list_events
 from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixture
 
-Runner = Callable[..., tuple[ExecutionInfo, list[Event]]]
 
+class Mode:
+    """One way to run executions: ``embedded`` (a JobEngine in this process) or ``workers``
+    (real ``framepipe worker`` processes). Calling it runs an execution to its end and
+    returns it with its stored events; :meth:`retry` resumes one the same way."""
 
-@pytest.fixture(params=["embedded", "workers"])
-def run_in_mode(request: pytest.FixtureRequest, tmp_path: Path,
-                database_url: str) -> Iterator[Runner]:
-    """``run(pipeline, inputs, **settings)``: the finished execution and its stored events."""
+    def __init__(self, name: str, tmp_path: Path, database_url: str,
+                 factory: Callable[..., Cluster] | None) -> None:
+        self.name = name
+        self.dir = tmp_path / "steps"  # where steps leave files (the cluster's, on workers)
+        self.dir.mkdir(exist_ok=True)
+        self.tmp_path = tmp_path
+        self.database_url = database_url
+        self._factory = factory
+        self._cluster: Cluster | None = None
+        self.settings = Settings(home=tmp_path / "home", database_url=database_url)
 
-    def collect(settings: Settings, info: ExecutionInfo) -> tuple[ExecutionInfo, list[Event]]:
-        store = StateStore(settings.resolved_database_url)
+    def _setup(self, overrides: dict[str, Any]) -> None:
+        if self._factory is None:
+            self.settings = Settings(home=self.tmp_path / "home",
+                                     database_url=self.database_url, **overrides)
+        elif self._cluster is None:
+            self._cluster = self._factory(self.database_url, **overrides)
+            self._cluster.wait_registered(self._cluster.worker())
+            self.settings = self._cluster.settings
+            self.dir = self._cluster.dir
+
+    def _events(self, info: ExecutionInfo) -> tuple[ExecutionInfo, list[Event]]:
+        store = StateStore(self.settings.resolved_database_url)
         try:
             return info, list_events(store, info.id)
         finally:
             store.close()
 
-    if request.param == "embedded":
-        def run(pipeline: Pipeline, inputs: dict[str, Any],
-                **overrides: Any) -> tuple[ExecutionInfo, list[Event]]:
-            settings = Settings(home=tmp_path / "home", database_url=database_url,
-                                **overrides)
+    def _engine(self, work: Callable[[JobEngine], Any]) -> Any:
+        async def main() -> Any:
+            async with JobEngine(settings=self.settings) as engine:
+                return await work(engine)
 
-            async def main() -> ExecutionInfo:
-                async with JobEngine(settings=settings) as engine:
-                    return await engine.run(pipeline, {"dir": str(tmp_path), **inputs},
-                                            raise_on_failure=False)
+        return asyncio.run(main())
 
-            return collect(settings, asyncio.run(main()))
+    def __call__(self, pipeline: Pipeline, inputs: dict[str, Any],
+                 **overrides: Any) -> tuple[ExecutionInfo, list[Event]]:
+        self._setup(overrides)
+        full = {"dir": str(self.dir), **inputs}
 
-        yield run
-        return
+        async def run(engine: JobEngine) -> ExecutionInfo:
+            execution_id = await engine.submit(pipeline, full)
+            return await engine.wait(execution_id, raise_on_failure=False)
 
-    factory = request.getfixturevalue("cluster_factory")
+        return self._events(self._engine(run))
 
-    def run_on_workers(pipeline: Pipeline, inputs: dict[str, Any],
-                       **overrides: Any) -> tuple[ExecutionInfo, list[Event]]:
-        cluster: Cluster = factory(database_url, **overrides)
-        cluster.wait_registered(cluster.worker())
-        info = cluster.wait(cluster.submit(pipeline, **inputs))
-        return collect(cluster.settings, info)
+    def retry(self, info: ExecutionInfo, pipeline: Pipeline) -> tuple[ExecutionInfo, list[Event]]:
+        async def again(engine: JobEngine) -> ExecutionInfo:
+            execution_id = await engine.retry(info.id, pipeline)
+            return await engine.wait(execution_id, raise_on_failure=False)
 
-    yield run_on_workers
+        return self._events(self._engine(again))
+
+
+Runner = Mode
+
+
+@pytest.fixture(params=["embedded", "workers"])
+def run_in_mode(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Mode:
+    """The mode under test; see :class:`Mode`."""
+    factory = request.getfixturevalue("cluster_factory") if request.param == "workers" else None
+    return Mode(request.param, tmp_path, database_url, factory)
 
 
 def test_a_retry_delay_is_capped_by_the_setting_in_both_modes(run_in_mode: Runner) -> None:
@@ -94,3 +125,67 @@ def test_a_spawn_whose_dependencies_would_be_dropped_is_refused(
     assert says in (info.error or "")
     assert "StepParamsError" in (info.error or "")
     assert not [e for e in events if e.type == "step.retrying"]  # permanent: not retried
+
+
+def _started(events: list[Event]) -> Counter[str]:
+    return Counter(e.step_key for e in events if e.type == "step.started" and e.step_key)
+
+
+def test_fail_fast_then_retry_resumes_without_running_completed_steps_again(
+        run_in_mode: Runner) -> None:
+    """wk_chain: first -> second -> flaky (fails twice, then passes) -> gated (fails until
+    its gate file exists). The execution fails at gated; a retry runs gated alone."""
+    info, events = run_in_mode(wp.chain, {})
+    assert info.status.value == "failed"
+    assert "step 'gated' failed after 1 attempt: FileNotFoundError" in (info.error or "")
+    steps = {s.key: s for s in info.steps}
+    assert steps["flaky"].status.value == "completed"
+    assert steps["flaky"].output == {"c": 3, "flaky_attempt": 3}
+    assert [e.data["attempt"] for e in events if e.type == "step.retrying"] == [1, 2]
+    assert _started(events) == {"first": 1, "second": 1, "flaky": 3, "gated": 1}
+    progress = [e for e in events if e.type == "step.progress" and e.step_key == "first"]
+    assert progress and progress[0].data["progress"] == 50.0
+    (run_in_mode.dir / "gate").touch()
+    again, all_events = run_in_mode.retry(info, wp.chain)
+    assert again.status.value == "completed"
+    assert again.progress == 100.0
+    assert again.data["d"] == 4
+    assert _started(all_events) == {"first": 1, "second": 1, "flaky": 3, "gated": 2}
+
+
+def test_an_output_over_the_limit_fails_the_step_without_retries(run_in_mode: Runner) -> None:
+    info, events = run_in_mode(wp.bloated, {"size": 5000}, max_step_output_bytes=1000)
+    assert info.status.value == "failed"
+    assert "StepOutputError" in (info.error or "")
+    assert "more than the 1000-byte limit" in (info.error or "")
+    assert _started(events) == {"big": 1}
+
+
+_graphs = st.integers(min_value=1, max_value=12).flatmap(
+    lambda n: st.lists(st.lists(st.integers(min_value=0, max_value=max(0, n - 1)),
+                                max_size=3), min_size=n, max_size=n))
+
+
+def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Runner) -> None:
+    """Property, in both modes: for any DAG spawned at run time (key dependencies on earlier
+    nodes, a name dependency on every node), every step runs exactly once and starts only
+    after everything it depends on finished."""
+
+    @given(raw=_graphs)
+    @fuzz_settings(max_examples=12, deadline=None, database=None,
+                   suppress_health_check=list(HealthCheck))
+    def check(raw: list[list[int]]) -> None:
+        deps = [sorted({d for d in ds if d < i}) for i, ds in enumerate(raw)]
+        info, events = run_in_mode(wp.dag, {"deps": deps})
+        assert info.status.value == "completed", info.error
+        assert set(_started(events).values()) == {1}
+        steps = {s.key: s for s in info.steps}
+        assert len(steps) == len(deps) + 2
+        nodes = {s.params["i"]: s for s in info.steps if s.name == "node"}
+        for i, ds in enumerate(deps):
+            for d in ds:
+                assert nodes[d].finished_at <= nodes[i].started_at, (i, d)  # type: ignore[operator]
+        last_node = max(s.finished_at or 0 for s in nodes.values())
+        assert last_node <= (steps["gather"].started_at or 0)
+
+    check()

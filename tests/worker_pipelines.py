@@ -165,9 +165,11 @@ def piece(ctx: StepContext, i: int) -> dict[str, Any]:
     return {f"p{i}": True}
 
 
-@footgun.step()
-def join(ctx: StepContext) -> dict[str, Any]:
+def _footgun_join(ctx: StepContext) -> dict[str, Any]:
     return {"joined": True}
+
+
+footgun.add_step(_footgun_join, name="join")
 
 
 @footgun.step(depends_on=["split"])
@@ -177,3 +179,38 @@ def later(ctx: StepContext) -> dict[str, Any]:
     if ctx.inputs["mode"] == "differs_later":
         ctx.spawn_step("piece", {"i": 0}, depends_on=["join"])
     return {}
+
+
+dag = Pipeline("wk_dag")
+
+
+@dag.step()
+def root(ctx: StepContext) -> dict[str, Any]:
+    """Spawns node i waiting for the nodes listed in inputs["deps"][i] (by key)."""
+    keys: dict[int, str] = {}
+    for i, deps in enumerate(ctx.inputs["deps"]):
+        keys[i] = ctx.spawn_step("node", {"i": i}, depends_on=[keys[d] for d in deps])
+    return {"nodes": len(keys)}
+
+
+@dag.step()
+def node(ctx: StepContext, i: int) -> dict[str, Any]:
+    time.sleep(0.0005 * (i % 3))
+    return {f"n{i}": i}
+
+
+@dag.step(depends_on=["node"])
+def gather(ctx: StepContext) -> dict[str, Any]:
+    """Waits for every node, including ones spawned after it was created (a name dependency)."""
+    missing = [i for i in range(len(ctx.inputs["deps"])) if f"n{i}" not in ctx.data]
+    if missing:
+        raise AssertionError(f"gather ran before nodes {missing}")
+    return {"gathered": True}
+
+
+bloated = Pipeline("wk_bloated")
+
+
+@bloated.step(retries=2)
+def big(ctx: StepContext) -> dict[str, Any]:
+    return {"blob": "x" * int(ctx.inputs["size"])}
