@@ -39,9 +39,9 @@ from sd_pipeline import CARD_ID_PATTERN, FileEntry
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError, ExecutionNotFoundError
+from framepipe.jobs import JobClient
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import get_execution
 from framepipe.server import create_app
 from framepipe.server.detector import DetectorHub, DetectorMessage
 
@@ -123,11 +123,11 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
             await start_import(msg, listing)
 
     async def start_import(msg: DetectorMessage, listing: FileList) -> None:
+        jobs = JobClient(engine=msg.engine)  # the service's engine, started and stopped by it
         previous = running.get(listing.card_id)
-        if previous is not None and hub.store is not None:
+        if previous is not None:
             try:
-                info = await asyncio.to_thread(get_execution, hub.store, previous,
-                                               with_steps=False)
+                info = await jobs.get(previous, with_steps=False)
                 status = info.status.value
             except ExecutionNotFoundError:
                 status = "gone"
@@ -141,7 +141,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
                   "label": listing.label, "shared_dir": str(shared_dir),
                   "small_limit": small_limit,
                   "files": [f.model_dump() for f in listing.files], **(extra_inputs or {})}
-        execution_id = await msg.engine.submit(pipeline, inputs, input_roots=input_roots)
+        execution_id = await jobs.submit(pipeline, inputs, input_roots=input_roots)
         running[listing.card_id] = execution_id
         await msg.reply({"type": "sd:status", "session_id": listing.session_id,
                          "card_id": listing.card_id, "state": "importing",

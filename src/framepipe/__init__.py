@@ -1,8 +1,9 @@
 """framepipe: video pipelines that keep running.
 
-Batch jobs: define a :class:`Pipeline` of steps in Python, run it with a :class:`JobEngine`
-(or :func:`run_pipeline`, or ``framepipe run FILE.py:PIPELINE``), embedded on SQLite and local
-files, or on PostgreSQL and Redis workers with the same code.
+Batch jobs: define a :class:`Pipeline` of steps in Python, run it with a :class:`JobClient`
+(:class:`SyncJobClient` without an event loop, :func:`run_pipeline`, or ``framepipe run
+FILE.py:PIPELINE``), embedded on SQLite and local files, or on PostgreSQL and Redis workers with
+the same code.
 
 Live streams: an :class:`App` runs :class:`StreamPipeline` s (a supervised :class:`Source`,
 :class:`Stage` s of :class:`Processor` s, a :class:`Segmenter`, sinks such as
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from framepipe.jobs import (
         ExecutionInfo,
         ExecutionStatus,
+        JobClient,
         JobEngine,
         Ledger,
         Pipeline,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         StepContext,
         StepInfo,
         StepStatus,
+        SyncJobClient,
         content_hash,
         file_fingerprint,
         file_identity,
@@ -54,9 +57,9 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_JOBS = ("ExecutionInfo", "ExecutionStatus", "JobEngine", "Ledger", "Pipeline", "Step",
-         "StepContext", "StepInfo", "StepStatus", "content_hash", "file_fingerprint",
-         "file_identity", "step_key")
+_JOBS = ("ExecutionInfo", "ExecutionStatus", "JobClient", "JobEngine", "Ledger", "Pipeline",
+         "Step", "StepContext", "StepInfo", "StepStatus", "SyncJobClient", "content_hash",
+         "file_fingerprint", "file_identity", "step_key")
 _OBJECTS = ("LocalObjectStore", "ObjectInfo", "ObjectStore", "open_object_store")
 
 __getattr__ = attach("framepipe", {
@@ -89,6 +92,7 @@ __all__ = [
     "FrameStore",
     "FramepipeError",
     "HealthState",
+    "JobClient",
     "JobEngine",
     "Ledger",
     "LocalObjectStore",
@@ -113,6 +117,7 @@ __all__ = [
     "StoreEventSink",
     "StreamPipeline",
     "Supervisor",
+    "SyncJobClient",
     "SystemState",
     "VideoSource",
     "__version__",

@@ -50,7 +50,6 @@ from framepipe.backends.state import SCHEMA_HEAD, StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
     ConfigError,
-    ExecutionStateError,
     FramepipeError,
     InvalidInputError,
     MissingDependencyError,
@@ -58,13 +57,10 @@ from framepipe.errors import (
     StateStoreError,
 )
 from framepipe.events import Event
-from framepipe.jobs.control import request_cancel
-from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.client import JobClient, SyncJobClient, check_retryable
 from framepipe.jobs.loading import LoadedPipeline, resolve_pipeline, resolve_target
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import find_execution, get_execution, list_executions
-from framepipe.jobs.recovery import recover_for
 from framepipe.logs import configure_logging
 
 __all__ = ["app", "main"]
@@ -151,19 +147,11 @@ def _settings(ctx: typer.Context, **extra: Any) -> Settings:
     return settings
 
 
-def _open_store(settings: Settings, *, migrate: bool = True,
-                recover: bool = False) -> StateStore:
-    """The state store; with ``recover``, executions whose process died are first marked
-    interrupted (or failed, for poison steps), so listings show them as they are."""
-    store = StateStore(settings.resolved_database_url,
-                       sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
-    if recover:
-        try:
-            recover_for(store, settings)
-        except BaseException:
-            store.close()
-            raise
-    return store
+def _open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
+    """The state store (for the schema commands and the service; executions go through the
+    job client, which opens its own)."""
+    return StateStore(settings.resolved_database_url,
+                      sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
 
 
 def _flush_std() -> None:
@@ -368,17 +356,17 @@ def _hint(console: Console, execution_id: str | None) -> None:
              "yellow")
 
 
-Begin = Callable[[JobEngine], Awaitable[str]]
+Begin = Callable[[JobClient], Awaitable[str]]
 
 
-async def _follow(settings: Settings, store: StateStore, begin: Begin, *, label: str,
-                  quiet: bool, as_json: bool, concurrency: int | None) -> tuple[int, bool]:
+async def _follow(settings: Settings, begin: Begin, *, label: str, quiet: bool, as_json: bool,
+                  concurrency: int | None) -> tuple[int, bool]:
     """Start an execution with ``begin`` and follow it to its end with the progress display and
     Ctrl-C / SIGTERM handling. Returns (exit code, interrupted by a signal)."""
     loop = asyncio.get_running_loop()
     err, out = _console(stderr=True), _console()
     state = _Run()
-    engine = JobEngine(store, settings=settings, concurrency=concurrency)
+    client = JobClient(settings=settings, concurrency=concurrency)
     view = None if quiet else _ProgressView(err, label)
     began = time.monotonic()
 
@@ -394,26 +382,26 @@ async def _follow(settings: Settings, store: StateStore, begin: Begin, *, label:
                   f"{settings.shutdown_grace:g}s to stop (send it again to exit at once)",
              "yellow")
         if state.execution_id is not None and state.interrupting is None:
-            state.interrupting = loop.create_task(engine.interrupt())
+            state.interrupting = loop.create_task(client.interrupt())
 
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        async with engine:
+        async with client:
+            await client.start(engine=True)
             for sig in signals:
                 loop.add_signal_handler(sig, on_signal, sig)
             remove_listener = None
             try:
                 if view is not None:
-                    remove_listener = engine.bus.add_listener(view.on_event)
+                    remove_listener = client.bus.add_listener(view.on_event)
                     view.start()
-                execution_id = await begin(engine)
+                execution_id = await begin(client)
                 state.execution_id = execution_id
                 if state.signum is not None and state.interrupting is None:
-                    state.interrupting = loop.create_task(engine.interrupt())
+                    state.interrupting = loop.create_task(client.interrupt())
                 if view is not None:
-                    view.prime(await loop.run_in_executor(None, get_execution, store,
-                                                          execution_id))
-                info = await engine.wait(execution_id, raise_on_failure=False)
+                    view.prime(await client.get(execution_id))
+                info = await client.wait(execution_id, raise_on_failure=False)
                 if state.interrupting is not None:
                     await state.interrupting
             finally:
@@ -454,9 +442,9 @@ def _summary(console: Console, info: ExecutionInfo, duration: float) -> None:
                   f"progress {info.progress:.0f}% · data: {keys}")
 
 
-def _follow_and_exit(settings: Settings, store: StateStore, begin: Begin, *, label: str,
-                     quiet: bool, as_json: bool, concurrency: int | None) -> NoReturn:
-    code, interrupted = asyncio.run(_follow(settings, store, begin, label=label, quiet=quiet,
+def _follow_and_exit(settings: Settings, begin: Begin, *, label: str, quiet: bool,
+                     as_json: bool, concurrency: int | None) -> NoReturn:
+    code, interrupted = asyncio.run(_follow(settings, begin, label=label, quiet=quiet,
                                             as_json=as_json, concurrency=concurrency))
     if interrupted:
         # Step threads may still be running (they were asked to stop and given the grace
@@ -526,12 +514,11 @@ def run(
             raise typer.Exit(run_live(resolved.target, settings, _console(stderr=True)))
         loaded = LoadedPipeline(resolved.target, resolved.ref)
 
-        async def begin(engine: JobEngine) -> str:
-            return await engine.submit(loaded.pipeline, values, ref=loaded.ref)
+        async def begin(client: JobClient) -> str:
+            return await client.submit(loaded.pipeline, values, ref=loaded.ref)
 
-        with _open_store(settings) as store:
-            _follow_and_exit(settings, store, begin, label=loaded.pipeline.name, quiet=quiet,
-                             as_json=as_json, concurrency=concurrency)
+        _follow_and_exit(settings, begin, label=loaded.pipeline.name, quiet=quiet,
+                         as_json=as_json, concurrency=concurrency)
 
 
 @jobs_app.command("list")
@@ -552,17 +539,11 @@ def jobs_list(
             if value not in known:
                 raise _UsageError(f"--status {value!r}: use one of {', '.join(known)}")
         settings = _settings(ctx)
-        with _open_store(settings, recover=True) as store:
-            rows = list_executions(store, limit=limit, status=status or None, pipeline=pipeline)
+        with SyncJobClient(settings=settings) as client:
+            rows = client.list(status=status or None, pipeline=pipeline, limit=limit,
+                               with_inputs=as_json)
     if as_json:
-        items = []
-        for info, done, total in rows:
-            item = info.to_dict()
-            item.pop("steps", None)
-            item.pop("data", None)
-            item.update(steps_done=done, steps_total=total)
-            items.append(item)
-        _dump_json(items)
+        _dump_json([row.to_dict() for row in rows])
         return
     console = _console()
     if not rows:
@@ -576,11 +557,11 @@ def jobs_list(
     table.add_column("steps", justify="right", no_wrap=True)
     table.add_column("created", no_wrap=True)
     table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
-    for info, done, total in rows:
-        table.add_row(info.id[:12], info.pipeline, _status_text(info.status.value),
-                      f"{info.progress:.0f}%", f"{done}/{total}",
-                      _when(info.created_at, "%m-%d %H:%M:%S"),
-                      Text(_first_line(info.error), style="red"))
+    for row in rows:
+        table.add_row(row.id[:12], row.pipeline, _status_text(row.status.value),
+                      f"{row.progress:.0f}%", f"{row.steps_done}/{row.steps_total}",
+                      _when(row.created_at, "%m-%d %H:%M:%S"),
+                      Text(_first_line(row.error), style="red"))
     console.print(table)
 
 
@@ -594,8 +575,8 @@ def jobs_show(
     """Show one execution with its steps."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings, recover=True) as store:
-            info = get_execution(store, execution_id)
+        with SyncJobClient(settings=settings) as client:
+            info = client.get(execution_id)
     if as_json:
         _dump_json(info.to_dict())
         return
@@ -652,28 +633,22 @@ def jobs_retry(
     """Resume a failed, cancelled or interrupted execution; completed steps are not re-run."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings, recover=True) as store:
-            info = get_execution(store, execution_id, with_steps=False)
-            if not info.status.retryable:
-                what = ("has completed; nothing to retry"
-                        if info.status is ExecutionStatus.COMPLETED
-                        else f"is {info.status.value} (owner {info.owner})")
-                raise ExecutionStateError(
-                    f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
-                    execution_id=info.id)
-            ref = pipeline_ref or info.pipeline_ref
-            if not ref:
-                raise _UsageError(
-                    f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
-                    "pipeline reference: pass --pipeline FILE.py:NAME")
-            loaded = resolve_pipeline(ref)
-            full_id = info.id
+        with SyncJobClient(settings=settings) as client:
+            info = client.get(execution_id, with_steps=False)
+        check_retryable(info)
+        ref = pipeline_ref or info.pipeline_ref
+        if not ref:
+            raise _UsageError(
+                f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
+                "pipeline reference: pass --pipeline FILE.py:NAME")
+        loaded = resolve_pipeline(ref)
+        full_id = info.id
 
-            async def begin(engine: JobEngine) -> str:
-                return await engine.retry(full_id, loaded.pipeline)
+        async def begin(client: JobClient) -> str:
+            return await client.retry(full_id, loaded.pipeline)
 
-            _follow_and_exit(settings, store, begin, label=loaded.pipeline.name, quiet=quiet,
-                             as_json=as_json, concurrency=concurrency)
+        _follow_and_exit(settings, begin, label=loaded.pipeline.name, quiet=quiet,
+                         as_json=as_json, concurrency=concurrency)
 
 
 @jobs_app.command("cancel")
@@ -685,15 +660,14 @@ def jobs_cancel(
     """Cancel an execution (at once, or through the process running it)."""
     with _errors():
         settings = _settings(ctx)
-        with _open_store(settings, recover=True) as store:
-            full_id = find_execution(store, execution_id)
-            events = request_cancel(store, full_id)
+        with SyncJobClient(settings=settings) as client:
+            result = client.cancel(execution_id)
     console = _console()
-    if events:
-        _say(console, f"cancelled execution {full_id}", "magenta")
+    if result.cancelled:
+        _say(console, f"cancelled execution {result.execution_id}", "magenta")
     else:
-        _say(console, f"cancel requested: the process running execution {full_id} stops it "
-                      "within its heartbeat interval")
+        _say(console, f"cancel requested: the process running execution "
+                      f"{result.execution_id} stops it within its heartbeat interval")
 
 
 @app.command()
@@ -864,20 +838,19 @@ def demo(
         card = (settings.home / "demo-card").resolve()
         err, out = _console(stderr=True), _console()
 
-        async def begin(engine: JobEngine) -> str:
-            return await engine.submit(demo_pipeline, {"card": str(card)},
+        async def begin(client: JobClient) -> str:
+            return await client.submit(demo_pipeline, {"card": str(card)},
                                        ref="framepipe.demo:demo_import")
 
-        with _open_store(settings) as store:
-            for round_, clips in ((1, 3), (2, 4)):
-                prepare_card(card, clips)
-                _say(err, f"round {round_}: the card {card} holds {clips} clips", "bold")
-                code, interrupted = asyncio.run(_follow(
-                    settings, store, begin, label=f"demo_import (round {round_})",
-                    quiet=quiet, as_json=False, concurrency=None))
-                if code or interrupted:
-                    _flush_std()
-                    os._exit(code)
+        for round_, clips in ((1, 3), (2, 4)):
+            prepare_card(card, clips)
+            _say(err, f"round {round_}: the card {card} holds {clips} clips", "bold")
+            code, interrupted = asyncio.run(_follow(
+                settings, begin, label=f"demo_import (round {round_})",
+                quiet=quiet, as_json=False, concurrency=None))
+            if code or interrupted:
+                _flush_std()
+                os._exit(code)
         _say(out, f"objects: {settings.resolved_objects_url} (imports/, thumbnails/, reports/)")
         _say(out, "next: framepipe jobs list · framepipe jobs show <id>")
     raise typer.Exit(0)

@@ -1,6 +1,7 @@
 """Batch jobs: DAG pipelines with spawned steps, retries, resume, progress and a ledger.
 
-Defining a pipeline does not load the engine: :class:`JobEngine` loads on first use."""
+Defining a pipeline does not load the engine: :class:`JobEngine` and the job client
+(:class:`JobClient`, :class:`SyncJobClient` and their results) load on first use."""
 
 from typing import TYPE_CHECKING
 
@@ -13,13 +14,29 @@ from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.lazy import attach
 
 if TYPE_CHECKING:
+    from framepipe.jobs.client import (
+        CancelResult,
+        EventPage,
+        ExecutionSummary,
+        JobClient,
+        SyncJobClient,
+    )
     from framepipe.jobs.engine import JobEngine
 
-__getattr__ = attach("framepipe.jobs", {"JobEngine": "framepipe.jobs.engine"}, globals())
+_CLIENT = ("CancelResult", "EventPage", "ExecutionSummary", "JobClient", "SyncJobClient")
+
+__getattr__ = attach("framepipe.jobs", {
+    "JobEngine": "framepipe.jobs.engine",
+    **dict.fromkeys(_CLIENT, "framepipe.jobs.client"),
+}, globals())
 
 __all__ = [
+    "CancelResult",
+    "EventPage",
     "ExecutionInfo",
     "ExecutionStatus",
+    "ExecutionSummary",
+    "JobClient",
     "JobEngine",
     "Ledger",
     "LocalPath",
@@ -29,6 +46,7 @@ __all__ = [
     "StepContext",
     "StepInfo",
     "StepStatus",
+    "SyncJobClient",
     "content_hash",
     "file_fingerprint",
     "file_identity",

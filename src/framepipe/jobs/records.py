@@ -1,5 +1,10 @@
 """Reading and writing jobs in the state store (executions, steps, events, ledger).
 
+This is the jobs' store module: the queries of the jobs tables that the job client
+(:mod:`framepipe.jobs.client`), control and recovery make live here, so the command line, the
+HTTP service, :func:`~framepipe.run_pipeline` and the examples never write SQL (the workers'
+own transactions are in :mod:`framepipe.jobs.dispatch`).
+
 The engine batches its writes: :func:`write_batch` commits a whole group of state changes in one
 transaction, so they become durable together or not at all.
 """
@@ -8,18 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, events, executions, ledger, steps
 from framepipe.backends.state.event_log import insert_events
-from framepipe.errors import ExecutionNotFoundError
+from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
 
 __all__ = [
     "Batch",
+    "cancel_or_flag",
+    "execution_status",
     "find_execution",
     "get_execution",
     "insert_events",
@@ -212,3 +219,57 @@ def load_rows(store: StateStore, execution_id: str) -> tuple[dict[str, Any], lis
         rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
                             .order_by(steps.c.seq)).all()
     return dict(row._mapping), [dict(r._mapping) for r in rows]
+
+
+def execution_status(store: StateStore, execution_id: str) -> ExecutionStatus:
+    """The stored status of the execution with the full id ``execution_id``."""
+    with store.read() as conn:
+        status = conn.execute(sa.select(executions.c.status)
+                              .where(executions.c.id == execution_id)).scalar()
+    if status is None:
+        raise ExecutionNotFoundError(f"no execution {execution_id!r}", execution_id=execution_id)
+    return ExecutionStatus(status)
+
+
+CancelHow = Literal["flagged", "cancelled", "workers"]
+
+
+def cancel_or_flag(store: StateStore, execution_id: str, *, workers_mode: str,
+                   now: float) -> tuple[CancelHow, list[Event]]:
+    """Cancel the execution with the full id ``execution_id`` as far as the store alone can.
+
+    In one transaction: completed or already cancelled is :class:`ExecutionStateError`;
+    running in an embedded engine sets ``cancel_requested`` for that engine to act on
+    (``"flagged"``, no events); running on workers (its ``mode`` is ``workers_mode``) changes
+    nothing and answers ``"workers"``, for the caller to cancel it with the workers'
+    transaction; anything else (pending, failed, interrupted) is cancelled at once, its
+    unfinished steps ``cancelled`` and ``execution.cancelled`` committed with it
+    (``"cancelled"`` and that event, with its id)."""
+    with store.write() as conn:
+        row = conn.execute(sa.select(executions.c.status, executions.c.pipeline,
+                                     executions.c.mode)
+                           .where(executions.c.id == execution_id)).first()
+        if row is None:
+            raise ExecutionNotFoundError(f"no execution {execution_id!r}",
+                                         execution_id=execution_id)
+        status = ExecutionStatus(row.status)
+        if status in (ExecutionStatus.COMPLETED, ExecutionStatus.CANCELLED):
+            raise ExecutionStateError(f"execution {execution_id[:12]} of pipeline "
+                                      f"'{row.pipeline}' is already {status.value}",
+                                      execution_id=execution_id)
+        if status is ExecutionStatus.RUNNING:
+            if row.mode == workers_mode:
+                return "workers", []
+            conn.execute(executions.update().where(executions.c.id == execution_id)
+                         .values(cancel_requested=True))
+            return "flagged", []
+        conn.execute(steps.update().where(
+            steps.c.execution_id == execution_id,
+            steps.c.status.notin_([StepStatus.COMPLETED.value, StepStatus.FAILED.value]))
+            .values(status=StepStatus.CANCELLED.value))
+        conn.execute(executions.update().where(executions.c.id == execution_id)
+                     .values(status=ExecutionStatus.CANCELLED.value, finished_at=now,
+                             error="cancelled by request"))
+        return "cancelled", insert_events(store, conn, [
+            Event("execution.cancelled", now, execution_id, None,
+                  {"error": "cancelled by request"})])

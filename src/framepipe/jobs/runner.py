@@ -1,4 +1,4 @@
-"""Synchronous conveniences over :class:`JobEngine`."""
+"""Synchronous conveniences over :class:`~framepipe.jobs.client.JobClient`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from framepipe.config import Settings
-from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.client import JobClient
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
 
@@ -17,14 +17,16 @@ __all__ = ["run_pipeline"]
 def run_pipeline(pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
                  settings: Settings | None = None,
                  raise_on_failure: bool = True) -> ExecutionInfo:
-    """Run one execution of ``pipeline`` to its end on the configured store and return it.
+    """Run one execution of ``pipeline`` to its end on the configured store and return it,
+    embedded or on workers as the settings say.
 
     Blocks; raises :class:`ExecutionFailedError` if it does not complete (unless
-    ``raise_on_failure`` is false). Not for use inside a running event loop: there, use
-    ``async with JobEngine() as engine: await engine.run(...)``."""
+    ``raise_on_failure`` is false). Ctrl-C leaves an embedded execution ``interrupted``
+    (resumable). Not for use inside a running event loop: there, use
+    ``async with JobClient() as client: await client.run(...)``."""
 
     async def main() -> ExecutionInfo:
-        async with JobEngine(settings=settings) as engine:
-            return await engine.run(pipeline, inputs, raise_on_failure=raise_on_failure)
+        async with JobClient(settings=settings) as client:
+            return await client.run(pipeline, inputs, raise_on_failure=raise_on_failure)
 
     return asyncio.run(main())

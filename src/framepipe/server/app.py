@@ -59,15 +59,8 @@ from framepipe.errors import (
 )
 from framepipe.event_sinks import StoreEventSink
 from framepipe.events import Event
-from framepipe.jobs.control import request_cancel
-from framepipe.jobs.engine import JobEngine
-from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.client import ExecutionSummary, JobClient
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import (
-    get_execution,
-    list_events,
-    list_executions,
-)
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
 from framepipe.server.dashboard import mount_dashboard
@@ -152,20 +145,10 @@ class Submitted(BaseModel):
     status: str
 
 
-def _execution(info: ExecutionInfo, *, with_steps: bool) -> dict[str, Any]:
-    """An execution as the API shows it; a listing (``with_steps=False``) carries no steps,
-    data or inputs, so its size does not depend on what clients submitted."""
-    out = info.to_dict()
-    if not with_steps:
-        out.pop("steps", None)
-        out.pop("data", None)
-        out.pop("inputs", None)
-    return out
-
-
-def _summaries(rows: Sequence[tuple[ExecutionInfo, int, int]]) -> list[dict[str, Any]]:
-    return [{**_execution(info, with_steps=False), "steps_done": done, "steps_total": total}
-            for info, done, total in rows]
+def _summaries(rows: Sequence[ExecutionSummary]) -> list[dict[str, Any]]:
+    """A listing as the API shows it (read without inputs: each carries no inputs, steps or
+    data, so its size does not depend on what clients submitted)."""
+    return [row.to_dict() for row in rows]
 
 
 def _pipeline_progress(event: Event) -> dict[str, Any]:
@@ -215,16 +198,14 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         st = store or StateStore(settings.resolved_database_url,
                                  sqlite_synchronous=settings.sqlite_synchronous)
         obj = objects or open_object_store(settings.resolved_objects_url)
-        engine = JobEngine(st, settings=settings, objects=obj)
-        for p in known.values():
-            engine.register(p)
-        await engine.start()
+        jobs = JobClient(st, settings=settings, objects=obj, pipelines=known.values())
+        await jobs.start(engine=True)  # the hub's handlers submit through the engine
         feed = EventFeed(st)
         await feed.start()
         registry = await _open_registry(settings)
-        await hub.start(engine, st, settings)
-        state.update(store=st, objects=obj, engine=engine, feed=feed, started=time.time(),
-                     registry=registry, objects_url=obj.url)
+        await hub.start(jobs.engine, st, settings)
+        state.update(store=st, objects=obj, jobs=jobs, engine=jobs.engine, feed=feed,
+                     started=time.time(), registry=registry, objects_url=obj.url)
         sinks = []
         for live_app in hosted.values():  # the apps' events join the feed like the jobs'
             sink = StoreEventSink(st, live_app.name,
@@ -243,7 +224,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             if registry is not None:
                 await registry.stop()
             await feed.stop()
-            await engine.stop()
+            await jobs.close()
             if objects is None:
                 obj.close()
             if own_store:
@@ -289,6 +270,7 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         elif isinstance(exc, InvalidKeyError):
             status = 400
         elif isinstance(exc, StateStoreError):
+            _log.error("state database error: %s", exc)
             status = 503
         return SafeJSONResponse({"detail": public(str(exc))}, status_code=status)
 
@@ -315,6 +297,9 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
 
     def _store() -> StateStore:
         return state["store"]  # type: ignore[no-any-return]
+
+    def _jobs() -> JobClient:
+        return state["jobs"]  # type: ignore[no-any-return]
 
     # -- health ------------------------------------------------------------------------------
 
@@ -347,8 +332,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         if pipeline is None:
             raise HTTPException(404, f"unknown pipeline {body.pipeline!r} (known: "
                                      f"{', '.join(sorted(known)) or 'none'})")
-        execution_id = await state["engine"].submit(pipeline, body.inputs,
-                                                    input_roots=settings.input_roots)
+        execution_id = await _jobs().submit(pipeline, body.inputs,
+                                            input_roots=settings.input_roots)
         return Submitted(id=execution_id, pipeline=pipeline.name, status="running")
 
     @api.get("/executions", tags=["executions"])
@@ -359,37 +344,29 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
     ) -> list[dict[str, Any]]:
         """Newest executions first, each with its completed and total step counts (without
         inputs, steps or data: ``GET /api/executions/{id}`` has them)."""
-        rows = await asyncio.to_thread(lambda: list_executions(
-            _store(), limit=limit, status=status, pipeline=pipeline, with_inputs=False))
-        return _summaries(rows)
+        return _summaries(await _jobs().list(status=status, pipeline=pipeline, limit=limit))
 
     @api.get("/executions/{execution_id}", tags=["executions"])
     async def executions_show(execution_id: str) -> dict[str, Any]:
         """An execution (id or unique prefix) with its steps and data."""
-        info = await asyncio.to_thread(get_execution, _store(), execution_id)
-        return _execution(info, with_steps=True)
+        return (await _jobs().get(execution_id)).to_dict()
 
     @api.post("/executions/{execution_id}/retry", status_code=202, tags=["executions"])
     async def executions_retry(execution_id: str) -> dict[str, Any]:
         """Resume a failed, cancelled or interrupted execution from where it stopped."""
-        info = await asyncio.to_thread(get_execution, _store(), execution_id, with_steps=False)
+        info = await _jobs().get(execution_id, with_steps=False)
         pipeline = known.get(info.pipeline)
         if pipeline is None:
             raise HTTPException(409, f"execution {info.id[:12]} is of pipeline "
                                      f"'{info.pipeline}', which this service does not know")
-        full_id = await state["engine"].retry(info.id, pipeline)
+        full_id = await _jobs().retry(info.id, pipeline)
         return {"id": full_id, "status": "running"}
 
     @api.post("/executions/{execution_id}/cancel", status_code=202, tags=["executions"])
     async def executions_cancel(execution_id: str) -> dict[str, Any]:
         """Cancel an execution (at once, or through the process running it)."""
-        engine: JobEngine = state["engine"]
-        info = await asyncio.to_thread(get_execution, _store(), execution_id, with_steps=False)
-        if info.id in engine.active_executions:
-            await engine.cancel(info.id)
-        else:
-            await asyncio.to_thread(request_cancel, _store(), info.id)
-        return {"id": info.id, "status": "cancelling"}
+        result = await _jobs().cancel(execution_id)
+        return {"id": result.execution_id, "status": "cancelling"}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -399,10 +376,8 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             after: Annotated[int, Query(ge=0, le=2**62)] = 0,
             limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
         """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
-        rows = await asyncio.to_thread(lambda: list_events(
-            _store(), execution_id, after_id=after, limit=limit))
-        return {"events": [e.to_dict() for e in rows],
-                "next": rows[-1].id if rows else after}
+        page = await _jobs().events(execution_id, after=after, limit=limit)
+        return page.to_dict()
 
     @app.websocket("/ws")
     async def live(websocket: WebSocket, execution_id: str | None = None,
@@ -415,12 +390,10 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
             after = feed.last_id
             try:
                 if execution_id is not None:
-                    info = await asyncio.to_thread(get_execution, _store(), execution_id)
-                    snapshot: Any = {"execution": _execution(info, with_steps=True)}
+                    info = await _jobs().get(execution_id)
+                    snapshot: Any = {"execution": info.to_dict()}
                 else:
-                    rows = await asyncio.to_thread(lambda: list_executions(
-                        _store(), limit=50, with_inputs=False))
-                    snapshot = {"executions": _summaries(rows)}
+                    snapshot = {"executions": _summaries(await _jobs().list(limit=50))}
             except ExecutionNotFoundError as exc:
                 await websocket.send_text(dumps({"type": "error", "detail": str(exc)}))
                 await websocket.close(code=1008)

@@ -1,0 +1,555 @@
+"""The job client: submit, read, wait for, retry and cancel executions, in either mode.
+
+:class:`JobClient` is how programs use executions, as Temporal's and Hatchet's clients are for
+theirs: the command line, the HTTP service, :func:`~framepipe.run_pipeline` and the examples
+go through it. It is the same in both modes. Embedded (the default), executions run in the
+client's :class:`~framepipe.jobs.engine.JobEngine`, in this process; with workers
+(``FRAMEPIPE_BROKER_URL`` or ``FRAMEPIPE_JOBS_MODE=workers``) the same engine hands them to
+``framepipe worker`` processes. Reads go to the state store through its one store module
+(:mod:`framepipe.jobs.records`), so they show every execution alike, whoever runs it.
+
+::
+
+    async with JobClient() as client:
+        execution_id = await client.submit(pipeline, {"card": "/media/sd1"})
+        info = await client.wait(execution_id, raise_on_failure=False)
+        for summary in await client.list(status="failed"):
+            print(summary.id, summary.steps_done, summary.steps_total)
+
+:class:`SyncJobClient` is the same client for code without an event loop.
+
+Guarantees of every call:
+
+* an execution is named by its id or a unique prefix of at least 4 characters (``events``
+  filters by a full id, as events carry it);
+* errors come from framepipe's one error tree: :class:`ExecutionNotFoundError` (no such
+  execution, or an ambiguous prefix), :class:`ExecutionStateError` (its status forbids the
+  call, or the client is closed), :class:`InvalidInputError` (a refused argument or input,
+  naming it), :class:`ExecutionFailedError` (``wait``/``run`` of an execution that did not
+  complete, when asked to raise), :class:`PipelineDefinitionError`, and
+  :class:`StateStoreError` for a failing state database (SQLAlchemy's error is its cause);
+* before its first read the client marks executions of dead engines ``interrupted`` (or
+  ``failed``, for poison steps), as every framepipe process that opens the store does, so what
+  it reads is what is; the engine does the same when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, TypeVar
+
+import sqlalchemy as sa
+
+from framepipe.backends.objects import ObjectStore
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings, load_settings
+from framepipe.errors import ExecutionStateError, InvalidInputError, StateStoreError
+from framepipe.events import Event, EventBus
+from framepipe.jobs import records
+from framepipe.jobs.control import request_cancel
+from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.recovery import recover_for
+
+__all__ = [
+    "CancelResult",
+    "EventPage",
+    "ExecutionSummary",
+    "JobClient",
+    "Mode",
+    "SyncJobClient",
+    "check_retryable",
+]
+
+T = TypeVar("T")
+Mode = Literal["embedded", "workers"]
+"""Where executions run: in the client's engine, or on ``framepipe worker`` processes."""
+StatusFilter = str | ExecutionStatus | Iterable[str | ExecutionStatus] | None
+
+MAX_PAGE = 10_000
+"""The most events one :meth:`JobClient.events` page may hold."""
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    """One execution in a listing: what :class:`ExecutionInfo` holds but its steps and data,
+    with its step counts. ``inputs`` is None when the listing did not read them."""
+
+    id: str
+    pipeline: str
+    pipeline_ref: str | None
+    status: ExecutionStatus
+    inputs: dict[str, Any] | None
+    progress: float
+    error: str | None
+    owner: str | None
+    runs: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    steps_done: int
+    steps_total: int
+
+    @classmethod
+    def of(cls, info: ExecutionInfo, steps_done: int, steps_total: int, *,
+           with_inputs: bool) -> ExecutionSummary:
+        """The summary of ``info`` (read without its steps)."""
+        return cls(id=info.id, pipeline=info.pipeline, pipeline_ref=info.pipeline_ref,
+                   status=info.status, inputs=info.inputs if with_inputs else None,
+                   progress=info.progress, error=info.error, owner=info.owner, runs=info.runs,
+                   created_at=info.created_at, started_at=info.started_at,
+                   finished_at=info.finished_at, steps_done=steps_done,
+                   steps_total=steps_total)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; without ``inputs`` when they were not read."""
+        out = asdict(self)
+        if self.inputs is None:
+            del out["inputs"]
+        return out
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """Stored events, oldest first; ``next`` is the ``after`` that reads the page after this
+    one (the last event's id, or the ``after`` asked for when the page is empty)."""
+
+    events: list[Event]
+    next: int
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"events": [...], "next": id}``."""
+        return {"events": [e.to_dict() for e in self.events], "next": self.next}
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What :meth:`JobClient.cancel` did. ``cancelled``: the store records the execution
+    cancelled on return (``events`` are the committed ones; running steps of a distributed
+    execution stop at their workers' next heartbeat). Otherwise the engine running it was
+    asked: this client's at once, another process's within its heartbeat interval; the
+    store shows ``cancelled`` once that engine has stopped it."""
+
+    execution_id: str
+    cancelled: bool
+    events: list[Event]
+
+
+def check_retryable(info: ExecutionInfo) -> None:
+    """:class:`ExecutionStateError` unless ``info`` is failed, cancelled or interrupted (worded
+    as :meth:`JobClient.retry` words it), for a caller that checks before loading code."""
+    if info.status.retryable:
+        return
+    what = ("has completed; nothing to retry" if info.status is ExecutionStatus.COMPLETED
+            else f"is {info.status.value} (owner {info.owner})")
+    raise ExecutionStateError(f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
+                              execution_id=info.id)
+
+
+@contextlib.contextmanager
+def _database_errors() -> Iterator[None]:
+    """A failing state database as :class:`StateStoreError` (SQLAlchemy's error its cause)."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        reason = getattr(exc, "orig", None) or type(exc).__name__
+        raise StateStoreError(f"the state database failed: {reason}") from exc
+
+
+def _statuses(status: StatusFilter) -> builtins.list[str] | None:
+    if status is None:
+        return None
+    if isinstance(status, str):
+        return [str(status)]
+    return [str(s) for s in status]
+
+
+# -- the async client ---------------------------------------------------------------------------
+
+
+class JobClient:
+    """Submit, read, wait for, retry and cancel executions, the same in both modes.
+
+    ``JobClient(settings=...)`` opens the state store of the settings (``store`` gives one to
+    use instead) and makes an engine on it, started at the first call that needs it (submit,
+    run, retry, wait) or by ``start(engine=True)``; ``pipelines`` are registered with it (for
+    :meth:`retry`). ``JobClient(engine=engine)`` wraps an engine its owner starts and stops
+    (a service's, a detector hub's), with its store and settings.
+
+    Use it as an async context manager. :meth:`close` stops the client's own engine: embedded
+    executions it still runs end ``interrupted`` (their running steps get ``shutdown_grace``)
+    and stay resumable with :meth:`retry`; executions on workers carry on without it. Calls
+    are made on one event loop; several may run at once.
+    """
+
+    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
+                 engine: JobEngine | None = None, objects: ObjectStore | None = None,
+                 concurrency: int | None = None, pipelines: Iterable[Pipeline] = ()) -> None:
+        if engine is not None:
+            if any(given is not None for given in (store, settings, objects, concurrency)):
+                raise TypeError("JobClient(engine=...) uses that engine's store, settings and "
+                                "objects: give nothing else")
+            self.settings = engine.settings
+            self.store = engine.store
+            self._engine = engine
+            self._own_store = self._own_engine = False
+        else:
+            self.settings = settings or load_settings()
+            self._own_store = store is None
+            self.store = store or StateStore(self.settings.resolved_database_url,
+                                             sqlite_synchronous=self.settings.sqlite_synchronous)
+            self._engine = JobEngine(self.store, settings=self.settings, objects=objects,
+                                     concurrency=concurrency)
+            self._own_engine = True
+        for pipeline in pipelines:
+            self._engine.register(pipeline)
+        # A wrapped engine is its owner's to start; starting it recovers dead engines' work.
+        self._engine_started = self._recovered = not self._own_engine
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> JobEngine:
+        """The engine that submits (and, embedded, runs) this client's executions."""
+        return self._engine
+
+    @property
+    def bus(self) -> EventBus:
+        """The engine's bus: committed events of the executions this client's engine runs,
+        submits or resumes, and the stored events of any execution a :meth:`wait` of this
+        client follows (published as they are read), in commit order."""
+        return self._engine.bus
+
+    @property
+    def mode(self) -> Mode:
+        """``"workers"`` when the settings send executions to ``framepipe worker`` processes,
+        else ``"embedded"``."""
+        return "workers" if self.settings.distributed_jobs else "embedded"
+
+    async def start(self, *, engine: bool = False) -> JobClient:
+        """Make the client ready; with ``engine`` also start its engine now (a service does,
+        so that code holding :attr:`engine` may submit), not at the first call needing it."""
+        self._check_open()
+        if engine:
+            await self._ready_engine()
+        return self
+
+    async def close(self) -> None:
+        """Stop the client's own engine (see the class) and close the store it opened.
+        Idempotent; a wrapped engine and a given store are left to their owners."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._own_engine:
+                await self._engine.stop()
+        finally:
+            if self._own_store:
+                self.store.close()
+
+    async def __aenter__(self) -> JobClient:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def register(self, pipeline: Pipeline) -> None:
+        """Make ``pipeline`` known by name, for :meth:`retry` of its executions."""
+        self._engine.register(pipeline)
+
+    # -- executions -----------------------------------------------------------------------------
+
+    async def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+                     ref: str | None = None,
+                     input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
+        """Create an execution of ``pipeline`` and start it; return its id.
+
+        The inputs are checked first and a refusal creates nothing
+        (:class:`InvalidInputError` naming the field, :class:`InputTooLargeError`,
+        :class:`PathNotAllowedError` for a local path outside ``input_roots``); see
+        :meth:`JobEngine.submit` for ``ref`` and ``input_roots``. The execution and its
+        initial steps are committed before this returns. Embedded, it runs in this client's
+        engine: keep the client open until it ends (:meth:`wait`)."""
+        engine = await self._ready_engine()
+        with _database_errors():
+            return await engine.submit(pipeline, inputs, ref=ref, input_roots=input_roots)
+
+    async def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+                  ref: str | None = None,
+                  input_roots: Iterable[str | os.PathLike[str]] | None = None,
+                  raise_on_failure: bool = True) -> ExecutionInfo:
+        """:meth:`submit`, then :meth:`wait` for its end."""
+        execution_id = await self.submit(pipeline, inputs, ref=ref, input_roots=input_roots)
+        return await self.wait(execution_id, raise_on_failure=raise_on_failure)
+
+    async def get(self, execution_id: str, *, with_steps: bool = True) -> ExecutionInfo:
+        """The execution as stored, with its steps in creation order and its ``data`` (the
+        outputs merged in completion order); ``with_steps=False`` reads neither."""
+        await self._recover()
+        return await self._db(functools.partial(records.get_execution, self.store,
+                                                execution_id, with_steps=with_steps))
+
+    async def list(self, *, status: StatusFilter = None, pipeline: str | None = None,
+                   limit: int = 50, with_inputs: bool = False,
+                   ) -> builtins.list[ExecutionSummary]:
+        """At most ``limit`` executions, newest first, each with its completed and total step
+        counts; only those with one of the ``status`` values (a status no execution can have
+        matches none) and of ``pipeline`` when given. Inputs are read only ``with_inputs``, so
+        a listing's size does not depend on what clients submitted."""
+        if limit < 1:
+            raise InvalidInputError(f"must be at least 1, not {limit}", where="limit")
+        statuses = _statuses(status)
+        await self._recover()
+        rows = await self._db(functools.partial(
+            records.list_executions, self.store, limit=limit, status=statuses,
+            pipeline=pipeline, with_inputs=with_inputs))
+        return [ExecutionSummary.of(info, done, total, with_inputs=with_inputs)
+                for info, done, total in rows]
+
+    async def wait(self, execution_id: str, *, raise_on_failure: bool = True,
+                   poll_interval: float | None = None) -> ExecutionInfo:
+        """Wait until the execution is finished (completed, failed, cancelled or
+        interrupted); return it with its steps and data.
+
+        :class:`ExecutionFailedError` (with the final status and each failed step's error) if
+        it did not complete, unless ``raise_on_failure`` is false. An execution this client's
+        engine runs is awaited; any other (on workers, in another process) is polled every
+        ``poll_interval`` seconds (0.05 with workers, else 0.5) and its stored events are
+        published on :attr:`bus` as they appear."""
+        engine = await self._ready_engine()
+        full_id = await self._find(execution_id)
+        with _database_errors():
+            return await engine.wait(full_id, raise_on_failure=raise_on_failure,
+                                     poll_interval=poll_interval)
+
+    async def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+        """Resume a failed, cancelled or interrupted execution from where it stopped; return
+        its full id. Completed steps are not run again; the others run with fresh retry
+        budgets; the inputs and recorded ``input_roots`` are kept. Embedded, ``pipeline`` (or
+        one :meth:`register` ed under the execution's pipeline name) runs it in this client's
+        engine; on workers it is not needed. Any other status: :class:`ExecutionStateError`
+        (see :func:`check_retryable`)."""
+        engine = await self._ready_engine()
+        with _database_errors():
+            return await engine.retry(execution_id, pipeline)
+
+    async def cancel(self, execution_id: str) -> CancelResult:
+        """Cancel an execution: nothing new starts, running steps are asked to stop, its
+        unfinished steps end ``cancelled`` (see :class:`CancelResult` for when). Completed or
+        already cancelled: :class:`ExecutionStateError`."""
+        full_id = await self._find(execution_id)
+        if full_id in self._engine.active_executions:
+            with _database_errors():
+                await self._engine.cancel(full_id)
+            return CancelResult(full_id, cancelled=False, events=[])
+        events = await self._db(request_cancel, self.store, full_id)
+        self.bus.publish(events)
+        return CancelResult(full_id, cancelled=bool(events), events=events)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def events(self, execution_id: str | None = None, *, after: int = 0,
+                     limit: int = 200) -> EventPage:
+        """Stored events with an id above ``after``, oldest first, at most ``limit`` (1 to
+        10,000): of the execution with the full id ``execution_id`` (an unknown id has none),
+        or of every execution and live app. The events of one execution are committed in id
+        order, so paging them with ``after=page.next`` misses none and repeats none. Across
+        executions, on PostgreSQL, two commits at once may make an event appear after one with
+        a higher id was read (the service's live feed reads the same way)."""
+        if after < 0:
+            raise InvalidInputError(f"must be at least 0, not {after}", where="after")
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInputError(f"must be 1 to {MAX_PAGE}, not {limit}", where="limit")
+        await self._recover()
+        found = await self._db(functools.partial(records.list_events, self.store,
+                                                 execution_id, after_id=after, limit=limit))
+        return EventPage(found, (found[-1].id or after) if found else after)
+
+    async def watch(self, execution_id: str, *, after: int = 0,
+                    poll_interval: float = 0.1) -> AsyncIterator[Event]:
+        """The execution's stored events with an id above ``after``, in order, as they are
+        committed (read every ``poll_interval`` seconds), until it is finished: the last
+        events yielded are those that finished it. The same in both modes, whoever runs it;
+        an execution already finished yields its events and ends."""
+        full_id = await self._find(execution_id)
+        while True:
+            # Status first: every event committed before it finished is then in the page.
+            status = await self._db(records.execution_status, self.store, full_id)
+            page = await self.events(full_id, after=after, limit=1000)
+            for event in page:
+                yield event
+            after = page.next
+            if len(page) == 1000:
+                continue
+            if status.finished:
+                return
+            await asyncio.sleep(poll_interval)
+
+    async def interrupt(self, *, grace: float | None = None) -> None:
+        """Stop every execution this client's engine runs as ``interrupted`` (resumable), as
+        Ctrl-C does; running steps get ``grace`` seconds (setting ``shutdown_grace``)."""
+        if self._engine_started:
+            await self._engine.interrupt(grace=grace)
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ExecutionStateError("the job client is closed")
+
+    async def _ready_engine(self) -> JobEngine:
+        self._check_open()
+        if not self._engine_started:
+            async with self._lock:
+                if not self._engine_started:
+                    with _database_errors():
+                        await self._engine.start()
+                    self._engine_started = self._recovered = True
+        return self._engine
+
+    async def _recover(self) -> None:
+        self._check_open()
+        if self._recovered:
+            return
+        async with self._lock:
+            if self._recovered:
+                return
+            events = await self._db(recover_for, self.store, self.settings)
+            self._recovered = True
+        self.bus.publish(events)
+
+    async def _find(self, execution_id: str) -> str:
+        await self._recover()
+        return await self._db(records.find_execution, self.store, execution_id)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        with _database_errors():
+            return await asyncio.to_thread(fn, *args)
+
+
+# -- the blocking facade ------------------------------------------------------------------------
+
+
+class SyncJobClient:
+    """:class:`JobClient` for code without an event loop (scripts, the command line).
+
+    The client runs on an event loop of its own in a daemon thread, so an embedded execution
+    submitted here keeps running between calls, until :meth:`close` (which interrupts what
+    is still running, resumable). Each call blocks until done; Ctrl-C in a call cancels it.
+    Arguments, results and errors are those of :class:`JobClient`. Use it as a context
+    manager; not from inside a running event loop's thread (that loop would stall)."""
+
+    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
+                 objects: ObjectStore | None = None, concurrency: int | None = None,
+                 pipelines: Iterable[Pipeline] = ()) -> None:
+        self.client = JobClient(store, settings=settings, objects=objects,
+                                concurrency=concurrency, pipelines=pipelines)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="framepipe-job-client")
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def settings(self) -> Settings:
+        return self.client.settings
+
+    @property
+    def mode(self) -> Mode:
+        return self.client.mode
+
+    def close(self) -> None:
+        """Close the client (see :meth:`JobClient.close`) and end its thread. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self._call(self.client.close())
+            self._call(self._loop.shutdown_default_executor())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> SyncJobClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def register(self, pipeline: Pipeline) -> None:
+        """:meth:`JobClient.register`."""
+        self.client.register(pipeline)
+
+    def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+               ref: str | None = None,
+               input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
+        """:meth:`JobClient.submit`."""
+        return self._call(self.client.submit(pipeline, inputs, ref=ref,
+                                             input_roots=input_roots))
+
+    def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
+            ref: str | None = None, input_roots: Iterable[str | os.PathLike[str]] | None = None,
+            raise_on_failure: bool = True) -> ExecutionInfo:
+        """:meth:`JobClient.run`."""
+        return self._call(self.client.run(pipeline, inputs, ref=ref, input_roots=input_roots,
+                                          raise_on_failure=raise_on_failure))
+
+    def get(self, execution_id: str, *, with_steps: bool = True) -> ExecutionInfo:
+        """:meth:`JobClient.get`."""
+        return self._call(self.client.get(execution_id, with_steps=with_steps))
+
+    def list(self, *, status: StatusFilter = None, pipeline: str | None = None,
+             limit: int = 50, with_inputs: bool = False) -> builtins.list[ExecutionSummary]:
+        """:meth:`JobClient.list`."""
+        return self._call(self.client.list(status=status, pipeline=pipeline, limit=limit,
+                                           with_inputs=with_inputs))
+
+    def wait(self, execution_id: str, *, raise_on_failure: bool = True,
+             poll_interval: float | None = None) -> ExecutionInfo:
+        """:meth:`JobClient.wait`."""
+        return self._call(self.client.wait(execution_id, raise_on_failure=raise_on_failure,
+                                           poll_interval=poll_interval))
+
+    def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+        """:meth:`JobClient.retry`."""
+        return self._call(self.client.retry(execution_id, pipeline))
+
+    def cancel(self, execution_id: str) -> CancelResult:
+        """:meth:`JobClient.cancel`."""
+        return self._call(self.client.cancel(execution_id))
+
+    def events(self, execution_id: str | None = None, *, after: int = 0,
+               limit: int = 200) -> EventPage:
+        """:meth:`JobClient.events`."""
+        return self._call(self.client.events(execution_id, after=after, limit=limit))
+
+    def _call(self, call: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            call.close()
+            raise ExecutionStateError("the job client is closed")
+        future = asyncio.run_coroutine_threadsafe(call, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
