@@ -1,5 +1,7 @@
-"""Distributed jobs: ``framepipe worker`` processes on the real Redis and the real PostgreSQL
-(and SQLite for the basic case), killed, paused, stopped and cut off from Redis mid-run."""
+"""Distributed jobs: ``framepipe worker`` processes on the real PostgreSQL (and SQLite for the
+basic cases), delivered steps by the real Redis and the real RabbitMQ (the ``broker`` fixture:
+every test about delivery runs on both), killed, paused, stopped and cut off from their broker
+or database mid-run."""
 
 from __future__ import annotations
 
@@ -22,11 +24,20 @@ import pytest
 import sqlalchemy as sa
 
 import worker_pipelines as wp
-from conftest import REDIS_URL, redis_namespace, service_missing
+from brokers import (
+    AMQP_URL,
+    BROKERS,
+    PrivateRabbitMQ,
+    broker_namespace,
+    free_port,
+    queue_of,
+)
+from conftest import REDIS_URL, service_missing
 from framepipe.backends.state import StateStore, events, steps, workers
 from framepipe.config import Settings
 from framepipe.errors import BrokerError, ExecutionFailedError
 from framepipe.jobs.control import request_cancel
+from framepipe.jobs.delivery import open_delivery
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
@@ -140,13 +151,29 @@ class Cluster:
         self.store.close()
 
 
+@pytest.fixture(params=[pytest.param(b, marks=getattr(pytest.mark, b)) for b in BROKERS])
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker delivering the steps: 'redis' (Streams) or 'rabbitmq' (AMQP)."""
+    return str(request.param)
+
+
 @pytest.fixture
 def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """``make(database_url, broker='redis', broker_url=None, **settings)``: a cluster on a
+    namespace of its own on that broker (``broker_url`` overrides its URL, for a private
+    server or an unreachable one); what it made on the broker is deleted afterwards."""
     made: list[Cluster] = []
-    with redis_namespace("fp-workers-") as namespace:
+    with contextlib.ExitStack() as stack:
+        namespaces: dict[str, tuple[str, str]] = {}
 
-        def make(database_url: str, broker_url: str = REDIS_URL, **overrides: Any) -> Cluster:
-            cluster = Cluster(tmp_path, database_url, broker_url, namespace, **overrides)
+        def make(database_url: str, broker: str = "redis", broker_url: str | None = None,
+                 **overrides: Any) -> Cluster:
+            if broker not in namespaces:
+                namespaces[broker] = stack.enter_context(
+                    broker_namespace(broker, "fp-workers-"))
+            url, namespace = namespaces[broker]
+            cluster = Cluster(tmp_path, database_url, broker_url or url, namespace,
+                              **overrides)
             made.append(cluster)
             return cluster
 
@@ -165,8 +192,8 @@ def pid_of(worker_id: str) -> int:
 
 
 def test_user_code_runs_unchanged_on_two_workers(cluster_factory: Callable[..., Cluster],
-                                                 database_url: str) -> None:
-    cluster = cluster_factory(database_url)
+                                                 database_url: str, broker: str) -> None:
+    cluster = cluster_factory(database_url, broker)
     a, b = cluster.worker(), cluster.worker()
     cluster.wait_registered(a, b)
     info = run_pipeline(wp.fanout, {"dir": str(cluster.dir), "n": 40, "sleep": 0.05},
@@ -181,8 +208,8 @@ def test_user_code_runs_unchanged_on_two_workers(cluster_factory: Callable[..., 
 
 
 def test_retries_failure_and_resume_on_workers(cluster_factory: Callable[..., Cluster],
-                                               database_url: str) -> None:
-    cluster = cluster_factory(database_url)
+                                               database_url: str, broker: str) -> None:
+    cluster = cluster_factory(database_url, broker)
     cluster.wait_registered(cluster.worker())
     execution_id = cluster.submit(wp.chain)
     info = cluster.wait(execution_id)
@@ -228,8 +255,8 @@ def test_cancel_stops_a_running_step(cluster_factory: Callable[..., Cluster],
 
 
 def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[..., Cluster],
-                                                      database_url: str) -> None:
-    cluster = cluster_factory(database_url)
+                                                      database_url: str, broker: str) -> None:
+    cluster = cluster_factory(database_url, broker)
     execution_id = cluster.submit(wp.fanout, n=5)
     time.sleep(0.3)
     assert get_execution(cluster.store, execution_id).status is ExecutionStatus.RUNNING
@@ -238,10 +265,11 @@ def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[
 
 
 def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[..., Cluster],
-                                                   database_url: str) -> None:
+                                                   database_url: str, broker: str) -> None:
     # Quick steps let the first worker claim ahead (prefetch); once the long ones show how
-    # long they take, it hands back the claimed ones it has not started.
-    cluster = cluster_factory(database_url, worker_prefetch=4)
+    # long they take, it hands back the claimed ones it has not started. On RabbitMQ the full
+    # worker also pauses its consumer, so the handed-back steps are not pushed to it again.
+    cluster = cluster_factory(database_url, broker, worker_prefetch=4)
     first = cluster.worker(concurrency=1)
     cluster.wait_registered(first)
     execution_id = cluster.submit(wp.mixed)
@@ -259,8 +287,8 @@ def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[...,
 
 @pytest.mark.postgres
 def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..., Cluster],
-                                                    pg_url: str) -> None:
-    cluster = cluster_factory(pg_url, max_step_crashes=100)
+                                                    pg_url: str, broker: str) -> None:
+    cluster = cluster_factory(pg_url, broker, max_step_crashes=100)
     live = [cluster.worker(), cluster.worker(), cluster.worker()]
     cluster.wait_registered(*live)
     n = 120
@@ -291,8 +319,8 @@ def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..
 
 @pytest.mark.postgres
 def test_a_paused_worker_loses_its_lease_and_its_late_result(
-        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
-    cluster = cluster_factory(pg_url, lease_seconds=1.5)
+        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster = cluster_factory(pg_url, broker, lease_seconds=1.5)
     first = cluster.worker()
     cluster.wait_registered(first)
     execution_id = cluster.submit_running(wp.slow, seconds=2.5)
@@ -317,8 +345,8 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
 
 @pytest.mark.postgres
 def test_a_step_that_kills_its_worker_is_failed_as_poison_with_the_output_tail(
-        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
-    cluster = cluster_factory(pg_url, max_step_crashes=2)
+        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster = cluster_factory(pg_url, broker, max_step_crashes=2)
     proc = cluster.worker()
     cluster.wait_registered(proc)
     execution_id = cluster.submit(wp.crasher)
@@ -348,8 +376,8 @@ def test_a_step_that_kills_its_worker_is_failed_as_poison_with_the_output_tail(
 
 @pytest.mark.postgres
 def test_sigterm_finishes_or_hands_back_the_running_step(
-        cluster_factory: Callable[..., Cluster], pg_url: str) -> None:
-    cluster = cluster_factory(pg_url, shutdown_grace=5.0)
+        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster = cluster_factory(pg_url, broker, shutdown_grace=5.0)
     proc = cluster.worker()
     cluster.wait_registered(proc)
     execution_id = cluster.submit_running(wp.slow, seconds=1.0)
@@ -378,12 +406,6 @@ def test_sigterm_finishes_or_hands_back_the_running_step(
 # -- the broker failing ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -404,7 +426,7 @@ def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
 @pytest.mark.postgres
 def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., Cluster],
                                                 pg_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     redis_proc = _redis_server(port, tmp_path)
     try:
         cluster = cluster_factory(pg_url, broker_url=f"redis://127.0.0.1:{port}/0")
@@ -429,6 +451,47 @@ def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., C
         redis_proc.wait()
 
 
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("data", ["kept", "lost"])
+def test_rabbitmq_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., Cluster],
+                                                   pg_url: str, data: str) -> None:
+    # A private node, SIGKILLed mid-run and booted again: on its data (the quorum queue and
+    # its messages come back) or on an empty folder (the queue is gone: workers declare it
+    # again and the sweep publishes the ready steps again).
+    rabbit = PrivateRabbitMQ()
+    try:
+        rabbit.start()
+        cluster = cluster_factory(pg_url, "rabbitmq", broker_url=rabbit.url)
+        if data == "kept":
+            # A queue of some age: RabbitMQ writes the registry of its quorum queues to disk
+            # every few minutes or on a clean stop; one SIGKILLed sooner comes back unusable.
+            delivery = open_delivery(rabbit.url, cluster.settings.broker_namespace)
+            delivery.prepare()
+            delivery.close()
+            rabbit.shutdown()
+            rabbit.start()
+        a, b = cluster.worker(), cluster.worker()
+        cluster.wait_registered(a, b)
+        n = 80
+        execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
+        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        rabbit.crash()
+        if data == "lost":
+            shutil.rmtree(rabbit.root / "mnesia")
+        time.sleep(1.0)
+        rabbit.start()
+        info = cluster.wait(execution_id, timeout=90)
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert info.data["joined"] == n
+        assert set(cluster.completions(execution_id).values()) == {1}
+        assert a.poll() is None
+        assert b.poll() is None
+        assert "retrying" in cluster.log(1) + cluster.log(2)
+    finally:
+        rabbit.stop()
+
+
 def _pg_tool(name: str) -> str:
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if not found:
@@ -442,7 +505,7 @@ class PrivatePostgres:
     tests run as root, which PostgreSQL refuses)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         # Outside pytest's temp folder, which only root may enter.
         self.root = Path(tempfile.mkdtemp(prefix="fp-pg-"))
         self.data = self.root / "pgdata"
@@ -509,43 +572,81 @@ def test_postgres_restarting_mid_run_loses_nothing(
 # -- bad input ------------------------------------------------------------------------------
 
 
-def test_a_worker_needs_a_redis_broker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", ["memory://", "http://127.0.0.1:5672/",
+                                 "amqp+ssl://u:secret@h/"])
+def test_a_worker_needs_a_redis_or_rabbitmq_broker(tmp_path: Path, url: str) -> None:
     from framepipe.jobs.worker import Worker
 
-    settings = Settings(home=tmp_path, broker_url="memory://")
-    with pytest.raises(BrokerError, match="a worker needs a Redis broker"):
+    settings = Settings(home=tmp_path, broker_url=url, jobs_mode="workers")
+    with pytest.raises(BrokerError, match="a worker needs a Redis or RabbitMQ broker: "
+                                          "FRAMEPIPE_BROKER_URL is") as caught:
         Worker(settings)
+    assert "redis://, rediss://, unix://, amqp:// or amqps://" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("url", "workers"), [
+    ("memory://", False), ("redis://127.0.0.1:6379/0", True), ("rediss://h/0", True),
+    ("unix:///run/redis.sock", True), ("amqp://guest:guest@127.0.0.1:5672/", True),
+    ("amqps://u:p@rabbit.example/vhost", True), ("http://127.0.0.1/", False)])
+def test_auto_mode_runs_steps_on_workers_for_redis_and_amqp_urls(url: str,
+                                                                 workers: bool) -> None:
+    assert Settings(broker_url=url).distributed_jobs is workers
+    assert Settings(broker_url=url, jobs_mode="local").distributed_jobs is False
 
 
 def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
-        cluster_factory: Callable[..., Cluster], database_url: str) -> None:
-    port = _free_port()  # nothing listens there
-    cluster = cluster_factory(database_url, broker_url=f"redis://127.0.0.1:{port}/0")
+        cluster_factory: Callable[..., Cluster], database_url: str, broker: str) -> None:
+    port = free_port()  # nothing listens there
+    url = (f"redis://127.0.0.1:{port}/0" if broker == "redis"
+           else f"amqp://guest:guest@127.0.0.1:{port}/")
+    cluster = cluster_factory(database_url, broker, broker_url=url)
     proc = cluster.worker()
     wait_for("the worker to report the broker", lambda: "retrying" in cluster.log(1),
              timeout=20)
     text = cluster.log(1)
-    assert f"job broker redis://127.0.0.1:{port}/0" in text
+    shown = (f"redis://127.0.0.1:{port}/0" if broker == "redis"
+             else f"amqp://guest:***@127.0.0.1:{port}/")  # the password masked
+    assert f"job broker {shown}" in text
     assert "registering the worker failed" in text
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert "stopped before it could register" in cluster.log(1)
 
 
-def test_malformed_entries_and_unknown_pipelines_fail_clearly(
-        cluster_factory: Callable[..., Cluster], database_url: str, tmp_path: Path) -> None:
-    import redis
+def _publish_raw_amqp(queue: str, body: bytes) -> None:
+    import aio_pika
 
-    cluster = cluster_factory(database_url)
+    async def main() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+
+    asyncio.run(main())
+
+
+def test_malformed_entries_and_unknown_pipelines_fail_clearly(
+        cluster_factory: Callable[..., Cluster], database_url: str, broker: str,
+        tmp_path: Path) -> None:
+    cluster = cluster_factory(database_url, broker)
     proc = cluster.worker()
     cluster.wait_registered(proc)
-    client = redis.Redis.from_url(REDIS_URL)
-    stream = f"{cluster.settings.broker_namespace.rstrip(':')}:jobs:steps"
-    client.xadd(stream, {"bogus": "1"})
-    wait_for("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
-    wait_for("the malformed entry to be acknowledged (it cannot be handled)",
-             lambda: client.xpending(stream, "workers")["pending"] == 0, timeout=10)
-    client.close()
+    queue = queue_of(cluster.settings.broker_namespace)
+    if broker == "redis":
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        client.xadd(queue, {"bogus": "1"})
+        wait_for("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
+        wait_for("the malformed entry to be acknowledged (it cannot be handled)",
+                 lambda: client.xpending(queue, "workers")["pending"] == 0, timeout=10)
+        client.close()
+    else:
+        _publish_raw_amqp(queue, b"bogus")
+        wait_for("the malformed message to be reported", lambda: "is malformed" in cluster.log(1))
+        time.sleep(1.0)  # rejected without requeue: never delivered again
+        assert cluster.log(1).count("is malformed") == 1
 
     module = tmp_path / "elsewhere.py"
     module.write_text("from framepipe import Pipeline\n"

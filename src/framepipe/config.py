@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from framepipe.amqp import is_amqp_url
 from framepipe.errors import ConfigError
 from framepipe.redis import is_redis_url
 
@@ -49,7 +50,9 @@ class Settings(BaseSettings):
         None, description="Object store URL: file:///path, or s3://bucket/prefix?endpoint=URL"
                           "&region=R (credentials from FRAMEPIPE_S3_ACCESS_KEY/_SECRET_KEY or "
                           "the AWS chain); default home/objects.")
-    broker_url: str = Field("memory://", description="Broker URL; memory:// is in-process.")
+    broker_url: str = Field(
+        "memory://", description="Broker URL: memory:// is in-process; redis://... (Redis "
+                                 "Streams) or amqp://... (RabbitMQ) delivers steps to workers.")
     concurrency: int = Field(
         default_factory=lambda: max(4, os.cpu_count() or 1), ge=1,
         description="Steps run at once by one engine.")
@@ -79,10 +82,10 @@ class Settings(BaseSettings):
     jobs_mode: Literal["auto", "local", "workers"] = Field(
         "auto", description="Where job steps run: 'local' in the submitting process, 'workers' "
                             "on 'framepipe worker' processes through the broker; 'auto' picks "
-                            "workers when broker_url is a redis:// URL.")
+                            "workers when broker_url is a Redis or an AMQP URL.")
     broker_namespace: str = Field(
-        "framepipe", description="Prefix of the broker's Redis keys (several deployments may "
-                                 "share one Redis).")
+        "framepipe", description="Prefix of the broker's Redis keys and RabbitMQ queue "
+                                 "(several deployments may share one broker).")
     lease_seconds: float = Field(
         6.0, gt=0, description="A worker's hold on a running step, renewed while it runs; a "
                                "killed worker's steps are taken over once it expires.")
@@ -176,9 +179,11 @@ class Settings(BaseSettings):
 
     @property
     def distributed_jobs(self) -> bool:
-        """True when job steps run on workers (``jobs_mode``, or ``auto`` with Redis)."""
+        """True when job steps run on workers: ``jobs_mode='workers'``, or ``auto`` with a
+        Redis (``redis://``, ``rediss://``, ``unix://``) or AMQP (``amqp://``, ``amqps://``)
+        broker URL."""
         if self.jobs_mode == "auto":
-            return is_redis_url(self.broker_url)
+            return is_redis_url(self.broker_url) or is_amqp_url(self.broker_url)
         return self.jobs_mode == "workers"
 
     @property

@@ -1,7 +1,7 @@
 """Distributed executions in the state store: every transition a worker commits.
 
 The database is the source of truth of a distributed execution (``mode = 'workers'``); the
-broker only rings the bell (:mod:`framepipe.jobs.broker`). Guarantees:
+broker only rings the bell (:mod:`framepipe.jobs.delivery`). Guarantees:
 
 * **Atomic scheduling.** A step's completion, its dependents becoming ``ready``, the
   execution's counters (unfinished, active, weighted progress) and the events are one

@@ -72,7 +72,7 @@ from framepipe.logs import get_logger
 from framepipe.untrusted import check_json, check_size
 
 if TYPE_CHECKING:
-    from framepipe.jobs.broker import StepBroker
+    from framepipe.jobs.delivery import StepDelivery
 
 __all__ = ["JobEngine"]
 
@@ -258,7 +258,7 @@ class JobEngine:
         self._closed = False
         self._fatal: BaseException | None = None
         self._scheduling = True
-        self._broker: StepBroker | None = None
+        self._broker: StepDelivery | None = None
         self._write_retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
@@ -477,13 +477,15 @@ class JobEngine:
         return execution_id
 
     async def _publish(self, ready: list[dispatch.Delivery]) -> None:
-        """Hand ready steps to the broker; if it is down, the workers' sweep does it later."""
+        """Hand ready steps to the broker (Redis or RabbitMQ, from ``broker_url``); returns once
+        it holds them. If it is down, the workers' sweep publishes them later."""
         if not ready:
             return
         if self._broker is None:
-            from framepipe.jobs.broker import StepBroker
+            from framepipe.jobs.delivery import open_delivery
 
-            self._broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
+            self._broker = open_delivery(self.settings.broker_url,
+                                         self.settings.broker_namespace)
         try:
             await self._in_db(self._broker.publish, ready)
         except FramepipeError as exc:

@@ -1,14 +1,17 @@
 """``framepipe worker``: runs the steps of distributed executions, any number per machine.
 
-A worker reads ready steps from the broker, claims them in the state store as a new attempt
-with a lease, runs them (threads for plain functions, its event loop for ``async def``), and
+A worker takes ready steps from the broker (Redis Streams or RabbitMQ, through
+:mod:`framepipe.jobs.delivery`), claims them in the state store as a new attempt with a lease,
+runs them (threads for plain functions, its event loop for ``async def``), and
 commits what they report (progress, spawned steps, outcomes) in one transaction per round,
 fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
 
 * at most ``concurrency`` steps run at once; while recent steps are short, up to
   ``concurrency x worker_prefetch`` are claimed, so tiny steps are claimed and committed in
   batches (:attr:`Worker.capacity`); a claim is committed before the step's code starts, and
-  the broker entry is acknowledged only after that commit;
+  the delivery is acknowledged only after that commit; a worker that stays full pauses its
+  delivery, so a broker that pushes (RabbitMQ, prefetch = the claim window) gives what it sent
+  ahead to idle workers;
 * while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s); a step
   whose lease was taken over (this worker was cut off or paused) is told to stop and its late
   result is not written; a step of an execution cancelled elsewhere is told to stop
@@ -18,8 +21,8 @@ fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
 * on SIGTERM (:meth:`Worker.request_stop`) it takes no new step, gives running steps
   ``shutdown_grace`` seconds, hands the ones still running back (ready for another worker,
   not counted as a failure), commits, and returns;
-* a lost Redis or database connection is retried with backoff; nothing is acknowledged before
-  it is committed.
+* a lost broker or database connection is retried with backoff; nothing is acknowledged
+  before it is committed.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from framepipe.errors import (
     StepCancelledError,
 )
 from framepipe.jobs import dispatch
-from framepipe.jobs.broker import Entry, StepBroker
 from framepipe.jobs.context import Progressed, StepContext, StepMessage
+from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
 from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import StepStatus
@@ -57,7 +60,7 @@ from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text, is_pe
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
-from framepipe.redis import is_redis_url
+from framepipe.redis import safe_url
 
 __all__ = ["Worker"]
 
@@ -65,6 +68,7 @@ T = TypeVar("T")
 _log = get_logger("jobs.worker")
 _DB_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
 _SHORT_STEP = 0.05
+_PAUSE_AFTER = 0.2  # a worker full for this long pauses its delivery (see _reserve)
 
 
 class _LazyData(Mapping[str, Any]):
@@ -129,16 +133,18 @@ class Worker:
                  concurrency: int | None = None, pipelines: tuple[Pipeline, ...] = (),
                  output_tail: Callable[[], str] | None = None) -> None:
         self.settings = settings or load_settings()
-        if not is_redis_url(self.settings.broker_url):
-            raise BrokerError(f"a worker needs a Redis broker: FRAMEPIPE_BROKER_URL is "
-                              f"{self.settings.broker_url!r}", url=self.settings.broker_url)
+        url = self.settings.broker_url
+        if not is_broker_url(url):
+            raise BrokerError(f"a worker needs a Redis or RabbitMQ broker: FRAMEPIPE_BROKER_URL "
+                              f"is {safe_url(url)!r}; give redis://, rediss://, unix://, "
+                              "amqp:// or amqps://", url=safe_url(url))
         self._own_store = store is None
         self.store = store or StateStore(self.settings.resolved_database_url,
                                          sqlite_synchronous=self.settings.sqlite_synchronous)
         self.concurrency = concurrency or self.settings.concurrency
         self._avg_run: float | None = None  # moving average of step run times, seconds
         self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
-        self.broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace)
+        self.broker = open_delivery(url, self.settings.broker_namespace)
         self.lease = self.settings.lease_seconds
         self.steps_done = 0
         self._output_tail = output_tail
@@ -219,7 +225,7 @@ class Worker:
         tasks = [asyncio.create_task(self._committer(), name="framepipe-commit"),
                  asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
         _log.info("Worker %s started: concurrency %d, broker %s (%s), database %s", self.id,
-                  self.concurrency, self.broker.safe_url, self.broker.stream,
+                  self.concurrency, self.broker.safe_url, self.broker.target,
                   self.store.safe_url)
         try:
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -292,7 +298,7 @@ class Worker:
         return [r for r in self._runs.values() if not r.finished and not r.lost]
 
     def _register(self) -> None:
-        self.broker.ensure_group()
+        self.broker.prepare()
         dispatch.renew(self.store, self.id, [], lease=self.lease, concurrency=self.concurrency,
                        output_tail=self._tail(), steps_done=self.steps_done)
 
@@ -317,18 +323,14 @@ class Worker:
         backoff = Backoff(initial=0.2, maximum=5.0)
         failures = 0
         while not self._stopping.is_set():
-            with self._lock:
-                while self._taken >= self.capacity and not self._stopping.is_set():
-                    self._slots.wait(0.5)
-                free = self.capacity - self._taken
-                self._taken += free
-            if self._stopping.is_set():
-                self._release(free)
-                return
+            free = 0
             try:
-                entries = self.broker.read(self.id, free, block_ms=1000)
-                if entries:
-                    self._claim_entries(entries, free)
+                free = self._reserve()
+                if not free:
+                    return
+                taken = self.broker.take(self.id, free, wait=1.0, window=self.capacity)
+                if taken:
+                    self._claim_entries(taken, free)
                 else:
                     self._release(free)
                 failures = 0
@@ -345,16 +347,37 @@ class Worker:
                 self.request_stop()
                 return
 
-    def _claim_entries(self, entries: list[Entry], reserved: int) -> None:
+    def _reserve(self) -> int:
+        """Wait for free slots and reserve them all; 0 once stopping. A worker full for
+        ``_PAUSE_AFTER`` seconds pauses its delivery (RabbitMQ then stops pushing to it and
+        requeues what it sent ahead); the next take resumes it."""
+        full_since: float | None = None
+        paused = False
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return 0
+                free = self.capacity - self._taken
+                if free > 0:
+                    self._taken += free
+                    return free
+                self._slots.wait(0.5 if paused else 0.05)
+            now = time.monotonic()
+            full_since = full_since or now
+            if not paused and now - full_since >= _PAUSE_AFTER:
+                self.broker.pause()
+                paused = True
+
+    def _claim_entries(self, entries: list[Received], reserved: int) -> None:
         """Claim delivered steps in the store, acknowledge them, hand them to the loop."""
         if self._stopping.is_set():
-            # Give them back at once: entries left pending would wait for XAUTOCLAIM.
-            self.broker.ack([i for i, _d in entries])
-            self.broker.publish([d for _i, d in entries])
+            # Give them back at once, for another worker.
+            self.broker.hand_back(entries)
             self._release(reserved)
             return
         with self._claim_lock:  # the reader and a takeover may claim at once
-            claimed, _events = dispatch.claim(self.store, self.id, [d for _i, d in entries],
+            claimed, _events = dispatch.claim(self.store, self.id,
+                                              [r.delivery for r in entries],
                                               lease=self.lease, known=self._known)
         self._release(reserved - len(claimed))
         if claimed:
@@ -363,8 +386,8 @@ class Worker:
             assert loop is not None
             loop.call_soon_threadsafe(self._start_all, runs)
         try:
-            self.broker.ack([i for i, _d in entries])
-        except BrokerError as exc:  # the entries are taken over later and found claimed
+            self.broker.ack(entries)
+        except BrokerError as exc:  # delivered again later, and found claimed
             _log.warning("Worker %s: %s", self.id, exc)
 
     def _release(self, n: int) -> None:
@@ -704,9 +727,9 @@ class Worker:
                     return
                 self._taken += free
             try:
-                entries = self.broker.autoclaim(self.id, int(self.lease * 1000), count=free)
+                entries = self.broker.take_over(self.id, self.lease, count=free)
                 if entries:
-                    _log.info("Worker %s took over %d idle broker entr(ies)", self.id,
+                    _log.info("Worker %s took over %d idle deliver(ies)", self.id,
                               len(entries))
                     self._claim_entries(entries, free)
                 else:

@@ -4,7 +4,6 @@ read at scrape time (nothing is counted per step for Prometheus)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
@@ -83,24 +82,25 @@ class _JobsCollector(Collector):
         if not self.settings.distributed_jobs:
             return
         backlog = GaugeMetricFamily("framepipe_broker_backlog",
-                                    "Job broker: entries not yet delivered (lag) and delivered "
-                                    "but not acknowledged (pending).", labels=["kind"])
+                                    "Job broker: ready steps not yet delivered (lag: Redis "
+                                    "entries, or RabbitMQ messages of up to 16 steps) and "
+                                    "delivered but not acknowledged (pending; Redis only).",
+                                    labels=["kind"])
         try:
-            from framepipe.jobs.broker import StepBroker
+            from framepipe.jobs.delivery import open_delivery
 
-            broker = StepBroker(self.settings.broker_url, self.settings.broker_namespace,
-                                socket_timeout=2.0)
+            delivery = open_delivery(self.settings.broker_url, self.settings.broker_namespace,
+                                     timeout=2.0)
             try:
-                groups: Any = broker.redis.xinfo_groups(broker.stream)
+                held = delivery.backlog()
             finally:
-                broker.close()
-        except Exception as exc:  # Redis down or no stream yet: say so, do not fail the scrape
+                delivery.close()
+        except Exception as exc:  # broker down: say so, do not fail the scrape
             _log.debug("broker backlog not read: %s", exc)
             return
-        for group in groups:
-            if group.get("name") in (b"workers", "workers"):
-                backlog.add_metric(["lag"], float(group.get("lag") or 0))
-                backlog.add_metric(["pending"], float(group.get("pending") or 0))
+        backlog.add_metric(["lag"], float(held.waiting))
+        if held.unacked is not None:
+            backlog.add_metric(["pending"], float(held.unacked))
         yield backlog
 
 

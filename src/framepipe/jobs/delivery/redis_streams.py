@@ -1,13 +1,11 @@
-"""The job broker: a Redis Stream with one consumer group that rings workers' bells.
+"""Steps delivered by a Redis Stream with one consumer group (``workers``).
 
-An entry only names a ready step (``e``: execution id, ``k``: step key); the state store
-decides whether it may run (:func:`framepipe.jobs.dispatch.claim`). So the broker may lose
-entries (a Redis restart without persistence) or deliver one twice: the workers' sweep
-publishes ready steps again, and a claim takes a step only while it is ready. An entry is
-acknowledged (and deleted) once its claim is committed; the entries of a worker that died
-before claiming stay pending and are taken over with ``XAUTOCLAIM``.
-
-Blocking calls; a worker runs them in threads.
+An entry only names a ready step (``e``: execution id, ``k``: step key). Consumers pull:
+``XREADGROUP`` gives each entry to one consumer, which acknowledges (and deletes) it once its
+claim is committed; the entries of a consumer that died before that stay pending and are
+taken over with ``XAUTOCLAIM`` (:meth:`RedisStreamsDelivery.take_over`). A Redis restart
+without persistence loses the stream and the group: the group is created again on the next
+read, and the workers' sweep publishes the ready steps again.
 """
 
 from __future__ import annotations
@@ -21,20 +19,18 @@ try:
     import redis
 except ModuleNotFoundError as exc:
     raise MissingDependencyError("redis", "redis",
-                                 "distributed jobs (a redis:// broker)") from exc
+                                 "distributed jobs on a redis:// broker") from exc
+from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.dispatch import Delivery
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, safe_url
 
-__all__ = ["Entry", "StepBroker"]
+__all__ = ["RedisStreamsDelivery"]
 
-Entry = tuple[str, Delivery]
-"""A stream entry id and the step it names."""
-
-_log = get_logger("jobs.broker")
+_log = get_logger("jobs.delivery")
 
 
-class StepBroker:
+class RedisStreamsDelivery(StepDelivery):
     """The stream ``{namespace}:jobs:steps`` and its consumer group ``workers``."""
 
     GROUP = "workers"
@@ -42,20 +38,21 @@ class StepBroker:
     def __init__(self, url: str, namespace: str = "framepipe", *,
                  socket_timeout: float = 10.0) -> None:
         if not is_redis_url(url):
-            raise BrokerError(f"job broker URL {safe_url(url)!r} is not a redis:// URL; "
-                              "distributed jobs need Redis (FRAMEPIPE_BROKER_URL)", url=url)
+            raise BrokerError(f"{safe_url(url)!r} is not a Redis URL", url=safe_url(url))
         self.url = url
         self.safe_url = safe_url(url)
         self.stream = f"{namespace.rstrip(':')}:jobs:steps"
+        self.target = f"stream {self.stream}"
         self.redis: redis.Redis = redis.Redis.from_url(
             url, socket_connect_timeout=2.0, socket_timeout=socket_timeout,
             health_check_interval=15)
         self._group_ready = False
 
     def _wrap(self, exc: redis.RedisError, what: str) -> BrokerError:
-        return BrokerError(f"job broker {self.safe_url}: {what} failed: {exc}", url=self.url)
+        return BrokerError(f"job broker {self.safe_url}: {what} failed: {exc}",
+                           url=self.safe_url)
 
-    def ensure_group(self) -> None:
+    def prepare(self) -> None:
         """Create the stream and the group if missing (after a Redis restart, for one)."""
         try:
             self.redis.xgroup_create(self.stream, self.GROUP, id="0", mkstream=True)
@@ -78,13 +75,16 @@ class StepBroker:
         except redis.RedisError as exc:
             raise self._wrap(exc, f"publishing {len(deliveries)} step(s)") from exc
 
-    def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        """Up to ``count`` new entries for ``consumer``, waiting at most ``block_ms``."""
+    def take(self, consumer: str, count: int, *, wait: float, window: int) -> list[Received]:
+        """New entries for ``consumer`` (``XREADGROUP``); ``window`` is not needed: nothing
+        is read ahead of ``count``."""
+        if count <= 0:
+            return []
         if not self._group_ready:
-            self.ensure_group()
+            self.prepare()
         try:
             reply: Any = self.redis.xreadgroup(self.GROUP, consumer, {self.stream: ">"},
-                                                count=count, block=block_ms)
+                                                count=count, block=max(1, int(wait * 1000)))
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 _log.warning("job broker %s lost its consumer group (restarted?); recreating "
@@ -96,13 +96,15 @@ class StepBroker:
             raise self._wrap(exc, "reading steps") from exc
         return self._entries(reply[0][1] if reply else [])
 
-    def autoclaim(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[Entry]:
-        """Take over entries another consumer read but did not acknowledge for ``min_idle_ms``
-        (it died between reading and claiming)."""
+    def take_over(self, consumer: str, idle: float, count: int) -> list[Received]:
+        """Entries another consumer read and did not acknowledge for ``idle`` seconds
+        (``XAUTOCLAIM``)."""
+        if count <= 0:
+            return []
         if not self._group_ready:
-            self.ensure_group()
+            self.prepare()
         try:
-            reply = self.redis.xautoclaim(self.stream, self.GROUP, consumer, min_idle_ms,
+            reply = self.redis.xautoclaim(self.stream, self.GROUP, consumer, int(idle * 1000),
                                           start_id="0-0", count=count)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -113,20 +115,44 @@ class StepBroker:
             raise self._wrap(exc, "taking over idle steps") from exc
         return self._entries(reply[1] if reply else [])
 
-    def ack(self, entry_ids: Sequence[str]) -> None:
-        """Acknowledge and delete handled entries."""
+    def ack(self, received: Sequence[Received]) -> None:
+        """Acknowledge and delete the entries."""
+        self._settle([str(r.receipt) for r in received], [])
+
+    def hand_back(self, received: Sequence[Received]) -> None:
+        """Append the steps again and settle the old entries, in one round trip (appended
+        first: if Redis fails half-way, the old entries stay pending and are taken over)."""
+        self._settle([str(r.receipt) for r in received], [r.delivery for r in received])
+
+    def _settle(self, entry_ids: list[str], again: list[Delivery]) -> None:
         if not entry_ids:
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
+            for d in again:
+                pipe.xadd(self.stream, {"e": d.execution_id, "k": d.key})
             pipe.xack(self.stream, self.GROUP, *entry_ids)
             pipe.xdel(self.stream, *entry_ids)
             pipe.execute()
         except redis.RedisError as exc:
             raise self._wrap(exc, f"acknowledging {len(entry_ids)} entr(ies)") from exc
 
-    def _entries(self, raw: Sequence[Any]) -> list[Entry]:
-        out: list[Entry] = []
+    def backlog(self) -> Backlog:
+        """The group's ``lag`` (entries not read yet) and ``pending`` (read, unacknowledged);
+        an empty backlog when the stream does not exist yet."""
+        try:
+            groups: Any = self.redis.xinfo_groups(self.stream)
+        except redis.ResponseError:
+            return Backlog(0, 0)
+        except redis.RedisError as exc:
+            raise self._wrap(exc, "reading the backlog") from exc
+        for group in groups:
+            if group.get("name") in (b"workers", "workers"):
+                return Backlog(int(group.get("lag") or 0), int(group.get("pending") or 0))
+        return Backlog(0, 0)
+
+    def _entries(self, raw: Sequence[Any]) -> list[Received]:
+        out: list[Received] = []
         bad: list[str] = []
         for entry_id, fields in raw:
             eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -140,11 +166,11 @@ class StepBroker:
                            sorted(f.decode("utf-8", "replace") for f in fields))
                 bad.append(eid)
                 continue
-            out.append((eid, Delivery(e.decode(), k.decode())))
+            out.append(Received(Delivery(e.decode(), k.decode()), eid))
         if bad:
-            self.ack(bad)
+            self._settle(bad, [])
         return out
 
     def close(self) -> None:
-        """Close the connections."""
+        """Close the connections (pending entries stay pending until taken over)."""
         self.redis.close()
