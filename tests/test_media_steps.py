@@ -25,6 +25,7 @@ from framepipe import (
 )
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import PathNotAllowedError, StepParamsError
+from framepipe.jobs.context import Progressed, StepMessage
 from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.media import probe
 from framepipe.media.steps import OPERATIONS, Input, media_step, run_media
@@ -129,7 +130,7 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
 
 
 def ctx_for(pipeline: Pipeline, step: str, settings: Settings, objects: ObjectStore,
-            inputs: dict[str, Any], posted: list[tuple[Any, ...]]) -> StepContext:
+            inputs: dict[str, Any], posted: list[StepMessage]) -> StepContext:
     """A real StepContext whose messages to the scheduler are kept in ``posted``."""
     return StepContext(pipeline=pipeline, execution_id="0123456789abcdef", step_key=step,
                        step_name=step, attempt=1, inputs=inputs, data={}, params={},
@@ -152,14 +153,15 @@ def test_progress_is_real_and_reaches_100_within_the_step(settings: Settings, tm
         options["preset"] = FAST
     source: Any = ["clip", "clip"] if operation == "concat" else "clip"
     media_step(p, operation, name="work", source=source, **options)  # type: ignore[arg-type]
-    posted: list[tuple[Any, ...]] = []
+    posted: list[StepMessage] = []
     ctx = ctx_for(p, "work", settings, objects, {"clip": "in/clip.mp4"}, posted)
     try:
         result = p.steps["work"].fn(ctx)["work"]
     finally:
         ctx._cleanup()
-    values = [m[3] for m in posted if m[0] == "progress"]
-    assert {m[4] for m in posted if m[0] == "progress"} == {operation}
+    reports = [m for m in posted if isinstance(m, Progressed)]
+    values = [m.pct for m in reports]
+    assert {m.message for m in reports} == {operation}
     assert values == sorted(values) and values[-1] == 100.0
     assert values[0] <= 10.0  # the download
     working = [v for v in values if 10.0 < v < 90.0]
