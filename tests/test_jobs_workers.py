@@ -537,11 +537,12 @@ class PrivatePostgres:
 
 
 def test_postgres_restarting_mid_run_loses_nothing(
-        cluster_factory: Callable[..., Cluster]) -> None:
+        cluster_factory: Callable[..., Cluster], broker: str) -> None:
+    # Claims fail while it is down: what was delivered goes back to the broker at once.
     pg = PrivatePostgres()
     pg.start()
     try:
-        cluster = cluster_factory(pg.url)
+        cluster = cluster_factory(pg.url, broker)
         a, b = cluster.worker(), cluster.worker()
         cluster.wait_registered(a, b)
         n = 60

@@ -340,6 +340,8 @@ class Worker:
                 delay = backoff.delay(min(failures, 8))
                 _log.warning("Worker %s: %s; retrying in %.1fs", self.id,
                              str(exc).splitlines()[0], delay)
+                with contextlib.suppress(BrokerError):  # nothing pushed to it meanwhile
+                    self.broker.pause()
                 self._stopping.wait(delay)
             except Exception:
                 self._release(free)
@@ -375,10 +377,17 @@ class Worker:
             self.broker.hand_back(entries)
             self._release(reserved)
             return
-        with self._claim_lock:  # the reader and a takeover may claim at once
-            claimed, _events = dispatch.claim(self.store, self.id,
-                                              [r.delivery for r in entries],
-                                              lease=self.lease, known=self._known)
+        try:
+            with self._claim_lock:  # the reader and a takeover may claim at once
+                claimed, _events = dispatch.claim(self.store, self.id,
+                                                  [r.delivery for r in entries],
+                                                  lease=self.lease, known=self._known)
+        except BaseException:
+            # The database failed: nothing is claimed; the deliveries go back at once rather
+            # than wait for their connection to end (RabbitMQ) or a take-over (Redis).
+            with contextlib.suppress(BrokerError):
+                self.broker.hand_back(entries)
+            raise
         self._release(reserved - len(claimed))
         if claimed:
             runs = [_Run(c, self._pipeline_for(c)) for c in claimed]
