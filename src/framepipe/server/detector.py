@@ -101,8 +101,19 @@ from framepipe.errors import (
 )
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
+from framepipe.server.detector_messages import (
+    MAX_ID_LENGTH,
+    announced,
+    check_hello,
+    close_reason,
+    error_message,
+    identifier,
+    not_yours,
+    parse,
+)
+from framepipe.server.detector_relay import ProgressCallback, RemoteDetectorHub, _Relay
 from framepipe.server.guard import admit_websocket
-from framepipe.untrusted import MAX_DEPTH, check_json, check_text, dumps
+from framepipe.untrusted import dumps
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, WebSocket
@@ -110,114 +121,11 @@ if TYPE_CHECKING:
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
 
-__all__ = ["DetectorConnection", "DetectorHub", "DetectorMessage", "Handler",
+__all__ = ["MAX_ID_LENGTH", "DetectorConnection", "DetectorHub", "DetectorMessage", "Handler",
            "RemoteDetectorHub", "get_hub", "mount_detector"]
 
 _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
-
-ProgressCallback = Callable[[Mapping[str, Any]], None]
-
-MAX_ID_LENGTH = 200
-"""Longest ``detector_id`` and ``session_id`` accepted."""
-_MAX_TEXT = 1000  # other announced text: hostname, platform, card id, label, card root
-_ANNOUNCED: dict[str, type] = {"card_id": str, "label": str, "root": str, "file_count": int}
-
-
-def _identifier(value: object, where: str) -> str:
-    """A detector or session id: 1-200 printable characters (no control characters: ids go
-    to logs and to the dashboard as they are)."""
-    text = check_text(value, where, max_length=MAX_ID_LENGTH)
-    if not text.strip():
-        raise InvalidInputError("is blank", where=where)
-    if not text.isprintable():
-        raise InvalidInputError("holds a control character", where=where)
-    return text
-
-
-def _optional_name(message: Mapping[str, Any], key: str, where: str) -> None:
-    """``message[key]``, if given, is printable text (a host or platform name: it is logged)."""
-    if message.get(key) is not None:
-        text = check_text(message[key], f"{where}.{key}", max_length=MAX_ID_LENGTH)
-        if not text.isprintable():
-            raise InvalidInputError("holds a control character", where=f"{where}.{key}")
-
-
-def _announced(message: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The announcement fields of ``message`` (card id, label, root, file count), checked."""
-    out: dict[str, Any] = {}
-    for key, kind in _ANNOUNCED.items():
-        if key not in message or message[key] is None:
-            continue
-        value = message[key]
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidInputError("must be a whole number >= 0", where=f"{where}.{key}")
-        else:
-            check_text(value, f"{where}.{key}", max_length=_MAX_TEXT)
-        out[key] = value
-    return out
-
-
-def _parse(raw: str | bytes, where: str) -> dict[str, Any]:
-    """The JSON object of one text frame, refused (:class:`InvalidInputError` naming the
-    field) unless it is storable JSON with a string ``type``; a binary frame is refused."""
-    if isinstance(raw, bytes):
-        raise InvalidInputError("is a binary frame; messages are JSON objects in text frames",
-                                where=where)
-    try:
-        value = json.loads(raw)
-    except RecursionError:
-        raise InvalidInputError(f"is nested more than {MAX_DEPTH} levels deep",
-                                where=where) from None
-    except ValueError as exc:
-        raise InvalidInputError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise InvalidInputError("a message must be a JSON object with a string 'type'",
-                                where=where)
-    check_json(value, where)
-    return value
-
-
-def _check_hello(hello: dict[str, Any]) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
-    """The detector id and the sessions (id, announcement) of a ``detector:hello``, or
-    :class:`InvalidInputError` naming the first bad field."""
-    if hello.get("type") != "detector:hello":
-        raise InvalidInputError('the first message must be {"type": "detector:hello", '
-                                '"detector_id": ...}', where="hello.type")
-    detector_id = _identifier(hello.get("detector_id"), "hello.detector_id")
-    _optional_name(hello, "hostname", "hello")
-    _optional_name(hello, "platform", "hello")
-    listed = hello.get("sessions")
-    sessions: list[tuple[str, dict[str, Any]]] = []
-    if listed is not None:
-        if not isinstance(listed, list):
-            raise InvalidInputError(f"must be a list of sessions, not {type(listed).__name__}",
-                                    where="hello.sessions")
-        for n, session in enumerate(listed):
-            where = f"hello.sessions[{n}]"
-            if not isinstance(session, dict):
-                raise InvalidInputError('must be an object {"session_id": ...}', where=where)
-            session_id = _identifier(session.get("session_id"), f"{where}.session_id")
-            sessions.append((session_id, _announced(session, where)))
-    return detector_id, sessions
-
-
-def _close_reason(text: str) -> str:
-    """``text`` cut to the 123 bytes a WebSocket close reason may have."""
-    return text.encode("utf-8")[:120].decode("utf-8", "ignore")
-
-
-def _error(exc: InvalidInputError, **extra: Any) -> dict[str, Any]:
-    return {"type": "error", "detail": str(exc), "field": exc.where, **extra}
-
-
-def _not_yours(session_id: str) -> dict[str, Any]:
-    """The refusal of a message naming another detector's session (the owner is not named)."""
-    return {"type": "error", "session_id": session_id, "field": "session_id",
-            "detail": f"session {session_id!r} belongs to another detector; refused (a card "
-                      "session is only served by the detector that announced it)"}
-
 
 def _disconnect() -> type[Exception]:
     """Starlette's WebSocketDisconnect, imported when a connection needs it: a worker that only
@@ -524,8 +432,8 @@ class DetectorHub:
         if first is None:
             return
         try:
-            hello = _parse(first, "hello")
-            detector_id, sessions = _check_hello(hello)
+            hello = parse(first, "hello")
+            detector_id, sessions = check_hello(hello)
         except InvalidInputError as exc:
             await _refuse(websocket, exc, code=1003 if isinstance(first, bytes) else 1008)
             return
@@ -570,7 +478,7 @@ class DetectorHub:
         another detector, or this one owns too many."""
         owner = self._owners.get(session_id)
         if owner is not None and owner != conn.detector_id:
-            return _not_yours(session_id)
+            return not_yours(session_id)
         if owner is None:
             owned = self._owned.setdefault(conn.detector_id, {})
             if len(owned) >= self.max_sessions:
@@ -604,13 +512,13 @@ class DetectorHub:
 
     async def _dispatch(self, conn: DetectorConnection, raw: str | bytes) -> None:
         try:
-            message = _parse(raw, "message")
+            message = parse(raw, "message")
             session_id = message.get("session_id")
             if session_id is not None:
-                session_id = _identifier(session_id, "message.session_id")
-            fields = _announced(message, "message")
+                session_id = identifier(session_id, "message.session_id")
+            fields = announced(message, "message")
         except InvalidInputError as exc:
-            await conn.send(_error(exc))
+            await conn.send(error_message(exc))
             return
         kind: str = message["type"]
         request_id = message.get("request_id")
@@ -623,7 +531,7 @@ class DetectorHub:
         if session_id is not None:
             if kind == "detector:sd_removed":
                 owner = self._owners.get(session_id)
-                problem = None if owner in (None, conn.detector_id) else _not_yours(session_id)
+                problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
             else:
                 was_new = session_id not in self._owners
                 problem = self._claim(conn, session_id, fields)
@@ -681,9 +589,9 @@ async def _receive(websocket: WebSocket) -> str | bytes | None:
 async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008) -> None:
     """Tell a connection why it is refused, then close it with ``code``."""
     with contextlib.suppress(_disconnect(), RuntimeError, OSError):
-        await websocket.send_text(dumps(_error(exc)))
+        await websocket.send_text(dumps(error_message(exc)))
     with contextlib.suppress(_disconnect(), RuntimeError, OSError):
-        await websocket.close(code=code, reason=_close_reason(str(exc)))
+        await websocket.close(code=code, reason=close_reason(str(exc)))
 
 
 def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
@@ -707,201 +615,3 @@ def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
         response class, which escapes text that cannot be encoded: this listing never fails
         on it)."""
         return hub.detectors()
-
-
-# -- reaching the hub from workers (Redis) ---------------------------------------------------
-
-_ALIVE_TTL = 5
-_REPLY_TTL = 600
-
-
-def _redis_asyncio() -> Any:
-    try:
-        import redis.asyncio as redis_asyncio
-    except ImportError as exc:
-        raise MissingDependencyError("redis", "redis", "detectors reached from workers") from exc
-    return redis_asyncio
-
-
-def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
-    base = f"{namespace}:detector:{hub_id}"
-    return f"{base}:requests", f"{base}:alive"
-
-
-class _Relay:
-    """The service's side: takes workers' requests from Redis, answers through Redis."""
-
-    def __init__(self, hub: DetectorHub, url: str, namespace: str) -> None:
-        self.hub = hub
-        self.url = url
-        self.requests, self.alive = _keys(namespace, hub.id)
-        self._client: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._main: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Start relaying; Redis being away now is retried in the background, not fatal."""
-        self._client = _redis_asyncio().Redis.from_url(self.url)
-        self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
-                      asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
-
-    async def stop(self) -> None:
-        for task in [*self._main, *self._tasks]:
-            task.cancel()
-        for task in [*self._main, *self._tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.delete(self.alive)
-            await self._client.aclose()
-
-    async def _beat(self) -> None:
-        while True:
-            try:
-                await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
-            except Exception as exc:  # Redis restarting: the next beat tries again
-                _log.warning("detector relay: heartbeat failed (%s)", exc)
-            await asyncio.sleep(1.0)
-
-    async def _take(self) -> None:
-        while True:
-            try:
-                item = await self._client.blpop([self.requests], timeout=1)
-            except Exception as exc:
-                _log.warning("detector relay: reading requests failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
-            if item is None:
-                continue
-            try:
-                request = json.loads(item[1])
-                reply_to = str(request["reply_to"])
-            except (ValueError, KeyError, TypeError):
-                _log.warning("detector relay: dropped a malformed request %r", item[1][:200])
-                continue
-            task = asyncio.create_task(self._serve(reply_to, request))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _push(self, reply_to: str, answer: Mapping[str, Any]) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.rpush(reply_to, json.dumps(answer))
-            pipe.expire(reply_to, _REPLY_TTL)
-            await pipe.execute()
-
-    async def _serve(self, reply_to: str, request: dict[str, Any]) -> None:
-        session_id = str(request.get("session_id"))
-        message = request.get("message") or {}
-        try:
-            if request.get("kind") == "send":
-                sent = await self.hub.send(session_id, message)
-                await self._push(reply_to, {"kind": "answer", "message": {"sent": sent}})
-                return
-            progress: list[asyncio.Task[None]] = []
-
-            def on_progress(update: Mapping[str, Any]) -> None:
-                progress.append(asyncio.create_task(
-                    self._push(reply_to, {"kind": "progress", "message": dict(update)})))
-
-            answer = await self.hub.request(session_id, message,
-                                            answer_timeout=request.get("answer_timeout"),
-                                            what=request.get("what"), on_progress=on_progress)
-            await asyncio.gather(*progress, return_exceptions=True)
-            await self._push(reply_to, {"kind": "answer", "message": answer})
-        except DetectorError as exc:
-            await self._push(reply_to, {
-                "kind": "error", "class": type(exc).__name__, "reason": exc.reason,
-                "detector_id": exc.detector_id, "session_id": exc.session_id})
-        except Exception as exc:
-            _log.exception("detector relay: request %s failed", request.get("what"))
-            await self._push(reply_to, {"kind": "error", "class": "DetectorError",
-                                        "reason": f"the service failed the request: {exc}",
-                                        "detector_id": None, "session_id": session_id})
-
-
-class RemoteDetectorHub:
-    """A :class:`DetectorHub` of a service in another process, reached through Redis (what a
-    step on a worker gets from :func:`get_hub`). Same calls, same errors: a detector error is
-    raised here with its class and message; a service that is not running (no heartbeat) is a
-    :class:`DetectorUnavailableError` at once; one that stops answering is one within
-    ``_ALIVE_TTL`` seconds."""
-
-    def __init__(self, hub_id: str, url: str, namespace: str, *,
-                 request_timeout: float = 600.0) -> None:
-        self.id = hub_id
-        self.url = url
-        self.requests, self.alive = _keys(namespace, hub_id)
-        self.request_timeout = request_timeout
-
-    def owner(self, session_id: str) -> str | None:
-        """Not known here (the service knows); None."""
-        return None
-
-    async def _call(self, kind: str, session_id: str, message: Mapping[str, Any],
-                    answer_timeout: float | None, what: str | None,
-                    on_progress: ProgressCallback | None) -> dict[str, Any]:
-        client = _redis_asyncio().Redis.from_url(self.url)
-        reply_to = f"{self.requests.rsplit(':', 2)[0]}:reply:{uuid.uuid4().hex}"
-        what = what or str(message.get("type"))
-        try:
-            if not await client.exists(self.alive):
-                raise DetectorUnavailableError(
-                    f"the service holding detector hub {self.id} is not running (no heartbeat "
-                    f"on {self.alive}), so {what} cannot be asked for", session_id=session_id)
-            await client.rpush(self.requests, json.dumps({
-                "kind": kind, "reply_to": reply_to, "session_id": session_id,
-                "message": dict(message), "answer_timeout": answer_timeout, "what": what}))
-            limit = (self.request_timeout if answer_timeout is None else answer_timeout) + 120
-            deadline = time.monotonic() + limit
-            while True:
-                item = await client.blpop([reply_to], timeout=1)
-                if item is None:
-                    if time.monotonic() > deadline:
-                        raise DetectorError(f"no answer to {what} within {limit:g}s",
-                                            session_id=session_id)
-                    if not await client.exists(self.alive):
-                        raise DetectorUnavailableError(
-                            f"the service holding detector hub {self.id} stopped while "
-                            f"waiting for {what}", session_id=session_id)
-                    continue
-                reply = json.loads(item[1])
-                if reply["kind"] == "progress":
-                    if on_progress is not None:
-                        on_progress(reply["message"])
-                    continue
-                if reply["kind"] == "answer":
-                    return dict(reply["message"])
-                cls = (DetectorUnavailableError if reply.get("class") == "DetectorUnavailableError"
-                       else DetectorError)
-                raise cls(str(reply.get("reason")), detector_id=reply.get("detector_id"),
-                          session_id=reply.get("session_id"))
-        finally:
-            with contextlib.suppress(Exception):
-                await client.delete(reply_to)
-            await client.aclose()
-
-    async def request(self, session_id: str, message: Mapping[str, Any], *,
-                      answer_timeout: float | None = None, what: str | None = None,
-                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """:meth:`DetectorHub.request`, made by the service on behalf of this process."""
-        return await self._call("request", session_id, message, answer_timeout, what,
-                                on_progress)
-
-    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
-                     answer_timeout: float | None = None, what: str | None = None,
-                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        """:meth:`request` from a thread without a running event loop (a sync step)."""
-        return asyncio.run(self.request(session_id, message, answer_timeout=answer_timeout,
-                                        what=what, on_progress=on_progress))
-
-    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
-        """:meth:`DetectorHub.send` through the service; False if the detector is away."""
-        answer = await self._call("send", session_id, message, 30.0, str(message.get("type")),
-                                  None)
-        return bool(answer.get("sent"))
-
-    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
-                  wait: float = 10.0) -> bool:
-        """:meth:`send` from a thread without a running event loop."""
-        return asyncio.run(self.send(session_id, message))

@@ -1,0 +1,228 @@
+"""Reaching a detector hub from ``framepipe worker`` processes, through Redis.
+
+A step on a worker gets a :class:`RemoteDetectorHub` (from
+:func:`framepipe.server.detector.get_hub`), which pushes its request to the list
+``{namespace}:detector:{hub_id}:requests``; the service's :class:`_Relay` takes it, makes the
+request on its hub and pushes progress and the answer (or the error, with its class) to a reply
+list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry) while
+it runs, so a worker asking a stopped service fails at once with
+:class:`~framepipe.errors.DetectorUnavailableError` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
+from framepipe.logs import get_logger
+
+if TYPE_CHECKING:
+    from framepipe.server.detector import DetectorHub
+
+__all__ = ["ProgressCallback", "RemoteDetectorHub"]
+
+_log = get_logger("server.detector")
+
+ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+_ALIVE_TTL = 5
+_REPLY_TTL = 600
+
+
+def _redis_asyncio() -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as exc:
+        raise MissingDependencyError("redis", "redis", "detectors reached from workers") from exc
+    return redis_asyncio
+
+
+def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
+    base = f"{namespace}:detector:{hub_id}"
+    return f"{base}:requests", f"{base}:alive"
+
+
+class _Relay:
+    """The service's side: takes workers' requests from Redis, answers through Redis."""
+
+    def __init__(self, hub: DetectorHub, url: str, namespace: str) -> None:
+        self.hub = hub
+        self.url = url
+        self.requests, self.alive = _keys(namespace, hub.id)
+        self._client: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start relaying; Redis being away now is retried in the background, not fatal."""
+        self._client = _redis_asyncio().Redis.from_url(self.url)
+        self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
+                      asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
+
+    async def stop(self) -> None:
+        for task in [*self._main, *self._tasks]:
+            task.cancel()
+        for task in [*self._main, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.delete(self.alive)
+            await self._client.aclose()
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
+            except Exception as exc:  # Redis restarting: the next beat tries again
+                _log.warning("detector relay: heartbeat failed (%s)", exc)
+            await asyncio.sleep(1.0)
+
+    async def _take(self) -> None:
+        while True:
+            try:
+                item = await self._client.blpop([self.requests], timeout=1)
+            except Exception as exc:
+                _log.warning("detector relay: reading requests failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if item is None:
+                continue
+            try:
+                request = json.loads(item[1])
+                reply_to = str(request["reply_to"])
+            except (ValueError, KeyError, TypeError):
+                _log.warning("detector relay: dropped a malformed request %r", item[1][:200])
+                continue
+            task = asyncio.create_task(self._serve(reply_to, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, reply_to: str, answer: Mapping[str, Any]) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.rpush(reply_to, json.dumps(answer))
+            pipe.expire(reply_to, _REPLY_TTL)
+            await pipe.execute()
+
+    async def _serve(self, reply_to: str, request: dict[str, Any]) -> None:
+        session_id = str(request.get("session_id"))
+        message = request.get("message") or {}
+        try:
+            if request.get("kind") == "send":
+                sent = await self.hub.send(session_id, message)
+                await self._push(reply_to, {"kind": "answer", "message": {"sent": sent}})
+                return
+            progress: list[asyncio.Task[None]] = []
+
+            def on_progress(update: Mapping[str, Any]) -> None:
+                progress.append(asyncio.create_task(
+                    self._push(reply_to, {"kind": "progress", "message": dict(update)})))
+
+            answer = await self.hub.request(session_id, message,
+                                            answer_timeout=request.get("answer_timeout"),
+                                            what=request.get("what"), on_progress=on_progress)
+            await asyncio.gather(*progress, return_exceptions=True)
+            await self._push(reply_to, {"kind": "answer", "message": answer})
+        except DetectorError as exc:
+            await self._push(reply_to, {
+                "kind": "error", "class": type(exc).__name__, "reason": exc.reason,
+                "detector_id": exc.detector_id, "session_id": exc.session_id})
+        except Exception as exc:
+            _log.exception("detector relay: request %s failed", request.get("what"))
+            await self._push(reply_to, {"kind": "error", "class": "DetectorError",
+                                        "reason": f"the service failed the request: {exc}",
+                                        "detector_id": None, "session_id": session_id})
+
+
+class RemoteDetectorHub:
+    """A :class:`DetectorHub` of a service in another process, reached through Redis (what a
+    step on a worker gets from :func:`get_hub`). Same calls, same errors: a detector error is
+    raised here with its class and message; a service that is not running (no heartbeat) is a
+    :class:`DetectorUnavailableError` at once; one that stops answering is one within
+    ``_ALIVE_TTL`` seconds."""
+
+    def __init__(self, hub_id: str, url: str, namespace: str, *,
+                 request_timeout: float = 600.0) -> None:
+        self.id = hub_id
+        self.url = url
+        self.requests, self.alive = _keys(namespace, hub_id)
+        self.request_timeout = request_timeout
+
+    def owner(self, session_id: str) -> str | None:
+        """Not known here (the service knows); None."""
+        return None
+
+    async def _call(self, kind: str, session_id: str, message: Mapping[str, Any],
+                    answer_timeout: float | None, what: str | None,
+                    on_progress: ProgressCallback | None) -> dict[str, Any]:
+        client = _redis_asyncio().Redis.from_url(self.url)
+        reply_to = f"{self.requests.rsplit(':', 2)[0]}:reply:{uuid.uuid4().hex}"
+        what = what or str(message.get("type"))
+        try:
+            if not await client.exists(self.alive):
+                raise DetectorUnavailableError(
+                    f"the service holding detector hub {self.id} is not running (no heartbeat "
+                    f"on {self.alive}), so {what} cannot be asked for", session_id=session_id)
+            await client.rpush(self.requests, json.dumps({
+                "kind": kind, "reply_to": reply_to, "session_id": session_id,
+                "message": dict(message), "answer_timeout": answer_timeout, "what": what}))
+            limit = (self.request_timeout if answer_timeout is None else answer_timeout) + 120
+            deadline = time.monotonic() + limit
+            while True:
+                item = await client.blpop([reply_to], timeout=1)
+                if item is None:
+                    if time.monotonic() > deadline:
+                        raise DetectorError(f"no answer to {what} within {limit:g}s",
+                                            session_id=session_id)
+                    if not await client.exists(self.alive):
+                        raise DetectorUnavailableError(
+                            f"the service holding detector hub {self.id} stopped while "
+                            f"waiting for {what}", session_id=session_id)
+                    continue
+                reply = json.loads(item[1])
+                if reply["kind"] == "progress":
+                    if on_progress is not None:
+                        on_progress(reply["message"])
+                    continue
+                if reply["kind"] == "answer":
+                    return dict(reply["message"])
+                cls = (DetectorUnavailableError if reply.get("class") == "DetectorUnavailableError"
+                       else DetectorError)
+                raise cls(str(reply.get("reason")), detector_id=reply.get("detector_id"),
+                          session_id=reply.get("session_id"))
+        finally:
+            with contextlib.suppress(Exception):
+                await client.delete(reply_to)
+            await client.aclose()
+
+    async def request(self, session_id: str, message: Mapping[str, Any], *,
+                      answer_timeout: float | None = None, what: str | None = None,
+                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """:meth:`DetectorHub.request`, made by the service on behalf of this process."""
+        return await self._call("request", session_id, message, answer_timeout, what,
+                                on_progress)
+
+    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
+                     answer_timeout: float | None = None, what: str | None = None,
+                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """:meth:`request` from a thread without a running event loop (a sync step)."""
+        return asyncio.run(self.request(session_id, message, answer_timeout=answer_timeout,
+                                        what=what, on_progress=on_progress))
+
+    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
+        """:meth:`DetectorHub.send` through the service; False if the detector is away."""
+        answer = await self._call("send", session_id, message, 30.0, str(message.get("type")),
+                                  None)
+        return bool(answer.get("sent"))
+
+    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
+                  wait: float = 10.0) -> bool:
+        """:meth:`send` from a thread without a running event loop."""
+        return asyncio.run(self.send(session_id, message))
