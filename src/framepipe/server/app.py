@@ -3,7 +3,7 @@ over a WebSocket, health without a token.
 
 Guarantees:
 
-* before any route runs, :class:`~framepipe.server.guard.BrowserGuard` refuses a foreign
+* before any route runs, :class:`~framepipe.server.browser_guard.BrowserGuard` refuses a foreign
   ``Host`` (DNS rebinding), a foreign ``Origin`` (another site's page, also on WebSockets) and
   a tokenless ``POST`` that is not JSON, with or without a token configured;
 * every route but ``/health``, the dashboard's page and files and the API's schema and docs
@@ -63,11 +63,11 @@ from framepipe.jobs.client import ExecutionSummary, JobClient
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
+from framepipe.server.browser_guard import BrowserGuard
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
 from framepipe.server.guard import (
-    BrowserGuard,
     admit_websocket,
     bearer_token,
     hide_tokens_in_access_log,

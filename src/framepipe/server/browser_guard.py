@@ -1,0 +1,142 @@
+"""The browser-facing boundary: an ASGI middleware refusing what a hostile web page could
+make the user's browser send (see :class:`BrowserGuard`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from framepipe.logs import get_logger
+from framepipe.server.guard import redact, split_host
+
+__all__ = ["BrowserGuard", "Refusal"]
+
+_log = get_logger("server.guard")
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_WILDCARD = frozenset({"0.0.0.0", "::", ""})
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    detail: str
+
+
+class BrowserGuard:
+    """ASGI middleware refusing what a hostile web page could make a browser send.
+
+    * **Host** (DNS rebinding): the ``Host`` header must name ``localhost``, a loopback
+      address, the address the connection arrived on, or one of ``allowed_hosts`` (an entry
+      with a port matches that port only; ``*`` allows any). Else 400 (HTTP) or a refused
+      WebSocket handshake (403).
+    * **Origin** (cross-site requests, cross-site WebSocket hijacking): a request carrying
+      ``Origin`` must come from the service's own origin (scheme and the ``Host`` it asked
+      for) or one of ``allowed_origins``; ``Origin: null`` is foreign. Else 403.
+    * **Simple requests** (CSRF without ``Origin``): a ``POST`` without ``Authorization``
+      must say ``Content-Type: application/json``, which no page can send to another origin
+      without a CORS preflight this service never grants. Else 415.
+    * **JSON bodies** are read at most ``max_json_bytes`` (a ``Content-Length`` over it is
+      refused before reading): 413 naming ``FRAMEPIPE_MAX_INPUTS_BYTES``.
+
+    Requests from programs (no ``Origin``, a right ``Host``) pass untouched."""
+
+    def __init__(self, app: ASGIApp, *, allowed_hosts: Sequence[str] = (),
+                 allowed_origins: Sequence[str] = (), max_json_bytes: int) -> None:
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {split_host(h) for h in allowed_hosts if h != "*"}
+        self.origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
+        self.max_json_bytes = max_json_bytes
+
+    def _host_allowed(self, host: str, port: str | None, scope: Scope) -> bool:
+        if self.any_host or host in _LOOPBACK_NAMES:
+            return True
+        server = scope.get("server")
+        if server and host == str(server[0]).lower() and host not in _WILDCARD:
+            return True
+        return (host, None) in self.hosts or (host, port) in self.hosts
+
+    def check(self, scope: Scope) -> Refusal | None:
+        """Why the request of ``scope`` is refused, or None."""
+        headers = Headers(scope=scope)
+        host_header = headers.get("host", "")
+        host, port = split_host(host_header)
+        if not self._host_allowed(host, port, scope):
+            return Refusal(400, f"the Host {host_header!r} is not one this service answers to "
+                                "(a DNS-rebinding guard); add it to FRAMEPIPE_ALLOWED_HOSTS "
+                                "if it is yours")
+        origin = headers.get("origin")
+        if origin is not None:
+            secure = scope.get("scheme") in ("https", "wss")
+            own = f"{'https' if secure else 'http'}://{host_header.strip().lower()}"
+            if origin.strip().rstrip("/").lower() not in (own, *self.origins):
+                return Refusal(403, f"requests from the web origin {origin!r} are refused; "
+                                    "allow it with FRAMEPIPE_ALLOWED_ORIGINS if it is yours")
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and "authorization" not in headers:
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return Refusal(415, "a POST needs Content-Type: application/json (or the "
+                                    "bearer token): a form or text/plain body is what "
+                                    "another web site could send")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        refusal = self.check(scope)
+        if refusal is not None:
+            _log.warning("refused %s %s: %s", scope.get("method", "WEBSOCKET"),
+                         redact(scope.get("path", "")), refusal.detail)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await JSONResponse({"detail": refusal.detail}, refusal.status)(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope["method"] in _UNSAFE:
+            headers = Headers(scope=scope)
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "application/json":
+                await self._limited(scope, receive, send, headers)
+                return
+        await self.app(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send,
+                       headers: Headers) -> None:
+        limit = self.max_json_bytes
+        too_big = JSONResponse({"detail": f"the JSON body is over the limit of {limit} bytes "
+                                          "(FRAMEPIPE_MAX_INPUTS_BYTES)"}, 413)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await too_big(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await too_big(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
