@@ -60,9 +60,9 @@ class BrowserGuard:
             return True
         return (host, None) in self.hosts or (host, port) in self.hosts
 
-    def check(self, scope: Scope) -> Refusal | None:
+    def check(self, scope: Scope, headers: Headers | None = None) -> Refusal | None:
         """Why the request of ``scope`` is refused, or None."""
-        headers = Headers(scope=scope)
+        headers = headers or Headers(scope=scope)
         host_header = headers.get("host", "")
         host, port = split_host(host_header)
         if not self._host_allowed(host, port, scope):
@@ -89,7 +89,8 @@ class BrowserGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        refusal = self.check(scope)
+        headers = Headers(scope=scope)
+        refusal = self.check(scope, headers)
         if refusal is not None:
             _log.warning("refused %s %s: %s", scope.get("method", "WEBSOCKET"),
                          redact(scope.get("path", "")), refusal.detail)
@@ -99,7 +100,6 @@ class BrowserGuard:
             await JSONResponse({"detail": refusal.detail}, refusal.status)(scope, receive, send)
             return
         if scope["type"] == "http" and scope["method"] in _UNSAFE:
-            headers = Headers(scope=scope)
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype == "application/json":
                 await self._limited(scope, receive, send, headers)
