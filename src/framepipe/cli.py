@@ -57,10 +57,11 @@ from framepipe.errors import (
     StateStoreError,
 )
 from framepipe.events import Event
-from framepipe.jobs.client import JobClient, SyncJobClient, check_retryable
+from framepipe.jobs.client import JobClient, check_retryable
 from framepipe.jobs.loading import LoadedPipeline, resolve_pipeline, resolve_target
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.sync_client import SyncJobClient
 from framepipe.logs import configure_logging
 
 __all__ = ["app", "main"]

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
         EventPage,
         ExecutionSummary,
         JobClient,
-        SyncJobClient,
     )
     from framepipe.jobs.engine import JobEngine
+    from framepipe.jobs.sync_client import SyncJobClient
 
-_CLIENT = ("CancelResult", "EventPage", "ExecutionSummary", "JobClient", "SyncJobClient")
+_CLIENT = ("CancelResult", "EventPage", "ExecutionSummary", "JobClient")
 
 __getattr__ = attach("framepipe.jobs", {
-    "JobEngine": "framepipe.jobs.engine",
+    "JobEngine": "framepipe.jobs.engine", "SyncJobClient": "framepipe.jobs.sync_client",
     **dict.fromkeys(_CLIENT, "framepipe.jobs.client"),
 }, globals())
 
