@@ -45,7 +45,7 @@ import live
 import run_all
 
 import framepipe.media
-from framepipe.media._io import H264Writer
+from framepipe.media.writer import H264Writer
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "media-benchmarks.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from framepipe.config import Settings
-from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.errors import MissingDependencyError
 from framepipe.media import (
     DEFAULT_MAX_PIXELS,
     MediaError,
@@ -30,7 +31,7 @@ from framepipe.media import (
     thumbnail_grid,
     watermark,
 )
-from framepipe.media._io import image_size
+from framepipe.media.limits import image_size
 from media import (
     audio_of,
     counter_image,
@@ -787,23 +788,28 @@ def test_a_concat_part_above_the_limit_is_named(tmp_path: Path) -> None:
     assert not (tmp_path / "c.mp4").exists() and no_leftovers(tmp_path) == []
 
 
-def test_the_limit_comes_from_the_setting(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_limit_is_a_parameter_with_a_default_and_no_setting_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The toolkit reads no setting: ``max_pixels`` defaults to DEFAULT_MAX_PIXELS (the
+    setting's default too), and the job steps pass the setting in (tests/test_media_steps.py
+    checks that the setting, a bad one included, reaches the functions there)."""
     clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
     assert Settings().media_max_pixels == DEFAULT_MAX_PIXELS == 8192 * 8192
-    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "10000")
+    for fn in (probe, normalise, extract_frames, stitch, thumbnail, thumbnail_grid, watermark,
+               concat, decode_qr):
+        assert inspect.signature(fn).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS, fn
     with pytest.raises(MediaError, match=r"larger than the limit of 10,000 pixels \(100x100\)"):
-        normalise(clip, tmp_path / "n.mp4", preset=FAST)
+        normalise(clip, tmp_path / "n.mp4", preset=FAST, max_pixels=10_000)
     with pytest.raises(MediaError, match="10,000 pixels"):
-        probe(clip)
-    assert probe(clip, max_pixels=160 * 120).width == 160  # the keyword wins
-    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "0")  # no limit
-    assert probe(normalise(clip, tmp_path / "n.mp4", preset=FAST)).width == 160
-    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "lots")
-    with pytest.raises(ConfigError, match="FRAMEPIPE_MEDIA_MAX_PIXELS"):
-        probe(clip)
-    with pytest.raises(ValueError, match="max_pixels must be a whole number >= 0"):
-        probe(clip, max_pixels=-1)
+        probe(clip, max_pixels=10_000)
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "10000")  # not read here
+    assert probe(clip).width == 160
+    assert probe(clip, max_pixels=160 * 120).width == 160
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "lots")  # not read: no ConfigError
+    assert probe(normalise(clip, tmp_path / "n.mp4", preset=FAST), max_pixels=0).width == 160
+    for bad in (-1, None, True, 1.5, "100"):
+        with pytest.raises(ValueError, match="max_pixels must be a whole number >= 0"):
+            probe(clip, max_pixels=bad)  # type: ignore[arg-type]
 
 
 def test_an_output_larger_than_the_limit_is_refused(tmp_path: Path) -> None:

@@ -377,6 +377,26 @@ def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
     assert list(scratch.iterdir()) == []
 
 
+def test_the_step_passes_the_setting_in_and_a_bad_one_fails_it_naming_it(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The media functions read no setting; the step reads ``media_max_pixels`` when it runs
+    and passes it in, so a bad value fails the step with ConfigError naming the variable."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
+    p = Pipeline("setting")
+    media_step(p, "probe", source="clip")
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "lots")
+    failed = run(settings, p, {"clip": str(clip)})
+    assert failed.status is ExecutionStatus.FAILED
+    assert failed.errors["probe"].startswith("ConfigError:"), failed.errors["probe"]
+    assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in failed.errors["probe"]
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "10000")
+    refused = run(settings, p, {"clip": str(clip)})
+    assert "larger than the limit of 10,000 pixels (100x100)" in refused.errors["probe"]
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "0")  # no limit
+    done = run(settings, p, {"clip": str(clip)})
+    assert done.data["probe"]["info"]["width"] == 160
+
+
 def test_the_pixel_limit_is_a_step_option_too(settings: Settings, tmp_path: Path,
                                               objects: ObjectStore) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(320, 240))

@@ -75,6 +75,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from framepipe import Pipeline, StepContext
+from framepipe.config import load_settings
 from framepipe.confined import LinkRefusedError, fd_path, open_beneath, relative_parts
 from framepipe.errors import DetectorError, InvalidInputError, MediaError
 from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
@@ -185,7 +186,13 @@ def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: f
     still = dst.with_suffix(".png")
     cv2.imwrite(str(still), image)
     count = max(1, round(seconds * fps))
-    return stitch([still] * count, dst, fps=fps, preset="ultrafast")
+    return stitch([still] * count, dst, fps=fps, preset="ultrafast", max_pixels=max_pixels())
+
+
+def max_pixels() -> int:
+    """The picture-size limit these steps give the media functions: the setting
+    ``media_max_pixels`` (``FRAMEPIPE_MEDIA_MAX_PIXELS``), read when a step runs."""
+    return load_settings().media_max_pixels
 
 
 def shared_dir_of(ctx: StepContext) -> Path:
@@ -368,7 +375,7 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     # The whole clip is scanned: a second, different code further on makes it ambiguous.
     try:
         with shared_file(shared_dir_of(ctx), dest) as local:
-            result = decode_qr(local, every=2,
+            result = decode_qr(local, every=2, max_pixels=max_pixels(),
                                progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
     except LinkRefusedError as exc:  # replaced by a link since it was copied
         return {f"qr/{path}": {"status": "refused", "error": f"{path}: {exc}"}}
@@ -482,7 +489,7 @@ def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     """Probe the copied video."""
     dest = ctx.data[f"copied/{path}"]["dest"]
     with shared_file(shared_dir_of(ctx), dest) as local:
-        info = probe(local)
+        info = probe(local, max_pixels=max_pixels())
     width, height = info.display_size
     return {f"meta/{path}": {"duration": info.duration, "fps": info.fps, "frames": info.frames,
                              "width": width, "height": height, "size": info.size,
@@ -506,9 +513,10 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     with shared_file(shared_dir_of(ctx), dest) as src:
         marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
                            position="bottom-left", margin=4, preset="ultrafast",
+                           max_pixels=max_pixels(),
                            progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
     final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
-                   height=size[1], fps=fps, preset="ultrafast",
+                   height=size[1], fps=fps, preset="ultrafast", max_pixels=max_pixels(),
                    progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
     key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
     info = ctx.objects.put_file(key, final)

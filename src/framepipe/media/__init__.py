@@ -1,7 +1,6 @@
-"""Video toolkit on PyAV (FFmpeg's libraries): probe, normalise, frames, thumbnails,
-watermark, concatenation, QR decoding.
+"""The video toolkit on PyAV: probe, normalise, frames, thumbnails, watermark, concat, QR codes.
 
-Every function is a plain function on paths. Long operations take
+Every function is a plain function on paths (FFmpeg's libraries through PyAV). Long operations take
 ``progress: Callable[[float], None] | None`` and report 0-100 (frames done / total; a step
 passes ``ctx.progress``). Every output is written to a temp file beside ``dst`` and renamed
 when complete, so a failed or interrupted run leaves no partial file at ``dst``; a killed
@@ -10,13 +9,13 @@ non-video inputs raise :class:`MediaError` naming the file. Sound is kept (re-en
 AAC) and rotated clips come out upright.
 
 Picture-size limit: every function that reads a video (``probe`` included) or images
-(``stitch``) takes ``max_pixels`` (default: the setting ``media_max_pixels``, i.e.
-``FRAMEPIPE_MEDIA_MAX_PIXELS`` or the config file, default :data:`DEFAULT_MAX_PIXELS` =
-8192 x 8192; 0: no limit) and refuses a larger picture with a :class:`MediaError` naming the
-file, its size and the limit, judged from the headers before any frame is decoded; a
-requested output larger than the limit is a :class:`ValueError`. Frames are decoded one at a
-time, so a large picture within the limit (a 4K clip normalised to 720p) costs a few frames'
-memory, not the clip's.
+(``stitch``) takes ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS` = 8192 x 8192; 0: no
+limit; the functions read no setting, and the job steps pass in the setting
+``media_max_pixels``, i.e. ``FRAMEPIPE_MEDIA_MAX_PIXELS``) and refuses a larger picture with
+a :class:`MediaError` naming the file, its size and the limit, judged from the headers before
+any frame is decoded; a requested output larger than the limit is a :class:`ValueError`.
+Frames are decoded one at a time, so a large picture within the limit (a 4K clip normalised
+to 720p) costs a few frames' memory, not the clip's.
 
 Variable frame rates: :class:`MediaInfo` gives the average ``fps`` and a
 ``variable_frame_rate`` hint; operations that convert the rate (``normalise``, ``concat``,
@@ -28,6 +27,12 @@ Each function is also a ready job step: :func:`media_step` adds one to a pipelin
 per step, inputs from the object store or local paths, outputs uploaded, real progress).
 Importing :mod:`framepipe.media` loads neither the job engine nor the state store; the steps
 load them when first used.
+
+The building blocks, one concept a module: :mod:`~framepipe.media.limits` (the picture-size
+limit), :mod:`~framepipe.media.decoding` (opening and decoding a source, sound included),
+:mod:`~framepipe.media.timing` (rates, timestamps, resampling), :mod:`~framepipe.media.rotation`,
+:mod:`~framepipe.media.audio`, :mod:`~framepipe.media.writer` (the H.264 writer),
+:mod:`~framepipe.media.atomic` (atomic outputs) and :mod:`~framepipe.media.progress`.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from framepipe.errors import MediaError
-from framepipe.media._io import DEFAULT_MAX_PIXELS, ProgressCallback, atomic_output
+from framepipe.media.atomic import atomic_output
 from framepipe.media.concat import concat
 from framepipe.media.frames import extract_frames, stitch
+from framepipe.media.limits import DEFAULT_MAX_PIXELS
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import MediaInfo, probe
+from framepipe.media.progress import ProgressCallback
 from framepipe.media.qr import QrCode, QrResult, decode_qr
 from framepipe.media.thumbnails import thumbnail, thumbnail_grid
 from framepipe.media.watermark import watermark

@@ -12,28 +12,14 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
-from framepipe.media._io import (
-    AudioFormat,
-    AudioQueue,
-    H264Writer,
-    Progress,
-    ProgressCallback,
-    Upright,
-    atomic_output,
-    audio_format,
-    check_output_size,
-    decode,
-    decode_with_audio,
-    estimate_frames,
-    even,
-    frame_rotation,
-    open_video,
-    peek,
-    pixel_limit,
-    resample,
-    stream_rate,
-    stream_start,
-)
+from framepipe.media.atomic import atomic_output
+from framepipe.media.audio import AudioFormat, AudioQueue, audio_format
+from framepipe.media.decoding import decode, decode_source, open_video, peek
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.rotation import Upright, frame_rotation
+from framepipe.media.timing import estimate_frames, resample, stream_rate
+from framepipe.media.writer import H264Writer, even
 
 __all__ = ["concat"]
 
@@ -78,13 +64,9 @@ def _survey(path: Path, limit: int) -> _Part:
                      height, turn.rotation, audio_format(sound[0]) if sound else None)
 
 
-def _ignore(frame: av.AudioFrame) -> None:
-    pass
-
-
 def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = None,
            height: int | None = None, fps: float | Fraction | None = None, crf: int = 23,
-           preset: str = "medium", audio: bool = True, max_pixels: int | None = None,
+           preset: str = "medium", audio: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
            progress: ProgressCallback | None = None) -> Path:
     """Join ``parts`` (e.g. intro, main clip, splash screen) into one H.264 MP4 at ``dst``.
 
@@ -101,7 +83,7 @@ def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = 
     sound, the output has none.
 
     Size limit: each part is checked before it is decoded, and a part whose picture is
-    larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``,
+    larger than ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`,
     8192 x 8192; 0: no limit) is refused with a :class:`MediaError` naming that part, its size
     and the limit; a requested output larger than the limit is a :class:`ValueError`. Atomic
     write."""
@@ -129,17 +111,11 @@ def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = 
         for part in survey:
             before = writer.frames
             with open_video(part.path, max_pixels=limit) as (container, stream):
-                astream = None
-                if queue is not None:
-                    queue.begin(stream_start(stream))
-                    if container.streams.audio:
-                        astream = container.streams.audio[0]
-                frames = decode_with_audio(container, stream, astream,
-                                           queue.push if queue is not None else _ignore,
-                                           part.path)
+                source = decode_source(container, stream, part.path,
+                                       audio=queue if queue is not None else False)
                 turn = Upright(part.rotation)
-                for frame in _fit(turn.frames(resample(frames, part.rate, out_rate)), out_w,
-                                  out_h):
+                for frame in _fit(turn.frames(resample(source.frames, part.rate, out_rate)),
+                                  out_w, out_h):
                     writer.write(frame)
                     report.step()
             if writer.frames == before:

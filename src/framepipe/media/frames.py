@@ -14,23 +14,13 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
-from framepipe.media._io import (
-    H264Writer,
-    Progress,
-    ProgressCallback,
-    atomic_output,
-    check_picture,
-    decode,
-    estimate_frames,
-    even,
-    frame_rotation,
-    image_size,
-    open_video,
-    pixel_limit,
-    resample,
-    stream_rate,
-    upright_image,
-)
+from framepipe.media.atomic import atomic_output
+from framepipe.media.decoding import decode, open_video
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_picture, image_size, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.rotation import frame_rotation, upright_image
+from framepipe.media.timing import estimate_frames, resample, stream_rate
+from framepipe.media.writer import H264Writer, even
 
 __all__ = ["IMAGE_SUFFIXES", "extract_frames", "stitch", "write_image"]
 
@@ -49,7 +39,7 @@ def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
 
 def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
                    fps: float | Fraction | None = None, max_frames: int | None = None,
-                   fmt: str = "jpg", quality: int = 90, max_pixels: int | None = None,
+                   fmt: str = "jpg", quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS,
                    progress: ProgressCallback | None = None) -> list[Path]:
     """Save frames of ``src`` as images ``out_dir/frame_NNNNNN.<fmt>``.
 
@@ -61,9 +51,9 @@ def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
     for several slots is saved once per slot. Stops after ``max_frames`` images.
 
     Images are upright: a clip with a display rotation is turned as players turn it. A video
-    larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no
-    limit) is refused with a :class:`MediaError` before any frame is decoded. Returns the
-    written paths in order; each file is written atomically."""
+    larger than ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`,
+    8192 x 8192; 0: no limit) is refused with a :class:`MediaError` before any frame is
+    decoded. Returns the written paths in order; each file is written atomically."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
     if fps is not None and every != 1:
@@ -143,7 +133,7 @@ def _read_frame(path: Path, width: int, height: int, limit: int) -> av.VideoFram
 
 def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
            fps: float | Fraction = 25, crf: int = 23, preset: str = "medium",
-           max_pixels: int | None = None, progress: ProgressCallback | None = None) -> Path:
+           max_pixels: int = DEFAULT_MAX_PIXELS, progress: ProgressCallback | None = None) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
 
     ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
@@ -152,10 +142,10 @@ def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
     order, at most ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the
     folder in memory.
 
-    An image larger than ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``,
-    8192 x 8192; 0: no limit) is a :class:`MediaError` naming it, its size and the limit:
-    PNG, JPEG, BMP and WebP images are refused from their headers, before decoding; other
-    formats once read."""
+    An image larger than ``max_pixels`` (default
+    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is a
+    :class:`MediaError` naming it, its size and the limit: PNG, JPEG, BMP and WebP images are
+    refused from their headers, before decoding; other formats once read."""
     paths = _frame_list(frames)
     dst = Path(dst)
     limit = pixel_limit(max_pixels)

@@ -5,41 +5,22 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import av
-
 from framepipe.errors import MediaError
-from framepipe.media._io import (
-    AudioQueue,
-    H264Writer,
-    Progress,
-    ProgressCallback,
-    Upright,
-    atomic_output,
-    audio_format,
-    check_output_size,
-    decode_with_audio,
-    estimate_frames,
-    fit_size,
-    frame_rotation,
-    open_video,
-    peek,
-    pixel_limit,
-    resample,
-    stream_rate,
-    stream_start,
-)
+from framepipe.media.atomic import atomic_output
+from framepipe.media.decoding import decode_source, open_video
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.rotation import Upright, frame_rotation
+from framepipe.media.timing import estimate_frames, resample, stream_rate
+from framepipe.media.writer import H264Writer, fit_size
 
 __all__ = ["normalise"]
-
-
-def _ignore(frame: av.AudioFrame) -> None:
-    pass
 
 
 def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
               height: int | None = None, fps: float | Fraction | None = None,
               pix_fmt: str = "yuv420p", crf: int = 23, preset: str = "medium",
-              audio: bool = True, max_pixels: int | None = None,
+              audio: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
               progress: ProgressCallback | None = None) -> Path:
     """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264; sound as AAC).
 
@@ -47,12 +28,12 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
     turned as players turn it, and the output carries no rotation; ``width``/``height`` are
     of the upright picture. Given only ``width`` or ``height``, the other side keeps the
     aspect ratio; sides are made even. ``fps`` converts to a constant frame rate: frames are
-    dropped or repeated by their timestamps (see :func:`~framepipe.media._io.resample`), so a
+    dropped or repeated by their timestamps (see :func:`~framepipe.media.timing.resample`), so a
     variable frame rate (gaps, bursts) comes out constant, in order, lasting as long as the
     source's video within half an output frame. By default the source's average rate is kept.
 
-    Size limit: a source whose picture is larger than ``max_pixels`` (default: the setting
-    ``FRAMEPIPE_MEDIA_MAX_PIXELS``, 8192 x 8192; 0: no limit) is refused with a
+    Size limit: a source whose picture is larger than ``max_pixels`` (default
+    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with a
     :class:`MediaError` naming it, its size and the limit, before any frame is decoded; a
     requested output larger than the limit is a :class:`ValueError`. A large source within the
     limit (4K to 720p) is decoded frame by frame, never held whole.
@@ -71,24 +52,17 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
         out_rate = Fraction(fps).limit_denominator(1001) if fps else src_rate
         if out_rate <= 0:
             raise ValueError(f"fps must be positive, not {fps}")
-        astream = container.streams.audio[0] if audio and container.streams.audio else None
-        queue = AudioQueue(audio_format(astream)) if astream is not None else None
-        if queue is not None:
-            queue.begin(stream_start(stream))
-        first, frames = peek(decode_with_audio(container, stream, astream,
-                                               queue.push if queue is not None else _ignore,
-                                               src))
-        if first is None:
-            raise MediaError(src, "holds no decodable video frames")
-        turn = Upright(frame_rotation(first, stream))
+        source = decode_source(container, stream, src, audio=audio)
+        turn = Upright(frame_rotation(source.first, stream))
         out_w, out_h = fit_size(*turn.size(stream.width, stream.height), width, height)
         check_output_size(out_w, out_h, limit)
         total = round(estimate_frames(stream, container) * out_rate / src_rate)
         report = Progress(progress, total)
         with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h,
                                                     fps=out_rate, crf=crf, preset=preset,
-                                                    pix_fmt=pix_fmt, audio=queue) as writer:
-            for frame in turn.frames(resample(frames, src_rate, out_rate)):
+                                                    pix_fmt=pix_fmt,
+                                                    audio=source.audio) as writer:
+            for frame in turn.frames(resample(source.frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
             declared = stream.frames or 0

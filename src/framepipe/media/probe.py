@@ -13,7 +13,10 @@ import av.container
 import av.video.stream
 
 from framepipe.errors import MediaError
-from framepipe.media._io import estimate_frames, frame_rotation, open_video, pixel_limit
+from framepipe.media.decoding import open_video
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.rotation import frame_rotation
+from framepipe.media.timing import estimate_frames
 
 __all__ = ["INDEX_TIMESTAMPS", "SCAN_PACKETS", "MediaInfo", "probe"]
 
@@ -117,16 +120,16 @@ def _variable(stamps: list[int]) -> bool | None:
     return any(abs(d - median) > max(0.1 * median, 1) for d in durations)
 
 
-def probe(path: Path | str, *, max_pixels: int | None = None) -> MediaInfo:
+def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
     """Read a video file's duration, fps, frame count, size, codecs, rotation, byte size and
     whether its frame rate varies.
 
     Raises :class:`MediaError` naming the path for a missing, unreadable or non-video file, and
-    for a video whose picture is larger than ``max_pixels`` (default: the setting
-    ``FRAMEPIPE_MEDIA_MAX_PIXELS``, 8192 x 8192; 0: no limit), with its size and the limit in
-    the message, before any frame is decoded (``probe(path, max_pixels=0)`` reads it all the
-    same). Only the first frame is decoded (to check that the stream decodes and to read its
-    rotation)."""
+    for a video whose picture is larger than ``max_pixels`` (default
+    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit), with its size
+    and the limit in the message, before any frame is decoded (``probe(path, max_pixels=0)``
+    reads it all the same). Only the first frame is decoded (to check that the stream decodes
+    and to read its rotation)."""
     path = Path(path)
     with open_video(path, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate

@@ -10,16 +10,10 @@ from typing import Any
 import numpy as np
 
 from framepipe.errors import MissingDependencyError
-from framepipe.media._io import (
-    Progress,
-    ProgressCallback,
-    decode,
-    estimate_frames,
-    frame_seconds,
-    open_video,
-    pixel_limit,
-    stream_rate,
-)
+from framepipe.media.decoding import decode, open_video
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.timing import estimate_frames, frame_seconds, stream_rate
 
 __all__ = ["QrCode", "QrResult", "decode_qr"]
 
@@ -88,7 +82,7 @@ def _read(zxing: ModuleType, gray: np.ndarray) -> list[Any]:
 
 
 def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
-              stop_after: int | None = None, max_pixels: int | None = None,
+              stop_after: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
               progress: ProgressCallback | None = None) -> QrResult | None:
     """Scan every ``every``-th frame of ``src`` (the first ``max_frames`` frames, default all)
     for QR codes with zxing-cpp.
@@ -97,9 +91,9 @@ def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
     distinct text (``ambiguous`` when there are several) and the frames where a symbol was
     seen but not readable (zxing-cpp >= 2.3). ``stop_after`` ends the scan once that many
     frames held a readable code (None: scan to the end, needed to notice a second, different
-    code). A video larger than ``max_pixels`` (default: the setting
-    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
-    any frame is decoded."""
+    code). A video larger than ``max_pixels`` (default
+    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with
+    a :class:`MediaError` before any frame is decoded."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
     zxing = _zxing()

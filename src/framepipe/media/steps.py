@@ -51,8 +51,10 @@ What every step guarantees:
 - a media failure is a :class:`~framepipe.errors.MediaError` naming the user's file (the
   object key or local path the source named, never the temporary copy); that includes a
   video larger than the picture-size limit (the ``max_pixels`` option, else the setting
-  ``FRAMEPIPE_MEDIA_MAX_PIXELS``, read when the step runs), refused before it is decoded,
-  so a retry after raising the limit (or replacing the file) runs it;
+  ``FRAMEPIPE_MEDIA_MAX_PIXELS``, read when the step runs and passed to the function, which
+  reads no setting itself), refused before it is decoded, so a retry after raising the limit
+  (or replacing the file) runs it; a bad setting fails the step with
+  :class:`~framepipe.errors.ConfigError` naming it;
 - it returns ``{step_name: result}`` (merged into the execution's data), the result a JSON
   dict: ``key``, ``size`` and ``info`` (:class:`~framepipe.media.MediaInfo` fields, ``path``
   replaced by the key) for a video; ``key``, ``size``, ``width``, ``height`` for an image;
@@ -73,12 +75,14 @@ from typing import Any, Literal, get_args
 
 import cv2
 
+from framepipe.config import load_settings
 from framepipe.errors import InvalidKeyError, MediaError, StepParamsError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import copy_local_file, declared_path_fields, local_input
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.media.concat import concat
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames, stitch
+from framepipe.media.limits import DEFAULT_MAX_PIXELS
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.qr import decode_qr
@@ -273,7 +277,7 @@ class _Run:
         self.names: dict[Path, str] = {}  # local copy -> what the user named
         self._downloads = 0
         self._last = 0.0
-        self.max_pixels: int | None = None  # the operation's option, for probing its output
+        self.max_pixels = DEFAULT_MAX_PIXELS  # the operation's, for probing its output
 
     # -- progress -------------------------------------------------------------------------
 
@@ -443,7 +447,9 @@ class _Run:
     def _run(self, refs: list[str], options: dict[str, Any]) -> dict[str, Any]:
         fn, op = self.op.fn, self.operation
         work = self.report(_WORK)
-        self.max_pixels = options.get("max_pixels")
+        if options.get("max_pixels") is None:  # not given (or an Input without a value)
+            options["max_pixels"] = load_settings().media_max_pixels
+        self.max_pixels = options["max_pixels"]
         if op == "probe":
             info = probe(self.fetch(refs[0]), **options)
             work(100)

@@ -11,21 +11,13 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
-from framepipe.media._io import (
-    Progress,
-    ProgressCallback,
-    check_output_size,
-    decode,
-    estimate_frames,
-    even,
-    frame_rotation,
-    frame_seconds,
-    open_video,
-    pixel_limit,
-    stream_rate,
-    upright_image,
-)
+from framepipe.media.decoding import decode, open_video
 from framepipe.media.frames import write_image
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.rotation import frame_rotation, upright_image
+from framepipe.media.timing import estimate_frames, frame_seconds, stream_rate
+from framepipe.media.writer import even
 
 __all__ = ["thumbnail", "thumbnail_grid"]
 
@@ -139,7 +131,7 @@ def _scaled(frame: av.VideoFrame, width: int | None, rotation: int) -> np.ndarra
 
 def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
               width: int | None = None, quality: int = 90,
-              max_pixels: int | None = None) -> Path:
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Save the frame on screen at ``at`` seconds from the clip's start (default: the middle)
     as an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
     ``at``, so on a variable frame rate it is the frame a player shows then. Past the end, it
@@ -147,8 +139,8 @@ def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
     frames that were cut off (``at`` beyond where its frames end gives its last decodable
     frame, not an error). Scaled to ``width`` keeping the aspect if given, upright (a clip
     with a display rotation is turned as players turn it). A video larger than
-    ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is
-    refused with a :class:`MediaError` before any frame is decoded, as is
+    ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no
+    limit) is refused with a :class:`MediaError` before any frame is decoded, as is
     (:class:`ValueError`) a ``width`` giving a larger image. Atomic write."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
@@ -165,7 +157,7 @@ def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
 
 
 def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int = 3,
-                   width: int = 960, quality: int = 90, max_pixels: int | None = None,
+                   width: int = 960, quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS,
                    progress: ProgressCallback | None = None) -> Path:
     """A ``cols`` x ``rows`` contact sheet of frames spread evenly over the clip.
 
@@ -173,10 +165,10 @@ def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int
     ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
     ``(i + 0.5) / (cols * rows)`` of the duration: the frame on screen then (as
     :func:`thumbnail` picks it). Tiles are upright (a clip with a display rotation is turned as
-    players turn it). A video larger than ``max_pixels`` (default: the setting
-    ``FRAMEPIPE_MEDIA_MAX_PIXELS``; 0: no limit) is refused with a :class:`MediaError` before
-    any frame is decoded, as is (:class:`ValueError`) a sheet that would be larger. Atomic
-    write."""
+    players turn it). A video larger than ``max_pixels`` (default
+    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with
+    a :class:`MediaError` before any frame is decoded, as is (:class:`ValueError`) a sheet
+    that would be larger. Atomic write."""
     if cols < 1 or rows < 1:
         raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
     src, dst = Path(src), Path(dst)

@@ -9,23 +9,13 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
-from framepipe.media._io import (
-    AudioQueue,
-    H264Writer,
-    Progress,
-    ProgressCallback,
-    atomic_output,
-    audio_format,
-    decode_with_audio,
-    estimate_frames,
-    frame_rotation,
-    open_video,
-    peek,
-    pixel_limit,
-    stream_rate,
-    stream_start,
-    upright_image,
-)
+from framepipe.media.atomic import atomic_output
+from framepipe.media.decoding import decode_source, open_video
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.progress import Progress, ProgressCallback
+from framepipe.media.rotation import frame_rotation, upright_image
+from framepipe.media.timing import estimate_frames, stream_rate
+from framepipe.media.writer import H264Writer
 
 __all__ = ["POSITIONS", "overlay_position", "render_text", "watermark"]
 
@@ -82,7 +72,8 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
               image: Path | str | np.ndarray | None = None, position: str = "bottom-right",
               opacity: float = 0.8, margin: int = 16, font_scale: float | None = None,
               crf: int = 23, preset: str = "medium", audio: bool = True,
-              max_pixels: int | None = None, progress: ProgressCallback | None = None) -> Path:
+              max_pixels: int = DEFAULT_MAX_PIXELS,
+              progress: ProgressCallback | None = None) -> Path:
     """Blend ``text`` or ``image`` (PNG alpha respected) into every frame; H.264 MP4 at ``dst``.
 
     The overlay sits at ``position`` (``top-left``, ``top-right``, ``bottom-left``,
@@ -91,8 +82,8 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
     that region of each frame changes. Text scales with the frame height unless ``font_scale``
     is given. Frame size and rate are kept. The first audio stream is kept, re-encoded to AAC
     as :func:`~framepipe.media.normalise` does (``audio=False`` drops it). A video larger than
-    ``max_pixels`` (default: the setting ``FRAMEPIPE_MEDIA_MAX_PIXELS``, 8192 x 8192; 0: no
-    limit) is refused with a :class:`MediaError` naming it, its size and the limit, before any
+    ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192;
+    0: no limit) is refused with a :class:`MediaError` naming it, its size and the limit, before any
     frame is decoded. Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
@@ -100,16 +91,8 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
         raise ValueError(f"opacity must be within 0-1, not {opacity}")
     src, dst = Path(src), Path(dst)
     with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
-        astream = container.streams.audio[0] if audio and container.streams.audio else None
-        queue = AudioQueue(audio_format(astream)) if astream is not None else None
-        if queue is not None:
-            queue.begin(stream_start(stream))
-        first, frames = peek(decode_with_audio(container, stream, astream,
-                                               queue.push if queue is not None else _ignore,
-                                               src))
-        if first is None:
-            raise MediaError(src, "holds no decodable video frames")
-        rotation = frame_rotation(first, stream)
+        source = decode_source(container, stream, src, audio=audio)
+        rotation = frame_rotation(source.first, stream)
         fw, fh = (stream.height, stream.width) if rotation in (90, 270) else (stream.width,
                                                                                stream.height)
         if text is not None:
@@ -133,8 +116,9 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
         report = Progress(progress, estimate_frames(stream, container))
         with atomic_output(dst) as tmp, H264Writer(tmp, width=fw - fw % 2, height=fh - fh % 2,
                                                     fps=stream_rate(stream), crf=crf,
-                                                    preset=preset, audio=queue) as writer:
-            for frame in frames:
+                                                    preset=preset,
+                                                    audio=source.audio) as writer:
+            for frame in source.frames:
                 bgr = np.ascontiguousarray(upright_image(frame.to_ndarray(format="bgr24"),
                                                          rotation))
                 region = bgr[y:y + ph, x:x + pw]
@@ -144,7 +128,3 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
                 report.step()
     report.finish()
     return dst
-
-
-def _ignore(frame: av.AudioFrame) -> None:
-    pass

@@ -34,6 +34,7 @@ import cv2
 from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
+from framepipe.config import load_settings
 from framepipe.errors import MediaError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
@@ -113,7 +114,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
         return {"input_key": source}
     copy = copy_local_file(path, ctx.tempdir() / path.name)
     try:
-        info = media.probe(copy).as_dict()
+        info = media.probe(copy, max_pixels=load_settings().media_max_pixels).as_dict()
     except MediaError as exc:  # name the user's file, not this step's copy of it
         raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
     key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
@@ -179,11 +180,12 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
     folder = _download_folder(ctx, ctx.data["post_prefix"])
     dst = ctx.tempdir() / "output.mp4"
-    media.stitch(folder, dst, fps=_inputs(ctx).fps, preset="veryfast",
+    limit = load_settings().media_max_pixels
+    media.stitch(folder, dst, fps=_inputs(ctx).fps, preset="veryfast", max_pixels=limit,
                  progress=ctx.progress)
     key = f"{_prefix(ctx)}/output.mp4"
     ctx.objects.put_file(key, dst)
-    return {"video": key, "video_info": media.probe(dst).as_dict()}
+    return {"video": key, "video_info": media.probe(dst, max_pixels=limit).as_dict()}
 
 
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)

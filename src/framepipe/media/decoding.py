@@ -1,0 +1,151 @@
+"""Reading a video: opening it within the picture-size limit, and decoding its frames (with its
+sound, in the same pass, when an output keeps it)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import av
+import av.audio.stream
+import av.container
+import av.video.stream
+
+from framepipe.errors import MediaError
+from framepipe.media.audio import AudioQueue, audio_format
+from framepipe.media.limits import BACKSTOP, check_picture
+from framepipe.media.timing import stream_start
+
+__all__ = ["Decoding", "decode", "decode_source", "decode_with_audio", "open_video", "peek"]
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def open_video(src: Path | str, *, max_pixels: int) -> Iterator[
+        tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    """Open ``src`` for reading and yield (container, first video stream), multi-threaded decode.
+
+    A missing, unreadable or non-video file raises :class:`MediaError` naming the path. So does
+    a video whose picture is larger than ``max_pixels`` (0: no limit), judged from the size
+    the demuxer and parsers read from the headers, before any frame is decoded. FFmpeg itself
+    gets :data:`BACKSTOP` times the limit as its own ``max_pixels`` (its stream probing and the
+    decoder then allocate no larger frame), a backstop for sizes the headers do not tell (a
+    size change mid-stream); the margin is there because FFmpeg counts padded, aligned sizes
+    (1920x1080 H.264 is coded as 1920x1088)."""
+    path = Path(src)
+    if not path.exists():
+        raise MediaError(path, "no such file")
+    if not path.is_file():
+        raise MediaError(path, "not a file")
+    options = {"max_pixels": str(BACKSTOP * max_pixels)} if max_pixels else {}
+    try:
+        container = av.open(str(path), "r", options=options)
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise MediaError(path, f"cannot be opened as a video file ({exc})") from exc
+    try:
+        if not container.streams.video:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+            raise MediaError(path, f"holds no video stream ({kinds})")
+        stream = container.streams.video[0]
+        check_picture(path, stream.width, stream.height, max_pixels)
+        stream.thread_type = "AUTO"
+        if max_pixels:
+            stream.codec_context.options = {**stream.codec_context.options, **options}
+        yield container, stream
+    finally:
+        container.close()
+
+
+def decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+           path: Path) -> Iterator[av.VideoFrame]:
+    """The stream's frames; a decode error becomes :class:`MediaError` naming ``path``."""
+    try:
+        yield from container.decode(stream)
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"decoding failed ({exc})") from exc
+
+
+def decode_with_audio(container: av.container.InputContainer,
+                      stream: av.video.stream.VideoStream,
+                      audio: av.audio.stream.AudioStream | None,
+                      on_audio: Callable[[av.AudioFrame], None],
+                      path: Path) -> Iterator[av.VideoFrame]:
+    """The video stream's frames, in one pass over the file that also decodes ``audio`` (when
+    given) and hands its frames to ``on_audio`` as they come. A video or container error
+    becomes :class:`MediaError` naming ``path``; an audio packet that cannot be decoded is
+    skipped (the sound has a gap there), as players do, rather than failing the video."""
+    if audio is None:
+        yield from decode(container, stream, path)
+        return
+    try:
+        for packet in container.demux(stream, audio):
+            if packet.stream.index == stream.index:
+                for frame in packet.decode():
+                    assert isinstance(frame, av.VideoFrame)
+                    yield frame
+                continue
+            try:
+                sounds = packet.decode()
+            except av.FFmpegError:
+                continue
+            for sound in sounds:
+                assert isinstance(sound, av.AudioFrame)
+                on_audio(sound)
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"decoding failed ({exc})") from exc
+
+
+@dataclass
+class Decoding:
+    """One source's video being decoded: its first frame, every frame (the first included)
+    and the queue its sound goes to (None when no sound is kept)."""
+
+    first: av.VideoFrame
+    frames: Iterator[av.VideoFrame]
+    audio: AudioQueue | None
+
+
+def decode_source(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                  path: Path, *, audio: bool | AudioQueue) -> Decoding:
+    """Start decoding ``stream``, in one pass over the file that also decodes the source's
+    sound (its first audio stream) as :func:`decode_with_audio` does.
+
+    ``audio``: True keeps the sound in a new :class:`AudioQueue` in the format that keeps it
+    (:func:`~framepipe.media.audio.audio_format`), aligned with the video's start; the result's
+    ``audio`` is None when the source has none. An :class:`AudioQueue` (one output track fed by
+    several sources, as ``concat`` does) begins a new part of it at the video's start, fed by
+    this source's sound, or left silent when it has none. False decodes no sound.
+
+    The first frame is decoded here: a stream without one raises :class:`MediaError` naming
+    ``path``, before anything is written."""
+    queue: AudioQueue | None = None
+    astream = container.streams.audio[0] if audio is not False and container.streams.audio \
+        else None
+    if isinstance(audio, AudioQueue):
+        queue = audio
+    elif audio and astream is not None:
+        queue = AudioQueue(audio_format(astream))
+    if queue is not None:
+        queue.begin(stream_start(stream))
+    first, frames = peek(decode_with_audio(container, stream, astream,
+                                           queue.push if queue is not None else _ignore, path))
+    if first is None:
+        raise MediaError(path, "holds no decodable video frames")
+    return Decoding(first, frames, queue)
+
+
+def _ignore(frame: av.AudioFrame) -> None:
+    pass
+
+
+def peek(items: Iterator[T]) -> tuple[T | None, Iterator[T]]:
+    """The first item (None if there is none) and an iterator that still yields it."""
+    first = next(items, None)
+    if first is None:
+        return None, iter(())
+    return first, itertools.chain([first], items)
