@@ -20,7 +20,8 @@ from typer.testing import CliRunner, Result
 
 from framepipe import __version__
 from framepipe.backends.state import SCHEMA_HEAD
-from framepipe.cli import _ProgressView, app, parse_inputs
+from framepipe.cli import app, parse_inputs
+from framepipe.cli.progress import ProgressView
 from framepipe.config import load_settings
 from framepipe.errors import PipelineCycleError, PipelineDefinitionError
 from framepipe.events import Event
@@ -608,7 +609,7 @@ def test_step_killing_its_process_at_once_is_named(tmp_path: Path) -> None:
 def test_progress_view_caps_the_step_rows() -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, width=120, color_system=None)
-    view = _ProgressView(console, "demo", max_rows=2)
+    view = ProgressView(console, "demo", max_rows=2)
 
     def ev(kind: str, key: str | None = None, **data: Any) -> None:
         view.on_event(Event(kind, time.time(), "x1", key, data))

@@ -320,8 +320,9 @@ def test_a_wrapped_engine_is_left_to_its_owner(tmp_path: Path) -> None:
 
 # -- the callers go through the client ----------------------------------------------------------
 
-_CALLERS = [ROOT / "src/framepipe/cli.py", ROOT / "src/framepipe/server/app.py",
-            ROOT / "src/framepipe/jobs/runner.py", *sorted((ROOT / "examples").rglob("*.py"))]
+_CALLERS = [*sorted((ROOT / "src/framepipe/cli").glob("*.py")),
+            ROOT / "src/framepipe/server/app.py", ROOT / "src/framepipe/jobs/runner.py",
+            *sorted((ROOT / "examples").rglob("*.py"))]
 _TABLES = {"executions", "steps", "events", "ledger", "step_deps", "workers"}
 
 

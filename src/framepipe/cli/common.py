@@ -1,0 +1,186 @@
+"""What every command shares: settings from the global options, the state store, one-line
+errors with the documented exit codes, and the pieces of output (consoles, times, statuses).
+
+Guarantees: inside :func:`errors`, a usage problem, a bad pipeline definition, bad settings or
+bad inputs exit 2, any other framepipe or state-database error exits 1 and Ctrl-C exits 130,
+each as one red line on stderr; logging goes to whatever ``sys.stderr`` is at the time of the
+write (Rich's live display, a test runner's capture).
+"""
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, NoReturn
+
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings, load_settings
+from framepipe.errors import (
+    ConfigError,
+    FramepipeError,
+    InvalidInputError,
+    MissingDependencyError,
+    PipelineDefinitionError,
+)
+from framepipe.logs import configure_logging
+
+__all__ = [
+    "STATUS_STYLE",
+    "ConcurrencyOpt",
+    "Globals",
+    "JsonOpt",
+    "QuietOpt",
+    "UsageError",
+    "console",
+    "die",
+    "dump_json",
+    "duration",
+    "errors",
+    "first_line",
+    "flush_std",
+    "open_store",
+    "say",
+    "settings_of",
+    "status_text",
+    "when",
+]
+
+STATUS_STYLE = {
+    "pending": "dim", "ready": "blue", "running": "cyan", "retrying": "yellow",
+    "completed": "green", "failed": "red", "cancelled": "magenta", "interrupted": "yellow",
+}
+"""The Rich style of each execution and step status."""
+
+ConcurrencyOpt = Annotated[int | None, typer.Option(
+    "--concurrency", "-c", min=1, help="Steps run at once (default: the setting).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+class UsageError(Exception):
+    """A CLI usage problem: printed as one line, exit code 2."""
+
+
+@dataclass
+class Globals:
+    """The global options (``--home``, ``--database-url``, ``--log-level``) given, as setting
+    overrides; the root callback stores it as the context's object."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class _StderrProxy:
+    """A stream that always writes to the current ``sys.stderr``, so log lines go through Rich's
+    live-display redirection (and through test runners that swap the stream)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console on stdout (results) or stderr (progress and messages), without highlighting."""
+    return Console(stderr=stderr, highlight=False)
+
+
+def say(out: Console, message: str, style: str | None = None) -> None:
+    """Print ``message`` as plain text (no markup), wrapped only by the terminal."""
+    out.print(Text(message, style=style or ""), soft_wrap=True)
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def die(message: str, code: int) -> NoReturn:
+    """Print ``message`` as one red ``error:`` line on stderr and exit with ``code``."""
+    say(console(stderr=True), f"error: {_one_line(message)}", "red")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def errors() -> Iterator[None]:
+    """Turn framepipe's errors into one red line on stderr and the documented exit code."""
+    try:
+        yield
+    except UsageError as exc:
+        die(str(exc), 2)
+    except (ConfigError, PipelineDefinitionError, MissingDependencyError,
+            InvalidInputError) as exc:
+        die(str(exc), 2)
+    except FramepipeError as exc:
+        die(str(exc), 1)
+    except sa.exc.SQLAlchemyError as exc:
+        die(f"state database error: {getattr(exc, 'orig', None) or exc}", 1)
+    except KeyboardInterrupt:
+        die("interrupted", 130)
+
+
+def settings_of(ctx: typer.Context, **extra: Any) -> Settings:
+    """The settings with the global options and ``extra`` (those not None) applied, logging
+    configured from them."""
+    globals_ = ctx.find_object(Globals) or Globals()
+    overrides = {**globals_.overrides, **{k: v for k, v in extra.items() if v is not None}}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level, stream=_StderrProxy())
+    return settings
+
+
+def open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
+    """The state store (for the schema commands and the service; executions go through the
+    job client, which opens its own)."""
+    return StateStore(settings.resolved_database_url,
+                      sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
+
+
+def flush_std() -> None:
+    """Flush framepipe's log handlers, stdout and stderr (before an ``os._exit``)."""
+    for handler in logging.getLogger("framepipe").handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def when(ts: float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """A timestamp in local time, ``-`` for none."""
+    return datetime.fromtimestamp(ts).strftime(fmt) if ts else "-"
+
+
+def duration(seconds: float | None) -> str:
+    """``1.25s``, ``3m07s`` or ``2h03m07s``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def first_line(text: str | None) -> str:
+    """The first non-blank line of ``text``, stripped; ``""`` for none."""
+    if not text:
+        return ""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def status_text(status: str) -> Text:
+    """``status`` in its style."""
+    return Text(status, style=STATUS_STYLE.get(status, ""))
+
+
+def dump_json(value: Any) -> None:
+    """Print ``value`` as indented JSON on stdout (what JSON cannot hold as its ``str``)."""
+    typer.echo(json.dumps(value, default=str, indent=2))

@@ -1,0 +1,189 @@
+"""``framepipe jobs list | show | retry | cancel``: executions in the state store, through the
+job client (ids may be unique prefixes).
+
+Guarantees: tables and ``--json`` go to stdout; an unknown status exits 2, an unknown id or an
+execution that cannot be retried exits 1; ``retry`` follows the execution like ``run``.
+"""
+
+import json
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from framepipe.cli.common import (
+    ConcurrencyOpt,
+    JsonOpt,
+    QuietOpt,
+    UsageError,
+    console,
+    dump_json,
+    duration,
+    errors,
+    first_line,
+    say,
+    settings_of,
+    status_text,
+    when,
+)
+from framepipe.cli.follow import follow_and_exit
+from framepipe.jobs.client import JobClient, check_retryable
+from framepipe.jobs.loading import resolve_pipeline
+from framepipe.jobs.models import ExecutionStatus
+from framepipe.jobs.sync_client import SyncJobClient
+
+__all__ = ["jobs_app"]
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Executions in the state store.")
+"""The ``jobs`` command group."""
+
+
+@jobs_app.command("list")
+def jobs_list(
+    ctx: typer.Context,
+    *,
+    status: Annotated[list[str] | None, typer.Option(
+        "--status", "-s", help="Only this status (repeatable).")] = None,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p",
+                                                 help="Only this pipeline.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List executions, newest first."""
+    with errors():
+        known = [s.value for s in ExecutionStatus]
+        for value in status or []:
+            if value not in known:
+                raise UsageError(f"--status {value!r}: use one of {', '.join(known)}")
+        settings = settings_of(ctx)
+        with SyncJobClient(settings=settings) as client:
+            rows = client.list(status=status or None, pipeline=pipeline, limit=limit,
+                               with_inputs=as_json)
+    if as_json:
+        dump_json([row.to_dict() for row in rows])
+        return
+    out = console()
+    if not rows:
+        say(out, "no executions", "dim")
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True)
+    table.add_column("id", no_wrap=True)
+    table.add_column("pipeline", overflow="fold", min_width=8)
+    table.add_column("status", no_wrap=True)
+    table.add_column("progress", justify="right", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in rows:
+        table.add_row(row.id[:12], row.pipeline, status_text(row.status.value),
+                      f"{row.progress:.0f}%", f"{row.steps_done}/{row.steps_total}",
+                      when(row.created_at, "%m-%d %H:%M:%S"),
+                      Text(first_line(row.error), style="red"))
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    ctx: typer.Context,
+    *,
+    execution_id: Annotated[str, typer.Argument(metavar="ID", help="Id or unique prefix.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one execution with its steps."""
+    with errors():
+        settings = settings_of(ctx)
+        with SyncJobClient(settings=settings) as client:
+            info = client.get(execution_id)
+    if as_json:
+        dump_json(info.to_dict())
+        return
+    out = console()
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold", no_wrap=True)
+    header.add_column(overflow="fold")
+    took = (info.finished_at - info.started_at
+            if info.finished_at and info.started_at else None)
+    header.add_row("execution", info.id)
+    header.add_row("pipeline", info.pipeline)
+    header.add_row("ref", info.pipeline_ref or "-")
+    header.add_row("status", status_text(info.status.value))
+    header.add_row("progress", f"{info.progress:.1f}%")
+    header.add_row("runs", str(info.runs))
+    header.add_row("created", when(info.created_at))
+    header.add_row("started", when(info.started_at))
+    header.add_row("finished", when(info.finished_at))
+    header.add_row("duration", duration(took))
+    header.add_row("inputs", Text(json.dumps(info.inputs, default=str)))
+    if info.error:
+        header.add_row("error", Text(info.error, style="red"))
+    out.print(header)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True,
+                  title=f"steps ({len(info.steps)})", title_justify="left")
+    table.add_column("key", overflow="fold", min_width=8)
+    table.add_column("status", no_wrap=True)
+    table.add_column("attempt", justify="right", no_wrap=True)
+    table.add_column("failures", justify="right", no_wrap=True)
+    table.add_column("progress", justify="right", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
+    for s in info.steps:
+        step_took = s.finished_at - s.started_at if s.finished_at and s.started_at else None
+        table.add_row(s.key, status_text(s.status.value), str(s.attempt), str(s.failures),
+                      f"{s.progress:.0f}%", duration(step_took),
+                      Text(first_line(s.error), style="red"))
+    out.print(table)
+    say(out, f"data: {', '.join(info.data) if info.data else '(none)'}")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    ctx: typer.Context,
+    *,
+    execution_id: Annotated[str, typer.Argument(metavar="ID", help="Id or unique prefix.")],
+    pipeline_ref: Annotated[str | None, typer.Option(
+        "--pipeline", metavar="FILE.py:NAME",
+        help="Load the pipeline from here instead of the reference stored with it.")] = None,
+    concurrency: ConcurrencyOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a failed, cancelled or interrupted execution; completed steps are not re-run."""
+    with errors():
+        settings = settings_of(ctx)
+        with SyncJobClient(settings=settings) as client:
+            info = client.get(execution_id, with_steps=False)
+        check_retryable(info)
+        ref = pipeline_ref or info.pipeline_ref
+        if not ref:
+            raise UsageError(
+                f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
+                "pipeline reference: pass --pipeline FILE.py:NAME")
+        loaded = resolve_pipeline(ref)
+        full_id = info.id
+
+        async def begin(client: JobClient) -> str:
+            return await client.retry(full_id, loaded.pipeline)
+
+        follow_and_exit(settings, begin, label=loaded.pipeline.name, quiet=quiet,
+                        as_json=as_json, concurrency=concurrency)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    ctx: typer.Context,
+    *,
+    execution_id: Annotated[str, typer.Argument(metavar="ID", help="Id or unique prefix.")],
+) -> None:
+    """Cancel an execution (at once, or through the process running it)."""
+    with errors():
+        settings = settings_of(ctx)
+        with SyncJobClient(settings=settings) as client:
+            result = client.cancel(execution_id)
+    out = console()
+    if result.cancelled:
+        say(out, f"cancelled execution {result.execution_id}", "magenta")
+    else:
+        say(out, f"cancel requested: the process running execution "
+                 f"{result.execution_id} stops it within its heartbeat interval")

@@ -1,0 +1,96 @@
+"""``framepipe serve``: the HTTP API, the dashboard and the live events, on uvicorn.
+
+Guarantees: it refuses (exit 2) to bind anything but a loopback address without a configured
+token; without one on loopback it makes a token for the run and prints it only in the
+dashboard link's fragment (unless ``--no-token``); a state database that cannot be written
+exits 1 before anything is served.
+"""
+
+import ipaddress
+import secrets
+from typing import Annotated
+
+import typer
+
+from framepipe.cli.common import UsageError, console, errors, open_store, say, settings_of
+from framepipe.errors import MissingDependencyError, StateStoreError
+from framepipe.jobs.loading import resolve_pipeline, resolve_target
+
+__all__ = ["serve"]
+
+
+def serve(
+    ctx: typer.Context,
+    *,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    pipelines: Annotated[list[str] | None, typer.Option(
+        "--pipeline", "-p", metavar="FILE.py:NAME",
+        help="A pipeline the service may start. Repeatable.")] = None,
+    live: Annotated[list[str] | None, typer.Option(
+        "--app", metavar="FILE.py:NAME",
+        help="A live App (or StreamPipeline) to run inside the service, its sources "
+             "controllable over the API. Repeatable.")] = None,
+    no_token: Annotated[bool, typer.Option(
+        "--no-token", help="Serve a loopback address without a token (any local user and "
+                           "program may then use it; web pages still may not).")] = False,
+) -> None:
+    """Serve the HTTP API, the dashboard and the WebSocket of live events.
+
+    Every route but /health needs the bearer token: FRAMEPIPE_API_TOKEN, or else one made for
+    this run and printed with the dashboard's URL (as Jupyter does). A token is required to
+    bind anything but a loopback address."""
+    with errors():
+        settings = settings_of(ctx)
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not settings.api_token:
+            raise UsageError(f"refusing to serve on {host} without a token: set "
+                             "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)")
+        token = settings.api_token
+        if token is None and not no_token:
+            token = secrets.token_urlsafe(24)
+        store = open_store(settings)
+        problem = store.check_writable()
+        if problem is not None:
+            store.close()
+            raise StateStoreError(f"the state database {store.safe_url} is {problem}")
+        from framepipe.server import create_app
+
+        loaded = [resolve_pipeline(ref).pipeline for ref in pipelines or []]
+        from framepipe.app import App
+        from framepipe.stream.pipeline import StreamPipeline
+
+        hosted: list[App] = []
+        for ref in live or []:
+            target = resolve_target(ref).target
+            if isinstance(target, StreamPipeline):
+                single = App(target.name, settings=settings)
+                single.add_pipeline(target)
+                target = single
+            if not isinstance(target, App):
+                raise UsageError(f"--app {ref}: a job pipeline is not a live app (use "
+                                 "--pipeline)")
+            hosted.append(target)
+        application = create_app(settings, pipelines=loaded, apps=hosted, store=store,
+                                 token=token or "")
+        try:
+            import uvicorn
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError("uvicorn", "server", "framepipe serve") from exc
+
+        shown = f"[{host}]" if ":" in host else host
+        link = f"http://{shown}:{port}/"
+        if token and settings.api_token is None:
+            link += f"#token={token}"
+            say(console(), "A token was made for this run (set FRAMEPIPE_API_TOKEN to choose "
+                           "one; --no-token for none on loopback).")
+        say(console(), f"Dashboard: {link}")
+        try:
+            uvicorn.run(application, host=host, port=port,
+                        log_level=settings.log_level.lower(),
+                        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))
+        finally:
+            store.close()
