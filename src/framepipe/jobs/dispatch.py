@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,10 +36,22 @@ from framepipe.backends.state import StateStore, executions, step_deps, steps, w
 from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionStateError
 from framepipe.events import Event
-from framepipe.jobs.keys import is_step_key
 from framepipe.jobs.models import ExecutionStatus, StepStatus
+from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import find_execution, upsert_ledger
+from framepipe.jobs.rules import (
+    StepPlan,
+    after_failure,
+    execution_progress,
+    failed_error,
+    interrupted_status,
+    is_ready,
+    missing_dependency_error,
+    plan_step,
+    released_by_names,
+    stuck_error,
+)
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
@@ -52,14 +64,12 @@ __all__ = [
     "Round",
     "RoundResult",
     "Spawn",
-    "StepSpec",
     "cancel",
     "claim",
     "commit_round",
     "release_due",
     "renew",
     "resume",
-    "step_spec",
     "submit",
     "sweep",
 ]
@@ -75,38 +85,6 @@ class Delivery:
 
     execution_id: str
     key: str
-
-
-@dataclass(slots=True)
-class StepSpec:
-    """A step instance to create: its key, parameters and dependencies split by kind."""
-
-    key: str
-    name: str
-    params: dict[str, Any]
-    deps: list[str]
-    key_deps: list[str]
-    name_deps: list[str]
-    weight: float
-    spawned_by: str | None = None
-
-
-def step_spec(pipeline: Pipeline, name: str, params: Mapping[str, Any], key: str,
-              extra_deps: Iterable[str] = (), spawned_by: str | None = None) -> StepSpec:
-    """The spec of instance ``key`` of step ``name``: declared plus ``extra_deps``, each a step
-    key (or a parameterless step's name) or the name of a parameterised step (every instance)."""
-    step = pipeline.steps[name]
-    deps = list(dict.fromkeys([*step.depends_on, *extra_deps]))
-    key_deps: list[str] = []
-    name_deps: list[str] = []
-    for dep in deps:
-        target = pipeline.get(dep.partition(":")[0])
-        if is_step_key(dep) or (target is not None and not target.parameterised):
-            key_deps.append(dep)
-        else:
-            name_deps.append(dep)
-    return StepSpec(key=key, name=name, params=dict(params), deps=deps, key_deps=key_deps,
-                    name_deps=name_deps, weight=step.weight, spawned_by=spawned_by)
 
 
 @dataclass(slots=True)
@@ -145,8 +123,9 @@ class ProgressUpdate:
 class Outcome:
     """How an attempt ended.
 
-    ``done``: completed with ``output``; ``failed``: raised (``error``; retried while
-    ``failures < retries`` unless ``permanent``); ``cancelled``: stopped because its execution
+    ``done``: completed with ``output``; ``failed``: raised (``error``; retried as ``policy``
+    allows unless ``permanent``: :func:`~framepipe.jobs.rules.after_failure`); ``cancelled``:
+    stopped because its execution
     was cancelled; ``handback``: the worker gives the step back (stopping, or it had claimed
     more long steps than it can start), not counted as a failure; one that never ``ran`` does
     not count as an attempt either."""
@@ -161,8 +140,7 @@ class Outcome:
     ledger: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     permanent: bool = False
-    retries: int = 0
-    retry_delays: Sequence[float] = ()
+    policy: RetryPolicy = NO_RETRY
     ran: bool = True
 
 
@@ -173,7 +151,7 @@ class Spawn:
     execution_id: str
     spawner: str
     attempt: int
-    spec: StepSpec
+    spec: StepPlan
 
 
 @dataclass(slots=True)
@@ -244,8 +222,9 @@ class _ExecRow:
         return self.status == _RUNNING
 
     def values(self) -> dict[str, Any]:
-        if self.wtotal > 0:
-            self.progress = max(self.progress, round(min(100.0, self.wsum / self.wtotal), 2))
+        self.progress = execution_progress(self.progress, self.wsum, self.wtotal,
+                                           completed=self.next_seq - self.unfinished,
+                                           total=self.next_seq)
         return {"status": self.status, "unfinished": self.unfinished, "active": self.active,
                 "wsum": self.wsum, "wtotal": self.wtotal, "next_seq": self.next_seq,
                 "next_done_seq": self.next_done_seq, "progress": self.progress,
@@ -287,11 +266,11 @@ class _Tx:
 
     # -- transitions ------------------------------------------------------------------------
 
-    def insert_steps(self, x: _ExecRow, specs: Sequence[StepSpec], *, spawned: bool) -> None:
+    def insert_steps(self, x: _ExecRow, specs: Sequence[StepPlan], *, spawned: bool) -> None:
         keys = list(dict.fromkeys(s.key for s in specs))
         deps = {d for s in specs for d in s.key_deps}
         statuses = self._statuses(x.id, list(dict.fromkeys([*keys, *deps])))
-        fresh: dict[str, StepSpec] = {}
+        fresh: dict[str, StepPlan] = {}
         for s in specs:
             if s.key not in statuses and s.key not in fresh:
                 fresh[s.key] = s
@@ -308,12 +287,11 @@ class _Tx:
                 if dep in fresh:
                     waiting += 1
                 elif dep not in statuses:
-                    missing.append(f"step '{s.key}' depends on '{dep}', which does not exist "
-                                   "in this execution")
+                    missing.append(missing_dependency_error(s.key, dep))
                 elif statuses[dep] != StepStatus.COMPLETED.value:
                     waiting += 1
             status = StepStatus.PENDING
-            if waiting == 0 and not s.name_deps and x.running:
+            if is_ready(waiting, s.name_deps, running=x.running):
                 status = StepStatus.READY
                 ready.append(s.key)
             rows.append({
@@ -481,9 +459,8 @@ class _Tx:
         failures = row.failures + 1
         fenced = (steps.c.execution_id == x.id, steps.c.key == o.key,
                   steps.c.attempt == o.attempt)
-        if not o.permanent and failures <= o.retries and x.running:
-            delays = list(o.retry_delays) or [1.0]
-            delay = delays[min(failures, len(delays)) - 1]
+        delay = after_failure(failures, o.policy, permanent=o.permanent, running=x.running)
+        if delay is not None:
             self.conn.execute(steps.update().where(*fenced).values(
                 status=StepStatus.RETRYING.value, failures=failures, error=o.error,
                 finished_at=self.now, next_attempt_at=self.now + delay, lease_until=None))
@@ -494,11 +471,9 @@ class _Tx:
             status=StepStatus.FAILED.value, failures=failures, error=o.error,
             finished_at=self.now, lease_until=None))
         x.active -= 1
-        tries = f"after {failures} attempt{'s' if failures != 1 else ''}"
         self.emit("step.failed", x, o.key, {"attempt": o.attempt, "error": head,
                                             "traceback": o.error})
-        self.fail_execution(x, f"pipeline '{x.pipeline}', step '{o.key}' failed {tries}: "
-                               f"{head}")
+        self.fail_execution(x, failed_error(x.pipeline, o.key, failures, o.error or ""))
         return True
 
     def end_attempt(self, x: _ExecRow, o: Outcome) -> bool:
@@ -514,8 +489,7 @@ class _Tx:
                 self.ready.append(Delivery(x.id, o.key))
                 self.emit("step.interrupted", x, o.key, {"attempt": o.attempt})
             return bool(n)
-        status = (StepStatus.CANCELLED if x.status == ExecutionStatus.CANCELLED.value
-                  else StepStatus.PENDING)
+        status = interrupted_status(ExecutionStatus(x.status))
         n = self.conn.execute(steps.update().where(*fenced).values(
             status=status.value, error=o.error, finished_at=self.now,
             lease_until=None)).rowcount
@@ -570,17 +544,15 @@ class _Tx:
                 sa.select(steps.c.name).where(
                     steps.c.execution_id == x.id, steps.c.name.in_(names),
                     steps.c.status != StepStatus.COMPLETED.value).distinct())}
-        released = sorted(k for k, deps in waiters.items() if not set(deps) & open_names)
+        released = released_by_names(waiters, open_names)
         if released:
             self.make_ready(x, released)
             return
         stuck = self.conn.execute(sa.select(steps.c.key, steps.c.depends_on).where(
             steps.c.execution_id == x.id, steps.c.status == StepStatus.PENDING.value)
             .order_by(steps.c.seq).limit(5)).all()
-        detail = "; ".join(f"{r.key} waits for {', '.join(r.depends_on) or 'nothing'}"
-                           for r in stuck)
-        self.fail_execution(x, f"pipeline '{x.pipeline}': no step can run any more "
-                               f"({x.unfinished} unfinished: {detail})")
+        self.fail_execution(x, stuck_error(x.pipeline, x.unfinished,
+                                           [(r.key, r.depends_on) for r in stuck]))
 
 
 # -- submission, resume and cancel ---------------------------------------------------------------
@@ -610,7 +582,7 @@ def submit(store: StateStore, pipeline: Pipeline, inputs: Mapping[str, Any], *,
         assert x is not None
         tx.emit("execution.created", x, None, {"pipeline": pipeline.name, "inputs": inputs})
         tx.emit("execution.started", x, None, {"run": 1, "mode": MODE})
-        tx.insert_steps(x, [step_spec(pipeline, s.name, {}, s.name)
+        tx.insert_steps(x, [plan_step(pipeline, s.name, {}, s.name)
                             for s in pipeline.initial_steps], spawned=False)
         tx.settle(x)
         committed = tx.save()

@@ -14,11 +14,9 @@ redo them. ``cancel`` (and Ctrl-C/SIGTERM) also asks running steps to stop: ``ct
 ``ctx.check_cancelled`` raise :class:`StepCancelledError` in them, and ``async`` steps are
 cancelled.
 
-Dependencies: a step waits for every step key it depends on. A dependency on a step *name* of a
-step without parameters is its one instance; on a *parameterised* name (every instance of it,
-including ones not spawned yet) it is satisfied when all existing instances are completed and
-nothing else in the execution is ready, running or waiting to retry, since only those could
-still spawn one.
+The rules (dependencies, readiness, retries, fail-fast, stuck detection, progress) are those
+of :mod:`framepipe.jobs.rules`, and a step's attempt runs through :mod:`framepipe.jobs.running`,
+as on the workers; this module holds the in-memory state and the in-process delivery.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,7 +45,6 @@ from framepipe.errors import (
     ExecutionStateError,
     FramepipeError,
     PipelineDefinitionError,
-    StepCancelledError,
     UnknownStepError,
 )
 from framepipe.events import Event, EventBus
@@ -55,9 +52,9 @@ from framepipe.jobs import dispatch
 from framepipe.jobs.context import Progressed, Spawned, StepContext, StepMessage
 from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.journal import Journal
-from framepipe.jobs.keys import canonical_json, is_step_key
+from framepipe.jobs.keys import canonical_json
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
-from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text
+from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.jobs.records import (
     Batch,
@@ -67,6 +64,19 @@ from framepipe.jobs.records import (
     write_batch,
 )
 from framepipe.jobs.recovery import recover_for
+from framepipe.jobs.rules import (
+    after_failure,
+    execution_progress,
+    failed_error,
+    interrupted_status,
+    is_key_dependency,
+    is_ready,
+    missing_dependency_error,
+    plan_step,
+    released_by_names,
+    stuck_error,
+)
+from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.untrusted import check_json, check_size
@@ -197,14 +207,11 @@ class _ExecState:
 
 @dataclass(slots=True)
 class _Finished:
-    """A step's code is done: its checked ``output`` and ledger rows, or the ``error`` it
-    raised (what its thread or task sends the scheduler)."""
+    """A step's attempt is done (what its thread or task sends the scheduler)."""
 
     step: _StepState
     ctx: StepContext
-    output: dict[str, Any] | None = None
-    ledger_rows: list[dict[str, Any]] = field(default_factory=list)
-    error: BaseException | None = None
+    ran: Ran
 
     @property
     def execution_id(self) -> str:
@@ -617,12 +624,12 @@ class JobEngine:
 
     def _new_step_row(self, x: _ExecState, step: Step, params: dict[str, Any], key: str,
                       deps: Iterable[str], spawned_by: str | None, now: float) -> dict[str, Any]:
-        merged = list(dict.fromkeys([*step.depends_on, *deps]))
+        plan = plan_step(x.pipeline, step.name, params, key, deps, spawned_by)
         seq = x.next_seq
         x.next_seq += 1
-        return {"execution_id": x.id, "key": key, "name": step.name, "params": params,
-                "depends_on": merged, "spawned_by": spawned_by,
-                "status": StepStatus.PENDING.value, "weight": step.weight, "progress": 0.0,
+        return {"execution_id": x.id, "key": key, "name": step.name, "params": plan.params,
+                "depends_on": plan.deps, "spawned_by": spawned_by,
+                "status": StepStatus.PENDING.value, "weight": plan.weight, "progress": 0.0,
                 "message": None, "attempt": 0, "failures": 0, "crashes": 0, "output": None,
                 "error": None, "seq": seq, "done_seq": None, "created_at": now,
                 "ready_at": None, "started_at": None, "finished_at": None,
@@ -647,7 +654,8 @@ class JobEngine:
             if dirty:
                 self._dirty_steps[id(s)] = s
         for s in list(x.steps.values()):
-            if s.status is StepStatus.PENDING and s.waiting == 0 and not s.name_deps:
+            if s.status is StepStatus.PENDING and is_ready(s.waiting, s.name_deps,
+                                                           running=x.stopping is None):
                 self._make_ready(s)
         self._recompute_progress(x)
         self._check_quiescent(x)
@@ -673,13 +681,11 @@ class JobEngine:
     def _link(self, s: _StepState) -> None:
         x = s.x
         for dep in s.deps:
-            target_step = x.pipeline.get(dep.partition(":")[0])
-            if is_step_key(dep) or (target_step is not None and not target_step.parameterised):
+            if is_key_dependency(x.pipeline, dep):
                 t = x.steps.get(dep)
                 if t is None:
                     self._stop_execution(x, ExecutionStatus.FAILED,
-                                         f"step '{s.key}' depends on '{dep}', which does not "
-                                         "exist in this execution")
+                                         missing_dependency_error(s.key, dep))
                     continue
                 if t.status is not StepStatus.COMPLETED:
                     s.waiting += 1
@@ -839,33 +845,17 @@ class JobEngine:
             self._pool.submit(self._run_sync, s, ctx)
 
     def _run_sync(self, s: _StepState, ctx: StepContext) -> None:
-        try:
-            outcome = self._checked(s, ctx, s.step.fn(ctx, **s.params))
-        except BaseException as exc:
-            outcome = _Finished(s, ctx, error=exc)
-        self._ran(outcome)
+        self._ran(_Finished(s, ctx, run_attempt(
+            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
 
     async def _run_async(self, s: _StepState, ctx: StepContext) -> None:
-        try:
-            outcome = self._checked(s, ctx, await s.step.fn(ctx, **s.params))
-        except asyncio.CancelledError:
-            outcome = _Finished(s, ctx, error=StepCancelledError(
-                "cancelled", pipeline=s.x.pipeline.name, step_key=s.key, execution_id=s.x.id))
-        except BaseException as exc:
-            outcome = _Finished(s, ctx, error=exc)
-        self._ran(outcome)
+        self._ran(_Finished(s, ctx, await run_attempt_async(
+            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
 
     def _ran(self, outcome: _Finished) -> None:
-        """The step's code is done (in its own thread or task): clean up, tell the scheduler."""
-        outcome.ctx._cleanup()
+        """The step's attempt is done (in its own thread or task): tell the scheduler."""
         self._journal.ended(outcome.step.x.id, outcome.step.key)
         self._post(outcome)
-
-    def _checked(self, s: _StepState, ctx: StepContext, result: Any) -> _Finished:
-        """Validate a step's return value in the step's own thread."""
-        output = check_output(result, pipeline=s.x.pipeline.name, step_key=s.key,
-                              execution_id=s.x.id, limit=self.settings.max_step_output_bytes)
-        return _Finished(s, ctx, output=output, ledger_rows=ctx._ledger_rows)
 
     def _on_progress(self, x: _ExecState, key: str, pct: float, message: str | None) -> None:
         s = x.steps.get(key)
@@ -895,7 +885,7 @@ class JobEngine:
         self._emit(Event("step.spawned", now, x.id, key,
                          {"name": name, "params": params, "depends_on": s.deps,
                           "spawned_by": spawner}))
-        if s.waiting == 0 and not s.name_deps:
+        if is_ready(s.waiting, s.name_deps, running=x.stopping is None):
             self._make_ready(s)
         self._recompute_progress(x)
 
@@ -910,10 +900,11 @@ class JobEngine:
         now = time.time()
         s.finished_at = now
         self._progress_events.pop((x.id, s.key), None)
-        if outcome.error is None:
-            self._complete(x, s, outcome.output or {}, outcome.ledger_rows, now)
+        ran = outcome.ran
+        if ran.error is None:
+            self._complete(x, s, ran.output or {}, ran.ledger_rows, now)
         else:
-            self._fail(x, s, outcome.error, now)
+            self._fail(x, s, ran.error, now)
         if x.stopping is not None and x.running == 0:
             self._finalize(x)
 
@@ -934,7 +925,8 @@ class JobEngine:
                           "execution_progress": x.row["progress"]}))
         for d in s.dependents:
             d.waiting -= 1
-            if d.waiting == 0 and not d.name_deps and d.status is StepStatus.PENDING:
+            if d.status is StepStatus.PENDING and is_ready(d.waiting, d.name_deps,
+                                                           running=x.stopping is None):
                 self._make_ready(d)
         s.dependents = []
         if x.unfinished == 0 and x.stopping is None:
@@ -943,19 +935,17 @@ class JobEngine:
     def _fail(self, x: _ExecState, s: _StepState, exc: BaseException, now: float) -> None:
         text = error_text(exc)
         s.error = text
-        if isinstance(exc, StepCancelledError) or (
-                x.stopping is not None and x.stopping is not ExecutionStatus.FAILED):
+        if x.stopping is not None and x.stopping is not ExecutionStatus.FAILED:
             s.error = text.splitlines()[0]
-            status = (StepStatus.CANCELLED if x.stopping is ExecutionStatus.CANCELLED
-                      else StepStatus.PENDING)
+            status = interrupted_status(x.stopping)
             self._set(s, status)
             self._emit(Event("step.cancelled" if status is StepStatus.CANCELLED
                              else "step.interrupted", now, x.id, s.key, {"attempt": s.attempt}))
             return
         s.failures += 1
-        policy = RetryPolicy.of(s.step, self.settings)
-        if policy.retries_after(s.failures, exc) and x.stopping is None:
-            delay = policy.delay(s.failures)
+        delay = after_failure(s.failures, RetryPolicy.of(s.step, self.settings),
+                              permanent=is_permanent(exc), running=x.stopping is None)
+        if delay is not None:
             s.next_attempt_at = now + delay
             self._set(s, StepStatus.RETRYING)
             _log.warning("[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",
@@ -968,9 +958,7 @@ class JobEngine:
             s.timer = self._loop.call_later(delay, self._retry_due, s)
             return
         self._set(s, StepStatus.FAILED)
-        tries = f"after {s.failures} attempt{'s' if s.failures != 1 else ''}"
-        summary = (f"pipeline '{x.pipeline.name}', step '{s.key}' failed {tries}: "
-                   f"{text.splitlines()[0]}")
+        summary = failed_error(x.pipeline.name, s.key, s.failures, text)
         _log.error("[%s] %s", x.label, summary)
         self._emit(Event("step.failed", now, x.id, s.key,
                          {"attempt": s.attempt, "error": text.splitlines()[0],
@@ -1044,19 +1032,18 @@ class JobEngine:
     def _check_quiescent(self, x: _ExecState) -> None:
         if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
             return
-        released = [s for s in x.name_waiters.values()
-                    if s.status is StepStatus.PENDING and s.waiting == 0
-                    and all(x.unfinished_by_name[n] == 0 for n in s.name_deps)]
-        for s in released:
-            self._make_ready(s)
+        waiters = {s.key: s.name_deps for s in x.name_waiters.values()
+                   if s.status is StepStatus.PENDING and s.waiting == 0}
+        open_names = [name for name, n in x.unfinished_by_name.items() if n > 0]
+        released = released_by_names(waiters, open_names)
+        for key in released:
+            self._make_ready(x.steps[key])
         if released:
             return
-        stuck = [s for s in x.steps.values() if s.status is StepStatus.PENDING]
-        detail = "; ".join(
-            f"{s.key} waits for {', '.join(s.deps) or 'nothing'}" for s in stuck[:5])
-        self._stop_execution(x, ExecutionStatus.FAILED,
-                             f"pipeline '{x.pipeline.name}': no step can run any more "
-                             f"({len(stuck)} waiting: {detail})")
+        stuck = sorted((s for s in x.steps.values() if s.status is StepStatus.PENDING),
+                       key=lambda s: s.seq)
+        self._stop_execution(x, ExecutionStatus.FAILED, stuck_error(
+            x.pipeline.name, len(stuck), [(s.key, s.deps) for s in stuck[:5]]))
 
     # -- progress -------------------------------------------------------------------------------
 
@@ -1071,12 +1058,10 @@ class JobEngine:
             x.wtotal = sum(s.weight for s in x.steps.values())
             x.wsum = sum(s.weight * (100.0 if s.status is StepStatus.COMPLETED else s.progress)
                          for s in x.steps.values())
-        if x.wtotal > 0:
-            value = x.wsum / x.wtotal
-        else:
-            done = sum(1 for s in x.steps.values() if s.status is StepStatus.COMPLETED)
-            value = 100.0 * done / max(1, len(x.steps))
-        value = round(min(100.0, value), 2)
+        completed = 0 if x.wtotal > 0 else sum(
+            1 for s in x.steps.values() if s.status is StepStatus.COMPLETED)
+        value = execution_progress(x.row["progress"], x.wsum, x.wtotal, completed=completed,
+                                   total=len(x.steps))
         if value > x.row["progress"]:
             x.row["progress"] = value
             self._mark_exec(x)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from framepipe.config import Settings
     from framepipe.jobs.pipeline import Step
 
-__all__ = ["RetryPolicy", "check_output", "error_text", "is_permanent"]
+__all__ = ["NO_RETRY", "RetryPolicy", "check_output", "error_text", "is_permanent"]
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -62,9 +62,10 @@ class RetryPolicy:
         """Seconds to wait before the retry that follows failure number ``failures``."""
         return self.backoff.delay(failures)
 
-    def delays(self) -> list[float]:
-        """The delays before every retry, drawn now (what a worker sends with its outcome)."""
-        return [self.delay(n) for n in range(1, self.retries + 1)]
+
+
+NO_RETRY = RetryPolicy(0, Backoff())
+"""The policy of an attempt that must not run again (a step this worker cannot load)."""
 
 
 def error_text(exc: BaseException) -> str:

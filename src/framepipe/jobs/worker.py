@@ -56,8 +56,10 @@ from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
 from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import StepStatus
-from framepipe.jobs.outcomes import RetryPolicy, check_output, error_text, is_permanent
+from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.rules import plan_step
+from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url
@@ -466,7 +468,7 @@ class Worker:
                 f"worker {self.id} cannot run step {c.key!r}: {what} is not known here; "
                 "make the pipeline importable on every worker (or pass it to the worker)",
                 pipeline=c.pipeline)
-            self._post_outcome(run, self._failed(run, exc, retries=0))
+            self._post_outcome(run, self._failed(run, exc))
             return
         store = self.store
         ctx = StepContext(pipeline=pipeline, execution_id=c.execution_id, step_key=c.key,
@@ -493,15 +495,11 @@ class Worker:
             return True
 
     def _run_sync(self, run: _Run, ctx: StepContext) -> None:
-        step = ctx.pipeline.steps[run.claimed.name]
         if not self._begin(run):
             return
-        try:
-            outcome = self._done(run, step.fn(ctx, **run.claimed.params))
-        except BaseException as exc:
-            outcome = self._failed(run, exc, retries=step.retries)
-        ctx._cleanup()
-        self._post_outcome(run, outcome)
+        step = ctx.pipeline.steps[run.claimed.name]
+        ran = run_attempt(step, ctx, output_limit=self.settings.max_step_output_bytes)
+        self._post_outcome(run, self._outcome(run, ran))
 
     async def _run_async(self, run: _Run, ctx: StepContext) -> None:
         step = ctx.pipeline.steps[run.claimed.name]
@@ -510,27 +508,26 @@ class Worker:
             async with self._async_slots:  # at most `concurrency` run; claimed ones wait
                 if not self._begin(run):
                     return
-                outcome = self._done(run, await step.fn(ctx, **run.claimed.params))
-        except asyncio.CancelledError:
-            outcome = self._failed(run, StepCancelledError(
+                ran = await run_attempt_async(
+                    step, ctx, output_limit=self.settings.max_step_output_bytes)
+        except asyncio.CancelledError:  # handed back while it waited for a slot
+            ran = Ran(error=StepCancelledError(
                 "cancelled", pipeline=ctx.pipeline.name, step_key=run.claimed.key,
-                execution_id=run.claimed.execution_id), retries=0)
-        except BaseException as exc:
-            outcome = self._failed(run, exc, retries=step.retries)
-        ctx._cleanup()
-        self._post_outcome(run, outcome)
+                execution_id=run.claimed.execution_id))
+        self._post_outcome(run, self._outcome(run, ran))
 
-    def _done(self, run: _Run, result: Any) -> Outcome:
+    def _outcome(self, run: _Run, ran: Ran) -> Outcome:
+        """What to commit for an attempt: its completion, or how its error ends it (cancelled
+        with its execution; handed back if this worker is stopping it; else a failure, retried
+        as the step's :class:`RetryPolicy` allows)."""
+        if ran.error is not None:
+            return self._failed(run, ran.error)
         c = run.claimed
-        output = check_output(result, pipeline=c.pipeline, step_key=c.key,
-                              execution_id=c.execution_id,
-                              limit=self.settings.max_step_output_bytes)
-        assert run.ctx is not None
         return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind="done",
-                       weight=c.weight, before=run.committed_progress, output=output,
-                       ledger=list(run.ctx._ledger_rows))
+                       weight=c.weight, before=run.committed_progress, output=ran.output,
+                       ledger=ran.ledger_rows)
 
-    def _failed(self, run: _Run, exc: BaseException, *, retries: int) -> Outcome:
+    def _failed(self, run: _Run, exc: BaseException) -> Outcome:
         c = run.claimed
         kind: Any = "failed"
         if run.cancelled:
@@ -538,11 +535,10 @@ class Worker:
         elif self._stopping.is_set() and isinstance(exc, StepCancelledError):
             kind = "handback"
         step = run.pipeline.get(c.name) if run.pipeline is not None else None
-        policy = RetryPolicy.of(step, self.settings, retries=retries)
+        policy = NO_RETRY if step is None else RetryPolicy.of(step, self.settings)
         return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind=kind,
                        weight=c.weight, before=run.committed_progress, error=error_text(exc),
-                       permanent=is_permanent(exc), retries=retries,
-                       retry_delays=policy.delays())
+                       permanent=is_permanent(exc), policy=policy)
 
     def _post_message(self, run: _Run, message: StepMessage) -> None:
         """A message from a step's context (its thread or the loop)."""
@@ -553,8 +549,8 @@ class Worker:
                 self._pending.progress[run.ident] = (run, message.pct, message.message)
             else:
                 assert run.pipeline is not None
-                spec = dispatch.step_spec(run.pipeline, message.name, message.params,
-                                          message.key, message.deps, message.spawner)
+                spec = plan_step(run.pipeline, message.name, message.params, message.key,
+                                 message.deps, message.spawner)
                 self._pending.spawns.append(Spawn(message.execution_id, message.spawner,
                                                   run.claimed.attempt, spec))
         self._wakeup()
