@@ -44,3 +44,47 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
         assert "framepipe.jobs.engine" not in loaded, module
         if module != "framepipe.jobs.pipeline":
             assert "sqlalchemy" not in loaded, module
+
+
+_TABLES = {"events", "executions", "ledger", "step_deps", "steps", "workers", "metadata"}
+# The modules that hold the jobs' queries: the store module, the workers' transitions, the
+# recovery of dead engines' executions and the ledger (see jobs/records.py).
+_STORE_MODULES = {"jobs/records.py", "jobs/dispatch.py", "jobs/recovery.py", "jobs/ledger.py"}
+
+
+def _table_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "framepipe.backends.state"):
+            found.update(a.name for a in node.names if a.name in _TABLES)
+    return found
+
+
+def test_only_the_store_modules_query_the_jobs_tables() -> None:
+    """No engine, worker, client, command or endpoint writes SQL on the jobs tables: they call
+    the store modules, so a change of schema or of a query's rule is made in one place."""
+    offenders = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith("backends/state/") or rel in _STORE_MODULES:
+            continue
+        tables = _table_imports(path)
+        if tables:
+            offenders[rel] = sorted(tables)
+    assert not offenders, f"modules querying the jobs tables directly: {offenders}"
+    assert all((SRC / m).exists() for m in _STORE_MODULES)
+
+
+def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
+    """The embedded engine and the worker run an attempt through jobs/running.py and take their
+    scheduling decisions from jobs/rules.py; neither calls a step function or checks an output
+    itself."""
+    for name in ("engine.py", "worker.py"):
+        source = (SRC / "jobs" / name).read_text()
+        imports = _imports(SRC / "jobs" / name)
+        assert "framepipe.jobs.running" in imports, name
+        assert "framepipe.jobs.rules" in imports, name
+        assert "check_output" not in source, name
+        assert ".fn(ctx" not in source, name
+    assert "framepipe.jobs.rules" in _imports(SRC / "jobs" / "dispatch.py")

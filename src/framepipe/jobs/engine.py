@@ -38,7 +38,7 @@ import sqlalchemy as sa
 import tenacity
 
 from framepipe.backends.objects import ObjectStore, open_object_store
-from framepipe.backends.state import StateStore, executions
+from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
     ExecutionFailedError,
@@ -58,9 +58,13 @@ from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline, Step
 from framepipe.jobs.records import (
     Batch,
+    cancel_requested,
+    execution_mode,
+    execution_status,
     get_execution,
     list_events,
     load_rows,
+    take_over,
     write_batch,
 )
 from framepipe.jobs.recovery import recover_for
@@ -462,12 +466,9 @@ class JobEngine:
 
     def _poll(self, execution_id: str, after: int,
               with_events: bool) -> tuple[ExecutionStatus, list[Event]]:
-        with self.store.read() as conn:
-            status = conn.execute(sa.select(executions.c.status).where(
-                executions.c.id == execution_id)).scalar_one()
-        if not with_events:
-            return ExecutionStatus(status), []
-        return ExecutionStatus(status), list_events(self.store, execution_id, after_id=after)
+        status = execution_status(self.store, execution_id)
+        return status, (list_events(self.store, execution_id, after_id=after) if with_events
+                        else [])
 
     async def _submit_to_workers(self, pipeline: Pipeline, inputs: dict[str, Any],
                                  ref: str | None, input_roots: list[str] | None) -> str:
@@ -518,7 +519,7 @@ class JobEngine:
         await self._in_db(self._recover)
         info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
                                                     with_steps=False))
-        if await self._in_db(self._mode, info.id) == dispatch.MODE:
+        if await self._in_db(execution_mode, self.store, info.id) == dispatch.MODE:
             full_id, ready, events = await self._in_db(dispatch.resume, self.store, info.id)
             self.bus.publish(events)
             await self._publish(ready)
@@ -545,7 +546,8 @@ class JobEngine:
         pipeline.validate()
         self.register(pipeline)
         now = time.time()
-        claimed = await self._in_db(self._claim, info.id, info.status.value, now)
+        claimed = await self._in_db(take_over, self.store, info.id, info.status.value,
+                                    self.owner, now)
         if not claimed:
             raise ExecutionStateError(f"execution {info.id[:12]} was resumed by another process",
                                       execution_id=info.id)
@@ -566,20 +568,6 @@ class JobEngine:
         self._wakeup()
         _log.info("[%s] execution resumed (run %d)", x.label, row["runs"])
         return x.id
-
-    def _mode(self, execution_id: str) -> str:
-        with self.store.read() as conn:
-            return str(conn.execute(sa.select(executions.c.mode).where(
-                executions.c.id == execution_id)).scalar_one())
-
-    def _claim(self, execution_id: str, status: str, now: float) -> bool:
-        with self.store.write() as conn:
-            return bool(conn.execute(
-                executions.update()
-                .where(executions.c.id == execution_id, executions.c.status == status)
-                .values(status=ExecutionStatus.RUNNING.value, owner=self.owner,
-                        heartbeat_at=now, cancel_requested=False, finished_at=None,
-                        error=None, runs=executions.c.runs + 1)).rowcount)
 
     async def cancel(self, execution_id: str) -> None:
         """Cancel an execution: nothing new starts, running steps are asked to stop, unfinished
@@ -1081,7 +1069,7 @@ class JobEngine:
             self._journal.compact([(x.id, s.key) for x in self._execs.values()
                                    for s in x.steps.values() if s.status is StepStatus.RUNNING])
             ids = list(self._execs)
-            cancelled = await self._in_db(self._cancel_requested, ids)
+            cancelled = await self._in_db(cancel_requested, self.store, ids)
             for execution_id in cancelled:
                 target = self._execs.get(execution_id)
                 if target is not None:
@@ -1089,11 +1077,6 @@ class JobEngine:
                     self._stop_execution(target, ExecutionStatus.CANCELLED,
                                          "cancelled by request")
             self._wakeup()
-
-    def _cancel_requested(self, ids: list[str]) -> list[str]:
-        with self.store.read() as conn:
-            return list(conn.execute(sa.select(executions.c.id).where(
-                executions.c.id.in_(ids), executions.c.cancel_requested.is_(True))).scalars())
 
     def _check_started(self) -> None:
         if self._closed:

@@ -1,9 +1,12 @@
 """Reading and writing jobs in the state store (executions, steps, events, ledger).
 
 This is the jobs' store module: the queries of the jobs tables that the job client
-(:mod:`framepipe.jobs.client`), control and recovery make live here, so the command line, the
-HTTP service, :func:`~framepipe.run_pipeline` and the examples never write SQL (the workers'
-own transactions are in :mod:`framepipe.jobs.dispatch`).
+(:mod:`framepipe.jobs.client`), the engine, a worker's step context, control, the event feed
+and the metrics make live here, so the command line, the HTTP service,
+:func:`~framepipe.run_pipeline` and the examples never write SQL. The workers' transitions are
+in :mod:`framepipe.jobs.dispatch`, recovery of dead engines' executions in
+:mod:`framepipe.jobs.recovery` and the ledger's in :mod:`framepipe.jobs.ledger`; no other module
+queries these tables (``tests/test_layers.py`` holds it so).
 
 The engine batches its writes: :func:`write_batch` commits a whole group of state changes in one
 transaction, so they become durable together or not at all.
@@ -17,7 +20,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from framepipe.backends.state import StateStore, events, executions, ledger, steps
+from framepipe.backends.state import StateStore, events, executions, ledger, steps, workers
 from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
@@ -25,13 +28,22 @@ from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, Step
 
 __all__ = [
     "Batch",
+    "JobCounts",
     "cancel_or_flag",
+    "cancel_requested",
+    "completed_data",
+    "count_jobs",
+    "execution_mode",
     "execution_status",
     "find_execution",
     "get_execution",
+    "has_step",
     "insert_events",
     "list_events",
     "list_executions",
+    "newest_event_id",
+    "step_dependencies",
+    "take_over",
     "upsert_ledger",
     "write_batch",
 ]
@@ -273,3 +285,115 @@ def cancel_or_flag(store: StateStore, execution_id: str, *, workers_mode: str,
         return "cancelled", insert_events(store, conn, [
             Event("execution.cancelled", now, execution_id, None,
                   {"error": "cancelled by request"})])
+
+
+def execution_mode(store: StateStore, execution_id: str) -> str:
+    """Where the execution with the full id ``execution_id`` runs: ``embedded`` or
+    ``workers``."""
+    with store.read() as conn:
+        return str(conn.execute(sa.select(executions.c.mode).where(
+            executions.c.id == execution_id)).scalar_one())
+
+
+def take_over(store: StateStore, execution_id: str, status: str, owner: str,
+              now: float) -> bool:
+    """Make ``owner`` the engine of an execution to resume, if it is still ``status`` (so two
+    processes resuming it at once cannot both win): running again, a new run counted, its
+    error and any cancel request cleared. False if it was not ``status`` any more."""
+    with store.write() as conn:
+        return bool(conn.execute(
+            executions.update()
+            .where(executions.c.id == execution_id, executions.c.status == status)
+            .values(status=ExecutionStatus.RUNNING.value, owner=owner, heartbeat_at=now,
+                    cancel_requested=False, finished_at=None, error=None,
+                    runs=executions.c.runs + 1)).rowcount)
+
+
+def cancel_requested(store: StateStore, ids: Sequence[str]) -> list[str]:
+    """Those of ``ids`` whose cancel another process requested (:func:`cancel_or_flag`)."""
+    with store.read() as conn:
+        return list(conn.execute(sa.select(executions.c.id).where(
+            executions.c.id.in_(ids), executions.c.cancel_requested.is_(True))).scalars())
+
+
+def completed_data(store: StateStore, execution_id: str) -> dict[str, Any]:
+    """The merged outputs of the execution's completed steps, in completion order (later
+    outputs win), as a step's ``ctx.data`` sees them."""
+    data: dict[str, Any] = {}
+    with store.read() as conn:
+        for output in conn.execute(sa.select(steps.c.output).where(
+                steps.c.execution_id == execution_id,
+                steps.c.status == StepStatus.COMPLETED.value).order_by(steps.c.done_seq)
+                ).scalars():
+            data.update(output or {})
+    return data
+
+
+def step_dependencies(store: StateStore, execution_id: str, key: str) -> list[str] | None:
+    """The dependencies of step ``key`` of the execution, or None if it has no such step."""
+    with store.read() as conn:
+        found = conn.execute(sa.select(steps.c.depends_on).where(
+            steps.c.execution_id == execution_id, steps.c.key == key)).first()
+    return None if found is None else list(found.depends_on)
+
+
+def has_step(store: StateStore, execution_id: str, key: str) -> bool:
+    """True if the execution has a step ``key``."""
+    with store.read() as conn:
+        return conn.execute(sa.select(steps.c.key).where(
+            steps.c.execution_id == execution_id, steps.c.key == key)).first() is not None
+
+
+def newest_event_id(store: StateStore) -> int:
+    """The id of the newest stored event (0 when there is none)."""
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0)))
+                   .scalar_one())
+
+
+@dataclass
+class JobCounts:
+    """What the store holds, counted for monitoring: executions by (pipeline, status); steps by
+    (pipeline, step, status); per (pipeline, step) the failed attempts and crashes summed, and
+    the completed steps with their summed run time; workers by status."""
+
+    executions: dict[tuple[str, str], int] = field(default_factory=dict)
+    steps: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    failures: dict[tuple[str, str], float] = field(default_factory=dict)
+    crashes: dict[tuple[str, str], float] = field(default_factory=dict)
+    durations: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    workers: dict[str, int] = field(default_factory=dict)
+
+
+def count_jobs(store: StateStore) -> JobCounts:
+    """Count executions, steps and workers in one read (a scrape's worth, not per step)."""
+    counts = JobCounts()
+    joined = steps.join(executions, executions.c.id == steps.c.execution_id)
+    with store.read() as conn:
+        for r in conn.execute(sa.select(executions.c.pipeline, executions.c.status,
+                                        sa.func.count()).group_by(executions.c.pipeline,
+                                                                  executions.c.status)):
+            counts.executions[(r[0], r[1])] = r[2]
+        for r in conn.execute(sa.select(
+                executions.c.pipeline, steps.c.name, steps.c.status, sa.func.count())
+                .select_from(joined)
+                .group_by(executions.c.pipeline, steps.c.name, steps.c.status)):
+            counts.steps[(r[0], r[1], r[2])] = r[3]
+        for r in conn.execute(sa.select(
+                executions.c.pipeline, steps.c.name, sa.func.sum(steps.c.failures),
+                sa.func.sum(steps.c.crashes)).select_from(joined)
+                .group_by(executions.c.pipeline, steps.c.name)):
+            counts.failures[(r[0], r[1])] = float(r[2] or 0)
+            counts.crashes[(r[0], r[1])] = float(r[3] or 0)
+        for r in conn.execute(sa.select(
+                executions.c.pipeline, steps.c.name, sa.func.count(),
+                sa.func.sum(steps.c.finished_at - steps.c.started_at))
+                .select_from(joined)
+                .where(steps.c.status == StepStatus.COMPLETED.value,
+                       steps.c.started_at.is_not(None), steps.c.finished_at.is_not(None))
+                .group_by(executions.c.pipeline, steps.c.name)):
+            counts.durations[(r[0], r[1])] = (r[2], float(r[3] or 0.0))
+        for r in conn.execute(sa.select(workers.c.status, sa.func.count())
+                              .group_by(workers.c.status)):
+            counts.workers[r[0]] = r[1]
+    return counts

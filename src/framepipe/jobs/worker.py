@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from framepipe.backends.objects import ObjectStore, open_object_store
-from framepipe.backends.state import StateStore, steps
+from framepipe.backends.state import StateStore
 from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
@@ -55,9 +55,9 @@ from framepipe.jobs.context import Progressed, StepContext, StepMessage
 from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
 from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
-from framepipe.jobs.models import StepStatus
 from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import completed_data, has_step, step_dependencies
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
 from framepipe.liveness import this_owner
@@ -473,12 +473,12 @@ class Worker:
         store = self.store
         ctx = StepContext(pipeline=pipeline, execution_id=c.execution_id, step_key=c.key,
                           step_name=c.name, attempt=c.attempt, inputs=MappingProxyType(c.inputs),
-                          data=_LazyData(lambda: _load_data(store, c.execution_id)),
+                          data=_LazyData(lambda: completed_data(store, c.execution_id)),
                           params=c.params, store=store, objects=lambda: self.objects,
                           post=lambda message: self._post_message(run, message),
-                          has_key=lambda key: _has_key(store, c.execution_id, key),
+                          has_key=lambda key: has_step(store, c.execution_id, key),
                           known_key=lambda key: False, input_roots=c.input_roots,
-                          deps_of=lambda key: _deps_of(store, c.execution_id, key))
+                          deps_of=lambda key: step_dependencies(store, c.execution_id, key))
         run.ctx = ctx
         if step.is_async:
             run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))
@@ -775,27 +775,3 @@ class Worker:
                 _log.warning("Worker %s: %s failed (%s); retrying in %.1fs", self.id, what,
                              str(exc).splitlines()[0], delay)
                 await asyncio.sleep(delay)
-
-
-def _load_data(store: StateStore, execution_id: str) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    with store.read() as conn:
-        for output in conn.execute(sa.select(steps.c.output).where(
-                steps.c.execution_id == execution_id,
-                steps.c.status == StepStatus.COMPLETED.value).order_by(steps.c.done_seq)
-                ).scalars():
-            data.update(output or {})
-    return data
-
-
-def _deps_of(store: StateStore, execution_id: str, key: str) -> list[str] | None:
-    with store.read() as conn:
-        found = conn.execute(sa.select(steps.c.depends_on).where(
-            steps.c.execution_id == execution_id, steps.c.key == key)).first()
-    return None if found is None else list(found.depends_on)
-
-
-def _has_key(store: StateStore, execution_id: str, key: str) -> bool:
-    with store.read() as conn:
-        return conn.execute(sa.select(steps.c.key).where(
-            steps.c.execution_id == execution_id, steps.c.key == key)).first() is not None

@@ -14,11 +14,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import sqlalchemy as sa
-
-from framepipe.backends.state import StateStore, events
+from framepipe.backends.state import StateStore
 from framepipe.events import Event
-from framepipe.jobs.records import list_events
+from framepipe.jobs.records import list_events, newest_event_id
 from framepipe.logs import get_logger
 
 __all__ = ["EventFeed"]
@@ -47,7 +45,7 @@ class EventFeed:
 
     async def start(self) -> None:
         """Start tailing after the newest stored event."""
-        self.last_id = await asyncio.to_thread(self._newest)
+        self.last_id = await asyncio.to_thread(newest_event_id, self.store)
         self._task = asyncio.create_task(self._tail(), name="framepipe-event-feed")
 
     async def stop(self) -> None:
@@ -59,11 +57,6 @@ class EventFeed:
         for sub in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(None)
-
-    def _newest(self) -> int:
-        with self.store.read() as conn:
-            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0)))
-                       .scalar_one())
 
     async def _tail(self) -> None:
         while True:

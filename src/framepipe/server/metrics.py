@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-import sqlalchemy as sa
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from framepipe.backends.state import StateStore, executions, steps, workers
+from framepipe.backends.state import StateStore
 from framepipe.config import Settings
+from framepipe.jobs.records import count_jobs
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.telemetry import StreamCollector
@@ -41,40 +41,19 @@ class _JobsCollector(Collector):
                                     "Times steps' processes died under them.",
                                     labels=["pipeline", "step"])
         alive = GaugeMetricFamily("framepipe_workers", "Workers by status.", labels=["status"])
-        with self.store.read() as conn:
-            for r in conn.execute(sa.select(executions.c.pipeline, executions.c.status,
-                                            sa.func.count()).group_by(executions.c.pipeline,
-                                                                      executions.c.status)):
-                runs.add_metric([r[0], r[1]], r[2])
-            joined = steps.join(executions, executions.c.id == steps.c.execution_id)
-            for r in conn.execute(sa.select(
-                    executions.c.pipeline, steps.c.name, steps.c.status, sa.func.count())
-                    .select_from(joined)
-                    .group_by(executions.c.pipeline, steps.c.name, steps.c.status)):
-                by_step.add_metric([r[0], r[1], r[2]], r[3])
-            fails: dict[tuple[str, str], float] = {}
-            crashes: dict[tuple[str, str], float] = {}
-            for r in conn.execute(sa.select(
-                    executions.c.pipeline, steps.c.name, sa.func.sum(steps.c.failures),
-                    sa.func.sum(steps.c.crashes)).select_from(joined)
-                    .group_by(executions.c.pipeline, steps.c.name)):
-                fails[(r[0], r[1])] = float(r[2] or 0)
-                crashes[(r[0], r[1])] = float(r[3] or 0)
-            for r in conn.execute(sa.select(
-                    executions.c.pipeline, steps.c.name, sa.func.count(),
-                    sa.func.sum(steps.c.finished_at - steps.c.started_at))
-                    .select_from(joined)
-                    .where(steps.c.status == "completed", steps.c.started_at.is_not(None),
-                           steps.c.finished_at.is_not(None))
-                    .group_by(executions.c.pipeline, steps.c.name)):
-                took.add_metric([r[0], r[1]], count_value=r[2], sum_value=float(r[3] or 0.0))
-            for r in conn.execute(sa.select(workers.c.status, sa.func.count())
-                                  .group_by(workers.c.status)):
-                alive.add_metric([r[0]], r[1])
-        for key, value in fails.items():
+        counts = count_jobs(self.store)
+        for (pipeline, status), n in counts.executions.items():
+            runs.add_metric([pipeline, status], n)
+        for (pipeline, name, status), n in counts.steps.items():
+            by_step.add_metric([pipeline, name, status], n)
+        for (pipeline, name), (n, total) in counts.durations.items():
+            took.add_metric([pipeline, name], count_value=n, sum_value=total)
+        for key, value in counts.failures.items():
             retried.add_metric(list(key), value)
-        for key, value in crashes.items():
+        for key, value in counts.crashes.items():
             crashed.add_metric(list(key), value)
+        for status, n in counts.workers.items():
+            alive.add_metric([status], n)
         yield from (runs, by_step, took, retried, crashed, alive)
         yield from self._broker()
 
