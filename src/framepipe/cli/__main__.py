@@ -2,4 +2,6 @@
 
 from framepipe.cli import main
 
+__all__: list[str] = []
+
 main()

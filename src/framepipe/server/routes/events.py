@@ -1,0 +1,121 @@
+"""The events: ``GET /api/events`` (stored, page by page) and the ``/ws`` WebSocket (live).
+
+Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008);
+a subscriber gets the current state first (``snapshot``), then every event committed after
+it, in order; one that falls too far behind is told so (``lagged``) and closed, to reconnect.
+A step's progress or completion, and an execution's completion, are also summed up as
+``pipeline:progress``, whose execution progress never decreases within one socket.
+"""
+
+import asyncio
+import contextlib
+from typing import Annotated, Any
+
+from framepipe.errors import ExecutionNotFoundError, MissingDependencyError
+from framepipe.events import Event
+from framepipe.server.guard import admit_websocket
+from framepipe.server.routes.executions import summaries
+from framepipe.server.state import Service
+from framepipe.untrusted import dumps
+
+try:
+    from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["pipeline_progress", "router", "socket_router"]
+
+router = APIRouter(tags=["events"])
+"""The stored events, included under ``/api``."""
+
+socket_router = APIRouter()
+"""``/ws``, at the root: it checks the token itself (a WebSocket has no headers to spare)."""
+
+
+@router.get("/events")
+async def events_page(
+        service: Service,
+        execution_id: Annotated[str | None, Query(max_length=64)] = None,
+        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
+    """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
+    page = await service.jobs.events(execution_id, after=after, limit=limit)
+    return page.to_dict()
+
+
+def pipeline_progress(event: Event) -> dict[str, Any]:
+    """The ``pipeline:progress`` message of a step's progress or completion, or of an
+    execution's completion: the step's progress and its execution's (``progress``, which the
+    sender keeps from decreasing within one WebSocket)."""
+    data = event.data
+    if event.type == "execution.completed":
+        return {"type": "pipeline:progress", "execution_id": event.execution_id,
+                "step_key": None, "step_progress": None, "progress": data.get("progress"),
+                "message": "completed"}
+    return {"type": "pipeline:progress", "execution_id": event.execution_id,
+            "step_key": event.step_key,
+            "step_progress": 100.0 if event.type == "step.completed" else data.get("progress"),
+            "progress": data.get("execution_progress"), "message": data.get("message")}
+
+
+@socket_router.websocket("/ws")
+async def live(websocket: WebSocket, service: Service, execution_id: str | None = None,
+               token_param: Annotated[str | None, Query(alias="token")] = None) -> None:
+    """The current state, then every event as it is committed."""
+    if not await admit_websocket(websocket, service.token):
+        return
+    feed = service.feed
+    jobs = service.jobs
+    async with feed.subscribe(execution_id) as stream:
+        after = feed.last_id
+        try:
+            if execution_id is not None:
+                info = await jobs.get(execution_id)
+                snapshot: Any = {"execution": info.to_dict()}
+            else:
+                snapshot = {"executions": summaries(await jobs.list(limit=50))}
+        except ExecutionNotFoundError as exc:
+            await websocket.send_text(dumps({"type": "error", "detail": str(exc)}))
+            await websocket.close(code=1008)
+            return
+        await websocket.send_text(dumps({"type": "snapshot", "after": after, **snapshot}))
+
+        async def forward() -> None:
+            # Coalesced progress events of one commit may carry execution progress out of
+            # order; the highest seen so far is what a browser should show.
+            highest: dict[str | None, float] = {}
+            async for event in stream:
+                if event is None:
+                    await websocket.send_text(dumps({"type": "lagged"}))
+                    return
+                await websocket.send_text(dumps({"type": "event", "event": event.to_dict()}))
+                if event.type in ("step.progress", "step.completed", "execution.completed"):
+                    message = pipeline_progress(event)
+                    if message["progress"] is not None:
+                        message["progress"] = highest[event.execution_id] = max(
+                            float(message["progress"]),
+                            highest.get(event.execution_id, 0.0))
+                    await websocket.send_text(dumps(message))
+
+        async def until_closed() -> None:
+            # The client sends nothing; this returns when it goes away (or the server
+            # shuts down), so an idle subscription never holds the server up.
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+                while True:
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        return
+
+        sender = asyncio.create_task(forward())
+        watcher = asyncio.create_task(until_closed())
+        try:
+            await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+            for task in (sender, watcher):
+                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect,
+                                         RuntimeError):
+                    await task
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.close()

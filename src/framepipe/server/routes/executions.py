@@ -1,0 +1,97 @@
+"""``/api/executions``: submit, list, show, retry and cancel executions.
+
+Guarantees: an execution exists only once its submission was committed (an unknown pipeline
+is a 404, invalid inputs a 422 naming the field); listings carry no inputs, steps or data, so
+their size does not depend on what clients submitted; ids may be unique prefixes.
+"""
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from framepipe.errors import MissingDependencyError
+from framepipe.jobs.client import ExecutionSummary
+from framepipe.server.state import Service
+
+try:
+    from fastapi import APIRouter, HTTPException, Query
+    from pydantic import BaseModel, ConfigDict, Field
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["SubmitBody", "Submitted", "router", "summaries"]
+
+router = APIRouter(tags=["executions"])
+"""The executions, included under ``/api``."""
+
+
+class SubmitBody(BaseModel):
+    """``POST /api/executions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    pipeline: str = Field(min_length=1, max_length=200, description="A registered pipeline.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="The execution's inputs.")
+
+
+class Submitted(BaseModel):
+    """The created execution."""
+
+    id: str
+    pipeline: str
+    status: str
+
+
+def summaries(rows: Sequence[ExecutionSummary]) -> list[dict[str, Any]]:
+    """A listing as the API shows it (read without inputs: each carries no inputs, steps or
+    data, so its size does not depend on what clients submitted)."""
+    return [row.to_dict() for row in rows]
+
+
+@router.post("/executions", status_code=201)
+async def executions_submit(body: SubmitBody, service: Service) -> Submitted:
+    """Start an execution of a registered pipeline."""
+    known = service.pipelines
+    pipeline = known.get(body.pipeline)
+    if pipeline is None:
+        raise HTTPException(404, f"unknown pipeline {body.pipeline!r} (known: "
+                                 f"{', '.join(sorted(known)) or 'none'})")
+    execution_id = await service.jobs.submit(pipeline, body.inputs,
+                                             input_roots=service.settings.input_roots)
+    return Submitted(id=execution_id, pipeline=pipeline.name, status="running")
+
+
+@router.get("/executions")
+async def executions_list(
+        service: Service,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        status: Annotated[list[str] | None, Query()] = None,
+        pipeline: Annotated[str | None, Query(max_length=200)] = None,
+) -> list[dict[str, Any]]:
+    """Newest executions first, each with its completed and total step counts (without
+    inputs, steps or data: ``GET /api/executions/{id}`` has them)."""
+    return summaries(await service.jobs.list(status=status, pipeline=pipeline, limit=limit))
+
+
+@router.get("/executions/{execution_id}")
+async def executions_show(execution_id: str, service: Service) -> dict[str, Any]:
+    """An execution (id or unique prefix) with its steps and data."""
+    return (await service.jobs.get(execution_id)).to_dict()
+
+
+@router.post("/executions/{execution_id}/retry", status_code=202)
+async def executions_retry(execution_id: str, service: Service) -> dict[str, Any]:
+    """Resume a failed, cancelled or interrupted execution from where it stopped."""
+    info = await service.jobs.get(execution_id, with_steps=False)
+    pipeline = service.pipelines.get(info.pipeline)
+    if pipeline is None:
+        raise HTTPException(409, f"execution {info.id[:12]} is of pipeline "
+                                 f"'{info.pipeline}', which this service does not know")
+    full_id = await service.jobs.retry(info.id, pipeline)
+    return {"id": full_id, "status": "running"}
+
+
+@router.post("/executions/{execution_id}/cancel", status_code=202)
+async def executions_cancel(execution_id: str, service: Service) -> dict[str, Any]:
+    """Cancel an execution (at once, or through the process running it)."""
+    result = await service.jobs.cancel(execution_id)
+    return {"id": result.execution_id, "status": "cancelling"}
+

@@ -1,0 +1,54 @@
+"""``GET /health`` (no token) and ``GET /metrics`` (Prometheus text, behind the token)."""
+
+import asyncio
+import time
+
+from framepipe import __version__
+from framepipe.errors import MissingDependencyError
+from framepipe.server.responses import SafeJSONResponse
+from framepipe.server.state import Service, check_token
+
+try:
+    from fastapi import APIRouter, Depends
+    from fastapi.responses import Response
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+"""``/health`` and ``/metrics``, at the root."""
+
+
+@router.get("/health")
+async def health(service: Service) -> Response:
+    """Liveness and whether the state database can be read and written; needs no token.
+    503 (``status: degraded``) when it cannot, with the reason."""
+    problem = await asyncio.to_thread(service.store.check_writable)
+    database = "ok" if problem is None else service.public(problem)
+    started = service.running.started if service.running is not None else time.time()
+    body = {"status": "ok" if problem is None else "degraded", "database": database,
+            "version": __version__,
+            "uptime": time.time() - started,
+            "jobs": "workers" if service.settings.distributed_jobs else "local"}
+    return SafeJSONResponse(body, status_code=200 if problem is None else 503)
+
+
+@router.get("/metrics", dependencies=[Depends(check_token)],
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(service: Service) -> Response:
+    """Prometheus text: executions and steps by status, step run times, failures and
+    crashes, workers, the job broker's backlog, and the live pipelines of the apps served
+    here (per stage fps, latency, queue depth, drops; per source restarts)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from framepipe.server.metrics import jobs_registry
+
+    registry = service.metrics
+    if registry is None:
+        apps = service.apps
+        registry = service.metrics = jobs_registry(
+            service.store, service.settings,
+            lambda: [p for a in apps.values() for p in a.pipelines.values()])
+    body = await asyncio.to_thread(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

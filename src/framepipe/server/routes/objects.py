@@ -1,0 +1,61 @@
+"""``PUT /api/objects/{key}`` (uploads) and ``GET /api/objects/{key}``: the object store.
+
+Guarantees: an upload is streamed to a temporary file, never held in memory, and stored only
+once it arrived whole; one over ``max_upload_bytes`` (declared or counted) is a 413 and
+stores nothing; a key that escapes the store is a 400.
+"""
+
+import asyncio
+import os
+import tempfile
+from typing import Any
+
+from framepipe.backends.objects.base import validate_key
+from framepipe.errors import MissingDependencyError
+from framepipe.server.state import Service
+
+try:
+    from fastapi import APIRouter, HTTPException, Request
+    from fastapi.responses import Response
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["objects"])
+"""Included under ``/api``."""
+
+
+@router.put("/objects/{key:path}", status_code=201)
+async def objects_put(key: str, request: Request, service: Service) -> dict[str, Any]:
+    """Store the request body under ``key`` (at most ``max_upload_bytes``). The body is
+    streamed to a temporary file, never held in memory, and stored only once complete:
+    an upload cut short or over the limit stores nothing."""
+    limit = service.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit} "
+                                 "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
+    obj = service.objects
+    validate_key(key)
+    fd, tmp = tempfile.mkstemp(prefix="framepipe-upload-")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"upload is over the limit of {limit} bytes "
+                                             "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
+                file.write(chunk)
+        info = await asyncio.to_thread(obj.put_file, key, tmp)
+    finally:
+        os.unlink(tmp)
+    return {"key": info.key, "size": info.size}
+
+
+@router.get("/objects/{key:path}")
+async def objects_get(key: str, service: Service) -> Response:
+    """The object stored under ``key``."""
+    data = await asyncio.to_thread(service.objects.get, key)
+    return Response(data, media_type="application/octet-stream")

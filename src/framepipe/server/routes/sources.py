@@ -1,0 +1,98 @@
+"""``/api/sources``: the sources of this home's live apps, their latest frames, and stopping
+and starting the sources of the apps run inside the service.
+
+Guarantees: app and pipeline names in paths match a fixed pattern (never ``..``), so a frame
+is read only from the previews folder; only apps served by this service can be controlled
+(another process's app is a 409, an unknown one a 404).
+"""
+
+import asyncio
+from typing import Annotated, Any
+
+from framepipe.app import preview_dir, read_snapshots
+from framepipe.errors import MissingDependencyError
+from framepipe.server.state import Service, ServiceState
+
+try:
+    from fastapi import APIRouter, HTTPException
+    from fastapi import Path as Path_
+    from fastapi.responses import Response
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["router"]
+
+_NAME = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$"  # an app or pipeline name; never '..'
+
+Name = Annotated[str, Path_(pattern=_NAME)]
+
+router = APIRouter(tags=["sources"])
+"""Included under ``/api``."""
+
+
+@router.get("/sources")
+async def sources_list(service: Service) -> list[dict[str, Any]]:
+    """Sources of the live apps of this home (from their health snapshots)."""
+    settings = service.settings
+    snapshots = await asyncio.to_thread(read_snapshots, settings)
+    out = []
+    for snap in snapshots:
+        for name, status in snap.get("pipeline_status", {}).items():
+            src = status.get("source") or {}
+            uptime = src.get("uptime") or 0.0
+            has_frame = (preview_dir(settings, snap["name"]) / f"{name}.jpg").is_file()
+            out.append({
+                "app": snap["name"], "pipeline": name,
+                "source": status.get("source_description", ""),
+                "state": "dead" if snap["state"] == "dead" else status.get("state"),
+                "fps": (src.get("frames", 0) / uptime) if uptime else None,
+                "frames": status.get("frames_captured", 0),
+                "restarts": src.get("restarts", 0), "last_error": status.get("last_error"),
+                "frame_url": f"/api/sources/{snap['name']}/{name}/frame" if has_frame
+                else None})
+    return out
+
+
+@router.get("/sources/{app_name}/{pipeline}/frame",
+            responses={200: {"content": {"image/jpeg": {}}}})
+async def sources_frame(app_name: Name, pipeline: Name, service: Service) -> Response:
+    """The latest frame of a source, as a JPEG (at most 640 pixels wide)."""
+    path = preview_dir(service.settings, app_name) / f"{pipeline}.jpg"
+    try:
+        data = await asyncio.to_thread(path.read_bytes)
+    except FileNotFoundError:
+        raise HTTPException(404, f"no frame of {app_name}/{pipeline} yet") from None
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
+async def _control(service: ServiceState, app_name: str, pipeline: str,
+                   start: bool) -> dict[str, Any]:
+    live_app = service.apps.get(app_name)
+    if live_app is None:
+        known_apps = {snap["name"] for snap in await asyncio.to_thread(read_snapshots,
+                                                                       service.settings)}
+        if app_name in known_apps:
+            raise HTTPException(409, f"app {app_name!r} runs in another process; only "
+                                     "apps served by this service can be controlled")
+        raise HTTPException(404, f"no app {app_name!r}")
+    if pipeline not in live_app.pipelines:
+        raise HTTPException(404, f"app {app_name!r} has no pipeline {pipeline!r} "
+                                 f"(it has: {', '.join(live_app.pipelines)})")
+    if start:
+        await live_app.resume(pipeline)
+    else:
+        await live_app.pause(pipeline)
+    return {"app": app_name, "pipeline": pipeline,
+            "state": live_app.health().pipeline_status[pipeline]["state"]}
+
+
+@router.post("/sources/{app_name}/{pipeline}/stop", status_code=202)
+async def sources_stop(app_name: Name, pipeline: Name, service: Service) -> dict[str, Any]:
+    """Stop a source of an app served here (kept, not recovered, until started)."""
+    return await _control(service, app_name, pipeline, start=False)
+
+
+@router.post("/sources/{app_name}/{pipeline}/start", status_code=202)
+async def sources_start(app_name: Name, pipeline: Name, service: Service) -> dict[str, Any]:
+    """Start a stopped source of an app served here again."""
+    return await _control(service, app_name, pipeline, start=True)

@@ -1,0 +1,129 @@
+"""What the service's routes share: :class:`ServiceState`, stored on ``app.state.service`` by
+``create_app`` and reached through the :data:`Service` dependency, and the token check.
+
+Guarantees: the configuration part (settings, token, pipelines, hosted apps, detector hub) is
+fixed when the app is made; the running part (stores, job client, feed, registry) exists only
+between the start and the end of the app's lifespan, and a route that needs it outside that
+span fails instead of acting on something closed.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
+
+from framepipe.app import App
+from framepipe.backends.objects import ObjectStore
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings
+from framepipe.errors import MissingDependencyError
+from framepipe.jobs.client import JobClient
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.server.detector import DetectorHub
+from framepipe.server.feed import EventFeed
+from framepipe.server.guard import bearer_token, token_matches
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from framepipe.processors.registry import ProcessorRegistry
+
+try:
+    from fastapi import Depends, HTTPException, Request
+    from starlette.requests import HTTPConnection
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = ["Running", "Service", "ServiceState", "check_token", "service_state"]
+
+
+@dataclass(frozen=True)
+class Running:
+    """What the service opened (or was given) for its lifespan."""
+
+    store: StateStore
+    objects: ObjectStore
+    jobs: JobClient
+    feed: EventFeed
+    registry: "ProcessorRegistry | None"
+    """Processors registered on the broker's Redis; None without a Redis broker or when it
+    did not start."""
+    objects_url: str
+    """The object store's URL as it was when the service started (hidden in error details)."""
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class ServiceState:
+    """The service: its configuration, and what runs while its lifespan does."""
+
+    settings: Settings
+    token: str | None
+    """The bearer token; ``None`` or ``""`` for none."""
+    pipelines: dict[str, Pipeline]
+    """The pipelines that may be submitted, by name (validated)."""
+    apps: dict[str, App]
+    """The live apps run inside the service, by name."""
+    hub: DetectorHub
+    running: Running | None = None
+    metrics: "CollectorRegistry | None" = None
+    """The Prometheus registry, made at the first scrape."""
+
+    def _live(self) -> Running:
+        if self.running is None:
+            raise RuntimeError("the service is not running (its lifespan has not started)")
+        return self.running
+
+    @property
+    def store(self) -> StateStore:
+        """The state store (while running)."""
+        return self._live().store
+
+    @property
+    def objects(self) -> ObjectStore:
+        """The object store (while running)."""
+        return self._live().objects
+
+    @property
+    def jobs(self) -> JobClient:
+        """The job client, with its engine (while running)."""
+        return self._live().jobs
+
+    @property
+    def feed(self) -> EventFeed:
+        """The feed of committed events (while running)."""
+        return self._live().feed
+
+    @property
+    def registry(self) -> "ProcessorRegistry | None":
+        """The processor registry; None when there is none or the service is not running."""
+        return self.running.registry if self.running is not None else None
+
+    def public(self, text: str) -> str:
+        """``text`` without the server's own paths (its home and object store)."""
+        objects_url = self.running.objects_url if self.running is not None else None
+        for private, shown in ((objects_url, "the object store"),
+                               (str(self.settings.home.resolve()), "<home>")):
+            if private:
+                text = text.replace(private, shown)
+        return text
+
+
+def service_state(connection: HTTPConnection) -> ServiceState:
+    """The :class:`ServiceState` of the app serving ``connection`` (a request or a
+    WebSocket)."""
+    state: ServiceState = connection.app.state.service
+    return state
+
+
+Service = Annotated[ServiceState, Depends(service_state)]
+"""A route's parameter of this type receives the service's state."""
+
+
+def check_token(request: Request) -> None:
+    """Refuse (401) a request without the service's bearer token, when it has one."""
+    token = service_state(request).token
+    if not token:
+        return
+    if not token_matches(bearer_token(request.headers.get("authorization")), token):
+        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)",
+                            headers={"WWW-Authenticate": "Bearer"})
