@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
@@ -31,6 +32,7 @@ from websockets.sync.server import ServerConnection, serve
 from conftest import need_modules
 from framepipe.config import Settings
 from framepipe.jobs.loading import load_pipeline
+from framepipe.server.detector import DetectorHub, DetectorMessage
 from media import free_port
 from test_server import AUTH, TOKEN, Server
 
@@ -416,3 +418,81 @@ def test_a_card_with_names_that_are_not_utf8_is_still_announced(
         ws.send(json.dumps(card.file_list()))
         answer = recv(ws)
         assert answer["type"] == "sd:status" and answer["state"] == "importing", answer
+
+
+# -- the hub without the SD import: only what an application registers --------------------------
+
+
+class Tray(BaseModel):
+    """Session metadata of a made-up application (a printer's trays)."""
+
+    model_config = ConfigDict(strict=True)
+    name: str | None = None
+    notes: str | None = None
+
+
+class Level(BaseModel):
+    session_id: str
+    percent: int = Field(ge=0, le=100)
+
+
+def test_the_hub_speaks_only_the_vocabulary_an_application_registers(tmp_path: Path) -> None:
+    """The hub is generic: the SD import's messages are unknown to a hub that did not register
+    them; registered types are validated by their model before their handler sees them;
+    session metadata is what the application's model names, bounded in size; an ``end``
+    ends the session and still refuses other detectors."""
+    hub = DetectorHub("generic-test", session_metadata=Tray, max_metadata_bytes=200,
+                      reconnect_wait=1)
+    seen: list[int] = []
+
+    async def on_level(msg: DetectorMessage) -> None:
+        seen.append(msg.parsed_as(Level).percent)
+        await msg.reply({"type": "level:ok", "session_id": msg.message["session_id"]})
+
+    hub.register_message("level", Level, on_level)
+    hub.register_message("done", role="end")
+    for bad, match in (
+            (lambda: hub.register_message("detector:hello"), "the hub's own"),
+            (lambda: hub.register_message("level"), "registered already"),
+            (lambda: hub.register_message("answer", handler=on_level, role="answer"),
+             "takes no handler"),
+            (lambda: hub.register_message("odd", role="sometimes"),  # type: ignore[arg-type]
+             "role must be one of")):
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert hub.message_types() == {"done": "end", "level": "notice"}
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
+    with Server(settings, detector_hub=hub) as server, connect(server) as ws:
+        assert hello(ws, "printer", sessions=[{"session_id": "t1", "name": "A4",
+                                               "other": 1}])["type"] == "detector:welcome"
+        ws.send(json.dumps({"type": "sd:file_list", "session_id": "t2", "card_id": "C",
+                            "files": []}))
+        assert recv(ws)["detail"] == ("unknown message type 'sd:file_list' (this service "
+                                      "handles: done, level)")
+        for message, where in (
+                ({"type": "level", "session_id": "t1", "percent": 150}, "message.percent"),
+                ({"type": "level", "session_id": "t1"}, "message.percent"),
+                ({"type": "level", "session_id": "t1", "percent": 5, "name": 7},
+                 "message.name"),
+                ({"type": "level", "session_id": "t1", "percent": 5, "notes": "x" * 300},
+                 "message")):
+            ws.send(json.dumps(message))
+            answer = recv(ws)
+            assert answer["type"] == "error" and answer["field"] == where, answer
+        assert seen == []
+        ws.send(json.dumps({"type": "level", "session_id": "t1", "percent": 40,
+                            "notes": "low"}))
+        assert recv(ws) == {"type": "level:ok", "session_id": "t1"}
+        assert seen == [40]
+        listed = detectors(server)
+        assert listed[0]["sessions"] == [{"session_id": "t1", "name": "A4", "notes": "low"}]
+        assert hub._sessions.keys() == {"t1"}  # t2 (unknown type) was not recorded
+        with connect(server) as other:
+            assert hello(other, "other")["type"] == "detector:welcome"
+            other.send(json.dumps({"type": "done", "session_id": "t1"}))
+            assert "another detector" in recv(other)["detail"]
+        ws.send(json.dumps({"type": "done", "session_id": "t1"}))
+        ws.send(json.dumps({"type": "level", "session_id": "t9", "percent": 1}))
+        assert recv(ws)["type"] == "level:ok"  # in order: done was handled before it
+        sessions = {s["session_id"] for s in detectors(server)[0]["sessions"]}
+        assert sessions == {"t9"} and hub.owner("t1") == "printer"

@@ -6,11 +6,12 @@
         --shared /shared-videos --port 8000 [--small-limit 50MB]
 
 Detectors connect to ``ws://HOST:PORT/ws/detector``; browsers open ``http://HOST:PORT/`` (the
-dashboard) or ``ws://HOST:PORT/ws`` (``pipeline:progress`` and every event). On
-``sd:file_list`` the backend checks the list (a malformed one is answered with ``error`` naming
-the entry, ``files[3].path``, and starts nothing: a path must be relative to the card, with
-``/``, and hold no empty, ``.`` or ``..`` segment, backslash or NUL; no path may be listed twice),
-then starts one execution of ``sd_import`` per card insertion and answers
+dashboard) or ``ws://HOST:PORT/ws`` (``pipeline:progress`` and every event). The hub knows the
+SD-card vocabulary only as this backend registers it (``sd_messages.py``). On ``sd:file_list``
+the hub has checked the list (a malformed one is answered with ``error`` naming the entry,
+``message.files[3].path``, and starts nothing: a path must be relative to the card, with
+``/``, and hold no empty, ``.`` or ``..`` segment, backslash or NUL; no path may be listed
+twice); the backend then starts one execution of ``sd_import`` per card insertion and answers
 ``sd:status`` (``importing`` with the execution id). A card whose import still runs is
 answered ``already_importing`` with that execution's id: the running import copies
 everything new, so nothing is lost and nothing is copied twice.
@@ -34,8 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sd_pipeline import CARD_ID_PATTERN, FileEntry
+from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError, ExecutionNotFoundError
@@ -61,43 +61,17 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-class FileList(BaseModel):
-    """``sd:file_list``."""
-
-    model_config = ConfigDict(extra="ignore")
-    session_id: str = Field(min_length=1, max_length=200)
-    card_id: str = Field(min_length=1, max_length=200, pattern=CARD_ID_PATTERN)
-    label: str = Field(default="", max_length=1000)
-    files: list[FileEntry] = Field(max_length=100_000)
-
-    @model_validator(mode="after")
-    def _distinct(self) -> FileList:
-        seen: dict[str, int] = {}
-        for n, entry in enumerate(self.files):
-            first = seen.setdefault(entry.path, n)
-            if first != n:
-                raise ValueError(f"files[{n}].path: {entry.path!r} is listed twice (also "
-                                 f"files[{first}])")
-        return self
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    """Pydantic's ``('files', 3, 'path')`` as ``files[3].path``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
              reconnect_wait: float = 30.0,
              extra_inputs: dict[str, Any] | None = None) -> DetectorHub:
-    """A detector hub whose ``sd:file_list`` handler starts an import of ``pipeline``.
+    """A detector hub that speaks the SD import's vocabulary (:mod:`sd_messages`, card
+    metadata :class:`CardInfo`) and whose ``sd:file_list`` handler starts an import of
+    ``pipeline``.
 
     Each import is submitted with ``input_roots``: ``shared_dir`` and the folder of an
     ``intro`` or ``splash`` that ``extra_inputs`` gives as an absolute local path (see the
     module), recorded with the execution and applied by its steps wherever they run."""
-    hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait)
+    hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait, session_metadata=CardInfo)
     input_roots = [shared_dir]
     for name in ("intro", "splash"):
         value = (extra_inputs or {}).get(name)
@@ -109,16 +83,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
         asyncio.Lock)
 
     async def on_file_list(msg: DetectorMessage) -> None:
-        try:
-            listing = FileList.model_validate(msg.message)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{_location(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                if e["loc"] else e["msg"].removeprefix("Value error, ")
-                for e in exc.errors(include_url=False))
-            await msg.reply({"type": "error", "session_id": msg.message.get("session_id"),
-                             "detail": f"sd:file_list rejected, nothing started: {problems}"})
-            return
+        listing = msg.parsed_as(FileList)  # checked by the hub against FileList
         async with card_locks[listing.card_id]:
             await start_import(msg, listing)
 
@@ -147,11 +112,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
                          "card_id": listing.card_id, "state": "importing",
                          "execution_id": execution_id})
 
-    async def on_inserted(msg: DetectorMessage) -> None:
-        pass  # the hub already records the session's owner; the file list follows
-
-    hub.on("sd:file_list", on_file_list)
-    hub.on("detector:sd_inserted", on_inserted)
+    register_sd_messages(hub, on_file_list=on_file_list)
     return hub
 
 

@@ -1,23 +1,27 @@
-"""Host-side detectors over a WebSocket: the generic half of the SD-card import protocol.
+"""Host-side detectors over a WebSocket: the hub and its endpoint, generic over what the
+detectors report.
 
-A *detector* is a small process on the machine that has the card reader (see
-``examples/sd_import/detector.py``). It connects to ``/ws/detector`` of the service with the
-service's bearer token (``Authorization: Bearer``, the token subprotocol, or ``?token=``), says
-who it is, announces cards (*sessions*) and answers requests the backend sends it. The backend
-never reads the card: it asks the detector to copy files into a shared folder and waits for the
-answer.
+A *detector* is a small process on the machine that has some device the service must not touch
+itself (the SD-card reader of ``examples/sd_import``, which copies files off cards when asked).
+It connects to ``/ws/detector`` of the service with the service's bearer token
+(``Authorization: Bearer``, the token subprotocol, or ``?token=``), says who it is, announces
+*sessions* (a card inserted: anything requests are about) and answers the requests the backend
+sends about them.
 
-Every message is one JSON object in a text frame with a ``type``::
+Every message is one JSON object in a text frame with a ``type``. The hub's own::
 
-    detector -> backend  {"type": "detector:hello", "detector_id": "host-1", "sessions": [...]}
+    detector -> backend  {"type": "detector:hello", "detector_id": "host-1",
+                          "hostname": "...", "platform": "...",
+                          "sessions": [{"session_id": "...", <session metadata>}, ...]}
     backend -> detector  {"type": "detector:welcome", "hub_id": "..."}
-    detector -> backend  {"type": "detector:sd_inserted", "session_id": "...", ...}
-    detector -> backend  {"type": "sd:file_list", "session_id": "...", "files": [...]}
-    backend -> detector  {"type": "sd:copy_request", "request_id": "...", "session_id": "...",
-                          "path": "DCIM/0001.MP4", "dest": "...", ...}
-    detector -> backend  {"type": "sd:copy_progress", "request_id": "...", "bytes": N,
-                          "total": M}
-    detector -> backend  {"type": "sd:file_copied", "request_id": "...", "ok": true, ...}
+    backend -> detector  {"type": "error", "detail": "...", "field": "message.label"}
+    backend -> detector  {<a request>, "request_id": "...", "session_id": "..."}
+
+Every other type is the application's, registered on the hub with
+:meth:`DetectorHub.register_message` (its pydantic model and its role: notice, answer, progress
+or end), and what a detector announces about a session is the application's session metadata
+model: see :mod:`framepipe.server.detector_messages`. ``examples/sd_import/sd_messages.py``
+registers the SD-card import's vocabulary so.
 
 What :class:`DetectorHub` guarantees:
 
@@ -30,28 +34,28 @@ What :class:`DetectorHub` guarantees:
   and owns no session. A hello needs a ``detector_id`` of 1-200 printable characters;
   ``hostname`` and ``platform``, when given, are at most 200 printable characters;
   ``sessions``, when given, is a list of objects each with a ``session_id`` (1-200 printable
-  characters) and, optionally, ``card_id``, ``label``, ``root`` (text, at most 1000
-  characters) and ``file_count`` (a whole number >= 0);
+  characters) and, optionally, session metadata (valid for ``session_metadata``);
 * every message is checked at the boundary before anything else looks at it: it must be a
   JSON object with a string ``type``, hold only storable JSON (no lone surrogate such as
   ``"\\ud800"``, no NUL, finite numbers, nested at most
-  :data:`~framepipe.untrusted.MAX_DEPTH` deep; see :func:`framepipe.untrusted.check_json`), and
-  its ``session_id`` and announcement fields (as for ``sessions`` above) must be well formed.
-  A message that is not is answered with ``error`` naming the field (``message.label``) and
-  goes no further: it is neither recorded, nor handed to a handler, nor put in an
-  execution's inputs. A binary frame is answered with ``error``. The connection stays open
-  in both cases: one bad message loses nothing else;
+  :data:`~framepipe.untrusted.MAX_DEPTH` deep; see :func:`framepipe.untrusted.check_json`), be
+  of a registered type, and its ``session_id``, its session metadata and the message itself
+  (against its type's model) must be well formed. A message that is not is answered with
+  ``error`` naming the field (``message.label``) and goes no further: it is neither recorded,
+  nor handed to a handler or a waiting request, nor put in an execution's inputs. A binary
+  frame is answered with ``error``. The connection stays open in both cases: one bad message
+  loses nothing else;
 * a session belongs to the detector (``detector_id``) that first named it, for the life of the
-  hub, also while that detector is disconnected and after the card is removed: a message from
-  another detector naming it (``detector:sd_inserted``, ``sd:file_list``, an answer, a
-  removal, or a ``sessions`` entry of its hello) is refused with ``error`` and changes nothing,
-  so copy requests for a card only ever go to the detector that announced it. The same
-  detector connecting again keeps its sessions whether or not its hello lists them (a
-  detector restarted after a crash has forgotten its old sessions, and the backend's retried
-  copies must still reach it). A detector id is a claim made with the shared token, not a
-  credential: whoever holds the token can connect under any id (a newer connection with the
-  same id replaces the older one). A detector owns at most ``max_sessions`` sessions; beyond
-  that the oldest removed ones are forgotten, and if none was removed new ones are refused;
+  hub, also while that detector is disconnected and after its session ended: a message from
+  another detector naming it (of any role, or a ``sessions`` entry of its hello) is refused
+  with ``error`` and changes nothing, so requests for a session only ever go to the detector
+  that announced it. The same detector connecting again keeps its sessions whether or not its
+  hello lists them (a detector restarted after a crash has forgotten its old sessions, and the
+  backend's retried requests must still reach it). A detector id is a claim made with the
+  shared token, not a credential: whoever holds the token can connect under any id (a newer
+  connection with the same id replaces the older one). A detector owns at most
+  ``max_sessions`` sessions; beyond that the oldest ended ones are forgotten, and if none
+  ended new ones are refused;
 * an answer (a message with the ``request_id`` of a waiting request) counts only when it
   comes on the connection the request was sent on;
 * a request waits for the answer carrying its ``request_id``. When the owner is not connected
@@ -61,9 +65,7 @@ What :class:`DetectorHub` guarantees:
 * the connection is forgotten on every way out of it (a close, a network error, a failure
   while serving it, the service stopping): no detector stays listed after its connection
   ended;
-* other message types go to the handlers registered with :meth:`DetectorHub.on` (an app's own
-  logic, e.g. starting an import on ``sd:file_list``); a handler that raises is logged and the
-  detector gets an ``error`` message; a type with no handler is answered with ``error``;
+* a handler that raises is logged and the detector gets an ``error`` message;
 * ``GET /api/detectors`` always answers: text stored in the hub is sent escaped if it could
   not be encoded, never as a server error.
 
@@ -88,9 +90,11 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
@@ -102,18 +106,26 @@ from framepipe.errors import (
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
 from framepipe.server.detector_messages import (
+    DEFAULT_MAX_METADATA_BYTES,
+    HUB_MESSAGE_TYPES,
     MAX_ID_LENGTH,
-    announced,
+    MESSAGE_ROLES,
+    DetectorMessage,
+    Handler,
+    MessageRole,
+    Registration,
     check_hello,
     close_reason,
     error_message,
     identifier,
     not_yours,
     parse,
+    session_metadata,
+    validated,
 )
 from framepipe.server.detector_relay import ProgressCallback, RemoteDetectorHub, _Relay
 from framepipe.server.guard import admit_websocket
-from framepipe.untrusted import dumps
+from framepipe.untrusted import dumps, json_size
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, WebSocket
@@ -121,8 +133,9 @@ if TYPE_CHECKING:
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
 
-__all__ = ["MAX_ID_LENGTH", "DetectorConnection", "DetectorHub", "DetectorMessage", "Handler",
-           "RemoteDetectorHub", "get_hub", "mount_detector"]
+__all__ = ["HUB_MESSAGE_TYPES", "MAX_ID_LENGTH", "MESSAGE_ROLES", "DetectorConnection",
+           "DetectorHub", "DetectorMessage", "Handler", "MessageRole", "RemoteDetectorHub",
+           "get_hub", "mount_detector"]
 
 _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
@@ -186,35 +199,6 @@ class DetectorConnection:
 
 
 @dataclass
-class DetectorMessage:
-    """What a handler gets: the message, who sent it, and the service it arrived at."""
-
-    hub: DetectorHub
-    connection: DetectorConnection
-    message: dict[str, Any]
-
-    @property
-    def type(self) -> str:
-        return str(self.message["type"])
-
-    @property
-    def detector_id(self) -> str:
-        return self.connection.detector_id
-
-    @property
-    def engine(self) -> JobEngine:
-        """The service's job engine (to submit an execution)."""
-        return self.hub.engine
-
-    async def reply(self, message: Mapping[str, Any]) -> None:
-        """Send ``message`` back to the detector that sent this one."""
-        await self.connection.send(message)
-
-
-Handler = Callable[[DetectorMessage], Awaitable[None]]
-
-
-@dataclass
 class _Pending:
     future: asyncio.Future[dict[str, Any]]
     session_id: str
@@ -233,7 +217,10 @@ class DetectorHub:
     ``reconnect_wait`` is how long a request waits for the owner of its session to connect;
     ``request_timeout`` the default time to wait for an answer; ``hello_timeout`` how long a
     new connection has to say ``detector:hello``; ``max_sessions`` how many sessions one
-    detector may own (see the module for what happens beyond).
+    detector may own (see the module for what happens beyond). ``session_metadata`` is the
+    application's model of what a detector announces about a session, at most
+    ``max_metadata_bytes`` of JSON (none without a model); the application's message types
+    are registered with :meth:`register_message` (see the module).
 
     ``hub_id`` names the hub for :func:`get_hub`; steps store it in their inputs, so it stays
     the same across restarts of the service (a retried execution reaches the new hub). Within
@@ -241,7 +228,8 @@ class DetectorHub:
 
     def __init__(self, hub_id: str = "default", *, reconnect_wait: float = 30.0,
                  request_timeout: float = 600.0, hello_timeout: float = 30.0,
-                 max_sessions: int = 10_000) -> None:
+                 max_sessions: int = 10_000, session_metadata: type[BaseModel] | None = None,
+                 max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> None:
         if not hub_id or ":" in hub_id or len(hub_id) > 100:
             raise ValueError(f"hub id {hub_id!r} must be 1-100 characters without ':'")
         self.id = hub_id
@@ -249,11 +237,13 @@ class DetectorHub:
         self.request_timeout = request_timeout
         self.hello_timeout = hello_timeout
         self.max_sessions = max_sessions
-        self._handlers: dict[str, Handler] = {}
+        self.session_metadata = session_metadata
+        self.max_metadata_bytes = max_metadata_bytes
+        self._types: dict[str, Registration] = {}
         self._connections: dict[str, DetectorConnection] = {}
         self._owners: dict[str, str] = {}  # session -> detector id (kept after a removal)
         self._owned: dict[str, dict[str, None]] = {}  # detector id -> its sessions, oldest first
-        self._sessions: dict[str, dict[str, Any]] = {}  # session -> last announcement
+        self._sessions: dict[str, dict[str, Any]] = {}  # session -> id, metadata (not ended)
         self._pending: dict[str, _Pending] = {}
         self._changed: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,11 +254,36 @@ class DetectorHub:
 
     # -- set-up ---------------------------------------------------------------------------
 
+    def register_message(self, message_type: str, model: type[BaseModel] | None = None,
+                         handler: Handler | None = None, *,
+                         role: MessageRole = "notice") -> None:
+        """Accept detector messages of ``message_type``: each must validate against ``model``
+        (when given; a refusal is answered with ``error`` naming the field), and ``role`` says
+        what the hub does with it (see the module); a ``notice`` or an ``end`` then goes to
+        ``handler``, if given. One registration per type. Raises :class:`ValueError` for a
+        type registered already, one of the hub's own (:data:`HUB_MESSAGE_TYPES`), an unknown
+        role, or a handler for an ``answer`` or ``progress`` (those go to their request)."""
+        if not isinstance(message_type, str) or not message_type:
+            raise ValueError(f"a message type is a non-empty string, not {message_type!r}")
+        if message_type in HUB_MESSAGE_TYPES:
+            raise ValueError(f"{message_type!r} is the hub's own message type")
+        if message_type in self._types:
+            raise ValueError(f"message type {message_type!r} is registered already")
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"role must be one of {', '.join(MESSAGE_ROLES)}, not {role!r}")
+        if handler is not None and role in ("answer", "progress"):
+            raise ValueError(f"{message_type!r} ({role}) goes to the request it answers; it "
+                             "takes no handler")
+        self._types[message_type] = Registration(model, handler, role)
+
     def on(self, message_type: str, handler: Handler) -> None:
-        """Call ``handler`` for every message of ``message_type`` (one handler per type)."""
-        if message_type in self._handlers:
-            raise ValueError(f"message type {message_type!r} already has a handler")
-        self._handlers[message_type] = handler
+        """Call ``handler`` for every message of ``message_type``: shorthand for
+        :meth:`register_message` of a notice without a model."""
+        self.register_message(message_type, handler=handler)
+
+    def message_types(self) -> dict[str, MessageRole]:
+        """The registered message types and their roles."""
+        return {name: registered.role for name, registered in sorted(self._types.items())}
 
     async def start(self, engine: JobEngine, store: StateStore,
                     settings: Settings | None = None) -> None:
@@ -351,9 +366,9 @@ class DetectorHub:
                       answer_timeout: float | None = None, what: str | None = None,
                       on_progress: ProgressCallback | None = None) -> dict[str, Any]:
         """Send ``message`` (a dict with a ``type``) to the detector owning ``session_id`` and
-        return its answer: the next message from it with the same ``request_id`` (added here)
-        that is not a progress report. Progress reports (messages with the ``request_id`` and
-        a ``type`` ending in ``_progress``) go to ``on_progress``.
+        return its answer: the next message from it of a type registered as an ``answer``,
+        with the same ``request_id`` (added here). Reports of a type registered as
+        ``progress`` with that ``request_id`` go to ``on_progress``.
 
         Raises :class:`DetectorUnavailableError` when no owner connects within
         ``reconnect_wait`` or it disconnects before answering, and :class:`DetectorError`
@@ -433,7 +448,8 @@ class DetectorHub:
             return
         try:
             hello = parse(first, "hello")
-            detector_id, sessions = check_hello(hello)
+            detector_id, sessions = check_hello(hello, self.session_metadata,
+                                                self.max_metadata_bytes)
         except InvalidInputError as exc:
             await _refuse(websocket, exc, code=1003 if isinstance(first, bytes) else 1008)
             return
@@ -449,8 +465,8 @@ class DetectorHub:
                 with contextlib.suppress(Exception):
                     await old.websocket.close(code=1000, reason="replaced")
             self._connections[detector_id] = conn
-            refused = [self._claim(conn, session_id, fields)
-                       for session_id, fields in sessions]
+            refused = [self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
+                       for n, (session_id, fields) in enumerate(sessions)]
             await self._notify()
             _log.info("detector %s connected (%s)", detector_id, hello.get("hostname") or "?")
             await conn.send({"type": "detector:welcome", "hub_id": self.id})
@@ -471,28 +487,36 @@ class DetectorHub:
             conn.closed.set()
             _log.info("detector %s disconnected", detector_id)
 
-    def _claim(self, conn: DetectorConnection, session_id: str,
-               fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _claim(self, conn: DetectorConnection, session_id: str, fields: Mapping[str, Any],
+               where: str) -> dict[str, Any] | None:
         """Make ``session_id`` (already checked) the session of ``conn``'s detector and record
-        its announcement ``fields``; the ``error`` message to send instead when it belongs to
-        another detector, or this one owns too many."""
+        its metadata ``fields`` (checked, from ``where``); the ``error`` message to send instead
+        when it belongs to another detector, this one owns too many, or the session's metadata
+        would grow past ``max_metadata_bytes``. Nothing changes when it is refused."""
         owner = self._owners.get(session_id)
         if owner is not None and owner != conn.detector_id:
             return not_yours(session_id)
+        known = self._sessions.get(session_id, {"session_id": session_id})
+        if fields:
+            merged = {k: v for k, v in {**known, **fields}.items() if k != "session_id"}
+            size = json_size(merged)
+            if size > self.max_metadata_bytes:
+                return {"type": "error", "session_id": session_id, "field": where,
+                        "detail": f"{where}: the session's metadata would be {size} bytes of "
+                                  f"JSON; at most {self.max_metadata_bytes}"}
         if owner is None:
             owned = self._owned.setdefault(conn.detector_id, {})
             if len(owned) >= self.max_sessions:
-                removed = next((s for s in owned if s not in self._sessions), None)
-                if removed is None:
+                ended = next((s for s in owned if s not in self._sessions), None)
+                if ended is None:
                     return {"type": "error", "session_id": session_id, "field": "session_id",
-                            "detail": f"this detector already has {self.max_sessions} cards "
-                                      "announced and not removed; session refused"}
-                del owned[removed]
-                del self._owners[removed]
+                            "detail": f"this detector already has {self.max_sessions} sessions "
+                                      "announced and not ended; session refused"}
+                del owned[ended]
+                del self._owners[ended]
             owned[session_id] = None
             self._owners[session_id] = conn.detector_id
-        known = self._sessions.setdefault(session_id, {"session_id": session_id})
-        known.update(fields)
+        self._sessions.setdefault(session_id, known).update(fields)
         return None
 
     async def _notify(self) -> None:
@@ -511,16 +535,26 @@ class DetectorHub:
         await self._notify()
 
     async def _dispatch(self, conn: DetectorConnection, raw: str | bytes) -> None:
+        session_id: str | None = None
         try:
             message = parse(raw, "message")
-            session_id = message.get("session_id")
-            if session_id is not None:
-                session_id = identifier(session_id, "message.session_id")
-            fields = announced(message, "message")
+            if message.get("session_id") is not None:
+                session_id = identifier(message["session_id"], "message.session_id")
+            kind: str = message["type"]
+            registered = self._types.get(kind)
+            if registered is None:
+                handled = ", ".join(sorted(self._types)) or "none"
+                await conn.send({"type": "error", "detail": f"unknown message type {kind!r} "
+                                 f"(this service handles: {handled})"})
+                return
+            fields = session_metadata(message, "message", self.session_metadata,
+                                      self.max_metadata_bytes)
+            parsed = (validated(registered.model, message, "message")
+                      if registered.model is not None else None)
         except InvalidInputError as exc:
-            await conn.send(error_message(exc))
+            extra = {"session_id": session_id} if session_id is not None else {}
+            await conn.send(error_message(exc, **extra))
             return
-        kind: str = message["type"]
         request_id = message.get("request_id")
         pending = self._pending.get(request_id) if isinstance(request_id, str) else None
         if pending is not None and pending.connection is not conn:
@@ -528,42 +562,41 @@ class DetectorHub:
                              "detail": f"request {request_id!r} was sent to another detector "
                                        "or connection; this answer is ignored"})
             return
+        role = registered.role
         if session_id is not None:
-            if kind == "detector:sd_removed":
+            if role == "end":
                 owner = self._owners.get(session_id)
                 problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
             else:
                 was_new = session_id not in self._owners
-                problem = self._claim(conn, session_id, fields)
+                problem = self._claim(conn, session_id, fields, "message")
                 if problem is None and was_new:
                     await self._notify()
             if problem is not None:
                 await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
                 return
-        if pending is not None:
-            if kind.endswith("_progress"):
+        if role in ("answer", "progress"):
+            if pending is None:
+                if not isinstance(request_id, str):
+                    await conn.send({"type": "error", "field": "message.request_id",
+                                     "detail": f"{kind} answers a request: it needs the "
+                                               "request_id of that request"})
+                return  # the answer to a request nobody waits for any more (timed out, retried)
+            if role == "progress":
                 if pending.on_progress is not None:
                     try:
                         pending.on_progress(message)
                     except Exception as exc:  # e.g. the step was cancelled: stop reporting
                         _log.debug("progress callback of %s raised %r", pending.what, exc)
-                return
-            if not pending.future.done():
+            elif not pending.future.done():
                 pending.future.set_result(message)
             return
-        if kind == "detector:sd_removed" and session_id is not None:
+        if role == "end" and session_id is not None:
             self._sessions.pop(session_id, None)
-        if isinstance(request_id, str) and kind.endswith(("_progress", "_copied")):
-            return  # the answer to a request nobody waits for any more (timed out, retried)
-        handler = self._handlers.get(kind)
-        if handler is None:
-            if kind != "detector:sd_removed":
-                await conn.send({"type": "error", "detail": f"unknown message type {kind!r} "
-                                 f"(this service handles: "
-                                 f"{', '.join(sorted(self._handlers)) or 'none'})"})
+        if registered.handler is None:
             return
         try:
-            await handler(DetectorMessage(self, conn, message))
+            await registered.handler(DetectorMessage(self, conn, message, parsed))
         except DetectorUnavailableError:
             raise
         except Exception as exc:
