@@ -60,8 +60,9 @@ from live import met, pct, spread
 
 from framepipe.frames import Frame
 from framepipe.processors import Processor, ProcessorClient, ProcessorRegistry, RemoteProcessor
-from framepipe.processors.client import connect
-from framepipe.processors.registry import frame_entry
+from framepipe.processors.fleet import frame_entry
+from framepipe.redis import wire as wire_module
+from framepipe.redis.connection import connect
 from framepipe.sources import PatternSource
 from framepipe.stream import Stage, StreamPipeline
 
@@ -75,6 +76,7 @@ PIPELINE_WORKERS = 8
 PIPELINE_FRAMES = 500
 HOP_BLOCK = 100  # calls per block; the variants' blocks alternate
 TARGET_HOP_MS = 1.0  # issue 4, "Speed": Redis adds <= 1 ms per hop p50
+HOT_PATH_ENV = "FRAMEPIPE_BENCH_HOT_PATH"  # "redis-py": Wire on redis-py connections (A/B)
 
 log = run_all.log
 
@@ -112,8 +114,17 @@ def encode_only(frame: Frame) -> Frame:
     return frame
 
 
+def apply_hot_path() -> None:
+    """With ``--hot-path redis-py`` (passed on to the processor's process in the environment),
+    every :class:`~framepipe.redis.wire.Wire` runs on a redis-py connection of its own, as it
+    does without hiredis: what Wire's own RESP protocol gains is the difference."""
+    if os.environ.get(HOT_PATH_ENV) == "redis-py":
+        wire_module._hiredis = None
+
+
 def serve(config: str) -> None:
     """``--serve CONFIG``: run one :class:`NoopClient` until SIGTERM (the child process)."""
+    apply_hot_path()
     cfg = json.loads(config)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -508,7 +519,8 @@ _processed_at: dict[str, str] = {}
 def _capture_processed_at(registry: ProcessorRegistry) -> Callable[[], None]:
     """Keep each reply's ``processed_at`` (the parsed ProcessorResult drops it); returns the
     function that undoes it."""
-    original = registry._on_reply
+    reader = registry._reader
+    original = reader.on_reply
 
     def on_reply(fields: Any) -> None:
         frame_id = fields.get(b"frame_id")
@@ -516,10 +528,10 @@ def _capture_processed_at(registry: ProcessorRegistry) -> Callable[[], None]:
             _processed_at[frame_id.decode()] = (fields.get(b"processed_at") or b"nan").decode()
         original(fields)
 
-    registry._on_reply = on_reply  # type: ignore[method-assign]
+    reader.on_reply = on_reply  # type: ignore[method-assign]
 
     def undo() -> None:
-        del registry._on_reply
+        del reader.on_reply
         _processed_at.clear()
 
     return undo
@@ -1031,6 +1043,8 @@ async def measure(results: Results, args: argparse.Namespace) -> None:
     async with ProcessorRegistry(REDIS_URL, results.ns) as registry:
         log("1. per-hop round trip ...")
         results.hops = await measure_hops(registry, results.ns, hop_n, args.profile)
+        if args.hops_only:
+            return
         log("2. throughput ...")
         results.throughput = await measure_throughput(registry, results.ns, tp_n,
                                                       results.repeat)
@@ -1052,7 +1066,17 @@ def main() -> None:
                         help="also cProfile (CPU time) both sides of the sequential round trip "
                              "and print it to stderr (not in the report)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave the docs")
+    parser.add_argument("--hops-only", action="store_true",
+                        help="only the per-hop round trips (section 1); implies --no-write")
+    parser.add_argument("--hot-path", choices=("wire", "redis-py"), default="wire",
+                        help="redis-py: run framepipe's hot-path connections (Wire) on redis-py "
+                             "instead of hiredis on asyncio, to measure Wire's gain; implies "
+                             "--no-write")
     args = parser.parse_args()
+    if args.hot_path == "redis-py":
+        os.environ[HOT_PATH_ENV] = "redis-py"
+    apply_hot_path()
+    args.no_write = args.no_write or args.hops_only or args.hot_path != "wire"
     logging.getLogger("framepipe").setLevel(logging.ERROR)
     repeat = max(1, args.repeat or (1 if args.quick else 3))
     results = Results(quick=args.quick, repeat=repeat, ns=f"fpbench:{secrets.token_hex(5)}:",

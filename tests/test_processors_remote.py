@@ -159,7 +159,7 @@ def results_on(url: str, stream: str) -> list[dict[bytes, bytes]]:
 PROCESSOR_SCRIPT = """
 import asyncio, json, os, sys
 from framepipe.logs import configure_logging
-from framepipe.processors.client import ProcessorClient
+from framepipe.processors import ProcessorClient
 
 cfg = json.loads(sys.argv[1])
 configure_logging("INFO", stream=sys.stderr)
@@ -271,7 +271,7 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
             assert TRACEPARENT.match(result.trace_context)
             assert result.frame_id.startswith("cam:7:")
 
-            # an entry dict with its own ids (and base64 image data, as the seed sends)
+            # an entry dict with its own ids (and base64 image data, as older services send)
             trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
             entry = {"frame_id": "door-42", "camera_id": "door", "timestamp": "2026-11-02T10:00Z",
@@ -541,9 +541,9 @@ def test_circuit_breaker_opens_then_half_opens_then_closes(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_seed_style_processor_gets_base64_images(ns: str) -> None:
-    class SeedStyle(ProcessorClient):
-        """Written like the seed's services: base64 image data, decoded by the service."""
+def test_base64_style_processor_gets_base64_images(ns: str) -> None:
+    class Base64Style(ProcessorClient):
+        """Written like services that take base64 image data and decode it themselves."""
 
         async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any]:
             raw = base64.b64decode(frame_data[b"image_data"], validate=True)
@@ -552,11 +552,11 @@ def test_seed_style_processor_gets_base64_images(ns: str) -> None:
                     "shape": list(image.shape)}
 
     async def main() -> None:
-        service = SeedStyle(processor_id="face-recognition-1",
-                            capabilities=["face_detection", "face_recognition"],
-                            orchestrator_url="http://frame-buffer-v2:8002", capacity=10,
-                            result_stream=f"{ns}faces:detected", redis_url=REDIS_URL,
-                            namespace=ns, image_encoding="base64")
+        service = Base64Style(processor_id="face-recognition-1",
+                              capabilities=["face_detection", "face_recognition"],
+                              orchestrator_url="http://frame-buffer-v2:8002", capacity=10,
+                              result_stream=f"{ns}faces:detected", redis_url=REDIS_URL,
+                              namespace=ns, image_encoding="base64")
         async with serving(service), ProcessorRegistry(REDIS_URL, ns) as registry:
             result = (await registry.call(make_frame(3), "face_recognition")).check()
             assert result.data == {"frame_id": result.frame_id, "jpeg": "ffd8",
@@ -790,9 +790,9 @@ def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -
 
 def test_hot_path_runs_on_redis_py_without_hiredis(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from framepipe.processors import client as client_module
+    from framepipe.redis import wire as wire_module
 
-    monkeypatch.setattr(client_module, "_hiredis", None)
+    monkeypatch.setattr(wire_module, "_hiredis", None)
     server = PrivateRedis(tmp_path, password="s3cret")
     server.start()
     try:
@@ -806,7 +806,8 @@ def test_hot_path_runs_on_redis_py_without_hiredis(tmp_path: Path,
 
 
 def test_hot_path_connection_times_out_on_a_silent_server() -> None:
-    from framepipe.processors.client import Wire, connect
+    from framepipe.redis.connection import connect
+    from framepipe.redis.wire import Wire
 
     async def main() -> None:
         accepted: list[asyncio.StreamWriter] = []

@@ -39,7 +39,7 @@ from framepipe.errors import FramepipeError, NoProcessorError, ProcessorRegistry
 from framepipe.frames import Frame
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorRegistry, ProcessorResult
-from framepipe.processors.registry import frame_entry
+from framepipe.processors.fleet import frame_entry
 from framepipe.sources import PatternSource, Source, VideoSource
 
 __all__ = ["CapabilityStats", "InjectOptions", "Summary", "inject", "main", "open_source"]

@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.event_log import append_events
@@ -37,6 +37,9 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.events import Event
 from framepipe.logs import get_logger
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = ["RedisEventSink", "StoreEventSink"]
 
@@ -186,13 +189,14 @@ class RedisEventSink(_QueuedSink):
                  types: set[str] | frozenset[str] | None = None, **options: Any) -> None:
         super().__init__(**options)
         try:
-            import redis.asyncio as redis_asyncio
+            from framepipe.redis.connection import connect
         except ImportError as exc:
             raise MissingDependencyError("redis", "redis", "events on Redis Streams") from exc
         self.stream = stream
         self.maxlen = maxlen
         self.types = frozenset(types) if types is not None else None
-        self._client: Any = redis_asyncio.Redis.from_url(url)
+        self._client: Redis = connect(url, retries=None, connect_timeout=None,
+                                      socket_timeout=None)
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if self.types is None or event in self.types:

@@ -5,8 +5,9 @@ Model adapters (:class:`ModelAdapter`, :class:`PythonModel`, :class:`SubprocessM
 live in :mod:`framepipe.processors.adapters`, also imported on first use.
 
 Remote processors (:class:`ProcessorClient`, :class:`ProcessorRegistry`,
-:class:`RemoteProcessor`) need the ``redis`` extra (``pip install 'framepipe[redis]'``); they
-are imported on first use, so the rest works without it.
+:class:`RemoteProcessor`: the fleet, :mod:`framepipe.processors.fleet`) need the ``redis``
+extra (``pip install 'framepipe[redis]'``); they are imported on first use, so the rest works
+without it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ if TYPE_CHECKING:
         adapter_from_settings,
         as_step_progress,
     )
-    from framepipe.processors.client import ProcessorClient
-    from framepipe.processors.registry import ProcessorInfo, ProcessorRegistry, ProcessorResult
-    from framepipe.processors.remote import RemoteProcessor
+    from framepipe.processors.fleet import (
+        ProcessorClient,
+        ProcessorInfo,
+        ProcessorRegistry,
+        ProcessorResult,
+        RemoteProcessor,
+    )
 
 __all__ = [
     "FunctionProcessor",
@@ -59,11 +64,11 @@ _LAZY = {
     "SubprocessModel": "framepipe.processors.adapters",
     "adapter_from_settings": "framepipe.processors.adapters",
     "as_step_progress": "framepipe.processors.adapters",
-    "ProcessorClient": "framepipe.processors.client",
-    "ProcessorInfo": "framepipe.processors.registry",
-    "ProcessorRegistry": "framepipe.processors.registry",
-    "ProcessorResult": "framepipe.processors.registry",
-    "RemoteProcessor": "framepipe.processors.remote",
+    "ProcessorClient": "framepipe.processors.fleet",
+    "ProcessorInfo": "framepipe.processors.fleet",
+    "ProcessorRegistry": "framepipe.processors.fleet",
+    "ProcessorResult": "framepipe.processors.fleet",
+    "RemoteProcessor": "framepipe.processors.fleet",
 }
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
+from framepipe.redis import namespaced
 
 if TYPE_CHECKING:
     from framepipe.server.detector import DetectorHub
@@ -36,17 +37,17 @@ _ALIVE_TTL = 5
 _REPLY_TTL = 600
 
 
-def _redis_asyncio() -> Any:
+def _connect(url: str) -> Any:
     try:
-        import redis.asyncio as redis_asyncio
+        from framepipe.redis.connection import connect
     except ImportError as exc:
         raise MissingDependencyError("redis", "redis", "detectors reached from workers") from exc
-    return redis_asyncio
+    return connect(url, retries=None, connect_timeout=None, socket_timeout=None)
 
 
 def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
-    base = f"{namespace}:detector:{hub_id}"
-    return f"{base}:requests", f"{base}:alive"
+    return (namespaced(namespace, "detector", hub_id, "requests"),
+            namespaced(namespace, "detector", hub_id, "alive"))
 
 
 class _Relay:
@@ -62,7 +63,7 @@ class _Relay:
 
     async def start(self) -> None:
         """Start relaying; Redis being away now is retried in the background, not fatal."""
-        self._client = _redis_asyncio().Redis.from_url(self.url)
+        self._client = _connect(self.url)
         self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
                       asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
 
@@ -152,6 +153,7 @@ class RemoteDetectorHub:
                  request_timeout: float = 600.0) -> None:
         self.id = hub_id
         self.url = url
+        self.namespace = namespace
         self.requests, self.alive = _keys(namespace, hub_id)
         self.request_timeout = request_timeout
 
@@ -162,8 +164,8 @@ class RemoteDetectorHub:
     async def _call(self, kind: str, session_id: str, message: Mapping[str, Any],
                     answer_timeout: float | None, what: str | None,
                     on_progress: ProgressCallback | None) -> dict[str, Any]:
-        client = _redis_asyncio().Redis.from_url(self.url)
-        reply_to = f"{self.requests.rsplit(':', 2)[0]}:reply:{uuid.uuid4().hex}"
+        client = _connect(self.url)
+        reply_to = namespaced(self.namespace, "detector", "reply", uuid.uuid4().hex)
         what = what or str(message.get("type"))
         try:
             if not await client.exists(self.alive):

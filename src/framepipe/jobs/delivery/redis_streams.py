@@ -23,7 +23,8 @@ except ModuleNotFoundError as exc:
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.dispatch import Delivery
 from framepipe.logs import get_logger
-from framepipe.redis import is_redis_url, safe_url
+from framepipe.redis import is_redis_url, namespaced, safe_url
+from framepipe.redis.connection import connect_sync
 
 __all__ = ["RedisStreamsDelivery"]
 
@@ -41,11 +42,11 @@ class RedisStreamsDelivery(StepDelivery):
             raise BrokerError(f"{safe_url(url)!r} is not a Redis URL", url=safe_url(url))
         self.url = url
         self.safe_url = safe_url(url)
-        self.stream = f"{namespace.rstrip(':')}:jobs:steps"
+        self.stream = namespaced(namespace, "jobs", "steps")
         self.target = f"stream {self.stream}"
-        self.redis: redis.Redis = redis.Redis.from_url(
-            url, socket_connect_timeout=2.0, socket_timeout=socket_timeout,
-            health_check_interval=15)
+        self.redis: redis.Redis = connect_sync(url, retries=None, connect_timeout=2.0,
+                                               socket_timeout=socket_timeout,
+                                               health_check_interval=15)
         self._group_ready = False
 
     def _wrap(self, exc: redis.RedisError, what: str) -> BrokerError:

@@ -13,8 +13,8 @@ from typing import Any
 
 from framepipe.frames import Frame
 from framepipe.processors.base import Processor
-from framepipe.processors.client import new_traceparent, parse_traceparent
-from framepipe.processors.registry import ProcessorRegistry
+from framepipe.processors.fleet.routing import ProcessorRegistry
+from framepipe.tracing import new_traceparent, parse_traceparent
 
 __all__ = ["RemoteProcessor"]
 

@@ -1,0 +1,526 @@
+"""``ProcessorClient``: the base class of a frame-processing service that registers on Redis.
+
+A service subclasses :class:`ProcessorClient` and implements only
+``async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict | None``; ``frame_data``
+holds the raw fields of one frame entry (see :mod:`~framepipe.processors.fleet.protocol` for
+the wire format and the keys). ``await client.start()`` registers the processor, consumes its
+dedicated stream and returns once the client was stopped (``await client.stop()``, or
+SIGTERM/SIGINT after :meth:`ProcessorClient.install_signal_handlers`).
+
+Guarantees:
+
+* At most ``capacity`` frames are inside ``process_frame`` at any moment (XREADGROUP asks for
+  no more than the free capacity).
+* A frame entry is acknowledged only after its result was published, in one Lua script with
+  the acknowledgement, to ``result_stream`` and to the router's reply stream. A frame whose handling
+  is interrupted (the process killed, Redis lost for good, the shutdown timeout) stays pending in
+  the processor's stream; the :class:`~framepipe.processors.fleet.registry.ProcessorRegistry`
+  re-routes it to another processor. Delivery is at least once.
+* A malformed entry (missing field, image that is not JPEG/PNG bytes or base64 of them, bad
+  metadata JSON), a ``process_frame`` that raises (or exceeds ``frame_timeout``) and a result
+  that is not a JSON-serialisable dict each give an error result for that frame (``status``
+  ``error``, ``error_kind`` ``input``/``processor``/``output``, the error text), are acked and
+  logged; the consumer goes on.
+* Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
+  after ``connect_retries`` retries; never a hang. Redis lost later: the client reconnects with
+  exponential backoff (for as long as it runs), registers again, takes back the entries it held
+  and publishes the results it finished meanwhile.
+* Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
+  ``failed`` in the processor's hash). A processor declared dead by the registry (silent too
+  long) that turns out alive registers again at its next heartbeat.
+* ``stop()`` / SIGTERM: the state becomes ``draining`` at once (routers send nothing more), the
+  client takes no new frame, finishes the frames in flight (bounded by ``shutdown_timeout``;
+  unfinished ones stay pending and are re-routed), deregisters and ``start()`` returns.
+
+Connections: the processor's blocking ``XREADGROUP`` and its publish script run on two
+:class:`~framepipe.redis.wire.Wire` connections; registration and heartbeats use redis-py.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import signal
+import time
+from collections.abc import Generator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from framepipe.backoff import Backoff
+from framepipe.errors import RegistryConnectionError
+from framepipe.logs import get_logger
+from framepipe.processors.fleet.handling import run_frame
+from framepipe.processors.fleet.protocol import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
+    GROUP,
+    Fields,
+    Keys,
+    Outcome,
+    ProcessorState,
+    result_fields,
+)
+from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
+from framepipe.redis import safe_url
+from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
+from framepipe.redis.scripts import PUBLISH
+from framepipe.redis.streams import claim_pending, stream_entries
+from framepipe.redis.wire import Wire
+from framepipe.tracing import parse_traceparent
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from redis.asyncio import Redis
+
+__all__ = ["ProcessorClient"]
+
+
+class _StopWaiter:
+    """What :meth:`ProcessorClient.stop` returns: await it to wait for the end, or ignore it."""
+
+    def __init__(self, client: ProcessorClient) -> None:
+        self._client = client
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._client._wait_stopped().__await__()
+
+
+class ProcessorClient(abc.ABC):
+    """A frame-processing service registered on Redis. Subclass it and implement
+    :meth:`process_frame`; see the module docstring for the guarantees.
+
+    ``processor_id`` must be unique in the namespace (one process per id). ``capabilities`` are
+    the names a router matches (``["face_detection", "face_recognition"]``). ``capacity`` is the
+    number of frames processed at once. ``result_stream`` (default ``<ns>:results``) receives
+    every result, trimmed to about ``result_maxlen`` entries (None: never trimmed).
+    ``health_interval`` is the heartbeat period in seconds (the registry's ``heartbeat_timeout``
+    must be a few times longer). ``image_encoding`` chooses what ``frame_data[b"image_data"]``
+    holds: ``raw`` bytes, or ``base64`` (for services written against base64 entries).
+    ``frame_timeout`` bounds one ``process_frame`` call. ``redis_client`` is used instead of
+    ``redis_url`` when given (not closed by the client). ``orchestrator_url`` is accepted for
+    services written against an HTTP orchestrator and ignored: registration goes through
+    Redis.
+    """
+
+    def __init__(self, processor_id: str, capabilities: Sequence[str], capacity: int = 1,
+                 result_stream: str | None = None, redis_url: str = DEFAULT_REDIS_URL,
+                 health_interval: float = 5.0, namespace: str = DEFAULT_NAMESPACE, *,
+                 image_encoding: Literal["raw", "base64"] = "raw",
+                 frame_timeout: float | None = None, shutdown_timeout: float = 30.0,
+                 connect_retries: int = 3, backoff: Backoff | None = None,
+                 poll_interval: float = 0.5, result_maxlen: int | None = 10_000,
+                 redis_client: Redis | None = None,
+                 orchestrator_url: str | None = None) -> None:
+        if not processor_id or any(c.isspace() for c in processor_id):
+            raise ValueError(f"processor_id must be a non-empty name without spaces, "
+                             f"not {processor_id!r}")
+        if isinstance(capabilities, str) or not capabilities or not all(
+                isinstance(c, str) and c for c in capabilities):
+            raise ValueError(f"processor {processor_id!r}: capabilities must be a non-empty "
+                             f"list of names, not {capabilities!r}")
+        if capacity < 1:
+            raise ValueError(f"processor {processor_id!r}: capacity must be >= 1, not {capacity}")
+        if health_interval <= 0 or poll_interval <= 0:
+            raise ValueError(f"processor {processor_id!r}: health_interval and poll_interval "
+                             "must be positive")
+        if image_encoding not in ("raw", "base64"):
+            raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")
+        self.processor_id = processor_id
+        self.capabilities = tuple(dict.fromkeys(capabilities))
+        self.capacity = capacity
+        self.namespace = namespace
+        self.keys = Keys(namespace)
+        self.result_stream = result_stream or self.keys.results
+        self.redis_url = redis_url
+        self.health_interval = health_interval
+        self.image_encoding = image_encoding
+        self.frame_timeout = frame_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.connect_retries = connect_retries
+        self.backoff = backoff or Backoff(0.5, 2.0, 30.0, 0.1)
+        self.poll_interval = poll_interval
+        self.result_maxlen = result_maxlen
+        self.orchestrator_url = orchestrator_url
+        self.stream = self.keys.frames(processor_id)
+        self.log = get_logger(f"processor:{processor_id}", "framepipe.processors.client")
+        self.processed = 0
+        """Frames handled with an ``ok`` result."""
+        self.failed = 0
+        """Frames reported as errors."""
+        self.max_in_flight = 0
+        """The most frames that were inside ``process_frame`` at once."""
+        self._external = redis_client
+        self._redis: Redis | None = redis_client
+        self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stopped_event: asyncio.Event | None = None
+        self._stop_requested = False
+        self._registered = asyncio.Event()
+        self._draining_task: asyncio.Task[None] | None = None
+        self._slot: asyncio.Future[None] | None = None
+        self._reads: Wire | None = None  # XREADGROUP (blocks)
+        self._writes: Wire | None = None  # publish + acknowledge
+        self._running = False
+
+    # -- what a subclass implements ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """Handle one frame. ``frame_data`` holds the entry's raw fields (bytes keys and
+        values; ``image_data`` as chosen by ``image_encoding``). Return a JSON-serialisable
+        dict (published as the result), or None (no result to publish). Raising reports an
+        error result for this frame; the client goes on."""
+
+    # -- helpers for subclasses -------------------------------------------------------------
+
+    def decode_image(self, frame_data: Mapping[bytes, bytes]) -> npt.NDArray[np.uint8]:
+        """The frame's image as a BGR array (OpenCV); raises :class:`FrameError` on bad data."""
+        from framepipe.frames import decode_jpeg
+
+        data = frame_data[b"image_data"]
+        if self.image_encoding == "base64":
+            data = base64.b64decode(data)
+        return decode_jpeg(data)
+
+    @staticmethod
+    def metadata(frame_data: Mapping[bytes, bytes]) -> dict[str, Any]:
+        """The entry's ``metadata`` JSON object ({} when absent)."""
+        raw = frame_data.get(b"metadata")
+        return dict(json.loads(raw)) if raw else {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Frames being processed now."""
+        return len(self._inflight)
+
+    @property
+    def running(self) -> bool:
+        """True from :meth:`start` until it returns."""
+        return self._running
+
+    async def wait_registered(self) -> None:
+        """Wait until the processor is registered (bound it with ``asyncio.timeout``)."""
+        await self._registered.wait()
+
+    def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM,
+                                                                 signal.SIGINT)) -> None:
+        """Stop gracefully on ``signals`` (call inside the running loop, before ``start``)."""
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.stop)
+
+    def stop(self) -> _StopWaiter:
+        """Ask the client to stop (see the module docstring). Safe from a signal handler or
+        another thread; ``await client.stop()`` also waits until ``start()`` has finished."""
+        self._stop_requested = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_stop)
+        return _StopWaiter(self)
+
+    def _on_stop(self) -> None:
+        """In the loop: take no new frame; tell the routers at once (``draining``)."""
+        if self._stop_event is None or self._stop_event.is_set():
+            return
+        self._stop_event.set()
+        if self._registered.is_set() and self._draining_task is None:
+            self._draining_task = asyncio.ensure_future(self._set_draining())
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consumer waiting for a free slot (a frame finished, or stopping)."""
+        slot = self._slot
+        if slot is not None and not slot.done():
+            slot.set_result(None)
+
+    async def _wait_stopped(self) -> None:
+        if self._stopped_event is not None and self._running:
+            await self._stopped_event.wait()
+
+    async def run(self) -> None:
+        """:meth:`start` with SIGTERM/SIGINT handlers installed (the service's main)."""
+        self.install_signal_handlers()
+        await self.start()
+
+    async def start(self) -> None:
+        """Connect, register, and process frames until stopped; returns after the graceful
+        shutdown. Raises :class:`RegistryConnectionError` when Redis cannot be reached at
+        start (after ``connect_retries`` retries)."""
+        if self._running:
+            raise RuntimeError(f"processor {self.processor_id!r} is already running")
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._stopped_event = asyncio.Event()
+        self._registered.clear()
+        if self._stop_requested:
+            self._stop_event.set()
+        self._running = True
+        try:
+            if self._redis is None:
+                self._redis = connect(self.redis_url)
+            what = f"processor {self.processor_id!r}"
+            await ping_with_retries(self._redis, self.redis_url, retries=self.connect_retries,
+                                    backoff=self.backoff, what=what)
+            try:
+                await self._register()
+            except REDIS_DOWN as exc:
+                raise RegistryConnectionError(
+                    lost(what, self.redis_url, exc, during="registering"),
+                    url=safe_url(self.redis_url)) from exc
+            self._reads, self._writes = Wire(self._redis), Wire(self._redis)
+            beat_done = asyncio.Event()
+            beating = asyncio.create_task(self._heartbeat_loop(beat_done),
+                                          name=f"{self.processor_id}:heartbeat")
+            try:
+                await self._serve()
+            finally:
+                await self._shutdown(beating, beat_done)
+        finally:
+            for wire in (self._reads, self._writes):
+                if wire is not None:
+                    await wire.close()
+            self._reads = self._writes = None
+            if self._external is None and self._redis is not None:
+                await self._redis.aclose()
+                self._redis = None
+            self._running = False
+            self._stop_requested = False
+            self._stopped_event.set()
+
+    # -- registration and heartbeats -------------------------------------------------------
+
+    async def _register(self) -> None:
+        """Create the stream and group, then (atomically) the hash and set membership."""
+        await register(self._require_redis(), self.keys, self.processor_id,
+                       capabilities=self.capabilities, capacity=self.capacity,
+                       stream=self.stream, result_stream=self.result_stream,
+                       in_flight=self.in_flight, processed=self.processed, failed=self.failed)
+        if not self._registered.is_set():
+            self.log.info("Registered: capabilities=%s capacity=%d stream=%s results=%s",
+                          ",".join(self.capabilities), self.capacity, self.stream,
+                          self.result_stream)
+        self._registered.set()
+
+    async def _heartbeat_loop(self, done: asyncio.Event) -> None:
+        redis = self._require_redis()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.health_interval)
+            if done.is_set():
+                return
+            try:
+                alive = await heartbeat(
+                    redis, self.keys, self.processor_id, "last_heartbeat", repr(time.time()),
+                    "in_flight", self.in_flight, "processed", self.processed,
+                    "failed", self.failed, "max_in_flight", self.max_in_flight)
+                if not alive and not self._stopping:
+                    self.log.warning("Found itself deregistered (declared dead or Redis lost "
+                                     "its data); registering again")
+                    await self._register()
+            except REDIS_DOWN as exc:
+                self.log.debug("heartbeat failed: %s", exc)
+            except Exception as exc:  # keep beating: a dead heartbeat would get it reaped
+                self.log.exception("heartbeat failed: %s", type(exc).__name__)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_event is None or self._stop_event.is_set()
+
+    def _require_redis(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError(f"processor {self.processor_id!r} is not running")
+        return self._redis
+
+    async def _serve(self) -> None:
+        """Consume until stopped; reconnect with backoff while Redis is away."""
+        failures = 0
+        need_register = False
+        while not self._stopping:
+            try:
+                if need_register:
+                    await self._register()
+                    need_register = False
+                    if failures:
+                        self.log.info("Reconnected to Redis after %d attempts", failures)
+                    failures = 0
+                await self._consume()
+            except REDIS_DOWN as exc:
+                failures += 1
+                need_register = True
+                delay = self.backoff.delay(failures)
+                log = self.log.warning if failures == 1 else self.log.info
+                log("Redis at %s unreachable (%s: %s); reconnecting in %.1fs (attempt %d)",
+                    safe_url(self.redis_url), type(exc).__name__, exc, delay, failures)
+                await self._sleep_unless_stopping(delay)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self.log.warning("Its stream or group disappeared (deregistered as dead, or "
+                                 "Redis lost its data); registering again")
+                need_register = True
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        assert self._stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), delay)
+
+    async def _recover(self) -> list[tuple[bytes, Fields]]:
+        """Claim every entry pending in the stream (this processor's earlier life, or handed
+        back by the registry) that is not being processed here now."""
+        backlog: list[tuple[bytes, Fields]] = []
+        async for claimed in claim_pending(self._require_redis(), self.stream, GROUP,
+                                           self.processor_id, count=100):
+            backlog += [(mid, fields) for mid, fields in claimed if mid not in self._inflight]
+        if backlog:
+            self.log.info("Took back %d pending frame(s)", len(backlog))
+        return backlog
+
+    async def _consume(self) -> None:
+        reads = self._reads
+        assert reads is not None
+        loop = asyncio.get_running_loop()
+        backlog = await self._recover()
+        block_ms = max(1, int(self.poll_interval * 1000))
+        while not self._stopping:
+            free = self.capacity - len(self._inflight)
+            if free <= 0:  # wait for a frame to finish (or stop())
+                self._slot = loop.create_future()
+                try:
+                    await self._slot
+                finally:
+                    self._slot = None
+                continue
+            if backlog:
+                for mid, fields in backlog[:free]:
+                    self._spawn(mid, fields)
+                del backlog[:free]
+                continue
+            # stop() marks the processor draining at once; the read ends within poll_interval
+            reply = await reads.execute(
+                "XREADGROUP", "GROUP", GROUP, self.processor_id, "COUNT", free, "BLOCK",
+                block_ms, "STREAMS", self.stream, ">", block=self.poll_interval)
+            if reply:
+                for mid, entry in stream_entries(reply):
+                    self._spawn(mid, entry)
+
+    def _spawn(self, mid: bytes, fields: Fields | None) -> None:
+        if fields is None:  # deleted while pending
+            return
+        task = asyncio.create_task(self._handle(mid, fields), name=f"{self.processor_id}:{mid!r}")
+        self._inflight[mid] = task
+        self.max_in_flight = max(self.max_in_flight, len(self._inflight))
+        task.add_done_callback(functools.partial(self._finished, mid))
+
+    def _finished(self, mid: bytes, task: asyncio.Task[None]) -> None:
+        if self._inflight.get(mid) is task:
+            del self._inflight[mid]
+        self._wake()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("handling entry %s failed unexpectedly: %r", mid.decode(), exc,
+                           exc_info=exc)
+
+    # -- one frame ----------------------------------------------------------------------------
+
+    async def _handle(self, mid: bytes, fields: Fields) -> None:
+        started = time.perf_counter()
+        traceparent = parse_traceparent(fields.get(b"trace_context"))
+        outcome = await run_frame(self.process_frame, mid, fields, traceparent,
+                                  image_encoding=self.image_encoding,
+                                  frame_timeout=self.frame_timeout, log=self.log)
+        if outcome.ok:
+            self.processed += 1
+        else:
+            self.failed += 1
+        payload = result_fields(self.processor_id, mid, fields, outcome, traceparent,
+                                (time.perf_counter() - started) * 1000.0)
+        await self._publish(mid, fields, outcome, payload)
+        if self._inflight.get(mid) is asyncio.current_task():  # free the slot now, not
+            del self._inflight[mid]  # a loop turn later in the task's done callback
+            self._wake()
+
+    async def _publish(self, mid: bytes, fields: Fields, outcome: Outcome,
+                       payload: dict[str, str | bytes]) -> None:
+        """Publish and acknowledge atomically; retry while Redis is away (the entry stays
+        pending if this task is cancelled at shutdown)."""
+        reply_to = fields.get(b"reply_to") or b""
+        to_results = outcome.result_json is not None or not outcome.ok
+        args: list[str | bytes] = [GROUP, mid, "" if self.result_maxlen is None
+                                   else str(self.result_maxlen), "1" if to_results else "0",
+                                   "1" if reply_to else "0"]
+        for key, value in payload.items():
+            args += [key, value]
+        attempt = 0
+        while True:
+            wire = self._writes
+            if wire is None:
+                raise RuntimeError(f"processor {self.processor_id!r} is not running")
+            try:
+                acked = await wire.run(PUBLISH, self.stream, self.result_stream,
+                                       reply_to or self.stream, *args, keys=3)
+            except REDIS_DOWN as exc:
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                self.log.debug("publishing the result of %s failed (%s); retry in %.1fs",
+                               mid.decode(), exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if acked == -1:  # the group was dropped meanwhile (Redis lost its data)
+                self.log.debug("published %s; its group is gone, nothing to acknowledge",
+                               mid.decode())
+            return
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _set_draining(self) -> None:
+        try:
+            await set_state(self._require_redis(), self.keys, self.processor_id,
+                            ProcessorState.DRAINING)
+        except REDIS_DOWN as exc:
+            self.log.warning("could not mark itself draining: %s", exc)
+
+    async def _shutdown(self, heartbeat: asyncio.Task[None], beat_done: asyncio.Event) -> None:
+        self.log.info("Stopping: %d frame(s) in flight", len(self._inflight))
+        if self._draining_task is None:
+            self._draining_task = asyncio.ensure_future(self._set_draining())
+        await self._draining_task
+        self._draining_task = None
+        if self._inflight:
+            _done, pending = await asyncio.wait(set(self._inflight.values()),
+                                                timeout=self.shutdown_timeout)
+            if pending:
+                self.log.warning("%d frame(s) unfinished after %.1fs; left pending for the "
+                                 "registry to re-route", len(pending), self.shutdown_timeout)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=5.0)
+        # no cancel: redis-py can swallow a cancellation mid-command (redis/redis-py#2028)
+        beat_done.set()
+        await asyncio.wait({heartbeat}, timeout=15.0)
+        await self._deregister()
+
+    async def _deregister(self) -> None:
+        redis = self._require_redis()
+        try:
+            removed = await deregister(redis, self.keys, self.processor_id, self.stream,
+                                       ProcessorState.DRAINING)
+            if removed == 0:
+                await set_state(redis, self.keys, self.processor_id, ProcessorState.STOPPED)
+                self.log.info("Stopped; entries left in its stream go back to the registry")
+            else:
+                self.log.info("Deregistered (processed=%d failed=%d)", self.processed,
+                              self.failed)
+        except REDIS_DOWN as exc:
+            self.log.warning("could not deregister (Redis unreachable: %s); the registry will "
+                             "declare it dead", exc)
+

@@ -1,0 +1,317 @@
+"""The fleet's wire format: Redis keys, processor states, frame entries and result entries.
+
+Frame entries (stream fields, bytes): ``frame_id``, ``camera_id``, ``timestamp`` (ISO 8601),
+``image_data`` (raw JPEG bytes; base64 accepted), ``width``, ``height``, ``format``
+(``jpeg``), ``metadata`` (JSON object), ``trace_context`` (W3C ``traceparent``; a JSON object
+holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``attempt``,
+``routed_at`` (and ``rerouted_from`` after a processor died).
+
+Result entries: ``frame_id``, ``camera_id``, ``processor_id``, ``capability``, ``status``
+(``ok``/``error``), ``result`` (JSON), ``error``, ``error_kind``, ``trace_context`` (the
+frame's, unchanged), ``duration_ms``, ``processed_at``, ``entry_id``.
+
+Keys (:class:`Keys`, named by :func:`framepipe.redis.namespaced`; ``namespace`` default
+``framepipe:``): ``<ns>:processors`` (set of ids), ``<ns>:proc:<id>`` (hash),
+``<ns>:proc:<id>:frames`` (the processor's stream, consumer group ``processors``),
+``<ns>:replies:<registry id>`` (a router's reply stream); result streams are named by the
+processor, without the namespace.
+
+This module needs neither Redis nor a connection: it only builds and parses entries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from framepipe.errors import RemoteProcessingError
+from framepipe.frames import Frame
+from framepipe.redis import namespaced
+from framepipe.redis.streams import Fields
+from framepipe.tracing import new_traceparent, parse_traceparent
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_REDIS_URL",
+    "GROUP",
+    "BadEntryError",
+    "Fields",
+    "Keys",
+    "Outcome",
+    "ProcessorResult",
+    "ProcessorState",
+    "Routable",
+    "as_int",
+    "check_entry",
+    "decode_image_data",
+    "entry_fields",
+    "frame_entry",
+    "result_fields",
+    "text",
+]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_NAMESPACE = "framepipe:"
+GROUP = "processors"
+"""The consumer group on every processor stream."""
+
+Routable = Frame | Mapping[str, Any] | Mapping[bytes, Any]
+"""What can be routed: a :class:`Frame` (sent as JPEG), or a frame entry as a dict of fields."""
+
+
+class ProcessorState:
+    """Values of the ``state`` field of a processor's hash."""
+
+    READY = "ready"
+    """Registered and taking frames."""
+    DRAINING = "draining"
+    """Stopping: finishing its frames, takes no new one."""
+    STOPPED = "stopped"
+    """Stopped with entries left in its stream; the registry re-routes them and removes it."""
+    DEAD = "dead"
+    """Declared dead by the registry (no heartbeat for ``heartbeat_timeout``)."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The Redis key names of one namespace (given with or without its trailing colon)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def processors(self) -> str:
+        """The set of registered processor ids."""
+        return namespaced(self.namespace, "processors")
+
+    def proc(self, processor_id: str) -> str:
+        """The hash describing one processor."""
+        return namespaced(self.namespace, "proc", processor_id)
+
+    def frames(self, processor_id: str) -> str:
+        """The dedicated frame stream of one processor."""
+        return namespaced(self.namespace, "proc", processor_id, "frames")
+
+    def replies(self, registry_id: str) -> str:
+        """The reply stream of one registry (router)."""
+        return namespaced(self.namespace, "replies", registry_id)
+
+    @property
+    def results(self) -> str:
+        """The default result stream of the processors of this namespace."""
+        return namespaced(self.namespace, "results")
+
+
+def text(value: bytes | str | None) -> str:
+    """A field's value as text ("" for a missing one; bad UTF-8 replaced)."""
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def as_int(value: bytes | None, default: int) -> int:
+    """A field's value as an int; ``default`` when missing, empty or not a number."""
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+# -- frame entries --------------------------------------------------------------------------------
+
+_MAGIC: dict[str, tuple[bytes, ...]] = {
+    "jpeg": (b"\xff\xd8\xff",), "jpg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",),
+}
+
+
+class BadEntryError(ValueError):
+    """A frame entry that cannot be handled (reported as an ``input`` error)."""
+
+
+def decode_image_data(data: bytes, fmt: str = "jpeg") -> bytes:
+    """The raw image bytes of an ``image_data`` field: raw bytes pass, base64 is decoded.
+
+    For ``jpeg``/``png`` the bytes must start with the format's signature, raw or after base64
+    decoding; otherwise :class:`ValueError` says what was found. Other formats pass unchecked
+    (base64 is decoded when the whole field is valid base64)."""
+    fmt = fmt.lower()
+    if not data:
+        raise BadEntryError("image_data is empty")
+    magic = _MAGIC.get(fmt)
+    if magic is not None and data.startswith(magic):
+        return data
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = None
+    if magic is None:
+        return decoded if decoded else data
+    if decoded is not None and decoded.startswith(magic):
+        return decoded
+    raise BadEntryError(f"image_data is not a {fmt} image, raw or base64 ({len(data)} bytes, "
+                        f"starts {data[:8].hex()})")
+
+
+def check_entry(fields: Fields, image_encoding: str = "raw") -> Fields:
+    """Validate a frame entry; the ``frame_data`` a processor is given: the entry's fields with
+    ``image_data`` as raw image bytes, or base64 of them when ``image_encoding`` is
+    ``base64``. :class:`BadEntryError` names what is wrong."""
+    frame_id = fields.get(b"frame_id")
+    if not frame_id:
+        raise BadEntryError("entry lacks 'frame_id'")
+    image = fields.get(b"image_data")
+    if image is None:
+        raise BadEntryError("entry lacks 'image_data'")
+    fmt = text(fields.get(b"format")) or "jpeg"
+    raw = decode_image_data(image, fmt)
+    for name in (b"width", b"height"):
+        value = fields.get(name)
+        if value is not None and value != b"" and not value.isdigit():
+            raise BadEntryError(f"{name.decode()} is not a whole number: {value[:20]!r}")
+    meta = fields.get(b"metadata")
+    if meta:
+        try:
+            parsed = json.loads(meta)
+        except ValueError as exc:
+            raise BadEntryError(f"metadata is not JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise BadEntryError(f"metadata is not a JSON object: {meta[:40]!r}")
+    data = dict(fields)
+    data[b"image_data"] = base64.b64encode(raw) if image_encoding == "base64" else raw
+    return data
+
+
+def frame_entry(frame: Frame, *, quality: int = 85,
+                trace_context: str | None = None) -> dict[str, bytes | str]:
+    """The stream fields of ``frame``: JPEG ``image_data``, ``width``, ``height``, ``format``,
+    ``camera_id`` (the source id), ISO ``timestamp``, ``metadata`` (seq, ts_ms, pts,
+    segment_id and the frame's ``meta``, as JSON) and ``trace_context`` (given, or the frame's
+    ``meta["trace_context"]``, or a new one). ``frame_id`` is ``<source>:<seq>:<random>``."""
+    trace = (trace_context or parse_traceparent(frame.meta.get("trace_context"))
+             or new_traceparent())
+    meta = {"seq": frame.seq, "ts_ms": frame.ts_ms, "pts": frame.pts,
+            "segment_id": frame.segment_id, "meta": frame.meta}
+    stamp = datetime.fromtimestamp(frame.ts_ms / 1000.0, tz=UTC).isoformat(timespec="milliseconds")
+    return {"frame_id": f"{frame.source_id}:{frame.seq}:{secrets.token_hex(4)}",
+            "camera_id": frame.source_id, "timestamp": stamp,
+            "image_data": frame.to_jpeg(quality), "width": str(frame.width),
+            "height": str(frame.height), "format": "jpeg",
+            "metadata": json.dumps(meta, default=repr), "trace_context": trace}
+
+
+def entry_fields(item: Mapping[Any, Any]) -> dict[str, bytes | str]:
+    """A caller's entry dict as stream fields (numbers as text, booleans ``1``/``0``, dicts
+    and lists as JSON, None left out); fills ``frame_id``, ``trace_context`` and ``format``
+    when missing. :class:`TypeError` for a value that cannot be sent."""
+    out: dict[str, bytes | str] = {}
+    for key, value in item.items():
+        name = key if type(key) is str else text(key)
+        kind = type(value)
+        if kind is bytes or kind is str:
+            out[name] = value
+        elif value is None:
+            continue
+        elif isinstance(value, bytes | str):
+            out[name] = value
+        elif isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        elif isinstance(value, int | float):
+            out[name] = str(value)
+        elif isinstance(value, dict | list | tuple):
+            out[name] = json.dumps(value)
+        else:
+            raise TypeError(f"entry field {name!r}: cannot send a {type(value).__name__}")
+    if not out.get("frame_id"):
+        out["frame_id"] = uuid.uuid4().hex
+    if not out.get("trace_context"):
+        out["trace_context"] = new_traceparent()
+    out.setdefault("format", "jpeg")
+    return out
+
+
+# -- results --------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """How handling one frame went, before it is published as a result entry."""
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    result_json: str | None = None
+    error: str | None = None
+    kind: str | None = None
+    """``input``, ``processor`` or ``output`` when not ``ok``."""
+
+
+def result_fields(processor_id: str, mid: bytes, fields: Fields, outcome: Outcome,
+                  traceparent: str | None, duration_ms: float) -> dict[str, str | bytes]:
+    """The result entry of frame entry ``mid`` (``fields``) handled by ``processor_id``. The
+    frame's ``trace_context`` is passed on unchanged (a new one only when it had none)."""
+    trace = fields.get(b"trace_context") or (traceparent or new_traceparent()).encode()
+    payload: dict[str, str | bytes] = {
+        "frame_id": fields.get(b"frame_id", b""), "camera_id": fields.get(b"camera_id", b""),
+        "processor_id": processor_id, "capability": fields.get(b"capability", b""),
+        "status": "ok" if outcome.ok else "error", "trace_context": trace,
+        "duration_ms": f"{duration_ms:.3f}", "processed_at": repr(time.time()),
+        "entry_id": mid}
+    if outcome.result_json is not None:
+        payload["result"] = outcome.result_json
+    if not outcome.ok:
+        payload["error"] = outcome.error or "error"
+        payload["error_kind"] = outcome.kind or "processor"
+    return payload
+
+
+@dataclass(frozen=True)
+class ProcessorResult:
+    """One processor's result for one frame, as read from the reply stream."""
+
+    frame_id: str
+    processor_id: str
+    ok: bool
+    data: dict[str, Any] | None
+    """What ``process_frame`` returned (None: it returned None, or the frame failed)."""
+    error: str | None
+    error_kind: str | None
+    """``processor``, ``output``, ``input`` or ``lost`` (see RemoteProcessingError)."""
+    trace_context: str
+    camera_id: str = ""
+    capability: str = ""
+    duration_ms: float = 0.0
+    entry_id: str = ""
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes]) -> ProcessorResult:
+        """Parse a result entry (raises ValueError when it is not one)."""
+        if b"frame_id" not in fields or b"status" not in fields:
+            raise ValueError(f"not a result entry: fields {sorted(fields)}")
+        get = fields.get
+        raw = get(b"result")
+        error = get(b"error")
+        kind = get(b"error_kind")
+        return cls(frame_id=fields[b"frame_id"].decode("utf-8", "replace"),
+                   processor_id=get(b"processor_id", b"").decode("utf-8", "replace"),
+                   ok=fields[b"status"] == b"ok",
+                   data=json.loads(raw.decode("utf-8")) if raw else None,
+                   error=error.decode("utf-8", "replace") if error else None,
+                   error_kind=kind.decode("utf-8", "replace") if kind else None,
+                   trace_context=get(b"trace_context", b"").decode("utf-8", "replace"),
+                   camera_id=get(b"camera_id", b"").decode("utf-8", "replace"),
+                   capability=get(b"capability", b"").decode("utf-8", "replace"),
+                   duration_ms=float(get(b"duration_ms") or 0.0),
+                   entry_id=get(b"entry_id", b"").decode("utf-8", "replace"))
+
+    def check(self) -> ProcessorResult:
+        """This result; :class:`RemoteProcessingError` when it reports an error."""
+        if not self.ok:
+            raise RemoteProcessingError(self.error or "error", frame_id=self.frame_id,
+                                        processor_id=self.processor_id,
+                                        kind=self.error_kind or "processor")
+        return self
