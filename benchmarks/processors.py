@@ -4,7 +4,10 @@
 (``FRAMEPIPE_BENCH_REDIS_URL`` overrides it), prints a Markdown report and writes it into
 ``docs/processor-benchmarks.md`` between ``<!-- results:start -->`` and ``<!-- results:end -->``
 (``--quick`` for a short run, ``--no-write`` to leave the docs alone, ``--profile`` to print a
-cProfile of both sides of the sequential round trip to stderr).
+cProfile of both sides of the sequential round trip to stderr, ``--hops-only`` for section 1
+alone, ``--hot-path redis-py`` to run framepipe's hot-path connections on redis-py instead of
+:class:`~framepipe.redis.wire.Wire`'s hiredis protocol, which measures what Wire gains; the last
+two leave the docs alone).
 
 The processor is :class:`NoopClient`, a ``ProcessorClient`` that returns ``{"frame_id": ...,
 "ok": True}`` at once. It runs as a separate process started with :mod:`subprocess` (this file,

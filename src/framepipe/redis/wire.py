@@ -1,7 +1,25 @@
 """``Wire``: a Redis connection of its own for one hot path, speaking RESP2 through hiredis.
 
-Why it exists, measured (``benchmarks/processors.py``, see ``docs/processor-benchmarks.md``):
-PLACEHOLDER_NUMBERS
+The processor fleet's hot path runs on Wire connections, one per path: the router's route
+script and its blocking read of the reply stream, a processor's blocking ``XREADGROUP`` and its
+publish script. Everything else uses redis-py clients made by :mod:`framepipe.redis.connection`.
+
+Kept because it still pays. ``benchmarks/processors.py --quick --hops-only`` against
+``--hot-path redis-py`` (the same Wire interface on a redis-py connection, as without hiredis),
+two alternating runs each on 2026-12-04, 2 shared CPUs at load 3-6, ``registry.call(entry)`` to
+a processor in another process:
+
+================  ====================  ======================  ==========================
+entry             p50 on Wire           p50 on redis-py         CPU/call caller+processor
+================  ====================  ======================  ==========================
+16x16 JPEG        0.45 / 0.73 ms        0.80 / 0.72 ms          450-510 us vs 660-710 us
+640x360 JPEG      0.65 / 0.72 ms        1.07 / 0.92 ms          470-490 us vs 790 us
+================  ====================  ======================  ==========================
+
+About a third less CPU per call on each side (caller 184-237 us against 324-386 us, processor
+250-283 us against 333-433 us), the gain it was written for (see
+``docs/processor-benchmarks.md``: p50 1.34-1.60 -> 0.72-0.77 ms, caller 660 -> 310 us); on a
+loaded machine the p50s are noisier than the CPU figures.
 """
 
 from __future__ import annotations
@@ -171,7 +189,12 @@ class Wire:
     command connects again. Opened from a redis-py client's settings (host and port or Unix
     socket, username, password, db); with TLS, a custom connection class or a credential
     provider, or without ``hiredis``, the same interface runs on a redis-py connection of
-    its own."""
+    its own.
+
+    Still worth its code (measured 2026-12-04 against that redis-py fallback, see the module
+    docstring): a 640x360 JPEG entry's round trip through a processor in another process
+    takes 0.65-0.72 ms p50 instead of 0.92-1.07 ms, and about a third less CPU on each side
+    (caller 222-237 us instead of 354-386 us per call)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
