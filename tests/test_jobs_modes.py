@@ -5,10 +5,11 @@ and not the other is a bug this suite is here to catch."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -18,18 +19,32 @@ from hypothesis import strategies as st
 import worker_pipelines as wp
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
+from framepipe.errors import ExecutionStateError
 from framepipe.events import Event
+from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import list_events
+from framepipe.jobs.records import get_execution, list_events
 from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixture
+
+T = TypeVar("T")
+
+
+QUICK: dict[str, Any] = {"retry_initial_delay": 0.05, "retry_max_delay": 0.2,
+                         "heartbeat_interval": 0.2, "shutdown_grace": 2.0}
+"""Settings of both modes unless a test overrides them: short retries, cancels seen quickly."""
 
 
 class Mode:
     """One way to run executions: ``embedded`` (a JobEngine in this process) or ``workers``
     (real ``framepipe worker`` processes). Calling it runs an execution to its end and
-    returns it with its stored events; :meth:`retry` resumes one the same way."""
+    returns it with its stored events; :meth:`retry` resumes one the same way;
+    :meth:`session` hands a test the engine to drive itself (submit, cancel, wait).
+
+    Settings are fixed by the first call (``overrides`` on top of :data:`QUICK`): the workers
+    are started then. Steps leave files in :attr:`dir` (``inputs["dir"]``)."""
 
     def __init__(self, name: str, tmp_path: Path, database_url: str,
                  factory: Callable[..., Cluster] | None) -> None:
@@ -40,27 +55,51 @@ class Mode:
         self.database_url = database_url
         self._factory = factory
         self._cluster: Cluster | None = None
-        self.settings = Settings(home=tmp_path / "home", database_url=database_url)
+        self._overrides: dict[str, Any] | None = None
+        self.settings = Settings(home=tmp_path / "home", database_url=database_url, **QUICK)
+
+    @property
+    def embedded(self) -> bool:
+        return self._factory is None
 
     def _setup(self, overrides: dict[str, Any]) -> None:
+        if self._overrides is not None:
+            if overrides and overrides != self._overrides:
+                raise ValueError(f"settings are fixed by the first run ({self._overrides}); "
+                                 f"got {overrides}")
+            return
+        self._overrides = overrides
+        values = {**QUICK, **overrides}
         if self._factory is None:
             self.settings = Settings(home=self.tmp_path / "home",
-                                     database_url=self.database_url, **overrides)
-        elif self._cluster is None:
-            self._cluster = self._factory(self.database_url, **overrides)
+                                     database_url=self.database_url, **values)
+        else:
+            self._cluster = self._factory(self.database_url, **values)
             self._cluster.wait_registered(self._cluster.worker())
             self.settings = self._cluster.settings
             self.dir = self._cluster.dir
 
-    def _events(self, info: ExecutionInfo) -> tuple[ExecutionInfo, list[Event]]:
+    def inputs(self, **inputs: Any) -> dict[str, Any]:
+        """``inputs`` with the folder the steps write to."""
+        return {"dir": str(self.dir), **inputs}
+
+    def notes(self, log: str) -> list[str]:
+        """The lines steps appended to ``log`` in :attr:`dir`."""
+        return wp.notes(self.dir, log)
+
+    def events(self, execution_id: str) -> list[Event]:
         store = StateStore(self.settings.resolved_database_url)
         try:
-            return info, list_events(store, info.id)
+            return list_events(store, execution_id)
         finally:
             store.close()
 
-    def _engine(self, work: Callable[[JobEngine], Any]) -> Any:
-        async def main() -> Any:
+    def session(self, work: Callable[[JobEngine], Awaitable[T]], **overrides: Any) -> T:
+        """Run ``await work(engine)`` with a JobEngine of this mode: it runs the executions
+        (embedded) or submits them to the workers and watches them through the store."""
+        self._setup(overrides)
+
+        async def main() -> T:
             async with JobEngine(settings=self.settings) as engine:
                 return await work(engine)
 
@@ -68,21 +107,34 @@ class Mode:
 
     def __call__(self, pipeline: Pipeline, inputs: dict[str, Any],
                  **overrides: Any) -> tuple[ExecutionInfo, list[Event]]:
-        self._setup(overrides)
-        full = {"dir": str(self.dir), **inputs}
-
         async def run(engine: JobEngine) -> ExecutionInfo:
-            execution_id = await engine.submit(pipeline, full)
+            execution_id = await engine.submit(pipeline, self.inputs(**inputs))
             return await engine.wait(execution_id, raise_on_failure=False)
 
-        return self._events(self._engine(run))
+        info = self.session(run, **overrides)
+        return info, self.events(info.id)
 
     def retry(self, info: ExecutionInfo, pipeline: Pipeline) -> tuple[ExecutionInfo, list[Event]]:
         async def again(engine: JobEngine) -> ExecutionInfo:
             execution_id = await engine.retry(info.id, pipeline)
             return await engine.wait(execution_id, raise_on_failure=False)
 
-        return self._events(self._engine(again))
+        again_info = self.session(again)
+        return again_info, self.events(again_info.id)
+
+
+async def until(engine: JobEngine, execution_id: str, type_: str, key: str | None = None,
+                *, attempt: int | None = None, within: float = 30.0) -> Event:
+    """The first stored event of ``type_`` (of step ``key``, of ``attempt``), once there is one."""
+    deadline = time.monotonic() + within
+    while True:
+        for e in await asyncio.to_thread(list_events, engine.store, execution_id):
+            if e.type == type_ and key in (None, e.step_key) and (
+                    attempt is None or e.data.get("attempt") == attempt):
+                return e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {type_} event of {key or 'the execution'} in {within}s")
+        await asyncio.sleep(0.02)
 
 
 Runner = Mode
@@ -158,7 +210,10 @@ def test_an_output_over_the_limit_fails_the_step_without_retries(run_in_mode: Ru
     assert info.status.value == "failed"
     assert "StepOutputError" in (info.error or "")
     assert "more than the 1000-byte limit" in (info.error or "")
+    assert "store paths, not contents" in info.errors["big"]
+    assert info.step("big").attempt == 1  # retries=2, but no retry can mend it
     assert _started(events) == {"big": 1}
+    assert not [e for e in events if e.type == "step.retrying"]
 
 
 _graphs = st.integers(min_value=1, max_value=12).flatmap(
@@ -189,3 +244,319 @@ def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Ru
         assert last_node <= (steps["gather"].started_at or 0)
 
     check()
+
+
+FINAL = ("execution.completed", "execution.failed", "execution.cancelled",
+         "execution.interrupted")
+
+
+def _statuses(info: ExecutionInfo) -> dict[str, str]:
+    return {s.key: s.status.value for s in info.steps}
+
+
+def test_spawning_an_existing_key_is_idempotent(run_in_mode: Runner) -> None:
+    info, events = run_in_mode(wp.dupes, {})
+    assert info.status.value == "completed", info.error
+    assert len(info.data["keys"]) == 1
+    work = info.data["keys"][0]
+    assert [s.name for s in info.steps] == ["start", "work"]
+    assert run_in_mode.notes("runs.log") == [work]  # ran once
+    assert _started(events) == {"start": 1, work: 1}
+    assert [e.step_key for e in events if e.type == "step.spawned"] == [work]
+
+
+def test_retries_with_backoff_then_success(run_in_mode: Runner) -> None:
+    """flaky fails twice with retry_delay=0.05, then passes: each wait is at least the
+    delay, the second about twice the first (exponential, 10% jitter each)."""
+    info, events = run_in_mode(wp.backoff, {}, retry_max_delay=10)
+    assert info.status.value == "completed", info.error
+    step = info.step("flaky")
+    assert (step.status.value, step.attempt, step.failures) == ("completed", 3, 2)
+    assert info.data == {"attempt": 3}
+    retrying = [e for e in events if e.type == "step.retrying"]
+    assert [e.data["error"] for e in retrying] == ["ConnectionError: try 1",
+                                                  "ConnectionError: try 2"]
+    assert [e.data["attempt"] for e in retrying] == [1, 2]
+    assert 0.045 <= retrying[0].data["delay"] <= 0.055
+    assert 0.09 <= retrying[1].data["delay"] <= 0.11
+    began = [float(t) for t in run_in_mode.notes("attempts.log")]
+    assert len(began) == 3
+    first, second = began[1] - began[0], began[2] - began[1]
+    assert first >= retrying[0].data["delay"] and second >= retrying[1].data["delay"]
+    assert first < 5 and second < 5
+
+
+def test_step_errors_name_pipeline_step_and_cause(run_in_mode: Runner) -> None:
+    """An output that cannot be stored fails the execution with an error naming the
+    pipeline, the step and the cause, and is not retried (retries=3)."""
+    info, events = run_in_mode(wp.junk, {})
+    assert info.status.value == "failed"
+    assert (info.error or "").startswith(
+        "pipeline 'wk_junk', step 'returns_junk' failed after 1 attempt: StepOutputError: "
+        "pipeline 'wk_junk', step 'returns_junk'"), info.error
+    assert "not JSON-serialisable (key 'frame': object)" in info.errors["returns_junk"]
+    assert _started(events) == {"returns_junk": 1}
+    assert not [e for e in events if e.type == "step.retrying"]
+
+
+@pytest.mark.parametrize(("case", "kind", "says"), [
+    ("step", "UnknownStepError", "spawn_step names unknown step 'missing'"),
+    ("key", "UnknownDependencyError",
+     "spawn_step('work') depends on 'work:0000', which is no step of this execution"),
+    ("name", "UnknownDependencyError",
+     "spawn_step('work') depends on 'ghost', which is no step of this pipeline"),
+    ("params", "StepParamsError", "missing parameter(s) n; unexpected parameter(s) m"),
+    ("json", "StepParamsError", "not JSON-serialisable"),
+    ("cycle", "PipelineCycleError", "would wait for tail, which waits for every 'work' step"),
+])
+def test_spawn_errors_name_what_is_wrong(run_in_mode: Runner, case: str, kind: str,
+                                         says: str) -> None:
+    """Each spawn error alone: the spawning step fails at once (not retried, though it has
+    retries=2) with the error's type, the pipeline, the step and what is wrong; nothing
+    is spawned."""
+    info, events = run_in_mode(wp.spawner, {"case": case})
+    assert info.status.value == "failed"
+    error = info.errors["start"]
+    assert error.startswith(f"{kind}: pipeline 'wk_spawner', step 'start'"), error
+    assert says in error.splitlines()[0], error
+    assert (info.error or "").startswith(
+        f"pipeline 'wk_spawner', step 'start' failed after 1 attempt: {kind}: "), info.error
+    assert _started(events) == {"start": 1}
+    assert not [e for e in events if e.type in ("step.retrying", "step.spawned")]
+    assert {s.name for s in info.steps} == {"start", "tail"}
+
+
+def test_weighted_progress_events_are_persisted_and_published(run_in_mode: Runner) -> None:
+    """light (weight 1) then heavy (weight 3), which reports 50%: the stored report says the
+    execution is (1*100 + 3*50) / 4 = 62.5% done, each completion says how far the execution
+    got, and a subscriber sees the committed events in their stored order."""
+
+    async def watch(engine: JobEngine) -> tuple[ExecutionInfo, list[Event]]:
+        execution_id = await engine.submit(wp.weights, run_in_mode.inputs())
+        received: list[Event] = []
+        async with engine.bus.subscribe(execution_id) as sub:
+            waiting = asyncio.create_task(engine.wait(execution_id))  # workers: polls
+            async for event in sub:
+                received.append(event)
+                if event.type in FINAL:
+                    break
+            return await waiting, received
+
+    info, received = run_in_mode.session(watch)
+    stored = run_in_mode.events(info.id)
+    progress = [e for e in stored if e.type == "step.progress"]
+    assert len(progress) == 1
+    assert progress[0].step_key == "heavy"
+    assert progress[0].data["progress"] == 50 and progress[0].data["message"] == "half way"
+    assert progress[0].data["execution_progress"] == pytest.approx((1 * 100 + 3 * 50) / 4)
+    completed = [(e.step_key, e.data["execution_progress"]) for e in stored
+                 if e.type == "step.completed"]
+    assert completed == [("light", pytest.approx(25.0)), ("heavy", pytest.approx(100.0))]
+    assert info.progress == 100.0
+    types = [e.type for e in stored]
+    assert types[:2] == ["execution.created", "execution.started"]
+    assert types[-1] == "execution.completed"
+    assert types.count("step.started") == 2 and types.count("step.completed") == 2
+    ids = [e.id for e in stored]
+    assert ids == sorted(ids)
+    # the subscriber saw the same committed events (after it subscribed), in order
+    assert received and [e.id for e in received] == [i for i in ids if i >= received[0].id]
+    assert received[-1].type == "execution.completed"
+
+
+def test_name_dependency_waits_for_every_instance_even_nested(run_in_mode: Runner) -> None:
+    """join waits for every leaf: the 20 fan spawns and the 3 that leaves spawn."""
+    info, events = run_in_mode(wp.fan, {})
+    assert info.status.value == "completed", info.error
+    assert info.data["leaves"] == 23
+    order = run_in_mode.notes("order.log")
+    assert order[-1] == "join" and len(order) == 24 and len(set(order)) == 24
+    steps = {s.key: s for s in info.steps}
+    leaves = [s for s in info.steps if s.name == "leaf"]
+    assert len(leaves) == 23
+    assert all((s.finished_at or 0) <= (steps["join"].started_at or 0) for s in leaves)
+    assert set(_started(events).values()) == {1}
+
+
+def test_cancel_stops_running_and_pending_steps(run_in_mode: Runner) -> None:
+    """Cancelling while long runs: long stops at its next progress report and later never
+    starts, both end cancelled; a retry of the cancelled execution runs long again."""
+
+    async def cancel(engine: JobEngine) -> tuple[ExecutionInfo, ExecutionInfo]:
+        execution_id = await engine.submit(wp.cancellable, run_in_mode.inputs())
+        await until(engine, execution_id, "step.progress", "long")  # its loop runs
+        await engine.cancel(execution_id)
+        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == \
+            "cancelled"
+        await until(engine, execution_id, "step.cancelled", "long")  # stopped, not finished
+        cancelled = await asyncio.to_thread(get_execution, engine.store, execution_id)
+        assert await engine.retry(execution_id) == execution_id
+        await until(engine, execution_id, "step.started", "long", attempt=2)
+        await engine.cancel(execution_id)
+        await engine.wait(execution_id, raise_on_failure=False)
+        await until(engine, execution_id, "step.cancelled", "long", attempt=2)
+        return cancelled, await asyncio.to_thread(get_execution, engine.store, execution_id)
+
+    cancelled, again = run_in_mode.session(cancel)
+    assert cancelled.status.value == "cancelled"
+    assert cancelled.error == "cancelled by request"
+    assert _statuses(cancelled) == {"long": "cancelled", "later": "cancelled"}
+    assert cancelled.step("long").attempt == 1
+    events = run_in_mode.events(cancelled.id)
+    assert [e.data["attempt"] for e in events
+            if e.type == "step.cancelled" and e.step_key == "long"] == [1, 2]
+    assert "later" not in _started(events)
+    assert again.status.value == "cancelled" and again.runs == 2
+    assert _statuses(again) == {"long": "cancelled", "later": "cancelled"}
+
+
+CANCEL_RETURNS_EARLY = (
+    "workers: a cancel marks the execution cancelled in the store at once (dispatch.cancel) "
+    "and its running step is stopped only at its worker's next lease renewal, so wait() "
+    "returns with long still 'running'; a retry then resumes the execution around that "
+    "attempt, which is not stopped and completes. Embedded, the execution ends cancelled "
+    "once its running steps have stopped, and a retry runs long again (attempt 2)")
+
+
+def test_a_cancelled_execution_runs_nothing_once_wait_returns(
+        run_in_mode: Runner, request: pytest.FixtureRequest) -> None:
+    """When wait() says cancelled, no step of the execution runs any more: every step is
+    cancelled, and a retry at once starts long again as a new attempt."""
+    if not run_in_mode.embedded:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CANCEL_RETURNS_EARLY))
+
+    async def cancel(engine: JobEngine) -> tuple[ExecutionInfo, Event]:
+        execution_id = await engine.submit(wp.cancellable, run_in_mode.inputs())
+        await until(engine, execution_id, "step.progress", "long")
+        await engine.cancel(execution_id)
+        cancelled = await engine.wait(execution_id, raise_on_failure=False)
+        assert cancelled.status.value == "cancelled"
+        assert _statuses(cancelled) == {"long": "cancelled", "later": "cancelled"}
+        await engine.retry(execution_id)
+        restarted = await until(engine, execution_id, "step.started", "long", attempt=2,
+                                within=10)
+        await engine.cancel(execution_id)
+        await engine.wait(execution_id, raise_on_failure=False)
+        return restarted
+
+    assert run_in_mode.session(cancel).data["attempt"] == 2
+
+
+def test_cancel_from_another_process_through_the_store(run_in_mode: Runner) -> None:
+    """What ``framepipe jobs cancel`` does, through a store connection of its own: an
+    embedded engine's execution is flagged (the engine stops it within its heartbeat), a
+    distributed one is cancelled in the store at once (its worker stops the running step)."""
+
+    async def cancel(engine: JobEngine) -> tuple[ExecutionInfo, list[Event]]:
+        execution_id = await engine.submit(wp.cancellable, run_in_mode.inputs())
+        await until(engine, execution_id, "step.progress", "long")
+
+        def from_elsewhere() -> list[Event]:
+            with StateStore(run_in_mode.settings.resolved_database_url) as other:
+                return request_cancel(other, execution_id[:10])
+
+        committed = await asyncio.to_thread(from_elsewhere)
+        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == \
+            "cancelled"
+        await until(engine, execution_id, "step.cancelled", "long")
+        info = await asyncio.to_thread(get_execution, engine.store, execution_id)
+        return info, committed
+
+    info, committed = run_in_mode.session(cancel)
+    assert [e.type for e in committed] == ([] if run_in_mode.embedded
+                                           else ["execution.cancelled"])
+    assert info.status.value == "cancelled"
+    assert _statuses(info) == {"long": "cancelled", "later": "cancelled"}
+    assert "later" not in _started(run_in_mode.events(info.id))
+
+
+def test_failure_is_fast_and_retry_resumes_without_rerunning(run_in_mode: Runner) -> None:
+    """breaks fails twice (retries=1): the execution fails with an error naming the
+    pipeline, the step, the attempts and the cause, and after never starts. Once the cause is
+    fixed, a retry runs breaks with a fresh budget and then after; first is not run again."""
+    failed, _ = run_in_mode(wp.resume, {})
+    assert failed.status.value == "failed"
+    assert (failed.error or "").startswith(
+        "pipeline 'wk_resume', step 'breaks' failed after 2 attempts: ValueError: disk full")
+    assert "ValueError: disk full" in failed.errors["breaks"]
+    assert failed.step("breaks").status.value == "failed"
+    assert failed.step("first").status.value == "completed"
+    assert failed.step("after").status.value == "pending"
+    (run_in_mode.dir / "fixed").write_text("ok")
+    done, _ = run_in_mode.retry(failed, wp.resume)
+    assert done.status.value == "completed", done.error
+    assert done.runs == 2
+    assert done.data == {"first": 1, "breaks": 1, "after": 2}
+    runs = Counter(run_in_mode.notes("runs.log"))
+    assert runs["first"] == 1  # completed steps are not run again
+    assert runs["breaks"] == 3 and runs["after"] == 1
+
+
+def test_retry_of_a_completed_execution_is_refused(run_in_mode: Runner) -> None:
+    info, _ = run_in_mode(wp.dupes, {})
+    assert info.status.value == "completed"
+
+    async def again(engine: JobEngine) -> None:
+        with pytest.raises(ExecutionStateError,
+                           match=f"execution {info.id[:12]} of pipeline 'wk_dupes' has "
+                                 "completed; nothing to retry"):
+            await engine.retry(info.id, wp.dupes)
+
+    run_in_mode.session(again)
+
+
+def test_ledger_imports_only_new_files_and_only_on_success(run_in_mode: Runner,
+                                                           tmp_path: Path) -> None:
+    card = tmp_path / "card"
+    card.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (card / name).write_bytes(name.encode() * 100)
+    first, _ = run_in_mode(wp.importer, {"card": str(card)})
+    second, _ = run_in_mode(wp.importer, {"card": str(card)})
+    (card / "d.mp4").write_bytes(b"new")
+    # spawned after d.mp4, so both start together (fail-fast lets running steps finish)
+    (card / "z_bad.mp4").write_bytes(b"broken")
+    third, _ = run_in_mode(wp.importer, {"card": str(card)})
+
+    async def kept(engine: JobEngine) -> tuple[list[Any], list[str]]:
+        entries = await asyncio.to_thread(Ledger(engine.store, "wk_importer").entries)
+        return entries, [o.key for o in engine.objects.list("imports/")]
+
+    entries, stored = run_in_mode.session(kept)
+    assert first.status.value == "completed" and second.status.value == "completed"
+    assert first.data["new"] == 3 and second.data["new"] == 0
+    assert third.data["new"] == 2 and third.status.value == "failed"
+    assert "OSError: card removed" in (third.error or "")
+    assert sorted(run_in_mode.notes("copied.log")) == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
+    names = sorted(e.meta["name"] for e in entries)
+    assert names == ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]  # z_bad.mp4 failed: not imported
+    assert all(e.execution_id and e.step_key and e.step_key.startswith("copy:") for e in entries)
+    assert stored == ["imports/a.mp4", "imports/b.mp4", "imports/c.mp4", "imports/d.mp4"]
+
+
+def test_tempdirs_are_removed_after_success_and_failure(run_in_mode: Runner) -> None:
+    info, _ = run_in_mode(wp.temps, {})
+    assert info.status.value == "failed"
+    assert "RuntimeError: boom" in info.errors["fails"]
+    made = [Path(p) for p in run_in_mode.notes("tempdirs.log")]
+    assert len(made) == 2 and not any(d.exists() for d in made)
+
+
+@pytest.mark.parametrize("case", ["name", "key"])
+def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
+                                                           case: str) -> None:
+    """Waits that can never end (see wk_stuck): once the steps that can run have run, the
+    execution fails, naming what each stuck step waits for, instead of hanging."""
+    info, events = run_in_mode(wp.stuck, {"case": case})
+    assert info.status.value == "failed"
+    hold, blocked, free = info.data["hold"], info.data["blocked"], info.data["free"]
+    waits = "tail" if case == "name" else "part"
+    assert info.error == (
+        "pipeline 'wk_stuck': no step can run any more (3 waiting: tail waits for part; "
+        f"{hold} waits for {waits}; {blocked} waits for {hold})")
+    assert _statuses(info) == {"start": "completed", "tail": "pending", hold: "pending",
+                               blocked: "pending", free: "completed"}
+    assert _started(events) == {"start": 1, free: 1}
+    assert [e.type for e in events if e.type.startswith("execution.")] == [
+        "execution.created", "execution.started", "execution.failed"]
+

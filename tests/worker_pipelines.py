@@ -214,3 +214,241 @@ bloated = Pipeline("wk_bloated")
 @bloated.step(retries=2)
 def big(ctx: StepContext) -> dict[str, Any]:
     return {"blob": "x" * int(ctx.inputs["size"])}
+
+
+def _note(ctx: StepContext, log: str, line: str) -> None:
+    """Append ``line`` to ``log`` in the shared folder (one write: whole lines, any process)."""
+    with open(Path(ctx.inputs["dir"]) / log, "a") as fh:
+        fh.write(f"{line}\n")
+
+
+def notes(folder: Path, log: str) -> list[str]:
+    """The lines :func:`_note` appended to ``log``."""
+    path = folder / log
+    return path.read_text().splitlines() if path.exists() else []
+
+
+dupes = Pipeline("wk_dupes")
+
+
+@dupes.step("start")
+def dupes_start(ctx: StepContext) -> dict[str, Any]:
+    keys = {ctx.spawn_step("work", {"n": 1}) for _ in range(3)}
+    keys.add(ctx.spawn_step("work", params={"n": 1}))
+    assert ctx.spawn_step("start") == "start"  # parameterless: its one instance
+    return {"keys": sorted(keys)}
+
+
+@dupes.step("work")
+def dupes_work(ctx: StepContext, n: int) -> None:
+    _note(ctx, "runs.log", ctx.step_key)
+
+
+backoff = Pipeline("wk_backoff")
+
+
+@backoff.step("flaky", retries=3, retry_delay=0.05)
+def backoff_flaky(ctx: StepContext) -> dict[str, Any]:
+    """Fails twice (a connection error), then passes; notes when each attempt began."""
+    _note(ctx, "attempts.log", repr(time.time()))
+    if ctx.attempt < 3:
+        raise ConnectionError(f"try {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+junk = Pipeline("wk_junk")
+
+
+@junk.step(retries=3)
+def returns_junk(ctx: StepContext) -> dict[str, Any]:
+    return {"ok": 1, "frame": object()}
+
+
+spawner = Pipeline("wk_spawner")
+
+SPAWN_ERRORS: dict[str, Any] = {
+    "step": lambda ctx: ctx.spawn_step("missing", {"a": 1}),
+    "key": lambda ctx: ctx.spawn_step("work", {"n": 1}, depends_on=["work:0000"]),
+    "name": lambda ctx: ctx.spawn_step("work", {"n": 1}, depends_on=["ghost"]),
+    "params": lambda ctx: ctx.spawn_step("work", {"m": 1}),
+    "json": lambda ctx: ctx.spawn_step("work", {"n": {1, 2}}),
+    "cycle": lambda ctx: ctx.spawn_step("work", {"n": 1}, depends_on=["tail"]),
+}
+
+
+@spawner.step("start", retries=2)
+def spawner_start(ctx: StepContext) -> None:
+    """Makes the spawn error named by inputs["case"] (retries=2: such errors are not retried)."""
+    SPAWN_ERRORS[ctx.inputs["case"]](ctx)
+
+
+@spawner.step("work")
+def spawner_work(ctx: StepContext, n: int) -> None: ...
+
+
+@spawner.step("tail", depends_on=["work"])
+def spawner_tail(ctx: StepContext) -> None: ...
+
+
+weights = Pipeline("wk_weights")
+
+
+@weights.step(weight=1)
+def light(ctx: StepContext) -> None: ...
+
+
+@weights.step(depends_on=["light"], weight=3)
+def heavy(ctx: StepContext) -> None:
+    """Reports half way, then waits until that report is stored (a report pending when the
+    step ends is superseded by its completion)."""
+    from framepipe.jobs.records import list_events
+
+    ctx.progress(50, "half way")
+    deadline = time.monotonic() + 10
+    while not any(e.type == "step.progress"
+                  for e in list_events(ctx.store, ctx.execution_id)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the progress report was not stored within 10 s")
+        time.sleep(0.02)
+
+
+fan = Pipeline("wk_fan")
+
+
+@fan.step("fan")
+def fan_out(ctx: StepContext) -> None:
+    for i in range(20):
+        ctx.spawn_step("leaf", {"i": i})
+
+
+@fan.step()
+def leaf(ctx: StepContext, i: int) -> dict[str, Any]:
+    if i < 3:
+        ctx.spawn_step("leaf", {"i": 100 + i})  # spawned later, by a leaf
+    time.sleep(0.001)
+    _note(ctx, "order.log", f"leaf{i}")
+    return {f"leaf{i}": True}
+
+
+@fan.step("join", depends_on=["leaf"])
+def fan_join(ctx: StepContext) -> dict[str, Any]:
+    _note(ctx, "order.log", "join")
+    return {"leaves": sum(1 for k in ctx.data if k.startswith("leaf"))}
+
+
+cancellable = Pipeline("wk_cancellable")
+
+
+@cancellable.step("long")
+def cancellable_long(ctx: StepContext) -> None:
+    """Reports progress every 10 ms for 10 s (a report raises once the step is stopped)."""
+    for i in range(1000):
+        ctx.progress(i / 10)
+        time.sleep(0.01)
+
+
+@cancellable.step("later", depends_on=["long"])
+def cancellable_later(ctx: StepContext) -> None: ...
+
+
+resume = Pipeline("wk_resume")
+
+
+@resume.step("first")
+def resume_first(ctx: StepContext) -> dict[str, Any]:
+    _note(ctx, "runs.log", "first")
+    return {"first": 1}
+
+
+@resume.step(depends_on=["first"], retries=1, retry_delay=0.05)
+def breaks(ctx: StepContext) -> dict[str, Any]:
+    """Fails (retried once) until the file 'fixed' exists."""
+    _note(ctx, "runs.log", "breaks")
+    if not (Path(ctx.inputs["dir"]) / "fixed").exists():
+        raise ValueError("disk full")
+    return {"breaks": 1}
+
+
+@resume.step(depends_on=["breaks"])
+def after(ctx: StepContext) -> dict[str, Any]:
+    _note(ctx, "runs.log", "after")
+    return {"after": ctx.data["first"] + ctx.data["breaks"]}
+
+
+@resume.step(depends_on=["first"])
+def sibling_later(ctx: StepContext) -> None:
+    _note(ctx, "runs.log", "sibling")
+
+
+importer = Pipeline("wk_importer")
+
+
+@importer.step("scan")
+def importer_scan(ctx: StepContext) -> dict[str, Any]:
+    from framepipe import file_identity
+
+    card = Path(ctx.inputs["card"])
+    files = {file_identity(p, card): p.name for p in sorted(card.iterdir())}
+    new = ctx.ledger.filter_new(files)
+    for identity in new:
+        ctx.spawn_step("copy", {"identity": identity, "name": files[identity]})
+    return {"new": len(new)}
+
+
+@importer.step("copy")
+def importer_copy(ctx: StepContext, identity: str, name: str) -> None:
+    card = Path(ctx.inputs["card"])
+    if name == "z_bad.mp4":
+        raise OSError("card removed")
+    ctx.objects.put(f"imports/{name}", (card / name).read_bytes())
+    _note(ctx, "copied.log", name)
+    ctx.ledger.record(identity, size=(card / name).stat().st_size, meta={"name": name})
+
+
+temps = Pipeline("wk_temps")
+
+
+@temps.step("ok")
+def temps_ok(ctx: StepContext) -> None:
+    d = ctx.tempdir()
+    (d / "f").write_text("x")
+    _note(ctx, "tempdirs.log", str(d))
+
+
+@temps.step(depends_on=["ok"])
+def fails(ctx: StepContext) -> None:
+    d = ctx.tempdir()
+    _note(ctx, "tempdirs.log", str(d))
+    raise RuntimeError("boom")
+
+
+stuck = Pipeline("wk_stuck")
+
+
+@stuck.step("start")
+def stuck_start(ctx: StepContext) -> dict[str, Any]:
+    """Builds a wait that can never end, as inputs["case"] says:
+
+    - "name": tail waits for every part; part 1 waits for hold 0, which waits for tail.
+    - "key": part 1 waits for hold 0 (by key), which waits for every part, part 1 included.
+
+    part 0 can run, and does."""
+    if ctx.inputs["case"] == "name":
+        hold = ctx.spawn_step("hold", {"i": 0}, depends_on=["tail"])
+    else:
+        hold = ctx.spawn_step("hold", {"i": 0}, depends_on=["part"])
+    blocked = ctx.spawn_step("part", {"i": 1}, depends_on=[hold])
+    free = ctx.spawn_step("part", {"i": 0})
+    return {"hold": hold, "blocked": blocked, "free": free}
+
+
+@stuck.step("part")
+def stuck_part(ctx: StepContext, i: int) -> None: ...
+
+
+@stuck.step("hold")
+def stuck_hold(ctx: StepContext, i: int) -> None: ...
+
+
+@stuck.step("tail", depends_on=["part"])
+def stuck_tail(ctx: StepContext) -> None: ...
