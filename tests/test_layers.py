@@ -49,7 +49,8 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
 _TABLES = {"events", "executions", "ledger", "step_deps", "steps", "workers", "metadata"}
 # The modules that hold the jobs' queries: the store module, the workers' transitions, the
 # recovery of dead engines' executions and the ledger (see jobs/records.py).
-_STORE_MODULES = {"jobs/records.py", "jobs/dispatch.py", "jobs/recovery.py", "jobs/ledger.py"}
+_STORE_MODULES = {"jobs/records.py", "jobs/dispatch.py", "jobs/transitions.py", "jobs/recovery.py",
+                  "jobs/ledger.py"}
 
 
 def _table_imports(path: Path) -> set[str]:

@@ -6,9 +6,9 @@ import time
 
 from framepipe.backends.state import StateStore
 from framepipe.events import Event
-from framepipe.jobs.dispatch import MODE
 from framepipe.jobs.dispatch import cancel as dispatch_cancel
 from framepipe.jobs.records import cancel_or_flag, find_execution
+from framepipe.jobs.transitions import MODE
 
 __all__ = ["request_cancel"]
 

@@ -68,6 +68,7 @@ from framepipe.jobs.records import (
     write_batch,
 )
 from framepipe.jobs.recovery import recover_for
+from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.rules import (
     after_failure,
     execution_progress,
@@ -484,7 +485,7 @@ class JobEngine:
                   pipeline.name, execution_id[:8], len(ready))
         return execution_id
 
-    async def _publish(self, ready: list[dispatch.Delivery]) -> None:
+    async def _publish(self, ready: list[Delivery]) -> None:
         """Hand ready steps to the broker (Redis or RabbitMQ, from ``broker_url``); returns once
         it holds them. If it is down, the workers' sweep publishes them later."""
         if not ready:

@@ -3,10 +3,11 @@
 This is the jobs' store module: the queries of the jobs tables that the job client
 (:mod:`framepipe.jobs.client`), the engine, a worker's step context, control, the event feed
 and the metrics make live here, so the command line, the HTTP service,
-:func:`~framepipe.run_pipeline` and the examples never write SQL. The workers' transitions are
-in :mod:`framepipe.jobs.dispatch`, recovery of dead engines' executions in
-:mod:`framepipe.jobs.recovery` and the ledger's in :mod:`framepipe.jobs.ledger`; no other module
-queries these tables (``tests/test_layers.py`` holds it so).
+:func:`~framepipe.run_pipeline` and the examples never write SQL. The workers' transitions
+are in :mod:`framepipe.jobs.dispatch` and :mod:`framepipe.jobs.transitions`, the recovery of
+dead engines' executions in :mod:`framepipe.jobs.recovery` and the ledger's queries in
+:mod:`framepipe.jobs.ledger`; no other module queries these tables (``tests/test_layers.py``
+holds it so).
 
 The engine batches its writes: :func:`write_batch` commits a whole group of state changes in one
 transaction, so they become durable together or not at all.

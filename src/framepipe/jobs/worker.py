@@ -53,11 +53,19 @@ from framepipe.errors import (
 from framepipe.jobs import dispatch
 from framepipe.jobs.context import Progressed, StepContext, StepMessage
 from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
-from framepipe.jobs.dispatch import Claimed, Delivery, Outcome, ProgressUpdate, Round, Spawn
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import completed_data, has_step, step_dependencies
+from framepipe.jobs.rounds import (
+    Claimed,
+    Delivery,
+    Outcome,
+    ProgressUpdate,
+    Round,
+    RoundResult,
+    Spawn,
+)
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
 from framepipe.liveness import this_owner
@@ -619,7 +627,7 @@ class Worker:
         with self._lock:
             take = 0 if self._stopping.is_set() else max(0, self.capacity - self._taken)
             self._taken += take
-        result: dispatch.RoundResult | None = None
+        result: RoundResult | None = None
         try:
             result = await self._in_db_retrying(
                 functools.partial(dispatch.commit_round, self.store, work, worker=self.id,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from framepipe.amqp import is_amqp_url
 from framepipe.errors import BrokerError
-from framepipe.jobs.dispatch import Delivery
+from framepipe.jobs.rounds import Delivery
 from framepipe.redis import is_redis_url, safe_url
 
 __all__ = ["Backlog", "Delivery", "Received", "StepDelivery", "is_broker_url", "open_delivery"]

@@ -66,7 +66,7 @@ except ModuleNotFoundError as exc:
     raise MissingDependencyError("aio-pika", "amqp",
                                  "distributed jobs on an amqp:// broker") from exc
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
-from framepipe.jobs.dispatch import Delivery
+from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url
 
