@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import worker_pipelines as wp
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
-from framepipe.errors import ExecutionStateError
+from framepipe.errors import ExecutionFailedError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
@@ -44,7 +44,8 @@ class Mode:
     :meth:`session` hands a test the engine to drive itself (submit, cancel, wait).
 
     Settings are fixed by the first call (``overrides`` on top of :data:`QUICK`): the workers
-    are started then. Steps leave files in :attr:`dir` (``inputs["dir"]``)."""
+    are started then (one, running ``concurrency`` steps at once: 2 unless overridden).
+    Steps leave files in :attr:`dir` (``inputs["dir"]``)."""
 
     def __init__(self, name: str, tmp_path: Path, database_url: str,
                  factory: Callable[..., Cluster] | None) -> None:
@@ -75,7 +76,8 @@ class Mode:
                                      database_url=self.database_url, **values)
         else:
             self._cluster = self._factory(self.database_url, **values)
-            self._cluster.wait_registered(self._cluster.worker())
+            worker = self._cluster.worker(concurrency=values.get("concurrency", 2))
+            self._cluster.wait_registered(worker)
             self.settings = self._cluster.settings
             self.dir = self._cluster.dir
 
@@ -216,32 +218,38 @@ def test_an_output_over_the_limit_fails_the_step_without_retries(run_in_mode: Ru
     assert not [e for e in events if e.type == "step.retrying"]
 
 
-_graphs = st.integers(min_value=1, max_value=12).flatmap(
+_graphs = st.integers(min_value=1, max_value=25).flatmap(
     lambda n: st.lists(st.lists(st.integers(min_value=0, max_value=max(0, n - 1)),
                                 max_size=3), min_size=n, max_size=n))
 
 
-def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Runner) -> None:
-    """Property, in both modes: for any DAG spawned at run time (key dependencies on earlier
-    nodes, a name dependency on every node), every step runs exactly once and starts only
-    after everything it depends on finished."""
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Runner,
+                                                                 concurrency: int) -> None:
+    """Property, in both modes, with one step at a time or several: for any DAG spawned at
+    run time (key dependencies on earlier nodes, and with or without a step waiting for
+    every node by name), every step runs exactly once and starts only after everything it
+    depends on finished."""
 
-    @given(raw=_graphs)
+    @given(raw=_graphs, with_gather=st.booleans())
     @fuzz_settings(max_examples=12, deadline=None, database=None,
                    suppress_health_check=list(HealthCheck))
-    def check(raw: list[list[int]]) -> None:
+    def check(raw: list[list[int]], with_gather: bool) -> None:
         deps = [sorted({d for d in ds if d < i}) for i, ds in enumerate(raw)]
-        info, events = run_in_mode(wp.dag, {"deps": deps})
+        pipeline = wp.dag if with_gather else wp.dag_bare
+        info, events = run_in_mode(pipeline, {"deps": deps}, concurrency=concurrency)
         assert info.status.value == "completed", info.error
         assert set(_started(events).values()) == {1}
         steps = {s.key: s for s in info.steps}
-        assert len(steps) == len(deps) + 2
+        assert len(steps) == len(deps) + (2 if with_gather else 1)
         nodes = {s.params["i"]: s for s in info.steps if s.name == "node"}
+        assert sorted(nodes) == list(range(len(deps)))
         for i, ds in enumerate(deps):
             for d in ds:
                 assert nodes[d].finished_at <= nodes[i].started_at, (i, d)  # type: ignore[operator]
-        last_node = max(s.finished_at or 0 for s in nodes.values())
-        assert last_node <= (steps["gather"].started_at or 0)
+        if with_gather:
+            last_node = max(s.finished_at or 0 for s in nodes.values())
+            assert last_node <= (steps["gather"].started_at or 0)
 
     check()
 
@@ -288,13 +296,25 @@ def test_retries_with_backoff_then_success(run_in_mode: Runner) -> None:
 
 def test_step_errors_name_pipeline_step_and_cause(run_in_mode: Runner) -> None:
     """An output that cannot be stored fails the execution with an error naming the
-    pipeline, the step and the cause, and is not retried (retries=3)."""
-    info, events = run_in_mode(wp.junk, {})
-    assert info.status.value == "failed"
+    pipeline, the step and the cause (what wait() raises says it too), and is not retried
+    (retries=3)."""
+
+    async def run(engine: JobEngine) -> ExecutionFailedError:
+        execution_id = await engine.submit(wp.junk, run_in_mode.inputs())
+        with pytest.raises(ExecutionFailedError) as failed:
+            await engine.wait(execution_id)
+        return failed.value
+
+    err = run_in_mode.session(run)
+    assert "of pipeline 'wk_junk' failed: pipeline 'wk_junk', step 'returns_junk'" in str(err)
+    assert "not JSON-serialisable (key 'frame': object)" in err.errors["returns_junk"]
+    assert err.status == "failed"
+    info = run_in_mode.session(lambda engine: engine.wait(err.execution_id,
+                                                          raise_on_failure=False))
     assert (info.error or "").startswith(
         "pipeline 'wk_junk', step 'returns_junk' failed after 1 attempt: StepOutputError: "
         "pipeline 'wk_junk', step 'returns_junk'"), info.error
-    assert "not JSON-serialisable (key 'frame': object)" in info.errors["returns_junk"]
+    events = run_in_mode.events(info.id)
     assert _started(events) == {"returns_junk": 1}
     assert not [e for e in events if e.type == "step.retrying"]
 

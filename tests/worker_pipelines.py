@@ -208,6 +208,11 @@ def gather(ctx: StepContext) -> dict[str, Any]:
     return {"gathered": True}
 
 
+dag_bare = Pipeline("wk_dag_bare")  # wk_dag without gather: no step waits by name
+dag_bare.add_step(root, name="root")
+dag_bare.add_step(node, name="node")
+
+
 bloated = Pipeline("wk_bloated")
 
 
