@@ -841,6 +841,23 @@ def test_hot_path_connection_times_out_on_a_silent_server() -> None:
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
+def test_one_namespace_rule_names_the_same_keys_with_or_without_the_colon() -> None:
+    from framepipe.processors.fleet import Keys
+    from framepipe.redis import namespaced
+
+    assert (namespaced("framepipe", "jobs", "steps") == namespaced("framepipe:", "jobs", "steps")
+            == "framepipe:jobs:steps")
+    assert namespaced("", "proc", "x") == "proc:x"
+    for namespace in ("framepipe", "framepipe:"):
+        keys = Keys(namespace)
+        assert (keys.processors, keys.proc("a"), keys.frames("a"), keys.replies("r"),
+                keys.results) == ("framepipe:processors", "framepipe:proc:a",
+                                  "framepipe:proc:a:frames", "framepipe:replies:r",
+                                  "framepipe:results")
+    client = Detector("p", ["face_detection"], "fptest:x")
+    assert client.stream == "fptest:x:proc:p:frames"
+
+
 def test_unreachable_redis_at_start_is_a_clear_error() -> None:
     port = free_port()  # nothing listens there
     url = f"redis://:s3cret@127.0.0.1:{port}/0"

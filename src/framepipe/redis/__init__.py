@@ -2,10 +2,11 @@
 
 This package loads without redis-py (workers and the service import it to decide whether the
 broker is Redis at all): :mod:`~framepipe.redis.urls` and :mod:`~framepipe.redis.keys` are
-re-exported here; the modules that need redis-py are imported by name:
+re-exported here; the others are imported by name (those that talk to Redis need redis-py):
 :mod:`~framepipe.redis.connection` (clients with framepipe's timeouts, PING with retries, the
 "cannot reach Redis at <url>" messages), :mod:`~framepipe.redis.wire` (the hot path's own RESP
-connections) and :mod:`~framepipe.redis.scripts` (the Lua scripts).
+connections), :mod:`~framepipe.redis.streams` (stream replies, claiming pending entries) and
+:mod:`~framepipe.redis.scripts` (the Lua scripts).
 """
 
 from __future__ import annotations
