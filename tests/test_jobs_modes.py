@@ -580,3 +580,25 @@ def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
     assert [e.type for e in events if e.type.startswith("execution.")] == [
         "execution.created", "execution.started", "execution.failed"]
 
+
+
+
+FAILED_EVENT_PROGRESS_STALE = (
+    "workers: execution.failed carries the execution's progress as it was when the "
+    "transaction locked the execution (transitions.py computes progress only when it saves), "
+    "so a failure committed with a completion (here: stuck once part 0 completes) says 20.0 "
+    "while part 0's step.completed and the stored execution say 40.0; embedded it says 40.0")
+
+
+def test_the_final_event_says_how_far_the_execution_got(run_in_mode: Runner,
+                                                        request: pytest.FixtureRequest) -> None:
+    """The execution's last event carries the progress it ended at: the stored one, which
+    the last step.completed announced (start and part 0 of 5 equal steps: 40%)."""
+    if not run_in_mode.embedded:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=FAILED_EVENT_PROGRESS_STALE))
+    info, events = run_in_mode(wp.stuck, {"case": "key"})
+    assert info.status.value == "failed" and info.progress == 40.0
+    completed = [e.data["execution_progress"] for e in events if e.type == "step.completed"]
+    assert completed == [20.0, 40.0]
+    assert events[-1].type == "execution.failed"
+    assert events[-1].data["progress"] == info.progress
