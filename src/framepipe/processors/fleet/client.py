@@ -489,7 +489,7 @@ class ProcessorClient(abc.ABC):
         except REDIS_DOWN as exc:
             self.log.warning("could not mark itself draining: %s", exc)
 
-    async def _shutdown(self, heartbeat: asyncio.Task[None], beat_done: asyncio.Event) -> None:
+    async def _shutdown(self, beating: asyncio.Task[None], beat_done: asyncio.Event) -> None:
         self.log.info("Stopping: %d frame(s) in flight", len(self._inflight))
         if self._draining_task is None:
             self._draining_task = asyncio.ensure_future(self._set_draining())
@@ -506,7 +506,7 @@ class ProcessorClient(abc.ABC):
                 await asyncio.wait(pending, timeout=5.0)
         # no cancel: redis-py can swallow a cancellation mid-command (redis/redis-py#2028)
         beat_done.set()
-        await asyncio.wait({heartbeat}, timeout=15.0)
+        await asyncio.wait({beating}, timeout=15.0)
         await self._deregister()
 
     async def _deregister(self) -> None:
