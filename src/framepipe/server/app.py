@@ -67,7 +67,7 @@ from framepipe.server.routes import (
 from framepipe.server.state import Running, ServiceState, check_token
 
 if TYPE_CHECKING:
-    from framepipe.processors.registry import ProcessorRegistry
+    from framepipe.processors.fleet import ProcessorRegistry
 
 try:
     from fastapi import Depends, FastAPI
@@ -88,9 +88,9 @@ async def _open_registry(settings: Settings) -> ProcessorRegistry | None:
     if not is_redis_url(settings.broker_url):
         return None
     try:
-        from framepipe.processors.registry import ProcessorRegistry
+        from framepipe.processors.fleet import ProcessorRegistry
 
-        registry = ProcessorRegistry(settings.broker_url, f"{settings.broker_namespace}:",
+        registry = ProcessorRegistry(settings.broker_url, settings.broker_namespace,
                                      connect_retries=0)
         await registry.start()
     except Exception as exc:

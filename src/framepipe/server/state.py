@@ -25,7 +25,7 @@ from framepipe.server.guard import bearer_token, token_matches
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from framepipe.processors.registry import ProcessorRegistry
+    from framepipe.processors.fleet import ProcessorRegistry
 
 try:
     from fastapi import Depends, HTTPException, Request

@@ -21,7 +21,7 @@ except ModuleNotFoundError as exc:
     raise MissingDependencyError("redis", "redis",
                                  "distributed jobs on a redis:// broker") from exc
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
-from framepipe.jobs.dispatch import Delivery
+from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, namespaced, safe_url
 from framepipe.redis.connection import connect_sync
