@@ -13,13 +13,16 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
+
+if TYPE_CHECKING:
+    from s3server import S3Server
 
 # Never let an AWS SDK look for instance metadata (a non-loopback address) during the tests.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -121,3 +124,25 @@ def redis_namespace(prefix: str) -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def aws_env() -> Iterator[None]:
+    """Only the test AWS credentials for the test: nothing from the developer's setup leaks in."""
+    from s3server import aws_test_env
+
+    with aws_test_env():
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The real S3-compatible server (moto's, tests/s3server.py) on loopback, started once for
+    the session by the first test that needs it; skips (laptop) or fails (CI) without it."""
+    from s3server import aws_test_env, s3_server_at
+
+    stack = contextlib.ExitStack()
+    with aws_test_env():  # the server and its setup client start with the test credentials
+        server = stack.enter_context(s3_server_at(tmp_path_factory.mktemp("moto")))
+    with stack:
+        yield server

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import service_missing
+from waiting import free_port
 
 REGION = "us-east-1"
 TEST_ENV = {
@@ -30,12 +31,6 @@ TEST_ENV = {
     "AWS_CONFIG_FILE": os.devnull,
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

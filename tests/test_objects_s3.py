@@ -1,11 +1,14 @@
-"""S3ObjectStore against real HTTP servers on loopback, and the shared store behaviours.
+"""S3ObjectStore against real HTTP servers on loopback: what only the S3 store does (prefixes,
+paging, URLs, multipart streaming, bucket and credential errors, timeouts, packaging). The
+contract every store keeps is in test_objects_contract.py, run there on S3 too.
 
-The S3 server is moto's (``moto[server]``), started once for this module in its own process on a
-free port of 127.0.0.1, so the memory the server spends on a 20 MiB upload does not count in the
-client's ``tracemalloc`` peak. Error cases the S3 server cannot produce (credentials rejected, a
-server that accepts connections but never answers) use tiny ``http.server`` servers on loopback
-that answer as S3 does. No request leaves the machine: the AWS credential chain is confined to
-test values and the instance-metadata lookup is disabled.
+The S3 server is moto's (``moto[server]``), started once per session (conftest.py's
+``s3_server``) in its own process on a free port of 127.0.0.1, so the memory the server spends
+on a 20 MiB upload does not count in the client's ``tracemalloc`` peak. Error cases the S3
+server cannot produce (credentials rejected, a server that accepts connections but never
+answers) use tiny ``http.server`` servers on loopback that answer as S3 does. No request leaves
+the machine: the AWS credential chain is confined to test values and the instance-metadata
+lookup is disabled.
 
 Without boto3 or moto the S3 cases skip, except under ``CI=true``, where they fail.
 """
@@ -32,8 +35,6 @@ import pytest
 
 from conftest import service_missing
 from framepipe.backends.objects import (
-    LocalObjectStore,
-    ObjectInfo,
     ObjectStore,
     S3ObjectStore,
     open_object_store,
@@ -46,8 +47,8 @@ from framepipe.errors import (
     ObjectNotFoundError,
     ObjectStoreError,
 )
-from s3server import REGION, S3Server, aws_test_env, free_port, s3_server_at
-from test_objects_local import INVALID_KEYS
+from s3server import REGION, S3Server
+from waiting import free_port
 
 MIB = 1024 * 1024
 
@@ -56,20 +57,10 @@ def keys(store: ObjectStore, prefix: str = "") -> list[str]:
     return [info.key for info in store.list(prefix)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def aws_env() -> Iterator[None]:
-    """Only the test credentials: nothing from the developer's AWS setup leaks in."""
-    with aws_test_env():
-        yield
+pytestmark = pytest.mark.usefixtures("aws_env")  # only the test credentials (conftest.py)
 
 
-# -- the S3 server ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_server(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    with s3_server_at(tmp_path_factory.mktemp("moto")) as server:
-        yield server
+# -- the S3 server (conftest.py's ``s3_server``, once per session) -----------------------------
 
 
 @pytest.fixture
@@ -83,21 +74,6 @@ def bucket(s3_server: S3Server) -> Iterator[str]:
 def s3_store(s3_server: S3Server, bucket: str) -> Iterator[S3ObjectStore]:
     with S3ObjectStore(bucket, endpoint_url=s3_server.endpoint, region=REGION) as opened:
         yield opened
-
-
-@pytest.fixture(params=["local", "s3", "s3-prefixed"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    """Each backend in turn; ``s3-prefixed`` keeps its objects under ``tenant/one/``."""
-    if request.param == "local":
-        with LocalObjectStore(tmp_path / "store") as local:
-            yield local
-        return
-    server: S3Server = request.getfixturevalue("s3_server")
-    name: str = request.getfixturevalue("bucket")
-    prefix = "tenant/one" if request.param == "s3-prefixed" else ""
-    with S3ObjectStore(name, prefix=prefix, endpoint_url=server.endpoint,
-                       region=REGION) as remote:
-        yield remote
 
 
 # -- servers that answer like S3 when it refuses ----------------------------------------------
@@ -178,179 +154,6 @@ def refusing() -> Iterator[Callable[..., RefusingServer]]:
 def needs_boto3() -> None:
     if importlib.util.find_spec("boto3") is None:
         service_missing("boto3 (pip install 'framepipe[s3]')", ModuleNotFoundError("boto3"))
-
-
-# -- shared behaviours: every backend ---------------------------------------------------------
-
-
-def test_put_get_round_trip(store: ObjectStore) -> None:
-    info = store.put("frames/cam1/0001.jpg", b"\xff\xd8jpeg")
-    assert info.key == "frames/cam1/0001.jpg"
-    assert info.size == 6
-    assert abs(info.modified - time.time()) < 60
-    assert store.get("frames/cam1/0001.jpg") == b"\xff\xd8jpeg"
-    store.put("bytearray", bytearray(b"ba"))
-    store.put("memoryview", memoryview(b"mv"))
-    assert store.get("bytearray") == b"ba"
-    assert store.get("memoryview") == b"mv"
-
-
-def test_put_empty_object(store: ObjectStore) -> None:
-    store.put("empty", b"")
-    assert store.get("empty") == b""
-    assert store.stat("empty").size == 0
-
-
-def test_put_file_and_get_file(store: ObjectStore, tmp_path: Path) -> None:
-    source = tmp_path / "video.mp4"
-    source.write_bytes(os.urandom(300_000))
-    info = store.put_file("videos/v.mp4", source)
-    assert info.key == "videos/v.mp4"
-    assert info.size == 300_000
-    dest = store.get_file("videos/v.mp4", tmp_path / "out" / "copy.mp4")
-    assert dest == tmp_path / "out" / "copy.mp4"
-    assert dest.read_bytes() == source.read_bytes()
-    assert [p.name for p in dest.parent.iterdir()] == ["copy.mp4"]
-
-
-def test_put_file_missing_source(store: ObjectStore, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        store.put_file("k", tmp_path / "nope")
-    assert not store.exists("k")
-
-
-def test_put_overwrites(store: ObjectStore, tmp_path: Path) -> None:
-    store.put("a/b", b"first version")
-    store.put("a/b", b"v2")
-    assert store.get("a/b") == b"v2"
-    assert store.stat("a/b").size == 2
-    source = tmp_path / "v3"
-    source.write_bytes(b"version 3")
-    store.put_file("a/b", source)
-    assert store.get("a/b") == b"version 3"
-    assert keys(store) == ["a/b"]
-
-
-def test_stat_exists_delete(store: ObjectStore) -> None:
-    assert not store.exists("x/y")
-    put = store.put("x/y", b"123")
-    info = store.stat("x/y")
-    assert info == ObjectInfo("x/y", 3, info.modified)
-    assert info.modified == pytest.approx(put.modified, abs=2)
-    assert store.exists("x/y")
-    assert store.delete("x/y") is True
-    assert store.delete("x/y") is False
-    assert not store.exists("x/y")
-    assert keys(store) == []
-
-
-def test_missing_key_errors_name_key_and_store(store: ObjectStore) -> None:
-    with pytest.raises(ObjectNotFoundError) as excinfo:
-        store.get("no/such")
-    assert "'no/such'" in str(excinfo.value)
-    assert store.url in str(excinfo.value)
-    with pytest.raises(ObjectNotFoundError):
-        store.stat("no/such")
-    with pytest.raises(KeyError):
-        store.get("no/such")
-
-
-def test_folder_is_not_an_object(store: ObjectStore) -> None:
-    store.put("dir/file", b"x")
-    assert not store.exists("dir")
-    with pytest.raises(ObjectNotFoundError):
-        store.get("dir")
-    with pytest.raises(ObjectNotFoundError):
-        store.get("dir/file/deeper")
-    assert store.delete("dir") is False
-    assert store.get("dir/file") == b"x"
-
-
-def test_list_sorted_with_prefixes(store: ObjectStore) -> None:
-    for key in ["b", "a/2", "a/1", "a-c", "a0", "ab/x", "frames/cam1/1", "frames/cam10/1",
-                "ü/1", "z~"]:
-        store.put(key, key.encode())
-    everything = keys(store)
-    assert everything == sorted(everything)
-    assert everything == ["a-c", "a/1", "a/2", "a0", "ab/x", "b", "frames/cam1/1",
-                          "frames/cam10/1", "z~", "ü/1"]
-    assert keys(store, "a/") == ["a/1", "a/2"]
-    assert keys(store, "a") == ["a-c", "a/1", "a/2", "a0", "ab/x"]
-    assert keys(store, "frames/cam1") == ["frames/cam1/1", "frames/cam10/1"]
-    assert keys(store, "frames/cam1/") == ["frames/cam1/1"]
-    assert keys(store, "nothing/") == []
-    assert keys(store, "b/") == []
-    infos = list(store.list("a/"))
-    assert infos[0] == store.stat("a/1")
-
-
-@pytest.mark.parametrize("prefix", ["/", "/a", "../", "a/../b", "a//", "a\\b"])
-def test_list_rejects_bad_prefix(store: ObjectStore, prefix: str) -> None:
-    with pytest.raises(InvalidKeyError, match="prefix"):
-        store.list(prefix)
-
-
-def test_copy(store: ObjectStore) -> None:
-    store.put("src", b"payload")
-    store.put("dst/old", b"old")
-    info = store.copy("src", "dst/old")
-    assert info.key == "dst/old"
-    assert info.size == 7
-    assert info == store.stat("dst/old")
-    assert store.get("dst/old") == b"payload"
-    assert store.get("src") == b"payload"
-    with pytest.raises(ObjectNotFoundError, match="'missing'"):
-        store.copy("missing", "dst/new")
-    assert not store.exists("dst/new")
-    with pytest.raises(InvalidKeyError):
-        store.copy("src", "../escape")
-
-
-def test_get_file_missing_key_leaves_dest_untouched(store: ObjectStore, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    dest = out / "frame.jpg"
-    dest.write_bytes(b"previous")
-    with pytest.raises(ObjectNotFoundError):
-        store.get_file("missing.jpg", dest)
-    assert dest.read_bytes() == b"previous"
-    assert [p.name for p in out.iterdir()] == ["frame.jpg"]
-    with pytest.raises(ObjectNotFoundError):
-        store.get_file("missing.jpg", out / "fresh.jpg")
-    assert [p.name for p in out.iterdir()] == ["frame.jpg"]
-
-
-@pytest.mark.parametrize("key", INVALID_KEYS)
-def test_invalid_keys_rejected(store: ObjectStore, tmp_path: Path, key: str) -> None:
-    source = tmp_path / "source"
-    source.write_bytes(b"data")
-    store.put("ok", b"data")
-    with pytest.raises(InvalidKeyError):
-        store.put(key, b"data")
-    with pytest.raises(InvalidKeyError):
-        store.put_file(key, source)
-    with pytest.raises(InvalidKeyError):
-        store.copy("ok", key)
-    for call in (store.get, store.stat, store.exists, store.delete):
-        with pytest.raises(InvalidKeyError):
-            call(key)
-    with pytest.raises(InvalidKeyError):
-        store.get_file(key, tmp_path / "dest")
-    assert keys(store) == ["ok"]
-    assert not (tmp_path / "dest").exists()
-
-
-def test_use_after_close(store: ObjectStore, tmp_path: Path) -> None:
-    store.put("k", b"v")
-    store.close()
-    store.close()
-    assert store.closed
-    for call in (lambda: store.get("k"), lambda: store.put("k", b"v"),
-                 lambda: store.exists("k"), lambda: store.list(""), lambda: store.delete("k"),
-                 lambda: store.copy("k", "j"), lambda: store.stat("k"),
-                 lambda: store.get_file("k", tmp_path / "d")):
-        with pytest.raises(ObjectStoreError, match="closed"):
-            call()
 
 
 # -- S3: layout, prefixes, URLs ---------------------------------------------------------------
@@ -453,6 +256,13 @@ def test_open_s3_url_rejects(url: str, message: str) -> None:
     needs_boto3()
     with pytest.raises(ObjectStoreError, match=message) as excinfo:
         open_object_store(url)
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_open_redacts_credentials() -> None:
+    """Even without boto3 installed (no needs_boto3 here), the URL is refused redacted."""
+    with pytest.raises(ObjectStoreError) as excinfo:
+        open_object_store("s3://key:hunter2@bucket/prefix")
     assert "hunter2" not in str(excinfo.value)
 
 
