@@ -23,6 +23,7 @@ from framepipe.errors import ExecutionFailedError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
@@ -271,6 +272,31 @@ def test_spawning_an_existing_key_is_idempotent(run_in_mode: Runner) -> None:
     assert run_in_mode.notes("runs.log") == [work]  # ran once
     assert _started(events) == {"start": 1, work: 1}
     assert [e.step_key for e in events if e.type == "step.spawned"] == [work]
+
+
+def test_spawned_steps_keep_their_dependencies_spawner_and_weight(run_in_mode: Runner) -> None:
+    """The issue's example: scan spawns a copy and a render per file; each render waits for
+    scan (declared) and its copy (given to the spawn), in that order, records who spawned it
+    and its weight, and starts after both finished. Every step runs once."""
+    files = ["a.mp4", "b.mp4", "c.mp4"]
+    info, events = run_in_mode(wp.sd_import, {"files": files})
+    assert info.status.value == "completed", info.error
+    assert info.progress == 100.0
+    assert info.data == {"count": 3, **{f"copied:{f}": True for f in files},
+                         **{f"rendered:{f}": True for f in files}}
+    assert len(info.steps) == 7
+    assert set(_started(events).values()) == {1} and len(_started(events)) == 7
+    steps = {s.key: s for s in info.steps}
+    for f in files:
+        copy = steps[step_key("copy", {"path": f})]
+        render = steps[step_key("render", {"path": f})]
+        assert render.depends_on == ["scan", copy.key]
+        assert copy.depends_on == []
+        assert render.spawned_by == "scan" and copy.spawned_by == "scan"
+        assert render.weight == 5.0 and copy.weight == 1.0
+        assert render.started_at is not None and copy.finished_at is not None
+        assert render.started_at >= copy.finished_at
+        assert render.started_at >= steps["scan"].finished_at  # type: ignore[operator]
 
 
 def test_retries_with_backoff_then_success(run_in_mode: Runner) -> None:

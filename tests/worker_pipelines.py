@@ -457,3 +457,28 @@ def stuck_hold(ctx: StepContext, i: int) -> None: ...
 
 @stuck.step("tail", depends_on=["part"])
 def stuck_tail(ctx: StepContext) -> None: ...
+
+
+sd_import = Pipeline("wk_sd_import")  # the example
+
+
+@sd_import.step("scan")
+def sd_scan(ctx: StepContext) -> dict[str, Any]:
+    files = ctx.inputs["files"]
+    for f in files:
+        copied = ctx.spawn_step("copy", params={"path": f})
+        ctx.spawn_step("render", params={"path": f}, depends_on=[copied])
+    return {"count": len(files)}
+
+
+@sd_import.step("copy", retries=3)
+def sd_copy(ctx: StepContext, path: str) -> dict[str, Any]:
+    ctx.progress(50, f"copying {path}")
+    return {f"copied:{path}": True}
+
+
+@sd_import.step("render", depends_on=["scan"], weight=5)
+def sd_render(ctx: StepContext, path: str) -> dict[str, Any]:
+    assert ctx.data[f"copied:{path}"] is True
+    assert ctx.data["count"] == len(ctx.inputs["files"])
+    return {f"rendered:{path}": True}
