@@ -307,6 +307,7 @@ def test_retries_with_backoff_then_success(run_in_mode: Runner) -> None:
     step = info.step("flaky")
     assert (step.status.value, step.attempt, step.failures) == ("completed", 3, 2)
     assert info.data == {"attempt": 3}
+    assert info.errors == {}  # a step that passed in the end keeps no error
     retrying = [e for e in events if e.type == "step.retrying"]
     assert [e.data["error"] for e in retrying] == ["ConnectionError: try 1",
                                                   "ConnectionError: try 2"]
@@ -538,6 +539,9 @@ def test_failure_is_fast_and_retry_resumes_without_rerunning(run_in_mode: Runner
     assert done.status.value == "completed", done.error
     assert done.runs == 2
     assert done.data == {"first": 1, "breaks": 1, "after": 2}
+    breaks = done.step("breaks")  # attempts go on counting; the failures start afresh
+    assert (breaks.attempt, breaks.failures, breaks.error) == (3, 0, None)
+    assert done.errors == {}
     runs = Counter(run_in_mode.notes("runs.log"))
     assert runs["first"] == 1  # completed steps are not run again
     assert runs["breaks"] == 3 and runs["after"] == 1
