@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from framepipe.config import load_settings
+from framepipe.config import (
+    COMPONENT_FILE_KEYS,
+    SECTIONS,
+    JobSettings,
+    MediaSettings,
+    ServerSettings,
+    Settings,
+    StorageSettings,
+    WorkerSettings,
+    load_section,
+    load_settings,
+)
 from framepipe.errors import ConfigError
+from framepipe.media.limits import DEFAULT_MAX_PIXELS
+from framepipe.pipelines.ml_settings import MlVideoSettings
 
 
 def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -46,3 +60,106 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FRAMEPIPE_CONCURRENCY")
     with pytest.raises(ConfigError, match="FRAMEPIPE_LOG_LEVEL"):
         load_settings(log_level="loud")
+
+
+# -- the sections --------------------------------------------------------------------------------
+
+
+def test_every_setting_is_in_exactly_one_section() -> None:
+    owners: dict[str, list[str]] = {}
+    for group, section in SECTIONS.items():
+        assert issubclass(Settings, section), group
+        for name in section.model_fields:
+            owners.setdefault(name, []).append(group)
+    assert set(owners) == set(Settings.model_fields)
+    assert {name: groups for name, groups in owners.items() if len(groups) > 1} == {}
+
+
+def test_every_variable_and_key_works_flat_on_settings(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """Grouping changed no name: FRAMEPIPE_<FIELD>, the config-file key <field>, the keyword
+    argument and settings.<field> are what they were, for every field of every section."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_SHUTDOWN_GRACE", "2.5")
+    monkeypatch.setenv("FRAMEPIPE_BROKER_NAMESPACE", "blue")
+    monkeypatch.setenv("FRAMEPIPE_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    (tmp_path / "framepipe.toml").write_text(
+        'media_max_pixels = 0\nlease_seconds = 3.0\nhome = "state"\n'
+        'events_retention_days = 7\n')
+    s = load_settings(api_token="tok")
+    assert (s.shutdown_grace, s.broker_namespace, s.media_max_pixels, s.lease_seconds) == (
+        2.5, "blue", 0, 3.0)
+    assert s.allowed_origins == ["https://a.example", "https://b.example"]
+    assert (s.home, s.run_dir, s.events_retention_days, s.api_token) == (
+        Path("state"), Path("state/run"), 7, "tok")
+    assert s.model_copy(update={"concurrency": 2}).concurrency == 2
+    with pytest.raises(ConfigError, match="FRAMEPIPE_API_TOKEN"):
+        load_settings(api_token=" spaced ")
+
+
+def test_a_section_loads_alone_and_a_settings_object_is_each_section(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "framepipe.toml").write_text('max_upload_bytes = 10\nconcurrency = 3\n')
+    monkeypatch.setenv("FRAMEPIPE_INPUT_ROOTS", "/srv/a,/srv/b")
+    server = load_section(ServerSettings)  # the other sections' keys in the file are not its
+    assert (server.max_upload_bytes, server.input_roots) == (10, [Path("/srv/a"), Path("/srv/b")])
+    assert not hasattr(server, "concurrency")
+    assert load_section(JobSettings).concurrency == 3
+
+    def upload_limit(settings: ServerSettings) -> int:  # a component typed by what it reads
+        return settings.max_upload_bytes
+
+    assert upload_limit(load_settings()) == 10
+    assert isinstance(load_settings(), StorageSettings | WorkerSettings | MediaSettings)
+    assert MediaSettings().media_max_pixels == DEFAULT_MAX_PIXELS
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "-1")
+    with pytest.raises(ConfigError, match="FRAMEPIPE_MEDIA_MAX_PIXELS"):
+        load_section(MediaSettings)
+
+
+def test_distributed_jobs_is_the_workers_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert WorkerSettings(broker_url="redis://127.0.0.1:6379/0").distributed_jobs
+    assert WorkerSettings(broker_url="amqp://h/", jobs_mode="local").distributed_jobs is False
+    assert WorkerSettings(jobs_mode="workers").distributed_jobs
+
+
+def test_unknown_config_file_keys_are_refused_but_the_ml_pipelines_are_left_to_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "framepipe.toml"
+    path.write_text('concurency = 3\n')
+    with pytest.raises(ConfigError, match="concurency: no such setting"):
+        load_settings()
+    path.write_text('concurrency = 3\nmodel_api_retries = 2\nmodel_api_retry_max = 4.0\n')
+    settings = load_settings()
+    assert settings.concurrency == 3 and not hasattr(settings, "model_api_retries")
+    assert MlVideoSettings.file_keys <= COMPONENT_FILE_KEYS
+    assert MlVideoSettings.load({}).model_api_retries == 2
+    with pytest.raises(ConfigError, match="model_api_retries: no such setting"):
+        load_settings(model_api_retries=2)  # not a keyword of framepipe's settings any more
+    path.write_text('concurrency = \n')
+    with pytest.raises(ConfigError, match=r"framepipe\.toml"):
+        load_settings()
+
+
+def _readme_groups() -> dict[str, set[str]]:
+    """The README's configuration tables: section class -> the variables listed under it."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = text[text.index("## Configuration"):]
+    text = text[:text.index("\n## ", 5)]
+    groups: dict[str, set[str]] = {}
+    current = None
+    for line in text.splitlines():
+        heading = re.match(r"### .*\(`(\w+)`\)", line)
+        if heading:
+            current = groups.setdefault(heading.group(1), set())
+        elif current is not None and line.startswith("| `FRAMEPIPE_"):
+            current.add(line.split("`")[1])
+    return groups
+
+
+def test_the_readme_lists_every_setting_under_its_group() -> None:
+    expected = {section.__name__: {f"FRAMEPIPE_{name.upper()}" for name in section.model_fields}
+                for section in SECTIONS.values()}
+    assert _readme_groups() == expected

@@ -27,7 +27,8 @@ from framepipe.jobs.records import list_events
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
 from framepipe.processors.adapters import ModelAdapter
-from media import free_port, make_clip
+from media import make_clip
+from waiting import free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml_video"
 MODEL = EXAMPLE / "model.py"
@@ -128,14 +129,14 @@ def model_server(root: Path, *extra: str) -> Iterator[str]:
 def fast_model_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """The adapters' own backoff (1 s, 2 s, 4 s for HTTP) shortened so that a failing model
     fails in milliseconds; the adapters still come from the settings (the environment)."""
-    real = ml_module.adapter_from_settings
+    real = ml_module.model_from_settings
 
-    def adapter_from_settings() -> ModelAdapter:
+    def model_from_settings() -> ModelAdapter:
         model = real()
         model.backoff = Backoff(initial=0.01, factor=2.0, maximum=0.05)
         return model
 
-    monkeypatch.setattr(ml_module, "adapter_from_settings", adapter_from_settings)
+    monkeypatch.setattr(ml_module, "model_from_settings", model_from_settings)
 
 
 # -- the example with each adapter --------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,16 +29,18 @@ from framepipe.errors import (
 )
 from framepipe.frames import Frame
 from framepipe.jobs.records import list_events
+from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors import (
     HttpModel,
     MockModel,
     ModelAdapter,
     ModelResult,
+    Processor,
     PythonModel,
     SubprocessModel,
-    adapter_from_settings,
     as_step_progress,
 )
+from framepipe.processors.adapters import ModelProcessor
 from framepipe.sources import PatternSource
 from framepipe.stream import Sink, Stage, StreamPipeline
 
@@ -48,6 +50,13 @@ T = TypeVar("T")
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def adapter_from_settings(env: Mapping[str, str] | None = None,
+                          **overrides: Any) -> ModelAdapter:
+    """The model the ML video pipeline's settings select (``env`` defaults to the process's
+    environment and config file)."""
+    return MlVideoSettings.load(env, **overrides).adapter()
 
 
 @pytest.fixture
@@ -383,8 +392,12 @@ def test_mock_model_timeout_and_file_only_process(tmp_path: Path, clip: Path) ->
     with pytest.raises(ModelTimeoutError, match="MockModel"):
         run(model.infer(clip, output_dir=tmp_path))
     assert len(list((tmp_path / "frames").iterdir())) < 50
-    with pytest.raises(NotImplementedError, match="works on files"):
-        model.process(Frame(np.zeros((8, 8, 3), np.uint8), "cam", 1))
+    # a file-based model is no processor: a live stage refuses it when it is built
+    assert not isinstance(model, Processor)
+    with pytest.raises(TypeError, match=r"MockModel\(.*\) works on files"):
+        ModelProcessor(model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="neither a Processor nor a callable"):
+        Stage(model)  # type: ignore[arg-type]
 
 
 # -- PythonModel --------------------------------------------------------------------------------
@@ -415,7 +428,7 @@ class Negative:
         return out
 
 
-def test_python_model_is_a_live_stage_processor() -> None:
+def test_python_model_runs_on_a_live_stage_through_its_processor() -> None:
     Negative.loads = 0
     sink = Collect()
     source = PatternSource("cam", width=64, height=48, count=30, realtime=False)
@@ -427,7 +440,8 @@ def test_python_model_is_a_live_stage_processor() -> None:
     async def main() -> None:
         pipeline = StreamPipeline("negate", source,
                                   stages=[Stage(keep_original),
-                                          Stage(PythonModel(Negative), workers=3, ordered=True)],
+                                          Stage(ModelProcessor(PythonModel(Negative)),
+                                                workers=3, ordered=True)],
                                   sinks=[sink])
         await pipeline.run()
 
@@ -447,7 +461,7 @@ def test_python_model_function_results_and_drops() -> None:
 
     model = PythonModel(brightness, name="brightness")
     pipeline = StreamPipeline("measure", PatternSource("cam", count=5, realtime=False),
-                              stages=[Stage(model)], sinks=[sink])
+                              stages=[Stage(ModelProcessor(model))], sinks=[sink])
     run(pipeline.run())
     assert len(sink.frames) == 5
     assert all(f.meta["brightness"] > 0 for f in sink.frames)
@@ -617,11 +631,10 @@ def test_retry_settings_precedence_and_defaults(tmp_path: Path) -> None:
     both = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5",
                                   "MODEL_API_RETRIES": "1"})
     assert both.max_retries == 5  # framepipe's own name wins over the seed-style one
-    configured = Settings(home=tmp_path, model_api_retries=0, model_api_retry_initial=0.5,
-                          model_api_retry_max=4)
     model = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5"},
-                                  settings=configured)
-    assert model.max_retries == 0  # the Settings object (env and config file) first
+                                  model_api_retries=0, model_api_retry_initial=0.5,
+                                  model_api_retry_max=4)
+    assert model.max_retries == 0  # keyword arguments first
     assert (model.backoff.initial, model.backoff.maximum) == (0.5, 4.0)
 
     script = {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(MODELS / "good_model.py")}
@@ -642,11 +655,43 @@ def test_bad_retry_settings_name_the_variable(var: str, value: str, match: str) 
         adapter_from_settings({"MODEL_ADAPTER_TYPE": "http", var: value})
 
 
+def test_model_settings_read_the_config_file_below_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for variable in ("MODEL_ADAPTER_TYPE", "MODEL_API_URL", "FRAMEPIPE_CONFIG",
+                     "MODEL_API_RETRIES", "FRAMEPIPE_MODEL_API_RETRIES",
+                     "MODEL_API_RETRY_MAX", "FRAMEPIPE_MODEL_API_RETRY_MAX"):
+        monkeypatch.delenv(variable, raising=False)
+    (tmp_path / "framepipe.toml").write_text("model_api_retries = 1\nmodel_api_retry_max = 2.5\n"
+                                             "concurrency = 3\n")
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
+    model = adapter_from_settings()  # this process's environment and ./framepipe.toml
+    assert isinstance(model, HttpModel)
+    assert (model.max_retries, model.backoff.maximum) == (1, 2.5)
+    monkeypatch.setenv("MODEL_API_RETRIES", "4")
+    assert adapter_from_settings().max_retries == 4  # the environment over the file
+    assert MlVideoSettings().model_api_retries == 4  # the constructor reads the same sources
+    assert adapter_from_settings(model_api_retries=6).max_retries == 6  # keywords over both
+
+    (tmp_path / "framepipe.toml").write_text("model_api_retries = -2\n")
+    monkeypatch.delenv("MODEL_API_RETRIES")
+    with pytest.raises(ConfigError, match=r"model_api_retries in \S*framepipe\.toml=-2: "
+                                          "expected a whole number"):
+        adapter_from_settings()
+    # a mapping given is the whole environment; its FRAMEPIPE_CONFIG names the file
+    other = tmp_path / "ml.toml"
+    other.write_text("model_api_retries = 7\n")
+    assert adapter_from_settings({"MODEL_ADAPTER_TYPE": "http",
+                                  "FRAMEPIPE_CONFIG": str(other)}).max_retries == 7
+    with pytest.raises(ConfigError, match="no_such: Extra inputs are not permitted"):
+        MlVideoSettings.load({}, no_such=1)
+
+
 def test_subprocess_retries_from_the_environment_in_a_job_step(
         settings: Settings, clip: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The process environment (read through Settings) sets the retries of the model a step
-    builds with adapter_from_settings(): a script failing twice then succeeds on attempt 3."""
+    """The process environment sets the retries of the model a step builds from the ML video
+    pipeline's settings: a script failing twice then succeeds on attempt 3."""
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
     monkeypatch.setenv("PYTHON_SCRIPT", str(MODELS / "flaky_model.py"))
     monkeypatch.setenv("FRAMEPIPE_MODEL_API_RETRIES", "2")

@@ -48,7 +48,7 @@ class SystemState(StrEnum):
     RUNNING = "running"
     DEGRADED = "degraded"
     FAILED = "failed"
-    ERROR = "failed"  # the seeds' name for FAILED (an alias: SystemState.ERROR is FAILED)
+    ERROR = "failed"  # an alias kept for code that names it ERROR: SystemState.ERROR is FAILED
     STOPPING = "stopping"
     STOPPED = "stopped"
 

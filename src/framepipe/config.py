@@ -3,32 +3,84 @@
 Precedence, highest first: keyword arguments, environment variables, the config file
 (``FRAMEPIPE_CONFIG`` or ``./framepipe.toml`` when present), defaults. With no settings at all
 framepipe runs embedded: SQLite and local files under ``./.framepipe/``, in-process queues.
+
+The settings are grouped by concern into sections, and :class:`Settings` is all of them:
+
+- :class:`StorageSettings`: where state lives (home, state database, object store, events kept);
+- :class:`JobSettings`: how job steps run (concurrency, retries, outputs, inputs, shutdown);
+- :class:`WorkerSettings`: workers and the broker (broker URL and namespace, leases, sweep,
+  prefetch, republishing);
+- :class:`ServerSettings`: the HTTP service (token, hosts, origins, uploads, input roots);
+- :class:`MediaSettings`: the media job steps (picture size limit);
+- :class:`LogSettings`: logging.
+
+Why sections combined by inheritance rather than nested models (``settings.jobs.concurrency``):
+every field stays a top-level field of :class:`Settings`, so each ``FRAMEPIPE_<FIELD>``
+variable, each config-file key, each keyword argument (``Settings(concurrency=3)``,
+``model_copy(update=...)``) and each ``settings.<field>`` reader keeps working as it was, with
+no aliases or forwarding properties to keep in step. A :class:`Settings` object *is* an instance
+of every section, so a component states what it reads by its parameter's type (a function taking
+``settings: ServerSettings`` accepts a :class:`Settings`, and mypy refuses it a job field), and
+a section can be built or loaded on its own (``MediaSettings(media_max_pixels=0)``,
+``ServerSettings()``) where nothing else is needed. The sections are listed in :data:`SECTIONS`;
+the README's configuration table follows the same groups.
+
+Settings of one component that not every user runs (a ready pipeline's model, say) live next to
+that component, in their own class (see :mod:`framepipe.pipelines.ml_settings`), not here. The
+config file is shared: a section reads only its own keys, and :class:`Settings` refuses keys of
+no section except those listed in :data:`COMPONENT_FILE_KEYS`.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from framepipe.amqp import is_amqp_url
 from framepipe.errors import ConfigError
 from framepipe.redis import is_redis_url
 
-__all__ = ["Settings", "load_settings"]
+__all__ = [
+    "COMPONENT_FILE_KEYS",
+    "SECTIONS",
+    "JobSettings",
+    "LogSettings",
+    "MediaSettings",
+    "ServerSettings",
+    "Settings",
+    "SettingsSection",
+    "StorageSettings",
+    "WorkerSettings",
+    "config_file",
+    "config_file_values",
+    "load_section",
+    "load_settings",
+]
+
+COMPONENT_FILE_KEYS: frozenset[str] = frozenset(
+    {"model_api_retries", "model_api_retry_initial", "model_api_retry_max"})
+"""Config-file keys that belong to a component's own settings, not to :class:`Settings`, which
+accepts and ignores them: the ML video pipeline's model retries
+(:class:`framepipe.pipelines.ml_settings.MlVideoSettings`)."""
 
 
-def _config_file() -> Path | None:
-    explicit = os.environ.get("FRAMEPIPE_CONFIG")
+def config_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file: ``FRAMEPIPE_CONFIG`` in ``env`` (default ``os.environ``; it must
+    exist), else ``./framepipe.toml`` when present, else None. Raises :class:`ConfigError` for
+    a ``FRAMEPIPE_CONFIG`` that is not a file."""
+    explicit = (os.environ if env is None else env).get("FRAMEPIPE_CONFIG")
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -38,39 +90,87 @@ def _config_file() -> Path | None:
     return default if default.is_file() else None
 
 
-class Settings(BaseSettings):
-    """framepipe's settings. Every field is read from ``FRAMEPIPE_<FIELD>``."""
+def config_file_values(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The top-level keys and values of :func:`config_file` (empty without a file). Raises
+    :class:`ConfigError` naming the file when it is not valid TOML."""
+    path = config_file(env)
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
 
-    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
+
+class SettingsSection(BaseSettings):
+    """Base of the sections: fields read from ``FRAMEPIPE_<FIELD>``, then the config file's
+    ``<field>`` key. A section loaded alone ignores the file's keys of other sections."""
+
+    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="ignore")
+
+    _ignored_file_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        values = {key: value for key, value in config_file_values().items()
+                  if key not in cls._ignored_file_keys}
+        return init_settings, env_settings, InitSettingsSource(settings_cls, values)
+
+
+class StorageSettings(SettingsSection):
+    """Where framepipe keeps its state: the home folder, the state database, the object store,
+    and how long live apps' events are kept."""
 
     home: Path = Field(Path(".framepipe"), description="Folder for embedded state and objects.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the state database; default SQLite under home.")
+    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable.")
     objects_url: str | None = Field(
         None, description="Object store URL: file:///path, or s3://bucket/prefix?endpoint=URL"
                           "&region=R (credentials from FRAMEPIPE_S3_ACCESS_KEY/_SECRET_KEY or "
                           "the AWS chain); default home/objects.")
-    broker_url: str = Field(
-        "memory://", description="Broker URL: memory:// is in-process; redis://... (Redis "
-                                 "Streams) or amqp://... (RabbitMQ) delivers steps to workers.")
+    events_retention_days: float | None = Field(
+        None, gt=0, description="Live apps' events older than this many days are deleted "
+                                "(hourly, by the apps' event sinks); unset keeps them.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The state database URL, defaulting to ``sqlite:///<home>/state.db``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'state.db').resolve()}"
+
+    @property
+    def resolved_objects_url(self) -> str:
+        """The object store URL, defaulting to ``file://<home>/objects``."""
+        if self.objects_url:
+            return self.objects_url
+        return (self.home / "objects").resolve().as_uri()
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder for this machine's per-process run files (step journals)."""
+        return self.home / "run"
+
+
+class JobSettings(SettingsSection):
+    """How job steps run, wherever they run: concurrency, retries, the size of inputs and
+    outputs, crashes, heartbeats and the grace given on shutdown."""
+
     concurrency: int = Field(
         default_factory=lambda: max(4, os.cpu_count() or 1), ge=1,
         description="Steps run at once by one engine.")
-    log_level: str = "INFO"
-    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
-        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable.")
     retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay in seconds.")
     retry_max_delay: float = Field(60.0, ge=0, description="Cap of the retry delay.")
-    model_api_retries: int | None = Field(
-        None, ge=0, description="Retries of a failed model call by an adapter built from the "
-                                "settings (HttpModel default 3, SubprocessModel default 0); "
-                                "also MODEL_API_RETRIES.")
-    model_api_retry_initial: float | None = Field(
-        None, ge=0, description="First delay before a model call is retried, in seconds "
-                                "(default 1), doubling each retry; also MODEL_API_RETRY_INITIAL.")
-    model_api_retry_max: float | None = Field(
-        None, ge=0, description="Cap of that delay, in seconds (default 30); also "
-                                "MODEL_API_RETRY_MAX.")
     heartbeat_interval: float = Field(
         2.0, gt=0, description="How often a running engine marks its executions alive.")
     shutdown_grace: float = Field(
@@ -79,6 +179,19 @@ class Settings(BaseSettings):
         1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data).")
     max_step_crashes: int = Field(
         3, ge=1, description="A step whose process died this many times is failed as crashed.")
+    max_inputs_bytes: int = Field(
+        1_048_576, gt=0, description="Largest inputs of one execution, as JSON (store paths "
+                                     "or object keys, not contents); also caps JSON request "
+                                     "bodies of the HTTP service.")
+
+
+class WorkerSettings(SettingsSection):
+    """Workers and the broker that delivers steps to them: where steps run, the broker's URL
+    and namespace, leases, the sweep, prefetching and republishing."""
+
+    broker_url: str = Field(
+        "memory://", description="Broker URL: memory:// is in-process; redis://... (Redis "
+                                 "Streams) or amqp://... (RabbitMQ) delivers steps to workers.")
     jobs_mode: Literal["auto", "local", "workers"] = Field(
         "auto", description="Where job steps run: 'local' in the submitting process, 'workers' "
                             "on 'framepipe worker' processes through the broker; 'auto' picks "
@@ -96,19 +209,27 @@ class Settings(BaseSettings):
         4, ge=1, description="While its recent steps are short (under 50 ms), a worker claims "
                              "up to concurrency x this many, so tiny steps are claimed and "
                              "committed in batches; long steps are never hoarded.")
-    media_max_pixels: int = Field(
-        8192 * 8192, ge=0, description="Largest picture (width x height) framepipe.media will "
-                                       "decode or write, checked from the file's headers "
-                                       "before any frame is decoded; 0 means no limit.")
+    republish_after: float = Field(
+        10.0, gt=0, description="A ready step not taken this many seconds after it was "
+                                "published is published again.")
+
+    @property
+    def distributed_jobs(self) -> bool:
+        """True when job steps run on workers: ``jobs_mode='workers'``, or ``auto`` with a
+        Redis (``redis://``, ``rediss://``, ``unix://``) or AMQP (``amqp://``, ``amqps://``)
+        broker URL."""
+        if self.jobs_mode == "auto":
+            return is_redis_url(self.broker_url) or is_amqp_url(self.broker_url)
+        return self.jobs_mode == "workers"
+
+
+class ServerSettings(SettingsSection):
+    """The HTTP service: its bearer token, the hosts and web origins it answers, the largest
+    upload, and the folders executions submitted over HTTP may name."""
+
     api_token: str | None = Field(
         None, description="Bearer token the HTTP service requires on every call but /health; "
                           "without one it only binds to a loopback address.")
-    max_upload_bytes: int = Field(
-        512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
-    max_inputs_bytes: int = Field(
-        1_048_576, gt=0, description="Largest inputs of one execution, as JSON (store paths "
-                                     "or object keys, not contents); also caps JSON request "
-                                     "bodies of the HTTP service.")
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names (with an optional :port) the HTTP service answers besides "
@@ -118,16 +239,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Web origins (scheme://host[:port]) whose pages may use the service "
                     "besides its own; comma-separated.")
+    max_upload_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
     input_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders whose files executions submitted over HTTP may name as local "
                     "paths; comma-separated. Empty (the default): none, only object keys.")
-    events_retention_days: float | None = Field(
-        None, gt=0, description="Live apps' events older than this many days are deleted "
-                                "(hourly, by the apps' event sinks); unset keeps them.")
-    republish_after: float = Field(
-        10.0, gt=0, description="A ready step not taken this many seconds after it was "
-                                "published is published again.")
 
     @field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")
     @classmethod
@@ -147,6 +264,24 @@ class Settings(BaseSettings):
             raise ValueError("the token must be printable ASCII (it travels in an HTTP header)")
         return value
 
+
+class MediaSettings(SettingsSection):
+    """The media job steps (:mod:`framepipe.media.steps` and the ready pipelines that decode
+    video). The toolkit's functions themselves read no settings: they take ``max_pixels``."""
+
+    media_max_pixels: int = Field(
+        8192 * 8192, ge=0, description="Largest picture (width x height) the media job steps "
+                                       "decode or write, checked from the file's headers "
+                                       "before any frame is decoded; 0 means no limit. The "
+                                       "media toolkit's functions take max_pixels instead "
+                                       "(default DEFAULT_MAX_PIXELS).")
+
+
+class LogSettings(SettingsSection):
+    """Logging."""
+
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -155,57 +290,49 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_file()
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-        return tuple(sources)
 
-    @property
-    def resolved_database_url(self) -> str:
-        """The state database URL, defaulting to ``sqlite:///<home>/state.db``."""
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.home / 'state.db').resolve()}"
+class Settings(StorageSettings, JobSettings, WorkerSettings, ServerSettings, MediaSettings,
+               LogSettings):
+    """framepipe's settings: every section at once. Every field is read from
+    ``FRAMEPIPE_<FIELD>`` and the config file's ``<field>`` key; an unknown keyword argument or
+    config-file key (other than :data:`COMPONENT_FILE_KEYS`) is refused."""
 
-    @property
-    def distributed_jobs(self) -> bool:
-        """True when job steps run on workers: ``jobs_mode='workers'``, or ``auto`` with a
-        Redis (``redis://``, ``rediss://``, ``unix://``) or AMQP (``amqp://``, ``amqps://``)
-        broker URL."""
-        if self.jobs_mode == "auto":
-            return is_redis_url(self.broker_url) or is_amqp_url(self.broker_url)
-        return self.jobs_mode == "workers"
+    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
 
-    @property
-    def run_dir(self) -> Path:
-        """Folder for this machine's per-process run files (step journals)."""
-        return self.home / "run"
+    _ignored_file_keys: ClassVar[frozenset[str]] = COMPONENT_FILE_KEYS
 
-    @property
-    def resolved_objects_url(self) -> str:
-        """The object store URL, defaulting to ``file://<home>/objects``."""
-        if self.objects_url:
-            return self.objects_url
-        return (self.home / "objects").resolve().as_uri()
+
+SectionT = TypeVar("SectionT", bound=SettingsSection)
+
+SECTIONS: dict[str, type[SettingsSection]] = {
+    "storage": StorageSettings,
+    "jobs": JobSettings,
+    "workers": WorkerSettings,
+    "server": ServerSettings,
+    "media": MediaSettings,
+    "logging": LogSettings,
+}
+"""The sections of :class:`Settings` by group name, in the order the docs list them. Every
+field of :class:`Settings` is in exactly one."""
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings; a bad value raises :class:`ConfigError` naming the variable."""
+    return load_section(Settings, **overrides)
+
+
+def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
+    """Read one section (or :class:`Settings`) alone; a bad value raises :class:`ConfigError`
+    naming the variable, an unknown keyword or config-file key naming it."""
     try:
-        return Settings(**overrides)
+        return section(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"FRAMEPIPE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid framepipe settings: {problems}") from exc
+        problems = []
+        for err in exc.errors():
+            name = "_".join(str(part) for part in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{name}: no such setting (a keyword argument or config-file "
+                                "key)")
+            else:
+                problems.append(f"FRAMEPIPE_{name.upper()}: {err['msg']}")
+        raise ConfigError(f"invalid framepipe settings: {'; '.join(problems)}") from exc

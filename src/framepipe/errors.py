@@ -34,7 +34,7 @@
     ├── ObjectStoreError             the object store
     │   ├── InvalidKeyError
     │   └── ObjectNotFoundError
-    ├── ProcessorRegistryError       remote processors registered on Redis (seed 004)
+    ├── ProcessorRegistryError       remote processors registered on Redis (the fleet)
     │   ├── RegistryConnectionError  Redis cannot be reached; names the URL
     │   ├── NoProcessorError         no live processor offers the capability; names those on offer
     │   ├── CircuitOpenError         every processor offering it has its circuit breaker open

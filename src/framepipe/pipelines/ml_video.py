@@ -1,5 +1,5 @@
-"""The ML video pipeline (seed 003): fetch -> preprocess -> inference -> postprocess -> stitch
--> thumbnails -> finalize, with the seed's progress ranges.
+"""The ML video pipeline: fetch -> preprocess -> inference -> postprocess -> stitch ->
+thumbnails -> finalize, a model stylising every frame of a video.
 
 Run it like any pipeline::
 
@@ -10,18 +10,22 @@ Inputs (:class:`MlVideoInputs`, checked when an execution is submitted: a wrong 
 is refused with :class:`~framepipe.errors.InvalidInputError` naming it, and no execution is
 created): ``input`` (the video: a local file or an object key, see
 :mod:`framepipe.jobs.inputs`; over HTTP local files only inside ``FRAMEPIPE_INPUT_ROOTS``),
-``prompt``, ``style`` (default ``"default"``), ``seed`` (default 0), ``width`` (preprocess
-width, default 640), ``fps`` (default 25), ``brightness``/``contrast`` (postprocess, default
-0 / 1.0). The model is chosen by the seed's settings (``MODEL_ADAPTER_TYPE=mock|python|http``,
-``PYTHON_SCRIPT``, ``MODEL_API_URL``, ``MODEL_API_TIMEOUT``).
+``prompt``, ``style`` (default ``"default"``), ``seed`` (the model's random seed, default 0),
+``width`` (preprocess width, default 640), ``fps`` (default 25), ``brightness``/``contrast``
+(postprocess, default 0 / 1.0). The model is this pipeline's setting
+(:class:`~framepipe.pipelines.ml_settings.MlVideoSettings`:
+``MODEL_ADAPTER_TYPE=mock|python|http``, ``PYTHON_SCRIPT``, ``MODEL_API_URL``,
+``MODEL_API_TIMEOUT``, the retries), read by the inference step where it runs, so a worker
+uses its own environment.
 
-The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails). Every
-step works in its own temporary folder (deleted afterwards, failed or not) and passes
-its results on through the object store under ``ml/<execution id>/``, so steps can run on
-different workers and a retry resumes at the failed step. The weights make the execution's
-progress follow the seed's ranges: fetch 0-10 %, preprocess 10-15 %, inference 15-65 %,
-postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %, finalize 95-100 %. The result video
-and thumbnail keys end up in the execution's data (``video``, ``thumbnail``, ``grid``).
+The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails), within the
+picture size limit of :class:`~framepipe.config.MediaSettings`. Every step works in its own
+temporary folder (deleted afterwards, failed or not) and passes its results on through the
+object store under ``ml/<execution id>/``, so steps can run on different workers and a retry
+resumes at the failed step. The steps' weights make the execution's progress: fetch 0-10 %,
+preprocess 10-15 %, inference 15-65 %, postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %,
+finalize 95-100 %. The result video and thumbnail keys end up in the execution's data
+(``video``, ``thumbnail``, ``grid``).
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ import cv2
 from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
-from framepipe.config import load_settings
+from framepipe.config import MediaSettings, load_section
 from framepipe.errors import MediaError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.processors.adapters import adapter_from_settings, as_step_progress
+from framepipe.pipelines.ml_settings import MlVideoSettings
+from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
-__all__ = ["MlVideoInputs", "ml_video"]
+__all__ = ["MlVideoInputs", "ml_video", "model_from_settings"]
 
 
 class MlVideoInputs(BaseModel):
@@ -59,8 +64,18 @@ class MlVideoInputs(BaseModel):
     contrast: float = Field(1.0, description="Postprocess: every pixel value times this.")
 
 
-ml_video = Pipeline("ml_video", description="Stylise a video with a model (seed 003).",
+ml_video = Pipeline("ml_video", description="Stylise every frame of a video with a model.",
                     inputs=MlVideoInputs)
+
+
+def model_from_settings() -> ModelAdapter:
+    """The model the inference step calls: :meth:`MlVideoSettings.adapter` of the settings
+    :meth:`MlVideoSettings.load` reads from this process's environment and config file."""
+    return MlVideoSettings.load().adapter()
+
+
+def _max_pixels() -> int:
+    return load_section(MediaSettings).media_max_pixels
 
 
 def _inputs(ctx: StepContext) -> MlVideoInputs:
@@ -114,7 +129,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
         return {"input_key": source}
     copy = copy_local_file(path, ctx.tempdir() / path.name)
     try:
-        info = media.probe(copy, max_pixels=load_settings().media_max_pixels).as_dict()
+        info = media.probe(copy, max_pixels=_max_pixels()).as_dict()
     except MediaError as exc:  # name the user's file, not this step's copy of it
         raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
     key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
@@ -140,7 +155,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
     """Run the model (any adapter) on the preprocessed video; its frames go to the store."""
     src = _fetch(ctx, ctx.data["preprocessed_key"])
     inputs = _inputs(ctx)
-    model = adapter_from_settings()
+    model = model_from_settings()
     try:
         result = await model.infer(src, prompt=inputs.prompt, style=inputs.style,
                                    seed=inputs.seed,
@@ -180,7 +195,7 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
     folder = _download_folder(ctx, ctx.data["post_prefix"])
     dst = ctx.tempdir() / "output.mp4"
-    limit = load_settings().media_max_pixels
+    limit = _max_pixels()
     media.stitch(folder, dst, fps=_inputs(ctx).fps, preset="veryfast", max_pixels=limit,
                  progress=ctx.progress)
     key = f"{_prefix(ctx)}/output.mp4"

@@ -1,7 +1,7 @@
 """Processors: units of work applied to frames (live stages) or items (jobs).
 
 Model adapters (:class:`ModelAdapter`, :class:`PythonModel`, :class:`SubprocessModel`,
-:class:`HttpModel`, :class:`MockModel`, :func:`adapter_from_settings`, :func:`as_step_progress`)
+:class:`HttpModel`, :class:`MockModel`, :func:`as_step_progress`)
 live in :mod:`framepipe.processors.adapters`, also imported on first use.
 
 Remote processors (:class:`ProcessorClient`, :class:`ProcessorRegistry`,
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
         ModelResult,
         PythonModel,
         SubprocessModel,
-        adapter_from_settings,
         as_step_progress,
     )
     from framepipe.processors.fleet import (
@@ -50,7 +49,6 @@ __all__ = [
     "PythonModel",
     "RemoteProcessor",
     "SubprocessModel",
-    "adapter_from_settings",
     "as_processor",
     "as_step_progress",
 ]
@@ -62,7 +60,6 @@ _LAZY = {
     "ModelResult": "framepipe.processors.adapters",
     "PythonModel": "framepipe.processors.adapters",
     "SubprocessModel": "framepipe.processors.adapters",
-    "adapter_from_settings": "framepipe.processors.adapters",
     "as_step_progress": "framepipe.processors.adapters",
     "ProcessorClient": "framepipe.processors.fleet",
     "ProcessorInfo": "framepipe.processors.fleet",

@@ -1,6 +1,6 @@
-"""Model adapters: processors that call a model elsewhere (seed 003's adapter pattern).
+"""Model adapters: one async contract for calling a model, wherever the model runs.
 
-Every adapter has one async contract::
+Every adapter has the same call::
 
     result = await adapter.infer(input_path, prompt="turn into anime", style="studio", seed=42,
                                  output_dir=workdir, progress=callback)
@@ -21,19 +21,22 @@ retry). Inside a job step, :func:`as_step_progress` maps it into a part of the s
 
 Adapters:
 
-- :class:`PythonModel`: an in-process callable or class, loaded once, run in a thread. It also
-  works on live frames, as a ``Stage`` processor.
+- :class:`PythonModel`: an in-process callable or class, loaded once, run in a thread.
 - :class:`SubprocessModel`: runs ``python model.py --input X --prompt P --style S --seed N
   --output-dir D`` and reads ``progress: N`` and ``frames_path: P`` lines from its stdout.
 - :class:`HttpModel`: ``POST {url}/infer`` multipart (``input_file``, ``prompt``, ``style``,
   ``seed``), answer ``{"success": true, "frames_path": ...}``.
 - :class:`MockModel`: writes generated frames, with progress; for tests and demos.
 
-:func:`adapter_from_settings` builds one from the seed's environment variables.
+An adapter is not a :class:`~framepipe.processors.Processor`: most models work on files (a
+video in, a directory of frames out), not on live frames. An in-process model also runs on live
+frames through :class:`ModelProcessor`, a processor made for that::
 
-As live-stage processors: only :class:`PythonModel` handles frames (``process(frame)`` calls the
-model on the frame's image). The others work on files (a video in, a directory of frames out),
-so their ``process`` raises :class:`NotImplementedError` saying so; use them in job steps.
+    Stage(ModelProcessor(PythonModel(Detector)), workers=2)
+
+Which adapter the ready ML video pipeline builds, and with which retries, is that pipeline's
+setting (:class:`framepipe.pipelines.ml_settings.MlVideoSettings`); the adapters read no
+settings.
 """
 
 from __future__ import annotations
@@ -62,18 +65,17 @@ from framepipe.frames import Frame, Image
 from framepipe.processors.base import Processor
 
 if TYPE_CHECKING:
-    from framepipe.config import Settings
     from framepipe.jobs.context import StepContext
 
 __all__ = [
     "HttpModel",
     "MockModel",
     "ModelAdapter",
+    "ModelProcessor",
     "ModelResult",
     "ProgressCallback",
     "PythonModel",
     "SubprocessModel",
-    "adapter_from_settings",
     "as_step_progress",
 ]
 
@@ -106,9 +108,9 @@ class ModelResult:
 def as_step_progress(ctx: StepContext, lo: float = 0.0, hi: float = 100.0,
                      message: str | None = None) -> ProgressCallback:
     """A progress callback reporting the model's 0-100 % as ``lo``-``hi`` % of the step ``ctx``
-    (the seed's inference is 15-65 %). Each report also checks for cancellation: once the
-    execution is cancelled it raises :class:`~framepipe.errors.StepCancelledError`, which stops
-    the model call."""
+    (say 15-65 %, when the step does more than call the model). Each report also checks for
+    cancellation: once the execution is cancelled it raises
+    :class:`~framepipe.errors.StepCancelledError`, which stops the model call."""
     if not 0 <= lo <= hi <= 100:
         raise ValueError(f"progress range must satisfy 0 <= lo <= hi <= 100, not {lo}-{hi}")
 
@@ -127,17 +129,18 @@ def _clamped(progress: ProgressCallback | None) -> Callable[[float], None]:
     return report
 
 
-class ModelAdapter(Processor):
+class ModelAdapter:
     """Base class of model adapters: subclasses implement :meth:`_infer_once` (one attempt);
     :meth:`infer` adds setup, the per-attempt ``timeout`` (seconds, None for none), retries
     (``max_retries`` after the first attempt, delays from ``retry_initial`` doubling up to
     ``retry_max``) and the check that ``frames_path`` exists (``check_frames_path``).
 
     Usable as ``async with adapter:`` (``setup`` on enter, ``teardown`` on exit); ``infer``
-    also calls ``setup`` once by itself. ``setup`` must be idempotent.
+    also calls ``setup`` once by itself. ``setup`` must be idempotent; subclasses that load
+    something override :meth:`setup` and :meth:`teardown`.
     """
 
-    capabilities: tuple[str, ...] = ("model",)
+    name: str = ""
     check_frames_path: bool = True
 
     def __init__(self, *, name: str | None = None, timeout: float | None = None,
@@ -158,6 +161,11 @@ class ModelAdapter(Processor):
     # -- description ----------------------------------------------------------------------------
 
     @property
+    def label(self) -> str:
+        """The adapter's name, defaulting to its class name."""
+        return self.name or type(self).__name__
+
+    @property
     def target(self) -> str:
         """What the adapter calls (script, URL, callable), for messages."""
         return ""
@@ -171,6 +179,12 @@ class ModelAdapter(Processor):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def setup(self) -> None:
+        """Load what the model needs; called once before the first call (idempotent)."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup` loaded; the next call sets up again."""
+
     async def __aenter__(self) -> ModelAdapter:
         await asyncio.to_thread(self.setup)
         self._ready = True
@@ -179,12 +193,6 @@ class ModelAdapter(Processor):
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.teardown)
         self._ready = False
-
-    def process(self, item: Any) -> Any:
-        """File-based adapters do not take live frames: use them in a job step."""
-        raise NotImplementedError(
-            f"{self.describe()} works on files (a video in, a directory of frames out): call "
-            "'await adapter.infer(...)' in a job step; for live frames use PythonModel")
 
     # -- the contract ---------------------------------------------------------------------------
 
@@ -266,15 +274,14 @@ def _as_result(value: Any, who: str) -> ModelResult:
 
 class PythonModel(ModelAdapter):
     """An in-process model: a callable, or a class instantiated once by :meth:`setup` (which
-    then calls the instance's ``load()`` or ``setup()`` if it has one).
+    then calls the instance's ``load()`` or ``setup()`` if it has one, and :meth:`teardown`
+    its ``unload()``, ``teardown()`` or ``close()``).
 
     - ``infer`` calls ``model.infer(input_path, prompt=, style=, seed=, output_dir=, progress=,
       **options)`` (or the callable itself) in a thread; it returns a frames directory (``str``
       or ``Path``), a dict with ``frames_path``, or a :class:`ModelResult`.
-    - ``process(frame)`` (a live ``Stage``) calls ``model.process_frame(image)`` (or the
-      callable itself) with the frame's BGR image: an array replaces the image, a
-      :class:`Frame` replaces the frame, None drops it, anything else is stored in
-      ``frame.meta[name]``.
+    - :meth:`on_image` calls ``model.process_frame(image)`` (or the callable itself) with a
+      BGR image; :class:`ModelProcessor` runs it on a live stage's frames.
 
     A thread cannot be killed: on timeout or cancellation the awaiting task returns at once, and
     the model's next ``progress`` call raises :class:`asyncio.CancelledError` to stop it.
@@ -322,18 +329,13 @@ class PythonModel(ModelAdapter):
                     method()
                     break
 
-    def process(self, item: Any) -> Any:
+    def on_image(self, image: Image) -> Any:
+        """The model's answer for one BGR image: ``model.process_frame(image)``, or the
+        callable itself; sets the model up first if needed. Called from any thread."""
         if self.model is None:
             self.setup()
         fn = getattr(self.model, "process_frame", None) or self.model
-        frame: Frame = item
-        out = fn(frame.image)
-        if out is None or isinstance(out, Frame):
-            return out
-        if isinstance(out, np.ndarray):
-            return replace(frame, image=out)
-        frame.meta[self.label] = out
-        return frame
+        return fn(image)
 
     async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
                           output_dir: Path, progress: Callable[[float], None],
@@ -374,6 +376,46 @@ class PythonModel(ModelAdapter):
         return _as_result(value, self.describe())
 
 
+class ModelProcessor(Processor):
+    """A live-stage processor that runs an in-process model (:class:`PythonModel`) on each
+    frame's BGR image. What the model answers decides the frame's fate: an array replaces the
+    image, a :class:`Frame` replaces the frame, None drops it, anything else is stored in
+    ``frame.meta[name]`` (``name`` defaults to the model's label).
+
+    ``setup`` and ``teardown`` load and release the model, once per pipeline run; the stage's
+    worker threads share the loaded model. Only an in-process model takes frames: the other
+    adapters work on files, and giving one is a :class:`TypeError`.
+    """
+
+    capabilities = ("model",)
+
+    def __init__(self, model: PythonModel, *, name: str | None = None) -> None:
+        if not isinstance(model, PythonModel):
+            what = model.describe() if isinstance(model, ModelAdapter) else repr(model)
+            raise TypeError(
+                f"{what} works on files (a video in, a directory of frames out), not on live "
+                "frames: call 'await adapter.infer(...)' in a job step; ModelProcessor runs "
+                "a PythonModel")
+        self.model = model
+        self.name = name or model.label
+
+    def setup(self) -> None:
+        self.model.setup()
+
+    def teardown(self) -> None:
+        self.model.teardown()
+
+    def process(self, item: Any) -> Any:
+        frame: Frame = item
+        out = self.model.on_image(frame.image)
+        if out is None or isinstance(out, Frame):
+            return out
+        if isinstance(out, np.ndarray):
+            return replace(frame, image=out)
+        frame.meta[self.label] = out
+        return frame
+
+
 # -- subprocess ---------------------------------------------------------------------------------
 
 _PROGRESS = re.compile(r"^\s*progress:\s*([-+]?\d+(?:\.\d+)?)\s*%?\s*$", re.IGNORECASE)
@@ -389,7 +431,7 @@ def _kill_group(pid: int) -> None:
 
 
 class SubprocessModel(ModelAdapter):
-    """A model run as a command, one process per call (seed 003's ``PythonSubprocessAdapter``).
+    """A model run as a command, one process per call.
 
     By default the command is ``{python} {script} --input {input} --prompt {prompt} --style
     {style} --seed {seed} --output-dir {output_dir}``; pass ``argv`` (a list of templates with
@@ -525,7 +567,7 @@ class SubprocessModel(ModelAdapter):
 
 
 class HttpModel(ModelAdapter):
-    """A model behind HTTP (seed 003's ``HTTPAPIAdapter``): ``POST {url}/infer`` with a
+    """A model behind HTTP: ``POST {url}/infer`` with a
     multipart form (``input_file``, ``prompt``, ``style``, ``seed``, plus extra options as
     fields); the answer is JSON ``{"success": true, "frames_path": "..."}`` (other keys go to
     ``extra``).
@@ -679,98 +721,3 @@ class MockModel(ModelAdapter):
             progress(100 * (i + 1) / self.frames)
         return ModelResult(frames_dir, {"frames": self.frames, "prompt": prompt,
                                         "seconds": round(time.monotonic() - started, 3)})
-
-
-# -- settings -----------------------------------------------------------------------------------
-
-ADAPTER_TYPES = ("mock", "python", "http")
-
-
-_RETRY_SETTINGS = (
-    # (keyword of the adapter, Settings field, seed-style variable, type, what it is)
-    ("max_retries", "model_api_retries", "MODEL_API_RETRIES", int, "a whole number >= 0"),
-    ("retry_initial", "model_api_retry_initial", "MODEL_API_RETRY_INITIAL", float,
-     "a number of seconds >= 0"),
-    ("retry_max", "model_api_retry_max", "MODEL_API_RETRY_MAX", float,
-     "a number of seconds >= 0"),
-)
-
-
-def _retry_options(env: Mapping[str, str], settings: Settings | None) -> dict[str, Any]:
-    """The retry keywords the settings give (absent ones keep the adapter's defaults)."""
-    options: dict[str, Any] = {}
-    for keyword, field_name, seed_name, kind, expected in _RETRY_SETTINGS:
-        value = getattr(settings, field_name) if settings is not None else None
-        if value is None:
-            for var in (f"FRAMEPIPE_{field_name.upper()}", seed_name):
-                raw = env.get(var, "").strip()
-                if not raw:
-                    continue
-                try:
-                    value = kind(raw)
-                except ValueError:
-                    value = None
-                if value is None or not value >= 0:
-                    raise ConfigError(f"{var}={raw!r}: expected {expected}")
-                break
-        if value is not None:
-            options[keyword] = value
-    return options
-
-
-def adapter_from_settings(env: Mapping[str, str] | None = None, *,
-                          settings: Settings | None = None) -> ModelAdapter:
-    """The adapter the seed's environment variables select (``env`` defaults to
-    ``os.environ``):
-
-    - ``MODEL_ADAPTER_TYPE``: ``mock`` (default), ``python`` or ``http``;
-    - python: ``PYTHON_SCRIPT`` (required), ``PYTHON_PATH`` (default: this interpreter);
-    - http: ``MODEL_API_URL`` (default ``http://localhost:5000``), ``MODEL_API_TIMEOUT`` in
-      milliseconds (default 300000).
-
-    Retries of the python and http adapters (a crash, an HTTP 5xx, a timeout): how many
-    (``FRAMEPIPE_MODEL_API_RETRIES``, default 3 for http, 0 for python), the first delay and
-    its cap in seconds (``FRAMEPIPE_MODEL_API_RETRY_INITIAL``, default 1;
-    ``FRAMEPIPE_MODEL_API_RETRY_MAX``, default 30; the delay doubles each retry). Each is read
-    from ``settings`` (the :class:`~framepipe.config.Settings` field ``model_api_retries``
-    ..., which also reads the config file; loaded when neither ``env`` nor ``settings`` is
-    given), else from the ``FRAMEPIPE_`` variable in ``env``, else from the seed-style name
-    without the prefix (``MODEL_API_RETRIES``, ``MODEL_API_RETRY_INITIAL``,
-    ``MODEL_API_RETRY_MAX``, also seconds).
-
-    Raises :class:`ConfigError` naming the variable for a missing or invalid value."""
-    if env is None:
-        env = os.environ
-        if settings is None:
-            from framepipe.config import load_settings
-
-            settings = load_settings()
-    kind = (env.get("MODEL_ADAPTER_TYPE") or "mock").strip().lower()
-    if kind == "mock":
-        return MockModel()
-    if kind == "python":
-        script = env.get("PYTHON_SCRIPT", "").strip()
-        if not script:
-            raise ConfigError("MODEL_ADAPTER_TYPE=python needs PYTHON_SCRIPT (the model "
-                              "script's path)")
-        if not Path(script).is_file():
-            raise ConfigError(f"PYTHON_SCRIPT={script}: no such file")
-        return SubprocessModel(script, python=env.get("PYTHON_PATH", "").strip()
-                               or sys.executable, **_retry_options(env, settings))
-    if kind == "http":
-        url = env.get("MODEL_API_URL", "").strip() or "http://localhost:5000"
-        raw = env.get("MODEL_API_TIMEOUT", "").strip() or "300000"
-        try:
-            timeout_ms = float(raw)
-        except ValueError:
-            timeout_ms = -1.0
-        if not timeout_ms > 0:
-            raise ConfigError(f"MODEL_API_TIMEOUT={raw!r}: expected a positive number of "
-                              "milliseconds")
-        retries = _retry_options(env, settings)
-        try:
-            return HttpModel(url, timeout=timeout_ms / 1000.0, **retries)
-        except ConfigError as exc:
-            raise ConfigError(f"MODEL_API_URL: {exc}") from exc
-    raise ConfigError(f"MODEL_ADAPTER_TYPE={env.get('MODEL_ADAPTER_TYPE')!r} is not one of: "
-                      f"{', '.join(ADAPTER_TYPES)}")

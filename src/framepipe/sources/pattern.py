@@ -31,14 +31,14 @@ class PatternSource(Source):
     """Synthetic BGR frames of ``width`` x ``height``.
 
     ``pattern`` is ``"bars"`` (seven colour bars, 75 % intensity) or ``"noise"`` (new random
-    pixels every frame, from a seeded generator). With ``moving_box`` a white square moves a few
-    pixels per frame, bouncing off the edges. ``draw(image, seq)`` is called on every frame
-    after the pattern is painted. ``count`` frames are produced, then the iterator returns
-    (``None``: endless). With ``realtime`` frames are paced at ``fps`` (on the event loop's
-    clock, without drift; a consumer more than 1 s behind re-anchors the clock instead of
-    receiving a burst); otherwise they come as fast as the consumer takes them. Frame ``i``
-    of a session (from 0) has ``pts = i / fps``. ``started(None)`` is called first.
-    ``live`` is True only for an endless pattern.
+    pixels every frame; two sources made with the same ``seed`` give the same noise). With
+    ``moving_box`` a white square moves a few pixels per frame, bouncing off the edges.
+    ``draw(image, seq)`` is called on every frame after the pattern is painted. ``count``
+    frames are produced, then the iterator returns (``None``: endless). With ``realtime``
+    frames are paced at ``fps`` (on the event loop's clock, without drift; a consumer more than
+    1 s behind re-anchors the clock instead of receiving a burst); otherwise they come as fast
+    as the consumer takes them. Frame ``i`` of a session (from 0) has ``pts = i / fps``.
+    ``started(None)`` is called first. ``live`` is True only for an endless pattern.
     """
 
     def __init__(self, source_id: str, *, width: int = 320, height: int = 240,
