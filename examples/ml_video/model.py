@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""An example model script on seed 003's command-line protocol (a small, real CPU transform).
+"""An example model script on the command-line protocol of ``SubprocessModel`` (a small,
+real CPU transform).
 
     python model.py --input clip.mp4 --prompt "turn into anime" --style cartoon --seed 42 \\
         --output-dir /tmp/out
@@ -10,7 +11,7 @@ and, last, ``frames_path: <output-dir>/frames``. An input that cannot be decoded
 exits with code 2 and a message naming the file on stderr.
 
 Styles (``--style``): ``cartoon`` (bilateral filter + adaptive-threshold edges; the default,
-also used for the seed's ``default``/``studio``/``anime``), ``sketch`` (pencil-like edges) and
+also used for the styles ``default``, ``studio`` and ``anime``), ``sketch`` (pencil-like edges) and
 ``invert``. ``--seed`` jitters the cartoon's edge block size and colour strength, so different
 seeds give slightly different (but reproducible) pictures. ``--prompt`` is only recorded: this
 is not a generative model.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An example model server on seed 003's HTTP contract, standard library only.
+"""An example model server on the HTTP contract of ``HttpModel``, standard library only.
 
     python server.py --host 127.0.0.1 --port 5000 --output-root /srv/ml-frames
 
