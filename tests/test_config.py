@@ -113,6 +113,8 @@ def test_a_section_loads_alone_and_a_settings_object_is_each_section(
     assert upload_limit(load_settings()) == 10
     assert isinstance(load_settings(), StorageSettings | WorkerSettings | MediaSettings)
     assert MediaSettings().media_max_pixels == DEFAULT_MAX_PIXELS
+    with pytest.raises(ConfigError, match="concurrency: no such setting"):
+        load_section(MediaSettings, concurrency=2)  # a keyword of another section
     monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "-1")
     with pytest.raises(ConfigError, match="FRAMEPIPE_MEDIA_MAX_PIXELS"):
         load_section(MediaSettings)

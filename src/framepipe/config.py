@@ -22,8 +22,10 @@ no aliases or forwarding properties to keep in step. A :class:`Settings` object 
 of every section, so a component states what it reads by its parameter's type (a function taking
 ``settings: ServerSettings`` accepts a :class:`Settings`, and mypy refuses it a job field), and
 a section can be built or loaded on its own (``MediaSettings(media_max_pixels=0)``,
-``ServerSettings()``) where nothing else is needed. The sections are listed in :data:`SECTIONS`;
-the README's configuration table follows the same groups.
+``load_section(ServerSettings)``) where nothing else is needed. The price is one flat namespace:
+a field name is unique across the sections (checked by the tests), which the ``FRAMEPIPE_*``
+names required anyway. The sections are listed in :data:`SECTIONS`; the README's configuration
+tables follow the same groups.
 
 Settings of one component that not every user runs (a ready pipeline's model, say) live next to
 that component, in their own class (see :mod:`framepipe.pipelines.ml_settings`), not here. The
@@ -37,7 +39,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -104,12 +106,16 @@ def config_file_values(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 class SettingsSection(BaseSettings):
-    """Base of the sections: fields read from ``FRAMEPIPE_<FIELD>``, then the config file's
-    ``<field>`` key. A section loaded alone ignores the file's keys of other sections."""
+    """Base of the sections: each field from a keyword argument, else ``FRAMEPIPE_<FIELD>``,
+    else the config file's ``<field>`` key, else its default. An unknown keyword is refused; a
+    section loaded alone reads only its own keys of the file (the rest belong to others)."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
 
-    _ignored_file_keys: ClassVar[frozenset[str]] = frozenset()
+    @classmethod
+    def _from_file(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The config file's values this class reads."""
+        return {key: value for key, value in values.items() if key in cls.model_fields}
 
     @classmethod
     def settings_customise_sources(
@@ -120,9 +126,8 @@ class SettingsSection(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        values = {key: value for key, value in config_file_values().items()
-                  if key not in cls._ignored_file_keys}
-        return init_settings, env_settings, InitSettingsSource(settings_cls, values)
+        return (init_settings, env_settings,
+                InitSettingsSource(settings_cls, cls._from_file(config_file_values())))
 
 
 class StorageSettings(SettingsSection):
@@ -299,7 +304,11 @@ class Settings(StorageSettings, JobSettings, WorkerSettings, ServerSettings, Med
 
     model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
 
-    _ignored_file_keys: ClassVar[frozenset[str]] = COMPONENT_FILE_KEYS
+    @classmethod
+    def _from_file(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Every key of the file but :data:`COMPONENT_FILE_KEYS`, so that a misspelt key is
+        refused rather than ignored."""
+        return {key: value for key, value in values.items() if key not in COMPONENT_FILE_KEYS}
 
 
 SectionT = TypeVar("SectionT", bound=SettingsSection)

@@ -567,10 +567,9 @@ class SubprocessModel(ModelAdapter):
 
 
 class HttpModel(ModelAdapter):
-    """A model behind HTTP: ``POST {url}/infer`` with a
-    multipart form (``input_file``, ``prompt``, ``style``, ``seed``, plus extra options as
-    fields); the answer is JSON ``{"success": true, "frames_path": "..."}`` (other keys go to
-    ``extra``).
+    """A model behind HTTP: ``POST {url}/infer`` with a multipart form (``input_file``,
+    ``prompt``, ``style``, ``seed``, plus extra options as fields); the answer is JSON
+    ``{"success": true, "frames_path": "..."}`` (other keys go to ``extra``).
 
     HTTP 5xx, connection errors and timeouts are retried with backoff (``max_retries``), then
     fail with a :class:`ModelError` naming the URL and the last error. A 4xx is not retried,
