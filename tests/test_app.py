@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from framepipe.frames import Frame
 from framepipe.sources import CommandSource, PatternSource
 from framepipe.stream import Stage, StreamPipeline
 from framepipe.supervise import HealthState
+from waiting import wait_until, wait_until_async
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 FAST = Backoff(0.05, 2.0, 0.2, 0.0)
@@ -39,15 +39,6 @@ def need(tool: str) -> str:
             pytest.fail(f"{tool} is not installed (CI=true: .ci/run must install it)")
         pytest.skip(f"{tool} is not installed (apt-get install ffmpeg)")
     return path
-
-
-async def until(check: Callable[[], bool], timeout: float = 15.0,  # noqa: ASYNC109
-                what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 def record(app: App) -> list[tuple[str, dict[str, Any]]]:
@@ -74,9 +65,9 @@ def test_a_dead_camera_never_stops_another_and_is_recovered_then_reported(
     async def main() -> Any:
         await app.start()
         try:
-            await until(lambda: bool(kinds(events, "system_error")), what="system_error")
+            await wait_until_async("system_error", lambda: bool(kinds(events, "system_error")))
             frames_then = good.frames_captured
-            await until(lambda: good.frames_captured > frames_then + 5, what="good frames")
+            await wait_until_async("good frames", lambda: good.frames_captured > frames_then + 5)
             return app.health()
         finally:
             await app.stop()
@@ -111,16 +102,16 @@ def test_killing_the_capture_process_is_noticed_and_restarted(
     async def main() -> tuple[int, int, float]:
         await app.start()
         try:
-            await until(lambda: pipeline.frames_captured > 10, what="first frames")
+            await wait_until_async("first frames", lambda: pipeline.frames_captured > 10)
             first_pid = kinds(events, "source.started")[0]["pid"]
             killed_at = time.monotonic()
             os.kill(first_pid, signal.SIGKILL)
-            await until(lambda: bool(kinds(events, "source.died")), what="death noticed")
+            await wait_until_async("death noticed", lambda: bool(kinds(events, "source.died")))
             noticed = time.monotonic() - killed_at
-            await until(lambda: len(kinds(events, "source.started")) == 2, what="restart")
+            await wait_until_async("restart", lambda: len(kinds(events, "source.started")) == 2)
             second_pid = kinds(events, "source.started")[1]["pid"]
             frames = pipeline.frames_captured
-            await until(lambda: pipeline.frames_captured > frames + 10, what="frames again")
+            await wait_until_async("frames again", lambda: pipeline.frames_captured > frames + 10)
             return first_pid, second_pid, noticed
         finally:
             await app.stop()
@@ -159,7 +150,7 @@ def test_adding_a_pipeline_while_running_starts_it_at_once(tmp_path: Path) -> No
         try:
             added = time.monotonic()
             second = await app.add(StreamPipeline("b", PatternSource("b", fps=30)))
-            await until(lambda: second.frames_out > 0, timeout=10, what="first frame of b")
+            await wait_until_async("first frame of b", lambda: second.frames_out > 0, 10)
             return time.monotonic() - added
         finally:
             await app.stop()
@@ -183,7 +174,7 @@ def test_performance_warning_when_frames_are_dropped(tmp_path: Path) -> None:
     async def main() -> None:
         await app.start()
         try:
-            await until(lambda: bool(kinds(events, "performance_warning")), what="warning")
+            await wait_until_async("warning", lambda: bool(kinds(events, "performance_warning")))
         finally:
             await app.stop()
 
@@ -202,7 +193,8 @@ def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     async def main() -> tuple[str, Any, Any]:
         await app.start()
         try:
-            await until(lambda: pipeline.frames_out > 10 and app.snapshot_path.exists())
+            await wait_until_async("frames and a snapshot",
+                                   lambda: pipeline.frames_out > 10 and app.snapshot_path.exists())
             await asyncio.sleep(0.1)
             text = app.metrics_text()
             health = await asyncio.to_thread(
@@ -244,9 +236,8 @@ def test_framepipe_run_runs_an_app_until_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "framepipe.cli", "run", f"{path}:cli_live"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     snapshot = tmp_path / "home" / "run" / "apps" / "cli_live.json"
-    deadline = time.monotonic() + 30
-    while not snapshot.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until("the app's snapshot, or the process's end",
+               lambda: snapshot.exists() or proc.poll() is not None)
     assert snapshot.exists(), proc.stderr.read() if proc.poll() is not None else "no snapshot"
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
@@ -287,8 +278,8 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
     async def main() -> Any:
         await app.start()
         try:
-            await until(lambda: bool(kinds(events, "system_error")), what="system_error")
-            await until(lambda: flaky.frames_out > 5, what="flaky's frames")
+            await wait_until_async("system_error", lambda: bool(kinds(events, "system_error")))
+            await wait_until_async("flaky's frames", lambda: flaky.frames_out > 5)
             return app.health()
         finally:
             await app.stop()
@@ -342,9 +333,9 @@ def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_m
     async def main() -> None:
         await app.start()
         try:
-            await until(lambda: bool(kinds(events, "system_error")), what="system_error")
+            await wait_until_async("system_error", lambda: bool(kinds(events, "system_error")))
             frames = pipelines["flaky"].frames_out
-            await until(lambda: pipelines["flaky"].frames_out > frames + 5, what="flaky")
+            await wait_until_async("flaky", lambda: pipelines["flaky"].frames_out > frames + 5)
         finally:
             await app.stop()
 

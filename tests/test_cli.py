@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from framepipe.events import Event
 from framepipe.jobs.loading import load_pipeline, resolve_pipeline
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.runner import run_pipeline
+from waiting import wait_until
 
 runner = CliRunner()
 
@@ -121,6 +123,8 @@ def hang(ctx):
     mark("hang")
     (HERE / "hang.started").touch()
     while not (HERE / "finish").exists():
+        with open(HERE / "hang.beats", "a") as beats:  # one byte a beat, for the test to see
+            beats.write(".")
         time.sleep(0.05)  # never looks at ctx.cancelled
     return {"hang": "done"}
 """
@@ -542,13 +546,30 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     home = tmp_path / "home"
     proc = spawn_cli(home, "run", f"{file}:stubborn", grace=60)
     wait_for(tmp_path / "hang.started", proc)
+    assert proc.stderr is not None and proc.stdout is not None
+    lines: list[str] = []
+
+    def read_stderr() -> None:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert proc.poll() is None  # the step ignores the stop request: the grace period runs
+    wait_until("the first SIGTERM to be taken", lambda: any(
+        "SIGTERM: stopping; running steps get 60s to stop" in line for line in lines))
+    beats = tmp_path / "hang.beats"
+    taken_at = beats.stat().st_size
+    # the step ignores the stop request: the grace period runs, and so does the step
+    wait_until("the step to go on after the stop request",
+               lambda: beats.stat().st_size >= taken_at + 3)
+    assert proc.poll() is None
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
     assert time.monotonic() - started < 10
+    reader.join(10)
+    out, err = proc.stdout.read(), "".join(lines)
     assert proc.returncode == 143, (out, err)
     assert "interrupted: resume with `framepipe jobs retry" in err
 

@@ -28,6 +28,7 @@ from framepipe.config import Settings
 from framepipe.sources import PatternSource
 from framepipe.stream import StreamPipeline
 from test_server import TOKEN, Server
+from waiting import wait_until
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = Path("/usr/bin/chromium")
@@ -115,13 +116,11 @@ def service(settings: Settings) -> Iterator[Service]:
 
 
 def wait_finished(client: httpx.Client, execution_id: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished() -> str | None:
         status: str = client.get(f"/api/executions/{execution_id}").json()["status"]
-        if status not in ("pending", "running"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"execution {execution_id} did not finish")
+        return status if status not in ("pending", "running") else None
+
+    return wait_until(f"execution {execution_id} to finish", finished, timeout)
 
 
 def test_the_page_and_its_files_need_no_token_but_the_api_does(service: Service) -> None:
@@ -185,10 +184,8 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
             "pipeline": "render_clip", "inputs": {"steps": 80, "pause": 0.25}})
         assert created.status_code == 201, created.text
         running = created.json()["id"]
-        deadline = time.monotonic() + 20  # the camera's first preview frame
-        while not any(s["frame_url"] for s in client.get("/api/sources").json()):
-            assert time.monotonic() < deadline, "the live source has no frame"
-            time.sleep(0.1)
+        wait_until("the camera's first preview frame", lambda: any(
+            s["frame_url"] for s in client.get("/api/sources").json()), 20, interval=0.1)
 
         errors: list[str] = []
         with sync_playwright() as pw:

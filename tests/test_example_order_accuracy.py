@@ -162,7 +162,7 @@ def test_stations_orders_storage_and_a_killed_capture(
     tagged = schedule["tagged_frames"]
     stations_file = tmp_path / "stations.json"
     stations_file.write_text(json.dumps({"station_1": str(video)}))
-    from media import free_port
+    from waiting import free_port
 
     metrics_port = free_port()
     runner = runner_factory("--stations-file", str(stations_file),
@@ -389,7 +389,7 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
         tmp_path: Path) -> None:
     """Two "cameras" stream the station video over TCP (MPEG-TS, as an encoder box would);
     station_1 captures its camera with an ffmpeg subprocess, station_2 with PyAV in-process."""
-    from media import free_port
+    from waiting import free_port
 
     need_tool("ffmpeg")
     video, schedule = station_video
@@ -428,7 +428,7 @@ def test_the_stations_hosted_by_framepipe_serve(
         station_video: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """``framepipe serve --app examples/order_accuracy/service.py:app``: the orders reach the
     service's event API, the stations are listed with their latest frame and can be stopped."""
-    from media import free_port
+    from waiting import free_port
 
     video, _schedule = station_video
     port = free_port()

@@ -39,6 +39,7 @@ from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.loading import load_pipeline
 from media import make_qr_clip
 from test_server import AUTH, TOKEN, Server
+from waiting import free_port, wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
 CLI_TOKEN = "sd-import-command-token"  # what backend.py's settings accept (16+ characters)
@@ -187,14 +188,8 @@ class Detector:
 def wait_for(what: str, check: Any, timeout: float = 60, detector: Detector | None = None) -> Any:
     """Poll ``check()`` until it returns something truthy (the test's own patience, not an
     assertion about speed); fails with ``what`` and the detector's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    log = detector.log.read_text()[-3000:] if detector is not None else ""
-    raise AssertionError(f"gave up waiting for {what}\n{log}")
+    explain = (lambda: detector.log.read_text()[-3000:]) if detector is not None else None
+    return wait_until(what, check, timeout, explain=explain)
 
 
 def executions(client: httpx.Client) -> list[dict[str, Any]]:
@@ -797,8 +792,6 @@ def test_a_worker_asking_a_stopped_service_is_told_at_once() -> None:
 def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
     """``python examples/sd_import/backend.py`` and ``detector.py`` as their README runs them
     (with a token the settings accept: at least 16 characters)."""
-    from media import free_port
-
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
     port = free_port()

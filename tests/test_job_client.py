@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import collections
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from framepipe.events import Event
 from framepipe.jobs import EventPage, ExecutionSummary, JobClient, SyncJobClient
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixture
+from waiting import wait_until, wait_until_async
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,17 +78,6 @@ def mode(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> M
     cluster: Cluster = request.getfixturevalue("cluster_factory")(database_url, **fast)
     cluster.wait_registered(cluster.worker())
     return Mode("workers", cluster.settings, cluster.dir)
-
-
-async def _until(what: str, check: Callable[[], Awaitable[bool]]) -> None:
-    try:
-        async with asyncio.timeout(30):
-            while True:
-                if await check():
-                    return
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out after 30 s waiting for {what}") from None
 
 
 # -- the calls, in both modes -------------------------------------------------------------------
@@ -187,7 +176,7 @@ def test_cancel_from_the_submitter_and_from_another_client(mode: Mode) -> None:
             infos = [await client.get(i) for i in (first, second)]
             return all(i.steps[0].status is StepStatus.RUNNING for i in infos)
 
-        await _until("both steps to run", both_running)
+        await wait_until_async("both steps to run", both_running)
         mine = await client.cancel(first[:8])
         assert mine.execution_id == first
         async with mode.client() as other:
@@ -206,7 +195,7 @@ def test_cancel_from_the_submitter_and_from_another_client(mode: Mode) -> None:
             infos = [await client.get(i) for i in (first, second)]
             return all(i.steps[0].status is StepStatus.CANCELLED for i in infos)
 
-        await _until("the running steps to end cancelled", steps_stopped)
+        await wait_until_async("the running steps to end cancelled", steps_stopped)
         with pytest.raises(ExecutionStateError, match="already cancelled"):
             await client.cancel(first)
 
@@ -265,10 +254,8 @@ def test_the_sync_client_runs_and_reads_the_same(mode: Mode) -> None:
     with SyncJobClient(settings=mode.settings) as client:
         assert client.mode == mode.name
         execution_id = client.submit(wp.fanout, mode.inputs(n=2))
-        deadline = time.monotonic() + 30
-        while client.get(execution_id, with_steps=False).status is not ExecutionStatus.COMPLETED:
-            assert time.monotonic() < deadline, "the execution did not run between calls"
-            time.sleep(0.05)
+        wait_until("the execution to run between calls", lambda: client.get(
+            execution_id, with_steps=False).status is ExecutionStatus.COMPLETED)
         info = client.wait(execution_id[:8])
         assert info.data["joined"] == 2
         assert [(s.id, s.steps_done, s.steps_total) for s in client.list()] == [

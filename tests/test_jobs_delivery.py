@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from brokers import BROKERS, amqp_delete, broker_namespace, free_port, queue_of
+from brokers import BROKERS, amqp_delete, broker_namespace, queue_of
 from framepipe.errors import BrokerError
 from framepipe.jobs.delivery import Delivery, Received, StepDelivery, open_delivery
+from waiting import free_port, wait_until
 
 Factory = Callable[[], StepDelivery]
 
@@ -62,10 +63,8 @@ def settle_backlog(d: StepDelivery, check: Callable[[int], bool],
                    timeout: float = 5.0) -> None:
     """Wait until ``check`` holds for the backlog's ``waiting`` (Redis counts entries, one step
     each; RabbitMQ messages, up to 16 steps each)."""
-    deadline = time.monotonic() + timeout
-    while not check(d.backlog().waiting):
-        assert time.monotonic() < deadline, f"backlog {d.backlog()}"
-        time.sleep(0.05)
+    wait_until("the backlog to settle", lambda: check(d.backlog().waiting), timeout,
+               explain=lambda: f"backlog {d.backlog()}")
 
 
 def test_published_steps_are_taken_once_and_acknowledged(deliveries: Factory) -> None:

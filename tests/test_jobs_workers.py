@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,18 +44,9 @@ from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution
 from framepipe.jobs.runner import run_pipeline
+from waiting import wait_until
 
 TESTS = Path(__file__).resolve().parent
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Cluster:
@@ -96,7 +88,7 @@ class Cluster:
                     workers.c.status == "running")).scalars())
             return pids <= found
 
-        wait_for("the workers to register", registered)
+        wait_until("the workers to register", registered)
 
     def log(self, n: int) -> str:
         return (self.dir.parent / f"worker{n}.log").read_text(errors="replace")
@@ -111,11 +103,11 @@ class Cluster:
     def submit_running(self, pipeline: Pipeline, **inputs: Any) -> str:
         """Submit and wait until one of its steps runs on a worker."""
         execution_id = self.submit(pipeline, **inputs)
-        wait_for("a step to start", lambda: self.running(execution_id))
+        wait_until("a step to start", lambda: self.running(execution_id))
         return execution_id
 
     def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
-        return wait_for(f"execution {execution_id[:8]} to finish", lambda: (
+        return wait_until(f"execution {execution_id[:8]} to finish", lambda: (
             info if (info := get_execution(self.store, execution_id)).status.finished
             else None), timeout)
 
@@ -247,7 +239,7 @@ def test_cancel_stops_a_running_step(cluster_factory: Callable[..., Cluster],
     cluster.wait_registered(proc)
     execution_id = cluster.submit_running(wp.slow, seconds=60)
     request_cancel(cluster.store, execution_id)
-    info = wait_for("the step to end cancelled", lambda: (
+    info = wait_until("the step to end cancelled", lambda: (
         i if (i := get_execution(cluster.store, execution_id)).steps[0].status
         is StepStatus.CANCELLED else None), timeout=15)
     assert info.status is ExecutionStatus.CANCELLED
@@ -258,8 +250,12 @@ def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[
                                                       database_url: str, broker: str) -> None:
     cluster = cluster_factory(database_url, broker)
     execution_id = cluster.submit(wp.fanout, n=5)
-    time.sleep(0.3)
-    assert get_execution(cluster.store, execution_id).status is ExecutionStatus.RUNNING
+    # The submitting engine has closed: with no worker, the first step stays queued, unrun.
+    info = get_execution(cluster.store, execution_id)
+    assert info.status is ExecutionStatus.RUNNING
+    statuses = {s.key: s.status for s in info.steps}
+    assert statuses["start"] is StepStatus.READY
+    assert not {StepStatus.RUNNING, StepStatus.COMPLETED} & set(statuses.values())
     cluster.worker()
     assert cluster.wait(execution_id).status is ExecutionStatus.COMPLETED
 
@@ -273,7 +269,7 @@ def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[...,
     first = cluster.worker(concurrency=1)
     cluster.wait_registered(first)
     execution_id = cluster.submit(wp.mixed)
-    wait_for("the long steps to be claimed", lambda: cluster.running(execution_id))
+    wait_until("the long steps to be claimed", lambda: cluster.running(execution_id))
     second = cluster.worker(concurrency=1)
     info = cluster.wait(execution_id, timeout=60)
     assert info.status is ExecutionStatus.COMPLETED
@@ -295,7 +291,7 @@ def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..
     execution_id = cluster.submit(wp.fanout, n=n, sleep=0.3)
     kills = 0
     for _cycle in range(20):
-        held = wait_for("a worker to hold a step", lambda: [
+        held = wait_until("a worker to hold a step", lambda: [
             r for r in cluster.running(execution_id)
             if r.worker and pid_of(r.worker) in {p.pid for p in live}], timeout=30)
         victim = next(p for p in live if p.pid == pid_of(held[0].worker))
@@ -327,7 +323,7 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     os.kill(first.pid, signal.SIGSTOP)
     second = cluster.worker()
     try:
-        taken = wait_for("another worker to take the step over", lambda: [
+        taken = wait_until("another worker to take the step over", lambda: [
             r for r in cluster.running(execution_id) if r.attempt == 2], timeout=20)
         assert pid_of(taken[0].worker) == second.pid
     finally:
@@ -338,7 +334,12 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     assert cluster.completions(execution_id) == {"long": 1}
     step = info.steps[0]
     assert step.crashes == 0  # a paused worker is alive: its lease lapsed, it did not crash
-    time.sleep(1.0)  # the woken worker's late outcome, if any, is fenced, not written
+    # The woken worker drops its late attempt: its heartbeat finds the lease lost and stops
+    # the step, or the step ends first and the commit fences its outcome; either is logged.
+    fenced = wait_until("the woken worker to drop attempt 1", lambda: re.search(
+        rf"lost the lease of step long of {execution_id[:8]} \(attempt 1\)"
+        rf"|step long of {execution_id[:8]} attempt 1 no longer held", cluster.log(1)))
+    assert fenced
     assert cluster.completions(execution_id) == {"long": 1}
     assert get_execution(cluster.store, execution_id).data["long_attempt"] == 2
 
@@ -419,7 +420,7 @@ def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_for("redis-server to listen", up, timeout=10)
+    wait_until("redis-server to listen", up, timeout=10)
     return proc
 
 
@@ -434,7 +435,7 @@ def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., C
         cluster.wait_registered(a, b)
         n = 80
         execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
-        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        wait_until("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
         redis_proc.kill()  # no persistence: the stream and the group are gone
         redis_proc.wait()
         time.sleep(1.0)
@@ -475,7 +476,7 @@ def test_rabbitmq_restarting_mid_run_loses_nothing(cluster_factory: Callable[...
         cluster.wait_registered(a, b)
         n = 80
         execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
-        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        wait_until("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
         rabbit.crash()
         if data == "lost":
             shutil.rmtree(rabbit.root / "mnesia")
@@ -547,7 +548,7 @@ def test_postgres_restarting_mid_run_loses_nothing(
         cluster.wait_registered(a, b)
         n = 60
         execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
-        wait_for("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+        wait_until("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
         pg.crash()
         time.sleep(2.0)
         pg.start()
@@ -559,7 +560,7 @@ def test_postgres_restarting_mid_run_loses_nothing(
                 return None
             return info if info.status.finished else None
 
-        info = wait_for("the execution to finish after the restart", finished, timeout=90)
+        info = wait_until("the execution to finish after the restart", finished, timeout=90)
         assert info.status is ExecutionStatus.COMPLETED, info.error
         assert info.data["joined"] == n
         assert set(cluster.completions(execution_id).values()) == {1}
@@ -603,7 +604,7 @@ def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
            else f"amqp://guest:guest@127.0.0.1:{port}/")
     cluster = cluster_factory(database_url, broker, broker_url=url)
     proc = cluster.worker()
-    wait_for("the worker to report the broker", lambda: "retrying" in cluster.log(1),
+    wait_until("the worker to report the broker", lambda: "retrying" in cluster.log(1),
              timeout=20)
     text = cluster.log(1)
     shown = (f"redis://127.0.0.1:{port}/0" if broker == "redis"
@@ -639,15 +640,13 @@ def test_malformed_entries_and_unknown_pipelines_fail_clearly(
 
         client = redis.Redis.from_url(REDIS_URL)
         client.xadd(queue, {"bogus": "1"})
-        wait_for("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
-        wait_for("the malformed entry to be acknowledged (it cannot be handled)",
+        wait_until("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
+        wait_until("the malformed entry to be acknowledged (it cannot be handled)",
                  lambda: client.xpending(queue, "workers")["pending"] == 0, timeout=10)
         client.close()
     else:
         _publish_raw_amqp(queue, b"bogus")
-        wait_for("the malformed message to be reported", lambda: "is malformed" in cluster.log(1))
-        time.sleep(1.0)  # rejected without requeue: never delivered again
-        assert cluster.log(1).count("is malformed") == 1
+        wait_until("the malformed message to be reported", lambda: "is malformed" in cluster.log(1))
 
     module = tmp_path / "elsewhere.py"
     module.write_text("from framepipe import Pipeline\n"
@@ -665,6 +664,9 @@ def test_malformed_entries_and_unknown_pipelines_fail_clearly(
     assert info.status is ExecutionStatus.FAILED
     assert "cannot run step 'only'" in (info.error or "")
     assert "pipeline 'wk_lost' (elsewhere:wk_lost) is not known here" in (info.error or "")
+    # The worker took the later messages of the same queue: the malformed one, rejected
+    # without requeue (or acknowledged, on Redis), was not delivered again before them.
+    assert cluster.log(1).count("is malformed") == 1
 
 
 def test_run_pipeline_raises_for_a_failed_distributed_execution(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from framepipe.config import Settings
 from framepipe.server import create_app
 from framepipe.sources import PatternSource
 from framepipe.stream import Stage, StreamPipeline
+from waiting import free_port, wait_until
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,18 +50,12 @@ def gate(ctx: StepContext) -> dict[str, Any]:
     return {"passed": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """uvicorn serving the app in a thread of this process, on a free loopback port."""
 
     def __init__(self, settings: Settings, *, pipelines: tuple[Pipeline, ...] = (demo,),
                  port: int | None = None, token: str = TOKEN, **kwargs: Any) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         app = create_app(settings, pipelines=pipelines, token=token, **kwargs)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="on",
@@ -71,11 +65,10 @@ class Server:
 
     def __enter__(self) -> Server:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
+        wait_until("uvicorn to start or its thread to end",
+                   lambda: self.server.started or not self.thread.is_alive(), 30, interval=0.02)
+        if not self.server.started:
+            raise RuntimeError("the server did not start: its thread ended")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -90,13 +83,11 @@ def server(settings: Settings) -> Iterator[Server]:
 
 
 def wait_status(client: httpx.Client, execution_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished() -> dict[str, Any] | None:
         body: dict[str, Any] = client.get(f"/api/executions/{execution_id}").json()
-        if body["status"] not in ("pending", "running"):
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"execution {execution_id} did not finish")
+        return body if body["status"] not in ("pending", "running") else None
+
+    return wait_until(f"execution {execution_id} to finish", finished, timeout)
 
 
 def test_health_is_open_and_everything_else_needs_the_token(server: Server) -> None:
@@ -280,13 +271,13 @@ def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> 
     try:
         with Server(settings) as server, httpx.Client(base_url=server.url,
                                                       headers=AUTH) as client:
-            deadline = time.monotonic() + 30
-            sources: list[dict[str, Any]] = []
-            while time.monotonic() < deadline:
-                sources = client.get("/api/sources").json()
-                if sources and sources[0]["frame_url"] and pipeline.frames_captured > 5:
-                    break
-                time.sleep(0.05)
+            def with_a_frame() -> list[dict[str, Any]] | None:
+                sources: list[dict[str, Any]] = client.get("/api/sources").json()
+                ready = sources and sources[0]["frame_url"] and pipeline.frames_captured > 5
+                return sources if ready else None
+
+            sources = wait_until("the app's source with a frame", with_a_frame,
+                                 explain=lambda: client.get("/api/sources").json())
             assert [(s["app"], s["pipeline"], s["state"]) for s in sources] == [
                 ("lobby", "door", "running")]
             assert sources[0]["frames"] > 0
@@ -313,32 +304,30 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
     app.add_pipeline(StreamPipeline("station_2", PatternSource("station_2", fps=50),
                                     stages=[Stage(lambda f: f, name="noop")]))
 
+    events: list[tuple[str, dict[str, Any]]] = []
+    app.on("*", lambda kind, data: events.append((kind, data)))
+
     def state_of(client: httpx.Client, name: str) -> str:
         rows = {s["pipeline"]: s for s in client.get("/api/sources").json()}
         return str(rows[name]["state"]) if name in rows else ""
 
-    def until(what: str, check: Any) -> None:
-        deadline = time.monotonic() + 20
-        while not check():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.05)
-
     with Server(settings, apps=[app]) as server, httpx.Client(base_url=server.url,
                                                               headers=AUTH) as client:
-        until("station_1 to run", lambda: state_of(client, "station_1") == "running")
+        wait_until("station_1 to run", lambda: state_of(client, "station_1") == "running")
         stopped = client.post("/api/sources/station/station_1/stop")
         assert stopped.status_code == 202
         assert stopped.json()["state"] == "stopped"
-        until("the snapshot to show it", lambda: state_of(client, "station_1") == "stopped")
+        # stopped for real: the answer comes once the capture and its tasks have ended
+        assert ("pipeline.paused", {"pipeline": "station_1"}) in events
+        assert not one.running
         frames = one.frames_captured
-        time.sleep(0.3)
-        assert one.frames_captured == frames  # stopped for real
+        wait_until("the snapshot to show it", lambda: state_of(client, "station_1") == "stopped")
+        assert one.frames_captured == frames  # none since, while the snapshot caught up
         assert state_of(client, "station_2") == "running"  # the other one is untouched
         started = client.post("/api/sources/station/station_1/start")
         assert started.status_code == 202
-        until("frames again", lambda: one.frames_captured > frames + 5)
-        until("station_1 to run", lambda: state_of(client, "station_1") == "running")
+        wait_until("frames again", lambda: one.frames_captured > frames + 5)
+        wait_until("station_1 to run", lambda: state_of(client, "station_1") == "running")
         missing = client.post("/api/sources/station/station_9/stop")
         assert missing.status_code == 404
         assert "has no pipeline 'station_9' (it has: station_1, station_2)" in (

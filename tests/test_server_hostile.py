@@ -31,7 +31,8 @@ from framepipe.backends.state import StateStore
 from framepipe.backends.state.schema import events as events_table
 from framepipe.backends.state.schema import executions as executions_table
 from framepipe.config import Settings
-from test_server import AUTH, TOKEN, Server, _free_port
+from test_server import AUTH, TOKEN, Server, wait_status
+from waiting import free_port, wait_until
 
 EVIL = "https://evil.example"
 
@@ -86,8 +87,10 @@ def test_a_web_page_of_another_origin_cannot_use_a_service_without_token(
                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert no_origin.status_code == 415
         assert "application/json" in no_origin.json()["detail"]
-        time.sleep(0.3)
+        # the proof nothing was cancelled: the execution ran to its end, completed
+        assert wait_status(client, execution_id)["status"] == "completed"
         events = client.get("/api/events", params={"execution_id": execution_id}).json()
+        assert "execution.completed" in [e["type"] for e in events["events"]]
         assert not [e for e in events["events"] if "cancel" in e["type"]]
     # WebSockets: the live feed and the detector endpoint refuse a foreign page's handshake.
     assert _refused_handshake(open_server, "/ws", origin=EVIL) == 403
@@ -309,7 +312,7 @@ def test_health_and_submit_tell_the_truth_on_a_read_only_database(tmp_path: Path
 def _serve(home: Path, *args: str, env: dict[str, str] | None = None,
            timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "framepipe", "--home", str(home), "serve",
-                           "--port", str(_free_port()), *args],
+                           "--port", str(free_port()), *args],
                           check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "FRAMEPIPE_API_TOKEN": "", **(env or {})})
 
@@ -340,7 +343,7 @@ def test_a_blank_token_is_refused(tmp_path: Path) -> None:
 
 
 def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "framepipe", "--home", str(tmp_path),
                              "serve", "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
@@ -355,12 +358,14 @@ def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> 
         assert f"http://127.0.0.1:{port}/#token=" in link
         token = link.strip().rsplit("#token=", 1)[1]
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+
+        def healthy() -> bool:
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
+                return httpx.get(f"{url}/health").status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.1)
+                return False
+
+        wait_until("the service to answer /health", healthy, 10, interval=0.1)
         assert httpx.get(f"{url}/api/executions").status_code == 401
         assert httpx.get(f"{url}/api/executions",
                          headers={"Authorization": f"Bearer {token}"}).status_code == 200

