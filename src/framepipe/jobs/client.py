@@ -139,11 +139,12 @@ class EventPage:
 
 @dataclass(frozen=True)
 class CancelResult:
-    """What :meth:`JobClient.cancel` did. ``cancelled``: the store records the execution
-    cancelled on return (``events`` are the committed ones; running steps of a distributed
-    execution stop at their workers' next heartbeat). Otherwise the engine running it was
-    asked: this client's at once, another process's within its heartbeat interval; the
-    store shows ``cancelled`` once that engine has stopped it."""
+    """What :meth:`JobClient.cancel` did, the same in both modes. ``cancelled``: the store
+    records the execution cancelled on return (no step of it was running; ``events`` are the
+    committed ones). Otherwise its waiting steps will not start and its running steps were
+    asked to stop: by this client's engine at once, by another process's engine within its
+    heartbeat interval, by workers at their next lease renewal; the store shows ``cancelled``
+    once the last of them has ended, so a finished execution has no step running."""
 
     execution_id: str
     cancelled: bool

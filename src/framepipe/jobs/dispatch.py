@@ -45,15 +45,12 @@ from framepipe.jobs.rounds import (
     RoundResult,
     Spawn,
 )
-from framepipe.jobs.rules import (
-    plan_step,
-)
+from framepipe.jobs.rules import interrupted_status, plan_step
 from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
     "MODE",
-    "Delivery",
     "Known",
     "cancel",
     "claim",
@@ -160,27 +157,16 @@ def resume(store: StateStore, execution_id: str) -> tuple[str, list[Delivery], l
 
 
 def cancel(store: StateStore, execution_id: str) -> list[Event]:
-    """Cancel a running distributed execution at once: its waiting steps end ``cancelled``;
-    running ones are stopped by their workers at the next heartbeat and end ``cancelled``."""
-    now = time.time()
+    """Cancel a running distributed execution: its waiting steps end ``cancelled`` at once;
+    running ones are stopped by their workers at their next heartbeat, and the execution is
+    ``cancelled`` when the last of them has ended (at once if none runs)."""
     with store.write() as conn:
-        tx = Transaction(store, conn, now)
+        tx = Transaction(store, conn, time.time())
         x = tx.lock(execution_id)
-        if x is None or not x.running:
+        if x is None:
             return []
-        x.status = ExecutionStatus.CANCELLED.value
-        x.error = "cancelled by request"
-        x.finished_at = now
-        n = conn.execute(steps.update().where(
-            steps.c.execution_id == execution_id,
-            steps.c.status.in_([StepStatus.PENDING.value, StepStatus.READY.value,
-                                StepStatus.RETRYING.value]))
-            .values(status=StepStatus.CANCELLED.value)).rowcount
-        running = conn.execute(sa.select(sa.func.count()).where(
-            steps.c.execution_id == execution_id,
-            steps.c.status == StepStatus.RUNNING.value)).scalar_one()
-        x.active = int(running)
-        tx.emit("execution.cancelled", x, None, {"error": x.error, "cancelled_steps": n})
+        tx.cancel_execution(x, "cancelled by request")
+        tx.settle(x)
         return tx.save()
 
 
@@ -215,7 +201,8 @@ def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
     by_exec: dict[str, set[str]] = defaultdict(set)
     for d in deliveries:
         by_exec[d.execution_id].add(d.key)
-    running = sa.select(executions.c.id).where(executions.c.status == RUNNING)
+    running = sa.select(executions.c.id).where(executions.c.status == RUNNING,
+                                               executions.c.stopping.is_(None))
     rows: list[Any] = []
     for execution_id in sorted(by_exec):
         rows.extend(conn.execute(steps.update().where(
@@ -385,10 +372,11 @@ def renew(store: StateStore, worker: str, held: Sequence[tuple[str, str, int]], 
             conn.execute(workers.insert().values(id=worker, host=host, pid=pid,
                                                  started_at=now, **values))
         ids = sorted({e for e, _k, _a in held})
+        cancelled = ExecutionStatus.CANCELLED.value
         stopped = set(conn.execute(sa.select(executions.c.id).where(
-            executions.c.id.in_(ids),
-            executions.c.status == ExecutionStatus.CANCELLED.value)).scalars()) if ids \
-            else set()
+            executions.c.id.in_(ids), sa.or_(executions.c.status == cancelled,
+                                             executions.c.stopping == cancelled))
+        ).scalars()) if ids else set()
     return lost, stopped
 
 
@@ -433,7 +421,8 @@ def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
     forgotten = (steps.c.status == StepStatus.READY.value,
                  steps.c.published_at < now - republish_after,
                  steps.c.execution_id.in_(sa.select(executions.c.id).where(
-                     executions.c.status == RUNNING, executions.c.mode == MODE)))
+                     executions.c.status == RUNNING, executions.c.stopping.is_(None),
+                     executions.c.mode == MODE)))
     with store.read() as conn:
         if conn.execute(sa.select(steps.c.key).where(*forgotten).limit(1)).first() is None:
             return out, committed
@@ -472,9 +461,8 @@ def _reclaim(tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str 
             tx.fail_execution(x, f"pipeline '{x.pipeline}': step {r.key} crashed its worker "
                                  f"{crashes} times; failed as poison")
         return
-    status = StepStatus.READY if x.running else (
-        StepStatus.CANCELLED if x.status == ExecutionStatus.CANCELLED.value
-        else StepStatus.PENDING)
+    status = StepStatus.READY if x.running else interrupted_status(
+        ExecutionStatus(x.stopping or x.status))
     if not tx.conn.execute(steps.update().where(*fenced).values(
             status=status.value, crashes=crashes, error=why, lease_until=None, worker=None,
             ready_at=tx.now, published_at=tx.now)).rowcount:

@@ -87,10 +87,17 @@ class ExecutionRow:
         self.pipeline_ref: str | None = row["pipeline_ref"]
         self.inputs: dict[str, Any] = row["inputs"]
         self.input_roots: list[str] | None = row["input_roots"]
+        self.stopping: str | None = row["stopping"]
 
     @property
     def running(self) -> bool:
-        return self.status == RUNNING
+        """True while steps of the execution may start: running and not stopping."""
+        return self.status == RUNNING and self.stopping is None
+
+    @property
+    def cancelling(self) -> bool:
+        """True while the execution stops because it was cancelled."""
+        return self.stopping == ExecutionStatus.CANCELLED.value
 
     def values(self) -> dict[str, Any]:
         self.progress = execution_progress(self.progress, self.wsum, self.wtotal,
@@ -99,7 +106,8 @@ class ExecutionRow:
         return {"status": self.status, "unfinished": self.unfinished, "active": self.active,
                 "wsum": self.wsum, "wtotal": self.wtotal, "next_seq": self.next_seq,
                 "next_done_seq": self.next_done_seq, "progress": self.progress,
-                "error": self.error, "finished_at": self.finished_at}
+                "error": self.error, "finished_at": self.finished_at,
+                "stopping": self.stopping}
 
 
 class Transaction:
@@ -320,7 +328,11 @@ class Transaction:
         self.make_ready(x, free)
 
     def fail(self, x: ExecutionRow, o: Outcome) -> bool:
-        """Commit a failed attempt (retry, or fail the execution); False if fenced."""
+        """Commit a failed attempt (retry, or fail the execution); False if fenced. An attempt
+        of a cancelled execution that fails before its worker heard of the cancel ends
+        cancelled, as any attempt its execution stops (:func:`interrupted_status`)."""
+        if x.cancelling:
+            return self.end_attempt(x, o)
         head = (o.error or "failed").splitlines()[0]
         row = self.conn.execute(sa.select(steps.c.failures, steps.c.status, steps.c.attempt)
                                 .where(steps.c.execution_id == x.id,
@@ -360,7 +372,7 @@ class Transaction:
                 self.ready.append(Delivery(x.id, o.key))
                 self.emit("step.interrupted", x, o.key, {"attempt": o.attempt})
             return bool(n)
-        status = interrupted_status(ExecutionStatus(x.status))
+        status = interrupted_status(ExecutionStatus(x.stopping or x.status))
         n = self.conn.execute(steps.update().where(*fenced).values(
             status=status.value, error=o.error, finished_at=self.now,
             lease_until=None)).rowcount
@@ -371,26 +383,53 @@ class Transaction:
         return bool(n)
 
     def fail_execution(self, x: ExecutionRow, error: str) -> None:
-        """Fail fast: nothing new starts; running steps finish and keep their results."""
+        """Fail fast: nothing new starts; running steps finish and keep their results, and
+        the execution ends ``failed`` when the last of them has ended (:meth:`settle`)."""
         if not x.running:
             return
-        x.status = ExecutionStatus.FAILED.value
+        x.stopping = ExecutionStatus.FAILED.value
         x.error = error
-        x.finished_at = self.now
         n = self.conn.execute(steps.update().where(
             steps.c.execution_id == x.id,
             steps.c.status.in_([StepStatus.READY.value, StepStatus.RETRYING.value]))
             .values(status=StepStatus.PENDING.value)).rowcount
         x.active -= n
         self.ready = [d for d in self.ready if d.execution_id != x.id]
-        self.emit("execution.failed", x, None, {"error": error, "progress": x.progress,
-                                                "duration": self.now - (x.started_at or
-                                                                        self.now)})
+
+    def cancel_execution(self, x: ExecutionRow, error: str) -> None:
+        """Cancel: its waiting steps end ``cancelled`` now; running ones are stopped by their
+        workers, and the execution ends ``cancelled`` when the last of them has ended
+        (:meth:`settle`). A failing execution stays failing, as in the embedded engine."""
+        if x.status != RUNNING or x.stopping is not None:
+            return
+        x.stopping = ExecutionStatus.CANCELLED.value
+        x.error = error
+        self.conn.execute(steps.update().where(
+            steps.c.execution_id == x.id,
+            steps.c.status.in_([StepStatus.PENDING.value, StepStatus.READY.value,
+                                StepStatus.RETRYING.value]))
+            .values(status=StepStatus.CANCELLED.value))
+        x.active = int(self.conn.execute(sa.select(sa.func.count()).where(
+            steps.c.execution_id == x.id,
+            steps.c.status == StepStatus.RUNNING.value)).scalar_one())
+        self.ready = [d for d in self.ready if d.execution_id != x.id]
+
+    def _finish_stopped(self, x: ExecutionRow) -> None:
+        """The last running step of a stopping execution has ended: it ends as it stops."""
+        assert x.stopping is not None
+        x.status, x.stopping = x.stopping, None
+        x.finished_at = self.now
+        self.emit(f"execution.{x.status}", x, None, {
+            "error": x.error, "progress": x.progress, "steps": x.next_seq,
+            "duration": self.now - (x.started_at or self.now)})
 
     def settle(self, x: ExecutionRow) -> None:
         """With nothing ready, running or retrying: complete the execution, release the steps
         waiting for every instance of a step name, or fail it as stuck."""
-        if not x.running or x.active > 0:
+        if x.status != RUNNING or x.active > 0:
+            return
+        if x.stopping is not None:
+            self._finish_stopped(x)
             return
         if x.unfinished <= 0:
             x.status = ExecutionStatus.COMPLETED.value
@@ -424,3 +463,4 @@ class Transaction:
             .order_by(steps.c.seq).limit(5)).all()
         self.fail_execution(x, stuck_error(x.pipeline, x.unfinished,
                                            [(r.key, r.depends_on) for r in stuck]))
+        self._finish_stopped(x)  # nothing runs

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 __all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "step_deps", "steps",
            "workers"]
 
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 metadata = sa.MetaData()
 
@@ -46,6 +46,9 @@ executions = sa.Table(
     # NULL: unrestricted (the command line, the Python API). Written by the submit only,
     # never updated (a retry keeps it); steps see it as StepContext.input_roots.
     sa.Column("input_roots", sa.JSON(none_as_null=True), nullable=True),
+    # A distributed execution that failed or was cancelled while steps of it still run: the
+    # status it ends with once they have ended ('failed', 'cancelled'); NULL otherwise.
+    sa.Column("stopping", sa.String(20), nullable=True),
     sa.Index("ix_fp_executions_status", "status"),
     sa.Index("ix_fp_executions_created", "created_at"),
 )
