@@ -457,20 +457,10 @@ def test_cancel_stops_running_and_pending_steps(run_in_mode: Runner) -> None:
     assert _statuses(again) == {"long": "cancelled", "later": "cancelled"}
 
 
-CANCEL_RETURNS_EARLY = (
-    "workers: a cancel marks the execution cancelled in the store at once (dispatch.cancel) "
-    "and its running step is stopped only at its worker's next lease renewal, so wait() "
-    "returns with long still 'running'; a retry then resumes the execution around that "
-    "attempt, which is not stopped and completes. Embedded, the execution ends cancelled "
-    "once its running steps have stopped, and a retry runs long again (attempt 2)")
-
-
-def test_a_cancelled_execution_runs_nothing_once_wait_returns(
-        run_in_mode: Runner, request: pytest.FixtureRequest) -> None:
+def test_a_cancelled_execution_runs_nothing_once_wait_returns(run_in_mode: Runner) -> None:
     """When wait() says cancelled, no step of the execution runs any more: every step is
-    cancelled, and a retry at once starts long again as a new attempt."""
-    if not run_in_mode.embedded:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CANCEL_RETURNS_EARLY))
+    cancelled, and a retry at once starts long again as a new attempt. (Workers used to
+    report the execution cancelled while long still ran, and a retry adopted that attempt.)"""
 
     async def cancel(engine: JobEngine) -> tuple[ExecutionInfo, Event]:
         execution_id = await engine.submit(wp.cancellable, run_in_mode.inputs())
