@@ -512,6 +512,24 @@ def test_cancel_from_another_process_through_the_store(run_in_mode: Runner) -> N
         assert committed == []
 
 
+def test_fail_fast_lets_running_steps_finish_and_keep_their_results(
+        run_in_mode: Runner) -> None:
+    """boom fails while slowpoke runs: nothing new starts (after_slow, though slowpoke
+    completes), slowpoke finishes and its output is kept, and the execution is reported
+    failed only then."""
+    info, events = run_in_mode(wp.failfast, {})
+    assert info.status.value == "failed"
+    assert (info.error or "").startswith(
+        "pipeline 'wk_failfast', step 'boom' failed after 1 attempt: RuntimeError: boom")
+    assert _statuses(info) == {"slowpoke": "completed", "boom": "failed",
+                               "after_slow": "pending"}
+    assert info.data == {"slow": True}
+    assert _started(events) == {"slowpoke": 1, "boom": 1}
+    types = [(e.type, e.step_key) for e in events]
+    assert types.index(("step.failed", "boom")) < types.index(("step.completed", "slowpoke"))
+    assert types[-1] == ("execution.failed", None)
+
+
 def test_failure_is_fast_and_retry_resumes_without_rerunning(run_in_mode: Runner) -> None:
     """breaks fails twice (retries=1): the execution fails with an error naming the
     pipeline, the step, the attempts and the cause, and after never starts. Once the cause is

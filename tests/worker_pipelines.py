@@ -482,3 +482,29 @@ def sd_render(ctx: StepContext, path: str) -> dict[str, Any]:
     assert ctx.data[f"copied:{path}"] is True
     assert ctx.data["count"] == len(ctx.inputs["files"])
     return {f"rendered:{path}": True}
+
+
+failfast = Pipeline("wk_failfast")
+
+
+@failfast.step("slowpoke")
+def failfast_slowpoke(ctx: StepContext) -> dict[str, Any]:
+    """Runs on for a while after boom failed, then completes."""
+    _note(ctx, "ran.log", "slowpoke")
+    time.sleep(0.5)
+    return {"slow": True}
+
+
+@failfast.step("boom")
+def failfast_boom(ctx: StepContext) -> None:
+    """Fails once slowpoke runs."""
+    deadline = time.monotonic() + 10
+    while "slowpoke" not in notes(Path(ctx.inputs["dir"]), "ran.log"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("slowpoke never started")
+        time.sleep(0.01)
+    raise RuntimeError("boom")
+
+
+@failfast.step("after_slow", depends_on=["slowpoke"])
+def failfast_after_slow(ctx: StepContext) -> None: ...
