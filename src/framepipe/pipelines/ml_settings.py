@@ -95,7 +95,7 @@ def _from_config_file(env: Mapping[str, str]) -> tuple[dict[str, Any], Origins]:
 
 
 class MlVideoSettings(BaseSettings):
-    """The ML video pipeline's model settings (see the module's table). Build them with
+    """The ML video pipeline's model settings (the variables are listed above). Build them with
     :meth:`load`, which names a bad variable in a :class:`ConfigError`; ``MlVideoSettings()``
     reads the same sources but raises pydantic's ``ValidationError``."""
 
