@@ -153,6 +153,7 @@ def test_media_steps_read_undeclared_inputs_only_inside_the_roots_over_http(
     check_confined_over_http(settings, tree)
 
 
+@pytest.mark.slow
 def test_the_same_holds_on_worker_processes_with_redis_and_postgresql(
         tmp_path: Path, tree: Path, pg_url: str) -> None:
     """The service submits to the workers (PostgreSQL state, Redis broker); the workers have
@@ -452,7 +453,7 @@ def test_a_0002_database_is_upgraded_and_its_executions_stay_unrestricted(
 
     from framepipe.backends.state.store import _alembic_config
 
-    assert SCHEMA_HEAD == "0003"
+    assert int(SCHEMA_HEAD) >= 3  # the revision that added input_roots
     with StateStore(database_url, migrate=False) as store:
         with store.write() as conn:
             command.upgrade(_alembic_config(conn), "0002")
