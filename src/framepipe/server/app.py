@@ -48,7 +48,7 @@ from framepipe.event_sinks import StoreEventSink
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
-from framepipe.redis import is_redis_url
+from framepipe.redis import is_redis_url, safe_url
 from framepipe.server.browser_guard import BrowserGuard
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
@@ -95,7 +95,7 @@ async def _open_registry(settings: Settings) -> ProcessorRegistry | None:
         await registry.start()
     except Exception as exc:
         _log.warning("processors are not listed: the registry on %s did not start (%s)",
-                     settings.broker_url, exc)
+                     safe_url(settings.broker_url), exc)
         return None
     return registry
 
