@@ -1,4 +1,4 @@
-"""framepipe: video pipelines that keep running.
+"""framepipe, video pipelines that keep running: the public API, most of it loaded on first use.
 
 Batch jobs: define a :class:`Pipeline` of steps in Python, run it with a :class:`JobClient`
 (:class:`SyncJobClient` without an event loop, :func:`run_pipeline`, or ``framepipe run

@@ -1,1 +1,1 @@
-"""Ready-made job pipelines built on framepipe's toolkit."""
+"""Ready-made job pipelines: the ML video pipeline (``ml_video``) and its model settings."""

@@ -1,4 +1,4 @@
-"""Processors: units of work applied to frames (live stages) or items (jobs).
+"""Processors: the processor contract (``base``), model adapters, dlib faces and the Redis fleet.
 
 Model adapters (:class:`ModelAdapter`, :class:`PythonModel`, :class:`SubprocessModel`,
 :class:`HttpModel`, :class:`MockModel`, :func:`as_step_progress`)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the state schema (``versions/``), applied when a store opens."""
