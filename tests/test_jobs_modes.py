@@ -453,6 +453,12 @@ def test_cancel_stops_running_and_pending_steps(run_in_mode: Runner) -> None:
     assert [e.data["attempt"] for e in events
             if e.type == "step.cancelled" and e.step_key == "long"] == [1, 2]
     assert "later" not in _started(events)
+    for e in events:
+        if e.type == "execution.cancelled":
+            assert set(e.data) == PAYLOADS["execution.failed"], e
+        elif e.type == "step.cancelled":
+            assert set(e.data) == {"attempt"}, e
+    assert [e.type for e in events].count("execution.cancelled") == 2
     assert again.status.value == "cancelled" and again.runs == 2
     assert _statuses(again) == {"long": "cancelled", "later": "cancelled"}
 
