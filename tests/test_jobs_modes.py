@@ -633,10 +633,11 @@ def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
 
 
 FAILED_EVENT_PROGRESS_STALE = (
-    "workers: execution.failed carries the execution's progress as it was when the "
-    "transaction locked the execution (transitions.py computes progress only when it saves), "
-    "so a failure committed with a completion (here: stuck once part 0 completes) says 20.0 "
-    "while part 0's step.completed and the stored execution say 40.0; embedded it says 40.0")
+    "workers: the final event (Transaction._finish_stopped) carries ExecutionRow.progress, "
+    "which is recomputed only when the row is saved (ExecutionRow.values), so a failure "
+    "committed in the same transaction as a completion (here: stuck once part 0 completes) "
+    "says 20.0 while part 0's step.completed and the stored execution say 40.0; embedded it "
+    "says 40.0")
 
 
 def test_the_final_event_says_how_far_the_execution_got(run_in_mode: Runner,
