@@ -229,6 +229,7 @@ LIVE_APP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_framepipe_run_runs_an_app_until_sigterm(tmp_path: Path) -> None:
     path = tmp_path / "live.py"
     path.write_text(LIVE_APP)

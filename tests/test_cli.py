@@ -492,6 +492,7 @@ def test_load_pipeline_from_a_module_and_errors(tmp_path: Path,
 # -- signals and crashes --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_interrupts_and_retry_resumes(tmp_path: Path, signum: int, code: int) -> None:
     file = write(tmp_path / "long.py", LONG)
@@ -522,6 +523,7 @@ def test_signal_interrupts_and_retry_resumes(tmp_path: Path, signum: int, code: 
     assert runs(tmp_path) == ["quick", "slow", "slow"]
 
 
+@pytest.mark.slow
 def test_cancel_a_running_execution_from_another_process(tmp_path: Path) -> None:
     file = write(tmp_path / "long.py", LONG)
     home = tmp_path / "home"
@@ -541,6 +543,7 @@ def test_cancel_a_running_execution_from_another_process(tmp_path: Path) -> None
                                                              "slow": "cancelled"}
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     file = write(tmp_path / "stubborn.py", STUBBORN)
     home = tmp_path / "home"
@@ -583,6 +586,7 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert show(home, execution["id"])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_step_killing_its_process_then_retry(tmp_path: Path) -> None:
     file = write(tmp_path / "crash.py", CRASH)
     home = tmp_path / "home"
@@ -612,6 +616,7 @@ def test_step_killing_its_process_then_retry(tmp_path: Path) -> None:
     assert runs(tmp_path) == ["first", "boom", "boom"]
 
 
+@pytest.mark.slow
 def test_step_killing_its_process_at_once_is_named(tmp_path: Path) -> None:
     file = write(tmp_path / "instant.py", INSTANT_CRASH)
     home = tmp_path / "home"

@@ -30,6 +30,8 @@ from framepipe.stream import StreamPipeline
 from test_server import TOKEN, Server
 from waiting import wait_until
 
+pytestmark = pytest.mark.slow  # headless Chromium against a live service
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -50,7 +50,7 @@ from doorbell import (  # noqa: E402
 )
 from doorbell.stages import FaceDetection  # noqa: E402
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the doorbell example end to end
 
 WAIT = 120.0
 """Upper bound of every wait for something the system must do (never a timing assertion)."""

@@ -37,7 +37,8 @@ FPS = 10
 TIMEOUT = 1.0  # the order timeout the tests run with
 KEY = re.compile(r"^frames/(?P<station>[^/]+)/(?P<order>[^/]+)/frame_(?P<ts>\d+)_(?P<n>\d+)\.jpg$")
 
-pytestmark = pytest.mark.timeout(240)
+# slow: the order-accuracy example end to end
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 need_modules("zxingcpp", "segno", install="pip install 'framepipe[qr]' segno")
 

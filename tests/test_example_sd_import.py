@@ -45,7 +45,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
 CLI_TOKEN = "sd-import-command-token"  # what backend.py's settings accept (16+ characters)
 SMALL_LIMIT = 160_000  # QR clips are ~100 KB, jump videos larger (checked as made)
 
-pytestmark = pytest.mark.timeout(180)
+# slow: the SD-import example end to end: its backend, detector and workers
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 

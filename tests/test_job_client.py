@@ -66,7 +66,7 @@ class Mode:
         return collections.Counter(line.split()[1] for line in lines)
 
 
-@pytest.fixture(params=["embedded", "workers"])
+@pytest.fixture(params=["embedded", pytest.param("workers", marks=pytest.mark.slow)])
 def mode(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Mode:
     fast = {"heartbeat_interval": 0.2, "retry_initial_delay": 0.01, "retry_max_delay": 0.05,
             "shutdown_grace": 2.0}

@@ -9,9 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.records import get_execution, list_executions
+
+pytestmark = pytest.mark.slow  # engine processes killed mid-step
 
 SCRIPT = textwrap.dedent('''
     import asyncio, os, sys

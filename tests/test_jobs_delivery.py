@@ -122,6 +122,7 @@ def test_what_a_vanished_consumer_held_is_delivered_again(deliveries: Factory) -
     b.ack(again)
 
 
+@pytest.mark.slow
 def test_a_consumer_holds_at_most_its_window_and_a_paused_one_holds_nothing(
         deliveries: Factory) -> None:
     # Redis reads nothing ahead; RabbitMQ pushes whole messages (up to 16 steps), as many as
@@ -190,6 +191,7 @@ def _delete(kind: str, url: str, namespace: str) -> None:
         amqp_delete(url, queue_of(namespace))
 
 
+@pytest.mark.slow
 def test_a_deleted_queue_is_made_again(deliveries: Factory,
                                        broker: tuple[str, str, str]) -> None:
     # A publish racing the deletion may land in the dying queue and be lost with it: the

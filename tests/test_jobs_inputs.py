@@ -260,6 +260,7 @@ def test_the_confinement_holds_when_the_step_runs_after_a_link_was_planted(
     assert "symbolic link" in error and "SECRET" not in str(info.data), error
 
 
+@pytest.mark.slow
 def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
         tmp_path: Path, tree: Path, database_url: str) -> None:
     """The roots do not travel to the worker, the resolved path does: submitted with roots
@@ -296,6 +297,7 @@ def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
 # -- the roots travel with the execution ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_step_sees_the_roots_its_submit_recorded_and_a_retry_keeps_them(
         tmp_path: Path, tree: Path, database_url: str) -> None:
     """``ctx.input_roots`` is what the submit recorded (resolved, without repeats; None:

@@ -46,6 +46,9 @@ from framepipe.jobs.records import get_execution
 from framepipe.jobs.runner import run_pipeline
 from waiting import wait_until
 
+# real `framepipe worker` processes and private broker/database servers
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 
 

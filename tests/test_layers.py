@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parent.parent / "src" / "framepipe"
 
 
@@ -36,6 +38,7 @@ def test_the_job_broker_does_not_import_the_processor_fleet() -> None:
         assert not bad, f"jobs/delivery/{path.name} imports {sorted(bad)}"
 
 
+@pytest.mark.slow
 def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> None:
     for module in ("framepipe", "framepipe.media", "framepipe.jobs.pipeline"):
         loaded = subprocess.run(

@@ -464,6 +464,7 @@ normalise(sys.argv[1], sys.argv[2], preset="medium",
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_normalise_killed_mid_write_leaves_nothing_after_the_next_run(
         tmp_path: Path, sig: signal.Signals) -> None:
@@ -832,6 +833,7 @@ def test_an_odd_size_at_exactly_the_limit_decodes(tmp_path: Path) -> None:
     assert len(extract_frames(clip, tmp_path / "f", max_pixels=1000 * 562)) == 5
 
 
+@pytest.mark.slow
 def test_a_4k_clip_within_the_limit_is_normalised_to_720p(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "uhd.mp4", frames=4, size=(3840, 2160))
     info = probe(clip)  # the default limit (8192x8192) allows it

@@ -60,6 +60,7 @@ def fetch(objects: ObjectStore, key: str, folder: Path) -> Path:
     return objects.get_file(key, folder / key.replace("/", "_"))
 
 
+@pytest.mark.slow
 def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_path: Path,
                                                         objects: ObjectStore,
                                                         scratch: Path) -> None:

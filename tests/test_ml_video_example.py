@@ -30,6 +30,9 @@ from framepipe.processors.adapters import ModelAdapter
 from media import make_clip
 from waiting import free_port
 
+# the ML video example end to end, with model servers and scripts as processes
+pytestmark = pytest.mark.slow
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ml_video"
 MODEL = EXAMPLE / "model.py"
 SERVER = EXAMPLE / "server.py"

@@ -169,6 +169,7 @@ def test_subprocess_retries_a_crash_with_backoff(tmp_path: Path, clip: Path) -> 
     assert info.value.exit_code == 1 and "transient failure 2" in str(info.value)
 
 
+@pytest.mark.slow
 def test_subprocess_timeout_kills_the_whole_process_group(tmp_path: Path, clip: Path) -> None:
     model = SubprocessModel(MODELS / "hang_model.py", timeout=1.5)
     seen: list[float] = []
@@ -298,6 +299,7 @@ def test_http_model_posts_the_seed_form(tmp_path: Path, clip: Path, frames_dir: 
     assert seen == [0.0, 100.0]
 
 
+@pytest.mark.slow
 def test_http_500_then_success_is_retried(tmp_path: Path, clip: Path, frames_dir: Path) -> None:
     with ModelServer([fixed(500, b"warming up"), fixed(503, b"busy"), ok(frames_dir)]) as server:
         model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
@@ -306,6 +308,7 @@ def test_http_500_then_success_is_retried(tmp_path: Path, clip: Path, frames_dir
     assert len(server.requests) == 3
 
 
+@pytest.mark.slow
 def test_http_always_500_fails_clearly_after_retries(tmp_path: Path, clip: Path) -> None:
     with ModelServer([fixed(500, b'{"error": "model crashed"}')]) as server:
         model = HttpModel(server.url, timeout=5, max_retries=2, retry_initial=0.01)
@@ -344,6 +347,7 @@ def test_http_non_json_body_is_an_output_error(tmp_path: Path, clip: Path) -> No
     assert len(server.requests) == 1
 
 
+@pytest.mark.slow
 def test_http_slow_response_times_out_and_is_retried(tmp_path: Path, clip: Path,
                                                      frames_dir: Path) -> None:
     def slow(fields: dict[str, str]) -> tuple[int, bytes]:
@@ -360,6 +364,7 @@ def test_http_slow_response_times_out_and_is_retried(tmp_path: Path, clip: Path,
     assert len(server.requests) == 2
 
 
+@pytest.mark.slow
 def test_http_unreachable_server_names_the_url(tmp_path: Path, clip: Path) -> None:
     with ModelServer([fixed(200, b"{}")]) as server:
         url = server.url
@@ -599,6 +604,7 @@ def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) 
     assert len(result.frame_files()) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("names", ["framepipe", "seed"])
 def test_http_retries_from_settings_against_a_server_that_fails_then_succeeds(
         tmp_path: Path, clip: Path, frames_dir: Path, names: str) -> None:

@@ -31,7 +31,9 @@ from framepipe.backends.objects import (
 from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
 from s3server import REGION, S3Server
 
-BACKENDS = ["local", "s3", "s3-prefixed"]
+# The S3 cases share one server process, but each opens a bucket and a client: seconds in all.
+BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.slow),
+            pytest.param("s3-prefixed", marks=pytest.mark.slow)]
 S3_PREFIX = "tenant/one"
 
 

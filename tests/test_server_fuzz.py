@@ -20,6 +20,8 @@ from framepipe import Pipeline, StepContext
 from framepipe.config import Settings
 from test_server import AUTH, Server
 
+pytestmark = pytest.mark.slow  # fuzzing a live service over HTTP for seconds
+
 echo = Pipeline("echo")
 
 

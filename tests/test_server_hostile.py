@@ -317,6 +317,7 @@ def _serve(home: Path, *args: str, env: dict[str, str] | None = None,
                           env={**os.environ, "FRAMEPIPE_API_TOKEN": "", **(env or {})})
 
 
+@pytest.mark.slow
 def test_serve_on_a_corrupt_or_read_only_database_says_so_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "state.db").write_bytes(b"this is not SQLite " * 500)
     corrupt = _serve(tmp_path)
@@ -334,6 +335,7 @@ def test_serve_on_a_corrupt_or_read_only_database_says_so_in_one_line(tmp_path: 
     assert "readonly" in read_only.stderr
 
 
+@pytest.mark.slow
 def test_a_blank_token_is_refused(tmp_path: Path) -> None:
     for blank in (" ", "  padded-token-of-enough-length  "):
         result = _serve(tmp_path, "--host", "0.0.0.0", env={"FRAMEPIPE_API_TOKEN": blank})
@@ -342,6 +344,7 @@ def test_a_blank_token_is_refused(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "framepipe", "--home", str(tmp_path),

@@ -91,6 +91,7 @@ def _hammer(url: str, worker: int, count: int) -> None:
                     created_at=time.time()))
 
 
+@pytest.mark.slow
 def test_concurrent_writer_processes_never_see_database_is_locked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     StateStore(url).close()

@@ -309,6 +309,7 @@ def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> No
     assert threading.get_ident() not in threads
 
 
+@pytest.mark.slow
 def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     tags = tagger({range(1, 6): "ORDER_W"})
     started = time.monotonic()
@@ -321,6 +322,7 @@ def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     assert time.monotonic() - started >= 1.0  # closed by the timer while frames still came
 
 
+@pytest.mark.slow
 def test_a_pipeline_running_behind_its_camera_does_not_split_a_segment() -> None:
     """Keyed frames captured 20 ms apart reach the segmenter 120 ms apart (a slow stage): the
     lag grows past the 0.3 s timeout, yet the key never left the picture, so one segment."""
