@@ -630,22 +630,9 @@ def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
         "execution.created", "execution.started", "execution.failed"]
 
 
-
-
-FAILED_EVENT_PROGRESS_STALE = (
-    "workers: the final event (Transaction._finish_stopped) carries ExecutionRow.progress, "
-    "which is recomputed only when the row is saved (ExecutionRow.values), so a failure "
-    "committed in the same transaction as a completion (here: stuck once part 0 completes) "
-    "says 20.0 while part 0's step.completed and the stored execution say 40.0; embedded it "
-    "says 40.0")
-
-
-def test_the_final_event_says_how_far_the_execution_got(run_in_mode: Runner,
-                                                        request: pytest.FixtureRequest) -> None:
+def test_the_final_event_says_how_far_the_execution_got(run_in_mode: Runner) -> None:
     """The execution's last event carries the progress it ended at: the stored one, which
     the last step.completed announced (start and part 0 of 5 equal steps: 40%)."""
-    if not run_in_mode.embedded:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FAILED_EVENT_PROGRESS_STALE))
     info, events = run_in_mode(wp.stuck, {"case": "key"})
     assert info.status.value == "failed" and info.progress == 40.0
     completed = [e.data["execution_progress"] for e in events if e.type == "step.completed"]
@@ -691,17 +678,7 @@ def test_events_carry_the_same_data_in_both_modes(run_in_mode: Runner) -> None:
         assert PAYLOADS[e.type] <= set(e.data) <= PAYLOADS[e.type] | extra, e
 
 
-STEP_DURATION_EMBEDDED_ONLY = (
-    "workers: step.completed carries attempt and execution_progress but no duration "
-    "(transitions.py Transaction.complete), which the embedded engine gives (engine.py "
-    "_complete) and the dashboard shows as 'in N s' (static/dashboard.js eventText)")
-
-
-def test_a_completed_step_says_how_long_it_took(run_in_mode: Runner,
-                                               request: pytest.FixtureRequest) -> None:
-    if not run_in_mode.embedded:
-        request.applymarker(pytest.mark.xfail(strict=True,
-                                              reason=STEP_DURATION_EMBEDDED_ONLY))
+def test_a_completed_step_says_how_long_it_took(run_in_mode: Runner) -> None:
     info, events = run_in_mode(wp.failfast, {})
     slowpoke = info.step("slowpoke")
     completed = [e for e in events if e.type == "step.completed"]

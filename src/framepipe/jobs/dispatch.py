@@ -276,7 +276,7 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
                     x.wsum += p.weight * (p.pct - p.before)
                     tx.emit("step.progress", x, p.key, {
                         "progress": p.pct, "message": p.message,
-                        "execution_progress": round(x.wsum / x.wtotal, 2) if x.wtotal else 0})
+                        "execution_progress": x.refresh_progress()})
             done = [o for o in part.outcomes if o.kind == "done"]
             for o in tx.complete(x, done):
                 result.fenced.append((o.execution_id, o.key, o.attempt))

@@ -99,10 +99,15 @@ class ExecutionRow:
         """True while the execution stops because it was cancelled."""
         return self.stopping == ExecutionStatus.CANCELLED.value
 
-    def values(self) -> dict[str, Any]:
+    def refresh_progress(self) -> float:
+        """The execution's progress from its counters (:func:`execution_progress`), kept."""
         self.progress = execution_progress(self.progress, self.wsum, self.wtotal,
                                            completed=self.next_seq - self.unfinished,
                                            total=self.next_seq)
+        return self.progress
+
+    def values(self) -> dict[str, Any]:
+        self.refresh_progress()
         return {"status": self.status, "unfinished": self.unfinished, "active": self.active,
                 "wsum": self.wsum, "wtotal": self.wtotal, "next_seq": self.next_seq,
                 "next_done_seq": self.next_done_seq, "progress": self.progress,
@@ -261,15 +266,15 @@ class Transaction:
         """Commit completions; return the fenced ones (not committed)."""
         if not done:
             return []
-        held: set[tuple[str, int]] = set()
+        held: dict[tuple[str, int], float | None] = {}  # -> the attempt's start
         keys = [o.key for o in done]
         for i in range(0, len(keys), _CHUNK):
-            query = sa.select(steps.c.key, steps.c.attempt).where(
+            query = sa.select(steps.c.key, steps.c.attempt, steps.c.started_at).where(
                 steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]),
                 steps.c.status == StepStatus.RUNNING.value)
             if self.store.dialect == "postgresql":
                 query = query.with_for_update()
-            held.update((r.key, r.attempt) for r in self.conn.execute(query))
+            held.update(((r.key, r.attempt), r.started_at) for r in self.conn.execute(query))
         # Under the execution's lock nothing else moves these rows off 'running' (claims take
         # only ready rows; sweeps lock the execution first), so the check above stands.
         ok = [o for o in done if (o.key, o.attempt) in held]
@@ -285,9 +290,11 @@ class Transaction:
             self.conn.execute(_complete_step, rows)
             x.unfinished -= len(ok)
             x.active -= len(ok)
-            progress = round(x.wsum / x.wtotal, 2) if x.wtotal else 0.0
+            progress = x.refresh_progress()
             for o in ok:
+                started = held[(o.key, o.attempt)] or self.now
                 self.emit("step.completed", x, o.key, {"attempt": o.attempt,
+                                                       "duration": self.now - started,
                                                        "execution_progress": progress})
             self._release_dependents(x, [o.key for o in ok])
         return [o for o in done if (o.key, o.attempt) not in held]
@@ -420,7 +427,7 @@ class Transaction:
         x.status, x.stopping = x.stopping, None
         x.finished_at = self.now
         self.emit(f"execution.{x.status}", x, None, {
-            "error": x.error, "progress": x.progress, "steps": x.next_seq,
+            "error": x.error, "progress": x.refresh_progress(), "steps": x.next_seq,
             "duration": self.now - (x.started_at or self.now)})
 
     def settle(self, x: ExecutionRow) -> None:
