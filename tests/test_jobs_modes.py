@@ -652,7 +652,7 @@ PAYLOADS: dict[str, set[str]] = {
     "step.progress": {"progress", "message", "execution_progress"},
     "step.retrying": {"attempt", "error", "delay"},
     "step.failed": {"attempt", "error", "traceback"},
-    "step.completed": {"attempt", "execution_progress"},
+    "step.completed": {"attempt", "duration", "execution_progress"},
 }
 """What each event's data holds in both modes; workers add which worker ran a step
 (step.started) and the mode (execution.started, execution.retried)."""
@@ -671,10 +671,7 @@ def test_events_carry_the_same_data_in_both_modes(run_in_mode: Runner) -> None:
     events = spawning + weighing + resumed
     assert {e.type for e in events} == set(PAYLOADS)
     for e in events:
-        if run_in_mode.embedded:  # duration: see test_a_completed_step_says_how_long_it_took
-            extra = {"duration"} if e.type == "step.completed" else set()
-        else:
-            extra = WORKERS_ADD
+        extra = set() if run_in_mode.embedded else WORKERS_ADD
         assert PAYLOADS[e.type] <= set(e.data) <= PAYLOADS[e.type] | extra, e
 
 
