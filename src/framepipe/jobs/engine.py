@@ -30,8 +30,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
@@ -53,9 +51,10 @@ from framepipe.jobs.context import Progressed, Spawned, StepContext, StepMessage
 from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json
+from framepipe.jobs.memory import ExecState, Finished, StepState
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
-from framepipe.jobs.pipeline import Pipeline, Step
+from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import (
     Batch,
     cancel_requested,
@@ -71,17 +70,13 @@ from framepipe.jobs.recovery import recover_for
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.rules import (
     after_failure,
-    execution_progress,
     failed_error,
     interrupted_status,
-    is_key_dependency,
     is_ready,
-    missing_dependency_error,
-    plan_step,
     released_by_names,
     stuck_error,
 )
-from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
+from framepipe.jobs.running import run_attempt, run_attempt_async
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.untrusted import check_json, check_size
@@ -92,142 +87,7 @@ if TYPE_CHECKING:
 __all__ = ["JobEngine"]
 
 T = TypeVar("T")
-_ACTIVE = frozenset({StepStatus.READY, StepStatus.RUNNING, StepStatus.RETRYING})
 _log = get_logger("jobs.engine")
-
-
-class _StepState:
-    """In-memory state of one step; mutated only by the scheduler."""
-
-    __slots__ = (
-        "attempt",
-        "crashes",
-        "created_at",
-        "ctx",
-        "dependents",
-        "deps",
-        "done_seq",
-        "error",
-        "failures",
-        "finished_at",
-        "key",
-        "message",
-        "name",
-        "name_deps",
-        "new",
-        "next_attempt_at",
-        "output",
-        "params",
-        "progress",
-        "ready_at",
-        "seq",
-        "spawned_by",
-        "started_at",
-        "status",
-        "step",
-        "task",
-        "timer",
-        "waiting",
-        "weight",
-        "x",
-    )
-
-    def __init__(self, x: _ExecState, row: Mapping[str, Any], step: Step) -> None:
-        self.x = x
-        self.step = step
-        self.key: str = row["key"]
-        self.name: str = row["name"]
-        self.params: dict[str, Any] = row["params"]
-        self.deps: list[str] = list(row["depends_on"])
-        self.spawned_by: str | None = row["spawned_by"]
-        self.status = StepStatus(row["status"])
-        self.weight: float = row["weight"]
-        self.progress: float = row["progress"]
-        self.message: str | None = row["message"]
-        self.attempt: int = row["attempt"]
-        self.failures: int = row["failures"]
-        self.crashes: int = row["crashes"]
-        self.output: dict[str, Any] | None = row["output"]
-        self.error: str | None = row["error"]
-        self.seq: int = row["seq"]
-        self.done_seq: int | None = row["done_seq"]
-        self.created_at: float = row["created_at"]
-        self.ready_at: float | None = row["ready_at"]
-        self.started_at: float | None = row["started_at"]
-        self.finished_at: float | None = row["finished_at"]
-        self.next_attempt_at: float | None = row["next_attempt_at"]
-        self.waiting = 0
-        self.name_deps: list[str] = []
-        self.dependents: list[_StepState] = []
-        self.ctx: StepContext | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.new = False
-
-    def row(self) -> dict[str, Any]:
-        return {"execution_id": self.x.id, "key": self.key, "name": self.name,
-                "params": self.params, "depends_on": self.deps, "spawned_by": self.spawned_by,
-                "status": self.status.value, "weight": self.weight, "progress": self.progress,
-                "message": self.message, "attempt": self.attempt, "failures": self.failures,
-                "crashes": self.crashes, "output": self.output, "error": self.error,
-                "seq": self.seq, "done_seq": self.done_seq, "created_at": self.created_at,
-                "ready_at": self.ready_at, "started_at": self.started_at,
-                "finished_at": self.finished_at, "next_attempt_at": self.next_attempt_at}
-
-
-class _ExecState:
-    """In-memory state of one execution being run by this engine."""
-
-    def __init__(self, row: Mapping[str, Any], pipeline: Pipeline) -> None:
-        self.id: str = row["id"]
-        self.pipeline = pipeline
-        self.row = dict(row)
-        self.inputs = MappingProxyType(dict(row["inputs"]))
-        roots = row.get("input_roots")
-        self.input_roots: tuple[str, ...] | None = None if roots is None else tuple(roots)
-        self.steps: dict[str, _StepState] = {}
-        self.active = 0
-        self.running = 0
-        self.unfinished = 0
-        self.unfinished_by_name: collections.Counter[str] = collections.Counter()
-        self.name_waiters: dict[str, _StepState] = {}
-        self.data: dict[str, Any] = {}
-        self.snapshot: Mapping[str, Any] | None = None
-        self.wsum = 0.0
-        self.wtotal = 0.0
-        self.next_seq = 0
-        self.next_done_seq = 0
-        self.stopping: ExecutionStatus | None = None
-        self.waiters: list[asyncio.Future[None]] = []
-
-    def data_view(self) -> Mapping[str, Any]:
-        if self.snapshot is None:
-            self.snapshot = MappingProxyType(dict(self.data))
-        return self.snapshot
-
-    @property
-    def label(self) -> str:
-        return f"{self.pipeline.name}/{self.id[:8]}"
-
-
-@dataclass(slots=True)
-class _Finished:
-    """A step's attempt is done (what its thread or task sends the scheduler)."""
-
-    step: _StepState
-    ctx: StepContext
-    ran: Ran
-
-    @property
-    def execution_id(self) -> str:
-        return self.step.x.id
-
-
-def _deps_of(x: _ExecState, key: str) -> list[str] | None:
-    """The dependencies of step ``key`` of ``x`` (read from a step's thread: the list is
-    replaced, never changed in place, once the step exists)."""
-    s = x.steps.get(key)
-    return None if s is None else list(s.deps)
 
 
 class JobEngine:
@@ -251,11 +111,11 @@ class JobEngine:
         self.bus = bus or EventBus()
         self.owner = this_owner(uuid.uuid4().hex[:8])
         self._pipelines: dict[str, Pipeline] = {}
-        self._execs: dict[str, _ExecState] = {}
-        self._inbox: collections.deque[StepMessage | _Finished] = collections.deque()
-        self._ready: collections.deque[_StepState] = collections.deque()
-        self._dirty_steps: dict[int, _StepState] = {}
-        self._dirty_execs: dict[str, _ExecState] = {}
+        self._execs: dict[str, ExecState] = {}
+        self._inbox: collections.deque[StepMessage | Finished] = collections.deque()
+        self._ready: collections.deque[StepState] = collections.deque()
+        self._dirty_steps: dict[int, StepState] = {}
+        self._dirty_execs: dict[str, ExecState] = {}
         self._events: list[Event] = []
         self._progress_events: dict[tuple[str, str], Event] = {}
         self._ledger_rows: list[dict[str, Any]] = []
@@ -418,8 +278,8 @@ class JobEngine:
                "inputs": inputs, "input_roots": roots, "progress": 0.0, "error": None,
                "owner": self.owner, "heartbeat_at": now, "cancel_requested": False, "runs": 1,
                "created_at": now, "started_at": now, "finished_at": None}
-        x = _ExecState(row, pipeline)
-        step_rows = [self._new_step_row(x, step, {}, step.name, [], None, now)
+        x = ExecState(row, pipeline)
+        step_rows = [x.new_step_row(step, {}, step.name, [], None, now)
                      for step in pipeline.initial_steps]
         batch = Batch(new_executions=[row], new_steps=step_rows, events=[
             Event("execution.created", now, x.id, None,
@@ -557,7 +417,7 @@ class JobEngine:
             if r["status"] != StepStatus.COMPLETED.value:
                 r.update(status=StepStatus.PENDING.value, failures=0, error=None,
                          next_attempt_at=None, ready_at=None)
-        x = _ExecState(row, pipeline)
+        x = ExecState(row, pipeline)
         for r in step_rows:
             if pipeline.get(r["name"]) is None:
                 raise UnknownStepError(f"execution {info.id[:12]} has step {r['key']!r}, which "
@@ -611,31 +471,10 @@ class JobEngine:
 
     # -- building the in-memory graph -------------------------------------------------------
 
-    def _new_step_row(self, x: _ExecState, step: Step, params: dict[str, Any], key: str,
-                      deps: Iterable[str], spawned_by: str | None, now: float) -> dict[str, Any]:
-        plan = plan_step(x.pipeline, step.name, params, key, deps, spawned_by)
-        seq = x.next_seq
-        x.next_seq += 1
-        return {"execution_id": x.id, "key": key, "name": step.name, "params": plan.params,
-                "depends_on": plan.deps, "spawned_by": spawned_by,
-                "status": StepStatus.PENDING.value, "weight": plan.weight, "progress": 0.0,
-                "message": None, "attempt": 0, "failures": 0, "crashes": 0, "output": None,
-                "error": None, "seq": seq, "done_seq": None, "created_at": now,
-                "ready_at": None, "started_at": None, "finished_at": None,
-                "next_attempt_at": None}
-
-    def _adopt(self, x: _ExecState, step_rows: list[dict[str, Any]], *,
+    def _adopt(self, x: ExecState, step_rows: list[dict[str, Any]], *,
                dirty: bool = False) -> None:
         self._execs[x.id] = x
-        for r in step_rows:
-            s = _StepState(x, r, x.pipeline.steps[r["name"]])
-            x.steps[s.key] = s
-            x.next_seq = max(x.next_seq, s.seq + 1)
-            if s.done_seq is not None:
-                x.next_done_seq = max(x.next_done_seq, s.done_seq + 1)
-        for s in sorted(x.steps.values(), key=lambda s: s.done_seq or 0):
-            if s.status is StepStatus.COMPLETED and s.output:
-                x.data.update(s.output)
+        x.add_rows(step_rows)
         for s in x.steps.values():
             self._count(x, s, +1)
         for s in x.steps.values():
@@ -650,39 +489,20 @@ class JobEngine:
         self._check_quiescent(x)
         self._wakeup()
 
-    def _count(self, x: _ExecState, s: _StepState, sign: int) -> None:
-        if s.status is not StepStatus.COMPLETED:
-            x.unfinished += sign
-            x.unfinished_by_name[s.name] += sign
-        if s.status in _ACTIVE:
-            x.active += sign
-        if s.status is StepStatus.RUNNING:
-            x.running += sign
-            self._running += sign
+    def _count(self, x: ExecState, s: StepState, sign: int) -> None:
+        self._running += x.count(s, sign)
 
-    def _set(self, s: _StepState, status: StepStatus) -> None:
+    def _set(self, s: StepState, status: StepStatus) -> None:
         x = s.x
         self._count(x, s, -1)
         s.status = status
         self._count(x, s, +1)
         self._dirty_steps[id(s)] = s
 
-    def _link(self, s: _StepState) -> None:
-        x = s.x
-        for dep in s.deps:
-            if is_key_dependency(x.pipeline, dep):
-                t = x.steps.get(dep)
-                if t is None:
-                    self._stop_execution(x, ExecutionStatus.FAILED,
-                                         missing_dependency_error(s.key, dep))
-                    continue
-                if t.status is not StepStatus.COMPLETED:
-                    s.waiting += 1
-                    t.dependents.append(s)
-            else:
-                s.name_deps.append(dep)
-        if s.name_deps and s.status is not StepStatus.COMPLETED:
-            x.name_waiters[s.key] = s
+    def _link(self, s: StepState) -> None:
+        missing = s.x.link(s)
+        if missing is not None:
+            self._stop_execution(s.x, ExecutionStatus.FAILED, missing)
 
     # -- the scheduler ----------------------------------------------------------------------
 
@@ -690,7 +510,7 @@ class JobEngine:
         if self._wake is not None:
             self._wake.set()
 
-    def _post(self, message: StepMessage | _Finished) -> None:
+    def _post(self, message: StepMessage | Finished) -> None:
         """Called from step threads (and the loop): queue a message for the scheduler."""
         self._inbox.append(message)
         loop = self._loop
@@ -780,12 +600,12 @@ class JobEngine:
     def _emit(self, event: Event) -> None:
         self._events.append(event)
 
-    def _mark_exec(self, x: _ExecState) -> None:
+    def _mark_exec(self, x: ExecState) -> None:
         self._dirty_execs[x.id] = x
 
     # -- transitions ----------------------------------------------------------------------------
 
-    def _make_ready(self, s: _StepState) -> None:
+    def _make_ready(self, s: StepState) -> None:
         x = s.x
         x.name_waiters.pop(s.key, None)
         if x.stopping is not None:
@@ -810,7 +630,7 @@ class JobEngine:
                 continue
             self._start(s)
 
-    def _start(self, s: _StepState) -> None:
+    def _start(self, s: StepState) -> None:
         x = s.x
         s.attempt += 1
         s.started_at = time.time()
@@ -824,7 +644,7 @@ class JobEngine:
                           data=x.data_view(), params=s.params, store=self.store,
                           objects=lambda: self.objects, post=self._post,
                           has_key=x.steps.__contains__, input_roots=x.input_roots,
-                          deps_of=lambda key: _deps_of(x, key))
+                          deps_of=x.deps_of)
         s.ctx = ctx
         self._journal.started(x.id, s.key)
         if s.step.is_async:
@@ -833,20 +653,20 @@ class JobEngine:
             assert self._pool is not None
             self._pool.submit(self._run_sync, s, ctx)
 
-    def _run_sync(self, s: _StepState, ctx: StepContext) -> None:
-        self._ran(_Finished(s, ctx, run_attempt(
+    def _run_sync(self, s: StepState, ctx: StepContext) -> None:
+        self._ran(Finished(s, ctx, run_attempt(
             s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
 
-    async def _run_async(self, s: _StepState, ctx: StepContext) -> None:
-        self._ran(_Finished(s, ctx, await run_attempt_async(
+    async def _run_async(self, s: StepState, ctx: StepContext) -> None:
+        self._ran(Finished(s, ctx, await run_attempt_async(
             s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
 
-    def _ran(self, outcome: _Finished) -> None:
+    def _ran(self, outcome: Finished) -> None:
         """The step's attempt is done (in its own thread or task): tell the scheduler."""
         self._journal.ended(outcome.step.x.id, outcome.step.key)
         self._post(outcome)
 
-    def _on_progress(self, x: _ExecState, key: str, pct: float, message: str | None) -> None:
+    def _on_progress(self, x: ExecState, key: str, pct: float, message: str | None) -> None:
         s = x.steps.get(key)
         if s is None or s.status is not StepStatus.RUNNING:
             return
@@ -857,14 +677,14 @@ class JobEngine:
             "step.progress", time.time(), x.id, key,
             {"progress": pct, "message": message, "execution_progress": x.row["progress"]})
 
-    def _on_spawn(self, x: _ExecState, spawner: str, name: str, params: dict[str, Any], key: str,
+    def _on_spawn(self, x: ExecState, spawner: str, name: str, params: dict[str, Any], key: str,
                   deps: list[str]) -> None:
         if key in x.steps:
             return
         now = time.time()
         step = x.pipeline.steps[name]
-        row = self._new_step_row(x, step, params, key, deps, spawner, now)
-        s = _StepState(x, row, step)
+        row = x.new_step_row(step, params, key, deps, spawner, now)
+        s = StepState(x, row, step)
         s.new = True
         x.steps[key] = s
         self._count(x, s, +1)
@@ -878,7 +698,7 @@ class JobEngine:
             self._make_ready(s)
         self._recompute_progress(x)
 
-    def _on_outcome(self, x: _ExecState, outcome: _Finished) -> None:
+    def _on_outcome(self, x: ExecState, outcome: Finished) -> None:
         s, ctx = outcome.step, outcome.ctx
         if s.status is not StepStatus.RUNNING or s.ctx is not ctx:
             _log.warning("[%s] late result of step %s ignored (the step was %s)", x.label,
@@ -897,7 +717,7 @@ class JobEngine:
         if x.stopping is not None and x.running == 0:
             self._finalize(x)
 
-    def _complete(self, x: _ExecState, s: _StepState, output: dict[str, Any],
+    def _complete(self, x: ExecState, s: StepState, output: dict[str, Any],
                   ledger_rows: list[dict[str, Any]], now: float) -> None:
         s.output = output
         s.error = None
@@ -921,7 +741,7 @@ class JobEngine:
         if x.unfinished == 0 and x.stopping is None:
             self._finish(x, ExecutionStatus.COMPLETED, None)
 
-    def _fail(self, x: _ExecState, s: _StepState, exc: BaseException, now: float) -> None:
+    def _fail(self, x: ExecState, s: StepState, exc: BaseException, now: float) -> None:
         text = error_text(exc)
         s.error = text
         if x.stopping is not None and x.stopping is not ExecutionStatus.FAILED:
@@ -954,14 +774,14 @@ class JobEngine:
                           "traceback": text}))
         self._stop_execution(x, ExecutionStatus.FAILED, summary)
 
-    def _retry_due(self, s: _StepState) -> None:
+    def _retry_due(self, s: StepState) -> None:
         s.timer = None
         if s.status is StepStatus.RETRYING and s.x.stopping is None:
             self._set(s, StepStatus.PENDING)
             self._make_ready(s)
             self._wakeup()
 
-    def _stop_execution(self, x: _ExecState, reason: ExecutionStatus, error: str) -> None:
+    def _stop_execution(self, x: ExecState, reason: ExecutionStatus, error: str) -> None:
         if x.stopping is not None:
             if reason is ExecutionStatus.CANCELLED and x.stopping is not ExecutionStatus.FAILED:
                 x.stopping = reason
@@ -980,7 +800,7 @@ class JobEngine:
         if x.running == 0:
             self._finalize(x)
 
-    def _finalize(self, x: _ExecState, *, force: bool = False) -> None:
+    def _finalize(self, x: ExecState, *, force: bool = False) -> None:
         """End a stopping execution once no step of it runs (or at once with ``force``)."""
         if x.id not in self._execs or x.stopping is None:
             return
@@ -997,7 +817,7 @@ class JobEngine:
                 self._set(s, end)
         self._finish(x, x.stopping, x.row["error"])
 
-    def _finish(self, x: _ExecState, status: ExecutionStatus, error: str | None) -> None:
+    def _finish(self, x: ExecState, status: ExecutionStatus, error: str | None) -> None:
         now = time.time()
         x.row.update(status=status.value, error=error, finished_at=now)
         if status is ExecutionStatus.COMPLETED:
@@ -1018,7 +838,7 @@ class JobEngine:
 
         self._after_commit.append(release)
 
-    def _check_quiescent(self, x: _ExecState) -> None:
+    def _check_quiescent(self, x: ExecState) -> None:
         if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
             return
         waiters = {s.key: s.name_deps for s in x.name_waiters.values()
@@ -1036,23 +856,12 @@ class JobEngine:
 
     # -- progress -------------------------------------------------------------------------------
 
-    def _set_progress(self, s: _StepState, pct: float) -> None:
-        x = s.x
-        x.wsum += s.weight * (pct - s.progress)
-        s.progress = pct
-        self._recompute_progress(x)
+    def _set_progress(self, s: StepState, pct: float) -> None:
+        if s.x.set_progress(s, pct):
+            self._mark_exec(s.x)
 
-    def _recompute_progress(self, x: _ExecState) -> None:
-        if x.wtotal == 0.0 and x.steps:
-            x.wtotal = sum(s.weight for s in x.steps.values())
-            x.wsum = sum(s.weight * (100.0 if s.status is StepStatus.COMPLETED else s.progress)
-                         for s in x.steps.values())
-        completed = 0 if x.wtotal > 0 else sum(
-            1 for s in x.steps.values() if s.status is StepStatus.COMPLETED)
-        value = execution_progress(x.row["progress"], x.wsum, x.wtotal, completed=completed,
-                                   total=len(x.steps))
-        if value > x.row["progress"]:
-            x.row["progress"] = value
+    def _recompute_progress(self, x: ExecState) -> None:
+        if x.recompute_progress():
             self._mark_exec(x)
 
     # -- heartbeat and remote cancel --------------------------------------------------------
