@@ -112,17 +112,22 @@ async def follow(settings: Settings, begin: Begin, *, label: str, quiet: bool, a
         dump_json(info.to_dict())
     else:
         _summary(out, info, time.monotonic() - began)
+    return _outcome(err, info, state.signum)
+
+
+def _outcome(err: Console, info: ExecutionInfo, signum: int | None) -> tuple[int, bool]:
+    """Say why an execution did not complete; (exit code, interrupted by a signal)."""
     if info.status is ExecutionStatus.COMPLETED:
-        return 0, state.signum is not None
+        return 0, signum is not None
     for key, text in info.errors.items():
         say(err, f"step '{key}' failed: {first_line(text)}", "red")
-    if info.status is ExecutionStatus.INTERRUPTED or state.signum is not None:
+    if info.status is ExecutionStatus.INTERRUPTED or signum is not None:
         _hint(err, info.id)
     elif not info.errors:
         say(err, f"execution {info.status.value}: {first_line(info.error) or 'no error'}",
             "red")
-    if state.signum is not None:
-        return 128 + state.signum, True
+    if signum is not None:
+        return 128 + signum, True
     return 1, False
 
 

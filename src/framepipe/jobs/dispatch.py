@@ -268,15 +268,7 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
                 continue
             _commit_spawns(tx, x, part.spawns, result)
             for p in part.progress:
-                n = conn.execute(steps.update().where(
-                    steps.c.execution_id == x.id, steps.c.key == p.key,
-                    steps.c.attempt == p.attempt, steps.c.status == StepStatus.RUNNING.value)
-                    .values(progress=p.pct, message=p.message)).rowcount
-                if n:
-                    x.wsum += p.weight * (p.pct - p.before)
-                    tx.emit("step.progress", x, p.key, {
-                        "progress": p.pct, "message": p.message,
-                        "execution_progress": x.refresh_progress()})
+                tx.progress(x, p)
             done = [o for o in part.outcomes if o.kind == "done"]
             for o in tx.complete(x, done):
                 result.fenced.append((o.execution_id, o.key, o.attempt))
@@ -290,14 +282,7 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
         if worker is not None and take > 0 and tx.ready:
             result.claimed = tx.claim_ready(worker, take, lease)
         result.events = tx.save()
-        for o in work.outcomes:
-            if o.kind != "failed":
-                continue
-            at = conn.execute(sa.select(steps.c.next_attempt_at).where(
-                steps.c.execution_id == o.execution_id, steps.c.key == o.key,
-                steps.c.status == StepStatus.RETRYING.value)).scalar()
-            if at is not None:
-                result.retry_at.append((at, Delivery(o.execution_id, o.key)))
+        result.retry_at = tx.retries_due([o for o in work.outcomes if o.kind == "failed"])
     result.ready = tx.ready
     return result
 

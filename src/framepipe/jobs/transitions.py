@@ -23,11 +23,7 @@ from framepipe.backends.state.event_log import insert_events
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.records import upsert_ledger
-from framepipe.jobs.rounds import (
-    Claimed,
-    Delivery,
-    Outcome,
-)
+from framepipe.jobs.rounds import Claimed, Delivery, Outcome, ProgressUpdate
 from framepipe.jobs.rules import (
     StepPlan,
     after_failure,
@@ -261,6 +257,28 @@ class Transaction:
                     published_at=now)).rowcount
             x.active += n
         self.ready.extend(Delivery(x.id, k) for k in keys)
+
+    def progress(self, x: ExecutionRow, p: ProgressUpdate) -> None:
+        """Commit a running attempt's progress report (nothing if fenced)."""
+        if self.conn.execute(steps.update().where(
+                steps.c.execution_id == x.id, steps.c.key == p.key,
+                steps.c.attempt == p.attempt, steps.c.status == StepStatus.RUNNING.value)
+                .values(progress=p.pct, message=p.message)).rowcount:
+            x.wsum += p.weight * (p.pct - p.before)
+            self.emit("step.progress", x, p.key, {
+                "progress": p.pct, "message": p.message,
+                "execution_progress": x.refresh_progress()})
+
+    def retries_due(self, failed: Sequence[Outcome]) -> list[tuple[float, Delivery]]:
+        """When each of the ``failed`` attempts that is to be retried runs again."""
+        due: list[tuple[float, Delivery]] = []
+        for o in failed:
+            at = self.conn.execute(sa.select(steps.c.next_attempt_at).where(
+                steps.c.execution_id == o.execution_id, steps.c.key == o.key,
+                steps.c.status == StepStatus.RETRYING.value)).scalar()
+            if at is not None:
+                due.append((at, Delivery(o.execution_id, o.key)))
+        return due
 
     def complete(self, x: ExecutionRow, done: list[Outcome]) -> list[Outcome]:
         """Commit completions; return the fenced ones (not committed)."""

@@ -563,33 +563,11 @@ class DetectorHub:
                                        "or connection; this answer is ignored"})
             return
         role = registered.role
-        if session_id is not None:
-            if role == "end":
-                owner = self._owners.get(session_id)
-                problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
-            else:
-                was_new = session_id not in self._owners
-                problem = self._claim(conn, session_id, fields, "message")
-                if problem is None and was_new:
-                    await self._notify()
-            if problem is not None:
-                await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
-                return
+        if session_id is not None and not await self._may_use(conn, session_id, role, fields,
+                                                              kind):
+            return
         if role in ("answer", "progress"):
-            if pending is None:
-                if not isinstance(request_id, str):
-                    await conn.send({"type": "error", "field": "message.request_id",
-                                     "detail": f"{kind} answers a request: it needs the "
-                                               "request_id of that request"})
-                return  # the answer to a request nobody waits for any more (timed out, retried)
-            if role == "progress":
-                if pending.on_progress is not None:
-                    try:
-                        pending.on_progress(message)
-                    except Exception as exc:  # e.g. the step was cancelled: stop reporting
-                        _log.debug("progress callback of %s raised %r", pending.what, exc)
-            elif not pending.future.done():
-                pending.future.set_result(message)
+            await self._answered(conn, kind, role, message, pending, request_id)
             return
         if role == "end" and session_id is not None:
             self._sessions.pop(session_id, None)
@@ -603,6 +581,42 @@ class DetectorHub:
             _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
             await conn.send({"type": "error", "detail": f"{kind} failed: {exc}",
                              "session_id": session_id})
+
+
+    async def _may_use(self, conn: DetectorConnection, session_id: str, role: str,
+                       fields: dict[str, Any], kind: str) -> bool:
+        """Whether ``conn`` may send a ``kind`` message about ``session_id``: it owns the
+        session, or claims it now (an ``end`` claims nothing). A refusal is sent back."""
+        if role == "end":
+            owner = self._owners.get(session_id)
+            problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
+        else:
+            was_new = session_id not in self._owners
+            problem = self._claim(conn, session_id, fields, "message")
+            if problem is None and was_new:
+                await self._notify()
+        if problem is not None:
+            await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
+        return problem is None
+
+    async def _answered(self, conn: DetectorConnection, kind: str, role: str,
+                        message: dict[str, Any], pending: _Pending | None,
+                        request_id: object) -> None:
+        """An answer or a progress report to the request ``request_id`` (``pending``)."""
+        if pending is None:
+            if not isinstance(request_id, str):
+                await conn.send({"type": "error", "field": "message.request_id",
+                                 "detail": f"{kind} answers a request: it needs the "
+                                           "request_id of that request"})
+            return  # the answer to a request nobody waits for any more (timed out, retried)
+        if role == "progress":
+            if pending.on_progress is not None:
+                try:
+                    pending.on_progress(message)
+                except Exception as exc:  # e.g. the step was cancelled: stop reporting
+                    _log.debug("progress callback of %s raised %r", pending.what, exc)
+        elif not pending.future.done():
+            pending.future.set_result(message)
 
 
 async def _receive(websocket: WebSocket) -> str | bytes | None:

@@ -298,24 +298,13 @@ class VideoSource(Source):
                 frame_time = 1.0 / float(rate) if rate else 0.04
                 if rate:
                     self.fps = float(rate)
-                count, bad_packets = 0, 0
+                count, bad = 0, [0]
                 first_time: float | None = None
                 last_pts = next_pts
                 for packet in container.demux(stream):
                     if channel.stopped.is_set():
                         raise _Stopped
-                    try:
-                        decoded = packet.decode()
-                        bad_packets = 0
-                    except av.error.InvalidDataError as exc:
-                        bad_packets += 1
-                        if not self.is_network or bad_packets > _MAX_BAD_PACKETS:
-                            raise self._fail(f"corrupt or truncated data after {count} frames "
-                                             f"of pass {passes + 1}", exc) from exc
-                        if bad_packets == 1:
-                            self._log.warning("skipping undecodable packet: %s", exc)
-                        continue
-                    for frame in decoded:
+                    for frame in self._decode_packet(packet, bad, count, passes):
                         ts = now_ms()
                         time_s = frame.time
                         if time_s is None:
@@ -340,11 +329,7 @@ class VideoSource(Source):
                             pacer.wait_until(pts)
                         if not channel.put_frame(_Decoded(image, pts, ts, meta)):
                             raise _Stopped
-                expected = int(stream.frames or 0)
-                if (not self.is_network and expected > 0
-                        and count < expected - max(2, expected // 100)):
-                    raise self._fail(f"truncated file: decoded {count} frames of the {expected} "
-                                     "its header announces")
+                self._check_complete(stream, count)
             finally:
                 container.close()
             if not self.loop:
@@ -353,6 +338,32 @@ class VideoSource(Source):
                 raise self._fail("cannot loop: the file has no frames")
             passes += 1
             next_pts = last_pts + frame_time
+
+    def _decode_packet(self, packet: Any, bad: list[int], count: int,
+                       passes: int) -> list[Any]:
+        """The frames of ``packet``. An undecodable packet of a network stream is skipped
+        (``bad[0]`` counts them in a row) until more than a few come in a row; in a file it
+        fails the source, naming how far it got."""
+        try:
+            decoded: list[Any] = packet.decode()
+        except av.error.InvalidDataError as exc:
+            bad[0] += 1
+            if not self.is_network or bad[0] > _MAX_BAD_PACKETS:
+                raise self._fail(f"corrupt or truncated data after {count} frames "
+                                 f"of pass {passes + 1}", exc) from exc
+            if bad[0] == 1:
+                self._log.warning("skipping undecodable packet: %s", exc)
+            return []
+        bad[0] = 0
+        return decoded
+
+    def _check_complete(self, stream: Any, count: int) -> None:
+        """Fail a file that ended well before the frame count its header announces."""
+        expected = int(stream.frames or 0)
+        if (not self.is_network and expected > 0
+                and count < expected - max(2, expected // 100)):
+            raise self._fail(f"truncated file: decoded {count} frames of the {expected} "
+                             "its header announces")
 
     def _to_bgr(self, frame: Any) -> Image:
         name = frame.format.name
