@@ -81,10 +81,10 @@ def test_only_the_store_modules_query_the_jobs_tables() -> None:
 
 
 def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
-    """The embedded engine and the worker run an attempt through jobs/running.py and take their
-    scheduling decisions from jobs/rules.py; neither calls a step function or checks an output
-    itself."""
-    for name in ("engine.py", "worker.py"):
+    """The embedded engine's scheduler and the worker run an attempt through jobs/running.py and
+    take their scheduling decisions from jobs/rules.py; neither calls a step function or checks
+    an output itself."""
+    for name in ("scheduler.py", "worker.py"):
         source = (SRC / "jobs" / name).read_text()
         imports = _imports(SRC / "jobs" / name)
         assert "framepipe.jobs.running" in imports, name

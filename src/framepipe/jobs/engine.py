@@ -1,41 +1,31 @@
 """The job engine: runs executions of pipelines, in-process, durable in the state store.
 
-How it works: one scheduler task on the event loop owns all in-memory state. Steps run in a
-thread pool (sync functions) or on the loop (``async def``); they talk to the scheduler only by
-posting messages (progress, spawn, outcome). The scheduler drains its inbox, applies the changes
-in memory, and commits them in **one transaction per round** (group commit), in a dedicated
-database thread; only after that commit does it publish the round's events and start the steps
-the round made ready. So a step never starts before its dependencies' completion is durable, and
-every event a subscriber sees is already on disk.
+:class:`JobEngine` is the public face of the embedded mode (submit, wait, run, retry, cancel,
+interrupt) and the submitter of the distributed one (``FRAMEPIPE_BROKER_URL`` / ``jobs_mode``:
+executions are handed to ``framepipe worker`` processes through :mod:`framepipe.jobs.dispatch`
+and followed through the store). How embedded executions run is :mod:`framepipe.jobs.scheduler`
+(in-memory state, group commit), by the rules of :mod:`framepipe.jobs.rules`, the same as on
+the workers.
 
 Failure policy (fail fast): when a step fails for good, nothing new starts in its execution;
 steps already running are allowed to finish and their results are kept, so ``retry`` does not
 redo them. ``cancel`` (and Ctrl-C/SIGTERM) also asks running steps to stop: ``ctx.progress`` and
 ``ctx.check_cancelled`` raise :class:`StepCancelledError` in them, and ``async`` steps are
-cancelled.
-
-The rules (dependencies, readiness, retries, fail-fast, stuck detection, progress) are those
-of :mod:`framepipe.jobs.rules`, and a step's attempt runs through :mod:`framepipe.jobs.running`,
-as on the workers; this module holds the in-memory state and the in-process delivery.
+cancelled. In both modes an execution is reported finished only once none of its steps runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import sqlalchemy as sa
-import tenacity
-
-from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import (
@@ -47,17 +37,13 @@ from framepipe.errors import (
 )
 from framepipe.events import Event, EventBus
 from framepipe.jobs import dispatch
-from framepipe.jobs.context import Progressed, Spawned, StepContext, StepMessage
 from framepipe.jobs.inputs import recorded_roots
-from framepipe.jobs.journal import Journal
 from framepipe.jobs.keys import canonical_json
-from framepipe.jobs.memory import ExecState, Finished, StepState
+from framepipe.jobs.memory import ExecState
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
-from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import (
     Batch,
-    cancel_requested,
     execution_mode,
     execution_status,
     get_execution,
@@ -68,15 +54,7 @@ from framepipe.jobs.records import (
 )
 from framepipe.jobs.recovery import recover_for
 from framepipe.jobs.rounds import Delivery
-from framepipe.jobs.rules import (
-    after_failure,
-    failed_error,
-    interrupted_status,
-    is_ready,
-    released_by_names,
-    stuck_error,
-)
-from framepipe.jobs.running import run_attempt, run_attempt_async
+from framepipe.jobs.scheduler import Scheduler
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.untrusted import check_json, check_size
@@ -90,7 +68,7 @@ T = TypeVar("T")
 _log = get_logger("jobs.engine")
 
 
-class JobEngine:
+class JobEngine(Scheduler):
     """Runs executions of pipelines in this process, durable in a :class:`StateStore`.
 
     Use as an async context manager (``async with JobEngine() as engine``), then
@@ -102,42 +80,19 @@ class JobEngine:
     def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
                  objects: ObjectStore | None = None, concurrency: int | None = None,
                  bus: EventBus | None = None) -> None:
-        self.settings = settings or load_settings()
+        settings = settings or load_settings()
         self._own_store = store is None
-        self.store = store or StateStore(self.settings.resolved_database_url,
-                                         sqlite_synchronous=self.settings.sqlite_synchronous)
-        self._objects = objects
-        self.concurrency = concurrency or self.settings.concurrency
-        self.bus = bus or EventBus()
-        self.owner = this_owner(uuid.uuid4().hex[:8])
+        super().__init__(store or StateStore(settings.resolved_database_url,
+                                             sqlite_synchronous=settings.sqlite_synchronous),
+                         settings=settings, objects=objects,
+                         concurrency=concurrency or settings.concurrency,
+                         bus=bus or EventBus(), owner=this_owner(uuid.uuid4().hex[:8]))
         self._pipelines: dict[str, Pipeline] = {}
-        self._execs: dict[str, ExecState] = {}
-        self._inbox: collections.deque[StepMessage | Finished] = collections.deque()
-        self._ready: collections.deque[StepState] = collections.deque()
-        self._dirty_steps: dict[int, StepState] = {}
-        self._dirty_execs: dict[str, ExecState] = {}
-        self._events: list[Event] = []
-        self._progress_events: dict[tuple[str, str], Event] = {}
-        self._ledger_rows: list[dict[str, Any]] = []
-        self._after_commit: list[Callable[[], None]] = []
-        self._running = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._db: ThreadPoolExecutor | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
         self._fatal: BaseException | None = None
-        self._scheduling = True
         self._broker: StepDelivery | None = None
-        self._write_retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
-            stop=tenacity.stop_after_delay(120), reraise=True,
-            before_sleep=lambda rs: _log.warning(
-                "state store write failed (%s); retrying",
-                rs.outcome.exception() if rs.outcome else None))
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -147,12 +102,8 @@ class JobEngine:
             raise ExecutionStateError("the job engine is closed")
         if self._started:
             return self
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
-        self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
+        self._open()
         self._started = True
-        self._journal = Journal(self.settings.run_dir, self.owner)
         events = await self._in_db(self._recover)
         self.bus.publish(events)
         self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
@@ -196,15 +147,9 @@ class JobEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._flush()
-        assert self._pool is not None
-        assert self._db is not None
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._db.shutdown(wait=True)
-        self._journal.close()
+        self._close()
         if self._broker is not None:
             self._broker.close()
-        if self._objects is not None and self._own_objects:
-            self._objects.close()
         if self._own_store:
             self.store.close()
 
@@ -213,16 +158,6 @@ class JobEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    _own_objects = False
-
-    @property
-    def objects(self) -> ObjectStore:
-        """The object store given steps as ``ctx.objects`` (opened on first use)."""
-        if self._objects is None:
-            self._objects = open_object_store(self.settings.resolved_objects_url)
-            self._own_objects = True
-        return self._objects
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -468,425 +403,6 @@ class JobEngine:
     def active_executions(self) -> list[str]:
         """Ids of the executions this engine is running."""
         return list(self._execs)
-
-    # -- building the in-memory graph -------------------------------------------------------
-
-    def _adopt(self, x: ExecState, step_rows: list[dict[str, Any]], *,
-               dirty: bool = False) -> None:
-        self._execs[x.id] = x
-        x.add_rows(step_rows)
-        for s in x.steps.values():
-            self._count(x, s, +1)
-        for s in x.steps.values():
-            self._link(s)
-            if dirty:
-                self._dirty_steps[id(s)] = s
-        for s in list(x.steps.values()):
-            if s.status is StepStatus.PENDING and is_ready(s.waiting, s.name_deps,
-                                                           running=x.stopping is None):
-                self._make_ready(s)
-        self._recompute_progress(x)
-        self._check_quiescent(x)
-        self._wakeup()
-
-    def _count(self, x: ExecState, s: StepState, sign: int) -> None:
-        self._running += x.count(s, sign)
-
-    def _set(self, s: StepState, status: StepStatus) -> None:
-        x = s.x
-        self._count(x, s, -1)
-        s.status = status
-        self._count(x, s, +1)
-        self._dirty_steps[id(s)] = s
-
-    def _link(self, s: StepState) -> None:
-        missing = s.x.link(s)
-        if missing is not None:
-            self._stop_execution(s.x, ExecutionStatus.FAILED, missing)
-
-    # -- the scheduler ----------------------------------------------------------------------
-
-    def _wakeup(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _post(self, message: StepMessage | Finished) -> None:
-        """Called from step threads (and the loop): queue a message for the scheduler."""
-        self._inbox.append(message)
-        loop = self._loop
-        if loop is not None and self._wake is not None and not self._wake.is_set():
-            with contextlib.suppress(RuntimeError):  # loop closed: the engine is gone
-                loop.call_soon_threadsafe(self._wake.set)
-
-    async def _scheduler(self) -> None:
-        """Drain messages and start ready steps continuously; commit in the background.
-
-        One commit is in flight at a time; what happens meanwhile goes into the next one, so
-        under load many state changes share one transaction (group commit)."""
-        assert self._wake is not None
-        commit: asyncio.Task[None] | None = None
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                self._drain()
-                self._dispatch()
-                if commit is not None and commit.done():
-                    commit.result()
-                    commit = None
-                if commit is None and self._has_changes():
-                    commit = asyncio.create_task(self._flush())
-                    commit.add_done_callback(lambda _t: self._wakeup())
-        except asyncio.CancelledError:
-            if commit is not None:
-                await commit
-            raise
-
-    def _has_changes(self) -> bool:
-        return bool(self._dirty_steps or self._dirty_execs or self._events or self._ledger_rows
-                    or self._progress_events or self._after_commit)
-
-    def _drain(self) -> None:
-        while self._inbox:
-            message = self._inbox.popleft()
-            x = self._execs.get(message.execution_id)
-            if x is None:
-                continue
-            if isinstance(message, Progressed):
-                self._on_progress(x, message.step_key, message.pct, message.message)
-            elif isinstance(message, Spawned):
-                self._on_spawn(x, message.spawner, message.name, message.params, message.key,
-                               message.deps)
-            else:
-                self._on_outcome(x, message)
-        for x in list(self._execs.values()):
-            self._check_quiescent(x)
-
-    async def _flush(self) -> None:
-        if not self._has_changes():
-            return
-        batch = Batch()
-        for s in self._dirty_steps.values():
-            (batch.new_steps if s.new else batch.steps).append(s.row())
-            s.new = False
-        batch.new_steps.sort(key=lambda r: r["seq"])
-        self._dirty_steps = {}
-        for x in self._dirty_execs.values():
-            batch.executions.append({k: x.row[k] for k in (
-                "id", "status", "progress", "error", "owner", "heartbeat_at", "runs",
-                "started_at", "finished_at")})
-        self._dirty_execs = {}
-        batch.events = self._events
-        batch.events.extend(self._progress_events.values())
-        self._events, self._progress_events = [], {}
-        batch.ledger, self._ledger_rows = self._ledger_rows, []
-        after, self._after_commit = self._after_commit, []
-        committed = await self._in_db(self._write, batch)
-        self.bus.publish(committed)
-        for fn in after:
-            fn()
-
-    def _write(self, batch: Batch) -> list[Event]:
-        """Commit a batch; a lost connection (server restart, lock timeout) is retried."""
-        for attempt in self._write_retrying:
-            with attempt:
-                return write_batch(self.store, batch)
-        raise AssertionError("unreachable")
-
-    async def _in_db(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._db, fn, *args)
-
-    def _emit(self, event: Event) -> None:
-        self._events.append(event)
-
-    def _mark_exec(self, x: ExecState) -> None:
-        self._dirty_execs[x.id] = x
-
-    # -- transitions ----------------------------------------------------------------------------
-
-    def _make_ready(self, s: StepState) -> None:
-        x = s.x
-        x.name_waiters.pop(s.key, None)
-        if x.stopping is not None:
-            return
-        self._set(s, StepStatus.READY)
-
-        def enqueue() -> None:
-            if s.status is StepStatus.READY:
-                s.ready_at = time.time()  # stored with the step's start, not a write of its own
-                self._ready.append(s)
-
-        self._after_commit.append(enqueue)
-
-    def _dispatch(self) -> None:
-        while self._ready and self._running < self.concurrency and self._scheduling:
-            s = self._ready.popleft()
-            x = s.x
-            if s.status is not StepStatus.READY or x.id not in self._execs:
-                continue
-            if x.stopping is not None:
-                self._set(s, StepStatus.PENDING)
-                continue
-            self._start(s)
-
-    def _start(self, s: StepState) -> None:
-        x = s.x
-        s.attempt += 1
-        s.started_at = time.time()
-        s.message = None
-        s.next_attempt_at = None
-        self._set(s, StepStatus.RUNNING)
-        self._set_progress(s, 0.0)
-        self._emit(Event("step.started", s.started_at, x.id, s.key, {"attempt": s.attempt}))
-        ctx = StepContext(pipeline=x.pipeline, execution_id=x.id, step_key=s.key,
-                          step_name=s.name, attempt=s.attempt, inputs=x.inputs,
-                          data=x.data_view(), params=s.params, store=self.store,
-                          objects=lambda: self.objects, post=self._post,
-                          has_key=x.steps.__contains__, input_roots=x.input_roots,
-                          deps_of=x.deps_of)
-        s.ctx = ctx
-        self._journal.started(x.id, s.key)
-        if s.step.is_async:
-            s.task = asyncio.create_task(self._run_async(s, ctx))
-        else:
-            assert self._pool is not None
-            self._pool.submit(self._run_sync, s, ctx)
-
-    def _run_sync(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(Finished(s, ctx, run_attempt(
-            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
-
-    async def _run_async(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(Finished(s, ctx, await run_attempt_async(
-            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
-
-    def _ran(self, outcome: Finished) -> None:
-        """The step's attempt is done (in its own thread or task): tell the scheduler."""
-        self._journal.ended(outcome.step.x.id, outcome.step.key)
-        self._post(outcome)
-
-    def _on_progress(self, x: ExecState, key: str, pct: float, message: str | None) -> None:
-        s = x.steps.get(key)
-        if s is None or s.status is not StepStatus.RUNNING:
-            return
-        s.message = message
-        self._set_progress(s, pct)
-        self._dirty_steps[id(s)] = s
-        self._progress_events[(x.id, key)] = Event(
-            "step.progress", time.time(), x.id, key,
-            {"progress": pct, "message": message, "execution_progress": x.row["progress"]})
-
-    def _on_spawn(self, x: ExecState, spawner: str, name: str, params: dict[str, Any], key: str,
-                  deps: list[str]) -> None:
-        if key in x.steps:
-            return
-        now = time.time()
-        step = x.pipeline.steps[name]
-        row = x.new_step_row(step, params, key, deps, spawner, now)
-        s = StepState(x, row, step)
-        s.new = True
-        x.steps[key] = s
-        self._count(x, s, +1)
-        self._dirty_steps[id(s)] = s
-        x.wtotal += s.weight
-        self._link(s)
-        self._emit(Event("step.spawned", now, x.id, key,
-                         {"name": name, "params": params, "depends_on": s.deps,
-                          "spawned_by": spawner}))
-        if is_ready(s.waiting, s.name_deps, running=x.stopping is None):
-            self._make_ready(s)
-        self._recompute_progress(x)
-
-    def _on_outcome(self, x: ExecState, outcome: Finished) -> None:
-        s, ctx = outcome.step, outcome.ctx
-        if s.status is not StepStatus.RUNNING or s.ctx is not ctx:
-            _log.warning("[%s] late result of step %s ignored (the step was %s)", x.label,
-                         s.key, s.status.value)
-            return
-        s.ctx = None
-        s.task = None
-        now = time.time()
-        s.finished_at = now
-        self._progress_events.pop((x.id, s.key), None)
-        ran = outcome.ran
-        if ran.error is None:
-            self._complete(x, s, ran.output or {}, ran.ledger_rows, now)
-        else:
-            self._fail(x, s, ran.error, now)
-        if x.stopping is not None and x.running == 0:
-            self._finalize(x)
-
-    def _complete(self, x: ExecState, s: StepState, output: dict[str, Any],
-                  ledger_rows: list[dict[str, Any]], now: float) -> None:
-        s.output = output
-        s.error = None
-        s.done_seq = x.next_done_seq
-        x.next_done_seq += 1
-        self._set(s, StepStatus.COMPLETED)
-        self._set_progress(s, 100.0)
-        if output:
-            x.data.update(output)
-            x.snapshot = None
-        self._ledger_rows.extend(ledger_rows)
-        self._emit(Event("step.completed", now, x.id, s.key,
-                         {"attempt": s.attempt, "duration": now - (s.started_at or now),
-                          "execution_progress": x.row["progress"]}))
-        for d in s.dependents:
-            d.waiting -= 1
-            if d.status is StepStatus.PENDING and is_ready(d.waiting, d.name_deps,
-                                                           running=x.stopping is None):
-                self._make_ready(d)
-        s.dependents = []
-        if x.unfinished == 0 and x.stopping is None:
-            self._finish(x, ExecutionStatus.COMPLETED, None)
-
-    def _fail(self, x: ExecState, s: StepState, exc: BaseException, now: float) -> None:
-        text = error_text(exc)
-        s.error = text
-        if x.stopping is not None and x.stopping is not ExecutionStatus.FAILED:
-            s.error = text.splitlines()[0]
-            status = interrupted_status(x.stopping)
-            self._set(s, status)
-            self._emit(Event("step.cancelled" if status is StepStatus.CANCELLED
-                             else "step.interrupted", now, x.id, s.key, {"attempt": s.attempt}))
-            return
-        s.failures += 1
-        delay = after_failure(s.failures, RetryPolicy.of(s.step, self.settings),
-                              permanent=is_permanent(exc), running=x.stopping is None)
-        if delay is not None:
-            s.next_attempt_at = now + delay
-            self._set(s, StepStatus.RETRYING)
-            _log.warning("[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                         x.label, s.key, s.failures, s.step.retries + 1, delay,
-                         text.splitlines()[0])
-            self._emit(Event("step.retrying", now, x.id, s.key,
-                             {"attempt": s.attempt, "error": text.splitlines()[0],
-                              "delay": delay}))
-            assert self._loop is not None
-            s.timer = self._loop.call_later(delay, self._retry_due, s)
-            return
-        self._set(s, StepStatus.FAILED)
-        summary = failed_error(x.pipeline.name, s.key, s.failures, text)
-        _log.error("[%s] %s", x.label, summary)
-        self._emit(Event("step.failed", now, x.id, s.key,
-                         {"attempt": s.attempt, "error": text.splitlines()[0],
-                          "traceback": text}))
-        self._stop_execution(x, ExecutionStatus.FAILED, summary)
-
-    def _retry_due(self, s: StepState) -> None:
-        s.timer = None
-        if s.status is StepStatus.RETRYING and s.x.stopping is None:
-            self._set(s, StepStatus.PENDING)
-            self._make_ready(s)
-            self._wakeup()
-
-    def _stop_execution(self, x: ExecState, reason: ExecutionStatus, error: str) -> None:
-        if x.stopping is not None:
-            if reason is ExecutionStatus.CANCELLED and x.stopping is not ExecutionStatus.FAILED:
-                x.stopping = reason
-            return
-        x.stopping = reason
-        x.row["error"] = error
-        for s in x.steps.values():
-            if s.timer is not None:
-                s.timer.cancel()
-                s.timer = None
-            if s.status is StepStatus.RUNNING and reason is not ExecutionStatus.FAILED:
-                if s.ctx is not None:
-                    s.ctx._cancel.set()
-                if s.task is not None:
-                    s.task.cancel()
-        if x.running == 0:
-            self._finalize(x)
-
-    def _finalize(self, x: ExecState, *, force: bool = False) -> None:
-        """End a stopping execution once no step of it runs (or at once with ``force``)."""
-        if x.id not in self._execs or x.stopping is None:
-            return
-        if x.running and not force:
-            return
-        cancelled = x.stopping is ExecutionStatus.CANCELLED
-        end = StepStatus.CANCELLED if cancelled else StepStatus.PENDING
-        for s in x.steps.values():
-            if s.status in (StepStatus.READY, StepStatus.RETRYING, StepStatus.RUNNING) or (
-                    s.status is StepStatus.PENDING and end is StepStatus.CANCELLED):
-                if s.ctx is not None:
-                    s.ctx._cancel.set()
-                    s.ctx = None
-                self._set(s, end)
-        self._finish(x, x.stopping, x.row["error"])
-
-    def _finish(self, x: ExecState, status: ExecutionStatus, error: str | None) -> None:
-        now = time.time()
-        x.row.update(status=status.value, error=error, finished_at=now)
-        if status is ExecutionStatus.COMPLETED:
-            x.row["progress"] = 100.0
-        self._mark_exec(x)
-        started = x.row.get("started_at") or now
-        self._emit(Event(f"execution.{status.value}", now, x.id, None,
-                         {"error": error, "duration": now - started,
-                          "progress": x.row["progress"], "steps": len(x.steps)}))
-        log = _log.info if status is ExecutionStatus.COMPLETED else _log.error
-        log("[%s] execution %s%s", x.label, status.value, f": {error}" if error else "")
-        del self._execs[x.id]
-
-        def release() -> None:
-            for f in x.waiters:
-                if not f.done():
-                    f.set_result(None)
-
-        self._after_commit.append(release)
-
-    def _check_quiescent(self, x: ExecState) -> None:
-        if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
-            return
-        waiters = {s.key: s.name_deps for s in x.name_waiters.values()
-                   if s.status is StepStatus.PENDING and s.waiting == 0}
-        open_names = [name for name, n in x.unfinished_by_name.items() if n > 0]
-        released = released_by_names(waiters, open_names)
-        for key in released:
-            self._make_ready(x.steps[key])
-        if released:
-            return
-        stuck = sorted((s for s in x.steps.values() if s.status is StepStatus.PENDING),
-                       key=lambda s: s.seq)
-        self._stop_execution(x, ExecutionStatus.FAILED, stuck_error(
-            x.pipeline.name, len(stuck), [(s.key, s.deps) for s in stuck[:5]]))
-
-    # -- progress -------------------------------------------------------------------------------
-
-    def _set_progress(self, s: StepState, pct: float) -> None:
-        if s.x.set_progress(s, pct):
-            self._mark_exec(s.x)
-
-    def _recompute_progress(self, x: ExecState) -> None:
-        if x.recompute_progress():
-            self._mark_exec(x)
-
-    # -- heartbeat and remote cancel --------------------------------------------------------
-
-    async def _heartbeat(self) -> None:
-        interval = self.settings.heartbeat_interval
-        while True:
-            await asyncio.sleep(interval)
-            if not self._execs:
-                continue
-            now = time.time()
-            for x in self._execs.values():
-                x.row["heartbeat_at"] = now
-                self._mark_exec(x)
-            self._journal.compact([(x.id, s.key) for x in self._execs.values()
-                                   for s in x.steps.values() if s.status is StepStatus.RUNNING])
-            ids = list(self._execs)
-            cancelled = await self._in_db(cancel_requested, self.store, ids)
-            for execution_id in cancelled:
-                target = self._execs.get(execution_id)
-                if target is not None:
-                    _log.info("[%s] cancel requested through the store", target.label)
-                    self._stop_execution(target, ExecutionStatus.CANCELLED,
-                                         "cancelled by request")
-            self._wakeup()
 
     def _check_started(self) -> None:
         if self._closed:
