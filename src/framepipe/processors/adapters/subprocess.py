@@ -1,0 +1,173 @@
+"""Models run as commands: :class:`SubprocessModel`, one process per call, talking through
+``progress: N`` and ``frames_path: P`` lines on its stdout.
+
+Guarantees: the process runs in its own session, and its whole process group is killed
+(SIGKILL) on timeout, on cancellation and when it exits (children it left behind); a non-zero
+exit is a retryable :class:`~framepipe.errors.ModelError` carrying the exit code and the last
+lines of stderr; no ``frames_path`` line is a :class:`~framepipe.errors.ModelOutputError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from framepipe.errors import ConfigError, ModelError, ModelOutputError
+from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
+
+__all__ = ["DEFAULT_ARGV", "SubprocessModel"]
+
+log = logging.getLogger("framepipe.models")
+
+_PROGRESS = re.compile(r"^\s*progress:\s*([-+]?\d+(?:\.\d+)?)\s*%?\s*$", re.IGNORECASE)
+_FRAMES = re.compile(r"^\s*frames_path:\s*(.+?)\s*$", re.IGNORECASE)
+
+DEFAULT_ARGV = ("{python}", "{script}", "--input", "{input}", "--prompt", "{prompt}",
+                "--style", "{style}", "--seed", "{seed}", "--output-dir", "{output_dir}")
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class SubprocessModel(ModelAdapter):
+    """A model run as a command, one process per call.
+
+    By default the command is ``{python} {script} --input {input} --prompt {prompt} --style
+    {style} --seed {seed} --output-dir {output_dir}``; pass ``argv`` (a list of templates with
+    those fields) for another one. Extra ``infer`` options are appended as ``--key value``
+    (underscores become dashes; ``True`` gives a bare ``--key``; ``False``/None are left out).
+
+    Its stdout is read line by line: ``progress: N`` goes to the progress callback,
+    ``frames_path: P`` is the result (the last such line wins; a relative path is relative to
+    ``cwd``); other lines are logged at DEBUG. The process runs in a new session (its own
+    process group): on timeout or cancellation the **whole group** is killed (SIGKILL), and
+    so are children it left behind when it exits.
+
+    Failures: a non-zero exit is a (retryable) :class:`ModelError` with ``exit_code`` and the
+    last lines of stderr; no ``frames_path`` line, or a path that is not a directory, is a
+    :class:`ModelOutputError`; a timeout a :class:`ModelTimeoutError`.
+    """
+
+    def __init__(self, script: PathLike | None = None, *, argv: Sequence[str] | None = None,
+                 python: str = sys.executable, cwd: PathLike | None = None,
+                 env: Mapping[str, str] | None = None, name: str | None = None,
+                 timeout: float | None = None, max_retries: int = 0,
+                 retry_initial: float = 1.0, retry_max: float = 30.0,
+                 stderr_lines: int = 20) -> None:
+        if script is None and argv is None:
+            raise ValueError("SubprocessModel needs a script or an argv template")
+        super().__init__(name=name, timeout=timeout, max_retries=max_retries,
+                         retry_initial=retry_initial, retry_max=retry_max)
+        self.script = None if script is None else Path(script)
+        self.argv = tuple(argv) if argv is not None else DEFAULT_ARGV
+        self.python = python
+        self.cwd = None if cwd is None else Path(cwd)
+        self.env = None if env is None else dict(env)
+        self.stderr_lines = stderr_lines
+
+    @property
+    def target(self) -> str:
+        return str(self.script) if self.script is not None else " ".join(self.argv)
+
+    def command(self, input_path: PathLike, *, prompt: str = "", style: str = "default",
+                seed: int = 0, output_dir: PathLike, **options: Any) -> list[str]:
+        """The argv of one call."""
+        values = {"python": self.python, "script": str(self.script or ""),
+                  "input": str(input_path), "prompt": prompt, "style": style, "seed": str(seed),
+                  "output_dir": str(output_dir)}
+        try:
+            argv = [part.format_map(values) for part in self.argv]
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ConfigError(f"{self.describe()}: bad argv template {list(self.argv)}: {exc}"
+                              ) from exc
+        for key, value in options.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not None and value is not False:
+                argv += [flag, str(value)]
+        return argv
+
+    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
+                          output_dir: Path, progress: Callable[[float], None],
+                          options: Mapping[str, Any]) -> ModelResult:
+        argv = self.command(input_path, prompt=prompt, style=style, seed=seed,
+                            output_dir=output_dir, **options)
+        env = None if self.env is None else {**os.environ, **self.env}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, cwd=self.cwd, env=env, start_new_session=True)
+        except OSError as exc:
+            raise ModelError(f"{self.describe()}: cannot start {argv[0]!r}: {exc}",
+                             model=self.describe()) from exc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        frames: list[str] = []
+        other: list[str] = []
+        tail: deque[str] = deque(maxlen=self.stderr_lines)
+        reader = asyncio.create_task(self._read_stdout(proc.stdout, progress, frames, other))
+        errors = asyncio.create_task(self._read_stderr(proc.stderr, tail))
+        waiter = asyncio.create_task(proc.wait())
+        try:
+            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reader.result()  # a progress callback that raised (e.g. the step is cancelled)
+            code = await waiter
+            _kill_group(proc.pid)  # children it left behind, which may hold the pipes open
+            await asyncio.wait_for(asyncio.gather(reader, errors), 10)
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                await asyncio.wait({waiter}, timeout=10)
+            _kill_group(proc.pid)
+            for task in (reader, errors, waiter):
+                task.cancel()
+        stderr_tail = "\n".join(tail)
+        if code != 0:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            raise ModelError(f"{self.describe()} {how}" +
+                             (f"; stderr:\n{stderr_tail}" if stderr_tail else " (no stderr)"),
+                             model=self.describe(), retryable=True, exit_code=code,
+                             stderr_tail=stderr_tail)
+        if not frames:
+            raise ModelOutputError(
+                f"{self.describe()} exited 0 without printing a 'frames_path: PATH' line" +
+                (f"; stderr:\n{stderr_tail}" if stderr_tail else ""),
+                model=self.describe(), exit_code=0, stderr_tail=stderr_tail)
+        path = Path(frames[-1])
+        if not path.is_absolute():
+            path = (self.cwd or Path.cwd()) / path
+        return ModelResult(path, {"stdout": other} if other else {})
+
+    async def _read_stdout(self, stream: asyncio.StreamReader,
+                           progress: Callable[[float], None], frames: list[str],
+                           other: list[str]) -> None:
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            if match := _PROGRESS.match(line):
+                progress(float(match.group(1)))
+            elif match := _FRAMES.match(line):
+                frames.append(match.group(1))
+            elif line.strip():
+                log.debug("%s: %s", self.describe(), line)
+                if len(other) < 100:
+                    other.append(line)
+
+    @staticmethod
+    async def _read_stderr(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            if line.strip():
+                tail.append(line)
