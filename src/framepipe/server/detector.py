@@ -1,5 +1,5 @@
-"""Host-side detectors over a WebSocket: the hub and its endpoint, generic over what the
-detectors report.
+"""Host-side detectors over a WebSocket: the hub, generic over what the detectors report (its
+endpoint, ``/ws/detector``, is :mod:`framepipe.server.detector_endpoint`).
 
 A *detector* is a small process on the machine that has some device the service must not touch
 itself (the SD-card reader of ``examples/sd_import``, which copies files off cards when asked).
@@ -23,28 +23,10 @@ or end), and what a detector announces about a session is the application's sess
 model: see :mod:`framepipe.server.detector_messages`. ``examples/sd_import/sd_messages.py``
 registers the SD-card import's vocabulary so.
 
-What :class:`DetectorHub` guarantees:
+What :class:`DetectorHub` guarantees (what its endpoint guarantees, the token, the hello, the
+checking of every message at the boundary before the hub sees it and the forgetting of every
+ended connection, is in :mod:`framepipe.server.detector_endpoint`):
 
-* a connection that does not present the token is refused (see
-  :func:`framepipe.server.guard.admit_websocket`);
-* the first message must be a ``detector:hello`` that passes every check below, within
-  ``hello_timeout`` seconds; otherwise the detector gets ``{"type": "error", "detail": ...,
-  "field": ...}`` naming the field and the connection is closed with 1008 (1003 for a binary
-  frame). Nothing of a refused hello is registered: it never shows in ``GET /api/detectors``
-  and owns no session. A hello needs a ``detector_id`` of 1-200 printable characters;
-  ``hostname`` and ``platform``, when given, are at most 200 printable characters;
-  ``sessions``, when given, is a list of objects each with a ``session_id`` (1-200 printable
-  characters) and, optionally, session metadata (valid for ``session_metadata``);
-* every message is checked at the boundary before anything else looks at it: it must be a
-  JSON object with a string ``type``, hold only storable JSON (no lone surrogate such as
-  ``"\\ud800"``, no NUL, finite numbers, nested at most
-  :data:`~framepipe.untrusted.MAX_DEPTH` deep; see :func:`framepipe.untrusted.check_json`), be
-  of a registered type, and its ``session_id``, its session metadata and the message itself
-  (against its type's model) must be well formed. A message that is not is answered with
-  ``error`` naming the field (``message.label``) and goes no further: it is neither recorded,
-  nor handed to a handler or a waiting request, nor put in an execution's inputs. A binary
-  frame is answered with ``error``. The connection stays open in both cases: one bad message
-  loses nothing else;
 * a session belongs to the detector (``detector_id``) that first named it, for the life of the
   hub, also while that detector is disconnected and after its session ended: a message from
   another detector naming it (of any role, or a ``sessions`` entry of its hello) is refused
@@ -62,12 +44,7 @@ What :class:`DetectorHub` guarantees:
   it waits ``reconnect_wait`` seconds for it to come back; when the owner disconnects while the
   request waits, the request fails at once with :class:`DetectorUnavailableError` naming the
   detector, the session and what was asked; a request never waits longer than its timeout;
-* the connection is forgotten on every way out of it (a close, a network error, a failure
-  while serving it, the service stopping): no detector stays listed after its connection
-  ended;
-* a handler that raises is logged and the detector gets an ``error`` message;
-* ``GET /api/detectors`` always answers: text stored in the hub is sent escaped if it could
-  not be encoded, never as a server error.
+* a handler that raises is logged and the detector gets an ``error`` message.
 
 Requests are made on the service's event loop (an ``async`` step of an engine running in the
 service) or from any thread with :meth:`DetectorHub.request_sync`. Steps find the hub of
@@ -80,31 +57,34 @@ makes the request here and pushes progress and the answer (or the error, with it
 reply list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry)
 while it runs, so a worker asking a stopped service fails at once with
 :class:`DetectorUnavailableError` instead of waiting.
+
+At over 500 lines the module is still one concept, the hub's state: its connections, who owns
+which session and the waiting requests change together (under one condition, on one loop), and
+each guarantee above is about all three at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import (
-    DetectorError,
-    DetectorUnavailableError,
-    InvalidInputError,
-    MissingDependencyError,
-)
+from framepipe.errors import DetectorError, DetectorUnavailableError
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
+from framepipe.server.detector_endpoint import (
+    DetectorConnection,
+    mount_detector,
+    serve_detector,
+)
 from framepipe.server.detector_messages import (
     DEFAULT_MAX_METADATA_BYTES,
     HUB_MESSAGE_TYPES,
@@ -114,21 +94,13 @@ from framepipe.server.detector_messages import (
     Handler,
     MessageRole,
     Registration,
-    check_hello,
-    close_reason,
-    error_message,
-    identifier,
     not_yours,
-    parse,
-    session_metadata,
-    validated,
 )
 from framepipe.server.detector_relay import ProgressCallback, RemoteDetectorHub, _Relay
-from framepipe.server.guard import admit_websocket
-from framepipe.untrusted import dumps, json_size
+from framepipe.untrusted import json_size
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI, WebSocket
+    from fastapi import WebSocket
 
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
@@ -139,17 +111,6 @@ __all__ = ["HUB_MESSAGE_TYPES", "MAX_ID_LENGTH", "MESSAGE_ROLES", "DetectorConne
 
 _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
-
-def _disconnect() -> type[Exception]:
-    """Starlette's WebSocketDisconnect, imported when a connection needs it: a worker that only
-    reaches a hub through Redis (:class:`RemoteDetectorHub`) needs no server extra."""
-    try:
-        from starlette.websockets import WebSocketDisconnect
-    except ModuleNotFoundError as exc:
-        raise MissingDependencyError(exc.name or "fastapi", "server",
-                                     "the detector endpoint") from exc
-    return WebSocketDisconnect
-
 
 def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | RemoteDetectorHub:
     """The hub with id ``hub_id``: the live one in this process, else (a step on a worker)
@@ -167,35 +128,6 @@ def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | Remo
             "service holding it: run the steps that talk to detectors in that service, or "
             "on workers sharing its Redis (FRAMEPIPE_BROKER_URL)")
     return RemoteDetectorHub(hub_id, settings.broker_url, settings.broker_namespace)
-
-
-@dataclass
-class DetectorConnection:
-    """One connected detector."""
-
-    detector_id: str
-    websocket: WebSocket
-    hello: dict[str, Any]
-    connected_at: float = field(default_factory=time.time)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def send(self, message: Mapping[str, Any]) -> None:
-        """Send one message; raises :class:`DetectorUnavailableError` if the connection is
-        gone."""
-        if self.closed.is_set():
-            raise DetectorUnavailableError("disconnected", detector_id=self.detector_id)
-        try:
-            async with self.lock:
-                await self.websocket.send_text(json.dumps(message))
-        except (_disconnect(), RuntimeError, OSError) as exc:
-            raise DetectorUnavailableError(f"disconnected ({exc})",
-                                           detector_id=self.detector_id) from exc
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready description (for ``GET /api/detectors``)."""
-        return {"detector_id": self.detector_id, "connected_at": self.connected_at,
-                "hostname": self.hello.get("hostname"), "platform": self.hello.get("platform")}
 
 
 @dataclass
@@ -432,60 +364,42 @@ class DetectorHub:
         return asyncio.run_coroutine_threadsafe(self.send(session_id, message),
                                                 self._loop).result(wait)
 
-    # -- the endpoint ----------------------------------------------------------------------
+    # -- connections (for the endpoint, framepipe.server.detector_endpoint) -----------------
 
     async def serve(self, websocket: WebSocket, token: str | None) -> None:
-        """Run one detector connection until it closes (the ``/ws/detector`` endpoint)."""
-        if not await admit_websocket(websocket, token):
-            return
-        try:
-            first = await asyncio.wait_for(_receive(websocket), self.hello_timeout)
-        except TimeoutError:
-            await _refuse(websocket, InvalidInputError(
-                f"no detector:hello within {self.hello_timeout:g}s", where="hello"))
-            return
-        if first is None:
-            return
-        try:
-            hello = parse(first, "hello")
-            detector_id, sessions = check_hello(hello, self.session_metadata,
-                                                self.max_metadata_bytes)
-        except InvalidInputError as exc:
-            await _refuse(websocket, exc, code=1003 if isinstance(first, bytes) else 1008)
-            return
-        # Valid: only now is anything registered, and the finally below forgets it on every
-        # way out.
-        conn = DetectorConnection(detector_id, websocket, hello)
-        try:
-            old = self._connections.get(detector_id)
-            if old is not None:
-                _log.info("detector %s connected again; the older connection is closed",
-                          detector_id)
-                await self._drop(old, "replaced by a newer connection of the same detector")
-                with contextlib.suppress(Exception):
-                    await old.websocket.close(code=1000, reason="replaced")
-            self._connections[detector_id] = conn
-            refused = [self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
-                       for n, (session_id, fields) in enumerate(sessions)]
-            await self._notify()
-            _log.info("detector %s connected (%s)", detector_id, hello.get("hostname") or "?")
-            await conn.send({"type": "detector:welcome", "hub_id": self.id})
-            for problem in refused:
-                if problem is not None:
-                    await conn.send(problem)
-            while True:
-                raw = await _receive(websocket)
-                if raw is None:
-                    break
-                await self._dispatch(conn, raw)
-        except DetectorUnavailableError:
-            pass
-        finally:
-            if self._connections.get(detector_id) is conn:
-                del self._connections[detector_id]
-                await self._drop(conn, "disconnected")
-            conn.closed.set()
-            _log.info("detector %s disconnected", detector_id)
+        """Run one detector connection until it closes (the ``/ws/detector`` endpoint; see
+        :func:`~framepipe.server.detector_endpoint.serve_detector`)."""
+        await serve_detector(self, websocket, token)
+
+    async def _attach(self, conn: DetectorConnection,
+                      sessions: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Make ``conn`` (whose hello passed) the connection of its detector, closing an older
+        one, and claim the sessions its hello announced; the ``error`` messages to send it
+        after the welcome, one per session refused."""
+        old = self._connections.get(conn.detector_id)
+        if old is not None:
+            _log.info("detector %s connected again; the older connection is closed",
+                      conn.detector_id)
+            await self._drop(old, "replaced by a newer connection of the same detector")
+            with contextlib.suppress(Exception):
+                await old.websocket.close(code=1000, reason="replaced")
+        self._connections[conn.detector_id] = conn
+        refused = [self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
+                   for n, (session_id, fields) in enumerate(sessions)]
+        await self._notify()
+        return [problem for problem in refused if problem is not None]
+
+    async def _detach(self, conn: DetectorConnection) -> None:
+        """Forget ``conn`` unless a newer connection replaced it, failing the requests waiting
+        on it; the endpoint calls this on every way out of a connection."""
+        if self._connections.get(conn.detector_id) is conn:
+            del self._connections[conn.detector_id]
+            await self._drop(conn, "disconnected")
+        conn.closed.set()
+
+    def _registration(self, message_type: str) -> Registration | None:
+        """How messages of ``message_type`` are handled; None for a type not registered."""
+        return self._types.get(message_type)
 
     def _claim(self, conn: DetectorConnection, session_id: str, fields: Mapping[str, Any],
                where: str) -> dict[str, Any] | None:
@@ -534,27 +448,14 @@ class DetectorHub:
                 self._pending.pop(request_id, None)
         await self._notify()
 
-    async def _dispatch(self, conn: DetectorConnection, raw: str | bytes) -> None:
-        session_id: str | None = None
-        try:
-            message = parse(raw, "message")
-            if message.get("session_id") is not None:
-                session_id = identifier(message["session_id"], "message.session_id")
-            kind: str = message["type"]
-            registered = self._types.get(kind)
-            if registered is None:
-                handled = ", ".join(sorted(self._types)) or "none"
-                await conn.send({"type": "error", "detail": f"unknown message type {kind!r} "
-                                 f"(this service handles: {handled})"})
-                return
-            fields = session_metadata(message, "message", self.session_metadata,
-                                      self.max_metadata_bytes)
-            parsed = (validated(registered.model, message, "message")
-                      if registered.model is not None else None)
-        except InvalidInputError as exc:
-            extra = {"session_id": session_id} if session_id is not None else {}
-            await conn.send(error_message(exc, **extra))
-            return
+    async def _route(self, conn: DetectorConnection, message: dict[str, Any],
+                     registered: Registration, parsed: BaseModel | None, session_id: str | None,
+                     fields: dict[str, Any]) -> None:
+        """Where a message that passed the endpoint's checks goes: to the request it answers or
+        reports on, to the end of its session, to its type's handler. A message about a session
+        another detector owns, or answering a request sent on another connection, goes nowhere
+        and is answered with ``error``."""
+        kind: str = message["type"]
         request_id = message.get("request_id")
         pending = self._pending.get(request_id) if isinstance(request_id, str) else None
         if pending is not None and pending.connection is not conn:
@@ -581,7 +482,6 @@ class DetectorHub:
             _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
             await conn.send({"type": "error", "detail": f"{kind} failed: {exc}",
                              "session_id": session_id})
-
 
     async def _may_use(self, conn: DetectorConnection, session_id: str, role: str,
                        fields: dict[str, Any], kind: str) -> bool:
@@ -617,48 +517,3 @@ class DetectorHub:
                     _log.debug("progress callback of %s raised %r", pending.what, exc)
         elif not pending.future.done():
             pending.future.set_result(message)
-
-
-async def _receive(websocket: WebSocket) -> str | bytes | None:
-    """The next frame's text or bytes; None once the connection is gone."""
-    try:
-        frame = await websocket.receive()
-    except (_disconnect(), RuntimeError):
-        return None
-    if frame["type"] == "websocket.disconnect":
-        return None
-    text = frame.get("text")
-    if text is not None:
-        return str(text)
-    return bytes(frame.get("bytes") or b"")
-
-
-async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008) -> None:
-    """Tell a connection why it is refused, then close it with ``code``."""
-    with contextlib.suppress(_disconnect(), RuntimeError, OSError):
-        await websocket.send_text(dumps(error_message(exc)))
-    with contextlib.suppress(_disconnect(), RuntimeError, OSError):
-        await websocket.close(code=code, reason=close_reason(str(exc)))
-
-
-def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
-                   check_token: Callable[..., None]) -> None:
-    """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
-    (both behind the service's token)."""
-    from fastapi import Depends, WebSocket
-
-    async def detector_socket(websocket: WebSocket) -> None:
-        """A host-side detector's connection (see :mod:`framepipe.server.detector`)."""
-        await hub.serve(websocket, token)
-
-    # FastAPI resolves annotations in the module's globals, where WebSocket is not imported
-    # (this module loads without the server extra, for workers).
-    detector_socket.__annotations__["websocket"] = WebSocket
-    app.websocket("/ws/detector")(detector_socket)
-
-    @app.get("/api/detectors", tags=["detectors"], dependencies=[Depends(check_token)])
-    async def detectors_list() -> list[dict[str, Any]]:
-        """Connected detectors and the card sessions each owns (sent through the service's
-        response class, which escapes text that cannot be encoded: this listing never fails
-        on it)."""
-        return hub.detectors()

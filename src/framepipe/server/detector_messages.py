@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     import builtins
 
     from framepipe.jobs.engine import JobEngine
-    from framepipe.server.detector import DetectorConnection, DetectorHub
+    from framepipe.server.detector import DetectorHub
+    from framepipe.server.detector_endpoint import DetectorConnection
 
 __all__ = ["DEFAULT_MAX_METADATA_BYTES", "HUB_MESSAGE_TYPES", "MAX_ID_LENGTH", "MESSAGE_ROLES",
            "DetectorMessage", "Handler", "MessageRole", "Registration", "check_hello",
