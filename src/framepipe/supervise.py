@@ -39,6 +39,11 @@ Guarantees:
   (``[station_1] Pipeline subprocess died (exit code: -9)``) and as ``on_event`` callbacks.
 * Nothing dies silently: a bug in the supervisor itself is logged with its traceback and ends
   the supervisor in state ``failed``; a raising ``on_event`` callback is logged and ignored.
+
+At over 500 lines the module is one concept, one supervisor's state machine: a
+:class:`SupervisorContext` writes its supervisor's per-frame fields and hands ``started()`` to
+it, and :class:`Health` is the snapshot of that machine, so neither means anything apart from
+:class:`Supervisor`.
 """
 
 from __future__ import annotations
