@@ -29,6 +29,10 @@ aio-pika runs on an event loop of its own in a daemon thread: the methods block 
 thread only, and a worker whose loop is busy with steps still answers RabbitMQ's heartbeats.
 On any failure the connection is closed (RabbitMQ then requeues what it held) and the next
 call connects again; each call is bounded by ``timeout``.
+
+At some 500 lines the module is one concept, one connection to RabbitMQ: the calling threads'
+methods and the loop's share its channel, consumer and unsettled messages, and the helpers at
+the end (a message's format, settling one) serve that connection only.
 """
 
 from __future__ import annotations
