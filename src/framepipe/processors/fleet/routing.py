@@ -35,6 +35,11 @@ Health (dead processors, their frames re-routed): see :mod:`~framepipe.processor
 
 A background task that dies of a bug fails the registry loudly: it is logged, every waiting
 call fails with the error, and later calls raise it.
+
+At some 500 lines the module is one concept, the registry's router: its routes, the frames in
+flight per processor (reserved, released, expired) and the calls waiting for results are one
+state; the registrations it reads, the replies, the breaker and the reaper have modules of
+their own.
 """
 
 from __future__ import annotations
