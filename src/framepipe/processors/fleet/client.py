@@ -34,6 +34,12 @@ Guarantees:
 
 Connections: the processor's blocking ``XREADGROUP`` and its publish script run on two
 :class:`~framepipe.redis.wire.Wire` connections; registration and heartbeats use redis-py.
+
+At over 500 lines the module is one concept, one processor's life (register, consume,
+heartbeat, reconnect, drain, deregister), whose steps share the client's state (the frames in
+flight, stopping, the connections); the wire format (:mod:`~framepipe.processors.fleet.protocol`)
+and the handling of one frame (:mod:`~framepipe.processors.fleet.handling`) have modules of their
+own.
 """
 
 from __future__ import annotations
