@@ -1,5 +1,5 @@
-"""The order-accuracy station (seed 000): a persistent capture per station against a capture per
-order (the seed's "before"), measured in one run.
+"""The order-accuracy station: a persistent capture per station against a capture per
+order (the hand-written station's "before"), measured in one run.
 
 ``.venv/bin/python benchmarks/order_accuracy.py`` measures, prints a Markdown report and writes
 it into ``docs/order-accuracy-benchmarks.md`` between ``<!-- results:start -->`` and
@@ -13,11 +13,11 @@ the same zxing-cpp reader and store every frame of an order as JPEG in a local o
    process for the whole run (the video looped: a camera never ends); orders found from the
    tags; ``order.completed`` after a 1 s order timeout. Measured per order: latency (its last
    frame to the event, ``latency_s``).
-2. **Per order** (the seed's old design, hand-written the way it was): for each order, at the
-   moment it starts, a new ffmpeg capture of that order's part of the video; its frames are read,
-   tagged and stored; the order is complete when the capture ends. Measured per order: the
-   capture's start (spawn -> first frame), the frames a live camera would have shown meanwhile
-   (lost), and the latency (last frame -> complete).
+2. **Per order** (the hand-written station's old design, rebuilt by hand the way it was): for each
+   order, at the moment it starts, a new ffmpeg capture of that order's part of the video; its
+   frames are read, tagged and stored; the order is complete when the capture ends. Measured per
+   order: the capture's start (spawn -> first frame), the frames a live camera would have shown
+   meanwhile (lost), and the latency (last frame -> complete).
 3. **Scale-up**: a station added to the running app, until its first frame is processed
    (``station.first_frame``), five times.
 
@@ -103,7 +103,7 @@ async def persistent(video: Path, home: Path, orders: int) -> dict[str, Any]:
 
 
 async def per_order(video: Path, home: Path, schedule: dict[str, Any]) -> dict[str, Any]:
-    """One ffmpeg capture per order, started when the order starts (the seed's before)."""
+    """One ffmpeg capture per order, started when the order starts (the old design)."""
     store = LocalObjectStore(home / "objects")
     reader = QrTagReader()
     shots = [s for s in schedule["shots"] if len(s["tags"]) == 1]

@@ -41,7 +41,7 @@ SIZES = (200, 1000, 2200, 5000)
 PG_SIZES = (1000, 5000)
 TARGETS = {1000: 1.0, 5000: 5.0}  # seconds, SQLite FULL (issue 2, "Speed")
 LATENCY_TARGET_MS = 2.0
-# Celery figures of /work/shared/FACTS.md (same kind of machine, earlier run), for reference.
+# Celery chord figures of an earlier run on the same kind of machine, for reference.
 CELERY_REFERENCE = {200: 0.64, 1000: 3.1, 2200: 9.1, 5000: 38.6}
 
 
@@ -214,7 +214,7 @@ def report(results: Results) -> str:
             rows.append(["... Celery ÷ framepipe SQLite FULL"]
                         + [f"{by_n[n].seconds / full[n].median:.1f}x" if n in by_n else "-"
                            for n in SIZES])
-    rows.append(["Celery in FACTS.md (reference, earlier run)"]
+    rows.append(["Celery (reference, an earlier run on the same kind of machine)"]
                 + [f"{CELERY_REFERENCE[n]:.2f} s" for n in SIZES])
     out += _table(["", *sizes], rows)
 

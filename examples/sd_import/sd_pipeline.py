@@ -1,4 +1,4 @@
-"""The SD-card import pipeline (seed 002): new files only, QR clips first, bookings from the
+"""The SD-card import pipeline: new files only, QR clips first, bookings from the
 QR codes, every video rendered with intro, watermark and splash screen.
 
 One execution per card insertion. Its inputs come from the backend (``backend.py``) when a
@@ -34,12 +34,12 @@ Steps (``*`` = one instance per file)::
     extract_metadata*, render*
     summary         (at the end) what was imported, what was held and why
 
-The ledger (``fp_ledger``, namespace ``sd_import``: the seed's ``imported_file`` table) holds
-a file once it is copied, verified and belongs to a booking (QR clips: once their code is read;
-namespace ``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new
+The ledger (``fp_ledger``, namespace ``sd_import``: the original import service's ``imported_file``
+table) holds a file once it is copied, verified and belongs to a booking (QR clips: once their code
+is read; namespace ``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new
 videos to a jump whose QR clip was imported before). Entries are committed with the step's
-completion, so a failed or interrupted copy is never taken as imported. A file is identified
-by its size and content fingerprint, not its path: a card mounted elsewhere is the same card.
+completion, so a failed or interrupted copy is never taken as imported. A file is identified by its
+size and content fingerprint, not its path: a card mounted elsewhere is the same card.
 
 Files held (not imported, copied again at the next insertion): videos with no QR clip before
 them, after an unreadable or unrecognised QR clip, or after two QR clips of different
@@ -132,7 +132,7 @@ class SdImportInputs(BaseModel):
     splash: LocalPathOrKey | None = None
 
 
-sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos (seed 002)",
+sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos",
                      inputs=SdImportInputs)
 
 

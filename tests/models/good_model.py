@@ -1,4 +1,4 @@
-"""A model script on seed 003's command-line protocol: writes frames, prints progress."""
+"""A model script on ``SubprocessModel``'s command-line protocol: writes frames, prints progress."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""The face-recognition doorbell (seed 001) on framepipe.
+"""The face-recognition doorbell on framepipe.
 
 Camera -> [motion gate] -> face detection -> face recognition -> visits -> events, with the
-seed's management API (:class:`OrchestratorManager`), its legacy ``DoorbellSecuritySystem``
-API (:class:`LegacyAdapter`, from ``manager.get_legacy_interface()``) and
-:class:`MigrationUtils`. The seed's modules map as follows::
+original system's management API (:class:`OrchestratorManager`), its legacy
+``DoorbellSecuritySystem`` API (:class:`LegacyAdapter`, from ``manager.get_legacy_interface()``)
+and :class:`MigrationUtils`. The original system's modules map as follows::
 
     src.integration.orchestrator_manager -> doorbell.manager
     src.integration.legacy_adapter       -> doorbell.legacy

@@ -1,12 +1,13 @@
-"""The doorbell's configuration: the seed's dict and environment variables, validated.
+"""The doorbell's configuration: the original system's dict and environment variables,
+validated.
 
-Precedence: built-in defaults, then the environment (the seed's ``HEALTH_CHECK_INTERVAL``,
-``AUTO_RECOVERY_ENABLED``, ``MAX_RESTART_ATTEMPTS``, ``CPU_THRESHOLD``, ``MEMORY_THRESHOLD``,
-``WORKER_COUNT``, ``FACE_RECOGNITION_TOLERANCE``, and ``RESTART_COOLDOWN_SECONDS``,
-``DOORBELL_CAMERA``, ``DOORBELL_DATA_DIR``, ``DOORBELL_WEBHOOK_URL``), then the dict given to
-:class:`~doorbell.manager.OrchestratorManager`, merged key by key (nested dicts too). A value
-of the wrong type or out of range raises :class:`~framepipe.errors.ConfigError` naming the key
-(or the variable) before anything starts.
+Precedence: built-in defaults, then the environment (the original system's
+``HEALTH_CHECK_INTERVAL``, ``AUTO_RECOVERY_ENABLED``, ``MAX_RESTART_ATTEMPTS``, ``CPU_THRESHOLD``,
+``MEMORY_THRESHOLD``, ``WORKER_COUNT``, ``FACE_RECOGNITION_TOLERANCE``, and
+``RESTART_COOLDOWN_SECONDS``, ``DOORBELL_CAMERA``, ``DOORBELL_DATA_DIR``, ``DOORBELL_WEBHOOK_URL``),
+then the dict given to :class:`~doorbell.manager.OrchestratorManager`, merged key by key (nested
+dicts too). A value of the wrong type or out of range raises :class:`~framepipe.errors.ConfigError`
+naming the key (or the variable) before anything starts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``OrchestratorManager``: the seed's synchronous management API over the async orchestrator.
+"""``OrchestratorManager``: the original system's synchronous management API over the async
+orchestrator.
 
 The manager runs the :class:`~doorbell.orchestrator.PipelineOrchestrator` on an event loop in
 a thread of its own, so plain synchronous code (a web app, a GPIO callback, the legacy API)
@@ -9,16 +10,16 @@ thread. Guarantees:
   its camera is being opened (a camera that does not open is then retried and recovered in the
   background, visible in the health); ``stop()`` drains and returns once everything stopped; both
   are idempotent.
-* Health (:meth:`OrchestratorManager.get_health_status`) maps framepipe's states onto the
-  seed's :class:`SystemState`: a pipeline that failed and will be recovered is ``DEGRADED``;
-  once recovery gave up (``max_restart_attempts`` recoveries, ``restart_cooldown_seconds``
-  apart) or auto-recovery is off, the state is ``ERROR`` with ``last_error`` saying why.
+* Health (:meth:`OrchestratorManager.get_health_status`) maps framepipe's states onto the original
+  system's :class:`SystemState`: a pipeline that failed and will be recovered is ``DEGRADED``; once
+  recovery gave up (``max_restart_attempts`` recoveries, ``restart_cooldown_seconds`` apart) or
+  auto-recovery is off, the state is ``ERROR`` with ``last_error`` saying why.
 * Every ``health_check_interval`` seconds the manager samples the machine's CPU and memory use;
   above ``cpu_threshold`` / ``memory_threshold`` percent it emits ``performance_warning`` (once
   per crossing) and the performance score drops below 1 in proportion.
 * Callbacks registered with :meth:`register_event_callback` get the event's data dict (the
-  seed's one-argument form), on the orchestrator's thread; one that raises is logged and
-  ignored.
+  original system's one-argument form), on the orchestrator's thread; one that raises is logged
+  and ignored.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ T = TypeVar("T")
 
 
 class SystemState(StrEnum):
-    """The seed's system states."""
+    """The original system's states."""
 
     STOPPED = "stopped"
     STARTING = "starting"
@@ -126,7 +127,7 @@ class ResourceSampler:
 
 
 class OrchestratorManager:
-    """The seed's management interface; see the module docstring."""
+    """The original system's management interface; see the module docstring."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, *,
                  settings: Settings | None = None,

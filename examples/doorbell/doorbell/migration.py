@@ -1,8 +1,8 @@
 """``MigrationUtils``: back up, check and move a legacy doorbell's data to the orchestrator.
 
 The legacy system kept ``data/known_faces/<name>.jpg`` and its captures as image files in
-``data/captures/``. Every method returns the seed's dict and never raises for a problem it can
-report: problems go to ``issues`` (blocking) or ``warnings``. Checks are real: dlib and its
+``data/captures/``. Every method returns the original system's dict and never raises for a problem
+it can report: problems go to ``issues`` (blocking) or ``warnings``. Checks are real: dlib and its
 models are loaded, known faces are encoded, the camera is opened and read, the object store is
 written and read back.
 """
