@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from framepipe import Pipeline, StepContext, step_key
@@ -86,3 +88,29 @@ def test_pipeline_without_initial_step_is_refused() -> None:
 
     with pytest.raises(UnknownDependencyError, match="no initial step"):
         p.validate()
+
+
+def test_a_worker_loads_each_referenced_pipeline_once_and_falls_back_to_its_own(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What a worker runs a claimed step with: the pipeline its execution's reference names
+    (loaded once), else the one the worker was given under that name, else nothing."""
+    from framepipe.jobs.loading import KnownPipelines
+
+    own = Pipeline("wk_known")
+
+    @own.step()
+    def start(ctx: StepContext) -> None:
+        pass
+
+    source = tmp_path / "defs.py"
+    source.write_text("from framepipe import Pipeline\np = Pipeline('wk_known')\n"
+                      "@p.step()\ndef start(ctx):\n    pass\n"
+                      "q = Pipeline('other')\n@q.step()\ndef first(ctx):\n    pass\n")
+    known = KnownPipelines([own], owner="Worker w1")
+    loaded = known.get("wk_known", f"{source}:p", "e" * 32)
+    assert loaded is not None and loaded is not own and loaded.name == "wk_known"
+    source.write_text("raise SystemExit('must not be imported again')\n")
+    assert known.get("wk_known", f"{source}:p", "e" * 32) is loaded  # cached per reference
+    assert known.get("wk_known", f"{tmp_path / 'missing.py'}:p", "f" * 32) is own
+    assert "Worker w1 cannot load pipeline" in caplog.text and "ffffffff" in caplog.text
+    assert known.get("unknown", None, "e" * 32) is None

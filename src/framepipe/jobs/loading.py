@@ -18,6 +18,8 @@ import itertools
 import os
 import re
 import sys
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -25,9 +27,12 @@ from typing import Any
 
 from framepipe.errors import PipelineDefinitionError
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.logs import get_logger
 
-__all__ = ["LoadedPipeline", "LoadedTarget", "load_pipeline", "resolve_pipeline",
+__all__ = ["KnownPipelines", "LoadedPipeline", "LoadedTarget", "load_pipeline", "resolve_pipeline",
            "resolve_target"]
+
+_log = get_logger("jobs.loading")
 
 USERFILE_PREFIX = "framepipe_userfile_"
 _counter = itertools.count(1)
@@ -194,3 +199,36 @@ def _pick(module: ModuleType, name: str | None, where: str, kinds: tuple[type, .
         raise PipelineDefinitionError(f"{name!r} in {where} is a {type(value).__name__}, not a "
                                       f"{what} ({_listing(found, what)})")
     raise PipelineDefinitionError(f"no pipeline {name!r} in {where} ({_listing(found, what)})")
+
+
+class KnownPipelines:
+    """The pipelines a process runs steps of (a worker): those given by name, and those loaded
+    from the reference stored with each execution, loaded once per reference (thread-safe).
+
+    :meth:`get` prefers the referenced pipeline; one whose reference does not load (logged
+    once per attempt, naming the execution) or loads a pipeline of another name falls back to
+    the one given by name, and None means neither is known here."""
+
+    def __init__(self, pipelines: Iterable[Pipeline] = (), *, owner: str = "") -> None:
+        self._by_name = {p.name: p for p in pipelines}
+        self._by_ref: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()
+        self._owner = owner
+
+    def get(self, name: str, ref: str | None, execution_id: str) -> Pipeline | None:
+        """The pipeline ``name`` of execution ``execution_id``, stored with reference ``ref``."""
+        with self._lock:
+            if ref:
+                found = self._by_ref.get(ref)
+                if found is None:
+                    try:
+                        found = resolve_pipeline(ref).pipeline
+                    except Exception as exc:  # user code: any error fails just its steps
+                        _log.error("%s cannot load pipeline %r for execution %s: %s",
+                                   self._owner or "this process", ref, execution_id[:8], exc)
+                        found = self._by_name.get(name)
+                    else:
+                        self._by_ref[ref] = found
+                if found is not None and found.name == name:
+                    return found
+            return self._by_name.get(name)

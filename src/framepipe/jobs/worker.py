@@ -23,6 +23,14 @@ fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
   not counted as a failure), commits, and returns;
 * a lost broker or database connection is retried with backoff; nothing is acknowledged
   before it is committed.
+
+This module is one concept, a worker's loop, and longer than most: its reader thread, its
+running steps, its committer and its upkeep (lease renewal, sweep, take-over) share the claim
+window and the runs under one lock, which splitting would scatter. What does not share them
+lives elsewhere: the rules (:mod:`framepipe.jobs.rules`), an attempt (:mod:`framepipe.jobs.
+running`), the transactions (:mod:`framepipe.jobs.dispatch`), the pipelines it knows
+(:class:`~framepipe.jobs.loading.KnownPipelines`) and the broker (:mod:`framepipe.jobs.
+delivery`).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from framepipe.errors import (
 from framepipe.jobs import dispatch
 from framepipe.jobs.context import Progressed, StepContext, StepMessage
 from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
-from framepipe.jobs.loading import resolve_pipeline
+from framepipe.jobs.loading import KnownPipelines
 from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import completed_data, has_step, step_dependencies
@@ -158,11 +166,9 @@ class Worker:
         self.lease = self.settings.lease_seconds
         self.steps_done = 0
         self._output_tail = output_tail
-        self._by_name = {p.name: p for p in pipelines}
-        self._by_ref: dict[str, Pipeline] = {}
+        self._pipelines = KnownPipelines(pipelines, owner=f"Worker {self.id}")
         self._known: dispatch.Known = {}
         self._claim_lock = threading.Lock()
-        self._load_lock = threading.Lock()
         self._objects: ObjectStore | None = None
         self._runs: dict[tuple[str, str, int], _Run] = {}
         self._pending = _Pending()
@@ -417,21 +423,7 @@ class Worker:
             self._slots.notify_all()
 
     def _pipeline_for(self, c: Claimed) -> Pipeline | None:
-        with self._load_lock:
-            if c.pipeline_ref:
-                found = self._by_ref.get(c.pipeline_ref)
-                if found is None:
-                    try:
-                        found = resolve_pipeline(c.pipeline_ref).pipeline
-                    except Exception as exc:  # user code: any error fails just its steps
-                        _log.error("Worker %s cannot load pipeline %r for execution %s: %s",
-                                   self.id, c.pipeline_ref, c.execution_id[:8], exc)
-                        found = self._by_name.get(c.pipeline)
-                    else:
-                        self._by_ref[c.pipeline_ref] = found
-                if found is not None and found.name == c.pipeline:
-                    return found
-            return self._by_name.get(c.pipeline)
+        return self._pipelines.get(c.pipeline, c.pipeline_ref, c.execution_id)
 
     # -- running steps (the event loop) ------------------------------------------------------
 
