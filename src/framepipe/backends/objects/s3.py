@@ -19,6 +19,9 @@ an error naming the bucket and the endpoint, not at the first frame.
 
 S3 keeps modification times to the second; ``modified`` is whole seconds from ``stat`` and
 ``list``, and the server's clock at the response for ``put``.
+
+What each failure of S3 is reported as (a missing bucket, another region, rejected
+credentials, an unreachable endpoint ...) is :mod:`framepipe.backends.objects.s3_errors`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ from framepipe.backends.objects.base import (
     ObjectInfo,
     ObjectStore,
     _key_problem,
+)
+from framepipe.backends.objects.s3_errors import (
+    CREDENTIAL_HINT,
+    MISSING_CODES,
+    botocore_cause,
+    error_code,
+    explain,
 )
 from framepipe.errors import (
     ConfigError,
@@ -66,14 +76,6 @@ _BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # botocore's rul
 _URL_OPTIONS = ("endpoint", "region", "create")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                     "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity",
-                     "InvalidClientTokenId", "403", "Forbidden"}
-_DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}
-_CREDENTIAL_HINT = ("set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                    "FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY")
 
 
 @dataclass(frozen=True)
@@ -117,16 +119,6 @@ def _normalise_prefix(prefix: str) -> str:
 
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
-
-
-def _error_code(exc: BaseException) -> tuple[str, str, int | None]:
-    """``(code, message, HTTP status)`` of a botocore ``ClientError``, else empty."""
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return "", "", None
-    error = response.get("Error") or {}
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return str(error.get("Code", "")), str(error.get("Message", "")), status
 
 
 class S3ObjectStore(ObjectStore):
@@ -231,7 +223,7 @@ class S3ObjectStore(ObjectStore):
             shown = urllib.parse.urlunsplit(
                 parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
             raise ObjectStoreError(
-                f"object store URL {shown!r} carries credentials; {_CREDENTIAL_HINT} instead")
+                f"object store URL {shown!r} carries credentials; {CREDENTIAL_HINT} instead")
         if parts.scheme.lower() != "s3":
             raise ObjectStoreError(f"object store URL {url!r} is not an s3:// URL")
         if not parts.netloc:
@@ -298,79 +290,17 @@ class S3ObjectStore(ObjectStore):
 
     def _cause(self, exc: BaseException) -> BaseException:
         """The botocore error behind ``exc`` (boto3 and s3transfer wrap them)."""
-        exceptions = self._boto.exceptions
-        botocore_errors: tuple[type[BaseException], ...] = (
-            exceptions.ClientError, exceptions.BotoCoreError)
-        seen: set[int] = set()
-        current: BaseException | None = exc
-        while current is not None and id(current) not in seen:
-            if isinstance(current, botocore_errors):
-                return current
-            seen.add(id(current))
-            last = getattr(current, "last_exception", None)
-            current = (last if isinstance(last, BaseException)
-                       else current.__cause__ or current.__context__)
-        return exc
+        return botocore_cause(exc, self._boto.exceptions)
 
     def _is_missing(self, exc: BaseException) -> bool:
-        return _error_code(self._cause(exc))[0] in _MISSING_CODES
+        return error_code(self._cause(exc))[0] in MISSING_CODES
 
     def _error(self, action: str, key: str | None, exc: BaseException) -> FramepipeError:
-        """A clear error for ``exc`` raised while doing ``action`` (to ``key``)."""
-        cause = self._cause(exc)
-        exceptions = self._boto.exceptions
-        bucket, endpoint = self._bucket, self._endpoint
-        if key is not None:
-            doing = f" ({action} {key!r})"
-        else:
-            doing = "" if action == "open" else f" ({action})"
-        if isinstance(cause, exceptions.ClientError):
-            code, message, status = _error_code(cause)
-            detail = f"{code}: {message}" if message else code or str(cause)
-            if code == "NoSuchBucket" or (key is None and code in _MISSING_CODES):
-                return ObjectStoreError(
-                    f"bucket {bucket!r} does not exist at {endpoint} "
-                    f"(create it or pass create_bucket=True){doing}")
-            region = self._bucket_region(cause) if status in (301, 307, 400) else None
-            if region is not None:
-                return ObjectStoreError(
-                    f"bucket {bucket!r} is in region {region!r}, not "
-                    f"{self._client.meta.region_name!r}: pass region={region}{doing}")
-            if code in _DENIED_CODES:
-                return ObjectStoreError(
-                    f"access denied by {endpoint} for bucket {bucket!r} ({detail}){doing}: "
-                    "the credentials lack permission")
-            if code in _CREDENTIAL_CODES or status == 403:
-                return ObjectStoreError(
-                    f"credentials rejected by {endpoint} for bucket {bucket!r} "
-                    f"({detail}){doing}; {_CREDENTIAL_HINT}")
-            return ObjectStoreError(
-                f"S3 error from {endpoint} for bucket {bucket!r}{doing}: {detail}")
-        if isinstance(cause, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
-            return ConfigError(
-                f"no S3 credentials for bucket {bucket!r} at {endpoint}{doing}: {cause}; "
-                f"{_CREDENTIAL_HINT}")
-        if isinstance(cause, exceptions.ReadTimeoutError):
-            return ObjectStoreError(
-                f"S3 endpoint {endpoint} did not answer within {self._read_timeout:g} s "
-                f"for bucket {bucket!r}{doing}: {cause}")
-        if isinstance(cause, exceptions.ConnectionError | exceptions.HTTPClientError):
-            return ObjectStoreError(
-                f"cannot reach S3 endpoint {endpoint}: {cause} (bucket {bucket!r}{doing})")
-        return ObjectStoreError(
-            f"cannot {action} {key!r} in {self._url}: {type(cause).__name__}: {cause}"
-            if key is not None else
-            f"cannot {action} bucket {bucket!r} at {endpoint}: {type(cause).__name__}: {cause}")
-
-    def _bucket_region(self, exc: BaseException) -> str | None:
-        """The bucket's region if S3 answered that it lives in another one."""
-        response: dict[str, Any] = getattr(exc, "response", {})
-        headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
-        region = headers.get("x-amz-bucket-region") or (response.get("Error") or {}).get(
-            "Region")
-        if isinstance(region, str) and region and region != self._client.meta.region_name:
-            return region
-        return None
+        """A clear error for ``exc`` raised while doing ``action`` (to ``key``); see
+        :func:`~framepipe.backends.objects.s3_errors.explain`."""
+        return explain(exc, self._boto.exceptions, action=action, key=key, bucket=self._bucket,
+                       endpoint=self._endpoint, url=self._url,
+                       region=self._client.meta.region_name, read_timeout=self._read_timeout)
 
     # -- bucket -------------------------------------------------------------------------------
 
@@ -379,8 +309,8 @@ class S3ObjectStore(ObjectStore):
         try:
             self._client.head_bucket(Bucket=self._bucket)
         except Exception as exc:
-            code = _error_code(self._cause(exc))[0]
-            if not (create and code in _MISSING_CODES | {"NoSuchBucket"}):
+            code = error_code(self._cause(exc))[0]
+            if not (create and code in MISSING_CODES | {"NoSuchBucket"}):
                 raise self._error("open", None, exc) from exc
         else:
             return
@@ -391,7 +321,7 @@ class S3ObjectStore(ObjectStore):
         try:
             self._client.create_bucket(Bucket=self._bucket, **kwargs)
         except Exception as exc:
-            if _error_code(self._cause(exc))[0] != "BucketAlreadyOwnedByYou":  # a racing opener
+            if error_code(self._cause(exc))[0] != "BucketAlreadyOwnedByYou":  # a racing opener
                 raise self._error("create", None, exc) from exc
 
     # -- keys ---------------------------------------------------------------------------------
@@ -444,10 +374,10 @@ class S3ObjectStore(ObjectStore):
                 self._client.copy(source, self._bucket, dst,
                                   ExtraArgs={"CopySourceIfMatch": etag}, Config=self._transfer)
             except Exception as exc:
-                code = _error_code(self._cause(exc))[0]
+                code = error_code(self._cause(exc))[0]
                 if code in ("PreconditionFailed", "412"):  # replaced meanwhile: copy the new one
                     continue
-                if code in _MISSING_CODES:
+                if code in MISSING_CODES:
                     return None
                 raise self._error(f"copy {src_key!r} to", dst_key, exc) from exc
             info = self._stat(dst_key)
