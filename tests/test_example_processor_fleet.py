@@ -38,7 +38,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "processor_fleet"
 FRAMES = 20
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture

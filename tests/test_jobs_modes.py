@@ -143,7 +143,7 @@ async def until(engine: JobEngine, execution_id: str, type_: str, key: str | Non
 Runner = Mode
 
 
-@pytest.fixture(params=["embedded", "workers"])
+@pytest.fixture(params=["embedded", pytest.param("workers", marks=pytest.mark.slow)])
 def run_in_mode(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Mode:
     """The mode under test; see :class:`Mode`."""
     factory = request.getfixturevalue("cluster_factory") if request.param == "workers" else None

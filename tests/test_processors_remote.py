@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from framepipe.processors import (
 )
 from framepipe.sources import PatternSource
 from framepipe.stream import Sink, Stage, StreamPipeline
+from waiting import free_port, wait_until_async
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
 FAST = Backoff(0.05, 2.0, 0.5, 0.1)
@@ -73,12 +73,6 @@ def ns() -> Iterator[str]:
 
 def sync_redis(url: str = REDIS_URL) -> redis_sync.Redis:
     return redis_sync.Redis.from_url(url, socket_connect_timeout=2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_frame(seq: int, source: str = "cam", **meta: Any) -> Frame:
@@ -244,13 +238,6 @@ class ProcessorProcess:
         return code
 
 
-async def wait_until(predicate: Any, within: float, message: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, message
-        await asyncio.sleep(0.02)
-
-
 # -- registration, routing, results -----------------------------------------------------------
 
 
@@ -285,15 +272,19 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
             message_id = await registry.route(dict(entry, frame_id="door-43"), "face_detection")
             assert re.match(r"^\d+-\d+$", message_id)
             stream = f"{ns}faces:detected"
-            await wait_until(lambda: len(results_on(REDIS_URL, stream)) == 3, 5,
-                             "the routed frame's result never reached faces:detected")
+            await wait_until_async(
+                "the routed frame's result never reached faces:detected",
+                lambda: len(results_on(REDIS_URL, stream)) == 3,
+                5)
             published = {f[b"frame_id"]: f for f in results_on(REDIS_URL, stream)}
             assert published[b"door-42"][b"trace_context"] == trace.encode()
             assert published[b"door-43"][b"trace_context"] == trace.encode()
             assert published[b"door-43"][b"status"] == b"ok"
             assert json.loads(published[b"door-43"][b"result"])["faces"] == 1
-            await wait_until(lambda: registry.processors()[0].outstanding == 0, 5,
-                             "the routed frame's capacity was never released")
+            await wait_until_async(
+                "the routed frame's capacity was never released",
+                lambda: registry.processors()[0].outstanding == 0,
+                5)
             # everything handled was acknowledged and removed from the processor's stream
             client = sync_redis()
             assert client.xlen(f"{ns}proc:face-1:frames") == 0
@@ -318,11 +309,15 @@ def test_reply_stream_is_trimmed_once_read(ns: str) -> None:
             try:
                 # read replies are not deleted one by one on the hot path; the health watch
                 # trims everything read so far
-                await wait_until(lambda: client.xlen(registry.reply_stream) == 0, 10,
-                                 "the reply stream was never trimmed")
+                await wait_until_async(
+                    "the reply stream was never trimmed",
+                    lambda: client.xlen(registry.reply_stream) == 0,
+                    10)
                 assert (await registry.call(make_frame(99), "face_detection")).ok
-                await wait_until(lambda: client.xlen(registry.reply_stream) == 0, 10,
-                                 "the reply stream was not trimmed again")
+                await wait_until_async(
+                    "the reply stream was not trimmed again",
+                    lambda: client.xlen(registry.reply_stream) == 0,
+                    10)
                 # the result stream keeps every result
                 assert len(results_on(REDIS_URL, f"{ns}faces:detected")) == 41
             finally:
@@ -368,6 +363,7 @@ def test_process_frame_runs_in_the_frames_trace_context(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.slow
 def test_capacity_is_never_exceeded(ns: str) -> None:
     async def main() -> None:
         detector = Detector("cap-2", ["face_detection"], ns, capacity=2, delay=0.05)
@@ -379,7 +375,7 @@ def test_capacity_is_never_exceeded(ns: str) -> None:
                 client.xadd(f"{ns}proc:cap-2:frames",
                             {"frame_id": f"f{i}", "camera_id": "c", "image_data": jpeg})
             client.close()
-            await wait_until(lambda: detector.processed == 12, 10, "12 frames not processed")
+            await wait_until_async("12 frames not processed", lambda: detector.processed == 12, 10)
             assert detector.peak == 2 and detector.max_in_flight == 2
             # and through the router: 10 concurrent calls, still 2 at a time
             outstanding: list[int] = []
@@ -399,6 +395,7 @@ def test_capacity_is_never_exceeded(ns: str) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.slow
 def test_frames_reach_the_processor_in_routing_order(ns: str) -> None:
     """Routes made one after the other arrive in that order: those waiting for capacity go
     first (a new route does not take the slot a waiting one was woken for), and so do those
@@ -510,6 +507,7 @@ def test_bad_results_and_malformed_entries_are_reported_and_acked(ns: str) -> No
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+@pytest.mark.slow
 def test_circuit_breaker_opens_then_half_opens_then_closes(ns: str) -> None:
     async def main() -> None:
         detector = Detector("flaky", ["face_detection"], ns)
@@ -568,6 +566,7 @@ def test_base64_style_processor_gets_base64_images(ns: str) -> None:
 # -- processor processes that die or are stopped ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
                                                                   tmp_path: Path) -> None:
     async def main() -> None:
@@ -590,14 +589,18 @@ def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
                     assert [r.ok for r in results] == [True] * 3  # 0 lost
                     assert {r.processor_id for r in results} == {"rescuer"}
                     assert sorted(r.data["seq"] for r in results if r.data) == [0, 1, 2]
-                    assert 1.5 <= took < 8, took
+                    # silent for heartbeat_timeout (1.5 s) counted from its last heartbeat,
+                    # which came at most one health interval (0.2 s) before the kill
+                    assert 1.5 - 0.2 <= took < 8, took
                     gone = {i.processor_id: i.state for i in registry.processors()}
                     assert gone["doomed"] == "dead"
                     client = sync_redis()
                     # the watch removes the dead one right after re-routing its entries; the
                     # re-routed results can come back before it has
-                    await wait_until(lambda: client.smembers(f"{ns}processors") == {b"rescuer"},
-                                     5, "the dead processor was never removed")
+                    await wait_until_async(
+                        "the dead processor was never removed",
+                        lambda: client.smembers(f"{ns}processors") == {b"rescuer"},
+                        5)
                     assert not client.exists(f"{ns}proc:doomed", f"{ns}proc:doomed:frames")
                     client.close()
                     # re-routed entries carry the attempt number and where they came from
@@ -609,6 +612,7 @@ def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
     asyncio.run(asyncio.wait_for(main(), 90))
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
                                                                    tmp_path: Path) -> None:
     async def main() -> None:
@@ -631,8 +635,10 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
                 assert worker.proc is not None
                 worker.proc.send_signal(signal.SIGTERM)
                 # it stops taking work at once
-                await wait_until(lambda: client.hget(f"{ns}proc:worker", "state")
-                                 in (b"draining", b"stopped"), 1.0, "never draining")
+                await wait_until_async(
+                    "never draining",
+                    lambda: client.hget(f"{ns}proc:worker", "state")
+                                 in (b"draining", b"stopped"), 1.0)
                 results = await asyncio.gather(*calls)
                 assert [(r.ok, r.processor_id) for r in results] == [(True, "worker")] * 2
                 assert await asyncio.wait_for(worker.exited(), 10) == 0
@@ -640,8 +646,10 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
                 # the two it never took are handed to the next processor with the capability
                 helper = Detector("helper", ["face_detection"], ns)
                 async with serving(helper):
-                    await wait_until(lambda: len(results_on(REDIS_URL, stream)) == 4, 10,
-                                     "the handed-back frames were not processed")
+                    await wait_until_async(
+                        "the handed-back frames were not processed",
+                        lambda: len(results_on(REDIS_URL, stream)) == 4,
+                        10)
                 by_frame = {f[b"frame_id"]: f[b"processor_id"]
                             for f in results_on(REDIS_URL, stream)}
                 assert by_frame[b"queued-1"] == by_frame[b"queued-2"] == b"helper"
@@ -713,6 +721,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         server.stop()
 
 
+@pytest.mark.slow
 def test_client_and_registry_reconnect_after_a_redis_restart(private_redis: PrivateRedis) -> None:
     ns = f"fptest:{uuid.uuid4().hex[:10]}:"  # the private server is discarded afterwards
     url = private_redis.url
@@ -734,7 +743,7 @@ def test_client_and_registry_reconnect_after_a_redis_restart(private_redis: Priv
             # a frame in process_frame while Redis restarts (losing all its data)
             slow = asyncio.create_task(registry.call(make_frame(2, sleep=1.5),
                                                      "face_detection", timeout=15))
-            await wait_until(lambda: detector.active == 1, 5, "the slow frame never started")
+            await wait_until_async("the slow frame never started", lambda: detector.active == 1, 5)
             await asyncio.to_thread(private_redis.restart)
             result = await slow  # its result is published once Redis is back
             assert result.ok and result.data is not None and result.data["seq"] == 2
@@ -770,6 +779,7 @@ async def calls_through(url: str, ns: str, n: int = 6) -> list[ProcessorResult]:
     return results
 
 
+@pytest.mark.slow
 def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -> None:
     sock = tmp_path / "r.sock"
     server = PrivateRedis(tmp_path, password="s3cret", unixsocket=sock)
@@ -788,6 +798,7 @@ def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -
         server.stop()
 
 
+@pytest.mark.slow
 def test_hot_path_runs_on_redis_py_without_hiredis(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from framepipe.redis import wire as wire_module
