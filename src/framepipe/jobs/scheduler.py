@@ -320,9 +320,15 @@ class Scheduler:
             s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
 
     def _ran(self, outcome: Finished) -> None:
-        """The step's attempt is done (in its own thread or task): tell the scheduler."""
-        self._opened_journal.ended(outcome.step.x.id, outcome.step.key)
-        self._post(outcome)
+        """The step's attempt is done (in its own thread or task): tell the scheduler, whatever
+        happens to the journal line (a lost outcome would leave the step running forever)."""
+        try:
+            self._opened_journal.ended(outcome.step.x.id, outcome.step.key)
+        except OSError as exc:
+            _log.error("[%s] step %s: the journal could not record its end: %s",
+                       outcome.step.x.label, outcome.step.key, exc)
+        finally:
+            self._post(outcome)
 
     def _on_progress(self, x: ExecState, key: str, pct: float, message: str | None) -> None:
         s = x.steps.get(key)
@@ -534,8 +540,7 @@ class Scheduler:
             for x in self._execs.values():
                 x.row["heartbeat_at"] = now
                 self._mark_exec(x)
-            self._opened_journal.compact([(x.id, s.key) for x in self._execs.values()
-                                   for s in x.steps.values() if s.status is StepStatus.RUNNING])
+            await asyncio.to_thread(self._opened_journal.compact)
             ids = list(self._execs)
             cancelled = await self._in_db(cancel_requested, self.store, ids)
             for execution_id in cancelled:
