@@ -683,3 +683,14 @@ def test_a_completed_step_says_how_long_it_took(run_in_mode: Runner) -> None:
     assert completed[0].data["duration"] == pytest.approx(
         (slowpoke.finished_at or 0) - (slowpoke.started_at or 0), abs=0.05)
     assert completed[0].data["duration"] >= 0.5  # it sleeps 0.5 s
+
+
+def test_an_error_whose_message_cannot_be_read_still_fails_the_step_clearly(
+        run_in_mode: Runner) -> None:
+    """A step raising an exception whose ``str()`` itself raises is retried and then fails
+    like any other, its error named by type; the scheduler neither dies nor hangs."""
+    info, events = run_in_mode(wp.unprintable, {})
+    assert info.status.value == "failed"
+    assert _started(events) == {"shout": 2}
+    assert (info.error or "").endswith(
+        "failed after 2 attempts: Unprintable: <its message could not be read: RuntimeError>")

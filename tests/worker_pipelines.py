@@ -508,3 +508,18 @@ def failfast_boom(ctx: StepContext) -> None:
 
 @failfast.step("after_slow", depends_on=["slowpoke"])
 def failfast_after_slow(ctx: StepContext) -> None: ...
+
+
+class Unprintable(Exception):
+    """An exception whose message cannot be read."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+unprintable = Pipeline("wk_unprintable")
+
+
+@unprintable.step(retries=1, retry_delay=0.01)
+def shout(ctx: StepContext) -> None:
+    raise Unprintable

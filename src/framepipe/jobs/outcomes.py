@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
-    FramepipeError,
     InvalidInputError,
     PipelineDefinitionError,
     StepOutputError,
@@ -69,11 +68,13 @@ NO_RETRY = RetryPolicy(0, Backoff())
 
 
 def error_text(exc: BaseException) -> str:
-    """``Type: message``, a blank line, then the traceback."""
-    if isinstance(exc, FramepipeError):
-        head = f"{type(exc).__name__}: {exc}"
-    else:
-        head = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``Type: message``, a blank line, then the traceback. Never raises: an exception whose
+    ``str()`` fails is named with that failure instead of its message."""
+    try:
+        message = str(exc)
+    except Exception as broken:
+        message = f"<its message could not be read: {type(broken).__name__}>"
+    head = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     tb = "".join(traceback.format_exception(exc)).rstrip()
     return f"{head}\n\n{tb}"
 
