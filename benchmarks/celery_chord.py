@@ -82,10 +82,31 @@ def worker(concurrency: int = 2) -> Iterator[str]:
     env = {**os.environ, QUEUE_ENV: queue, "PYTHONPATH": str(HERE)}
     with tempfile.NamedTemporaryFile("w+", prefix="fp-bench-celery-", suffix=".log") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_chord", "worker", "--pool", "prefork",
-             "-c", str(concurrency), "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-Q", queue, "--loglevel", "WARNING"],
-            cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "celery_chord",
+                "worker",
+                "--pool",
+                "prefork",
+                "-c",
+                str(concurrency),
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-Q",
+                queue,
+                "--loglevel",
+                "WARNING",
+            ],
+            cwd=HERE,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             _wait_ready(proc)
             yield queue
@@ -147,8 +168,9 @@ def run_chord(n: int, *, follow_parents: bool = True, timeout: float = 900.0) ->
     elapsed = time.perf_counter() - t0
     if result != n:
         raise RuntimeError(f"chord of {n}: join saw {result} results")
-    return ChordResult(n=n, seconds=elapsed, publish_seconds=published,
-                       follow_parents=follow_parents)
+    return ChordResult(
+        n=n, seconds=elapsed, publish_seconds=published, follow_parents=follow_parents
+    )
 
 
 def main() -> None:
@@ -159,8 +181,10 @@ def main() -> None:
         for n in (200, 1000, 2200, 5000):
             for follow in (True, False):
                 r = run_chord(n, follow_parents=follow)
-                print(f"celery chord N={n:<5} follow_parents={follow!s:<5} {r.seconds:7.3f} s "
-                      f"(published in {r.publish_seconds:.3f} s)")
+                print(
+                    f"celery chord N={n:<5} follow_parents={follow!s:<5} {r.seconds:7.3f} s "
+                    f"(published in {r.publish_seconds:.3f} s)"
+                )
 
 
 if __name__ == "__main__":

@@ -82,13 +82,22 @@ def workers_running(settings: Settings, n: int = 2) -> Iterator[list[subprocess.
 def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
     # Keep the PYTHONPATH this process was given: it picks the revision under test.
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(HERE)) if p)
-    env = {**os.environ, "PYTHONPATH": path,
-           "FRAMEPIPE_DATABASE_URL": settings.resolved_database_url,
-           "FRAMEPIPE_BROKER_URL": settings.broker_url,
-           "FRAMEPIPE_BROKER_NAMESPACE": settings.broker_namespace,
-           "FRAMEPIPE_HOME": str(settings.home), "FRAMEPIPE_LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "framepipe", "worker"], env=env, cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "FRAMEPIPE_DATABASE_URL": settings.resolved_database_url,
+        "FRAMEPIPE_BROKER_URL": settings.broker_url,
+        "FRAMEPIPE_BROKER_NAMESPACE": settings.broker_namespace,
+        "FRAMEPIPE_HOME": str(settings.home),
+        "FRAMEPIPE_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "framepipe", "worker"],
+        env=env,
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_registered(settings: Settings, pids: set[int], timeout: float = 30.0) -> None:
@@ -96,16 +105,20 @@ def wait_registered(settings: Settings, pids: set[int], timeout: float = 30.0) -
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with store.read() as conn:
-                found = set(conn.execute(sa.select(workers.c.pid).where(
-                    workers.c.status == "running")).scalars())
+                found = set(
+                    conn.execute(
+                        sa.select(workers.c.pid).where(workers.c.status == "running")
+                    ).scalars()
+                )
             if pids <= found:
                 return
             time.sleep(0.05)
     raise RuntimeError("workers did not register")
 
 
-async def _run(settings: Settings, pipeline: Any, ref: str, inputs: dict[str, Any]) -> tuple[
-        float, Any]:
+async def _run(
+    settings: Settings, pipeline: Any, ref: str, inputs: dict[str, Any]
+) -> tuple[float, Any]:
     async with JobEngine(settings=settings) as engine:
         t0 = time.perf_counter()
         execution_id = await engine.submit(pipeline, inputs, ref=ref)
@@ -146,9 +159,11 @@ def first_step_of_new_worker(settings: Settings) -> float:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 with store.read() as conn:
-                    ts = conn.execute(sa.select(sa.func.min(events.c.ts)).where(
-                        events.c.execution_id == execution_id,
-                        events.c.type == "step.started")).scalar()
+                    ts = conn.execute(
+                        sa.select(sa.func.min(events.c.ts)).where(
+                            events.c.execution_id == execution_id, events.c.type == "step.started"
+                        )
+                    ).scalar()
                 if ts is not None:
                     return float(ts) - t0
                 time.sleep(0.01)
@@ -191,8 +206,9 @@ def child(args: argparse.Namespace) -> None:
     url = BROKER_URLS[args.broker]
     try:
         with postgres_home() as base:
-            settings = base.model_copy(update={"broker_url": url, "jobs_mode": "workers",
-                                               "broker_namespace": namespace})
+            settings = base.model_copy(
+                update={"broker_url": url, "jobs_mode": "workers", "broker_namespace": namespace}
+            )
             StateStore(settings.resolved_database_url).close()  # migrate before the workers
             with workers_running(settings):
                 fanout(settings, 20)  # warm-up: imports, connections
@@ -219,11 +235,20 @@ class Variant:
     starts: list[float] = field(default_factory=list)
 
     def turn(self, sizes: list[int], extras: bool) -> None:
-        cmd = [sys.executable, str(HERE / "distributed.py"), "--child", "--broker", self.broker,
-               "--sizes", *map(str, sizes), *(["--extras"] if extras else [])]
+        cmd = [
+            sys.executable,
+            str(HERE / "distributed.py"),
+            "--child",
+            "--broker",
+            self.broker,
+            "--sizes",
+            *map(str, sizes),
+            *(["--extras"] if extras else []),
+        ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.src), str(HERE)])}
-        run = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True,
-                             check=False, timeout=1800)
+        run = subprocess.run(
+            cmd, env=env, cwd=HERE, capture_output=True, text=True, check=False, timeout=1800
+        )
         if run.returncode:
             raise RuntimeError(f"{self.label}: the benchmark failed:\n{run.stderr[-3000:]}")
         got = json.loads(run.stdout.strip().splitlines()[-1])
@@ -232,9 +257,11 @@ class Variant:
             print(f"{self.label:<28} N={n:<5} {seconds:7.3f} s", flush=True)
         if extras:
             self.latency, self.starts = got["latency"], got["starts"]
-            print(f"{self.label:<28} ready -> started p50 {pct(self.latency, 0.5):.2f} ms; "
-                  f"first step of a new worker {', '.join(f'{x:.2f}' for x in self.starts)} s",
-                  flush=True)
+            print(
+                f"{self.label:<28} ready -> started p50 {pct(self.latency, 0.5):.2f} ms; "
+                f"first step of a new worker {', '.join(f'{x:.2f}' for x in self.starts)} s",
+                flush=True,
+            )
 
 
 @contextlib.contextmanager
@@ -242,23 +269,29 @@ def checkout(rev: str) -> Iterator[Path]:
     """``rev``'s tree in a temporary git worktree (its ``src`` is what the variant imports)."""
     with tempfile.TemporaryDirectory(prefix="fp-rev-") as tmp:
         tree = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree),
-                        rev], check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev],
+            check=True,
+        )
         try:
             yield tree
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(tree)], check=False)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--brokers", nargs="+", choices=sorted(BROKER_URLS),
-                        default=["redis", "rabbitmq"])
-    parser.add_argument("--base", help="also run this revision's code (on Redis), for a "
-                                       "before/after comparison in one run")
+    parser.add_argument(
+        "--brokers", nargs="+", choices=sorted(BROKER_URLS), default=["redis", "rabbitmq"]
+    )
+    parser.add_argument(
+        "--base",
+        help="also run this revision's code (on Redis), for a before/after comparison in one run",
+    )
     parser.add_argument("--skip-celery", action="store_true")
     parser.add_argument("--write-doc", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -272,11 +305,16 @@ def main() -> None:
         variants: list[Variant] = []
         if args.base:
             tree = stack.enter_context(checkout(args.base))
-            rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+            rev = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.base],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
             variants.append(Variant(f"before ({rev}), Redis", tree / "src", "redis"))
-        variants += [Variant(f"this tree, {BROKER_NAMES[b]}", ROOT / "src", b)
-                     for b in args.brokers]
+        variants += [
+            Variant(f"this tree, {BROKER_NAMES[b]}", ROOT / "src", b) for b in args.brokers
+        ]
         for turn in range(args.repeat):
             for variant in variants:
                 variant.turn(args.sizes, extras=turn == 0)
@@ -296,8 +334,10 @@ def main() -> None:
                     theirs.setdefault(n, []).append(r.seconds)
                     g = celery_chord.run_chord(n, follow_parents=True)
                     theirs_get.setdefault(n, []).append(g.seconds)
-                    print(f"celery chord N={n:<5} {r.seconds:7.3f} s (.get(): {g.seconds:.3f} s)",
-                          flush=True)
+                    print(
+                        f"celery chord N={n:<5} {r.seconds:7.3f} s (.get(): {g.seconds:.3f} s)",
+                        flush=True,
+                    )
     text = report(args, variants, theirs, theirs_get)
     print(text)
     if args.write_doc:
@@ -305,47 +345,67 @@ def main() -> None:
 
 
 def _range(values: list[float]) -> str:
-    return (f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
-            if values else "not run")
+    return (
+        f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+        if values
+        else "not run"
+    )
 
 
-def report(args: argparse.Namespace, variants: list[Variant],
-           theirs: dict[int, list[float]], theirs_get: dict[int, list[float]]) -> str:
+def report(
+    args: argparse.Namespace,
+    variants: list[Variant],
+    theirs: dict[int, list[float]],
+    theirs_get: dict[int, list[float]],
+) -> str:
     targets = {1000: 1.5, 5000: 7.5}
     ours = next(v for v in variants if v.src == ROOT / "src" and v.broker == args.brokers[0])
-    lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} "
-             f"CPUs; PostgreSQL {postgres_version()}; median (and range) of {args.repeat} "
-             "runs per variant, the variants taking turns.", "",
-             "| N no-op steps | " + " | ".join(f"framepipe, 2 workers: {v.label}"
-                                               for v in variants)
-             + " | target | Celery chord, 2 processes (`follow_parents=False`) | Celery "
-               f"`.get()` | framepipe ({ours.label}) vs Celery |",
-             "|---|" + "---|" * len(variants) + "---|---|---|---|"]
+    lines = [
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} "
+        f"CPUs; PostgreSQL {postgres_version()}; median (and range) of {args.repeat} "
+        "runs per variant, the variants taking turns.",
+        "",
+        "| N no-op steps | "
+        + " | ".join(f"framepipe, 2 workers: {v.label}" for v in variants)
+        + " | target | Celery chord, 2 processes (`follow_parents=False`) | Celery "
+        f"`.get()` | framepipe ({ours.label}) vs Celery |",
+        "|---|" + "---|" * len(variants) + "---|---|---|---|",
+    ]
     for n in args.sizes:
         other = statistics.median(theirs[n]) if n in theirs else None
         other_get = statistics.median(theirs_get[n]) if n in theirs_get else None
         mine = statistics.median(ours.fanout[n])
         ratio = f"{other / mine:.1f}x faster" if other else "not run"
         target = f"<= {targets[n]} s" if n in targets else ""
-        lines.append(f"| {n:,} | " + " | ".join(_range(v.fanout.get(n, [])) for v in variants)
-                     + f" | {target} | {f'{other:.2f} s' if other else 'not run'} | "
-                     f"{f'{other_get:.2f} s' if other_get else 'not run'} | {ratio} |")
-    lines += ["", "Ready -> started on the workers (chain of 501 links; target p50 <= 5 ms) and "
-              "the first step of a worker started while work is queued (process start to its "
-              "first `step.started`; target <= 1 s), first turn of each variant:", ""]
+        lines.append(
+            f"| {n:,} | "
+            + " | ".join(_range(v.fanout.get(n, [])) for v in variants)
+            + f" | {target} | {f'{other:.2f} s' if other else 'not run'} | "
+            f"{f'{other_get:.2f} s' if other_get else 'not run'} | {ratio} |"
+        )
+    lines += [
+        "",
+        "Ready -> started on the workers (chain of 501 links; target p50 <= 5 ms) and "
+        "the first step of a worker started while work is queued (process start to its "
+        "first `step.started`; target <= 1 s), first turn of each variant:",
+        "",
+    ]
     for v in variants:
         if v.latency:
-            lines.append(f"- {v.label}: p50 {pct(v.latency, 0.5):.2f} ms, p95 "
-                         f"{pct(v.latency, 0.95):.2f} ms, max {max(v.latency):.2f} ms; first "
-                         f"step {', '.join(f'{x:.2f} s' for x in v.starts)}")
+            lines.append(
+                f"- {v.label}: p50 {pct(v.latency, 0.5):.2f} ms, p95 "
+                f"{pct(v.latency, 0.95):.2f} ms, max {max(v.latency):.2f} ms; first "
+                f"step {', '.join(f'{x:.2f} s' for x in v.starts)}"
+            )
     return "\n".join(lines)
 
 
 def write_doc(text: str, path: Path = DOC) -> None:
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     doc = path.read_text()
-    new = re.sub(f"{re.escape(begin)}.*?{re.escape(end)}", f"{begin}\n{text}\n{end}", doc,
-                 flags=re.S)
+    new = re.sub(
+        f"{re.escape(begin)}.*?{re.escape(end)}", f"{begin}\n{text}\n{end}", doc, flags=re.S
+    )
     path.write_text(new)
 
 

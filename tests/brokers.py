@@ -94,8 +94,10 @@ class PrivateRabbitMQ:
         binary = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # not the wrapper, which su's
         found = str(binary) if binary.exists() else shutil.which("rabbitmq-server")
         if found is None:
-            service_missing("rabbitmq-server (apt-get install rabbitmq-server)",
-                            FileNotFoundError("rabbitmq-server"))
+            service_missing(
+                "rabbitmq-server (apt-get install rabbitmq-server)",
+                FileNotFoundError("rabbitmq-server"),
+            )
             raise AssertionError("unreachable")
         self.binary = found
         self.port = free_port()
@@ -103,11 +105,13 @@ class PrivateRabbitMQ:
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         (self.root / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
-            "log.console = false\nlog.file.level = info\n")
+            "log.console = false\nlog.file.level = info\n"
+        )
         (self.root / "rabbitmq-env.conf").write_text("")
         (self.root / "enabled_plugins").write_text("[].\n")
         self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.root),
             "RABBITMQ_NODENAME": f"fp-test-{uuid.uuid4().hex[:8]}@localhost",
             "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq.conf"),
@@ -116,27 +120,36 @@ class PrivateRabbitMQ:
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.root / "log"),
             "RABBITMQ_PID_FILE": str(self.root / "node.pid"),
-            "RABBITMQ_DIST_PORT": str(free_port()), "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         """Boot the node; returns once it accepts AMQP connections."""
         with open(self.root / "server.out", "ab") as out:
-            self.proc = subprocess.Popen([self.binary], env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         cwd=self.root)
+            self.proc = subprocess.Popen(
+                [self.binary],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.root,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"rabbitmq-server exited with {self.proc.returncode}: "
-                                     f"{self.output()[-2000:]}")
+                raise AssertionError(
+                    f"rabbitmq-server exited with {self.proc.returncode}: {self.output()[-2000:]}"
+                )
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             time.sleep(0.1)
-        raise AssertionError(f"rabbitmq-server did not listen within {timeout}s: "
-                             f"{self.output()[-2000:]}")
+        raise AssertionError(
+            f"rabbitmq-server did not listen within {timeout}s: {self.output()[-2000:]}"
+        )
 
     def output(self) -> str:
         path = self.root / "server.out"

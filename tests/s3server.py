@@ -78,11 +78,16 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, deadline: float) -
 def s3_server_at(log_dir: Path) -> Iterator[S3Server]:
     """Start the server (call inside :func:`aws_test_env`); skip, or fail under CI, when moto
     or boto3 is missing or the server does not come up."""
-    missing = [name for name in ("boto3", "moto", "werkzeug", "flask")
-               if importlib.util.find_spec(name) is None]
+    missing = [
+        name
+        for name in ("boto3", "moto", "werkzeug", "flask")
+        if importlib.util.find_spec(name) is None
+    ]
     if missing:
-        service_missing("the S3 test server (pip install 'framepipe[test]': boto3, moto[server])",
-                        ModuleNotFoundError(f"not installed: {', '.join(missing)}"))
+        service_missing(
+            "the S3 test server (pip install 'framepipe[test]': boto3, moto[server])",
+            ModuleNotFoundError(f"not installed: {', '.join(missing)}"),
+        )
     import boto3
 
     log = log_dir / "server.log"
@@ -92,7 +97,10 @@ def s3_server_at(log_dir: Path) -> Iterator[S3Server]:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if _wait_listening(proc, port, time.monotonic() + 60):
             break
         proc.kill()

@@ -51,16 +51,26 @@ def kinds(events: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str,
     return [d for k, d in events if k == kind]
 
 
-def test_a_dead_camera_never_stops_another_and_is_recovered_then_reported(
-        tmp_path: Path) -> None:
-    app = App("site", settings=Settings(home=tmp_path), restart_cooldown=0.05,
-              max_restart_attempts=1, health_interval=0.05)
+def test_a_dead_camera_never_stops_another_and_is_recovered_then_reported(tmp_path: Path) -> None:
+    app = App(
+        "site",
+        settings=Settings(home=tmp_path),
+        restart_cooldown=0.05,
+        max_restart_attempts=1,
+        health_interval=0.05,
+    )
     events = record(app)
-    good = app.add_pipeline(StreamPipeline(
-        "station_1", PatternSource("station_1", fps=50), stages=[Stage(lambda f: f)]))
-    bad = app.add_pipeline(StreamPipeline(
-        "station_2", CommandSource(["sh", "-c", "echo lens cap on >&2; exit 3"], "station_2"),
-        backoff=FAST, max_restarts=2))
+    good = app.add_pipeline(
+        StreamPipeline("station_1", PatternSource("station_1", fps=50), stages=[Stage(lambda f: f)])
+    )
+    bad = app.add_pipeline(
+        StreamPipeline(
+            "station_2",
+            CommandSource(["sh", "-c", "echo lens cap on >&2; exit 3"], "station_2"),
+            backoff=FAST,
+            max_restarts=2,
+        )
+    )
 
     async def main() -> Any:
         await app.start()
@@ -88,15 +98,35 @@ def test_a_dead_camera_never_stops_another_and_is_recovered_then_reported(
 
 
 def test_killing_the_capture_process_is_noticed_and_restarted(
-        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     ffmpeg = need("ffmpeg")
-    argv = [ffmpeg, "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-            "testsrc=size=320x240:rate=25", "-f", "mjpeg", "-q:v", "5", "-"]
+    argv = [
+        ffmpeg,
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=320x240:rate=25",
+        "-f",
+        "mjpeg",
+        "-q:v",
+        "5",
+        "-",
+    ]
     app = App("kill", settings=Settings(home=tmp_path))
     events = record(app)
-    pipeline = app.add_pipeline(StreamPipeline(
-        "station_1", CommandSource(argv, "station_1", fps=25),
-        backoff=Backoff(0.2, 2.0, 1.0, 0.0), stall_timeout=5))
+    pipeline = app.add_pipeline(
+        StreamPipeline(
+            "station_1",
+            CommandSource(argv, "station_1", fps=25),
+            backoff=Backoff(0.2, 2.0, 1.0, 0.0),
+            stall_timeout=5,
+        )
+    )
     caplog.set_level(logging.INFO, logger="framepipe")
 
     async def main() -> tuple[int, int, float]:
@@ -119,8 +149,11 @@ def test_killing_the_capture_process_is_noticed_and_restarted(
     first_pid, second_pid, noticed = asyncio.run(main())
     assert second_pid != first_pid
     assert noticed < 5.0  # generous: the measured figure is in docs/benchmarks.md
-    lines = [(r.component, r.getMessage()) for r in caplog.records  # type: ignore[attr-defined]
-             if r.name.startswith("framepipe")]
+    lines = [
+        (r.component, r.getMessage())
+        for r in caplog.records  # type: ignore[attr-defined]
+        if r.name.startswith("framepipe")
+    ]
     assert ("station_1", f"Persistent pipeline started (PID: {first_pid})") in lines
     assert ("station_1", "Pipeline subprocess died (exit code: -9)") in lines
     assert ("station_1", "Restarting pipeline in 0.2s (attempt 1)") in lines
@@ -131,8 +164,13 @@ def test_killing_the_capture_process_is_noticed_and_restarted(
 
 
 def test_a_silent_capture_is_a_stall_and_restarted(tmp_path: Path) -> None:
-    pipeline = StreamPipeline("quiet", CommandSource(["sleep", "30"], "quiet"),
-                              stall_timeout=0.3, backoff=FAST, max_restarts=1)
+    pipeline = StreamPipeline(
+        "quiet",
+        CommandSource(["sleep", "30"], "quiet"),
+        stall_timeout=0.3,
+        backoff=FAST,
+        max_restarts=1,
+    )
     events: list[tuple[str, dict[str, Any]]] = []
     pipeline.on_event(lambda k, d: events.append((k, d)))
     asyncio.run(asyncio.wait_for(pipeline.run(), 30))
@@ -165,11 +203,17 @@ def test_performance_warning_when_frames_are_dropped(tmp_path: Path) -> None:
         time.sleep(0.05)
         return frame
 
-    app = App("slow", settings=Settings(home=tmp_path), health_interval=0.05,
-              performance_threshold=0.8)
+    app = App(
+        "slow", settings=Settings(home=tmp_path), health_interval=0.05, performance_threshold=0.8
+    )
     events = record(app)
-    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=100),
-                                    stages=[Stage(slow, queue_size=2, overflow="drop_oldest")]))
+    app.add_pipeline(
+        StreamPipeline(
+            "cam",
+            PatternSource("cam", fps=100),
+            stages=[Stage(slow, queue_size=2, overflow="drop_oldest")],
+        )
+    )
 
     async def main() -> None:
         await app.start()
@@ -186,22 +230,30 @@ def test_performance_warning_when_frames_are_dropped(tmp_path: Path) -> None:
 def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     app = App("metrics", settings=settings, health_interval=0.05)
-    pipeline = app.add_pipeline(StreamPipeline(
-        "station_1", PatternSource("station_1", fps=50), stages=[Stage(lambda f: f, name="noop")]))
+    pipeline = app.add_pipeline(
+        StreamPipeline(
+            "station_1",
+            PatternSource("station_1", fps=50),
+            stages=[Stage(lambda f: f, name="noop")],
+        )
+    )
     runner = CliRunner()
 
     async def main() -> tuple[str, Any, Any]:
         await app.start()
         try:
-            await wait_until_async("frames and a snapshot",
-                                   lambda: pipeline.frames_out > 10 and app.snapshot_path.exists())
+            await wait_until_async(
+                "frames and a snapshot",
+                lambda: pipeline.frames_out > 10 and app.snapshot_path.exists(),
+            )
             await asyncio.sleep(0.1)
             text = app.metrics_text()
             health = await asyncio.to_thread(
-                runner.invoke, cli_app, ["--home", str(tmp_path), "health", "--json"])
+                runner.invoke, cli_app, ["--home", str(tmp_path), "health", "--json"]
+            )
             sources = await asyncio.to_thread(
-                runner.invoke, cli_app, ["--home", str(tmp_path), "sources"],
-                env={"COLUMNS": "200"})
+                runner.invoke, cli_app, ["--home", str(tmp_path), "sources"], env={"COLUMNS": "200"}
+            )
             return text, health, sources
         finally:
             await app.stop()
@@ -218,7 +270,7 @@ def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     assert sources.exit_code == 0 and "station_1" in sources.stdout
 
 
-LIVE_APP = textwrap.dedent('''
+LIVE_APP = textwrap.dedent("""
     from framepipe.app import App
     from framepipe.sources import PatternSource
     from framepipe.stream import Stage, StreamPipeline
@@ -226,7 +278,7 @@ LIVE_APP = textwrap.dedent('''
     app = App("cli_live", health_interval=0.1)
     app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=30),
                                     stages=[Stage(lambda f: f)]))
-''')
+""")
 
 
 @pytest.mark.slow
@@ -234,11 +286,18 @@ def test_framepipe_run_runs_an_app_until_sigterm(tmp_path: Path) -> None:
     path = tmp_path / "live.py"
     path.write_text(LIVE_APP)
     env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "framepipe.cli", "run", f"{path}:cli_live"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framepipe.cli", "run", f"{path}:cli_live"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     snapshot = tmp_path / "home" / "run" / "apps" / "cli_live.json"
-    wait_until("the app's snapshot, or the process's end",
-               lambda: snapshot.exists() or proc.poll() is not None)
+    wait_until(
+        "the app's snapshot, or the process's end",
+        lambda: snapshot.exists() or proc.poll() is not None,
+    )
     assert snapshot.exists(), proc.stderr.read() if proc.poll() is not None else "no snapshot"
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
@@ -268,13 +327,20 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
         def process(self, item: Any) -> Any:
             return item
 
-    app = App("models", settings=Settings(home=tmp_path), restart_cooldown=0.05,
-              max_restart_attempts=2, health_interval=0.05)
+    app = App(
+        "models",
+        settings=Settings(home=tmp_path),
+        restart_cooldown=0.05,
+        max_restart_attempts=2,
+        health_interval=0.05,
+    )
     events = record(app)
-    flaky = app.add_pipeline(StreamPipeline("flaky", PatternSource("flaky", fps=50),
-                                            stages=[Stage(Model(2))]))
-    app.add_pipeline(StreamPipeline("broken", PatternSource("broken", fps=50),
-                                    stages=[Stage(Model(10))]))
+    flaky = app.add_pipeline(
+        StreamPipeline("flaky", PatternSource("flaky", fps=50), stages=[Stage(Model(2))])
+    )
+    app.add_pipeline(
+        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(Model(10))])
+    )
 
     async def main() -> Any:
         await app.start()
@@ -299,7 +365,8 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
 
 
 def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_models(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """``max_consecutive_errors=3``: a model broken on its first load fails 3 frames in a row,
     the pipeline is recovered with a new setup() and then works; one broken on every load ends
     in system_error; a model failing every other frame is never taken as crashed."""
@@ -323,13 +390,23 @@ def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_m
                 raise ValueError("a bad frame")
             return item
 
-    app = App("crashes", settings=Settings(home=tmp_path), restart_cooldown=0.05,
-              max_restart_attempts=2, health_interval=0.05)
+    app = App(
+        "crashes",
+        settings=Settings(home=tmp_path),
+        restart_cooldown=0.05,
+        max_restart_attempts=2,
+        health_interval=0.05,
+    )
     events = record(app)
     flaky, broken, noisy = Model(1), Model(1000), Model(0, every_other=True)
-    pipelines = {name: app.add_pipeline(StreamPipeline(
-        name, PatternSource(name, fps=100), stages=[Stage(model, max_consecutive_errors=3)]))
-        for name, model in (("flaky", flaky), ("broken", broken), ("noisy", noisy))}
+    pipelines = {
+        name: app.add_pipeline(
+            StreamPipeline(
+                name, PatternSource(name, fps=100), stages=[Stage(model, max_consecutive_errors=3)]
+            )
+        )
+        for name, model in (("flaky", flaky), ("broken", broken), ("noisy", noisy))
+    }
 
     async def main() -> None:
         await app.start()

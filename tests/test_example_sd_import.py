@@ -55,6 +55,7 @@ import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)
 
 # -- cards -----------------------------------------------------------------------------------
 
+
 def jump_clip(path: Path, seed: int, frames: int = 25) -> Path:
     """A 160x120 H.264 clip of noise (larger than the QR-candidate limit)."""
     rng = np.random.default_rng(seed)
@@ -92,8 +93,9 @@ class CardMaker:
 
     def qr(self, *texts: str, damage: bool = False) -> str:
         """A QR clip of 8 frames showing each text in turn (two: two codes in one clip)."""
-        path = make_qr_clip(self._next(), [(t, 8 // len(texts)) for t in texts], size=(320, 288),
-                            damage=damage)
+        path = make_qr_clip(
+            self._next(), [(t, 8 // len(texts)) for t in texts], size=(320, 288), damage=damage
+        )
         assert path.stat().st_size < SMALL_LIMIT
         return self._stamp(path)
 
@@ -117,6 +119,7 @@ def eject(mounted: Path) -> None:
 
 
 # -- running it ------------------------------------------------------------------------------
+
 
 class Watcher:
     """A WebSocket client on ``/ws`` collecting every message in a thread."""
@@ -156,12 +159,30 @@ class Watcher:
 class Detector:
     """examples/sd_import/detector.py as a process."""
 
-    def __init__(self, url: str, watch: Path, shared: Path, log: Path, *extra: str,
-                 token: str = TOKEN) -> None:
-        self.args = [sys.executable, str(EXAMPLE / "detector.py"), "--watch", str(watch),
-                     "--backend", f"{url.replace('http', 'ws')}/ws/detector",
-                     "--shared", str(shared), "--token", token, "--detector-id", "test-host",
-                     "--interval", "0.2", "--settle", "0", "--max-backoff", "0.3", *extra]
+    def __init__(
+        self, url: str, watch: Path, shared: Path, log: Path, *extra: str, token: str = TOKEN
+    ) -> None:
+        self.args = [
+            sys.executable,
+            str(EXAMPLE / "detector.py"),
+            "--watch",
+            str(watch),
+            "--backend",
+            f"{url.replace('http', 'ws')}/ws/detector",
+            "--shared",
+            str(shared),
+            "--token",
+            token,
+            "--detector-id",
+            "test-host",
+            "--interval",
+            "0.2",
+            "--settle",
+            "0",
+            "--max-backoff",
+            "0.3",
+            *extra,
+        ]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -194,8 +215,9 @@ def wait_for(what: str, check: Any, timeout: float = 60, detector: Detector | No
 
 
 def executions(client: httpx.Client) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = client.get("/api/executions",
-                                            params={"pipeline": "sd_import"}).json()
+    rows: list[dict[str, Any]] = client.get(
+        "/api/executions", params={"pipeline": "sd_import"}
+    ).json()
     return sorted(rows, key=lambda r: r["created_at"])
 
 
@@ -210,29 +232,44 @@ def finished(client: httpx.Client, n: int) -> dict[str, Any] | None:
 
 @pytest.fixture
 def sqlite_settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                    retry_initial_delay=0.2, retry_max_delay=1.0, heartbeat_interval=0.2,
-                    shutdown_grace=2.0, concurrency=4)
+    return Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        retry_initial_delay=0.2,
+        retry_max_delay=1.0,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+        concurrency=4,
+    )
 
 
 @contextlib.contextmanager
-def running_world(tmp_path: Path, settings: Settings,
-                  **hub_options: Any) -> Iterator[dict[str, Any]]:
+def running_world(
+    tmp_path: Path, settings: Settings, **hub_options: Any
+) -> Iterator[dict[str, Any]]:
     """The service with the sd_import hub (``hub_options`` go to ``make_hub``), a card folder
     to watch, a shared folder, and a WebSocket watching progress."""
     watch, shared, cards = tmp_path / "media", tmp_path / "shared", tmp_path / "cards"
     for folder in (watch, shared, cards):
         folder.mkdir()
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
-    hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=SMALL_LIMIT,
-                              reconnect_wait=20, **hub_options)
+    hub = sd_backend.make_hub(
+        pipeline, shared_dir=shared, small_limit=SMALL_LIMIT, reconnect_wait=20, **hub_options
+    )
     with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:
         watcher = Watcher(server.url)
         detectors: list[Detector] = []
         try:
-            yield {"server": server, "watch": watch, "shared": shared, "cards": cards,
-                   "watcher": watcher, "settings": settings, "detectors": detectors,
-                   "tmp": tmp_path}
+            yield {
+                "server": server,
+                "watch": watch,
+                "shared": shared,
+                "cards": cards,
+                "watcher": watcher,
+                "settings": settings,
+                "detectors": detectors,
+                "tmp": tmp_path,
+            }
         finally:
             for d in detectors:
                 d.stop()
@@ -252,18 +289,26 @@ def ledger_paths(settings: Settings) -> dict[str, dict[str, Any]]:
 
 # -- the tests -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def any_db_world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     """``world`` on each state backend in turn (SQLite, the real PostgreSQL)."""
-    settings = Settings(home=tmp_path / "home", database_url=database_url,
-                        retry_initial_delay=0.2, retry_max_delay=1.0, heartbeat_interval=0.2,
-                        shutdown_grace=2.0, concurrency=4)
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        retry_initial_delay=0.2,
+        retry_max_delay=1.0,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+        concurrency=4,
+    )
     with running_world(tmp_path, settings) as running:
         yield running
 
 
 def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
-        any_db_world: dict[str, Any]) -> None:
+    any_db_world: dict[str, Any],
+) -> None:
     world = any_db_world
     server, watcher = world["server"], world["watcher"]
     maker = CardMaker(world["cards"] / "GOPRO1")
@@ -297,8 +342,7 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert max(s["finished_at"] for s in small) <= min(s["started_at"] for s in large)
         for chain in (small, large):  # one copy at a time: each waits for the one before
             chain.sort(key=lambda s: s["started_at"])
-            assert all(a["finished_at"] <= b["started_at"]
-                       for a, b in itertools.pairwise(chain))
+            assert all(a["finished_at"] <= b["started_at"] for a, b in itertools.pairwise(chain))
         names = [s["name"] for s in steps]
         assert names.count("extract_metadata") == 4 and names.count("render") == 4
         # A video's processing waits for its own copy only, never for later ones: rendering
@@ -308,13 +352,17 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         for render in (s for s in steps if s["name"] == "render"):
             (meta_key,) = render["depends_on"]
             assert by_key[meta_key]["name"] == "extract_metadata"
-            own = [] if render["params"]["path"] in {qr1, qr2, v2b} else [
-                copy_of[render["params"]["path"]]]
+            own = (
+                []
+                if render["params"]["path"] in {qr1, qr2, v2b}
+                else [copy_of[render["params"]["path"]]]
+            )
             assert by_key[meta_key]["depends_on"] == own
 
         # Rendered: intro (1 s) + the watermarked video (25 frames) + splash (1 s).
-        for key in summary["bookings"]["B1001"]["outputs"] + summary["bookings"]["B1002"][
-                "outputs"][:1]:
+        for key in (
+            summary["bookings"]["B1001"]["outputs"] + summary["bookings"]["B1002"]["outputs"][:1]
+        ):
             assert key.startswith(("bookings/B1001/", "bookings/B1002/"))
             got = client.get(f"/api/objects/{key}")
             assert got.status_code == 200
@@ -326,21 +374,28 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
             assert frames[0][:, :, 0].mean() > frames[0][:, :, 2].mean() + 30  # dark blue card
         assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b}
         assert sorted(p.name for p in (world["shared"]).rglob("*") if p.is_file()) == sorted(
-            Path(p).name for p in (qr1, v1a, v1b, qr2, v2a, v2b))
+            Path(p).name for p in (qr1, v1a, v1b, qr2, v2a, v2b)
+        )
 
         # Progress of every step and of the whole execution reached the browser's socket.
-        progress = [m for m in watcher.of("pipeline:progress")
-                    if m["execution_id"] == first["id"]]
-        assert any(m["step_key"] and m["step_key"].startswith("render:")
-                   and 0 < (m["step_progress"] or 0) < 100 for m in progress)
+        progress = [m for m in watcher.of("pipeline:progress") if m["execution_id"] == first["id"]]
+        assert any(
+            m["step_key"]
+            and m["step_key"].startswith("render:")
+            and 0 < (m["step_progress"] or 0) < 100
+            for m in progress
+        )
         assert any(m["step_key"] and m["step_key"].startswith("copy:") for m in progress)
         overall = [m["progress"] for m in progress if m["progress"] is not None]
         assert overall == sorted(overall) and overall[-1] == 100.0
 
         # The same card again: nothing is copied.
         eject(mounted)
-        wait_for("the card's removal", lambda: not any(
-            d["sessions"] for d in client.get("/api/detectors").json()), detector=detector)
+        wait_for(
+            "the card's removal",
+            lambda: not any(d["sessions"] for d in client.get("/api/detectors").json()),
+            detector=detector,
+        )
         mounted = insert(maker.folder, world["watch"])
         second = wait_for("the second import", lambda: finished(client, 2), detector=detector)
         assert second["status"] == "completed", second.get("error")
@@ -350,8 +405,11 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
 
         # One new jump on the card: only that jump is copied and rendered.
         eject(mounted)
-        wait_for("the card's removal", lambda: not any(
-            d["sessions"] for d in client.get("/api/detectors").json()), detector=detector)
+        wait_for(
+            "the card's removal",
+            lambda: not any(d["sessions"] for d in client.get("/api/detectors").json()),
+            detector=detector,
+        )
         qr3 = maker.qr("B1003;Cleo Lind")
         v3a = maker.video()
         insert(maker.folder, world["watch"])
@@ -362,8 +420,7 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert list(summary["bookings"]) == ["B1003"]
         assert summary["bookings"]["B1003"]["videos"] == [v3a]
         assert len(summary["bookings"]["B1003"]["outputs"]) == 1
-        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b, qr3,
-                                                        v3a}
+        assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b, qr3, v3a}
 
 
 _inputs: dict[str, dict[str, Any]] = {}  # execution id -> its inputs (they never change)
@@ -392,16 +449,16 @@ def ended(client: httpx.Client, label: str, n: int = 1) -> dict[str, Any] | None
 def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -> None:
     server, watcher, shared = world["server"], world["watcher"], world["shared"]
     bad = CardMaker(world["cards"] / "BAD")
-    v0 = bad.video()                                  # no QR clip before it
+    v0 = bad.video()  # no QR clip before it
     qr_x = bad.qr("B2000;Xavier Durand", damage=True)  # unreadable
     v1 = bad.video()
     qr_a, qr_b = bad.qr("B2001;Ann"), bad.qr("B2002;Ben")  # two bookings for one jump
     v2 = bad.video()
     qr_c, qr_c2 = bad.qr("B2003;Cid"), bad.qr("B2003;Cid")  # the same code filmed twice
-    v3, v4 = bad.video(), bad.video()                 # one vanishes, one is interrupted
-    qr_m = bad.qr("B2004;Ida", "B2005;Jon")           # two codes in one clip
+    v3, v4 = bad.video(), bad.video()  # one vanishes, one is interrupted
+    qr_m = bad.qr("B2004;Ida", "B2005;Jon")  # two codes in one clip
     v6 = bad.video()
-    qr_d = bad.qr("hello world")                      # a QR code that is no booking
+    qr_d = bad.qr("hello world")  # a QR code that is no booking
     v5 = bad.video()
     noqr = CardMaker(world["cards"] / "NOQR")
     lone = noqr.video()
@@ -413,8 +470,11 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         mounted = insert(bad.folder, world["watch"])
         insert(noqr.folder, world["watch"])
 
-        nothing = wait_for("the import of the card without QR clip",
-                           lambda: ended(client, "NOQR"), detector=detector)
+        nothing = wait_for(
+            "the import of the card without QR clip",
+            lambda: ended(client, "NOQR"),
+            detector=detector,
+        )
         assert nothing["status"] == "completed", nothing.get("error")
         summary = nothing["data"]["summary"]
         assert summary["status"] == "needs_attention"
@@ -436,15 +496,24 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         detector.kill()
         running = imports_of(client, "BAD")[0]
         card_id = running["inputs"]["card_id"]
-        final, part = shared / card_id / first, shared / card_id / Path(first).parent / (
-            f".{Path(first).name}.part")
+        final, part = (
+            shared / card_id / first,
+            shared / card_id / Path(first).parent / (f".{Path(first).name}.part"),
+        )
         assert not final.exists()  # a partial copy never has the final name ...
         assert part.exists()
         assert first not in ledger_paths(world["settings"])  # ... nor counts as imported
-        retrying = wait_for("the interrupted copy's retry", lambda: [
-            m for m in watcher.of("event") if m["event"]["type"] == "step.retrying"
-            and "disconnected while the backend waited for the copy of "
-            f"{first}" in m["event"]["data"].get("error", "")], detector=detector)
+        retrying = wait_for(
+            "the interrupted copy's retry",
+            lambda: [
+                m
+                for m in watcher.of("event")
+                if m["event"]["type"] == "step.retrying"
+                and f"disconnected while the backend waited for the copy of {first}"
+                in m["event"]["data"].get("error", "")
+            ],
+            detector=detector,
+        )
         assert "test-host" in retrying[0]["event"]["data"]["error"]
 
         # Meanwhile: the same card from another detector, a malformed list, a wrong token.
@@ -452,22 +521,50 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         with ws_connect(twin_url, additional_headers=AUTH) as twin:
             twin.send(json.dumps({"type": "detector:hello", "detector_id": "twin"}))
             assert json.loads(twin.recv(10))["type"] == "detector:welcome"
-            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-1",
-                                  "card_id": card_id, "label": "BAD",
-                                  "files": running["inputs"]["files"]}))
+            twin.send(
+                json.dumps(
+                    {
+                        "type": "sd:file_list",
+                        "session_id": "twin-1",
+                        "card_id": card_id,
+                        "label": "BAD",
+                        "files": running["inputs"]["files"],
+                    }
+                )
+            )
             status = json.loads(twin.recv(10))
-            assert status == {"type": "sd:status", "session_id": "twin-1",
-                              "card_id": card_id, "state": "already_importing",
-                              "execution_id": running["id"]}
-            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-2",
-                                  "card_id": "X", "files": [
-                                      {"path": "../../etc/passwd", "size": 1, "mtime": 0,
-                                       "fingerprint": "0123456789"}]}))
+            assert status == {
+                "type": "sd:status",
+                "session_id": "twin-1",
+                "card_id": card_id,
+                "state": "already_importing",
+                "execution_id": running["id"],
+            }
+            twin.send(
+                json.dumps(
+                    {
+                        "type": "sd:file_list",
+                        "session_id": "twin-2",
+                        "card_id": "X",
+                        "files": [
+                            {
+                                "path": "../../etc/passwd",
+                                "size": 1,
+                                "mtime": 0,
+                                "fingerprint": "0123456789",
+                            }
+                        ],
+                    }
+                )
+            )
             error = json.loads(twin.recv(10))
             assert error["type"] == "error"
             assert "files[0].path" in error["detail"] and "'..' segment" in error["detail"]
-            twin.send(json.dumps({"type": "sd:file_list", "session_id": "twin-3",
-                                  "card_id": "..", "files": []}))
+            twin.send(
+                json.dumps(
+                    {"type": "sd:file_list", "session_id": "twin-3", "card_id": "..", "files": []}
+                )
+            )
             assert "card_id" in json.loads(twin.recv(10))["detail"]
             twin.send("{not json")
             assert json.loads(twin.recv(10))["detail"].startswith("not JSON")
@@ -480,29 +577,35 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         # The detector comes back: the retried copy reaches it and the import completes.
         detector = Detector(server.url, world["watch"], shared, log)
         world["detectors"].append(detector.start())
-        done = wait_for("the import of the bad card", lambda: ended(client, "BAD"),
-                        detector=detector)
+        done = wait_for(
+            "the import of the bad card", lambda: ended(client, "BAD"), detector=detector
+        )
         assert done["status"] == "completed", done.get("error")
         summary = done["data"]["summary"]
         assert summary["status"] == "needs_attention"
-        assert summary["bookings"] == {"B2003": {
-            "passenger": "Cid", "videos": [first], "missing": [gone],
-            "outputs": [f"bookings/B2003/{Path(first).stem}.mp4"]}}
+        assert summary["bookings"] == {
+            "B2003": {
+                "passenger": "Cid",
+                "videos": [first],
+                "missing": [gone],
+                "outputs": [f"bookings/B2003/{Path(first).stem}.mp4"],
+            }
+        }
         assert [h["path"] for h in summary["held"]] == [v0, v1, v2, v6, v5]
         reasons = [h["reason"] for h in summary["held"]]
         assert reasons[0] == "no QR clip before it"
         assert reasons[1] == f"after {qr_x}, which holds a QR code that cannot be read"
         assert reasons[2] == f"after two QR clips of different bookings ({qr_a}, {qr_b})"
-        assert reasons[3] == (f"after {qr_m}, which holds several QR codes (B2004;Ida, "
-                              "B2005;Jon)")
+        assert reasons[3] == (f"after {qr_m}, which holds several QR codes (B2004;Ida, B2005;Jon)")
         assert reasons[4].startswith(f"after {qr_d}, which holds a QR code that is no booking")
         problems = "\n".join(summary["problems"])
         assert f"{gone}: vanished from the card before it was copied" in problems
         assert f"{qr_x}: a QR code that cannot be read" in problems
         assert "two QR clips of different bookings" in problems
         assert "'hello world'" in problems
-        copy_of_first = next(s for s in done["steps"] if s["name"] == "copy"
-                             and s["params"]["path"] == first)
+        copy_of_first = next(
+            s for s in done["steps"] if s["name"] == "copy" and s["params"]["path"] == first
+        )
         assert copy_of_first["attempt"] >= 2 and copy_of_first["status"] == "completed"
 
         # Imported: the readable QR clips and the one video; held and vanished files are not,
@@ -516,15 +619,15 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
 
 
 def test_a_failed_render_is_retried_from_that_step_without_copying_again(
-        tmp_path: Path, sqlite_settings: Settings) -> None:
+    tmp_path: Path, sqlite_settings: Settings
+) -> None:
     intro = tmp_path / "assets" / "intro.mp4"  # missing at first
     with running_world(tmp_path, sqlite_settings, extra_inputs={"intro": str(intro)}) as world:
         server = world["server"]
         maker = CardMaker(world["cards"] / "RETRY")
         maker.qr("B3001;Dana Holm")
         videos = [maker.video(), maker.video()]
-        detector = Detector(server.url, world["watch"], world["shared"],
-                            world["tmp"] / "det.log")
+        detector = Detector(server.url, world["watch"], world["shared"], world["tmp"] / "det.log")
         world["detectors"].append(detector.start())
         with httpx.Client(base_url=server.url, headers=AUTH) as client:
             insert(maker.folder, world["watch"])
@@ -534,15 +637,13 @@ def test_a_failed_render_is_retried_from_that_step_without_copying_again(
             renders = [s for s in failed["steps"] if s["name"] == "render"]
             assert any(s["status"] == "failed" for s in renders)
             copies = {s["key"]: s for s in failed["steps"] if s["name"] == "copy"}
-            assert len(copies) == 3 and all(s["status"] == "completed"
-                                            for s in copies.values())
+            assert len(copies) == 3 and all(s["status"] == "completed" for s in copies.values())
 
             intro.parent.mkdir()
             jump_clip(intro, seed=99, frames=10)
             retried = client.post(f"/api/executions/{failed['id']}/retry")
             assert retried.status_code == 202, retried.text
-            done = wait_for("the retried import", lambda: ended(client, "RETRY"),
-                            detector=detector)
+            done = wait_for("the retried import", lambda: ended(client, "RETRY"), detector=detector)
             assert done["status"] == "completed", done.get("error")
             summary = done["data"]["summary"]
             assert summary["status"] == "imported"
@@ -563,19 +664,35 @@ def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -
     service's hub over Redis. SQLite and PostgreSQL alike."""
     with redis_namespace("fp-sd-") as namespace:
         values: dict[str, Any] = {
-            "home": tmp_path / "home", "database_url": database_url, "broker_url": REDIS_URL,
-            "broker_namespace": namespace, "jobs_mode": "workers", "lease_seconds": 3.0,
-            "sweep_interval": 0.2, "retry_initial_delay": 0.2, "retry_max_delay": 1.0,
-            "shutdown_grace": 2.0}
+            "home": tmp_path / "home",
+            "database_url": database_url,
+            "broker_url": REDIS_URL,
+            "broker_namespace": namespace,
+            "jobs_mode": "workers",
+            "lease_seconds": 3.0,
+            "sweep_interval": 0.2,
+            "retry_initial_delay": 0.2,
+            "retry_max_delay": 1.0,
+            "shutdown_grace": 2.0,
+        }
         settings = Settings(**values)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()}}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()},
+        }
         procs = []
         for n in range(2):
             with (tmp_path / f"worker{n}.log").open("wb") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "framepipe", "worker", "-c", "3"], env=env,
-                    stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "framepipe", "worker", "-c", "3"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=tmp_path,
+                    )
+                )
         try:
             with running_world(tmp_path, settings) as world:
                 server = world["server"]
@@ -583,44 +700,69 @@ def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -
                 qr = maker.qr("B4001;Eva Ek")
                 videos = [maker.video(), maker.video()]
                 log = world["tmp"] / "det.log"
-                detector = Detector(server.url, world["watch"], world["shared"], log,
-                                    "--max-rate", "250000")
+                detector = Detector(
+                    server.url, world["watch"], world["shared"], log, "--max-rate", "250000"
+                )
                 world["detectors"].append(detector.start())
                 with httpx.Client(base_url=server.url, headers=AUTH) as client:
                     insert(maker.folder, world["watch"])
                     # The detector dies mid-copy: the worker's step hears it through Redis.
-                    wait_for("a video's copy", lambda: [
-                        m for m in world["watcher"].of("pipeline:progress")
-                        if m.get("message") == f"copying {videos[0]}"], detector=detector)
+                    wait_for(
+                        "a video's copy",
+                        lambda: [
+                            m
+                            for m in world["watcher"].of("pipeline:progress")
+                            if m.get("message") == f"copying {videos[0]}"
+                        ],
+                        detector=detector,
+                    )
                     detector.kill()
-                    wait_for("the copy's retry on a worker", lambda: [
-                        m for m in world["watcher"].of("event")
-                        if m["event"]["type"] == "step.retrying"
-                        and "DetectorUnavailableError: detector 'test-host': disconnected "
-                        f"while the backend waited for the copy of {videos[0]}"
-                        in m["event"]["data"].get("error", "")], detector=detector)
+                    wait_for(
+                        "the copy's retry on a worker",
+                        lambda: [
+                            m
+                            for m in world["watcher"].of("event")
+                            if m["event"]["type"] == "step.retrying"
+                            and "DetectorUnavailableError: detector 'test-host': disconnected "
+                            f"while the backend waited for the copy of {videos[0]}"
+                            in m["event"]["data"].get("error", "")
+                        ],
+                        detector=detector,
+                    )
                     detector = Detector(server.url, world["watch"], world["shared"], log)
                     world["detectors"].append(detector.start())
-                    done = wait_for("the import on workers", lambda: ended(client, "WORKERS"),
-                                    timeout=90, detector=detector)
+                    done = wait_for(
+                        "the import on workers",
+                        lambda: ended(client, "WORKERS"),
+                        timeout=90,
+                        detector=detector,
+                    )
                     assert done["status"] == "completed", done.get("error")
                     summary = done["data"]["summary"]
                     assert summary["status"] == "imported"
                     assert sorted(summary["copied"]) == sorted([qr, *videos])
                     assert summary["bookings"]["B4001"]["videos"] == videos
                     assert len(summary["bookings"]["B4001"]["outputs"]) == 2
-                    def progress() -> list[dict[str, Any]]:
-                        return [m for m in world["watcher"].of("pipeline:progress")
-                                if m["execution_id"] == done["id"]]
 
-                    last = wait_for("the execution's last progress", lambda: [
-                        m for m in progress() if m["step_key"] is None])
+                    def progress() -> list[dict[str, Any]]:
+                        return [
+                            m
+                            for m in world["watcher"].of("pipeline:progress")
+                            if m["execution_id"] == done["id"]
+                        ]
+
+                    last = wait_for(
+                        "the execution's last progress",
+                        lambda: [m for m in progress() if m["step_key"] is None],
+                    )
                     assert last[0]["progress"] == 100.0
-                    assert any((m["step_key"] or "").startswith("render:")
-                               for m in progress())
+                    assert any((m["step_key"] or "").startswith("render:") for m in progress())
                 with StateStore(settings.resolved_database_url) as store, store.read() as conn:
-                    ran_on = set(conn.execute(sa.select(steps.c.worker).where(
-                        steps.c.execution_id == done["id"])).scalars())
+                    ran_on = set(
+                        conn.execute(
+                            sa.select(steps.c.worker).where(steps.c.execution_id == done["id"])
+                        ).scalars()
+                    )
                 assert None not in ran_on and ran_on  # every step ran on a worker
                 assert len(ledger_paths(settings)) == 3
         finally:
@@ -633,8 +775,7 @@ def test_steps_run_on_workers_through_redis(tmp_path: Path, database_url: str) -
                     proc.kill()
 
 
-def test_the_dashboard_shows_the_detector_its_card_and_the_import(
-        world: dict[str, Any]) -> None:
+def test_the_dashboard_shows_the_detector_its_card_and_the_import(world: dict[str, Any]) -> None:
     chromium = Path("/usr/bin/chromium")
     try:
         from playwright.sync_api import sync_playwright
@@ -653,8 +794,10 @@ def test_the_dashboard_shows_the_detector_its_card_and_the_import(
         insert(maker.folder, world["watch"])
         wait_for("the import", lambda: ended(client, "SHOWCARD"), detector=detector)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(chromium), args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        browser = pw.chromium.launch(
+            executable_path=str(chromium),
+            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+        )
         try:
             page = browser.new_page()
             page.goto(f"{server.url}/?token={TOKEN}")
@@ -668,6 +811,7 @@ def test_the_dashboard_shows_the_detector_its_card_and_the_import(
 
 
 # -- the detector's own rules (no service needed) ----------------------------------------------
+
 
 def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> None:
     import detector as sd_detector  # examples/sd_import/detector.py
@@ -693,37 +837,48 @@ def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> 
     entry = next(f for f in sd_detector.list_card(card) if f["path"] == "DCIM/b.MP4")
     found = sd_detector.Card(card, "GOPRO", card_id, files)
     shared = tmp_path / "shared"
-    for rel, dest in (("../secret.mp4", "x/a.mp4"), ("DCIM/b.MP4", "../../etc/x"),
-                      ("/etc/passwd", "x"), ("DCIM\\b.MP4", "x")):
-        refused = sd_detector.copy_file(found, rel, shared, dest, size=10,
-                                        fingerprint=entry["fingerprint"])
+    for rel, dest in (
+        ("../secret.mp4", "x/a.mp4"),
+        ("DCIM/b.MP4", "../../etc/x"),
+        ("/etc/passwd", "x"),
+        ("DCIM\\b.MP4", "x"),
+    ):
+        refused = sd_detector.copy_file(
+            found, rel, shared, dest, size=10, fingerprint=entry["fingerprint"]
+        )
         assert refused["code"] == "refused", rel
-    changed = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=11,
-                                    fingerprint=entry["fingerprint"])
+    changed = sd_detector.copy_file(
+        found, "DCIM/b.MP4", shared, "c/b.MP4", size=11, fingerprint=entry["fingerprint"]
+    )
     assert changed["code"] == "changed" and not (shared / "c" / "b.MP4").exists()
     assert not list(shared.rglob("*.part"))
-    ok = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=10,
-                               fingerprint=entry["fingerprint"])
+    ok = sd_detector.copy_file(
+        found, "DCIM/b.MP4", shared, "c/b.MP4", size=10, fingerprint=entry["fingerprint"]
+    )
     assert ok["ok"] and (shared / "c" / "b.MP4").read_bytes() == b"b" * 10
-    again = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "c/b.MP4", size=10,
-                                  fingerprint=entry["fingerprint"])
+    again = sd_detector.copy_file(
+        found, "DCIM/b.MP4", shared, "c/b.MP4", size=10, fingerprint=entry["fingerprint"]
+    )
     assert again == {**ok, "already": True}  # a verified copy is not made twice
     (card / "DCIM" / "b.MP4").unlink()
-    gone = sd_detector.copy_file(found, "DCIM/b.MP4", shared, "d/b.MP4", size=10,
-                                 fingerprint=entry["fingerprint"])
+    gone = sd_detector.copy_file(
+        found, "DCIM/b.MP4", shared, "d/b.MP4", size=10, fingerprint=entry["fingerprint"]
+    )
     assert gone["code"] == "vanished"
 
 
 def test_the_backend_restarting_mid_import_resumes_with_a_retry(
-        tmp_path: Path, sqlite_settings: Settings) -> None:
+    tmp_path: Path, sqlite_settings: Settings
+) -> None:
     watch, shared, cards = tmp_path / "media", tmp_path / "shared", tmp_path / "cards"
     for folder in (watch, shared, cards):
         folder.mkdir()
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
 
     def serve(port: int | None = None) -> Server:
-        hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=SMALL_LIMIT,
-                                  reconnect_wait=20)
+        hub = sd_backend.make_hub(
+            pipeline, shared_dir=shared, small_limit=SMALL_LIMIT, reconnect_wait=20
+        )
         return Server(sqlite_settings, pipelines=(pipeline,), port=port, detector_hub=hub)
 
     maker = CardMaker(cards / "RESTART")
@@ -742,9 +897,13 @@ def test_the_backend_restarting_mid_import_resumes_with_a_retry(
                 if not rows:
                     return False
                 body = client.get(f"/api/executions/{rows[0]['id']}").json()
-                return any(s["name"] == "copy" and "booking" in s["params"]
-                           and s["status"] == "running" and s["progress"] > 0
-                           for s in body["steps"])
+                return any(
+                    s["name"] == "copy"
+                    and "booking" in s["params"]
+                    and s["status"] == "running"
+                    and s["progress"] > 0
+                    for s in body["steps"]
+                )
 
             wait_for("a video's copy", copying_a_video, detector=detector)
         first.__exit__(None, None, None)  # the backend stops in the middle of it
@@ -752,12 +911,16 @@ def test_the_backend_restarting_mid_import_resumes_with_a_retry(
         with httpx.Client(base_url=second.url, headers=AUTH) as client:
             stopped = imports_of(client, "RESTART")[0]
             assert stopped["status"] == "interrupted", stopped
-            wait_for("the detector to reconnect", lambda: client.get("/api/detectors").json(),
-                     detector=detector)
+            wait_for(
+                "the detector to reconnect",
+                lambda: client.get("/api/detectors").json(),
+                detector=detector,
+            )
             retried = client.post(f"/api/executions/{stopped['id']}/retry")
             assert retried.status_code == 202, retried.text
-            done = wait_for("the resumed import", lambda: ended(client, "RESTART"),
-                            detector=detector)
+            done = wait_for(
+                "the resumed import", lambda: ended(client, "RESTART"), detector=detector
+            )
             assert done["status"] == "completed", done.get("error")
             summary = done["data"]["summary"]
             assert summary["status"] == "imported"
@@ -784,8 +947,11 @@ def test_a_worker_asking_a_stopped_service_is_told_at_once() -> None:
         hub = get_hub("nobody", settings)
         assert isinstance(hub, RemoteDetectorHub)
         with pytest.raises(DetectorUnavailableError, match="hub nobody is not running"):
-            asyncio.run(hub.request("s1", {"type": "sd:copy_request", "path": "a.mp4"},
-                                    what="the copy of a.mp4"))
+            asyncio.run(
+                hub.request(
+                    "s1", {"type": "sd:copy_request", "path": "a.mp4"}, what="the copy of a.mp4"
+                )
+            )
     with pytest.raises(DetectorUnavailableError, match="no Redis broker"):
         get_hub("nobody", Settings(broker_url="memory://"))
 
@@ -796,21 +962,38 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
     port = free_port()
-    env = {**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home"),
-           "FRAMEPIPE_API_TOKEN": CLI_TOKEN, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "FRAMEPIPE_HOME": str(tmp_path / "home"),
+        "FRAMEPIPE_API_TOKEN": CLI_TOKEN,
+        "PYTHONUNBUFFERED": "1",
+    }
     with (tmp_path / "backend.log").open("wb") as out:
         backend = subprocess.Popen(
-            [sys.executable, str(EXAMPLE / "backend.py"), "--shared", str(shared), "--port",
-             str(port), "--small-limit", "150KiB"], env=env, stdout=out,
-            stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(EXAMPLE / "backend.py"),
+                "--shared",
+                str(shared),
+                "--port",
+                str(port),
+                "--small-limit",
+                "150KiB",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     detector = Detector(url, watch, shared, tmp_path / "det.log", token=CLI_TOKEN)
     try:
+
         def up() -> bool:
             try:
                 return httpx.get(f"{url}/health").status_code == 200
             except httpx.HTTPError:
                 return backend.poll() is not None  # died: stop waiting, fail below
+
         wait_for("the backend", up)
         assert backend.poll() is None, (tmp_path / "backend.log").read_text()
         detector.start()
@@ -818,8 +1001,7 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
         maker.qr("B7001;Hugo Hall")
         video = maker.video()
         insert(maker.folder, watch)
-        with httpx.Client(base_url=url,
-                          headers={"Authorization": f"Bearer {CLI_TOKEN}"}) as client:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {CLI_TOKEN}"}) as client:
             done = wait_for("the import", lambda: ended(client, "CLI"), detector=detector)
             assert done["status"] == "completed", done.get("error")
             assert done["data"]["summary"]["bookings"]["B7001"]["videos"] == [video]
@@ -850,9 +1032,15 @@ def test_the_detector_endpoint_rules(world: dict[str, Any]) -> None:
             rude.recv(10)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     with ws_connect(url) as first:
-        first.send(json.dumps({"type": "detector:hello", "detector_id": "dup",
-                               "sessions": [{"session_id": "s1", "card_id": "C-1",
-                                             "label": "C"}]}))
+        first.send(
+            json.dumps(
+                {
+                    "type": "detector:hello",
+                    "detector_id": "dup",
+                    "sessions": [{"session_id": "s1", "card_id": "C-1", "label": "C"}],
+                }
+            )
+        )
         assert json.loads(first.recv(10))["type"] == "detector:welcome"
         with ws_connect(url) as second:
             second.send(json.dumps({"type": "detector:hello", "detector_id": "dup"}))
@@ -861,6 +1049,5 @@ def test_the_detector_endpoint_rules(world: dict[str, Any]) -> None:
                 first.recv(10)
             listed = httpx.get(f"{server.url}/api/detectors", headers=AUTH).json()
             assert [d["detector_id"] for d in listed] == ["dup"]
-            assert listed[0]["sessions"] == [{"session_id": "s1", "card_id": "C-1",
-                                              "label": "C"}]
+            assert listed[0]["sessions"] == [{"session_id": "s1", "card_id": "C-1", "label": "C"}]
     assert httpx.get(f"{server.url}/api/detectors").status_code == 401

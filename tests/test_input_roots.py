@@ -69,8 +69,9 @@ def stored_keys(settings: Settings) -> list[str]:
 
 def recorded_roots(settings: Settings, execution_id: str) -> Any:
     with StateStore(settings.resolved_database_url) as store, store.read() as conn:
-        return conn.execute(sa.select(executions.c.input_roots).where(
-            executions.c.id == execution_id)).scalar_one()
+        return conn.execute(
+            sa.select(executions.c.input_roots).where(executions.c.id == execution_id)
+        ).scalar_one()
 
 
 def post(client: httpx.Client, pipeline: str, inputs: dict[str, Any]) -> str:
@@ -80,9 +81,14 @@ def post(client: httpx.Client, pipeline: str, inputs: dict[str, Any]) -> str:
     return execution_id
 
 
-def submit_api(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any],
-               wait: Callable[[str], ExecutionInfo] | None = None) -> ExecutionInfo:
+def submit_api(
+    settings: Settings,
+    pipeline: Pipeline,
+    inputs: dict[str, Any],
+    wait: Callable[[str], ExecutionInfo] | None = None,
+) -> ExecutionInfo:
     """The Python API, as a user on their own machine calls it (``input_roots=None``)."""
+
     async def main() -> ExecutionInfo | str:
         async with JobEngine(settings=settings) as engine:
             execution_id = await engine.submit(pipeline, inputs)
@@ -97,29 +103,32 @@ def submit_api(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any],
     return result
 
 
-def check_confined_over_http(settings: Settings, tree: Path,
-                             wait: Callable[[str], ExecutionInfo] | None = None) -> list[str]:
+def check_confined_over_http(
+    settings: Settings, tree: Path, wait: Callable[[str], ExecutionInfo] | None = None
+) -> list[str]:
     """The scenario both modes run: the service confined to ``root``. Returns the ids of the
     executions it ran."""
     root = tree / "root"
     served = settings.model_copy(update={"input_roots": [root]})
-    with Server(served, pipelines=(media_roots,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+    with (
+        Server(served, pipelines=(media_roots,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
         # A server file outside the roots, and a path that does not exist: the same refusal.
         exists = post(client, "media_roots", {"video": str(tree / "outside" / "clip.mp4")})
         missing = post(client, "media_roots", {"video": str(tree / "elsewhere" / "clip.mp4")})
-        through_dots = post(client, "media_roots",
-                            {"video": f"{root}/../outside/clip.mp4"})
-        refusals = [wait_status(client, x, timeout=120) for x in (exists, missing,
-                                                                   through_dots)]
+        through_dots = post(client, "media_roots", {"video": f"{root}/../outside/clip.mp4"})
+        refusals = [wait_status(client, x, timeout=120) for x in (exists, missing, through_dots)]
         errors = []
         for body in refusals:
             assert body["status"] == "failed", body
             (step,) = body["steps"]
             assert step["status"] == "failed" and step["attempt"] == 1
             first = step["error"].splitlines()[0]
-            assert first == ("PathNotAllowedError: inputs.video: 'clip.mp4' is not inside an "
-                             "allowed root (FRAMEPIPE_INPUT_ROOTS)"), first
+            assert first == (
+                "PathNotAllowedError: inputs.video: 'clip.mp4' is not inside an "
+                "allowed root (FRAMEPIPE_INPUT_ROOTS)"
+            ), first
             assert str(tree) not in first
             errors.append(step["error"])
         assert errors[0] == errors[1] == errors[2]  # nothing tells the missing one apart
@@ -127,35 +136,42 @@ def check_confined_over_http(settings: Settings, tree: Path,
         assert recorded_roots(settings, exists) == [os.path.realpath(root)]
 
         # Inside the roots: read (through a copy that follows no link) and stored.
-        inside = wait_status(client, post(client, "media_roots",
-                                          {"video": str(root / "clip.mp4")}), timeout=120)
+        inside = wait_status(
+            client, post(client, "media_roots", {"video": str(root / "clip.mp4")}), timeout=120
+        )
         assert inside["status"] == "completed", inside.get("error")
         assert inside["data"]["normalise"]["info"]["width"] == 64
         assert stored_keys(settings) == [inside["data"]["normalise"]["key"]]
 
         # A client cannot widen its roots: the body has no such field.
-        widened = client.post("/api/executions", json={
-            "pipeline": "media_roots", "inputs": {"video": str(tree / "outside" / "clip.mp4")},
-            "input_roots": ["/"]})
+        widened = client.post(
+            "/api/executions",
+            json={
+                "pipeline": "media_roots",
+                "inputs": {"video": str(tree / "outside" / "clip.mp4")},
+                "input_roots": ["/"],
+            },
+        )
         assert widened.status_code == 422, widened.text
 
     # The Python API (and the command line) keep their local-path convenience.
-    own = submit_api(settings, media_roots, {"video": str(tree / "outside" / "clip.mp4")},
-                     wait)
+    own = submit_api(settings, media_roots, {"video": str(tree / "outside" / "clip.mp4")}, wait)
     assert own.status is ExecutionStatus.COMPLETED, own.error
     assert recorded_roots(settings, own.id) is None
     return [exists, missing, through_dots, inside["id"], own.id]
 
 
 def test_media_steps_read_undeclared_inputs_only_inside_the_roots_over_http(
-        settings: Settings, tree: Path) -> None:
+    settings: Settings, tree: Path
+) -> None:
     """Embedded engine (SQLite and PostgreSQL)."""
     check_confined_over_http(settings, tree)
 
 
 @pytest.mark.slow
 def test_the_same_holds_on_worker_processes_with_redis_and_postgresql(
-        tmp_path: Path, tree: Path, pg_url: str) -> None:
+    tmp_path: Path, tree: Path, pg_url: str
+) -> None:
     """The service submits to the workers (PostgreSQL state, Redis broker); the workers have
     no FRAMEPIPE_INPUT_ROOTS of their own: the roots reach them with the claimed step."""
     from test_jobs_workers import Cluster
@@ -168,42 +184,54 @@ def test_the_same_holds_on_worker_processes_with_redis_and_postgresql(
             cluster.wait_registered(cluster.worker())
             ran = check_confined_over_http(cluster.settings, tree, cluster.wait)
             with cluster.store.read() as conn:  # every step, refused or not, ran on a worker
-                workers = conn.execute(sa.select(steps.c.worker).where(
-                    steps.c.execution_id.in_(ran))).scalars().all()
+                workers = (
+                    conn.execute(sa.select(steps.c.worker).where(steps.c.execution_id.in_(ran)))
+                    .scalars()
+                    .all()
+                )
             assert len(workers) == len(ran) and all(workers), workers
         finally:
             cluster.close()
 
 
 def test_without_roots_configured_the_service_takes_no_local_path(
-        settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default (``FRAMEPIPE_INPUT_ROOTS`` unset): only object keys. A relative value is
     an object key, never a file of the server's working folder, even one that exists."""
     assert settings.input_roots == []
     objects = open_object_store(settings.resolved_objects_url)
     objects.put_file("uploads/clip.mp4", tree / "root" / "clip.mp4")
     monkeypatch.chdir(tree / "outside")  # "clip.mp4" is a file here
-    with Server(settings, pipelines=(media_roots,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
-        local = wait_status(client, post(client, "media_roots", {"video": str(
-            tree / "root" / "clip.mp4")}), timeout=120)
-        relative = wait_status(client, post(client, "media_roots", {"video": "clip.mp4"}),
-                               timeout=120)
-        keyed = wait_status(client, post(client, "media_roots",
-                                         {"video": "uploads/clip.mp4"}), timeout=120)
+    with (
+        Server(settings, pipelines=(media_roots,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
+        local = wait_status(
+            client,
+            post(client, "media_roots", {"video": str(tree / "root" / "clip.mp4")}),
+            timeout=120,
+        )
+        relative = wait_status(
+            client, post(client, "media_roots", {"video": "clip.mp4"}), timeout=120
+        )
+        keyed = wait_status(
+            client, post(client, "media_roots", {"video": "uploads/clip.mp4"}), timeout=120
+        )
     assert local["status"] == "failed"
     assert local["steps"][0]["error"].startswith(
         "PathNotAllowedError: inputs.video: local paths are not accepted here (no roots are "
-        "configured: FRAMEPIPE_INPUT_ROOTS)")
+        "configured: FRAMEPIPE_INPUT_ROOTS)"
+    )
     assert relative["status"] == "failed"
     assert relative["steps"][0]["error"].startswith(
-        "MediaError: clip.mp4: no such object in the object store")
+        "MediaError: clip.mp4: no such object in the object store"
+    )
     assert keyed["status"] == "completed", keyed.get("error")
     assert recorded_roots(settings, local["id"]) == []
 
 
-def test_a_file_option_read_from_an_input_is_confined_too(settings: Settings,
-                                                          tree: Path) -> None:
+def test_a_file_option_read_from_an_input_is_confined_too(settings: Settings, tree: Path) -> None:
     """``watermark(image=Input("logo"))``: the logo is an input like the video."""
     root = tree / "root"
     logo = tree / "outside" / "logo.png"
@@ -221,7 +249,8 @@ def test_a_file_option_read_from_an_input_is_confined_too(settings: Settings,
     refused = asyncio.run(main({"video": video, "logo": str(logo)}))
     assert refused.status is ExecutionStatus.FAILED
     assert refused.errors["watermark"].startswith(
-        "PathNotAllowedError: inputs.logo: 'logo.png' is not inside an allowed root")
+        "PathNotAllowedError: inputs.logo: 'logo.png' is not inside an allowed root"
+    )
     done = asyncio.run(main({"video": video, "logo": str(root / "logo.png")}))
     assert done.status is ExecutionStatus.COMPLETED, done.error
 
@@ -232,8 +261,10 @@ def test_a_retry_keeps_the_roots(settings: Settings, tree: Path) -> None:
     root = tree / "root"
     late = root / "late.mp4"
     served = settings.model_copy(update={"input_roots": [root]})
-    with Server(served, pipelines=(media_roots,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+    with (
+        Server(served, pipelines=(media_roots,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
         inside = post(client, "media_roots", {"video": str(late)})
         outside = post(client, "media_roots", {"video": str(tree / "outside" / "clip.mp4")})
         for execution_id in (inside, outside):
@@ -255,12 +286,12 @@ def test_a_retry_keeps_the_roots(settings: Settings, tree: Path) -> None:
 
 def ctx_with(roots: list[Path] | None) -> StepContext:
     """What local_input reads of a step's context: its recorded roots."""
-    return cast(StepContext, SimpleNamespace(
-        input_roots=None if roots is None else tuple(roots)))
+    return cast(StepContext, SimpleNamespace(input_roots=None if roots is None else tuple(roots)))
 
 
 def test_local_input_applies_the_roots_and_keeps_the_convenience_without(
-        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tree / "root"
     monkeypatch.chdir(tree / "outside")
     (root / "link").symlink_to(tree / "outside", target_is_directory=True)
@@ -268,13 +299,17 @@ def test_local_input_applies_the_roots_and_keeps_the_convenience_without(
     assert local_input(confined, str(root / "clip.mp4"), where="inputs.v") == root / "clip.mp4"
     assert local_input(confined, "clip.mp4", where="inputs.v") is None  # a key, not cwd's
     messages = set()
-    for outside in (tree / "outside" / "clip.mp4", tree / "elsewhere" / "clip.mp4",
-                    root / "link" / "clip.mp4"):
+    for outside in (
+        tree / "outside" / "clip.mp4",
+        tree / "elsewhere" / "clip.mp4",
+        root / "link" / "clip.mp4",
+    ):
         with pytest.raises(PathNotAllowedError) as refused:
             local_input(confined, str(outside), where="inputs.v")
         messages.add(str(refused.value))
-    assert messages == {"inputs.v: 'clip.mp4' is not inside an allowed root "
-                        "(FRAMEPIPE_INPUT_ROOTS)"}
+    assert messages == {
+        "inputs.v: 'clip.mp4' is not inside an allowed root (FRAMEPIPE_INPUT_ROOTS)"
+    }
     with pytest.raises(PathNotAllowedError, match="no roots are configured"):
         local_input(ctx_with([]), str(root / "clip.mp4"), where="inputs.v")
     # No roots (command line, Python API): an existing path, relative or absolute, is local.
@@ -283,8 +318,10 @@ def test_local_input_applies_the_roots_and_keeps_the_convenience_without(
     assert local_input(unrestricted, "uploads/clip.mp4", where="v") is None
     # A declared value keeps the kind the submit gave it, and is checked against the roots.
     assert local_input(unrestricted, "clip.mp4", where="v", declared=True) is None
-    assert local_input(unrestricted, str(tree / "elsewhere" / "x"), where="v",
-                       declared=True) == tree / "elsewhere" / "x"
+    assert (
+        local_input(unrestricted, str(tree / "elsewhere" / "x"), where="v", declared=True)
+        == tree / "elsewhere" / "x"
+    )
     with pytest.raises(PathNotAllowedError):
         local_input(confined, str(tree / "outside" / "clip.mp4"), where="v", declared=True)
 
@@ -308,34 +345,64 @@ def test_an_sd_import_posted_with_a_foreign_shared_dir_is_refused(tmp_path: Path
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
     hub = sd_backend.make_hub(pipeline, shared_dir=shared, reconnect_wait=1)
     inputs = {"hub": hub.id, "session_id": "s1", "card_id": "CARD", "files": []}
-    settings = Settings(home=tmp_path / "home",
-                        database_url=f"sqlite:///{tmp_path / 'state.db'}")
-    with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}")
+    with (
+        Server(settings, pipelines=(pipeline,), detector_hub=hub) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
         for foreign in (private, shared):  # no roots: not even the real share
-            refused = client.post("/api/executions", json={
-                "pipeline": "sd_import", "inputs": {**inputs, "shared_dir": str(foreign)}})
+            refused = client.post(
+                "/api/executions",
+                json={"pipeline": "sd_import", "inputs": {**inputs, "shared_dir": str(foreign)}},
+            )
             assert refused.status_code == 422, refused.text
-            assert refused.json()["detail"].startswith("inputs.shared_dir: local paths are "
-                                                       "not accepted here")
-        relative = client.post("/api/executions", json={"pipeline": "sd_import", "inputs": {
-            **inputs, "shared_dir": "relative/share"}})
+            assert refused.json()["detail"].startswith(
+                "inputs.shared_dir: local paths are not accepted here"
+            )
+        relative = client.post(
+            "/api/executions",
+            json={"pipeline": "sd_import", "inputs": {**inputs, "shared_dir": "relative/share"}},
+        )
         assert relative.status_code == 422 and "inputs.shared_dir" in relative.text
         assert client.get("/api/executions").json() == []  # nothing was created
     confined = settings.model_copy(update={"input_roots": [shared]})
-    with Server(confined, pipelines=(pipeline,), detector_hub=hub) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
-        foreign = client.post("/api/executions", json={"pipeline": "sd_import", "inputs": {
-            **inputs, "shared_dir": str(private)}})
+    with (
+        Server(confined, pipelines=(pipeline,), detector_hub=hub) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
+        foreign = client.post(
+            "/api/executions",
+            json={"pipeline": "sd_import", "inputs": {**inputs, "shared_dir": str(private)}},
+        )
         assert foreign.status_code == 422
-        assert foreign.json()["detail"] == ("inputs.shared_dir: 'private' is not inside an "
-                                            "allowed root (FRAMEPIPE_INPUT_ROOTS)")
-        asset = client.post("/api/executions", json={"pipeline": "sd_import", "inputs": {
-            **inputs, "shared_dir": str(shared), "intro": str(private / "intro.mp4")}})
+        assert foreign.json()["detail"] == (
+            "inputs.shared_dir: 'private' is not inside an allowed root (FRAMEPIPE_INPUT_ROOTS)"
+        )
+        asset = client.post(
+            "/api/executions",
+            json={
+                "pipeline": "sd_import",
+                "inputs": {
+                    **inputs,
+                    "shared_dir": str(shared),
+                    "intro": str(private / "intro.mp4"),
+                },
+            },
+        )
         assert asset.status_code == 422 and "inputs.intro" in asset.text
-        bad_list = client.post("/api/executions", json={"pipeline": "sd_import", "inputs": {
-            **inputs, "shared_dir": str(shared), "files": [
-                {"path": "../x.mp4", "size": 1, "mtime": 0, "fingerprint": "0123456789"}]}})
+        bad_list = client.post(
+            "/api/executions",
+            json={
+                "pipeline": "sd_import",
+                "inputs": {
+                    **inputs,
+                    "shared_dir": str(shared),
+                    "files": [
+                        {"path": "../x.mp4", "size": 1, "mtime": 0, "fingerprint": "0123456789"}
+                    ],
+                },
+            },
+        )
         assert bad_list.status_code == 422
         assert bad_list.json()["detail"].startswith("inputs.files[0].path: ")
         assert client.get("/api/executions").json() == []
@@ -355,12 +422,15 @@ def test_an_sd_step_checks_the_shared_dir_against_the_recorded_roots(tmp_path: P
 
     shared = tmp_path / "shared"
     (shared / "CARD").mkdir(parents=True)
-    confined = cast(StepContext, SimpleNamespace(
-        inputs={"shared_dir": str(shared)}, input_roots=(tmp_path / "other",)))
+    confined = cast(
+        StepContext,
+        SimpleNamespace(inputs={"shared_dir": str(shared)}, input_roots=(tmp_path / "other",)),
+    )
     with pytest.raises(PathNotAllowedError, match=r"inputs\.shared_dir: 'shared' is not inside"):
         sd_pipeline.shared_dir_of(confined)
-    allowed = cast(StepContext, SimpleNamespace(
-        inputs={"shared_dir": str(shared)}, input_roots=(shared,)))
+    allowed = cast(
+        StepContext, SimpleNamespace(inputs={"shared_dir": str(shared)}, input_roots=(shared,))
+    )
     assert sd_pipeline.shared_dir_of(allowed) == shared
 
 
@@ -448,7 +518,8 @@ def test_open_beneath_refuses_segments_that_leave_their_folder(tmp_path: Path) -
 
 
 def test_a_0002_database_is_upgraded_and_its_executions_stay_unrestricted(
-        database_url: str) -> None:
+    database_url: str,
+) -> None:
     from alembic import command
 
     from framepipe.backends.state.store import _alembic_config
@@ -461,15 +532,18 @@ def test_a_0002_database_is_upgraded_and_its_executions_stay_unrestricted(
             conn.exec_driver_sql(
                 "INSERT INTO fp_executions (id, pipeline, status, inputs, progress, "
                 "cancel_requested, runs, created_at) VALUES "
-                "('old2', 'p', 'failed', '{\"video\": \"/x.mp4\"}', 10.0, false, 1, 1.0)")
+                "('old2', 'p', 'failed', '{\"video\": \"/x.mp4\"}', 10.0, false, 1, 1.0)"
+            )
         assert store.current_revision() == "0002"
     with StateStore(database_url) as store:
         assert store.current_revision() == SCHEMA_HEAD
         with store.read() as conn:
-            row = conn.execute(sa.select(executions.c.id, executions.c.inputs,
-                                         executions.c.input_roots)).one()
+            row = conn.execute(
+                sa.select(executions.c.id, executions.c.inputs, executions.c.input_roots)
+            ).one()
             assert tuple(row) == ("old2", {"video": "/x.mp4"}, None)
             # NULL in the database itself, not a JSON null
-            raw = conn.execute(sa.text("SELECT count(*) FROM fp_executions "
-                                       "WHERE input_roots IS NULL")).scalar_one()
+            raw = conn.execute(
+                sa.text("SELECT count(*) FROM fp_executions WHERE input_roots IS NULL")
+            ).scalar_one()
             assert raw == 1

@@ -68,13 +68,18 @@ class Mode:
 
 @pytest.fixture(params=["embedded", pytest.param("workers", marks=pytest.mark.slow)])
 def mode(request: pytest.FixtureRequest, tmp_path: Path, database_url: str) -> Mode:
-    fast = {"heartbeat_interval": 0.2, "retry_initial_delay": 0.01, "retry_max_delay": 0.05,
-            "shutdown_grace": 2.0}
+    fast = {
+        "heartbeat_interval": 0.2,
+        "retry_initial_delay": 0.01,
+        "retry_max_delay": 0.05,
+        "shutdown_grace": 2.0,
+    }
     if request.param == "embedded":
         steps = tmp_path / "steps"
         steps.mkdir()
-        return Mode("embedded", Settings(home=tmp_path / "home", database_url=database_url,
-                                         **fast), steps)
+        return Mode(
+            "embedded", Settings(home=tmp_path / "home", database_url=database_url, **fast), steps
+        )
     cluster: Cluster = request.getfixturevalue("cluster_factory")(database_url, **fast)
     cluster.wait_registered(cluster.worker())
     return Mode("workers", cluster.settings, cluster.dir)
@@ -104,7 +109,10 @@ def test_submit_wait_get_list_and_page_events(mode: Mode) -> None:
         summary = listed[0]
         assert isinstance(summary, ExecutionSummary)
         assert (summary.status, summary.steps_done, summary.steps_total) == (
-            ExecutionStatus.COMPLETED, 5, 5)
+            ExecutionStatus.COMPLETED,
+            5,
+            5,
+        )
         assert summary.inputs is None and "inputs" not in summary.to_dict()
         with_inputs = await client.list(with_inputs=True)
         assert with_inputs[0].to_dict()["inputs"] == mode.inputs(n=3)
@@ -251,14 +259,16 @@ def test_the_sync_client_runs_and_reads_the_same(mode: Mode) -> None:
     with SyncJobClient(settings=mode.settings) as client:
         assert client.mode == mode.name
         execution_id = client.submit(wp.fanout, mode.inputs(n=2))
-        wait_until("the execution to run between calls", lambda: client.get(
-            execution_id, with_steps=False).status is ExecutionStatus.COMPLETED)
+        wait_until(
+            "the execution to run between calls",
+            lambda: client.get(execution_id, with_steps=False).status is ExecutionStatus.COMPLETED,
+        )
         info = client.wait(execution_id[:8])
         assert info.data["joined"] == 2
         assert [(s.id, s.steps_done, s.steps_total) for s in client.list()] == [
-            (execution_id, 4, 4)]
-        assert client.events(execution_id, limit=1).next == client.events(execution_id).events[
-            0].id
+            (execution_id, 4, 4)
+        ]
+        assert client.events(execution_id, limit=1).next == client.events(execution_id).events[0].id
         with pytest.raises(ExecutionStateError, match="already completed"):
             client.cancel(execution_id)
         ran = client.run(wp.chain, mode.inputs(), raise_on_failure=False)
@@ -304,12 +314,13 @@ def test_a_wrapped_engine_is_left_to_its_owner(tmp_path: Path) -> None:
 
 # -- the callers go through the client ----------------------------------------------------------
 
-_CALLERS = [*sorted((ROOT / "src/framepipe/cli").glob("*.py")),
-            *(ROOT / "src/framepipe/server" / name
-              for name in ("app.py", "state.py", "responses.py")),
-            *sorted((ROOT / "src/framepipe/server/routes").glob("*.py")),
-            ROOT / "src/framepipe/jobs/runner.py",
-            *sorted((ROOT / "examples").rglob("*.py"))]
+_CALLERS = [
+    *sorted((ROOT / "src/framepipe/cli").glob("*.py")),
+    *(ROOT / "src/framepipe/server" / name for name in ("app.py", "state.py", "responses.py")),
+    *sorted((ROOT / "src/framepipe/server/routes").glob("*.py")),
+    ROOT / "src/framepipe/jobs/runner.py",
+    *sorted((ROOT / "examples").rglob("*.py")),
+]
 _TABLES = {"executions", "steps", "events", "ledger", "step_deps", "workers"}
 
 
@@ -318,12 +329,20 @@ def test_the_callers_reach_no_job_records_and_write_no_sql() -> None:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
-                assert node.module not in ("framepipe.jobs.records", "framepipe.jobs.control",
-                                           "framepipe.jobs.recovery"), (path, node.module)
+                assert node.module not in (
+                    "framepipe.jobs.records",
+                    "framepipe.jobs.control",
+                    "framepipe.jobs.recovery",
+                ), (path, node.module)
                 if node.module.startswith("framepipe.backends.state"):
                     tables = {a.name for a in node.names} & _TABLES
                     assert not tables, (path, tables)
             elif isinstance(node, ast.Attribute) and node.attr in (
-                    "select", "update", "insert", "delete", "text"):
+                "select",
+                "update",
+                "insert",
+                "delete",
+                "text",
+            ):
                 base = node.value
                 assert not (isinstance(base, ast.Name) and base.id == "sa"), (path, node.attr)

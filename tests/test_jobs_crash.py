@@ -17,7 +17,7 @@ from framepipe.jobs.records import get_execution, list_executions
 
 pytestmark = pytest.mark.slow  # engine processes killed mid-step
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import asyncio, os, sys
     from pathlib import Path
     from framepipe import JobEngine, Pipeline, StepContext
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         asyncio.run(main())
-''')
+""")
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -64,8 +64,14 @@ def _env(settings: Settings) -> dict[str, str]:
 def _script(tmp_path: Path, *args: str, settings: Settings) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "crashy.py"
     path.write_text(SCRIPT)
-    return subprocess.run([sys.executable, str(path), "-", *args], env=_env(settings),
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, str(path), "-", *args],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _latest(settings: Settings) -> str:
@@ -75,8 +81,9 @@ def _latest(settings: Settings) -> str:
         return list_executions(store, limit=1)[0][0].id
 
 
-def test_step_killing_its_process_is_reported_and_resumable(settings: Settings,
-                                                            tmp_path: Path) -> None:
+def test_step_killing_its_process_is_reported_and_resumable(
+    settings: Settings, tmp_path: Path
+) -> None:
     proc = _script(tmp_path, "run", settings=settings)
     assert proc.returncode == 9, proc.stderr
     execution_id = _latest(settings)
@@ -103,8 +110,9 @@ def test_step_killing_its_process_is_reported_and_resumable(settings: Settings,
     assert runs == ["first", "killer", "killer"]  # first was not run again
 
 
-def test_step_that_keeps_killing_its_process_is_failed_as_poison(settings: Settings,
-                                                                 tmp_path: Path) -> None:
+def test_step_that_keeps_killing_its_process_is_failed_as_poison(
+    settings: Settings, tmp_path: Path
+) -> None:
     assert _script(tmp_path, "run", settings=settings).returncode == 9
     execution_id = _latest(settings)
     for _ in range(2):
@@ -124,7 +132,7 @@ def test_step_that_keeps_killing_its_process_is_failed_as_poison(settings: Setti
     assert (tmp_path / "runs.log").read_text().split().count("first") == 1
 
 
-MULTI = textwrap.dedent('''
+MULTI = textwrap.dedent("""
     import asyncio, sys
     from framepipe import JobEngine, Pipeline
 
@@ -152,16 +160,22 @@ MULTI = textwrap.dedent('''
         print("ok")
 
     asyncio.run(main())
-''')
+""")
 
 
-def test_engines_in_several_processes_share_one_store(settings: Settings,
-                                                      tmp_path: Path) -> None:
+def test_engines_in_several_processes_share_one_store(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "multi.py"
     path.write_text(MULTI)
-    procs = [subprocess.Popen([sys.executable, str(path)], env=_env(settings),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(path)],
+            env=_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=170) for p in procs]
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
@@ -172,5 +186,7 @@ def test_engines_in_several_processes_share_one_store(settings: Settings,
     with StateStore(settings.resolved_database_url) as store:
         rows = list_executions(store, limit=100)
     assert len(rows) == 12
-    assert all(info.status is ExecutionStatus.COMPLETED and done == total == 152
-               for info, done, total in rows)
+    assert all(
+        info.status is ExecutionStatus.COMPLETED and done == total == 152
+        for info, done, total in rows
+    )

@@ -49,8 +49,9 @@ def steps(n: int) -> list[Delivery]:
     return [Delivery(run, f"work:{i}") for i in range(n)]
 
 
-def take_all(d: StepDelivery, consumer: str, n: int, *, window: int = 16,
-             timeout: float = 10.0) -> list[Received]:
+def take_all(
+    d: StepDelivery, consumer: str, n: int, *, window: int = 16, timeout: float = 10.0
+) -> list[Received]:
     """Take until ``n`` deliveries came, acknowledging none."""
     got: list[Received] = []
     deadline = time.monotonic() + timeout
@@ -59,12 +60,15 @@ def take_all(d: StepDelivery, consumer: str, n: int, *, window: int = 16,
     return got
 
 
-def settle_backlog(d: StepDelivery, check: Callable[[int], bool],
-                   timeout: float = 5.0) -> None:
+def settle_backlog(d: StepDelivery, check: Callable[[int], bool], timeout: float = 5.0) -> None:
     """Wait until ``check`` holds for the backlog's ``waiting`` (Redis counts entries, one step
     each; RabbitMQ messages, up to 16 steps each)."""
-    wait_until("the backlog to settle", lambda: check(d.backlog().waiting), timeout,
-               explain=lambda: f"backlog {d.backlog()}")
+    wait_until(
+        "the backlog to settle",
+        lambda: check(d.backlog().waiting),
+        timeout,
+        explain=lambda: f"backlog {d.backlog()}",
+    )
 
 
 def test_published_steps_are_taken_once_and_acknowledged(deliveries: Factory) -> None:
@@ -124,7 +128,8 @@ def test_what_a_vanished_consumer_held_is_delivered_again(deliveries: Factory) -
 
 @pytest.mark.slow
 def test_a_consumer_holds_at_most_its_window_and_a_paused_one_holds_nothing(
-        deliveries: Factory) -> None:
+    deliveries: Factory,
+) -> None:
     # Redis reads nothing ahead; RabbitMQ pushes whole messages (up to 16 steps), as many as
     # hold the window and one more.
     a, b = deliveries(), deliveries()
@@ -158,15 +163,16 @@ def _publish_malformed(kind: str, url: str, namespace: str) -> None:
         async with connection:
             channel = await connection.channel()
             for body in (b"bogus", b'{"e": "x"}', b'["e", "k"]', b'{"e": 1, "k": "k"}'):
-                await channel.default_exchange.publish(aio_pika.Message(body),
-                                                       routing_key=queue_of(namespace))
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body), routing_key=queue_of(namespace)
+                )
 
     asyncio.run(main())
 
 
 def test_malformed_messages_are_dropped_with_an_error(
-        deliveries: Factory, broker: tuple[str, str, str],
-        caplog: pytest.LogCaptureFixture) -> None:
+    deliveries: Factory, broker: tuple[str, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     d = deliveries()
     d.prepare()
     _publish_malformed(*broker)
@@ -192,8 +198,7 @@ def _delete(kind: str, url: str, namespace: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_deleted_queue_is_made_again(deliveries: Factory,
-                                       broker: tuple[str, str, str]) -> None:
+def test_a_deleted_queue_is_made_again(deliveries: Factory, broker: tuple[str, str, str]) -> None:
     # A publish racing the deletion may land in the dying queue and be lost with it: the
     # sweep publishes a ready step again, which the loop stands for.
     d = deliveries()
@@ -211,15 +216,19 @@ def test_a_deleted_queue_is_made_again(deliveries: Factory,
     d.ack(got)
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0",
-                                 "amqp://guest:hunter2@127.0.0.1:{port}/"])
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:{port}/0", "amqp://guest:hunter2@127.0.0.1:{port}/"]
+)
 def test_an_unreachable_broker_fails_each_call_clearly(url: str) -> None:
     url = url.format(port=free_port())  # nothing listens there
     d = open_delivery(url, "fp-delivery-down", timeout=2.0)
     try:
         calls: list[Callable[[], object]] = [
-            d.prepare, lambda: d.publish(steps(1)),
-            lambda: d.take("a", 1, wait=0.1, window=1), d.backlog]
+            d.prepare,
+            lambda: d.publish(steps(1)),
+            lambda: d.take("a", 1, wait=0.1, window=1),
+            d.backlog,
+        ]
         for call in calls:
             started = time.monotonic()
             with pytest.raises(BrokerError, match=r"job broker \S+127\.0\.0\.1") as caught:

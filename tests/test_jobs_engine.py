@@ -76,8 +76,11 @@ def test_issue_example_runs_as_written(settings: Settings) -> None:
     info = run(main())
     assert info.status is ExecutionStatus.COMPLETED
     assert info.progress == 100.0
-    assert info.data == {"count": 3, **{f"copied:{f}": True for f in files},
-                         **{f"rendered:{f}": True for f in files}}
+    assert info.data == {
+        "count": 3,
+        **{f"copied:{f}": True for f in files},
+        **{f"rendered:{f}": True for f in files},
+    }
     assert len(info.steps) == 7
     assert all(n == 1 for n in calls.values()) and len(calls) == 7
     steps = {s.key: s for s in info.steps}

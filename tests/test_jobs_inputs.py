@@ -55,8 +55,10 @@ def read(ctx: StepContext) -> dict[str, Any]:
     path = local_path(inputs.video)
     if path is None:
         return {"text": ctx.objects.get(inputs.video).decode(), "count": inputs.count}
-    return {"text": copy_local_file(path, ctx.tempdir() / path.name).read_text(),
-            "count": inputs.count}
+    return {
+        "text": copy_local_file(path, ctx.tempdir() / path.name).read_text(),
+        "count": inputs.count,
+    }
 
 
 seen = Pipeline("roots_seen")
@@ -71,8 +73,9 @@ def look(ctx: StepContext) -> dict[str, Any]:
     return {"roots": None if roots is None else [str(r) for r in roots], "pid": os.getpid()}
 
 
-def submit(settings: Settings, inputs: Mapping[str, Any],
-           input_roots: Sequence[Path] | None = None) -> ExecutionInfo:
+def submit(
+    settings: Settings, inputs: Mapping[str, Any], input_roots: Sequence[Path] | None = None
+) -> ExecutionInfo:
     async def main() -> ExecutionInfo:
         async with JobEngine(settings=settings) as engine:
             execution_id = await engine.submit(declared, inputs, input_roots=input_roots)
@@ -81,8 +84,9 @@ def submit(settings: Settings, inputs: Mapping[str, Any],
     return asyncio.run(main())
 
 
-def refused(settings: Settings, inputs: Mapping[str, Any],
-            input_roots: Sequence[Path] | None = None) -> InvalidInputError:
+def refused(
+    settings: Settings, inputs: Mapping[str, Any], input_roots: Sequence[Path] | None = None
+) -> InvalidInputError:
     with pytest.raises(InvalidInputError) as caught:
         submit(settings, inputs, input_roots)
     return caught.value
@@ -110,29 +114,35 @@ def tree(tmp_path: Path) -> Path:
 # -- validation before an execution exists --------------------------------------------------
 
 
-@pytest.mark.parametrize(("inputs", "where"), [
-    ({"video": "a/b.txt", "count": "abc"}, "inputs.count"),
-    ({"video": "a/b.txt", "count": 0}, "inputs.count"),
-    ({"video": 5}, "inputs.video"),
-    ({}, "inputs.video"),
-    ({"video": "a/b.txt", "cuont": 2}, "inputs.cuont"),
-    ({"video": "../b.txt"}, "inputs.video"),
-    ({"video": ""}, "inputs.video"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "where"),
+    [
+        ({"video": "a/b.txt", "count": "abc"}, "inputs.count"),
+        ({"video": "a/b.txt", "count": 0}, "inputs.count"),
+        ({"video": 5}, "inputs.video"),
+        ({}, "inputs.video"),
+        ({"video": "a/b.txt", "cuont": 2}, "inputs.cuont"),
+        ({"video": "../b.txt"}, "inputs.video"),
+        ({"video": ""}, "inputs.video"),
+    ],
+)
 def test_inputs_that_cannot_succeed_are_refused_at_submit_naming_the_field(
-        settings: Settings, inputs: dict[str, Any], where: str) -> None:
+    settings: Settings, inputs: dict[str, Any], where: str
+) -> None:
     error = refused(settings, inputs, input_roots=[])
     assert error.where == where, error
     assert str(error).startswith(f"{where}: ")
     assert executions(settings) == []  # nothing was created, so nothing is retried
 
 
-def test_inputs_are_refused_before_the_workers_are_involved(settings: Settings,
-                                                            tmp_path: Path) -> None:
+def test_inputs_are_refused_before_the_workers_are_involved(
+    settings: Settings, tmp_path: Path
+) -> None:
     """The same check in the distributed mode: nothing stored, no broker contacted (this one
     does not exist)."""
-    workers = settings.model_copy(update={"jobs_mode": "workers",
-                                          "broker_url": "redis://127.0.0.1:9/0"})
+    workers = settings.model_copy(
+        update={"jobs_mode": "workers", "broker_url": "redis://127.0.0.1:9/0"}
+    )
     error = refused(workers, {"video": "a.txt", "count": "abc"})
     assert error.where == "inputs.count"
     with pytest.raises(PathNotAllowedError):
@@ -185,7 +195,8 @@ def test_an_inputs_declaration_must_be_a_pydantic_model() -> None:
 
 
 def test_local_paths_are_refused_alike_outside_the_roots_whether_they_exist_or_not(
-        settings: Settings, tree: Path) -> None:
+    settings: Settings, tree: Path
+) -> None:
     root = tree / "root"
     (root / "link").symlink_to(tree / "outside")  # a link planted in the allowed folder
     (tree / "elsewhere").mkdir()
@@ -204,8 +215,7 @@ def test_local_paths_are_refused_alike_outside_the_roots_whether_they_exist_or_n
     assert executions(settings) == []
 
 
-def test_a_path_inside_a_root_is_stored_resolved_and_read(settings: Settings,
-                                                         tree: Path) -> None:
+def test_a_path_inside_a_root_is_stored_resolved_and_read(settings: Settings, tree: Path) -> None:
     root = tree / "root"
     (root / "alias").symlink_to(root / "dir")  # a link that stays inside is fine
     info = submit(settings, {"video": str(root / "alias" / "clip.txt")}, [root])
@@ -215,7 +225,8 @@ def test_a_path_inside_a_root_is_stored_resolved_and_read(settings: Settings,
 
 
 def test_relative_values_are_object_keys_when_the_submitter_confines(
-        settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A relative value is never looked up on the server's disk (relative to its working
     folder) when ``input_roots`` is given: it names an object."""
     monkeypatch.chdir(tree / "outside")
@@ -226,7 +237,8 @@ def test_relative_values_are_object_keys_when_the_submitter_confines(
 
 
 def test_without_roots_local_paths_are_unrestricted_as_on_the_command_line(
-        settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tree / "outside")
     info = submit(settings, {"video": "secret.txt"})  # relative to the working folder
     assert info.status is ExecutionStatus.COMPLETED, info.error
@@ -235,7 +247,8 @@ def test_without_roots_local_paths_are_unrestricted_as_on_the_command_line(
 
 
 def test_the_confinement_holds_when_the_step_runs_after_a_link_was_planted(
-        settings: Settings, tree: Path) -> None:
+    settings: Settings, tree: Path
+) -> None:
     """Between the submit (which confined the path) and the step, a folder on the path is
     replaced by a link out of the root: the step refuses to follow it."""
     root = tree / "root"
@@ -243,7 +256,8 @@ def test_the_confinement_holds_when_the_step_runs_after_a_link_was_planted(
     async def main() -> ExecutionInfo:
         async with JobEngine(settings=settings) as engine:
             execution_id = await engine.submit(
-                declared, {"video": str(root / "dir" / "clip.txt")}, input_roots=[root])
+                declared, {"video": str(root / "dir" / "clip.txt")}, input_roots=[root]
+            )
             (root / "dir").rename(root / "was_dir")
             (root / "dir").symlink_to(tree / "outside")
             (tree / "outside" / "clip.txt").write_text("SECRET")
@@ -262,7 +276,8 @@ def test_the_confinement_holds_when_the_step_runs_after_a_link_was_planted(
 
 @pytest.mark.slow
 def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
-        tmp_path: Path, tree: Path, database_url: str) -> None:
+    tmp_path: Path, tree: Path, database_url: str
+) -> None:
     """The roots do not travel to the worker, the resolved path does: submitted with roots
     while no worker runs, one execution's folder is then replaced by a link out of the root;
     a ``framepipe worker`` started afterwards reads the intact one and refuses the other."""
@@ -272,13 +287,17 @@ def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
     with redis_namespace("fp-inputs-") as namespace:
         cluster = Cluster(tmp_path, database_url, REDIS_URL, namespace)
         try:
+
             async def submit_both() -> tuple[str, str]:
                 async with JobEngine(settings=cluster.settings) as engine:
-                    return (await engine.submit(declared, {"video": str(root / "clip.txt")},
-                                                input_roots=[root]),
-                            await engine.submit(declared,
-                                                {"video": str(root / "dir" / "clip.txt")},
-                                                input_roots=[root]))
+                    return (
+                        await engine.submit(
+                            declared, {"video": str(root / "clip.txt")}, input_roots=[root]
+                        ),
+                        await engine.submit(
+                            declared, {"video": str(root / "dir" / "clip.txt")}, input_roots=[root]
+                        ),
+                    )
 
             intact, swapped = asyncio.run(submit_both())
             (root / "dir").rename(root / "was_dir")
@@ -299,7 +318,8 @@ def test_a_worker_in_another_process_reads_the_confined_path_and_nothing_else(
 
 @pytest.mark.slow
 def test_every_step_sees_the_roots_its_submit_recorded_and_a_retry_keeps_them(
-        tmp_path: Path, tree: Path, database_url: str) -> None:
+    tmp_path: Path, tree: Path, database_url: str
+) -> None:
     """``ctx.input_roots`` is what the submit recorded (resolved, without repeats; None:
     unrestricted; []: none), in this process and on a ``framepipe worker`` started later,
     which has no roots of its own; a retry (``resume`` on the workers) keeps them."""
@@ -309,19 +329,27 @@ def test_every_step_sees_the_roots_its_submit_recorded_and_a_retry_keeps_them(
     (tree / "alias").symlink_to(root, target_is_directory=True)
     flag = tmp_path / "fail"
     cases: list[tuple[list[Path] | None, list[str] | None]] = [
-        ([tree / "alias", root, tree / "outside"],
-         [os.path.realpath(root), os.path.realpath(tree / "outside")]),
+        (
+            [tree / "alias", root, tree / "outside"],
+            [os.path.realpath(root), os.path.realpath(tree / "outside")],
+        ),
         (None, None),
-        ([], [])]
+        ([], []),
+    ]
 
     async def run_all(settings: Settings, wait: Any = None) -> list[ExecutionInfo]:
         async with JobEngine(settings=settings) as engine:
             flag.touch()
-            ids = [await engine.submit(seen, {"fail": str(flag)}, input_roots=given)
-                   for given, _ in cases]
+            ids = [
+                await engine.submit(seen, {"fail": str(flag)}, input_roots=given)
+                for given, _ in cases
+            ]
             for execution_id in ids:
-                failed = (wait(execution_id) if wait else
-                          await engine.wait(execution_id, raise_on_failure=False))
+                failed = (
+                    wait(execution_id)
+                    if wait
+                    else await engine.wait(execution_id, raise_on_failure=False)
+                )
                 assert failed.status is ExecutionStatus.FAILED
             flag.unlink()
             for execution_id in ids:
@@ -330,8 +358,11 @@ def test_every_step_sees_the_roots_its_submit_recorded_and_a_retry_keeps_them(
                 return [wait(execution_id) for execution_id in ids]
             return [await engine.wait(execution_id) for execution_id in ids]
 
-    embedded = asyncio.run(run_all(Settings(home=tmp_path / "home", database_url=database_url,
-                                            retry_initial_delay=0.01)))
+    embedded = asyncio.run(
+        run_all(
+            Settings(home=tmp_path / "home", database_url=database_url, retry_initial_delay=0.01)
+        )
+    )
     for info, (_, expected) in zip(embedded, cases, strict=True):
         assert info.data == {"roots": expected, "pid": os.getpid()}
     (tmp_path / "cluster").mkdir()

@@ -41,8 +41,7 @@ def test_compaction_while_threads_write_loses_no_start_or_end(tmp_path: Path) ->
     squeezer.join()
     journal.close(remove=False)
     assert errors == []
-    expected = {("e" * 32, f"step:{w}-{i}") for w in range(4) for i in range(3000)
-                if i % 100 == 7}
+    expected = {("e" * 32, f"step:{w}-{i}") for w in range(4) for i in range(3000) if i % 100 == 7}
     assert read_unfinished(tmp_path, "host:1:engine") == expected
     assert journal.path.stat().st_size < 30 * 3000 * 4  # it was compacted, not just appended
 

@@ -33,8 +33,12 @@ from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixtu
 T = TypeVar("T")
 
 
-QUICK: dict[str, Any] = {"retry_initial_delay": 0.05, "retry_max_delay": 0.2,
-                         "heartbeat_interval": 0.2, "shutdown_grace": 2.0}
+QUICK: dict[str, Any] = {
+    "retry_initial_delay": 0.05,
+    "retry_max_delay": 0.2,
+    "heartbeat_interval": 0.2,
+    "shutdown_grace": 2.0,
+}
 """Settings of both modes unless a test overrides them: short retries, cancels seen quickly."""
 
 
@@ -48,8 +52,9 @@ class Mode:
     are started then (one, running ``concurrency`` steps at once: 2 unless overridden).
     Steps leave files in :attr:`dir` (``inputs["dir"]``)."""
 
-    def __init__(self, name: str, tmp_path: Path, database_url: str,
-                 factory: Callable[..., Cluster] | None) -> None:
+    def __init__(
+        self, name: str, tmp_path: Path, database_url: str, factory: Callable[..., Cluster] | None
+    ) -> None:
         self.name = name
         self.dir = tmp_path / "steps"  # where steps leave files (the cluster's, on workers)
         self.dir.mkdir(exist_ok=True)
@@ -67,14 +72,16 @@ class Mode:
     def _setup(self, overrides: dict[str, Any]) -> None:
         if self._overrides is not None:
             if overrides and overrides != self._overrides:
-                raise ValueError(f"settings are fixed by the first run ({self._overrides}); "
-                                 f"got {overrides}")
+                raise ValueError(
+                    f"settings are fixed by the first run ({self._overrides}); got {overrides}"
+                )
             return
         self._overrides = overrides
         values = {**QUICK, **overrides}
         if self._factory is None:
-            self.settings = Settings(home=self.tmp_path / "home",
-                                     database_url=self.database_url, **values)
+            self.settings = Settings(
+                home=self.tmp_path / "home", database_url=self.database_url, **values
+            )
         else:
             self._cluster = self._factory(self.database_url, **values)
             worker = self._cluster.worker(concurrency=values.get("concurrency", 2))
@@ -108,8 +115,9 @@ class Mode:
 
         return asyncio.run(main())
 
-    def __call__(self, pipeline: Pipeline, inputs: dict[str, Any],
-                 **overrides: Any) -> tuple[ExecutionInfo, list[Event]]:
+    def __call__(
+        self, pipeline: Pipeline, inputs: dict[str, Any], **overrides: Any
+    ) -> tuple[ExecutionInfo, list[Event]]:
         async def run(engine: JobEngine) -> ExecutionInfo:
             execution_id = await engine.submit(pipeline, self.inputs(**inputs))
             return await engine.wait(execution_id, raise_on_failure=False)
@@ -126,14 +134,24 @@ class Mode:
         return again_info, self.events(again_info.id)
 
 
-async def until(engine: JobEngine, execution_id: str, type_: str, key: str | None = None,
-                *, attempt: int | None = None, within: float = 30.0) -> Event:
+async def until(
+    engine: JobEngine,
+    execution_id: str,
+    type_: str,
+    key: str | None = None,
+    *,
+    attempt: int | None = None,
+    within: float = 30.0,
+) -> Event:
     """The first stored event of ``type_`` (of step ``key``, of ``attempt``), once there is one."""
     deadline = time.monotonic() + within
     while True:
         for e in await asyncio.to_thread(list_events, engine.store, execution_id):
-            if e.type == type_ and key in (None, e.step_key) and (
-                    attempt is None or e.data.get("attempt") == attempt):
+            if (
+                e.type == type_
+                and key in (None, e.step_key)
+                and (attempt is None or e.data.get("attempt") == attempt)
+            ):
                 return e
         if time.monotonic() > deadline:
             raise AssertionError(f"no {type_} event of {key or 'the execution'} in {within}s")
@@ -164,14 +182,18 @@ def test_a_retry_delay_is_capped_by_the_setting_in_both_modes(run_in_mode: Runne
     assert "failed after 2 attempts: RuntimeError: attempt 2 failed" in (info.error or "")
 
 
-@pytest.mark.parametrize(("mode", "says"), [
-    ("initial", "would do nothing: 'join' takes no parameters"),
-    ("differs", "names the existing instance piece:"),
-    ("differs_later", "names the existing instance piece:"),
-    ("again", None),
-])
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [
+        ("initial", "would do nothing: 'join' takes no parameters"),
+        ("differs", "names the existing instance piece:"),
+        ("differs_later", "names the existing instance piece:"),
+        ("again", None),
+    ],
+)
 def test_a_spawn_whose_dependencies_would_be_dropped_is_refused(
-        run_in_mode: Runner, mode: str, says: str | None) -> None:
+    run_in_mode: Runner, mode: str, says: str | None
+) -> None:
     info, events = run_in_mode(wp.footgun, {"mode": mode})
     if says is None:
         assert info.status.value == "completed"
@@ -187,7 +209,8 @@ def _started(events: list[Event]) -> Counter[str]:
 
 
 def test_fail_fast_then_retry_resumes_without_running_completed_steps_again(
-        run_in_mode: Runner) -> None:
+    run_in_mode: Runner,
+) -> None:
     """wk_chain: first -> second -> flaky (fails twice, then passes) -> gated (fails until
     its gate file exists). The execution fails at gated; a retry runs gated alone."""
     info, events = run_in_mode(wp.chain, {})
@@ -220,21 +243,27 @@ def test_an_output_over_the_limit_fails_the_step_without_retries(run_in_mode: Ru
 
 
 _graphs = st.integers(min_value=1, max_value=25).flatmap(
-    lambda n: st.lists(st.lists(st.integers(min_value=0, max_value=max(0, n - 1)),
-                                max_size=3), min_size=n, max_size=n))
+    lambda n: st.lists(
+        st.lists(st.integers(min_value=0, max_value=max(0, n - 1)), max_size=3),
+        min_size=n,
+        max_size=n,
+    )
+)
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
-def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Runner,
-                                                                 concurrency: int) -> None:
+def test_spawned_dags_run_every_step_once_after_its_dependencies(
+    run_in_mode: Runner, concurrency: int
+) -> None:
     """Property, in both modes, with one step at a time or several: for any DAG spawned at
     run time (key dependencies on earlier nodes, and with or without a step waiting for
     every node by name), every step runs exactly once and starts only after everything it
     depends on finished."""
 
     @given(raw=_graphs, with_gather=st.booleans())
-    @fuzz_settings(max_examples=12, deadline=None, database=None,
-                   suppress_health_check=list(HealthCheck))
+    @fuzz_settings(
+        max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def check(raw: list[list[int]], with_gather: bool) -> None:
         deps = [sorted({d for d in ds if d < i}) for i, ds in enumerate(raw)]
         pipeline = wp.dag if with_gather else wp.dag_bare
@@ -255,8 +284,7 @@ def test_spawned_dags_run_every_step_once_after_its_dependencies(run_in_mode: Ru
     check()
 
 
-FINAL = ("execution.completed", "execution.failed", "execution.cancelled",
-         "execution.interrupted")
+FINAL = ("execution.completed", "execution.failed", "execution.cancelled", "execution.interrupted")
 
 
 def _statuses(info: ExecutionInfo) -> dict[str, str]:
@@ -282,8 +310,11 @@ def test_spawned_steps_keep_their_dependencies_spawner_and_weight(run_in_mode: R
     info, events = run_in_mode(wp.sd_import, {"files": files})
     assert info.status.value == "completed", info.error
     assert info.progress == 100.0
-    assert info.data == {"count": 3, **{f"copied:{f}": True for f in files},
-                         **{f"rendered:{f}": True for f in files}}
+    assert info.data == {
+        "count": 3,
+        **{f"copied:{f}": True for f in files},
+        **{f"rendered:{f}": True for f in files},
+    }
     assert len(info.steps) == 7
     assert set(_started(events).values()) == {1} and len(_started(events)) == 7
     steps = {s.key: s for s in info.steps}
@@ -309,8 +340,10 @@ def test_retries_with_backoff_then_success(run_in_mode: Runner) -> None:
     assert info.data == {"attempt": 3}
     assert info.errors == {}  # a step that passed in the end keeps no error
     retrying = [e for e in events if e.type == "step.retrying"]
-    assert [e.data["error"] for e in retrying] == ["ConnectionError: try 1",
-                                                  "ConnectionError: try 2"]
+    assert [e.data["error"] for e in retrying] == [
+        "ConnectionError: try 1",
+        "ConnectionError: try 2",
+    ]
     assert [e.data["attempt"] for e in retrying] == [1, 2]
     assert 0.045 <= retrying[0].data["delay"] <= 0.055
     assert 0.09 <= retrying[1].data["delay"] <= 0.11
@@ -336,28 +369,38 @@ def test_step_errors_name_pipeline_step_and_cause(run_in_mode: Runner) -> None:
     assert "of pipeline 'wk_junk' failed: pipeline 'wk_junk', step 'returns_junk'" in str(err)
     assert "not JSON-serialisable (key 'frame': object)" in err.errors["returns_junk"]
     assert err.status == "failed"
-    info = run_in_mode.session(lambda engine: engine.wait(err.execution_id,
-                                                          raise_on_failure=False))
+    info = run_in_mode.session(lambda engine: engine.wait(err.execution_id, raise_on_failure=False))
     assert (info.error or "").startswith(
         "pipeline 'wk_junk', step 'returns_junk' failed after 1 attempt: StepOutputError: "
-        "pipeline 'wk_junk', step 'returns_junk'"), info.error
+        "pipeline 'wk_junk', step 'returns_junk'"
+    ), info.error
     events = run_in_mode.events(info.id)
     assert _started(events) == {"returns_junk": 1}
     assert not [e for e in events if e.type == "step.retrying"]
 
 
-@pytest.mark.parametrize(("case", "kind", "says"), [
-    ("step", "UnknownStepError", "spawn_step names unknown step 'missing'"),
-    ("key", "UnknownDependencyError",
-     "spawn_step('work') depends on 'work:0000', which is no step of this execution"),
-    ("name", "UnknownDependencyError",
-     "spawn_step('work') depends on 'ghost', which is no step of this pipeline"),
-    ("params", "StepParamsError", "missing parameter(s) n; unexpected parameter(s) m"),
-    ("json", "StepParamsError", "not JSON-serialisable"),
-    ("cycle", "PipelineCycleError", "would wait for tail, which waits for every 'work' step"),
-])
-def test_spawn_errors_name_what_is_wrong(run_in_mode: Runner, case: str, kind: str,
-                                         says: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "kind", "says"),
+    [
+        ("step", "UnknownStepError", "spawn_step names unknown step 'missing'"),
+        (
+            "key",
+            "UnknownDependencyError",
+            "spawn_step('work') depends on 'work:0000', which is no step of this execution",
+        ),
+        (
+            "name",
+            "UnknownDependencyError",
+            "spawn_step('work') depends on 'ghost', which is no step of this pipeline",
+        ),
+        ("params", "StepParamsError", "missing parameter(s) n; unexpected parameter(s) m"),
+        ("json", "StepParamsError", "not JSON-serialisable"),
+        ("cycle", "PipelineCycleError", "would wait for tail, which waits for every 'work' step"),
+    ],
+)
+def test_spawn_errors_name_what_is_wrong(
+    run_in_mode: Runner, case: str, kind: str, says: str
+) -> None:
     """Each spawn error alone: the spawning step fails at once (not retried, though it has
     retries=2) with the error's type, the pipeline, the step and what is wrong; nothing
     is spawned."""
@@ -367,7 +410,8 @@ def test_spawn_errors_name_what_is_wrong(run_in_mode: Runner, case: str, kind: s
     assert error.startswith(f"{kind}: pipeline 'wk_spawner', step 'start'"), error
     assert says in error.splitlines()[0], error
     assert (info.error or "").startswith(
-        f"pipeline 'wk_spawner', step 'start' failed after 1 attempt: {kind}: "), info.error
+        f"pipeline 'wk_spawner', step 'start' failed after 1 attempt: {kind}: "
+    ), info.error
     assert _started(events) == {"start": 1}
     assert not [e for e in events if e.type in ("step.retrying", "step.spawned")]
     assert {s.name for s in info.steps} == {"start", "tail"}
@@ -396,8 +440,9 @@ def test_weighted_progress_events_are_persisted_and_published(run_in_mode: Runne
     assert progress[0].step_key == "heavy"
     assert progress[0].data["progress"] == 50 and progress[0].data["message"] == "half way"
     assert progress[0].data["execution_progress"] == pytest.approx((1 * 100 + 3 * 50) / 4)
-    completed = [(e.step_key, e.data["execution_progress"]) for e in stored
-                 if e.type == "step.completed"]
+    completed = [
+        (e.step_key, e.data["execution_progress"]) for e in stored if e.type == "step.completed"
+    ]
     assert completed == [("light", pytest.approx(25.0)), ("heavy", pytest.approx(100.0))]
     assert info.progress == 100.0
     types = [e.type for e in stored]
@@ -433,8 +478,7 @@ def test_cancel_stops_running_and_pending_steps(run_in_mode: Runner) -> None:
         execution_id = await engine.submit(wp.cancellable, run_in_mode.inputs())
         await until(engine, execution_id, "step.progress", "long")  # its loop runs
         await engine.cancel(execution_id)
-        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == \
-            "cancelled"
+        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == "cancelled"
         await until(engine, execution_id, "step.cancelled", "long")  # stopped, not finished
         cancelled = await asyncio.to_thread(get_execution, engine.store, execution_id)
         assert await engine.retry(execution_id) == execution_id
@@ -450,8 +494,9 @@ def test_cancel_stops_running_and_pending_steps(run_in_mode: Runner) -> None:
     assert _statuses(cancelled) == {"long": "cancelled", "later": "cancelled"}
     assert cancelled.step("long").attempt == 1
     events = run_in_mode.events(cancelled.id)
-    assert [e.data["attempt"] for e in events
-            if e.type == "step.cancelled" and e.step_key == "long"] == [1, 2]
+    assert [
+        e.data["attempt"] for e in events if e.type == "step.cancelled" and e.step_key == "long"
+    ] == [1, 2]
     assert "later" not in _started(events)
     for e in events:
         if e.type == "execution.cancelled":
@@ -476,8 +521,7 @@ def test_a_cancelled_execution_runs_nothing_once_wait_returns(run_in_mode: Runne
         assert cancelled.status.value == "cancelled"
         assert _statuses(cancelled) == {"long": "cancelled", "later": "cancelled"}
         await engine.retry(execution_id)
-        restarted = await until(engine, execution_id, "step.started", "long", attempt=2,
-                                within=10)
+        restarted = await until(engine, execution_id, "step.started", "long", attempt=2, within=10)
         await engine.cancel(execution_id)
         await engine.wait(execution_id, raise_on_failure=False)
         return restarted
@@ -499,8 +543,7 @@ def test_cancel_from_another_process_through_the_store(run_in_mode: Runner) -> N
                 return request_cancel(other, execution_id[:10])
 
         committed = await asyncio.to_thread(from_elsewhere)
-        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == \
-            "cancelled"
+        assert (await engine.wait(execution_id, raise_on_failure=False)).status.value == "cancelled"
         await until(engine, execution_id, "step.cancelled", "long")
         info = await asyncio.to_thread(get_execution, engine.store, execution_id)
         return info, committed
@@ -512,23 +555,21 @@ def test_cancel_from_another_process_through_the_store(run_in_mode: Runner) -> N
     assert "later" not in _started(events)
     # what it returns is what it committed (embedded: nothing, the engine stops the run)
     assert {e.type for e in committed} <= {"execution.cancelled"}
-    assert [e.id for e in committed] == [e.id for e in events if e.id in
-                                         {c.id for c in committed}]
+    assert [e.id for e in committed] == [e.id for e in events if e.id in {c.id for c in committed}]
     if run_in_mode.embedded:
         assert committed == []
 
 
-def test_fail_fast_lets_running_steps_finish_and_keep_their_results(
-        run_in_mode: Runner) -> None:
+def test_fail_fast_lets_running_steps_finish_and_keep_their_results(run_in_mode: Runner) -> None:
     """boom fails while slowpoke runs: nothing new starts (after_slow, though slowpoke
     completes), slowpoke finishes and its output is kept, and the execution is reported
     failed only then."""
     info, events = run_in_mode(wp.failfast, {})
     assert info.status.value == "failed"
     assert (info.error or "").startswith(
-        "pipeline 'wk_failfast', step 'boom' failed after 1 attempt: RuntimeError: boom")
-    assert _statuses(info) == {"slowpoke": "completed", "boom": "failed",
-                               "after_slow": "pending"}
+        "pipeline 'wk_failfast', step 'boom' failed after 1 attempt: RuntimeError: boom"
+    )
+    assert _statuses(info) == {"slowpoke": "completed", "boom": "failed", "after_slow": "pending"}
     assert info.data == {"slow": True}
     assert _started(events) == {"slowpoke": 1, "boom": 1}
     types = [(e.type, e.step_key) for e in events]
@@ -543,7 +584,8 @@ def test_failure_is_fast_and_retry_resumes_without_rerunning(run_in_mode: Runner
     failed, _ = run_in_mode(wp.resume, {})
     assert failed.status.value == "failed"
     assert (failed.error or "").startswith(
-        "pipeline 'wk_resume', step 'breaks' failed after 2 attempts: ValueError: disk full")
+        "pipeline 'wk_resume', step 'breaks' failed after 2 attempts: ValueError: disk full"
+    )
     assert "ValueError: disk full" in failed.errors["breaks"]
     assert failed.step("breaks").status.value == "failed"
     assert failed.step("first").status.value == "completed"
@@ -566,16 +608,19 @@ def test_retry_of_a_completed_execution_is_refused(run_in_mode: Runner) -> None:
     assert info.status.value == "completed"
 
     async def again(engine: JobEngine) -> None:
-        with pytest.raises(ExecutionStateError,
-                           match=f"execution {info.id[:12]} of pipeline 'wk_dupes' has "
-                                 "completed; nothing to retry"):
+        with pytest.raises(
+            ExecutionStateError,
+            match=f"execution {info.id[:12]} of pipeline 'wk_dupes' has "
+            "completed; nothing to retry",
+        ):
             await engine.retry(info.id, wp.dupes)
 
     run_in_mode.session(again)
 
 
-def test_ledger_imports_only_new_files_and_only_on_success(run_in_mode: Runner,
-                                                           tmp_path: Path) -> None:
+def test_ledger_imports_only_new_files_and_only_on_success(
+    run_in_mode: Runner, tmp_path: Path
+) -> None:
     card = tmp_path / "card"
     card.mkdir()
     for name in ("a.mp4", "b.mp4", "c.mp4"):
@@ -612,8 +657,7 @@ def test_tempdirs_are_removed_after_success_and_failure(run_in_mode: Runner) -> 
 
 
 @pytest.mark.parametrize("case", ["name", "key"])
-def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
-                                                           case: str) -> None:
+def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner, case: str) -> None:
     """Waits that can never end (see wk_stuck): once the steps that can run have run, the
     execution fails, naming what each stuck step waits for, instead of hanging."""
     info, events = run_in_mode(wp.stuck, {"case": case})
@@ -622,12 +666,21 @@ def test_an_execution_where_no_step_can_run_any_more_fails(run_in_mode: Runner,
     waits = "tail" if case == "name" else "part"
     assert info.error == (
         "pipeline 'wk_stuck': no step can run any more (3 waiting: tail waits for part; "
-        f"{hold} waits for {waits}; {blocked} waits for {hold})")
-    assert _statuses(info) == {"start": "completed", "tail": "pending", hold: "pending",
-                               blocked: "pending", free: "completed"}
+        f"{hold} waits for {waits}; {blocked} waits for {hold})"
+    )
+    assert _statuses(info) == {
+        "start": "completed",
+        "tail": "pending",
+        hold: "pending",
+        blocked: "pending",
+        free: "completed",
+    }
     assert _started(events) == {"start": 1, free: 1}
     assert [e.type for e in events if e.type.startswith("execution.")] == [
-        "execution.created", "execution.started", "execution.failed"]
+        "execution.created",
+        "execution.started",
+        "execution.failed",
+    ]
 
 
 def test_the_final_event_says_how_far_the_execution_got(run_in_mode: Runner) -> None:
@@ -681,16 +734,19 @@ def test_a_completed_step_says_how_long_it_took(run_in_mode: Runner) -> None:
     completed = [e for e in events if e.type == "step.completed"]
     assert [e.step_key for e in completed] == ["slowpoke"]
     assert completed[0].data["duration"] == pytest.approx(
-        (slowpoke.finished_at or 0) - (slowpoke.started_at or 0), abs=0.05)
+        (slowpoke.finished_at or 0) - (slowpoke.started_at or 0), abs=0.05
+    )
     assert completed[0].data["duration"] >= 0.5  # it sleeps 0.5 s
 
 
 def test_an_error_whose_message_cannot_be_read_still_fails_the_step_clearly(
-        run_in_mode: Runner) -> None:
+    run_in_mode: Runner,
+) -> None:
     """A step raising an exception whose ``str()`` itself raises is retried and then fails
     like any other, its error named by type; the scheduler neither dies nor hangs."""
     info, events = run_in_mode(wp.unprintable, {})
     assert info.status.value == "failed"
     assert _started(events) == {"shout": 2}
     assert (info.error or "").endswith(
-        "failed after 2 attempts: Unprintable: <its message could not be read: RuntimeError>")
+        "failed after 2 attempts: Unprintable: <its message could not be read: RuntimeError>"
+    )

@@ -17,8 +17,10 @@ def test_step_keys_are_content_addressed_and_stable() -> None:
     assert a != step_key("copy", {"path": "b.mp4", "n": 1})
     assert step_key("scan", {}) == "scan"
     # Fixed value: keys must not change between releases or processes.
-    assert step_key("copy", {"path": "a.mp4"}) == "copy:" + __import__("hashlib").blake2b(
-        b'{"path":"a.mp4"}', digest_size=6).hexdigest()
+    assert (
+        step_key("copy", {"path": "a.mp4"})
+        == "copy:" + __import__("hashlib").blake2b(b'{"path":"a.mp4"}', digest_size=6).hexdigest()
+    )
 
 
 def test_parameterless_steps_are_initial() -> None:
@@ -91,7 +93,8 @@ def test_pipeline_without_initial_step_is_refused() -> None:
 
 
 def test_a_worker_loads_each_referenced_pipeline_once_and_falls_back_to_its_own(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """What a worker runs a claimed step with: the pipeline its execution's reference names
     (loaded once), else the one the worker was given under that name, else nothing."""
     from framepipe.jobs.loading import KnownPipelines
@@ -103,9 +106,11 @@ def test_a_worker_loads_each_referenced_pipeline_once_and_falls_back_to_its_own(
         pass
 
     source = tmp_path / "defs.py"
-    source.write_text("from framepipe import Pipeline\np = Pipeline('wk_known')\n"
-                      "@p.step()\ndef start(ctx):\n    pass\n"
-                      "q = Pipeline('other')\n@q.step()\ndef first(ctx):\n    pass\n")
+    source.write_text(
+        "from framepipe import Pipeline\np = Pipeline('wk_known')\n"
+        "@p.step()\ndef start(ctx):\n    pass\n"
+        "q = Pipeline('other')\n@q.step()\ndef first(ctx):\n    pass\n"
+    )
     known = KnownPipelines([own], owner="Worker w1")
     loaded = known.get("wk_known", f"{source}:p", "e" * 32)
     assert loaded is not None and loaded is not own and loaded.name == "wk_known"

@@ -66,7 +66,8 @@ def test_a_failed_attempt_retries_within_the_policy_only_while_the_execution_run
 
 def test_messages_name_the_pipeline_the_step_and_what_waits() -> None:
     assert failed_error("p", "s:1", 1, "ValueError: bad\n\ntrace") == (
-        "pipeline 'p', step 's:1' failed after 1 attempt: ValueError: bad")
+        "pipeline 'p', step 's:1' failed after 1 attempt: ValueError: bad"
+    )
     assert "after 3 attempts" in failed_error("p", "s", 3, "E")
     shown = [(f"k{i}", ["d"]) for i in range(7)]
     text = stuck_error("p", 7, shown)
@@ -87,14 +88,25 @@ def test_progress_is_weighted_and_never_goes_back() -> None:
 
 
 def _ctx(tmp_path: Path, name: str, params: dict[str, int]) -> StepContext:
-    return StepContext(pipeline=p, execution_id="e" * 32, step_key=name, step_name=name, attempt=1,
-               inputs={}, data={}, params=params, store=None,  # type: ignore[arg-type]
-               objects=lambda: None,  # type: ignore[arg-type,return-value]
-               post=lambda _m: None, has_key=lambda _k: False)
+    return StepContext(
+        pipeline=p,
+        execution_id="e" * 32,
+        step_key=name,
+        step_name=name,
+        attempt=1,
+        inputs={},
+        data={},
+        params=params,
+        store=None,  # type: ignore[arg-type]
+        objects=lambda: None,  # type: ignore[arg-type,return-value]
+        post=lambda _m: None,
+        has_key=lambda _k: False,
+    )
 
 
 def test_an_attempt_returns_its_checked_output_or_its_error_and_leaves_no_tempdir(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     made: list[Path] = []
     q = Pipeline("attempts")
 

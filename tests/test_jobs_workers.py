@@ -55,19 +55,33 @@ TESTS = Path(__file__).resolve().parent
 class Cluster:
     """Worker processes sharing one database and one broker namespace with the test."""
 
-    def __init__(self, tmp_path: Path, database_url: str, broker_url: str, namespace: str,
-                 **overrides: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, database_url: str, broker_url: str, namespace: str, **overrides: Any
+    ) -> None:
         values: dict[str, Any] = {
-            "home": tmp_path / "home", "database_url": database_url,
-            "broker_url": broker_url, "broker_namespace": namespace, "lease_seconds": 2.0,
-            "sweep_interval": 0.2, "republish_after": 3.0, "retry_initial_delay": 0.05,
-            "retry_max_delay": 0.2, "shutdown_grace": 2.0, "max_step_crashes": 3,
-            "log_level": "INFO", **overrides}
+            "home": tmp_path / "home",
+            "database_url": database_url,
+            "broker_url": broker_url,
+            "broker_namespace": namespace,
+            "lease_seconds": 2.0,
+            "sweep_interval": 0.2,
+            "republish_after": 3.0,
+            "retry_initial_delay": 0.05,
+            "retry_max_delay": 0.2,
+            "shutdown_grace": 2.0,
+            "max_step_crashes": 3,
+            "log_level": "INFO",
+            **overrides,
+        }
         self.settings = Settings(**values)
         self.dir = tmp_path / "work"
         self.dir.mkdir()
-        self.env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1",
-                    **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()}}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(TESTS),
+            "PYTHONUNBUFFERED": "1",
+            **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()},
+        }
         self.procs: list[subprocess.Popen[bytes]] = []
         self.store = StateStore(database_url)
         self._n = 0
@@ -75,9 +89,13 @@ class Cluster:
     def worker(self, concurrency: int = 2, **env: str) -> subprocess.Popen[bytes]:
         self._n += 1
         log = open(self.dir.parent / f"worker{self._n}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "framepipe", "worker", "-c",
-                                 str(concurrency)], env={**self.env, **env}, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=self.dir)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "framepipe", "worker", "-c", str(concurrency)],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+        )
         log.close()
         self.procs.append(proc)
         return proc
@@ -87,8 +105,11 @@ class Cluster:
 
         def registered() -> bool:
             with self.store.read() as conn:
-                found = set(conn.execute(sa.select(workers.c.pid).where(
-                    workers.c.status == "running")).scalars())
+                found = set(
+                    conn.execute(
+                        sa.select(workers.c.pid).where(workers.c.status == "running")
+                    ).scalars()
+                )
             return pids <= found
 
         wait_until("the workers to register", registered)
@@ -110,21 +131,32 @@ class Cluster:
         return execution_id
 
     def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
-        return wait_until(f"execution {execution_id[:8]} to finish", lambda: (
-            info if (info := get_execution(self.store, execution_id)).status.finished
-            else None), timeout)
+        return wait_until(
+            f"execution {execution_id[:8]} to finish",
+            lambda: (
+                info if (info := get_execution(self.store, execution_id)).status.finished else None
+            ),
+            timeout,
+        )
 
     def running(self, execution_id: str) -> list[Any]:
         with self.store.read() as conn:
-            return list(conn.execute(sa.select(steps.c.key, steps.c.worker, steps.c.attempt)
-                                     .where(steps.c.execution_id == execution_id,
-                                            steps.c.status == StepStatus.RUNNING.value)))
+            return list(
+                conn.execute(
+                    sa.select(steps.c.key, steps.c.worker, steps.c.attempt).where(
+                        steps.c.execution_id == execution_id,
+                        steps.c.status == StepStatus.RUNNING.value,
+                    )
+                )
+            )
 
     def completions(self, execution_id: str) -> collections.Counter[str]:
         with self.store.read() as conn:
-            keys = conn.execute(sa.select(events.c.step_key).where(
-                events.c.execution_id == execution_id,
-                events.c.type == "step.completed")).scalars()
+            keys = conn.execute(
+                sa.select(events.c.step_key).where(
+                    events.c.execution_id == execution_id, events.c.type == "step.completed"
+                )
+            ).scalars()
             return collections.Counter(keys)
 
     def runs_log(self) -> list[list[str]]:
@@ -161,14 +193,16 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     with contextlib.ExitStack() as stack:
         namespaces: dict[str, tuple[str, str]] = {}
 
-        def make(database_url: str, broker: str = "redis", broker_url: str | None = None,
-                 **overrides: Any) -> Cluster:
+        def make(
+            database_url: str,
+            broker: str = "redis",
+            broker_url: str | None = None,
+            **overrides: Any,
+        ) -> Cluster:
             if broker not in namespaces:
-                namespaces[broker] = stack.enter_context(
-                    broker_namespace(broker, "fp-workers-"))
+                namespaces[broker] = stack.enter_context(broker_namespace(broker, "fp-workers-"))
             url, namespace = namespaces[broker]
-            cluster = Cluster(tmp_path, database_url, broker_url or url, namespace,
-                              **overrides)
+            cluster = Cluster(tmp_path, database_url, broker_url or url, namespace, **overrides)
             made.append(cluster)
             return cluster
 
@@ -186,13 +220,15 @@ def pid_of(worker_id: str) -> int:
 # -- the basics, on SQLite and PostgreSQL ----------------------------------------------------
 
 
-def test_user_code_runs_unchanged_on_two_workers(cluster_factory: Callable[..., Cluster],
-                                                 database_url: str, broker: str) -> None:
+def test_user_code_runs_unchanged_on_two_workers(
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
     cluster = cluster_factory(database_url, broker)
     a, b = cluster.worker(), cluster.worker()
     cluster.wait_registered(a, b)
-    info = run_pipeline(wp.fanout, {"dir": str(cluster.dir), "n": 40, "sleep": 0.05},
-                        settings=cluster.settings)
+    info = run_pipeline(
+        wp.fanout, {"dir": str(cluster.dir), "n": 40, "sleep": 0.05}, settings=cluster.settings
+    )
     assert info.status is ExecutionStatus.COMPLETED
     assert info.data["joined"] == 40
     assert info.progress == 100.0
@@ -202,15 +238,15 @@ def test_user_code_runs_unchanged_on_two_workers(cluster_factory: Callable[..., 
     assert len(info.steps) == 42
 
 
-def test_retries_failure_and_resume_on_workers(cluster_factory: Callable[..., Cluster],
-                                               database_url: str, broker: str) -> None:
+def test_retries_failure_and_resume_on_workers(
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
     cluster = cluster_factory(database_url, broker)
     cluster.wait_registered(cluster.worker())
     execution_id = cluster.submit(wp.chain)
     info = cluster.wait(execution_id)
     assert info.status is ExecutionStatus.FAILED
-    assert "step 'gated' failed after 1 attempt: FileNotFoundError: gate file" in (info.error
-                                                                                  or "")
+    assert "step 'gated' failed after 1 attempt: FileNotFoundError: gate file" in (info.error or "")
     by_key = {s.key: s for s in info.steps}
     assert by_key["flaky"].status is StepStatus.COMPLETED
     assert by_key["flaky"].output == {"c": 3, "flaky_attempt": 3}
@@ -228,29 +264,46 @@ def test_retries_failure_and_resume_on_workers(cluster_factory: Callable[..., Cl
     ran = collections.Counter(line[1] for line in cluster.runs_log())
     assert ran == {"flaky": 3, "gated": 2}  # completed steps were not run again
     with cluster.store.read() as conn:
-        progress = conn.execute(sa.select(events.c.data).where(
-            events.c.execution_id == execution_id, events.c.type == "step.progress",
-            events.c.step_key == "first")).scalars().first()
+        progress = (
+            conn.execute(
+                sa.select(events.c.data).where(
+                    events.c.execution_id == execution_id,
+                    events.c.type == "step.progress",
+                    events.c.step_key == "first",
+                )
+            )
+            .scalars()
+            .first()
+        )
     assert progress is not None
     assert progress["message"] == "halfway"
 
 
-def test_cancel_stops_a_running_step(cluster_factory: Callable[..., Cluster],
-                                     database_url: str) -> None:
+def test_cancel_stops_a_running_step(
+    cluster_factory: Callable[..., Cluster], database_url: str
+) -> None:
     cluster = cluster_factory(database_url)
     proc = cluster.worker()
     cluster.wait_registered(proc)
     execution_id = cluster.submit_running(wp.slow, seconds=60)
     request_cancel(cluster.store, execution_id)
-    info = wait_until("the step to end cancelled", lambda: (
-        i if (i := get_execution(cluster.store, execution_id)).steps[0].status
-        is StepStatus.CANCELLED else None), timeout=15)
+    info = wait_until(
+        "the step to end cancelled",
+        lambda: (
+            i
+            if (i := get_execution(cluster.store, execution_id)).steps[0].status
+            is StepStatus.CANCELLED
+            else None
+        ),
+        timeout=15,
+    )
     assert info.status is ExecutionStatus.CANCELLED
     assert proc.poll() is None  # the worker lives on
 
 
-def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[..., Cluster],
-                                                      database_url: str, broker: str) -> None:
+def test_a_worker_started_later_takes_the_queued_work(
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
     cluster = cluster_factory(database_url, broker)
     execution_id = cluster.submit(wp.fanout, n=5)
     # The submitting engine has closed: with no worker, the first step stays queued, unrun.
@@ -263,8 +316,9 @@ def test_a_worker_started_later_takes_the_queued_work(cluster_factory: Callable[
     assert cluster.wait(execution_id).status is ExecutionStatus.COMPLETED
 
 
-def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[..., Cluster],
-                                                   database_url: str, broker: str) -> None:
+def test_long_steps_are_not_hoarded_by_one_worker(
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
     # Quick steps let the first worker claim ahead (prefetch); once the long ones show how
     # long they take, it hands back the claimed ones it has not started. On RabbitMQ the full
     # worker also pauses its consumer, so the handed-back steps are not pushed to it again.
@@ -285,8 +339,9 @@ def test_long_steps_are_not_hoarded_by_one_worker(cluster_factory: Callable[...,
 
 
 @pytest.mark.postgres
-def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..., Cluster],
-                                                    pg_url: str, broker: str) -> None:
+def test_kill_9_in_a_loop_loses_and_doubles_nothing(
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
     cluster = cluster_factory(pg_url, broker, max_step_crashes=100)
     live = [cluster.worker(), cluster.worker(), cluster.worker()]
     cluster.wait_registered(*live)
@@ -294,9 +349,15 @@ def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..
     execution_id = cluster.submit(wp.fanout, n=n, sleep=0.3)
     kills = 0
     for _cycle in range(20):
-        held = wait_until("a worker to hold a step", lambda: [
-            r for r in cluster.running(execution_id)
-            if r.worker and pid_of(r.worker) in {p.pid for p in live}], timeout=30)
+        held = wait_until(
+            "a worker to hold a step",
+            lambda: [
+                r
+                for r in cluster.running(execution_id)
+                if r.worker and pid_of(r.worker) in {p.pid for p in live}
+            ],
+            timeout=30,
+        )
         victim = next(p for p in live if p.pid == pid_of(held[0].worker))
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
@@ -318,7 +379,8 @@ def test_kill_9_in_a_loop_loses_and_doubles_nothing(cluster_factory: Callable[..
 
 @pytest.mark.postgres
 def test_a_paused_worker_loses_its_lease_and_its_late_result(
-        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
     cluster = cluster_factory(pg_url, broker, lease_seconds=1.5)
     first = cluster.worker()
     cluster.wait_registered(first)
@@ -326,8 +388,11 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     os.kill(first.pid, signal.SIGSTOP)
     second = cluster.worker()
     try:
-        taken = wait_until("another worker to take the step over", lambda: [
-            r for r in cluster.running(execution_id) if r.attempt == 2], timeout=20)
+        taken = wait_until(
+            "another worker to take the step over",
+            lambda: [r for r in cluster.running(execution_id) if r.attempt == 2],
+            timeout=20,
+        )
         assert pid_of(taken[0].worker) == second.pid
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -339,9 +404,14 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     assert step.crashes == 0  # a paused worker is alive: its lease lapsed, it did not crash
     # The woken worker drops its late attempt: its heartbeat finds the lease lost and stops
     # the step, or the step ends first and the commit fences its outcome; either is logged.
-    fenced = wait_until("the woken worker to drop attempt 1", lambda: re.search(
-        rf"lost the lease of step long of {execution_id[:8]} \(attempt 1\)"
-        rf"|step long of {execution_id[:8]} attempt 1 no longer held", cluster.log(1)))
+    fenced = wait_until(
+        "the woken worker to drop attempt 1",
+        lambda: re.search(
+            rf"lost the lease of step long of {execution_id[:8]} \(attempt 1\)"
+            rf"|step long of {execution_id[:8]} attempt 1 no longer held",
+            cluster.log(1),
+        ),
+    )
     assert fenced
     assert cluster.completions(execution_id) == {"long": 1}
     assert get_execution(cluster.store, execution_id).data["long_attempt"] == 2
@@ -349,7 +419,8 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
 
 @pytest.mark.postgres
 def test_a_step_that_kills_its_worker_is_failed_as_poison_with_the_output_tail(
-        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
     cluster = cluster_factory(pg_url, broker, max_step_crashes=2)
     proc = cluster.worker()
     cluster.wait_registered(proc)
@@ -372,15 +443,17 @@ def test_a_step_that_kills_its_worker_is_failed_as_poison_with_the_output_tail(
     crash = by_key["crash"]
     assert crash.status is StepStatus.FAILED
     assert crash.crashes == 2
-    assert (crash.error or "").startswith("StepCrashedError: pipeline 'wk_crasher', step "
-                                          "'crash': worker ")
+    assert (crash.error or "").startswith(
+        "StepCrashedError: pipeline 'wk_crasher', step 'crash': worker "
+    )
     assert "about to take the worker down (attempt 2)" in (crash.error or "")
     assert "crashed its worker 2 times; failed as poison" in (info.error or "")
 
 
 @pytest.mark.postgres
 def test_sigterm_finishes_or_hands_back_the_running_step(
-        cluster_factory: Callable[..., Cluster], pg_url: str, broker: str) -> None:
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
     cluster = cluster_factory(pg_url, broker, shutdown_grace=5.0)
     proc = cluster.worker()
     cluster.wait_registered(proc)
@@ -413,11 +486,26 @@ def test_sigterm_finishes_or_hands_back_the_running_step(
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
-        service_missing("redis-server (apt-get install redis-server)",
-                        FileNotFoundError("redis-server"))
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        service_missing(
+            "redis-server (apt-get install redis-server)", FileNotFoundError("redis-server")
+        )
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def up() -> bool:
         with socket.socket() as s:
@@ -428,8 +516,9 @@ def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.postgres
-def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., Cluster],
-                                                pg_url: str, tmp_path: Path) -> None:
+def test_redis_restarting_mid_run_loses_nothing(
+    cluster_factory: Callable[..., Cluster], pg_url: str, tmp_path: Path
+) -> None:
     port = free_port()
     redis_proc = _redis_server(port, tmp_path)
     try:
@@ -458,8 +547,9 @@ def test_redis_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., C
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 @pytest.mark.parametrize("data", ["kept", "lost"])
-def test_rabbitmq_restarting_mid_run_loses_nothing(cluster_factory: Callable[..., Cluster],
-                                                   pg_url: str, data: str) -> None:
+def test_rabbitmq_restarting_mid_run_loses_nothing(
+    cluster_factory: Callable[..., Cluster], pg_url: str, data: str
+) -> None:
     # A private node, SIGKILLed mid-run and booted again: on its data (the quorum queue and
     # its messages come back) or on an empty folder (the queue is gone: workers declare it
     # again and the sweep publishes the ready steps again).
@@ -499,8 +589,9 @@ def test_rabbitmq_restarting_mid_run_loses_nothing(cluster_factory: Callable[...
 def _pg_tool(name: str) -> str:
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if not found:
-        service_missing(f"PostgreSQL's {name} (apt-get install postgresql)",
-                        FileNotFoundError(name))
+        service_missing(
+            f"PostgreSQL's {name} (apt-get install postgresql)", FileNotFoundError(name)
+        )
     return str(found[-1])
 
 
@@ -519,29 +610,61 @@ class PrivatePostgres:
             self.run_as = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(self.data, "postgres", "postgres")
-        subprocess.run([*self.run_as, _pg_tool("initdb"), "-D", str(self.data), "-A", "trust",
-                        "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *self.run_as,
+                _pg_tool("initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> None:
-        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-w", "-l",
-                        str(self.data / "server.log"), "-o",
-                        f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1",
-                        "start"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *self.run_as,
+                _pg_tool("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-w",
+                "-l",
+                str(self.data / "server.log"),
+                "-o",
+                f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def crash(self) -> None:
         """Stop at once, as a crash would (no checkpoint; recovery replays the WAL)."""
-        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m",
-                        "immediate", "stop"], check=True, capture_output=True)
+        subprocess.run(
+            [*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
-        subprocess.run([*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m", "fast",
-                        "stop"], capture_output=True, check=False)
+        subprocess.run(
+            [*self.run_as, _pg_tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"],
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(self.root, ignore_errors=True)
 
 
 def test_postgres_restarting_mid_run_loses_nothing(
-        cluster_factory: Callable[..., Cluster], broker: str) -> None:
+    cluster_factory: Callable[..., Cluster], broker: str
+) -> None:
     # Claims fail while it is down: what was delivered goes back to the broker at once.
     pg = PrivatePostgres()
     pg.start()
@@ -577,41 +700,54 @@ def test_postgres_restarting_mid_run_loses_nothing(
 # -- bad input ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["memory://", "http://127.0.0.1:5672/",
-                                 "amqp+ssl://u:secret@h/"])
+@pytest.mark.parametrize("url", ["memory://", "http://127.0.0.1:5672/", "amqp+ssl://u:secret@h/"])
 def test_a_worker_needs_a_redis_or_rabbitmq_broker(tmp_path: Path, url: str) -> None:
     from framepipe.jobs.worker import Worker
 
     settings = Settings(home=tmp_path, broker_url=url, jobs_mode="workers")
-    with pytest.raises(BrokerError, match="a worker needs a Redis or RabbitMQ broker: "
-                                          "FRAMEPIPE_BROKER_URL is") as caught:
+    with pytest.raises(
+        BrokerError, match="a worker needs a Redis or RabbitMQ broker: FRAMEPIPE_BROKER_URL is"
+    ) as caught:
         Worker(settings)
     assert "redis://, rediss://, unix://, amqp:// or amqps://" in str(caught.value)
     assert "secret" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("url", "workers"), [
-    ("memory://", False), ("redis://127.0.0.1:6379/0", True), ("rediss://h/0", True),
-    ("unix:///run/redis.sock", True), ("amqp://guest:guest@127.0.0.1:5672/", True),
-    ("amqps://u:p@rabbit.example/vhost", True), ("http://127.0.0.1/", False)])
-def test_auto_mode_runs_steps_on_workers_for_redis_and_amqp_urls(url: str,
-                                                                 workers: bool) -> None:
+@pytest.mark.parametrize(
+    ("url", "workers"),
+    [
+        ("memory://", False),
+        ("redis://127.0.0.1:6379/0", True),
+        ("rediss://h/0", True),
+        ("unix:///run/redis.sock", True),
+        ("amqp://guest:guest@127.0.0.1:5672/", True),
+        ("amqps://u:p@rabbit.example/vhost", True),
+        ("http://127.0.0.1/", False),
+    ],
+)
+def test_auto_mode_runs_steps_on_workers_for_redis_and_amqp_urls(url: str, workers: bool) -> None:
     assert Settings(broker_url=url).distributed_jobs is workers
     assert Settings(broker_url=url, jobs_mode="local").distributed_jobs is False
 
 
 def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
-        cluster_factory: Callable[..., Cluster], database_url: str, broker: str) -> None:
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
     port = free_port()  # nothing listens there
-    url = (f"redis://127.0.0.1:{port}/0" if broker == "redis"
-           else f"amqp://guest:guest@127.0.0.1:{port}/")
+    url = (
+        f"redis://127.0.0.1:{port}/0"
+        if broker == "redis"
+        else f"amqp://guest:guest@127.0.0.1:{port}/"
+    )
     cluster = cluster_factory(database_url, broker, broker_url=url)
     proc = cluster.worker()
-    wait_until("the worker to report the broker", lambda: "retrying" in cluster.log(1),
-             timeout=20)
+    wait_until("the worker to report the broker", lambda: "retrying" in cluster.log(1), timeout=20)
     text = cluster.log(1)
-    shown = (f"redis://127.0.0.1:{port}/0" if broker == "redis"
-             else f"amqp://guest:***@127.0.0.1:{port}/")  # the password masked
+    shown = (
+        f"redis://127.0.0.1:{port}/0"
+        if broker == "redis"
+        else f"amqp://guest:***@127.0.0.1:{port}/"
+    )  # the password masked
     assert f"job broker {shown}" in text
     assert "registering the worker failed" in text
     proc.send_signal(signal.SIGTERM)
@@ -632,8 +768,8 @@ def _publish_raw_amqp(queue: str, body: bytes) -> None:
 
 
 def test_malformed_entries_and_unknown_pipelines_fail_clearly(
-        cluster_factory: Callable[..., Cluster], database_url: str, broker: str,
-        tmp_path: Path) -> None:
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str, tmp_path: Path
+) -> None:
     cluster = cluster_factory(database_url, broker)
     proc = cluster.worker()
     cluster.wait_registered(proc)
@@ -644,19 +780,24 @@ def test_malformed_entries_and_unknown_pipelines_fail_clearly(
         client = redis.Redis.from_url(REDIS_URL)
         client.xadd(queue, {"bogus": "1"})
         wait_until("the malformed entry to be reported", lambda: "is malformed" in cluster.log(1))
-        wait_until("the malformed entry to be acknowledged (it cannot be handled)",
-                 lambda: client.xpending(queue, "workers")["pending"] == 0, timeout=10)
+        wait_until(
+            "the malformed entry to be acknowledged (it cannot be handled)",
+            lambda: client.xpending(queue, "workers")["pending"] == 0,
+            timeout=10,
+        )
         client.close()
     else:
         _publish_raw_amqp(queue, b"bogus")
         wait_until("the malformed message to be reported", lambda: "is malformed" in cluster.log(1))
 
     module = tmp_path / "elsewhere.py"
-    module.write_text("from framepipe import Pipeline\n"
-                      "lost = Pipeline('wk_lost')\n"
-                      "@lost.step()\n"
-                      "def only(ctx):\n"
-                      "    return {}\n")
+    module.write_text(
+        "from framepipe import Pipeline\n"
+        "lost = Pipeline('wk_lost')\n"
+        "@lost.step()\n"
+        "def only(ctx):\n"
+        "    return {}\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import elsewhere  # type: ignore[import-not-found]
@@ -673,7 +814,8 @@ def test_malformed_entries_and_unknown_pipelines_fail_clearly(
 
 
 def test_run_pipeline_raises_for_a_failed_distributed_execution(
-        cluster_factory: Callable[..., Cluster], database_url: str) -> None:
+    cluster_factory: Callable[..., Cluster], database_url: str
+) -> None:
     cluster = cluster_factory(database_url)
     cluster.wait_registered(cluster.worker())
     with pytest.raises(ExecutionFailedError, match="gate file"):

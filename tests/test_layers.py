@@ -43,7 +43,10 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
     for module in ("framepipe", "framepipe.media", "framepipe.jobs.pipeline"):
         loaded = subprocess.run(
             [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
-            capture_output=True, text=True, check=True).stdout.split()
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert "framepipe.jobs.engine" not in loaded, module
         if module != "framepipe.jobs.pipeline":
             assert "sqlalchemy" not in loaded, module
@@ -52,15 +55,21 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
 _TABLES = {"events", "executions", "ledger", "step_deps", "steps", "workers", "metadata"}
 # The modules that hold the jobs' queries: the store module, the workers' transitions, the
 # recovery of dead engines' executions and the ledger (see jobs/records.py).
-_STORE_MODULES = {"jobs/records.py", "jobs/dispatch.py", "jobs/transitions.py", "jobs/recovery.py",
-                  "jobs/ledger.py"}
+_STORE_MODULES = {
+    "jobs/records.py",
+    "jobs/dispatch.py",
+    "jobs/transitions.py",
+    "jobs/recovery.py",
+    "jobs/ledger.py",
+}
 
 
 def _table_imports(path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                "framepipe.backends.state"):
+            "framepipe.backends.state"
+        ):
             found.update(a.name for a in node.names if a.name in _TABLES)
     return found
 

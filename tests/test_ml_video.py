@@ -22,17 +22,25 @@ from framepipe.pipelines.ml_video import ml_video
 from media import make_clip
 
 MODELS = Path(__file__).parent / "models"
-RANGES = {"fetch": (0, 10), "preprocess": (10, 15), "inference": (15, 65),
-          "postprocess": (65, 75), "stitch": (75, 85), "thumbnails": (85, 95),
-          "finalize": (95, 100)}
+RANGES = {
+    "fetch": (0, 10),
+    "preprocess": (10, 15),
+    "inference": (15, 65),
+    "postprocess": (65, 75),
+    "stitch": (75, 85),
+    "thumbnails": (85, 95),
+    "finalize": (95, 100),
+}
 
 
 def run_ml(settings: Settings, clip: Path, **inputs: Any) -> tuple[Any, list[Any], JobEngine]:
     async def main() -> tuple[Any, list[Any], JobEngine]:
         async with JobEngine(settings=settings) as engine:
-            info = await engine.run(ml_video, {"input": str(clip), "prompt": "anime",
-                                               "width": 160, **inputs},
-                                    raise_on_failure=False)
+            info = await engine.run(
+                ml_video,
+                {"input": str(clip), "prompt": "anime", "width": 160, **inputs},
+                raise_on_failure=False,
+            )
             events = await asyncio.to_thread(list_events, engine.store, info.id)
             return info, events, engine
 
@@ -45,7 +53,8 @@ def clip(tmp_path: Path) -> Path:
 
 
 def test_mock_model_end_to_end_with_the_seed_progress_ranges(
-        settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     info, events, _ = run_ml(settings, clip)
     assert info.status is ExecutionStatus.COMPLETED, info.error
@@ -72,7 +81,8 @@ def test_mock_model_end_to_end_with_the_seed_progress_ranges(
 
 
 def test_subprocess_model_then_a_failing_model_retried_from_the_failed_step(
-        settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
     monkeypatch.setenv("PYTHON_PATH", sys.executable)
     monkeypatch.setenv("PYTHON_SCRIPT", str(MODELS / "crash_model.py"))
@@ -99,7 +109,8 @@ def test_subprocess_model_then_a_failing_model_retried_from_the_failed_step(
 
 
 def test_a_missing_or_non_video_input_fails_fetch_clearly(
-        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     missing, _, _ = run_ml(settings, tmp_path / "nope.mp4")
     assert f"no such file: '{tmp_path / 'nope.mp4'}'" in missing.errors["fetch"]
@@ -114,8 +125,9 @@ def test_a_missing_or_non_video_input_fails_fetch_clearly(
 # -- inputs checked at submit (issue 14) ----------------------------------------------------
 
 
-def submit_ml(settings: Settings, inputs: dict[str, Any],
-              input_roots: list[Path] | None = None) -> ExecutionInfo:
+def submit_ml(
+    settings: Settings, inputs: dict[str, Any], input_roots: list[Path] | None = None
+) -> ExecutionInfo:
     async def main() -> ExecutionInfo:
         async with JobEngine(settings=settings) as engine:
             execution_id = await engine.submit(ml_video, inputs, input_roots=input_roots)
@@ -129,17 +141,21 @@ def executions(settings: Settings) -> list[Any]:
         return list_executions(store)
 
 
-@pytest.mark.parametrize(("inputs", "where"), [
-    ({"input": "in.mp4", "width": "abc"}, "inputs.width"),
-    ({"input": 5}, "inputs.input"),
-    ({"prompt": "anime"}, "inputs.input"),
-    ({"input": "in.mp4", "fps": 0}, "inputs.fps"),
-    ({"input": "in.mp4", "seed": 1.5}, "inputs.seed"),
-    ({"input": "in.mp4", "contrast": "inf"}, "inputs.contrast"),
-    ({"input": "in.mp4", "widht": 160}, "inputs.widht"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "where"),
+    [
+        ({"input": "in.mp4", "width": "abc"}, "inputs.width"),
+        ({"input": 5}, "inputs.input"),
+        ({"prompt": "anime"}, "inputs.input"),
+        ({"input": "in.mp4", "fps": 0}, "inputs.fps"),
+        ({"input": "in.mp4", "seed": 1.5}, "inputs.seed"),
+        ({"input": "in.mp4", "contrast": "inf"}, "inputs.contrast"),
+        ({"input": "in.mp4", "widht": 160}, "inputs.widht"),
+    ],
+)
 def test_inputs_that_can_never_succeed_fail_at_submit_naming_the_field(
-        settings: Settings, inputs: dict[str, Any], where: str) -> None:
+    settings: Settings, inputs: dict[str, Any], where: str
+) -> None:
     """They were retried 3 times before the execution failed; now nothing is created."""
     with pytest.raises(InvalidInputError) as caught:
         submit_ml(settings, inputs)
@@ -148,34 +164,70 @@ def test_inputs_that_can_never_succeed_fail_at_submit_naming_the_field(
 
 
 def test_the_documented_inputs_are_accepted_and_stored_with_their_defaults(
-        settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
-    info = submit_ml(settings, {"input": str(clip), "prompt": "anime", "style": "studio",
-                                "seed": "42", "width": 160, "fps": 12.5, "brightness": 10,
-                                "contrast": 1.2})
+    info = submit_ml(
+        settings,
+        {
+            "input": str(clip),
+            "prompt": "anime",
+            "style": "studio",
+            "seed": "42",
+            "width": 160,
+            "fps": 12.5,
+            "brightness": 10,
+            "contrast": 1.2,
+        },
+    )
     assert info.status is ExecutionStatus.COMPLETED, info.error
-    assert info.inputs == {"input": str(clip.resolve()), "prompt": "anime", "style": "studio",
-                           "seed": 42, "width": 160, "fps": 12.5, "brightness": 10.0,
-                           "contrast": 1.2}
+    assert info.inputs == {
+        "input": str(clip.resolve()),
+        "prompt": "anime",
+        "style": "studio",
+        "seed": 42,
+        "width": 160,
+        "fps": 12.5,
+        "brightness": 10.0,
+        "contrast": 1.2,
+    }
     assert info.data["preprocessed_info"]["fps"] == 12.5
     defaults = submit_ml(settings, {"input": str(clip), "width": 160}).inputs
-    assert defaults == {"input": str(clip.resolve()), "prompt": "", "style": "default",
-                        "seed": 0, "width": 160, "fps": 25.0, "brightness": 0.0,
-                        "contrast": 1.0}
+    assert defaults == {
+        "input": str(clip.resolve()),
+        "prompt": "",
+        "style": "default",
+        "seed": 0,
+        "width": 160,
+        "fps": 25.0,
+        "brightness": 0.0,
+        "contrast": 1.0,
+    }
 
 
 def test_the_command_line_refuses_them_with_the_field_and_exit_code_2(
-        tmp_path: Path, clip: Path) -> None:
-    result = CliRunner().invoke(cli_app, [
-        "--home", str(tmp_path / "home"), "run", "framepipe.pipelines.ml_video:ml_video",
-        "-i", f"input={clip}", "-i", "width=abc"])
+    tmp_path: Path, clip: Path
+) -> None:
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "--home",
+            str(tmp_path / "home"),
+            "run",
+            "framepipe.pipelines.ml_video:ml_video",
+            "-i",
+            f"input={clip}",
+            "-i",
+            "width=abc",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "inputs.width: Input should be a valid integer" in result.output
 
 
 def test_a_local_path_outside_the_roots_is_refused_and_says_nothing_about_it(
-        settings: Settings, clip: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 14: submitted over HTTP, ``input: "/some/private/file.mp4"`` was copied into the
     object store (downloadable), and the errors told whether a path existed."""
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")

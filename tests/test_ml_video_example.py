@@ -42,11 +42,14 @@ FRAMES = 20
 
 def run_ml(settings: Settings, clip: Path, **inputs: Any) -> tuple[Any, list[Any]]:
     """Run the pipeline on ``clip`` to the end (failed or not): its record and events."""
+
     async def main() -> tuple[Any, list[Any]]:
         async with JobEngine(settings=settings) as engine:
-            info = await engine.run(ml_video, {"input": str(clip), "prompt": "anime",
-                                               "style": "cartoon", "seed": 7, **inputs},
-                                    raise_on_failure=False)
+            info = await engine.run(
+                ml_video,
+                {"input": str(clip), "prompt": "anime", "style": "cartoon", "seed": 7, **inputs},
+                raise_on_failure=False,
+            )
             return info, await asyncio.to_thread(list_events, engine.store, info.id)
 
     return asyncio.run(main())
@@ -54,6 +57,7 @@ def run_ml(settings: Settings, clip: Path, **inputs: Any) -> tuple[Any, list[Any
 
 def retry_ml(settings: Settings, execution_id: str) -> tuple[Any, list[Any]]:
     """Retry a failed execution to the end: its record and all its events."""
+
     async def main() -> tuple[Any, list[Any]]:
         async with JobEngine(settings=settings) as engine:
             await engine.retry(execution_id, ml_video)
@@ -99,15 +103,29 @@ def model_server(root: Path, *extra: str) -> Iterator[str]:
     """``server.py`` as a subprocess on a free loopback port; yields its URL once it answers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port",
-                             str(port), "--output-root", str(root), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SERVER),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--output-root",
+            str(root),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server.py exited {proc.returncode}: "
-                                     f"{proc.stderr.read().decode() if proc.stderr else ''}")
+                raise AssertionError(
+                    f"server.py exited {proc.returncode}: "
+                    f"{proc.stderr.read().decode() if proc.stderr else ''}"
+                )
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -146,7 +164,8 @@ def fast_model_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_model_script_through_the_pipeline_stylises_every_frame(
-        settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
     monkeypatch.setenv("PYTHON_PATH", sys.executable)
     monkeypatch.setenv("PYTHON_SCRIPT", str(MODEL))
@@ -163,14 +182,17 @@ def test_model_script_through_the_pipeline_stylises_every_frame(
     to_expected = np.abs(result - expected.astype(np.int16)).mean()
     assert to_input > 5 and to_expected < to_input / 2, (to_input, to_expected)
     # the script's "progress: N" lines reached the step
-    reported = [e.data.get("progress") for e in events
-                if e.type == "step.progress" and e.step_key == "inference"]
+    reported = [
+        e.data.get("progress")
+        for e in events
+        if e.type == "step.progress" and e.step_key == "inference"
+    ]
     assert len(reported) >= 5
 
 
 def test_http_model_server_through_the_pipeline(
-        settings: Settings, clip: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with model_server(tmp_path / "shared") as url:
         monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
         monkeypatch.setenv("MODEL_API_URL", url)
@@ -187,10 +209,26 @@ def test_http_model_server_through_the_pipeline(
 def test_the_model_script_refuses_an_unreadable_input(tmp_path: Path) -> None:
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
-    done = subprocess.run([sys.executable, str(MODEL), "--input", str(text), "--prompt", "x",
-                           "--style", "cartoon", "--seed", "1", "--output-dir",
-                           str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(MODEL),
+            "--input",
+            str(text),
+            "--prompt",
+            "x",
+            "--style",
+            "cartoon",
+            "--seed",
+            "1",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "notes.mp4" in done.stderr and "not a readable video" in done.stderr
     assert "frames_path" not in done.stdout
@@ -242,8 +280,8 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
 def test_a_bad_input_file_fails_fetch_clearly_and_retries_once_replaced(
-        kind: str, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    kind: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     make_bad, cause = BAD_INPUTS[kind]
     path = tmp_path / "upload.mp4"
@@ -263,16 +301,16 @@ def test_a_bad_input_file_fails_fetch_clearly_and_retries_once_replaced(
     assert probe(result_video(settings, done)).frames == 10  # the mock's frames
 
 
-CRASHING_MODEL = '''\
+CRASHING_MODEL = """\
 import sys
 print("progress: 5", flush=True)
 raise RuntimeError("weights file /models/anime.ckpt is corrupt")
-'''
+"""
 
 
 def test_a_crashing_model_script_fails_inference_then_retry_with_the_good_script(
-        settings: Settings, clip: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     crash = tmp_path / "crash_model.py"
     crash.write_text(CRASHING_MODEL)
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
@@ -305,8 +343,8 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("script", ["silent_model.py", "mute_model.py"])
 def test_a_model_script_that_prints_no_frames_path_fails_inference_then_retry_with_the_good_one(
-        settings: Settings, clip: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch,
-        script: str) -> None:
+    settings: Settings, clip: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch, script: str
+) -> None:
     """``silent_model.py`` prints progress and chatter but no ``frames_path:`` line;
     ``mute_model.py`` writes its frames but prints nothing at all. Both exit 0."""
     quiet = MODELS / script
@@ -335,15 +373,17 @@ def test_a_model_script_that_prints_no_frames_path_fails_inference_then_retry_wi
 
 
 def test_a_video_above_the_pixel_limit_fails_fetch_then_retry_after_raising_it(
-        settings: Settings, clip: Path, scratch: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", str(160 * 120))
     failed, events = run_ml(settings, clip, width=160)
     assert failed.status is ExecutionStatus.FAILED
     error = failed.errors["fetch"]
-    assert error.startswith(f"MediaError: {clip}: its picture is 320x240 (76,800 pixels), "
-                            "larger than the limit of 19,200 pixels"), error
+    assert error.startswith(
+        f"MediaError: {clip}: its picture is 320x240 (76,800 pixels), "
+        "larger than the limit of 19,200 pixels"
+    ), error
     assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in error
     assert started(events).count("preprocess") == 0
     objects = open_object_store(settings.resolved_objects_url)
@@ -358,8 +398,12 @@ def test_a_video_above_the_pixel_limit_fails_fetch_then_retry_after_raising_it(
 
 
 def test_an_http_model_answering_500_fails_inference_then_retry_with_a_good_server(
-        settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        fast_model_retries: None) -> None:
+    settings: Settings,
+    clip: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_model_retries: None,
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
     monkeypatch.setenv("MODEL_API_TIMEOUT", "60000")
     with model_server(tmp_path / "shared", "--fail", "model weights not loaded") as bad_url:
@@ -381,10 +425,12 @@ def test_an_http_model_answering_500_fails_inference_then_retry_with_a_good_serv
 
 
 def test_a_truncated_faststart_mp4_fails_instead_of_giving_a_short_video(
-        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
-    whole = make_clip(tmp_path / "whole.mp4", frames=FRAMES,
-                      options={"movflags": "faststart"}).read_bytes()
+    whole = make_clip(
+        tmp_path / "whole.mp4", frames=FRAMES, options={"movflags": "faststart"}
+    ).read_bytes()
     path = tmp_path / "upload.mp4"
     path.write_bytes(whole[: len(whole) // 2])  # the index (first) says 20 frames, half are gone
     info, _ = run_ml(settings, path, width=160)

@@ -52,8 +52,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def adapter_from_settings(env: Mapping[str, str] | None = None,
-                          **overrides: Any) -> ModelAdapter:
+def adapter_from_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> ModelAdapter:
     """The model the ML video pipeline's settings select (``env`` defaults to the process's
     environment and config file)."""
     return MlVideoSettings.load(env, **overrides).adapter()
@@ -91,8 +90,17 @@ def wait_gone(pids: list[int], within: float = 5.0) -> list[int]:
 def test_subprocess_model_follows_the_seed_protocol(tmp_path: Path, clip: Path) -> None:
     seen: list[float] = []
     model = SubprocessModel(MODELS / "good_model.py")
-    result = run(model.infer(clip, prompt="turn into anime", style="studio", seed=42,
-                             output_dir=tmp_path / "out", progress=seen.append, frames=4))
+    result = run(
+        model.infer(
+            clip,
+            prompt="turn into anime",
+            style="studio",
+            seed=42,
+            output_dir=tmp_path / "out",
+            progress=seen.append,
+            frames=4,
+        )
+    )
     assert result.frames_path == tmp_path / "out" / "frames"
     files = result.frame_files()
     assert [f.name for f in files] == [f"frame_{i:04d}.png" for i in range(4)]
@@ -105,10 +113,26 @@ def test_subprocess_model_follows_the_seed_protocol(tmp_path: Path, clip: Path) 
 
 def test_subprocess_command_is_the_seed_interface(tmp_path: Path) -> None:
     model = SubprocessModel("model.py", python="python3")
-    argv = model.command("in.mp4", prompt="p q", style="s", seed=7, output_dir="out",
-                         steps=20, fast=True, skip=False)
-    assert argv == ["python3", "model.py", "--input", "in.mp4", "--prompt", "p q", "--style",
-                    "s", "--seed", "7", "--output-dir", "out", "--steps", "20", "--fast"]
+    argv = model.command(
+        "in.mp4", prompt="p q", style="s", seed=7, output_dir="out", steps=20, fast=True, skip=False
+    )
+    assert argv == [
+        "python3",
+        "model.py",
+        "--input",
+        "in.mp4",
+        "--prompt",
+        "p q",
+        "--style",
+        "s",
+        "--seed",
+        "7",
+        "--output-dir",
+        "out",
+        "--steps",
+        "20",
+        "--fast",
+    ]
     custom = SubprocessModel(argv=["run-model", "{input}", "-o", "{output_dir}"])
     assert custom.command("a", output_dir="b") == ["run-model", "a", "-o", "b"]
 
@@ -164,8 +188,11 @@ def test_subprocess_retries_a_crash_with_backoff(tmp_path: Path, clip: Path) -> 
 
     (tmp_path / "runs.txt").unlink()
     with pytest.raises(ModelError, match="failed after 2 attempts; last error") as info:
-        run(SubprocessModel(MODELS / "flaky_model.py", max_retries=1, retry_initial=0.01)
-            .infer(clip, output_dir=tmp_path, fail_times=5))
+        run(
+            SubprocessModel(MODELS / "flaky_model.py", max_retries=1, retry_initial=0.01).infer(
+                clip, output_dir=tmp_path, fail_times=5
+            )
+        )
     assert info.value.exit_code == 1 and "transient failure 2" in str(info.value)
 
 
@@ -189,8 +216,9 @@ def test_cancelling_the_task_kills_the_whole_process_group(tmp_path: Path, clip:
 
     async def main() -> list[int]:
         running = asyncio.Event()  # the script reports progress once its pids are written
-        task = asyncio.create_task(model.infer(clip, output_dir=tmp_path,
-                                               progress=lambda pct: running.set()))
+        task = asyncio.create_task(
+            model.infer(clip, output_dir=tmp_path, progress=lambda pct: running.set())
+        )
         await running.wait()
         pids = [int(p) for p in pid_file.read_text().split()]
         assert all(alive(p) for p in pids)
@@ -267,8 +295,10 @@ class ModelServer:
 
 def ok(frames_path: Path) -> Reply:
     def reply(fields: dict[str, str]) -> tuple[int, bytes]:
-        return 200, json.dumps({"success": True, "frames_path": str(frames_path),
-                                "model": "anime-v2"}).encode()
+        return 200, json.dumps(
+            {"success": True, "frames_path": str(frames_path), "model": "anime-v2"}
+        ).encode()
+
     return reply
 
 
@@ -287,15 +317,26 @@ def test_http_model_posts_the_seed_form(tmp_path: Path, clip: Path, frames_dir: 
     seen: list[float] = []
     with ModelServer([ok(frames_dir)]) as server:
         model = HttpModel(server.url + "/", timeout=5, check_frames_path=True)
-        result = run(model.infer(clip, prompt="turn into anime", style="studio", seed=42,
-                                 output_dir=tmp_path / "out", progress=seen.append))
+        result = run(
+            model.infer(
+                clip,
+                prompt="turn into anime",
+                style="studio",
+                seed=42,
+                output_dir=tmp_path / "out",
+                progress=seen.append,
+            )
+        )
     assert result == ModelResult(frames_dir, {"model": "anime-v2"})
     [request] = server.requests
     assert request["path"] == "/infer"
     assert request["input_file"] == clip.read_text()
     assert request["input_file.filename"] == "input.mp4"
-    assert (request["prompt"], request["style"], request["seed"]) == ("turn into anime",
-                                                                      "studio", "42")
+    assert (request["prompt"], request["style"], request["seed"]) == (
+        "turn into anime",
+        "studio",
+        "42",
+    )
     assert seen == [0.0, 100.0]
 
 
@@ -348,8 +389,9 @@ def test_http_non_json_body_is_an_output_error(tmp_path: Path, clip: Path) -> No
 
 
 @pytest.mark.slow
-def test_http_slow_response_times_out_and_is_retried(tmp_path: Path, clip: Path,
-                                                     frames_dir: Path) -> None:
+def test_http_slow_response_times_out_and_is_retried(
+    tmp_path: Path, clip: Path, frames_dir: Path
+) -> None:
     def slow(fields: dict[str, str]) -> tuple[int, bytes]:
         time.sleep(1.5)
         return ok(frames_dir)(fields)
@@ -357,8 +399,11 @@ def test_http_slow_response_times_out_and_is_retried(tmp_path: Path, clip: Path,
     with ModelServer([slow]) as server:
         model = HttpModel(server.url, timeout=0.3, max_retries=1, retry_initial=0.01)
         started = time.monotonic()
-        with pytest.raises(ModelTimeoutError, match=r"failed after 2 attempts.*127\.0\.0\.1.*"
-                                                     r"(no result within 0\.3s|timed out)"):
+        with pytest.raises(
+            ModelTimeoutError,
+            match=r"failed after 2 attempts.*127\.0\.0\.1.*"
+            r"(no result within 0\.3s|timed out)",
+        ):
             run(model.infer(clip, output_dir=tmp_path))
         assert time.monotonic() - started < 1.4
     assert len(server.requests) == 2
@@ -385,8 +430,7 @@ def test_mock_model_writes_frames_with_progress(tmp_path: Path, clip: Path) -> N
     image = cv2.imread(str(files[2]))
     assert image is not None and image.shape == (48, 64, 3)
     assert seen == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
-    again = run(MockModel(frames=1, size=(64, 48)).infer(clip, seed=3,
-                                                          output_dir=tmp_path / "b"))
+    again = run(MockModel(frames=1, size=(64, 48)).infer(clip, seed=3, output_dir=tmp_path / "b"))
     png = cv2.imread(str(again.frame_files()[0]))
     assert png is not None
     assert np.array_equal(png, MockModel(size=(64, 48)).render(0, seed=3))
@@ -443,11 +487,15 @@ def test_python_model_runs_on_a_live_stage_through_its_processor() -> None:
         return frame
 
     async def main() -> None:
-        pipeline = StreamPipeline("negate", source,
-                                  stages=[Stage(keep_original),
-                                          Stage(ModelProcessor(PythonModel(Negative)),
-                                                workers=3, ordered=True)],
-                                  sinks=[sink])
+        pipeline = StreamPipeline(
+            "negate",
+            source,
+            stages=[
+                Stage(keep_original),
+                Stage(ModelProcessor(PythonModel(Negative)), workers=3, ordered=True),
+            ],
+            sinks=[sink],
+        )
         await pipeline.run()
 
     run(main())
@@ -465,8 +513,12 @@ def test_python_model_function_results_and_drops() -> None:
         return None if mean < 0 else mean
 
     model = PythonModel(brightness, name="brightness")
-    pipeline = StreamPipeline("measure", PatternSource("cam", count=5, realtime=False),
-                              stages=[Stage(ModelProcessor(model))], sinks=[sink])
+    pipeline = StreamPipeline(
+        "measure",
+        PatternSource("cam", count=5, realtime=False),
+        stages=[Stage(ModelProcessor(model))],
+        sinks=[sink],
+    )
     run(pipeline.run())
     assert len(sink.frames) == 5
     assert all(f.meta["brightness"] > 0 for f in sink.frames)
@@ -481,8 +533,16 @@ def test_python_model_infer_in_a_thread(tmp_path: Path, clip: Path) -> None:
         def __init__(self) -> None:
             type(self).instances += 1
 
-        def infer(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                  output_dir: Path, progress: Callable[[float], None]) -> dict[str, Any]:
+        def infer(
+            self,
+            input_path: Path,
+            *,
+            prompt: str,
+            style: str,
+            seed: int,
+            output_dir: Path,
+            progress: Callable[[float], None],
+        ) -> dict[str, Any]:
             threads.append(threading.get_ident())
             out = output_dir / "frames"
             out.mkdir()
@@ -496,8 +556,12 @@ def test_python_model_infer_in_a_thread(tmp_path: Path, clip: Path) -> None:
 
     async def main() -> list[ModelResult]:
         async with model:
-            return [await model.infer(clip, prompt="p", seed=9, output_dir=tmp_path / str(i),
-                                      progress=seen.append) for i in range(2)]
+            return [
+                await model.infer(
+                    clip, prompt="p", seed=9, output_dir=tmp_path / str(i), progress=seen.append
+                )
+                for i in range(2)
+            ]
 
     results = run(main())
     assert Stylise.instances == 1
@@ -550,9 +614,10 @@ def test_progress_callback_errors_pass_through_unretried(tmp_path: Path, clip: P
     def stop(pct: float) -> None:
         raise Stop("the step is cancelled")
 
-    for adapter in (PythonModel(model, max_retries=2, retry_initial=0.01),
-                    SubprocessModel(MODELS / "good_model.py", max_retries=2,
-                                    retry_initial=0.01)):
+    for adapter in (
+        PythonModel(model, max_retries=2, retry_initial=0.01),
+        SubprocessModel(MODELS / "good_model.py", max_retries=2, retry_initial=0.01),
+    ):
         with pytest.raises(Stop):
             run(adapter.infer(clip, output_dir=tmp_path / "out", progress=stop))
     assert calls == [1]
@@ -566,40 +631,54 @@ def test_adapter_from_settings_each_type(tmp_path: Path) -> None:
     assert isinstance(adapter_from_settings({"MODEL_ADAPTER_TYPE": "MOCK"}), MockModel)
 
     script = MODELS / "good_model.py"
-    python = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script),
-                                    "PYTHON_PATH": "python3"})
+    python = adapter_from_settings(
+        {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script), "PYTHON_PATH": "python3"}
+    )
     assert isinstance(python, SubprocessModel)
     assert python.command("i", output_dir="o")[:2] == ["python3", str(script)]
-    default_python = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python",
-                                            "PYTHON_SCRIPT": str(script)})
+    default_python = adapter_from_settings(
+        {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script)}
+    )
     assert isinstance(default_python, SubprocessModel) and default_python.python == sys.executable
 
-    http = adapter_from_settings({"MODEL_ADAPTER_TYPE": "http",
-                                  "MODEL_API_URL": "http://127.0.0.1:5000",
-                                  "MODEL_API_TIMEOUT": "2500"})
+    http = adapter_from_settings(
+        {
+            "MODEL_ADAPTER_TYPE": "http",
+            "MODEL_API_URL": "http://127.0.0.1:5000",
+            "MODEL_API_TIMEOUT": "2500",
+        }
+    )
     assert isinstance(http, HttpModel)
     assert http.endpoint == "http://127.0.0.1:5000/infer" and http.timeout == 2.5
     seed_default = adapter_from_settings({"MODEL_ADAPTER_TYPE": "http"})
     assert isinstance(seed_default, HttpModel) and seed_default.timeout == 300.0
 
 
-@pytest.mark.parametrize(("env", "match"), [
-    ({"MODEL_ADAPTER_TYPE": "onnx"}, "MODEL_ADAPTER_TYPE='onnx' is not one of: mock, python, "
-                                     "http"),
-    ({"MODEL_ADAPTER_TYPE": "python"}, "needs PYTHON_SCRIPT"),
-    ({"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": "/nope/model.py"},
-     "PYTHON_SCRIPT=/nope/model.py: no such file"),
-    ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_TIMEOUT": "soon"}, "MODEL_API_TIMEOUT='soon'"),
-    ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": "localhost:5000"}, "MODEL_API_URL"),
-])
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        (
+            {"MODEL_ADAPTER_TYPE": "onnx"},
+            "MODEL_ADAPTER_TYPE='onnx' is not one of: mock, python, http",
+        ),
+        ({"MODEL_ADAPTER_TYPE": "python"}, "needs PYTHON_SCRIPT"),
+        (
+            {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": "/nope/model.py"},
+            "PYTHON_SCRIPT=/nope/model.py: no such file",
+        ),
+        ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_TIMEOUT": "soon"}, "MODEL_API_TIMEOUT='soon'"),
+        ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": "localhost:5000"}, "MODEL_API_URL"),
+    ],
+)
 def test_adapter_from_settings_bad_values(env: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         adapter_from_settings(env)
 
 
 def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) -> None:
-    model = adapter_from_settings({"MODEL_ADAPTER_TYPE": "python",
-                                   "PYTHON_SCRIPT": str(MODELS / "good_model.py")})
+    model = adapter_from_settings(
+        {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(MODELS / "good_model.py")}
+    )
     result = run(model.infer(clip, prompt="x", output_dir=tmp_path))
     assert len(result.frame_files()) == 4
 
@@ -607,13 +686,19 @@ def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) 
 @pytest.mark.slow
 @pytest.mark.parametrize("names", ["framepipe", "seed"])
 def test_http_retries_from_settings_against_a_server_that_fails_then_succeeds(
-        tmp_path: Path, clip: Path, frames_dir: Path, names: str) -> None:
+    tmp_path: Path, clip: Path, frames_dir: Path, names: str
+) -> None:
     prefix = "FRAMEPIPE_" if names == "framepipe" else ""
     failures = [fixed(500, b"warming up")] * 3
     with ModelServer([*failures, ok(frames_dir)]) as server:
-        env = {"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": server.url,
-               "MODEL_API_TIMEOUT": "5000", f"{prefix}MODEL_API_RETRIES": "3",
-               f"{prefix}MODEL_API_RETRY_INITIAL": "0.01", f"{prefix}MODEL_API_RETRY_MAX": "0.02"}
+        env = {
+            "MODEL_ADAPTER_TYPE": "http",
+            "MODEL_API_URL": server.url,
+            "MODEL_API_TIMEOUT": "5000",
+            f"{prefix}MODEL_API_RETRIES": "3",
+            f"{prefix}MODEL_API_RETRY_INITIAL": "0.01",
+            f"{prefix}MODEL_API_RETRY_MAX": "0.02",
+        }
         model = adapter_from_settings(env)
         assert isinstance(model, HttpModel)
         assert model.max_retries == 3
@@ -634,12 +719,16 @@ def test_retry_settings_precedence_and_defaults(tmp_path: Path) -> None:
     default = adapter_from_settings(http)
     assert default.max_retries == 3
     assert (default.backoff.initial, default.backoff.maximum) == (1.0, 30.0)
-    both = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5",
-                                  "MODEL_API_RETRIES": "1"})
+    both = adapter_from_settings(
+        {**http, "FRAMEPIPE_MODEL_API_RETRIES": "5", "MODEL_API_RETRIES": "1"}
+    )
     assert both.max_retries == 5  # framepipe's own name wins over the short one
-    model = adapter_from_settings({**http, "FRAMEPIPE_MODEL_API_RETRIES": "5"},
-                                  model_api_retries=0, model_api_retry_initial=0.5,
-                                  model_api_retry_max=4)
+    model = adapter_from_settings(
+        {**http, "FRAMEPIPE_MODEL_API_RETRIES": "5"},
+        model_api_retries=0,
+        model_api_retry_initial=0.5,
+        model_api_retry_max=4,
+    )
     assert model.max_retries == 0  # keyword arguments first
     assert (model.backoff.initial, model.backoff.maximum) == (0.5, 4.0)
 
@@ -648,28 +737,42 @@ def test_retry_settings_precedence_and_defaults(tmp_path: Path) -> None:
     assert adapter_from_settings({**script, "MODEL_API_RETRIES": "2"}).max_retries == 2
 
 
-@pytest.mark.parametrize(("var", "value", "match"), [
-    ("FRAMEPIPE_MODEL_API_RETRIES", "-1", "FRAMEPIPE_MODEL_API_RETRIES='-1': expected a whole"),
-    ("MODEL_API_RETRIES", "two", "MODEL_API_RETRIES='two': expected a whole number"),
-    ("MODEL_API_RETRIES", "2.5", "MODEL_API_RETRIES='2.5'"),
-    ("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "soon", "FRAMEPIPE_MODEL_API_RETRY_INITIAL='soon': "
-                                                  "expected a number of seconds"),
-    ("MODEL_API_RETRY_MAX", "-3", "MODEL_API_RETRY_MAX='-3'"),
-])
+@pytest.mark.parametrize(
+    ("var", "value", "match"),
+    [
+        ("FRAMEPIPE_MODEL_API_RETRIES", "-1", "FRAMEPIPE_MODEL_API_RETRIES='-1': expected a whole"),
+        ("MODEL_API_RETRIES", "two", "MODEL_API_RETRIES='two': expected a whole number"),
+        ("MODEL_API_RETRIES", "2.5", "MODEL_API_RETRIES='2.5'"),
+        (
+            "FRAMEPIPE_MODEL_API_RETRY_INITIAL",
+            "soon",
+            "FRAMEPIPE_MODEL_API_RETRY_INITIAL='soon': expected a number of seconds",
+        ),
+        ("MODEL_API_RETRY_MAX", "-3", "MODEL_API_RETRY_MAX='-3'"),
+    ],
+)
 def test_bad_retry_settings_name_the_variable(var: str, value: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         adapter_from_settings({"MODEL_ADAPTER_TYPE": "http", var: value})
 
 
 def test_model_settings_read_the_config_file_below_the_environment(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    for variable in ("MODEL_ADAPTER_TYPE", "MODEL_API_URL", "FRAMEPIPE_CONFIG",
-                     "MODEL_API_RETRIES", "FRAMEPIPE_MODEL_API_RETRIES",
-                     "MODEL_API_RETRY_MAX", "FRAMEPIPE_MODEL_API_RETRY_MAX"):
+    for variable in (
+        "MODEL_ADAPTER_TYPE",
+        "MODEL_API_URL",
+        "FRAMEPIPE_CONFIG",
+        "MODEL_API_RETRIES",
+        "FRAMEPIPE_MODEL_API_RETRIES",
+        "MODEL_API_RETRY_MAX",
+        "FRAMEPIPE_MODEL_API_RETRY_MAX",
+    ):
         monkeypatch.delenv(variable, raising=False)
-    (tmp_path / "framepipe.toml").write_text("model_api_retries = 1\nmodel_api_retry_max = 2.5\n"
-                                             "concurrency = 3\n")
+    (tmp_path / "framepipe.toml").write_text(
+        "model_api_retries = 1\nmodel_api_retry_max = 2.5\nconcurrency = 3\n"
+    )
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
     model = adapter_from_settings()  # this process's environment and ./framepipe.toml
     assert isinstance(model, HttpModel)
@@ -681,21 +784,28 @@ def test_model_settings_read_the_config_file_below_the_environment(
 
     (tmp_path / "framepipe.toml").write_text("model_api_retries = -2\n")
     monkeypatch.delenv("MODEL_API_RETRIES")
-    with pytest.raises(ConfigError, match=r"model_api_retries in \S*framepipe\.toml=-2: "
-                                          "expected a whole number"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model_api_retries in \S*framepipe\.toml=-2: "
+        "expected a whole number",
+    ):
         adapter_from_settings()
     # a mapping given is the whole environment; its FRAMEPIPE_CONFIG names the file
     other = tmp_path / "ml.toml"
     other.write_text("model_api_retries = 7\n")
-    assert adapter_from_settings({"MODEL_ADAPTER_TYPE": "http",
-                                  "FRAMEPIPE_CONFIG": str(other)}).max_retries == 7
+    assert (
+        adapter_from_settings(
+            {"MODEL_ADAPTER_TYPE": "http", "FRAMEPIPE_CONFIG": str(other)}
+        ).max_retries
+        == 7
+    )
     with pytest.raises(ConfigError, match="no_such: Extra inputs are not permitted"):
         MlVideoSettings.load({}, no_such=1)
 
 
 def test_subprocess_retries_from_the_environment_in_a_job_step(
-        settings: Settings, clip: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The process environment sets the retries of the model a step builds from the ML video
     pipeline's settings: a script failing twice then succeeds on attempt 3."""
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
@@ -728,18 +838,23 @@ def test_subprocess_retries_from_the_environment_in_a_job_step(
 
 
 @pytest.mark.parametrize("kind", ["mock", "subprocess"])
-def test_progress_is_mapped_into_the_step_range(settings: Settings, clip: Path,
-                                                kind: str) -> None:
+def test_progress_is_mapped_into_the_step_range(settings: Settings, clip: Path, kind: str) -> None:
     # the engine keeps the latest progress of a round, so the mock takes a little time per frame
-    model: ModelAdapter = (MockModel(frames=8, size=(32, 24), delay=0.05) if kind == "mock"
-                           else SubprocessModel(MODELS / "good_model.py"))
+    model: ModelAdapter = (
+        MockModel(frames=8, size=(32, 24), delay=0.05)
+        if kind == "mock"
+        else SubprocessModel(MODELS / "good_model.py")
+    )
     pipeline = Pipeline("ml_video")
 
     @pipeline.step()
     async def inference(ctx: StepContext) -> dict[str, Any]:
-        result = await model.infer(ctx.inputs["video"], prompt="anime",
-                                   output_dir=ctx.tempdir(),
-                                   progress=as_step_progress(ctx, 15, 65, "inference"))
+        result = await model.infer(
+            ctx.inputs["video"],
+            prompt="anime",
+            output_dir=ctx.tempdir(),
+            progress=as_step_progress(ctx, 15, 65, "inference"),
+        )
         return {"frames": len(result.frame_files())}
 
     async def main() -> tuple[Any, list[Any]]:
@@ -759,8 +874,9 @@ def test_progress_is_mapped_into_the_step_range(settings: Settings, clip: Path,
     assert {e.data["message"] for e in stored if e.type == "step.progress"} == {"inference"}
 
 
-def test_cancelling_the_execution_kills_the_model_processes(settings: Settings, clip: Path,
-                                                            tmp_path: Path) -> None:
+def test_cancelling_the_execution_kills_the_model_processes(
+    settings: Settings, clip: Path, tmp_path: Path
+) -> None:
     model = SubprocessModel(MODELS / "hang_model.py")
     pipeline = Pipeline("hanging")
     pid_file = tmp_path / "work" / "pids.txt"
@@ -792,8 +908,7 @@ def test_cancelling_the_execution_kills_the_model_processes(settings: Settings, 
     assert wait_gone(pids) == []
 
 
-def test_a_failing_model_fails_the_step_with_its_message(settings: Settings,
-                                                         clip: Path) -> None:
+def test_a_failing_model_fails_the_step_with_its_message(settings: Settings, clip: Path) -> None:
     model = SubprocessModel(MODELS / "crash_model.py")
     pipeline = Pipeline("crashing")
 

@@ -32,8 +32,11 @@ from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreEr
 from s3server import REGION, S3Server
 
 # The S3 cases share one server process, but each opens a bucket and a client: seconds in all.
-BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.slow),
-            pytest.param("s3-prefixed", marks=pytest.mark.slow)]
+BACKENDS = [
+    "local",
+    pytest.param("s3", marks=pytest.mark.slow),
+    pytest.param("s3-prefixed", marks=pytest.mark.slow),
+]
 S3_PREFIX = "tenant/one"
 
 
@@ -83,8 +86,12 @@ def _s3(request: pytest.FixtureRequest, name: str, prefix: str) -> Iterator[Back
 
     def stored() -> list[str]:
         listed = server.client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        return sorted(item["Key"].removeprefix(under) if item["Key"].startswith(under)
-                      else f"<outside> {item['Key']}" for item in listed)
+        return sorted(
+            item["Key"].removeprefix(under)
+            if item["Key"].startswith(under)
+            else f"<outside> {item['Key']}"
+            for item in listed
+        )
 
     try:
         with open_() as store:
@@ -98,8 +105,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if request.param == "local":
         yield from _local(tmp_path)
     else:
-        yield from _s3(request, request.param,
-                       S3_PREFIX if request.param == "s3-prefixed" else "")
+        yield from _s3(request, request.param, S3_PREFIX if request.param == "s3-prefixed" else "")
 
 
 @pytest.fixture
@@ -122,7 +128,10 @@ def test_put_get_round_trip(backend: Backend) -> None:
     assert store.get("bytearray") == b"ba"
     assert store.get("memoryview") == b"mv"
     assert [name for name in backend.stored() if not name.endswith("/")] == [
-        "bytearray", "frames/cam1/0001.jpg", "memoryview"]
+        "bytearray",
+        "frames/cam1/0001.jpg",
+        "memoryview",
+    ]
 
 
 def test_put_empty_object(store: ObjectStore) -> None:
@@ -216,13 +225,33 @@ def test_key_reused_after_children_deleted(store: ObjectStore) -> None:
 
 
 def test_list_sorted_with_prefixes(store: ObjectStore) -> None:
-    for key in ["b", "a/2", "a/1", "a-c", "a0", "ab/x", "frames/cam1/1", "frames/cam10/1",
-                "ü/1", "z~"]:
+    for key in [
+        "b",
+        "a/2",
+        "a/1",
+        "a-c",
+        "a0",
+        "ab/x",
+        "frames/cam1/1",
+        "frames/cam10/1",
+        "ü/1",
+        "z~",
+    ]:
         store.put(key, key.encode())
     everything = keys(store)
     assert everything == sorted(everything)
-    assert everything == ["a-c", "a/1", "a/2", "a0", "ab/x", "b", "frames/cam1/1",
-                          "frames/cam10/1", "z~", "ü/1"]
+    assert everything == [
+        "a-c",
+        "a/1",
+        "a/2",
+        "a0",
+        "ab/x",
+        "b",
+        "frames/cam1/1",
+        "frames/cam10/1",
+        "z~",
+        "ü/1",
+    ]
     assert keys(store, "a/") == ["a/1", "a/2"]
     assert keys(store, "a") == ["a-c", "a/1", "a/2", "a0", "ab/x"]
     assert keys(store, "frames/cam1") == ["frames/cam1/1", "frames/cam10/1"]
@@ -291,8 +320,9 @@ def test_get_file_missing_key_leaves_dest_untouched(store: ObjectStore, tmp_path
     assert [p.name for p in out.iterdir()] == ["frame.jpg"]
 
 
-def test_get_file_failure_mid_download_leaves_no_partial(store: ObjectStore, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_get_file_failure_mid_download_leaves_no_partial(
+    store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.put("k", b"whole object")
     download = store._get_file
 
@@ -377,8 +407,20 @@ def test_invalid_key_message_says_what_is_wrong() -> None:
         validate_key(b"bytes")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("key", ["a", "a/b.jpg", "..foo", "a/.hidden", "ab:c", "a/C:", "ü/ñ",
-                                 "x" * 1024, "with space/and-dash_under.score"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "a",
+        "a/b.jpg",
+        "..foo",
+        "a/.hidden",
+        "ab:c",
+        "a/C:",
+        "ü/ñ",
+        "x" * 1024,
+        "with space/and-dash_under.score",
+    ],
+)
 def test_valid_keys(key: str) -> None:
     assert validate_key(key) == key
 
@@ -391,10 +433,16 @@ def test_use_after_close(store: ObjectStore, tmp_path: Path) -> None:
     store.close()
     store.close()  # idempotent
     assert store.closed
-    for call in (lambda: store.get("k"), lambda: store.put("k", b"v"),
-                 lambda: store.exists("k"), lambda: store.list(""), lambda: store.delete("k"),
-                 lambda: store.copy("k", "j"), lambda: store.stat("k"),
-                 lambda: store.get_file("k", tmp_path / "d")):
+    for call in (
+        lambda: store.get("k"),
+        lambda: store.put("k", b"v"),
+        lambda: store.exists("k"),
+        lambda: store.list(""),
+        lambda: store.delete("k"),
+        lambda: store.copy("k", "j"),
+        lambda: store.stat("k"),
+        lambda: store.get_file("k", tmp_path / "d"),
+    ):
         with pytest.raises(ObjectStoreError, match="closed"):
             call()
 
@@ -414,13 +462,16 @@ def test_context_manager_closes_and_storage_outlives_the_store(backend: Backend)
 # -- open_object_store ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("memory://", "unsupported.*'memory'.*file:///"),
-    ("https://example.com/x", "unsupported.*'https'"),
-    ("file://otherhost/path", "host 'otherhost'"),
-    ("file:///tmp/x?create=false", "no options"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("memory://", "unsupported.*'memory'.*file:///"),
+        ("https://example.com/x", "unsupported.*'https'"),
+        ("file://otherhost/path", "host 'otherhost'"),
+        ("file:///tmp/x?create=false", "no options"),
+        ("", "empty"),
+    ],
+)
 def test_open_rejects(url: str, message: str) -> None:
     with pytest.raises(ObjectStoreError, match=message):
         open_object_store(url)

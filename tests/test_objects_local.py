@@ -47,8 +47,13 @@ def test_objects_are_files_under_the_root(store: LocalObjectStore, tmp_path: Pat
     source.write_bytes(os.urandom(1000))
     store.put_file("videos/v.mp4", source)
     assert (store.root / "videos" / "v.mp4").read_bytes() == source.read_bytes()
-    assert tree(store.root) == {"frames", "frames/cam1", "frames/cam1/0001.jpg", "videos",
-                                "videos/v.mp4"}  # no temp file left
+    assert tree(store.root) == {
+        "frames",
+        "frames/cam1",
+        "frames/cam1/0001.jpg",
+        "videos",
+        "videos/v.mp4",
+    }  # no temp file left
 
 
 def test_stat_is_the_file_and_delete_prunes_folders(store: LocalObjectStore) -> None:
@@ -150,9 +155,9 @@ def test_open_plain_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 # -- properties -------------------------------------------------------------------------------
 
 segment = st.text(
-    alphabet=st.characters(blacklist_categories=("Cc", "Cs"),
-                           blacklist_characters="/\\:"),
-    min_size=1, max_size=20,
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/\\:"),
+    min_size=1,
+    max_size=20,
 ).filter(lambda s: s not in (".", "..") and not s.startswith(".tmp-"))
 segments = st.lists(segment, min_size=1, max_size=6)
 

@@ -81,7 +81,7 @@ def s3_store(s3_server: S3Server, bucket: str) -> Iterator[S3ObjectStore]:
 S3_ERRORS = {
     "InvalidAccessKeyId": "The AWS Access Key Id you provided does not exist in our records.",
     "SignatureDoesNotMatch": "The request signature we calculated does not match the "
-                             "signature you provided. Check your key and signing method.",
+    "signature you provided. Check your key and signing method.",
     "ExpiredToken": "The provided token has expired.",
 }
 
@@ -172,9 +172,11 @@ def test_objects_live_under_the_prefix(s3_server: S3Server, bucket: str) -> None
 @pytest.mark.slow  # the real S3 server
 def test_prefix_isolation(s3_server: S3Server, bucket: str) -> None:
     ep = s3_server.endpoint
-    with S3ObjectStore(bucket, prefix="tenant-a", endpoint_url=ep) as a, \
-            S3ObjectStore(bucket, prefix="tenant-b/", endpoint_url=ep) as b, \
-            S3ObjectStore(bucket, prefix="tenant", endpoint_url=ep) as parent:
+    with (
+        S3ObjectStore(bucket, prefix="tenant-a", endpoint_url=ep) as a,
+        S3ObjectStore(bucket, prefix="tenant-b/", endpoint_url=ep) as b,
+        S3ObjectStore(bucket, prefix="tenant", endpoint_url=ep) as parent,
+    ):
         a.put("k", b"from a")
         b.put("k", b"from b")
         a.put("only-a", b"1")
@@ -195,12 +197,18 @@ def test_prefix_isolation(s3_server: S3Server, bucket: str) -> None:
         assert a.get("k") == b"from a"
     listed = s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]
     assert [item["Key"] for item in listed] == [
-        "tenant-a/k", "tenant-a/only-a", "tenant-b/copied", "tenant-b/k", "tenant/k"]
+        "tenant-a/k",
+        "tenant-a/only-a",
+        "tenant-b/copied",
+        "tenant-b/k",
+        "tenant/k",
+    ]
 
 
 @pytest.mark.slow  # the real S3 server
-def test_list_skips_foreign_keys_and_pages(s3_server: S3Server, bucket: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_list_skips_foreign_keys_and_pages(
+    s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(s3_module, "_LIST_PAGE_SIZE", 3)  # many pages from a few objects
     client = s3_server.client
     client.put_object(Bucket=bucket, Key="p/folder/", Body=b"")  # a console "folder" marker
@@ -217,8 +225,9 @@ def test_list_skips_foreign_keys_and_pages(s3_server: S3Server, bucket: str,
 
 
 @pytest.mark.slow  # the real S3 server
-def test_url_reopens_the_same_store(s3_store: S3ObjectStore, s3_server: S3Server,
-                                    bucket: str) -> None:
+def test_url_reopens_the_same_store(
+    s3_store: S3ObjectStore, s3_server: S3Server, bucket: str
+) -> None:
     port = s3_server.endpoint.rsplit(":", 1)[1]
     assert s3_store.url == f"s3://{bucket}?endpoint=http://127.0.0.1:{port}&region={REGION}"
     assert repr(s3_store) == f"S3ObjectStore({s3_store.url!r})"
@@ -237,26 +246,32 @@ def test_open_object_store_s3(s3_server: S3Server) -> None:
     with open_object_store(url) as store:
         assert isinstance(store, S3ObjectStore)
         assert store.prefix == "frames/my site/"
-        assert store.url == (f"s3://{name}/frames/my%20site?endpoint={s3_server.endpoint}"
-                             f"&region={REGION}")
+        assert store.url == (
+            f"s3://{name}/frames/my%20site?endpoint={s3_server.endpoint}&region={REGION}"
+        )
         store.put("cam/1.jpg", b"jpeg")
         assert store.get("cam/1.jpg") == b"jpeg"
-    assert s3_server.client.get_object(Bucket=name, Key="frames/my site/cam/1.jpg")[
-        "Body"].read() == b"jpeg"
+    assert (
+        s3_server.client.get_object(Bucket=name, Key="frames/my site/cam/1.jpg")["Body"].read()
+        == b"jpeg"
+    )
     with open_object_store(f"s3://{name}?endpoint={s3_server.endpoint}") as whole:
         assert keys(whole) == ["frames/my site/cam/1.jpg"]
     s3_server.drop_bucket(name)
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("s3://key:hunter2@bucket/prefix", r"'s3://\*\*\*@bucket/prefix' carries credentials"),
-    ("s3://AKIDEXAMPLE@bucket", "carries credentials"),
-    ("s3:///prefix", "names no bucket"),
-    ("s3://bucket?endpoint=http://h:1&endpoint=http://h:2", "'endpoint' given twice"),
-    ("s3://bucket?secret=x", "unknown option 'secret'.*endpoint, region, create"),
-    ("s3://bucket?create=maybe", "create='maybe'"),
-    ("s3://bucket#frag", "fragment"),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://key:hunter2@bucket/prefix", r"'s3://\*\*\*@bucket/prefix' carries credentials"),
+        ("s3://AKIDEXAMPLE@bucket", "carries credentials"),
+        ("s3:///prefix", "names no bucket"),
+        ("s3://bucket?endpoint=http://h:1&endpoint=http://h:2", "'endpoint' given twice"),
+        ("s3://bucket?secret=x", "unknown option 'secret'.*endpoint, region, create"),
+        ("s3://bucket?create=maybe", "create='maybe'"),
+        ("s3://bucket#frag", "fragment"),
+    ],
+)
 def test_open_s3_url_rejects(url: str, message: str) -> None:
     needs_boto3()
     with pytest.raises(ObjectStoreError, match=message) as excinfo:
@@ -271,18 +286,21 @@ def test_open_redacts_credentials() -> None:
     assert "hunter2" not in str(excinfo.value)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"bucket": "has space"}, "invalid S3 bucket name 'has space'"),
-    ({"bucket": ""}, "invalid S3 bucket name"),
-    ({"prefix": "../up"}, r"invalid S3 prefix '\.\./up'"),
-    ({"prefix": "/abs"}, "invalid S3 prefix"),
-    ({"endpoint_url": "127.0.0.1:9000"}, "invalid S3 endpoint"),
-    ({"endpoint_url": "http://key:hunter2@127.0.0.1:9000"}, "carries credentials"),
-    ({"access_key": "only-the-id"}, "both an access key and a secret key"),
-    ({"multipart_threshold": 0}, "multipart_threshold"),
-    ({"max_attempts": 0}, "max_attempts"),
-    ({"read_timeout": 0}, "read_timeout"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bucket": "has space"}, "invalid S3 bucket name 'has space'"),
+        ({"bucket": ""}, "invalid S3 bucket name"),
+        ({"prefix": "../up"}, r"invalid S3 prefix '\.\./up'"),
+        ({"prefix": "/abs"}, "invalid S3 prefix"),
+        ({"endpoint_url": "127.0.0.1:9000"}, "invalid S3 endpoint"),
+        ({"endpoint_url": "http://key:hunter2@127.0.0.1:9000"}, "carries credentials"),
+        ({"access_key": "only-the-id"}, "both an access key and a secret key"),
+        ({"multipart_threshold": 0}, "multipart_threshold"),
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"read_timeout": 0}, "read_timeout"),
+    ],
+)
 def test_bad_configuration_is_a_config_error(kwargs: dict[str, Any], message: str) -> None:
     needs_boto3()
     arguments: dict[str, Any] = {"bucket": "frames", "endpoint_url": "http://127.0.0.1:9"}
@@ -328,8 +346,13 @@ def _peak(call: Callable[[], object]) -> int:
 
 
 @pytest.mark.slow  # the real S3 server
-def test_large_object_streams(s3_store: S3ObjectStore, s3_server: S3Server, bucket: str,
-                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_object_streams(
+    s3_store: S3ObjectStore,
+    s3_server: S3Server,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     size = 20 * MIB
     source = tmp_path / "big.bin"
     checksum = _write_random(source, size)
@@ -370,7 +393,8 @@ def test_missing_bucket(s3_server: S3Server) -> None:
         S3ObjectStore(name, endpoint_url=s3_server.endpoint)
     assert str(excinfo.value) == (
         f"bucket '{name}' does not exist at {s3_server.endpoint} "
-        "(create it or pass create_bucket=True)")
+        "(create it or pass create_bucket=True)"
+    )
     with pytest.raises(ObjectStoreError, match="does not exist"):
         open_object_store(f"s3://{name}?endpoint={s3_server.endpoint}")
 
@@ -380,16 +404,20 @@ def test_missing_bucket(s3_server: S3Server) -> None:
         with S3ObjectStore(name, endpoint_url=s3_server.endpoint, create_bucket=True) as again:
             assert again.get("k") == b"v"
         s3_server.drop_bucket(name)  # the bucket goes away while the store is open
-        for call in (lambda: store.put("k", b"v"), lambda: store.get("k"),
-                     lambda: list(store.list())):
+        for call in (
+            lambda: store.put("k", b"v"),
+            lambda: store.get("k"),
+            lambda: list(store.list()),
+        ):
             with pytest.raises(ObjectStoreError, match=f"bucket '{name}' does not exist at "):
                 call()
 
 
 @pytest.mark.slow  # an S3 stand-in server and boto3 clients
 @pytest.mark.parametrize("allow_head", [False, True], ids=["at-open", "per-request"])
-def test_wrong_credentials(refusing: Callable[..., RefusingServer], allow_head: bool,
-                           tmp_path: Path) -> None:
+def test_wrong_credentials(
+    refusing: Callable[..., RefusingServer], allow_head: bool, tmp_path: Path
+) -> None:
     needs_boto3()
     server = refusing("InvalidAccessKeyId", allow_head=allow_head)
     expected = f"credentials rejected by {server.endpoint} for bucket 'frames'"
@@ -403,9 +431,13 @@ def test_wrong_credentials(refusing: Callable[..., RefusingServer], allow_head: 
     dest = tmp_path / "dest"
     dest.write_bytes(b"previous")
     with S3ObjectStore("frames", endpoint_url=server.endpoint, max_attempts=1) as store:
-        for call in (lambda: store.put("k", b"v"), lambda: store.get("k"),
-                     lambda: store.put_file("k", source), lambda: list(store.list("a/")),
-                     lambda: store.get_file("k", dest)):
+        for call in (
+            lambda: store.put("k", b"v"),
+            lambda: store.get("k"),
+            lambda: store.put_file("k", source),
+            lambda: list(store.list("a/")),
+            lambda: store.get_file("k", dest),
+        ):
             with pytest.raises(ObjectStoreError, match=expected) as excinfo:
                 call()
             assert "InvalidAccessKeyId" in str(excinfo.value)
@@ -419,14 +451,17 @@ def test_wrong_credentials(refusing: Callable[..., RefusingServer], allow_head: 
 def test_other_credential_errors(refusing: Callable[..., RefusingServer], code: str) -> None:
     needs_boto3()
     server = refusing(code, allow_head=True)
-    with S3ObjectStore("frames", endpoint_url=server.endpoint, max_attempts=1) as store, \
-            pytest.raises(ObjectStoreError, match=f"credentials rejected by .*{code}"):
+    with (
+        S3ObjectStore("frames", endpoint_url=server.endpoint, max_attempts=1) as store,
+        pytest.raises(ObjectStoreError, match=f"credentials rejected by .*{code}"),
+    ):
         store.put("k", b"v")
 
 
 @pytest.mark.slow  # an S3 stand-in server and boto3 clients
-def test_invalid_keys_make_no_request(refusing: Callable[..., RefusingServer],
-                                      tmp_path: Path) -> None:
+def test_invalid_keys_make_no_request(
+    refusing: Callable[..., RefusingServer], tmp_path: Path
+) -> None:
     needs_boto3()
     server = refusing(allow_head=True)
     source = tmp_path / "source"
@@ -452,8 +487,9 @@ def test_invalid_keys_make_no_request(refusing: Callable[..., RefusingServer],
 
 
 @pytest.mark.slow  # an S3 stand-in server and boto3 clients
-def test_credentials_precedence(refusing: Callable[..., RefusingServer],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_precedence(
+    refusing: Callable[..., RefusingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     needs_boto3()
     server = refusing(allow_head=True)
 
@@ -467,21 +503,26 @@ def test_credentials_precedence(refusing: Callable[..., RefusingServer],
     monkeypatch.setenv("FRAMEPIPE_S3_SECRET_KEY", "fp-secret")
     S3ObjectStore("frames", endpoint_url=server.endpoint).close()
     assert credential_of_last_request() == "fp-key"
-    S3ObjectStore("frames", endpoint_url=server.endpoint, access_key="arg-key",
-                  secret_key="arg-secret").close()
+    S3ObjectStore(
+        "frames", endpoint_url=server.endpoint, access_key="arg-key", secret_key="arg-secret"
+    ).close()
     assert credential_of_last_request() == "arg-key"
 
 
 @pytest.mark.slow  # an S3 stand-in server and boto3 clients
-def test_no_credentials_is_a_config_error(refusing: Callable[..., RefusingServer],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_credentials_is_a_config_error(
+    refusing: Callable[..., RefusingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     needs_boto3()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.delenv("AWS_DEFAULT_REGION")  # and no region: S3's default applies
     server = refusing(allow_head=True)
-    with pytest.raises(ConfigError, match="no S3 credentials for bucket 'frames' at "
-                                          f"{server.endpoint}.*FRAMEPIPE_S3_ACCESS_KEY"):
+    with pytest.raises(
+        ConfigError,
+        match="no S3 credentials for bucket 'frames' at "
+        f"{server.endpoint}.*FRAMEPIPE_S3_ACCESS_KEY",
+    ):
         S3ObjectStore("frames", endpoint_url=server.endpoint)
     assert server.requests == []  # found missing before sending anything
     monkeypatch.setenv("FRAMEPIPE_S3_ACCESS_KEY", "fp-key")
@@ -511,8 +552,9 @@ def test_endpoint_that_never_answers() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # connections complete in the backlog; nothing ever answers
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        with pytest.raises(ObjectStoreError,
-                           match=f"S3 endpoint {endpoint} did not answer within 0.3 s"):
+        with pytest.raises(
+            ObjectStoreError, match=f"S3 endpoint {endpoint} did not answer within 0.3 s"
+        ):
             S3ObjectStore("frames", endpoint_url=endpoint, read_timeout=0.3, max_attempts=1)
 
 
@@ -523,15 +565,18 @@ def test_missing_boto3_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "boto3", None)  # as if it were not installed
     with pytest.raises(MissingDependencyError, match=r"pip install 'framepipe\[s3\]'"):
         S3ObjectStore("frames", endpoint_url="http://127.0.0.1:9")
-    with pytest.raises(MissingDependencyError,
-                       match="the S3 object store needs the 'boto3' package"):
+    with pytest.raises(
+        MissingDependencyError, match="the S3 object store needs the 'boto3' package"
+    ):
         open_object_store("s3://frames")
 
 
 @pytest.mark.slow  # a fresh interpreter
 def test_package_import_does_not_import_boto3() -> None:
-    code = ("import sys, framepipe, framepipe.backends.objects as objects\n"
-            "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"
-            "assert objects.S3ObjectStore.__name__ == 'S3ObjectStore'\n"
-            "assert 'boto3' not in sys.modules\n")
+    code = (
+        "import sys, framepipe, framepipe.backends.objects as objects\n"
+        "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"
+        "assert objects.S3ObjectStore.__name__ == 'S3ObjectStore'\n"
+        "assert 'boto3' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

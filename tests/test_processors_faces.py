@@ -32,8 +32,11 @@ Image = npt.NDArray[np.uint8]
 
 def need_dlib() -> None:
     """Skip (fail under CI) unless dlib and the face_recognition_models files are installed."""
-    need_modules("dlib", "face_recognition_models",
-                 install="pip install 'framepipe[fleet]' (dlib-bin, face_recognition_models)")
+    need_modules(
+        "dlib",
+        "face_recognition_models",
+        install="pip install 'framepipe[fleet]' (dlib-bin, face_recognition_models)",
+    )
     model_path("dlib_face_recognition_resnet_model_v1.dat")
 
 
@@ -117,8 +120,9 @@ def test_known_faces_and_matching(analyzer: FaceAnalyzer, tmp_path: Path) -> Non
     assert FaceMatcher().match(cyclist[0].encoding) == (None, None)
 
 
-def test_bad_known_face_images_are_rejected_with_the_reason(analyzer: FaceAnalyzer,
-                                                           tmp_path: Path) -> None:
+def test_bad_known_face_images_are_rejected_with_the_reason(
+    analyzer: FaceAnalyzer, tmp_path: Path
+) -> None:
     """An unreadable file, an image without a face and one with two faces: rejected (and
     ``encode_known`` raises MediaError naming the file); the good image still loads; with
     ``multiple="largest"`` the two-face image gives its largest face."""
@@ -137,10 +141,11 @@ def test_bad_known_face_images_are_rejected_with_the_reason(analyzer: FaceAnalyz
     known = load_known_faces(folder, analyzer)
     assert known.names == ["alice"]
     reasons = {Path(r.source).name: r.reason for r in known.rejected}
-    assert reasons == {"broken.jpg": "not a readable image",
-                       "wall.jpg": "no face found in the image",
-                       "twins.jpg": "2 faces in the image; a known-face image must show "
-                                    "exactly one person"}
+    assert reasons == {
+        "broken.jpg": "not a readable image",
+        "wall.jpg": "no face found in the image",
+        "twins.jpg": "2 faces in the image; a known-face image must show exactly one person",
+    }
     with pytest.raises(MediaError, match=r"twins\.jpg: 2 faces"):
         analyzer.encode_known(folder / "twins.jpg")
     largest = analyzer.encode_known(folder / "twins.jpg", multiple="largest")

@@ -33,10 +33,14 @@ try:
     import redis as redis_sync
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     if IN_CI:
-        pytest.fail(f"the redis package is missing ({_exc}); CI=true: a missing service fails "
-                    "the run", pytrace=False)
-    pytest.skip(f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
-                allow_module_level=True)
+        pytest.fail(
+            f"the redis package is missing ({_exc}); CI=true: a missing service fails the run",
+            pytrace=False,
+        )
+    pytest.skip(
+        f"the redis package is missing ({_exc}): pip install 'framepipe[redis]'",
+        allow_module_level=True,
+    )
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
@@ -84,13 +88,27 @@ class Detector(ProcessorClient):
     """An in-process processor: records concurrency; ``mode`` in the frame's metadata picks a
     misbehaviour (``raise``, ``object``, ``list``, ``sleep``)."""
 
-    def __init__(self, processor_id: str, capabilities: list[str], ns: str, *,
-                 delay: float = 0.0, url: str = REDIS_URL, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        processor_id: str,
+        capabilities: list[str],
+        ns: str,
+        *,
+        delay: float = 0.0,
+        url: str = REDIS_URL,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("capacity", 2)
         kwargs.setdefault("health_interval", 0.2)
         kwargs.setdefault("backoff", FAST)
-        super().__init__(processor_id, capabilities, result_stream=f"{ns}faces:detected",
-                         redis_url=url, namespace=ns, **kwargs)
+        super().__init__(
+            processor_id,
+            capabilities,
+            result_stream=f"{ns}faces:detected",
+            redis_url=url,
+            namespace=ns,
+            **kwargs,
+        )
         self.delay = delay
         self.fail = False
         self.active = 0
@@ -116,9 +134,13 @@ class Detector(ProcessorClient):
             return [1, 2]  # type: ignore[return-value]
         if mode == "none":
             return None
-        return {"faces": 1, "processor": self.processor_id,
-                "camera": frame_data[b"camera_id"].decode(),
-                "seq": meta.get("seq"), "jpeg": frame_data[b"image_data"][:2].hex()}
+        return {
+            "faces": 1,
+            "processor": self.processor_id,
+            "camera": frame_data[b"camera_id"].decode(),
+            "seq": meta.get("seq"),
+            "jpeg": frame_data[b"image_data"][:2].hex(),
+        }
 
 
 @contextlib.asynccontextmanager
@@ -181,14 +203,29 @@ asyncio.run(main())
 class ProcessorProcess:
     """A processor running as its own Python process (the script above)."""
 
-    def __init__(self, tmp_path: Path, ns: str, processor_id: str, *, capacity: int,
-                 delay: float, capabilities: tuple[str, ...] = ("face_detection",)) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        ns: str,
+        processor_id: str,
+        *,
+        capacity: int,
+        delay: float,
+        capabilities: tuple[str, ...] = ("face_detection",),
+    ) -> None:
         script = tmp_path / "processor_main.py"
         script.write_text(PROCESSOR_SCRIPT)
         self.script = script
-        self.cfg = {"id": processor_id, "capabilities": list(capabilities),
-                    "capacity": capacity, "results": f"{ns}faces:detected", "url": REDIS_URL,
-                    "health": 0.2, "ns": ns, "delay": delay}
+        self.cfg = {
+            "id": processor_id,
+            "capabilities": list(capabilities),
+            "capacity": capacity,
+            "results": f"{ns}faces:detected",
+            "url": REDIS_URL,
+            "health": 0.2,
+            "ns": ns,
+            "delay": delay,
+        }
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -196,8 +233,12 @@ class ProcessorProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(self.script), json.dumps(self.cfg),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            str(self.script),
+            json.dumps(self.cfg),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -261,9 +302,17 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
             # an entry dict with its own ids (and base64 image data, as older services send)
             trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-            entry = {"frame_id": "door-42", "camera_id": "door", "timestamp": "2026-11-02T10:00Z",
-                     "image_data": base64.b64encode(jpeg), "width": 8, "height": 8,
-                     "format": "jpeg", "metadata": {"seq": 42}, "trace_context": trace}
+            entry = {
+                "frame_id": "door-42",
+                "camera_id": "door",
+                "timestamp": "2026-11-02T10:00Z",
+                "image_data": base64.b64encode(jpeg),
+                "width": 8,
+                "height": 8,
+                "format": "jpeg",
+                "metadata": {"seq": 42},
+                "trace_context": trace,
+            }
             result = await registry.call(entry, "face_recognition")
             assert (result.frame_id, result.trace_context) == ("door-42", trace)
             assert detector.seen[-1][b"image_data"] == jpeg  # raw bytes for process_frame
@@ -275,7 +324,8 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
             await wait_until_async(
                 "the routed frame's result never reached faces:detected",
                 lambda: len(results_on(REDIS_URL, stream)) == 3,
-                5)
+                5,
+            )
             published = {f[b"frame_id"]: f for f in results_on(REDIS_URL, stream)}
             assert published[b"door-42"][b"trace_context"] == trace.encode()
             assert published[b"door-43"][b"trace_context"] == trace.encode()
@@ -284,7 +334,8 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
             await wait_until_async(
                 "the routed frame's capacity was never released",
                 lambda: registry.processors()[0].outstanding == 0,
-                5)
+                5,
+            )
             # everything handled was acknowledged and removed from the processor's stream
             client = sync_redis()
             assert client.xlen(f"{ns}proc:face-1:frames") == 0
@@ -300,10 +351,13 @@ def test_route_and_call_carry_frame_id_and_trace_context(ns: str) -> None:
 def test_reply_stream_is_trimmed_once_read(ns: str) -> None:
     async def main() -> None:
         detector = Detector("face-1", ["face_detection"], ns, capacity=4)
-        async with serving(detector), ProcessorRegistry(REDIS_URL, ns,
-                                                        poll_interval=0.05) as registry:
-            results = await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
-                                             for i in range(40)))
+        async with (
+            serving(detector),
+            ProcessorRegistry(REDIS_URL, ns, poll_interval=0.05) as registry,
+        ):
+            results = await asyncio.gather(
+                *(registry.call(make_frame(i), "face_detection") for i in range(40))
+            )
             assert all(r.ok for r in results)
             client = sync_redis()
             try:
@@ -312,12 +366,14 @@ def test_reply_stream_is_trimmed_once_read(ns: str) -> None:
                 await wait_until_async(
                     "the reply stream was never trimmed",
                     lambda: client.xlen(registry.reply_stream) == 0,
-                    10)
+                    10,
+                )
                 assert (await registry.call(make_frame(99), "face_detection")).ok
                 await wait_until_async(
                     "the reply stream was not trimmed again",
                     lambda: client.xlen(registry.reply_stream) == 0,
-                    10)
+                    10,
+                )
                 # the result stream keeps every result
                 assert len(results_on(REDIS_URL, f"{ns}faces:detected")) == 41
             finally:
@@ -335,27 +391,43 @@ def test_process_frame_runs_in_the_frames_trace_context(ns: str) -> None:
             context = otel_trace.get_current_span().get_span_context()
             carrier: dict[str, str] = {}
             propagate.inject(carrier)  # what the service would pass on to the next hop
-            return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}",
-                    "remote": context.is_remote, "sampled": context.trace_flags.sampled,
-                    "injected": carrier.get("traceparent", "")}
+            return {
+                "trace_id": f"{context.trace_id:032x}",
+                "span_id": f"{context.span_id:016x}",
+                "remote": context.is_remote,
+                "sampled": context.trace_flags.sampled,
+                "injected": carrier.get("traceparent", ""),
+            }
 
     async def main() -> None:
-        traced = Traced("traced", ["face_detection"], result_stream=f"{ns}faces:detected",
-                        redis_url=REDIS_URL, namespace=ns)
+        traced = Traced(
+            "traced",
+            ["face_detection"],
+            result_stream=f"{ns}faces:detected",
+            redis_url=REDIS_URL,
+            namespace=ns,
+        )
         async with serving(traced), ProcessorRegistry(REDIS_URL, ns) as registry:
             jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
             for flags in ("01", "00"):
                 trace = f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{flags}"
-                result = (await registry.call({"image_data": jpeg, "trace_context": trace},
-                                              "face_detection")).check()
+                result = (
+                    await registry.call(
+                        {"image_data": jpeg, "trace_context": trace}, "face_detection"
+                    )
+                ).check()
                 assert result.data == {
                     "trace_id": "0af7651916cd43dd8448eb211c80319c",
-                    "span_id": "b7ad6b7169203331", "remote": True, "sampled": flags == "01",
-                    "injected": trace}
+                    "span_id": "b7ad6b7169203331",
+                    "remote": True,
+                    "sampled": flags == "01",
+                    "injected": trace,
+                }
             # an all-zero trace id is not a trace: process_frame runs without one
             bad = "00-00000000000000000000000000000000-b7ad6b7169203331-01"
-            result = (await registry.call({"image_data": jpeg, "trace_context": bad},
-                                          "face_detection")).check()
+            result = (
+                await registry.call({"image_data": jpeg, "trace_context": bad}, "face_detection")
+            ).check()
             assert result.data is not None and result.data["trace_id"] == "0" * 32
             # and the context does not leak into the next frame
             assert otel_trace.get_current_span().get_span_context().trace_id == 0
@@ -372,8 +444,10 @@ def test_capacity_is_never_exceeded(ns: str) -> None:
             client = sync_redis()
             jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
             for i in range(12):
-                client.xadd(f"{ns}proc:cap-2:frames",
-                            {"frame_id": f"f{i}", "camera_id": "c", "image_data": jpeg})
+                client.xadd(
+                    f"{ns}proc:cap-2:frames",
+                    {"frame_id": f"f{i}", "camera_id": "c", "image_data": jpeg},
+                )
             client.close()
             await wait_until_async("12 frames not processed", lambda: detector.processed == 12, 10)
             assert detector.peak == 2 and detector.max_in_flight == 2
@@ -386,8 +460,9 @@ def test_capacity_is_never_exceeded(ns: str) -> None:
                     await asyncio.sleep(0.005)
 
             sampler = asyncio.create_task(sample())
-            results = await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
-                                             for i in range(10)))
+            results = await asyncio.gather(
+                *(registry.call(make_frame(i), "face_detection") for i in range(10))
+            )
             sampler.cancel()
             assert all(r.ok for r in results)
             assert detector.peak == 2 and max(outstanding) == 2
@@ -400,6 +475,7 @@ def test_frames_reach_the_processor_in_routing_order(ns: str) -> None:
     """Routes made one after the other arrive in that order: those waiting for capacity go
     first (a new route does not take the slot a waiting one was woken for), and so do those
     made while the registry's connection is still being made."""
+
     async def main() -> None:
         detector = Detector("ordered", ["face_detection"], ns, capacity=4)
         async with serving(detector), ProcessorRegistry(REDIS_URL, ns) as registry:
@@ -426,18 +502,21 @@ def test_frames_reach_the_processor_in_routing_order(ns: str) -> None:
 def test_routing_by_capability_and_least_load(ns: str) -> None:
     async def main() -> None:
         faces = Detector("faces", ["face_detection"], ns, capacity=4, delay=0.2)
-        both = Detector("both", ["face_detection", "object_detection"], ns, capacity=4,
-                        delay=0.2)
+        both = Detector("both", ["face_detection", "object_detection"], ns, capacity=4, delay=0.2)
         async with serving(faces, both), ProcessorRegistry(REDIS_URL, ns) as registry:
-            objects = await asyncio.gather(*(registry.call(make_frame(i), "object_detection")
-                                             for i in range(3)))
+            objects = await asyncio.gather(
+                *(registry.call(make_frame(i), "object_detection") for i in range(3))
+            )
             assert [r.processor_id for r in objects] == ["both"] * 3
-            face_results = await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
-                                                  for i in range(4)))
+            face_results = await asyncio.gather(
+                *(registry.call(make_frame(i), "face_detection") for i in range(4))
+            )
             by = sorted(r.processor_id for r in face_results)
             assert by == ["both", "both", "faces", "faces"]  # spread by load, not capacity
-            assert registry.capabilities() == {"face_detection": ["both", "faces"],
-                                               "object_detection": ["both"]}
+            assert registry.capabilities() == {
+                "face_detection": ["both", "faces"],
+                "object_detection": ["both"],
+            }
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -464,8 +543,10 @@ def test_unknown_capability_names_what_is_on_offer(ns: str) -> None:
 def test_bad_results_and_malformed_entries_are_reported_and_acked(ns: str) -> None:
     async def main() -> None:
         detector = Detector("face-1", ["face_detection"], ns, frame_timeout=0.3)
-        async with serving(detector), ProcessorRegistry(REDIS_URL, ns,
-                                                        circuit_failures=100) as registry:
+        async with (
+            serving(detector),
+            ProcessorRegistry(REDIS_URL, ns, circuit_failures=100) as registry,
+        ):
             call = registry.call
             bad = await call(make_frame(1, mode="object"), "face_detection")
             assert not bad.ok and bad.error_kind == "output"
@@ -512,8 +593,10 @@ def test_circuit_breaker_opens_then_half_opens_then_closes(ns: str) -> None:
     async def main() -> None:
         detector = Detector("flaky", ["face_detection"], ns)
         detector.fail = True
-        async with serving(detector), ProcessorRegistry(
-                REDIS_URL, ns, circuit_failures=3, circuit_reset=0.5) as registry:
+        async with (
+            serving(detector),
+            ProcessorRegistry(REDIS_URL, ns, circuit_failures=3, circuit_reset=0.5) as registry,
+        ):
             for i in range(3):
                 assert not (await registry.call(make_frame(i), "face_detection")).ok
             assert registry.processors()[0].circuit == "open"
@@ -533,8 +616,12 @@ def test_circuit_breaker_opens_then_half_opens_then_closes(ns: str) -> None:
             assert (await registry.call(make_frame(12), "face_detection")).ok
             info = registry.processors()[0]
             assert info.circuit == "closed" and info.consecutive_failures == 0
-            assert all(r.ok for r in await asyncio.gather(
-                *(registry.call(make_frame(20 + i), "face_detection") for i in range(4))))
+            assert all(
+                r.ok
+                for r in await asyncio.gather(
+                    *(registry.call(make_frame(20 + i), "face_detection") for i in range(4))
+                )
+            )
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -546,19 +633,30 @@ def test_base64_style_processor_gets_base64_images(ns: str) -> None:
         async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any]:
             raw = base64.b64decode(frame_data[b"image_data"], validate=True)
             image = self.decode_image(frame_data)
-            return {"frame_id": frame_data[b"frame_id"].decode(), "jpeg": raw[:2].hex(),
-                    "shape": list(image.shape)}
+            return {
+                "frame_id": frame_data[b"frame_id"].decode(),
+                "jpeg": raw[:2].hex(),
+                "shape": list(image.shape),
+            }
 
     async def main() -> None:
-        service = Base64Style(processor_id="face-recognition-1",
-                              capabilities=["face_detection", "face_recognition"],
-                              orchestrator_url="http://frame-buffer-v2:8002", capacity=10,
-                              result_stream=f"{ns}faces:detected", redis_url=REDIS_URL,
-                              namespace=ns, image_encoding="base64")
+        service = Base64Style(
+            processor_id="face-recognition-1",
+            capabilities=["face_detection", "face_recognition"],
+            orchestrator_url="http://frame-buffer-v2:8002",
+            capacity=10,
+            result_stream=f"{ns}faces:detected",
+            redis_url=REDIS_URL,
+            namespace=ns,
+            image_encoding="base64",
+        )
         async with serving(service), ProcessorRegistry(REDIS_URL, ns) as registry:
             result = (await registry.call(make_frame(3), "face_recognition")).check()
-            assert result.data == {"frame_id": result.frame_id, "jpeg": "ffd8",
-                                   "shape": [48, 64, 3]}
+            assert result.data == {
+                "frame_id": result.frame_id,
+                "jpeg": "ffd8",
+                "shape": [48, 64, 3],
+            }
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -567,18 +665,20 @@ def test_base64_style_processor_gets_base64_images(ns: str) -> None:
 
 
 @pytest.mark.slow
-def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
-                                                                  tmp_path: Path) -> None:
+def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str, tmp_path: Path) -> None:
     async def main() -> None:
         doomed = ProcessorProcess(tmp_path, ns, "doomed", capacity=3, delay=60.0)
         await doomed.start()
         rescuer = Detector("rescuer", ["face_detection"], ns, capacity=3)
         try:
-            async with ProcessorRegistry(REDIS_URL, ns, heartbeat_timeout=1.5,
-                                         result_timeout=30) as registry:
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=1.5, result_timeout=30
+            ) as registry:
                 await registry.wait_for_processor("face_detection", timeout=15)
-                calls = [asyncio.create_task(registry.call(make_frame(i), "face_detection"))
-                         for i in range(3)]
+                calls = [
+                    asyncio.create_task(registry.call(make_frame(i), "face_detection"))
+                    for i in range(3)
+                ]
                 await doomed.wait_lines("start", 3)  # it holds all three
                 async with serving(rescuer):
                     assert doomed.proc is not None
@@ -600,7 +700,8 @@ def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
                     await wait_until_async(
                         "the dead processor was never removed",
                         lambda: client.smembers(f"{ns}processors") == {b"rescuer"},
-                        5)
+                        5,
+                    )
                     assert not client.exists(f"{ns}proc:doomed", f"{ns}proc:doomed:frames")
                     client.close()
                     # re-routed entries carry the attempt number and where they came from
@@ -613,8 +714,7 @@ def test_silent_processor_is_deregistered_and_its_frames_rerouted(ns: str,
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
-                                                                   tmp_path: Path) -> None:
+def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str, tmp_path: Path) -> None:
     async def main() -> None:
         worker = ProcessorProcess(tmp_path, ns, "worker", capacity=2, delay=1.0)
         await worker.start()
@@ -622,23 +722,32 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
         try:
             async with ProcessorRegistry(REDIS_URL, ns, heartbeat_timeout=1.5) as registry:
                 await registry.wait_for_processor("face_detection", timeout=15)
-                calls = [asyncio.create_task(registry.call(make_frame(i), "face_detection"))
-                         for i in range(2)]
+                calls = [
+                    asyncio.create_task(registry.call(make_frame(i), "face_detection"))
+                    for i in range(2)
+                ]
                 await worker.wait_lines("start", 2)
                 # two more entries queued behind them by another producer (not yet taken)
                 client = sync_redis()
                 jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
                 for name in ("queued-1", "queued-2"):
-                    client.xadd(f"{ns}proc:worker:frames",
-                                {"frame_id": name, "camera_id": "c", "image_data": jpeg,
-                                 "capability": "face_detection"})
+                    client.xadd(
+                        f"{ns}proc:worker:frames",
+                        {
+                            "frame_id": name,
+                            "camera_id": "c",
+                            "image_data": jpeg,
+                            "capability": "face_detection",
+                        },
+                    )
                 assert worker.proc is not None
                 worker.proc.send_signal(signal.SIGTERM)
                 # it stops taking work at once
                 await wait_until_async(
                     "never draining",
-                    lambda: client.hget(f"{ns}proc:worker", "state")
-                                 in (b"draining", b"stopped"), 1.0)
+                    lambda: client.hget(f"{ns}proc:worker", "state") in (b"draining", b"stopped"),
+                    1.0,
+                )
                 results = await asyncio.gather(*calls)
                 assert [(r.ok, r.processor_id) for r in results] == [(True, "worker")] * 2
                 assert await asyncio.wait_for(worker.exited(), 10) == 0
@@ -649,9 +758,11 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
                     await wait_until_async(
                         "the handed-back frames were not processed",
                         lambda: len(results_on(REDIS_URL, stream)) == 4,
-                        10)
-                by_frame = {f[b"frame_id"]: f[b"processor_id"]
-                            for f in results_on(REDIS_URL, stream)}
+                        10,
+                    )
+                by_frame = {
+                    f[b"frame_id"]: f[b"processor_id"] for f in results_on(REDIS_URL, stream)
+                }
                 assert by_frame[b"queued-1"] == by_frame[b"queued-2"] == b"helper"
                 assert not client.exists(f"{ns}proc:worker", f"{ns}proc:worker:frames")
                 assert b"worker" not in client.smembers(f"{ns}processors")
@@ -668,8 +779,9 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str,
 class PrivateRedis:
     """A redis-server of the test's own on a free port, without persistence."""
 
-    def __init__(self, workdir: Path, *, password: str | None = None,
-                 unixsocket: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, password: str | None = None, unixsocket: Path | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             service_missing("redis-server", FileNotFoundError("redis-server is not on PATH"))
@@ -686,9 +798,23 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -737,12 +863,15 @@ def test_client_and_registry_reconnect_after_a_redis_restart(private_redis: Priv
 
     async def main() -> None:
         detector = Detector("face-1", ["face_detection"], ns, url=url)
-        async with serving(detector), ProcessorRegistry(url, ns, heartbeat_timeout=3,
-                                                        backoff=FAST) as registry:
+        async with (
+            serving(detector),
+            ProcessorRegistry(url, ns, heartbeat_timeout=3, backoff=FAST) as registry,
+        ):
             assert (await registry.call(make_frame(1), "face_detection")).ok
             # a frame in process_frame while Redis restarts (losing all its data)
-            slow = asyncio.create_task(registry.call(make_frame(2, sleep=1.5),
-                                                     "face_detection", timeout=15))
+            slow = asyncio.create_task(
+                registry.call(make_frame(2, sleep=1.5), "face_detection", timeout=15)
+            )
             await wait_until_async("the slow frame never started", lambda: detector.active == 1, 5)
             await asyncio.to_thread(private_redis.restart)
             result = await slow  # its result is published once Redis is back
@@ -764,8 +893,11 @@ async def calls_through(url: str, ns: str, n: int = 6) -> list[ProcessorResult]:
     more after Redis forgot its scripts (SCRIPT FLUSH: they are sent again)."""
     detector = Detector("face-1", ["face_detection"], ns, url=url)
     async with serving(detector), ProcessorRegistry(url, ns) as registry:
-        results = list(await asyncio.gather(*(registry.call(make_frame(i), "face_detection")
-                                              for i in range(n))))
+        results = list(
+            await asyncio.gather(
+                *(registry.call(make_frame(i), "face_detection") for i in range(n))
+            )
+        )
         client = redis_sync.Redis.from_url(url)
         client.script_flush()
         client.close()
@@ -785,8 +917,10 @@ def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -
     server = PrivateRedis(tmp_path, password="s3cret", unixsocket=sock)
     server.start()
     try:
-        for url, db in ((f"redis://:s3cret@127.0.0.1:{server.port}/3", 3),
-                        (f"unix://:s3cret@{sock}?db=5", 5)):
+        for url, db in (
+            (f"redis://:s3cret@127.0.0.1:{server.port}/3", 3),
+            (f"unix://:s3cret@{sock}?db=5", 5),
+        ):
             ns = f"fptest:{uuid.uuid4().hex[:10]}:"
             results = asyncio.run(asyncio.wait_for(calls_through(url, ns), 60))
             assert [r.ok for r in results] == [True] * 7
@@ -799,8 +933,9 @@ def test_hot_path_connections_with_password_db_and_unix_socket(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_hot_path_runs_on_redis_py_without_hiredis(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hot_path_runs_on_redis_py_without_hiredis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from framepipe.redis import wire as wire_module
 
     monkeypatch.setattr(wire_module, "_hiredis", None)
@@ -856,15 +991,27 @@ def test_one_namespace_rule_names_the_same_keys_with_or_without_the_colon() -> N
     from framepipe.processors.fleet import Keys
     from framepipe.redis import namespaced
 
-    assert (namespaced("framepipe", "jobs", "steps") == namespaced("framepipe:", "jobs", "steps")
-            == "framepipe:jobs:steps")
+    assert (
+        namespaced("framepipe", "jobs", "steps")
+        == namespaced("framepipe:", "jobs", "steps")
+        == "framepipe:jobs:steps"
+    )
     assert namespaced("", "proc", "x") == "proc:x"
     for namespace in ("framepipe", "framepipe:"):
         keys = Keys(namespace)
-        assert (keys.processors, keys.proc("a"), keys.frames("a"), keys.replies("r"),
-                keys.results) == ("framepipe:processors", "framepipe:proc:a",
-                                  "framepipe:proc:a:frames", "framepipe:replies:r",
-                                  "framepipe:results")
+        assert (
+            keys.processors,
+            keys.proc("a"),
+            keys.frames("a"),
+            keys.replies("r"),
+            keys.results,
+        ) == (
+            "framepipe:processors",
+            "framepipe:proc:a",
+            "framepipe:proc:a:frames",
+            "framepipe:replies:r",
+            "framepipe:results",
+        )
     client = Detector("p", ["face_detection"], "fptest:x")
     assert client.stream == "fptest:x:proc:p:frames"
 
@@ -883,8 +1030,9 @@ def test_unreachable_redis_at_start_is_a_clear_error() -> None:
         assert "s3cret" not in message and "***" in message
         assert not registry.started
 
-        detector = Detector("lonely", ["face_detection"], "fptest:unreachable:", url=url,
-                            connect_retries=1)
+        detector = Detector(
+            "lonely", ["face_detection"], "fptest:unreachable:", url=url, connect_retries=1
+        )
         with pytest.raises(RegistryConnectionError, match=f"127.0.0.1:{port}"):
             await detector.start()
         assert not detector.running
@@ -914,11 +1062,13 @@ def test_stream_pipeline_stage_served_by_registered_processor(ns: str) -> None:
         collect = Collect()
         async with serving(detector), ProcessorRegistry(REDIS_URL, ns) as registry:
             pipeline = StreamPipeline(
-                "door", PatternSource("door-cam", width=64, height=48, count=30,
-                                      realtime=False),
-                stages=[Stage(RemoteProcessor(registry, "face_detection"), workers=4,
-                              ordered=True)],
-                sinks=[collect])
+                "door",
+                PatternSource("door-cam", width=64, height=48, count=30, realtime=False),
+                stages=[
+                    Stage(RemoteProcessor(registry, "face_detection"), workers=4, ordered=True)
+                ],
+                sinks=[collect],
+            )
             await pipeline.run()
             assert pipeline.state.value == "stopped", pipeline.last_error
         assert [f.seq for f in collect.frames] == list(range(1, 31))

@@ -57,14 +57,24 @@ import detector as sd_detector  # noqa: E402  (examples/sd_import/detector.py)
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}",
-                    retry_initial_delay=0.2, retry_max_delay=1.0, heartbeat_interval=0.2,
-                    shutdown_grace=2.0, concurrency=4)
+    return Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        retry_initial_delay=0.2,
+        retry_max_delay=1.0,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+        concurrency=4,
+    )
 
 
 def entry_of(path: Path, rel: str, mtime: float) -> dict[str, Any]:
-    return {"path": rel, "size": path.stat().st_size, "mtime": mtime,
-            "fingerprint": file_fingerprint(path)}
+    return {
+        "path": rel,
+        "size": path.stat().st_size,
+        "mtime": mtime,
+        "fingerprint": file_fingerprint(path),
+    }
 
 
 class ClaimingDetector(threading.Thread):
@@ -72,8 +82,9 @@ class ClaimingDetector(threading.Thread):
     honestly, except the paths in ``claim_only``: those it says it copied without writing
     anything (what a hostile detector, or one on a share someone else tampered with, does)."""
 
-    def __init__(self, url: str, card: Path, shared: Path, files: list[dict[str, Any]],
-                 claim_only: set[str]) -> None:
+    def __init__(
+        self, url: str, card: Path, shared: Path, files: list[dict[str, Any]], claim_only: set[str]
+    ) -> None:
         super().__init__(daemon=True)
         self.url = f"{url.replace('http', 'ws')}/ws/detector"
         self.card, self.shared, self.files, self.claim_only = card, shared, files, claim_only
@@ -85,11 +96,27 @@ class ClaimingDetector(threading.Thread):
         with ws_connect(self.url, additional_headers=AUTH) as ws:
             ws.send(json.dumps({"type": "detector:hello", "detector_id": "claimer"}))
             assert json.loads(ws.recv(10))["type"] == "detector:welcome"
-            ws.send(json.dumps({"type": "detector:sd_inserted", "session_id": "claim-1",
-                                "card_id": "LINKED-1", "label": "LINKED"}))
-            ws.send(json.dumps({"type": "sd:file_list", "session_id": "claim-1",
-                                "card_id": "LINKED-1", "label": "LINKED",
-                                "files": self.files}))
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "detector:sd_inserted",
+                        "session_id": "claim-1",
+                        "card_id": "LINKED-1",
+                        "label": "LINKED",
+                    }
+                )
+            )
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "sd:file_list",
+                        "session_id": "claim-1",
+                        "card_id": "LINKED-1",
+                        "label": "LINKED",
+                        "files": self.files,
+                    }
+                )
+            )
             self.ready.set()
             while not self.stop.is_set():
                 try:
@@ -103,24 +130,34 @@ class ClaimingDetector(threading.Thread):
                     target = self.shared.joinpath(*message["dest"].split("/"))
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(self.card / message["path"], target)
-                ws.send(json.dumps({"type": "sd:file_copied",
-                                    "request_id": message["request_id"],
-                                    "session_id": "claim-1", "path": message["path"],
-                                    "ok": True, "dest": message["dest"],
-                                    "size": message["size"],
-                                    "fingerprint": message["fingerprint"]}))
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "sd:file_copied",
+                            "request_id": message["request_id"],
+                            "session_id": "claim-1",
+                            "path": message["path"],
+                            "ok": True,
+                            "dest": message["dest"],
+                            "size": message["size"],
+                            "fingerprint": message["fingerprint"],
+                        }
+                    )
+                )
 
 
-def test_the_backend_reads_no_copy_through_a_link_in_the_share(tmp_path: Path,
-                                                                settings: Settings) -> None:
+def test_the_backend_reads_no_copy_through_a_link_in_the_share(
+    tmp_path: Path, settings: Settings
+) -> None:
     """``shared/LINKED-1/DCIM -> elsewhere``: the backend neither QR-scans the file outside the
     share nor tells its size; the card's other files import."""
     with running_world(tmp_path, settings) as world:
         server, shared = world["server"], world["shared"]
         elsewhere = tmp_path / "elsewhere"  # the backend machine's private files
         (elsewhere / "100GOPRO").mkdir(parents=True)
-        secret = make_qr_clip(elsewhere / "100GOPRO" / "GX000001.MP4",
-                              [("SECRET;Mallory", 8)], size=(320, 288))
+        secret = make_qr_clip(
+            elsewhere / "100GOPRO" / "GX000001.MP4", [("SECRET;Mallory", 8)], size=(320, 288)
+        )
         private = elsewhere / "100GOPRO" / "GX000004.MP4"
         private.write_bytes(b"p" * 4242)
         (shared / "LINKED-1").mkdir()
@@ -128,15 +165,21 @@ def test_the_backend_reads_no_copy_through_a_link_in_the_share(tmp_path: Path,
 
         card = world["cards"] / "LINKED"
         (card / "MISC").mkdir(parents=True)
-        qr = make_qr_clip(card / "MISC" / "GX000002.MP4", [("B8001;Olga Ode", 8)],
-                          size=(320, 288))
+        qr = make_qr_clip(card / "MISC" / "GX000002.MP4", [("B8001;Olga Ode", 8)], size=(320, 288))
         video = jump_clip(card / "MISC" / "GX000003.MP4", seed=3)
-        files = [entry_of(secret, "DCIM/100GOPRO/GX000001.MP4", 100.0),  # as it is outside
-                 entry_of(qr, "MISC/GX000002.MP4", 200.0),
-                 entry_of(video, "MISC/GX000003.MP4", 300.0),
-                 {**entry_of(private, "DCIM/100GOPRO/GX000004.MP4", 400.0), "size": 5000}]
-        claimer = ClaimingDetector(server.url, card, shared, files,
-                                   {"DCIM/100GOPRO/GX000001.MP4", "DCIM/100GOPRO/GX000004.MP4"})
+        files = [
+            entry_of(secret, "DCIM/100GOPRO/GX000001.MP4", 100.0),  # as it is outside
+            entry_of(qr, "MISC/GX000002.MP4", 200.0),
+            entry_of(video, "MISC/GX000003.MP4", 300.0),
+            {**entry_of(private, "DCIM/100GOPRO/GX000004.MP4", 400.0), "size": 5000},
+        ]
+        claimer = ClaimingDetector(
+            server.url,
+            card,
+            shared,
+            files,
+            {"DCIM/100GOPRO/GX000001.MP4", "DCIM/100GOPRO/GX000004.MP4"},
+        )
         claimer.start()
         try:
             assert claimer.ready.wait(30)
@@ -160,13 +203,15 @@ def test_the_backend_reads_no_copy_through_a_link_in_the_share(tmp_path: Path,
             assert done["data"][f"copied/{rel}"]["status"] == "refused"
         copies = {s["params"]["path"]: s for s in done["steps"] if s["name"] == "copy"}
         assert copies["DCIM/100GOPRO/GX000001.MP4"]["attempt"] == 1  # refused, not retried
-        assert not any(s["name"] == "scan_qr" and s["params"]["path"].startswith("DCIM")
-                       for s in done["steps"])
+        assert not any(
+            s["name"] == "scan_qr" and s["params"]["path"].startswith("DCIM") for s in done["steps"]
+        )
         assert set(ledger_paths(settings)) == {"MISC/GX000002.MP4", "MISC/GX000003.MP4"}
 
 
 def test_the_detector_writes_through_no_planted_link_and_says_why(
-        tmp_path: Path, settings: Settings) -> None:
+    tmp_path: Path, settings: Settings
+) -> None:
     """A ``.NAME.part`` link planted in the share before the card comes: the real detector
     does not overwrite what it points to, answers ``ok: false`` naming it, and the rest of the
     card imports; a stale regular ``.part`` (an interrupted copy) is replaced."""
@@ -187,8 +232,9 @@ def test_the_detector_writes_through_no_planted_link_and_says_why(
         world["detectors"].append(detector.start())
         with httpx.Client(base_url=server.url, headers=AUTH) as client:
             insert(maker.folder, world["watch"])
-            done = wait_for("the import", lambda: ended(client, "PLANTED"), timeout=90,
-                            detector=detector)
+            done = wait_for(
+                "the import", lambda: ended(client, "PLANTED"), timeout=90, detector=detector
+            )
         assert victim.read_text() == "precious"
         assert link.is_symlink()  # left for a person to look at, not written through
         assert done["status"] == "completed", done.get("error")
@@ -206,6 +252,7 @@ def test_the_detector_writes_through_no_planted_link_and_says_why(
 
 # -- the detector's copy, file by file (no service) -------------------------------------------
 
+
 @pytest.fixture
 def card(tmp_path: Path) -> sd_detector.Card:
     root = tmp_path / "CARD"
@@ -215,17 +262,19 @@ def card(tmp_path: Path) -> sd_detector.Card:
     return sd_detector.Card(root, "CARD", sd_detector.card_id_of("CARD", files), files)
 
 
-def copy(card: sd_detector.Card, shared: Path, rel: str = "DCIM/a.MP4",
-         dest: str = "C/DCIM/a.MP4") -> dict[str, Any]:
+def copy(
+    card: sd_detector.Card, shared: Path, rel: str = "DCIM/a.MP4", dest: str = "C/DCIM/a.MP4"
+) -> dict[str, Any]:
     source = card.root / "DCIM" / "a.MP4"
     result: dict[str, Any] = sd_detector.copy_file(
-        card, rel, shared, dest, size=source.stat().st_size,
-        fingerprint=file_fingerprint(source))
+        card, rel, shared, dest, size=source.stat().st_size, fingerprint=file_fingerprint(source)
+    )
     return result
 
 
-def test_a_planted_part_link_is_never_written_through(tmp_path: Path,
-                                                      card: sd_detector.Card) -> None:
+def test_a_planted_part_link_is_never_written_through(
+    tmp_path: Path, card: sd_detector.Card
+) -> None:
     shared = tmp_path / "shared"
     (shared / "C" / "DCIM").mkdir(parents=True)
     victim = tmp_path / "victim"
@@ -255,7 +304,8 @@ def test_a_stale_part_file_is_replaced(tmp_path: Path, card: sd_detector.Card) -
 
 
 def test_links_in_the_share_on_the_way_or_at_the_target_are_refused(
-        tmp_path: Path, card: sd_detector.Card) -> None:
+    tmp_path: Path, card: sd_detector.Card
+) -> None:
     shared, elsewhere = tmp_path / "shared", tmp_path / "elsewhere"
     (elsewhere / "DCIM").mkdir(parents=True)
     shared.mkdir()
@@ -273,8 +323,9 @@ def test_links_in_the_share_on_the_way_or_at_the_target_are_refused(
     assert (shared / "C" / "DCIM" / "a.MP4").is_symlink()
 
 
-def test_the_card_side_follows_no_link_out_of_the_card(tmp_path: Path,
-                                                       card: sd_detector.Card) -> None:
+def test_the_card_side_follows_no_link_out_of_the_card(
+    tmp_path: Path, card: sd_detector.Card
+) -> None:
     shared = tmp_path / "shared"
     secret = tmp_path / "secret.mp4"
     secret.write_bytes(b"s" * 1000)
@@ -286,16 +337,18 @@ def test_the_card_side_follows_no_link_out_of_the_card(tmp_path: Path,
     assert [f["path"] for f in sd_detector.list_card(card.root)] == ["DCIM/a.MP4"]
     # ... and not copied when asked for all the same.
     for rel in ("DCIM/s.mp4", "LINKED/o.mp4"):
-        result = sd_detector.copy_file(card, rel, shared, f"C/{rel}", size=1000,
-                                       fingerprint=file_fingerprint(secret))
+        result = sd_detector.copy_file(
+            card, rel, shared, f"C/{rel}", size=1000, fingerprint=file_fingerprint(secret)
+        )
         assert result["code"] == "refused", (rel, result)
         assert "symbolic link" in result["error"] and str(tmp_path) not in result["error"]
     assert not list(shared.rglob("*.mp4"))
     # A fifo where a file is expected is refused at once (not waited on).
     os.mkfifo(card.root / "DCIM" / "f.mp4")
     started = time.monotonic()
-    result = sd_detector.copy_file(card, "DCIM/f.mp4", shared, "C/DCIM/f.mp4", size=1,
-                                   fingerprint="0123456789")
+    result = sd_detector.copy_file(
+        card, "DCIM/f.mp4", shared, "C/DCIM/f.mp4", size=1, fingerprint="0123456789"
+    )
     assert result["code"] == "refused" and time.monotonic() - started < 5, result
 
 

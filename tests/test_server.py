@@ -53,20 +53,38 @@ def gate(ctx: StepContext) -> dict[str, Any]:
 class Server:
     """uvicorn serving the app in a thread of this process, on a free loopback port."""
 
-    def __init__(self, settings: Settings, *, pipelines: tuple[Pipeline, ...] = (demo,),
-                 port: int | None = None, token: str = TOKEN, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pipelines: tuple[Pipeline, ...] = (demo,),
+        port: int | None = None,
+        token: str = TOKEN,
+        **kwargs: Any,
+    ) -> None:
         self.port = port or free_port()
         app = create_app(settings, pipelines=pipelines, token=token, **kwargs)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=2,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
         self.thread.start()
-        wait_until("uvicorn to start or its thread to end",
-                   lambda: self.server.started or not self.thread.is_alive(), 30, interval=0.02)
+        wait_until(
+            "uvicorn to start or its thread to end",
+            lambda: self.server.started or not self.thread.is_alive(),
+            30,
+            interval=0.02,
+        )
         if not self.server.started:
             raise RuntimeError("the server did not start: its thread ended")
         return self
@@ -102,16 +120,23 @@ def test_health_is_open_and_everything_else_needs_the_token(server: Server) -> N
         ok = client.get("/api/pipelines", headers=AUTH)
         assert ok.status_code == 200
         assert [p["name"] for p in ok.json()] == ["svc_demo"]
-        assert ok.json()[0]["steps"][1] == {"name": "gate", "depends_on": ["count"],
-                                            "params": [], "retries": 0, "weight": 1.0}
+        assert ok.json()[0]["steps"][1] == {
+            "name": "gate",
+            "depends_on": ["count"],
+            "params": [],
+            "retries": 0,
+            "weight": 1.0,
+        }
         assert client.get("/openapi.json").status_code == 200
 
 
 def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
-        created = client.post("/api/executions", json={
-            "pipeline": "svc_demo", "inputs": {"steps": 3, "gate": str(gate)}})
+        created = client.post(
+            "/api/executions",
+            json={"pipeline": "svc_demo", "inputs": {"steps": 3, "gate": str(gate)}},
+        )
         assert created.status_code == 201, created.text
         execution_id = created.json()["id"]
         failed = wait_status(client, execution_id)
@@ -147,12 +172,14 @@ def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
 
         listed = client.get("/api/executions").json()
         assert [(e["id"], e["steps_done"], e["steps_total"]) for e in listed] == [
-            (execution_id, 2, 2)]
+            (execution_id, 2, 2)
+        ]
         page = client.get("/api/events", params={"execution_id": execution_id, "limit": 5})
         first = page.json()
         assert len(first["events"]) == 5
-        rest = client.get("/api/events", params={"execution_id": execution_id,
-                                                 "after": first["next"]}).json()
+        rest = client.get(
+            "/api/events", params={"execution_id": execution_id, "after": first["next"]}
+        ).json()
         types = [e["type"] for e in first["events"] + rest["events"]]
         assert types[0] == "execution.created"
         assert types.count("execution.completed") == 1
@@ -161,15 +188,15 @@ def test_submit_show_retry_and_events(server: Server, tmp_path: Path) -> None:
 
 def test_bad_requests_say_what_is_wrong_and_create_nothing(server: Server) -> None:
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
-        bad_json = client.post("/api/executions", content=b"{not json",
-                               headers={"Content-Type": "application/json"})
+        bad_json = client.post(
+            "/api/executions", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
         assert bad_json.status_code == 422
         assert "JSON" in json.dumps(bad_json.json())
         unknown = client.post("/api/executions", json={"pipeline": "nope"})
         assert unknown.status_code == 404
         assert unknown.json()["detail"] == "unknown pipeline 'nope' (known: svc_demo)"
-        wrong_type = client.post("/api/executions", json={"pipeline": "svc_demo",
-                                                          "inputs": [1, 2]})
+        wrong_type = client.post("/api/executions", json={"pipeline": "svc_demo", "inputs": [1, 2]})
         assert wrong_type.status_code == 422
         assert wrong_type.json()["detail"][0]["loc"] == ["body", "inputs"]
         extra = client.post("/api/executions", json={"pipeline": "svc_demo", "x": 1})
@@ -201,8 +228,10 @@ def test_objects_upload_download_limits_and_keys(server: Server) -> None:
 def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
     async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as client:
-            created = await client.post("/api/executions", json={
-                "pipeline": "svc_demo", "inputs": {"steps": 8, "pause": 0.15}})
+            created = await client.post(
+                "/api/executions",
+                json={"pipeline": "svc_demo", "inputs": {"steps": 8, "pause": 0.15}},
+            )
             execution_id = created.json()["id"]
         ws_url = f"ws://127.0.0.1:{server.port}/ws?execution_id={execution_id}&token={TOKEN}"
         seen: list[dict[str, Any]] = []
@@ -228,8 +257,11 @@ def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
     assert snapshot["type"] == "snapshot"
     assert snapshot["execution"]["pipeline"] == "svc_demo"
     assert snapshot["execution"]["status"] == "running"
-    progress = [e["data"]["progress"] for e in seen if e["type"] == "step.progress"
-                and e["step_key"] == "count"]
+    progress = [
+        e["data"]["progress"]
+        for e in seen
+        if e["type"] == "step.progress" and e["step_key"] == "count"
+    ]
     assert len(progress) >= 3  # progress arrived as it happened, not all at the end
     assert progress == sorted(progress)
     assert [e["type"] for e in seen][-1] == "execution.completed"
@@ -252,9 +284,13 @@ def test_websocket_refuses_a_missing_token(server: Server) -> None:
 
 def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> None:
     app = App("lobby", settings=settings, health_interval=0.05)
-    pipeline = app.add_pipeline(StreamPipeline(
-        "door", PatternSource("door", width=1280, height=720, fps=30),
-        stages=[Stage(lambda f: f, name="noop")]))
+    pipeline = app.add_pipeline(
+        StreamPipeline(
+            "door",
+            PatternSource("door", width=1280, height=720, fps=30),
+            stages=[Stage(lambda f: f, name="noop")],
+        )
+    )
     stop = threading.Event()
 
     def run_app() -> None:
@@ -270,17 +306,21 @@ def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> 
     runner = threading.Thread(target=run_app, daemon=True)
     runner.start()
     try:
-        with Server(settings) as server, httpx.Client(base_url=server.url,
-                                                      headers=AUTH) as client:
+        with Server(settings) as server, httpx.Client(base_url=server.url, headers=AUTH) as client:
+
             def with_a_frame() -> list[dict[str, Any]] | None:
                 sources: list[dict[str, Any]] = client.get("/api/sources").json()
                 ready = sources and sources[0]["frame_url"] and pipeline.frames_captured > 5
                 return sources if ready else None
 
-            sources = wait_until("the app's source with a frame", with_a_frame,
-                                 explain=lambda: client.get("/api/sources").json())
+            sources = wait_until(
+                "the app's source with a frame",
+                with_a_frame,
+                explain=lambda: client.get("/api/sources").json(),
+            )
             assert [(s["app"], s["pipeline"], s["state"]) for s in sources] == [
-                ("lobby", "door", "running")]
+                ("lobby", "door", "running")
+            ]
             assert sources[0]["frames"] > 0
             frame = client.get(sources[0]["frame_url"])
             assert frame.status_code == 200
@@ -301,10 +341,20 @@ def test_sources_show_a_live_apps_state_and_latest_frame(settings: Settings) -> 
 @pytest.mark.slow
 def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> None:
     app = App("station", settings=settings, health_interval=0.05)
-    one = app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=50),
-                                          stages=[Stage(lambda f: f, name="noop")]))
-    app.add_pipeline(StreamPipeline("station_2", PatternSource("station_2", fps=50),
-                                    stages=[Stage(lambda f: f, name="noop")]))
+    one = app.add_pipeline(
+        StreamPipeline(
+            "station_1",
+            PatternSource("station_1", fps=50),
+            stages=[Stage(lambda f: f, name="noop")],
+        )
+    )
+    app.add_pipeline(
+        StreamPipeline(
+            "station_2",
+            PatternSource("station_2", fps=50),
+            stages=[Stage(lambda f: f, name="noop")],
+        )
+    )
 
     events: list[tuple[str, dict[str, Any]]] = []
     app.on("*", lambda kind, data: events.append((kind, data)))
@@ -313,8 +363,10 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         rows = {s["pipeline"]: s for s in client.get("/api/sources").json()}
         return str(rows[name]["state"]) if name in rows else ""
 
-    with Server(settings, apps=[app]) as server, httpx.Client(base_url=server.url,
-                                                              headers=AUTH) as client:
+    with (
+        Server(settings, apps=[app]) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
         wait_until("station_1 to run", lambda: state_of(client, "station_1") == "running")
         stopped = client.post("/api/sources/station/station_1/stop")
         assert stopped.status_code == 202
@@ -332,8 +384,10 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         wait_until("station_1 to run", lambda: state_of(client, "station_1") == "running")
         missing = client.post("/api/sources/station/station_9/stop")
         assert missing.status_code == 404
-        assert "has no pipeline 'station_9' (it has: station_1, station_2)" in (
-            missing.json()["detail"])
+        assert (
+            "has no pipeline 'station_9' (it has: station_1, station_2)"
+            in (missing.json()["detail"])
+        )
         assert client.post("/api/sources/elsewhere/x/stop").status_code == 404
         metrics = client.get("/metrics").text
         assert 'pipeline="station_2"' in metrics
@@ -342,12 +396,14 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         events = client.get("/api/events", params={"limit": 1000}).json()["events"]
         paused = [e for e in events if e["type"] == "pipeline.paused"]
         assert [e["data"] for e in paused] == [{"app": "station", "pipeline": "station_1"}]
-        assert any(e["type"] == "source.started" and e["data"]["app"] == "station"
-                   for e in events)
+        assert any(e["type"] == "source.started" and e["data"]["app"] == "station" for e in events)
 
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli_app, ["--home", str(tmp_path), "serve", "--host",
-                                          "0.0.0.0"], env={"FRAMEPIPE_API_TOKEN": ""})
+    result = CliRunner().invoke(
+        cli_app,
+        ["--home", str(tmp_path), "serve", "--host", "0.0.0.0"],
+        env={"FRAMEPIPE_API_TOKEN": ""},
+    )
     assert result.exit_code == 2
     assert "refusing to serve on 0.0.0.0 without a token" in result.output

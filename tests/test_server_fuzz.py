@@ -39,13 +39,18 @@ def test_no_generated_request_gets_a_server_error(tmp_path: Path) -> None:
         for operation in operations:
 
             @given(case=operation.as_strategy())
-            @fuzz_settings(max_examples=25, deadline=None, database=None,
-                           suppress_health_check=list(HealthCheck))
+            @fuzz_settings(
+                max_examples=25,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             def fuzz(case: schemathesis.Case) -> None:
                 response = case.call(headers=AUTH, timeout=30)
                 assert response.status_code < 500, (
                     f"{case.method} {case.formatted_path} -> {response.status_code}: "
-                    f"{response.text[:500]}")
+                    f"{response.text[:500]}"
+                )
                 if case.path != "/health":
                     # 401, or 404 for a path no route matches (a newline in a key), or 415 for
                     # a POST that is not JSON (refused before the token is looked at): never data
@@ -58,13 +63,20 @@ def test_no_generated_request_gets_a_server_error(tmp_path: Path) -> None:
 
 
 # Text of every kind: lone surrogates, NUL and other controls, bidi marks, astral planes.
-_odd_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
-                                           exclude_categories=()), max_size=40)
+_odd_text = st.text(
+    alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+    max_size=40,
+)
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | _odd_text | st.just("x" * 300_000),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | _odd_text
+    | st.just("x" * 300_000),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_odd_text, inner, max_size=4),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 def _nested(depth: int) -> str:
@@ -76,18 +88,22 @@ def test_hostile_json_never_gets_a_server_error_nor_breaks_a_listing(tmp_path: P
     travel as \\ud800 escapes): every answer is below 500, and afterwards every listing, the
     events page and the WebSocket snapshot still answer."""
     settings = Settings(home=tmp_path, max_inputs_bytes=100_000, concurrency=2)
-    with Server(settings, pipelines=(echo,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+    with (
+        Server(settings, pipelines=(echo,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
 
         def post(path: str, body: str) -> httpx.Response:
-            response = client.post(path, content=body.encode("utf-8"),
-                                   headers={"Content-Type": "application/json"})
+            response = client.post(
+                path, content=body.encode("utf-8"), headers={"Content-Type": "application/json"}
+            )
             assert response.status_code < 500, f"{path} {body[:200]!r}: {response.text[:300]}"
             return response
 
         @given(inputs=_json_values, name=st.sampled_from(["echo", "nope"]) | _odd_text)
-        @fuzz_settings(max_examples=150, deadline=None, database=None,
-                       suppress_health_check=list(HealthCheck))
+        @fuzz_settings(
+            max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(inputs: object, name: str) -> None:
             post("/api/executions", json.dumps({"pipeline": name, "inputs": {"v": inputs}}))
             post("/api/executions", json.dumps({"pipeline": "echo", "inputs": inputs}))
@@ -95,12 +111,18 @@ def test_hostile_json_never_gets_a_server_error_nor_breaks_a_listing(tmp_path: P
 
         fuzz()
         for depth in (100, 5_000, 100_000):
-            post("/api/executions", '{"pipeline": "echo", "inputs": {"d": ' + _nested(depth)
-                 + "}}")
+            post("/api/executions", '{"pipeline": "echo", "inputs": {"d": ' + _nested(depth) + "}}")
         post("/api/executions", '{"pipeline": "echo", "inputs": {"\\ud800": "\\udfff"}}')
-        for path in ("/api/executions", "/api/executions?limit=500", "/api/events?limit=1000",
-                     "/api/pipelines", "/api/detectors", "/health"):
+        for path in (
+            "/api/executions",
+            "/api/executions?limit=500",
+            "/api/events?limit=1000",
+            "/api/pipelines",
+            "/api/detectors",
+            "/health",
+        ):
             assert client.get(path).status_code == 200, path
-        with ws_connect(f"ws://127.0.0.1:{server.port}/ws", additional_headers=AUTH,
-                        open_timeout=10) as ws:
+        with ws_connect(
+            f"ws://127.0.0.1:{server.port}/ws", additional_headers=AUTH, open_timeout=10
+        ) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"

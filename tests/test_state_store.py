@@ -17,15 +17,23 @@ def test_fresh_database_is_migrated_to_head(database_url: str) -> None:
     with StateStore(database_url) as store:
         assert store.current_revision() == SCHEMA_HEAD
         names = set(sa.inspect(store.engine).get_table_names())
-        assert {"fp_executions", "fp_steps", "fp_events", "fp_ledger",
-                "alembic_version"} <= names
+        assert {"fp_executions", "fp_steps", "fp_events", "fp_ledger", "alembic_version"} <= names
 
 
 def test_reopening_keeps_data_and_revision(database_url: str) -> None:
     with StateStore(database_url) as store, store.write() as conn:
-        conn.execute(executions.insert().values(
-            id="x" * 32, pipeline="p", status="completed", inputs={}, progress=100.0,
-            cancel_requested=False, runs=1, created_at=time.time()))
+        conn.execute(
+            executions.insert().values(
+                id="x" * 32,
+                pipeline="p",
+                status="completed",
+                inputs={},
+                progress=100.0,
+                cancel_requested=False,
+                runs=1,
+                created_at=time.time(),
+            )
+        )
     with StateStore(database_url) as store, store.read() as conn:
         assert conn.execute(sa.select(executions.c.pipeline)).scalar_one() == "p"
 
@@ -42,12 +50,14 @@ def test_a_0001_database_is_upgraded_keeping_its_rows(database_url: str) -> None
             conn.exec_driver_sql(
                 "INSERT INTO fp_executions (id, pipeline, status, inputs, progress, "
                 "cancel_requested, runs, created_at) VALUES "
-                "('old1', 'p', 'completed', '{}', 100.0, false, 1, 1.0)")
+                "('old1', 'p', 'completed', '{}', 100.0, false, 1, 1.0)"
+            )
         assert store.current_revision() == "0001"
     with StateStore(database_url) as store, store.read() as conn:
         assert store.current_revision() == SCHEMA_HEAD
-        row = conn.execute(sa.select(executions.c.id, executions.c.mode,
-                                     executions.c.unfinished)).one()
+        row = conn.execute(
+            sa.select(executions.c.id, executions.c.mode, executions.c.unfinished)
+        ).one()
         assert tuple(row) == ("old1", "local", 0)
         assert {"fp_step_deps", "fp_workers"} <= set(sa.inspect(store.engine).get_table_names())
 
@@ -85,10 +95,18 @@ def _hammer(url: str, worker: int, count: int) -> None:
         for i in range(count):
             with store.write() as conn:
                 n = conn.execute(sa.select(sa.func.count()).select_from(executions)).scalar_one()
-                conn.execute(executions.insert().values(
-                    id=f"{worker:04d}{i:028d}", pipeline=f"w{worker}", status="pending",
-                    inputs={"seen": n}, progress=0.0, cancel_requested=False, runs=0,
-                    created_at=time.time()))
+                conn.execute(
+                    executions.insert().values(
+                        id=f"{worker:04d}{i:028d}",
+                        pipeline=f"w{worker}",
+                        status="pending",
+                        inputs={"seen": n},
+                        progress=0.0,
+                        cancel_requested=False,
+                        runs=0,
+                        created_at=time.time(),
+                    )
+                )
 
 
 @pytest.mark.slow

@@ -60,8 +60,12 @@ def test_ordered_stage_keeps_source_order_with_many_workers() -> None:
         return frame
 
     sink = Collect()
-    pipeline = StreamPipeline("ordered", PatternSource("cam", count=120, realtime=False),
-                              stages=[Stage(jitter, workers=4, ordered=True)], sinks=[sink])
+    pipeline = StreamPipeline(
+        "ordered",
+        PatternSource("cam", count=120, realtime=False),
+        stages=[Stage(jitter, workers=4, ordered=True)],
+        sinks=[sink],
+    )
     run_pipeline(pipeline)
     assert [f.seq for f in sink.frames] == list(range(1, 121))
     assert len({f.meta["worker"] for f in sink.frames}) > 1  # really ran in parallel
@@ -75,16 +79,23 @@ def test_block_loses_nothing_and_drop_oldest_drops_and_counts() -> None:
         return frame
 
     kept = Collect()
-    blocking = StreamPipeline("block", PatternSource("a", count=60, realtime=False),
-                              stages=[Stage(slow, queue_size=2)], sinks=[kept])
+    blocking = StreamPipeline(
+        "block",
+        PatternSource("a", count=60, realtime=False),
+        stages=[Stage(slow, queue_size=2)],
+        sinks=[kept],
+    )
     run_pipeline(blocking)
     assert len(kept.frames) == 60
     assert blocking.stats[0].dropped == 0
 
     live = Collect()
-    dropping = StreamPipeline("drop", PatternSource("b", count=60, realtime=False),
-                              stages=[Stage(slow, queue_size=2, overflow="drop_oldest")],
-                              sinks=[live])
+    dropping = StreamPipeline(
+        "drop",
+        PatternSource("b", count=60, realtime=False),
+        stages=[Stage(slow, queue_size=2, overflow="drop_oldest")],
+        sinks=[live],
+    )
     run_pipeline(dropping)
     dropped = dropping.stats[0].dropped
     assert dropped > 0
@@ -99,14 +110,20 @@ def test_failing_processor_is_counted_reported_and_does_not_stop_the_stream() ->
         return frame
 
     sink = Collect()
-    pipeline = StreamPipeline("picky", PatternSource("cam", count=50, realtime=False),
-                              stages=[Stage(picky, workers=2)], sinks=[sink])
+    pipeline = StreamPipeline(
+        "picky",
+        PatternSource("cam", count=50, realtime=False),
+        stages=[Stage(picky, workers=2)],
+        sinks=[sink],
+    )
     events = run_pipeline(pipeline)
     errors = of(events, "processor.error")
     assert [e["seq"] for e in errors] == [10, 20, 30, 40, 50] or sorted(
-        e["seq"] for e in errors) == [10, 20, 30, 40, 50]
-    assert "stage 'picky', frame 10: ValueError: cannot read frame 10" in errors[0]["error"] \
-        or any("cannot read frame" in e["error"] for e in errors)
+        e["seq"] for e in errors
+    ) == [10, 20, 30, 40, 50]
+    assert "stage 'picky', frame 10: ValueError: cannot read frame 10" in errors[0]["error"] or any(
+        "cannot read frame" in e["error"] for e in errors
+    )
     assert pipeline.stats[0].errors == 5
     assert len(sink.frames) == 45
     assert pipeline.state is HealthState.STOPPED
@@ -130,8 +147,13 @@ def test_processor_setup_and_teardown_run_once() -> None:
             self.calls.append("teardown")
 
     model = Model()
-    run_pipeline(StreamPipeline("model", PatternSource("cam", count=20, realtime=False),
-                                stages=[Stage(model, workers=3)]))
+    run_pipeline(
+        StreamPipeline(
+            "model",
+            PatternSource("cam", count=20, realtime=False),
+            stages=[Stage(model, workers=3)],
+        )
+    )
     assert model.calls == ["setup", "teardown"]
     assert threading.get_ident() not in model.threads  # blocking work ran off the loop
 
@@ -148,31 +170,48 @@ def tagger(orders: dict[range, str]) -> Any:
 
 def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
-    tags = tagger({range(5, 15): "ORDER_1", range(15, 20): "ORDER_2",
-                   range(40, 45): "ORDER_1", range(60, 63): "ORDER_3"})
+    tags = tagger(
+        {
+            range(5, 15): "ORDER_1",
+            range(15, 20): "ORDER_2",
+            range(40, 45): "ORDER_1",
+            range(60, 63): "ORDER_3",
+        }
+    )
     frames = FrameStore(store)
     # The stream clock makes the test independent of the machine's load (a wall-clock gap of
     # 75 ms between two frames is easy to hit on a busy CI machine).
     pipeline = StreamPipeline(
-        "station_1", PatternSource("station_1", count=63, fps=100, realtime=False),
+        "station_1",
+        PatternSource("station_1", count=63, fps=100, realtime=False),
         stages=[Stage(tags, workers=2)],
-        segmenter=Segmenter("order", timeout=0.075, clock="stream"), sinks=[frames])
+        segmenter=Segmenter("order", timeout=0.075, clock="stream"),
+        sinks=[frames],
+    )
     events = run_pipeline(pipeline)
     done = of(events, "segment.completed")
     assert [(d["segment_id"], d["reason"]) for d in done] == [
-        ("ORDER_1", "key_changed"), ("ORDER_2", "timeout"), ("ORDER_1.2", "timeout"),
-        ("ORDER_3", "end")]
+        ("ORDER_1", "key_changed"),
+        ("ORDER_2", "timeout"),
+        ("ORDER_1.2", "timeout"),
+        ("ORDER_3", "end"),
+    ]
     first = done[0]
     assert first["frames"] == 10 and first["source_id"] == "station_1"
     assert first["stored"] == [
         f"frames/station_1/ORDER_1/frame_{f.ts_ms}_{f.seq}.jpg"
-        for f in frames.read_frames("station_1", "ORDER_1")]
+        for f in frames.read_frames("station_1", "ORDER_1")
+    ]
     assert len(first["stored"]) == 10
     assert first["latency_s"] >= 0 and first["first_ts_ms"] <= first["last_ts_ms"]
     # ORDER_2 kept the untagged frames that followed it until its timeout
     assert done[1]["frames"] == 5 + 7
     assert [d["segment_id"] for d in of(events, "segment.started")] == [
-        "ORDER_1", "ORDER_2", "ORDER_1.2", "ORDER_3"]
+        "ORDER_1",
+        "ORDER_2",
+        "ORDER_1.2",
+        "ORDER_3",
+    ]
     back = list(frames.read_frames("station_1", "ORDER_2"))
     assert len(back) == done[1]["frames"] and back[0].image.shape == (240, 320, 3)
     assert pipeline.segments_completed == 4
@@ -187,12 +226,21 @@ def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> N
         return frame
 
     bucket = LocalObjectStore(tmp_path / "selected-bucket")
-    run_pipeline(StreamPipeline(
-        "s", PatternSource("s", count=12, realtime=False), stages=[Stage(score)],
-        segmenter=Segmenter("order", timeout=5),
-        sinks=[FrameStore(store, select_best=3),
-               Stage(FrameStore(store, select_best=2, selected_prefix="",
-                                selected_store=bucket), name="to_bucket")]))
+    run_pipeline(
+        StreamPipeline(
+            "s",
+            PatternSource("s", count=12, realtime=False),
+            stages=[Stage(score)],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[
+                FrameStore(store, select_best=3),
+                Stage(
+                    FrameStore(store, select_best=2, selected_prefix="", selected_store=bucket),
+                    name="to_bucket",
+                ),
+            ],
+        )
+    )
     selected = sorted(o.key for o in store.list("selected/"))
     assert len(selected) == 3
     assert [k.rsplit("_", 1)[1] for k in selected] == ["6.jpg", "7.jpg", "8.jpg"]
@@ -205,10 +253,15 @@ def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> N
 def test_sink_sees_all_frames_of_a_segment_before_it_closes() -> None:
     sink = Collect()
     tag = tagger({range(1, 30): "A", range(30, 60): "B"})
-    run_pipeline(StreamPipeline("barrier", PatternSource("c", count=60, realtime=False),
-                                stages=[Stage(tag, workers=3)],
-                                segmenter=Segmenter("order", timeout=5),
-                                sinks=[Stage(sink, workers=4)]))
+    run_pipeline(
+        StreamPipeline(
+            "barrier",
+            PatternSource("c", count=60, realtime=False),
+            stages=[Stage(tag, workers=3)],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[Stage(sink, workers=4)],
+        )
+    )
     assert sink.closed == ["A", "B"]
 
 
@@ -221,13 +274,17 @@ def test_activity_segments_after_a_motion_gate() -> None:
         elif seq >= 40:
             image[:] = frozen
             x = (seq * 7) % 140
-            image[40:80, x:x + 20] = 255
+            image[40:80, x : x + 20] = 255
 
     gate = MotionGate(0.002)
     pipeline = StreamPipeline(
-        "porch", PatternSource("porch", width=160, height=120, count=60, fps=200,
-                               realtime=True, draw=still_then_moving),
-        stages=[Stage(gate)], segmenter=Segmenter(None, timeout=0.05))
+        "porch",
+        PatternSource(
+            "porch", width=160, height=120, count=60, fps=200, realtime=True, draw=still_then_moving
+        ),
+        stages=[Stage(gate)],
+        segmenter=Segmenter(None, timeout=0.05),
+    )
     events = run_pipeline(pipeline)
     stats = pipeline.stats[0]
     assert stats.filtered >= 19  # the still frames did not pass
@@ -259,9 +316,13 @@ def test_a_task_that_dies_fails_the_pipeline_loudly(caplog: pytest.LogCaptureFix
         def segment_closed(self, segment: Any) -> None:
             raise RuntimeError("disk on fire")
 
-    pipeline = StreamPipeline("doomed", PatternSource("d", count=500, fps=200, realtime=True),
-                              stages=[Stage(tagger({range(1, 5): "X"}))],
-                              segmenter=Segmenter("order", timeout=0.02), sinks=[Broken()])
+    pipeline = StreamPipeline(
+        "doomed",
+        PatternSource("d", count=500, fps=200, realtime=True),
+        stages=[Stage(tagger({range(1, 5): "X"}))],
+        segmenter=Segmenter("order", timeout=0.02),
+        sinks=[Broken()],
+    )
     events = run_pipeline(pipeline)  # returns: no hang on the dead task
     assert pipeline.state is HealthState.FAILED
     failed = of(events, "pipeline.failed")
@@ -276,8 +337,11 @@ def test_stream_clock_segments_recorded_video_by_its_own_time() -> None:
     # whatever the processing speed.
     tags = tagger({range(1, 11): "A", range(51, 61): "A"})
     pipeline = StreamPipeline(
-        "recorded", PatternSource("recorded", fps=200, count=75, realtime=False),
-        stages=[Stage(tags)], segmenter=Segmenter("order", timeout=0.1, clock="stream"))
+        "recorded",
+        PatternSource("recorded", fps=200, count=75, realtime=False),
+        stages=[Stage(tags)],
+        segmenter=Segmenter("order", timeout=0.1, clock="stream"),
+    )
     done = of(run_pipeline(pipeline), "segment.completed")
     assert [(d["segment_id"], d["reason"]) for d in done] == [("A", "timeout"), ("A.2", "end")]
     assert done[0]["frames"] in (29, 30)  # + the untagged frames within 0.1 stream-seconds
@@ -296,10 +360,14 @@ def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> No
 
     sink = Collect()
     pipeline = StreamPipeline(
-        "batched", PatternSource("cam", width=16, height=16, count=2000, realtime=False),
-        stages=[Stage(cheap, workers=2, queue_size=64, ordered=True),
-                Stage(lambda f: f, name="second", workers=3, ordered=True)],
-        sinks=[sink])
+        "batched",
+        PatternSource("cam", width=16, height=16, count=2000, realtime=False),
+        stages=[
+            Stage(cheap, workers=2, queue_size=64, ordered=True),
+            Stage(lambda f: f, name="second", workers=3, ordered=True),
+        ],
+        sinks=[sink],
+    )
     events = run_pipeline(pipeline)
     expected = [s for s in range(1, 2001) if s % 97]
     assert [f.seq for f in sink.frames] == expected
@@ -314,11 +382,15 @@ def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     tags = tagger({range(1, 6): "ORDER_W"})
     started = time.monotonic()
     pipeline = StreamPipeline(
-        "wall", PatternSource("wall", count=60, fps=50, realtime=True), stages=[Stage(tags)],
-        segmenter=Segmenter("order", timeout=0.3, include_untagged=False))
+        "wall",
+        PatternSource("wall", count=60, fps=50, realtime=True),
+        stages=[Stage(tags)],
+        segmenter=Segmenter("order", timeout=0.3, include_untagged=False),
+    )
     done = of(run_pipeline(pipeline), "segment.completed")
     assert [(d["segment_id"], d["reason"], d["frames"]) for d in done] == [
-        ("ORDER_W", "timeout", 5)]
+        ("ORDER_W", "timeout", 5)
+    ]
     assert time.monotonic() - started >= 1.0  # closed by the timer while frames still came
 
 
@@ -333,9 +405,11 @@ def test_a_pipeline_running_behind_its_camera_does_not_split_a_segment() -> None
         return frame
 
     pipeline = StreamPipeline(
-        "late", PatternSource("late", count=15, fps=50, realtime=True),
+        "late",
+        PatternSource("late", count=15, fps=50, realtime=True),
         stages=[Stage(tags), Stage(slow, queue_size=32)],
-        segmenter=Segmenter("order", timeout=0.3))
+        segmenter=Segmenter("order", timeout=0.3),
+    )
     done = of(run_pipeline(pipeline), "segment.completed")
     assert [(d["segment_id"], d["frames"]) for d in done] == [("ORDER_L", 15)]
     assert done[0]["last_ts_ms"] - done[0]["first_ts_ms"] < 600  # captured within 0.3 s...
@@ -348,8 +422,11 @@ def test_a_processor_calling_sys_exit_is_a_processor_error() -> None:
             raise SystemExit(4)
         return frame
 
-    pipeline = StreamPipeline("bail", PatternSource("bail", count=6, realtime=False),
-                              stages=[Stage(bail), Stage(bail, name="inline", inline=True)])
+    pipeline = StreamPipeline(
+        "bail",
+        PatternSource("bail", count=6, realtime=False),
+        stages=[Stage(bail), Stage(bail, name="inline", inline=True)],
+    )
     events = run_pipeline(pipeline)
     assert [e["stage"] for e in of(events, "processor.error")] == ["bail"]
     assert pipeline.frames_out == 5
@@ -360,8 +437,11 @@ def test_a_finite_source_draining_is_not_scored_as_slow() -> None:
         time.sleep(0.04)
         return frame
 
-    pipeline = StreamPipeline("drain", PatternSource("drain", count=20, fps=100, realtime=True),
-                              stages=[Stage(slow, queue_size=32)])
+    pipeline = StreamPipeline(
+        "drain",
+        PatternSource("drain", count=20, fps=100, realtime=True),
+        stages=[Stage(slow, queue_size=32)],
+    )
 
     async def main() -> list[float]:
         await pipeline.start()
@@ -383,13 +463,16 @@ def test_a_crashed_stage_fails_the_pipeline_even_while_frames_keep_coming() -> N
     """The capture delivers frames as fast as it can; frames read after the crash, before the
     capture has stopped, must not turn the failed pipeline back to running (the App would then
     see it stopped, not failed, and never recover it)."""
+
     def broken(frame: Frame) -> Frame:
         raise RuntimeError("model state corrupted")
 
     async def once() -> tuple[HealthState, str | None]:
         pipeline = StreamPipeline(
-            "crash", PatternSource("crash", width=32, height=24, realtime=False),
-            stages=[Stage(broken, workers=2, max_consecutive_errors=2)])
+            "crash",
+            PatternSource("crash", width=32, height=24, realtime=False),
+            stages=[Stage(broken, workers=2, max_consecutive_errors=2)],
+        )
         await pipeline.start()
         await asyncio.wait_for(pipeline.wait(), 10)
         return pipeline.state, pipeline.last_error

@@ -88,17 +88,18 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]
 
 def lines(caplog: pytest.LogCaptureFixture, component: str) -> list[str]:
     """The messages logged for one component."""
-    return [r.getMessage() for r in caplog.records
-            if getattr(r, "component", None) == component]
+    return [r.getMessage() for r in caplog.records if getattr(r, "component", None) == component]
 
 
-def make_capture(procs: list[asyncio.subprocess.Process]
-                 ) -> Callable[[SupervisorContext], Awaitable[None]]:
+def make_capture(
+    procs: list[asyncio.subprocess.Process],
+) -> Callable[[SupervisorContext], Awaitable[None]]:
     """A target running a real persistent child process, like a gst-launch capture."""
 
     async def capture(ctx: SupervisorContext) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CHILD, stdout=asyncio.subprocess.PIPE)
+            sys.executable, "-c", CHILD, stdout=asyncio.subprocess.PIPE
+        )
         procs.append(proc)
         try:
             assert proc.stdout is not None
@@ -157,8 +158,11 @@ def test_killed_capture_is_noticed_at_once_and_restarted(logs: pytest.LogCapture
 
     noticed = asyncio.run(main())
     assert noticed < 2.0
-    assert rec.of("died")[0] == {"name": "station_1", "exit_code": -9,
-                                 "error": "CaptureExitedError: [station_1] capture exited"}
+    assert rec.of("died")[0] == {
+        "name": "station_1",
+        "exit_code": -9,
+        "error": "CaptureExitedError: [station_1] capture exited",
+    }
     assert rec.of("restarting")[0] == {"name": "station_1", "delay": 0.05, "attempt": 1}
     assert [d["pid"] for d in rec.of("started")] == [procs[0].pid, procs[1].pid]
     assert [d["attempt"] for d in rec.of("started")] == [0, 1]
@@ -174,8 +178,9 @@ def test_killed_capture_is_noticed_at_once_and_restarted(logs: pytest.LogCapture
 
 def test_exit_with_stderr_tail_and_custom_what(logs: pytest.LogCaptureFixture) -> None:
     async def target(ctx: SupervisorContext) -> None:
-        raise CaptureExitedError("gst exited", exit_code=1,
-                                 stderr_tail="Setting pipeline to PAUSED\nERROR: no element\n")
+        raise CaptureExitedError(
+            "gst exited", exit_code=1, stderr_tail="Setting pipeline to PAUSED\nERROR: no element\n"
+        )
 
     async def main() -> Health:
         sup = Supervisor("cam_what", target, backoff=FAST, max_attempts=1, what="capture")
@@ -189,8 +194,9 @@ def test_exit_with_stderr_tail_and_custom_what(logs: pytest.LogCaptureFixture) -
     assert messages[0] == "Capture subprocess died (exit code: 1)"
     assert "ERROR: no element" in messages[1]
     assert "Setting pipeline to PAUSED" in messages[1]
-    assert messages[2] == ("Capture failed permanently after 1 attempt: "
-                           "CaptureExitedError: gst exited")
+    assert messages[2] == (
+        "Capture failed permanently after 1 attempt: CaptureExitedError: gst exited"
+    )
 
 
 # ---------------------------------------------------------------------------- backoff
@@ -205,8 +211,9 @@ def test_backoff_schedule_then_failed_permanently(logs: pytest.LogCaptureFixture
         raise RuntimeError("boom")
 
     async def main() -> tuple[Health, float]:
-        sup = Supervisor("cam_backoff", target, backoff=Backoff(0.01, 2, 0.04, 0),
-                         max_attempts=5, on_event=rec)
+        sup = Supervisor(
+            "cam_backoff", target, backoff=Backoff(0.01, 2, 0.04, 0), max_attempts=5, on_event=rec
+        )
         rec.sup = sup
         t0 = time.monotonic()
         await sup.start()
@@ -223,8 +230,9 @@ def test_backoff_schedule_then_failed_permanently(logs: pytest.LogCaptureFixture
     assert [d["attempt"] for d in rec.of("restarting")] == [1, 2, 3, 4]
     assert elapsed >= sum(delays)
     assert sessions == [0, 1, 2, 3, 4]
-    assert rec.of("failed") == [{"name": "cam_backoff", "error": "RuntimeError: boom",
-                                 "attempts": 5}]
+    assert rec.of("failed") == [
+        {"name": "cam_backoff", "error": "RuntimeError: boom", "attempts": 5}
+    ]
     assert "stopped" not in rec.types()
     assert health.state is HealthState.FAILED
     assert health.last_error == "RuntimeError: boom"
@@ -247,8 +255,13 @@ def test_max_attempts_none_restarts_forever() -> None:
         raise SourceError("unreachable", source_id=ctx.name)
 
     async def main() -> Health:
-        sup = Supervisor("cam_forever", target, backoff=Backoff(0.001, 1, 0.001, 0),
-                         max_attempts=None, on_event=rec)
+        sup = Supervisor(
+            "cam_forever",
+            target,
+            backoff=Backoff(0.001, 1, 0.001, 0),
+            max_attempts=None,
+            on_event=rec,
+        )
         await sup.start()
         await rec.until("restarting", 8)
         assert sup.running
@@ -302,8 +315,7 @@ def test_stall_is_detected_counted_and_restarted(logs: pytest.LogCaptureFixture)
     health = asyncio.run(main())
     assert rec.at("stalled") - alive_at[2] >= 0.2  # never early
     assert rec.of("stalled")[0]["seconds"] >= 0.2
-    assert [state for kind, _, state, _ in rec.events if kind == "stalled"] == [
-        HealthState.STALLED]
+    assert [state for kind, _, state, _ in rec.events if kind == "stalled"] == [HealthState.STALLED]
     assert health.stalls == 1
     assert health.restarts == 1
     assert health.frames >= 3
@@ -328,8 +340,9 @@ def test_frames_keep_a_session_alive() -> None:
             await asyncio.sleep(0.01)
 
     async def main() -> Health:
-        sup = Supervisor("cam_alive", target, backoff=FAST, stall_timeout=0.3,
-                         restart_on_end=False, on_event=rec)
+        sup = Supervisor(
+            "cam_alive", target, backoff=FAST, stall_timeout=0.3, restart_on_end=False, on_event=rec
+        )
         await sup.start()
         return await asyncio.wait_for(sup.wait(), 10)
 
@@ -341,9 +354,9 @@ def test_frames_keep_a_session_alive() -> None:
 
 
 @pytest.mark.parametrize(("stall_timeout", "start_timeout"), [(10.0, 0.1), (0.1, None)])
-def test_a_target_that_never_starts_is_a_stall(logs: pytest.LogCaptureFixture,
-                                              stall_timeout: float,
-                                              start_timeout: float | None) -> None:
+def test_a_target_that_never_starts_is_a_stall(
+    logs: pytest.LogCaptureFixture, stall_timeout: float, start_timeout: float | None
+) -> None:
     rec = Recorder()
 
     async def target(ctx: SupervisorContext) -> None:
@@ -351,9 +364,15 @@ def test_a_target_that_never_starts_is_a_stall(logs: pytest.LogCaptureFixture,
         await asyncio.Event().wait()
 
     async def main() -> Health:
-        sup = Supervisor("cam_nostart", target, backoff=FAST, max_attempts=2,
-                         stall_timeout=stall_timeout, start_timeout=start_timeout,
-                         on_event=rec)
+        sup = Supervisor(
+            "cam_nostart",
+            target,
+            backoff=FAST,
+            max_attempts=2,
+            stall_timeout=stall_timeout,
+            start_timeout=start_timeout,
+            on_event=rec,
+        )
         await sup.start()
         return await asyncio.wait_for(sup.wait(), 5)
 
@@ -386,8 +405,7 @@ def test_a_healthy_run_resets_the_attempt_counter() -> None:
         raise SourceError("lost the stream", source_id=ctx.name)
 
     async def main() -> None:
-        sup = Supervisor("cam_healthy", target, backoff=FAST, healthy_after=0.15,
-                         on_event=rec)
+        sup = Supervisor("cam_healthy", target, backoff=FAST, healthy_after=0.15, on_event=rec)
         holder.append(sup)
         await sup.start()
         await rec.until("restarting", 3)
@@ -532,7 +550,8 @@ def test_lifecycle_misuse_raises() -> None:
 
 
 def test_a_raising_on_event_callback_does_not_stop_supervision(
-        logs: pytest.LogCaptureFixture) -> None:
+    logs: pytest.LogCaptureFixture,
+) -> None:
     calls: list[str] = []
 
     def bad_callback(event: str, data: dict[str, Any]) -> None:
@@ -636,8 +655,9 @@ def test_health_state_machine_and_json() -> None:
         await asyncio.Event().wait()
 
     async def main() -> tuple[Health, Health, Health]:
-        sup = Supervisor("cam_states", target, backoff=FAST, on_event=rec,
-                         description="test pattern")
+        sup = Supervisor(
+            "cam_states", target, backoff=FAST, on_event=rec, description="test pattern"
+        )
         holder.append(sup)
         rec.sup = sup
         initial = sup.health
@@ -649,11 +669,17 @@ def test_health_state_machine_and_json() -> None:
 
     initial, running, final = asyncio.run(main())
     assert initial.state is HealthState.STOPPED
-    observed = [state for kind, _, state, _ in rec.events
-                if kind in {"started", "restarting", "stopped"}]
+    observed = [
+        state for kind, _, state, _ in rec.events if kind in {"started", "restarting", "stopped"}
+    ]
     assert [entry_states[0], observed[0], observed[1], entry_states[1], *observed[2:]] == [
-        HealthState.STARTING, HealthState.RUNNING, HealthState.BACKOFF,
-        HealthState.STARTING, HealthState.RUNNING, HealthState.STOPPED]
+        HealthState.STARTING,
+        HealthState.RUNNING,
+        HealthState.BACKOFF,
+        HealthState.STARTING,
+        HealthState.RUNNING,
+        HealthState.STOPPED,
+    ]
     assert running.uptime >= 0.0
     assert running.started_at is not None
     data = json.loads(json.dumps(running.to_dict()))
@@ -668,8 +694,9 @@ def test_health_state_machine_and_json() -> None:
     assert final.state is HealthState.STOPPED
 
 
-def test_a_session_slow_to_honour_a_stall_is_reported(logs: pytest.LogCaptureFixture,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_session_slow_to_honour_a_stall_is_reported(
+    logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(supervise, "_CANCEL_GRACE", 0.1)
     rec = Recorder()
     during_cleanup: list[HealthState] = []
@@ -701,8 +728,7 @@ def test_a_session_slow_to_honour_a_stall_is_reported(logs: pytest.LogCaptureFix
     assert "Pipeline session ignores its cancellation after 0.1s; still waiting" in messages
 
 
-def test_stop_bounds_a_session_that_ignores_cancellation(
-        logs: pytest.LogCaptureFixture) -> None:
+def test_stop_bounds_a_session_that_ignores_cancellation(logs: pytest.LogCaptureFixture) -> None:
     cleaned: list[bool] = []
 
     async def target(ctx: SupervisorContext) -> None:

@@ -21,7 +21,8 @@ _any_text = st.text(alphabet=st.characters(exclude_categories=()), max_size=20)
 _values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | _any_text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_any_text, inner, max_size=3),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 def _storable(value: Any) -> bool:
@@ -49,11 +50,13 @@ def test_check_json_accepts_exactly_what_can_be_stored_and_sent(value: Any) -> N
 
 
 def test_refusals_name_the_field() -> None:
-    cases = [({"files": ["a", "b\ud800"]}, "inputs.files[1]", "surrogate"),
-             ({"n": "a\x00b"}, "inputs.n", "NUL"),
-             ({"x": {"\udfff": 1}}, "inputs.x", "surrogate"),
-             ({"x": math.inf}, "inputs.x", "JSON"),
-             ({"x": b"bytes"}, "inputs.x", "not JSON")]
+    cases = [
+        ({"files": ["a", "b\ud800"]}, "inputs.files[1]", "surrogate"),
+        ({"n": "a\x00b"}, "inputs.n", "NUL"),
+        ({"x": {"\udfff": 1}}, "inputs.x", "surrogate"),
+        ({"x": math.inf}, "inputs.x", "JSON"),
+        ({"x": b"bytes"}, "inputs.x", "not JSON"),
+    ]
     for value, where, word in cases:
         with pytest.raises(InvalidInputError) as refused:
             check_json(value, "inputs")
@@ -65,14 +68,25 @@ def test_refusals_name_the_field() -> None:
     with pytest.raises(InvalidInputError, match="nested more than 64"):
         check_json({"d": deep}, "inputs")
     with pytest.raises(InputTooLargeError, match="FRAMEPIPE_MAX_INPUTS_BYTES"):
-        check_size({"blob": "x" * 2000}, "inputs", limit=1000,
-                   setting="FRAMEPIPE_MAX_INPUTS_BYTES")
+        check_size({"blob": "x" * 2000}, "inputs", limit=1000, setting="FRAMEPIPE_MAX_INPUTS_BYTES")
 
 
 def test_relative_paths_from_outside() -> None:
     assert relative_parts("DCIM/100/a.mp4", "files[0]") == ("DCIM", "100", "a.mp4")
-    for bad in ("", " ", ".", "..", "a/../b", "/etc/passwd", "C:\\x", "a\\b", "x\x00.mp4",
-                "a/./b", "\ud800.mp4", 5):
+    for bad in (
+        "",
+        " ",
+        ".",
+        "..",
+        "a/../b",
+        "/etc/passwd",
+        "C:\\x",
+        "a\\b",
+        "x\x00.mp4",
+        "a/./b",
+        "\ud800.mp4",
+        5,
+    ):
         with pytest.raises(InvalidInputError) as refused:
             relative_parts(bad, "files[3]")
         assert refused.value.where == "files[3]"
@@ -111,12 +125,17 @@ def test_confine_says_the_same_whether_a_path_exists_or_not(tmp_path: Path) -> N
     (root / "escape.mp4").symlink_to(tmp_path / "private.mp4")
     assert confine(root / "clip.mp4", [root], where="inputs.input") == root / "clip.mp4"
     messages = []
-    for path in (tmp_path / "private.mp4", tmp_path / "nothing.mp4", root / "escape.mp4",
-                 root / ".." / "private.mp4"):
+    for path in (
+        tmp_path / "private.mp4",
+        tmp_path / "nothing.mp4",
+        root / "escape.mp4",
+        root / ".." / "private.mp4",
+    ):
         with pytest.raises(PathNotAllowedError) as refused:
             confine(path, [root], where="inputs.input")
-        messages.append(str(refused.value).replace("nothing", "private").replace(
-            "escape", "private"))
+        messages.append(
+            str(refused.value).replace("nothing", "private").replace("escape", "private")
+        )
         assert str(tmp_path) not in str(refused.value)
     assert len(set(messages)) == 1
     with pytest.raises(PathNotAllowedError, match="no roots are configured"):

@@ -26,8 +26,13 @@ def test_wait_until_fails_naming_what_and_explaining() -> None:
     started = time.monotonic()
     expected = r"(?s)waiting for the gate file \(last check: ''\).*log tail: 'shut'"
     with pytest.raises(AssertionError, match=expected):
-        wait_until("the gate file", lambda: "", timeout=0.2, interval=0.01,
-                   explain=lambda: "log tail: 'shut'")
+        wait_until(
+            "the gate file",
+            lambda: "",
+            timeout=0.2,
+            interval=0.01,
+            explain=lambda: "log tail: 'shut'",
+        )
     assert 0.2 <= time.monotonic() - started < 5
 
 

@@ -27,16 +27,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _gave_up(what: str, timeout: float, last: object,
-             explain: Callable[[], object] | None) -> AssertionError:
+def _gave_up(
+    what: str, timeout: float, last: object, explain: Callable[[], object] | None
+) -> AssertionError:
     message = f"timed out after {timeout:g} s waiting for {what} (last check: {last!r})"
     if explain is not None:
         message += f"\n{explain()}"
     return AssertionError(message)
 
 
-def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0, *,
-               interval: float = 0.05, explain: Callable[[], object] | None = None) -> T:
+def wait_until(
+    what: str,
+    check: Callable[[], T],
+    timeout: float = 30.0,
+    *,
+    interval: float = 0.05,
+    explain: Callable[[], object] | None = None,
+) -> T:
     """Call ``check()`` until it returns something truthy and return that; after ``timeout``
     seconds fail with an ``AssertionError`` naming ``what``. The check runs at least once, and
     once more at the deadline."""
@@ -51,10 +58,14 @@ def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0, *,
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
-async def wait_until_async(what: str, check: Callable[[], T | Awaitable[T]],
-                           timeout: float = 30.0, *,  # noqa: ASYNC109 - a poll's own patience
-                           interval: float = 0.02,
-                           explain: Callable[[], object] | None = None) -> T:
+async def wait_until_async(
+    what: str,
+    check: Callable[[], T | Awaitable[T]],
+    timeout: float = 30.0,  # noqa: ASYNC109 - a poll's own patience
+    *,
+    interval: float = 0.02,
+    explain: Callable[[], object] | None = None,
+) -> T:
     """:func:`wait_until` inside an event loop: ``check`` may be a plain function or a
     coroutine function; the loop runs between tries."""
     deadline = time.monotonic() + timeout

@@ -310,8 +310,7 @@ def heavy(ctx: StepContext) -> None:
 
     ctx.progress(50, "half way")
     deadline = time.monotonic() + 10
-    while not any(e.type == "step.progress"
-                  for e in list_events(ctx.store, ctx.execution_id)):
+    while not any(e.type == "step.progress" for e in list_events(ctx.store, ctx.execution_id)):
         if time.monotonic() > deadline:
             raise TimeoutError("the progress report was not stored within 10 s")
         time.sleep(0.02)

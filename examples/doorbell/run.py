@@ -36,37 +36,59 @@ from framepipe.logs import configure_logging
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options; the environment variables of the README apply too."""
     parser = argparse.ArgumentParser(description="Face-recognition doorbell on framepipe.")
-    parser.add_argument("--camera", help="video file, device (/dev/video0 or 0) or stream URL "
-                                         "(default: DOORBELL_CAMERA or /dev/video0)")
+    parser.add_argument(
+        "--camera",
+        help="video file, device (/dev/video0 or 0) or stream URL "
+        "(default: DOORBELL_CAMERA or /dev/video0)",
+    )
     parser.add_argument("--data-dir", help="data folder (known_faces/, objects/); default data")
-    parser.add_argument("--known", help="known faces folder (<name>.jpg); default "
-                                        "<data-dir>/known_faces")
-    parser.add_argument("--objects", help="object store URL or folder for captures and "
-                                          "events; default <data-dir>/objects")
+    parser.add_argument(
+        "--known", help="known faces folder (<name>.jpg); default <data-dir>/known_faces"
+    )
+    parser.add_argument(
+        "--objects",
+        help="object store URL or folder for captures and events; default <data-dir>/objects",
+    )
     parser.add_argument("--realtime", action="store_true", help="pace a file at its fps")
     parser.add_argument("--loop", action="store_true", help="repeat a file")
     parser.add_argument("--workers", type=int, help="workers per face stage")
     parser.add_argument("--model", choices=("hog", "cnn"), help="face detector")
-    parser.add_argument("--encoding-model", choices=("small", "large"),
-                        help="5-point (small) or 68-point (large) landmarks")
+    parser.add_argument(
+        "--encoding-model",
+        choices=("small", "large"),
+        help="5-point (small) or 68-point (large) landmarks",
+    )
     parser.add_argument("--tolerance", type=float, help="largest distance of a match (0.6)")
     parser.add_argument("--motion", action="store_true", help="motion gate before detection")
-    parser.add_argument("--visit-timeout", type=float, help="seconds without a face that "
-                                                            "end a visit (5)")
+    parser.add_argument(
+        "--visit-timeout", type=float, help="seconds without a face that end a visit (5)"
+    )
     parser.add_argument("--webhook", help="POST each visitor event as JSON to this URL")
-    parser.add_argument("--status-every", type=float, default=30.0,
-                        help="seconds between health lines on stderr (0: never)")
-    parser.add_argument("--stdin-bell", action="store_true",
-                        help="each line on stdin rings the doorbell")
+    parser.add_argument(
+        "--status-every",
+        type=float,
+        default=30.0,
+        help="seconds between health lines on stderr (0: never)",
+    )
+    parser.add_argument(
+        "--stdin-bell", action="store_true", help="each line on stdin rings the doorbell"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The manager's config dict from the options given (others: environment, defaults)."""
-    config: dict[str, Any] = {"camera": {}, "pipeline_config": {
-        "face_detection": {}, "face_recognition": {}, "motion_detection": {},
-        "event_processing": {}}, "notifications": {}}
+    config: dict[str, Any] = {
+        "camera": {},
+        "pipeline_config": {
+            "face_detection": {},
+            "face_recognition": {},
+            "motion_detection": {},
+            "event_processing": {},
+        },
+        "notifications": {},
+    }
     pc = config["pipeline_config"]
     if args.camera is not None:
         config["camera"]["source"] = args.camera
@@ -81,8 +103,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.objects:
         config["objects_url"] = args.objects
     if args.workers is not None:
-        pc["face_detection"]["worker_count"] = pc["face_recognition"]["worker_count"] = (
-            args.workers)
+        pc["face_detection"]["worker_count"] = pc["face_recognition"]["worker_count"] = args.workers
     if args.model:
         pc["face_detection"]["model"] = args.model
     if args.encoding_model:
@@ -116,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         manager.register_event_callback(event, show)
     manager.register_event_callback("system_error", lambda data: done.set())
     manager.register_event_callback(  # a file played to its end; failures are recovered
-        "pipeline.stopped", lambda data: done.set() if data.get("state") == "stopped" else None)
+        "pipeline.stopped", lambda data: done.set() if data.get("state") == "stopped" else None
+    )
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
         manager.start()
@@ -125,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manager.stop()
         return 1
     if args.stdin_bell:
+
         def bell() -> None:
             for _line in sys.stdin:
                 manager.trigger_doorbell()
@@ -133,8 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         while not done.wait(args.status_every or None):
             health = manager.get_health_status()
-            print(f"[doorbell] {health.state.value} score={health.performance_score} "
-                  f"uptime={health.uptime:.0f}s error={health.last_error}", file=sys.stderr)
+            print(
+                f"[doorbell] {health.state.value} score={health.performance_score} "
+                f"uptime={health.uptime:.0f}s error={health.last_error}",
+                file=sys.stderr,
+            )
     except KeyboardInterrupt:
         pass
     finally:

@@ -45,8 +45,9 @@ class ModelInputError(Exception):
 def _style(name: str) -> str:
     style = ALIASES.get(name.strip().lower(), name.strip().lower())
     if style not in STYLES:
-        raise ValueError(f"unknown style {name!r}; one of {', '.join(STYLES)} "
-                         f"(or {', '.join(ALIASES)})")
+        raise ValueError(
+            f"unknown style {name!r}; one of {', '.join(STYLES)} (or {', '.join(ALIASES)})"
+        )
     return style
 
 
@@ -63,15 +64,22 @@ def stylise(image: np.ndarray, style: str = "cartoon", seed: int = 0) -> np.ndar
     rng = random.Random(seed)
     block = 7 + 2 * rng.randint(0, 2)  # odd: 7, 9 or 11
     sigma = 60 + rng.randint(0, 30)
-    edges = cv2.adaptiveThreshold(cv2.medianBlur(gray, 5), 255, cv2.ADAPTIVE_THRESH_MEAN_C,
-                                  cv2.THRESH_BINARY, block, 2)
+    edges = cv2.adaptiveThreshold(
+        cv2.medianBlur(gray, 5), 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY, block, 2
+    )
     colour = cv2.bilateralFilter(image, 9, sigma, sigma)
     colour = (colour // 32) * 32 + 16  # posterise: flat cartoon colours
     return cv2.bitwise_and(colour, colour, mask=edges)
 
 
-def run(input_path: Path | str, output_dir: Path | str, *, style: str = "cartoon",
-        seed: int = 0, progress: Callable[[int], None] | None = None) -> Path:
+def run(
+    input_path: Path | str,
+    output_dir: Path | str,
+    *,
+    style: str = "cartoon",
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
     """Stylise every frame of ``input_path`` into ``output_dir/frames``; returns that folder.
 
     Raises :class:`ModelInputError` when the input is not a decodable video and
@@ -120,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args(argv)
     try:
-        frames = run(args.input, args.output_dir, style=args.style, seed=args.seed,
-                     progress=lambda pct: print(f"progress: {pct}", flush=True))
+        frames = run(
+            args.input,
+            args.output_dir,
+            style=args.style,
+            seed=args.seed,
+            progress=lambda pct: print(f"progress: {pct}", flush=True),
+        )
     except (ModelInputError, ValueError, OSError) as exc:
         print(f"model.py: error: {exc}", file=sys.stderr)
         return 2

@@ -126,8 +126,16 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             source.unlink(missing_ok=True)
         count = sum(1 for _ in frames.glob("*.png"))
-        self._answer(200, {"success": True, "frames_path": str(frames.resolve()),
-                           "frames": count, "prompt": prompt, "style": style})
+        self._answer(
+            200,
+            {
+                "success": True,
+                "frames_path": str(frames.resolve()),
+                "frames": count,
+                "prompt": prompt,
+                "style": style,
+            },
+        )
 
 
 class ModelServer(ThreadingHTTPServer):
@@ -143,16 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--output-root", required=True, type=Path,
-                        help="where each request's frames are written (shared with the worker)")
-    parser.add_argument("--fail", default="", metavar="MESSAGE",
-                        help="answer every /infer with HTTP 500 and MESSAGE (for testing)")
+    parser.add_argument(
+        "--output-root",
+        required=True,
+        type=Path,
+        help="where each request's frames are written (shared with the worker)",
+    )
+    parser.add_argument(
+        "--fail",
+        default="",
+        metavar="MESSAGE",
+        help="answer every /infer with HTTP 500 and MESSAGE (for testing)",
+    )
     args = parser.parse_args(argv)
     root = args.output_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     with ModelServer((args.host, args.port), root, args.fail) as server:
-        print(f"model server on http://{args.host}:{server.server_port} "
-              f"(frames under {root})", flush=True)
+        print(
+            f"model server on http://{args.host}:{server.server_port} (frames under {root})",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
     return 0

@@ -48,7 +48,7 @@ def qr_tag(text: str, scale: int = 5) -> np.ndarray:
     modules = np.pad(matrix, 4)
     gray = np.where(np.kron(modules, np.ones((scale, scale), np.uint8)) > 0, 0, 255)
     ticket = np.full((gray.shape[0] + 26, gray.shape[1]), 255, np.uint8)
-    ticket[:gray.shape[0]] = gray
+    ticket[: gray.shape[0]] = gray
     cv2.putText(ticket, text, (6, ticket.shape[0] - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1)
     return cv2.cvtColor(ticket, cv2.COLOR_GRAY2BGR)
 
@@ -69,9 +69,15 @@ def _counter(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def default_schedule(orders: Sequence[str], *, order_seconds: float = 3.0,
-                     gap_seconds: float = 2.5, lead_seconds: float = 1.0,
-                     damaged: bool = False, conflict: bool = False) -> list[Shot]:
+def default_schedule(
+    orders: Sequence[str],
+    *,
+    order_seconds: float = 3.0,
+    gap_seconds: float = 2.5,
+    lead_seconds: float = 1.0,
+    damaged: bool = False,
+    conflict: bool = False,
+) -> list[Shot]:
     """Idle lead-in, then each order's ticket for ``order_seconds`` followed by an idle gap.
     ``damaged`` adds a ticket that does not decode in the first gap; ``conflict`` shows the
     last two orders' tickets together for half a second between them (no gap there)."""
@@ -89,8 +95,14 @@ def default_schedule(orders: Sequence[str], *, order_seconds: float = 3.0,
     return shots
 
 
-def make_station_video(path: Path | str, shots: Sequence[Shot], *, fps: int = 10,
-                       size: tuple[int, int] = (640, 360), seed: int = 7) -> dict[str, object]:
+def make_station_video(
+    path: Path | str,
+    shots: Sequence[Shot],
+    *,
+    fps: int = 10,
+    size: tuple[int, int] = (640, 360),
+    seed: int = 7,
+) -> dict[str, object]:
     """Encode ``shots`` as an H.264 clip at ``fps``; write and return its schedule (see the
     module docstring). The tickets drift and blur a little from frame to frame, so some frames
     of an order are sharper than others."""
@@ -120,7 +132,7 @@ def make_station_video(path: Path | str, shots: Sequence[Shot], *, fps: int = 10
                     th, tw = ticket.shape[:2]
                     x = 40 + slot * (tw + 40) + (i % 6) * 3
                     y = (height - th) // 2 + (i % 3) * 2
-                    image[y:y + th, x:x + tw] = ticket
+                    image[y : y + th, x : x + tw] = ticket
                     if not shot.damaged and len(shot.tags) == 1:
                         tagged[tag] = tagged.get(tag, 0) + 1
                 frame = av.VideoFrame.from_ndarray(image, format="bgr24")
@@ -128,10 +140,14 @@ def make_station_video(path: Path | str, shots: Sequence[Shot], *, fps: int = 10
                 container.mux(stream.encode(frame))
                 n += 1
         container.mux(stream.encode(None))
-    schedule: dict[str, object] = {"video": path.name, "fps": fps, "frames": n,
-                                   "size": [width, height],
-                                   "shots": [asdict(s) for s in shots],
-                                   "tagged_frames": tagged}
+    schedule: dict[str, object] = {
+        "video": path.name,
+        "fps": fps,
+        "frames": n,
+        "size": [width, height],
+        "shots": [asdict(s) for s in shots],
+        "tagged_frames": tagged,
+    }
     path.with_suffix(path.suffix + ".json").write_text(json.dumps(schedule, indent=2))
     return schedule
 
@@ -139,24 +155,39 @@ def make_station_video(path: Path | str, shots: Sequence[Shot], *, fps: int = 10
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path, help="the .mp4 to write")
-    parser.add_argument("--orders", default="ORDER_101,ORDER_102,ORDER_103",
-                        help="comma-separated order ids, in order of appearance")
+    parser.add_argument(
+        "--orders",
+        default="ORDER_101,ORDER_102,ORDER_103",
+        help="comma-separated order ids, in order of appearance",
+    )
     parser.add_argument("--order-seconds", type=float, default=3.0)
     parser.add_argument("--gap-seconds", type=float, default=2.5)
     parser.add_argument("--lead-seconds", type=float, default=1.0)
     parser.add_argument("--fps", type=int, default=10)
-    parser.add_argument("--damaged", action="store_true",
-                        help="add a ticket whose QR does not decode")
-    parser.add_argument("--conflict", action="store_true",
-                        help="show the last two orders' tickets together for 0.5 s")
+    parser.add_argument(
+        "--damaged", action="store_true", help="add a ticket whose QR does not decode"
+    )
+    parser.add_argument(
+        "--conflict",
+        action="store_true",
+        help="show the last two orders' tickets together for 0.5 s",
+    )
     args = parser.parse_args(argv)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    shots = default_schedule(orders, order_seconds=args.order_seconds,
-                             gap_seconds=args.gap_seconds, lead_seconds=args.lead_seconds,
-                             damaged=args.damaged, conflict=args.conflict)
+    shots = default_schedule(
+        orders,
+        order_seconds=args.order_seconds,
+        gap_seconds=args.gap_seconds,
+        lead_seconds=args.lead_seconds,
+        damaged=args.damaged,
+        conflict=args.conflict,
+    )
     schedule = make_station_video(args.output, shots, fps=args.fps)
-    print(f"wrote {args.output} ({schedule['frames']} frames at {args.fps} fps) and "
-          f"{args.output}.json", file=sys.stderr)
+    print(
+        f"wrote {args.output} ({schedule['frames']} frames at {args.fps} fps) and "
+        f"{args.output}.json",
+        file=sys.stderr,
+    )
     return 0
 
 

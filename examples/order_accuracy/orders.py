@@ -69,8 +69,18 @@ from framepipe import (
 )
 from framepipe.errors import ConfigError, MissingDependencyError
 
-__all__ = ["FRAME_TEMPLATE", "ORDER_PATTERN", "OrderAccuracy", "OrderKey", "OrderTagStage",
-           "QrTagReader", "TagReader", "TagReading", "build_station", "station_source"]
+__all__ = [
+    "FRAME_TEMPLATE",
+    "ORDER_PATTERN",
+    "OrderAccuracy",
+    "OrderKey",
+    "OrderTagStage",
+    "QrTagReader",
+    "TagReader",
+    "TagReading",
+    "build_station",
+    "station_source",
+]
 
 FRAME_TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
 ORDER_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
@@ -129,8 +139,7 @@ class QrTagReader:
 
 
 def _sharpness(gray: np.ndarray, position: Any) -> float:
-    points = [position.top_left, position.top_right, position.bottom_right,
-              position.bottom_left]
+    points = [position.top_left, position.top_right, position.bottom_right, position.bottom_left]
     xs = [p.x for p in points]
     ys = [p.y for p in points]
     h, w = gray.shape[:2]
@@ -153,8 +162,14 @@ class OrderTagStage(Processor):
 
     name = "order_tags"
 
-    def __init__(self, station_id: str, reader: TagReader | None = None, *,
-                 pattern: str = ORDER_PATTERN, report_every: float = 5.0) -> None:
+    def __init__(
+        self,
+        station_id: str,
+        reader: TagReader | None = None,
+        *,
+        pattern: str = ORDER_PATTERN,
+        report_every: float = 5.0,
+    ) -> None:
         self.station_id = station_id
         self.reader = reader
         self.pattern = re.compile(pattern)
@@ -188,21 +203,25 @@ class OrderTagStage(Processor):
             else:
                 orders[reading.text] = max(orders.get(reading.text, 0.0), reading.sharpness)
         if len(orders) == 1:
-            (order_id, sharpness), = orders.items()
+            ((order_id, sharpness),) = orders.items()
             frame.meta["order_id"] = order_id
             frame.meta["tag_sharpness"] = round(sharpness, 3)
         elif orders:
             frame.meta["order_tags"] = sorted(orders)
             frame.meta["tag_sharpness"] = round(max(orders.values()), 3)
-            self._report("tag.conflict", frame, "order tags %s in one frame",
-                         tags=sorted(orders))
+            self._report("tag.conflict", frame, "order tags %s in one frame", tags=sorted(orders))
         if unreadable and not orders:
             frame.meta["tag_error"] = unreadable[0]
-            self._report("tag.unreadable", frame, "an order tag that does not decode (%s)",
-                         error=unreadable[0])
+            self._report(
+                "tag.unreadable",
+                frame,
+                "an order tag that does not decode (%s)",
+                error=unreadable[0],
+            )
         if invalid:
-            self._report("tag.invalid", frame, "a code that is not an order id: %r",
-                         texts=invalid[:5])
+            self._report(
+                "tag.invalid", frame, "a code that is not an order id: %r", texts=invalid[:5]
+            )
         return frame
 
     def _first_frame(self) -> None:
@@ -212,8 +231,7 @@ class OrderTagStage(Processor):
             self._first = False
         seconds = time.time() - self.added_at
         self._log.info("first frame processed %.2fs after the station was started", seconds)
-        self.emit("station.first_frame", station_id=self.station_id,
-                  seconds=round(seconds, 3))
+        self.emit("station.first_frame", station_id=self.station_id, seconds=round(seconds, 3))
 
     def _report(self, event: str, frame: Frame, message: str, **data: Any) -> None:
         now = time.monotonic()
@@ -225,10 +243,17 @@ class OrderTagStage(Processor):
                 return
             self._reports[event] = (now, 0)
         detail = next(iter(data.values()))
-        self._log.warning(f"frame %d: {message} (%d frame(s) since the last report)",
-                          frame.seq, detail, count)
-        self.emit(event, station_id=self.station_id, seq=frame.seq, ts_ms=frame.ts_ms,
-                  frames=count, **data)
+        self._log.warning(
+            f"frame %d: {message} (%d frame(s) since the last report)", frame.seq, detail, count
+        )
+        self.emit(
+            event,
+            station_id=self.station_id,
+            seq=frame.seq,
+            ts_ms=frame.ts_ms,
+            frames=count,
+            **data,
+        )
 
 
 class OrderKey:
@@ -256,9 +281,15 @@ class OrderKey:
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def station_source(station_id: str, spec: str, *, capture: Capture = "ffmpeg",
-                   fps: float | None = None, loop: bool = False,
-                   realtime: bool = True) -> Source:
+def station_source(
+    station_id: str,
+    spec: str,
+    *,
+    capture: Capture = "ffmpeg",
+    fps: float | None = None,
+    loop: bool = False,
+    realtime: bool = True,
+) -> Source:
     """The capture of one station.
 
     ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), or
@@ -278,23 +309,29 @@ def station_source(station_id: str, spec: str, *, capture: Capture = "ffmpeg",
     if not is_url and not Path(spec).is_file():
         raise ConfigError(f"station {station_id}: video file {spec!r} does not exist")
     if capture == "av":
-        return VideoSource(spec, station_id, realtime=realtime and not is_url,
-                        loop=loop and not is_url)
+        return VideoSource(
+            spec, station_id, realtime=realtime and not is_url, loop=loop and not is_url
+        )
     if capture == "ffmpeg":
-        return CommandSource(_ffmpeg(spec, is_url, fps=fps, loop=loop, realtime=realtime),
-                             station_id, env=env, fps=fps)
+        return CommandSource(
+            _ffmpeg(spec, is_url, fps=fps, loop=loop, realtime=realtime),
+            station_id,
+            env=env,
+            fps=fps,
+        )
     if capture == "gst":
         if loop and not is_url:
-            raise ConfigError(f"station {station_id}: looping a file needs capture 'ffmpeg' "
-                              "or 'av' (gst-launch-1.0 cannot seek back on its own)")
-        return CommandSource(_gst(spec, is_url, fps=fps, realtime=realtime), station_id,
-                             env=env, fps=fps)
-    raise ConfigError(f"station {station_id}: capture must be ffmpeg, gst or av, "
-                      f"not {capture!r}")
+            raise ConfigError(
+                f"station {station_id}: looping a file needs capture 'ffmpeg' "
+                "or 'av' (gst-launch-1.0 cannot seek back on its own)"
+            )
+        return CommandSource(
+            _gst(spec, is_url, fps=fps, realtime=realtime), station_id, env=env, fps=fps
+        )
+    raise ConfigError(f"station {station_id}: capture must be ffmpeg, gst or av, not {capture!r}")
 
 
-def _ffmpeg(spec: str, is_url: bool, *, fps: float | None, loop: bool,
-            realtime: bool) -> list[str]:
+def _ffmpeg(spec: str, is_url: bool, *, fps: float | None, loop: bool, realtime: bool) -> list[str]:
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     if not is_url:
         argv += ["-re"] if realtime else []
@@ -314,35 +351,72 @@ def _gst(spec: str, is_url: bool, *, fps: float | None, realtime: bool) -> list[
         head = ["rtspsrc", f"location={spec}", "latency=200", "!", "decodebin"]
     else:
         head = ["uridecodebin", f"uri={spec}"]
-    rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] \
-        if fps else []
+    rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] if fps else []
     sync = "true" if realtime and not is_url else "false"
-    return ["gst-launch-1.0", "-q", *head, "!", "videoconvert", *rate, "!", "jpegenc",
-            "quality=90", "!", "fdsink", "fd=1", f"sync={sync}"]
+    return [
+        "gst-launch-1.0",
+        "-q",
+        *head,
+        "!",
+        "videoconvert",
+        *rate,
+        "!",
+        "jpegenc",
+        "quality=90",
+        "!",
+        "fdsink",
+        "fd=1",
+        f"sync={sync}",
+    ]
 
 
-def build_station(station_id: str, source: Source, *, frames: ObjectStore,
-                  selected: ObjectStore | None = None, selected_prefix: str = "selected/",
-                  order_timeout: float = 10.0, max_order_seconds: float | None = None,
-                  best_frames: int = 3, tag_workers: int = 2, store_workers: int = 2,
-                  reader: TagReader | None = None, stall_timeout: float | None = 10.0,
-                  max_restarts: int = 5, backoff: Backoff | None = None) -> StreamPipeline:
+def build_station(
+    station_id: str,
+    source: Source,
+    *,
+    frames: ObjectStore,
+    selected: ObjectStore | None = None,
+    selected_prefix: str = "selected/",
+    order_timeout: float = 10.0,
+    max_order_seconds: float | None = None,
+    best_frames: int = 3,
+    tag_workers: int = 2,
+    store_workers: int = 2,
+    reader: TagReader | None = None,
+    stall_timeout: float | None = 10.0,
+    max_restarts: int = 5,
+    backoff: Backoff | None = None,
+) -> StreamPipeline:
     """The pipeline of one station (see the module docstring)."""
     if STATION_PATTERN.fullmatch(station_id) is None:
-        raise ConfigError(f"station id {station_id!r}: use letters, digits, '_' and '-' "
-                          "(it becomes part of storage keys)")
+        raise ConfigError(
+            f"station id {station_id!r}: use letters, digits, '_' and '-' "
+            "(it becomes part of storage keys)"
+        )
     if order_timeout <= 0:
         raise ConfigError(f"order_timeout must be > 0 seconds, got {order_timeout}")
     return StreamPipeline(
-        station_id, source,
+        station_id,
+        source,
         stages=[Stage(OrderTagStage(station_id, reader), workers=tag_workers, queue_size=32)],
-        segmenter=Segmenter(OrderKey(), timeout=order_timeout, max_duration=max_order_seconds,
-                            label="order"),
-        sinks=[FrameStore(frames, template=FRAME_TEMPLATE, workers=store_workers,
-                          select_best=best_frames, score_key="tag_sharpness",
-                          selected_prefix=selected_prefix, selected_store=selected)],
-        stall_timeout=stall_timeout, max_restarts=max_restarts,
-        backoff=backoff or Backoff(2.0, 2.0, 60.0, 0.0))
+        segmenter=Segmenter(
+            OrderKey(), timeout=order_timeout, max_duration=max_order_seconds, label="order"
+        ),
+        sinks=[
+            FrameStore(
+                frames,
+                template=FRAME_TEMPLATE,
+                workers=store_workers,
+                select_best=best_frames,
+                score_key="tag_sharpness",
+                selected_prefix=selected_prefix,
+                selected_store=selected,
+            )
+        ],
+        stall_timeout=stall_timeout,
+        max_restarts=max_restarts,
+        backoff=backoff or Backoff(2.0, 2.0, 60.0, 0.0),
+    )
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -362,13 +436,26 @@ class OrderAccuracy:
     PostgreSQL when set) where ``framepipe serve`` shows them, and appended to the Redis
     Stream ``<namespace>:events:order_accuracy`` when ``FRAMEPIPE_BROKER_URL`` is Redis."""
 
-    def __init__(self, settings: Settings | None = None, *, frames: ObjectStore | None = None,
-                 selected: str | ObjectStore = "selected/", order_timeout: float = 10.0,
-                 max_order_seconds: float | None = None, best_frames: int = 3,
-                 capture: Capture = "ffmpeg", fps: float | None = None, loop: bool = False,
-                 realtime: bool = True, tag_workers: int = 2, max_restarts: int = 5,
-                 stall_timeout: float | None = 10.0, backoff: Backoff | None = None,
-                 store_events: bool = True, name: str = "order_accuracy") -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        frames: ObjectStore | None = None,
+        selected: str | ObjectStore = "selected/",
+        order_timeout: float = 10.0,
+        max_order_seconds: float | None = None,
+        best_frames: int = 3,
+        capture: Capture = "ffmpeg",
+        fps: float | None = None,
+        loop: bool = False,
+        realtime: bool = True,
+        tag_workers: int = 2,
+        max_restarts: int = 5,
+        stall_timeout: float | None = 10.0,
+        backoff: Backoff | None = None,
+        store_events: bool = True,
+        name: str = "order_accuracy",
+    ) -> None:
         self.settings = settings or load_settings()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
         if isinstance(selected, str) and _URL.match(selected):
@@ -379,11 +466,17 @@ class OrderAccuracy:
         else:
             self.selected, self.selected_prefix = selected, ""
         self.options: dict[str, Any] = dict(
-            order_timeout=order_timeout, max_order_seconds=max_order_seconds,
-            best_frames=best_frames, tag_workers=tag_workers, max_restarts=max_restarts,
-            stall_timeout=stall_timeout, backoff=backoff)
-        self.capture_options: dict[str, Any] = dict(capture=capture, fps=fps, loop=loop,
-                                                    realtime=realtime)
+            order_timeout=order_timeout,
+            max_order_seconds=max_order_seconds,
+            best_frames=best_frames,
+            tag_workers=tag_workers,
+            max_restarts=max_restarts,
+            stall_timeout=stall_timeout,
+            backoff=backoff,
+        )
+        self.capture_options: dict[str, Any] = dict(
+            capture=capture, fps=fps, loop=loop, realtime=realtime
+        )
         self.app = App(name, settings=self.settings, auto_recovery=False)
         self.specs: dict[str, str] = {}
         self.orders_completed = 0
@@ -398,8 +491,14 @@ class OrderAccuracy:
 
     def _pipeline(self, station_id: str, spec: str) -> StreamPipeline:
         source = station_source(station_id, spec, **self.capture_options)
-        return build_station(station_id, source, frames=self.frames, selected=self.selected,
-                             selected_prefix=self.selected_prefix, **self.options)
+        return build_station(
+            station_id,
+            source,
+            frames=self.frames,
+            selected=self.selected,
+            selected_prefix=self.selected_prefix,
+            **self.options,
+        )
 
     def add_station_before_start(self, station_id: str, spec: str) -> None:
         """Configure a station before :meth:`start`."""
@@ -435,8 +534,7 @@ class OrderAccuracy:
                     await self.add_station(station_id, spec)
             except ConfigError as exc:
                 get_logger(station_id).error("station not started: %s", exc)
-                self.app.emit("station.invalid", {"station_id": station_id,
-                                                  "error": str(exc)})
+                self.app.emit("station.invalid", {"station_id": station_id, "error": str(exc)})
 
     # -- orders ---------------------------------------------------------------------------------
 
@@ -446,39 +544,62 @@ class OrderAccuracy:
         self.app.on("order.completed", lambda _event, order: callback(order))
 
     def _order_started(self, _event: str, data: dict[str, Any]) -> None:
-        self.app.emit("order.started", {"order_id": data.get("key"),
-                                        "segment_id": data.get("segment_id"),
-                                        "station_id": data.get("source_id"),
-                                        "first_ts_ms": data.get("first_ts_ms")})
+        self.app.emit(
+            "order.started",
+            {
+                "order_id": data.get("key"),
+                "segment_id": data.get("segment_id"),
+                "station_id": data.get("source_id"),
+                "first_ts_ms": data.get("first_ts_ms"),
+            },
+        )
 
     def _order_completed(self, _event: str, data: dict[str, Any]) -> None:
         segment_id = str(data["segment_id"])
         order_id = data.get("key") or segment_id
         repeat = int(segment_id.rsplit(".", 1)[1]) if "." in segment_id else 1
-        order = {"order_id": order_id, "segment_id": segment_id, "repeat": repeat,
-                 "station_id": data.get("source_id"), "frames": data.get("frames"),
-                 "first_ts_ms": data.get("first_ts_ms"), "last_ts_ms": data.get("last_ts_ms"),
-                 "latency_s": data.get("latency_s"), "reason": data.get("reason"),
-                 "stored": data.get("stored", []), "selected": data.get("selected", [])}
+        order = {
+            "order_id": order_id,
+            "segment_id": segment_id,
+            "repeat": repeat,
+            "station_id": data.get("source_id"),
+            "frames": data.get("frames"),
+            "first_ts_ms": data.get("first_ts_ms"),
+            "last_ts_ms": data.get("last_ts_ms"),
+            "latency_s": data.get("latency_s"),
+            "reason": data.get("reason"),
+            "stored": data.get("stored", []),
+            "selected": data.get("selected", []),
+        }
         self.orders_completed += 1
         self.app.emit("order.completed", order)
 
     def _station_failed(self, _event: str, data: dict[str, Any]) -> None:
         station_id = str(data.get("source_id"))
         get_logger(station_id).error("Station failed for good: %s", data.get("error"))
-        self.app.emit("station.failed", {"station_id": station_id, "error": data.get("error"),
-                                         "attempts": data.get("attempts")})
+        self.app.emit(
+            "station.failed",
+            {
+                "station_id": station_id,
+                "error": data.get("error"),
+                "attempts": data.get("attempts"),
+            },
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the event sinks and start every station."""
         if self._store_events:
-            self._store = StateStore(self.settings.resolved_database_url,
-                                     sqlite_synchronous=self.settings.sqlite_synchronous)
-            self._sinks.append(StoreEventSink(
-                self._store, self.app.name,
-                retention_days=self.settings.events_retention_days))
+            self._store = StateStore(
+                self.settings.resolved_database_url,
+                sqlite_synchronous=self.settings.sqlite_synchronous,
+            )
+            self._sinks.append(
+                StoreEventSink(
+                    self._store, self.app.name, retention_days=self.settings.events_retention_days
+                )
+            )
         if self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
             stream = f"{self.settings.broker_namespace}:events:{self.app.name}"
             self._sinks.append(RedisEventSink(self.settings.broker_url, stream))
@@ -516,7 +637,6 @@ def parse_stations(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         station_id, sep, spec = item.partition("=")
         if not sep or not station_id.strip() or not spec.strip():
-            raise ConfigError(f"station {item!r}: give STATION_ID=SOURCE, e.g. "
-                              "station_1=video.mp4")
+            raise ConfigError(f"station {item!r}: give STATION_ID=SOURCE, e.g. station_1=video.mp4")
         stations[station_id.strip()] = spec.strip()
     return stations

@@ -51,14 +51,17 @@ def read_stations_file(path: Path) -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"stations file {path}: {exc}") from exc
     if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise ConfigError(f"stations file {path}: expected a JSON object of "
-                          '"station_id": "source" strings')
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise ConfigError(
+            f'stations file {path}: expected a JSON object of "station_id": "source" strings'
+        )
     return data
 
 
-async def watch_stations(service: OrderAccuracy, path: Path, stop: asyncio.Event,
-                         interval: float = 0.5) -> None:
+async def watch_stations(
+    service: OrderAccuracy, path: Path, stop: asyncio.Event, interval: float = 0.5
+) -> None:
     """Apply ``path`` now and each time it changes, until ``stop``. A bad edit is logged and
     the stations keep running as they are."""
     seen: tuple[int, int] | None = None
@@ -109,12 +112,21 @@ async def main_async(args: argparse.Namespace) -> int:
     if not stations and args.stations_file is None:
         raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
     service = OrderAccuracy(
-        settings, selected=args.selected, order_timeout=order_timeout,
-        max_order_seconds=args.max_order_seconds, best_frames=args.best_frames,
-        capture=args.capture, fps=args.fps, loop=loop_files, tag_workers=args.tag_workers,
-        max_restarts=args.max_restarts, stall_timeout=args.stall_timeout,
-        backoff=Backoff(args.restart_delay, 2.0, 60.0, 0.0))
+        settings,
+        selected=args.selected,
+        order_timeout=order_timeout,
+        max_order_seconds=args.max_order_seconds,
+        best_frames=args.best_frames,
+        capture=args.capture,
+        fps=args.fps,
+        loop=loop_files,
+        tag_workers=args.tag_workers,
+        max_restarts=args.max_restarts,
+        stall_timeout=args.stall_timeout,
+        backoff=Backoff(args.restart_delay, 2.0, 60.0, 0.0),
+    )
     if args.json:
+
         def print_event(event: str, data: dict[str, Any]) -> None:
             print(json.dumps({"type": event, **data}, default=str), flush=True)
 
@@ -127,8 +139,9 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        server, thread = start_http_server(args.metrics_port, "127.0.0.1",
-                                           registry=service.app.registry)
+        server, thread = start_http_server(
+            args.metrics_port, "127.0.0.1", registry=service.app.registry
+        )
         log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
     await service.apply(stations)  # a bad station is reported and skipped
     if not service.specs and args.stations_file is None:
@@ -156,6 +169,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = False) -> Any:
     """An argparse type: a number >= ``minimum`` (> with ``strict``), or a clear error."""
+
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
@@ -163,51 +177,104 @@ def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = Fal
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(
-                f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+                f"must be {'>' if strict else '>='} {minimum:g}, got {text}"
+            )
         return value
+
     return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Order-accuracy stations on framepipe (one persistent capture per station).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--station", action="append", metavar="ID=SOURCE",
-                        help="a station and its video file, stream URL or cmd:COMMAND "
-                             "(repeat for more stations)")
-    parser.add_argument("--stations-file", type=Path, metavar="FILE",
-                        help="a JSON object of stations, re-read when it changes")
-    parser.add_argument("--demo", action="store_true",
-                        help="generate a station video and run station_1 and station_2 on it")
-    parser.add_argument("--capture", choices=["ffmpeg", "gst", "av"], default="ffmpeg",
-                        help="how files and URLs are captured (default: an ffmpeg "
-                             "subprocess per station)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--station",
+        action="append",
+        metavar="ID=SOURCE",
+        help="a station and its video file, stream URL or cmd:COMMAND (repeat for more stations)",
+    )
+    parser.add_argument(
+        "--stations-file",
+        type=Path,
+        metavar="FILE",
+        help="a JSON object of stations, re-read when it changes",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="generate a station video and run station_1 and station_2 on it",
+    )
+    parser.add_argument(
+        "--capture",
+        choices=["ffmpeg", "gst", "av"],
+        default="ffmpeg",
+        help="how files and URLs are captured (default: an ffmpeg subprocess per station)",
+    )
     parser.add_argument("--loop", action="store_true", help="play video files forever")
-    parser.add_argument("--fps", type=_number(float, 0, strict=True), default=None,
-                        help="capture rate (default: the source's own)")
-    parser.add_argument("--order-timeout", type=_number(float, 0, strict=True), default=None,
-                        metavar="SECONDS",
-                        help="an order closes after this long without its tag (default 10; "
-                             "2 with --demo, whose idle gaps are 2.5 s)")
+    parser.add_argument(
+        "--fps",
+        type=_number(float, 0, strict=True),
+        default=None,
+        help="capture rate (default: the source's own)",
+    )
+    parser.add_argument(
+        "--order-timeout",
+        type=_number(float, 0, strict=True),
+        default=None,
+        metavar="SECONDS",
+        help="an order closes after this long without its tag (default 10; "
+        "2 with --demo, whose idle gaps are 2.5 s)",
+    )
     parser.add_argument("--max-order-seconds", type=_number(float, 0, strict=True), default=None)
-    parser.add_argument("--best-frames", type=_number(int, 0), default=3,
-                        help="frames per order copied to --selected (sharpest tag)")
-    parser.add_argument("--selected", default="selected/",
-                        help="a key prefix, or an object store URL (s3://selected?endpoint=...)")
+    parser.add_argument(
+        "--best-frames",
+        type=_number(int, 0),
+        default=3,
+        help="frames per order copied to --selected (sharpest tag)",
+    )
+    parser.add_argument(
+        "--selected",
+        default="selected/",
+        help="a key prefix, or an object store URL (s3://selected?endpoint=...)",
+    )
     parser.add_argument("--tag-workers", type=_number(int, 1), default=2)
-    parser.add_argument("--max-restarts", type=_number(int, 0), default=5,
-                        help="capture restarts before a station fails for good (default 5)")
-    parser.add_argument("--restart-delay", type=_number(float, 0), default=2.0,
-                        help="first restart delay, doubled each time up to 60 s (default 2)")
-    parser.add_argument("--stall-timeout", type=_number(float, 0, strict=True), default=10.0,
-                        help="a capture with no frame for this long is restarted")
-    parser.add_argument("--duration", type=_number(float, 0, strict=True), default=None,
-                        help="stop after this many seconds (default: run until Ctrl-C)")
+    parser.add_argument(
+        "--max-restarts",
+        type=_number(int, 0),
+        default=5,
+        help="capture restarts before a station fails for good (default 5)",
+    )
+    parser.add_argument(
+        "--restart-delay",
+        type=_number(float, 0),
+        default=2.0,
+        help="first restart delay, doubled each time up to 60 s (default 2)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=_number(float, 0, strict=True),
+        default=10.0,
+        help="a capture with no frame for this long is restarted",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_number(float, 0, strict=True),
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
     parser.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
-    parser.add_argument("--metrics-port", type=_number(int, 0), default=None, metavar="PORT",
-                        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics: per station "
-                             "capture fps, restarts, stalls, stage latency and queue depth, "
-                             "orders completed and their latency")
+    parser.add_argument(
+        "--metrics-port",
+        type=_number(int, 0),
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on 127.0.0.1:PORT/metrics: per station "
+        "capture fps, restarts, stalls, stage latency and queue depth, "
+        "orders completed and their latency",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 

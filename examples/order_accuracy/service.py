@@ -38,8 +38,9 @@ def _stations() -> dict[str, str]:
     if path:
         stations.update(read_stations_file(Path(path)))
     if not stations:
-        raise ConfigError("no station: set ORDER_STATIONS='station_1=video.mp4,...' or "
-                          "ORDER_STATIONS_FILE")
+        raise ConfigError(
+            "no station: set ORDER_STATIONS='station_1=video.mp4,...' or ORDER_STATIONS_FILE"
+        )
     return stations
 
 
@@ -60,7 +61,8 @@ service = OrderAccuracy(
     selected=os.environ.get("ORDER_SELECTED", "selected/"),
     capture=capture,  # type: ignore[arg-type]
     loop=os.environ.get("ORDER_LOOP", "") in ("1", "true", "yes"),
-    store_events=False)
+    store_events=False,
+)
 for _station, _spec in _stations().items():
     service.add_station_before_start(_station, _spec)
 app = service.app

@@ -81,17 +81,34 @@ class FaceRecognitionProcessor(ProcessorClient):
     with processes). ``upsample`` is the HOG detector's own extra upsampling (slower).
     """
 
-    def __init__(self, processor_id: str = DEFAULT_ID, *, capacity: int = 10,
-                 result_stream: str = RESULT_STREAM, redis_url: str = DEFAULT_REDIS_URL,
-                 namespace: str = DEFAULT_NAMESPACE, health_interval: float = 5.0,
-                 known_dir: str | os.PathLike[str] | None = None, tolerance: float = 0.6,
-                 upscale_below: int = 300, landmarks: int = 5, threads: int = 1,
-                 upsample: int = 0, include_encodings: bool = False,
-                 **client_options: Any) -> None:
-        super().__init__(processor_id, list(CAPABILITIES), capacity=capacity,
-                         result_stream=result_stream, redis_url=redis_url,
-                         health_interval=health_interval, namespace=namespace,
-                         **client_options)
+    def __init__(
+        self,
+        processor_id: str = DEFAULT_ID,
+        *,
+        capacity: int = 10,
+        result_stream: str = RESULT_STREAM,
+        redis_url: str = DEFAULT_REDIS_URL,
+        namespace: str = DEFAULT_NAMESPACE,
+        health_interval: float = 5.0,
+        known_dir: str | os.PathLike[str] | None = None,
+        tolerance: float = 0.6,
+        upscale_below: int = 300,
+        landmarks: int = 5,
+        threads: int = 1,
+        upsample: int = 0,
+        include_encodings: bool = False,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(
+            processor_id,
+            list(CAPABILITIES),
+            capacity=capacity,
+            result_stream=result_stream,
+            redis_url=redis_url,
+            health_interval=health_interval,
+            namespace=namespace,
+            **client_options,
+        )
         if landmarks not in (5, 68):
             raise ValueError(f"landmarks must be 5 or 68, not {landmarks}")
         if threads < 1 or upsample < 0 or tolerance <= 0:
@@ -105,9 +122,13 @@ class FaceRecognitionProcessor(ProcessorClient):
         self.include_encodings = include_encodings
         self.known: list[KnownFace] = []
         self.matcher = FaceMatcher((), tolerance)
-        self.analyzer = FaceAnalyzer(model="hog", landmarks=landmarks,
-                                     upscale_below=upscale_below, upsample=upsample,
-                                     sets=threads)
+        self.analyzer = FaceAnalyzer(
+            model="hog",
+            landmarks=landmarks,
+            upscale_below=upscale_below,
+            upsample=upsample,
+            sets=threads,
+        )
         self._executor: ThreadPoolExecutor | None = None
         self.frames_with_faces = 0
 
@@ -123,17 +144,20 @@ class FaceRecognitionProcessor(ProcessorClient):
         try:
             await loop.run_in_executor(executor, self.analyzer.load)
             if self.known_dir is not None:
-                self.known = await loop.run_in_executor(executor, self._load_known,
-                                                        self.known_dir)
+                self.known = await loop.run_in_executor(executor, self._load_known, self.known_dir)
                 self.matcher = FaceMatcher(self.known, self.tolerance)
         except BaseException:
             executor.shutdown(wait=False, cancel_futures=True)
             raise
         self._executor = executor
-        self.log.info("Models loaded in %.2fs (%d thread(s), %d-point landmarks); %d known "
-                      "face(s)%s", time.perf_counter() - started, self.threads, self.landmarks,
-                      len(self.known), f": {', '.join(k.name for k in self.known)}"
-                      if self.known else "")
+        self.log.info(
+            "Models loaded in %.2fs (%d thread(s), %d-point landmarks); %d known face(s)%s",
+            time.perf_counter() - started,
+            self.threads,
+            self.landmarks,
+            len(self.known),
+            f": {', '.join(k.name for k in self.known)}" if self.known else "",
+        )
 
     async def start(self) -> None:
         """Load the models, then register and process frames until stopped."""
@@ -164,8 +188,7 @@ class FaceRecognitionProcessor(ProcessorClient):
 
     # -- frames -------------------------------------------------------------------------------
 
-    def _analyse_frame(self, frame_data: dict[bytes, bytes]) -> tuple[list[Face],
-                                                                     tuple[int, int]]:
+    def _analyse_frame(self, frame_data: dict[bytes, bytes]) -> tuple[list[Face], tuple[int, int]]:
         """Decode, upscale, detect and encode (in a worker thread)."""
         bgr = self.decode_image(frame_data)
         return self.analyzer.analyse(bgr), (int(bgr.shape[1]), int(bgr.shape[0]))
@@ -175,14 +198,18 @@ class FaceRecognitionProcessor(ProcessorClient):
         if self._executor is None:
             raise RuntimeError("FaceRecognitionProcessor.setup() has not run")
         loop = asyncio.get_running_loop()
-        detections, size = await loop.run_in_executor(self._executor, self._analyse_frame,
-                                                      frame_data)
+        detections, size = await loop.run_in_executor(
+            self._executor, self._analyse_frame, frame_data
+        )
         faces: list[dict[str, Any]] = []
         for detection in detections:
             name, distance = self.match(detection.encoding)
-            face: dict[str, Any] = {"box": detection.box.as_list(),
-                                    "score": round(detection.box.score, 4), "name": name,
-                                    "distance": None if distance is None else round(distance, 4)}
+            face: dict[str, Any] = {
+                "box": detection.box.as_list(),
+                "score": round(detection.box.score, 4),
+                "name": name,
+                "distance": None if distance is None else round(distance, 4),
+            }
             if self.include_encodings:
                 face["encoding"] = [round(float(v), 6) for v in detection.encoding]
             faces.append(face)
@@ -191,11 +218,16 @@ class FaceRecognitionProcessor(ProcessorClient):
         seq: Any = None
         with contextlib.suppress(ValueError, TypeError):
             seq = self.metadata(frame_data).get("seq")
-        return {"frame_id": frame_data[b"frame_id"].decode(),
-                "camera_id": frame_data.get(b"camera_id", b"").decode(),
-                "seq": seq, "faces_detected": len(faces), "faces": faces,
-                "image_size": list(size), "processor_id": self.processor_id,
-                "timestamp": time.time()}
+        return {
+            "frame_id": frame_data[b"frame_id"].decode(),
+            "camera_id": frame_data.get(b"camera_id", b"").decode(),
+            "seq": seq,
+            "faces_detected": len(faces),
+            "faces": faces,
+            "image_size": list(size),
+            "processor_id": self.processor_id,
+            "timestamp": time.time(),
+        }
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -204,33 +236,59 @@ class FaceRecognitionProcessor(ProcessorClient):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (defaults from the environment where noted)."""
     parser = argparse.ArgumentParser(
-        description="Face detection and recognition processor (dlib) for framepipe.")
-    parser.add_argument("--id", default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
-                        help="processor id, unique in the namespace (env PROCESSOR_ID; "
-                             f"default {DEFAULT_ID})")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-                        help="Redis URL (env REDIS_URL)")
-    parser.add_argument("--namespace",
-                        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-                        help="registry key prefix (env FRAMEPIPE_NAMESPACE)")
-    parser.add_argument("--result-stream", default=RESULT_STREAM,
-                        help=f"stream receiving the results (default {RESULT_STREAM})")
+        description="Face detection and recognition processor (dlib) for framepipe."
+    )
+    parser.add_argument(
+        "--id",
+        default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
+        help=f"processor id, unique in the namespace (env PROCESSOR_ID; default {DEFAULT_ID})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
+        help="Redis URL (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
+        help="registry key prefix (env FRAMEPIPE_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--result-stream",
+        default=RESULT_STREAM,
+        help=f"stream receiving the results (default {RESULT_STREAM})",
+    )
     parser.add_argument("--capacity", type=int, default=10, help="frames in flight (10)")
-    parser.add_argument("--health-interval", type=float, default=5.0,
-                        help="heartbeat period in seconds (5)")
-    parser.add_argument("--known", type=Path, default=None,
-                        help="directory of <name>.jpg images of known faces")
-    parser.add_argument("--tolerance", type=float, default=0.6,
-                        help="largest encoding distance of a match (0.6)")
-    parser.add_argument("--upscale-below", type=int, default=300,
-                        help="upscale images narrower than this x2 (0: never; 300)")
-    parser.add_argument("--landmarks", type=int, choices=(5, 68), default=5,
-                        help="shape predictor (5 or 68 points)")
+    parser.add_argument(
+        "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
+    )
+    parser.add_argument(
+        "--known", type=Path, default=None, help="directory of <name>.jpg images of known faces"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.6, help="largest encoding distance of a match (0.6)"
+    )
+    parser.add_argument(
+        "--upscale-below",
+        type=int,
+        default=300,
+        help="upscale images narrower than this x2 (0: never; 300)",
+    )
+    parser.add_argument(
+        "--landmarks", type=int, choices=(5, 68), default=5, help="shape predictor (5 or 68 points)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="model sets / threads (1)")
-    parser.add_argument("--upsample", type=int, default=0,
-                        help="extra HOG upsampling passes (slower, finds smaller faces)")
-    parser.add_argument("--include-encodings", action="store_true",
-                        help="put each face's 128-d encoding in the result")
+    parser.add_argument(
+        "--upsample",
+        type=int,
+        default=0,
+        help="extra HOG upsampling passes (slower, finds smaller faces)",
+    )
+    parser.add_argument(
+        "--include-encodings",
+        action="store_true",
+        help="put each face's 128-d encoding in the result",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return parser
 
@@ -238,12 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> None:
     """Build the processor from parsed options and run it until SIGTERM/SIGINT."""
     processor = FaceRecognitionProcessor(
-        args.id, capacity=args.capacity, result_stream=args.result_stream,
-        redis_url=args.redis_url, namespace=args.namespace,
-        health_interval=args.health_interval, known_dir=args.known,
-        tolerance=args.tolerance, upscale_below=args.upscale_below, landmarks=args.landmarks,
-        threads=args.threads, upsample=args.upsample,
-        include_encodings=args.include_encodings)
+        args.id,
+        capacity=args.capacity,
+        result_stream=args.result_stream,
+        redis_url=args.redis_url,
+        namespace=args.namespace,
+        health_interval=args.health_interval,
+        known_dir=args.known,
+        tolerance=args.tolerance,
+        upscale_below=args.upscale_below,
+        landmarks=args.landmarks,
+        threads=args.threads,
+        upsample=args.upsample,
+        include_encodings=args.include_encodings,
+    )
     await processor.run()  # installs the SIGTERM/SIGINT handlers, loads models, serves
 
 

@@ -110,8 +110,11 @@ class Summary:
     @property
     def failed(self) -> bool:
         """True when a frame got an error (or no answer)."""
-        return bool(self.error_messages) or not self.drained or any(
-            s.errors for s in self.capabilities.values())
+        return (
+            bool(self.error_messages)
+            or not self.drained
+            or any(s.errors for s in self.capabilities.values())
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -122,21 +125,25 @@ class Summary:
 
     def lines(self) -> list[str]:
         """A human-readable report."""
-        out = [f"camera {self.camera_id}: {self.frames} frame(s) from {self.source} sent in "
-               f"{self.elapsed_s:.2f}s ({self.fps:.1f} fps)"]
+        out = [
+            f"camera {self.camera_id}: {self.frames} frame(s) from {self.source} sent in "
+            f"{self.elapsed_s:.2f}s ({self.fps:.1f} fps)"
+        ]
         for capability, stats in self.capabilities.items():
             text = f"  {capability}: {stats.routed} routed"
             if stats.results or stats.errors:
                 text += f", {stats.results} result(s), {stats.errors} error(s)"
             if stats.frames_with_faces:
                 names = ", ".join(f"{n} x{c}" for n, c in sorted(stats.names.items()))
-                text += (f", faces in {stats.frames_with_faces} frame(s)"
-                         + (f" (recognised: {names})" if names else ""))
+                text += f", faces in {stats.frames_with_faces} frame(s)" + (
+                    f" (recognised: {names})" if names else ""
+                )
             if stats.frames_moving:
                 text += f", motion in {stats.frames_moving} frame(s)"
             if stats.processors:
-                text += " [" + ", ".join(f"{p}: {n}" for p, n in
-                                         sorted(stats.processors.items())) + "]"
+                text += (
+                    " [" + ", ".join(f"{p}: {n}" for p, n in sorted(stats.processors.items())) + "]"
+                )
             out.append(text)
         if not self.drained:
             out.append("  some frames were not answered in time")
@@ -149,9 +156,14 @@ def open_source(options: InjectOptions) -> Source:
     if options.source == "pattern":
         if options.count is None:
             raise ValueError("--source pattern needs --count (the pattern is endless)")
-        return PatternSource(options.camera_id, width=options.width, height=options.height,
-                             fps=options.rate if options.rate > 0 else 25.0,
-                             count=options.count, realtime=False)
+        return PatternSource(
+            options.camera_id,
+            width=options.width,
+            height=options.height,
+            fps=options.rate if options.rate > 0 else 25.0,
+            count=options.count,
+            realtime=False,
+        )
     if "://" not in options.source and not Path(options.source).is_file():
         raise FileNotFoundError(f"video file {options.source} does not exist")
     return VideoSource(options.source, options.camera_id, loop=options.loop)
@@ -176,14 +188,16 @@ def _record(stats: CapabilityStats, result: ProcessorResult) -> None:
         stats.frames_moving += 1
 
 
-async def _drain(registry: ProcessorRegistry, capabilities: Sequence[str],
-                 timeout: float) -> bool:  # noqa: ASYNC109 - a plain bound
+async def _drain(registry: ProcessorRegistry, capabilities: Sequence[str], timeout: float) -> bool:  # noqa: ASYNC109 - a plain bound
     """Wait until no processor of ``capabilities`` holds a frame of this registry."""
     deadline = time.monotonic() + timeout
     wanted = set(capabilities)
     while True:
-        busy = sum(p.outstanding for p in registry.processors(include_departed=False)
-                   if wanted & set(p.capabilities))
+        busy = sum(
+            p.outstanding
+            for p in registry.processors(include_departed=False)
+            if wanted & set(p.capabilities)
+        )
         if busy == 0:
             return True
         if time.monotonic() >= deadline:
@@ -194,15 +208,17 @@ async def _drain(registry: ProcessorRegistry, capabilities: Sequence[str],
 class _Injector:
     """One run: the registry, the per-capability limits and the tasks awaiting results."""
 
-    def __init__(self, options: InjectOptions, registry: ProcessorRegistry,
-                 summary: Summary) -> None:
+    def __init__(
+        self, options: InjectOptions, registry: ProcessorRegistry, summary: Summary
+    ) -> None:
         self.options = options
         self.registry = registry
         self.summary = summary
         self.capabilities = list(summary.capabilities)
         self.run = secrets.token_hex(3)
-        self.limits = {c: asyncio.Semaphore(max(1, options.max_in_flight))
-                       for c in self.capabilities}
+        self.limits = {
+            c: asyncio.Semaphore(max(1, options.max_in_flight)) for c in self.capabilities
+        }
         self.pending: set[asyncio.Task[None]] = set()
 
     async def send(self, frame: Frame) -> None:
@@ -232,7 +248,8 @@ class _Injector:
             _record(stats, result)
             if not result.ok:
                 self.summary.error_messages.append(
-                    f"{result.frame_id}: {result.error_kind} error: {result.error}")
+                    f"{result.frame_id}: {result.error_kind} error: {result.error}"
+                )
         finally:
             self.limits[capability].release()
 
@@ -242,8 +259,9 @@ class _Injector:
         if self.pending:
             await asyncio.wait(set(self.pending))
         if not self.options.wait_results:
-            self.summary.drained = await _drain(self.registry, self.capabilities,
-                                                self.options.result_timeout)
+            self.summary.drained = await _drain(
+                self.registry, self.capabilities, self.options.result_timeout
+            )
 
     def cancel(self) -> None:
         """Stop waiting for results (the run was interrupted)."""
@@ -260,13 +278,18 @@ async def inject(options: InjectOptions) -> Summary:
         raise ValueError("give at least one --capability")
     if options.count is not None and options.count < 1:
         raise ValueError("--count must be >= 1")
-    summary = Summary(options.camera_id, options.source,
-                      capabilities={c: CapabilityStats()
-                                    for c in dict.fromkeys(options.capabilities)})
+    summary = Summary(
+        options.camera_id,
+        options.source,
+        capabilities={c: CapabilityStats() for c in dict.fromkeys(options.capabilities)},
+    )
     source = open_source(options)
-    registry = ProcessorRegistry(options.redis_url, options.namespace,
-                                 route_timeout=options.route_wait,
-                                 result_timeout=options.result_timeout)
+    registry = ProcessorRegistry(
+        options.redis_url,
+        options.namespace,
+        route_timeout=options.route_wait,
+        result_timeout=options.result_timeout,
+    )
     async with registry:
         for capability in summary.capabilities:
             await registry.wait_for_processor(capability, timeout=options.wait_processors)
@@ -297,30 +320,58 @@ async def inject(options: InjectOptions) -> Summary:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(
-        description="Route frames of a video file or a synthetic pattern to registered "
-                    "processors.")
+        description="Route frames of a video file or a synthetic pattern to registered processors."
+    )
     parser.add_argument("--camera-id", default="cam1", help="camera id of the frames (cam1)")
-    parser.add_argument("--source", default="pattern",
-                        help="a video file (or URL), or 'pattern' for synthetic frames")
-    parser.add_argument("--rate", type=float, default=10.0,
-                        help="frames per second (10; 0: as fast as processed)")
-    parser.add_argument("--count", type=int, default=None,
-                        help="frames to send (default: the whole file; 100 for a pattern)")
-    parser.add_argument("--capability", action="append", dest="capabilities", metavar="NAME",
-                        help="capability to route to (repeatable; default face_detection)")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-                        help="Redis URL (env REDIS_URL)")
-    parser.add_argument("--namespace",
-                        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-                        help="registry key prefix (env FRAMEPIPE_NAMESPACE)")
-    parser.add_argument("--wait-results", action="store_true",
-                        help="collect every result and summarise them")
-    parser.add_argument("--wait-processors", type=float, default=60.0,
-                        help="seconds to wait for a processor of each capability (60)")
-    parser.add_argument("--result-timeout", type=float, default=60.0,
-                        help="seconds to wait for a frame's result (60)")
-    parser.add_argument("--max-in-flight", type=int, default=20,
-                        help="frames awaiting a result per capability (20)")
+    parser.add_argument(
+        "--source",
+        default="pattern",
+        help="a video file (or URL), or 'pattern' for synthetic frames",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=10.0, help="frames per second (10; 0: as fast as processed)"
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="frames to send (default: the whole file; 100 for a pattern)",
+    )
+    parser.add_argument(
+        "--capability",
+        action="append",
+        dest="capabilities",
+        metavar="NAME",
+        help="capability to route to (repeatable; default face_detection)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
+        help="Redis URL (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
+        help="registry key prefix (env FRAMEPIPE_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--wait-results", action="store_true", help="collect every result and summarise them"
+    )
+    parser.add_argument(
+        "--wait-processors",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a processor of each capability (60)",
+    )
+    parser.add_argument(
+        "--result-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a frame's result (60)",
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=20, help="frames awaiting a result per capability (20)"
+    )
     parser.add_argument("--loop", action="store_true", help="loop a video file")
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality (85)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -334,16 +385,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level.upper(), stream=sys.stderr)
     count = args.count if args.count is not None or args.source != "pattern" else 100
     options = InjectOptions(
-        camera_id=args.camera_id, source=args.source,
-        capabilities=args.capabilities or ["face_detection"], count=count, rate=args.rate,
-        redis_url=args.redis_url, namespace=args.namespace, wait_results=args.wait_results,
-        wait_processors=args.wait_processors, result_timeout=args.result_timeout,
-        max_in_flight=args.max_in_flight, quality=args.quality, loop=args.loop)
+        camera_id=args.camera_id,
+        source=args.source,
+        capabilities=args.capabilities or ["face_detection"],
+        count=count,
+        rate=args.rate,
+        redis_url=args.redis_url,
+        namespace=args.namespace,
+        wait_results=args.wait_results,
+        wait_processors=args.wait_processors,
+        result_timeout=args.result_timeout,
+        max_in_flight=args.max_in_flight,
+        quality=args.quality,
+        loop=args.loop,
+    )
     try:
         summary = asyncio.run(inject(options))
     except NoProcessorError as exc:
-        print(f"inject: error: {exc} (is the processor running, in namespace "
-              f"{options.namespace!r}?)", file=sys.stderr)
+        print(
+            f"inject: error: {exc} (is the processor running, in namespace {options.namespace!r}?)",
+            file=sys.stderr,
+        )
         return 2
     except (FramepipeError, FileNotFoundError, ValueError) as exc:
         print(f"inject: error: {exc}", file=sys.stderr)
@@ -357,4 +419,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -48,15 +48,31 @@ class MotionProcessor(ProcessorClient):
     ``{"frame_id", "camera_id", "seq", "motion": float 0-1, "moving": bool, "processor_id",
     "timestamp"}`` (see the module docstring)."""
 
-    def __init__(self, processor_id: str = DEFAULT_ID, *, capacity: int = 4,
-                 result_stream: str = RESULT_STREAM, redis_url: str = DEFAULT_REDIS_URL,
-                 namespace: str = DEFAULT_NAMESPACE, health_interval: float = 5.0,
-                 pixel_threshold: int = 25, moving_threshold: float = 0.01,
-                 max_width: int = 320, blur: int = 5, **client_options: Any) -> None:
-        super().__init__(processor_id, list(CAPABILITIES), capacity=capacity,
-                         result_stream=result_stream, redis_url=redis_url,
-                         health_interval=health_interval, namespace=namespace,
-                         **client_options)
+    def __init__(
+        self,
+        processor_id: str = DEFAULT_ID,
+        *,
+        capacity: int = 4,
+        result_stream: str = RESULT_STREAM,
+        redis_url: str = DEFAULT_REDIS_URL,
+        namespace: str = DEFAULT_NAMESPACE,
+        health_interval: float = 5.0,
+        pixel_threshold: int = 25,
+        moving_threshold: float = 0.01,
+        max_width: int = 320,
+        blur: int = 5,
+        **client_options: Any,
+    ) -> None:
+        super().__init__(
+            processor_id,
+            list(CAPABILITIES),
+            capacity=capacity,
+            result_stream=result_stream,
+            redis_url=redis_url,
+            health_interval=health_interval,
+            namespace=namespace,
+            **client_options,
+        )
         if not 0 <= pixel_threshold <= 255 or not 0 <= moving_threshold <= 1:
             raise ValueError("pixel_threshold must be 0-255 and moving_threshold 0-1")
         if max_width < 8 or blur < 0:
@@ -94,10 +110,15 @@ class MotionProcessor(ProcessorClient):
         seq: Any = None
         with contextlib.suppress(ValueError, TypeError):
             seq = self.metadata(frame_data).get("seq")
-        return {"frame_id": frame_data[b"frame_id"].decode(), "camera_id": camera_id,
-                "seq": seq, "motion": round(motion, 6),
-                "moving": motion >= self.moving_threshold,
-                "processor_id": self.processor_id, "timestamp": time.time()}
+        return {
+            "frame_id": frame_data[b"frame_id"].decode(),
+            "camera_id": camera_id,
+            "seq": seq,
+            "motion": round(motion, 6),
+            "moving": motion >= self.moving_threshold,
+            "processor_id": self.processor_id,
+            "timestamp": time.time(),
+        }
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -106,22 +127,42 @@ class MotionProcessor(ProcessorClient):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (defaults from the environment where noted)."""
     parser = argparse.ArgumentParser(description="Motion (frame differencing) processor.")
-    parser.add_argument("--id", default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
-                        help=f"processor id (env PROCESSOR_ID; default {DEFAULT_ID})")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-                        help="Redis URL (env REDIS_URL)")
-    parser.add_argument("--namespace",
-                        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-                        help="registry key prefix (env FRAMEPIPE_NAMESPACE)")
-    parser.add_argument("--result-stream", default=RESULT_STREAM,
-                        help=f"stream receiving the results (default {RESULT_STREAM})")
+    parser.add_argument(
+        "--id",
+        default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
+        help=f"processor id (env PROCESSOR_ID; default {DEFAULT_ID})",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
+        help="Redis URL (env REDIS_URL)",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
+        help="registry key prefix (env FRAMEPIPE_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--result-stream",
+        default=RESULT_STREAM,
+        help=f"stream receiving the results (default {RESULT_STREAM})",
+    )
     parser.add_argument("--capacity", type=int, default=4, help="frames in flight (4)")
-    parser.add_argument("--health-interval", type=float, default=5.0,
-                        help="heartbeat period in seconds (5)")
-    parser.add_argument("--pixel-threshold", type=int, default=25,
-                        help="brightness change that counts a pixel as changed (25)")
-    parser.add_argument("--moving-threshold", type=float, default=0.01,
-                        help="fraction of changed pixels that means motion (0.01)")
+    parser.add_argument(
+        "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
+    )
+    parser.add_argument(
+        "--pixel-threshold",
+        type=int,
+        default=25,
+        help="brightness change that counts a pixel as changed (25)",
+    )
+    parser.add_argument(
+        "--moving-threshold",
+        type=float,
+        default=0.01,
+        help="fraction of changed pixels that means motion (0.01)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return parser
 
@@ -132,10 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level.upper(), stream=sys.stderr)
     try:
         processor = MotionProcessor(
-            args.id, capacity=args.capacity, result_stream=args.result_stream,
-            redis_url=args.redis_url, namespace=args.namespace,
-            health_interval=args.health_interval, pixel_threshold=args.pixel_threshold,
-            moving_threshold=args.moving_threshold)
+            args.id,
+            capacity=args.capacity,
+            result_stream=args.result_stream,
+            redis_url=args.redis_url,
+            namespace=args.namespace,
+            health_interval=args.health_interval,
+            pixel_threshold=args.pixel_threshold,
+            moving_threshold=args.moving_threshold,
+        )
         asyncio.run(processor.run())
     except (FramepipeError, ValueError) as exc:
         print(f"motion_processor: error: {exc}", file=sys.stderr)

@@ -54,8 +54,9 @@ def _stop(procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str
         try:
             codes[name] = proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            print(f"run_fleet: {name} did not stop within {timeout:g}s; killing it",
-                  file=sys.stderr)
+            print(
+                f"run_fleet: {name} did not stop within {timeout:g}s; killing it", file=sys.stderr
+            )
             proc.kill()
             codes[name] = proc.wait()
     return codes
@@ -64,18 +65,23 @@ def _stop(procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(description="Run the processor fleet demo.")
-    parser.add_argument("--source", default=None,
-                        help="video file or 'pattern' (default: the carphone clip if found)")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="video file or 'pattern' (default: the carphone clip if found)",
+    )
     parser.add_argument("--count", type=int, default=60, help="frames to inject (60)")
     parser.add_argument("--rate", type=float, default=10.0, help="frames per second (10)")
     parser.add_argument("--camera-id", default="cam1")
     parser.add_argument("--known", default=None, help="directory of <name>.jpg known faces")
     parser.add_argument("--no-motion", action="store_true", help="run no motion processor")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
-    parser.add_argument("--namespace",
-                        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE))
-    parser.add_argument("--result-prefix", default="",
-                        help="prefix of the result streams ('' gives faces:detected)")
+    parser.add_argument(
+        "--namespace", default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE)
+    )
+    parser.add_argument(
+        "--result-prefix", default="", help="prefix of the result streams ('' gives faces:detected)"
+    )
     parser.add_argument("--health-interval", type=float, default=2.0)
     return parser
 
@@ -84,22 +90,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start the processors, inject, stop the processors; the exit code."""
     args = build_parser().parse_args(argv)
     source = args.source or default_source()
-    common = ["--redis-url", args.redis_url, "--namespace", args.namespace,
-              "--health-interval", str(args.health_interval)]
-    face_cmd = [sys.executable, str(HERE / "face_processor.py"), *common,
-                "--result-stream", f"{args.result_prefix}faces:detected"]
+    common = [
+        "--redis-url",
+        args.redis_url,
+        "--namespace",
+        args.namespace,
+        "--health-interval",
+        str(args.health_interval),
+    ]
+    face_cmd = [
+        sys.executable,
+        str(HERE / "face_processor.py"),
+        *common,
+        "--result-stream",
+        f"{args.result_prefix}faces:detected",
+    ]
     if args.known:
         face_cmd += ["--known", args.known]
     commands = {"face-recognition-1": face_cmd}
     capabilities = ["face_detection"]
     if not args.no_motion:
-        commands["motion-1"] = [sys.executable, str(HERE / "motion_processor.py"), *common,
-                                "--result-stream", f"{args.result_prefix}motion:detected"]
+        commands["motion-1"] = [
+            sys.executable,
+            str(HERE / "motion_processor.py"),
+            *common,
+            "--result-stream",
+            f"{args.result_prefix}motion:detected",
+        ]
         capabilities.append("motion_detection")
-    inject_cmd = [sys.executable, str(HERE / "inject.py"), "--redis-url", args.redis_url,
-                  "--namespace", args.namespace, "--source", source, "--count",
-                  str(args.count), "--rate", str(args.rate), "--camera-id", args.camera_id,
-                  "--wait-results"]
+    inject_cmd = [
+        sys.executable,
+        str(HERE / "inject.py"),
+        "--redis-url",
+        args.redis_url,
+        "--namespace",
+        args.namespace,
+        "--source",
+        source,
+        "--count",
+        str(args.count),
+        "--rate",
+        str(args.rate),
+        "--camera-id",
+        args.camera_id,
+        "--wait-results",
+    ]
     for capability in capabilities:
         inject_cmd += ["--capability", capability]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -107,8 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for name, command in commands.items():
             procs[name] = subprocess.Popen(command)
-        print(f"run_fleet: {', '.join(procs)} starting; injecting {args.count} frame(s) of "
-              f"{source} at {args.rate:g} fps", file=sys.stderr, flush=True)
+        print(
+            f"run_fleet: {', '.join(procs)} starting; injecting {args.count} frame(s) of "
+            f"{source} at {args.rate:g} fps",
+            file=sys.stderr,
+            flush=True,
+        )
         code = subprocess.run(inject_cmd, check=False).returncode
     except KeyboardInterrupt:  # Ctrl-C reached the children too: they stop by themselves
         print("run_fleet: interrupted", file=sys.stderr)
@@ -116,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = _stop(procs, 60.0)
     print(f"run_fleet: processors exited with {codes}", file=sys.stderr)
     stream = f"{args.result_prefix}faces:detected"
-    print(f"run_fleet: see the results with: redis-cli XREAD STREAMS {stream} 0",
-          file=sys.stderr)
+    print(f"run_fleet: see the results with: redis-cli XREAD STREAMS {stream} 0", file=sys.stderr)
     if any(c != 0 for c in codes.values()):
         return 1
     return code

@@ -61,9 +61,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
-             reconnect_wait: float = 30.0,
-             extra_inputs: dict[str, Any] | None = None) -> DetectorHub:
+def make_hub(
+    pipeline: Pipeline,
+    *,
+    shared_dir: Path,
+    small_limit: int = 50 * 1024**2,
+    reconnect_wait: float = 30.0,
+    extra_inputs: dict[str, Any] | None = None,
+) -> DetectorHub:
     """A detector hub that speaks the SD import's vocabulary (:mod:`sd_messages`, card
     metadata :class:`CardInfo`) and whose ``sd:file_list`` handler starts an import of
     ``pipeline``.
@@ -79,8 +84,7 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
             input_roots.append(Path(value).parent)
     running: dict[str, str] = {}  # card id -> execution id of its latest import
     # Two detectors announcing one card at once must not both start an import.
-    card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
-        asyncio.Lock)
+    card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     async def on_file_list(msg: DetectorMessage) -> None:
         listing = msg.parsed_as(FileList)  # checked by the hub against FileList
@@ -97,42 +101,72 @@ def make_hub(pipeline: Pipeline, *, shared_dir: Path, small_limit: int = 50 * 10
             except ExecutionNotFoundError:
                 status = "gone"
             if status in ("pending", "running"):
-                await msg.reply({"type": "sd:status", "session_id": listing.session_id,
-                                 "card_id": listing.card_id, "state": "already_importing",
-                                 "execution_id": previous})
+                await msg.reply(
+                    {
+                        "type": "sd:status",
+                        "session_id": listing.session_id,
+                        "card_id": listing.card_id,
+                        "state": "already_importing",
+                        "execution_id": previous,
+                    }
+                )
                 return
-        inputs = {"hub": hub.id, "session_id": listing.session_id,
-                  "detector_id": msg.detector_id, "card_id": listing.card_id,
-                  "label": listing.label, "shared_dir": str(shared_dir),
-                  "small_limit": small_limit,
-                  "files": [f.model_dump() for f in listing.files], **(extra_inputs or {})}
+        inputs = {
+            "hub": hub.id,
+            "session_id": listing.session_id,
+            "detector_id": msg.detector_id,
+            "card_id": listing.card_id,
+            "label": listing.label,
+            "shared_dir": str(shared_dir),
+            "small_limit": small_limit,
+            "files": [f.model_dump() for f in listing.files],
+            **(extra_inputs or {}),
+        }
         execution_id = await jobs.submit(pipeline, inputs, input_roots=input_roots)
         running[listing.card_id] = execution_id
-        await msg.reply({"type": "sd:status", "session_id": listing.session_id,
-                         "card_id": listing.card_id, "state": "importing",
-                         "execution_id": execution_id})
+        await msg.reply(
+            {
+                "type": "sd:status",
+                "session_id": listing.session_id,
+                "card_id": listing.card_id,
+                "state": "importing",
+                "execution_id": execution_id,
+            }
+        )
 
     register_sd_messages(hub, on_file_list=on_file_list)
     return hub
 
 
-def build_app(settings: Settings, *, shared_dir: Path, small_limit: int = 50 * 1024**2,
-              token: str | None = None, reconnect_wait: float = 30.0) -> Any:
+def build_app(
+    settings: Settings,
+    *,
+    shared_dir: Path,
+    small_limit: int = 50 * 1024**2,
+    token: str | None = None,
+    reconnect_wait: float = 30.0,
+) -> Any:
     """The service: ``create_app`` with the ``sd_import`` pipeline and its detector hub."""
     pipeline = load_pipeline(PIPELINE_REF)
-    hub = make_hub(pipeline, shared_dir=shared_dir, small_limit=small_limit,
-                   reconnect_wait=reconnect_wait)
+    hub = make_hub(
+        pipeline, shared_dir=shared_dir, small_limit=small_limit, reconnect_wait=reconnect_wait
+    )
     return create_app(settings, pipelines=[pipeline], token=token, detector_hub=hub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, required=True,
-                        help="the shared folder as this machine sees it")
+    parser.add_argument(
+        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--small-limit", type=parse_size, default=50 * 1024**2,
-                        help="files smaller than this are QR-clip candidates (default 50MB)")
+    parser.add_argument(
+        "--small-limit",
+        type=parse_size,
+        default=50 * 1024**2,
+        help="files smaller than this are QR-clip candidates (default 50MB)",
+    )
     args = parser.parse_args(argv)
     import uvicorn
 
@@ -144,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")
     args.shared.mkdir(parents=True, exist_ok=True)
-    app = build_app(settings, shared_dir=args.shared.resolve(), small_limit=args.small_limit,
-                    token=token)
+    app = build_app(
+        settings, shared_dir=args.shared.resolve(), small_limit=args.small_limit, token=token
+    )
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
     return 0
 

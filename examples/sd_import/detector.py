@@ -89,6 +89,7 @@ _IGNORED_DIRS = {"system volume information", "$recycle.bin", "lost+found"}
 
 # -- cards -----------------------------------------------------------------------------------
 
+
 def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[dict[str, Any]]:
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
     ``fingerprint``; hidden files and system folders skipped; sorted by path. Only regular
@@ -99,12 +100,10 @@ def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[di
     out = []
     for folder, dirs, names in os.walk(root):  # does not descend into linked folders
         dirs[:] = [d for d in dirs if not d.startswith(".") and d.lower() not in _IGNORED_DIRS]
-        wanted = [n for n in names
-                  if not n.startswith(".") and n.lower().endswith(suffixes)]
+        wanted = [n for n in names if not n.startswith(".") and n.lower().endswith(suffixes)]
         rel = Path(folder).relative_to(root).parts
         if any(as_text(part) != part for part in rel):  # not UTF-8: the backend refuses it
-            log.warning("skipped folder %s: its name is not valid UTF-8",
-                        as_text("/".join(rel)))
+            log.warning("skipped folder %s: its name is not valid UTF-8", as_text("/".join(rel)))
             dirs[:] = []
             continue
         for name in [n for n in wanted if as_text(n) != n]:
@@ -126,8 +125,14 @@ def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[di
                         continue
                     finally:
                         os.close(fd)
-                    out.append({"path": "/".join((*rel, name)), "size": st.st_size,
-                                "mtime": st.st_mtime, "fingerprint": fingerprint})
+                    out.append(
+                        {
+                            "path": "/".join((*rel, name)),
+                            "size": st.st_size,
+                            "mtime": st.st_mtime,
+                            "fingerprint": fingerprint,
+                        }
+                    )
         except OSError:  # the folder vanished or was replaced by a link while listing
             continue
     return sorted(out, key=lambda e: e["path"])
@@ -152,8 +157,9 @@ def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
     if not files:
         return f"{safe}-empty"
     first = min(files, key=lambda e: (e["mtime"], e["path"]))
-    digest = hashlib.blake2b(f"{first['path']}|{first['size']}|{first['fingerprint']}".encode(),
-                             digest_size=6).hexdigest()
+    digest = hashlib.blake2b(
+        f"{first['path']}|{first['size']}|{first['fingerprint']}".encode(), digest_size=6
+    ).hexdigest()
     return f"{safe}-{digest}"
 
 
@@ -170,16 +176,27 @@ class Card:
     removed: bool = False
 
     def inserted(self) -> dict[str, Any]:
-        return {"type": "detector:sd_inserted", "session_id": self.session_id,
-                "card_id": self.card_id, "label": self.label, "root": as_text(str(self.root)),
-                "file_count": len(self.files)}
+        return {
+            "type": "detector:sd_inserted",
+            "session_id": self.session_id,
+            "card_id": self.card_id,
+            "label": self.label,
+            "root": as_text(str(self.root)),
+            "file_count": len(self.files),
+        }
 
     def file_list(self) -> dict[str, Any]:
-        return {"type": "sd:file_list", "session_id": self.session_id, "card_id": self.card_id,
-                "label": self.label, "files": self.files}
+        return {
+            "type": "sd:file_list",
+            "session_id": self.session_id,
+            "card_id": self.card_id,
+            "label": self.label,
+            "files": self.files,
+        }
 
 
 # -- copying -----------------------------------------------------------------------------------
+
 
 class CopyAborted(Exception):
     """The connection the request came on closed: stop, the backend will ask again."""
@@ -203,8 +220,7 @@ class _Folder:
     (relative to ``root``; ``where`` names the root in messages), ``FileNotFoundError`` for
     a missing folder (created instead with ``make``)."""
 
-    def __init__(self, root: Path, parts: Sequence[str], *, where: str,
-                 make: bool = False) -> None:
+    def __init__(self, root: Path, parts: Sequence[str], *, where: str, make: bool = False) -> None:
         self.where = where
         self.parts = tuple(parts)
         self.fd: int | None = None
@@ -215,11 +231,17 @@ class _Folder:
         path = root
         for i, part in enumerate(self.parts):
             path = path / part
-            if path.is_symlink() or getattr(path, "is_junction", lambda: False)() or (
-                    path.exists() and not path.is_dir()):
-                raise LinkRefusedError(f"{'/'.join(self.parts[: i + 1])!r} is a symbolic link "
-                                       "or not a folder; links are not followed below the "
-                                       "root", where=where)
+            if (
+                path.is_symlink()
+                or getattr(path, "is_junction", lambda: False)()
+                or (path.exists() and not path.is_dir())
+            ):
+                raise LinkRefusedError(
+                    f"{'/'.join(self.parts[: i + 1])!r} is a symbolic link "
+                    "or not a folder; links are not followed below the "
+                    "root",
+                    where=where,
+                )
             if make:
                 path.mkdir(exist_ok=True)
         if not path.is_dir():
@@ -228,8 +250,9 @@ class _Folder:
     def __enter__(self) -> _Folder:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -247,15 +270,19 @@ class _Folder:
     def open(self, name: str, flags: int, mode: int = 0o644) -> int:
         """``os.open`` of ``name`` here with ``O_NOFOLLOW``; a link is a LinkRefusedError."""
         if self.fd is None and os.path.islink(self._name(name)):
-            raise LinkRefusedError(f"{self.shown(name)!r} is a symbolic link; links are not "
-                                   "followed", where=self.where)
+            raise LinkRefusedError(
+                f"{self.shown(name)!r} is a symbolic link; links are not followed", where=self.where
+            )
         try:
-            return os.open(self._name(name), flags | _NOFOLLOW | _CLOEXEC | _BINARY, mode,
-                           dir_fd=self.fd)
+            return os.open(
+                self._name(name), flags | _NOFOLLOW | _CLOEXEC | _BINARY, mode, dir_fd=self.fd
+            )
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise LinkRefusedError(f"{self.shown(name)!r} is a symbolic link; links are "
-                                       "not followed", where=self.where) from None
+                raise LinkRefusedError(
+                    f"{self.shown(name)!r} is a symbolic link; links are not followed",
+                    where=self.where,
+                ) from None
             raise
 
     def open_file(self, name: str) -> int:
@@ -263,8 +290,7 @@ class _Folder:
         fd = self.open(name, os.O_RDONLY | _NONBLOCK)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise LinkRefusedError(f"{self.shown(name)!r} is not a regular file",
-                                   where=self.where)
+            raise LinkRefusedError(f"{self.shown(name)!r} is not a regular file", where=self.where)
         return fd
 
     def create(self, name: str) -> int:
@@ -279,7 +305,9 @@ class _Folder:
         if not stat.S_ISREG(self.lstat(name).st_mode):
             raise LinkRefusedError(
                 f"{self.shown(name)!r} is a symbolic link or not a regular file where the "
-                "temporary copy goes; it is not written through (remove it)", where=self.where)
+                "temporary copy goes; it is not written through (remove it)",
+                where=self.where,
+            )
         os.unlink(self._name(name), dir_fd=self.fd)
         return self.open(name, flags)
 
@@ -304,10 +332,18 @@ class _Folder:
             os.fsync(self.fd)
 
 
-def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
-              fingerprint: str, abort: threading.Event | None = None,
-              progress: Callable[[int], None] | None = None,
-              max_rate: float | None = None) -> dict[str, Any]:
+def copy_file(
+    card: Card,
+    rel: str,
+    shared: Path,
+    dest_rel: str,
+    *,
+    size: int,
+    fingerprint: str,
+    abort: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+    max_rate: float | None = None,
+) -> dict[str, Any]:
     """Copy ``rel`` of ``card`` to ``dest_rel`` under ``shared`` (temp name created
     exclusively, fsync, check size and fingerprint, atomic rename), following no link on
     either side; the ``sd:file_copied`` fields."""
@@ -315,11 +351,17 @@ def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
         src_parts = relative_parts(rel, "path")
         dst_parts = relative_parts(dest_rel, "dest")
     except InvalidInputError as exc:
-        return {"ok": False, "code": "refused",
-                "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder ({exc})"}
+        return {
+            "ok": False,
+            "code": "refused",
+            "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder ({exc})",
+        }
     if card.removed or not card.root.is_dir():
-        return {"ok": False, "code": "not_mounted", "error": f"card {card.card_id} is not "
-                f"mounted at {card.root} any more"}
+        return {
+            "ok": False,
+            "code": "not_mounted",
+            "error": f"card {card.card_id} is not mounted at {card.root} any more",
+        }
     try:
         with _Folder(card.root, src_parts[:-1], where="on the card") as src_dir:
             fd_in = src_dir.open_file(src_parts[-1])
@@ -332,21 +374,44 @@ def copy_file(card: Card, rel: str, shared: Path, dest_rel: str, *, size: int,
     try:
         with os.fdopen(fd_in, "rb") as fin:
             shared.mkdir(parents=True, exist_ok=True)  # the root itself: the operator's choice
-            with _Folder(shared, dst_parts[:-1], where="in the shared folder",
-                         make=True) as dst_dir:
-                return _copy(fin, dst_dir, dst_parts[-1], rel, dest_rel, size=size,
-                             fingerprint=fingerprint, abort=abort, progress=progress,
-                             max_rate=max_rate)
+            with _Folder(
+                shared, dst_parts[:-1], where="in the shared folder", make=True
+            ) as dst_dir:
+                return _copy(
+                    fin,
+                    dst_dir,
+                    dst_parts[-1],
+                    rel,
+                    dest_rel,
+                    size=size,
+                    fingerprint=fingerprint,
+                    abort=abort,
+                    progress=progress,
+                    max_rate=max_rate,
+                )
     except LinkRefusedError as exc:
         return {"ok": False, "code": "refused", "error": f"{rel}: {exc}"}
     except OSError as exc:  # the card's file is open: an error here is the shared folder's
-        return {"ok": False, "code": "io_error",
-                "error": f"{rel} -> {dest_rel}: {exc.strerror or exc}"}
+        return {
+            "ok": False,
+            "code": "io_error",
+            "error": f"{rel} -> {dest_rel}: {exc.strerror or exc}",
+        }
 
 
-def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, size: int,
-          fingerprint: str, abort: threading.Event | None,
-          progress: Callable[[int], None] | None, max_rate: float | None) -> dict[str, Any]:
+def _copy(
+    fin: Any,
+    dst_dir: _Folder,
+    name: str,
+    rel: str,
+    dest_rel: str,
+    *,
+    size: int,
+    fingerprint: str,
+    abort: threading.Event | None,
+    progress: Callable[[int], None] | None,
+    max_rate: float | None,
+) -> dict[str, Any]:
     """The copy itself, into ``name`` of ``dst_dir`` (see :func:`copy_file`)."""
     try:
         existing = dst_dir.lstat(name)
@@ -354,8 +419,11 @@ def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, siz
         existing = None
     if existing is not None:
         if not stat.S_ISREG(existing.st_mode):
-            raise LinkRefusedError(f"{dst_dir.shown(name)!r} is a symbolic link or not a "
-                                   "regular file where the copy goes", where=dst_dir.where)
+            raise LinkRefusedError(
+                f"{dst_dir.shown(name)!r} is a symbolic link or not a "
+                "regular file where the copy goes",
+                where=dst_dir.where,
+            )
         if existing.st_size == size:
             fd = dst_dir.open_file(name)
             try:
@@ -363,8 +431,13 @@ def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, siz
             finally:
                 os.close(fd)
             if same:
-                return {"ok": True, "dest": dest_rel, "size": size, "fingerprint": fingerprint,
-                        "already": True}
+                return {
+                    "ok": True,
+                    "dest": dest_rel,
+                    "size": size,
+                    "fingerprint": fingerprint,
+                    "already": True,
+                }
     tmp = f".{name}.part"
     chunk = 1 << 20 if not max_rate else max(4096, min(1 << 20, int(max_rate / 10)))
     started = time.monotonic()
@@ -387,9 +460,13 @@ def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, siz
             os.fsync(fout.fileno())
             got = os.fstat(fout.fileno()).st_size
             if got != size or dst_dir.fingerprint(fout.fileno(), tmp) != fingerprint:
-                return {"ok": False, "code": "changed", "error": f"{rel} differs from the "
-                        f"listing (size {got}, listed {size}, or another fingerprint): insert "
-                        "the card again to list it anew"}
+                return {
+                    "ok": False,
+                    "code": "changed",
+                    "error": f"{rel} differs from the "
+                    f"listing (size {got}, listed {size}, or another fingerprint): insert "
+                    "the card again to list it anew",
+                }
         dst_dir.replace(tmp, name)
         dst_dir.sync()
     finally:
@@ -399,13 +476,24 @@ def _copy(fin: Any, dst_dir: _Folder, name: str, rel: str, dest_rel: str, *, siz
 
 # -- the process -----------------------------------------------------------------------------
 
+
 class Detector:
     """Watches folders for cards, talks to the backend, copies on request."""
 
-    def __init__(self, *, backend: str, shared: Path, token: str | None,
-                 watch: list[Path], cards: list[Path], detector_id: str,
-                 interval: float = 1.0, settle: float = 1.0,
-                 max_rate: float | None = None, max_backoff: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        backend: str,
+        shared: Path,
+        token: str | None,
+        watch: list[Path],
+        cards: list[Path],
+        detector_id: str,
+        interval: float = 1.0,
+        settle: float = 1.0,
+        max_rate: float | None = None,
+        max_backoff: float = 30.0,
+    ) -> None:
         self.backend = backend
         self.shared = shared
         self.token = token
@@ -427,8 +515,9 @@ class Detector:
         roots: set[Path] = set()
         for folder in self.watch:
             with contextlib.suppress(OSError):
-                roots.update(p for p in folder.iterdir()
-                             if p.is_dir() and not p.name.startswith("."))
+                roots.update(
+                    p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                )
         for card in self.card_dirs:
             with contextlib.suppress(OSError):
                 if card.is_dir() and any(card.iterdir()):
@@ -444,8 +533,13 @@ class Detector:
                     card = self.cards.pop(root)
                     card.removed = True
                     log.info("card %s removed from %s", card.card_id, root)
-                    await self._send({"type": "detector:sd_removed",
-                                      "session_id": card.session_id, "card_id": card.card_id})
+                    await self._send(
+                        {
+                            "type": "detector:sd_removed",
+                            "session_id": card.session_id,
+                            "card_id": card.card_id,
+                        }
+                    )
             for root in roots - set(self.cards):
                 files = await asyncio.to_thread(list_card, root)
                 if self.settle > 0 and pending.get(root) != files:
@@ -480,20 +574,31 @@ class Detector:
 
     async def connection(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
         def delays() -> Generator[float]:
-            return backoff(initial_delay=min(1.0, self.max_backoff),
-                           min_delay=min(1.0, self.max_backoff), max_delay=self.max_backoff)
+            return backoff(
+                initial_delay=min(1.0, self.max_backoff),
+                min_delay=min(1.0, self.max_backoff),
+                max_delay=self.max_backoff,
+            )
 
         options: dict[str, Any] = {}
         if "reconnect_delays" in inspect.signature(connect.__init__).parameters:
             options["reconnect_delays"] = delays  # older websockets: WEBSOCKETS_BACKOFF_* env
-        async for ws in connect(self.backend, additional_headers=headers, max_size=2**26,
-                                open_timeout=10, **options):
+        async for ws in connect(
+            self.backend, additional_headers=headers, max_size=2**26, open_timeout=10, **options
+        ):
             try:
-                hello = {"type": "detector:hello", "detector_id": self.detector_id,
-                         "hostname": socket.gethostname(), "platform": platform.system(),
-                         "sessions": [{"session_id": c.session_id, "card_id": c.card_id,
-                                       "label": c.label} for c in self.cards.values()]}
+                hello = {
+                    "type": "detector:hello",
+                    "detector_id": self.detector_id,
+                    "hostname": socket.gethostname(),
+                    "platform": platform.system(),
+                    "sessions": [
+                        {"session_id": c.session_id, "card_id": c.card_id, "label": c.label}
+                        for c in self.cards.values()
+                    ],
+                }
                 await ws.send(json.dumps(hello))
                 self.ws = ws
                 self._abort = threading.Event()
@@ -522,8 +627,12 @@ class Detector:
             for card in self.cards.values():
                 if card.session_id == message.get("session_id"):
                     card.acknowledged = True
-            log.info("status of %s: %s %s", message.get("card_id") or message.get("session_id"),
-                     message.get("state"), message.get("execution_id", ""))
+            log.info(
+                "status of %s: %s %s",
+                message.get("card_id") or message.get("session_id"),
+                message.get("state"),
+                message.get("execution_id", ""),
+            )
         elif kind == "error":
             log.warning("backend: %s", message.get("detail"))
         elif kind != "detector:welcome":
@@ -537,20 +646,35 @@ class Detector:
                 continue  # asked on a connection that is gone: the backend asks again
             await self._copy(loop, ws, request)
 
-    async def _copy(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection,
-                    request: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"type": "sd:file_copied", "request_id": request.get("request_id"),
-                                 "session_id": request.get("session_id"),
-                                 "path": request.get("path")}
+    async def _copy(
+        self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, request: dict[str, Any]
+    ) -> None:
+        reply: dict[str, Any] = {
+            "type": "sd:file_copied",
+            "request_id": request.get("request_id"),
+            "session_id": request.get("session_id"),
+            "path": request.get("path"),
+        }
         # By card id too: after a restart of this process the card has a new session, and the
         # backend's retried copy still names the old one.
-        card = next((c for c in self.cards.values()
-                     if c.session_id == request.get("session_id")
-                     or c.card_id == request.get("card_id")), None)
+        card = next(
+            (
+                c
+                for c in self.cards.values()
+                if c.session_id == request.get("session_id") or c.card_id == request.get("card_id")
+            ),
+            None,
+        )
         if card is None:
-            await self._send({**reply, "ok": False, "code": "not_mounted",
-                              "error": f"no card with session {request.get('session_id')} is "
-                                       "inserted"}, ws)
+            await self._send(
+                {
+                    **reply,
+                    "ok": False,
+                    "code": "not_mounted",
+                    "error": f"no card with session {request.get('session_id')} is inserted",
+                },
+                ws,
+            )
             return
         last = [0.0]
 
@@ -558,17 +682,29 @@ class Detector:
             now = time.monotonic()
             if now - last[0] >= 0.2:
                 last[0] = now
-                message = {"type": "sd:copy_progress", "request_id": request.get("request_id"),
-                           "session_id": card.session_id, "bytes": done,
-                           "total": request.get("size")}
+                message = {
+                    "type": "sd:copy_progress",
+                    "request_id": request.get("request_id"),
+                    "session_id": card.session_id,
+                    "bytes": done,
+                    "total": request.get("size"),
+                }
                 asyncio.run_coroutine_threadsafe(self._send(message, ws), loop)
 
         log.info("copying %s of %s", request.get("path"), card.card_id)
         try:
             result = await asyncio.to_thread(
-                copy_file, card, str(request.get("path")), self.shared, str(request.get("dest")),
-                size=int(request.get("size", -1)), fingerprint=str(request.get("fingerprint")),
-                abort=self._abort, progress=progress, max_rate=self.max_rate)
+                copy_file,
+                card,
+                str(request.get("path")),
+                self.shared,
+                str(request.get("dest")),
+                size=int(request.get("size", -1)),
+                fingerprint=str(request.get("fingerprint")),
+                abort=self._abort,
+                progress=progress,
+                max_rate=self.max_rate,
+            )
         except CopyAborted:
             log.warning("copy of %s stopped: the connection closed", request.get("path"))
             return
@@ -577,9 +713,11 @@ class Detector:
 
     async def run(self) -> None:
         self.shared.mkdir(parents=True, exist_ok=True)
-        tasks = [asyncio.create_task(self.watch_cards(), name="watch"),
-                 asyncio.create_task(self.connection(), name="connection"),
-                 asyncio.create_task(self.copier(), name="copier")]
+        tasks = [
+            asyncio.create_task(self.watch_cards(), name="watch"),
+            asyncio.create_task(self.connection(), name="connection"),
+            asyncio.create_task(self.copier(), name="copier"),
+        ]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
             task.cancel()
@@ -589,33 +727,67 @@ class Detector:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--watch", type=Path, action="append", default=[],
-                        help="a folder whose subfolders are cards (repeatable)")
-    parser.add_argument("--card", type=Path, action="append", default=[],
-                        help="a folder that is a card while it exists, e.g. E:\\ (repeatable)")
+    parser.add_argument(
+        "--watch",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder whose subfolders are cards (repeatable)",
+    )
+    parser.add_argument(
+        "--card",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder that is a card while it exists, e.g. E:\\ (repeatable)",
+    )
     parser.add_argument("--backend", required=True, help="ws://HOST:PORT/ws/detector")
-    parser.add_argument("--shared", type=Path, required=True,
-                        help="the shared folder as this machine sees it")
-    parser.add_argument("--token", default=os.environ.get("FRAMEPIPE_API_TOKEN"),
-                        help="the service's bearer token (default: FRAMEPIPE_API_TOKEN)")
+    parser.add_argument(
+        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("FRAMEPIPE_API_TOKEN"),
+        help="the service's bearer token (default: FRAMEPIPE_API_TOKEN)",
+    )
     parser.add_argument("--detector-id", default=socket.gethostname())
     parser.add_argument("--interval", type=float, default=1.0, help="poll interval (s)")
-    parser.add_argument("--settle", type=float, default=1.0,
-                        help="a new card's listing must be unchanged this long (s); 0: at once")
-    parser.add_argument("--max-rate", type=float, default=None,
-                        help="copy at most this many bytes per second")
-    parser.add_argument("--max-backoff", type=float, default=30.0,
-                        help="longest wait between reconnection attempts (s)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="a new card's listing must be unchanged this long (s); 0: at once",
+    )
+    parser.add_argument(
+        "--max-rate", type=float, default=None, help="copy at most this many bytes per second"
+    )
+    parser.add_argument(
+        "--max-backoff",
+        type=float,
+        default=30.0,
+        help="longest wait between reconnection attempts (s)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if not args.watch and not args.card:
         parser.error("give --watch DIR and/or --card DIR")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s detector %(levelname)s %(message)s")
-    detector = Detector(backend=args.backend, shared=args.shared, token=args.token,
-                        watch=args.watch, cards=args.card, detector_id=args.detector_id,
-                        interval=args.interval, settle=args.settle, max_rate=args.max_rate,
-                        max_backoff=args.max_backoff)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s detector %(levelname)s %(message)s",
+    )
+    detector = Detector(
+        backend=args.backend,
+        shared=args.shared,
+        token=args.token,
+        watch=args.watch,
+        cards=args.card,
+        detector_id=args.detector_id,
+        interval=args.interval,
+        settle=args.settle,
+        max_rate=args.max_rate,
+        max_backoff=args.max_backoff,
+    )
 
     async def run() -> None:
         task = asyncio.create_task(detector.run())

@@ -35,8 +35,16 @@ from sd_pipeline import CARD_ID_PATTERN, FileEntry
 
 from framepipe.server.detector import DetectorHub, Handler
 
-__all__ = ["CardInfo", "CardInserted", "CardRemoved", "CopyProgress", "FileCopied", "FileEntry",
-           "FileList", "register_sd_messages"]
+__all__ = [
+    "CardInfo",
+    "CardInserted",
+    "CardRemoved",
+    "CopyProgress",
+    "FileCopied",
+    "FileEntry",
+    "FileList",
+    "register_sd_messages",
+]
 
 _TEXT = 1000  # longest card id, label or card root announced
 
@@ -81,8 +89,9 @@ class FileList(_Message):
         for n, entry in enumerate(self.files):
             first = seen.setdefault(entry.path, n)
             if first != n:
-                raise ValueError(f"files[{n}].path: {entry.path!r} is listed twice (also "
-                                 f"files[{first}])")
+                raise ValueError(
+                    f"files[{n}].path: {entry.path!r} is listed twice (also files[{first}])"
+                )
         return self
 
 
@@ -102,8 +111,9 @@ class FileCopied(_Message):
     ok: bool
 
 
-def register_sd_messages(hub: DetectorHub, *, on_file_list: Handler,
-                         on_inserted: Handler | None = None) -> None:
+def register_sd_messages(
+    hub: DetectorHub, *, on_file_list: Handler, on_inserted: Handler | None = None
+) -> None:
     """Register the SD import's detector messages on ``hub`` (made with
     ``session_metadata=CardInfo``): ``sd:file_list`` goes to ``on_file_list``,
     ``detector:sd_inserted`` records the card (and goes to ``on_inserted``, if given),

@@ -83,8 +83,17 @@ from framepipe.jobs.ledger import file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
 
-__all__ = ["CARD_ID_PATTERN", "QR_NAMESPACE", "FileEntry", "SdImportInputs", "parse_booking",
-           "sd_import", "shared_dir_of", "shared_file", "title_card"]
+__all__ = [
+    "CARD_ID_PATTERN",
+    "QR_NAMESPACE",
+    "FileEntry",
+    "SdImportInputs",
+    "parse_booking",
+    "sd_import",
+    "shared_dir_of",
+    "shared_file",
+    "title_card",
+]
 
 QR_NAMESPACE = "sd_import.qr"
 COPY_RETRIES = 4
@@ -123,20 +132,24 @@ class SdImportInputs(BaseModel):
     detector_id: str | None = Field(None, max_length=200)
     card_id: str = Field(min_length=1, max_length=200, pattern=CARD_ID_PATTERN)
     label: str = Field("", max_length=1000)
-    shared_dir: LocalPath = Field(description="The shared folder as the backend sees it; "
-                                              "inside the submitter's input_roots.")
-    small_limit: int = Field(50 * 1024 * 1024, ge=0,
-                             description="Files smaller than this (bytes) are QR candidates.")
+    shared_dir: LocalPath = Field(
+        description="The shared folder as the backend sees it; inside the submitter's input_roots."
+    )
+    small_limit: int = Field(
+        50 * 1024 * 1024, ge=0, description="Files smaller than this (bytes) are QR candidates."
+    )
     files: list[FileEntry] = Field(max_length=100_000)
     intro: LocalPathOrKey | None = None
     splash: LocalPathOrKey | None = None
 
 
-sd_import = Pipeline("sd_import", description="SD-card import of tandem-jump videos",
-                     inputs=SdImportInputs)
+sd_import = Pipeline(
+    "sd_import", description="SD-card import of tandem-jump videos", inputs=SdImportInputs
+)
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def identity(entry: Mapping[str, Any]) -> str:
     """A file's ledger identity: its size and content fingerprint."""
@@ -153,11 +166,17 @@ def parse_booking(text: str) -> dict[str, str] | None:
             data = json.loads(text)
         except ValueError:
             return None
-        if (isinstance(data, dict) and isinstance(data.get("booking_id"), str)
-                and isinstance(data.get("passenger"), str)
-                and data["booking_id"].strip() and data["passenger"].strip()):
-            return {"booking_id": data["booking_id"].strip(),
-                    "passenger": data["passenger"].strip()}
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("booking_id"), str)
+            and isinstance(data.get("passenger"), str)
+            and data["booking_id"].strip()
+            and data["passenger"].strip()
+        ):
+            return {
+                "booking_id": data["booking_id"].strip(),
+                "passenger": data["passenger"].strip(),
+            }
         return None
     booking, sep, passenger = text.partition(";")
     if sep and booking.strip() and passenger.strip():
@@ -169,8 +188,9 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
 
 
-def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: float = 25,
-               seconds: float = 1.0) -> Path:
+def title_card(
+    dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: float = 25, seconds: float = 1.0
+) -> Path:
     """A still title card (white text on dark blue) of ``seconds`` as an H.264 MP4."""
     width, height = size
     image = np.zeros((height, width, 3), np.uint8)
@@ -181,8 +201,16 @@ def title_card(dst: Path, lines: Sequence[str], size: tuple[int, int], *, fps: f
     top = height // 2 - step * (len(lines) - 1) // 2
     for i, line in enumerate(lines):
         (tw, _), _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-        cv2.putText(image, line, (max(0, (width - tw) // 2), top + i * step),
-                    cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        cv2.putText(
+            image,
+            line,
+            (max(0, (width - tw) // 2), top + i * step),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            scale,
+            (255, 255, 255),
+            thickness,
+            cv2.LINE_AA,
+        )
     still = dst.with_suffix(".png")
     cv2.imwrite(str(still), image)
     count = max(1, round(seconds * fps))
@@ -261,16 +289,18 @@ def _file(ctx: StepContext, path: str) -> dict[str, Any]:
     raise KeyError(f"{path!r} is not in the card's file list")
 
 
-def _spawn_processing(ctx: StepContext, path: str, booking: Mapping[str, str],
-                      after: str | None) -> None:
-    params = {"path": path, "booking_id": booking["booking_id"],
-              "passenger": booking["passenger"]}
-    meta = ctx.spawn_step("extract_metadata", params={"path": path},
-                          depends_on=[after] if after else None)
+def _spawn_processing(
+    ctx: StepContext, path: str, booking: Mapping[str, str], after: str | None
+) -> None:
+    params = {"path": path, "booking_id": booking["booking_id"], "passenger": booking["passenger"]}
+    meta = ctx.spawn_step(
+        "extract_metadata", params={"path": path}, depends_on=[after] if after else None
+    )
     ctx.spawn_step("render", params=params, depends_on=[meta])
 
 
 # -- steps -----------------------------------------------------------------------------------
+
 
 @sd_import.step(weight=0.5)
 def plan(ctx: StepContext) -> dict[str, Any]:
@@ -280,9 +310,12 @@ def plan(ctx: StepContext) -> dict[str, Any]:
     if not isinstance(files, list):
         raise TypeError("input 'files' must be the card's file list")
     for n, entry in enumerate(files):
-        if (not isinstance(entry, dict) or not isinstance(entry.get("path"), str)
-                or not isinstance(entry.get("size"), int)
-                or not isinstance(entry.get("fingerprint"), str)):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("path"), str)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("fingerprint"), str)
+        ):
             raise TypeError(f"file list entry {n} ({entry!r}) needs path, size, fingerprint")
         relative_parts(entry["path"], f"inputs.files[{n}].path")
     limit = int(ctx.inputs.get("small_limit", 50 * 1024 * 1024))
@@ -299,17 +332,25 @@ def plan(ctx: StepContext) -> dict[str, Any]:
     small = [e for e in new if e["size"] < limit]
     previous: str | None = None
     for e in small:  # one after another: the card reader copies one file at a time anyway
-        previous = ctx.spawn_step("copy", params={"path": e["path"]},
-                                  depends_on=[previous] if previous else None)
+        previous = ctx.spawn_step(
+            "copy", params={"path": e["path"]}, depends_on=[previous] if previous else None
+        )
     ctx.progress(100, f"{len(new)} new of {len(files)} files, {len(small)} small")
-    return {"plan": {"card_id": ctx.inputs.get("card_id"), "files": len(files),
-                     "new": [e["path"] for e in new], "small": [e["path"] for e in small],
-                     "known_qr": known_qr}}
+    return {
+        "plan": {
+            "card_id": ctx.inputs.get("card_id"),
+            "files": len(files),
+            "new": [e["path"] for e in new],
+            "small": [e["path"] for e in small],
+            "known_qr": known_qr,
+        }
+    }
 
 
 @sd_import.step(retries=COPY_RETRIES, retry_delay=1.0, weight=1.0)
-async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = None) -> dict[
-        str, Any]:
+async def copy(
+    ctx: StepContext, path: str, booking: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Ask the detector for one file; verify the copy; spawn what comes next.
 
     A file the detector no longer finds is ``missing`` (not retried: listing it again is the
@@ -329,10 +370,17 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
 
     answer = await hub.request(
         ctx.inputs["session_id"],
-        {"type": "sd:copy_request", "card_id": ctx.inputs["card_id"], "path": path,
-         "dest": dest, "size": size,
-         "fingerprint": entry["fingerprint"]},
-        what=f"the copy of {path}", on_progress=on_progress)
+        {
+            "type": "sd:copy_request",
+            "card_id": ctx.inputs["card_id"],
+            "path": path,
+            "dest": dest,
+            "size": size,
+            "fingerprint": entry["fingerprint"],
+        },
+        what=f"the copy of {path}",
+        on_progress=on_progress,
+    )
     if not answer.get("ok"):
         if answer.get("code") == "vanished":
             ctx.log.warning("%s vanished from the card before it was copied", path)
@@ -341,28 +389,43 @@ async def copy(ctx: StepContext, path: str, booking: dict[str, str] | None = Non
             ctx.log.warning("the detector refused to copy %s: %s", path, answer.get("error"))
             reason = str(answer.get("error") or "no reason given").removeprefix(f"{path}: ")
             return _refused(path, f"the detector refused the copy: {reason}")
-        raise DetectorError(f"copy of {path} failed: {answer.get('error', 'no reason given')}",
-                            detector_id=hub.owner(ctx.inputs["session_id"]),
-                            session_id=ctx.inputs["session_id"])
+        raise DetectorError(
+            f"copy of {path} failed: {answer.get('error', 'no reason given')}",
+            detector_id=hub.owner(ctx.inputs["session_id"]),
+            session_id=ctx.inputs["session_id"],
+        )
     try:
         got_size, got_fingerprint = await asyncio.to_thread(_measure, shared_dir, dest)
     except LinkRefusedError as exc:
         ctx.log.warning("the copy of %s is not read: %s", path, exc)
         return _refused(path, exc)
     except FileNotFoundError:
-        raise DetectorError(f"says {path} was copied, but {dest} is not in the shared folder "
-                            "(is the shared folder the same on both sides?)",
-                            session_id=ctx.inputs["session_id"]) from None
+        raise DetectorError(
+            f"says {path} was copied, but {dest} is not in the shared folder "
+            "(is the shared folder the same on both sides?)",
+            session_id=ctx.inputs["session_id"],
+        ) from None
     if got_size != size or got_fingerprint != entry["fingerprint"]:
-        raise DetectorError(f"copy of {path} at {dest} in the shared folder does not match "
-                            f"the card's file (size {got_size} of {size}, or another "
-                            "fingerprint)", session_id=ctx.inputs["session_id"])
+        raise DetectorError(
+            f"copy of {path} at {dest} in the shared folder does not match "
+            f"the card's file (size {got_size} of {size}, or another "
+            "fingerprint)",
+            session_id=ctx.inputs["session_id"],
+        )
     if booking is None:
         ctx.spawn_step("scan_qr", params={"path": path}, depends_on=[ctx.step_key])
     else:
-        ctx.ledger.record(identity(entry), size=size,
-                          meta={"path": path, "card_id": ctx.inputs["card_id"], "dest": dest,
-                                "kind": "video", **booking})
+        ctx.ledger.record(
+            identity(entry),
+            size=size,
+            meta={
+                "path": path,
+                "card_id": ctx.inputs["card_id"],
+                "dest": dest,
+                "kind": "video",
+                **booking,
+            },
+        )
         _spawn_processing(ctx, path, booking, ctx.step_key)
     ctx.progress(100, f"copied {path}")
     return {f"copied/{path}": {"status": "copied", "dest": dest, "size": size}}
@@ -375,8 +438,12 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     # The whole clip is scanned: a second, different code further on makes it ambiguous.
     try:
         with shared_file(shared_dir_of(ctx), dest) as local:
-            result = decode_qr(local, every=2, max_pixels=max_pixels(),
-                               progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"))
+            result = decode_qr(
+                local,
+                every=2,
+                max_pixels=max_pixels(),
+                progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"),
+            )
     except LinkRefusedError as exc:  # replaced by a link since it was copied
         return {f"qr/{path}": {"status": "refused", "error": f"{path}: {exc}"}}
     out: dict[str, Any]
@@ -393,8 +460,13 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
         else:
             out = {"status": "booking", **booking}
             entry = _file(ctx, path)
-            meta = {"path": path, "card_id": ctx.inputs["card_id"], "dest": dest,
-                    "kind": "qr", **booking}
+            meta = {
+                "path": path,
+                "card_id": ctx.inputs["card_id"],
+                "dest": dest,
+                "kind": "qr",
+                **booking,
+            }
             ctx.ledger.record(identity(entry), size=entry["size"], meta=meta)
             ctx.get_ledger(QR_NAMESPACE).record(identity(entry), size=entry["size"], meta=booking)
     return {f"qr/{path}": out}
@@ -423,8 +495,11 @@ def assign(ctx: StepContext) -> dict[str, Any]:
         if copied.get("status") == "missing":
             problems.append(f"{path}: vanished from the card before it was copied")
             continue
-        refused = copied if copied.get("status") == "refused" else (
-            scan if scan and scan["status"] == "refused" else None)
+        refused = (
+            copied
+            if copied.get("status") == "refused"
+            else (scan if scan and scan["status"] == "refused" else None)
+        )
         if refused is not None:  # a QR candidate that cannot be read: as if unreadable
             problems.append(f"{path}: not imported: {refused['error'].removeprefix(path + ': ')}")
             current, qr_run = None, []
@@ -433,23 +508,29 @@ def assign(ctx: StepContext) -> dict[str, Any]:
         status = scan["status"] if scan else ("booking" if path in known_qr else "none")
         if status in ("unreadable", "ambiguous", "unrecognised"):
             assert scan is not None
-            detail = {"unreadable": "a QR code that cannot be read",
-                      "ambiguous": f"several QR codes ({', '.join(scan.get('texts', []))})",
-                      "unrecognised": f"a QR code that is no booking ({scan.get('text')!r})"
-                      }[status]
+            detail = {
+                "unreadable": "a QR code that cannot be read",
+                "ambiguous": f"several QR codes ({', '.join(scan.get('texts', []))})",
+                "unrecognised": f"a QR code that is no booking ({scan.get('text')!r})",
+            }[status]
             problems.append(f"{path}: {detail}")
             current, qr_run = None, []
             reason = f"after {path}, which holds {detail}"
             continue
         if status == "booking":
-            found = ({"booking_id": scan["booking_id"], "passenger": scan["passenger"]}
-                     if scan else known_qr[path])
+            found = (
+                {"booking_id": scan["booking_id"], "passenger": scan["passenger"]}
+                if scan
+                else known_qr[path]
+            )
             if qr_run and current is None and reason.startswith("after two QR clips"):
                 qr_run.append(path)  # more codes after a conflicting pair: still conflicting
             elif qr_run and current is not None and current["booking_id"] != found["booking_id"]:
-                problems.append(f"{current['qr_clip']} ({current['booking_id']}) and {path} "
-                                f"({found['booking_id']}): two QR clips of different bookings "
-                                "with no video between them")
+                problems.append(
+                    f"{current['qr_clip']} ({current['booking_id']}) and {path} "
+                    f"({found['booking_id']}): two QR clips of different bookings "
+                    "with no video between them"
+                )
                 if jumps and jumps[-1] is current:
                     jumps.pop()
                 current = None
@@ -471,17 +552,31 @@ def assign(ctx: StepContext) -> dict[str, Any]:
         booking = {"booking_id": current["booking_id"], "passenger": current["passenger"]}
         current["videos"].append(path)
         if path in small:  # copied already, as a QR candidate
-            ctx.ledger.record(identity(entry), size=entry["size"],
-                              meta={"path": path, "card_id": ctx.inputs["card_id"],
-                                    "dest": ctx.data[f"copied/{path}"]["dest"],
-                                    "kind": "video", **booking})
+            ctx.ledger.record(
+                identity(entry),
+                size=entry["size"],
+                meta={
+                    "path": path,
+                    "card_id": ctx.inputs["card_id"],
+                    "dest": ctx.data[f"copied/{path}"]["dest"],
+                    "kind": "video",
+                    **booking,
+                },
+            )
             _spawn_processing(ctx, path, booking, None)
         else:
-            previous_copy = ctx.spawn_step("copy", params={"path": path, "booking": booking},
-                                           depends_on=[previous_copy] if previous_copy else None)
-    return {"assign": {"jumps": [j for j in jumps if j["videos"] or j["qr_clip"] not in
-                                 known_qr],
-                       "held": held, "problems": problems}}
+            previous_copy = ctx.spawn_step(
+                "copy",
+                params={"path": path, "booking": booking},
+                depends_on=[previous_copy] if previous_copy else None,
+            )
+    return {
+        "assign": {
+            "jumps": [j for j in jumps if j["videos"] or j["qr_clip"] not in known_qr],
+            "held": held,
+            "problems": problems,
+        }
+    }
 
 
 @sd_import.step(weight=0.5)
@@ -491,9 +586,17 @@ def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     with shared_file(shared_dir_of(ctx), dest) as local:
         info = probe(local, max_pixels=max_pixels())
     width, height = info.display_size
-    return {f"meta/{path}": {"duration": info.duration, "fps": info.fps, "frames": info.frames,
-                             "width": width, "height": height, "size": info.size,
-                             "video_codec": info.video_codec}}
+    return {
+        f"meta/{path}": {
+            "duration": info.duration,
+            "fps": info.fps,
+            "frames": info.frames,
+            "width": width,
+            "height": height,
+            "size": info.size,
+            "video_codec": info.video_codec,
+        }
+    }
 
 
 @sd_import.step(weight=3.0)
@@ -506,39 +609,56 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     size = (meta["width"] - meta["width"] % 2, meta["height"] - meta["height"] % 2)
     fps = float(meta["fps"]) or 25.0
     intro = _asset(ctx, "intro", work) or title_card(
-        work / "intro.mp4", ["Tandem jump", passenger], size, fps=fps)
+        work / "intro.mp4", ["Tandem jump", passenger], size, fps=fps
+    )
     splash = _asset(ctx, "splash", work) or title_card(
-        work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"], size, fps=fps)
+        work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"], size, fps=fps
+    )
     ctx.progress(10, "title cards")
     with shared_file(shared_dir_of(ctx), dest) as src:
-        marked = watermark(src, work / "marked.mp4", text=f"{passenger} | {booking_id}",
-                           position="bottom-left", margin=4, preset="ultrafast",
-                           max_pixels=max_pixels(),
-                           progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"))
-    final = concat([intro, marked, splash], work / "final.mp4", width=size[0],
-                   height=size[1], fps=fps, preset="ultrafast", max_pixels=max_pixels(),
-                   progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"))
+        marked = watermark(
+            src,
+            work / "marked.mp4",
+            text=f"{passenger} | {booking_id}",
+            position="bottom-left",
+            margin=4,
+            preset="ultrafast",
+            max_pixels=max_pixels(),
+            progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"),
+        )
+    final = concat(
+        [intro, marked, splash],
+        work / "final.mp4",
+        width=size[0],
+        height=size[1],
+        fps=fps,
+        preset="ultrafast",
+        max_pixels=max_pixels(),
+        progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"),
+    )
     key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
     info = ctx.objects.put_file(key, final)
     ctx.progress(100, f"uploaded {key}")
     return {f"render/{path}": {"key": key, "size": info.size, "booking_id": booking_id}}
 
 
-@sd_import.step(depends_on=["assign", "copy", "scan_qr", "extract_metadata", "render"],
-                weight=0.1)
+@sd_import.step(depends_on=["assign", "copy", "scan_qr", "extract_metadata", "render"], weight=0.1)
 def summary(ctx: StepContext) -> dict[str, Any]:
     """What this insertion imported, held and found wrong; told to the detector too."""
     data = ctx.data
     assigned = data.get("assign", {"jumps": [], "held": [], "problems": []})
-    rendered = {k.removeprefix("render/"): v for k, v in data.items()
-                if k.startswith("render/")}
-    copied = [k.removeprefix("copied/") for k, v in data.items()
-              if k.startswith("copied/") and v.get("status") == "copied"]
+    rendered = {k.removeprefix("render/"): v for k, v in data.items() if k.startswith("render/")}
+    copied = [
+        k.removeprefix("copied/")
+        for k, v in data.items()
+        if k.startswith("copied/") and v.get("status") == "copied"
+    ]
     bookings: dict[str, dict[str, Any]] = {}
     for jump in assigned["jumps"]:
-        b = bookings.setdefault(jump["booking_id"], {"passenger": jump["passenger"],
-                                                     "videos": [], "outputs": [],
-                                                     "missing": []})
+        b = bookings.setdefault(
+            jump["booking_id"],
+            {"passenger": jump["passenger"], "videos": [], "outputs": [], "missing": []},
+        )
         for video in jump["videos"]:
             status = data.get(f"copied/{video}", {}).get("status")
             if status == "missing":
@@ -568,15 +688,26 @@ def summary(ctx: StepContext) -> dict[str, Any]:
         status = "needs_attention"
     else:
         status = "imported"
-    result = {"status": status, "card_id": ctx.inputs.get("card_id"),
-              "copied": sorted(copied), "bookings": bookings, "held": assigned["held"],
-              "problems": problems}
+    result = {
+        "status": status,
+        "card_id": ctx.inputs.get("card_id"),
+        "copied": sorted(copied),
+        "bookings": bookings,
+        "held": assigned["held"],
+        "problems": problems,
+    }
     hub_id = ctx.inputs.get("hub")
     if hub_id:
         try:
-            get_hub(hub_id).send_sync(ctx.inputs["session_id"], {
-                "type": "sd:status", "state": status, "execution_id": ctx.execution_id,
-                "summary": result})
+            get_hub(hub_id).send_sync(
+                ctx.inputs["session_id"],
+                {
+                    "type": "sd:status",
+                    "state": status,
+                    "execution_id": ctx.execution_id,
+                    "summary": result,
+                },
+            )
         except Exception as exc:  # a notice only: the detector may be gone
             ctx.log.info("status not sent to the detector: %s", exc)
     return {"summary": result}

@@ -57,26 +57,57 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_JOBS = ("ExecutionInfo", "ExecutionStatus", "JobClient", "JobEngine", "Ledger", "Pipeline",
-         "Step", "StepContext", "StepInfo", "StepStatus", "SyncJobClient", "content_hash",
-         "file_fingerprint", "file_identity", "step_key")
+_JOBS = (
+    "ExecutionInfo",
+    "ExecutionStatus",
+    "JobClient",
+    "JobEngine",
+    "Ledger",
+    "Pipeline",
+    "Step",
+    "StepContext",
+    "StepInfo",
+    "StepStatus",
+    "SyncJobClient",
+    "content_hash",
+    "file_fingerprint",
+    "file_identity",
+    "step_key",
+)
 _OBJECTS = ("LocalObjectStore", "ObjectInfo", "ObjectStore", "open_object_store")
 
-__getattr__ = attach("framepipe", {
-    **dict.fromkeys(_JOBS, "framepipe.jobs"),
-    **dict.fromkeys(_OBJECTS, "framepipe.backends.objects"),
-    "StateStore": "framepipe.backends.state", "run_pipeline": "framepipe.jobs.runner",
-    "App": "framepipe.app", "AppHealth": "framepipe.app", "SystemState": "framepipe.app",
-    "Backoff": "framepipe.backoff", "Frame": "framepipe.frames",
-    "RedisEventSink": "framepipe.event_sinks", "StoreEventSink": "framepipe.event_sinks",
-    "Processor": "framepipe.processors.base", "as_processor": "framepipe.processors.base",
-    "CommandSource": "framepipe.sources", "PatternSource": "framepipe.sources",
-    "Source": "framepipe.sources", "VideoSource": "framepipe.sources",
-    "FrameStore": "framepipe.stream", "MotionGate": "framepipe.stream",
-    "Segment": "framepipe.stream", "Segmenter": "framepipe.stream", "Sink": "framepipe.stream",
-    "Stage": "framepipe.stream", "StreamPipeline": "framepipe.stream.pipeline",
-    "HealthState": "framepipe.supervise", "Supervisor": "framepipe.supervise",
-}, globals())
+__getattr__ = attach(
+    "framepipe",
+    {
+        **dict.fromkeys(_JOBS, "framepipe.jobs"),
+        **dict.fromkeys(_OBJECTS, "framepipe.backends.objects"),
+        "StateStore": "framepipe.backends.state",
+        "run_pipeline": "framepipe.jobs.runner",
+        "App": "framepipe.app",
+        "AppHealth": "framepipe.app",
+        "SystemState": "framepipe.app",
+        "Backoff": "framepipe.backoff",
+        "Frame": "framepipe.frames",
+        "RedisEventSink": "framepipe.event_sinks",
+        "StoreEventSink": "framepipe.event_sinks",
+        "Processor": "framepipe.processors.base",
+        "as_processor": "framepipe.processors.base",
+        "CommandSource": "framepipe.sources",
+        "PatternSource": "framepipe.sources",
+        "Source": "framepipe.sources",
+        "VideoSource": "framepipe.sources",
+        "FrameStore": "framepipe.stream",
+        "MotionGate": "framepipe.stream",
+        "Segment": "framepipe.stream",
+        "Segmenter": "framepipe.stream",
+        "Sink": "framepipe.stream",
+        "Stage": "framepipe.stream",
+        "StreamPipeline": "framepipe.stream.pipeline",
+        "HealthState": "framepipe.supervise",
+        "Supervisor": "framepipe.supervise",
+    },
+    globals(),
+)
 
 
 __all__ = [

@@ -76,10 +76,17 @@ class AppHealth:
 class App:
     """Holds stream pipelines and runs them with isolation, recovery, health and metrics."""
 
-    def __init__(self, name: str = "framepipe", *, settings: Settings | None = None,
-                 auto_recovery: bool = True, max_restart_attempts: int = 3,
-                 restart_cooldown: float = 30.0, health_interval: float = 2.0,
-                 performance_threshold: float = 0.5) -> None:
+    def __init__(
+        self,
+        name: str = "framepipe",
+        *,
+        settings: Settings | None = None,
+        auto_recovery: bool = True,
+        max_restart_attempts: int = 3,
+        restart_cooldown: float = 30.0,
+        health_interval: float = 2.0,
+        performance_threshold: float = 0.5,
+    ) -> None:
         self.name = name
         self.settings = settings or load_settings()
         self.auto_recovery = auto_recovery
@@ -203,8 +210,9 @@ class App:
             await pipeline.start()
         except Exception:
             self.log.exception("pipeline %r failed to start", pipeline.name)
-        self._watchers[pipeline.name] = asyncio.create_task(self._watch(pipeline),
-                                                            name=f"watch-{pipeline.name}")
+        self._watchers[pipeline.name] = asyncio.create_task(
+            self._watch(pipeline), name=f"watch-{pipeline.name}"
+        )
 
     async def _watch(self, pipeline: StreamPipeline) -> None:
         """Wait for a pipeline's end; recover it if it failed."""
@@ -215,13 +223,21 @@ class App:
             attempts = self.restart_attempts.get(pipeline.name, 0)
             error = pipeline.last_error or "unknown error"
             if not self.auto_recovery or attempts >= self.max_restart_attempts:
-                self._error(pipeline.name, f"pipeline {pipeline.name!r} failed: {error}"
-                            + (f" (after {attempts} recoveries)" if attempts else ""))
+                self._error(
+                    pipeline.name,
+                    f"pipeline {pipeline.name!r} failed: {error}"
+                    + (f" (after {attempts} recoveries)" if attempts else ""),
+                )
                 return
             self.restart_attempts[pipeline.name] = attempts + 1
-            self.log.warning("[%s] recovering in %gs (recovery %d of %d): %s", pipeline.name,
-                             self.restart_cooldown, attempts + 1, self.max_restart_attempts,
-                             error)
+            self.log.warning(
+                "[%s] recovering in %gs (recovery %d of %d): %s",
+                pipeline.name,
+                self.restart_cooldown,
+                attempts + 1,
+                self.max_restart_attempts,
+                error,
+            )
             await asyncio.sleep(self.restart_cooldown)
             if self._stopping:
                 return
@@ -230,8 +246,10 @@ class App:
             except Exception:  # failed again: the loop counts it as the next failure
                 self.log.exception("recovery of %r failed to start", pipeline.name)
                 continue
-            self.emit("pipeline.recovered", {"pipeline": pipeline.name,
-                                             "attempt": attempts + 1, "reason": error})
+            self.emit(
+                "pipeline.recovered",
+                {"pipeline": pipeline.name, "attempt": attempts + 1, "reason": error},
+            )
 
     def _error(self, pipeline: str, message: str) -> None:
         self.last_error = message
@@ -265,8 +283,10 @@ class App:
                 await self._monitor
         for watcher in self._watchers.values():
             watcher.cancel()
-        await asyncio.gather(*(p.stop(drain_timeout=timeout) for p in self.pipelines.values()),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(p.stop(drain_timeout=timeout) for p in self.pipelines.values()),
+            return_exceptions=True,
+        )
         self._watchers.clear()
         self.state = SystemState.STOPPED
         self._write_snapshot()
@@ -313,11 +333,16 @@ class App:
             state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
         elif state is SystemState.RUNNING and scores and min(scores) < self.performance_threshold:
             state = SystemState.DEGRADED
-        return AppHealth(name=self.name, state=state,
-                         performance_score=round(sum(scores) / len(scores), 3) if scores else 1.0,
-                         uptime=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
-                         last_error=self.last_error, pid=os.getpid(), updated_at=time.time(),
-                         pipeline_status=statuses)
+        return AppHealth(
+            name=self.name,
+            state=state,
+            performance_score=round(sum(scores) / len(scores), 3) if scores else 1.0,
+            uptime=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+            last_error=self.last_error,
+            pid=os.getpid(),
+            updated_at=time.time(),
+            pipeline_status=statuses,
+        )
 
     def metrics_text(self) -> str:
         """Prometheus text exposition of every pipeline's metrics."""

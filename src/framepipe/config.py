@@ -72,7 +72,8 @@ __all__ = [
 ]
 
 COMPONENT_FILE_KEYS: frozenset[str] = frozenset(
-    {"model_api_retries", "model_api_retry_initial", "model_api_retry_max"})
+    {"model_api_retries", "model_api_retry_initial", "model_api_retry_max"}
+)
 """Config-file keys that belong to a component's own settings, not to :class:`Settings`, which
 accepts and ignores them: the ML video pipeline's model retries
 (:class:`framepipe.pipelines.ml_settings.MlVideoSettings`)."""
@@ -126,8 +127,11 @@ class SettingsSection(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings,
-                InitSettingsSource(settings_cls, cls._from_file(config_file_values())))
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, cls._from_file(config_file_values())),
+        )
 
 
 class StorageSettings(SettingsSection):
@@ -136,16 +140,23 @@ class StorageSettings(SettingsSection):
 
     home: Path = Field(Path(".framepipe"), description="Folder for embedded state and objects.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the state database; default SQLite under home.")
+        None, description="SQLAlchemy URL of the state database; default SQLite under home."
+    )
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
-        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable.")
+        "FULL", description="SQLite PRAGMA synchronous; FULL makes every commit durable."
+    )
     objects_url: str | None = Field(
-        None, description="Object store URL: file:///path, or s3://bucket/prefix?endpoint=URL"
-                          "&region=R (credentials from FRAMEPIPE_S3_ACCESS_KEY/_SECRET_KEY or "
-                          "the AWS chain); default home/objects.")
+        None,
+        description="Object store URL: file:///path, or s3://bucket/prefix?endpoint=URL"
+        "&region=R (credentials from FRAMEPIPE_S3_ACCESS_KEY/_SECRET_KEY or "
+        "the AWS chain); default home/objects.",
+    )
     events_retention_days: float | None = Field(
-        None, gt=0, description="Live apps' events older than this many days are deleted "
-                                "(hourly, by the apps' event sinks); unset keeps them.")
+        None,
+        gt=0,
+        description="Live apps' events older than this many days are deleted "
+        "(hourly, by the apps' event sinks); unset keeps them.",
+    )
 
     @property
     def resolved_database_url(self) -> str:
@@ -172,22 +183,31 @@ class JobSettings(SettingsSection):
     outputs, crashes, heartbeats and the grace given on shutdown."""
 
     concurrency: int = Field(
-        default_factory=lambda: max(4, os.cpu_count() or 1), ge=1,
-        description="Steps run at once by one engine.")
+        default_factory=lambda: max(4, os.cpu_count() or 1),
+        ge=1,
+        description="Steps run at once by one engine.",
+    )
     retry_initial_delay: float = Field(1.0, ge=0, description="First retry delay in seconds.")
     retry_max_delay: float = Field(60.0, ge=0, description="Cap of the retry delay.")
     heartbeat_interval: float = Field(
-        2.0, gt=0, description="How often a running engine marks its executions alive.")
+        2.0, gt=0, description="How often a running engine marks its executions alive."
+    )
     shutdown_grace: float = Field(
-        10.0, ge=0, description="Seconds running steps get to finish on Ctrl-C / SIGTERM.")
+        10.0, ge=0, description="Seconds running steps get to finish on Ctrl-C / SIGTERM."
+    )
     max_step_output_bytes: int = Field(
-        1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data).")
+        1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data)."
+    )
     max_step_crashes: int = Field(
-        3, ge=1, description="A step whose process died this many times is failed as crashed.")
+        3, ge=1, description="A step whose process died this many times is failed as crashed."
+    )
     max_inputs_bytes: int = Field(
-        1_048_576, gt=0, description="Largest inputs of one execution, as JSON (store paths "
-                                     "or object keys, not contents); also caps JSON request "
-                                     "bodies of the HTTP service.")
+        1_048_576,
+        gt=0,
+        description="Largest inputs of one execution, as JSON (store paths "
+        "or object keys, not contents); also caps JSON request "
+        "bodies of the HTTP service.",
+    )
 
 
 class WorkerSettings(SettingsSection):
@@ -195,28 +215,46 @@ class WorkerSettings(SettingsSection):
     and namespace, leases, the sweep, prefetching and republishing."""
 
     broker_url: str = Field(
-        "memory://", description="Broker URL: memory:// is in-process; redis://... (Redis "
-                                 "Streams) or amqp://... (RabbitMQ) delivers steps to workers.")
+        "memory://",
+        description="Broker URL: memory:// is in-process; redis://... (Redis "
+        "Streams) or amqp://... (RabbitMQ) delivers steps to workers.",
+    )
     jobs_mode: Literal["auto", "local", "workers"] = Field(
-        "auto", description="Where job steps run: 'local' in the submitting process, 'workers' "
-                            "on 'framepipe worker' processes through the broker; 'auto' picks "
-                            "workers when broker_url is a Redis or an AMQP URL.")
+        "auto",
+        description="Where job steps run: 'local' in the submitting process, 'workers' "
+        "on 'framepipe worker' processes through the broker; 'auto' picks "
+        "workers when broker_url is a Redis or an AMQP URL.",
+    )
     broker_namespace: str = Field(
-        "framepipe", description="Prefix of the broker's Redis keys and RabbitMQ queue "
-                                 "(several deployments may share one broker).")
+        "framepipe",
+        description="Prefix of the broker's Redis keys and RabbitMQ queue "
+        "(several deployments may share one broker).",
+    )
     lease_seconds: float = Field(
-        6.0, gt=0, description="A worker's hold on a running step, renewed while it runs; a "
-                               "killed worker's steps are taken over once it expires.")
+        6.0,
+        gt=0,
+        description="A worker's hold on a running step, renewed while it runs; a "
+        "killed worker's steps are taken over once it expires.",
+    )
     sweep_interval: float = Field(
-        1.0, gt=0, description="How often each worker looks for expired leases, due retries "
-                               "and ready steps the broker lost.")
+        1.0,
+        gt=0,
+        description="How often each worker looks for expired leases, due retries "
+        "and ready steps the broker lost.",
+    )
     worker_prefetch: int = Field(
-        4, ge=1, description="While its recent steps are short (under 50 ms), a worker claims "
-                             "up to concurrency x this many, so tiny steps are claimed and "
-                             "committed in batches; long steps are never hoarded.")
+        4,
+        ge=1,
+        description="While its recent steps are short (under 50 ms), a worker claims "
+        "up to concurrency x this many, so tiny steps are claimed and "
+        "committed in batches; long steps are never hoarded.",
+    )
     republish_after: float = Field(
-        10.0, gt=0, description="A ready step not taken this many seconds after it was "
-                                "published is published again.")
+        10.0,
+        gt=0,
+        description="A ready step not taken this many seconds after it was "
+        "published is published again.",
+    )
 
     @property
     def distributed_jobs(self) -> bool:
@@ -233,23 +271,29 @@ class ServerSettings(SettingsSection):
     upload, and the folders executions submitted over HTTP may name."""
 
     api_token: str | None = Field(
-        None, description="Bearer token the HTTP service requires on every call but /health; "
-                          "without one it only binds to a loopback address.")
+        None,
+        description="Bearer token the HTTP service requires on every call but /health; "
+        "without one it only binds to a loopback address.",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host names (with an optional :port) the HTTP service answers besides "
-                    "its bound address and localhost; comma-separated. '*' answers any "
-                    "(only sensible behind a proxy that checks Host).")
+        "its bound address and localhost; comma-separated. '*' answers any "
+        "(only sensible behind a proxy that checks Host).",
+    )
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Web origins (scheme://host[:port]) whose pages may use the service "
-                    "besides its own; comma-separated.")
+        "besides its own; comma-separated.",
+    )
     max_upload_bytes: int = Field(
-        512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts.")
+        512 * 1024 * 1024, gt=0, description="Largest upload the HTTP service accepts."
+    )
     input_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders whose files executions submitted over HTTP may name as local "
-                    "paths; comma-separated. Empty (the default): none, only object keys.")
+        "paths; comma-separated. Empty (the default): none, only object keys.",
+    )
 
     @field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")
     @classmethod
@@ -275,11 +319,14 @@ class MediaSettings(SettingsSection):
     video). The toolkit's functions themselves read no settings: they take ``max_pixels``."""
 
     media_max_pixels: int = Field(
-        8192 * 8192, ge=0, description="Largest picture (width x height) the media job steps "
-                                       "decode or write, checked from the file's headers "
-                                       "before any frame is decoded; 0 means no limit. The "
-                                       "media toolkit's functions take max_pixels instead "
-                                       "(default DEFAULT_MAX_PIXELS).")
+        8192 * 8192,
+        ge=0,
+        description="Largest picture (width x height) the media job steps "
+        "decode or write, checked from the file's headers "
+        "before any frame is decoded; 0 means no limit. The "
+        "media toolkit's functions take max_pixels instead "
+        "(default DEFAULT_MAX_PIXELS).",
+    )
 
 
 class LogSettings(SettingsSection):
@@ -296,8 +343,9 @@ class LogSettings(SettingsSection):
         return value
 
 
-class Settings(StorageSettings, JobSettings, WorkerSettings, ServerSettings, MediaSettings,
-               LogSettings):
+class Settings(
+    StorageSettings, JobSettings, WorkerSettings, ServerSettings, MediaSettings, LogSettings
+):
     """framepipe's settings: every section at once. Every field is read from
     ``FRAMEPIPE_<FIELD>`` and the config file's ``<field>`` key; an unknown keyword argument or
     config-file key (other than :data:`COMPONENT_FILE_KEYS`) is refused."""
@@ -340,8 +388,7 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
         for err in exc.errors():
             name = "_".join(str(part) for part in err["loc"])
             if err["type"] == "extra_forbidden":
-                problems.append(f"{name}: no such setting (a keyword argument or config-file "
-                                "key)")
+                problems.append(f"{name}: no such setting (a keyword argument or config-file key)")
             else:
                 problems.append(f"FRAMEPIPE_{name.upper()}: {err['msg']}")
         raise ConfigError(f"invalid framepipe settings: {'; '.join(problems)}") from exc

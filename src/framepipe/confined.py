@@ -36,8 +36,14 @@ from pathlib import Path, PurePosixPath
 from framepipe.errors import InvalidInputError, PathNotAllowedError
 from framepipe.untrusted import check_text
 
-__all__ = ["LinkRefusedError", "confine", "fd_path", "open_beneath", "open_dir_beneath",
-           "relative_parts"]
+__all__ = [
+    "LinkRefusedError",
+    "confine",
+    "fd_path",
+    "open_beneath",
+    "open_dir_beneath",
+    "relative_parts",
+]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -57,11 +63,11 @@ def relative_parts(value: object, where: str, *, max_length: int = 4096) -> tupl
     if not text.strip():
         raise InvalidInputError("is an empty path", where=where)
     if "\\" in text:
-        raise InvalidInputError(f"{text!r} holds a backslash; use '/' between folders",
-                                where=where)
+        raise InvalidInputError(f"{text!r} holds a backslash; use '/' between folders", where=where)
     if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
-        raise InvalidInputError(f"{text!r} is absolute; a path relative to the root is needed",
-                                where=where)
+        raise InvalidInputError(
+            f"{text!r} is absolute; a path relative to the root is needed", where=where
+        )
     parts = tuple(p for p in text.split("/") if p != "")
     for part in parts:
         if part in (".", ".."):
@@ -97,13 +103,15 @@ def _enter_dir(dir_fd: int, part: str, shown: str, label: str, make: bool) -> in
             return os.open(part, flags, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise LinkRefusedError(f"{shown!r} is a symbolic link or not a folder; links are "
-                                   "not followed below the root", where=label) from None
+            raise LinkRefusedError(
+                f"{shown!r} is a symbolic link or not a folder; links are "
+                "not followed below the root",
+                where=label,
+            ) from None
         raise
 
 
-def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str,
-          make_dirs: bool) -> int:
+def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str, make_dirs: bool) -> int:
     """The one walk of :func:`open_beneath` and :func:`open_dir_beneath`: a descriptor of the
     folder ``root/parts...``, each segment opened relative to its parent without following
     a link (``root`` itself may be one). The caller closes it."""
@@ -120,9 +128,15 @@ def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str,
     return dir_fd
 
 
-def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int = os.O_RDONLY,
-                 mode: int = 0o600, *, where: str | None = None,
-                 make_dirs: bool = False) -> int:
+def open_beneath(
+    root: str | os.PathLike[str],
+    parts: Sequence[str],
+    flags: int = os.O_RDONLY,
+    mode: int = 0o600,
+    *,
+    where: str | None = None,
+    make_dirs: bool = False,
+) -> int:
     """A file descriptor of ``root/parts...`` opened with ``flags``, following no link.
 
     ``root`` itself may be a link (the operator chose it); nothing below it may be. With
@@ -147,8 +161,9 @@ def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int 
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise LinkRefusedError(
-                f"{'/'.join(parts)!r} is a symbolic link; links are not followed below "
-                "the root", where=label) from None
+                f"{'/'.join(parts)!r} is a symbolic link; links are not followed below the root",
+                where=label,
+            ) from None
         raise
     finally:
         os.close(dir_fd)
@@ -166,8 +181,13 @@ def open_beneath(root: str | os.PathLike[str], parts: Sequence[str], flags: int 
     return fd
 
 
-def open_dir_beneath(root: str | os.PathLike[str], parts: Sequence[str], *,
-                     where: str | None = None, make_dirs: bool = False) -> int:
+def open_dir_beneath(
+    root: str | os.PathLike[str],
+    parts: Sequence[str],
+    *,
+    where: str | None = None,
+    make_dirs: bool = False,
+) -> int:
     """A file descriptor of the folder ``root/parts...`` (``root`` itself for no parts),
     following no link below ``root``; the caller closes it.
 
@@ -194,8 +214,13 @@ def fd_path(fd: int) -> str:
     raise OSError(errno.ENOTSUP, "this platform cannot name an open file by a path")
 
 
-def confine(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]], *,
-            where: str, setting: str = "FRAMEPIPE_INPUT_ROOTS") -> Path:
+def confine(
+    path: str | os.PathLike[str],
+    roots: Iterable[str | os.PathLike[str]],
+    *,
+    where: str,
+    setting: str = "FRAMEPIPE_INPUT_ROOTS",
+) -> Path:
     """``path`` resolved (links followed), if it lies inside one of ``roots``; else
     :class:`PathNotAllowedError`. The error is the same whether the path exists or not."""
     roots = [Path(os.path.realpath(r)) for r in roots]
@@ -203,11 +228,12 @@ def confine(path: str | os.PathLike[str], roots: Iterable[str | os.PathLike[str]
     check_text(text, where)
     if not roots:
         raise PathNotAllowedError(
-            f"local paths are not accepted here (no roots are configured: {setting})",
-            where=where)
+            f"local paths are not accepted here (no roots are configured: {setting})", where=where
+        )
     candidate = Path(os.path.realpath(text))
     for root in roots:
         if candidate == root or candidate.is_relative_to(root):
             return candidate
     raise PathNotAllowedError(
-        f"{PurePosixPath(text).name!r} is not inside an allowed root ({setting})", where=where)
+        f"{PurePosixPath(text).name!r} is not inside an allowed root ({setting})", where=where
+    )

@@ -25,6 +25,7 @@ from framepipe.jobs.pipeline import Pipeline
 
 __all__ = ["make_clip", "pipeline", "prepare_card"]
 
+
 class DemoInputs(BaseModel):
     """The demo's one input: the card, a local folder (confined like any local path)."""
 
@@ -32,12 +33,19 @@ class DemoInputs(BaseModel):
     card: LocalPath
 
 
-pipeline = Pipeline("demo_import", description="Import new clips from a card, probe, thumbnail.",
-                    inputs=DemoInputs)
+pipeline = Pipeline(
+    "demo_import", description="Import new clips from a card, probe, thumbnail.", inputs=DemoInputs
+)
 
 
-def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25,
-              size: tuple[int, int] = (320, 240), hue: int = 0) -> Path:
+def make_clip(
+    path: Path,
+    *,
+    seconds: float = 2.0,
+    fps: int = 25,
+    size: tuple[int, int] = (320, 240),
+    hue: int = 0,
+) -> Path:
     """Encode a synthetic H.264 clip (moving colour bars) with PyAV; returns ``path``."""
     width, height = size
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +59,7 @@ def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25,
             bars = ((x + n * 4 + hue) % width) * 255 // width
             rgb = np.stack([bars, (bars + 85) % 256, (bars + 170) % 256], axis=-1).astype(np.uint8)
             image = np.repeat(rgb[np.newaxis, :, :], height, axis=0)
-            image[height // 2 - 8:height // 2 + 8, (n * 6) % width:(n * 6) % width + 16] = 255
+            image[height // 2 - 8 : height // 2 + 8, (n * 6) % width : (n * 6) % width + 16] = 255
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = n
             frame.time_base = Fraction(1, fps)
@@ -65,8 +73,10 @@ def make_clip(path: Path, *, seconds: float = 2.0, fps: int = 25,
 
 def prepare_card(card: Path, count: int = 3) -> list[Path]:
     """Make ``card`` hold clips ``clip_1.mp4`` .. ``clip_<count>.mp4`` (existing ones are kept)."""
-    return [p if p.exists() else make_clip(p, hue=i * 40)
-            for i, p in ((i, card / f"clip_{i}.mp4") for i in range(1, count + 1))]
+    return [
+        p if p.exists() else make_clip(p, hue=i * 40)
+        for i, p in ((i, card / f"clip_{i}.mp4") for i in range(1, count + 1))
+    ]
 
 
 @pipeline.step()
@@ -75,8 +85,11 @@ def scan(ctx: StepContext) -> dict[str, Any]:
     card = local_input(ctx, ctx.inputs["card"], where="inputs.card", declared=True)
     if card is None or not card.is_dir():
         raise FileNotFoundError(f"card folder {ctx.inputs['card']} does not exist")
-    files = {file_identity(p, card): p for p in sorted(card.glob("*.mp4"))
-             if p.is_file() and not p.is_symlink()}  # a link on a card is not a clip
+    files = {
+        file_identity(p, card): p
+        for p in sorted(card.glob("*.mp4"))
+        if p.is_file() and not p.is_symlink()
+    }  # a link on a card is not a clip
     new = ctx.ledger.filter_new(files)
     for identity in new:
         path = str(files[identity])
@@ -93,8 +106,9 @@ def copy(ctx: StepContext, path: str, identity: str) -> dict[str, Any]:
     key = f"imports/{source.name}"
     ctx.progress(10, f"copying {source.name}")
     info = ctx.objects.put_file(key, source)
-    ctx.ledger.record(identity, size=info.size,
-                      meta={"key": key, "fingerprint": file_fingerprint(source)})
+    ctx.ledger.record(
+        identity, size=info.size, meta={"key": key, "fingerprint": file_fingerprint(source)}
+    )
     return {f"copied:{source.name}": key}
 
 
@@ -115,8 +129,13 @@ def thumbnail(ctx: StepContext, path: str) -> dict[str, Any]:
                 middle = frame
         if middle is None:
             raise ValueError(f"{name} holds no video frames")
-        probe = {"frames": frames, "fps": float(stream.average_rate or 0),
-                 "width": stream.width, "height": stream.height, "codec": stream.codec_context.name}
+        probe = {
+            "frames": frames,
+            "fps": float(stream.average_rate or 0),
+            "width": stream.width,
+            "height": stream.height,
+            "codec": stream.codec_context.name,
+        }
     jpeg = ctx.tempdir() / f"{name}.jpg"
     with av.open(str(jpeg), "w", format="image2") as out:
         encoder = out.add_stream("mjpeg", rate=1)

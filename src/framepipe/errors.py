@@ -157,8 +157,9 @@ def _where(pipeline: str | None, step_key: str | None) -> str:
 class PipelineDefinitionError(FramepipeError):
     """The pipeline's code is wrong: fix it; retrying will not help."""
 
-    def __init__(self, message: str, *, pipeline: str | None = None,
-                 step_key: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, pipeline: str | None = None, step_key: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.step_key = step_key
         where = _where(pipeline, step_key)
@@ -184,8 +185,9 @@ class StepParamsError(PipelineDefinitionError):
 class StepError(FramepipeError):
     """One step of one execution did not complete."""
 
-    def __init__(self, message: str, *, pipeline: str, step_key: str,
-                 execution_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, pipeline: str, step_key: str, execution_id: str | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.step_key = step_key
         self.execution_id = execution_id
@@ -231,8 +233,9 @@ class ExecutionFailedError(ExecutionError):
     ``status`` is its final status and ``errors`` maps each failed step key to its error text.
     """
 
-    def __init__(self, message: str, *, execution_id: str, status: str,
-                 errors: dict[str, str]) -> None:
+    def __init__(
+        self, message: str, *, execution_id: str, status: str, errors: dict[str, str]
+    ) -> None:
         self.status = status
         self.errors = errors
         super().__init__(message, execution_id=execution_id)
@@ -254,8 +257,14 @@ class CaptureExitedError(SourceError):
     """The capture subprocess exited; ``exit_code`` is its code (negative: killed by a signal)
     and ``stderr_tail`` the last lines it printed."""
 
-    def __init__(self, message: str, *, source_id: str | None = None,
-                 exit_code: int | None = None, stderr_tail: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        source_id: str | None = None,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+    ) -> None:
         self.exit_code = exit_code
         self.stderr_tail = stderr_tail
         super().__init__(message, source_id=source_id)
@@ -272,8 +281,14 @@ class FrameError(StreamError):
 class ProcessorError(StreamError):
     """A stage's processor raised; ``stage`` and ``seq`` name where; ``__cause__`` is why."""
 
-    def __init__(self, message: str, *, source_id: str | None = None, stage: str | None = None,
-                 seq: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        source_id: str | None = None,
+        stage: str | None = None,
+        seq: int | None = None,
+    ) -> None:
         self.stage = stage
         self.seq = seq
         where = f"stage '{stage}'" + (f", frame {seq}" if seq is not None else "")
@@ -335,8 +350,9 @@ class NoProcessorError(ProcessorRegistryError, LookupError):
         self.capability = capability
         self.offered = offered
         on_offer = ", ".join(repr(c) for c in offered) if offered else "none (no live processor)"
-        super().__init__(f"no live processor offers capability {capability!r}; "
-                         f"capabilities on offer: {on_offer}")
+        super().__init__(
+            f"no live processor offers capability {capability!r}; capabilities on offer: {on_offer}"
+        )
 
 
 class CircuitOpenError(ProcessorRegistryError):
@@ -347,9 +363,11 @@ class CircuitOpenError(ProcessorRegistryError):
         self.capability = capability
         self.processors = processors
         self.retry_in = retry_in
-        super().__init__(f"capability {capability!r}: the circuit breaker of every processor "
-                         f"offering it is open ({', '.join(processors)}); next trial in "
-                         f"{retry_in:.1f}s")
+        super().__init__(
+            f"capability {capability!r}: the circuit breaker of every processor "
+            f"offering it is open ({', '.join(processors)}); next trial in "
+            f"{retry_in:.1f}s"
+        )
 
 
 class NoCapacityError(ProcessorRegistryError):
@@ -359,21 +377,26 @@ class NoCapacityError(ProcessorRegistryError):
         self.capability = capability
         self.processors = processors
         self.waited = waited
-        super().__init__(f"capability {capability!r}: every processor offering it "
-                         f"({', '.join(processors)}) stayed at capacity for {waited:.1f}s")
+        super().__init__(
+            f"capability {capability!r}: every processor offering it "
+            f"({', '.join(processors)}) stayed at capacity for {waited:.1f}s"
+        )
 
 
 class ResultTimeoutError(ProcessorRegistryError):
     """No result arrived for frame ``frame_id`` (sent to ``processor_id``) within ``timeout``."""
 
-    def __init__(self, *, frame_id: str, capability: str, processor_id: str,
-                 timeout: float) -> None:
+    def __init__(
+        self, *, frame_id: str, capability: str, processor_id: str, timeout: float
+    ) -> None:
         self.frame_id = frame_id
         self.capability = capability
         self.processor_id = processor_id
         self.timeout = timeout
-        super().__init__(f"frame {frame_id} ({capability!r}, routed to processor "
-                         f"{processor_id!r}): no result within {timeout:g}s")
+        super().__init__(
+            f"frame {frame_id} ({capability!r}, routed to processor "
+            f"{processor_id!r}): no result within {timeout:g}s"
+        )
 
 
 class RemoteProcessingError(ProcessorRegistryError):
@@ -386,8 +409,9 @@ class RemoteProcessingError(ProcessorRegistryError):
         self.frame_id = frame_id
         self.processor_id = processor_id
         self.kind = kind
-        super().__init__(f"frame {frame_id or '?'} on processor {processor_id!r} ({kind} "
-                         f"error): {message}")
+        super().__init__(
+            f"frame {frame_id or '?'} on processor {processor_id!r} ({kind} error): {message}"
+        )
 
 
 class ModelError(FramepipeError):
@@ -398,9 +422,16 @@ class ModelError(FramepipeError):
     an answer that breaks the protocol). ``exit_code`` and ``stderr_tail`` are set for a
     subprocess model, ``status_code`` for an HTTP model."""
 
-    def __init__(self, message: str, *, model: str | None = None, retryable: bool = False,
-                 exit_code: int | None = None, stderr_tail: str = "",
-                 status_code: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        retryable: bool = False,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+        status_code: int | None = None,
+    ) -> None:
         self.model = model
         self.retryable = retryable
         self.exit_code = exit_code
@@ -432,8 +463,9 @@ class DetectorError(FramepipeError):
     request; ``detector_id`` names the detector and ``session_id`` the card session, when
     known, and the message says which file and why."""
 
-    def __init__(self, message: str, *, detector_id: str | None = None,
-                 session_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, detector_id: str | None = None, session_id: str | None = None
+    ) -> None:
         self.detector_id = detector_id
         self.session_id = session_id
         self.reason = message

@@ -54,8 +54,14 @@ class _QueuedSink:
 
     kind = "events"
 
-    def __init__(self, *, max_pending: int = 10_000, batch: int = 256, retries: int = 5,
-                 backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int = 10_000,
+        batch: int = 256,
+        retries: int = 5,
+        backoff: Backoff | None = None,
+    ) -> None:
         if max_pending < 1 or batch < 1 or retries < 1:
             raise ValueError("max_pending, batch and retries must be >= 1")
         self.max_pending = max_pending
@@ -82,7 +88,8 @@ class _QueuedSink:
         if self._writer is None:
             self._wake = asyncio.Event()
             self._writer = asyncio.get_running_loop().create_task(
-                self._write_loop(), name=f"event-sink-{self.kind}")
+                self._write_loop(), name=f"event-sink-{self.kind}"
+            )
         assert self._wake is not None
         self._wake.set()
 
@@ -113,12 +120,14 @@ class _QueuedSink:
                 return True
             except Exception as exc:
                 if attempt == self.retries:
-                    self._log.warning("%d event(s) not written after %d attempt(s): %s",
-                                      len(batch), attempt, exc)
+                    self._log.warning(
+                        "%d event(s) not written after %d attempt(s): %s", len(batch), attempt, exc
+                    )
                     return False
                 delay = self.backoff.delay(attempt)
-                self._log.warning("writing %d event(s) failed (%s); retrying in %.1fs",
-                                  len(batch), exc, delay)
+                self._log.warning(
+                    "writing %d event(s) failed (%s); retrying in %.1fs", len(batch), exc, delay
+                )
                 await asyncio.sleep(delay)
         return False
 
@@ -152,8 +161,14 @@ class StoreEventSink(_QueuedSink):
 
     kind = "store"
 
-    def __init__(self, store: StateStore, app_name: str, *,
-                 retention_days: float | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        app_name: str,
+        *,
+        retention_days: float | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         self.store = store
         self.app_name = app_name
@@ -168,15 +183,18 @@ class StoreEventSink(_QueuedSink):
         if self.retention_days is not None and time.monotonic() - self._pruned_at > 3600:
             self._pruned_at = time.monotonic()
             try:
-                deleted = await asyncio.to_thread(prune_events, self.store,
-                                                  self.retention_days * 86400)
+                deleted = await asyncio.to_thread(
+                    prune_events, self.store, self.retention_days * 86400
+                )
             except Exception as exc:  # retention is housekeeping: the events go on
-                self._log.warning("pruning events older than %g days failed: %s",
-                                  self.retention_days, exc)
+                self._log.warning(
+                    "pruning events older than %g days failed: %s", self.retention_days, exc
+                )
             else:
                 if deleted:
-                    self._log.info("pruned %d event(s) older than %g days", deleted,
-                                   self.retention_days)
+                    self._log.info(
+                        "pruned %d event(s) older than %g days", deleted, self.retention_days
+                    )
 
 
 class RedisEventSink(_QueuedSink):
@@ -185,8 +203,15 @@ class RedisEventSink(_QueuedSink):
 
     kind = "redis"
 
-    def __init__(self, url: str, stream: str, *, maxlen: int = 100_000,
-                 types: set[str] | frozenset[str] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        stream: str,
+        *,
+        maxlen: int = 100_000,
+        types: set[str] | frozenset[str] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         try:
             from framepipe.redis.connection import connect
@@ -195,8 +220,7 @@ class RedisEventSink(_QueuedSink):
         self.stream = stream
         self.maxlen = maxlen
         self.types = frozenset(types) if types is not None else None
-        self._client: Redis = connect(url, retries=None, connect_timeout=None,
-                                      socket_timeout=None)
+        self._client: Redis = connect(url, retries=None, connect_timeout=None, socket_timeout=None)
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if self.types is None or event in self.types:
@@ -205,9 +229,12 @@ class RedisEventSink(_QueuedSink):
     async def _write(self, batch: list[Event]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
             for event in batch:
-                pipe.xadd(self.stream, {"type": event.type, "ts": repr(event.ts),
-                                        "data": json.dumps(event.data)},
-                          maxlen=self.maxlen, approximate=True)
+                pipe.xadd(
+                    self.stream,
+                    {"type": event.type, "ts": repr(event.ts), "data": json.dumps(event.data)},
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
             await pipe.execute()
 
     async def _release(self) -> None:

@@ -30,8 +30,14 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the event."""
-        return {"id": self.id, "type": self.type, "ts": self.ts,
-                "execution_id": self.execution_id, "step_key": self.step_key, "data": self.data}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "ts": self.ts,
+            "execution_id": self.execution_id,
+            "step_key": self.step_key,
+            "data": self.data,
+        }
 
 
 class Subscription:

@@ -32,8 +32,10 @@ def now_ms() -> int:
 def encode_jpeg(image: Image, quality: int = 85) -> bytes:
     """JPEG bytes of a BGR (or grey) image; raises :class:`FrameError` if it cannot be encoded."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise FrameError(f"cannot encode {type(image).__name__} "
-                         f"{getattr(image, 'shape', '')} as JPEG: need a uint8 HxW(x3) array")
+        raise FrameError(
+            f"cannot encode {type(image).__name__} "
+            f"{getattr(image, 'shape', '')} as JPEG: need a uint8 HxW(x3) array"
+        )
     ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise FrameError(f"OpenCV could not encode a {image.shape} image as JPEG")
@@ -78,21 +80,34 @@ class Frame:
 
     def to_message(self, quality: int = 85) -> dict[str, Any]:
         """A dict of JPEG bytes and metadata, to send to another process."""
-        return {"jpeg": self.to_jpeg(quality), "source_id": self.source_id, "seq": self.seq,
-                "ts_ms": self.ts_ms, "pts": self.pts, "segment_id": self.segment_id,
-                "meta": dict(self.meta)}
+        return {
+            "jpeg": self.to_jpeg(quality),
+            "source_id": self.source_id,
+            "seq": self.seq,
+            "ts_ms": self.ts_ms,
+            "pts": self.pts,
+            "segment_id": self.segment_id,
+            "meta": dict(self.meta),
+        }
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Frame:
         """The frame :meth:`to_message` described."""
         try:
-            return cls(image=decode_jpeg(message["jpeg"]), source_id=message["source_id"],
-                       seq=int(message["seq"]), ts_ms=int(message["ts_ms"]),
-                       pts=message.get("pts"), segment_id=message.get("segment_id"),
-                       meta=dict(message.get("meta") or {}))
+            return cls(
+                image=decode_jpeg(message["jpeg"]),
+                source_id=message["source_id"],
+                seq=int(message["seq"]),
+                ts_ms=int(message["ts_ms"]),
+                pts=message.get("pts"),
+                segment_id=message.get("segment_id"),
+                meta=dict(message.get("meta") or {}),
+            )
         except KeyError as exc:
             raise FrameError(f"frame message lacks {exc.args[0]!r}") from exc
 
     def __repr__(self) -> str:
-        return (f"Frame({self.source_id}#{self.seq} {self.width}x{self.height} "
-                f"ts_ms={self.ts_ms} segment={self.segment_id})")
+        return (
+            f"Frame({self.source_id}#{self.seq} {self.width}x{self.height} "
+            f"ts_ms={self.ts_ms} segment={self.segment_id})"
+        )

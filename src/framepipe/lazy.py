@@ -9,8 +9,9 @@ from typing import Any
 __all__ = ["attach"]
 
 
-def attach(package: str, names: Mapping[str, str],
-           namespace: dict[str, Any]) -> Callable[[str], Any]:
+def attach(
+    package: str, names: Mapping[str, str], namespace: dict[str, Any]
+) -> Callable[[str], Any]:
     """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a module path)
     when ``name`` is first asked for and keeps it in ``namespace`` (the package's globals)."""
 

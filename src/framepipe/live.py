@@ -32,8 +32,9 @@ def run_live(target: App | StreamPipeline, settings: Settings, console: Console)
 
         def on_signal(signum: int) -> None:
             received.append(signum)
-            console.print(f"[yellow]{signal.Signals(signum).name}: stopping {app.name} "
-                          "gracefully[/]")
+            console.print(
+                f"[yellow]{signal.Signals(signum).name}: stopping {app.name} gracefully[/]"
+            )
             stop.set()
 
         for sig in signals:
@@ -73,10 +74,15 @@ def health_table(settings: Settings) -> Table | None:
     table = Table("app", "state", "score", "uptime s", "pid", "pipelines", "last error")
     for snap in snapshots:
         pipelines = snap.get("pipeline_status", {})
-        table.add_row(snap["name"], snap["state"], _fmt(snap.get("performance_score"), 2),
-                      _fmt(snap.get("uptime")), str(snap.get("pid")),
-                      ", ".join(f"{n}={p['state']}" for n, p in pipelines.items()),
-                      (snap.get("last_error") or "")[:80])
+        table.add_row(
+            snap["name"],
+            snap["state"],
+            _fmt(snap.get("performance_score"), 2),
+            _fmt(snap.get("uptime")),
+            str(snap.get("pid")),
+            ", ".join(f"{n}={p['state']}" for n, p in pipelines.items()),
+            (snap.get("last_error") or "")[:80],
+        )
     return table
 
 
@@ -85,17 +91,36 @@ def sources_table(settings: Settings) -> Table | None:
     snapshots = read_snapshots(settings)
     if not snapshots:
         return None
-    table = Table("app", "pipeline", "source", "state", "fps", "frames", "restarts", "stalls",
-                  "pid", "segments", "last error")
+    table = Table(
+        "app",
+        "pipeline",
+        "source",
+        "state",
+        "fps",
+        "frames",
+        "restarts",
+        "stalls",
+        "pid",
+        "segments",
+        "last error",
+    )
     for snap in snapshots:
         for name, status in snap.get("pipeline_status", {}).items():
             src = status.get("source") or {}
             uptime = src.get("uptime") or 0.0
             fps = (src.get("frames", 0) / uptime) if uptime else None
             state = status["state"] if snap["state"] != "dead" else "dead"
-            table.add_row(snap["name"], name, status.get("source_description", ""), state,
-                          _fmt(fps), str(status.get("frames_captured", 0)),
-                          str(src.get("restarts", 0)), str(src.get("stalls", 0)),
-                          str(src.get("pid") or "-"), str(status.get("segments_completed", 0)),
-                          (status.get("last_error") or "")[:60])
+            table.add_row(
+                snap["name"],
+                name,
+                status.get("source_description", ""),
+                state,
+                _fmt(fps),
+                str(status.get("frames_captured", 0)),
+                str(src.get("restarts", 0)),
+                str(src.get("stalls", 0)),
+                str(src.get("pid") or "-"),
+                str(status.get("segments_completed", 0)),
+                (status.get("last_error") or "")[:60],
+            )
     return table

@@ -26,12 +26,14 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger that stamps every record with its component name."""
 
     def __init__(self, component: str, logger: str | None = None) -> None:
-        super().__init__(logging.getLogger(logger or f"framepipe.{component}"),
-                         {"component": component})
+        super().__init__(
+            logging.getLogger(logger or f"framepipe.{component}"), {"component": component}
+        )
         self.component = component
 
-    def process(self, msg: Any,
-                kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(kwargs.get("extra") or {})
         extra.setdefault("component", self.component)
         kwargs["extra"] = extra

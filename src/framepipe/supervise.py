@@ -263,8 +263,9 @@ class Supervisor:
         self._What = what[:1].upper() + what[1:]
         if description is None:
             description = getattr(target, "__qualname__", None) or repr(target)
-        self._health = Health(name=name, state=HealthState.STOPPED, since=time.time(),
-                              description=description)
+        self._health = Health(
+            name=name, state=HealthState.STOPPED, since=time.time(), description=description
+        )
         # per-frame fields, written by SupervisorContext.alive()
         self._frames = 0
         self._last_frame = float("-inf")
@@ -298,8 +299,7 @@ class Supervisor:
         last_frame_at = None
         if self._frames:
             last_frame_at = time.time() - (time.monotonic() - self._last_frame)
-        return dataclasses.replace(self._health, frames=self._frames,
-                                   last_frame_at=last_frame_at)
+        return dataclasses.replace(self._health, frames=self._frames, last_frame_at=last_frame_at)
 
     @property
     def running(self) -> bool:
@@ -343,8 +343,11 @@ class Supervisor:
             session.cancel()
         done, _ = await asyncio.wait((task,), timeout=timeout)
         if not done:
-            self._log.warning("%s did not stop within %s; abandoning its session",
-                              self._What, _format_delay(timeout))
+            self._log.warning(
+                "%s did not stop within %s; abandoning its session",
+                self._What,
+                _format_delay(timeout),
+            )
             task.cancel()
             await asyncio.wait((task,), timeout=1.0)
             self._finish_stopped()
@@ -376,8 +379,9 @@ class Supervisor:
                 outcome = await self._run_session()
                 if self._stopping:
                     if isinstance(outcome, Exception) and outcome is not self._stall:
-                        self._log.warning("%s raised while stopping: %s", self._What,
-                                          _describe_error(outcome))
+                        self._log.warning(
+                            "%s raised while stopping: %s", self._What, _describe_error(outcome)
+                        )
                     break
                 if outcome is None and not self._restart_on_end:
                     self._clear_run()
@@ -400,8 +404,9 @@ class Supervisor:
             self._clear_run()
             self._health.last_error = f"supervisor crashed: {_describe_error(exc)}"
             self._set_state(HealthState.FAILED)
-            self._emit("failed", {"error": self._health.last_error,
-                                  "attempts": self._health.attempt})
+            self._emit(
+                "failed", {"error": self._health.last_error, "attempts": self._health.attempt}
+            )
         finally:
             session = self._session
             if session is not None and not session.done():
@@ -445,8 +450,7 @@ class Supervisor:
         """Record, log and announce one failure; return the backoff delay, or None when the
         supervisor gave up (state failed)."""
         h = self._health
-        if (self._session_started
-                and time.monotonic() - self._started_mono >= self._healthy_after):
+        if self._session_started and time.monotonic() - self._started_mono >= self._healthy_after:
             h.attempt = 0
         self._clear_run()
         h.last_exit_code = None
@@ -468,26 +472,34 @@ class Supervisor:
             self._log.warning("%s subprocess died (exit code: %s)", self._What, exc.exit_code)
             tail = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
             if tail:
-                self._log.warning("%s stderr (last %d lines):\n  %s", self._What, len(tail),
-                                  "\n  ".join(tail))
+                self._log.warning(
+                    "%s stderr (last %d lines):\n  %s", self._What, len(tail), "\n  ".join(tail)
+                )
             self._emit("died", {"error": h.last_error, "exit_code": exc.exit_code})
         else:
             h.last_error = _describe_error(exc)
             expected = isinstance(exc, FramepipeError | asyncio.CancelledError)
-            self._log.error("%s failed: %s", self._What, h.last_error,
-                            exc_info=None if expected else exc)
+            self._log.error(
+                "%s failed: %s", self._What, h.last_error, exc_info=None if expected else exc
+            )
             self._emit("died", {"error": h.last_error, "exit_code": None})
         h.attempt += 1
         if self._max_attempts is not None and h.attempt >= self._max_attempts:
             self._set_state(HealthState.FAILED)
-            self._log.error("%s failed permanently after %d attempt%s: %s", self._What,
-                            h.attempt, "" if h.attempt == 1 else "s", h.last_error)
+            self._log.error(
+                "%s failed permanently after %d attempt%s: %s",
+                self._What,
+                h.attempt,
+                "" if h.attempt == 1 else "s",
+                h.last_error,
+            )
             self._emit("failed", {"error": h.last_error, "attempts": h.attempt})
             return None
         delay = self._backoff.delay(h.attempt)
         self._set_state(HealthState.BACKOFF)
-        self._log.info("Restarting %s in %s (attempt %d)", self.what, _format_delay(delay),
-                       h.attempt)
+        self._log.info(
+            "Restarting %s in %s (attempt %d)", self.what, _format_delay(delay), h.attempt
+        )
         self._emit("restarting", {"delay": delay, "attempt": h.attempt})
         return delay
 
@@ -526,8 +538,11 @@ class Supervisor:
     def _on_healthy(self, ctx: SupervisorContext) -> None:
         self._healthy_timer = None
         if ctx._active and self._health.attempt:
-            self._log.debug("%s healthy for %s; attempt counter reset", self._What,
-                            _format_delay(self._healthy_after))
+            self._log.debug(
+                "%s healthy for %s; attempt counter reset",
+                self._What,
+                _format_delay(self._healthy_after),
+            )
             self._health.attempt = 0
 
     # ------------------------------------------------------------------ watchdog
@@ -571,8 +586,11 @@ class Supervisor:
     def _warn_ignoring(self, task: asyncio.Task[None]) -> None:
         self._grace_timer = None
         if not task.done():
-            self._log.warning("%s session ignores its cancellation after %s; still waiting",
-                              self._What, _format_delay(_CANCEL_GRACE))
+            self._log.warning(
+                "%s session ignores its cancellation after %s; still waiting",
+                self._What,
+                _format_delay(_CANCEL_GRACE),
+            )
 
     def _cancel_timers(self) -> None:
         for attr in ("_watchdog", "_healthy_timer", "_grace_timer"):

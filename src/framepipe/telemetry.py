@@ -30,29 +30,35 @@ class StreamCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["pipeline", "stage"]
         fps = GaugeMetricFamily("framepipe_stage_fps", "Frames per second handled", labels=labels)
-        latency = GaugeMetricFamily("framepipe_stage_latency_seconds",
-                                    "Median processing time of recent frames", labels=labels)
+        latency = GaugeMetricFamily(
+            "framepipe_stage_latency_seconds",
+            "Median processing time of recent frames",
+            labels=labels,
+        )
         depth = GaugeMetricFamily("framepipe_stage_queue_depth", "Items waiting", labels=labels)
         frames = CounterMetricFamily("framepipe_stage_frames", "Frames handled", labels=labels)
-        drops = CounterMetricFamily("framepipe_stage_drops", "Frames dropped by the queue",
-                                    labels=labels)
-        errors = CounterMetricFamily("framepipe_stage_errors", "Processor calls that raised",
-                                     labels=labels)
+        drops = CounterMetricFamily(
+            "framepipe_stage_drops", "Frames dropped by the queue", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "framepipe_stage_errors", "Processor calls that raised", labels=labels
+        )
         src = ["pipeline", "source"]
-        restarts = CounterMetricFamily("framepipe_source_restarts", "Capture restarts",
-                                       labels=src)
+        restarts = CounterMetricFamily("framepipe_source_restarts", "Capture restarts", labels=src)
         stalls = CounterMetricFamily("framepipe_source_stalls", "Capture stalls", labels=src)
         captured = CounterMetricFamily("framepipe_source_frames", "Frames captured", labels=src)
-        up = GaugeMetricFamily("framepipe_source_running", "1 while the capture runs",
-                               labels=src)
-        segments = CounterMetricFamily("framepipe_segments_completed", "Segments completed",
-                                       labels=["pipeline"])
-        score = GaugeMetricFamily("framepipe_performance_score", "0-1 performance score",
-                                  labels=["pipeline"])
+        up = GaugeMetricFamily("framepipe_source_running", "1 while the capture runs", labels=src)
+        segments = CounterMetricFamily(
+            "framepipe_segments_completed", "Segments completed", labels=["pipeline"]
+        )
+        score = GaugeMetricFamily(
+            "framepipe_performance_score", "0-1 performance score", labels=["pipeline"]
+        )
         seg_latency = GaugeMetricFamily(
             "framepipe_segment_latency_seconds",
             "Last frame of a segment to its completion, over the last 256 segments",
-            labels=["pipeline", "quantile"])
+            labels=["pipeline", "quantile"],
+        )
         for p in self._pipelines():
             for s in p.stats:
                 key = [p.name, s.name]
@@ -75,8 +81,21 @@ class StreamCollector(Collector):
                     value = recent[min(len(recent) - 1, round(q * (len(recent) - 1)))]
                     seg_latency.add_metric([p.name, f"{q:g}"], value)
             score.add_metric([p.name], p.performance_score())
-        yield from (fps, latency, depth, frames, drops, errors, restarts, stalls, captured, up,
-                    segments, score, seg_latency)
+        yield from (
+            fps,
+            latency,
+            depth,
+            frames,
+            drops,
+            errors,
+            restarts,
+            stalls,
+            captured,
+            up,
+            segments,
+            score,
+            seg_latency,
+        )
 
 
 def metrics_registry(pipelines: Callable[[], Iterable[StreamPipeline]]) -> CollectorRegistry:

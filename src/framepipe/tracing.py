@@ -13,8 +13,7 @@ import re
 import secrets
 from typing import Any, Literal, cast
 
-__all__ = ["TRACEPARENT", "attach_trace", "detach_trace", "new_traceparent",
-           "parse_traceparent"]
+__all__ = ["TRACEPARENT", "attach_trace", "detach_trace", "new_traceparent", "parse_traceparent"]
 
 TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 """A well-formed W3C ``traceparent`` (version, trace id, parent span id, flags)."""
@@ -28,9 +27,11 @@ def _otel() -> tuple[Any, Any, Any] | None:
     global _otel_modules  # noqa: PLW0603 - a once-only import cache
     if _otel_modules is False:
         try:
-            _otel_modules = (importlib.import_module("opentelemetry.propagate"),
-                             importlib.import_module("opentelemetry.context"),
-                             importlib.import_module("opentelemetry.trace"))
+            _otel_modules = (
+                importlib.import_module("opentelemetry.propagate"),
+                importlib.import_module("opentelemetry.context"),
+                importlib.import_module("opentelemetry.trace"),
+            )
         except ImportError:
             _otel_modules = None
     return _otel_modules
@@ -80,9 +81,14 @@ def attach_trace(traceparent: str | None) -> object | None:
     if not trace_id or not span_id or traceparent.startswith("ff"):
         return None  # invalid: extract() would give no context either
     api = otel[2]
-    span = api.NonRecordingSpan(api.SpanContext(
-        trace_id=trace_id, span_id=span_id, is_remote=True,
-        trace_flags=api.TraceFlags(int(traceparent[53:55], 16))))
+    span = api.NonRecordingSpan(
+        api.SpanContext(
+            trace_id=trace_id,
+            span_id=span_id,
+            is_remote=True,
+            trace_flags=api.TraceFlags(int(traceparent[53:55], 16)),
+        )
+    )
     return cast(object, otel[1].attach(api.set_span_in_context(span)))
 
 

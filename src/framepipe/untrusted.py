@@ -34,8 +34,7 @@ def _text_problem(text: str) -> str | None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         bad = text[exc.start]
-        return (f"is not valid Unicode: a lone surrogate \\u{ord(bad):04x} at position "
-                f"{exc.start}")
+        return f"is not valid Unicode: a lone surrogate \\u{ord(bad):04x} at position {exc.start}"
     return None
 
 
@@ -48,8 +47,9 @@ def check_text(value: object, where: str, *, max_length: int | None = None) -> s
     if problem is not None:
         raise InvalidInputError(problem, where=where)
     if max_length is not None and len(value) > max_length:
-        raise InvalidInputError(f"is {len(value)} characters long; at most {max_length}",
-                                where=where)
+        raise InvalidInputError(
+            f"is {len(value)} characters long; at most {max_length}", where=where
+        )
     return value
 
 
@@ -70,8 +70,8 @@ def check_json(value: Any, where: str, *, max_depth: int = MAX_DEPTH) -> None:
             for key, child in item.items():
                 if not isinstance(key, str):
                     raise InvalidInputError(
-                        f"has a key of type {type(key).__name__}; keys must be strings",
-                        where=path)
+                        f"has a key of type {type(key).__name__}; keys must be strings", where=path
+                    )
                 problem = _text_problem(key)
                 if problem is not None:
                     raise InvalidInputError(f"a key {problem}", where=path)
@@ -82,14 +82,16 @@ def check_json(value: Any, where: str, *, max_depth: int = MAX_DEPTH) -> None:
             if not math.isfinite(item):
                 raise InvalidInputError(f"is {item}, which JSON cannot hold", where=path)
         elif item is not None and not isinstance(item, (bool, int)):
-            raise InvalidInputError(f"is a {type(item).__name__}, which is not JSON",
-                                    where=path)
+            raise InvalidInputError(f"is a {type(item).__name__}, which is not JSON", where=path)
 
 
 def json_size(value: Any) -> int:
     """Bytes of ``value`` as compact JSON (what a store keeps)."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8", "surrogatepass"))
+    return len(
+        json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8", "surrogatepass"
+        )
+    )
 
 
 def check_size(value: Any, where: str, *, limit: int, setting: str) -> int:
@@ -99,7 +101,9 @@ def check_size(value: Any, where: str, *, limit: int, setting: str) -> int:
     if size > limit:
         raise InputTooLargeError(
             f"is {size} bytes of JSON, over the limit of {limit} ({setting}); store large data "
-            "as objects and pass their keys", where=where)
+            "as objects and pass their keys",
+            where=where,
+        )
     return size
 
 

@@ -16,5 +16,13 @@ from doorbell.manager import HealthStatus, OrchestratorManager, SystemState
 from doorbell.migration import MigrationUtils
 from doorbell.orchestrator import PipelineOrchestrator
 
-__all__ = ["DoorbellConfig", "HealthStatus", "LegacyAdapter", "MigrationUtils",
-           "OrchestratorManager", "PipelineOrchestrator", "SystemState", "load_config"]
+__all__ = [
+    "DoorbellConfig",
+    "HealthStatus",
+    "LegacyAdapter",
+    "MigrationUtils",
+    "OrchestratorManager",
+    "PipelineOrchestrator",
+    "SystemState",
+    "load_config",
+]

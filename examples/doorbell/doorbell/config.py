@@ -49,13 +49,23 @@ DEFAULTS: dict[str, Any] = {
         "retry_initial_delay": 2.0,
     },
     "pipeline_config": {
-        "face_detection": {"worker_count": 2, "detector_type": "cpu", "model": "hog",
-                           "upscale_below": 300, "upsample": 0, "queue_size": 8},
+        "face_detection": {
+            "worker_count": 2,
+            "detector_type": "cpu",
+            "model": "hog",
+            "upscale_below": 300,
+            "upsample": 0,
+            "queue_size": 8,
+        },
         "face_recognition": {"worker_count": 2, "tolerance": 0.6, "encoding_model": "small"},
         "motion_detection": {"enabled": False, "threshold": 0.01},
-        "event_processing": {"visit_timeout": 5.0, "max_visit_duration": 120.0,
-                             "min_known_ratio": 0.3, "store_frames": False,
-                             "recent_events": 100},
+        "event_processing": {
+            "visit_timeout": 5.0,
+            "max_visit_duration": 120.0,
+            "min_known_ratio": 0.3,
+            "store_frames": False,
+            "recent_events": 100,
+        },
     },
     "notifications": {"webhook_url": None, "webhook_timeout": 5.0},
     "doorbell": {"gpio_pin": 18},
@@ -81,8 +91,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 def _parse(name: str, text: str, kind: type) -> Any:
-    problem = ConfigError(f"environment variable {name}={text!r} is not a valid "
-                          f"{kind.__name__}")
+    problem = ConfigError(f"environment variable {name}={text!r} is not a valid {kind.__name__}")
     if kind is bool:
         value = text.strip().lower()
         if value not in _TRUE | _FALSE:
@@ -165,13 +174,15 @@ def _get(raw: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> An
 
 def _positive(path: str, value: float, *, zero: bool = False) -> float:
     if value < 0 or (value == 0 and not zero):
-        raise ConfigError(f"doorbell config: {path} must be {'>= 0' if zero else '> 0'}, "
-                          f"not {value}")
+        raise ConfigError(
+            f"doorbell config: {path} must be {'>= 0' if zero else '> 0'}, not {value}"
+        )
     return value
 
 
-def load_config(config: Mapping[str, Any] | None = None,
-                environ: Mapping[str, str] | None = None) -> DoorbellConfig:
+def load_config(
+    config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> DoorbellConfig:
     """Defaults <- environment <- ``config``, validated (see the module docstring)."""
     raw = copy.deepcopy(DEFAULTS)
     env = os.environ if environ is None else environ
@@ -193,23 +204,29 @@ def load_config(config: Mapping[str, Any] | None = None,
     pc = "pipeline_config."
     model = _get(raw, pc + "face_detection.model", str)
     if model not in ("hog", "cnn"):
-        raise ConfigError(f"doorbell config: {pc}face_detection.model must be 'hog' or 'cnn', "
-                          f"not {model!r}")
+        raise ConfigError(
+            f"doorbell config: {pc}face_detection.model must be 'hog' or 'cnn', not {model!r}"
+        )
     encoding_model = _get(raw, pc + "face_recognition.encoding_model", str)
     if encoding_model not in ("small", "large"):
-        raise ConfigError(f"doorbell config: {pc}face_recognition.encoding_model must be "
-                          f"'small' (5-point landmarks) or 'large' (68-point), not "
-                          f"{encoding_model!r}")
+        raise ConfigError(
+            f"doorbell config: {pc}face_recognition.encoding_model must be "
+            f"'small' (5-point landmarks) or 'large' (68-point), not "
+            f"{encoding_model!r}"
+        )
     detector_type = _get(raw, pc + "face_detection.detector_type", str)
     if detector_type not in ("cpu", "gpu"):
-        raise ConfigError(f"doorbell config: {pc}face_detection.detector_type must be 'cpu' "
-                          f"or 'gpu', not {detector_type!r}")
+        raise ConfigError(
+            f"doorbell config: {pc}face_detection.detector_type must be 'cpu' "
+            f"or 'gpu', not {detector_type!r}"
+        )
     workers = {}
     for stage in ("face_detection", "face_recognition"):
         count = _get(raw, f"{pc}{stage}.worker_count", int)
         if count < 1:
-            raise ConfigError(f"doorbell config: {pc}{stage}.worker_count must be >= 1, "
-                              f"not {count}")
+            raise ConfigError(
+                f"doorbell config: {pc}{stage}.worker_count must be >= 1, not {count}"
+            )
         workers[stage] = count
     data_dir = Path(_get(raw, "data_dir", (str, Path)))
     known = raw.get("known_faces_dir")
@@ -217,25 +234,30 @@ def load_config(config: Mapping[str, Any] | None = None,
     source = _get(raw, "camera.source", (str, int, Path))
     webhook = raw["notifications"].get("webhook_url")
     if webhook is not None and not isinstance(webhook, str):
-        raise ConfigError(f"doorbell config: notifications.webhook_url must be a URL string, "
-                          f"not {webhook!r}")
+        raise ConfigError(
+            f"doorbell config: notifications.webhook_url must be a URL string, not {webhook!r}"
+        )
     return DoorbellConfig(
         raw=raw,
-        health_check_interval=_positive("health_check_interval",
-                                        _get(raw, "health_check_interval", float)),
+        health_check_interval=_positive(
+            "health_check_interval", _get(raw, "health_check_interval", float)
+        ),
         auto_recovery_enabled=_get(raw, "auto_recovery_enabled", bool),
-        max_restart_attempts=int(_positive("max_restart_attempts",
-                                           _get(raw, "max_restart_attempts", int), zero=True)),
-        restart_cooldown_seconds=_positive("restart_cooldown_seconds",
-                                           _get(raw, "restart_cooldown_seconds", float),
-                                           zero=True),
+        max_restart_attempts=int(
+            _positive("max_restart_attempts", _get(raw, "max_restart_attempts", int), zero=True)
+        ),
+        restart_cooldown_seconds=_positive(
+            "restart_cooldown_seconds", _get(raw, "restart_cooldown_seconds", float), zero=True
+        ),
         cpu_threshold=_get(raw, "cpu_threshold", float),
         memory_threshold=_get(raw, "memory_threshold", float),
         performance_threshold=_get(raw, "performance_threshold", float),
-        queue_backlog_threshold=_positive("queue_backlog_threshold",
-                                          _get(raw, "queue_backlog_threshold", float)),
-        component_failure_threshold=int(_positive(
-            "component_failure_threshold", _get(raw, "component_failure_threshold", int))),
+        queue_backlog_threshold=_positive(
+            "queue_backlog_threshold", _get(raw, "queue_backlog_threshold", float)
+        ),
+        component_failure_threshold=int(
+            _positive("component_failure_threshold", _get(raw, "component_failure_threshold", int))
+        ),
         data_dir=data_dir,
         known_faces_dir=Path(known) if known else data_dir / "known_faces",
         objects_url=str(objects) if objects else str(data_dir / "objects"),
@@ -246,8 +268,9 @@ def load_config(config: Mapping[str, Any] | None = None,
         stall_timeout=_positive("camera.stall_timeout", _get(raw, "camera.stall_timeout", float)),
         open_timeout=_positive("camera.open_timeout", _get(raw, "camera.open_timeout", float)),
         camera_max_retries=_get(raw, "camera.max_retries", int),
-        camera_retry_delay=_positive("camera.retry_initial_delay",
-                                     _get(raw, "camera.retry_initial_delay", float), zero=True),
+        camera_retry_delay=_positive(
+            "camera.retry_initial_delay", _get(raw, "camera.retry_initial_delay", float), zero=True
+        ),
         detection_workers=workers["face_detection"],
         detector_type=detector_type,
         detection_model=model,
@@ -255,21 +278,26 @@ def load_config(config: Mapping[str, Any] | None = None,
         upsample=_get(raw, pc + "face_detection.upsample", int),
         queue_size=_get(raw, pc + "face_detection.queue_size", int),
         recognition_workers=workers["face_recognition"],
-        tolerance=_positive(pc + "face_recognition.tolerance",
-                            _get(raw, pc + "face_recognition.tolerance", float)),
+        tolerance=_positive(
+            pc + "face_recognition.tolerance", _get(raw, pc + "face_recognition.tolerance", float)
+        ),
         landmarks=5 if encoding_model == "small" else 68,
         motion_enabled=_get(raw, pc + "motion_detection.enabled", bool),
         motion_threshold=_get(raw, pc + "motion_detection.threshold", float),
-        visit_timeout=_positive(pc + "event_processing.visit_timeout",
-                                _get(raw, pc + "event_processing.visit_timeout", float)),
-        max_visit_duration=_positive(pc + "event_processing.max_visit_duration",
-                                     _get(raw, pc + "event_processing.max_visit_duration",
-                                          float)),
+        visit_timeout=_positive(
+            pc + "event_processing.visit_timeout",
+            _get(raw, pc + "event_processing.visit_timeout", float),
+        ),
+        max_visit_duration=_positive(
+            pc + "event_processing.max_visit_duration",
+            _get(raw, pc + "event_processing.max_visit_duration", float),
+        ),
         min_known_ratio=_get(raw, pc + "event_processing.min_known_ratio", float),
         store_frames=_get(raw, pc + "event_processing.store_frames", bool),
         recent_events=_get(raw, pc + "event_processing.recent_events", int),
         webhook_url=webhook or None,
-        webhook_timeout=_positive("notifications.webhook_timeout",
-                                  _get(raw, "notifications.webhook_timeout", float)),
+        webhook_timeout=_positive(
+            "notifications.webhook_timeout", _get(raw, "notifications.webhook_timeout", float)
+        ),
         gpio_pin=_get(raw, "doorbell.gpio_pin", int),
     )

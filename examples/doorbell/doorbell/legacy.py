@@ -87,8 +87,14 @@ class FaceManager:
         out = []
         for face in orch.recognizer.analyse(image):
             name, distance = matcher.match(face.encoding)
-            out.append({"box": face.box.as_list(), "name": name, "known": name is not None,
-                        "distance": distance})
+            out.append(
+                {
+                    "box": face.box.as_list(),
+                    "name": name,
+                    "known": name is not None,
+                    "distance": distance,
+                }
+            )
         return out
 
 
@@ -119,8 +125,7 @@ class CameraHandler:
         """The camera's supervision status (state, restarts, last error, frames)."""
         pipeline = self._manager.orchestrator.pipeline
         source = pipeline.health()["source"] if pipeline is not None else None
-        return {"source": self.source, "initialized": self.is_initialized,
-                "supervisor": source}
+        return {"source": self.source, "initialized": self.is_initialized, "supervisor": source}
 
 
 class GPIOHandler:
@@ -152,8 +157,9 @@ class GPIOHandler:
             gpio = self._gpio
             gpio.setmode(gpio.BCM)
             gpio.setup(self.pin, gpio.IN, pull_up_down=gpio.PUD_UP)
-            gpio.add_event_detect(self.pin, gpio.FALLING, callback=self._pressed,
-                                  bouncetime=self.bouncetime_ms)
+            gpio.add_event_detect(
+                self.pin, gpio.FALLING, callback=self._pressed, bouncetime=self.bouncetime_ms
+            )
         else:
             self.log.info("no GPIO board: doorbell button on pin %d is simulated", self.pin)
 
@@ -217,9 +223,19 @@ class LegacyAdapter:
         for event in reversed(list(orch.events)):
             if not event["type"].startswith("visitor."):
                 continue
-            capture = {k: event.get(k) for k in ("event_id", "timestamp", "type", "name",
-                                                  "known", "distance", "snapshot_key",
-                                                  "trigger")}
+            capture = {
+                k: event.get(k)
+                for k in (
+                    "event_id",
+                    "timestamp",
+                    "type",
+                    "name",
+                    "known",
+                    "distance",
+                    "snapshot_key",
+                    "trigger",
+                )
+            }
             capture["image_path"] = None
             if isinstance(objects, LocalObjectStore) and event.get("snapshot_key"):
                 capture["image_path"] = str(objects.root / event["snapshot_key"])
@@ -232,12 +248,18 @@ class LegacyAdapter:
         """The old status dict: running, state, uptime, faces, captures, camera, GPIO."""
         health = self.manager.get_health_status()
         metrics = self.manager.orchestrator.get_pipeline_metrics()
-        return {"running": self.running, "state": health.state.value,
-                "uptime": health.uptime, "performance_score": health.performance_score,
-                "last_error": health.last_error, "known_faces": len(health.known_faces),
-                "known_face_names": health.known_faces,
-                "recent_captures": len(self.get_recent_captures(limit=1000)),
-                "events_per_minute": metrics["events_per_minute"],
-                "camera": self.camera.get_status(), "gpio": self.gpio.get_status(),
-                "restart_attempts": health.restart_attempts, "issues": health.issues}
-
+        return {
+            "running": self.running,
+            "state": health.state.value,
+            "uptime": health.uptime,
+            "performance_score": health.performance_score,
+            "last_error": health.last_error,
+            "known_faces": len(health.known_faces),
+            "known_face_names": health.known_faces,
+            "recent_captures": len(self.get_recent_captures(limit=1000)),
+            "events_per_minute": metrics["events_per_minute"],
+            "camera": self.camera.get_status(),
+            "gpio": self.gpio.get_status(),
+            "restart_attempts": health.restart_attempts,
+            "issues": health.issues,
+        }

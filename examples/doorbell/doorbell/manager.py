@@ -56,9 +56,14 @@ class SystemState(StrEnum):
     STOPPING = "stopping"
 
 
-_STATES = {AppState.STOPPED: SystemState.STOPPED, AppState.STARTING: SystemState.STARTING,
-           AppState.RUNNING: SystemState.RUNNING, AppState.DEGRADED: SystemState.DEGRADED,
-           AppState.FAILED: SystemState.ERROR, AppState.STOPPING: SystemState.STOPPING}
+_STATES = {
+    AppState.STOPPED: SystemState.STOPPED,
+    AppState.STARTING: SystemState.STARTING,
+    AppState.RUNNING: SystemState.RUNNING,
+    AppState.DEGRADED: SystemState.DEGRADED,
+    AppState.FAILED: SystemState.ERROR,
+    AppState.STOPPING: SystemState.STOPPING,
+}
 
 
 @dataclass
@@ -129,9 +134,13 @@ class ResourceSampler:
 class OrchestratorManager:
     """The original system's management interface; see the module docstring."""
 
-    def __init__(self, config: Mapping[str, Any] | None = None, *,
-                 settings: Settings | None = None,
-                 orchestrator_class: type[PipelineOrchestrator] = PipelineOrchestrator) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any] | None = None,
+        *,
+        settings: Settings | None = None,
+        orchestrator_class: type[PipelineOrchestrator] = PipelineOrchestrator,
+    ) -> None:
         self.config: DoorbellConfig = load_config(config)
         self.orchestrator = orchestrator_class(self.config, settings=settings)
         self.log = get_logger("doorbell.manager")
@@ -176,8 +185,10 @@ class OrchestratorManager:
         loop = self._ensure_loop()
         if _running_loop() is loop:
             coro.close()
-            raise RuntimeError("a blocking OrchestratorManager call from inside an event "
-                               "callback would deadlock; schedule it instead")
+            raise RuntimeError(
+                "a blocking OrchestratorManager call from inside an event "
+                "callback would deadlock; schedule it instead"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return future.result(timeout)
@@ -226,8 +237,9 @@ class OrchestratorManager:
             try:
                 self._run(self._stop(), timeout=timeout)
             except concurrent.futures.TimeoutError:
-                self.log.exception("stop did not finish within %gs; the loop is stopped "
-                                   "anyway", timeout)
+                self.log.exception(
+                    "stop did not finish within %gs; the loop is stopped anyway", timeout
+                )
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout)
@@ -275,8 +287,9 @@ class OrchestratorManager:
 
     # -- events -----------------------------------------------------------------------------
 
-    def register_event_callback(self, event: str,
-                                callback: Callable[[dict[str, Any]], Any]) -> Callable[[], None]:
+    def register_event_callback(
+        self, event: str, callback: Callable[[dict[str, Any]], Any]
+    ) -> Callable[[], None]:
         """Call ``callback(data)`` on ``event``: ``visitor.known``, ``visitor.unknown``,
         ``doorbell.pressed``, ``system_error``, ``performance_warning``,
         ``known_face.rejected``, ``notification.failed``, framepipe's ``segment.completed``,
@@ -300,22 +313,33 @@ class OrchestratorManager:
         if self._gave_up is not None and app.state not in (AppState.STOPPED, AppState.STOPPING):
             state = SystemState.ERROR
         elif app.state in (AppState.FAILED, AppState.DEGRADED) or failed:
-            recovering = (self.config.auto_recovery_enabled and self._gave_up is None
-                          and self.restart_attempts < self.max_restart_attempts)
+            recovering = (
+                self.config.auto_recovery_enabled
+                and self._gave_up is None
+                and self.restart_attempts < self.max_restart_attempts
+            )
             state = SystemState.DEGRADED if recovering or not failed else SystemState.ERROR
         score = app.performance_score
-        for used, threshold in ((self.cpu_percent, self.config.cpu_threshold),
-                                (self.memory_percent, self.config.memory_threshold)):
+        for used, threshold in (
+            (self.cpu_percent, self.config.cpu_threshold),
+            (self.memory_percent, self.config.memory_threshold),
+        ):
             if used is not None and used > threshold:
                 score = min(score, round(threshold / used, 3) if used else 0.0)
         last_error = app.last_error or pipeline.get("last_error")
         return HealthStatus(
-            state=state or SystemState.ERROR, performance_score=score, uptime=app.uptime,
-            last_error=self._gave_up or last_error, pipeline_status=app.pipeline_status,
+            state=state or SystemState.ERROR,
+            performance_score=score,
+            uptime=app.uptime,
+            last_error=self._gave_up or last_error,
+            pipeline_status=app.pipeline_status,
             restart_attempts=self.restart_attempts,
-            max_restart_attempts=self.max_restart_attempts, cpu_percent=self.cpu_percent,
-            memory_percent=self.memory_percent, known_faces=orch.known.names,
-            issues=list(orch.issues))
+            max_restart_attempts=self.max_restart_attempts,
+            cpu_percent=self.cpu_percent,
+            memory_percent=self.memory_percent,
+            known_faces=orch.known.names,
+            issues=list(orch.issues),
+        )
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -331,16 +355,21 @@ class OrchestratorManager:
         over = []
         if self.cpu_percent is not None and self.cpu_percent > self.config.cpu_threshold:
             over.append(f"CPU {self.cpu_percent}% > {self.config.cpu_threshold}%")
-        if (self.memory_percent is not None
-                and self.memory_percent > self.config.memory_threshold):
+        if self.memory_percent is not None and self.memory_percent > self.config.memory_threshold:
             over.append(f"memory {self.memory_percent}% > {self.config.memory_threshold}%")
         if over and not self._resource_warning:
             self._resource_warning = True
             health = self._health()
             self.log.warning("performance warning: %s", "; ".join(over))
-            self.orchestrator.app.emit("performance_warning", {
-                "score": health.performance_score, "reason": "; ".join(over),
-                "cpu_percent": self.cpu_percent, "memory_percent": self.memory_percent})
+            self.orchestrator.app.emit(
+                "performance_warning",
+                {
+                    "score": health.performance_score,
+                    "reason": "; ".join(over),
+                    "cpu_percent": self.cpu_percent,
+                    "memory_percent": self.memory_percent,
+                },
+            )
         elif not over:
             self._resource_warning = False
 
@@ -372,4 +401,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-

@@ -46,24 +46,27 @@ def _config(data_dir: str | Path | None, config: dict[str, Any] | None) -> Doorb
 
 
 def _analyzer(cfg: DoorbellConfig) -> FaceAnalyzer:
-    return FaceAnalyzer(model=cfg.detection_model, landmarks=cfg.landmarks,
-                        upscale_below=cfg.upscale_below, upsample=cfg.upsample)
+    return FaceAnalyzer(
+        model=cfg.detection_model,
+        landmarks=cfg.landmarks,
+        upscale_below=cfg.upscale_below,
+        upsample=cfg.upsample,
+    )
 
 
 def _images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class MigrationUtils:
     """Static helpers; ``data_dir`` defaults to the configuration's (``data``)."""
 
     @staticmethod
-    def validate_migration_compatibility(data_dir: str | Path | None = None,
-                                         config: dict[str, Any] | None = None
-                                         ) -> dict[str, Any]:
+    def validate_migration_compatibility(
+        data_dir: str | Path | None = None, config: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``{"compatible", "issues", "warnings", "checks"}``: the
         configuration, dlib and its models, the known faces (each one encoded) and the
         object store."""
@@ -76,8 +79,7 @@ class MigrationUtils:
         except FramepipeError as exc:
             issues.append(f"configuration: {exc}")
             checks["config"] = False
-            return {"compatible": False, "issues": issues, "warnings": warnings,
-                    "checks": checks}
+            return {"compatible": False, "issues": issues, "warnings": warnings, "checks": checks}
         checks["dlib"] = importlib.util.find_spec("dlib") is not None
         if not checks["dlib"]:
             issues.append("dlib is not installed: pip install dlib-bin")
@@ -89,13 +91,15 @@ class MigrationUtils:
                 missing.append(name)
         checks["models"] = not missing
         if missing:
-            issues.append(f"dlib models missing ({', '.join(missing)}): "
-                          "pip install face_recognition_models")
+            issues.append(
+                f"dlib models missing ({', '.join(missing)}): pip install face_recognition_models"
+            )
         folder = cfg.known_faces_dir
         checks["known_faces_dir"] = str(folder)
         if not folder.is_dir():
-            warnings.append(f"known faces directory {folder} does not exist: every visitor "
-                            "will be unknown")
+            warnings.append(
+                f"known faces directory {folder} does not exist: every visitor will be unknown"
+            )
             checks["known_faces"] = 0
         elif checks["dlib"] and not missing:
             known = load_known_faces(folder, _analyzer(cfg))
@@ -105,12 +109,12 @@ class MigrationUtils:
             if not known.faces:
                 warnings.append(f"no usable known face in {folder}")
         checks["object_store"] = _store_check(cfg.objects_url, issues)
-        return {"compatible": not issues, "issues": issues, "warnings": warnings,
-                "checks": checks}
+        return {"compatible": not issues, "issues": issues, "warnings": warnings, "checks": checks}
 
     @staticmethod
-    def create_backup(data_dir: str | Path = "data",
-                      backup_root: str | Path | None = None) -> dict[str, Any]:
+    def create_backup(
+        data_dir: str | Path = "data", backup_root: str | Path | None = None
+    ) -> dict[str, Any]:
         """Copy ``known_faces``, ``captures``, ``config`` and ``logs`` of ``data_dir`` (those
         that exist) to ``<backup_root>/backup_YYYYMMDD_HHMMSS`` (default root
         ``<data_dir>/backups``): ``{"success", "backup_path", "files", "bytes", "copied"}``."""
@@ -136,14 +140,26 @@ class MigrationUtils:
                         files += 1
                         size += path.stat().st_size
         except OSError as exc:
-            return {"success": False, "backup_path": str(target), "files": files,
-                    "bytes": size, "copied": copied, "error": str(exc)}
-        return {"success": True, "backup_path": str(target), "files": files, "bytes": size,
-                "copied": copied}
+            return {
+                "success": False,
+                "backup_path": str(target),
+                "files": files,
+                "bytes": size,
+                "copied": copied,
+                "error": str(exc),
+            }
+        return {
+            "success": True,
+            "backup_path": str(target),
+            "files": files,
+            "bytes": size,
+            "copied": copied,
+        }
 
     @staticmethod
-    def migrate_legacy_data(data_dir: str | Path | None = None,
-                            config: dict[str, Any] | None = None) -> dict[str, Any]:
+    def migrate_legacy_data(
+        data_dir: str | Path | None = None, config: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Copy the legacy captures (``<data_dir>/captures/*.jpg``) into the object store
         under ``captures/legacy/`` and check every known face by encoding it; writes
         ``migration/report.json`` there. ``{"success", "migrated": {"captures",
@@ -155,8 +171,13 @@ class MigrationUtils:
             cfg = _config(data_dir, config)
             objects = open_object_store(cfg.objects_url)
         except FramepipeError as exc:
-            return {"success": False, "migrated": {"captures": 0, "known_faces": 0},
-                    "skipped": [], "errors": [str(exc)], "report_key": None}
+            return {
+                "success": False,
+                "migrated": {"captures": 0, "known_faces": 0},
+                "skipped": [],
+                "errors": [str(exc)],
+                "report_key": None,
+            }
         with objects:
             captures = 0
             for path in _images(cfg.data_dir / "captures"):
@@ -178,17 +199,28 @@ class MigrationUtils:
                 else:
                     known_count = len(known.faces)
                     skipped += [f"known face {r.source}: {r.reason}" for r in known.rejected]
-            report = {"migrated_at": time.time(), "captures": captures,
-                      "known_faces": known_count, "skipped": skipped, "errors": errors}
+            report = {
+                "migrated_at": time.time(),
+                "captures": captures,
+                "known_faces": known_count,
+                "skipped": skipped,
+                "errors": errors,
+            }
             objects.put("migration/report.json", json.dumps(report, indent=2).encode())
-        return {"success": not errors,
-                "migrated": {"captures": captures, "known_faces": known_count},
-                "skipped": skipped, "errors": errors, "report_key": "migration/report.json"}
+        return {
+            "success": not errors,
+            "migrated": {"captures": captures, "known_faces": known_count},
+            "skipped": skipped,
+            "errors": errors,
+            "report_key": "migration/report.json",
+        }
 
     @staticmethod
-    def verify_pipeline_health(manager: OrchestratorManager | None = None,
-                               config: dict[str, Any] | None = None,
-                               camera_timeout: float = 10.0) -> dict[str, Any]:
+    def verify_pipeline_health(
+        manager: OrchestratorManager | None = None,
+        config: dict[str, Any] | None = None,
+        camera_timeout: float = 10.0,
+    ) -> dict[str, Any]:
         """``{"healthy", "issues", "checks"}``. With a running ``manager``: its health state,
         the camera and the error. Otherwise, from ``config``: dlib's models load, the camera
         opens and gives a frame within ``camera_timeout`` seconds, the object store works."""
@@ -196,12 +228,17 @@ class MigrationUtils:
         checks: dict[str, Any] = {}
         if manager is not None:
             health = manager.get_health_status()
-            checks.update(state=health.state.value, performance_score=health.performance_score,
-                          restart_attempts=health.restart_attempts,
-                          known_faces=len(health.known_faces))
+            checks.update(
+                state=health.state.value,
+                performance_score=health.performance_score,
+                restart_attempts=health.restart_attempts,
+                known_faces=len(health.known_faces),
+            )
             if health.state.value not in ("running",):
-                issues.append(f"state is {health.state.value}"
-                              + (f": {health.last_error}" if health.last_error else ""))
+                issues.append(
+                    f"state is {health.state.value}"
+                    + (f": {health.last_error}" if health.last_error else "")
+                )
             issues += health.issues
             return {"healthy": not issues, "issues": issues, "checks": checks}
         try:
@@ -211,8 +248,7 @@ class MigrationUtils:
         started = time.perf_counter()
         try:
             _analyzer(cfg).load()
-            checks["models"] = {"loaded": True,
-                                "seconds": round(time.perf_counter() - started, 3)}
+            checks["models"] = {"loaded": True, "seconds": round(time.perf_counter() - started, 3)}
         except FramepipeError as exc:
             checks["models"] = {"loaded": False}
             issues.append(str(exc))
@@ -237,8 +273,9 @@ def _store_check(url: str, issues: list[str]) -> bool:
 
 def _camera_check(cfg: DoorbellConfig, timeout: float, issues: list[str]) -> dict[str, Any]:
     """Open the camera and read one frame."""
-    source = VideoSource(cfg.camera_source, cfg.camera_name, open_timeout=timeout,
-                         read_timeout=timeout)
+    source = VideoSource(
+        cfg.camera_source, cfg.camera_name, open_timeout=timeout, read_timeout=timeout
+    )
 
     async def first_frame() -> tuple[int, int]:
         frames = source.frames()
@@ -252,7 +289,8 @@ def _camera_check(cfg: DoorbellConfig, timeout: float, issues: list[str]) -> dic
     try:
         width, height = asyncio.run(first_frame())
     except (FramepipeError, TimeoutError, StopAsyncIteration) as exc:
-        issues.append(f"camera {cfg.camera_source}: "
-                      f"{exc or 'no frame within ' + str(timeout) + 's'}")
+        issues.append(
+            f"camera {cfg.camera_source}: {exc or 'no frame within ' + str(timeout) + 's'}"
+        )
         return {"source": cfg.camera_source, "opened": False}
     return {"source": cfg.camera_source, "opened": True, "size": [width, height]}

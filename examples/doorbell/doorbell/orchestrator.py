@@ -71,27 +71,38 @@ class PipelineOrchestrator:
         self.config = config
         home = config.raw.get("framepipe_home")
         self.settings = settings or (load_settings(home=home) if home else load_settings())
-        self.app = App("doorbell", settings=self.settings,
-                       auto_recovery=config.auto_recovery_enabled,
-                       max_restart_attempts=config.max_restart_attempts,
-                       restart_cooldown=config.restart_cooldown_seconds,
-                       health_interval=config.health_check_interval,
-                       performance_threshold=config.performance_threshold)
+        self.app = App(
+            "doorbell",
+            settings=self.settings,
+            auto_recovery=config.auto_recovery_enabled,
+            max_restart_attempts=config.max_restart_attempts,
+            restart_cooldown=config.restart_cooldown_seconds,
+            health_interval=config.health_check_interval,
+            performance_threshold=config.performance_threshold,
+        )
         self.log = get_logger("doorbell")
-        self.detector = FaceAnalyzer(model=config.detection_model, landmarks=config.landmarks,
-                                     upscale_below=config.upscale_below,
-                                     upsample=config.upsample, sets=config.detection_workers)
+        self.detector = FaceAnalyzer(
+            model=config.detection_model,
+            landmarks=config.landmarks,
+            upscale_below=config.upscale_below,
+            upsample=config.upsample,
+            sets=config.detection_workers,
+        )
         # one more set than workers: doorbell presses never wait for the pipeline's frames
-        self.recognizer = FaceAnalyzer(model=config.detection_model, landmarks=config.landmarks,
-                                       upscale_below=config.upscale_below,
-                                       upsample=config.upsample,
-                                       sets=config.recognition_workers + 1)
+        self.recognizer = FaceAnalyzer(
+            model=config.detection_model,
+            landmarks=config.landmarks,
+            upscale_below=config.upscale_below,
+            upsample=config.upsample,
+            sets=config.recognition_workers + 1,
+        )
         self.matcher = FaceMatcher((), config.tolerance)
         self.known = KnownFaces([], [])
         self.objects: ObjectStore | None = None
         self.pipeline: StreamPipeline | None = None
         self.events: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=max(1, config.recent_events))
+            maxlen=max(1, config.recent_events)
+        )
         self.events_total = 0
         self.issues: list[str] = []
         self.notifications_sent = 0
@@ -102,8 +113,10 @@ class PipelineOrchestrator:
         self.app.on("segment.completed", self._on_segment)
         self.app.on("stage.crashed", self._on_stage_crashed)
         if config.detector_type == "gpu":
-            self.issues.append("face_detection.detector_type is 'gpu' but the dlib-bin wheel "
-                               "has no CUDA: detection runs on the CPU")
+            self.issues.append(
+                "face_detection.detector_type is 'gpu' but the dlib-bin wheel "
+                "has no CUDA: detection runs on the CPU"
+            )
 
     # -- building ---------------------------------------------------------------------------
 
@@ -113,9 +126,14 @@ class PipelineOrchestrator:
         url = cfg.camera_source
         if re.fullmatch(r"\d+", url):
             url = f"/dev/video{url}"
-        return VideoSource(url, cfg.camera_name, realtime=cfg.camera_realtime,
-                           loop=cfg.camera_loop, open_timeout=cfg.open_timeout,
-                           read_timeout=cfg.stall_timeout)
+        return VideoSource(
+            url,
+            cfg.camera_name,
+            realtime=cfg.camera_realtime,
+            loop=cfg.camera_loop,
+            open_timeout=cfg.open_timeout,
+            read_timeout=cfg.stall_timeout,
+        )
 
     def make_detection(self) -> FaceDetection:
         """The face detection processor (a subclass may wrap or replace it)."""
@@ -127,17 +145,31 @@ class PipelineOrchestrator:
         overflow = "drop_oldest" if source.live and not cfg.camera_loop else "block"
         stages = []
         if cfg.motion_enabled:
-            stages.append(Stage(MotionGate(cfg.motion_threshold), queue_size=cfg.queue_size,
-                                overflow=overflow))
+            stages.append(
+                Stage(
+                    MotionGate(cfg.motion_threshold), queue_size=cfg.queue_size, overflow=overflow
+                )
+            )
         # a face stage failing on that many frames in a row has crashed: framepipe fails the
         # pipeline and the App recovers it with fresh models (cooldown, max attempts)
         crashed = cfg.component_failure_threshold
-        stages.append(Stage(self.make_detection(), workers=cfg.detection_workers,
-                            queue_size=cfg.queue_size, overflow="block" if stages else overflow,
-                            max_consecutive_errors=crashed))
-        stages.append(Stage(FaceRecognition(self.recognizer, lambda: self.matcher),
-                            workers=cfg.recognition_workers, queue_size=cfg.queue_size,
-                            max_consecutive_errors=crashed))
+        stages.append(
+            Stage(
+                self.make_detection(),
+                workers=cfg.detection_workers,
+                queue_size=cfg.queue_size,
+                overflow="block" if stages else overflow,
+                max_consecutive_errors=crashed,
+            )
+        )
+        stages.append(
+            Stage(
+                FaceRecognition(self.recognizer, lambda: self.matcher),
+                workers=cfg.recognition_workers,
+                queue_size=cfg.queue_size,
+                max_consecutive_errors=crashed,
+            )
+        )
         return stages
 
     def build_pipeline(self) -> StreamPipeline:
@@ -148,16 +180,29 @@ class PipelineOrchestrator:
         recorded = isinstance(source, VideoSource) and not source.live and not source.realtime
         sinks: list[Sink] = [VisitRecorder(self.objects, min_known_ratio=cfg.min_known_ratio)]
         if cfg.store_frames:
-            sinks.insert(0, FrameStore(self.objects, template="visits/{source_id}/{segment_id}/"
-                                                              "frame_{ts_ms}_{seq}.jpg"))
+            sinks.insert(
+                0,
+                FrameStore(
+                    self.objects, template="visits/{source_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
+                ),
+            )
         return StreamPipeline(
-            PIPELINE, source, self.make_stages(source),
+            PIPELINE,
+            source,
+            self.make_stages(source),
             # a recorded file runs faster than real time: visits follow its own clock
-            Segmenter(None, timeout=cfg.visit_timeout, max_duration=cfg.max_visit_duration,
-                      clock="stream" if recorded else "wall"),
-            sinks, stall_timeout=cfg.stall_timeout, start_timeout=cfg.open_timeout + 5.0,
+            Segmenter(
+                None,
+                timeout=cfg.visit_timeout,
+                max_duration=cfg.max_visit_duration,
+                clock="stream" if recorded else "wall",
+            ),
+            sinks,
+            stall_timeout=cfg.stall_timeout,
+            start_timeout=cfg.open_timeout + 5.0,
             backoff=Backoff(cfg.camera_retry_delay, 2.0, 60.0, 0.1),
-            max_restarts=cfg.camera_max_retries)
+            max_restarts=cfg.camera_max_retries,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -167,8 +212,9 @@ class PipelineOrchestrator:
         known faces, build and start the pipeline."""
         loop = self.loop = asyncio.get_running_loop()
         if self.objects is None:
-            self.objects = await loop.run_in_executor(None, open_object_store,
-                                                      self.config.objects_url)
+            self.objects = await loop.run_in_executor(
+                None, open_object_store, self.config.objects_url
+            )
         # dlib and its models load here, so that a missing one fails start() with the fix
         await loop.run_in_executor(None, lambda: self.detector.load(detect=True, encode=False))
         await loop.run_in_executor(None, self.recognizer.load)
@@ -194,8 +240,9 @@ class PipelineOrchestrator:
         folder = self.config.known_faces_dir
         self.issues = [i for i in self.issues if not i.startswith("known face")]
         if not folder.is_dir():
-            self.issues.append(f"known faces directory {folder} does not exist: every visitor "
-                               "is unknown")
+            self.issues.append(
+                f"known faces directory {folder} does not exist: every visitor is unknown"
+            )
             known = KnownFaces([], [])
         else:
             known = load_known_faces(folder, self.recognizer)
@@ -203,8 +250,9 @@ class PipelineOrchestrator:
             message = f"known face {rejected.source} rejected: {rejected.reason}"
             self.issues.append(message)
             self.log.warning("%s", message)
-            self._emit_threadsafe("known_face.rejected", {"file": rejected.source,
-                                                          "error": rejected.reason})
+            self._emit_threadsafe(
+                "known_face.rejected", {"file": rejected.source, "error": rejected.reason}
+            )
         self.known = known
         self.matcher = FaceMatcher(known.faces, self.config.tolerance)
         self.log.info("%d known face(s): %s", len(known.faces), ", ".join(known.names) or "-")
@@ -223,10 +271,19 @@ class PipelineOrchestrator:
         """framepipe failed the pipeline because a face stage crashed; the App recovers it
         (or, past ``max_restart_attempts``, reports ``system_error``)."""
         attempt = self.app.restart_attempts.get(PIPELINE, 0) + 1
-        self.app.emit("component.crashed", {
-            "pipeline": PIPELINE, "stage": data.get("stage"), "error": data.get("error"),
-            "attempt": attempt, "recovering": (self.config.auto_recovery_enabled
-                                               and attempt <= self.config.max_restart_attempts)})
+        self.app.emit(
+            "component.crashed",
+            {
+                "pipeline": PIPELINE,
+                "stage": data.get("stage"),
+                "error": data.get("error"),
+                "attempt": attempt,
+                "recovering": (
+                    self.config.auto_recovery_enabled
+                    and attempt <= self.config.max_restart_attempts
+                ),
+            },
+        )
 
     # -- events -----------------------------------------------------------------------------
 
@@ -234,16 +291,28 @@ class PipelineOrchestrator:
         visitor = data.get("meta", {}).get("visitor")
         if not visitor:
             return
-        self.publish("visitor.known" if visitor["known"] else "visitor.unknown", {
-            "event_id": f"visit-{data['segment_id']}", "trigger": "visit",
-            "source_id": data["source_id"], "segment_id": data["segment_id"],
-            "name": visitor["name"], "known": visitor["known"],
-            "distance": visitor["distance"], "snapshot_key": visitor["snapshot_key"],
-            "frames": data["frames"], "face_frames": visitor["face_frames"],
-            "matched_frames": visitor["matched_frames"], "names_seen": visitor["names_seen"],
-            "first_ts_ms": data["first_ts_ms"], "last_ts_ms": data["last_ts_ms"],
-            "closed": data["reason"], "latency_s": data["latency_s"],
-            "faces": visitor["faces"]})
+        self.publish(
+            "visitor.known" if visitor["known"] else "visitor.unknown",
+            {
+                "event_id": f"visit-{data['segment_id']}",
+                "trigger": "visit",
+                "source_id": data["source_id"],
+                "segment_id": data["segment_id"],
+                "name": visitor["name"],
+                "known": visitor["known"],
+                "distance": visitor["distance"],
+                "snapshot_key": visitor["snapshot_key"],
+                "frames": data["frames"],
+                "face_frames": visitor["face_frames"],
+                "matched_frames": visitor["matched_frames"],
+                "names_seen": visitor["names_seen"],
+                "first_ts_ms": data["first_ts_ms"],
+                "last_ts_ms": data["last_ts_ms"],
+                "closed": data["reason"],
+                "latency_s": data["latency_s"],
+                "faces": visitor["faces"],
+            },
+        )
 
     def publish(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Record an event, store it, notify callbacks and the webhook (on the loop)."""
@@ -252,8 +321,13 @@ class PipelineOrchestrator:
         self.events.append(event)
         self.events_total += 1
         self._event_times.append(now)
-        self.log.info("%s: %s (distance %s) %s", kind, event.get("name") or "unknown",
-                      event.get("distance"), event.get("snapshot_key") or "")
+        self.log.info(
+            "%s: %s (distance %s) %s",
+            kind,
+            event.get("name") or "unknown",
+            event.get("distance"),
+            event.get("snapshot_key") or "",
+        )
         loop = asyncio.get_running_loop()
         task = loop.run_in_executor(None, self._store_and_notify, event)
         self._pending.add(task)
@@ -265,8 +339,9 @@ class PipelineOrchestrator:
         """Store the event's JSON; POST it to the webhook (in a worker thread)."""
         if self.objects is not None:
             try:
-                self.objects.put(f"events/{event['event_id']}.json",
-                                 json.dumps(event, default=str).encode())
+                self.objects.put(
+                    f"events/{event['event_id']}.json", json.dumps(event, default=str).encode()
+                )
             except Exception as exc:
                 self.log.warning("event %s not stored: %s", event["event_id"], exc)
         url = self.config.webhook_url
@@ -279,8 +354,10 @@ class PipelineOrchestrator:
         except httpx.HTTPError as exc:
             self.notifications_failed += 1
             self.log.warning("webhook %s failed for %s: %s", url, event["event_id"], exc)
-            self._emit_threadsafe("notification.failed", {"event_id": event["event_id"],
-                                                          "url": url, "error": str(exc)})
+            self._emit_threadsafe(
+                "notification.failed",
+                {"event_id": event["event_id"], "url": url, "error": str(exc)},
+            )
 
     def _stored_events(self) -> list[dict[str, Any]]:
         """The latest ``recent_events`` events stored by earlier runs, oldest first (by the
@@ -288,7 +365,7 @@ class PipelineOrchestrator:
         assert self.objects is not None
         infos = sorted(self.objects.list("events/"), key=lambda i: i.modified)
         events = []
-        for info in infos[-self.config.recent_events:]:
+        for info in infos[-self.config.recent_events :]:
             try:
                 events.append(json.loads(self.objects.get(info.key)))
             except (ValueError, FramepipeError) as exc:
@@ -311,8 +388,11 @@ class PipelineOrchestrator:
         now = time.time()
         if frame is None:
             state = self.pipeline.state.value if self.pipeline else "not started"
-            result: dict[str, Any] = {"success": False, "channel": channel,
-                                      "error": f"no camera frame yet (pipeline {state})"}
+            result: dict[str, Any] = {
+                "success": False,
+                "channel": channel,
+                "error": f"no camera frame yet (pipeline {state})",
+            }
             self.app.emit("doorbell.pressed", {**result, "timestamp": _now_iso(now)})
             return result
         loop = asyncio.get_running_loop()
@@ -324,9 +404,14 @@ class PipelineOrchestrator:
         nearest: float | None = None
         for face in faces:
             name, distance = matcher.match(face.encoding)
-            described.append({"box": face.box.as_list(), "score": round(face.box.score, 4),
-                              "name": name,
-                              "distance": None if distance is None else round(distance, 4)})
+            described.append(
+                {
+                    "box": face.box.as_list(),
+                    "score": round(face.box.score, 4),
+                    "name": name,
+                    "distance": None if distance is None else round(distance, 4),
+                }
+            )
             if distance is not None:
                 nearest = distance if nearest is None else min(nearest, distance)
             if name is not None and distance is not None:
@@ -336,20 +421,36 @@ class PipelineOrchestrator:
         key = snapshot_key(frame.source_id, event_id)
         assert self.objects is not None
         await loop.run_in_executor(None, self.objects.put, key, frame.to_jpeg(90))
-        result = {"success": True, "channel": channel, "event_id": event_id,
-                  "faces_detected": len(faces), "faces": described, "snapshot_key": key,
-                  "frame_seq": frame.seq, "frame_ts_ms": frame.ts_ms}
+        result = {
+            "success": True,
+            "channel": channel,
+            "event_id": event_id,
+            "faces_detected": len(faces),
+            "faces": described,
+            "snapshot_key": key,
+            "frame_seq": frame.seq,
+            "frame_ts_ms": frame.ts_ms,
+        }
         if faces:
             verdict = decide_visitor(len(faces), votes, best, nearest, 0.0)
-            result.update(visitor=verdict["name"], known=verdict["known"],
-                          distance=verdict["distance"])
+            result.update(
+                visitor=verdict["name"], known=verdict["known"], distance=verdict["distance"]
+            )
         self.publish("doorbell.pressed", dict(result))
         if faces:
-            self.publish("visitor.known" if result["known"] else "visitor.unknown", {
-                "event_id": f"{event_id}-visitor", "trigger": "doorbell",
-                "source_id": frame.source_id, "name": result["visitor"],
-                "known": result["known"], "distance": result["distance"],
-                "snapshot_key": key, "faces": described})
+            self.publish(
+                "visitor.known" if result["known"] else "visitor.unknown",
+                {
+                    "event_id": f"{event_id}-visitor",
+                    "trigger": "doorbell",
+                    "source_id": frame.source_id,
+                    "name": result["visitor"],
+                    "known": result["known"],
+                    "distance": result["distance"],
+                    "snapshot_key": key,
+                    "faces": described,
+                },
+            )
         return result
 
     # -- metrics ----------------------------------------------------------------------------
@@ -360,6 +461,7 @@ class PipelineOrchestrator:
         any thread: read on the orchestrator's loop while it runs."""
         loop = self.loop
         if loop is not None and loop.is_running() and not _in_loop(loop):
+
             async def read() -> dict[str, Any]:
                 return self._metrics()
 
@@ -383,15 +485,23 @@ class PipelineOrchestrator:
             backlog += depth
             full = bool(capacity) and depth >= self.config.queue_backlog_threshold * capacity
             warning = warning or full
-            queues[stats.name] = {"depth": depth, "capacity": capacity,
-                                  "dropped": stats.dropped, "backlog": full}
-            workers[stats.name] = {"workers": stage.workers if stage is not None else 1,
-                                   "fps": round(stats.fps, 2),
-                                   "latency_ms": round(stats.latency_ms, 2),
-                                   "frames_in": stats.frames_in, "frames_out": stats.frames_out,
-                                   "filtered": stats.filtered, "errors": stats.errors,
-                                   "busy_s": round(stats.busy_s, 3),
-                                   "last_error": stats.last_error}
+            queues[stats.name] = {
+                "depth": depth,
+                "capacity": capacity,
+                "dropped": stats.dropped,
+                "backlog": full,
+            }
+            workers[stats.name] = {
+                "workers": stage.workers if stage is not None else 1,
+                "fps": round(stats.fps, 2),
+                "latency_ms": round(stats.latency_ms, 2),
+                "frames_in": stats.frames_in,
+                "frames_out": stats.frames_out,
+                "filtered": stats.filtered,
+                "errors": stats.errors,
+                "busy_s": round(stats.busy_s, 3),
+                "last_error": stats.last_error,
+            }
         queues["total_backlog"] = backlog
         queues["backlog_warning"] = warning
         return {
@@ -409,8 +519,7 @@ class PipelineOrchestrator:
             "source": status["source"] if status else None,
             "restart_attempts": sum(self.app.restart_attempts.values()),
             "known_faces": self.known.names,
-            "notifications": {"sent": self.notifications_sent,
-                              "failed": self.notifications_failed},
+            "notifications": {"sent": self.notifications_sent, "failed": self.notifications_failed},
         }
 
 
@@ -419,4 +528,3 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-

@@ -25,8 +25,7 @@ from framepipe.processors.faces import FaceAnalyzer, FaceBox, FaceMatcher
 from framepipe.stream.segment import Segment
 from framepipe.stream.sinks import Sink
 
-__all__ = ["FaceDetection", "FaceRecognition", "VisitRecorder", "decide_visitor",
-           "snapshot_key"]
+__all__ = ["FaceDetection", "FaceRecognition", "VisitRecorder", "decide_visitor", "snapshot_key"]
 
 
 def snapshot_key(source_id: str, event_id: str) -> str:
@@ -80,8 +79,14 @@ class FaceRecognition(Processor):
         faces = []
         for box, encoding in zip(boxes, self.analyzer.encode(frame.image, boxes), strict=True):
             name, distance = matcher.match(encoding)
-            faces.append({"box": box.as_list(), "score": round(box.score, 4), "name": name,
-                          "distance": None if distance is None else round(distance, 4)})
+            faces.append(
+                {
+                    "box": box.as_list(),
+                    "score": round(box.score, 4),
+                    "name": name,
+                    "distance": None if distance is None else round(distance, 4),
+                }
+            )
         frame.meta["faces"] = faces
         return frame
 
@@ -95,8 +100,13 @@ class _Visit:
     best: tuple[float, Frame] | None = None
 
 
-def decide_visitor(face_frames: int, votes: Counter[str], best_distance: dict[str, float],
-                   nearest: float | None, min_known_ratio: float) -> dict[str, Any]:
+def decide_visitor(
+    face_frames: int,
+    votes: Counter[str],
+    best_distance: dict[str, float],
+    nearest: float | None,
+    min_known_ratio: float,
+) -> dict[str, Any]:
     """Who came: the known name recognised in the most frames, when it was recognised in at
     least ``min_known_ratio`` of the frames with a face (and at least one); otherwise an
     unknown visitor. ``distance`` is the smallest distance of the chosen name, or for an unknown
@@ -104,16 +114,21 @@ def decide_visitor(face_frames: int, votes: Counter[str], best_distance: dict[st
     if votes:
         name, count = votes.most_common(1)[0]
         if count >= max(1, math.ceil(min_known_ratio * face_frames)):
-            return {"known": True, "name": name, "distance": best_distance[name],
-                    "matched_frames": count}
+            return {
+                "known": True,
+                "name": name,
+                "distance": best_distance[name],
+                "matched_frames": count,
+            }
     return {"known": False, "name": None, "distance": nearest, "matched_frames": 0}
 
 
 class VisitRecorder(Sink):
     """Accumulates each visit's recognitions; on close stores its snapshot and verdict."""
 
-    def __init__(self, objects: ObjectStore, *, min_known_ratio: float = 0.3,
-                 quality: int = 90) -> None:
+    def __init__(
+        self, objects: ObjectStore, *, min_known_ratio: float = 0.3, quality: int = 90
+    ) -> None:
         self.objects = objects
         self.min_known_ratio = min_known_ratio
         self.quality = quality
@@ -132,12 +147,14 @@ class VisitRecorder(Sink):
             for face in faces:
                 distance = face["distance"]
                 if distance is not None:
-                    visit.nearest = (distance if visit.nearest is None
-                                     else min(visit.nearest, distance))
+                    visit.nearest = (
+                        distance if visit.nearest is None else min(visit.nearest, distance)
+                    )
                 if face["name"] is not None:
                     visit.votes[face["name"]] += 1
                     visit.best_distance[face["name"]] = min(
-                        distance, visit.best_distance.get(face["name"], math.inf))
+                        distance, visit.best_distance.get(face["name"], math.inf)
+                    )
             left, top, right, bottom = faces[0]["box"]
             quality = (right - left) * (bottom - top) * (1.0 + faces[0]["score"])
             if visit.best is None or quality > visit.best[0]:
@@ -148,12 +165,17 @@ class VisitRecorder(Sink):
             visit = self._visits.pop(segment.id, None)
         if visit is None or visit.best is None:
             return
-        verdict = decide_visitor(visit.face_frames, visit.votes, visit.best_distance,
-                                 visit.nearest, self.min_known_ratio)
+        verdict = decide_visitor(
+            visit.face_frames, visit.votes, visit.best_distance, visit.nearest, self.min_known_ratio
+        )
         frame = visit.best[1]
         key = snapshot_key(segment.source_id, segment.id)
         self.objects.put(key, frame.to_jpeg(self.quality))
         segment.meta["visitor"] = {
-            **verdict, "snapshot_key": key, "face_frames": visit.face_frames,
-            "names_seen": dict(visit.votes), "snapshot_seq": frame.seq,
-            "faces": frame.meta.get("faces", [])}
+            **verdict,
+            "snapshot_key": key,
+            "face_frames": visit.face_frames,
+            "names_seen": dict(visit.votes),
+            "snapshot_seq": frame.seq,
+            "faces": frame.meta.get("faces", []),
+        }

@@ -34,9 +34,13 @@ from framepipe.cli.worker import worker
 
 __all__ = ["app"]
 
-app = typer.Typer(name="framepipe", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_show_locals=False,
-                  help="Video pipelines that keep running: batch jobs, embedded or distributed.")
+app = typer.Typer(
+    name="framepipe",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Video pipelines that keep running: batch jobs, embedded or distributed.",
+)
 """The ``framepipe`` command."""
 
 
@@ -49,14 +53,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    home: Annotated[Path | None, typer.Option(
-        "--home", help="Folder of the embedded state and objects (FRAMEPIPE_HOME).")] = None,
-    database_url: Annotated[str | None, typer.Option(
-        "--database-url", help="State database URL (FRAMEPIPE_DATABASE_URL).")] = None,
-    log_level: Annotated[str | None, typer.Option(
-        "--log-level", help="DEBUG, INFO, WARNING, ERROR (FRAMEPIPE_LOG_LEVEL).")] = None,
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Folder of the embedded state and objects (FRAMEPIPE_HOME)."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="State database URL (FRAMEPIPE_DATABASE_URL)."),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option("--log-level", help="DEBUG, INFO, WARNING, ERROR (FRAMEPIPE_LOG_LEVEL)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     """framepipe: video pipelines that keep running."""
     overrides = {"home": home, "database_url": database_url, "log_level": log_level}

@@ -54,13 +54,21 @@ __all__ = [
 ]
 
 STATUS_STYLE = {
-    "pending": "dim", "ready": "blue", "running": "cyan", "retrying": "yellow",
-    "completed": "green", "failed": "red", "cancelled": "magenta", "interrupted": "yellow",
+    "pending": "dim",
+    "ready": "blue",
+    "running": "cyan",
+    "retrying": "yellow",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+    "interrupted": "yellow",
 }
 """The Rich style of each execution and step status."""
 
-ConcurrencyOpt = Annotated[int | None, typer.Option(
-    "--concurrency", "-c", min=1, help="Steps run at once (default: the setting).")]
+ConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option("--concurrency", "-c", min=1, help="Steps run at once (default: the setting)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
@@ -115,8 +123,7 @@ def errors() -> Iterator[None]:
         yield
     except UsageError as exc:
         die(str(exc), 2)
-    except (ConfigError, PipelineDefinitionError, MissingDependencyError,
-            InvalidInputError) as exc:
+    except (ConfigError, PipelineDefinitionError, MissingDependencyError, InvalidInputError) as exc:
         die(str(exc), 2)
     except FramepipeError as exc:
         die(str(exc), 1)
@@ -139,8 +146,11 @@ def settings_of(ctx: typer.Context, **extra: Any) -> Settings:
 def open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
     """The state store (for the schema commands and the service; executions go through the
     job client, which opens its own)."""
-    return StateStore(settings.resolved_database_url,
-                      sqlite_synchronous=settings.sqlite_synchronous, migrate=migrate)
+    return StateStore(
+        settings.resolved_database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        migrate=migrate,
+    )
 
 
 def flush_std() -> None:

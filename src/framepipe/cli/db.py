@@ -28,8 +28,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     if before == after:
         say(out, f"database {url} is at revision {after} (head)")
     else:
-        say(out, f"database {url} upgraded from revision {before or 'none'} to {after}",
-            "green")
+        say(out, f"database {url} upgraded from revision {before or 'none'} to {after}", "green")
 
 
 @db_app.command("current")
@@ -40,8 +39,11 @@ def db_current(ctx: typer.Context) -> None:
         with open_store(settings, migrate=False) as store:
             revision = store.current_revision()
             url = store.safe_url
-    note = ("(head)" if revision == SCHEMA_HEAD
-            else f"(head is {SCHEMA_HEAD}: run `framepipe db upgrade`)")
+    note = (
+        "(head)"
+        if revision == SCHEMA_HEAD
+        else f"(head is {SCHEMA_HEAD}: run `framepipe db upgrade`)"
+    )
     out = console()
     say(out, f"revision {revision or 'none'} {note}")
     say(out, f"url {url}")
@@ -51,9 +53,14 @@ def db_current(ctx: typer.Context) -> None:
 def db_prune_events(
     ctx: typer.Context,
     *,
-    older_than: Annotated[str, typer.Option(
-        "--older-than", metavar="DURATION",
-        help="Delete live apps' events older than this: 3600, 30m, 12h, 7d, 2w.")],
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Delete live apps' events older than this: 3600, 30m, 12h, 7d, 2w.",
+        ),
+    ],
 ) -> None:
     """Delete live apps' events (orders, visits, sources) older than a duration; events of
     executions stay with their executions."""

@@ -21,8 +21,9 @@ __all__ = ["demo"]
 def demo(
     ctx: typer.Context,
     *,
-    home: Annotated[Path | None, typer.Option(
-        "--home", help="Folder for the demo's state, objects and card.")] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Folder for the demo's state, objects and card.")
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the demo on embedded defaults: import clips from a generated SD card, twice.
@@ -37,15 +38,23 @@ def demo(
         err, out = console(stderr=True), console()
 
         async def begin(client: JobClient) -> str:
-            return await client.submit(demo_pipeline, {"card": str(card)},
-                                       ref="framepipe.demo:demo_import")
+            return await client.submit(
+                demo_pipeline, {"card": str(card)}, ref="framepipe.demo:demo_import"
+            )
 
         for round_, clips in ((1, 3), (2, 4)):
             prepare_card(card, clips)
             say(err, f"round {round_}: the card {card} holds {clips} clips", "bold")
-            code, interrupted = asyncio.run(follow(
-                settings, begin, label=f"demo_import (round {round_})",
-                quiet=quiet, as_json=False, concurrency=None))
+            code, interrupted = asyncio.run(
+                follow(
+                    settings,
+                    begin,
+                    label=f"demo_import (round {round_})",
+                    quiet=quiet,
+                    as_json=False,
+                    concurrency=None,
+                )
+            )
             if code or interrupted:
                 flush_std()
                 os._exit(code)

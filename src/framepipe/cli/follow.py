@@ -54,8 +54,15 @@ def _hint(err: Console, execution_id: str | None) -> None:
         say(err, f"interrupted: resume with `framepipe jobs retry {execution_id}`", "yellow")
 
 
-async def follow(settings: Settings, begin: Begin, *, label: str, quiet: bool, as_json: bool,
-                 concurrency: int | None) -> tuple[int, bool]:
+async def follow(
+    settings: Settings,
+    begin: Begin,
+    *,
+    label: str,
+    quiet: bool,
+    as_json: bool,
+    concurrency: int | None,
+) -> tuple[int, bool]:
     """Start an execution with ``begin`` and follow it to its end with the progress display and
     Ctrl-C / SIGTERM handling. Returns (exit code, interrupted by a signal)."""
     loop = asyncio.get_running_loop()
@@ -73,9 +80,12 @@ async def follow(settings: Settings, begin: Begin, *, label: str, quiet: bool, a
             flush_std()
             os._exit(128 + signum)
         state.signum = signum
-        say(err, f"{signal.Signals(signum).name}: stopping; running steps get "
-                 f"{settings.shutdown_grace:g}s to stop (send it again to exit at once)",
-            "yellow")
+        say(
+            err,
+            f"{signal.Signals(signum).name}: stopping; running steps get "
+            f"{settings.shutdown_grace:g}s to stop (send it again to exit at once)",
+            "yellow",
+        )
         if state.execution_id is not None and state.interrupting is None:
             state.interrupting = loop.create_task(client.interrupt())
 
@@ -124,8 +134,7 @@ def _outcome(err: Console, info: ExecutionInfo, signum: int | None) -> tuple[int
     if info.status is ExecutionStatus.INTERRUPTED or signum is not None:
         _hint(err, info.id)
     elif not info.errors:
-        say(err, f"execution {info.status.value}: {first_line(info.error) or 'no error'}",
-            "red")
+        say(err, f"execution {info.status.value}: {first_line(info.error) or 'no error'}", "red")
     if signum is not None:
         return 128 + signum, True
     return 1, False
@@ -138,15 +147,26 @@ def _summary(out: Console, info: ExecutionInfo, took: float) -> None:
     line.append(f"  pipeline {info.pipeline}  execution {info.id}")
     out.print(line, soft_wrap=True)
     keys = ", ".join(info.data) if info.data else "(none)"
-    say(out, f"  duration {duration(took)} · steps {done}/{len(info.steps)} · "
-             f"progress {info.progress:.0f}% · data: {keys}")
+    say(
+        out,
+        f"  duration {duration(took)} · steps {done}/{len(info.steps)} · "
+        f"progress {info.progress:.0f}% · data: {keys}",
+    )
 
 
-def follow_and_exit(settings: Settings, begin: Begin, *, label: str, quiet: bool,
-                    as_json: bool, concurrency: int | None) -> NoReturn:
+def follow_and_exit(
+    settings: Settings,
+    begin: Begin,
+    *,
+    label: str,
+    quiet: bool,
+    as_json: bool,
+    concurrency: int | None,
+) -> NoReturn:
     """:func:`follow` in a new event loop, then exit with its code."""
-    code, interrupted = asyncio.run(follow(settings, begin, label=label, quiet=quiet,
-                                           as_json=as_json, concurrency=concurrency))
+    code, interrupted = asyncio.run(
+        follow(settings, begin, label=label, quiet=quiet, as_json=as_json, concurrency=concurrency)
+    )
     if interrupted:
         # Step threads may still be running (they were asked to stop and given the grace
         # period); the store already holds the state, so leave without waiting for them.

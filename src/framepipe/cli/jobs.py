@@ -44,10 +44,12 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Executions in the state store
 def jobs_list(
     ctx: typer.Context,
     *,
-    status: Annotated[list[str] | None, typer.Option(
-        "--status", "-s", help="Only this status (repeatable).")] = None,
-    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p",
-                                                 help="Only this pipeline.")] = None,
+    status: Annotated[
+        list[str] | None, typer.Option("--status", "-s", help="Only this status (repeatable).")
+    ] = None,
+    pipeline: Annotated[
+        str | None, typer.Option("--pipeline", "-p", help="Only this pipeline.")
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 50,
     as_json: JsonOpt = False,
 ) -> None:
@@ -59,8 +61,9 @@ def jobs_list(
                 raise UsageError(f"--status {value!r}: use one of {', '.join(known)}")
         settings = settings_of(ctx)
         with SyncJobClient(settings=settings) as client:
-            rows = client.list(status=status or None, pipeline=pipeline, limit=limit,
-                               with_inputs=as_json)
+            rows = client.list(
+                status=status or None, pipeline=pipeline, limit=limit, with_inputs=as_json
+            )
     if as_json:
         dump_json([row.to_dict() for row in rows])
         return
@@ -77,10 +80,15 @@ def jobs_list(
     table.add_column("created", no_wrap=True)
     table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
     for row in rows:
-        table.add_row(row.id[:12], row.pipeline, status_text(row.status.value),
-                      f"{row.progress:.0f}%", f"{row.steps_done}/{row.steps_total}",
-                      when(row.created_at, "%m-%d %H:%M:%S"),
-                      Text(first_line(row.error), style="red"))
+        table.add_row(
+            row.id[:12],
+            row.pipeline,
+            status_text(row.status.value),
+            f"{row.progress:.0f}%",
+            f"{row.steps_done}/{row.steps_total}",
+            when(row.created_at, "%m-%d %H:%M:%S"),
+            Text(first_line(row.error), style="red"),
+        )
     out.print(table)
 
 
@@ -103,8 +111,7 @@ def jobs_show(
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold", no_wrap=True)
     header.add_column(overflow="fold")
-    took = (info.finished_at - info.started_at
-            if info.finished_at and info.started_at else None)
+    took = info.finished_at - info.started_at if info.finished_at and info.started_at else None
     header.add_row("execution", info.id)
     header.add_row("pipeline", info.pipeline)
     header.add_row("ref", info.pipeline_ref or "-")
@@ -119,8 +126,14 @@ def jobs_show(
     if info.error:
         header.add_row("error", Text(info.error, style="red"))
     out.print(header)
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True,
-                  title=f"steps ({len(info.steps)})", title_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        expand=True,
+        title=f"steps ({len(info.steps)})",
+        title_justify="left",
+    )
     table.add_column("key", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
     table.add_column("attempt", justify="right", no_wrap=True)
@@ -130,9 +143,15 @@ def jobs_show(
     table.add_column("error", no_wrap=True, overflow="ellipsis", ratio=1)
     for s in info.steps:
         step_took = s.finished_at - s.started_at if s.finished_at and s.started_at else None
-        table.add_row(s.key, status_text(s.status.value), str(s.attempt), str(s.failures),
-                      f"{s.progress:.0f}%", duration(step_took),
-                      Text(first_line(s.error), style="red"))
+        table.add_row(
+            s.key,
+            status_text(s.status.value),
+            str(s.attempt),
+            str(s.failures),
+            f"{s.progress:.0f}%",
+            duration(step_took),
+            Text(first_line(s.error), style="red"),
+        )
     out.print(table)
     say(out, f"data: {', '.join(info.data) if info.data else '(none)'}")
 
@@ -142,9 +161,14 @@ def jobs_retry(
     ctx: typer.Context,
     *,
     execution_id: Annotated[str, typer.Argument(metavar="ID", help="Id or unique prefix.")],
-    pipeline_ref: Annotated[str | None, typer.Option(
-        "--pipeline", metavar="FILE.py:NAME",
-        help="Load the pipeline from here instead of the reference stored with it.")] = None,
+    pipeline_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--pipeline",
+            metavar="FILE.py:NAME",
+            help="Load the pipeline from here instead of the reference stored with it.",
+        ),
+    ] = None,
     concurrency: ConcurrencyOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -159,15 +183,22 @@ def jobs_retry(
         if not ref:
             raise UsageError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
-                "pipeline reference: pass --pipeline FILE.py:NAME")
+                "pipeline reference: pass --pipeline FILE.py:NAME"
+            )
         loaded = resolve_pipeline(ref)
         full_id = info.id
 
         async def begin(client: JobClient) -> str:
             return await client.retry(full_id, loaded.pipeline)
 
-        follow_and_exit(settings, begin, label=loaded.pipeline.name, quiet=quiet,
-                        as_json=as_json, concurrency=concurrency)
+        follow_and_exit(
+            settings,
+            begin,
+            label=loaded.pipeline.name,
+            quiet=quiet,
+            as_json=as_json,
+            concurrency=concurrency,
+        )
 
 
 @jobs_app.command("cancel")
@@ -185,5 +216,8 @@ def jobs_cancel(
     if result.cancelled:
         say(out, f"cancelled execution {result.execution_id}", "magenta")
     else:
-        say(out, f"cancel requested: the process running execution "
-                 f"{result.execution_id} stops it within its heartbeat interval")
+        say(
+            out,
+            f"cancel requested: the process running execution "
+            f"{result.execution_id} stops it within its heartbeat interval",
+        )

@@ -32,13 +32,20 @@ class ProgressView:
     def __init__(self, console: Console, label: str, *, max_rows: int = MAX_STEP_ROWS) -> None:
         self.max_rows = max_rows
         self.overall = Progress(
-            TextColumn("{task.description}", markup=False, style="bold"), BarColumn(),
-            TaskProgressColumn(), TextColumn("{task.fields[steps]}", markup=False),
-            TimeElapsedColumn(), console=console)
+            TextColumn("{task.description}", markup=False, style="bold"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[steps]}", markup=False),
+            TimeElapsedColumn(),
+            console=console,
+        )
         self.rows = Progress(
-            TextColumn("  {task.description}", markup=False), BarColumn(bar_width=24),
-            TaskProgressColumn(), TextColumn("{task.fields[message]}", markup=False, style="dim"),
-            console=console)
+            TextColumn("  {task.description}", markup=False),
+            BarColumn(bar_width=24),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[message]}", markup=False, style="dim"),
+            console=console,
+        )
         self.overall_task = self.overall.add_task(label, total=100, steps="")
         self.shown: dict[str, TaskID] = {}
         self.hidden: dict[str, tuple[float, str]] = {}
@@ -80,8 +87,9 @@ class ProgressView:
                 self.known.add(key)
                 self._show(key)
             elif kind == "step.progress":
-                self._update(key, float(data.get("progress") or 0.0),
-                             str(data.get("message") or ""))
+                self._update(
+                    key, float(data.get("progress") or 0.0), str(data.get("message") or "")
+                )
             elif kind == "step.completed":
                 self.done.add(key)
                 self._hide(key)

@@ -53,8 +53,9 @@ def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str,
         except ValueError as exc:
             raise UsageError(f"--inputs-json {inputs_json}: not valid JSON: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise UsageError(f"--inputs-json {inputs_json}: must hold a JSON object, "
-                             f"not {type(loaded).__name__}")
+            raise UsageError(
+                f"--inputs-json {inputs_json}: must hold a JSON object, not {type(loaded).__name__}"
+            )
         inputs.update(loaded)
     given: dict[str, list[Any]] = {}
     for pair in pairs:
@@ -71,14 +72,22 @@ def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str,
 def run(
     ctx: typer.Context,
     *,
-    ref: Annotated[str, typer.Argument(metavar="FILE.py:PIPELINE",
-                                       help="FILE.py:NAME or package.module:NAME.")],
-    inputs: Annotated[list[str] | None, typer.Option(
-        "--input", "-i", metavar="KEY=VALUE",
-        help="An input; VALUE is parsed as JSON when it is valid JSON. Repeat a key for a "
-             "list.")] = None,
-    inputs_json: Annotated[Path | None, typer.Option(
-        "--inputs-json", metavar="FILE", help="A JSON object of inputs.")] = None,
+    ref: Annotated[
+        str, typer.Argument(metavar="FILE.py:PIPELINE", help="FILE.py:NAME or package.module:NAME.")
+    ],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            metavar="KEY=VALUE",
+            help="An input; VALUE is parsed as JSON when it is valid JSON. Repeat a key for a "
+            "list.",
+        ),
+    ] = None,
+    inputs_json: Annotated[
+        Path | None, typer.Option("--inputs-json", metavar="FILE", help="A JSON object of inputs.")
+    ] = None,
     concurrency: ConcurrencyOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -98,5 +107,11 @@ def run(
         async def begin(client: JobClient) -> str:
             return await client.submit(loaded.pipeline, values, ref=loaded.ref)
 
-        follow_and_exit(settings, begin, label=loaded.pipeline.name, quiet=quiet,
-                        as_json=as_json, concurrency=concurrency)
+        follow_and_exit(
+            settings,
+            begin,
+            label=loaded.pipeline.name,
+            quiet=quiet,
+            as_json=as_json,
+            concurrency=concurrency,
+        )

@@ -24,16 +24,32 @@ def serve(
     *,
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
-    pipelines: Annotated[list[str] | None, typer.Option(
-        "--pipeline", "-p", metavar="FILE.py:NAME",
-        help="A pipeline the service may start. Repeatable.")] = None,
-    live: Annotated[list[str] | None, typer.Option(
-        "--app", metavar="FILE.py:NAME",
-        help="A live App (or StreamPipeline) to run inside the service, its sources "
-             "controllable over the API. Repeatable.")] = None,
-    no_token: Annotated[bool, typer.Option(
-        "--no-token", help="Serve a loopback address without a token (any local user and "
-                           "program may then use it; web pages still may not).")] = False,
+    pipelines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline",
+            "-p",
+            metavar="FILE.py:NAME",
+            help="A pipeline the service may start. Repeatable.",
+        ),
+    ] = None,
+    live: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--app",
+            metavar="FILE.py:NAME",
+            help="A live App (or StreamPipeline) to run inside the service, its sources "
+            "controllable over the API. Repeatable.",
+        ),
+    ] = None,
+    no_token: Annotated[
+        bool,
+        typer.Option(
+            "--no-token",
+            help="Serve a loopback address without a token (any local user and "
+            "program may then use it; web pages still may not).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the HTTP API, the dashboard and the WebSocket of live events.
 
@@ -47,8 +63,10 @@ def serve(
         except ValueError:
             loopback = False
         if not loopback and not settings.api_token:
-            raise UsageError(f"refusing to serve on {host} without a token: set "
-                             "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)")
+            raise UsageError(
+                f"refusing to serve on {host} without a token: set "
+                "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)"
+            )
         token = settings.api_token
         if token is None and not no_token:
             token = secrets.token_urlsafe(24)
@@ -71,11 +89,11 @@ def serve(
                 single.add_pipeline(target)
                 target = single
             if not isinstance(target, App):
-                raise UsageError(f"--app {ref}: a job pipeline is not a live app (use "
-                                 "--pipeline)")
+                raise UsageError(f"--app {ref}: a job pipeline is not a live app (use --pipeline)")
             hosted.append(target)
-        application = create_app(settings, pipelines=loaded, apps=hosted, store=store,
-                                 token=token or "")
+        application = create_app(
+            settings, pipelines=loaded, apps=hosted, store=store, token=token or ""
+        )
         try:
             import uvicorn
         except ModuleNotFoundError as exc:
@@ -85,12 +103,19 @@ def serve(
         link = f"http://{shown}:{port}/"
         if token and settings.api_token is None:
             link += f"#token={token}"
-            say(console(), "A token was made for this run (set FRAMEPIPE_API_TOKEN to choose "
-                           "one; --no-token for none on loopback).")
+            say(
+                console(),
+                "A token was made for this run (set FRAMEPIPE_API_TOKEN to choose "
+                "one; --no-token for none on loopback).",
+            )
         say(console(), f"Dashboard: {link}")
         try:
-            uvicorn.run(application, host=host, port=port,
-                        log_level=settings.log_level.lower(),
-                        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)))
+            uvicorn.run(
+                application,
+                host=host,
+                port=port,
+                log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+            )
         finally:
             store.close()

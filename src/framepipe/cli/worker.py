@@ -22,12 +22,20 @@ def worker(
     ctx: typer.Context,
     *,
     concurrency: ConcurrencyOpt = None,
-    broker_url: Annotated[str | None, typer.Option(
-        "--broker-url", help="Redis URL of the job broker (FRAMEPIPE_BROKER_URL).")] = None,
-    pipelines: Annotated[list[str] | None, typer.Option(
-        "--pipeline", "-p", metavar="FILE.py:NAME",
-        help="Load this pipeline up front (others load from each execution's stored "
-             "reference). Repeatable.")] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option("--broker-url", help="Redis URL of the job broker (FRAMEPIPE_BROKER_URL)."),
+    ] = None,
+    pipelines: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline",
+            "-p",
+            metavar="FILE.py:NAME",
+            help="Load this pipeline up front (others load from each execution's stored "
+            "reference). Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run the steps of distributed executions until SIGTERM or Ctrl-C: start any number, on
     any number of machines, with the same FRAMEPIPE_DATABASE_URL and FRAMEPIPE_BROKER_URL."""
@@ -38,8 +46,7 @@ def worker(
         tail = OutputTail().start()
         settings = settings_of(ctx, broker_url=broker_url)
         loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])
-        engine = Worker(settings, concurrency=concurrency, pipelines=loaded,
-                        output_tail=tail.text)
+        engine = Worker(settings, concurrency=concurrency, pipelines=loaded, output_tail=tail.text)
 
         async def main() -> None:
             loop = asyncio.get_running_loop()

@@ -25,10 +25,15 @@ if TYPE_CHECKING:
 
 _CLIENT = ("CancelResult", "EventPage", "ExecutionSummary", "JobClient")
 
-__getattr__ = attach("framepipe.jobs", {
-    "JobEngine": "framepipe.jobs.engine", "SyncJobClient": "framepipe.jobs.sync_client",
-    **dict.fromkeys(_CLIENT, "framepipe.jobs.client"),
-}, globals())
+__getattr__ = attach(
+    "framepipe.jobs",
+    {
+        "JobEngine": "framepipe.jobs.engine",
+        "SyncJobClient": "framepipe.jobs.sync_client",
+        **dict.fromkeys(_CLIENT, "framepipe.jobs.client"),
+    },
+    globals(),
+)
 
 __all__ = [
     "CancelResult",

@@ -100,15 +100,26 @@ class ExecutionSummary:
     steps_total: int
 
     @classmethod
-    def of(cls, info: ExecutionInfo, steps_done: int, steps_total: int, *,
-           with_inputs: bool) -> ExecutionSummary:
+    def of(
+        cls, info: ExecutionInfo, steps_done: int, steps_total: int, *, with_inputs: bool
+    ) -> ExecutionSummary:
         """The summary of ``info`` (read without its steps)."""
-        return cls(id=info.id, pipeline=info.pipeline, pipeline_ref=info.pipeline_ref,
-                   status=info.status, inputs=info.inputs if with_inputs else None,
-                   progress=info.progress, error=info.error, owner=info.owner, runs=info.runs,
-                   created_at=info.created_at, started_at=info.started_at,
-                   finished_at=info.finished_at, steps_done=steps_done,
-                   steps_total=steps_total)
+        return cls(
+            id=info.id,
+            pipeline=info.pipeline,
+            pipeline_ref=info.pipeline_ref,
+            status=info.status,
+            inputs=info.inputs if with_inputs else None,
+            progress=info.progress,
+            error=info.error,
+            owner=info.owner,
+            runs=info.runs,
+            created_at=info.created_at,
+            started_at=info.started_at,
+            finished_at=info.finished_at,
+            steps_done=steps_done,
+            steps_total=steps_total,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; without ``inputs`` when they were not read."""
@@ -156,10 +167,14 @@ def check_retryable(info: ExecutionInfo) -> None:
     as :meth:`JobClient.retry` words it), for a caller that checks before loading code."""
     if info.status.retryable:
         return
-    what = ("has completed; nothing to retry" if info.status is ExecutionStatus.COMPLETED
-            else f"is {info.status.value} (owner {info.owner})")
-    raise ExecutionStateError(f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
-                              execution_id=info.id)
+    what = (
+        "has completed; nothing to retry"
+        if info.status is ExecutionStatus.COMPLETED
+        else f"is {info.status.value} (owner {info.owner})"
+    )
+    raise ExecutionStateError(
+        f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}", execution_id=info.id
+    )
 
 
 @contextlib.contextmanager
@@ -198,13 +213,22 @@ class JobClient:
     are made on one event loop; several may run at once.
     """
 
-    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
-                 engine: JobEngine | None = None, objects: ObjectStore | None = None,
-                 concurrency: int | None = None, pipelines: Iterable[Pipeline] = ()) -> None:
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        *,
+        settings: Settings | None = None,
+        engine: JobEngine | None = None,
+        objects: ObjectStore | None = None,
+        concurrency: int | None = None,
+        pipelines: Iterable[Pipeline] = (),
+    ) -> None:
         if engine is not None:
             if any(given is not None for given in (store, settings, objects, concurrency)):
-                raise TypeError("JobClient(engine=...) uses that engine's store, settings and "
-                                "objects: give nothing else")
+                raise TypeError(
+                    "JobClient(engine=...) uses that engine's store, settings and "
+                    "objects: give nothing else"
+                )
             self.settings = engine.settings
             self.store = engine.store
             self._engine = engine
@@ -212,10 +236,13 @@ class JobClient:
         else:
             self.settings = settings or load_settings()
             self._own_store = store is None
-            self.store = store or StateStore(self.settings.resolved_database_url,
-                                             sqlite_synchronous=self.settings.sqlite_synchronous)
-            self._engine = JobEngine(self.store, settings=self.settings, objects=objects,
-                                     concurrency=concurrency)
+            self.store = store or StateStore(
+                self.settings.resolved_database_url,
+                sqlite_synchronous=self.settings.sqlite_synchronous,
+            )
+            self._engine = JobEngine(
+                self.store, settings=self.settings, objects=objects, concurrency=concurrency
+            )
             self._own_engine = True
         for pipeline in pipelines:
             self._engine.register(pipeline)
@@ -277,9 +304,14 @@ class JobClient:
 
     # -- executions -----------------------------------------------------------------------------
 
-    async def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                     ref: str | None = None,
-                     input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
+    async def submit(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        ref: str | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    ) -> str:
         """Create an execution of ``pipeline`` and start it; return its id.
 
         The inputs are checked first and a refusal creates nothing
@@ -292,10 +324,15 @@ class JobClient:
         with _database_errors():
             return await engine.submit(pipeline, inputs, ref=ref, input_roots=input_roots)
 
-    async def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                  ref: str | None = None,
-                  input_roots: Iterable[str | os.PathLike[str]] | None = None,
-                  raise_on_failure: bool = True) -> ExecutionInfo:
+    async def run(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        ref: str | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+        raise_on_failure: bool = True,
+    ) -> ExecutionInfo:
         """:meth:`submit`, then :meth:`wait` for its end."""
         execution_id = await self.submit(pipeline, inputs, ref=ref, input_roots=input_roots)
         return await self.wait(execution_id, raise_on_failure=raise_on_failure)
@@ -304,12 +341,20 @@ class JobClient:
         """The execution as stored, with its steps in creation order and its ``data`` (the
         outputs merged in completion order); ``with_steps=False`` reads neither."""
         await self._recover()
-        return await self._db(functools.partial(records.get_execution, self.store,
-                                                execution_id, with_steps=with_steps))
+        return await self._db(
+            functools.partial(
+                records.get_execution, self.store, execution_id, with_steps=with_steps
+            )
+        )
 
-    async def list(self, *, status: StatusFilter = None, pipeline: str | None = None,
-                   limit: int = 50, with_inputs: bool = False,
-                   ) -> builtins.list[ExecutionSummary]:
+    async def list(
+        self,
+        *,
+        status: StatusFilter = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        with_inputs: bool = False,
+    ) -> builtins.list[ExecutionSummary]:
         """At most ``limit`` executions, newest first, each with its completed and total step
         counts; only those with one of the ``status`` values (a status no execution can have
         matches none) and of ``pipeline`` when given. Inputs are read only ``with_inputs``, so
@@ -318,14 +363,28 @@ class JobClient:
             raise InvalidInputError(f"must be at least 1, not {limit}", where="limit")
         statuses = _statuses(status)
         await self._recover()
-        rows = await self._db(functools.partial(
-            records.list_executions, self.store, limit=limit, status=statuses,
-            pipeline=pipeline, with_inputs=with_inputs))
-        return [ExecutionSummary.of(info, done, total, with_inputs=with_inputs)
-                for info, done, total in rows]
+        rows = await self._db(
+            functools.partial(
+                records.list_executions,
+                self.store,
+                limit=limit,
+                status=statuses,
+                pipeline=pipeline,
+                with_inputs=with_inputs,
+            )
+        )
+        return [
+            ExecutionSummary.of(info, done, total, with_inputs=with_inputs)
+            for info, done, total in rows
+        ]
 
-    async def wait(self, execution_id: str, *, raise_on_failure: bool = True,
-                   poll_interval: float | None = None) -> ExecutionInfo:
+    async def wait(
+        self,
+        execution_id: str,
+        *,
+        raise_on_failure: bool = True,
+        poll_interval: float | None = None,
+    ) -> ExecutionInfo:
         """Wait until the execution is finished (completed, failed, cancelled or
         interrupted); return it with its steps and data.
 
@@ -337,8 +396,9 @@ class JobClient:
         engine = await self._ready_engine()
         full_id = await self._find(execution_id)
         with _database_errors():
-            return await engine.wait(full_id, raise_on_failure=raise_on_failure,
-                                     poll_interval=poll_interval)
+            return await engine.wait(
+                full_id, raise_on_failure=raise_on_failure, poll_interval=poll_interval
+            )
 
     async def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
         """Resume a failed, cancelled or interrupted execution from where it stopped; return
@@ -366,8 +426,9 @@ class JobClient:
 
     # -- events ---------------------------------------------------------------------------------
 
-    async def events(self, execution_id: str | None = None, *, after: int = 0,
-                     limit: int = 200) -> EventPage:
+    async def events(
+        self, execution_id: str | None = None, *, after: int = 0, limit: int = 200
+    ) -> EventPage:
         """Stored events with an id above ``after``, oldest first, at most ``limit`` (1 to
         10,000): of the execution with the full id ``execution_id`` (an unknown id has none),
         or of every execution and live app. The events of one execution are committed in id
@@ -379,12 +440,16 @@ class JobClient:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInputError(f"must be 1 to {MAX_PAGE}, not {limit}", where="limit")
         await self._recover()
-        found = await self._db(functools.partial(records.list_events, self.store,
-                                                 execution_id, after_id=after, limit=limit))
+        found = await self._db(
+            functools.partial(
+                records.list_events, self.store, execution_id, after_id=after, limit=limit
+            )
+        )
         return EventPage(found, (found[-1].id or after) if found else after)
 
-    async def watch(self, execution_id: str, *, after: int = 0,
-                    poll_interval: float = 0.1) -> AsyncIterator[Event]:
+    async def watch(
+        self, execution_id: str, *, after: int = 0, poll_interval: float = 0.1
+    ) -> AsyncIterator[Event]:
         """The execution's stored events with an id above ``after``, in order, as they are
         committed (read every ``poll_interval`` seconds), until it is finished: the last
         events yielded are those that finished it. The same in both modes, whoever runs it;

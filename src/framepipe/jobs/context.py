@@ -66,17 +66,31 @@ class StepLedger(Ledger):
         super().__init__(store, namespace)
         self._ctx = ctx
 
-    def record(self, identity: str, *, content_hash: str | None = None, size: int | None = None,
-               meta: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        identity: str,
+        *,
+        content_hash: str | None = None,
+        size: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         """Record ``identity`` as imported once this step completes (not if it fails)."""
         try:
-            row = ledger_row(self.namespace, identity, content_hash=content_hash, size=size,
-                             meta=meta, execution_id=self._ctx.execution_id,
-                             step_key=self._ctx.step_key)
+            row = ledger_row(
+                self.namespace,
+                identity,
+                content_hash=content_hash,
+                size=size,
+                meta=meta,
+                execution_id=self._ctx.execution_id,
+                step_key=self._ctx.step_key,
+            )
         except (TypeError, ValueError) as exc:
-            raise StepParamsError(f"ledger meta for {identity!r} is not JSON-serialisable: {exc}",
-                                  pipeline=self._ctx.pipeline.name,
-                                  step_key=self._ctx.step_key) from exc
+            raise StepParamsError(
+                f"ledger meta for {identity!r} is not JSON-serialisable: {exc}",
+                pipeline=self._ctx.pipeline.name,
+                step_key=self._ctx.step_key,
+            ) from exc
         self._ctx._ledger_rows.append(row)
 
 
@@ -91,15 +105,25 @@ class StepContext:
     step's own thread.
     """
 
-    def __init__(self, *, pipeline: Pipeline, execution_id: str, step_key: str,
-                 step_name: str, attempt: int, inputs: Mapping[str, Any],
-                 data: Mapping[str, Any], params: Mapping[str, Any], store: StateStore,
-                 objects: Callable[[], ObjectStore],
-                 post: Callable[[StepMessage], None],
-                 has_key: Callable[[str], bool],
-                 known_key: Callable[[str], bool] | None = None,
-                 input_roots: Iterable[str | os.PathLike[str]] | None = None,
-                 deps_of: Callable[[str], Sequence[str] | None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        execution_id: str,
+        step_key: str,
+        step_name: str,
+        attempt: int,
+        inputs: Mapping[str, Any],
+        data: Mapping[str, Any],
+        params: Mapping[str, Any],
+        store: StateStore,
+        objects: Callable[[], ObjectStore],
+        post: Callable[[StepMessage], None],
+        has_key: Callable[[str], bool],
+        known_key: Callable[[str], bool] | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+        deps_of: Callable[[str], Sequence[str] | None] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.execution_id = execution_id
         self.step_key = step_key
@@ -121,8 +145,9 @@ class StepContext:
         self._spawned: dict[str, frozenset[str]] = {}  # key -> its dependencies
         self._ledger_rows: list[dict[str, Any]] = []
         self._tempdirs: list[Path] = []
-        self._input_roots = (None if input_roots is None
-                             else tuple(Path(root) for root in input_roots))
+        self._input_roots = (
+            None if input_roots is None else tuple(Path(root) for root in input_roots)
+        )
         self.ledger = StepLedger(store, pipeline.name, self)
 
     @property
@@ -150,9 +175,12 @@ class StepContext:
     def check_cancelled(self) -> None:
         """Raise :class:`StepCancelledError` if the step should stop now."""
         if self._cancel.is_set():
-            raise StepCancelledError("stopped: the execution is cancelled or shutting down",
-                                     pipeline=self.pipeline.name, step_key=self.step_key,
-                                     execution_id=self.execution_id)
+            raise StepCancelledError(
+                "stopped: the execution is cancelled or shutting down",
+                pipeline=self.pipeline.name,
+                step_key=self.step_key,
+                execution_id=self.execution_id,
+            )
 
     def progress(self, pct: float, message: str | None = None) -> None:
         """Report this step's progress (0-100) with an optional message.
@@ -160,13 +188,18 @@ class StepContext:
         Raises :class:`StepCancelledError` once the execution is being stopped, so a long step
         that reports progress stops at its next report."""
         self.check_cancelled()
-        self._post(Progressed(self.execution_id, self.step_key,
-                              min(100.0, max(0.0, float(pct))), message))
+        self._post(
+            Progressed(self.execution_id, self.step_key, min(100.0, max(0.0, float(pct))), message)
+        )
 
     # -- dynamic steps ------------------------------------------------------------------------
 
-    def spawn_step(self, name: str, params: Mapping[str, Any] | None = None,
-                   depends_on: Iterable[str] | None = None) -> str:
+    def spawn_step(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        depends_on: Iterable[str] | None = None,
+    ) -> str:
         """Create an instance of step ``name`` with ``params``; return its key.
 
         The instance also waits for ``depends_on`` (step keys or step names) on top of the
@@ -184,15 +217,19 @@ class StepContext:
         if step is None:
             raise UnknownStepError(
                 f"spawn_step names unknown step {name!r} (steps: {', '.join(pipeline.steps)})",
-                pipeline=pipeline.name, step_key=self.step_key)
+                pipeline=pipeline.name,
+                step_key=self.step_key,
+            )
         values = dict(params or {})
         step.check_params(values, pipeline.name, self.step_key)
         try:
             key = step_key(name, values)
         except (TypeError, ValueError) as exc:
-            raise StepParamsError(f"parameters of spawned step {name!r} are not "
-                                  f"JSON-serialisable: {exc}", pipeline=pipeline.name,
-                                  step_key=self.step_key) from exc
+            raise StepParamsError(
+                f"parameters of spawned step {name!r} are not JSON-serialisable: {exc}",
+                pipeline=pipeline.name,
+                step_key=self.step_key,
+            ) from exc
         if isinstance(depends_on, str):
             depends_on = [depends_on]
         deps: list[str] = []
@@ -202,18 +239,28 @@ class StepContext:
                 if not (self._has_key(dep) or dep in self._spawned):
                     raise UnknownDependencyError(
                         f"spawn_step({name!r}) depends on {dep!r}, which is no step of this "
-                        "execution", pipeline=pipeline.name, step_key=self.step_key)
+                        "execution",
+                        pipeline=pipeline.name,
+                        step_key=self.step_key,
+                    )
             elif pipeline.get(dep) is None:
                 raise UnknownDependencyError(
-                    f"spawn_step({name!r}) depends on {dep!r}, which is no step of this "
-                    "pipeline", pipeline=pipeline.name, step_key=self.step_key)
+                    f"spawn_step({name!r}) depends on {dep!r}, which is no step of this pipeline",
+                    pipeline=pipeline.name,
+                    step_key=self.step_key,
+                )
             if dep_name == name and not is_step_key(dep) and step.parameterised:
-                raise PipelineCycleError(f"{key} cannot wait for every instance of its own step",
-                                         pipeline=pipeline.name, step_key=self.step_key)
+                raise PipelineCycleError(
+                    f"{key} cannot wait for every instance of its own step",
+                    pipeline=pipeline.name,
+                    step_key=self.step_key,
+                )
             if name in pipeline.upstream_names(dep_name):
                 raise PipelineCycleError(
                     f"{key} would wait for {dep}, which waits for every {name!r} step",
-                    pipeline=pipeline.name, step_key=self.step_key)
+                    pipeline=pipeline.name,
+                    step_key=self.step_key,
+                )
             deps.append(dep)
         if deps and not step.parameterised:
             raise StepParamsError(
@@ -222,7 +269,9 @@ class StepContext:
                 "execution starts, and a spawn cannot give it dependencies. Declare them on the "
                 f"step (@pipeline.step(depends_on=[{deps[0].partition(':')[0]!r}])), or give "
                 f"it a parameter so that each spawn makes an instance that waits",
-                pipeline=pipeline.name, step_key=self.step_key)
+                pipeline=pipeline.name,
+                step_key=self.step_key,
+            )
         wanted = frozenset([*step.depends_on, *deps])
         existing = self._spawned.get(key)
         if existing is None and deps:
@@ -233,7 +282,10 @@ class StepContext:
                 f"spawn_step({name!r}) names the existing instance {key} with other "
                 f"dependencies ({sorted(wanted)} instead of {sorted(existing)}), which would be "
                 "ignored: spawn it once with all its dependencies, or give the instances "
-                "different parameters", pipeline=pipeline.name, step_key=self.step_key)
+                "different parameters",
+                pipeline=pipeline.name,
+                step_key=self.step_key,
+            )
         if key not in self._spawned and not self._known_key(key):
             self._spawned[key] = wanted
             self._post(Spawned(self.execution_id, self.step_key, name, values, key, deps))

@@ -66,9 +66,14 @@ __all__ = [
 # -- submission, resume and cancel ---------------------------------------------------------------
 
 
-def submit(store: StateStore, pipeline: Pipeline, inputs: Mapping[str, Any], *,
-           ref: str | None, input_roots: Sequence[str] | None = None,
-           ) -> tuple[str, list[Delivery], list[Event]]:
+def submit(
+    store: StateStore,
+    pipeline: Pipeline,
+    inputs: Mapping[str, Any],
+    *,
+    ref: str | None,
+    input_roots: Sequence[str] | None = None,
+) -> tuple[str, list[Delivery], list[Event]]:
     """Create a distributed execution of ``pipeline``; return its id, the steps to publish and
     the committed events. Nothing runs until a worker takes a published step.
 
@@ -78,20 +83,36 @@ def submit(store: StateStore, pipeline: Pipeline, inputs: Mapping[str, Any], *,
     now = time.time()
     execution_id = uuid.uuid4().hex
     with store.write() as conn:
-        conn.execute(executions.insert().values(
-            id=execution_id, pipeline=pipeline.name, pipeline_ref=ref or pipeline.ref,
-            status=RUNNING, inputs=dict(inputs),
-            input_roots=None if input_roots is None else list(input_roots),
-            progress=0.0, error=None, owner=None,
-            heartbeat_at=None, cancel_requested=False, runs=1, created_at=now, started_at=now,
-            finished_at=None, mode=MODE))
+        conn.execute(
+            executions.insert().values(
+                id=execution_id,
+                pipeline=pipeline.name,
+                pipeline_ref=ref or pipeline.ref,
+                status=RUNNING,
+                inputs=dict(inputs),
+                input_roots=None if input_roots is None else list(input_roots),
+                progress=0.0,
+                error=None,
+                owner=None,
+                heartbeat_at=None,
+                cancel_requested=False,
+                runs=1,
+                created_at=now,
+                started_at=now,
+                finished_at=None,
+                mode=MODE,
+            )
+        )
         tx = Transaction(store, conn, now)
         x = tx.lock(execution_id)
         assert x is not None
         tx.emit("execution.created", x, None, {"pipeline": pipeline.name, "inputs": inputs})
         tx.emit("execution.started", x, None, {"run": 1, "mode": MODE})
-        tx.insert_steps(x, [plan_step(pipeline, s.name, {}, s.name)
-                            for s in pipeline.initial_steps], spawned=False)
+        tx.insert_steps(
+            x,
+            [plan_step(pipeline, s.name, {}, s.name) for s in pipeline.initial_steps],
+            spawned=False,
+        )
         tx.settle(x)
         committed = tx.save()
     return execution_id, tx.ready, committed
@@ -110,45 +131,86 @@ def resume(store: StateStore, execution_id: str) -> tuple[str, list[Delivery], l
         assert x is not None
         status = ExecutionStatus(x.status)
         if not status.retryable:
-            what = ("has completed; nothing to retry" if status is ExecutionStatus.COMPLETED
-                    else f"is {status.value}")
-            raise ExecutionStateError(f"execution {execution_id[:12]} of pipeline "
-                                      f"'{x.pipeline}' {what}", execution_id=execution_id)
-        conn.execute(steps.update().where(
-            steps.c.execution_id == execution_id,
-            steps.c.status.notin_([StepStatus.COMPLETED.value, StepStatus.RUNNING.value]))
-            .values(status=StepStatus.PENDING.value, failures=0, error=None,
-                    next_attempt_at=None, ready_at=None))
+            what = (
+                "has completed; nothing to retry"
+                if status is ExecutionStatus.COMPLETED
+                else f"is {status.value}"
+            )
+            raise ExecutionStateError(
+                f"execution {execution_id[:12]} of pipeline '{x.pipeline}' {what}",
+                execution_id=execution_id,
+            )
+        conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == execution_id,
+                steps.c.status.notin_([StepStatus.COMPLETED.value, StepStatus.RUNNING.value]),
+            )
+            .values(
+                status=StepStatus.PENDING.value,
+                failures=0,
+                error=None,
+                next_attempt_at=None,
+                ready_at=None,
+            )
+        )
         dep = steps.alias("dep")
-        unmet = (sa.select(sa.func.count()).select_from(
-            step_deps.join(dep, sa.and_(dep.c.execution_id == step_deps.c.execution_id,
-                                        dep.c.key == step_deps.c.dep)))
-            .where(step_deps.c.execution_id == steps.c.execution_id,
-                   step_deps.c.step_key == steps.c.key, step_deps.c.kind == "key",
-                   dep.c.status != StepStatus.COMPLETED.value)
-            .scalar_subquery())
-        conn.execute(steps.update().where(
-            steps.c.execution_id == execution_id,
-            steps.c.status == StepStatus.PENDING.value).values(waiting=unmet))
-        totals = conn.execute(sa.select(
-            sa.func.count(),
-            sa.func.sum(sa.case((steps.c.status != StepStatus.COMPLETED.value, 1), else_=0)),
-            sa.func.sum(sa.case((steps.c.status == StepStatus.RUNNING.value, 1), else_=0)),
-            sa.func.coalesce(sa.func.sum(steps.c.weight * steps.c.progress), 0.0),
-            sa.func.coalesce(sa.func.sum(steps.c.weight), 0.0))
-            .where(steps.c.execution_id == execution_id)).one()
+        unmet = (
+            sa.select(sa.func.count())
+            .select_from(
+                step_deps.join(
+                    dep,
+                    sa.and_(
+                        dep.c.execution_id == step_deps.c.execution_id, dep.c.key == step_deps.c.dep
+                    ),
+                )
+            )
+            .where(
+                step_deps.c.execution_id == steps.c.execution_id,
+                step_deps.c.step_key == steps.c.key,
+                step_deps.c.kind == "key",
+                dep.c.status != StepStatus.COMPLETED.value,
+            )
+            .scalar_subquery()
+        )
+        conn.execute(
+            steps.update()
+            .where(steps.c.execution_id == execution_id, steps.c.status == StepStatus.PENDING.value)
+            .values(waiting=unmet)
+        )
+        totals = conn.execute(
+            sa.select(
+                sa.func.count(),
+                sa.func.sum(sa.case((steps.c.status != StepStatus.COMPLETED.value, 1), else_=0)),
+                sa.func.sum(sa.case((steps.c.status == StepStatus.RUNNING.value, 1), else_=0)),
+                sa.func.coalesce(sa.func.sum(steps.c.weight * steps.c.progress), 0.0),
+                sa.func.coalesce(sa.func.sum(steps.c.weight), 0.0),
+            ).where(steps.c.execution_id == execution_id)
+        ).one()
         x.unfinished, x.active = int(totals[1] or 0), int(totals[2] or 0)
         x.wsum, x.wtotal = float(totals[3]), float(totals[4])
         x.status, x.error, x.finished_at = RUNNING, None, None
-        runs = conn.execute(executions.update().where(executions.c.id == execution_id)
-                            .values(runs=executions.c.runs + 1, cancel_requested=False)
-                            .returning(executions.c.runs)).scalar_one()
+        runs = conn.execute(
+            executions.update()
+            .where(executions.c.id == execution_id)
+            .values(runs=executions.c.runs + 1, cancel_requested=False)
+            .returning(executions.c.runs)
+        ).scalar_one()
         with_names = sa.select(step_deps.c.step_key).where(
-            step_deps.c.execution_id == execution_id, step_deps.c.kind == "name")
-        free = list(conn.execute(sa.select(steps.c.key).where(
-            steps.c.execution_id == execution_id, steps.c.status == StepStatus.PENDING.value,
-            steps.c.waiting == 0, steps.c.key.notin_(with_names)).order_by(steps.c.seq))
-            .scalars())
+            step_deps.c.execution_id == execution_id, step_deps.c.kind == "name"
+        )
+        free = list(
+            conn.execute(
+                sa.select(steps.c.key)
+                .where(
+                    steps.c.execution_id == execution_id,
+                    steps.c.status == StepStatus.PENDING.value,
+                    steps.c.waiting == 0,
+                    steps.c.key.notin_(with_names),
+                )
+                .order_by(steps.c.seq)
+            ).scalars()
+        )
         tx.emit("execution.retried", x, None, {"run": runs, "mode": MODE})
         tx.make_ready(x, free)
         tx.settle(x)
@@ -178,9 +240,14 @@ Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None]]
 which never change after the submit."""
 
 
-def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
-          lease: float, known: Known | None = None,
-          ) -> tuple[list[Claimed], list[Event]]:
+def claim(
+    store: StateStore,
+    worker: str,
+    deliveries: Sequence[Delivery],
+    *,
+    lease: float,
+    known: Known | None = None,
+) -> tuple[list[Claimed], list[Event]]:
     """Take the delivered steps that are still ready in a running execution, each as a new
     attempt with a lease of ``lease`` seconds. Stale deliveries are skipped. ``known`` caches
     each execution's (pipeline, reference, inputs, input_roots), which never change; it is
@@ -191,57 +258,110 @@ def claim(store: StateStore, worker: str, deliveries: Sequence[Delivery], *,
     if not deliveries:
         return [], []
     with store.write(durable=False) as conn:
-        return _claim_in(store, conn, worker, deliveries, lease, time.time(),
-                         {} if known is None else known)
+        return _claim_in(
+            store, conn, worker, deliveries, lease, time.time(), {} if known is None else known
+        )
 
 
-def _claim_in(store: StateStore, conn: sa.Connection, worker: str,
-              deliveries: Sequence[Delivery], lease: float, now: float, known: Known,
-              ) -> tuple[list[Claimed], list[Event]]:
+def _claim_in(
+    store: StateStore,
+    conn: sa.Connection,
+    worker: str,
+    deliveries: Sequence[Delivery],
+    lease: float,
+    now: float,
+    known: Known,
+) -> tuple[list[Claimed], list[Event]]:
     by_exec: dict[str, set[str]] = defaultdict(set)
     for d in deliveries:
         by_exec[d.execution_id].add(d.key)
-    running = sa.select(executions.c.id).where(executions.c.status == RUNNING,
-                                               executions.c.stopping.is_(None))
+    running = sa.select(executions.c.id).where(
+        executions.c.status == RUNNING, executions.c.stopping.is_(None)
+    )
     rows: list[Any] = []
     for execution_id in sorted(by_exec):
-        rows.extend(conn.execute(steps.update().where(
-            steps.c.execution_id == execution_id,
-            steps.c.key.in_(sorted(by_exec[execution_id])),
-            steps.c.status == StepStatus.READY.value, steps.c.execution_id.in_(running))
-            .values(status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1,
-                    worker=worker, lease_until=now + lease, started_at=now, message=None,
-                    next_attempt_at=None)
-            .returning(steps.c.execution_id, steps.c.key, steps.c.name, steps.c.params,
-                       steps.c.attempt, steps.c.weight, steps.c.progress,
-                       steps.c.ready_at)).all())
+        rows.extend(
+            conn.execute(
+                steps.update()
+                .where(
+                    steps.c.execution_id == execution_id,
+                    steps.c.key.in_(sorted(by_exec[execution_id])),
+                    steps.c.status == StepStatus.READY.value,
+                    steps.c.execution_id.in_(running),
+                )
+                .values(
+                    status=StepStatus.RUNNING.value,
+                    attempt=steps.c.attempt + 1,
+                    worker=worker,
+                    lease_until=now + lease,
+                    started_at=now,
+                    message=None,
+                    next_attempt_at=None,
+                )
+                .returning(
+                    steps.c.execution_id,
+                    steps.c.key,
+                    steps.c.name,
+                    steps.c.params,
+                    steps.c.attempt,
+                    steps.c.weight,
+                    steps.c.progress,
+                    steps.c.ready_at,
+                )
+            ).all()
+        )
     if not rows:
         return [], []
     missing = {r.execution_id for r in rows} - known.keys()
     if missing:
         if len(known) > 1000:
             known.clear()
-        for x in conn.execute(sa.select(
-                executions.c.id, executions.c.pipeline, executions.c.pipeline_ref,
-                executions.c.inputs, executions.c.input_roots)
-                .where(executions.c.id.in_(sorted(missing)))):
+        for x in conn.execute(
+            sa.select(
+                executions.c.id,
+                executions.c.pipeline,
+                executions.c.pipeline_ref,
+                executions.c.inputs,
+                executions.c.input_roots,
+            ).where(executions.c.id.in_(sorted(missing)))
+        ):
             known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs, x.input_roots)
     claimed = []
     for r in rows:
         pipeline, ref, inputs, roots = known[r.execution_id]
-        claimed.append(Claimed(
-            execution_id=r.execution_id, key=r.key, name=r.name, params=r.params,
-            attempt=r.attempt, weight=r.weight, progress=r.progress, pipeline=pipeline,
-            pipeline_ref=ref, inputs=inputs, input_roots=roots, ready_at=r.ready_at,
-            started_at=now))
-    committed = insert_events(store, conn, [
-        Event("step.started", now, c.execution_id, c.key,
-              {"attempt": c.attempt, "worker": worker}) for c in claimed])
+        claimed.append(
+            Claimed(
+                execution_id=r.execution_id,
+                key=r.key,
+                name=r.name,
+                params=r.params,
+                attempt=r.attempt,
+                weight=r.weight,
+                progress=r.progress,
+                pipeline=pipeline,
+                pipeline_ref=ref,
+                inputs=inputs,
+                input_roots=roots,
+                ready_at=r.ready_at,
+                started_at=now,
+            )
+        )
+    committed = insert_events(
+        store,
+        conn,
+        [
+            Event(
+                "step.started", now, c.execution_id, c.key, {"attempt": c.attempt, "worker": worker}
+            )
+            for c in claimed
+        ],
+    )
     return claimed, committed
 
 
-def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
-                 take: int = 0, lease: float = 0.0) -> RoundResult:
+def commit_round(
+    store: StateStore, work: Round, *, worker: str | None = None, take: int = 0, lease: float = 0.0
+) -> RoundResult:
     """Commit a worker's round (spawns, progress, outcomes) in one transaction, fenced by
     attempt; dependents of completed steps become ready in the same transaction.
 
@@ -287,17 +407,25 @@ def commit_round(store: StateStore, work: Round, *, worker: str | None = None,
     return result
 
 
-def _commit_spawns(tx: Transaction, x: ExecutionRow, spawns: list[Spawn],
-                   result: RoundResult) -> None:
+def _commit_spawns(
+    tx: Transaction, x: ExecutionRow, spawns: list[Spawn], result: RoundResult
+) -> None:
     if not spawns:
         return
     holders = {(s.spawner, s.attempt) for s in spawns}
     alive = set()
     for spawner, attempt in holders:
-        if tx.conn.execute(sa.select(steps.c.key).where(
-                steps.c.execution_id == x.id, steps.c.key == spawner,
-                steps.c.attempt == attempt,
-                steps.c.status == StepStatus.RUNNING.value)).first() is not None:
+        if (
+            tx.conn.execute(
+                sa.select(steps.c.key).where(
+                    steps.c.execution_id == x.id,
+                    steps.c.key == spawner,
+                    steps.c.attempt == attempt,
+                    steps.c.status == StepStatus.RUNNING.value,
+                )
+            ).first()
+            is not None
+        ):
             alive.add((spawner, attempt))
         else:
             result.fenced.append((x.id, spawner, attempt))
@@ -308,9 +436,15 @@ def _commit_spawns(tx: Transaction, x: ExecutionRow, spawns: list[Spawn],
 def release_due(store: StateStore) -> list[Delivery]:
     """Make the steps whose retry delay has passed ready again; return them to publish."""
     now = time.time()
-    due = (steps.c.status == StepStatus.RETRYING.value, steps.c.next_attempt_at <= now,
-           steps.c.execution_id.in_(sa.select(executions.c.id).where(
-               executions.c.status == RUNNING, executions.c.mode == MODE)))
+    due = (
+        steps.c.status == StepStatus.RETRYING.value,
+        steps.c.next_attempt_at <= now,
+        steps.c.execution_id.in_(
+            sa.select(executions.c.id).where(
+                executions.c.status == RUNNING, executions.c.mode == MODE
+            )
+        ),
+    )
     with store.read() as conn:
         if conn.execute(sa.select(steps.c.key).where(*due).limit(1)).first() is None:
             return []
@@ -318,19 +452,31 @@ def release_due(store: StateStore) -> list[Delivery]:
         rows = conn.execute(sa.select(steps.c.execution_id, steps.c.key).where(*due)).all()
         out: list[Delivery] = []
         for r in rows:
-            n = conn.execute(steps.update().where(
-                steps.c.execution_id == r.execution_id, steps.c.key == r.key,
-                steps.c.status == StepStatus.RETRYING.value).values(
-                    status=StepStatus.READY.value, ready_at=now, published_at=now)).rowcount
+            n = conn.execute(
+                steps.update()
+                .where(
+                    steps.c.execution_id == r.execution_id,
+                    steps.c.key == r.key,
+                    steps.c.status == StepStatus.RETRYING.value,
+                )
+                .values(status=StepStatus.READY.value, ready_at=now, published_at=now)
+            ).rowcount
             if n:
                 out.append(Delivery(r.execution_id, r.key))
     return out
 
 
-def renew(store: StateStore, worker: str, held: Sequence[tuple[str, str, int]], *,
-          lease: float, concurrency: int, output_tail: str | None = None,
-          status: str = "running",
-          steps_done: int = 0) -> tuple[set[tuple[str, str, int]], set[str]]:
+def renew(
+    store: StateStore,
+    worker: str,
+    held: Sequence[tuple[str, str, int]],
+    *,
+    lease: float,
+    concurrency: int,
+    output_tail: str | None = None,
+    status: str = "running",
+    steps_done: int = 0,
+) -> tuple[set[tuple[str, str, int]], set[str]]:
     """Renew the leases of ``held`` attempts and the worker's heartbeat.
 
     Returns the attempts whose lease was lost (another worker may run them: stop them and
@@ -340,33 +486,56 @@ def renew(store: StateStore, worker: str, held: Sequence[tuple[str, str, int]], 
     lost: set[tuple[str, str, int]] = set()
     with store.write(durable=False) as conn:
         for execution_id, key, attempt in held:
-            n = conn.execute(steps.update().where(
-                steps.c.execution_id == execution_id, steps.c.key == key,
-                steps.c.attempt == attempt, steps.c.status == StepStatus.RUNNING.value)
-                .values(lease_until=now + lease)).rowcount
+            n = conn.execute(
+                steps.update()
+                .where(
+                    steps.c.execution_id == execution_id,
+                    steps.c.key == key,
+                    steps.c.attempt == attempt,
+                    steps.c.status == StepStatus.RUNNING.value,
+                )
+                .values(lease_until=now + lease)
+            ).rowcount
             if not n:
                 lost.add((execution_id, key, attempt))
         host, _, rest = worker.partition(":")
         pid = int(rest.partition(":")[0] or 0)
-        values: dict[str, Any] = {"status": status, "heartbeat_at": now,
-                                  "concurrency": concurrency, "steps_done": steps_done}
+        values: dict[str, Any] = {
+            "status": status,
+            "heartbeat_at": now,
+            "concurrency": concurrency,
+            "steps_done": steps_done,
+        }
         if output_tail is not None:
             values["output_tail"] = output_tail
-        if not conn.execute(workers.update().where(workers.c.id == worker)
-                            .values(**values)).rowcount:
-            conn.execute(workers.insert().values(id=worker, host=host, pid=pid,
-                                                 started_at=now, **values))
+        if not conn.execute(
+            workers.update().where(workers.c.id == worker).values(**values)
+        ).rowcount:
+            conn.execute(
+                workers.insert().values(id=worker, host=host, pid=pid, started_at=now, **values)
+            )
         ids = sorted({e for e, _k, _a in held})
         cancelled = ExecutionStatus.CANCELLED.value
-        stopped = set(conn.execute(sa.select(executions.c.id).where(
-            executions.c.id.in_(ids), sa.or_(executions.c.status == cancelled,
-                                             executions.c.stopping == cancelled))
-        ).scalars()) if ids else set()
+        stopped = (
+            set(
+                conn.execute(
+                    sa.select(executions.c.id).where(
+                        executions.c.id.in_(ids),
+                        sa.or_(
+                            executions.c.status == cancelled, executions.c.stopping == cancelled
+                        ),
+                    )
+                ).scalars()
+            )
+            if ids
+            else set()
+        )
     return lost, stopped
 
 
-def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
-          republish_after: float) -> tuple[list[Delivery], list[Event]]:
+def sweep(
+    store: StateStore, *, max_crashes: int, stale_after: float, republish_after: float
+) -> tuple[list[Delivery], list[Event]]:
     """Recover what no worker holds: running steps whose lease expired or whose worker is
     dead (ready again, or failed as poison after ``max_crashes`` crashes), retries that are
     due, and ready steps not taken ``republish_after`` seconds after their last publication.
@@ -374,21 +543,47 @@ def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
     now = time.time()
     out = release_due(store)
     with store.read() as conn:
-        running = conn.execute(sa.select(
-            steps.c.execution_id, steps.c.key, steps.c.attempt, steps.c.worker,
-            steps.c.lease_until).where(steps.c.status == StepStatus.RUNNING.value,
-                                       steps.c.execution_id.in_(sa.select(executions.c.id)
-                                                                .where(executions.c.mode == MODE)))
+        running = conn.execute(
+            sa.select(
+                steps.c.execution_id,
+                steps.c.key,
+                steps.c.attempt,
+                steps.c.worker,
+                steps.c.lease_until,
+            ).where(
+                steps.c.status == StepStatus.RUNNING.value,
+                steps.c.execution_id.in_(
+                    sa.select(executions.c.id).where(executions.c.mode == MODE)
+                ),
+            )
         ).all()
         holders = {r.worker for r in running if r.worker}
-        known = {r.id: r for r in conn.execute(sa.select(
-            workers.c.id, workers.c.heartbeat_at, workers.c.status, workers.c.output_tail)
-            .where(workers.c.id.in_(sorted(holders))))} if holders else {}
-    dead = {w for w in holders
-            if (known[w].status == "stopped" if w in known else False)
-            or owner_is_dead(w, known[w].heartbeat_at if w in known else None, stale_after)}
-    lapsed = [r for r in running
-              if r.worker in dead or (r.lease_until is not None and r.lease_until < now)]
+        known = (
+            {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(
+                        workers.c.id,
+                        workers.c.heartbeat_at,
+                        workers.c.status,
+                        workers.c.output_tail,
+                    ).where(workers.c.id.in_(sorted(holders)))
+                )
+            }
+            if holders
+            else {}
+        )
+    dead = {
+        w
+        for w in holders
+        if (known[w].status == "stopped" if w in known else False)
+        or owner_is_dead(w, known[w].heartbeat_at if w in known else None, stale_after)
+    }
+    lapsed = [
+        r
+        for r in running
+        if r.worker in dead or (r.lease_until is not None and r.lease_until < now)
+    ]
     committed: list[Event] = []
     if lapsed:
         with store.write() as conn:
@@ -403,58 +598,109 @@ def sweep(store: StateStore, *, max_crashes: int, stale_after: float,
                 tx.settle(x)
             committed = tx.save()
         out.extend(tx.ready)
-    forgotten = (steps.c.status == StepStatus.READY.value,
-                 steps.c.published_at < now - republish_after,
-                 steps.c.execution_id.in_(sa.select(executions.c.id).where(
-                     executions.c.status == RUNNING, executions.c.stopping.is_(None),
-                     executions.c.mode == MODE)))
+    forgotten = (
+        steps.c.status == StepStatus.READY.value,
+        steps.c.published_at < now - republish_after,
+        steps.c.execution_id.in_(
+            sa.select(executions.c.id).where(
+                executions.c.status == RUNNING,
+                executions.c.stopping.is_(None),
+                executions.c.mode == MODE,
+            )
+        ),
+    )
     with store.read() as conn:
         if conn.execute(sa.select(steps.c.key).where(*forgotten).limit(1)).first() is None:
             return out, committed
     with store.write(durable=False) as conn:
-        stale: Sequence[Any] = conn.execute(sa.select(steps.c.execution_id, steps.c.key)
-                                            .where(*forgotten).limit(5000)).all()
+        stale: Sequence[Any] = conn.execute(
+            sa.select(steps.c.execution_id, steps.c.key).where(*forgotten).limit(5000)
+        ).all()
         for r in stale:
-            conn.execute(steps.update().where(steps.c.execution_id == r.execution_id,
-                                              steps.c.key == r.key)
-                         .values(published_at=now))
+            conn.execute(
+                steps.update()
+                .where(steps.c.execution_id == r.execution_id, steps.c.key == r.key)
+                .values(published_at=now)
+            )
         out.extend(Delivery(r.execution_id, r.key) for r in stale)
     return out, committed
 
 
-def _reclaim(tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str | None,
-             max_crashes: int) -> None:
-    fenced = (steps.c.execution_id == x.id, steps.c.key == r.key, steps.c.attempt == r.attempt,
-              steps.c.status == StepStatus.RUNNING.value)
+def _reclaim(
+    tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str | None, max_crashes: int
+) -> None:
+    fenced = (
+        steps.c.execution_id == x.id,
+        steps.c.key == r.key,
+        steps.c.attempt == r.attempt,
+        steps.c.status == StepStatus.RUNNING.value,
+    )
     row = tx.conn.execute(sa.select(steps.c.crashes).where(*fenced[:3])).first()
     if row is None:
         return
     crashes = row.crashes + (1 if crashed else 0)
-    why = (f"worker {r.worker} died while running it (killed, os._exit or a native crash)"
-           if crashed else f"the lease of worker {r.worker} expired")
+    why = (
+        f"worker {r.worker} died while running it (killed, os._exit or a native crash)"
+        if crashed
+        else f"the lease of worker {r.worker} expired"
+    )
     if crashed and crashes >= max_crashes:
-        text = (f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': {why}; crash "
-                f"{crashes} of at most {max_crashes}, failed as poison")
+        text = (
+            f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': {why}; crash "
+            f"{crashes} of at most {max_crashes}, failed as poison"
+        )
         if tail:
             text += f"\n\nlast output of the worker:\n{tail}"
-        if tx.conn.execute(steps.update().where(*fenced).values(
-                status=StepStatus.FAILED.value, crashes=crashes, error=text,
-                finished_at=tx.now, lease_until=None)).rowcount:
+        if tx.conn.execute(
+            steps.update()
+            .where(*fenced)
+            .values(
+                status=StepStatus.FAILED.value,
+                crashes=crashes,
+                error=text,
+                finished_at=tx.now,
+                lease_until=None,
+            )
+        ).rowcount:
             x.active -= 1
-            tx.emit("step.failed", x, r.key, {"attempt": r.attempt, "crashes": crashes,
-                                              "error": text.splitlines()[0]})
-            tx.fail_execution(x, f"pipeline '{x.pipeline}': step {r.key} crashed its worker "
-                                 f"{crashes} times; failed as poison")
+            tx.emit(
+                "step.failed",
+                x,
+                r.key,
+                {"attempt": r.attempt, "crashes": crashes, "error": text.splitlines()[0]},
+            )
+            tx.fail_execution(
+                x,
+                f"pipeline '{x.pipeline}': step {r.key} crashed its worker "
+                f"{crashes} times; failed as poison",
+            )
         return
-    status = StepStatus.READY if x.running else interrupted_status(
-        ExecutionStatus(x.stopping or x.status))
-    if not tx.conn.execute(steps.update().where(*fenced).values(
-            status=status.value, crashes=crashes, error=why, lease_until=None, worker=None,
-            ready_at=tx.now, published_at=tx.now)).rowcount:
+    status = (
+        StepStatus.READY
+        if x.running
+        else interrupted_status(ExecutionStatus(x.stopping or x.status))
+    )
+    if not tx.conn.execute(
+        steps.update()
+        .where(*fenced)
+        .values(
+            status=status.value,
+            crashes=crashes,
+            error=why,
+            lease_until=None,
+            worker=None,
+            ready_at=tx.now,
+            published_at=tx.now,
+        )
+    ).rowcount:
         return
     if status is StepStatus.READY:
         tx.ready.append(Delivery(x.id, r.key))
     else:
         x.active -= 1
-    tx.emit("step.crashed" if crashed else "step.lease_expired", x, r.key,
-            {"attempt": r.attempt, "crashes": crashes, "error": why})
+    tx.emit(
+        "step.crashed" if crashed else "step.lease_expired",
+        x,
+        r.key,
+        {"attempt": r.attempt, "crashes": crashes, "error": why},
+    )

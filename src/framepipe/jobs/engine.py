@@ -77,16 +77,28 @@ class JobEngine(Scheduler):
     share one store: each runs the executions it submitted or resumed.
     """
 
-    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
-                 objects: ObjectStore | None = None, concurrency: int | None = None,
-                 bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        *,
+        settings: Settings | None = None,
+        objects: ObjectStore | None = None,
+        concurrency: int | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
         settings = settings or load_settings()
         self._own_store = store is None
-        super().__init__(store or StateStore(settings.resolved_database_url,
-                                             sqlite_synchronous=settings.sqlite_synchronous),
-                         settings=settings, objects=objects,
-                         concurrency=concurrency or settings.concurrency,
-                         bus=bus or EventBus(), owner=this_owner(uuid.uuid4().hex[:8]))
+        super().__init__(
+            store
+            or StateStore(
+                settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+            ),
+            settings=settings,
+            objects=objects,
+            concurrency=concurrency or settings.concurrency,
+            bus=bus or EventBus(),
+            owner=this_owner(uuid.uuid4().hex[:8]),
+        )
         self._pipelines: dict[str, Pipeline] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -106,8 +118,10 @@ class JobEngine(Scheduler):
         self._started = True
         events = await self._in_db(self._recover)
         self.bus.publish(events)
-        self._tasks = [asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
-                       asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
+        self._tasks = [
+            asyncio.create_task(self._scheduler(), name="framepipe-scheduler"),
+            asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat"),
+        ]
         for task in self._tasks:
             task.add_done_callback(self._task_ended)
         return self
@@ -119,8 +133,12 @@ class JobEngine(Scheduler):
         exc = task.exception()
         assert exc is not None
         self._fatal = exc
-        _log.error("job engine task %s died: %r; its executions stay resumable",
-                   task.get_name(), exc, exc_info=exc)
+        _log.error(
+            "job engine task %s died: %r; its executions stay resumable",
+            task.get_name(),
+            exc,
+            exc_info=exc,
+        )
         for x in list(self._execs.values()):
             for f in x.waiters:
                 if not f.done():
@@ -128,7 +146,6 @@ class JobEngine(Scheduler):
 
     def _recover(self) -> list[Event]:
         return recover_for(self.store, self.settings)
-
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop: running executions are interrupted (resumable with :meth:`retry`).
@@ -166,9 +183,14 @@ class JobEngine(Scheduler):
         pipeline.validate()
         self._pipelines[pipeline.name] = pipeline
 
-    async def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                     ref: str | None = None,
-                     input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
+    async def submit(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        ref: str | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    ) -> str:
         """Create an execution of ``pipeline`` and start it; return its id.
 
         ``inputs`` are checked first, in both modes, and a refusal creates nothing: storable
@@ -193,41 +215,74 @@ class JobEngine(Scheduler):
         self.register(pipeline)
         inputs = dict(inputs or {})
         check_json(inputs, "inputs")
-        check_size(inputs, "inputs", limit=self.settings.max_inputs_bytes,
-                   setting="FRAMEPIPE_MAX_INPUTS_BYTES")
+        check_size(
+            inputs,
+            "inputs",
+            limit=self.settings.max_inputs_bytes,
+            setting="FRAMEPIPE_MAX_INPUTS_BYTES",
+        )
         if pipeline.inputs is not None:  # paths are resolved: file system calls
-            inputs = await asyncio.to_thread(pipeline.check_inputs, inputs,
-                                             input_roots=input_roots)
-        roots = (None if input_roots is None
-                 else await asyncio.to_thread(recorded_roots, input_roots))
+            inputs = await asyncio.to_thread(pipeline.check_inputs, inputs, input_roots=input_roots)
+        roots = (
+            None if input_roots is None else await asyncio.to_thread(recorded_roots, input_roots)
+        )
         try:
             canonical_json(inputs)
         except (TypeError, ValueError) as exc:
-            raise PipelineDefinitionError(f"inputs are not JSON-serialisable: {exc}",
-                                          pipeline=pipeline.name) from exc
+            raise PipelineDefinitionError(
+                f"inputs are not JSON-serialisable: {exc}", pipeline=pipeline.name
+            ) from exc
         if self.settings.distributed_jobs:
             return await self._submit_to_workers(pipeline, inputs, ref or pipeline.ref, roots)
         now = time.time()
-        row = {"id": uuid.uuid4().hex, "pipeline": pipeline.name,
-               "pipeline_ref": ref or pipeline.ref, "status": ExecutionStatus.RUNNING.value,
-               "inputs": inputs, "input_roots": roots, "progress": 0.0, "error": None,
-               "owner": self.owner, "heartbeat_at": now, "cancel_requested": False, "runs": 1,
-               "created_at": now, "started_at": now, "finished_at": None}
+        row = {
+            "id": uuid.uuid4().hex,
+            "pipeline": pipeline.name,
+            "pipeline_ref": ref or pipeline.ref,
+            "status": ExecutionStatus.RUNNING.value,
+            "inputs": inputs,
+            "input_roots": roots,
+            "progress": 0.0,
+            "error": None,
+            "owner": self.owner,
+            "heartbeat_at": now,
+            "cancel_requested": False,
+            "runs": 1,
+            "created_at": now,
+            "started_at": now,
+            "finished_at": None,
+        }
         x = ExecState(row, pipeline)
-        step_rows = [x.new_step_row(step, {}, step.name, [], None, now)
-                     for step in pipeline.initial_steps]
-        batch = Batch(new_executions=[row], new_steps=step_rows, events=[
-            Event("execution.created", now, x.id, None,
-                  {"pipeline": pipeline.name, "inputs": inputs}),
-            Event("execution.started", now, x.id, None, {"run": 1})])
+        step_rows = [
+            x.new_step_row(step, {}, step.name, [], None, now) for step in pipeline.initial_steps
+        ]
+        batch = Batch(
+            new_executions=[row],
+            new_steps=step_rows,
+            events=[
+                Event(
+                    "execution.created",
+                    now,
+                    x.id,
+                    None,
+                    {"pipeline": pipeline.name, "inputs": inputs},
+                ),
+                Event("execution.started", now, x.id, None, {"run": 1}),
+            ],
+        )
         events = await self._in_db(write_batch, self.store, batch)
         self.bus.publish(events)
         self._adopt(x, step_rows)
         _log.info("[%s] execution started (%d initial steps)", x.label, len(step_rows))
         return x.id
 
-    async def wait(self, execution_id: str, *, raise_on_failure: bool = True,
-                   poll_interval: float | None = None) -> ExecutionInfo:
+    async def wait(
+        self,
+        execution_id: str,
+        *,
+        raise_on_failure: bool = True,
+        poll_interval: float | None = None,
+    ) -> ExecutionInfo:
         """Wait until the execution finishes; return it with its steps and data.
 
         Raises :class:`ExecutionFailedError` if it did not complete (unless
@@ -240,12 +295,14 @@ class JobEngine(Scheduler):
             x.waiters.append(future)
             await future
         else:
-            interval = poll_interval if poll_interval is not None else (
-                0.05 if self.settings.distributed_jobs else 0.5)
+            interval = (
+                poll_interval
+                if poll_interval is not None
+                else (0.05 if self.settings.distributed_jobs else 0.5)
+            )
             after = 0
             while True:
-                status, new = await self._in_db(self._poll, execution_id, after,
-                                                self.bus.watched)
+                status, new = await self._in_db(self._poll, execution_id, after, self.bus.watched)
                 if new:
                     after = new[-1].id or after
                     self.bus.publish(new)
@@ -257,27 +314,46 @@ class JobEngine(Scheduler):
             raise ExecutionFailedError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "
                 f"{(info.error or '').splitlines()[0] if info.error else 'no error recorded'}",
-                execution_id=info.id, status=info.status.value, errors=info.errors)
+                execution_id=info.id,
+                status=info.status.value,
+                errors=info.errors,
+            )
         return info
 
-    def _poll(self, execution_id: str, after: int,
-              with_events: bool) -> tuple[ExecutionStatus, list[Event]]:
+    def _poll(
+        self, execution_id: str, after: int, with_events: bool
+    ) -> tuple[ExecutionStatus, list[Event]]:
         status = execution_status(self.store, execution_id)
-        return status, (list_events(self.store, execution_id, after_id=after) if with_events
-                        else [])
+        return status, (
+            list_events(self.store, execution_id, after_id=after) if with_events else []
+        )
 
-    async def _submit_to_workers(self, pipeline: Pipeline, inputs: dict[str, Any],
-                                 ref: str | None, input_roots: list[str] | None) -> str:
+    async def _submit_to_workers(
+        self,
+        pipeline: Pipeline,
+        inputs: dict[str, Any],
+        ref: str | None,
+        input_roots: list[str] | None,
+    ) -> str:
         if not ref:
             raise PipelineDefinitionError(
                 "workers load a pipeline by reference, and this one has none (defined "
-                "interactively?): define it in a module or file", pipeline=pipeline.name)
-        execution_id, ready, events = await self._in_db(functools.partial(
-            dispatch.submit, self.store, pipeline, inputs, ref=ref, input_roots=input_roots))
+                "interactively?): define it in a module or file",
+                pipeline=pipeline.name,
+            )
+        execution_id, ready, events = await self._in_db(
+            functools.partial(
+                dispatch.submit, self.store, pipeline, inputs, ref=ref, input_roots=input_roots
+            )
+        )
         self.bus.publish(events)
         await self._publish(ready)
-        _log.info("[%s/%s] execution submitted to the workers (%d step(s) ready)",
-                  pipeline.name, execution_id[:8], len(ready))
+        _log.info(
+            "[%s/%s] execution submitted to the workers (%d step(s) ready)",
+            pipeline.name,
+            execution_id[:8],
+            len(ready),
+        )
         return execution_id
 
     async def _publish(self, ready: list[Delivery]) -> None:
@@ -288,16 +364,21 @@ class JobEngine(Scheduler):
         if self._broker is None:
             from framepipe.jobs.delivery import open_delivery
 
-            self._broker = open_delivery(self.settings.broker_url,
-                                         self.settings.broker_namespace)
+            self._broker = open_delivery(self.settings.broker_url, self.settings.broker_namespace)
         try:
             await self._in_db(self._broker.publish, ready)
         except FramepipeError as exc:
-            _log.warning("%s; the steps stay ready in the store and the workers publish them "
-                         "again", exc)
+            _log.warning(
+                "%s; the steps stay ready in the store and the workers publish them again", exc
+            )
 
-    async def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                  raise_on_failure: bool = True) -> ExecutionInfo:
+    async def run(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        raise_on_failure: bool = True,
+    ) -> ExecutionInfo:
         """Submit an execution and wait for its end."""
         execution_id = await self.submit(pipeline, inputs)
         return await self.wait(execution_id, raise_on_failure=raise_on_failure)
@@ -313,50 +394,74 @@ class JobEngine(Scheduler):
         pipeline name. Returns the full execution id."""
         self._check_started()
         await self._in_db(self._recover)
-        info = await self._in_db(functools.partial(get_execution, self.store, execution_id,
-                                                    with_steps=False))
+        info = await self._in_db(
+            functools.partial(get_execution, self.store, execution_id, with_steps=False)
+        )
         if await self._in_db(execution_mode, self.store, info.id) == dispatch.MODE:
             full_id, ready, events = await self._in_db(dispatch.resume, self.store, info.id)
             self.bus.publish(events)
             await self._publish(ready)
-            _log.info("[%s/%s] execution resumed on the workers (%d step(s) ready)",
-                      info.pipeline, full_id[:8], len(ready))
+            _log.info(
+                "[%s/%s] execution resumed on the workers (%d step(s) ready)",
+                info.pipeline,
+                full_id[:8],
+                len(ready),
+            )
             return full_id
         if info.id in self._execs:
-            raise ExecutionStateError(f"execution {info.id[:12]} is running in this engine",
-                                      execution_id=info.id)
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} is running in this engine", execution_id=info.id
+            )
         if not info.status.retryable:
-            what = ("has completed; nothing to retry" if info.status is ExecutionStatus.COMPLETED
-                    else f"is {info.status.value} (owner {info.owner})")
-            raise ExecutionStateError(f"execution {info.id[:12]} of pipeline '{info.pipeline}' "
-                                      f"{what}", execution_id=info.id)
+            what = (
+                "has completed; nothing to retry"
+                if info.status is ExecutionStatus.COMPLETED
+                else f"is {info.status.value} (owner {info.owner})"
+            )
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
+                execution_id=info.id,
+            )
         pipeline = pipeline or self._pipelines.get(info.pipeline)
         if pipeline is None:
             raise ExecutionStateError(
                 f"execution {info.id[:12]} is of pipeline '{info.pipeline}', which this engine "
-                "does not know: pass the pipeline or register it", execution_id=info.id)
+                "does not know: pass the pipeline or register it",
+                execution_id=info.id,
+            )
         if pipeline.name != info.pipeline:
-            raise ExecutionStateError(f"execution {info.id[:12]} is of pipeline "
-                                      f"'{info.pipeline}', not '{pipeline.name}'",
-                                      execution_id=info.id)
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', not '{pipeline.name}'",
+                execution_id=info.id,
+            )
         pipeline.validate()
         self.register(pipeline)
         now = time.time()
-        claimed = await self._in_db(take_over, self.store, info.id, info.status.value,
-                                    self.owner, now)
+        claimed = await self._in_db(
+            take_over, self.store, info.id, info.status.value, self.owner, now
+        )
         if not claimed:
-            raise ExecutionStateError(f"execution {info.id[:12]} was resumed by another process",
-                                      execution_id=info.id)
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} was resumed by another process", execution_id=info.id
+            )
         row, step_rows = await self._in_db(load_rows, self.store, info.id)
         for r in step_rows:
             if r["status"] != StepStatus.COMPLETED.value:
-                r.update(status=StepStatus.PENDING.value, failures=0, error=None,
-                         next_attempt_at=None, ready_at=None)
+                r.update(
+                    status=StepStatus.PENDING.value,
+                    failures=0,
+                    error=None,
+                    next_attempt_at=None,
+                    ready_at=None,
+                )
         x = ExecState(row, pipeline)
         for r in step_rows:
             if pipeline.get(r["name"]) is None:
-                raise UnknownStepError(f"execution {info.id[:12]} has step {r['key']!r}, which "
-                                       "the pipeline no longer defines", pipeline=pipeline.name)
+                raise UnknownStepError(
+                    f"execution {info.id[:12]} has step {r['key']!r}, which "
+                    "the pipeline no longer defines",
+                    pipeline=pipeline.name,
+                )
         self._adopt(x, step_rows, dirty=True)
         x.row["error"] = None
         self._mark_exec(x)

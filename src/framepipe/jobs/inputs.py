@@ -91,9 +91,18 @@ from framepipe.untrusted import check_json, check_text
 if TYPE_CHECKING:
     from framepipe.jobs.context import StepContext
 
-__all__ = ["LocalPath", "LocalPathOrKey", "copy_local_file", "declared_path_fields",
-           "load_inputs", "local_input", "local_path", "path_or_key_fields", "recorded_roots",
-           "validate_inputs"]
+__all__ = [
+    "LocalPath",
+    "LocalPathOrKey",
+    "copy_local_file",
+    "declared_path_fields",
+    "load_inputs",
+    "local_input",
+    "local_path",
+    "path_or_key_fields",
+    "recorded_roots",
+    "validate_inputs",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -136,8 +145,9 @@ def _local(value: str, info: ValidationInfo) -> str:
     if roots is None:
         return os.path.realpath(value)
     if not os.path.isabs(value):
-        raise InvalidInputError(f"{value!r} is relative; an absolute local path is needed",
-                                where=field)
+        raise InvalidInputError(
+            f"{value!r} is relative; an absolute local path is needed", where=field
+        )
     return str(confine(value, roots, where=field))
 
 
@@ -183,8 +193,7 @@ def recorded_roots(input_roots: Iterable[str | os.PathLike[str]] | None) -> list
     return recorded
 
 
-def local_input(ctx: StepContext, value: str, *, where: str,
-                declared: bool = False) -> Path | None:
+def local_input(ctx: StepContext, value: str, *, where: str, declared: bool = False) -> Path | None:
     """The local file (or folder) that the input ``value`` names, or None when it is to be
     taken as an object key; the one way a step should turn an input into a local path.
 
@@ -213,9 +222,13 @@ def local_input(ctx: StepContext, value: str, *, where: str,
     return confine(text, roots, where=where)
 
 
-def validate_inputs(model: type[BaseModel], inputs: Mapping[str, Any], *,
-                    input_roots: Iterable[str | os.PathLike[str]] | None = None,
-                    where: str = "inputs") -> dict[str, Any]:
+def validate_inputs(
+    model: type[BaseModel],
+    inputs: Mapping[str, Any],
+    *,
+    input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    where: str = "inputs",
+) -> dict[str, Any]:
     """``inputs`` validated against ``model``, as they are to be stored (see the module): the
     model's JSON, by alias. Refusals are :class:`InvalidInputError` (or its subclass
     :class:`PathNotAllowedError`) naming the first wrong field as ``where.field``; the
@@ -257,8 +270,7 @@ def _refusal(exc: ValidationError, where: str) -> InvalidInputError:
         elif error["type"] == "extra_forbidden":
             problems.append((field, "is not an input of this pipeline", None))
         else:
-            problems.append((field, f"{error['msg']}, not {_shown(error.get('input'))}",
-                             None))
+            problems.append((field, f"{error['msg']}, not {_shown(error.get('input'))}", None))
     field, message, cause = problems[0]
     if len(problems) > 1:
         message += "; also " + "; ".join(f"{f}: {m}" for f, m, _ in problems[1:])
@@ -319,14 +331,16 @@ def _is_marker(item: object, markers: tuple[_Marker, ...]) -> bool:
 def _marked(annotation: Any, markers: tuple[_Marker, ...]) -> bool:
     metadata = getattr(annotation, "__metadata__", ())
     return any(_is_marker(m, markers) for m in metadata) or any(
-        _marked(arg, markers) for arg in typing.get_args(annotation))
+        _marked(arg, markers) for arg in typing.get_args(annotation)
+    )
 
 
 def _fields(model: type[BaseModel], markers: tuple[_Marker, ...]) -> frozenset[str]:
     names = set()
     for name, field in model.model_fields.items():
-        if (any(_is_marker(m, markers) for m in field.metadata)
-                or _marked(field.annotation, markers)):
+        if any(_is_marker(m, markers) for m in field.metadata) or _marked(
+            field.annotation, markers
+        ):
             names.add(field.alias or name)
     return frozenset(names)
 

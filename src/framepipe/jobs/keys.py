@@ -20,14 +20,16 @@ def validate_step_name(name: str) -> str:
     """Return ``name`` if it can name a step or pipeline (letters, digits, ``_ . -``)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
-            f"invalid name {name!r}: use letters, digits, '_', '.', '-' and start with a letter")
+            f"invalid name {name!r}: use letters, digits, '_', '.', '-' and start with a letter"
+        )
     return name
 
 
 def canonical_json(value: Any) -> str:
     """Deterministic JSON (sorted keys, no spaces, no NaN); raises TypeError/ValueError."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def step_key(name: str, params: dict[str, Any] | None = None) -> str:

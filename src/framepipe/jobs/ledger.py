@@ -75,15 +75,29 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def ledger_row(namespace: str, identity: str, *, content_hash: str | None, size: int | None,
-               meta: dict[str, Any] | None, execution_id: str | None,
-               step_key: str | None) -> dict[str, Any]:
+def ledger_row(
+    namespace: str,
+    identity: str,
+    *,
+    content_hash: str | None,
+    size: int | None,
+    meta: dict[str, Any] | None,
+    execution_id: str | None,
+    step_key: str | None,
+) -> dict[str, Any]:
     """A ledger row as stored; raises TypeError if ``meta`` is not JSON-serialisable."""
     meta = dict(meta or {})
     canonical_json(meta)
-    return {"namespace": namespace, "identity": identity, "content_hash": content_hash,
-            "size": size, "meta": meta, "execution_id": execution_id, "step_key": step_key,
-            "imported_at": time.time()}
+    return {
+        "namespace": namespace,
+        "identity": identity,
+        "content_hash": content_hash,
+        "size": size,
+        "meta": meta,
+        "execution_id": execution_id,
+        "step_key": step_key,
+        "imported_at": time.time(),
+    }
 
 
 class Ledger:
@@ -93,8 +107,7 @@ class Ledger:
         self.store = store
         self.namespace = namespace
 
-    def is_imported(self, identity: str | None = None, *,
-                    content_hash: str | None = None) -> bool:
+    def is_imported(self, identity: str | None = None, *, content_hash: str | None = None) -> bool:
         """True if an entry has this identity, or (when given) this content hash."""
         if identity is None and content_hash is None:
             raise ValueError("give an identity or a content_hash")
@@ -103,8 +116,11 @@ class Ledger:
             cond.append(ledger.c.identity == identity)
         if content_hash is not None:
             cond.append(ledger.c.content_hash == content_hash)
-        query = (sa.select(ledger.c.identity)
-                 .where(ledger.c.namespace == self.namespace, sa.or_(*cond)).limit(1))
+        query = (
+            sa.select(ledger.c.identity)
+            .where(ledger.c.namespace == self.namespace, sa.or_(*cond))
+            .limit(1)
+        )
         with self.store.read() as conn:
             return conn.execute(query).first() is not None
 
@@ -114,31 +130,60 @@ class Ledger:
         known: set[str] = set()
         with self.store.read() as conn:
             for i in range(0, len(wanted), _CHUNK):
-                chunk = wanted[i:i + _CHUNK]
-                known.update(conn.execute(
-                    sa.select(ledger.c.identity).where(ledger.c.namespace == self.namespace,
-                                                       ledger.c.identity.in_(chunk))).scalars())
+                chunk = wanted[i : i + _CHUNK]
+                known.update(
+                    conn.execute(
+                        sa.select(ledger.c.identity).where(
+                            ledger.c.namespace == self.namespace, ledger.c.identity.in_(chunk)
+                        )
+                    ).scalars()
+                )
         return [i for i in wanted if i not in known]
 
     def get(self, identity: str) -> LedgerEntry | None:
         """The entry for ``identity``, or None."""
         with self.store.read() as conn:
-            row = conn.execute(sa.select(ledger).where(ledger.c.namespace == self.namespace,
-                                                       ledger.c.identity == identity)).first()
+            row = conn.execute(
+                sa.select(ledger).where(
+                    ledger.c.namespace == self.namespace, ledger.c.identity == identity
+                )
+            ).first()
         return LedgerEntry(**row._mapping) if row is not None else None
 
     def entries(self) -> list[LedgerEntry]:
         """Every entry of the namespace, oldest first."""
         with self.store.read() as conn:
-            rows = conn.execute(sa.select(ledger).where(ledger.c.namespace == self.namespace)
-                                .order_by(ledger.c.imported_at)).all()
+            rows = conn.execute(
+                sa.select(ledger)
+                .where(ledger.c.namespace == self.namespace)
+                .order_by(ledger.c.imported_at)
+            ).all()
         return [LedgerEntry(**r._mapping) for r in rows]
 
-    def record(self, identity: str, *, content_hash: str | None = None, size: int | None = None,
-               meta: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        identity: str,
+        *,
+        content_hash: str | None = None,
+        size: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         """Record ``identity`` as imported now (outside a step: committed at once)."""
         from framepipe.jobs.records import Batch, write_batch
 
-        write_batch(self.store, Batch(ledger=[ledger_row(
-            self.namespace, identity, content_hash=content_hash, size=size, meta=meta,
-            execution_id=None, step_key=None)]))
+        write_batch(
+            self.store,
+            Batch(
+                ledger=[
+                    ledger_row(
+                        self.namespace,
+                        identity,
+                        content_hash=content_hash,
+                        size=size,
+                        meta=meta,
+                        execution_id=None,
+                        step_key=None,
+                    )
+                ]
+            ),
+        )

@@ -29,8 +29,14 @@ from framepipe.errors import PipelineDefinitionError
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 
-__all__ = ["KnownPipelines", "LoadedPipeline", "LoadedTarget", "load_pipeline", "resolve_pipeline",
-           "resolve_target"]
+__all__ = [
+    "KnownPipelines",
+    "LoadedPipeline",
+    "LoadedTarget",
+    "load_pipeline",
+    "resolve_pipeline",
+    "resolve_target",
+]
 
 _log = get_logger("jobs.loading")
 
@@ -90,7 +96,8 @@ def _load(ref: str) -> tuple[ModuleType, str, str | None]:
     target, name = _split(ref)
     if not target:
         raise PipelineDefinitionError(
-            f"invalid pipeline reference {ref!r}: give FILE.py:NAME or package.module:NAME")
+            f"invalid pipeline reference {ref!r}: give FILE.py:NAME or package.module:NAME"
+        )
     if _looks_like_file(target):
         path = Path(target).expanduser().resolve()
         return _import_file(path, target), str(path), name
@@ -107,8 +114,7 @@ def _split(ref: str) -> tuple[str, str | None]:
 
 
 def _looks_like_file(target: str) -> bool:
-    return (target.endswith(".py") or "/" in target or os.sep in target
-            or Path(target).is_file())
+    return target.endswith(".py") or "/" in target or os.sep in target or Path(target).is_file()
 
 
 def _import_file(path: Path, given: str) -> ModuleType:
@@ -131,7 +137,8 @@ def _import_file(path: Path, given: str) -> ModuleType:
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise PipelineDefinitionError(
-            f"importing pipeline file {path} failed: {_describe(exc)}") from exc
+            f"importing pipeline file {path} failed: {_describe(exc)}"
+        ) from exc
     return module
 
 
@@ -144,12 +151,15 @@ def _import_module(target: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and (target == exc.name or target.startswith(f"{exc.name}.")):
             raise PipelineDefinitionError(
-                f"no module named {target!r} (for a file, give FILE.py:NAME)") from exc
+                f"no module named {target!r} (for a file, give FILE.py:NAME)"
+            ) from exc
         raise PipelineDefinitionError(
-            f"importing module {target} failed: {_describe(exc)}") from exc
+            f"importing module {target} failed: {_describe(exc)}"
+        ) from exc
     except (Exception, SystemExit) as exc:
         raise PipelineDefinitionError(
-            f"importing module {target} failed: {_describe(exc)}") from exc
+            f"importing module {target} failed: {_describe(exc)}"
+        ) from exc
 
 
 def _describe(exc: BaseException) -> str:
@@ -171,20 +181,23 @@ def _pipelines(module: ModuleType, kinds: tuple[type, ...]) -> dict[str, Any]:
 def _listing(found: dict[str, Any], what: str = "Pipeline") -> str:
     if not found:
         return f"it defines no {what}"
-    names = ", ".join(var if var == p.name else f"{var} (named {p.name!r})"
-                      for var, p in found.items())
+    names = ", ".join(
+        var if var == p.name else f"{var} (named {p.name!r})" for var, p in found.items()
+    )
     return f"its pipelines: {names}"
 
 
-def _pick(module: ModuleType, name: str | None, where: str, kinds: tuple[type, ...],
-          what: str) -> Any:
+def _pick(
+    module: ModuleType, name: str | None, where: str, kinds: tuple[type, ...], what: str
+) -> Any:
     found = _pipelines(module, kinds)
     if name is None:
         if len(found) == 1:
             return next(iter(found.values()))
         raise PipelineDefinitionError(
             f"{where} defines {len(found) or 'no'} pipeline{'s' if len(found) != 1 else ''}: "
-            f"add :NAME to the reference ({_listing(found, what)})")
+            f"add :NAME to the reference ({_listing(found, what)})"
+        )
     value = vars(module).get(name)
     if isinstance(value, kinds):
         return value
@@ -194,10 +207,13 @@ def _pick(module: ModuleType, name: str | None, where: str, kinds: tuple[type, .
     if len(by_name) > 1:
         raise PipelineDefinitionError(
             f"{where} defines {len(by_name)} pipelines named {name!r}: use the variable name "
-            f"({_listing(found, what)})")
+            f"({_listing(found, what)})"
+        )
     if value is not None:
-        raise PipelineDefinitionError(f"{name!r} in {where} is a {type(value).__name__}, not a "
-                                      f"{what} ({_listing(found, what)})")
+        raise PipelineDefinitionError(
+            f"{name!r} in {where} is a {type(value).__name__}, not a "
+            f"{what} ({_listing(found, what)})"
+        )
     raise PipelineDefinitionError(f"no pipeline {name!r} in {where} ({_listing(found, what)})")
 
 
@@ -224,8 +240,13 @@ class KnownPipelines:
                     try:
                         found = resolve_pipeline(ref).pipeline
                     except Exception as exc:  # user code: any error fails just its steps
-                        _log.error("%s cannot load pipeline %r for execution %s: %s",
-                                   self._owner or "this process", ref, execution_id[:8], exc)
+                        _log.error(
+                            "%s cannot load pipeline %r for execution %s: %s",
+                            self._owner or "this process",
+                            ref,
+                            execution_id[:8],
+                            exc,
+                        )
                         found = self._by_name.get(name)
                     else:
                         self._by_ref[ref] = found

@@ -106,14 +106,30 @@ class StepState:
         self.new = False
 
     def row(self) -> dict[str, Any]:
-        return {"execution_id": self.x.id, "key": self.key, "name": self.name,
-                "params": self.params, "depends_on": self.deps, "spawned_by": self.spawned_by,
-                "status": self.status.value, "weight": self.weight, "progress": self.progress,
-                "message": self.message, "attempt": self.attempt, "failures": self.failures,
-                "crashes": self.crashes, "output": self.output, "error": self.error,
-                "seq": self.seq, "done_seq": self.done_seq, "created_at": self.created_at,
-                "ready_at": self.ready_at, "started_at": self.started_at,
-                "finished_at": self.finished_at, "next_attempt_at": self.next_attempt_at}
+        return {
+            "execution_id": self.x.id,
+            "key": self.key,
+            "name": self.name,
+            "params": self.params,
+            "depends_on": self.deps,
+            "spawned_by": self.spawned_by,
+            "status": self.status.value,
+            "weight": self.weight,
+            "progress": self.progress,
+            "message": self.message,
+            "attempt": self.attempt,
+            "failures": self.failures,
+            "crashes": self.crashes,
+            "output": self.output,
+            "error": self.error,
+            "seq": self.seq,
+            "done_seq": self.done_seq,
+            "created_at": self.created_at,
+            "ready_at": self.ready_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "next_attempt_at": self.next_attempt_at,
+        }
 
 
 class ExecState:
@@ -156,20 +172,44 @@ class ExecState:
         s = self.steps.get(key)
         return None if s is None else list(s.deps)
 
-    def new_step_row(self, step: Step, params: dict[str, Any], key: str, deps: Iterable[str],
-                     spawned_by: str | None, now: float) -> dict[str, Any]:
+    def new_step_row(
+        self,
+        step: Step,
+        params: dict[str, Any],
+        key: str,
+        deps: Iterable[str],
+        spawned_by: str | None,
+        now: float,
+    ) -> dict[str, Any]:
         """The stored row of a new instance ``key`` of ``step`` (:func:`plan_step` splits and
         orders its dependencies), numbered after the execution's last step."""
         plan = plan_step(self.pipeline, step.name, params, key, deps, spawned_by)
         seq = self.next_seq
         self.next_seq += 1
-        return {"execution_id": self.id, "key": key, "name": step.name, "params": plan.params,
-                "depends_on": plan.deps, "spawned_by": spawned_by,
-                "status": StepStatus.PENDING.value, "weight": plan.weight, "progress": 0.0,
-                "message": None, "attempt": 0, "failures": 0, "crashes": 0, "output": None,
-                "error": None, "seq": seq, "done_seq": None, "created_at": now,
-                "ready_at": None, "started_at": None, "finished_at": None,
-                "next_attempt_at": None}
+        return {
+            "execution_id": self.id,
+            "key": key,
+            "name": step.name,
+            "params": plan.params,
+            "depends_on": plan.deps,
+            "spawned_by": spawned_by,
+            "status": StepStatus.PENDING.value,
+            "weight": plan.weight,
+            "progress": 0.0,
+            "message": None,
+            "attempt": 0,
+            "failures": 0,
+            "crashes": 0,
+            "output": None,
+            "error": None,
+            "seq": seq,
+            "done_seq": None,
+            "created_at": now,
+            "ready_at": None,
+            "started_at": None,
+            "finished_at": None,
+            "next_attempt_at": None,
+        }
 
     def add_rows(self, step_rows: list[dict[str, Any]]) -> None:
         """Take stored steps (a resume) in: their states, numbering and completed outputs."""
@@ -227,12 +267,18 @@ class ExecState:
         if it rose."""
         if self.wtotal == 0.0 and self.steps:
             self.wtotal = sum(s.weight for s in self.steps.values())
-            self.wsum = sum(s.weight * (100.0 if s.status is StepStatus.COMPLETED
-                                        else s.progress) for s in self.steps.values())
-        completed = 0 if self.wtotal > 0 else sum(
-            1 for s in self.steps.values() if s.status is StepStatus.COMPLETED)
-        value = execution_progress(self.row["progress"], self.wsum, self.wtotal,
-                                   completed=completed, total=len(self.steps))
+            self.wsum = sum(
+                s.weight * (100.0 if s.status is StepStatus.COMPLETED else s.progress)
+                for s in self.steps.values()
+            )
+        completed = (
+            0
+            if self.wtotal > 0
+            else sum(1 for s in self.steps.values() if s.status is StepStatus.COMPLETED)
+        )
+        value = execution_progress(
+            self.row["progress"], self.wsum, self.wtotal, completed=completed, total=len(self.steps)
+        )
         if value > self.row["progress"]:
             self.row["progress"] = value
             return True

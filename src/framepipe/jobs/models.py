@@ -27,8 +27,11 @@ class ExecutionStatus(StrEnum):
     @property
     def retryable(self) -> bool:
         """True when :meth:`JobEngine.retry` may resume the execution."""
-        return self in (ExecutionStatus.FAILED, ExecutionStatus.CANCELLED,
-                        ExecutionStatus.INTERRUPTED)
+        return self in (
+            ExecutionStatus.FAILED,
+            ExecutionStatus.CANCELLED,
+            ExecutionStatus.INTERRUPTED,
+        )
 
 
 class StepStatus(StrEnum):
@@ -94,8 +97,11 @@ class ExecutionInfo:
     @property
     def errors(self) -> dict[str, str]:
         """Error text of each step that failed, by step key."""
-        return {s.key: s.error for s in self.steps
-                if s.status is StepStatus.FAILED and s.error is not None}
+        return {
+            s.key: s.error
+            for s in self.steps
+            if s.status is StepStatus.FAILED and s.error is not None
+        }
 
     def step(self, key: str) -> StepInfo:
         """The step with ``key``; KeyError if there is none."""

@@ -42,16 +42,21 @@ class RetryPolicy:
     backoff: Backoff
 
     @classmethod
-    def of(cls, step: Step | None, settings: Settings, *,
-           retries: int | None = None) -> RetryPolicy:
+    def of(
+        cls, step: Step | None, settings: Settings, *, retries: int | None = None
+    ) -> RetryPolicy:
         """The policy of ``step`` under ``settings`` (``retries`` overrides the step's)."""
-        initial = (step.retry_delay if step is not None and step.retry_delay is not None
-                   else settings.retry_initial_delay)
+        initial = (
+            step.retry_delay
+            if step is not None and step.retry_delay is not None
+            else settings.retry_initial_delay
+        )
         count = retries if retries is not None else (step.retries if step is not None else 0)
         return cls(count, Backoff(initial=initial, maximum=settings.retry_max_delay))
 
-    def retries_after(self, failures: int, exc: BaseException | None = None, *,
-                      permanent: bool = False) -> bool:
+    def retries_after(
+        self, failures: int, exc: BaseException | None = None, *, permanent: bool = False
+    ) -> bool:
         """True when a step that has now failed ``failures`` times runs again."""
         if permanent or (exc is not None and is_permanent(exc)):
             return False
@@ -60,7 +65,6 @@ class RetryPolicy:
     def delay(self, failures: int) -> float:
         """Seconds to wait before the retry that follows failure number ``failures``."""
         return self.backoff.delay(failures)
-
 
 
 NO_RETRY = RetryPolicy(0, Backoff())
@@ -79,28 +83,40 @@ def error_text(exc: BaseException) -> str:
     return f"{head}\n\n{tb}"
 
 
-def check_output(result: Any, *, pipeline: str, step_key: str, execution_id: str,
-                 limit: int) -> dict[str, Any]:
+def check_output(
+    result: Any, *, pipeline: str, step_key: str, execution_id: str, limit: int
+) -> dict[str, Any]:
     """A step's return value as the dict to store; raises :class:`StepOutputError` for
     anything but a JSON-serialisable dict (or None) of at most ``limit`` bytes of JSON."""
     if result is None:
         return {}
     if not isinstance(result, dict):
-        raise StepOutputError(f"returned {type(result).__name__}; a step returns a dict "
-                              "(merged into the execution's data) or None",
-                              pipeline=pipeline, step_key=step_key, execution_id=execution_id)
+        raise StepOutputError(
+            f"returned {type(result).__name__}; a step returns a dict "
+            "(merged into the execution's data) or None",
+            pipeline=pipeline,
+            step_key=step_key,
+            execution_id=execution_id,
+        )
     try:
         text = canonical_json(result)
     except (TypeError, ValueError) as exc:
         bad = next((k for k, v in result.items() if not _serialisable(k, v)), None)
         where = f" (key {bad!r}: {type(result[bad]).__name__})" if bad is not None else ""
-        raise StepOutputError(f"returned a value that is not JSON-serialisable{where}: {exc}",
-                              pipeline=pipeline, step_key=step_key,
-                              execution_id=execution_id) from exc
+        raise StepOutputError(
+            f"returned a value that is not JSON-serialisable{where}: {exc}",
+            pipeline=pipeline,
+            step_key=step_key,
+            execution_id=execution_id,
+        ) from exc
     if len(text) > limit:
-        raise StepOutputError(f"returned {len(text)} bytes of JSON, more than the {limit}-byte "
-                              "limit: store paths, not contents", pipeline=pipeline,
-                              step_key=step_key, execution_id=execution_id)
+        raise StepOutputError(
+            f"returned {len(text)} bytes of JSON, more than the {limit}-byte "
+            "limit: store paths, not contents",
+            pipeline=pipeline,
+            step_key=step_key,
+            execution_id=execution_id,
+        )
     return result
 
 

@@ -33,8 +33,12 @@ class OutputTail:
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
             os.close(write_end)
-            threading.Thread(target=self._pump, args=(read_end, original),
-                             name=f"framepipe-tail-{fd}", daemon=True).start()
+            threading.Thread(
+                target=self._pump,
+                args=(read_end, original),
+                name=f"framepipe-tail-{fd}",
+                daemon=True,
+            ).start()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -53,12 +57,12 @@ class OutputTail:
             with self._lock:
                 self._buf += chunk
                 if len(self._buf) > 2 * self.limit:
-                    del self._buf[:-self.limit]
+                    del self._buf[: -self.limit]
 
     def text(self) -> str:
         """The last ``limit`` bytes, decoded (a partial first line is dropped)."""
         with self._lock:
-            data = bytes(self._buf[-self.limit:])
+            data = bytes(self._buf[-self.limit :])
         text = data.decode("utf-8", "replace")
         if len(self._buf) > self.limit and "\n" in text:
             text = text.split("\n", 1)[1]

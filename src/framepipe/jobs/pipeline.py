@@ -65,17 +65,26 @@ class Step:
             raise StepParamsError(
                 f"spawn_step({self.name!r}): {'; '.join(parts)} for "
                 f"{self.name}({', '.join(self.params)})",
-                pipeline=pipeline, step_key=key)
+                pipeline=pipeline,
+                step_key=key,
+            )
 
 
-def _inspect_params(name: str, fn: Callable[..., Any], pipeline: str) -> tuple[
-        tuple[str, ...], frozenset[str], bool]:
+def _inspect_params(
+    name: str, fn: Callable[..., Any], pipeline: str
+) -> tuple[tuple[str, ...], frozenset[str], bool]:
     signature = inspect.signature(fn)
     items = list(signature.parameters.values())
-    if not items or items[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
-                                          inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        raise StepParamsError(f"function {fn.__qualname__} must take the StepContext as its "
-                              "first positional parameter", pipeline=pipeline, step_key=name)
+    if not items or items[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        raise StepParamsError(
+            f"function {fn.__qualname__} must take the StepContext as its "
+            "first positional parameter",
+            pipeline=pipeline,
+            step_key=name,
+        )
     params: list[str] = []
     required: set[str] = set()
     accepts_any = False
@@ -83,8 +92,11 @@ def _inspect_params(name: str, fn: Callable[..., Any], pipeline: str) -> tuple[
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             accepts_any = True
         elif p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
-            raise StepParamsError(f"parameter {p.name!r} of {fn.__qualname__} must be passable "
-                                  "by keyword", pipeline=pipeline, step_key=name)
+            raise StepParamsError(
+                f"parameter {p.name!r} of {fn.__qualname__} must be passable by keyword",
+                pipeline=pipeline,
+                step_key=name,
+            )
         else:
             params.append(p.name)
             if p.default is inspect.Parameter.empty:
@@ -110,14 +122,15 @@ class Pipeline:
     (fields of type :data:`~framepipe.jobs.inputs.LocalPathOrKey`) to the roots the submitter
     gives (:mod:`framepipe.jobs.inputs`). Without it, inputs are taken as given."""
 
-    def __init__(self, name: str, *, description: str = "",
-                 inputs: type[BaseModel] | None = None) -> None:
+    def __init__(
+        self, name: str, *, description: str = "", inputs: type[BaseModel] | None = None
+    ) -> None:
         self.name = validate_step_name(name)
         self.description = description
-        if inputs is not None and not (isinstance(inputs, type)
-                                       and issubclass(inputs, BaseModel)):
-            raise StepParamsError(f"inputs must be a Pydantic model class, not {inputs!r}",
-                                  pipeline=self.name)
+        if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, BaseModel)):
+            raise StepParamsError(
+                f"inputs must be a Pydantic model class, not {inputs!r}", pipeline=self.name
+            )
         self.inputs = inputs
         self._steps: dict[str, Step] = {}
         self._validated = False
@@ -128,9 +141,12 @@ class Pipeline:
         """The steps by name, in the order they were added."""
         return self._steps
 
-    def check_inputs(self, inputs: Mapping[str, Any], *,
-                     input_roots: Iterable[str | os.PathLike[str]] | None = None
-                     ) -> dict[str, Any]:
+    def check_inputs(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    ) -> dict[str, Any]:
         """``inputs`` as an execution of this pipeline stores them: validated against the
         declared model (:func:`~framepipe.jobs.inputs.validate_inputs`: an
         :class:`~framepipe.errors.InvalidInputError` naming the field, local paths confined to
@@ -148,12 +164,25 @@ class Pipeline:
     def step(self, fn: F, /) -> F: ...
 
     @overload
-    def step(self, name: str | None = None, *, depends_on: Iterable[str] = (),
-             retries: int = 0, weight: float = 1.0,
-             retry_delay: float | None = None) -> Callable[[F], F]: ...
+    def step(
+        self,
+        name: str | None = None,
+        *,
+        depends_on: Iterable[str] = (),
+        retries: int = 0,
+        weight: float = 1.0,
+        retry_delay: float | None = None,
+    ) -> Callable[[F], F]: ...
 
-    def step(self, name: Any = None, *, depends_on: Iterable[str] = (), retries: int = 0,
-             weight: float = 1.0, retry_delay: float | None = None) -> Any:
+    def step(
+        self,
+        name: Any = None,
+        *,
+        depends_on: Iterable[str] = (),
+        retries: int = 0,
+        weight: float = 1.0,
+        retry_delay: float | None = None,
+    ) -> Any:
         """Add the decorated function as a step.
 
         ``retries`` is how many times a failing step is tried again (with exponential backoff
@@ -164,20 +193,34 @@ class Pipeline:
             return self.step()(name)
 
         def decorate(fn: F) -> F:
-            self.add_step(fn, name=name, depends_on=depends_on, retries=retries, weight=weight,
-                          retry_delay=retry_delay)
+            self.add_step(
+                fn,
+                name=name,
+                depends_on=depends_on,
+                retries=retries,
+                weight=weight,
+                retry_delay=retry_delay,
+            )
             return fn
 
         return decorate
 
-    def add_step(self, fn: Callable[..., Any], *, name: str | None = None,
-                 depends_on: Iterable[str] = (), retries: int = 0, weight: float = 1.0,
-                 retry_delay: float | None = None) -> Step:
+    def add_step(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        depends_on: Iterable[str] = (),
+        retries: int = 0,
+        weight: float = 1.0,
+        retry_delay: float | None = None,
+    ) -> Step:
         """Add ``fn`` as a step (the non-decorator form of :meth:`step`)."""
         step_name = validate_step_name(name or fn.__name__)
         if step_name in self._steps:
-            raise StepParamsError(f"step {step_name!r} is defined twice", pipeline=self.name,
-                                  step_key=step_name)
+            raise StepParamsError(
+                f"step {step_name!r} is defined twice", pipeline=self.name, step_key=step_name
+            )
         if isinstance(depends_on, str):
             depends_on = [depends_on]
         deps = tuple(dict.fromkeys(depends_on))
@@ -185,14 +228,29 @@ class Pipeline:
             if not isinstance(dep, str) or ":" in dep:
                 raise UnknownDependencyError(
                     f"depends_on entry {dep!r} must be a step name (instance keys are given to "
-                    "spawn_step)", pipeline=self.name, step_key=step_name)
+                    "spawn_step)",
+                    pipeline=self.name,
+                    step_key=step_name,
+                )
         if retries < 0 or weight < 0 or (retry_delay is not None and retry_delay < 0):
-            raise StepParamsError("retries, weight and retry_delay must not be negative",
-                                  pipeline=self.name, step_key=step_name)
+            raise StepParamsError(
+                "retries, weight and retry_delay must not be negative",
+                pipeline=self.name,
+                step_key=step_name,
+            )
         params, required, accepts_any = _inspect_params(step_name, fn, self.name)
-        step = Step(name=step_name, fn=fn, depends_on=deps, retries=retries, weight=weight,
-                    retry_delay=retry_delay, params=params, required=required,
-                    accepts_any=accepts_any, is_async=inspect.iscoroutinefunction(fn))
+        step = Step(
+            name=step_name,
+            fn=fn,
+            depends_on=deps,
+            retries=retries,
+            weight=weight,
+            retry_delay=retry_delay,
+            params=params,
+            required=required,
+            accepts_any=accepts_any,
+            is_async=inspect.iscoroutinefunction(fn),
+        )
         self._steps[step_name] = step
         self._validated = False
         return step
@@ -217,16 +275,20 @@ class Pipeline:
                 if dep not in self._steps:
                     raise UnknownDependencyError(
                         f"depends_on names {dep!r}, which is no step of this pipeline "
-                        f"(steps: {', '.join(self._steps)})", pipeline=self.name,
-                        step_key=step.name)
+                        f"(steps: {', '.join(self._steps)})",
+                        pipeline=self.name,
+                        step_key=step.name,
+                    )
         cycle = self._find_cycle()
         if cycle:
-            raise PipelineCycleError(f"dependency cycle {' -> '.join(cycle)}",
-                                     pipeline=self.name, step_key=cycle[0])
+            raise PipelineCycleError(
+                f"dependency cycle {' -> '.join(cycle)}", pipeline=self.name, step_key=cycle[0]
+            )
         if not self.initial_steps:
             raise UnknownDependencyError(
                 "no initial step: at least one step must take no parameters besides ctx",
-                pipeline=self.name)
+                pipeline=self.name,
+            )
         self._validated = True
 
     def _find_cycle(self) -> list[str] | None:
@@ -238,7 +300,7 @@ class Pipeline:
             stack.append(name)
             for dep in self._steps[name].depends_on:
                 if state.get(dep) == 1:
-                    return [*stack[stack.index(dep):], dep]
+                    return [*stack[stack.index(dep) :], dep]
                 if dep not in state:
                     found = visit(dep)
                     if found:

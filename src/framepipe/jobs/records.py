@@ -52,18 +52,42 @@ __all__ = [
 _STEP_COLS = [c.name for c in steps.columns]
 # cancel_requested is not here: only request_cancel sets it and only a claim clears it, so an
 # engine's routine write can never undo a cancel request made by another process.
-_EXEC_MUTABLE = ["status", "progress", "error", "owner", "heartbeat_at", "runs", "started_at",
-                 "finished_at"]
+_EXEC_MUTABLE = [
+    "status",
+    "progress",
+    "error",
+    "owner",
+    "heartbeat_at",
+    "runs",
+    "started_at",
+    "finished_at",
+]
 # The distributed columns (waiting, lease_until, worker, published_at) are the workers' alone.
-_STEP_MUTABLE = [c for c in _STEP_COLS if c not in ("execution_id", "key", "name", "params",
-                                                    "depends_on", "spawned_by", "created_at",
-                                                    "seq", "waiting", "lease_until", "worker",
-                                                    "published_at")]
+_STEP_MUTABLE = [
+    c
+    for c in _STEP_COLS
+    if c
+    not in (
+        "execution_id",
+        "key",
+        "name",
+        "params",
+        "depends_on",
+        "spawned_by",
+        "created_at",
+        "seq",
+        "waiting",
+        "lease_until",
+        "worker",
+        "published_at",
+    )
+]
 
 _update_step = (
     steps.update()
-    .where(steps.c.execution_id == sa.bindparam("b_execution_id"),
-           steps.c.key == sa.bindparam("b_key"))
+    .where(
+        steps.c.execution_id == sa.bindparam("b_execution_id"), steps.c.key == sa.bindparam("b_key")
+    )
     .values({c: sa.bindparam(f"b_{c}") for c in _STEP_MUTABLE})
 )
 _update_exec = (
@@ -85,8 +109,14 @@ class Batch:
     ledger: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.new_executions or self.executions or self.new_steps or self.steps
-                    or self.events or self.ledger)
+        return bool(
+            self.new_executions
+            or self.executions
+            or self.new_steps
+            or self.steps
+            or self.events
+            or self.ledger
+        )
 
 
 def write_batch(store: StateStore, batch: Batch) -> list[Event]:
@@ -97,12 +127,17 @@ def write_batch(store: StateStore, batch: Batch) -> list[Event]:
         if batch.new_steps:
             conn.execute(steps.insert(), batch.new_steps)
         if batch.executions:
-            conn.execute(_update_exec, [{f"b_{k}": v for k, v in row.items()}
-                                        for row in batch.executions])
+            conn.execute(
+                _update_exec, [{f"b_{k}": v for k, v in row.items()} for row in batch.executions]
+            )
         if batch.steps:
-            conn.execute(_update_step, [{f"b_{k}": row[k] for k in
-                                         ("execution_id", "key", *_STEP_MUTABLE)}
-                                        for row in batch.steps])
+            conn.execute(
+                _update_step,
+                [
+                    {f"b_{k}": row[k] for k in ("execution_id", "key", *_STEP_MUTABLE)}
+                    for row in batch.steps
+                ],
+            )
         if batch.ledger:
             upsert_ledger(store, conn, batch.ledger)
         return insert_events(store, conn, batch.events)
@@ -120,8 +155,11 @@ def upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, A
     excluded = stmt.excluded
     stmt = stmt.on_conflict_do_update(
         index_elements=["namespace", "identity"],
-        set_={c: excluded[c] for c in ("content_hash", "size", "meta", "execution_id",
-                                       "step_key", "imported_at")})
+        set_={
+            c: excluded[c]
+            for c in ("content_hash", "size", "meta", "execution_id", "step_key", "imported_at")
+        },
+    )
     conn.execute(stmt, rows)
 
 
@@ -134,49 +172,82 @@ def find_execution(store: StateStore, id_or_prefix: str) -> str:
         if conn.execute(sa.select(executions.c.id).where(executions.c.id == id_or_prefix)).first():
             return id_or_prefix
         if len(id_or_prefix) < 4:
-            raise ExecutionNotFoundError(f"no execution {id_or_prefix!r} (give at least 4 "
-                                         "characters of its id)", execution_id=id_or_prefix)
-        found = conn.execute(sa.select(executions.c.id)
-                             .where(executions.c.id.startswith(id_or_prefix, autoescape=True))
-                             .limit(2)).scalars().all()
+            raise ExecutionNotFoundError(
+                f"no execution {id_or_prefix!r} (give at least 4 characters of its id)",
+                execution_id=id_or_prefix,
+            )
+        found = (
+            conn.execute(
+                sa.select(executions.c.id)
+                .where(executions.c.id.startswith(id_or_prefix, autoescape=True))
+                .limit(2)
+            )
+            .scalars()
+            .all()
+        )
     if not found:
         raise ExecutionNotFoundError(f"no execution {id_or_prefix!r}", execution_id=id_or_prefix)
     if len(found) > 1:
-        raise ExecutionNotFoundError(f"execution id prefix {id_or_prefix!r} is ambiguous",
-                                     execution_id=id_or_prefix)
+        raise ExecutionNotFoundError(
+            f"execution id prefix {id_or_prefix!r} is ambiguous", execution_id=id_or_prefix
+        )
     return str(found[0])
 
 
 def _step_info(row: sa.Row[Any]) -> StepInfo:
     m = row._mapping
-    return StepInfo(key=m["key"], name=m["name"], status=StepStatus(m["status"]),
-                    params=m["params"], depends_on=m["depends_on"], weight=m["weight"],
-                    progress=m["progress"], message=m["message"], attempt=m["attempt"],
-                    failures=m["failures"], crashes=m["crashes"], output=m["output"],
-                    error=m["error"], spawned_by=m["spawned_by"], created_at=m["created_at"],
-                    ready_at=m["ready_at"], started_at=m["started_at"],
-                    finished_at=m["finished_at"])
+    return StepInfo(
+        key=m["key"],
+        name=m["name"],
+        status=StepStatus(m["status"]),
+        params=m["params"],
+        depends_on=m["depends_on"],
+        weight=m["weight"],
+        progress=m["progress"],
+        message=m["message"],
+        attempt=m["attempt"],
+        failures=m["failures"],
+        crashes=m["crashes"],
+        output=m["output"],
+        error=m["error"],
+        spawned_by=m["spawned_by"],
+        created_at=m["created_at"],
+        ready_at=m["ready_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+    )
 
 
 def _execution_info(row: sa.Row[Any]) -> ExecutionInfo:
     m = row._mapping
-    return ExecutionInfo(id=m["id"], pipeline=m["pipeline"], pipeline_ref=m["pipeline_ref"],
-                         status=ExecutionStatus(m["status"]), inputs=m.get("inputs") or {},
-                         progress=m["progress"], error=m["error"], owner=m["owner"],
-                         runs=m["runs"], created_at=m["created_at"],
-                         started_at=m["started_at"], finished_at=m["finished_at"])
+    return ExecutionInfo(
+        id=m["id"],
+        pipeline=m["pipeline"],
+        pipeline_ref=m["pipeline_ref"],
+        status=ExecutionStatus(m["status"]),
+        inputs=m.get("inputs") or {},
+        progress=m["progress"],
+        error=m["error"],
+        owner=m["owner"],
+        runs=m["runs"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+    )
 
 
-def get_execution(store: StateStore, execution_id: str, *,
-                  with_steps: bool = True) -> ExecutionInfo:
+def get_execution(
+    store: StateStore, execution_id: str, *, with_steps: bool = True
+) -> ExecutionInfo:
     """The execution (by id or unique prefix) with its steps in creation order and its data."""
     execution_id = find_execution(store, execution_id)
     with store.read() as conn:
         row = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).one()
         info = _execution_info(row)
         if with_steps:
-            rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
-                                .order_by(steps.c.seq)).all()
+            rows = conn.execute(
+                sa.select(steps).where(steps.c.execution_id == execution_id).order_by(steps.c.seq)
+            ).all()
             info.steps = [_step_info(r) for r in rows]
             done = sorted((s for s in rows if s.done_seq is not None), key=lambda r: r.done_seq)
             for r in done:
@@ -184,23 +255,34 @@ def get_execution(store: StateStore, execution_id: str, *,
     return info
 
 
-def list_executions(store: StateStore, *, limit: int = 50,
-                    status: Sequence[str] | None = None,
-                    pipeline: str | None = None,
-                    with_inputs: bool = True) -> list[tuple[ExecutionInfo, int, int]]:
+def list_executions(
+    store: StateStore,
+    *,
+    limit: int = 50,
+    status: Sequence[str] | None = None,
+    pipeline: str | None = None,
+    with_inputs: bool = True,
+) -> list[tuple[ExecutionInfo, int, int]]:
     """Newest executions first, each with (completed steps, total steps).
 
     ``with_inputs=False`` does not read the inputs (left empty): a listing stays small
     whatever a client submitted."""
-    counts = (sa.select(steps.c.execution_id,
-                        sa.func.count().label("total"),
-                        sa.func.sum(sa.case((steps.c.status == "completed", 1), else_=0))
-                        .label("done"))
-              .group_by(steps.c.execution_id).subquery())
+    counts = (
+        sa.select(
+            steps.c.execution_id,
+            sa.func.count().label("total"),
+            sa.func.sum(sa.case((steps.c.status == "completed", 1), else_=0)).label("done"),
+        )
+        .group_by(steps.c.execution_id)
+        .subquery()
+    )
     columns = [c for c in executions.c if with_inputs or c.name != "inputs"]
-    query = (sa.select(*columns, counts.c.total, counts.c.done)
-             .outerjoin(counts, counts.c.execution_id == executions.c.id)
-             .order_by(executions.c.created_at.desc()).limit(limit))
+    query = (
+        sa.select(*columns, counts.c.total, counts.c.done)
+        .outerjoin(counts, counts.c.execution_id == executions.c.id)
+        .order_by(executions.c.created_at.desc())
+        .limit(limit)
+    )
     if status:
         query = query.where(executions.c.status.in_(list(status)))
     if pipeline:
@@ -210,16 +292,26 @@ def list_executions(store: StateStore, *, limit: int = 50,
     return [(_execution_info(r), int(r.done or 0), int(r.total or 0)) for r in rows]
 
 
-def list_events(store: StateStore, execution_id: str | None = None, *, after_id: int = 0,
-                limit: int = 1000) -> list[Event]:
+def list_events(
+    store: StateStore, execution_id: str | None = None, *, after_id: int = 0, limit: int = 1000
+) -> list[Event]:
     """Stored events after ``after_id``, oldest first."""
     query = sa.select(events).where(events.c.id > after_id).order_by(events.c.id).limit(limit)
     if execution_id is not None:
         query = query.where(events.c.execution_id == execution_id)
     with store.read() as conn:
         rows = conn.execute(query).all()
-    return [Event(type=r.type, ts=r.ts, execution_id=r.execution_id, step_key=r.step_key,
-                  data=r.data, id=r.id) for r in rows]
+    return [
+        Event(
+            type=r.type,
+            ts=r.ts,
+            execution_id=r.execution_id,
+            step_key=r.step_key,
+            data=r.data,
+            id=r.id,
+        )
+        for r in rows
+    ]
 
 
 def load_rows(store: StateStore, execution_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -227,18 +319,21 @@ def load_rows(store: StateStore, execution_id: str) -> tuple[dict[str, Any], lis
     with store.read() as conn:
         row = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).first()
         if row is None:
-            raise ExecutionNotFoundError(f"no execution {execution_id!r}",
-                                         execution_id=execution_id)
-        rows = conn.execute(sa.select(steps).where(steps.c.execution_id == execution_id)
-                            .order_by(steps.c.seq)).all()
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r}", execution_id=execution_id
+            )
+        rows = conn.execute(
+            sa.select(steps).where(steps.c.execution_id == execution_id).order_by(steps.c.seq)
+        ).all()
     return dict(row._mapping), [dict(r._mapping) for r in rows]
 
 
 def execution_status(store: StateStore, execution_id: str) -> ExecutionStatus:
     """The stored status of the execution with the full id ``execution_id``."""
     with store.read() as conn:
-        status = conn.execute(sa.select(executions.c.status)
-                              .where(executions.c.id == execution_id)).scalar()
+        status = conn.execute(
+            sa.select(executions.c.status).where(executions.c.id == execution_id)
+        ).scalar()
     if status is None:
         raise ExecutionNotFoundError(f"no execution {execution_id!r}", execution_id=execution_id)
     return ExecutionStatus(status)
@@ -247,8 +342,9 @@ def execution_status(store: StateStore, execution_id: str) -> ExecutionStatus:
 CancelHow = Literal["flagged", "cancelled", "workers"]
 
 
-def cancel_or_flag(store: StateStore, execution_id: str, *, workers_mode: str,
-                   now: float) -> tuple[CancelHow, list[Event]]:
+def cancel_or_flag(
+    store: StateStore, execution_id: str, *, workers_mode: str, now: float
+) -> tuple[CancelHow, list[Event]]:
     """Cancel the execution with the full id ``execution_id`` as far as the store alone can.
 
     In one transaction: completed or already cancelled is :class:`ExecutionStateError`;
@@ -259,62 +355,106 @@ def cancel_or_flag(store: StateStore, execution_id: str, *, workers_mode: str,
     unfinished steps ``cancelled`` and ``execution.cancelled`` committed with it
     (``"cancelled"`` and that event, with its id)."""
     with store.write() as conn:
-        row = conn.execute(sa.select(executions.c.status, executions.c.pipeline,
-                                     executions.c.mode)
-                           .where(executions.c.id == execution_id)).first()
+        row = conn.execute(
+            sa.select(executions.c.status, executions.c.pipeline, executions.c.mode).where(
+                executions.c.id == execution_id
+            )
+        ).first()
         if row is None:
-            raise ExecutionNotFoundError(f"no execution {execution_id!r}",
-                                         execution_id=execution_id)
+            raise ExecutionNotFoundError(
+                f"no execution {execution_id!r}", execution_id=execution_id
+            )
         status = ExecutionStatus(row.status)
         if status in (ExecutionStatus.COMPLETED, ExecutionStatus.CANCELLED):
-            raise ExecutionStateError(f"execution {execution_id[:12]} of pipeline "
-                                      f"'{row.pipeline}' is already {status.value}",
-                                      execution_id=execution_id)
+            raise ExecutionStateError(
+                f"execution {execution_id[:12]} of pipeline "
+                f"'{row.pipeline}' is already {status.value}",
+                execution_id=execution_id,
+            )
         if status is ExecutionStatus.RUNNING:
             if row.mode == workers_mode:
                 return "workers", []
-            conn.execute(executions.update().where(executions.c.id == execution_id)
-                         .values(cancel_requested=True))
+            conn.execute(
+                executions.update()
+                .where(executions.c.id == execution_id)
+                .values(cancel_requested=True)
+            )
             return "flagged", []
-        conn.execute(steps.update().where(
-            steps.c.execution_id == execution_id,
-            steps.c.status.notin_([StepStatus.COMPLETED.value, StepStatus.FAILED.value]))
-            .values(status=StepStatus.CANCELLED.value))
-        conn.execute(executions.update().where(executions.c.id == execution_id)
-                     .values(status=ExecutionStatus.CANCELLED.value, finished_at=now,
-                             error="cancelled by request"))
-        return "cancelled", insert_events(store, conn, [
-            Event("execution.cancelled", now, execution_id, None,
-                  {"error": "cancelled by request"})])
+        conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == execution_id,
+                steps.c.status.notin_([StepStatus.COMPLETED.value, StepStatus.FAILED.value]),
+            )
+            .values(status=StepStatus.CANCELLED.value)
+        )
+        conn.execute(
+            executions.update()
+            .where(executions.c.id == execution_id)
+            .values(
+                status=ExecutionStatus.CANCELLED.value,
+                finished_at=now,
+                error="cancelled by request",
+            )
+        )
+        return "cancelled", insert_events(
+            store,
+            conn,
+            [
+                Event(
+                    "execution.cancelled",
+                    now,
+                    execution_id,
+                    None,
+                    {"error": "cancelled by request"},
+                )
+            ],
+        )
 
 
 def execution_mode(store: StateStore, execution_id: str) -> str:
     """Where the execution with the full id ``execution_id`` runs: ``embedded`` or
     ``workers``."""
     with store.read() as conn:
-        return str(conn.execute(sa.select(executions.c.mode).where(
-            executions.c.id == execution_id)).scalar_one())
+        return str(
+            conn.execute(
+                sa.select(executions.c.mode).where(executions.c.id == execution_id)
+            ).scalar_one()
+        )
 
 
-def take_over(store: StateStore, execution_id: str, status: str, owner: str,
-              now: float) -> bool:
+def take_over(store: StateStore, execution_id: str, status: str, owner: str, now: float) -> bool:
     """Make ``owner`` the engine of an execution to resume, if it is still ``status`` (so two
     processes resuming it at once cannot both win): running again, a new run counted, its
     error and any cancel request cleared. False if it was not ``status`` any more."""
     with store.write() as conn:
-        return bool(conn.execute(
-            executions.update()
-            .where(executions.c.id == execution_id, executions.c.status == status)
-            .values(status=ExecutionStatus.RUNNING.value, owner=owner, heartbeat_at=now,
-                    cancel_requested=False, finished_at=None, error=None,
-                    runs=executions.c.runs + 1)).rowcount)
+        return bool(
+            conn.execute(
+                executions.update()
+                .where(executions.c.id == execution_id, executions.c.status == status)
+                .values(
+                    status=ExecutionStatus.RUNNING.value,
+                    owner=owner,
+                    heartbeat_at=now,
+                    cancel_requested=False,
+                    finished_at=None,
+                    error=None,
+                    runs=executions.c.runs + 1,
+                )
+            ).rowcount
+        )
 
 
 def cancel_requested(store: StateStore, ids: Sequence[str]) -> list[str]:
     """Those of ``ids`` whose cancel another process requested (:func:`cancel_or_flag`)."""
     with store.read() as conn:
-        return list(conn.execute(sa.select(executions.c.id).where(
-            executions.c.id.in_(ids), executions.c.cancel_requested.is_(True))).scalars())
+        return list(
+            conn.execute(
+                sa.select(executions.c.id).where(
+                    executions.c.id.in_(ids), executions.c.cancel_requested.is_(True)
+                )
+            ).scalars()
+        )
 
 
 def completed_data(store: StateStore, execution_id: str) -> dict[str, Any]:
@@ -322,10 +462,13 @@ def completed_data(store: StateStore, execution_id: str) -> dict[str, Any]:
     outputs win), as a step's ``ctx.data`` sees them."""
     data: dict[str, Any] = {}
     with store.read() as conn:
-        for output in conn.execute(sa.select(steps.c.output).where(
-                steps.c.execution_id == execution_id,
-                steps.c.status == StepStatus.COMPLETED.value).order_by(steps.c.done_seq)
-                ).scalars():
+        for output in conn.execute(
+            sa.select(steps.c.output)
+            .where(
+                steps.c.execution_id == execution_id, steps.c.status == StepStatus.COMPLETED.value
+            )
+            .order_by(steps.c.done_seq)
+        ).scalars():
             data.update(output or {})
     return data
 
@@ -333,23 +476,33 @@ def completed_data(store: StateStore, execution_id: str) -> dict[str, Any]:
 def step_dependencies(store: StateStore, execution_id: str, key: str) -> list[str] | None:
     """The dependencies of step ``key`` of the execution, or None if it has no such step."""
     with store.read() as conn:
-        found = conn.execute(sa.select(steps.c.depends_on).where(
-            steps.c.execution_id == execution_id, steps.c.key == key)).first()
+        found = conn.execute(
+            sa.select(steps.c.depends_on).where(
+                steps.c.execution_id == execution_id, steps.c.key == key
+            )
+        ).first()
     return None if found is None else list(found.depends_on)
 
 
 def has_step(store: StateStore, execution_id: str, key: str) -> bool:
     """True if the execution has a step ``key``."""
     with store.read() as conn:
-        return conn.execute(sa.select(steps.c.key).where(
-            steps.c.execution_id == execution_id, steps.c.key == key)).first() is not None
+        return (
+            conn.execute(
+                sa.select(steps.c.key).where(
+                    steps.c.execution_id == execution_id, steps.c.key == key
+                )
+            ).first()
+            is not None
+        )
 
 
 def newest_event_id(store: StateStore) -> int:
     """The id of the newest stored event (0 when there is none)."""
     with store.read() as conn:
-        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0)))
-                   .scalar_one())
+        return int(
+            conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))).scalar_one()
+        )
 
 
 @dataclass
@@ -371,30 +524,48 @@ def count_jobs(store: StateStore) -> JobCounts:
     counts = JobCounts()
     joined = steps.join(executions, executions.c.id == steps.c.execution_id)
     with store.read() as conn:
-        for r in conn.execute(sa.select(executions.c.pipeline, executions.c.status,
-                                        sa.func.count()).group_by(executions.c.pipeline,
-                                                                  executions.c.status)):
+        for r in conn.execute(
+            sa.select(executions.c.pipeline, executions.c.status, sa.func.count()).group_by(
+                executions.c.pipeline, executions.c.status
+            )
+        ):
             counts.executions[(r[0], r[1])] = r[2]
-        for r in conn.execute(sa.select(
-                executions.c.pipeline, steps.c.name, steps.c.status, sa.func.count())
-                .select_from(joined)
-                .group_by(executions.c.pipeline, steps.c.name, steps.c.status)):
+        for r in conn.execute(
+            sa.select(executions.c.pipeline, steps.c.name, steps.c.status, sa.func.count())
+            .select_from(joined)
+            .group_by(executions.c.pipeline, steps.c.name, steps.c.status)
+        ):
             counts.steps[(r[0], r[1], r[2])] = r[3]
-        for r in conn.execute(sa.select(
-                executions.c.pipeline, steps.c.name, sa.func.sum(steps.c.failures),
-                sa.func.sum(steps.c.crashes)).select_from(joined)
-                .group_by(executions.c.pipeline, steps.c.name)):
+        for r in conn.execute(
+            sa.select(
+                executions.c.pipeline,
+                steps.c.name,
+                sa.func.sum(steps.c.failures),
+                sa.func.sum(steps.c.crashes),
+            )
+            .select_from(joined)
+            .group_by(executions.c.pipeline, steps.c.name)
+        ):
             counts.failures[(r[0], r[1])] = float(r[2] or 0)
             counts.crashes[(r[0], r[1])] = float(r[3] or 0)
-        for r in conn.execute(sa.select(
-                executions.c.pipeline, steps.c.name, sa.func.count(),
-                sa.func.sum(steps.c.finished_at - steps.c.started_at))
-                .select_from(joined)
-                .where(steps.c.status == StepStatus.COMPLETED.value,
-                       steps.c.started_at.is_not(None), steps.c.finished_at.is_not(None))
-                .group_by(executions.c.pipeline, steps.c.name)):
+        for r in conn.execute(
+            sa.select(
+                executions.c.pipeline,
+                steps.c.name,
+                sa.func.count(),
+                sa.func.sum(steps.c.finished_at - steps.c.started_at),
+            )
+            .select_from(joined)
+            .where(
+                steps.c.status == StepStatus.COMPLETED.value,
+                steps.c.started_at.is_not(None),
+                steps.c.finished_at.is_not(None),
+            )
+            .group_by(executions.c.pipeline, steps.c.name)
+        ):
             counts.durations[(r[0], r[1])] = (r[2], float(r[3] or 0.0))
-        for r in conn.execute(sa.select(workers.c.status, sa.func.count())
-                              .group_by(workers.c.status)):
+        for r in conn.execute(
+            sa.select(workers.c.status, sa.func.count()).group_by(workers.c.status)
+        ):
             counts.workers[r[0]] = r[1]
     return counts

@@ -30,13 +30,21 @@ __all__ = ["recover_for", "recover_orphans"]
 
 def recover_for(store: StateStore, settings: Settings) -> list[Event]:
     """:func:`recover_orphans` with the thresholds and journal folder of ``settings``."""
-    return recover_orphans(store, max_step_crashes=settings.max_step_crashes,
-                           stale_after=max(10.0, 5 * settings.heartbeat_interval),
-                           journal_dir=settings.run_dir)
+    return recover_orphans(
+        store,
+        max_step_crashes=settings.max_step_crashes,
+        stale_after=max(10.0, 5 * settings.heartbeat_interval),
+        journal_dir=settings.run_dir,
+    )
 
 
-def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
-                    stale_after: float = 30.0, journal_dir: Path | None = None) -> list[Event]:
+def recover_orphans(
+    store: StateStore,
+    *,
+    max_step_crashes: int = 3,
+    stale_after: float = 30.0,
+    journal_dir: Path | None = None,
+) -> list[Event]:
     """Mark executions of dead engines interrupted (or failed, for poison steps).
 
     A step counts as crashed if the store shows it running, or if the dead engine's journal
@@ -44,14 +52,16 @@ def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
     events; safe to call from several processes at once."""
     with store.read() as conn:
         candidates = conn.execute(
-            sa.select(executions.c.id, executions.c.owner, executions.c.heartbeat_at)
-            .where(executions.c.status == ExecutionStatus.RUNNING.value,
-                   executions.c.mode == "local")).all()
+            sa.select(executions.c.id, executions.c.owner, executions.c.heartbeat_at).where(
+                executions.c.status == ExecutionStatus.RUNNING.value, executions.c.mode == "local"
+            )
+        ).all()
     dead = [r for r in candidates if owner_is_dead(r.owner, r.heartbeat_at, stale_after)]
     committed: list[Event] = []
     owners = {r.owner for r in dead if r.owner}
-    started = {owner: read_unfinished(journal_dir, owner) if journal_dir else set()
-               for owner in owners}
+    started = {
+        owner: read_unfinished(journal_dir, owner) if journal_dir else set() for owner in owners
+    }
     for r in dead:
         in_flight = {key for e, key in started.get(r.owner, set()) if e == r.id}
         committed.extend(_recover_one(store, r.id, max_step_crashes, in_flight))
@@ -61,15 +71,20 @@ def recover_orphans(store: StateStore, *, max_step_crashes: int = 3,
     return committed
 
 
-def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int,
-                 in_flight: set[str]) -> list[Event]:
+def _recover_one(
+    store: StateStore, execution_id: str, max_step_crashes: int, in_flight: set[str]
+) -> list[Event]:
     now = time.time()
     with store.read() as conn:
         x = conn.execute(sa.select(executions).where(executions.c.id == execution_id)).one()
-        running = conn.execute(sa.select(steps).where(
-            steps.c.execution_id == execution_id,
-            steps.c.status.in_([StepStatus.RUNNING.value, StepStatus.READY.value,
-                                StepStatus.RETRYING.value]))).all()
+        running = conn.execute(
+            sa.select(steps).where(
+                steps.c.execution_id == execution_id,
+                steps.c.status.in_(
+                    [StepStatus.RUNNING.value, StepStatus.READY.value, StepStatus.RETRYING.value]
+                ),
+            )
+        ).all()
     batch = Batch()
     crashed: list[str] = []
     poisoned: list[str] = []
@@ -82,39 +97,77 @@ def _recover_one(store: StateStore, execution_id: str, max_step_crashes: int,
             update["crashes"] = crashes
             update["finished_at"] = now
             crashed.append(row.key)
-            text = (f"the process running this step (owner {x.owner}) died without the step "
-                    f"raising (killed, os._exit or a native crash); crash {crashes}")
+            text = (
+                f"the process running this step (owner {x.owner}) died without the step "
+                f"raising (killed, os._exit or a native crash); crash {crashes}"
+            )
             update["error"] = text
             if crashes >= max_step_crashes:
                 update["status"] = StepStatus.FAILED.value
-                update["error"] = (f"StepCrashedError: pipeline '{x.pipeline}', step "
-                                   f"'{row.key}': {text} of at most {max_step_crashes}")
+                update["error"] = (
+                    f"StepCrashedError: pipeline '{x.pipeline}', step "
+                    f"'{row.key}': {text} of at most {max_step_crashes}"
+                )
                 poisoned.append(row.key)
-            batch.events.append(Event(
-                "step.failed" if row.key in poisoned else "step.crashed", now, execution_id,
-                row.key, {"error": update["error"], "crashes": crashes}))
+            batch.events.append(
+                Event(
+                    "step.failed" if row.key in poisoned else "step.crashed",
+                    now,
+                    execution_id,
+                    row.key,
+                    {"error": update["error"], "crashes": crashes},
+                )
+            )
         batch.steps.append(update)
     status = ExecutionStatus.FAILED if poisoned else ExecutionStatus.INTERRUPTED
     if poisoned:
-        error = (f"pipeline '{x.pipeline}': step(s) {', '.join(poisoned)} crashed their process "
-                 f"{max_step_crashes} times; failed as poison")
+        error = (
+            f"pipeline '{x.pipeline}': step(s) {', '.join(poisoned)} crashed their process "
+            f"{max_step_crashes} times; failed as poison"
+        )
     elif crashed:
-        error = (f"pipeline '{x.pipeline}': the process {x.owner} died while step(s) "
-                 f"{', '.join(crashed)} ran; retry to resume")
+        error = (
+            f"pipeline '{x.pipeline}': the process {x.owner} died while step(s) "
+            f"{', '.join(crashed)} ran; retry to resume"
+        )
     else:
         error = f"pipeline '{x.pipeline}': the process {x.owner} stopped; retry to resume"
-    row_x = {c: x._mapping[c] for c in ("id", "status", "progress", "error", "owner",
-                                        "heartbeat_at", "runs", "started_at", "finished_at")}
+    row_x = {
+        c: x._mapping[c]
+        for c in (
+            "id",
+            "status",
+            "progress",
+            "error",
+            "owner",
+            "heartbeat_at",
+            "runs",
+            "started_at",
+            "finished_at",
+        )
+    }
     row_x.update(status=status.value, error=error, finished_at=now)
     batch.executions.append(row_x)
-    batch.events.append(Event(f"execution.{status.value}", now, execution_id, None,
-                              {"error": error, "crashed_steps": crashed}))
+    batch.events.append(
+        Event(
+            f"execution.{status.value}",
+            now,
+            execution_id,
+            None,
+            {"error": error, "crashed_steps": crashed},
+        )
+    )
     with store.write() as conn:
         # Only if still running: another process may have recovered it first.
-        claimed = conn.execute(executions.update().where(
-            executions.c.id == execution_id,
-            executions.c.status == ExecutionStatus.RUNNING.value,
-            executions.c.owner == x.owner).values(status=status.value)).rowcount
+        claimed = conn.execute(
+            executions.update()
+            .where(
+                executions.c.id == execution_id,
+                executions.c.status == ExecutionStatus.RUNNING.value,
+                executions.c.owner == x.owner,
+            )
+            .values(status=status.value)
+        ).rowcount
     if not claimed:
         return []
     return write_batch(store, batch)

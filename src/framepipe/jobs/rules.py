@@ -79,16 +79,30 @@ def is_key_dependency(pipeline: Pipeline, dep: str) -> bool:
     return is_step_key(dep) or (target is not None and not target.parameterised)
 
 
-def plan_step(pipeline: Pipeline, name: str, params: Mapping[str, Any], key: str,
-              extra_deps: Iterable[str] = (), spawned_by: str | None = None) -> StepPlan:
+def plan_step(
+    pipeline: Pipeline,
+    name: str,
+    params: Mapping[str, Any],
+    key: str,
+    extra_deps: Iterable[str] = (),
+    spawned_by: str | None = None,
+) -> StepPlan:
     """The plan of instance ``key`` of step ``name``: its declared dependencies plus
     ``extra_deps`` (in that order, without repeats), split into key and name dependencies."""
     step = pipeline.steps[name]
     deps = list(dict.fromkeys([*step.depends_on, *extra_deps]))
     key_deps = [d for d in deps if is_key_dependency(pipeline, d)]
     name_deps = [d for d in deps if d not in key_deps]
-    return StepPlan(key=key, name=name, params=dict(params), deps=deps, key_deps=key_deps,
-                    name_deps=name_deps, weight=step.weight, spawned_by=spawned_by)
+    return StepPlan(
+        key=key,
+        name=name,
+        params=dict(params),
+        deps=deps,
+        key_deps=key_deps,
+        name_deps=name_deps,
+        weight=step.weight,
+        spawned_by=spawned_by,
+    )
 
 
 def is_ready(waiting: int, name_deps: Collection[str], *, running: bool) -> bool:
@@ -97,8 +111,9 @@ def is_ready(waiting: int, name_deps: Collection[str], *, running: bool) -> bool
     return running and waiting == 0 and not name_deps
 
 
-def released_by_names(waiters: Mapping[str, Collection[str]],
-                      open_names: Collection[str]) -> list[str]:
+def released_by_names(
+    waiters: Mapping[str, Collection[str]], open_names: Collection[str]
+) -> list[str]:
     """The keys among ``waiters`` (pending, no key dependency left; key -> its name
     dependencies) that no longer wait: none of their names is in ``open_names`` (the step
     names that still have an unfinished instance). Called only when nothing of the execution
@@ -111,18 +126,19 @@ def missing_dependency_error(key: str, dep: str) -> str:
     return f"step '{key}' depends on '{dep}', which does not exist in this execution"
 
 
-def stuck_error(pipeline: str, waiting: int,
-                shown: Sequence[tuple[str, Sequence[str]]]) -> str:
+def stuck_error(pipeline: str, waiting: int, shown: Sequence[tuple[str, Sequence[str]]]) -> str:
     """Why an execution fails when nothing is active and nothing can be released: ``waiting``
     steps are pending; ``shown`` are the first of them (in creation order) with their
     dependencies."""
-    detail = "; ".join(f"{key} waits for {', '.join(deps) or 'nothing'}"
-                       for key, deps in shown[:_STUCK_SHOWN])
+    detail = "; ".join(
+        f"{key} waits for {', '.join(deps) or 'nothing'}" for key, deps in shown[:_STUCK_SHOWN]
+    )
     return f"pipeline '{pipeline}': no step can run any more ({waiting} waiting: {detail})"
 
 
-def after_failure(failures: int, policy: RetryPolicy, *, permanent: bool,
-                  running: bool) -> float | None:
+def after_failure(
+    failures: int, policy: RetryPolicy, *, permanent: bool, running: bool
+) -> float | None:
     """Seconds before a step that has now failed ``failures`` times runs again, or None when
     it fails for good: the policy's retries are spent, the failure is ``permanent``, or its
     execution no longer runs (failed or stopping)."""
@@ -145,8 +161,9 @@ def interrupted_status(execution: ExecutionStatus) -> StepStatus:
     return StepStatus.CANCELLED if execution is ExecutionStatus.CANCELLED else StepStatus.PENDING
 
 
-def execution_progress(previous: float, wsum: float, wtotal: float, *, completed: int,
-                       total: int) -> float:
+def execution_progress(
+    previous: float, wsum: float, wtotal: float, *, completed: int, total: int
+) -> float:
     """An execution's progress (0-100, two decimals): ``wsum / wtotal``, the weighted sum of
     its steps' progress over their total weight; the share of ``completed`` steps when every
     weight is zero. Never below ``previous``: progress does not go back when new steps are

@@ -14,9 +14,13 @@ from framepipe.jobs.pipeline import Pipeline
 __all__ = ["run_pipeline"]
 
 
-def run_pipeline(pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-                 settings: Settings | None = None,
-                 raise_on_failure: bool = True) -> ExecutionInfo:
+def run_pipeline(
+    pipeline: Pipeline,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    settings: Settings | None = None,
+    raise_on_failure: bool = True,
+) -> ExecutionInfo:
     """Run one execution of ``pipeline`` to its end on the configured store and return it,
     embedded or on workers as the settings say.
 

@@ -42,8 +42,13 @@ class Ran:
 
 
 def _finished(ctx: StepContext, result: Any, output_limit: int) -> Ran:
-    output = check_output(result, pipeline=ctx.pipeline.name, step_key=ctx.step_key,
-                          execution_id=ctx.execution_id, limit=output_limit)
+    output = check_output(
+        result,
+        pipeline=ctx.pipeline.name,
+        step_key=ctx.step_key,
+        execution_id=ctx.execution_id,
+        limit=output_limit,
+    )
     return Ran(output=output, ledger_rows=list(ctx._ledger_rows))
 
 
@@ -62,9 +67,14 @@ async def run_attempt_async(step: Step, ctx: StepContext, *, output_limit: int) 
     try:
         return _finished(ctx, await step.fn(ctx, **ctx.params), output_limit)
     except asyncio.CancelledError:
-        return Ran(error=StepCancelledError("cancelled", pipeline=ctx.pipeline.name,
-                                            step_key=ctx.step_key,
-                                            execution_id=ctx.execution_id))
+        return Ran(
+            error=StepCancelledError(
+                "cancelled",
+                pipeline=ctx.pipeline.name,
+                step_key=ctx.step_key,
+                execution_id=ctx.execution_id,
+            )
+        )
     except BaseException as exc:
         return Ran(error=exc)
     finally:

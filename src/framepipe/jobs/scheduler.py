@@ -61,8 +61,16 @@ class Scheduler:
     """The in-memory executions of one engine and the task that moves them; see the module
     docstring. Started by :meth:`_open` on the running loop, ended by :meth:`_close`."""
 
-    def __init__(self, store: StateStore, *, settings: Settings, objects: ObjectStore | None,
-                 concurrency: int, bus: EventBus, owner: str) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        settings: Settings,
+        objects: ObjectStore | None,
+        concurrency: int,
+        bus: EventBus,
+        owner: str,
+    ) -> None:
         self.settings = settings
         self.store = store
         self._objects = objects
@@ -89,10 +97,13 @@ class Scheduler:
         self._write_retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
-            stop=tenacity.stop_after_delay(120), reraise=True,
+            stop=tenacity.stop_after_delay(120),
+            reraise=True,
             before_sleep=lambda rs: _log.warning(
                 "state store write failed (%s); retrying",
-                rs.outcome.exception() if rs.outcome else None))
+                rs.outcome.exception() if rs.outcome else None,
+            ),
+        )
 
     def _open(self) -> None:
         """Take the running loop; open the step threads, the database thread and the journal."""
@@ -129,8 +140,7 @@ class Scheduler:
 
     # -- building the in-memory graph -------------------------------------------------------
 
-    def _adopt(self, x: ExecState, step_rows: list[dict[str, Any]], *,
-               dirty: bool = False) -> None:
+    def _adopt(self, x: ExecState, step_rows: list[dict[str, Any]], *, dirty: bool = False) -> None:
         self._execs[x.id] = x
         x.add_rows(step_rows)
         for s in x.steps.values():
@@ -140,8 +150,9 @@ class Scheduler:
             if dirty:
                 self._dirty_steps[id(s)] = s
         for s in list(x.steps.values()):
-            if s.status is StepStatus.PENDING and is_ready(s.waiting, s.name_deps,
-                                                           running=x.stopping is None):
+            if s.status is StepStatus.PENDING and is_ready(
+                s.waiting, s.name_deps, running=x.stopping is None
+            ):
                 self._make_ready(s)
         self._recompute_progress(x)
         self._check_quiescent(x)
@@ -201,8 +212,14 @@ class Scheduler:
             raise
 
     def _has_changes(self) -> bool:
-        return bool(self._dirty_steps or self._dirty_execs or self._events or self._ledger_rows
-                    or self._progress_events or self._after_commit)
+        return bool(
+            self._dirty_steps
+            or self._dirty_execs
+            or self._events
+            or self._ledger_rows
+            or self._progress_events
+            or self._after_commit
+        )
 
     def _drain(self) -> None:
         while self._inbox:
@@ -213,8 +230,9 @@ class Scheduler:
             if isinstance(message, Progressed):
                 self._on_progress(x, message.step_key, message.pct, message.message)
             elif isinstance(message, Spawned):
-                self._on_spawn(x, message.spawner, message.name, message.params, message.key,
-                               message.deps)
+                self._on_spawn(
+                    x, message.spawner, message.name, message.params, message.key, message.deps
+                )
             else:
                 self._on_outcome(x, message)
         for x in list(self._execs.values()):
@@ -230,9 +248,22 @@ class Scheduler:
         batch.new_steps.sort(key=lambda r: r["seq"])
         self._dirty_steps = {}
         for x in self._dirty_execs.values():
-            batch.executions.append({k: x.row[k] for k in (
-                "id", "status", "progress", "error", "owner", "heartbeat_at", "runs",
-                "started_at", "finished_at")})
+            batch.executions.append(
+                {
+                    k: x.row[k]
+                    for k in (
+                        "id",
+                        "status",
+                        "progress",
+                        "error",
+                        "owner",
+                        "heartbeat_at",
+                        "runs",
+                        "started_at",
+                        "finished_at",
+                    )
+                }
+            )
         self._dirty_execs = {}
         batch.events = self._events
         batch.events.extend(self._progress_events.values())
@@ -297,12 +328,22 @@ class Scheduler:
         self._set(s, StepStatus.RUNNING)
         self._set_progress(s, 0.0)
         self._emit(Event("step.started", s.started_at, x.id, s.key, {"attempt": s.attempt}))
-        ctx = StepContext(pipeline=x.pipeline, execution_id=x.id, step_key=s.key,
-                          step_name=s.name, attempt=s.attempt, inputs=x.inputs,
-                          data=x.data_view(), params=s.params, store=self.store,
-                          objects=lambda: self.objects, post=self._post,
-                          has_key=x.steps.__contains__, input_roots=x.input_roots,
-                          deps_of=x.deps_of)
+        ctx = StepContext(
+            pipeline=x.pipeline,
+            execution_id=x.id,
+            step_key=s.key,
+            step_name=s.name,
+            attempt=s.attempt,
+            inputs=x.inputs,
+            data=x.data_view(),
+            params=s.params,
+            store=self.store,
+            objects=lambda: self.objects,
+            post=self._post,
+            has_key=x.steps.__contains__,
+            input_roots=x.input_roots,
+            deps_of=x.deps_of,
+        )
         s.ctx = ctx
         self._opened_journal.started(x.id, s.key)
         if s.step.is_async:
@@ -312,12 +353,22 @@ class Scheduler:
             self._pool.submit(self._run_sync, s, ctx)
 
     def _run_sync(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(Finished(s, ctx, run_attempt(
-            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
+        self._ran(
+            Finished(
+                s, ctx, run_attempt(s.step, ctx, output_limit=self.settings.max_step_output_bytes)
+            )
+        )
 
     async def _run_async(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(Finished(s, ctx, await run_attempt_async(
-            s.step, ctx, output_limit=self.settings.max_step_output_bytes)))
+        self._ran(
+            Finished(
+                s,
+                ctx,
+                await run_attempt_async(
+                    s.step, ctx, output_limit=self.settings.max_step_output_bytes
+                ),
+            )
+        )
 
     def _ran(self, outcome: Finished) -> None:
         """The step's attempt is done (in its own thread or task): tell the scheduler, whatever
@@ -325,8 +376,12 @@ class Scheduler:
         try:
             self._opened_journal.ended(outcome.step.x.id, outcome.step.key)
         except OSError as exc:
-            _log.error("[%s] step %s: the journal could not record its end: %s",
-                       outcome.step.x.label, outcome.step.key, exc)
+            _log.error(
+                "[%s] step %s: the journal could not record its end: %s",
+                outcome.step.x.label,
+                outcome.step.key,
+                exc,
+            )
         finally:
             self._post(outcome)
 
@@ -338,11 +393,22 @@ class Scheduler:
         self._set_progress(s, pct)
         self._dirty_steps[id(s)] = s
         self._progress_events[(x.id, key)] = Event(
-            "step.progress", time.time(), x.id, key,
-            {"progress": pct, "message": message, "execution_progress": x.row["progress"]})
+            "step.progress",
+            time.time(),
+            x.id,
+            key,
+            {"progress": pct, "message": message, "execution_progress": x.row["progress"]},
+        )
 
-    def _on_spawn(self, x: ExecState, spawner: str, name: str, params: dict[str, Any], key: str,
-                  deps: list[str]) -> None:
+    def _on_spawn(
+        self,
+        x: ExecState,
+        spawner: str,
+        name: str,
+        params: dict[str, Any],
+        key: str,
+        deps: list[str],
+    ) -> None:
         if key in x.steps:
             return
         now = time.time()
@@ -355,9 +421,15 @@ class Scheduler:
         self._dirty_steps[id(s)] = s
         x.wtotal += s.weight
         self._link(s)
-        self._emit(Event("step.spawned", now, x.id, key,
-                         {"name": name, "params": params, "depends_on": s.deps,
-                          "spawned_by": spawner}))
+        self._emit(
+            Event(
+                "step.spawned",
+                now,
+                x.id,
+                key,
+                {"name": name, "params": params, "depends_on": s.deps, "spawned_by": spawner},
+            )
+        )
         if is_ready(s.waiting, s.name_deps, running=x.stopping is None):
             self._make_ready(s)
         self._recompute_progress(x)
@@ -365,8 +437,12 @@ class Scheduler:
     def _on_outcome(self, x: ExecState, outcome: Finished) -> None:
         s, ctx = outcome.step, outcome.ctx
         if s.status is not StepStatus.RUNNING or s.ctx is not ctx:
-            _log.warning("[%s] late result of step %s ignored (the step was %s)", x.label,
-                         s.key, s.status.value)
+            _log.warning(
+                "[%s] late result of step %s ignored (the step was %s)",
+                x.label,
+                s.key,
+                s.status.value,
+            )
             return
         s.ctx = None
         s.task = None
@@ -381,8 +457,14 @@ class Scheduler:
         if x.stopping is not None and x.running == 0:
             self._finalize(x)
 
-    def _complete(self, x: ExecState, s: StepState, output: dict[str, Any],
-                  ledger_rows: list[dict[str, Any]], now: float) -> None:
+    def _complete(
+        self,
+        x: ExecState,
+        s: StepState,
+        output: dict[str, Any],
+        ledger_rows: list[dict[str, Any]],
+        now: float,
+    ) -> None:
         s.output = output
         s.error = None
         s.done_seq = x.next_done_seq
@@ -393,13 +475,24 @@ class Scheduler:
             x.data.update(output)
             x.snapshot = None
         self._ledger_rows.extend(ledger_rows)
-        self._emit(Event("step.completed", now, x.id, s.key,
-                         {"attempt": s.attempt, "duration": now - (s.started_at or now),
-                          "execution_progress": x.row["progress"]}))
+        self._emit(
+            Event(
+                "step.completed",
+                now,
+                x.id,
+                s.key,
+                {
+                    "attempt": s.attempt,
+                    "duration": now - (s.started_at or now),
+                    "execution_progress": x.row["progress"],
+                },
+            )
+        )
         for d in s.dependents:
             d.waiting -= 1
-            if d.status is StepStatus.PENDING and is_ready(d.waiting, d.name_deps,
-                                                           running=x.stopping is None):
+            if d.status is StepStatus.PENDING and is_ready(
+                d.waiting, d.name_deps, running=x.stopping is None
+            ):
                 self._make_ready(d)
         s.dependents = []
         if x.unfinished == 0 and x.stopping is None:
@@ -412,30 +505,59 @@ class Scheduler:
             s.error = text.splitlines()[0]
             status = interrupted_status(x.stopping)
             self._set(s, status)
-            self._emit(Event("step.cancelled" if status is StepStatus.CANCELLED
-                             else "step.interrupted", now, x.id, s.key, {"attempt": s.attempt}))
+            self._emit(
+                Event(
+                    "step.cancelled" if status is StepStatus.CANCELLED else "step.interrupted",
+                    now,
+                    x.id,
+                    s.key,
+                    {"attempt": s.attempt},
+                )
+            )
             return
         s.failures += 1
-        delay = after_failure(s.failures, RetryPolicy.of(s.step, self.settings),
-                              permanent=is_permanent(exc), running=x.stopping is None)
+        delay = after_failure(
+            s.failures,
+            RetryPolicy.of(s.step, self.settings),
+            permanent=is_permanent(exc),
+            running=x.stopping is None,
+        )
         if delay is not None:
             s.next_attempt_at = now + delay
             self._set(s, StepStatus.RETRYING)
-            _log.warning("[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                         x.label, s.key, s.failures, s.step.retries + 1, delay,
-                         text.splitlines()[0])
-            self._emit(Event("step.retrying", now, x.id, s.key,
-                             {"attempt": s.attempt, "error": text.splitlines()[0],
-                              "delay": delay}))
+            _log.warning(
+                "[%s] step %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                x.label,
+                s.key,
+                s.failures,
+                s.step.retries + 1,
+                delay,
+                text.splitlines()[0],
+            )
+            self._emit(
+                Event(
+                    "step.retrying",
+                    now,
+                    x.id,
+                    s.key,
+                    {"attempt": s.attempt, "error": text.splitlines()[0], "delay": delay},
+                )
+            )
             assert self._loop is not None
             s.timer = self._loop.call_later(delay, self._retry_due, s)
             return
         self._set(s, StepStatus.FAILED)
         summary = failed_error(x.pipeline.name, s.key, s.failures, text)
         _log.error("[%s] %s", x.label, summary)
-        self._emit(Event("step.failed", now, x.id, s.key,
-                         {"attempt": s.attempt, "error": text.splitlines()[0],
-                          "traceback": text}))
+        self._emit(
+            Event(
+                "step.failed",
+                now,
+                x.id,
+                s.key,
+                {"attempt": s.attempt, "error": text.splitlines()[0], "traceback": text},
+            )
+        )
         self._stop_execution(x, ExecutionStatus.FAILED, summary)
 
     def _retry_due(self, s: StepState) -> None:
@@ -474,7 +596,8 @@ class Scheduler:
         end = StepStatus.CANCELLED if cancelled else StepStatus.PENDING
         for s in x.steps.values():
             if s.status in (StepStatus.READY, StepStatus.RETRYING, StepStatus.RUNNING) or (
-                    s.status is StepStatus.PENDING and end is StepStatus.CANCELLED):
+                s.status is StepStatus.PENDING and end is StepStatus.CANCELLED
+            ):
                 if s.ctx is not None:
                     s.ctx._cancel.set()
                     s.ctx = None
@@ -488,9 +611,20 @@ class Scheduler:
             x.row["progress"] = 100.0
         self._mark_exec(x)
         started = x.row.get("started_at") or now
-        self._emit(Event(f"execution.{status.value}", now, x.id, None,
-                         {"error": error, "duration": now - started,
-                          "progress": x.row["progress"], "steps": len(x.steps)}))
+        self._emit(
+            Event(
+                f"execution.{status.value}",
+                now,
+                x.id,
+                None,
+                {
+                    "error": error,
+                    "duration": now - started,
+                    "progress": x.row["progress"],
+                    "steps": len(x.steps),
+                },
+            )
+        )
         log = _log.info if status is ExecutionStatus.COMPLETED else _log.error
         log("[%s] execution %s%s", x.label, status.value, f": {error}" if error else "")
         del self._execs[x.id]
@@ -505,18 +639,25 @@ class Scheduler:
     def _check_quiescent(self, x: ExecState) -> None:
         if x.active or x.stopping is not None or x.unfinished == 0 or x.id not in self._execs:
             return
-        waiters = {s.key: s.name_deps for s in x.name_waiters.values()
-                   if s.status is StepStatus.PENDING and s.waiting == 0}
+        waiters = {
+            s.key: s.name_deps
+            for s in x.name_waiters.values()
+            if s.status is StepStatus.PENDING and s.waiting == 0
+        }
         open_names = [name for name, n in x.unfinished_by_name.items() if n > 0]
         released = released_by_names(waiters, open_names)
         for key in released:
             self._make_ready(x.steps[key])
         if released:
             return
-        stuck = sorted((s for s in x.steps.values() if s.status is StepStatus.PENDING),
-                       key=lambda s: s.seq)
-        self._stop_execution(x, ExecutionStatus.FAILED, stuck_error(
-            x.pipeline.name, len(stuck), [(s.key, s.deps) for s in stuck[:5]]))
+        stuck = sorted(
+            (s for s in x.steps.values() if s.status is StepStatus.PENDING), key=lambda s: s.seq
+        )
+        self._stop_execution(
+            x,
+            ExecutionStatus.FAILED,
+            stuck_error(x.pipeline.name, len(stuck), [(s.key, s.deps) for s in stuck[:5]]),
+        )
 
     # -- progress -------------------------------------------------------------------------------
 
@@ -547,7 +688,5 @@ class Scheduler:
                 target = self._execs.get(execution_id)
                 if target is not None:
                     _log.info("[%s] cancel requested through the store", target.label)
-                    self._stop_execution(target, ExecutionStatus.CANCELLED,
-                                         "cancelled by request")
+                    self._stop_execution(target, ExecutionStatus.CANCELLED, "cancelled by request")
             self._wakeup()
-

@@ -38,14 +38,22 @@ class SyncJobClient:
     Arguments, results and errors are those of :class:`JobClient`. Use it as a context
     manager; not from inside a running event loop's thread (that loop would stall)."""
 
-    def __init__(self, store: StateStore | None = None, *, settings: Settings | None = None,
-                 objects: ObjectStore | None = None, concurrency: int | None = None,
-                 pipelines: Iterable[Pipeline] = ()) -> None:
-        self.client = JobClient(store, settings=settings, objects=objects,
-                                concurrency=concurrency, pipelines=pipelines)
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        *,
+        settings: Settings | None = None,
+        objects: ObjectStore | None = None,
+        concurrency: int | None = None,
+        pipelines: Iterable[Pipeline] = (),
+    ) -> None:
+        self.client = JobClient(
+            store, settings=settings, objects=objects, concurrency=concurrency, pipelines=pipelines
+        )
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="framepipe-job-client")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="framepipe-job-client"
+        )
         self._thread.start()
         self._closed = False
 
@@ -80,35 +88,67 @@ class SyncJobClient:
         """:meth:`JobClient.register`."""
         self.client.register(pipeline)
 
-    def submit(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-               ref: str | None = None,
-               input_roots: Iterable[str | os.PathLike[str]] | None = None) -> str:
+    def submit(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        ref: str | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+    ) -> str:
         """:meth:`JobClient.submit`."""
-        return self._call(self.client.submit(pipeline, inputs, ref=ref,
-                                             input_roots=input_roots))
+        return self._call(self.client.submit(pipeline, inputs, ref=ref, input_roots=input_roots))
 
-    def run(self, pipeline: Pipeline, inputs: Mapping[str, Any] | None = None, *,
-            ref: str | None = None, input_roots: Iterable[str | os.PathLike[str]] | None = None,
-            raise_on_failure: bool = True) -> ExecutionInfo:
+    def run(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        ref: str | None = None,
+        input_roots: Iterable[str | os.PathLike[str]] | None = None,
+        raise_on_failure: bool = True,
+    ) -> ExecutionInfo:
         """:meth:`JobClient.run`."""
-        return self._call(self.client.run(pipeline, inputs, ref=ref, input_roots=input_roots,
-                                          raise_on_failure=raise_on_failure))
+        return self._call(
+            self.client.run(
+                pipeline,
+                inputs,
+                ref=ref,
+                input_roots=input_roots,
+                raise_on_failure=raise_on_failure,
+            )
+        )
 
     def get(self, execution_id: str, *, with_steps: bool = True) -> ExecutionInfo:
         """:meth:`JobClient.get`."""
         return self._call(self.client.get(execution_id, with_steps=with_steps))
 
-    def list(self, *, status: StatusFilter = None, pipeline: str | None = None,
-             limit: int = 50, with_inputs: bool = False) -> builtins.list[ExecutionSummary]:
+    def list(
+        self,
+        *,
+        status: StatusFilter = None,
+        pipeline: str | None = None,
+        limit: int = 50,
+        with_inputs: bool = False,
+    ) -> builtins.list[ExecutionSummary]:
         """:meth:`JobClient.list`."""
-        return self._call(self.client.list(status=status, pipeline=pipeline, limit=limit,
-                                           with_inputs=with_inputs))
+        return self._call(
+            self.client.list(status=status, pipeline=pipeline, limit=limit, with_inputs=with_inputs)
+        )
 
-    def wait(self, execution_id: str, *, raise_on_failure: bool = True,
-             poll_interval: float | None = None) -> ExecutionInfo:
+    def wait(
+        self,
+        execution_id: str,
+        *,
+        raise_on_failure: bool = True,
+        poll_interval: float | None = None,
+    ) -> ExecutionInfo:
         """:meth:`JobClient.wait`."""
-        return self._call(self.client.wait(execution_id, raise_on_failure=raise_on_failure,
-                                           poll_interval=poll_interval))
+        return self._call(
+            self.client.wait(
+                execution_id, raise_on_failure=raise_on_failure, poll_interval=poll_interval
+            )
+        )
 
     def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
         """:meth:`JobClient.retry`."""
@@ -118,8 +158,9 @@ class SyncJobClient:
         """:meth:`JobClient.cancel`."""
         return self._call(self.client.cancel(execution_id))
 
-    def events(self, execution_id: str | None = None, *, after: int = 0,
-               limit: int = 200) -> EventPage:
+    def events(
+        self, execution_id: str | None = None, *, after: int = 0, limit: int = 200
+    ) -> EventPage:
         """:meth:`JobClient.events`."""
         return self._call(self.client.events(execution_id, after=after, limit=limit))
 

@@ -47,9 +47,15 @@ _CHUNK = 500
 _complete_step = (
     steps.update()
     .where(steps.c.execution_id == sa.bindparam("b_e"), steps.c.key == sa.bindparam("b_k"))
-    .values(status=StepStatus.COMPLETED.value, error=None, progress=100.0, lease_until=None,
-            output=sa.bindparam("b_output", type_=steps.c.output.type),
-            done_seq=sa.bindparam("b_seq"), finished_at=sa.bindparam("b_now"))
+    .values(
+        status=StepStatus.COMPLETED.value,
+        error=None,
+        progress=100.0,
+        lease_until=None,
+        output=sa.bindparam("b_output", type_=steps.c.output.type),
+        done_seq=sa.bindparam("b_seq"),
+        finished_at=sa.bindparam("b_now"),
+    )
 )
 
 
@@ -97,18 +103,30 @@ class ExecutionRow:
 
     def refresh_progress(self) -> float:
         """The execution's progress from its counters (:func:`execution_progress`), kept."""
-        self.progress = execution_progress(self.progress, self.wsum, self.wtotal,
-                                           completed=self.next_seq - self.unfinished,
-                                           total=self.next_seq)
+        self.progress = execution_progress(
+            self.progress,
+            self.wsum,
+            self.wtotal,
+            completed=self.next_seq - self.unfinished,
+            total=self.next_seq,
+        )
         return self.progress
 
     def values(self) -> dict[str, Any]:
         self.refresh_progress()
-        return {"status": self.status, "unfinished": self.unfinished, "active": self.active,
-                "wsum": self.wsum, "wtotal": self.wtotal, "next_seq": self.next_seq,
-                "next_done_seq": self.next_done_seq, "progress": self.progress,
-                "error": self.error, "finished_at": self.finished_at,
-                "stopping": self.stopping}
+        return {
+            "status": self.status,
+            "unfinished": self.unfinished,
+            "active": self.active,
+            "wsum": self.wsum,
+            "wtotal": self.wtotal,
+            "next_seq": self.next_seq,
+            "next_done_seq": self.next_done_seq,
+            "progress": self.progress,
+            "error": self.error,
+            "finished_at": self.finished_at,
+            "stopping": self.stopping,
+        }
 
 
 class Transaction:
@@ -137,8 +155,9 @@ class Transaction:
 
     def save(self) -> list[Event]:
         for x in self.xs.values():
-            self.conn.execute(executions.update().where(executions.c.id == x.id)
-                              .values(**x.values()))
+            self.conn.execute(
+                executions.update().where(executions.c.id == x.id).values(**x.values())
+            )
         return insert_events(self.store, self.conn, self.events)
 
     def emit(self, type_: str, x: ExecutionRow, key: str | None, data: dict[str, Any]) -> None:
@@ -174,25 +193,57 @@ class Transaction:
             if is_ready(waiting, s.name_deps, running=x.running):
                 status = StepStatus.READY
                 ready.append(s.key)
-            rows.append({
-                "execution_id": x.id, "key": s.key, "name": s.name, "params": s.params,
-                "depends_on": s.deps, "spawned_by": s.spawned_by, "status": status.value,
-                "weight": s.weight, "progress": 0.0, "message": None, "attempt": 0,
-                "failures": 0, "crashes": 0, "output": None, "error": None,
-                "seq": x.next_seq, "done_seq": None, "created_at": self.now,
-                "ready_at": now if status is StepStatus.READY else None,
-                "started_at": None, "finished_at": None, "next_attempt_at": None,
-                "waiting": waiting, "lease_until": None, "worker": None,
-                "published_at": now if status is StepStatus.READY else None})
+            rows.append(
+                {
+                    "execution_id": x.id,
+                    "key": s.key,
+                    "name": s.name,
+                    "params": s.params,
+                    "depends_on": s.deps,
+                    "spawned_by": s.spawned_by,
+                    "status": status.value,
+                    "weight": s.weight,
+                    "progress": 0.0,
+                    "message": None,
+                    "attempt": 0,
+                    "failures": 0,
+                    "crashes": 0,
+                    "output": None,
+                    "error": None,
+                    "seq": x.next_seq,
+                    "done_seq": None,
+                    "created_at": self.now,
+                    "ready_at": now if status is StepStatus.READY else None,
+                    "started_at": None,
+                    "finished_at": None,
+                    "next_attempt_at": None,
+                    "waiting": waiting,
+                    "lease_until": None,
+                    "worker": None,
+                    "published_at": now if status is StepStatus.READY else None,
+                }
+            )
             x.next_seq += 1
-            edges.extend({"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "key"}
-                         for d in s.key_deps)
-            edges.extend({"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "name"}
-                         for d in s.name_deps)
+            edges.extend(
+                {"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "key"}
+                for d in s.key_deps
+            )
+            edges.extend(
+                {"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "name"}
+                for d in s.name_deps
+            )
             if spawned:
-                self.emit("step.spawned", x, s.key, {"name": s.name, "params": s.params,
-                                                     "depends_on": s.deps,
-                                                     "spawned_by": s.spawned_by})
+                self.emit(
+                    "step.spawned",
+                    x,
+                    s.key,
+                    {
+                        "name": s.name,
+                        "params": s.params,
+                        "depends_on": s.deps,
+                        "spawned_by": s.spawned_by,
+                    },
+                )
         self.conn.execute(steps.insert(), rows)
         if edges:
             self.conn.execute(step_deps.insert(), edges)
@@ -211,10 +262,15 @@ class Transaction:
     def _statuses(self, execution_id: str, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
         for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i:i + _CHUNK]
-            found.update((r.key, r.status) for r in self.conn.execute(
-                sa.select(steps.c.key, steps.c.status).where(
-                    steps.c.execution_id == execution_id, steps.c.key.in_(chunk))))
+            chunk = keys[i : i + _CHUNK]
+            found.update(
+                (r.key, r.status)
+                for r in self.conn.execute(
+                    sa.select(steps.c.key, steps.c.status).where(
+                        steps.c.execution_id == execution_id, steps.c.key.in_(chunk)
+                    )
+                )
+            )
         return found
 
     def claim_ready(self, worker: str, take: int, lease: float) -> list[Claimed]:
@@ -227,19 +283,49 @@ class Transaction:
         now = time.time()
         for execution_id, keys in by_exec.items():
             x = self.xs[execution_id]
-            for r in self.conn.execute(steps.update().where(
-                    steps.c.execution_id == execution_id, steps.c.key.in_(keys),
-                    steps.c.status == StepStatus.READY.value)
-                    .values(status=StepStatus.RUNNING.value, attempt=steps.c.attempt + 1,
-                            worker=worker, lease_until=now + lease, started_at=now,
-                            message=None, next_attempt_at=None)
-                    .returning(steps.c.key, steps.c.name, steps.c.params, steps.c.attempt,
-                               steps.c.weight, steps.c.progress, steps.c.ready_at)):
-                claimed.append(Claimed(
-                    execution_id=execution_id, key=r.key, name=r.name, params=r.params,
-                    attempt=r.attempt, weight=r.weight, progress=r.progress,
-                    pipeline=x.pipeline, pipeline_ref=x.pipeline_ref, inputs=x.inputs,
-                    input_roots=x.input_roots, ready_at=r.ready_at, started_at=now))
+            for r in self.conn.execute(
+                steps.update()
+                .where(
+                    steps.c.execution_id == execution_id,
+                    steps.c.key.in_(keys),
+                    steps.c.status == StepStatus.READY.value,
+                )
+                .values(
+                    status=StepStatus.RUNNING.value,
+                    attempt=steps.c.attempt + 1,
+                    worker=worker,
+                    lease_until=now + lease,
+                    started_at=now,
+                    message=None,
+                    next_attempt_at=None,
+                )
+                .returning(
+                    steps.c.key,
+                    steps.c.name,
+                    steps.c.params,
+                    steps.c.attempt,
+                    steps.c.weight,
+                    steps.c.progress,
+                    steps.c.ready_at,
+                )
+            ):
+                claimed.append(
+                    Claimed(
+                        execution_id=execution_id,
+                        key=r.key,
+                        name=r.name,
+                        params=r.params,
+                        attempt=r.attempt,
+                        weight=r.weight,
+                        progress=r.progress,
+                        pipeline=x.pipeline,
+                        pipeline_ref=x.pipeline_ref,
+                        inputs=x.inputs,
+                        input_roots=x.input_roots,
+                        ready_at=r.ready_at,
+                        started_at=now,
+                    )
+                )
                 self.emit("step.started", x, r.key, {"attempt": r.attempt, "worker": worker})
         taken = {(c.execution_id, c.key) for c in claimed}
         self.ready = [d for d in self.ready if (d.execution_id, d.key) not in taken]
@@ -250,32 +336,53 @@ class Transaction:
             return
         now = time.time()  # ready from here on, not from the start of the transaction
         for i in range(0, len(keys), _CHUNK):
-            n = self.conn.execute(steps.update().where(
-                steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]),
-                steps.c.status == StepStatus.PENDING.value).values(
-                    status=StepStatus.READY.value, ready_at=now,
-                    published_at=now)).rowcount
+            n = self.conn.execute(
+                steps.update()
+                .where(
+                    steps.c.execution_id == x.id,
+                    steps.c.key.in_(keys[i : i + _CHUNK]),
+                    steps.c.status == StepStatus.PENDING.value,
+                )
+                .values(status=StepStatus.READY.value, ready_at=now, published_at=now)
+            ).rowcount
             x.active += n
         self.ready.extend(Delivery(x.id, k) for k in keys)
 
     def progress(self, x: ExecutionRow, p: ProgressUpdate) -> None:
         """Commit a running attempt's progress report (nothing if fenced)."""
-        if self.conn.execute(steps.update().where(
-                steps.c.execution_id == x.id, steps.c.key == p.key,
-                steps.c.attempt == p.attempt, steps.c.status == StepStatus.RUNNING.value)
-                .values(progress=p.pct, message=p.message)).rowcount:
+        if self.conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == x.id,
+                steps.c.key == p.key,
+                steps.c.attempt == p.attempt,
+                steps.c.status == StepStatus.RUNNING.value,
+            )
+            .values(progress=p.pct, message=p.message)
+        ).rowcount:
             x.wsum += p.weight * (p.pct - p.before)
-            self.emit("step.progress", x, p.key, {
-                "progress": p.pct, "message": p.message,
-                "execution_progress": x.refresh_progress()})
+            self.emit(
+                "step.progress",
+                x,
+                p.key,
+                {
+                    "progress": p.pct,
+                    "message": p.message,
+                    "execution_progress": x.refresh_progress(),
+                },
+            )
 
     def retries_due(self, failed: Sequence[Outcome]) -> list[tuple[float, Delivery]]:
         """When each of the ``failed`` attempts that is to be retried runs again."""
         due: list[tuple[float, Delivery]] = []
         for o in failed:
-            at = self.conn.execute(sa.select(steps.c.next_attempt_at).where(
-                steps.c.execution_id == o.execution_id, steps.c.key == o.key,
-                steps.c.status == StepStatus.RETRYING.value)).scalar()
+            at = self.conn.execute(
+                sa.select(steps.c.next_attempt_at).where(
+                    steps.c.execution_id == o.execution_id,
+                    steps.c.key == o.key,
+                    steps.c.status == StepStatus.RETRYING.value,
+                )
+            ).scalar()
             if at is not None:
                 due.append((at, Delivery(o.execution_id, o.key)))
         return due
@@ -288,8 +395,10 @@ class Transaction:
         keys = [o.key for o in done]
         for i in range(0, len(keys), _CHUNK):
             query = sa.select(steps.c.key, steps.c.attempt, steps.c.started_at).where(
-                steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]),
-                steps.c.status == StepStatus.RUNNING.value)
+                steps.c.execution_id == x.id,
+                steps.c.key.in_(keys[i : i + _CHUNK]),
+                steps.c.status == StepStatus.RUNNING.value,
+            )
             if self.store.dialect == "postgresql":
                 query = query.with_for_update()
             held.update(((r.key, r.attempt), r.started_at) for r in self.conn.execute(query))
@@ -299,8 +408,15 @@ class Transaction:
         if ok:
             rows = []
             for o in ok:
-                rows.append({"b_e": x.id, "b_k": o.key, "b_output": o.output,
-                             "b_seq": x.next_done_seq, "b_now": self.now})
+                rows.append(
+                    {
+                        "b_e": x.id,
+                        "b_k": o.key,
+                        "b_output": o.output,
+                        "b_seq": x.next_done_seq,
+                        "b_now": self.now,
+                    }
+                )
                 x.next_done_seq += 1
                 x.wsum += o.weight * (100.0 - o.before)
                 if o.ledger:
@@ -311,9 +427,16 @@ class Transaction:
             progress = x.refresh_progress()
             for o in ok:
                 started = held[(o.key, o.attempt)] or self.now
-                self.emit("step.completed", x, o.key, {"attempt": o.attempt,
-                                                       "duration": self.now - started,
-                                                       "execution_progress": progress})
+                self.emit(
+                    "step.completed",
+                    x,
+                    o.key,
+                    {
+                        "attempt": o.attempt,
+                        "duration": self.now - started,
+                        "execution_progress": progress,
+                    },
+                )
             self._release_dependents(x, [o.key for o in ok])
         return [o for o in done if (o.key, o.attempt) not in held]
 
@@ -322,16 +445,27 @@ class Transaction:
         with_names: set[str] = set()
         dependent = step_deps.alias("dependent")
         for i in range(0, len(finished), _CHUNK):
-            chunk = finished[i:i + _CHUNK]
+            chunk = finished[i : i + _CHUNK]
             # The dependents of these steps, and (in the same round trip) which of them also
             # wait for every instance of some step name.
-            for r in self.conn.execute(sa.select(step_deps.c.step_key, step_deps.c.kind).where(
-                    step_deps.c.execution_id == x.id, sa.or_(
+            for r in self.conn.execute(
+                sa.select(step_deps.c.step_key, step_deps.c.kind).where(
+                    step_deps.c.execution_id == x.id,
+                    sa.or_(
                         sa.and_(step_deps.c.kind == "key", step_deps.c.dep.in_(chunk)),
-                        sa.and_(step_deps.c.kind == "name", step_deps.c.step_key.in_(
-                            sa.select(dependent.c.step_key).where(
-                                dependent.c.execution_id == x.id, dependent.c.kind == "key",
-                                dependent.c.dep.in_(chunk))))))):
+                        sa.and_(
+                            step_deps.c.kind == "name",
+                            step_deps.c.step_key.in_(
+                                sa.select(dependent.c.step_key).where(
+                                    dependent.c.execution_id == x.id,
+                                    dependent.c.kind == "key",
+                                    dependent.c.dep.in_(chunk),
+                                )
+                            ),
+                        ),
+                    ),
+                )
+            ):
                 if r.kind == "key":
                     waiting[r.step_key] += 1
                 else:
@@ -344,11 +478,16 @@ class Transaction:
         zero: list[str] = []
         for n, keys in by_count.items():
             for i in range(0, len(keys), _CHUNK):
-                zero.extend(r.key for r in self.conn.execute(steps.update().where(
-                    steps.c.execution_id == x.id, steps.c.key.in_(keys[i:i + _CHUNK]))
-                    .values(waiting=steps.c.waiting - n)
-                    .returning(steps.c.key, steps.c.waiting, steps.c.status))
-                    if r.waiting == 0 and r.status == StepStatus.PENDING.value)
+                zero.extend(
+                    r.key
+                    for r in self.conn.execute(
+                        steps.update()
+                        .where(steps.c.execution_id == x.id, steps.c.key.in_(keys[i : i + _CHUNK]))
+                        .values(waiting=steps.c.waiting - n)
+                        .returning(steps.c.key, steps.c.waiting, steps.c.status)
+                    )
+                    if r.waiting == 0 and r.status == StepStatus.PENDING.value
+                )
         free = [k for k in zero if k not in with_names]
         self.make_ready(x, free)
 
@@ -359,52 +498,90 @@ class Transaction:
         if x.cancelling:
             return self.end_attempt(x, o)
         head = (o.error or "failed").splitlines()[0]
-        row = self.conn.execute(sa.select(steps.c.failures, steps.c.status, steps.c.attempt)
-                                .where(steps.c.execution_id == x.id,
-                                       steps.c.key == o.key)).first()
+        row = self.conn.execute(
+            sa.select(steps.c.failures, steps.c.status, steps.c.attempt).where(
+                steps.c.execution_id == x.id, steps.c.key == o.key
+            )
+        ).first()
         if row is None or row.status != StepStatus.RUNNING.value or row.attempt != o.attempt:
             return False
         failures = row.failures + 1
-        fenced = (steps.c.execution_id == x.id, steps.c.key == o.key,
-                  steps.c.attempt == o.attempt)
+        fenced = (steps.c.execution_id == x.id, steps.c.key == o.key, steps.c.attempt == o.attempt)
         delay = after_failure(failures, o.policy, permanent=o.permanent, running=x.running)
         if delay is not None:
-            self.conn.execute(steps.update().where(*fenced).values(
-                status=StepStatus.RETRYING.value, failures=failures, error=o.error,
-                finished_at=self.now, next_attempt_at=self.now + delay, lease_until=None))
-            self.emit("step.retrying", x, o.key, {"attempt": o.attempt, "error": head,
-                                                  "delay": delay})
+            self.conn.execute(
+                steps.update()
+                .where(*fenced)
+                .values(
+                    status=StepStatus.RETRYING.value,
+                    failures=failures,
+                    error=o.error,
+                    finished_at=self.now,
+                    next_attempt_at=self.now + delay,
+                    lease_until=None,
+                )
+            )
+            self.emit(
+                "step.retrying", x, o.key, {"attempt": o.attempt, "error": head, "delay": delay}
+            )
             return True
-        self.conn.execute(steps.update().where(*fenced).values(
-            status=StepStatus.FAILED.value, failures=failures, error=o.error,
-            finished_at=self.now, lease_until=None))
+        self.conn.execute(
+            steps.update()
+            .where(*fenced)
+            .values(
+                status=StepStatus.FAILED.value,
+                failures=failures,
+                error=o.error,
+                finished_at=self.now,
+                lease_until=None,
+            )
+        )
         x.active -= 1
-        self.emit("step.failed", x, o.key, {"attempt": o.attempt, "error": head,
-                                            "traceback": o.error})
+        self.emit(
+            "step.failed", x, o.key, {"attempt": o.attempt, "error": head, "traceback": o.error}
+        )
         self.fail_execution(x, failed_error(x.pipeline, o.key, failures, o.error or ""))
         return True
 
     def end_attempt(self, x: ExecutionRow, o: Outcome) -> bool:
         """A cancelled or handed-back attempt; False if fenced."""
-        fenced = (steps.c.execution_id == x.id, steps.c.key == o.key,
-                  steps.c.attempt == o.attempt, steps.c.status == StepStatus.RUNNING.value)
+        fenced = (
+            steps.c.execution_id == x.id,
+            steps.c.key == o.key,
+            steps.c.attempt == o.attempt,
+            steps.c.status == StepStatus.RUNNING.value,
+        )
         if o.kind == "handback" and x.running:
-            n = self.conn.execute(steps.update().where(*fenced).values(
-                status=StepStatus.READY.value, ready_at=self.now, published_at=self.now,
-                lease_until=None, worker=None,
-                attempt=steps.c.attempt - (0 if o.ran else 1))).rowcount
+            n = self.conn.execute(
+                steps.update()
+                .where(*fenced)
+                .values(
+                    status=StepStatus.READY.value,
+                    ready_at=self.now,
+                    published_at=self.now,
+                    lease_until=None,
+                    worker=None,
+                    attempt=steps.c.attempt - (0 if o.ran else 1),
+                )
+            ).rowcount
             if n:
                 self.ready.append(Delivery(x.id, o.key))
                 self.emit("step.interrupted", x, o.key, {"attempt": o.attempt})
             return bool(n)
         status = interrupted_status(ExecutionStatus(x.stopping or x.status))
-        n = self.conn.execute(steps.update().where(*fenced).values(
-            status=status.value, error=o.error, finished_at=self.now,
-            lease_until=None)).rowcount
+        n = self.conn.execute(
+            steps.update()
+            .where(*fenced)
+            .values(status=status.value, error=o.error, finished_at=self.now, lease_until=None)
+        ).rowcount
         if n:
             x.active -= 1
-            self.emit("step.cancelled" if status is StepStatus.CANCELLED
-                      else "step.interrupted", x, o.key, {"attempt": o.attempt})
+            self.emit(
+                "step.cancelled" if status is StepStatus.CANCELLED else "step.interrupted",
+                x,
+                o.key,
+                {"attempt": o.attempt},
+            )
         return bool(n)
 
     def fail_execution(self, x: ExecutionRow, error: str) -> None:
@@ -414,10 +591,14 @@ class Transaction:
             return
         x.stopping = ExecutionStatus.FAILED.value
         x.error = error
-        n = self.conn.execute(steps.update().where(
-            steps.c.execution_id == x.id,
-            steps.c.status.in_([StepStatus.READY.value, StepStatus.RETRYING.value]))
-            .values(status=StepStatus.PENDING.value)).rowcount
+        n = self.conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == x.id,
+                steps.c.status.in_([StepStatus.READY.value, StepStatus.RETRYING.value]),
+            )
+            .values(status=StepStatus.PENDING.value)
+        ).rowcount
         x.active -= n
         self.ready = [d for d in self.ready if d.execution_id != x.id]
 
@@ -429,14 +610,23 @@ class Transaction:
             return
         x.stopping = ExecutionStatus.CANCELLED.value
         x.error = error
-        self.conn.execute(steps.update().where(
-            steps.c.execution_id == x.id,
-            steps.c.status.in_([StepStatus.PENDING.value, StepStatus.READY.value,
-                                StepStatus.RETRYING.value]))
-            .values(status=StepStatus.CANCELLED.value))
-        x.active = int(self.conn.execute(sa.select(sa.func.count()).where(
-            steps.c.execution_id == x.id,
-            steps.c.status == StepStatus.RUNNING.value)).scalar_one())
+        self.conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == x.id,
+                steps.c.status.in_(
+                    [StepStatus.PENDING.value, StepStatus.READY.value, StepStatus.RETRYING.value]
+                ),
+            )
+            .values(status=StepStatus.CANCELLED.value)
+        )
+        x.active = int(
+            self.conn.execute(
+                sa.select(sa.func.count()).where(
+                    steps.c.execution_id == x.id, steps.c.status == StepStatus.RUNNING.value
+                )
+            ).scalar_one()
+        )
         self.ready = [d for d in self.ready if d.execution_id != x.id]
 
     def _finish_stopped(self, x: ExecutionRow) -> None:
@@ -444,9 +634,17 @@ class Transaction:
         assert x.stopping is not None
         x.status, x.stopping = x.stopping, None
         x.finished_at = self.now
-        self.emit(f"execution.{x.status}", x, None, {
-            "error": x.error, "progress": x.refresh_progress(), "steps": x.next_seq,
-            "duration": self.now - (x.started_at or self.now)})
+        self.emit(
+            f"execution.{x.status}",
+            x,
+            None,
+            {
+                "error": x.error,
+                "progress": x.refresh_progress(),
+                "steps": x.next_seq,
+                "duration": self.now - (x.started_at or self.now),
+            },
+        )
 
     def settle(self, x: ExecutionRow) -> None:
         """With nothing ready, running or retrying: complete the execution, release the steps
@@ -460,32 +658,62 @@ class Transaction:
             x.status = ExecutionStatus.COMPLETED.value
             x.progress = 100.0
             x.finished_at = self.now
-            self.emit("execution.completed", x, None, {
-                "error": None, "progress": 100.0, "steps": x.next_seq,
-                "duration": self.now - (x.started_at or self.now)})
+            self.emit(
+                "execution.completed",
+                x,
+                None,
+                {
+                    "error": None,
+                    "progress": 100.0,
+                    "steps": x.next_seq,
+                    "duration": self.now - (x.started_at or self.now),
+                },
+            )
             return
         waiters: dict[str, list[str]] = defaultdict(list)
         for r in self.conn.execute(
-                sa.select(step_deps.c.step_key, step_deps.c.dep)
-                .join(steps, sa.and_(steps.c.execution_id == step_deps.c.execution_id,
-                                     steps.c.key == step_deps.c.step_key))
-                .where(step_deps.c.execution_id == x.id, step_deps.c.kind == "name",
-                       steps.c.status == StepStatus.PENDING.value, steps.c.waiting == 0)):
+            sa.select(step_deps.c.step_key, step_deps.c.dep)
+            .join(
+                steps,
+                sa.and_(
+                    steps.c.execution_id == step_deps.c.execution_id,
+                    steps.c.key == step_deps.c.step_key,
+                ),
+            )
+            .where(
+                step_deps.c.execution_id == x.id,
+                step_deps.c.kind == "name",
+                steps.c.status == StepStatus.PENDING.value,
+                steps.c.waiting == 0,
+            )
+        ):
             waiters[r.step_key].append(r.dep)
         names = {d for deps in waiters.values() for d in deps}
         open_names = set()
         if names:
-            open_names = {r.name for r in self.conn.execute(
-                sa.select(steps.c.name).where(
-                    steps.c.execution_id == x.id, steps.c.name.in_(names),
-                    steps.c.status != StepStatus.COMPLETED.value).distinct())}
+            open_names = {
+                r.name
+                for r in self.conn.execute(
+                    sa.select(steps.c.name)
+                    .where(
+                        steps.c.execution_id == x.id,
+                        steps.c.name.in_(names),
+                        steps.c.status != StepStatus.COMPLETED.value,
+                    )
+                    .distinct()
+                )
+            }
         released = released_by_names(waiters, open_names)
         if released:
             self.make_ready(x, released)
             return
-        stuck = self.conn.execute(sa.select(steps.c.key, steps.c.depends_on).where(
-            steps.c.execution_id == x.id, steps.c.status == StepStatus.PENDING.value)
-            .order_by(steps.c.seq).limit(5)).all()
-        self.fail_execution(x, stuck_error(x.pipeline, x.unfinished,
-                                           [(r.key, r.depends_on) for r in stuck]))
+        stuck = self.conn.execute(
+            sa.select(steps.c.key, steps.c.depends_on)
+            .where(steps.c.execution_id == x.id, steps.c.status == StepStatus.PENDING.value)
+            .order_by(steps.c.seq)
+            .limit(5)
+        ).all()
+        self.fail_execution(
+            x, stuck_error(x.pipeline, x.unfinished, [(r.key, r.depends_on) for r in stuck])
+        )
         self._finish_stopped(x)  # nothing runs

@@ -137,7 +137,8 @@ class _Pending:
 
     outcomes: list[tuple[_Run, Outcome]] = field(default_factory=list)
     progress: dict[tuple[str, str, int], tuple[_Run, float, str | None]] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     spawns: list[Spawn] = field(default_factory=list)
 
 
@@ -147,18 +148,28 @@ class Worker:
     ``pipelines`` are known by name in advance; others are loaded from the reference stored
     with each execution (``package.module:NAME`` or ``/path/file.py:NAME``)."""
 
-    def __init__(self, settings: Settings | None = None, *, store: StateStore | None = None,
-                 concurrency: int | None = None, pipelines: tuple[Pipeline, ...] = (),
-                 output_tail: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: StateStore | None = None,
+        concurrency: int | None = None,
+        pipelines: tuple[Pipeline, ...] = (),
+        output_tail: Callable[[], str] | None = None,
+    ) -> None:
         self.settings = settings or load_settings()
         url = self.settings.broker_url
         if not is_broker_url(url):
-            raise BrokerError(f"a worker needs a Redis or RabbitMQ broker: FRAMEPIPE_BROKER_URL "
-                              f"is {safe_url(url)!r}; give redis://, rediss://, unix://, "
-                              "amqp:// or amqps://", url=safe_url(url))
+            raise BrokerError(
+                f"a worker needs a Redis or RabbitMQ broker: FRAMEPIPE_BROKER_URL "
+                f"is {safe_url(url)!r}; give redis://, rediss://, unix://, "
+                "amqp:// or amqps://",
+                url=safe_url(url),
+            )
         self._own_store = store is None
-        self.store = store or StateStore(self.settings.resolved_database_url,
-                                         sqlite_synchronous=self.settings.sqlite_synchronous)
+        self.store = store or StateStore(
+            self.settings.resolved_database_url, sqlite_synchronous=self.settings.sqlite_synchronous
+        )
         self.concurrency = concurrency or self.settings.concurrency
         self._avg_run: float | None = None  # moving average of step run times, seconds
         self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
@@ -222,8 +233,9 @@ class Worker:
         self._async_slots = asyncio.Semaphore(self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="framepipe-step")
         self._db = ThreadPoolExecutor(1, thread_name_prefix="framepipe-db")
-        register = asyncio.create_task(self._in_db_retrying(
-            self._register, what="registering the worker", while_stopping=None))
+        register = asyncio.create_task(
+            self._in_db_retrying(self._register, what="registering the worker", while_stopping=None)
+        )
         stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
         await asyncio.wait([register, stop], return_when=asyncio.FIRST_COMPLETED)
         if not register.done():  # stopped before Redis or the database could be reached
@@ -238,11 +250,18 @@ class Worker:
         register.result()
         reader = threading.Thread(target=self._reader, name="framepipe-reader", daemon=True)
         reader.start()
-        tasks = [asyncio.create_task(self._committer(), name="framepipe-commit"),
-                 asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat")]
-        _log.info("Worker %s started: concurrency %d, broker %s (%s), database %s", self.id,
-                  self.concurrency, self.broker.safe_url, self.broker.target,
-                  self.store.safe_url)
+        tasks = [
+            asyncio.create_task(self._committer(), name="framepipe-commit"),
+            asyncio.create_task(self._heartbeat(), name="framepipe-heartbeat"),
+        ]
+        _log.info(
+            "Worker %s started: concurrency %d, broker %s (%s), database %s",
+            self.id,
+            self.concurrency,
+            self.broker.safe_url,
+            self.broker.target,
+            self.store.safe_url,
+        )
         try:
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -260,22 +279,35 @@ class Worker:
         await asyncio.to_thread(reader.join, 5.0)
         await asyncio.sleep(0)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain_runs(),
-                                   max(0.0, grace - (time.monotonic() - started)))
+            await asyncio.wait_for(
+                self._drain_runs(), max(0.0, grace - (time.monotonic() - started))
+            )
         left = self._live_runs()
         for run in left:
-            _log.warning("Worker %s stopping: step %s of %s still running after %.1fs; "
-                         "handing it back", self.id, run.claimed.key,
-                         run.claimed.execution_id[:8], grace)
+            _log.warning(
+                "Worker %s stopping: step %s of %s still running after %.1fs; handing it back",
+                self.id,
+                run.claimed.key,
+                run.claimed.execution_id[:8],
+                grace,
+            )
             run.handed_back = True
             if run.ctx is not None:
                 run.ctx._cancel.set()
             if run.task is not None:
                 run.task.cancel()
-            self._post_outcome(run, Outcome(
-                execution_id=run.claimed.execution_id, key=run.claimed.key,
-                attempt=run.claimed.attempt, kind="handback", weight=run.claimed.weight,
-                before=run.committed_progress, ran=run.began is not None))
+            self._post_outcome(
+                run,
+                Outcome(
+                    execution_id=run.claimed.execution_id,
+                    key=run.claimed.key,
+                    attempt=run.claimed.attempt,
+                    kind="handback",
+                    weight=run.claimed.weight,
+                    before=run.committed_progress,
+                    ran=run.began is not None,
+                ),
+            )
         for timer in self._retry_timers:
             timer.cancel()
         committer, *others = tasks
@@ -315,13 +347,27 @@ class Worker:
 
     def _register(self) -> None:
         self.broker.prepare()
-        dispatch.renew(self.store, self.id, [], lease=self.lease, concurrency=self.concurrency,
-                       output_tail=self._tail(), steps_done=self.steps_done)
+        dispatch.renew(
+            self.store,
+            self.id,
+            [],
+            lease=self.lease,
+            concurrency=self.concurrency,
+            output_tail=self._tail(),
+            steps_done=self.steps_done,
+        )
 
     def _deregister(self) -> None:
-        dispatch.renew(self.store, self.id, [], lease=self.lease, concurrency=self.concurrency,
-                       output_tail=self._tail(), status="stopped",
-                       steps_done=self.steps_done)
+        dispatch.renew(
+            self.store,
+            self.id,
+            [],
+            lease=self.lease,
+            concurrency=self.concurrency,
+            output_tail=self._tail(),
+            status="stopped",
+            steps_done=self.steps_done,
+        )
 
     def _tail(self) -> str | None:
         return self._output_tail() if self._output_tail is not None else None
@@ -354,8 +400,9 @@ class Worker:
                 self._release(free)
                 failures += 1
                 delay = backoff.delay(min(failures, 8))
-                _log.warning("Worker %s: %s; retrying in %.1fs", self.id,
-                             str(exc).splitlines()[0], delay)
+                _log.warning(
+                    "Worker %s: %s; retrying in %.1fs", self.id, str(exc).splitlines()[0], delay
+                )
                 with contextlib.suppress(BrokerError):  # nothing pushed to it meanwhile
                     self.broker.pause()
                 self._stopping.wait(delay)
@@ -395,9 +442,13 @@ class Worker:
             return
         try:
             with self._claim_lock:  # the reader and a takeover may claim at once
-                claimed, _events = dispatch.claim(self.store, self.id,
-                                                  [r.delivery for r in entries],
-                                                  lease=self.lease, known=self._known)
+                claimed, _events = dispatch.claim(
+                    self.store,
+                    self.id,
+                    [r.delivery for r in entries],
+                    lease=self.lease,
+                    known=self._known,
+                )
         except BaseException:
             # The database failed: nothing is claimed; the deliveries go back at once rather
             # than wait for their connection to end (RabbitMQ) or a take-over (Redis).
@@ -445,16 +496,28 @@ class Worker:
                     run.handed_back = True  # its thread, if it comes, will not run it
                     queued.append(run)
         if queued:
-            _log.info("Worker %s: steps take %.2fs on average; handing back %d claimed step(s) "
-                      "not started yet", self.id, self._avg_run or 0.0, len(queued))
+            _log.info(
+                "Worker %s: steps take %.2fs on average; handing back %d claimed step(s) "
+                "not started yet",
+                self.id,
+                self._avg_run or 0.0,
+                len(queued),
+            )
         for run in queued:
             if run.task is not None:
                 run.task.cancel()
-            self._post_outcome(run, Outcome(
-                execution_id=run.claimed.execution_id, key=run.claimed.key,
-                attempt=run.claimed.attempt, kind="handback", weight=run.claimed.weight,
-                before=run.committed_progress,
-                ran=run.began is not None))
+            self._post_outcome(
+                run,
+                Outcome(
+                    execution_id=run.claimed.execution_id,
+                    key=run.claimed.key,
+                    attempt=run.claimed.attempt,
+                    kind="handback",
+                    weight=run.claimed.weight,
+                    before=run.committed_progress,
+                    ran=run.began is not None,
+                ),
+            )
 
     def _start(self, run: _Run) -> None:
         c = run.claimed
@@ -462,23 +525,36 @@ class Worker:
         pipeline = run.pipeline
         step = pipeline.get(c.name) if pipeline is not None else None
         if pipeline is None or step is None:
-            what = (f"step {c.name!r}" if pipeline is not None
-                    else f"pipeline {c.pipeline!r} ({c.pipeline_ref or 'no reference stored'})")
+            what = (
+                f"step {c.name!r}"
+                if pipeline is not None
+                else f"pipeline {c.pipeline!r} ({c.pipeline_ref or 'no reference stored'})"
+            )
             exc = PipelineDefinitionError(
                 f"worker {self.id} cannot run step {c.key!r}: {what} is not known here; "
                 "make the pipeline importable on every worker (or pass it to the worker)",
-                pipeline=c.pipeline)
+                pipeline=c.pipeline,
+            )
             self._post_outcome(run, self._failed(run, exc))
             return
         store = self.store
-        ctx = StepContext(pipeline=pipeline, execution_id=c.execution_id, step_key=c.key,
-                          step_name=c.name, attempt=c.attempt, inputs=MappingProxyType(c.inputs),
-                          data=_LazyData(lambda: completed_data(store, c.execution_id)),
-                          params=c.params, store=store, objects=lambda: self.objects,
-                          post=lambda message: self._post_message(run, message),
-                          has_key=lambda key: has_step(store, c.execution_id, key),
-                          known_key=lambda key: False, input_roots=c.input_roots,
-                          deps_of=lambda key: step_dependencies(store, c.execution_id, key))
+        ctx = StepContext(
+            pipeline=pipeline,
+            execution_id=c.execution_id,
+            step_key=c.key,
+            step_name=c.name,
+            attempt=c.attempt,
+            inputs=MappingProxyType(c.inputs),
+            data=_LazyData(lambda: completed_data(store, c.execution_id)),
+            params=c.params,
+            store=store,
+            objects=lambda: self.objects,
+            post=lambda message: self._post_message(run, message),
+            has_key=lambda key: has_step(store, c.execution_id, key),
+            known_key=lambda key: False,
+            input_roots=c.input_roots,
+            deps_of=lambda key: step_dependencies(store, c.execution_id, key),
+        )
         run.ctx = ctx
         if step.is_async:
             run.task = asyncio.get_running_loop().create_task(self._run_async(run, ctx))
@@ -509,11 +585,17 @@ class Worker:
                 if not self._begin(run):
                     return
                 ran = await run_attempt_async(
-                    step, ctx, output_limit=self.settings.max_step_output_bytes)
+                    step, ctx, output_limit=self.settings.max_step_output_bytes
+                )
         except asyncio.CancelledError:  # handed back while it waited for a slot
-            ran = Ran(error=StepCancelledError(
-                "cancelled", pipeline=ctx.pipeline.name, step_key=run.claimed.key,
-                execution_id=run.claimed.execution_id))
+            ran = Ran(
+                error=StepCancelledError(
+                    "cancelled",
+                    pipeline=ctx.pipeline.name,
+                    step_key=run.claimed.key,
+                    execution_id=run.claimed.execution_id,
+                )
+            )
         self._post_outcome(run, self._outcome(run, ran))
 
     def _outcome(self, run: _Run, ran: Ran) -> Outcome:
@@ -523,9 +605,16 @@ class Worker:
         if ran.error is not None:
             return self._failed(run, ran.error)
         c = run.claimed
-        return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind="done",
-                       weight=c.weight, before=run.committed_progress, output=ran.output,
-                       ledger=ran.ledger_rows)
+        return Outcome(
+            execution_id=c.execution_id,
+            key=c.key,
+            attempt=c.attempt,
+            kind="done",
+            weight=c.weight,
+            before=run.committed_progress,
+            output=ran.output,
+            ledger=ran.ledger_rows,
+        )
 
     def _failed(self, run: _Run, exc: BaseException) -> Outcome:
         c = run.claimed
@@ -536,9 +625,17 @@ class Worker:
             kind = "handback"
         step = run.pipeline.get(c.name) if run.pipeline is not None else None
         policy = NO_RETRY if step is None else RetryPolicy.of(step, self.settings)
-        return Outcome(execution_id=c.execution_id, key=c.key, attempt=c.attempt, kind=kind,
-                       weight=c.weight, before=run.committed_progress, error=error_text(exc),
-                       permanent=is_permanent(exc), policy=policy)
+        return Outcome(
+            execution_id=c.execution_id,
+            key=c.key,
+            attempt=c.attempt,
+            kind=kind,
+            weight=c.weight,
+            before=run.committed_progress,
+            error=error_text(exc),
+            permanent=is_permanent(exc),
+            policy=policy,
+        )
 
     def _post_message(self, run: _Run, message: StepMessage) -> None:
         """A message from a step's context (its thread or the loop)."""
@@ -549,10 +646,17 @@ class Worker:
                 self._pending.progress[run.ident] = (run, message.pct, message.message)
             else:
                 assert run.pipeline is not None
-                spec = plan_step(run.pipeline, message.name, message.params, message.key,
-                                 message.deps, message.spawner)
-                self._pending.spawns.append(Spawn(message.execution_id, message.spawner,
-                                                  run.claimed.attempt, spec))
+                spec = plan_step(
+                    run.pipeline,
+                    message.name,
+                    message.params,
+                    message.key,
+                    message.deps,
+                    message.spawner,
+                )
+                self._pending.spawns.append(
+                    Spawn(message.execution_id, message.spawner, run.claimed.attempt, spec)
+                )
         self._wakeup()
 
     def _post_outcome(self, run: _Run, outcome: Outcome) -> None:
@@ -609,9 +713,17 @@ class Worker:
         for ident, (run, pct, text) in pending.progress.items():
             if run.finished or run.lost:
                 continue
-            work.progress.append(ProgressUpdate(ident[0], ident[1], ident[2],
-                                                run.claimed.weight, run.committed_progress,
-                                                pct, text))
+            work.progress.append(
+                ProgressUpdate(
+                    ident[0],
+                    ident[1],
+                    ident[2],
+                    run.claimed.weight,
+                    run.committed_progress,
+                    pct,
+                    text,
+                )
+            )
             run.committed_progress = pct
         for run, outcome in pending.outcomes:
             outcome.before = run.committed_progress
@@ -622,8 +734,16 @@ class Worker:
         result: RoundResult | None = None
         try:
             result = await self._in_db_retrying(
-                functools.partial(dispatch.commit_round, self.store, work, worker=self.id,
-                                  take=take, lease=self.lease), what="committing step results")
+                functools.partial(
+                    dispatch.commit_round,
+                    self.store,
+                    work,
+                    worker=self.id,
+                    take=take,
+                    lease=self.lease,
+                ),
+                what="committing step results",
+            )
         finally:
             self._release(take - (len(result.claimed) if result is not None else 0))
         if result.claimed:
@@ -633,23 +753,30 @@ class Worker:
             if outcome.kind == "done":
                 self.steps_done += 1
         for execution_id, key, attempt in result.fenced:
-            _log.warning("Worker %s: step %s of %s attempt %d no longer held by this worker "
-                         "(its lease was taken over); its late writes were discarded",
-                         self.id, key, execution_id[:8], attempt)
+            _log.warning(
+                "Worker %s: step %s of %s attempt %d no longer held by this worker "
+                "(its lease was taken over); its late writes were discarded",
+                self.id,
+                key,
+                execution_id[:8],
+                attempt,
+            )
         if result.ready:
             await self._publish(result.ready)
         loop = asyncio.get_running_loop()
         for at, delivery in result.retry_at:
-            self._retry_timers.append(loop.call_later(max(0.0, at - time.time()),
-                                                      self._retry_due, delivery))
+            self._retry_timers.append(
+                loop.call_later(max(0.0, at - time.time()), self._retry_due, delivery)
+            )
 
     def _retry_due(self, _delivery: Delivery) -> None:
         if not self._stopping.is_set():
             asyncio.get_running_loop().create_task(self._release_due())
 
     async def _release_due(self) -> None:
-        ready = await self._in_db_retrying(dispatch.release_due, self.store,
-                                           what="releasing due retries")
+        ready = await self._in_db_retrying(
+            dispatch.release_due, self.store, what="releasing due retries"
+        )
         await self._publish(ready)
 
     async def _publish(self, ready: list[Delivery]) -> None:
@@ -657,8 +784,13 @@ class Worker:
         try:
             await self._in_db(self.broker.publish, ready)
         except BrokerError as exc:
-            _log.warning("Worker %s: %s; the %d step(s) stay ready in the store and are "
-                         "published again by the sweep", self.id, exc, len(ready))
+            _log.warning(
+                "Worker %s: %s; the %d step(s) stay ready in the store and are "
+                "published again by the sweep",
+                self.id,
+                exc,
+                len(ready),
+            )
 
     # -- heartbeat, sweep, takeover ----------------------------------------------------------
 
@@ -682,15 +814,24 @@ class Worker:
                     last_claim = now
                     await self._takeover()
             except (BrokerError, *_DB_ERRORS) as exc:
-                _log.warning("Worker %s: heartbeat failed (%s); retrying", self.id,
-                             str(exc).splitlines()[0])
+                _log.warning(
+                    "Worker %s: heartbeat failed (%s); retrying", self.id, str(exc).splitlines()[0]
+                )
 
     async def _renew(self) -> None:
         held = [r.ident for r in self._runs.values() if not r.finished and not r.lost]
-        lost, stopped = await self._in_db(functools.partial(
-            dispatch.renew, self.store, self.id, held, lease=self.lease,
-            concurrency=self.concurrency, output_tail=self._tail(),
-            steps_done=self.steps_done))
+        lost, stopped = await self._in_db(
+            functools.partial(
+                dispatch.renew,
+                self.store,
+                self.id,
+                held,
+                lease=self.lease,
+                concurrency=self.concurrency,
+                output_tail=self._tail(),
+                steps_done=self.steps_done,
+            )
+        )
         for ident in held:
             run = self._runs.get(ident)
             if run is None:
@@ -700,8 +841,13 @@ class Worker:
                     if run.finished:  # its outcome is queued; the commit fences it
                         continue
                     run.lost = True
-                _log.warning("Worker %s: lost the lease of step %s of %s (attempt %d); "
-                             "stopping it", self.id, ident[1], ident[0][:8], ident[2])
+                _log.warning(
+                    "Worker %s: lost the lease of step %s of %s (attempt %d); stopping it",
+                    self.id,
+                    ident[1],
+                    ident[0][:8],
+                    ident[2],
+                )
                 self._stop_run(run)
                 self._runs.pop(ident, None)
                 self._release(1)
@@ -717,10 +863,15 @@ class Worker:
 
     async def _sweep(self) -> None:
         settings = self.settings
-        ready, _events = await self._in_db(functools.partial(
-            dispatch.sweep, self.store, max_crashes=settings.max_step_crashes,
-            stale_after=max(self.lease / 2, 2.0),
-            republish_after=settings.republish_after))
+        ready, _events = await self._in_db(
+            functools.partial(
+                dispatch.sweep,
+                self.store,
+                max_crashes=settings.max_step_crashes,
+                stale_after=max(self.lease / 2, 2.0),
+                republish_after=settings.republish_after,
+            )
+        )
         if ready:
             await self._publish(ready)
 
@@ -734,8 +885,7 @@ class Worker:
             try:
                 entries = self.broker.take_over(self.id, self.lease, count=free)
                 if entries:
-                    _log.info("Worker %s took over %d idle deliver(ies)", self.id,
-                              len(entries))
+                    _log.info("Worker %s took over %d idle deliver(ies)", self.id, len(entries))
                     self._claim_entries(entries, free)
                 else:
                     self._release(free)
@@ -751,8 +901,9 @@ class Worker:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._db, fn, *args)
 
-    async def _in_db_retrying(self, fn: Callable[..., T], *args: Any, what: str,
-                              while_stopping: float | None = 30.0) -> T:
+    async def _in_db_retrying(
+        self, fn: Callable[..., T], *args: Any, what: str, while_stopping: float | None = 30.0
+    ) -> T:
         """Retry on a lost database or broker connection, with backoff, until it works.
 
         Once the worker is stopping, retries go on for ``while_stopping`` seconds more (None:
@@ -772,6 +923,11 @@ class Worker:
                         raise
                 failures += 1
                 delay = backoff.delay(min(failures, 8))
-                _log.warning("Worker %s: %s failed (%s); retrying in %.1fs", self.id, what,
-                             str(exc).splitlines()[0], delay)
+                _log.warning(
+                    "Worker %s: %s failed (%s); retrying in %.1fs",
+                    self.id,
+                    what,
+                    str(exc).splitlines()[0],
+                    delay,
+                )
                 await asyncio.sleep(delay)

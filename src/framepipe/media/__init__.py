@@ -65,6 +65,7 @@ def __getattr__(name: str) -> Any:
         return getattr(steps, name)
     raise AttributeError(f"module 'framepipe.media' has no attribute {name!r}")
 
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "Input",

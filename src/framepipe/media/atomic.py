@@ -69,8 +69,7 @@ def _claim_temp(dst: Path) -> tuple[int | None, Path]:
                     if os.fstat(fd).st_size == 0:
                         tmp.unlink()
                 os.close(fd)
-                return None, dst.with_name(f".{dst.stem}.{secrets.token_hex(4)}.part"
-                                           f"{dst.suffix}")
+                return None, dst.with_name(f".{dst.stem}.{secrets.token_hex(4)}.part{dst.suffix}")
             # A writer that finished between our open and our lock renamed the file to dst:
             # holding its lock says nothing about the slot, which must be opened again.
             if locked and not _same_file(fd, tmp):

@@ -34,8 +34,7 @@ def audio_format(stream: av.audio.stream.AudioStream) -> AudioFormat:
     ctx = stream.codec_context
     rate = int(ctx.sample_rate or stream.rate or 48000)
     channels = ctx.layout.nb_channels if ctx.layout is not None else 2
-    return AudioFormat(rate if rate in AAC_RATES else 48000,
-                       "mono" if channels == 1 else "stereo")
+    return AudioFormat(rate if rate in AAC_RATES else 48000, "mono" if channels == 1 else "stereo")
 
 
 class AudioQueue:
@@ -58,8 +57,9 @@ class AudioQueue:
 
     def begin(self, t0: float = 0.0) -> None:
         """Start a new part whose video starts at ``t0`` seconds of its source."""
-        self._resampler = av.AudioResampler(format="fltp", layout=self.fmt.layout,
-                                            rate=self.fmt.rate)
+        self._resampler = av.AudioResampler(
+            format="fltp", layout=self.fmt.layout, rate=self.fmt.rate
+        )
         self._t0 = t0
         self._lead = None
         self._first_time = None
@@ -103,8 +103,7 @@ class AudioQueue:
     def take(self, limit: int | None = None) -> list[np.ndarray]:
         """Remove and return up to ``limit`` queued samples (all if None), in order."""
         out: list[np.ndarray] = []
-        want = self.pending_samples if limit is None else max(0, min(limit,
-                                                                     self.pending_samples))
+        want = self.pending_samples if limit is None else max(0, min(limit, self.pending_samples))
         while want > 0:
             head = self._pending[0]
             if head.shape[1] <= want:

@@ -33,11 +33,19 @@ def _fit(frames: Iterator[av.VideoFrame], width: int, height: int) -> Iterator[a
         factor = min(width / frame.width, height / frame.height)
         w, h = even(frame.width * factor), even(frame.height * factor)
         w, h = min(w, width), min(h, height)
-        small = frame.reformat(width=w, height=h, format="bgr24",
-                               interpolation="BICUBIC").to_ndarray()
+        small = frame.reformat(
+            width=w, height=h, format="bgr24", interpolation="BICUBIC"
+        ).to_ndarray()
         top, left = (height - h) // 2, (width - w) // 2
-        padded = cv2.copyMakeBorder(small, top, height - h - top, left, width - w - left,
-                                    cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        padded = cv2.copyMakeBorder(
+            small,
+            top,
+            height - h - top,
+            left,
+            width - w - left,
+            cv2.BORDER_CONSTANT,
+            value=(0, 0, 0),
+        )
         yield av.VideoFrame.from_ndarray(np.asarray(padded, dtype=np.uint8), format="bgr24")
 
 
@@ -60,14 +68,30 @@ def _survey(path: Path, limit: int) -> _Part:
         turn = Upright(frame_rotation(first, stream))
         width, height = turn.size(stream.width, stream.height)
         sound = container.streams.audio
-        return _Part(path, estimate_frames(stream, container), stream_rate(stream), width,
-                     height, turn.rotation, audio_format(sound[0]) if sound else None)
+        return _Part(
+            path,
+            estimate_frames(stream, container),
+            stream_rate(stream),
+            width,
+            height,
+            turn.rotation,
+            audio_format(sound[0]) if sound else None,
+        )
 
 
-def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = None,
-           height: int | None = None, fps: float | Fraction | None = None, crf: int = 23,
-           preset: str = "medium", audio: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-           progress: ProgressCallback | None = None) -> Path:
+def concat(
+    parts: Sequence[Path | str],
+    dst: Path | str,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | Fraction | None = None,
+    crf: int = 23,
+    preset: str = "medium",
+    audio: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> Path:
     """Join ``parts`` (e.g. intro, main clip, splash screen) into one H.264 MP4 at ``dst``.
 
     Every part is re-encoded to one size and frame rate: ``width``/``height``/``fps`` when
@@ -105,17 +129,22 @@ def concat(parts: Sequence[Path | str], dst: Path | str, *, width: int | None = 
         queue = AudioQueue(AudioFormat(sounds[0].rate, "stereo" if stereo else "mono"))
     dst = Path(dst)
     report = Progress(progress, total)
-    with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h, fps=out_rate,
-                                                crf=crf, preset=preset,
-                                                audio=queue) as writer:
+    with (
+        atomic_output(dst) as tmp,
+        H264Writer(
+            tmp, width=out_w, height=out_h, fps=out_rate, crf=crf, preset=preset, audio=queue
+        ) as writer,
+    ):
         for part in survey:
             before = writer.frames
             with open_video(part.path, max_pixels=limit) as (container, stream):
-                source = decode_source(container, stream, part.path,
-                                       audio=queue if queue is not None else False)
+                source = decode_source(
+                    container, stream, part.path, audio=queue if queue is not None else False
+                )
                 turn = Upright(part.rotation)
-                for frame in _fit(turn.frames(resample(source.frames, part.rate, out_rate)),
-                                  out_w, out_h):
+                for frame in _fit(
+                    turn.frames(resample(source.frames, part.rate, out_rate)), out_w, out_h
+                ):
                     writer.write(frame)
                     report.step()
             if writer.frames == before:

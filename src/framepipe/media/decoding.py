@@ -26,8 +26,9 @@ T = TypeVar("T")
 
 
 @contextlib.contextmanager
-def open_video(src: Path | str, *, max_pixels: int) -> Iterator[
-        tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+def open_video(
+    src: Path | str, *, max_pixels: int
+) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
     """Open ``src`` for reading and yield (container, first video stream), multi-threaded decode.
 
     A missing, unreadable or non-video file raises :class:`MediaError` naming the path. So does
@@ -61,8 +62,9 @@ def open_video(src: Path | str, *, max_pixels: int) -> Iterator[
         container.close()
 
 
-def decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-           path: Path) -> Iterator[av.VideoFrame]:
+def decode(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
+) -> Iterator[av.VideoFrame]:
     """The stream's frames; a decode error becomes :class:`MediaError` naming ``path``."""
     try:
         yield from container.decode(stream)
@@ -70,11 +72,13 @@ def decode(container: av.container.InputContainer, stream: av.video.stream.Video
         raise MediaError(path, f"decoding failed ({exc})") from exc
 
 
-def decode_with_audio(container: av.container.InputContainer,
-                      stream: av.video.stream.VideoStream,
-                      audio: av.audio.stream.AudioStream | None,
-                      on_audio: Callable[[av.AudioFrame], None],
-                      path: Path) -> Iterator[av.VideoFrame]:
+def decode_with_audio(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    audio: av.audio.stream.AudioStream | None,
+    on_audio: Callable[[av.AudioFrame], None],
+    path: Path,
+) -> Iterator[av.VideoFrame]:
     """The video stream's frames, in one pass over the file that also decodes ``audio`` (when
     given) and hands its frames to ``on_audio`` as they come. A video or container error
     becomes :class:`MediaError` naming ``path``; an audio packet that cannot be decoded is
@@ -110,8 +114,13 @@ class Decoding:
     audio: AudioQueue | None
 
 
-def decode_source(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-                  path: Path, *, audio: bool | AudioQueue) -> Decoding:
+def decode_source(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+    *,
+    audio: bool | AudioQueue,
+) -> Decoding:
     """Start decoding ``stream``, in one pass over the file that also decodes the source's
     sound (its first audio stream) as :func:`decode_with_audio` does.
 
@@ -124,16 +133,18 @@ def decode_source(container: av.container.InputContainer, stream: av.video.strea
     The first frame is decoded here: a stream without one raises :class:`MediaError` naming
     ``path``, before anything is written."""
     queue: AudioQueue | None = None
-    astream = container.streams.audio[0] if audio is not False and container.streams.audio \
-        else None
+    astream = container.streams.audio[0] if audio is not False and container.streams.audio else None
     if isinstance(audio, AudioQueue):
         queue = audio
     elif audio and astream is not None:
         queue = AudioQueue(audio_format(astream))
     if queue is not None:
         queue.begin(stream_start(stream))
-    first, frames = peek(decode_with_audio(container, stream, astream,
-                                           queue.push if queue is not None else _ignore, path))
+    first, frames = peek(
+        decode_with_audio(
+            container, stream, astream, queue.push if queue is not None else _ignore, path
+        )
+    )
     if first is None:
         raise MediaError(path, "holds no decodable video frames")
     return Decoding(first, frames, queue)

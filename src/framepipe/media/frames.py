@@ -29,18 +29,25 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
     """Write a BGR image atomically; the format follows ``dst``'s suffix."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.suffix.lower() in {".jpg", ".jpeg"} \
-        else []
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.suffix.lower() in {".jpg", ".jpeg"} else []
     with atomic_output(dst) as tmp:
         if not cv2.imwrite(str(tmp), image, params):
             raise MediaError(dst, "OpenCV could not write the image (unknown suffix?)")
     return dst
 
 
-def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
-                   fps: float | Fraction | None = None, max_frames: int | None = None,
-                   fmt: str = "jpg", quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   progress: ProgressCallback | None = None) -> list[Path]:
+def extract_frames(
+    src: Path | str,
+    out_dir: Path | str,
+    *,
+    every: int = 1,
+    fps: float | Fraction | None = None,
+    max_frames: int | None = None,
+    fmt: str = "jpg",
+    quality: int = 90,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> list[Path]:
     """Save frames of ``src`` as images ``out_dir/frame_NNNNNN.<fmt>``.
 
     By index (default): every ``every``-th decoded frame; NNNNNN is the frame's index in the
@@ -68,21 +75,22 @@ def extract_frames(src: Path | str, out_dir: Path | str, *, every: int = 1,
     with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         src_rate = stream_rate(stream)
         total = estimate_frames(stream, container)
-        wanted = (-(-total // every) if out_rate is None
-                  else round(total * out_rate / src_rate))
+        wanted = -(-total // every) if out_rate is None else round(total * out_rate / src_rate)
         if max_frames is not None:
             wanted = min(wanted, max_frames)
         report = Progress(progress, wanted)
         rotation: int | None = None
         frames = decode(container, stream, src)
-        picked = (((i, f) for i, f in enumerate(frames) if i % every == 0)
-                  if out_rate is None else enumerate(resample(frames, src_rate, out_rate)))
+        picked = (
+            ((i, f) for i, f in enumerate(frames) if i % every == 0)
+            if out_rate is None
+            else enumerate(resample(frames, src_rate, out_rate))
+        )
         for number, frame in picked if max_frames != 0 else ():
             if rotation is None:
                 rotation = frame_rotation(frame, stream)
             image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
-            written.append(write_image(out / f"frame_{number:06d}.{fmt}", image,
-                                       quality=quality))
+            written.append(write_image(out / f"frame_{number:06d}.{fmt}", image, quality=quality))
             report.step()
             if max_frames is not None and len(written) >= max_frames:
                 break
@@ -95,8 +103,11 @@ def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
         folder = Path(frames)
         if not folder.is_dir():
             raise MediaError(folder, "is not a folder of frames")
-        paths = sorted(p for p in folder.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        paths = sorted(
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not paths:
             raise MediaError(folder, "holds no image files")
         return paths
@@ -131,9 +142,16 @@ def _read_frame(path: Path, width: int, height: int, limit: int) -> av.VideoFram
     return av.VideoFrame.from_ndarray(image, format="bgr24")
 
 
-def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
-           fps: float | Fraction = 25, crf: int = 23, preset: str = "medium",
-           max_pixels: int = DEFAULT_MAX_PIXELS, progress: ProgressCallback | None = None) -> Path:
+def stitch(
+    frames: Path | str | Sequence[Path | str],
+    dst: Path | str,
+    *,
+    fps: float | Fraction = 25,
+    crf: int = 23,
+    preset: str = "medium",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
 
     ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
@@ -154,10 +172,11 @@ def stitch(frames: Path | str | Sequence[Path | str], dst: Path | str, *,
     out_w, out_h = even(width), even(height)
     rate = Fraction(fps).limit_denominator(1001)
     report = Progress(progress, len(paths))
-    with (ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,
-          atomic_output(dst) as tmp,
-          H264Writer(tmp, width=out_w, height=out_h, fps=rate, crf=crf,
-                     preset=preset) as writer):
+    with (
+        ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,
+        atomic_output(dst) as tmp,
+        H264Writer(tmp, width=out_w, height=out_h, fps=rate, crf=crf, preset=preset) as writer,
+    ):
         pending: collections.deque[Future[av.VideoFrame]] = collections.deque()
         upcoming = iter(paths[1:])
         for path in itertools.islice(upcoming, _READ_AHEAD):

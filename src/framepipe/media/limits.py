@@ -15,8 +15,14 @@ from typing import Any
 
 from framepipe.errors import MediaError
 
-__all__ = ["BACKSTOP", "DEFAULT_MAX_PIXELS", "check_output_size", "check_picture", "image_size",
-           "pixel_limit"]
+__all__ = [
+    "BACKSTOP",
+    "DEFAULT_MAX_PIXELS",
+    "check_output_size",
+    "check_picture",
+    "image_size",
+    "pixel_limit",
+]
 
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """The picture-size limit every function's ``max_pixels`` defaults to (and the default of the
@@ -28,8 +34,9 @@ BACKSTOP = 4
 """FFmpeg's own ``max_pixels`` is this many times the limit (see
 :func:`~framepipe.media.decoding.open_video`)."""
 
-_RAISE_IT = ("raise the limit with max_pixels= or the setting FRAMEPIPE_MEDIA_MAX_PIXELS "
-             "(0: no limit)")
+_RAISE_IT = (
+    "raise the limit with max_pixels= or the setting FRAMEPIPE_MEDIA_MAX_PIXELS (0: no limit)"
+)
 
 
 def pixel_limit(max_pixels: int) -> int:
@@ -37,8 +44,9 @@ def pixel_limit(max_pixels: int) -> int:
     whole number >= 0 raises :class:`ValueError`. Reads no setting: a caller that has
     settings (a job step) passes ``media_max_pixels`` in."""
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
-        raise ValueError(f"max_pixels must be a whole number >= 0 (0: no limit), not "
-                         f"{max_pixels!r}")
+        raise ValueError(
+            f"max_pixels must be a whole number >= 0 (0: no limit), not {max_pixels!r}"
+        )
     return max_pixels
 
 
@@ -47,23 +55,29 @@ def _limit_text(limit: int) -> str:
     return f"{limit:,} pixels" + (f" ({side}x{side})" if side * side == limit else "")
 
 
-def check_picture(path: Path | str, width: int, height: int, limit: int,
-                  what: str = "its picture") -> None:
+def check_picture(
+    path: Path | str, width: int, height: int, limit: int, what: str = "its picture"
+) -> None:
     """Raise :class:`MediaError` naming ``path``, its size and the limit (and how to raise it)
     when a ``width`` x ``height`` picture is larger than ``limit`` pixels (0: no limit)."""
     if limit and width * height > limit:
-        raise MediaError(path, f"{what} is {width}x{height} ({width * height:,} pixels), "
-                               f"larger than the limit of {_limit_text(limit)}: refused "
-                               f"before decoding; {_RAISE_IT}")
+        raise MediaError(
+            path,
+            f"{what} is {width}x{height} ({width * height:,} pixels), "
+            f"larger than the limit of {_limit_text(limit)}: refused "
+            f"before decoding; {_RAISE_IT}",
+        )
 
 
 def check_output_size(width: int, height: int, limit: int) -> None:
     """Raise :class:`ValueError` when a requested output of ``width`` x ``height`` is larger
     than ``limit`` pixels (0: no limit), before anything is decoded or written."""
     if limit and width * height > limit:
-        raise ValueError(f"the requested output size {width}x{height} "
-                         f"({width * height:,} pixels) is larger than the limit of "
-                         f"{_limit_text(limit)}; {_RAISE_IT}")
+        raise ValueError(
+            f"the requested output size {width}x{height} "
+            f"({width * height:,} pixels) is larger than the limit of "
+            f"{_limit_text(limit)}; {_RAISE_IT}"
+        )
 
 
 def image_size(path: Path | str) -> tuple[int, int] | None:
@@ -97,8 +111,10 @@ def _webp_size(head: bytes) -> tuple[int, int] | None:
         (bits,) = struct.unpack("<I", head[21:25])
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     if chunk == b"VP8X" and len(head) >= 30:
-        return (int.from_bytes(head[24:27], "little") + 1,
-                int.from_bytes(head[27:30], "little") + 1)
+        return (
+            int.from_bytes(head[24:27], "little") + 1,
+            int.from_bytes(head[27:30], "little") + 1,
+        )
     return None
 
 

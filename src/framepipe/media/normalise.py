@@ -17,11 +17,20 @@ from framepipe.media.writer import H264Writer, fit_size
 __all__ = ["normalise"]
 
 
-def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
-              height: int | None = None, fps: float | Fraction | None = None,
-              pix_fmt: str = "yuv420p", crf: int = 23, preset: str = "medium",
-              audio: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
-              progress: ProgressCallback | None = None) -> Path:
+def normalise(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | Fraction | None = None,
+    pix_fmt: str = "yuv420p",
+    crf: int = 23,
+    preset: str = "medium",
+    audio: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> Path:
     """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264; sound as AAC).
 
     Rotation: a clip with a display rotation (a phone's portrait video) comes out upright,
@@ -58,18 +67,30 @@ def normalise(src: Path | str, dst: Path | str, *, width: int | None = None,
         check_output_size(out_w, out_h, limit)
         total = round(estimate_frames(stream, container) * out_rate / src_rate)
         report = Progress(progress, total)
-        with atomic_output(dst) as tmp, H264Writer(tmp, width=out_w, height=out_h,
-                                                    fps=out_rate, crf=crf, preset=preset,
-                                                    pix_fmt=pix_fmt,
-                                                    audio=source.audio) as writer:
+        with (
+            atomic_output(dst) as tmp,
+            H264Writer(
+                tmp,
+                width=out_w,
+                height=out_h,
+                fps=out_rate,
+                crf=crf,
+                preset=preset,
+                pix_fmt=pix_fmt,
+                audio=source.audio,
+            ) as writer,
+        ):
             for frame in turn.frames(resample(source.frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
             declared = stream.frames or 0
             expected = declared * out_rate / src_rate
             if declared and writer.frames < 0.95 * expected - 2:
-                raise MediaError(src, f"truncated: its header announces {declared} frames but "
-                                      f"only about {round(writer.frames * src_rate / out_rate)} "
-                                      "could be decoded")
+                raise MediaError(
+                    src,
+                    f"truncated: its header announces {declared} frames but "
+                    f"only about {round(writer.frames * src_rate / out_rate)} "
+                    "could be decoded",
+                )
     report.finish()
     return dst

@@ -78,8 +78,9 @@ class MediaInfo:
         return data
 
 
-def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-          path: Path) -> tuple[av.VideoFrame | None, list[int]]:
+def _scan(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
+) -> tuple[av.VideoFrame | None, list[int]]:
     """The first frame (decoded) and the frames' timestamps in the stream's time base, sorted:
     all of them from the index when it lists every frame, else those of the first
     :data:`SCAN_PACKETS` packets (demuxed, not decoded), in one pass from the start. A decode
@@ -87,8 +88,11 @@ def _scan(container: av.container.InputContainer, stream: av.video.stream.VideoS
     sample (the operations that read the whole file report a broken one)."""
     entries = stream.index_entries
     indexed = bool(stream.frames) and len(entries) >= stream.frames
-    stamps = [e.timestamp for e in itertools.islice(entries, INDEX_TIMESTAMPS)
-              if not e.is_discard] if indexed else []
+    stamps = (
+        [e.timestamp for e in itertools.islice(entries, INDEX_TIMESTAMPS) if not e.is_discard]
+        if indexed
+        else []
+    )
     first: av.VideoFrame | None = None
     scanned = 0
     try:

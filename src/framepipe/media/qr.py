@@ -81,9 +81,15 @@ def _read(zxing: ModuleType, gray: np.ndarray) -> list[Any]:
         return list(zxing.read_barcodes(gray, formats=fmt))
 
 
-def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
-              stop_after: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              progress: ProgressCallback | None = None) -> QrResult | None:
+def decode_qr(
+    src: Path | str,
+    *,
+    max_frames: int | None = None,
+    every: int = 5,
+    stop_after: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> QrResult | None:
     """Scan every ``every``-th frame of ``src`` (the first ``max_frames`` frames, default all)
     for QR codes with zxing-cpp.
 
@@ -135,6 +141,8 @@ def decode_qr(src: Path | str, *, max_frames: int | None = None, every: int = 5,
     report.finish()
     if not found and not unreadable:
         return None
-    return QrResult(codes=tuple(found.values()),
-                    unreadable_frames=tuple(sorted(set(unreadable))),
-                    frames_scanned=scanned)
+    return QrResult(
+        codes=tuple(found.values()),
+        unreadable_frames=tuple(sorted(set(unreadable))),
+        frames_scanned=scanned,
+    )

@@ -45,8 +45,7 @@ _TURN_FILTERS: dict[int, tuple[tuple[str, str | None], ...]] = {
     180: (("hflip", None), ("vflip", None)),
     270: (("transpose", "clock"),),
 }
-_CV2_TURNS = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180,
-              270: cv2.ROTATE_90_CLOCKWISE}
+_CV2_TURNS = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
 
 
 def upright_image(image: np.ndarray, rotation: int) -> np.ndarray:
@@ -77,11 +76,16 @@ class Upright:
             return frame
         if self._graph is None:
             graph = av.filter.Graph()
-            node = graph.add_buffer(width=frame.width, height=frame.height,
-                                    format=frame.format,
-                                    time_base=frame.time_base or Fraction(1, 1000))
-            for name, args in (*_TURN_FILTERS[self.rotation],
-                               ("sidedata", "mode=delete:type=DISPLAYMATRIX")):
+            node = graph.add_buffer(
+                width=frame.width,
+                height=frame.height,
+                format=frame.format,
+                time_base=frame.time_base or Fraction(1, 1000),
+            )
+            for name, args in (
+                *_TURN_FILTERS[self.rotation],
+                ("sidedata", "mode=delete:type=DISPLAYMATRIX"),
+            ):
                 nxt = graph.add(name, args) if args is not None else graph.add(name)
                 node.link_to(nxt)
                 node = nxt

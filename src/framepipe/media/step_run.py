@@ -61,8 +61,7 @@ class StepRun:
     """One run of one operation in one step (:func:`~framepipe.media.steps.run_media`
     makes one per call)."""
 
-    def __init__(self, ctx: StepContext, operation: str, op: OpSpec, work: Path,
-                 key: str) -> None:
+    def __init__(self, ctx: StepContext, operation: str, op: OpSpec, work: Path, key: str) -> None:
         self.ctx = ctx
         self.operation = operation
         self.op = op
@@ -102,7 +101,9 @@ class StepRun:
                 raise StepParamsError(
                     f"source {ref!r} is a step of this pipeline without output yet: make this "
                     "step depend on it (media_step does when the source step is added first)",
-                    pipeline=ctx.pipeline.name, step_key=ctx.step_key)
+                    pipeline=ctx.pipeline.name,
+                    step_key=ctx.step_key,
+                )
             value = ctx.data[ref]
             if isinstance(value, Mapping):
                 if isinstance(value.get("prefix"), str):
@@ -111,9 +112,12 @@ class StepRun:
                     return "ref", value["key"], None
             if isinstance(value, str):
                 return "ref", value, None
-            raise StepParamsError(f"source {ref!r}: its output {value!r} names no file (a "
-                                  "key, or a dict with 'key' or 'prefix')",
-                                  pipeline=ctx.pipeline.name, step_key=ctx.step_key)
+            raise StepParamsError(
+                f"source {ref!r}: its output {value!r} names no file (a "
+                "key, or a dict with 'key' or 'prefix')",
+                pipeline=ctx.pipeline.name,
+                step_key=ctx.step_key,
+            )
         if ref in ctx.inputs:
             return self._input(ref)
         return "ref", ref, None
@@ -124,8 +128,11 @@ class StepRun:
         ctx = self.ctx
         value = ctx.inputs.get(name)
         if not isinstance(value, str) or not value:
-            raise StepParamsError(f"input {name!r} is {value!r}, not a path or object key",
-                                  pipeline=ctx.pipeline.name, step_key=ctx.step_key)
+            raise StepParamsError(
+                f"input {name!r} is {value!r}, not a path or object key",
+                pipeline=ctx.pipeline.name,
+                step_key=ctx.step_key,
+            )
         model = ctx.pipeline.inputs
         declared = model is not None and name in declared_path_fields(model)
         confined = declared or ctx.input_roots is not None
@@ -153,15 +160,19 @@ class StepRun:
         object key is never looked up on the disk; without roots an existing local path is
         read where it is. Sources of the pipeline's own (written in its code, or a step's
         output) are a local path if one exists there, else an object key (or prefix)."""
-        kind, value, local = (self._input(ref.name) if isinstance(ref, FromInput)
-                              else self._lookup(ref))
+        kind, value, local = (
+            self._input(ref.name) if isinstance(ref, FromInput) else self._lookup(ref)
+        )
         slot = self.work / f"in{self._downloads}"
         self._downloads += 1
         report = self.report(_FETCH)
         if kind == "local":
             if folder:
-                raise MediaError(value, "a folder of images must be given as an object-key "
-                                        "prefix here (this input is a file or an object)")
+                raise MediaError(
+                    value,
+                    "a folder of images must be given as an object-key "
+                    "prefix here (this input is a file or an object)",
+                )
             assert local is not None
             slot.mkdir(parents=True)
             dest = copy_local_file(local, slot / local.name)
@@ -181,19 +192,20 @@ class StepRun:
             if not folder and kind == "key":
                 raise MediaError(value, "no such object in the object store")
             if not folder:
-                raise MediaError(value, "no such file, nor object key in "
-                                        f"{self.ctx.objects.url}")
+                raise MediaError(value, f"no such file, nor object key in {self.ctx.objects.url}")
         prefix = value.rstrip("/") + "/"
         try:
-            infos = [i for i in self.ctx.objects.list(prefix)
-                     if i.key.lower().endswith(IMAGE_SUFFIXES)]
+            infos = [
+                i for i in self.ctx.objects.list(prefix) if i.key.lower().endswith(IMAGE_SUFFIXES)
+            ]
         except InvalidKeyError:
             infos = []
         if not infos:
-            raise MediaError(value, "no such folder, nor object prefix holding images in "
-                                    f"{self.ctx.objects.url}")
+            raise MediaError(
+                value, f"no such folder, nor object prefix holding images in {self.ctx.objects.url}"
+            )
         for n, info in enumerate(infos, 1):
-            self.ctx.objects.get_file(info.key, slot / info.key[len(prefix):].replace("/", "_"))
+            self.ctx.objects.get_file(info.key, slot / info.key[len(prefix) :].replace("/", "_"))
             report(100 * n / len(infos))
         self.names[slot] = value
         return slot
@@ -205,8 +217,9 @@ class StepRun:
             if exc.path == local or local in exc.path.parents:
                 inner = exc.path.relative_to(local)
                 shown = name if not inner.parts else f"{name.rstrip('/')}/{inner}"
-                renamed = MediaError(shown, exc.reason.replace(str(exc.path), shown)
-                                     .replace(str(local), name))
+                renamed = MediaError(
+                    shown, exc.reason.replace(str(exc.path), shown).replace(str(local), name)
+                )
                 return renamed.with_traceback(exc.__traceback__)
         return exc
 
@@ -214,10 +227,19 @@ class StepRun:
 
     def key(self, ext: str) -> str:
         ctx = self.ctx
-        return string.Formatter().vformat(self.key_template, (), {
-            "execution_id": ctx.execution_id, "pipeline": ctx.pipeline.name,
-            "step": ctx.step_name, "step_key": ctx.step_key, "attempt": ctx.attempt,
-            "ext": ext, "inputs": ctx.inputs})
+        return string.Formatter().vformat(
+            self.key_template,
+            (),
+            {
+                "execution_id": ctx.execution_id,
+                "pipeline": ctx.pipeline.name,
+                "step": ctx.step_name,
+                "step_key": ctx.step_key,
+                "attempt": ctx.attempt,
+                "ext": ext,
+                "inputs": ctx.inputs,
+            },
+        )
 
     def output_path(self, key: str) -> Path:
         return self.work / "out" / key.rsplit("/", 1)[-1]
@@ -227,8 +249,11 @@ class StepRun:
     def run(self, source: str | Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
         refs = [source] if isinstance(source, str) else list(source)
         if self.operation != "concat" and len(refs) != 1:
-            raise StepParamsError(f"{self.operation} takes one source, not {len(refs)}",
-                                  pipeline=self.ctx.pipeline.name, step_key=self.ctx.step_key)
+            raise StepParamsError(
+                f"{self.operation} takes one source, not {len(refs)}",
+                pipeline=self.ctx.pipeline.name,
+                step_key=self.ctx.step_key,
+            )
         shown = refs[0] if len(refs) == 1 else refs
         try:
             result = self._run(refs, options)
@@ -251,13 +276,16 @@ class StepRun:
         if op == "decode_qr":
             found = decode_qr(self.fetch(refs[0]), progress=work, **options)
             if found is None:
-                return {"text": None, "codes": [], "unreadable_frames": [],
-                        "frames_scanned": None}
-            return {"text": found.text,
-                    "codes": [{"text": c.text, "frame_index": c.frame_index, "time": c.time,
-                               "hits": c.hits} for c in found.codes],
-                    "unreadable_frames": list(found.unreadable_frames),
-                    "frames_scanned": found.frames_scanned}
+                return {"text": None, "codes": [], "unreadable_frames": [], "frames_scanned": None}
+            return {
+                "text": found.text,
+                "codes": [
+                    {"text": c.text, "frame_index": c.frame_index, "time": c.time, "hits": c.hits}
+                    for c in found.codes
+                ],
+                "unreadable_frames": list(found.unreadable_frames),
+                "frames_scanned": found.frames_scanned,
+            }
         if op == "extract_frames":
             src = self.fetch(refs[0])
             out = self.work / "frames"
@@ -312,5 +340,4 @@ class StepRun:
             keys.append(key)
             size += path.stat().st_size
             upload(100 * n / len(paths))
-        return {"prefix": prefix, "count": len(keys), "keys": keys[:MAX_LISTED_KEYS],
-                "size": size}
+        return {"prefix": prefix, "count": len(keys), "keys": keys[:MAX_LISTED_KEYS], "size": size}

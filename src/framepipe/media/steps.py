@@ -97,8 +97,17 @@ __all__ = [
     "run_media",
 ]
 
-Operation = Literal["probe", "normalise", "extract_frames", "stitch", "thumbnail",
-                    "thumbnail_grid", "watermark", "concat", "decode_qr"]
+Operation = Literal[
+    "probe",
+    "normalise",
+    "extract_frames",
+    "stitch",
+    "thumbnail",
+    "thumbnail_grid",
+    "watermark",
+    "concat",
+    "decode_qr",
+]
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 
 DEFAULT_KEY = "media/{execution_id}/{step}{ext}"
@@ -133,31 +142,43 @@ def _op(operation: str) -> OpSpec:
     try:
         return _OPS[operation]
     except KeyError:
-        raise ValueError(f"unknown media operation {operation!r}; one of: "
-                         f"{', '.join(OPERATIONS)}") from None
+        raise ValueError(
+            f"unknown media operation {operation!r}; one of: {', '.join(OPERATIONS)}"
+        ) from None
 
 
-def _check_options(operation: str, options: Mapping[str, Any], pipeline: str,
-                   step: str) -> None:
+def _check_options(operation: str, options: Mapping[str, Any], pipeline: str, step: str) -> None:
     op = _op(operation)
     params = inspect.signature(op.fn).parameters
     allowed = [n for n in params if n not in op.reserved]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise StepParamsError(f"{operation} takes no option(s) {', '.join(unknown)} (its "
-                              f"options: {', '.join(allowed)})", pipeline=pipeline,
-                              step_key=step)
+        raise StepParamsError(
+            f"{operation} takes no option(s) {', '.join(unknown)} (its "
+            f"options: {', '.join(allowed)})",
+            pipeline=pipeline,
+            step_key=step,
+        )
 
 
 def _check_key(template: str, pipeline: str, step: str) -> None:
-    fields = {"execution_id": "x", "pipeline": "p", "step": "s", "step_key": "k",
-              "attempt": 1, "ext": ".mp4", "inputs": _AnyInputs()}
+    fields = {
+        "execution_id": "x",
+        "pipeline": "p",
+        "step": "s",
+        "step_key": "k",
+        "attempt": 1,
+        "ext": ".mp4",
+        "inputs": _AnyInputs(),
+    }
     try:
         string.Formatter().vformat(template, (), fields)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise StepParamsError(f"bad key template {template!r}: {exc!r} (fields: "
-                              f"{', '.join(sorted(fields))})", pipeline=pipeline,
-                              step_key=step) from exc
+        raise StepParamsError(
+            f"bad key template {template!r}: {exc!r} (fields: {', '.join(sorted(fields))})",
+            pipeline=pipeline,
+            step_key=step,
+        ) from exc
 
 
 class _AnyInputs(dict[str, Any]):
@@ -165,10 +186,19 @@ class _AnyInputs(dict[str, Any]):
         return "v"
 
 
-def media_step(pipeline: Pipeline, operation: Operation, *, name: str | None = None,
-               source: str | Sequence[str] = "input", key: str = DEFAULT_KEY,
-               depends_on: Iterable[str] = (), retries: int = 0, weight: float = 1.0,
-               retry_delay: float | None = None, **options: Any) -> Step:
+def media_step(
+    pipeline: Pipeline,
+    operation: Operation,
+    *,
+    name: str | None = None,
+    source: str | Sequence[str] = "input",
+    key: str = DEFAULT_KEY,
+    depends_on: Iterable[str] = (),
+    retries: int = 0,
+    weight: float = 1.0,
+    retry_delay: float | None = None,
+    **options: Any,
+) -> Step:
     """Add a step to ``pipeline`` that runs media ``operation`` on ``source``; return it.
 
     ``name`` defaults to the operation's name. ``source`` is a step name, an input name, a
@@ -185,8 +215,11 @@ def media_step(pipeline: Pipeline, operation: Operation, *, name: str | None = N
     if not refs:
         raise StepParamsError("source is empty", pipeline=pipeline.name, step_key=step_name)
     if operation != "concat" and len(refs) != 1:
-        raise StepParamsError(f"{operation} takes one source, not {len(refs)} (only concat "
-                              "takes a list)", pipeline=pipeline.name, step_key=step_name)
+        raise StepParamsError(
+            f"{operation} takes one source, not {len(refs)} (only concat takes a list)",
+            pipeline=pipeline.name,
+            step_key=step_name,
+        )
     image = options.get("image")
     upstream = [r for r in [*refs, image] if isinstance(r, str) and pipeline.get(r) is not None]
     deps = [*([depends_on] if isinstance(depends_on, str) else depends_on), *upstream]
@@ -198,12 +231,24 @@ def media_step(pipeline: Pipeline, operation: Operation, *, name: str | None = N
 
     run.__name__ = run.__qualname__ = f"media_{operation}"
     run.__doc__ = f"media {operation} of {source!r} (framepipe.media.steps)"
-    return pipeline.add_step(run, name=step_name, depends_on=deps, retries=retries,
-                             weight=weight, retry_delay=retry_delay)
+    return pipeline.add_step(
+        run,
+        name=step_name,
+        depends_on=deps,
+        retries=retries,
+        weight=weight,
+        retry_delay=retry_delay,
+    )
 
 
-def run_media(ctx: StepContext, operation: Operation, source: str | Sequence[str], *,
-              key: str = DEFAULT_KEY, **options: Any) -> dict[str, Any]:
+def run_media(
+    ctx: StepContext,
+    operation: Operation,
+    source: str | Sequence[str],
+    *,
+    key: str = DEFAULT_KEY,
+    **options: Any,
+) -> dict[str, Any]:
     """Run media ``operation`` on ``source`` inside the step ``ctx``; return its JSON result.
 
     The guarantees are the module's: a temporary folder removed afterwards (failed or not),
@@ -228,14 +273,19 @@ def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, A
         elif given.name in ctx.inputs:
             value = ctx.inputs[given.name]
             # A file named by an input is read as that input (the execution's roots apply).
-            out[option] = (FromInput(given.name)
-                           if option in _SOURCE_OPTIONS and isinstance(value, str) else value)
+            out[option] = (
+                FromInput(given.name)
+                if option in _SOURCE_OPTIONS and isinstance(value, str)
+                else value
+            )
         elif given.default is not inspect.Parameter.empty:
             out[option] = given.default
         else:
-            raise StepParamsError(f"option {option}= reads input {given.name!r}, which this "
-                                  "execution does not have", pipeline=ctx.pipeline.name,
-                                  step_key=ctx.step_key)
+            raise StepParamsError(
+                f"option {option}= reads input {given.name!r}, which this execution does not have",
+                pipeline=ctx.pipeline.name,
+                step_key=ctx.step_key,
+            )
     return out
 
 

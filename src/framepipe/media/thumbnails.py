@@ -25,8 +25,7 @@ SEQUENTIAL_FRAMES_PER_TILE = 300  # up to this many frames per tile, decode once
 _EPSILON = 1e-6  # seconds: float noise in a timestamp, not a frame
 
 
-def _duration(container: av.container.InputContainer,
-              stream: av.video.stream.VideoStream) -> float:
+def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
@@ -40,8 +39,12 @@ def _start(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
-def _frame_at(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-              path: Path, at: float) -> av.VideoFrame:
+def _frame_at(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+    at: float,
+) -> av.VideoFrame:
     """The frame on screen at ``at`` seconds: the last one whose timestamp is at or before it
     (the first frame if ``at`` comes before it, the last decodable one if ``at`` is past the
     end), by timestamp, so a variable frame rate's gaps and bursts are honoured. Seeks to the
@@ -64,16 +67,19 @@ def _frame_at(container: av.container.InputContainer, stream: av.video.stream.Vi
         back *= 2
 
 
-def _last_frame_until(container: av.container.InputContainer,
-                      stream: av.video.stream.VideoStream, path: Path, seek_to: float,
-                      at: float) -> av.VideoFrame | None:
+def _last_frame_until(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+    seek_to: float,
+    at: float,
+) -> av.VideoFrame | None:
     """Seek to the keyframe before ``seek_to``, decode forward: the last frame at or before
     ``at`` (None if nothing decodes from there)."""
     start = _start(stream)
     if stream.time_base is not None and seek_to > 0:
         try:
-            container.seek(int((start + seek_to) / stream.time_base), stream=stream,
-                           backward=True)
+            container.seek(int((start + seek_to) / stream.time_base), stream=stream, backward=True)
         except av.FFmpegError:
             container.seek(0, stream=stream)
     else:
@@ -91,9 +97,14 @@ def _last_frame_until(container: av.container.InputContainer,
     return shown
 
 
-def _frames_in_one_pass(container: av.container.InputContainer,
-                        stream: av.video.stream.VideoStream, path: Path, times: list[float],
-                        total: int, progress: ProgressCallback | None) -> list[av.VideoFrame]:
+def _frames_in_one_pass(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+    times: list[float],
+    total: int,
+    progress: ProgressCallback | None,
+) -> list[av.VideoFrame]:
     """The frame on screen at each of ``times`` (sorted; as :func:`_frame_at` picks it),
     decoding the clip once (up to the first packet that cannot be decoded, as there)."""
     start = _start(stream)
@@ -125,13 +136,18 @@ def _scaled(frame: av.VideoFrame, width: int | None, rotation: int) -> np.ndarra
     if width is None:
         return image
     h, w = image.shape[:2]
-    return np.asarray(cv2.resize(image, (width, even(h * width / w)),
-                                 interpolation=cv2.INTER_AREA))
+    return np.asarray(cv2.resize(image, (width, even(h * width / w)), interpolation=cv2.INTER_AREA))
 
 
-def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
-              width: int | None = None, quality: int = 90,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+def thumbnail(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    at: float | None = None,
+    width: int | None = None,
+    quality: int = 90,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Path:
     """Save the frame on screen at ``at`` seconds from the clip's start (default: the middle)
     as an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
     ``at``, so on a variable frame rate it is the frame a player shows then. Past the end, it
@@ -149,16 +165,27 @@ def thumbnail(src: Path | str, dst: Path | str, *, at: float | None = None,
         frame = _frame_at(container, stream, src, when)
         rotation = frame_rotation(frame, stream)
         if width is not None:
-            shown_w, shown_h = ((frame.height, frame.width) if rotation in (90, 270)
-                                else (frame.width, frame.height))
+            shown_w, shown_h = (
+                (frame.height, frame.width)
+                if rotation in (90, 270)
+                else (frame.width, frame.height)
+            )
             check_output_size(width, even(shown_h * width / shown_w), limit)
         image = _scaled(frame, width, rotation)
     return write_image(dst, image, quality=quality)
 
 
-def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int = 3,
-                   width: int = 960, quality: int = 90, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   progress: ProgressCallback | None = None) -> Path:
+def thumbnail_grid(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    cols: int = 3,
+    rows: int = 3,
+    width: int = 960,
+    quality: int = 90,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> Path:
     """A ``cols`` x ``rows`` contact sheet of frames spread evenly over the clip.
 
     Tiles are ``width // cols`` wide (even) and keep the video's aspect; the sheet is
@@ -188,18 +215,23 @@ def thumbnail_grid(src: Path | str, dst: Path | str, *, cols: int = 3, rows: int
                 report.step()
         rotation = frame_rotation(frames[0], stream)
         sideways = rotation in (90, 270)
-        shown_w, shown_h = (stream.height, stream.width) if sideways else (stream.width,
-                                                                            stream.height)
+        shown_w, shown_h = (
+            (stream.height, stream.width) if sideways else (stream.width, stream.height)
+        )
         tile_w = even(width // cols)
         tile_h = even(shown_h * tile_w / shown_w)
         check_output_size(tile_w * cols, tile_h * rows, limit)
         sheet = np.zeros((tile_h * rows, tile_w * cols, 3), dtype=np.uint8)
         for i, frame in enumerate(frames):
             raw_w, raw_h = (tile_h, tile_w) if sideways else (tile_w, tile_h)
-            tile = upright_image(frame.reformat(width=raw_w, height=raw_h, format="bgr24",
-                                                interpolation="AREA").to_ndarray(), rotation)
+            tile = upright_image(
+                frame.reformat(
+                    width=raw_w, height=raw_h, format="bgr24", interpolation="AREA"
+                ).to_ndarray(),
+                rotation,
+            )
             r, c = divmod(i, cols)
-            sheet[r * tile_h:(r + 1) * tile_h, c * tile_w:(c + 1) * tile_w] = tile
+            sheet[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w] = tile
     write_image(dst, sheet, quality=quality)
     if progress is not None:
         progress(100.0)

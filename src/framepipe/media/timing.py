@@ -11,8 +11,14 @@ import av
 import av.container
 import av.video.stream
 
-__all__ = ["estimate_frames", "frame_duration", "frame_seconds", "resample", "stream_rate",
-           "stream_start"]
+__all__ = [
+    "estimate_frames",
+    "frame_duration",
+    "frame_seconds",
+    "resample",
+    "stream_rate",
+    "stream_start",
+]
 
 
 def stream_start(stream: av.video.stream.VideoStream) -> float:
@@ -28,8 +34,9 @@ def stream_rate(stream: av.video.stream.VideoStream) -> Fraction:
     return Fraction(rate) if rate else Fraction(25)
 
 
-def estimate_frames(stream: av.video.stream.VideoStream,
-                    container: av.container.InputContainer) -> int:
+def estimate_frames(
+    stream: av.video.stream.VideoStream, container: av.container.InputContainer
+) -> int:
     """The stream's frame count from the header, else from duration x frame rate (0: unknown)."""
     if stream.frames:
         return int(stream.frames)
@@ -62,8 +69,9 @@ def frame_duration(frame: av.VideoFrame, rate: Fraction) -> float:
     return 1 / float(rate)
 
 
-def resample(frames: Iterator[av.VideoFrame], src_rate: Fraction,
-             out_rate: Fraction) -> Iterator[av.VideoFrame]:
+def resample(
+    frames: Iterator[av.VideoFrame], src_rate: Fraction, out_rate: Fraction
+) -> Iterator[av.VideoFrame]:
     """Constant-rate output at ``out_rate`` from frames at their own timestamps.
 
     Output slot ``n`` (at ``T = n / out_rate`` s from the first frame) shows the latest source

@@ -22,8 +22,13 @@ __all__ = ["POSITIONS", "overlay_position", "render_text", "watermark"]
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 
 
-def render_text(text: str, *, font_scale: float = 1.0, thickness: int = 2,
-                color: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, np.ndarray]:
+def render_text(
+    text: str,
+    *,
+    font_scale: float = 1.0,
+    thickness: int = 2,
+    color: tuple[int, int, int] = (255, 255, 255),
+) -> tuple[np.ndarray, np.ndarray]:
     """``text`` drawn with ``cv2.putText`` (with a dark outline): (BGR patch, alpha 0-1)."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     outline = thickness + 2
@@ -53,8 +58,9 @@ def _load_image(image: Path | str | np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(data[:, :, :3]), np.ones(data.shape[:2], dtype=np.float32)
 
 
-def overlay_position(position: str, frame_size: tuple[int, int], patch_size: tuple[int, int],
-                     margin: int) -> tuple[int, int]:
+def overlay_position(
+    position: str, frame_size: tuple[int, int], patch_size: tuple[int, int], margin: int
+) -> tuple[int, int]:
     """Top-left corner (x, y) of a ``patch_size`` (w, h) overlay in a ``frame_size`` frame."""
     fw, fh = frame_size
     pw, ph = patch_size
@@ -68,12 +74,22 @@ def overlay_position(position: str, frame_size: tuple[int, int], patch_size: tup
     return max(0, x), max(0, y)
 
 
-def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
-              image: Path | str | np.ndarray | None = None, position: str = "bottom-right",
-              opacity: float = 0.8, margin: int = 16, font_scale: float | None = None,
-              crf: int = 23, preset: str = "medium", audio: bool = True,
-              max_pixels: int = DEFAULT_MAX_PIXELS,
-              progress: ProgressCallback | None = None) -> Path:
+def watermark(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    text: str | None = None,
+    image: Path | str | np.ndarray | None = None,
+    position: str = "bottom-right",
+    opacity: float = 0.8,
+    margin: int = 16,
+    font_scale: float | None = None,
+    crf: int = 23,
+    preset: str = "medium",
+    audio: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: ProgressCallback | None = None,
+) -> Path:
     """Blend ``text`` or ``image`` (PNG alpha respected) into every frame; H.264 MP4 at ``dst``.
 
     The overlay sits at ``position`` (``top-left``, ``top-right``, ``bottom-left``,
@@ -93,12 +109,14 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
     with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         source = decode_source(container, stream, src, audio=audio)
         rotation = frame_rotation(source.first, stream)
-        fw, fh = (stream.height, stream.width) if rotation in (90, 270) else (stream.width,
-                                                                               stream.height)
+        fw, fh = (
+            (stream.height, stream.width)
+            if rotation in (90, 270)
+            else (stream.width, stream.height)
+        )
         if text is not None:
             scale = font_scale if font_scale is not None else max(0.4, fh / 720)
-            patch, alpha = render_text(text, font_scale=scale,
-                                       thickness=max(1, round(2 * scale)))
+            patch, alpha = render_text(text, font_scale=scale, thickness=max(1, round(2 * scale)))
         else:
             assert image is not None
             patch, alpha = _load_image(image)
@@ -114,14 +132,23 @@ def watermark(src: Path | str, dst: Path | str, *, text: str | None = None,
         fg = patch.astype(np.float32) * a
         keep = 1.0 - a
         report = Progress(progress, estimate_frames(stream, container))
-        with atomic_output(dst) as tmp, H264Writer(tmp, width=fw - fw % 2, height=fh - fh % 2,
-                                                    fps=stream_rate(stream), crf=crf,
-                                                    preset=preset,
-                                                    audio=source.audio) as writer:
+        with (
+            atomic_output(dst) as tmp,
+            H264Writer(
+                tmp,
+                width=fw - fw % 2,
+                height=fh - fh % 2,
+                fps=stream_rate(stream),
+                crf=crf,
+                preset=preset,
+                audio=source.audio,
+            ) as writer,
+        ):
             for frame in source.frames:
-                bgr = np.ascontiguousarray(upright_image(frame.to_ndarray(format="bgr24"),
-                                                         rotation))
-                region = bgr[y:y + ph, x:x + pw]
+                bgr = np.ascontiguousarray(
+                    upright_image(frame.to_ndarray(format="bgr24"), rotation)
+                )
+                region = bgr[y : y + ph, x : x + pw]
                 region[:] = (region.astype(np.float32) * keep + fg).astype(np.uint8)
                 out = av.VideoFrame.from_ndarray(bgr, format="bgr24")
                 writer.write(out)

@@ -48,9 +48,19 @@ class H264Writer:
     (cut, or padded with silence); :meth:`close` writes the rest of the queue (audio may run
     past the last frame, as the ffmpeg command line keeps it)."""
 
-    def __init__(self, path: Path, *, width: int, height: int, fps: Fraction,
-                 crf: int = 23, preset: str = "medium", pix_fmt: str = "yuv420p",
-                 audio: AudioQueue | None = None, audio_bitrate: int = 128_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        width: int,
+        height: int,
+        fps: Fraction,
+        crf: int = 23,
+        preset: str = "medium",
+        pix_fmt: str = "yuv420p",
+        audio: AudioQueue | None = None,
+        audio_bitrate: int = 128_000,
+    ) -> None:
         self.path = path
         self.width, self.height = width, height
         self.pix_fmt = pix_fmt
@@ -79,10 +89,18 @@ class H264Writer:
             raise
 
     def write(self, frame: av.VideoFrame) -> None:
-        if (frame.width, frame.height, frame.format.name) != (self.width, self.height,
-                                                               self.pix_fmt):
-            frame = self._scaler.reformat(frame, width=self.width, height=self.height,
-                                          format=self.pix_fmt, interpolation="BICUBIC")
+        if (frame.width, frame.height, frame.format.name) != (
+            self.width,
+            self.height,
+            self.pix_fmt,
+        ):
+            frame = self._scaler.reformat(
+                frame,
+                width=self.width,
+                height=self.height,
+                format=self.pix_fmt,
+                interpolation="BICUBIC",
+            )
         frame.pts = self.frames
         frame.time_base = self._time_base
         self._container.mux(self._stream.encode(frame))
@@ -108,8 +126,9 @@ class H264Writer:
         if samples is None:
             self._container.mux(self._audio_stream.encode(None))
             return
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp",
-                                           layout=self.audio.fmt.layout)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples), format="fltp", layout=self.audio.fmt.layout
+        )
         frame.sample_rate = self.audio.fmt.rate
         frame.pts = self.audio_samples
         frame.time_base = self._audio_time_base

@@ -88,8 +88,11 @@ def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, str], Origins]:
 
 
 def _from_config_file(env: Mapping[str, str]) -> tuple[dict[str, Any], Origins]:
-    values = {key: value for key, value in config_file_values(env).items()
-              if key in MlVideoSettings.file_keys}
+    values = {
+        key: value
+        for key, value in config_file_values(env).items()
+        if key in MlVideoSettings.file_keys
+    }
     path = config_file(env)
     return values, {key: (f"{key} in {path}", value) for key, value in values.items()}
 
@@ -102,26 +105,35 @@ class MlVideoSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="forbid", frozen=True)
 
     file_keys: ClassVar[frozenset[str]] = frozenset(
-        {"model_api_retries", "model_api_retry_initial", "model_api_retry_max"})
+        {"model_api_retries", "model_api_retry_initial", "model_api_retry_max"}
+    )
     """The fields also read from the config file."""
 
     adapter_type: Literal["mock", "python", "http"] = Field(
-        "mock", description="Which adapter: mock, python (a model script) or http.")
+        "mock", description="Which adapter: mock, python (a model script) or http."
+    )
     python_script: str | None = Field(None, description="The model script (python).")
     python_path: str | None = Field(
-        None, description="The script's interpreter (python); default: this interpreter.")
+        None, description="The script's interpreter (python); default: this interpreter."
+    )
     model_api_url: str = Field("http://localhost:5000", description="The model server (http).")
     model_api_timeout: float = Field(
-        300_000.0, gt=0, description="Time a call to the model server may take, in "
-                                     "milliseconds (http).")
+        300_000.0,
+        gt=0,
+        description="Time a call to the model server may take, in milliseconds (http).",
+    )
     model_api_retries: int | None = Field(
-        None, ge=0, description="Retries of a failed model call; default 3 for http, 0 for "
-                                "python.")
+        None, ge=0, description="Retries of a failed model call; default 3 for http, 0 for python."
+    )
     model_api_retry_initial: float | None = Field(
-        None, ge=0, description="First delay before a model call is retried, in seconds "
-                                "(default 1), doubling each retry.")
+        None,
+        ge=0,
+        description="First delay before a model call is retried, in seconds "
+        "(default 1), doubling each retry.",
+    )
     model_api_retry_max: float | None = Field(
-        None, ge=0, description="Cap of that delay, in seconds (default 30).")
+        None, ge=0, description="Cap of that delay, in seconds (default 30)."
+    )
 
     @field_validator("adapter_type", mode="before")
     @classmethod
@@ -137,9 +149,11 @@ class MlVideoSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,
-                InitSettingsSource(settings_cls, _from_environment(os.environ)[0]),
-                InitSettingsSource(settings_cls, _from_config_file(os.environ)[0]))
+        return (
+            init_settings,
+            InitSettingsSource(settings_cls, _from_environment(os.environ)[0]),
+            InitSettingsSource(settings_cls, _from_config_file(os.environ)[0]),
+        )
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> MlVideoSettings:
@@ -150,8 +164,11 @@ class MlVideoSettings(BaseSettings):
         env = os.environ if env is None else env
         file_values, file_origins = _from_config_file(env)
         env_values, env_origins = _from_environment(env)
-        origins: Origins = {**file_origins, **env_origins,
-                            **{key: (key, value) for key, value in overrides.items()}}
+        origins: Origins = {
+            **file_origins,
+            **env_origins,
+            **{key: (key, value) for key, value in overrides.items()},
+        }
         try:
             return cls.model_validate({**file_values, **env_values, **overrides})
         except ValidationError as exc:
@@ -178,15 +195,18 @@ class MlVideoSettings(BaseSettings):
             return MockModel()
         if self.adapter_type == "python":
             if not self.python_script:
-                raise ConfigError("MODEL_ADAPTER_TYPE=python needs PYTHON_SCRIPT (the model "
-                                  "script's path)")
+                raise ConfigError(
+                    "MODEL_ADAPTER_TYPE=python needs PYTHON_SCRIPT (the model script's path)"
+                )
             if not Path(self.python_script).is_file():
                 raise ConfigError(f"PYTHON_SCRIPT={self.python_script}: no such file")
-            return SubprocessModel(self.python_script, python=self.python_path or sys.executable,
-                                   **self._retries())
+            return SubprocessModel(
+                self.python_script, python=self.python_path or sys.executable, **self._retries()
+            )
         try:
-            return HttpModel(self.model_api_url, timeout=self.model_api_timeout / 1000.0,
-                             **self._retries())
+            return HttpModel(
+                self.model_api_url, timeout=self.model_api_timeout / 1000.0, **self._retries()
+            )
         except ConfigError as exc:
             raise ConfigError(f"MODEL_API_URL: {exc}") from exc
 

@@ -64,8 +64,9 @@ class MlVideoInputs(BaseModel):
     contrast: float = Field(1.0, description="Postprocess: every pixel value times this.")
 
 
-ml_video = Pipeline("ml_video", description="Stylise every frame of a video with a model.",
-                    inputs=MlVideoInputs)
+ml_video = Pipeline(
+    "ml_video", description="Stylise every frame of a video with a model.", inputs=MlVideoInputs
+)
 
 
 def model_from_settings() -> ModelAdapter:
@@ -142,9 +143,15 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
     inputs = _inputs(ctx)
     try:
-        out = media.run_media(ctx, "normalise", ctx.data["input_key"],
-                              key="ml/{execution_id}/preprocessed.mp4", width=inputs.width,
-                              fps=inputs.fps, preset="veryfast")
+        out = media.run_media(
+            ctx,
+            "normalise",
+            ctx.data["input_key"],
+            key="ml/{execution_id}/preprocessed.mp4",
+            width=inputs.width,
+            fps=inputs.fps,
+            preset="veryfast",
+        )
     except MediaError as exc:  # name the user's file, not this job's copy of it
         raise MediaError(inputs.input, exc.reason) from exc
     return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
@@ -157,17 +164,24 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
     inputs = _inputs(ctx)
     model = model_from_settings()
     try:
-        result = await model.infer(src, prompt=inputs.prompt, style=inputs.style,
-                                   seed=inputs.seed,
-                                   output_dir=ctx.tempdir(),
-                                   progress=as_step_progress(ctx, 0, 90, "inference"))
+        result = await model.infer(
+            src,
+            prompt=inputs.prompt,
+            style=inputs.style,
+            seed=inputs.seed,
+            output_dir=ctx.tempdir(),
+            progress=as_step_progress(ctx, 0, 90, "inference"),
+        )
     finally:
         model.teardown()
     keys = _upload_folder(ctx, Path(result.frames_path), f"{_prefix(ctx)}/frames")
     if not keys:
         raise ValueError(f"the model wrote no frames into {result.frames_path}")
-    return {"frames_prefix": f"{_prefix(ctx)}/frames", "frames": len(keys),
-            "model": type(model).__name__}
+    return {
+        "frames_prefix": f"{_prefix(ctx)}/frames",
+        "frames": len(keys),
+        "model": type(model).__name__,
+    }
 
 
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)
@@ -182,8 +196,9 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
         image = cv2.imread(str(path))
         if image is None:
             raise ValueError(f"frame {path.name} from the model is not a readable image")
-        cv2.imwrite(str(out / f"{path.stem}.png"), cv2.convertScaleAbs(image, alpha=alpha,
-                                                                       beta=beta))
+        cv2.imwrite(
+            str(out / f"{path.stem}.png"), cv2.convertScaleAbs(image, alpha=alpha, beta=beta)
+        )
         if n % 10 == 0 or n == len(paths):
             ctx.progress(100 * n / len(paths), "postprocess")
     keys = _upload_folder(ctx, out, f"{_prefix(ctx)}/post")
@@ -196,8 +211,14 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     folder = _download_folder(ctx, ctx.data["post_prefix"])
     dst = ctx.tempdir() / "output.mp4"
     limit = _max_pixels()
-    media.stitch(folder, dst, fps=_inputs(ctx).fps, preset="veryfast", max_pixels=limit,
-                 progress=ctx.progress)
+    media.stitch(
+        folder,
+        dst,
+        fps=_inputs(ctx).fps,
+        preset="veryfast",
+        max_pixels=limit,
+        progress=ctx.progress,
+    )
     key = f"{_prefix(ctx)}/output.mp4"
     ctx.objects.put_file(key, dst)
     return {"video": key, "video_info": media.probe(dst, max_pixels=limit).as_dict()}
@@ -206,18 +227,28 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
 def thumbnails(ctx: StepContext) -> dict[str, Any]:
     """A thumbnail and a contact sheet of the result."""
-    thumb = media.run_media(ctx, "thumbnail", ctx.data["video"], width=320,
-                            key="ml/{execution_id}/thumbnail.jpg")
-    grid = media.run_media(ctx, "thumbnail_grid", ctx.data["video"], cols=3, rows=2, width=960,
-                           key="ml/{execution_id}/grid.jpg")
+    thumb = media.run_media(
+        ctx, "thumbnail", ctx.data["video"], width=320, key="ml/{execution_id}/thumbnail.jpg"
+    )
+    grid = media.run_media(
+        ctx,
+        "thumbnail_grid",
+        ctx.data["video"],
+        cols=3,
+        rows=2,
+        width=960,
+        key="ml/{execution_id}/grid.jpg",
+    )
     return {"thumbnail": thumb["key"], "grid": grid["key"]}
 
 
 @ml_video.step(depends_on=["thumbnails"], weight=5)
 def finalize(ctx: StepContext) -> dict[str, Any]:
     """A manifest of the job next to its outputs."""
-    manifest = {k: ctx.data.get(k) for k in ("input_key", "video", "thumbnail", "grid",
-                                            "frames", "model", "video_info")}
+    manifest = {
+        k: ctx.data.get(k)
+        for k in ("input_key", "video", "thumbnail", "grid", "frames", "model", "video_info")
+    }
     inputs = _inputs(ctx)
     manifest.update(prompt=inputs.prompt, style=inputs.style)
     key = f"{_prefix(ctx)}/manifest.json"

@@ -90,8 +90,9 @@ def model_path(name: str) -> Path:
         path = Path(location) / "models" / name
         if path.is_file():
             return path
-    raise MissingDependencyError("face_recognition_models", "fleet",
-                                 f"Face recognition (dlib model {name})")
+    raise MissingDependencyError(
+        "face_recognition_models", "fleet", f"Face recognition (dlib model {name})"
+    )
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,13 @@ class _ModelSet:
         if detect and self._detector is None:
             self._detector = (
                 dlib.cnn_face_detection_model_v1(str(model_path(MODEL_FILES["cnn"])))
-                if self.cnn else dlib.get_frontal_face_detector())
+                if self.cnn
+                else dlib.get_frontal_face_detector()
+            )
         if encode and self._encoder is None:
             name = MODEL_FILES["landmarks5" if self.landmarks == 5 else "landmarks68"]
             self._predictor = dlib.shape_predictor(str(model_path(name)))
-            self._encoder = dlib.face_recognition_model_v1(
-                str(model_path(MODEL_FILES["encoder"])))
+            self._encoder = dlib.face_recognition_model_v1(str(model_path(MODEL_FILES["encoder"])))
 
     def detect(self, rgb: Image, upsample: int) -> list[tuple[Any, float]]:
         """dlib rectangles (in ``rgb``'s pixels) with their scores."""
@@ -213,8 +215,15 @@ class FaceAnalyzer:
     ``upsample``: dlib's own extra upsampling passes (finds smaller faces, slower). ``sets``:
     model sets, i.e. threads that can work at once."""
 
-    def __init__(self, *, model: DetectorModel = "hog", landmarks: int = 5,
-                 upscale_below: int = 300, upsample: int = 0, sets: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        model: DetectorModel = "hog",
+        landmarks: int = 5,
+        upscale_below: int = 300,
+        upsample: int = 0,
+        sets: int = 1,
+    ) -> None:
         if model not in ("hog", "cnn"):
             raise ValueError(f"face detection model must be 'hog' or 'cnn', not {model!r}")
         if landmarks not in (5, 68):
@@ -262,9 +271,13 @@ class FaceAnalyzer:
 
     def _box(self, rect: Any, score: float, scale: int, size: tuple[int, int]) -> FaceBox:
         width, height = size
-        return FaceBox(max(0, round(rect.left() / scale)), max(0, round(rect.top() / scale)),
-                       min(width, round(rect.right() / scale)),
-                       min(height, round(rect.bottom() / scale)), score)
+        return FaceBox(
+            max(0, round(rect.left() / scale)),
+            max(0, round(rect.top() / scale)),
+            min(width, round(rect.right() / scale)),
+            min(height, round(rect.bottom() / scale)),
+            score,
+        )
 
     def detect(self, bgr: Image, *, upsample: int | None = None) -> list[FaceBox]:
         """The faces in a BGR image, largest first."""
@@ -282,8 +295,12 @@ class FaceAnalyzer:
         rgb, scale = _prepare(bgr, self.upscale_below)
         with self._models() as models:
             rect = models.dlib.rectangle
-            return [models.encode(rgb, rect(b.left * scale, b.top * scale, b.right * scale,
-                                            b.bottom * scale)) for b in boxes]
+            return [
+                models.encode(
+                    rgb, rect(b.left * scale, b.top * scale, b.right * scale, b.bottom * scale)
+                )
+                for b in boxes
+            ]
 
     def analyse(self, bgr: Image, *, upsample: int | None = None) -> list[Face]:
         """Detect and encode in one pass (one model set, no re-scaling), largest face first."""
@@ -291,12 +308,15 @@ class FaceAnalyzer:
         size = (int(bgr.shape[1]), int(bgr.shape[0]))
         with self._models() as models:
             found = models.detect(rgb, self.upsample if upsample is None else upsample)
-            faces = [Face(self._box(rect, score, scale, size), models.encode(rgb, rect))
-                     for rect, score in found]
+            faces = [
+                Face(self._box(rect, score, scale, size), models.encode(rgb, rect))
+                for rect, score in found
+            ]
         return sorted(faces, key=lambda f: -f.box.area)
 
-    def encode_known(self, path: str | os.PathLike[str], *,
-                     multiple: Literal["largest", "reject"] = "reject") -> KnownFace:
+    def encode_known(
+        self, path: str | os.PathLike[str], *, multiple: Literal["largest", "reject"] = "reject"
+    ) -> KnownFace:
         """The known face in an image file named ``<name>.jpg`` (or ``.png``).
 
         Raises :class:`MediaError` naming the file when it is not a readable image, has no face
@@ -313,13 +333,19 @@ class FaceAnalyzer:
         if not faces:
             raise MediaError(path, "no face found in the image")
         if len(faces) > 1 and multiple == "reject":
-            raise MediaError(path, f"{len(faces)} faces in the image; a known-face image must "
-                                   "show exactly one person")
+            raise MediaError(
+                path,
+                f"{len(faces)} faces in the image; a known-face image must show exactly one person",
+            )
         return KnownFace(path.stem, faces[0].encoding, str(path))
 
 
-def load_known_faces(directory: str | os.PathLike[str], analyzer: FaceAnalyzer, *,
-                     multiple: Literal["largest", "reject"] = "reject") -> KnownFaces:
+def load_known_faces(
+    directory: str | os.PathLike[str],
+    analyzer: FaceAnalyzer,
+    *,
+    multiple: Literal["largest", "reject"] = "reject",
+) -> KnownFaces:
     """Encode every ``<name>.jpg``/``.jpeg``/``.png`` of ``directory`` (in name order); files
     that cannot be used are returned in ``rejected`` with the reason. Raises
     :class:`MediaError` only when ``directory`` is not a directory."""
@@ -345,8 +371,9 @@ class FaceMatcher:
             raise ValueError(f"tolerance must be > 0, not {tolerance}")
         self.tolerance = tolerance
         self.known = list(known)
-        self._matrix: Encoding = (np.stack([k.encoding for k in self.known]) if self.known
-                                  else np.zeros((0, 128)))
+        self._matrix: Encoding = (
+            np.stack([k.encoding for k in self.known]) if self.known else np.zeros((0, 128))
+        )
 
     @property
     def names(self) -> list[str]:

@@ -26,40 +26,66 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
 
-__all__ = ["REDIS_DOWN", "ResponseError", "connect", "connect_sync", "lost", "ping_with_retries",
-           "unreachable"]
+__all__ = [
+    "REDIS_DOWN",
+    "ResponseError",
+    "connect",
+    "connect_sync",
+    "lost",
+    "ping_with_retries",
+    "unreachable",
+]
 
-REDIS_DOWN: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError,
-                                               ConnectionError)
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+)
 """Exceptions that mean "Redis is not reachable right now" (retry later)."""
 
 
-def connect(url: str, *, retries: int | None = 0, connect_timeout: float | None = 2.0,
-            socket_timeout: float | None = 10.0, **options: Any) -> aioredis.Redis:
+def connect(
+    url: str,
+    *,
+    retries: int | None = 0,
+    connect_timeout: float | None = 2.0,
+    socket_timeout: float | None = 10.0,
+    **options: Any,
+) -> aioredis.Redis:
     """An asyncio client for ``url``. ``connect_timeout``/``socket_timeout`` in seconds (None:
     none); ``retries`` is redis-py's own transparent retry count on a broken connection, done
     at once (callers do their own backoff; None keeps redis-py's default retry policy).
     ``options`` go to ``redis.asyncio.Redis.from_url`` as they are."""
     if retries is not None:
         options["retry"] = Retry(NoBackoff(), retries)
-    return aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout,
-                                   socket_timeout=socket_timeout, **options)
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout, **options
+    )
 
 
-def connect_sync(url: str, *, retries: int | None = 0, connect_timeout: float | None = 2.0,
-                 socket_timeout: float | None = 10.0, **options: Any) -> redis.Redis:
+def connect_sync(
+    url: str,
+    *,
+    retries: int | None = 0,
+    connect_timeout: float | None = 2.0,
+    socket_timeout: float | None = 10.0,
+    **options: Any,
+) -> redis.Redis:
     """:func:`connect` for blocking code (``redis.Redis``), with the same arguments."""
     if retries is not None:
         options["retry"] = SyncRetry(NoBackoff(), retries)
-    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout,
-                                socket_timeout=socket_timeout, **options)
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout, **options
+    )
 
 
 def unreachable(what: str, url: str, exc: BaseException, *, attempts: int) -> str:
     """``"<what>: cannot reach Redis at <url> after <attempts> attempts: <error>"``, the URL's
     password masked: for a server that never answered."""
-    return (f"{what}: cannot reach Redis at {safe_url(url)} after {attempts} attempts: "
-            f"{type(exc).__name__}: {exc}")
+    return (
+        f"{what}: cannot reach Redis at {safe_url(url)} after {attempts} attempts: "
+        f"{type(exc).__name__}: {exc}"
+    )
 
 
 def lost(what: str, url: str, exc: BaseException, *, during: str | None = None) -> str:
@@ -69,8 +95,9 @@ def lost(what: str, url: str, exc: BaseException, *, during: str | None = None) 
     return f"{what}: lost Redis at {safe_url(url)}{doing}: {type(exc).__name__}: {exc}"
 
 
-async def ping_with_retries(client: aioredis.Redis, url: str, *, retries: int,
-                            backoff: Backoff, what: str) -> None:
+async def ping_with_retries(
+    client: aioredis.Redis, url: str, *, retries: int, backoff: Backoff, what: str
+) -> None:
     """PING until it answers, at most ``retries`` retries (waiting ``backoff`` between them);
     then a :class:`~framepipe.errors.RegistryConnectionError` with the :func:`unreachable`
     message. Never waits longer than the retries' delays and the client's timeouts."""
@@ -82,6 +109,7 @@ async def ping_with_retries(client: aioredis.Redis, url: str, *, retries: int,
         except REDIS_DOWN as exc:
             attempt += 1
             if attempt > retries:
-                raise RegistryConnectionError(unreachable(what, url, exc, attempts=attempt),
-                                              url=safe_url(url)) from exc
+                raise RegistryConnectionError(
+                    unreachable(what, url, exc, attempts=attempt), url=safe_url(url)
+                ) from exc
             await asyncio.sleep(backoff.delay(attempt))

@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["CLEANUP_LUA", "HEARTBEAT_LUA", "MARK_DEAD_LUA", "PUBLISH", "PUBLISH_LUA", "ROUTE",
-           "ROUTE_LUA", "Script"]
+__all__ = [
+    "CLEANUP_LUA",
+    "HEARTBEAT_LUA",
+    "MARK_DEAD_LUA",
+    "PUBLISH",
+    "PUBLISH_LUA",
+    "ROUTE",
+    "ROUTE_LUA",
+    "Script",
+]
 
 
 class Script:

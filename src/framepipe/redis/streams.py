@@ -28,8 +28,9 @@ def stream_entries(reply: Any) -> list[tuple[bytes, Fields | None]]:
     return out
 
 
-async def claim_pending(redis: Redis, stream: str, group: str, consumer: str, *,
-                        count: int) -> AsyncIterator[list[tuple[bytes, Fields]]]:
+async def claim_pending(
+    redis: Redis, stream: str, group: str, consumer: str, *, count: int
+) -> AsyncIterator[list[tuple[bytes, Fields]]]:
     """Claim for ``consumer`` every entry pending in ``group`` of ``stream``, whoever holds it
     and however briefly (``XAUTOCLAIM`` from ``0-0``, ``count`` a batch), batch by batch;
     entries deleted while pending are left out."""

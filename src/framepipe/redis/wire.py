@@ -64,8 +64,15 @@ def _pack(args: Sequence[Any]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         kind = type(arg)
-        data = (arg if kind is bytes else arg.encode() if kind is str
-                else str(arg).encode() if kind is int or kind is float else bytes(arg))
+        data = (
+            arg
+            if kind is bytes
+            else arg.encode()
+            if kind is str
+            else str(arg).encode()
+            if kind is int or kind is float
+            else bytes(arg)
+        )
         out += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(out)
 
@@ -83,8 +90,7 @@ class _Resp(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.reader = _hiredis.Reader(replyError=ResponseError)
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = (
-            collections.deque())
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.held: list[bytes] | None = []  # requests made before the handshake was done
         self.error: BaseException | None = None
@@ -114,11 +120,17 @@ class _Resp(asyncio.Protocol):
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(RedisConnectionError(f"Connection to Redis lost: {exc}" if exc is not None
-                                       else "Connection closed by Redis."))
+        self.fail(
+            RedisConnectionError(
+                f"Connection to Redis lost: {exc}"
+                if exc is not None
+                else "Connection closed by Redis."
+            )
+        )
 
-    def request(self, payload: bytes, count: int, limit: float | None, *,
-                handshake: bool = False) -> list[asyncio.Future[Any]]:
+    def request(
+        self, payload: bytes, count: int, limit: float | None, *, handshake: bool = False
+    ) -> list[asyncio.Future[Any]]:
         """Write ``payload`` (``count`` packed commands), or hold it until the handshake is
         done; a future per reply. ``limit``: seconds for all of them to be answered, else the
         connection is dropped. ``handshake``: written first, ahead of what is held."""
@@ -203,10 +215,11 @@ class Wire:
         timeout = self._kwargs.get("socket_timeout")
         self._timeout: float | None = float(timeout) if timeout else None
         self._connect_timeout = float(self._kwargs.get("socket_connect_timeout") or 10.0)
-        self.lean = (_hiredis is not None
-                     and self._class in (aioredis.Connection,
-                                         aioredis.UnixDomainSocketConnection)
-                     and self._kwargs.get("credential_provider") is None)
+        self.lean = (
+            _hiredis is not None
+            and self._class in (aioredis.Connection, aioredis.UnixDomainSocketConnection)
+            and self._kwargs.get("credential_provider") is None
+        )
         self._proto: _Resp | None = None
         self._conn: Any = None  # the redis-py connection when not lean
         self._lock: asyncio.Lock | None = None
@@ -237,8 +250,9 @@ class Wire:
         proto = self._proto
         if proto is None or proto.error is not None:
             proto = self._connection()
-        payload = (_pack(commands[0]) if len(commands) == 1
-                   else b"".join([_pack(c) for c in commands]))
+        payload = (
+            _pack(commands[0]) if len(commands) == 1 else b"".join([_pack(c) for c in commands])
+        )
         futures = proto.request(payload, len(commands), self._limit(0.0))
         try:
             await futures[-1]  # answered in order: the last one done, all are
@@ -260,14 +274,14 @@ class Wire:
                 raise
         return await self.execute("EVAL", script.text, keys, *args)
 
-    async def run_many(self, script: Script, calls: Sequence[Sequence[Any]], *,
-                       keys: int) -> list[Any]:
+    async def run_many(
+        self, script: Script, calls: Sequence[Sequence[Any]], *, keys: int
+    ) -> list[Any]:
         """:meth:`run` for each argument list, pipelined; replies or ResponseErrors."""
         replies = await self.execute_many([("EVALSHA", script.sha, keys, *c) for c in calls])
         lost = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
         if lost:
-            again = await self.execute_many([("EVAL", script.text, keys, *calls[i])
-                                             for i in lost])
+            again = await self.execute_many([("EVAL", script.text, keys, *calls[i]) for i in lost])
             for index, reply in zip(lost, again, strict=True):
                 replies[index] = reply
         return replies
@@ -311,25 +325,32 @@ class Wire:
                 if "path" in kw:
                     await loop.create_unix_connection(lambda: proto, kw["path"])
                 else:
-                    await loop.create_connection(lambda: proto, kw.get("host") or "localhost",
-                                                 int(kw.get("port") or 6379))
+                    await loop.create_connection(
+                        lambda: proto, kw.get("host") or "localhost", int(kw.get("port") or 6379)
+                    )
             hello: list[tuple[Any, ...]] = []
             if kw.get("password"):
                 user = kw.get("username")
-                hello.append(("AUTH", user, kw["password"]) if user
-                             else ("AUTH", kw["password"]))
+                hello.append(("AUTH", user, kw["password"]) if user else ("AUTH", kw["password"]))
             if kw.get("db"):
                 hello.append(("SELECT", kw["db"]))
             if kw.get("client_name"):
                 hello.append(("CLIENT", "SETNAME", kw["client_name"]))
             if hello:
-                futures = proto.request(b"".join(_pack(c) for c in hello), len(hello),
-                                        self._timeout or self._connect_timeout, handshake=True)
+                futures = proto.request(
+                    b"".join(_pack(c) for c in hello),
+                    len(hello),
+                    self._timeout or self._connect_timeout,
+                    handshake=True,
+                )
                 for command, future in zip(hello, futures, strict=True):
                     reply = await future
                     if isinstance(reply, ResponseError):
-                        error = (AuthenticationError(str(reply)) if command[0] == "AUTH"
-                                 else RedisConnectionError(f"{command[0]} failed: {reply}"))
+                        error = (
+                            AuthenticationError(str(reply))
+                            if command[0] == "AUTH"
+                            else RedisConnectionError(f"{command[0]} failed: {reply}")
+                        )
                         proto.fail(error)
                         return
             proto.ready()
@@ -353,13 +374,15 @@ class Wire:
             if conn is None:  # RESP2: the replies framepipe parses
                 conn = self._conn = self._class(**{**self._kwargs, "protocol": 2})
             try:
-                await conn.send_packed_command(conn.pack_commands(commands),
-                                               check_health=False)
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
                     try:
-                        replies.append(await conn.read_response(
-                            disable_decoding=True, timeout=self._limit(block)))
+                        replies.append(
+                            await conn.read_response(
+                                disable_decoding=True, timeout=self._limit(block)
+                            )
+                        )
                     except ResponseError as exc:
                         replies.append(exc)
                 return replies
@@ -372,5 +395,6 @@ class Wire:
 
 def _is_noscript(reply: Any) -> bool:
     """An error reply saying Redis does not know the script (redis-py strips the prefix)."""
-    return isinstance(reply, NoScriptError) or (isinstance(reply, ResponseError)
-                                                and str(reply).startswith("NOSCRIPT"))
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )

@@ -78,8 +78,14 @@ __all__ = ["create_app"]
 
 _log = get_logger("server")
 
-_API_ROUTERS = (pipelines.router, executions.router, events.router, sources.router,
-                processors.router, objects.router)
+_API_ROUTERS = (
+    pipelines.router,
+    executions.router,
+    events.router,
+    sources.router,
+    processors.router,
+    objects.router,
+)
 """The routers under ``/api``, behind the token, in the order they are matched."""
 
 
@@ -90,18 +96,25 @@ async def _open_registry(settings: Settings) -> ProcessorRegistry | None:
     try:
         from framepipe.processors.fleet import ProcessorRegistry
 
-        registry = ProcessorRegistry(settings.broker_url, settings.broker_namespace,
-                                     connect_retries=0)
+        registry = ProcessorRegistry(
+            settings.broker_url, settings.broker_namespace, connect_retries=0
+        )
         await registry.start()
     except Exception as exc:
-        _log.warning("processors are not listed: the registry on %s did not start (%s)",
-                     safe_url(settings.broker_url), exc)
+        _log.warning(
+            "processors are not listed: the registry on %s did not start (%s)",
+            safe_url(settings.broker_url),
+            exc,
+        )
         return None
     return registry
 
 
-def _lifespan(service: ServiceState, store: StateStore | None, objects: ObjectStore | None,
-              ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def _lifespan(
+    service: ServiceState,
+    store: StateStore | None,
+    objects: ObjectStore | None,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Open what ``service`` runs on (``store`` and ``objects`` when given, else its own, which
     it closes at the end), start the hub and the hosted apps, whose events join the feed."""
 
@@ -109,8 +122,9 @@ def _lifespan(service: ServiceState, store: StateStore | None, objects: ObjectSt
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         hide_tokens_in_access_log()
         settings = service.settings
-        st = store or StateStore(settings.resolved_database_url,
-                                 sqlite_synchronous=settings.sqlite_synchronous)
+        st = store or StateStore(
+            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+        )
         obj = objects or open_object_store(settings.resolved_objects_url)
         jobs = JobClient(st, settings=settings, objects=obj, pipelines=service.pipelines.values())
         await jobs.start(engine=True)  # the hub's handlers submit through the engine
@@ -118,12 +132,12 @@ def _lifespan(service: ServiceState, store: StateStore | None, objects: ObjectSt
         await feed.start()
         registry = await _open_registry(settings)
         await service.hub.start(jobs.engine, st, settings)
-        service.running = Running(store=st, objects=obj, jobs=jobs, feed=feed,
-                                  registry=registry, objects_url=obj.url)
+        service.running = Running(
+            store=st, objects=obj, jobs=jobs, feed=feed, registry=registry, objects_url=obj.url
+        )
         sinks = []
         for live_app in service.apps.values():  # the apps' events join the feed like the jobs'
-            sink = StoreEventSink(st, live_app.name,
-                                  retention_days=settings.events_retention_days)
+            sink = StoreEventSink(st, live_app.name, retention_days=settings.events_retention_days)
             sinks.append(sink)
             live_app.on("*", sink)
             await live_app.start()
@@ -148,10 +162,16 @@ def _lifespan(service: ServiceState, store: StateStore | None, objects: ObjectSt
     return lifespan
 
 
-def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline] = (),
-               token: str | None = None, store: StateStore | None = None,
-               objects: ObjectStore | None = None, apps: Sequence[App] = (),
-               detector_hub: DetectorHub | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    pipelines: Sequence[Pipeline] = (),
+    token: str | None = None,
+    store: StateStore | None = None,
+    objects: ObjectStore | None = None,
+    apps: Sequence[App] = (),
+    detector_hub: DetectorHub | None = None,
+) -> FastAPI:
     """The service over ``settings``' state store and object store.
 
     ``pipelines`` may be submitted by name; ``token`` (default: setting ``api_token``; ``""``
@@ -172,17 +192,24 @@ def create_app(settings: Settings | None = None, *, pipelines: Sequence[Pipeline
         p.validate()
         known[p.name] = p
     hub = detector_hub or DetectorHub()
-    service = ServiceState(settings=settings, token=token, pipelines=known,
-                           apps={a.name: a for a in apps}, hub=hub)
+    service = ServiceState(
+        settings=settings, token=token, pipelines=known, apps={a.name: a for a in apps}, hub=hub
+    )
 
-    app = FastAPI(title="framepipe", version=__version__,
-                  lifespan=_lifespan(service, store, objects),
-                  default_response_class=SafeJSONResponse,
-                  description="Executions of job pipelines, their steps and events.")
+    app = FastAPI(
+        title="framepipe",
+        version=__version__,
+        lifespan=_lifespan(service, store, objects),
+        default_response_class=SafeJSONResponse,
+        description="Executions of job pipelines, their steps and events.",
+    )
     app.state.service = service
-    app.add_middleware(BrowserGuard, allowed_hosts=settings.allowed_hosts,
-                       allowed_origins=settings.allowed_origins,
-                       max_json_bytes=settings.max_inputs_bytes + 64 * 1024)
+    app.add_middleware(
+        BrowserGuard,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+        max_json_bytes=settings.max_inputs_bytes + 64 * 1024,
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(events.socket_router)

@@ -20,6 +20,8 @@ _log = get_logger("server.guard")
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARD = frozenset({"0.0.0.0", "::", ""})
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -44,8 +46,14 @@ class BrowserGuard:
 
     Requests from programs (no ``Origin``, a right ``Host``) pass untouched."""
 
-    def __init__(self, app: ASGIApp, *, allowed_hosts: Sequence[str] = (),
-                 allowed_origins: Sequence[str] = (), max_json_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        allowed_origins: Sequence[str] = (),
+        max_json_bytes: int,
+    ) -> None:
         self.app = app
         self.any_host = "*" in allowed_hosts
         self.hosts = {split_host(h) for h in allowed_hosts if h != "*"}
@@ -66,23 +74,31 @@ class BrowserGuard:
         host_header = headers.get("host", "")
         host, port = split_host(host_header)
         if not self._host_allowed(host, port, scope):
-            return Refusal(400, f"the Host {host_header!r} is not one this service answers to "
-                                "(a DNS-rebinding guard); add it to FRAMEPIPE_ALLOWED_HOSTS "
-                                "if it is yours")
+            return Refusal(
+                400,
+                f"the Host {host_header!r} is not one this service answers to "
+                "(a DNS-rebinding guard); add it to FRAMEPIPE_ALLOWED_HOSTS "
+                "if it is yours",
+            )
         origin = headers.get("origin")
         if origin is not None:
             secure = scope.get("scheme") in ("https", "wss")
             own = f"{'https' if secure else 'http'}://{host_header.strip().lower()}"
             if origin.strip().rstrip("/").lower() not in (own, *self.origins):
-                return Refusal(403, f"requests from the web origin {origin!r} are refused; "
-                                    "allow it with FRAMEPIPE_ALLOWED_ORIGINS if it is yours")
-        if scope["type"] == "http" and scope["method"] == "POST" \
-                and "authorization" not in headers:
+                return Refusal(
+                    403,
+                    f"requests from the web origin {origin!r} are refused; "
+                    "allow it with FRAMEPIPE_ALLOWED_ORIGINS if it is yours",
+                )
+        if scope["type"] == "http" and scope["method"] == "POST" and "authorization" not in headers:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
-                return Refusal(415, "a POST needs Content-Type: application/json (or the "
-                                    "bearer token): a form or text/plain body is what "
-                                    "another web site could send")
+                return Refusal(
+                    415,
+                    "a POST needs Content-Type: application/json (or the "
+                    "bearer token): a form or text/plain body is what "
+                    "another web site could send",
+                )
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,8 +108,12 @@ class BrowserGuard:
         headers = Headers(scope=scope)
         refusal = self.check(scope, headers)
         if refusal is not None:
-            _log.warning("refused %s %s: %s", scope.get("method", "WEBSOCKET"),
-                         redact(scope.get("path", "")), refusal.detail)
+            _log.warning(
+                "refused %s %s: %s",
+                scope.get("method", "WEBSOCKET"),
+                redact(scope.get("path", "")),
+                refusal.detail,
+            )
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
@@ -106,11 +126,15 @@ class BrowserGuard:
                 return
         await self.app(scope, receive, send)
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send,
-                       headers: Headers) -> None:
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         limit = self.max_json_bytes
-        too_big = JSONResponse({"detail": f"the JSON body is over the limit of {limit} bytes "
-                                          "(FRAMEPIPE_MAX_INPUTS_BYTES)"}, 413)
+        too_big = JSONResponse(
+            {
+                "detail": f"the JSON body is over the limit of {limit} bytes "
+                "(FRAMEPIPE_MAX_INPUTS_BYTES)"
+            },
+            413,
+        )
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await too_big(scope, receive, send)

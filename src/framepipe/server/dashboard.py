@@ -33,11 +33,17 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 # Everything the page loads comes from this app: no inline script, no other origin. Frames are
 # shown through blob: URLs (fetched with the token); the WebSocket is on the same host.
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-        "connect-src 'self' ws: wss:; form-action 'self'; base-uri 'none'; "
-        "frame-ancestors 'none'")
-_PAGE_HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache",
-                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self' ws: wss:; form-action 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
+_PAGE_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def mount_dashboard(app: FastAPI) -> None:

@@ -105,12 +105,23 @@ if TYPE_CHECKING:
     from framepipe.backends.state import StateStore
     from framepipe.jobs.engine import JobEngine
 
-__all__ = ["HUB_MESSAGE_TYPES", "MAX_ID_LENGTH", "MESSAGE_ROLES", "DetectorConnection",
-           "DetectorHub", "DetectorMessage", "Handler", "MessageRole", "RemoteDetectorHub",
-           "get_hub", "mount_detector"]
+__all__ = [
+    "HUB_MESSAGE_TYPES",
+    "MAX_ID_LENGTH",
+    "MESSAGE_ROLES",
+    "DetectorConnection",
+    "DetectorHub",
+    "DetectorMessage",
+    "Handler",
+    "MessageRole",
+    "RemoteDetectorHub",
+    "get_hub",
+    "mount_detector",
+]
 
 _log = get_logger("server.detector")
 _hubs: weakref.WeakValueDictionary[str, DetectorHub] = weakref.WeakValueDictionary()
+
 
 def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | RemoteDetectorHub:
     """The hub with id ``hub_id``: the live one in this process, else (a step on a worker)
@@ -126,7 +137,8 @@ def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | Remo
         raise DetectorUnavailableError(
             f"no detector hub {hub_id!r} in this process, and no Redis broker to reach the "
             "service holding it: run the steps that talk to detectors in that service, or "
-            "on workers sharing its Redis (FRAMEPIPE_BROKER_URL)")
+            "on workers sharing its Redis (FRAMEPIPE_BROKER_URL)"
+        )
     return RemoteDetectorHub(hub_id, settings.broker_url, settings.broker_namespace)
 
 
@@ -158,10 +170,17 @@ class DetectorHub:
     the same across restarts of the service (a retried execution reaches the new hub). Within
     one process (and one Redis namespace, with workers) each hub needs its own id."""
 
-    def __init__(self, hub_id: str = "default", *, reconnect_wait: float = 30.0,
-                 request_timeout: float = 600.0, hello_timeout: float = 30.0,
-                 max_sessions: int = 10_000, session_metadata: type[BaseModel] | None = None,
-                 max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES) -> None:
+    def __init__(
+        self,
+        hub_id: str = "default",
+        *,
+        reconnect_wait: float = 30.0,
+        request_timeout: float = 600.0,
+        hello_timeout: float = 30.0,
+        max_sessions: int = 10_000,
+        session_metadata: type[BaseModel] | None = None,
+        max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    ) -> None:
         if not hub_id or ":" in hub_id or len(hub_id) > 100:
             raise ValueError(f"hub id {hub_id!r} must be 1-100 characters without ':'")
         self.id = hub_id
@@ -186,9 +205,14 @@ class DetectorHub:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def register_message(self, message_type: str, model: type[BaseModel] | None = None,
-                         handler: Handler | None = None, *,
-                         role: MessageRole = "notice") -> None:
+    def register_message(
+        self,
+        message_type: str,
+        model: type[BaseModel] | None = None,
+        handler: Handler | None = None,
+        *,
+        role: MessageRole = "notice",
+    ) -> None:
         """Accept detector messages of ``message_type``: each must validate against ``model``
         (when given; a refusal is answered with ``error`` naming the field), and ``role`` says
         what the hub does with it (see the module); a ``notice`` or an ``end`` then goes to
@@ -204,8 +228,9 @@ class DetectorHub:
         if role not in MESSAGE_ROLES:
             raise ValueError(f"role must be one of {', '.join(MESSAGE_ROLES)}, not {role!r}")
         if handler is not None and role in ("answer", "progress"):
-            raise ValueError(f"{message_type!r} ({role}) goes to the request it answers; it "
-                             "takes no handler")
+            raise ValueError(
+                f"{message_type!r} ({role}) goes to the request it answers; it takes no handler"
+            )
         self._types[message_type] = Registration(model, handler, role)
 
     def on(self, message_type: str, handler: Handler) -> None:
@@ -217,8 +242,9 @@ class DetectorHub:
         """The registered message types and their roles."""
         return {name: registered.role for name, registered in sorted(self._types.items())}
 
-    async def start(self, engine: JobEngine, store: StateStore,
-                    settings: Settings | None = None) -> None:
+    async def start(
+        self, engine: JobEngine, store: StateStore, settings: Settings | None = None
+    ) -> None:
         """Attach the service's engine and store (done by ``create_app`` at start-up); when
         the settings send steps to workers over Redis, also relay their requests (see
         :class:`RemoteDetectorHub`)."""
@@ -243,9 +269,13 @@ class DetectorHub:
             self._relay = None
         for pending in list(self._pending.values()):
             if not pending.future.done():
-                pending.future.set_exception(DetectorUnavailableError(
-                    f"the service is shutting down while waiting for {pending.what}",
-                    detector_id=pending.detector_id, session_id=pending.session_id))
+                pending.future.set_exception(
+                    DetectorUnavailableError(
+                        f"the service is shutting down while waiting for {pending.what}",
+                        detector_id=pending.detector_id,
+                        session_id=pending.session_id,
+                    )
+                )
         self._pending.clear()
         for conn in list(self._connections.values()):
             conn.closed.set()
@@ -259,8 +289,11 @@ class DetectorHub:
         """The connected detectors, each with the sessions it owns (cards not removed)."""
         out = []
         for conn in self._connections.values():
-            sessions = [self._sessions[s] for s in self._owned.get(conn.detector_id, ())
-                        if s in self._sessions]
+            sessions = [
+                self._sessions[s]
+                for s in self._owned.get(conn.detector_id, ())
+                if s in self._sessions
+            ]
             out.append({**conn.describe(), "sessions": sessions})
         return out
 
@@ -287,16 +320,25 @@ class DetectorHub:
                     if owner is None:
                         raise DetectorUnavailableError(
                             f"no connected detector owns session {session_id!r}",
-                            session_id=session_id)
+                            session_id=session_id,
+                        )
                     raise DetectorUnavailableError(
                         f"not connected (waited {wait:g}s for it to come back)",
-                        detector_id=owner, session_id=session_id)
+                        detector_id=owner,
+                        session_id=session_id,
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
 
-    async def request(self, session_id: str, message: Mapping[str, Any], *,
-                      answer_timeout: float | None = None, what: str | None = None,
-                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    async def request(
+        self,
+        session_id: str,
+        message: Mapping[str, Any],
+        *,
+        answer_timeout: float | None = None,
+        what: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
         """Send ``message`` (a dict with a ``type``) to the detector owning ``session_id`` and
         return its answer: the next message from it of a type registered as an ``answer``,
         with the same ``request_id`` (added here). Reports of a type registered as
@@ -308,9 +350,18 @@ class DetectorHub:
         if self._loop is None:
             raise RuntimeError("the detector hub is not bound to a running service")
         if asyncio.get_running_loop() is not self._loop:
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self.request(session_id, message, answer_timeout=answer_timeout, what=what,
-                             on_progress=on_progress), self._loop))
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(
+                    self.request(
+                        session_id,
+                        message,
+                        answer_timeout=answer_timeout,
+                        what=what,
+                        on_progress=on_progress,
+                    ),
+                    self._loop,
+                )
+            )
         timeout = self.request_timeout if answer_timeout is None else answer_timeout
         what = what or str(message.get("type"))
         started = time.monotonic()
@@ -324,28 +375,44 @@ class DetectorHub:
             try:
                 return await asyncio.wait_for(future, left)
             except TimeoutError:
-                raise DetectorError(f"no answer to {what} within {timeout:g}s",
-                                    detector_id=conn.detector_id,
-                                    session_id=session_id) from None
+                raise DetectorError(
+                    f"no answer to {what} within {timeout:g}s",
+                    detector_id=conn.detector_id,
+                    session_id=session_id,
+                ) from None
         finally:
             self._pending.pop(request_id, None)
 
-    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
-                     answer_timeout: float | None = None, what: str | None = None,
-                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    def request_sync(
+        self,
+        session_id: str,
+        message: Mapping[str, Any],
+        *,
+        answer_timeout: float | None = None,
+        what: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
         """:meth:`request` from a thread that is not the service's event loop (a sync step)."""
         if self._loop is None:
             raise RuntimeError("the detector hub is not bound to a running service")
         return asyncio.run_coroutine_threadsafe(
-            self.request(session_id, message, answer_timeout=answer_timeout, what=what,
-                         on_progress=on_progress), self._loop).result()
+            self.request(
+                session_id,
+                message,
+                answer_timeout=answer_timeout,
+                what=what,
+                on_progress=on_progress,
+            ),
+            self._loop,
+        ).result()
 
     async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
         """Send ``message`` to the owner of ``session_id`` if it is connected; False if not
         (for notices such as a status, which a later reconnect does not need)."""
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self.send(session_id, message), self._loop))
+            return await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self.send(session_id, message), self._loop)
+            )
         owner = self._owners.get(session_id)
         conn = self._connections.get(owner) if owner is not None else None
         if conn is None:
@@ -356,13 +423,13 @@ class DetectorHub:
             return False
         return True
 
-    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
-                  wait: float = 10.0) -> bool:
+    def send_sync(self, session_id: str, message: Mapping[str, Any], *, wait: float = 10.0) -> bool:
         """:meth:`send` from a thread that is not the service's event loop."""
         if self._loop is None:
             return False
-        return asyncio.run_coroutine_threadsafe(self.send(session_id, message),
-                                                self._loop).result(wait)
+        return asyncio.run_coroutine_threadsafe(self.send(session_id, message), self._loop).result(
+            wait
+        )
 
     # -- connections (for the endpoint, framepipe.server.detector_endpoint) -----------------
 
@@ -371,21 +438,25 @@ class DetectorHub:
         :func:`~framepipe.server.detector_endpoint.serve_detector`)."""
         await serve_detector(self, websocket, token)
 
-    async def _attach(self, conn: DetectorConnection,
-                      sessions: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    async def _attach(
+        self, conn: DetectorConnection, sessions: list[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
         """Make ``conn`` (whose hello passed) the connection of its detector, closing an older
         one, and claim the sessions its hello announced; the ``error`` messages to send it
         after the welcome, one per session refused."""
         old = self._connections.get(conn.detector_id)
         if old is not None:
-            _log.info("detector %s connected again; the older connection is closed",
-                      conn.detector_id)
+            _log.info(
+                "detector %s connected again; the older connection is closed", conn.detector_id
+            )
             await self._drop(old, "replaced by a newer connection of the same detector")
             with contextlib.suppress(Exception):
                 await old.websocket.close(code=1000, reason="replaced")
         self._connections[conn.detector_id] = conn
-        refused = [self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
-                   for n, (session_id, fields) in enumerate(sessions)]
+        refused = [
+            self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
+            for n, (session_id, fields) in enumerate(sessions)
+        ]
         await self._notify()
         return [problem for problem in refused if problem is not None]
 
@@ -401,8 +472,9 @@ class DetectorHub:
         """How messages of ``message_type`` are handled; None for a type not registered."""
         return self._types.get(message_type)
 
-    def _claim(self, conn: DetectorConnection, session_id: str, fields: Mapping[str, Any],
-               where: str) -> dict[str, Any] | None:
+    def _claim(
+        self, conn: DetectorConnection, session_id: str, fields: Mapping[str, Any], where: str
+    ) -> dict[str, Any] | None:
         """Make ``session_id`` (already checked) the session of ``conn``'s detector and record
         its metadata ``fields`` (checked, from ``where``); the ``error`` message to send instead
         when it belongs to another detector, this one owns too many, or the session's metadata
@@ -415,17 +487,25 @@ class DetectorHub:
             merged = {k: v for k, v in {**known, **fields}.items() if k != "session_id"}
             size = json_size(merged)
             if size > self.max_metadata_bytes:
-                return {"type": "error", "session_id": session_id, "field": where,
-                        "detail": f"{where}: the session's metadata would be {size} bytes of "
-                                  f"JSON; at most {self.max_metadata_bytes}"}
+                return {
+                    "type": "error",
+                    "session_id": session_id,
+                    "field": where,
+                    "detail": f"{where}: the session's metadata would be {size} bytes of "
+                    f"JSON; at most {self.max_metadata_bytes}",
+                }
         if owner is None:
             owned = self._owned.setdefault(conn.detector_id, {})
             if len(owned) >= self.max_sessions:
                 ended = next((s for s in owned if s not in self._sessions), None)
                 if ended is None:
-                    return {"type": "error", "session_id": session_id, "field": "session_id",
-                            "detail": f"this detector already has {self.max_sessions} sessions "
-                                      "announced and not ended; session refused"}
+                    return {
+                        "type": "error",
+                        "session_id": session_id,
+                        "field": "session_id",
+                        "detail": f"this detector already has {self.max_sessions} sessions "
+                        "announced and not ended; session refused",
+                    }
                 del owned[ended]
                 del self._owners[ended]
             owned[session_id] = None
@@ -442,15 +522,25 @@ class DetectorHub:
         conn.closed.set()
         for request_id, pending in list(self._pending.items()):
             if pending.connection is conn and not pending.future.done():
-                pending.future.set_exception(DetectorUnavailableError(
-                    f"{why} while the backend waited for {pending.what}",
-                    detector_id=conn.detector_id, session_id=pending.session_id))
+                pending.future.set_exception(
+                    DetectorUnavailableError(
+                        f"{why} while the backend waited for {pending.what}",
+                        detector_id=conn.detector_id,
+                        session_id=pending.session_id,
+                    )
+                )
                 self._pending.pop(request_id, None)
         await self._notify()
 
-    async def _route(self, conn: DetectorConnection, message: dict[str, Any],
-                     registered: Registration, parsed: BaseModel | None, session_id: str | None,
-                     fields: dict[str, Any]) -> None:
+    async def _route(
+        self,
+        conn: DetectorConnection,
+        message: dict[str, Any],
+        registered: Registration,
+        parsed: BaseModel | None,
+        session_id: str | None,
+        fields: dict[str, Any],
+    ) -> None:
         """Where a message that passed the endpoint's checks goes: to the request it answers or
         reports on, to the end of its session, to its type's handler. A message about a session
         another detector owns, or answering a request sent on another connection, goes nowhere
@@ -459,13 +549,17 @@ class DetectorHub:
         request_id = message.get("request_id")
         pending = self._pending.get(request_id) if isinstance(request_id, str) else None
         if pending is not None and pending.connection is not conn:
-            await conn.send({"type": "error", "field": "request_id",
-                             "detail": f"request {request_id!r} was sent to another detector "
-                                       "or connection; this answer is ignored"})
+            await conn.send(
+                {
+                    "type": "error",
+                    "field": "request_id",
+                    "detail": f"request {request_id!r} was sent to another detector "
+                    "or connection; this answer is ignored",
+                }
+            )
             return
         role = registered.role
-        if session_id is not None and not await self._may_use(conn, session_id, role, fields,
-                                                              kind):
+        if session_id is not None and not await self._may_use(conn, session_id, role, fields, kind):
             return
         if role in ("answer", "progress"):
             await self._answered(conn, kind, role, message, pending, request_id)
@@ -480,11 +574,18 @@ class DetectorHub:
             raise
         except Exception as exc:
             _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
-            await conn.send({"type": "error", "detail": f"{kind} failed: {exc}",
-                             "session_id": session_id})
+            await conn.send(
+                {"type": "error", "detail": f"{kind} failed: {exc}", "session_id": session_id}
+            )
 
-    async def _may_use(self, conn: DetectorConnection, session_id: str, role: str,
-                       fields: dict[str, Any], kind: str) -> bool:
+    async def _may_use(
+        self,
+        conn: DetectorConnection,
+        session_id: str,
+        role: str,
+        fields: dict[str, Any],
+        kind: str,
+    ) -> bool:
         """Whether ``conn`` may send a ``kind`` message about ``session_id``: it owns the
         session, or claims it now (an ``end`` claims nothing). A refusal is sent back."""
         if role == "end":
@@ -499,15 +600,26 @@ class DetectorHub:
             await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
         return problem is None
 
-    async def _answered(self, conn: DetectorConnection, kind: str, role: str,
-                        message: dict[str, Any], pending: _Pending | None,
-                        request_id: object) -> None:
+    async def _answered(
+        self,
+        conn: DetectorConnection,
+        kind: str,
+        role: str,
+        message: dict[str, Any],
+        pending: _Pending | None,
+        request_id: object,
+    ) -> None:
         """An answer or a progress report to the request ``request_id`` (``pending``)."""
         if pending is None:
             if not isinstance(request_id, str):
-                await conn.send({"type": "error", "field": "message.request_id",
-                                 "detail": f"{kind} answers a request: it needs the "
-                                           "request_id of that request"})
+                await conn.send(
+                    {
+                        "type": "error",
+                        "field": "message.request_id",
+                        "detail": f"{kind} answers a request: it needs the "
+                        "request_id of that request",
+                    }
+                )
             return  # the answer to a request nobody waits for any more (timed out, retried)
         if role == "progress":
             if pending.on_progress is not None:

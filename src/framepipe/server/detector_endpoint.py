@@ -83,8 +83,9 @@ def _disconnect() -> type[Exception]:
     try:
         from starlette.websockets import WebSocketDisconnect
     except ModuleNotFoundError as exc:
-        raise MissingDependencyError(exc.name or "fastapi", "server",
-                                     "the detector endpoint") from exc
+        raise MissingDependencyError(
+            exc.name or "fastapi", "server", "the detector endpoint"
+        ) from exc
     return WebSocketDisconnect
 
 
@@ -108,13 +109,18 @@ class DetectorConnection:
             async with self.lock:
                 await self.websocket.send_text(json.dumps(message))
         except (_disconnect(), RuntimeError, OSError) as exc:
-            raise DetectorUnavailableError(f"disconnected ({exc})",
-                                           detector_id=self.detector_id) from exc
+            raise DetectorUnavailableError(
+                f"disconnected ({exc})", detector_id=self.detector_id
+            ) from exc
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description (for ``GET /api/detectors``)."""
-        return {"detector_id": self.detector_id, "connected_at": self.connected_at,
-                "hostname": self.hello.get("hostname"), "platform": self.hello.get("platform")}
+        return {
+            "detector_id": self.detector_id,
+            "connected_at": self.connected_at,
+            "hostname": self.hello.get("hostname"),
+            "platform": self.hello.get("platform"),
+        }
 
 
 async def serve_detector(hub: DetectorHub, websocket: WebSocket, token: str | None) -> None:
@@ -125,8 +131,10 @@ async def serve_detector(hub: DetectorHub, websocket: WebSocket, token: str | No
     try:
         first = await asyncio.wait_for(_receive(websocket), hub.hello_timeout)
     except TimeoutError:
-        await _refuse(websocket, InvalidInputError(
-            f"no detector:hello within {hub.hello_timeout:g}s", where="hello"))
+        await _refuse(
+            websocket,
+            InvalidInputError(f"no detector:hello within {hub.hello_timeout:g}s", where="hello"),
+        )
         return
     if first is None:
         return
@@ -168,13 +176,19 @@ async def _dispatch(hub: DetectorHub, conn: DetectorConnection, raw: str | bytes
         registered = hub._registration(kind)
         if registered is None:
             handled = ", ".join(hub.message_types()) or "none"
-            await conn.send({"type": "error", "detail": f"unknown message type {kind!r} "
-                             f"(this service handles: {handled})"})
+            await conn.send(
+                {
+                    "type": "error",
+                    "detail": f"unknown message type {kind!r} (this service handles: {handled})",
+                }
+            )
             return
-        fields = session_metadata(message, "message", hub.session_metadata,
-                                  hub.max_metadata_bytes)
-        parsed = (validated(registered.model, message, "message")
-                  if registered.model is not None else None)
+        fields = session_metadata(message, "message", hub.session_metadata, hub.max_metadata_bytes)
+        parsed = (
+            validated(registered.model, message, "message")
+            if registered.model is not None
+            else None
+        )
     except InvalidInputError as exc:
         extra = {"session_id": session_id} if session_id is not None else {}
         await conn.send(error_message(exc, **extra))
@@ -204,8 +218,9 @@ async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008
         await websocket.close(code=code, reason=close_reason(str(exc)))
 
 
-def mount_detector(app: FastAPI, hub: DetectorHub, token: str | None,
-                   check_token: Callable[..., None]) -> None:
+def mount_detector(
+    app: FastAPI, hub: DetectorHub, token: str | None, check_token: Callable[..., None]
+) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""
     from fastapi import Depends, WebSocket

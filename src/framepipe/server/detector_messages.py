@@ -55,10 +55,24 @@ if TYPE_CHECKING:
     from framepipe.server.detector import DetectorHub
     from framepipe.server.detector_endpoint import DetectorConnection
 
-__all__ = ["DEFAULT_MAX_METADATA_BYTES", "HUB_MESSAGE_TYPES", "MAX_ID_LENGTH", "MESSAGE_ROLES",
-           "DetectorMessage", "Handler", "MessageRole", "Registration", "check_hello",
-           "close_reason", "error_message", "identifier", "not_yours", "parse",
-           "session_metadata", "validated"]
+__all__ = [
+    "DEFAULT_MAX_METADATA_BYTES",
+    "HUB_MESSAGE_TYPES",
+    "MAX_ID_LENGTH",
+    "MESSAGE_ROLES",
+    "DetectorMessage",
+    "Handler",
+    "MessageRole",
+    "Registration",
+    "check_hello",
+    "close_reason",
+    "error_message",
+    "identifier",
+    "not_yours",
+    "parse",
+    "session_metadata",
+    "validated",
+]
 
 MAX_ID_LENGTH = 200
 """Longest ``detector_id`` and ``session_id`` accepted."""
@@ -105,9 +119,11 @@ class DetectorMessage:
         """``parsed``, typed: the message as ``model``, the model its type was registered
         with (:class:`TypeError` if it was registered with another, or none)."""
         if not isinstance(self.parsed, model):
-            raise TypeError(f"{self.type} is registered with "
-                            f"{type(self.parsed).__name__ if self.parsed else 'no model'}, "
-                            f"not {model.__name__}")
+            raise TypeError(
+                f"{self.type} is registered with "
+                f"{type(self.parsed).__name__ if self.parsed else 'no model'}, "
+                f"not {model.__name__}"
+            )
         return self.parsed
 
     async def reply(self, message: Mapping[str, Any]) -> None:
@@ -160,24 +176,25 @@ def validated(model: type[BaseModel], data: Mapping[str, Any], where: str) -> Ba
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        problems = [(_location(tuple(e["loc"]), where),
-                     str(e["msg"]).removeprefix("Value error, "))
-                    for e in exc.errors(include_url=False)]
+        problems = [
+            (_location(tuple(e["loc"]), where), str(e["msg"]).removeprefix("Value error, "))
+            for e in exc.errors(include_url=False)
+        ]
     field, reason = problems[0]
     if len(problems) > 1:
         reason += "; also " + "; ".join(f"{f}: {m}" for f, m in problems[1:])
     raise InvalidInputError(reason, where=field)
 
 
-def session_metadata(message: Mapping[str, Any], where: str, model: type[BaseModel] | None,
-                     max_bytes: int) -> dict[str, Any]:
+def session_metadata(
+    message: Mapping[str, Any], where: str, model: type[BaseModel] | None, max_bytes: int
+) -> dict[str, Any]:
     """The session metadata ``message`` carries: the fields ``model`` names (those given and
     not null), validated by it, as JSON; nothing without a model. The hub stores and lists
     it without reading it. Over ``max_bytes`` of JSON it is refused naming ``where``."""
     if model is None:
         return {}
-    given = {name: message[name] for name in model.model_fields
-             if message.get(name) is not None}
+    given = {name: message[name] for name in model.model_fields if message.get(name) is not None}
     if not given:
         return {}
     checked = validated(model, given, where)
@@ -185,8 +202,9 @@ def session_metadata(message: Mapping[str, Any], where: str, model: type[BaseMod
     check_json(metadata, where)
     size = json_size(metadata)
     if size > max_bytes:
-        raise InvalidInputError(f"session metadata is {size} bytes of JSON; at most {max_bytes}",
-                                where=where)
+        raise InvalidInputError(
+            f"session metadata is {size} bytes of JSON; at most {max_bytes}", where=where
+        )
     return metadata
 
 
@@ -194,31 +212,36 @@ def parse(raw: str | bytes, where: str) -> dict[str, Any]:
     """The JSON object of one text frame, refused (:class:`InvalidInputError` naming the
     field) unless it is storable JSON with a string ``type``; a binary frame is refused."""
     if isinstance(raw, bytes):
-        raise InvalidInputError("is a binary frame; messages are JSON objects in text frames",
-                                where=where)
+        raise InvalidInputError(
+            "is a binary frame; messages are JSON objects in text frames", where=where
+        )
     try:
         value = json.loads(raw)
     except RecursionError:
-        raise InvalidInputError(f"is nested more than {MAX_DEPTH} levels deep",
-                                where=where) from None
+        raise InvalidInputError(
+            f"is nested more than {MAX_DEPTH} levels deep", where=where
+        ) from None
     except ValueError as exc:
         raise InvalidInputError(f"not JSON: {exc}") from None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise InvalidInputError("a message must be a JSON object with a string 'type'",
-                                where=where)
+        raise InvalidInputError("a message must be a JSON object with a string 'type'", where=where)
     check_json(value, where)
     return value
 
 
-def check_hello(hello: dict[str, Any], metadata: type[BaseModel] | None = None,
-                max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
-                ) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+def check_hello(
+    hello: dict[str, Any],
+    metadata: type[BaseModel] | None = None,
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
     """The detector id and the sessions (id, metadata) of a ``detector:hello``, or
     :class:`InvalidInputError` naming the first bad field. Each session's metadata is read
     as :func:`session_metadata` reads it from a message."""
     if hello.get("type") != "detector:hello":
-        raise InvalidInputError('the first message must be {"type": "detector:hello", '
-                                '"detector_id": ...}', where="hello.type")
+        raise InvalidInputError(
+            'the first message must be {"type": "detector:hello", "detector_id": ...}',
+            where="hello.type",
+        )
     detector_id = identifier(hello.get("detector_id"), "hello.detector_id")
     _optional_name(hello, "hostname", "hello")
     _optional_name(hello, "platform", "hello")
@@ -226,15 +249,17 @@ def check_hello(hello: dict[str, Any], metadata: type[BaseModel] | None = None,
     sessions: list[tuple[str, dict[str, Any]]] = []
     if listed is not None:
         if not isinstance(listed, list):
-            raise InvalidInputError(f"must be a list of sessions, not {type(listed).__name__}",
-                                    where="hello.sessions")
+            raise InvalidInputError(
+                f"must be a list of sessions, not {type(listed).__name__}", where="hello.sessions"
+            )
         for n, session in enumerate(listed):
             where = f"hello.sessions[{n}]"
             if not isinstance(session, dict):
                 raise InvalidInputError('must be an object {"session_id": ...}', where=where)
             session_id = identifier(session.get("session_id"), f"{where}.session_id")
-            sessions.append((session_id, session_metadata(session, where, metadata,
-                                                          max_metadata_bytes)))
+            sessions.append(
+                (session_id, session_metadata(session, where, metadata, max_metadata_bytes))
+            )
     return detector_id, sessions
 
 
@@ -249,6 +274,10 @@ def error_message(exc: InvalidInputError, **extra: Any) -> dict[str, Any]:
 
 def not_yours(session_id: str) -> dict[str, Any]:
     """The refusal of a message naming another detector's session (the owner is not named)."""
-    return {"type": "error", "session_id": session_id, "field": "session_id",
-            "detail": f"session {session_id!r} belongs to another detector; refused (a session "
-                      "is only served by the detector that announced it)"}
+    return {
+        "type": "error",
+        "session_id": session_id,
+        "field": "session_id",
+        "detail": f"session {session_id!r} belongs to another detector; refused (a session "
+        "is only served by the detector that announced it)",
+    }

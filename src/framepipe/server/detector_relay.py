@@ -46,8 +46,10 @@ def _connect(url: str) -> Any:
 
 
 def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
-    return (namespaced(namespace, "detector", hub_id, "requests"),
-            namespaced(namespace, "detector", hub_id, "alive"))
+    return (
+        namespaced(namespace, "detector", hub_id, "requests"),
+        namespaced(namespace, "detector", hub_id, "alive"),
+    )
 
 
 class _Relay:
@@ -64,8 +66,10 @@ class _Relay:
     async def start(self) -> None:
         """Start relaying; Redis being away now is retried in the background, not fatal."""
         self._client = _connect(self.url)
-        self._main = [asyncio.create_task(self._take(), name="framepipe-detector-relay"),
-                      asyncio.create_task(self._beat(), name="framepipe-detector-alive")]
+        self._main = [
+            asyncio.create_task(self._take(), name="framepipe-detector-relay"),
+            asyncio.create_task(self._beat(), name="framepipe-detector-alive"),
+        ]
 
     async def stop(self) -> None:
         for task in [*self._main, *self._tasks]:
@@ -123,23 +127,44 @@ class _Relay:
             progress: list[asyncio.Task[None]] = []
 
             def on_progress(update: Mapping[str, Any]) -> None:
-                progress.append(asyncio.create_task(
-                    self._push(reply_to, {"kind": "progress", "message": dict(update)})))
+                progress.append(
+                    asyncio.create_task(
+                        self._push(reply_to, {"kind": "progress", "message": dict(update)})
+                    )
+                )
 
-            answer = await self.hub.request(session_id, message,
-                                            answer_timeout=request.get("answer_timeout"),
-                                            what=request.get("what"), on_progress=on_progress)
+            answer = await self.hub.request(
+                session_id,
+                message,
+                answer_timeout=request.get("answer_timeout"),
+                what=request.get("what"),
+                on_progress=on_progress,
+            )
             await asyncio.gather(*progress, return_exceptions=True)
             await self._push(reply_to, {"kind": "answer", "message": answer})
         except DetectorError as exc:
-            await self._push(reply_to, {
-                "kind": "error", "class": type(exc).__name__, "reason": exc.reason,
-                "detector_id": exc.detector_id, "session_id": exc.session_id})
+            await self._push(
+                reply_to,
+                {
+                    "kind": "error",
+                    "class": type(exc).__name__,
+                    "reason": exc.reason,
+                    "detector_id": exc.detector_id,
+                    "session_id": exc.session_id,
+                },
+            )
         except Exception as exc:
             _log.exception("detector relay: request %s failed", request.get("what"))
-            await self._push(reply_to, {"kind": "error", "class": "DetectorError",
-                                        "reason": f"the service failed the request: {exc}",
-                                        "detector_id": None, "session_id": session_id})
+            await self._push(
+                reply_to,
+                {
+                    "kind": "error",
+                    "class": "DetectorError",
+                    "reason": f"the service failed the request: {exc}",
+                    "detector_id": None,
+                    "session_id": session_id,
+                },
+            )
 
 
 class RemoteDetectorHub:
@@ -149,8 +174,9 @@ class RemoteDetectorHub:
     :class:`DetectorUnavailableError` at once; one that stops answering is one within
     ``_ALIVE_TTL`` seconds."""
 
-    def __init__(self, hub_id: str, url: str, namespace: str, *,
-                 request_timeout: float = 600.0) -> None:
+    def __init__(
+        self, hub_id: str, url: str, namespace: str, *, request_timeout: float = 600.0
+    ) -> None:
         self.id = hub_id
         self.url = url
         self.namespace = namespace
@@ -161,9 +187,15 @@ class RemoteDetectorHub:
         """Not known here (the service knows); None."""
         return None
 
-    async def _call(self, kind: str, session_id: str, message: Mapping[str, Any],
-                    answer_timeout: float | None, what: str | None,
-                    on_progress: ProgressCallback | None) -> dict[str, Any]:
+    async def _call(
+        self,
+        kind: str,
+        session_id: str,
+        message: Mapping[str, Any],
+        answer_timeout: float | None,
+        what: str | None,
+        on_progress: ProgressCallback | None,
+    ) -> dict[str, Any]:
         client = _connect(self.url)
         reply_to = namespaced(self.namespace, "detector", "reply", uuid.uuid4().hex)
         what = what or str(message.get("type"))
@@ -171,22 +203,37 @@ class RemoteDetectorHub:
             if not await client.exists(self.alive):
                 raise DetectorUnavailableError(
                     f"the service holding detector hub {self.id} is not running (no heartbeat "
-                    f"on {self.alive}), so {what} cannot be asked for", session_id=session_id)
-            await client.rpush(self.requests, json.dumps({
-                "kind": kind, "reply_to": reply_to, "session_id": session_id,
-                "message": dict(message), "answer_timeout": answer_timeout, "what": what}))
+                    f"on {self.alive}), so {what} cannot be asked for",
+                    session_id=session_id,
+                )
+            await client.rpush(
+                self.requests,
+                json.dumps(
+                    {
+                        "kind": kind,
+                        "reply_to": reply_to,
+                        "session_id": session_id,
+                        "message": dict(message),
+                        "answer_timeout": answer_timeout,
+                        "what": what,
+                    }
+                ),
+            )
             limit = (self.request_timeout if answer_timeout is None else answer_timeout) + 120
             deadline = time.monotonic() + limit
             while True:
                 item = await client.blpop([reply_to], timeout=1)
                 if item is None:
                     if time.monotonic() > deadline:
-                        raise DetectorError(f"no answer to {what} within {limit:g}s",
-                                            session_id=session_id)
+                        raise DetectorError(
+                            f"no answer to {what} within {limit:g}s", session_id=session_id
+                        )
                     if not await client.exists(self.alive):
                         raise DetectorUnavailableError(
                             f"the service holding detector hub {self.id} stopped while "
-                            f"waiting for {what}", session_id=session_id)
+                            f"waiting for {what}",
+                            session_id=session_id,
+                        )
                     continue
                 reply = json.loads(item[1])
                 if reply["kind"] == "progress":
@@ -195,36 +242,58 @@ class RemoteDetectorHub:
                     continue
                 if reply["kind"] == "answer":
                     return dict(reply["message"])
-                cls = (DetectorUnavailableError if reply.get("class") == "DetectorUnavailableError"
-                       else DetectorError)
-                raise cls(str(reply.get("reason")), detector_id=reply.get("detector_id"),
-                          session_id=reply.get("session_id"))
+                cls = (
+                    DetectorUnavailableError
+                    if reply.get("class") == "DetectorUnavailableError"
+                    else DetectorError
+                )
+                raise cls(
+                    str(reply.get("reason")),
+                    detector_id=reply.get("detector_id"),
+                    session_id=reply.get("session_id"),
+                )
         finally:
             with contextlib.suppress(Exception):
                 await client.delete(reply_to)
             await client.aclose()
 
-    async def request(self, session_id: str, message: Mapping[str, Any], *,
-                      answer_timeout: float | None = None, what: str | None = None,
-                      on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    async def request(
+        self,
+        session_id: str,
+        message: Mapping[str, Any],
+        *,
+        answer_timeout: float | None = None,
+        what: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
         """:meth:`DetectorHub.request`, made by the service on behalf of this process."""
-        return await self._call("request", session_id, message, answer_timeout, what,
-                                on_progress)
+        return await self._call("request", session_id, message, answer_timeout, what, on_progress)
 
-    def request_sync(self, session_id: str, message: Mapping[str, Any], *,
-                     answer_timeout: float | None = None, what: str | None = None,
-                     on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    def request_sync(
+        self,
+        session_id: str,
+        message: Mapping[str, Any],
+        *,
+        answer_timeout: float | None = None,
+        what: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
         """:meth:`request` from a thread without a running event loop (a sync step)."""
-        return asyncio.run(self.request(session_id, message, answer_timeout=answer_timeout,
-                                        what=what, on_progress=on_progress))
+        return asyncio.run(
+            self.request(
+                session_id,
+                message,
+                answer_timeout=answer_timeout,
+                what=what,
+                on_progress=on_progress,
+            )
+        )
 
     async def send(self, session_id: str, message: Mapping[str, Any]) -> bool:
         """:meth:`DetectorHub.send` through the service; False if the detector is away."""
-        answer = await self._call("send", session_id, message, 30.0, str(message.get("type")),
-                                  None)
+        answer = await self._call("send", session_id, message, 30.0, str(message.get("type")), None)
         return bool(answer.get("sent"))
 
-    def send_sync(self, session_id: str, message: Mapping[str, Any], *,
-                  wait: float = 10.0) -> bool:
+    def send_sync(self, session_id: str, message: Mapping[str, Any], *, wait: float = 10.0) -> bool:
         """:meth:`send` from a thread without a running event loop."""
         return asyncio.run(self.send(session_id, message))

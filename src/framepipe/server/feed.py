@@ -61,8 +61,9 @@ class EventFeed:
     async def _tail(self) -> None:
         while True:
             try:
-                batch = await asyncio.to_thread(list_events, self.store, None,
-                                                after_id=self.last_id, limit=1000)
+                batch = await asyncio.to_thread(
+                    list_events, self.store, None, after_id=self.last_id, limit=1000
+                )
             except Exception as exc:  # the database restarting: keep trying
                 _log.warning("event feed: reading events failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
@@ -89,8 +90,9 @@ class EventFeed:
                     break
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, execution_id: str | None = None) -> AsyncIterator[
-            AsyncIterator[Event | None]]:
+    async def subscribe(
+        self, execution_id: str | None = None
+    ) -> AsyncIterator[AsyncIterator[Event | None]]:
         """Events from now on (of one execution, or all); ``None`` marks a subscriber that fell
         behind and was cut off (reconnect and read the current state)."""
         sub = _Subscriber(execution_id, self.maxsize)

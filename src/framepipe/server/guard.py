@@ -30,8 +30,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-__all__ = ["TOKEN_SUBPROTOCOL", "RedactTokens", "admit_websocket", "bearer_token",
-           "hide_tokens_in_access_log", "redact", "split_host", "token_matches"]
+__all__ = [
+    "TOKEN_SUBPROTOCOL",
+    "RedactTokens",
+    "admit_websocket",
+    "bearer_token",
+    "hide_tokens_in_access_log",
+    "redact",
+    "split_host",
+    "token_matches",
+]
 
 
 TOKEN_SUBPROTOCOL = "framepipe.token."
@@ -41,8 +49,9 @@ def token_matches(given: str | None, token: str) -> bool:
     """True when ``given`` is ``token`` (constant time; any text, never raises)."""
     if given is None:
         return False
-    return hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
-                               token.encode("utf-8"))
+    return hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    )
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -54,7 +63,7 @@ def bearer_token(authorization: str | None) -> str | None:
 def _subprotocol_token(websocket: WebSocket) -> tuple[str | None, str | None]:
     for offered in websocket.scope.get("subprotocols") or ():
         if offered.startswith(TOKEN_SUBPROTOCOL):
-            encoded = offered[len(TOKEN_SUBPROTOCOL):]
+            encoded = offered[len(TOKEN_SUBPROTOCOL) :]
             try:
                 raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
                 return raw.decode("utf-8", "surrogateescape"), offered

@@ -26,20 +26,32 @@ class _JobsCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        runs = GaugeMetricFamily("framepipe_executions", "Executions by pipeline and status.",
-                                 labels=["pipeline", "status"])
-        by_step = GaugeMetricFamily("framepipe_steps", "Steps by pipeline, step and status.",
-                                    labels=["pipeline", "step", "status"])
-        took = SummaryMetricFamily("framepipe_step_duration_seconds",
-                                   "Run time of completed steps (last attempt).",
-                                   labels=["pipeline", "step"])
-        retried = GaugeMetricFamily("framepipe_step_failures",
-                                    "Failed attempts of the steps' current run (a retry of the "
-                                    "execution starts them again from 0).",
-                                    labels=["pipeline", "step"])
-        crashed = GaugeMetricFamily("framepipe_step_crashes",
-                                    "Times steps' processes died under them.",
-                                    labels=["pipeline", "step"])
+        runs = GaugeMetricFamily(
+            "framepipe_executions",
+            "Executions by pipeline and status.",
+            labels=["pipeline", "status"],
+        )
+        by_step = GaugeMetricFamily(
+            "framepipe_steps",
+            "Steps by pipeline, step and status.",
+            labels=["pipeline", "step", "status"],
+        )
+        took = SummaryMetricFamily(
+            "framepipe_step_duration_seconds",
+            "Run time of completed steps (last attempt).",
+            labels=["pipeline", "step"],
+        )
+        retried = GaugeMetricFamily(
+            "framepipe_step_failures",
+            "Failed attempts of the steps' current run (a retry of the "
+            "execution starts them again from 0).",
+            labels=["pipeline", "step"],
+        )
+        crashed = GaugeMetricFamily(
+            "framepipe_step_crashes",
+            "Times steps' processes died under them.",
+            labels=["pipeline", "step"],
+        )
         alive = GaugeMetricFamily("framepipe_workers", "Workers by status.", labels=["status"])
         counts = count_jobs(self.store)
         for (pipeline, status), n in counts.executions.items():
@@ -60,16 +72,19 @@ class _JobsCollector(Collector):
     def _broker(self) -> Iterator[Metric]:
         if not self.settings.distributed_jobs:
             return
-        backlog = GaugeMetricFamily("framepipe_broker_backlog",
-                                    "Job broker: ready steps not yet delivered (lag: Redis "
-                                    "entries, or RabbitMQ messages of up to 16 steps) and "
-                                    "delivered but not acknowledged (pending; Redis only).",
-                                    labels=["kind"])
+        backlog = GaugeMetricFamily(
+            "framepipe_broker_backlog",
+            "Job broker: ready steps not yet delivered (lag: Redis "
+            "entries, or RabbitMQ messages of up to 16 steps) and "
+            "delivered but not acknowledged (pending; Redis only).",
+            labels=["kind"],
+        )
         try:
             from framepipe.jobs.delivery import open_delivery
 
-            delivery = open_delivery(self.settings.broker_url, self.settings.broker_namespace,
-                                     timeout=2.0)
+            delivery = open_delivery(
+                self.settings.broker_url, self.settings.broker_namespace, timeout=2.0
+            )
             try:
                 held = delivery.backlog()
             finally:
@@ -83,9 +98,11 @@ class _JobsCollector(Collector):
         yield backlog
 
 
-def jobs_registry(store: StateStore, settings: Settings,
-                  pipelines: Callable[[], Iterable[StreamPipeline]] | None = None,
-                  ) -> CollectorRegistry:
+def jobs_registry(
+    store: StateStore,
+    settings: Settings,
+    pipelines: Callable[[], Iterable[StreamPipeline]] | None = None,
+) -> CollectorRegistry:
     """A Prometheus registry that reads the jobs when scraped, and with ``pipelines`` the live
     pipelines' metrics too (per stage fps, latency, queue depth, drops; per source restarts)."""
     registry = CollectorRegistry(auto_describe=False)

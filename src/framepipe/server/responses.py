@@ -65,8 +65,7 @@ async def _framepipe_error(request: Request, exc: FramepipeError) -> Response:
     elif isinstance(exc, StateStoreError):
         _log.error("state database error: %s", exc)
         status = 503
-    return SafeJSONResponse({"detail": service_state(request).public(str(exc))},
-                            status_code=status)
+    return SafeJSONResponse({"detail": service_state(request).public(str(exc))}, status_code=status)
 
 
 async def _database_error(request: Request, exc: SQLAlchemyError) -> Response:
@@ -79,14 +78,14 @@ async def _database_error(request: Request, exc: SQLAlchemyError) -> Response:
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code in (204, 304):
         return Response(status_code=exc.status_code, headers=exc.headers)
-    return SafeJSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                            headers=exc.headers)
+    return SafeJSONResponse(
+        {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _invalid_request(_request: Request, exc: RequestValidationError) -> Response:
     # Not the input itself: it can be megabytes (and it is the client's own).
-    errors = [{k: v for k, v in err.items() if k in ("type", "loc", "msg")}
-              for err in exc.errors()]
+    errors = [{k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in exc.errors()]
     return SafeJSONResponse({"detail": errors}, status_code=422)
 
 

@@ -101,8 +101,10 @@ class ServiceState:
     def public(self, text: str) -> str:
         """``text`` without the server's own paths (its home and object store)."""
         objects_url = self.running.objects_url if self.running is not None else None
-        for private, shown in ((objects_url, "the object store"),
-                               (str(self.settings.home.resolve()), "<home>")):
+        for private, shown in (
+            (objects_url, "the object store"),
+            (str(self.settings.home.resolve()), "<home>"),
+        ):
             if private:
                 text = text.replace(private, shown)
         return text
@@ -125,5 +127,8 @@ def check_token(request: Request) -> None:
     if not token:
         return
     if not token_matches(bearer_token(request.headers.get("authorization")), token):
-        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer ...)",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer ...)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -49,12 +49,14 @@ __all__ = ["VideoSource"]
 
 Image = npt.NDArray[np.uint8]
 
-_NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "http", "https",
-                              "srt", "rtp", "hls"})
+_NETWORK_SCHEMES = frozenset(
+    {"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "http", "https", "srt", "rtp", "hls"}
+)
 _MAX_BAD_PACKETS = 25  # consecutive undecodable packets tolerated on a live stream
 _FULL_TO_LIMITED_Y = np.round(16 + np.arange(256) * 219 / 255).astype(np.uint8)
-_FULL_TO_LIMITED_C = np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(
-    np.uint8)
+_FULL_TO_LIMITED_C = (
+    np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(np.uint8)
+)
 
 
 def _default_source_id(url: str) -> str:
@@ -159,11 +161,20 @@ class VideoSource(Source):
     (the first change of a session is logged as a warning, later ones at debug level).
     """
 
-    def __init__(self, url: str | os.PathLike[str], source_id: str | None = None, *,
-                 realtime: bool = False, loop: bool = False,
-                 options: Mapping[str, str] | None = None, open_timeout: float = 10.0,
-                 read_timeout: float = 10.0, max_queue: int = 8, bgr_via_opencv: bool = True,
-                 container_format: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        source_id: str | None = None,
+        *,
+        realtime: bool = False,
+        loop: bool = False,
+        options: Mapping[str, str] | None = None,
+        open_timeout: float = 10.0,
+        read_timeout: float = 10.0,
+        max_queue: int = 8,
+        bgr_via_opencv: bool = True,
+        container_format: str | None = None,
+    ) -> None:
         url = os.fspath(url)
         super().__init__(source_id or _default_source_id(url))
         if max_queue < 1:
@@ -198,8 +209,12 @@ class VideoSource(Source):
     async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session; see the module docstring for its guarantees."""
         channel = _Channel(asyncio.get_running_loop(), self.max_queue)
-        thread = threading.Thread(target=self._run, args=(channel,), daemon=True,
-                                  name=f"framepipe-decode-{self.source_id}")
+        thread = threading.Thread(
+            target=self._run,
+            args=(channel,),
+            daemon=True,
+            name=f"framepipe-decode-{self.source_id}",
+        )
         thread.start()
         ended = False
         try:
@@ -207,9 +222,14 @@ class VideoSource(Source):
                 kind, payload = await channel.get()
                 if kind == "frame":
                     item: _Decoded = payload
-                    yield Frame(image=item.image, source_id=self.source_id,
-                                seq=self.next_seq(), ts_ms=item.ts_ms, pts=item.pts,
-                                meta=item.meta)
+                    yield Frame(
+                        image=item.image,
+                        source_id=self.source_id,
+                        seq=self.next_seq(),
+                        ts_ms=item.ts_ms,
+                        pts=item.pts,
+                        meta=item.meta,
+                    )
                 elif kind == "opened":
                     if started is not None:
                         started(None)
@@ -224,11 +244,14 @@ class VideoSource(Source):
             if ended or await self._await_end(channel):
                 thread.join()  # "end" is the thread's last act: this returns at once
             else:
-                self._log.warning("decode thread of %s is still blocked in I/O; it exits when "
-                                  "that call returns", self.describe())
+                self._log.warning(
+                    "decode thread of %s is still blocked in I/O; it exits when that call returns",
+                    self.describe(),
+                )
 
     async def _await_end(self, channel: _Channel) -> bool:
         """Wait (without blocking the loop) until the stopped thread posts its end."""
+
         async def drain() -> None:
             while (await channel.get())[0] != "end":
                 pass
@@ -266,14 +289,18 @@ class VideoSource(Source):
         if not self.is_network and os.path.isfile(self.url) and os.path.getsize(self.url) == 0:
             raise self._fail("cannot open, the file is empty (0 bytes)")
         try:
-            return av.open(self.url, options=self.options, format=self.container_format,
-                           timeout=(self.open_timeout, self.read_timeout))
+            return av.open(
+                self.url,
+                options=self.options,
+                format=self.container_format,
+                timeout=(self.open_timeout, self.read_timeout),
+            )
         except av.error.InvalidDataError as exc:
-            raise self._fail("cannot open, not a readable video (unknown format, corrupt or "
-                             "truncated)", exc) from exc
+            raise self._fail(
+                "cannot open, not a readable video (unknown format, corrupt or truncated)", exc
+            ) from exc
         except av.error.ExitError as exc:
-            raise self._fail(f"cannot open, no answer within {self.open_timeout:g}s",
-                             exc) from exc
+            raise self._fail(f"cannot open, no answer within {self.open_timeout:g}s", exc) from exc
         except Exception as exc:
             raise self._fail("cannot open", exc) from exc
 
@@ -319,8 +346,13 @@ class VideoSource(Source):
                             meta["size_changed"] = True
                             size_changes += 1
                             log = self._log.warning if size_changes == 1 else self._log.debug
-                            log("frame size changed from %dx%d to %dx%d at frame %d of %s",
-                                *last_size, *size, count + 1, self.describe())
+                            log(
+                                "frame size changed from %dx%d to %dx%d at frame %d of %s",
+                                *last_size,
+                                *size,
+                                count + 1,
+                                self.describe(),
+                            )
                         last_size = size
                         image = self._to_bgr(frame)
                         count += 1
@@ -339,8 +371,7 @@ class VideoSource(Source):
             passes += 1
             next_pts = last_pts + frame_time
 
-    def _decode_packet(self, packet: Any, bad: list[int], count: int,
-                       passes: int) -> list[Any]:
+    def _decode_packet(self, packet: Any, bad: list[int], count: int, passes: int) -> list[Any]:
         """The frames of ``packet``. An undecodable packet of a network stream is skipped
         (``bad[0]`` counts them in a row) until more than a few come in a row; in a file it
         fails the source, naming how far it got."""
@@ -349,8 +380,9 @@ class VideoSource(Source):
         except av.error.InvalidDataError as exc:
             bad[0] += 1
             if not self.is_network or bad[0] > _MAX_BAD_PACKETS:
-                raise self._fail(f"corrupt or truncated data after {count} frames "
-                                 f"of pass {passes + 1}", exc) from exc
+                raise self._fail(
+                    f"corrupt or truncated data after {count} frames of pass {passes + 1}", exc
+                ) from exc
             if bad[0] == 1:
                 self._log.warning("skipping undecodable packet: %s", exc)
             return []
@@ -360,15 +392,19 @@ class VideoSource(Source):
     def _check_complete(self, stream: Any, count: int) -> None:
         """Fail a file that ended well before the frame count its header announces."""
         expected = int(stream.frames or 0)
-        if (not self.is_network and expected > 0
-                and count < expected - max(2, expected // 100)):
-            raise self._fail(f"truncated file: decoded {count} frames of the {expected} "
-                             "its header announces")
+        if not self.is_network and expected > 0 and count < expected - max(2, expected // 100):
+            raise self._fail(
+                f"truncated file: decoded {count} frames of the {expected} its header announces"
+            )
 
     def _to_bgr(self, frame: Any) -> Image:
         name = frame.format.name
-        if (self.bgr_via_opencv and name in ("yuv420p", "yuvj420p")
-                and frame.width % 2 == 0 and frame.height % 2 == 0):
+        if (
+            self.bgr_via_opencv
+            and name in ("yuv420p", "yuvj420p")
+            and frame.width % 2 == 0
+            and frame.height % 2 == 0
+        ):
             planes = frame.to_ndarray()  # (h * 3 / 2, w): Y then U then V
             if name == "yuvj420p":  # full range: OpenCV's I420 conversion expects limited
                 h = frame.height

@@ -96,12 +96,16 @@ class _JpegSplitter:
             self.garbage = 0
             self._pos = self._scan = None
         if len(self.buf) > self.max_frame_bytes:
-            raise FrameError(f"a JPEG frame at stdout offset {self.offset} is larger than "
-                             f"max_frame_bytes={self.max_frame_bytes} without its end marker")
+            raise FrameError(
+                f"a JPEG frame at stdout offset {self.offset} is larger than "
+                f"max_frame_bytes={self.max_frame_bytes} without its end marker"
+            )
         if self.garbage > self.max_garbage_bytes:
-            raise FrameError(f"stdout is not an MJPEG stream: {self.garbage} bytes from offset "
-                             f"{self.garbage_offset} hold no JPEG frame "
-                             f"(they start with {self.garbage_sample!r})")
+            raise FrameError(
+                f"stdout is not an MJPEG stream: {self.garbage} bytes from offset "
+                f"{self.garbage_offset} hold no JPEG frame "
+                f"(they start with {self.garbage_sample!r})"
+            )
         return frames
 
     @property
@@ -135,8 +139,12 @@ class _JpegSplitter:
         if self._scan is None:
             pos = self._pos or 2
             while True:
-                while pos < len(buf) and buf[pos] == 0xFF and pos + 1 < len(buf) \
-                        and buf[pos + 1] == 0xFF:
+                while (
+                    pos < len(buf)
+                    and buf[pos] == 0xFF
+                    and pos + 1 < len(buf)
+                    and buf[pos + 1] == 0xFF
+                ):
                     pos += 1  # fill bytes
                 if pos + 2 > len(buf):
                     self._pos = pos
@@ -178,12 +186,21 @@ class CommandSource(Source):
     docstring for what a session guarantees.
     """
 
-    def __init__(self, argv: Sequence[str], source_id: str, *,
-                 format: Literal["mjpeg", "rawvideo"] = "mjpeg",
-                 width: int | None = None, height: int | None = None, pix_fmt: str = "bgr24",
-                 env: Mapping[str, str] | None = None, stderr_lines: int = 50,
-                 max_frame_bytes: int = 50_000_000, max_garbage_bytes: int = 5_000_000,
-                 fps: float | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        source_id: str,
+        *,
+        format: Literal["mjpeg", "rawvideo"] = "mjpeg",
+        width: int | None = None,
+        height: int | None = None,
+        pix_fmt: str = "bgr24",
+        env: Mapping[str, str] | None = None,
+        stderr_lines: int = 50,
+        max_frame_bytes: int = 50_000_000,
+        max_garbage_bytes: int = 5_000_000,
+        fps: float | None = None,
+    ) -> None:
         super().__init__(source_id)
         self.fps = fps  # nominal rate when the caller knows it (health compares against it)
         self.live = True
@@ -196,8 +213,9 @@ class CommandSource(Source):
             if not width or not height or width < 1 or height < 1:
                 raise ValueError("format='rawvideo' needs width and height")
             if pix_fmt not in _BYTES_PER_PIXEL:
-                raise ValueError(f"pix_fmt must be one of {sorted(_BYTES_PER_PIXEL)}, "
-                                 f"not {pix_fmt!r}")
+                raise ValueError(
+                    f"pix_fmt must be one of {sorted(_BYTES_PER_PIXEL)}, not {pix_fmt!r}"
+                )
         self.format = format
         self._shape = (height or 0, width or 0, _BYTES_PER_PIXEL.get(pix_fmt, 3))
         self.width = width
@@ -224,16 +242,23 @@ class CommandSource(Source):
     async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session; see the module docstring for its guarantees."""
         env = None if self.env is None else {**os.environ, **self.env}
-        frame_bytes = (self._shape[0] * self._shape[1] * self._shape[2]
-                       if self.format == "rawvideo" else 0)
+        frame_bytes = (
+            self._shape[0] * self._shape[1] * self._shape[2] if self.format == "rawvideo" else 0
+        )
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=env,
-                limit=max(1 << 20, frame_bytes))
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=env,
+                limit=max(1 << 20, frame_bytes),
+            )
         except OSError as exc:
-            raise SourceError(f"cannot start capture command {self.describe()}: {exc}",
-                              source_id=self.source_id) from exc
+            raise SourceError(
+                f"cannot start capture command {self.describe()}: {exc}", source_id=self.source_id
+            ) from exc
         assert proc.stdout is not None
         assert proc.stderr is not None
         self._proc = proc
@@ -252,16 +277,20 @@ class CommandSource(Source):
             else:
                 read = _RawReader(proc.stdout, self, self._shape).read
             while (image := await read()) is not None:
-                yield Frame(image=image, source_id=self.source_id, seq=self.next_seq(),
-                            ts_ms=now_ms())
+                yield Frame(
+                    image=image, source_id=self.source_id, seq=self.next_seq(), ts_ms=now_ms()
+                )
             code = await self._exit_code(proc, exited)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
             stderr_tail = "\n".join(tail)
             last = f"; stderr: {tail[-1]}" if tail else ""
-            raise CaptureExitedError(f"capture subprocess exited (exit code: {code}){last}",
-                                     source_id=self.source_id, exit_code=code,
-                                     stderr_tail=stderr_tail)
+            raise CaptureExitedError(
+                f"capture subprocess exited (exit code: {code}){last}",
+                source_id=self.source_id,
+                exit_code=code,
+                stderr_tail=stderr_tail,
+            )
         finally:
             unwatch()
             decoder.shutdown(wait=False, cancel_futures=True)
@@ -274,8 +303,9 @@ class CommandSource(Source):
                     await stderr_task
                 self._proc = None
 
-    async def _exit_code(self, proc: asyncio.subprocess.Process,
-                         exited: asyncio.Task[int]) -> int | None:
+    async def _exit_code(
+        self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]
+    ) -> int | None:
         """The exit code once stdout ended; a child that stays alive is stopped first."""
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(exited), 2.0)
@@ -285,16 +315,16 @@ class CommandSource(Source):
         await self._terminate(proc, exited)
         return proc.returncode
 
-    async def _terminate(self, proc: asyncio.subprocess.Process,
-                         exited: asyncio.Task[int]) -> None:
+    async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
         """SIGTERM the process group, SIGKILL it after 2 s, reap the child."""
         if proc.returncode is None:
             _kill_group(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(exited), _TERM_GRACE)
             except TimeoutError:
-                self._log.warning("capture (PID: %d) ignored SIGTERM for %gs: killing it",
-                                  proc.pid, _TERM_GRACE)
+                self._log.warning(
+                    "capture (PID: %d) ignored SIGTERM for %gs: killing it", proc.pid, _TERM_GRACE
+                )
             except asyncio.CancelledError:
                 _kill_group(proc.pid, signal.SIGKILL)
                 raise
@@ -321,8 +351,9 @@ class CommandSource(Source):
 
 
 class _MjpegReader:
-    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource,
-                 decoder: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, stdout: asyncio.StreamReader, source: CommandSource, decoder: ThreadPoolExecutor
+    ) -> None:
         self.stdout = stdout
         self.source = source
         self.decoder = decoder
@@ -335,8 +366,9 @@ class _MjpegReader:
             chunk = await self.stdout.read(1 << 20)
             if not chunk:
                 if self.splitter.pending:
-                    self.source._log.debug("stdout ended inside a frame (%d bytes dropped)",
-                                           self.splitter.pending)
+                    self.source._log.debug(
+                        "stdout ended inside a frame (%d bytes dropped)", self.splitter.pending
+                    )
                 return None
             try:
                 self.ready.extend(self.splitter.feed(chunk))
@@ -347,13 +379,17 @@ class _MjpegReader:
         try:
             return await loop.run_in_executor(self.decoder, decode_jpeg, data)
         except FrameError as exc:
-            raise FrameError(f"the JPEG frame at stdout offset {offset} ({len(data)} bytes) "
-                             f"does not decode: {exc}", source_id=self.source.source_id) from exc
+            raise FrameError(
+                f"the JPEG frame at stdout offset {offset} ({len(data)} bytes) "
+                f"does not decode: {exc}",
+                source_id=self.source.source_id,
+            ) from exc
 
 
 class _RawReader:
-    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource,
-                 shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self, stdout: asyncio.StreamReader, source: CommandSource, shape: tuple[int, int, int]
+    ) -> None:
         self.stdout = stdout
         self.source = source
         self.shape = shape
@@ -365,8 +401,11 @@ class _RawReader:
             data = await self.stdout.readexactly(self.frame_bytes)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
-                self.source._log.debug("stdout ended inside a frame (%d of %d bytes)",
-                                       len(exc.partial), self.frame_bytes)
+                self.source._log.debug(
+                    "stdout ended inside a frame (%d of %d bytes)",
+                    len(exc.partial),
+                    self.frame_bytes,
+                )
             return None
         pixels = np.frombuffer(data, np.uint8).reshape(self.shape)
         if self.source.pix_fmt == "bgr24":

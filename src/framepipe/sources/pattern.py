@@ -23,8 +23,22 @@ DrawHook = Callable[[Image, int], None]
 """Paints into ``image`` (BGR, writable, modified in place) for frame number ``seq``."""
 
 # SMPTE-like colour bars, BGR: white, yellow, cyan, green, magenta, red, blue
-_BARS = np.array([[255, 255, 255], [0, 255, 255], [255, 255, 0], [0, 255, 0],
-                  [255, 0, 255], [0, 0, 255], [255, 0, 0]], dtype=np.uint8) * 3 // 4
+_BARS = (
+    np.array(
+        [
+            [255, 255, 255],
+            [0, 255, 255],
+            [255, 255, 0],
+            [0, 255, 0],
+            [255, 0, 255],
+            [0, 0, 255],
+            [255, 0, 0],
+        ],
+        dtype=np.uint8,
+    )
+    * 3
+    // 4
+)
 
 
 class PatternSource(Source):
@@ -41,10 +55,20 @@ class PatternSource(Source):
     ``started(None)`` is called first. ``live`` is True only for an endless pattern.
     """
 
-    def __init__(self, source_id: str, *, width: int = 320, height: int = 240,
-                 fps: float = 25.0, count: int | None = None, realtime: bool = True,
-                 pattern: Literal["bars", "noise"] = "bars", moving_box: bool = True,
-                 draw: DrawHook | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        source_id: str,
+        *,
+        width: int = 320,
+        height: int = 240,
+        fps: float = 25.0,
+        count: int | None = None,
+        realtime: bool = True,
+        pattern: Literal["bars", "noise"] = "bars",
+        moving_box: bool = True,
+        draw: DrawHook | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(source_id)
         if width < 8 or height < 8:
             raise ValueError(f"pattern size must be at least 8x8, not {width}x{height}")
@@ -65,7 +89,8 @@ class PatternSource(Source):
         self._rng = np.random.default_rng(seed)
         columns = np.arange(width) * len(_BARS) // width
         self._bars: Image = np.ascontiguousarray(
-            np.broadcast_to(_BARS[columns], (height, width, 3)))
+            np.broadcast_to(_BARS[columns], (height, width, 3))
+        )
 
     def describe(self) -> str:
         """Pattern, size, rate and count."""
@@ -82,7 +107,7 @@ class PatternSource(Source):
             side = max(4, min(self.width, self.height) // 6)
             x = _bounce(index * 4, self.width - side)
             y = _bounce(index * 3, self.height - side)
-            image[y:y + side, x:x + side] = 255
+            image[y : y + side, x : x + side] = 255
         return image
 
     async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
@@ -103,8 +128,13 @@ class PatternSource(Source):
             image = self.render(index)
             if self.draw is not None:
                 self.draw(image, seq)
-            yield Frame(image=image, source_id=self.source_id, seq=seq, ts_ms=now_ms(),
-                        pts=index * self._period)
+            yield Frame(
+                image=image,
+                source_id=self.source_id,
+                seq=seq,
+                ts_ms=now_ms(),
+                pts=index * self._period,
+            )
             index += 1
             if not self.realtime and index % 64 == 0:
                 await asyncio.sleep(0)  # let other tasks run when unpaced

@@ -7,5 +7,14 @@ from framepipe.stream.segment import Segment, Segmenter
 from framepipe.stream.sinks import FrameStore, Sink
 from framepipe.stream.stage import Stage, StageStats
 
-__all__ = ["FrameQueue", "FrameStore", "MotionGate", "Segment", "Segmenter", "Sink", "Stage",
-           "StageStats", "StreamPipeline"]
+__all__ = [
+    "FrameQueue",
+    "FrameStore",
+    "MotionGate",
+    "Segment",
+    "Segmenter",
+    "Sink",
+    "Stage",
+    "StageStats",
+    "StreamPipeline",
+]

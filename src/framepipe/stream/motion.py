@@ -25,8 +25,15 @@ class MotionGate(Processor):
     a source counts as still. Keeps per-source state: run it with one worker, in order.
     """
 
-    def __init__(self, threshold: float = 0.01, *, method: Literal["diff", "mog2"] = "diff",
-                 pixel_delta: int = 25, width: int = 320, pass_all: bool = False) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.01,
+        *,
+        method: Literal["diff", "mog2"] = "diff",
+        pixel_delta: int = 25,
+        width: int = 320,
+        pass_all: bool = False,
+    ) -> None:
         if not 0 <= threshold <= 1:
             raise ValueError(f"motion threshold is a fraction of pixels (0-1), got {threshold}")
         if method not in ("diff", "mog2"):
@@ -44,8 +51,9 @@ class MotionGate(Processor):
         grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
         h, w = grey.shape[:2]
         if w > self.width:
-            grey = cv2.resize(grey, (self.width, max(1, h * self.width // w)),
-                              interpolation=cv2.INTER_AREA)
+            grey = cv2.resize(
+                grey, (self.width, max(1, h * self.width // w)), interpolation=cv2.INTER_AREA
+            )
         return cv2.GaussianBlur(grey, (5, 5), 0)
 
     def score(self, frame: Frame) -> float:

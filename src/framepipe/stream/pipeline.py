@@ -56,19 +56,31 @@ _TICK = _Tick()
 class StreamPipeline:
     """``source -> stages -> segmenter -> sinks`` for one source (a station, a camera)."""
 
-    def __init__(self, name: str, source: Source, stages: Sequence[Stage] = (),
-                 segmenter: Segmenter | None = None, sinks: Sequence[Sink | Stage] = (), *,
-                 stall_timeout: float | None = 10.0, start_timeout: float | None = None,
-                 backoff: Backoff | None = None, max_restarts: int | None = 5,
-                 healthy_after: float = 30.0, restart_on_end: bool | None = None,
-                 drain_timeout: float = 5.0, on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        stages: Sequence[Stage] = (),
+        segmenter: Segmenter | None = None,
+        sinks: Sequence[Sink | Stage] = (),
+        *,
+        stall_timeout: float | None = 10.0,
+        start_timeout: float | None = None,
+        backoff: Backoff | None = None,
+        max_restarts: int | None = 5,
+        healthy_after: float = 30.0,
+        restart_on_end: bool | None = None,
+        drain_timeout: float = 5.0,
+        on_event: EventCallback | None = None,
+    ) -> None:
         self.name = name
         self.source = source
         self.stages = list(stages)
         self.segmenter = segmenter
-        self.sinks = [s if isinstance(s, Stage) else Stage(s, workers=max(1, s.workers),
-                                                          name=s.label)
-                      for s in sinks]
+        self.sinks = [
+            s if isinstance(s, Stage) else Stage(s, workers=max(1, s.workers), name=s.label)
+            for s in sinks
+        ]
         self.stall_timeout = stall_timeout
         self.start_timeout = start_timeout
         self.backoff = backoff or Backoff(2.0, 2.0, 60.0, 0.1)
@@ -169,11 +181,16 @@ class StreamPipeline:
             self._spawn(self._segment_loop(), f"{self.name}:segmenter")
         self._spawn(self._collect(), f"{self.name}:collector")
         self.supervisor = Supervisor(
-            self.source.source_id, self._capture, backoff=self.backoff,
+            self.source.source_id,
+            self._capture,
+            backoff=self.backoff,
             max_attempts=None if self.max_restarts is None else self.max_restarts + 1,
             stall_timeout=self.stall_timeout,
-            start_timeout=self.start_timeout, healthy_after=self.healthy_after,
-            restart_on_end=self.restart_on_end, on_event=self._on_supervisor_event)
+            start_timeout=self.start_timeout,
+            healthy_after=self.healthy_after,
+            restart_on_end=self.restart_on_end,
+            on_event=self._on_supervisor_event,
+        )
         await self.supervisor.start()
         self._spawn(self._end_of_capture(), f"{self.name}:capture-end")
         self._emit("pipeline.started", source=self.source.describe())
@@ -199,8 +216,7 @@ class StreamPipeline:
         for task in self._tasks:
             task.cancel()
         if self.supervisor is not None:  # kept: the loop holds tasks only weakly
-            self._stopping_capture = asyncio.get_running_loop().create_task(
-                self.supervisor.stop())
+            self._stopping_capture = asyncio.get_running_loop().create_task(self.supervisor.stop())
         self._done.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -286,24 +302,36 @@ class StreamPipeline:
             assert isinstance(processor, Processor)
             processor.event_sink = self._emit_from_processor
             stats = StageStats(stage.label)
-            ordered = stage.ordered if stage.ordered is not None else (
-                needs_order and not is_sink)
-            control = (self._sink_control(processor)
-                       if is_sink and isinstance(processor, Sink) else None)
-            self._hops.append(Hop(
-                stage.label, source_id=self.source.source_id, workers=stage.workers,
-                queue=queue, ordered=ordered, output=following.put, stats=stats,
-                processor=processor, inline=stage.inline, control=control,
-                on_error=self._on_processor_error,
-                crash_after=stage.max_consecutive_errors,
-                on_crash=self._on_stage_crash))
+            ordered = stage.ordered if stage.ordered is not None else (needs_order and not is_sink)
+            control = (
+                self._sink_control(processor) if is_sink and isinstance(processor, Sink) else None
+            )
+            self._hops.append(
+                Hop(
+                    stage.label,
+                    source_id=self.source.source_id,
+                    workers=stage.workers,
+                    queue=queue,
+                    ordered=ordered,
+                    output=following.put,
+                    stats=stats,
+                    processor=processor,
+                    inline=stage.inline,
+                    control=control,
+                    on_error=self._on_processor_error,
+                    crash_after=stage.max_consecutive_errors,
+                    on_crash=self._on_stage_crash,
+                )
+            )
             self.stats.append(stats)
 
     def _sink_control(self, sink: Sink) -> Callable[[Any], Awaitable[None]]:
         async def control(item: Any) -> None:
             if isinstance(item, SegmentMarker):
-                await asyncio.get_running_loop().run_in_executor(None, sink.segment_closed,
-                                                                 item.segment)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, sink.segment_closed, item.segment
+                )
+
         return control
 
     # -- capture --------------------------------------------------------------------------------
@@ -314,8 +342,13 @@ class StreamPipeline:
         async with contextlib.aclosing(self.source.frames(started=ctx.started)) as frames:
             await self._pump(ctx, frames, first, keepalive)
 
-    async def _pump(self, ctx: SupervisorContext, frames: AsyncGenerator[Frame, None],
-                    first: FrameQueue, keepalive: float) -> None:
+    async def _pump(
+        self,
+        ctx: SupervisorContext,
+        frames: AsyncGenerator[Frame, None],
+        first: FrameQueue,
+        keepalive: float,
+    ) -> None:
         async for frame in frames:
             ctx.alive()
             self.frames_captured += 1
@@ -360,8 +393,9 @@ class StreamPipeline:
         self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 
     def _on_stage_crash(self, stage: str, errors: int, error: ProcessorError) -> None:
-        message = (f"stage {stage!r} crashed: {errors} frames failed in a row, the last with: "
-                   f"{error}")
+        message = (
+            f"stage {stage!r} crashed: {errors} frames failed in a row, the last with: {error}"
+        )
         self.log.error("%s", message)
         self._emit("stage.crashed", stage=stage, errors=errors, error=message)
         self._fail(message)
@@ -401,8 +435,12 @@ class StreamPipeline:
                     await out(SegmentMarker(seg))
                 if joined is not None and joined is not self.open_segment:
                     self.open_segment = joined
-                    self._emit("segment.started", segment_id=joined.id, key=joined.key,
-                               first_ts_ms=joined.first_ts_ms)
+                    self._emit(
+                        "segment.started",
+                        segment_id=joined.id,
+                        key=joined.key,
+                        first_ts_ms=joined.first_ts_ms,
+                    )
                 elif joined is None and state.current is None:
                     self.open_segment = None
                 self._arm(state.deadline())
@@ -417,7 +455,8 @@ class StreamPipeline:
         queue = self._seg_q
         self._timer_at = deadline
         self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.time()), queue.put_control, _TICK)
+            max(0.0, deadline - time.time()), queue.put_control, _TICK
+        )
 
     # -- the end of the line ------------------------------------------------------------------
 
@@ -436,9 +475,13 @@ class StreamPipeline:
                     self.segment_latencies.append(seg.latency_s)
                 data = seg.to_dict()
                 label = self.segmenter.label if self.segmenter is not None else "segment"
-                self.log.info("%s %s completed: latency=%.1fs frames=%d",
-                              label[:1].upper() + label[1:], seg.id, seg.latency_s or 0.0,
-                              seg.frames)
+                self.log.info(
+                    "%s %s completed: latency=%.1fs frames=%d",
+                    label[:1].upper() + label[1:],
+                    seg.id,
+                    seg.latency_s or 0.0,
+                    seg.frames,
+                )
                 self._emit("segment.completed", **data)
             elif not getattr(item, "control", False):
                 self.frames_out += 1
@@ -459,8 +502,12 @@ class StreamPipeline:
         score = 1.0
         target = self.source.fps
         sup = self.supervisor
-        if (target and sup is not None and sup.health.state is HealthState.RUNNING
-                and sup.health.frames > 10):
+        if (
+            target
+            and sup is not None
+            and sup.health.state is HealthState.RUNNING
+            and sup.health.frames > 10
+        ):
             score = min(1.0, self._capture_fps() / target)
         total = max(1, self.frames_captured)
         lost = sum(s.dropped + s.errors for s in self.stats)
@@ -480,12 +527,15 @@ class StreamPipeline:
         """State, performance score, uptime, last error, source and per-stage status."""
         sup = self.supervisor.health.to_dict() if self.supervisor is not None else None
         return {
-            "name": self.name, "state": self.state.value,
+            "name": self.name,
+            "state": self.state.value,
             "performance_score": self.performance_score(),
             "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
-            "last_error": self.last_error, "source": sup,
+            "last_error": self.last_error,
+            "source": sup,
             "source_description": self.source.describe(),
-            "frames_captured": self.frames_captured, "frames_out": self.frames_out,
+            "frames_captured": self.frames_captured,
+            "frames_out": self.frames_out,
             "capture_dropped": self._capture_q_dropped(),
             "segments_completed": self.segments_completed,
             "open_segment": self.open_segment.id if self.open_segment else None,

@@ -70,12 +70,19 @@ class Segment:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``segment.completed`` event's data)."""
-        return {"segment_id": self.id, "source_id": self.source_id, "key": self.key,
-                "first_ts_ms": self.first_ts_ms, "last_ts_ms": self.last_ts_ms,
-                "frames": self.frames, "reason": self.reason,
-                "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
-                "stored": list(self.stored), "selected": list(self.selected),
-                "meta": dict(self.meta)}
+        return {
+            "segment_id": self.id,
+            "source_id": self.source_id,
+            "key": self.key,
+            "first_ts_ms": self.first_ts_ms,
+            "last_ts_ms": self.last_ts_ms,
+            "frames": self.frames,
+            "reason": self.reason,
+            "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
+            "stored": list(self.stored),
+            "selected": list(self.selected),
+            "meta": dict(self.meta),
+        }
 
 
 @dataclass
@@ -89,10 +96,17 @@ class SegmentMarker:
 class Segmenter:
     """Groups one source's frames into segments (see the module docstring)."""
 
-    def __init__(self, key: str | KeyFn | None = None, *, timeout: float = 10.0,
-                 max_duration: float | None = None, include_untagged: bool = True,
-                 clock: Literal["wall", "stream"] = "wall", remember: int = 10_000,
-                 label: str = "segment") -> None:
+    def __init__(
+        self,
+        key: str | KeyFn | None = None,
+        *,
+        timeout: float = 10.0,
+        max_duration: float | None = None,
+        include_untagged: bool = True,
+        clock: Literal["wall", "stream"] = "wall",
+        remember: int = 10_000,
+        label: str = "segment",
+    ) -> None:
         if timeout <= 0:
             raise ValueError(f"segment timeout must be > 0, got {timeout}")
         if clock not in ("wall", "stream"):
@@ -153,12 +167,18 @@ class _SegmenterState:
         key = self.config._key_fn(frame)
         t = self._time(frame)
         cur = self.current
-        if cur is not None and self.config.max_duration is not None and (
-                t - cur.first_t) >= self.config.max_duration:
+        if (
+            cur is not None
+            and self.config.max_duration is not None
+            and (t - cur.first_t) >= self.config.max_duration
+        ):
             closed.append(self._close("max_duration"))
             cur = None
-        if cur is not None and self.config.clock == "stream" and (
-                t - cur.last_key_t) >= self.config.timeout:
+        if (
+            cur is not None
+            and self.config.clock == "stream"
+            and (t - cur.last_key_t) >= self.config.timeout
+        ):
             closed.append(self._close("timeout"))
             cur = None
         if key is not None:
@@ -166,9 +186,16 @@ class _SegmenterState:
                 closed.append(self._close("key_changed"))
                 cur = None
             if cur is None:
-                cur = Segment(id=self._new_id(key, frame), source_id=frame.source_id,
-                              key=key or None, first_ts_ms=frame.ts_ms, last_ts_ms=frame.ts_ms,
-                              last_key_ts_ms=frame.ts_ms, opened_at=time.time(), first_t=t)
+                cur = Segment(
+                    id=self._new_id(key, frame),
+                    source_id=frame.source_id,
+                    key=key or None,
+                    first_ts_ms=frame.ts_ms,
+                    last_ts_ms=frame.ts_ms,
+                    last_key_ts_ms=frame.ts_ms,
+                    opened_at=time.time(),
+                    first_t=t,
+                )
                 self.current = cur
             cur.last_key_ts_ms = frame.ts_ms
             cur.last_key_t = t
@@ -200,8 +227,10 @@ class _SegmenterState:
             return None
         cur = self.current
         assert cur is not None
-        over = (self.config.max_duration is not None
-                and now >= cur.first_ts_ms / 1000.0 + self.config.max_duration)
+        over = (
+            self.config.max_duration is not None
+            and now >= cur.first_ts_ms / 1000.0 + self.config.max_duration
+        )
         return self._close("max_duration" if over else "timeout")
 
     def close_all(self, reason: str = "end") -> list[Segment]:

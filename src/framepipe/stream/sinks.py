@@ -49,15 +49,25 @@ class FrameStore(Sink):
     below it), in ``selected_store`` when given (another bucket) or the same store, when the
     segment closes; their keys go to ``segment.selected``."""
 
-    def __init__(self, objects: ObjectStore, *, template: str = DEFAULT_TEMPLATE,
-                 quality: int = 85, workers: int = 2, store_unsegmented: bool = False,
-                 select_best: int = 0, score_key: str = "score",
-                 selected_prefix: str = "selected/",
-                 selected_store: ObjectStore | None = None) -> None:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        quality: int = 85,
+        workers: int = 2,
+        store_unsegmented: bool = False,
+        select_best: int = 0,
+        score_key: str = "score",
+        selected_prefix: str = "selected/",
+        selected_store: ObjectStore | None = None,
+    ) -> None:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         if not fields:
-            raise ConfigError(f"frame key template {template!r} has no fields: every frame "
-                              "would overwrite the same object")
+            raise ConfigError(
+                f"frame key template {template!r} has no fields: every frame "
+                "would overwrite the same object"
+            )
         self.objects = objects
         self.template = template
         self.quality = quality
@@ -74,13 +84,19 @@ class FrameStore(Sink):
     def key_for(self, frame: Frame) -> str:
         """The object key ``frame`` is stored under."""
         values = dict(frame.meta)
-        values.update(source_id=frame.source_id, segment_id=frame.segment_id or "none",
-                      seq=frame.seq, ts_ms=frame.ts_ms)
+        values.update(
+            source_id=frame.source_id,
+            segment_id=frame.segment_id or "none",
+            seq=frame.seq,
+            ts_ms=frame.ts_ms,
+        )
         try:
             return self.template.format(**values)
         except KeyError as exc:
-            raise ConfigError(f"frame key template {self.template!r} uses {exc.args[0]!r}, "
-                              f"which frame {frame.source_id}#{frame.seq} does not have") from exc
+            raise ConfigError(
+                f"frame key template {self.template!r} uses {exc.args[0]!r}, "
+                f"which frame {frame.source_id}#{frame.seq} does not have"
+            ) from exc
 
     def write(self, frame: Frame) -> None:
         if frame.segment_id is None and not self.store_unsegmented:
@@ -91,7 +107,8 @@ class FrameStore(Sink):
             score = frame.meta.get(self.score_key)
             with self._lock:
                 self._by_segment.setdefault(frame.segment_id, []).append(
-                    (frame.seq, key, float(score) if score is not None else float("-inf")))
+                    (frame.seq, key, float(score) if score is not None else float("-inf"))
+                )
 
     def segment_closed(self, segment: Segment) -> None:
         with self._lock:
@@ -129,5 +146,11 @@ class FrameStore(Sink):
                 ts_ms, seq = 0, 0
             entries.append((ts_ms, seq, info.key))
         for ts_ms, seq, key in sorted(entries):
-            yield Frame(image=decode_jpeg(self.objects.get(key)), source_id=source_id,
-                        seq=seq, ts_ms=ts_ms, segment_id=segment_id, meta={"key": key})
+            yield Frame(
+                image=decode_jpeg(self.objects.get(key)),
+                source_id=source_id,
+                seq=seq,
+                ts_ms=ts_ms,
+                segment_id=segment_id,
+                meta={"key": key},
+            )

@@ -89,8 +89,9 @@ class StageStats:
     queue: FrameQueue | None = None
     window: float = 5.0
     _times: collections.deque[float] = field(default_factory=collections.deque, repr=False)
-    _lat: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256),
-                                           repr=False)
+    _lat: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=256), repr=False
+    )
 
     def record(self, seconds: float) -> None:
         """Count one processed frame that took ``seconds``."""
@@ -134,11 +135,18 @@ class StageStats:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary."""
-        return {"name": self.name, "fps": round(self.fps, 2),
-                "latency_ms": round(self.latency_ms, 3),
-                "frames_in": self.frames_in, "frames_out": self.frames_out,
-                "filtered": self.filtered, "errors": self.errors, "dropped": self.dropped,
-                "queue_depth": self.depth, "last_error": self.last_error}
+        return {
+            "name": self.name,
+            "fps": round(self.fps, 2),
+            "latency_ms": round(self.latency_ms, 3),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "filtered": self.filtered,
+            "errors": self.errors,
+            "dropped": self.dropped,
+            "queue_depth": self.depth,
+            "last_error": self.last_error,
+        }
 
 
 Output = Callable[[Any], Awaitable[None]]
@@ -149,13 +157,24 @@ CrashHook = Callable[[str, int, ProcessorError], None]
 class Hop:
     """Runtime of one stage, sink or segmenter: a queue, workers, ordered hand-off."""
 
-    def __init__(self, name: str, *, source_id: str, workers: int, queue: FrameQueue,
-                 ordered: bool, output: Output, stats: StageStats,
-                 handle: Callable[[Any], Awaitable[Any]] | None = None,
-                 processor: Processor | None = None, inline: bool = False,
-                 control: Callable[[Any], Awaitable[Any]] | None = None,
-                 on_error: ErrorHook | None = None, crash_after: int | None = None,
-                 on_crash: CrashHook | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        source_id: str,
+        workers: int,
+        queue: FrameQueue,
+        ordered: bool,
+        output: Output,
+        stats: StageStats,
+        handle: Callable[[Any], Awaitable[Any]] | None = None,
+        processor: Processor | None = None,
+        inline: bool = False,
+        control: Callable[[Any], Awaitable[Any]] | None = None,
+        on_error: ErrorHook | None = None,
+        crash_after: int | None = None,
+        on_crash: CrashHook | None = None,
+    ) -> None:
         self.name = name
         self.source_id = source_id
         self.workers = workers
@@ -188,8 +207,7 @@ class Hop:
         proc = self.processor
         needs_threads = proc is not None and not proc.is_async and not self.inline
         if needs_threads:
-            self._executor = ThreadPoolExecutor(self.workers,
-                                                thread_name_prefix=f"fp-{self.name}")
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"fp-{self.name}")
         if self.processor is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.processor.setup)
 
@@ -197,16 +215,19 @@ class Hop:
         """Call the processor's ``teardown`` and release the threads."""
         try:
             if self.processor is not None:
-                await asyncio.get_running_loop().run_in_executor(self._executor,
-                                                                 self.processor.teardown)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.processor.teardown
+                )
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
 
     async def run(self) -> None:
         """Handle items until END, then pass END on."""
-        workers = [asyncio.create_task(self._worker(), name=f"hop-{self.name}-{i}")
-                   for i in range(self.workers)]
+        workers = [
+            asyncio.create_task(self._worker(), name=f"hop-{self.name}-{i}")
+            for i in range(self.workers)
+        ]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -239,7 +260,8 @@ class Hop:
             self._next_idx += len(batch) - 1
             self.stats.frames_in += len(batch)
             results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._call_batch, batch)
+                self._executor, self._call_batch, batch
+            )
             for offset, (frame, outcome) in enumerate(zip(batch, results, strict=True)):
                 await self._complete(first + offset, self._account(frame, *outcome))
 
@@ -275,8 +297,7 @@ class Hop:
         for frame in batch:
             started = time.perf_counter()
             try:
-                out.append((self.processor.process(frame), None,
-                            time.perf_counter() - started))
+                out.append((self.processor.process(frame), None, time.perf_counter() - started))
             except (Exception, SystemExit) as exc:  # sys.exit() in a processor is its failure
                 out.append((None, exc, time.perf_counter() - started))
         return out
@@ -296,21 +317,27 @@ class Hop:
             return self._account(item, None, exc, time.perf_counter() - started)
         return self._account(item, result, None, time.perf_counter() - started)
 
-    def _account(self, item: Any, result: Any, exc: BaseException | None,
-                 seconds: float) -> Any:
+    def _account(self, item: Any, result: Any, exc: BaseException | None, seconds: float) -> Any:
         """Count one processor call; report a failure; return what goes downstream."""
         self._cost = seconds if self._cost == 0.0 else 0.9 * self._cost + 0.1 * seconds
         if exc is not None:
             self.stats.errors += 1
-            error = ProcessorError(f"{type(exc).__name__}: {exc}", source_id=self.source_id,
-                                   stage=self.name, seq=getattr(item, "seq", None))
+            error = ProcessorError(
+                f"{type(exc).__name__}: {exc}",
+                source_id=self.source_id,
+                stage=self.name,
+                seq=getattr(item, "seq", None),
+            )
             error.__cause__ = exc
             self.stats.last_error = str(error)
             if self._on_error is not None:
                 self._on_error(error)
             self._streak += 1
-            if (self._crash_after is not None and self._streak == self._crash_after
-                    and self._on_crash is not None):
+            if (
+                self._crash_after is not None
+                and self._streak == self._crash_after
+                and self._on_crash is not None
+            ):
                 self._on_crash(self.name, self._streak, error)
             return None
         self._streak = 0

@@ -335,7 +335,8 @@ def open_object_store(url: str) -> ObjectStore:
         if parts.netloc not in ("", "localhost"):
             raise ObjectStoreError(
                 f"object store URL {url!r} names host {parts.netloc!r}; "
-                "use file:///absolute/path for a local directory")
+                "use file:///absolute/path for a local directory"
+            )
         if parts.query or parts.fragment:
             raise ObjectStoreError(f"object store URL {url!r}: file URLs take no options")
         path = urllib.request.url2pathname(parts.path)
@@ -348,4 +349,5 @@ def open_object_store(url: str) -> ObjectStore:
         return S3ObjectStore.from_url(url)
     raise ObjectStoreError(
         f"unsupported object store URL {_redact(url)!r}: scheme {scheme!r}; supported: "
-        "file:///absolute/path, a plain directory path, or s3://bucket/prefix")
+        "file:///absolute/path, a plain directory path, or s3://bucket/prefix"
+    )

@@ -47,8 +47,9 @@ class LocalObjectStore(ObjectStore):
     the cost of a small write, which matters for frame stores writing hundreds of JPEGs a
     second."""
 
-    def __init__(self, root: str | os.PathLike[str], create: bool = True, *,
-                 durable: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], create: bool = True, *, durable: bool = True
+    ) -> None:
         self.durable = durable
         path = Path(root).expanduser()
         try:
@@ -79,15 +80,18 @@ class LocalObjectStore(ObjectStore):
             if segment.startswith(TEMP_PREFIX):
                 raise InvalidKeyError(
                     f"invalid object key {key!r}: segments starting with {TEMP_PREFIX!r} are "
-                    f"reserved by the local store")
+                    f"reserved by the local store"
+                )
             if len(segment.encode("utf-8")) > _MAX_NAME_BYTES:
                 raise InvalidKeyError(
-                    f"invalid object key {key!r}: segment longer than {_MAX_NAME_BYTES} bytes")
+                    f"invalid object key {key!r}: segment longer than {_MAX_NAME_BYTES} bytes"
+                )
         path = self._root.joinpath(*segments)
         resolved = Path(os.path.realpath(path))
         if resolved == self._root or not resolved.is_relative_to(self._root):
             raise InvalidKeyError(
-                f"invalid object key {key!r}: its path leaves {self._url} through a symlink")
+                f"invalid object key {key!r}: its path leaves {self._url} through a symlink"
+            )
         return path
 
     def _error(self, action: str, key: str, exc: OSError) -> ObjectStoreError:
@@ -201,8 +205,9 @@ class LocalObjectStore(ObjectStore):
             return iter(())
         return self._walk(start, f"{head}/" if head else "", partial)
 
-    def _walk(self, directory: Path | str, key_prefix: str, name_prefix: str
-              ) -> Iterator[ObjectInfo]:
+    def _walk(
+        self, directory: Path | str, key_prefix: str, name_prefix: str
+    ) -> Iterator[ObjectInfo]:
         try:
             with os.scandir(directory) as scan:
                 entries = [entry for entry in scan if entry.name.startswith(name_prefix)]
@@ -217,7 +222,8 @@ class LocalObjectStore(ObjectStore):
                 if entry.is_dir(follow_symlinks=False):
                     ordered.append((entry.name + "/", entry, True))
                 elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(
-                        TEMP_PREFIX):
+                    TEMP_PREFIX
+                ):
                     ordered.append((entry.name, entry, False))
             except OSError:
                 continue
@@ -231,4 +237,3 @@ class LocalObjectStore(ObjectStore):
             except FileNotFoundError:  # deleted while listing
                 continue
             yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
-

@@ -150,7 +150,8 @@ class S3ObjectStore(ObjectStore):
     ) -> None:
         if not isinstance(bucket, str) or not _BUCKET_NAME.fullmatch(bucket):
             raise ConfigError(
-                f"invalid S3 bucket name {bucket!r}: use letters, digits, '.', '-' and '_'")
+                f"invalid S3 bucket name {bucket!r}: use letters, digits, '.', '-' and '_'"
+            )
         self._bucket = bucket
         self._prefix = _normalise_prefix(prefix)
         if endpoint_url is not None:
@@ -158,12 +159,14 @@ class S3ObjectStore(ObjectStore):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(
                     f"invalid S3 endpoint {_without_userinfo(endpoint_url)!r}: "
-                    "use http(s)://host[:port]")
+                    "use http(s)://host[:port]"
+                )
             if "@" in parts.netloc:
                 raise ConfigError(
                     f"S3 endpoint {_without_userinfo(endpoint_url)!r} carries credentials; "
                     "pass access_key/secret_key (or set FRAMEPIPE_S3_ACCESS_KEY/"
-                    "FRAMEPIPE_S3_SECRET_KEY) instead")
+                    "FRAMEPIPE_S3_SECRET_KEY) instead"
+                )
         if multipart_threshold < 1:
             raise ConfigError(f"multipart_threshold must be positive, not {multipart_threshold}")
         if not (connect_timeout > 0 and read_timeout > 0):
@@ -177,7 +180,8 @@ class S3ObjectStore(ObjectStore):
             raise ConfigError(
                 "S3 credentials need both an access key and a secret key "
                 "(access_key/secret_key or FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY); "
-                "only one is set")
+                "only one is set"
+            )
 
         self._boto = boto = _import_boto()
         self._endpoint_url = endpoint_url
@@ -185,10 +189,14 @@ class S3ObjectStore(ObjectStore):
         self._read_timeout = read_timeout
         try:
             session = boto.boto3.session.Session(
-                aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-                aws_session_token=session_token if access_key else None, region_name=region)
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                aws_session_token=session_token if access_key else None,
+                region_name=region,
+            )
             config = boto.Config(
-                connect_timeout=connect_timeout, read_timeout=read_timeout,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
                 retries={"max_attempts": max_attempts, "mode": "standard"},
                 max_pool_connections=_POOL_CONNECTIONS,
                 # S3-compatible servers (MinIO, a loopback test server) take bucket-in-path
@@ -196,8 +204,9 @@ class S3ObjectStore(ObjectStore):
             )
             self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         except (ValueError, boto.exceptions.BotoCoreError) as exc:
-            raise ConfigError(f"cannot configure the S3 client for bucket {bucket!r}: {exc}"
-                              ) from exc
+            raise ConfigError(
+                f"cannot configure the S3 client for bucket {bucket!r}: {exc}"
+            ) from exc
         self._endpoint = _without_userinfo(str(self._client.meta.endpoint_url))
         self._transfer = boto.TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -221,9 +230,11 @@ class S3ObjectStore(ObjectStore):
         parts = urllib.parse.urlsplit(url)
         if "@" in parts.netloc:
             shown = urllib.parse.urlunsplit(
-                parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+                parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+            )
             raise ObjectStoreError(
-                f"object store URL {shown!r} carries credentials; {CREDENTIAL_HINT} instead")
+                f"object store URL {shown!r} carries credentials; {CREDENTIAL_HINT} instead"
+            )
         if parts.scheme.lower() != "s3":
             raise ObjectStoreError(f"object store URL {url!r} is not an s3:// URL")
         if not parts.netloc:
@@ -231,8 +242,9 @@ class S3ObjectStore(ObjectStore):
         if parts.fragment:
             raise ObjectStoreError(f"object store URL {url!r}: S3 URLs take no #fragment")
         try:
-            pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True,
-                                           strict_parsing=bool(parts.query))
+            pairs = urllib.parse.parse_qsl(
+                parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+            )
         except ValueError as exc:
             raise ObjectStoreError(f"object store URL {url!r}: bad query: {exc}") from exc
         options: dict[str, str] = {}
@@ -240,14 +252,16 @@ class S3ObjectStore(ObjectStore):
             if name not in _URL_OPTIONS:
                 raise ObjectStoreError(
                     f"object store URL {url!r}: unknown option {name!r}; S3 URLs take "
-                    f"{', '.join(_URL_OPTIONS)}")
+                    f"{', '.join(_URL_OPTIONS)}"
+                )
             if name in options:
                 raise ObjectStoreError(f"object store URL {url!r}: option {name!r} given twice")
             options[name] = value
         create = options.get("create", "").lower()
         if create not in _TRUE | _FALSE:
             raise ObjectStoreError(
-                f"object store URL {url!r}: create={options['create']!r}, expected 1 or 0")
+                f"object store URL {url!r}: create={options['create']!r}, expected 1 or 0"
+            )
         return cls(
             parts.netloc,
             prefix=urllib.parse.unquote(parts.path.lstrip("/")),
@@ -298,9 +312,17 @@ class S3ObjectStore(ObjectStore):
     def _error(self, action: str, key: str | None, exc: BaseException) -> FramepipeError:
         """A clear error for ``exc`` raised while doing ``action`` (to ``key``); see
         :func:`~framepipe.backends.objects.s3_errors.explain`."""
-        return explain(exc, self._boto.exceptions, action=action, key=key, bucket=self._bucket,
-                       endpoint=self._endpoint, url=self._url,
-                       region=self._client.meta.region_name, read_timeout=self._read_timeout)
+        return explain(
+            exc,
+            self._boto.exceptions,
+            action=action,
+            key=key,
+            bucket=self._bucket,
+            endpoint=self._endpoint,
+            url=self._url,
+            region=self._client.meta.region_name,
+            read_timeout=self._read_timeout,
+        )
 
     # -- bucket -------------------------------------------------------------------------------
 
@@ -332,7 +354,8 @@ class S3ObjectStore(ObjectStore):
         if size > MAX_KEY_BYTES:
             raise InvalidKeyError(
                 f"invalid object key {key!r}: with the prefix {self._prefix!r} it is {size} "
-                f"bytes, longer than S3's {MAX_KEY_BYTES}")
+                f"bytes, longer than S3's {MAX_KEY_BYTES}"
+            )
         return full
 
     # -- writes -------------------------------------------------------------------------------
@@ -367,12 +390,17 @@ class S3ObjectStore(ObjectStore):
             try:
                 if size <= _MAX_COPY_OBJECT_BYTES:  # one server-side request
                     response = self._client.copy_object(
-                        Bucket=self._bucket, Key=dst, CopySource=source,
-                        CopySourceIfMatch=etag)
+                        Bucket=self._bucket, Key=dst, CopySource=source, CopySourceIfMatch=etag
+                    )
                     modified = response["CopyObjectResult"]["LastModified"].timestamp()
                     return ObjectInfo(dst_key, size, float(math.floor(modified)))
-                self._client.copy(source, self._bucket, dst,
-                                  ExtraArgs={"CopySourceIfMatch": etag}, Config=self._transfer)
+                self._client.copy(
+                    source,
+                    self._bucket,
+                    dst,
+                    ExtraArgs={"CopySourceIfMatch": etag},
+                    Config=self._transfer,
+                )
             except Exception as exc:
                 code = error_code(self._cause(exc))[0]
                 if code in ("PreconditionFailed", "412"):  # replaced meanwhile: copy the new one
@@ -384,7 +412,8 @@ class S3ObjectStore(ObjectStore):
             return info if info is not None else ObjectInfo(dst_key, size, time.time())
         raise ObjectStoreError(
             f"cannot copy {src_key!r} to {dst_key!r} in {self._url}: the source changed "
-            f"during {_COPY_ATTEMPTS} attempts")
+            f"during {_COPY_ATTEMPTS} attempts"
+        )
 
     def _delete(self, key: str) -> bool:
         full = self._full(key)
@@ -440,8 +469,11 @@ class S3ObjectStore(ObjectStore):
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         # S3 lists in UTF-8 byte order, which is str order; the store prefix is common to all
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self._bucket, Prefix=self._prefix + prefix,
-                                   PaginationConfig={"PageSize": _LIST_PAGE_SIZE})
+        pages = paginator.paginate(
+            Bucket=self._bucket,
+            Prefix=self._prefix + prefix,
+            PaginationConfig={"PageSize": _LIST_PAGE_SIZE},
+        )
         start = len(self._prefix)
         try:
             for page in pages:

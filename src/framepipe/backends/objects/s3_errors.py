@@ -22,12 +22,21 @@ __all__ = ["CREDENTIAL_HINT", "MISSING_CODES", "botocore_cause", "error_code", "
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 """The codes S3 answers for an object (or, without a key, a bucket) that does not exist."""
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                     "ExpiredToken", "TokenRefreshRequired", "InvalidSecurity",
-                     "InvalidClientTokenId", "403", "Forbidden"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidSecurity",
+    "InvalidClientTokenId",
+    "403",
+    "Forbidden",
+}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}
-CREDENTIAL_HINT = ("set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-                   "FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY")
+CREDENTIAL_HINT = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY"
+)
 """Where credentials go, for the messages about them."""
 
 
@@ -45,7 +54,9 @@ def botocore_cause(exc: BaseException, exceptions: Any) -> BaseException:
     """The botocore error behind ``exc`` (boto3 and s3transfer wrap them); ``exceptions`` is
     ``botocore.exceptions``. ``exc`` itself when there is none."""
     botocore_errors: tuple[type[BaseException], ...] = (
-        exceptions.ClientError, exceptions.BotoCoreError)
+        exceptions.ClientError,
+        exceptions.BotoCoreError,
+    )
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -53,14 +64,24 @@ def botocore_cause(exc: BaseException, exceptions: Any) -> BaseException:
             return current
         seen.add(id(current))
         last = getattr(current, "last_exception", None)
-        current = (last if isinstance(last, BaseException)
-                   else current.__cause__ or current.__context__)
+        current = (
+            last if isinstance(last, BaseException) else current.__cause__ or current.__context__
+        )
     return exc
 
 
-def explain(exc: BaseException, exceptions: Any, *, action: str, key: str | None, bucket: str,
-            endpoint: str, url: str, region: str | None,
-            read_timeout: float) -> FramepipeError:
+def explain(
+    exc: BaseException,
+    exceptions: Any,
+    *,
+    action: str,
+    key: str | None,
+    bucket: str,
+    endpoint: str,
+    url: str,
+    region: str | None,
+    read_timeout: float,
+) -> FramepipeError:
     """A clear error for ``exc`` raised while doing ``action`` (to ``key``) on ``bucket`` at
     ``endpoint`` (the store ``url``; the client's ``region``, ``read_timeout``)."""
     cause = botocore_cause(exc, exceptions)
@@ -74,45 +95,51 @@ def explain(exc: BaseException, exceptions: Any, *, action: str, key: str | None
         if code == "NoSuchBucket" or (key is None and code in MISSING_CODES):
             return ObjectStoreError(
                 f"bucket {bucket!r} does not exist at {endpoint} "
-                f"(create it or pass create_bucket=True){doing}")
+                f"(create it or pass create_bucket=True){doing}"
+            )
         elsewhere = _bucket_region(cause, region) if status in (301, 307, 400) else None
         if elsewhere is not None:
             return ObjectStoreError(
                 f"bucket {bucket!r} is in region {elsewhere!r}, not "
-                f"{region!r}: pass region={elsewhere}{doing}")
+                f"{region!r}: pass region={elsewhere}{doing}"
+            )
         if code in _DENIED_CODES:
             return ObjectStoreError(
                 f"access denied by {endpoint} for bucket {bucket!r} ({detail}){doing}: "
-                "the credentials lack permission")
+                "the credentials lack permission"
+            )
         if code in _CREDENTIAL_CODES or status == 403:
             return ObjectStoreError(
                 f"credentials rejected by {endpoint} for bucket {bucket!r} "
-                f"({detail}){doing}; {CREDENTIAL_HINT}")
-        return ObjectStoreError(
-            f"S3 error from {endpoint} for bucket {bucket!r}{doing}: {detail}")
+                f"({detail}){doing}; {CREDENTIAL_HINT}"
+            )
+        return ObjectStoreError(f"S3 error from {endpoint} for bucket {bucket!r}{doing}: {detail}")
     if isinstance(cause, exceptions.NoCredentialsError | exceptions.PartialCredentialsError):
         return ConfigError(
             f"no S3 credentials for bucket {bucket!r} at {endpoint}{doing}: {cause}; "
-            f"{CREDENTIAL_HINT}")
+            f"{CREDENTIAL_HINT}"
+        )
     if isinstance(cause, exceptions.ReadTimeoutError):
         return ObjectStoreError(
             f"S3 endpoint {endpoint} did not answer within {read_timeout:g} s "
-            f"for bucket {bucket!r}{doing}: {cause}")
+            f"for bucket {bucket!r}{doing}: {cause}"
+        )
     if isinstance(cause, exceptions.ConnectionError | exceptions.HTTPClientError):
         return ObjectStoreError(
-            f"cannot reach S3 endpoint {endpoint}: {cause} (bucket {bucket!r}{doing})")
+            f"cannot reach S3 endpoint {endpoint}: {cause} (bucket {bucket!r}{doing})"
+        )
     return ObjectStoreError(
         f"cannot {action} {key!r} in {url}: {type(cause).__name__}: {cause}"
-        if key is not None else
-        f"cannot {action} bucket {bucket!r} at {endpoint}: {type(cause).__name__}: {cause}")
+        if key is not None
+        else f"cannot {action} bucket {bucket!r} at {endpoint}: {type(cause).__name__}: {cause}"
+    )
 
 
 def _bucket_region(exc: BaseException, region: str | None) -> str | None:
     """The bucket's region if S3 answered that it lives in another one than ``region``."""
     response: dict[str, Any] = getattr(exc, "response", {})
     headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
-    found = headers.get("x-amz-bucket-region") or (response.get("Error") or {}).get(
-        "Region")
+    found = headers.get("x-amz-bucket-region") or (response.get("Error") or {}).get("Region")
     if isinstance(found, str) and found and found != region:
         return found
     return None

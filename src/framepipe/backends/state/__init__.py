@@ -12,5 +12,14 @@ from framepipe.backends.state.schema import (
 )
 from framepipe.backends.state.store import StateStore
 
-__all__ = ["SCHEMA_HEAD", "StateStore", "events", "executions", "ledger", "metadata", "step_deps",
-           "steps", "workers"]
+__all__ = [
+    "SCHEMA_HEAD",
+    "StateStore",
+    "events",
+    "executions",
+    "ledger",
+    "metadata",
+    "step_deps",
+    "steps",
+    "workers",
+]

@@ -21,18 +21,37 @@ def insert_events(store: StateStore, conn: sa.Connection, batch: Sequence[Event]
     """Insert ``batch`` in the open transaction; return the events with their ids, in order."""
     if not batch:
         return []
-    rows = [{"ts": e.ts, "type": e.type, "execution_id": e.execution_id,
-             "step_key": e.step_key, "data": e.data} for e in batch]
+    rows = [
+        {
+            "ts": e.ts,
+            "type": e.type,
+            "execution_id": e.execution_id,
+            "step_key": e.step_key,
+            "data": e.data,
+        }
+        for e in batch
+    ]
     if store.dialect == "sqlite":
         # One multi-row INSERT under the write lock assigns increasing ids in row order;
         # asking SQLAlchemy to sort by parameter order would send one INSERT per row.
         ids = sorted(conn.execute(events.insert().returning(events.c.id), rows).scalars().all())
     else:
-        ids = list(conn.execute(
-            events.insert().returning(events.c.id, sort_by_parameter_order=True),
-            rows).scalars().all())
-    return [Event(type=e.type, ts=e.ts, execution_id=e.execution_id, step_key=e.step_key,
-                  data=e.data, id=i) for e, i in zip(batch, ids, strict=True)]
+        ids = list(
+            conn.execute(events.insert().returning(events.c.id, sort_by_parameter_order=True), rows)
+            .scalars()
+            .all()
+        )
+    return [
+        Event(
+            type=e.type,
+            ts=e.ts,
+            execution_id=e.execution_id,
+            step_key=e.step_key,
+            data=e.data,
+            id=i,
+        )
+        for e, i in zip(batch, ids, strict=True)
+    ]
 
 
 def append_events(store: StateStore, batch: Sequence[Event]) -> list[Event]:

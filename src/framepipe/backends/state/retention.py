@@ -28,22 +28,25 @@ def parse_duration(text: str) -> float:
     """Seconds in ``"90"``, ``"30m"``, ``"12h"``, ``"7d"`` or ``"2w"``; ValueError otherwise."""
     match = _DURATION.match(text)
     if match is None:
-        raise ValueError(f"{text!r} is not a duration: use a number of seconds or 30m, 12h, 7d, "
-                         "2w")
+        raise ValueError(f"{text!r} is not a duration: use a number of seconds or 30m, 12h, 7d, 2w")
     return float(match[1]) * _UNITS[(match[2] or "s").lower()]
 
 
-def prune_events(store: StateStore, older_than: float, *, batch: int = 5000,
-                 now: float | None = None) -> int:
+def prune_events(
+    store: StateStore, older_than: float, *, batch: int = 5000, now: float | None = None
+) -> int:
     """Delete app events older than ``older_than`` seconds; return how many were deleted."""
     if older_than < 0:
         raise ValueError(f"older_than must be >= 0 seconds, got {older_than}")
     cutoff = (time.time() if now is None else now) - older_than
     deleted = 0
     while True:
-        chosen = (sa.select(events.c.id)
-                  .where(events.c.execution_id.is_(None), events.c.ts < cutoff)
-                  .order_by(events.c.id).limit(batch))
+        chosen = (
+            sa.select(events.c.id)
+            .where(events.c.execution_id.is_(None), events.c.ts < cutoff)
+            .order_by(events.c.id)
+            .limit(batch)
+        )
         with store.write() as conn:
             ids = list(conn.execute(chosen).scalars())
             if ids:

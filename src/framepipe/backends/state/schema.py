@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["SCHEMA_HEAD", "events", "executions", "ledger", "metadata", "step_deps", "steps",
-           "workers"]
+__all__ = [
+    "SCHEMA_HEAD",
+    "events",
+    "executions",
+    "ledger",
+    "metadata",
+    "step_deps",
+    "steps",
+    "workers",
+]
 
 SCHEMA_HEAD = "0004"
 
@@ -56,8 +64,12 @@ executions = sa.Table(
 steps = sa.Table(
     "fp_steps",
     metadata,
-    sa.Column("execution_id", sa.String(32),
-              sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "execution_id",
+        sa.String(32),
+        sa.ForeignKey("fp_executions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("params", sa.JSON, nullable=False),
@@ -88,20 +100,35 @@ steps = sa.Table(
     # Partial indexes for the workers' sweeps, and no other index leading with execution_id:
     # on a fresh table without statistics PostgreSQL would pick one for a claim and scan every
     # step of the execution instead of looking the keys up by primary key.
-    sa.Index("ix_fp_steps_running", "lease_until", postgresql_where=sa.text("status = 'running'"),
-             sqlite_where=sa.text("status = 'running'")),
-    sa.Index("ix_fp_steps_ready", "published_at", postgresql_where=sa.text("status = 'ready'"),
-             sqlite_where=sa.text("status = 'ready'")),
-    sa.Index("ix_fp_steps_retrying", "next_attempt_at",
-             postgresql_where=sa.text("status = 'retrying'"),
-             sqlite_where=sa.text("status = 'retrying'")),
+    sa.Index(
+        "ix_fp_steps_running",
+        "lease_until",
+        postgresql_where=sa.text("status = 'running'"),
+        sqlite_where=sa.text("status = 'running'"),
+    ),
+    sa.Index(
+        "ix_fp_steps_ready",
+        "published_at",
+        postgresql_where=sa.text("status = 'ready'"),
+        sqlite_where=sa.text("status = 'ready'"),
+    ),
+    sa.Index(
+        "ix_fp_steps_retrying",
+        "next_attempt_at",
+        postgresql_where=sa.text("status = 'retrying'"),
+        sqlite_where=sa.text("status = 'retrying'"),
+    ),
 )
 
 step_deps = sa.Table(
     "fp_step_deps",
     metadata,
-    sa.Column("execution_id", sa.String(32),
-              sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column(
+        "execution_id",
+        sa.String(32),
+        sa.ForeignKey("fp_executions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     sa.Column("dep", sa.String(300), primary_key=True),
     sa.Column("step_key", sa.String(300), primary_key=True),
     # 'key': waits for that one step; 'name': for every instance of a parameterised step.

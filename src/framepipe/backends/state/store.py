@@ -77,8 +77,14 @@ def _stamped_revision(conn: sa.Connection) -> str | None:
 class StateStore:
     """An open state database. Thread-safe: each call checks a connection out of the pool."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL",
-                 busy_timeout_s: float = 60.0, migrate: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "FULL",
+        busy_timeout_s: float = 60.0,
+        migrate: bool = True,
+    ) -> None:
         self.url = url
         try:
             parsed = sa.engine.make_url(url)
@@ -96,8 +102,9 @@ class StateStore:
         try:
             self.engine = sa.create_engine(parsed, **kwargs)
         except ModuleNotFoundError as exc:
-            raise MissingDependencyError(exc.name or "psycopg", "postgres",
-                                         f"the database URL {parsed.render_as_string()}") from exc
+            raise MissingDependencyError(
+                exc.name or "psycopg", "postgres", f"the database URL {parsed.render_as_string()}"
+            ) from exc
         self._relaxed: sa.Engine | None = None
         if self.dialect == "sqlite":
             self._install_sqlite_pragmas(sqlite_synchronous, busy_timeout_s)
@@ -171,7 +178,8 @@ class StateStore:
             with self.write() as conn:
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(
-                        f"SELECT pg_advisory_xact_lock({zlib.crc32(b'framepipe-migrate')})")
+                        f"SELECT pg_advisory_xact_lock({zlib.crc32(b'framepipe-migrate')})"
+                    )
                 current = _stamped_revision(conn)
                 if current == SCHEMA_HEAD:
                     return
@@ -189,7 +197,8 @@ class StateStore:
                         raise SchemaVersionError(
                             f"database {self.safe_url} has schema revision {current!r}, which "
                             f"this framepipe does not know (its newest is {SCHEMA_HEAD!r}); "
-                            "a newer framepipe wrote it: upgrade framepipe") from exc
+                            "a newer framepipe wrote it: upgrade framepipe"
+                        ) from exc
                 command.upgrade(cfg, "head")
         except sa.exc.DatabaseError as exc:  # also "file is not a database" (corrupt)
             raise StateStoreError(f"cannot open database {self.safe_url}: {exc.orig}") from exc
@@ -230,8 +239,11 @@ class StateStore:
             text = str(exc)
             if "locked" in text or "busy" in text:
                 return None
-            return f"read-only: {text}" if "readonly" in text or "read-only" in text \
+            return (
+                f"read-only: {text}"
+                if "readonly" in text or "read-only" in text
                 else f"unusable: {text}"
+            )
         finally:
             cursor.execute(f"PRAGMA busy_timeout={int(timeout)}")
             cursor.close()

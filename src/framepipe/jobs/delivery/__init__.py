@@ -111,8 +111,7 @@ def is_broker_url(url: str) -> bool:
     return is_redis_url(url) or is_amqp_url(url)
 
 
-def open_delivery(url: str, namespace: str = "framepipe", *,
-                  timeout: float = 10.0) -> StepDelivery:
+def open_delivery(url: str, namespace: str = "framepipe", *, timeout: float = 10.0) -> StepDelivery:
     """The delivery for the broker at ``url``; its names start with ``namespace`` (several
     deployments may share a broker). Connects on first use, not here. ``timeout`` bounds every
     call to the broker."""
@@ -124,6 +123,9 @@ def open_delivery(url: str, namespace: str = "framepipe", *,
         from framepipe.jobs.delivery.amqp import AmqpDelivery
 
         return AmqpDelivery(url, namespace, timeout=timeout)
-    raise BrokerError(f"job broker URL {safe_url(url)!r} names neither Redis (redis://, "
-                      "rediss://, unix://) nor RabbitMQ (amqp://, amqps://): workers need one "
-                      "of them (FRAMEPIPE_BROKER_URL)", url=safe_url(url))
+    raise BrokerError(
+        f"job broker URL {safe_url(url)!r} names neither Redis (redis://, "
+        "rediss://, unix://) nor RabbitMQ (amqp://, amqps://): workers need one "
+        "of them (FRAMEPIPE_BROKER_URL)",
+        url=safe_url(url),
+    )

@@ -67,8 +67,9 @@ try:
     from aiormq.abc import DeliveredMessage
     from pamqp.common import FieldTable
 except ModuleNotFoundError as exc:
-    raise MissingDependencyError("aio-pika", "amqp",
-                                 "distributed jobs on an amqp:// broker") from exc
+    raise MissingDependencyError(
+        "aio-pika", "amqp", "distributed jobs on an amqp:// broker"
+    ) from exc
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
@@ -91,8 +92,7 @@ _PERSISTENT = aiormq.spec.Basic.Properties(content_type="application/json", deli
 class AmqpDelivery(StepDelivery):
     """The quorum queue ``{namespace}:jobs:steps`` on the RabbitMQ at ``url``."""
 
-    def __init__(self, url: str, namespace: str = "framepipe", *,
-                 timeout: float = 10.0) -> None:
+    def __init__(self, url: str, namespace: str = "framepipe", *, timeout: float = 10.0) -> None:
         if not is_amqp_url(url):
             raise BrokerError(f"{safe_url(url)!r} is not an AMQP URL", url=safe_url(url))
         self.url = url
@@ -129,8 +129,7 @@ class AmqpDelivery(StepDelivery):
         """Publish persistent messages of up to 16 steps of one execution each; returns once
         RabbitMQ confirmed them all."""
         if deliveries:
-            self._call(lambda: self._publish(deliveries),
-                       f"publishing {len(deliveries)} step(s)")
+            self._call(lambda: self._publish(deliveries), f"publishing {len(deliveries)} step(s)")
 
     def take(self, consumer: str, count: int, *, wait: float, window: int) -> list[Received]:
         """At most ``count`` steps of the messages RabbitMQ pushed to this consumer; consumes
@@ -198,11 +197,15 @@ class AmqpDelivery(StepDelivery):
             return future.result(self._timeout + 5.0)
         except FutureTimeout:
             future.cancel()
-            raise BrokerError(f"job broker {self.safe_url}: {what} did not finish within "
-                              f"{self._timeout:g}s", url=self.safe_url) from None
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} did not finish within {self._timeout:g}s",
+                url=self.safe_url,
+            ) from None
         except FutureCancelled:
-            raise BrokerError(f"job broker {self.safe_url}: {what} was cut off (the "
-                              "connection closed)", url=self.safe_url) from None
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} was cut off (the connection closed)",
+                url=self.safe_url,
+            ) from None
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._start:
@@ -210,8 +213,9 @@ class AmqpDelivery(StepDelivery):
                 raise BrokerError(f"job broker {self.safe_url}: closed", url=self.safe_url)
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                                name="framepipe-amqp")
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, daemon=True, name="framepipe-amqp"
+                )
                 self._thread.start()
             return self._loop
 
@@ -228,21 +232,25 @@ class AmqpDelivery(StepDelivery):
             if task is not None and task.cancelling():
                 raise  # this call itself was cancelled
             # Another call closed the connection under this one (aiormq cancels its RPCs).
-            raise BrokerError(f"job broker {self.safe_url}: {what} was cut off (the "
-                              "connection closed)", url=self.safe_url) from exc
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} was cut off (the connection closed)",
+                url=self.safe_url,
+            ) from exc
         except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
             await self._drop()
             text = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 text = f"no answer within {self._timeout:g}s"
-            raise BrokerError(f"job broker {self.safe_url}: {what} failed: {text}",
-                              url=self.safe_url) from exc
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} failed: {text}", url=self.safe_url
+            ) from exc
 
     async def _connection(self) -> AbstractConnection:
         if self._conn is None or self._conn.is_closed:
             await self._drop()
-            conn = aio_pika.Connection(make_url(self.url),
-                                       client_properties={"connection_name": "framepipe"})
+            conn = aio_pika.Connection(
+                make_url(self.url), client_properties={"connection_name": "framepipe"}
+            )
             try:
                 await conn.connect(timeout=self._timeout)
             except BaseException:
@@ -273,14 +281,30 @@ class AmqpDelivery(StepDelivery):
         todo = _batches(deliveries)
         for attempt in (1, 2):
             channel = await self._publisher()
-            results = await asyncio.gather(*(channel.basic_publish(
-                json.dumps({"e": e, "k": keys}).encode(), routing_key=self.queue,
-                properties=_PERSISTENT, mandatory=True, wait=False) for e, keys in todo),
-                return_exceptions=True)
-            returned = [b for b, r in zip(todo, results, strict=True)
-                        if isinstance(r, PublishError)]
-            failed = next((r for r in results if isinstance(r, BaseException)
-                           and not isinstance(r, PublishError)), None)
+            results = await asyncio.gather(
+                *(
+                    channel.basic_publish(
+                        json.dumps({"e": e, "k": keys}).encode(),
+                        routing_key=self.queue,
+                        properties=_PERSISTENT,
+                        mandatory=True,
+                        wait=False,
+                    )
+                    for e, keys in todo
+                ),
+                return_exceptions=True,
+            )
+            returned = [
+                b for b, r in zip(todo, results, strict=True) if isinstance(r, PublishError)
+            ]
+            failed = next(
+                (
+                    r
+                    for r in results
+                    if isinstance(r, BaseException) and not isinstance(r, PublishError)
+                ),
+                None,
+            )
             if failed is not None:
                 raise failed
             if not returned:
@@ -292,9 +316,11 @@ class AmqpDelivery(StepDelivery):
                 self._unsubscribed()
             todo = returned
             if attempt == 2:
-                raise BrokerError(f"job broker {self.safe_url}: {len(returned)} message(s) "
-                                  f"were returned unroutable by {self.target}",
-                                  url=self.safe_url)
+                raise BrokerError(
+                    f"job broker {self.safe_url}: {len(returned)} message(s) "
+                    f"were returned unroutable by {self.target}",
+                    url=self.safe_url,
+                )
 
     async def _consume(self, consumer: str, window: int) -> None:
         conn = await self._connection()
@@ -323,8 +349,13 @@ class AmqpDelivery(StepDelivery):
             return
         found = _parse(message.body)
         if not found:
-            _log.error("job broker %s: a message of %s is malformed (%r; expected JSON with "
-                       "'e' and 'k'); rejected", self.safe_url, self.queue, message.body[:200])
+            _log.error(
+                "job broker %s: a message of %s is malformed (%r; expected JSON with "
+                "'e' and 'k'); rejected",
+                self.safe_url,
+                self.queue,
+                message.body[:200],
+            )
             with contextlib.suppress(ChannelInvalidStateError):
                 await message.channel.basic_reject(_tag_of(message), requeue=False)
             return
@@ -336,8 +367,12 @@ class AmqpDelivery(StepDelivery):
 
     def _on_cancelled(self, _frame: Any) -> None:
         """RabbitMQ cancelled the consumer (the queue was deleted): consume again next time."""
-        _log.warning("job broker %s: RabbitMQ cancelled the consumer of %s (queue deleted?); "
-                     "declaring it again", self.safe_url, self.queue)
+        _log.warning(
+            "job broker %s: RabbitMQ cancelled the consumer of %s (queue deleted?); "
+            "declaring it again",
+            self.safe_url,
+            self.queue,
+        )
         self._unsubscribed()
 
     def _unsubscribed(self) -> None:
@@ -358,10 +393,14 @@ class AmqpDelivery(StepDelivery):
             return
         ready, consumers = await self._count()
         if ready is None or consumers == 0 or ready > 0:
-            _log.warning("job broker %s: the consumer of %s receives nothing while %s; "
-                         "consuming again", self.safe_url, self.queue,
-                         "the queue is gone" if ready is None
-                         else f"{ready} message(s) wait and {consumers} consumer(s) listen")
+            _log.warning(
+                "job broker %s: the consumer of %s receives nothing while %s; consuming again",
+                self.safe_url,
+                self.queue,
+                "the queue is gone"
+                if ready is None
+                else f"{ready} message(s) wait and {consumers} consumer(s) listen",
+            )
             if self._sub is not None and not self._sub.is_closed:
                 raw = await self._sub.get_underlay_channel()
                 with contextlib.suppress(*CONNECTION_EXCEPTIONS):
@@ -478,8 +517,11 @@ def _batches(deliveries: Sequence[Delivery]) -> list[tuple[str, list[str]]]:
     by_execution: dict[str, list[str]] = {}
     for d in deliveries:
         by_execution.setdefault(d.execution_id, []).append(d.key)
-    return [(e, keys[i:i + _BATCH]) for e, keys in by_execution.items()
-            for i in range(0, len(keys), _BATCH)]
+    return [
+        (e, keys[i : i + _BATCH])
+        for e, keys in by_execution.items()
+        for i in range(0, len(keys), _BATCH)
+    ]
 
 
 async def _settle_message(message: DeliveredMessage, *, requeue: bool | None) -> None:
@@ -504,7 +546,12 @@ def _parse(body: bytes) -> list[Delivery]:
     e, keys = fields.get("e"), fields.get("k")
     if isinstance(keys, str):
         keys = [keys]
-    if not (isinstance(e, str) and e and isinstance(keys, list) and keys
-            and all(isinstance(k, str) and k for k in keys)):
+    if not (
+        isinstance(e, str)
+        and e
+        and isinstance(keys, list)
+        and keys
+        and all(isinstance(k, str) and k for k in keys)
+    ):
         return []
     return [Delivery(e, k) for k in keys]

@@ -18,8 +18,7 @@ from framepipe.errors import BrokerError, MissingDependencyError
 try:
     import redis
 except ModuleNotFoundError as exc:
-    raise MissingDependencyError("redis", "redis",
-                                 "distributed jobs on a redis:// broker") from exc
+    raise MissingDependencyError("redis", "redis", "distributed jobs on a redis:// broker") from exc
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
@@ -36,22 +35,26 @@ class RedisStreamsDelivery(StepDelivery):
 
     GROUP = "workers"
 
-    def __init__(self, url: str, namespace: str = "framepipe", *,
-                 socket_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, namespace: str = "framepipe", *, socket_timeout: float = 10.0
+    ) -> None:
         if not is_redis_url(url):
             raise BrokerError(f"{safe_url(url)!r} is not a Redis URL", url=safe_url(url))
         self.url = url
         self.safe_url = safe_url(url)
         self.stream = namespaced(namespace, "jobs", "steps")
         self.target = f"stream {self.stream}"
-        self.redis: redis.Redis = connect_sync(url, retries=None, connect_timeout=2.0,
-                                               socket_timeout=socket_timeout,
-                                               health_check_interval=15)
+        self.redis: redis.Redis = connect_sync(
+            url,
+            retries=None,
+            connect_timeout=2.0,
+            socket_timeout=socket_timeout,
+            health_check_interval=15,
+        )
         self._group_ready = False
 
     def _wrap(self, exc: redis.RedisError, what: str) -> BrokerError:
-        return BrokerError(f"job broker {self.safe_url}: {what} failed: {exc}",
-                           url=self.safe_url)
+        return BrokerError(f"job broker {self.safe_url}: {what} failed: {exc}", url=self.safe_url)
 
     def prepare(self) -> None:
         """Create the stream and the group if missing (after a Redis restart, for one)."""
@@ -84,12 +87,19 @@ class RedisStreamsDelivery(StepDelivery):
         if not self._group_ready:
             self.prepare()
         try:
-            reply: Any = self.redis.xreadgroup(self.GROUP, consumer, {self.stream: ">"},
-                                                count=count, block=max(1, int(wait * 1000)))
+            reply: Any = self.redis.xreadgroup(
+                self.GROUP,
+                consumer,
+                {self.stream: ">"},
+                count=count,
+                block=max(1, int(wait * 1000)),
+            )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
-                _log.warning("job broker %s lost its consumer group (restarted?); recreating "
-                             "it", self.safe_url)
+                _log.warning(
+                    "job broker %s lost its consumer group (restarted?); recreating it",
+                    self.safe_url,
+                )
                 self._group_ready = False
                 return []
             raise self._wrap(exc, "reading steps") from exc
@@ -105,8 +115,9 @@ class RedisStreamsDelivery(StepDelivery):
         if not self._group_ready:
             self.prepare()
         try:
-            reply = self.redis.xautoclaim(self.stream, self.GROUP, consumer, int(idle * 1000),
-                                          start_id="0-0", count=count)
+            reply = self.redis.xautoclaim(
+                self.stream, self.GROUP, consumer, int(idle * 1000), start_id="0-0", count=count
+            )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 self._group_ready = False
@@ -162,9 +173,14 @@ class RedisStreamsDelivery(StepDelivery):
                 continue
             e, k = fields.get(b"e"), fields.get(b"k")
             if not e or not k:
-                _log.error("job broker %s: entry %s of %s is malformed (fields %s; expected "
-                           "'e' and 'k'); dropped", self.safe_url, eid, self.stream,
-                           sorted(f.decode("utf-8", "replace") for f in fields))
+                _log.error(
+                    "job broker %s: entry %s of %s is malformed (fields %s; expected "
+                    "'e' and 'k'); dropped",
+                    self.safe_url,
+                    eid,
+                    self.stream,
+                    sorted(f.decode("utf-8", "replace") for f in fields),
+                )
                 bad.append(eid)
                 continue
             out.append(Received(Delivery(e.decode(), k.decode()), eid))

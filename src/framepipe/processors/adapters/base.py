@@ -57,12 +57,16 @@ class ModelResult:
 
     def frame_files(self) -> list[Path]:
         """The image files in :attr:`frames_path`, sorted by name."""
-        return sorted(p for p in self.frames_path.iterdir()
-                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(
+            p
+            for p in self.frames_path.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
 
 
-def as_step_progress(ctx: StepContext, lo: float = 0.0, hi: float = 100.0,
-                     message: str | None = None) -> ProgressCallback:
+def as_step_progress(
+    ctx: StepContext, lo: float = 0.0, hi: float = 100.0, message: str | None = None
+) -> ProgressCallback:
     """A progress callback reporting the model's 0-100 % as ``lo``-``hi`` % of the step ``ctx``
     (say 15-65 %, when the step does more than call the model). Each report also checks for
     cancellation: once the execution is cancelled it raises
@@ -99,9 +103,15 @@ class ModelAdapter:
     name: str = ""
     check_frames_path: bool = True
 
-    def __init__(self, *, name: str | None = None, timeout: float | None = None,
-                 max_retries: int = 2, retry_initial: float = 1.0,
-                 retry_max: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int = 2,
+        retry_initial: float = 1.0,
+        retry_max: float = 30.0,
+    ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         if max_retries < 0:
@@ -110,8 +120,9 @@ class ModelAdapter:
             self.name = name
         self.timeout = timeout
         self.max_retries = max_retries
-        self.backoff = Backoff(initial=retry_initial, factor=2.0,
-                               maximum=max(retry_max, retry_initial))
+        self.backoff = Backoff(
+            initial=retry_initial, factor=2.0, maximum=max(retry_max, retry_initial)
+        )
         self._ready = False
 
     # -- description ----------------------------------------------------------------------------
@@ -152,9 +163,17 @@ class ModelAdapter:
 
     # -- the contract ---------------------------------------------------------------------------
 
-    async def infer(self, input_path: PathLike, *, prompt: str = "", style: str = "default",
-                    seed: int = 0, output_dir: PathLike, progress: ProgressCallback | None = None,
-                    **options: Any) -> ModelResult:
+    async def infer(
+        self,
+        input_path: PathLike,
+        *,
+        prompt: str = "",
+        style: str = "default",
+        seed: int = 0,
+        output_dir: PathLike,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> ModelResult:
         """Run the model on ``input_path``; its frames go under ``output_dir`` (created).
 
         Raises :class:`ModelError` (``ModelTimeoutError``, ``ModelOutputError``) once the
@@ -171,14 +190,22 @@ class ModelAdapter:
                 try:
                     async with asyncio.timeout(self.timeout):
                         result = await self._infer_once(
-                            Path(input_path), prompt=prompt, style=style, seed=seed,
-                            output_dir=out, progress=report, options=options)
+                            Path(input_path),
+                            prompt=prompt,
+                            style=style,
+                            seed=seed,
+                            output_dir=out,
+                            progress=report,
+                            options=options,
+                        )
                 except TimeoutError as exc:
                     if isinstance(exc, ModelError):
                         raise
                     raise ModelTimeoutError(
                         f"{self.describe()}: no result within {self.timeout:g}s",
-                        model=self.describe(), retryable=True) from exc
+                        model=self.describe(),
+                        retryable=True,
+                    ) from exc
                 return self._checked(result)
             except ModelError as exc:
                 if not exc.retryable or attempt == attempts:
@@ -186,28 +213,47 @@ class ModelAdapter:
                         raise _after_retries(exc, attempt) from exc
                     raise
                 delay = self.backoff.delay(attempt)
-                log.warning("%s: attempt %d of %d failed (%s); retrying in %.2fs",
-                            self.describe(), attempt, attempts, exc, delay)
+                log.warning(
+                    "%s: attempt %d of %d failed (%s); retrying in %.2fs",
+                    self.describe(),
+                    attempt,
+                    attempts,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                          output_dir: Path, progress: Callable[[float], None],
-                          options: Mapping[str, Any]) -> ModelResult:
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
         """One attempt. Raise :class:`ModelError` with ``retryable`` set as appropriate."""
         raise NotImplementedError
 
     def _checked(self, result: ModelResult) -> ModelResult:
         if self.check_frames_path and not result.frames_path.is_dir():
             what = "is not a directory" if result.frames_path.exists() else "does not exist"
-            raise ModelOutputError(f"{self.describe()}: frames_path {result.frames_path} {what}",
-                                   model=self.describe())
+            raise ModelOutputError(
+                f"{self.describe()}: frames_path {result.frames_path} {what}", model=self.describe()
+            )
         return result
 
 
 def _after_retries(exc: ModelError, attempts: int) -> ModelError:
     """``exc`` restated as the final failure after ``attempts`` attempts (same class)."""
-    return type(exc)(f"failed after {attempts} attempts; last error: {exc}", model=exc.model,
-                     retryable=exc.retryable, exit_code=exc.exit_code,
-                     stderr_tail=exc.stderr_tail, status_code=exc.status_code)
-
+    return type(exc)(
+        f"failed after {attempts} attempts; last error: {exc}",
+        model=exc.model,
+        retryable=exc.retryable,
+        exit_code=exc.exit_code,
+        stderr_tail=exc.stderr_tail,
+        status_code=exc.status_code,
+    )

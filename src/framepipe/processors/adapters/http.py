@@ -36,14 +36,28 @@ class HttpModel(ModelAdapter):
 
     check_frames_path = False
 
-    def __init__(self, url: str, *, timeout: float | None = 300.0, max_retries: int = 3,
-                 retry_initial: float = 1.0, retry_max: float = 30.0,
-                 headers: Mapping[str, str] | None = None, check_frames_path: bool = False,
-                 name: str | None = None, transport: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float | None = 300.0,
+        max_retries: int = 3,
+        retry_initial: float = 1.0,
+        retry_max: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        check_frames_path: bool = False,
+        name: str | None = None,
+        transport: Any = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"model URL must start with http:// or https://, not {url!r}")
-        super().__init__(name=name, timeout=timeout, max_retries=max_retries,
-                         retry_initial=retry_initial, retry_max=retry_max)
+        super().__init__(
+            name=name,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+        )
         self.url = url.rstrip("/")
         self.headers = dict(headers or {})
         self.check_frames_path = check_frames_path
@@ -58,55 +72,88 @@ class HttpModel(ModelAdapter):
         """The URL posted to."""
         return f"{self.url}/infer"
 
-    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                          output_dir: Path, progress: Callable[[float], None],
-                          options: Mapping[str, Any]) -> ModelResult:
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
         import httpx
 
         who = self.describe()
-        data = {"prompt": prompt, "style": style, "seed": str(seed),
-                **{k: str(v) for k, v in options.items() if v is not None}}
+        data = {
+            "prompt": prompt,
+            "style": style,
+            "seed": str(seed),
+            **{k: str(v) for k, v in options.items() if v is not None},
+        }
         try:
             content = await asyncio.to_thread(input_path.read_bytes)
         except OSError as exc:
             raise ModelError(f"{who}: cannot read input {input_path}: {exc}", model=who) from exc
         progress(0)
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers,
-                                         transport=self.transport) as client:
+            async with httpx.AsyncClient(
+                timeout=self.timeout, headers=self.headers, transport=self.transport
+            ) as client:
                 response = await client.post(
-                    self.endpoint, data=data,
-                    files={"input_file": (input_path.name, content, "application/octet-stream")})
+                    self.endpoint,
+                    data=data,
+                    files={"input_file": (input_path.name, content, "application/octet-stream")},
+                )
         except httpx.TimeoutException as exc:
-            raise ModelTimeoutError(f"{who}: POST {self.endpoint} timed out "
-                                    f"({type(exc).__name__})", model=who,
-                                    retryable=True) from exc
+            raise ModelTimeoutError(
+                f"{who}: POST {self.endpoint} timed out ({type(exc).__name__})",
+                model=who,
+                retryable=True,
+            ) from exc
         except httpx.HTTPError as exc:
-            raise ModelError(f"{who}: POST {self.endpoint} failed: {type(exc).__name__}: "
-                             f"{exc or 'connection error'}", model=who, retryable=True) from exc
+            raise ModelError(
+                f"{who}: POST {self.endpoint} failed: {type(exc).__name__}: "
+                f"{exc or 'connection error'}",
+                model=who,
+                retryable=True,
+            ) from exc
         body = response.text
         if response.status_code >= 400:
             raise ModelError(
                 f"{who}: POST {self.endpoint} answered HTTP {response.status_code}: "
-                f"{body[-500:].strip() or response.reason_phrase}", model=who,
-                retryable=response.status_code >= 500, status_code=response.status_code)
+                f"{body[-500:].strip() or response.reason_phrase}",
+                model=who,
+                retryable=response.status_code >= 500,
+                status_code=response.status_code,
+            )
         try:
             answer = response.json()
         except ValueError as exc:
-            raise ModelOutputError(f"{who}: POST {self.endpoint} answered a body that is not "
-                                   f"JSON: {body[:200]!r}", model=who,
-                                   status_code=response.status_code) from exc
+            raise ModelOutputError(
+                f"{who}: POST {self.endpoint} answered a body that is not JSON: {body[:200]!r}",
+                model=who,
+                status_code=response.status_code,
+            ) from exc
         if not isinstance(answer, dict):
-            raise ModelOutputError(f"{who}: POST {self.endpoint} answered {answer!r}, not a "
-                                   "JSON object", model=who, status_code=response.status_code)
+            raise ModelOutputError(
+                f"{who}: POST {self.endpoint} answered {answer!r}, not a JSON object",
+                model=who,
+                status_code=response.status_code,
+            )
         if answer.get("success") is not True:
             error = answer.get("error") or answer.get("message") or "no error text"
-            raise ModelError(f"{who}: the model failed: {error}", model=who,
-                             status_code=response.status_code)
+            raise ModelError(
+                f"{who}: the model failed: {error}", model=who, status_code=response.status_code
+            )
         frames_path = answer.get("frames_path")
         if not isinstance(frames_path, str) or not frames_path:
-            raise ModelOutputError(f"{who}: the answer has no 'frames_path': {answer!r}",
-                                   model=who, status_code=response.status_code)
+            raise ModelOutputError(
+                f"{who}: the answer has no 'frames_path': {answer!r}",
+                model=who,
+                status_code=response.status_code,
+            )
         progress(100)
         extra = {k: v for k, v in answer.items() if k not in {"success", "frames_path"}}
         return ModelResult(Path(frames_path), extra)

@@ -25,9 +25,17 @@ class MockModel(ModelAdapter):
     ``style`` (a colour gradient and a moving square), so runs are reproducible. The input file
     is not read. For tests and demos."""
 
-    def __init__(self, frames: int = 10, size: tuple[int, int] = (320, 240), *,
-                 delay: float = 0.0, fmt: str = "png", name: str | None = None,
-                 timeout: float | None = None, max_retries: int = 0) -> None:
+    def __init__(
+        self,
+        frames: int = 10,
+        size: tuple[int, int] = (320, 240),
+        *,
+        delay: float = 0.0,
+        fmt: str = "png",
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int = 0,
+    ) -> None:
         if frames < 1:
             raise ValueError(f"frames must be >= 1, not {frames}")
         if size[0] < 8 or size[1] < 8:
@@ -56,12 +64,20 @@ class MockModel(ModelAdapter):
         image[..., 2] = tint
         side = max(2, min(w, h) // 6)
         left = (index * 7) % max(1, w - side)
-        image[h // 2 - side // 2: h // 2 + side // 2, left:left + side] = 255
+        image[h // 2 - side // 2 : h // 2 + side // 2, left : left + side] = 255
         return image
 
-    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                          output_dir: Path, progress: Callable[[float], None],
-                          options: Mapping[str, Any]) -> ModelResult:
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
         import cv2
 
         frames_dir = output_dir / "frames"
@@ -75,5 +91,11 @@ class MockModel(ModelAdapter):
             if not cv2.imwrite(str(path), self.render(i, seed=seed, style=style)):
                 raise ModelError(f"{self.describe()}: cannot write {path}", model=self.describe())
             progress(100 * (i + 1) / self.frames)
-        return ModelResult(frames_dir, {"frames": self.frames, "prompt": prompt,
-                                        "seconds": round(time.monotonic() - started, 3)})
+        return ModelResult(
+            frames_dir,
+            {
+                "frames": self.frames,
+                "prompt": prompt,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )

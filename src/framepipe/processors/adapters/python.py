@@ -39,8 +39,11 @@ def _as_result(value: Any, who: str) -> ModelResult:
     if isinstance(value, Mapping) and isinstance(value.get("frames_path"), str | os.PathLike):
         extra = {k: v for k, v in value.items() if k != "frames_path"}
         return ModelResult(Path(value["frames_path"]), extra)
-    raise ModelOutputError(f"{who} returned {type(value).__name__}, not a frames path, a dict "
-                           "with 'frames_path' or a ModelResult", model=who)
+    raise ModelOutputError(
+        f"{who} returned {type(value).__name__}, not a frames path, a dict "
+        "with 'frames_path' or a ModelResult",
+        model=who,
+    )
 
 
 class PythonModel(ModelAdapter):
@@ -61,13 +64,25 @@ class PythonModel(ModelAdapter):
     through unchanged and are not retried.
     """
 
-    def __init__(self, model: Any, *, name: str | None = None, timeout: float | None = None,
-                 max_retries: int = 0, retry_initial: float = 1.0,
-                 retry_max: float = 30.0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int = 0,
+        retry_initial: float = 1.0,
+        retry_max: float = 30.0,
+    ) -> None:
         if not callable(model) and not hasattr(model, "infer"):
             raise TypeError(f"{model!r} is neither callable nor has an infer() method")
-        super().__init__(name=name, timeout=timeout, max_retries=max_retries,
-                         retry_initial=retry_initial, retry_max=retry_max)
+        super().__init__(
+            name=name,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+        )
         self.factory = model
         self.model: Any = None
         self._lock = threading.Lock()
@@ -108,9 +123,17 @@ class PythonModel(ModelAdapter):
         fn = getattr(self.model, "process_frame", None) or self.model
         return fn(image)
 
-    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                          output_dir: Path, progress: Callable[[float], None],
-                          options: Mapping[str, Any]) -> ModelResult:
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
         if self.model is None:
             await asyncio.to_thread(self.setup)
         fn = getattr(self.model, "infer", None) or self.model
@@ -127,8 +150,15 @@ class PythonModel(ModelAdapter):
                 raise
 
         def call() -> Any:
-            return fn(input_path, prompt=prompt, style=style, seed=seed, output_dir=output_dir,
-                      progress=report, **options)
+            return fn(
+                input_path,
+                prompt=prompt,
+                style=style,
+                seed=seed,
+                output_dir=output_dir,
+                progress=report,
+                **options,
+            )
 
         try:
             value = await asyncio.to_thread(call)
@@ -140,8 +170,11 @@ class PythonModel(ModelAdapter):
         except Exception as exc:
             if any(exc is r for r in raised):  # e.g. the step is cancelled: do not retry
                 raise
-            raise ModelError(f"{self.describe()} raised {type(exc).__name__}: {exc}",
-                             model=self.describe(), retryable=True) from exc
+            raise ModelError(
+                f"{self.describe()} raised {type(exc).__name__}: {exc}",
+                model=self.describe(),
+                retryable=True,
+            ) from exc
         if inspect.isawaitable(value):
             value = await value
         return _as_result(value, self.describe())
@@ -166,7 +199,8 @@ class ModelProcessor(Processor):
             raise TypeError(
                 f"{what} works on files (a video in, a directory of frames out), not on live "
                 "frames: call 'await adapter.infer(...)' in a job step; ModelProcessor runs "
-                "a PythonModel")
+                "a PythonModel"
+            )
         self.model = model
         self.name = name or model.label
 

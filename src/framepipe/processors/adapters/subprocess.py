@@ -31,8 +31,20 @@ log = logging.getLogger("framepipe.models")
 _PROGRESS = re.compile(r"^\s*progress:\s*([-+]?\d+(?:\.\d+)?)\s*%?\s*$", re.IGNORECASE)
 _FRAMES = re.compile(r"^\s*frames_path:\s*(.+?)\s*$", re.IGNORECASE)
 
-DEFAULT_ARGV = ("{python}", "{script}", "--input", "{input}", "--prompt", "{prompt}",
-                "--style", "{style}", "--seed", "{seed}", "--output-dir", "{output_dir}")
+DEFAULT_ARGV = (
+    "{python}",
+    "{script}",
+    "--input",
+    "{input}",
+    "--prompt",
+    "{prompt}",
+    "--style",
+    "{style}",
+    "--seed",
+    "{seed}",
+    "--output-dir",
+    "{output_dir}",
+)
 
 
 def _kill_group(pid: int) -> None:
@@ -59,16 +71,30 @@ class SubprocessModel(ModelAdapter):
     :class:`ModelOutputError`; a timeout a :class:`ModelTimeoutError`.
     """
 
-    def __init__(self, script: PathLike | None = None, *, argv: Sequence[str] | None = None,
-                 python: str = sys.executable, cwd: PathLike | None = None,
-                 env: Mapping[str, str] | None = None, name: str | None = None,
-                 timeout: float | None = None, max_retries: int = 0,
-                 retry_initial: float = 1.0, retry_max: float = 30.0,
-                 stderr_lines: int = 20) -> None:
+    def __init__(
+        self,
+        script: PathLike | None = None,
+        *,
+        argv: Sequence[str] | None = None,
+        python: str = sys.executable,
+        cwd: PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+        max_retries: int = 0,
+        retry_initial: float = 1.0,
+        retry_max: float = 30.0,
+        stderr_lines: int = 20,
+    ) -> None:
         if script is None and argv is None:
             raise ValueError("SubprocessModel needs a script or an argv template")
-        super().__init__(name=name, timeout=timeout, max_retries=max_retries,
-                         retry_initial=retry_initial, retry_max=retry_max)
+        super().__init__(
+            name=name,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+        )
         self.script = None if script is None else Path(script)
         self.argv = tuple(argv) if argv is not None else DEFAULT_ARGV
         self.python = python
@@ -80,17 +106,32 @@ class SubprocessModel(ModelAdapter):
     def target(self) -> str:
         return str(self.script) if self.script is not None else " ".join(self.argv)
 
-    def command(self, input_path: PathLike, *, prompt: str = "", style: str = "default",
-                seed: int = 0, output_dir: PathLike, **options: Any) -> list[str]:
+    def command(
+        self,
+        input_path: PathLike,
+        *,
+        prompt: str = "",
+        style: str = "default",
+        seed: int = 0,
+        output_dir: PathLike,
+        **options: Any,
+    ) -> list[str]:
         """The argv of one call."""
-        values = {"python": self.python, "script": str(self.script or ""),
-                  "input": str(input_path), "prompt": prompt, "style": style, "seed": str(seed),
-                  "output_dir": str(output_dir)}
+        values = {
+            "python": self.python,
+            "script": str(self.script or ""),
+            "input": str(input_path),
+            "prompt": prompt,
+            "style": style,
+            "seed": str(seed),
+            "output_dir": str(output_dir),
+        }
         try:
             argv = [part.format_map(values) for part in self.argv]
         except (KeyError, ValueError, IndexError) as exc:
-            raise ConfigError(f"{self.describe()}: bad argv template {list(self.argv)}: {exc}"
-                              ) from exc
+            raise ConfigError(
+                f"{self.describe()}: bad argv template {list(self.argv)}: {exc}"
+            ) from exc
         for key, value in options.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -99,19 +140,35 @@ class SubprocessModel(ModelAdapter):
                 argv += [flag, str(value)]
         return argv
 
-    async def _infer_once(self, input_path: Path, *, prompt: str, style: str, seed: int,
-                          output_dir: Path, progress: Callable[[float], None],
-                          options: Mapping[str, Any]) -> ModelResult:
-        argv = self.command(input_path, prompt=prompt, style=style, seed=seed,
-                            output_dir=output_dir, **options)
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
+        argv = self.command(
+            input_path, prompt=prompt, style=style, seed=seed, output_dir=output_dir, **options
+        )
         env = None if self.env is None else {**os.environ, **self.env}
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, cwd=self.cwd, env=env, start_new_session=True)
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.cwd,
+                env=env,
+                start_new_session=True,
+            )
         except OSError as exc:
-            raise ModelError(f"{self.describe()}: cannot start {argv[0]!r}: {exc}",
-                             model=self.describe()) from exc
+            raise ModelError(
+                f"{self.describe()}: cannot start {argv[0]!r}: {exc}", model=self.describe()
+            ) from exc
         assert proc.stdout is not None
         assert proc.stderr is not None
         frames: list[str] = []
@@ -137,23 +194,34 @@ class SubprocessModel(ModelAdapter):
         stderr_tail = "\n".join(tail)
         if code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            raise ModelError(f"{self.describe()} {how}" +
-                             (f"; stderr:\n{stderr_tail}" if stderr_tail else " (no stderr)"),
-                             model=self.describe(), retryable=True, exit_code=code,
-                             stderr_tail=stderr_tail)
+            raise ModelError(
+                f"{self.describe()} {how}"
+                + (f"; stderr:\n{stderr_tail}" if stderr_tail else " (no stderr)"),
+                model=self.describe(),
+                retryable=True,
+                exit_code=code,
+                stderr_tail=stderr_tail,
+            )
         if not frames:
             raise ModelOutputError(
-                f"{self.describe()} exited 0 without printing a 'frames_path: PATH' line" +
-                (f"; stderr:\n{stderr_tail}" if stderr_tail else ""),
-                model=self.describe(), exit_code=0, stderr_tail=stderr_tail)
+                f"{self.describe()} exited 0 without printing a 'frames_path: PATH' line"
+                + (f"; stderr:\n{stderr_tail}" if stderr_tail else ""),
+                model=self.describe(),
+                exit_code=0,
+                stderr_tail=stderr_tail,
+            )
         path = Path(frames[-1])
         if not path.is_absolute():
             path = (self.cwd or Path.cwd()) / path
         return ModelResult(path, {"stdout": other} if other else {})
 
-    async def _read_stdout(self, stream: asyncio.StreamReader,
-                           progress: Callable[[float], None], frames: list[str],
-                           other: list[str]) -> None:
+    async def _read_stdout(
+        self,
+        stream: asyncio.StreamReader,
+        progress: Callable[[float], None],
+        frames: list[str],
+        other: list[str],
+    ) -> None:
         async for raw in stream:
             line = raw.decode(errors="replace").rstrip("\r\n")
             if match := _PROGRESS.match(line):

@@ -38,8 +38,13 @@ class CircuitBreaker:
     """One processor's circuit. ``on_open`` is called whenever it opens (routes waiting for
     capacity must look again: the processor is out)."""
 
-    def __init__(self, processor_id: str, policy: CircuitPolicy, log: ComponentLogger,
-                 on_open: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        processor_id: str,
+        policy: CircuitPolicy,
+        log: ComponentLogger,
+        on_open: Callable[[], None],
+    ) -> None:
         self.processor_id = processor_id
         self.policy = policy
         self.log = log
@@ -55,12 +60,12 @@ class CircuitBreaker:
     def current(self, now: float) -> str:
         """The state at ``now`` (monotonic): an open circuit whose ``circuit_reset`` has passed
         turns ``half_open`` here."""
-        if (self.state == CircuitState.OPEN
-                and now - self.opened_at >= self.policy.circuit_reset):
+        if self.state == CircuitState.OPEN and now - self.opened_at >= self.policy.circuit_reset:
             self.state = CircuitState.HALF_OPEN
             self.trial = None
-            self.log.info("Processor %s: circuit half-open, one trial frame next",
-                          self.processor_id)
+            self.log.info(
+                "Processor %s: circuit half-open, one trial frame next", self.processor_id
+            )
         return self.state
 
     def admits(self, state: str) -> bool:
@@ -89,8 +94,9 @@ class CircuitBreaker:
         (``error_kind`` ``input``) counts towards opening it."""
         if ok:
             if self.state != CircuitState.CLOSED:
-                self.log.info("Processor %s: circuit closed (trial frame succeeded)",
-                              self.processor_id)
+                self.log.info(
+                    "Processor %s: circuit closed (trial frame succeeded)", self.processor_id
+                )
             self.failures = 0
             self.state = CircuitState.CLOSED
         elif error_kind != "input":
@@ -101,12 +107,18 @@ class CircuitBreaker:
         once when it was the half-open circuit's trial."""
         self.failures += 1
         trial_failed = self.state == CircuitState.HALF_OPEN
-        if trial_failed or (self.state == CircuitState.CLOSED
-                            and self.failures >= self.policy.circuit_failures):
+        if trial_failed or (
+            self.state == CircuitState.CLOSED and self.failures >= self.policy.circuit_failures
+        ):
             self.state = CircuitState.OPEN
             self.opened_at = time.monotonic()
             self.trial = None
-            self.log.warning("Processor %s: circuit open after %d consecutive failure(s) "
-                             "(last: %s); no frames for %.1fs", self.processor_id,
-                             self.failures, reason, self.policy.circuit_reset)
+            self.log.warning(
+                "Processor %s: circuit open after %d consecutive failure(s) "
+                "(last: %s); no frames for %.1fs",
+                self.processor_id,
+                self.failures,
+                reason,
+                self.policy.circuit_reset,
+            )
             self.on_open()

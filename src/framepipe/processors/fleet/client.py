@@ -112,27 +112,45 @@ class ProcessorClient(abc.ABC):
     Redis.
     """
 
-    def __init__(self, processor_id: str, capabilities: Sequence[str], capacity: int = 1,
-                 result_stream: str | None = None, redis_url: str = DEFAULT_REDIS_URL,
-                 health_interval: float = 5.0, namespace: str = DEFAULT_NAMESPACE, *,
-                 image_encoding: Literal["raw", "base64"] = "raw",
-                 frame_timeout: float | None = None, shutdown_timeout: float = 30.0,
-                 connect_retries: int = 3, backoff: Backoff | None = None,
-                 poll_interval: float = 0.5, result_maxlen: int | None = 10_000,
-                 redis_client: Redis | None = None,
-                 orchestrator_url: str | None = None) -> None:
+    def __init__(
+        self,
+        processor_id: str,
+        capabilities: Sequence[str],
+        capacity: int = 1,
+        result_stream: str | None = None,
+        redis_url: str = DEFAULT_REDIS_URL,
+        health_interval: float = 5.0,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        image_encoding: Literal["raw", "base64"] = "raw",
+        frame_timeout: float | None = None,
+        shutdown_timeout: float = 30.0,
+        connect_retries: int = 3,
+        backoff: Backoff | None = None,
+        poll_interval: float = 0.5,
+        result_maxlen: int | None = 10_000,
+        redis_client: Redis | None = None,
+        orchestrator_url: str | None = None,
+    ) -> None:
         if not processor_id or any(c.isspace() for c in processor_id):
-            raise ValueError(f"processor_id must be a non-empty name without spaces, "
-                             f"not {processor_id!r}")
-        if isinstance(capabilities, str) or not capabilities or not all(
-                isinstance(c, str) and c for c in capabilities):
-            raise ValueError(f"processor {processor_id!r}: capabilities must be a non-empty "
-                             f"list of names, not {capabilities!r}")
+            raise ValueError(
+                f"processor_id must be a non-empty name without spaces, not {processor_id!r}"
+            )
+        if (
+            isinstance(capabilities, str)
+            or not capabilities
+            or not all(isinstance(c, str) and c for c in capabilities)
+        ):
+            raise ValueError(
+                f"processor {processor_id!r}: capabilities must be a non-empty "
+                f"list of names, not {capabilities!r}"
+            )
         if capacity < 1:
             raise ValueError(f"processor {processor_id!r}: capacity must be >= 1, not {capacity}")
         if health_interval <= 0 or poll_interval <= 0:
-            raise ValueError(f"processor {processor_id!r}: health_interval and poll_interval "
-                             "must be positive")
+            raise ValueError(
+                f"processor {processor_id!r}: health_interval and poll_interval must be positive"
+            )
         if image_encoding not in ("raw", "base64"):
             raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")
         self.processor_id = processor_id
@@ -215,8 +233,9 @@ class ProcessorClient(abc.ABC):
         """Wait until the processor is registered (bound it with ``asyncio.timeout``)."""
         await self._registered.wait()
 
-    def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM,
-                                                                 signal.SIGINT)) -> None:
+    def install_signal_handlers(
+        self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
         """Stop gracefully on ``signals`` (call inside the running loop, before ``start``)."""
         loop = asyncio.get_running_loop()
         for sig in signals:
@@ -273,18 +292,25 @@ class ProcessorClient(abc.ABC):
             if self._redis is None:
                 self._redis = connect(self.redis_url)
             what = f"processor {self.processor_id!r}"
-            await ping_with_retries(self._redis, self.redis_url, retries=self.connect_retries,
-                                    backoff=self.backoff, what=what)
+            await ping_with_retries(
+                self._redis,
+                self.redis_url,
+                retries=self.connect_retries,
+                backoff=self.backoff,
+                what=what,
+            )
             try:
                 await self._register()
             except REDIS_DOWN as exc:
                 raise RegistryConnectionError(
                     lost(what, self.redis_url, exc, during="registering"),
-                    url=safe_url(self.redis_url)) from exc
+                    url=safe_url(self.redis_url),
+                ) from exc
             self._reads, self._writes = Wire(self._redis), Wire(self._redis)
             beat_done = asyncio.Event()
-            beating = asyncio.create_task(self._heartbeat_loop(beat_done),
-                                          name=f"{self.processor_id}:heartbeat")
+            beating = asyncio.create_task(
+                self._heartbeat_loop(beat_done), name=f"{self.processor_id}:heartbeat"
+            )
             try:
                 await self._serve()
             finally:
@@ -305,14 +331,26 @@ class ProcessorClient(abc.ABC):
 
     async def _register(self) -> None:
         """Create the stream and group, then (atomically) the hash and set membership."""
-        await register(self._require_redis(), self.keys, self.processor_id,
-                       capabilities=self.capabilities, capacity=self.capacity,
-                       stream=self.stream, result_stream=self.result_stream,
-                       in_flight=self.in_flight, processed=self.processed, failed=self.failed)
+        await register(
+            self._require_redis(),
+            self.keys,
+            self.processor_id,
+            capabilities=self.capabilities,
+            capacity=self.capacity,
+            stream=self.stream,
+            result_stream=self.result_stream,
+            in_flight=self.in_flight,
+            processed=self.processed,
+            failed=self.failed,
+        )
         if not self._registered.is_set():
-            self.log.info("Registered: capabilities=%s capacity=%d stream=%s results=%s",
-                          ",".join(self.capabilities), self.capacity, self.stream,
-                          self.result_stream)
+            self.log.info(
+                "Registered: capabilities=%s capacity=%d stream=%s results=%s",
+                ",".join(self.capabilities),
+                self.capacity,
+                self.stream,
+                self.result_stream,
+            )
         self._registered.set()
 
     async def _heartbeat_loop(self, done: asyncio.Event) -> None:
@@ -324,12 +362,25 @@ class ProcessorClient(abc.ABC):
                 return
             try:
                 alive = await heartbeat(
-                    redis, self.keys, self.processor_id, "last_heartbeat", repr(time.time()),
-                    "in_flight", self.in_flight, "processed", self.processed,
-                    "failed", self.failed, "max_in_flight", self.max_in_flight)
+                    redis,
+                    self.keys,
+                    self.processor_id,
+                    "last_heartbeat",
+                    repr(time.time()),
+                    "in_flight",
+                    self.in_flight,
+                    "processed",
+                    self.processed,
+                    "failed",
+                    self.failed,
+                    "max_in_flight",
+                    self.max_in_flight,
+                )
                 if not alive and not self._stopping:
-                    self.log.warning("Found itself deregistered (declared dead or Redis lost "
-                                     "its data); registering again")
+                    self.log.warning(
+                        "Found itself deregistered (declared dead or Redis lost "
+                        "its data); registering again"
+                    )
                     await self._register()
             except REDIS_DOWN as exc:
                 self.log.debug("heartbeat failed: %s", exc)
@@ -365,14 +416,22 @@ class ProcessorClient(abc.ABC):
                 need_register = True
                 delay = self.backoff.delay(failures)
                 log = self.log.warning if failures == 1 else self.log.info
-                log("Redis at %s unreachable (%s: %s); reconnecting in %.1fs (attempt %d)",
-                    safe_url(self.redis_url), type(exc).__name__, exc, delay, failures)
+                log(
+                    "Redis at %s unreachable (%s: %s); reconnecting in %.1fs (attempt %d)",
+                    safe_url(self.redis_url),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    failures,
+                )
                 await self._sleep_unless_stopping(delay)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                self.log.warning("Its stream or group disappeared (deregistered as dead, or "
-                                 "Redis lost its data); registering again")
+                self.log.warning(
+                    "Its stream or group disappeared (deregistered as dead, or "
+                    "Redis lost its data); registering again"
+                )
                 need_register = True
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
@@ -384,8 +443,9 @@ class ProcessorClient(abc.ABC):
         """Claim every entry pending in the stream (this processor's earlier life, or handed
         back by the registry) that is not being processed here now."""
         backlog: list[tuple[bytes, Fields]] = []
-        async for claimed in claim_pending(self._require_redis(), self.stream, GROUP,
-                                           self.processor_id, count=100):
+        async for claimed in claim_pending(
+            self._require_redis(), self.stream, GROUP, self.processor_id, count=100
+        ):
             backlog += [(mid, fields) for mid, fields in claimed if mid not in self._inflight]
         if backlog:
             self.log.info("Took back %d pending frame(s)", len(backlog))
@@ -413,8 +473,19 @@ class ProcessorClient(abc.ABC):
                 continue
             # stop() marks the processor draining at once; the read ends within poll_interval
             reply = await reads.execute(
-                "XREADGROUP", "GROUP", GROUP, self.processor_id, "COUNT", free, "BLOCK",
-                block_ms, "STREAMS", self.stream, ">", block=self.poll_interval)
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                self.processor_id,
+                "COUNT",
+                free,
+                "BLOCK",
+                block_ms,
+                "STREAMS",
+                self.stream,
+                ">",
+                block=self.poll_interval,
+            )
             if reply:
                 for mid, entry in stream_entries(reply):
                     self._spawn(mid, entry)
@@ -433,37 +504,55 @@ class ProcessorClient(abc.ABC):
         self._wake()
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            self.log.error("handling entry %s failed unexpectedly: %r", mid.decode(), exc,
-                           exc_info=exc)
+            self.log.error(
+                "handling entry %s failed unexpectedly: %r", mid.decode(), exc, exc_info=exc
+            )
 
     # -- one frame ----------------------------------------------------------------------------
 
     async def _handle(self, mid: bytes, fields: Fields) -> None:
         started = time.perf_counter()
         traceparent = parse_traceparent(fields.get(b"trace_context"))
-        outcome = await run_frame(self.process_frame, mid, fields, traceparent,
-                                  image_encoding=self.image_encoding,
-                                  frame_timeout=self.frame_timeout, log=self.log)
+        outcome = await run_frame(
+            self.process_frame,
+            mid,
+            fields,
+            traceparent,
+            image_encoding=self.image_encoding,
+            frame_timeout=self.frame_timeout,
+            log=self.log,
+        )
         if outcome.ok:
             self.processed += 1
         else:
             self.failed += 1
-        payload = result_fields(self.processor_id, mid, fields, outcome, traceparent,
-                                (time.perf_counter() - started) * 1000.0)
+        payload = result_fields(
+            self.processor_id,
+            mid,
+            fields,
+            outcome,
+            traceparent,
+            (time.perf_counter() - started) * 1000.0,
+        )
         await self._publish(mid, fields, outcome, payload)
         if self._inflight.get(mid) is asyncio.current_task():  # free the slot now, not
             del self._inflight[mid]  # a loop turn later in the task's done callback
             self._wake()
 
-    async def _publish(self, mid: bytes, fields: Fields, outcome: Outcome,
-                       payload: dict[str, str | bytes]) -> None:
+    async def _publish(
+        self, mid: bytes, fields: Fields, outcome: Outcome, payload: dict[str, str | bytes]
+    ) -> None:
         """Publish and acknowledge atomically; retry while Redis is away (the entry stays
         pending if this task is cancelled at shutdown)."""
         reply_to = fields.get(b"reply_to") or b""
         to_results = outcome.result_json is not None or not outcome.ok
-        args: list[str | bytes] = [GROUP, mid, "" if self.result_maxlen is None
-                                   else str(self.result_maxlen), "1" if to_results else "0",
-                                   "1" if reply_to else "0"]
+        args: list[str | bytes] = [
+            GROUP,
+            mid,
+            "" if self.result_maxlen is None else str(self.result_maxlen),
+            "1" if to_results else "0",
+            "1" if reply_to else "0",
+        ]
         for key, value in payload.items():
             args += [key, value]
         attempt = 0
@@ -472,26 +561,33 @@ class ProcessorClient(abc.ABC):
             if wire is None:
                 raise RuntimeError(f"processor {self.processor_id!r} is not running")
             try:
-                acked = await wire.run(PUBLISH, self.stream, self.result_stream,
-                                       reply_to or self.stream, *args, keys=3)
+                acked = await wire.run(
+                    PUBLISH, self.stream, self.result_stream, reply_to or self.stream, *args, keys=3
+                )
             except REDIS_DOWN as exc:
                 attempt += 1
                 delay = self.backoff.delay(attempt)
-                self.log.debug("publishing the result of %s failed (%s); retry in %.1fs",
-                               mid.decode(), exc, delay)
+                self.log.debug(
+                    "publishing the result of %s failed (%s); retry in %.1fs",
+                    mid.decode(),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             if acked == -1:  # the group was dropped meanwhile (Redis lost its data)
-                self.log.debug("published %s; its group is gone, nothing to acknowledge",
-                               mid.decode())
+                self.log.debug(
+                    "published %s; its group is gone, nothing to acknowledge", mid.decode()
+                )
             return
 
     # -- shutdown -----------------------------------------------------------------------------
 
     async def _set_draining(self) -> None:
         try:
-            await set_state(self._require_redis(), self.keys, self.processor_id,
-                            ProcessorState.DRAINING)
+            await set_state(
+                self._require_redis(), self.keys, self.processor_id, ProcessorState.DRAINING
+            )
         except REDIS_DOWN as exc:
             self.log.warning("could not mark itself draining: %s", exc)
 
@@ -502,11 +598,15 @@ class ProcessorClient(abc.ABC):
         await self._draining_task
         self._draining_task = None
         if self._inflight:
-            _done, pending = await asyncio.wait(set(self._inflight.values()),
-                                                timeout=self.shutdown_timeout)
+            _done, pending = await asyncio.wait(
+                set(self._inflight.values()), timeout=self.shutdown_timeout
+            )
             if pending:
-                self.log.warning("%d frame(s) unfinished after %.1fs; left pending for the "
-                                 "registry to re-route", len(pending), self.shutdown_timeout)
+                self.log.warning(
+                    "%d frame(s) unfinished after %.1fs; left pending for the registry to re-route",
+                    len(pending),
+                    self.shutdown_timeout,
+                )
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5.0)
@@ -518,15 +618,16 @@ class ProcessorClient(abc.ABC):
     async def _deregister(self) -> None:
         redis = self._require_redis()
         try:
-            removed = await deregister(redis, self.keys, self.processor_id, self.stream,
-                                       ProcessorState.DRAINING)
+            removed = await deregister(
+                redis, self.keys, self.processor_id, self.stream, ProcessorState.DRAINING
+            )
             if removed == 0:
                 await set_state(redis, self.keys, self.processor_id, ProcessorState.STOPPED)
                 self.log.info("Stopped; entries left in its stream go back to the registry")
             else:
-                self.log.info("Deregistered (processed=%d failed=%d)", self.processed,
-                              self.failed)
+                self.log.info("Deregistered (processed=%d failed=%d)", self.processed, self.failed)
         except REDIS_DOWN as exc:
-            self.log.warning("could not deregister (Redis unreachable: %s); the registry will "
-                             "declare it dead", exc)
-
+            self.log.warning(
+                "could not deregister (Redis unreachable: %s); the registry will declare it dead",
+                exc,
+            )

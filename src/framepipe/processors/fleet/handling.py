@@ -23,9 +23,16 @@ FrameHandler = Callable[[Fields], Awaitable[dict[str, Any] | None]]
 """``ProcessorClient.process_frame``."""
 
 
-async def run_frame(process_frame: FrameHandler, mid: bytes, fields: Fields,
-                    traceparent: str | None, *, image_encoding: str,
-                    frame_timeout: float | None, log: ComponentLogger) -> Outcome:
+async def run_frame(
+    process_frame: FrameHandler,
+    mid: bytes,
+    fields: Fields,
+    traceparent: str | None,
+    *,
+    image_encoding: str,
+    frame_timeout: float | None,
+    log: ComponentLogger,
+) -> Outcome:
     """Handle entry ``mid``: validate ``fields`` (:func:`check_entry`, ``image_encoding``),
     then await ``process_frame`` within ``frame_timeout`` seconds (None: unbounded) with
     ``traceparent`` as the current trace context. Malformed entries and failures are logged
@@ -33,8 +40,12 @@ async def run_frame(process_frame: FrameHandler, mid: bytes, fields: Fields,
     try:
         data = check_entry(fields, image_encoding)
     except BadEntryError as exc:
-        log.warning("Malformed entry %s (frame %s): %s", mid.decode(),
-                    text(fields.get(b"frame_id")) or "?", exc)
+        log.warning(
+            "Malformed entry %s (frame %s): %s",
+            mid.decode(),
+            text(fields.get(b"frame_id")) or "?",
+            exc,
+        )
         return Outcome(False, error=str(exc), kind="input")
     deadline = None if frame_timeout is None else asyncio.timeout(frame_timeout)
     token = attach_trace(traceparent)
@@ -46,21 +57,35 @@ async def run_frame(process_frame: FrameHandler, mid: bytes, fields: Fields,
                 result = await process_frame(data)
     except Exception as exc:
         if deadline is not None and deadline.expired():
-            return Outcome(False, kind="processor", error=(
-                f"process_frame took longer than frame_timeout={frame_timeout:g}s"))
-        log.warning("process_frame raised for frame %s: %s: %s", text(data.get(b"frame_id")),
-                    type(exc).__name__, exc, exc_info=exc)
+            return Outcome(
+                False,
+                kind="processor",
+                error=(f"process_frame took longer than frame_timeout={frame_timeout:g}s"),
+            )
+        log.warning(
+            "process_frame raised for frame %s: %s: %s",
+            text(data.get(b"frame_id")),
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
         return Outcome(False, error=f"{type(exc).__name__}: {exc}", kind="processor")
     finally:
         detach_trace(token)
     if result is None:
         return Outcome(True)
     if not isinstance(result, dict):
-        return Outcome(False, kind="output", error=(
-            f"process_frame returned {type(result).__name__}, expected a dict or None"))
+        return Outcome(
+            False,
+            kind="output",
+            error=(f"process_frame returned {type(result).__name__}, expected a dict or None"),
+        )
     try:
         encoded = json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        return Outcome(False, kind="output", error=(
-            f"process_frame returned a result that is not JSON-serialisable: {exc}"))
+        return Outcome(
+            False,
+            kind="output",
+            error=(f"process_frame returned a result that is not JSON-serialisable: {exc}"),
+        )
     return Outcome(True, result=result, result_json=encoded)

@@ -127,7 +127,9 @@ def as_int(value: bytes | None, default: int) -> int:
 # -- frame entries --------------------------------------------------------------------------------
 
 _MAGIC: dict[str, tuple[bytes, ...]] = {
-    "jpeg": (b"\xff\xd8\xff",), "jpg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",),
+    "jpeg": (b"\xff\xd8\xff",),
+    "jpg": (b"\xff\xd8\xff",),
+    "png": (b"\x89PNG\r\n\x1a\n",),
 }
 
 
@@ -155,8 +157,10 @@ def decode_image_data(data: bytes, fmt: str = "jpeg") -> bytes:
         return decoded if decoded else data
     if decoded is not None and decoded.startswith(magic):
         return decoded
-    raise BadEntryError(f"image_data is not a {fmt} image, raw or base64 ({len(data)} bytes, "
-                        f"starts {data[:8].hex()})")
+    raise BadEntryError(
+        f"image_data is not a {fmt} image, raw or base64 ({len(data)} bytes, "
+        f"starts {data[:8].hex()})"
+    )
 
 
 def check_entry(fields: Fields, image_encoding: str = "raw") -> Fields:
@@ -188,22 +192,33 @@ def check_entry(fields: Fields, image_encoding: str = "raw") -> Fields:
     return data
 
 
-def frame_entry(frame: Frame, *, quality: int = 85,
-                trace_context: str | None = None) -> dict[str, bytes | str]:
+def frame_entry(
+    frame: Frame, *, quality: int = 85, trace_context: str | None = None
+) -> dict[str, bytes | str]:
     """The stream fields of ``frame``: JPEG ``image_data``, ``width``, ``height``, ``format``,
     ``camera_id`` (the source id), ISO ``timestamp``, ``metadata`` (seq, ts_ms, pts,
     segment_id and the frame's ``meta``, as JSON) and ``trace_context`` (given, or the frame's
     ``meta["trace_context"]``, or a new one). ``frame_id`` is ``<source>:<seq>:<random>``."""
-    trace = (trace_context or parse_traceparent(frame.meta.get("trace_context"))
-             or new_traceparent())
-    meta = {"seq": frame.seq, "ts_ms": frame.ts_ms, "pts": frame.pts,
-            "segment_id": frame.segment_id, "meta": frame.meta}
+    trace = trace_context or parse_traceparent(frame.meta.get("trace_context")) or new_traceparent()
+    meta = {
+        "seq": frame.seq,
+        "ts_ms": frame.ts_ms,
+        "pts": frame.pts,
+        "segment_id": frame.segment_id,
+        "meta": frame.meta,
+    }
     stamp = datetime.fromtimestamp(frame.ts_ms / 1000.0, tz=UTC).isoformat(timespec="milliseconds")
-    return {"frame_id": f"{frame.source_id}:{frame.seq}:{secrets.token_hex(4)}",
-            "camera_id": frame.source_id, "timestamp": stamp,
-            "image_data": frame.to_jpeg(quality), "width": str(frame.width),
-            "height": str(frame.height), "format": "jpeg",
-            "metadata": json.dumps(meta, default=repr), "trace_context": trace}
+    return {
+        "frame_id": f"{frame.source_id}:{frame.seq}:{secrets.token_hex(4)}",
+        "camera_id": frame.source_id,
+        "timestamp": stamp,
+        "image_data": frame.to_jpeg(quality),
+        "width": str(frame.width),
+        "height": str(frame.height),
+        "format": "jpeg",
+        "metadata": json.dumps(meta, default=repr),
+        "trace_context": trace,
+    }
 
 
 def entry_fields(item: Mapping[Any, Any]) -> dict[str, bytes | str]:
@@ -238,6 +253,7 @@ def entry_fields(item: Mapping[Any, Any]) -> dict[str, bytes | str]:
 
 # -- results --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Outcome:
     """How handling one frame went, before it is published as a result entry."""
@@ -250,17 +266,28 @@ class Outcome:
     """``input``, ``processor`` or ``output`` when not ``ok``."""
 
 
-def result_fields(processor_id: str, mid: bytes, fields: Fields, outcome: Outcome,
-                  traceparent: str | None, duration_ms: float) -> dict[str, str | bytes]:
+def result_fields(
+    processor_id: str,
+    mid: bytes,
+    fields: Fields,
+    outcome: Outcome,
+    traceparent: str | None,
+    duration_ms: float,
+) -> dict[str, str | bytes]:
     """The result entry of frame entry ``mid`` (``fields``) handled by ``processor_id``. The
     frame's ``trace_context`` is passed on unchanged (a new one only when it had none)."""
     trace = fields.get(b"trace_context") or (traceparent or new_traceparent()).encode()
     payload: dict[str, str | bytes] = {
-        "frame_id": fields.get(b"frame_id", b""), "camera_id": fields.get(b"camera_id", b""),
-        "processor_id": processor_id, "capability": fields.get(b"capability", b""),
-        "status": "ok" if outcome.ok else "error", "trace_context": trace,
-        "duration_ms": f"{duration_ms:.3f}", "processed_at": repr(time.time()),
-        "entry_id": mid}
+        "frame_id": fields.get(b"frame_id", b""),
+        "camera_id": fields.get(b"camera_id", b""),
+        "processor_id": processor_id,
+        "capability": fields.get(b"capability", b""),
+        "status": "ok" if outcome.ok else "error",
+        "trace_context": trace,
+        "duration_ms": f"{duration_ms:.3f}",
+        "processed_at": repr(time.time()),
+        "entry_id": mid,
+    }
     if outcome.result_json is not None:
         payload["result"] = outcome.result_json
     if not outcome.ok:
@@ -296,22 +323,27 @@ class ProcessorResult:
         raw = get(b"result")
         error = get(b"error")
         kind = get(b"error_kind")
-        return cls(frame_id=fields[b"frame_id"].decode("utf-8", "replace"),
-                   processor_id=get(b"processor_id", b"").decode("utf-8", "replace"),
-                   ok=fields[b"status"] == b"ok",
-                   data=json.loads(raw.decode("utf-8")) if raw else None,
-                   error=error.decode("utf-8", "replace") if error else None,
-                   error_kind=kind.decode("utf-8", "replace") if kind else None,
-                   trace_context=get(b"trace_context", b"").decode("utf-8", "replace"),
-                   camera_id=get(b"camera_id", b"").decode("utf-8", "replace"),
-                   capability=get(b"capability", b"").decode("utf-8", "replace"),
-                   duration_ms=float(get(b"duration_ms") or 0.0),
-                   entry_id=get(b"entry_id", b"").decode("utf-8", "replace"))
+        return cls(
+            frame_id=fields[b"frame_id"].decode("utf-8", "replace"),
+            processor_id=get(b"processor_id", b"").decode("utf-8", "replace"),
+            ok=fields[b"status"] == b"ok",
+            data=json.loads(raw.decode("utf-8")) if raw else None,
+            error=error.decode("utf-8", "replace") if error else None,
+            error_kind=kind.decode("utf-8", "replace") if kind else None,
+            trace_context=get(b"trace_context", b"").decode("utf-8", "replace"),
+            camera_id=get(b"camera_id", b"").decode("utf-8", "replace"),
+            capability=get(b"capability", b"").decode("utf-8", "replace"),
+            duration_ms=float(get(b"duration_ms") or 0.0),
+            entry_id=get(b"entry_id", b"").decode("utf-8", "replace"),
+        )
 
     def check(self) -> ProcessorResult:
         """This result; :class:`RemoteProcessingError` when it reports an error."""
         if not self.ok:
-            raise RemoteProcessingError(self.error or "error", frame_id=self.frame_id,
-                                        processor_id=self.processor_id,
-                                        kind=self.error_kind or "processor")
+            raise RemoteProcessingError(
+                self.error or "error",
+                frame_id=self.frame_id,
+                processor_id=self.processor_id,
+                kind=self.error_kind or "processor",
+            )
         return self

@@ -80,16 +80,28 @@ class Reaper:
         now = time.monotonic()
         for proc in list(registry._procs.values()):
             silent = now - proc.hb_seen_at
-            if (proc.state in (ProcessorState.READY, ProcessorState.DRAINING)
-                    and silent > registry.heartbeat_timeout):
+            if (
+                proc.state in (ProcessorState.READY, ProcessorState.DRAINING)
+                and silent > registry.heartbeat_timeout
+            ):
                 marked = await redis.eval(
-                    MARK_DEAD_LUA, 2, registry.keys.proc(proc.id), registry.keys.processors,
-                    proc.id, proc.hb_value or b"")
+                    MARK_DEAD_LUA,
+                    2,
+                    registry.keys.proc(proc.id),
+                    registry.keys.processors,
+                    proc.id,
+                    proc.hb_value or b"",
+                )
                 if marked:
                     proc.state = ProcessorState.DEAD
-                    registry.log.warning("Processor %s silent for %.1fs (heartbeat_timeout "
-                                         "%.1fs): deregistered as dead; re-routing its "
-                                         "frames", proc.id, silent, registry.heartbeat_timeout)
+                    registry.log.warning(
+                        "Processor %s silent for %.1fs (heartbeat_timeout "
+                        "%.1fs): deregistered as dead; re-routing its "
+                        "frames",
+                        proc.id,
+                        silent,
+                        registry.heartbeat_timeout,
+                    )
             if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
                 await self.reap(proc)
         await registry._reader.trim()
@@ -113,8 +125,12 @@ class Reaper:
                 entries.update(claimed)
             while True:
                 fresh = await redis.xreadgroup(GROUP, REAPER, {proc.stream: ">"}, count=200)
-                got = [(mid, f) for _s, es in cast(list[Any], fresh or []) for mid, f in es
-                       if f is not None]
+                got = [
+                    (mid, f)
+                    for _s, es in cast(list[Any], fresh or [])
+                    for mid, f in es
+                    if f is not None
+                ]
                 if not got:
                     break
                 entries.update(got)
@@ -123,14 +139,16 @@ class Reaper:
                 raise
         if entries and not await self.reroute(proc, entries, delivered):
             return  # some wait for a live processor; try again at the next tick
-        removed = await deregister(redis, registry.keys, proc.id, proc.stream,
-                                   ProcessorState.DEAD, ProcessorState.STOPPED)
+        removed = await deregister(
+            redis, registry.keys, proc.id, proc.stream, ProcessorState.DEAD, ProcessorState.STOPPED
+        )
         if removed == 1:
             registry.log.info("Processor %s removed (%s)", proc.id, proc.state)
             registry._mirror.depart(proc)
 
-    async def reroute(self, dead: Registration, entries: dict[bytes, dict[bytes, bytes]],
-                       delivered: set[bytes]) -> bool:
+    async def reroute(
+        self, dead: Registration, entries: dict[bytes, dict[bytes, bytes]], delivered: set[bytes]
+    ) -> bool:
         """Send ``entries`` of ``dead`` to other processors; True when none is left. Entries in
         ``delivered`` count one more attempt (a frame that kills its processors is given up
         after ``max_attempts``); entries it never took keep theirs."""
@@ -142,16 +160,16 @@ class Reaper:
         for mid, raw in entries.items():
             fields: dict[str, bytes | str] = {text(k): v for k, v in raw.items()}
             frame_id = text(fields.get("frame_id"))
-            capability = text(fields.get("capability")) or next(
-                iter(dead.capability_order), "")
+            capability = text(fields.get("capability")) or next(iter(dead.capability_order), "")
             attempt = as_int(raw.get(b"attempt"), 1) + (1 if mid in delivered else 0)
             if attempt > registry.max_attempts:
                 await self.give_up(dead, mid, raw, attempt - 1)
                 finished.append(mid)
                 continue
             try:
-                target = registry._mirror.choose(capability, exclude=[dead.id],
-                                                 ignore_capacity=True)
+                target = registry._mirror.choose(
+                    capability, exclude=[dead.id], ignore_capacity=True
+                )
             except (NoProcessorError, CircuitOpenError):
                 target = None
             if target is None:
@@ -180,9 +198,13 @@ class Reaper:
                         raise result
                     continue
                 finished.append(mid)
-                registry.log.info("Re-routed frame %s from %s to %s (attempt %s)",
-                              text(fields.get("frame_id")), dead.id, target.id,
-                              text(fields.get("attempt")))
+                registry.log.info(
+                    "Re-routed frame %s from %s to %s (attempt %s)",
+                    text(fields.get("frame_id")),
+                    dead.id,
+                    target.id,
+                    text(fields.get("attempt")),
+                )
         if finished:
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.xack(dead.stream, GROUP, *finished)
@@ -191,29 +213,47 @@ class Reaper:
         if left:
             if dead.id not in self._waiting_logged:
                 self._waiting_logged.add(dead.id)
-                registry.log.warning("%d frame(s) of %s wait for a live processor with their "
-                                 "capability", left, dead.id)
+                registry.log.warning(
+                    "%d frame(s) of %s wait for a live processor with their capability",
+                    left,
+                    dead.id,
+                )
         else:
             self._waiting_logged.discard(dead.id)
         return left == 0
 
-    async def give_up(self, dead: Registration, mid: bytes, raw: Mapping[bytes, bytes],
-                       attempts: int) -> None:
+    async def give_up(
+        self, dead: Registration, mid: bytes, raw: Mapping[bytes, bytes], attempts: int
+    ) -> None:
         """Give up on a frame that was on ``attempts`` processors that died: logged, and an
         error result (``error_kind`` ``lost``) to the router that sent it."""
         frame_id = text(raw.get(b"frame_id"))
-        self.registry.log.error("Frame %s was on %d processors that died (last: %s); giving "
-                                "up on it", frame_id, attempts, dead.id)
+        self.registry.log.error(
+            "Frame %s was on %d processors that died (last: %s); giving up on it",
+            frame_id,
+            attempts,
+            dead.id,
+        )
         reply_to = raw.get(b"reply_to")
         if not reply_to:
             return
-        payload = {"frame_id": raw.get(b"frame_id", b""), "camera_id": raw.get(b"camera_id", b""),
-                   "processor_id": dead.id, "capability": raw.get(b"capability", b""),
-                   "status": "error", "error_kind": "lost",
-                   "error": f"the frame was on {attempts} processors that died (last: "
-                            f"{dead.id}); given up",
-                   "trace_context": raw.get(b"trace_context", b""), "entry_id": mid,
-                   "duration_ms": "0", "processed_at": repr(time.time())}
-        await self.registry._require().xadd(text(reply_to), payload,  # type: ignore[arg-type]
-                                   maxlen=10_000, approximate=True)
-
+        payload = {
+            "frame_id": raw.get(b"frame_id", b""),
+            "camera_id": raw.get(b"camera_id", b""),
+            "processor_id": dead.id,
+            "capability": raw.get(b"capability", b""),
+            "status": "error",
+            "error_kind": "lost",
+            "error": f"the frame was on {attempts} processors that died (last: "
+            f"{dead.id}); given up",
+            "trace_context": raw.get(b"trace_context", b""),
+            "entry_id": mid,
+            "duration_ms": "0",
+            "processed_at": repr(time.time()),
+        }
+        await self.registry._require().xadd(
+            text(reply_to),
+            payload,  # type: ignore[arg-type]
+            maxlen=10_000,
+            approximate=True,
+        )

@@ -46,9 +46,20 @@ __all__ = [
 
 # -- the processor's side -----------------------------------------------------------------------
 
-async def register(redis: Redis, keys: Keys, processor_id: str, *,
-                   capabilities: Sequence[str], capacity: int, stream: str, result_stream: str,
-                   in_flight: int, processed: int, failed: int) -> None:
+
+async def register(
+    redis: Redis,
+    keys: Keys,
+    processor_id: str,
+    *,
+    capabilities: Sequence[str],
+    capacity: int,
+    stream: str,
+    result_stream: str,
+    in_flight: int,
+    processed: int,
+    failed: int,
+) -> None:
     """Create the processor's stream and consumer group (kept when they exist), then write its
     record (state ``ready``, this process's pid and host) and set membership in one
     transaction."""
@@ -58,11 +69,21 @@ async def register(redis: Redis, keys: Keys, processor_id: str, *,
         if "BUSYGROUP" not in str(exc):
             raise
     record: dict[Any, Any] = {
-        "id": processor_id, "capabilities": json.dumps(list(capabilities)),
-        "capacity": capacity, "result_stream": result_stream, "stream": stream, "group": GROUP,
-        "state": ProcessorState.READY, "last_heartbeat": repr(time.time()),
-        "in_flight": in_flight, "processed": processed, "failed": failed,
-        "registered_at": repr(time.time()), "pid": os.getpid(), "host": socket.gethostname()}
+        "id": processor_id,
+        "capabilities": json.dumps(list(capabilities)),
+        "capacity": capacity,
+        "result_stream": result_stream,
+        "stream": stream,
+        "group": GROUP,
+        "state": ProcessorState.READY,
+        "last_heartbeat": repr(time.time()),
+        "in_flight": in_flight,
+        "processed": processed,
+        "failed": failed,
+        "registered_at": repr(time.time()),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.proc(processor_id), mapping=record)
         pipe.sadd(keys.processors, processor_id)
@@ -72,8 +93,11 @@ async def register(redis: Redis, keys: Keys, processor_id: str, *,
 async def heartbeat(redis: Redis, keys: Keys, processor_id: str, *values: Any) -> bool:
     """Write ``values`` (field, value, ...) with the heartbeat; False when the processor is
     unknown or was deregistered meanwhile (it should register again)."""
-    return bool(await redis.eval(HEARTBEAT_LUA, 2, keys.proc(processor_id), keys.processors,
-                                 processor_id, *values))
+    return bool(
+        await redis.eval(
+            HEARTBEAT_LUA, 2, keys.proc(processor_id), keys.processors, processor_id, *values
+        )
+    )
 
 
 async def set_state(redis: Redis, keys: Keys, processor_id: str, state: str) -> None:
@@ -81,16 +105,19 @@ async def set_state(redis: Redis, keys: Keys, processor_id: str, state: str) -> 
     await redis.hset(keys.proc(processor_id), "state", state)
 
 
-async def deregister(redis: Redis, keys: Keys, processor_id: str, stream: str,
-                     *states: str) -> int:
+async def deregister(redis: Redis, keys: Keys, processor_id: str, stream: str, *states: str) -> int:
     """Remove the processor (hash, stream, set membership) when its state is one of
     ``states`` and its stream holds nothing: 1; 0 when entries are left; -1 when its state
     changed meanwhile."""
-    return int(await redis.eval(CLEANUP_LUA, 3, keys.proc(processor_id), stream,
-                                keys.processors, processor_id, *states))
+    return int(
+        await redis.eval(
+            CLEANUP_LUA, 3, keys.proc(processor_id), stream, keys.processors, processor_id, *states
+        )
+    )
 
 
 # -- the router's mirror ------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ProcessorInfo:
@@ -122,13 +149,23 @@ class ProcessorInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"processor_id": self.processor_id, "capabilities": list(self.capabilities),
-                "capacity": self.capacity, "state": self.state, "circuit": self.circuit,
-                "outstanding": self.outstanding, "in_flight": self.in_flight,
-                "processed": self.processed, "failed": self.failed,
-                "consecutive_failures": self.consecutive_failures,
-                "last_heartbeat": self.last_heartbeat, "result_stream": self.result_stream,
-                "stream": self.stream, "pid": self.pid, "host": self.host}
+        return {
+            "processor_id": self.processor_id,
+            "capabilities": list(self.capabilities),
+            "capacity": self.capacity,
+            "state": self.state,
+            "circuit": self.circuit,
+            "outstanding": self.outstanding,
+            "in_flight": self.in_flight,
+            "processed": self.processed,
+            "failed": self.failed,
+            "consecutive_failures": self.consecutive_failures,
+            "last_heartbeat": self.last_heartbeat,
+            "result_stream": self.result_stream,
+            "stream": self.stream,
+            "pid": self.pid,
+            "host": self.host,
+        }
 
 
 @dataclass
@@ -203,20 +240,31 @@ class Registration:
         with contextlib.suppress(TypeError, ValueError):
             hb = float(self.hb_value) if self.hb_value else None
         return ProcessorInfo(
-            processor_id=self.id, capabilities=self.capability_order, capacity=self.capacity,
-            state=state or self.state, circuit=self.breaker.state,
-            outstanding=len(self.outstanding), in_flight=self.in_flight,
-            processed=self.processed, failed=self.failed,
-            consecutive_failures=self.breaker.failures, last_heartbeat=hb,
-            result_stream=self.result_stream, stream=self.stream, pid=self.pid, host=self.host)
+            processor_id=self.id,
+            capabilities=self.capability_order,
+            capacity=self.capacity,
+            state=state or self.state,
+            circuit=self.breaker.state,
+            outstanding=len(self.outstanding),
+            in_flight=self.in_flight,
+            processed=self.processed,
+            failed=self.failed,
+            consecutive_failures=self.breaker.failures,
+            last_heartbeat=hb,
+            result_stream=self.result_stream,
+            stream=self.stream,
+            pid=self.pid,
+            host=self.host,
+        )
 
 
 class Registrations:
     """The mirror: every registered processor as last read, and the last 100 that left.
     Circuit breakers get ``policy``, ``log`` and ``on_open`` (see :class:`CircuitBreaker`)."""
 
-    def __init__(self, keys: Keys, policy: CircuitPolicy, log: ComponentLogger,
-                 on_open: Callable[[], None]) -> None:
+    def __init__(
+        self, keys: Keys, policy: CircuitPolicy, log: ComponentLogger, on_open: Callable[[], None]
+    ) -> None:
         self.keys = keys
         self.policy = policy
         self.log = log
@@ -267,8 +315,9 @@ class Registrations:
             infos += [i for pid, i in self.departed.items() if pid not in self.procs]
         return sorted(infos, key=lambda i: i.processor_id)
 
-    def choose(self, capability: str, *, exclude: Iterable[str] = (),
-               ignore_capacity: bool = False) -> Registration | None:
+    def choose(
+        self, capability: str, *, exclude: Iterable[str] = (), ignore_capacity: bool = False
+    ) -> Registration | None:
         """The processor for the next frame of ``capability``: the least loaded live one
         whose circuit admits a frame and (unless ``ignore_capacity``) has free capacity; None
         when all are busy. :class:`NoProcessorError` when no live processor offers it,
@@ -294,11 +343,20 @@ class Registrations:
         if not usable:
             if all_open:
                 retry_in = min(p.breaker.reopens_in(now) for p in candidates)
-                raise CircuitOpenError(capability, sorted(p.id for p in candidates),
-                                       max(0.0, retry_in))
+                raise CircuitOpenError(
+                    capability, sorted(p.id for p in candidates), max(0.0, retry_in)
+                )
             return None
-        return min(usable, key=lambda p: (p.free <= 0, len(p.outstanding) / p.capacity,
-                                          len(p.outstanding), p.in_flight, p.last_routed))
+        return min(
+            usable,
+            key=lambda p: (
+                p.free <= 0,
+                len(p.outstanding) / p.capacity,
+                len(p.outstanding),
+                p.in_flight,
+                p.last_routed,
+            ),
+        )
 
     def capabilities(self) -> dict[str, list[str]]:
         """Capability -> ids of the live processors offering it."""

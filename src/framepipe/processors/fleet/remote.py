@@ -37,9 +37,17 @@ class RemoteProcessor(Processor):
     lifetime is the caller's.
     """
 
-    def __init__(self, registry: ProcessorRegistry, capability: str, *, key: str | None = None,
-                 timeout: float | None = None, wait: float | None = None, quality: int = 85,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        registry: ProcessorRegistry,
+        capability: str,
+        *,
+        key: str | None = None,
+        timeout: float | None = None,
+        wait: float | None = None,
+        quality: int = 85,
+        name: str | None = None,
+    ) -> None:
         if not capability:
             raise ValueError("RemoteProcessor needs a capability name")
         self.registry = registry
@@ -54,8 +62,10 @@ class RemoteProcessor(Processor):
     def setup(self) -> None:
         """Fail the pipeline's start when the registry is not started."""
         if not self.registry.started:
-            raise RuntimeError(f"{self.label}: the ProcessorRegistry is not started; start it "
-                               "('async with registry:') before the pipeline")
+            raise RuntimeError(
+                f"{self.label}: the ProcessorRegistry is not started; start it "
+                "('async with registry:') before the pipeline"
+            )
 
     async def process(self, item: Any) -> Frame | None:
         """Send ``item`` (a :class:`Frame`) to a processor and annotate it with the result."""
@@ -63,8 +73,9 @@ class RemoteProcessor(Processor):
             raise TypeError(f"{self.label} handles Frame items, not {type(item).__name__}")
         trace = parse_traceparent(item.meta.get("trace_context")) or new_traceparent()
         item.meta["trace_context"] = trace
-        result = await self.registry.call(item, self.capability, timeout=self.timeout,
-                                          wait=self.wait, quality=self.quality)
+        result = await self.registry.call(
+            item, self.capability, timeout=self.timeout, wait=self.wait, quality=self.quality
+        )
         result.check()
         item.meta[self.key] = result.data
         return item

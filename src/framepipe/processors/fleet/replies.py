@@ -45,15 +45,27 @@ class ReplyReader:
         failures = 0
         while not registry._closed:
             try:
-                reply = await wire.execute("XREAD", "COUNT", 500, "BLOCK", 1000, "STREAMS",
-                                           registry.reply_stream, last, block=1.0)
+                reply = await wire.execute(
+                    "XREAD",
+                    "COUNT",
+                    500,
+                    "BLOCK",
+                    1000,
+                    "STREAMS",
+                    registry.reply_stream,
+                    last,
+                    block=1.0,
+                )
             except REDIS_DOWN as exc:
                 if registry._closed:
                     return
                 failures += 1
                 if failures == 1:
-                    registry.log.warning("reply stream: Redis at %s unreachable (%s); retrying",
-                                         safe_url(registry.redis_url), exc)
+                    registry.log.warning(
+                        "reply stream: Redis at %s unreachable (%s); retrying",
+                        safe_url(registry.redis_url),
+                        exc,
+                    )
                 await asyncio.sleep(registry.backoff.delay(failures))
                 continue
             if failures:
@@ -90,6 +102,7 @@ class ReplyReader:
         if not read or read == self.trimmed:
             return
         ms, _, seq = text(read).partition("-")
-        await self.registry._require().xtrim(self.registry.reply_stream,
-                                             minid=f"{ms}-{int(seq or 0) + 1}")
+        await self.registry._require().xtrim(
+            self.registry.reply_stream, minid=f"{ms}-{int(seq or 0) + 1}"
+        )
         self.trimmed = read

@@ -115,16 +115,26 @@ class ProcessorRegistry:
     ``heartbeat_timeout`` must exceed the processors' ``health_interval`` a few times over.
     """
 
-    def __init__(self, redis_url: str = DEFAULT_REDIS_URL,
-                 namespace: str = DEFAULT_NAMESPACE, *, heartbeat_timeout: float = 15.0,
-                 circuit_failures: int = 5, circuit_reset: float = 30.0,
-                 route_timeout: float = 10.0, result_timeout: float = 30.0,
-                 poll_interval: float | None = None, max_attempts: int = 3,
-                 connect_retries: int = 3, backoff: Backoff | None = None,
-                 registry_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str = DEFAULT_REDIS_URL,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        heartbeat_timeout: float = 15.0,
+        circuit_failures: int = 5,
+        circuit_reset: float = 30.0,
+        route_timeout: float = 10.0,
+        result_timeout: float = 30.0,
+        poll_interval: float | None = None,
+        max_attempts: int = 3,
+        connect_retries: int = 3,
+        backoff: Backoff | None = None,
+        registry_id: str | None = None,
+    ) -> None:
         if heartbeat_timeout <= 0 or circuit_reset < 0 or result_timeout <= 0:
-            raise ValueError("heartbeat_timeout and result_timeout must be positive, "
-                             "circuit_reset not negative")
+            raise ValueError(
+                "heartbeat_timeout and result_timeout must be positive, circuit_reset not negative"
+            )
         if circuit_failures < 1 or max_attempts < 1:
             raise ValueError("circuit_failures and max_attempts must be >= 1")
         self.redis_url = redis_url
@@ -170,8 +180,13 @@ class ProcessorRegistry:
         self._failed = None
         redis = connect(self.redis_url, retries=1)
         try:
-            await ping_with_retries(redis, self.redis_url, retries=self.connect_retries,
-                                    backoff=self.backoff, what="processor registry")
+            await ping_with_retries(
+                redis,
+                self.redis_url,
+                retries=self.connect_retries,
+                backoff=self.backoff,
+                what="processor registry",
+            )
         except BaseException:
             await redis.aclose()
             raise
@@ -182,9 +197,13 @@ class ProcessorRegistry:
             task = asyncio.create_task(coro, name=f"registry-{self.registry_id}:{name}")
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
-        self.log.info("Registry %s started on %s (namespace %r): %d processor(s)",
-                      self.registry_id, safe_url(self.redis_url), self.namespace,
-                      len(self._procs))
+        self.log.info(
+            "Registry %s started on %s (namespace %r): %d processor(s)",
+            self.registry_id,
+            safe_url(self.redis_url),
+            self.namespace,
+            len(self._procs),
+        )
 
     async def stop(self) -> None:
         """Stop the background tasks, fail the calls still waiting, remove the reply stream."""
@@ -206,8 +225,11 @@ class ProcessorRegistry:
         self._routes = self._replies = None
         for track in list(self._routed.values()):
             if track.future is not None and not track.future.done():
-                track.future.set_exception(ProcessorRegistryError(
-                    f"registry stopped before the result of frame {track.frame_id} arrived"))
+                track.future.set_exception(
+                    ProcessorRegistryError(
+                        f"registry stopped before the result of frame {track.frame_id} arrived"
+                    )
+                )
         self._routed.clear()
         redis, self._redis = self._redis, None
         try:
@@ -235,10 +257,12 @@ class ProcessorRegistry:
         exc = task.exception()
         assert exc is not None
         self._failed = exc
-        self.log.error("registry task %s died: %r; the registry is failed", task.get_name(), exc,
-                       exc_info=exc)
-        error = ProcessorRegistryError(f"registry task {task.get_name()} died: "
-                                       f"{type(exc).__name__}: {exc}")
+        self.log.error(
+            "registry task %s died: %r; the registry is failed", task.get_name(), exc, exc_info=exc
+        )
+        error = ProcessorRegistryError(
+            f"registry task {task.get_name()} died: {type(exc).__name__}: {exc}"
+        )
         error.__cause__ = exc
         for track in list(self._routed.values()):
             if track.future is not None and not track.future.done():
@@ -247,16 +271,20 @@ class ProcessorRegistry:
 
     def _require(self) -> Redis:
         if self._failed is not None:
-            raise ProcessorRegistryError(f"the registry failed: {type(self._failed).__name__}: "
-                                         f"{self._failed}") from self._failed
+            raise ProcessorRegistryError(
+                f"the registry failed: {type(self._failed).__name__}: {self._failed}"
+            ) from self._failed
         if self._redis is None:
-            raise ProcessorRegistryError("the registry is not started: use 'async with "
-                                         "ProcessorRegistry(...)' or 'await registry.start()'")
+            raise ProcessorRegistryError(
+                "the registry is not started: use 'async with "
+                "ProcessorRegistry(...)' or 'await registry.start()'"
+            )
         return self._redis
 
     def _down(self, exc: BaseException) -> RegistryConnectionError:
-        return RegistryConnectionError(lost("processor registry", self.redis_url, exc),
-                                       url=safe_url(self.redis_url))
+        return RegistryConnectionError(
+            lost("processor registry", self.redis_url, exc), url=safe_url(self.redis_url)
+        )
 
     def _notify(self) -> None:
         if self._pulse_waiters:  # a fresh Event per change only when a route waits on it
@@ -295,8 +323,7 @@ class ProcessorRegistry:
         """Capability -> ids of the live processors offering it."""
         return self._mirror.capabilities()
 
-    async def wait_for_processor(self, capability: str,
-                                 timeout: float = 10.0) -> ProcessorInfo:  # noqa: ASYNC109
+    async def wait_for_processor(self, capability: str, timeout: float = 10.0) -> ProcessorInfo:  # noqa: ASYNC109
         """Wait until a live processor offers ``capability``; :class:`NoProcessorError` when
         none does within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
@@ -311,8 +338,9 @@ class ProcessorRegistry:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def _reserve(self, proc: Registration, fields: dict[str, bytes | str], capability: str,
-                 want_future: bool) -> Track:
+    def _reserve(
+        self, proc: Registration, fields: dict[str, bytes | str], capability: str, want_future: bool
+    ) -> Track:
         frame_id = text(fields["frame_id"])
         future = asyncio.get_running_loop().create_future() if want_future else None
         now = time.monotonic()
@@ -341,19 +369,29 @@ class ProcessorRegistry:
             if item.width * item.height <= INLINE_ENCODE_PIXELS:
                 return frame_entry(item, quality=quality)
             return await asyncio.get_running_loop().run_in_executor(
-                None, lambda: frame_entry(item, quality=quality))
+                None, lambda: frame_entry(item, quality=quality)
+            )
         if isinstance(item, Mapping):
             return entry_fields(item)
         raise TypeError(f"cannot route a {type(item).__name__}: give a Frame or an entry dict")
 
-    async def _dispatch(self, items: Sequence[Routable], capability: str, *,
-                        wait: float | None, want_futures: bool, quality: int) -> list[Track]:
+    async def _dispatch(
+        self,
+        items: Sequence[Routable],
+        capability: str,
+        *,
+        wait: float | None,
+        want_futures: bool,
+        quality: int,
+    ) -> list[Track]:
         """Route ``items`` as capacity allows; every reservation is either sent or released.
         Routes that have to wait for capacity queue per capability: a free slot goes to the
         first in line, never to a route that came later."""
         self._require()
-        entries = [entry_fields(item) if isinstance(item, Mapping)
-                   else await self._fields(item, quality) for item in items]
+        entries = [
+            entry_fields(item) if isinstance(item, Mapping) else await self._fields(item, quality)
+            for item in items
+        ]
         if len(entries) == 1:
             frame_id = text(entries[0]["frame_id"])
             clash = [frame_id] if frame_id in self._routed else []
@@ -386,16 +424,23 @@ class ProcessorRegistry:
                     if proc is None or (line and line[0] != ticket):
                         break  # no free slot, or one that the route first in line gets
                     index = queue.popleft()
-                    batch.append((index, proc, self._reserve(proc, entries[index], capability,
-                                                             want_futures)))
+                    batch.append(
+                        (index, proc, self._reserve(proc, entries[index], capability, want_futures))
+                    )
                 if batch:
                     await self._send_batch(batch, entries, queue, done)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise NoCapacityError(capability, sorted(
-                        p.id for p in self._procs.values()
-                        if p.live and capability in p.capabilities), limit)
+                    raise NoCapacityError(
+                        capability,
+                        sorted(
+                            p.id
+                            for p in self._procs.values()
+                            if p.live and capability in p.capabilities
+                        ),
+                        limit,
+                    )
                 if ticket is None:
                     ticket = next(self._tickets)
                     self._lines.setdefault(capability, collections.deque()).append(ticket)
@@ -410,9 +455,13 @@ class ProcessorRegistry:
                 self._notify()  # the next in line may take a slot now
         return [t for t in done if t is not None]
 
-    async def _send_batch(self, batch: list[tuple[int, Registration, Track]],
-                          entries: list[dict[str, bytes | str]], queue: collections.deque[int],
-                          done: list[Track | None]) -> None:
+    async def _send_batch(
+        self,
+        batch: list[tuple[int, Registration, Track]],
+        entries: list[dict[str, bytes | str]],
+        queue: collections.deque[int],
+        done: list[Track | None],
+    ) -> None:
         """Send reserved entries; refused ones (not ready any more) go back to ``queue``."""
         try:
             results = await self._send([(p, entries[i]) for i, p, _ in batch])
@@ -456,32 +505,48 @@ class ProcessorRegistry:
         except Exception as exc:
             return [exc] * len(items)
 
-    async def route(self, item: Routable, capability: str, *, wait: float | None = None,
-                    quality: int = 85) -> str:
+    async def route(
+        self, item: Routable, capability: str, *, wait: float | None = None, quality: int = 85
+    ) -> str:
         """Send one frame to the least loaded live processor offering ``capability``; returns
         the stream message id. The result goes to the processor's result stream (and releases
         the capacity here). Waits up to ``wait`` (default ``route_timeout``) for free capacity.
         Raises NoProcessorError, CircuitOpenError, NoCapacityError, RegistryConnectionError."""
-        return (await self._dispatch([item], capability, wait=wait, want_futures=False,
-                                     quality=quality))[0].message_id
+        return (
+            await self._dispatch([item], capability, wait=wait, want_futures=False, quality=quality)
+        )[0].message_id
 
-    async def route_many(self, items: Sequence[Routable], capability: str, *,
-                         wait: float | None = None, quality: int = 85) -> list[str]:
+    async def route_many(
+        self,
+        items: Sequence[Routable],
+        capability: str,
+        *,
+        wait: float | None = None,
+        quality: int = 85,
+    ) -> list[str]:
         """:meth:`route` for a batch, written in pipelines; message ids in the items' order.
         Frames are sent as capacity frees up; ``wait`` bounds each wait for capacity."""
-        tracks = await self._dispatch(items, capability, wait=wait, want_futures=False,
-                                      quality=quality)
+        tracks = await self._dispatch(
+            items, capability, wait=wait, want_futures=False, quality=quality
+        )
         return [t.message_id for t in tracks]
 
-    async def call(self, item: Routable, capability: str, *,
-                   timeout: float | None = None,  # noqa: ASYNC109 - a result timeout
-                   wait: float | None = None, quality: int = 85) -> ProcessorResult:
+    async def call(
+        self,
+        item: Routable,
+        capability: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - a result timeout
+        wait: float | None = None,
+        quality: int = 85,
+    ) -> ProcessorResult:
         """Route one frame and wait for its result (``ok`` or not: see
         :meth:`ProcessorResult.check`). No result within ``timeout`` (default
         ``result_timeout``): :class:`ResultTimeoutError`, counted as a failure of the
         processor by its circuit breaker."""
-        track = (await self._dispatch([item], capability, wait=wait, want_futures=True,
-                                      quality=quality))[0]
+        track = (
+            await self._dispatch([item], capability, wait=wait, want_futures=True, quality=quality)
+        )[0]
         assert track.future is not None
         limit = self.result_timeout if timeout is None else timeout
         track.timeout = limit
@@ -503,7 +568,11 @@ class ProcessorRegistry:
         if proc is not None:
             proc.breaker.failed(f"no result within {timeout:g}s")
         if track.future is not None and not track.future.done():
-            track.future.set_exception(ResultTimeoutError(
-                frame_id=track.frame_id, capability=track.capability,
-                processor_id=track.processor_id, timeout=timeout))
-
+            track.future.set_exception(
+                ResultTimeoutError(
+                    frame_id=track.frame_id,
+                    capability=track.capability,
+                    processor_id=track.processor_id,
+                    timeout=timeout,
+                )
+            )

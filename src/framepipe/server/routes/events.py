@@ -34,10 +34,11 @@ socket_router = APIRouter()
 
 @router.get("/events")
 async def events_page(
-        service: Service,
-        execution_id: Annotated[str | None, Query(max_length=64)] = None,
-        after: Annotated[int, Query(ge=0, le=2**62)] = 0,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, Any]:
+    service: Service,
+    execution_id: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[int, Query(ge=0, le=2**62)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> dict[str, Any]:
     """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
     page = await service.jobs.events(execution_id, after=after, limit=limit)
     return page.to_dict()
@@ -49,18 +50,31 @@ def pipeline_progress(event: Event) -> dict[str, Any]:
     sender keeps from decreasing within one WebSocket)."""
     data = event.data
     if event.type == "execution.completed":
-        return {"type": "pipeline:progress", "execution_id": event.execution_id,
-                "step_key": None, "step_progress": None, "progress": data.get("progress"),
-                "message": "completed"}
-    return {"type": "pipeline:progress", "execution_id": event.execution_id,
-            "step_key": event.step_key,
-            "step_progress": 100.0 if event.type == "step.completed" else data.get("progress"),
-            "progress": data.get("execution_progress"), "message": data.get("message")}
+        return {
+            "type": "pipeline:progress",
+            "execution_id": event.execution_id,
+            "step_key": None,
+            "step_progress": None,
+            "progress": data.get("progress"),
+            "message": "completed",
+        }
+    return {
+        "type": "pipeline:progress",
+        "execution_id": event.execution_id,
+        "step_key": event.step_key,
+        "step_progress": 100.0 if event.type == "step.completed" else data.get("progress"),
+        "progress": data.get("execution_progress"),
+        "message": data.get("message"),
+    }
 
 
 @socket_router.websocket("/ws")
-async def live(websocket: WebSocket, service: Service, execution_id: str | None = None,
-               token_param: Annotated[str | None, Query(alias="token")] = None) -> None:
+async def live(
+    websocket: WebSocket,
+    service: Service,
+    execution_id: str | None = None,
+    token_param: Annotated[str | None, Query(alias="token")] = None,
+) -> None:
     """The current state, then every event as it is committed."""
     if not await admit_websocket(websocket, service.token):
         return
@@ -93,8 +107,8 @@ async def live(websocket: WebSocket, service: Service, execution_id: str | None 
                     message = pipeline_progress(event)
                     if message["progress"] is not None:
                         message["progress"] = highest[event.execution_id] = max(
-                            float(message["progress"]),
-                            highest.get(event.execution_id, 0.0))
+                            float(message["progress"]), highest.get(event.execution_id, 0.0)
+                        )
                     await websocket.send_text(dumps(message))
 
         async def until_closed() -> None:
@@ -114,8 +128,7 @@ async def live(websocket: WebSocket, service: Service, execution_id: str | None 
             for task in (sender, watcher):
                 task.cancel()
             for task in (sender, watcher):
-                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect,
-                                         RuntimeError):
+                with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await task
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
         await websocket.close()

@@ -52,19 +52,21 @@ async def executions_submit(body: SubmitBody, service: Service) -> Submitted:
     known = service.pipelines
     pipeline = known.get(body.pipeline)
     if pipeline is None:
-        raise HTTPException(404, f"unknown pipeline {body.pipeline!r} (known: "
-                                 f"{', '.join(sorted(known)) or 'none'})")
-    execution_id = await service.jobs.submit(pipeline, body.inputs,
-                                             input_roots=service.settings.input_roots)
+        raise HTTPException(
+            404, f"unknown pipeline {body.pipeline!r} (known: {', '.join(sorted(known)) or 'none'})"
+        )
+    execution_id = await service.jobs.submit(
+        pipeline, body.inputs, input_roots=service.settings.input_roots
+    )
     return Submitted(id=execution_id, pipeline=pipeline.name, status="running")
 
 
 @router.get("/executions")
 async def executions_list(
-        service: Service,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        status: Annotated[list[str] | None, Query()] = None,
-        pipeline: Annotated[str | None, Query(max_length=200)] = None,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    status: Annotated[list[str] | None, Query()] = None,
+    pipeline: Annotated[str | None, Query(max_length=200)] = None,
 ) -> list[dict[str, Any]]:
     """Newest executions first, each with its completed and total step counts (without
     inputs, steps or data: ``GET /api/executions/{id}`` has them)."""
@@ -83,8 +85,11 @@ async def executions_retry(execution_id: str, service: Service) -> dict[str, Any
     info = await service.jobs.get(execution_id, with_steps=False)
     pipeline = service.pipelines.get(info.pipeline)
     if pipeline is None:
-        raise HTTPException(409, f"execution {info.id[:12]} is of pipeline "
-                                 f"'{info.pipeline}', which this service does not know")
+        raise HTTPException(
+            409,
+            f"execution {info.id[:12]} is of pipeline "
+            f"'{info.pipeline}', which this service does not know",
+        )
     full_id = await service.jobs.retry(info.id, pipeline)
     return {"id": full_id, "status": "running"}
 
@@ -94,4 +99,3 @@ async def executions_cancel(execution_id: str, service: Service) -> dict[str, An
     """Cancel an execution (at once, or through the process running it)."""
     result = await service.jobs.cancel(execution_id)
     return {"id": result.execution_id, "status": "cancelling"}
-

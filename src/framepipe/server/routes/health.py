@@ -27,15 +27,21 @@ async def health(service: Service) -> Response:
     problem = await asyncio.to_thread(service.store.check_writable)
     database = "ok" if problem is None else service.public(problem)
     started = service.running.started if service.running is not None else time.time()
-    body = {"status": "ok" if problem is None else "degraded", "database": database,
-            "version": __version__,
-            "uptime": time.time() - started,
-            "jobs": "workers" if service.settings.distributed_jobs else "local"}
+    body = {
+        "status": "ok" if problem is None else "degraded",
+        "database": database,
+        "version": __version__,
+        "uptime": time.time() - started,
+        "jobs": "workers" if service.settings.distributed_jobs else "local",
+    }
     return SafeJSONResponse(body, status_code=200 if problem is None else 503)
 
 
-@router.get("/metrics", dependencies=[Depends(check_token)],
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    dependencies=[Depends(check_token)],
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(service: Service) -> Response:
     """Prometheus text: executions and steps by status, step run times, failures and
     crashes, workers, the job broker's backlog, and the live pipelines of the apps served
@@ -48,7 +54,9 @@ async def metrics(service: Service) -> Response:
     if registry is None:
         apps = service.apps
         registry = service.metrics = jobs_registry(
-            service.store, service.settings,
-            lambda: [p for a in apps.values() for p in a.pipelines.values()])
+            service.store,
+            service.settings,
+            lambda: [p for a in apps.values() for p in a.pipelines.values()],
+        )
     body = await asyncio.to_thread(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

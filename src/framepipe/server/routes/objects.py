@@ -34,8 +34,10 @@ async def objects_put(key: str, request: Request, service: Service) -> dict[str,
     limit = service.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit} "
-                                 "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
+        raise HTTPException(
+            413,
+            f"upload of {declared} bytes is over the limit of {limit} (FRAMEPIPE_MAX_UPLOAD_BYTES)",
+        )
     obj = service.objects
     validate_key(key)
     fd, tmp = tempfile.mkstemp(prefix="framepipe-upload-")
@@ -45,8 +47,10 @@ async def objects_put(key: str, request: Request, service: Service) -> dict[str,
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise HTTPException(413, f"upload is over the limit of {limit} bytes "
-                                             "(FRAMEPIPE_MAX_UPLOAD_BYTES)")
+                    raise HTTPException(
+                        413,
+                        f"upload is over the limit of {limit} bytes (FRAMEPIPE_MAX_UPLOAD_BYTES)",
+                    )
                 file.write(chunk)
         info = await asyncio.to_thread(obj.put_file, key, tmp)
     finally:

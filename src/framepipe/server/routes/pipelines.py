@@ -19,7 +19,21 @@ router = APIRouter(tags=["pipelines"])
 @router.get("/pipelines")
 async def pipelines_list(service: Service) -> list[dict[str, Any]]:
     """The pipelines this service may start."""
-    return [{"name": p.name, "ref": p.ref, "description": p.description,
-             "steps": [{"name": s.name, "depends_on": list(s.depends_on),
-                        "params": list(s.params), "retries": s.retries, "weight": s.weight}
-                       for s in p.steps.values()]} for p in service.pipelines.values()]
+    return [
+        {
+            "name": p.name,
+            "ref": p.ref,
+            "description": p.description,
+            "steps": [
+                {
+                    "name": s.name,
+                    "depends_on": list(s.depends_on),
+                    "params": list(s.params),
+                    "retries": s.retries,
+                    "weight": s.weight,
+                }
+                for s in p.steps.values()
+            ],
+        }
+        for p in service.pipelines.values()
+    ]

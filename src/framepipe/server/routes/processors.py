@@ -22,5 +22,7 @@ async def processors_list(service: Service) -> list[dict[str, Any]]:
     registry = service.registry
     if registry is None:
         return []
-    return [p.to_dict() | {"healthy": p.state == "ready" and p.circuit == "closed"}
-            for p in registry.processors(include_departed=False)]
+    return [
+        p.to_dict() | {"healthy": p.state == "ready" and p.circuit == "closed"}
+        for p in registry.processors(include_departed=False)
+    ]

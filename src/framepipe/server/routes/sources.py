@@ -41,20 +41,25 @@ async def sources_list(service: Service) -> list[dict[str, Any]]:
             src = status.get("source") or {}
             uptime = src.get("uptime") or 0.0
             has_frame = (preview_dir(settings, snap["name"]) / f"{name}.jpg").is_file()
-            out.append({
-                "app": snap["name"], "pipeline": name,
-                "source": status.get("source_description", ""),
-                "state": "dead" if snap["state"] == "dead" else status.get("state"),
-                "fps": (src.get("frames", 0) / uptime) if uptime else None,
-                "frames": status.get("frames_captured", 0),
-                "restarts": src.get("restarts", 0), "last_error": status.get("last_error"),
-                "frame_url": f"/api/sources/{snap['name']}/{name}/frame" if has_frame
-                else None})
+            out.append(
+                {
+                    "app": snap["name"],
+                    "pipeline": name,
+                    "source": status.get("source_description", ""),
+                    "state": "dead" if snap["state"] == "dead" else status.get("state"),
+                    "fps": (src.get("frames", 0) / uptime) if uptime else None,
+                    "frames": status.get("frames_captured", 0),
+                    "restarts": src.get("restarts", 0),
+                    "last_error": status.get("last_error"),
+                    "frame_url": f"/api/sources/{snap['name']}/{name}/frame" if has_frame else None,
+                }
+            )
     return out
 
 
-@router.get("/sources/{app_name}/{pipeline}/frame",
-            responses={200: {"content": {"image/jpeg": {}}}})
+@router.get(
+    "/sources/{app_name}/{pipeline}/frame", responses={200: {"content": {"image/jpeg": {}}}}
+)
 async def sources_frame(app_name: Name, pipeline: Name, service: Service) -> Response:
     """The latest frame of a source, as a JPEG (at most 640 pixels wide)."""
     path = preview_dir(service.settings, app_name) / f"{pipeline}.jpg"
@@ -65,25 +70,36 @@ async def sources_frame(app_name: Name, pipeline: Name, service: Service) -> Res
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
-async def _control(service: ServiceState, app_name: str, pipeline: str,
-                   start: bool) -> dict[str, Any]:
+async def _control(
+    service: ServiceState, app_name: str, pipeline: str, start: bool
+) -> dict[str, Any]:
     live_app = service.apps.get(app_name)
     if live_app is None:
-        known_apps = {snap["name"] for snap in await asyncio.to_thread(read_snapshots,
-                                                                       service.settings)}
+        known_apps = {
+            snap["name"] for snap in await asyncio.to_thread(read_snapshots, service.settings)
+        }
         if app_name in known_apps:
-            raise HTTPException(409, f"app {app_name!r} runs in another process; only "
-                                     "apps served by this service can be controlled")
+            raise HTTPException(
+                409,
+                f"app {app_name!r} runs in another process; only "
+                "apps served by this service can be controlled",
+            )
         raise HTTPException(404, f"no app {app_name!r}")
     if pipeline not in live_app.pipelines:
-        raise HTTPException(404, f"app {app_name!r} has no pipeline {pipeline!r} "
-                                 f"(it has: {', '.join(live_app.pipelines)})")
+        raise HTTPException(
+            404,
+            f"app {app_name!r} has no pipeline {pipeline!r} "
+            f"(it has: {', '.join(live_app.pipelines)})",
+        )
     if start:
         await live_app.resume(pipeline)
     else:
         await live_app.pause(pipeline)
-    return {"app": app_name, "pipeline": pipeline,
-            "state": live_app.health().pipeline_status[pipeline]["state"]}
+    return {
+        "app": app_name,
+        "pipeline": pipeline,
+        "state": live_app.health().pipeline_status[pipeline]["state"],
+    }
 
 
 @router.post("/sources/{app_name}/{pipeline}/stop", status_code=202)

@@ -37,8 +37,12 @@ def upgrade() -> None:
     op.create_index("ix_fp_executions_created", "fp_executions", ["created_at"])
     op.create_table(
         "fp_steps",
-        sa.Column("execution_id", sa.String(32),
-                  sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "execution_id",
+            sa.String(32),
+            sa.ForeignKey("fp_executions.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
         sa.Column("key", sa.String(300), primary_key=True),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("params", sa.JSON, nullable=False),

@@ -17,8 +17,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("fp_executions") as batch:
-        batch.add_column(sa.Column("mode", sa.String(10), nullable=False,
-                                   server_default="local"))
+        batch.add_column(sa.Column("mode", sa.String(10), nullable=False, server_default="local"))
         for name in ("unfinished", "active", "next_seq", "next_done_seq"):
             batch.add_column(sa.Column(name, sa.Integer, nullable=False, server_default="0"))
         for name in ("wsum", "wtotal"):
@@ -28,15 +27,21 @@ def upgrade() -> None:
         batch.add_column(sa.Column("lease_until", sa.Float, nullable=True))
         batch.add_column(sa.Column("worker", sa.String(200), nullable=True))
         batch.add_column(sa.Column("published_at", sa.Float, nullable=True))
-    for name, column, status in (("ix_fp_steps_running", "lease_until", "running"),
-                                 ("ix_fp_steps_ready", "published_at", "ready"),
-                                 ("ix_fp_steps_retrying", "next_attempt_at", "retrying")):
+    for name, column, status in (
+        ("ix_fp_steps_running", "lease_until", "running"),
+        ("ix_fp_steps_ready", "published_at", "ready"),
+        ("ix_fp_steps_retrying", "next_attempt_at", "retrying"),
+    ):
         where = sa.text(f"status = '{status}'")
         op.create_index(name, "fp_steps", [column], postgresql_where=where, sqlite_where=where)
     op.create_table(
         "fp_step_deps",
-        sa.Column("execution_id", sa.String(32),
-                  sa.ForeignKey("fp_executions.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column(
+            "execution_id",
+            sa.String(32),
+            sa.ForeignKey("fp_executions.id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
         sa.Column("dep", sa.String(300), primary_key=True),
         sa.Column("step_key", sa.String(300), primary_key=True),
         sa.Column("kind", sa.String(4), nullable=False),
@@ -58,13 +63,11 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("fp_workers")
     op.drop_table("fp_step_deps")
-    for name in ("ix_fp_steps_retrying", "ix_fp_steps_ready",
-                 "ix_fp_steps_running"):
+    for name in ("ix_fp_steps_retrying", "ix_fp_steps_ready", "ix_fp_steps_running"):
         op.drop_index(name, "fp_steps")
     with op.batch_alter_table("fp_steps") as batch:
         for name in ("published_at", "worker", "lease_until", "waiting"):
             batch.drop_column(name)
     with op.batch_alter_table("fp_executions") as batch:
-        for name in ("wtotal", "wsum", "next_done_seq", "next_seq", "active", "unfinished",
-                     "mode"):
+        for name in ("wtotal", "wsum", "next_done_seq", "next_seq", "active", "unfinished", "mode"):
             batch.drop_column(name)
