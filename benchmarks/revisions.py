@@ -5,7 +5,9 @@
 ``fan`` spawns N ``noop`` steps, ``join`` waits for all, on a fresh SQLite database) with the
 base's code and with this working tree's, alternating the two so that a noisy machine weighs
 on both alike. Each run is a fresh process (``PYTHONPATH`` picks the revision's ``src``).
-Reports the median and the range per size, and the ratio of the medians.
+Reports the median and the range per size, and the ratio of the medians. A run that does not
+finish within ``--timeout`` seconds is reported as stalled (counted, not timed): revisions
+before d00b6f4 could hang once the crash journal passed 1 MiB.
 """
 
 from __future__ import annotations
@@ -30,16 +32,30 @@ with sqlite_home("FULL") as settings:
 """
 
 
-def _time(src: Path, n: int) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD.format(bench=str(ROOT / "benchmarks"), n=n)],
-        env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
+def _time(src: Path, n: int, timeout: float) -> float | None:
+    """Seconds of one fan-out of ``n`` steps with the code under ``src``; None if it stalled."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD.format(bench=str(ROOT / "benchmarks"), n=n)],
+            env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _cell(runs: list[float | None]) -> tuple[str, float | None]:
+    done = [r for r in runs if r is not None]
+    stalled = len(runs) - len(done)
+    note = f", {stalled} stalled" if stalled else ""
+    if not done:
+        return f"all {stalled} stalled", None
+    m = statistics.median(done)
+    return f"{m:.2f} ({min(done):.2f}-{max(done):.2f}{note})", m
 
 
 def main() -> None:
@@ -47,6 +63,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the revision to compare against")
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2200, 22000])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a stall")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fp-rev-") as tmp:
         base = Path(tmp) / "base"
@@ -58,17 +75,14 @@ def main() -> None:
             print(f"| steps | {args.base[:10]} (s) | this tree (s) | this / base |")
             print("|---|---|---|---|")
             for n in args.sizes:
-                before: list[float] = []
-                after: list[float] = []
+                before: list[float | None] = []
+                after: list[float | None] = []
                 for _ in range(args.repeat):
-                    before.append(_time(base / "src", n))
-                    after.append(_time(ROOT / "src", n))
-                b, a = statistics.median(before), statistics.median(after)
-                print(
-                    f"| {n:,} | {b:.2f} ({min(before):.2f}-{max(before):.2f}) "
-                    f"| {a:.2f} ({min(after):.2f}-{max(after):.2f}) | {a / b:.2f} |",
-                    flush=True,
-                )
+                    before.append(_time(base / "src", n, args.timeout))
+                    after.append(_time(ROOT / "src", n, args.timeout))
+                (b_text, b), (a_text, a) = _cell(before), _cell(after)
+                ratio = f"{a / b:.2f}" if a is not None and b is not None else "-"
+                print(f"| {n:,} | {b_text} | {a_text} | {ratio} |", flush=True)
         finally:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], check=False

@@ -46,7 +46,13 @@ from framepipe.jobs.rounds import (
     Spawn,
 )
 from framepipe.jobs.rules import interrupted_status, plan_step
-from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction
+from framepipe.jobs.transitions import (
+    MODE,
+    RUNNING,
+    ExecutionRow,
+    Transaction,
+    claim_statement,
+)
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
@@ -280,36 +286,8 @@ def _claim_in(
     )
     rows: list[Any] = []
     for execution_id in sorted(by_exec):
-        rows.extend(
-            conn.execute(
-                steps.update()
-                .where(
-                    steps.c.execution_id == execution_id,
-                    steps.c.key.in_(sorted(by_exec[execution_id])),
-                    steps.c.status == StepStatus.READY.value,
-                    steps.c.execution_id.in_(running),
-                )
-                .values(
-                    status=StepStatus.RUNNING.value,
-                    attempt=steps.c.attempt + 1,
-                    worker=worker,
-                    lease_until=now + lease,
-                    started_at=now,
-                    message=None,
-                    next_attempt_at=None,
-                )
-                .returning(
-                    steps.c.execution_id,
-                    steps.c.key,
-                    steps.c.name,
-                    steps.c.params,
-                    steps.c.attempt,
-                    steps.c.weight,
-                    steps.c.progress,
-                    steps.c.ready_at,
-                )
-            ).all()
-        )
+        claim = claim_statement(execution_id, by_exec[execution_id], worker, lease, now)
+        rows.extend(conn.execute(claim.where(steps.c.execution_id.in_(running))).all())
     if not rows:
         return [], []
     missing = {r.execution_id for r in rows} - known.keys()

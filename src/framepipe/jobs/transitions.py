@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,7 +36,7 @@ from framepipe.jobs.rules import (
     stuck_error,
 )
 
-__all__ = ["MODE", "RUNNING", "ExecutionRow", "Transaction"]
+__all__ = ["MODE", "RUNNING", "ExecutionRow", "Transaction", "claim_statement"]
 
 MODE = "workers"
 """The ``mode`` of an execution run by workers."""
@@ -67,6 +67,42 @@ def _crossed(before: int, after: int) -> bool:
             return True
         mark *= 4
     return False
+
+
+def claim_statement(
+    execution_id: str, keys: Iterable[str], worker: str, lease: float, now: float
+) -> sa.Update:
+    """The claim of those ``keys`` of an execution that are still ``ready``, by ``worker``: a
+    new attempt, running with a lease until ``now + lease``; returns the claimed rows. Both
+    ways a worker claims (from the broker's deliveries, and in the commit that made them
+    ready) use it, with their own further conditions."""
+    return (
+        steps.update()
+        .where(
+            steps.c.execution_id == execution_id,
+            steps.c.key.in_(sorted(keys)),
+            steps.c.status == StepStatus.READY.value,
+        )
+        .values(
+            status=StepStatus.RUNNING.value,
+            attempt=steps.c.attempt + 1,
+            worker=worker,
+            lease_until=now + lease,
+            started_at=now,
+            message=None,
+            next_attempt_at=None,
+        )
+        .returning(
+            steps.c.execution_id,
+            steps.c.key,
+            steps.c.name,
+            steps.c.params,
+            steps.c.attempt,
+            steps.c.weight,
+            steps.c.progress,
+            steps.c.ready_at,
+        )
+    )
 
 
 class ExecutionRow:
@@ -283,32 +319,7 @@ class Transaction:
         now = time.time()
         for execution_id, keys in by_exec.items():
             x = self.xs[execution_id]
-            for r in self.conn.execute(
-                steps.update()
-                .where(
-                    steps.c.execution_id == execution_id,
-                    steps.c.key.in_(keys),
-                    steps.c.status == StepStatus.READY.value,
-                )
-                .values(
-                    status=StepStatus.RUNNING.value,
-                    attempt=steps.c.attempt + 1,
-                    worker=worker,
-                    lease_until=now + lease,
-                    started_at=now,
-                    message=None,
-                    next_attempt_at=None,
-                )
-                .returning(
-                    steps.c.key,
-                    steps.c.name,
-                    steps.c.params,
-                    steps.c.attempt,
-                    steps.c.weight,
-                    steps.c.progress,
-                    steps.c.ready_at,
-                )
-            ):
+            for r in self.conn.execute(claim_statement(execution_id, keys, worker, lease, now)):
                 claimed.append(
                     Claimed(
                         execution_id=execution_id,
