@@ -296,18 +296,7 @@ class Worker:
                 run.ctx._cancel.set()
             if run.task is not None:
                 run.task.cancel()
-            self._post_outcome(
-                run,
-                Outcome(
-                    execution_id=run.claimed.execution_id,
-                    key=run.claimed.key,
-                    attempt=run.claimed.attempt,
-                    kind="handback",
-                    weight=run.claimed.weight,
-                    before=run.committed_progress,
-                    ran=run.began is not None,
-                ),
-            )
+            self._hand_back(run)
         for timer in self._retry_timers:
             timer.cancel()
         committer, *others = tasks
@@ -506,18 +495,23 @@ class Worker:
         for run in queued:
             if run.task is not None:
                 run.task.cancel()
-            self._post_outcome(
-                run,
-                Outcome(
-                    execution_id=run.claimed.execution_id,
-                    key=run.claimed.key,
-                    attempt=run.claimed.attempt,
-                    kind="handback",
-                    weight=run.claimed.weight,
-                    before=run.committed_progress,
-                    ran=run.began is not None,
-                ),
-            )
+            self._hand_back(run)
+
+    def _hand_back(self, run: _Run) -> None:
+        """Give ``run``'s step back (ready for any worker); an attempt that never began does
+        not count as one."""
+        self._post_outcome(
+            run,
+            Outcome(
+                execution_id=run.claimed.execution_id,
+                key=run.claimed.key,
+                attempt=run.claimed.attempt,
+                kind="handback",
+                weight=run.claimed.weight,
+                before=run.committed_progress,
+                ran=run.began is not None,
+            ),
+        )
 
     def _start(self, run: _Run) -> None:
         c = run.claimed
