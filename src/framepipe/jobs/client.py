@@ -31,6 +31,9 @@ Guarantees of every call:
 * before its first read the client marks executions of dead engines ``interrupted`` (or
   ``failed``, for poison steps), as every framepipe process that opens the store does, so what
   it reads is what is; the engine does the same when it starts.
+
+One concept, the client, longer than most for its docstrings: each method states what it
+guarantees in both modes.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ broker only rings the bell (:mod:`framepipe.jobs.delivery`). Guarantees:
   for ``stale_after`` seconds), :func:`sweep` makes the step ready again; a dead worker counts
   as a crash, and ``max_step_crashes`` crashes fail the step as poison with the tail of the dead
   worker's output.
+
+One concept, longer than most: the operations that open a transaction on distributed executions
+(submit, resume, cancel, claim, commit a round, release due retries, renew leases, sweep), each
+short, all with the same fencing and locking rules stated above.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ steps already running are allowed to finish and their results are kept, so ``ret
 redo them. ``cancel`` (and Ctrl-C/SIGTERM) also asks running steps to stop: ``ctx.progress`` and
 ``ctx.check_cancelled`` raise :class:`StepCancelledError` in them, and ``async`` steps are
 cancelled. In both modes an execution is reported finished only once none of its steps runs.
+
+One concept, the public face of the engine, longer than most for its docstrings: each public
+method states what it guarantees in both modes.
 """
 
 from __future__ import annotations

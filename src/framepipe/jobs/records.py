@@ -11,6 +11,9 @@ holds it so).
 
 The engine batches its writes: :func:`write_batch` commits a whole group of state changes in one
 transaction, so they become durable together or not at all.
+
+One concept, longer than most: the jobs tables' queries, kept together on purpose so that a
+schema change or a query rule is made in one place.
 """
 
 from __future__ import annotations

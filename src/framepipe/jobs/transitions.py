@@ -7,6 +7,11 @@ fail, end an attempt, fail an execution, settle: complete it, release name depen
 fail it as stuck) while keeping the execution's counters (:class:`ExecutionRow`), and saves
 the counters and the events with the rest. The operations that open these transactions are in
 :mod:`framepipe.jobs.dispatch`.
+
+One concept, longer than most: each transition is a few statements of SQL on the same locked
+rows and counters, and they call one another (a completion releases dependents, a failure fails
+the execution, settle finishes it); spreading them over modules would spread that one lock
+discipline.
 """
 
 from __future__ import annotations

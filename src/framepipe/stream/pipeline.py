@@ -18,6 +18,9 @@ Guarantees:
   logged with the traceback); nothing waits forever on a dead task.
 * ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
   closes open segments, and tears the processors down.
+
+One concept, a live pipeline's run (capture, stages, segmenters, sinks, listeners and stop),
+whose tasks share its queues and its failure handling.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ S3 keeps modification times to the second; ``modified`` is whole seconds from ``
 
 What each failure of S3 is reported as (a missing bucket, another region, rejected
 credentials, an unreachable endpoint ...) is :mod:`framepipe.backends.objects.s3_errors`.
+
+One concept, the S3 object store; its error translation already lives in its own module.
 """
 
 from __future__ import annotations
