@@ -101,6 +101,7 @@ class Detector(ProcessorClient):
         kwargs.setdefault("capacity", 2)
         kwargs.setdefault("health_interval", 0.2)
         kwargs.setdefault("backoff", FAST)
+        kwargs.setdefault("image_encoding", "raw")  # framepipe's own style: the JPEG bytes
         super().__init__(
             processor_id,
             capabilities,

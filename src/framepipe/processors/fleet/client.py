@@ -2,9 +2,17 @@
 
 A service subclasses :class:`ProcessorClient` and implements only
 ``async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict | None``; ``frame_data``
-holds the raw fields of one frame entry (see :mod:`~framepipe.processors.fleet.protocol` for
-the wire format and the keys). ``await client.start()`` registers the processor, consumes its
-dedicated stream and returns once the client was stopped (``await client.stop()``, or
+holds the fields of one frame entry (see :mod:`~framepipe.processors.fleet.protocol` for the
+wire format and the keys), ``image_data`` as base64 of the image unless
+``image_encoding="raw"``. Code written for the processor fleet's own ``ProcessorClient`` runs
+as written: its constructor keywords and positional order, its defaults (capacity 10, base64
+image data), the compose environment (``PROCESSOR_ID``, ``REDIS_HOST``/``REDIS_PORT``,
+``ORCHESTRATOR_URL``; :mod:`~framepipe.processors.fleet.environment`), ``health_port``
+(:mod:`~framepipe.processors.fleet.health`), and its main (``signal.signal`` handlers calling
+``processor.stop()``, then ``asyncio.run(processor.start())``).
+
+``await client.start()`` registers the processor, consumes its dedicated stream and returns
+once the client was stopped (``await client.stop()``, or
 SIGTERM/SIGINT after :meth:`ProcessorClient.install_signal_handlers`).
 
 Guarantees:
@@ -25,6 +33,8 @@ Guarantees:
   after ``connect_retries`` retries; never a hang. Redis lost later: the client reconnects with
   exponential backoff (for as long as it runs), registers again, takes back the entries it held
   and publishes the results it finished meanwhile.
+* A ``process_frame`` that raises while ``image_encoding`` was left to its default gets a
+  hint in its error text: the image data is base64 unless ``image_encoding="raw"``.
 * Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
   ``failed`` in the processor's hash). A processor declared dead by the registry (silent too
   long) that turns out alive registers again at its next heartbeat.
@@ -50,6 +60,7 @@ import base64
 import contextlib
 import functools
 import json
+import os
 import signal
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -58,10 +69,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from framepipe.backoff import Backoff
 from framepipe.errors import RegistryConnectionError
 from framepipe.logs import get_logger
+from framepipe.processors.fleet.environment import (
+    namespace_from,
+    orchestrator_url_from,
+    processor_id_from,
+    redis_url_from,
+)
 from framepipe.processors.fleet.handling import run_frame
+from framepipe.processors.fleet.health import HealthServer
 from framepipe.processors.fleet.protocol import (
-    DEFAULT_NAMESPACE,
-    DEFAULT_REDIS_URL,
     GROUP,
     Fields,
     Keys,
@@ -82,7 +98,28 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from redis.asyncio import Redis
 
-__all__ = ["ProcessorClient"]
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "DEFAULT_HEALTH_HOST",
+    "DEFAULT_HEALTH_INTERVAL",
+    "DEFAULT_IMAGE_ENCODING",
+    "ProcessorClient",
+]
+
+DEFAULT_CAPACITY = 10
+"""Frames processed at once unless ``capacity`` says otherwise (the processor fleet's default)."""
+DEFAULT_HEALTH_INTERVAL = 5.0
+"""Seconds between heartbeats unless ``health_interval``/``health_check_interval`` says."""
+DEFAULT_IMAGE_ENCODING: Literal["raw", "base64"] = "base64"
+"""What ``frame_data[b"image_data"]`` holds unless ``image_encoding`` says: base64 of the image,
+as processors written for the processor fleet's frame format decode it."""
+DEFAULT_HEALTH_HOST = "127.0.0.1"
+"""Where the health endpoint listens unless ``health_host`` says (see
+:mod:`~framepipe.processors.fleet.health`)."""
+_RAW_HINT = (
+    " (frame_data[b'image_data'] holds base64 of the image by default; pass "
+    "image_encoding='raw' for the raw bytes, or use self.decode_image(frame_data))"
+)
 
 
 class _StopWaiter:
@@ -99,45 +136,72 @@ class ProcessorClient(abc.ABC):
     """A frame-processing service registered on Redis. Subclass it and implement
     :meth:`process_frame`; see the module docstring for the guarantees.
 
-    ``processor_id`` must be unique in the namespace (one process per id). ``capabilities`` are
-    the names a router matches (``["face_detection", "face_recognition"]``). ``capacity`` is the
-    number of frames processed at once. ``result_stream`` (default ``<ns>:results``) receives
-    every result, trimmed to about ``result_maxlen`` entries (None: never trimmed).
-    ``health_interval`` is the heartbeat period in seconds (the registry's ``heartbeat_timeout``
-    must be a few times longer). ``image_encoding`` chooses what ``frame_data[b"image_data"]``
-    holds: ``raw`` bytes, or ``base64`` (for services written against base64 entries).
-    ``frame_timeout`` bounds one ``process_frame`` call. ``redis_client`` is used instead of
-    ``redis_url`` when given (not closed by the client). ``orchestrator_url`` is accepted for
-    services written against an HTTP orchestrator and ignored: registration goes through
-    Redis.
+    The positional order is the processor fleet's: ``processor_id``, ``capabilities``,
+    ``orchestrator_url``, ``capacity``, ``redis_client``, ``redis_url``, ``result_stream``,
+    ``health_port``, ``health_check_interval``; everything else is keyword-only.
+
+    ``processor_id`` must be unique in the namespace (one process per id); ``PROCESSOR_ID`` in
+    the environment wins over it. ``capabilities`` are the names a router matches
+    (``["face_detection", "face_recognition"]``). ``capacity`` is the number of frames processed
+    at once (10). ``redis_url`` (``redis://host:6379/0``) defaults to ``REDIS_URL``, else
+    ``REDIS_HOST``/``REDIS_PORT``, else ``127.0.0.1:6379``; ``redis_client`` is used instead when
+    given (not closed by the client). ``orchestrator_url`` (default ``ORCHESTRATOR_URL``) is
+    reported and never contacted: registration goes through Redis (a ``redis://`` URL there
+    names the Redis when nothing else does). ``result_stream`` (default ``<ns>:results``)
+    receives every result, trimmed to about ``result_maxlen`` entries (None: never trimmed).
+    ``health_port`` serves ``GET /health`` on ``health_host``
+    (:mod:`~framepipe.processors.fleet.health`). ``health_check_interval`` (or its other name
+    ``health_interval``) is the heartbeat period in seconds (5); the registry waits
+    ``max(heartbeat_timeout, 3 x the period)`` before declaring it dead. ``namespace`` defaults
+    to ``FRAMEPIPE_NAMESPACE``, else ``framepipe:``. ``image_encoding`` chooses what
+    ``frame_data[b"image_data"]`` holds: ``base64`` of the image (the default, the processor
+    fleet's frame format), or the ``raw`` bytes; :meth:`decode_image` reads either (the wire
+    carries raw bytes either way). ``frame_timeout`` bounds one ``process_frame`` call.
+    ``environ`` is the environment read for the settings above (default ``os.environ``; ``{}``
+    reads none).
     """
 
     def __init__(
         self,
-        processor_id: str,
-        capabilities: Sequence[str],
-        capacity: int = 1,
+        processor_id: str | None = None,
+        capabilities: Sequence[str] | None = None,
+        orchestrator_url: str | None = None,
+        capacity: int = DEFAULT_CAPACITY,
+        redis_client: Redis | None = None,
+        redis_url: str | None = None,
         result_stream: str | None = None,
-        redis_url: str = DEFAULT_REDIS_URL,
-        health_interval: float = 5.0,
-        namespace: str = DEFAULT_NAMESPACE,
+        health_port: int | None = None,
+        health_check_interval: float | None = None,
         *,
-        image_encoding: Literal["raw", "base64"] = "raw",
+        health_interval: float | None = None,
+        namespace: str | None = None,
+        image_encoding: Literal["raw", "base64"] | None = None,
+        health_host: str = DEFAULT_HEALTH_HOST,
+        environ: Mapping[str, str] | None = None,
         frame_timeout: float | None = None,
         shutdown_timeout: float = 30.0,
         connect_retries: int = 3,
         backoff: Backoff | None = None,
         poll_interval: float = 0.5,
         result_maxlen: int | None = 10_000,
-        redis_client: Redis | None = None,
-        orchestrator_url: str | None = None,
     ) -> None:
-        if not processor_id or any(c.isspace() for c in processor_id):
+        if orchestrator_url is not None and not isinstance(orchestrator_url, str):
+            raise TypeError(
+                "ProcessorClient's third positional argument is orchestrator_url (the order "
+                "processor-fleet code uses: processor_id, capabilities, orchestrator_url, "
+                f"capacity, ...), not {orchestrator_url!r}; pass capacity= by keyword"
+            )
+        env = os.environ if environ is None else environ
+        ident = processor_id_from(processor_id, env)
+        self._code_id = processor_id
+        processor_id = ident.value
+        if any(c.isspace() for c in processor_id):
             raise ValueError(
                 f"processor_id must be a non-empty name without spaces, not {processor_id!r}"
             )
         if (
-            isinstance(capabilities, str)
+            capabilities is None
+            or isinstance(capabilities, str)
             or not capabilities
             or not all(isinstance(c, str) and c for c in capabilities)
         ):
@@ -145,30 +209,55 @@ class ProcessorClient(abc.ABC):
                 f"processor {processor_id!r}: capabilities must be a non-empty "
                 f"list of names, not {capabilities!r}"
             )
-        if capacity < 1:
-            raise ValueError(f"processor {processor_id!r}: capacity must be >= 1, not {capacity}")
-        if health_interval <= 0 or poll_interval <= 0:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"processor {processor_id!r}: capacity must be >= 1, not {capacity!r}")
+        if (
+            health_interval is not None
+            and health_check_interval is not None
+            and health_interval != health_check_interval
+        ):
+            raise ValueError(
+                f"processor {processor_id!r}: health_interval={health_interval} and "
+                f"health_check_interval={health_check_interval} are one setting; give one"
+            )
+        interval = health_interval or health_check_interval or DEFAULT_HEALTH_INTERVAL
+        if interval <= 0 or poll_interval <= 0:
             raise ValueError(
                 f"processor {processor_id!r}: health_interval and poll_interval must be positive"
             )
-        if image_encoding not in ("raw", "base64"):
+        if image_encoding not in (None, "raw", "base64"):
             raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")
+        if health_port is not None and (
+            isinstance(health_port, bool)
+            or not isinstance(health_port, int)
+            or not 0 <= health_port < 65536
+        ):
+            raise ValueError(f"health_port must be a port number, not {health_port!r}")
         self.processor_id = processor_id
+        self.processor_id_source = ident.source
+        """``argument`` or ``PROCESSOR_ID`` (the environment's id wins over the code's)."""
         self.capabilities = tuple(dict.fromkeys(capabilities))
         self.capacity = capacity
-        self.namespace = namespace
-        self.keys = Keys(namespace)
+        self.orchestrator_url = orchestrator_url_from(orchestrator_url, env)
+        self.namespace = namespace_from(namespace, env)
+        self.keys = Keys(self.namespace)
         self.result_stream = result_stream or self.keys.results
-        self.redis_url = redis_url
-        self.health_interval = health_interval
-        self.image_encoding = image_encoding
+        redis_setting = redis_url_from(redis_url, env, self.orchestrator_url)
+        self.redis_url = redis_setting.value
+        self.redis_url_source = "redis_client" if redis_client is not None else redis_setting.source
+        """Where ``redis_url`` came from: ``argument``, ``REDIS_URL``,
+        ``REDIS_HOST/REDIS_PORT``, ``orchestrator_url``, ``default`` (or ``redis_client``)."""
+        self.health_interval = interval
+        self.health_port = health_port
+        self.health_host = health_host
+        self.image_encoding: Literal["raw", "base64"] = image_encoding or DEFAULT_IMAGE_ENCODING
+        self._encoding_defaulted = image_encoding is None
         self.frame_timeout = frame_timeout
         self.shutdown_timeout = shutdown_timeout
         self.connect_retries = connect_retries
         self.backoff = backoff or Backoff(0.5, 2.0, 30.0, 0.1)
         self.poll_interval = poll_interval
         self.result_maxlen = result_maxlen
-        self.orchestrator_url = orchestrator_url
         self.stream = self.keys.frames(processor_id)
         self.log = get_logger(f"processor:{processor_id}", "framepipe.processors.client")
         self.processed = 0
@@ -177,6 +266,12 @@ class ProcessorClient(abc.ABC):
         """Frames reported as errors."""
         self.max_in_flight = 0
         """The most frames that were inside ``process_frame`` at once."""
+        self.state = "stopped"
+        """``starting``, ``ready``, ``reconnecting``, ``draining`` or ``stopped`` (what the
+        health endpoint reports)."""
+        self.last_heartbeat: float | None = None
+        self._started_at: float | None = None
+        self._health: HealthServer | None = None
         self._external = redis_client
         self._redis: Redis | None = redis_client
         self._inflight: dict[bytes, asyncio.Task[None]] = {}
@@ -210,6 +305,28 @@ class ProcessorClient(abc.ABC):
         if self.image_encoding == "base64":
             data = base64.b64decode(data)
         return decode_jpeg(data)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the processor is healthy (registered and taking frames) and its state, as
+        the health endpoint reports them."""
+        started = self._started_at
+        return self.state == ProcessorState.READY, {
+            "status": "healthy" if self.state == ProcessorState.READY else "unhealthy",
+            "state": self.state,
+            "processor_id": self.processor_id,
+            "capabilities": list(self.capabilities),
+            "capacity": self.capacity,
+            "in_flight": self.in_flight,
+            "processed": self.processed,
+            "failed": self.failed,
+            "last_heartbeat": self.last_heartbeat,
+            "uptime_s": None if started is None else round(time.monotonic() - started, 3),
+            "redis": safe_url(self.redis_url),
+            "namespace": self.namespace,
+            "result_stream": self.result_stream,
+            "image_encoding": self.image_encoding,
+            "orchestrator_url": self.orchestrator_url,
+        }
 
     @staticmethod
     def metadata(frame_data: Mapping[bytes, bytes]) -> dict[str, Any]:
@@ -256,6 +373,7 @@ class ProcessorClient(abc.ABC):
         if self._stop_event is None or self._stop_event.is_set():
             return
         self._stop_event.set()
+        self.state = ProcessorState.DRAINING
         if self._registered.is_set() and self._draining_task is None:
             self._draining_task = asyncio.ensure_future(self._set_draining())
         self._wake()
@@ -269,6 +387,32 @@ class ProcessorClient(abc.ABC):
     async def _wait_stopped(self) -> None:
         if self._stopped_event is not None and self._running:
             await self._stopped_event.wait()
+
+    def _log_settings(self) -> None:
+        """Say where the processor's id and Redis came from, and that an orchestrator URL is
+        not contacted: a processor pointed at the wrong place should say so at start."""
+        if self.processor_id_source != "argument" and self._code_id not in (
+            None,
+            self.processor_id,
+        ):
+            self.log.info(
+                "Processor id %r from PROCESSOR_ID (the code says %r)",
+                self.processor_id,
+                self._code_id,
+            )
+        self.log.info("Redis at %s (%s)", safe_url(self.redis_url), self.redis_url_source)
+        orchestrator = self.orchestrator_url
+        if orchestrator and self.redis_url_source != "orchestrator_url":
+            self.log.info(
+                "orchestrator_url %s is not contacted: the processor registers on Redis",
+                safe_url(orchestrator),
+            )
+            if self.redis_url_source == "default":
+                self.log.warning(
+                    "No Redis configured (redis_url, REDIS_URL, REDIS_HOST/REDIS_PORT): using "
+                    "%s; set REDIS_HOST and REDIS_PORT where the orchestrator's Redis is",
+                    safe_url(self.redis_url),
+                )
 
     async def run(self) -> None:
         """:meth:`start` with SIGTERM/SIGINT handlers installed (the service's main)."""
@@ -288,7 +432,15 @@ class ProcessorClient(abc.ABC):
         if self._stop_requested:
             self._stop_event.set()
         self._running = True
+        self.state = "starting"
+        self._started_at = time.monotonic()
         try:
+            if self.health_port is not None:
+                self._health = HealthServer(
+                    self.health_host, self.health_port, self.health, self.log
+                )
+                await self._health.start()
+            self._log_settings()
             if self._redis is None:
                 self._redis = connect(self.redis_url)
             what = f"processor {self.processor_id!r}"
@@ -316,6 +468,10 @@ class ProcessorClient(abc.ABC):
             finally:
                 await self._shutdown(beating, beat_done)
         finally:
+            self.state = ProcessorState.STOPPED
+            if self._health is not None:
+                await self._health.close()
+                self._health = None
             for wire in (self._reads, self._writes):
                 if wire is not None:
                     await wire.close()
@@ -342,7 +498,11 @@ class ProcessorClient(abc.ABC):
             in_flight=self.in_flight,
             processed=self.processed,
             failed=self.failed,
+            health_interval=self.health_interval,
         )
+        if not self._stopping:
+            self.state = ProcessorState.READY
+        self.last_heartbeat = time.time()
         if not self._registered.is_set():
             self.log.info(
                 "Registered: capabilities=%s capacity=%d stream=%s results=%s",
@@ -361,12 +521,13 @@ class ProcessorClient(abc.ABC):
             if done.is_set():
                 return
             try:
+                beat = time.time()
                 alive = await heartbeat(
                     redis,
                     self.keys,
                     self.processor_id,
                     "last_heartbeat",
-                    repr(time.time()),
+                    repr(beat),
                     "in_flight",
                     self.in_flight,
                     "processed",
@@ -376,6 +537,7 @@ class ProcessorClient(abc.ABC):
                     "max_in_flight",
                     self.max_in_flight,
                 )
+                self.last_heartbeat = beat
                 if not alive and not self._stopping:
                     self.log.warning(
                         "Found itself deregistered (declared dead or Redis lost "
@@ -414,6 +576,8 @@ class ProcessorClient(abc.ABC):
             except REDIS_DOWN as exc:
                 failures += 1
                 need_register = True
+                if not self._stopping:
+                    self.state = "reconnecting"
                 delay = self.backoff.delay(failures)
                 log = self.log.warning if failures == 1 else self.log.info
                 log(
@@ -526,6 +690,8 @@ class ProcessorClient(abc.ABC):
             self.processed += 1
         else:
             self.failed += 1
+            if self._encoding_defaulted and outcome.kind == "processor" and outcome.error:
+                outcome.error += _RAW_HINT
         payload = result_fields(
             self.processor_id,
             mid,

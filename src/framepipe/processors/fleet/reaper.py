@@ -3,8 +3,9 @@
 A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegistry`, every
 ``poll_interval``:
 
-* A processor whose heartbeat has not changed for ``heartbeat_timeout`` seconds (measured on
-  the registry's clock, so machine clocks need not agree) is marked ``dead`` and deregistered;
+* A processor whose heartbeat has not changed for ``heartbeat_timeout`` seconds, or three of
+  its own heartbeat periods when that is longer (measured on the registry's clock, so machine
+  clocks need not agree), is marked ``dead`` and deregistered;
   every entry left in its stream (pending in its consumer group or not yet delivered) is
   re-routed to another live processor with the entry's capability (regardless of free
   capacity: it has waited already), then acknowledged and deleted there; no frame is lost as
@@ -80,10 +81,8 @@ class Reaper:
         now = time.monotonic()
         for proc in list(registry._procs.values()):
             silent = now - proc.hb_seen_at
-            if (
-                proc.state in (ProcessorState.READY, ProcessorState.DRAINING)
-                and silent > registry.heartbeat_timeout
-            ):
+            limit = proc.silence_limit(registry.heartbeat_timeout)
+            if proc.state in (ProcessorState.READY, ProcessorState.DRAINING) and silent > limit:
                 marked = await redis.eval(
                     MARK_DEAD_LUA,
                     2,
@@ -95,12 +94,12 @@ class Reaper:
                 if marked:
                     proc.state = ProcessorState.DEAD
                     registry.log.warning(
-                        "Processor %s silent for %.1fs (heartbeat_timeout "
-                        "%.1fs): deregistered as dead; re-routing its "
-                        "frames",
+                        "Processor %s silent for %.1fs (limit %.1fs: heartbeat_timeout "
+                        "or 3 of its heartbeat periods): deregistered as dead; re-routing "
+                        "its frames",
                         proc.id,
                         silent,
-                        registry.heartbeat_timeout,
+                        limit,
                     )
             if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
                 await self.reap(proc)

@@ -59,6 +59,7 @@ async def register(
     in_flight: int,
     processed: int,
     failed: int,
+    health_interval: float | None = None,
 ) -> None:
     """Create the processor's stream and consumer group (kept when they exist), then write its
     record (state ``ready``, this process's pid and host) and set membership in one
@@ -84,6 +85,8 @@ async def register(
         "pid": os.getpid(),
         "host": socket.gethostname(),
     }
+    if health_interval is not None:
+        record["health_interval"] = repr(float(health_interval))
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.proc(processor_id), mapping=record)
         pipe.sadd(keys.processors, processor_id)
@@ -189,6 +192,8 @@ class Registration:
     failed: int = 0
     pid: int | None = None
     host: str = ""
+    health_interval: float = 0.0
+    """Its heartbeat period as it registered it (0: not said)."""
     hb_value: bytes | None = None
     hb_seen_at: float = 0.0
     """When (this router's monotonic clock) ``hb_value`` last changed."""
@@ -218,10 +223,19 @@ class Registration:
         self.failed = as_int(h.get(b"failed"), 0)
         self.pid = as_int(h.get(b"pid"), 0) or None
         self.host = text(h.get(b"host"))
+        try:
+            self.health_interval = max(0.0, float(h.get(b"health_interval") or 0.0))
+        except ValueError:
+            self.health_interval = 0.0
         hb = h.get(b"last_heartbeat")
         if hb != self.hb_value:
             self.hb_value = hb
             self.hb_seen_at = now
+
+    def silence_limit(self, heartbeat_timeout: float) -> float:
+        """How long it may stay silent before it is declared dead: the registry's
+        ``heartbeat_timeout``, or three of its own heartbeat periods when that is longer."""
+        return max(heartbeat_timeout, 3.0 * self.health_interval)
 
     @property
     def live(self) -> bool:
