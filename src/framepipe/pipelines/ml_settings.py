@@ -17,6 +17,15 @@ keep the variable names the model adapters have always been configured by:
   doubling each retry up to ``FRAMEPIPE_MODEL_API_RETRY_MAX`` or ``MODEL_API_RETRY_MAX``
   (seconds, default 30).
 
+The original worker's storage and broker variables are read here too, and mapped onto
+framepipe's settings by the ML worker's entry point (:mod:`framepipe.pipelines.ml_worker`):
+``DATABASE_FILE`` (the SQLite state database), ``MINIO_ENDPOINT``, ``MINIO_PORT``,
+``MINIO_USE_SSL``, ``MINIO_BUCKET`` (the object store, ``s3://BUCKET?endpoint=...``),
+``MINIO_ACCESS_KEY``/``MINIO_SECRET_KEY`` (its credentials, never put in a URL) and
+``RABBITMQ_URL`` (the broker). ``FRAMEPIPE_ML_KEEP_INTERMEDIATES`` or
+``ML_KEEP_INTERMEDIATES`` (``keep_intermediates``, default false) keeps an execution's
+intermediate objects after it completed.
+
 Precedence, highest first: keyword arguments, the environment (the ``FRAMEPIPE_`` name before
 the short one), the config file (``FRAMEPIPE_CONFIG`` or ``./framepipe.toml``; only the keys
 ``model_api_retries``, ``model_api_retry_initial`` and ``model_api_retry_max``, which
@@ -34,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -47,7 +56,7 @@ from framepipe.config import config_file, config_file_values
 from framepipe.errors import ConfigError
 from framepipe.processors.adapters import HttpModel, MockModel, ModelAdapter, SubprocessModel
 
-__all__ = ["ADAPTER_TYPES", "MlVideoSettings"]
+__all__ = ["ADAPTER_TYPES", "DEFAULT_BUCKET", "MINIO_VARIABLES", "MlVideoSettings"]
 
 ADAPTER_TYPES = ("mock", "python", "http")
 
@@ -61,13 +70,38 @@ _VARIABLES: dict[str, tuple[str, ...]] = {
     "model_api_retries": ("FRAMEPIPE_MODEL_API_RETRIES", "MODEL_API_RETRIES"),
     "model_api_retry_initial": ("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "MODEL_API_RETRY_INITIAL"),
     "model_api_retry_max": ("FRAMEPIPE_MODEL_API_RETRY_MAX", "MODEL_API_RETRY_MAX"),
+    "keep_intermediates": ("FRAMEPIPE_ML_KEEP_INTERMEDIATES", "ML_KEEP_INTERMEDIATES"),
+    "database_file": ("DATABASE_FILE",),
+    "minio_endpoint": ("MINIO_ENDPOINT",),
+    "minio_port": ("MINIO_PORT",),
+    "minio_use_ssl": ("MINIO_USE_SSL",),
+    "minio_access_key": ("MINIO_ACCESS_KEY",),
+    "minio_secret_key": ("MINIO_SECRET_KEY",),
+    "minio_bucket": ("MINIO_BUCKET",),
+    "rabbitmq_url": ("RABBITMQ_URL",),
 }
+
+MINIO_VARIABLES = (
+    "MINIO_ENDPOINT",
+    "MINIO_PORT",
+    "MINIO_USE_SSL",
+    "MINIO_ACCESS_KEY",
+    "MINIO_SECRET_KEY",
+    "MINIO_BUCKET",
+)
+"""The original worker's MinIO variables; any of them set means "the files are in MinIO"."""
+
+DEFAULT_BUCKET = "mangamotion"
+"""The bucket the original worker used when ``MINIO_BUCKET`` was not set."""
 
 _EXPECTED = {
     "model_api_timeout": "a positive number of milliseconds",
     "model_api_retries": "a whole number >= 0",
     "model_api_retry_initial": "a number of seconds >= 0",
     "model_api_retry_max": "a number of seconds >= 0",
+    "minio_port": "a port number (1-65535)",
+    "minio_use_ssl": "true or false",
+    "keep_intermediates": "true or false",
 }
 
 Origins = dict[str, tuple[str, Any]]
@@ -135,6 +169,26 @@ class MlVideoSettings(BaseSettings):
         None, ge=0, description="Cap of that delay, in seconds (default 30)."
     )
 
+    keep_intermediates: bool = Field(
+        False,
+        description="Keep an execution's intermediate objects (input copy, preprocessed "
+        "video, frames) once it completed; by default finalize deletes them.",
+    )
+    database_file: str | None = Field(
+        None, description="DATABASE_FILE: the SQLite file the state goes to (the worker's entry)."
+    )
+    minio_endpoint: str | None = Field(
+        None, description="MINIO_ENDPOINT: the MinIO host (or http(s)://host:port)."
+    )
+    minio_port: int | None = Field(None, ge=1, le=65535, description="MINIO_PORT (default 9000).")
+    minio_use_ssl: bool = Field(False, description="MINIO_USE_SSL: https to MinIO.")
+    minio_access_key: str | None = Field(None, description="MINIO_ACCESS_KEY.")
+    minio_secret_key: SecretStr | None = Field(None, description="MINIO_SECRET_KEY.")
+    minio_bucket: str | None = Field(None, description="MINIO_BUCKET (default mangamotion).")
+    rabbitmq_url: SecretStr | None = Field(
+        None, description="RABBITMQ_URL: the broker of the ML worker's entry point."
+    )
+
     @field_validator("adapter_type", mode="before")
     @classmethod
     def _kind(cls, value: Any) -> Any:
@@ -175,6 +229,55 @@ class MlVideoSettings(BaseSettings):
             problems = "; ".join(_problem(err, origins) for err in exc.errors())
             raise ConfigError(f"invalid ML video settings: {problems}") from exc
 
+    @property
+    def uses_minio(self) -> bool:
+        """True when any of the original worker's MinIO variables is set."""
+        return any(
+            value is not None
+            for value in (
+                self.minio_endpoint,
+                self.minio_port,
+                self.minio_access_key,
+                self.minio_secret_key,
+                self.minio_bucket,
+            )
+        )
+
+    def minio_endpoint_url(self) -> str:
+        """The MinIO endpoint as a URL: ``MINIO_ENDPOINT`` as given when it is one, else
+        ``http(s)://MINIO_ENDPOINT:MINIO_PORT`` (defaults ``127.0.0.1`` and 9000, as the
+        original worker's)."""
+        endpoint = (self.minio_endpoint or "127.0.0.1").rstrip("/")
+        if "://" in endpoint:
+            if self.minio_port is not None:
+                raise ConfigError(
+                    f"MINIO_ENDPOINT={endpoint} is a URL and MINIO_PORT={self.minio_port} is "
+                    "set too: give the port in one of them"
+                )
+            return endpoint
+        scheme = "https" if self.minio_use_ssl else "http"
+        return f"{scheme}://{endpoint}:{self.minio_port or 9000}"
+
+    def objects_url(self) -> str | None:
+        """framepipe's ``FRAMEPIPE_OBJECTS_URL`` for the MinIO variables (no credentials in it:
+        they go to ``FRAMEPIPE_S3_ACCESS_KEY``/``FRAMEPIPE_S3_SECRET_KEY``), or None when no
+        MinIO variable is set."""
+        if not self.uses_minio:
+            return None
+        bucket = self.minio_bucket or DEFAULT_BUCKET
+        return f"s3://{bucket}?endpoint={self.minio_endpoint_url()}"
+
+    def database_url(self) -> str | None:
+        """framepipe's ``FRAMEPIPE_DATABASE_URL`` for ``DATABASE_FILE`` (a SQLite file, made
+        absolute), or None."""
+        if not self.database_file:
+            return None
+        return f"sqlite:///{Path(self.database_file).expanduser().resolve()}"
+
+    def broker_url(self) -> str | None:
+        """framepipe's ``FRAMEPIPE_BROKER_URL`` for ``RABBITMQ_URL``, or None."""
+        return self.rabbitmq_url.get_secret_value() if self.rabbitmq_url else None
+
     def _retries(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if self.model_api_retries is not None:
@@ -214,6 +317,8 @@ class MlVideoSettings(BaseSettings):
 def _problem(err: ErrorDetails, origins: Origins) -> str:
     field = str(err["loc"][0]) if err["loc"] else ""
     where, value = origins.get(field, (field, err.get("input")))
+    if field in ("minio_secret_key", "rabbitmq_url"):
+        return f"{where}: {err['msg']}"  # never the secret itself
     if field == "adapter_type":
         return f"{where}={value!r} is not one of: {', '.join(ADAPTER_TYPES)}"
     if field in _EXPECTED:

@@ -26,11 +26,22 @@ resumes at the failed step. The steps' weights make the execution's progress: fe
 preprocess 10-15 %, inference 15-65 %, postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %,
 finalize 95-100 %. The result video and thumbnail keys end up in the execution's data
 (``video``, ``thumbnail``, ``grid``).
+
+Every step logs ``Stage started`` and ``Stage completed in 1.67s`` (or failed, cancelled)
+under ``[ml_video/<step>:<execution id>]``. Once everything else is stored, finalize deletes the
+intermediates (:data:`INTERMEDIATES`), unless ``FRAMEPIPE_ML_KEEP_INTERMEDIATES`` /
+``ML_KEEP_INTERMEDIATES`` is true; a failed execution keeps them for its retry. The first step
+refuses to run where the original worker's ``MINIO_*`` or ``DATABASE_FILE`` are set but this
+process does not use them (see :mod:`framepipe.pipelines.ml_worker`, which maps them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +50,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
 from framepipe.config import MediaSettings, load_section
-from framepipe.errors import MediaError
+from framepipe.errors import ConfigError, MediaError, StepCancelledError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.logs import get_logger
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
-__all__ = ["MlVideoInputs", "ml_video", "model_from_settings"]
+__all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
+
+INTERMEDIATES = ("input.", "preprocessed.mp4", "frames/", "post/")
+"""What finalize deletes under ``ml/<execution id>/`` once everything else is stored (unless
+``keep_intermediates``): the input's copy (never an object key the user gave), the
+preprocessed video, the model's frames and the post-processed ones."""
 
 
 class MlVideoInputs(BaseModel):
@@ -87,6 +104,55 @@ def _prefix(ctx: StepContext) -> str:
     return f"ml/{ctx.execution_id}"
 
 
+@contextlib.contextmanager
+def _stage(ctx: StepContext) -> Iterator[None]:
+    """``Stage started`` / ``Stage completed in 1.67s`` (or failed, cancelled) lines for one
+    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``."""
+    log = get_logger(
+        f"{ctx.pipeline.name}/{ctx.step_name}:{ctx.execution_id[:8]}", "framepipe.steps"
+    )
+    log.info("Stage started")
+    started = time.monotonic()
+    try:
+        yield
+    except StepCancelledError:
+        log.warning("Stage cancelled after %.2fs", time.monotonic() - started)
+        raise
+    except BaseException as exc:
+        log.warning("Stage failed after %.2fs: %s", time.monotonic() - started, type(exc).__name__)
+        raise
+    log.info("Stage completed in %.2fs", time.monotonic() - started)
+
+
+def _check_storage(ctx: StepContext) -> None:
+    """Refuse to run where the original worker's MinIO or database variables are set but this
+    process ignores them (it was not started by :mod:`framepipe.pipelines.ml_worker`, which
+    maps them): the files would silently go to the local store instead of MinIO."""
+    ml = MlVideoSettings.load()
+    if (
+        ml.uses_minio
+        and ctx.objects.url.startswith("file:")
+        and not os.environ.get("FRAMEPIPE_OBJECTS_URL")
+    ):
+        raise ConfigError(
+            "MINIO_ENDPOINT/MINIO_BUCKET ... are set but this process stores objects locally "
+            f"({ctx.objects.url}): set FRAMEPIPE_OBJECTS_URL={ml.objects_url()} with "
+            "FRAMEPIPE_S3_ACCESS_KEY and FRAMEPIPE_S3_SECRET_KEY, or start the worker with "
+            "python -m framepipe.pipelines.ml_worker, which maps them"
+        )
+    wanted = ml.database_url()
+    if (
+        wanted is not None
+        and not os.environ.get("FRAMEPIPE_DATABASE_URL")
+        and ctx.store.url != wanted
+    ):
+        raise ConfigError(
+            f"DATABASE_FILE={ml.database_file} is set but this process's state database is "
+            f"another one: set FRAMEPIPE_DATABASE_URL={wanted}, or start the worker with "
+            "python -m framepipe.pipelines.ml_worker, which maps it"
+        )
+
+
 def _fetch(ctx: StepContext, key: str) -> Path:
     """Download ``key`` into this step's temp folder."""
     dest = ctx.tempdir() / key.rsplit("/", 1)[-1]
@@ -122,135 +188,161 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
     """Bring the input into the object store: a local file (as the submit resolved and
     confined it) is copied without following links, probed (a non-video is refused before
     anything else runs) and uploaded; an object key is checked."""
-    source = _inputs(ctx).input
-    path = local_input(ctx, source, where="inputs.input", declared=True)
-    if path is None:
-        if not ctx.objects.exists(source):
-            raise FileNotFoundError(f"input {source!r}: no such object in the object store")
-        return {"input_key": source}
-    copy = copy_local_file(path, ctx.tempdir() / path.name)
-    try:
-        info = media.probe(copy, max_pixels=_max_pixels()).as_dict()
-    except MediaError as exc:  # name the user's file, not this step's copy of it
-        raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
-    key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
-    ctx.objects.put_file(key, copy)
-    return {"input_key": key, "input_info": {**info, "path": source}}
+    with _stage(ctx):
+        _check_storage(ctx)
+        source = _inputs(ctx).input
+        path = local_input(ctx, source, where="inputs.input", declared=True)
+        if path is None:
+            if not ctx.objects.exists(source):
+                raise FileNotFoundError(f"input {source!r}: no such object in the object store")
+            return {"input_key": source}
+        copy = copy_local_file(path, ctx.tempdir() / path.name)
+        try:
+            info = media.probe(copy, max_pixels=_max_pixels()).as_dict()
+        except MediaError as exc:  # name the user's file, not this step's copy of it
+            raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
+        key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
+        ctx.objects.put_file(key, copy)
+        return {"input_key": key, "input_info": {**info, "path": source}}
 
 
 @ml_video.step(depends_on=["fetch"], weight=5, retries=2)
 def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
-    inputs = _inputs(ctx)
-    try:
-        out = media.run_media(
-            ctx,
-            "normalise",
-            ctx.data["input_key"],
-            key="ml/{execution_id}/preprocessed.mp4",
-            width=inputs.width,
-            fps=inputs.fps,
-            preset="veryfast",
-        )
-    except MediaError as exc:  # name the user's file, not this job's copy of it
-        raise MediaError(inputs.input, exc.reason) from exc
-    return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
+    with _stage(ctx):
+        inputs = _inputs(ctx)
+        try:
+            out = media.run_media(
+                ctx,
+                "normalise",
+                ctx.data["input_key"],
+                key="ml/{execution_id}/preprocessed.mp4",
+                width=inputs.width,
+                fps=inputs.fps,
+                preset="veryfast",
+            )
+        except MediaError as exc:  # name the user's file, not this job's copy of it
+            raise MediaError(inputs.input, exc.reason) from exc
+        return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
 
 
 @ml_video.step(depends_on=["preprocess"], weight=50, retries=1)
 async def inference(ctx: StepContext) -> dict[str, Any]:
     """Run the model (any adapter) on the preprocessed video; its frames go to the store."""
-    src = _fetch(ctx, ctx.data["preprocessed_key"])
-    inputs = _inputs(ctx)
-    model = model_from_settings()
-    try:
-        result = await model.infer(
-            src,
-            prompt=inputs.prompt,
-            style=inputs.style,
-            seed=inputs.seed,
-            output_dir=ctx.tempdir(),
-            progress=as_step_progress(ctx, 0, 90, "inference"),
-        )
-    finally:
-        model.teardown()
-    keys = _upload_folder(ctx, Path(result.frames_path), f"{_prefix(ctx)}/frames")
-    if not keys:
-        raise ValueError(f"the model wrote no frames into {result.frames_path}")
-    return {
-        "frames_prefix": f"{_prefix(ctx)}/frames",
-        "frames": len(keys),
-        "model": type(model).__name__,
-    }
+    with _stage(ctx):
+        src = _fetch(ctx, ctx.data["preprocessed_key"])
+        inputs = _inputs(ctx)
+        model = model_from_settings()
+        try:
+            result = await model.infer(
+                src,
+                prompt=inputs.prompt,
+                style=inputs.style,
+                seed=inputs.seed,
+                output_dir=ctx.tempdir(),
+                progress=as_step_progress(ctx, 0, 90, "inference"),
+            )
+        finally:
+            model.teardown()
+        keys = _upload_folder(ctx, Path(result.frames_path), f"{_prefix(ctx)}/frames")
+        if not keys:
+            raise ValueError(f"the model wrote no frames into {result.frames_path}")
+        return {
+            "frames_prefix": f"{_prefix(ctx)}/frames",
+            "frames": len(keys),
+            "model": type(model).__name__,
+        }
 
 
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)
 def postprocess(ctx: StepContext) -> dict[str, Any]:
     """Colour correction of every frame (contrast and brightness, OpenCV)."""
-    folder = _download_folder(ctx, ctx.data["frames_prefix"])
-    out = ctx.tempdir()
-    inputs = _inputs(ctx)
-    alpha, beta = inputs.contrast, inputs.brightness
-    paths = _images(folder)
-    for n, path in enumerate(paths, 1):
-        image = cv2.imread(str(path))
-        if image is None:
-            raise ValueError(f"frame {path.name} from the model is not a readable image")
-        cv2.imwrite(
-            str(out / f"{path.stem}.png"), cv2.convertScaleAbs(image, alpha=alpha, beta=beta)
-        )
-        if n % 10 == 0 or n == len(paths):
-            ctx.progress(100 * n / len(paths), "postprocess")
-    keys = _upload_folder(ctx, out, f"{_prefix(ctx)}/post")
-    return {"post_prefix": f"{_prefix(ctx)}/post", "post_frames": len(keys)}
+    with _stage(ctx):
+        folder = _download_folder(ctx, ctx.data["frames_prefix"])
+        out = ctx.tempdir()
+        inputs = _inputs(ctx)
+        alpha, beta = inputs.contrast, inputs.brightness
+        paths = _images(folder)
+        for n, path in enumerate(paths, 1):
+            image = cv2.imread(str(path))
+            if image is None:
+                raise ValueError(f"frame {path.name} from the model is not a readable image")
+            cv2.imwrite(
+                str(out / f"{path.stem}.png"), cv2.convertScaleAbs(image, alpha=alpha, beta=beta)
+            )
+            if n % 10 == 0 or n == len(paths):
+                ctx.progress(100 * n / len(paths), "postprocess")
+        keys = _upload_folder(ctx, out, f"{_prefix(ctx)}/post")
+        return {"post_prefix": f"{_prefix(ctx)}/post", "post_frames": len(keys)}
 
 
 @ml_video.step(depends_on=["postprocess"], weight=10, retries=2)
 def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
-    folder = _download_folder(ctx, ctx.data["post_prefix"])
-    dst = ctx.tempdir() / "output.mp4"
-    limit = _max_pixels()
-    media.stitch(
-        folder,
-        dst,
-        fps=_inputs(ctx).fps,
-        preset="veryfast",
-        max_pixels=limit,
-        progress=ctx.progress,
-    )
-    key = f"{_prefix(ctx)}/output.mp4"
-    ctx.objects.put_file(key, dst)
-    return {"video": key, "video_info": media.probe(dst, max_pixels=limit).as_dict()}
+    with _stage(ctx):
+        folder = _download_folder(ctx, ctx.data["post_prefix"])
+        dst = ctx.tempdir() / "output.mp4"
+        limit = _max_pixels()
+        media.stitch(
+            folder,
+            dst,
+            fps=_inputs(ctx).fps,
+            preset="veryfast",
+            max_pixels=limit,
+            progress=ctx.progress,
+        )
+        key = f"{_prefix(ctx)}/output.mp4"
+        ctx.objects.put_file(key, dst)
+        return {"video": key, "video_info": media.probe(dst, max_pixels=limit).as_dict()}
 
 
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
 def thumbnails(ctx: StepContext) -> dict[str, Any]:
     """A thumbnail and a contact sheet of the result."""
-    thumb = media.run_media(
-        ctx, "thumbnail", ctx.data["video"], width=320, key="ml/{execution_id}/thumbnail.jpg"
-    )
-    grid = media.run_media(
-        ctx,
-        "thumbnail_grid",
-        ctx.data["video"],
-        cols=3,
-        rows=2,
-        width=960,
-        key="ml/{execution_id}/grid.jpg",
-    )
-    return {"thumbnail": thumb["key"], "grid": grid["key"]}
+    with _stage(ctx):
+        thumb = media.run_media(
+            ctx, "thumbnail", ctx.data["video"], width=320, key="ml/{execution_id}/thumbnail.jpg"
+        )
+        grid = media.run_media(
+            ctx,
+            "thumbnail_grid",
+            ctx.data["video"],
+            cols=3,
+            rows=2,
+            width=960,
+            key="ml/{execution_id}/grid.jpg",
+        )
+        return {"thumbnail": thumb["key"], "grid": grid["key"]}
 
 
-@ml_video.step(depends_on=["thumbnails"], weight=5)
+@ml_video.step(depends_on=["thumbnails"], weight=5, retries=2)
 def finalize(ctx: StepContext) -> dict[str, Any]:
-    """A manifest of the job next to its outputs."""
-    manifest = {
-        k: ctx.data.get(k)
-        for k in ("input_key", "video", "thumbnail", "grid", "frames", "model", "video_info")
-    }
-    inputs = _inputs(ctx)
-    manifest.update(prompt=inputs.prompt, style=inputs.style)
-    key = f"{_prefix(ctx)}/manifest.json"
-    ctx.objects.put(key, json.dumps(manifest, indent=2, default=str).encode())
-    return {"manifest": key}
+    """A manifest of the job next to its outputs, then the intermediates deleted (unless
+    ``keep_intermediates``): the last step, so they go only when the execution completes; a
+    failed execution keeps them for its retry. Deleting is idempotent, so a retried finalize
+    finishes the job."""
+    with _stage(ctx):
+        manifest = {
+            k: ctx.data.get(k)
+            for k in ("input_key", "video", "thumbnail", "grid", "frames", "model", "video_info")
+        }
+        inputs = _inputs(ctx)
+        manifest.update(prompt=inputs.prompt, style=inputs.style)
+        key = f"{_prefix(ctx)}/manifest.json"
+        ctx.objects.put(key, json.dumps(manifest, indent=2, default=str).encode())
+        if MlVideoSettings.load().keep_intermediates:
+            return {"manifest": key, "intermediates_deleted": 0}
+        return {"manifest": key, "intermediates_deleted": _delete_intermediates(ctx)}
+
+
+def _delete_intermediates(ctx: StepContext) -> int:
+    """Delete :data:`INTERMEDIATES` under this execution's prefix; how many objects went."""
+    prefix = _prefix(ctx) + "/"
+    doomed = [
+        info.key
+        for info in ctx.objects.list(prefix)
+        if info.key.removeprefix(prefix).startswith(INTERMEDIATES)
+    ]
+    for key in doomed:
+        ctx.objects.delete(key)
+    return len(doomed)

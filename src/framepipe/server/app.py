@@ -63,6 +63,7 @@ from framepipe.server.routes import (
     pipelines,
     processors,
     sources,
+    status,
 )
 from framepipe.server.state import Running, ServiceState, check_token
 
@@ -85,6 +86,7 @@ _API_ROUTERS = (
     sources.router,
     processors.router,
     objects.router,
+    status.router,  # the job-status shape of a polling frontend: every execution, see its module
 )
 """The routers under ``/api``, behind the token, in the order they are matched."""
 
