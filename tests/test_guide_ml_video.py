@@ -368,12 +368,17 @@ def clean_environment() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def ml_worker(
-    tmp_path: Path, their_database: Path, s3_server: Any
+    request: pytest.FixtureRequest, tmp_path: Path, their_database: Path, s3_server: Any
 ) -> Iterator[tuple[dict[str, str], Path, str]]:
     """``python -m framepipe.pipelines.ml_worker`` started with their variables alone (and a
-    broker namespace of the test's own): (its environment, its log, the bucket)."""
+    broker namespace of the test's own): (its environment, its log, the bucket). With
+    ``postgresql``, ``FRAMEPIPE_DATABASE_URL`` names the PostgreSQL server too (workers on
+    several machines), and wins over ``DATABASE_FILE``."""
+    database = {}
+    if request.param == "postgresql":
+        database["FRAMEPIPE_DATABASE_URL"] = request.getfixturevalue("pg_url")
     bucket = s3_server.new_bucket()
     port = s3_server.endpoint.rsplit(":", 1)[1]
     with amqp_namespace("fp-ml-guide-") as namespace:
@@ -389,6 +394,7 @@ def ml_worker(
             "FRAMEPIPE_BROKER_NAMESPACE": namespace,  # the test's own queue on the shared broker
             "FRAMEPIPE_HOME": str(tmp_path / "worker-home"),
             "AWS_EC2_METADATA_DISABLED": "true",
+            **database,
         }
         log = tmp_path / "worker.log"
         with log.open("wb") as out:
@@ -427,7 +433,7 @@ def test_the_worker_starts_with_their_settings_and_the_frontend_polls_it(
     monkeypatch.setenv("FRAMEPIPE_S3_SECRET_KEY", "minio-secret-value")
     service = Settings(
         home=tmp_path / "service-home",
-        database_url=f"sqlite:///{their_database}",
+        database_url=env.get("FRAMEPIPE_DATABASE_URL", f"sqlite:///{their_database}"),
         objects_url=f"s3://{bucket}?endpoint={s3_server.endpoint}",
         broker_url=env["RABBITMQ_URL"],
         broker_namespace=env["FRAMEPIPE_BROKER_NAMESPACE"],
@@ -461,7 +467,6 @@ def test_the_worker_starts_with_their_settings_and_the_frontend_polls_it(
     assert not (tmp_path / "worker-home" / "objects").exists()
 
     # the worker ran every stage (in its own process) and logged it; no secret in its output
-    assert "[ml_worker] DATABASE_FILE -> FRAMEPIPE_DATABASE_URL=sqlite:///" in output
     assert f"FRAMEPIPE_OBJECTS_URL=s3://{bucket}?endpoint=http://127.0.0.1:" in output
     for stage in STAGES:
         assert re.search(
@@ -469,8 +474,16 @@ def test_the_worker_starts_with_their_settings_and_the_frontend_polls_it(
         )
     assert "minio-secret-value" not in output and "guest:guest" not in output
 
-    # their DATABASE_FILE holds framepipe's tables beside their untouched jobs table
+    # their DATABASE_FILE holds framepipe's tables beside their untouched jobs table (or, with
+    # FRAMEPIPE_DATABASE_URL, none of them: the worker said DATABASE_FILE was not used)
     with sqlite3.connect(their_database) as db:
         assert db.execute("SELECT status FROM jobs WHERE id = 'old-1'").fetchone() == ("completed",)
-        assert db.execute("SELECT status FROM fp_executions WHERE id = ?", (job_id,)).fetchone()
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        if "FRAMEPIPE_DATABASE_URL" in env:
+            assert "DATABASE_FILE is not used: framepipe's database_url is set" in output
+            assert "fp_executions" not in tables
+        else:
+            assert "[ml_worker] DATABASE_FILE -> FRAMEPIPE_DATABASE_URL=sqlite:///" in output
+            row = db.execute("SELECT status FROM fp_executions WHERE id = ?", (job_id,))
+            assert row.fetchone() == ("completed",)
     db.close()

@@ -52,7 +52,7 @@ def clip(tmp_path: Path) -> Path:
     return make_clip(tmp_path / "in.mp4", frames=30, size=(320, 240))
 
 
-def test_mock_model_end_to_end_with_the_seed_progress_ranges(
+def test_mock_model_end_to_end_with_the_original_workers_progress_ranges(
     settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
