@@ -87,7 +87,7 @@ class FaceRecognitionProcessor(ProcessorClient):
         *,
         capacity: int = 10,
         result_stream: str = RESULT_STREAM,
-        redis_url: str = DEFAULT_REDIS_URL,
+        redis_url: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         health_interval: float = 5.0,
         known_dir: str | os.PathLike[str] | None = None,
@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis URL (env REDIS_URL)",
+        default=None,
+        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT, else "
+        f"{DEFAULT_REDIS_URL})",
     )
     parser.add_argument(
         "--namespace",
@@ -302,6 +303,7 @@ async def serve(args: argparse.Namespace) -> None:
         redis_url=args.redis_url,
         namespace=args.namespace,
         health_interval=args.health_interval,
+        environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
         known_dir=args.known,
         tolerance=args.tolerance,
         upscale_below=args.upscale_below,

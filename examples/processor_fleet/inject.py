@@ -40,6 +40,7 @@ from framepipe.frames import Frame
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorRegistry, ProcessorResult
 from framepipe.processors.fleet import frame_entry
+from framepipe.processors.fleet.environment import redis_url_from
 from framepipe.sources import PatternSource, Source, VideoSource
 
 __all__ = ["CapabilityStats", "InjectOptions", "Summary", "inject", "main", "open_source"]
@@ -346,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis URL (env REDIS_URL)",
+        default=redis_url_from(None, os.environ).value,
+        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT)",
     )
     parser.add_argument(
         "--namespace",

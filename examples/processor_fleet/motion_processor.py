@@ -54,7 +54,7 @@ class MotionProcessor(ProcessorClient):
         *,
         capacity: int = 4,
         result_stream: str = RESULT_STREAM,
-        redis_url: str = DEFAULT_REDIS_URL,
+        redis_url: str | None = None,
         namespace: str = DEFAULT_NAMESPACE,
         health_interval: float = 5.0,
         pixel_threshold: int = 25,
@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis URL (env REDIS_URL)",
+        default=None,
+        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT, else "
+        f"{DEFAULT_REDIS_URL})",
     )
     parser.add_argument(
         "--namespace",
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url=args.redis_url,
             namespace=args.namespace,
             health_interval=args.health_interval,
+            environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
             pixel_threshold=args.pixel_threshold,
             moving_threshold=args.moving_threshold,
         )

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from framepipe.processors.fleet.environment import redis_url_from
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "framepipe:"
@@ -75,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--camera-id", default="cam1")
     parser.add_argument("--known", default=None, help="directory of <name>.jpg known faces")
     parser.add_argument("--no-motion", action="store_true", help="run no motion processor")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument(
+        "--redis-url",
+        default=redis_url_from(None, os.environ).value,
+        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT)",
+    )
     parser.add_argument(
         "--namespace", default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE)
     )
@@ -101,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     face_cmd = [
         sys.executable,
         str(HERE / "face_processor.py"),
+        "--id",
+        "face-recognition-1",
         *common,
         "--result-stream",
         f"{args.result_prefix}faces:detected",
@@ -113,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands["motion-1"] = [
             sys.executable,
             str(HERE / "motion_processor.py"),
+            "--id",
+            "motion-1",
             *common,
             "--result-stream",
             f"{args.result_prefix}motion:detected",
