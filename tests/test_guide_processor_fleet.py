@@ -403,6 +403,45 @@ def test_the_health_endpoint_reports_starting_then_closes_when_redis_never_comes
     asyncio.run(main())
 
 
+def test_the_health_endpoint_is_healthy_while_ready_and_not_while_draining(ns: str) -> None:
+    class Slow(ProcessorClient):
+        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any]:
+            await asyncio.sleep(1.5)
+            return {"frame_id": frame_data[b"frame_id"].decode()}
+
+    port = free_port()
+    client = Slow(
+        "slow-1",
+        ["slow"],
+        redis_url=REDIS_URL,
+        namespace=ns,
+        result_stream=f"{ns}r",
+        health_port=port,
+        health_interval=0.2,
+        environ={},
+    )
+
+    async def main() -> None:
+        task = asyncio.create_task(client.start())
+        async with ProcessorRegistry(REDIS_URL, ns) as registry:
+            await registry.wait_for_processor("slow", timeout=10)
+            status, body = await asyncio.to_thread(http_get, port)
+            assert (status, body["state"], body["status"]) == (200, "ready", "healthy")
+            assert body["processor_id"] == "slow-1" and body["capabilities"] == ["slow"]
+            assert (await asyncio.to_thread(http_get, port, "/health", "HEAD"))[0] == 200
+            call = asyncio.create_task(registry.call(square_frame(0)[0], "slow"))
+            await wait_until_async("the frame is in flight", lambda: client.in_flight == 1)
+            client.stop()
+            status, body = await asyncio.to_thread(http_get, port)
+            assert (status, body["state"], body["in_flight"]) == (503, "draining", 1)
+            assert (await call).ok  # the frame in flight finishes
+            await asyncio.wait_for(task, 15)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.to_thread(http_get, port)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def _try_get(port: int) -> tuple[int, dict[str, Any]] | None:
     try:
         return http_get(port)

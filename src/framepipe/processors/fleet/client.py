@@ -325,7 +325,7 @@ class ProcessorClient(abc.ABC):
             "namespace": self.namespace,
             "result_stream": self.result_stream,
             "image_encoding": self.image_encoding,
-            "orchestrator_url": self.orchestrator_url,
+            "orchestrator_url": self.orchestrator_url and safe_url(self.orchestrator_url),
         }
 
     @staticmethod
