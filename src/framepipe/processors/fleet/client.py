@@ -220,7 +220,10 @@ class ProcessorClient(abc.ABC):
                 f"processor {processor_id!r}: health_interval={health_interval} and "
                 f"health_check_interval={health_check_interval} are one setting; give one"
             )
-        interval = health_interval or health_check_interval or DEFAULT_HEALTH_INTERVAL
+        interval = next(
+            (v for v in (health_interval, health_check_interval) if v is not None),
+            DEFAULT_HEALTH_INTERVAL,
+        )
         if interval <= 0 or poll_interval <= 0:
             raise ValueError(
                 f"processor {processor_id!r}: health_interval and poll_interval must be positive"
