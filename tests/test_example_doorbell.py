@@ -202,7 +202,7 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 # -- the original system's API -------------------------------------------------------------
 
 
-def test_known_visitor_through_the_seed_api(
+def test_known_visitor_through_the_original_api(
     tmp_path: Path, media: dict[str, Path], webhook: tuple[str, list[dict[str, Any]]]
 ) -> None:
     """carphone as the camera, alice and the cyclist known: one visit, recognised as alice,

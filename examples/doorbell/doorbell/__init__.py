@@ -8,6 +8,7 @@ and :class:`MigrationUtils`. The original system's modules map as follows::
     src.integration.orchestrator_manager -> doorbell.manager
     src.integration.legacy_adapter       -> doorbell.legacy
     src.integration.migration_utils      -> doorbell.migration
+    src.main                             -> doorbell.main (``main(config=...)``, the exit code)
 """
 
 from doorbell.config import DoorbellConfig, load_config

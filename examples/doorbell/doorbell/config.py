@@ -4,7 +4,8 @@ validated.
 Precedence: built-in defaults, then the environment (the original system's
 ``HEALTH_CHECK_INTERVAL``, ``AUTO_RECOVERY_ENABLED``, ``MAX_RESTART_ATTEMPTS``, ``CPU_THRESHOLD``,
 ``MEMORY_THRESHOLD``, ``WORKER_COUNT``, ``FACE_RECOGNITION_TOLERANCE``, and
-``RESTART_COOLDOWN_SECONDS``, ``DOORBELL_CAMERA``, ``DOORBELL_DATA_DIR``, ``DOORBELL_WEBHOOK_URL``),
+``RESTART_COOLDOWN_SECONDS``, ``METRICS_COLLECTION_INTERVAL``, ``DOORBELL_CAMERA``,
+``DOORBELL_DATA_DIR``, ``DOORBELL_WEBHOOK_URL``),
 then the dict given to :class:`~doorbell.manager.OrchestratorManager`, merged key by key (nested
 dicts too). A value of the wrong type or out of range raises :class:`~framepipe.errors.ConfigError`
 naming the key (or the variable) before anything starts.
@@ -36,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "component_failure_threshold": 5,
     "framepipe_home": None,
     "data_dir": "data",
+    "log_file": None,
     "known_faces_dir": None,
     "objects_url": None,
     "camera": {
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
 
 ENV_VARS: dict[str, tuple[tuple[str, ...], type]] = {
     "HEALTH_CHECK_INTERVAL": (("health_check_interval",), float),
+    "METRICS_COLLECTION_INTERVAL": (("metrics_collection_interval",), float),
     "AUTO_RECOVERY_ENABLED": (("auto_recovery_enabled",), bool),
     "MAX_RESTART_ATTEMPTS": (("max_restart_attempts",), int),
     "RESTART_COOLDOWN_SECONDS": (("restart_cooldown_seconds",), float),
@@ -118,6 +121,7 @@ class DoorbellConfig:
 
     raw: dict[str, Any] = field(repr=False)
     health_check_interval: float
+    metrics_collection_interval: float
     auto_recovery_enabled: bool
     max_restart_attempts: int
     restart_cooldown_seconds: float
@@ -127,6 +131,7 @@ class DoorbellConfig:
     queue_backlog_threshold: float
     component_failure_threshold: int
     data_dir: Path
+    log_file: Path | None
     known_faces_dir: Path
     objects_url: str
     camera_source: str
@@ -232,6 +237,9 @@ def load_config(
     known = raw.get("known_faces_dir")
     objects = raw.get("objects_url")
     source = _get(raw, "camera.source", (str, int, Path))
+    log_file = raw.get("log_file")
+    if log_file is not None and not isinstance(log_file, (str, Path)):
+        raise ConfigError(f"doorbell config: log_file must be a path, not {log_file!r}")
     webhook = raw["notifications"].get("webhook_url")
     if webhook is not None and not isinstance(webhook, str):
         raise ConfigError(
@@ -241,6 +249,9 @@ def load_config(
         raw=raw,
         health_check_interval=_positive(
             "health_check_interval", _get(raw, "health_check_interval", float)
+        ),
+        metrics_collection_interval=_positive(
+            "metrics_collection_interval", _get(raw, "metrics_collection_interval", float)
         ),
         auto_recovery_enabled=_get(raw, "auto_recovery_enabled", bool),
         max_restart_attempts=int(
@@ -259,6 +270,12 @@ def load_config(
             _positive("component_failure_threshold", _get(raw, "component_failure_threshold", int))
         ),
         data_dir=data_dir,
+        # the original system's log file; "" turns it off
+        log_file=(
+            data_dir / "logs" / "doorbell.log"
+            if log_file is None
+            else (Path(log_file) if str(log_file) else None)
+        ),
         known_faces_dir=Path(known) if known else data_dir / "known_faces",
         objects_url=str(objects) if objects else str(data_dir / "objects"),
         camera_source=f"/dev/video{source}" if isinstance(source, int) else str(source),

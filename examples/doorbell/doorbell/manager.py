@@ -11,12 +11,22 @@ thread. Guarantees:
   background, visible in the health); ``stop()`` drains and returns once everything stopped; both
   are idempotent.
 * Health (:meth:`OrchestratorManager.get_health_status`) maps framepipe's states onto the original
-  system's :class:`SystemState`: a pipeline that failed and will be recovered is ``DEGRADED``; once
-  recovery gave up (``max_restart_attempts`` recoveries, ``restart_cooldown_seconds`` apart) or
-  auto-recovery is off, the state is ``ERROR`` with ``last_error`` saying why.
-* Every ``health_check_interval`` seconds the manager samples the machine's CPU and memory use;
-  above ``cpu_threshold`` / ``memory_threshold`` percent it emits ``performance_warning`` (once
-  per crossing) and the performance score drops below 1 in proportion.
+  system's :class:`SystemState`: a pipeline that failed and will be recovered (also during the
+  cooldown before the last recovery) is ``DEGRADED``; ``ERROR`` only once recovery gave up
+  (``max_restart_attempts`` recoveries, ``restart_cooldown_seconds`` apart, or auto-recovery off),
+  with ``last_error`` saying why, and it stays ``ERROR`` until a manual reset
+  (``manager.restart_attempts = 0``, which starts recovery again) or ``restart()``.
+* The performance score compares the frames the pipeline processes with the camera's nominal
+  rate (:meth:`~doorbell.orchestrator.PipelineOrchestrator.performance`);
+  ``performance_reason`` says why it is low. Below ``performance_threshold`` the state is
+  ``DEGRADED`` (the pipeline's own score: the machine's load lowers the score, not the state).
+  Every ``health_check_interval`` seconds the manager also samples the machine's
+  CPU and memory use; above ``cpu_threshold`` / ``memory_threshold`` percent the score drops
+  below 1 in proportion. Either emits ``performance_warning`` (once per crossing).
+* Every ``metrics_collection_interval`` seconds the pipeline's metrics are collected into
+  :attr:`OrchestratorManager.metrics_history`, logged and emitted as ``metrics.collected``.
+* Between ``start()`` and ``stop()`` framepipe's log lines also go to ``log_file`` (default
+  ``<data_dir>/logs/doorbell.log``, the original system's), recoveries included.
 * Callbacks registered with :meth:`register_event_callback` get the event's data dict (the
   original system's one-argument form), on the orchestrator's thread; one that raises is logged
   and ignored.
@@ -25,8 +35,10 @@ thread. Guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -38,7 +50,7 @@ from doorbell.config import DoorbellConfig, load_config
 from doorbell.orchestrator import PIPELINE, PipelineOrchestrator
 from framepipe.app import SystemState as AppState
 from framepipe.config import Settings
-from framepipe.logs import get_logger
+from framepipe.logs import FORMAT, get_logger
 
 __all__ = ["HealthStatus", "OrchestratorManager", "ResourceSampler", "SystemState"]
 
@@ -75,6 +87,7 @@ class HealthStatus:
     uptime: float
     last_error: str | None
     pipeline_status: dict[str, Any]
+    performance_reason: str | None = None
     restart_attempts: int = 0
     max_restart_attempts: int = 0
     cpu_percent: float | None = None
@@ -149,7 +162,13 @@ class OrchestratorManager:
         self.cpu_percent: float | None = None
         self.memory_percent: float | None = None
         self._resource_warning = False
+        self._performance_warning = False
         self._gave_up: str | None = None
+        self._log_handler: logging.Handler | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
+        self._recovery: concurrent.futures.Future[None] | None = None
+        self.metrics_history: collections.deque[dict[str, Any]] = collections.deque(maxlen=1440)
+        """What each ``metrics_collection_interval`` collected, oldest first (the last 1440)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -221,12 +240,39 @@ class OrchestratorManager:
             if self.is_running:
                 return True
             self._gave_up = None
-            self._run(self._start())
+            self._open_log()
+            try:
+                self._run(self._start())
+            except BaseException:
+                self._close_log()
+                raise
             return True
 
     async def _start(self) -> None:
         await self.orchestrator.start()
         self._monitor = asyncio.create_task(self._monitor_loop(), name="doorbell-monitor")
+        self._metrics_task = asyncio.create_task(self._metrics_loop(), name="doorbell-metrics")
+
+    def _open_log(self) -> None:
+        """Send framepipe's log lines to ``log_file`` too (INFO and up)."""
+        path = self.config.log_file
+        if path is None or self._log_handler is not None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FORMAT, defaults={"component": "-"}))
+        handler.setLevel(logging.INFO)
+        logger = logging.getLogger("framepipe")
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        self._log_handler = handler
+
+    def _close_log(self) -> None:
+        handler, self._log_handler = self._log_handler, None
+        if handler is not None:
+            logging.getLogger("framepipe").removeHandler(handler)
+            handler.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop gracefully (queued frames drain, an open visit closes) and end the thread."""
@@ -244,13 +290,20 @@ class OrchestratorManager:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout)
                 self._loop = self._thread = None
+                self._close_log()
 
     async def _stop(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-            self._monitor = None
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:  # a manual recovery must not start the pipeline again
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wrap_future(recovery)
+        for task in (self._monitor, self._metrics_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._monitor = self._metrics_task = None
         await self.orchestrator.stop()
 
     def restart(self) -> bool:
@@ -275,9 +328,39 @@ class OrchestratorManager:
 
     @restart_attempts.setter
     def restart_attempts(self, value: int) -> None:
-        self.orchestrator.app.restart_attempts = {PIPELINE: value} if value else {}
-        if not value:
-            self._gave_up = None
+        """Set the counter; 0 is the original system's manual reset: when recovery had given
+        up (``ERROR``) and the system runs, recovery starts again at once, with
+        ``max_restart_attempts`` more recoveries after it."""
+        app = self.orchestrator.app
+        app.restart_attempts = {PIPELINE: value} if value else {}
+        if value:
+            return
+        gave_up, self._gave_up = self._gave_up, None
+        loop = self._loop
+        if gave_up is None or loop is None or not loop.is_running() or not self.is_running:
+            return
+        self.log.warning(
+            "restart counter reset by hand: recovery of the failed pipeline starts again "
+            "(it had given up: %s)",
+            gave_up,
+        )
+        self._recovery = asyncio.run_coroutine_threadsafe(self._recover_again(), loop)
+
+    async def _recover_again(self) -> None:
+        """Start the pipeline that recovery gave up on again (framepipe's pause and resume:
+        resume watches it, so a new failure is recovered again)."""
+        app = self.orchestrator.app
+        if app.state in (AppState.STOPPING, AppState.STOPPED):
+            return
+        app.last_error = None
+        await app.pause(PIPELINE)
+        await app.resume(PIPELINE)
+        pipeline = self.orchestrator.pipeline
+        self.log.info(
+            "manual recovery: pipeline %r started again (%s)",
+            PIPELINE,
+            pipeline.state.value if pipeline else "-",
+        )
 
     def _on_system_error(self, _event: str, data: dict[str, Any]) -> None:
         self._gave_up = str(data.get("error"))
@@ -310,26 +393,23 @@ class OrchestratorManager:
         state = _STATES.get(app.state)
         pipeline = app.pipeline_status.get(PIPELINE, {})
         failed = pipeline.get("state") == "failed"
-        if self._gave_up is not None and app.state not in (AppState.STOPPED, AppState.STOPPING):
-            state = SystemState.ERROR
-        elif app.state in (AppState.FAILED, AppState.DEGRADED) or failed:
-            recovering = (
-                self.config.auto_recovery_enabled
-                and self._gave_up is None
-                and self.restart_attempts < self.max_restart_attempts
-            )
-            state = SystemState.DEGRADED if recovering or not failed else SystemState.ERROR
-        score = app.performance_score
-        for used, threshold in (
-            (self.cpu_percent, self.config.cpu_threshold),
-            (self.memory_percent, self.config.memory_threshold),
-        ):
-            if used is not None and used > threshold:
-                score = min(score, round(threshold / used, 3) if used else 0.0)
+        perf = orch.performance()
+        score, reason = self._score(perf)
+        if app.state in (AppState.STOPPED, AppState.STOPPING, AppState.STARTING):
+            pass
+        elif self._gave_up is not None:
+            state = SystemState.ERROR  # recovery gave up: stays so until a reset or restart()
+        elif failed or app.state in (AppState.FAILED, AppState.DEGRADED):
+            # failed and not given up: a recovery is pending (the App counts it before its
+            # cooldown, so the count says nothing about whether one is still to come)
+            state = SystemState.DEGRADED if self.config.auto_recovery_enabled else SystemState.ERROR
+        elif perf["score"] < self.config.performance_threshold:
+            state = SystemState.DEGRADED  # the pipeline's own score, not the machine's load
         last_error = app.last_error or pipeline.get("last_error")
         return HealthStatus(
             state=state or SystemState.ERROR,
             performance_score=score,
+            performance_reason=reason,
             uptime=app.uptime,
             last_error=self._gave_up or last_error,
             pipeline_status=app.pipeline_status,
@@ -341,13 +421,72 @@ class OrchestratorManager:
             issues=list(orch.issues),
         )
 
+    def _score(self, perf: dict[str, Any]) -> tuple[float, str | None]:
+        """The pipeline's score, lowered in proportion to CPU or memory use over its
+        threshold, and why it is below 1."""
+        score: float = perf["score"]
+        reasons = [perf["reason"]] if perf["reason"] else []
+        for what, used, threshold in (
+            ("CPU", self.cpu_percent, self.config.cpu_threshold),
+            ("memory", self.memory_percent, self.config.memory_threshold),
+        ):
+            if used is not None and used > threshold:
+                score = min(score, round(threshold / used, 3) if used else 0.0)
+                reasons.append(f"{what} use {used}% is over its threshold {threshold:g}%")
+        return score, "; ".join(reasons) or None
+
     async def _monitor_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_check_interval)
             try:
                 self._check_resources()
+                self._check_performance()
             except Exception:
                 self.log.exception("health check failed")
+
+    def _check_performance(self) -> None:
+        """``performance_warning`` once when the pipeline's own score falls below
+        ``performance_threshold`` (again after it recovered)."""
+        perf = self.orchestrator.performance()
+        if perf["score"] < self.config.performance_threshold:
+            if not self._performance_warning:
+                self._performance_warning = True
+                self.log.warning("performance warning: score %s: %s", perf["score"], perf["reason"])
+                self.orchestrator.app.emit(
+                    "performance_warning",
+                    {"pipeline": PIPELINE, "score": perf["score"], "reason": perf["reason"]},
+                )
+        else:
+            self._performance_warning = False
+
+    async def _metrics_loop(self) -> None:
+        """The original system's metrics collection, every ``metrics_collection_interval``."""
+        while True:
+            await asyncio.sleep(self.config.metrics_collection_interval)
+            try:
+                self._collect_metrics()
+            except Exception:
+                self.log.exception("metrics collection failed")
+
+    def _collect_metrics(self) -> dict[str, Any]:
+        metrics = self.orchestrator.get_pipeline_metrics()
+        metrics["collected_at"] = time.time()
+        self.metrics_history.append(metrics)
+        perf = metrics["performance"]
+        self.log.info(
+            "metrics: %s, %s frames captured, %s visits, %.1f events/min, "
+            "%s/%s frames/s (score %s), backlog %s",
+            metrics["pipeline_status"],
+            metrics["frames_captured"],
+            metrics["visits"],
+            metrics["events_per_minute"],
+            perf["processed_fps"],
+            perf["nominal_fps"],
+            perf["score"],
+            metrics["queue_status"]["total_backlog"],
+        )
+        self.orchestrator.app.emit("metrics.collected", metrics)
+        return metrics
 
     def _check_resources(self) -> None:
         self.cpu_percent = self.resources.cpu_percent()
