@@ -429,12 +429,14 @@ def test_troubleshooting_performance_degradation_is_reported_with_its_cause(
         assert "of the camera's 25" in reason and "face_detection" in reason, reason
         assert "could not take" in reason, reason
         assert metrics["queue_status"].get("backlog_warning") is True
-        warning = next(
-            w
-            for w in events.wait("performance_warning")
-            if w.get("pipeline") == "doorbell" or w["score"] < 0.7
-        )
-        assert warning["score"] < 0.7 and warning["reason"]
+        # the guide's on_performance_warning(data) reads data['score']; CPU warnings may come too
+        warning = wait_until(
+            "the pipeline's performance_warning",
+            lambda: [w for w in events.seen["performance_warning"] if w.get("pipeline")],
+            WAIT,
+        )[0]
+        assert warning["pipeline"] == "doorbell" and warning["score"] < 0.7
+        assert "face_detection" in warning["reason"]
     finally:
         manager.stop()
 

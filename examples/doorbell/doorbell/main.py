@@ -163,7 +163,8 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
             health = manager.get_health_status()
             print(
                 f"[doorbell] {health.state.value} score={health.performance_score} "
-                f"uptime={health.uptime:.0f}s error={health.last_error}",
+                f"uptime={health.uptime:.0f}s error={health.last_error}"
+                + (f" ({health.performance_reason})" if health.performance_reason else ""),
                 file=sys.stderr,
             )
     except KeyboardInterrupt:
