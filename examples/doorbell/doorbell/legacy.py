@@ -253,6 +253,7 @@ class LegacyAdapter:
             "state": health.state.value,
             "uptime": health.uptime,
             "performance_score": health.performance_score,
+            "performance_reason": health.performance_reason,
             "last_error": health.last_error,
             "known_faces": len(health.known_faces),
             "known_face_names": health.known_faces,

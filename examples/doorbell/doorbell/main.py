@@ -143,8 +143,18 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
     manager.register_event_callback(  # a file played to its end; failures are recovered
         "pipeline.stopped", lambda data: done.set() if data.get("state") == "stopped" else None
     )
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        return _serve(manager, args, done)
+    finally:
+        if previous is not None:  # main() called from a program: give its handler back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(manager: OrchestratorManager, args: argparse.Namespace, done: threading.Event) -> int:
+    """Start, report health until ``done``, stop; the exit code."""
     try:
         manager.start()
     except FramepipeError as exc:

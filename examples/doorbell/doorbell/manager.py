@@ -87,7 +87,6 @@ class HealthStatus:
     uptime: float
     last_error: str | None
     pipeline_status: dict[str, Any]
-    performance_reason: str | None = None
     restart_attempts: int = 0
     max_restart_attempts: int = 0
     cpu_percent: float | None = None
@@ -95,6 +94,8 @@ class HealthStatus:
     known_faces: list[str] = field(default_factory=list)
     issues: list[str] = field(default_factory=list)
     timestamp: float = field(default_factory=time.time)
+    performance_reason: str | None = None
+    """Why ``performance_score`` is below 1 (None when it is not)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
