@@ -59,6 +59,7 @@ _STORE_MODULES = {
     "jobs/records.py",
     "jobs/dispatch.py",
     "jobs/transitions.py",
+    "jobs/leases.py",
     "jobs/recovery.py",
     "jobs/ledger.py",
 }

@@ -8,21 +8,21 @@ broker only rings the bell (:mod:`framepipe.jobs.delivery`). Guarantees:
   transaction, serialised per execution by a lock on its row (``SELECT ... FOR UPDATE`` on
   PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises all writers). A ``ready`` row *is* the
   outbox: a ready step that never reached the broker (crash after commit, broker restart) is
-  published again by :func:`sweep`, and a duplicate delivery is harmless because a claim only
-  takes a ``ready`` row.
+  published again by the sweep (:func:`~framepipe.jobs.leases.sweep`), and a duplicate
+  delivery is harmless because a claim only takes a ``ready`` row.
 * **Fencing.** A claim increments the step's ``attempt``; every later write of that attempt
   (progress, spawn, outcome, lease renewal) matches ``attempt = :mine AND status = 'running'``.
   A worker that lost its lease (killed, paused, cut off) writes nothing when it comes back: a
   step completes once.
 * **Leases.** A running step holds ``lease_until``, renewed by its worker's heartbeat. When it
   expires, or its worker is known dead (same host: the process is gone; elsewhere: no heartbeat
-  for ``stale_after`` seconds), :func:`sweep` makes the step ready again; a dead worker counts
+  for ``stale_after`` seconds), the sweep makes the step ready again; a dead worker counts
   as a crash, and ``max_step_crashes`` crashes fail the step as poison with the tail of the dead
   worker's output.
 
-One concept, longer than most: the operations that open a transaction on distributed executions
-(submit, resume, cancel, claim, commit a round, release due retries, renew leases, sweep), each
-short, all with the same fencing and locking rules stated above.
+This module holds the operations a submitter and a worker's rounds open a transaction for
+(submit, resume, cancel, claim, commit a round); the lease upkeep (renew, sweep, due retries)
+is :mod:`framepipe.jobs.leases`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from framepipe.backends.state import StateStore, executions, step_deps, steps, workers
+from framepipe.backends.state import StateStore, executions, step_deps, steps
 from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionStateError
 from framepipe.events import Event
@@ -49,7 +49,7 @@ from framepipe.jobs.rounds import (
     RoundResult,
     Spawn,
 )
-from framepipe.jobs.rules import interrupted_status, plan_step
+from framepipe.jobs.rules import plan_step
 from framepipe.jobs.transitions import (
     MODE,
     RUNNING,
@@ -57,7 +57,6 @@ from framepipe.jobs.transitions import (
     Transaction,
     claim_statement,
 )
-from framepipe.liveness import owner_is_dead
 
 __all__ = [
     "MODE",
@@ -65,11 +64,8 @@ __all__ = [
     "cancel",
     "claim",
     "commit_round",
-    "release_due",
-    "renew",
     "resume",
     "submit",
-    "sweep",
 ]
 
 
@@ -413,276 +409,3 @@ def _commit_spawns(
             result.fenced.append((x.id, spawner, attempt))
     specs = [s.spec for s in spawns if (s.spawner, s.attempt) in alive]
     tx.insert_steps(x, specs, spawned=True)
-
-
-def release_due(store: StateStore) -> list[Delivery]:
-    """Make the steps whose retry delay has passed ready again; return them to publish."""
-    now = time.time()
-    due = (
-        steps.c.status == StepStatus.RETRYING.value,
-        steps.c.next_attempt_at <= now,
-        steps.c.execution_id.in_(
-            sa.select(executions.c.id).where(
-                executions.c.status == RUNNING, executions.c.mode == MODE
-            )
-        ),
-    )
-    with store.read() as conn:
-        if conn.execute(sa.select(steps.c.key).where(*due).limit(1)).first() is None:
-            return []
-    with store.write() as conn:
-        rows = conn.execute(sa.select(steps.c.execution_id, steps.c.key).where(*due)).all()
-        out: list[Delivery] = []
-        for r in rows:
-            n = conn.execute(
-                steps.update()
-                .where(
-                    steps.c.execution_id == r.execution_id,
-                    steps.c.key == r.key,
-                    steps.c.status == StepStatus.RETRYING.value,
-                )
-                .values(status=StepStatus.READY.value, ready_at=now, published_at=now)
-            ).rowcount
-            if n:
-                out.append(Delivery(r.execution_id, r.key))
-    return out
-
-
-def renew(
-    store: StateStore,
-    worker: str,
-    held: Sequence[tuple[str, str, int]],
-    *,
-    lease: float,
-    concurrency: int,
-    output_tail: str | None = None,
-    status: str = "running",
-    steps_done: int = 0,
-) -> tuple[set[tuple[str, str, int]], set[str]]:
-    """Renew the leases of ``held`` attempts and the worker's heartbeat.
-
-    Returns the attempts whose lease was lost (another worker may run them: stop them and
-    commit nothing) and the executions among them that were cancelled (stop their steps; a
-    failed execution's running steps finish and keep their results)."""
-    now = time.time()
-    lost: set[tuple[str, str, int]] = set()
-    with store.write(durable=False) as conn:
-        for execution_id, key, attempt in held:
-            n = conn.execute(
-                steps.update()
-                .where(
-                    steps.c.execution_id == execution_id,
-                    steps.c.key == key,
-                    steps.c.attempt == attempt,
-                    steps.c.status == StepStatus.RUNNING.value,
-                )
-                .values(lease_until=now + lease)
-            ).rowcount
-            if not n:
-                lost.add((execution_id, key, attempt))
-        host, _, rest = worker.partition(":")
-        pid = int(rest.partition(":")[0] or 0)
-        values: dict[str, Any] = {
-            "status": status,
-            "heartbeat_at": now,
-            "concurrency": concurrency,
-            "steps_done": steps_done,
-        }
-        if output_tail is not None:
-            values["output_tail"] = output_tail
-        if not conn.execute(
-            workers.update().where(workers.c.id == worker).values(**values)
-        ).rowcount:
-            conn.execute(
-                workers.insert().values(id=worker, host=host, pid=pid, started_at=now, **values)
-            )
-        ids = sorted({e for e, _k, _a in held})
-        cancelled = ExecutionStatus.CANCELLED.value
-        stopped = (
-            set(
-                conn.execute(
-                    sa.select(executions.c.id).where(
-                        executions.c.id.in_(ids),
-                        sa.or_(
-                            executions.c.status == cancelled, executions.c.stopping == cancelled
-                        ),
-                    )
-                ).scalars()
-            )
-            if ids
-            else set()
-        )
-    return lost, stopped
-
-
-def sweep(
-    store: StateStore, *, max_crashes: int, stale_after: float, republish_after: float
-) -> tuple[list[Delivery], list[Event]]:
-    """Recover what no worker holds: running steps whose lease expired or whose worker is
-    dead (ready again, or failed as poison after ``max_crashes`` crashes), retries that are
-    due, and ready steps not taken ``republish_after`` seconds after their last publication.
-    Returns the steps to publish and the committed events. Safe to run in every worker."""
-    now = time.time()
-    out = release_due(store)
-    with store.read() as conn:
-        running = conn.execute(
-            sa.select(
-                steps.c.execution_id,
-                steps.c.key,
-                steps.c.attempt,
-                steps.c.worker,
-                steps.c.lease_until,
-            ).where(
-                steps.c.status == StepStatus.RUNNING.value,
-                steps.c.execution_id.in_(
-                    sa.select(executions.c.id).where(executions.c.mode == MODE)
-                ),
-            )
-        ).all()
-        holders = {r.worker for r in running if r.worker}
-        known = (
-            {
-                r.id: r
-                for r in conn.execute(
-                    sa.select(
-                        workers.c.id,
-                        workers.c.heartbeat_at,
-                        workers.c.status,
-                        workers.c.output_tail,
-                    ).where(workers.c.id.in_(sorted(holders)))
-                )
-            }
-            if holders
-            else {}
-        )
-    dead = {
-        w
-        for w in holders
-        if (known[w].status == "stopped" if w in known else False)
-        or owner_is_dead(w, known[w].heartbeat_at if w in known else None, stale_after)
-    }
-    lapsed = [
-        r
-        for r in running
-        if r.worker in dead or (r.lease_until is not None and r.lease_until < now)
-    ]
-    committed: list[Event] = []
-    if lapsed:
-        with store.write() as conn:
-            tx = Transaction(store, conn, now)
-            for r in sorted(lapsed, key=lambda r: (r.execution_id, r.key)):
-                x = tx.lock(r.execution_id)
-                if x is None:
-                    continue
-                crashed = r.worker in dead
-                tail = known[r.worker].output_tail if r.worker in known else None
-                _reclaim(tx, x, r, crashed, tail, max_crashes)
-                tx.settle(x)
-            committed = tx.save()
-        out.extend(tx.ready)
-    forgotten = (
-        steps.c.status == StepStatus.READY.value,
-        steps.c.published_at < now - republish_after,
-        steps.c.execution_id.in_(
-            sa.select(executions.c.id).where(
-                executions.c.status == RUNNING,
-                executions.c.stopping.is_(None),
-                executions.c.mode == MODE,
-            )
-        ),
-    )
-    with store.read() as conn:
-        if conn.execute(sa.select(steps.c.key).where(*forgotten).limit(1)).first() is None:
-            return out, committed
-    with store.write(durable=False) as conn:
-        stale: Sequence[Any] = conn.execute(
-            sa.select(steps.c.execution_id, steps.c.key).where(*forgotten).limit(5000)
-        ).all()
-        for r in stale:
-            conn.execute(
-                steps.update()
-                .where(steps.c.execution_id == r.execution_id, steps.c.key == r.key)
-                .values(published_at=now)
-            )
-        out.extend(Delivery(r.execution_id, r.key) for r in stale)
-    return out, committed
-
-
-def _reclaim(
-    tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str | None, max_crashes: int
-) -> None:
-    fenced = (
-        steps.c.execution_id == x.id,
-        steps.c.key == r.key,
-        steps.c.attempt == r.attempt,
-        steps.c.status == StepStatus.RUNNING.value,
-    )
-    row = tx.conn.execute(sa.select(steps.c.crashes).where(*fenced[:3])).first()
-    if row is None:
-        return
-    crashes = row.crashes + (1 if crashed else 0)
-    why = (
-        f"worker {r.worker} died while running it (killed, os._exit or a native crash)"
-        if crashed
-        else f"the lease of worker {r.worker} expired"
-    )
-    if crashed and crashes >= max_crashes:
-        text = (
-            f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': {why}; crash "
-            f"{crashes} of at most {max_crashes}, failed as poison"
-        )
-        if tail:
-            text += f"\n\nlast output of the worker:\n{tail}"
-        if tx.conn.execute(
-            steps.update()
-            .where(*fenced)
-            .values(
-                status=StepStatus.FAILED.value,
-                crashes=crashes,
-                error=text,
-                finished_at=tx.now,
-                lease_until=None,
-            )
-        ).rowcount:
-            x.active -= 1
-            tx.emit(
-                "step.failed",
-                x,
-                r.key,
-                {"attempt": r.attempt, "crashes": crashes, "error": text.splitlines()[0]},
-            )
-            tx.fail_execution(
-                x,
-                f"pipeline '{x.pipeline}': step {r.key} crashed its worker "
-                f"{crashes} times; failed as poison",
-            )
-        return
-    status = (
-        StepStatus.READY
-        if x.running
-        else interrupted_status(ExecutionStatus(x.stopping or x.status))
-    )
-    if not tx.conn.execute(
-        steps.update()
-        .where(*fenced)
-        .values(
-            status=status.value,
-            crashes=crashes,
-            error=why,
-            lease_until=None,
-            worker=None,
-            ready_at=tx.now,
-            published_at=tx.now,
-        )
-    ).rowcount:
-        return
-    if status is StepStatus.READY:
-        tx.ready.append(Delivery(x.id, r.key))
-    else:
-        x.active -= 1
-    tx.emit(
-        "step.crashed" if crashed else "step.lease_expired",
-        x,
-        r.key,
-        {"attempt": r.attempt, "crashes": crashes, "error": why},
-    )

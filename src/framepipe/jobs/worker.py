@@ -58,7 +58,7 @@ from framepipe.errors import (
     PipelineDefinitionError,
     StepCancelledError,
 )
-from framepipe.jobs import dispatch
+from framepipe.jobs import dispatch, leases
 from framepipe.jobs.context import Progressed, StepContext, StepMessage
 from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
 from framepipe.jobs.loading import KnownPipelines
@@ -336,7 +336,7 @@ class Worker:
 
     def _register(self) -> None:
         self.broker.prepare()
-        dispatch.renew(
+        leases.renew(
             self.store,
             self.id,
             [],
@@ -347,7 +347,7 @@ class Worker:
         )
 
     def _deregister(self) -> None:
-        dispatch.renew(
+        leases.renew(
             self.store,
             self.id,
             [],
@@ -769,7 +769,7 @@ class Worker:
 
     async def _release_due(self) -> None:
         ready = await self._in_db_retrying(
-            dispatch.release_due, self.store, what="releasing due retries"
+            leases.release_due, self.store, what="releasing due retries"
         )
         await self._publish(ready)
 
@@ -816,7 +816,7 @@ class Worker:
         held = [r.ident for r in self._runs.values() if not r.finished and not r.lost]
         lost, stopped = await self._in_db(
             functools.partial(
-                dispatch.renew,
+                leases.renew,
                 self.store,
                 self.id,
                 held,
@@ -859,7 +859,7 @@ class Worker:
         settings = self.settings
         ready, _events = await self._in_db(
             functools.partial(
-                dispatch.sweep,
+                leases.sweep,
                 self.store,
                 max_crashes=settings.max_step_crashes,
                 stale_after=max(self.lease / 2, 2.0),
