@@ -191,6 +191,12 @@ class SupervisorContext:
             sup._frames += 1
             sup._last_frame = time.monotonic()
 
+    def waiting(self) -> None:
+        """The source is alive but waits for the pipeline to take its frame: resets the stall
+        timer without counting a frame (waiting for a slow pipeline is not a stall)."""
+        if self._active:
+            self._sup._last_frame = time.monotonic()
+
     def __repr__(self) -> str:
         return f"SupervisorContext({self.name!r}, attempt={self.attempt})"
 

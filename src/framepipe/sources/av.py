@@ -190,6 +190,7 @@ class VideoSource(Source):
         self.is_network = scheme in _NETWORK_SCHEMES
         is_file = (scheme in ("", "file") or len(scheme) == 1) and not url.startswith("/dev/")
         self.live = loop or not is_file  # a file played once is finite
+        self._is_file = is_file
         self.options: dict[str, str] = {}
         if scheme in ("rtsp", "rtsps"):
             self.options["rtsp_transport"] = "tcp"
@@ -198,6 +199,11 @@ class VideoSource(Source):
             container_format = "v4l2"
         self.container_format = container_format
         self._log = get_logger(self.source_id)
+
+    @property
+    def paced(self) -> bool:
+        """A device or stream makes frames at its own pace; a file only with ``realtime``."""
+        return self.realtime or not self._is_file
 
     def describe(self) -> str:
         """The URL (password hidden) and the pacing flags."""

@@ -24,15 +24,27 @@ class Source(abc.ABC):
     """A producer of :class:`Frame` objects for one ``source_id``.
 
     ``live`` sources (cameras, network streams, capture commands, looped files) are restarted
-    when a session ends; a finite source (a file played once) ends its pipeline. ``fps`` is the
+    when a session ends; a finite source (a file played once) ends its pipeline. A session of
+    a live source that returns normally is a death (restarted with backoff) unless ``loops``. ``fps`` is the
     nominal frame rate when known (health compares the achieved rate with it)."""
 
     live: bool = True
+    loops: bool = False
+    """True when each session plays a recording once and the source is looped by starting the
+    next session at once when one ends normally (not counted as a failure)."""
     fps: float | None = None
 
     def __init__(self, source_id: str) -> None:
         self.source_id = source_id
         self._seq = 0
+
+    @property
+    def paced(self) -> bool:
+        """True when the source makes frames at its own pace whether or not the pipeline takes
+        them (a camera, a network stream, a file replayed in real time): health then counts
+        the frames it made that the pipeline did not take. False for a source read as fast as
+        the pipeline takes it (a file read on demand)."""
+        return True
 
     def next_seq(self) -> int:
         """The next frame number of this source (1, 2, ...; continues across sessions)."""

@@ -92,6 +92,11 @@ class PatternSource(Source):
             np.broadcast_to(_BARS[columns], (height, width, 3))
         )
 
+    @property
+    def paced(self) -> bool:
+        """Paced only with ``realtime`` (otherwise frames are made as fast as taken)."""
+        return self.realtime
+
     def describe(self) -> str:
         """Pattern, size, rate and count."""
         count = "endless" if self.count is None else f"{self.count} frames"

@@ -16,6 +16,9 @@ Guarantees:
   source.
 * A bug that kills one of the pipeline's tasks fails the pipeline loudly (``pipeline.failed``,
   logged with the traceback); nothing waits forever on a dead task.
+* ``performance()`` compares the rate at which frames are taken in with the source's nominal
+  rate over the last ``performance_window`` seconds (paced sources), says why it is low, and
+  never counts the capture's wait for a slow pipeline as frames.
 * ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
   closes open segments, and tears the processors down.
 
@@ -38,6 +41,7 @@ from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
+from framepipe.stream.performance import Performance, RateWindow, Session, measure
 from framepipe.stream.queue import FrameQueue
 from framepipe.stream.segment import Segment, Segmenter, SegmentMarker
 from framepipe.stream.sinks import Sink
@@ -74,6 +78,7 @@ class StreamPipeline:
         healthy_after: float = 30.0,
         restart_on_end: bool | None = None,
         drain_timeout: float = 5.0,
+        performance_window: float = 5.0,
         on_event: EventCallback | None = None,
     ) -> None:
         self.name = name
@@ -102,6 +107,10 @@ class StreamPipeline:
         self.last_error: str | None = None
         self.started_at: float | None = None
         self.frames_captured = 0
+        if performance_window <= 0:
+            raise ValueError(f"performance_window must be > 0, got {performance_window}")
+        self._capture_rate = RateWindow(performance_window)
+        self._session: Session | None = None
         self.latest_frame: Frame | None = None
         """The last frame captured (for previews; the pipeline keeps no other reference)."""
         self.frames_out = 0
@@ -304,7 +313,7 @@ class StreamPipeline:
             processor = stage.processor
             assert isinstance(processor, Processor)
             processor.event_sink = self._emit_from_processor
-            stats = StageStats(stage.label)
+            stats = StageStats(stage.label, window=self._capture_rate.window)
             ordered = stage.ordered if stage.ordered is not None else (needs_order and not is_sink)
             control = (
                 self._sink_control(processor) if is_sink and isinstance(processor, Sink) else None
@@ -342,7 +351,12 @@ class StreamPipeline:
     async def _capture(self, ctx: SupervisorContext) -> None:
         first = self._first_q
         keepalive = max(0.05, (self.stall_timeout or 4.0) / 4)
-        async with contextlib.aclosing(self.source.frames(started=ctx.started)) as frames:
+
+        def started(pid: int | None) -> None:
+            self._session = Session(time.monotonic(), self.frames_captured)
+            ctx.started(pid)
+
+        async with contextlib.aclosing(self.source.frames(started=started)) as frames:
             await self._pump(ctx, frames, first, keepalive)
 
     async def _pump(
@@ -355,6 +369,7 @@ class StreamPipeline:
         async for frame in frames:
             ctx.alive()
             self.frames_captured += 1
+            self._capture_rate.tick()
             self.latest_frame = frame
             if self.state is not HealthState.RUNNING and not self._ended():
                 self.state = HealthState.RUNNING
@@ -366,7 +381,7 @@ class StreamPipeline:
             try:
                 while not put.done():
                     await asyncio.wait({put}, timeout=keepalive)
-                    ctx.alive()
+                    ctx.waiting()
             finally:
                 put.cancel()
 
@@ -496,32 +511,33 @@ class StreamPipeline:
 
     # -- health ---------------------------------------------------------------------------------
 
-    def performance_score(self) -> float:
-        """0-1: achieved capture fps against the source's nominal fps (while the capture
-        runs; a finite source that ended and is draining is not slow), less the share of
-        frames dropped or failed."""
-        if self.state in (HealthState.FAILED, HealthState.STOPPED):
-            return 0.0 if self.state is HealthState.FAILED else 1.0
-        score = 1.0
-        target = self.source.fps
+    def performance(self) -> Performance:
+        """How well the pipeline keeps up with its source, and why not (the rule is in
+        :mod:`framepipe.stream.performance`): a paced source is judged by the rate at which
+        the pipeline takes frames in against its nominal rate over the last few seconds, a
+        source read on demand only by its failed frames. Stopped: 1; failed: 0."""
+        if self.state is HealthState.FAILED:
+            return Performance(score=0.0, reason=f"the pipeline failed: {self.last_error}")
         sup = self.supervisor
-        if (
-            target
+        running = (
+            self.state is not HealthState.STOPPED
             and sup is not None
             and sup.health.state is HealthState.RUNNING
-            and sup.health.frames > 10
-        ):
-            score = min(1.0, self._capture_fps() / target)
-        total = max(1, self.frames_captured)
-        lost = sum(s.dropped + s.errors for s in self.stats)
-        return round(max(0.0, score * (1.0 - min(1.0, lost / total))), 3)
+        )
+        return measure(
+            stages=self.stages,
+            stats=self.stats[: len(self.stages)],
+            capture_rate=self._capture_rate.rate,
+            frames_captured=self.frames_captured,
+            nominal_fps=self.source.fps,
+            paced=self.source.paced,
+            session=self._session if running else None,
+            window=self._capture_rate.window,
+        )
 
-    def _capture_fps(self) -> float:
-        assert self.supervisor is not None
-        health = self.supervisor.health
-        if health.started_at is None:
-            return 0.0
-        return health.frames / max(1e-3, time.time() - health.started_at)
+    def performance_score(self) -> float:
+        """0-1, see :meth:`performance`."""
+        return self.performance().score
 
     def _capture_q_dropped(self) -> int:
         return self._first_q.dropped if hasattr(self, "_first_q") else 0
@@ -529,10 +545,12 @@ class StreamPipeline:
     def health(self) -> dict[str, Any]:
         """State, performance score, uptime, last error, source and per-stage status."""
         sup = self.supervisor.health.to_dict() if self.supervisor is not None else None
+        performance = self.performance()
         return {
             "name": self.name,
             "state": self.state.value,
-            "performance_score": self.performance_score(),
+            "performance_score": performance.score,
+            "performance": performance.to_dict(),
             "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
             "last_error": self.last_error,
             "source": sup,

@@ -1,0 +1,160 @@
+"""How well a live pipeline keeps up with its source: the performance score and its reason.
+
+The rule, in one place for every live pipeline (its ``health()``, the dashboard, applications
+that report a score of their own):
+
+* A *paced* source (a camera, a network stream, a file or pattern replayed in real time) makes
+  frames at its nominal rate whether or not the pipeline takes them. Its score is the rate at
+  which the pipeline takes frames in (its first stage's frames per second over the last
+  measuring window, or the capture's when it has no stage) against the nominal rate, so frames
+  the camera made while the capture could not take them lower it, and so do frames dropped in
+  front of a slow stage.
+* A source read on demand (a file read as fast as the pipeline takes it) loses nothing by being
+  slower than its nominal rate: its score is 1.
+* Frames that failed in a stage lower either score in proportion.
+* The score is judged while the capture runs, once it has run for a full measuring window (the
+  first frames of a session wait for models to load): before that, while it backs off, or once
+  a finite file has ended and drains, it is 1. A stopped pipeline is 1; a failed one 0.
+* Below 1, ``reason`` says why in words an operator can act on: the rate achieved against the
+  nominal one, the slowest stage (its workers, time a frame and queue), the frames the capture
+  could not take, dropped and failed frames.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from framepipe.stream.stage import Stage, StageStats
+
+__all__ = ["Performance", "RateWindow", "measure"]
+
+
+@dataclass
+class RateWindow:
+    """Events per second over the last ``window`` seconds (a monotonic clock)."""
+
+    window: float = 5.0
+    _times: collections.deque[float] = field(default_factory=collections.deque, repr=False)
+
+    def tick(self) -> None:
+        """Count one event now."""
+        now = time.monotonic()
+        self._times.append(now)
+        cutoff = now - self.window
+        while self._times[0] < cutoff:
+            self._times.popleft()
+
+    @property
+    def rate(self) -> float:
+        """Events per second over the window (0 when none arrived in it)."""
+        now = time.monotonic()
+        cutoff = now - self.window
+        while self._times and self._times[0] < cutoff:
+            self._times.popleft()
+        if len(self._times) < 2:
+            return len(self._times) / self.window
+        return len(self._times) / max(now - self._times[0], 1e-6)
+
+
+@dataclass(frozen=True)
+class Performance:
+    """One reading of a pipeline's performance (see the module's rule)."""
+
+    score: float = 1.0
+    reason: str | None = None
+    paced: bool = False
+    processed_fps: float | None = None
+    nominal_fps: float | None = None
+    not_taken: int = 0
+    """Frames a camera at the nominal rate made since the capture opened that it did not take."""
+    dropped: int = 0
+    """Frames dropped in front of a stage because the pipeline fell behind."""
+    failed: int = 0
+    bottleneck: str | None = None
+    """The stage with the most work per worker."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The reading as JSON-ready fields."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Session:
+    """Where the current capture session started: its monotonic time and the frame count."""
+
+    started: float
+    frames_before: int
+
+
+def measure(
+    *,
+    stages: Sequence[Stage],
+    stats: Sequence[StageStats],
+    capture_rate: float,
+    frames_captured: int,
+    nominal_fps: float | None,
+    paced: bool,
+    session: Session | None,
+    window: float = 5.0,
+) -> Performance:
+    """Score a running capture (the caller handles stopped and failed pipelines).
+
+    ``session`` is None while no capture session is open (opening, backing off, a file that
+    ended); ``stats`` holds the stages' counters in order, ``capture_rate`` the capture's
+    frames per second over the window."""
+    if not nominal_fps or session is None:
+        return Performance(paced=paced, nominal_fps=nominal_fps)
+    elapsed = time.monotonic() - session.started
+    if elapsed < window:
+        return Performance(paced=paced, nominal_fps=nominal_fps)
+    taken = frames_captured - session.frames_before
+    processed = stats[0].fps if stats else capture_rate
+    not_taken = max(0, round(nominal_fps * elapsed) - taken) if paced else 0
+    dropped = sum(s.dropped for s in stats)
+    failed = sum(s.errors for s in stats)
+    score = min(1.0, processed / nominal_fps) if paced else 1.0
+    score *= 1.0 - min(1.0, failed / max(1, taken))
+    score = round(max(0.0, score), 3)
+    by_name = {s.label: s for s in stages}
+    bottleneck = max(
+        (s for s in stats if s.name in by_name),
+        key=lambda s: s.latency_ms / max(1, by_name[s.name].workers),
+        default=None,
+    )
+    reason: str | None = None
+    if score < 1.0 and not paced:
+        reason = f"{failed} of {taken} frames failed"
+    elif score < 1.0:
+        parts = [f"processing {processed:.1f} frames/s of the source's {nominal_fps:g}"]
+        if bottleneck is not None:
+            stage = by_name[bottleneck.name]
+            parts.append(
+                f"{bottleneck.name} is the slowest stage ({stage.workers} worker(s), "
+                f"{bottleneck.latency_ms:.0f} ms a frame, queue {bottleneck.depth}/"
+                f"{stage.queue_size})"
+            )
+        if not_taken:
+            parts.append(
+                f"the capture could not take {not_taken} of the frames the source made "
+                f"in {elapsed:.0f}s"
+            )
+        if dropped:
+            parts.append(f"{dropped} frames dropped because the pipeline fell behind")
+        if failed:
+            parts.append(f"{failed} frames failed")
+        reason = "; ".join(parts)
+    return Performance(
+        score=score,
+        reason=reason,
+        paced=paced,
+        processed_fps=round(processed, 2),
+        nominal_fps=round(nominal_fps, 2),
+        not_taken=not_taken,
+        dropped=dropped,
+        failed=failed,
+        bottleneck=bottleneck.name if bottleneck is not None else None,
+    )

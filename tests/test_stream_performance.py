@@ -1,0 +1,138 @@
+"""A live pipeline's performance score: the rate it takes frames in against the source's
+nominal rate (paced sources), failed frames for sources read on demand, and the reason."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from framepipe.frames import Frame
+from framepipe.sources import PatternSource
+from framepipe.stream import Stage, StreamPipeline
+from framepipe.stream.performance import Performance
+from framepipe.supervise import HealthState
+
+WINDOW = 1.0
+
+
+def slow(seconds: float) -> Callable[[Frame], Frame]:
+    def work(frame: Frame) -> Frame:
+        time.sleep(seconds)
+        return frame
+
+    work.__name__ = "faces"
+    return work
+
+
+async def reading_after(pipeline: StreamPipeline, seconds: float) -> tuple[Performance, Any]:
+    """Run ``pipeline`` for ``seconds``, read its performance and health, then stop it."""
+    run = asyncio.create_task(pipeline.run())
+    await asyncio.sleep(seconds)
+    performance, health = pipeline.performance(), pipeline.health()
+    await pipeline.stop()
+    await asyncio.wait_for(run, 30)
+    return performance, health
+
+
+def test_a_camera_faster_than_its_slowest_stage_scores_that_ratio_and_says_why() -> None:
+    # A camera at 25 fps into a stage that manages ~10 frames/s: a file paced in real time
+    # slows down to match (the capture waits), yet the score must say the pipeline keeps
+    # only ~40% of what the camera makes, and why.
+    pipeline = StreamPipeline(
+        "door",
+        PatternSource("cam", fps=25, realtime=True),
+        stages=[Stage(slow(0.1), workers=1, queue_size=2)],
+        performance_window=WINDOW,
+    )
+    performance, health = asyncio.run(reading_after(pipeline, 3 * WINDOW + 0.5))
+    assert performance.paced
+    assert 0.2 < performance.score < 0.6, performance
+    assert performance.processed_fps is not None and performance.processed_fps < 15
+    assert performance.nominal_fps == 25
+    assert performance.bottleneck == "faces"
+    assert performance.reason is not None
+    assert "of the source's 25" in performance.reason
+    assert "faces is the slowest stage (1 worker(s)" in performance.reason
+    assert health["performance"]["score"] == health["performance_score"]
+
+
+def test_the_capture_waiting_for_a_slow_pipeline_counts_no_frames() -> None:
+    pipeline = StreamPipeline(
+        "door",
+        PatternSource("cam", fps=50, realtime=False),
+        stages=[Stage(slow(0.05), workers=1, queue_size=1)],
+        stall_timeout=0.4,  # keep-alives every 0.1 s while the capture waits
+        performance_window=WINDOW,
+    )
+    _performance, health = asyncio.run(reading_after(pipeline, 1.5))
+    assert health["source"]["frames"] == health["frames_captured"]
+    assert health["frames_captured"] < 1.5 / 0.05 + 5  # the stage, not keep-alives, set the pace
+
+
+def test_a_file_read_on_demand_loses_nothing_by_being_slow() -> None:
+    pipeline = StreamPipeline(
+        "batch",
+        PatternSource("recorded", fps=25, realtime=False),
+        stages=[Stage(slow(0.1), workers=1, queue_size=2)],
+        performance_window=WINDOW,
+    )
+    performance, _health = asyncio.run(reading_after(pipeline, 2 * WINDOW + 0.5))
+    assert not performance.paced
+    assert performance.score == 1.0
+    assert performance.reason is None
+
+
+def test_failed_frames_lower_the_score_in_proportion() -> None:
+    def every_other(frame: Frame) -> Frame:
+        time.sleep(0.002)
+        if frame.seq % 2 == 0:
+            raise ValueError("unreadable")
+        return frame
+
+    pipeline = StreamPipeline(
+        "picky",
+        PatternSource("recorded", fps=200, realtime=False),
+        stages=[Stage(every_other, workers=1)],
+        performance_window=WINDOW,
+    )
+    performance, _health = asyncio.run(reading_after(pipeline, WINDOW + 0.5))
+    assert 0.4 <= performance.score <= 0.6, performance
+    assert performance.reason is not None
+    assert performance.reason.endswith("frames failed")
+    assert performance.failed > 0
+
+
+def test_a_keeping_up_camera_scores_one_and_a_new_session_waits_a_full_window() -> None:
+    pipeline = StreamPipeline(
+        "door",
+        PatternSource("cam", fps=20, realtime=True),
+        stages=[Stage(slow(0.001), workers=1)],
+        performance_window=WINDOW,
+    )
+    early, _ = asyncio.run(reading_after(pipeline, WINDOW / 3))
+    assert early.score == 1.0 and early.processed_fps is None  # not judged yet
+    pipeline = StreamPipeline(
+        "door",
+        PatternSource("cam", fps=20, realtime=True),
+        stages=[Stage(slow(0.001), workers=1)],
+        performance_window=WINDOW,
+    )
+    performance, _ = asyncio.run(reading_after(pipeline, 2 * WINDOW + 0.5))
+    assert performance.score >= 0.9, performance
+    assert performance.processed_fps is not None and performance.processed_fps > 15
+
+
+def test_stopped_and_failed_pipelines() -> None:
+    pipeline = StreamPipeline("idle", PatternSource("cam", count=1, realtime=False))
+    assert pipeline.performance().score == 1.0
+    pipeline.state = HealthState.FAILED
+    pipeline.last_error = "camera gone"
+    failed = pipeline.performance()
+    assert failed.score == 0.0
+    assert failed.reason == "the pipeline failed: camera gone"
+    with pytest.raises(ValueError, match="performance_window"):
+        StreamPipeline("bad", PatternSource("cam"), performance_window=0)
