@@ -1,10 +1,11 @@
 """The order-accuracy station on framepipe: one persistent capture per station,
-orders read from QR order tags, frames stored per station and order.
+orders read from order tickets (QR tags, or printed order numbers read by OCR), frames stored
+per station and order.
 
 Per station, one :class:`~framepipe.stream.StreamPipeline`::
 
     capture (ffmpeg / gst-launch-1.0 subprocess, or PyAV)   one process per station, for good
-      -> order_tags  (OrderTagStage, N workers, source order kept)
+      -> order_tags  (OrderTagStage, N workers, source order kept; reader "qr" or "ocr")
       -> segmenter   (an order = a segment keyed by the order id; closes after order_timeout s
                       without its tag, or when another order's tag shows up)
       -> frame_store (frames/{station_id}/{order_id}/frame_{ts_ms}_{n}.jpg, best frames of each
@@ -72,6 +73,7 @@ from framepipe.errors import ConfigError, MissingDependencyError
 __all__ = [
     "FRAME_TEMPLATE",
     "ORDER_PATTERN",
+    "READERS",
     "OrderAccuracy",
     "OrderKey",
     "OrderTagStage",
@@ -80,6 +82,7 @@ __all__ = [
     "TagReading",
     "build_station",
     "station_source",
+    "tag_reader",
 ]
 
 FRAME_TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
@@ -102,8 +105,8 @@ class TagReading:
 
 
 class TagReader(Protocol):
-    """Finds order tags in an image. :class:`QrTagReader` reads QR codes; an OCR reader of
-    printed order numbers fits the same interface."""
+    """Finds order tags in an image. :class:`QrTagReader` reads QR codes;
+    ``ocr.OcrTagReader`` reads printed order numbers (``ORDER #123`` -> ``ORDER_123``)."""
 
     def read(self, image: np.ndarray) -> list[TagReading]:
         """Every tag in ``image`` (BGR), readable or not."""
@@ -138,6 +141,25 @@ class QrTagReader:
         return readings
 
 
+READERS = ("qr", "ocr")
+
+
+def tag_reader(reader: TagReader | str | None) -> TagReader:
+    """``reader`` as a :class:`TagReader`: ``"qr"`` (or None) is a :class:`QrTagReader`,
+    ``"ocr"`` an ``ocr.OcrTagReader`` with its defaults (imported only then), an instance is
+    returned as it is. An unknown name is a :class:`ConfigError`; a reader whose package is
+    not installed a :class:`MissingDependencyError` with the pip command."""
+    if reader is None or reader == "qr":
+        return QrTagReader()
+    if reader == "ocr":
+        from ocr import OcrTagReader
+
+        return OcrTagReader()
+    if isinstance(reader, str):
+        raise ConfigError(f"tag reader must be one of {', '.join(READERS)}, not {reader!r}")
+    return reader
+
+
 def _sharpness(gray: np.ndarray, position: Any) -> float:
     points = [position.top_left, position.top_right, position.bottom_right, position.bottom_left]
     xs = [p.x for p in points]
@@ -158,20 +180,22 @@ class OrderTagStage(Processor):
     ``tag_error`` when a tag was seen but none decoded. Reports ``tag.unreadable``,
     ``tag.conflict`` and ``tag.invalid`` events (each at most once per ``report_every``
     seconds, with the number of frames since the last report) and ``station.first_frame``
-    once per start. Thread-safe: run it with several workers."""
+    once per start. Thread-safe: run it with several workers. ``reader`` is a
+    :class:`TagReader` or a name for :func:`tag_reader` (``"qr"``, ``"ocr"``); None reads QR
+    tags with a reader made at setup."""
 
     name = "order_tags"
 
     def __init__(
         self,
         station_id: str,
-        reader: TagReader | None = None,
+        reader: TagReader | str | None = None,
         *,
         pattern: str = ORDER_PATTERN,
         report_every: float = 5.0,
     ) -> None:
         self.station_id = station_id
-        self.reader = reader
+        self.reader = tag_reader(reader) if isinstance(reader, str) else reader
         self.pattern = re.compile(pattern)
         self.report_every = report_every
         self.added_at = time.time()
@@ -382,12 +406,13 @@ def build_station(
     best_frames: int = 3,
     tag_workers: int = 2,
     store_workers: int = 2,
-    reader: TagReader | None = None,
+    reader: TagReader | str | None = None,
     stall_timeout: float | None = 10.0,
     max_restarts: int = 5,
     backoff: Backoff | None = None,
 ) -> StreamPipeline:
-    """The pipeline of one station (see the module docstring)."""
+    """The pipeline of one station (see the module docstring). ``reader``: ``"qr"`` (QR
+    tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`."""
     if STATION_PATTERN.fullmatch(station_id) is None:
         raise ConfigError(
             f"station id {station_id!r}: use letters, digits, '_' and '-' "
@@ -434,7 +459,10 @@ class OrderAccuracy:
     ``selected/``) or an object store URL of its own (``s3://selected?endpoint=...``).
     Events are committed to the state store (``FRAMEPIPE_DATABASE_URL``: SQLite by default,
     PostgreSQL when set) where ``framepipe serve`` shows them, and appended to the Redis
-    Stream ``<namespace>:events:order_accuracy`` when ``FRAMEPIPE_BROKER_URL`` is Redis."""
+    Stream ``<namespace>:events:order_accuracy`` when ``FRAMEPIPE_BROKER_URL`` is Redis.
+    ``reader`` reads the tickets of every station: ``"qr"`` (the default), ``"ocr"`` or a
+    :class:`TagReader`; one reader serves all stations (both built-in readers are
+    thread-safe), made here so a missing package fails at once."""
 
     def __init__(
         self,
@@ -455,6 +483,7 @@ class OrderAccuracy:
         backoff: Backoff | None = None,
         store_events: bool = True,
         name: str = "order_accuracy",
+        reader: TagReader | str | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
@@ -473,6 +502,7 @@ class OrderAccuracy:
             max_restarts=max_restarts,
             stall_timeout=stall_timeout,
             backoff=backoff,
+            reader=tag_reader(reader) if isinstance(reader, str) else reader,
         )
         self.capture_options: dict[str, Any] = dict(
             capture=capture, fps=fps, loop=loop, realtime=realtime
