@@ -802,3 +802,145 @@ def test_pattern_endless_is_live() -> None:
     assert source.live is True
     assert source.fps == 25.0
     assert len(run(collect(source, limit=100)).frames) == 100
+
+
+# -- the end of a recording, and capture_source's choice --------------------------------------
+
+
+def test_command_recording_exit_0_is_the_end_and_other_exits_a_death(
+    clips: dict[str, Path],
+) -> None:
+    """``live=False``: exit code 0 at the end of stdout ends the session normally; any other
+    exit still raises with its code."""
+    argv = ffmpeg_cmd(clips["short"], "-f", "mjpeg", "-q:v", "5", realtime=False)
+    source = CommandSource(argv, "file", live=False)
+    assert not source.live and not source.loops
+    session = run(collect(source))
+    assert session.error is None
+    assert session.seqs == list(range(1, 16))
+    assert source.pid is None and not pid_alive(session.started[0])
+    failing = CommandSource(["sh", "-c", "echo broken >&2; exit 3"], "file", live=False)
+    failed = run(collect(failing))
+    assert isinstance(failed.error, CaptureExitedError) and failed.error.exit_code == 3
+    looped = CommandSource(argv, "pass", loop=True)
+    assert looped.live and looped.loops
+    assert run(collect(looped)).error is None  # one pass ends cleanly
+
+
+def pipeline_run(source: Source, **options: Any) -> tuple[list[tuple[str, dict[str, Any]]], Any]:
+    """Run a StreamPipeline on ``source`` to its end; its events and the pipeline."""
+    from framepipe.stream import StreamPipeline
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def main() -> Any:
+        pipeline = StreamPipeline(
+            source.source_id, source, on_event=lambda k, d: events.append((k, d)), **options
+        )
+        await pipeline.start()
+        await asyncio.wait_for(pipeline.wait(), 60)
+        return pipeline
+
+    return events, run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capture", ["gst", "ffmpeg"])
+def test_capture_of_a_recording_ends_its_pipeline_once(
+    capture: str, clips: dict[str, Path]
+) -> None:
+    """An ended file is an end: the pipeline ends with every frame once, no restart."""
+    from framepipe.sources import capture_source
+
+    need_tool("gst-launch-1.0" if capture == "gst" else "ffmpeg")
+    source = capture_source(str(clips["stream"]), "rec", capture=capture, realtime=False)  # type: ignore[arg-type]
+    assert isinstance(source, CommandSource) and not source.live
+    events, pipeline = pipeline_run(source, max_restarts=3)
+    kinds = [k for k, _ in events]
+    assert "source.died" not in kinds and "source.restarting" not in kinds
+    assert kinds.count("source.started") == 1
+    assert pipeline.state.value == "stopped" and pipeline.frames_captured == 100
+    assert pipeline.supervisor.health.restarts == 0
+
+
+@pytest.mark.slow
+def test_gst_loops_a_recording_by_starting_the_next_pass_at_once(
+    clips: dict[str, Path],
+) -> None:
+    """gst-launch-1.0 cannot seek back: each pass is one process, the next starts at once and
+    is not a failure (no backoff, the attempt counter stays 0)."""
+    from framepipe.sources import capture_source
+
+    need_tool("gst-launch-1.0")
+    source = capture_source(str(clips["short"]), "loop", capture="gst", loop=True, realtime=False)
+    assert isinstance(source, CommandSource) and source.argv[0] == "gst-launch-1.0"
+    assert source.live and source.loops
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def main() -> int:
+        from framepipe.stream import StreamPipeline
+
+        pipeline = StreamPipeline("loop", source, on_event=lambda k, d: events.append((k, d)))
+        await pipeline.start()
+        try:
+            while pipeline.frames_captured < 15 * 3 + 1:
+                await asyncio.sleep(0.02)
+                assert pipeline.running
+            assert pipeline.supervisor is not None
+            assert pipeline.supervisor.health.attempt == 0
+            return pipeline.frames_captured
+        finally:
+            await pipeline.stop()
+
+    assert run(main()) > 45
+    kinds = [k for k, _ in events]
+    assert "source.died" not in kinds and "source.restarting" not in kinds
+    passes = [d for k, d in events if k == "source.ended"]
+    assert len(passes) >= 3 and all(d["next_pass"] for d in passes)
+
+
+def test_capture_source_picks_gst_then_ffmpeg_and_names_bad_input(
+    clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from framepipe.errors import ConfigError
+    from framepipe.sources import capture_source
+    from framepipe.sources.capture import gst_problem
+
+    need_tool("gst-launch-1.0")
+    ffmpeg = need_tool("ffmpeg")
+    clip = str(clips["short"])
+    auto = capture_source(clip, "s1", env={"STATION_ID": "s1"})
+    assert isinstance(auto, CommandSource) and auto.argv[0] == "gst-launch-1.0"
+    assert "sync=true" in auto.argv and auto.env == {"STATION_ID": "s1"}
+    fast = capture_source(clip, "s1", realtime=False)
+    assert isinstance(fast, CommandSource) and "sync=false" in fast.argv
+    # ffmpeg loops a file itself: one process for good, its exit is a death
+    looped = capture_source(clip, "s1", capture="ffmpeg", loop=True)
+    assert isinstance(looped, CommandSource) and looped.live and not looped.loops
+    assert "-stream_loop" in looped.argv
+    # GStreamer reads no tcp:// URL: ffmpeg captures it, as a live stream
+    tcp = capture_source("tcp://127.0.0.1:9", "cam")
+    assert isinstance(tcp, CommandSource) and tcp.argv[0] == "ffmpeg" and tcp.live
+    assert gst_problem("tcp://127.0.0.1:9") == "GStreamer has no source for tcp:// URLs"
+    with pytest.raises(ConfigError, match="capture 'gst' cannot run: GStreamer has no source"):
+        capture_source("tcp://127.0.0.1:9", "cam", capture="gst")
+    rtsp = capture_source("rtsp://127.0.0.1/stream1", "cam")
+    assert isinstance(rtsp, CommandSource) and "rtspsrc" in rtsp.argv and rtsp.live
+    # a file gst-launch-1.0 cannot decode (not a video): the reason says so
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    problem = gst_problem(str(text))
+    assert problem is not None and "cannot decode" in problem and str(text) in problem
+    # without gst-launch-1.0 on PATH: ffmpeg
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ffmpeg").symlink_to(ffmpeg)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    fallback = capture_source(clip, "s1")
+    assert isinstance(fallback, CommandSource) and fallback.argv[0] == "ffmpeg"
+    assert not fallback.live and "-re" in fallback.argv
+    with pytest.raises(ConfigError, match=r"video file '/no/such\.mp4' does not exist"):
+        capture_source("/no/such.mp4", "s1")
+    with pytest.raises(ConfigError, match="capture must be one of auto, gst, ffmpeg, av"):
+        capture_source(clip, "s1", capture="vlc")  # type: ignore[arg-type]
+    assert isinstance(capture_source(clip, "s1", capture="av"), VideoSource)

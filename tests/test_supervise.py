@@ -8,6 +8,7 @@ benchmarks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -163,7 +164,10 @@ def test_killed_capture_is_noticed_at_once_and_restarted(logs: pytest.LogCapture
         "exit_code": -9,
         "error": "CaptureExitedError: [station_1] capture exited",
     }
-    assert rec.of("restarting")[0] == {"name": "station_1", "delay": 0.05, "attempt": 1}
+    restarting = rec.of("restarting")[0]
+    next_at = restarting.pop("next_attempt_at")
+    assert restarting == {"name": "station_1", "delay": 0.05, "attempt": 1, "retrying": False}
+    assert time.time() - 30 < next_at < time.time()
     assert [d["pid"] for d in rec.of("started")] == [procs[0].pid, procs[1].pid]
     assert [d["attempt"] for d in rec.of("started")] == [0, 1]
     messages = lines(logs, "station_1")
@@ -758,3 +762,114 @@ def test_stop_bounds_a_session_that_ignores_cancellation(logs: pytest.LogCapture
     messages = lines(logs, "cam_stuck")
     assert "Pipeline did not stop within 0.2s; abandoning its session" in messages
     assert messages[-1] == "Pipeline stopped"
+
+
+def test_keep_trying_retries_at_the_cap_until_the_camera_is_back(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """``after_attempts="keep_trying"``: after ``max_attempts`` failures the supervisor says so
+    once (``retrying``), then tries every ``retry_delay`` seconds in state ``retrying`` with
+    the reason and the next attempt's time in its health; the first frame of a session that
+    works again is ``recovered`` and the health is normal again."""
+    rec = Recorder()
+    camera_back = asyncio.Event()
+    attempts: list[float] = []
+
+    async def camera(ctx: SupervisorContext) -> None:
+        attempts.append(time.monotonic())
+        ctx.started(None)
+        if not camera_back.is_set():
+            raise SourceError("connection refused", source_id=ctx.name)
+        while True:
+            ctx.alive()
+            await asyncio.sleep(0.01)
+
+    async def main() -> tuple[Health, Health, Health]:
+        sup = Supervisor(
+            "station_1",
+            camera,
+            backoff=Backoff(0.01, 2, 0.3, 0),
+            max_attempts=2,
+            after_attempts="keep_trying",
+            on_event=rec,
+        )
+        rec.sup = sup
+        await sup.start()
+        await rec.until("retrying")
+        await rec.until("restarting", 4)
+        waiting = sup.health
+        camera_back.set()
+        await rec.until("recovered", within=5)
+        recovered = sup.health
+        await sup.stop()
+        return waiting, recovered, sup.health
+
+    waiting, recovered, stopped = asyncio.run(main())
+    assert waiting.state is HealthState.RETRYING
+    assert waiting.last_error == "SourceError: [station_1] connection refused"
+    assert waiting.retrying_since is not None and waiting.next_attempt_at is not None
+    assert waiting.next_attempt_at > waiting.since
+    assert waiting.to_dict()["state"] == "retrying"
+    # announced once, never given up
+    assert len(rec.of("retrying")) == 1 and "failed" not in rec.types()
+    retrying = rec.of("retrying")[0]
+    assert retrying["attempts"] == 2 and retrying["delay"] == 0.3
+    assert retrying["error"] == "SourceError: [station_1] connection refused"
+    # the schedule: 0.01 s, then the cap (0.3 s) for every further attempt
+    restarts = rec.of("restarting")
+    assert [r["delay"] for r in restarts[:4]] == [0.01, 0.3, 0.3, 0.3]
+    assert [r["retrying"] for r in restarts[:4]] == [False, True, True, True]
+    gaps = [b - a for a, b in itertools.pairwise(attempts[1:5])]
+    assert all(gap >= 0.29 for gap in gaps), gaps
+    # back: recovered once, the health normal again
+    assert rec.of("recovered")[0]["attempts"] >= 4
+    assert recovered.state is HealthState.RUNNING
+    assert recovered.retrying_since is None and recovered.next_attempt_at is None
+    assert stopped.state is HealthState.STOPPED
+    messages = lines(logs, "station_1")
+    assert (
+        "Pipeline failed 2 times in a row: SourceError: [station_1] connection refused; "
+        "retrying every 0.3s until it is back"
+    ) in messages
+    assert "Restarting pipeline in 0.3s (attempt 3)" in messages
+    assert any(m.startswith("Pipeline is back after") for m in messages)
+
+
+def test_keep_trying_and_loop_are_checked() -> None:
+    async def target(ctx: SupervisorContext) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="after_attempts must be 'fail' or 'keep_trying'"):
+        Supervisor("x", target, after_attempts="forever")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retry_delay must be > 0"):
+        Supervisor("x", target, retry_delay=0)
+
+
+def test_loop_starts_the_next_pass_at_once_and_an_empty_pass_is_a_failure() -> None:
+    rec = Recorder()
+    passes: list[int] = []
+
+    async def recording(ctx: SupervisorContext) -> None:
+        passes.append(ctx.attempt)
+        ctx.started(None)
+        if len(passes) <= 3:
+            for _ in range(5):
+                ctx.alive()
+        # the fourth pass delivers nothing: that is not a pass, it is a failure
+
+    async def main() -> Health:
+        sup = Supervisor(
+            "rec", recording, backoff=Backoff(0.01, 1, 0.01, 0), loop=True, on_event=rec
+        )
+        rec.sup = sup
+        await sup.start()
+        await rec.until("restarting", 2)
+        await sup.stop()
+        return sup.health
+
+    health = asyncio.run(main())
+    ended = rec.of("ended")
+    assert [e.get("next_pass") for e in ended[:3]] == [True, True, True]
+    assert passes[:4] == [0, 0, 0, 0]  # passes are not failures
+    assert rec.of("restarting")[0]["attempt"] == 1
+    assert health.frames == 15

@@ -29,7 +29,14 @@ Guarantees:
   cancelled and the failure recorded as a :class:`~framepipe.errors.SourceStalledError`.
 * Failures are restarted after ``backoff.delay(attempt)`` (2, 4, 8 ... 60 s with jitter by
   default) until ``max_attempts`` consecutive failures; a run that stayed up for
-  ``healthy_after`` seconds resets the count.
+  ``healthy_after`` seconds resets the count. Then, by default, the supervisor gives up
+  (state ``failed``, event ``failed``); with ``after_attempts="keep_trying"`` it keeps trying
+  every ``retry_delay`` seconds (the backoff's cap by default) in state ``retrying`` (event
+  ``retrying`` once, health ``retrying_since`` and ``next_attempt_at``) until a session
+  delivers a frame again (event ``recovered``, health back to normal).
+* With ``loop`` (a looped recording, one pass per session), a session that returns normally
+  after at least one frame is the end of a pass: the next starts at once, not counted as a
+  failure.
 * Only one session runs at a time; a new one is launched only after the previous one ended
   (cleanup included).
 * ``stop()`` cancels the session (the target sees ``CancelledError`` and must clean up) or the
@@ -56,7 +63,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from framepipe.backoff import Backoff
 from framepipe.errors import CaptureExitedError, FramepipeError, SourceStalledError
@@ -89,6 +96,9 @@ class HealthState(StrEnum):
     """The session produced no frame within the stall timeout; it is being replaced."""
     BACKOFF = "backoff"
     """The session failed; waiting before the next one."""
+    RETRYING = "retrying"
+    """Failed ``max_attempts`` times in a row; waiting to try again at the backoff's cap
+    (``after_attempts="keep_trying"``)."""
     FAILED = "failed"
     """Gave up after ``max_attempts`` consecutive failures (or the supervisor crashed)."""
     STOPPED = "stopped"
@@ -119,6 +129,11 @@ class Health:
     """The pid given to ``started()`` by the current run."""
     frames: int = 0
     """``alive()`` calls over all sessions."""
+    next_attempt_at: float | None = None
+    """Unix time of the next session's launch while waiting (backoff, retrying), else None."""
+    retrying_since: float | None = None
+    """Unix time at which it failed ``max_attempts`` times in a row and began retrying at
+    the cap (``keep_trying``); None once a session delivers a frame again."""
     last_frame_at: float | None = None
     """Unix time of the last ``alive()`` call."""
     description: str = ""
@@ -190,6 +205,10 @@ class SupervisorContext:
             sup = self._sup
             sup._frames += 1
             sup._last_frame = time.monotonic()
+            if sup._retrying:
+                sup._retrying = False
+                if sup._loop is not None:
+                    sup._loop.call_soon_threadsafe(sup._on_recovered, self)
 
     def waiting(self) -> None:
         """The source is alive but waits for the pipeline to take its frame: resets the stall
@@ -223,11 +242,17 @@ class Supervisor:
     ``start_timeout`` (default: ``stall_timeout``) bounds launch -> ``started()``.
     ``restart_on_end`` says whether a session that returns normally is restarted (a live
     camera: it counts as a failure for backoff and ``max_attempts``) or ends the supervisor in
-    state ``stopped`` (a file).
+    state ``stopped`` (a file). ``loop`` makes a normal end after frames the end of one pass
+    of a looped recording: the next session starts at once. ``after_attempts`` says what
+    happens after ``max_attempts`` consecutive failures: ``"fail"`` (give up) or
+    ``"keep_trying"`` (every ``retry_delay`` seconds, default the backoff's maximum, until a
+    session delivers a frame).
 
     Events (``on_event(type, data)``, data always with ``name``): ``started`` {pid, attempt},
-    ``died`` {error, exit_code}, ``stalled`` {seconds, error}, ``restarting`` {delay, attempt},
-    ``failed`` {error, attempts}, ``stopped`` {}, ``ended`` {restart}.
+    ``died`` {error, exit_code}, ``stalled`` {seconds, error}, ``restarting`` {delay, attempt,
+    retrying, next_attempt_at}, ``failed`` {error, attempts}, ``retrying`` {error, attempts,
+    delay, next_attempt_at} (once when retrying at the cap begins), ``recovered`` {attempts,
+    down_seconds}, ``stopped`` {}, ``ended`` {restart}.
     """
 
     def __init__(
@@ -241,6 +266,9 @@ class Supervisor:
         start_timeout: float | None = None,
         healthy_after: float = 30.0,
         restart_on_end: bool = True,
+        loop: bool = False,
+        after_attempts: Literal["fail", "keep_trying"] = "fail",
+        retry_delay: float | None = None,
         on_event: EventCallback | None = None,
         what: str = "pipeline",
         description: str | None = None,
@@ -255,6 +283,12 @@ class Supervisor:
             raise ValueError(f"start_timeout must be > 0 or None, got {start_timeout}")
         if healthy_after < 0:
             raise ValueError(f"healthy_after must be >= 0, got {healthy_after}")
+        if after_attempts not in ("fail", "keep_trying"):
+            raise ValueError(
+                f"after_attempts must be 'fail' or 'keep_trying', not {after_attempts!r}"
+            )
+        if retry_delay is not None and retry_delay <= 0:
+            raise ValueError(f"retry_delay must be > 0 or None, got {retry_delay}")
         self.name = name
         self.what = what
         self._target = target
@@ -263,7 +297,11 @@ class Supervisor:
         self._stall_timeout = stall_timeout
         self._start_timeout = start_timeout if start_timeout is not None else stall_timeout
         self._healthy_after = healthy_after
-        self._restart_on_end = restart_on_end
+        self._restart_on_end = restart_on_end or loop
+        self._loop_on_end = loop
+        self._after_attempts = after_attempts
+        self._retry_delay = retry_delay if retry_delay is not None else self._backoff.maximum
+        self._retrying = False
         self._on_event = on_event
         self._log = get_logger(name)
         self._What = what[:1].upper() + what[1:]
@@ -288,6 +326,7 @@ class Supervisor:
         self._ctx: SupervisorContext | None = None
         self._session: asyncio.Task[None] | None = None
         self._session_started = False
+        self._session_first_frame = 0
         self._mark = 0.0
         self._started_mono = 0.0
         self._stall: SourceStalledError | None = None
@@ -389,6 +428,16 @@ class Supervisor:
                             "%s raised while stopping: %s", self._What, _describe_error(outcome)
                         )
                     break
+                if (
+                    outcome is None
+                    and self._loop_on_end
+                    and self._frames > self._session_first_frame
+                ):
+                    self._clear_run()
+                    self._health.attempt = 0
+                    self._log.info("%s reached the end of its input; next pass", self._What)
+                    self._emit("ended", {"restart": True, "next_pass": True})
+                    continue
                 if outcome is None and not self._restart_on_end:
                     self._clear_run()
                     self._set_state(HealthState.STOPPED)
@@ -429,9 +478,11 @@ class Supervisor:
         ctx = SupervisorContext(self, self._health.attempt)
         self._ctx = ctx
         self._session_started = False
+        self._session_first_frame = self._frames
         self._stall = None
         self._stall_seconds = None
         self._clear_run()
+        self._health.next_attempt_at = None
         self._set_state(HealthState.STARTING)
         self._mark = time.monotonic()
         task = self._loop.create_task(self._call_target(ctx), name=f"{self.name}:session")
@@ -490,7 +541,10 @@ class Supervisor:
             )
             self._emit("died", {"error": h.last_error, "exit_code": None})
         h.attempt += 1
-        if self._max_attempts is not None and h.attempt >= self._max_attempts:
+        retrying = self._max_attempts is not None and h.attempt >= self._max_attempts
+        if retrying and self._after_attempts == "keep_trying":
+            return self._retry_at_cap()
+        if retrying:
             self._set_state(HealthState.FAILED)
             self._log.error(
                 "%s failed permanently after %d attempt%s: %s",
@@ -501,13 +555,64 @@ class Supervisor:
             )
             self._emit("failed", {"error": h.last_error, "attempts": h.attempt})
             return None
-        delay = self._backoff.delay(h.attempt)
-        self._set_state(HealthState.BACKOFF)
+        return self._restart_in(self._backoff.delay(h.attempt), HealthState.BACKOFF)
+
+    def _restart_in(self, delay: float, state: HealthState) -> float:
+        h = self._health
+        self._set_state(state)
+        h.next_attempt_at = time.time() + delay
         self._log.info(
             "Restarting %s in %s (attempt %d)", self.what, _format_delay(delay), h.attempt
         )
-        self._emit("restarting", {"delay": delay, "attempt": h.attempt})
+        self._emit(
+            "restarting",
+            {
+                "delay": delay,
+                "attempt": h.attempt,
+                "retrying": state is HealthState.RETRYING,
+                "next_attempt_at": h.next_attempt_at,
+            },
+        )
         return delay
+
+    def _retry_at_cap(self) -> float:
+        """``keep_trying`` after ``max_attempts`` failures: announce it once, then wait
+        ``retry_delay`` before each further attempt."""
+        h = self._health
+        delay = self._retry_delay
+        if not self._retrying:
+            self._retrying = True
+            h.retrying_since = time.time()
+            self._log.error(
+                "%s failed %d times in a row: %s; retrying every %s until it is back",
+                self._What,
+                h.attempt,
+                h.last_error,
+                _format_delay(delay),
+            )
+            self._emit(
+                "retrying",
+                {
+                    "error": h.last_error,
+                    "attempts": h.attempt,
+                    "delay": delay,
+                    "next_attempt_at": time.time() + delay,
+                },
+            )
+        return self._restart_in(delay, HealthState.RETRYING)
+
+    def _on_recovered(self, ctx: SupervisorContext) -> None:
+        h = self._health
+        since = h.retrying_since
+        h.retrying_since = None
+        down = round(time.time() - since, 3) if since is not None else None
+        self._log.warning(
+            "%s is back after %d failed attempts (%s down)",
+            self._What,
+            ctx.attempt,
+            "?" if down is None else _format_delay(down),
+        )
+        self._emit("recovered", {"attempts": ctx.attempt, "down_seconds": down})
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep ``delay`` seconds; return True at once when ``stop()`` is called."""

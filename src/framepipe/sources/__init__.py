@@ -6,6 +6,9 @@
   raw video to its stdout.
 * :class:`PatternSource`: synthetic frames (colour bars or noise with a moving box).
 
+:func:`capture_source` picks one for a video file or stream URL: gst-launch-1.0 where it can
+play the input, else ffmpeg (or PyAV on request), with a recording's end as the end.
+
 Each ``source.frames(started)`` call is one capture session, an async iterator of
 :class:`~framepipe.frames.Frame`. Close it with ``aclose()`` (or ``contextlib.aclosing``) when
 you stop early: a bare ``break`` leaves the clean-up (thread, subprocess) to the garbage
@@ -14,7 +17,16 @@ collector's async-generator finaliser.
 
 from framepipe.sources.av import VideoSource
 from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.capture import Capture, capture_source
 from framepipe.sources.command import CommandSource
 from framepipe.sources.pattern import PatternSource
 
-__all__ = ["CommandSource", "PatternSource", "Source", "StartedCallback", "VideoSource"]
+__all__ = [
+    "Capture",
+    "CommandSource",
+    "PatternSource",
+    "Source",
+    "StartedCallback",
+    "VideoSource",
+    "capture_source",
+]

@@ -25,8 +25,8 @@ class Source(abc.ABC):
 
     ``live`` sources (cameras, network streams, capture commands, looped files) are restarted
     when a session ends; a finite source (a file played once) ends its pipeline. A session of
-    a live source that returns normally is a death (restarted with backoff) unless ``loops``. ``fps`` is the
-    nominal frame rate when known (health compares the achieved rate with it)."""
+    a live source that returns normally is a death (restarted with backoff) unless ``loops``.
+    ``fps`` is the nominal frame rate when known (health compares the achieved rate with it)."""
 
     live: bool = True
     loops: bool = False

@@ -12,8 +12,10 @@ Guarantees of one :meth:`CommandSource.frames` session:
   ``stderr_lines`` lines are kept and attached to errors.
 * The death of the capture is noticed at once, without polling: the end of stdout is awaited,
   then the exit code, and :class:`~framepipe.errors.CaptureExitedError` is raised with
-  ``exit_code`` (negative: killed by that signal) and ``stderr_tail``. Exit code 0 raises too:
-  a live capture is not supposed to end. On Linux a pidfd also watches the child itself, so a
+  ``exit_code`` (negative: killed by that signal) and ``stderr_tail``. Exit code 0 raises too
+  for a ``live`` capture (a camera is not supposed to end); for a recording (``live=False``)
+  or one pass of a looped one (``loop=True``) exit 0 is the normal end: the session returns.
+  On Linux a pidfd also watches the child itself, so a
   child that dies while a grandchild keeps the pipes open is noticed too (its process group is
   killed half a second after its death, which ends stdout).
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
@@ -182,8 +184,19 @@ class CommandSource(Source):
     (``bgr24``, ``rgb24`` or ``gray``; converted to BGR). ``env`` adds variables to the
     inherited environment. ``stderr_lines`` lines of stderr are kept for errors. Frames have
     ``pts=None`` and ``ts_ms`` = the wall clock when they were read. ``fps`` states the nominal
-    rate, if known. A capture is ``live``: every session end is a failure. See the module
-    docstring for what a session guarantees.
+    rate, if known.
+
+    What the end of a session means:
+
+    * ``live=True`` (the default: a camera, a stream): every end is a death, exit code 0
+      included, and the supervisor restarts it;
+    * ``live=False``: the command plays a recording once; exit code 0 at the end of its stdout
+      ends the stream (a pipeline then ends), any other exit is a death;
+    * ``loop=True``: the command plays a recording once per session and the recording is
+      looped by starting it again: exit code 0 ends one pass and the next starts at once
+      (:attr:`~framepipe.sources.Source.loops`).
+
+    See the module docstring for what a session guarantees.
     """
 
     def __init__(
@@ -200,10 +213,13 @@ class CommandSource(Source):
         max_frame_bytes: int = 50_000_000,
         max_garbage_bytes: int = 5_000_000,
         fps: float | None = None,
+        live: bool = True,
+        loop: bool = False,
     ) -> None:
         super().__init__(source_id)
         self.fps = fps  # nominal rate when the caller knows it (health compares against it)
-        self.live = True
+        self.live = live or loop
+        self.loops = loop
         self.argv = [os.fspath(arg) for arg in argv]
         if not self.argv:
             raise ValueError("CommandSource needs a command")
@@ -245,6 +261,7 @@ class CommandSource(Source):
         frame_bytes = (
             self._shape[0] * self._shape[1] * self._shape[2] if self.format == "rawvideo" else 0
         )
+        self._log.info("Starting persistent %s pipeline...", _program(self.argv[0]))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -281,6 +298,9 @@ class CommandSource(Source):
                     image=image, source_id=self.source_id, seq=self.next_seq(), ts_ms=now_ms()
                 )
             code = await self._exit_code(proc, exited)
+            if code == 0 and (self.loops or not self.live):
+                self._log.info("capture ended (exit code: 0) at the end of its input")
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
             stderr_tail = "\n".join(tail)
@@ -412,6 +432,14 @@ class _RawReader:
             return pixels.copy()  # writable, like every other frame's image
         code = cv2.COLOR_RGB2BGR if self.source.pix_fmt == "rgb24" else cv2.COLOR_GRAY2BGR
         return np.asarray(cv2.cvtColor(pixels, code), dtype=np.uint8)
+
+
+def _program(command: str) -> str:
+    """``GStreamer`` for gst-launch-1.0, ``FFmpeg`` for ffmpeg, else the command's name."""
+    name = os.path.basename(command)
+    if name.startswith("gst-launch"):
+        return "GStreamer"
+    return "FFmpeg" if name == "ffmpeg" else name
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:

@@ -5,7 +5,13 @@ Guarantees:
 * One persistent capture session at a time, supervised: its death is noticed at once, a stall
   (no frame for ``stall_timeout``) counts as a failure, restarts back off exponentially, and
   after ``max_restarts`` restarts that all failed in a row, the next failure leaves the source
-  ``failed`` (the pipeline ends); ``None`` restarts forever.
+  ``failed`` (the pipeline ends); ``None`` restarts forever. With
+  ``after_restarts="keep_trying"`` the source is ``retrying`` instead: ``source.retrying``
+  once, then an attempt every ``retry_delay`` seconds (the backoff's cap by default) with the
+  reason and the next attempt's time in :meth:`health`, until frames flow again
+  (``source.recovered``); the pipeline never ends for it.
+* A recording's end (a finite source's session returning) ends the pipeline; a looped
+  recording played one pass per session (``source.loops``) starts its next pass at once.
 * Frames flow through bounded queues. The first stage's policy decides what a slow pipeline
   does to the capture: ``block`` makes it wait (files: no frame lost; the wait is not a stall),
   ``drop_oldest`` drops the oldest queued frame (live cameras: the newest frame matters).
@@ -33,7 +39,7 @@ import collections
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from framepipe.backoff import Backoff
 from framepipe.errors import ProcessorError
@@ -77,6 +83,8 @@ class StreamPipeline:
         max_restarts: int | None = 5,
         healthy_after: float = 30.0,
         restart_on_end: bool | None = None,
+        after_restarts: Literal["fail", "keep_trying"] = "fail",
+        retry_delay: float | None = None,
         drain_timeout: float = 5.0,
         performance_window: float = 5.0,
         on_event: EventCallback | None = None,
@@ -97,6 +105,12 @@ class StreamPipeline:
         self.max_restarts = max_restarts
         self.healthy_after = healthy_after
         self.restart_on_end = source.live if restart_on_end is None else restart_on_end
+        if after_restarts not in ("fail", "keep_trying"):
+            raise ValueError(
+                f"after_restarts must be 'fail' or 'keep_trying', not {after_restarts!r}"
+            )
+        self.after_restarts = after_restarts
+        self.retry_delay = retry_delay
         self.drain_timeout = drain_timeout
         self._listeners: list[EventCallback] = [on_event] if on_event else []
         self.log = get_logger(name)
@@ -201,6 +215,9 @@ class StreamPipeline:
             start_timeout=self.start_timeout,
             healthy_after=self.healthy_after,
             restart_on_end=self.restart_on_end,
+            loop=self.source.loops,
+            after_attempts=self.after_restarts,
+            retry_delay=self.retry_delay,
             on_event=self._on_supervisor_event,
         )
         await self.supervisor.start()
@@ -400,13 +417,15 @@ class StreamPipeline:
 
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
         if not self._ended():  # a capture winding down after a failure: the failure stands
-            if kind in ("died", "stalled", "failed"):
+            if kind in ("died", "stalled", "failed", "retrying"):
                 self.last_error = data.get("error") or self.last_error
             if kind == "restarting":
-                self.state = HealthState.BACKOFF
+                self.state = HealthState.RETRYING if data.get("retrying") else HealthState.BACKOFF
             elif kind == "stalled":
                 self.state = HealthState.STALLED
-            elif kind == "started":
+            elif kind == "recovered" or (
+                kind == "started" and self.state is not HealthState.RETRYING
+            ):
                 self.state = HealthState.RUNNING
         self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 

@@ -1,0 +1,226 @@
+"""One persistent capture of a video file or stream URL: gst-launch-1.0 where it can do the job,
+ffmpeg where it cannot, or PyAV in this process.
+
+:func:`capture_source` builds the :class:`~framepipe.sources.Source` of one camera or recording.
+Its rules:
+
+* ``capture="auto"`` (the default) runs ``gst-launch-1.0`` when it is installed and can play
+  the input, else ``ffmpeg``. For a file, "can play" is tested by decoding its first frame
+  with the same elements (a fraction of a second, once per file version); for a URL, by
+  GStreamer having a source for its scheme and the elements the pipeline needs.
+  ``capture="gst"`` and ``capture="ffmpeg"`` force one (a clear error when it cannot run);
+  ``capture="av"`` decodes with PyAV in this process.
+* A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL is
+  live: every end of it is a death, restarted by the supervisor.
+* ``loop=True`` plays a file forever: ffmpeg loops it itself (``-stream_loop -1``, one
+  process for good); gst-launch-1.0 cannot seek back, so each pass is one process and the
+  next pass starts at once when one ends (:attr:`~framepipe.sources.Source.loops`).
+* ``realtime=True`` paces a file at its own rate; ``False`` reads it as fast as the machine
+  decodes (a URL is paced by its sender either way). The first stage's queue then holds the
+  capture back, so no frame is lost.
+* ``env`` is added to the capture process's environment (``STATION_ID`` for a DL Streamer
+  callback, for example).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from framepipe.errors import ConfigError
+from framepipe.logs import get_logger
+from framepipe.sources.av import VideoSource
+from framepipe.sources.base import Source
+from framepipe.sources.command import CommandSource
+
+__all__ = [
+    "Capture",
+    "capture_source",
+    "ffmpeg_argv",
+    "gst_argv",
+    "gst_problem",
+    "is_stream_url",
+]
+
+Capture = Literal["auto", "gst", "ffmpeg", "av"]
+CAPTURES: tuple[Capture, ...] = ("auto", "gst", "ffmpeg", "av")
+
+GST = "gst-launch-1.0"
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
+_PROBE_SECONDS = 10.0
+
+
+def is_stream_url(spec: str) -> bool:
+    """True for ``rtsp://``, ``http://``, ``udp://`` ... (``file:`` URLs are files)."""
+    return _URL.match(spec) is not None and not spec.lower().startswith("file:")
+
+
+def gst_argv(spec: str, *, fps: float | None = None, realtime: bool = True) -> list[str]:
+    """The ``gst-launch-1.0`` command writing ``spec`` to stdout as MJPEG."""
+    if not is_stream_url(spec):
+        head = ["filesrc", f"location={spec}", "!", "decodebin"]
+    elif spec.lower().startswith("rtsp"):
+        head = ["rtspsrc", f"location={spec}", "latency=200", "!", "decodebin"]
+    else:
+        head = ["uridecodebin", f"uri={spec}"]
+    rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] if fps else []
+    sync = "true" if realtime and not is_stream_url(spec) else "false"
+    tail = ["jpegenc", "quality=90", "!", "fdsink", "fd=1", f"sync={sync}"]
+    return [GST, "-q", *head, "!", "videoconvert", *rate, "!", *tail]
+
+
+def ffmpeg_argv(
+    spec: str, *, fps: float | None = None, loop: bool = False, realtime: bool = True
+) -> list[str]:
+    """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG."""
+    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    if not is_stream_url(spec):
+        argv += ["-re"] if realtime else []
+        argv += ["-stream_loop", "-1"] if loop else []
+    elif spec.lower().startswith("rtsp"):
+        argv += ["-rtsp_transport", "tcp"]
+    argv += ["-i", spec, "-an"]
+    if fps:
+        argv += ["-vf", f"fps={fps:g}"]
+    return [*argv, "-f", "mjpeg", "-q:v", "3", "-"]
+
+
+def gst_problem(spec: str, *, fps: float | None = None) -> str | None:
+    """Why ``gst-launch-1.0`` cannot capture ``spec`` (None: it can).
+
+    A file is probed by decoding its first frame through the capture's own elements; a URL by
+    GStreamer having a source for its scheme. Results are cached per file version (path, size,
+    modification time) and per scheme."""
+    if shutil.which(GST) is None:
+        return f"{GST} is not installed"
+    needed = ("decodebin", "videoconvert", "jpegenc", "fdsink", *(("videorate",) if fps else ()))
+    missing = [name for name in needed if not _gst_has(name)]
+    if missing:
+        return f"GStreamer has no {', '.join(missing)} element"
+    if is_stream_url(spec):
+        match = _URL.match(spec)
+        assert match is not None
+        scheme = match.group(1).lower()
+        if scheme.startswith("rtsp"):
+            return None if _gst_has("rtspsrc") else "GStreamer has no rtspsrc element"
+        if scheme not in _gst_schemes():
+            return f"GStreamer has no source for {scheme}:// URLs"
+        return None
+    try:
+        stat = os.stat(spec)
+    except OSError as exc:
+        return f"cannot read {spec}: {exc.strerror}"
+    return _probe_file(str(Path(spec).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _gst_has(element: str) -> bool:
+    try:
+        done = subprocess.run(
+            ["gst-inspect-1.0", "--exists", element],
+            capture_output=True,
+            check=False,
+            timeout=_PROBE_SECONDS,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@functools.cache
+def _gst_schemes() -> frozenset[str]:
+    """The URI schemes that a GStreamer source element reads."""
+    try:
+        done = subprocess.run(
+            ["gst-inspect-1.0", "--uri-handlers"],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=_PROBE_SECONDS,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    schemes: set[str] = set()
+    for line in done.stdout.splitlines():
+        element, sep, protocols = line.partition(":")
+        if sep and "(read" in element:
+            schemes.update(p.strip().lower() for p in protocols.split(","))
+    return frozenset(schemes)
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_file(path: str, _size: int, _mtime_ns: int) -> str | None:
+    argv = [GST, "-q", "filesrc", f"location={path}", "!", "decodebin", "!", "videoconvert"]
+    argv += ["!", "identity", "eos-after=1", "!", "jpegenc", "!", "fakesink"]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=_PROBE_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return f"{GST} did not decode a frame of {path} within {_PROBE_SECONDS:g}s"
+    except OSError as exc:
+        return f"cannot run {GST}: {exc}"
+    if done.returncode == 0:
+        return None
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ERROR")]
+    detail = errors[0] if errors else f"exit code {done.returncode}"
+    return f"{GST} cannot decode {path}: {detail}"
+
+
+def capture_source(
+    spec: str,
+    source_id: str,
+    *,
+    capture: Capture = "auto",
+    fps: float | None = None,
+    loop: bool = False,
+    realtime: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Source:
+    """The capture of ``spec`` (a video file or a stream URL); see the module docstring.
+
+    Raises :class:`~framepipe.errors.ConfigError` naming the source when the file does not
+    exist, when ``capture`` is unknown, or when the forced capture cannot run."""
+    if capture not in CAPTURES:
+        raise ConfigError(
+            f"source {source_id}: capture must be one of {', '.join(CAPTURES)}, not {capture!r}"
+        )
+    url = is_stream_url(spec)
+    if not url and not Path(spec).is_file():
+        raise ConfigError(f"source {source_id}: video file {spec!r} does not exist")
+    if capture == "av":
+        return VideoSource(spec, source_id, realtime=realtime and not url, loop=loop and not url)
+    if capture in ("auto", "gst"):
+        problem = gst_problem(spec, fps=fps)
+        if problem is None:
+            return CommandSource(
+                gst_argv(spec, fps=fps, realtime=realtime),
+                source_id,
+                env=env,
+                fps=fps,
+                live=url,
+                loop=loop and not url,
+            )
+        if capture == "gst":
+            raise ConfigError(f"source {source_id}: capture 'gst' cannot run: {problem}")
+        get_logger(source_id).info("capturing with ffmpeg: %s", problem)
+    if shutil.which("ffmpeg") is None:
+        raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
+    return CommandSource(
+        ffmpeg_argv(spec, fps=fps, loop=loop, realtime=realtime),
+        source_id,
+        env=env,
+        fps=fps,
+        live=url or loop,
+    )
