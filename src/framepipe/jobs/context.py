@@ -20,7 +20,7 @@ from framepipe.errors import (
     UnknownDependencyError,
     UnknownStepError,
 )
-from framepipe.jobs.keys import is_step_key, step_key
+from framepipe.jobs.keys import former_step_key, is_step_key, step_key
 from framepipe.jobs.ledger import Ledger, ledger_row
 from framepipe.logs import ComponentLogger, get_logger
 
@@ -204,7 +204,9 @@ class StepContext:
 
         The instance also waits for ``depends_on`` (step keys or step names) on top of the
         step's declared ``depends_on``. It is queued as soon as this call is committed, not when
-        the calling step ends. Spawning a key that already exists returns it and changes nothing.
+        the calling step ends. Spawning a key that already exists returns it and changes nothing;
+        so does spawning an instance that an older release stored under its former key
+        (:func:`~framepipe.jobs.keys.former_step_key`), whose key is returned.
 
         ``depends_on`` that could only be silently dropped is refused with
         :class:`StepParamsError`, in both modes: given for a step without parameters (an
@@ -224,12 +226,15 @@ class StepContext:
         step.check_params(values, pipeline.name, self.step_key)
         try:
             key = step_key(name, values)
+            former = former_step_key(name, values)
         except (TypeError, ValueError) as exc:
             raise StepParamsError(
                 f"parameters of spawned step {name!r} are not JSON-serialisable: {exc}",
                 pipeline=pipeline.name,
                 step_key=self.step_key,
             ) from exc
+        if former is not None and self._has_key(former):
+            key = former  # stored by a release before keys were labelled: the same instance
         if isinstance(depends_on, str):
             depends_on = [depends_on]
         deps: list[str] = []
