@@ -9,14 +9,27 @@ stored before it exits).
         --station station_2=rtsp://10.0.0.12/stream1 \\
         --station 'station_3=cmd:gst-launch-1.0 -q v4l2src ! videoconvert ! jpegenc ! fdsink fd=1'
 
+    # re-process stored footage at machine speed; exits 0 once every file ended
+    python examples/order_accuracy/run.py --station station_1=recorded.mp4 --fast
+
     # stations from a JSON file ({"station_1": "counter.mp4", ...}), re-read when it changes:
     # add a line and that station starts; remove it and it stops
     python examples/order_accuracy/run.py --stations-file stations.json
 
+Each station's capture is one gst-launch-1.0 process where GStreamer can play the source, else
+one ffmpeg process (``--capture`` forces one, or PyAV). A file is played once and its end ends
+the station; ``--loop`` plays it forever. A camera that dies is restarted with backoff, and
+after ``--max-restarts`` failures in a row it is retried every ``--retry-cap`` seconds until it
+is back. The runner exits once no station can run any more (every file ended), or on
+Ctrl-C / SIGTERM / ``--duration``: 0, or 1 when a station failed (a stage that crashed);
+2 for bad settings.
+
 Embedded by default (frames under .framepipe/objects/, events in .framepipe/state.db). Set
 FRAMEPIPE_OBJECTS_URL / FRAMEPIPE_DATABASE_URL / FRAMEPIPE_BROKER_URL for S3 (MinIO),
-PostgreSQL and Redis; the code is the same. ``--json`` prints every event as a JSON line on
-stdout (logs go to stderr).
+PostgreSQL and Redis; the code is the same. With the frames in a bucket named ``frames``
+(``FRAMEPIPE_OBJECTS_URL='s3://frames?endpoint=...'``) the keys are the original station's,
+``station_1/ORDER_123/frame_<ms>_<n>.jpg``, and the best frames go to the ``selected`` bucket.
+``--json`` prints every event as a JSON line on stdout (logs go to stderr).
 """
 
 from __future__ import annotations
@@ -29,19 +42,147 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_video import default_schedule, make_station_video
-from orders import OrderAccuracy, parse_stations
+from orders import FRAME_TEMPLATE, READERS, OrderAccuracy, build_station, parse_stations
+from orders import station_source as command_station
 
+from framepipe import ObjectStore, StreamPipeline
 from framepipe.backoff import Backoff
 from framepipe.config import load_settings
 from framepipe.errors import ConfigError
 from framepipe.logs import configure_logging, get_logger
+from framepipe.sources import Capture, capture_source
+from framepipe.stream.sinks import FrameStore
 
 log = get_logger("order_accuracy")
+
+STATION_TEMPLATE = FRAME_TEMPLATE.removeprefix("frames/")
+"""The original station's keys, for a store that is the ``frames`` bucket itself."""
+FrameKeys = Literal["auto", "station", "prefixed"]
+
+
+def frames_bucket(store: ObjectStore) -> bool:
+    """True when ``store`` is a bucket (or folder) named ``frames`` with nothing before it."""
+    parts = urlsplit(store.url)
+    if parts.scheme == "s3":
+        return parts.netloc == "frames" and parts.path.strip("/") == ""
+    return Path(parts.path or store.url).name == "frames"
+
+
+def selected_bucket_url(objects_url: str) -> str | None:
+    """``s3://selected?...`` on the same endpoint as an ``s3://frames?...`` objects URL."""
+    parts = urlsplit(objects_url)
+    if parts.scheme != "s3" or parts.netloc != "frames" or parts.path.strip("/"):
+        return None
+    return urlunsplit(parts._replace(netloc="selected"))
+
+
+class Stations(OrderAccuracy):
+    """:class:`OrderAccuracy` run as the original station's guide expects.
+
+    * Captures: gst-launch-1.0 where GStreamer can play the source, else ffmpeg
+      (:func:`framepipe.sources.capture_source`; ``capture`` forces one); a file's end is the
+      station's end, ``loop`` plays it forever, ``cmd:`` sources run as given.
+    * A camera that failed ``max_restarts`` restarts in a row is retried every
+      ``retry_delay`` seconds until it is back: ``station.failed`` once (with
+      ``retrying: true`` and ``next_attempt_at``), ``station.recovered`` when frames flow again.
+    * ``frame_keys``: ``station`` writes ``station_1/ORDER_123/frame_<ms>_<n>.jpg`` (the
+      original layout, for a store that is the ``frames`` bucket), ``prefixed`` writes
+      ``frames/station_1/...`` (one store holding more than frames); ``auto`` picks ``station``
+      for a store named ``frames``.
+    * The original station's start-up lines are logged when a station's capture first runs.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        capture: Capture = "auto",
+        retry_delay: float | None = None,
+        frame_keys: FrameKeys = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.capture_options["capture"] = capture
+        self.retry_delay = retry_delay
+        station_keys = frame_keys == "station" or (
+            frame_keys == "auto" and frames_bucket(self.frames)
+        )
+        self.frame_template = STATION_TEMPLATE if station_keys else FRAME_TEMPLATE
+        self._announced: set[str] = set()
+        self.app.on("source.started", self._capture_started)
+        self.app.on("source.retrying", self._station_retrying)
+        self.app.on("source.recovered", self._station_recovered)
+
+    def _pipeline(self, station_id: str, spec: str) -> StreamPipeline:
+        options = dict(self.capture_options)
+        if spec.startswith("cmd:"):
+            options["capture"] = "ffmpeg"
+            source = command_station(station_id, spec, **options)
+        else:
+            source = capture_source(spec, station_id, env={"STATION_ID": station_id}, **options)
+        pipeline = build_station(
+            station_id,
+            source,
+            frames=self.frames,
+            selected=self.selected,
+            selected_prefix=self.selected_prefix,
+            **self.options,
+        )
+        pipeline.after_restarts = "keep_trying"
+        pipeline.retry_delay = self.retry_delay
+        for stage in pipeline.sinks:
+            if isinstance(stage.processor, FrameStore):
+                stage.processor.template = self.frame_template
+        return pipeline
+
+    async def remove_station(self, station_id: str) -> None:
+        await super().remove_station(station_id)
+        self._announced.discard(station_id)
+
+    def _capture_started(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        if station_id in self._announced:
+            return
+        self._announced.add(station_id)
+        station_log = get_logger(station_id)
+        station_log.info("Frame monitor thread started")  # the tag stage's workers
+        station_log.info("Health monitor thread started")  # the capture's supervisor
+        station_log.info("All components started, entering main loop")
+
+    def _station_retrying(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        get_logger(station_id).error(
+            "Station failed: %s; retrying every %gs until it is back",
+            data.get("error"),
+            data.get("delay"),
+        )
+        self.app.emit(
+            "station.failed",
+            {
+                "station_id": station_id,
+                "error": data.get("error"),
+                "attempts": data.get("attempts"),
+                "retrying": True,
+                "next_attempt_at": data.get("next_attempt_at"),
+            },
+        )
+
+    def _station_recovered(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        get_logger(station_id).info("Station recovered after %s attempts", data.get("attempts"))
+        self.app.emit(
+            "station.recovered",
+            {
+                "station_id": station_id,
+                "attempts": data.get("attempts"),
+                "down_seconds": data.get("down_seconds"),
+            },
+        )
 
 
 def read_stations_file(path: Path) -> dict[str, str]:
@@ -111,9 +252,12 @@ async def main_async(args: argparse.Namespace) -> int:
             order_timeout = 2.0
     if not stations and args.stations_file is None:
         raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
-    service = OrderAccuracy(
+    selected = args.selected
+    if selected is None:
+        selected = selected_bucket_url(settings.resolved_objects_url) or "selected/"
+    service = Stations(
         settings,
-        selected=args.selected,
+        selected=selected,
         order_timeout=order_timeout,
         max_order_seconds=args.max_order_seconds,
         best_frames=args.best_frames,
@@ -123,7 +267,11 @@ async def main_async(args: argparse.Namespace) -> int:
         tag_workers=args.tag_workers,
         max_restarts=args.max_restarts,
         stall_timeout=args.stall_timeout,
-        backoff=Backoff(args.restart_delay, 2.0, 60.0, 0.0),
+        backoff=Backoff(args.restart_delay, 2.0, args.retry_cap, 0.0),
+        retry_delay=args.retry_cap,
+        realtime=not args.fast,
+        frame_keys=args.frame_keys,
+        reader=args.reader,
     )
     if args.json:
 
@@ -150,6 +298,8 @@ async def main_async(args: argparse.Namespace) -> int:
     tasks = []
     if args.stations_file is not None:
         tasks.append(asyncio.create_task(watch_stations(service, args.stations_file, stop)))
+    else:  # no station can be added: the run is over once every station ended
+        tasks.append(asyncio.create_task(_stop_when_all_ended(service, stop)))
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.duration)
@@ -165,6 +315,18 @@ async def main_async(args: argparse.Namespace) -> int:
     log.info("stopped: %d order(s) completed", health["orders_completed"])
     failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
     return 1 if failed else 0
+
+
+async def _stop_when_all_ended(service: OrderAccuracy, stop: asyncio.Event) -> None:
+    """Set ``stop`` once every station ended (its file played to the end, or failed)."""
+    waiting = asyncio.create_task(service.app.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done() and not stop.is_set():
+        log.info("every station ended: stopping")
+        stop.set()
+    waiting.cancel()
+    stopping.cancel()
 
 
 def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = False) -> Any:
@@ -209,11 +371,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--capture",
-        choices=["ffmpeg", "gst", "av"],
-        default="ffmpeg",
-        help="how files and URLs are captured (default: an ffmpeg subprocess per station)",
+        choices=["auto", "gst", "ffmpeg", "av"],
+        default="auto",
+        help="how files and URLs are captured (default auto: a gst-launch-1.0 subprocess per "
+        "station where GStreamer can play the source, else ffmpeg; av: PyAV in this process)",
     )
     parser.add_argument("--loop", action="store_true", help="play video files forever")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="read video files as fast as the machine decodes them instead of at their own "
+        "rate (re-processing stored footage; no frame is skipped)",
+    )
+    parser.add_argument(
+        "--reader",
+        choices=READERS,
+        default="qr",
+        help="how order tickets are read: qr (QR tags, the default) or ocr (printed numbers)",
+    )
     parser.add_argument(
         "--fps",
         type=_number(float, 0, strict=True),
@@ -237,21 +412,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--selected",
-        default="selected/",
-        help="a key prefix, or an object store URL (s3://selected?endpoint=...)",
+        default=None,
+        help="a key prefix, or an object store URL (s3://selected?endpoint=...); default: "
+        "the selected bucket beside a frames bucket, else the prefix selected/",
+    )
+    parser.add_argument(
+        "--frame-keys",
+        choices=["auto", "station", "prefixed"],
+        default="auto",
+        help="station: station_1/ORDER_123/frame_<ms>_<n>.jpg; prefixed: frames/station_1/...; "
+        "auto (default): station in a store named frames, else prefixed",
     )
     parser.add_argument("--tag-workers", type=_number(int, 1), default=2)
     parser.add_argument(
         "--max-restarts",
         type=_number(int, 0),
         default=5,
-        help="capture restarts before a station fails for good (default 5)",
+        help="capture restarts before a station is reported failed and retried every "
+        "--retry-cap seconds until it is back (default 5)",
     )
     parser.add_argument(
         "--restart-delay",
         type=_number(float, 0),
         default=2.0,
-        help="first restart delay, doubled each time up to 60 s (default 2)",
+        help="first restart delay, doubled each time up to --retry-cap (default 2)",
+    )
+    parser.add_argument(
+        "--retry-cap",
+        type=_number(float, 0, strict=True),
+        default=60.0,
+        metavar="SECONDS",
+        help="the longest restart delay, and the retry period of a failed station (default 60)",
     )
     parser.add_argument(
         "--stall-timeout",

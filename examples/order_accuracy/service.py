@@ -10,7 +10,16 @@ Settings, read when the service loads this file:
 - ``ORDER_STATIONS``: ``ID=SOURCE`` pairs, comma-separated;
 - ``ORDER_STATIONS_FILE``: or a JSON file of them, as for ``run.py --stations-file``;
 - ``ORDER_TIMEOUT`` (default 10), ``ORDER_BEST_FRAMES`` (3), ``ORDER_SELECTED`` (``selected/``);
-- ``ORDER_CAPTURE`` (``ffmpeg``, ``gst`` or ``av``), ``ORDER_LOOP=1`` to play files forever.
+- ``ORDER_CAPTURE`` (``auto``, the default: gst-launch-1.0 where GStreamer can play the source,
+  else ffmpeg; or ``gst``, ``ffmpeg``, ``av``), ``ORDER_LOOP=1`` to play files forever,
+  ``ORDER_FAST=1`` to read files at machine speed;
+- ``ORDER_RETRY_CAP`` (default 60): the longest restart delay, and the retry period of a
+  station whose camera failed 5 restarts in a row;
+- ``ORDER_READER`` (``qr``, the default, or ``ocr``).
+
+With ``FRAMEPIPE_OBJECTS_URL='s3://frames?endpoint=...'`` frames are stored under
+``station_1/ORDER_123/...`` in the ``frames`` bucket and the best ones in the ``selected``
+bucket (unless ``ORDER_SELECTED`` says otherwise), as in ``run.py``.
 
 The service commits the app's events to its state store itself.
 """
@@ -23,10 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orders import OrderAccuracy, parse_stations
-from run import read_stations_file
+from orders import READERS, parse_stations
+from run import Stations, read_stations_file, selected_bucket_url
 
+from framepipe.backoff import Backoff
+from framepipe.config import load_settings
 from framepipe.errors import ConfigError
+from framepipe.sources.capture import CAPTURES
 
 __all__ = ["app", "service"]
 
@@ -52,15 +64,34 @@ def _float(name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
-capture = os.environ.get("ORDER_CAPTURE", "ffmpeg")
-if capture not in ("ffmpeg", "gst", "av"):
-    raise ConfigError(f"ORDER_CAPTURE={capture!r}: use ffmpeg, gst or av")
-service = OrderAccuracy(
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: use {', '.join(choices)}")
+    return value
+
+
+settings = load_settings()
+retry_cap = _float("ORDER_RETRY_CAP", 60.0)
+if retry_cap <= 0:
+    raise ConfigError(f"ORDER_RETRY_CAP must be > 0 seconds, got {retry_cap:g}")
+service = Stations(
+    settings,
     order_timeout=_float("ORDER_TIMEOUT", 10.0),
     best_frames=int(_float("ORDER_BEST_FRAMES", 3)),
-    selected=os.environ.get("ORDER_SELECTED", "selected/"),
-    capture=capture,  # type: ignore[arg-type]
-    loop=os.environ.get("ORDER_LOOP", "") in ("1", "true", "yes"),
+    selected=os.environ.get("ORDER_SELECTED")
+    or selected_bucket_url(settings.resolved_objects_url)
+    or "selected/",
+    capture=_choice("ORDER_CAPTURE", "auto", CAPTURES),  # type: ignore[arg-type]
+    loop=_flag("ORDER_LOOP"),
+    realtime=not _flag("ORDER_FAST"),
+    backoff=Backoff(2.0, 2.0, retry_cap, 0.0),
+    retry_delay=retry_cap,
+    reader=_choice("ORDER_READER", "qr", READERS),
     store_events=False,
 )
 for _station, _spec in _stations().items():
