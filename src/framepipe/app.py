@@ -387,7 +387,7 @@ class App:
             if frame is None or frame is self._previewed.get(name):
                 continue
             self._previewed[name] = frame
-            image: Any = frame.image
+            image: Any = frame.peek()
             if image.shape[1] > 640:
                 height = max(2, round(image.shape[0] * 640 / image.shape[1]))
                 image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)

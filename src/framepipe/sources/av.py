@@ -36,27 +36,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import av
 import av.error
-import cv2
 import numpy as np
-import numpy.typing as npt
 
 from framepipe.errors import SourceError
 from framepipe.frames import Frame, now_ms
 from framepipe.logs import get_logger
+from framepipe.pixels import Image, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback
 
 __all__ = ["VideoSource"]
 
-Image = npt.NDArray[np.uint8]
 
 _NETWORK_SCHEMES = frozenset(
     {"rtsp", "rtsps", "rtmp", "rtmps", "tcp", "udp", "http", "https", "srt", "rtp", "hls"}
 )
 _MAX_BAD_PACKETS = 25  # consecutive undecodable packets tolerated on a live stream
-_FULL_TO_LIMITED_Y = np.round(16 + np.arange(256) * 219 / 255).astype(np.uint8)
-_FULL_TO_LIMITED_C = (
-    np.round(128 + (np.arange(256) - 128) * 224 / 255).clip(0, 255).astype(np.uint8)
-)
 
 
 def _default_source_id(url: str) -> str:
@@ -83,7 +77,7 @@ def _redact(url: str) -> str:
 
 @dataclass(slots=True)
 class _Decoded:
-    image: Image
+    picture: Image | YuvPlanes
     pts: float | None
     ts_ms: int
     meta: dict[str, Any] = field(default_factory=dict)
@@ -149,10 +143,12 @@ class VideoSource(Source):
     (``v4l2`` is chosen for ``/dev/video*``). ``open_timeout``/``read_timeout`` bound network
     I/O. ``max_queue`` bounds the frames decoded ahead of the consumer.
 
-    Images are BGR ``uint8``. With ``bgr_via_opencv`` (default), yuv420p/yuvj420p frames of even
-    size are converted with ``cv2.cvtColor(..., COLOR_YUV2BGR_I420)`` from the planes (BT.601
-    matrix, like FFmpeg's default; full-range yuvj420p is first mapped to limited range), which
-    is faster than PyAV 18's ``to_ndarray(format="bgr24")``; other frames use PyAV's conversion.
+    Frames are lazy (see :mod:`framepipe.frames`). With ``bgr_via_opencv`` (default), a
+    yuv420p/yuvj420p frame of even size keeps its planes: ``frame.gray`` is the luma plane,
+    ``frame.to_jpeg()`` encodes the planes, and ``frame.image`` converts with
+    ``cv2.cvtColor(..., COLOR_YUV2BGR_I420)`` on first access (BT.601 matrix, like FFmpeg's
+    default; full-range yuvj420p first mapped to limited range), which is faster than PyAV 18's
+    ``to_ndarray(format="bgr24")``; other frames are converted by PyAV as they are decoded.
 
     ``live`` is False for a file played once (its end ends a pipeline) and True otherwise;
     ``fps`` is the stream's nominal rate, known once a session has opened it.
@@ -228,8 +224,10 @@ class VideoSource(Source):
                 kind, payload = await channel.get()
                 if kind == "frame":
                     item: _Decoded = payload
+                    picture = item.picture
                     yield Frame(
-                        image=item.image,
+                        image=picture if isinstance(picture, np.ndarray) else None,
+                        picture=picture if isinstance(picture, YuvPlanes) else None,
                         source_id=self.source_id,
                         seq=self.next_seq(),
                         ts_ms=item.ts_ms,
@@ -360,12 +358,12 @@ class VideoSource(Source):
                                 self.describe(),
                             )
                         last_size = size
-                        image = self._to_bgr(frame)
+                        picture = self._picture(frame)
                         count += 1
                         last_pts = pts
                         if pacer is not None:
                             pacer.wait_until(pts)
-                        if not channel.put_frame(_Decoded(image, pts, ts, meta)):
+                        if not channel.put_frame(_Decoded(picture, pts, ts, meta)):
                             raise _Stopped
                 self._check_complete(stream, count)
             finally:
@@ -403,20 +401,12 @@ class VideoSource(Source):
                 f"truncated file: decoded {count} frames of the {expected} its header announces"
             )
 
-    def _to_bgr(self, frame: Any) -> Image:
-        name = frame.format.name
-        if (
-            self.bgr_via_opencv
-            and name in ("yuv420p", "yuvj420p")
-            and frame.width % 2 == 0
-            and frame.height % 2 == 0
-        ):
-            planes = frame.to_ndarray()  # (h * 3 / 2, w): Y then U then V
-            if name == "yuvj420p":  # full range: OpenCV's I420 conversion expects limited
-                h = frame.height
-                planes[:h] = cv2.LUT(planes[:h], _FULL_TO_LIMITED_Y)
-                planes[h:] = cv2.LUT(planes[h:], _FULL_TO_LIMITED_C)
-            return np.asarray(cv2.cvtColor(planes, cv2.COLOR_YUV2BGR_I420), dtype=np.uint8)
+    def _picture(self, frame: Any) -> Image | YuvPlanes:
+        """The frame's planes, kept for a lazy conversion (even-sized 4:2:0, the usual case,
+        with ``bgr_via_opencv``), or its BGR image converted by PyAV."""
+        planes = YuvPlanes.from_av(frame) if self.bgr_via_opencv else None
+        if planes is not None:
+            return planes
         return np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
 
 

