@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+import hypothesis
 import pytest
 import sqlalchemy as sa
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 
 # Never let an AWS SDK look for instance metadata (a non-loopback address) during the tests.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+# No per-example time limit in the property tests: speed is the benchmarks' business, and a
+# machine busy with parallel workers (pytest -n) would fail an example for being slow.
+hypothesis.settings.register_profile("framepipe", deadline=None)
+hypothesis.settings.load_profile("framepipe")
 
 REDIS_URL = os.environ.get("FRAMEPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("FRAMEPIPE_TEST_POSTGRES_URL", "postgresql+psycopg://127.0.0.1:5432/test")

@@ -406,9 +406,11 @@ def test_the_health_endpoint_reports_starting_then_closes_when_redis_never_comes
 
 
 def test_the_health_endpoint_is_healthy_while_ready_and_not_while_draining(ns: str) -> None:
+    finish = asyncio.Event()  # the frame in flight ends when the test says so
+
     class Slow(ProcessorClient):
         async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any]:
-            await asyncio.sleep(1.5)
+            await finish.wait()
             return {"frame_id": frame_data[b"frame_id"].decode()}
 
     port = free_port()
@@ -436,6 +438,7 @@ def test_the_health_endpoint_is_healthy_while_ready_and_not_while_draining(ns: s
             client.stop()
             status, body = await asyncio.to_thread(http_get, port)
             assert (status, body["state"], body["in_flight"]) == (503, "draining", 1)
+            finish.set()
             assert (await call).ok  # the frame in flight finishes
             await asyncio.wait_for(task, 15)
         with pytest.raises(ConnectionRefusedError):

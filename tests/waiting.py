@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -20,11 +23,56 @@ T = TypeVar("T")
 __all__ = ["free_port", "wait_until", "wait_until_async"]
 
 
+_PORTS = range(20000, 32768)
+"""Where :func:`free_port` looks: below Linux's ephemeral range (32768-60999 by default), so
+the port is not handed to an outgoing connection (to PostgreSQL, Redis, ...) between the call
+and the server's bind, as a port the kernel picks with ``bind(0)`` can be."""
+
+_next: dict[str, int] = {}
+
+
+def _my_ports() -> range:
+    """This process's share of :data:`_PORTS`: under pytest-xdist each worker has a slice of
+    its own, so parallel workers never pick the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    size = len(_PORTS) // max(count, 1)
+    start = _PORTS.start + (index % max(count, 1)) * size
+    return range(start, start + size)
+
+
+def _ephemeral() -> range:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (nothing listens there now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free now (nothing listens there) and that no other
+    call of this process, nor another xdist worker of this run, hands out: each call moves on
+    through this process's share of ports 20000-32767 from a random start (another test run
+    on the machine starts elsewhere), skipping ports in use. Falls back to a port the kernel
+    picks when the machine's ephemeral range overlaps the share."""
+    ports = _my_ports()
+    ephemeral = _ephemeral()
+    if ports.start in ephemeral or ports[-1] in ephemeral:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    at = _next.setdefault("at", random.randrange(len(ports)))
+    for step in range(len(ports)):
+        port = ports[(at + step) % len(ports)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _next["at"] = (at + step + 1) % len(ports)
+        return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {ports.start}-{ports[-1]}")
 
 
 def _gave_up(
