@@ -312,6 +312,11 @@ async def main_async(args: argparse.Namespace) -> int:
             server.shutdown()
             thread.join(5)
     health = service.health()
+    for name, pipeline in service.app.pipelines.items():
+        read = pipeline.stats[0].frames_out if pipeline.stats else 0
+        get_logger(name).info(
+            "%d frame(s) captured, %d read for order tags", pipeline.frames_captured, read
+        )
     log.info("stopped: %d order(s) completed", health["orders_completed"])
     failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
     return 1 if failed else 0
