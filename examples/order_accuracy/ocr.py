@@ -109,11 +109,13 @@ class OcrTagReader:
         ``text=None`` per ticket whose text holds none."""
         gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         readings: list[TagReading] = []
-        for crop in self._regions(gray):
+        for crop in self.regions(gray):
             readings.extend(self._read_crop(image[crop], gray[crop]))
         return readings
 
-    def _regions(self, gray: np.ndarray) -> Iterator[tuple[slice, slice]]:
+    def regions(self, gray: np.ndarray) -> Iterator[tuple[slice, slice]]:
+        """Where :meth:`read` looks in a frame (``gray``: its gray levels): each ticket's
+        (rows, columns) with a margin, or the whole frame without ``find_tickets``."""
         h, w = gray.shape[:2]
         if not self.find_tickets:
             yield slice(0, h), slice(0, w)
