@@ -28,6 +28,7 @@
     │   │   └── SourceStalledError   no frame within the stall timeout
     │   ├── FrameError               a frame cannot be decoded or encoded
     │   └── ProcessorError           a stage's processor raised for a frame
+    │       └── WorkerDiedError      a stage's worker process died holding a frame
     ├── BrokerError                  the job broker (Redis Streams) cannot be reached; names the URL
     ├── StateStoreError              the state database
     │   └── SchemaVersionError
@@ -102,6 +103,7 @@ __all__ = [
     "StreamError",
     "UnknownDependencyError",
     "UnknownStepError",
+    "WorkerDiedError",
 ]
 
 
@@ -293,6 +295,10 @@ class ProcessorError(StreamError):
         self.seq = seq
         where = f"stage '{stage}'" + (f", frame {seq}" if seq is not None else "")
         super().__init__(f"{where}: {message}" if stage else message, source_id=source_id)
+
+
+class WorkerDiedError(ProcessorError):
+    """A stage's worker process died while it held a frame (it is restarted)."""
 
 
 class StateStoreError(FramepipeError):

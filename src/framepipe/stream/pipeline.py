@@ -350,6 +350,7 @@ class StreamPipeline:
                     on_error=self._on_processor_error,
                     crash_after=stage.max_consecutive_errors,
                     on_crash=self._on_stage_crash,
+                    processes=stage.processes > 0,
                 )
             )
             self.stats.append(stats)

@@ -21,6 +21,7 @@ from typing import Any
 
 from framepipe.errors import ProcessorError
 from framepipe.processors.base import Processor, as_processor
+from framepipe.stream.processes import ProcessWorker
 from framepipe.stream.queue import FrameQueue, Overflow
 
 __all__ = ["END", "Stage", "StageStats"]
@@ -48,7 +49,14 @@ class Stage:
     ``max_consecutive_errors``: a processor that raises on that many frames in a row is taken
     as crashed (a model in a broken state, a lost GPU), not as a run of bad frames: the
     pipeline emits ``stage.crashed`` and fails, and the ``App`` recovers it with fresh
-    processors (``setup()`` again) after its cooldown. None: every error is one frame's."""
+    processors (``setup()`` again) after its cooldown. None: every error is one frame's.
+
+    ``processes``: run a sync processor in that many worker processes instead of threads (for
+    work that holds the GIL, such as dlib's face encoder), with frames in shared memory, order
+    and errors as with threads, and a worker process that dies restarted; see
+    :mod:`framepipe.stream.processes`. The processor must be picklable; ``workers`` is then
+    the number of processes. Worker processes are spawned, so the script that starts the
+    pipeline must do so under ``if __name__ == "__main__":``."""
 
     processor: Processor | Callable[[Any], Any]
     workers: int = 1
@@ -58,9 +66,24 @@ class Stage:
     name: str | None = None
     inline: bool = False
     max_consecutive_errors: int | None = None
+    processes: int = 0
 
     def __post_init__(self) -> None:
         self.processor = as_processor(self.processor, self.name)
+        if self.processes < 0:
+            raise ValueError(f"stage {self.label!r}: processes must be >= 0, got {self.processes}")
+        if self.processes:
+            if self.processor.is_async or self.inline:
+                raise ValueError(
+                    f"stage {self.label!r}: processes= runs a sync processor in worker "
+                    "processes; an async or inline processor runs on the event loop"
+                )
+            if self.workers not in (1, self.processes):
+                raise ValueError(
+                    f"stage {self.label!r}: give workers or processes, not both "
+                    f"(workers={self.workers}, processes={self.processes})"
+                )
+            self.workers = self.processes
         if self.max_consecutive_errors is not None and self.max_consecutive_errors < 1:
             raise ValueError(f"stage {self.label!r}: max_consecutive_errors must be >= 1")
         if self.workers < 1:
@@ -174,6 +197,7 @@ class Hop:
         on_error: ErrorHook | None = None,
         crash_after: int | None = None,
         on_crash: CrashHook | None = None,
+        processes: bool = False,
     ) -> None:
         self.name = name
         self.source_id = source_id
@@ -194,6 +218,9 @@ class Hop:
         self._on_crash = on_crash
         self._streak = 0  # processor calls that raised in a row
         self._executor: ThreadPoolExecutor | None = None
+        self._processes = processes
+        self._idle: asyncio.Queue[ProcessWorker] | None = None
+        self._workers: list[ProcessWorker] = []
         self._next_idx = 0
         self._release = 0
         self._pending: dict[int, Any] = {}
@@ -203,16 +230,46 @@ class Hop:
         self._progress = asyncio.Condition()
 
     async def setup(self) -> None:
-        """Create the worker threads and call the processor's ``setup`` once (in a thread)."""
+        """Create the worker threads and call the processor's ``setup`` once (in a thread), or
+        start the worker processes (each calls ``setup`` itself)."""
         proc = self.processor
+        if self._processes and proc is not None:
+            await self._start_processes(proc)
+            return
         needs_threads = proc is not None and not proc.is_async and not self.inline
         if needs_threads:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"fp-{self.name}")
         if self.processor is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self.processor.setup)
 
+    async def _start_processes(self, proc: Processor) -> None:
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"fp-{self.name}")
+        loop = asyncio.get_running_loop()
+        self._workers = [ProcessWorker(proc, self.name, i) for i in range(self.workers)]
+        started = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, w.start) for w in self._workers),
+            return_exceptions=True,
+        )
+        self._idle = asyncio.Queue()
+        for worker in self._workers:
+            self._idle.put_nowait(worker)
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     async def teardown(self) -> None:
-        """Call the processor's ``teardown`` and release the threads."""
+        """Call the processor's ``teardown`` and release the threads (or stop the worker
+        processes, which call ``teardown`` themselves)."""
+        if self._workers:
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.gather(
+                    *(loop.run_in_executor(self._executor, w.stop) for w in self._workers)
+                )
+            finally:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)
+            return
         try:
             if self.processor is not None:
                 await asyncio.get_running_loop().run_in_executor(
@@ -250,6 +307,17 @@ class Hop:
                 if self._control is not None:
                     await self._control(item)
                 await self._complete(idx, result)
+                continue
+            if self._idle is not None:
+                self.stats.frames_in += 1
+                worker = await self._idle.get()
+                try:
+                    outcome = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, worker.call, item
+                    )
+                finally:
+                    self._idle.put_nowait(worker)
+                await self._complete(idx, self._account(item, *outcome))
                 continue
             if not self._threaded:
                 self.stats.frames_in += 1
