@@ -22,6 +22,11 @@ steps can read no other local file; the detector supplies names relative to the 
 share, never local paths. Imports submitted by HTTP clients (``POST /api/executions``) are
 confined by the setting ``FRAMEPIPE_INPUT_ROOTS`` instead (none by default: such an import is
 refused, since its ``shared_dir`` is a local folder).
+
+Retention of the shared folder (``retention.py``): ``SHARED_VIDEOS_DELETE_AFTER_UPLOAD=true``
+(``--delete-after-upload``) and/or ``SHARED_VIDEOS_RETENTION_DAYS=N`` (``--retention-days N``)
+let each import remove copies whose rendered videos are verified in the object store; neither
+set keeps every copy. A malformed value stops the backend naming the setting.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from retention import Retention, retention_from_env
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
 
 from framepipe.config import Settings, load_settings
@@ -68,6 +74,7 @@ def make_hub(
     small_limit: int = 50 * 1024**2,
     reconnect_wait: float = 30.0,
     extra_inputs: dict[str, Any] | None = None,
+    retention: Retention | None = None,
 ) -> DetectorHub:
     """A detector hub that speaks the SD import's vocabulary (:mod:`sd_messages`, card
     metadata :class:`CardInfo`) and whose ``sd:file_list`` handler starts an import of
@@ -75,7 +82,9 @@ def make_hub(
 
     Each import is submitted with ``input_roots``: ``shared_dir`` and the folder of an
     ``intro`` or ``splash`` that ``extra_inputs`` gives as an absolute local path (see the
-    module), recorded with the execution and applied by its steps wherever they run."""
+    module), recorded with the execution and applied by its steps wherever they run.
+    ``retention`` (default: keep every copy) is recorded with each import too, so its
+    ``retention`` step applies it on whichever worker runs it (``retention.py``)."""
     hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait, session_metadata=CardInfo)
     input_roots = [shared_dir]
     for name in ("intro", "splash"):
@@ -122,6 +131,8 @@ def make_hub(
             "files": [f.model_dump() for f in listing.files],
             **(extra_inputs or {}),
         }
+        if retention is not None and not retention.keeps_all:
+            inputs["retention"] = retention.model_dump()
         execution_id = await jobs.submit(pipeline, inputs, input_roots=input_roots)
         running[listing.card_id] = execution_id
         await msg.reply(
@@ -145,11 +156,16 @@ def build_app(
     small_limit: int = 50 * 1024**2,
     token: str | None = None,
     reconnect_wait: float = 30.0,
+    retention: Retention | None = None,
 ) -> Any:
     """The service: ``create_app`` with the ``sd_import`` pipeline and its detector hub."""
     pipeline = load_pipeline(PIPELINE_REF)
     hub = make_hub(
-        pipeline, shared_dir=shared_dir, small_limit=small_limit, reconnect_wait=reconnect_wait
+        pipeline,
+        shared_dir=shared_dir,
+        small_limit=small_limit,
+        reconnect_wait=reconnect_wait,
+        retention=retention,
     )
     return create_app(settings, pipelines=[pipeline], token=token, detector_hub=hub)
 
@@ -167,19 +183,45 @@ def main(argv: list[str] | None = None) -> int:
         default=50 * 1024**2,
         help="files smaller than this are QR-clip candidates (default 50MB)",
     )
+    parser.add_argument(
+        "--delete-after-upload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="remove a copy from the shared folder once its rendered video is verified in "
+        "the object store (default: SHARED_VIDEOS_DELETE_AFTER_UPLOAD, else no)",
+    )
+    parser.add_argument(
+        "--retention-days",
+        type=float,
+        default=None,
+        help="remove a copy this many days after its video was uploaded (verified first; "
+        "default: SHARED_VIDEOS_RETENTION_DAYS, else never)",
+    )
     args = parser.parse_args(argv)
     import uvicorn
 
     try:
         settings = load_settings()
+        policy = retention_from_env()
     except ConfigError as exc:
         parser.error(str(exc))
+    if args.delete_after_upload is not None:
+        policy = policy.model_copy(update={"after_upload": args.delete_after_upload})
+    if args.retention_days is not None:
+        if not args.retention_days >= 0:
+            parser.error("--retention-days: use a number of days >= 0")
+        policy = policy.model_copy(update={"days": args.retention_days})
     token = settings.api_token or os.environ.get("FRAMEPIPE_API_TOKEN")
     if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")
     args.shared.mkdir(parents=True, exist_ok=True)
+    print(f"shared folder {args.shared}: {policy.describe()}", file=sys.stderr)
     app = build_app(
-        settings, shared_dir=args.shared.resolve(), small_limit=args.small_limit, token=token
+        settings,
+        shared_dir=args.shared.resolve(),
+        small_limit=args.small_limit,
+        token=token,
+        retention=policy,
     )
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=5)
     return 0

@@ -32,7 +32,12 @@ Steps (``*`` = one instance per file)::
     assign          (after every scan) files in time order, each QR clip starting a jump; the
                     jump's remaining new files are copied, each a copy* with its booking
     extract_metadata*, render*
-    summary         (at the end) what was imported, what was held and why
+                    render uploads and records the copy in the ledger namespace
+                    sd_import.rendered (object key, size, SHA-256)
+    retention       (after every render) with a retention policy (input ``retention``,
+                    retention.py): release* for each rendered copy, of any import, now due
+    release*        removes one copy once its upload is verified (retention.release_copy)
+    summary         (at the end) what was imported, held, removed and kept, and why
 
 The ledger (``fp_ledger``, namespace ``sd_import``: the original import service's ``imported_file``
 table) holds a file once it is copied, verified and belongs to a booking (QR clips: once their code
@@ -66,6 +71,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -73,13 +79,14 @@ from typing import Any
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
 
 from framepipe import Pipeline, StepContext
 from framepipe.config import load_settings
 from framepipe.confined import LinkRefusedError, fd_path, open_beneath, relative_parts
 from framepipe.errors import DetectorError, InvalidInputError, MediaError
 from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
-from framepipe.jobs.ledger import file_fingerprint
+from framepipe.jobs.ledger import content_hash, file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
 
@@ -141,6 +148,9 @@ class SdImportInputs(BaseModel):
     files: list[FileEntry] = Field(max_length=100_000)
     intro: LocalPathOrKey | None = None
     splash: LocalPathOrKey | None = None
+    retention: Retention | None = Field(
+        None, description="When copies leave the shared folder (retention.py); None keeps them."
+    )
 
 
 sd_import = Pipeline(
@@ -637,12 +647,83 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
         progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"),
     )
     key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
+    sha256 = content_hash(final)
     info = ctx.objects.put_file(key, final)
+    entry = _file(ctx, path)
+    ctx.get_ledger(RENDERED).record(  # committed with this step: only a finished upload counts
+        dest,
+        size=entry["size"],
+        meta={
+            "object_key": key,
+            "object_size": info.size,
+            "sha256": sha256,
+            "size": entry["size"],
+            "fingerprint": entry["fingerprint"],
+            "card_id": ctx.inputs["card_id"],
+            "path": path,
+            "booking_id": booking_id,
+        },
+    )
     ctx.progress(100, f"uploaded {key}")
-    return {f"render/{path}": {"key": key, "size": info.size, "booking_id": booking_id}}
+    return {
+        f"render/{path}": {
+            "key": key,
+            "size": info.size,
+            "sha256": sha256,
+            "booking_id": booking_id,
+        }
+    }
 
 
 @sd_import.step(depends_on=["assign", "copy", "scan_qr", "extract_metadata", "render"], weight=0.1)
+def retention(ctx: StepContext) -> dict[str, Any]:
+    """The shared folder's retention sweep (``retention.py``): one ``release`` step for every
+    copy, of this import or an earlier one, that the execution's policy says may go now."""
+    raw = ctx.inputs.get("retention")
+    policy = Retention.model_validate(raw) if raw else Retention()
+    if policy.keeps_all:
+        return {"retention": {"policy": policy.describe(), "due": []}}
+    shared_dir = shared_dir_of(ctx)
+    due = due_copies(ctx.get_ledger(RENDERED).entries(), policy, shared_dir, time.time())
+    for entry in due:
+        ctx.spawn_step("release", params={"copy_path": entry.identity})
+    ctx.log.info("retention (%s): %d copies due", policy.describe(), len(due))
+    return {"retention": {"policy": policy.describe(), "due": [e.identity for e in due]}}
+
+
+@sd_import.step(weight=0.2)
+def release(ctx: StepContext, copy_path: str) -> dict[str, Any]:
+    """Remove one copy from the shared folder once its upload is verified
+    (:func:`retention.release_copy`); logged, and recorded in the ledger namespace
+    ``sd_import.removed``. A copy that is not proven safe is kept, with the reason."""
+    shared_dir = shared_dir_of(ctx)
+    relative_parts(copy_path, "copy_path")
+    referenced = referenced_copies(ctx.store, ctx.pipeline.name, but=ctx.execution_id)
+    outcome = release_copy(
+        shared_dir=shared_dir,
+        dest=copy_path,
+        entry=ctx.get_ledger(RENDERED).get(copy_path),
+        objects=ctx.objects,
+        referenced_by=referenced.get(copy_path),
+        work=ctx.tempdir(),
+    )
+    if outcome["status"] == "removed":
+        ctx.log.info(
+            "removed %s from the shared folder: %s is in the object store (%d bytes, SHA-256 %s)",
+            copy_path,
+            outcome["object_key"],
+            outcome["object_size"],
+            outcome["sha256"],
+        )
+        ctx.get_ledger(REMOVED).record(
+            copy_path, size=outcome["size"], meta={**outcome, "execution_id": ctx.execution_id}
+        )
+    elif outcome["status"] == "kept":
+        ctx.log.warning("kept %s in the shared folder: %s", copy_path, outcome["reason"])
+    return {f"released/{copy_path}": outcome}
+
+
+@sd_import.step(depends_on=["retention", "release"], weight=0.1)
 def summary(ctx: StepContext) -> dict[str, Any]:
     """What this insertion imported, held and found wrong; told to the detector too."""
     data = ctx.data
@@ -688,6 +769,9 @@ def summary(ctx: StepContext) -> dict[str, Any]:
         status = "needs_attention"
     else:
         status = "imported"
+    released = {
+        k.removeprefix("released/"): v for k, v in data.items() if k.startswith("released/")
+    }
     result = {
         "status": status,
         "card_id": ctx.inputs.get("card_id"),
@@ -695,6 +779,8 @@ def summary(ctx: StepContext) -> dict[str, Any]:
         "bookings": bookings,
         "held": assigned["held"],
         "problems": problems,
+        "removed": sorted(k for k, v in released.items() if v["status"] == "removed"),
+        "kept": {k: v["reason"] for k, v in sorted(released.items()) if v["status"] == "kept"},
     }
     hub_id = ctx.inputs.get("hub")
     if hub_id:
