@@ -380,3 +380,64 @@ def test_guide_after_n_days_removes_only_verified_copies_no_unfinished_import_li
             assert audit[copy_of(card_a, v2)]["execution_id"] == second["id"]
             assert audit[copy_of(card_a, v1)]["execution_id"] == fourth["id"]
             assert audit[copy_of(card_a, v1)]["object_size"] == len(whole)
+
+
+def test_a_link_planted_in_place_of_a_copy_is_neither_followed_nor_removed(
+    tmp_path: Path,
+) -> None:
+    """release_copy on a shared folder where the copy (or its folder) became a symbolic link
+    to a file outside: kept, with the reason; the link and its target stay."""
+    from retention import release_copy
+
+    from framepipe.backends.objects import LocalObjectStore
+    from framepipe.jobs.ledger import LedgerEntry, content_hash, file_fingerprint
+
+    shared, outside = tmp_path / "shared", tmp_path / "outside"
+    (shared / "CARD" / "DCIM").mkdir(parents=True)
+    outside.mkdir()
+    target = jump_clip(outside / "GX000002.MP4", seed=1, frames=3)
+    rendered = jump_clip(tmp_path / "rendered.mp4", seed=2, frames=3)
+    with LocalObjectStore(tmp_path / "objects") as objects:
+        info = objects.put_file("bookings/B1/GX000002.mp4", rendered)
+        entry = LedgerEntry(
+            namespace="sd_import.rendered",
+            identity="CARD/DCIM/GX000002.MP4",
+            content_hash=None,
+            size=target.stat().st_size,
+            meta={
+                "object_key": "bookings/B1/GX000002.mp4",
+                "object_size": info.size,
+                "sha256": content_hash(rendered),
+                "size": target.stat().st_size,
+                "fingerprint": file_fingerprint(target),
+            },
+            execution_id=None,
+            step_key=None,
+            imported_at=time.time(),
+        )
+        (shared / "CARD" / "DCIM" / "GX000002.MP4").symlink_to(target)
+        kept = release_copy(
+            shared_dir=shared,
+            dest=entry.identity,
+            entry=entry,
+            objects=objects,
+            referenced_by=None,
+            work=tmp_path,
+        )
+        assert kept == {
+            "status": "kept",
+            "reason": "it is not a regular file (a link?); not followed",
+        }
+        (shared / "CARD" / "DCIM" / "GX000002.MP4").unlink()
+        (shared / "CARD" / "DCIM").rmdir()
+        (shared / "CARD" / "DCIM").symlink_to(outside)  # the folder itself a link
+        kept = release_copy(
+            shared_dir=shared,
+            dest=entry.identity,
+            entry=entry,
+            objects=objects,
+            referenced_by=None,
+            work=tmp_path,
+        )
+        assert kept["status"] == "kept" and "symbolic link" in kept["reason"]
+        assert target.exists() and (shared / "CARD" / "DCIM").is_symlink()
