@@ -134,5 +134,9 @@ def test_stopped_and_failed_pipelines() -> None:
     failed = pipeline.performance()
     assert failed.score == 0.0
     assert failed.reason == "the pipeline failed: camera gone"
+    pipeline.state = HealthState.RETRYING
+    retrying = pipeline.performance()
+    assert retrying.score == 0.0
+    assert retrying.reason == "the source is down and retried at the backoff's cap: camera gone"
     with pytest.raises(ValueError, match="performance_window"):
         StreamPipeline("bad", PatternSource("cam"), performance_window=0)

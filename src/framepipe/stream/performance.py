@@ -14,7 +14,8 @@ that report a score of their own):
 * Frames that failed in a stage lower either score in proportion.
 * The score is judged while the capture runs, once it has run for a full measuring window (the
   first frames of a session wait for models to load): before that, while it backs off, or once
-  a finite file has ended and drains, it is 1. A stopped pipeline is 1; a failed one 0.
+  a finite file has ended and drains, it is 1. A stopped pipeline is 1; a failed one, or one
+  whose source is down and retried at the backoff's cap, 0.
 * Below 1, ``reason`` says why in words an operator can act on: the rate achieved against the
   nominal one, the slowest stage (its workers, time a frame and queue), the frames the capture
   could not take, dropped and failed frames.

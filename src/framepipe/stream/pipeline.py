@@ -535,9 +535,15 @@ class StreamPipeline:
         """How well the pipeline keeps up with its source, and why not (the rule is in
         :mod:`framepipe.stream.performance`): a paced source is judged by the rate at which
         the pipeline takes frames in against its nominal rate over the last few seconds, a
-        source read on demand only by its failed frames. Stopped: 1; failed: 0."""
+        source read on demand only by its failed frames. Stopped: 1; failed, or a source down
+        and retried at the backoff's cap: 0."""
         if self.state is HealthState.FAILED:
             return Performance(score=0.0, reason=f"the pipeline failed: {self.last_error}")
+        if self.state is HealthState.RETRYING:
+            return Performance(
+                score=0.0,
+                reason=f"the source is down and retried at the backoff's cap: {self.last_error}",
+            )
         sup = self.supervisor
         running = (
             self.state is not HealthState.STOPPED
