@@ -241,20 +241,42 @@ class OrchestratorManager:
             if self.is_running:
                 return True
             self._gave_up = None
-            self._open_log()
+            self.open_log()
             try:
                 self._run(self._start())
             except BaseException:
-                self._close_log()
+                self.close_log()
                 raise
             return True
 
     async def _start(self) -> None:
         await self.orchestrator.start()
+        self.start_monitoring()
+
+    def start_monitoring(self) -> None:
+        """Start the health checks and the metrics collection on the running event loop (what
+        ``start()`` does once the orchestrator runs; :mod:`doorbell.web` calls it when
+        ``framepipe serve`` runs the App on its own loop). Idempotent."""
+        if self._monitor is not None:
+            return
         self._monitor = asyncio.create_task(self._monitor_loop(), name="doorbell-monitor")
         self._metrics_task = asyncio.create_task(self._metrics_loop(), name="doorbell-metrics")
 
-    def _open_log(self) -> None:
+    async def stop_monitoring(self) -> None:
+        """Cancel what :meth:`start_monitoring` started and a manual recovery in progress."""
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:  # a manual recovery must not start the pipeline again
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wrap_future(recovery)
+        for task in (self._monitor, self._metrics_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._monitor = self._metrics_task = None
+
+    def open_log(self) -> None:
         """Send framepipe's log lines to ``log_file`` too (INFO and up)."""
         path = self.config.log_file
         if path is None or self._log_handler is not None:
@@ -269,7 +291,7 @@ class OrchestratorManager:
         logger.addHandler(handler)
         self._log_handler = handler
 
-    def _close_log(self) -> None:
+    def close_log(self) -> None:
         handler, self._log_handler = self._log_handler, None
         if handler is not None:
             logging.getLogger("framepipe").removeHandler(handler)
@@ -291,20 +313,10 @@ class OrchestratorManager:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout)
                 self._loop = self._thread = None
-                self._close_log()
+                self.close_log()
 
     async def _stop(self) -> None:
-        recovery, self._recovery = self._recovery, None
-        if recovery is not None:  # a manual recovery must not start the pipeline again
-            recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wrap_future(recovery)
-        for task in (self._monitor, self._metrics_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._monitor = self._metrics_task = None
+        await self.stop_monitoring()
         await self.orchestrator.stop()
 
     def restart(self) -> bool:

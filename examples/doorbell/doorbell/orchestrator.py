@@ -72,17 +72,7 @@ class PipelineOrchestrator:
         self.config = config
         home = config.raw.get("framepipe_home")
         self.settings = settings or (load_settings(home=home) if home else load_settings())
-        self.app = App(
-            "doorbell",
-            settings=self.settings,
-            auto_recovery=config.auto_recovery_enabled,
-            max_restart_attempts=config.max_restart_attempts,
-            restart_cooldown=config.restart_cooldown_seconds,
-            health_interval=config.health_check_interval,
-            # the doorbell judges performance itself (performance()): framepipe's score
-            # averages the capture rate since the session began, so the App must not warn on it
-            performance_threshold=0.0,
-        )
+        self.app = self.make_app()
         self.log = get_logger("doorbell")
         self.detector = FaceAnalyzer(
             model=config.detection_model,
@@ -124,6 +114,22 @@ class PipelineOrchestrator:
             )
 
     # -- building ---------------------------------------------------------------------------
+
+    def make_app(self) -> App:
+        """The framepipe App that runs the pipeline (a subclass may return a subclass of App,
+        as :mod:`doorbell.web` does to be hosted by ``framepipe serve``)."""
+        config = self.config
+        return App(
+            PIPELINE,
+            settings=self.settings,
+            auto_recovery=config.auto_recovery_enabled,
+            max_restart_attempts=config.max_restart_attempts,
+            restart_cooldown=config.restart_cooldown_seconds,
+            health_interval=config.health_check_interval,
+            # the doorbell judges performance itself (performance()): framepipe's score
+            # averages the capture rate since the session began, so the App must not warn on it
+            performance_threshold=0.0,
+        )
 
     def make_source(self) -> Source:
         """The camera: a video file, a device (``/dev/video0`` or ``0``) or a stream URL."""
@@ -212,9 +218,14 @@ class PipelineOrchestrator:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """:meth:`prepare`, then start the App (and with it the pipeline)."""
+        await self.prepare()
+        await self.app.start()
+
+    async def prepare(self) -> None:
         """Open the object store, load the models (raises
         :class:`~framepipe.errors.MissingDependencyError` without dlib or its models) and the
-        known faces, build and start the pipeline."""
+        known faces, build the pipeline and add it to the App (not started)."""
         loop = self.loop = asyncio.get_running_loop()
         if self.objects is None:
             self.objects = await loop.run_in_executor(
@@ -229,13 +240,16 @@ class PipelineOrchestrator:
         if self.pipeline is None:
             self.pipeline = self.build_pipeline()
             self.app.add_pipeline(self.pipeline)
-        await self.app.start()
 
     async def stop(self) -> None:
         """Stop the pipeline (queued frames drain, the open visit closes), then wait for the
         pending notifications. A recovery in progress is cancelled (it would start the
         pipeline again)."""
         await self.app.stop()
+        await self.drain_notifications()
+
+    async def drain_notifications(self) -> None:
+        """Wait (bounded by the webhook's timeout) for events still being stored or POSTed."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self.config.webhook_timeout + 1)
 

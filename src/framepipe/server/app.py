@@ -25,7 +25,9 @@ Guarantees:
   also summed up as ``pipeline:progress`` (step and execution progress; the execution's never
   decreases within one socket);
 * host-side detectors (the SD-card import) connect to ``/ws/detector``
-  (:mod:`framepipe.server.detector`).
+  (:mod:`framepipe.server.detector`);
+* a hosted app may add panels, routes and images of its object store to the dashboard under
+  ``/api/apps/{app}/`` (:mod:`framepipe.server.panels`), behind the same checks.
 
 The routes are in :mod:`framepipe.server.routes`, one module per resource; what they share is
 the :class:`~framepipe.server.state.ServiceState` on ``app.state.service``, which this module
@@ -54,6 +56,7 @@ from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
 from framepipe.server.guard import hide_tokens_in_access_log
+from framepipe.server.panels import mount_app_panels
 from framepipe.server.responses import SafeJSONResponse, install_error_handlers
 from framepipe.server.routes import (
     events,
@@ -217,6 +220,7 @@ def create_app(
     app.include_router(events.socket_router)
     for router in _API_ROUTERS:
         app.include_router(router, prefix="/api", dependencies=[Depends(check_token)])
+    mount_app_panels(app, service.apps, check_token)
     mount_detector(app, hub, token, check_token)
     mount_dashboard(app)
     app.state.detector_hub = hub

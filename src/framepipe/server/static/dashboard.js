@@ -7,6 +7,9 @@
 // or says "lagged", the page reconnects with backoff and takes a fresh snapshot. Sources and
 // processors are polled (they are not in the event feed); a 404 there means the service has no
 // such API, shown as "none". Every text from the service goes in through textContent.
+// Apps served here may add panels (GET /api/apps): each is read from its endpoint every
+// `refresh` seconds and at once when one of its `events` arrives; images come from the app's
+// object store through fetch (with the token) as blob: URLs.
 "use strict";
 
 (() => {
@@ -34,6 +37,7 @@
     detailTimers: new Map(),
     timers: [],
     sources: new Map(), // "app/pipeline" -> {data, el, img, url, busy}
+    appPanels: new Map(), // "app/panel" -> {app, panel, el, body, busy, again, images}
   };
 
   class AuthError extends Error {}
@@ -417,6 +421,7 @@
   function applyEvent(ev) {
     if (ev.id && ev.id > state.lastEventId) state.lastEventId = ev.id;
     addEventRow(ev);
+    appEvent(ev);
     const id = ev.execution_id;
     if (!id) return;
     let x = state.executions.get(id);
@@ -821,6 +826,156 @@
     });
   }
 
+
+  // -- panels of the apps served here --------------------------------------------------------------
+
+  function objectUrl(app, key) {
+    const path = String(key).split("/").map(encodeURIComponent).join("/");
+    return `/api/apps/${encodeURIComponent(app)}/objects/${path}`;
+  }
+
+  function imageFor(entry, key, alt) {
+    const img = el("img", { alt, "data-key": key });
+    let url = entry.images.get(key);
+    if (!url) {
+      url = api(objectUrl(entry.app, key), { headers: { Accept: "image/*" } })
+        .then((res) => {
+          if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+          return res.blob();
+        })
+        .then((blob) => URL.createObjectURL(blob));
+      url.catch(() => entry.images.delete(key));
+      entry.images.set(key, url);
+    }
+    img.onload = () => { img.dataset.loaded = "true"; };
+    url.then((u) => { img.src = u; }).catch((err) => {
+      img.dataset.failed = "true";
+      img.title = err instanceof AuthError ? "" : String(err.message || err);
+    });
+    return img;
+  }
+
+  function forgetImages(entry, keep) {
+    for (const [key, url] of [...entry.images]) {
+      if (keep.has(key)) continue;
+      entry.images.delete(key);
+      url.then((u) => URL.revokeObjectURL(u)).catch(() => {});
+    }
+  }
+
+  function fieldText(value) {
+    if (value === null || value === undefined) return "–";
+    if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(3);
+    return oneLine(value, 400);
+  }
+
+  function renderAppPanel(entry, data) {
+    const { panel, body } = entry;
+    const keep = new Set();
+    const count = entry.el.querySelector(".count");
+    if (panel.kind === "status") {
+      const badge = el("span", { class: "badge", "data-state": data.state || "", text: data.state || "unknown" });
+      const fields = (data.fields || []).flatMap((f) => [
+        el("dt", { text: f.label }), el("dd", { "data-field": f.label, text: fieldText(f.value) })]);
+      body.replaceChildren(badge, el("dl", {}, ...fields));
+      entry.el.dataset.state = data.state || "";
+      return;
+    }
+    const rows = Array.isArray(data) ? data : [];
+    setText(count, rows.length ? `${rows.length}` : "");
+    if (rows.length === 0) {
+      body.replaceChildren(el("li", { class: "none", text: "none" }));
+    } else if (panel.kind === "events") {
+      body.replaceChildren(...rows.map((r) => {
+        if (r.image) keep.add(r.image);
+        return el("li", { class: "app-ev", "data-type": r.type },
+          el("time", { datetime: new Date(r.ts * 1000).toISOString(), text: clock(r.ts) }),
+          el("span", { class: "ev-type", text: r.type }),
+          r.image ? imageFor(entry, r.image, `snapshot of ${r.type}`) : null,
+          r.text ? el("span", { class: "ev-text", text: oneLine(r.text, 200) }) : null);
+      }));
+    } else if (panel.kind === "images") {
+      body.replaceChildren(...rows.map((r) => {
+        keep.add(r.key);
+        return el("li", { "data-key": r.key },
+          el("figure", {}, imageFor(entry, r.key, r.caption || r.key),
+            el("figcaption", { text: [r.ts ? clock(r.ts) : "", r.caption || ""].filter(Boolean).join(" · ") })));
+      }));
+    } else {
+      body.replaceChildren(...rows.map((r) => el("li", { "data-name": r.name },
+        el("b", { text: r.name }), r.text ? el("span", { class: "muted", text: oneLine(r.text, 200) }) : null)));
+    }
+    forgetImages(entry, keep);
+  }
+
+  async function refreshAppPanel(entry) {
+    if (entry.busy) {
+      entry.again = true;
+      return;
+    }
+    entry.busy = true;
+    try {
+      renderAppPanel(entry, await apiJson(entry.panel.url));
+      delete entry.el.dataset.error;
+    } catch (err) {
+      if (!(err instanceof AuthError)) {
+        entry.el.dataset.error = err.message;
+        entry.body.replaceChildren(el("li", { class: "none", text: `unavailable (${err.message})` }));
+      }
+    } finally {
+      entry.busy = false;
+      if (entry.again && state.started) {
+        entry.again = false;
+        refreshAppPanel(entry);
+      }
+    }
+  }
+
+  function appEvent(ev) {
+    const app = ev.data && ev.data.app;
+    if (!app) return;
+    for (const entry of state.appPanels.values()) {
+      if (entry.app === app && entry.panel.events.includes(ev.type)) refreshAppPanel(entry);
+    }
+  }
+
+  function clearAppPanels() {
+    for (const entry of state.appPanels.values()) forgetImages(entry, new Set());
+    state.appPanels.clear();
+    $("app-panels").replaceChildren();
+  }
+
+  async function loadAppPanels() {
+    let apps;
+    try {
+      const res = await api("/api/apps");
+      if (!res.ok) return; // a service without the apps API
+      apps = await res.json();
+    } catch (err) {
+      if (!(err instanceof AuthError)) console.warn("apps", err);
+      return;
+    }
+    const box = $("app-panels");
+    for (const a of Array.isArray(apps) ? apps : []) {
+      for (const panel of a.panels || []) {
+        const key = `${a.app}/${panel.id}`;
+        if (state.appPanels.has(key)) continue;
+        const body = panel.kind === "status"
+          ? el("div", { class: "app-status" })
+          : el("ul", { class: `app-list app-${panel.kind}` });
+        const node = el("section", { class: "panel app-panel", "data-app": a.app,
+          "data-panel": panel.id, "data-kind": panel.kind },
+        el("h2", {}, el("span", { text: panel.title }), el("span", { class: "count" }),
+          el("span", { class: "muted app-name", text: a.app })),
+        body);
+        box.append(node);
+        const entry = { app: a.app, panel, el: node, body, busy: false, again: false, images: new Map() };
+        state.appPanels.set(key, entry);
+        every(Math.max(1, Number(panel.refresh) || 10) * 1000, () => refreshAppPanel(entry));
+      }
+    }
+  }
+
   // -- footer ------------------------------------------------------------------------------------
 
   async function refreshHealth() {
@@ -873,7 +1028,9 @@
     $("login").hidden = true;
     $("board").hidden = false;
     $("signout").hidden = !state.token;
+    clearAppPanels();
     connect();
+    loadAppPanels();
     every(SOURCES_EVERY_MS, refreshSources);
     every(PROCESSORS_EVERY_MS, refreshProcessors);
     every(DETECTORS_EVERY_MS, refreshDetectors);
