@@ -242,6 +242,14 @@ def test_an_output_over_the_limit_fails_the_step_without_retries(run_in_mode: Ru
     assert not [e for e in events if e.type == "step.retrying"]
 
 
+def test_a_setting_error_fails_the_step_without_retries(run_in_mode: Runner) -> None:
+    info, events = run_in_mode(wp.misconfigured, {})
+    assert info.status.value == "failed"
+    assert "failed after 1 attempt: ConfigError: MODEL_PATH is not set" in (info.error or "")
+    assert info.step("load_model").attempt == 1  # retries=2, but no retry can mend it
+    assert not [e for e in events if e.type == "step.retrying"]
+
+
 _graphs = st.integers(min_value=1, max_value=25).flatmap(
     lambda n: st.lists(
         st.lists(st.integers(min_value=0, max_value=max(0, n - 1)), max_size=3),

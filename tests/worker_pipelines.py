@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from framepipe import Pipeline, StepContext
+from framepipe.errors import ConfigError
 
 
 def _log(ctx: StepContext, what: str) -> None:
@@ -219,6 +220,14 @@ bloated = Pipeline("wk_bloated")
 @bloated.step(retries=2)
 def big(ctx: StepContext) -> dict[str, Any]:
     return {"blob": "x" * int(ctx.inputs["size"])}
+
+
+misconfigured = Pipeline("wk_misconfigured")
+
+
+@misconfigured.step(retries=2, retry_delay=0.05)
+def load_model(ctx: StepContext) -> dict[str, Any]:
+    raise ConfigError("MODEL_PATH is not set: the model to load (environment)")
 
 
 def _note(ctx: StepContext, log: str, line: str) -> None:

@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
+    ConfigError,
     InvalidInputError,
+    MissingDependencyError,
     PipelineDefinitionError,
     StepOutputError,
 )
@@ -24,8 +26,18 @@ __all__ = ["NO_RETRY", "RetryPolicy", "check_output", "error_text", "is_permanen
 
 def is_permanent(exc: BaseException) -> bool:
     """True for a failure that no retry can mend: an output that cannot be stored, a pipeline
-    definition error, inputs that are invalid."""
-    return isinstance(exc, (StepOutputError, PipelineDefinitionError, InvalidInputError))
+    definition error, inputs that are invalid, a setting that is missing or invalid, an
+    optional dependency that is not installed (a resume after the fix runs the step again)."""
+    return isinstance(
+        exc,
+        (
+            StepOutputError,
+            PipelineDefinitionError,
+            InvalidInputError,
+            ConfigError,
+            MissingDependencyError,
+        ),
+    )
 
 
 @dataclass(frozen=True)
