@@ -201,10 +201,15 @@ class Station(App):
     """An app that adds a panel, a route and the images of its object store."""
 
     def __init__(
-        self, settings: Settings, objects: ObjectStore | None, name: str = "station"
+        self,
+        settings: Settings,
+        objects: ObjectStore | None,
+        name: str = "station",
+        refresh: float = 2.0,
     ) -> None:
         super().__init__(name, settings=settings)
         self.objects = objects
+        self.refresh = refresh
         self.notes = ["first note"]
 
     def dashboard(self) -> AppDashboard:
@@ -214,8 +219,21 @@ class Station(App):
         async def notes() -> list[dict[str, Any]]:
             return [{"name": n, "text": None} for n in self.notes]
 
-        panel = Panel("notes", "Notes", PanelKind.NAMES, "notes", ("note.added",), 2.0)
-        return AppDashboard(panels=(panel,), router=router, objects=lambda: self.objects)
+        @router.post("/notes")
+        async def add_note(note: dict[str, str]) -> dict[str, str]:
+            self.notes.append(note["name"])
+            self.emit("note.added", note)
+            return note
+
+        @router.get("/images")
+        async def images() -> list[dict[str, Any]]:
+            return [{"key": "snaps/one.jpg", "caption": "one", "ts": None}]
+
+        panels = (
+            Panel("notes", "Notes", PanelKind.NAMES, "notes", ("note.added",), self.refresh),
+            Panel("images", "Images", PanelKind.IMAGES, "images", (), self.refresh),
+        )
+        return AppDashboard(panels=panels, router=router, objects=lambda: self.objects)
 
 
 def _raw(base: str, path: str) -> httpx.URL:
@@ -240,16 +258,7 @@ def test_a_panel_is_checked_when_it_is_made(tmp_path: Path) -> None:
 
 
 def test_an_app_adds_panels_routes_and_images_behind_the_token(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
-    root = tmp_path / "objects"
-    (root / "snaps").mkdir(parents=True)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.jpg").write_bytes(SECRET)
-    (root / "snaps" / "leak.jpg").symlink_to(outside / "secret.jpg")
-    (root / "elsewhere").symlink_to(outside, target_is_directory=True)
-    store = LocalObjectStore(root)
-    store.put("snaps/one.jpg", encode_jpeg(np.full((24, 32, 3), 128, np.uint8)))
+    settings, store, _outside = _station_site(tmp_path)
     station = Station(settings, store)
     plain = App("plain", settings=settings)
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -266,7 +275,15 @@ def test_an_app_adds_panels_routes_and_images_behind_the_token(tmp_path: Path) -
                             "url": "/api/apps/station/notes",
                             "events": ["note.added"],
                             "refresh": 2.0,
-                        }
+                        },
+                        {
+                            "id": "images",
+                            "title": "Images",
+                            "kind": "images",
+                            "url": "/api/apps/station/images",
+                            "events": [],
+                            "refresh": 2.0,
+                        },
                     ],
                 },
                 {"app": "plain", "panels": []},
@@ -304,6 +321,49 @@ def test_an_app_adds_panels_routes_and_images_behind_the_token(tmp_path: Path) -
                 "/api/apps/station/notes", headers={**auth, "Origin": "http://evil.example"}
             )
             assert page.status_code == 403
+
+
+def _station_site(tmp_path: Path) -> tuple[Settings, LocalObjectStore, Path]:
+    """Settings, an object store with one JPEG and symlinks out of it, the folder outside."""
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
+    root = tmp_path / "objects"
+    (root / "snaps").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(SECRET)
+    (root / "snaps" / "leak.jpg").symlink_to(outside / "secret.jpg")
+    (root / "elsewhere").symlink_to(outside, target_is_directory=True)
+    store = LocalObjectStore(root)
+    store.put("snaps/one.jpg", encode_jpeg(np.full((24, 32, 3), 128, np.uint8)))
+    return settings, store, outside
+
+
+@pytest.mark.slow  # headless Chromium
+def test_a_panel_is_read_again_when_its_event_arrives(tmp_path: Path) -> None:
+    """The panels refresh only once an hour here: what the page shows after the first read
+    came through the live feed."""
+    sync_playwright = _playwright()
+    settings, store, _outside = _station_site(tmp_path)
+    station = Station(settings, store, refresh=3600.0)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    errors: list[str] = []
+    with Server(settings, pipelines=(), apps=[station]) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}/#token={TOKEN}")
+            page.wait_for_selector('#conn[data-state="live"]', timeout=30_000)
+            page.locator('[data-panel="notes"] li[data-name="first note"]').wait_for()
+            page.wait_for_function(IMAGE_LOADED, arg='[data-panel="images"] img', timeout=30_000)
+            added = httpx.post(
+                f"{server.url}/api/apps/station/notes", json={"name": "second"}, headers=auth
+            )
+            assert added.status_code == 200, added.text
+            page.locator('[data-panel="notes"] li[data-name="second"]').wait_for(timeout=30_000)
+        finally:
+            browser.close()
+    assert errors == []
 
 
 def _token(link: str) -> str:

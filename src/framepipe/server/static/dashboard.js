@@ -37,7 +37,8 @@
     detailTimers: new Map(),
     timers: [],
     sources: new Map(), // "app/pipeline" -> {data, el, img, url, busy}
-    appPanels: new Map(), // "app/panel" -> {app, panel, el, body, busy, again, images}
+    appPanels: new Map(), // "app/panel" -> {app, panel, el, body, busy, again, keys}
+    appImages: new Map(), // "app\nkey" -> Promise of a blob: URL
   };
 
   class AuthError extends Error {}
@@ -834,9 +835,12 @@
     return `/api/apps/${encodeURIComponent(app)}/objects/${path}`;
   }
 
+  // Images are fetched once per app and key, shared by the app's panels, and released when
+  // no panel of the app shows them any more.
   function imageFor(entry, key, alt) {
     const img = el("img", { alt, "data-key": key });
-    let url = entry.images.get(key);
+    const id = `${entry.app}\n${key}`;
+    let url = state.appImages.get(id);
     if (!url) {
       url = api(objectUrl(entry.app, key), { headers: { Accept: "image/*" } })
         .then((res) => {
@@ -844,8 +848,8 @@
           return res.blob();
         })
         .then((blob) => URL.createObjectURL(blob));
-      url.catch(() => entry.images.delete(key));
-      entry.images.set(key, url);
+      url.catch(() => state.appImages.delete(id));
+      state.appImages.set(id, url);
     }
     img.onload = () => { img.dataset.loaded = "true"; };
     url.then((u) => { img.src = u; }).catch((err) => {
@@ -855,10 +859,14 @@
     return img;
   }
 
-  function forgetImages(entry, keep) {
-    for (const [key, url] of [...entry.images]) {
-      if (keep.has(key)) continue;
-      entry.images.delete(key);
+  function releaseImages(app) {
+    const shown = new Set();
+    for (const e of state.appPanels.values()) {
+      if (e.app === app) for (const key of e.keys) shown.add(`${app}\n${key}`);
+    }
+    for (const [id, url] of [...state.appImages]) {
+      if (!id.startsWith(`${app}\n`) || shown.has(id)) continue;
+      state.appImages.delete(id);
       url.then((u) => URL.revokeObjectURL(u)).catch(() => {});
     }
   }
@@ -905,7 +913,8 @@
       body.replaceChildren(...rows.map((r) => el("li", { "data-name": r.name },
         el("b", { text: r.name }), r.text ? el("span", { class: "muted", text: oneLine(r.text, 200) }) : null)));
     }
-    forgetImages(entry, keep);
+    entry.keys = keep;
+    releaseImages(entry.app);
   }
 
   async function refreshAppPanel(entry) {
@@ -940,8 +949,9 @@
   }
 
   function clearAppPanels() {
-    for (const entry of state.appPanels.values()) forgetImages(entry, new Set());
     state.appPanels.clear();
+    for (const url of state.appImages.values()) url.then((u) => URL.revokeObjectURL(u)).catch(() => {});
+    state.appImages.clear();
     $("app-panels").replaceChildren();
   }
 
@@ -969,7 +979,7 @@
           el("span", { class: "muted app-name", text: a.app })),
         body);
         box.append(node);
-        const entry = { app: a.app, panel, el: node, body, busy: false, again: false, images: new Map() };
+        const entry = { app: a.app, panel, el: node, body, busy: false, again: false, keys: new Set() };
         state.appPanels.set(key, entry);
         every(Math.max(1, Number(panel.refresh) || 10) * 1000, () => refreshAppPanel(entry));
       }
