@@ -402,7 +402,7 @@ def test_troubleshooting_performance_degradation_is_reported_with_its_cause(
         assert health.performance_score <= processed / 25 + 0.1, (processed, health)
         assert health.state == SystemState.DEGRADED
         reason = health.performance_reason or ""
-        assert "of the camera's 25" in reason and "face_detection" in reason, reason
+        assert "of the source's 25" in reason and "face_detection" in reason, reason
         assert "could not take" in reason, reason
         assert metrics["queue_status"].get("backlog_warning") is True
         # the guide's on_performance_warning(data) reads data['score']; CPU warnings may come too

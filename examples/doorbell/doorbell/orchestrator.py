@@ -53,8 +53,8 @@ from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces, lo
 from framepipe.sources import VideoSource
 from framepipe.sources.base import Source
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
+from framepipe.stream.performance import Performance
 from framepipe.stream.sinks import Sink
-from framepipe.supervise import HealthState
 
 __all__ = ["PipelineOrchestrator"]
 
@@ -103,8 +103,6 @@ class PipelineOrchestrator:
         self._event_times: collections.deque[float] = collections.deque()
         self._pending: set[asyncio.Future[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._session: tuple[float, int] | None = None  # (monotonic start, frames captured)
-        self.app.on("source.started", self._on_source_started)
         self.app.on("segment.completed", self._on_segment)
         self.app.on("stage.crashed", self._on_stage_crashed)
         if config.detector_type == "gpu":
@@ -286,107 +284,19 @@ class PipelineOrchestrator:
 
     # -- performance ------------------------------------------------------------------------
 
-    def _on_source_started(self, _event: str, _data: dict[str, Any]) -> None:
-        pipeline = self.pipeline
-        self._session = (time.monotonic(), pipeline.frames_captured if pipeline else 0)
-
     def performance(self) -> dict[str, Any]:
-        """How well the pipeline keeps up with the camera.
-
-        A camera (a device, a network stream, a file paced with ``camera.realtime``) makes
-        frames at its nominal rate whether or not the pipeline takes them: ``score`` (0-1) is
-        the rate at which the pipeline processes frames (its first stage's frames per second
-        over the last few seconds) against that nominal rate, so frames the camera made while
-        the capture could not take them (a paced file slowed down by backpressure, a live
-        camera's frames dropped) lower it. A file read as fast as the pipeline takes it
-        (``camera.realtime`` off, looped or not) loses nothing by being slower than its
-        nominal rate: its score is 1. Frames that failed lower either in proportion.
-
-        Also ``reason`` (why it is below 1, None when it is not), ``paced``,
-        ``processed_fps``, ``nominal_fps``, ``not_taken`` (frames a camera at the nominal
-        rate made since the capture opened that the capture did not take), ``dropped``
-        (frames dropped because the pipeline fell behind), ``bottleneck`` (the stage with the
-        most work per worker). Judged while the capture runs, once it ran for a full measuring
-        window; a stopped pipeline is 1.0, a failed one 0.0."""
+        """How well the pipeline keeps up with the camera: framepipe's rule for every live
+        pipeline (:meth:`framepipe.stream.StreamPipeline.performance`). A camera (a device, a
+        network stream, a file paced with ``camera.realtime``) is judged by the rate at which
+        the pipeline processes frames against its nominal rate over the last few seconds, so
+        frames the camera made that the capture could not take lower it; a file read as fast
+        as the pipeline takes it only by failed frames. ``score`` (0-1), ``reason`` (why it is
+        below 1), ``paced``, ``processed_fps``, ``nominal_fps``, ``not_taken``, ``dropped``,
+        ``failed`` and ``bottleneck`` (the stage with the most work per worker)."""
         pipeline = self.pipeline
-        result: dict[str, Any] = {
-            "score": 1.0,
-            "reason": None,
-            "paced": self._paced(),
-            "processed_fps": None,
-            "nominal_fps": None,
-            "not_taken": 0,
-            "dropped": 0,
-            "bottleneck": None,
-        }
-        if pipeline is None or pipeline.state is HealthState.STOPPED:
-            return result
-        if pipeline.state is HealthState.FAILED:
-            result.update(score=0.0, reason=f"the pipeline failed: {pipeline.last_error}")
-            return result
-        sup = pipeline.supervisor
-        nominal = pipeline.source.fps
-        if (
-            not nominal
-            or not pipeline.stats
-            or sup is None
-            or sup.health.state is not HealthState.RUNNING
-            or self._session is None
-        ):
-            return result  # not capturing (opening, retrying, a file that ended and drains)
-        first = pipeline.stats[0]
-        elapsed = time.monotonic() - self._session[0]
-        if elapsed < first.window:
-            return result  # not a full window yet: the first frames wait for the models
-        processed = first.fps
-        stages = {s.label: s for s in pipeline.stages}
-        taken = pipeline.frames_captured - self._session[1]
-        paced = result["paced"]
-        not_taken = max(0, round(nominal * elapsed) - taken) if paced else 0
-        dropped = sum(s.dropped for s in pipeline.stats)
-        failed = sum(s.errors for s in pipeline.stats)
-        score = min(1.0, processed / nominal) if paced else 1.0
-        score *= 1.0 - min(1.0, failed / max(1, taken))
-        bottleneck = max(
-            (s for s in pipeline.stats if s.name in stages),
-            key=lambda s: s.latency_ms / max(1, stages[s.name].workers),
-        )
-        result.update(
-            score=round(max(0.0, score), 3),
-            processed_fps=round(processed, 2),
-            nominal_fps=round(nominal, 2),
-            not_taken=not_taken,
-            dropped=dropped,
-            bottleneck=bottleneck.name,
-        )
-        if result["score"] < 1.0 and not paced:
-            result["reason"] = f"{failed} of {taken} frames failed"
-        elif result["score"] < 1.0:
-            stage = stages[bottleneck.name]
-            parts = [
-                f"processing {processed:.1f} frames/s of the camera's {nominal:g}",
-                f"{bottleneck.name} is the slowest stage ({stage.workers} worker(s), "
-                f"{bottleneck.latency_ms:.0f} ms a frame, queue {bottleneck.depth}/"
-                f"{stage.queue_size})",
-            ]
-            if not_taken:
-                parts.append(
-                    f"the capture could not take {not_taken} of the frames the camera made "
-                    f"in {elapsed:.0f}s"
-                )
-            if dropped:
-                parts.append(f"{dropped} frames dropped because the pipeline fell behind")
-            if failed:
-                parts.append(f"{failed} frames failed")
-            result["reason"] = "; ".join(parts)
-        return result
-
-    def _paced(self) -> bool:
-        """Whether the camera makes frames at its own pace (not a file read on demand)."""
-        source = self.pipeline.source if self.pipeline is not None else None
-        if not isinstance(source, VideoSource):
-            return source is not None
-        return source.realtime or (source.live and not source.loop)
+        if pipeline is None:
+            return Performance().to_dict()
+        return pipeline.performance().to_dict()
 
     # -- crashed workers --------------------------------------------------------------------
 
