@@ -54,6 +54,7 @@ from framepipe.processors.adapters.base import (
 )
 from framepipe.processors.adapters.http import HttpModel
 from framepipe.processors.adapters.mock import MockModel
+from framepipe.processors.adapters.onnx import OnnxModel
 from framepipe.processors.adapters.python import ModelProcessor, PythonModel
 from framepipe.processors.adapters.subprocess import SubprocessModel
 
@@ -63,6 +64,7 @@ __all__ = [
     "ModelAdapter",
     "ModelProcessor",
     "ModelResult",
+    "OnnxModel",
     "ProgressCallback",
     "PythonModel",
     "SubprocessModel",

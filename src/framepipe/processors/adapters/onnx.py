@@ -1,0 +1,691 @@
+"""ONNX models on ONNX Runtime: :class:`OnnxModel`, in process, on live frames and in job steps.
+
+Guarantees:
+
+- The model is loaded once per :meth:`OnnxModel.setup` (under a lock; concurrent callers share
+  one session) and released by ``teardown``; a later call loads it again.
+- Execution providers are tried in the order given, CPU always last: a provider this
+  ONNX Runtime does not have is logged and skipped, never an error.
+- Input and output names, shapes and types are read from the model. Each input is checked
+  against them before anything runs: a wrong rank, a wrong fixed dimension or an impossible
+  type is a :class:`~framepipe.errors.ModelError` naming the model, the input and both shapes.
+  Dynamic dimensions take any size.
+- Frames are batched only when every input's first axis is dynamic (the batch axis). In a live
+  stage, frames arriving from the stage's workers are gathered up to ``batch_size`` or
+  ``max_wait_ms`` after the first one, whichever comes first, run as one inference, and each
+  caller gets its own frame's result. Frames whose shapes differ are never stacked together.
+  A batch that fails is run again frame by frame, so one bad frame fails only itself.
+- A bad path, a file that is not an ONNX model, a failed inference, a hook that raised: a
+  :class:`~framepipe.errors.ModelError` (not retryable) naming the model and what is wrong
+  (the hook's own exception is its ``__cause__``).
+- Without ``onnxruntime``: a :class:`~framepipe.errors.MissingDependencyError` giving the pip
+  command, when the model is made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from framepipe.errors import MissingDependencyError, ModelError, ModelOutputError
+from framepipe.processors.adapters.base import ModelResult
+from framepipe.processors.adapters.python import PythonModel
+
+__all__ = [
+    "GraphOptimization",
+    "ImageToTensor",
+    "InferenceStats",
+    "OnnxModel",
+    "Outputs",
+    "TensorSpec",
+    "outputs_by_name",
+]
+
+log = logging.getLogger("framepipe.models")
+
+Array = np.ndarray[Any, Any]
+Outputs = dict[str, Array]
+"""One frame's outputs: output name -> array (without the batch axis when the model has one)."""
+Sample = dict[str, Array]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+Provider = str | tuple[str, Mapping[str, Any]]
+
+CPU = "CPUExecutionProvider"
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(uint16)": np.uint16,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", "onnx", "OnnxModel") from exc
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the model: its ``name``, ``shape`` (an int for a fixed dimension,
+    a str for a dynamic one: its symbolic name, or ``"?"``) and ONNX ``type``
+    (``"tensor(float)"``)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    type: str
+
+    @classmethod
+    def of(cls, arg: Any) -> TensorSpec:
+        """From ONNX Runtime's ``NodeArg``."""
+        shape = tuple(d if isinstance(d, int) else str(d or "?") for d in (arg.shape or ()))
+        return cls(str(arg.name), shape, str(arg.type))
+
+    @property
+    def dtype(self) -> np.dtype[Any] | None:
+        """The NumPy type of the tensor, None for a type NumPy has no match for."""
+        found = _NUMPY_TYPES.get(self.type)
+        return np.dtype(found) if found is not None else None
+
+    @property
+    def batch_dynamic(self) -> bool:
+        """Whether the first axis takes any size (a batch axis that can batch)."""
+        return bool(self.shape) and isinstance(self.shape[0], str)
+
+    def text(self, shape: Sequence[int | str]) -> str:
+        """``shape`` written with ``?`` for the dynamic dimensions."""
+        return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + ")"
+
+
+@dataclass(frozen=True)
+class ImageToTensor:
+    """The default ``preprocess``: an image (H x W x C, or H x W grey, as live frames are BGR
+    ``uint8``) to a float32 C x H x W tensor, ``(pixel * scale - mean) / std`` per channel.
+
+    ``size`` (width, height) resizes first (for a model with a fixed input size); ``rgb`` turns
+    BGR into RGB, for models trained on RGB. The defaults give pixel values in 0-1, BGR, at the
+    image's own size. The batch axis is not added here: the model adds it."""
+
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    rgb: bool = False
+    size: tuple[int, int] | None = None
+
+    def __call__(self, image: Any) -> Array:
+        image = np.asarray(image)
+        if image.ndim not in (2, 3):
+            raise ValueError(f"an image is H x W or H x W x C, not an array of shape {image.shape}")
+        if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
+            import cv2
+
+            image = cv2.resize(image, self.size, interpolation=cv2.INTER_LINEAR)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        for label, values in (("mean", self.mean), ("std", self.std)):
+            channels = image.shape[2]
+            if len(values) not in (1, channels):
+                fits = "1" if channels == 1 else f"1 or {channels}"
+                raise ValueError(
+                    f"{len(values)} {label} values for an image of {channels} channel(s), "
+                    f"which takes {fits}"
+                )
+        if self.rgb and image.shape[2] == 3:
+            image = image[:, :, ::-1]
+        x = image.astype(np.float32) * np.float32(self.scale)
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        x = (x - mean) / std
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def outputs_by_name(outputs: Outputs, frame: Any) -> Outputs:
+    """The default ``postprocess``: the frame's outputs as they are (output name -> array)."""
+    return outputs
+
+
+class InferenceStats:
+    """Counts of what a model ran since it was made: ``runs`` (inferences) and ``frames``
+    (samples in them); ``mean_batch`` is their ratio. Updated from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.runs = 0
+        self.frames = 0
+
+    def record(self, frames: int) -> None:
+        """Count one inference of ``frames`` samples."""
+        with self._lock:
+            self.runs += 1
+            self.frames += frames
+
+    @property
+    def mean_batch(self) -> float:
+        """Samples per inference (0 before the first)."""
+        with self._lock:
+            return self.frames / self.runs if self.runs else 0.0
+
+
+@dataclass
+class _Loaded:
+    """What :meth:`OnnxModel.setup` loaded: the session and what was read from it."""
+
+    session: Any
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    providers: tuple[str, ...]
+    has_batch_axis: bool
+    batchable: bool
+    batcher: _Batcher | None = None
+
+
+class OnnxModel(PythonModel):
+    """An ONNX model run by ONNX Runtime, in process.
+
+    ``path`` is the ``.onnx`` file. Session options: ``intra_op_threads`` and
+    ``inter_op_threads`` (None: ONNX Runtime's default, about one per core),
+    ``graph_optimization`` (``"disable"``, ``"basic"``, ``"extended"``, ``"all"``).
+    ``providers``: execution providers in order of preference, names or ``(name, options)``;
+    one this ONNX Runtime lacks is logged and skipped, and CPU is always the last resort.
+
+    The hooks: ``preprocess(frame) -> array`` makes one frame's input without the batch axis
+    (a dict name -> array for a model with several inputs; default :class:`ImageToTensor`);
+    ``postprocess(outputs, frame) -> Any`` turns that frame's outputs (name -> array, batch axis
+    removed) into its result (default :func:`outputs_by_name`: the dict itself). A model has
+    a batch axis when every input's first dimension is dynamic or 1; one without takes
+    ``preprocess``'s arrays and gives its outputs exactly as they are.
+
+    Where it runs:
+
+    - a live stage: ``Stage(ModelProcessor(OnnxModel(...)), workers=8)``; each frame's result
+      goes to ``frame.meta[name]`` (the processor's name; an array result replaces the image
+      instead, None drops the frame). With ``batch_size`` > 1 and a dynamic batch axis, frames
+      from the stage's workers are batched (see the module); give the stage at least
+      ``batch_size`` workers, or every batch waits the whole ``max_wait_ms``.
+    - a job step: ``results = model.predict(images)`` (sync steps run in a thread) or
+      ``await model.predict_async(images)``, one result per image, in batches of ``batch_size``.
+    - :meth:`run`: raw feeds in, raw outputs out, no hooks.
+
+    ``stats`` (:class:`InferenceStats`) counts inferences and frames: the mean batch size.
+    Every method is thread-safe. Unlike the file-based adapters, ``await model.infer(path, ...)``
+    is refused with a :class:`~framepipe.errors.ModelError` saying to call :meth:`predict`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        providers: Sequence[Provider] = (CPU,),
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization: GraphOptimization = "all",
+        batch_size: int = 1,
+        max_wait_ms: float = 5.0,
+        preprocess: Callable[[Any], Any] = ImageToTensor(),
+        postprocess: Callable[[Outputs, Any], Any] = outputs_by_name,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, not {max_wait_ms}")
+        for label, threads in (
+            ("intra_op_threads", intra_op_threads),
+            ("inter_op_threads", inter_op_threads),
+        ):
+            if threads is not None and threads < 0:
+                raise ValueError(f"{label} must be >= 0 (0: ONNX Runtime's default), not {threads}")
+        if graph_optimization not in ("disable", "basic", "extended", "all"):
+            raise ValueError(
+                "graph_optimization must be 'disable', 'basic', 'extended' or 'all', "
+                f"not {graph_optimization!r}"
+            )
+        _ort()  # a missing onnxruntime is said when the model is made, not at the first frame
+        super().__init__(self.predict, name=name)
+        self.path = Path(path)
+        self.requested_providers = tuple(providers)
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self.graph_optimization = graph_optimization
+        self.batch_size = batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.preprocess = preprocess
+        self.postprocess = postprocess
+        self.stats = InferenceStats()
+        self._loaded: _Loaded | None = None
+
+    @property
+    def target(self) -> str:
+        return str(self.path)
+
+    # -- what was read from the model -------------------------------------------------------
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The model's inputs (loads the model if needed)."""
+        return self._state().inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """The model's outputs (loads the model if needed)."""
+        return self._state().outputs
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The execution providers the session uses, in order (loads the model if needed)."""
+        return self._state().providers
+
+    @property
+    def batching(self) -> bool:
+        """Whether frames are run in batches: ``batch_size`` > 1 and a dynamic batch axis."""
+        return self._state().batchable and self.batch_size > 1
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        with self._lock:
+            if self._loaded is not None:
+                return
+            loaded = self._load()
+            if loaded.batchable and self.batch_size > 1:
+                loaded.batcher = _Batcher(self, loaded)
+            elif self.batch_size > 1:
+                log.info(
+                    "%s: the batch axis is not dynamic; frames run one by one", self.describe()
+                )
+            self._loaded = loaded
+            self.model = loaded.session
+
+    def teardown(self) -> None:
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+            self.model = None
+            self._ready = False
+        if loaded is not None and loaded.batcher is not None:
+            loaded.batcher.close()
+
+    def _state(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            self.setup()
+            loaded = self._loaded
+            assert loaded is not None
+        return loaded
+
+    def _load(self) -> _Loaded:
+        ort = _ort()
+        who = self.describe()
+        if not self.path.exists():
+            raise ModelError(f"{who}: no such file", model=who)
+        if not self.path.is_file():
+            raise ModelError(f"{who}: not a file", model=who)
+        options = ort.SessionOptions()
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        if self.inter_op_threads is not None:
+            options.inter_op_num_threads = self.inter_op_threads
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = {
+            "disable": level.ORT_DISABLE_ALL,
+            "basic": level.ORT_ENABLE_BASIC,
+            "extended": level.ORT_ENABLE_EXTENDED,
+            "all": level.ORT_ENABLE_ALL,
+        }[self.graph_optimization]
+        try:
+            session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=self._providers(ort)
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"{who}: cannot load the model (not a valid ONNX file?): {_first_line(exc)}",
+                model=who,
+            ) from exc
+        inputs = tuple(TensorSpec.of(a) for a in session.get_inputs())
+        outputs = tuple(TensorSpec.of(a) for a in session.get_outputs())
+        has_batch_axis = bool(inputs) and all(
+            s.shape and (s.batch_dynamic or s.shape[0] == 1) for s in inputs
+        )
+        batchable = has_batch_axis and all(s.batch_dynamic for s in inputs)
+        used = tuple(session.get_providers())
+        log.info(
+            "%s loaded: inputs %s, outputs %s, providers %s",
+            who,
+            ", ".join(f"{s.name}{s.text(s.shape)}" for s in inputs),
+            ", ".join(f"{s.name}{s.text(s.shape)}" for s in outputs),
+            ", ".join(used),
+        )
+        return _Loaded(session, inputs, outputs, used, has_batch_axis, batchable)
+
+    def _providers(self, ort: Any) -> list[Provider]:
+        available = set(ort.get_available_providers())
+        chosen: list[Provider] = []
+        for provider in self.requested_providers:
+            name = provider if isinstance(provider, str) else provider[0]
+            if name in available:
+                chosen.append(provider if isinstance(provider, str) else (name, dict(provider[1])))
+            else:
+                log.warning(
+                    "%s: execution provider %s is not available in this onnxruntime "
+                    "(available: %s); skipped",
+                    self.describe(),
+                    name,
+                    ", ".join(sorted(available)),
+                )
+        if not any((p if isinstance(p, str) else p[0]) == CPU for p in chosen):
+            chosen.append(CPU)
+        return chosen
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def on_image(self, image: Any) -> Any:
+        """One frame's result: ``postprocess(outputs, image)``; batched with other callers'
+        frames when :attr:`batching`. Called from the live stage's worker threads."""
+        loaded = self._state()
+        sample = self._sample(loaded, self._hook("preprocess", self.preprocess, image))
+        if loaded.batcher is not None:
+            outputs = loaded.batcher.submit(sample)
+        else:
+            outputs = self._run_group(loaded, [sample])[0]
+        return self._hook("postprocess", self.postprocess, outputs, image)
+
+    def predict(self, items: Sequence[Any]) -> list[Any]:
+        """One result per item (``postprocess(outputs, item)``), in order. Items of the same
+        shape run in batches of up to ``batch_size`` when the batch axis is dynamic."""
+        loaded = self._state()
+        samples = [
+            self._sample(loaded, self._hook("preprocess", self.preprocess, item)) for item in items
+        ]
+        results: list[Outputs | None] = [None] * len(samples)
+        size = self.batch_size if loaded.batchable else 1
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, sample in enumerate(samples):
+            groups.setdefault(_shape_key(sample), []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                outs = self._run_group(loaded, [samples[i] for i in chunk])
+                for i, out in zip(chunk, outs, strict=True):
+                    results[i] = out
+        done = [out for out in results if out is not None]
+        assert len(done) == len(items)
+        return [
+            self._hook("postprocess", self.postprocess, out, item)
+            for out, item in zip(done, items, strict=True)
+        ]
+
+    async def predict_async(self, items: Sequence[Any]) -> list[Any]:
+        """:meth:`predict` in a thread, for ``async`` job steps."""
+        return await asyncio.to_thread(self.predict, items)
+
+    def run(self, feeds: Mapping[str, Any]) -> Outputs:
+        """One raw inference: ``feeds`` (input name -> array, batch axis included) in, output
+        name -> array out; no hooks, no batching, the same checks of names and shapes."""
+        loaded = self._state()
+        names = {s.name for s in loaded.inputs}
+        if set(feeds) != names:
+            raise ModelError(
+                f"{self.describe()}: feeds name inputs {sorted(feeds)}; the model's inputs "
+                f"are {sorted(names)}",
+                model=self.describe(),
+            )
+        checked = {s.name: self._conform(s, feeds[s.name], s.shape) for s in loaded.inputs}
+        return dict(
+            zip([s.name for s in loaded.outputs], self._session_run(loaded, checked), strict=True)
+        )
+
+    async def _infer_once(
+        self,
+        input_path: Path,
+        *,
+        prompt: str,
+        style: str,
+        seed: int,
+        output_dir: Path,
+        progress: Callable[[float], None],
+        options: Mapping[str, Any],
+    ) -> ModelResult:
+        raise ModelError(
+            f"{self.describe()} works on images, not files: call model.predict(images) in a "
+            "job step (await model.predict_async(images) in an async one)",
+            model=self.describe(),
+        )
+
+    # -- the parts --------------------------------------------------------------------------
+
+    def _hook(self, which: str, hook: Callable[..., Any], *args: Any) -> Any:
+        """A hook's answer; its exception becomes a ModelError naming the model and hook."""
+        try:
+            return hook(*args)
+        except ModelError:
+            raise
+        except Exception as exc:
+            item = args[-1]
+            what = f" for an array of shape {item.shape}" if isinstance(item, np.ndarray) else ""
+            raise ModelError(
+                f"{self.describe()}: {which}{what} raised {type(exc).__name__}: {exc}",
+                model=self.describe(),
+            ) from exc
+
+    def _sample(self, loaded: _Loaded, value: Any) -> Sample:
+        """``preprocess``'s answer as one checked sample (input name -> array)."""
+        if isinstance(value, Mapping):
+            given = dict(value)
+        elif len(loaded.inputs) == 1:
+            given = {loaded.inputs[0].name: value}
+        else:
+            raise ModelError(
+                f"{self.describe()}: the model has inputs "
+                f"{', '.join(repr(s.name) for s in loaded.inputs)}: preprocess must return a "
+                f"dict of them, not {type(value).__name__}",
+                model=self.describe(),
+            )
+        names = [s.name for s in loaded.inputs]
+        if set(given) != set(names):
+            raise ModelError(
+                f"{self.describe()}: preprocess gave inputs {sorted(given)}; the model's "
+                f"inputs are {sorted(names)}",
+                model=self.describe(),
+            )
+        sample: Sample = {}
+        for spec in loaded.inputs:
+            array = np.asarray(given[spec.name])
+            if not loaded.has_batch_axis:
+                sample[spec.name] = self._conform(spec, array, spec.shape)
+                continue
+            if array.ndim == len(spec.shape) and array.shape[:1] == (1,):
+                array = array[0]  # a preprocess that added the batch axis itself
+            sample[spec.name] = self._conform(spec, array, spec.shape[1:], per_sample=True)
+        return sample
+
+    def _conform(
+        self, spec: TensorSpec, value: Any, shape: Sequence[int | str], *, per_sample: bool = False
+    ) -> Array:
+        """``value`` converted to the input's type and checked against ``shape``."""
+        array: Array = np.asarray(value)
+        who = self.describe()
+        what = "one frame of" if per_sample else "arrays of"
+        wanted = spec.text(shape) + (" (the batch axis is added)" if per_sample else "")
+        if array.ndim != len(shape):
+            raise ModelError(
+                f"{who}: input {spec.name!r} takes {what} shape {wanted}, got an array of "
+                f"shape {tuple(array.shape)}",
+                model=who,
+            )
+        for axis, (want, got) in enumerate(zip(shape, array.shape, strict=True)):
+            if isinstance(want, int) and want != got:
+                raise ModelError(
+                    f"{who}: input {spec.name!r} takes {what} shape {wanted}, got "
+                    f"{tuple(array.shape)}: axis {axis} must be {want}, not {got}",
+                    model=who,
+                )
+        dtype = spec.dtype
+        if dtype is not None and array.dtype != dtype:
+            if not (
+                np.can_cast(array.dtype, dtype, "same_kind")
+                or (array.dtype.kind in "biu" and dtype.kind == "f")
+            ):
+                raise ModelError(
+                    f"{who}: input {spec.name!r} is {spec.type}; an array of {array.dtype} "
+                    "cannot be converted to it without loss",
+                    model=who,
+                )
+            array = array.astype(dtype)
+        return array
+
+    def _run_group(self, loaded: _Loaded, samples: list[Sample]) -> list[Outputs]:
+        """Run samples of one shape as one batch (one sample when there is no batch axis)."""
+        if not loaded.has_batch_axis:
+            (sample,) = samples
+            names = [s.name for s in loaded.outputs]
+            return [dict(zip(names, self._session_run(loaded, sample), strict=True))]
+        n = len(samples)
+        feeds = {
+            s.name: np.stack([x[s.name] for x in samples]) if n > 1 else samples[0][s.name][None]
+            for s in loaded.inputs
+        }
+        raw = self._session_run(loaded, feeds, n)
+        per: list[Outputs] = [{} for _ in range(n)]
+        for spec, array in zip(loaded.outputs, raw, strict=True):
+            if array.ndim == 0 or array.shape[0] != n:
+                raise ModelOutputError(
+                    f"{self.describe()}: output {spec.name!r} has shape {tuple(array.shape)} "
+                    f"for a batch of {n}: its first axis is not the batch axis",
+                    model=self.describe(),
+                )
+            for i in range(n):
+                per[i][spec.name] = array[i]
+        return per
+
+    def _session_run(
+        self, loaded: _Loaded, feeds: Mapping[str, Array], frames: int = 1
+    ) -> list[Array]:
+        try:
+            outputs: list[Array] = loaded.session.run(None, dict(feeds))
+            self.stats.record(frames)
+        except Exception as exc:
+            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
+            raise ModelError(
+                f"{self.describe()}: inference failed for input {shapes}: {_first_line(exc)}",
+                model=self.describe(),
+            ) from exc
+        return outputs
+
+
+def _shape_key(sample: Sample) -> tuple[Any, ...]:
+    return tuple((name, a.shape, a.dtype.str) for name, a in sorted(sample.items()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_STOP = object()
+
+
+@dataclass
+class _Request:
+    sample: Sample
+    future: concurrent.futures.Future[Outputs]
+
+
+class _Batcher:
+    """Gathers frames from many threads into batches: one thread takes the first request,
+    waits up to ``max_wait`` for more (at most ``batch_size``), runs each group of one shape
+    as one inference and resolves every request with its own outputs."""
+
+    def __init__(self, model: OnnxModel, loaded: _Loaded) -> None:
+        self.model = model
+        self.loaded = loaded
+        self.size = model.batch_size
+        self.max_wait = model.max_wait
+        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"onnx-batcher-{model.label}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, sample: Sample) -> Outputs:
+        """This sample's outputs, once its batch ran (blocks the calling thread)."""
+        request = _Request(sample, concurrent.futures.Future())
+        with self._lock:
+            if self._closed:
+                raise ModelError(
+                    f"{self.model.describe()} was torn down", model=self.model.describe()
+                )
+            self._queue.put(request)
+        return request.future.result()
+
+    def close(self) -> None:
+        """Run what was submitted, then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            assert isinstance(first, _Request)
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(item, _Request)
+                batch.append(item)
+            groups: dict[tuple[Any, ...], list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(_shape_key(request.sample), []).append(request)
+            for group in groups.values():
+                self._dispatch(group)
+
+    def _dispatch(self, group: list[_Request]) -> None:
+        try:
+            outputs = self.model._run_group(self.loaded, [r.sample for r in group])
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].future.set_exception(exc)
+                return
+            for request in group:  # one bad frame fails only itself
+                self._dispatch([request])
+            return
+        for request, out in zip(group, outputs, strict=True):
+            request.future.set_result(out)
