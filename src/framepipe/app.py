@@ -109,6 +109,8 @@ class App:
         self._warned: set[str] = set()
         self._stopping = False
         self.registry = metrics_registry(lambda: list(self.pipelines.values()))
+        self.mqtt: Any = None
+        """The :class:`~framepipe.mqtt.MqttEventSink` of setting ``mqtt_url`` while running."""
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -262,6 +264,10 @@ class App:
         """Start every pipeline concurrently, then the health monitor."""
         if self.state not in (SystemState.STOPPED,):
             raise RuntimeError(f"app {self.name!r} is {self.state.value}")
+        if self.settings.mqtt_url and self.mqtt is None:
+            from framepipe.mqtt import MqttEventSink
+
+            self.mqtt = MqttEventSink(self.settings.mqtt_url).attach(self)
         self._stopping = False
         self.paused.clear()
         self.state = SystemState.STARTING
@@ -290,6 +296,9 @@ class App:
         self._watchers.clear()
         self.state = SystemState.STOPPED
         self._write_snapshot()
+        if self.mqtt is not None:
+            await self.mqtt.aclose()  # publishes what is queued, then 'offline'
+            self.mqtt = None
         self.log.info("app stopped")
 
     async def __aenter__(self) -> App:

@@ -136,7 +136,7 @@ class SettingsSection(BaseSettings):
 
 class StorageSettings(SettingsSection):
     """Where framepipe keeps its state: the home folder, the state database, the object store,
-    and how long live apps' events are kept."""
+    how long live apps' events are kept and the MQTT broker they are also published on."""
 
     home: Path = Field(Path(".framepipe"), description="Folder for embedded state and objects.")
     database_url: str | None = Field(
@@ -157,6 +157,25 @@ class StorageSettings(SettingsSection):
         description="Live apps' events older than this many days are deleted "
         "(hourly, by the apps' event sinks); unset keeps them.",
     )
+    mqtt_url: str | None = Field(
+        None,
+        description="mqtt://user:pass@host:1883/prefix (or mqtts://): every live app also "
+        "publishes its events, segment counts, health and availability there "
+        "(framepipe.mqtt; pip install 'framepipe[mqtt]'); unset: no MQTT.",
+    )
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from framepipe.mqtt import parse_mqtt_url
+
+        try:
+            parse_mqtt_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @property
     def resolved_database_url(self) -> str:

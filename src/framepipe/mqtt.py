@@ -1,0 +1,583 @@
+"""A live app's events on MQTT, in the shape Frigate users know (Home Assistant, Node-RED).
+
+``MqttEventSink("mqtt://user:pass@broker:1883/framepipe").attach(app)`` (or the setting
+``FRAMEPIPE_MQTT_URL``, which makes every :class:`~framepipe.App` attach one while it runs)
+publishes under the URL's path, the topic prefix (default ``framepipe``):
+
+* ``<prefix>/events``: one JSON message per event, ``{"type", "event", "app", "pipeline",
+  "camera", "time", "data"}``; ``segment.started`` is ``type: "new"`` and
+  ``segment.completed`` ``type: "end"``, both with ``before``/``after`` segment objects
+  (``id``, ``camera``, ``label``, ``sub_label``, ``start_time``, ``end_time`` ...); every
+  other event has its own name as ``type``. ``data`` is the event's data as emitted.
+* ``<prefix>/<camera>/<label>``: retained, the number of segments open on that camera (its
+  pipeline), ``label`` being the segmenter's label (``order``, ``segment``; renamed with
+  ``labels={"segment": "visitor"}``).
+* ``<prefix>/<camera>/health``: retained JSON (``state``, ``performance_score``, ``reason``,
+  ``last_error``, ``updated_at``), published when the state or the score's first decimal
+  changes (checked every ``health_interval`` seconds and at once on source and pipeline
+  events). Needs :meth:`MqttEventSink.attach`.
+* ``<prefix>/available``: ``online`` (retained) on each connection, ``offline`` on a clean
+  :meth:`~MqttEventSink.aclose` and, as the last will, when the process dies or loses the
+  broker.
+
+Guarantees:
+
+* Calling the sink never blocks and never raises: the message is queued (bounded: past
+  ``max_pending`` the oldest is dropped and counted in ``dropped``, also in the app's metrics
+  as ``framepipe_mqtt_dropped``).
+* One writer task publishes the queued events in the order they were emitted (QoS ``qos``,
+  default 1: each publish waits for the broker's acknowledgement before the next).
+* A broker that is away costs a warning per failed attempt, never the app: the writer
+  reconnects with backoff for as long as the sink is open, then publishes ``online``, every
+  retained count and health again (a broker restarted without persistence gets them back) and
+  what queued meanwhile.
+* :meth:`MqttEventSink.aclose` publishes what is queued (bounded by ``timeout``), then
+  ``offline``, and disconnects; what could not be published is counted in ``dropped``.
+* The password never appears in logs or errors (:func:`safe_url`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from framepipe.backoff import Backoff
+from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.logs import get_logger
+from framepipe.redis.urls import safe_url
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+    from framepipe.app import App
+
+__all__ = ["MqttEventSink", "MqttTarget", "parse_mqtt_url", "safe_url"]
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_HEALTH_EVENTS = ("source.", "pipeline.", "stage.crashed", "system_error", "performance_warning")
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    """What an MQTT URL names (see :func:`parse_mqtt_url`)."""
+
+    host: str
+    port: int
+    tls: bool
+    prefix: str
+    qos: int = 1
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    client_id: str | None = None
+    ca_file: str | None = None
+    keepalive: int = 30
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    """``mqtt://[user[:password]@]host[:port][/prefix][?qos=1&client_id=ID&keepalive=30]``,
+    ``mqtts://`` for TLS (port 8883 by default; ``ca=/path/ca.pem`` trusts that CA instead of
+    the system's); ``labels=segment:visitor,order:orders`` renames segmenter labels. The
+    prefix may have several levels (``home/framepipe``); the default is ``framepipe``. Raises
+    :class:`ConfigError` naming the URL (password masked) and the part that is wrong."""
+    shown = safe_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"MQTT URL {shown!r}: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"MQTT URL {shown!r}: no host")
+    prefix = unquote(parts.path).strip("/") or "framepipe"
+    if any(c in prefix for c in "+#\0") or "//" in prefix:
+        raise ConfigError(
+            f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
+            "NUL or an empty level"
+        )
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
+    if unknown:
+        raise ConfigError(
+            f"MQTT URL {shown!r}: unknown parameter(s) {', '.join(sorted(unknown))} "
+            "(known: qos, client_id, keepalive, ca, labels)"
+        )
+    labels = []
+    for pair in filter(None, query.get("labels", "").split(",")):
+        label, _, name = pair.partition(":")
+        if not label or not name or any(c in name for c in "/+#\0"):
+            raise ConfigError(
+                f"MQTT URL {shown!r}: labels must be label:name pairs separated by commas "
+                f"(names without '/', '+', '#'), not {pair!r}"
+            )
+        labels.append((label, name))
+    try:
+        qos = int(query.get("qos", "1"))
+        keepalive = int(query.get("keepalive", "30"))
+    except ValueError:
+        raise ConfigError(f"MQTT URL {shown!r}: qos and keepalive must be integers") from None
+    if qos not in (0, 1, 2):
+        raise ConfigError(f"MQTT URL {shown!r}: qos must be 0, 1 or 2, not {qos}")
+    if keepalive < 1:
+        raise ConfigError(f"MQTT URL {shown!r}: keepalive must be >= 1 second")
+    return MqttTarget(
+        host=parts.hostname,
+        port=port or _DEFAULT_PORTS[parts.scheme],
+        tls=parts.scheme == "mqtts",
+        prefix=prefix,
+        qos=qos,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        client_id=query.get("client_id") or None,
+        ca_file=query.get("ca") or None,
+        keepalive=keepalive,
+        labels=tuple(labels),
+    )
+
+
+def _level(name: object) -> str:
+    """``name`` as one topic level: '/', '+', '#', NUL and whitespace become '_'."""
+    text = str(name) or "_"
+    return "".join("_" if c in "/+#\0" or c.isspace() else c for c in text)
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, default=str, separators=(",", ":")).encode()
+
+
+def _seconds(ms: object) -> float | None:
+    return ms / 1000.0 if isinstance(ms, int | float) else None
+
+
+class MqttEventSink:
+    """Publishes an app's events, open-segment counts, health and availability on MQTT (see
+    the module docstring). ``qos`` and ``client_id`` override the URL's; ``labels`` renames
+    segmenter labels in the count topics and segment objects (as the URL's ``labels`` does);
+    ``backoff`` paces reconnects
+    (default 0.5 s doubling to 10 s); ``publish_timeout`` bounds each connect and publish."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        qos: int | None = None,
+        client_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_pending: int = 10_000,
+        backoff: Backoff | None = None,
+        health_interval: float = 2.0,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        try:
+            import aiomqtt
+        except ImportError as exc:
+            raise MissingDependencyError("aiomqtt", "mqtt", "events on MQTT") from exc
+        self._aiomqtt = aiomqtt
+        target = parse_mqtt_url(url)
+        if qos is not None:
+            if qos not in (0, 1, 2):
+                raise ValueError(f"qos must be 0, 1 or 2, not {qos}")
+            target = replace(target, qos=qos)
+        if client_id is not None:
+            target = replace(target, client_id=client_id)
+        if max_pending < 1 or health_interval <= 0 or publish_timeout <= 0:
+            raise ValueError("max_pending must be >= 1, health_interval and publish_timeout > 0")
+        self.target = target
+        self.url = safe_url(url)
+        """The URL with its password masked."""
+        self.prefix = target.prefix
+        self.labels = {**dict(target.labels), **(labels or {})}
+        self.max_pending = max_pending
+        self.backoff = backoff or Backoff(0.5, 2.0, 10.0, 0.1)
+        self.health_interval = health_interval
+        self.publish_timeout = publish_timeout
+        self.client_id = target.client_id or (
+            f"framepipe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.published = 0
+        """Event messages the broker acknowledged (retained counts and health not included)."""
+        self.dropped = 0
+        self.connects = 0
+        self.connected = False
+        self.app: App | None = None
+        self._pending: deque[tuple[str, bytes]] = deque()
+        self._retained: dict[str, bytes] = {}
+        self._dirty: set[str] = set()
+        self._open: dict[str, dict[str, dict[str, Any]]] = {}
+        self._health_key: dict[str, tuple[Any, ...]] = {}
+        self._health_due = False
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._detach: Callable[[], None] | None = None
+        self._collector: _SinkCollector | None = None
+        self._warned_drop = False
+        self._log = get_logger("events.mqtt")
+
+    @property
+    def available_topic(self) -> str:
+        """``<prefix>/available``."""
+        return f"{self.prefix}/available"
+
+    @property
+    def pending(self) -> int:
+        """Event messages queued, not yet acknowledged."""
+        return len(self._pending)
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def attach(self, app: App) -> MqttEventSink:
+        """Receive every event of ``app`` (``app.on("*", self)``), name segment labels after
+        its pipelines' segmenters, publish its pipelines' health and add the sink's counters
+        to its metrics; starts publishing at once when called inside the event loop."""
+        if self.app is not None:
+            raise RuntimeError(f"the MQTT sink is attached to app {self.app.name!r} already")
+        self.app = app
+        self._detach = app.on("*", self)
+        self._collector = _SinkCollector(self)
+        app.registry.register(self._collector)
+        for name, pipeline in app.pipelines.items():
+            if pipeline.segmenter is not None:
+                self._set_count(name, self._label(name))
+        self._health_due = True
+        with contextlib.suppress(RuntimeError):  # no loop yet: the first event starts it
+            self._ensure_writer()
+        return self
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        """Queue one event (an ``App.on`` callback); never blocks, never raises."""
+        if self._closed:
+            self.dropped += 1
+            return
+        try:
+            self._queue(self._message(event, data))
+            if event.startswith(_HEALTH_EVENTS):
+                self._health_due = True
+            self._ensure_writer()
+        except RuntimeError:  # called outside a running loop: it waits for the writer
+            pass
+        except Exception:
+            self._log.exception("event %s not queued for MQTT", event)
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        if len(self._pending) >= self.max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+            if not self._warned_drop:
+                self._warned_drop = True
+                self._log.warning(
+                    "MQTT queue full (%d): dropping the oldest events until %s takes them",
+                    self.max_pending,
+                    self.url,
+                )
+        self._pending.append((f"{self.prefix}/events", _json(message)))
+
+    def _ensure_writer(self) -> None:
+        if self._writer is None:
+            loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+            self._writer = loop.create_task(self._run(), name="event-sink-mqtt")
+        assert self._wake is not None
+        self._wake.set()
+
+    # -- the message shapes ---------------------------------------------------------------------
+
+    def _label(self, pipeline: str | None) -> str:
+        found = self.app.pipelines.get(pipeline) if self.app and pipeline else None
+        label = found.segmenter.label if found is not None and found.segmenter else "segment"
+        return self.labels.get(label, label)
+
+    def _segmented(self, pipeline: str | None) -> bool:
+        found = self.app.pipelines.get(pipeline) if self.app and pipeline else None
+        return found is not None and found.segmenter is not None
+
+    def _message(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        pipeline = data.get("pipeline")
+        camera = next(
+            (
+                data[key]
+                for key in ("pipeline", "camera", "station_id", "source_id")
+                if data.get(key)
+            ),
+            None,
+        )
+        message: dict[str, Any] = {
+            "type": event,
+            "event": event,
+            "app": self.app.name if self.app is not None else None,
+            "pipeline": pipeline,
+            "camera": camera,
+            "time": time.time(),
+            "data": data,
+        }
+        if camera is None:
+            return message
+        cam = str(camera)
+        if event == "segment.started":
+            after = self._segment(cam, pipeline, data, end=False)
+            self._open.setdefault(cam, {})[after["id"]] = after
+            self._set_count(cam, after["label"])
+            message.update(type="new", before=None, after=after)
+        elif event == "segment.completed":
+            before = self._open.get(cam, {}).pop(str(data.get("segment_id")), None)
+            after = self._segment(cam, pipeline, data, end=True)
+            self._set_count(cam, after["label"])
+            message.update(type="end", before=before, after=after)
+        elif event == "pipeline.started" and self._segmented(pipeline):
+            self._set_count(cam, self._label(pipeline))
+        elif event in ("pipeline.stopped", "pipeline.failed"):
+            segments = self._open.pop(cam, {})
+            for label in {s["label"] for s in segments.values()}:
+                self._set_count(cam, label)
+        return message
+
+    def _segment(
+        self, camera: str, pipeline: str | None, data: dict[str, Any], *, end: bool
+    ) -> dict[str, Any]:
+        start = _seconds(data.get("first_ts_ms"))
+        last = _seconds(data.get("last_ts_ms"))
+        return {
+            "id": str(data.get("segment_id")),
+            "camera": camera,
+            "label": self._label(pipeline),
+            "sub_label": data.get("key"),
+            "start_time": start,
+            "end_time": last if end else None,
+            "frame_time": last if last is not None else start,
+            "frames": data.get("frames", 0),
+            "end_reason": data.get("reason"),
+            "latency_s": data.get("latency_s"),
+            "stored": data.get("stored", []),
+            "selected": data.get("selected", []),
+            "meta": data.get("meta", {}),
+        }
+
+    def _set_count(self, camera: str, label: str) -> None:
+        count = sum(1 for s in self._open.get(camera, {}).values() if s["label"] == label)
+        self._retain(f"{self.prefix}/{_level(camera)}/{_level(label)}", str(count).encode())
+
+    def _retain(self, topic: str, payload: bytes) -> None:
+        if self._retained.get(topic) != payload:
+            self._retained[topic] = payload
+            self._dirty.add(topic)
+
+    def _refresh_health(self) -> None:
+        self._health_due = False
+        app = self.app
+        if app is None:
+            return
+        for name, status in app.health().pipeline_status.items():
+            performance = status.get("performance") or {}
+            score = float(status.get("performance_score", 1.0))
+            key = (status.get("state"), round(score, 1), status.get("last_error"))
+            if self._health_key.get(name) == key:
+                continue
+            self._health_key[name] = key
+            self._retain(
+                f"{self.prefix}/{_level(name)}/health",
+                _json(
+                    {
+                        "state": status.get("state"),
+                        "performance_score": score,
+                        "reason": performance.get("reason"),
+                        "last_error": status.get("last_error"),
+                        "updated_at": time.time(),
+                    }
+                ),
+            )
+
+    # -- the writer -----------------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        t = self.target
+        tls = ssl.create_default_context(cafile=t.ca_file) if t.tls else None
+        return self._aiomqtt.Client(
+            t.host,
+            t.port,
+            username=t.username,
+            password=t.password,
+            identifier=self.client_id,
+            will=self._aiomqtt.Will(self.available_topic, b"offline", t.qos, retain=True),
+            keepalive=t.keepalive,
+            timeout=self.publish_timeout,
+            tls_context=tls,
+        )
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self._client() as client:
+                    self.connected = True
+                    self.connects += 1
+                    attempt = 0
+                    self._warned_drop = False
+                    self._log.info("connected to %s (topics %s/...)", self.url, self.prefix)
+                    await client.publish(self.available_topic, b"online", self.target.qos, True)
+                    self._health_key.clear()
+                    self._refresh_health()
+                    self._dirty |= set(self._retained)
+                    await self._serve(client)
+                    await client.publish(self.available_topic, b"offline", self.target.qos, True)
+                    self.connected = False
+                    return
+            except (self._aiomqtt.MqttError, OSError) as exc:
+                self.connected = False
+                if self._closed and not self._pending:
+                    return  # the broker sent the last will: 'offline'
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                self._log.warning(
+                    "MQTT broker %s: %s; %d event(s) queued, reconnecting in %.1fs",
+                    self.url,
+                    exc,
+                    len(self._pending),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Publish until the sink is closed and empty; raises ``MqttError`` on a lost
+        connection (noticed at once through the client's message iterator)."""
+        assert self._wake is not None
+        lost = asyncio.create_task(_until_disconnected(client))
+        health_at = time.monotonic() + self.health_interval
+        try:
+            while True:
+                if self._health_due or time.monotonic() >= health_at:
+                    health_at = time.monotonic() + self.health_interval
+                    self._refresh_health()
+                await self._flush(client)
+                self._wake.clear()
+                if self._pending or self._dirty or self._health_due:
+                    continue
+                if self._closed:
+                    return
+                woken = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait(
+                        {woken, lost},
+                        timeout=max(0.0, health_at - time.monotonic()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    woken.cancel()
+                if lost.done():
+                    lost.result()  # raises the client's MqttError
+        finally:
+            lost.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lost
+
+    async def _flush(self, client: aiomqtt.Client) -> None:
+        qos = self.target.qos
+        while self._dirty:
+            topic = self._dirty.pop()
+            try:
+                await client.publish(topic, self._retained[topic], qos, True)
+            except BaseException:
+                self._dirty.add(topic)
+                raise
+        while self._pending:
+            item = self._pending.popleft()
+            try:
+                await client.publish(item[0], item[1], qos, False)
+            except BaseException:
+                if len(self._pending) < self.max_pending:
+                    self._pending.appendleft(item)
+                else:
+                    self.dropped += 1
+                raise
+            self.published += 1
+
+    # -- closing --------------------------------------------------------------------------------
+
+    async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Publish what is queued (bounded by ``timeout``), then ``offline``; disconnect and
+        detach from the app. Events after this are counted in ``dropped``."""
+        self._closed = True
+        writer = self._writer
+        if writer is not None:
+            assert self._wake is not None
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
+            except TimeoutError:
+                self._log.warning(
+                    "%d event(s) not published to %s before close", len(self._pending), self.url
+                )
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+            self.dropped += len(self._pending)
+            self._pending.clear()
+            self.connected = False
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
+        if self.app is not None and self._collector is not None:
+            with contextlib.suppress(KeyError):
+                self.app.registry.unregister(self._collector)
+            self._collector = None
+
+    def stats(self) -> dict[str, Any]:
+        """Connected, connects, published, dropped, pending (also the app's metrics)."""
+        return {
+            "url": self.url,
+            "connected": self.connected,
+            "connects": self.connects,
+            "published": self.published,
+            "dropped": self.dropped,
+            "pending": len(self._pending),
+        }
+
+
+async def _until_disconnected(client: aiomqtt.Client) -> None:
+    """Return never; raise the client's ``MqttError`` once its connection is lost (the sink
+    subscribes to nothing, so no message arrives)."""
+    async for _ in client.messages:
+        pass
+
+
+class _SinkCollector(Collector):
+    """The sink's counters in the app's Prometheus metrics."""
+
+    def __init__(self, sink: MqttEventSink) -> None:
+        self._sink = sink
+
+    def collect(self) -> Iterator[Metric]:
+        sink = self._sink
+        labels = ["broker"]
+        values = [sink.url]
+        published = CounterMetricFamily(
+            "framepipe_mqtt_published", "Events the MQTT broker acknowledged", labels=labels
+        )
+        published.add_metric(values, sink.published)
+        dropped = CounterMetricFamily(
+            "framepipe_mqtt_dropped",
+            "Events dropped: the queue was full, or the sink closed before they were published",
+            labels=labels,
+        )
+        dropped.add_metric(values, sink.dropped)
+        pending = GaugeMetricFamily("framepipe_mqtt_pending", "Events queued", labels=labels)
+        pending.add_metric(values, len(sink._pending))
+        up = GaugeMetricFamily(
+            "framepipe_mqtt_connected", "1 while connected to the broker", labels=labels
+        )
+        up.add_metric(values, 1.0 if sink.connected else 0.0)
+        yield from (published, dropped, pending, up)

@@ -1,0 +1,509 @@
+"""The MQTT event sink against real Mosquitto brokers.
+
+The shared broker is the one on 127.0.0.1:1883 (or ``FRAMEPIPE_TEST_MQTT_URL``); tests that
+stop or kill things start a private ``mosquitto`` on a free port, or run the publisher in a
+process of its own. Each test publishes under a topic prefix of its own. When the broker (or
+the ``mosquitto`` binary) is missing the tests skip with the reason, except under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import need_modules, service_missing
+from framepipe import App, PatternSource, Segmenter, StreamPipeline
+from framepipe.backoff import Backoff
+from framepipe.config import Settings, load_settings
+from framepipe.errors import ConfigError
+from framepipe.frames import Frame
+from waiting import free_port, wait_until, wait_until_async
+
+need_modules("aiomqtt", install="pip install 'framepipe[mqtt]'")
+
+import aiomqtt  # noqa: E402
+
+from framepipe.mqtt import MqttEventSink, parse_mqtt_url  # noqa: E402
+
+MQTT_URL = os.environ.get("FRAMEPIPE_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+_BROKER = urlsplit(MQTT_URL)
+HOST, PORT = _BROKER.hostname or "127.0.0.1", _BROKER.port or 1883
+
+
+def unique_prefix(name: str) -> str:
+    return f"fp-test/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def broker() -> tuple[str, int]:
+    """The shared broker's address, once it answers."""
+    try:
+        with socket.create_connection((HOST, PORT), timeout=2):
+            pass
+    except OSError as exc:
+        service_missing(f"Mosquitto at {HOST}:{PORT}", exc)
+    return HOST, PORT
+
+
+class Subscriber:
+    """Collects every message of ``topic`` (QoS 1) from a background task."""
+
+    def __init__(self, host: str, port: int, topic: str, **client: Any) -> None:
+        self.host, self.port, self.topic, self.client = host, port, topic, client
+        self.messages: list[tuple[str, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                self.messages.append((str(message.topic), message.payload))
+
+    @contextlib.asynccontextmanager
+    async def connected(self, *, subscribe: bool = True) -> AsyncIterator[Subscriber]:
+        async with aiomqtt.Client(self.host, self.port, **self.client) as client:
+            if subscribe:
+                await client.subscribe(self.topic, qos=1)
+            self._task = asyncio.create_task(self._read(client))
+            try:
+                yield self
+            finally:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [payload for t, payload in self.messages if t == topic]
+
+    def events(self, prefix: str) -> list[dict[str, Any]]:
+        return [json.loads(p) for p in self.payloads(f"{prefix}/events")]
+
+
+async def retained(host: str, port: int, topic: str, expect: int) -> dict[str, bytes]:
+    """The retained messages under ``topic`` as a new subscriber receives them."""
+    sub = Subscriber(host, port, topic)
+    async with sub.connected():
+        await wait_until_async(
+            f"{expect} retained message(s) on {topic}",
+            lambda: len(sub.messages) >= expect,
+            10,
+            explain=lambda: sub.messages,
+        )
+    return dict(sub.messages)
+
+
+def order_key(frame: Frame) -> str | None:
+    """ORDER_1 on frames 1-20 (``seq`` counts from 1), ORDER_2 on 21-40, no tag after."""
+    return "ORDER_1" if frame.seq <= 20 else "ORDER_2" if frame.seq <= 40 else None
+
+
+# -- URLs and the setting ---------------------------------------------------------------------
+
+
+def test_urls_carry_tls_credentials_prefix_and_qos_and_bad_ones_are_named_without_password() -> (
+    None
+):
+    t = parse_mqtt_url("mqtts://ha%40home:s%3Acret@broker.lan/home/framepipe?qos=2&client_id=x")
+    assert (t.host, t.port, t.tls, t.prefix, t.qos, t.client_id) == (
+        "broker.lan",
+        8883,
+        True,
+        "home/framepipe",
+        2,
+        "x",
+    )
+    assert (t.username, t.password) == ("ha@home", "s:cret")
+    assert "s:cret" not in repr(t)
+    assert parse_mqtt_url("mqtt://h?labels=segment:visitor,order:orders").labels == (
+        ("segment", "visitor"),
+        ("order", "orders"),
+    )
+    plain = parse_mqtt_url("mqtt://127.0.0.1")
+    assert (plain.port, plain.tls, plain.prefix, plain.qos, plain.username) == (
+        1883,
+        False,
+        "framepipe",
+        1,
+        None,
+    )
+    for url, problem in [
+        ("http://u:hunter2@h/p", "scheme"),
+        ("mqtt://u:hunter2@h/a/+/b", "prefix"),
+        ("mqtt://u:hunter2@h/p?qos=3", "qos must be 0, 1 or 2"),
+        ("mqtt://u:hunter2@h/p?retain=1", "unknown parameter"),
+        ("mqtt://u:hunter2@:1883/p", "no host"),
+        ("mqtt://u:hunter2@h/p?labels=segment", "label:name pairs"),
+    ]:
+        with pytest.raises(ConfigError, match=problem) as caught:
+            parse_mqtt_url(url)
+        assert "hunter2" not in str(caught.value) and "***" in str(caught.value)
+    with pytest.raises(ConfigError, match="FRAMEPIPE_MQTT_URL") as caught:
+        load_settings(mqtt_url="mqtt://u:hunter2@h/p?qos=9")
+    assert "hunter2" not in str(caught.value)
+    assert load_settings(mqtt_url="").mqtt_url is None
+
+
+def test_a_sink_whose_broker_is_away_never_blocks_and_counts_what_it_drops() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}/{unique_prefix('away')}"  # nothing listens there
+
+    async def main() -> MqttEventSink:
+        app = App("away", settings=Settings(home=Path("/nonexistent-home")))
+        sink = MqttEventSink(url, max_pending=50, backoff=Backoff(0.01, 2, 0.05, 0)).attach(app)
+        for i in range(120):
+            sink("order.completed", {"n": i, "station_id": "s1"})  # returns at once
+        assert (sink.dropped, sink.pending, sink.connected) == (70, 50, False)
+        metrics = app.metrics_text()
+        assert 'framepipe_mqtt_dropped_total{broker="' in metrics
+        assert "framepipe_mqtt_pending" in metrics and "framepipe_mqtt_connected" in metrics
+        await asyncio.sleep(0.2)  # a few connection attempts fail meanwhile
+        await sink.aclose(timeout=0.5)
+        assert "framepipe_mqtt" not in app.metrics_text()  # detached
+        sink("late", {})
+        return sink
+
+    sink = asyncio.run(main())
+    assert (sink.published, sink.dropped, sink.pending) == (0, 121, 0)
+
+
+# -- a real app on the shared broker ----------------------------------------------------------
+
+
+def test_an_app_with_the_setting_publishes_events_counts_health_and_availability(
+    broker: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = broker
+    prefix = unique_prefix("app")
+    settings = Settings(home=tmp_path, mqtt_url=f"mqtt://{host}:{port}/{prefix}")
+
+    async def main() -> tuple[Subscriber, dict[str, bytes], App]:
+        sub = Subscriber(host, port, f"{prefix}/#")
+        async with sub.connected():
+            app = App("counter", settings=settings)
+            app.add_pipeline(
+                StreamPipeline(
+                    "station_1",
+                    PatternSource("station_1", fps=50, count=60),
+                    segmenter=Segmenter(order_key, timeout=0.2, label="order"),
+                )
+            )
+            await app.start()
+            assert app.mqtt is not None
+            await wait_until_async(
+                "ORDER_1 open on MQTT", lambda: b"1" in sub.payloads(f"{prefix}/station_1/order")
+            )
+            assert 'framepipe_mqtt_connected{broker="mqtt://' in app.metrics_text()
+            await app.wait()  # the 60 frames end the pipeline
+            await app.stop()  # publishes what is queued, then offline
+            assert app.mqtt is None
+            await wait_until_async(
+                "offline", lambda: sub.payloads(f"{prefix}/available")[-1:] == [b"offline"]
+            )
+        # the retained state as Home Assistant finds it when it connects later
+        state = await retained(host, port, f"{prefix}/#", 3)
+        return sub, state, app
+
+    sub, state, _ = asyncio.run(main())
+    assert sub.payloads(f"{prefix}/available") == [b"online", b"offline"]
+    events = sub.events(prefix)
+    assert all(
+        e["app"] == "counter" and e["camera"] == "station_1" and e["pipeline"] == "station_1"
+        for e in events
+    )
+    assert all(isinstance(e["time"], float) and isinstance(e["data"], dict) for e in events)
+    by_type = [(e["type"], e["event"]) for e in events]
+    assert ("pipeline.started", "pipeline.started") in by_type
+    assert ("pipeline.stopped", "pipeline.stopped") in by_type
+    new = [e for e in events if e["type"] == "new"]
+    end = [e for e in events if e["type"] == "end"]
+    assert [e["after"]["id"] for e in new] == ["ORDER_1", "ORDER_2"]
+    assert [e["after"]["id"] for e in end] == ["ORDER_1", "ORDER_2"]
+    assert all(e["event"] == "segment.started" and e["before"] is None for e in new)
+    first_end = end[0]
+    assert first_end["event"] == "segment.completed"
+    assert first_end["before"] == new[0]["after"]  # the segment as it was announced
+    after = first_end["after"]
+    assert {k: after[k] for k in ("camera", "label", "sub_label", "frames", "end_reason")} == {
+        "camera": "station_1",
+        "label": "order",
+        "sub_label": "ORDER_1",
+        "frames": 20,
+        "end_reason": "key_changed",
+    }
+    assert after["start_time"] <= after["end_time"] and new[0]["after"]["end_time"] is None
+    assert first_end["data"]["segment_id"] == "ORDER_1" and first_end["data"]["frames"] == 20
+    counts = sub.payloads(f"{prefix}/station_1/order")
+    assert counts[-1] == b"0" and b"1" in counts
+    healths = [json.loads(p) for p in sub.payloads(f"{prefix}/station_1/health")]
+    assert healths[0]["state"] in ("starting", "running")
+    assert set(healths[0]) == {"state", "performance_score", "reason", "last_error", "updated_at"}
+    assert healths[-1]["state"] == "stopped"
+    assert state[f"{prefix}/available"] == b"offline"
+    assert state[f"{prefix}/station_1/order"] == b"0"
+    assert json.loads(state[f"{prefix}/station_1/health"])["state"] == "stopped"
+    assert f"{prefix}/events" not in state  # events are not retained
+
+
+def test_the_urls_labels_rename_a_segmenters_label_and_qos_0_publishes(
+    broker: tuple[str, int], tmp_path: Path
+) -> None:
+    """The doorbell's visits: an activity segmenter (label ``segment``) counted as visitors."""
+    host, port = broker
+    prefix = unique_prefix("visitor")
+
+    async def main() -> Subscriber:
+        sub = Subscriber(host, port, f"{prefix}/#")
+        async with sub.connected():
+            app = App("doorbell", settings=Settings(home=tmp_path))
+            app.add_pipeline(
+                StreamPipeline(
+                    "front door",  # not a valid topic level as it is: becomes front_door
+                    PatternSource("front door", fps=50, count=10),
+                    segmenter=Segmenter(None, timeout=5),
+                )
+            )
+            url = f"mqtt://{host}:{port}/{prefix}?labels=segment:visitor"
+            sink = MqttEventSink(url, qos=0).attach(app)
+            await app.run()
+            app.emit("visitor.unknown", {"source_id": "front door", "name": None})
+            await sink.aclose()
+            await wait_until_async(
+                "offline", lambda: sub.payloads(f"{prefix}/available")[-1:] == [b"offline"]
+            )
+        return sub
+
+    sub = asyncio.run(main())
+    counts = sub.payloads(f"{prefix}/front_door/visitor")
+    assert counts[-1] == b"0" and b"1" in counts
+    events = sub.events(prefix)
+    ends = [e for e in events if e["type"] == "end"]
+    assert len(ends) == 1 and ends[0]["after"]["label"] == "visitor"
+    assert ends[0]["after"]["end_reason"] == "end" and ends[0]["camera"] == "front door"
+    visitor = events[-1]
+    assert (visitor["type"], visitor["camera"], visitor["pipeline"]) == (
+        "visitor.unknown",
+        "front door",
+        None,
+    )
+
+
+# -- processes and private brokers ------------------------------------------------------------
+
+
+class PrivateMosquitto:
+    """A ``mosquitto`` of the test's own on a free port, persisting to ``root`` (retained
+    messages and persistent sessions survive a clean stop)."""
+
+    def __init__(self, root: Path) -> None:
+        binary = Path("/usr/sbin/mosquitto")
+        found = str(binary) if binary.exists() else shutil.which("mosquitto")
+        if found is None:
+            service_missing("mosquitto (apt-get install mosquitto)", FileNotFoundError("mosquitto"))
+            raise AssertionError("unreachable")
+        self.binary = found
+        self.port = free_port()
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"user {getpass.getuser()}\n"  # as root it would switch to 'mosquitto'
+            f"persistence true\npersistence_location {root}/\n"
+            f"log_dest file {root}/mosquitto.log\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited: {self.log()[-2000:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(f"mosquitto on port {self.port}", listening, 20, explain=self.log)
+
+    def log(self) -> str:
+        path = self.root / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM): mosquitto saves its retained messages and sessions."""
+        proc = self.proc
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
+    server = PrivateMosquitto(tmp_path / "mosquitto")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+PUBLISHER = """
+import asyncio, sys
+from framepipe import App, PatternSource, Segmenter, StreamPipeline
+from framepipe.config import Settings
+from framepipe.mqtt import MqttEventSink
+
+async def main():
+    app = App("killed", settings=Settings(home=sys.argv[2]))
+    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=10),
+                                    segmenter=Segmenter(None, timeout=1)))
+    sink = MqttEventSink(sys.argv[1], client_id="fp-test-killed").attach(app)
+    await app.start()
+    while not sink.connected:
+        await asyncio.sleep(0.05)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_the_last_will_says_offline_when_the_publishing_process_is_killed(
+    broker: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = broker
+    prefix = unique_prefix("will")
+    script = tmp_path / "publisher.py"
+    script.write_text(textwrap.dedent(PUBLISHER))
+
+    async def main() -> Subscriber:
+        sub = Subscriber(host, port, f"{prefix}/available")
+        async with sub.connected():
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(script),
+                f"mqtt://{host}:{port}/{prefix}",
+                str(tmp_path / "home"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            try:
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), 60)
+                assert line.strip() == b"ready", line + await proc.stdout.read(4000)
+                await wait_until_async(
+                    "online", lambda: sub.messages[-1:] == [(f"{prefix}/available", b"online")]
+                )
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+                await wait_until_async(
+                    "the last will",
+                    lambda: sub.messages[-1:] == [(f"{prefix}/available", b"offline")],
+                    20,
+                    explain=lambda: sub.messages,
+                )
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        return sub
+
+    sub = asyncio.run(main())
+    assert [p for _, p in sub.messages] == [b"online", b"offline"]
+
+
+@pytest.mark.slow
+def test_a_broker_restart_queues_events_without_blocking_and_the_sink_publishes_again(
+    mosquitto: PrivateMosquitto, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("restart")
+    port = mosquitto.port
+    # a persistent session: the broker keeps what is published while the subscriber reconnects
+    sub = Subscriber(
+        "127.0.0.1",
+        port,
+        f"{prefix}/#",
+        identifier=f"fp-sub-{uuid.uuid4().hex[:8]}",
+        clean_session=False,
+    )
+
+    async def main() -> tuple[MqttEventSink, list[str], StreamPipeline]:
+        app = App("restart", settings=Settings(home=tmp_path / "home"))
+        pipeline = app.add_pipeline(
+            StreamPipeline(
+                "cam",
+                PatternSource("cam", fps=50),
+                segmenter=Segmenter(lambda f: f"K{f.seq // 10}", timeout=5, label="order"),
+            )
+        )
+        outage: list[str] = []
+        down = asyncio.Event()
+        app.on(
+            "segment.started",
+            lambda _e, d: outage.append(d["segment_id"]) if down.is_set() else None,
+        )
+        sink = MqttEventSink(
+            f"mqtt://127.0.0.1:{port}/{prefix}", backoff=Backoff(0.2, 2.0, 1.0, 0)
+        ).attach(app)
+        async with sub.connected():
+            await app.start()
+            await wait_until_async("segments on MQTT", lambda: len(sub.events(prefix)) >= 5)
+        mosquitto.stop()
+        down.set()
+        await wait_until_async("the sink to notice", lambda: not sink.connected)
+        frames = pipeline.frames_captured
+        await wait_until_async("5 segments queued", lambda: sink.pending >= 5 and len(outage) >= 5)
+        assert pipeline.frames_captured >= frames + 40  # the capture never waited for MQTT
+        mosquitto.start()
+        down.clear()
+        async with sub.connected(subscribe=False):  # the session kept its subscription
+            await wait_until_async(
+                "the outage's segments",
+                lambda: (
+                    set(outage)
+                    <= {e["after"]["id"] for e in sub.events(prefix) if e["type"] == "new"}
+                ),
+                30,
+                explain=lambda: (outage, sink.stats()),
+            )
+            await wait_until_async(
+                "online again", lambda: sub.payloads(f"{prefix}/available").count(b"online") >= 2
+            )
+            await app.stop()
+            await sink.aclose()
+            await wait_until_async(
+                "offline", lambda: sub.payloads(f"{prefix}/available")[-1:] == [b"offline"]
+            )
+        return sink, outage, pipeline
+
+    sink, outage, _ = asyncio.run(main())
+    assert sink.connects == 2 and sink.dropped == 0
+    new = [e["after"]["id"] for e in sub.events(prefix) if e["type"] == "new"]
+    assert list(dict.fromkeys(i for i in new if i in outage)) == outage  # in emission order
