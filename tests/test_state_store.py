@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,30 @@ def test_fresh_database_is_migrated_to_head(database_url: str) -> None:
         assert store.current_revision() == SCHEMA_HEAD
         names = set(sa.inspect(store.engine).get_table_names())
         assert {"fp_executions", "fp_steps", "fp_events", "fp_ledger", "alembic_version"} <= names
+
+
+def test_stores_opened_at_once_on_a_fresh_database_migrate_it_once(database_url: str) -> None:
+    """Processes starting together (a server and its workers) do not trip over each other's
+    migration: one migrates, the others wait for it and find the schema at head."""
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+    revisions: list[str | None] = []
+
+    def open_store() -> None:
+        try:
+            barrier.wait(10)
+            with StateStore(database_url) as store:
+                revisions.append(store.current_revision())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert revisions == [SCHEMA_HEAD] * 4
 
 
 def test_reopening_keeps_data_and_revision(database_url: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,9 +175,10 @@ class StateStore:
         self._check_open()
         try:
             with self.write() as conn:
-                if self.dialect == "postgresql":
+                if self.dialect == "postgresql":  # one lock per schema, not per database
                     conn.exec_driver_sql(
-                        f"SELECT pg_advisory_xact_lock({zlib.crc32(b'framepipe-migrate')})"
+                        "SELECT pg_advisory_xact_lock(hashtextextended("
+                        "'framepipe-migrate:' || coalesce(current_schema(), ''), 0))"
                     )
                 current = _stamped_revision(conn)
                 if current == SCHEMA_HEAD:
