@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -31,7 +33,7 @@ from conftest import need_modules, service_missing
 from framepipe import App, PatternSource, Segmenter, StreamPipeline
 from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
-from framepipe.errors import ConfigError
+from framepipe.errors import ConfigError, MissingDependencyError
 from framepipe.frames import Frame
 from waiting import free_port, wait_until, wait_until_async
 
@@ -157,6 +159,14 @@ def test_urls_carry_tls_credentials_prefix_and_qos_and_bad_ones_are_named_withou
         load_settings(mqtt_url="mqtt://u:hunter2@h/p?qos=9")
     assert "hunter2" not in str(caught.value)
     assert load_settings(mqtt_url="").mqtt_url is None
+
+
+def test_without_aiomqtt_the_sink_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "aiomqtt", None)  # what an absent package looks like
+    with pytest.raises(MissingDependencyError, match=r"pip install 'framepipe\[mqtt\]'"):
+        MqttEventSink("mqtt://127.0.0.1/x")
 
 
 def test_a_sink_whose_broker_is_away_never_blocks_and_counts_what_it_drops() -> None:
@@ -309,7 +319,7 @@ class PrivateMosquitto:
     """A ``mosquitto`` of the test's own on a free port, persisting to ``root`` (retained
     messages and persistent sessions survive a clean stop)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, config: str = "allow_anonymous true\n") -> None:
         binary = Path("/usr/sbin/mosquitto")
         found = str(binary) if binary.exists() else shutil.which("mosquitto")
         if found is None:
@@ -321,7 +331,7 @@ class PrivateMosquitto:
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "mosquitto.conf"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"listener {self.port} 127.0.0.1\n{config}"
             f"user {getpass.getuser()}\n"  # as root it would switch to 'mosquitto'
             f"persistence true\npersistence_location {root}/\n"
             f"log_dest file {root}/mosquitto.log\n"
@@ -507,3 +517,106 @@ def test_a_broker_restart_queues_events_without_blocking_and_the_sink_publishes_
     assert sink.connects == 2 and sink.dropped == 0
     new = [e["after"]["id"] for e in sub.events(prefix) if e["type"] == "new"]
     assert list(dict.fromkeys(i for i in new if i in outage)) == outage  # in emission order
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
+    need_modules("cryptography", install="pip install cryptography")
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "framepipe test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.mark.slow
+def test_tls_and_credentials_from_the_url_and_the_password_never_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        service_missing("mosquitto_passwd", FileNotFoundError("mosquitto_passwd"))
+        raise AssertionError("unreachable")
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "passwd"), "ha", "s3cret"], check=True)
+    server = PrivateMosquitto(
+        tmp_path / "mosquitto",
+        f"allow_anonymous false\npassword_file {tmp_path / 'passwd'}\n"
+        f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n",
+    )
+    server.start()
+    prefix = unique_prefix("tls")
+    base = f"127.0.0.1:{server.port}/{prefix}?ca={ca}"
+    tls = ssl.create_default_context(cafile=str(ca))
+    sub = Subscriber(
+        "127.0.0.1", server.port, f"{prefix}/#", username="ha", password="s3cret", tls_context=tls
+    )
+
+    async def main() -> tuple[MqttEventSink, MqttEventSink]:
+        wrong = MqttEventSink(f"mqtts://ha:hunter2@{base}", backoff=Backoff(0.05, 2, 0.2, 0))
+        wrong("order.completed", {"station_id": "s1"})
+        await wait_until_async("a refused attempt", lambda: "***" in caplog.text)
+        await wrong.aclose(timeout=0.2)
+        async with sub.connected():
+            sink = MqttEventSink(f"mqtts://ha:s3cret@{base}")
+            sink("order.completed", {"station_id": "s1", "order_id": "ORDER_7"})
+            await wait_until_async("the order over TLS", lambda: sub.events(prefix))
+            await sink.aclose()
+        return wrong, sink
+
+    try:
+        with caplog.at_level(logging.INFO, logger="framepipe"):
+            wrong, sink = asyncio.run(main())
+    finally:
+        server.stop()
+    assert (wrong.connects, wrong.published, wrong.dropped) == (0, 0, 1)
+    assert (sink.connects, sink.published, sink.dropped) == (1, 1, 0)
+    assert sub.payloads(f"{prefix}/available") == [b"online", b"offline"]
+    event = sub.events(prefix)[0]
+    assert (event["type"], event["camera"], event["app"]) == ("order.completed", "s1", None)
+    assert f"mqtts://ha:***@{base}" in caplog.text
+    assert "hunter2" not in caplog.text and "s3cret" not in caplog.text
