@@ -407,3 +407,30 @@ def test_a_job_step_calls_the_model(settings: Settings) -> None:
         _, (x0, _, x1, _) = text_image(tag, at=(16 + 8 * i, 60))
         assert abs(box[0] - x0) < 12 and abs(box[2] - x1) < 12
     assert info.data["blank_peak"] < 0.3
+
+
+def test_pipelines_sharing_one_model_each_get_every_result() -> None:
+    """Two cameras' pipelines share one model; the one that ends first tears it down while the
+    other still sends frames: those load it again, and no frame fails."""
+    model = OnnxModel(
+        DET, preprocess=DET_NORMALISE, postprocess=text_found, batch_size=4, max_wait_ms=30
+    )
+    sinks = [Collect(), Collect()]
+
+    def pipeline(index: int, count: int) -> StreamPipeline:
+        source = PatternSource(
+            f"cam{index}", width=320, height=128, count=count, realtime=False, draw=draw_label
+        )
+        stage = Stage(ModelProcessor(model, name="text"), workers=4)
+        return StreamPipeline(f"text{index}", source, stages=[stage], sinks=[sinks[index]])
+
+    short, long = pipeline(0, 6), pipeline(1, 30)
+
+    async def main() -> None:
+        await asyncio.gather(short.run(), long.run())
+
+    asyncio.run(main())
+    assert [len(s.frames) for s in sinks] == [6, 30]
+    assert all(f.meta["text"]["peak"] > 0.9 for s in sinks for f in s.frames)
+    assert short.stats[0].errors == long.stats[0].errors == 0
+    assert model._loaded is None

@@ -152,11 +152,14 @@ class ImageToTensor:
                 )
         if self.rgb and image.shape[2] == 3:
             image = image[:, :, ::-1]
-        x = image.astype(np.float32) * np.float32(self.scale)
-        mean = np.asarray(self.mean, np.float32)
+        # (pixel * scale - mean) / std as one multiply and one subtract, in place, on C x H x W
         std = np.asarray(self.std, np.float32)
-        x = (x - mean) / std
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        gain = (np.float32(self.scale) / std).reshape(-1, 1, 1)
+        offset = (np.asarray(self.mean, np.float32) / std).reshape(-1, 1, 1)
+        x = image.transpose(2, 0, 1).astype(np.float32, order="C")
+        x *= gain
+        x -= offset
+        return x
 
 
 def outputs_by_name(outputs: Outputs, frame: Any) -> Outputs:
@@ -402,10 +405,14 @@ class OnnxModel(PythonModel):
         frames when :attr:`batching`. Called from the live stage's worker threads."""
         loaded = self._state()
         sample = self._sample(loaded, self._hook("preprocess", self.preprocess, image))
-        if loaded.batcher is not None:
-            outputs = loaded.batcher.submit(sample)
-        else:
-            outputs = self._run_group(loaded, [sample])[0]
+        outputs: Outputs | None = None
+        while outputs is None:
+            if loaded.batcher is None:
+                outputs = self._run_group(loaded, [sample])[0]
+            else:
+                outputs = loaded.batcher.submit(sample)
+                if outputs is None:  # torn down meanwhile (a pipeline sharing it ended):
+                    loaded = self._state()  # loaded again, as by any call after teardown
         return self._hook("postprocess", self.postprocess, outputs, image)
 
     def predict(self, items: Sequence[Any]) -> list[Any]:
@@ -627,14 +634,13 @@ class _Batcher:
         )
         self._thread.start()
 
-    def submit(self, sample: Sample) -> Outputs:
-        """This sample's outputs, once its batch ran (blocks the calling thread)."""
+    def submit(self, sample: Sample) -> Outputs | None:
+        """This sample's outputs, once its batch ran (blocks the calling thread); None when
+        the batcher was closed before it took the sample."""
         request = _Request(sample, concurrent.futures.Future())
         with self._lock:
             if self._closed:
-                raise ModelError(
-                    f"{self.model.describe()} was torn down", model=self.model.describe()
-                )
+                return None
             self._queue.put(request)
         return request.future.result()
 
