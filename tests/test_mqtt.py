@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import need_modules, service_missing
-from framepipe import App, PatternSource, Segmenter, StreamPipeline
+from framepipe import App, CommandSource, PatternSource, Segmenter, StreamPipeline
 from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError, MissingDependencyError
@@ -312,6 +312,53 @@ def test_the_urls_labels_rename_a_segmenters_label_and_qos_0_publishes(
     )
 
 
+@pytest.mark.slow
+def test_a_failing_camera_turns_its_retained_health_failed_and_the_other_stays_running(
+    broker: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = broker
+    prefix = unique_prefix("health")
+    settings = Settings(home=tmp_path, mqtt_url=f"mqtt://{host}:{port}/{prefix}")
+
+    async def main() -> tuple[Subscriber, dict[str, bytes]]:
+        sub = Subscriber(host, port, f"{prefix}/#")
+        async with sub.connected():
+            app = App("site", settings=settings, auto_recovery=False)
+            app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=25)))
+            app.add_pipeline(
+                StreamPipeline(
+                    "station_2",
+                    CommandSource(["sh", "-c", "echo lens cap on >&2; exit 3"], "station_2"),
+                    backoff=Backoff(0.05, 2, 0.1, 0),
+                    max_restarts=1,
+                )
+            )
+            await app.start()
+            try:
+                await wait_until_async(
+                    "station_2 failed on MQTT",
+                    lambda: any(
+                        json.loads(p)["state"] == "failed"
+                        for p in sub.payloads(f"{prefix}/station_2/health")
+                    ),
+                )
+                state = await retained(host, port, f"{prefix}/+/health", 2)
+            finally:
+                await app.stop()
+        return sub, state
+
+    sub, state = asyncio.run(main())
+    failed = json.loads(state[f"{prefix}/station_2/health"])
+    assert failed["state"] == "failed" and failed["performance_score"] == 0.0
+    assert "exit code: 3" in failed["last_error"] and "failed" in failed["reason"]
+    assert json.loads(state[f"{prefix}/station_1/health"])["state"] == "running"
+    died = [e for e in sub.events(prefix) if e["type"] == "source.died"]
+    assert died and {e["camera"] for e in died} == {"station_2"}
+    assert "exit code: 3" in died[0]["data"]["error"]
+    errors = [e for e in sub.events(prefix) if e["type"] == "system_error"]
+    assert [e["camera"] for e in errors] == ["station_2"]
+
+
 # -- processes and private brokers ------------------------------------------------------------
 
 
@@ -385,7 +432,7 @@ def mosquitto(tmp_path: Path) -> Iterator[PrivateMosquitto]:
 
 PUBLISHER = """
 import asyncio, sys
-from framepipe import App, PatternSource, Segmenter, StreamPipeline
+from framepipe import App, CommandSource, PatternSource, Segmenter, StreamPipeline
 from framepipe.config import Settings
 from framepipe.mqtt import MqttEventSink
 
