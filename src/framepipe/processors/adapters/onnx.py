@@ -156,7 +156,7 @@ class ImageToTensor:
         std = np.asarray(self.std, np.float32)
         gain = (np.float32(self.scale) / std).reshape(-1, 1, 1)
         offset = (np.asarray(self.mean, np.float32) / std).reshape(-1, 1, 1)
-        x = image.transpose(2, 0, 1).astype(np.float32, order="C")
+        x: Array = image.transpose(2, 0, 1).astype(np.float32, order="C")
         x *= gain
         x -= offset
         return x
