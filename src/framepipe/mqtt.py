@@ -436,10 +436,12 @@ class MqttEventSink:
                     await client.publish(self.available_topic, b"offline", self.target.qos, True)
                     self.connected = False
                     return
-            except (self._aiomqtt.MqttError, OSError) as exc:
+            except Exception as exc:  # MqttError, OSError, ssl.SSLError, or a bug: never fatal
                 self.connected = False
                 if self._closed and not self._pending:
                     return  # the broker sent the last will: 'offline'
+                if not isinstance(exc, self._aiomqtt.MqttError | OSError):
+                    self._log.exception("MQTT writer error")
                 attempt += 1
                 delay = self.backoff.delay(attempt)
                 self._log.warning(
