@@ -205,3 +205,34 @@ def test_the_prune_command(tmp_path: Path) -> None:
     bad = cli(tmp_path / "home", "db", "prune-events", "--older-than", "a week")
     assert bad.exit_code == 2 and "is not a duration" in bad.output
     assert parse_duration("90") == 90 and parse_duration("12h") == 43200
+
+
+def test_an_overflow_while_a_batch_is_written_drops_queued_events_not_the_batch() -> None:
+    from framepipe.event_sinks import _QueuedSink
+
+    class Slow(_QueuedSink):
+        kind = "slow"
+
+        def __init__(self) -> None:
+            super().__init__(max_pending=3, batch=2)
+            self.release = asyncio.Event()
+            self.wrote: list[int] = []
+
+        async def _write(self, batch: list[Any]) -> None:
+            await self.release.wait()
+            self.wrote += [event.data["n"] for event in batch]
+
+    async def main() -> Slow:
+        sink = Slow()
+        sink("tick", {"n": 1})
+        sink("tick", {"n": 2})
+        await asyncio.sleep(0)  # the writer takes 1 and 2 and waits in _write
+        for n in range(3, 8):  # 3 queued at most: 3 and 4 are dropped
+            sink("tick", {"n": n})
+        sink.release.set()
+        await sink.aclose()
+        return sink
+
+    sink = asyncio.run(main())
+    assert sink.wrote == [1, 2, 5, 6, 7]
+    assert (sink.written, sink.dropped) == (5, 2)

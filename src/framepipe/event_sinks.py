@@ -105,13 +105,13 @@ class _QueuedSink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [self._pending[i] for i in range(min(self.batch, len(self._pending)))]
+            # Taken off the queue before writing: an overflow while the batch is in flight
+            # drops the oldest queued events, never events of the batch.
+            batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
             if await self._write_with_retries(batch):
                 self.written += len(batch)
             else:
                 self.dropped += len(batch)
-            for _ in batch:
-                self._pending.popleft()
 
     async def _write_with_retries(self, batch: list[Event]) -> bool:
         for attempt in range(1, self.retries + 1):
