@@ -49,6 +49,7 @@ if TYPE_CHECKING:
         step_key,
     )
     from framepipe.jobs.runner import run_pipeline
+    from framepipe.mqtt import MqttEventSink
     from framepipe.processors.base import Processor, as_processor
     from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
     from framepipe.stream import FrameStore, MotionGate, Segment, Segmenter, Sink, Stage
@@ -89,6 +90,7 @@ __getattr__ = attach(
         "Backoff": "framepipe.backoff",
         "Frame": "framepipe.frames",
         "RedisEventSink": "framepipe.event_sinks",
+        "MqttEventSink": "framepipe.mqtt",
         "StoreEventSink": "framepipe.event_sinks",
         "Processor": "framepipe.processors.base",
         "as_processor": "framepipe.processors.base",
@@ -128,6 +130,7 @@ __all__ = [
     "Ledger",
     "LocalObjectStore",
     "MotionGate",
+    "MqttEventSink",
     "ObjectInfo",
     "ObjectStore",
     "PatternSource",
