@@ -23,7 +23,7 @@ from framepipe.jobs.inputs import LocalPath, local_input
 from framepipe.jobs.ledger import file_fingerprint, file_identity
 from framepipe.jobs.pipeline import Pipeline
 
-__all__ = ["make_clip", "pipeline", "prepare_card"]
+__all__ = ["REF", "make_clip", "pipeline", "prepare_card"]
 
 
 class DemoInputs(BaseModel):
@@ -36,6 +36,8 @@ class DemoInputs(BaseModel):
 pipeline = Pipeline(
     "demo_import", description="Import new clips from a card, probe, thumbnail.", inputs=DemoInputs
 )
+REF = "framepipe.demo:demo_import"
+"""Where workers load :data:`pipeline` from."""
 
 
 def make_clip(

@@ -13,10 +13,25 @@ from typing import Annotated
 import typer
 
 from framepipe.cli.common import UsageError, console, errors, open_store, say, settings_of
+from framepipe.config import Settings
 from framepipe.errors import MissingDependencyError, StateStoreError
 from framepipe.jobs.loading import resolve_pipeline, resolve_target
 
-__all__ = ["serve"]
+__all__ = ["check_exposure", "serve"]
+
+
+def check_exposure(host: str, settings: Settings) -> None:
+    """Refuse (:class:`UsageError`) to serve anything but a loopback address without a
+    configured token."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not settings.api_token:
+        raise UsageError(
+            f"refusing to serve on {host} without a token: set "
+            "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)"
+        )
 
 
 def serve(
@@ -58,15 +73,7 @@ def serve(
     bind anything but a loopback address."""
     with errors():
         settings = settings_of(ctx)
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback and not settings.api_token:
-            raise UsageError(
-                f"refusing to serve on {host} without a token: set "
-                "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)"
-            )
+        check_exposure(host, settings)
         token = settings.api_token
         if token is None and not no_token:
             token = secrets.token_urlsafe(24)
