@@ -4,7 +4,7 @@ per station and order.
 
 Per station, one :class:`~framepipe.stream.StreamPipeline`::
 
-    capture (ffmpeg / gst-launch-1.0 subprocess, or PyAV)   one process per station, for good
+    capture (gst-launch-1.0 / ffmpeg subprocess, or PyAV)   one process per station, for good
       -> order_tags  (OrderTagStage, N workers, source order kept; reader "qr" or "ocr")
       -> segmenter   (an order = a segment keyed by the order id; closes after order_timeout s
                       without its tag, or when another order's tag shows up)
@@ -28,9 +28,15 @@ What an order holds, and what happens to odd tags:
 * A tag that reappears after its order closed opens a new order: its frames go under
   ``<order_id>.2`` (``.3`` ...), its event has ``order_id`` and ``repeat``; stored frames never
   mix.
-* A capture that dies is restarted (2, 4, 8 ... 60 s, ``max_restarts`` attempts); the open
-  order closes on its timeout meanwhile, with all its frames. A station whose capture fails for
-  good emits ``station.failed``; the other stations go on.
+* A capture that dies is restarted (2, 4, 8 ... 60 s); the open order closes on its timeout
+  meanwhile, with all its frames. After ``max_restarts`` failures in a row the station emits
+  ``station.failed`` (``retrying: true``) once and its capture is retried every
+  ``retry_delay`` seconds (the backoff's cap, 60 s) until the camera is back
+  (``station.recovered``): a camera outage needs nobody. The other stations go on.
+* A recording's end ends its station (a finite file); a camera's end is a death.
+* The first time a station's capture runs, the original station's start-up lines are logged
+  (``Frame monitor thread started`` ... ``All components started, entering main loop``), which
+  its operators' checks look for.
 """
 
 from __future__ import annotations
@@ -63,12 +69,12 @@ from framepipe import (
     StateStore,
     StoreEventSink,
     StreamPipeline,
-    VideoSource,
     get_logger,
     load_settings,
     open_object_store,
 )
 from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.sources import Capture, capture_source
 
 __all__ = [
     "FRAME_TEMPLATE",
@@ -88,7 +94,7 @@ __all__ = [
 FRAME_TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
 ORDER_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 STATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-Capture = Literal["ffmpeg", "gst", "av"]
+AfterRestarts = Literal["fail", "keep_trying"]
 
 
 # -- reading tags -------------------------------------------------------------------------------
@@ -106,15 +112,21 @@ class TagReading:
 
 class TagReader(Protocol):
     """Finds order tags in an image. :class:`QrTagReader` reads QR codes;
-    ``ocr.OcrTagReader`` reads printed order numbers (``ORDER #123`` -> ``ORDER_123``)."""
+    ``ocr.OcrTagReader`` reads printed order numbers (``ORDER #123`` -> ``ORDER_123``).
+
+    A reader with a ``colour`` attribute set to False is given the frame's grey image (for a
+    decoded frame, its luma plane at no cost); otherwise the BGR image."""
 
     def read(self, image: np.ndarray) -> list[TagReading]:
-        """Every tag in ``image`` (BGR), readable or not."""
+        """Every tag in ``image`` (BGR, or grey for a ``colour = False`` reader)."""
         ...
 
 
 class QrTagReader:
-    """QR order tags, read with zxing-cpp (``pip install 'framepipe[qr]'``)."""
+    """QR order tags, read with zxing-cpp (``pip install 'framepipe[qr]'``), in the grey
+    image (``colour = False``: a decoded frame's luma plane, no colour conversion)."""
+
+    colour = False
 
     def __init__(self) -> None:
         try:
@@ -124,7 +136,7 @@ class QrTagReader:
         self._zxing = zxingcpp
 
     def read(self, image: np.ndarray) -> list[TagReading]:
-        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         fmt = self._zxing.BarcodeFormat.QRCode
         try:
             found = self._zxing.read_barcodes(gray, formats=fmt, return_errors=True)
@@ -215,7 +227,9 @@ class OrderTagStage(Processor):
         frame.meta["station_id"] = self.station_id
         if self._first:
             self._first_frame()
-        readings = self.reader.read(frame.image)
+        readings = self.reader.read(
+            frame.image if getattr(self.reader, "colour", True) else frame.gray
+        )
         orders: dict[str, float] = {}
         unreadable: list[str] = []
         invalid: list[str] = []
@@ -309,7 +323,7 @@ def station_source(
     station_id: str,
     spec: str,
     *,
-    capture: Capture = "ffmpeg",
+    capture: Capture = "auto",
     fps: float | None = None,
     loop: bool = False,
     realtime: bool = True,
@@ -318,11 +332,13 @@ def station_source(
 
     ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), or
     ``cmd:<command line>`` (any command writing an MJPEG stream to stdout, e.g. a
-    ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline). ``capture`` picks how files and
-    URLs are read: an ``ffmpeg`` or ``gst`` subprocess (the hand-written station's model: one
-    persistent process per station, which ``STATION_ID`` is passed to), or ``av`` (PyAV in this
-    process). Files are played at their own rate (``realtime``) and, with ``loop``, forever;
-    ``fps`` resamples the capture (the hand-written station ran at 1 fps)."""
+    ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline). Files and URLs are captured by
+    :func:`framepipe.sources.capture_source`: ``capture="auto"`` runs gst-launch-1.0 where
+    GStreamer can play the input, else ffmpeg (the hand-written station's model: one
+    persistent process per station, which ``STATION_ID`` is passed to); ``gst`` or ``ffmpeg``
+    force one, ``av`` decodes with PyAV in this process. Files are played at their own rate
+    (``realtime``) once, or forever with ``loop``; ``fps`` resamples the capture (the
+    hand-written station ran at 1 fps)."""
     env = {"STATION_ID": station_id}
     if spec.startswith("cmd:"):
         argv = shlex.split(spec[4:])
@@ -332,66 +348,9 @@ def station_source(
     is_url = _URL.match(spec) is not None and not spec.lower().startswith("file:")
     if not is_url and not Path(spec).is_file():
         raise ConfigError(f"station {station_id}: video file {spec!r} does not exist")
-    if capture == "av":
-        return VideoSource(
-            spec, station_id, realtime=realtime and not is_url, loop=loop and not is_url
-        )
-    if capture == "ffmpeg":
-        return CommandSource(
-            _ffmpeg(spec, is_url, fps=fps, loop=loop, realtime=realtime),
-            station_id,
-            env=env,
-            fps=fps,
-        )
-    if capture == "gst":
-        if loop and not is_url:
-            raise ConfigError(
-                f"station {station_id}: looping a file needs capture 'ffmpeg' "
-                "or 'av' (gst-launch-1.0 cannot seek back on its own)"
-            )
-        return CommandSource(
-            _gst(spec, is_url, fps=fps, realtime=realtime), station_id, env=env, fps=fps
-        )
-    raise ConfigError(f"station {station_id}: capture must be ffmpeg, gst or av, not {capture!r}")
-
-
-def _ffmpeg(spec: str, is_url: bool, *, fps: float | None, loop: bool, realtime: bool) -> list[str]:
-    argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
-    if not is_url:
-        argv += ["-re"] if realtime else []
-        argv += ["-stream_loop", "-1"] if loop else []
-    elif spec.lower().startswith("rtsp"):
-        argv += ["-rtsp_transport", "tcp"]
-    argv += ["-i", spec, "-an"]
-    if fps:
-        argv += ["-vf", f"fps={fps:g}"]
-    return [*argv, "-f", "mjpeg", "-q:v", "3", "-"]
-
-
-def _gst(spec: str, is_url: bool, *, fps: float | None, realtime: bool) -> list[str]:
-    if not is_url:
-        head = ["filesrc", f"location={spec}", "!", "decodebin"]
-    elif spec.lower().startswith("rtsp"):
-        head = ["rtspsrc", f"location={spec}", "latency=200", "!", "decodebin"]
-    else:
-        head = ["uridecodebin", f"uri={spec}"]
-    rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] if fps else []
-    sync = "true" if realtime and not is_url else "false"
-    return [
-        "gst-launch-1.0",
-        "-q",
-        *head,
-        "!",
-        "videoconvert",
-        *rate,
-        "!",
-        "jpegenc",
-        "quality=90",
-        "!",
-        "fdsink",
-        "fd=1",
-        f"sync={sync}",
-    ]
+    return capture_source(
+        spec, station_id, capture=capture, fps=fps, loop=loop, realtime=realtime, env=env
+    )
 
 
 def build_station(
@@ -410,9 +369,16 @@ def build_station(
     stall_timeout: float | None = 10.0,
     max_restarts: int = 5,
     backoff: Backoff | None = None,
+    frame_template: str = FRAME_TEMPLATE,
+    after_restarts: AfterRestarts = "keep_trying",
+    retry_delay: float | None = None,
 ) -> StreamPipeline:
     """The pipeline of one station (see the module docstring). ``reader``: ``"qr"`` (QR
-    tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`."""
+    tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`.
+    ``frame_template``: the frames' keys (``station_1/{segment_id}/...`` for a store that is
+    the ``frames`` bucket itself). ``after_restarts``: ``keep_trying`` retries a camera that
+    failed ``max_restarts`` times in a row every ``retry_delay`` seconds (default: the
+    backoff's cap) until it is back; ``fail`` gives the station up."""
     if STATION_PATTERN.fullmatch(station_id) is None:
         raise ConfigError(
             f"station id {station_id!r}: use letters, digits, '_' and '-' "
@@ -430,7 +396,7 @@ def build_station(
         sinks=[
             FrameStore(
                 frames,
-                template=FRAME_TEMPLATE,
+                template=frame_template,
                 workers=store_workers,
                 select_best=best_frames,
                 score_key="tag_sharpness",
@@ -441,6 +407,8 @@ def build_station(
         stall_timeout=stall_timeout,
         max_restarts=max_restarts,
         backoff=backoff or Backoff(2.0, 2.0, 60.0, 0.0),
+        after_restarts=after_restarts,
+        retry_delay=retry_delay,
     )
 
 
@@ -473,7 +441,7 @@ class OrderAccuracy:
         order_timeout: float = 10.0,
         max_order_seconds: float | None = None,
         best_frames: int = 3,
-        capture: Capture = "ffmpeg",
+        capture: Capture = "auto",
         fps: float | None = None,
         loop: bool = False,
         realtime: bool = True,
@@ -484,6 +452,9 @@ class OrderAccuracy:
         store_events: bool = True,
         name: str = "order_accuracy",
         reader: TagReader | str | None = None,
+        frame_template: str = FRAME_TEMPLATE,
+        after_restarts: AfterRestarts = "keep_trying",
+        retry_delay: float | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
@@ -503,6 +474,9 @@ class OrderAccuracy:
             stall_timeout=stall_timeout,
             backoff=backoff,
             reader=tag_reader(reader) if isinstance(reader, str) else reader,
+            frame_template=frame_template,
+            after_restarts=after_restarts,
+            retry_delay=retry_delay,
         )
         self.capture_options: dict[str, Any] = dict(
             capture=capture, fps=fps, loop=loop, realtime=realtime
@@ -516,10 +490,16 @@ class OrderAccuracy:
         self.app.on("segment.started", self._order_started)
         self.app.on("segment.completed", self._order_completed)
         self.app.on("source.failed", self._station_failed)
+        self.app.on("source.retrying", self._station_retrying)
+        self.app.on("source.recovered", self._station_recovered)
+        self.app.on("source.started", self._capture_started)
+        self._announced: set[str] = set()
 
     # -- stations -------------------------------------------------------------------------------
 
-    def _pipeline(self, station_id: str, spec: str) -> StreamPipeline:
+    def station_pipeline(self, station_id: str, spec: str) -> StreamPipeline:
+        """The pipeline of station ``station_id`` capturing ``spec`` with this app's options
+        (not yet added)."""
         source = station_source(station_id, spec, **self.capture_options)
         return build_station(
             station_id,
@@ -532,14 +512,14 @@ class OrderAccuracy:
 
     def add_station_before_start(self, station_id: str, spec: str) -> None:
         """Configure a station before :meth:`start`."""
-        self.app.add_pipeline(self._pipeline(station_id, spec))
+        self.app.add_pipeline(self.station_pipeline(station_id, spec))
         self.specs[station_id] = spec
 
     async def add_station(self, station_id: str, spec: str) -> None:
         """Add a station; when the app runs its capture starts now."""
         if station_id in self.app.pipelines:
             raise ConfigError(f"station {station_id} exists already")
-        pipeline = self._pipeline(station_id, spec)
+        pipeline = self.station_pipeline(station_id, spec)
         self.specs[station_id] = spec
         await self.app.add(pipeline)
         self.app.emit("station.added", {"station_id": station_id, "source": spec})
@@ -548,6 +528,7 @@ class OrderAccuracy:
         """Stop a station (its open order closes with all its frames) and forget it."""
         await self.app.remove(station_id)
         self.specs.pop(station_id, None)
+        self._announced.discard(station_id)
         self.app.emit("station.removed", {"station_id": station_id})
 
     async def apply(self, stations: Mapping[str, str]) -> None:
@@ -615,6 +596,46 @@ class OrderAccuracy:
                 "attempts": data.get("attempts"),
             },
         )
+
+    def _station_retrying(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        get_logger(station_id).error(
+            "Station failed: %s; retrying every %gs until it is back",
+            data.get("error"),
+            data.get("delay"),
+        )
+        self.app.emit(
+            "station.failed",
+            {
+                "station_id": station_id,
+                "error": data.get("error"),
+                "attempts": data.get("attempts"),
+                "retrying": True,
+                "next_attempt_at": data.get("next_attempt_at"),
+            },
+        )
+
+    def _station_recovered(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        get_logger(station_id).info("Station recovered after %s attempts", data.get("attempts"))
+        self.app.emit(
+            "station.recovered",
+            {
+                "station_id": station_id,
+                "attempts": data.get("attempts"),
+                "down_seconds": data.get("down_seconds"),
+            },
+        )
+
+    def _capture_started(self, _event: str, data: dict[str, Any]) -> None:
+        station_id = str(data.get("source_id"))
+        if station_id in self._announced:
+            return
+        self._announced.add(station_id)
+        station_log = get_logger(station_id)
+        station_log.info("Frame monitor thread started")  # the tag stage's workers
+        station_log.info("Health monitor thread started")  # the capture's supervisor
+        station_log.info("All components started, entering main loop")
 
     # -- lifecycle ------------------------------------------------------------------------------
 

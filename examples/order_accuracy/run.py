@@ -48,16 +48,13 @@ from urllib.parse import urlsplit, urlunsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_video import default_schedule, make_station_video
-from orders import FRAME_TEMPLATE, READERS, OrderAccuracy, build_station, parse_stations
-from orders import station_source as command_station
+from orders import FRAME_TEMPLATE, READERS, OrderAccuracy, parse_stations
 
-from framepipe import ObjectStore, StreamPipeline
+from framepipe import ObjectStore
 from framepipe.backoff import Backoff
 from framepipe.config import load_settings
 from framepipe.errors import ConfigError
 from framepipe.logs import configure_logging, get_logger
-from framepipe.sources import Capture, capture_source
-from framepipe.stream.sinks import FrameStore
 
 log = get_logger("order_accuracy")
 
@@ -83,106 +80,19 @@ def selected_bucket_url(objects_url: str) -> str | None:
 
 
 class Stations(OrderAccuracy):
-    """:class:`OrderAccuracy` run as the original station's guide expects.
+    """:class:`OrderAccuracy` with the runner's choice of frame keys: ``station`` writes
+    ``station_1/ORDER_123/frame_<ms>_<n>.jpg`` (the original layout, for a store that is the
+    ``frames`` bucket), ``prefixed`` writes ``frames/station_1/...`` (one store holding more
+    than frames); ``auto`` picks ``station`` for a store named ``frames``. Captures, the end of
+    a recording, retrying a camera at the cap and the start-up lines are
+    :class:`OrderAccuracy`'s."""
 
-    * Captures: gst-launch-1.0 where GStreamer can play the source, else ffmpeg
-      (:func:`framepipe.sources.capture_source`; ``capture`` forces one); a file's end is the
-      station's end, ``loop`` plays it forever, ``cmd:`` sources run as given.
-    * A camera that failed ``max_restarts`` restarts in a row is retried every
-      ``retry_delay`` seconds until it is back: ``station.failed`` once (with
-      ``retrying: true`` and ``next_attempt_at``), ``station.recovered`` when frames flow again.
-    * ``frame_keys``: ``station`` writes ``station_1/ORDER_123/frame_<ms>_<n>.jpg`` (the
-      original layout, for a store that is the ``frames`` bucket), ``prefixed`` writes
-      ``frames/station_1/...`` (one store holding more than frames); ``auto`` picks ``station``
-      for a store named ``frames``.
-    * The original station's start-up lines are logged when a station's capture first runs.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        capture: Capture = "auto",
-        retry_delay: float | None = None,
-        frame_keys: FrameKeys = "auto",
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, frame_keys: FrameKeys = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.capture_options["capture"] = capture
-        self.retry_delay = retry_delay
         station_keys = frame_keys == "station" or (
             frame_keys == "auto" and frames_bucket(self.frames)
         )
-        self.frame_template = STATION_TEMPLATE if station_keys else FRAME_TEMPLATE
-        self._announced: set[str] = set()
-        self.app.on("source.started", self._capture_started)
-        self.app.on("source.retrying", self._station_retrying)
-        self.app.on("source.recovered", self._station_recovered)
-
-    def _pipeline(self, station_id: str, spec: str) -> StreamPipeline:
-        options = dict(self.capture_options)
-        if spec.startswith("cmd:"):
-            options["capture"] = "ffmpeg"
-            source = command_station(station_id, spec, **options)
-        else:
-            source = capture_source(spec, station_id, env={"STATION_ID": station_id}, **options)
-        pipeline = build_station(
-            station_id,
-            source,
-            frames=self.frames,
-            selected=self.selected,
-            selected_prefix=self.selected_prefix,
-            **self.options,
-        )
-        pipeline.after_restarts = "keep_trying"
-        pipeline.retry_delay = self.retry_delay
-        for stage in pipeline.sinks:
-            if isinstance(stage.processor, FrameStore):
-                stage.processor.template = self.frame_template
-        return pipeline
-
-    async def remove_station(self, station_id: str) -> None:
-        await super().remove_station(station_id)
-        self._announced.discard(station_id)
-
-    def _capture_started(self, _event: str, data: dict[str, Any]) -> None:
-        station_id = str(data.get("source_id"))
-        if station_id in self._announced:
-            return
-        self._announced.add(station_id)
-        station_log = get_logger(station_id)
-        station_log.info("Frame monitor thread started")  # the tag stage's workers
-        station_log.info("Health monitor thread started")  # the capture's supervisor
-        station_log.info("All components started, entering main loop")
-
-    def _station_retrying(self, _event: str, data: dict[str, Any]) -> None:
-        station_id = str(data.get("source_id"))
-        get_logger(station_id).error(
-            "Station failed: %s; retrying every %gs until it is back",
-            data.get("error"),
-            data.get("delay"),
-        )
-        self.app.emit(
-            "station.failed",
-            {
-                "station_id": station_id,
-                "error": data.get("error"),
-                "attempts": data.get("attempts"),
-                "retrying": True,
-                "next_attempt_at": data.get("next_attempt_at"),
-            },
-        )
-
-    def _station_recovered(self, _event: str, data: dict[str, Any]) -> None:
-        station_id = str(data.get("source_id"))
-        get_logger(station_id).info("Station recovered after %s attempts", data.get("attempts"))
-        self.app.emit(
-            "station.recovered",
-            {
-                "station_id": station_id,
-                "attempts": data.get("attempts"),
-                "down_seconds": data.get("down_seconds"),
-            },
-        )
+        self.options["frame_template"] = STATION_TEMPLATE if station_keys else FRAME_TEMPLATE
 
 
 def read_stations_file(path: Path) -> dict[str, str]:
