@@ -27,7 +27,11 @@ Guarantees:
 * host-side detectors (the SD-card import) connect to ``/ws/detector``
   (:mod:`framepipe.server.detector`);
 * a hosted app may add panels, routes and images of its object store to the dashboard under
-  ``/api/apps/{app}/`` (:mod:`framepipe.server.panels`), behind the same checks.
+  ``/api/apps/{app}/`` (:mod:`framepipe.server.panels`), behind the same checks;
+* the live apps' completed segments with thumbnails of their stored frames, and each source's
+  recent history (frames per second, stage latency, restarts), are kept by the service
+  (:mod:`framepipe.server.live`) and served under ``/api/segments`` and
+  ``/api/sources/{app}/{pipeline}/history`` (:mod:`framepipe.server.routes.segments`).
 
 The routes are in :mod:`framepipe.server.routes`, one module per resource; what they share is
 the :class:`~framepipe.server.state.ServiceState` on ``app.state.service``, which this module
@@ -56,6 +60,7 @@ from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
 from framepipe.server.guard import hide_tokens_in_access_log
+from framepipe.server.live import LiveHistory
 from framepipe.server.panels import mount_app_panels
 from framepipe.server.responses import SafeJSONResponse, install_error_handlers
 from framepipe.server.routes import (
@@ -65,10 +70,12 @@ from framepipe.server.routes import (
     objects,
     pipelines,
     processors,
+    segments,
     sources,
     status,
 )
 from framepipe.server.state import Running, ServiceState, check_token
+from framepipe.server.thumbnails import ThumbnailCache
 
 if TYPE_CHECKING:
     from framepipe.processors.fleet import ProcessorRegistry
@@ -87,6 +94,7 @@ _API_ROUTERS = (
     executions.router,
     events.router,
     sources.router,
+    segments.router,
     processors.router,
     objects.router,
     status.router,  # the job-status shape of a polling frontend: every execution, see its module
@@ -140,6 +148,9 @@ def _lifespan(
         service.running = Running(
             store=st, objects=obj, jobs=jobs, feed=feed, registry=registry, objects_url=obj.url
         )
+        live = service.live
+        if live is not None:
+            await live.start(st)  # before the apps: it listens to their events
         sinks = []
         for live_app in service.apps.values():  # the apps' events join the feed like the jobs'
             sink = StoreEventSink(st, live_app.name, retention_days=settings.events_retention_days)
@@ -154,6 +165,8 @@ def _lifespan(
                 await live_app.stop()
             for sink in sinks:
                 await sink.aclose()
+            if live is not None:
+                await live.stop()
             if registry is not None:
                 await registry.stop()
             await feed.stop()
@@ -197,8 +210,15 @@ def create_app(
         p.validate()
         known[p.name] = p
     hub = detector_hub or DetectorHub()
+    hosted = {a.name: a for a in apps}
     service = ServiceState(
-        settings=settings, token=token, pipelines=known, apps={a.name: a for a in apps}, hub=hub
+        settings=settings,
+        token=token,
+        pipelines=known,
+        apps=hosted,
+        hub=hub,
+        live=LiveHistory(hosted, settings),
+        thumbnails=ThumbnailCache(),
     )
 
     app = FastAPI(
@@ -220,7 +240,7 @@ def create_app(
     app.include_router(events.socket_router)
     for router in _API_ROUTERS:
         app.include_router(router, prefix="/api", dependencies=[Depends(check_token)])
-    mount_app_panels(app, service.apps, check_token)
+    service.boards = mount_app_panels(app, service.apps, check_token)
     mount_detector(app, hub, token, check_token)
     mount_dashboard(app)
     app.state.detector_hub = hub

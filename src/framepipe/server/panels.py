@@ -16,6 +16,11 @@ An :class:`~framepipe.app.App` that has a ``dashboard()`` method returning an
 
 ``GET /api/apps`` lists the apps served here with their panels (apps without any have none).
 
+An app may also name the fields of its segments' ``meta`` that the segments view shows
+(``segment_fields``, :class:`SegmentField`); without them the view shows the ``label`` and
+``who`` fields, else the first scalar fields of ``meta`` (see
+:func:`framepipe.server.live.display_fields`).
+
 The shapes a panel's endpoint returns, by kind:
 
 * ``events``: ``[{"ts": float, "type": str, "text": str, "image": key | null}, ...]``, newest
@@ -51,6 +56,7 @@ __all__ = [
     "Panel",
     "PanelKind",
     "ProvidesDashboard",
+    "SegmentField",
     "dashboards_of",
     "mount_app_panels",
 ]
@@ -108,6 +114,22 @@ class Panel:
 
 
 @dataclass(frozen=True)
+class SegmentField:
+    """A field of a segment's ``meta`` shown in the segments view.
+
+    ``path`` is its name in ``meta``, dotted for a nested one (``"visitor.name"``); with
+    ``image`` its value is a key of the app's object store, shown as a picture."""
+
+    label: str
+    path: str
+    image: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.label or not self.path or any(not part for part in self.path.split(".")):
+            raise ValueError(f"segment field {self.label!r}: needs a label and a path like 'a.b'")
+
+
+@dataclass(frozen=True)
 class AppDashboard:
     """An app's panels, routes and object store (read when the service is made)."""
 
@@ -116,6 +138,8 @@ class AppDashboard:
     """Mounted under ``/api/apps/{app}`` behind the token (not in the API's schema)."""
     objects: Callable[[], ObjectStore | None] | None = None
     """The app's object store, asked at each request (None while it is not open: 503)."""
+    segment_fields: Sequence[SegmentField] | None = None
+    """The fields of its segments' ``meta`` the segments view shows (None: the default)."""
 
     def __post_init__(self) -> None:
         ids = [p.id for p in self.panels]

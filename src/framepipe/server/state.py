@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from framepipe.processors.fleet import ProcessorRegistry
+    from framepipe.server.live import LiveHistory
+    from framepipe.server.panels import AppDashboard
+    from framepipe.server.thumbnails import ThumbnailCache
 
 try:
     from fastapi import Depends, HTTPException, Request
@@ -67,6 +70,12 @@ class ServiceState:
     running: Running | None = None
     metrics: "CollectorRegistry | None" = None
     """The Prometheus registry, made at the first scrape."""
+    boards: "dict[str, AppDashboard]" = field(default_factory=dict)
+    """What the apps served here add to the dashboard, by app name."""
+    live: "LiveHistory | None" = None
+    """The recent history of the live sources (samples, segments, markers)."""
+    thumbnails: "ThumbnailCache | None" = None
+    """Downscaled stored frames, kept for the segments view."""
 
     def _live(self) -> Running:
         if self.running is None:

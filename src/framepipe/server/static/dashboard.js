@@ -10,6 +10,9 @@
 // Apps served here may add panels (GET /api/apps): each is read from its endpoint every
 // `refresh` seconds and at once when one of its `events` arrives; images come from the app's
 // object store through fetch (with the token) as blob: URLs.
+// The segments view (segments.js) and the plots (plots.js) are modules of their own: they
+// register with window.framepipeDashboard and are started, stopped, told of the sources and of
+// every live event by this file.
 "use strict";
 
 (() => {
@@ -42,6 +45,17 @@
   };
 
   class AuthError extends Error {}
+
+  const modules = []; // {start(), stop(), sources(rows), event(ev)}, each optional
+  function tell(hook, ...args) {
+    for (const m of modules) {
+      try {
+        if (m[hook]) m[hook](...args);
+      } catch (err) {
+        console.warn(hook, err);
+      }
+    }
+  }
 
   // -- small helpers --------------------------------------------------------------------------
 
@@ -423,6 +437,7 @@
     if (ev.id && ev.id > state.lastEventId) state.lastEventId = ev.id;
     addEventRow(ev);
     appEvent(ev);
+    tell("event", ev);
     const id = ev.execution_id;
     if (!id) return;
     let x = state.executions.get(id);
@@ -683,7 +698,9 @@
       if (!(err instanceof AuthError)) sourceNone(`none (${err.message})`);
       return;
     }
-    if (!Array.isArray(rows) || rows.length === 0) {
+    if (!Array.isArray(rows)) rows = [];
+    tell("sources", rows);
+    if (rows.length === 0) {
       sourceNone("none");
       return;
     }
@@ -1009,6 +1026,7 @@
   }
 
   function stop() {
+    if (state.started) tell("stop");
     state.started = false;
     for (const t of state.timers) clearInterval(t);
     state.timers = [];
@@ -1045,6 +1063,7 @@
     every(PROCESSORS_EVERY_MS, refreshProcessors);
     every(DETECTORS_EVERY_MS, refreshDetectors);
     every(10000, refreshHealth);
+    tell("start");
     // Elapsed times of running executions.
     state.timers.push(setInterval(() => {
       for (const node of document.querySelectorAll('.exec[data-status="running"]')) {
@@ -1077,6 +1096,16 @@
     refreshHealth();
     start();
   }
+
+  // What the modules share with this file.
+  window.framepipeDashboard = Object.freeze({
+    AuthError, el, setText, seconds, clock, ago, oneLine, api, apiJson,
+    every(ms, fn) { every(ms, fn); },
+    register(module) {
+      modules.push(module);
+      if (state.started && module.start) module.start();
+    },
+  });
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
   else init();
