@@ -206,6 +206,7 @@ def test_minio_or_database_settings_a_plain_process_would_ignore_are_refused(
     info = run_ml(settings, clip)
     assert info.status is ExecutionStatus.FAILED
     assert info.step("fetch").status is StepStatus.FAILED
+    assert info.step("fetch").attempt == 1  # a setting error: no retry can mend it
     error = info.errors["fetch"]
     assert "FRAMEPIPE_OBJECTS_URL=s3://mangamotion?endpoint=http://127.0.0.1:9000" in error
     assert "python -m framepipe.pipelines.ml_worker" in error
