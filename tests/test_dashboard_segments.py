@@ -25,6 +25,7 @@ import pytest
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
+from framepipe.backoff import Backoff
 from framepipe.config import Settings
 from framepipe.event_sinks import StoreEventSink
 from framepipe.frames import Frame
@@ -123,16 +124,26 @@ def _score(frame: Frame) -> Frame:
 class Doorstep(App):
     """A hosted app whose segments are visits: it names the fields the view shows."""
 
-    def __init__(self, settings: Settings, objects: ObjectStore, fps: float = 12) -> None:
+    def __init__(
+        self, settings: Settings, objects: ObjectStore, fps: float = 12, fail_at: int = 0
+    ) -> None:
         super().__init__("doorstep", settings=settings, health_interval=0.5)
         self.objects = objects
+        failed: list[int] = []
+
+        def camera_glitch(_image: Any, seq: int) -> None:
+            if fail_at and seq >= fail_at and not failed:
+                failed.append(seq)
+                raise OSError("the camera's cable came loose")
+
         self.add_pipeline(
             StreamPipeline(
                 "porch",
-                PatternSource("porch", width=320, height=180, fps=fps),
+                PatternSource("porch", width=320, height=180, fps=fps, draw=camera_glitch),
                 [Stage(_score, name="score")],
                 Segmenter(max_duration=1.0, label="visit"),
                 [FrameStore(objects, select_best=2, workers=1), Labeler()],
+                backoff=Backoff(0.2, 2.0, 1.0, 0.0),
             )
         )
 
@@ -160,7 +171,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def served(settings: Settings, tmp_path: Path) -> Iterator[Server]:
     objects = open_object_store(str(tmp_path / "app-objects"))
-    with Server(settings, apps=(Doorstep(settings, objects),)) as server:
+    with Server(settings, apps=(Doorstep(settings, objects, fail_at=20),)) as server:
         yield server
 
 
@@ -209,9 +220,12 @@ def test_segments_and_history_of_a_hosted_app(served: Server) -> None:
         def two_samples() -> dict[str, Any] | None:
             body: dict[str, Any] = client.get("/api/sources/doorstep/porch/history").json()
             moving = [s for s in body["samples"] if s["fps"]]
-            return body if len(moving) >= 2 else None
+            restarted = any(m["type"] == "source.restarting" for m in body["markers"])
+            return body if len(moving) >= 2 and restarted else None
 
-        history = wait_until("two samples with a frame rate", two_samples, 20, interval=0.3)
+        history = wait_until(
+            "two samples with a frame rate, and the restart", two_samples, 20, interval=0.3
+        )
         assert history["interval"] == 1.0 and history["window"] >= 60
         samples = history["samples"]
         assert [s["ts"] for s in samples] == sorted(s["ts"] for s in samples)
@@ -221,6 +235,12 @@ def test_segments_and_history_of_a_hosted_app(served: Server) -> None:
         latency = history["segment_latency"]
         assert latency["count"] >= 2 and sum(latency["counts"]) == latency["count"]
         assert len(latency["edges"]) == len(latency["counts"]) + 1
+        # The camera's glitch (the 20th frame) is marked: it died and was restarted.
+        kinds = {m["type"] for m in history["markers"]}
+        assert {"source.died", "source.restarting"} <= kinds, history["markers"]
+        died = next(m for m in history["markers"] if m["type"] == "source.died")
+        assert "cable came loose" in died["text"]
+        assert samples[-1]["restarts"] == 1
         recent = client.get("/api/sources/doorstep/porch/history?seconds=1").json()["samples"]
         assert len(recent) < len(samples) or len(samples) <= 2
 
@@ -428,6 +448,7 @@ def _plots_move(page: Any) -> None:
     )
     fps = page.locator(f"{card} .plot-fps")
     assert fps.evaluate(_INKED) > 200
+    assert int(fps.get_attribute("data-markers") or 0) >= 2  # the camera's glitch, marked
     assert page.locator(f"{card} .plot-latency").evaluate(_INKED) > 200
     before = fps.evaluate("c => [c.dataset.last, c.toDataURL()]")
     page.wait_for_function(
@@ -459,7 +480,9 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
     objects = open_object_store(str(tmp_path / "app-objects"))
     errors: list[str] = []
     with (
-        Server(settings, pipelines=(render,), apps=(Doorstep(settings, objects),)) as server,
+        Server(
+            settings, pipelines=(render,), apps=(Doorstep(settings, objects, fail_at=20),)
+        ) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client,
         sync_playwright() as pw,
     ):
@@ -514,15 +537,14 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
             small.locator("#segments-panel").screenshot(
                 path=str(tmp_path / "dashboard-phone-segments.png")
             )
-            shots["dashboard-phone-segments.png"] = ""
-            shots["dashboard-viewer.png"] = ""
             shots["dashboard-phone-viewer.png"] = ""
             phone.close()
             desk.close()
         finally:
             browser.close()
     assert errors == []
-    for name in shots:
+    for name in (*shots, "dashboard-viewer.png", "dashboard-phone-segments.png"):
         assert (tmp_path / name).stat().st_size > 5_000, name
+    for name in shots:
         if os.environ.get("FRAMEPIPE_UPDATE_SCREENSHOT"):  # the README's pictures
             shutil.copyfile(tmp_path / name, DOCS / name)
