@@ -124,6 +124,25 @@ def tiny_model(path: Path, shape: tuple[int | str, ...], op: str = "Relu") -> Pa
     return path
 
 
+def one_frame_only_model(path: Path) -> Path:
+    """A model whose batch axis is dynamic but which can only run one frame at a time:
+    ``Reshape(x, [1, 192])`` of an (N, 3, 8, 8) input fails for N > 1."""
+    packed = b"".join(_varint(d) for d in (1, 192))
+    shape = _field(1, 2) + _field(2, 7) + _field(7, packed) + _field(8, "shape")  # INT64 [2]
+    node = _field(1, "x") + _field(1, "shape") + _field(2, "y") + _field(3, "n")
+    node += _field(4, "Reshape")
+    graph = (
+        _field(1, node)
+        + _field(2, "one_frame")
+        + _field(5, shape)
+        + _field(11, _tensor_info("x", ("N", 3, 8, 8)))
+        + _field(12, _tensor_info("y", (1, 192)))
+    )
+    opset = _field(1, "") + _field(2, 13)
+    path.write_bytes(_field(1, 8) + _field(8, opset) + _field(7, graph))
+    return path
+
+
 def identity(value: Any) -> Any:
     return value
 
@@ -259,6 +278,36 @@ def test_a_fixed_batch_axis_runs_frame_by_frame(tmp_path: Path) -> None:
     whole = OnnxModel(tiny_model(tmp_path / "whole.onnx", (3, 8, 8)), preprocess=identity)
     np.testing.assert_array_equal(whole.predict(samples[:1])[0]["y"], np.maximum(samples[0], 0))
     np.testing.assert_array_equal(whole.run({"x": samples[1]})["y"], np.maximum(samples[1], 0))
+
+
+def test_a_batch_that_fails_is_run_again_frame_by_frame(tmp_path: Path) -> None:
+    model = OnnxModel(
+        one_frame_only_model(tmp_path / "one.onnx"),
+        preprocess=identity,
+        batch_size=4,
+        max_wait_ms=500,
+    )
+    assert model.batching
+    samples = [np.full((3, 8, 8), i, np.float32) for i in range(4)]
+    got: dict[int, Any] = {}
+    start = threading.Barrier(4)
+
+    def call(i: int) -> None:
+        start.wait()
+        got[i] = model.on_image(samples[i])["y"]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    model.teardown()
+    assert sorted(got) == [0, 1, 2, 3]
+    for i in range(4):
+        np.testing.assert_array_equal(got[i], samples[i].reshape(192))
+    assert (model.stats.runs, model.stats.frames) == (4, 4)  # the batch of 4 failed
+    with pytest.raises(ModelError, match=r"inference failed for input x\(2, 3, 8, 8\)"):
+        model.predict(samples[:2])  # a job step's call fails whole: nothing partial
 
 
 # -- what goes wrong, said clearly -----------------------------------------------------------
