@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -184,11 +185,12 @@ def test_live_demo_in_chromium_on_a_desktop_and_a_phone(
             widths = small.evaluate("() => [document.documentElement.scrollWidth, innerWidth]")
             assert widths[0] <= widths[1], f"horizontal scrolling on a phone: {widths}"
             small.screenshot(path=str(tmp_path / "demo-live-phone.png"), full_page=True)
+            # Ctrl-C with both pages still connected (their live feeds open).
+            assert demo.stop(signal.SIGINT) == 0, demo.explain()
+            page.wait_for_selector('#conn:not([data-state="live"])', timeout=15_000)
         finally:
             browser.close()
     assert errors == []
-
-    assert demo.stop(signal.SIGINT) == 0, demo.explain()
     assert demo.lines[-1] == "Demo stopped.", demo.explain()
     assert not demo.leftovers()
     stored = demo_home / "objects" / "frames" / "order_station" / "ORDER_101"
@@ -273,11 +275,37 @@ def test_sigterm_stops_the_station_and_the_service_with_exit_0(start: Any, demo_
 
 
 @pytest.mark.slow
+def test_sigterm_while_the_media_are_made_exits_0(start: Any) -> None:
+    demo = start("--port", str(free_port()))
+    demo.line("Making the demo's media")
+    assert demo.stop(signal.SIGTERM) == 0, demo.explain()
+    assert demo.lines[-1] in ("Demo stopped before the service started.", "Demo stopped.")
+    assert not demo.leftovers()
+
+
+@pytest.mark.slow
 def test_duration_ends_the_demo_by_itself(start: Any) -> None:
     demo = start("--port", str(free_port()), "--duration", "2")
     assert demo.url
     assert demo.proc.wait(60) == 0, demo.explain()
     assert "Demo stopped." in demo.lines
+
+
+@pytest.mark.slow
+def test_a_busy_default_port_is_replaced_and_said(start: Any) -> None:
+    with socket.socket() as taken:
+        try:  # held here, or by something else already: busy either way
+            taken.bind(("127.0.0.1", 8000))
+            taken.listen()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        demo = start("--duration", "0")
+        url = demo.url
+        assert demo.proc.wait(60) == 0, demo.explain()
+    port = int(url.split(":")[2].split("/")[0])
+    assert port != 8000
+    assert f"Port 8000 is busy: serving on port {port} instead." in demo.lines
 
 
 # -- the station's media ----------------------------------------------------------------------

@@ -18,8 +18,9 @@ What runs, all in this process, under the settings' home (SQLite state, local ob
 Guarantees: the dashboard's link is printed only once the service answers and the import was
 submitted; SIGINT or SIGTERM (or ``duration`` running out) stops the service, the live
 pipeline (capture stopped, frames drained, the open order closed) and the engine (an import
-still running ends ``interrupted``, resumable), then returns normally; a second SIGINT while
-stopping cuts the graceful wait short. Frames accumulate while it runs (about 0.1 MB/s):
+still running ends ``interrupted``, resumable), then returns normally; a second signal
+changes nothing (the stop is bounded: ``shutdown_grace`` for open connections, 10 s for the
+station's drain). Frames accumulate while it runs (about 0.1 MB/s):
 delete the home to reclaim them.
 """
 
@@ -40,7 +41,12 @@ from framepipe.config import Settings
 from framepipe.demo import REF, prepare_card
 from framepipe.demo import pipeline as import_pipeline
 from framepipe.demo_media import OrderTagReader, make_station_clip
-from framepipe.errors import ConfigError, FramepipeError, MissingDependencyError
+from framepipe.errors import (
+    ConfigError,
+    FramepipeError,
+    MissingDependencyError,
+    StateStoreError,
+)
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.models import ExecutionStatus
 from framepipe.logs import get_logger
@@ -53,7 +59,15 @@ from framepipe.stream.stage import Stage
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["APP", "STATION", "LiveDemo", "listen", "require_server_extra", "station_app"]
+__all__ = [
+    "APP",
+    "STATION",
+    "LiveDemo",
+    "listen",
+    "require_server_extra",
+    "sigterm_interrupts",
+    "station_app",
+]
 
 APP = "demo"
 STATION = "order_station"
@@ -136,30 +150,27 @@ class LiveDemo:
         return clip
 
     def run(self, sock: socket.socket, link: str) -> None:
-        """Serve on ``sock`` until a signal or the duration; print ``link`` once it answers."""
+        """Serve on ``sock`` (closed at the end) until a signal or the duration; print ``link``
+        once it answers. A SIGINT or SIGTERM before the service runs raises KeyboardInterrupt
+        (see :func:`sigterm_interrupts`)."""
         import uvicorn
 
         from framepipe.backends.state import StateStore
         from framepipe.server import create_app
 
         settings = self.settings
-        try:
-            with _sigterm_interrupts():
-                clip = self.prepare()
-        except KeyboardInterrupt:
-            sock.close()
-            self.say("Demo stopped before the service started.")
-            return
-        store = StateStore(
-            settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
-        )
-        objects = open_object_store(settings.resolved_objects_url)
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(sock.close)
+            clip = self.prepare()
+            store = StateStore(
+                settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
+            )
+            stack.callback(store.close)
             problem = store.check_writable()
             if problem is not None:
-                from framepipe.errors import StateStoreError
-
                 raise StateStoreError(f"the state database {store.safe_url} is {problem}")
+            objects = open_object_store(settings.resolved_objects_url)
+            stack.callback(objects.close)
             application = create_app(
                 settings,
                 pipelines=[import_pipeline],
@@ -169,13 +180,8 @@ class LiveDemo:
                 token=self.token,
             )
             server = _quiet_server(uvicorn, application, settings)
-            started = asyncio.run(self._serve(server, application, sock, link))
-            if not started:
+            if not asyncio.run(self._serve(server, application, sock, link)):
                 raise FramepipeError("the service did not start: see the lines above")
-        finally:
-            sock.close()
-            objects.close()
-            store.close()
 
     async def _serve(
         self, server: Any, application: FastAPI, sock: socket.socket, link: str
@@ -216,6 +222,12 @@ class LiveDemo:
             )
             return
         imported = info.data.get("imported", [])
+        if not imported:
+            self.say(
+                f"Batch import {execution_id} completed: nothing new on the card "
+                "(the ledger remembers the clips an earlier run imported)."
+            )
+            return
         self.say(
             f"Batch import {execution_id} completed: {len(imported)} new clip(s) in "
             f"{self.settings.resolved_objects_url} (imports/, thumbnails/, reports/)."
@@ -223,8 +235,9 @@ class LiveDemo:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt meanwhile, as SIGINT does (in the main thread)."""
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, as SIGINT does (in the main thread; the
+    service takes both over while it runs)."""
     try:
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     except ValueError:  # not the main thread: signals are not ours to take
@@ -242,10 +255,14 @@ def _stop(server: Any) -> None:
 
 def _quiet_server(uvicorn: Any, application: FastAPI, settings: Settings) -> Any:
     """A uvicorn server for ``application`` without access log, that takes SIGINT and SIGTERM
-    as "stop" and, unlike ``uvicorn.run``, does not raise the signal again once stopped (the
-    demo then exits 0)."""
+    as "stop" (a second one too: uvicorn's forced exit would skip the lifespan's end, which
+    stops the station and the engine) and, unlike ``uvicorn.run``, does not raise the signal
+    again once stopped (the demo then exits 0)."""
 
     class Server(uvicorn.Server):  # type: ignore[misc]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.should_exit = True  # never force_exit: that would skip stopping the station
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             handled = (signal.SIGINT, signal.SIGTERM)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from framepipe.cli.common import (
     QuietOpt,
@@ -88,11 +89,23 @@ def demo(
 
 
 def _live(settings: Settings, host: str, port: int | None, duration: float | None) -> None:
+    from framepipe.demo_live import sigterm_interrupts
+
+    out = console()
+    try:
+        with sigterm_interrupts():
+            _serve_live(settings, host, port, duration, out)
+    except KeyboardInterrupt:  # before the service ran: nothing of it to stop
+        say(out, "Demo stopped before the service started.")
+
+
+def _serve_live(
+    settings: Settings, host: str, port: int | None, duration: float | None, out: Console
+) -> None:
     from framepipe.demo_live import LiveDemo, listen, require_server_extra
 
     require_server_extra()
     check_exposure(host, settings)
-    out = console()
     token = settings.api_token or secrets.token_urlsafe(24)
     sock = listen(host, DEFAULT_PORT if port is None else port, exact=port is not None)
     bound = sock.getsockname()[1]
