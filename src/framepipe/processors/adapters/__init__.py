@@ -27,6 +27,10 @@ Adapters:
 - :class:`HttpModel`: ``POST {url}/infer`` multipart (``input_file``, ``prompt``, ``style``,
   ``seed``), answer ``{"success": true, "frames_path": ...}``.
 - :class:`MockModel`: writes generated frames, with progress; for tests and demos.
+- :class:`OnnxModel`: an ONNX model on ONNX Runtime (``framepipe[onnx]``), in process: its
+  call is ``predict(images)`` (frames batched up to a size or a deadline when the model's
+  batch axis is dynamic), a live stage through :class:`ModelProcessor`; the file-based
+  ``infer`` is refused with a pointer to ``predict``.
 
 An adapter is not a :class:`~framepipe.processors.Processor`: most models work on files (a
 video in, a directory of frames out), not on live frames. An in-process model also runs on live
@@ -41,7 +45,7 @@ settings.
 One module per place a model runs, all exported here: ``base`` (the contract, the retry and
 timeout policy, :class:`ModelResult`, progress), ``python`` (:class:`PythonModel`,
 :class:`ModelProcessor`), ``subprocess`` (:class:`SubprocessModel`), ``http``
-(:class:`HttpModel`) and ``mock`` (:class:`MockModel`).
+(:class:`HttpModel`), ``mock`` (:class:`MockModel`) and ``onnx`` (:class:`OnnxModel`).
 """
 
 from __future__ import annotations
