@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+import test_doorbell_web as doorbell
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
@@ -42,6 +43,11 @@ from waiting import wait_until
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+# The doorbell example served by `framepipe serve` (its tests' fixtures).
+analyzer = doorbell.analyzer
+site = doorbell.site
+served = doorbell.served
 
 
 # -- the pieces, without a service ------------------------------------------------------------
@@ -68,6 +74,10 @@ def test_display_fields_named_default_and_nested() -> None:
         {"label": "visitor.snapshot_key", "value": None, "image": "snaps/a.jpg"},
     ]
     assert display_fields({"faces": [[1, 2]], "x": float("nan")}, None) == []
+    # The doorbell's verdict: who, and the snapshot, however many fields come before it.
+    many = {"visitor": {**{f"n{i}": i for i in range(9)}, "snapshot_key": "s/v.jpg"}}
+    shown = display_fields(many, None)
+    assert len(shown) == 7 and shown[-1]["image"] == "s/v.jpg"
     with pytest.raises(ValueError, match="path"):
         SegmentField("who", "visitor..name")
 
@@ -169,7 +179,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def served(settings: Settings, tmp_path: Path) -> Iterator[Server]:
+def doorstep(settings: Settings, tmp_path: Path) -> Iterator[Server]:
     objects = open_object_store(str(tmp_path / "app-objects"))
     with Server(settings, apps=(Doorstep(settings, objects, fail_at=20),)) as server:
         yield server
@@ -187,8 +197,8 @@ def _segments(client: httpx.Client, app: str, n: int = 2) -> list[dict[str, Any]
 
 
 @pytest.mark.slow
-def test_segments_and_history_of_a_hosted_app(served: Server) -> None:
-    with httpx.Client(base_url=served.url, headers=AUTH, timeout=10) as client:
+def test_segments_and_history_of_a_hosted_app(doorstep: Server) -> None:
+    with httpx.Client(base_url=doorstep.url, headers=AUTH, timeout=10) as client:
         rows = _segments(client, "doorstep", 2)
         newest = rows[0]
         assert newest["pipeline"] == "porch" and newest["source_id"] == "porch"
@@ -246,7 +256,7 @@ def test_segments_and_history_of_a_hosted_app(served: Server) -> None:
 
 
 @pytest.mark.slow
-def test_frames_are_confined_to_the_apps_store(served: Server, tmp_path: Path) -> None:
+def test_frames_are_confined_to_the_apps_store(doorstep: Server, tmp_path: Path) -> None:
     secret = tmp_path / "secret.jpg"
     _, jpeg = cv2.imencode(".jpg", np.zeros((20, 20, 3), np.uint8))
     secret.write_bytes(bytes(jpeg))
@@ -254,7 +264,7 @@ def test_frames_are_confined_to_the_apps_store(served: Server, tmp_path: Path) -
     (tmp_path / "app-objects" / "frames" / "link.jpg").symlink_to(secret)
     (tmp_path / "app-objects" / "notes.txt").write_text("not a picture")
     base = "/api/segments/doorstep/porch/frames"
-    with httpx.Client(base_url=served.url, headers=AUTH, timeout=10) as client:
+    with httpx.Client(base_url=doorstep.url, headers=AUTH, timeout=10) as client:
         for key in ("frames/link.jpg", "frames/%2E%2E/%2E%2E/secret.jpg", "a//b.jpg"):
             refused = client.get(f"{base}/{key}")
             assert refused.status_code == 400, (key, refused.text)
@@ -269,7 +279,7 @@ def test_frames_are_confined_to_the_apps_store(served: Server, tmp_path: Path) -
         assert client.get("/api/sources/nobody/porch/history").status_code == 404
         assert client.get(f"{base}/frames/nope.jpg?width=2").status_code == 422
     # The token, and the browser checks, hold on the new routes.
-    with httpx.Client(base_url=served.url, timeout=10) as anonymous:
+    with httpx.Client(base_url=doorstep.url, timeout=10) as anonymous:
         for path in (
             "/api/segments/doorstep",
             f"{base}/frames/x.jpg",
@@ -548,3 +558,31 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
     for name in shots:
         if os.environ.get("FRAMEPIPE_UPDATE_SCREENSHOT"):  # the README's pictures
             shutil.copyfile(tmp_path / name, DOCS / name)
+
+
+@pytest.mark.slow  # framepipe serve and dlib
+def test_doorbell_visits_show_who_came_and_the_snapshot(served: doorbell.Served) -> None:
+    """The doorbell example, hosted by ``framepipe serve`` and left unchanged: its visits are
+    segments whose default fields say who was recognised and show the snapshot it stored."""
+    token = doorbell._token(served.link())
+    with httpx.Client(
+        base_url=served.base, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ) as client:
+        app = client.get("/api/apps").json()[0]["app"]
+
+        def alice() -> dict[str, Any] | None:
+            for s in client.get(f"/api/segments/{app}").json()["segments"]:
+                shown = {f["label"]: f for f in s["fields"]}
+                if shown.get("visitor.name", {}).get("value") == "alice":
+                    return s
+            return None
+
+        visit = wait_until("a visit of alice", alice, 120, interval=0.5)
+        shown = {f["label"]: f for f in visit["fields"]}
+        assert shown["visitor.known"]["value"] is True
+        snapshot = shown["visitor.snapshot_key"]["image"]
+        base = f"/api/segments/{app}/{visit['pipeline']}/frames"
+        image = client.get(f"{base}/{snapshot}?width=120")
+        assert image.status_code == 200, image.text
+        assert cv2.imdecode(np.frombuffer(image.content, np.uint8), 1).shape[1] == 120
+        assert client.get(f"{base}/captures/leak.jpg").status_code == 400

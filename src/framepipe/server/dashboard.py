@@ -7,11 +7,15 @@ that ``framepipe serve`` prints fills it in, the fragment never reaching a serve
 and then calls the API with ``Authorization: Bearer`` and the WebSocket with the token as a
 subprotocol, so every byte of state still goes through the token check of the API.
 
-What it shows: executions with their steps and a progress bar each, updated live over
-``/ws`` (reconnecting with backoff; a ``lagged`` notice or a closed socket brings a fresh
-snapshot), sources with their health state and latest frame, processors with capacity and
-health, the recent events, and the panels the apps served here add
-(:mod:`framepipe.server.panels`). The layout is a single column on a phone screen.
+What it shows: the completed segments of each live app (orders, visits) with thumbnails of
+their stored frames and a viewer stepping through them (``static/segments.js``), plots of each
+source's frames per second and stage latency with its restarts marked, its segments' latency
+and the job pipelines' step durations (``static/plots.js``, drawn on canvases), executions with
+their steps and a progress bar each, updated live over ``/ws`` (reconnecting with backoff; a
+``lagged`` notice or a closed socket brings a fresh snapshot), sources with their health state
+and latest frame, processors with capacity and health, the recent events, and the panels the
+apps served here add (:mod:`framepipe.server.panels`). The layout is a single column on a
+phone screen.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ MARKER_TYPES = (
 _SEGMENT = "segment.completed"
 _DEFAULT_FIELDS = ("label", "who")
 _MAX_FIELDS = 6
+_MAX_IMAGES = 2
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 Key = tuple[str, str]
@@ -148,8 +149,9 @@ def display_fields(
 
     With ``named`` (the app's :class:`SegmentField` list) those fields, in that order (a field
     the segment lacks has value None). Without: the ``label`` and ``who`` fields when the meta
-    has either, else its first scalar fields (a nested dict counts as ``outer.inner`` fields);
-    a field whose name ends in ``key`` and whose value is an image's key is shown as that image.
+    has either, else its first six scalar fields (a nested dict counts as ``outer.inner``
+    fields), then its first two fields whose name ends in ``key`` and whose value is an
+    image's key, shown as those images.
     """
     if not isinstance(meta, Mapping):
         return []
@@ -163,19 +165,18 @@ def display_fields(
             )
         return out
     chosen = [(n, meta[n]) for n in _DEFAULT_FIELDS if n in meta] or list(_flatten(meta))
-    out = []
+    plain: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
     for name, value in chosen:
         if (
             isinstance(value, str)
             and name.endswith("key")
             and value.lower().endswith(_IMAGE_SUFFIXES)
         ):
-            out.append({"label": name, "value": None, "image": value})
+            images.append({"label": name, "value": None, "image": value})
         elif _scalar(value) is not None:
-            out.append({"label": name, "value": _scalar(value), "image": None})
-        if len(out) >= _MAX_FIELDS:
-            break
-    return out
+            plain.append({"label": name, "value": _scalar(value), "image": None})
+    return plain[:_MAX_FIELDS] + images[:_MAX_IMAGES]
 
 
 def histogram(values: Sequence[float], bins: int = 10) -> dict[str, Any]:
