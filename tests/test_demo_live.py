@@ -1,7 +1,8 @@
 """``framepipe demo --live`` as a newcomer runs it: a real process on a loopback port, its
 printed link opened in Debian's headless ``chromium`` (Playwright, as in test_dashboard.py),
-stopped with SIGINT or SIGTERM; the generated station clip read back by the station's own
-stages; the options' refusals.
+stopped with SIGINT or SIGTERM; both demos on the packages a plain install brings (the live
+one with the ``server`` extra), every other package made unimportable; the generated station
+clip read back by the station's own stages; the options' refusals.
 
 The browser test skips when ``/usr/bin/chromium`` or the ``playwright`` package is missing,
 and fails under ``CI=true``. It saves screenshots in its temp folder (and ``docs/demo-live.png``,
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,25 @@ from framepipe.stream.stage import Stage
 from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _playwright
 from waiting import free_port, wait_until
 
+BLOCK = "import sys; sys.modules.update(dict.fromkeys("
+MAIN = "); from framepipe.cli import main; main()"
+EXTRAS = [  # every optional dependency's module (pyproject's extras and the test tools)
+    "psycopg",
+    "boto3",
+    "redis",
+    "aio_pika",
+    "dlib",
+    "face_recognition_models",
+    "zxingcpp",
+    "rapidocr_onnxruntime",
+    "onnxruntime",
+    "aiomqtt",
+    "opentelemetry.sdk",  # (the API is FastAPI's own dependency)
+    "segno",
+    "skvideo",
+    "moto",
+    "playwright",
+]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-live.png"
 SOURCE = '.source[data-source="demo/order_station"]'
 
@@ -49,12 +69,14 @@ class Demo:
     """``framepipe demo --live`` in a session of its own (so that every process it could
     leave behind is found by its process group), its stdout collected line by line."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, without: Sequence[str] = ()) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPIPE_")}
         env["PYTHONUNBUFFERED"] = "1"
         self.home = home
+        # ``without``: modules that cannot be imported, as if their packages were not installed.
+        python = [sys.executable, "-c", f"{BLOCK}{list(without)!r}){MAIN}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "framepipe", "demo", "--live", "--home", str(home), *args],
+            [*python, "demo", "--live", "--home", str(home), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -127,8 +149,8 @@ def demo_home(tmp_path: Path) -> Path:
 def start(demo_home: Path) -> Iterator[Any]:
     started: list[Demo] = []
 
-    def run(*args: str) -> Demo:
-        demo = Demo(demo_home, *args)
+    def run(*args: str, without: Sequence[str] = ()) -> Demo:
+        demo = Demo(demo_home, *args, without=without)
         started.append(demo)
         return demo
 
@@ -272,6 +294,34 @@ def test_sigterm_stops_the_station_and_the_service_with_exit_0(start: Any, demo_
     assert not demo.leftovers()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+@pytest.mark.slow
+def test_the_core_packages_and_the_server_extra_are_enough(start: Any, demo_home: Path) -> None:
+    demo = start("--port", str(free_port()), "--duration", "8", without=EXTRAS)
+    assert demo.proc.wait(90) == 0, demo.explain()
+    assert any("Order ORDER_101 completed" in line for line in demo.errors), demo.explain()
+    assert any(line.startswith("Batch import") and "completed" in line for line in demo.lines)
+    assert (demo_home / "objects" / "frames" / "order_station" / "ORDER_101").is_dir()
+
+
+@pytest.mark.slow
+def test_the_plain_demo_needs_only_the_core_packages_and_ends(tmp_path: Path) -> None:
+    """The README's first command, on what ``pip install framepipe`` installs."""
+    without = [*EXTRAS, "fastapi", "uvicorn", "starlette", "websockets"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPIPE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", f"{BLOCK}{without!r}){MAIN}", "demo", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "framepipe demo --live" in done.stdout
+    assert len(list((tmp_path / ".framepipe" / "objects" / "thumbnails").iterdir())) == 4
 
 
 @pytest.mark.slow

@@ -82,7 +82,8 @@ def require_server_extra() -> None:
         try:
             __import__(module)
         except ImportError as exc:
-            raise MissingDependencyError(module, "server", "framepipe demo --live") from exc
+            missing = exc.name or module  # what is missing may be one of theirs
+            raise MissingDependencyError(missing, "server", "framepipe demo --live") from exc
 
 
 def listen(host: str, port: int, *, exact: bool) -> socket.socket:
