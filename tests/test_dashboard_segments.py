@@ -239,9 +239,10 @@ def test_segments_and_history_of_a_hosted_app(doorstep: Server) -> None:
         assert history["interval"] == 1.0 and history["window"] >= 60
         samples = history["samples"]
         assert [s["ts"] for s in samples] == sorted(s["ts"] for s in samples)
-        assert 5 <= samples[-1]["fps"] <= 20, samples[-1]
-        assert samples[-1]["state"] == "running" and samples[-1]["frames"] > samples[0]["frames"]
-        assert "score" in samples[-1]["latency_ms"]
+        assert 5 <= max(s["fps"] or 0 for s in samples) <= 20, samples  # a 12 fps camera
+        assert "running" in {s["state"] for s in samples}
+        assert samples[-1]["frames"] > samples[0]["frames"]
+        assert any("score" in s["latency_ms"] for s in samples)
         latency = history["segment_latency"]
         assert latency["count"] >= 2 and sum(latency["counts"]) == latency["count"]
         assert len(latency["edges"]) == len(latency["counts"]) + 1
@@ -250,7 +251,15 @@ def test_segments_and_history_of_a_hosted_app(doorstep: Server) -> None:
         assert {"source.died", "source.restarting"} <= kinds, history["markers"]
         died = next(m for m in history["markers"] if m["type"] == "source.died")
         assert "cable came loose" in died["text"]
-        assert samples[-1]["restarts"] == 1
+        wait_until(
+            "the restart counted in a sample",
+            lambda: (
+                client.get("/api/sources/doorstep/porch/history").json()["samples"][-1]["restarts"]
+                == 1
+            ),
+            10,
+            interval=0.3,
+        )
         recent = client.get("/api/sources/doorstep/porch/history?seconds=1").json()["samples"]
         assert len(recent) < len(samples) or len(samples) <= 2
 
