@@ -58,6 +58,7 @@ def test_a_camera_faster_than_its_slowest_stage_scores_that_ratio_and_says_why()
     assert "of the source's 25" in performance.reason
     assert "faces is the slowest stage (1 worker(s)" in performance.reason
     assert health["performance"]["score"] == health["performance_score"]
+    assert 0 < health["capture_fps"] < 15  # over the window: what the capture takes now
 
 
 def test_the_capture_waiting_for_a_slow_pipeline_counts_no_frames() -> None:

@@ -569,7 +569,9 @@ class StreamPipeline:
         return self._first_q.dropped if hasattr(self, "_first_q") else 0
 
     def health(self) -> dict[str, Any]:
-        """State, performance score, uptime, last error, source and per-stage status."""
+        """State, performance score (and its reading), uptime, last error, source, frames
+        captured and the capture's frames per second over the measuring window, per-stage
+        status."""
         sup = self.supervisor.health.to_dict() if self.supervisor is not None else None
         performance = self.performance()
         return {
@@ -582,6 +584,7 @@ class StreamPipeline:
             "source": sup,
             "source_description": self.source.describe(),
             "frames_captured": self.frames_captured,
+            "capture_fps": round(self._capture_rate.rate, 2),
             "frames_out": self.frames_out,
             "capture_dropped": self._capture_q_dropped(),
             "segments_completed": self.segments_completed,

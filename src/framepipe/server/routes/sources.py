@@ -47,7 +47,9 @@ async def sources_list(service: Service) -> list[dict[str, Any]]:
                     "pipeline": name,
                     "source": status.get("source_description", ""),
                     "state": "dead" if snap["state"] == "dead" else status.get("state"),
-                    "fps": (src.get("frames", 0) / uptime) if uptime else None,
+                    "fps": status.get("capture_fps")
+                    if "capture_fps" in status
+                    else ((src.get("frames", 0) / uptime) if uptime else None),
                     "frames": status.get("frames_captured", 0),
                     "restarts": src.get("restarts", 0),
                     "last_error": status.get("last_error"),
