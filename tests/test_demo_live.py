@@ -63,6 +63,7 @@ EXTRAS = [  # every optional dependency's module (pyproject's extras and the tes
 ]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "demo-live.png"
 SOURCE = '.source[data-source="demo/order_station"]'
+ORDER = '[data-segment^="ORDER_10"]'
 
 
 class Demo:
@@ -190,6 +191,7 @@ def test_live_demo_in_chromium_on_a_desktop_and_a_phone(
             page.goto(url)
             _check_board(page, demo)
             assert _ticket_in_view(page) in DEMO_ORDERS
+            page.evaluate("() => window.scrollTo(0, 0)")  # the sticky header back on top
             page.screenshot(path=str(tmp_path / "demo-live.png"), full_page=True)
             if os.environ.get("FRAMEPIPE_UPDATE_SCREENSHOT"):  # the README's picture
                 shutil.copyfile(tmp_path / "demo-live.png", SCREENSHOT)
@@ -247,6 +249,13 @@ def _check_board(page: Any, demo: Demo) -> None:
     page.wait_for_function(
         "([sel, n]) => document.querySelectorAll(sel).length > n", arg=[done, count], timeout=30_000
     )
+    # The segments view: the station's orders, with thumbnails of their stored frames and the
+    # 3 sharpest of each marked.
+    order = f'.seg-app[data-app="demo"] .segment[data-pipeline="order_station"]{ORDER}'
+    page.wait_for_selector(order, timeout=20_000)
+    first = page.locator(order).first
+    first.locator(".thumb-img[data-loaded]").first.wait_for(timeout=15_000)
+    assert first.locator(".thumb.best").count() == 3
     # The batch import, completed, in the executions view.
     run = page.wait_for_selector('.exec[data-status="completed"]', timeout=30_000)
     assert "demo_import" in run.inner_text(), demo.explain()
