@@ -52,7 +52,7 @@ import run_all
 import simplejpeg  # type: ignore[import-untyped]
 
 from framepipe.backends.objects.local import LocalObjectStore
-from framepipe.frames import Frame
+from framepipe.frames import Frame, YuvPlanes
 from framepipe.pixels import encode_jpeg
 from framepipe.processors.base import Processor
 from framepipe.processors.faces import FaceAnalyzer
@@ -364,6 +364,64 @@ def measure_jpeg(clip: Path, repeat: int) -> Jpeg:
     return result
 
 
+def measure_steps(clip: Path, calls: int) -> list[tuple[str, float]]:
+    """Per-frame cost of each step of the JPEG paths on one 720p frame, in one thread (OpenCV
+    limited to one thread too): the fastest of ``calls`` calls, in milliseconds. The fastest
+    call is the least disturbed by other load on the machine (and runs on data in the CPU's
+    cache)."""
+    container, stream = open_video(clip)
+    with container:
+        decoded_frames = container.decode(stream)
+        for _ in range(50):
+            next(decoded_frames)
+        decoded = next(decoded_frames)
+    planes = YuvPlanes.from_av(decoded)
+    if planes is None:
+        raise RuntimeError(f"frame 50 of {clip} is not even-sized 4:2:0")
+    bgr = planes.to_bgr()
+    y = np.ascontiguousarray(planes.data[: planes.height])
+    u, v = (np.ascontiguousarray(p) for p in planes._chroma())
+    params = [cv2.IMWRITE_JPEG_QUALITY, QUALITY]
+    steps: list[tuple[str, Callable[[], object]]] = [
+        (
+            "PyAV's BGR conversion (`to_ndarray(format='bgr24')`, swscale)",
+            lambda: decoded.to_ndarray(format="bgr24"),
+        ),
+        ("BGR conversion of the planes (`frame.image`: `cv2.cvtColor` I420)", planes.to_bgr),
+        (
+            "limited -> full range of the planes (3 x `cv2.LUT`)",
+            lambda: [
+                cv2.LUT(y, _LIMITED_TO_FULL_Y),
+                cv2.LUT(u, _LIMITED_TO_FULL_C),
+                cv2.LUT(v, _LIMITED_TO_FULL_C),
+            ],
+        ),
+        (
+            "simplejpeg from the planes alone (`encode_jpeg_yuv_planes`)",
+            lambda: simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=QUALITY),
+        ),
+        (
+            "`frame.to_jpeg` of a lazy frame (range expansion + simplejpeg)",
+            lambda: planes.to_jpeg(QUALITY),
+        ),
+        ("`cv2.imencode` of the BGR image", lambda: cv2.imencode(".jpg", bgr, params)),
+    ]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        out = []
+        for label, step in steps:
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            out.append((label, 1000 * min(times)))
+        return out
+    finally:
+        cv2.setNumThreads(threads)
+
+
 # -- 2. dlib face stage in threads and processes --------------------------------------------------
 
 
@@ -452,6 +510,7 @@ class Faces:
     steady: dict[str, list[float]] = field(default_factory=dict)
     first_out: dict[str, list[float]] = field(default_factory=dict)
     cores: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)
     frames_with_faces: int = 0
     faces_total: int = 0
     same_counts: bool = True
@@ -459,7 +518,7 @@ class Faces:
     differences: list[str] = field(default_factory=list)
 
     def median(self, label: str, of: str = "fps") -> float:
-        return statistics.median(getattr(self, of)[label])
+        return float(statistics.median(getattr(self, of)[label]))
 
 
 def measure_faces(clip: Path, repeat: int) -> Faces:
@@ -479,6 +538,7 @@ def measure_faces(clip: Path, repeat: int) -> Faces:
             result.steady.setdefault(label, []).append(r.steady_fps)
             result.first_out.setdefault(label, []).append(r.first_out_s)
             result.cores.setdefault(label, []).append(cpu / r.seconds)
+            result.cpu_ms.setdefault(label, []).append(1000 * cpu / r.frames)
             if reference is None:
                 reference = r.faces
                 result.frames_with_faces = sum(1 for boxes in r.faces.values() if boxes)
@@ -522,7 +582,9 @@ def _compare(
 # -- per-thread profile ---------------------------------------------------------------------------
 
 
-def profile_pipeline(label: str, make: Callable[[], StreamPipeline], top: int = 20) -> str:
+def profile_pipeline(
+    label: str, make: Callable[[Path, int], StreamPipeline], clip: Path, workers: int, top: int = 20
+) -> str:
     """cProfile of every thread (event loop, decode, stage workers) of one framepipe run."""
     profiles: dict[str, cProfile.Profile] = {}
     lock = threading.Lock()
@@ -538,7 +600,7 @@ def profile_pipeline(label: str, make: Callable[[], StreamPipeline], top: int = 
     try:
 
         async def main() -> tuple[float, list[Any]]:
-            pipeline = make()
+            pipeline = make(clip, workers)
             t0 = time.perf_counter()
             await pipeline.run()
             return time.perf_counter() - t0, pipeline.stats
@@ -547,7 +609,7 @@ def profile_pipeline(label: str, make: Callable[[], StreamPipeline], top: int = 
         elapsed, stats = asyncio.run(main())
         main_prof.disable()
     finally:
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
     out = io.StringIO()
     out.write(f"== profile of {label}: {elapsed:.2f} s wall (profiling slows it down)\n")
     for s in stats:
@@ -579,6 +641,7 @@ class Results:
     info: list[tuple[str, str]] = field(default_factory=list)
     clip: str = ""
     jpeg: Jpeg | None = None
+    steps: list[tuple[str, float]] = field(default_factory=list)
     faces: Faces | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -654,6 +717,17 @@ def report(r: Results) -> str:
             ],
         ]
 
+    if r.steps:
+        out += [
+            "",
+            "#### Per-frame cost of each step (one 720p frame, one thread)",
+            "",
+            "The fastest of 50 calls of each step, OpenCV limited to one thread; the eager path "
+            "is the BGR conversion + `cv2.imencode`, the lazy one `frame.to_jpeg`.",
+            "",
+        ]
+        out += table(["step", "ms"], [[label, f"{ms:.2f}"] for label, ms in r.steps])
+
     f = r.faces
     if f is not None:
         out += [
@@ -664,7 +738,8 @@ def report(r: Results) -> str:
             "under 300 px wide upscaled x2, 5-point alignment, 128-d encoding of every face). "
             "fps = frames / wall time of the whole run, worker start (spawn, imports, model "
             "load) included; steady = frames between the first and the last frame out / that "
-            "time. Cores busy counts the worker processes' CPU too.",
+            "time. CPU per frame and cores busy count the worker processes' CPU too (their "
+            "start included).",
             "",
         ]
         rows = []
@@ -675,6 +750,7 @@ def report(r: Results) -> str:
                     spread(f.fps[label], "{:.1f}"),
                     spread(f.steady[label], "{:.1f}"),
                     spread(f.first_out[label], "{:.2f}") + " s",
+                    spread(f.cpu_ms[label], "{:.1f}") + " ms",
                     spread(f.cores[label], "{:.2f}"),
                 ]
             )
@@ -684,6 +760,7 @@ def report(r: Results) -> str:
                 "frames/s (whole run)",
                 "frames/s (steady)",
                 "first frame out after",
+                "CPU per frame",
                 "cores busy",
             ],
             rows,
@@ -821,13 +898,10 @@ def main() -> None:
             )
             log("1. decode -> JPEG ...")
             results.jpeg = measure_jpeg(clip, repeat)
+            results.steps = measure_steps(clip, 50)
             if args.profile:
                 for workers in (1, 2):
-                    log(
-                        profile_pipeline(
-                            f"encode W={workers}", lambda w=workers: encode_pipeline(clip, w)
-                        )
-                    )
+                    log(profile_pipeline(f"encode W={workers}", encode_pipeline, clip, workers))
         if "faces" in parts:
             loops = 0 if args.quick else 2
             face_clip = make_face_clip(tmp, loops)
