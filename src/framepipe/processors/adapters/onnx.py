@@ -25,12 +25,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import logging
 import os
-import queue
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,15 @@ import numpy as np
 
 from framepipe.errors import MissingDependencyError, ModelError, ModelOutputError
 from framepipe.processors.adapters.base import ModelResult
+from framepipe.processors.adapters.batching import Batcher
 from framepipe.processors.adapters.python import PythonModel
+from framepipe.processors.adapters.tensors import (
+    Array,
+    ImageToTensor,
+    Outputs,
+    TensorSpec,
+    outputs_by_name,
+)
 
 __all__ = [
     "GraphOptimization",
@@ -54,27 +60,13 @@ __all__ = [
 
 log = logging.getLogger("framepipe.models")
 
-Array = np.ndarray[Any, Any]
-Outputs = dict[str, Array]
-"""One frame's outputs: output name -> array (without the batch axis when the model has one)."""
 Sample = dict[str, Array]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 Provider = str | tuple[str, Mapping[str, Any]]
 
 CPU = "CPUExecutionProvider"
-
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(uint16)": np.uint16,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(bool)": np.bool_,
-}
+DEFAULT_PREPROCESS = ImageToTensor()
+"""Pixels in 0-1, BGR, channels first, at the image's own size."""
 
 
 def _ort() -> Any:
@@ -83,88 +75,6 @@ def _ort() -> Any:
     except ImportError as exc:
         raise MissingDependencyError("onnxruntime", "onnx", "OnnxModel") from exc
     return onnxruntime
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of the model: its ``name``, ``shape`` (an int for a fixed dimension,
-    a str for a dynamic one: its symbolic name, or ``"?"``) and ONNX ``type``
-    (``"tensor(float)"``)."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    type: str
-
-    @classmethod
-    def of(cls, arg: Any) -> TensorSpec:
-        """From ONNX Runtime's ``NodeArg``."""
-        shape = tuple(d if isinstance(d, int) else str(d or "?") for d in (arg.shape or ()))
-        return cls(str(arg.name), shape, str(arg.type))
-
-    @property
-    def dtype(self) -> np.dtype[Any] | None:
-        """The NumPy type of the tensor, None for a type NumPy has no match for."""
-        found = _NUMPY_TYPES.get(self.type)
-        return np.dtype(found) if found is not None else None
-
-    @property
-    def batch_dynamic(self) -> bool:
-        """Whether the first axis takes any size (a batch axis that can batch)."""
-        return bool(self.shape) and isinstance(self.shape[0], str)
-
-    def text(self, shape: Sequence[int | str]) -> str:
-        """``shape`` written with ``?`` for the dynamic dimensions."""
-        return "(" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + ")"
-
-
-@dataclass(frozen=True)
-class ImageToTensor:
-    """The default ``preprocess``: an image (H x W x C, or H x W grey, as live frames are BGR
-    ``uint8``) to a float32 C x H x W tensor, ``(pixel * scale - mean) / std`` per channel.
-
-    ``size`` (width, height) resizes first (for a model with a fixed input size); ``rgb`` turns
-    BGR into RGB, for models trained on RGB. The defaults give pixel values in 0-1, BGR, at the
-    image's own size. The batch axis is not added here: the model adds it."""
-
-    scale: float = 1.0 / 255.0
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    rgb: bool = False
-    size: tuple[int, int] | None = None
-
-    def __call__(self, image: Any) -> Array:
-        image = np.asarray(image)
-        if image.ndim not in (2, 3):
-            raise ValueError(f"an image is H x W or H x W x C, not an array of shape {image.shape}")
-        if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
-            import cv2
-
-            image = cv2.resize(image, self.size, interpolation=cv2.INTER_LINEAR)
-        if image.ndim == 2:
-            image = image[:, :, None]
-        for label, values in (("mean", self.mean), ("std", self.std)):
-            channels = image.shape[2]
-            if len(values) not in (1, channels):
-                fits = "1" if channels == 1 else f"1 or {channels}"
-                raise ValueError(
-                    f"{len(values)} {label} values for an image of {channels} channel(s), "
-                    f"which takes {fits}"
-                )
-        if self.rgb and image.shape[2] == 3:
-            image = image[:, :, ::-1]
-        # (pixel * scale - mean) / std as one multiply and one subtract, in place, on C x H x W
-        std = np.asarray(self.std, np.float32)
-        gain = (np.float32(self.scale) / std).reshape(-1, 1, 1)
-        offset = (np.asarray(self.mean, np.float32) / std).reshape(-1, 1, 1)
-        x: Array = image.transpose(2, 0, 1).astype(np.float32, order="C")
-        x *= gain
-        x -= offset
-        return x
-
-
-def outputs_by_name(outputs: Outputs, frame: Any) -> Outputs:
-    """The default ``postprocess``: the frame's outputs as they are (output name -> array)."""
-    return outputs
 
 
 class InferenceStats:
@@ -199,7 +109,7 @@ class _Loaded:
     providers: tuple[str, ...]
     has_batch_axis: bool
     batchable: bool
-    batcher: _Batcher | None = None
+    batcher: Batcher[Sample, Outputs] | None = None
 
 
 class OnnxModel(PythonModel):
@@ -245,7 +155,7 @@ class OnnxModel(PythonModel):
         graph_optimization: GraphOptimization = "all",
         batch_size: int = 1,
         max_wait_ms: float = 5.0,
-        preprocess: Callable[[Any], Any] = ImageToTensor(),
+        preprocess: Callable[[Any], Any] = DEFAULT_PREPROCESS,
         postprocess: Callable[[Outputs, Any], Any] = outputs_by_name,
     ) -> None:
         if batch_size < 1:
@@ -311,7 +221,13 @@ class OnnxModel(PythonModel):
                 return
             loaded = self._load()
             if loaded.batchable and self.batch_size > 1:
-                loaded.batcher = _Batcher(self, loaded)
+                loaded.batcher = Batcher(
+                    functools.partial(self._run_group, loaded),
+                    size=self.batch_size,
+                    max_wait=self.max_wait,
+                    group_key=_shape_key,
+                    name=f"onnx-batcher-{self.label}",
+                )
             elif self.batch_size > 1:
                 log.info(
                     "%s: the batch axis is not dynamic; frames run one by one", self.describe()
@@ -605,93 +521,3 @@ def _shape_key(sample: Sample) -> tuple[Any, ...]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-_STOP = object()
-
-
-@dataclass
-class _Request:
-    sample: Sample
-    future: concurrent.futures.Future[Outputs]
-
-
-class _Batcher:
-    """Gathers frames from many threads into batches: one thread takes the first request,
-    waits up to ``max_wait`` for more (at most ``batch_size``), runs each group of one shape
-    as one inference and resolves every request with its own outputs."""
-
-    def __init__(self, model: OnnxModel, loaded: _Loaded) -> None:
-        self.model = model
-        self.loaded = loaded
-        self.size = model.batch_size
-        self.max_wait = model.max_wait
-        self._queue: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._loop, name=f"onnx-batcher-{model.label}", daemon=True
-        )
-        self._thread.start()
-
-    def submit(self, sample: Sample) -> Outputs | None:
-        """This sample's outputs, once its batch ran (blocks the calling thread); None when
-        the batcher was closed before it took the sample."""
-        request = _Request(sample, concurrent.futures.Future())
-        with self._lock:
-            if self._closed:
-                return None
-            self._queue.put(request)
-        return request.future.result()
-
-    def close(self) -> None:
-        """Run what was submitted, then stop the thread."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            assert isinstance(first, _Request)
-            batch = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.size:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(item, _Request)
-                batch.append(item)
-            groups: dict[tuple[Any, ...], list[_Request]] = {}
-            for request in batch:
-                groups.setdefault(_shape_key(request.sample), []).append(request)
-            for group in groups.values():
-                self._dispatch(group)
-
-    def _dispatch(self, group: list[_Request]) -> None:
-        try:
-            outputs = self.model._run_group(self.loaded, [r.sample for r in group])
-        except Exception as exc:
-            if len(group) == 1:
-                group[0].future.set_exception(exc)
-                return
-            for request in group:  # one bad frame fails only itself
-                self._dispatch([request])
-            return
-        for request, out in zip(group, outputs, strict=True):
-            request.future.set_result(out)
