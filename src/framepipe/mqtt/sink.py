@@ -1,40 +1,5 @@
-"""A live app's events on MQTT, in the shape Frigate users know (Home Assistant, Node-RED).
-
-``MqttEventSink("mqtt://user:pass@broker:1883/framepipe").attach(app)`` (or the setting
-``FRAMEPIPE_MQTT_URL``, which makes every :class:`~framepipe.App` attach one while it runs)
-publishes under the URL's path, the topic prefix (default ``framepipe``):
-
-* ``<prefix>/events``: one JSON message per event, ``{"type", "event", "app", "pipeline",
-  "camera", "time", "data"}``; ``segment.started`` is ``type: "new"`` and
-  ``segment.completed`` ``type: "end"``, both with ``before``/``after`` segment objects
-  (``id``, ``camera``, ``label``, ``sub_label``, ``start_time``, ``end_time`` ...); every
-  other event has its own name as ``type``. ``data`` is the event's data as emitted.
-* ``<prefix>/<camera>/<label>``: retained, the number of segments open on that camera (its
-  pipeline), ``label`` being the segmenter's label (``order``, ``segment``; renamed with
-  ``labels={"segment": "visitor"}``).
-* ``<prefix>/<camera>/health``: retained JSON (``state``, ``performance_score``, ``reason``,
-  ``last_error``, ``updated_at``), published when the state or the score's first decimal
-  changes (checked every ``health_interval`` seconds and at once on source and pipeline
-  events). Needs :meth:`MqttEventSink.attach`.
-* ``<prefix>/available``: ``online`` (retained) on each connection, ``offline`` on a clean
-  :meth:`~MqttEventSink.aclose` and, as the last will, when the process dies or loses the
-  broker.
-
-Guarantees:
-
-* Calling the sink never blocks and never raises: the message is queued (bounded: past
-  ``max_pending`` the oldest is dropped and counted in ``dropped``, also in the app's metrics
-  as ``framepipe_mqtt_dropped``).
-* One writer task publishes the queued events in the order they were emitted (QoS ``qos``,
-  default 1: each publish waits for the broker's acknowledgement before the next).
-* A broker that is away costs a warning per failed attempt, never the app: the writer
-  reconnects with backoff for as long as the sink is open, then publishes ``online``, every
-  retained count and health again (a broker restarted without persistence gets them back) and
-  what queued meanwhile.
-* :meth:`MqttEventSink.aclose` publishes what is queued (bounded by ``timeout``), then
-  ``offline``, and disconnects; what could not be published is counted in ``dropped``.
-* The password never appears in logs or errors (:func:`safe_url`).
-"""
+"""The MQTT event sink: :class:`MqttEventSink` (the topics and guarantees are in
+:mod:`framepipe.mqtt`)."""
 
 from __future__ import annotations
 
@@ -48,16 +13,16 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from framepipe.backoff import Backoff
-from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
+from framepipe.mqtt.urls import parse_mqtt_url
 from framepipe.redis.urls import safe_url
 
 if TYPE_CHECKING:
@@ -65,89 +30,9 @@ if TYPE_CHECKING:
 
     from framepipe.app import App
 
-__all__ = ["MqttEventSink", "MqttTarget", "parse_mqtt_url", "safe_url"]
+__all__ = ["MqttEventSink"]
 
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _HEALTH_EVENTS = ("source.", "pipeline.", "stage.crashed", "system_error", "performance_warning")
-
-
-@dataclass(frozen=True)
-class MqttTarget:
-    """What an MQTT URL names (see :func:`parse_mqtt_url`)."""
-
-    host: str
-    port: int
-    tls: bool
-    prefix: str
-    qos: int = 1
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    client_id: str | None = None
-    ca_file: str | None = None
-    keepalive: int = 30
-    labels: tuple[tuple[str, str], ...] = ()
-
-
-def parse_mqtt_url(url: str) -> MqttTarget:
-    """``mqtt://[user[:password]@]host[:port][/prefix][?qos=1&client_id=ID&keepalive=30]``,
-    ``mqtts://`` for TLS (port 8883 by default; ``ca=/path/ca.pem`` trusts that CA instead of
-    the system's); ``labels=segment:visitor,order:orders`` renames segmenter labels. The
-    prefix may have several levels (``home/framepipe``); the default is ``framepipe``. Raises
-    :class:`ConfigError` naming the URL (password masked) and the part that is wrong."""
-    shown = safe_url(url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"MQTT URL {shown!r}: {exc}") from None
-    if parts.scheme not in _DEFAULT_PORTS:
-        raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConfigError(f"MQTT URL {shown!r}: no host")
-    prefix = unquote(parts.path).strip("/") or "framepipe"
-    if any(c in prefix for c in "+#\0") or "//" in prefix:
-        raise ConfigError(
-            f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
-            "NUL or an empty level"
-        )
-    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
-    if unknown:
-        raise ConfigError(
-            f"MQTT URL {shown!r}: unknown parameter(s) {', '.join(sorted(unknown))} "
-            "(known: qos, client_id, keepalive, ca, labels)"
-        )
-    labels = []
-    for pair in filter(None, query.get("labels", "").split(",")):
-        label, _, name = pair.partition(":")
-        if not label or not name or any(c in name for c in "/+#\0"):
-            raise ConfigError(
-                f"MQTT URL {shown!r}: labels must be label:name pairs separated by commas "
-                f"(names without '/', '+', '#'), not {pair!r}"
-            )
-        labels.append((label, name))
-    try:
-        qos = int(query.get("qos", "1"))
-        keepalive = int(query.get("keepalive", "30"))
-    except ValueError:
-        raise ConfigError(f"MQTT URL {shown!r}: qos and keepalive must be integers") from None
-    if qos not in (0, 1, 2):
-        raise ConfigError(f"MQTT URL {shown!r}: qos must be 0, 1 or 2, not {qos}")
-    if keepalive < 1:
-        raise ConfigError(f"MQTT URL {shown!r}: keepalive must be >= 1 second")
-    return MqttTarget(
-        host=parts.hostname,
-        port=port or _DEFAULT_PORTS[parts.scheme],
-        tls=parts.scheme == "mqtts",
-        prefix=prefix,
-        qos=qos,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        client_id=query.get("client_id") or None,
-        ca_file=query.get("ca") or None,
-        keepalive=keepalive,
-        labels=tuple(labels),
-    )
 
 
 def _level(name: object) -> str:

@@ -1,0 +1,93 @@
+"""MQTT URLs: what ``mqtt://user:pass@host:1883/prefix?qos=1`` names (:class:`MqttTarget`),
+checked at the boundary with errors that name the wrong part and never the password."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from framepipe.errors import ConfigError
+from framepipe.redis.urls import safe_url
+
+__all__ = ["MqttTarget", "parse_mqtt_url"]
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    """What an MQTT URL names (see :func:`parse_mqtt_url`)."""
+
+    host: str
+    port: int
+    tls: bool
+    prefix: str
+    qos: int = 1
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    client_id: str | None = None
+    ca_file: str | None = None
+    keepalive: int = 30
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def parse_mqtt_url(url: str) -> MqttTarget:
+    """``mqtt://[user[:password]@]host[:port][/prefix][?qos=1&client_id=ID&keepalive=30]``,
+    ``mqtts://`` for TLS (port 8883 by default; ``ca=/path/ca.pem`` trusts that CA instead of
+    the system's); ``labels=segment:visitor,order:orders`` renames segmenter labels. The
+    prefix may have several levels (``home/framepipe``); the default is ``framepipe``. Raises
+    :class:`ConfigError` naming the URL (password masked) and the part that is wrong."""
+    shown = safe_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"MQTT URL {shown!r}: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"MQTT URL {shown!r}: no host")
+    prefix = unquote(parts.path).strip("/") or "framepipe"
+    if any(c in prefix for c in "+#\0") or "//" in prefix:
+        raise ConfigError(
+            f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
+            "NUL or an empty level"
+        )
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
+    if unknown:
+        raise ConfigError(
+            f"MQTT URL {shown!r}: unknown parameter(s) {', '.join(sorted(unknown))} "
+            "(known: qos, client_id, keepalive, ca, labels)"
+        )
+    labels = []
+    for pair in filter(None, query.get("labels", "").split(",")):
+        label, _, name = pair.partition(":")
+        if not label or not name or any(c in name for c in "/+#\0"):
+            raise ConfigError(
+                f"MQTT URL {shown!r}: labels must be label:name pairs separated by commas "
+                f"(names without '/', '+', '#'), not {pair!r}"
+            )
+        labels.append((label, name))
+    try:
+        qos = int(query.get("qos", "1"))
+        keepalive = int(query.get("keepalive", "30"))
+    except ValueError:
+        raise ConfigError(f"MQTT URL {shown!r}: qos and keepalive must be integers") from None
+    if qos not in (0, 1, 2):
+        raise ConfigError(f"MQTT URL {shown!r}: qos must be 0, 1 or 2, not {qos}")
+    if keepalive < 1:
+        raise ConfigError(f"MQTT URL {shown!r}: keepalive must be >= 1 second")
+    return MqttTarget(
+        host=parts.hostname,
+        port=port or _DEFAULT_PORTS[parts.scheme],
+        tls=parts.scheme == "mqtts",
+        prefix=prefix,
+        qos=qos,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        client_id=query.get("client_id") or None,
+        ca_file=query.get("ca") or None,
+        keepalive=keepalive,
+        labels=tuple(labels),
+    )
