@@ -31,6 +31,7 @@ from framepipe.errors import (
     PipelineDefinitionError,
 )
 from framepipe.logs import configure_logging
+from framepipe.tracing import flush_tracing
 
 __all__ = [
     "STATUS_STYLE",
@@ -154,7 +155,8 @@ def open_store(settings: Settings, *, migrate: bool = True) -> StateStore:
 
 
 def flush_std() -> None:
-    """Flush framepipe's log handlers, stdout and stderr (before an ``os._exit``)."""
+    """Flush framepipe's log handlers, traces, stdout and stderr (before an ``os._exit``)."""
+    flush_tracing()
     for handler in logging.getLogger("framepipe").handlers:
         with contextlib.suppress(Exception):
             handler.flush()

@@ -24,6 +24,7 @@ from framepipe.cli.follow import follow_and_exit
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.loading import LoadedPipeline, resolve_target
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.tracing import setup_tracing
 
 __all__ = ["parse_inputs", "run"]
 
@@ -95,6 +96,7 @@ def run(
     """Run one execution of a job pipeline to its end, with a progress display; or run a live
     App / StreamPipeline until Ctrl-C or SIGTERM stops it gracefully."""
     with errors():
+        setup_tracing("framepipe")
         settings = settings_of(ctx)
         values = parse_inputs(inputs or [], inputs_json)
         resolved = resolve_target(ref)

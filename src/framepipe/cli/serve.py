@@ -16,6 +16,7 @@ from framepipe.cli.common import UsageError, console, errors, open_store, say, s
 from framepipe.config import Settings
 from framepipe.errors import MissingDependencyError, StateStoreError
 from framepipe.jobs.loading import resolve_pipeline, resolve_target
+from framepipe.tracing import setup_tracing
 
 __all__ = ["check_exposure", "serve"]
 
@@ -72,6 +73,7 @@ def serve(
     this run and printed with the dashboard's URL (as Jupyter does). A token is required to
     bind anything but a loopback address."""
     with errors():
+        setup_tracing("framepipe-serve")
         settings = settings_of(ctx)
         check_exposure(host, settings)
         token = settings.api_token

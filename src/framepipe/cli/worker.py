@@ -14,6 +14,7 @@ import typer
 
 from framepipe.cli.common import ConcurrencyOpt, errors, flush_std, settings_of
 from framepipe.jobs.loading import resolve_pipeline
+from framepipe.tracing import setup_tracing
 
 __all__ = ["worker"]
 
@@ -43,6 +44,7 @@ def worker(
     from framepipe.jobs.worker import Worker
 
     with errors():
+        setup_tracing("framepipe-worker")
         tail = OutputTail().start()
         settings = settings_of(ctx, broker_url=broker_url)
         loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])

@@ -79,13 +79,15 @@ def submit(
     *,
     ref: str | None,
     input_roots: Sequence[str] | None = None,
+    traceparent: str | None = None,
 ) -> tuple[str, list[Delivery], list[Event]]:
     """Create a distributed execution of ``pipeline``; return its id, the steps to publish and
     the committed events. Nothing runs until a worker takes a published step.
 
     ``input_roots`` is recorded as given (the engine resolved it:
     :func:`~framepipe.jobs.inputs.recorded_roots`; None: unrestricted); nothing after this
-    writes it, and workers hand it to each step with the inputs."""
+    writes it, and workers hand it to each step with the inputs. So is ``traceparent`` (the
+    submit's span, parent of every step attempt's span; None: not traced)."""
     now = time.time()
     execution_id = uuid.uuid4().hex
     with store.write() as conn:
@@ -107,6 +109,7 @@ def submit(
                 started_at=now,
                 finished_at=None,
                 mode=MODE,
+                traceparent=traceparent,
             )
         )
         tx = Transaction(store, conn, now)
@@ -241,9 +244,9 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 # -- what workers commit ---------------------------------------------------------------------
 
 
-Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None]]
-"""What :func:`claim` caches per execution id: (pipeline, reference, inputs, input_roots),
-which never change after the submit."""
+Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None, str | None]]
+"""What :func:`claim` caches per execution id: (pipeline, reference, inputs, input_roots,
+traceparent), which never change after the submit."""
 
 
 def claim(
@@ -301,12 +304,13 @@ def _claim_in(
                 executions.c.pipeline_ref,
                 executions.c.inputs,
                 executions.c.input_roots,
+                executions.c.traceparent,
             ).where(executions.c.id.in_(sorted(missing)))
         ):
-            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs, x.input_roots)
+            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs, x.input_roots, x.traceparent)
     claimed = []
     for r in rows:
-        pipeline, ref, inputs, roots = known[r.execution_id]
+        pipeline, ref, inputs, roots, traceparent = known[r.execution_id]
         claimed.append(
             Claimed(
                 execution_id=r.execution_id,
@@ -322,6 +326,7 @@ def _claim_in(
                 input_roots=roots,
                 ready_at=r.ready_at,
                 started_at=now,
+                traceparent=traceparent,
             )
         )
     committed = insert_events(

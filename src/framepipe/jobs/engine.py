@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from framepipe import tracing
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
@@ -212,7 +213,9 @@ class JobEngine(Scheduler):
         input a step reads as a local file (undeclared inputs included). What is stored, and
         what the steps see, is the checked form (resolved paths; see
         :mod:`framepipe.jobs.inputs`). The execution and its initial steps are committed
-        before this returns."""
+        before this returns. While OpenTelemetry tracing is on, the submit is the span
+        ``execution <pipeline>``, stored with the execution as the parent of every step
+        attempt's span, here or on a worker (see ``docs/tracing.md``)."""
         self._check_started()
         pipeline.validate()
         self.register(pipeline)
@@ -235,8 +238,33 @@ class JobEngine(Scheduler):
             raise PipelineDefinitionError(
                 f"inputs are not JSON-serialisable: {exc}", pipeline=pipeline.name
             ) from exc
+        mode = "worker" if self.settings.distributed_jobs else "embedded"
+        with tracing.span(
+            f"execution {pipeline.name}",
+            kind="PRODUCER",
+            attributes={"framepipe.pipeline": pipeline.name, "framepipe.mode": mode},
+        ) as span:
+            execution_id = await self._create(
+                pipeline, inputs, ref, roots, tracing.traceparent_of(span)
+            )
+            if span is not None:
+                span.set_attribute("framepipe.execution_id", execution_id)
+        return execution_id
+
+    async def _create(
+        self,
+        pipeline: Pipeline,
+        inputs: dict[str, Any],
+        ref: str | None,
+        roots: list[str] | None,
+        traceparent: str | None,
+    ) -> str:
+        """Store the execution (its checked ``inputs``, its ``roots`` and the ``traceparent``
+        of its submit's span) and start it, here or on the workers."""
         if self.settings.distributed_jobs:
-            return await self._submit_to_workers(pipeline, inputs, ref or pipeline.ref, roots)
+            return await self._submit_to_workers(
+                pipeline, inputs, ref or pipeline.ref, roots, traceparent
+            )
         now = time.time()
         row = {
             "id": uuid.uuid4().hex,
@@ -254,6 +282,7 @@ class JobEngine(Scheduler):
             "created_at": now,
             "started_at": now,
             "finished_at": None,
+            "traceparent": traceparent,
         }
         x = ExecState(row, pipeline)
         step_rows = [
@@ -337,6 +366,7 @@ class JobEngine(Scheduler):
         inputs: dict[str, Any],
         ref: str | None,
         input_roots: list[str] | None,
+        traceparent: str | None,
     ) -> str:
         if not ref:
             raise PipelineDefinitionError(
@@ -346,7 +376,13 @@ class JobEngine(Scheduler):
             )
         execution_id, ready, events = await self._in_db(
             functools.partial(
-                dispatch.submit, self.store, pipeline, inputs, ref=ref, input_roots=input_roots
+                dispatch.submit,
+                self.store,
+                pipeline,
+                inputs,
+                ref=ref,
+                input_roots=input_roots,
+                traceparent=traceparent,
             )
         )
         self.bus.publish(events)

@@ -39,6 +39,7 @@ class Claimed:
     input_roots: list[str] | None  # the execution's recorded roots (None: unrestricted)
     ready_at: float | None
     started_at: float
+    traceparent: str | None = None  # the execution's submit span (OpenTelemetry), if traced
 
 
 @dataclass(slots=True)

@@ -353,22 +353,22 @@ class Scheduler:
             self._pool.submit(self._run_sync, s, ctx)
 
     def _run_sync(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(
-            Finished(
-                s, ctx, run_attempt(s.step, ctx, output_limit=self.settings.max_step_output_bytes)
-            )
+        ran = run_attempt(
+            s.step,
+            ctx,
+            output_limit=self.settings.max_step_output_bytes,
+            traceparent=s.x.row.get("traceparent"),
         )
+        self._ran(Finished(s, ctx, ran))
 
     async def _run_async(self, s: StepState, ctx: StepContext) -> None:
-        self._ran(
-            Finished(
-                s,
-                ctx,
-                await run_attempt_async(
-                    s.step, ctx, output_limit=self.settings.max_step_output_bytes
-                ),
-            )
+        ran = await run_attempt_async(
+            s.step,
+            ctx,
+            output_limit=self.settings.max_step_output_bytes,
+            traceparent=s.x.row.get("traceparent"),
         )
+        self._ran(Finished(s, ctx, ran))
 
     def _ran(self, outcome: Finished) -> None:
         """The step's attempt is done (in its own thread or task): tell the scheduler, whatever

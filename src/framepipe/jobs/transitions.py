@@ -131,6 +131,7 @@ class ExecutionRow:
         self.inputs: dict[str, Any] = row["inputs"]
         self.input_roots: list[str] | None = row["input_roots"]
         self.stopping: str | None = row["stopping"]
+        self.traceparent: str | None = row["traceparent"]
 
     @property
     def running(self) -> bool:
@@ -340,6 +341,7 @@ class Transaction:
                         input_roots=x.input_roots,
                         ready_at=r.ready_at,
                         started_at=now,
+                        traceparent=x.traceparent,
                     )
                 )
                 self.emit("step.started", x, r.key, {"attempt": r.attempt, "worker": worker})

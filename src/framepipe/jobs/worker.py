@@ -568,7 +568,13 @@ class Worker:
         if not self._begin(run):
             return
         step = ctx.pipeline.steps[run.claimed.name]
-        ran = run_attempt(step, ctx, output_limit=self.settings.max_step_output_bytes)
+        ran = run_attempt(
+            step,
+            ctx,
+            output_limit=self.settings.max_step_output_bytes,
+            mode="worker",
+            traceparent=run.claimed.traceparent,
+        )
         self._post_outcome(run, self._outcome(run, ran))
 
     async def _run_async(self, run: _Run, ctx: StepContext) -> None:
@@ -579,7 +585,11 @@ class Worker:
                 if not self._begin(run):
                     return
                 ran = await run_attempt_async(
-                    step, ctx, output_limit=self.settings.max_step_output_bytes
+                    step,
+                    ctx,
+                    output_limit=self.settings.max_step_output_bytes,
+                    mode="worker",
+                    traceparent=run.claimed.traceparent,
                 )
         except asyncio.CancelledError:  # handed back while it waited for a slot
             ran = Ran(

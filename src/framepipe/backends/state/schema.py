@@ -20,7 +20,7 @@ __all__ = [
     "workers",
 ]
 
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 metadata = sa.MetaData()
 
@@ -57,6 +57,9 @@ executions = sa.Table(
     # A distributed execution that failed or was cancelled while steps of it still run: the
     # status it ends with once they have ended ('failed', 'cancelled'); NULL otherwise.
     sa.Column("stopping", sa.String(20), nullable=True),
+    # The W3C traceparent of the submit's span when OpenTelemetry tracing is on (its steps'
+    # spans are its children, in the engine or on a worker); NULL: not traced.
+    sa.Column("traceparent", sa.String(64), nullable=True),
     sa.Index("ix_fp_executions_status", "status"),
     sa.Index("ix_fp_executions_created", "created_at"),
 )

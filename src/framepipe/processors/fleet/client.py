@@ -86,6 +86,7 @@ from framepipe.processors.fleet.protocol import (
     result_fields,
 )
 from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
+from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
 from framepipe.redis.scripts import PUBLISH
@@ -680,6 +681,7 @@ class ProcessorClient(abc.ABC):
     async def _handle(self, mid: bytes, fields: Fields) -> None:
         started = time.perf_counter()
         traceparent = parse_traceparent(fields.get(b"trace_context"))
+        span = process_span(self.processor_id, fields, traceparent)
         outcome = await run_frame(
             self.process_frame,
             mid,
@@ -688,7 +690,9 @@ class ProcessorClient(abc.ABC):
             image_encoding=self.image_encoding,
             frame_timeout=self.frame_timeout,
             log=self.log,
+            span=span,
         )
+        end_process_span(span, outcome)
         if outcome.ok:
             self.processed += 1
         else:

@@ -15,7 +15,7 @@ from typing import Any
 
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.protocol import BadEntryError, Fields, Outcome, check_entry, text
-from framepipe.tracing import attach_trace, detach_trace
+from framepipe.tracing import activate, attach_trace, detach_trace
 
 __all__ = ["FrameHandler", "run_frame"]
 
@@ -32,11 +32,12 @@ async def run_frame(
     image_encoding: str,
     frame_timeout: float | None,
     log: ComponentLogger,
+    span: Any | None = None,
 ) -> Outcome:
     """Handle entry ``mid``: validate ``fields`` (:func:`check_entry`, ``image_encoding``),
     then await ``process_frame`` within ``frame_timeout`` seconds (None: unbounded) with
-    ``traceparent`` as the current trace context. Malformed entries and failures are logged
-    on ``log``."""
+    ``span`` (the frame's OpenTelemetry span, when tracing) or else ``traceparent`` as the
+    current trace context. Malformed entries and failures are logged on ``log``."""
     try:
         data = check_entry(fields, image_encoding)
     except BadEntryError as exc:
@@ -48,7 +49,7 @@ async def run_frame(
         )
         return Outcome(False, error=str(exc), kind="input")
     deadline = None if frame_timeout is None else asyncio.timeout(frame_timeout)
-    token = attach_trace(traceparent)
+    token = attach_trace(traceparent) if span is None else activate(span)
     try:
         if deadline is None:
             result = await process_frame(data)

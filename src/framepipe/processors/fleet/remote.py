@@ -14,7 +14,7 @@ from typing import Any
 from framepipe.frames import Frame
 from framepipe.processors.base import Processor
 from framepipe.processors.fleet.routing import ProcessorRegistry
-from framepipe.tracing import new_traceparent, parse_traceparent
+from framepipe.tracing import new_traceparent, parse_traceparent, tracer
 
 __all__ = ["RemoteProcessor"]
 
@@ -28,7 +28,9 @@ class RemoteProcessor(Processor):
     The result dict is stored in ``frame.meta[key]`` (``key`` defaults to the capability; None
     when the processor returned no result) and the same frame goes on. The frame's
     ``meta["trace_context"]`` (a W3C traceparent) is created when missing and travels with the
-    frame, so every remote stage of one frame shares its trace. A processor's error result
+    frame, so every remote stage of one frame shares its trace (while OpenTelemetry tracing
+    is on, the frame's first ``send`` span is that trace: see
+    :mod:`~framepipe.processors.fleet.spans`). A processor's error result
     raises :class:`~framepipe.errors.RemoteProcessingError`; no processor, open circuits, no
     capacity in time or no result in time raise their
     :class:`~framepipe.errors.ProcessorRegistryError`; the stage counts it and drops the frame.
@@ -71,11 +73,15 @@ class RemoteProcessor(Processor):
         """Send ``item`` (a :class:`Frame`) to a processor and annotate it with the result."""
         if not isinstance(item, Frame):
             raise TypeError(f"{self.label} handles Frame items, not {type(item).__name__}")
-        trace = parse_traceparent(item.meta.get("trace_context")) or new_traceparent()
-        item.meta["trace_context"] = trace
+        trace = parse_traceparent(item.meta.get("trace_context"))
+        traced = tracer() is not None
+        if trace is None and not traced:
+            item.meta["trace_context"] = new_traceparent()
         result = await self.registry.call(
             item, self.capability, timeout=self.timeout, wait=self.wait, quality=self.quality
         )
+        if trace is None and traced:  # the first send span is the frame's trace from here on
+            item.meta["trace_context"] = result.trace_context
         result.check()
         item.meta[self.key] = result.data
         return item

@@ -2,7 +2,8 @@
 
 One blocking ``XREAD`` loop on the registry's own connection reads its reply stream
 (``<ns>:replies:<registry id>``); each result updates the processor's circuit breaker, frees
-the capacity its frame held and resolves the awaiting call. A result nobody waits for any more
+the capacity its frame held and resolves the awaiting call (and is traced as the frame's
+``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result nobody waits for any more
 (a duplicate of a re-routed frame, or one whose wait expired) only counts for the breaker.
 Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one by one.
 """
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from framepipe.processors.fleet.protocol import ProcessorResult, text
+from framepipe.processors.fleet.spans import received
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN
 from framepipe.redis.streams import stream_entries
@@ -92,6 +94,7 @@ class ReplyReader:
         if track is None:
             return  # a duplicate (re-routed frame), or one whose wait expired
         registry._release(track)
+        received(result, track)
         if track.future is not None and not track.future.done():
             track.future.set_result(result)
 

@@ -78,10 +78,12 @@ from framepipe.processors.fleet.protocol import (
 from framepipe.processors.fleet.reaper import Reaper
 from framepipe.processors.fleet.registry import ProcessorInfo, Registration, Registrations
 from framepipe.processors.fleet.replies import ReplyReader
+from framepipe.processors.fleet.spans import send_spans
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, connect, lost, ping_with_retries
 from framepipe.redis.scripts import ROUTE
 from framepipe.redis.wire import Wire
+from framepipe.tracing import end_span, traceparent_of
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -364,15 +366,21 @@ class ProcessorRegistry:
             proc.breaker.settled(track.frame_id)
         self._notify()
 
-    async def _fields(self, item: Routable, quality: int) -> dict[str, bytes | str]:
+    async def _fields(
+        self, item: Routable, quality: int, trace: str | None
+    ) -> dict[str, bytes | str]:
+        """``item``'s stream fields; ``trace`` (the send span's) replaces its trace context."""
+        if isinstance(item, Mapping):
+            entry = entry_fields(item)
+            if trace is not None:
+                entry["trace_context"] = trace
+            return entry
         if isinstance(item, Frame):
             if item.width * item.height <= INLINE_ENCODE_PIXELS:
-                return frame_entry(item, quality=quality)
+                return frame_entry(item, quality=quality, trace_context=trace)
             return await asyncio.get_running_loop().run_in_executor(
-                None, lambda: frame_entry(item, quality=quality)
+                None, lambda: frame_entry(item, quality=quality, trace_context=trace)
             )
-        if isinstance(item, Mapping):
-            return entry_fields(item)
         raise TypeError(f"cannot route a {type(item).__name__}: give a Frame or an entry dict")
 
     async def _dispatch(
@@ -384,14 +392,43 @@ class ProcessorRegistry:
         want_futures: bool,
         quality: int,
     ) -> list[Track]:
-        """Route ``items`` as capacity allows; every reservation is either sent or released.
+        """Route ``items`` as capacity allows (see :meth:`_route`). While OpenTelemetry
+        tracing is on, each item's routing is a span, ``send <capability>``, child of the
+        trace context it carries (else of the current one), whose traceparent goes on the
+        wire in its place: the processor's span is its child."""
+        self._require()
+        spans = send_spans(items, capability)
+        try:
+            entries = [
+                await self._fields(item, quality, None if spans is None else traceparent_of(span))
+                for item, span in zip(items, spans or itertools.repeat(None), strict=False)
+            ]
+            tracks = await self._route(entries, capability, wait=wait, want_futures=want_futures)
+        except BaseException as exc:
+            for span in spans or ():
+                end_span(span, exc)
+            raise
+        for span, track in zip(spans or (), tracks, strict=False):
+            end_span(
+                span,
+                attributes={
+                    "framepipe.frame_id": track.frame_id,
+                    "framepipe.processor_id": track.processor_id,
+                },
+            )
+        return tracks
+
+    async def _route(
+        self,
+        entries: list[dict[str, bytes | str]],
+        capability: str,
+        *,
+        wait: float | None,
+        want_futures: bool,
+    ) -> list[Track]:
+        """Route ``entries`` as capacity allows; every reservation is either sent or released.
         Routes that have to wait for capacity queue per capability: a free slot goes to the
         first in line, never to a route that came later."""
-        self._require()
-        entries = [
-            entry_fields(item) if isinstance(item, Mapping) else await self._fields(item, quality)
-            for item in items
-        ]
         if len(entries) == 1:
             frame_id = text(entries[0]["frame_id"])
             clash = [frame_id] if frame_id in self._routed else []
