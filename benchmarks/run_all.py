@@ -4,6 +4,8 @@
 PostgreSQL, the latency chain), then Celery, prints a Markdown report and replaces the part of
 ``docs/benchmarks.md`` between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 PostgreSQL or Redis rows are skipped with a note when the server is not reachable.
+The other benchmarks run alone (see ``benchmarks/README.md``), among them the order-station
+scale benchmark ``benchmarks/station_scale.py`` (stations per core, ``docs/station-scale.md``).
 """
 
 from __future__ import annotations
