@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from framepipe import LocalObjectStore
+from framepipe.app import App, preview_dir
+from framepipe.config import Settings
 from framepipe.errors import FrameError
 from framepipe.frames import Frame, JpegPicture, YuvPlanes, decode_jpeg, encode_jpeg
 from framepipe.sources import CommandSource, VideoSource
@@ -164,3 +166,23 @@ def test_an_mjpeg_capture_stores_the_bytes_it_captured(tmp_path: Path) -> None:
         assert frame.to_jpeg(95) == data  # not decoded and re-encoded
         assert frame.image.shape == (120, 160, 3)  # pixels when a stage asks
         assert frame.captured_jpeg is None
+
+
+def test_the_preview_of_a_captured_jpeg_is_the_captured_bytes(tmp_path: Path) -> None:
+    ffmpeg = need_tool("ffmpeg")
+    argv = [ffmpeg, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"]
+    argv += ["testsrc=size=160x120:rate=25", "-frames:v", "20", "-f", "mjpeg", "-q:v", "4", "-"]
+    settings = Settings(home=tmp_path)
+    app = App("previews", settings=settings)
+    pipeline = app.add_pipeline(StreamPipeline("cam", CommandSource(argv, "cam", live=False)))
+
+    async def main() -> None:
+        await app.start()
+        await asyncio.wait_for(pipeline.wait(), 30)
+        await app.stop()
+
+    asyncio.run(main())
+    latest = pipeline.latest_frame
+    assert latest is not None and latest.captured_jpeg is not None
+    preview = (preview_dir(settings, "previews") / "cam.jpg").read_bytes()
+    assert preview == latest.captured_jpeg  # written as captured: no decode, no re-encode

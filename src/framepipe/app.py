@@ -29,7 +29,7 @@ import cv2
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError
-from framepipe.frames import encode_jpeg
+from framepipe.frames import Frame, encode_jpeg
 from framepipe.liveness import owner_is_dead
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
@@ -396,15 +396,15 @@ class App:
             if frame is None or frame is self._previewed.get(name):
                 continue
             self._previewed[name] = frame
-            image: Any = frame.peek()
-            if image.shape[1] > 640:
-                height = max(2, round(image.shape[0] * 640 / image.shape[1]))
-                image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
-            try:
-                data = encode_jpeg(image, 80)
-            except FramepipeError as exc:
-                self.log.warning("preview of %s not written: %s", name, exc)
-                continue
+            captured = frame.captured_jpeg
+            if captured is not None and frame.width <= 640:
+                data = captured  # a captured JPEG small enough is its own preview
+            else:
+                try:
+                    data = _preview_jpeg(frame)
+                except FramepipeError as exc:
+                    self.log.warning("preview of %s not written: %s", name, exc)
+                    continue
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{name}.jpg"
             tmp = target.with_suffix(f".{os.getpid()}.tmp")
@@ -431,3 +431,12 @@ def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
             data["state"] = "dead"
         snapshots.append(data)
     return snapshots
+
+
+def _preview_jpeg(frame: Frame) -> bytes:
+    """The frame at most 640 pixels wide as JPEG, without taking the frame over."""
+    image: Any = frame.peek()
+    if image.shape[1] > 640:
+        height = max(2, round(image.shape[0] * 640 / image.shape[1]))
+        image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
+    return encode_jpeg(image, 80)

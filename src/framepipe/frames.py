@@ -130,12 +130,14 @@ class Frame:
     @property
     def planes(self) -> YuvPlanes | None:
         """The decoder's planes while ``image`` has not been read, else None."""
-        return self._picture if isinstance(self._picture, YuvPlanes) else None
+        picture = self._picture  # read once: another thread may take the frame over
+        return picture if isinstance(picture, YuvPlanes) else None
 
     @property
     def captured_jpeg(self) -> bytes | None:
         """The JPEG bytes the capture produced while ``image`` has not been read, else None."""
-        return self._picture.data if isinstance(self._picture, JpegPicture) else None
+        picture = self._picture
+        return picture.data if isinstance(picture, JpegPicture) else None
 
     @property
     def height(self) -> int:
