@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, cast
 
@@ -46,6 +47,8 @@ SpanKind = Literal["INTERNAL", "PRODUCER", "CONSUMER", "CLIENT", "SERVER"]
 _otel_modules: tuple[Any, Any, Any] | Literal[False] | None = False
 _tracer_of: tuple[object, Any] | None = None  # (provider, its framepipe tracer or None)
 _installed: Any = None  # the TracerProvider setup_tracing made
+_UNKNOWN = object()
+_PROVIDER_BY_NAME = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def _otel() -> tuple[Any, Any, Any] | None:
@@ -145,14 +148,28 @@ def tracer() -> Any | None:
     OpenTelemetry is not installed or no provider is set (the API's default), so callers
     make no span at all. Checked at each call: an application may set its provider late."""
     global _tracer_of  # noqa: PLW0603 - the tracer of the provider last seen
-    otel = _otel()
-    if otel is None:
+    # Setting a provider imports OpenTelemetry's trace API: until something has, there is
+    # none, and no import is made here (some 30 ms; the API can also load a provider named by
+    # OTEL_PYTHON_TRACER_PROVIDER when first asked for it).
+    api = sys.modules.get("opentelemetry.trace")
+    if api is None:
+        if not _PROVIDER_BY_NAME:
+            return None
+        otel = _otel()
+        if otel is None:
+            return None
+        api = otel[2]
+        api.get_tracer_provider()
+    # The API's own global, as its ProxyTracer reads it: None until a provider is set (the
+    # public getter costs an environment look-up per call, the bulk of a hook when off).
+    provider: Any = getattr(api, "_TRACER_PROVIDER", _UNKNOWN)
+    if provider is None:
         return None
-    provider = otel[2].get_tracer_provider()
+    if provider is _UNKNOWN:
+        provider = api.get_tracer_provider()
     cached = _tracer_of
     if cached is not None and cached[0] is provider:
         return cached[1]
-    api = otel[2]
     found = (
         None
         if isinstance(provider, api.ProxyTracerProvider | api.NoOpTracerProvider)

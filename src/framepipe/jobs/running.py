@@ -62,6 +62,8 @@ def _finished(ctx: StepContext, result: Any, output_limit: int) -> Ran:
 
 
 def _span(ctx: StepContext, mode: Mode, traceparent: str | None) -> Any | None:
+    if tracing.tracer() is None:
+        return None
     return tracing.start_span(
         f"step {ctx.pipeline.name}.{ctx.step_name}",
         parent=traceparent,

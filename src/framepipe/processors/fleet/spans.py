@@ -67,6 +67,8 @@ def send_spans(items: Sequence[Routable], capability: str) -> list[Any] | None:
 
 def process_span(processor_id: str, fields: Fields, traceparent: str | None) -> Any | None:
     """The started ``process`` span of a frame entry, or None when not tracing."""
+    if tracer() is None:
+        return None
     capability = text(fields.get(b"capability")) or "frame"
     return start_span(
         f"process {capability}",
