@@ -40,7 +40,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe.backends.objects import ObjectStore
-from framepipe.backends.state import StateStore
 from framepipe.confined import (
     LinkRefusedError,
     fd_path,
@@ -49,8 +48,8 @@ from framepipe.confined import (
     relative_parts,
 )
 from framepipe.errors import ConfigError, FramepipeError, ObjectNotFoundError
+from framepipe.jobs.context import StepContext
 from framepipe.jobs.ledger import LedgerEntry, content_hash, file_fingerprint
-from framepipe.jobs.records import list_executions
 
 __all__ = [
     "DAY",
@@ -129,12 +128,12 @@ def retention_from_env(environ: Mapping[str, str] | None = None) -> Retention:
     return Retention(after_upload=raw_flag in _TRUE, days=days)
 
 
-def referenced_copies(store: StateStore, pipeline: str, *, but: str) -> dict[str, str]:
-    """Copies (path in the shared folder -> execution id) that an execution of ``pipeline``
-    other than ``but`` lists and that has not completed, so may still read them."""
+def referenced_copies(ctx: StepContext) -> dict[str, str]:
+    """Copies (path in the shared folder -> execution id) that an execution of this step's
+    pipeline other than its own lists and that has not completed, so may still read them."""
     found: dict[str, str] = {}
-    rows = list_executions(store, limit=1_000_000, status=UNFINISHED, pipeline=pipeline)
-    for info, _done, _total in rows:
+    but = ctx.execution_id
+    for info in ctx.executions(status=UNFINISHED, limit=1_000_000):
         if info.id == but:
             continue
         card = info.inputs.get("card_id")

@@ -698,7 +698,7 @@ def release(ctx: StepContext, copy_path: str) -> dict[str, Any]:
     ``sd_import.removed``. A copy that is not proven safe is kept, with the reason."""
     shared_dir = shared_dir_of(ctx)
     relative_parts(copy_path, "copy_path")
-    referenced = referenced_copies(ctx.store, ctx.pipeline.name, but=ctx.execution_id)
+    referenced = referenced_copies(ctx)
     outcome = release_copy(
         shared_dir=shared_dir,
         dest=copy_path,

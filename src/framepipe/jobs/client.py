@@ -381,6 +381,16 @@ class JobClient:
             for info, done, total in rows
         ]
 
+    async def step_durations(
+        self, per_pipeline: int = 20
+    ) -> builtins.list[tuple[str, str, str, float]]:
+        """``(pipeline, execution id, step name, seconds)`` of the completed steps of each
+        pipeline's newest ``per_pipeline`` completed executions, newest first, steps in the
+        order they ran (for charts of where a pipeline's time goes)."""
+        if per_pipeline < 1:
+            raise InvalidInputError(f"must be at least 1, not {per_pipeline}", where="per_pipeline")
+        return await self._db(records.completed_step_durations, self.store, per_pipeline)
+
     async def wait(
         self,
         execution_id: str,

@@ -27,6 +27,7 @@ from framepipe.logs import ComponentLogger, get_logger
 if TYPE_CHECKING:
     from framepipe.backends.objects import ObjectStore
     from framepipe.backends.state import StateStore
+    from framepipe.jobs.models import ExecutionInfo
     from framepipe.jobs.pipeline import Pipeline
 
 __all__ = ["Progressed", "Spawned", "StepContext", "StepLedger", "StepMessage"]
@@ -306,6 +307,27 @@ class StepContext:
     def get_ledger(self, namespace: str) -> StepLedger:
         """The ledger of another namespace (the default is the pipeline's name)."""
         return StepLedger(self.store, namespace, self)
+
+    def executions(
+        self,
+        *,
+        status: Sequence[str] | None = None,
+        pipeline: str | None = None,
+        limit: int = 1000,
+    ) -> list[ExecutionInfo]:
+        """Executions of ``pipeline`` (default: this step's), newest first, with their inputs,
+        only those with one of the ``status`` values when given: what other runs hold (an
+        incremental import, files another run may still read). A read of the state store: in
+        an ``async`` step, call it with ``asyncio.to_thread``."""
+        from framepipe.jobs.records import list_executions
+
+        rows = list_executions(
+            self.store,
+            limit=limit,
+            status=list(status) if status is not None else None,
+            pipeline=self.pipeline.name if pipeline is None else pipeline,
+        )
+        return [info for info, _done, _total in rows]
 
     def tempdir(self) -> Path:
         """A fresh directory for this attempt, deleted when the step ends, failed or not."""

@@ -572,3 +572,39 @@ def count_jobs(store: StateStore) -> JobCounts:
         ):
             counts.workers[r[0]] = r[1]
     return counts
+
+
+def completed_step_durations(
+    store: StateStore, per_pipeline: int
+) -> list[tuple[str, str, str, float]]:
+    """``(pipeline, execution id, step name, seconds)`` of the completed steps of each job
+    pipeline's newest ``per_pipeline`` completed executions, newest execution first, steps in
+    the order they ran."""
+    newest = (
+        sa.select(executions.c.id, executions.c.pipeline, executions.c.created_at)
+        .where(executions.c.status == "completed")
+        .order_by(executions.c.created_at.desc())
+        .limit(per_pipeline * 20)
+    ).subquery()
+    query = (
+        sa.select(
+            newest.c.pipeline, newest.c.id, steps.c.name, steps.c.started_at, steps.c.finished_at
+        )
+        .select_from(newest.join(steps, steps.c.execution_id == newest.c.id))
+        .where(
+            steps.c.status == "completed",
+            steps.c.started_at.is_not(None),
+            steps.c.finished_at.is_not(None),
+        )
+        .order_by(newest.c.created_at.desc(), newest.c.id, steps.c.seq)
+    )
+    out: list[tuple[str, str, str, float]] = []
+    counted: dict[str, set[str]] = {}
+    with store.read() as conn:
+        for pipeline, execution_id, name, started, finished in conn.execute(query):
+            seen = counted.setdefault(pipeline, set())
+            if execution_id not in seen and len(seen) >= per_pipeline:
+                continue
+            seen.add(execution_id)
+            out.append((pipeline, execution_id, name, max(0.0, finished - started)))
+    return out

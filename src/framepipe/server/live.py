@@ -30,11 +30,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
 from framepipe.app import App, read_snapshots
 from framepipe.backends.state import StateStore
-from framepipe.backends.state.schema import events
+from framepipe.backends.state.event_log import stored_app_events
 from framepipe.config import Settings
 from framepipe.logs import get_logger
 from framepipe.server.panels import SegmentField
@@ -93,27 +91,6 @@ def marker_text(kind: str, data: Mapping[str, Any]) -> str:
             return str(value)[:300]
     attempt = data.get("attempt")
     return f"attempt {attempt}" if attempt else kind
-
-
-def stored_app_events(
-    store: StateStore, app: str, types: Sequence[str], *, limit: int, scan: int = 5000
-) -> list[tuple[float, str, dict[str, Any]]]:
-    """The newest ``limit`` events of ``types`` that app ``app`` committed to the event log
-    (``(ts, type, data)``, newest first), among the newest ``scan`` of those types."""
-    query = (
-        sa.select(events.c.ts, events.c.type, events.c.data)
-        .where(events.c.execution_id.is_(None), events.c.type.in_(list(types)))
-        .order_by(events.c.id.desc())
-        .limit(scan)
-    )
-    out: list[tuple[float, str, dict[str, Any]]] = []
-    with store.read() as conn:
-        for ts, kind, data in conn.execute(query):
-            if isinstance(data, dict) and data.get("app") == app:
-                out.append((float(ts), str(kind), data))
-                if len(out) >= limit:
-                    break
-    return out
 
 
 def _flatten(meta: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:

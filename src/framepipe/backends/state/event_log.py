@@ -7,6 +7,7 @@ Both the jobs (in the transaction that changes an execution) and the live apps (
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -14,7 +15,7 @@ from framepipe.backends.state.schema import events
 from framepipe.backends.state.store import StateStore
 from framepipe.events import Event
 
-__all__ = ["append_events", "insert_events"]
+__all__ = ["append_events", "insert_events", "stored_app_events"]
 
 
 def insert_events(store: StateStore, conn: sa.Connection, batch: Sequence[Event]) -> list[Event]:
@@ -58,3 +59,24 @@ def append_events(store: StateStore, batch: Sequence[Event]) -> list[Event]:
     """Commit ``batch`` in a transaction of its own; return the events with their ids."""
     with store.write() as conn:
         return insert_events(store, conn, batch)
+
+
+def stored_app_events(
+    store: StateStore, app: str, types: Sequence[str], *, limit: int, scan: int = 5000
+) -> list[tuple[float, str, dict[str, Any]]]:
+    """The newest ``limit`` events of ``types`` that app ``app`` committed to the event log
+    (``(ts, type, data)``, newest first), among the newest ``scan`` of those types."""
+    query = (
+        sa.select(events.c.ts, events.c.type, events.c.data)
+        .where(events.c.execution_id.is_(None), events.c.type.in_(list(types)))
+        .order_by(events.c.id.desc())
+        .limit(scan)
+    )
+    out: list[tuple[float, str, dict[str, Any]]] = []
+    with store.read() as conn:
+        for ts, kind, data in conn.execute(query):
+            if isinstance(data, dict) and data.get("app") == app:
+                out.append((float(ts), str(kind), data))
+                if len(out) >= limit:
+                    break
+    return out

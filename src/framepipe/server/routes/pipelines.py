@@ -2,13 +2,8 @@
 /api/pipelines/step-durations``: how long their steps took lately (the dashboard's bar charts).
 """
 
-import asyncio
 from typing import Annotated, Any
 
-import sqlalchemy as sa
-
-from framepipe.backends.state import StateStore
-from framepipe.backends.state.schema import executions, steps
 from framepipe.errors import MissingDependencyError
 from framepipe.server.state import Service
 
@@ -65,36 +60,12 @@ class PipelineDurations(BaseModel):
     steps: list[StepDuration]
 
 
-def _durations(store: StateStore, per_pipeline: int) -> list[PipelineDurations]:
-    newest = (
-        sa.select(executions.c.id, executions.c.pipeline, executions.c.created_at)
-        .where(executions.c.status == "completed")
-        .order_by(executions.c.created_at.desc())
-        .limit(per_pipeline * 20)
-    ).subquery()
-    query = (
-        sa.select(
-            newest.c.pipeline, newest.c.id, steps.c.name, steps.c.started_at, steps.c.finished_at
-        )
-        .select_from(newest.join(steps, steps.c.execution_id == newest.c.id))
-        .where(
-            steps.c.status == "completed",
-            steps.c.started_at.is_not(None),
-            steps.c.finished_at.is_not(None),
-        )
-        .order_by(newest.c.created_at.desc(), newest.c.id, steps.c.seq)
-    )
+def _durations(rows: list[tuple[str, str, str, float]]) -> list[PipelineDurations]:
     by_pipeline: dict[str, dict[str, list[float]]] = {}
     counted: dict[str, set[str]] = {}
-    with store.read() as conn:
-        for pipeline, execution_id, name, started, finished in conn.execute(query):
-            seen = counted.setdefault(pipeline, set())
-            if execution_id not in seen and len(seen) >= per_pipeline:
-                continue
-            seen.add(execution_id)
-            by_pipeline.setdefault(pipeline, {}).setdefault(name, []).append(
-                max(0.0, finished - started)
-            )
+    for pipeline, execution_id, name, seconds in rows:
+        counted.setdefault(pipeline, set()).add(execution_id)
+        by_pipeline.setdefault(pipeline, {}).setdefault(name, []).append(seconds)
     return [
         PipelineDurations(
             pipeline=pipeline,
@@ -121,4 +92,4 @@ async def pipelines_step_durations(
 ) -> list[PipelineDurations]:
     """Per job pipeline, how long each step took in its newest ``executions`` completed
     executions (mean, max, newest), steps in the order they ran."""
-    return await asyncio.to_thread(_durations, service.store, per_pipeline)
+    return _durations(await service.jobs.step_durations(per_pipeline))
