@@ -174,6 +174,20 @@ def _playwright() -> Any:
     return sync_playwright
 
 
+def phone_page(browser: Any, errors: list[str]) -> Any:
+    """A new page on a phone-sized screen (390 x 844, touch) whose script errors land in
+    ``errors``."""
+    phone = browser.new_context(
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
+    page = phone.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page
+
+
 def _progress(page: Any, execution_id: str) -> float:
     value = page.eval_on_selector(
         f'.exec[data-execution="{execution_id}"] progress.exec-progress', "el => el.value"
@@ -294,14 +308,7 @@ def _scenario(
                     shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
 
                 # A phone: the page asks for the token, then fits the screen's width.
-                phone = browser.new_context(
-                    viewport={"width": 390, "height": 844},
-                    device_scale_factor=2,
-                    is_mobile=True,
-                    has_touch=True,
-                )
-                small = phone.new_page()
-                small.on("pageerror", lambda exc: errors.append(str(exc)))
+                small = phone_page(browser, errors)
                 small.goto(service.url)
                 small.wait_for_selector("#login:not([hidden])")
                 small.fill("#token", "wrong")
@@ -323,7 +330,7 @@ def _scenario(
                 page.wait_for_selector(
                     f'.exec[data-execution="{running}"][data-status="cancelled"]', timeout=15_000
                 )
-                phone.close()
+                small.context.close()
 
                 # The service restarts: the page reconnects by itself and gets the state first.
                 service.__exit__()

@@ -493,7 +493,14 @@ def _no_horizontal_scroll(page: Any) -> None:
 
 @pytest.mark.slow
 def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_path: Path) -> None:
-    from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _playwright, render, wait_finished
+    from test_dashboard import (
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        _playwright,
+        phone_page,
+        render,
+        wait_finished,
+    )
 
     sync_playwright = _playwright()
     objects = open_object_store(str(tmp_path / "app-objects"))
@@ -531,14 +538,7 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
             page.screenshot(path=str(tmp_path / "dashboard-viewer.png"))
             page.keyboard.press("Escape")
 
-            phone = browser.new_context(
-                viewport={"width": 390, "height": 844},
-                device_scale_factor=2,
-                is_mobile=True,
-                has_touch=True,
-            )
-            small = phone.new_page()
-            small.on("pageerror", lambda exc: errors.append(str(exc)))
+            small = phone_page(browser, errors)
             small.goto(f"{server.url}/#token={TOKEN}")
             small.wait_for_selector("#board:not([hidden])")
             _segments_and_viewer(small)
@@ -557,7 +557,7 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
                 path=str(tmp_path / "dashboard-phone-segments.png")
             )
             shots["dashboard-phone-viewer.png"] = ""
-            phone.close()
+            small.context.close()
             desk.close()
         finally:
             browser.close()

@@ -39,7 +39,7 @@ from framepipe.sources.av import VideoSource
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.stream.segment import Segmenter
 from framepipe.stream.stage import Stage
-from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _playwright
+from test_dashboard import CHROMIUM, CHROMIUM_ARGS, _playwright, phone_page
 from waiting import free_port, wait_until
 
 BLOCK = "import sys; sys.modules.update(dict.fromkeys("
@@ -196,14 +196,7 @@ def test_live_demo_in_chromium_on_a_desktop_and_a_phone(
             if os.environ.get("FRAMEPIPE_UPDATE_SCREENSHOT"):  # the README's picture
                 shutil.copyfile(tmp_path / "demo-live.png", SCREENSHOT)
 
-            phone = browser.new_context(
-                viewport={"width": 390, "height": 844},
-                device_scale_factor=2,
-                is_mobile=True,
-                has_touch=True,
-            )
-            small = phone.new_page()
-            small.on("pageerror", lambda exc: errors.append(str(exc)))
+            small = phone_page(browser, errors)
             small.goto(url)
             _check_board(small, demo)
             widths = small.evaluate("() => [document.documentElement.scrollWidth, innerWidth]")
