@@ -3,7 +3,8 @@
 Run with the Python of a separate venv that has ``pip install inference`` (see
 ``benchmarks/README.md``), not framepipe's: ``python roboflow_jpeg.py CLIP [--quality 85]``.
 Prints one JSON line on stdout: ``{"frames": N, "seconds": S, "fps": F, "bytes": B,
-"version": "..."}``. The handler is ``InferencePipeline.init_with_custom_logic``'s
+"cpu_seconds": C, "version": "..."}``, seconds and CPU (this process, all threads) from
+``start()`` to ``join()``. The handler is ``InferencePipeline.init_with_custom_logic``'s
 ``on_video_frame``: ``cv2.imencode`` of the numpy BGR image the pipeline hands it, the length kept
 as the "prediction". Telemetry, usage reporting and model downloads are switched off by
 environment variables set before ``inference`` is imported; no model is used.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -26,6 +28,12 @@ OFFLINE = {
     "DISABLE_INFERENCE_CACHE": "True",
     "LOG_LEVEL": "ERROR",
 }
+
+
+def _cpu() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -67,16 +75,19 @@ def main() -> None:
         on_video_frame=on_video_frame,
         on_prediction=on_prediction,
     )
+    cpu0 = _cpu()
     t0 = time.perf_counter()
     pipeline.start()
     pipeline.join()
     seconds = time.perf_counter() - t0
+    cpu = _cpu() - cpu0
     json.dump(
         {
             "frames": frames,
             "seconds": seconds,
             "fps": frames / seconds,
             "bytes": total,
+            "cpu_seconds": cpu,
             "version": version("inference"),
         },
         sys.stdout,
