@@ -169,7 +169,7 @@ class StorageSettings(SettingsSection):
     def _mqtt_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        from framepipe.mqtt import parse_mqtt_url
+        from framepipe.mqtt.urls import parse_mqtt_url
 
         try:
             parse_mqtt_url(value)
