@@ -14,6 +14,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ class StateStore:
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cursor, busy_timeout_s)
             cursor.execute(f"PRAGMA synchronous={synchronous}")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             cursor.execute("PRAGMA foreign_keys=ON")
@@ -271,3 +272,20 @@ class StateStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _set_wal(cursor: Any, busy_timeout_s: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock: SQLite
+    answers "database is locked" at once, without its busy handler, when several connections
+    open a fresh database together (one is converting it to WAL)."""
+    deadline = time.monotonic() + busy_timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.1, delay * 2)
