@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from framepipe.backends.objects import ObjectStore
-from framepipe.errors import FramepipeError
+from framepipe.errors import FrameError, FramepipeError
+from framepipe.pixels import jpeg_size
 
 __all__ = ["NotAnImageError", "ThumbnailCache"]
 
@@ -34,17 +35,11 @@ _REDUCED = (
 
 
 def _image_width(data: bytes) -> int | None:
-    """The width of a baseline or progressive JPEG from its SOF marker, without decoding."""
-    i = 2
-    while i + 9 < len(data) and data[:2] == b"\xff\xd8":
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2):
-            return int.from_bytes(data[i + 7 : i + 9], "big")
-        i += 2 + length
-    return None
+    """The width of a JPEG from its header, without decoding (None: not a JPEG we can read)."""
+    try:
+        return jpeg_size(data)[0]
+    except FrameError:
+        return None
 
 
 def downscale(data: bytes, width: int, quality: int = 80) -> bytes:
