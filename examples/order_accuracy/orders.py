@@ -41,6 +41,7 @@ What an order holds, and what happens to odd tags:
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import threading
@@ -519,7 +520,9 @@ class OrderAccuracy:
         """Add a station; when the app runs its capture starts now."""
         if station_id in self.app.pipelines:
             raise ConfigError(f"station {station_id} exists already")
-        pipeline = self.station_pipeline(station_id, spec)
+        # Choosing the capture may probe the file with gst-launch (a fraction of a second):
+        # off the loop, so the running stations' frames are not held up.
+        pipeline = await asyncio.to_thread(self.station_pipeline, station_id, spec)
         self.specs[station_id] = spec
         await self.app.add(pipeline)
         self.app.emit("station.added", {"station_id": station_id, "source": spec})
