@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import os
-import pstats
 import resource
 import shutil
 import statistics
@@ -620,17 +619,7 @@ def profile_pipeline(
             f"   hop {s.name}: busy {s.busy_s:.2f} s over {s.frames_in} frames "
             f"({1000 * s.busy_s / max(1, s.frames_in):.2f} ms each)\n"
         )
-    groups: dict[str, list[cProfile.Profile]] = {"event loop (main thread)": [main_prof]}
-    for name, prof in profiles.items():
-        groups.setdefault(name.split("#")[0].rstrip("_0123456789"), []).append(prof)
-    for group, profs in groups.items():
-        profs[0].create_stats()
-        ps = pstats.Stats(profs[0], stream=out)
-        for p in profs[1:]:
-            p.create_stats()
-            ps.add(p)
-        out.write(f"\n-- {group} ({len(profs)} thread(s)), by own time --\n")
-        ps.sort_stats("tottime").print_stats(top)
+    run_all.profile_by_thread(out, main_prof, profiles, top)
     return out.getvalue()
 
 

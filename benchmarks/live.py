@@ -28,7 +28,6 @@ import importlib
 import io
 import logging
 import os
-import pstats
 import resource
 import shutil
 import signal
@@ -374,17 +373,7 @@ def profile_framepipe(clip: Path, workers: int, top: int = 25) -> str:
             f"({1000 * s.busy_s / max(1, s.frames_in):.2f} ms each, incl. waiting for a "
             "thread)\n"
         )
-    groups: dict[str, list[cProfile.Profile]] = {"event loop (main thread)": [main_prof]}
-    for name, prof in profiles.items():
-        groups.setdefault(name.split("#")[0].rstrip("_0123456789"), []).append(prof)
-    for group, profs in groups.items():
-        profs[0].create_stats()
-        ps = pstats.Stats(profs[0], stream=out)
-        for p in profs[1:]:
-            p.create_stats()
-            ps.add(p)
-        out.write(f"\n-- {group} ({len(profs)} thread(s)), by own time --\n")
-        ps.sort_stats("tottime").print_stats(top)
+    run_all.profile_by_thread(out, main_prof, profiles, top)
     return out.getvalue()
 
 

@@ -11,10 +11,12 @@ scale benchmark ``benchmarks/station_scale.py`` (stations per core, ``docs/stati
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
 import logging
 import os
 import platform
+import pstats
 import sqlite3
 import statistics
 import sys
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import fanout
 import sqlalchemy as sa
@@ -388,6 +390,24 @@ def main() -> None:
     if not args.no_write:
         write_doc(text)
         log(f"wrote {DOC.relative_to(ROOT)}")
+
+
+def profile_by_thread(
+    out: TextIO, main_prof: cProfile.Profile, profiles: dict[str, cProfile.Profile], top: int
+) -> None:
+    """Write the profiles of a run to ``out``, by own time: the event loop's, then the worker
+    threads' merged by pool (``name#3`` and ``name_3`` count as ``name``)."""
+    groups: dict[str, list[cProfile.Profile]] = {"event loop (main thread)": [main_prof]}
+    for name, prof in profiles.items():
+        groups.setdefault(name.split("#")[0].rstrip("_0123456789"), []).append(prof)
+    for group, profs in groups.items():
+        profs[0].create_stats()
+        ps = pstats.Stats(profs[0], stream=out)
+        for p in profs[1:]:
+            p.create_stats()
+            ps.add(p)
+        out.write(f"\n-- {group} ({len(profs)} thread(s)), by own time --\n")
+        ps.sort_stats("tottime").print_stats(top)
 
 
 if __name__ == "__main__":
