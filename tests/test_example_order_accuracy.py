@@ -504,7 +504,8 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
     tmp_path: Path,
 ) -> None:
     """Two "cameras" stream the station video over TCP (MPEG-TS, as an encoder box would);
-    station_1 captures its camera with an ffmpeg subprocess, station_2 with PyAV in-process."""
+    station_1 captures its camera with an ffmpeg subprocess, station_2 with PyAV in-process
+    and reads its tags at half size (``--tag-reduce 2``): both see every frame of the order."""
     from waiting import free_port
 
     need_tool("ffmpeg")
@@ -549,6 +550,8 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
             f"station_2={urls[1]}",
             "--capture",
             "av",
+            "--tag-reduce",
+            "2",
             "--order-timeout",
             str(TIMEOUT),
             "--restart-delay",

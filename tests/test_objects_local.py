@@ -115,6 +115,23 @@ def test_symlink_escape_refused(tmp_path: Path) -> None:
     assert (outside / "secret").read_bytes() == b"secret"
 
 
+def test_a_symlink_that_stays_inside_the_root_is_followed(tmp_path: Path) -> None:
+    """Only a path that leaves the root is refused: a link from one folder of the store to
+    another (a second name for a camera's folder) works, at any depth of the key."""
+    with LocalObjectStore(tmp_path / "store") as store:
+        store.put("cams/real/a.jpg", b"a")
+        (store.root / "cams" / "alias").symlink_to(store.root / "cams" / "real")
+        (store.root / "cams" / "real" / "b.jpg").symlink_to(store.root / "cams" / "real" / "a.jpg")
+        assert store.get("cams/alias/a.jpg") == b"a"
+        assert store.get("cams/real/b.jpg") == b"a"
+        store.put("cams/alias/new/c.jpg", b"c")
+        assert (store.root / "cams" / "real" / "new" / "c.jpg").read_bytes() == b"c"
+        (store.root / "cams" / "real" / "up").symlink_to(tmp_path)  # a link out, deeper down
+        with pytest.raises(InvalidKeyError, match="symlink"):
+            store.put("cams/alias/up/x.jpg", b"x")
+    assert not (tmp_path / "x.jpg").exists()
+
+
 # -- lifecycle --------------------------------------------------------------------------------
 
 

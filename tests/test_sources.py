@@ -19,6 +19,7 @@ import time
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -944,3 +945,103 @@ def test_capture_source_picks_gst_then_ffmpeg_and_names_bad_input(
     with pytest.raises(ConfigError, match="capture must be one of auto, gst, ffmpeg, av"):
         capture_source(clip, "s1", capture="vlc")  # type: ignore[arg-type]
     assert isinstance(capture_source(clip, "s1", capture="av"), VideoSource)
+    # decode threads: PyAV's decoder, ffmpeg's decoder and encoder; refused below one
+    single = capture_source(clip, "s1", capture="av", decode_threads=1)
+    assert isinstance(single, VideoSource) and single.decode_threads == 1
+    limited = capture_source(clip, "s1", capture="ffmpeg", decode_threads=1)
+    assert isinstance(limited, CommandSource)
+    threads_at = [i for i, arg in enumerate(limited.argv) if arg == "-threads"]
+    assert len(threads_at) == 2 and all(limited.argv[i + 1] == "1" for i in threads_at)
+    assert threads_at[0] < limited.argv.index("-i") < threads_at[1]
+    with pytest.raises(ConfigError, match="decode_threads must be >= 1"):
+        capture_source(clip, "s1", decode_threads=0)
+
+
+# -- VideoSource: MJPEG streams keep the camera's JPEG, decode threads ---------------------------
+
+
+def _jpeg_packets(path: Path) -> list[bytes]:
+    with av.open(str(path)) as container:
+        return [bytes(p) for p in container.demux(video=0) if p.size]
+
+
+async def _lazy_frames(source: VideoSource) -> list[Frame]:
+    """Every frame of a session, pixels untouched."""
+    return [frame async for frame in source.frames()]
+
+
+def test_video_mjpeg_frames_hold_the_cameras_jpeg_undecoded(clips: dict[str, Path]) -> None:
+    """A stream of JPEG pictures is not decoded: each frame holds its packet's bytes, stores
+    them as they are, and decodes to the decoder's colours when a stage asks."""
+    packets = _jpeg_packets(clips["mjpeg"])
+    frames = run(_lazy_frames(VideoSource(clips["mjpeg"])))
+    assert len(frames) == len(packets) == 10
+    assert [f.captured_jpeg for f in frames] == packets
+    assert [f.to_jpeg() for f in frames] == packets  # stored as captured, not re-encoded
+    assert [f.seq for f in frames] == list(range(1, 11))
+    assert frames[0].pts == pytest.approx(0.0)
+    assert all(b.pts > a.pts for a, b in itertools.pairwise(frames))  # type: ignore[operator]
+    assert (frames[0].width, frames[0].height) == (320, 240)
+    reference = _pyav_bgr(clips["mjpeg"], index=5)
+    diff = np.abs(frames[5].image.astype(np.int16) - reference.astype(np.int16))
+    assert diff.mean() < 2.5, diff.mean()
+    decoded = run(_lazy_frames(VideoSource(clips["mjpeg"], keep_jpeg=False)))
+    assert len(decoded) == 10
+    assert all(f.captured_jpeg is None and f.planes is not None for f in decoded)
+
+
+def _without_huffman_tables(jpeg: bytes) -> bytes:
+    """``jpeg`` with its DHT segments cut out, as some MJPEG cameras and AVI files send it
+    (decoders then use the standard tables)."""
+    out, i = bytearray(jpeg[:2]), 2
+    while i < len(jpeg):
+        marker, length = jpeg[i + 1], int.from_bytes(jpeg[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # start of scan: the rest is entropy-coded data
+            out += jpeg[i:]
+            break
+        if marker != 0xC4:
+            out += jpeg[i : i + 2 + length]
+        i += 2 + length
+    return bytes(out)
+
+
+def test_video_mjpeg_without_huffman_tables_is_decoded(tmp_path: Path) -> None:
+    """JPEG packets without their own Huffman tables are not passed on as files (viewers
+    would refuse them): the session decodes them instead, with the standard tables."""
+    path = tmp_path / "no_dht.mkv"
+    images = []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuvj420p"
+        for i in range(6):
+            image = np.full((120, 160, 3), 40 * i, np.uint8)
+            image[30:90, 40:120] = (255, 128, 0)
+            images.append(image)
+            data = _without_huffman_tables(encode_jpeg(image, 90))
+            assert b"\xff\xc4" not in data
+            packet = av.Packet(data)
+            packet.stream = stream
+            packet.pts, packet.dts = i, i
+            packet.time_base = stream.time_base = Fraction(1, 10)
+            container.mux(packet)
+    frames = run(_lazy_frames(VideoSource(path)))
+    assert len(frames) == 6
+    assert all(f.captured_jpeg is None for f in frames)  # decoded, not passed through
+    for frame, image in zip(frames, images, strict=True):
+        diff = np.abs(frame.image.astype(np.int16) - image.astype(np.int16))
+        assert diff.mean() < 3.0, diff.mean()
+
+
+def test_video_decode_threads(clips: dict[str, Path]) -> None:
+    """One decode thread gives the same pictures as FFmpeg's own choice; a count below one is
+    refused."""
+    auto = run(_lazy_frames(VideoSource(clips["short"])))
+    single = run(_lazy_frames(VideoSource(clips["short"], decode_threads=1)))
+    two = run(_lazy_frames(VideoSource(clips["short"], decode_threads=2)))
+    assert len(auto) == len(single) == len(two) == 15
+    for a, b, c in zip(auto, single, two, strict=True):
+        assert a.planes is not None and b.planes is not None and c.planes is not None
+        assert np.array_equal(a.planes.data, b.planes.data)
+        assert np.array_equal(a.planes.data, c.planes.data)
+    with pytest.raises(ValueError, match="decode_threads"):
+        VideoSource(clips["short"], decode_threads=0)

@@ -12,7 +12,8 @@ bytes) and converts only what is asked for:
 * ``frame.image`` is the NumPy ``HxWx3`` BGR ``uint8`` image (OpenCV's convention), converted on
   first access and cached. Assigning it replaces the picture.
 * ``frame.gray`` is a read-only grey image: the luma plane at no cost (limited range, 16-235,
-  for most video), or a grey-only JPEG decode.
+  for most video), or a grey-only JPEG decode. ``frame.small_gray(2)`` is the same at half
+  size, for readers that do not need every pixel (a JPEG is then decoded already scaled).
 * ``frame.to_jpeg()`` of a frame whose ``image`` was never read is encoded straight from the
   planes (or is the captured JPEG as it is). Once ``image`` has been read, a stage may have
   changed it in place, so from then on ``gray`` and the JPEG come from ``image``: a stage's
@@ -30,7 +31,15 @@ import cv2
 import numpy as np
 
 from framepipe.errors import FrameError
-from framepipe.pixels import Image, JpegPicture, YuvPlanes, decode_jpeg, encode_jpeg
+from framepipe.pixels import (
+    Image,
+    JpegPicture,
+    YuvPlanes,
+    check_reduction,
+    decode_jpeg,
+    encode_jpeg,
+    shrink,
+)
 
 __all__ = ["Frame", "Image", "JpegPicture", "YuvPlanes", "decode_jpeg", "encode_jpeg", "now_ms"]
 
@@ -116,6 +125,23 @@ class Frame:
                 grey.flags.writeable = False
                 self._grey = grey
         return self._grey
+
+    def small_gray(self, reduce: int = 2) -> Image:
+        """A read-only grey image at 1/``reduce`` of the size (``reduce`` 1, 2, 4 or 8), made
+        the cheapest way the picture allows: a captured JPEG is decoded already scaled (libjpeg's
+        DCT scaling, sizes rounded up), planes and images are area-averaged from ``gray``. For
+        readers that do not need every pixel (a large QR code, a motion gate): a half-size scan
+        costs about a quarter of a full one. Not cached."""
+        check_reduction(reduce)
+        picture = self._picture
+        if reduce == 1:
+            return self.gray
+        if isinstance(picture, JpegPicture):
+            small = picture.to_grey(reduce)
+        else:
+            small = shrink(self.gray, reduce)
+        small.flags.writeable = False
+        return small
 
     def peek(self) -> Image:
         """The BGR image for an observer in another thread (a preview, a dashboard), leaving the

@@ -25,7 +25,17 @@ import simplejpeg  # type: ignore[import-untyped]
 
 from framepipe.errors import FrameError
 
-__all__ = ["Image", "JpegPicture", "YuvPlanes", "decode_jpeg", "encode_jpeg", "jpeg_size"]
+__all__ = [
+    "REDUCTIONS",
+    "Image",
+    "JpegPicture",
+    "YuvPlanes",
+    "check_reduction",
+    "decode_jpeg",
+    "encode_jpeg",
+    "jpeg_size",
+    "shrink",
+]
 
 Image = npt.NDArray[np.uint8]
 
@@ -52,12 +62,33 @@ def encode_jpeg(image: Image, quality: int = 85) -> bytes:
     return bytes(buffer.tobytes())
 
 
-def decode_jpeg(data: bytes, *, grey: bool = False) -> Image:
-    """The BGR (or, with ``grey``, the single-channel) image in JPEG ``data``; raises
-    :class:`FrameError` on bad data."""
+_REDUCED_FLAGS = {
+    (False, 1): cv2.IMREAD_COLOR,
+    (True, 1): cv2.IMREAD_GRAYSCALE,
+    (False, 2): cv2.IMREAD_REDUCED_COLOR_2,
+    (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (False, 4): cv2.IMREAD_REDUCED_COLOR_4,
+    (True, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (False, 8): cv2.IMREAD_REDUCED_COLOR_8,
+    (True, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+REDUCTIONS = (1, 2, 4, 8)
+
+
+def check_reduction(factor: int) -> int:
+    """``factor`` if it is one of :data:`REDUCTIONS`, else a :class:`FrameError` naming it."""
+    if factor not in REDUCTIONS:
+        raise FrameError(f"a picture can be reduced by 1, 2, 4 or 8, not {factor!r}")
+    return factor
+
+
+def decode_jpeg(data: bytes, *, grey: bool = False, reduce: int = 1) -> Image:
+    """The BGR (or, with ``grey``, the single-channel) image in JPEG ``data``; with ``reduce``
+    (2, 4 or 8) at that fraction of the size, scaled while decoding (libjpeg's DCT scaling:
+    cheaper than a full decode; sizes rounded up). Raises :class:`FrameError` on bad data."""
     if not data:
         raise FrameError("cannot decode an empty JPEG")
-    flag = cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR
+    flag = _REDUCED_FLAGS[(grey, check_reduction(reduce))]
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if image is None:
         raise FrameError(f"not a decodable JPEG ({len(data)} bytes, starts {data[:4].hex()})")
@@ -73,6 +104,16 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             f"not a decodable JPEG ({len(data)} bytes, starts {data[:4].hex()}): {exc}"
         ) from exc
     return int(width), int(height)
+
+
+def shrink(image: Image, reduce: int) -> Image:
+    """``image`` at 1/``reduce`` of its size, each pixel the mean of the ones it covers
+    (``cv2.INTER_AREA``); ``image`` itself when ``reduce`` is 1."""
+    if check_reduction(reduce) == 1:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, w // reduce), max(1, h // reduce))
+    return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
 def _read_only(array: Image) -> Image:
@@ -163,6 +204,6 @@ class JpegPicture:
         """The decoded BGR image."""
         return decode_jpeg(self.data)
 
-    def to_grey(self) -> Image:
-        """The decoded grey image (cheaper than colour)."""
-        return decode_jpeg(self.data, grey=True)
+    def to_grey(self, reduce: int = 1) -> Image:
+        """The decoded grey image (cheaper than colour), at 1/``reduce`` of the size."""
+        return decode_jpeg(self.data, grey=True, reduce=reduce)

@@ -38,10 +38,10 @@ import av
 import av.error
 import numpy as np
 
-from framepipe.errors import SourceError
+from framepipe.errors import FrameError, SourceError
 from framepipe.frames import Frame, now_ms
 from framepipe.logs import get_logger
-from framepipe.pixels import Image, YuvPlanes
+from framepipe.pixels import Image, JpegPicture, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback
 
 __all__ = ["VideoSource"]
@@ -77,7 +77,7 @@ def _redact(url: str) -> str:
 
 @dataclass(slots=True)
 class _Decoded:
-    picture: Image | YuvPlanes
+    picture: Image | YuvPlanes | JpegPicture
     pts: float | None
     ts_ms: int
     meta: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +153,17 @@ class VideoSource(Source):
     ``live`` is False for a file played once (its end ends a pipeline) and True otherwise;
     ``fps`` is the stream's nominal rate, known once a session has opened it.
 
+    A stream of JPEG pictures (MJPEG: most USB cameras, many IP cameras' ``/mjpeg`` URLs, MJPEG
+    files) is not decoded while ``keep_jpeg`` and ``bgr_via_opencv`` (the defaults): each packet becomes a frame holding the
+    camera's JPEG bytes, so a frame that is only stored is never decoded and re-encoded, and
+    ``frame.gray`` is a grey-only (or, with ``small_gray``, a DCT-scaled) decode. A packet that
+    is not a whole JPEG with its own Huffman tables (some AVI MJPEG leaves them out) switches the
+    session to decoding.
+
+    ``decode_threads`` is the decoder's thread count: None lets FFmpeg choose (frame and slice
+    threads for one big stream); 1 decodes in the capture thread alone, the cheapest per frame
+    when many streams share the machine (each capture already runs in a thread of its own).
+
     A frame whose size differs from the previous frame's carries ``meta["size_changed"] = True``
     (the first change of a session is logged as a warning, later ones at debug level).
     """
@@ -170,11 +181,15 @@ class VideoSource(Source):
         max_queue: int = 8,
         bgr_via_opencv: bool = True,
         container_format: str | None = None,
+        keep_jpeg: bool = True,
+        decode_threads: int | None = None,
     ) -> None:
         url = os.fspath(url)
         super().__init__(source_id or _default_source_id(url))
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, not {max_queue}")
+        if decode_threads is not None and decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1 or None, not {decode_threads}")
         self.url = url
         self.realtime = realtime
         self.loop = loop
@@ -182,6 +197,8 @@ class VideoSource(Source):
         self.read_timeout = float(read_timeout)
         self.max_queue = max_queue
         self.bgr_via_opencv = bgr_via_opencv
+        self.keep_jpeg = keep_jpeg
+        self.decode_threads = decode_threads
         scheme = urlsplit(url).scheme.lower()
         self.is_network = scheme in _NETWORK_SCHEMES
         is_file = (scheme in ("", "file") or len(scheme) == 1) and not url.startswith("/dev/")
@@ -227,7 +244,7 @@ class VideoSource(Source):
                     picture = item.picture
                     yield Frame(
                         image=picture if isinstance(picture, np.ndarray) else None,
-                        picture=picture if isinstance(picture, YuvPlanes) else None,
+                        picture=None if isinstance(picture, np.ndarray) else picture,
                         source_id=self.source_id,
                         seq=self.next_seq(),
                         ts_ms=item.ts_ms,
@@ -322,7 +339,8 @@ class VideoSource(Source):
                     kinds = ", ".join(s.type for s in container.streams) or "none"
                     raise self._fail(f"no video stream (streams: {kinds})")
                 stream = container.streams.video[0]
-                stream.thread_type = "AUTO"
+                self._set_threads(stream)
+                jpeg = _JpegPackets(stream) if self.keep_jpeg and self.bgr_via_opencv else None
                 if passes == 0:
                     channel.post("opened")
                 rate = stream.average_rate or stream.guessed_rate
@@ -335,7 +353,7 @@ class VideoSource(Source):
                 for packet in container.demux(stream):
                     if channel.stopped.is_set():
                         raise _Stopped
-                    for frame in self._decode_packet(packet, bad, count, passes):
+                    for frame in self._frames_of(packet, jpeg, bad, count, passes):
                         ts = now_ms()
                         time_s = frame.time
                         if time_s is None:
@@ -375,6 +393,23 @@ class VideoSource(Source):
             passes += 1
             next_pts = last_pts + frame_time
 
+    def _set_threads(self, stream: Any) -> None:
+        if self.decode_threads is None:
+            stream.thread_type = "AUTO"
+        elif self.decode_threads == 1:
+            stream.thread_type = "NONE"
+            stream.codec_context.thread_count = 1
+        else:
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = self.decode_threads
+
+    def _frames_of(
+        self, packet: Any, jpeg: _JpegPackets | None, bad: list[int], count: int, passes: int
+    ) -> list[Any]:
+        """The frames of ``packet``: taken as JPEG while ``jpeg`` can, else decoded."""
+        taken = jpeg.take(packet) if jpeg is not None else None
+        return self._decode_packet(packet, bad, count, passes) if taken is None else taken
+
     def _decode_packet(self, packet: Any, bad: list[int], count: int, passes: int) -> list[Any]:
         """The frames of ``packet``. An undecodable packet of a network stream is skipped
         (``bad[0]`` counts them in a row) until more than a few come in a row; in a file it
@@ -401,13 +436,60 @@ class VideoSource(Source):
                 f"truncated file: decoded {count} frames of the {expected} its header announces"
             )
 
-    def _picture(self, frame: Any) -> Image | YuvPlanes:
+    def _picture(self, frame: Any) -> Image | YuvPlanes | JpegPicture:
         """The frame's planes, kept for a lazy conversion (even-sized 4:2:0, the usual case,
-        with ``bgr_via_opencv``), or its BGR image converted by PyAV."""
+        with ``bgr_via_opencv``), a packet's JPEG kept as it is, or the BGR image converted by
+        PyAV."""
+        if isinstance(frame, _JpegFrame):
+            return frame.picture
         planes = YuvPlanes.from_av(frame) if self.bgr_via_opencv else None
         if planes is not None:
             return planes
         return np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+
+
+@dataclass(slots=True)
+class _JpegFrame:
+    """A packet of an MJPEG stream taken as it is, with what the decode loop reads of a frame."""
+
+    picture: JpegPicture
+    time: float | None
+
+    @property
+    def width(self) -> int:
+        return self.picture.width
+
+    @property
+    def height(self) -> int:
+        return self.picture.height
+
+
+class _JpegPackets:
+    """Takes an MJPEG stream's packets as pictures without decoding them, while every packet
+    is a whole JPEG with its own Huffman tables; on the first that is not, gives up for the
+    session (the caller decodes that packet and the rest)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.on = stream.codec_context.name == "mjpeg"
+
+    def take(self, packet: Any) -> list[Any] | None:
+        """``[frame]`` for a packet taken as it is, or None when the packet goes to the
+        decoder (the end-of-stream flush packet, and everything once taking has stopped)."""
+        if not self.on:
+            return None
+        if packet.size == 0:
+            return None  # the demuxer's flush packet: decoding it drains nothing here
+        data = bytes(packet)
+        if not (data.startswith(b"\xff\xd8") and b"\xff\xc4" in data):
+            self.on = False
+            return None
+        try:
+            picture = JpegPicture(data)
+        except FrameError:
+            self.on = False
+            return None
+        time_s = None if packet.pts is None else float(packet.pts * packet.time_base)
+        return [_JpegFrame(picture, time_s)]
 
 
 class _Pacer:

@@ -18,6 +18,10 @@ Its rules:
 * ``realtime=True`` paces a file at its own rate; ``False`` reads it as fast as the machine
   decodes (a URL is paced by its sender either way). The first stage's queue then holds the
   capture back, so no frame is lost.
+* ``decode_threads`` bounds the decoder's threads (PyAV, and ffmpeg's decoder and MJPEG
+  encoder); None lets the decoder choose. 1 is the cheapest per frame when many cameras share
+  a machine, each capture already running in a thread or process of its own. gst-launch-1.0
+  keeps GStreamer's choice.
 * ``env`` is added to the capture process's environment (``STATION_ID`` for a DL Streamer
   callback, for example).
 """
@@ -76,10 +80,18 @@ def gst_argv(spec: str, *, fps: float | None = None, realtime: bool = True) -> l
 
 
 def ffmpeg_argv(
-    spec: str, *, fps: float | None = None, loop: bool = False, realtime: bool = True
+    spec: str,
+    *,
+    fps: float | None = None,
+    loop: bool = False,
+    realtime: bool = True,
+    threads: int | None = None,
 ) -> list[str]:
-    """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG."""
+    """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
+    and encoder's thread count, None for ffmpeg's choice)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
+    limit = ["-threads", str(threads)] if threads else []
+    argv += limit
     if not is_stream_url(spec):
         argv += ["-re"] if realtime else []
         argv += ["-stream_loop", "-1"] if loop else []
@@ -88,7 +100,7 @@ def ffmpeg_argv(
     argv += ["-i", spec, "-an"]
     if fps:
         argv += ["-vf", f"fps={fps:g}"]
-    return [*argv, "-f", "mjpeg", "-q:v", "3", "-"]
+    return [*argv, *limit, "-f", "mjpeg", "-q:v", "3", "-"]
 
 
 def gst_problem(spec: str, *, fps: float | None = None) -> str | None:
@@ -187,6 +199,7 @@ def capture_source(
     loop: bool = False,
     realtime: bool = True,
     env: Mapping[str, str] | None = None,
+    decode_threads: int | None = None,
 ) -> Source:
     """The capture of ``spec`` (a video file or a stream URL); see the module docstring.
 
@@ -199,8 +212,16 @@ def capture_source(
     url = is_stream_url(spec)
     if not url and not Path(spec).is_file():
         raise ConfigError(f"source {source_id}: video file {spec!r} does not exist")
+    if decode_threads is not None and decode_threads < 1:
+        raise ConfigError(f"source {source_id}: decode_threads must be >= 1, not {decode_threads}")
     if capture == "av":
-        return VideoSource(spec, source_id, realtime=realtime and not url, loop=loop and not url)
+        return VideoSource(
+            spec,
+            source_id,
+            realtime=realtime and not url,
+            loop=loop and not url,
+            decode_threads=decode_threads,
+        )
     if capture in ("auto", "gst"):
         problem = gst_problem(spec, fps=fps)
         if problem is None:
@@ -218,7 +239,7 @@ def capture_source(
     if shutil.which("ffmpeg") is None:
         raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
     return CommandSource(
-        ffmpeg_argv(spec, fps=fps, loop=loop, realtime=realtime),
+        ffmpeg_argv(spec, fps=fps, loop=loop, realtime=realtime, threads=decode_threads),
         source_id,
         env=env,
         fps=fps,

@@ -47,8 +47,11 @@ class MotionGate(Processor):
         self._state: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _small(self, image: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    def _small(self, frame: Frame) -> np.ndarray[Any, Any]:
+        reduce = 1
+        while reduce < 8 and frame.width // (reduce * 2) >= self.width:
+            reduce *= 2
+        grey: np.ndarray[Any, Any] = frame.small_gray(reduce)  # a JPEG is decoded scaled
         h, w = grey.shape[:2]
         if w > self.width:
             grey = cv2.resize(
@@ -58,7 +61,7 @@ class MotionGate(Processor):
 
     def score(self, frame: Frame) -> float:
         """Fraction of pixels that moved since the previous frame of ``frame.source_id``."""
-        small = self._small(frame.gray)
+        small = self._small(frame)
         with self._lock:
             state = self._state.get(frame.source_id)
             if self.method == "mog2":

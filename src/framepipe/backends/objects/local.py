@@ -61,6 +61,7 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             raise ObjectStoreError(f"cannot open object store directory {path}: {exc}") from exc
         self._url = self._root.as_uri()
+        self._root_str = str(self._root).rstrip("/")
 
     @property
     def url(self) -> str:
@@ -87,12 +88,27 @@ class LocalObjectStore(ObjectStore):
                     f"invalid object key {key!r}: segment longer than {_MAX_NAME_BYTES} bytes"
                 )
         path = self._root.joinpath(*segments)
-        resolved = Path(os.path.realpath(path))
-        if resolved == self._root or not resolved.is_relative_to(self._root):
+        if self._leaves_root(segments):
             raise InvalidKeyError(
                 f"invalid object key {key!r}: its path leaves {self._url} through a symlink"
             )
         return path
+
+    def _leaves_root(self, segments: list[str]) -> bool:
+        """Whether the path of ``segments`` under the root resolves outside it. Walks the
+        existing part of the path with ``lstat`` (the root itself is resolved once, at open);
+        only a symlink met on the way is resolved in full."""
+        current = self._root_str
+        for segment in segments:
+            current = f"{current}/{segment}"
+            try:
+                mode = os.lstat(current).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return False  # nothing further exists, so no link can lead out
+            if stat.S_ISLNK(mode):
+                resolved = Path(os.path.realpath(self._root.joinpath(*segments)))
+                return resolved == self._root or not resolved.is_relative_to(self._root)
+        return False
 
     def _error(self, action: str, key: str, exc: OSError) -> ObjectStoreError:
         return ObjectStoreError(f"cannot {action} {key!r} in {self._url}: {exc}")
@@ -122,11 +138,14 @@ class LocalObjectStore(ObjectStore):
     def _create_temp(self, key: str, directory: Path) -> tuple[int, Path]:
         for attempt in range(3):
             try:
-                directory.mkdir(parents=True, exist_ok=True)
                 return _create_temp(directory)
-            except FileNotFoundError as exc:  # a concurrent delete pruned the directory
+            except FileNotFoundError as exc:  # a new directory, or a concurrent delete pruned it
                 if attempt == 2:
                     raise self._error("write", key, exc) from exc
+            except OSError as exc:
+                raise self._error("write", key, exc) from exc
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise self._error("write", key, exc) from exc
         raise AssertionError("unreachable")
