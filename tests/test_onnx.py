@@ -264,6 +264,21 @@ def test_session_options_and_providers(caplog: pytest.LogCaptureFixture) -> None
         OnnxModel(DET, intra_op_threads=-1)
 
 
+def test_idle_threads_sleep_unless_asked_to_spin() -> None:
+    """By default ONNX Runtime's thread pools do not spin between runs (a pipeline shares
+    the machine with its decoders); ``spin=True`` lets them."""
+    for spin, expected in ((False, "0"), (True, "1")):
+        model = OnnxModel(DET, preprocess=DET_NORMALISE, spin=spin)
+        model.setup()
+        try:
+            options = model.model.get_session_options()
+            for pool in ("intra_op", "inter_op"):
+                key = f"session.{pool}.allow_spinning"
+                assert options.get_session_config_entry(key) == expected
+        finally:
+            model.teardown()
+
+
 def test_a_fixed_batch_axis_runs_frame_by_frame(tmp_path: Path) -> None:
     model = OnnxModel(
         tiny_model(tmp_path / "fixed.onnx", (1, 3, 8, 8)), batch_size=8, preprocess=identity

@@ -236,6 +236,11 @@ def test_video_realtime_takes_the_clip_duration(clips: dict[str, Path]) -> None:
     assert len(session.frames) == 15
     span = 14 / 25  # the last frame is due 14 frame times after the first
     assert session.elapsed >= 0.8 * span  # lower bound only: machines are noisy
+    # each frame is stamped when its time comes, not when the decoder (ahead) made it: no
+    # frame's capture time is earlier than its place in the clip (lateness only adds)
+    ts, pts = [f.ts_ms for f in session.frames], session.pts
+    early = [(ts[i] - ts[0]) - (pts[i] - pts[0]) * 1000 for i in range(1, 15)]
+    assert min(early) > -15, early
 
 
 def test_video_close_early_stops_the_thread() -> None:

@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,17 @@ class _Channel:
 
     Frames are bounded by a semaphore (the thread waits for room, checking the stop flag);
     control items (opened, error, end) never wait, so the end of a session always arrives.
+    Items wait in a deque; the event loop is woken (a ``call_soon_threadsafe``, a write to its
+    self-pipe) only when the consumer is waiting for one, so a decoder that runs ahead of its
+    consumer costs no wake-up per frame.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[_Kind, Any]] = asyncio.Queue()
+        self.items: deque[tuple[_Kind, Any]] = deque()
+        self.lock = threading.Lock()
+        self.waiting = False  # the consumer waits on ``ready`` (guarded by ``lock``)
+        self.ready = asyncio.Event()
         self.room = threading.Semaphore(capacity)
         self.stopped = threading.Event()
 
@@ -110,15 +117,27 @@ class _Channel:
 
     def post(self, kind: _Kind, payload: Any = None) -> bool:
         """Queue a control item without waiting; False if the event loop is gone."""
+        with self.lock:
+            self.items.append((kind, payload))
+            wake, self.waiting = self.waiting, False
+        if not wake:
+            return True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.ready.set)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.stopped.set()
             return False
         return True
 
     async def get(self) -> tuple[_Kind, Any]:
-        kind, payload = await self.queue.get()
+        while True:
+            self.ready.clear()
+            with self.lock:
+                if self.items:
+                    kind, payload = self.items.popleft()
+                    break
+                self.waiting = True
+            await self.ready.wait()
         if kind == "frame":
             self.room.release()
         return kind, payload
@@ -154,11 +173,11 @@ class VideoSource(Source):
     ``fps`` is the stream's nominal rate, known once a session has opened it.
 
     A stream of JPEG pictures (MJPEG: most USB cameras, many IP cameras' ``/mjpeg`` URLs, MJPEG
-    files) is not decoded while ``keep_jpeg`` and ``bgr_via_opencv`` (the defaults): each packet becomes a frame holding the
-    camera's JPEG bytes, so a frame that is only stored is never decoded and re-encoded, and
-    ``frame.gray`` is a grey-only (or, with ``small_gray``, a DCT-scaled) decode. A packet that
-    is not a whole JPEG with its own Huffman tables (some AVI MJPEG leaves them out) switches the
-    session to decoding.
+    files) is not decoded while ``keep_jpeg`` and ``bgr_via_opencv`` (the defaults): each
+    packet becomes a frame holding the camera's JPEG bytes, so a frame that is only stored is
+    never decoded and re-encoded, and ``frame.gray`` is a grey-only (or, with ``small_gray``,
+    a DCT-scaled) decode. A packet that is not a whole JPEG with its own Huffman tables (some
+    AVI MJPEG leaves them out) switches the session to decoding.
 
     ``decode_threads`` is the decoder's thread count: None lets FFmpeg choose (frame and slice
     threads for one big stream); 1 decodes in the capture thread alone, the cheapest per frame
@@ -354,7 +373,6 @@ class VideoSource(Source):
                     if channel.stopped.is_set():
                         raise _Stopped
                     for frame in self._frames_of(packet, jpeg, bad, count, passes):
-                        ts = now_ms()
                         time_s = frame.time
                         if time_s is None:
                             time_s = (first_time or 0.0) + count * frame_time
@@ -381,6 +399,9 @@ class VideoSource(Source):
                         last_pts = pts
                         if pacer is not None:
                             pacer.wait_until(pts)
+                        # a paced file's frame is "captured" when its time comes, not when
+                        # the decoder, running ahead, produced it
+                        ts = now_ms()
                         if not channel.put_frame(_Decoded(picture, pts, ts, meta)):
                             raise _Stopped
                 self._check_complete(stream, count)

@@ -117,9 +117,12 @@ class OnnxModel(PythonModel):
 
     ``path`` is the ``.onnx`` file. Session options: ``intra_op_threads`` and
     ``inter_op_threads`` (None: ONNX Runtime's default, about one per core),
-    ``graph_optimization`` (``"disable"``, ``"basic"``, ``"extended"``, ``"all"``).
-    ``providers``: execution providers in order of preference, names or ``(name, options)``;
-    one this ONNX Runtime lacks is logged and skipped, and CPU is always the last resort.
+    ``graph_optimization`` (``"disable"``, ``"basic"``, ``"extended"``, ``"all"``), ``spin``
+    (default False: ONNX Runtime's idle threads sleep instead of spinning for the next run,
+    which on a machine shared with decoders and other stages takes CPU from them; True for a
+    machine given to the model alone). ``providers``: execution providers in order of
+    preference, names or ``(name, options)``; one this ONNX Runtime lacks is logged and
+    skipped, and CPU is always the last resort.
 
     The hooks: ``preprocess(frame) -> array`` makes one frame's input without the batch axis
     (a dict name -> array for a model with several inputs; default :class:`ImageToTensor`);
@@ -153,6 +156,7 @@ class OnnxModel(PythonModel):
         intra_op_threads: int | None = None,
         inter_op_threads: int | None = None,
         graph_optimization: GraphOptimization = "all",
+        spin: bool = False,
         batch_size: int = 1,
         max_wait_ms: float = 5.0,
         preprocess: Callable[[Any], Any] = DEFAULT_PREPROCESS,
@@ -180,6 +184,7 @@ class OnnxModel(PythonModel):
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self.graph_optimization = graph_optimization
+        self.spin = spin
         self.batch_size = batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.preprocess = preprocess
@@ -263,6 +268,8 @@ class OnnxModel(PythonModel):
             options.intra_op_num_threads = self.intra_op_threads
         if self.inter_op_threads is not None:
             options.inter_op_num_threads = self.inter_op_threads
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(self.spin)))
         level = ort.GraphOptimizationLevel
         options.graph_optimization_level = {
             "disable": level.ORT_DISABLE_ALL,
