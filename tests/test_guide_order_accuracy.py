@@ -257,6 +257,12 @@ def test_stored_footage_is_replayed_at_machine_speed(
     assert any("capture started" in line and "gst-launch-1.0" in line for line in runner.logs)
     found = {o["order_id"] for o in runner.of("order.completed")}
     assert found == {"ORDER_301", "ORDER_302", "ORDER_303"}
+    # orders time out by the recording's own clock, as they would have live: each holds its
+    # ticket's frames and the 1 s timeout's, not the idle gap up to the next ticket
+    tagged = json.loads(Path(f"{video}.json").read_text())["tagged_frames"]
+    for order in runner.of("order.completed"):
+        assert order["reason"] == "timeout", order
+        assert abs(order["frames"] - tagged[order["order_id"]] - round(TIMEOUT * FPS)) <= 1, order
 
 
 def test_a_camera_down_is_retried_at_the_cap_until_it_is_back(

@@ -970,7 +970,7 @@ def _jpeg_packets(path: Path) -> list[bytes]:
         return [bytes(p) for p in container.demux(video=0) if p.size]
 
 
-async def _lazy_frames(source: VideoSource) -> list[Frame]:
+async def _lazy_frames(source: Source) -> list[Frame]:
     """Every frame of a session, pixels untouched."""
     return [frame async for frame in source.frames()]
 
@@ -1050,3 +1050,28 @@ def test_video_decode_threads(clips: dict[str, Path]) -> None:
         assert np.array_equal(a.planes.data, c.planes.data)
     with pytest.raises(ValueError, match="decode_threads"):
         VideoSource(clips["short"], decode_threads=0)
+
+
+@pytest.mark.parametrize("capture", ["gst", "ffmpeg"])
+def test_a_recordings_frames_carry_their_time_in_it(
+    capture: str, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """A file captured by a subprocess, read faster than real time, gives its frames their
+    place in the recording (from the file's rate): the stream clock of a replay. A stream URL's
+    frames have none, and a rate is needed to give them."""
+    from framepipe.sources import capture_source
+    from framepipe.sources.capture import file_rate
+
+    need_tool("gst-launch-1.0" if capture == "gst" else "ffmpeg")
+    source = capture_source(str(clips["short"]), "rec", capture=capture, realtime=False)  # type: ignore[arg-type]
+    assert isinstance(source, CommandSource) and source.timestamps and source.fps == 25
+    frames = run(_lazy_frames(source))
+    assert len(frames) == 15
+    assert [f.pts for f in frames] == pytest.approx([i / 25 for i in range(15)])
+    url = capture_source("tcp://127.0.0.1:9", "cam")
+    assert isinstance(url, CommandSource) and not url.timestamps and url.fps is None
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    assert file_rate(str(text)) is None
+    with pytest.raises(ValueError, match="needs the recording's fps"):
+        CommandSource(["true"], "x", timestamps=True)

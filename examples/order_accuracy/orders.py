@@ -395,9 +395,12 @@ def build_station(
     frame_template: str = FRAME_TEMPLATE,
     after_restarts: AfterRestarts = "keep_trying",
     retry_delay: float | None = None,
+    clock: Literal["wall", "stream"] = "wall",
 ) -> StreamPipeline:
     """The pipeline of one station (see the module docstring). ``reader``: ``"qr"`` (QR
     tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`.
+    ``clock="stream"`` times orders out by the recording's own time (frames' ``pts``), for
+    footage read faster than real time.
     ``frame_template``: the frames' keys (``station_1/{segment_id}/...`` for a store that is
     the ``frames`` bucket itself). ``after_restarts``: ``keep_trying`` retries a camera that
     failed ``max_restarts`` times in a row every ``retry_delay`` seconds (default: the
@@ -414,7 +417,11 @@ def build_station(
         source,
         stages=[Stage(OrderTagStage(station_id, reader), workers=tag_workers, queue_size=32)],
         segmenter=Segmenter(
-            OrderKey(), timeout=order_timeout, max_duration=max_order_seconds, label="order"
+            OrderKey(),
+            timeout=order_timeout,
+            max_duration=max_order_seconds,
+            label="order",
+            clock=clock,
         ),
         sinks=[
             FrameStore(
@@ -501,6 +508,9 @@ class OrderAccuracy:
             frame_template=frame_template,
             after_restarts=after_restarts,
             retry_delay=retry_delay,
+            # footage read faster than real time keeps its own clock: an order times out
+            # after order_timeout seconds of the recording, as it would have live
+            clock="wall" if realtime else "stream",
         )
         self.capture_options: dict[str, Any] = dict(
             capture=capture, fps=fps, loop=loop, realtime=realtime, decode_threads=decode_threads

@@ -296,7 +296,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fast",
         action="store_true",
         help="read video files as fast as the machine decodes them instead of at their own "
-        "rate (re-processing stored footage; no frame is skipped)",
+        "rate (re-processing stored footage; no frame is skipped; order timeouts count the "
+        "recording's own time)",
     )
     parser.add_argument(
         "--reader",

@@ -22,6 +22,9 @@ Its rules:
   encoder); None lets the decoder choose. 1 is the cheapest per frame when many cameras share
   a machine, each capture already running in a thread or process of its own. gst-launch-1.0
   keeps GStreamer's choice.
+* The frames of a file carry their time in the recording (``pts``, from the file's frame
+  rate, or ``fps`` when it resamples), whichever capture reads it: a recording read faster
+  than real time keeps its own clock. A stream URL's frames have the wall clock only.
 * ``env`` is added to the capture process's environment (``STATION_ID`` for a DL Streamer
   callback, for example).
 """
@@ -37,6 +40,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import av
+import av.error
+
 from framepipe.errors import ConfigError
 from framepipe.logs import get_logger
 from framepipe.sources.av import VideoSource
@@ -47,6 +53,7 @@ __all__ = [
     "Capture",
     "capture_source",
     "ffmpeg_argv",
+    "file_rate",
     "gst_argv",
     "gst_problem",
     "is_stream_url",
@@ -222,6 +229,7 @@ def capture_source(
             loop=loop and not url,
             decode_threads=decode_threads,
         )
+    rate = fps if fps or url else file_rate(spec)
     if capture in ("auto", "gst"):
         problem = gst_problem(spec, fps=fps)
         if problem is None:
@@ -229,9 +237,10 @@ def capture_source(
                 gst_argv(spec, fps=fps, realtime=realtime),
                 source_id,
                 env=env,
-                fps=fps,
+                fps=rate,
                 live=url,
                 loop=loop and not url,
+                timestamps=bool(rate) and not url,
             )
         if capture == "gst":
             raise ConfigError(f"source {source_id}: capture 'gst' cannot run: {problem}")
@@ -242,6 +251,30 @@ def capture_source(
         ffmpeg_argv(spec, fps=fps, loop=loop, realtime=realtime, threads=decode_threads),
         source_id,
         env=env,
-        fps=fps,
+        fps=rate,
         live=url or loop,
+        timestamps=bool(rate) and not url,
     )
+
+
+def file_rate(path: str) -> float | None:
+    """The frame rate a video file's header states (None when it states none or cannot be
+    read: the capture then says why). Cached per file version."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _file_rate(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_rate(path: str, _size: int, _mtime_ns: int) -> float | None:
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    return float(rate) if rate else None

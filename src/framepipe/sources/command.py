@@ -182,9 +182,13 @@ class CommandSource(Source):
     ``format="rawvideo"`` reads frames of ``width * height`` pixels in ``pix_fmt``
     (``bgr24``, ``rgb24`` or ``gray``; converted to BGR). ``env`` adds variables to the
     inherited environment. ``stderr_lines`` lines of stderr are kept for errors. Frames have
-    ``pts=None`` and ``ts_ms`` = the wall clock when they were read. ``fps`` states the nominal
-    rate, if known. MJPEG frames keep the captured JPEG bytes (their header checked): they are
-    decoded only when a stage asks for pixels, and stored as they were captured.
+    ``ts_ms`` = the wall clock when they were read and ``pts=None``, or, with ``timestamps``
+    (a recording that writes every frame at a known ``fps``), ``pts = (seq - 1) / fps``: the
+    frame's place in the recording, counted on across passes and restarts, so a recording
+    read faster than real time keeps its own time (``Segmenter(clock="stream")``). ``fps``
+    states the nominal rate, if known. MJPEG frames keep the captured JPEG bytes (their header
+    checked): they are decoded only when a stage asks for pixels, and stored as they were
+    captured.
 
     What the end of a session means:
 
@@ -215,8 +219,12 @@ class CommandSource(Source):
         fps: float | None = None,
         live: bool = True,
         loop: bool = False,
+        timestamps: bool = False,
     ) -> None:
         super().__init__(source_id)
+        if timestamps and not fps:
+            raise ValueError("timestamps=True needs the recording's fps")
+        self.timestamps = timestamps
         self.fps = fps  # nominal rate when the caller knows it (health compares against it)
         self.live = live or loop
         self.loops = loop
@@ -293,12 +301,14 @@ class CommandSource(Source):
             else:
                 read = _RawReader(proc.stdout, self, self._shape).read
             while (picture := await read()) is not None:
+                seq = self.next_seq()
                 yield Frame(
                     image=None if isinstance(picture, JpegPicture) else picture,
                     picture=picture if isinstance(picture, JpegPicture) else None,
                     source_id=self.source_id,
-                    seq=self.next_seq(),
+                    seq=seq,
                     ts_ms=now_ms(),
+                    pts=(seq - 1) / self.fps if self.timestamps and self.fps else None,
                 )
             code = await self._exit_code(proc, exited)
             if code == 0 and (self.loops or not self.live):
