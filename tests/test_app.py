@@ -364,6 +364,55 @@ def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path)
     assert app.restart_attempts == {}
 
 
+def test_starting_a_pipeline_whose_recovery_gave_up_runs_it_again(tmp_path: Path) -> None:
+    """Once recovery gave up on a pipeline (its model would not load), an operator's start
+    (``App.resume``, ``POST /api/sources/{app}/{pipeline}/start``) runs it again with its
+    recoveries forgotten; a start of a pipeline that runs changes nothing."""
+    from framepipe.processors import Processor
+
+    class Model(Processor):
+        name = "model"
+        fixed = False
+
+        def setup(self) -> None:
+            if not Model.fixed:
+                raise RuntimeError("weights not loaded")
+
+        def process(self, item: Any) -> Any:
+            return item
+
+    app = App(
+        "models",
+        settings=Settings(home=tmp_path),
+        restart_cooldown=0.05,
+        max_restart_attempts=1,
+        health_interval=0.05,
+    )
+    events = record(app)
+    broken = app.add_pipeline(
+        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(Model())])
+    )
+    fine = app.add_pipeline(StreamPipeline("fine", PatternSource("fine", fps=50)))
+
+    async def main() -> None:
+        await app.start()
+        try:
+            await wait_until_async("system_error", lambda: bool(kinds(events, "system_error")))
+            assert app.restart_attempts == {"broken": 1}
+            await app.resume("fine")  # running: left alone
+            assert not kinds(events, "pipeline.resumed")
+            Model.fixed = True  # the operator fixed it
+            await app.resume("broken")
+            await wait_until_async("broken's frames", lambda: broken.frames_out > 5)
+            assert app.restart_attempts == {}
+            assert broken.state is HealthState.RUNNING and fine.frames_out > 0
+        finally:
+            await app.stop()
+
+    asyncio.run(main())
+    assert [d["pipeline"] for d in kinds(events, "pipeline.resumed")] == ["broken"]
+
+
 def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_models(
     tmp_path: Path,
 ) -> None:

@@ -189,13 +189,25 @@ class App:
         self.emit("pipeline.paused", {"pipeline": name})
 
     async def resume(self, name: str) -> None:
-        """Start a paused pipeline again (its source restarts; counters go on)."""
+        """Start a paused pipeline again (its source restarts; counters go on), or one whose
+        recovery gave up (failed and no longer watched: an operator fixed its camera), with
+        its recoveries forgotten, so auto-recovery has ``max_restart_attempts`` again. A
+        pipeline that runs, or is being recovered, is left as it is."""
         pipeline = self.pipelines[name]
-        if name not in self.paused:
+        if name in self.paused:
+            self.paused.discard(name)
+        elif self._gave_up(name):
+            self.reset_recovery(name)
+        else:
             return
-        self.paused.discard(name)
         await self._start_one(pipeline)
         self.emit("pipeline.resumed", {"pipeline": name})
+
+    def _gave_up(self, name: str) -> bool:
+        """The pipeline failed and nothing will start it again (recovery gave up, or is off)."""
+        watcher = self._watchers.get(name)
+        failed = self.pipelines[name].state is HealthState.FAILED
+        return failed and (watcher is None or watcher.done())
 
     def reset_recovery(self, name: str | None = None) -> None:
         """Forget the recoveries counted for pipeline ``name`` (every pipeline when None), e.g.
