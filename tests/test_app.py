@@ -23,6 +23,7 @@ from framepipe.app import App, SystemState
 from framepipe.backoff import Backoff
 from framepipe.cli import app as cli_app
 from framepipe.frames import Frame
+from framepipe.processors import Processor
 from framepipe.sources import CommandSource, PatternSource
 from framepipe.stream import Stage, StreamPipeline
 from framepipe.supervise import HealthState
@@ -308,38 +309,44 @@ def test_framepipe_run_runs_an_app_until_sigterm(tmp_path: Path) -> None:
     assert final["pipeline_status"]["station_1"]["frames_captured"] > 0
 
 
+class LoadingModel(Processor):
+    """A model whose weights fail to load ``failures`` times before they do."""
+
+    name = "model"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def setup(self) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("weights not loaded")
+
+    def process(self, item: Any) -> Any:
+        return item
+
+
+def models_app(home: Path, max_restart_attempts: int) -> App:
+    """An app that recovers quickly, for pipelines of :class:`LoadingModel`."""
+    return App(
+        "models",
+        settings=Settings(home=home),
+        restart_cooldown=0.05,
+        max_restart_attempts=max_restart_attempts,
+        health_interval=0.05,
+    )
+
+
 def test_a_pipeline_whose_setup_fails_is_recovered_then_reported(tmp_path: Path) -> None:
     """A model that fails to load at start (twice) is retried by recovery; one that never
     loads ends in system_error after max_restart_attempts; the app's state says so."""
-    from framepipe.processors import Processor
-
-    class Model(Processor):
-        name = "model"
-
-        def __init__(self, failures: int) -> None:
-            self.failures = failures
-
-        def setup(self) -> None:
-            if self.failures > 0:
-                self.failures -= 1
-                raise RuntimeError("weights not loaded")
-
-        def process(self, item: Any) -> Any:
-            return item
-
-    app = App(
-        "models",
-        settings=Settings(home=tmp_path),
-        restart_cooldown=0.05,
-        max_restart_attempts=2,
-        health_interval=0.05,
-    )
+    app = models_app(tmp_path, 2)
     events = record(app)
     flaky = app.add_pipeline(
-        StreamPipeline("flaky", PatternSource("flaky", fps=50), stages=[Stage(Model(2))])
+        StreamPipeline("flaky", PatternSource("flaky", fps=50), stages=[Stage(LoadingModel(2))])
     )
     app.add_pipeline(
-        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(Model(10))])
+        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(LoadingModel(10))])
     )
 
     async def main() -> Any:
@@ -368,29 +375,11 @@ def test_starting_a_pipeline_whose_recovery_gave_up_runs_it_again(tmp_path: Path
     """Once recovery gave up on a pipeline (its model would not load), an operator's start
     (``App.resume``, ``POST /api/sources/{app}/{pipeline}/start``) runs it again with its
     recoveries forgotten; a start of a pipeline that runs changes nothing."""
-    from framepipe.processors import Processor
-
-    class Model(Processor):
-        name = "model"
-        fixed = False
-
-        def setup(self) -> None:
-            if not Model.fixed:
-                raise RuntimeError("weights not loaded")
-
-        def process(self, item: Any) -> Any:
-            return item
-
-    app = App(
-        "models",
-        settings=Settings(home=tmp_path),
-        restart_cooldown=0.05,
-        max_restart_attempts=1,
-        health_interval=0.05,
-    )
+    model = LoadingModel(10**9)
+    app = models_app(tmp_path, 1)
     events = record(app)
     broken = app.add_pipeline(
-        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(Model())])
+        StreamPipeline("broken", PatternSource("broken", fps=50), stages=[Stage(model)])
     )
     fine = app.add_pipeline(StreamPipeline("fine", PatternSource("fine", fps=50)))
 
@@ -401,7 +390,7 @@ def test_starting_a_pipeline_whose_recovery_gave_up_runs_it_again(tmp_path: Path
             assert app.restart_attempts == {"broken": 1}
             await app.resume("fine")  # running: left alone
             assert not kinds(events, "pipeline.resumed")
-            Model.fixed = True  # the operator fixed it
+            model.failures = 0  # the operator fixed it
             await app.resume("broken")
             await wait_until_async("broken's frames", lambda: broken.frames_out > 5)
             assert app.restart_attempts == {}
