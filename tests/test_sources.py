@@ -1075,3 +1075,27 @@ def test_a_recordings_frames_carry_their_time_in_it(
     assert file_rate(str(text)) is None
     with pytest.raises(ValueError, match="needs the recording's fps"):
         CommandSource(["true"], "x", timestamps=True)
+
+
+def test_a_camera_device_is_captured_live_by_every_capture() -> None:
+    """A device node (a USB camera's ``/dev/video0``) is a live source for every capture:
+    ``v4l2src``, ``ffmpeg -f v4l2``, or PyAV; never paced, looped or stamped as a recording.
+    ``/dev/null`` stands in for the device (a character device, not a camera): its capture
+    fails with an error naming it, and the supervisor would retry it."""
+    from framepipe.sources import capture_source
+    from framepipe.sources.capture import gst_argv, is_device
+
+    assert is_device("/dev/null") and not is_device("/etc/hostname") and not is_device("/nope")
+    need_tool("ffmpeg")
+    ffmpeg = capture_source("/dev/null", "usb", capture="ffmpeg", loop=True)
+    assert isinstance(ffmpeg, CommandSource) and ffmpeg.live and not ffmpeg.timestamps
+    at = ffmpeg.argv.index("-i")
+    assert ffmpeg.argv[at - 2 : at + 2] == ["-f", "v4l2", "-i", "/dev/null"]
+    assert "-re" not in ffmpeg.argv and "-stream_loop" not in ffmpeg.argv
+    gst = gst_argv("/dev/null")
+    assert gst[2:5] == ["v4l2src", "device=/dev/null", "!"] and "sync=false" in gst
+    pyav = capture_source("/dev/null", "usb", capture="av", loop=True)
+    assert isinstance(pyav, VideoSource) and pyav.live and not pyav.loop and pyav.paced
+    session = run(collect(pyav))
+    assert isinstance(session.error, SourceError)
+    assert "/dev/null" in str(session.error) and "cannot open" in str(session.error)

@@ -48,7 +48,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import cv2
@@ -344,9 +343,10 @@ def station_source(
 ) -> Source:
     """The capture of one station.
 
-    ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), or
-    ``cmd:<command line>`` (any command writing an MJPEG stream to stdout, e.g. a
-    ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline). Files and URLs are captured by
+    ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), a
+    camera's device node (``/dev/video0``), or ``cmd:<command line>`` (any command writing an
+    MJPEG stream to stdout, e.g. a ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline).
+    Files, URLs and devices are captured by
     :func:`framepipe.sources.capture_source`: ``capture="auto"`` runs gst-launch-1.0 where
     GStreamer can play the input, else ffmpeg (the hand-written station's model: one
     persistent process per station, which ``STATION_ID`` is passed to); ``gst`` or ``ffmpeg``
@@ -361,9 +361,6 @@ def station_source(
         if not argv:
             raise ConfigError(f"station {station_id}: 'cmd:' needs a command")
         return CommandSource(argv, station_id, env=env, fps=fps)
-    is_url = _URL.match(spec) is not None and not spec.lower().startswith("file:")
-    if not is_url and not Path(spec).is_file():
-        raise ConfigError(f"station {station_id}: video file {spec!r} does not exist")
     return capture_source(
         spec,
         station_id,

@@ -10,8 +10,9 @@ Its rules:
   GStreamer having a source for its scheme and the elements the pipeline needs.
   ``capture="gst"`` and ``capture="ffmpeg"`` force one (a clear error when it cannot run);
   ``capture="av"`` decodes with PyAV in this process.
-* A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL is
-  live: every end of it is a death, restarted by the supervisor.
+* A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL and
+  a camera's device node (``/dev/video0``: ``v4l2src``, ``ffmpeg -f v4l2``, or PyAV's v4l2)
+  are live: every end of them is a death, restarted by the supervisor.
 * ``loop=True`` plays a file forever: ffmpeg loops it itself (``-stream_loop -1``, one
   process for good); gst-launch-1.0 cannot seek back, so each pass is one process and the
   next pass starts at once when one ends (:attr:`~framepipe.sources.Source.loops`).
@@ -35,6 +36,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +58,7 @@ __all__ = [
     "file_rate",
     "gst_argv",
     "gst_problem",
+    "is_device",
     "is_stream_url",
 ]
 
@@ -72,16 +75,26 @@ def is_stream_url(spec: str) -> bool:
     return _URL.match(spec) is not None and not spec.lower().startswith("file:")
 
 
+def is_device(spec: str) -> bool:
+    """True for a device node such as a USB camera's ``/dev/video0`` (a character device)."""
+    try:
+        return stat.S_ISCHR(os.stat(spec).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def gst_argv(spec: str, *, fps: float | None = None, realtime: bool = True) -> list[str]:
     """The ``gst-launch-1.0`` command writing ``spec`` to stdout as MJPEG."""
-    if not is_stream_url(spec):
+    if is_device(spec):
+        head = ["v4l2src", f"device={spec}", "!", "decodebin"]
+    elif not is_stream_url(spec):
         head = ["filesrc", f"location={spec}", "!", "decodebin"]
     elif spec.lower().startswith("rtsp"):
         head = ["rtspsrc", f"location={spec}", "latency=200", "!", "decodebin"]
     else:
         head = ["uridecodebin", f"uri={spec}"]
     rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] if fps else []
-    sync = "true" if realtime and not is_stream_url(spec) else "false"
+    sync = "true" if realtime and not (is_stream_url(spec) or is_device(spec)) else "false"
     tail = ["jpegenc", "quality=90", "!", "fdsink", "fd=1", f"sync={sync}"]
     return [GST, "-q", *head, "!", "videoconvert", *rate, "!", *tail]
 
@@ -99,7 +112,9 @@ def ffmpeg_argv(
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     limit = ["-threads", str(threads)] if threads else []
     argv += limit
-    if not is_stream_url(spec):
+    if is_device(spec):
+        argv += ["-f", "v4l2"]
+    elif not is_stream_url(spec):
         argv += ["-re"] if realtime else []
         argv += ["-stream_loop", "-1"] if loop else []
     elif spec.lower().startswith("rtsp"):
@@ -131,11 +146,13 @@ def gst_problem(spec: str, *, fps: float | None = None) -> str | None:
         if scheme not in _gst_schemes():
             return f"GStreamer has no source for {scheme}:// URLs"
         return None
+    if is_device(spec):
+        return None if _gst_has("v4l2src") else "GStreamer has no v4l2src element"
     try:
-        stat = os.stat(spec)
+        st = os.stat(spec)
     except OSError as exc:
         return f"cannot read {spec}: {exc.strerror}"
-    return _probe_file(str(Path(spec).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _probe_file(str(Path(spec).resolve()), st.st_size, st.st_mtime_ns)
 
 
 @functools.cache
@@ -217,7 +234,8 @@ def capture_source(
             f"source {source_id}: capture must be one of {', '.join(CAPTURES)}, not {capture!r}"
         )
     url = is_stream_url(spec)
-    if not url and not Path(spec).is_file():
+    live = url or is_device(spec)  # a stream or a camera: every end of it is a death
+    if not live and not Path(spec).is_file():
         raise ConfigError(f"source {source_id}: video file {spec!r} does not exist")
     if decode_threads is not None and decode_threads < 1:
         raise ConfigError(f"source {source_id}: decode_threads must be >= 1, not {decode_threads}")
@@ -225,11 +243,11 @@ def capture_source(
         return VideoSource(
             spec,
             source_id,
-            realtime=realtime and not url,
-            loop=loop and not url,
+            realtime=realtime and not live,
+            loop=loop and not live,
             decode_threads=decode_threads,
         )
-    rate = fps if fps or url else file_rate(spec)
+    rate = fps if fps or live else file_rate(spec)
     if capture in ("auto", "gst"):
         problem = gst_problem(spec, fps=fps)
         if problem is None:
@@ -238,9 +256,9 @@ def capture_source(
                 source_id,
                 env=env,
                 fps=rate,
-                live=url,
-                loop=loop and not url,
-                timestamps=bool(rate) and not url,
+                live=live,
+                loop=loop and not live,
+                timestamps=bool(rate) and not live,
             )
         if capture == "gst":
             raise ConfigError(f"source {source_id}: capture 'gst' cannot run: {problem}")
@@ -252,8 +270,8 @@ def capture_source(
         source_id,
         env=env,
         fps=rate,
-        live=url or loop,
-        timestamps=bool(rate) and not url,
+        live=live or loop,
+        timestamps=bool(rate) and not live,
     )
 
 
