@@ -172,9 +172,10 @@ class VideoSource(Source):
     ``live`` is False for a file played once (its end ends a pipeline) and True otherwise;
     ``fps`` is the stream's nominal rate, known once a session has opened it.
 
-    A stream of JPEG pictures (MJPEG: most USB cameras, many IP cameras' ``/mjpeg`` URLs, MJPEG
-    files) is not decoded while ``keep_jpeg`` and ``bgr_via_opencv`` (the defaults): each
-    packet becomes a frame holding the camera's JPEG bytes, so a frame that is only stored is
+    A stream of JPEG pictures (MJPEG: a USB camera asked for it with
+    ``options={"input_format": "mjpeg"}``, many IP cameras' ``/mjpeg`` URLs, MJPEG files) is
+    not decoded while ``keep_jpeg`` and ``bgr_via_opencv`` (the defaults): each packet
+    becomes a frame holding the camera's JPEG bytes, so a frame that is only stored is
     never decoded and re-encoded, and ``frame.gray`` is a grey-only (or, with ``small_gray``,
     a DCT-scaled) decode. A packet that is not a whole JPEG with its own Huffman tables (some
     AVI MJPEG leaves them out) switches the session to decoding.
