@@ -930,10 +930,7 @@ def main() -> None:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     results.info = [*results.info, ("load average at end (1, 5, 15 min)", load)]
     text = report(results)
-    print(text)
-    if write:
-        run_all.write_doc(text, DOC)
-        log(f"wrote {DOC.relative_to(ROOT)}")
+    run_all.publish(text, DOC, write=write)
 
 
 if __name__ == "__main__":

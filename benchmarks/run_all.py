@@ -333,6 +333,15 @@ def write_doc(text: str, path: Path = DOC) -> None:
     path.write_text(f"{head}{START}\n{text}{END}{tail}")
 
 
+def publish(text: str, doc: Path, *, write: bool) -> None:
+    """Print a benchmark's report and, with ``write``, put it into ``doc`` between the
+    results markers (saying so on stderr)."""
+    print(text)
+    if write:
+        write_doc(text, doc)
+        print(f"wrote {doc}", file=sys.stderr, flush=True)
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 

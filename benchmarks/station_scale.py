@@ -555,10 +555,7 @@ def main() -> None:
             same = next((r for r in sweep if r.n == m and config == best), None)
             compared.append(same or run_config(m, config, video, args.warmup, args.window))
     text = report(sweep, compared, args, info)
-    print(text)
-    if not args.no_write:
-        run_all.write_doc(text, DOC)
-        log(f"wrote {DOC.relative_to(ROOT)}")
+    run_all.publish(text, DOC, write=not args.no_write)
 
 
 if __name__ == "__main__":
