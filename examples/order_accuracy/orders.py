@@ -74,6 +74,7 @@ from framepipe import (
     open_object_store,
 )
 from framepipe.errors import ConfigError, MissingDependencyError
+from framepipe.pixels import REDUCTIONS
 from framepipe.sources import Capture, capture_source
 
 __all__ = [
@@ -136,8 +137,8 @@ class QrTagReader:
     colour = False
 
     def __init__(self, reduce: int = 1) -> None:
-        if reduce not in (1, 2, 4, 8):
-            raise ConfigError(f"QR tag reduce must be 1, 2, 4 or 8, not {reduce!r}")
+        if reduce not in REDUCTIONS:
+            raise ConfigError(f"QR tag reduce must be one of {REDUCTIONS}, not {reduce!r}")
         self.reduce = reduce
         try:
             import zxingcpp

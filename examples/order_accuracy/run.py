@@ -55,6 +55,7 @@ from framepipe.backoff import Backoff
 from framepipe.config import load_settings
 from framepipe.errors import ConfigError
 from framepipe.logs import configure_logging, get_logger
+from framepipe.pixels import REDUCTIONS
 
 log = get_logger("order_accuracy")
 
@@ -308,7 +309,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tag-reduce",
         type=int,
-        choices=[1, 2, 4, 8],
+        choices=REDUCTIONS,
         default=1,
         help="read QR tags at 1/N of the picture's size: 2 reads tickets whose QR modules are "
         "at least 4 pixels wide as well, for about a quarter of the reading cost (default 1)",

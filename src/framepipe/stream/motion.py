@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from framepipe.frames import Frame
+from framepipe.pixels import REDUCTIONS
 from framepipe.processors.base import Processor
 
 __all__ = ["MotionGate"]
@@ -49,7 +50,7 @@ class MotionGate(Processor):
 
     def _small(self, frame: Frame) -> np.ndarray[Any, Any]:
         reduce = 1
-        while reduce < 8 and frame.width // (reduce * 2) >= self.width:
+        while reduce < REDUCTIONS[-1] and frame.width // (reduce * 2) >= self.width:
             reduce *= 2
         grey: np.ndarray[Any, Any] = frame.small_gray(reduce)  # a JPEG is decoded scaled
         h, w = grey.shape[:2]
