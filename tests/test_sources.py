@@ -1077,25 +1077,54 @@ def test_a_recordings_frames_carry_their_time_in_it(
         CommandSource(["true"], "x", timestamps=True)
 
 
-def test_a_camera_device_is_captured_live_by_every_capture() -> None:
-    """A device node (a USB camera's ``/dev/video0``) is a live source for every capture:
-    ``v4l2src``, ``ffmpeg -f v4l2``, or PyAV; never paced, looped or stamped as a recording.
-    ``/dev/null`` stands in for the device (a character device, not a camera): its capture
-    fails with an error naming it, and the supervisor would retry it."""
+def test_a_camera_device_is_captured_live_and_other_devices_are_refused() -> None:
+    """A camera's device node (video4linux) is a live source for every capture: ``v4l2src``,
+    ``ffmpeg -f v4l2``, or PyAV; never paced, looped or stamped as a recording. A device that
+    is no camera (``/dev/null``, ``/dev/zero``: read, it would never end) is refused at once,
+    naming it. No camera exists on this machine: a video4linux node with no driver behind it
+    (made with ``mknod`` where the test may) stands in for one."""
+    from framepipe.errors import ConfigError
     from framepipe.sources import capture_source
-    from framepipe.sources.capture import gst_argv, is_device
+    from framepipe.sources.capture import ffmpeg_argv, gst_argv
+    from framepipe.sources.devices import is_device
 
-    assert is_device("/dev/null") and not is_device("/etc/hostname") and not is_device("/nope")
+    assert not is_device("/dev/null") and not is_device("/etc/hostname")
+    assert not is_device("/no/such")
+    assert is_device("/dev/video7")  # named as a camera: live even while it is unplugged
+    unplugged = capture_source("/dev/video7", "usb", capture="av")
+    assert isinstance(unplugged, VideoSource) and unplugged.live
+    ffmpeg = ffmpeg_argv("/dev/video0", loop=True, device=True)
+    at = ffmpeg.index("-i")
+    assert ffmpeg[at - 2 : at + 2] == ["-f", "v4l2", "-i", "/dev/video0"]
+    assert "-re" not in ffmpeg and "-stream_loop" not in ffmpeg
+    gst = gst_argv("/dev/video0", device=True)
+    assert gst[2:5] == ["v4l2src", "device=/dev/video0", "!"] and "sync=false" in gst
+    for node in ("/dev/null", "/dev/zero"):
+        for capture in ("auto", "ffmpeg", "av"):
+            with pytest.raises(ConfigError, match=f"'{node}' is not a video file nor a camera"):
+                capture_source(node, "usb", capture=capture)  # type: ignore[arg-type]
+
+
+def test_a_camera_node_without_a_camera_fails_its_session_naming_it(tmp_path: Path) -> None:
+    """A video4linux device node whose camera is unplugged: every capture takes it as a live
+    camera, and PyAV's session fails with an error naming the node (the supervisor retries)."""
+    import stat as stat_mode
+
+    from framepipe.sources import capture_source
+    from framepipe.sources.devices import is_device
+
+    node = tmp_path / "video99"
+    try:
+        os.mknod(node, stat_mode.S_IFCHR | 0o600, os.makedev(81, 99))
+    except (PermissionError, OSError) as exc:
+        pytest.skip(f"cannot make a device node here: {exc}")
+    assert is_device(str(node))
     need_tool("ffmpeg")
-    ffmpeg = capture_source("/dev/null", "usb", capture="ffmpeg", loop=True)
+    ffmpeg = capture_source(str(node), "usb", capture="ffmpeg", loop=True)
     assert isinstance(ffmpeg, CommandSource) and ffmpeg.live and not ffmpeg.timestamps
-    at = ffmpeg.argv.index("-i")
-    assert ffmpeg.argv[at - 2 : at + 2] == ["-f", "v4l2", "-i", "/dev/null"]
-    assert "-re" not in ffmpeg.argv and "-stream_loop" not in ffmpeg.argv
-    gst = gst_argv("/dev/null")
-    assert gst[2:5] == ["v4l2src", "device=/dev/null", "!"] and "sync=false" in gst
-    pyav = capture_source("/dev/null", "usb", capture="av", loop=True)
+    assert ["-f", "v4l2", "-i", str(node)] == ffmpeg.argv[ffmpeg.argv.index("-i") - 2 :][:4]
+    pyav = capture_source(str(node), "usb", capture="av", loop=True)
     assert isinstance(pyav, VideoSource) and pyav.live and not pyav.loop and pyav.paced
     session = run(collect(pyav))
     assert isinstance(session.error, SourceError)
-    assert "/dev/null" in str(session.error) and "cannot open" in str(session.error)
+    assert str(node) in str(session.error) and "cannot open" in str(session.error)

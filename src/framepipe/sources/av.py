@@ -44,6 +44,7 @@ from framepipe.frames import Frame, now_ms
 from framepipe.logs import get_logger
 from framepipe.pixels import Image, JpegPicture, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.devices import is_device
 
 __all__ = ["VideoSource"]
 
@@ -159,7 +160,7 @@ class VideoSource(Source):
     native rate by pts (for files; a live stream is paced by its sender). ``loop=True`` restarts
     a file from the beginning at its end, pts continuing to increase. ``options`` are FFmpeg
     options (RTSP defaults to ``rtsp_transport=tcp``); ``container_format`` forces a demuxer
-    (``v4l2`` is chosen for ``/dev/video*``). ``open_timeout``/``read_timeout`` bound network
+    (``v4l2`` is chosen for a camera's device node). ``open_timeout``/``read_timeout`` bound network
     I/O. ``max_queue`` bounds the frames decoded ahead of the consumer.
 
     Frames are lazy (see :mod:`framepipe.frames`). With ``bgr_via_opencv`` (default), a
@@ -221,14 +222,15 @@ class VideoSource(Source):
         self.decode_threads = decode_threads
         scheme = urlsplit(url).scheme.lower()
         self.is_network = scheme in _NETWORK_SCHEMES
-        is_file = (scheme in ("", "file") or len(scheme) == 1) and not url.startswith("/dev/")
+        device = is_device(url)
+        is_file = (scheme in ("", "file") or len(scheme) == 1) and not device
         self.live = loop or not is_file  # a file played once is finite
         self._is_file = is_file
         self.options: dict[str, str] = {}
         if scheme in ("rtsp", "rtsps"):
             self.options["rtsp_transport"] = "tcp"
         self.options.update(options or {})
-        if container_format is None and url.startswith("/dev/video"):
+        if container_format is None and device:
             container_format = "v4l2"
         self.container_format = container_format
         self._log = get_logger(self.source_id)

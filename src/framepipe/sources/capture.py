@@ -36,7 +36,6 @@ import functools
 import os
 import re
 import shutil
-import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +49,7 @@ from framepipe.logs import get_logger
 from framepipe.sources.av import VideoSource
 from framepipe.sources.base import Source
 from framepipe.sources.command import CommandSource
+from framepipe.sources.devices import is_device
 
 __all__ = [
     "Capture",
@@ -58,7 +58,6 @@ __all__ = [
     "file_rate",
     "gst_argv",
     "gst_problem",
-    "is_device",
     "is_stream_url",
 ]
 
@@ -75,17 +74,12 @@ def is_stream_url(spec: str) -> bool:
     return _URL.match(spec) is not None and not spec.lower().startswith("file:")
 
 
-def is_device(spec: str) -> bool:
-    """True for a device node such as a USB camera's ``/dev/video0`` (a character device)."""
-    try:
-        return stat.S_ISCHR(os.stat(spec).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
-def gst_argv(spec: str, *, fps: float | None = None, realtime: bool = True) -> list[str]:
-    """The ``gst-launch-1.0`` command writing ``spec`` to stdout as MJPEG."""
-    if is_device(spec):
+def gst_argv(
+    spec: str, *, fps: float | None = None, realtime: bool = True, device: bool = False
+) -> list[str]:
+    """The ``gst-launch-1.0`` command writing ``spec`` to stdout as MJPEG (``device``: a
+    camera's device node, see :func:`~framepipe.sources.devices.is_device`)."""
+    if device:
         head = ["v4l2src", f"device={spec}", "!", "decodebin"]
     elif not is_stream_url(spec):
         head = ["filesrc", f"location={spec}", "!", "decodebin"]
@@ -94,7 +88,7 @@ def gst_argv(spec: str, *, fps: float | None = None, realtime: bool = True) -> l
     else:
         head = ["uridecodebin", f"uri={spec}"]
     rate = ["!", "videorate", "!", f"video/x-raw,framerate={round(fps * 1000)}/1000"] if fps else []
-    sync = "true" if realtime and not (is_stream_url(spec) or is_device(spec)) else "false"
+    sync = "true" if realtime and not (device or is_stream_url(spec)) else "false"
     tail = ["jpegenc", "quality=90", "!", "fdsink", "fd=1", f"sync={sync}"]
     return [GST, "-q", *head, "!", "videoconvert", *rate, "!", *tail]
 
@@ -106,13 +100,15 @@ def ffmpeg_argv(
     loop: bool = False,
     realtime: bool = True,
     threads: int | None = None,
+    device: bool = False,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
-    and encoder's thread count, None for ffmpeg's choice)."""
+    and encoder's thread count, None for ffmpeg's choice; ``device``: a camera's device
+    node)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     limit = ["-threads", str(threads)] if threads else []
     argv += limit
-    if is_device(spec):
+    if device:
         argv += ["-f", "v4l2"]
     elif not is_stream_url(spec):
         argv += ["-re"] if realtime else []
@@ -125,7 +121,7 @@ def ffmpeg_argv(
     return [*argv, *limit, "-f", "mjpeg", "-q:v", "3", "-"]
 
 
-def gst_problem(spec: str, *, fps: float | None = None) -> str | None:
+def gst_problem(spec: str, *, fps: float | None = None, device: bool = False) -> str | None:
     """Why ``gst-launch-1.0`` cannot capture ``spec`` (None: it can).
 
     A file is probed by decoding its first frame through the capture's own elements; a URL by
@@ -146,7 +142,7 @@ def gst_problem(spec: str, *, fps: float | None = None) -> str | None:
         if scheme not in _gst_schemes():
             return f"GStreamer has no source for {scheme}:// URLs"
         return None
-    if is_device(spec):
+    if device:
         return None if _gst_has("v4l2src") else "GStreamer has no v4l2src element"
     try:
         st = os.stat(spec)
@@ -234,9 +230,11 @@ def capture_source(
             f"source {source_id}: capture must be one of {', '.join(CAPTURES)}, not {capture!r}"
         )
     url = is_stream_url(spec)
-    live = url or is_device(spec)  # a stream or a camera: every end of it is a death
+    device = not url and is_device(spec)
+    live = url or device  # a stream or a camera: every end of it is a death
     if not live and not Path(spec).is_file():
-        raise ConfigError(f"source {source_id}: video file {spec!r} does not exist")
+        what = "is not a video file nor a camera" if Path(spec).exists() else "does not exist"
+        raise ConfigError(f"source {source_id}: video file {spec!r} {what}")
     if decode_threads is not None and decode_threads < 1:
         raise ConfigError(f"source {source_id}: decode_threads must be >= 1, not {decode_threads}")
     if capture == "av":
@@ -249,10 +247,10 @@ def capture_source(
         )
     rate = fps if fps or live else file_rate(spec)
     if capture in ("auto", "gst"):
-        problem = gst_problem(spec, fps=fps)
+        problem = gst_problem(spec, fps=fps, device=device)
         if problem is None:
             return CommandSource(
-                gst_argv(spec, fps=fps, realtime=realtime),
+                gst_argv(spec, fps=fps, realtime=realtime, device=device),
                 source_id,
                 env=env,
                 fps=rate,
@@ -266,7 +264,9 @@ def capture_source(
     if shutil.which("ffmpeg") is None:
         raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
     return CommandSource(
-        ffmpeg_argv(spec, fps=fps, loop=loop, realtime=realtime, threads=decode_threads),
+        ffmpeg_argv(
+            spec, fps=fps, loop=loop, realtime=realtime, threads=decode_threads, device=device
+        ),
         source_id,
         env=env,
         fps=rate,
