@@ -49,6 +49,7 @@ import live
 import numpy as np
 import run_all
 import simplejpeg  # type: ignore[import-untyped]
+from floor_jpeg import planes_to_jpeg, to_full_range
 
 from framepipe.backends.objects.local import LocalObjectStore
 from framepipe.frames import Frame, YuvPlanes
@@ -82,13 +83,6 @@ spread, met, scratch, cpu_seconds = live.spread, live.met, live.scratch, live.cp
 
 # -- 1. decode -> JPEG ----------------------------------------------------------------------------
 
-# The expansion of limited-range video to JPEG's full range: the same tables as
-# ``framepipe.pixels`` (computed here, so the floor does not call framepipe).
-_LIMITED_TO_FULL_Y = np.round((np.arange(256) - 16) * 255 / 219).clip(0, 255).astype(np.uint8)
-_LIMITED_TO_FULL_C = (
-    np.round(128 + (np.arange(256) - 128) * 255 / 224).clip(0, 255).astype(np.uint8)
-)
-
 
 def open_video(clip: Path) -> tuple[Any, Any]:
     """The container and its video stream, frame-threaded as ``VideoSource`` opens it."""
@@ -96,19 +90,6 @@ def open_video(clip: Path) -> tuple[Any, Any]:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     return container, stream
-
-
-def planes_to_jpeg(data: np.ndarray, height: int, width: int, full_range: bool) -> bytes:
-    """The floor's encoder: I420 planes -> JPEG with simplejpeg, limited range expanded."""
-    quarter = height // 4
-    y = data[:height]
-    u = data[height : height + quarter].reshape(height // 2, width // 2)
-    v = data[height + quarter :].reshape(height // 2, width // 2)
-    if not full_range:
-        y = cv2.LUT(y, _LIMITED_TO_FULL_Y)
-        u = cv2.LUT(u, _LIMITED_TO_FULL_C)
-        v = cv2.LUT(v, _LIMITED_TO_FULL_C)
-    return bytes(simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality=QUALITY))
 
 
 def run_decode_only(clip: Path) -> tuple[int, float]:
@@ -391,12 +372,8 @@ def measure_steps(clip: Path, calls: int) -> list[tuple[str, float]]:
         ),
         ("BGR conversion of the planes (`frame.image`: `cv2.cvtColor` I420)", planes.to_bgr),
         (
-            "limited -> full range of the planes (3 x `cv2.LUT`)",
-            lambda: [
-                cv2.LUT(y, _LIMITED_TO_FULL_Y),
-                cv2.LUT(u, _LIMITED_TO_FULL_C),
-                cv2.LUT(v, _LIMITED_TO_FULL_C),
-            ],
+            "limited -> full range of the planes (2 x `cv2.addWeighted`: luma, chroma)",
+            lambda: to_full_range(planes.data, planes.height),
         ),
         (
             "simplejpeg from the planes alone (`encode_jpeg_yuv_planes`)",

@@ -61,6 +61,7 @@ sys.path.insert(0, str(EXAMPLE))
 
 from make_video import default_schedule, make_station_video  # noqa: E402
 from orders import OrderAccuracy, QrTagReader  # noqa: E402
+from station_floor import start_floor  # noqa: E402
 
 from framepipe import LocalObjectStore, Settings  # noqa: E402
 
@@ -237,6 +238,11 @@ class Config:
 
     @property
     def label(self) -> str:
+        if self.mode == "floor":
+            return (
+                f"floor: {self.camera.upper()} camera, plain threads with no framework, "
+                f"tags at 1/{self.reduce} size"
+            )
         reading = (
             "colour decode + re-encode (the way before)"
             if self.mode == "eager"
@@ -309,6 +315,40 @@ async def run_one(
     return result
 
 
+async def run_floor(
+    n: int, config: Config, videos: dict[str, Path], home: Path, warmup: float, window: float
+) -> RunResult:
+    """The machine's floor for the same stations (``station_floor``), measured as ``run_one``
+    measures framepipe's."""
+    video = videos[config.camera]
+    result = RunResult(n, config.capture, config.mode, config.camera, config.reduce)
+    before = sample()
+    counts, stop, threads = start_floor(
+        n, video, config.camera == "mjpeg", config.reduce, home / "objects"
+    )
+    await asyncio.sleep(warmup)
+    first, frames0 = sample(), sum(counts.frames)
+    await asyncio.sleep(window)
+    last, frames1 = sample(), sum(counts.frames)
+    await asyncio.sleep(TIMEOUT + 1.0)  # orders started in the window complete
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    in_window = [done for at, done in list(counts.orders) if first.at <= float(at) <= last.at]
+    wall = last.at - first.at
+    schedule = json.loads(videos["h264"].with_suffix(".mp4.json").read_text())
+    result.window_s = wall
+    result.runner_cpu_s = (last.runner - first.runner) / wall
+    result.machine_busy = (last.machine_busy - first.machine_busy) / wall
+    result.runner_rss_growth = last.runner_rss - before.runner_rss
+    result.camera_frames = round(n * FPS * wall)
+    result.frames_in = frames1 - frames0
+    result.orders_started = len(in_window)
+    result.orders_completed = sum(1 for done in in_window if done)
+    result.orders_expected = n * wall * len(ORDERS) / (schedule["frames"] / FPS)
+    return result
+
+
 def _config(args: argparse.Namespace) -> Config:
     return Config(args.capture, args.camera, args.reduce, args.mode)
 
@@ -320,8 +360,9 @@ def child_main(args: argparse.Namespace) -> None:
     videos = {"h264": Path(args.video), "mjpeg": Path(args.video).with_suffix(".avi")}
     with tempfile.TemporaryDirectory(prefix="fp-scale-run-") as tmp:
         try:
+            runner = run_floor if config.mode == "floor" else run_one
             result = asyncio.run(
-                run_one(args.n, config, videos, Path(tmp), args.warmup, args.window)
+                runner(args.n, config, videos, Path(tmp), args.warmup, args.window)
             )
         except Exception as exc:
             result = RunResult(
@@ -452,6 +493,7 @@ def report(
         "",
     ]
     out += run_all._table(HEADER, [row(r, _label(r)) for r in compared])
+    out += against_floor(compared)
     kept = [r for r in sweep if not fell_behind(r, sweep[0] if sweep else None)]
     if kept:
         best = max(kept, key=lambda r: r.per_core)
@@ -467,6 +509,32 @@ def report(
         if k not in ("PostgreSQL server", "Celery", "SQLAlchemy", "SQLite")
     ]
     return "\n".join(out) + "\n"
+
+
+def against_floor(compared: list[RunResult]) -> list[str]:
+    """Lines comparing framepipe's stations (``capture=av``) with the floor's, per camera."""
+    lines: list[str] = []
+    for floor in (r for r in compared if r.mode == "floor" and not r.error):
+        ours = next(
+            (
+                r
+                for r in compared
+                if r.mode == "lazy"
+                and r.capture == "av"
+                and (r.camera, r.reduce) == (floor.camera, floor.reduce)
+                and not r.error
+            ),
+            None,
+        )
+        if ours is None or not floor.per_core:
+            continue
+        lines.append(
+            f"- {floor.camera.upper()} cameras, tags at 1/{floor.reduce} size: framepipe "
+            f"{ours.per_core:.1f} stations per core, the floor (the same work in plain threads, "
+            f"no framework) {floor.per_core:.1f}: **{ours.per_core / floor.per_core:.0%} of "
+            "the floor**."
+        )
+    return ["", "Against the machine's floor:", "", *lines] if lines else []
 
 
 def _label(r: RunResult) -> str:
@@ -534,6 +602,8 @@ def main() -> None:
         Config("ffmpeg", "mjpeg", 1),
         Config("av", "mjpeg", 1),
         Config("av", "mjpeg", 2),
+        Config("plain", "h264", 2, "floor"),
+        Config("plain", "mjpeg", 2, "floor"),
     ]
     with tempfile.TemporaryDirectory(prefix="fp-scale-") as tmp:
         video = Path(tmp) / "station.mp4"

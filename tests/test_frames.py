@@ -82,6 +82,35 @@ def test_full_range_planes_encode_and_convert_alike() -> None:
         YuvPlanes(np.zeros((10, 7), np.uint8))
 
 
+def test_range_maps_round_every_code_as_the_exact_formula() -> None:
+    """Studio range <-> full range, for all 256 codes of luma and of chroma, matches the
+    rounded exact formula (the SIMD map and the formula agree to within one code)."""
+    from framepipe.pixels import (
+        _FULL_TO_LIMITED_C,
+        _FULL_TO_LIMITED_Y,
+        _LIMITED_TO_FULL_C,
+        _LIMITED_TO_FULL_Y,
+        _remap_range,
+    )
+
+    codes = np.tile(np.arange(256, dtype=np.uint8), (6, 5))  # 4 luma rows, 2 chroma rows
+    x = np.arange(256, dtype=np.float64)
+    expect = {
+        "to full": (np.round((x - 16) * 255 / 219), np.round(128 + (x - 128) * 255 / 224)),
+        "to limited": (np.round(16 + x * 219 / 255), np.round(128 + (x - 128) * 224 / 255)),
+    }
+    maps = {
+        "to full": (_LIMITED_TO_FULL_Y, _LIMITED_TO_FULL_C),
+        "to limited": (_FULL_TO_LIMITED_Y, _FULL_TO_LIMITED_C),
+    }
+    for name, (luma, chroma) in maps.items():
+        out = _remap_range(codes, 4, luma, chroma).astype(np.int16)
+        want_y, want_c = (np.clip(w, 0, 255) for w in expect[name])
+        assert np.abs(out[:4] - np.tile(want_y, 5)).max() <= 1, name
+        assert np.abs(out[4:] - np.tile(want_c, 5)).max() <= 1, name
+        assert (codes == np.arange(256, dtype=np.uint8)[None, :].repeat(5, 0).ravel()).all()
+
+
 def test_a_stage_that_draws_on_the_image_gets_its_drawing_stored(tmp_path: Path) -> None:
     def draw(frame: Frame) -> Frame:
         cv2.rectangle(frame.image, (10, 10), (60, 60), (0, 0, 255), thickness=-1)
