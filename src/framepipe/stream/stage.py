@@ -15,12 +15,12 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from framepipe.errors import ProcessorError
 from framepipe.processors.base import Processor, as_processor
+from framepipe.stream.lanes import ThreadLane
 from framepipe.stream.processes import ProcessWorker
 from framepipe.stream.queue import FrameQueue, Overflow
 
@@ -217,7 +217,7 @@ class Hop:
         self._crash_after = crash_after
         self._on_crash = on_crash
         self._streak = 0  # processor calls that raised in a row
-        self._executor: ThreadPoolExecutor | None = None
+        self._lane: ThreadLane | None = None
         self._processes = processes
         self._idle: asyncio.Queue[ProcessWorker] | None = None
         self._workers: list[ProcessWorker] = []
@@ -228,6 +228,7 @@ class Hop:
         self._done: set[int] = set()
         self._watermark = 0
         self._progress = asyncio.Condition()
+        self._at_barrier = 0  # workers waiting in _barrier: only they need _progress notified
 
     async def setup(self) -> None:
         """Create the worker threads and call the processor's ``setup`` once (in a thread), or
@@ -236,19 +237,19 @@ class Hop:
         if self._processes and proc is not None:
             await self._start_processes(proc)
             return
-        needs_threads = proc is not None and not proc.is_async and not self.inline
-        if needs_threads:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"fp-{self.name}")
-        if self.processor is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.processor.setup)
+        if proc is None:
+            return
+        if not proc.is_async and not self.inline:
+            self._lane = ThreadLane(self.workers, f"fp-{self.name}")
+            await self._lane.submit(proc.setup)
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, proc.setup)
 
     async def _start_processes(self, proc: Processor) -> None:
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=f"fp-{self.name}")
-        loop = asyncio.get_running_loop()
+        self._lane = lane = ThreadLane(self.workers, f"fp-{self.name}")
         self._workers = [ProcessWorker(proc, self.name, i) for i in range(self.workers)]
         started = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, w.start) for w in self._workers),
-            return_exceptions=True,
+            *(lane.submit(w.start) for w in self._workers), return_exceptions=True
         )
         self._idle = asyncio.Queue()
         for worker in self._workers:
@@ -260,24 +261,18 @@ class Hop:
     async def teardown(self) -> None:
         """Call the processor's ``teardown`` and release the threads (or stop the worker
         processes, which call ``teardown`` themselves)."""
-        if self._workers:
-            loop = asyncio.get_running_loop()
-            try:
-                await asyncio.gather(
-                    *(loop.run_in_executor(self._executor, w.stop) for w in self._workers)
-                )
-            finally:
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)
-            return
+        lane = self._lane
         try:
-            if self.processor is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.processor.teardown
-                )
+            if self._workers:
+                assert lane is not None
+                await asyncio.gather(*(lane.submit(w.stop) for w in self._workers))
+            elif self.processor is not None and lane is not None:
+                await lane.submit(self.processor.teardown)
+            elif self.processor is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.processor.teardown)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
+            if lane is not None:
+                lane.shutdown()
 
     async def run(self) -> None:
         """Handle items until END, then pass END on."""
@@ -311,10 +306,9 @@ class Hop:
             if self._idle is not None:
                 self.stats.frames_in += 1
                 worker = await self._idle.get()
+                assert self._lane is not None
                 try:
-                    outcome = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, worker.call, item
-                    )
+                    outcome = await self._lane.submit(worker.call, item)
                 finally:
                     self._idle.put_nowait(worker)
                 await self._complete(idx, self._account(item, *outcome))
@@ -327,9 +321,8 @@ class Hop:
             first = idx
             self._next_idx += len(batch) - 1
             self.stats.frames_in += len(batch)
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._call_batch, batch
-            )
+            assert self._lane is not None
+            results = await self._lane.submit(self._call_batch, batch)
             for offset, (frame, outcome) in enumerate(zip(batch, results, strict=True)):
                 await self._complete(first + offset, self._account(frame, *outcome))
 
@@ -341,7 +334,7 @@ class Hop:
         """A sync processor run in this hop's threads. Its calls are timed inside the thread
         (``_call_batch``), so the batching decision sees the processor's own cost, not the
         hand-off and queueing delays of a loaded machine."""
-        return self._executor is not None and self._handle is None and not self._is_async
+        return self._lane is not None and self._handle is None and not self._is_async
 
     def _take_batch(self, item: Any) -> list[Any]:
         """``item`` plus, for a cheap threaded processor, frames already queued behind it,
@@ -440,10 +433,14 @@ class Hop:
             self._done.discard(self._watermark)
             self._watermark += 1
             advanced = True
-        if advanced:
+        if advanced and self._at_barrier:
             async with self._progress:
                 self._progress.notify_all()
 
     async def _barrier(self, idx: int) -> None:
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._watermark >= idx)
+        self._at_barrier += 1
+        try:
+            async with self._progress:
+                await self._progress.wait_for(lambda: self._watermark >= idx)
+        finally:
+            self._at_barrier -= 1

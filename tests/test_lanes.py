@@ -1,0 +1,143 @@
+"""Hop worker threads (ThreadLane) and the loop's inbox: each call runs once in a lane thread,
+results and errors come back to the right future, and results that complete while the loop
+is busy are delivered in one wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from framepipe.stream.lanes import ThreadLane, inbox_for
+
+
+def test_calls_run_in_the_lanes_threads_and_results_reach_their_futures() -> None:
+    async def main() -> tuple[list[int], set[str]]:
+        lane = ThreadLane(3, "fp-test")
+        names: set[str] = set()
+
+        def square(x: int) -> int:
+            names.add(threading.current_thread().name)
+            time.sleep(0.001)
+            return x * x
+
+        try:
+            results = await asyncio.gather(*(lane.submit(square, i) for i in range(60)))
+        finally:
+            lane.shutdown()
+        return list(results), names
+
+    results, names = asyncio.run(main())
+    assert results == [i * i for i in range(60)]
+    assert names and names <= {"fp-test-0", "fp-test-1", "fp-test-2"}
+
+
+def test_errors_reach_the_caller_and_the_lane_goes_on() -> None:
+    async def main() -> list[Any]:
+        lane = ThreadLane(1, "fp-errors")
+
+        def fail(kind: type[BaseException]) -> None:
+            raise kind("bad frame")
+
+        try:
+            outcomes = await asyncio.gather(
+                lane.submit(fail, ValueError),
+                lane.submit(fail, SystemExit),
+                lane.submit(fail, StopIteration),
+                lane.submit(lambda: "still running"),
+                return_exceptions=True,
+            )
+        finally:
+            lane.shutdown()
+        return list(outcomes)
+
+    value_error, system_exit, stop_iteration, last = asyncio.run(main())
+    assert isinstance(value_error, ValueError) and str(value_error) == "bad frame"
+    assert isinstance(system_exit, SystemExit)
+    assert isinstance(stop_iteration, RuntimeError) and "StopIteration" in str(stop_iteration)
+    assert last == "still running"
+
+
+def test_a_cancelled_call_still_runs_once_and_its_future_stays_cancelled() -> None:
+    async def main() -> tuple[int, bool, int]:
+        lane = ThreadLane(1, "fp-cancel")
+        started, release = threading.Event(), threading.Event()
+        runs = []
+
+        def slow() -> str:
+            runs.append(1)
+            started.set()
+            release.wait(5)
+            return "done"
+
+        future = lane.submit(slow)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        future.cancel()
+        release.set()
+        after = await lane.submit(lambda: 7)  # delivered after slow's result was dropped
+        lane.shutdown()
+        return len(runs), future.cancelled(), after
+
+    assert asyncio.run(main()) == (1, True, 7)
+
+
+def test_a_shut_down_lane_refuses_calls_and_its_threads_end() -> None:
+    async def main() -> ThreadLane:
+        lane = ThreadLane(2, "fp-shut")
+        assert await lane.submit(lambda: 1) == 1
+        lane.shutdown()
+        with pytest.raises(RuntimeError, match=r"fp-shut.*shut down"):
+            lane.submit(lambda: 2)
+        return lane
+
+    lane = asyncio.run(main())
+    for thread in lane._threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        ThreadLane(0, "fp-none")
+
+
+def test_results_completed_while_the_loop_is_busy_share_one_wake_up() -> None:
+    """50 calls finish while the loop is blocked: they come back in one or two wake-ups of
+    the loop, not one each (what run_in_executor would cost)."""
+
+    async def main() -> tuple[list[int], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        lane = ThreadLane(4, "fp-burst")
+        try:
+            await lane.submit(int)  # threads started
+            wakeups = 0
+            futures = [lane.submit(lambda i=i: i) for i in range(50)]
+            time.sleep(0.3)  # noqa: ASYNC251 - the loop is kept busy on purpose
+            results = await asyncio.gather(*futures)
+        finally:
+            lane.shutdown()
+            del loop.call_soon_threadsafe
+        return list(results), wakeups
+
+    results, wakeups = asyncio.run(main())
+    assert results == list(range(50))
+    assert 1 <= wakeups <= 2
+
+
+def test_each_loop_has_its_own_inbox() -> None:
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert inbox_for(first) is inbox_for(first)
+        assert inbox_for(first) is not inbox_for(second)
+    finally:
+        first.close()
+        second.close()
