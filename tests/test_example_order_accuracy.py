@@ -577,6 +577,41 @@ def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
             camera.wait()
 
 
+@pytest.mark.parametrize("capture", ["ffmpeg", "av"])
+def test_input_options_open_a_raw_mjpeg_recording_at_its_rate(
+    capture: str,
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
+    """A camera's raw MJPEG dump has no container and so no rate (FFmpeg assumes 25 fps).
+    Replayed with ``--fast``, orders time out by the recording's clock, so the rate matters:
+    ``--input-option framerate=10`` opens it at its real rate, and each order holds its
+    ticket's frames plus one order timeout's (10 frames), whichever capture reads it."""
+    video, schedule = station_video
+    raw = tmp_path / "camera.mjpeg"
+    dump = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(video), "-an"]
+    subprocess.run([*dump, "-c:v", "mjpeg", "-q:v", "3", "-f", "mjpeg", str(raw)], check=True)
+    run = runner_factory(
+        "--station",
+        f"station_1={raw}",
+        "--capture",
+        capture,
+        "--fast",
+        "--input-option",
+        f"framerate={FPS}",
+        "--order-timeout",
+        str(TIMEOUT),
+    )
+    order = run.wait_for(completed("station_1", "ORDER_102"), timeout=60)
+    expected = schedule["tagged_frames"]["ORDER_102"] + trailing_frames()
+    assert abs(order["frames"] - expected) <= 2, order
+    assert run.stop() in (0, -signal.SIGTERM, 143)
+    bad = runner_factory("--station", f"station_1={raw}", "--input-option", "framerate")
+    assert bad.proc.wait(30) != 0
+    assert any("--input-option 'framerate': use NAME=VALUE" in line for line in bad.logs)
+
+
 def test_the_stations_hosted_by_framepipe_serve(
     station_video: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:

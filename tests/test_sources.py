@@ -1128,3 +1128,65 @@ def test_a_camera_node_without_a_camera_fails_its_session_naming_it(tmp_path: Pa
     session = run(collect(pyav))
     assert isinstance(session.error, SourceError)
     assert str(node) in str(session.error) and "cannot open" in str(session.error)
+
+
+@pytest.mark.parametrize("capture", ["av", "ffmpeg"])
+def test_input_options_open_the_input_alike_in_every_capture(capture: str, tmp_path: Path) -> None:
+    """FFmpeg input options reach the input whichever capture opens it: a raw MJPEG stream
+    (no container, so no rate of its own: FFmpeg assumes 25) read with ``framerate=5`` gives
+    its frames their place at 5 fps, and the capture's rate says 5."""
+    from framepipe.sources import capture_source
+
+    need_tool("ffmpeg")
+    raw = make_clip(
+        tmp_path / "camera.mjpeg", frames=6, size=(64, 48), codec="mjpeg", container_format="mjpeg"
+    )
+    plain = capture_source(str(raw), "cam", capture=capture, realtime=False)  # type: ignore[arg-type]
+    source = capture_source(
+        str(raw),
+        "cam",
+        capture=capture,
+        realtime=False,
+        input_options={"framerate": "5"},  # type: ignore[arg-type]
+    )
+    frames = run(_lazy_frames(source))
+    assert len(frames) == 6
+    assert [f.pts for f in frames] == pytest.approx([i / 5 for i in range(6)])
+    assert [f.pts for f in run(_lazy_frames(plain))] == pytest.approx([i / 25 for i in range(6)])
+    if isinstance(source, CommandSource):
+        assert source.fps == 5
+        at = source.argv.index("-framerate")
+        assert source.argv[at + 1] == "5" and at < source.argv.index("-i")
+
+
+def test_input_options_choose_ffmpeg_over_gst_and_bad_names_are_refused(
+    clips: dict[str, Path],
+) -> None:
+    from framepipe.errors import ConfigError
+    from framepipe.sources import capture_source
+    from framepipe.sources.capture import ffmpeg_argv
+
+    need_tool("gst-launch-1.0")
+    need_tool("ffmpeg")
+    clip = str(clips["short"])
+    options = {"input_format": "mjpeg", "video_size": "640x360"}
+    auto = capture_source(clip, "s1", input_options=options)
+    assert isinstance(auto, CommandSource) and auto.argv[0] == "ffmpeg"
+    with pytest.raises(ConfigError, match=r"gst-launch-1\.0 does not take FFmpeg input options"):
+        capture_source(clip, "s1", capture="gst", input_options=options)
+    camera = ffmpeg_argv("/dev/video0", device=True, input_options=options)
+    assert camera[camera.index("-f") : camera.index("-i") + 2] == [
+        "-f",
+        "v4l2",
+        "-input_format",
+        "mjpeg",
+        "-video_size",
+        "640x360",
+        "-i",
+        "/dev/video0",
+    ]
+    rtsp = ffmpeg_argv("rtsp://cam/1", input_options={"rtsp_transport": "udp"})
+    assert rtsp[rtsp.index("-rtsp_transport") + 1] == "udp"  # the caller's choice wins
+    for bad in ("i", "-f", "video size", "x;rm", "é"):
+        with pytest.raises(ConfigError, match=r"source s1: input option .* is not an FFmpeg"):
+            capture_source(clip, "s1", capture="av", input_options={bad: "1"})

@@ -341,6 +341,7 @@ def station_source(
     loop: bool = False,
     realtime: bool = True,
     decode_threads: int | None = 1,
+    input_options: Mapping[str, str] | None = None,
 ) -> Source:
     """The capture of one station.
 
@@ -355,7 +356,10 @@ def station_source(
     (``realtime``) once, or forever with ``loop``; ``fps`` resamples the capture (the
     hand-written station ran at 1 fps). ``decode_threads=1`` (the default) decodes each
     station's video in one thread: a station's camera is small and slow, and one thread is the
-    cheapest per frame when many stations share the machine."""
+    cheapest per frame when many stations share the machine. ``input_options`` are FFmpeg's
+    options for opening the camera (``{"input_format": "mjpeg"}`` asks a USB camera for its
+    JPEG pictures, which are then stored as they come); they make ``auto`` capture with
+    ffmpeg."""
     env = {"STATION_ID": station_id}
     if spec.startswith("cmd:"):
         argv = shlex.split(spec[4:])
@@ -371,6 +375,7 @@ def station_source(
         realtime=realtime,
         env=env,
         decode_threads=decode_threads,
+        input_options=input_options,
     )
 
 
@@ -484,6 +489,7 @@ class OrderAccuracy:
         after_restarts: AfterRestarts = "keep_trying",
         retry_delay: float | None = None,
         decode_threads: int | None = 1,
+        input_options: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
@@ -511,7 +517,12 @@ class OrderAccuracy:
             clock="wall" if realtime else "stream",
         )
         self.capture_options: dict[str, Any] = dict(
-            capture=capture, fps=fps, loop=loop, realtime=realtime, decode_threads=decode_threads
+            capture=capture,
+            fps=fps,
+            loop=loop,
+            realtime=realtime,
+            decode_threads=decode_threads,
+            input_options=dict(input_options or {}),
         )
         self.app = App(name, settings=self.settings, auto_recovery=False)
         self.specs: dict[str, str] = {}

@@ -183,6 +183,7 @@ async def main_async(args: argparse.Namespace) -> int:
         realtime=not args.fast,
         frame_keys=args.frame_keys,
         reader=QrTagReader(reduce=args.tag_reduce) if args.reader == "qr" else args.reader,
+        input_options=_input_options(args.input_option or []),
     )
     if args.json:
 
@@ -245,6 +246,17 @@ async def _stop_when_all_ended(service: OrderAccuracy, stop: asyncio.Event) -> N
     stopping.cancel()
 
 
+def _input_options(items: Sequence[str]) -> dict[str, str]:
+    """``--input-option NAME=VALUE`` items as a dict (the names are checked by the capture)."""
+    options: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--input-option {item!r}: use NAME=VALUE")
+        options[name] = value
+    return options
+
+
 def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = False) -> Any:
     """An argparse type: a number >= ``minimum`` (> with ``strict``), or a clear error."""
 
@@ -291,6 +303,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="how files and URLs are captured (default auto: a gst-launch-1.0 subprocess per "
         "station where GStreamer can play the source, else ffmpeg; av: PyAV in this process)",
+    )
+    parser.add_argument(
+        "--input-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="an FFmpeg option for opening every station's camera (repeat for more), e.g. "
+        "input_format=mjpeg to ask USB cameras for their JPEG pictures; captures with ffmpeg "
+        "(or av)",
     )
     parser.add_argument("--loop", action="store_true", help="play video files forever")
     parser.add_argument(

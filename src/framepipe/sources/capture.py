@@ -28,6 +28,13 @@ Its rules:
   than real time keeps its own clock. A stream URL's frames have the wall clock only.
 * ``env`` is added to the capture process's environment (``STATION_ID`` for a DL Streamer
   callback, for example).
+* ``input_options`` are FFmpeg's options for opening the input, the same for PyAV and the
+  ffmpeg command (``-key value`` before ``-i``): a USB camera asked for MJPEG, its size and
+  rate (``{"input_format": "mjpeg", "video_size": "1280x720", "framerate": "30"}``), a
+  demuxer's rate for a raw stream, an RTSP transport. A file's rate is read with them too.
+  gst-launch-1.0 does not take them: ``auto`` then captures with ffmpeg, and ``gst`` is
+  refused. A name that is not a plain option name (letters, digits, ``_``), or ``i`` (a
+  second input), is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from framepipe.sources.devices import is_device
 __all__ = [
     "Capture",
     "capture_source",
+    "check_input_options",
     "ffmpeg_argv",
     "file_rate",
     "gst_argv",
@@ -93,6 +101,24 @@ def gst_argv(
     return [GST, "-q", *head, "!", "videoconvert", *rate, "!", *tail]
 
 
+_OPTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def check_input_options(options: Mapping[str, str] | None, where: str) -> dict[str, str]:
+    """``options`` as a dict of strings, or a :class:`ConfigError` naming ``where`` and the
+    first name that is not a plain FFmpeg option name (or is ``i``, which would add an
+    input)."""
+    checked: dict[str, str] = {}
+    for name, value in (options or {}).items():
+        if not isinstance(name, str) or not _OPTION_NAME.fullmatch(name) or name == "i":
+            raise ConfigError(
+                f"{where}: input option {name!r} is not an FFmpeg option name "
+                "(letters, digits and '_', not 'i')"
+            )
+        checked[name] = str(value)
+    return checked
+
+
 def ffmpeg_argv(
     spec: str,
     *,
@@ -101,10 +127,12 @@ def ffmpeg_argv(
     realtime: bool = True,
     threads: int | None = None,
     device: bool = False,
+    input_options: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
     and encoder's thread count, None for ffmpeg's choice; ``device``: a camera's device
-    node)."""
+    node; ``input_options``: ``-name value`` before ``-i``, checked by
+    :func:`check_input_options`)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     limit = ["-threads", str(threads)] if threads else []
     argv += limit
@@ -113,8 +141,11 @@ def ffmpeg_argv(
     elif not is_stream_url(spec):
         argv += ["-re"] if realtime else []
         argv += ["-stream_loop", "-1"] if loop else []
-    elif spec.lower().startswith("rtsp"):
-        argv += ["-rtsp_transport", "tcp"]
+    options = check_input_options(input_options, f"ffmpeg capture of {spec}")
+    if spec.lower().startswith("rtsp") and is_stream_url(spec):
+        options.setdefault("rtsp_transport", "tcp")
+    for name, value in options.items():
+        argv += [f"-{name}", value]
     argv += ["-i", spec, "-an"]
     if fps:
         argv += ["-vf", f"fps={fps:g}"]
@@ -220,6 +251,7 @@ def capture_source(
     realtime: bool = True,
     env: Mapping[str, str] | None = None,
     decode_threads: int | None = None,
+    input_options: Mapping[str, str] | None = None,
 ) -> Source:
     """The capture of ``spec`` (a video file or a stream URL); see the module docstring.
 
@@ -237,6 +269,7 @@ def capture_source(
         raise ConfigError(f"source {source_id}: video file {spec!r} {what}")
     if decode_threads is not None and decode_threads < 1:
         raise ConfigError(f"source {source_id}: decode_threads must be >= 1, not {decode_threads}")
+    options = check_input_options(input_options, f"source {source_id}")
     if capture == "av":
         return VideoSource(
             spec,
@@ -244,10 +277,15 @@ def capture_source(
             realtime=realtime and not live,
             loop=loop and not live,
             decode_threads=decode_threads,
+            options=options,
         )
-    rate = fps if fps or live else file_rate(spec)
+    rate = fps if fps or live else file_rate(spec, options)
     if capture in ("auto", "gst"):
-        problem = gst_problem(spec, fps=fps, device=device)
+        problem = (
+            "gst-launch-1.0 does not take FFmpeg input options"
+            if options
+            else gst_problem(spec, fps=fps, device=device)
+        )
         if problem is None:
             return CommandSource(
                 gst_argv(spec, fps=fps, realtime=realtime, device=device),
@@ -265,7 +303,13 @@ def capture_source(
         raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
     return CommandSource(
         ffmpeg_argv(
-            spec, fps=fps, loop=loop, realtime=realtime, threads=decode_threads, device=device
+            spec,
+            fps=fps,
+            loop=loop,
+            realtime=realtime,
+            threads=decode_threads,
+            device=device,
+            input_options=options,
         ),
         source_id,
         env=env,
@@ -275,20 +319,24 @@ def capture_source(
     )
 
 
-def file_rate(path: str) -> float | None:
-    """The frame rate a video file's header states (None when it states none or cannot be
-    read: the capture then says why). Cached per file version."""
+def file_rate(path: str, input_options: Mapping[str, str] | None = None) -> float | None:
+    """The frame rate of a video file as the capture opens it, with ``input_options`` (None
+    when its header states none or it cannot be read: the capture then says why). Cached per
+    file version and options."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return _file_rate(path, st.st_size, st.st_mtime_ns)
+    options = tuple(sorted((input_options or {}).items()))
+    return _file_rate(path, st.st_size, st.st_mtime_ns, options)
 
 
 @functools.lru_cache(maxsize=256)
-def _file_rate(path: str, _size: int, _mtime_ns: int) -> float | None:
+def _file_rate(
+    path: str, _size: int, _mtime_ns: int, options: tuple[tuple[str, str], ...]
+) -> float | None:
     try:
-        with av.open(path) as container:
+        with av.open(path, options=dict(options)) as container:
             if not container.streams.video:
                 return None
             stream = container.streams.video[0]
