@@ -141,3 +141,16 @@ def test_each_loop_has_its_own_inbox() -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_an_inbox_does_not_keep_its_loop_alive() -> None:
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    inbox_for(loop)
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None

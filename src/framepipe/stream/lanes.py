@@ -29,7 +29,8 @@ class Inbox:
     """Results for one event loop, posted from any thread, delivered on the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # weak: the inbox is the value of its loop's entry in a WeakKeyDictionary
+        self._loop = weakref.ref(loop)
         self._items: collections.deque[tuple[asyncio.Future[Any], Any, BaseException | None]]
         self._items = collections.deque()
         self._armed = False  # a delivery is scheduled on the loop and has not started yet
@@ -42,9 +43,12 @@ class Inbox:
         if self._armed:
             return
         self._armed = True
+        loop = self._loop()
+        if loop is None:  # the loop is gone: nobody waits for the result any more
+            return
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: nobody waits for the result any more
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: likewise
             self._armed = False
 
     def _deliver(self) -> None:
