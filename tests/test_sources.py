@@ -975,6 +975,17 @@ async def _lazy_frames(source: Source) -> list[Frame]:
     return [frame async for frame in source.frames()]
 
 
+async def _first_frames(source: Source, count: int) -> list[Frame]:
+    """The first ``count`` frames of a session (one that may never end)."""
+    frames: list[Frame] = []
+    async with contextlib.aclosing(source.frames()) as session:  # the capture is stopped
+        async for frame in session:
+            frames.append(frame)
+            if len(frames) == count:
+                break
+    return frames
+
+
 def test_video_mjpeg_frames_hold_the_cameras_jpeg_undecoded(clips: dict[str, Path]) -> None:
     """A stream of JPEG pictures is not decoded: each frame holds its packet's bytes, stores
     them as they are, and decodes to the decoder's colours when a stage asks."""
@@ -1070,6 +1081,15 @@ def test_ffmpeg_copies_the_pictures_of_an_mjpeg_input(
         assert b"\xff\xc4" in frame.to_jpeg()  # a file any viewer opens
         diff = np.abs(decode_jpeg(frame.to_jpeg()).astype(np.int16) - image.astype(np.int16))
         assert diff.mean() < 3.0, diff.mean()
+    # looped: a file with its own tables is copied as it is, pass after pass; one without
+    # them is encoded again (the filter that adds tables stops after the first pass)
+    for path, copied_when_looped in ((clips["mjpeg"], True), (no_dht, False)):
+        looped = capture_source(str(path), "cam", capture="ffmpeg", loop=True, realtime=False)
+        assert isinstance(looped, CommandSource)
+        assert ("copy" in looped.argv) is copied_when_looped
+        assert "mjpeg2jpeg" not in looped.argv
+        passes = run(_first_frames(looped, 25))
+        assert len(passes) == 25 and all(b"\xff\xc4" in f.to_jpeg() for f in passes)
     resampled = capture_source(str(clips["mjpeg"]), "cam", capture="ffmpeg", fps=5)
     assert isinstance(resampled, CommandSource) and "copy" not in resampled.argv
     h264 = capture_source(str(clips["short"]), "cam", capture="ffmpeg")
@@ -1223,6 +1243,18 @@ def test_input_options_choose_ffmpeg_over_gst_and_bad_names_are_refused(
         "640x360",
         "-i",
         "/dev/video0",
+    ]
+    # a camera asked for MJPEG: its pictures copied, with the Huffman tables UVC leaves out
+    usb = capture_source("/dev/video7", "cam", capture="ffmpeg", input_options=options)
+    assert isinstance(usb, CommandSource) and usb.live
+    assert usb.argv[usb.argv.index("-c:v") :] == [
+        "-c:v",
+        "copy",
+        "-bsf:v",
+        "mjpeg2jpeg",
+        "-f",
+        "mjpeg",
+        "-",
     ]
     rtsp = ffmpeg_argv("rtsp://cam/1", input_options={"rtsp_transport": "udp"})
     assert rtsp[rtsp.index("-rtsp_transport") + 1] == "udp"  # the caller's choice wins

@@ -30,9 +30,10 @@ Its rules:
   callback, for example).
 * An input whose pictures are already JPEG (an MJPEG file, by a probe of its codec; a
   camera asked for ``input_format=mjpeg``) is copied by ffmpeg, not decoded and encoded
-  again (``-c:v copy``, with ``mjpeg2jpeg`` giving each picture the Huffman tables that AVI
-  MJPEG may leave out), unless ``fps`` resamples it. PyAV passes such pictures on
-  undecoded too; gst-launch-1.0 re-encodes them.
+  again (``-c:v copy``), unless ``fps`` resamples it. Pictures without their own Huffman
+  tables (USB cameras, some AVI MJPEG) get them from ``mjpeg2jpeg``; that filter stops at
+  the end of a file's first pass, so a looped file without tables is encoded again. PyAV
+  passes such pictures on undecoded too; gst-launch-1.0 re-encodes them.
 * ``input_options`` are FFmpeg's options for opening the input, the same for PyAV and the
   ffmpeg command (``-key value`` before ``-i``): a USB camera asked for MJPEG, its size and
   rate (``{"input_format": "mjpeg", "video_size": "1280x720", "framerate": "30"}``), a
@@ -50,6 +51,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -135,12 +137,13 @@ def ffmpeg_argv(
     device: bool = False,
     input_options: Mapping[str, str] | None = None,
     copy_jpeg: bool = False,
+    add_tables: bool = True,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
     and encoder's thread count, None for ffmpeg's choice; ``device``: a camera's device
     node; ``input_options``: ``-name value`` before ``-i``, checked by
     :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG, copied
-    as they are unless ``fps`` resamples them)."""
+    unless ``fps`` resamples them, with ``add_tables`` through ``mjpeg2jpeg``)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     limit = ["-threads", str(threads)] if threads else []
     argv += limit
@@ -156,7 +159,8 @@ def ffmpeg_argv(
         argv += [f"-{name}", value]
     argv += ["-i", spec, "-an"]
     if copy_jpeg and not fps:
-        return [*argv, "-c:v", "copy", "-bsf:v", "mjpeg2jpeg", "-f", "mjpeg", "-"]
+        tables = ["-bsf:v", "mjpeg2jpeg"] if add_tables else []
+        return [*argv, "-c:v", "copy", *tables, "-f", "mjpeg", "-"]
     if fps:
         argv += ["-vf", f"fps={fps:g}"]
     return [*argv, *limit, "-f", "mjpeg", "-q:v", "3", "-"]
@@ -311,6 +315,7 @@ def capture_source(
         get_logger(source_id).info("capturing with ffmpeg: %s", problem)
     if shutil.which("ffmpeg") is None:
         raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
+    copy_jpeg, add_tables = _jpeg_copy(spec, live, loop, options)
     return CommandSource(
         ffmpeg_argv(
             spec,
@@ -320,11 +325,8 @@ def capture_source(
             threads=decode_threads,
             device=device,
             input_options=options,
-            copy_jpeg=(
-                options.get("input_format") == "mjpeg"
-                if live
-                else file_codec(spec, options) == "mjpeg"
-            ),
+            copy_jpeg=copy_jpeg,
+            add_tables=add_tables,
         ),
         source_id,
         env=env,
@@ -338,20 +340,40 @@ def file_rate(path: str, input_options: Mapping[str, str] | None = None) -> floa
     """The frame rate of a video file as the capture opens it, with ``input_options`` (None
     when its header states none or it cannot be read: the capture then says why). Cached per
     file version and options."""
-    return _probe(path, input_options)[0]
+    return _probe(path, input_options).rate
 
 
 def file_codec(path: str, input_options: Mapping[str, str] | None = None) -> str | None:
     """The name of a video file's video codec (``"h264"``, ``"mjpeg"`` ...), None when it
     cannot be read. Cached as :func:`file_rate`."""
-    return _probe(path, input_options)[1]
+    return _probe(path, input_options).codec
 
 
-def _probe(path: str, input_options: Mapping[str, str] | None) -> tuple[float | None, str | None]:
+def _jpeg_copy(spec: str, live: bool, loop: bool, options: Mapping[str, str]) -> tuple[bool, bool]:
+    """``ffmpeg_argv``'s ``(copy_jpeg, add_tables)`` for ``spec`` (see the module
+    docstring)."""
+    if live:
+        return options.get("input_format") == "mjpeg", True
+    probe = _probe(spec, options)
+    if probe.codec != "mjpeg":
+        return False, True
+    if probe.jpeg_tables:
+        return True, False
+    return not loop, True
+
+
+@dataclass(frozen=True)
+class _Probe:
+    rate: float | None = None
+    codec: str | None = None
+    jpeg_tables: bool = False  # an MJPEG file's first picture has its own Huffman tables
+
+
+def _probe(path: str, input_options: Mapping[str, str] | None) -> _Probe:
     try:
         st = os.stat(path)
     except OSError:
-        return None, None
+        return _Probe()
     options = tuple(sorted((input_options or {}).items()))
     return _probe_version(path, st.st_size, st.st_mtime_ns, options)
 
@@ -359,14 +381,19 @@ def _probe(path: str, input_options: Mapping[str, str] | None) -> tuple[float | 
 @functools.lru_cache(maxsize=256)
 def _probe_version(
     path: str, _size: int, _mtime_ns: int, options: tuple[tuple[str, str], ...]
-) -> tuple[float | None, str | None]:
+) -> _Probe:
     try:
         with av.open(path, options=dict(options)) as container:
             if not container.streams.video:
-                return None, None
+                return _Probe()
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             codec = stream.codec_context.name
+            tables = False
+            if codec == "mjpeg":
+                first = next((bytes(p) for p in container.demux(stream) if p.size), b"")
+                scan = first.find(b"\xff\xda")
+                tables = b"\xff\xc4" in first[: scan if scan >= 0 else len(first)]
     except (av.error.FFmpegError, OSError, ValueError):
-        return None, None
-    return (float(rate) if rate else None), (str(codec) if codec else None)
+        return _Probe()
+    return _Probe(float(rate) if rate else None, str(codec) if codec else None, tables)
