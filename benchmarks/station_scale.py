@@ -566,7 +566,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 8, 32, 64; short windows")
     parser.add_argument("--no-write", action="store_true", help="print only, leave the docs")
-    parser.add_argument("--capture", default="av", choices=("ffmpeg", "gst", "av"))
+    parser.add_argument("--capture", default="av", choices=("ffmpeg", "gst", "av", "plain"))
     parser.add_argument("--camera", default="mjpeg", choices=("h264", "mjpeg"))
     parser.add_argument("--reduce", type=int, default=2, choices=(1, 2, 4, 8))
     parser.add_argument("--compare-n", type=int, default=16, help="N of the side-by-side rows")
