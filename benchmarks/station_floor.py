@@ -10,7 +10,8 @@ decoding thread, as the stations' ``decode_threads=1``), and for every frame:
 * writes every frame of an open order as a JPEG file, atomically (a temporary file renamed):
   H.264 frames encoded straight from their planes (``floor_jpeg``), an MJPEG camera's JPEG as
   it came; and at an order's end writes a copy of its ``best`` sharpest frames (the variance
-  of the Laplacian over the tag), as the example's ``FrameStore`` does.
+  of the Laplacian over the tag, the example's own measure), as the example's ``FrameStore``
+  does.
 
 No health, events, queues or stages: what a hand-written station that does only this would
 cost. It is a floor, not a rival: it has none of the supervision a deployment needs.
@@ -30,6 +31,7 @@ import cv2
 import numpy as np
 import zxingcpp
 from floor_jpeg import planes_to_jpeg
+from orders import _sharpness  # the station's own measure (the example's, not framepipe's)
 
 _REDUCED_GREY = {
     1: cv2.IMREAD_GRAYSCALE,
@@ -56,20 +58,6 @@ def _write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _sharpness(grey: np.ndarray, position: object) -> float:
-    points = [
-        getattr(position, corner)
-        for corner in ("top_left", "top_right", "bottom_right", "bottom_left")
-    ]
-    xs, ys = [p.x for p in points], [p.y for p in points]
-    h, w = grey.shape[:2]
-    x0, x1 = max(0, min(xs)), min(w, max(xs) + 1)
-    y0, y1 = max(0, min(ys)), min(h, max(ys) + 1)
-    if x1 - x0 < 3 or y1 - y0 < 3:
-        return 0.0
-    return float(cv2.Laplacian(grey[y0:y1, x0:x1], cv2.CV_64F).var())
 
 
 class FloorStation:
