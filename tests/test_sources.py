@@ -1261,3 +1261,7 @@ def test_input_options_choose_ffmpeg_over_gst_and_bad_names_are_refused(
     for bad in ("i", "-f", "video size", "x;rm", "é"):
         with pytest.raises(ConfigError, match=r"source s1: input option .* is not an FFmpeg"):
             capture_source(clip, "s1", capture="av", input_options={bad: "1"})
+    for value in ("mj\x00peg", "mjpeg\n-i", "\udc80"):
+        for capture in ("av", "ffmpeg"):
+            with pytest.raises(ConfigError, match=r"source s1: input option 'input_format' has"):
+                capture_source(clip, "s1", capture=capture, input_options={"input_format": value})  # type: ignore[arg-type]

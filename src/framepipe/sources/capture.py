@@ -70,7 +70,6 @@ __all__ = [
     "capture_source",
     "check_input_options",
     "ffmpeg_argv",
-    "file_codec",
     "file_rate",
     "gst_argv",
     "gst_problem",
@@ -115,7 +114,8 @@ _OPTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 def check_input_options(options: Mapping[str, str] | None, where: str) -> dict[str, str]:
     """``options`` as a dict of strings, or a :class:`ConfigError` naming ``where`` and the
     first name that is not a plain FFmpeg option name (or is ``i``, which would add an
-    input)."""
+    input), or the first value with a NUL, a control character or malformed Unicode (it
+    would fail in the capture's argv or FFmpeg's dictionary instead)."""
     checked: dict[str, str] = {}
     for name, value in (options or {}).items():
         if not isinstance(name, str) or not _OPTION_NAME.fullmatch(name) or name == "i":
@@ -123,8 +123,22 @@ def check_input_options(options: Mapping[str, str] | None, where: str) -> dict[s
                 f"{where}: input option {name!r} is not an FFmpeg option name "
                 "(letters, digits and '_', not 'i')"
             )
-        checked[name] = str(value)
+        text = str(value)
+        if "\x00" in text or not text.isprintable() or _unencodable(text):
+            raise ConfigError(
+                f"{where}: input option {name!r} has a value with a NUL, a control character "
+                f"or malformed Unicode: {text!r}"
+            )
+        checked[name] = text
     return checked
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def ffmpeg_argv(
@@ -341,12 +355,6 @@ def file_rate(path: str, input_options: Mapping[str, str] | None = None) -> floa
     when its header states none or it cannot be read: the capture then says why). Cached per
     file version and options."""
     return _probe(path, input_options).rate
-
-
-def file_codec(path: str, input_options: Mapping[str, str] | None = None) -> str | None:
-    """The name of a video file's video codec (``"h264"``, ``"mjpeg"`` ...), None when it
-    cannot be read. Cached as :func:`file_rate`."""
-    return _probe(path, input_options).codec
 
 
 def _jpeg_copy(spec: str, live: bool, loop: bool, options: Mapping[str, str]) -> tuple[bool, bool]:
