@@ -909,8 +909,7 @@ def test_capture_source_picks_gst_then_ffmpeg_and_names_bad_input(
     clips: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from framepipe.errors import ConfigError
-    from framepipe.sources import capture_source
-    from framepipe.sources.capture import gst_problem
+    from framepipe.sources.capture import capture_source, ffmpeg_argv, gst_problem
 
     need_tool("gst-launch-1.0")
     ffmpeg = need_tool("ffmpeg")
@@ -950,16 +949,32 @@ def test_capture_source_picks_gst_then_ffmpeg_and_names_bad_input(
     with pytest.raises(ConfigError, match="capture must be one of auto, gst, ffmpeg, av"):
         capture_source(clip, "s1", capture="vlc")  # type: ignore[arg-type]
     assert isinstance(capture_source(clip, "s1", capture="av"), VideoSource)
-    # decode threads: PyAV's decoder, ffmpeg's decoder and encoder; refused below one
+    # decode threads: PyAV's decoder, ffmpeg's decoder and encoder; refused below zero
     single = capture_source(clip, "s1", capture="av", decode_threads=1)
     assert isinstance(single, VideoSource) and single.decode_threads == 1
-    limited = capture_source(clip, "s1", capture="ffmpeg", decode_threads=1)
-    assert isinstance(limited, CommandSource)
-    threads_at = [i for i, arg in enumerate(limited.argv) if arg == "-threads"]
-    assert len(threads_at) == 2 and all(limited.argv[i + 1] == "1" for i in threads_at)
-    assert threads_at[0] < limited.argv.index("-i") < threads_at[1]
-    with pytest.raises(ConfigError, match="decode_threads must be >= 1"):
-        capture_source(clip, "s1", decode_threads=0)
+
+    def threads_of(source: Source) -> list[str]:
+        assert isinstance(source, CommandSource)
+        at = [i for i, arg in enumerate(source.argv) if arg == "-threads"]
+        if at:
+            assert len(at) == 2 and at[0] < source.argv.index("-i") < at[1]
+        return [source.argv[i + 1] for i in at]
+
+    # by default one thread for a file replayed in real time (like a camera), the decoder's
+    # own choice for a file read as fast as it decodes; a count or 0 as asked
+    assert threads_of(capture_source(clip, "s1", capture="ffmpeg")) == ["1", "1"]
+    assert threads_of(capture_source(clip, "s1", capture="ffmpeg", realtime=False)) == []
+    assert threads_of(
+        capture_source(clip, "s1", capture="ffmpeg", realtime=False, decode_threads=1)
+    ) == ["1", "1"]
+    assert threads_of(capture_source(clip, "s1", capture="ffmpeg", decode_threads=0)) == []
+    assert threads_of(capture_source(clip, "s1", capture="ffmpeg", decode_threads=3)) == [
+        "3",
+        "3",
+    ]
+    assert ffmpeg_argv("rtsp://cam/1", realtime=False).count("-threads") == 2  # a stream
+    with pytest.raises(ConfigError, match="source s1: decode_threads must be a count >= 0"):
+        capture_source(clip, "s1", decode_threads=-1)
 
 
 # -- VideoSource: MJPEG streams keep the camera's JPEG, decode threads ---------------------------
@@ -1097,9 +1112,9 @@ def test_ffmpeg_copies_the_pictures_of_an_mjpeg_input(
 
 
 def test_video_decode_threads(clips: dict[str, Path]) -> None:
-    """One decode thread gives the same pictures as FFmpeg's own choice; a count below one is
+    """One decode thread gives the same pictures as FFmpeg's own choice; a count below zero is
     refused."""
-    auto = run(_lazy_frames(VideoSource(clips["short"])))
+    auto = run(_lazy_frames(VideoSource(clips["short"], decode_threads=0)))
     single = run(_lazy_frames(VideoSource(clips["short"], decode_threads=1)))
     two = run(_lazy_frames(VideoSource(clips["short"], decode_threads=2)))
     assert len(auto) == len(single) == len(two) == 15
@@ -1107,8 +1122,44 @@ def test_video_decode_threads(clips: dict[str, Path]) -> None:
         assert a.planes is not None and b.planes is not None and c.planes is not None
         assert np.array_equal(a.planes.data, b.planes.data)
         assert np.array_equal(a.planes.data, c.planes.data)
-    with pytest.raises(ValueError, match="decode_threads"):
-        VideoSource(clips["short"], decode_threads=0)
+    with pytest.raises(ValueError, match="source short: decode_threads must be a count >= 0"):
+        VideoSource(clips["short"], decode_threads=-1)
+
+
+def _ffmpeg_threads() -> int:
+    """This process's threads that FFmpeg started (it names them ``av:<codec>:...``)."""
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text())
+    return sum(name.startswith("av:") for name in names)
+
+
+def _decoder_threads_while_decoding(source: VideoSource) -> int:
+    """How many more FFmpeg threads this process runs while ``source`` is in a session."""
+
+    async def main() -> int:
+        before = _ffmpeg_threads()
+        async with contextlib.aclosing(source.frames()) as frames:
+            async for _frame in frames:
+                return _ffmpeg_threads() - before
+        raise AssertionError("no frame")
+
+    return run(main())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_paced_source_decodes_in_its_capture_thread_alone(clips: dict[str, Path]) -> None:
+    """A camera-like input (a file replayed in real time) decodes in its capture thread: no
+    decoder threads holding frames back. A file read as fast as it decodes, or asked for 0,
+    gets FFmpeg's frame threads (one per core and one more)."""
+    clip = clips["short"]
+    assert _decoder_threads_while_decoding(VideoSource(clip, realtime=True)) == 0
+    assert _decoder_threads_while_decoding(VideoSource(clip, decode_threads=1)) == 0
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("FFmpeg's own choice is one thread on one core")
+    assert _decoder_threads_while_decoding(VideoSource(clip, realtime=False)) > 1
+    assert _decoder_threads_while_decoding(VideoSource(clip, realtime=True, decode_threads=0)) > 1
 
 
 @pytest.mark.parametrize("capture", ["gst", "ffmpeg"])

@@ -43,7 +43,7 @@ from framepipe.errors import FrameError, SourceError
 from framepipe.frames import Frame, now_ms
 from framepipe.logs import get_logger
 from framepipe.pixels import Image, JpegPicture, YuvPlanes
-from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.base import Source, StartedCallback, check_decode_threads, decoder_threads
 from framepipe.sources.devices import is_device
 
 __all__ = ["VideoSource"]
@@ -181,9 +181,12 @@ class VideoSource(Source):
     a DCT-scaled) decode. A packet that is not a whole JPEG with its own Huffman tables (some
     AVI MJPEG leaves them out) switches the session to decoding.
 
-    ``decode_threads`` is the decoder's thread count: None lets FFmpeg choose (frame and slice
-    threads for one big stream); 1 decodes in the capture thread alone, the cheapest per frame
-    when many streams share the machine (each capture already runs in a thread of its own).
+    ``decode_threads`` is the decoder's thread count (:func:`~framepipe.sources.base.
+    decoder_threads`): None decodes a paced input (a camera, a stream, ``realtime``) in the
+    capture thread alone, with no frame held back and the least CPU per frame, and lets FFmpeg
+    choose (frame and slice threads) for a file read as fast as it decodes; 0 always lets
+    FFmpeg choose; a count is used as it is. A pipeline whose stages keep the other cores busy
+    decodes a file faster with 1.
 
     A frame whose size differs from the previous frame's carries ``meta["size_changed"] = True``
     (the first change of a session is logged as a warning, later ones at debug level).
@@ -209,8 +212,7 @@ class VideoSource(Source):
         super().__init__(source_id or _default_source_id(url))
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, not {max_queue}")
-        if decode_threads is not None and decode_threads < 1:
-            raise ValueError(f"decode_threads must be >= 1 or None, not {decode_threads}")
+        check_decode_threads(decode_threads, f"source {self.source_id}")
         self.url = url
         self.realtime = realtime
         self.loop = loop
@@ -418,14 +420,9 @@ class VideoSource(Source):
             next_pts = last_pts + frame_time
 
     def _set_threads(self, stream: Any) -> None:
-        if self.decode_threads is None:
-            stream.thread_type = "AUTO"
-        elif self.decode_threads == 1:
-            stream.thread_type = "NONE"
-            stream.codec_context.thread_count = 1
-        else:
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = self.decode_threads
+        threads = decoder_threads(self.decode_threads, paced=self.paced)
+        stream.thread_type = "NONE" if threads == 1 else "AUTO"
+        stream.codec_context.thread_count = threads
 
     def _frames_of(
         self, packet: Any, jpeg: _JpegPackets | None, bad: list[int], count: int, passes: int

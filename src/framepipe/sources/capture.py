@@ -20,9 +20,10 @@ Its rules:
   decodes (a URL is paced by its sender either way). The first stage's queue then holds the
   capture back, so no frame is lost.
 * ``decode_threads`` bounds the decoder's threads (PyAV, and ffmpeg's decoder and MJPEG
-  encoder); None lets the decoder choose. 1 is the cheapest per frame when many cameras share
-  a machine, each capture already running in a thread or process of its own. gst-launch-1.0
-  keeps GStreamer's choice.
+  encoder) by :func:`~framepipe.sources.base.decoder_threads`: by default one for a camera,
+  a stream or a file replayed in real time (no frame held back by frame threads, the least
+  CPU per frame), the decoder's own choice for a file read as fast as it decodes; 0 always
+  leaves it to the decoder. gst-launch-1.0 keeps GStreamer's choice.
 * The frames of a file carry their time in the recording (``pts``, from the file's frame
   rate, or ``fps`` when it resamples), whichever capture reads it: a recording read faster
   than real time keeps its own clock. A stream URL's frames have the wall clock only.
@@ -61,7 +62,7 @@ import av.error
 from framepipe.errors import ConfigError
 from framepipe.logs import get_logger
 from framepipe.sources.av import VideoSource
-from framepipe.sources.base import Source
+from framepipe.sources.base import Source, check_decode_threads, decoder_threads
 from framepipe.sources.command import CommandSource
 from framepipe.sources.devices import is_device
 
@@ -154,20 +155,22 @@ def ffmpeg_argv(
     add_tables: bool = True,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
-    and encoder's thread count, None for ffmpeg's choice; ``device``: a camera's device
-    node; ``input_options``: ``-name value`` before ``-i``, checked by
-    :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG, copied
-    unless ``fps`` resamples them, with ``add_tables`` through ``mjpeg2jpeg``)."""
+    and encoder's thread count, by :func:`~framepipe.sources.base.decoder_threads`;
+    ``device``: a camera's device node; ``input_options``: ``-name value`` before ``-i``,
+    checked by :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG,
+    copied unless ``fps`` resamples them, with ``add_tables`` through ``mjpeg2jpeg``)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
-    limit = ["-threads", str(threads)] if threads else []
+    url = is_stream_url(spec)
+    count = decoder_threads(threads, paced=realtime or device or url)
+    limit = ["-threads", str(count)] if count else []
     argv += limit
     if device:
         argv += ["-f", "v4l2"]
-    elif not is_stream_url(spec):
+    elif not url:
         argv += ["-re"] if realtime else []
         argv += ["-stream_loop", "-1"] if loop else []
     options = check_input_options(input_options, f"ffmpeg capture of {spec}")
-    if spec.lower().startswith("rtsp") and is_stream_url(spec):
+    if spec.lower().startswith("rtsp") and url:
         options.setdefault("rtsp_transport", "tcp")
     for name, value in options.items():
         argv += [f"-{name}", value]
@@ -295,8 +298,10 @@ def capture_source(
     if not live and not Path(spec).is_file():
         what = "is not a video file nor a camera" if Path(spec).exists() else "does not exist"
         raise ConfigError(f"source {source_id}: video file {spec!r} {what}")
-    if decode_threads is not None and decode_threads < 1:
-        raise ConfigError(f"source {source_id}: decode_threads must be >= 1, not {decode_threads}")
+    try:
+        check_decode_threads(decode_threads, f"source {source_id}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     options = check_input_options(input_options, f"source {source_id}")
     if capture == "av":
         return VideoSource(
