@@ -377,6 +377,46 @@ def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> No
     assert threading.get_ident() not in threads
 
 
+def test_a_stage_thread_goes_on_to_its_next_frame_while_the_event_loop_is_busy() -> None:
+    """Each worker thread has its next frame handed to it while it works: when the event
+    loop is blocked (a busy callback, a slow inline stage), the thread does not wait for it
+    between frames. Still one call at a time with workers=1, in the source's order."""
+    first_running = threading.Event()
+    starts: dict[int, float] = {}
+    active: list[int] = []
+
+    def slow(frame: Frame) -> Frame:
+        active.append(frame.seq)
+        assert len(active) == 1, "two calls at once with workers=1"
+        starts[frame.seq] = time.monotonic()
+        if frame.seq == 1:
+            first_running.set()
+            time.sleep(0.1)  # meanwhile the event loop is blocked
+        active.pop()
+        return frame
+
+    sink = Collect()
+    pipeline = StreamPipeline(
+        "ahead",
+        PatternSource("cam", width=16, height=16, count=5, fps=50),  # one frame at a time
+        stages=[Stage(slow, workers=1, ordered=True)],
+        sinks=[sink],
+    )
+    blocked: list[float] = []
+
+    async def main() -> None:
+        run = asyncio.create_task(pipeline.run())
+        await asyncio.to_thread(first_running.wait, 10)
+        await asyncio.sleep(0.05)  # frame 2 comes (20 ms after frame 1) and is handed over
+        time.sleep(0.5)  # noqa: ASYNC251 -- the event loop blocked on purpose
+        blocked.append(time.monotonic())
+        await asyncio.wait_for(run, 30)
+
+    asyncio.run(main())
+    assert [f.seq for f in sink.frames] == [1, 2, 3, 4, 5]
+    assert starts[2] < blocked[0] - 0.2  # began while the loop was still blocked
+
+
 @pytest.mark.slow
 def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     tags = tagger({range(1, 6): "ORDER_W"})

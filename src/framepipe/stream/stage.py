@@ -56,7 +56,12 @@ class Stage:
     and errors as with threads, and a worker process that dies restarted; see
     :mod:`framepipe.stream.processes`. The processor must be picklable; ``workers`` is then
     the number of processes. Worker processes are spawned, so the script that starts the
-    pipeline must do so under ``if __name__ == "__main__":``."""
+    pipeline must do so under ``if __name__ == "__main__":``.
+
+    A stage in threads calls its processor in at most ``workers`` threads at once. Each thread
+    has one more frame (or batch) handed to it while it works, so it goes from one frame to the
+    next without waiting for the event loop: up to ``2 * workers`` frames are out of the queue
+    at once, and the queue's overflow policy applies to the frames behind them."""
 
     processor: Processor | Callable[[Any], Any]
     workers: int = 1
@@ -275,10 +280,12 @@ class Hop:
                 lane.shutdown()
 
     async def run(self) -> None:
-        """Handle items until END, then pass END on."""
+        """Handle items until END, then pass END on. A hop in threads runs twice as many
+        tasks as threads, so each thread has its next call queued while it works."""
+        tasks = self.workers * (2 if self._threaded else 1)
         workers = [
             asyncio.create_task(self._worker(), name=f"hop-{self.name}-{i}")
-            for i in range(self.workers)
+            for i in range(tasks)
         ]
         try:
             await asyncio.gather(*workers)
