@@ -686,3 +686,41 @@ def test_the_stations_hosted_by_framepipe_serve(
     assert code in (0, -signal.SIGTERM)
     log = serve.stderr.read() if serve.stderr is not None else ""
     assert "app stopped" in log and "Application shutdown complete" in log, log[-3000:]
+
+
+def test_the_hosted_stations_take_input_options_from_the_environment(tmp_path: Path) -> None:
+    """``ORDER_INPUT_OPTIONS`` gives ``framepipe serve``'s stations the FFmpeg input options
+    that ``run.py --input-option`` gives the runner's; a malformed pair is refused naming the
+    setting, before anything starts."""
+    video = tmp_path / "counter.mp4"
+    video.write_bytes(b"")  # the stations are built, not started
+    probe = (
+        "import json, service; print(json.dumps(service.service.capture_options['input_options']))"
+    )
+
+    def load(options: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "FRAMEPIPE_HOME": str(tmp_path / "home"),
+            "ORDER_STATIONS": f"station_1={video}",
+            "ORDER_INPUT_OPTIONS": options,
+        }
+        return subprocess.run(
+            [sys.executable, "-c", probe],
+            check=False,
+            env=env,
+            cwd=EXAMPLE,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    good = load("input_format=mjpeg, video_size=1280x720")
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert json.loads(good.stdout.strip().splitlines()[-1]) == {
+        "input_format": "mjpeg",
+        "video_size": "1280x720",
+    }
+    bad = load("framerate")
+    assert bad.returncode != 0
+    assert "ORDER_INPUT_OPTIONS 'framerate': use NAME=VALUE" in bad.stderr

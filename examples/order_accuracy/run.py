@@ -183,7 +183,7 @@ async def main_async(args: argparse.Namespace) -> int:
         realtime=not args.fast,
         frame_keys=args.frame_keys,
         reader=QrTagReader(reduce=args.tag_reduce) if args.reader == "qr" else args.reader,
-        input_options=_input_options(args.input_option or []),
+        input_options=input_options(args.input_option or []),
     )
     if args.json:
 
@@ -246,13 +246,14 @@ async def _stop_when_all_ended(service: OrderAccuracy, stop: asyncio.Event) -> N
     stopping.cancel()
 
 
-def _input_options(items: Sequence[str]) -> dict[str, str]:
-    """``--input-option NAME=VALUE`` items as a dict (the names are checked by the capture)."""
+def input_options(items: Sequence[str], setting: str = "--input-option") -> dict[str, str]:
+    """``NAME=VALUE`` items (of ``setting``, named in the error) as a dict; the names and
+    values are checked by the capture."""
     options: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise ConfigError(f"--input-option {item!r}: use NAME=VALUE")
+            raise ConfigError(f"{setting} {item!r}: use NAME=VALUE")
         options[name] = value
     return options
 

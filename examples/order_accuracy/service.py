@@ -15,7 +15,10 @@ Settings, read when the service loads this file:
   ``ORDER_FAST=1`` to read files at machine speed;
 - ``ORDER_RETRY_CAP`` (default 60): the longest restart delay, and the retry period of a
   station whose camera failed 5 restarts in a row;
-- ``ORDER_READER`` (``qr``, the default, or ``ocr``).
+- ``ORDER_READER`` (``qr``, the default, or ``ocr``);
+- ``ORDER_INPUT_OPTIONS``: FFmpeg options for opening every station's input, ``NAME=VALUE``
+  pairs, comma-separated (``input_format=mjpeg,video_size=1280x720`` asks USB cameras for
+  MJPEG), as ``run.py --input-option``.
 
 With ``FRAMEPIPE_OBJECTS_URL='s3://frames?endpoint=...'`` frames are stored under
 ``station_1/ORDER_123/...`` in the ``frames`` bucket and the best ones in the ``selected``
@@ -33,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from orders import READERS, parse_stations
-from run import Stations, read_stations_file, selected_bucket_url
+from run import Stations, input_options, read_stations_file, selected_bucket_url
 
 from framepipe.backoff import Backoff
 from framepipe.config import load_settings
@@ -92,6 +95,10 @@ service = Stations(
     backoff=Backoff(2.0, 2.0, retry_cap, 0.0),
     retry_delay=retry_cap,
     reader=_choice("ORDER_READER", "qr", READERS),
+    input_options=input_options(
+        [o.strip() for o in os.environ.get("ORDER_INPUT_OPTIONS", "").split(",") if o.strip()],
+        "ORDER_INPUT_OPTIONS",
+    ),
     store_events=False,
 )
 for _station, _spec in _stations().items():
