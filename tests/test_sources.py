@@ -1111,6 +1111,28 @@ def test_ffmpeg_copies_the_pictures_of_an_mjpeg_input(
     assert isinstance(h264, CommandSource) and "copy" not in h264.argv
 
 
+def test_auto_capture_copies_jpeg_pictures_with_ffmpeg(clips: dict[str, Path]) -> None:
+    """gst-launch-1.0 would decode an MJPEG file's pictures and encode them again; ``auto``
+    picks ffmpeg, which copies them. H.264 still goes to gst-launch-1.0, and so does an MJPEG
+    file resampled (``fps``), which needs pixels."""
+    from framepipe.sources import capture_source
+
+    need_tool("gst-launch-1.0")
+    need_tool("ffmpeg")
+    mjpeg = capture_source(str(clips["mjpeg"]), "cam", realtime=False)
+    assert isinstance(mjpeg, CommandSource) and mjpeg.argv[0] == "ffmpeg"
+    assert "copy" in mjpeg.argv
+    packets = _jpeg_packets(clips["mjpeg"])
+    frames = run(_lazy_frames(mjpeg))
+    assert len(frames) == len(packets)
+    for frame, packet in zip(frames, packets, strict=True):
+        assert packet[packet.index(b"\xff\xda") :] in frame.to_jpeg()  # the camera's scan
+    resampled = capture_source(str(clips["mjpeg"]), "cam", fps=5)
+    assert isinstance(resampled, CommandSource) and resampled.argv[0] == "gst-launch-1.0"
+    h264 = capture_source(str(clips["short"]), "cam")
+    assert isinstance(h264, CommandSource) and h264.argv[0] == "gst-launch-1.0"
+
+
 def test_video_decode_threads(clips: dict[str, Path]) -> None:
     """One decode thread gives the same pictures as FFmpeg's own choice; a count below zero is
     refused."""

@@ -5,9 +5,11 @@ ffmpeg where it cannot, or PyAV in this process.
 Its rules:
 
 * ``capture="auto"`` (the default) runs ``gst-launch-1.0`` when it is installed and can play
-  the input, else ``ffmpeg``. For a file, "can play" is tested by decoding its first frame
-  with the same elements (a fraction of a second, once per file version); for a URL, by
-  GStreamer having a source for its scheme and the elements the pipeline needs.
+  the input, else ``ffmpeg``; ``ffmpeg`` too for an input whose pictures it copies as they
+  are (see below), which gst-launch-1.0 would decode and encode again. For a file, "can
+  play" is tested by decoding its first frame with the same elements (a fraction of a second,
+  once per file version); for a URL, by GStreamer having a source for its scheme and the
+  elements the pipeline needs.
   ``capture="gst"`` and ``capture="ffmpeg"`` force one (a clear error when it cannot run);
   ``capture="av"`` decodes with PyAV in this process.
 * A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL and
@@ -34,7 +36,8 @@ Its rules:
   again (``-c:v copy``), unless ``fps`` resamples it. Pictures without their own Huffman
   tables (USB cameras, some AVI MJPEG) get them from ``mjpeg2jpeg``; that filter stops at
   the end of a file's first pass, so a looped file without tables is encoded again. PyAV
-  passes such pictures on undecoded too; gst-launch-1.0 re-encodes them.
+  passes such pictures on undecoded too; gst-launch-1.0 re-encodes them, so ``auto`` picks
+  ffmpeg for them.
 * ``input_options`` are FFmpeg's options for opening the input, the same for PyAV and the
   ffmpeg command (``-key value`` before ``-i``): a USB camera asked for MJPEG, its size and
   rate (``{"input_format": "mjpeg", "video_size": "1280x720", "framerate": "30"}``), a
@@ -313,12 +316,15 @@ def capture_source(
             options=options,
         )
     rate = fps if fps or live else file_rate(spec, options)
+    copy_jpeg, add_tables = _jpeg_copy(spec, live, loop, options)
     if capture in ("auto", "gst"):
         problem = (
             "gst-launch-1.0 does not take FFmpeg input options"
             if options
             else gst_problem(spec, fps=fps, device=device)
         )
+        if problem is None and capture == "auto" and copy_jpeg and not fps:
+            problem = "the input's pictures are JPEG: ffmpeg copies them, gst-launch-1.0 re-encodes"
         if problem is None:
             return CommandSource(
                 gst_argv(spec, fps=fps, realtime=realtime, device=device),
@@ -334,7 +340,6 @@ def capture_source(
         get_logger(source_id).info("capturing with ffmpeg: %s", problem)
     if shutil.which("ffmpeg") is None:
         raise ConfigError(f"source {source_id}: ffmpeg is not installed (nor usable gst-launch)")
-    copy_jpeg, add_tables = _jpeg_copy(spec, live, loop, options)
     return CommandSource(
         ffmpeg_argv(
             spec,
