@@ -265,6 +265,76 @@ def test_sink_sees_all_frames_of_a_segment_before_it_closes() -> None:
     assert sink.closed == ["A", "B"]
 
 
+class Sequence(Sink):
+    """A one-worker sink that keeps one open segment, as a video writer does: every write
+    must belong to the segment being written, and a segment closes before the next starts."""
+
+    def __init__(self) -> None:
+        self.name = "sequence"
+        self.log: list[tuple[str, str | None]] = []
+
+    def write(self, frame: Frame) -> None:
+        self.log.append(("write", frame.segment_id))
+        time.sleep(0.0005)  # a call long enough for the next frame to be handed over
+
+    def segment_closed(self, segment: Any) -> None:
+        time.sleep(0.002)  # a slow close: a write of the next segment would overtake it
+        self.log.append(("closed", segment.id))
+
+
+def test_a_one_worker_sink_closes_a_segment_before_writing_the_next() -> None:
+    """The frames of the next segment reach a ``workers=1`` sink only after it closed the
+    segment before them, even though the sink's thread takes frames ahead of the loop."""
+    sink = Sequence()
+    bounds = {range(start, start + 7): f"S{start}" for start in range(1, 120, 8)}
+    run_pipeline(
+        StreamPipeline(
+            "sequence",
+            PatternSource("c", width=32, height=32, count=120, realtime=False),
+            stages=[Stage(tagger(bounds), workers=2)],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[Stage(sink, workers=1)],
+        )
+    )
+    closed = [seg for kind, seg in sink.log if kind == "closed"]
+    assert closed == [f"S{start}" for start in range(1, 120, 8)]
+    current: str | None = None
+    for kind, segment in sink.log:
+        if kind == "write" and segment is not None:
+            assert current in (None, segment), f"{segment} written while {current} was open"
+            current = segment
+        elif kind == "closed":
+            assert segment == current
+            current = None
+
+
+def test_an_unordered_one_worker_stage_keeps_order_under_backpressure() -> None:
+    """One worker hands frames on in the order it took them, also when the next hop's full
+    queue makes it wait (a motion gate or a tracker after it relies on that)."""
+
+    def quick(frame: Frame) -> Frame:
+        time.sleep(random.uniform(0, 0.001))
+        return frame
+
+    def slow(frame: Frame) -> Frame:
+        time.sleep(random.uniform(0, 0.002))
+        return frame
+
+    sink = Collect()
+    run_pipeline(
+        StreamPipeline(
+            "unordered",
+            PatternSource("c", width=16, height=16, count=200, realtime=False),
+            stages=[
+                Stage(quick, workers=1, ordered=False),
+                Stage(slow, name="slow", workers=1, ordered=False, queue_size=1),
+            ],
+            sinks=[Stage(sink, workers=1)],
+        )
+    )
+    assert [f.seq for f in sink.frames] == list(range(1, 201))
+
+
 def test_activity_segments_after_a_motion_gate() -> None:
     frozen = np.full((120, 160, 3), 80, np.uint8)
 
@@ -378,10 +448,12 @@ def test_cheap_threaded_stages_batch_yet_keep_order_and_per_frame_errors() -> No
 
 
 def test_a_stage_thread_goes_on_to_its_next_frame_while_the_event_loop_is_busy() -> None:
-    """Each worker thread has its next frame handed to it while it works: when the event
-    loop is blocked (a busy callback, a slow inline stage), the thread does not wait for it
-    between frames. Still one call at a time with workers=1, in the source's order."""
-    first_running = threading.Event()
+    """While a worker thread runs a frame, the frame queued behind it is handed over too:
+    when the event loop is blocked (a busy callback, a slow inline stage), the thread does not
+    wait for it between frames. Still one call at a time with workers=1, in the source's
+    order."""
+    k = 30
+    running_k = threading.Event()
     starts: dict[int, float] = {}
     active: list[int] = []
 
@@ -389,8 +461,9 @@ def test_a_stage_thread_goes_on_to_its_next_frame_while_the_event_loop_is_busy()
         active.append(frame.seq)
         assert len(active) == 1, "two calls at once with workers=1"
         starts[frame.seq] = time.monotonic()
-        if frame.seq == 1:
-            first_running.set()
+        time.sleep(0.002)  # too long a call to be batched with the frames behind it
+        if frame.seq == k:
+            running_k.set()
             time.sleep(0.1)  # meanwhile the event loop is blocked
         active.pop()
         return frame
@@ -398,7 +471,7 @@ def test_a_stage_thread_goes_on_to_its_next_frame_while_the_event_loop_is_busy()
     sink = Collect()
     pipeline = StreamPipeline(
         "ahead",
-        PatternSource("cam", width=16, height=16, count=5, fps=50),  # one frame at a time
+        PatternSource("cam", width=16, height=16, count=40, realtime=False),
         stages=[Stage(slow, workers=1, ordered=True)],
         sinks=[sink],
     )
@@ -406,18 +479,16 @@ def test_a_stage_thread_goes_on_to_its_next_frame_while_the_event_loop_is_busy()
 
     async def main() -> None:
         run = asyncio.create_task(pipeline.run())
-        await asyncio.to_thread(first_running.wait, 10)
-        await asyncio.sleep(0.05)  # frame 2 comes (20 ms after frame 1) and is handed over
+        await asyncio.to_thread(running_k.wait, 10)
         time.sleep(0.5)  # noqa: ASYNC251 -- the event loop blocked on purpose
         blocked.append(time.monotonic())
         await asyncio.wait_for(run, 30)
 
     asyncio.run(main())
-    assert [f.seq for f in sink.frames] == [1, 2, 3, 4, 5]
-    assert starts[2] < blocked[0] - 0.2  # began while the loop was still blocked
+    assert [f.seq for f in sink.frames] == list(range(1, 41))
+    assert starts[k + 1] < blocked[0] - 0.2  # began while the loop was still blocked
 
 
-@pytest.mark.slow
 def test_wall_clock_timeout_closes_a_segment_when_no_frame_comes() -> None:
     tags = tagger({range(1, 6): "ORDER_W"})
     started = time.monotonic()

@@ -26,6 +26,9 @@ from framepipe.stream.queue import FrameQueue, Overflow
 
 __all__ = ["END", "Stage", "StageStats"]
 
+_Call = tuple[int, list[Any], "asyncio.Future[list[tuple[Any, BaseException | None, float]]]"]
+"""A call handed to a hop's lane: the index of its first frame, its frames, its results."""
+
 
 class _End:
     control = True
@@ -58,10 +61,12 @@ class Stage:
     the number of processes. Worker processes are spawned, so the script that starts the
     pipeline must do so under ``if __name__ == "__main__":``.
 
-    A stage in threads calls its processor in at most ``workers`` threads at once. Each thread
-    has one more frame (or batch) handed to it while it works, so it goes from one frame to the
-    next without waiting for the event loop: up to ``2 * workers`` frames are out of the queue
-    at once, and the queue's overflow policy applies to the frames behind them."""
+    A stage in threads calls its processor in at most ``workers`` threads at once. While a
+    call shorter than 20 ms (a moving average) runs, its worker hands the thread the next frame
+    already queued, so the thread goes on to it without waiting for the event loop; results
+    still leave in the order the worker took the frames, and a control item is never taken
+    ahead. A frame taken ahead is out of the queue one call earlier, so a ``drop_oldest``
+    queue's frames can be up to one such call older when processed."""
 
     processor: Processor | Callable[[Any], Any]
     workers: int = 1
@@ -280,12 +285,10 @@ class Hop:
                 lane.shutdown()
 
     async def run(self) -> None:
-        """Handle items until END, then pass END on. A hop in threads runs twice as many
-        tasks as threads, so each thread has its next call queued while it works."""
-        tasks = self.workers * (2 if self._threaded else 1)
+        """Handle items until END, then pass END on."""
         workers = [
             asyncio.create_task(self._worker(), name=f"hop-{self.name}-{i}")
-            for i in range(tasks)
+            for i in range(self.workers)
         ]
         try:
             await asyncio.gather(*workers)
@@ -324,17 +327,34 @@ class Hop:
                 self.stats.frames_in += 1
                 await self._complete(idx, await self._process(item))
                 continue
-            batch = self._take_batch(item)
-            first = idx
-            self._next_idx += len(batch) - 1
-            self.stats.frames_in += len(batch)
-            assert self._lane is not None
-            results = await self._lane.submit(self._call_batch, batch)
-            for offset, (frame, outcome) in enumerate(zip(batch, results, strict=True)):
-                await self._complete(first + offset, self._account(frame, *outcome))
+            call: _Call | None = self._submit(idx, item)
+            while call is not None:
+                ahead = self._take_ahead()
+                first, batch, results = call
+                for offset, (frame, outcome) in enumerate(zip(batch, await results, strict=True)):
+                    await self._complete(first + offset, self._account(frame, *outcome))
+                call = ahead
 
     _BATCH = 16
     _CHEAP_S = 0.0005
+    _AHEAD_S = 0.02
+
+    def _submit(self, idx: int, item: Any) -> _Call:
+        """Hand ``item`` (with a batch of frames queued behind it, when cheap) to the lane."""
+        batch = self._take_batch(item)
+        self._next_idx = idx + len(batch)
+        self.stats.frames_in += len(batch)
+        assert self._lane is not None
+        return idx, batch, self._lane.submit(self._call_batch, batch)
+
+    def _take_ahead(self) -> _Call | None:
+        """The next frame already queued, handed to the lane while the current call runs,
+        so the thread does not wait for the event loop between calls; None for a control
+        item, an empty queue, or calls too long for the hand-off to matter."""
+        if self._cost >= self._AHEAD_S:
+            return None
+        item = self.queue.get_frame_nowait()
+        return None if item is None else self._submit(self._next_idx, item)
 
     @property
     def _threaded(self) -> bool:
