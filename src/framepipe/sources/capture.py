@@ -21,10 +21,11 @@ Its rules:
 * ``realtime=True`` paces a file at its own rate; ``False`` reads it as fast as the machine
   decodes (a URL is paced by its sender either way). The first stage's queue then holds the
   capture back, so no frame is lost.
-* ``decode_threads`` bounds the decoder's threads (PyAV, and ffmpeg's decoder and MJPEG
-  encoder) by :func:`~framepipe.sources.base.decoder_threads`: by default one for a camera,
-  a stream or a file replayed in real time (no frame held back by frame threads, the least
-  CPU per frame), the decoder's own choice for a file read as fast as it decodes; 0 always
+* ``decode_threads`` bounds the decoder's threads (PyAV, and ffmpeg's decoder; when given,
+  ffmpeg's MJPEG encoder's too) by :func:`~framepipe.sources.base.decoder_threads`: by
+  default one for a camera, a stream or a file replayed in real time (no frame held back by
+  frame threads, the least CPU per frame), the decoder's own choice for a file read as fast
+  as it decodes; 0 always
   leaves it to the decoder. gst-launch-1.0 keeps GStreamer's choice.
 * The frames of a file carry their time in the recording (``pts``, from the file's frame
   rate, or ``fps`` when it resamples), whichever capture reads it: a recording read faster
@@ -158,15 +159,15 @@ def ffmpeg_argv(
     add_tables: bool = True,
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
-    and encoder's thread count, by :func:`~framepipe.sources.base.decoder_threads`;
+    thread count, by :func:`~framepipe.sources.base.decoder_threads`, and when given the
+    MJPEG encoder's;
     ``device``: a camera's device node; ``input_options``: ``-name value`` before ``-i``,
     checked by :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG,
     copied unless ``fps`` resamples them, with ``add_tables`` through ``mjpeg2jpeg``)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     url = is_stream_url(spec)
     count = decoder_threads(threads, paced=realtime or device or url)
-    limit = ["-threads", str(count)] if count else []
-    argv += limit
+    argv += ["-threads", str(count)] if count else []
     if device:
         argv += ["-f", "v4l2"]
     elif not url:
@@ -183,7 +184,8 @@ def ffmpeg_argv(
         return [*argv, "-c:v", "copy", *tables, "-f", "mjpeg", "-"]
     if fps:
         argv += ["-vf", f"fps={fps:g}"]
-    return [*argv, *limit, "-f", "mjpeg", "-q:v", "3", "-"]
+    encoder = ["-threads", str(threads)] if threads else []  # slice threads: no frame held
+    return [*argv, *encoder, "-f", "mjpeg", "-q:v", "3", "-"]
 
 
 def gst_problem(spec: str, *, fps: float | None = None, device: bool = False) -> str | None:
