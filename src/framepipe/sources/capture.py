@@ -25,8 +25,8 @@ Its rules:
   ffmpeg's MJPEG encoder's too) by :func:`~framepipe.sources.base.decoder_threads`: by
   default one for a camera, a stream or a file replayed in real time (no frame held back by
   frame threads, the least CPU per frame), the decoder's own choice for a file read as fast
-  as it decodes; 0 always
-  leaves it to the decoder. gst-launch-1.0 keeps GStreamer's choice.
+  as it decodes; 0 always leaves it to the decoder. gst-launch-1.0 keeps GStreamer's
+  choice.
 * The frames of a file carry their time in the recording (``pts``, from the file's frame
   rate, or ``fps`` when it resamples), whichever capture reads it: a recording read faster
   than real time keeps its own clock. A stream URL's frames have the wall clock only.
