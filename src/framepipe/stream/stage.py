@@ -350,8 +350,9 @@ class Hop:
     def _take_ahead(self) -> _Call | None:
         """The next frame already queued, handed to the lane while the current call runs,
         so the thread does not wait for the event loop between calls; None for a control
-        item, an empty queue, or calls too long for the hand-off to matter."""
-        if self._cost >= self._AHEAD_S:
+        item, an empty queue, or calls too long for the hand-off to matter (or not timed
+        yet)."""
+        if not 0.0 < self._cost < self._AHEAD_S:  # unknown until the first call returns
             return None
         item = self.queue.get_frame_nowait()
         return None if item is None else self._submit(self._next_idx, item)
