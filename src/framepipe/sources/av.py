@@ -27,12 +27,10 @@ import asyncio
 import os
 import re
 import threading
-import time
-from collections import deque
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import av
@@ -45,6 +43,7 @@ from framepipe.logs import get_logger
 from framepipe.pixels import Image, JpegPicture, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback, check_decode_threads, decoder_threads
 from framepipe.sources.devices import is_device
+from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
 
 __all__ = ["VideoSource"]
 
@@ -75,81 +74,6 @@ def _redact(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-@dataclass(slots=True)
-class _Decoded:
-    picture: Image | YuvPlanes | JpegPicture
-    pts: float | None
-    ts_ms: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-_Kind = Literal["opened", "frame", "error", "end"]
-
-
-class _Channel:
-    """Hands items from the decode thread to the event loop.
-
-    Frames are bounded by a semaphore (the thread waits for room, checking the stop flag);
-    control items (opened, error, end) never wait, so the end of a session always arrives.
-    Items wait in a deque; the event loop is woken (a ``call_soon_threadsafe``, a write to its
-    self-pipe) only when the consumer is waiting for one, so a decoder that runs ahead of its
-    consumer costs no wake-up per frame.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
-        self.loop = loop
-        self.items: deque[tuple[_Kind, Any]] = deque()
-        self.lock = threading.Lock()
-        self.waiting = False  # the consumer waits on ``ready`` (guarded by ``lock``)
-        self.ready = asyncio.Event()
-        self.room = threading.Semaphore(capacity)
-        self.stopped = threading.Event()
-
-    def put_frame(self, item: _Decoded) -> bool:
-        """Queue a frame (waits for room); False once the consumer has stopped."""
-        while not self.room.acquire(timeout=0.25):
-            if self.stopped.is_set():
-                return False
-        if self.stopped.is_set():
-            return False
-        return self.post("frame", item)
-
-    def post(self, kind: _Kind, payload: Any = None) -> bool:
-        """Queue a control item without waiting; False if the event loop is gone."""
-        with self.lock:
-            self.items.append((kind, payload))
-            wake, self.waiting = self.waiting, False
-        if not wake:
-            return True
-        try:
-            self.loop.call_soon_threadsafe(self.ready.set)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.stopped.set()
-            return False
-        return True
-
-    async def get(self) -> tuple[_Kind, Any]:
-        while True:
-            self.ready.clear()
-            with self.lock:
-                if self.items:
-                    kind, payload = self.items.popleft()
-                    break
-                self.waiting = True
-            await self.ready.wait()
-        if kind == "frame":
-            self.room.release()
-        return kind, payload
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.room.release()  # wake a thread waiting for room
-
-
-class _Stopped(Exception):
-    """Internal: the consumer closed the session; unwinds the decode thread."""
 
 
 class VideoSource(Source):
@@ -251,7 +175,7 @@ class VideoSource(Source):
 
     async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
         """One capture session; see the module docstring for its guarantees."""
-        channel = _Channel(asyncio.get_running_loop(), self.max_queue)
+        channel = Channel(asyncio.get_running_loop(), self.max_queue)
         thread = threading.Thread(
             target=self._run,
             args=(channel,),
@@ -264,7 +188,7 @@ class VideoSource(Source):
             while True:
                 kind, payload = await channel.get()
                 if kind == "frame":
-                    item: _Decoded = payload
+                    item: Decoded = payload
                     picture = item.picture
                     yield Frame(
                         image=picture if isinstance(picture, np.ndarray) else None,
@@ -294,7 +218,7 @@ class VideoSource(Source):
                     self.describe(),
                 )
 
-    async def _await_end(self, channel: _Channel) -> bool:
+    async def _await_end(self, channel: Channel) -> bool:
         """Wait (without blocking the loop) until the stopped thread posts its end."""
 
         async def drain() -> None:
@@ -310,10 +234,10 @@ class VideoSource(Source):
 
     # -- the decode thread ------------------------------------------------------------------
 
-    def _run(self, channel: _Channel) -> None:
+    def _run(self, channel: Channel) -> None:
         try:
             self._decode(channel)
-        except _Stopped:
+        except Stopped:
             pass
         except SourceError as exc:
             channel.post("error", exc)
@@ -349,10 +273,10 @@ class VideoSource(Source):
         except Exception as exc:
             raise self._fail("cannot open", exc) from exc
 
-    def _decode(self, channel: _Channel) -> None:
+    def _decode(self, channel: Channel) -> None:
         pts_offset = 0.0
         next_pts = 0.0  # where the next pass starts when looping
-        pacer = _Pacer(channel.stopped) if self.realtime else None
+        pacer = Pacer(channel.stopped) if self.realtime else None
         last_size: tuple[int, int] | None = None
         size_changes = 0
         passes = 0
@@ -376,7 +300,7 @@ class VideoSource(Source):
                 last_pts = next_pts
                 for packet in container.demux(stream):
                     if channel.stopped.is_set():
-                        raise _Stopped
+                        raise Stopped
                     for frame in self._frames_of(packet, jpeg, bad, count, passes):
                         time_s = frame.time
                         if time_s is None:
@@ -407,8 +331,8 @@ class VideoSource(Source):
                         # a paced file's frame is "captured" when its time comes, not when
                         # the decoder, running ahead, produced it
                         ts = now_ms()
-                        if not channel.put_frame(_Decoded(picture, pts, ts, meta)):
-                            raise _Stopped
+                        if not channel.put_frame(Decoded(picture, pts, ts, meta)):
+                            raise Stopped
                 self._check_complete(stream, count)
             finally:
                 container.close()
@@ -511,22 +435,3 @@ class _JpegPackets:
             return None
         time_s = None if packet.pts is None else float(packet.pts * packet.time_base)
         return [_JpegFrame(picture, time_s)]
-
-
-class _Pacer:
-    """Sleeps the decode thread so frames leave at their pts relative to the session start."""
-
-    def __init__(self, stopped: threading.Event) -> None:
-        self.stopped = stopped
-        self.anchor: tuple[float, float] | None = None  # (monotonic, pts)
-
-    def wait_until(self, pts: float) -> None:
-        now = time.monotonic()
-        if self.anchor is None:
-            self.anchor = (now, pts)
-            return
-        delay = self.anchor[0] + (pts - self.anchor[1]) - now
-        if delay < -1.0:  # far behind (slow consumer): re-anchor instead of bursting
-            self.anchor = (now, pts)
-        elif delay > 0 and self.stopped.wait(delay):
-            raise _Stopped
