@@ -20,9 +20,8 @@ __all__ = ["Source", "StartedCallback", "check_decode_threads", "decoder_threads
 StartedCallback = Callable[[int | None], None]
 
 
-def check_decode_threads(requested: int | None, where: str) -> int | None:
-    """``requested`` if it is None or a count >= 0, else a :class:`ValueError` naming
-    ``where``."""
+def check_decode_threads(requested: int | None, where: str) -> None:
+    """A :class:`ValueError` naming ``where`` unless ``requested`` is None or a count >= 0."""
     if requested is not None and (
         isinstance(requested, bool) or not isinstance(requested, int) or requested < 0
     ):
@@ -30,7 +29,6 @@ def check_decode_threads(requested: int | None, where: str) -> int | None:
             f"{where}: decode_threads must be a count >= 0 (0: the decoder's own choice) "
             f"or None, not {requested!r}"
         )
-    return requested
 
 
 def decoder_threads(requested: int | None, *, paced: bool) -> int:

@@ -129,21 +129,13 @@ def check_input_options(options: Mapping[str, str] | None, where: str) -> dict[s
                 "(letters, digits and '_', not 'i')"
             )
         text = str(value)
-        if "\x00" in text or not text.isprintable() or _unencodable(text):
+        if not text.isprintable():  # NUL, control characters and lone surrogates alike
             raise ConfigError(
                 f"{where}: input option {name!r} has a value with a NUL, a control character "
                 f"or malformed Unicode: {text!r}"
             )
         checked[name] = text
     return checked
-
-
-def _unencodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def ffmpeg_argv(
@@ -160,10 +152,10 @@ def ffmpeg_argv(
 ) -> list[str]:
     """The ``ffmpeg`` command writing ``spec`` to stdout as MJPEG (``threads``: the decoder's
     thread count, by :func:`~framepipe.sources.base.decoder_threads`, and when given the
-    MJPEG encoder's;
-    ``device``: a camera's device node; ``input_options``: ``-name value`` before ``-i``,
-    checked by :func:`check_input_options`; ``copy_jpeg``: the input's pictures are JPEG,
-    copied unless ``fps`` resamples them, with ``add_tables`` through ``mjpeg2jpeg``)."""
+    MJPEG encoder's; ``device``: a camera's device node; ``input_options``: ``-name value``
+    before ``-i``, checked by :func:`check_input_options`; ``copy_jpeg``: the input's
+    pictures are JPEG, copied unless ``fps`` resamples them, with ``add_tables`` through
+    ``mjpeg2jpeg``)."""
     argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin"]
     url = is_stream_url(spec)
     count = decoder_threads(threads, paced=realtime or device or url)
