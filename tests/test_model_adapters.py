@@ -171,6 +171,26 @@ def test_subprocess_that_prints_nothing_is_an_output_error(tmp_path: Path, clip:
     assert seen == []
 
 
+def test_subprocess_model_survives_long_lines_and_progress_bars(tmp_path: Path) -> None:
+    """What models write around the protocol (a 300 KB stdout line, a 200 KB stderr line, a
+    ``\r`` progress bar, 200 KB of warnings, invalid UTF-8) neither fails nor stalls a run, and
+    the end of stderr is still what an error shows."""
+    seen: list[float] = []
+    model = SubprocessModel(MODELS / "chatty_model.py", timeout=60)
+    good = tmp_path / "in.mp4"
+    good.write_bytes(b"ok")
+    result = run(model.infer(good, output_dir=tmp_path / "out", progress=seen.append))
+    assert result.frames_path == tmp_path / "out" / "frames"
+    assert seen == [50.0]
+    (long_line,) = result.extra["stdout"]
+    assert set(long_line) == {"x"} and 0 < len(long_line) <= 16384  # kept, cut to a bound
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"fail")
+    with pytest.raises(ModelError, match="exited with code 1") as info:
+        run(model.infer(bad, output_dir=tmp_path / "out2"))
+    assert info.value.stderr_tail.endswith("last words")
+
+
 def test_subprocess_frames_path_that_does_not_exist(tmp_path: Path, clip: Path) -> None:
     model = SubprocessModel(MODELS / "good_model.py")
     missing = tmp_path / "nowhere"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import shlex
 import signal
 from collections import deque
@@ -44,6 +43,7 @@ import numpy.typing as npt
 from framepipe.errors import CaptureExitedError, FrameError, SourceError
 from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
+from framepipe.pipes import lines
 from framepipe.sources.base import Source, StartedCallback
 
 __all__ = ["CommandSource"]
@@ -367,19 +367,10 @@ class CommandSource(Source):
             self._log.warning("capture (PID: %d) still not reaped after SIGKILL", proc.pid)
 
     async def _drain_stderr(self, stream: asyncio.StreamReader, tail: deque[str]) -> None:
-        partial = b""
-        while chunk := await stream.read(65536):
-            *lines, partial = re.split(rb"[\r\n]", partial + chunk)
-            partial = partial[-4096:]
-            for raw in lines:
-                self._keep_line(raw, tail)
-        self._keep_line(partial, tail)
-
-    def _keep_line(self, raw: bytes, tail: deque[str]) -> None:
-        line = raw.decode(errors="replace").rstrip()
-        if line:
-            tail.append(line)
-            self._log.debug("stderr: %s", line)
+        async for text in lines(stream):
+            if line := text.rstrip():
+                tail.append(line)
+                self._log.debug("stderr: %s", line)
 
 
 class _MjpegReader:

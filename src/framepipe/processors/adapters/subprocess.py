@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from framepipe.errors import ConfigError, ModelError, ModelOutputError
+from framepipe.pipes import lines
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
 
 __all__ = ["DEFAULT_ARGV", "SubprocessModel"]
@@ -222,8 +223,7 @@ class SubprocessModel(ModelAdapter):
         frames: list[str],
         other: list[str],
     ) -> None:
-        async for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+        async for line in lines(stream):
             if match := _PROGRESS.match(line):
                 progress(float(match.group(1)))
             elif match := _FRAMES.match(line):
@@ -235,7 +235,6 @@ class SubprocessModel(ModelAdapter):
 
     @staticmethod
     async def _read_stderr(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-        async for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+        async for line in lines(stream):
             if line.strip():
                 tail.append(line)
