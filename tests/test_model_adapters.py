@@ -438,6 +438,28 @@ def test_http_unreachable_server_names_the_url(tmp_path: Path, clip: Path) -> No
         run(model.infer(clip, output_dir=tmp_path))
 
 
+def test_http_model_keeps_the_query_and_never_shows_its_secrets(
+    tmp_path: Path, clip: Path, frames_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URL with a path and a query posts to ``<path>/infer?<query>``; a password or a key in
+    the URL is masked in every error and in framepipe's log lines."""
+    caplog.set_level("DEBUG", logger="framepipe")
+    with ModelServer([fixed(503, b"busy"), ok(frames_dir)]) as server:
+        url = server.url.replace("//", "//ann:hunter2@") + "/v1/?api_key=SECRET123&mode=fast"
+        model = HttpModel(url, timeout=5, max_retries=1, retry_initial=0.01)
+        result = run(model.infer(clip, output_dir=tmp_path))
+        assert result.frames_path == frames_dir
+        assert [r["path"] for r in server.requests] == ["/v1/infer?api_key=SECRET123&mode=fast"] * 2
+        assert "api_key=***" in model.describe() and "ann:***@" in model.describe()
+        model = HttpModel(url, timeout=5, max_retries=0)
+        server.replies = [fixed(500, b"broken")]
+        with pytest.raises(ModelError) as info:
+            run(model.infer(clip, output_dir=tmp_path))
+    shown = str(info.value) + caplog.text
+    assert "/v1/infer?api_key=***&mode=fast" in str(info.value)
+    assert "SECRET123" not in shown and "hunter2" not in shown
+
+
 # -- MockModel ----------------------------------------------------------------------------------
 
 
@@ -542,6 +564,36 @@ def test_python_model_function_results_and_drops() -> None:
     run(pipeline.run())
     assert len(sink.frames) == 5
     assert all(f.meta["brightness"] > 0 for f in sink.frames)
+
+
+def test_an_async_python_models_errors_are_wrapped_and_retried(tmp_path: Path, clip: Path) -> None:
+    """An ``async def`` model's exception is a retryable ModelError like a plain function's,
+    and a TimeoutError it raises itself (with no adapter timeout) says so."""
+    calls: list[int] = []
+
+    async def flaky(input_path: Path, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("GPU out of memory")
+        return {"frames_path": str(tmp_path)}
+
+    model = PythonModel(flaky, max_retries=1, retry_initial=0.01)
+    assert run(model.infer(clip, output_dir=tmp_path / "o")).frames_path == tmp_path
+    assert len(calls) == 2
+
+    async def slow(input_path: Path, **kwargs: Any) -> dict[str, Any]:
+        raise TimeoutError("upstream GPU queue")
+
+    timing_out = PythonModel(slow, timeout=None, max_retries=0)
+    with pytest.raises(ModelError, match="raised TimeoutError: upstream GPU queue"):
+        run(timing_out.infer(clip, output_dir=tmp_path / "o"))
+
+    class Remote(ModelAdapter):  # an adapter of the user's own, no timeout of its own
+        async def _infer_once(self, input_path: Path, **kwargs: Any) -> ModelResult:
+            raise TimeoutError("the queue did not answer")
+
+    with pytest.raises(ModelTimeoutError, match=r"timed out inside the model.*did not answer"):
+        run(Remote(timeout=None, max_retries=0).infer(clip, output_dir=tmp_path / "o"))
 
 
 def test_python_model_infer_in_a_thread(tmp_path: Path, clip: Path) -> None:

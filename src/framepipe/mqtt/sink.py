@@ -23,7 +23,7 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.mqtt.urls import parse_mqtt_url
-from framepipe.redis.urls import safe_url
+from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
     import aiomqtt

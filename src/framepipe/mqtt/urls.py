@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from framepipe.errors import ConfigError
-from framepipe.redis.urls import safe_url
+from framepipe.urls import safe_url
 
 __all__ = ["MqttTarget", "parse_mqtt_url"]
 

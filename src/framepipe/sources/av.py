@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import av
 import av.error
@@ -44,6 +44,7 @@ from framepipe.pixels import Image, JpegPicture, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback, check_decode_threads, decoder_threads
 from framepipe.sources.devices import is_device
 from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
+from framepipe.urls import safe_url
 
 __all__ = ["VideoSource"]
 
@@ -65,15 +66,6 @@ def _default_source_id(url: str) -> str:
         if path:
             name += "_" + path.replace("/", "_")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "video"
-
-
-def _redact(url: str) -> str:
-    """The URL without its password (``rtsp://user:***@host/...``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class VideoSource(Source):
@@ -169,7 +161,7 @@ class VideoSource(Source):
     def describe(self) -> str:
         """The URL (password hidden) and the pacing flags."""
         flags = [name for name, on in (("realtime", self.realtime), ("loop", self.loop)) if on]
-        return _redact(self.url) + (f" ({', '.join(flags)})" if flags else "")
+        return safe_url(self.url) + (f" ({', '.join(flags)})" if flags else "")
 
     # -- the consumer side (event loop) -----------------------------------------------------
 
@@ -249,7 +241,7 @@ class VideoSource(Source):
             channel.post("end")
 
     def _fail(self, message: str, exc: BaseException | None = None) -> SourceError:
-        text = f"{_redact(self.url)}: {message}" + ("" if exc is None else f": {exc}")
+        text = f"{safe_url(self.url)}: {message}" + ("" if exc is None else f": {exc}")
         error = SourceError(text, source_id=self.source_id)
         error.__cause__ = exc
         return error

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Self
 
 from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
+from framepipe.urls import safe_url
 
 __all__ = ["MAX_KEY_BYTES", "ObjectInfo", "ObjectStore", "open_object_store", "validate_key"]
 
@@ -306,14 +307,6 @@ class ObjectStore(abc.ABC):
         """Release backend resources (connections, clients)."""
 
 
-def _redact(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def open_object_store(url: str) -> ObjectStore:
     """Open the object store at ``url``.
 
@@ -348,6 +341,6 @@ def open_object_store(url: str) -> ObjectStore:
 
         return S3ObjectStore.from_url(url)
     raise ObjectStoreError(
-        f"unsupported object store URL {_redact(url)!r}: scheme {scheme!r}; supported: "
+        f"unsupported object store URL {safe_url(url)!r}: scheme {scheme!r}; supported: "
         "file:///absolute/path, a plain directory path, or s3://bucket/prefix"
     )

@@ -188,7 +188,7 @@ class ModelAdapter:
         for attempt in range(1, attempts + 1):
             try:
                 try:
-                    async with asyncio.timeout(self.timeout):
+                    async with asyncio.timeout(self.timeout) as deadline:
                         result = await self._infer_once(
                             Path(input_path),
                             prompt=prompt,
@@ -201,10 +201,13 @@ class ModelAdapter:
                 except TimeoutError as exc:
                     if isinstance(exc, ModelError):
                         raise
+                    why = (
+                        f"no result within {self.timeout:g}s"
+                        if deadline.expired() and self.timeout is not None
+                        else f"timed out inside the model ({exc or type(exc).__name__})"
+                    )
                     raise ModelTimeoutError(
-                        f"{self.describe()}: no result within {self.timeout:g}s",
-                        model=self.describe(),
-                        retryable=True,
+                        f"{self.describe()}: {why}", model=self.describe(), retryable=True
                     ) from exc
                 return self._checked(result)
             except ModelError as exc:

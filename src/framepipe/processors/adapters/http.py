@@ -13,9 +13,11 @@ import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from framepipe.errors import ConfigError, ModelError, ModelOutputError, ModelTimeoutError
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult
+from framepipe.urls import safe_url
 
 __all__ = ["HttpModel"]
 
@@ -58,19 +60,20 @@ class HttpModel(ModelAdapter):
             retry_initial=retry_initial,
             retry_max=retry_max,
         )
-        self.url = url.rstrip("/")
+        self.url = url
         self.headers = dict(headers or {})
         self.check_frames_path = check_frames_path
         self.transport = transport
 
     @property
     def target(self) -> str:
-        return self.url
+        return safe_url(self.url)
 
     @property
     def endpoint(self) -> str:
-        """The URL posted to."""
-        return f"{self.url}/infer"
+        """The URL posted to: ``/infer`` appended to the URL's path, its query kept."""
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/infer"))
 
     async def _infer_once(
         self,
@@ -86,6 +89,7 @@ class HttpModel(ModelAdapter):
         import httpx
 
         who = self.describe()
+        shown = safe_url(self.endpoint)
         data = {
             "prompt": prompt,
             "style": style,
@@ -108,13 +112,13 @@ class HttpModel(ModelAdapter):
                 )
         except httpx.TimeoutException as exc:
             raise ModelTimeoutError(
-                f"{who}: POST {self.endpoint} timed out ({type(exc).__name__})",
+                f"{who}: POST {shown} timed out ({type(exc).__name__})",
                 model=who,
                 retryable=True,
             ) from exc
         except httpx.HTTPError as exc:
             raise ModelError(
-                f"{who}: POST {self.endpoint} failed: {type(exc).__name__}: "
+                f"{who}: POST {shown} failed: {type(exc).__name__}: "
                 f"{exc or 'connection error'}",
                 model=who,
                 retryable=True,
@@ -122,7 +126,7 @@ class HttpModel(ModelAdapter):
         body = response.text
         if response.status_code >= 400:
             raise ModelError(
-                f"{who}: POST {self.endpoint} answered HTTP {response.status_code}: "
+                f"{who}: POST {shown} answered HTTP {response.status_code}: "
                 f"{body[-500:].strip() or response.reason_phrase}",
                 model=who,
                 retryable=response.status_code >= 500,
@@ -132,13 +136,13 @@ class HttpModel(ModelAdapter):
             answer = response.json()
         except ValueError as exc:
             raise ModelOutputError(
-                f"{who}: POST {self.endpoint} answered a body that is not JSON: {body[:200]!r}",
+                f"{who}: POST {shown} answered a body that is not JSON: {body[:200]!r}",
                 model=who,
                 status_code=response.status_code,
             ) from exc
         if not isinstance(answer, dict):
             raise ModelOutputError(
-                f"{who}: POST {self.endpoint} answered {answer!r}, not a JSON object",
+                f"{who}: POST {shown} answered {answer!r}, not a JSON object",
                 model=who,
                 status_code=response.status_code,
             )

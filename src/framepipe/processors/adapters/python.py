@@ -159,8 +159,14 @@ class PythonModel(ModelAdapter):
                 **options,
             )
 
-        try:
+        async def attempt() -> Any:
             value = await asyncio.to_thread(call)
+            if inspect.isawaitable(value):  # an async model: its errors are wrapped alike
+                value = await value
+            return value
+
+        try:
+            value = await attempt()
         except asyncio.CancelledError:
             stop.set()
             raise
@@ -174,8 +180,6 @@ class PythonModel(ModelAdapter):
                 model=self.describe(),
                 retryable=True,
             ) from exc
-        if inspect.isawaitable(value):
-            value = await value
         return _as_result(value, self.describe())
 
 
