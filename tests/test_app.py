@@ -98,6 +98,42 @@ def test_a_dead_camera_never_stops_another_and_is_recovered_then_reported(tmp_pa
     assert not [d for d in died if d["pipeline"] == "station_1"]
 
 
+def test_a_camera_that_is_down_makes_the_app_degraded_until_it_is_back(tmp_path: Path) -> None:
+    """While a source backs off between restarts its pipeline's score is not judged, but the
+    app is not healthy: it is DEGRADED, and RUNNING again once the camera is back."""
+    flag = tmp_path / "lens-cap"
+    flag.touch()
+    camera = f"{need('ffmpeg')} -loglevel error -re -f lavfi -i testsrc=size=64x48:rate=20"
+    script = f"if [ -e {flag} ]; then echo lens cap on >&2; exit 3; fi; exec {camera} -f mjpeg -"
+    app = App("site", settings=Settings(home=tmp_path), health_interval=0.05)
+    good = app.add_pipeline(StreamPipeline("station_1", PatternSource("station_1", fps=50)))
+    bad = app.add_pipeline(
+        StreamPipeline(
+            "station_2",
+            CommandSource(["sh", "-c", script], "station_2"),
+            backoff=Backoff(0.5, 1.0, 0.5, 0.0),
+        )
+    )
+
+    async def main() -> tuple[Any, Any]:
+        await app.start()
+        try:
+            await wait_until_async("backoff", lambda: bad.state is HealthState.BACKOFF)
+            down = app.health()
+            flag.unlink()
+            await wait_until_async("camera back", lambda: bad.frames_captured > 5)
+            assert good.frames_captured > 5
+            return down, app.health()
+        finally:
+            await app.stop()
+
+    down, back = asyncio.run(main())
+    assert down.pipeline_status["station_2"]["state"] == "backoff"
+    assert down.state is SystemState.DEGRADED
+    assert back.pipeline_status["station_2"]["state"] == "running"
+    assert back.state is SystemState.RUNNING
+
+
 def test_killing_the_capture_process_is_noticed_and_restarted(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

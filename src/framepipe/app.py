@@ -343,16 +343,21 @@ class App:
 
     def health(self) -> AppHealth:
         """State, performance score (mean of the pipelines'), uptime, last error and
-        per-pipeline status."""
+        per-pipeline status. A running app is ``DEGRADED`` while a pipeline has failed, its
+        source is down (backing off, stalled, retried at the backoff's cap) or its score is
+        below ``performance_threshold``; ``FAILED`` once every pipeline has failed."""
         statuses = {name: p.health() for name, p in self.pipelines.items()}
         for name in self.paused & statuses.keys():
             statuses[name]["state"] = "stopped"
         scores = [s["performance_score"] for n, s in statuses.items() if n not in self.paused]
         failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
+        down = [n for n, s in statuses.items() if s["state"] in _SOURCE_DOWN]
         state = self.state
         if state is SystemState.RUNNING and failed:
             state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
-        elif state is SystemState.RUNNING and scores and min(scores) < self.performance_threshold:
+        elif state is SystemState.RUNNING and (
+            down or (scores and min(scores) < self.performance_threshold)
+        ):
             state = SystemState.DEGRADED
         return AppHealth(
             name=self.name,
@@ -424,6 +429,11 @@ class App:
             tmp = target.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, target)
+
+
+_SOURCE_DOWN = frozenset(
+    state.value for state in (HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING)
+)
 
 
 def preview_dir(settings: Settings, app: str) -> Path:
