@@ -33,6 +33,14 @@ Guarantees:
   after ``connect_retries`` retries; never a hang. Redis lost later: the client reconnects with
   exponential backoff (for as long as it runs), registers again, takes back the entries it held
   and publishes the results it finished meanwhile.
+* Entries pending in its stream that it does not hold are taken back: at start (an earlier
+  life's), after reconnecting, and whenever a heartbeat finds entries of its stream held by
+  another consumer (the registry takes the entries of a processor it declared dead; when none
+  can take them over and the processor turns out alive, they are answered here). Each taking
+  back is a delivery: an entry already delivered ``max_attempts`` times (its router's setting,
+  :class:`~framepipe.processors.fleet.protocol.Attempts`) is not run again but answered with
+  an error result (``error_kind`` ``lost``) and acknowledged, so a frame that kills the process
+  stops after ``max_attempts`` restarts under the same id.
 * A ``process_frame`` that raises while ``image_encoding`` was left to its default gets a
   hint in its error text: the image data is base64 unless ``image_encoding="raw"``.
 * Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
@@ -59,12 +67,13 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import json
 import os
 import signal
 import time
 from collections.abc import Generator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from framepipe.backoff import Backoff
 from framepipe.errors import RegistryConnectionError
@@ -79,18 +88,27 @@ from framepipe.processors.fleet.handling import run_frame
 from framepipe.processors.fleet.health import HealthServer
 from framepipe.processors.fleet.protocol import (
     GROUP,
+    Attempts,
     Fields,
     Keys,
     Outcome,
     ProcessorState,
+    lost_result,
     result_fields,
+    text,
 )
-from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
+from framepipe.processors.fleet.registry import (
+    deregister,
+    heartbeat,
+    pending_deliveries,
+    register,
+    set_state,
+)
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
 from framepipe.redis.scripts import PUBLISH
-from framepipe.redis.streams import claim_pending, stream_entries
+from framepipe.redis.streams import stream_entries
 from framepipe.redis.wire import Wire
 from framepipe.tracing import parse_traceparent
 
@@ -286,6 +304,8 @@ class ProcessorClient(abc.ABC):
         self._registered = asyncio.Event()
         self._draining_task: asyncio.Task[None] | None = None
         self._slot: asyncio.Future[None] | None = None
+        self._backlog: dict[bytes, int] = {}  # pending entries to take back -> times delivered
+        self._recover_wanted = False  # a heartbeat found entries held by another consumer
         self._reads: Wire | None = None  # XREADGROUP (blocks)
         self._writes: Wire | None = None  # publish + acknowledge
         self._running = False
@@ -433,6 +453,8 @@ class ProcessorClient(abc.ABC):
         self._stop_event = asyncio.Event()
         self._stopped_event = asyncio.Event()
         self._registered.clear()
+        self._backlog = {}
+        self._recover_wanted = False
         if self._stop_requested:
             self._stop_event.set()
         self._running = True
@@ -542,12 +564,17 @@ class ProcessorClient(abc.ABC):
                     self.max_in_flight,
                 )
                 self.last_heartbeat = beat
-                if not alive and not self._stopping:
+                if self._stopping:
+                    continue
+                if not alive:
                     self.log.warning(
                         "Found itself deregistered (declared dead or Redis lost "
                         "its data); registering again"
                     )
                     await self._register()
+                    self._want_recovery()
+                elif await self._held_elsewhere():
+                    self._want_recovery()
             except REDIS_DOWN as exc:
                 self.log.debug("heartbeat failed: %s", exc)
             except Exception as exc:  # keep beating: a dead heartbeat would get it reaped
@@ -607,25 +634,69 @@ class ProcessorClient(abc.ABC):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), delay)
 
-    async def _recover(self) -> list[tuple[bytes, Fields]]:
-        """Claim every entry pending in the stream (this processor's earlier life, or handed
-        back by the registry) that is not being processed here now."""
-        backlog: list[tuple[bytes, Fields]] = []
-        async for claimed in claim_pending(
-            self._require_redis(), self.stream, GROUP, self.processor_id, count=100
-        ):
-            backlog += [(mid, fields) for mid, fields in claimed if mid not in self._inflight]
-        if backlog:
-            self.log.info("Took back %d pending frame(s)", len(backlog))
-        return backlog
+    async def _held_elsewhere(self) -> bool:
+        """Whether a consumer other than this processor (the registry's reaper) holds
+        entries pending in its stream."""
+        try:
+            summary = await self._require_redis().xpending(self.stream, GROUP)
+        except ResponseError:  # no stream or group: the next heartbeat registers again
+            return False
+        return any(
+            text(c.get("name")) != self.processor_id and int(c.get("pending") or 0) > 0
+            for c in summary.get("consumers") or ()
+        )
+
+    def _want_recovery(self) -> None:
+        """Have the consumer take back the pending entries it does not hold."""
+        self._recover_wanted = True
+        self._wake()
+
+    async def _recover(self) -> None:
+        """Queue every entry pending in the stream that is neither being handled here nor
+        queued already (this processor's earlier life, entries the registry took while it was
+        declared dead) with its delivery count; :meth:`_take_back` claims them as capacity
+        frees up."""
+        redis = self._require_redis()
+        held = set(self._inflight) | set(self._backlog)
+        found = 0
+        for mid, delivered in (await pending_deliveries(redis, self.stream)).items():
+            if mid not in held:
+                self._backlog[mid] = delivered
+                found += 1
+        if found:
+            self.log.info("Taking back %d pending frame(s)", found)
+
+    async def _take_back(self, count: int) -> None:
+        """Claim the first ``count`` queued entries and run them; an entry that was delivered
+        ``max_attempts`` times already gets its error result instead (see the module
+        docstring). Entries finished or re-routed meanwhile are no longer pending: skipped."""
+        ids = list(itertools.islice(self._backlog, count))
+        delivered = {mid: self._backlog.pop(mid) for mid in ids}
+        claimed = cast(
+            "list[tuple[bytes | None, Fields | None]]",
+            await self._require_redis().xclaim(
+                self.stream, GROUP, self.processor_id, 0, list[Any](ids)
+            ),
+        )
+        for mid, fields in claimed or ():
+            if mid is None or not fields:
+                continue
+            attempts = Attempts.of(fields, delivered.get(mid, 0))
+            if attempts.exhausted:
+                self._spawn(mid, fields, attempts)
+            else:
+                self._spawn(mid, fields)
 
     async def _consume(self) -> None:
         reads = self._reads
         assert reads is not None
         loop = asyncio.get_running_loop()
-        backlog = await self._recover()
+        self._recover_wanted = True
         block_ms = max(1, int(self.poll_interval * 1000))
         while not self._stopping:
+            if self._recover_wanted:
+                self._recover_wanted = False
+                await self._recover()
             free = self.capacity - len(self._inflight)
             if free <= 0:  # wait for a frame to finish (or stop())
                 self._slot = loop.create_future()
@@ -634,10 +705,8 @@ class ProcessorClient(abc.ABC):
                 finally:
                     self._slot = None
                 continue
-            if backlog:
-                for mid, fields in backlog[:free]:
-                    self._spawn(mid, fields)
-                del backlog[:free]
+            if self._backlog:
+                await self._take_back(free)
                 continue
             # stop() marks the processor draining at once; the read ends within poll_interval
             reply = await reads.execute(
@@ -658,10 +727,17 @@ class ProcessorClient(abc.ABC):
                 for mid, entry in stream_entries(reply):
                     self._spawn(mid, entry)
 
-    def _spawn(self, mid: bytes, fields: Fields | None) -> None:
+    def _spawn(self, mid: bytes, fields: Fields | None, exhausted: Attempts | None = None) -> None:
+        """Handle the entry in a task of its own (or give it up, when its attempts are
+        ``exhausted``)."""
         if fields is None:  # deleted while pending
             return
-        task = asyncio.create_task(self._handle(mid, fields), name=f"{self.processor_id}:{mid!r}")
+        job = (
+            self._handle(mid, fields)
+            if exhausted is None
+            else self._give_up(mid, fields, exhausted)
+        )
+        task = asyncio.create_task(job, name=f"{self.processor_id}:{mid!r}")
         self._inflight[mid] = task
         self.max_in_flight = max(self.max_in_flight, len(self._inflight))
         task.add_done_callback(functools.partial(self._finished, mid))
@@ -711,6 +787,21 @@ class ProcessorClient(abc.ABC):
         if self._inflight.get(mid) is asyncio.current_task():  # free the slot now, not
             del self._inflight[mid]  # a loop turn later in the task's done callback
             self._wake()
+
+    async def _give_up(self, mid: bytes, fields: Fields, attempts: Attempts) -> None:
+        """Answer an entry delivered ``attempts.limit`` times already with the error result
+        the registry gives such a frame, and acknowledge it: it is not run again."""
+        self.failed += 1
+        self.log.error(
+            "Frame %s was delivered %d times (max_attempts %d) to processors that died or "
+            "restarted before finishing it; giving up on it",
+            text(fields.get(b"frame_id")),
+            attempts.used,
+            attempts.limit,
+        )
+        payload = lost_result(self.processor_id, mid, fields, attempts.used)
+        outcome = Outcome(ok=False, error=text(payload["error"]), kind="lost")
+        await self._publish(mid, fields, outcome, payload)
 
     async def _publish(
         self, mid: bytes, fields: Fields, outcome: Outcome, payload: dict[str, str | bytes]

@@ -4,7 +4,13 @@ Frame entries (stream fields, bytes): ``frame_id``, ``camera_id``, ``timestamp``
 ``image_data`` (raw JPEG bytes; base64 accepted), ``width``, ``height``, ``format``
 (``jpeg``), ``metadata`` (JSON object), ``trace_context`` (W3C ``traceparent``; a JSON object
 holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``attempt``,
-``routed_at`` (and ``rerouted_from`` after a processor died).
+``max_attempts``, ``routed_at`` (and ``rerouted_from`` after a processor died).
+
+Attempts (:class:`Attempts`): a frame's attempts are its deliveries to processors, in the
+streams it was re-routed from (its ``attempt`` field minus one) and in the one it is in (the
+``times_delivered`` of its pending entry). Once they reach the entry's ``max_attempts`` the
+frame is given up with a :func:`lost_result` instead of being delivered again, whether the
+registry re-routes it from a dead processor or a processor takes it back after a restart.
 
 Result entries: ``frame_id``, ``camera_id``, ``processor_id``, ``capability``, ``status``
 (``ok``/``error``), ``result`` (JSON), ``error``, ``error_kind``, ``trace_context`` (the
@@ -39,9 +45,11 @@ from framepipe.redis.streams import Fields
 from framepipe.tracing import new_traceparent, parse_traceparent
 
 __all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
     "GROUP",
+    "Attempts",
     "BadEntryError",
     "Fields",
     "Keys",
@@ -54,6 +62,7 @@ __all__ = [
     "decode_image_data",
     "entry_fields",
     "frame_entry",
+    "lost_result",
     "result_fields",
     "text",
 ]
@@ -62,6 +71,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_NAMESPACE = "framepipe:"
 GROUP = "processors"
 """The consumer group on every processor stream."""
+DEFAULT_MAX_ATTEMPTS = 3
+"""The deliveries a frame is given (the processors it may kill) when its entry does not say
+(routers write their ``max_attempts`` on every entry)."""
 
 Routable = Frame | Mapping[str, Any] | Mapping[bytes, Any]
 """What can be routed: a :class:`Frame` (sent as JPEG), or a frame entry as a dict of fields."""
@@ -249,6 +261,62 @@ def entry_fields(item: Mapping[Any, Any]) -> dict[str, bytes | str]:
         out["trace_context"] = new_traceparent()
     out.setdefault("format", "jpeg")
     return out
+
+
+# -- attempts -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """How often a frame entry was delivered to a processor, and how often it may be."""
+
+    used: int
+    """Deliveries so far: ``attempt - 1`` (the streams it was re-routed from, one each) plus
+    ``times_delivered`` in its current stream (its first read and every time a processor took
+    it back; the registry's own claims leave that count alone)."""
+    limit: int
+    """The entry's ``max_attempts`` (:data:`DEFAULT_MAX_ATTEMPTS` when missing)."""
+
+    @classmethod
+    def of(
+        cls,
+        fields: Mapping[bytes, bytes],
+        times_delivered: int,
+        default_limit: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> Attempts:
+        """The attempts of an entry with ``fields`` pending with ``times_delivered`` (0 when
+        it was never delivered in its stream)."""
+        previous = max(1, as_int(fields.get(b"attempt"), 1)) - 1
+        limit = max(1, as_int(fields.get(b"max_attempts"), default_limit))
+        return cls(previous + max(0, times_delivered), limit)
+
+    @property
+    def exhausted(self) -> bool:
+        """True when it was delivered ``limit`` times: it is given up (:func:`lost_result`),
+        never delivered again. A frame is thus processed at most ``limit`` times when every
+        processor it was on died (or restarted) before finishing it."""
+        return self.used >= self.limit
+
+
+def lost_result(
+    processor_id: str, mid: bytes, fields: Mapping[bytes, bytes], attempts: int
+) -> dict[str, str | bytes]:
+    """The error result (``error_kind`` ``lost``) of frame entry ``mid`` given up after
+    ``attempts`` deliveries, the last to ``processor_id``."""
+    return {
+        "frame_id": fields.get(b"frame_id", b""),
+        "camera_id": fields.get(b"camera_id", b""),
+        "processor_id": processor_id,
+        "capability": fields.get(b"capability", b""),
+        "status": "error",
+        "error_kind": "lost",
+        "error": f"the frame was delivered {attempts} times to processors that died or "
+        f"restarted before finishing it (last: {processor_id}); given up",
+        "trace_context": fields.get(b"trace_context", b""),
+        "entry_id": mid,
+        "duration_ms": "0",
+        "processed_at": repr(time.time()),
+    }
 
 
 # -- results --------------------------------------------------------------------------------------

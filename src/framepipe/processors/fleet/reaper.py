@@ -10,9 +10,12 @@ A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegist
   re-routed to another live processor with the entry's capability (regardless of free
   capacity: it has waited already), then acknowledged and deleted there; no frame is lost as
   long as a processor with the capability lives (entries wait in the dead stream until one
-  does). A frame that has been on ``max_attempts`` processors that died gets an error result
-  (``error_kind`` ``lost``) instead of killing more. The stream of a processor that stopped
-  gracefully with entries left is handled the same way.
+  does, or until the processor itself comes back and takes them back). A frame delivered
+  ``max_attempts`` times to processors that died gets an error result (``error_kind``
+  ``lost``) instead of killing more (its deliveries:
+  :class:`~framepipe.processors.fleet.protocol.Attempts`; the reaper's own reads of an entry
+  are not deliveries). The stream of a processor that stopped gracefully with entries left is
+  handled the same way.
 * The reply entries already read are trimmed, and waits past their timeout expire.
 """
 
@@ -21,14 +24,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from framepipe.errors import CircuitOpenError, NoProcessorError, RegistryConnectionError
-from framepipe.processors.fleet.protocol import GROUP, ProcessorState, as_int, text
-from framepipe.processors.fleet.registry import Registration, deregister
+from framepipe.processors.fleet.protocol import (
+    GROUP,
+    Attempts,
+    Fields,
+    ProcessorState,
+    lost_result,
+    text,
+)
+from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
 from framepipe.redis.connection import REDIS_DOWN, ResponseError
 from framepipe.redis.scripts import MARK_DEAD_LUA
-from framepipe.redis.streams import claim_pending
 
 if TYPE_CHECKING:
     from framepipe.processors.fleet.routing import ProcessorRegistry, Track
@@ -36,7 +45,28 @@ if TYPE_CHECKING:
 __all__ = ["REAPER", "Reaper"]
 
 REAPER = "framepipe-reaper"
-"""The consumer name the registry claims a dead processor's entries under."""
+"""The consumer name the registry takes a dead processor's undelivered entries under."""
+
+TAKE_NEW_LUA = """
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                       'STREAMS', KEYS[1], '>')
+if not got then return 0 end
+local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for _, entry in ipairs(got[1][2]) do args[#args + 1] = entry[1] end
+local taken = #args - 5
+if taken > 0 then
+  args[#args + 1] = 'RETRYCOUNT'
+  args[#args + 1] = 0
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return taken
+"""
+"""KEYS: stream. ARGV: group, consumer, count. Takes up to ``count`` entries never delivered
+(``XREADGROUP >``) under ``consumer`` with their delivery count at 0 (the registry taking an
+entry is not a delivery to a processor); returns how many."""
+
+_BATCH = 200
 
 
 class Reaper:
@@ -109,30 +139,29 @@ class Reaper:
                 registry._expire(track, track.timeout)
 
     async def reap(self, proc: Registration) -> None:
-        """Re-route what is left in a dead or stopped processor's stream, then remove it."""
+        """Re-route what is left in a dead or stopped processor's stream, then remove it.
+
+        Entries not delivered yet are first taken under the consumer ``framepipe-reaper`` (a
+        processor that comes back does not read them as new), their delivery count left at 0;
+        entries pending under the processor stay there until they are re-routed. Nothing here
+        counts as a delivery (:class:`~framepipe.processors.fleet.protocol.Attempts`). Entries
+        that wait for a live processor and the processor comes back: it takes them back
+        itself (:class:`~framepipe.processors.fleet.client.ProcessorClient`)."""
         registry = self.registry
         redis = registry._require()
         entries: dict[bytes, dict[bytes, bytes]] = {}
-        delivered: set[bytes] = set()  # were in a processor's hands (it may have died of them)
+        delivered: dict[bytes, int] = {}  # entry id -> deliveries to processors in this stream
         try:
-            for row in await redis.xpending_range(proc.stream, GROUP, "-", "+", 10_000):
-                consumer = row["consumer"]
-                if (consumer.decode() if isinstance(consumer, bytes) else consumer) != REAPER:
-                    mid = row["message_id"]
-                    delivered.add(mid if isinstance(mid, bytes) else str(mid).encode())
-            async for claimed in claim_pending(redis, proc.stream, GROUP, REAPER, count=200):
-                entries.update(claimed)
-            while True:
-                fresh = await redis.xreadgroup(GROUP, REAPER, {proc.stream: ">"}, count=200)
-                got = [
-                    (mid, f)
-                    for _s, es in cast(list[Any], fresh or [])
-                    for mid, f in es
-                    if f is not None
-                ]
-                if not got:
-                    break
-                entries.update(got)
+            while await redis.eval(TAKE_NEW_LUA, 1, proc.stream, GROUP, REAPER, _BATCH) >= _BATCH:
+                pass
+            delivered = await pending_deliveries(redis, proc.stream, batch=_BATCH)
+            low = "-"
+            while batch := cast(
+                "list[tuple[bytes, Fields | None]]",
+                await redis.xrange(proc.stream, low, "+", count=_BATCH),
+            ):
+                entries.update((mid, f) for mid, f in batch if f is not None)
+                low = "(" + batch[-1][0].decode()
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -146,11 +175,16 @@ class Reaper:
             registry._mirror.depart(proc)
 
     async def reroute(
-        self, dead: Registration, entries: dict[bytes, dict[bytes, bytes]], delivered: set[bytes]
+        self,
+        dead: Registration,
+        entries: dict[bytes, dict[bytes, bytes]],
+        delivered: Mapping[bytes, int],
     ) -> bool:
-        """Send ``entries`` of ``dead`` to other processors; True when none is left. Entries in
-        ``delivered`` count one more attempt (a frame that kills its processors is given up
-        after ``max_attempts``); entries it never took keep theirs."""
+        """Send ``entries`` of ``dead`` to other processors; True when none is left. An entry
+        goes with ``attempt`` one more than its deliveries so far (``delivered``: its
+        ``times_delivered`` in ``dead``'s stream; 0 for one never delivered); one delivered
+        ``max_attempts`` times already is given up (:meth:`give_up`) instead: a frame that
+        kills its processors stops after ``max_attempts`` of them."""
         registry = self.registry
         redis = registry._require()
         plan: list[tuple[bytes, Registration, dict[str, bytes | str], Track | None]] = []
@@ -160,9 +194,9 @@ class Reaper:
             fields: dict[str, bytes | str] = {text(k): v for k, v in raw.items()}
             frame_id = text(fields.get("frame_id"))
             capability = text(fields.get("capability")) or next(iter(dead.capability_order), "")
-            attempt = as_int(raw.get(b"attempt"), 1) + (1 if mid in delivered else 0)
-            if attempt > registry.max_attempts:
-                await self.give_up(dead, mid, raw, attempt - 1)
+            attempts = Attempts.of(raw, delivered.get(mid, 0), registry.max_attempts)
+            if attempts.exhausted:
+                await self.give_up(dead, mid, raw, attempts.used)
                 finished.append(mid)
                 continue
             try:
@@ -174,7 +208,7 @@ class Reaper:
             if target is None:
                 left += 1
                 continue
-            fields["attempt"] = str(attempt)
+            fields["attempt"] = str(attempts.used + 1)
             fields["rerouted_from"] = dead.id
             track = registry._routed.get(frame_id)
             if track is not None and track.processor_id == dead.id:
@@ -224,35 +258,21 @@ class Reaper:
     async def give_up(
         self, dead: Registration, mid: bytes, raw: Mapping[bytes, bytes], attempts: int
     ) -> None:
-        """Give up on a frame that was on ``attempts`` processors that died: logged, and an
-        error result (``error_kind`` ``lost``) to the router that sent it."""
-        frame_id = text(raw.get(b"frame_id"))
+        """Give up on a frame delivered ``attempts`` times to processors that died: logged,
+        and its error result (:func:`~framepipe.processors.fleet.protocol.lost_result`) to
+        the router that sent it."""
         self.registry.log.error(
-            "Frame %s was on %d processors that died (last: %s); giving up on it",
-            frame_id,
+            "Frame %s was delivered %d times to processors that died (last: %s); giving up on it",
+            text(raw.get(b"frame_id")),
             attempts,
             dead.id,
         )
         reply_to = raw.get(b"reply_to")
         if not reply_to:
             return
-        payload = {
-            "frame_id": raw.get(b"frame_id", b""),
-            "camera_id": raw.get(b"camera_id", b""),
-            "processor_id": dead.id,
-            "capability": raw.get(b"capability", b""),
-            "status": "error",
-            "error_kind": "lost",
-            "error": f"the frame was on {attempts} processors that died (last: "
-            f"{dead.id}); given up",
-            "trace_context": raw.get(b"trace_context", b""),
-            "entry_id": mid,
-            "duration_ms": "0",
-            "processed_at": repr(time.time()),
-        }
         await self.registry._require().xadd(
             text(reply_to),
-            payload,  # type: ignore[arg-type]
+            lost_result(dead.id, mid, raw, attempts),  # type: ignore[arg-type]
             maxlen=10_000,
             approximate=True,
         )

@@ -39,6 +39,7 @@ __all__ = [
     "Registrations",
     "deregister",
     "heartbeat",
+    "pending_deliveries",
     "register",
     "set_state",
 ]
@@ -117,6 +118,20 @@ async def deregister(redis: Redis, keys: Keys, processor_id: str, stream: str, *
             CLEANUP_LUA, 3, keys.proc(processor_id), stream, keys.processors, processor_id, *states
         )
     )
+
+
+async def pending_deliveries(redis: Redis, stream: str, *, batch: int = 200) -> dict[bytes, int]:
+    """Every entry pending in the group of ``stream``, by id, with its ``times_delivered``
+    (``XPENDING``, ``batch`` entries a call). ``NOGROUP`` when the stream or group is missing."""
+    out: dict[bytes, int] = {}
+    low = "-"
+    while rows := await redis.xpending_range(stream, GROUP, low, "+", batch):
+        for row in rows:
+            raw = row["message_id"]
+            mid = raw if isinstance(raw, bytes) else str(raw).encode()
+            out[mid] = int(row["times_delivered"])
+        low = "(" + text(mid)
+    return out
 
 
 # -- the router's mirror ------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from framepipe.errors import (
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.protocol import (
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL,
     Keys,
@@ -115,6 +116,9 @@ class ProcessorRegistry:
 
     Use it as ``async with ProcessorRegistry(url) as registry:`` (or ``start()``/``stop()``).
     ``heartbeat_timeout`` must exceed the processors' ``health_interval`` a few times over.
+    ``max_attempts`` (written on every entry it routes) bounds the deliveries of one frame:
+    a frame delivered that often to processors that died or restarted before finishing it is
+    given up with an error result (``error_kind`` ``lost``).
     """
 
     def __init__(
@@ -128,7 +132,7 @@ class ProcessorRegistry:
         route_timeout: float = 10.0,
         result_timeout: float = 30.0,
         poll_interval: float | None = None,
-        max_attempts: int = 3,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         connect_retries: int = 3,
         backoff: Backoff | None = None,
         registry_id: str | None = None,
@@ -354,6 +358,7 @@ class ProcessorRegistry:
         fields["capability"] = capability
         fields["reply_to"] = self.reply_stream
         fields.setdefault("attempt", "1")
+        fields.setdefault("max_attempts", str(self.max_attempts))
         fields["routed_at"] = repr(time.time())
         return track
 

@@ -1,0 +1,322 @@
+"""The fleet's recovery of frames left pending, with real processor processes on the real Redis:
+a processor declared dead that comes back answers the frames the registry took from it, and a
+frame that kills its processor is given up after ``max_attempts`` restarts under the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import REDIS_URL, redis_namespace
+
+redis_sync = pytest.importorskip("redis")
+
+from framepipe.errors import ResultTimeoutError  # noqa: E402
+from framepipe.frames import encode_jpeg  # noqa: E402
+from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
+from framepipe.processors.fleet.reaper import REAPER, TAKE_NEW_LUA  # noqa: E402
+from waiting import wait_until_async  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+JPEG = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+
+PROCESSOR = """
+import asyncio, json, os, sys
+from framepipe.processors import ProcessorClient
+
+cfg = json.loads(sys.argv[1])
+
+class Worker(ProcessorClient):
+    async def process_frame(self, frame_data):
+        frame_id = frame_data[b"frame_id"].decode()
+        print("start", frame_id, os.getpid(), flush=True)
+        if frame_id.startswith("poison"):
+            os._exit(3)  # the frame kills the process (a segfault, the OOM killer)
+        await asyncio.sleep(cfg["delay"])
+        print("done", frame_id, flush=True)
+        return {"pid": os.getpid()}
+
+async def main():
+    worker = Worker(cfg["id"], ["cap"], capacity=cfg["capacity"], redis_url=cfg["url"],
+                    health_interval=0.2, namespace=cfg["ns"], image_encoding="raw",
+                    result_stream=cfg["ns"] + "results", environ={})
+    worker.install_signal_handlers()
+    await worker.start()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
+    with redis_namespace("fptest:") as namespace:
+        yield namespace
+
+
+class Processor:
+    """One life of a processor process: its stdout lines, read as they come."""
+
+    def __init__(self, script: Path, ns: str, *, capacity: int = 1, delay: float = 0.0) -> None:
+        self.script = script
+        self.cfg = {"id": "solo", "capacity": capacity, "delay": delay, "url": REDIS_URL, "ns": ns}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> Processor:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(self.script),
+            json.dumps(self.cfg),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(raw.decode().strip())
+
+    def said(self, word: str, frame_id: str) -> bool:
+        return any(line.split()[:2] == [word, frame_id] for line in self.lines)
+
+    async def exited(self) -> int:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def finish(self) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+        await self.exited()
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "processor_main.py"
+    path.write_text(PROCESSOR)
+    return path
+
+
+def entry(frame_id: str) -> dict[str, bytes | str]:
+    return {"frame_id": frame_id, "camera_id": "cam", "image_data": JPEG}
+
+
+def test_frames_taken_from_a_processor_declared_dead_are_answered_when_it_comes_back(
+    ns: str, script: Path
+) -> None:
+    """The only processor with the capability stalls (SIGSTOP) past heartbeat_timeout: it is
+    declared dead and the registry takes the frames it had not read yet (under the reaper's
+    consumer, with nobody to re-route them to). It comes back (SIGCONT), registers again and
+    answers them itself (as ok results: being held by the registry is not an attempt). A frame
+    whose caller gave up meanwhile is answered too, and that late result is dropped: the next
+    call gets its own result."""
+
+    async def main() -> None:
+        solo = await Processor(script, ns, capacity=4, delay=0.5).start()
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        stream = f"{ns}proc:solo:frames"
+        try:
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=1.0, result_timeout=20
+            ) as registry:
+                await registry.wait_for_processor("cap", timeout=15)
+                a = asyncio.create_task(registry.call(entry("A"), "cap"))
+                await wait_until_async("A started", lambda: solo.said("start", "A"), 10)
+                assert solo.proc is not None
+                solo.proc.send_signal(signal.SIGSTOP)  # silent, and handles nothing more
+                # B may still go to the read the processor had waiting when it stopped
+                b = asyncio.create_task(registry.call(entry("B"), "cap"))
+                await wait_until_async("B routed", lambda: client.xlen(stream) == 2, 5)
+                c = asyncio.create_task(registry.call(entry("C"), "cap", timeout=1.0))
+                e = asyncio.create_task(registry.call(entry("E"), "cap"))
+                await wait_until_async("C and E routed", lambda: client.xlen(stream) == 4, 5)
+                frame_of = {mid: f[b"frame_id"] for mid, f in client.xrange(stream)}
+
+                def holders() -> dict[bytes, tuple[bytes, int]]:
+                    pending = client.xpending_range(stream, "processors", "-", "+", 10)
+                    return {
+                        frame_of[p["message_id"]]: (p["consumer"], p["times_delivered"])
+                        for p in pending
+                    }
+
+                def taken_by_reaper() -> bool:
+                    held = holders()
+                    return (
+                        client.hget(f"{ns}proc:solo", "state") == b"dead"
+                        and held.get(b"A") == (b"solo", 1)
+                        and held.get(b"C") == held.get(b"E") == (REAPER.encode(), 0)
+                    )
+
+                # declared dead, nobody to take its frames over: the reaper takes those never
+                # delivered (C and E), without counting a delivery; A stays with solo
+                await wait_until_async(
+                    "the reaper took C and E",
+                    taken_by_reaper,
+                    10,
+                    explain=lambda: (client.hgetall(f"{ns}proc:solo"), holders()),
+                )
+                with pytest.raises(ResultTimeoutError):
+                    await c  # its caller gives up while the processor is away
+                solo.proc.send_signal(signal.SIGCONT)
+
+                results = await asyncio.gather(a, b, e)
+                assert [(r.frame_id, r.ok, r.processor_id) for r in results] == [
+                    ("A", True, "solo"),
+                    ("B", True, "solo"),
+                    ("E", True, "solo"),
+                ]
+                await wait_until_async("C answered late", lambda: solo.said("done", "C"), 10)
+                await wait_until_async(
+                    "every entry acknowledged and deleted",
+                    lambda: (
+                        client.xlen(stream) == 0
+                        and client.xpending(stream, "processors")["pending"] == 0
+                    ),
+                    5,
+                )
+                assert client.hget(f"{ns}proc:solo", "state") == b"ready"
+                # C's late result went to nobody; a new frame gets its own result
+                result_d = await registry.call(entry("D"), "cap", timeout=10)
+                assert (result_d.frame_id, result_d.ok) == ("D", True)
+                assert [i.outstanding for i in registry.processors()] == [0]
+        finally:
+            client.close()
+            await solo.finish()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_frame_that_kills_its_processor_is_given_up_after_max_attempts_restarts(
+    ns: str, script: Path
+) -> None:
+    """A frame kills the process each time it runs; the process is restarted under the same id
+    at once (compose ``restart: unless-stopped``), well within heartbeat_timeout, so the
+    registry never declares it dead. It runs max_attempts (3) times; the fourth life answers
+    it with the ``lost`` error result instead of running it again, and goes on serving."""
+
+    async def main() -> None:
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        stream = f"{ns}proc:solo:frames"
+        lives: list[Processor] = []
+        try:
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=60, max_attempts=3
+            ) as registry:
+                lives.append(await Processor(script, ns).start())
+                await registry.wait_for_processor("cap", timeout=15)
+                call = asyncio.create_task(registry.call(entry("poison-1"), "cap", timeout=60))
+                while True:
+                    life = lives[-1]
+                    exit_code = asyncio.ensure_future(life.exited())
+                    await asyncio.wait({call, exit_code}, return_when=asyncio.FIRST_COMPLETED)
+                    if call.done():
+                        exit_code.cancel()
+                        break
+                    assert exit_code.result() == 3 and life.said("start", "poison-1")
+                    assert len(lives) <= 3, f"crash loop: poison-1 ran in {len(lives)} lives"
+                    lives.append(await Processor(script, ns).start())
+                result = call.result()
+                assert not result.ok and result.error_kind == "lost", result
+                assert result.error is not None and "delivered 3 times" in result.error
+                assert len(lives) == 4 and not lives[-1].said("start", "poison-1")
+                assert client.hget(f"{ns}proc:solo", "state") == b"ready"  # never declared dead
+                assert client.xlen(stream) == 0  # acknowledged and deleted
+                published = [f for _, f in client.xrange(f"{ns}results")]
+                assert [(f[b"frame_id"], f[b"error_kind"]) for f in published] == [
+                    (b"poison-1", b"lost")
+                ]
+                # the fourth life goes on serving
+                started = time.monotonic()
+                fine = await registry.call(entry("fine-1"), "cap", timeout=10)
+                assert fine.ok and time.monotonic() - started < 10
+        finally:
+            client.close()
+            for life in lives:
+                await life.finish()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+class Gated(ProcessorClient):
+    """An in-process processor whose frame ``hold`` waits for ``release``."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__(
+            "gated",
+            ["cap"],
+            capacity=1,
+            redis_url=REDIS_URL,
+            namespace=ns,
+            health_interval=0.2,
+            image_encoding="raw",
+            result_stream=f"{ns}results",
+            environ={},
+        )
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        frame_id = frame_data[b"frame_id"].decode()
+        self.started.append(frame_id)
+        if frame_id == "hold":
+            await self.release.wait()
+        return {"frame": frame_id}
+
+
+def test_entries_the_reaper_holds_in_a_ready_processors_stream_are_taken_back(ns: str) -> None:
+    """Whenever the registry's reaper holds entries in the stream of a processor that is
+    ready (it took them while the processor was declared dead, and the processor came back
+    before or while it did), the processor's heartbeat notices and it runs them."""
+
+    async def main() -> None:
+        gated = Gated(ns)
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        serving = asyncio.create_task(gated.start())
+        try:
+            await asyncio.wait_for(gated.wait_registered(), 10)
+            client.xadd(gated.stream, entry("hold"))
+            await wait_until_async("hold started", lambda: gated.started == ["hold"], 5)
+            # at capacity: it reads nothing now; the reaper takes the next entry
+            client.xadd(gated.stream, entry("waiting"))
+            taken = client.eval(TAKE_NEW_LUA, 1, gated.stream, "processors", REAPER, 10)
+            assert taken == 1
+            gated.release.set()
+
+            def answered() -> list[bytes]:
+                return [f[b"frame_id"] for _, f in client.xrange(f"{ns}results")]
+
+            await wait_until_async(
+                "the entry held by the reaper answered",
+                lambda: answered() == [b"hold", b"waiting"],
+                10,
+                explain=lambda: client.xpending_range(gated.stream, "processors", "-", "+", 10),
+            )
+            assert gated.started == ["hold", "waiting"]
+            assert client.xlen(gated.stream) == 0
+        finally:
+            client.close()
+            await gated.stop()
+            await asyncio.wait_for(serving, 15)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
