@@ -5,7 +5,7 @@ broker is Redis at all): :mod:`~framepipe.redis.urls` and :mod:`~framepipe.redis
 re-exported here; the others are imported by name (those that talk to Redis need redis-py):
 :mod:`~framepipe.redis.connection` (clients with framepipe's timeouts, PING with retries, the
 "cannot reach Redis at <url>" messages), :mod:`~framepipe.redis.wire` (the hot path's own RESP
-connections), :mod:`~framepipe.redis.streams` (stream replies, claiming pending entries) and
+connections), :mod:`~framepipe.redis.streams` (stream replies) and
 :mod:`~framepipe.redis.scripts` (the Lua scripts).
 """
 
