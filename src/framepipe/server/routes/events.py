@@ -4,18 +4,29 @@ Guarantees of ``/ws``: nothing is read or sent before the token is checked (clos
 a subscriber gets the current state first (``snapshot``), then every event committed after
 it, in order; one that falls too far behind is told so (``lagged``) and closed, to reconnect.
 A step's progress or completion, and an execution's completion, are also summed up as
-``pipeline:progress``, whose execution progress never decreases within one socket.
+``pipeline:progress``, whose execution progress never decreases within one socket. When the
+snapshot cannot be made the subscriber gets an ``error`` message and a close frame: 1008 when
+the request is at fault (an ``execution_id`` that cannot be an id, checked as over HTTP by
+:mod:`framepipe.server.params`, or that names no execution), 1011 when the server is (the
+state database failed; logged), never a dropped connection.
 """
 
 import asyncio
 import contextlib
 from typing import Annotated, Any
 
-from framepipe.errors import ExecutionNotFoundError, MissingDependencyError
+from framepipe.errors import (
+    ExecutionNotFoundError,
+    FramepipeError,
+    InvalidInputError,
+    MissingDependencyError,
+)
 from framepipe.events import Event
+from framepipe.logs import get_logger
 from framepipe.server.guard import admit_websocket
+from framepipe.server.params import ExecutionId, check_execution_id
 from framepipe.server.routes.executions import summaries
-from framepipe.server.state import Service
+from framepipe.server.state import Service, ServiceState
 from framepipe.untrusted import dumps
 
 try:
@@ -31,11 +42,13 @@ router = APIRouter(tags=["events"])
 socket_router = APIRouter()
 """``/ws``, at the root: it checks the token itself (a WebSocket has no headers to spare)."""
 
+_log = get_logger("server")
+
 
 @router.get("/events")
 async def events_page(
     service: Service,
-    execution_id: Annotated[str | None, Query(max_length=64)] = None,
+    execution_id: Annotated[ExecutionId | None, Query()] = None,
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
@@ -68,29 +81,58 @@ def pipeline_progress(event: Event) -> dict[str, Any]:
     }
 
 
+def _id_problem(execution_id: str | None) -> InvalidInputError | None:
+    """Why ``execution_id`` (the query parameter) cannot be an execution id, or None."""
+    if execution_id is not None:
+        try:
+            check_execution_id(execution_id)
+        except InvalidInputError as exc:
+            return InvalidInputError(exc.reason, where="execution_id")
+    return None
+
+
+async def _snapshot(service: ServiceState, execution_id: str | None) -> dict[str, Any]:
+    """What a subscriber gets first: its execution, or the newest 50 (summed up)."""
+    if execution_id is None:
+        return {"executions": summaries(await service.jobs.list(limit=50))}
+    return {"execution": (await service.jobs.get(execution_id)).to_dict()}
+
+
+async def _refuse(websocket: WebSocket, service: ServiceState, exc: FramepipeError) -> None:
+    """Tell the subscriber why there is no snapshot, and close: 1008 for what the request
+    asked (a bad or unknown execution id), 1011 for a fault of the server (logged)."""
+    if isinstance(exc, (InvalidInputError, ExecutionNotFoundError)):
+        code, detail = 1008, service.public(str(exc))
+    else:
+        _log.error("/ws: no snapshot: %s", exc)
+        code, detail = 1011, "the server failed to read the state (its log has the cause)"
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.send_text(dumps({"type": "error", "detail": detail}))
+        await websocket.close(code=code)
+
+
 @socket_router.websocket("/ws")
 async def live(
     websocket: WebSocket,
     service: Service,
+    # Checked here, after the token (check_execution_id), not by FastAPI before it.
     execution_id: str | None = None,
     token_param: Annotated[str | None, Query(alias="token")] = None,
 ) -> None:
     """The current state, then every event as it is committed."""
     if not await admit_websocket(websocket, service.token):
         return
+    problem = _id_problem(execution_id)
+    if problem is not None:
+        await _refuse(websocket, service, problem)
+        return
     feed = service.feed
-    jobs = service.jobs
     async with feed.subscribe(execution_id) as stream:
         after = feed.last_id
         try:
-            if execution_id is not None:
-                info = await jobs.get(execution_id)
-                snapshot: Any = {"execution": info.to_dict()}
-            else:
-                snapshot = {"executions": summaries(await jobs.list(limit=50))}
-        except ExecutionNotFoundError as exc:
-            await websocket.send_text(dumps({"type": "error", "detail": str(exc)}))
-            await websocket.close(code=1008)
+            snapshot = await _snapshot(service, execution_id)
+        except FramepipeError as exc:
+            await _refuse(websocket, service, exc)
             return
         await websocket.send_text(dumps({"type": "snapshot", "after": after, **snapshot}))
 

@@ -2,7 +2,9 @@
 
 Guarantees: an execution exists only once its submission was committed (an unknown pipeline
 is a 404, invalid inputs a 422 naming the field); listings carry no inputs, steps or data, so
-their size does not depend on what clients submitted; ids may be unique prefixes.
+their size does not depend on what clients submitted; ids may be unique prefixes. Ids,
+pipeline names and statuses are checked before any store is asked
+(:mod:`framepipe.server.params`: a 422 naming the parameter).
 """
 
 from collections.abc import Sequence
@@ -10,6 +12,7 @@ from typing import Annotated, Any
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.client import ExecutionSummary
+from framepipe.server.params import MAX_NAME, ExecutionId, PipelineName, StatusName
 from framepipe.server.state import Service
 
 try:
@@ -28,7 +31,9 @@ class SubmitBody(BaseModel):
     """``POST /api/executions``."""
 
     model_config = ConfigDict(extra="forbid")
-    pipeline: str = Field(min_length=1, max_length=200, description="A registered pipeline.")
+    pipeline: PipelineName = Field(
+        min_length=1, max_length=MAX_NAME, description="A registered pipeline."
+    )
     inputs: dict[str, Any] = Field(default_factory=dict, description="The execution's inputs.")
 
 
@@ -65,8 +70,8 @@ async def executions_submit(body: SubmitBody, service: Service) -> Submitted:
 async def executions_list(
     service: Service,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    status: Annotated[list[str] | None, Query()] = None,
-    pipeline: Annotated[str | None, Query(max_length=200)] = None,
+    status: Annotated[list[StatusName] | None, Query(max_length=16)] = None,
+    pipeline: Annotated[PipelineName | None, Query()] = None,
 ) -> list[dict[str, Any]]:
     """Newest executions first, each with its completed and total step counts (without
     inputs, steps or data: ``GET /api/executions/{id}`` has them)."""
@@ -74,13 +79,13 @@ async def executions_list(
 
 
 @router.get("/executions/{execution_id}")
-async def executions_show(execution_id: str, service: Service) -> dict[str, Any]:
+async def executions_show(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
     """An execution (id or unique prefix) with its steps and data."""
     return (await service.jobs.get(execution_id)).to_dict()
 
 
 @router.post("/executions/{execution_id}/retry", status_code=202)
-async def executions_retry(execution_id: str, service: Service) -> dict[str, Any]:
+async def executions_retry(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
     """Resume a failed, cancelled or interrupted execution from where it stopped."""
     info = await service.jobs.get(execution_id, with_steps=False)
     pipeline = service.pipelines.get(info.pipeline)
@@ -95,7 +100,7 @@ async def executions_retry(execution_id: str, service: Service) -> dict[str, Any
 
 
 @router.post("/executions/{execution_id}/cancel", status_code=202)
-async def executions_cancel(execution_id: str, service: Service) -> dict[str, Any]:
+async def executions_cancel(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
     """Cancel an execution (at once, or through the process running it)."""
     result = await service.jobs.cancel(execution_id)
     return {"id": result.execution_id, "status": "cancelling"}

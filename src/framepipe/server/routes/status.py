@@ -18,7 +18,8 @@ it completed (``GET /api/objects/{key}`` serves them).
 Registered for every service, whatever its pipelines, so the API's schema stays the same for
 every installation; it reads any execution, and only executions whose data name a ``video``
 and a ``thumbnail`` have result paths. Behind the same token and browser checks as the rest of
-``/api``; an unknown id is a 404.
+``/api``; an unknown id is a 404, one that cannot be an id (a NUL, too long) a 422
+(:mod:`framepipe.server.params`).
 """
 
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from typing import Any
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.server.params import ExecutionId
 from framepipe.server.state import Service
 
 try:
@@ -94,7 +96,7 @@ def job_status(info: ExecutionInfo) -> dict[str, Any]:
 
 
 @router.get("/status/{job_id}")
-async def status_show(job_id: str, service: Service) -> dict[str, Any]:
+async def status_show(job_id: ExecutionId, service: Service) -> dict[str, Any]:
     """An execution (id or unique prefix) in the job-status shape a polling frontend reads:
     jobId, status (queued, processing, completed, failed), progress (0-100), stage, error,
     resultPath, thumbnailPath, createdAt, updatedAt."""
