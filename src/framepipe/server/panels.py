@@ -12,7 +12,7 @@ An :class:`~framepipe.app.App` that has a ``dashboard()`` method returning an
 * **images** from the app's own object store at ``/api/apps/{app}/objects/{key}``: only keys
   that are plain paths inside the store (``..``, absolute paths and the like are a 400, and a
   local store never follows a symlink out of its root: also a 400), never a file elsewhere;
-  the error names the key, never the store's path.
+  the error names the key, never the store's path (a failure of the store itself is a 500).
 
 ``GET /api/apps`` lists the apps served here with their panels (apps without any have none).
 
@@ -44,6 +44,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import InvalidKeyError, MissingDependencyError, ObjectNotFoundError
+from framepipe.server.responses import object_store_errors
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, HTTPException
@@ -223,7 +224,8 @@ def _objects_route(name: str, store_of: Callable[[], ObjectStore | None]) -> Cal
             raise HTTPException(503, f"the object store of app {name!r} is not open yet")
         try:
             validate_key(key)
-            return await asyncio.to_thread(_object_response, store, key)
+            with object_store_errors("read", key):
+                return await asyncio.to_thread(_object_response, store, key)
         except InvalidKeyError:
             raise HTTPException(
                 400,

@@ -10,6 +10,7 @@ span fails instead of acting on something closed.
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import unquote, urlsplit
 
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
@@ -108,13 +109,21 @@ class ServiceState:
         return self.running.registry if self.running is not None else None
 
     def public(self, text: str) -> str:
-        """``text`` without the server's own paths (its home and object store)."""
+        """``text`` without the server's own paths: its object store's URL and, for a local
+        store, its folder; its home (as configured and resolved). A safety net: errors whose
+        text the service does not make (an object store's) are not shown at all."""
         objects_url = self.running.objects_url if self.running is not None else None
+        objects_root = None
+        if objects_url and objects_url.startswith("file:"):
+            objects_root = unquote(urlsplit(objects_url).path).rstrip("/")
+        home = self.settings.home
         for private, shown in (
             (objects_url, "the object store"),
-            (str(self.settings.home.resolve()), "<home>"),
+            (objects_root, "the object store"),
+            (str(home.resolve()), "<home>"),
+            (str(home.absolute()), "<home>"),
         ):
-            if private:
+            if private and private != "/":
                 text = text.replace(private, shown)
         return text
 

@@ -1,14 +1,20 @@
 """Thumbnails of stored frames: a JPEG of the object store, downscaled on the server and kept.
 
 Guarantees: a thumbnail is at most ``width`` pixels wide (an image narrower than that is
-re-encoded, never enlarged) and keeps the image's aspect ratio; what is not an image
-(``cv2.imdecode`` cannot read it) is a :class:`NotAnImageError`, never a server error; the
-cache holds at most ``max_bytes`` of thumbnails (least recently used dropped first), keyed by
-the store, the key and the width, so a key of one store never answers for another's.
+re-encoded, never enlarged) and keeps the image's aspect ratio; an image is decoded only after
+its size was read from its header (:func:`image_size`: JPEG, PNG, WebP, BMP; any other data is
+a :class:`NotAnImageError`, never given to a decoder) and only when it has at most
+:data:`MAX_PIXELS` pixels (else an :class:`ImageTooLargeError`): a small file declaring a huge
+picture cannot make the service allocate more than that budget's decode; a JPEG wider than
+twice the thumbnail is decoded reduced (1/2, 1/4, 1/8); what cannot be decoded is a
+:class:`NotAnImageError`, never a server error; the cache holds at most ``max_bytes`` of
+thumbnails (least recently used dropped first), keyed by the store, the key and the width, so
+a key of one store never answers for another's.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
 
@@ -19,11 +25,29 @@ from framepipe.backends.objects import ObjectStore
 from framepipe.errors import FrameError, FramepipeError
 from framepipe.pixels import jpeg_size
 
-__all__ = ["NotAnImageError", "ThumbnailCache"]
+__all__ = ["MAX_PIXELS", "ImageTooLargeError", "NotAnImageError", "ThumbnailCache", "image_size"]
+
+MAX_PIXELS = 40_000_000
+"""The most pixels an image may have to be decoded for a thumbnail (8K UHD has 33 million;
+decoded as BGR, 40 million take 120 MB)."""
 
 
 class NotAnImageError(FramepipeError):
-    """A stored object that was asked for as an image is not one."""
+    """A stored object that was asked for as an image is not one (or not of a format whose
+    size can be read before decoding it)."""
+
+
+class ImageTooLargeError(FramepipeError):
+    """An image has more pixels than :data:`MAX_PIXELS` (``width`` x ``height``, from its
+    header); it was not decoded."""
+
+    def __init__(self, width: int, height: int, limit: int) -> None:
+        self.width = width
+        self.height = height
+        self.limit = limit
+        super().__init__(
+            f"the image is {width}x{height} pixels, over the {limit} a thumbnail is made from"
+        )
 
 
 # Decoding at 1/2, 1/4 or 1/8 of the size is much cheaper than decoding whole and shrinking.
@@ -33,20 +57,73 @@ _REDUCED = (
     (2, cv2.IMREAD_REDUCED_COLOR_2),
 )
 
-
-def _image_width(data: bytes) -> int | None:
-    """The width of a JPEG from its header, without decoding (None: not a JPEG we can read)."""
-    try:
-        return jpeg_size(data)[0]
-    except FrameError:
-        return None
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+_FORMATS = "JPEG, PNG, WebP or BMP"
 
 
-def downscale(data: bytes, width: int, quality: int = 80) -> bytes:
-    """``data`` (an image) as a JPEG at most ``width`` pixels wide."""
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:  # extended: the canvas, 24 bits each, minus one
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # lossless: 14 bits each
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # lossy
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    return None
+
+
+def _bmp_size(data: bytes) -> tuple[int, int] | None:
+    header = int.from_bytes(data[14:18], "little")
+    if header == 12 and len(data) >= 22:  # OS/2 BITMAPCOREHEADER: unsigned 16 bits
+        width, height = struct.unpack("<HH", data[18:22])
+        return width, height
+    if header >= 40 and len(data) >= 26:  # BITMAPINFOHEADER and later: signed 32 bits
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)  # a negative height is a top-down bitmap
+    return None
+
+
+def image_size(data: bytes) -> tuple[str, int, int]:
+    """``(format, width, height)`` of the image in ``data``, read from its header without
+    decoding it; :class:`NotAnImageError` when ``data`` is not a JPEG, PNG, WebP or BMP with
+    a readable header (the formats thumbnails are made of)."""
+    size: tuple[int, int] | None = None
+    kind = ""
+    if data.startswith(_JPEG):
+        kind = "JPEG"
+        try:
+            size = jpeg_size(data)
+        except FrameError:
+            size = None
+    elif data.startswith(_PNG):
+        kind = "PNG"
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            size = width, height
+    elif data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        kind = "WebP"
+        size = _webp_size(data)
+    elif data.startswith(b"BM"):
+        kind = "BMP"
+        size = _bmp_size(data)
+    if not kind:
+        raise NotAnImageError(f"the object is not a {_FORMATS} image")
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        raise NotAnImageError(f"the object is not a {kind} image whose size can be read")
+    return kind, size[0], size[1]
+
+
+def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = MAX_PIXELS) -> bytes:
+    """``data`` (an image) as a JPEG at most ``width`` pixels wide; an image of more than
+    ``max_pixels`` pixels (by its header) is refused undecoded."""
+    kind, known, height = image_size(data)
+    if known * height > max_pixels:
+        raise ImageTooLargeError(known, height, max_pixels)
     flags = cv2.IMREAD_COLOR
-    known = _image_width(data)
-    if known is not None:
+    if kind == "JPEG":
         for factor, reduced in _REDUCED:
             if known // factor >= width:
                 flags = reduced
@@ -78,7 +155,7 @@ class ThumbnailCache:
 
     def get(self, store: ObjectStore, key: str, width: int) -> bytes:
         """The thumbnail of ``key`` in ``store`` (read and made on a miss; raises what
-        ``store.get`` raises, or :class:`NotAnImageError`)."""
+        ``store.get`` raises, :class:`NotAnImageError` or :class:`ImageTooLargeError`)."""
         cache_key = (store.url, key, width)
         with self._lock:
             data = self._items.get(cache_key)

@@ -2,7 +2,9 @@
 
 Guarantees: an upload is streamed to a temporary file, never held in memory, and stored only
 once it arrived whole; one over ``max_upload_bytes`` (declared or counted) is a 413 and
-stores nothing; a key that escapes the store is a 400.
+stores nothing; a key that escapes the store is a 400, a missing object a 404, a failure of
+the store itself a 500 naming the key, never the store's paths
+(:func:`~framepipe.server.responses.object_store_errors`).
 """
 
 import asyncio
@@ -12,6 +14,7 @@ from typing import Any
 
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
+from framepipe.server.responses import object_store_errors
 from framepipe.server.state import Service
 
 try:
@@ -52,7 +55,8 @@ async def objects_put(key: str, request: Request, service: Service) -> dict[str,
                         f"upload is over the limit of {limit} bytes (FRAMEPIPE_MAX_UPLOAD_BYTES)",
                     )
                 file.write(chunk)
-        info = await asyncio.to_thread(obj.put_file, key, tmp)
+        with object_store_errors("store", key):
+            info = await asyncio.to_thread(obj.put_file, key, tmp)
     finally:
         os.unlink(tmp)
     return {"key": info.key, "size": info.size}
@@ -61,5 +65,6 @@ async def objects_put(key: str, request: Request, service: Service) -> dict[str,
 @router.get("/objects/{key:path}")
 async def objects_get(key: str, service: Service) -> Response:
     """The object stored under ``key``."""
-    data = await asyncio.to_thread(service.objects.get, key)
+    with object_store_errors("read", key):
+        data = await asyncio.to_thread(service.objects.get, key)
     return Response(data, media_type="application/octet-stream")

@@ -16,7 +16,10 @@ inside the stores of that app (``..``, absolute paths and the like are a 400; a 
 never follows a symlink out of its root: also a 400): for an app served here, the stores of
 the pipeline's frame stores, then the app's dashboard store, then the service's; for an app of
 another process, the service's object store (the home's). The error names the key, never a
-store's path. Segments of an app served here come from memory (filled from the event log at
+store's path (a failure of the store itself is a 500). A frame is decoded only when its header
+says it is a JPEG, PNG, WebP or BMP (else 415) of at most
+:data:`~framepipe.server.thumbnails.MAX_PIXELS` pixels (else 422 naming the key), whatever
+its file size. Segments of an app served here come from memory (filled from the event log at
 start); those of another process's app from the event log its ``StoreEventSink`` writes.
 """
 
@@ -38,8 +41,9 @@ from framepipe.server.live import (
     marker_text,
     stored_app_events,
 )
+from framepipe.server.responses import object_store_errors
 from framepipe.server.state import Service, ServiceState
-from framepipe.server.thumbnails import NotAnImageError, ThumbnailCache
+from framepipe.server.thumbnails import ImageTooLargeError, NotAnImageError, ThumbnailCache
 from framepipe.stream.sinks import FrameStore
 
 try:
@@ -264,9 +268,10 @@ async def segments_frame(
         raise HTTPException(503, "the service is not running")
     try:
         validate_key(key)
-        data = await asyncio.to_thread(
-            _thumbnail, cache, _stores(service, app_name, pipeline), key, width
-        )
+        with object_store_errors("read", key):
+            data = await asyncio.to_thread(
+                _thumbnail, cache, _stores(service, app_name, pipeline), key, width
+            )
     except InvalidKeyError:
         raise HTTPException(
             400,
@@ -277,6 +282,12 @@ async def segments_frame(
         raise HTTPException(404, f"no object {key!r} in app {app_name!r}'s store") from None
     except NotAnImageError:
         raise HTTPException(415, f"the object {key!r} is not an image") from None
+    except ImageTooLargeError as exc:
+        raise HTTPException(
+            422,
+            f"the object {key!r} is an image of {exc.width}x{exc.height} pixels, over the "
+            f"{exc.limit} a thumbnail is made from",
+        ) from None
     return Response(
         data,
         media_type="image/jpeg",
