@@ -12,10 +12,14 @@ Guarantees:
   subprotocol, a header, or ``?token=``, see :mod:`framepipe.server.guard`); a wrong or
   missing one is a 401 (WebSocket close code 1008) before anything is read or written;
 * bad input is a 4xx whose ``detail`` says what is wrong and never shows the server's paths
-  (unknown pipeline 404, invalid body or inputs 422 naming the field, a state that forbids the
-  call 409, a key escaping the store 400, inputs or an upload over the limit 413), and nothing
-  is half-created: an execution exists only once it was committed, an object only once its
-  upload arrived whole; a state database that fails is a 503 naming the cause;
+  (unknown pipeline 404, invalid body or inputs 422 naming the field, an execution id or a
+  filter that cannot be one 422 naming the parameter before any database is asked
+  (:mod:`framepipe.server.params`), a state that forbids the call 409, a key escaping the
+  store 400, a body over ``max_inputs_bytes`` whatever its content type, or an upload over
+  ``max_upload_bytes``, 413), and nothing is half-created: an execution exists only once it
+  was committed, an object only once its upload arrived whole; a state database that fails is
+  a 503 naming the cause, an object store that fails a 500 naming the key (its cause, which
+  may hold paths, is logged only);
 * no stored value can make a response fail: text that cannot be encoded (a lone surrogate
   stored by an older version) is sent as its JSON escape; listings carry no inputs;
 * a WebSocket subscriber gets the current state first (``snapshot``), then every event
@@ -100,6 +104,11 @@ _API_ROUTERS = (
     status.router,  # the job-status shape of a polling frontend: every execution, see its module
 )
 """The routers under ``/api``, behind the token, in the order they are matched."""
+
+_RAW_BODIES = (("PUT", "/api/objects/"),)
+"""The routes that stream their request body themselves, under a limit of their own
+(``objects_put``: ``max_upload_bytes``); every other body is capped by the browser guard at
+``max_inputs_bytes`` (and a margin for the rest of the JSON around the inputs)."""
 
 
 async def _open_registry(settings: Settings) -> ProcessorRegistry | None:
@@ -234,6 +243,7 @@ def create_app(
         allowed_hosts=settings.allowed_hosts,
         allowed_origins=settings.allowed_origins,
         max_json_bytes=settings.max_inputs_bytes + 64 * 1024,
+        raw_bodies=_RAW_BODIES,
     )
     install_error_handlers(app)
     app.include_router(health.router)

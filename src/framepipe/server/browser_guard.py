@@ -41,8 +41,15 @@ class BrowserGuard:
     * **Simple requests** (CSRF without ``Origin``): a ``POST`` without ``Authorization``
       must say ``Content-Type: application/json``, which no page can send to another origin
       without a CORS preflight this service never grants. Else 415.
-    * **JSON bodies** are read at most ``max_json_bytes`` (a ``Content-Length`` over it is
-      refused before reading): 413 naming ``FRAMEPIPE_MAX_INPUTS_BYTES``.
+    * **Bodies** of ``POST``, ``PUT``, ``PATCH`` and ``DELETE`` are read at most
+      ``max_json_bytes``, whatever their ``Content-Type`` (FastAPI parses a body without one,
+      or of any ``*/*+json`` type, as JSON): a ``Content-Length`` over it is refused before
+      reading, a body without one as soon as the bytes counted pass it; 413 naming
+      ``FRAMEPIPE_MAX_INPUTS_BYTES``. The only exceptions are ``raw_bodies``, ``(method,
+      path prefix)`` of routes that stream their body themselves under a limit of their own
+      (the object upload: ``FRAMEPIPE_MAX_UPLOAD_BYTES``). A route that reads no body gets
+      the same cap, which costs it nothing; a route added later is capped unless it is
+      listed there.
 
     Requests from programs (no ``Origin``, a right ``Host``) pass untouched."""
 
@@ -53,12 +60,25 @@ class BrowserGuard:
         allowed_hosts: Sequence[str] = (),
         allowed_origins: Sequence[str] = (),
         max_json_bytes: int,
+        raw_bodies: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.app = app
         self.any_host = "*" in allowed_hosts
         self.hosts = {split_host(h) for h in allowed_hosts if h != "*"}
         self.origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
         self.max_json_bytes = max_json_bytes
+        self.raw_bodies = tuple((method.upper(), prefix) for method, prefix in raw_bodies)
+
+    def _capped(self, scope: Scope) -> bool:
+        """Whether the body of the request of ``scope`` is read at most ``max_json_bytes``."""
+        method = scope["method"]
+        if method not in _UNSAFE:
+            return False
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # as the router matches: without the mount point
+            path = path[len(root) :]
+        return not any(method == m and path.startswith(p) for m, p in self.raw_bodies)
 
     def _host_allowed(self, host: str, port: str | None, scope: Scope) -> bool:
         if self.any_host or host in _LOOPBACK_NAMES:
@@ -119,18 +139,16 @@ class BrowserGuard:
                 return
             await JSONResponse({"detail": refusal.detail}, refusal.status)(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["method"] in _UNSAFE:
-            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype == "application/json":
-                await self._limited(scope, receive, send, headers)
-                return
+        if scope["type"] == "http" and self._capped(scope):
+            await self._limited(scope, receive, send, headers)
+            return
         await self.app(scope, receive, send)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         limit = self.max_json_bytes
         too_big = JSONResponse(
             {
-                "detail": f"the JSON body is over the limit of {limit} bytes "
+                "detail": f"the request body is over the limit of {limit} bytes "
                 "(FRAMEPIPE_MAX_INPUTS_BYTES)"
             },
             413,

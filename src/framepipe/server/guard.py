@@ -13,7 +13,9 @@ Guarantees:
 * a WebSocket presents its token as the subprotocol ``framepipe.token.<base64url(token)>``
   (what a browser can send without putting the secret in the URL), as
   ``Authorization: Bearer`` (other clients), or, for older clients, as ``?token=`` (which
-  the access log then shows redacted); :func:`admit_websocket` accepts the connection only
+  the access log then shows redacted: :func:`redact` matches parameter names as the service
+  decodes them, so ``?%74oken=`` is hidden too, and hides a value up to the next ``&``,
+  whatever it holds); :func:`admit_websocket` accepts the connection only
   with the right token, echoing the subprotocol it was given, and closes it with 1008
   otherwise.
 """
@@ -26,6 +28,7 @@ import hmac
 import logging
 import re
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -89,7 +92,9 @@ async def admit_websocket(websocket: WebSocket, token: str | None) -> bool:
 
 # -- hosts and logs ----------------------------------------------------------------------
 
-_REDACT = re.compile(r"(?i)([?&]token=)[^&\s\"]*")
+# A query parameter: its name runs to "=", its value to the next "&" (or "#", or white space:
+# the end of the path in a formatted log line); a '"' does not end it.
+_PARAMETER = re.compile(r"([?&])([^=&?#\s]*)=([^&#\s]*)")
 
 
 def split_host(value: str) -> tuple[str, str | None]:
@@ -105,13 +110,23 @@ def split_host(value: str) -> tuple[str, str | None]:
     return value, None
 
 
+def _hide_token(match: re.Match[str]) -> str:
+    # The name as the service reads it (Starlette decodes "%74oken" and "+"), in any case.
+    if unquote_plus(match[2]).strip().lower() == "token":
+        return f"{match[1]}{match[2]}=***"
+    return match[0]
+
+
 def redact(text: str) -> str:
-    """``text`` with the value of every ``token=`` query parameter replaced by ``***``."""
-    return _REDACT.sub(r"\1***", text)
+    """``text`` with the value of every query parameter whose name, once percent-decoded, is
+    ``token`` (``?token=``, ``?%74oken=``, ``&TOKEN=``) replaced by ``***``, all of it up to
+    the next ``&`` (a ``"`` or an escape inside it included)."""
+    return _PARAMETER.sub(_hide_token, text)
 
 
 class RedactTokens(logging.Filter):
-    """A log filter hiding ``?token=`` values in access-log lines (uvicorn's ``args``)."""
+    """A log filter hiding ``?token=`` values (see :func:`redact`) in access-log lines
+    (uvicorn's ``args``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
