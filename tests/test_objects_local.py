@@ -5,10 +5,17 @@ test_objects_contract.py, run there on this store too."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import secrets
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +27,7 @@ from framepipe.backends.objects import (
     open_object_store,
     validate_key,
 )
-from framepipe.errors import InvalidKeyError, ObjectStoreError
+from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
 
 
 @pytest.fixture
@@ -130,6 +137,263 @@ def test_a_symlink_that_stays_inside_the_root_is_followed(tmp_path: Path) -> Non
         with pytest.raises(InvalidKeyError, match="symlink"):
             store.put("cams/alias/up/x.jpg", b"x")
     assert not (tmp_path / "x.jpg").exists()
+
+
+def test_links_inside_follow_the_root_rule_whatever_their_form(tmp_path: Path) -> None:
+    """Relative targets, ``..`` and chains of links are followed while they stay in the root;
+    a sibling folder whose name starts like the root's is outside; a loop is an error."""
+    (tmp_path / "store-other").mkdir()
+    (tmp_path / "store-other" / "x").write_bytes(b"sibling")
+    with LocalObjectStore(tmp_path / "store") as store:
+        store.put("cams/real/a.jpg", b"a")
+        cams = store.root / "cams"
+        (cams / "rel").symlink_to("../cams/real")  # relative, through '..', stays inside
+        (cams / "chain").symlink_to("rel")  # a link to a link
+        (cams / "real" / "up.jpg").symlink_to("../real/a.jpg")
+        assert store.get("cams/rel/a.jpg") == b"a"
+        assert store.get("cams/chain/up.jpg") == b"a"
+        assert store.stat("cams/chain/up.jpg").size == 1
+        store.put("cams/chain/new/b.jpg", b"b")
+        assert (cams / "real" / "new" / "b.jpg").read_bytes() == b"b"
+        (cams / "out").symlink_to("../..")  # one level above the root
+        (cams / "sibling").symlink_to(tmp_path / "store-other")
+        (cams / "to-out").symlink_to("chain/../out")
+        for key in ("cams/out/store-other/x", "cams/sibling/x", "cams/to-out/store-other/x"):
+            with pytest.raises(InvalidKeyError, match="symlink"):
+                store.get(key)
+            with pytest.raises(InvalidKeyError, match="symlink"):
+                store.put(key, b"overwritten")
+        (cams / "loop").symlink_to("loop")
+        with pytest.raises(ObjectStoreError, match=r"'cams/loop/x'.*symbolic links"):
+            store.get("cams/loop/x")
+    assert (tmp_path / "store-other" / "x").read_bytes() == b"sibling"
+    assert sorted(os.listdir(tmp_path)) == ["store", "store-other"]
+
+
+def test_errors_name_the_key_not_the_folder(store: LocalObjectStore) -> None:
+    """A message shows the key and the store's URL (which the service replaces); no path
+    below the root leaks through the reason of an ``OSError``."""
+    (store.root / "cams").mkdir()
+    (store.root / "cams" / "loop.jpg").symlink_to("loop.jpg")
+    os.mkfifo(store.root / "cams" / "fifo.jpg")
+    store.put("file", b"x")
+    calls: list[Callable[[], object]] = [
+        lambda: store.get("cams/loop.jpg"),
+        lambda: store.get("cams/fifo.jpg"),
+        lambda: store.put("file/under", b"x"),
+    ]
+    for call in calls:
+        with pytest.raises(ObjectStoreError) as excinfo:
+            call()
+        message = str(excinfo.value)
+        assert "'cams/" in message or "'file/under'" in message
+        assert str(store.root) not in message.replace(store.url, "the object store")
+
+
+# -- a neighbour swapping a folder for a link during a call ------------------------------------
+
+
+@contextlib.contextmanager
+def swap_before_call(k: int, swap: Callable[[], None]) -> Iterator[None]:
+    """Run ``swap`` just before the ``k``-th call (from 0) this thread makes into ``os`` or
+    ``io.open``: a neighbour's rename landing between two system calls of the store, at a
+    chosen point instead of by luck."""
+    count = 0
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal count
+        if event == "c_call" and (getattr(arg, "__module__", None) == "posix" or arg is io.open):
+            if count == k:
+                swap()
+            count += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
+OPERATIONS = ["get", "get_file", "stat", "copy", "put", "delete", "list"]
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_a_folder_swapped_for_a_link_mid_call_is_never_followed(
+    tmp_path: Path, operation: str
+) -> None:
+    """Whenever during a call the folder ``d`` becomes a link out of the store, the call
+    works in the folder it opened or refuses the key: it never reads, sizes, lists, writes
+    or deletes outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"TOP SECRET, outside the store")
+    (outside / "outside-only.txt").write_bytes(b"outside")
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    store = LocalObjectStore(tmp_path / "store")
+    d, parked = store.root / "d", store.root / "d.real"
+
+    swapped_at: list[int] = []
+
+    def swap() -> None:
+        if d.exists():  # a delete may have pruned it: then the link takes its free name
+            d.rename(parked)
+        d.symlink_to(outside, target_is_directory=True)
+        swapped_at.append(k)
+
+    calls: dict[str, Callable[[], object]] = {
+        "get": lambda: store.get("d/secret.txt"),
+        "get_file": lambda: store.get_file("d/secret.txt", tmp_path / "dest").read_bytes(),
+        "stat": lambda: store.stat("d/secret.txt").size,
+        "copy": lambda: store.copy("d/secret.txt", "copied") and store.get("copied"),
+        "put": lambda: store.put("d/new.txt", b"new"),
+        "delete": lambda: store.delete("d/secret.txt"),
+        "list": lambda: [info.key for info in store.list()],
+    }
+    for k in range(60):
+        for leftover in (d, parked):
+            if leftover.is_symlink():
+                leftover.unlink()
+            elif leftover.exists():
+                shutil.rmtree(leftover)
+        store.root.joinpath("copied").unlink(missing_ok=True)
+        d.mkdir()
+        (d / "secret.txt").write_bytes(b"harmless")
+        with swap_before_call(k, swap):
+            try:
+                result = calls[operation]()
+            except InvalidKeyError:
+                result = "refused"
+        if k not in swapped_at:
+            break  # the call made fewer than k system calls: every point was tried
+        assert {p.name: p.read_bytes() for p in outside.iterdir()} == before, k
+        assert result not in (b"TOP SECRET, outside the store", len(before["secret.txt"])), k
+        if operation == "list":
+            assert isinstance(result, list)
+            assert "d/outside-only.txt" not in result, k
+    assert len(swapped_at) >= 3
+
+
+def test_a_folder_swapped_for_a_link_while_listing_is_not_entered(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "outside-only.txt").write_bytes(b"outside")
+    store.put("a/1", b"1")
+    store.put("b/1", b"1")
+    listing = store.list()
+    assert next(listing).key == "a/1"  # the listing has seen folder b, not yet entered it
+    (store.root / "b").rename(store.root / "b.real")
+    (store.root / "b").symlink_to(outside, target_is_directory=True)
+    assert [info.key for info in listing] == []
+
+
+# -- what a neighbour plants where the store writes -------------------------------------------
+
+
+def test_put_replaces_a_link_at_the_key_never_writes_through_it(
+    store: LocalObjectStore, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim")
+    (store.root / "k").symlink_to(victim)
+    (store.root / "dangling").symlink_to(tmp_path / "would-be-created")
+    store.put("k", b"new")
+    store.put("dangling", b"new")
+    assert victim.read_bytes() == b"victim"
+    assert not (tmp_path / "would-be-created").exists()
+    for name in ("k", "dangling"):
+        assert not (store.root / name).is_symlink()
+        assert (store.root / name).read_bytes() == b"new"
+    (store.root / "gone").symlink_to(victim)
+    assert store.delete("gone") is True  # the link is removed, not what it points to
+    assert victim.read_bytes() == b"victim"
+
+
+@pytest.mark.parametrize("planted", ["link-to-file", "dangling-link"])
+def test_a_link_planted_at_the_temp_name_is_never_written_through(
+    store: LocalObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """The temp file is created exclusively (``O_EXCL | O_NOFOLLOW``): a link at its name
+    (guessed here by fixing the random part) fails the put and is left as it was."""
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes=None: "0" * 16)
+    victim = tmp_path / "victim"
+    if planted == "link-to-file":
+        victim.write_bytes(b"victim")
+    (store.root / "cam").mkdir()
+    temp = store.root / "cam" / ".tmp-0000000000000000"
+    temp.symlink_to(victim)
+    with pytest.raises(ObjectStoreError, match="'cam/k'"):
+        store.put("cam/k", b"new")
+    assert temp.is_symlink()
+    assert not (store.root / "cam" / "k").exists()
+    if planted == "link-to-file":
+        assert victim.read_bytes() == b"victim"
+    else:
+        assert not victim.exists()
+
+
+# -- special files ----------------------------------------------------------------------------
+
+
+def within(seconds: float, call: Callable[[], object]) -> BaseException | object:
+    """What ``call()`` returns or raises, failing the test if it takes longer than
+    ``seconds`` (it runs in a daemon thread, so a blocked call cannot hang the suite)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    return outcome[0]
+
+
+@pytest.fixture
+def fifo(store: LocalObjectStore) -> Iterator[Path]:
+    """A FIFO at the key ``cam/x.jpg``; a reader left blocked on it is released at the end."""
+    (store.root / "cam").mkdir()
+    path = store.root / "cam" / "x.jpg"
+    os.mkfifo(path)
+    yield path
+    for _ in range(100):  # each open for writing releases the readers waiting on it
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            break
+
+
+def test_a_fifo_at_a_key_is_refused_at_once(
+    store: LocalObjectStore, fifo: Path, tmp_path: Path
+) -> None:
+    (store.root / "cam" / "alias.jpg").symlink_to("x.jpg")
+    dest = tmp_path / "dest"
+    dest.write_bytes(b"previous")
+    reads: list[Callable[[], object]] = [
+        lambda: store.get("cam/x.jpg"),
+        lambda: store.get("cam/alias.jpg"),
+        lambda: store.get_file("cam/x.jpg", dest),
+        lambda: store.copy("cam/x.jpg", "copied"),
+    ]
+    for read in reads:
+        error = within(5, read)
+        assert isinstance(error, ObjectStoreError), error
+        assert not isinstance(error, ObjectNotFoundError)
+        assert "not a regular file" in str(error)
+        assert "'cam/x.jpg'" in str(error) or "'cam/alias.jpg'" in str(error)
+    assert dest.read_bytes() == b"previous"
+    assert not store.exists("copied")
+    assert within(5, lambda: store.exists("cam/x.jpg")) is False
+    assert isinstance(within(5, lambda: store.stat("cam/x.jpg")), ObjectNotFoundError)
+    assert within(5, lambda: keys(store)) == []
+    store.put("cam/x.jpg", b"jpeg")  # a put replaces it
+    assert store.get("cam/x.jpg") == b"jpeg"
 
 
 # -- lifecycle --------------------------------------------------------------------------------

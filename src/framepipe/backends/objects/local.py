@@ -1,42 +1,106 @@
 """The local-directory object store: each object is a file under the root at its key's path.
 
-Writes go to a ``.tmp-*`` file in the target's directory, are fsynced, then renamed over the
-target (``os.replace``), so readers never see a partial object and a completed ``put`` survives
-a crash. ``list`` skips temporary files and symlinks; a key whose path resolves outside the
-root (through a symlink) is refused with :class:`InvalidKeyError`.
+Guarantees:
+
+* atomic, overwriting writes: an object is written to a ``.tmp-*`` file created exclusively
+  (``O_CREAT | O_EXCL | O_NOFOLLOW``) in its key's folder, fsynced, then renamed over the
+  key's name (``os.replace``), so readers never see a partial object and a completed ``put``
+  survives a crash (``durable=False`` drops the fsyncs of the file and its folder);
+* confined to the root, whatever a neighbour sharing the folder does meanwhile: every
+  operation reaches the key's folder by one walk from the root (:meth:`_walk`), each folder
+  opened relative to its parent's descriptor with ``O_NOFOLLOW``, and then works by name
+  inside that folder (``dir_fd=``), so the kernel never follows a link below the root. A
+  symbolic link met on the way is read by the walk and followed only while it stays inside:
+  an absolute target must lie under the root's resolved path, ``..`` never climbs above the
+  root, at most 40 links per key; a key whose path leaves the root is refused with
+  :class:`InvalidKeyError`. A link swapped in after any check is met by the same walk, never
+  followed blindly;
+* ``get``, ``stat`` and ``copy`` follow a link at the key's own name by the same rule; ``put``
+  replaces the entry at the key's name and ``delete`` removes it, whatever it is, so a link
+  there is never written through;
+* only regular files are objects: a read opens ``O_NONBLOCK`` and checks the open file, so a
+  FIFO, socket or device planted at a key is an :class:`ObjectStoreError` naming the key at
+  once (never a reader blocked), and a folder is no object;
+* ``list`` skips temporary files and symbolic links and never descends through a link (each
+  folder is opened ``O_NOFOLLOW`` relative to its parent);
+* errors name the key and the store's URL, never a filesystem path below it: the reason of an
+  ``OSError`` is given without its file name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, TypeVar
 
-from framepipe.backends.objects.base import (
-    TEMP_PREFIX,
-    ObjectInfo,
-    ObjectStore,
-    _create_temp,
-)
+from framepipe.backends.objects.base import TEMP_PREFIX, ObjectInfo, ObjectStore
+from framepipe.confined import LinkRefusedError, open_dir_beneath
 from framepipe.errors import InvalidKeyError, ObjectStoreError
 
 __all__ = ["LocalObjectStore"]
 
+_T = TypeVar("_T")
+
 _MAX_NAME_BYTES = 255  # longest file name on common filesystems
+_MAX_LINKS = 40  # links followed for one key, as the kernel's own limit
 _MISSING = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR = _ROOT | os.O_NOFOLLOW
+_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
+def _reason(exc: OSError) -> str:
+    """What went wrong, without the file name an ``OSError`` carries (a server path)."""
+    return exc.strerror or str(exc)
+
+
+def _loop() -> OSError:
+    return OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+
+@dataclass
+class _Folder:
+    """A folder reached by :meth:`LocalObjectStore._walk`: the open descriptors from the root
+    down to it, the names of its path below the root (one fewer) and the links followed."""
+
+    fds: list[int]
+    names: list[str] = field(default_factory=list)
+    links: int = 0
+
+    @property
+    def fd(self) -> int:
+        return self.fds[-1]
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def _enter(dir_fd: int, name: str, make: bool) -> int:
+    """The folder ``name`` of ``dir_fd``, opened without following a link (created first
+    with ``make``); ``NotADirectoryError`` for a link or a file there."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return os.open(name, _DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not make:
+            raise
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, dir_fd=dir_fd)
+    return os.open(name, _DIR, dir_fd=dir_fd)
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class LocalObjectStore(ObjectStore):
@@ -61,7 +125,8 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             raise ObjectStoreError(f"cannot open object store directory {path}: {exc}") from exc
         self._url = self._root.as_uri()
-        self._root_str = str(self._root).rstrip("/")
+        self._root_str = str(self._root)
+        self._root_prefix = self._root_str.rstrip("/") + "/"
 
     @property
     def url(self) -> str:
@@ -73,9 +138,9 @@ class LocalObjectStore(ObjectStore):
 
     # -- paths --------------------------------------------------------------------------------
 
-    def _path(self, key: str) -> Path:
-        """The file for ``key``: refuses names the store reserves, too long for the
-        filesystem, or resolving outside the root."""
+    def _segments(self, key: str) -> list[str]:
+        """The segments of ``key``: refuses names the store reserves or too long for the
+        filesystem."""
         segments = key.split("/")
         for segment in segments:
             if segment.startswith(TEMP_PREFIX):
@@ -87,172 +152,308 @@ class LocalObjectStore(ObjectStore):
                 raise InvalidKeyError(
                     f"invalid object key {key!r}: segment longer than {_MAX_NAME_BYTES} bytes"
                 )
-        path = self._root.joinpath(*segments)
-        if self._leaves_root(segments):
-            raise InvalidKeyError(
-                f"invalid object key {key!r}: its path leaves {self._url} through a symlink"
-            )
-        return path
+        return segments
 
-    def _leaves_root(self, segments: list[str]) -> bool:
-        """Whether the path of ``segments`` under the root resolves outside it. Walks the
-        existing part of the path with ``lstat`` (the root itself is resolved once, at open);
-        only a symlink met on the way is resolved in full."""
-        current = self._root_str
-        for segment in segments:
-            current = f"{current}/{segment}"
+    def _escape(self, key: str) -> InvalidKeyError:
+        return InvalidKeyError(
+            f"invalid object key {key!r}: its path leaves {self._url} through a symlink"
+        )
+
+    def _follow(self, key: str, folder: _Folder, target: str) -> list[str]:
+        """The segments to walk next for a link to ``target`` found in ``folder``: relative to
+        ``folder``, or for an absolute target relative to the root (``folder`` is taken back
+        to the root); an absolute target outside the root is refused."""
+        folder.links += 1
+        if folder.links > _MAX_LINKS:
+            raise _loop()
+        if target.startswith("/"):
+            if target != self._root_str and not target.startswith(self._root_prefix):
+                raise self._escape(key)
+            while len(folder.fds) > 1:
+                os.close(folder.fds.pop())
+            folder.names.clear()
+            target = target[len(self._root_prefix) :]
+        return target.split("/")
+
+    def _climb(self, key: str, folder: _Folder) -> None:
+        """Take ``folder`` to its parent (a link's ``..``), never above the root."""
+        if not folder.names:
+            raise self._escape(key)
+        os.close(folder.fds.pop())
+        folder.names.pop()
+
+    def _walk(
+        self, key: str, segments: list[str], *, make: bool = False, links: int = 0
+    ) -> _Folder:
+        """The folder holding ``segments[-1]``, reached from the root one segment at a time
+        (see the module); missing folders are created with ``make``. ``OSError`` as
+        ``os.open`` raises it (``FileNotFoundError``, ``NotADirectoryError`` for a file on
+        the way), :class:`InvalidKeyError` when the path leaves the root. The caller closes
+        the folder."""
+        folder = _Folder([os.open(self._root_str, _ROOT)], links=links)
+        todo = segments[-2::-1]  # the folders to enter, the next one last
+        try:
+            while todo:
+                name = todo.pop()
+                if name in ("", "."):
+                    continue
+                if name == "..":  # only from a link's target
+                    self._climb(key, folder)
+                    continue
+                try:
+                    fd = _enter(folder.fd, name, make)
+                except NotADirectoryError as exc:  # a link, or a file where a folder should be
+                    try:
+                        target = os.readlink(name, dir_fd=folder.fd)
+                    except OSError:
+                        raise exc from None
+                    todo.extend(reversed(self._follow(key, folder, target)))
+                    continue
+                folder.fds.append(fd)
+                folder.names.append(name)
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def _find(self, key: str, act: Callable[[int, str], _T]) -> _T | None:
+        """``act(folder_fd, name)`` for the key's file, following a link at its name as
+        :meth:`_walk` does (``act`` raises ``ELOOP`` for a link); ``None`` when there is no
+        such file or the key names a folder."""
+        segments = self._segments(key)
+        links = 0
+        while True:
             try:
-                mode = os.lstat(current).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return False  # nothing further exists, so no link can lead out
-            if stat.S_ISLNK(mode):
-                resolved = Path(os.path.realpath(self._root.joinpath(*segments)))
-                return resolved == self._root or not resolved.is_relative_to(self._root)
-        return False
+                folder = self._walk(key, segments, links=links)
+            except _MISSING:
+                return None
+            try:
+                name = segments[-1]
+                if name in ("", ".", ".."):
+                    return None
+                try:
+                    return act(folder.fd, name)
+                except _MISSING:
+                    return None
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                parts = self._follow(key, folder, os.readlink(name, dir_fd=folder.fd))
+                segments = folder.names + parts
+                links = folder.links
+            finally:
+                folder.close()
+
+    def _open(self, key: str, action: str) -> int | None:
+        """A descriptor of the key's regular file, opened for reading (``None`` for no
+        object); anything else there is an :class:`ObjectStoreError` naming the key."""
+
+        def open_at(dir_fd: int, name: str) -> int:
+            return os.open(name, _READ, dir_fd=dir_fd)
+
+        try:
+            fd = self._find(key, open_at)
+            if fd is None:
+                return None
+            try:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISREG(mode):
+                    os.set_blocking(fd, True)
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        except OSError as exc:
+            raise self._error(action, key, exc) from exc
+        if stat.S_ISDIR(mode):
+            return None
+        raise ObjectStoreError(f"cannot {action} {key!r} in {self._url}: not a regular file")
 
     def _error(self, action: str, key: str, exc: OSError) -> ObjectStoreError:
-        return ObjectStoreError(f"cannot {action} {key!r} in {self._url}: {exc}")
+        return ObjectStoreError(f"cannot {action} {key!r} in {self._url}: {_reason(exc)}")
 
     # -- writes -------------------------------------------------------------------------------
 
-    def _write(self, key: str, path: Path, fill: Callable[[BinaryIO], object]) -> ObjectInfo:
-        """Write through a temp file beside ``path``, fsync, rename into place."""
-        fd, tmp = self._create_temp(key, path.parent)
+    def _write(self, key: str, fill: Callable[[int], object]) -> ObjectInfo:
+        """Write through a temp file in the key's folder, fsync, rename into place."""
+        segments = self._segments(key)
+        folder, tmp, fd = self._create_temp(key, segments)
         try:
-            with os.fdopen(fd, "wb") as file:
-                fill(file)
-                file.flush()
+            try:
+                fill(fd)
                 if self.durable:
-                    os.fsync(file.fileno())
-                st = os.fstat(file.fileno())
-            os.replace(tmp, path)
+                    os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, segments[-1], src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
             if self.durable:
-                _fsync_dir(path.parent)
+                os.fsync(folder.fd)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=folder.fd)
             if isinstance(exc, OSError):
                 raise self._error("write", key, exc) from exc
             raise
+        finally:
+            folder.close()
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
-    def _create_temp(self, key: str, directory: Path) -> tuple[int, Path]:
+    def _create_temp(self, key: str, segments: list[str]) -> tuple[_Folder, str, int]:
+        """The key's folder (created if missing), and a new empty ``.tmp-*`` file in it."""
         for attempt in range(3):
+            folder: _Folder | None = None
             try:
-                return _create_temp(directory)
-            except FileNotFoundError as exc:  # a new directory, or a concurrent delete pruned it
+                folder = self._walk(key, segments, make=True)
+                tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+                return folder, tmp, os.open(tmp, _CREATE, 0o666, dir_fd=folder.fd)
+            except FileNotFoundError as exc:  # a concurrent delete pruned a new folder
+                if folder is not None:
+                    folder.close()
                 if attempt == 2:
                     raise self._error("write", key, exc) from exc
             except OSError as exc:
-                raise self._error("write", key, exc) from exc
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
+                if folder is not None:
+                    folder.close()
                 raise self._error("write", key, exc) from exc
         raise AssertionError("unreachable")
 
     def _put_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        return self._write(key, self._path(key), lambda file: file.write(data))
+        return self._write(key, lambda fd: _write_bytes(fd, data))
 
     def _put_file(self, key: str, path: Path) -> ObjectInfo:
-        target = self._path(key)
         with path.open("rb") as source:
-            return self._write(key, target, lambda file: shutil.copyfileobj(source, file))
+            return self._write(key, lambda fd: _copy_into(source, fd))
 
     def _copy(self, src_key: str, dst_key: str) -> ObjectInfo | None:
-        src, dst = self._path(src_key), self._path(dst_key)
-        try:
-            source = src.open("rb")
-        except _MISSING:
+        fd = self._open(src_key, "read")
+        if fd is None:
             return None
-        except OSError as exc:
-            raise self._error("read", src_key, exc) from exc
-        with source:
-            return self._write(dst_key, dst, lambda file: shutil.copyfileobj(source, file))
+        with os.fdopen(fd, "rb") as source:
+            return self._write(dst_key, lambda out: _copy_into(source, out))
 
     # -- reads --------------------------------------------------------------------------------
 
     def _get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._path(key).read_bytes()
-        except _MISSING:
+        fd = self._open(key, "read")
+        if fd is None:
             return None
+        try:
+            with os.fdopen(fd, "rb") as file:
+                return file.read()
         except OSError as exc:
             raise self._error("read", key, exc) from exc
 
     def _get_file(self, key: str, path: Path) -> bool:
-        try:
-            shutil.copyfile(self._path(key), path)
-        except _MISSING:
+        fd = self._open(key, "read")
+        if fd is None:
             return False
+        try:
+            with os.fdopen(fd, "rb") as source, path.open("wb") as dest:
+                shutil.copyfileobj(source, dest)
         except OSError as exc:
             raise self._error("read", key, exc) from exc
         return True
 
     def _stat(self, key: str) -> ObjectInfo | None:
+        def stat_at(dir_fd: int, name: str) -> os.stat_result:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise _loop()
+            return st
+
         try:
-            st = self._path(key).stat()
-        except _MISSING:
-            return None
+            st = self._find(key, stat_at)
         except OSError as exc:
             raise self._error("stat", key, exc) from exc
-        if not stat.S_ISREG(st.st_mode):
+        if st is None or not stat.S_ISREG(st.st_mode):
             return None
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def _delete(self, key: str) -> bool:
-        path = self._path(key)
+        segments = self._segments(key)
         try:
-            path.unlink()
+            folder = self._walk(key, segments)
         except _MISSING:
             return False
         except OSError as exc:
             raise self._error("delete", key, exc) from exc
-        # prune directories left empty, so a later put of a parent key does not collide
-        parent = path.parent
-        while parent != self._root:
+        try:
             try:
-                parent.rmdir()
-            except OSError:
-                break
-            parent = parent.parent
-        return True
+                os.unlink(segments[-1], dir_fd=folder.fd)
+            except _MISSING:
+                return False
+            except OSError as exc:
+                raise self._error("delete", key, exc) from exc
+            # prune the key's folders left empty, so a later put of a parent key does not
+            # collide (not through a link: the folders reached are another key's)
+            if folder.links == 0:
+                for parent_fd, name in zip(
+                    reversed(folder.fds[:-1]), reversed(folder.names), strict=True
+                ):
+                    try:
+                        os.rmdir(name, dir_fd=parent_fd)
+                    except OSError:
+                        break
+            return True
+        finally:
+            folder.close()
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         head, _, partial = prefix.rpartition("/")
-        start = self._root.joinpath(*head.split("/")) if head else self._root
-        if os.path.realpath(start) != str(start):  # never list through a symlink
-            return iter(())
-        return self._walk(start, f"{head}/" if head else "", partial)
-
-    def _walk(
-        self, directory: Path | str, key_prefix: str, name_prefix: str
-    ) -> Iterator[ObjectInfo]:
         try:
-            with os.scandir(directory) as scan:
-                entries = [entry for entry in scan if entry.name.startswith(name_prefix)]
-        except (FileNotFoundError, NotADirectoryError):
+            fd = open_dir_beneath(self._root, head.split("/") if head else [], where=prefix)
+        except (FileNotFoundError, LinkRefusedError):  # nothing, a file, or a link: not listed
             return
         except OSError as exc:
-            raise ObjectStoreError(f"cannot list {directory} in {self._url}: {exc}") from exc
-        # a directory sorts as "name/", so keys come out in str order across levels
-        ordered: list[tuple[str, os.DirEntry[str], bool]] = []
-        for entry in entries:
+            raise ObjectStoreError(
+                f"cannot list {prefix!r} in {self._url}: {_reason(exc)}"
+            ) from exc
+        yield from self._list_folder(fd, f"{head}/" if head else "", partial)
+
+    def _list_folder(self, fd: int, key_prefix: str, name_prefix: str) -> Iterator[ObjectInfo]:
+        """The objects of the open folder ``fd`` (closed when done) and below, in key order."""
+        try:
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    ordered.append((entry.name + "/", entry, True))
-                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(
-                    TEMP_PREFIX
-                ):
-                    ordered.append((entry.name, entry, False))
-            except OSError:
-                continue
-        ordered.sort(key=lambda item: item[0])
-        for _, entry, is_dir in ordered:
-            if is_dir:
-                yield from self._walk(entry.path, f"{key_prefix}{entry.name}/", "")
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:  # deleted while listing
-                continue
-            yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
+                with os.scandir(fd) as scan:
+                    entries = [entry for entry in scan if entry.name.startswith(name_prefix)]
+            except OSError as exc:
+                raise ObjectStoreError(
+                    f"cannot list {key_prefix + name_prefix!r} in {self._url}: {_reason(exc)}"
+                ) from exc
+            # a directory sorts as "name/", so keys come out in str order across levels
+            ordered: list[tuple[str, os.DirEntry[str], bool]] = []
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        ordered.append((entry.name + "/", entry, True))
+                    elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(
+                        TEMP_PREFIX
+                    ):
+                        ordered.append((entry.name, entry, False))
+                except OSError:
+                    continue
+            ordered.sort(key=lambda item: item[0])
+            for _, entry, is_dir in ordered:
+                if is_dir:
+                    try:  # a folder swapped for a link meanwhile is skipped, not followed
+                        child = os.open(entry.name, _DIR, dir_fd=fd)
+                    except OSError:
+                        continue
+                    yield from self._list_folder(child, f"{key_prefix}{entry.name}/", "")
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
+        finally:
+            os.close(fd)
+
+
+def _copy_into(source: IO[bytes], fd: int) -> None:
+    """Copy the open binary file ``source`` into the descriptor ``fd`` (left open)."""
+    with os.fdopen(fd, "wb", closefd=False) as dest:
+        shutil.copyfileobj(source, dest)
