@@ -7,7 +7,9 @@ import asyncio
 import os
 import random
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,22 @@ class KillsItselfOnce(Processor):
         if frame.seq == self.at and not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+        return frame
+
+
+class StuckAt(Processor):
+    """Never returns from frame ``at`` (a call without a timeout); writes its pid first."""
+
+    def __init__(self, marker: Path, at: int) -> None:
+        self.marker = marker
+        self.at = at
+        self.name = "faces"
+
+    def process(self, item: Any) -> Any:
+        frame: Frame = item
+        if frame.seq == self.at:
+            self.marker.write_text(str(os.getpid()))
+            threading.Event().wait()
         return frame
 
 
@@ -171,6 +189,41 @@ def test_a_worker_process_killed_mid_frame_is_restarted_and_the_stream_goes_on(
     assert "WorkerDiedError" in errors[0]["error"]
     assert [f.seq for f in sink.frames] == [s for s in range(1, 61) if s != 17]
     assert pipeline.state is HealthState.STOPPED
+
+
+def test_stop_kills_a_worker_process_stuck_in_a_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "stuck.pid"
+    pipeline = StreamPipeline(
+        "door",
+        PatternSource("cam", fps=50),
+        stages=[Stage(StuckAt(marker, at=3), processes=1)],
+    )
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    async def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        await pipeline.start()
+        await until(lambda: marker.exists() and marker.read_text() != "")
+        pid = int(marker.read_text())
+        await asyncio.wait_for(pipeline.stop(drain_timeout=0.5), 30)  # the call is abandoned
+        await until(lambda: gone(pid))  # and its process killed (reaped by the waiting call)
+
+    asyncio.run(main())
+    assert pipeline.state is HealthState.STOPPED
+    assert "stage 'faces' did not tear down within 0.5s" in caplog.text
 
 
 def test_a_drawing_comes_back_and_a_grey_look_keeps_the_frame_lazy() -> None:

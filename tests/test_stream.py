@@ -588,3 +588,142 @@ def test_a_crashed_stage_fails_the_pipeline_even_while_frames_keep_coming() -> N
         state, error = asyncio.run(once())
         assert state is HealthState.FAILED
         assert error is not None and "stage 'broken' crashed: 2 frames failed in a row" in error
+
+
+def test_a_cancelled_error_raised_by_a_processor_fails_that_frame_only() -> None:
+    """A CancelledError a processor raises without its stage being cancelled (an awaited
+    request cancelled elsewhere, a nested event loop's) is that frame's error, on the event
+    loop and in a thread; the stream goes on and ends."""
+
+    async def remote(frame: Frame) -> Frame:
+        if frame.seq == 5:
+            request = asyncio.get_running_loop().create_future()
+            request.cancel()  # the client's connection dropped and cancelled it
+            await request
+        return frame
+
+    def nested(frame: Frame) -> Frame:
+        if frame.seq == 7:
+            raise asyncio.CancelledError
+        return frame
+
+    pipeline = StreamPipeline(
+        "cancelled",
+        PatternSource("cam", count=12, realtime=False),
+        stages=[Stage(remote), Stage(nested)],
+    )
+    events: Events = []
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+    asyncio.run(asyncio.wait_for(pipeline.run(), 20))  # no hop died: the run ends
+    errors = of(events, "processor.error")
+    assert [(e["stage"], e["seq"]) for e in errors] == [("remote", 5), ("nested", 7)]
+    assert all("CancelledError" in e["error"] for e in errors)
+    assert pipeline.frames_out == 10
+    assert pipeline.state is HealthState.STOPPED
+
+
+def test_a_pipeline_task_cancelled_from_outside_fails_the_pipeline_loudly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> Events:
+        pipeline = StreamPipeline(
+            "door", PatternSource("cam", fps=50), stages=[Stage(lambda f: f, name="model")]
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        await pipeline.start()
+        try:
+            (hop,) = [t for t in asyncio.all_tasks() if t.get_name() == "door:model"]
+            hop.cancel()  # e.g. a framework cancelling every task it finds
+            await asyncio.wait_for(pipeline.wait(), 10)  # ends: nothing waits on the dead hop
+        finally:
+            await pipeline.stop()
+        assert pipeline.state is HealthState.FAILED
+        return events
+
+    events = asyncio.run(main())
+    failed = of(events, "pipeline.failed")
+    assert len(failed) == 1
+    assert "task door:model was cancelled" in failed[0]["error"]
+    assert "pipeline task door:model was cancelled" in caplog.text
+
+
+def test_stop_returns_when_a_processor_call_never_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stuck, release = threading.Event(), threading.Event()
+
+    def model(frame: Frame) -> Frame:
+        if frame.seq == 5:
+            stuck.set()
+            release.wait()  # a request without a timeout
+        return frame
+
+    async def main() -> float:
+        pipeline = StreamPipeline(
+            "door", PatternSource("cam", fps=50), stages=[Stage(model, name="model")]
+        )
+        await pipeline.start()
+        assert await asyncio.to_thread(stuck.wait, 10)
+        started = time.monotonic()
+        await asyncio.wait_for(pipeline.stop(drain_timeout=0.5), 10)
+        assert pipeline.state is HealthState.STOPPED
+        return time.monotonic() - started
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        release.set()
+    assert took < 3.0  # the drain's 0.5 s and the teardown's 0.5 s, not forever
+    assert "stage 'model' did not tear down within 0.5s" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("sink_queue", "reason"),
+    [
+        (2, "stopped"),  # the segmenter still had frames and the end queued: the open segment
+        (64, "end"),  # it had closed the segment at the end; its marker was still in the sink
+    ],
+)
+def test_a_stop_that_cuts_the_drain_short_still_completes_the_segment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, sink_queue: int, reason: str
+) -> None:
+    wrote = threading.Event()
+
+    class SlowStore(FrameStore):
+        def write(self, frame: Frame) -> None:
+            super().write(frame)
+            if len(self.list_frames("cam")) >= 3:
+                wrote.set()
+            time.sleep(0.1)  # a slow bucket: the camera makes frames faster
+
+    store = SlowStore(LocalObjectStore(tmp_path), workers=1)
+
+    async def main() -> Events:
+        pipeline = StreamPipeline(
+            "station",
+            PatternSource("cam", fps=50),
+            stages=[Stage(tagger({range(1, 10_000): "ORDER_1"}))],
+            segmenter=Segmenter("order", timeout=30),
+            sinks=[Stage(store, queue_size=sink_queue)],
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        await pipeline.start()
+        assert await asyncio.to_thread(wrote.wait, 10)
+        await asyncio.wait_for(pipeline.stop(drain_timeout=0.3), 10)
+        assert pipeline.state is HealthState.STOPPED
+        assert pipeline.open_segment is None
+        assert pipeline.frames_captured - pipeline.frames_out > 5  # the drain was cut short
+        return events
+
+    events = asyncio.run(main())
+    done = of(events, "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done] == [("ORDER_1", reason)]
+    listed = {info.key for info in store.list_frames("cam", "ORDER_1")}
+    stored = done[0]["stored"]
+    assert len(stored) >= 3 and set(stored) <= listed  # what the store had written so far
+    assert done[0]["frames"] >= len(stored)
+    assert not of(events, "pipeline.failed")
+    assert [k for k, _ in events][-1] == "pipeline.stopped"  # the segment came before it
+    assert "captured frame(s) abandoned in the pipeline's queues" in caplog.text

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import pytest
 
+from framepipe.backoff import Backoff
+from framepipe.errors import SourceError
 from framepipe.frames import Frame
 from framepipe.sources import PatternSource
+from framepipe.sources.base import StartedCallback
 from framepipe.stream import Stage, StreamPipeline
 from framepipe.stream.performance import Performance
 from framepipe.supervise import HealthState
@@ -130,6 +133,56 @@ def test_a_keeping_up_camera_scores_one_and_a_new_session_waits_a_full_window() 
     performance, _ = asyncio.run(reading_after(pipeline, 2 * WINDOW + 0.5))
     assert performance.score >= 0.9, performance
     assert performance.processed_fps is not None and performance.processed_fps > 15
+
+
+class UnpluggedOnce(PatternSource):
+    """A camera whose first session dies after 40 frames; the next ones are fine."""
+
+    sessions = 0
+
+    async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
+        self.sessions += 1
+        taken = 0
+        async for frame in super().frames(started):
+            yield frame
+            taken += 1
+            if self.sessions == 1 and taken == 40:
+                raise SourceError("camera unplugged", source_id=self.source_id)
+
+
+@pytest.mark.slow  # reads over measuring windows of real time
+def test_frames_failed_before_a_restart_do_not_lower_the_next_sessions_score() -> None:
+    camera = UnpluggedOnce("cam", fps=20, realtime=True)
+
+    def model(frame: Frame) -> Frame:
+        if camera.sessions == 1:  # it choked on the broken session's frames only
+            raise ValueError("garbage frame")
+        return frame
+
+    pipeline = StreamPipeline(
+        "door",
+        camera,
+        stages=[Stage(model)],
+        backoff=Backoff(0.1, 2, 1, 0),
+        performance_window=WINDOW,
+    )
+
+    async def judged_after_the_restart() -> Performance:
+        await pipeline.start()
+        try:
+            async with asyncio.timeout(15):
+                while True:  # until the second session has run a full window and is judged
+                    performance = pipeline.performance()
+                    if camera.sessions == 2 and performance.processed_fps is not None:
+                        return performance
+                    await asyncio.sleep(0.05)
+        finally:
+            await pipeline.stop()
+
+    performance = asyncio.run(judged_after_the_restart())
+    assert pipeline.stats[0].errors >= 40  # all of the first session's frames failed...
+    assert performance.failed == 0  # ...none of this one's
+    assert performance.score >= 0.9, performance
 
 
 def test_stopped_and_failed_pipelines() -> None:

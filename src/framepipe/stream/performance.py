@@ -11,7 +11,9 @@ that report a score of their own):
   front of a slow stage.
 * A source read on demand (a file read as fast as the pipeline takes it) loses nothing by being
   slower than its nominal rate: its score is 1.
-* Frames that failed in a stage lower either score in proportion.
+* Frames that failed in a stage in the current capture session lower either score in
+  proportion to the frames that session took (a restarted camera is not judged by the frames
+  that failed before it restarted).
 * The score is judged while the capture runs, once it has run for a full measuring window (the
   first frames of a session wait for models to load): before that, while it backs off, or once
   a finite file has ended and drains, it is 1. A stopped pipeline is 1; a failed one, or one
@@ -31,7 +33,7 @@ from typing import Any
 
 from framepipe.stream.stage import Stage, StageStats
 
-__all__ = ["Performance", "RateWindow", "measure"]
+__all__ = ["Performance", "RateWindow", "Session", "failed_frames", "measure"]
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Performance:
     dropped: int = 0
     """Frames dropped in front of a stage because the pipeline fell behind."""
     failed: int = 0
+    """Frames that failed in a stage during the current capture session."""
     bottleneck: str | None = None
     """The stage with the most work per worker."""
 
@@ -83,12 +86,19 @@ class Performance:
         return asdict(self)
 
 
+def failed_frames(stats: Sequence[StageStats]) -> int:
+    """Frames that failed in the stages whose counters are ``stats``, since the run started."""
+    return sum(s.errors for s in stats)
+
+
 @dataclass(frozen=True)
 class Session:
-    """Where the current capture session started: its monotonic time and the frame count."""
+    """Where the current capture session started: its monotonic time, the frames captured and
+    the frames failed (:func:`failed_frames` of the stages) before it."""
 
     started: float
     frames_before: int
+    failed_before: int
 
 
 def measure(
@@ -105,8 +115,9 @@ def measure(
     """Score a running capture (the caller handles stopped and failed pipelines).
 
     ``session`` is None while no capture session is open (opening, backing off, a file that
-    ended); ``stats`` holds the stages' counters in order, ``capture_rate`` the capture's
-    frames per second over the window."""
+    ended); ``stats`` holds the stages' counters in order (the same ones the session's
+    ``failed_before`` was counted from), ``capture_rate`` the capture's frames per second over
+    the window."""
     if not nominal_fps or session is None:
         return Performance(paced=paced, nominal_fps=nominal_fps)
     elapsed = time.monotonic() - session.started
@@ -116,7 +127,7 @@ def measure(
     processed = stats[0].fps if stats else capture_rate
     not_taken = max(0, round(nominal_fps * elapsed) - taken) if paced else 0
     dropped = sum(s.dropped for s in stats)
-    failed = sum(s.errors for s in stats)
+    failed = max(0, failed_frames(stats) - session.failed_before)
     score = min(1.0, processed / nominal_fps) if paced else 1.0
     score *= 1.0 - min(1.0, failed / max(1, taken))
     score = round(max(0.0, score), 3)

@@ -21,12 +21,22 @@ Guarantees:
   thread) reach the pipeline's listeners on the loop, in order, tagged with the pipeline and
   source.
 * A bug that kills one of the pipeline's tasks fails the pipeline loudly (``pipeline.failed``,
-  logged with the traceback); nothing waits forever on a dead task.
+  logged with the traceback); so does a task of the pipeline cancelled by anything but the
+  pipeline's own stop or failure. Nothing waits forever on a dead task.
 * ``performance()`` compares the rate at which frames are taken in with the source's nominal
   rate over the last ``performance_window`` seconds (paced sources), says why it is low, and
   never counts the capture's wait for a slow pipeline as frames.
 * ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
-  closes open segments, and tears the processors down.
+  closes open segments, and tears the processors down. A drain cut short by its timeout still
+  completes the segments it cut: the open one, closed with ``reason="stopped"``, and those
+  closed earlier whose markers were still on their way through the sinks (with their own
+  reason) get ``segment.completed`` after each sink that had not had them ran its
+  ``segment_closed`` (so with what the sinks stored so far); the number of captured frames
+  abandoned in the queues and calls is logged. (A failed run's segments are not completed:
+  its failure stands.) Each stage's and sink's teardown is bounded by the same timeout (they
+  are torn down together): a processor call that never returns is abandoned with a warning
+  naming its stage (its daemon thread left to finish, its worker process killed), so
+  ``stop()`` returns within about twice ``drain_timeout``.
 
 One concept, a live pipeline's run (capture, stages, segmenters, sinks, listeners and stop),
 whose tasks share its queues and its failure handling.
@@ -47,9 +57,15 @@ from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
-from framepipe.stream.performance import Performance, RateWindow, Session, measure
+from framepipe.stream.performance import (
+    Performance,
+    RateWindow,
+    Session,
+    failed_frames,
+    measure,
+)
 from framepipe.stream.queue import FrameQueue
-from framepipe.stream.segment import Segment, Segmenter, SegmentMarker
+from framepipe.stream.segment import Segment, Segmenter, SegmentMarker, _SegmenterState
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Hop, Stage, StageStats
 from framepipe.supervise import HealthState, Supervisor, SupervisorContext
@@ -143,6 +159,11 @@ class StreamPipeline:
         self._shutdown_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping_capture: asyncio.Task[None] | None = None
+        self._seg_state: _SegmenterState | None = None  # the segmenter's, for this run
+        self._closing: dict[int, tuple[Segment, set[str]]] = {}
+        """Segments closed but not completed yet (their markers are on their way through the
+        sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
+        self._run_counts = (0, 0)  # frames captured and out before this run
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -191,6 +212,7 @@ class StreamPipeline:
         self.started_at = time.time()
         self.last_error = None
         self._loop = asyncio.get_running_loop()
+        self._run_counts = (self.frames_captured, self.frames_out)
         self._build()
         try:
             for hop in self._hops:
@@ -230,9 +252,14 @@ class StreamPipeline:
         self._tasks.append(task)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled():
+            if self._shutdown_task is None and not self._ended():  # not by the pipeline
+                self.log.error("pipeline task %s was cancelled while running", task.get_name())
+                self._fail(f"task {task.get_name()} was cancelled while the pipeline ran")
             return
         exc = task.exception()
+        if exc is None:
+            return
         self.log.error("pipeline task %s died: %r", task.get_name(), exc, exc_info=exc)
         self._fail(f"task {task.get_name()} died: {type(exc).__name__}: {exc}")
 
@@ -249,7 +276,9 @@ class StreamPipeline:
         self._done.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop the capture, drain the queued frames (bounded), close segments, tear down."""
+        """Stop the capture, drain the queued frames (at most ``drain_timeout`` seconds), close
+        the open segments (those a cut drain leaves too, see the module), and tear the stages
+        down (each within ``drain_timeout`` seconds, abandoned past it)."""
         if self._done is None:
             return
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
@@ -258,21 +287,22 @@ class StreamPipeline:
         if not self._done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done.wait(), timeout)
-        await self._shutdown()
+        await self._shutdown(timeout)
 
     async def wait(self) -> None:
         """Wait until the pipeline ends (finite source drained, failure, or stop)."""
         assert self._done is not None, "pipeline not started"
         await self._done.wait()
-        await self._shutdown()
+        await self._shutdown(self.drain_timeout)
 
-    async def _shutdown(self) -> None:
-        """Tear the run down once, however many callers wait for it."""
+    async def _shutdown(self, within: float) -> None:
+        """Tear the run down once, however many callers wait for it (each stage's teardown
+        bounded by the first caller's ``within`` seconds)."""
         if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self._teardown())
+            self._shutdown_task = asyncio.ensure_future(self._teardown(within))
         await asyncio.shield(self._shutdown_task)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, within: float) -> None:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
@@ -283,15 +313,64 @@ class StreamPipeline:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        cut = self._cut_segments()
+        abandoned = self._abandoned_frames()
+        if abandoned:
+            self.log.warning(
+                "%d captured frame(s) abandoned in the pipeline's queues and calls%s",
+                abandoned,
+                "" if self.state is HealthState.FAILED else f" (not drained within {within:g}s)",
+            )
         hops, self._hops = self._hops, []
-        for hop in hops:
-            try:
-                await hop.teardown()
-            except Exception:
-                self.log.exception("teardown of %s failed", hop.name)
+        await asyncio.gather(
+            *(
+                self._retire(
+                    hop, [SegmentMarker(seg) for seg, had in cut if hop.name not in had], within
+                )
+                for hop in hops
+            )
+        )
+        for seg, _sinks in cut:
+            self._segment_completed(seg)
         if self.state not in (HealthState.FAILED,):
             self.state = HealthState.STOPPED
         self._emit("pipeline.stopped", state=self.state.value)
+
+    async def _retire(self, hop: Hop, closing: list[SegmentMarker], within: float) -> None:
+        """Tear ``hop`` down within ``within`` seconds; a sink is first handed ``closing`` (the
+        segments a stop cut that it has not had)."""
+        try:
+            await hop.teardown(within, closing)
+        except TimeoutError:
+            self.log.warning(
+                "stage %r did not tear down within %gs (a processor call that never returns?): "
+                "abandoned, its threads left to finish on their own (worker processes killed)",
+                hop.name,
+                within,
+            )
+        except Exception:
+            self.log.exception("teardown of %s failed", hop.name)
+
+    def _cut_segments(self) -> list[tuple[Segment, set[str]]]:
+        """The segments a stop cut short, with the sinks that already had them: those closed
+        whose markers had not come out of the sinks, then the open one, closed now with
+        ``reason="stopped"``. None for a failed run (its failure stands)."""
+        if self.state is HealthState.FAILED:
+            return []
+        cut = list(self._closing.values())
+        if self._seg_state is not None:
+            cut += [(seg, set()) for seg in self._seg_state.close_all("stopped")]
+        self.open_segment = None
+        return cut
+
+    def _abandoned_frames(self) -> int:
+        """Frames captured in this run that neither came out of the pipeline nor were
+        filtered, failed or dropped on the way: those left in its queues and calls."""
+        captured0, out0 = self._run_counts
+        accounted = (
+            self.frames_out - out0 + sum(s.filtered + s.errors + s.dropped for s in self.stats)
+        )
+        return max(0, self.frames_captured - captured0 - accounted)
 
     async def run(self) -> None:
         """Start and wait for the end (Ctrl-C/cancel stops it gracefully)."""
@@ -323,6 +402,8 @@ class StreamPipeline:
         self._first_q = chain[0]
         self._sink_q = chain[len(stage_qs) + len(seg)]
         self._hops, self.stats = [], []
+        self._seg_state = self.segmenter.state() if self.segmenter is not None else None
+        self._closing = {}
         hop_specs = [(stage, q, False) for stage, q in zip(self.stages, stage_qs, strict=True)]
         hop_specs += [(stage, q, True) for stage, q in zip(self.sinks, sink_qs, strict=True)]
         for stage, queue, is_sink in hop_specs:
@@ -333,7 +414,9 @@ class StreamPipeline:
             stats = StageStats(stage.label, window=self._capture_rate.window)
             ordered = stage.ordered if stage.ordered is not None else (needs_order and not is_sink)
             control = (
-                self._sink_control(processor) if is_sink and isinstance(processor, Sink) else None
+                self._sink_control(processor, stage.label)
+                if is_sink and isinstance(processor, Sink)
+                else None
             )
             self._hops.append(
                 Hop(
@@ -355,9 +438,12 @@ class StreamPipeline:
             )
             self.stats.append(stats)
 
-    def _sink_control(self, sink: Sink) -> Callable[[Any], Awaitable[None]]:
+    def _sink_control(self, sink: Sink, name: str) -> Callable[[Any], Awaitable[None]]:
         async def control(item: Any) -> None:
             if isinstance(item, SegmentMarker):
+                closing = self._closing.get(id(item.segment))
+                if closing is not None:  # a stop cutting the drain short must not call it again
+                    closing[1].add(name)
                 await asyncio.get_running_loop().run_in_executor(
                     None, sink.segment_closed, item.segment
                 )
@@ -371,7 +457,9 @@ class StreamPipeline:
         keepalive = max(0.05, (self.stall_timeout or 4.0) / 4)
 
         def started(pid: int | None) -> None:
-            self._session = Session(time.monotonic(), self.frames_captured)
+            self._session = Session(
+                time.monotonic(), self.frames_captured, failed_frames(self._stage_stats)
+            )
             ctx.started(pid)
 
         async with contextlib.aclosing(self.source.frames(started=started)) as frames:
@@ -449,13 +537,20 @@ class StreamPipeline:
     async def _segment_loop(self) -> None:
         assert self.segmenter is not None
         assert self._seg_q is not None
-        state = self.segmenter.state()
+        state = self._seg_state
+        assert state is not None
         queue, out = self._seg_q, self._sink_q.put
+
+        async def send(closed: list[Segment]) -> None:
+            for seg in closed:  # all of them before the first wait: a stop may cut it
+                self._closing[id(seg)] = (seg, set())
+            for seg in closed:
+                await out(SegmentMarker(seg))
+
         while True:
             item = await queue.get()
             if item is END:
-                for seg in state.close_all("end"):
-                    await out(SegmentMarker(seg))
+                await send(state.close_all("end"))
                 self.open_segment = None
                 await out(END)
                 return
@@ -464,13 +559,12 @@ class StreamPipeline:
                 expired = state.expire(time.time())
                 if expired is not None:
                     self.open_segment = None
-                    await out(SegmentMarker(expired))
+                    await send([expired])
                 self._arm(state.deadline())
                 continue
             if isinstance(item, Frame):
                 closed, joined = state.feed(item)
-                for seg in closed:
-                    await out(SegmentMarker(seg))
+                await send(closed)
                 if joined is not None and joined is not self.open_segment:
                     self.open_segment = joined
                     self._emit(
@@ -506,23 +600,29 @@ class StreamPipeline:
                 self._done_ok()
                 return
             if isinstance(item, SegmentMarker):
-                seg = item.segment
-                seg.completed_at = time.time()
-                self.segments_completed += 1
-                if seg.latency_s is not None:
-                    self.segment_latencies.append(seg.latency_s)
-                data = seg.to_dict()
-                label = self.segmenter.label if self.segmenter is not None else "segment"
-                self.log.info(
-                    "%s %s completed: latency=%.1fs frames=%d",
-                    label[:1].upper() + label[1:],
-                    seg.id,
-                    seg.latency_s or 0.0,
-                    seg.frames,
-                )
-                self._emit("segment.completed", **data)
+                self._segment_completed(item.segment)
             elif not getattr(item, "control", False):
                 self.frames_out += 1
+
+    def _segment_completed(self, seg: Segment) -> None:
+        """Count, log and emit ``segment.completed`` for ``seg``, whose sinks are done with it
+        (or were cut short by a stop)."""
+        self._closing.pop(id(seg), None)
+        seg.completed_at = time.time()
+        self.segments_completed += 1
+        if seg.latency_s is not None:
+            self.segment_latencies.append(seg.latency_s)
+        data = seg.to_dict()
+        label = self.segmenter.label if self.segmenter is not None else "segment"
+        self.log.info(
+            "%s %s completed (%s): latency=%.1fs frames=%d",
+            label[:1].upper() + label[1:],
+            seg.id,
+            seg.reason,
+            seg.latency_s or 0.0,
+            seg.frames,
+        )
+        self._emit("segment.completed", **data)
 
     def _done_ok(self) -> None:
         assert self._done is not None
@@ -552,7 +652,7 @@ class StreamPipeline:
         )
         return measure(
             stages=self.stages,
-            stats=self.stats[: len(self.stages)],
+            stats=self._stage_stats,
             capture_rate=self._capture_rate.rate,
             frames_captured=self.frames_captured,
             nominal_fps=self.source.fps,
@@ -560,6 +660,11 @@ class StreamPipeline:
             session=self._session if running else None,
             window=self._capture_rate.window,
         )
+
+    @property
+    def _stage_stats(self) -> list[StageStats]:
+        """The counters of the stages (not the sinks): what the performance score judges."""
+        return self.stats[: len(self.stages)]
 
     def performance_score(self) -> float:
         """0-1, see :meth:`performance`."""

@@ -14,10 +14,13 @@ instead. Guarantees:
   same object, lazy when the processor only looked at ``gray``.
 * A processor's events (``self.emit``) reach the pipeline in the order emitted, after the call
   that emitted them returns.
-* An exception in ``process`` is that frame's error, as in a thread. A worker process that dies
-  (a segfault in native code, the OOM killer, ``kill -9``) is restarted with a fresh
-  ``setup()``, and the frame it held is reported as a processor error naming the exit code;
-  the stage goes on.
+* An exception in ``process`` (any of :data:`FRAME_ERRORS`) is that frame's error, as in a
+  thread. A worker process that dies (a segfault in native code, the OOM killer, ``kill -9``)
+  is restarted with a fresh ``setup()``, and the frame it held is reported as a processor
+  error naming the exit code; the stage goes on.
+* :meth:`ProcessWorker.kill` (a stop that could not wait for a call that never returns) kills
+  the process without its ``teardown()``; the call waiting on it returns an error and the
+  process is not restarted.
 * A processor that cannot be pickled (a lambda, a local function) or whose ``setup()`` raises
   fails the pipeline at start with a :class:`ConfigError` / :class:`ProcessorError` naming the
   stage.
@@ -25,6 +28,7 @@ instead. Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
@@ -43,7 +47,14 @@ from framepipe.frames import Frame, JpegPicture, YuvPlanes
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 
-__all__ = ["ProcessWorker"]
+__all__ = ["FRAME_ERRORS", "ProcessWorker"]
+
+FRAME_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit, asyncio.CancelledError)
+"""What a processor call raises as the failure of the frame it was given, in a thread, a worker
+process or on the event loop: any exception, ``sys.exit()``, and a ``CancelledError`` (an
+awaited future or a nested event loop of the processor's cancelled). On the event loop a
+``CancelledError`` from a cancellation of the task running the call is that task's, not the
+frame's (see :mod:`framepipe.stream.stage`)."""
 
 _SPAWN = multiprocessing.get_context("spawn")
 _START_TIMEOUT = 120.0  # spawn, imports and the processor's setup (models load here)
@@ -133,6 +144,7 @@ class ProcessWorker:
         self._process: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
         self.restarts = 0
+        self._killed = False
 
     def _pickle(self, processor: Processor) -> bytes:
         sink = processor.__dict__.pop("event_sink", None)
@@ -194,6 +206,8 @@ class ProcessWorker:
             self._conn.send(("frame", shm.name, picture, header, frame.meta))
             reply = self._receive(None, during=f"frame {frame.seq}")
         except WorkerDiedError as exc:
+            if self._killed:
+                return None, exc, time.perf_counter() - started
             self._restart()
             restarted = WorkerDiedError(f"{exc}; it was restarted")
             restarted.__cause__ = exc.__cause__
@@ -252,6 +266,16 @@ class ProcessWorker:
         )
         self._close_process(kill=True)
         self.start()
+
+    def kill(self) -> None:
+        """Kill the process now, without its ``teardown()``, and restart it no more; callable
+        from any thread while another one waits in :meth:`call` (which then returns the
+        frame's error). :meth:`stop` still releases the pipe and the shared memory."""
+        self._killed = True
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(ValueError):  # already closed by stop()
+                process.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the process to run ``teardown()`` and exit; kill it after ``timeout``."""
@@ -357,7 +381,7 @@ def _handle(
     started = time.perf_counter()
     try:
         result = processor.process(frame)
-    except (Exception, SystemExit) as exc:
+    except FRAME_ERRORS as exc:
         return ("error", _pickle_error(exc), time.perf_counter() - started, list(events))
     seconds = time.perf_counter() - started
     if result is None:

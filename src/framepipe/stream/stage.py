@@ -7,6 +7,13 @@ the results leave a hop in the order the items entered it, whatever the worker c
 segmenter or a stateful stage downstream sees each source's frames in order. Control items
 (segment markers, end of stream) are never dropped and act as barriers: a hop handles one only
 after every item before it has left the hop.
+
+A processor call that raises (:data:`~framepipe.stream.processes.FRAME_ERRORS`) fails that
+frame only, wherever it runs. That includes a ``CancelledError`` an async processor raises
+without its hop being cancelled (a future it awaited was cancelled elsewhere): the hop goes on
+to the next frame. A hop being cancelled is never taken for a frame's error.
+
+:meth:`Hop.teardown` is bounded: a processor call that never returns cannot hold a stop.
 """
 
 from __future__ import annotations
@@ -14,20 +21,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from framepipe.errors import ProcessorError
 from framepipe.processors.base import Processor, as_processor
 from framepipe.stream.lanes import ThreadLane
-from framepipe.stream.processes import ProcessWorker
+from framepipe.stream.processes import FRAME_ERRORS, ProcessWorker
 from framepipe.stream.queue import FrameQueue, Overflow
 
 __all__ = ["END", "Stage", "StageStats"]
 
 _Call = tuple[int, list[Any], "asyncio.Future[list[tuple[Any, BaseException | None, float]]]"]
 """A call handed to a hop's lane: the index of its first frame, its frames, its results."""
+
+
+def _cancel_requested() -> bool:
+    """True when someone asked to cancel the running task (a ``CancelledError`` is then the
+    task's), False when a ``CancelledError`` came from something it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _End:
@@ -268,21 +282,43 @@ class Hop:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def teardown(self) -> None:
-        """Call the processor's ``teardown`` and release the threads (or stop the worker
-        processes, which call ``teardown`` themselves)."""
+    async def teardown(self, within: float, closing: Sequence[Any] = ()) -> None:
+        """Handle the control items ``closing`` (segment markers a stop left undelivered: a
+        sink's ``segment_closed``), then call the processor's ``teardown`` and release the
+        threads (or stop the worker processes, which call ``teardown`` themselves), all within
+        ``within`` seconds. Past it (a processor call that never returns holds the hop's
+        threads): raise :class:`TimeoutError`, leave the daemon threads to finish on their own
+        and kill the worker processes. An error of a control item does not stop the teardown:
+        it is raised after it."""
         lane = self._lane
         try:
-            if self._workers:
-                assert lane is not None
-                await asyncio.gather(*(lane.submit(w.stop) for w in self._workers))
-            elif self.processor is not None and lane is not None:
-                await lane.submit(self.processor.teardown)
-            elif self.processor is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.processor.teardown)
+            await asyncio.wait_for(self._finish(closing), within)
+        except TimeoutError:
+            for worker in self._workers:
+                worker.kill()
+            raise
         finally:
             if lane is not None:
                 lane.shutdown()
+
+    async def _finish(self, closing: Sequence[Any]) -> None:
+        failure: BaseException | None = None
+        if self._control is not None:
+            for item in closing:
+                try:
+                    await self._control(item)
+                except Exception as exc:
+                    failure = failure or exc
+        lane = self._lane
+        if self._workers:
+            assert lane is not None
+            await asyncio.gather(*(lane.submit(w.stop) for w in self._workers))
+        elif self.processor is not None and lane is not None:
+            await lane.submit(self.processor.teardown)
+        elif self.processor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.processor.teardown)
+        if failure is not None:
+            raise failure
 
     async def run(self) -> None:
         """Handle items until END, then pass END on."""
@@ -387,7 +423,7 @@ class Hop:
             started = time.perf_counter()
             try:
                 out.append((self.processor.process(frame), None, time.perf_counter() - started))
-            except (Exception, SystemExit) as exc:  # sys.exit() in a processor is its failure
+            except FRAME_ERRORS as exc:  # no task here: any CancelledError is the processor's
                 out.append((None, exc, time.perf_counter() - started))
         return out
 
@@ -402,7 +438,9 @@ class Hop:
                     result = await self.processor.process(item)
                 else:  # inline: threaded processors go through _call_batch
                     result = self.processor.process(item)
-        except (Exception, SystemExit) as exc:
+        except FRAME_ERRORS as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancel_requested():
+                raise  # the hop itself is being cancelled: no frame's error
             return self._account(item, None, exc, time.perf_counter() - started)
         return self._account(item, result, None, time.perf_counter() - started)
 
