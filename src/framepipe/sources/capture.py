@@ -55,6 +55,8 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,7 @@ __all__ = [
     "check_input_options",
     "ffmpeg_argv",
     "file_rate",
+    "file_url_path",
     "gst_argv",
     "gst_problem",
     "is_stream_url",
@@ -92,6 +95,24 @@ _PROBE_SECONDS = 10.0
 def is_stream_url(spec: str) -> bool:
     """True for ``rtsp://``, ``http://``, ``udp://`` ... (``file:`` URLs are files)."""
     return _URL.match(spec) is not None and not spec.lower().startswith("file:")
+
+
+def file_url_path(spec: str) -> str | None:
+    """The local path of a ``file:`` URL (``file:///abs/clip.mp4``, ``file://localhost/...``,
+    ``file:clip.mp4``; percent-escapes decoded), or None when ``spec`` is not one.
+
+    Raises :class:`ValueError` for a ``file:`` URL naming another host, or with a query or a
+    fragment (a ``?`` or ``#`` in a file name is written ``%3F``, ``%23``)."""
+    if not spec.lower().startswith("file:"):
+        return None
+    parts = urllib.parse.urlsplit(spec)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"{spec!r} names the host {parts.netloc!r}: only local files are read")
+    if parts.query or parts.fragment or spec.endswith(("?", "#")):
+        raise ValueError(f"{spec!r} has a query or a fragment: not a file's path")
+    if not parts.path:
+        raise ValueError(f"{spec!r} names no file")
+    return urllib.request.url2pathname(parts.path)
 
 
 def gst_argv(
@@ -283,12 +304,18 @@ def capture_source(
 ) -> Source:
     """The capture of ``spec`` (a video file or a stream URL); see the module docstring.
 
+    A ``file:`` URL is read as the file it names (:func:`file_url_path`).
+
     Raises :class:`~framepipe.errors.ConfigError` naming the source when the file does not
     exist, when ``capture`` is unknown, or when the forced capture cannot run."""
     if capture not in CAPTURES:
         raise ConfigError(
             f"source {source_id}: capture must be one of {', '.join(CAPTURES)}, not {capture!r}"
         )
+    try:
+        spec = file_url_path(spec) or spec
+    except ValueError as exc:
+        raise ConfigError(f"source {source_id}: {exc}") from None
     url = is_stream_url(spec)
     device = not url and is_device(spec)
     live = url or device  # a stream or a camera: every end of it is a death

@@ -22,7 +22,9 @@ Guarantees of one :meth:`CommandSource.frames` session:
   stdout offset: more than ``max_garbage_bytes`` without a JPEG frame, a frame larger than
   ``max_frame_bytes``, or a JPEG frame that fails to decode.
 * Closing or cancelling the iterator, or any error, terminates the whole process group
-  (SIGTERM, then SIGKILL after 2 s) and reaps the child: no zombie, no orphan.
+  (SIGTERM, then SIGKILL after 2 s) and reaps the child: no zombie, no orphan. Stdout is
+  drained meanwhile, so a consumer that fell behind (a full pipe) does not hold it up: a child
+  that exits on SIGTERM is reaped as soon as it has exited, and its pipes are closed.
 """
 
 from __future__ import annotations
@@ -348,23 +350,35 @@ class CommandSource(Source):
         return proc.returncode
 
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
-        """SIGTERM the process group, SIGKILL it after 2 s, reap the child."""
-        if proc.returncode is None:
-            _kill_group(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), _TERM_GRACE)
-            except TimeoutError:
-                self._log.warning(
-                    "capture (PID: %d) ignored SIGTERM for %gs: killing it", proc.pid, _TERM_GRACE
-                )
-            except asyncio.CancelledError:
-                _kill_group(proc.pid, signal.SIGKILL)
-                raise
-        _kill_group(proc.pid, signal.SIGKILL)  # the child if still alive, and any leftovers
+        """SIGTERM the process group, SIGKILL it after 2 s, reap the child.
+
+        Stdout is read and dropped meanwhile: a consumer that fell behind leaves the pipe full
+        and its reading paused, and then neither could the child finish a write and see the
+        signal, nor would asyncio see the pipe's end, which ``exited`` waits for."""
+        assert proc.stdout is not None
+        drain = asyncio.create_task(_discard(proc.stdout))
         try:
-            await asyncio.wait_for(asyncio.shield(exited), 5.0)
-        except TimeoutError:
-            self._log.warning("capture (PID: %d) still not reaped after SIGKILL", proc.pid)
+            if proc.returncode is None:
+                _kill_group(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(exited), _TERM_GRACE)
+                except TimeoutError:
+                    self._log.warning(
+                        "capture (PID: %d) ignored SIGTERM for %gs: killing it",
+                        proc.pid,
+                        _TERM_GRACE,
+                    )
+                except asyncio.CancelledError:
+                    _kill_group(proc.pid, signal.SIGKILL)
+                    raise
+            _kill_group(proc.pid, signal.SIGKILL)  # the child if still alive, and any leftovers
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), 5.0)
+            except TimeoutError:
+                self._log.warning("capture (PID: %d) still not reaped after SIGKILL", proc.pid)
+        finally:
+            drain.cancel()
+            await asyncio.wait([drain])  # a cancellation of this task still goes through
 
     async def _drain_stderr(self, stream: asyncio.StreamReader, tail: deque[str]) -> None:
         async for text in lines(stream):
@@ -440,6 +454,13 @@ def _program(command: str) -> str:
     if name.startswith("gst-launch"):
         return "GStreamer"
     return "FFmpeg" if name == "ffmpeg" else name
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    """Read ``stream`` to its end, dropping what comes (a stream that failed ends it too)."""
+    with contextlib.suppress(Exception):
+        while await stream.read(1 << 20):
+            pass
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:

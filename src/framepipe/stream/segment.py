@@ -20,23 +20,34 @@ stream-seconds after its last keyed frame, or at the end of the stream.
 The segmenter sees each source's frames in order. A closed segment flows on as a marker behind
 its frames, so sinks finish its frames before ``segment.completed`` is emitted; the event carries
 the segment id, source, key, first/last frame time, frame count, stored keys and the latency:
-the time from the segment's last frame to the event. A key seen again after its segment closed
-opens a new segment with id ``<key>.2`` (``.3`` ...), so stored frames never mix.
+the time from the segment's last frame to the event.
+
+Segment ids are unique per source for the pipeline's run, so stored frames never mix: a key's
+first segment has the key as its id (``ORDER_1``), a key seen again after its segment closed
+opens a new segment with id ``<key>.2`` (``.3`` ...). A key that itself ends in ``.<digits>``
+always gets its count (``A.2`` -> ``A.2.1``, ``A.2.2`` ...), so it cannot take the id of
+another key's repeat. To keep that true for the whole run, the segmenter remembers how often it
+saw each distinct key (one dict entry per key). Without a key, the id is
+``<source_id>-<ms>``: the first frame's ``ts_ms``, raised to one past the previous id's when
+the clock did not move on.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from framepipe.frames import Frame
 
-__all__ = ["Segment", "SegmentMarker", "Segmenter"]
+__all__ = ["Segment", "SegmentMarker", "Segmenter", "segment_id"]
 
 KeyFn = Callable[[Frame], "str | None"]
+
+_NUMBERED = re.compile(r".*\.[0-9]+", re.DOTALL)
+"""A key that looks like a repeat's id (``<key>.<count>``): it always gets its own count."""
 
 
 @dataclass
@@ -104,7 +115,6 @@ class Segmenter:
         max_duration: float | None = None,
         include_untagged: bool = True,
         clock: Literal["wall", "stream"] = "wall",
-        remember: int = 10_000,
         label: str = "segment",
     ) -> None:
         if timeout <= 0:
@@ -118,7 +128,6 @@ class Segmenter:
         self.timeout = timeout
         self.max_duration = max_duration
         self.include_untagged = include_untagged
-        self._remember = remember
         self._key_fn: KeyFn
         if key is None:
             self._key_fn = lambda frame: ""
@@ -140,21 +149,32 @@ def _as_key(value: Any) -> str | None:
     return str(value)
 
 
+def segment_id(key: str, count: int) -> str:
+    """The id of the ``count``-th segment (from 1) of ``key``: ``key`` itself for the first,
+    ``<key>.<count>`` after it, and always ``<key>.<count>`` for a key ending in ``.<digits>``.
+
+    Distinct ``(key, count)`` pairs give distinct ids: an id without a ``.<digits>`` end is a
+    first segment's key, any other splits at its last ``.`` into the key and the count."""
+    if count == 1 and not _NUMBERED.fullmatch(key):
+        return key
+    return f"{key}.{count}"
+
+
 class _SegmenterState:
     def __init__(self, config: Segmenter) -> None:
         self.config = config
         self.current: Segment | None = None
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._seen: dict[str, int] = {}  # segments opened per key, for the whole run
+        self._last_ms: int | None = None  # the number in the last key-less id
 
     def _new_id(self, key: str | None, frame: Frame) -> str:
         if not key:
-            return f"{frame.source_id}-{frame.ts_ms}"
+            ms = frame.ts_ms if self._last_ms is None else max(frame.ts_ms, self._last_ms + 1)
+            self._last_ms = ms
+            return f"{frame.source_id}-{ms}"
         count = self._seen.get(key, 0) + 1
         self._seen[key] = count
-        self._seen.move_to_end(key)
-        while len(self._seen) > self.config._remember:
-            self._seen.popitem(last=False)
-        return key if count == 1 else f"{key}.{count}"
+        return segment_id(key, count)
 
     def _time(self, frame: Frame) -> float:
         if self.config.clock == "stream" and frame.pts is not None:

@@ -1,11 +1,19 @@
 """Sinks: where a live pipeline's frames end up. :class:`FrameStore` writes JPEGs to the object
-store under hierarchical keys and reads them back."""
+store under hierarchical keys and reads them back.
+
+Each field of a key template is escaped by :func:`escape_key_field` before it goes into the
+key, so a segment key read from a QR tag (``https://shop.example/o/17``, ``T1/extra``, ``..``)
+stays one path segment of its own: it neither makes the key invalid nor lands inside another
+segment's folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import string
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,9 +23,82 @@ from framepipe.frames import Frame, decode_jpeg
 from framepipe.processors.base import Processor
 from framepipe.stream.segment import Segment
 
-__all__ = ["FrameStore", "Sink"]
+__all__ = ["FrameStore", "Sink", "escape_key_field", "unescape_key_field"]
 
 DEFAULT_TEMPLATE = "frames/{source_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
+
+MAX_FIELD_BYTES = 128
+"""Longest escaped field, in bytes of UTF-8; a longer one is shortened (see
+:func:`escape_key_field`)."""
+
+_ESCAPED = frozenset("%/\\:")
+_SHORTENED = "%~"  # never made by percent-encoding: it marks a shortened field
+_DIGEST_CHARS = 20
+
+
+def _escape_char(char: str, first: bool) -> str:
+    code = ord(char)
+    if (
+        char in _ESCAPED
+        or code < 0x20
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or (first and char == ".")
+    ):
+        return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+    return char
+
+
+def escape_key_field(text: str) -> str:
+    """``text`` as a part of an object key that cannot change the key's shape.
+
+    ``%``, ``/``, ``\\``, ``:``, control characters (C0, DEL, C1), lone surrogates and a
+    leading ``.`` (so never a ``.`` or ``..`` segment, nor a store's hidden ``.tmp-`` name) are
+    percent-encoded as UTF-8 bytes (a lone surrogate as its surrogate-pass bytes); everything
+    else is kept, so a plain id (``ORDER_1``) is its own escape. Distinct texts give distinct
+    results. A result longer than :data:`MAX_FIELD_BYTES` bytes is cut (between escapes) and
+    ended by ``%~`` and 80 bits of a SHA-256 digest of ``text`` (``%~`` is never an escape):
+    distinct but for a digest collision, and not reversible. An empty text stays empty (a
+    template field that is a whole path segment then makes an invalid key)."""
+    parts: list[str] = []
+    size = 0
+    for index, char in enumerate(text):
+        part = _escape_char(char, index == 0)
+        parts.append(part)
+        size += len(part.encode("utf-8"))
+    if size <= MAX_FIELD_BYTES:
+        return "".join(parts)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
+    budget = MAX_FIELD_BYTES - len(_SHORTENED) - _DIGEST_CHARS
+    kept: list[str] = []
+    for part in parts:
+        budget -= len(part.encode("utf-8"))
+        if budget < 0:
+            break
+        kept.append(part)
+    return "".join(kept) + _SHORTENED + digest
+
+
+def unescape_key_field(field: str) -> str:
+    """The text that :func:`escape_key_field` turned into ``field``; :class:`ValueError` for a
+    shortened field or one it does not make."""
+    if _SHORTENED in field:
+        raise ValueError(f"key field {field!r} was shortened: its text is not in it")
+    text = urllib.parse.unquote(field, errors="surrogatepass")
+    if escape_key_field(text) != field:
+        raise ValueError(f"{field!r} is not an escaped key field")
+    return text
+
+
+class _KeyFormatter(string.Formatter):
+    """``str.format`` whose every field is escaped after formatting (so ``{seq:06d}`` still
+    works)."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return escape_key_field(super().format_field(value, format_spec))
+
+
+_KEY_FORMATTER = _KeyFormatter()
 
 
 class Sink(Processor):
@@ -47,7 +128,12 @@ class FrameStore(Sink):
     (they then use ``segment_id="none"``). With ``select_best=N`` the N frames with the highest
     ``frame.meta[score_key]`` of each segment are copied under ``selected_prefix`` (same key
     below it), in ``selected_store`` when given (another bucket) or the same store, when the
-    segment closes; their keys go to ``segment.selected``."""
+    segment closes; their keys go to ``segment.selected``.
+
+    Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
+    ``T1%2Fextra/``), so any segment key gives valid keys of its own segment, apart from every
+    other segment's; :meth:`list_frames` and :meth:`read_frames` escape the ids they are given
+    the same way."""
 
     def __init__(
         self,
@@ -82,7 +168,7 @@ class FrameStore(Sink):
         self._by_segment: dict[str, list[tuple[int, str, float]]] = {}
 
     def key_for(self, frame: Frame) -> str:
-        """The object key ``frame`` is stored under."""
+        """The object key ``frame`` is stored under (each field escaped)."""
         values = dict(frame.meta)
         values.update(
             source_id=frame.source_id,
@@ -91,7 +177,7 @@ class FrameStore(Sink):
             ts_ms=frame.ts_ms,
         )
         try:
-            return self.template.format(**values)
+            return _KEY_FORMATTER.format(self.template, **values)
         except KeyError as exc:
             raise ConfigError(
                 f"frame key template {self.template!r} uses {exc.args[0]!r}, "
@@ -127,10 +213,11 @@ class FrameStore(Sink):
 
     def list_frames(self, source_id: str, segment_id: str | None = None) -> list[ObjectInfo]:
         """Stored frames of a source (and segment), by key order; only for the default-shaped
-        templates that start with ``<prefix>/{source_id}/{segment_id}/``."""
-        prefix = self.template.split("{source_id}")[0] + f"{source_id}/"
+        templates that start with ``<prefix>/{source_id}/{segment_id}/``; both ids are escaped
+        as :meth:`key_for` escapes them."""
+        prefix = self.template.split("{source_id}")[0] + escape_key_field(source_id) + "/"
         if segment_id is not None:
-            prefix += f"{segment_id}/"
+            prefix += escape_key_field(segment_id) + "/"
         return list(self.objects.list(prefix))
 
     def read_frames(self, source_id: str, segment_id: str) -> Iterator[Frame]:
