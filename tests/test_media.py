@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -565,6 +568,50 @@ def test_a_write_in_progress_keeps_its_temp_file_while_another_write_starts(tmp_
         assert third == first and not second.exists()
         third.write_bytes(b"third")
     assert dst.read_bytes() == b"third" and no_leftovers(tmp_path) == []
+
+
+def test_an_output_is_flushed_to_the_disk_before_its_rename_and_its_folder_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename not preceded by an fsync of the file can leave, after a power cut, a ``dst``
+    that looks done but is empty or partial; one not followed by an fsync of the folder can
+    lose the rename."""
+    events: list[tuple[str, tuple[int, int] | str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
+        events.append((f"fsync {kind}", (info.st_dev, info.st_ino)))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    src = make_clip(tmp_path / "src.mp4", frames=10, size=(64, 48))
+    out = tmp_path / "out"
+    writes: list[Callable[[], Path]] = [
+        lambda: normalise(src, out / "n.mp4", preset=FAST),
+        lambda: thumbnail(src, out / "t.jpg"),
+    ]
+    for write in writes:
+        dst = write()
+        written = os.stat(dst)
+        folder = os.stat(out)
+        assert events == [
+            ("fsync file", (written.st_dev, written.st_ino)),  # the data, under its temp name
+            ("replace", dst.name),
+            ("fsync folder", (folder.st_dev, folder.st_ino)),  # the rename
+        ], events
+        events.clear()
+    # a failed flush fails the write and leaves dst as it was
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError, match="EIO"):
+        normalise(src, out / "n.mp4", width=32, preset=FAST)
+    assert probe(out / "n.mp4").width == 64 and no_leftovers(out) == []
 
 
 # -- sound ------------------------------------------------------------------------------------
@@ -1133,6 +1180,25 @@ def test_thumbnail_grid_on_a_variable_rate_picks_by_time(tmp_path: Path, vfr_cli
     ]
 
 
+def test_watermark_keeps_a_variable_rate_in_time(tmp_path: Path, vfr_clip: Path) -> None:
+    """Each decoded frame was written at the average rate, one after the other: after a gap
+    the picture ran ahead of its (kept) sound. Frames are placed by timestamp, as normalise
+    does: slot ``n`` shows the frame on screen at its rounding point."""
+    source = probe(vfr_clip)
+    out = watermark(vfr_clip, tmp_path / "w.mp4", text="x", position="top-left", preset=FAST)
+    info = probe(out)
+    assert info.variable_frame_rate is False
+    assert info.fps == pytest.approx(source.fps, rel=1e-3)  # the average rate, kept
+    assert abs(info.duration - source.duration) <= 0.5 / info.fps
+    slot_ms = 1000 / info.fps
+    points = [n * slot_ms + slot_ms / 2 for n in range(info.frames)]
+    assert all(min(abs(t - p) for p in points) > 1 for t in VFR_MS)  # no ambiguous slot
+    shown = counters(out)
+    assert shown == [on_screen(VFR_MS, p) for p in points]
+    assert shown.count(8) == 8  # the 680 ms gap after frame 8, filled, not skipped
+    assert shown == counters(normalise(vfr_clip, tmp_path / "n.mp4", preset=FAST))  # one rule
+
+
 # -- truncated clips --------------------------------------------------------------------------
 
 
@@ -1188,3 +1254,49 @@ def test_thumbnail_grid_of_a_truncated_clip_repeats_its_last_decodable_frame(
     ]
     # times 1.25, 3.75, 6.25, 8.75 s of the announced 10 s; frames end before 3.75 s
     assert [read_counter(t) for t in tiles] == [31, last, last, last]
+
+
+def cut_in_half(whole: Path, cut: Path) -> Path:
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+@pytest.mark.parametrize("operation", ["normalise", "watermark", "concat"])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_truncated_upload_is_refused_not_made_a_short_video(
+    tmp_path: Path, operation: str, suffix: str
+) -> None:
+    """An MP4 (with its index first) counts its frames in its header; a Matroska file only
+    announces its duration: half of a 4 s .mkv came out of normalise as a 1.24 s video, and
+    watermark and concat took a truncated .mp4 too."""
+    options = {"movflags": "faststart"} if suffix == ".mp4" else {}
+    whole = make_clip(tmp_path / f"whole{suffix}", frames=100, tone_hz=440, options=options)
+    cut = cut_in_half(whole, tmp_path / f"cut{suffix}")
+    assert probe(cut).duration == pytest.approx(4.0, abs=0.05)  # the header: the whole clip
+    dst = tmp_path / "out" / "out.mp4"
+    runs: dict[str, Callable[[], object]] = {
+        "normalise": lambda: normalise(cut, dst, preset=FAST),
+        "watermark": lambda: watermark(cut, dst, text="x", preset=FAST),
+        "concat": lambda: concat([whole, cut], dst, preset=FAST),
+    }
+    with pytest.raises(MediaError, match="truncated: its header announces") as caught:
+        runs[operation]()
+    assert caught.value.path == cut
+    assert not dst.exists() and no_leftovers(dst.parent) == []
+    # the whole file goes through
+    cut.write_bytes(whole.read_bytes())
+    runs[operation]()
+    assert probe(dst).duration >= 3.9
+
+
+def test_a_video_shorter_than_its_sound_is_not_taken_for_truncated(tmp_path: Path) -> None:
+    """A Matroska file's duration is its longest track's: here the sound's 3 s, while the
+    video's own track announces 1 s."""
+    clip = make_clip(tmp_path / "short.mkv", frames=25, tone_hz=440, audio_seconds=3.0)
+    for out in (
+        normalise(clip, tmp_path / "n.mp4", preset=FAST),
+        watermark(clip, tmp_path / "w.mp4", text="x", preset=FAST),
+        concat([clip, clip], tmp_path / "c.mp4", preset=FAST),
+    ):
+        assert probe(out).frames >= 25

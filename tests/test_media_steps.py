@@ -28,7 +28,7 @@ from framepipe.errors import PathNotAllowedError, StepParamsError
 from framepipe.jobs.context import Progressed, StepMessage
 from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.media import probe
-from framepipe.media.steps import OPERATIONS, Input, media_step, run_media
+from framepipe.media.steps import OPERATIONS, Input, ObjectKey, media_step, run_media
 from media import audio_of, dominant_hz, make_clip, make_qr_clip
 
 FAST = "ultrafast"
@@ -204,6 +204,79 @@ def test_progress_is_real_and_reaches_100_within_the_step(
     assert len(working) >= 5, values  # frames done / total, not a jump to the end
     assert result["source"] == source
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_calls_in_one_step_each_report_in_their_span_and_never_go_back(
+    settings: Settings, tmp_path: Path, objects: ObjectStore, scratch: Path
+) -> None:
+    """Each call kept its own high-water mark: a step calling run_media twice went
+    100 -> 10."""
+    objects.put_file("in/clip.mp4", make_clip(tmp_path / "clip.mp4", frames=60, size=(160, 120)))
+    p = Pipeline("two_calls")
+
+    @p.step()
+    def both(ctx: StepContext) -> dict[str, Any]:
+        source = ObjectKey("in/clip.mp4")
+        run_media(ctx, "normalise", source, preset=FAST, key="out/a{ext}", span=(0, 40))
+        run_media(ctx, "thumbnail_grid", source, key="out/b{ext}", span=(40, 100))
+        run_media(ctx, "thumbnail", source, key="out/c{ext}")  # all of the step: after 100
+        with pytest.raises(StepParamsError, match="span"):
+            run_media(ctx, "probe", source, span=(60, 20))
+        return {}
+
+    posted: list[StepMessage] = []
+    ctx = ctx_for(p, "both", settings, objects, {}, posted)
+    try:
+        p.steps["both"].fn(ctx)
+    finally:
+        ctx._cleanup()
+    reports = [(m.pct, m.message) for m in posted if isinstance(m, Progressed)]
+    values = [pct for pct, _ in reports]
+    assert values == sorted(values) and values[-1] == 100.0, reports
+    normalised = [pct for pct, message in reports if message == "normalise"]
+    grid = [pct for pct, message in reports if message == "thumbnail_grid"]
+    assert normalised[-1] == 40.0 and all(0 < v <= 40 for v in normalised)
+    assert len([v for v in normalised if 4 < v < 36]) >= 5, normalised  # its work, scaled
+    assert grid[-1] == 100.0 and all(40 < v <= 100 for v in grid)
+    assert [pct for pct, message in reports if message == "thumbnail"] == [100.0]
+    assert list(scratch.iterdir()) == []
+
+
+def test_an_object_key_source_is_read_from_the_object_store_only(
+    settings: Settings, tmp_path: Path, objects: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key a client named, passed on by the pipeline's code: a file of that name in the
+    worker's working folder, or an input or step of that name, is never what is read."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clips").mkdir()
+    make_clip(tmp_path / "clips" / "a.mp4", frames=40, size=(320, 240))  # the server's file
+    objects.put_file("clips/a.mp4", make_clip(tmp_path / "up.mp4", frames=10, size=(160, 120)))
+    objects.put_file("clip", make_clip(tmp_path / "up2.mp4", frames=10, size=(96, 64)))
+    p = Pipeline("keys")
+
+    @p.step()
+    def work(ctx: StepContext) -> dict[str, Any]:
+        return {
+            key: run_media(ctx, "probe", ObjectKey(key))
+            for key in (ctx.inputs["key"], "clip", "work")
+        }
+
+    info = run(settings, p, {"key": "clips/a.mp4", "clip": str(tmp_path / "up.mp4")})
+    assert info.status is ExecutionStatus.FAILED  # "work": no such object, not the step
+    assert "work: no such object in the object store" in info.errors["work"], info.errors
+    objects.put_file("work", make_clip(tmp_path / "up3.mp4", frames=10, size=(64, 48)))
+    info = run(settings, p, {"key": "clips/a.mp4", "clip": str(tmp_path / "up.mp4")})
+    assert info.status is ExecutionStatus.COMPLETED, info.errors
+    sizes = {key: (r["info"]["width"], r["source"]) for key, r in info.data.items()}
+    assert sizes == {
+        "clips/a.mp4": (160, "clips/a.mp4"),  # the object, not ./clips/a.mp4
+        "clip": (96, "clip"),  # the object, not the input named "clip"
+        "work": (64, "work"),  # the object, not the step named "work"
+    }
+    objects.delete("clips/a.mp4")
+    gone = run(settings, p, {"key": "clips/a.mp4", "clip": "x"})
+    assert "clips/a.mp4: no such object in the object store" in gone.errors["work"]
 
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "audio_only"])

@@ -77,6 +77,15 @@ def test_mock_model_end_to_end_with_the_original_workers_progress_ranges(
             assert lo - 0.01 <= event.data["execution_progress"] <= hi + 0.01, event
     done = [e.data["execution_progress"] for e in events if e.type == "step.completed"]
     assert done == sorted(done)
+    # and within a step its progress never goes back (thumbnails runs two media operations:
+    # each had its own high-water mark, 100 -> 10)
+    for step in RANGES:
+        values = [
+            e.data["progress"] for e in events if e.type == "step.progress" and e.step_key == step
+        ]
+        assert values == sorted(values), (step, values)
+    thumbs = [e.data for e in events if e.type == "step.progress" and e.step_key == "thumbnails"]
+    assert {d["message"] for d in thumbs} == {"thumbnail", "thumbnail_grid"}
     assert [e.step_key for e in events if e.type == "step.completed"] == list(RANGES)
 
 
@@ -255,3 +264,23 @@ def test_a_local_path_outside_the_roots_is_refused_and_says_nothing_about_it(
     by_path = submit_ml(settings, {"input": str(uploads / "in.mp4"), "width": 160}, [uploads])
     assert by_path.status is ExecutionStatus.COMPLETED, by_path.error
     assert by_path.data["input_key"] == f"ml/{by_path.id}/input.mp4"
+
+
+def test_an_object_key_input_is_never_read_from_the_workers_folder(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over HTTP (no roots) ``input`` is an object key; preprocess passed it on as a plain
+    source, read as a local path when a file of that name existed in the worker's working
+    folder: the server's file was normalised, and its copy uploaded for the client."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "private").mkdir()
+    make_clip(tmp_path / "private" / "secret.mp4", frames=50, size=(640, 360))  # the server's
+    objects = open_object_store(settings.resolved_objects_url)
+    objects.put_file("private/secret.mp4", make_clip(tmp_path / "up.mp4", frames=10))
+    info = submit_ml(settings, {"input": "private/secret.mp4", "width": 160, "fps": 25}, [])
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data["input_key"] == "private/secret.mp4"
+    pre = info.data["preprocessed_info"]
+    assert (pre["frames"], pre["height"]) == (10, 120), pre  # the upload's 10 frames of 4:3
+    assert pre["duration"] == pytest.approx(0.4, abs=0.05)

@@ -2,10 +2,12 @@
 
 Every function is a plain function on paths (FFmpeg's libraries through PyAV). Long operations take
 ``progress: Callable[[float], None] | None`` and report 0-100 (frames done / total; a step
-passes ``ctx.progress``). Every output is written to a temp file beside ``dst`` and renamed
-when complete, so a failed or interrupted run leaves no partial file at ``dst``; a killed
-run's temp file is reused or removed by the next write of ``dst``. Unreadable or
-non-video inputs raise :class:`MediaError` naming the file. Sound is kept (re-encoded to
+passes ``ctx.progress``). Every output is written to a temp file beside ``dst``, flushed to
+the disk and renamed when complete, so a failed or interrupted run, or a power cut, leaves no
+partial file at ``dst``; a killed run's temp file is reused or removed by the next write of
+``dst``. Unreadable or non-video inputs raise :class:`MediaError` naming the file, and so does
+a truncated one (its header announces more than can be decoded) given to an operation that
+re-encodes it whole (``normalise``, ``watermark``, ``concat``). Sound is kept (re-encoded to
 AAC) and rotated clips come out upright.
 
 Picture-size limit: every function that reads a video (``probe`` included) or images
@@ -18,9 +20,9 @@ Frames are decoded one at a time, so a large picture within the limit (a 4K clip
 to 720p) costs a few frames' memory, not the clip's.
 
 Variable frame rates: :class:`MediaInfo` gives the average ``fps`` and a
-``variable_frame_rate`` hint; operations that convert the rate (``normalise``, ``concat``,
-``extract_frames(fps=...)``) and pick a frame at a time (``thumbnail``, ``thumbnail_grid``) go
-by the frames' timestamps, not their count.
+``variable_frame_rate`` hint; operations that write video at a constant rate (``normalise``,
+``watermark``, ``concat``), sample it (``extract_frames(fps=...)``) and pick a frame at a time
+(``thumbnail``, ``thumbnail_grid``) go by the frames' timestamps, not their count.
 
 Each function is also a ready job step: :func:`media_step` adds one to a pipeline and
 :func:`run_media` runs one inside a step of your own (:mod:`framepipe.media.steps`: temp folder
@@ -52,9 +54,9 @@ from framepipe.media.thumbnails import thumbnail, thumbnail_grid
 from framepipe.media.watermark import watermark
 
 if TYPE_CHECKING:
-    from framepipe.media.steps import Input, media_step, run_media
+    from framepipe.media.steps import Input, ObjectKey, media_step, run_media
 
-_STEPS = frozenset({"Input", "media_step", "run_media"})
+_STEPS = frozenset({"Input", "ObjectKey", "media_step", "run_media"})
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +73,7 @@ __all__ = [
     "Input",
     "MediaError",
     "MediaInfo",
+    "ObjectKey",
     "ProgressCallback",
     "QrCode",
     "QrResult",

@@ -1,6 +1,6 @@
 """Outputs written atomically: every file the toolkit writes goes to a temp file beside its
-destination and is renamed when complete, so a failed, interrupted or killed run never leaves a
-partial file that looks done."""
+destination, is flushed to the disk and renamed when complete, so a failed, interrupted or killed
+run, or a power cut, never leaves a partial file that looks done."""
 
 from __future__ import annotations
 
@@ -99,6 +99,30 @@ def _remove_abandoned(path: Path) -> None:
         os.close(fd)
 
 
+def _flush_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (opened anew: the writer may have replaced the file)."""
+    fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename in it) to the disk, where the file system can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``dst`` (same suffix); rename it to ``dst`` on success.
@@ -113,13 +137,22 @@ def atomic_output(dst: Path | str) -> Iterator[Path]:
     the next write of ``dst`` reuses the first slot nobody holds and deletes the later ones
     nobody holds, so a killed run's partial file lasts until the next write of the same output,
     and a write in progress is never disturbed. Temp files are opened without following a
-    symbolic link."""
+    symbolic link.
+
+    Durability: the temp file's data is flushed to the disk (``fsync``) before the rename, and
+    the folder (holding the rename) after it, so once this returns ``dst`` survives a power cut
+    complete, and a power cut before that leaves ``dst`` as it was or complete (and perhaps a
+    temp file), never a ``dst`` with missing data. An I/O error while flushing fails the
+    write (flushing the file: ``dst`` is left as it was); a file system that cannot flush a
+    folder at all is not an error."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _claim_temp(dst)
     try:
         yield tmp
+        _flush_file(tmp)
         os.replace(tmp, dst)
+        _flush_folder(dst.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

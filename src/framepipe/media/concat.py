@@ -109,8 +109,10 @@ def concat(
     Size limit: each part is checked before it is decoded, and a part whose picture is
     larger than ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`,
     8192 x 8192; 0: no limit) is refused with a :class:`MediaError` naming that part, its size
-    and the limit; a requested output larger than the limit is a :class:`ValueError`. Atomic
-    write."""
+    and the limit; a requested output larger than the limit is a :class:`ValueError`. A
+    truncated part (its header announces more than can be decoded, see
+    :func:`~framepipe.media.decoding.decode_source`) is a :class:`MediaError` naming it, not a
+    short part. Atomic write."""
     paths = [Path(p) for p in parts]
     if not paths:
         raise ValueError("concat needs at least one part")

@@ -18,9 +18,28 @@ import av.video.stream
 from framepipe.errors import MediaError
 from framepipe.media.audio import AudioQueue, audio_format
 from framepipe.media.limits import BACKSTOP, check_picture
-from framepipe.media.timing import stream_start
+from framepipe.media.timing import (
+    announced_duration,
+    frame_duration,
+    frame_seconds,
+    stream_rate,
+    stream_start,
+)
 
-__all__ = ["Decoding", "decode", "decode_source", "decode_with_audio", "open_video", "peek"]
+__all__ = [
+    "COMPLETE_SHARE",
+    "Decoding",
+    "decode",
+    "decode_source",
+    "decode_with_audio",
+    "open_video",
+    "peek",
+]
+
+COMPLETE_SHARE = 0.95
+"""A source decoded by :func:`decode_source` is truncated when its frames (or, without a frame
+count in its header, their length) come to less than this share of what its header announces,
+less two frames."""
 
 T = TypeVar("T")
 
@@ -131,7 +150,16 @@ def decode_source(
     this source's sound, or left silent when it has none. False decodes no sound.
 
     The first frame is decoded here: a stream without one raises :class:`MediaError` naming
-    ``path``, before anything is written."""
+    ``path``, before anything is written.
+
+    A truncated file (an interrupted upload, whose header still announces the whole video) is
+    a :class:`MediaError` naming ``path``, raised by ``frames`` when they run out, so an output
+    being written from them is never completed: when the header counts frames (MP4, MOV), fewer
+    decoded than :data:`COMPLETE_SHARE` of that count less two; else, when it announces a
+    duration (:func:`~framepipe.media.timing.announced_duration`: Matroska/WebM's track
+    duration ...), decoded frames ending (each frame's time plus its own duration) short of
+    that share of it less two frames. A file whose header announces neither (MPEG-TS, a raw
+    stream: their length is estimated from what is there) cannot be judged."""
     queue: AudioQueue | None = None
     astream = container.streams.audio[0] if audio is not False and container.streams.audio else None
     if isinstance(audio, AudioQueue):
@@ -141,13 +169,51 @@ def decode_source(
     if queue is not None:
         queue.begin(stream_start(stream))
     first, frames = peek(
-        decode_with_audio(
-            container, stream, astream, queue.push if queue is not None else _ignore, path
+        _complete(
+            decode_with_audio(
+                container, stream, astream, queue.push if queue is not None else _ignore, path
+            ),
+            container,
+            stream,
+            path,
         )
     )
     if first is None:
         raise MediaError(path, "holds no decodable video frames")
     return Decoding(first, frames, queue)
+
+
+def _complete(
+    frames: Iterator[av.VideoFrame],
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+) -> Iterator[av.VideoFrame]:
+    """``frames``, then a :class:`MediaError` if they were fewer or shorter than the header
+    announces (see :func:`decode_source`)."""
+    rate = stream_rate(stream)
+    count, end = 0, stream_start(stream)
+    for frame in frames:
+        end = frame_seconds(frame, count, rate) + frame_duration(frame, rate)
+        count += 1
+        yield frame
+    slack = 2  # frames
+    if stream.frames:
+        if count < COMPLETE_SHARE * stream.frames - slack:
+            raise MediaError(
+                path,
+                f"truncated: its header announces {stream.frames} frames but only {count} "
+                "could be decoded",
+            )
+        return
+    announced = announced_duration(stream, container)
+    decoded = end - stream_start(stream)
+    if announced and decoded < COMPLETE_SHARE * announced - slack / float(rate):
+        raise MediaError(
+            path,
+            f"truncated: its header announces {announced:.2f} s of video but only "
+            f"{max(0.0, decoded):.2f} s could be decoded",
+        )
 
 
 def _ignore(frame: av.AudioFrame) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode_source, open_video
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
@@ -52,8 +51,9 @@ def normalise(
     it is not cut at the video's end. A source without audio gives an output without audio.
 
     ``progress`` gets 0-100 (output frames done / expected). The write is atomic. A file whose
-    header announces more frames than can be decoded (a truncated upload) is a
-    :class:`MediaError`, not a short output."""
+    header announces more frames, or a longer video, than can be decoded (a truncated upload)
+    is a :class:`MediaError`, not a short output (see
+    :func:`~framepipe.media.decoding.decode_source`)."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
     with open_video(src, max_pixels=limit) as (container, stream):
@@ -83,14 +83,5 @@ def normalise(
             for frame in turn.frames(resample(source.frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
-            declared = stream.frames or 0
-            expected = declared * out_rate / src_rate
-            if declared and writer.frames < 0.95 * expected - 2:
-                raise MediaError(
-                    src,
-                    f"truncated: its header announces {declared} frames but "
-                    f"only about {round(writer.frames * src_rate / out_rate)} "
-                    "could be decoded",
-                )
     report.finish()
     return dst

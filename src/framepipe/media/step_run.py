@@ -5,15 +5,19 @@
 guarantees :mod:`framepipe.media.steps` states for every step are kept here. A source is looked
 up as a step's output, then as an execution input (read through
 :func:`~framepipe.jobs.inputs.local_input` with the execution's roots), then as a path or key
-written in the pipeline's code, and fetched into the step's own folder; progress is 0-10 % of
-the step fetching, 10-90 % the operation, 90-100 % uploading, and never goes back; nothing is
-uploaded before the operation succeeded; a :class:`~framepipe.errors.MediaError` names the
-user's file, never the step's copy of it.
+written in the pipeline's code (an :class:`ObjectKey` is an object key only, looked up nowhere
+else), and fetched into the step's own folder; progress is 0-10 % of the call's part of the
+step (its ``span``, all of it by default) fetching, 10-90 % the operation, 90-100 % uploading,
+and never goes back within the step, however many calls it makes (one high-water mark per
+step); nothing is uploaded before the operation succeeded; a
+:class:`~framepipe.errors.MediaError` names the user's file, never the step's copy of it.
 """
 
 from __future__ import annotations
 
 import string
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +34,16 @@ from framepipe.media.limits import DEFAULT_MAX_PIXELS
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.qr import decode_qr
 
-__all__ = ["MAX_LISTED_KEYS", "FromInput", "OpSpec", "StepRun"]
+__all__ = ["MAX_LISTED_KEYS", "FromInput", "ObjectKey", "OpSpec", "Source", "StepRun"]
 
 MAX_LISTED_KEYS = 100
 """``extract_frames`` lists at most this many keys in its result (``count`` has them all)."""
 
 _FETCH, _WORK, _UPLOAD = (0.0, 10.0), (10.0, 90.0), (90.0, 100.0)
+
+_MARKS: weakref.WeakKeyDictionary[StepContext, float] = weakref.WeakKeyDictionary()
+"""Each running step's progress high-water mark, shared by all the runs in that step."""
+_MARKS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -57,45 +65,89 @@ class FromInput:
     name: str
 
 
+@dataclass(frozen=True)
+class ObjectKey:
+    """A source that is an object key and nothing else: fetched from the object store (for
+    ``stitch``, a prefix listed there), never taken as a step's name, an input's name or a
+    file on the worker's disk. A key a client named (an input's value, or a key a step
+    passed on from one) is given this way, so it cannot reach the disk however it is spelt::
+
+        run_media(ctx, "normalise", ObjectKey(ctx.data["input_key"]))
+    """
+
+    key: str
+
+
+Source = str | ObjectKey
+"""A source: a step's name, an input's name, a path or key written in the pipeline's code, or
+an :class:`ObjectKey`."""
+
+
 class StepRun:
     """One run of one operation in one step (:func:`~framepipe.media.steps.run_media`
     makes one per call)."""
 
-    def __init__(self, ctx: StepContext, operation: str, op: OpSpec, work: Path, key: str) -> None:
+    def __init__(
+        self,
+        ctx: StepContext,
+        operation: str,
+        op: OpSpec,
+        work: Path,
+        key: str,
+        span: tuple[float, float] = (0.0, 100.0),
+    ) -> None:
+        lo, hi = (float(v) for v in span)
+        if not 0.0 <= lo <= hi <= 100.0:
+            raise StepParamsError(
+                f"span {span!r} is not a part of 0-100 (low, high)",
+                pipeline=ctx.pipeline.name,
+                step_key=ctx.step_key,
+            )
         self.ctx = ctx
+        self.span = (lo, hi)
         self.operation = operation
         self.op = op
         self.work = work
         self.key_template = key
         self.names: dict[Path, str] = {}  # local copy -> what the user named
         self._downloads = 0
-        self._last = 0.0
         self.max_pixels = DEFAULT_MAX_PIXELS  # the operation's, for probing its output
 
     # -- progress -------------------------------------------------------------------------
 
-    def report(self, span: tuple[float, float]) -> Callable[[float], None]:
-        lo, hi = span
+    def report(self, part: tuple[float, float]) -> Callable[[float], None]:
+        """A callback taking 0-100 of ``part`` (of this call's 0-100) to the step's progress."""
+        lo, hi = part
+        start, end = self.span
 
         def progress(pct: float) -> None:
             share = min(100.0, max(0.0, float(pct))) / 100.0
-            value = lo + (hi - lo) * share
-            if value > self._last:  # never backwards within the step
-                self._last = value
-                self.ctx.progress(value, self.operation)
+            self._advance(start + (end - start) * (lo + (hi - lo) * share) / 100.0)
 
         return progress
 
+    def _advance(self, value: float, *, again: bool = False) -> None:
+        """Report ``value`` if it is above the step's mark (``again``: or at it); never
+        backwards within the step, whichever of its runs reports."""
+        with _MARKS_LOCK:
+            mark = _MARKS.get(self.ctx, 0.0)
+            if value < mark or (value == mark and not again):
+                return
+            _MARKS[self.ctx] = value
+        self.ctx.progress(value, self.operation)
+
     # -- sources --------------------------------------------------------------------------
 
-    def _lookup(self, ref: str) -> tuple[str, str, Path | None]:
+    def _lookup(self, ref: Source) -> tuple[str, str, Path | None]:
         """(kind, value, local file). Kinds: ``prefix`` (an object prefix), ``key`` (an object
         key, never looked up on the disk), ``local`` (a local file allowed by the execution's
         roots, or a declared input's, given as the third item: copied without following
         links), ``path`` (a local file or folder of an unrestricted execution, read where it
         is), ``ref`` (a source of the pipeline's own: a local path if one exists there, else
-        an object key)."""
+        an object key). An :class:`ObjectKey` is a ``key``, whatever it spells."""
         ctx = self.ctx
+        if isinstance(ref, ObjectKey):
+            return "key", ref.key, None
         if ctx.pipeline.get(ref) is not None:
             if ref not in ctx.data:
                 raise StepParamsError(
@@ -149,7 +201,7 @@ class StepRun:
         except InvalidKeyError:
             return False
 
-    def fetch(self, ref: str | FromInput, *, folder: bool = False) -> Path:
+    def fetch(self, ref: Source | FromInput, *, folder: bool = False) -> Path:
         """The source ``ref`` as a local file (or folder of images).
 
         An input (named by the source, or given with :class:`Input`) is read as the
@@ -158,7 +210,8 @@ class StepRun:
         folder is refused), a value outside the roots fails with
         :class:`~framepipe.errors.PathNotAllowedError` before anything is read, and an
         object key is never looked up on the disk; without roots an existing local path is
-        read where it is. Sources of the pipeline's own (written in its code, or a step's
+        read where it is. An :class:`ObjectKey` is an object key (or prefix), never looked
+        up on the disk. Other sources of the pipeline's own (written in its code, or a step's
         output) are a local path if one exists there, else an object key (or prefix)."""
         kind, value, local = (
             self._input(ref.name) if isinstance(ref, FromInput) else self._lookup(ref)
@@ -246,24 +299,24 @@ class StepRun:
 
     # -- the operation ----------------------------------------------------------------------
 
-    def run(self, source: str | Sequence[str], options: dict[str, Any]) -> dict[str, Any]:
-        refs = [source] if isinstance(source, str) else list(source)
+    def run(self, source: Source | Sequence[Source], options: dict[str, Any]) -> dict[str, Any]:
+        refs = [source] if isinstance(source, (str, ObjectKey)) else list(source)
         if self.operation != "concat" and len(refs) != 1:
             raise StepParamsError(
                 f"{self.operation} takes one source, not {len(refs)}",
                 pipeline=self.ctx.pipeline.name,
                 step_key=self.ctx.step_key,
             )
-        shown = refs[0] if len(refs) == 1 else refs
+        named = [ref.key if isinstance(ref, ObjectKey) else ref for ref in refs]
+        shown = named[0] if len(named) == 1 else named
         try:
             result = self._run(refs, options)
         except MediaError as exc:
             raise self.renamed(exc) from exc
-        self._last = 100.0
-        self.ctx.progress(100.0, self.operation)
+        self._advance(self.span[1], again=True)
         return {**result, "source": shown}
 
-    def _run(self, refs: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, refs: list[Source], options: dict[str, Any]) -> dict[str, Any]:
         fn, op = self.op.fn, self.operation
         work = self.report(_WORK)
         if options.get("max_pixels") is None:  # not given (or an Input without a value)
@@ -297,7 +350,7 @@ class StepRun:
             parts = [self.fetch(ref) for ref in refs]
         else:
             src = self.fetch(refs[0])
-        if op == "watermark" and isinstance(options.get("image"), (str, FromInput)):
+        if op == "watermark" and isinstance(options.get("image"), (str, FromInput, ObjectKey)):
             options["image"] = self.fetch(options["image"])
         key = self.key(self.op.ext)
         dst = self.output_path(key)

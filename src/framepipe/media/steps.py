@@ -21,9 +21,12 @@ Sources. A source string is, in this order: the name of a step of the pipeline (
 the file it uploaded, or the folder of frames ``extract_frames`` uploaded; ``media_step`` adds
 it to ``depends_on``), the name of an execution input (whose value is a local path or an object
 key), or itself a local path or an object key. For ``stitch`` it is a folder of images: a local
-folder, an object-key prefix, or an ``extract_frames`` step. ``concat`` takes a list of
-sources; ``watermark``'s ``image`` option is a source too (given as a string, or read from an
-input with :class:`Input`).
+folder, an object-key prefix, or an ``extract_frames`` step. An :class:`ObjectKey` source is an
+object key (a prefix for ``stitch``) and nothing else: give a key a client named (an input's
+value, or a key a step passed on from one, as the ML video pipeline's ``input_key``) this way
+to :func:`run_media`, so it is never read as a name, nor as a file of the worker's disk.
+``concat`` takes a list of sources; ``watermark``'s ``image`` option is a source too (given as
+a string, or read from an input with :class:`Input`).
 
 Which local files an input may name is the execution's, not the step's, to say: every value
 taken from the inputs goes through :func:`framepipe.jobs.inputs.local_input` with the
@@ -36,7 +39,9 @@ never a file of the server's working folder. Submitted from the command line or 
 API (no roots), an input naming an existing local file or folder is read where it is, as
 before. A declared :data:`~framepipe.jobs.inputs.LocalPathOrKey` input keeps the kind the
 submit gave it and is checked against the roots again. Sources written in the pipeline's code
-and the outputs of steps are the pipeline author's and are taken as they are.
+and the outputs of steps are the pipeline author's and are taken as they are; a value a client
+chose that the code passes on must be wrapped in :class:`ObjectKey` (a plain string would be
+read as a local path when a file of that name exists in the worker's working folder).
 
 What every step guarantees:
 
@@ -47,7 +52,10 @@ What every step guarantees:
   uploads its images one by one at the end, so a failure *during* those uploads can leave
   some, which a retry overwrites);
 - progress: downloading is 0-10 % of the step, the operation 10-90 % (frames done / total, as
-  the function reports it), uploading 90-100 %, and the step reports 100 % when done;
+  the function reports it), uploading 90-100 %, and the step reports 100 % when done; a step
+  that calls :func:`run_media` more than once gives each call its part of the step (``span``)
+  and the same percentages apply within it; the step's progress never goes back, whatever
+  the calls' spans;
 - a media failure is a :class:`~framepipe.errors.MediaError` naming the user's file (the
   object key or local path the source named, never the temporary copy); that includes a
   video larger than the picture-size limit (the ``max_pixels`` option, else the setting
@@ -83,7 +91,14 @@ from framepipe.media.frames import extract_frames, stitch
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import probe
 from framepipe.media.qr import decode_qr
-from framepipe.media.step_run import MAX_LISTED_KEYS, FromInput, OpSpec, StepRun
+from framepipe.media.step_run import (
+    MAX_LISTED_KEYS,
+    FromInput,
+    ObjectKey,
+    OpSpec,
+    Source,
+    StepRun,
+)
 from framepipe.media.thumbnails import thumbnail, thumbnail_grid
 from framepipe.media.watermark import watermark
 
@@ -92,6 +107,7 @@ __all__ = [
     "MAX_LISTED_KEYS",
     "OPERATIONS",
     "Input",
+    "ObjectKey",
     "Operation",
     "media_step",
     "run_media",
@@ -191,7 +207,7 @@ def media_step(
     operation: Operation,
     *,
     name: str | None = None,
-    source: str | Sequence[str] = "input",
+    source: Source | Sequence[Source] = "input",
     key: str = DEFAULT_KEY,
     depends_on: Iterable[str] = (),
     retries: int = 0,
@@ -202,8 +218,9 @@ def media_step(
     """Add a step to ``pipeline`` that runs media ``operation`` on ``source``; return it.
 
     ``name`` defaults to the operation's name. ``source`` is a step name, an input name, a
-    local path or an object key (see the module's docs; a list for ``concat``); a source that
-    names a step already in the pipeline is added to ``depends_on``. ``key`` is the template of
+    local path or an object key, or an :class:`ObjectKey` (see the module's docs; a list for
+    ``concat``); a source that names a step already in the pipeline is added to
+    ``depends_on``. ``key`` is the template of
     the output's object key (:data:`DEFAULT_KEY`). ``options`` are the operation's own keyword
     options (``width=``, ``fps=``, ``text=`` ...), checked now: an unknown option or a bad key
     template raises :class:`~framepipe.errors.StepParamsError` before anything runs. The step
@@ -211,7 +228,7 @@ def media_step(
     step_name = name or operation
     _check_options(operation, options, pipeline.name, step_name)
     _check_key(key, pipeline.name, step_name)
-    refs = [source] if isinstance(source, str) else list(source)
+    refs = [source] if isinstance(source, (str, ObjectKey)) else list(source)
     if not refs:
         raise StepParamsError("source is empty", pipeline=pipeline.name, step_key=step_name)
     if operation != "concat" and len(refs) != 1:
@@ -224,7 +241,7 @@ def media_step(
     upstream = [r for r in [*refs, image] if isinstance(r, str) and pipeline.get(r) is not None]
     deps = [*([depends_on] if isinstance(depends_on, str) else depends_on), *upstream]
     frozen = dict(options)
-    src: str | list[str] = refs if operation == "concat" else refs[0]
+    src: Source | list[Source] = refs if operation == "concat" else refs[0]
 
     def run(ctx: StepContext) -> dict[str, Any]:
         return {ctx.step_name: run_media(ctx, operation, src, key=key, **frozen)}
@@ -244,25 +261,29 @@ def media_step(
 def run_media(
     ctx: StepContext,
     operation: Operation,
-    source: str | Sequence[str],
+    source: Source | Sequence[Source],
     *,
     key: str = DEFAULT_KEY,
+    span: tuple[float, float] = (0.0, 100.0),
     **options: Any,
 ) -> dict[str, Any]:
     """Run media ``operation`` on ``source`` inside the step ``ctx``; return its JSON result.
 
     The guarantees are the module's: a temporary folder removed afterwards (failed or not),
-    uploads under ``key`` only after success, progress 0-100 % of the step, a
-    :class:`MediaError` naming the user's file. Calling it twice in one step: give each call
-    its own ``key`` (the default names the step, so the second output of the same kind would
-    replace the first)."""
+    uploads under ``key`` only after success, progress over ``span`` of the step (low, high
+    within 0-100; all of it by default) ending at its high end, never going back within the
+    step, a :class:`MediaError` naming the user's file. A key a client named is given as an
+    :class:`ObjectKey`. Calling it more than once in one step: give each call its own ``key``
+    (the default names the step, so the second output of the same kind would replace the
+    first) and its own ``span`` (e.g. ``(0, 30)`` then ``(30, 100)``; a later call whose span
+    lies below what an earlier one reported shows no progress until it passes it)."""
     op = _op(operation)
     _check_options(operation, options, ctx.pipeline.name, ctx.step_key)
-    work = ctx.tempdir()
+    run = StepRun(ctx, operation, op, ctx.tempdir(), key, span)
     try:
-        return StepRun(ctx, operation, op, work, key).run(source, _resolve_inputs(ctx, options))
+        return run.run(source, _resolve_inputs(ctx, options))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(run.work, ignore_errors=True)
 
 
 def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ time)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from fractions import Fraction
 
@@ -12,6 +13,7 @@ import av.container
 import av.video.stream
 
 __all__ = [
+    "announced_duration",
     "estimate_frames",
     "frame_duration",
     "frame_seconds",
@@ -32,6 +34,38 @@ def stream_rate(stream: av.video.stream.VideoStream) -> Fraction:
     """The stream's frame rate (average, else guessed, else 25)."""
     rate = stream.average_rate or stream.guessed_rate
     return Fraction(rate) if rate else Fraction(25)
+
+
+def announced_duration(
+    stream: av.video.stream.VideoStream, container: av.container.InputContainer
+) -> float | None:
+    """The video stream's length in seconds as the file's header announces it (None when it
+    announces none): the stream's own duration (MP4, MOV; TS's estimate), else the track's
+    ``DURATION`` tag (Matroska/WebM, written by FFmpeg and mkvmerge: the track's end time, less
+    the stream's start), else the container's duration when the video is its only stream (with
+    sound, that may be the sound's length)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    for name, value in (stream.metadata or {}).items():
+        if name.upper() == "DURATION" or name.upper().startswith("DURATION-"):
+            end = _clock_seconds(str(value))
+            if end is not None:
+                return max(0.0, end - stream_start(stream))
+    if container.duration is not None and len(container.streams) == 1:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def _clock_seconds(text: str) -> float | None:
+    """``HH:MM:SS.fraction`` in seconds (None if it is not that)."""
+    parts = text.strip().split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        seconds = int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def estimate_frames(

@@ -14,7 +14,7 @@ from framepipe.media.decoding import decode_source, open_video
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
-from framepipe.media.timing import estimate_frames, stream_rate
+from framepipe.media.timing import estimate_frames, resample, stream_rate
 from framepipe.media.writer import H264Writer
 
 __all__ = ["POSITIONS", "overlay_position", "render_text", "watermark"]
@@ -96,11 +96,16 @@ def watermark(
     ``bottom-right``, ``center``) ``margin`` pixels from the edges of the upright picture (a
     clip with a display rotation is turned upright first; the output has no rotation); only
     that region of each frame changes. Text scales with the frame height unless ``font_scale``
-    is given. Frame size and rate are kept. The first audio stream is kept, re-encoded to AAC
-    as :func:`~framepipe.media.normalise` does (``audio=False`` drops it). A video larger than
+    is given. Frame size is kept, and the source's average frame rate: frames are placed by
+    their timestamps (:func:`~framepipe.media.timing.resample`, as
+    :func:`~framepipe.media.normalise` does), so a variable frame rate (gaps, bursts) comes out
+    constant, in order and in time with the sound, lasting as long as the source's video within
+    half a frame. The first audio stream is kept, re-encoded to AAC as
+    :func:`~framepipe.media.normalise` does (``audio=False`` drops it). A video larger than
     ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192;
     0: no limit) is refused with a :class:`MediaError` naming it, its size and the limit, before any
-    frame is decoded. Atomic write."""
+    frame is decoded. A truncated file (its header announces more than can be decoded) is a
+    :class:`MediaError`, as for :func:`~framepipe.media.normalise`. Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
     if not 0.0 <= opacity <= 1.0:
@@ -131,6 +136,7 @@ def watermark(
         a = (alpha * opacity)[:, :, np.newaxis]
         fg = patch.astype(np.float32) * a
         keep = 1.0 - a
+        rate = stream_rate(stream)
         report = Progress(progress, estimate_frames(stream, container))
         with (
             atomic_output(dst) as tmp,
@@ -138,19 +144,22 @@ def watermark(
                 tmp,
                 width=fw - fw % 2,
                 height=fh - fh % 2,
-                fps=stream_rate(stream),
+                fps=rate,
                 crf=crf,
                 preset=preset,
                 audio=source.audio,
             ) as writer,
         ):
-            for frame in source.frames:
-                bgr = np.ascontiguousarray(
-                    upright_image(frame.to_ndarray(format="bgr24"), rotation)
-                )
-                region = bgr[y : y + ph, x : x + pw]
-                region[:] = (region.astype(np.float32) * keep + fg).astype(np.uint8)
-                out = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+            shown: av.VideoFrame | None = None  # the source frame ``out`` was made from
+            for frame in resample(source.frames, rate, rate):
+                if frame is not shown:  # a frame repeated to fill a gap is blended once
+                    bgr = np.ascontiguousarray(
+                        upright_image(frame.to_ndarray(format="bgr24"), rotation)
+                    )
+                    region = bgr[y : y + ph, x : x + pw]
+                    region[:] = (region.astype(np.float32) * keep + fg).astype(np.uint8)
+                    out = av.VideoFrame.from_ndarray(bgr, format="bgr24")
+                    shown = frame
                 writer.write(out)
                 report.step()
     report.finish()

@@ -19,7 +19,9 @@ created): ``input`` (the video: a local file or an object key, see
 uses its own environment.
 
 The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails), within the
-picture size limit of :class:`~framepipe.config.MediaSettings`. Every step works in its own
+picture size limit of :class:`~framepipe.config.MediaSettings`; the keys it is given (the
+input's, even one the client named) are :class:`~framepipe.media.ObjectKey` sources, read from
+the object store only, never from a file of the worker's working folder. Every step works in its own
 temporary folder (deleted afterwards, failed or not) and passes its results on through the
 object store under ``ml/<execution id>/``, so steps can run on different workers and a retry
 resumes at the failed step. The steps' weights make the execution's progress: fetch 0-10 %,
@@ -215,7 +217,7 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
             out = media.run_media(
                 ctx,
                 "normalise",
-                ctx.data["input_key"],
+                media.ObjectKey(ctx.data["input_key"]),  # the client's key: never a local file
                 key="ml/{execution_id}/preprocessed.mp4",
                 width=inputs.width,
                 fps=inputs.fps,
@@ -298,15 +300,22 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
 def thumbnails(ctx: StepContext) -> dict[str, Any]:
-    """A thumbnail and a contact sheet of the result."""
+    """A thumbnail (the step's first 30 %) and a contact sheet (the rest) of the result."""
     with _stage(ctx):
+        video = media.ObjectKey(ctx.data["video"])
         thumb = media.run_media(
-            ctx, "thumbnail", ctx.data["video"], width=320, key="ml/{execution_id}/thumbnail.jpg"
+            ctx,
+            "thumbnail",
+            video,
+            width=320,
+            key="ml/{execution_id}/thumbnail.jpg",
+            span=(0, 30),
         )
         grid = media.run_media(
             ctx,
             "thumbnail_grid",
-            ctx.data["video"],
+            video,
+            span=(30, 100),
             cols=3,
             rows=2,
             width=960,
