@@ -10,9 +10,12 @@ NUL) reaching ``/api/detectors`` and execution inputs, file lists with paths suc
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,8 +36,9 @@ from conftest import need_modules
 from framepipe.config import Settings
 from framepipe.jobs.loading import load_pipeline
 from framepipe.server.detector import DetectorHub, DetectorMessage
+from test_example_sd_import import Detector, imports_of, wait_for
 from test_server import AUTH, TOKEN, Server
-from waiting import free_port, wait_until
+from waiting import free_port, wait_until, wait_until_async
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sd_import"
 
@@ -561,6 +565,195 @@ def test_a_card_with_names_that_are_not_utf8_is_still_announced(
         ws.send(json.dumps(card.file_list()))
         answer = recv(ws)
         assert answer["type"] == "sd:status" and answer["state"] == "importing", answer
+
+
+# -- the real detector process on hostile cards ------------------------------------------------
+
+
+@pytest.fixture
+def card_world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The service with the SD import's hub (``small_limit=0``: an import copies nothing
+    before a QR clip, and there is none, so nothing is ever copied) and the real detector
+    process watching ``media``."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 's.db'}",
+        retry_initial_delay=0.2,
+        retry_max_delay=1.0,
+        shutdown_grace=2.0,
+    )
+    watch, shared = tmp_path / "media", tmp_path / "shared"
+    watch.mkdir()
+    pipeline = load_pipeline(sd_backend.PIPELINE_REF)
+    hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=0, reconnect_wait=1)
+    with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:
+        detector = Detector(server.url, watch, shared, tmp_path / "det.log")
+        try:
+            yield {"server": server, "watch": watch, "detector": detector, "tmp": tmp_path}
+        finally:
+            detector.stop()
+
+
+def listed(world: dict[str, Any], label: str) -> list[str]:
+    """The paths of the card ``label``'s import once it started (the file list the backend
+    accepted), waiting for it; fails with the detector's log if it never starts."""
+    with httpx.Client(base_url=world["server"].url, headers=AUTH) as client:
+        (found,) = wait_for(
+            f"the import of {label}",
+            lambda: imports_of(client, label),
+            60,
+            world["detector"],
+        )
+    return [f["path"] for f in found["inputs"]["files"]]
+
+
+def test_a_card_with_a_very_deep_tree_neither_stops_the_detector_nor_its_import(
+    card_world: dict[str, Any],
+) -> None:
+    """A card (or a hostile ``--card`` folder) with 1100 nested folders made the detector's
+    recursive walk raise RecursionError, which ended the process, and again at each restart
+    while the card was in. Now folders below the depth cap are skipped with a warning, the
+    card's own files import, and the detector keeps serving."""
+    card = card_world["tmp"] / "DEEP"
+    (card / "DCIM" / "100GOPRO").mkdir(parents=True)
+    (card / "DCIM" / "100GOPRO" / "GX01.MP4").write_bytes(b"a" * 1000)
+    chain = [card]
+    for _ in range(1100):  # one level at a time: no recursion in the test either
+        chain.append(chain[-1] / "d")
+        chain[-1].mkdir()
+    (chain[-1] / "deep.mp4").write_bytes(b"d" * 1000)
+    try:
+        shutil.move(str(card), str(card_world["watch"] / "DEEP"))
+        detector = card_world["detector"].start()
+        assert listed(card_world, "DEEP") == ["DCIM/100GOPRO/GX01.MP4"]
+        assert detector.proc is not None and detector.proc.poll() is None, "the detector ended"
+        log = detector.log.read_text()
+        assert "skipped folder " + "/".join(["d"] * 33) + ": it is more than 32 folders" in log
+        assert "RecursionError" not in log
+        # Still watching: the next card is announced too.
+        (card_world["watch"] / "NEXT" / "DCIM").mkdir(parents=True)
+        (card_world["watch"] / "NEXT" / "DCIM" / "GX02.MP4").write_bytes(b"b" * 1000)
+        assert listed(card_world, "NEXT") == ["DCIM/GX02.MP4"]
+    finally:
+        card_world["detector"].stop()
+        mounted = card_world["watch"] / "DEEP"
+        (mounted.joinpath(*["d"] * 1100) / "deep.mp4").unlink()
+        for depth in range(1100, 0, -1):  # shutil.rmtree recurses: it cannot remove it
+            mounted.joinpath(*["d"] * depth).rmdir()
+
+
+def test_names_the_backend_refuses_are_skipped_by_the_detector_and_the_rest_imports(
+    card_world: dict[str, Any],
+) -> None:
+    """A name with ':' or a backslash (legal on a Linux-formatted card), or a path over 1000
+    characters, made the backend refuse the card's whole ``sd:file_list``: nothing of the card
+    imported. The detector now leaves out, naming each, exactly what the backend's rule
+    (``card_paths.card_path``) refuses; the backend accepts the rest."""
+    card = card_world["tmp"] / "NAMES"
+    dcim = card / "DCIM" / "100GOPRO"
+    dcim.mkdir(parents=True)
+    (dcim / "GX01.MP4").write_bytes(b"a" * 1000)
+    (dcim / "jump 10:30.mp4").write_bytes(b"b" * 1000)
+    (dcim / "a\\b.mp4").write_bytes(b"c" * 1000)
+    (card / "DCIM" / "cam:2").mkdir()  # a folder no path below which is accepted
+    (card / "DCIM" / "cam:2" / "GX03.MP4").write_bytes(b"d" * 1000)
+    long = card.joinpath(*(c * 200 for c in "wxyz"))  # 803 characters: itself fine ...
+    long.mkdir(parents=True)
+    (long / ("v" * 200 + ".mp4")).write_bytes(b"e" * 1000)  # ... 1008 with this file
+    (long / "ok.mp4").write_bytes(b"f" * 1000)  # 810: fine
+    ok_long = "/".join(c * 200 for c in "wxyz") + "/ok.mp4"
+    shutil.move(str(card), str(card_world["watch"] / "NAMES"))
+    detector = card_world["detector"].start()
+    assert listed(card_world, "NAMES") == ["DCIM/100GOPRO/GX01.MP4", ok_long]
+    log = detector.log.read_text()
+    for skipped, reason in (
+        ("DCIM/100GOPRO/jump 10:30.mp4", "holds a ':'"),
+        ("DCIM/100GOPRO/a\\b.mp4", "holds a backslash"),
+        ("/".join(c * 200 for c in "wxyz") + "/" + "v" * 200 + ".mp4", "at most 1000"),
+    ):
+        line = next((x for x in log.splitlines() if f"skipped {skipped}: " in x), None)
+        assert line is not None and reason in line, (skipped, log[-3000:])
+    assert "skipped folder DCIM/cam:2: the backend accepts no path in it" in log
+    assert "backend: " not in log  # no error from the backend about the list
+
+
+def test_a_link_in_the_watch_folder_is_not_a_card(card_world: dict[str, Any]) -> None:
+    """Whoever can write into the ``--watch`` folder could plant a link to any folder of the
+    host (``media/HOME -> /home/me``) and the detector listed it as a card, to be copied into
+    the share on the backend's request. A card must be a folder there, not a link to one."""
+    watch, tmp = card_world["watch"], card_world["tmp"]
+    elsewhere = tmp / "elsewhere"
+    (elsewhere / "DCIM").mkdir(parents=True)
+    (elsewhere / "DCIM" / "private.mp4").write_bytes(b"p" * 1000)
+    (watch / "LINKED").symlink_to(elsewhere, target_is_directory=True)
+    (watch / "REAL" / "DCIM").mkdir(parents=True)
+    (watch / "REAL" / "DCIM" / "GX01.MP4").write_bytes(b"a" * 1000)
+    detector = card_world["detector"].start()
+    assert listed(card_world, "REAL") == ["DCIM/GX01.MP4"]
+    # A card inserted after that is seen at a later poll than LINKED would have been.
+    (watch / "LATER" / "DCIM").mkdir(parents=True)
+    (watch / "LATER" / "DCIM" / "GX02.MP4").write_bytes(b"b" * 1000)
+    assert listed(card_world, "LATER") == ["DCIM/GX02.MP4"]
+    with httpx.Client(base_url=card_world["server"].url, headers=AUTH) as client:
+        assert imports_of(client, "LINKED") == []
+        labels = {s.get("label") for d in detectors(card_world["server"]) for s in d["sessions"]}
+    assert labels == {"REAL", "LATER"}
+    log = detector.log.read_text()
+    assert f"{watch / 'LINKED'} is a link, not a card" in log
+    assert log.count("is a link, not a card") == 1  # said once, not at every poll
+
+
+def test_one_card_that_cannot_be_listed_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong listing one card (here an error injected into the real
+    ``list_card`` for the card BAD) is logged once and that card tried again at the next
+    poll: the watch loop goes on, the other cards are announced, and BAD is once it lists."""
+    import detector as sd_detector  # examples/sd_import/detector.py
+
+    watch = tmp_path / "media"
+    for label in ("BAD", "GOOD"):
+        (watch / label / "DCIM").mkdir(parents=True)
+        (watch / label / "DCIM" / "GX01.MP4").write_bytes(label.encode() * 100)
+    real = sd_detector.list_card
+    broken = [True]
+    failed = [0]  # listings of BAD that failed
+
+    def list_card(root: Path, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        if root.name == "BAD" and broken[0]:
+            failed[0] += 1
+            raise RuntimeError("the card reader hiccuped")
+        return real(root, *args, **kwargs)
+
+    monkeypatch.setattr(sd_detector, "list_card", list_card)
+    detector = sd_detector.Detector(
+        backend="ws://unused",
+        shared=tmp_path / "shared",
+        token=None,
+        watch=[watch],
+        cards=[],
+        detector_id="t",
+        interval=0.01,
+        settle=0,
+    )
+
+    async def run() -> None:
+        task = asyncio.create_task(detector.watch_cards())
+        try:
+            await wait_until_async(  # polls go on while BAD keeps failing
+                "GOOD announced and BAD tried three times",
+                lambda: (watch / "GOOD" in detector.cards and failed[0] >= 3) or task.done(),
+            )
+            assert not task.done(), task.exception()
+            assert watch / "BAD" not in detector.cards
+            broken[0] = False
+            await wait_until_async("BAD announced", lambda: watch / "BAD" in detector.cards)
+        finally:
+            task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="sd_detector"):
+        asyncio.run(run())
+    assert caplog.text.count("could not be listed: RuntimeError('the card reader hiccuped')") == 1
 
 
 # -- the hub without the SD import: only what an application registers --------------------------

@@ -10,9 +10,11 @@ segno or zxing-cpp the tests skip with the reason, except under ``CI=true``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +54,7 @@ need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
 import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)
+from retention import RENDERED  # noqa: E402  (examples/sd_import/retention.py)
 
 # -- cards -----------------------------------------------------------------------------------
 
@@ -423,6 +426,63 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b, qr3, v3a}
 
 
+def test_videos_of_one_booking_with_the_same_file_name_each_keep_their_own_object(
+    world: dict[str, Any],
+) -> None:
+    """Cameras restart their numbering: one card holds ``100GOPRO/GX000002.MP4`` and
+    ``101GOPRO/GX000002.MP4``, and a second camera's card for the same jump holds its own
+    ``DCIM/100GOPRO/GX000002.MP4``. Every one of these passenger videos gets its own object
+    (the file's name and its identity hash) and is in the store as rendered: none replaces
+    another while the summary says imported."""
+    server = world["server"]
+    booking = '{"booking_id": "B1", "passenger": "Ann"}'
+    one = CardMaker(world["cards"] / "GOPRO1")
+    one.qr(booking)
+    a = one.video()  # DCIM/100GOPRO/GX000002.MP4
+    other = one.folder / "DCIM" / "101GOPRO"
+    other.mkdir()
+    jump_clip(other / "GX000002.MP4", seed=99)  # same name, another folder and content
+    b = one._stamp(other / "GX000002.MP4")
+    two = CardMaker(world["cards"] / "GOPRO2")  # the second camera on the same jump
+    two.qr(booking)
+    jump_clip(two.dcim / "GX000002.MP4", seed=123)
+    c = two._stamp(two.dcim / "GX000002.MP4")
+    assert a == c == "DCIM/100GOPRO/GX000002.MP4" and b == "DCIM/101GOPRO/GX000002.MP4"
+    detector = Detector(server.url, world["watch"], world["shared"], world["tmp"] / "det.log")
+    world["detectors"].append(detector.start())
+
+    renders: dict[str, dict[str, Any]] = {}
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        for maker, label, videos in ((one, "GOPRO1", [a, b]), (two, "GOPRO2", [c])):
+            insert(maker.folder, world["watch"])
+            done = wait_for(
+                f"the import of {label}", lambda card=label: ended(client, card), 120, detector
+            )
+            assert done["status"] == "completed", done.get("error")
+            summary = done["data"]["summary"]
+            assert summary["status"] == "imported", summary
+            assert summary["bookings"]["B1"]["videos"] == videos
+            for video in videos:
+                renders[f"{summary['card_id']}/{video}"] = done["data"][f"render/{video}"]
+            assert summary["bookings"]["B1"]["outputs"] == [
+                done["data"][f"render/{v}"]["key"] for v in videos
+            ]
+
+        keys = [r["key"] for r in renders.values()]
+        assert len(set(keys)) == 3, keys  # three passenger videos, three objects
+        for key in keys:
+            assert re.fullmatch(r"bookings/B1/GX000002-[0-9a-f]{12}\.mp4", key), key
+        assert len({r["sha256"] for r in renders.values()}) == 3  # three different renders
+        for copy, render in renders.items():
+            got = client.get(f"/api/objects/{render['key']}")
+            assert got.status_code == 200, (copy, got.text)
+            assert hashlib.sha256(got.content).hexdigest() == render["sha256"], copy
+    # Retention finds each copy's own object.
+    with StateStore(world["settings"].resolved_database_url) as store:
+        rendered = {e.identity: e.meta["object_key"] for e in Ledger(store, RENDERED).entries()}
+    assert rendered == {copy: render["key"] for copy, render in renders.items()}
+
+
 _inputs: dict[str, dict[str, Any]] = {}  # execution id -> its inputs (they never change)
 
 
@@ -588,9 +648,11 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
                 "passenger": "Cid",
                 "videos": [first],
                 "missing": [gone],
-                "outputs": [f"bookings/B2003/{Path(first).stem}.mp4"],
+                "outputs": [done["data"][f"render/{first}"]["key"]],
             }
         }
+        first_key = done["data"][f"render/{first}"]["key"]
+        assert re.fullmatch(rf"bookings/B2003/{Path(first).stem}-[0-9a-f]{{12}}\.mp4", first_key)
         assert [h["path"] for h in summary["held"]] == [v0, v1, v2, v6, v5]
         reasons = [h["reason"] for h in summary["held"]]
         assert reasons[0] == "no QR clip before it"

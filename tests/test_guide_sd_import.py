@@ -55,6 +55,7 @@ need_modules("boto3", install="pip install 'framepipe[s3]'")
 from retention import retention_from_env  # noqa: E402  (examples/sd_import, on sys.path)
 
 KEY = re.compile(r"(?P<name>[a-z_]+):(?P<label>[A-Za-z0-9_.~-]+)-(?P<hash>[0-9a-f]{12})")
+OUTPUT = re.compile(r"bookings/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+-[0-9a-f]{12}\.mp4")
 
 
 @pytest.fixture
@@ -176,17 +177,19 @@ def test_guide_workflow_insert_import_render_upload_then_copies_removed_after_up
             assert summary["bookings"]["B1001"] == {
                 "passenger": "Anna Svensson",
                 "videos": [v1],
-                "outputs": ["bookings/B1001/GX000002.mp4"],
+                "outputs": [done["data"][f"render/{v1}"]["key"]],
                 "missing": [],
             }
             assert summary["bookings"]["B1002"]["videos"] == [v2, v3]
-            # 5-6. Each video rendered (intro, watermark, splash) into the object store.
+            # 5-6. Each video rendered (intro, watermark, splash) into the object store, one
+            # folder per booking, the file's name and its identity hash as the guide shows.
             stored = objects_in(s3_server, bucket)
-            assert set(stored) == {
-                "sd/bookings/B1001/GX000002.mp4",
-                "sd/bookings/B1002/GX000004.mp4",
-                "sd/bookings/B1002/GX000005.mp4",
-            }
+            keys = {path: done["data"][f"render/{path}"]["key"] for path in (v1, v2, v3)}
+            for path, booking in ((v1, "B1001"), (v2, "B1002"), (v3, "B1002")):
+                assert OUTPUT.fullmatch(keys[path]), keys[path]
+                assert keys[path].startswith(f"bookings/{booking}/{Path(path).stem}-")
+            assert set(stored) == {f"sd/{key}" for key in keys.values()}
+            assert len(stored) == 3
             for path in (v1, v2, v3):
                 render = done["data"][f"render/{path}"]
                 assert stored[f"sd/{render['key']}"] == render["size"]

@@ -4,10 +4,19 @@
     python examples/sd_import/detector.py --watch /media \\
         --backend ws://127.0.0.1:8000/ws/detector --shared /shared-videos [--card E:\\ ...]
 
-Cards: every subfolder of a ``--watch`` folder is a card (``/media/$USER/*`` on Linux), and
+Cards: every subfolder of a ``--watch`` folder is a card (``/media/$USER/*`` on Linux), but
+never a symbolic link there (it is not followed, wherever it points; a warning names it), and
 every ``--card`` folder (``E:\\`` on Windows) is one while it exists and holds files. The
 folders are polled (``--interval``, 1 s); a card counts once its listing is the same twice in a
-row ``--settle`` seconds apart (a card still mounting is not announced half-listed).
+row ``--settle`` seconds apart (a card still mounting is not announced half-listed). A card
+that cannot be listed, for whatever reason, is logged and tried again at the next poll: it
+never stops the detector or the other cards.
+
+The listing (:func:`list_card`) holds only paths the backend accepts (the rule of
+``card_paths.py``, which the backend checks ``sd:file_list`` with): a file whose path it would
+refuse (a ``:`` or a backslash in a name, a name that is not UTF-8, a path over 1000
+characters) is skipped with a warning naming it, so the rest of the card still imports.
+Folders deeper than :data:`MAX_DEPTH` below the card are not looked into (warned about).
 
 For each new card it sends ``detector:sd_inserted`` and ``sd:file_list`` (path relative to the
 card with ``/``, size, mtime, and a cheap content fingerprint: BLAKE2b of the size and the
@@ -65,12 +74,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from types import TracebackType
 from typing import Any
 
+from card_paths import card_path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -90,52 +100,94 @@ _IGNORED_DIRS = {"system volume information", "$recycle.bin", "lost+found"}
 # -- cards -----------------------------------------------------------------------------------
 
 
-def list_card(root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES) -> list[dict[str, Any]]:
+MAX_DEPTH = 32
+"""The deepest folder below a card's root that :func:`list_card` looks into (camera cards use
+two or three levels, ``DCIM/100GOPRO``)."""
+
+
+def list_card(
+    root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, *, max_depth: int = MAX_DEPTH
+) -> list[dict[str, Any]]:
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
-    ``fingerprint``; hidden files and system folders skipped; sorted by path. Only regular
-    files are listed, read without following links (a link on the card, to a file or a
-    folder, is skipped: what it points to is not on the card). Files and folders whose names
-    are not valid UTF-8 are skipped with a warning (a path must be text the backend can
-    store)."""
-    out = []
-    for folder, dirs, names in os.walk(root):  # does not descend into linked folders
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d.lower() not in _IGNORED_DIRS]
-        wanted = [n for n in names if not n.startswith(".") and n.lower().endswith(suffixes)]
-        rel = Path(folder).relative_to(root).parts
-        if any(as_text(part) != part for part in rel):  # not UTF-8: the backend refuses it
-            log.warning("skipped folder %s: its name is not valid UTF-8", as_text("/".join(rel)))
-            dirs[:] = []
-            continue
-        for name in [n for n in wanted if as_text(n) != n]:
-            log.warning("skipped %s: its name is not valid UTF-8", as_text(name))
-            wanted.remove(name)
-        if not wanted:
-            continue
+    ``fingerprint``; hidden files and system folders skipped; sorted by path.
+
+    Guarantees, whatever the card holds:
+
+    * only regular files are listed, reached without following a link (a link on the card,
+      to a file or a folder, is skipped: what it points to is not on the card);
+    * every listed path is one the backend accepts (:func:`card_paths.card_path`, the rule
+      its ``sd:file_list`` check uses), so the list is never refused as a whole: a file it
+      would refuse (a ``:`` or a backslash in a name, a name that is not valid UTF-8, a path
+      over 1000 characters) is skipped with a warning naming it, and so is a folder below
+      which it would refuse every path;
+    * folders more than ``max_depth`` levels below the root are not looked into (a warning
+      names the first of them); the walk keeps its own stack, so no tree, however deep,
+      raises :class:`RecursionError`;
+    * a file or folder that vanishes or turns into a link while it is listed is left out
+      (the next poll sees the truth)."""
+    out: list[dict[str, Any]] = []
+    stack: list[tuple[str, ...]] = [()]
+    while stack:
+        rel = stack.pop()
         try:
             with _Folder(root, rel, where="the card") as here:
-                for name in wanted:
-                    try:
-                        fd = here.open_file(name)
-                    except OSError:  # a link, vanished: the next poll sees the truth
-                        continue
-                    try:
-                        st = os.fstat(fd)
-                        fingerprint = here.fingerprint(fd, name)
-                    except OSError:
-                        continue
-                    finally:
-                        os.close(fd)
-                    out.append(
-                        {
-                            "path": "/".join((*rel, name)),
-                            "size": st.st_size,
-                            "mtime": st.st_mtime,
-                            "fingerprint": fingerprint,
-                        }
-                    )
+                folders, files = here.entries()
+                stack.extend(_folders_to_walk(rel, folders, max_depth))
+                out.extend(_listed(here, rel, files, suffixes))
         except OSError:  # the folder vanished or was replaced by a link while listing
             continue
     return sorted(out, key=lambda e: e["path"])
+
+
+def _folders_to_walk(
+    rel: tuple[str, ...], names: list[str], max_depth: int
+) -> list[tuple[str, ...]]:
+    """The subfolders ``names`` of the card's folder ``rel`` that :func:`list_card` walks."""
+    wanted = []
+    for name in names:
+        if name.startswith(".") or name.lower() in _IGNORED_DIRS:
+            continue
+        shown = as_text("/".join((*rel, name)))
+        # The shortest path below the folder: when the backend refuses it, it refuses all.
+        try:
+            card_path("/".join((*rel, name, "\u2026")))
+        except ValueError as exc:
+            log.warning("skipped folder %s: the backend accepts no path in it (%s)", shown, exc)
+            continue
+        if len(rel) + 1 > max_depth:
+            log.warning(
+                "skipped folder %s: it is more than %d folders below the card", shown, max_depth
+            )
+            continue
+        wanted.append((*rel, name))
+    return wanted
+
+
+def _listed(
+    here: _Folder, rel: tuple[str, ...], names: list[str], suffixes: tuple[str, ...]
+) -> Iterator[dict[str, Any]]:
+    """The entries of :func:`list_card` for the regular files ``names`` of folder ``here``."""
+    for name in names:
+        if name.startswith(".") or not name.lower().endswith(suffixes):
+            continue
+        path = "/".join((*rel, name))
+        try:
+            card_path(path)
+        except ValueError as exc:
+            log.warning("skipped %s: the backend would refuse its path (%s)", as_text(path), exc)
+            continue
+        try:
+            fd = here.open_file(name)
+        except OSError:  # a link, vanished: the next poll sees the truth
+            continue
+        try:
+            st = os.fstat(fd)
+            fingerprint = here.fingerprint(fd, name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        yield {"path": path, "size": st.st_size, "mtime": st.st_mtime, "fingerprint": fingerprint}
 
 
 def as_text(text: str) -> str:
@@ -193,6 +245,11 @@ class Card:
             "label": self.label,
             "files": self.files,
         }
+
+
+def _is_junction(entry: os.DirEntry[str]) -> bool:
+    """A Windows junction (a link that ``is_symlink`` does not tell; Python 3.12+)."""
+    return bool(getattr(entry, "is_junction", lambda: False)())
 
 
 # -- copying -----------------------------------------------------------------------------------
@@ -330,6 +387,20 @@ class _Folder:
         """Make the folder's entries durable (POSIX; Windows's rename is durable)."""
         if self.fd is not None:
             os.fsync(self.fd)
+
+    def entries(self) -> tuple[list[str], list[str]]:
+        """The names here of folders and of regular files, neither a link (nothing is
+        followed to tell); anything else (a link, a fifo) is in neither list."""
+        folders: list[str] = []
+        files: list[str] = []
+        with os.scandir(self.fd if self.fd is not None else self.path) as found:
+            for entry in found:
+                with contextlib.suppress(OSError):  # vanished meanwhile: not listed
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        files.append(entry.name)
+        return folders, files
 
 
 def copy_file(
@@ -508,23 +579,67 @@ class Detector:
         self.ws: ClientConnection | None = None
         self.copies: asyncio.Queue[tuple[ClientConnection, dict[str, Any]]] = asyncio.Queue()
         self._abort = threading.Event()
+        self._warned: dict[Path, str] = {}  # what was last said about a root or a link
+        self._links: set[Path] = set()  # links in the --watch folders at the last poll
 
     # watching
 
     def _roots(self) -> set[Path]:
+        """The cards now: each subfolder of a ``--watch`` folder that is a folder itself, not
+        a link to one (checked without following it: a link planted in the watch folder is
+        never a card, wherever it points; it is named in a warning once), and each
+        ``--card`` folder (the operator's own path, a link or not) while it holds files."""
         roots: set[Path] = set()
+        links: set[Path] = set()
         for folder in self.watch:
-            with contextlib.suppress(OSError):
-                roots.update(
-                    p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                )
+            with contextlib.suppress(OSError), os.scandir(folder) as found:
+                for entry in found:
+                    if entry.name.startswith("."):
+                        continue
+                    with contextlib.suppress(OSError):
+                        if entry.is_symlink() or _is_junction(entry):
+                            links.add(folder / entry.name)
+                        elif entry.is_dir(follow_symlinks=False):
+                            roots.add(folder / entry.name)
+        for link in links:
+            self._warn_once(
+                link,
+                f"{as_text(str(link))} is a link, not a card: links in a --watch folder are "
+                "not followed",
+            )
+        self._links = links
         for card in self.card_dirs:
             with contextlib.suppress(OSError):
                 if card.is_dir() and any(card.iterdir()):
                     roots.add(card)
         return roots
 
+    def _warn_once(self, about: Path, message: str) -> None:
+        """Log ``message`` about ``about`` unless it was the last said about it (a poll every
+        second must not repeat it)."""
+        if self._warned.get(about) != message:
+            self._warned[about] = message
+            log.warning("%s", message)
+
+    async def _list(self, root: Path) -> list[dict[str, Any]] | None:
+        """:func:`list_card` of ``root``, or None when listing it failed in any way: the
+        failure is logged (with its traceback once) and that card is tried again at the next
+        poll, so one card can never stop the detector or the other cards."""
+        try:
+            files = await asyncio.to_thread(list_card, root)
+        except Exception as exc:
+            message = f"card at {as_text(str(root))} could not be listed: {exc!r}"
+            if self._warned.get(root) != message:
+                self._warned[root] = message
+                log.exception("%s; trying again at the next poll", message)
+            return None
+        self._warned.pop(root, None)
+        return files
+
     async def watch_cards(self) -> None:
+        """Poll for cards until cancelled: announce each new card once its listing settled,
+        and the removal of each card that is gone. A card that cannot be listed is skipped
+        (see :meth:`_list`); nothing about one card ends this loop."""
         pending: dict[Path, list[dict[str, Any]]] = {}
         while True:
             roots = await asyncio.to_thread(self._roots)
@@ -541,7 +656,10 @@ class Detector:
                         }
                     )
             for root in roots - set(self.cards):
-                files = await asyncio.to_thread(list_card, root)
+                files = await self._list(root)
+                if files is None:
+                    pending.pop(root, None)
+                    continue
                 if self.settle > 0 and pending.get(root) != files:
                     pending[root] = files  # listed again after --settle before it counts
                     continue
@@ -554,6 +672,8 @@ class Detector:
             for root in list(pending):
                 if root not in roots:
                     del pending[root]
+            for gone in [p for p in self._warned if p not in roots and p not in self._links]:
+                del self._warned[gone]  # said again if it comes back
             await asyncio.sleep(self.settle if pending else self.interval)
 
     async def _send(self, message: dict[str, Any], ws: ClientConnection | None = None) -> bool:

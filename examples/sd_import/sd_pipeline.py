@@ -60,8 +60,9 @@ never followed: the copy step reports the file ``refused`` with the reason namin
 read or told), does not retry it, and the card's other files import; a QR candidate refused
 this way holds the videos after it like an unreadable QR clip. The detector refusing a copy
 (``code: refused``, e.g. a planted ``.part`` link on its side) is reported the same way.
-Paths in ``files`` must pass :func:`framepipe.confined.relative_parts`, else ``plan`` fails at
-once naming the entry.
+Paths in ``files`` must pass :func:`card_paths.card_path` (checked when an execution is
+submitted, and :func:`framepipe.confined.relative_parts` again by ``plan``, which fails at
+once naming the entry).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from card_paths import MAX_PATH, card_path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
 
@@ -86,6 +88,7 @@ from framepipe.config import load_settings
 from framepipe.confined import LinkRefusedError, fd_path, open_beneath, relative_parts
 from framepipe.errors import DetectorError, InvalidInputError, MediaError
 from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
+from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import content_hash, file_fingerprint
 from framepipe.media import concat, decode_qr, probe, stitch, watermark
 from framepipe.server.detector import get_hub
@@ -95,6 +98,7 @@ __all__ = [
     "QR_NAMESPACE",
     "FileEntry",
     "SdImportInputs",
+    "output_key",
     "parse_booking",
     "sd_import",
     "shared_dir_of",
@@ -111,7 +115,7 @@ class FileEntry(BaseModel):
     """One file of a card, as the detector lists it (metadata only)."""
 
     model_config = ConfigDict(extra="ignore")
-    path: str = Field(min_length=1, max_length=1000)
+    path: str = Field(min_length=1, max_length=MAX_PATH)
     size: int = Field(ge=0)
     mtime: float
     fingerprint: str = Field(min_length=8, max_length=128)
@@ -119,15 +123,9 @@ class FileEntry(BaseModel):
     @field_validator("path")
     @classmethod
     def _relative(cls, value: str) -> str:
-        """The path as ``a/b/c``: relative to the card, no ``.``/``..``/empty segment (a
-        doubled ``/`` is one), no backslash, no NUL, no drive (``C:``)."""
-        try:
-            parts = relative_parts(value, "path", max_length=1000)
-        except InvalidInputError as exc:
-            raise ValueError(exc.reason) from None
-        if any(":" in part for part in parts):
-            raise ValueError(f"{value!r} holds a ':'; paths on a card have none")
-        return "/".join(parts)
+        """The path as ``a/b/c`` if :func:`card_paths.card_path` accepts it (the rule the
+        detector lists by), else the reason."""
+        return card_path(value)
 
 
 class SdImportInputs(BaseModel):
@@ -196,6 +194,23 @@ def parse_booking(text: str) -> dict[str, str] | None:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "x"
+
+
+def output_key(booking_id: str, dest: str, entry: Mapping[str, Any]) -> str:
+    """The object key of the rendered video of the copy ``dest`` (``<card_id>/<path>`` in the
+    shared folder) of the card file ``entry``: ``bookings/<booking>/<stem>-<hash>.mp4``
+    (``bookings/B1001/GX000002-3f09c1d2ab47.mp4``).
+
+    The hash is the one step keys use (:func:`framepipe.jobs.keys.step_key`: BLAKE2b of the
+    canonical JSON, 12 hex digits) of the video's identity: its copy ``dest`` and its
+    :func:`identity` (size and content fingerprint). So the same file of the same card always
+    renders to the same key (a retried render replaces its own upload, nothing else), and two
+    videos of one booking never share a key, whether they differ by folder
+    (``100GOPRO/GX000002.MP4`` and ``101GOPRO/GX000002.MP4``), by card (two cameras' cards
+    for one jump) or by content. The stem (ASCII letters, digits, ``_ . -``; other runs
+    become ``_``) only makes the key readable."""
+    digest = step_key("output", {"copy": dest, "identity": identity(entry)}).partition(":")[2]
+    return f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(dest).stem)}-{digest}.mp4"
 
 
 def title_card(
@@ -612,7 +627,7 @@ def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
 @sd_import.step(weight=3.0)
 def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict[str, Any]:
     """Intro + the video watermarked with passenger and booking + splash screen, uploaded to
-    ``bookings/<booking>/<file>.mp4``."""
+    ``bookings/<booking>/<file>-<hash>.mp4`` (:func:`output_key`: one key per video)."""
     dest = ctx.data[f"copied/{path}"]["dest"]
     meta = ctx.data[f"meta/{path}"]
     work = ctx.tempdir()
@@ -646,10 +661,10 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
         max_pixels=max_pixels(),
         progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"),
     )
-    key = f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(path).stem)}.mp4"
+    entry = _file(ctx, path)
+    key = output_key(booking_id, dest, entry)
     sha256 = content_hash(final)
     info = ctx.objects.put_file(key, final)
-    entry = _file(ctx, path)
     ctx.get_ledger(RENDERED).record(  # committed with this step: only a finished upload counts
         dest,
         size=entry["size"],
