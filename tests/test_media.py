@@ -34,6 +34,7 @@ from framepipe.media import (
     thumbnail_grid,
     watermark,
 )
+from framepipe.media.atomic import scratch_outputs
 from framepipe.media.limits import image_size
 from media import (
     audio_of,
@@ -607,6 +608,12 @@ def test_an_output_is_flushed_to_the_disk_before_its_rename_and_its_folder_after
             ("fsync folder", (folder.st_dev, folder.st_ino)),  # the rename
         ], events
         events.clear()
+    # a job step's scratch outputs (uploaded, then deleted) are written atomically, unflushed
+    with scratch_outputs():
+        frames = extract_frames(src, out / "frames", max_frames=3)
+    assert len(frames) == 3 and events == [("replace", p.name) for p in frames]
+    events.clear()
+    assert thumbnail(src, out / "t2.jpg").exists() and events[0][0] == "fsync file"
     # a failed flush fails the write and leaves dst as it was
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(OSError, match="EIO"):

@@ -22,6 +22,13 @@ from framepipe.urls import safe_url
         ("http://user@host/x", "http://user@host/x"),  # a user name alone is no secret
         ("s3://bucket/prefix?endpoint=http://127.0.0.1:9000", None),
         ("/plain/path", "/plain/path"),
+        ("sqlite:////tmp/x.db", None),  # as written: nothing to mask, nothing rewritten
+        ("sqlite:///rel.db", None),
+        (
+            "postgresql+psycopg://u:pw@/test?host=/run/pg",
+            "postgresql+psycopg://u:***@/test?host=/run/pg",
+        ),
+        ("http://h/p?a=1&token=x#frag?token=y", "http://h/p?a=1&token=***#frag?token=y"),
         ("http://u:pw@[::1/x", "http://***@[::1/x"),  # does not parse: userinfo masked whole
     ],
 )

@@ -10,7 +10,7 @@ URL still says where it points.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 __all__ = ["safe_url"]
 
@@ -26,12 +26,16 @@ def safe_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return _USERINFO.sub("//***@", url)
-    netloc = parts.netloc
+    shown = url  # edited in place: urlunsplit would rewrite what it does not mask
     if password is not None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.partition(':')[0]}:***@{host}"
-    query = "&".join(_masked(pair) for pair in parts.query.split("&")) if parts.query else ""
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        user, _, host = parts.netloc.rpartition("@")
+        shown = shown.replace(f"//{parts.netloc}", f"//{user.partition(':')[0]}:***@{host}", 1)
+    if parts.query:
+        head, _, rest = shown.partition("?")
+        query, hash_mark, fragment = rest.partition("#")
+        query = "&".join(_masked(pair) for pair in query.split("&"))
+        shown = f"{head}?{query}{hash_mark}{fragment}"
+    return shown
 
 
 def _masked(pair: str) -> str:

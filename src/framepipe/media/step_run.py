@@ -29,6 +29,7 @@ from framepipe.config import load_settings
 from framepipe.errors import InvalidKeyError, MediaError, StepParamsError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import copy_local_file, declared_path_fields, local_input
+from framepipe.media.atomic import scratch_outputs
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames
 from framepipe.media.limits import DEFAULT_MAX_PIXELS
 from framepipe.media.probe import MediaInfo, probe
@@ -310,7 +311,8 @@ class StepRun:
         named = [ref.key if isinstance(ref, ObjectKey) else ref for ref in refs]
         shown = named[0] if len(named) == 1 else named
         try:
-            result = self._run(refs, options)
+            with scratch_outputs():  # the work folder is uploaded, then deleted
+                result = self._run(refs, options)
         except MediaError as exc:
             raise self.renamed(exc) from exc
         self._advance(self.span[1], again=True)

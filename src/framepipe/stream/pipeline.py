@@ -615,10 +615,9 @@ class StreamPipeline:
         data = seg.to_dict()
         label = self.segmenter.label if self.segmenter is not None else "segment"
         self.log.info(
-            "%s %s completed (%s): latency=%.1fs frames=%d",
+            "%s %s completed: latency=%.1fs frames=%d",
             label[:1].upper() + label[1:],
             seg.id,
-            seg.reason,
             seg.latency_s or 0.0,
             seg.frames,
         )
