@@ -25,7 +25,9 @@ from framepipe import (
 from framepipe.errors import (
     PipelineCycleError,
     UnknownDependencyError,
+    UnknownStepError,
 )
+from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.records import get_execution
 
 T = TypeVar("T")
@@ -200,3 +202,86 @@ def test_stop_interrupts_and_retry_resumes(settings: Settings) -> None:
     assert before.step("long").status is StepStatus.PENDING
     assert after.status is ExecutionStatus.COMPLETED
     assert runs == {"done_first": 1, "long": 2}
+
+
+def _changed_pipelines() -> tuple[Pipeline, Pipeline]:
+    """A pipeline whose step fails, and its next version, where that step is renamed."""
+    v1 = Pipeline("changed")
+
+    @v1.step()
+    def extract(ctx: StepContext) -> dict[str, Any]:
+        return {"x": 1}
+
+    @v1.step(depends_on=["extract"])
+    def thumbs(ctx: StepContext) -> None:
+        raise RuntimeError("bug in thumbs")
+
+    v2 = Pipeline("changed")
+    v2.add_step(extract)
+
+    @v2.step(depends_on=["extract"])
+    def thumbnails(ctx: StepContext) -> dict[str, Any]:
+        return {"thumbs": True}
+
+    return v1, v2
+
+
+def test_a_retry_refused_because_the_pipeline_changed_leaves_the_execution_as_it_was(
+    settings: Settings,
+) -> None:
+    """A retry with a pipeline that no longer defines one of the execution's steps is refused
+    before the execution is taken over: it stays failed, with its owner, error and run
+    count, and a retry with a pipeline that fits still resumes it."""
+    v1, v2 = _changed_pipelines()
+
+    async def main() -> tuple[ExecutionInfo, ExecutionInfo, ExecutionInfo]:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(v1)
+            first = await engine.wait(execution_id, raise_on_failure=False)
+            with pytest.raises(UnknownStepError, match="'thumbs', which the pipeline no longer"):
+                await engine.retry(execution_id, v2)
+            refused = await asyncio.to_thread(get_execution, engine.store, execution_id)
+            await engine.retry(execution_id, v1)
+            again = await asyncio.wait_for(engine.wait(execution_id, raise_on_failure=False), 30)
+        return first, refused, again
+
+    first, refused, again = run(main())
+    assert first.status is ExecutionStatus.FAILED
+    assert (refused.status, refused.owner, refused.error, refused.runs, refused.finished_at) == (
+        first.status,
+        first.owner,
+        first.error,
+        first.runs,
+        first.finished_at,
+    )
+    assert again.status is ExecutionStatus.FAILED
+    assert again.runs == 2
+
+
+def test_a_retry_that_fails_after_the_take_over_gives_the_execution_back(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong between taking an execution over and running it again, the
+    execution is left as it was, not running with nobody running it."""
+    v1, _v2 = _changed_pipelines()
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("could not build the execution")
+
+    async def main() -> tuple[ExecutionInfo, ExecutionInfo]:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(v1)
+            first = await engine.wait(execution_id, raise_on_failure=False)
+            with monkeypatch.context() as patch:
+                patch.setattr("framepipe.jobs.engine.ExecState", broken)
+                with pytest.raises(RuntimeError, match="could not build"):
+                    await engine.retry(execution_id, v1)
+            return first, await asyncio.to_thread(get_execution, engine.store, execution_id)
+
+    first, after = run(main())
+    assert (after.status, after.owner, after.error, after.runs) == (
+        ExecutionStatus.FAILED,
+        first.owner,
+        first.error,
+        first.runs,
+    )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from framepipe import Pipeline, StepContext, step_key
-from framepipe.errors import PipelineCycleError, StepParamsError, UnknownDependencyError
+from framepipe.errors import (
+    PipelineCycleError,
+    StepOutputError,
+    StepParamsError,
+    UnknownDependencyError,
+)
+from framepipe.jobs.outcomes import check_output
 
 
 def test_step_keys_are_content_addressed_and_stable() -> None:
@@ -120,3 +127,61 @@ def test_a_worker_loads_each_referenced_pipeline_once_and_falls_back_to_its_own(
     assert known.get("wk_known", f"{tmp_path / 'missing.py'}:p", "f" * 32) is own
     assert "Worker w1 cannot load pipeline" in caplog.text and "ffffffff" in caplog.text
     assert known.get("unknown", None, "e" * 32) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("weight", math.inf),
+        ("weight", math.nan),
+        ("weight", -1),
+        ("weight", "2"),
+        ("retry_delay", math.nan),
+        ("retry_delay", math.inf),
+        ("retry_delay", -0.5),
+        ("retries", 1.5),
+        ("retries", "3"),
+        ("retries", -1),
+        ("retries", True),
+    ],
+)
+def test_a_step_s_numbers_must_be_finite_and_not_negative(field: str, value: object) -> None:
+    """An infinite weight would read 100% at the start, a NaN one breaks the store, a
+    fractional or textual retry count means nothing: each is refused when the step is
+    defined, naming the step and the field."""
+    p = Pipeline("p")
+    with pytest.raises(StepParamsError, match=rf"pipeline 'p', step 's': {field} must be a "):
+        p.add_step(lambda ctx: None, name="s", **{field: value})  # type: ignore[arg-type]
+    assert "s" not in p.steps
+
+
+def test_a_step_s_numbers_are_kept_as_their_types() -> None:
+    step = Pipeline("p").add_step(lambda ctx: None, name="s", retries=3, weight=2, retry_delay=0)
+    assert (step.retries, step.weight, step.retry_delay) == (3, 2.0, 0.0)
+    assert isinstance(step.weight, float)
+    assert isinstance(step.retry_delay, float)
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\r\n", "\nabc", "ab c", "", "a" * 201])
+def test_a_name_is_refused_unless_all_of_it_is_valid(name: str) -> None:
+    """A trailing newline is no exception (a ``$`` in the pattern would let it through)."""
+    with pytest.raises(ValueError, match="invalid name"):
+        Pipeline(name)
+    with pytest.raises(ValueError, match="invalid name"):
+        Pipeline("p").add_step(lambda ctx: None, name=name)
+    assert Pipeline("a" * 200).name == "a" * 200
+
+
+def test_the_output_limit_counts_utf8_bytes_and_the_output_is_a_json_copy() -> None:
+    """``max_step_output_bytes`` is bytes of UTF-8, not characters; what is kept is parsed back
+    from the JSON, as a worker reads it from the store."""
+    accented = {"t": "é" * 600}  # 608 characters of JSON, 1208 bytes
+    with pytest.raises(StepOutputError, match="returned 1208 bytes of JSON, more than the 1000"):
+        check_output(accented, pipeline="p", step_key="s", execution_id="e", limit=1000)
+    assert check_output(accented, pipeline="p", step_key="s", execution_id="e", limit=1208) == (
+        accented
+    )
+    given = {"frames": {1: "a.jpg"}, "size": (640, 480), "files": ["a"]}
+    kept = check_output(given, pipeline="p", step_key="s", execution_id="e", limit=1000)
+    assert kept == {"files": ["a"], "frames": {"1": "a.jpg"}, "size": [640, 480]}
+    assert kept["files"] is not given["files"]

@@ -7,7 +7,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +22,7 @@ from framepipe.errors import (
 )
 from framepipe.jobs.keys import former_step_key, is_step_key, step_key
 from framepipe.jobs.ledger import Ledger, ledger_row
+from framepipe.jobs.storable import storable_text
 from framepipe.logs import ComponentLogger, get_logger
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from framepipe.jobs.models import ExecutionInfo
     from framepipe.jobs.pipeline import Pipeline
 
-__all__ = ["Progressed", "Spawned", "StepContext", "StepLedger", "StepMessage"]
+__all__ = ["LazyData", "Progressed", "Spawned", "StepContext", "StepLedger", "StepMessage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,41 @@ class Spawned:
 
 StepMessage = Progressed | Spawned
 """What a step's context sends its scheduler (the engine, or the worker running it)."""
+
+
+class LazyData(Mapping[str, Any]):
+    """A step's ``ctx.data``: the execution's merged outputs, loaded by ``load`` when the step
+    first looks at them (read-only at the top level).
+
+    Both modes give each attempt a copy of its own parsed from JSON (a worker reads it from
+    the store; the embedded engine round-trips its in-memory data through JSON in the step's
+    thread, :meth:`~framepipe.jobs.memory.ExecState.data_view`), so the same code sees the
+    same values in both: string keys, lists, and nothing shared with another step (a step
+    that changes a list it was given changes its own copy only)."""
+
+    def __init__(self, load: Callable[[], dict[str, Any]]) -> None:
+        self._load = load
+        self._data: Mapping[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Mapping[str, Any]:
+        if self._data is None:
+            with self._lock:
+                if self._data is None:
+                    self._data = MappingProxyType(self._load())
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __repr__(self) -> str:
+        return repr(dict(self._get()))
 
 
 class StepLedger(Ledger):
@@ -88,7 +124,7 @@ class StepLedger(Ledger):
             )
         except (TypeError, ValueError) as exc:
             raise StepParamsError(
-                f"ledger meta for {identity!r} is not JSON-serialisable: {exc}",
+                f"cannot record {identity!r} in the ledger: {exc}",
                 pipeline=self._ctx.pipeline.name,
                 step_key=self._ctx.step_key,
             ) from exc
@@ -186,11 +222,15 @@ class StepContext:
     def progress(self, pct: float, message: str | None = None) -> None:
         """Report this step's progress (0-100) with an optional message.
 
+        The message is stored as :func:`~framepipe.jobs.storable.storable_text` makes it (a
+        lone surrogate from a file name becomes ``\\udcXX``, a NUL ``\\x00``; anything but a
+        string is stored as its ``str()``), so no message can fail the commit that records it.
         Raises :class:`StepCancelledError` once the execution is being stopped, so a long step
         that reports progress stops at its next report."""
         self.check_cancelled()
+        text = None if message is None else storable_text(str(message))
         self._post(
-            Progressed(self.execution_id, self.step_key, min(100.0, max(0.0, float(pct))), message)
+            Progressed(self.execution_id, self.step_key, min(100.0, max(0.0, float(pct))), text)
         )
 
     # -- dynamic steps ------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from framepipe.jobs.records import (
     execution_mode,
     execution_status,
     get_execution,
+    give_back,
     list_events,
     load_rows,
     take_over,
@@ -474,6 +475,17 @@ class JobEngine(Scheduler):
                 execution_id=info.id,
             )
         pipeline.validate()
+        # Everything that can refuse the retry is checked before the take-over: once it is
+        # committed the execution is this engine's and running, and a refusal after it would
+        # leave it so, with no step running and nobody to end it.
+        _row, stored_steps = await self._in_db(load_rows, self.store, info.id)
+        for r in stored_steps:
+            if pipeline.get(r["name"]) is None:
+                raise UnknownStepError(
+                    f"execution {info.id[:12]} has step {r['key']!r}, which "
+                    "the pipeline no longer defines",
+                    pipeline=pipeline.name,
+                )
         self.register(pipeline)
         now = time.time()
         claimed = await self._in_db(
@@ -483,7 +495,13 @@ class JobEngine(Scheduler):
             raise ExecutionStateError(
                 f"execution {info.id[:12]} was resumed by another process", execution_id=info.id
             )
-        row, step_rows = await self._in_db(load_rows, self.store, info.id)
+        try:
+            row, step_rows = await self._in_db(load_rows, self.store, info.id)
+            x = ExecState(row, pipeline)
+        except BaseException:
+            # Not adopted: give the execution back as it was, so a later retry can take it.
+            await self._in_db(give_back, self.store, info, self.owner)
+            raise
         for r in step_rows:
             if r["status"] != StepStatus.COMPLETED.value:
                 r.update(
@@ -492,14 +510,6 @@ class JobEngine(Scheduler):
                     error=None,
                     next_attempt_at=None,
                     ready_at=None,
-                )
-        x = ExecState(row, pipeline)
-        for r in step_rows:
-            if pipeline.get(r["name"]) is None:
-                raise UnknownStepError(
-                    f"execution {info.id[:12]} has step {r['key']!r}, which "
-                    "the pipeline no longer defines",
-                    pipeline=pipeline.name,
                 )
         self._adopt(x, step_rows, dirty=True)
         x.row["error"] = None

@@ -34,7 +34,7 @@ __all__ = [
     "validate_step_name",
 ]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,199}$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,199}")  # the whole name: fullmatch
 LABEL_MAX = 48
 """The longest label in a key; with a 200-character name and the hash, a key stays under the
 database's 300 characters."""
@@ -43,8 +43,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 def validate_step_name(name: str) -> str:
-    """Return ``name`` if it can name a step or pipeline (letters, digits, ``_ . -``)."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    """Return ``name`` if it can name a step or pipeline: 1 to 200 ASCII letters, digits,
+    ``_ . -``, starting with a letter or ``_``, and nothing else (not even a trailing
+    newline); else :class:`ValueError`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"invalid name {name!r}: use letters, digits, '_', '.', '-' and start with a letter"
         )

@@ -4,6 +4,16 @@ Entries are keyed by ``(namespace, identity)``; ``identity`` is whatever is stab
 input (see :func:`file_identity`), and ``content_hash`` lets a renamed copy be recognised too.
 Inside a step, ``ctx.ledger.record(...)`` is committed together with the step's completion: if
 the step fails, nothing it recorded is taken as imported.
+
+Namespaces, identities and content hashes are stored as
+:func:`~framepipe.jobs.storable.storable_text` makes them (a file name that ``os.listdir``
+returned with a lone surrogate is stored with ``\\udcXX`` in its place), and every look-up
+applies the same rule, so an identity is found by the very text it was recorded with. An entry
+read back (:meth:`Ledger.get`, :meth:`Ledger.entries`) holds the stored, escaped text. A
+namespace, identity or hash longer than its column (:data:`MAX_NAMESPACE`,
+:data:`MAX_IDENTITY`, :data:`MAX_HASH` characters) is refused when it is recorded, with
+:class:`ValueError` (:class:`~framepipe.errors.StepParamsError` inside a step), never by the
+commit.
 """
 
 from __future__ import annotations
@@ -20,9 +30,26 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, ledger
 from framepipe.jobs.keys import canonical_json
+from framepipe.jobs.storable import storable_text
 
-__all__ = ["Ledger", "LedgerEntry", "content_hash", "file_fingerprint", "file_identity"]
+__all__ = [
+    "MAX_HASH",
+    "MAX_IDENTITY",
+    "MAX_NAMESPACE",
+    "Ledger",
+    "LedgerEntry",
+    "content_hash",
+    "file_fingerprint",
+    "file_identity",
+]
 
+MAX_NAMESPACE = 200
+"""The longest namespace, in characters (the ledger table's column)."""
+MAX_IDENTITY = 500
+"""The longest identity, in characters (the ledger table's column)."""
+MAX_HASH = 128
+"""The longest content hash, in characters (the ledger table's column)."""
+_MAX_SIZE = 2**63 - 1
 _CHUNK = 500
 _SAMPLE = 64 * 1024
 
@@ -85,13 +112,21 @@ def ledger_row(
     execution_id: str | None,
     step_key: str | None,
 ) -> dict[str, Any]:
-    """A ledger row as stored; raises TypeError if ``meta`` is not JSON-serialisable."""
+    """A ledger row as stored, its texts made storable (see the module); raises TypeError if
+    ``meta`` is not JSON-serialisable or a field is of the wrong type, ValueError if a text is
+    longer than its column or ``size`` is negative or too large to store."""
     meta = dict(meta or {})
     canonical_json(meta)
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_SIZE
+    ):
+        raise ValueError(f"size must be a whole number of bytes from 0 to {_MAX_SIZE}: {size!r}")
     return {
-        "namespace": namespace,
-        "identity": identity,
-        "content_hash": content_hash,
+        "namespace": _stored(namespace, "namespace", MAX_NAMESPACE),
+        "identity": _stored(identity, "identity", MAX_IDENTITY),
+        "content_hash": None
+        if content_hash is None
+        else _stored(content_hash, "content_hash", MAX_HASH),
         "size": size,
         "meta": meta,
         "execution_id": execution_id,
@@ -100,12 +135,27 @@ def ledger_row(
     }
 
 
+def _stored(value: str, field: str, limit: int) -> str:
+    """``value`` as the ledger stores and looks it up; TypeError/ValueError if it cannot be."""
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a string, not {type(value).__name__}")
+    text = storable_text(value)
+    if len(text) > limit:
+        raise ValueError(f"{field} is {len(text)} characters long; at most {limit} are stored")
+    return text
+
+
+def _key(value: str) -> str:
+    """A looked-up text as the ledger stores it (the same rule as :func:`ledger_row`)."""
+    return storable_text(value) if isinstance(value, str) else value
+
+
 class Ledger:
     """Answers "already imported?" for one namespace of a state store."""
 
     def __init__(self, store: StateStore, namespace: str = "default") -> None:
         self.store = store
-        self.namespace = namespace
+        self.namespace = _key(namespace)
 
     def is_imported(self, identity: str | None = None, *, content_hash: str | None = None) -> bool:
         """True if an entry has this identity, or (when given) this content hash."""
@@ -113,9 +163,9 @@ class Ledger:
             raise ValueError("give an identity or a content_hash")
         cond = []
         if identity is not None:
-            cond.append(ledger.c.identity == identity)
+            cond.append(ledger.c.identity == _key(identity))
         if content_hash is not None:
-            cond.append(ledger.c.content_hash == content_hash)
+            cond.append(ledger.c.content_hash == _key(content_hash))
         query = (
             sa.select(ledger.c.identity)
             .where(ledger.c.namespace == self.namespace, sa.or_(*cond))
@@ -125,12 +175,14 @@ class Ledger:
             return conn.execute(query).first() is not None
 
     def filter_new(self, identities: Iterable[str]) -> list[str]:
-        """The identities not imported yet, in the order given (duplicates removed)."""
+        """The identities not imported yet, in the order given (duplicates removed), as
+        given (not escaped)."""
         wanted = list(dict.fromkeys(identities))
+        stored = list(dict.fromkeys(_key(i) for i in wanted))
         known: set[str] = set()
         with self.store.read() as conn:
-            for i in range(0, len(wanted), _CHUNK):
-                chunk = wanted[i : i + _CHUNK]
+            for i in range(0, len(stored), _CHUNK):
+                chunk = stored[i : i + _CHUNK]
                 known.update(
                     conn.execute(
                         sa.select(ledger.c.identity).where(
@@ -138,14 +190,14 @@ class Ledger:
                         )
                     ).scalars()
                 )
-        return [i for i in wanted if i not in known]
+        return [i for i in wanted if _key(i) not in known]
 
     def get(self, identity: str) -> LedgerEntry | None:
         """The entry for ``identity``, or None."""
         with self.store.read() as conn:
             row = conn.execute(
                 sa.select(ledger).where(
-                    ledger.c.namespace == self.namespace, ledger.c.identity == identity
+                    ledger.c.namespace == self.namespace, ledger.c.identity == _key(identity)
                 )
             ).first()
         return LedgerEntry(**row._mapping) if row is not None else None

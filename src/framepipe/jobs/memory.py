@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from framepipe.jobs.context import LazyData
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.rules import (
     execution_progress,
@@ -32,6 +34,13 @@ if TYPE_CHECKING:
     from framepipe.jobs.running import Ran
 
 __all__ = ["ACTIVE", "ExecState", "Finished", "StepState"]
+
+
+def _json_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``data`` (outputs that were checked to be JSON) through JSON."""
+    copied: dict[str, Any] = json.loads(json.dumps(dict(data), ensure_ascii=False))
+    return copied
+
 
 ACTIVE = frozenset({StepStatus.READY, StepStatus.RUNNING, StepStatus.RETRYING})
 """The statuses of a step that keep its execution from being quiescent."""
@@ -158,9 +167,14 @@ class ExecState:
         self.waiters: list[asyncio.Future[None]] = []
 
     def data_view(self) -> Mapping[str, Any]:
+        """The ``ctx.data`` of a step starting now: the merged outputs completed so far, as a
+        :class:`~framepipe.jobs.context.LazyData` that the step's thread parses from JSON on
+        first use, so every step gets a copy of its own, with the values a worker would read
+        from the store (never the objects another step holds)."""
         if self.snapshot is None:
             self.snapshot = MappingProxyType(dict(self.data))
-        return self.snapshot
+        snapshot = self.snapshot
+        return LazyData(lambda: _json_copy(snapshot))
 
     @property
     def label(self) -> str:

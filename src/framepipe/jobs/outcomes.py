@@ -3,6 +3,7 @@ runs again and when: the rules the embedded engine and the workers share."""
 
 from __future__ import annotations
 
+import json
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from framepipe.errors import (
     StepOutputError,
 )
 from framepipe.jobs.keys import canonical_json
+from framepipe.jobs.storable import storable_text
 
 if TYPE_CHECKING:
     from framepipe.config import Settings
@@ -84,22 +86,33 @@ NO_RETRY = RetryPolicy(0, Backoff())
 
 
 def error_text(exc: BaseException) -> str:
-    """``Type: message``, a blank line, then the traceback. Never raises: an exception whose
-    ``str()`` fails is named with that failure instead of its message."""
+    """``Type: message``, a blank line, then the traceback: the error stored for a failed
+    attempt, in both modes. Never raises: an exception whose ``str()`` (or traceback) cannot
+    be read is named with that failure instead. Always storable: a lone surrogate or a NUL in
+    the message (a file name from ``os.listdir``, bytes decoded as text) is escaped by
+    :func:`~framepipe.jobs.storable.storable_text`, so no step's error can fail the commit
+    that records it."""
     try:
         message = str(exc)
     except Exception as broken:
         message = f"<its message could not be read: {type(broken).__name__}>"
     head = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    tb = "".join(traceback.format_exception(exc)).rstrip()
-    return f"{head}\n\n{tb}"
+    try:
+        tb = "".join(traceback.format_exception(exc)).rstrip()
+    except Exception as broken:
+        tb = f"<its traceback could not be read: {type(broken).__name__}>"
+    return storable_text(f"{head}\n\n{tb}")
 
 
 def check_output(
     result: Any, *, pipeline: str, step_key: str, execution_id: str, limit: int
 ) -> dict[str, Any]:
-    """A step's return value as the dict to store; raises :class:`StepOutputError` for
-    anything but a JSON-serialisable dict (or None) of at most ``limit`` bytes of JSON."""
+    """A step's return value as the dict to store and to merge into later steps'
+    ``ctx.data``: a fresh copy parsed back from its canonical JSON, so both modes see the same
+    values (string keys, lists for tuples, nothing shared with the step's own objects), as a
+    worker or a resumed execution reads them from the store. Raises
+    :class:`StepOutputError` for anything but a JSON-serialisable dict (or None) of at most
+    ``limit`` bytes of JSON encoded as UTF-8."""
     if result is None:
         return {}
     if not isinstance(result, dict):
@@ -121,15 +134,17 @@ def check_output(
             step_key=step_key,
             execution_id=execution_id,
         ) from exc
-    if len(text) > limit:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
         raise StepOutputError(
-            f"returned {len(text)} bytes of JSON, more than the {limit}-byte "
+            f"returned {size} bytes of JSON, more than the {limit}-byte "
             "limit: store paths, not contents",
             pipeline=pipeline,
             step_key=step_key,
             execution_id=execution_id,
         )
-    return result
+    parsed: dict[str, Any] = json.loads(text)
+    return parsed
 
 
 def _serialisable(key: Any, value: Any) -> bool:

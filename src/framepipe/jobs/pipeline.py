@@ -9,6 +9,8 @@ the pipeline and the step.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -104,6 +106,32 @@ def _inspect_params(
     return tuple(params), frozenset(required), accepts_any
 
 
+def _count(value: Any, field: str, pipeline: str, step: str) -> int:
+    """``value`` as a whole number >= 0, else :class:`StepParamsError` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise StepParamsError(
+            f"{field} must be a whole number >= 0, not {value!r}", pipeline=pipeline, step_key=step
+        )
+    return int(value)
+
+
+def _amount(value: Any, field: str, pipeline: str, step: str) -> float:
+    """``value`` as a finite number >= 0, else :class:`StepParamsError` naming ``field``
+    (NaN and infinity would make an execution's progress and a retry's delay meaningless)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise StepParamsError(
+            f"{field} must be a finite number >= 0, not {value!r}",
+            pipeline=pipeline,
+            step_key=step,
+        )
+    return float(value)
+
+
 def _module_ref(depth: int) -> str | None:
     """Where the pipeline was defined: an importable module name or a file path."""
     frame = sys._getframe(depth)
@@ -187,7 +215,10 @@ class Pipeline:
 
         ``retries`` is how many times a failing step is tried again (with exponential backoff
         starting at ``retry_delay`` seconds, or the ``retry_initial_delay`` setting);
-        ``weight`` is its share of the execution's progress.
+        ``weight`` is its share of the execution's progress. ``retries`` must be a whole
+        number >= 0, ``weight`` and ``retry_delay`` finite numbers >= 0: anything else is
+        refused here with :class:`~framepipe.errors.StepParamsError` naming the step and the
+        field.
         """
         if callable(name):
             return self.step()(name)
@@ -232,12 +263,10 @@ class Pipeline:
                     pipeline=self.name,
                     step_key=step_name,
                 )
-        if retries < 0 or weight < 0 or (retry_delay is not None and retry_delay < 0):
-            raise StepParamsError(
-                "retries, weight and retry_delay must not be negative",
-                pipeline=self.name,
-                step_key=step_name,
-            )
+        retries = _count(retries, "retries", self.name, step_name)
+        weight = _amount(weight, "weight", self.name, step_name)
+        if retry_delay is not None:
+            retry_delay = _amount(retry_delay, "retry_delay", self.name, step_name)
         params, required, accepts_any = _inspect_params(step_name, fn, self.name)
         step = Step(
             name=step_name,

@@ -39,8 +39,10 @@ __all__ = [
     "count_jobs",
     "execution_mode",
     "execution_status",
+    "fail_refused",
     "find_execution",
     "get_execution",
+    "give_back",
     "has_step",
     "insert_events",
     "list_events",
@@ -120,6 +122,28 @@ class Batch:
             or self.events
             or self.ledger
         )
+
+    def by_execution(self) -> dict[str | None, Batch]:
+        """This batch split by execution id, each part in this batch's order (None: what
+        belongs to no execution); committing every part commits the same changes."""
+        parts: dict[str | None, Batch] = {}
+
+        def part(execution_id: str | None) -> Batch:
+            return parts.setdefault(execution_id, Batch())
+
+        for row in self.new_executions:
+            part(row["id"]).new_executions.append(row)
+        for row in self.executions:
+            part(row["id"]).executions.append(row)
+        for row in self.new_steps:
+            part(row["execution_id"]).new_steps.append(row)
+        for row in self.steps:
+            part(row["execution_id"]).steps.append(row)
+        for event in self.events:
+            part(event.execution_id).events.append(event)
+        for row in self.ledger:
+            part(row.get("execution_id")).ledger.append(row)
+        return parts
 
 
 def write_batch(store: StateStore, batch: Batch) -> list[Event]:
@@ -443,6 +467,71 @@ def take_over(store: StateStore, execution_id: str, status: str, owner: str, now
                     finished_at=None,
                     error=None,
                     runs=executions.c.runs + 1,
+                )
+            ).rowcount
+        )
+
+
+def fail_refused(
+    store: StateStore, execution_id: str, owner: str, error: str, now: float
+) -> list[Event]:
+    """End an execution of ``owner`` whose changes the store refused (not a lost connection:
+    their data): ``failed`` with ``error``, its ready, retrying and running steps back to
+    ``pending`` (as a failed execution leaves them, so a retry runs them), and an
+    ``execution.failed`` event; what it had committed before stays. Returns the event (none
+    if the execution is not stored as running under ``owner``)."""
+    with store.write() as conn:
+        ended = conn.execute(
+            executions.update()
+            .where(
+                executions.c.id == execution_id,
+                executions.c.owner == owner,
+                executions.c.status == ExecutionStatus.RUNNING.value,
+            )
+            .values(status=ExecutionStatus.FAILED.value, error=error, finished_at=now)
+        ).rowcount
+        if not ended:
+            return []
+        conn.execute(
+            steps.update()
+            .where(
+                steps.c.execution_id == execution_id,
+                steps.c.status.in_(
+                    [
+                        StepStatus.READY.value,
+                        StepStatus.RETRYING.value,
+                        StepStatus.RUNNING.value,
+                    ]
+                ),
+            )
+            .values(status=StepStatus.PENDING.value, next_attempt_at=None)
+        )
+        return insert_events(
+            store,
+            conn,
+            [Event("execution.failed", now, execution_id, None, {"error": error})],
+        )
+
+
+def give_back(store: StateStore, info: ExecutionInfo, owner: str) -> bool:
+    """Undo :func:`take_over` for an execution that ``owner`` took over but could not adopt:
+    its status, owner, error, end time and run count as ``info`` (read before the take-over)
+    has them. Only while ``owner`` still holds it running; True if it was given back."""
+    with store.write() as conn:
+        return bool(
+            conn.execute(
+                executions.update()
+                .where(
+                    executions.c.id == info.id,
+                    executions.c.owner == owner,
+                    executions.c.status == ExecutionStatus.RUNNING.value,
+                )
+                .values(
+                    status=info.status.value,
+                    owner=info.owner,
+                    error=info.error,
+                    finished_at=info.finished_at,
+                    runs=info.runs,
                 )
             ).rowcount
         )

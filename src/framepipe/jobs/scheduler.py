@@ -39,7 +39,7 @@ from framepipe.jobs.journal import Journal
 from framepipe.jobs.memory import ExecState, Finished, StepState
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
-from framepipe.jobs.records import Batch, cancel_requested, write_batch
+from framepipe.jobs.records import Batch, cancel_requested, fail_refused, write_batch
 from framepipe.jobs.rules import (
     after_failure,
     failed_error,
@@ -49,6 +49,7 @@ from framepipe.jobs.rules import (
     stuck_error,
 )
 from framepipe.jobs.running import run_attempt, run_attempt_async
+from framepipe.jobs.storable import brief_error, storable_text
 from framepipe.logs import get_logger
 
 __all__ = ["Scheduler"]
@@ -270,7 +271,12 @@ class Scheduler:
         self._events, self._progress_events = [], {}
         batch.ledger, self._ledger_rows = self._ledger_rows, []
         after, self._after_commit = self._after_commit, []
-        committed = await self._in_db(self._write, batch)
+        try:
+            committed = await self._in_db(self._write, batch)
+        except sa.exc.OperationalError:
+            raise  # the store stayed unreachable through every retry: the engine fails
+        except Exception as exc:
+            committed = await self._salvage(batch, exc)
         self.bus.publish(committed)
         for fn in after:
             fn()
@@ -281,6 +287,84 @@ class Scheduler:
             with attempt:
                 return write_batch(self.store, batch)
         raise AssertionError("unreachable")
+
+    async def _salvage(self, batch: Batch, exc: Exception) -> list[Event]:
+        """Commit a batch the store refused for its data (not a lost connection) execution by
+        execution: an execution whose own changes are refused is failed
+        (:meth:`_fail_refused`); the others are committed and go on, and so does the engine.
+        Returns the events committed."""
+        _log.warning(
+            "the state store refused a group commit (%s); committing it execution by execution",
+            brief_error(exc),
+        )
+        committed: list[Event] = []
+        for execution_id, part in batch.by_execution().items():
+            try:
+                committed.extend(await self._in_db(self._write, part))
+            except sa.exc.OperationalError:
+                raise
+            except Exception as refused:
+                if execution_id is None:
+                    _log.error(
+                        "the state store refused changes of no execution: %s",
+                        brief_error(refused),
+                    )
+                    continue
+                committed.extend(await self._fail_refused(execution_id, refused))
+        return committed
+
+    async def _fail_refused(self, execution_id: str, exc: Exception) -> list[Event]:
+        """Fail an execution whose changes the store refused: it leaves this engine at once
+        (its running steps are told to stop; their results are ignored), it is stored
+        ``failed`` with an error that says why, and its waiters return. What it had committed
+        before stays, so a retry resumes it."""
+        error = storable_text(
+            "the state store refused this execution's changes, so it was failed: "
+            f"{brief_error(exc)}"
+        )
+        x = self._execs.get(execution_id)
+        waiters: list[asyncio.Future[None]] = []
+        if x is not None:
+            waiters = x.waiters
+            self._abandon(x)
+        label = x.label if x is not None else execution_id[:8]
+        _log.error("[%s] execution failed: %s", label, error)
+        try:
+            events = await self._in_db(
+                fail_refused, self.store, execution_id, self.owner, error, time.time()
+            )
+        except Exception as again:
+            _log.error(
+                "[%s] the failure could not be stored either (%s); the store keeps the "
+                "execution running until this engine stops and another recovers it",
+                label,
+                brief_error(again),
+            )
+            events = []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+        return events
+
+    def _abandon(self, x: ExecState) -> None:
+        """Drop ``x`` from this engine: nothing of it is scheduled or written any more."""
+        for s in x.steps.values():
+            if s.timer is not None:
+                s.timer.cancel()
+                s.timer = None
+            if s.ctx is not None:
+                s.ctx._cancel.set()
+                s.ctx = None
+            if s.task is not None:
+                s.task.cancel()
+                s.task = None
+            self._count(x, s, -1)
+        del self._execs[x.id]
+        self._dirty_steps = {k: s for k, s in self._dirty_steps.items() if s.x is not x}
+        self._dirty_execs.pop(x.id, None)
+        self._events = [e for e in self._events if e.execution_id != x.id]
+        self._progress_events = {k: e for k, e in self._progress_events.items() if k[0] != x.id}
+        self._ledger_rows = [r for r in self._ledger_rows if r.get("execution_id") != x.id]
 
     async def _in_db(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._loop is not None

@@ -41,7 +41,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -59,7 +59,7 @@ from framepipe.errors import (
     StepCancelledError,
 )
 from framepipe.jobs import dispatch, leases
-from framepipe.jobs.context import Progressed, StepContext, StepMessage
+from framepipe.jobs.context import LazyData, Progressed, StepContext, StepMessage
 from framepipe.jobs.delivery import Received, is_broker_url, open_delivery
 from framepipe.jobs.loading import KnownPipelines
 from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
@@ -76,6 +76,7 @@ from framepipe.jobs.rounds import (
 )
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
+from framepipe.jobs.storable import brief_error, storable_text
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url
@@ -89,26 +90,35 @@ _SHORT_STEP = 0.05
 _PAUSE_AFTER = 0.2  # a worker full for this long pauses its delivery (see _reserve)
 
 
-class _LazyData(Mapping[str, Any]):
-    """The execution's data, read from the store when the step first looks at it."""
+def _piece_attempt(
+    piece: Round, work: Round, runs: Mapping[tuple[str, str, int], _Run]
+) -> tuple[tuple[str, str, int], float, float]:
+    """The attempt one piece of round ``work`` (a spawn, a progress report or an outcome)
+    belongs to, with the step's weight and its progress as committed before the round."""
+    for p in piece.progress:
+        return (p.execution_id, p.key, p.attempt), p.weight, p.before
+    for o in piece.outcomes:
+        return (o.execution_id, o.key, o.attempt), o.weight, o.before
+    s = piece.spawns[0]
+    ident = (s.execution_id, s.spawner, s.attempt)
+    for p in work.progress:
+        if (p.execution_id, p.key, p.attempt) == ident:
+            return ident, p.weight, p.before
+    for o in work.outcomes:
+        if (o.execution_id, o.key, o.attempt) == ident:
+            return ident, o.weight, o.before
+    run = runs.get(ident)
+    if run is None:  # not this worker's any more: whatever is written for it is fenced
+        return ident, 0.0, 0.0
+    return ident, run.claimed.weight, run.committed_progress
 
-    def __init__(self, load: Callable[[], dict[str, Any]]) -> None:
-        self._load = load
-        self._data: Mapping[str, Any] | None = None
 
-    def _get(self) -> Mapping[str, Any]:
-        if self._data is None:
-            self._data = MappingProxyType(self._load())
-        return self._data
-
-    def __getitem__(self, key: str) -> Any:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
+def _merge(result: RoundResult, part: RoundResult) -> None:
+    result.ready.extend(part.ready)
+    result.claimed.extend(part.claimed)
+    result.retry_at.extend(part.retry_at)
+    result.fenced.extend(part.fenced)
+    result.events.extend(part.events)
 
 
 @dataclass(eq=False)
@@ -539,7 +549,7 @@ class Worker:
             step_name=c.name,
             attempt=c.attempt,
             inputs=MappingProxyType(c.inputs),
-            data=_LazyData(lambda: completed_data(store, c.execution_id)),
+            data=LazyData(lambda: completed_data(store, c.execution_id)),
             params=c.params,
             store=store,
             objects=lambda: self.objects,
@@ -748,6 +758,10 @@ class Worker:
                 ),
                 what="committing step results",
             )
+        except (BrokerError, *_DB_ERRORS):
+            raise  # still unreachable while stopping: the leases lapse, others redo it
+        except Exception as exc:
+            result = await self._salvage(work, exc)
         finally:
             self._release(take - (len(result.claimed) if result is not None else 0))
         if result.claimed:
@@ -772,6 +786,96 @@ class Worker:
             self._retry_timers.append(
                 loop.call_later(max(0.0, at - time.time()), self._retry_due, delivery)
             )
+
+    async def _salvage(self, work: Round, exc: Exception) -> RoundResult:
+        """Commit a round the store refused for its data (not a lost connection) piece by
+        piece: each spawn, progress report and outcome in a transaction of its own (spawns
+        first, as a spawn is fenced once its spawner's outcome is in). The attempt a refused
+        piece belongs to is failed for good with an error that says why
+        (:meth:`_fail_refused`); the rest is committed, and the worker goes on."""
+        _log.warning(
+            "Worker %s: the state store refused a round (%s); committing it piece by piece",
+            self.id,
+            brief_error(exc),
+        )
+        result = RoundResult()
+        refused: set[tuple[str, str, int]] = set()  # attempts failed for a refused piece
+        pieces = [
+            *(Round(spawns=[s]) for s in work.spawns),
+            *(Round(progress=[p]) for p in work.progress),
+            *(Round(outcomes=[o]) for o in work.outcomes),
+        ]
+        for piece in pieces:
+            ident, weight, before = _piece_attempt(piece, work, self._runs)
+            if ident in refused:
+                continue  # its attempt is failed already; this piece would be fenced
+            try:
+                part = await self._in_db_retrying(
+                    functools.partial(dispatch.commit_round, self.store, piece),
+                    what="committing step results",
+                )
+            except (BrokerError, *_DB_ERRORS):
+                raise
+            except Exception as piece_exc:
+                refused.add(ident)
+                part = await self._fail_refused(ident, weight, before, piece_exc)
+            _merge(result, part)
+        return result
+
+    async def _fail_refused(
+        self, ident: tuple[str, str, int], weight: float, before: float, exc: Exception
+    ) -> RoundResult:
+        """Fail attempt ``ident`` (no retry) because the store refused what it reported; a run
+        still going is stopped and its slot freed (its later writes are fenced)."""
+        execution_id, key, attempt = ident
+        error = storable_text(
+            f"the state store refused what this step reported, so it was failed: {brief_error(exc)}"
+        )
+        _log.error(
+            "Worker %s: step %s of %s (attempt %d): %s",
+            self.id,
+            key,
+            execution_id[:8],
+            attempt,
+            error,
+        )
+        run = self._runs.get(ident)
+        if run is not None:
+            with self._lock:
+                stop = not run.finished and not run.lost
+                if stop:
+                    run.lost = True
+            if stop:
+                self._stop_run(run)
+                self._runs.pop(ident, None)
+                self._release(1)
+        failed = Outcome(
+            execution_id=execution_id,
+            key=key,
+            attempt=attempt,
+            kind="failed",
+            weight=weight,
+            before=before,
+            error=error,
+            permanent=True,
+        )
+        try:
+            return await self._in_db_retrying(
+                functools.partial(dispatch.commit_round, self.store, Round(outcomes=[failed])),
+                what="failing a step whose report was refused",
+            )
+        except (BrokerError, *_DB_ERRORS):
+            raise
+        except Exception as again:
+            _log.error(
+                "Worker %s: the failure of step %s of %s could not be stored either (%s); "
+                "it is run again once its lease lapses",
+                self.id,
+                key,
+                execution_id[:8],
+                brief_error(again),
+            )
+            return RoundResult()
 
     def _retry_due(self, _delivery: Delivery) -> None:
         if not self._stopping.is_set():

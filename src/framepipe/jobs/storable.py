@@ -1,0 +1,48 @@
+"""Text a step hands the job records, made storable by every state backend.
+
+A step's progress message, the text of the exception it raised and the ledger fields it
+records are written to text columns. Two kinds of text no backend can hold both come
+naturally from ordinary code:
+
+* a lone surrogate (``"\\udce9"``): how ``os.listdir``, ``os.walk`` and ``os.fsdecode``
+  return a file name that is not UTF-8 (a Latin-1 ``café.mp4`` on an SD card); neither
+  SQLite nor PostgreSQL can encode it;
+* a NUL character (``"\\x00"``): binary data decoded as text (``header.decode("latin-1")``);
+  PostgreSQL's text columns refuse it.
+
+:func:`storable_text` is the one rule, applied where such text enters the records
+(:meth:`~framepipe.jobs.context.StepContext.progress`,
+:func:`~framepipe.jobs.outcomes.error_text`, :func:`~framepipe.jobs.ledger.ledger_row` and the
+ledger's look-ups), so it holds in both job modes and on every backend. The rule writes each
+such character as the backslash escape Python's ``repr`` shows for it (``\\udce9``,
+``\\x00``), so a reader still sees which byte the name or data held, and nothing else in the
+text changes. It is deterministic, so a ledger identity is found again by the same text it was
+recorded with. (A text that already holds the six characters ``\\udce9`` reads the same as
+one that held the surrogate: a message is for people, and an identity with a literal
+backslash-u escape is not a file name anyone has.)
+"""
+
+from __future__ import annotations
+
+__all__ = ["brief_error", "storable_text"]
+
+
+def storable_text(text: str) -> str:
+    """``text`` with every lone surrogate written as ``\\udcXX`` (its ``repr`` escape) and
+    every NUL as ``\\x00``; any other text is returned unchanged (the same object). The result
+    always encodes as UTF-8 and holds no NUL, so every state backend can store it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def brief_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` of ``exc``, storable: what a log line or a stored
+    error says of a failure whose full text is not wanted (a database error's first line,
+    without the statement and its parameters)."""
+    lines = str(exc).splitlines()
+    return storable_text(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
