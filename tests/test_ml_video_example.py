@@ -187,7 +187,9 @@ def test_model_script_through_the_pipeline_stylises_every_frame(
         for e in events
         if e.type == "step.progress" and e.step_key == "inference"
     ]
-    assert len(reported) >= 5
+    # (progress events are coalesced per commit round, so how many arrive depends on timing)
+    assert reported == sorted(reported), reported
+    assert any(0 < p < 90 for p in reported), reported  # the model's span of the step is 0-90
 
 
 def test_http_model_server_through_the_pipeline(
