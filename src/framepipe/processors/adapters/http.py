@@ -118,8 +118,7 @@ class HttpModel(ModelAdapter):
             ) from exc
         except httpx.HTTPError as exc:
             raise ModelError(
-                f"{who}: POST {shown} failed: {type(exc).__name__}: "
-                f"{exc or 'connection error'}",
+                f"{who}: POST {shown} failed: {type(exc).__name__}: {exc or 'connection error'}",
                 model=who,
                 retryable=True,
             ) from exc
