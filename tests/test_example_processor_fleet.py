@@ -290,6 +290,7 @@ def test_injector_without_processor_fails_clearly(fleet: Fleet, ns: str) -> None
         timeout=60,
     )
     assert done.returncode == 2, f"{done.stdout}\n{done.stderr}"
+    assert done.stderr.count("inject: waiting up to 0.5s for a processor of teleport\n") == 1
     assert "no live processor offers capability 'teleport'" in done.stderr
     assert ns in done.stderr
 

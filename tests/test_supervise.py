@@ -199,7 +199,7 @@ def test_exit_with_stderr_tail_and_custom_what(logs: pytest.LogCaptureFixture) -
     assert "ERROR: no element" in messages[1]
     assert "Setting pipeline to PAUSED" in messages[1]
     assert messages[2] == (
-        "Capture failed permanently after 1 attempt: CaptureExitedError: gst exited"
+        "Capture failed after 1 attempt, no restart left: CaptureExitedError: gst exited"
     )
 
 
@@ -246,7 +246,7 @@ def test_backoff_schedule_then_failed_permanently(logs: pytest.LogCaptureFixture
     assert messages.count("Pipeline failed: RuntimeError: boom") == 5
     assert "Restarting pipeline in 0.01s (attempt 1)" in messages
     assert "Restarting pipeline in 0.04s (attempt 4)" in messages
-    assert messages[-1] == "Pipeline failed permanently after 5 attempts: RuntimeError: boom"
+    assert messages[-1] == "Pipeline failed after 5 attempts, no restart left: RuntimeError: boom"
     # an unexpected exception type is logged with its traceback
     failed = [r for r in logs.records if r.getMessage() == "Pipeline failed: RuntimeError: boom"]
     assert all(r.exc_info for r in failed)

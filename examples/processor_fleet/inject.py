@@ -7,10 +7,12 @@ registered processors through a :class:`~framepipe.processors.ProcessorRegistry`
         --source video.mp4 --capability face_detection --capability motion_detection \\
         --wait-results
 
-It waits (``--wait-processors`` s) until a processor offers each capability, then sends each
-frame as a JPEG entry to the least loaded processor of each capability, at ``--rate`` frames
-per second (0: as fast as the processors take them; a route waits while every processor of the
-capability is busy, so a slow processor slows the injector down instead of piling frames up).
+It waits (``--wait-processors`` s, 60 by default) until a processor offers each capability,
+saying so once on stderr (``inject: waiting up to 60s for a processor of face_detection``) for
+a capability no processor offers yet. Then it sends each frame as a JPEG entry to the least
+loaded processor of each capability, at ``--rate`` frames per second (0: as fast as the
+processors take them; a route waits while every processor of the capability is busy, so a slow
+processor slows the injector down instead of piling frames up).
 Frame ids are ``<camera>:<run>:<seq>:<capability>`` (one entry per capability).
 
 Without ``--wait-results`` it routes, waits until the processors have answered every frame
@@ -270,6 +272,26 @@ class _Injector:
             task.cancel()
 
 
+async def _wait_for_processor(
+    registry: ProcessorRegistry, capability: str, wait_processors: float
+) -> None:
+    """Return once a live processor offers ``capability``; when none does yet, say once on
+    stderr how long it waits, then wait (:class:`~framepipe.errors.NoProcessorError` when
+    none comes in time)."""
+    try:
+        await registry.wait_for_processor(capability, timeout=0)
+        return
+    except NoProcessorError:
+        if wait_processors <= 0:
+            raise
+    print(
+        f"inject: waiting up to {wait_processors:g}s for a processor of {capability}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await registry.wait_for_processor(capability, timeout=wait_processors)
+
+
 async def inject(options: InjectOptions) -> Summary:
     """Send the frames of ``options.source`` to the processors; the run's :class:`Summary`.
 
@@ -293,7 +315,7 @@ async def inject(options: InjectOptions) -> Summary:
     )
     async with registry:
         for capability in summary.capabilities:
-            await registry.wait_for_processor(capability, timeout=options.wait_processors)
+            await _wait_for_processor(registry, capability, options.wait_processors)
         injector = _Injector(options, registry, summary)
         loop = asyncio.get_running_loop()
         started = loop.time()

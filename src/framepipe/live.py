@@ -7,6 +7,7 @@ import signal
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from framepipe.app import App, read_snapshots
@@ -52,7 +53,8 @@ def run_live(target: App | StreamPipeline, settings: Settings, console: Console)
             for sig in signals:
                 loop.remove_signal_handler(sig)
         for name in failed:
-            console.print(f"[red]pipeline {name} failed: {app.pipelines[name].last_error}[/]")
+            error = escape(str(app.pipelines[name].last_error))  # keeps '[station_1]' as text
+            console.print(f"[red]pipeline {escape(name)} failed: {error}[/]")
         return 1 if failed and not received else 0
 
     return asyncio.run(main())
@@ -66,6 +68,13 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _text(value: Any, limit: int | None = None) -> str:
+    """``value`` as a table cell shows it as written: errors hold ``[station_1]``, which Rich
+    would take for markup and drop (``CaptureExitedError:  capture ...``)."""
+    text = "" if value is None else str(value)
+    return escape(text[:limit] if limit is not None else text)
+
+
 def health_table(settings: Settings) -> Table | None:
     """One row per app of this home: state, performance score, uptime, last error."""
     snapshots = read_snapshots(settings)
@@ -75,13 +84,13 @@ def health_table(settings: Settings) -> Table | None:
     for snap in snapshots:
         pipelines = snap.get("pipeline_status", {})
         table.add_row(
-            snap["name"],
+            _text(snap["name"]),
             snap["state"],
             _fmt(snap.get("performance_score"), 2),
             _fmt(snap.get("uptime")),
             str(snap.get("pid")),
-            ", ".join(f"{n}={p['state']}" for n, p in pipelines.items()),
-            (snap.get("last_error") or "")[:80],
+            _text(", ".join(f"{n}={p['state']}" for n, p in pipelines.items())),
+            _text(snap.get("last_error"), 80),
         )
     return table
 
@@ -111,9 +120,9 @@ def sources_table(settings: Settings) -> Table | None:
             fps = (src.get("frames", 0) / uptime) if uptime else None
             state = status["state"] if snap["state"] != "dead" else "dead"
             table.add_row(
-                snap["name"],
-                name,
-                status.get("source_description", ""),
+                _text(snap["name"]),
+                _text(name),
+                _text(status.get("source_description", "")),
                 state,
                 _fmt(fps),
                 str(status.get("frames_captured", 0)),
@@ -121,6 +130,6 @@ def sources_table(settings: Settings) -> Table | None:
                 str(src.get("stalls", 0)),
                 str(src.get("pid") or "-"),
                 str(status.get("segments_completed", 0)),
-                (status.get("last_error") or "")[:60],
+                _text(status.get("last_error"), 60),
             )
     return table

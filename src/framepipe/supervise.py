@@ -547,7 +547,7 @@ class Supervisor:
         if retrying:
             self._set_state(HealthState.FAILED)
             self._log.error(
-                "%s failed permanently after %d attempt%s: %s",
+                "%s failed after %d attempt%s, no restart left: %s",
                 self._What,
                 h.attempt,
                 "" if h.attempt == 1 else "s",

@@ -48,7 +48,7 @@ def demo(
         typer.Option(
             "--live",
             help="Serve the dashboard with a live order station and a batch import, "
-            "until Ctrl-C (needs 'framepipe[server]').",
+            "until Ctrl-C (needs the server extra: pip install 'framepipe\\[server]').",
         ),
     ] = False,
     host: Annotated[

@@ -69,9 +69,12 @@ def serve(
 ) -> None:
     """Serve the HTTP API, the dashboard and the WebSocket of live events.
 
-    Every route but /health needs the bearer token: FRAMEPIPE_API_TOKEN, or else one made for
-    this run and printed with the dashboard's URL (as Jupyter does). A token is required to
-    bind anything but a loopback address."""
+    Open without the token: /health, the dashboard's page (/) and files
+    (/static/), and the API's schema and docs (/openapi.json, /docs, /redoc).
+    Everything else (/api/..., /metrics, /ws, /ws/detector) needs the bearer
+    token: FRAMEPIPE_API_TOKEN, or else one made for this run and printed with
+    the dashboard's URL (as Jupyter does). A token is required to bind anything
+    but a loopback address."""
     with errors():
         setup_tracing("framepipe-serve")
         settings = settings_of(ctx)

@@ -25,7 +25,11 @@ def worker(
     concurrency: ConcurrencyOpt = None,
     broker_url: Annotated[
         str | None,
-        typer.Option("--broker-url", help="Redis URL of the job broker (FRAMEPIPE_BROKER_URL)."),
+        typer.Option(
+            "--broker-url",
+            help="URL of the job broker: redis://host:6379/0 or amqp://user:pass@host:5672/ "
+            "(FRAMEPIPE_BROKER_URL).",
+        ),
     ] = None,
     pipelines: Annotated[
         list[str] | None,
