@@ -17,7 +17,7 @@ from framepipe import LocalObjectStore
 from framepipe.frames import Frame
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
-from framepipe.stream.segment import segment_id
+from framepipe.stream.segment import SegmentIds
 
 
 def run_orders(tmp_path: Path, keys: list[str], per_order: int = 5) -> tuple[list[Any], FrameStore]:
@@ -48,7 +48,7 @@ def test_a_key_that_looks_like_a_repeat_gets_an_id_of_its_own(tmp_path: Path) ->
     keys = ["A", "B", "A", "A.2", "B", "A.2", "A"]
     done, store = run_orders(tmp_path, keys)
     ids = [d["segment_id"] for d in done]
-    assert ids == ["A", "B", "A.2", "A.2.1", "B.2", "A.2.2", "A.3"]
+    assert ids == ["A", "B", "A.2", "A.2.2", "B.2", "A.2.3", "A.3"]
     assert [d["key"] for d in done] == keys
     for index, data in enumerate(done):
         seqs = [f.seq for f in store.read_frames("cam", data["segment_id"])]
@@ -79,9 +79,24 @@ def test_ids_stay_unique_past_any_number_of_keys() -> None:
     assert len(set(ids)) == len(ids) == len(keys)
 
 
+def test_a_key_ending_in_digits_keeps_its_own_id_on_its_first_segment(tmp_path: Path) -> None:
+    """Common keys that end in ``.<digits>`` (an address, a version) are their own id on their
+    first segment, as every key is: stored paths and event ids do not change with the key's
+    shape. A tag that is another key's repeat id, read first, keeps it too; that key's repeat
+    takes the next free number."""
+    keys = ["10.0.0.1", "v1.2", "ORDER_1", "10.0.0.1", "A.2", "A", "B", "A"]
+    done, store = run_orders(tmp_path, keys)
+    ids = [d["segment_id"] for d in done]
+    assert ids == ["10.0.0.1", "v1.2", "ORDER_1", "10.0.0.1.2", "A.2", "A", "B", "A.3"]
+    for data in done:
+        listed = store.list_frames("cam", data["segment_id"])
+        assert [info.key.split("/")[2] for info in listed] == [data["segment_id"]] * 5
+
+
 def test_ids_are_unique_for_any_sequence_of_hostile_keys() -> None:
     """Keys built from ``A``, ``.``, digits: every segment's id differs from all before, and
-    the id says which key and which of its segments it is."""
+    follows the rule: the key when no segment had it yet, else ``<key>.<n>`` with the
+    smallest ``n >= 2`` not issued yet."""
     rng = random.Random(7)
     pieces = ["A", ".", "1", "2", "0", ".2", ".1", ".02", "B"]
     pool = sorted(
@@ -99,26 +114,31 @@ def test_ids_are_unique_for_any_sequence_of_hostile_keys() -> None:
         _closed, segment = state.feed(_frame(seq, key))
         assert segment is not None
         counts[key] += 1
-        assert segment.id == segment_id(key, counts[key])
+        n = 2
+        while f"{key}.{n}" in seen:
+            n += 1
+        assert segment.id == (key if key not in seen else f"{key}.{n}"), (key, segment.id)
         assert segment.id not in seen, (key, counts[key], segment.id)
         seen.add(segment.id)
     assert len(seen) > 1000
+    assert all(f"{key}.2" in seen for key, count in counts.items() if count > 1)
 
 
 @pytest.mark.parametrize(
-    ("key", "count", "expected"),
+    ("keys", "expected"),
     [
-        ("ORDER_1", 1, "ORDER_1"),
-        ("ORDER_1", 2, "ORDER_1.2"),
-        ("A.2", 1, "A.2.1"),
-        ("A.2", 3, "A.2.3"),
-        ("v1.", 1, "v1."),
-        ("shop.example", 1, "shop.example"),
-        ("A.٢", 1, "A.٢"),  # not an ASCII digit: no id of a repeat looks like it
+        (["ORDER_1", "ORDER_1", "ORDER_1"], ["ORDER_1", "ORDER_1.2", "ORDER_1.3"]),
+        (["A.2", "A.2"], ["A.2", "A.2.2"]),
+        (["A", "A", "A.2"], ["A", "A.2", "A.2.2"]),
+        (["A.2", "A", "A", "A"], ["A.2", "A", "A.3", "A.4"]),
+        (["A", "A.3", "A", "A", "A"], ["A", "A.3", "A.2", "A.4", "A.5"]),
+        (["v1.", "shop.example", "A.٢"], ["v1.", "shop.example", "A.٢"]),
     ],
 )
-def test_segment_id_form(key: str, count: int, expected: str) -> None:
-    assert segment_id(key, count) == expected
+def test_segment_ids_rule(keys: list[str], expected: list[str]) -> None:
+    ids = SegmentIds()
+    assert [ids.issue(key) for key in keys] == expected
+    assert all(i in ids for i in expected) and "A.9" not in ids
 
 
 def test_keyless_ids_never_repeat_when_the_clock_does_not_move() -> None:

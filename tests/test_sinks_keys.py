@@ -158,3 +158,38 @@ def test_every_template_field_is_escaped_after_formatting(tmp_path: Path) -> Non
     assert key == "C%3A%2Fcam/a%2Fb/%2E.%2Fup/000007.jpg"
     store.write(frame)
     assert objects.exists(validate_key(key))
+
+
+def test_frames_stored_by_earlier_versions_under_raw_ids_are_read_back(tmp_path: Path) -> None:
+    """Earlier versions put the ids in keys as they were (``door:1``, ``50%``: valid keys).
+    Their frames are still listed and read, merged with those stored since (escaped), each
+    once; a raw folder that is another id's escape (``a%2Fb`` holds ``a/b``'s frames now) is
+    not taken for this id's, and a raw id that was never a valid key is no error."""
+    objects = LocalObjectStore(tmp_path / "objects", durable=False)
+    store = FrameStore(objects)
+    image = np.full((48, 64, 3), 90, np.uint8)
+
+    def earlier(source: str, segment: str, seq: int) -> str:
+        key = f"frames/{source}/{segment}/frame_{1000 + seq}_{seq}.jpg"  # the layout before
+        objects.put(key, Frame(image, source, seq, 1000 + seq).to_jpeg())
+        return key
+
+    old = [earlier("door:1", "ORDER_1", seq) for seq in (1, 2)]
+    new = Frame(image, "door:1", 3, 1003, segment_id="ORDER_1")
+    store.write(new)
+    assert store.key_for(new) == "frames/door%3A1/ORDER_1/frame_1003_3.jpg"
+    listed = [info.key for info in store.list_frames("door:1", "ORDER_1")]
+    assert listed == sorted([*old, store.key_for(new)])
+    assert [f.seq for f in store.read_frames("door:1", "ORDER_1")] == [1, 2, 3]
+    assert {info.key for info in store.list_frames("door:1")} == set(listed)
+
+    percent = [earlier("cam", "50%", seq) for seq in (4, 5)]
+    assert [info.key for info in store.list_frames("cam", "50%")] == percent
+    assert [f.seq for f in store.read_frames("cam", "50%")] == [4, 5]
+
+    slash = Frame(image, "cam", 6, 1006, segment_id="a/b")
+    store.write(slash)  # stored under frames/cam/a%2Fb/
+    assert [info.key for info in store.list_frames("cam", "a/b")] == [store.key_for(slash)]
+    assert store.list_frames("cam", "a%2Fb") == []  # that folder is a/b's
+    for never_valid in ("..", "back\\slash", "x" * 2000):
+        assert store.list_frames("cam", never_valid) == []

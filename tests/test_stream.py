@@ -661,21 +661,150 @@ def test_stop_returns_when_a_processor_call_never_returns(
 
     async def main() -> float:
         pipeline = StreamPipeline(
-            "door", PatternSource("cam", fps=50), stages=[Stage(model, name="model")]
+            "door",
+            PatternSource("cam", fps=50),
+            stages=[Stage(model, name="model")],
+            teardown_timeout=1.0,
         )
         await pipeline.start()
         assert await asyncio.to_thread(stuck.wait, 10)
         started = time.monotonic()
         await asyncio.wait_for(pipeline.stop(drain_timeout=0.5), 10)
         assert pipeline.state is HealthState.STOPPED
+        assert not pipeline.running
         return time.monotonic() - started
 
     try:
         took = asyncio.run(main())
     finally:
         release.set()
-    assert took < 3.0  # the drain's 0.5 s and the teardown's 0.5 s, not forever
-    assert "stage 'model' did not tear down within 0.5s" in caplog.text
+    assert took < 4.0  # the drain's 0.5 s and the teardown's 1 s, not forever
+    assert "stage 'model' did not tear down within 1s" in caplog.text
+
+
+class SlowTeardown(Sink):
+    """A sink whose teardown finalises its output for ``delay`` seconds (closing an MP4,
+    uploading the last segment), and records what was called, in order."""
+
+    def __init__(self, delay: float, slow_close: str | None = None) -> None:
+        self.name = "writer"
+        self.delay = delay
+        self.slow_close = slow_close
+        self.calls: list[str] = []
+        self.closing = threading.Event()
+
+    def write(self, frame: Frame) -> None:
+        pass
+
+    def segment_closed(self, segment: Any) -> None:
+        self.calls.append(f"closing {segment.id}")
+        if segment.id == self.slow_close:
+            self.closing.set()
+            time.sleep(1.0)  # uploading the segment takes a while
+        self.calls.append(f"closed {segment.id}")
+
+    def teardown(self) -> None:
+        self.calls.append("teardown")
+        time.sleep(self.delay)
+        self.calls.append("finalised")
+
+
+def test_a_finite_run_tears_its_sinks_down_to_the_end(caplog: pytest.LogCaptureFixture) -> None:
+    """A run that ended on its own has no call left running: a sink's teardown longer than
+    ``drain_timeout`` runs to its end before run() returns (it was abandoned on a daemon
+    thread that died with the process)."""
+    sink = SlowTeardown(delay=1.0)
+    pipeline = StreamPipeline(
+        "p", PatternSource("cam", count=20, realtime=False), sinks=[sink], drain_timeout=0.2
+    )
+    run_pipeline(pipeline)
+    assert sink.calls == ["teardown", "finalised"]
+    assert pipeline.state is HealthState.STOPPED
+    assert "did not tear down" not in caplog.text
+
+
+def slow_model(frame: Frame) -> Frame:
+    time.sleep(0.05)  # 20 fps against a 50 fps camera: the queue is full when stop() comes
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("drain_timeout", "delay", "slow"),
+    [
+        (0.0, 0.0, False),  # no drain at all: the teardowns still run
+        (0.3, 0.6, False),  # the drain completes: the teardown is not bounded
+        (0.1, 0.6, True),  # the drain is cut short: bounded by teardown_timeout (10 s), not 0.1
+    ],
+)
+def test_stop_tears_every_stage_down_whatever_the_drain_timeout(
+    caplog: pytest.LogCaptureFixture, drain_timeout: float, delay: float, slow: bool
+) -> None:
+    torn: list[str] = []
+    flowing = threading.Event()
+
+    class Model(Processor):
+        name = "model"
+
+        def process(self, frame: Frame) -> Frame:
+            if frame.seq >= 10:
+                flowing.set()
+            return slow_model(frame) if slow else frame
+
+        def teardown(self) -> None:
+            torn.append("model")
+
+    sink = SlowTeardown(delay)
+
+    async def main() -> None:
+        pipeline = StreamPipeline(
+            "p", PatternSource("cam", fps=50), stages=[Stage(Model())], sinks=[sink]
+        )
+        await pipeline.start()
+        assert await asyncio.to_thread(flowing.wait, 10)
+        await asyncio.wait_for(pipeline.stop(drain_timeout=drain_timeout), 10)
+        assert torn == ["model"] and sink.calls == ["teardown", "finalised"]
+        assert pipeline.state is HealthState.STOPPED and not pipeline.running
+        await asyncio.wait_for(pipeline.wait(), 5)  # the run is over, even after a cut drain
+
+    asyncio.run(main())
+    assert "did not tear down" not in caplog.text
+
+
+def test_a_sink_is_torn_down_after_its_segment_closed_returned() -> None:
+    """A stop cuts the drain short while a sink's ``segment_closed`` runs (the hop's task is
+    cancelled): the call still runs to its end, once, before the sink's teardown starts; the
+    segment the stop cut reaches the sink after it."""
+    sink = SlowTeardown(delay=0.0, slow_close="ORDER_1")
+
+    async def main() -> Events:
+        pipeline = StreamPipeline(
+            "station",
+            PatternSource("cam", fps=50),
+            stages=[Stage(tagger({range(1, 6): "ORDER_1", range(6, 10_000): "ORDER_2"}))],
+            segmenter=Segmenter("order", timeout=30),
+            sinks=[sink],
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        await pipeline.start()
+        assert await asyncio.to_thread(sink.closing.wait, 10)
+        await asyncio.wait_for(pipeline.stop(drain_timeout=0.1), 10)
+        return events
+
+    events = asyncio.run(main())
+    assert sink.calls == [
+        "closing ORDER_1",
+        "closed ORDER_1",
+        "closing ORDER_2",
+        "closed ORDER_2",
+        "teardown",
+        "finalised",
+    ]
+    done = of(events, "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done][:1] == [("ORDER_1", "key_changed")]
+    # ORDER_2: closed by the end of the stream the stop caused, or by the stop itself
+    assert [d["segment_id"] for d in done[1:]] == ["ORDER_2"]
+    assert done[1]["reason"] in ("end", "stopped")
 
 
 @pytest.mark.parametrize(

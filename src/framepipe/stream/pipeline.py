@@ -33,10 +33,18 @@ Guarantees:
   reason) get ``segment.completed`` after each sink that had not had them ran its
   ``segment_closed`` (so with what the sinks stored so far); the number of captured frames
   abandoned in the queues and calls is logged. (A failed run's segments are not completed:
-  its failure stands.) Each stage's and sink's teardown is bounded by the same timeout (they
-  are torn down together): a processor call that never returns is abandoned with a warning
-  naming its stage (its daemon thread left to finish, its worker process killed), so
-  ``stop()`` returns within about twice ``drain_timeout``.
+  its failure stands.)
+* The stages and sinks are torn down together (each sink after its last ``segment_closed``
+  returned). A run that ended on its own (a finite source drained) or a stop whose drain
+  completed has no call left running: every teardown runs to its end, however long (closing
+  an MP4, uploading the last segment; a worker process gets 10 s for its ``teardown()``).
+  When the drain was cut short or the run failed, a call may still be running (one that
+  never returns would hold its stage's threads forever): each stage's teardown is then
+  bounded by ``teardown_timeout`` (10 s by default, never 0) and past it abandoned with a
+  warning naming the stage (its daemon threads left to finish, its worker processes
+  killed), so ``stop()`` returns within ``drain_timeout`` + ``teardown_timeout`` and a bit.
+* Once torn down the run is over: :attr:`running` is False and every :meth:`wait` returns,
+  whoever stopped it.
 
 One concept, a live pipeline's run (capture, stages, segmenters, sinks, listeners and stop),
 whose tasks share its queues and its failure handling.
@@ -102,6 +110,7 @@ class StreamPipeline:
         after_restarts: Literal["fail", "keep_trying"] = "fail",
         retry_delay: float | None = None,
         drain_timeout: float = 5.0,
+        teardown_timeout: float = 10.0,
         performance_window: float = 5.0,
         on_event: EventCallback | None = None,
     ) -> None:
@@ -128,6 +137,11 @@ class StreamPipeline:
         self.after_restarts = after_restarts
         self.retry_delay = retry_delay
         self.drain_timeout = drain_timeout
+        if not teardown_timeout > 0:
+            raise ValueError(f"teardown_timeout must be > 0, got {teardown_timeout}")
+        self.teardown_timeout = teardown_timeout
+        """The bound of each stage's teardown after a drain cut short or a failure (see the
+        module); unbounded otherwise."""
         self._listeners: list[EventCallback] = [on_event] if on_event else []
         self.log = get_logger(name)
         names = [s.label for s in [*self.stages, *self.sinks]]
@@ -164,6 +178,7 @@ class StreamPipeline:
         """Segments closed but not completed yet (their markers are on their way through the
         sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
         self._run_counts = (0, 0)  # frames captured and out before this run
+        self._drained = False  # the end of the stream came out of the last hop: no call runs
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -213,6 +228,7 @@ class StreamPipeline:
         self.last_error = None
         self._loop = asyncio.get_running_loop()
         self._run_counts = (self.frames_captured, self.frames_out)
+        self._drained = False
         self._build()
         try:
             for hop in self._hops:
@@ -276,9 +292,10 @@ class StreamPipeline:
         self._done.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop the capture, drain the queued frames (at most ``drain_timeout`` seconds), close
-        the open segments (those a cut drain leaves too, see the module), and tear the stages
-        down (each within ``drain_timeout`` seconds, abandoned past it)."""
+        """Stop the capture, drain the queued frames (at most ``drain_timeout`` seconds, 0: do
+        not wait), close the open segments (those a cut drain leaves too), and tear the stages
+        down: to the end after a complete drain, each within ``teardown_timeout`` seconds
+        after a cut one (see the module)."""
         if self._done is None:
             return
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
@@ -290,19 +307,29 @@ class StreamPipeline:
         await self._shutdown(timeout)
 
     async def wait(self) -> None:
-        """Wait until the pipeline ends (finite source drained, failure, or stop)."""
+        """Wait until the pipeline ends (finite source drained, failure, or stop) and is torn
+        down."""
         assert self._done is not None, "pipeline not started"
         await self._done.wait()
         await self._shutdown(self.drain_timeout)
 
-    async def _shutdown(self, within: float) -> None:
-        """Tear the run down once, however many callers wait for it (each stage's teardown
-        bounded by the first caller's ``within`` seconds)."""
+    async def _shutdown(self, drain: float) -> None:
+        """Tear the run down once, however many callers wait for it (``drain``: the first
+        caller's drain timeout, for the log)."""
         if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self._teardown(within))
+            self._shutdown_task = asyncio.ensure_future(self._teardown(drain))
         await asyncio.shield(self._shutdown_task)
 
-    async def _teardown(self, within: float) -> None:
+    async def _teardown(self, drain: float) -> None:
+        try:
+            await self._tear_down(drain)
+        finally:
+            assert self._done is not None
+            self._done.set()  # a stop that cut the drain short ends the run here
+
+    async def _tear_down(self, drain: float) -> None:
+        # Decided before anything is cancelled: only a drained run has no call left running.
+        within = None if self._drained else self.teardown_timeout
         for task in self._tasks:
             if not task.done():
                 task.cancel()
@@ -319,7 +346,7 @@ class StreamPipeline:
             self.log.warning(
                 "%d captured frame(s) abandoned in the pipeline's queues and calls%s",
                 abandoned,
-                "" if self.state is HealthState.FAILED else f" (not drained within {within:g}s)",
+                "" if self.state is HealthState.FAILED else f" (not drained within {drain:g}s)",
             )
         hops, self._hops = self._hops, []
         await asyncio.gather(
@@ -336,15 +363,16 @@ class StreamPipeline:
             self.state = HealthState.STOPPED
         self._emit("pipeline.stopped", state=self.state.value)
 
-    async def _retire(self, hop: Hop, closing: list[SegmentMarker], within: float) -> None:
-        """Tear ``hop`` down within ``within`` seconds; a sink is first handed ``closing`` (the
-        segments a stop cut that it has not had)."""
+    async def _retire(self, hop: Hop, closing: list[SegmentMarker], within: float | None) -> None:
+        """Tear ``hop`` down (within ``within`` seconds, or to its end for None); a sink is
+        first handed ``closing`` (the segments a stop cut that it has not had)."""
         try:
             await hop.teardown(within, closing)
         except TimeoutError:
             self.log.warning(
-                "stage %r did not tear down within %gs (a processor call that never returns?): "
-                "abandoned, its threads left to finish on their own (worker processes killed)",
+                "stage %r did not tear down within %gs (teardown_timeout: the drain was cut "
+                "short, a processor call that never returns?): abandoned, its threads left to "
+                "finish on their own (worker processes killed)",
                 hop.name,
                 within,
             )
@@ -626,6 +654,7 @@ class StreamPipeline:
     def _done_ok(self) -> None:
         assert self._done is not None
         if not self._done.is_set():
+            self._drained = True
             self._done.set()
 
     # -- health ---------------------------------------------------------------------------------

@@ -22,19 +22,22 @@ its frames, so sinks finish its frames before ``segment.completed`` is emitted; 
 the segment id, source, key, first/last frame time, frame count, stored keys and the latency:
 the time from the segment's last frame to the event.
 
-Segment ids are unique per source for the pipeline's run, so stored frames never mix: a key's
-first segment has the key as its id (``ORDER_1``), a key seen again after its segment closed
-opens a new segment with id ``<key>.2`` (``.3`` ...). A key that itself ends in ``.<digits>``
-always gets its count (``A.2`` -> ``A.2.1``, ``A.2.2`` ...), so it cannot take the id of
-another key's repeat. To keep that true for the whole run, the segmenter remembers how often it
-saw each distinct key (one dict entry per key). Without a key, the id is
+Segment ids are unique per source for the pipeline's run, so stored frames never mix (the rule
+is :class:`SegmentIds`): a key's first segment has the key as its id, whatever it looks like
+(``ORDER_1``, ``10.0.0.1``, ``v1.2``); a key seen again after its segment closed opens a new
+segment with id ``<key>.2`` (``.3`` ...). Only an id already issued in the run is never issued
+again: a repeat takes the smallest ``<key>.<n>`` (n >= 2) not issued yet, and so does a key
+whose own id another key's repeat already took (``A``, ``A`` again, then a tag ``A.2``: ``A``,
+``A.2``, ``A.2.2``). So when no key is another key's ``<key>.<n>`` (order ids without a
+``.``, addresses that are not one another's repeat ids) a key's ids are always ``<key>``,
+``<key>.2``, ``<key>.3`` ... To keep ids unique for the whole run, the segmenter remembers
+every id it issued (one set entry per keyed segment). Without a key, the id is
 ``<source_id>-<ms>``: the first frame's ``ts_ms``, raised to one past the previous id's when
 the clock did not move on.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,12 +45,9 @@ from typing import Any, Literal
 
 from framepipe.frames import Frame
 
-__all__ = ["Segment", "SegmentMarker", "Segmenter", "segment_id"]
+__all__ = ["Segment", "SegmentIds", "SegmentMarker", "Segmenter"]
 
 KeyFn = Callable[[Frame], "str | None"]
-
-_NUMBERED = re.compile(r".*\.[0-9]+", re.DOTALL)
-"""A key that looks like a repeat's id (``<key>.<count>``): it always gets its own count."""
 
 
 @dataclass
@@ -149,22 +149,41 @@ def _as_key(value: Any) -> str | None:
     return str(value)
 
 
-def segment_id(key: str, count: int) -> str:
-    """The id of the ``count``-th segment (from 1) of ``key``: ``key`` itself for the first,
-    ``<key>.<count>`` after it, and always ``<key>.<count>`` for a key ending in ``.<digits>``.
+class SegmentIds:
+    """The ids of one source's keyed segments in a pipeline's run: :meth:`issue` gives each new
+    segment of a key an id no segment of the run had.
 
-    Distinct ``(key, count)`` pairs give distinct ids: an id without a ``.<digits>`` end is a
-    first segment's key, any other splits at its last ``.`` into the key and the count."""
-    if count == 1 and not _NUMBERED.fullmatch(key):
+    The rule: ``key`` itself when no segment had it yet (a key's first segment, whatever the
+    key looks like); otherwise ``<key>.<n>`` for the smallest ``n >= 2`` whose id was not
+    issued yet. So a key's ids are ``<key>``, ``<key>.2``, ``<key>.3`` ... in the order its
+    segments open, unless another key took one of them first (a tag ``A.2`` read before the
+    second ``A``: that ``A`` gets ``A.3``). Every id issued is remembered (one entry each)."""
+
+    def __init__(self) -> None:
+        self._issued: set[str] = set()
+        self._next: dict[str, int] = {}  # per key: no n below it is free for <key>.<n>
+
+    def issue(self, key: str) -> str:
+        """A new id for a segment of ``key``, remembered as issued."""
+        if key in self._issued:
+            n = self._next.get(key, 2)
+            while f"{key}.{n}" in self._issued:  # the issued ids only grow: n never goes back
+                n += 1
+            self._next[key] = n + 1
+            key = f"{key}.{n}"
+        self._issued.add(key)
         return key
-    return f"{key}.{count}"
+
+    def __contains__(self, segment_id: object) -> bool:
+        """True when ``segment_id`` was issued in this run."""
+        return segment_id in self._issued
 
 
 class _SegmenterState:
     def __init__(self, config: Segmenter) -> None:
         self.config = config
         self.current: Segment | None = None
-        self._seen: dict[str, int] = {}  # segments opened per key, for the whole run
+        self._ids = SegmentIds()  # the keyed segments' ids, for the whole run
         self._last_ms: int | None = None  # the number in the last key-less id
 
     def _new_id(self, key: str | None, frame: Frame) -> str:
@@ -172,9 +191,7 @@ class _SegmenterState:
             ms = frame.ts_ms if self._last_ms is None else max(frame.ts_ms, self._last_ms + 1)
             self._last_ms = ms
             return f"{frame.source_id}-{ms}"
-        count = self._seen.get(key, 0) + 1
-        self._seen[key] = count
-        return segment_id(key, count)
+        return self._ids.issue(key)
 
     def _time(self, frame: Frame) -> float:
         if self.config.clock == "stream" and frame.pts is not None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from framepipe.backends.objects import ObjectInfo, ObjectStore
-from framepipe.errors import ConfigError
+from framepipe.errors import ConfigError, InvalidKeyError
 from framepipe.frames import Frame, decode_jpeg
 from framepipe.processors.base import Processor
 from framepipe.stream.segment import Segment
@@ -90,6 +90,23 @@ def unescape_key_field(field: str) -> str:
     return text
 
 
+def _prefix(head: str, fields: list[str], *, escape: bool) -> str:
+    """``head`` and the ``fields`` as folders (escaped, or raw as earlier versions wrote)."""
+    return head + "".join((escape_key_field(f) if escape else f) + "/" for f in fields)
+
+
+def _is_escape(field: str) -> bool:
+    """True when :func:`escape_key_field` makes ``field`` of some text (a shortened field is
+    taken as one)."""
+    if _SHORTENED in field:
+        return True
+    try:
+        unescape_key_field(field)
+    except ValueError:
+        return False
+    return True
+
+
 class _KeyFormatter(string.Formatter):
     """``str.format`` whose every field is escaped after formatting (so ``{seq:06d}`` still
     works)."""
@@ -133,7 +150,8 @@ class FrameStore(Sink):
     Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
     ``T1%2Fextra/``), so any segment key gives valid keys of its own segment, apart from every
     other segment's; :meth:`list_frames` and :meth:`read_frames` escape the ids they are given
-    the same way."""
+    the same way, and also read what earlier versions, which did not escape, stored under
+    the raw ids (see :meth:`list_frames`)."""
 
     def __init__(
         self,
@@ -214,11 +232,26 @@ class FrameStore(Sink):
     def list_frames(self, source_id: str, segment_id: str | None = None) -> list[ObjectInfo]:
         """Stored frames of a source (and segment), by key order; only for the default-shaped
         templates that start with ``<prefix>/{source_id}/{segment_id}/``; both ids are escaped
-        as :meth:`key_for` escapes them."""
-        prefix = self.template.split("{source_id}")[0] + escape_key_field(source_id) + "/"
-        if segment_id is not None:
-            prefix += escape_key_field(segment_id) + "/"
-        return list(self.objects.list(prefix))
+        as :meth:`key_for` escapes them.
+
+        Frames earlier versions stored, with the ids in the key as they were (``door:1``,
+        ``50%``: valid keys then), are listed too, each once: when an id's escape differs
+        from it, the raw ids' folder is looked at as well, unless it is not a valid key prefix
+        (nothing could be stored there) or it is itself the escape of another id (``a%2Fb`` is
+        where ``a/b`` is stored now: its frames are that id's, not this one's)."""
+        head = self.template.split("{source_id}")[0]
+        fields = [source_id] if segment_id is None else [source_id, segment_id]
+        found = {info.key: info for info in self.objects.list(_prefix(head, fields, escape=True))}
+        if any(escape_key_field(f) != f for f in fields) and not any(
+            _is_escape(f) for f in fields if escape_key_field(f) != f
+        ):
+            try:
+                earlier = list(self.objects.list(_prefix(head, fields, escape=False)))
+            except InvalidKeyError:
+                earlier = []
+            for info in earlier:
+                found.setdefault(info.key, info)
+        return [found[key] for key in sorted(found)]
 
     def read_frames(self, source_id: str, segment_id: str) -> Iterator[Frame]:
         """The stored frames of one segment, decoded, in capture order (``ts_ms``, ``seq``

@@ -13,7 +13,11 @@ frame only, wherever it runs. That includes a ``CancelledError`` an async proces
 without its hop being cancelled (a future it awaited was cancelled elsewhere): the hop goes on
 to the next frame. A hop being cancelled is never taken for a frame's error.
 
-:meth:`Hop.teardown` is bounded: a processor call that never returns cannot hold a stop.
+A control item's handling (a sink's ``segment_closed``), once started, runs to its end even
+when the hop is cancelled, and :meth:`Hop.teardown` waits for it before the processor's
+``teardown``: a sink is never torn down while its ``segment_closed`` runs. :meth:`Hop.teardown`
+can be bounded (a processor call that never returns cannot hold a stop): past the bound the
+hop is abandoned.
 """
 
 from __future__ import annotations
@@ -242,6 +246,7 @@ class Hop:
         self._on_crash = on_crash
         self._streak = 0  # processor calls that raised in a row
         self._lane: ThreadLane | None = None
+        self._controls: set[asyncio.Future[Any]] = set()  # control handlers not ended yet
         self._processes = processes
         self._idle: asyncio.Queue[ProcessWorker] | None = None
         self._workers: list[ProcessWorker] = []
@@ -282,17 +287,24 @@ class Hop:
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def teardown(self, within: float, closing: Sequence[Any] = ()) -> None:
-        """Handle the control items ``closing`` (segment markers a stop left undelivered: a
-        sink's ``segment_closed``), then call the processor's ``teardown`` and release the
-        threads (or stop the worker processes, which call ``teardown`` themselves), all within
-        ``within`` seconds. Past it (a processor call that never returns holds the hop's
-        threads): raise :class:`TimeoutError`, leave the daemon threads to finish on their own
-        and kill the worker processes. An error of a control item does not stop the teardown:
-        it is raised after it."""
+    async def teardown(self, within: float | None, closing: Sequence[Any] = ()) -> None:
+        """Wait for the control items still being handled (a sink's ``segment_closed`` that
+        was running when the hop was cancelled), handle the control items ``closing``
+        (segment markers a stop left undelivered), then call the processor's ``teardown`` and
+        release the threads (or stop the worker processes, which call ``teardown``
+        themselves, each given 10 s before it is killed), in that order.
+
+        ``within``: None waits for all of it however long it takes (a run whose calls all
+        returned). A number of seconds bounds it (calls may still be running): past it, raise
+        :class:`TimeoutError`, leave the daemon threads to finish on their own and kill the
+        worker processes. An error of a control item does not stop the teardown: it is raised
+        after it."""
         lane = self._lane
         try:
-            await asyncio.wait_for(self._finish(closing), within)
+            if within is None:
+                await self._finish(closing)
+            else:
+                await asyncio.wait_for(self._finish(closing), within)
         except TimeoutError:
             for worker in self._workers:
                 worker.kill()
@@ -303,6 +315,13 @@ class Hop:
 
     async def _finish(self, closing: Sequence[Any]) -> None:
         failure: BaseException | None = None
+        running = list(self._controls)
+        if running:
+            await asyncio.wait(running)  # never cancels them, even when this wait is
+            for task in running:
+                self._controls.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    failure = failure or task.exception()
         if self._control is not None:
             for item in closing:
                 try:
@@ -319,6 +338,19 @@ class Hop:
             await asyncio.get_running_loop().run_in_executor(None, self.processor.teardown)
         if failure is not None:
             raise failure
+
+    async def _handle_control(self, item: Any) -> None:
+        """Run the control handler on ``item`` in a task of its own that the hop's
+        cancellation does not cancel (kept in ``_controls`` until it ended, for
+        :meth:`teardown` to wait for)."""
+        assert self._control is not None
+        task = asyncio.ensure_future(self._control(item))
+        self._controls.add(task)
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._controls.discard(task)
 
     async def run(self) -> None:
         """Handle items until END, then pass END on."""
@@ -346,7 +378,7 @@ class Hop:
                 await self._barrier(idx)
                 result = item
                 if self._control is not None:
-                    await self._control(item)
+                    await self._handle_control(item)
                 await self._complete(idx, result)
                 continue
             if self._idle is not None:
