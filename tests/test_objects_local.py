@@ -170,6 +170,123 @@ def test_links_inside_follow_the_root_rule_whatever_their_form(tmp_path: Path) -
     assert sorted(os.listdir(tmp_path)) == ["store", "store-other"]
 
 
+def test_absolute_links_through_the_configured_root_path_are_followed(tmp_path: Path) -> None:
+    """A store configured as ``srv/store``, itself a link to ``data/store``: an absolute link
+    written with the configured path (``latest -> srv/store/2024``) stays inside, as one
+    written with the real path does; ``//`` and ``.`` in a target are no obstacle. A sibling
+    whose name starts like the configured one, or a climb above it, is outside. The link is
+    walked from the root opened at start: the configured path repointed elsewhere later
+    never leads the store there."""
+    real = tmp_path / "data" / "store"
+    real.mkdir(parents=True)
+    (tmp_path / "srv").mkdir()
+    configured = tmp_path / "srv" / "store"
+    configured.symlink_to(real, target_is_directory=True)
+    (tmp_path / "srv" / "store-other").mkdir()
+    (tmp_path / "srv" / "store-other" / "x").write_bytes(b"sibling")
+    store = LocalObjectStore(configured)
+    assert store.root == real.resolve()
+    store.put("2024/cam/a.jpg", b"A")
+    (real / "latest").symlink_to(f"{configured}/2024")
+    (real / "odd").symlink_to(f"{tmp_path}/srv//./store/2024/")
+    (real / "by-real-path").symlink_to(real / "2024")
+    (real / "2024" / "cam" / "top.jpg").symlink_to(f"{configured}/2024/cam/a.jpg")
+    for key in ("latest/cam/a.jpg", "odd/cam/a.jpg", "by-real-path/cam/a.jpg", "2024/cam/top.jpg"):
+        assert store.get(key) == b"A", key
+        assert store.stat(key).size == 1, key
+    store.put("latest/cam/b.jpg", b"B")
+    assert (real / "2024" / "cam" / "b.jpg").read_bytes() == b"B"
+    store.copy("latest/cam/b.jpg", "latest/cam/c.jpg")
+    assert store.delete("latest/cam/c.jpg") is True
+    assert not (real / "2024" / "cam" / "c.jpg").exists()
+    (real / "sibling").symlink_to(tmp_path / "srv" / "store-other")
+    (real / "climb").symlink_to(f"{configured}/../store-other")
+    for key in ("sibling/x", "climb/x"):
+        with pytest.raises(InvalidKeyError, match="symlink"):
+            store.get(key)
+        with pytest.raises(InvalidKeyError, match="symlink"):
+            store.put(key, b"overwritten")
+    # repointed after open: the configured path now names another folder with the same layout
+    decoy = tmp_path / "decoy"
+    (decoy / "2024" / "cam").mkdir(parents=True)
+    (decoy / "2024" / "cam" / "a.jpg").write_bytes(b"DECOY")
+    configured.unlink()
+    configured.symlink_to(decoy, target_is_directory=True)
+    assert store.get("latest/cam/a.jpg") == b"A"
+    store.put("latest/cam/d.jpg", b"D")
+    assert (real / "2024" / "cam" / "d.jpg").read_bytes() == b"D"
+    assert sorted(os.listdir(decoy / "2024" / "cam")) == ["a.jpg"]
+    assert (tmp_path / "srv" / "store-other" / "x").read_bytes() == b"sibling"
+
+
+def test_a_configured_root_path_that_is_not_the_root_is_no_alias(tmp_path: Path) -> None:
+    """Only a configured path that resolves to the root at open is another name for it: a
+    path whose ``..`` follows a link normalises to another folder, which stays outside."""
+    (tmp_path / "elsewhere" / "store").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "store" / "x").write_bytes(b"elsewhere")
+    (tmp_path / "a" / "store").mkdir(parents=True)
+    (tmp_path / "hop").symlink_to(tmp_path / "a" / "store", target_is_directory=True)
+    # tmp/hop/../store is tmp/a/store for the kernel, tmp/store by name
+    store = LocalObjectStore(f"{tmp_path}/hop/../store")
+    assert store.root == (tmp_path / "a" / "store").resolve()
+    (store.root / "by-name").symlink_to(tmp_path / "store")
+    (tmp_path / "store").symlink_to(tmp_path / "elsewhere" / "store")
+    with pytest.raises(InvalidKeyError, match="symlink"):
+        store.get("by-name/x")
+
+
+def test_delete_through_a_linked_folder_prunes_the_keys_real_folders(tmp_path: Path) -> None:
+    """A key reached through a link leaves no empty folder of its own behind, so a later put
+    of a parent key does not find a folder there; the link, the folders its target names
+    and the root stay, whatever the link's form."""
+    with LocalObjectStore(tmp_path / "store", durable=False) as store:
+        real = store.root
+        store.put("2024/keep.jpg", b"k")
+        (real / "rel").symlink_to("2024")
+        store.put("rel/cam2/b.jpg", b"B")
+        assert (real / "2024" / "cam2" / "b.jpg").read_bytes() == b"B"
+        assert store.delete("rel/cam2/b.jpg") is True
+        assert not (real / "2024" / "cam2").exists()
+        assert store.put("2024/cam2", b"x").size == 1
+        assert (real / "rel").is_symlink() and store.get("rel/keep.jpg") == b"k"
+
+        # the folders a target names are the link's, kept even when left empty
+        (real / "2024" / "cam3").mkdir()
+        (real / "deep").symlink_to("2024/cam3")
+        store.put("deep/x/y/z.jpg", b"z")
+        assert store.delete("deep/x/y/z.jpg") is True
+        assert (real / "2024" / "cam3").is_dir()
+        assert os.listdir(real / "2024" / "cam3") == []
+        assert (real / "deep").is_symlink()
+
+        # an absolute link to the root itself: pruning stops below the root
+        (real / "top").symlink_to(real)
+        store.put("top/t/u.jpg", b"u")
+        assert store.delete("top/t/u.jpg") is True
+        assert not (real / "t").exists() and real.is_dir() and (real / "top").is_symlink()
+
+        # a link deeper in the key, climbing with '..': only the folders after it go
+        store.put("a/b/keep", b"k")
+        (real / "a" / "b" / "up").symlink_to("../../2024")
+        store.put("a/b/up/n/o.jpg", b"o")
+        assert store.delete("a/b/up/n/o.jpg") is True
+        assert not (real / "2024" / "n").exists()
+        assert (real / "a" / "b" / "up").is_symlink()
+        assert tree(real) == {
+            "2024",
+            "2024/keep.jpg",
+            "2024/cam2",
+            "2024/cam3",
+            "rel",
+            "deep",
+            "top",
+            "a",
+            "a/b",
+            "a/b/keep",
+            "a/b/up",
+        }
+
+
 def test_errors_name_the_key_not_the_folder(store: LocalObjectStore) -> None:
     """A message shows the key and the store's URL (which the service replaces); no path
     below the root leaks through the reason of an ``OSError``."""

@@ -263,6 +263,79 @@ def test_a_thumbnail_of_an_image_over_the_pixel_budget_is_refused_undecoded(
         assert shape[:2] == (120, 160)
 
 
+def _marker(data: bytes, marker: bytes) -> int:
+    """The offset of the first ``marker`` segment of a JPEG (walked by segment lengths)."""
+    pos = 2
+    while data[pos : pos + 2] != marker:
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return pos
+
+
+def _declaring(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG ``data`` with its frame header (SOF0 or SOF2) declaring ``width`` x
+    ``height``."""
+    sof = _marker(data, b"\xff\xc2" if b"\xff\xc2" in data else b"\xff\xc0")
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
+
+
+def _first_scan_one_component(data: bytes) -> bytes:
+    """The baseline JPEG ``data`` with its first scan holding only its first component: a
+    sequential JPEG of several scans, which libjpeg decodes through a buffer of the whole
+    picture's coefficients."""
+    sos = _marker(data, b"\xff\xda")
+    segment = data[sos + 4 : sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")]
+    count = segment[0]
+    scan = bytes([1]) + segment[1:3] + segment[1 + 2 * count :]
+    rest = data[sos + 4 + len(segment) :]
+    return data[:sos] + b"\xff\xda" + struct.pack(">H", 2 + len(scan)) + scan + rest
+
+
+def test_a_camera_jpeg_over_the_budget_is_thumbnailed_from_its_reduced_decode(
+    tmp_path: Path,
+) -> None:
+    """A 10000x5000 JPEG (a 50-megapixel camera still) is over the pixel budget in full but
+    decoded at 1/8 or 1/4 for a thumbnail, which is what counts for a sequential JPEG; the
+    same picture progressive, or sequential in several scans, makes libjpeg hold every
+    coefficient of the full picture whatever the reduction, so its full size counts (422);
+    a JPEG whose reduced picture is still over the budget is refused too."""
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}")
+    picture = np.zeros((5000, 10_000, 3), np.uint8)
+    picture[:, :, 1] = 120
+    picture[:, 5000:, 2] = 200
+    ok, encoded = cv2.imencode(".jpg", picture)
+    assert ok
+    still = bytes(encoded)
+    ok, encoded = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    progressive = bytes(encoded)
+    del picture, encoded
+    assert MAX_PIXELS < 10_000 * 5000 and image_size(progressive) == ("JPEG", 10_000, 5000)
+    refused = {
+        "progressive.jpg": (progressive, "10000x5000"),
+        "scans.jpg": (_first_scan_one_component(still), "10000x5000"),
+        "huge.jpg": (_declaring(still, 60_000, 60_000), "60000x60000"),  # 7500x7500 at 1/8
+    }
+    base = "/api/segments/station/cam/frames"
+    with (
+        Server(settings, pipelines=(), apps=[App("station", settings=settings)]) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client,
+    ):
+        assert client.put("/api/objects/snaps/still.jpg", content=still).status_code == 201
+        for name, (data, _) in refused.items():
+            assert client.put(f"/api/objects/snaps/{name}", content=data).status_code == 201
+        for width, shape in ((320, (160, 320)), (1920, (960, 1920))):  # at 1/8, at 1/4
+            thumb = client.get(f"{base}/snaps/still.jpg?width={width}")
+            assert thumb.status_code == 200, thumb.text
+            image = cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_COLOR)
+            assert image.shape[:2] == shape
+            assert image[:, : width // 4, 2].mean() < 30 < 170 < image[:, -width // 4 :, 2].mean()
+        for name, (_, size) in refused.items():
+            answer = client.get(f"{base}/snaps/{name}?width=320")
+            assert answer.status_code == 422, (name, answer.status_code)
+            detail = answer.json()["detail"]
+            assert f"'snaps/{name}'" in detail and size in detail, detail
+
+
 # -- a failing object store ----------------------------------------------------------------------
 
 

@@ -3,10 +3,16 @@
 Guarantees: a thumbnail is at most ``width`` pixels wide (an image narrower than that is
 re-encoded, never enlarged) and keeps the image's aspect ratio; an image is decoded only after
 its size was read from its header (:func:`image_size`: JPEG, PNG, WebP, BMP; any other data is
-a :class:`NotAnImageError`, never given to a decoder) and only when it has at most
+a :class:`NotAnImageError`, never given to a decoder) and only when its decode holds at most
 :data:`MAX_PIXELS` pixels (else an :class:`ImageTooLargeError`): a small file declaring a huge
-picture cannot make the service allocate more than that budget's decode; a JPEG wider than
-twice the thumbnail is decoded reduced (1/2, 1/4, 1/8); what cannot be decoded is a
+picture cannot make the service allocate more than that budget's decode. A JPEG wider than
+twice the thumbnail is decoded reduced (1/2, 1/4, 1/8); for a single-scan sequential JPEG
+(baseline or extended, all components in its first scan) the reduced size is what counts
+against the budget, as libjpeg then decodes it a row of blocks at a time (a 10000x5000
+camera still is decoded at 1250x625); a progressive, multi-scan, lossless or hierarchical
+JPEG, or one whose markers cannot be read, counts at its full size, as libjpeg keeps every
+DCT coefficient of the full picture while decoding it whatever the reduction. What cannot be
+decoded is a
 :class:`NotAnImageError`, never a server error; the cache holds at most ``max_bytes`` of
 thumbnails (least recently used dropped first), keyed by the store, the key and the width, so
 a key of one store never answers for another's.
@@ -116,18 +122,61 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     return kind, size[0], size[1]
 
 
+def _jpeg_single_scan(data: bytes) -> bool:
+    """Whether the JPEG in ``data`` is sequential (SOF0, SOF1 or SOF9) with every component
+    of its frame in its first scan: the only kind libjpeg decodes reduced without a buffer of
+    the full picture's coefficients. ``False`` for anything else or markers it cannot read."""
+    frame_components = 0
+    pos = 2
+    end = len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            return False
+        while pos < end and data[pos] == 0xFF:  # fill bytes before a marker (T.81 B.1.1.2)
+            pos += 1
+        if pos >= end:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if pos + 2 > end or marker in (0x00, 0xD8, 0xD9):
+            return False
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            return False
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            if frame_components or marker not in (0xC0, 0xC1, 0xC9) or length < 8:
+                return False
+            frame_components = data[pos + 7]
+        elif marker == 0xDA:  # SOS: the first scan
+            return length >= 3 and 0 < frame_components == data[pos + 2]
+        pos += length
+    return False
+
+
+def _decoded_pixels(kind: str, width: int, height: int, factor: int, data: bytes) -> int:
+    """The pixels a decode of the image holds: its own, or for a single-scan sequential JPEG
+    decoded at ``1/factor`` the reduced picture's (libjpeg rounds up)."""
+    if kind == "JPEG" and factor > 1 and _jpeg_single_scan(data):
+        return -(-width // factor) * -(-height // factor)
+    return width * height
+
+
 def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = MAX_PIXELS) -> bytes:
-    """``data`` (an image) as a JPEG at most ``width`` pixels wide; an image of more than
-    ``max_pixels`` pixels (by its header) is refused undecoded."""
+    """``data`` (an image) as a JPEG at most ``width`` pixels wide; an image whose decode
+    would hold more than ``max_pixels`` pixels (by its header: the full picture, or the
+    reduced one for a single-scan sequential JPEG decoded reduced) is refused undecoded."""
     kind, known, height = image_size(data)
-    if known * height > max_pixels:
-        raise ImageTooLargeError(known, height, max_pixels)
+    factor = 1
     flags = cv2.IMREAD_COLOR
     if kind == "JPEG":
-        for factor, reduced in _REDUCED:
-            if known // factor >= width:
-                flags = reduced
+        for reduction, reduced in _REDUCED:
+            if known // reduction >= width:
+                factor, flags = reduction, reduced
                 break
+    if _decoded_pixels(kind, known, height, factor, data) > max_pixels:
+        raise ImageTooLargeError(known, height, max_pixels)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None:
         raise NotAnImageError("the object is not an image that can be decoded")

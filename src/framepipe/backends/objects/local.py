@@ -11,13 +11,21 @@ Guarantees:
   opened relative to its parent's descriptor with ``O_NOFOLLOW``, and then works by name
   inside that folder (``dir_fd=``), so the kernel never follows a link below the root. A
   symbolic link met on the way is read by the walk and followed only while it stays inside:
-  an absolute target must lie under the root's resolved path, ``..`` never climbs above the
-  root, at most 40 links per key; a key whose path leaves the root is refused with
-  :class:`InvalidKeyError`. A link swapped in after any check is met by the same walk, never
-  followed blindly;
+  an absolute target must lie under the root's resolved path or under the path the root was
+  configured as (made absolute and normalised, ``//`` and ``.`` dropped; kept only when it
+  resolved to the same folder at open, so a store configured as ``/srv/store``, a link to
+  ``/mnt/data/store``, follows ``latest -> /srv/store/2024``), and is then walked from the
+  root's descriptor, never looked up by path; ``..`` never climbs above the root, at most 40
+  links per key; a key whose path leaves the root is refused with :class:`InvalidKeyError`.
+  A link swapped in after any check is met by the same walk, never followed blindly;
 * ``get``, ``stat`` and ``copy`` follow a link at the key's own name by the same rule; ``put``
   replaces the entry at the key's name and ``delete`` removes it, whatever it is, so a link
   there is never written through;
+* ``delete`` prunes the folders of the key's path left empty, deepest first, so a later
+  ``put`` of a parent key does not collide: up to the root (never the root itself), or for a
+  key reached through links, only the folders entered after the last link from the key's own
+  segments (they are the key's real path); a link and the folders its target names are never
+  removed;
 * only regular files are objects: a read opens ``O_NONBLOCK`` and checks the open file, so a
   FIFO, socket or device planted at a key is an :class:`ObjectStoreError` naming the key at
   once (never a reader blocked), and a folder is no object;
@@ -69,11 +77,14 @@ def _loop() -> OSError:
 @dataclass
 class _Folder:
     """A folder reached by :meth:`LocalObjectStore._walk`: the open descriptors from the root
-    down to it, the names of its path below the root (one fewer) and the links followed."""
+    down to it, the names of its path below the root (one fewer), the links followed, and how
+    many of ``fds`` were reached by the last link (the root, the link's folder, the folders
+    its target names); those after it were entered from the key's own segments."""
 
     fds: list[int]
     names: list[str] = field(default_factory=list)
     links: int = 0
+    keep: int = 1
 
     @property
     def fd(self) -> int:
@@ -95,6 +106,12 @@ def _enter(dir_fd: int, name: str, make: bool) -> int:
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, dir_fd=dir_fd)
     return os.open(name, _DIR, dir_fd=dir_fd)
+
+
+def _parts(path: str) -> list[str]:
+    """The names of the absolute ``path``, without the empty and ``.`` ones (``..`` kept: it
+    is not resolved by name)."""
+    return [part for part in path.split("/") if part not in ("", ".")]
 
 
 def _write_bytes(fd: int, data: bytes) -> None:
@@ -126,7 +143,14 @@ class LocalObjectStore(ObjectStore):
             raise ObjectStoreError(f"cannot open object store directory {path}: {exc}") from exc
         self._url = self._root.as_uri()
         self._root_str = str(self._root)
-        self._root_prefix = self._root_str.rstrip("/") + "/"
+        # absolute link targets inside: under the resolved root, or under the root's path as
+        # configured when that is another name of the same folder (longest first)
+        self._root_parts = [_parts(self._root_str)]
+        configured = os.path.abspath(path)
+        with contextlib.suppress(OSError):
+            if configured != self._root_str and os.path.realpath(configured) == self._root_str:
+                self._root_parts.append(_parts(configured))
+        self._root_parts.sort(key=len, reverse=True)
 
     @property
     def url(self) -> str:
@@ -161,18 +185,26 @@ class LocalObjectStore(ObjectStore):
 
     def _follow(self, key: str, folder: _Folder, target: str) -> list[str]:
         """The segments to walk next for a link to ``target`` found in ``folder``: relative to
-        ``folder``, or for an absolute target relative to the root (``folder`` is taken back
-        to the root); an absolute target outside the root is refused."""
+        ``folder``, or for an absolute target under the root's resolved or configured path,
+        relative to the root (``folder`` is taken back to the root's descriptor); any other
+        absolute target is refused."""
         folder.links += 1
         if folder.links > _MAX_LINKS:
             raise _loop()
         if target.startswith("/"):
-            if target != self._root_str and not target.startswith(self._root_prefix):
+            parts = _parts(target)
+            for root in self._root_parts:
+                if parts[: len(root)] == root:
+                    break
+            else:
                 raise self._escape(key)
             while len(folder.fds) > 1:
                 os.close(folder.fds.pop())
             folder.names.clear()
-            target = target[len(self._root_prefix) :]
+            rest = parts[len(root) :]
+            if not rest or target.endswith("/"):  # the root itself, or a folder: as split does
+                rest.append("")
+            return rest
         return target.split("/")
 
     def _climb(self, key: str, folder: _Folder) -> None:
@@ -192,13 +224,17 @@ class LocalObjectStore(ObjectStore):
         the folder."""
         folder = _Folder([os.open(self._root_str, _ROOT)], links=links)
         todo = segments[-2::-1]  # the folders to enter, the next one last
+        own = len(todo)  # todo[:own] are the key's own segments, above them a link's target
         try:
             while todo:
                 name = todo.pop()
+                from_key = len(todo) < own
+                own = min(own, len(todo))
                 if name in ("", "."):
                     continue
                 if name == "..":  # only from a link's target
                     self._climb(key, folder)
+                    folder.keep = len(folder.fds)
                     continue
                 try:
                     fd = _enter(folder.fd, name, make)
@@ -208,9 +244,12 @@ class LocalObjectStore(ObjectStore):
                     except OSError:
                         raise exc from None
                     todo.extend(reversed(self._follow(key, folder, target)))
+                    folder.keep = len(folder.fds)
                     continue
                 folder.fds.append(fd)
                 folder.names.append(name)
+                if not from_key:
+                    folder.keep = len(folder.fds)
         except BaseException:
             folder.close()
             raise
@@ -387,15 +426,13 @@ class LocalObjectStore(ObjectStore):
             except OSError as exc:
                 raise self._error("delete", key, exc) from exc
             # prune the key's folders left empty, so a later put of a parent key does not
-            # collide (not through a link: the folders reached are another key's)
-            if folder.links == 0:
-                for parent_fd, name in zip(
-                    reversed(folder.fds[:-1]), reversed(folder.names), strict=True
-                ):
-                    try:
-                        os.rmdir(name, dir_fd=parent_fd)
-                    except OSError:
-                        break
+            # collide: those entered after the last link (fds[keep:], named names[keep-1:]
+            # in their parents), never the root, a link, or a folder a link's target names
+            for depth in range(len(folder.names) - 1, folder.keep - 2, -1):
+                try:
+                    os.rmdir(folder.names[depth], dir_fd=folder.fds[depth])
+                except OSError:
+                    break
             return True
         finally:
             folder.close()
