@@ -17,9 +17,9 @@ never follows a symlink out of its root: also a 400): for an app served here, th
 the pipeline's frame stores, then the app's dashboard store, then the service's; for an app of
 another process, the service's object store (the home's). The error names the key, never a
 store's path (a failure of the store itself is a 500). A frame is decoded only when its header
-says it is a JPEG, PNG, WebP or BMP (else 415) of at most
-:data:`~framepipe.server.thumbnails.MAX_PIXELS` pixels (else 422 naming the key), whatever
-its file size. Segments of an app served here come from memory (filled from the event log at
+says it is a JPEG, PNG, WebP or BMP (else 415) whose decode holds at most
+:data:`~framepipe.server.thumbnails.MAX_PIXELS` pixels (a baseline JPEG counts at the reduced
+size it is decoded at; else 422 naming the key), whatever its file size. Segments of an app served here come from memory (filled from the event log at
 start); those of another process's app from the event log its ``StoreEventSink`` writes.
 """
 
