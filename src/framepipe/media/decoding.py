@@ -18,13 +18,8 @@ import av.video.stream
 from framepipe.errors import MediaError
 from framepipe.media.audio import AudioQueue, audio_format
 from framepipe.media.limits import BACKSTOP, check_picture
-from framepipe.media.timing import (
-    announced_duration,
-    frame_duration,
-    frame_seconds,
-    stream_rate,
-    stream_start,
-)
+from framepipe.media.timing import stream_start
+from framepipe.video_length import COMPLETE_SHARE, DecodedLength
 
 __all__ = [
     "COMPLETE_SHARE",
@@ -35,11 +30,6 @@ __all__ = [
     "open_video",
     "peek",
 ]
-
-COMPLETE_SHARE = 0.95
-"""A source decoded by :func:`decode_source` is truncated when its frames (or, without a frame
-count in its header, their length) come to less than this share of what its header announces,
-less two frames."""
 
 T = TypeVar("T")
 
@@ -154,12 +144,15 @@ def decode_source(
 
     A truncated file (an interrupted upload, whose header still announces the whole video) is
     a :class:`MediaError` naming ``path``, raised by ``frames`` when they run out, so an output
-    being written from them is never completed: when the header counts frames (MP4, MOV), fewer
-    decoded than :data:`COMPLETE_SHARE` of that count less two; else, when it announces a
-    duration (:func:`~framepipe.media.timing.announced_duration`: Matroska/WebM's track
-    duration ...), decoded frames ending (each frame's time plus its own duration) short of
-    that share of it less two frames. A file whose header announces neither (MPEG-TS, a raw
-    stream: their length is estimated from what is there) cannot be judged."""
+    being written from them is never completed. The rule
+    (:meth:`~framepipe.video_length.DecodedLength.shortfall`, shared with
+    :class:`~framepipe.sources.VideoSource`): when the header counts frames (MP4, MOV), fewer
+    decoded than :data:`COMPLETE_SHARE` of the frames that play, less two (frames an edit list
+    hides, as a trim with ``ffmpeg -ss ... -c copy`` or a phone's trim leaves, are not
+    expected); else, when it announces a duration (Matroska/WebM's track duration ...),
+    decoded frames ending short of that share of it less two frames. A file whose header
+    announces neither (MPEG-TS, a raw stream: their length is estimated from what is there)
+    cannot be judged."""
     queue: AudioQueue | None = None
     astream = container.streams.audio[0] if audio is not False and container.streams.audio else None
     if isinstance(audio, AudioQueue):
@@ -191,29 +184,13 @@ def _complete(
 ) -> Iterator[av.VideoFrame]:
     """``frames``, then a :class:`MediaError` if they were fewer or shorter than the header
     announces (see :func:`decode_source`)."""
-    rate = stream_rate(stream)
-    count, end = 0, stream_start(stream)
+    decoded = DecodedLength(stream, container)
     for frame in frames:
-        end = frame_seconds(frame, count, rate) + frame_duration(frame, rate)
-        count += 1
+        decoded.add(frame)
         yield frame
-    slack = 2  # frames
-    if stream.frames:
-        if count < COMPLETE_SHARE * stream.frames - slack:
-            raise MediaError(
-                path,
-                f"truncated: its header announces {stream.frames} frames but only {count} "
-                "could be decoded",
-            )
-        return
-    announced = announced_duration(stream, container)
-    decoded = end - stream_start(stream)
-    if announced and decoded < COMPLETE_SHARE * announced - slack / float(rate):
-        raise MediaError(
-            path,
-            f"truncated: its header announces {announced:.2f} s of video but only "
-            f"{max(0.0, decoded):.2f} s could be decoded",
-        )
+    problem = decoded.shortfall()
+    if problem is not None:
+        raise MediaError(path, problem)
 
 
 def _ignore(frame: av.AudioFrame) -> None:

@@ -36,7 +36,9 @@ class MediaInfo:
     clockwise): how far players turn the stored picture to show it upright. ``width`` and
     ``height`` are of the stored picture; :attr:`display_size` is the upright one. The media
     functions that write images or video turn it upright themselves.
-    ``frames`` comes from the container header, else it is estimated from duration x fps.
+    ``frames`` comes from the container header (the frames that play: not those an edit list
+    hides, as a trim with ``ffmpeg -ss ... -c copy`` leaves), else it is estimated from
+    duration x fps.
     ``fps`` is the average frame rate (frames / duration; for a variable frame rate, the
     average) unless the container gives none, then FFmpeg's guess.
     ``audio_duration`` is the first audio stream's length in seconds (None without audio).

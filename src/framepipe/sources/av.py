@@ -12,8 +12,11 @@ Guarantees of one :meth:`VideoSource.frames` session:
   the source and the URL, with PyAV's exception as ``__cause__``. The thread never dies silently
   and the consumer never waits forever for a dead thread.
 * The end of a file (without ``loop``) or of a stream the server closed is a normal end: the
-  iterator returns. A file that ends clearly before the frame count its header announces is
-  reported as truncated (``SourceError``).
+  iterator returns. A file that ends clearly before the length its header announces (the rule
+  of the media toolkit, :meth:`~framepipe.video_length.DecodedLength.shortfall`: its frames
+  that play, frames an edit list hides, as a ``ffmpeg -ss ... -c copy`` trim leaves, not
+  counted; else its duration) is reported as truncated (``SourceError``), after the frames
+  it had.
 * Closing the iterator (``aclose``, ``break`` in ``async for``, cancelling the consumer) stops
   the thread and joins it. The thread checks its stop flag between packets and while it paces
   or waits for room, so it stops at once, except when it is blocked in network I/O: then it
@@ -45,6 +48,7 @@ from framepipe.sources.base import Source, StartedCallback, check_decode_threads
 from framepipe.sources.devices import is_device
 from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
 from framepipe.urls import safe_url
+from framepipe.video_length import DecodedLength
 
 __all__ = ["VideoSource"]
 
@@ -288,6 +292,7 @@ class VideoSource(Source):
                 if rate:
                     self.fps = float(rate)
                 count, bad = 0, [0]
+                decoded = DecodedLength(stream, container)
                 first_time: float | None = None
                 last_pts = next_pts
                 for packet in container.demux(stream):
@@ -316,6 +321,7 @@ class VideoSource(Source):
                             )
                         last_size = size
                         picture = self._picture(frame)
+                        decoded.add(frame)
                         count += 1
                         last_pts = pts
                         if pacer is not None:
@@ -325,7 +331,7 @@ class VideoSource(Source):
                         ts = now_ms()
                         if not channel.put_frame(Decoded(picture, pts, ts, meta)):
                             raise Stopped
-                self._check_complete(stream, count)
+                self._check_complete(decoded)
             finally:
                 container.close()
             if not self.loop:
@@ -365,13 +371,12 @@ class VideoSource(Source):
         bad[0] = 0
         return decoded
 
-    def _check_complete(self, stream: Any, count: int) -> None:
-        """Fail a file that ended well before the frame count its header announces."""
-        expected = int(stream.frames or 0)
-        if not self.is_network and expected > 0 and count < expected - max(2, expected // 100):
-            raise self._fail(
-                f"truncated file: decoded {count} frames of the {expected} its header announces"
-            )
+    def _check_complete(self, decoded: DecodedLength) -> None:
+        """Fail a file that ended clearly before the length its header announces (a device or
+        a stream is not judged)."""
+        problem = decoded.shortfall() if self._is_file else None
+        if problem is not None:
+            raise self._fail(problem)
 
     def _picture(self, frame: Any) -> Image | YuvPlanes | JpegPicture:
         """The frame's planes, kept for a lazy conversion (even-sized 4:2:0, the usual case,

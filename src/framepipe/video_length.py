@@ -1,0 +1,168 @@
+"""How long a video stream is, as its header announces it and as decoded, and whether a file
+was decoded whole: one rule for the media toolkit (:func:`framepipe.media.decoding.
+decode_source`) and :class:`~framepipe.sources.VideoSource`.
+
+A small module on PyAV alone, so that the sources use it without loading the media toolkit
+(:mod:`framepipe.media.timing` re-exports its time helpers).
+
+An MP4/MOV trimmed without re-encoding (``ffmpeg -ss 1 -t 2 -c copy``, a phone's trim) keeps
+the samples it cut inside the file and hides them with an edit list: its header's frame count
+(``nb_frames``) counts them, though they are never shown (FFmpeg's decoder drops them). The
+lengths here are the ones that play: the frames its index does not mark as hidden, and the
+stream's duration after the edit list (what the demuxer reports)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import av
+import av.container
+import av.video.stream
+
+__all__ = [
+    "COMPLETE_SHARE",
+    "DecodedLength",
+    "announced_duration",
+    "announced_frames",
+    "frame_duration",
+    "frame_seconds",
+    "stream_rate",
+    "stream_start",
+]
+
+COMPLETE_SHARE = 0.95
+"""A file's video is truncated when what was decoded comes to less than this share of what
+its header announces, less two frames (see :meth:`DecodedLength.shortfall`)."""
+
+_SLACK_FRAMES = 2
+
+
+def stream_start(stream: av.video.stream.VideoStream) -> float:
+    """The stream's start time in seconds (0 when unknown)."""
+    if stream.start_time is not None and stream.time_base is not None:
+        return float(stream.start_time * stream.time_base)
+    return 0.0
+
+
+def stream_rate(stream: av.video.stream.VideoStream) -> Fraction:
+    """The stream's frame rate (average, else guessed, else 25)."""
+    rate = stream.average_rate or stream.guessed_rate
+    return Fraction(rate) if rate else Fraction(25)
+
+
+def frame_seconds(frame: av.VideoFrame, index: int, rate: Fraction) -> float:
+    """The frame's presentation time in seconds (from its pts, else from its index)."""
+    t = frame.time
+    if t is None:
+        return index / float(rate)
+    return float(t)
+
+
+def frame_duration(frame: av.VideoFrame, rate: Fraction) -> float:
+    """How long the frame is shown, in seconds: its own duration (the container's, e.g. an MP4
+    sample's, which a variable frame rate sets frame by frame) when known, else one frame at
+    ``rate``."""
+    duration = getattr(frame, "duration", None)
+    if duration and duration > 0 and frame.time_base is not None:
+        return float(duration * frame.time_base)
+    return 1 / float(rate)
+
+
+def announced_frames(stream: av.video.stream.VideoStream) -> int:
+    """The frames the file's header counts that play (0: it counts none). With an index that
+    lists every frame (an MP4/MOV's sample table, read with the header, no I/O), those it does
+    not mark as hidden by an edit list; else the header's count as it is."""
+    total = int(stream.frames or 0)
+    if total <= 0:
+        return 0
+    entries = stream.index_entries
+    if len(entries) < total:
+        return total
+    return sum(1 for entry in entries if not entry.is_discard)
+
+
+def announced_duration(
+    stream: av.video.stream.VideoStream, container: av.container.InputContainer
+) -> float | None:
+    """The video stream's length in seconds as the file's header announces it (None when it
+    announces none): the stream's own duration (MP4, MOV: after the edit list; TS's
+    estimate), else the track's ``DURATION`` tag (Matroska/WebM, written by FFmpeg and
+    mkvmerge: the track's end time, less the stream's start), else the container's duration
+    when the video is its only stream (with sound, that may be the sound's length)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    for name, value in (stream.metadata or {}).items():
+        if name.upper() == "DURATION" or name.upper().startswith("DURATION-"):
+            end = _clock_seconds(str(value))
+            if end is not None:
+                return max(0.0, end - stream_start(stream))
+    if container.duration is not None and len(container.streams) == 1:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def _clock_seconds(text: str) -> float | None:
+    """``HH:MM:SS.fraction`` in seconds (None if it is not that)."""
+    parts = text.strip().split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        seconds = int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+class DecodedLength:
+    """What has been decoded of one pass over a file's video stream, told each frame in
+    presentation order (:meth:`add`), and whether that is the whole of it (:meth:`shortfall`).
+    Read the header (``shortfall``) before the container is closed."""
+
+    def __init__(
+        self, stream: av.video.stream.VideoStream, container: av.container.InputContainer
+    ) -> None:
+        self.stream = stream
+        self.container = container
+        self.rate = stream_rate(stream)
+        self.frames = 0
+        self.end = stream_start(stream)
+
+    def add(self, frame: av.VideoFrame) -> None:
+        """Count ``frame``; the decoded video now ends where it ends (its time plus its own
+        duration, :func:`frame_seconds`, :func:`frame_duration`)."""
+        self.end = frame_seconds(frame, self.frames, self.rate) + frame_duration(frame, self.rate)
+        self.frames += 1
+
+    @property
+    def seconds(self) -> float:
+        """The decoded video's length: from the stream's start to the end of its last frame."""
+        return max(0.0, self.end - stream_start(self.stream))
+
+    def shortfall(self) -> str | None:
+        """None when the file was decoded whole (or cannot be judged), else why it is taken for
+        truncated (an interrupted upload, whose header still announces the whole video):
+        ``"truncated: its header announces ... but only ... could be decoded"``.
+
+        When the header counts frames (MP4, MOV: :func:`announced_frames`, so frames an edit
+        list hides are not expected), fewer decoded than :data:`COMPLETE_SHARE` of that count
+        less two; else, when it announces a duration (:func:`announced_duration`: Matroska/
+        WebM's track duration ...), decoded video (:attr:`seconds`) short of that share of it
+        less two frames. A file whose header announces neither (MPEG-TS, a raw stream: their
+        length is estimated from what is there) is never judged truncated."""
+        expected = announced_frames(self.stream)
+        if expected:
+            if self.frames < COMPLETE_SHARE * expected - _SLACK_FRAMES:
+                return (
+                    f"truncated: its header announces {expected} frames but only "
+                    f"{self.frames} could be decoded"
+                )
+            return None
+        announced = announced_duration(self.stream, self.container)
+        slack = _SLACK_FRAMES / float(self.rate)
+        if announced and self.seconds < COMPLETE_SHARE * announced - slack:
+            return (
+                f"truncated: its header announces {announced:.2f} s of video but only "
+                f"{self.seconds:.2f} s could be decoded"
+            )
+        return None
