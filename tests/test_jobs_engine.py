@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
+import sqlalchemy as sa
 
 from framepipe import (
     ExecutionStatus,
@@ -22,11 +23,13 @@ from framepipe import (
     StepContext,
     StepStatus,
 )
+from framepipe.backends.state import StateStore, executions
 from framepipe.errors import (
     PipelineCycleError,
     UnknownDependencyError,
     UnknownStepError,
 )
+from framepipe.jobs.control import request_cancel
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.records import get_execution
 
@@ -285,3 +288,71 @@ def test_a_retry_that_fails_after_the_take_over_gives_the_execution_back(
         first.error,
         first.runs,
     )
+
+
+def stored_row(store: StateStore, execution_id: str) -> dict[str, Any]:
+    """Every column of the execution as stored."""
+    with store.read() as conn:
+        row = conn.execute(sa.select(executions).where(executions.c.id == execution_id))
+        return dict(row.mappings().one())
+
+
+def test_a_retry_given_back_keeps_a_pending_cancel_request(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An execution that failed with a cancel request its engine had not acted on yet (made
+    through the store by another process while it ran) still has it pending after a retry
+    that failed after the take-over, and the heartbeat it had: every stored column is as it
+    was. A cancel requested while the retry held the execution (flagged for this engine) is
+    not dropped either."""
+    running, released = threading.Event(), threading.Event()
+    pipeline = Pipeline("given_back")
+
+    @pipeline.step(retries=0)
+    def blocked(ctx: StepContext) -> None:
+        if ctx.inputs.get("block"):
+            running.set()
+            released.wait(10)
+        raise RuntimeError("failed")
+
+    # A heartbeat too slow to see the cancel request before the step fails.
+    slow = settings.model_copy(update={"heartbeat_interval": 30.0})
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("could not build the execution")
+
+    async def main(other: StateStore) -> list[dict[str, Any]]:
+        async with JobEngine(settings=slow) as engine:
+            pending = await engine.submit(pipeline, {"block": True})
+            assert await asyncio.to_thread(running.wait, 10)
+            assert await asyncio.to_thread(request_cancel, other, pending) == []  # flagged
+            released.set()
+            first = await engine.wait(pending, raise_on_failure=False)
+            assert first.status is ExecutionStatus.FAILED
+            before = await asyncio.to_thread(stored_row, other, pending)
+
+            held = await engine.submit(pipeline)
+            await engine.wait(held, raise_on_failure=False)
+            held_before = await asyncio.to_thread(stored_row, other, held)
+
+            def cancel_then_break(*_args: Any) -> None:
+                assert request_cancel(other, held) == []  # running: flagged for this engine
+                raise RuntimeError("could not build the execution")
+
+            with monkeypatch.context() as patch:
+                patch.setattr("framepipe.jobs.engine.ExecState", broken)
+                with pytest.raises(RuntimeError, match="could not build"):
+                    await engine.retry(pending, pipeline)
+                patch.setattr("framepipe.jobs.engine.ExecState", cancel_then_break)
+                with pytest.raises(RuntimeError, match="could not build"):
+                    await engine.retry(held, pipeline)
+            after = await asyncio.to_thread(stored_row, other, pending)
+            held_after = await asyncio.to_thread(stored_row, other, held)
+        return [before, after, held_before, held_after]
+
+    with StateStore(slow.resolved_database_url) as other:
+        before, after, held_before, held_after = run(main(other))
+    assert before["cancel_requested"] is True
+    assert after == before
+    assert held_before["cancel_requested"] is False
+    assert held_after == {**held_before, "cancel_requested": True}

@@ -9,9 +9,11 @@ is on their PYTHONPATH)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -20,7 +22,9 @@ from framepipe import Pipeline, StepContext
 from framepipe.backends.state import StateStore
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.ledger import Ledger, ledger_row
+from framepipe.jobs.memory import JsonCopies
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.outcomes import check_output
 from framepipe.jobs.records import get_execution
 from framepipe.jobs.storable import storable_text
 from test_jobs_modes import Mode
@@ -216,7 +220,7 @@ def render(ctx: StepContext) -> dict[str, Any]:
         "frame_keys": sorted(frames),
         "by_int_key": frames.get(1),
         "size_type": type(ctx.data["size"]).__name__,
-        "rendered": len(files),
+        "rendered": len(ctx.data["files"]),  # its own copy, with its own change
     }
 
 
@@ -245,6 +249,35 @@ def test_every_step_sees_its_own_json_copy_of_the_data(in_mode: Mode) -> None:
 
 
 # -- the rules themselves ---------------------------------------------------------------------
+
+
+def test_the_engine_copies_only_the_values_a_step_reads_as_json_would() -> None:
+    """The embedded engine's ``ctx.data`` gives each step a copy of each value it reads equal
+    to a round trip through JSON, however deep, kept for the step's later reads and shared
+    with no other step, nor with the engine's own data."""
+    deep: Any = "leaf"
+    for _ in range(600):  # deeper than a recursive copy goes: copied through JSON instead
+        deep = [deep]
+    output = check_output(
+        {"deep": deep, "files": ["a.mp4"], "frames": {1: "a.jpg"}, "n": 1, "size": (640, 480)},
+        pipeline="p",
+        step_key="s",
+        execution_id="x",
+        limit=1 << 20,
+    )
+    snapshot = MappingProxyType(output)
+    mine, sibling = JsonCopies(snapshot), JsonCopies(snapshot)
+    assert dict(mine) == json.loads(json.dumps(output))
+    assert mine["size"] == [640, 480] and list(mine["frames"]) == ["1"]
+    mine["files"].append("tmp.mp4")
+    mine["frames"]["2"] = "b.jpg"
+    assert mine["files"] == ["a.mp4", "tmp.mp4"] and len(mine["frames"]) == 2
+    assert sibling["files"] == ["a.mp4"] and sibling["frames"] == {"1": "a.jpg"}
+    assert snapshot["files"] == ["a.mp4"] and snapshot["frames"] == {"1": "a.jpg"}
+    assert mine["deep"] == deep and mine["deep"] is not snapshot["deep"]
+    assert ("files" in mine, "nope" in mine, len(mine)) == (True, False, 5)
+    with pytest.raises(KeyError):
+        mine["nope"]
 
 
 def test_only_what_no_database_can_store_is_escaped() -> None:

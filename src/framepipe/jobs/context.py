@@ -62,13 +62,13 @@ StepMessage = Progressed | Spawned
 
 
 class LazyData(Mapping[str, Any]):
-    """A step's ``ctx.data``: the execution's merged outputs, loaded by ``load`` when the step
-    first looks at them (read-only at the top level).
+    """A step's ``ctx.data`` on a worker: the execution's merged outputs, loaded by ``load``
+    (read from the store) when the step first looks at them (read-only at the top level).
 
-    Both modes give each attempt a copy of its own parsed from JSON (a worker reads it from
-    the store; the embedded engine round-trips its in-memory data through JSON in the step's
-    thread, :meth:`~framepipe.jobs.memory.ExecState.data_view`), so the same code sees the
-    same values in both: string keys, lists, and nothing shared with another step (a step
+    Both modes give each attempt a copy of its own parsed from JSON (a worker parses what it
+    reads from the store; the embedded engine copies each value the step reads through JSON
+    in the step's thread, :class:`~framepipe.jobs.memory.JsonCopies`), so the same code sees
+    the same values in both: string keys, lists, and nothing shared with another step (a step
     that changes a list it was given changes its own copy only)."""
 
     def __init__(self, load: Callable[[], dict[str, Any]]) -> None:

@@ -488,10 +488,10 @@ class JobEngine(Scheduler):
                 )
         self.register(pipeline)
         now = time.time()
-        claimed = await self._in_db(
+        taken = await self._in_db(
             take_over, self.store, info.id, info.status.value, self.owner, now
         )
-        if not claimed:
+        if taken is None:
             raise ExecutionStateError(
                 f"execution {info.id[:12]} was resumed by another process", execution_id=info.id
             )
@@ -499,8 +499,9 @@ class JobEngine(Scheduler):
             row, step_rows = await self._in_db(load_rows, self.store, info.id)
             x = ExecState(row, pipeline)
         except BaseException:
-            # Not adopted: give the execution back as it was, so a later retry can take it.
-            await self._in_db(give_back, self.store, info, self.owner)
+            # Not adopted: give the execution back as it was (a pending cancel request
+            # included), so a later retry can take it.
+            await self._in_db(self._retried, give_back, self.store, taken, self.owner)
             raise
         for r in step_rows:
             if r["status"] != StepStatus.COMPLETED.value:

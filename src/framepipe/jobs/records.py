@@ -33,6 +33,7 @@ from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, Step
 __all__ = [
     "Batch",
     "JobCounts",
+    "TakenOver",
     "cancel_or_flag",
     "cancel_requested",
     "completed_data",
@@ -450,25 +451,66 @@ def execution_mode(store: StateStore, execution_id: str) -> str:
         )
 
 
-def take_over(store: StateStore, execution_id: str, status: str, owner: str, now: float) -> bool:
+@dataclass(frozen=True, slots=True)
+class TakenOver:
+    """The columns :func:`take_over` changes in an execution, as they were before it: what
+    :func:`give_back` puts back."""
+
+    id: str
+    status: str
+    owner: str | None
+    heartbeat_at: float | None
+    cancel_requested: bool
+    finished_at: float | None
+    error: str | None
+    runs: int
+
+
+def take_over(
+    store: StateStore, execution_id: str, status: str, owner: str, now: float
+) -> TakenOver | None:
     """Make ``owner`` the engine of an execution to resume, if it is still ``status`` (so two
     processes resuming it at once cannot both win): running again, a new run counted, its
-    error and any cancel request cleared. False if it was not ``status`` any more."""
+    error and any cancel request cleared. Returns what it changed as it was, read in the same
+    transaction (for :func:`give_back`); None if the execution was not ``status`` any more."""
     with store.write() as conn:
-        return bool(
-            conn.execute(
-                executions.update()
-                .where(executions.c.id == execution_id, executions.c.status == status)
-                .values(
-                    status=ExecutionStatus.RUNNING.value,
-                    owner=owner,
-                    heartbeat_at=now,
-                    cancel_requested=False,
-                    finished_at=None,
-                    error=None,
-                    runs=executions.c.runs + 1,
-                )
-            ).rowcount
+        before = conn.execute(
+            sa.select(
+                executions.c.status,
+                executions.c.owner,
+                executions.c.heartbeat_at,
+                executions.c.cancel_requested,
+                executions.c.finished_at,
+                executions.c.error,
+                executions.c.runs,
+            )
+            .where(executions.c.id == execution_id, executions.c.status == status)
+            .with_for_update()
+        ).first()
+        if before is None:
+            return None
+        conn.execute(
+            executions.update()
+            .where(executions.c.id == execution_id, executions.c.status == status)
+            .values(
+                status=ExecutionStatus.RUNNING.value,
+                owner=owner,
+                heartbeat_at=now,
+                cancel_requested=False,
+                finished_at=None,
+                error=None,
+                runs=executions.c.runs + 1,
+            )
+        )
+        return TakenOver(
+            id=execution_id,
+            status=before.status,
+            owner=before.owner,
+            heartbeat_at=before.heartbeat_at,
+            cancel_requested=bool(before.cancel_requested),
+            finished_at=before.finished_at,
+            error=before.error,
+            runs=before.runs,
         )
 
 
@@ -513,26 +555,33 @@ def fail_refused(
         )
 
 
-def give_back(store: StateStore, info: ExecutionInfo, owner: str) -> bool:
+def give_back(store: StateStore, taken: TakenOver, owner: str) -> bool:
     """Undo :func:`take_over` for an execution that ``owner`` took over but could not adopt:
-    its status, owner, error, end time and run count as ``info`` (read before the take-over)
-    has them. Only while ``owner`` still holds it running; True if it was given back."""
+    every column it changed (status, owner, heartbeat, cancel request, error, end time, run
+    count) as ``taken`` has it, so the execution is as it was before the take-over. A cancel
+    request is never dropped: one pending before the take-over is pending again, and one made
+    while ``owner`` held it (flagged for this engine) stays. Only while ``owner`` still holds
+    it running; True if it was given back."""
+    values: dict[str, Any] = {
+        "status": taken.status,
+        "owner": taken.owner,
+        "heartbeat_at": taken.heartbeat_at,
+        "finished_at": taken.finished_at,
+        "error": taken.error,
+        "runs": taken.runs,
+    }
+    if taken.cancel_requested:
+        values["cancel_requested"] = True
     with store.write() as conn:
         return bool(
             conn.execute(
                 executions.update()
                 .where(
-                    executions.c.id == info.id,
+                    executions.c.id == taken.id,
                     executions.c.owner == owner,
                     executions.c.status == ExecutionStatus.RUNNING.value,
                 )
-                .values(
-                    status=info.status.value,
-                    owner=info.owner,
-                    error=info.error,
-                    finished_at=info.finished_at,
-                    runs=info.runs,
-                )
+                .values(**values)
             ).rowcount
         )
 

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 import tenacity
 
 from framepipe.backends.objects import ObjectStore, open_object_store
@@ -50,6 +49,7 @@ from framepipe.jobs.rules import (
 )
 from framepipe.jobs.running import run_attempt, run_attempt_async
 from framepipe.jobs.storable import brief_error, storable_text
+from framepipe.jobs.transient import is_transient_store_error
 from framepipe.logs import get_logger
 
 __all__ = ["Scheduler"]
@@ -96,7 +96,7 @@ class Scheduler:
         self._journal: Journal | None = None
         self._scheduling = True
         self._write_retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(sa.exc.OperationalError),
+            retry=tenacity.retry_if_exception(is_transient_store_error),
             wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=tenacity.stop_after_delay(120),
             reraise=True,
@@ -273,19 +273,25 @@ class Scheduler:
         after, self._after_commit = self._after_commit, []
         try:
             committed = await self._in_db(self._write, batch)
-        except sa.exc.OperationalError:
-            raise  # the store stayed unreachable through every retry: the engine fails
         except Exception as exc:
+            if is_transient_store_error(exc):
+                raise  # the store stayed unreachable through every retry: the engine fails
             committed = await self._salvage(batch, exc)
         self.bus.publish(committed)
         for fn in after:
             fn()
 
     def _write(self, batch: Batch) -> list[Event]:
-        """Commit a batch; a lost connection (server restart, lock timeout) is retried."""
+        """Commit a batch; transient store trouble (a lost connection, a server restart, a
+        lock or a pooled connection not granted in time: :func:`is_transient_store_error`) is
+        retried for up to two minutes, then raised."""
+        return self._retried(write_batch, self.store, batch)
+
+    def _retried(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in this (the database) thread, retried as :meth:`_write` retries."""
         for attempt in self._write_retrying:
             with attempt:
-                return write_batch(self.store, batch)
+                return fn(*args)
         raise AssertionError("unreachable")
 
     async def _salvage(self, batch: Batch, exc: Exception) -> list[Event]:
@@ -301,9 +307,9 @@ class Scheduler:
         for execution_id, part in batch.by_execution().items():
             try:
                 committed.extend(await self._in_db(self._write, part))
-            except sa.exc.OperationalError:
-                raise
             except Exception as refused:
+                if is_transient_store_error(refused):
+                    raise
                 if execution_id is None:
                     _log.error(
                         "the state store refused changes of no execution: %s",
@@ -329,9 +335,16 @@ class Scheduler:
             self._abandon(x)
         label = x.label if x is not None else execution_id[:8]
         _log.error("[%s] execution failed: %s", label, error)
+        events: list[Event]
         try:
             events = await self._in_db(
-                fail_refused, self.store, execution_id, self.owner, error, time.time()
+                self._retried,
+                fail_refused,
+                self.store,
+                execution_id,
+                self.owner,
+                error,
+                time.time(),
             )
         except Exception as again:
             _log.error(
@@ -767,7 +780,15 @@ class Scheduler:
                 self._mark_exec(x)
             await asyncio.to_thread(self._opened_journal.compact)
             ids = list(self._execs)
-            cancelled = await self._in_db(cancel_requested, self.store, ids)
+            try:
+                cancelled = await self._in_db(cancel_requested, self.store, ids)
+            except Exception as exc:
+                if not is_transient_store_error(exc):
+                    raise
+                # The store is unreachable for now: look again at the next beat (the commit
+                # of this beat's heartbeats retries on its own).
+                _log.warning("cannot read cancel requests (%s); retrying", brief_error(exc))
+                cancelled = []
             for execution_id in cancelled:
                 target = self._execs.get(execution_id)
                 if target is not None:

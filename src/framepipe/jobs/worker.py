@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
-
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.backoff import Backoff
@@ -77,6 +75,7 @@ from framepipe.jobs.rounds import (
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
 from framepipe.jobs.storable import brief_error, storable_text
+from framepipe.jobs.transient import is_transient_store_error
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url
@@ -85,9 +84,14 @@ __all__ = ["Worker"]
 
 T = TypeVar("T")
 _log = get_logger("jobs.worker")
-_DB_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError)
 _SHORT_STEP = 0.05
 _PAUSE_AFTER = 0.2  # a worker full for this long pauses its delivery (see _reserve)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A lost broker connection, or transient store trouble by the rule the engine shares
+    (:func:`~framepipe.jobs.transient.is_transient_store_error`): retried, never a refusal."""
+    return isinstance(exc, BrokerError) or is_transient_store_error(exc)
 
 
 def _piece_attempt(
@@ -395,8 +399,12 @@ class Worker:
                 else:
                     self._release(free)
                 failures = 0
-            except (BrokerError, *_DB_ERRORS) as exc:
+            except Exception as exc:
                 self._release(free)
+                if not _transient(exc):
+                    _log.exception("Worker %s: reader failed; stopping", self.id)
+                    self.request_stop()
+                    return
                 failures += 1
                 delay = backoff.delay(min(failures, 8))
                 _log.warning(
@@ -405,11 +413,6 @@ class Worker:
                 with contextlib.suppress(BrokerError):  # nothing pushed to it meanwhile
                     self.broker.pause()
                 self._stopping.wait(delay)
-            except Exception:
-                self._release(free)
-                _log.exception("Worker %s: reader failed; stopping", self.id)
-                self.request_stop()
-                return
 
     def _reserve(self) -> int:
         """Wait for free slots and reserve them all; 0 once stopping. A worker full for
@@ -758,9 +761,9 @@ class Worker:
                 ),
                 what="committing step results",
             )
-        except (BrokerError, *_DB_ERRORS):
-            raise  # still unreachable while stopping: the leases lapse, others redo it
         except Exception as exc:
+            if _transient(exc):
+                raise  # still unreachable while stopping: the leases lapse, others redo it
             result = await self._salvage(work, exc)
         finally:
             self._release(take - (len(result.claimed) if result is not None else 0))
@@ -814,9 +817,9 @@ class Worker:
                     functools.partial(dispatch.commit_round, self.store, piece),
                     what="committing step results",
                 )
-            except (BrokerError, *_DB_ERRORS):
-                raise
             except Exception as piece_exc:
+                if _transient(piece_exc):
+                    raise
                 refused.add(ident)
                 part = await self._fail_refused(ident, weight, before, piece_exc)
             _merge(result, part)
@@ -864,9 +867,9 @@ class Worker:
                 functools.partial(dispatch.commit_round, self.store, Round(outcomes=[failed])),
                 what="failing a step whose report was refused",
             )
-        except (BrokerError, *_DB_ERRORS):
-            raise
         except Exception as again:
+            if _transient(again):
+                raise
             _log.error(
                 "Worker %s: the failure of step %s of %s could not be stored either (%s); "
                 "it is run again once its lease lapses",
@@ -921,7 +924,9 @@ class Worker:
                 if now - last_claim >= self.lease and not self._stopping.is_set():
                     last_claim = now
                     await self._takeover()
-            except (BrokerError, *_DB_ERRORS) as exc:
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
                 _log.warning(
                     "Worker %s: heartbeat failed (%s); retrying", self.id, str(exc).splitlines()[0]
                 )
@@ -1023,7 +1028,9 @@ class Worker:
         while True:
             try:
                 return await self._in_db(fn, *args)
-            except (BrokerError, *_DB_ERRORS) as exc:
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
                 if self._stopping.is_set():
                     if stop_deadline is None:
                         stop_deadline = time.monotonic() + (while_stopping or 0.0)

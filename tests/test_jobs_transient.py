@@ -1,0 +1,298 @@
+"""Transient state-store trouble is waited out, never taken for a refusal: the rule
+(:func:`~framepipe.jobs.transient.is_transient_store_error`) on the errors real drivers raise,
+and the embedded engine running through a connection pool with no connection to give and a
+server that terminates its sessions. (A commit refused for its data fails only its execution:
+``test_jobs_hostile_text.py``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from framepipe import Pipeline, StepContext
+from framepipe.backends.state import StateStore
+from framepipe.config import Settings
+from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
+from framepipe.jobs.records import get_execution, list_events
+from framepipe.jobs.transient import is_transient_store_error
+
+WITHIN = 60.0
+"""Longer than any of these executions takes, store trouble included."""
+
+
+def raised(fn: Callable[[], object]) -> Exception:
+    """The exception ``fn`` raises (the test fails if it raises none)."""
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    pytest.fail("no exception was raised")
+
+
+def closed_port() -> int:
+    """A loopback TCP port nothing listens on (a connection to it is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def pg_admin(pg_url: str) -> Iterator[sa.Engine]:
+    """A second, autocommit connection to the PostgreSQL server under test."""
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    yield admin
+    admin.dispose()
+
+
+def terminate(admin: sa.Engine, application_name: str) -> int:
+    """Terminate every server session of ``application_name`` (as a restart or an operator
+    would); return how many there were."""
+    with admin.connect() as conn:
+        return len(
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (application_name,),
+            ).fetchall()
+        )
+
+
+# -- the rule, on what real drivers raise -------------------------------------------------------
+
+
+def test_lost_and_busy_connections_are_transient(tmp_path: Path) -> None:
+    """SQLite: a write lock not granted in time, and a pool with no connection to give."""
+    path = tmp_path / "t.db"
+    sqlite3.connect(path).execute("CREATE TABLE t (id INTEGER PRIMARY KEY)").connection.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    engine = sa.create_engine(
+        f"sqlite:///{path}",
+        connect_args={"timeout": 0.05},
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.05,
+    )
+    try:
+
+        def write() -> None:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO t (id) VALUES (1)")
+
+        locked = raised(write)
+        assert isinstance(locked, sa.exc.OperationalError), locked
+        assert "locked" in str(locked)
+        assert is_transient_store_error(locked)
+
+        with engine.connect():
+            pool_empty = raised(engine.connect)
+        assert isinstance(pool_empty, sa.exc.TimeoutError), pool_empty
+        assert is_transient_store_error(pool_empty)
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_refused_or_terminated_connection_is_transient(pg_url: str, pg_admin: sa.Engine) -> None:
+    """PostgreSQL: a server that refuses the connection (down, restarting), and a session the
+    server terminated (restart, failover, an operator's ``pg_terminate_backend``)."""
+    refused = raised(
+        lambda: sa.create_engine(f"postgresql+psycopg://127.0.0.1:{closed_port()}/test").connect()
+    )
+    assert isinstance(refused, sa.exc.OperationalError), refused
+    assert is_transient_store_error(refused)
+
+    name = f"fp_transient_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(f"{pg_url}&application_name={name}")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
+            assert terminate(pg_admin, name) == 1
+            terminated = raised(lambda: conn.exec_driver_sql("SELECT 1"))
+        assert isinstance(terminated, sa.exc.DBAPIError), terminated
+        assert terminated.connection_invalidated
+        assert is_transient_store_error(terminated)
+    finally:
+        engine.dispose()
+
+
+def test_what_the_store_refuses_for_its_data_is_not_transient(database_url: str) -> None:
+    """A duplicate key, text the driver cannot encode, and (PostgreSQL) a NUL in text: the
+    same write fails the same way however often it is retried."""
+    with StateStore(database_url) as store:
+        with store.write() as conn:
+            conn.exec_driver_sql("CREATE TABLE fp_t (id INTEGER PRIMARY KEY, s TEXT)")
+            conn.exec_driver_sql("INSERT INTO fp_t (id, s) VALUES (1, 'a')")
+        table = sa.table("fp_t", sa.column("id"), sa.column("s"))
+
+        def insert(**row: Any) -> Callable[[], None]:
+            def go() -> None:
+                with store.write() as conn:
+                    conn.execute(table.insert().values(**row))
+
+            return go
+
+        refusals = [raised(insert(id=1, s="b")), raised(insert(id=2, s="caf\udce9"))]
+        if store.dialect == "postgresql":
+            refusals.append(raised(insert(id=3, s="a\x00b")))
+        assert [type(e).__name__ for e in refusals][:2] == ["IntegrityError", "UnicodeEncodeError"]
+        assert not any(is_transient_store_error(e) for e in refusals), refusals
+
+
+# -- the engine, through real store trouble -----------------------------------------------------
+
+waits = Pipeline("tr_waits")
+
+
+@waits.step()
+def work(ctx: StepContext) -> dict[str, Any]:
+    time.sleep(0.8)  # long enough for the store trouble to happen while it runs
+    ctx.progress(50, "half way")
+    time.sleep(0.8)
+    return {"worked": ctx.inputs["n"]}
+
+
+@waits.step(depends_on=["work"])
+def after(ctx: StepContext) -> dict[str, Any]:
+    return {"after": ctx.data["worked"]}
+
+
+def quick_settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        retry_initial_delay=0.01,
+        retry_max_delay=0.05,
+        heartbeat_interval=0.2,
+        shutdown_grace=2.0,
+    )
+
+
+@pytest.fixture
+def engine_log() -> Iterator[list[str]]:
+    """The messages the engine logs (a handler on its own logger: whatever the test session
+    configured for the ``framepipe`` logger, they are seen)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("framepipe.jobs.engine")
+    handler = Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def assert_completed(store: StateStore, infos: list[ExecutionInfo]) -> None:
+    for info in infos:
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert info.data == {"worked": info.inputs["n"], "after": info.inputs["n"]}
+        assert info.runs == 1
+        stored = get_execution(store, info.id)
+        assert stored.status is ExecutionStatus.COMPLETED
+        types = [e.type for e in list_events(store, info.id)]
+        assert "execution.failed" not in types
+        assert types[-1] == "execution.completed"
+
+
+def test_the_engine_waits_for_a_connection_pool_with_none_to_give(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_log: list[str]
+) -> None:
+    """Every connection of the engine's pool is held elsewhere for a while (a pool sized too
+    small for a burst): its commits and its heartbeat get no connection in time, and wait,
+    and every execution completes once connections are free again, none failed."""
+    real_create_engine = sa.create_engine
+
+    def tiny_pool(*args: Any, **kwargs: Any) -> sa.Engine:
+        kwargs.update(pool_size=2, max_overflow=0, pool_timeout=0.1)
+        return real_create_engine(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sa, "create_engine", tiny_pool)
+        store = StateStore(database_url)
+
+    def hold_every_connection() -> list[sa.Connection]:
+        held: list[sa.Connection] = []
+        while len(held) < 2:
+            with contextlib.suppress(sa.exc.TimeoutError):  # the engine has it: try again
+                held.append(store.engine.connect())
+        return held
+
+    async def main() -> list[ExecutionInfo]:
+        async with JobEngine(
+            store, settings=quick_settings(tmp_path, database_url), concurrency=4
+        ) as engine:
+            ids = [await engine.submit(waits, {"n": n}) for n in range(3)]
+            await asyncio.sleep(0.2)  # the steps are running
+            held = await asyncio.to_thread(hold_every_connection)
+            try:
+                await asyncio.sleep(2.0)  # the steps end meanwhile; nothing can be committed
+            finally:
+                for conn in held:
+                    conn.close()
+            return [
+                await asyncio.wait_for(engine.wait(i, raise_on_failure=False), WITHIN) for i in ids
+            ]
+
+    try:
+        infos = asyncio.run(main())
+        assert_completed(store, infos)
+    finally:
+        store.close()
+    assert any("TimeoutError" in m or "QueuePool limit" in m for m in engine_log), engine_log
+
+
+@pytest.mark.postgres
+def test_the_engine_goes_on_when_the_server_terminates_its_sessions(
+    pg_url: str, pg_admin: sa.Engine, tmp_path: Path, engine_log: list[str]
+) -> None:
+    """PostgreSQL terminates every session of the engine while its steps run (a restart, a
+    failover, an operator), twice: the engine reconnects and every execution completes."""
+    name = f"fp_transient_{uuid.uuid4().hex[:8]}"
+    url = f"{pg_url}&application_name={name}"
+    terminated: list[int] = []
+    stop = threading.Event()
+
+    def terminator() -> None:
+        for _ in range(2):
+            if stop.wait(0.5):
+                return
+            terminated.append(terminate(pg_admin, name))
+
+    async def main() -> list[ExecutionInfo]:
+        async with JobEngine(settings=quick_settings(tmp_path, url), concurrency=4) as engine:
+            ids = [await engine.submit(waits, {"n": n}) for n in range(3)]
+            killer = threading.Thread(target=terminator)
+            killer.start()
+            try:
+                waited = asyncio.gather(*(engine.wait(i, raise_on_failure=False) for i in ids))
+                return await asyncio.wait_for(waited, WITHIN)
+            finally:
+                stop.set()
+                await asyncio.to_thread(killer.join)
+
+    infos = asyncio.run(main())
+    assert len(terminated) == 2 and all(terminated), terminated
+    with StateStore(pg_url) as store:
+        assert_completed(store, infos)
+    assert any("terminating connection" in m for m in engine_log), engine_log
