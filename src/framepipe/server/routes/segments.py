@@ -19,8 +19,9 @@ another process, the service's object store (the home's). The error names the ke
 store's path (a failure of the store itself is a 500). A frame is decoded only when its header
 says it is a JPEG, PNG, WebP or BMP (else 415) whose decode holds at most
 :data:`~framepipe.server.thumbnails.MAX_PIXELS` pixels (a baseline JPEG counts at the reduced
-size it is decoded at; else 422 naming the key), whatever its file size. Segments of an app served here come from memory (filled from the event log at
-start); those of another process's app from the event log its ``StoreEventSink`` writes.
+size it is decoded at; else 422 naming the key), whatever its file size. Segments of an app
+served here come from memory (filled from the event log at start); those of another process's
+app from the event log its ``StoreEventSink`` writes.
 """
 
 from __future__ import annotations
