@@ -95,17 +95,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-@pytest.fixture
-def settings(tmp_path: Path, database_url: str) -> Settings:
-    """Settings on the backend under test, with fast retries."""
+def fast_settings(home: Path, database_url: str) -> Settings:
+    """Settings on ``database_url`` with fast retries and heartbeats, for tests."""
     return Settings(
-        home=tmp_path / "home",
+        home=home,
         database_url=database_url,
         retry_initial_delay=0.01,
         retry_max_delay=0.05,
         heartbeat_interval=0.2,
         shutdown_grace=2.0,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings on the backend under test, with fast retries."""
+    return fast_settings(tmp_path / "home", database_url)
 
 
 @pytest.fixture

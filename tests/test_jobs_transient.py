@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from conftest import fast_settings
 from framepipe import Pipeline, StepContext
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
@@ -173,17 +174,6 @@ def after(ctx: StepContext) -> dict[str, Any]:
     return {"after": ctx.data["worked"]}
 
 
-def quick_settings(tmp_path: Path, database_url: str) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        database_url=database_url,
-        retry_initial_delay=0.01,
-        retry_max_delay=0.05,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-    )
-
-
 @pytest.fixture
 def engine_log() -> Iterator[list[str]]:
     """The messages the engine logs (a handler on its own logger: whatever the test session
@@ -216,7 +206,10 @@ def assert_completed(store: StateStore, infos: list[ExecutionInfo]) -> None:
 
 
 def test_the_engine_waits_for_a_connection_pool_with_none_to_give(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_log: list[str]
+    database_url: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    engine_log: list[str],
 ) -> None:
     """Every connection of the engine's pool is held elsewhere for a while (a pool sized too
     small for a burst): its commits and its heartbeat get no connection in time, and wait,
@@ -239,9 +232,7 @@ def test_the_engine_waits_for_a_connection_pool_with_none_to_give(
         return held
 
     async def main() -> list[ExecutionInfo]:
-        async with JobEngine(
-            store, settings=quick_settings(tmp_path, database_url), concurrency=4
-        ) as engine:
+        async with JobEngine(store, settings=settings, concurrency=4) as engine:
             ids = [await engine.submit(waits, {"n": n}) for n in range(3)]
             await asyncio.sleep(0.2)  # the steps are running
             held = await asyncio.to_thread(hold_every_connection)
@@ -280,7 +271,9 @@ def test_the_engine_goes_on_when_the_server_terminates_its_sessions(
             terminated.append(terminate(pg_admin, name))
 
     async def main() -> list[ExecutionInfo]:
-        async with JobEngine(settings=quick_settings(tmp_path, url), concurrency=4) as engine:
+        async with JobEngine(
+            settings=fast_settings(tmp_path / "home", url), concurrency=4
+        ) as engine:
             ids = [await engine.submit(waits, {"n": n}) for n in range(3)]
             killer = threading.Thread(target=terminator)
             killer.start()
