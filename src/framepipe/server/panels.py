@@ -44,7 +44,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import InvalidKeyError, MissingDependencyError, ObjectNotFoundError
-from framepipe.server.responses import object_store_errors
+from framepipe.server.store_errors import object_store_errors
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, HTTPException

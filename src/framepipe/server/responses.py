@@ -6,13 +6,12 @@ its JSON escape); framepipe's errors map to fixed codes (unknown execution or ob
 state that forbids the call 409, too large 413, a bad definition or input 422, a bad key 400,
 the object store failing 500, the state database 503) with details that never show the
 server's home or object store: an object store's own failure is answered with a fixed text
-(naming the key, where the route knows it: :func:`object_store_errors`), its message, which
+(naming the key, where the route knows it:
+:func:`~framepipe.server.store_errors.object_store_errors`), its message, which
 holds paths or endpoints, goes to the log only; a request that fails validation is a 422 that
 lists what is wrong without echoing the input.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from framepipe.errors import (
@@ -30,6 +29,7 @@ from framepipe.errors import (
 )
 from framepipe.logs import get_logger
 from framepipe.server.state import service_state
+from framepipe.server.store_errors import store_failure_detail
 from framepipe.untrusted import dumps
 
 try:
@@ -41,7 +41,7 @@ try:
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
-__all__ = ["SafeJSONResponse", "install_error_handlers", "object_store_errors"]
+__all__ = ["SafeJSONResponse", "install_error_handlers"]
 
 _log = get_logger("server")
 
@@ -54,26 +54,6 @@ class SafeJSONResponse(JSONResponse):
         return dumps(content).encode("utf-8")
 
 
-_STORE_FAILED = "the object store failed to {action}{key} (the server's log has the cause)"
-
-
-@contextmanager
-def object_store_errors(action: str, key: str) -> Iterator[None]:
-    """Around a route's use of an object store for ``key``: a failure of the store itself
-    (not a bad key, not a missing object: those are the client's, answered 400 and 404) is a
-    500 naming ``key``, and its cause, which may show the server's paths or the store's
-    endpoint, goes to the log only."""
-    try:
-        yield
-    except (InvalidKeyError, ObjectNotFoundError):
-        raise
-    except ObjectStoreError as exc:
-        _log.error("object store error (%s %r): %s", action, key, exc)
-        raise StarletteHTTPException(
-            500, _STORE_FAILED.format(action=action, key=f" {key!r}")
-        ) from exc
-
-
 async def _framepipe_error(request: Request, exc: FramepipeError) -> Response:
     status = 400
     if isinstance(exc, ObjectNotFoundError):
@@ -82,7 +62,7 @@ async def _framepipe_error(request: Request, exc: FramepipeError) -> Response:
     if isinstance(exc, ObjectStoreError) and not isinstance(exc, InvalidKeyError):
         # Reached only where no route named the key (see object_store_errors).
         _log.error("object store error: %s", exc)
-        detail = _STORE_FAILED.format(action="answer", key="")
+        detail = store_failure_detail("answer")
         return SafeJSONResponse({"detail": detail}, status_code=500)
     if isinstance(exc, ExecutionNotFoundError):
         status = 404

@@ -14,8 +14,8 @@ from typing import Any
 
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
-from framepipe.server.responses import object_store_errors
 from framepipe.server.state import Service
+from framepipe.server.store_errors import object_store_errors
 
 try:
     from fastapi import APIRouter, HTTPException, Request

@@ -42,8 +42,8 @@ from framepipe.server.live import (
     marker_text,
     stored_app_events,
 )
-from framepipe.server.responses import object_store_errors
 from framepipe.server.state import Service, ServiceState
+from framepipe.server.store_errors import object_store_errors
 from framepipe.server.thumbnails import ImageTooLargeError, NotAnImageError, ThumbnailCache
 from framepipe.stream.sinks import FrameStore
 
