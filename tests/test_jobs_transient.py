@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import sqlite3
 import threading
@@ -134,8 +135,9 @@ def test_a_refused_or_terminated_connection_is_transient(pg_url: str, pg_admin: 
 
 
 def test_what_the_store_refuses_for_its_data_is_not_transient(database_url: str) -> None:
-    """A duplicate key, text the driver cannot encode, and (PostgreSQL) a NUL in text: the
-    same write fails the same way however often it is retried."""
+    """A duplicate key, text the driver cannot encode, and (PostgreSQL) a NUL in text or an
+    index row over the server's limit: the same write fails the same way however often it is
+    retried."""
     with StateStore(database_url) as store:
         with store.write() as conn:
             conn.exec_driver_sql("CREATE TABLE fp_t (id INTEGER PRIMARY KEY, s TEXT)")
@@ -152,6 +154,15 @@ def test_what_the_store_refuses_for_its_data_is_not_transient(database_url: str)
         refusals = [raised(insert(id=1, s="b")), raised(insert(id=2, s="caf\udce9"))]
         if store.dialect == "postgresql":
             refusals.append(raised(insert(id=3, s="a\x00b")))
+            with store.write() as conn:
+                conn.exec_driver_sql("CREATE INDEX fp_t_s ON fp_t (s)")
+            # an index row over PostgreSQL's btree limit: an OperationalError (SQLSTATE 54000)
+            noise = random.Random(4)  # incompressible: PostgreSQL compresses index rows
+            text = "".join(chr(noise.randrange(0x4E00, 0x9FFF)) for _ in range(3000))
+            too_large = raised(insert(id=4, s=text))
+            assert isinstance(too_large, sa.exc.OperationalError), too_large
+            assert getattr(too_large.orig, "sqlstate", None) == "54000"
+            refusals.append(too_large)
         assert [type(e).__name__ for e in refusals][:2] == ["IntegrityError", "UnicodeEncodeError"]
         assert not any(is_transient_store_error(e) for e in refusals), refusals
 

@@ -29,6 +29,16 @@ _TRANSIENT = (
 )
 
 
+# PostgreSQL's SQLSTATEs that say "try again": connection exceptions (08), a transaction
+# rolled back by the server (40: serialization failure, deadlock), insufficient resources
+# (53: too many connections, out of memory or disk), a lock not granted in time, a statement
+# timeout, the server shutting down or starting. Any other SQLSTATE is about the statement or
+# its data (54: program limit exceeded, e.g. an index row too large, is raised as an
+# OperationalError by the driver, yet fails the same way every time).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53")
+_TRANSIENT_SQLSTATES = frozenset({"55P03", "57014", "57P01", "57P02", "57P03"})
+
+
 def is_transient_store_error(exc: BaseException) -> bool:
     """True when ``exc``, raised by a state-store call, says the store could not be reached
     or could not answer in time, so the same call may succeed later and is to be retried:
@@ -36,7 +46,12 @@ def is_transient_store_error(exc: BaseException) -> bool:
     ``DisconnectionError``, and any other DB-API error that SQLAlchemy found had broken the
     connection (``connection_invalidated``). False for everything else, which is the store
     refusing what was written (a constraint, text it cannot encode, a value out of range) or a
-    bug: retrying it would fail the same way."""
-    if isinstance(exc, _TRANSIENT):
-        return True
-    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+    bug: retrying it would fail the same way. Where the driver gives a SQLSTATE
+    (PostgreSQL), it decides, whatever the exception's class."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        state = getattr(exc.orig, "sqlstate", None)
+        if isinstance(state, str) and len(state) == 5:
+            return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+    return isinstance(exc, _TRANSIENT)
