@@ -193,3 +193,10 @@ def test_frames_stored_by_earlier_versions_under_raw_ids_are_read_back(tmp_path:
     assert store.list_frames("cam", "a%2Fb") == []  # that folder is a/b's
     for never_valid in ("..", "back\\slash", "x" * 2000):
         assert store.list_frames("cam", never_valid) == []
+
+    # a raw id with a '/' named nested folders, which today hold another source's segment
+    lobby = Frame(image, "lobby", 7, 1007, segment_id="door")  # frames/lobby/door/
+    nested = Frame(image, "lobby/door", 8, 1008, segment_id="s1")  # frames/lobby%2Fdoor/s1/
+    store.write(lobby)
+    store.write(nested)
+    assert [info.key for info in store.list_frames("lobby/door")] == [store.key_for(nested)]

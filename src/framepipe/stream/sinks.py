@@ -237,13 +237,17 @@ class FrameStore(Sink):
         Frames earlier versions stored, with the ids in the key as they were (``door:1``,
         ``50%``: valid keys then), are listed too, each once: when an id's escape differs
         from it, the raw ids' folder is looked at as well, unless it is not a valid key prefix
-        (nothing could be stored there) or it is itself the escape of another id (``a%2Fb`` is
-        where ``a/b`` is stored now: its frames are that id's, not this one's)."""
+        (nothing could be stored there), it is itself the escape of another id (``a%2Fb`` is
+        where ``a/b`` is stored now: its frames are that id's, not this one's), or a raw id
+        holds a ``/`` (its folders are where other sources' and segments' frames are stored
+        now)."""
         head = self.template.split("{source_id}")[0]
         fields = [source_id] if segment_id is None else [source_id, segment_id]
         found = {info.key: info for info in self.objects.list(_prefix(head, fields, escape=True))}
-        if any(escape_key_field(f) != f for f in fields) and not any(
-            _is_escape(f) for f in fields if escape_key_field(f) != f
+        if (
+            any(escape_key_field(f) != f for f in fields)
+            and not any(_is_escape(f) for f in fields if escape_key_field(f) != f)
+            and not any("/" in f for f in fields)
         ):
             try:
                 earlier = list(self.objects.list(_prefix(head, fields, escape=False)))
