@@ -73,7 +73,7 @@ from framepipe.stream.performance import (
     measure,
 )
 from framepipe.stream.queue import FrameQueue
-from framepipe.stream.segment import Segment, Segmenter, SegmentMarker, _SegmenterState
+from framepipe.stream.segment import Segment, Segmenter, SegmenterState, SegmentMarker
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Hop, Stage, StageStats
 from framepipe.supervise import HealthState, Supervisor, SupervisorContext
@@ -173,7 +173,7 @@ class StreamPipeline:
         self._shutdown_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping_capture: asyncio.Task[None] | None = None
-        self._seg_state: _SegmenterState | None = None  # the segmenter's, for this run
+        self._seg_state: SegmenterState | None = None  # the segmenter's, for this run
         self._closing: dict[int, tuple[Segment, set[str]]] = {}
         """Segments closed but not completed yet (their markers are on their way through the
         sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from framepipe.frames import Frame
 
-__all__ = ["Segment", "SegmentIds", "SegmentMarker", "Segmenter"]
+__all__ = ["Segment", "SegmentIds", "SegmentMarker", "Segmenter", "SegmenterState"]
 
 KeyFn = Callable[[Frame], "str | None"]
 
@@ -138,9 +138,9 @@ class Segmenter:
             fn = key
             self._key_fn = lambda frame: _as_key(fn(frame))
 
-    def state(self) -> _SegmenterState:
+    def state(self) -> SegmenterState:
         """Fresh per-source state (one per stream pipeline)."""
-        return _SegmenterState(self)
+        return SegmenterState(self)
 
 
 def _as_key(value: Any) -> str | None:
@@ -179,7 +179,10 @@ class SegmentIds:
         return segment_id in self._issued
 
 
-class _SegmenterState:
+class SegmenterState:
+    """One run's segmentation: the open segment and the ids issued (a :class:`Segmenter` is
+    the configuration, shared by runs; :meth:`Segmenter.state` makes one of these per run)."""
+
     def __init__(self, config: Segmenter) -> None:
         self.config = config
         self.current: Segment | None = None
