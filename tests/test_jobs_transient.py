@@ -300,3 +300,52 @@ def test_the_engine_goes_on_when_the_server_terminates_its_sessions(
     with StateStore(pg_url) as store:
         assert_completed(store, infos)
     assert any("terminating connection" in m for m in engine_log), engine_log
+
+
+def test_wait_rides_out_a_pool_with_none_to_give(
+    database_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine waiting for an execution another engine runs polls the store: every
+    connection of its pool is held elsewhere for a while, and ``wait`` waits for one instead
+    of raising the pool's TimeoutError; it returns the completed execution."""
+    real_create_engine = sa.create_engine
+
+    def tiny_pool(*args: Any, **kwargs: Any) -> sa.Engine:
+        kwargs.update(pool_size=1, max_overflow=0, pool_timeout=0.1)
+        return real_create_engine(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sa, "create_engine", tiny_pool)
+        waiter_store = StateStore(database_url)
+    runner_store = StateStore(database_url)
+
+    def hold_the_connection() -> sa.Connection:
+        while True:
+            with contextlib.suppress(sa.exc.TimeoutError):  # the waiter has it: try again
+                return waiter_store.engine.connect()
+
+    async def main() -> ExecutionInfo:
+        async with (
+            JobEngine(runner_store, settings=settings, concurrency=2) as runner,
+            JobEngine(waiter_store, settings=settings, concurrency=1) as waiter,
+        ):
+            execution_id = await runner.submit(waits, {"n": 7})
+            waiting = asyncio.ensure_future(
+                waiter.wait(execution_id, raise_on_failure=False, poll_interval=0.02)
+            )
+            await asyncio.sleep(0.3)  # the waiter is polling
+            held = await asyncio.to_thread(hold_the_connection)
+            try:
+                await asyncio.sleep(1.0)  # its polls get no connection meanwhile
+                assert not waiting.done(), waiting
+            finally:
+                held.close()
+            return await asyncio.wait_for(waiting, WITHIN)
+
+    try:
+        info = asyncio.run(main())
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert info.data == {"worked": 7, "after": 7}
+    finally:
+        waiter_store.close()
+        runner_store.close()

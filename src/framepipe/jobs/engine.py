@@ -321,7 +321,9 @@ class JobEngine(Scheduler):
         Raises :class:`ExecutionFailedError` if it did not complete (unless
         ``raise_on_failure`` is false). An execution run by another process (or by workers)
         is polled every ``poll_interval`` seconds (0.05 for workers, else 0.5), and its stored
-        events are published on :attr:`bus` as they appear."""
+        events are published on :attr:`bus` as they appear. Transient store trouble while
+        polling or reading the result (a lost connection, a pool with no connection to give)
+        is retried as the engine's own commits are, for up to two minutes, then raised."""
         x = self._execs.get(execution_id)
         if x is not None:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -335,14 +337,16 @@ class JobEngine(Scheduler):
             )
             after = 0
             while True:
-                status, new = await self._in_db(self._poll, execution_id, after, self.bus.watched)
+                status, new = await self._in_db(
+                    self._retried, self._poll, execution_id, after, self.bus.watched
+                )
                 if new:
                     after = new[-1].id or after
                     self.bus.publish(new)
                 if status.finished:
                     break
                 await asyncio.sleep(interval)
-        info = await self._in_db(get_execution, self.store, execution_id)
+        info = await self._in_db(self._retried, get_execution, self.store, execution_id)
         if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
             raise ExecutionFailedError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "

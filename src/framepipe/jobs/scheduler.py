@@ -101,7 +101,7 @@ class Scheduler:
             stop=tenacity.stop_after_delay(120),
             reraise=True,
             before_sleep=lambda rs: _log.warning(
-                "state store write failed (%s); retrying",
+                "state store call failed (%s); retrying",
                 rs.outcome.exception() if rs.outcome else None,
             ),
         )
