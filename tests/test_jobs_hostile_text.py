@@ -201,6 +201,58 @@ def test_a_commit_the_store_refuses_fails_that_execution_only(in_mode: Mode) -> 
     workers_alive(in_mode)
 
 
+# -- parameters of a spawned step -----------------------------------------------------------
+
+spawner = Pipeline("hj_spawn_params")
+
+
+@spawner.step()
+def scan(ctx: StepContext) -> dict[str, Any]:
+    path = {"latin1": LATIN1_NAME, "nul": "a\x00b.mp4"}[ctx.inputs["name"]]
+    refused = ""
+    try:
+        ctx.spawn_step("convert", {"path": path})
+    except Exception as exc:
+        refused = f"{type(exc).__name__}: {exc}"
+    ctx.spawn_step("convert", {"path": "ok.mp4"})
+    return {"refused": refused}
+
+
+@spawner.step()
+def convert(ctx: StepContext, path: str) -> dict[str, Any]:
+    return {"converted": path}
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("latin1", "params.path: is not valid Unicode: a lone surrogate \\udce9 at position 3"),
+        ("nul", "params.path: holds a NUL character at position 1"),
+    ],
+)
+def test_spawn_parameters_no_database_can_store_are_refused_by_name(
+    in_mode: Mode, name: str, problem: str
+) -> None:
+    """A spawn whose parameters hold text no backend can store (a lone surrogate from
+    ``os.listdir``, a NUL) is refused in the calling step with a StepParamsError naming the
+    parameter and the problem, on every backend (SQLite would have stored what PostgreSQL
+    refuses); the step can go on and spawn other instances, and the execution completes."""
+
+    async def work(engine: JobEngine) -> ExecutionInfo:
+        execution_id = await engine.submit(spawner, in_mode.inputs(name=name))
+        return await engine.wait(execution_id, raise_on_failure=False)
+
+    info = session(in_mode, work)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    refused = info.data["refused"]
+    assert refused.startswith("StepParamsError: "), refused
+    assert "spawn_step('convert')" in refused
+    assert problem in refused, refused
+    assert "JSON-serialisable" not in refused
+    assert info.data["converted"] == "ok.mp4"
+    workers_alive(in_mode)
+
+
 # -- the data a step is given ---------------------------------------------------------------
 
 shared = Pipeline("hj_data_copies")

@@ -200,7 +200,7 @@ def test_a_file_name_that_cannot_be_stored_fails_the_spawn_naming_it(in_mode: Mo
     assert info.status.value == "failed"
     error = info.error or ""
     assert "StepParamsError" in error
-    assert "parameters of spawned step 'extract_metadata' are not JSON-serialisable" in error
+    assert "spawn_step('extract_metadata'): params.path: is not valid Unicode" in error
     assert [s.key for s in info.steps] == ["scan"]
 
 

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from framepipe.errors import (
+    InvalidInputError,
     PipelineCycleError,
     StepCancelledError,
     StepParamsError,
@@ -24,6 +25,7 @@ from framepipe.jobs.keys import former_step_key, is_step_key, step_key
 from framepipe.jobs.ledger import Ledger, ledger_row
 from framepipe.jobs.storable import storable_text
 from framepipe.logs import ComponentLogger, get_logger
+from framepipe.untrusted import check_json
 
 if TYPE_CHECKING:
     from framepipe.backends.objects import ObjectStore
@@ -249,6 +251,10 @@ class StepContext:
         so does spawning an instance that an older release stored under its former key
         (:func:`~framepipe.jobs.keys.former_step_key`), whose key is returned.
 
+        ``params`` must be JSON every backend can store: text with a lone surrogate (a file
+        name ``os.listdir`` could not decode) or a NUL is refused with
+        :class:`StepParamsError` naming the parameter, on SQLite as on PostgreSQL.
+
         ``depends_on`` that could only be silently dropped is refused with
         :class:`StepParamsError`, in both modes: given for a step without parameters (an
         initial step, which exists from the execution's start: declare its dependencies on
@@ -265,15 +271,7 @@ class StepContext:
             )
         values = dict(params or {})
         step.check_params(values, pipeline.name, self.step_key)
-        try:
-            key = step_key(name, values)
-            former = former_step_key(name, values)
-        except (TypeError, ValueError) as exc:
-            raise StepParamsError(
-                f"parameters of spawned step {name!r} are not JSON-serialisable: {exc}",
-                pipeline=pipeline.name,
-                step_key=self.step_key,
-            ) from exc
+        key, former = _instance_keys(name, values, pipeline.name, self.step_key)
         if former is not None and self._has_key(former):
             key = former  # stored by a release before keys were labelled: the same instance
         if isinstance(depends_on, str):
@@ -380,3 +378,27 @@ class StepContext:
         for path in self._tempdirs:
             shutil.rmtree(path, ignore_errors=True)
         self._tempdirs.clear()
+
+
+def _instance_keys(
+    name: str, values: dict[str, Any], pipeline: str, caller: str
+) -> tuple[str, str | None]:
+    """The key of the instance of step ``name`` with parameters ``values``, and its former
+    key (:func:`~framepipe.jobs.keys.former_step_key`); :class:`StepParamsError` naming the
+    parameter when ``values`` is not JSON every backend can store."""
+    try:
+        check_json(values, "params")
+    except InvalidInputError as exc:
+        raise StepParamsError(
+            f"spawn_step({name!r}): {exc} (every backend stores parameters as JSON text)",
+            pipeline=pipeline,
+            step_key=caller,
+        ) from exc
+    try:
+        return step_key(name, values), former_step_key(name, values)
+    except (TypeError, ValueError) as exc:
+        raise StepParamsError(
+            f"parameters of spawned step {name!r} are not JSON-serialisable: {exc}",
+            pipeline=pipeline,
+            step_key=caller,
+        ) from exc

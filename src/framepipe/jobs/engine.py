@@ -346,7 +346,9 @@ class JobEngine(Scheduler):
                 if status.finished:
                     break
                 await asyncio.sleep(interval)
-        info = await self._in_db(self._retried, get_execution, self.store, execution_id)
+        info: ExecutionInfo = await self._in_db(
+            self._retried, get_execution, self.store, execution_id
+        )
         if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
             raise ExecutionFailedError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "
