@@ -10,7 +10,8 @@ The settings are grouped by concern into sections, and :class:`Settings` is all 
 - :class:`JobSettings`: how job steps run (concurrency, retries, outputs, inputs, shutdown);
 - :class:`WorkerSettings`: workers and the broker (broker URL and namespace, leases, sweep,
   prefetch, republishing);
-- :class:`ServerSettings`: the HTTP service (token, hosts, origins, uploads, input roots);
+- :class:`ServerSettings`: the HTTP service (token, hosts, origins, uploads, input roots,
+  thumbnails);
 - :class:`MediaSettings`: the media job steps (picture size limit);
 - :class:`LogSettings`: logging.
 
@@ -287,7 +288,8 @@ class WorkerSettings(SettingsSection):
 
 class ServerSettings(SettingsSection):
     """The HTTP service: its bearer token, the hosts and web origins it answers, the largest
-    upload, and the folders executions submitted over HTTP may name."""
+    upload, the folders executions submitted over HTTP may name, and the bounds on the
+    thumbnails it makes of stored frames."""
 
     api_token: str | None = Field(
         None,
@@ -312,6 +314,21 @@ class ServerSettings(SettingsSection):
         default_factory=list,
         description="Folders whose files executions submitted over HTTP may name as local "
         "paths; comma-separated. Empty (the default): none, only object keys.",
+    )
+    thumbnail_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Thumbnails of stored frames the HTTP service decodes at once (each "
+        "may hold up to thumbnail_max_pixels x 3 bytes); a request past them "
+        "waits up to 5 s for its turn, then is answered 503 with Retry-After.",
+    )
+    thumbnail_max_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="Largest decode (width x height, read from the image's header; a "
+        "baseline JPEG counts at the reduced size it is decoded at) the HTTP "
+        "service makes a thumbnail of; a larger image is refused (422) "
+        "undecoded. 40 million pixels decode to 120 MB.",
     )
 
     @field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")

@@ -16,13 +16,25 @@ decoded is a
 :class:`NotAnImageError`, never a server error; the cache holds at most ``max_bytes`` of
 thumbnails (least recently used dropped first), keyed by the store, the key and the width, so
 a key of one store never answers for another's.
+
+Thumbnails are made in worker threads, at most :class:`ThumbnailSlots` ``size`` at once (the
+service's ``thumbnail_concurrency``): a burst of requests for large images holds at most that
+many decodes (each up to the pixel budget: 120 MB at the default) and that many threads of the
+service's pool. A request past the bound waits on the event loop (no thread, no image held)
+for a slot at most ``wait`` seconds, then is a :class:`ThumbnailsBusyError`; a slot is given
+back when its thread ends, whether the request is still there to answer or not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import math
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -31,11 +43,38 @@ from framepipe.backends.objects import ObjectStore
 from framepipe.errors import FrameError, FramepipeError
 from framepipe.pixels import jpeg_size
 
-__all__ = ["MAX_PIXELS", "ImageTooLargeError", "NotAnImageError", "ThumbnailCache", "image_size"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "MAX_PIXELS",
+    "SLOT_WAIT",
+    "ImageTooLargeError",
+    "NotAnImageError",
+    "ThumbnailCache",
+    "ThumbnailSlots",
+    "ThumbnailsBusyError",
+    "image_size",
+]
 
 MAX_PIXELS = 40_000_000
-"""The most pixels an image may have to be decoded for a thumbnail (8K UHD has 33 million;
-decoded as BGR, 40 million take 120 MB)."""
+"""The default pixel budget (the ``thumbnail_max_pixels`` setting): the most pixels an image
+may have to be decoded for a thumbnail (8K UHD has 33 million; decoded as BGR, 40 million take
+120 MB)."""
+
+DEFAULT_CONCURRENCY = 2
+"""The default ``thumbnail_concurrency``: thumbnails made at once in a process. A fixed number
+rather than the CPU count because the bound is on memory (each decode up to 120 MB at the
+default budget): two hold at most 240 MB on any machine."""
+
+SLOT_WAIT = 5.0
+"""Seconds a thumbnail request waits for a slot before it is refused (503 with Retry-After).
+Why 5: on a two-core machine (measured) a thumbnail at the default budget takes 1.3-1.9 s (a
+noisy 40 MP progressive JPEG or PNG) and one of a typical stored frame about 20 ms (a noisy
+1080p camera JPEG, decoded reduced), so two slots drain in 5 s a queue of several worst-case
+images or the hundreds of frames of the dashboard's strips that come into view at once; and
+5 s is far below the 30-60 s after which browsers and proxies give up, so a client whose turn
+does not come is told so, not left hanging, while a waiting request costs a coroutine only."""
+
+_T = TypeVar("_T")
 
 
 class NotAnImageError(FramepipeError):
@@ -44,8 +83,8 @@ class NotAnImageError(FramepipeError):
 
 
 class ImageTooLargeError(FramepipeError):
-    """An image has more pixels than :data:`MAX_PIXELS` (``width`` x ``height``, from its
-    header); it was not decoded."""
+    """An image's decode would hold more pixels than the budget (``limit``; ``width`` x
+    ``height`` from its header); it was not decoded."""
 
     def __init__(self, width: int, height: int, limit: int) -> None:
         self.width = width
@@ -54,6 +93,24 @@ class ImageTooLargeError(FramepipeError):
         super().__init__(
             f"the image is {width}x{height} pixels, over the {limit} a thumbnail is made from"
         )
+
+
+class ThumbnailsBusyError(FramepipeError):
+    """No thumbnail slot came free within ``wait`` seconds: ``slots`` thumbnails were being
+    made all that time. Nothing was read or decoded; the request may be sent again."""
+
+    def __init__(self, slots: int, wait: float) -> None:
+        self.slots = slots
+        self.wait = wait
+        super().__init__(
+            f"the service is busy making thumbnails ({slots} at once, the "
+            f"thumbnail_concurrency setting) and none was free within {wait:g} s"
+        )
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds after which a client may try again (for a ``Retry-After`` header)."""
+        return max(1, math.ceil(self.wait))
 
 
 # Decoding at 1/2, 1/4 or 1/8 of the size is much cheaper than decoding whole and shrinking.
@@ -191,28 +248,103 @@ def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = M
     return bytes(encoded)
 
 
-class ThumbnailCache:
-    """Downscaled JPEGs by (store, key, width), at most ``max_bytes`` in all (thread-safe)."""
+class ThumbnailSlots:
+    """At most ``size`` thumbnails made at once in worker threads; a request past them waits
+    for a slot at most ``wait`` seconds (:data:`SLOT_WAIT`), else
+    :class:`ThumbnailsBusyError`. Used from one event loop (the service's)."""
 
-    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, size: int, wait: float = SLOT_WAIT) -> None:
+        if size < 1:
+            raise ValueError(f"thumbnail slots must be at least 1, not {size}")
+        if wait < 0:
+            raise ValueError(f"the wait for a thumbnail slot cannot be negative ({wait})")
+        self.size = size
+        self.wait = wait
+        self._free = asyncio.Semaphore(size)
+        self._busy = 0
+
+    @property
+    def busy(self) -> int:
+        """Slots held now (threads making a thumbnail)."""
+        return self._busy
+
+    def _give_back(self, done: asyncio.Future[_T]) -> None:
+        self._busy -= 1
+        self._free.release()
+        if not done.cancelled():
+            done.exception()  # retrieved: a request that went away leaves no "never retrieved"
+
+    async def run(self, work: Callable[[], _T]) -> _T:
+        """``work()`` in a worker thread once a slot is free (:class:`ThumbnailsBusyError`
+        when none is within ``wait`` seconds). The slot is held until the thread ends: a
+        request cancelled meanwhile (its client went away) stops waiting for the result, not
+        the thread, which keeps its slot to the end and then gives it back."""
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._free.acquire()
+        except TimeoutError:
+            raise ThumbnailsBusyError(self.size, self.wait) from None
+        try:
+            context = contextvars.copy_context()
+            thread = asyncio.get_running_loop().run_in_executor(None, context.run, work)
+        except BaseException:
+            self._free.release()
+            raise
+        self._busy += 1
+        thread.add_done_callback(self._give_back)
+        return await asyncio.shield(thread)
+
+
+class ThumbnailCache:
+    """Downscaled JPEGs by (store, key, width), at most ``max_bytes`` in all (thread-safe),
+    and the service's :class:`ThumbnailSlots` (:meth:`slots`)."""
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024, *, slot_wait: float = SLOT_WAIT) -> None:
         self.max_bytes = max_bytes
+        self.slot_wait = slot_wait
+        """The ``wait`` of the slots :meth:`slots` makes."""
         self._items: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
+        self._slots: ThumbnailSlots | None = None
         self.hits = 0
         self.misses = 0
 
-    def get(self, store: ObjectStore, key: str, width: int) -> bytes:
-        """The thumbnail of ``key`` in ``store`` (read and made on a miss; raises what
-        ``store.get`` raises, :class:`NotAnImageError` or :class:`ImageTooLargeError`)."""
+    def slots(self, size: int) -> ThumbnailSlots:
+        """The bound on the thumbnails made at once for this cache: made at the first call,
+        with ``size`` slots (the service's ``thumbnail_concurrency``, fixed while it runs) and
+        :attr:`slot_wait`; a later call with another ``size`` is a :class:`ValueError`."""
+        if self._slots is None:
+            self._slots = ThumbnailSlots(size, self.slot_wait)
+        elif self._slots.size != size:
+            raise ValueError(
+                f"the thumbnail slots were made with {self._slots.size}, not {size}: the "
+                "concurrency of a service's thumbnails is fixed while it runs"
+            )
+        return self._slots
+
+    def kept(self, store: ObjectStore, key: str, width: int) -> bytes | None:
+        """The thumbnail of ``key`` in ``store`` when it is kept, else None (nothing read: a
+        lookup cheap enough for the event loop, made before waiting for a slot)."""
         cache_key = (store.url, key, width)
         with self._lock:
             data = self._items.get(cache_key)
             if data is not None:
                 self._items.move_to_end(cache_key)
                 self.hits += 1
-                return data
-        data = downscale(store.get(key), width)
+            return data
+
+    def get(
+        self, store: ObjectStore, key: str, width: int, *, max_pixels: int = MAX_PIXELS
+    ) -> bytes:
+        """The thumbnail of ``key`` in ``store`` (read and made on a miss, refused when its
+        decode would hold more than ``max_pixels`` pixels; raises what ``store.get`` raises,
+        :class:`NotAnImageError` or :class:`ImageTooLargeError`)."""
+        data = self.kept(store, key, width)
+        if data is not None:
+            return data
+        cache_key = (store.url, key, width)
+        data = downscale(store.get(key), width, max_pixels=max_pixels)
         with self._lock:
             self.misses += 1
             if cache_key not in self._items and len(data) <= self.max_bytes:

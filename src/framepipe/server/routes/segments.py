@@ -17,16 +17,20 @@ never follows a symlink out of its root: also a 400): for an app served here, th
 the pipeline's frame stores, then the app's dashboard store, then the service's; for an app of
 another process, the service's object store (the home's). The error names the key, never a
 store's path (a failure of the store itself is a 500). A frame is decoded only when its header
-says it is a JPEG, PNG, WebP or BMP (else 415) whose decode holds at most
-:data:`~framepipe.server.thumbnails.MAX_PIXELS` pixels (a baseline JPEG counts at the reduced
-size it is decoded at; else 422 naming the key), whatever its file size. Segments of an app
-served here come from memory (filled from the event log at start); those of another process's
-app from the event log its ``StoreEventSink`` writes.
+says it is a JPEG, PNG, WebP or BMP (else 415) whose decode holds at most the setting
+``thumbnail_max_pixels`` pixels (a baseline JPEG counts at the reduced size it is decoded at;
+else 422 naming the key), whatever its file size. At most ``thumbnail_concurrency`` frames are
+read and decoded at once (a frame kept downscaled for the first store needs no turn); a request
+that gets no turn within :data:`~framepipe.server.thumbnails.SLOT_WAIT` seconds is a 503 with
+``Retry-After``, having read nothing (see :class:`~framepipe.server.thumbnails.ThumbnailSlots`).
+Segments of an app served here come from memory (filled from the event log at start); those of
+another process's app from the event log its ``StoreEventSink`` writes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Annotated, Any
 
@@ -44,7 +48,12 @@ from framepipe.server.live import (
 )
 from framepipe.server.state import Service, ServiceState
 from framepipe.server.store_errors import object_store_errors
-from framepipe.server.thumbnails import ImageTooLargeError, NotAnImageError, ThumbnailCache
+from framepipe.server.thumbnails import (
+    ImageTooLargeError,
+    NotAnImageError,
+    ThumbnailCache,
+    ThumbnailsBusyError,
+)
 from framepipe.stream.sinks import FrameStore
 
 try:
@@ -240,11 +249,13 @@ def _stores(service: ServiceState, app: str, pipeline: str) -> list[ObjectStore]
     return list(unique.values())
 
 
-def _thumbnail(cache: ThumbnailCache, stores: list[ObjectStore], key: str, width: int) -> bytes:
+def _thumbnail(
+    cache: ThumbnailCache, stores: list[ObjectStore], key: str, width: int, max_pixels: int
+) -> bytes:
     missing: ObjectNotFoundError | None = None
     for store in stores:
         try:
-            return cache.get(store, key, width)
+            return cache.get(store, key, width, max_pixels=max_pixels)
         except ObjectNotFoundError as exc:
             missing = exc
     assert missing is not None
@@ -267,12 +278,24 @@ async def segments_frame(
     cache = service.thumbnails
     if cache is None or service.running is None:
         raise HTTPException(503, "the service is not running")
+    settings = service.settings
     try:
         validate_key(key)
+        stores = _stores(service, app_name, pipeline)
         with object_store_errors("read", key):
-            data = await asyncio.to_thread(
-                _thumbnail, cache, _stores(service, app_name, pipeline), key, width
-            )
+            data = cache.kept(stores[0], key, width)
+            if data is None:
+                slots = cache.slots(settings.thumbnail_concurrency)
+                work = functools.partial(
+                    _thumbnail, cache, stores, key, width, settings.thumbnail_max_pixels
+                )
+                data = await slots.run(work)
+    except ThumbnailsBusyError as exc:
+        raise HTTPException(
+            503,
+            f"the frame {key!r} was not made into a thumbnail: {exc}; try again later",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
     except InvalidKeyError:
         raise HTTPException(
             400,
