@@ -27,22 +27,13 @@ Guarantees:
   rate over the last ``performance_window`` seconds (paced sources), says why it is low, and
   never counts the capture's wait for a slow pipeline as frames.
 * ``stop()`` stops the capture, lets the queued frames drain (bounded by ``drain_timeout``),
-  closes open segments, and tears the processors down. A drain cut short by its timeout still
-  completes the segments it cut: the open one, closed with ``reason="stopped"``, and those
-  closed earlier whose markers were still on their way through the sinks (with their own
-  reason) get ``segment.completed`` after each sink that had not had them ran its
-  ``segment_closed`` (so with what the sinks stored so far); the number of captured frames
-  abandoned in the queues and calls is logged. (A failed run's segments are not completed:
-  its failure stands.)
-* The stages and sinks are torn down together (each sink after its last ``segment_closed``
-  returned). A run that ended on its own (a finite source drained) or a stop whose drain
-  completed has no call left running: every teardown runs to its end, however long (closing
-  an MP4, uploading the last segment; a worker process gets 10 s for its ``teardown()``).
-  When the drain was cut short or the run failed, a call may still be running (one that
-  never returns would hold its stage's threads forever): each stage's teardown is then
-  bounded by ``teardown_timeout`` (10 s by default, never 0) and past it abandoned with a
-  warning naming the stage (its daemon threads left to finish, its worker processes
-  killed), so ``stop()`` returns within ``drain_timeout`` + ``teardown_timeout`` and a bit.
+  closes open segments, and tears the stages and sinks down together (see
+  :mod:`framepipe.stream.shutdown`): to their end after a run that ended on its own or a
+  complete drain; each within ``teardown_timeout`` (10 s by default, never 0) and past it
+  abandoned with a warning when the drain was cut short or the run failed, so ``stop()``
+  returns within ``drain_timeout`` + ``teardown_timeout`` and a bit. A drain cut short still
+  completes the segments it cut (the open one with ``reason="stopped"``) after the sinks'
+  ``segment_closed``, and logs the captured frames it abandoned.
 * Once torn down the run is over: :attr:`running` is False and every :meth:`wait` returns,
   whoever stopped it.
 
@@ -65,6 +56,7 @@ from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
+from framepipe.stream.hop import Hop
 from framepipe.stream.performance import (
     Performance,
     RateWindow,
@@ -74,8 +66,9 @@ from framepipe.stream.performance import (
 )
 from framepipe.stream.queue import FrameQueue
 from framepipe.stream.segment import Segment, Segmenter, SegmenterState, SegmentMarker
+from framepipe.stream.shutdown import Cut, abandoned_frames, cut_segments, tear_down
 from framepipe.stream.sinks import Sink
-from framepipe.stream.stage import END, Hop, Stage, StageStats
+from framepipe.stream.stage import END, Stage, StageStats
 from framepipe.supervise import HealthState, Supervisor, SupervisorContext
 
 __all__ = ["EventCallback", "StreamPipeline"]
@@ -140,8 +133,8 @@ class StreamPipeline:
         if not teardown_timeout > 0:
             raise ValueError(f"teardown_timeout must be > 0, got {teardown_timeout}")
         self.teardown_timeout = teardown_timeout
-        """The bound of each stage's teardown after a drain cut short or a failure (see the
-        module); unbounded otherwise."""
+        """The bound of each stage's teardown after a drain cut short or a failure (see
+        :mod:`framepipe.stream.shutdown`); unbounded otherwise."""
         self._listeners: list[EventCallback] = [on_event] if on_event else []
         self.log = get_logger(name)
         names = [s.label for s in [*self.stages, *self.sinks]]
@@ -295,7 +288,7 @@ class StreamPipeline:
         """Stop the capture, drain the queued frames (at most ``drain_timeout`` seconds, 0: do
         not wait), close the open segments (those a cut drain leaves too), and tear the stages
         down: to the end after a complete drain, each within ``teardown_timeout`` seconds
-        after a cut one (see the module)."""
+        after a cut one (see :mod:`framepipe.stream.shutdown`)."""
         if self._done is None:
             return
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
@@ -340,65 +333,27 @@ class StreamPipeline:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        cut = self._cut_segments()
-        abandoned = self._abandoned_frames()
-        if abandoned:
-            self.log.warning(
-                "%d captured frame(s) abandoned in the pipeline's queues and calls%s",
-                abandoned,
-                "" if self.state is HealthState.FAILED else f" (not drained within {drain:g}s)",
-            )
+        failed = self.state is HealthState.FAILED
+        cut: Cut = []
+        if not failed:  # a failed run's segments are not completed: its failure stands
+            cut = cut_segments(self._closing, self._seg_state)
+            self.open_segment = None
+        captured0, out0 = self._run_counts
         hops, self._hops = self._hops, []
-        await asyncio.gather(
-            *(
-                self._retire(
-                    hop, [SegmentMarker(seg) for seg, had in cut if hop.name not in had], within
-                )
-                for hop in hops
-            )
+        await tear_down(
+            hops,
+            cut,
+            within=within,
+            abandoned=abandoned_frames(
+                self.frames_captured - captured0, self.frames_out - out0, self.stats
+            ),
+            drain=None if failed else drain,
+            complete=self._segment_completed,
+            log=self.log,
         )
-        for seg, _sinks in cut:
-            self._segment_completed(seg)
         if self.state not in (HealthState.FAILED,):
             self.state = HealthState.STOPPED
         self._emit("pipeline.stopped", state=self.state.value)
-
-    async def _retire(self, hop: Hop, closing: list[SegmentMarker], within: float | None) -> None:
-        """Tear ``hop`` down (within ``within`` seconds, or to its end for None); a sink is
-        first handed ``closing`` (the segments a stop cut that it has not had)."""
-        try:
-            await hop.teardown(within, closing)
-        except TimeoutError:
-            self.log.warning(
-                "stage %r did not tear down within %gs (teardown_timeout: the drain was cut "
-                "short, a processor call that never returns?): abandoned, its threads left to "
-                "finish on their own (worker processes killed)",
-                hop.name,
-                within,
-            )
-        except Exception:
-            self.log.exception("teardown of %s failed", hop.name)
-
-    def _cut_segments(self) -> list[tuple[Segment, set[str]]]:
-        """The segments a stop cut short, with the sinks that already had them: those closed
-        whose markers had not come out of the sinks, then the open one, closed now with
-        ``reason="stopped"``. None for a failed run (its failure stands)."""
-        if self.state is HealthState.FAILED:
-            return []
-        cut = list(self._closing.values())
-        if self._seg_state is not None:
-            cut += [(seg, set()) for seg in self._seg_state.close_all("stopped")]
-        self.open_segment = None
-        return cut
-
-    def _abandoned_frames(self) -> int:
-        """Frames captured in this run that neither came out of the pipeline nor were
-        filtered, failed or dropped on the way: those left in its queues and calls."""
-        captured0, out0 = self._run_counts
-        accounted = (
-            self.frames_out - out0 + sum(s.filtered + s.errors + s.dropped for s in self.stats)
-        )
-        return max(0, self.frames_captured - captured0 - accounted)
 
     async def run(self) -> None:
         """Start and wait for the end (Ctrl-C/cancel stops it gracefully)."""

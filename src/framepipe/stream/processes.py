@@ -54,7 +54,7 @@ FRAME_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit, asyncio.
 process or on the event loop: any exception, ``sys.exit()``, and a ``CancelledError`` (an
 awaited future or a nested event loop of the processor's cancelled). On the event loop a
 ``CancelledError`` from a cancellation of the task running the call is that task's, not the
-frame's (see :mod:`framepipe.stream.stage`)."""
+frame's (see :mod:`framepipe.stream.hop`)."""
 
 _SPAWN = multiprocessing.get_context("spawn")
 _START_TIMEOUT = 120.0  # spawn, imports and the processor's setup (models load here)
