@@ -1,6 +1,8 @@
 """The fleet's recovery of frames left pending, with real processor processes on the real Redis:
-a processor declared dead that comes back answers the frames the registry took from it, and a
-frame that kills its processor is given up after ``max_attempts`` restarts under the same id.
+a processor declared dead that comes back answers the frames the registry took from it, a
+frame that kills its processor is given up after ``max_attempts`` restarts under the same id,
+two registries reaping one dead processor route each of its frames once, and a reaper whose
+view is behind leaves the frames of a processor that registered again.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ redis_sync = pytest.importorskip("redis")
 from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.frames import encode_jpeg  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
+from framepipe.processors.fleet.protocol import ProcessorState  # noqa: E402
 from framepipe.processors.fleet.reaper import REAPER, TAKE_NEW_LUA  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
@@ -318,5 +321,134 @@ def test_entries_the_reaper_holds_in_a_ready_processors_stream_are_taken_back(ns
             client.close()
             await gated.stop()
             await asyncio.wait_for(serving, 15)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+class Target(ProcessorClient):
+    """An in-process processor that answers at once and records the frames it was given."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__(
+            "target",
+            ["cap"],
+            capacity=4,
+            redis_url=REDIS_URL,
+            namespace=ns,
+            health_interval=0.2,
+            image_encoding="raw",
+            result_stream=f"{ns}results",
+            environ={},
+        )
+        self.started: list[str] = []
+
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        self.started.append(frame_data[b"frame_id"].decode())
+        return {"ok": True}
+
+
+def test_two_registries_reaping_one_dead_processor_route_each_frame_once(
+    ns: str, script: Path
+) -> None:
+    """Two registries reap the same dead processor at the same moment: each of its frames (those
+    it had read and those still waiting in its stream) goes to the live processor once, and
+    every call gets its result from there."""
+
+    async def main() -> None:
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        stream = f"{ns}proc:solo:frames"
+        doomed = await Processor(script, ns, capacity=12, delay=3600).start()
+        target = Target(ns)
+        serving: asyncio.Task[None] | None = None
+        # the health watches sleep (poll_interval): the test runs the two reapers' ticks itself
+        settings: dict[str, Any] = {"heartbeat_timeout": 60, "poll_interval": 3600}
+        try:
+            async with (
+                ProcessorRegistry(REDIS_URL, ns, registry_id="a", **settings) as a,
+                ProcessorRegistry(REDIS_URL, ns, registry_id="b", **settings) as b,
+            ):
+                await a.wait_for_processor("cap", timeout=15)
+                ids = [f"F{i}" for i in range(12)]
+                calls = [asyncio.create_task(a.call(entry(i), "cap", timeout=60)) for i in ids[:6]]
+                await wait_until_async(
+                    "six frames started", lambda: all(doomed.said("start", i) for i in ids[:6]), 10
+                )
+                assert doomed.proc is not None
+                doomed.proc.send_signal(signal.SIGSTOP)  # reads nothing more
+                calls += [asyncio.create_task(a.call(entry(i), "cap", timeout=60)) for i in ids[6:]]
+                await wait_until_async("twelve routed", lambda: client.xlen(stream) == 12, 10)
+                doomed.proc.kill()
+                await doomed.exited()
+
+                serving = asyncio.create_task(target.start())
+                await asyncio.wait_for(target.wait_registered(), 10)
+                client.hset(f"{ns}proc:solo", "state", "dead")  # declared dead (by either)
+                await asyncio.gather(a._reaper.tick(), b._reaper.tick())
+
+                results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+                assert [(r.frame_id, r.ok, r.processor_id) for r in results] == [
+                    (i, True, "target") for i in ids
+                ]
+                await wait_until_async(
+                    "the target's stream drained",
+                    lambda: (
+                        client.xlen(target.stream) == 0
+                        and client.xpending(target.stream, "processors")["pending"] == 0
+                    ),
+                    10,
+                )
+                assert sorted(target.started) == sorted(ids), "a frame was routed twice"
+                assert client.xlen(stream) == 0
+        finally:
+            client.close()
+            await doomed.finish()
+            if serving is not None:
+                await target.stop()
+                await asyncio.wait_for(serving, 15)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_reaper_whose_view_is_behind_leaves_the_frames_of_a_processor_that_came_back(
+    ns: str,
+) -> None:
+    """The registry saw the processor dead, and the processor has registered again since (its
+    view is a poll behind): reaping it moves nothing, whatever live processor could take its
+    frames; the processor answers them itself."""
+
+    async def main() -> None:
+        gated, target = Gated(ns), Target(ns)
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        tasks = [asyncio.create_task(gated.start()), asyncio.create_task(target.start())]
+        try:
+            await asyncio.wait_for(gated.wait_registered(), 10)
+            await asyncio.wait_for(target.wait_registered(), 10)
+            client.xadd(gated.stream, entry("hold"))
+            await wait_until_async("hold started", lambda: gated.started == ["hold"], 5)
+            client.xadd(gated.stream, entry("waiting"))
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=60, poll_interval=3600
+            ) as registry:
+                await registry.refresh()
+                seen = registry._procs["gated"]
+                seen.state = ProcessorState.DEAD  # what it saw a poll ago
+                await registry._reaper.reap(seen)
+                assert client.xlen(gated.stream) == 2
+                assert client.hget(f"{ns}proc:gated", "state") == b"ready"
+            gated.release.set()
+            await wait_until_async(
+                "both answered by gated",
+                lambda: (
+                    [f[b"frame_id"] for _, f in client.xrange(f"{ns}results")]
+                    == [b"hold", b"waiting"]
+                ),
+                10,
+            )
+            assert target.started == []
+        finally:
+            client.close()
+            for client_ in (gated, target):
+                await client_.stop()
+            await asyncio.wait_for(asyncio.gather(*tasks), 15)
 
     asyncio.run(asyncio.wait_for(main(), 60))

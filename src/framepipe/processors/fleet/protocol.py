@@ -3,8 +3,19 @@
 Frame entries (stream fields, bytes): ``frame_id``, ``camera_id``, ``timestamp`` (ISO 8601),
 ``image_data`` (raw JPEG bytes; base64 accepted), ``width``, ``height``, ``format``
 (``jpeg``), ``metadata`` (JSON object), ``trace_context`` (W3C ``traceparent``; a JSON object
-holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``attempt``,
-``max_attempts``, ``routed_at`` (and ``rerouted_from`` after a processor died).
+holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``reply_token``,
+``attempt``, ``max_attempts``, ``routed_at`` (and ``rerouted_from`` after a processor died).
+
+Reply tokens: the router gives every request a ``reply_token`` of its own (new each time a
+frame is routed, kept when the frame is re-routed) and the processor copies it into the
+result; the router takes a result only for the request it names (:func:`answers`), so the
+late result of a request whose caller gave up is never taken for a newer request of the same
+``frame_id``. A result without ``reply_token`` (from a processor written before the tokens:
+they ignore the field) is taken only by the request whose entry it answered, its
+``processor_id`` and ``entry_id`` being where the router last put the request; any other
+(the late result of an earlier request, of an entry the request was since re-routed from) is
+dropped, and a request it was meant for ends in its result timeout, never with another
+request's result.
 
 Attempts (:class:`Attempts`): a frame's attempts are its deliveries to processors, in the
 streams it was re-routed from (its ``attempt`` field minus one) and in the one it is in (the
@@ -14,7 +25,8 @@ registry re-routes it from a dead processor or a processor takes it back after a
 
 Result entries: ``frame_id``, ``camera_id``, ``processor_id``, ``capability``, ``status``
 (``ok``/``error``), ``result`` (JSON), ``error``, ``error_kind``, ``trace_context`` (the
-frame's, unchanged), ``duration_ms``, ``processed_at``, ``entry_id``.
+frame's, unchanged), ``duration_ms``, ``processed_at``, ``entry_id`` (the frame entry's id in
+the processor's stream) and ``reply_token`` (the frame entry's, when it had one).
 
 Keys (:class:`Keys`, named by :func:`framepipe.redis.namespaced`; ``namespace`` default
 ``framepipe:``): ``<ns>:processors`` (set of ids), ``<ns>:proc:<id>`` (hash),
@@ -57,6 +69,7 @@ __all__ = [
     "ProcessorResult",
     "ProcessorState",
     "Routable",
+    "answers",
     "as_int",
     "check_entry",
     "decode_image_data",
@@ -316,10 +329,17 @@ def lost_result(
         "entry_id": mid,
         "duration_ms": "0",
         "processed_at": repr(time.time()),
+        **_token_of(fields),
     }
 
 
 # -- results --------------------------------------------------------------------------------------
+
+
+def _token_of(fields: Mapping[bytes, bytes]) -> dict[str, bytes]:
+    """The ``reply_token`` a result echoes: the frame entry's, when it has one."""
+    token = fields.get(b"reply_token")
+    return {"reply_token": token} if token else {}
 
 
 @dataclass
@@ -356,6 +376,7 @@ def result_fields(
         "processed_at": repr(time.time()),
         "entry_id": mid,
     }
+    payload.update(_token_of(fields))
     if outcome.result_json is not None:
         payload["result"] = outcome.result_json
     if not outcome.ok:
@@ -381,6 +402,8 @@ class ProcessorResult:
     capability: str = ""
     duration_ms: float = 0.0
     entry_id: str = ""
+    reply_token: str = ""
+    """The request's token, echoed by the processor ("" from one written before the tokens)."""
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes]) -> ProcessorResult:
@@ -403,6 +426,7 @@ class ProcessorResult:
             capability=get(b"capability", b"").decode("utf-8", "replace"),
             duration_ms=float(get(b"duration_ms") or 0.0),
             entry_id=get(b"entry_id", b"").decode("utf-8", "replace"),
+            reply_token=get(b"reply_token", b"").decode("utf-8", "replace"),
         )
 
     def check(self) -> ProcessorResult:
@@ -415,3 +439,13 @@ class ProcessorResult:
                 kind=self.error_kind or "processor",
             )
         return self
+
+
+def answers(result: ProcessorResult, reply_token: str, processor_id: str, entry_id: str) -> bool:
+    """Whether ``result`` is the result of the request with ``reply_token``, last routed to
+    ``processor_id`` as its entry ``entry_id``: the token decides when the result carries
+    one; a result without (from a processor written before the tokens) must have answered
+    that very entry (see the module docstring)."""
+    if result.reply_token:
+        return result.reply_token == reply_token
+    return bool(entry_id) and (result.processor_id, result.entry_id) == (processor_id, entry_id)

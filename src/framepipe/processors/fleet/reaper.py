@@ -5,12 +5,15 @@ A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegist
 
 * A processor whose heartbeat has not changed for ``heartbeat_timeout`` seconds, or three of
   its own heartbeat periods when that is longer (measured on the registry's clock, so machine
-  clocks need not agree), is marked ``dead`` and deregistered;
-  every entry left in its stream (pending in its consumer group or not yet delivered) is
-  re-routed to another live processor with the entry's capability (regardless of free
-  capacity: it has waited already), then acknowledged and deleted there; no frame is lost as
-  long as a processor with the capability lives (entries wait in the dead stream until one
-  does, or until the processor itself comes back and takes them back). A frame delivered
+  clocks need not agree), is marked ``dead`` and deregistered; every entry left in its stream
+  (pending in its consumer group or not yet delivered) is re-routed to another live processor
+  with the entry's capability (regardless of free capacity: it has waited already), and
+  acknowledged and deleted there in the same step (:data:`MOVE_LUA`): of several registries
+  reaping the same processor (each registry's watch reaps every dead processor it sees), one
+  moves each entry, once, and the others leave it; nor is an entry moved once its processor
+  has registered again. No frame is lost as long as a processor with the capability lives
+  (entries wait in the dead stream until one does, or until the processor itself comes back
+  and takes them back). A frame delivered
   ``max_attempts`` times to processors that died gets an error result (``error_kind``
   ``lost``) instead of killing more (its deliveries:
   :class:`~framepipe.processors.fleet.protocol.Attempts`; the reaper's own reads of an entry
@@ -24,9 +27,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
-from framepipe.errors import CircuitOpenError, NoProcessorError, RegistryConnectionError
+from framepipe.errors import (
+    CircuitOpenError,
+    NoProcessorError,
+    ProcessorRegistryError,
+    RegistryConnectionError,
+)
 from framepipe.processors.fleet.protocol import (
     GROUP,
     Attempts,
@@ -37,12 +46,12 @@ from framepipe.processors.fleet.protocol import (
 )
 from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
 from framepipe.redis.connection import REDIS_DOWN, ResponseError
-from framepipe.redis.scripts import MARK_DEAD_LUA
+from framepipe.redis.scripts import MARK_DEAD_LUA, Script
 
 if TYPE_CHECKING:
     from framepipe.processors.fleet.routing import ProcessorRegistry, Track
 
-__all__ = ["REAPER", "Reaper"]
+__all__ = ["MOVE_LUA", "REAPER", "TAKE_NEW_LUA", "Reaper"]
 
 REAPER = "framepipe-reaper"
 """The consumer name the registry takes a dead processor's undelivered entries under."""
@@ -65,6 +74,31 @@ return taken
 """KEYS: stream. ARGV: group, consumer, count. Takes up to ``count`` entries never delivered
 (``XREADGROUP >``) under ``consumer`` with their delivery count at 0 (the registry taking an
 entry is not a delivery to a processor); returns how many."""
+
+MOVE_LUA = """
+local state = redis.call('HGET', KEYS[2], 'state')
+if state == 'ready' or state == 'draining' then return -1 end
+if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then return 0 end
+local moved = 1
+if ARGV[3] == 'route' then
+  if redis.call('HGET', KEYS[3], 'state') ~= 'ready' then return false end
+  moved = redis.call('XADD', KEYS[4], '*', unpack(ARGV, 4))
+elseif ARGV[3] == 'reply' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', unpack(ARGV, 4))
+end
+pcall(redis.call, 'XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return moved
+"""
+"""KEYS: dead stream, dead hash, target hash, target stream. ARGV: group, entry id, mode
+(``route``, ``reply``, ``drop``), field, value, ... Moves one entry out of a dead (or stopped)
+processor's stream, in one step: ``route`` writes the fields to the target stream while the
+target is ``ready`` (its new id; None when not ready), ``reply`` writes them to the target
+stream as a result (1), ``drop`` writes nothing (1); then the entry is acknowledged and deleted.
+0: the entry is gone (another registry's reaper moved it, or its processor answered it);
+-1: the processor registered again (``ready``/``draining``) and takes its entries back itself.
+Nothing is written in either case: each entry is moved once, whoever else reaps the stream."""
+MOVE = Script(MOVE_LUA)
 
 _BATCH = 200
 
@@ -180,99 +214,157 @@ class Reaper:
         entries: dict[bytes, dict[bytes, bytes]],
         delivered: Mapping[bytes, int],
     ) -> bool:
-        """Send ``entries`` of ``dead`` to other processors; True when none is left. An entry
+        """Move ``entries`` of ``dead`` to other processors; True when none is left. An entry
         goes with ``attempt`` one more than its deliveries so far (``delivered``: its
         ``times_delivered`` in ``dead``'s stream; 0 for one never delivered); one delivered
-        ``max_attempts`` times already is given up (:meth:`give_up`) instead: a frame that
-        kills its processors stops after ``max_attempts`` of them."""
-        registry = self.registry
-        redis = registry._require()
-        plan: list[tuple[bytes, Registration, dict[str, bytes | str], Track | None]] = []
-        finished: list[bytes] = []
+        ``max_attempts`` times already is given up instead (its ``lost`` result to the router
+        that sent it): a frame that kills its processors stops after ``max_attempts`` of them.
+
+        Each entry is moved by :data:`MOVE_LUA`, atomically: written to its new stream (or
+        answered) and acknowledged and deleted in ``dead``'s at once, only while it is still
+        there and ``dead`` has not registered again. Of several registries reaping the same
+        processor, each entry is thus moved by one; the others find it gone and leave it."""
+        moves: list[_Move] = []
         left = 0
         for mid, raw in entries.items():
-            fields: dict[str, bytes | str] = {text(k): v for k, v in raw.items()}
-            frame_id = text(fields.get("frame_id"))
-            capability = text(fields.get("capability")) or next(iter(dead.capability_order), "")
-            attempts = Attempts.of(raw, delivered.get(mid, 0), registry.max_attempts)
-            if attempts.exhausted:
-                await self.give_up(dead, mid, raw, attempts.used)
-                finished.append(mid)
-                continue
-            try:
-                target = registry._mirror.choose(
-                    capability, exclude=[dead.id], ignore_capacity=True
-                )
-            except (NoProcessorError, CircuitOpenError):
-                target = None
-            if target is None:
+            move = self._plan(dead, mid, raw, delivered.get(mid, 0))
+            if move is None:
                 left += 1
-                continue
-            fields["attempt"] = str(attempts.used + 1)
-            fields["rerouted_from"] = dead.id
-            track = registry._routed.get(frame_id)
-            if track is not None and track.processor_id == dead.id:
-                dead.outstanding.discard(frame_id)
-                target.outstanding.add(frame_id)
-                track.processor_id = target.id
             else:
-                track = None
-            plan.append((mid, target, fields, track))
-        if plan:
-            results = await registry._send([(t, f) for _, t, f, _ in plan])
-            for (mid, target, fields, track), result in zip(plan, results, strict=True):
-                if isinstance(result, BaseException) or result is None:
-                    left += 1
-                    if track is not None:  # back to the dead one; retried next tick
-                        target.outstanding.discard(track.frame_id)
-                        dead.outstanding.add(track.frame_id)
-                        track.processor_id = dead.id
-                    if isinstance(result, REDIS_DOWN):
-                        raise result
-                    continue
-                finished.append(mid)
-                registry.log.info(
-                    "Re-routed frame %s from %s to %s (attempt %s)",
-                    text(fields.get("frame_id")),
-                    dead.id,
-                    target.id,
-                    text(fields.get("attempt")),
-                )
-        if finished:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.xack(dead.stream, GROUP, *finished)
-                pipe.xdel(dead.stream, *finished)
-                await pipe.execute()
+                moves.append(move)
+        if not moves:
+            return self._left(dead, left)
+        results = await self._move([m.call for m in moves])
+        came_back = False
+        for move, result in zip(moves, results, strict=True):
+            outcome = self._settle(dead, move, result)
+            came_back = came_back or outcome == -1
+            left += outcome == 1
+        return False if came_back else self._left(dead, left)
+
+    def _plan(
+        self, dead: Registration, mid: bytes, raw: dict[bytes, bytes], delivered: int
+    ) -> _Move | None:
+        """The move of entry ``mid`` of ``dead`` (delivered ``delivered`` times there): to the
+        processor chosen for its capability, or its ``lost`` result when its attempts are
+        exhausted; None when no live processor can take it now. The frame's track (when this
+        registry routed it) is moved to the target at once: a result read before the
+        script's reply finds it there."""
+        registry = self.registry
+        frame_id = text(raw.get(b"frame_id"))
+        attempts = Attempts.of(raw, delivered, registry.max_attempts)
+        if attempts.exhausted:
+            reply_to = text(raw.get(b"reply_to"))
+            lost = lost_result(dead.id, mid, raw, attempts.used)
+            keys = _keys(dead, dead.hash_key, reply_to or dead.stream)
+            mode = "reply" if reply_to else "drop"
+            call = [*keys, GROUP, mid, mode, *_flat(lost)]
+            return _Move(mid, frame_id, attempts.used, None, None, call)
+        capability = text(raw.get(b"capability")) or next(iter(dead.capability_order), "")
+        try:
+            target = registry._mirror.choose(capability, exclude=[dead.id], ignore_capacity=True)
+        except (NoProcessorError, CircuitOpenError):
+            target = None
+        if target is None:
+            return None
+        fields: dict[str, bytes | str] = {text(k): v for k, v in raw.items()}
+        fields["attempt"] = str(attempts.used + 1)
+        fields["rerouted_from"] = dead.id
+        track = registry._routed.get(frame_id)
+        if track is not None and track.processor_id == dead.id:
+            dead.outstanding.discard(frame_id)
+            target.outstanding.add(frame_id)
+            track.processor_id = target.id
+        else:
+            track = None
+        call = [*_keys(dead, target.hash_key, target.stream), GROUP, mid, "route", *_flat(fields)]
+        return _Move(mid, frame_id, attempts.used + 1, target, track, call)
+
+    def _settle(self, dead: Registration, move: _Move, result: Any) -> int:
+        """Take the script's ``result`` for ``move``: 0 done (moved here, or gone: moved by
+        another registry or answered), 1 left for the next tick, -1 the processor is back.
+        Raises the connection error that failed it."""
+        registry = self.registry
+        moved = isinstance(result, bytes) or result == 1
+        track, target = move.track, move.target
+        if track is not None and target is not None and not moved:
+            target.outstanding.discard(track.frame_id)  # back to the dead one
+            dead.outstanding.add(track.frame_id)
+            track.processor_id = dead.id
+        if isinstance(result, REDIS_DOWN):
+            raise result
+        if isinstance(result, BaseException) or result is None:
+            return 1  # the target is not ready any more, or the script failed
+        if not moved:
+            return -1 if result == -1 else 0
+        if target is None:
+            registry.log.error(
+                "Frame %s was delivered %d times to processors that died (last: %s); "
+                "giving up on it",
+                move.frame_id,
+                move.attempt,
+                dead.id,
+            )
+        else:
+            if track is not None:
+                track.message_id = text(result)
+            registry.log.info(
+                "Re-routed frame %s from %s to %s (attempt %d)",
+                move.frame_id,
+                dead.id,
+                target.id,
+                move.attempt,
+            )
+        return 0
+
+    def _left(self, dead: Registration, left: int) -> bool:
+        """True when no entry of ``dead`` is left; else logs (once) that some wait."""
         if left:
             if dead.id not in self._waiting_logged:
                 self._waiting_logged.add(dead.id)
-                registry.log.warning(
+                self.registry.log.warning(
                     "%d frame(s) of %s wait for a live processor with their capability",
                     left,
                     dead.id,
                 )
-        else:
-            self._waiting_logged.discard(dead.id)
-        return left == 0
+            return False
+        self._waiting_logged.discard(dead.id)
+        return True
 
-    async def give_up(
-        self, dead: Registration, mid: bytes, raw: Mapping[bytes, bytes], attempts: int
-    ) -> None:
-        """Give up on a frame delivered ``attempts`` times to processors that died: logged,
-        and its error result (:func:`~framepipe.processors.fleet.protocol.lost_result`) to
-        the router that sent it."""
-        self.registry.log.error(
-            "Frame %s was delivered %d times to processors that died (last: %s); giving up on it",
-            text(raw.get(b"frame_id")),
-            attempts,
-            dead.id,
-        )
-        reply_to = raw.get(b"reply_to")
-        if not reply_to:
-            return
-        await self.registry._require().xadd(
-            text(reply_to),
-            lost_result(dead.id, mid, raw, attempts),  # type: ignore[arg-type]
-            maxlen=10_000,
-            approximate=True,
-        )
+    async def _move(self, calls: list[list[bytes | str]]) -> list[Any]:
+        """Run :data:`MOVE_LUA` for each call, pipelined on the registry's route connection;
+        replies, or the exception for every call when the connection failed."""
+        wire = self.registry._routes
+        if wire is None:
+            self.registry._require()
+            raise ProcessorRegistryError("the registry is not started")
+        try:
+            return await wire.run_many(MOVE, calls, keys=4)
+        except Exception as exc:
+            return [exc] * len(calls)
+
+
+@dataclass(frozen=True)
+class _Move:
+    """One entry of a dead processor's stream, on its way out."""
+
+    mid: bytes
+    frame_id: str
+    attempt: int
+    """The delivery it goes as (the deliveries it had, when it is given up)."""
+    target: Registration | None
+    """The processor it goes to (None: it is given up)."""
+    track: Track | None
+    """The frame's track when this registry routed it (moved to ``target`` already)."""
+    call: list[bytes | str]
+    """The KEYS and ARGV of its :data:`MOVE_LUA` run."""
+
+
+def _keys(dead: Registration, hash_key: str, stream: str) -> list[bytes | str]:
+    """:data:`MOVE_LUA`'s KEYS for an entry of ``dead`` going to ``stream`` (checked against
+    ``hash_key`` when routed)."""
+    return [dead.stream, dead.hash_key, hash_key, stream]
+
+
+def _flat(fields: Mapping[str, bytes | str]) -> list[bytes | str]:
+    return [part for pair in fields.items() for part in pair]

@@ -3,8 +3,12 @@
 One blocking ``XREAD`` loop on the registry's own connection reads its reply stream
 (``<ns>:replies:<registry id>``); each result updates the processor's circuit breaker, frees
 the capacity its frame held and resolves the awaiting call (and is traced as the frame's
-``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result nobody waits for any more
-(a duplicate of a re-routed frame, or one whose wait expired) only counts for the breaker.
+``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result resolves only the request
+that produced it: the frame in flight under its ``frame_id`` whose ``reply_token`` it echoes
+(:func:`~framepipe.processors.fleet.protocol.answers`; without a token, the entry it answered).
+A result nobody waits for any more (a duplicate of a re-routed frame, one whose wait expired,
+the late result of an earlier request of a frame id sent again) is dropped, logged at debug
+level and counted (:attr:`ReplyReader.dropped`); it only counts for the breaker.
 Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one by one.
 """
 
@@ -36,6 +40,9 @@ class ReplyReader:
         """The id of the last reply entry read."""
         self.trimmed: bytes | str = ""
         """The id up to which the stream was trimmed."""
+        self.dropped = 0
+        """Results read that no request waited for (late, duplicate, or of an earlier request
+        of the frame id)."""
 
     async def run(self) -> None:
         """Read replies until the registry closes; Redis being away is logged once and
@@ -91,8 +98,16 @@ class ReplyReader:
         if proc is not None:
             proc.breaker.record(result.ok, result.error_kind, result.error)
         track = registry._routed.get(result.frame_id)
-        if track is None:
-            return  # a duplicate (re-routed frame), or one whose wait expired
+        if track is None or not track.answered_by(result):
+            # a duplicate (re-routed frame), one whose wait expired, or an earlier request's
+            self.dropped += 1
+            registry.log.debug(
+                "result of frame %s from %s (entry %s) dropped: no request waits for it",
+                result.frame_id,
+                result.processor_id,
+                result.entry_id,
+            )
+            return
         registry._release(track)
         received(result, track)
         if track.future is not None and not track.future.done():

@@ -27,9 +27,12 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
 * Results arrive on the registry's reply stream (read by one blocking ``XREAD`` loop on a
   connection of its own; the health watch trims the entries read, ``MAXLEN ~ 10000`` bounds
   it meanwhile) and resolve the awaiting :meth:`call` (and
-  :class:`~framepipe.processors.fleet.remote.RemoteProcessor`) by ``frame_id``; a result that
-  does not come within ``result_timeout`` (or the call's timeout) fails the call with
-  :class:`~framepipe.errors.ResultTimeoutError`.
+  :class:`~framepipe.processors.fleet.remote.RemoteProcessor`) that sent them: by ``frame_id``
+  and the ``reply_token`` the route gave the request (see
+  :mod:`~framepipe.processors.fleet.protocol`), so a frame id may be sent again once its
+  earlier request ended (a timeout) without the earlier request's late result reaching the
+  new one; a result that does not come within ``result_timeout`` (or the call's timeout)
+  fails the call with :class:`~framepipe.errors.ResultTimeoutError`.
 
 Health (dead processors, their frames re-routed): see :mod:`~framepipe.processors.fleet.reaper`.
 
@@ -48,6 +51,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import secrets
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -72,6 +76,7 @@ from framepipe.processors.fleet.protocol import (
     Keys,
     ProcessorResult,
     Routable,
+    answers,
     entry_fields,
     frame_entry,
     text,
@@ -108,6 +113,15 @@ class Track:
     """What :meth:`ProcessorRegistry.call` awaits (None for :meth:`~ProcessorRegistry.route`)."""
     timeout: float
     message_id: str = ""
+    """Its entry's id in the stream of ``processor_id`` (the stream it was last routed to)."""
+    reply_token: str = ""
+    """The request's token on the wire: only a result that echoes it is this frame's (see
+    :func:`~framepipe.processors.fleet.protocol.answers`)."""
+
+    def answered_by(self, result: ProcessorResult) -> bool:
+        """Whether ``result`` is this request's (not a late one of an earlier request of the
+        same frame id)."""
+        return answers(result, self.reply_token, self.processor_id, self.message_id)
 
 
 class ProcessorRegistry:
@@ -350,13 +364,17 @@ class ProcessorRegistry:
         frame_id = text(fields["frame_id"])
         future = asyncio.get_running_loop().create_future() if want_future else None
         now = time.monotonic()
-        track = Track(frame_id, proc.id, capability, now, future, self.result_timeout)
+        token = secrets.token_hex(8)
+        track = Track(
+            frame_id, proc.id, capability, now, future, self.result_timeout, reply_token=token
+        )
         proc.breaker.sent(frame_id)
         proc.outstanding.add(frame_id)
         proc.last_routed = now
         self._routed[frame_id] = track
         fields["capability"] = capability
         fields["reply_to"] = self.reply_stream
+        fields["reply_token"] = token
         fields.setdefault("attempt", "1")
         fields.setdefault("max_attempts", str(self.max_attempts))
         fields["routed_at"] = repr(time.time())
