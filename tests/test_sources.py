@@ -1078,6 +1078,31 @@ def test_video_mjpeg_frames_hold_the_cameras_jpeg_undecoded(clips: dict[str, Pat
     assert all(f.captured_jpeg is None and f.planes is not None for f in decoded)
 
 
+@pytest.mark.parametrize("trim", [["-ss", "1.3"], ["-ss", "1.3", "-t", "2"]], ids=["ss", "ss+t"])
+def test_video_mjpeg_trimmed_without_re_encoding_skips_the_hidden_packets(
+    tmp_path: Path, trim: list[str]
+) -> None:
+    """An MJPEG MOV cut with ``ffmpeg -ss 1.3 -c copy`` keeps the picture before the cut (at
+    1.28 s), hidden by its edit list: the decoder drops it, while the undecoded JPEG frames
+    passed it on, one frame more than a decoder shows, at -0.04 s."""
+    clip = make_clip(tmp_path / "clip.mov", frames=100, size=(160, 120), codec="mjpeg")
+    cut = trim_copy(clip, tmp_path / "cut.mov", trim)
+    with av.open(str(cut)) as container:
+        flags = [p.is_discard for p in container.demux(video=0) if p.size]
+    assert flags[0] and not any(flags[1:])  # one picture hidden, before the cut
+    with av.open(str(cut)) as container:
+        shown = [float(f.time or 0.0) for f in container.decode(video=0)]
+    assert len(shown) == len(flags) - 1
+    kept = run(_lazy_frames(VideoSource(cut)))  # a SourceError (truncated ...) fails here
+    decoded = run(_lazy_frames(VideoSource(cut, keep_jpeg=False)))
+    assert all(f.captured_jpeg is not None for f in kept)  # passed on undecoded
+    assert [f.pts for f in kept] == pytest.approx(shown)
+    assert [f.pts for f in decoded] == pytest.approx(shown)
+    for jpeg, frame in zip(kept, decoded, strict=True):
+        diff = np.abs(jpeg.image.astype(np.int16) - frame.image.astype(np.int16))
+        assert diff.mean() < 2.5, diff.mean()
+
+
 def _without_huffman_tables(jpeg: bytes) -> bytes:
     """``jpeg`` with its DHT segments cut out, as some MJPEG cameras and AVI files send it
     (decoders then use the standard tables)."""

@@ -9,15 +9,20 @@ An MP4/MOV trimmed without re-encoding (``ffmpeg -ss 1 -t 2 -c copy``, a phone's
 the samples it cut inside the file and hides them with an edit list: its header's frame count
 (``nb_frames``) counts them, though they are never shown (FFmpeg's decoder drops them). The
 lengths here are the ones that play: the frames its index does not mark as hidden, and the
-stream's duration after the edit list (what the demuxer reports)."""
+stream's duration after the edit list (what the demuxer reports). Which packets play is one
+rule (:func:`plays`): the frame counts, :func:`framepipe.media.probe`'s frame-rate hint and
+the undecoded JPEG frames of :class:`~framepipe.sources.VideoSource` follow it."""
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import av
 import av.container
+import av.packet
+import av.stream
 import av.video.stream
 
 __all__ = [
@@ -27,8 +32,10 @@ __all__ = [
     "announced_frames",
     "frame_duration",
     "frame_seconds",
+    "plays",
     "stream_rate",
     "stream_start",
+    "tagged_end",
 ]
 
 COMPLETE_SHARE = 0.95
@@ -38,11 +45,25 @@ its header announces, less two frames (see :meth:`DecodedLength.shortfall`)."""
 _SLACK_FRAMES = 2
 
 
-def stream_start(stream: av.video.stream.VideoStream) -> float:
+def stream_start(stream: av.stream.Stream) -> float:
     """The stream's start time in seconds (0 when unknown)."""
     if stream.start_time is not None and stream.time_base is not None:
         return float(stream.start_time * stream.time_base)
     return 0.0
+
+
+def plays(packet: av.packet.Packet[Any], start: int | None) -> bool:
+    """Whether a demuxed ``packet`` holds a frame that is shown, as FFmpeg's decoder decides:
+    not when the demuxer flags it discard (the samples an MP4/MOV edit list hides, as a trim
+    with ``ffmpeg -ss ... -c copy`` leaves them: the decoder decodes such a packet for its
+    references but drops its frame), nor when it is timed before ``start``, the stream's start
+    time in its time base (``stream.start_time``; None: unknown), where the edit list, or the
+    first keyframe, puts the start (the leading pictures of an open GOP cut there). An index
+    entry (``stream.index_entries``) tells only the flag: :func:`announced_frames` counts the
+    entries not flagged."""
+    if packet.is_discard:
+        return False
+    return start is None or packet.pts is None or packet.pts >= start
 
 
 def stream_rate(stream: av.video.stream.VideoStream) -> Fraction:
@@ -92,13 +113,22 @@ def announced_duration(
     when the video is its only stream (with sound, that may be the sound's length)."""
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
+    end = tagged_end(stream)
+    if end is not None:
+        return max(0.0, end - stream_start(stream))
+    if container.duration is not None and len(container.streams) == 1:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def tagged_end(stream: av.stream.Stream) -> float | None:
+    """Where the stream ends, in seconds, as its ``DURATION`` tag says (Matroska/WebM, written
+    by FFmpeg and mkvmerge: the track's last timestamp plus its duration; None without it)."""
     for name, value in (stream.metadata or {}).items():
         if name.upper() == "DURATION" or name.upper().startswith("DURATION-"):
             end = _clock_seconds(str(value))
             if end is not None:
-                return max(0.0, end - stream_start(stream))
-    if container.duration is not None and len(container.streams) == 1:
-        return float(container.duration / av.time_base)
+                return end
     return None
 
 

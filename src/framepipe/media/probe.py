@@ -10,13 +10,20 @@ from typing import Any
 
 import av
 import av.container
+import av.stream
 import av.video.stream
 
 from framepipe.errors import MediaError
 from framepipe.media.decoding import open_video
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
 from framepipe.media.rotation import frame_rotation
-from framepipe.media.timing import estimate_frames
+from framepipe.video_length import (
+    announced_duration,
+    announced_frames,
+    plays,
+    stream_start,
+    tagged_end,
+)
 
 __all__ = ["INDEX_TIMESTAMPS", "SCAN_PACKETS", "MediaInfo", "probe"]
 
@@ -36,19 +43,31 @@ class MediaInfo:
     clockwise): how far players turn the stored picture to show it upright. ``width`` and
     ``height`` are of the stored picture; :attr:`display_size` is the upright one. The media
     functions that write images or video turn it upright themselves.
+    ``duration`` is the video stream's length in seconds: the stream's own (MP4, MOV: after
+    the edit list), else its track's ``DURATION`` tag (Matroska/WebM written by FFmpeg or
+    mkvmerge), else the container's when the video is its only stream, else where its last
+    packet ends (its pts plus its duration, from the stream's start: the packets from the
+    last keyframe before the container's end are demuxed, not decoded, or the whole stream
+    when that finds none; not for a stream without timestamps), else the container's.
+    ``container_duration`` is the container's (its longest stream's: a sound track longer
+    than the video makes it longer than ``duration``; None when it gives none).
     ``frames`` comes from the container header (the frames that play: not those an edit list
     hides, as a trim with ``ffmpeg -ss ... -c copy`` leaves), else it is estimated from
-    duration x fps.
+    ``duration`` x fps.
     ``fps`` is the average frame rate (frames / duration; for a variable frame rate, the
     average) unless the container gives none, then FFmpeg's guess.
-    ``audio_duration`` is the first audio stream's length in seconds (None without audio).
+    ``audio_duration`` is the first audio stream's length in seconds (None without audio): the
+    stream's own, else its ``DURATION`` tag (from the stream's start, or from 0 when that is
+    negative: the encoder's priming, which the decoder drops), else the container's.
 
-    ``variable_frame_rate`` is a hint read from the frames' timestamps (not decoded): True when
-    some frame lasts more than 10 % (and more than one timestamp tick) longer or shorter than
-    the median frame, as after a gap, a burst or a camera changing its rate; False when every
-    frame lasts about the same; None when the timestamps are missing (a raw ``.h264`` stream).
-    All timestamps are read from a complete index (MP4), else the first :data:`SCAN_PACKETS`
-    packets, so a change further into such a file goes unnoticed.
+    ``variable_frame_rate`` is a hint read from the timestamps of the frames that play (not
+    decoded; not the frames an edit list hides): True when some frame lasts more than 10 %
+    (and more than one timestamp tick) longer or shorter than the median frame, as after a
+    gap, a burst or a camera changing its rate; False when every frame lasts about the same;
+    None when the timestamps are missing (a raw ``.h264`` stream). With a complete index (MP4,
+    MOV) each frame's duration is its sample's (to the next sample's decoding time), for all
+    the frames; else the frames are those of the first :data:`SCAN_PACKETS` packets that play,
+    so a change further into such a file goes unnoticed.
     """
 
     path: Path
@@ -65,6 +84,7 @@ class MediaInfo:
     container: str
     audio_duration: float | None = None
     variable_frame_rate: bool | None = None
+    container_duration: float | None = None
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -82,24 +102,38 @@ class MediaInfo:
 
 def _scan(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
-) -> tuple[av.VideoFrame | None, list[int]]:
-    """The first frame (decoded) and the frames' timestamps in the stream's time base, sorted:
-    all of them from the index when it lists every frame, else those of the first
-    :data:`SCAN_PACKETS` packets (demuxed, not decoded), in one pass from the start. A decode
-    error before the first frame is a :class:`MediaError`; a read error after it ends the
-    sample (the operations that read the whole file report a broken one)."""
+) -> tuple[av.VideoFrame | None, list[int] | None]:
+    """The first frame (decoded) and the durations of the frames that play (:func:`~framepipe.
+    video_length.plays`), in the stream's time base (None: no timestamps to tell them by), in
+    one pass from the start.
+
+    When the index lists every frame (an MP4/MOV's sample table, read with the header), a
+    frame's duration is from its sample's decoding time to the next sample's, for the samples
+    the index does not flag as hidden by an edit list: the index has decoding times only, and
+    with B-frames the hidden samples of a trim are interleaved in decoding order with the
+    shown ones, so the gaps between the shown samples' times are not their durations. Else the
+    first :data:`SCAN_PACKETS` packets that play are demuxed (not decoded): the gaps between
+    their presentation times, sorted. A decode error before the first frame is a
+    :class:`MediaError`; a read error after it ends the sample (the operations that read the
+    whole file report a broken one)."""
     entries = stream.index_entries
     indexed = bool(stream.frames) and len(entries) >= stream.frames
-    stamps = (
-        [e.timestamp for e in itertools.islice(entries, INDEX_TIMESTAMPS) if not e.is_discard]
-        if indexed
-        else []
-    )
+    durations: list[int] | None = None
+    if indexed:
+        listed = list(itertools.islice(entries, INDEX_TIMESTAMPS))
+        if any(not entry.is_discard for entry in listed):
+            durations = [
+                after.timestamp - entry.timestamp
+                for entry, after in itertools.pairwise(listed)
+                if not entry.is_discard and after.timestamp > entry.timestamp
+            ]
+    stamps: list[int] = []
+    start = stream.start_time
     first: av.VideoFrame | None = None
     scanned = 0
     try:
         for packet in container.demux(stream):
-            if not indexed and packet.size and scanned < SCAN_PACKETS:
+            if not indexed and packet.size and scanned < SCAN_PACKETS and plays(packet, start):
                 scanned += 1
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is not None:
@@ -114,16 +148,98 @@ def _scan(
     except av.FFmpegError as exc:
         if first is None:
             raise MediaError(path, f"the video stream cannot be decoded ({exc})") from exc
-    return first, sorted(stamps)
+    if not indexed and stamps:
+        stamps.sort()
+        durations = [b - a for a, b in itertools.pairwise(stamps) if b > a]
+    return first, durations
 
 
-def _variable(stamps: list[int]) -> bool | None:
+def _variable(durations: list[int] | None) -> bool | None:
     """True when a frame's duration differs from the median's by over 10 % and one tick."""
-    durations = [b - a for a, b in itertools.pairwise(stamps) if b > a]
+    if durations is None:
+        return None
     if not durations:
-        return None if not stamps else False
+        return False
     median = statistics.median(durations)
     return any(abs(d - median) > max(0.1 * median, 1) for d in durations)
+
+
+def _seconds(container: av.container.InputContainer) -> float | None:
+    """The container's duration in seconds (None when it gives none)."""
+    return None if container.duration is None else container.duration / av.time_base
+
+
+def _last_end(container: av.container.InputContainer, stream: av.stream.Stream) -> int | None:
+    """Where the stream's last packet that plays ends (pts plus duration, in the stream's time
+    base; a video packet without a duration lasts one frame at the stream's rate; None when
+    no packet is timed): the packets from the keyframe before the container's end are demuxed
+    (not decoded), or, when that finds none (no known end, or a seek that lands after the
+    stream's last packet), all of them."""
+    start = stream.start_time
+    frame = 0
+    if isinstance(stream, av.video.stream.VideoStream):
+        rate = stream.average_rate or stream.guessed_rate
+        if rate and stream.time_base:
+            frame = round(1 / (rate * stream.time_base))
+
+    def scan() -> int | None:
+        end: int | None = None
+        for packet in container.demux(stream):
+            if packet.pts is None or not packet.size or not plays(packet, start):
+                continue
+            stop = packet.pts + (packet.duration or frame)
+            end = stop if end is None else max(end, stop)
+        return end
+
+    try:
+        if container.duration is not None:
+            container.seek(container.duration + (container.start_time or 0))
+            end = scan()
+            if end is not None:
+                return end
+        container.seek(container.start_time or 0)
+        return scan()
+    except av.FFmpegError:
+        return None
+
+
+def _track_seconds(
+    container: av.container.InputContainer, stream: av.stream.Stream, start: int
+) -> float | None:
+    """A stream's length from ``start`` (in its time base) to where its last packet ends (None
+    when no packet is timed)."""
+    end = _last_end(container, stream)
+    if end is None or stream.time_base is None:
+        return None
+    return max(0.0, float((end - start) * stream.time_base))
+
+
+def _video_seconds(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, timed: bool
+) -> float:
+    """The video stream's length (see :class:`MediaInfo`'s ``duration``); its packets are
+    measured only when they are ``timed`` (the first ones had timestamps: a raw ``.h264``
+    stream's have none)."""
+    announced = announced_duration(stream, container)
+    if announced is not None:
+        return announced
+    measured = _track_seconds(container, stream, stream.start_time or 0) if timed else None
+    if measured is not None:
+        return measured
+    return _seconds(container) or 0.0
+
+
+def _audio_seconds(container: av.container.InputContainer, sound: av.stream.Stream) -> float:
+    """The sound stream's length (see :class:`MediaInfo`'s ``audio_duration``)."""
+    if sound.duration is not None and sound.time_base is not None:
+        return float(sound.duration * sound.time_base)
+    end = tagged_end(sound)
+    if end is not None:
+        return max(0.0, end - max(0.0, stream_start(sound)))
+    whole = _seconds(container)
+    if whole is not None:
+        return whole
+    return _track_seconds(container, sound, max(0, sound.start_time or 0)) or 0.0
 
 
 def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
@@ -140,27 +256,20 @@ def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInf
     with open_video(path, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        else:
-            duration = 0.0
-        first, stamps = _scan(container, stream, path)
+        first, durations = _scan(container, stream, path)
         rotation = frame_rotation(first, stream)
+        container_duration = _seconds(container)
+        duration = _video_seconds(container, stream, durations is not None)
         audio = container.streams.audio
-        audio_duration = None
-        if audio:
-            sound = audio[0]
-            if sound.duration is not None and sound.time_base is not None:
-                audio_duration = float(sound.duration * sound.time_base)
-            else:
-                audio_duration = duration
+        audio_duration = _audio_seconds(container, audio[0]) if audio else None
+        frames = announced_frames(stream)
+        if not frames and duration and fps:
+            frames = max(1, round(duration * fps))
         return MediaInfo(
             path=path,
             duration=duration,
             fps=fps,
-            frames=estimate_frames(stream, container),
+            frames=frames,
             width=stream.width,
             height=stream.height,
             video_codec=stream.codec_context.name,
@@ -170,5 +279,6 @@ def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInf
             size=path.stat().st_size,
             container=container.format.name,
             audio_duration=audio_duration,
-            variable_frame_rate=_variable(stamps),
+            variable_frame_rate=_variable(durations),
+            container_duration=container_duration,
         )

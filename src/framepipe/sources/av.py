@@ -48,7 +48,7 @@ from framepipe.sources.base import Source, StartedCallback, check_decode_threads
 from framepipe.sources.devices import is_device
 from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
 from framepipe.urls import safe_url
-from framepipe.video_length import DecodedLength
+from framepipe.video_length import DecodedLength, plays
 
 __all__ = ["VideoSource"]
 
@@ -99,7 +99,10 @@ class VideoSource(Source):
     becomes a frame holding the camera's JPEG bytes, so a frame that is only stored is
     never decoded and re-encoded, and ``frame.gray`` is a grey-only (or, with ``small_gray``,
     a DCT-scaled) decode. A packet that is not a whole JPEG with its own Huffman tables (some
-    AVI MJPEG leaves them out) switches the session to decoding.
+    AVI MJPEG leaves them out) switches the session to decoding. The packets a decoder would
+    not show are skipped (:func:`~framepipe.video_length.plays`: those an MOV's edit list
+    hides, as a trim with ``ffmpeg -ss ... -c copy`` leaves them), so the frames and their
+    timestamps are the decoder's.
 
     ``decode_threads`` is the decoder's thread count (:func:`~framepipe.sources.base.
     decoder_threads`): None decodes a paced input (a camera, a stream, ``realtime``) in the
@@ -409,18 +412,23 @@ class _JpegFrame:
 class _JpegPackets:
     """Takes an MJPEG stream's packets as pictures without decoding them, while every packet
     is a whole JPEG with its own Huffman tables; on the first that is not, gives up for the
-    session (the caller decodes that packet and the rest)."""
+    session (the caller decodes that packet and the rest). A packet the decoder would not show
+    (:func:`~framepipe.video_length.plays`: an edit list hides it) is skipped."""
 
     def __init__(self, stream: Any) -> None:
         self.on = stream.codec_context.name == "mjpeg"
+        self.start: int | None = stream.start_time
 
     def take(self, packet: Any) -> list[Any] | None:
-        """``[frame]`` for a packet taken as it is, or None when the packet goes to the
-        decoder (the end-of-stream flush packet, and everything once taking has stopped)."""
+        """``[frame]`` for a packet taken as it is, ``[]`` for one that does not play, or None
+        when the packet goes to the decoder (the end-of-stream flush packet, and everything
+        once taking has stopped)."""
         if not self.on:
             return None
         if packet.size == 0:
             return None  # the demuxer's flush packet: decoding it drains nothing here
+        if not plays(packet, self.start):
+            return []  # hidden: the decoder would decode it and drop its picture
         data = bytes(packet)
         if not (data.startswith(b"\xff\xd8") and b"\xff\xc4" in data):
             self.on = False
