@@ -402,7 +402,7 @@ def test_step_errors_name_pipeline_step_and_cause(run_in_mode: Runner) -> None:
             "spawn_step('work') depends on 'ghost', which is no step of this pipeline",
         ),
         ("params", "StepParamsError", "missing parameter(s) n; unexpected parameter(s) m"),
-        ("json", "StepParamsError", "not JSON-serialisable"),
+        ("json", "StepParamsError", "params.n: is a set, which is not JSON"),
         ("cycle", "PipelineCycleError", "would wait for tail, which waits for every 'work' step"),
     ],
 )
@@ -462,6 +462,24 @@ def test_weighted_progress_events_are_persisted_and_published(run_in_mode: Runne
     # the subscriber saw the same committed events (after it subscribed), in order
     assert received and [e.id for e in received] == [i for i in ids if i >= received[0].id]
     assert received[-1].type == "execution.completed"
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completes", "fails"])
+def test_a_steps_last_progress_report_is_kept(run_in_mode: Runner, fail: bool) -> None:
+    """A step reports three times and ends at once, before the engine or its worker commits:
+    the reports in between may be coalesced, but the last one is stored on the step and
+    published before the step's end, whether it completed or failed."""
+    info, events = run_in_mode(wp.last_word, {"fail": fail})
+    assert info.status.value == ("failed" if fail else "completed"), info.error
+    step = info.step("chatty")
+    assert step.message == "copied 12 files, 3 skipped"
+    types = [e.type for e in events if e.step_key == "chatty"]
+    reports = [e for e in events if e.type == "step.progress"]
+    assert reports, types
+    assert reports[-1].data["message"] == "copied 12 files, 3 skipped"
+    assert reports[-1].data["progress"] == 90
+    end = "step.failed" if fail else "step.completed"
+    assert types.index(end) > max(i for i, t in enumerate(types) if t == "step.progress"), types
 
 
 def test_name_dependency_waits_for_every_instance_even_nested(run_in_mode: Runner) -> None:

@@ -313,8 +313,8 @@ def light(ctx: StepContext) -> None: ...
 
 @weights.step(depends_on=["light"], weight=3)
 def heavy(ctx: StepContext) -> None:
-    """Reports half way, then waits until that report is stored (a report pending when the
-    step ends is superseded by its completion)."""
+    """Reports half way, then waits until that report is stored (so the execution's
+    progress in the report is the one of a running step)."""
     from framepipe.jobs.records import list_events
 
     ctx.progress(50, "half way")
@@ -323,6 +323,19 @@ def heavy(ctx: StepContext) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the progress report was not stored within 10 s")
         time.sleep(0.02)
+
+
+last_word = Pipeline("wk_last_word")
+
+
+@last_word.step()
+def chatty(ctx: StepContext) -> dict[str, Any]:
+    """Reports three times and ends at once: the reports are coalesced, the last one kept."""
+    for pct, text in ((10, "scanning"), (60, "copying"), (90, "copied 12 files, 3 skipped")):
+        ctx.progress(pct, text)
+    if ctx.inputs.get("fail"):
+        raise RuntimeError("card ejected")
+    return {"copied": 12}
 
 
 fan = Pipeline("wk_fan")

@@ -227,6 +227,9 @@ class StepContext:
         The message is stored as :func:`~framepipe.jobs.storable.storable_text` makes it (a
         lone surrogate from a file name becomes ``\\udcXX``, a NUL ``\\x00``; anything but a
         string is stored as its ``str()``), so no message can fail the commit that records it.
+        Reports are committed in rounds: reports made between two commits are coalesced
+        into the last of them, and a step's last report is always stored and published,
+        before its ``step.completed`` (or ``step.failed``), in both modes.
         Raises :class:`StepCancelledError` once the execution is being stopped, so a long step
         that reports progress stops at its next report."""
         self.check_cancelled()

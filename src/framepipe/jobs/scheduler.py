@@ -545,7 +545,9 @@ class Scheduler:
         s.task = None
         now = time.time()
         s.finished_at = now
-        self._progress_events.pop((x.id, s.key), None)
+        last_report = self._progress_events.pop((x.id, s.key), None)
+        if last_report is not None:  # the step's last report is kept, before its end
+            self._emit(last_report)
         ran = outcome.ran
         if ran.error is None:
             self._complete(x, s, ran.output or {}, ran.ledger_rows, now)

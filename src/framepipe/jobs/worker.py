@@ -728,7 +728,9 @@ class Worker:
             return
         work = Round(spawns=pending.spawns)
         for ident, (run, pct, text) in pending.progress.items():
-            if run.finished or run.lost:
+            # A finished run's last report is kept: the round commits it before the
+            # outcome (fenced by attempt like the outcome, so a lost run's report is not).
+            if run.lost:
                 continue
             work.progress.append(
                 ProgressUpdate(
