@@ -486,6 +486,27 @@ def _plots_move(page: Any) -> None:
     assert float(bar.evaluate("p => p.value")) > 0
 
 
+def _busy_thumbnails(page: Any, n: int, *, width: int) -> list[str]:
+    """The first ``n`` requests of ``page`` for frames ``width`` wide are answered as a
+    service whose thumbnail turns are all taken answers them (503, ``Retry-After: 1``); the
+    page is to ask again. Returns the URLs so answered."""
+    answered: list[str] = []
+
+    def route(r: Any) -> None:
+        if len(answered) < n and f"width={width}" in r.request.url:
+            answered.append(r.request.url)
+            r.fulfill(
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body='{"detail": "every thumbnail turn is taken"}',
+            )
+        else:
+            r.continue_()
+
+    page.route("**/api/segments/*/*/frames/**", route)
+    return answered
+
+
 def _no_horizontal_scroll(page: Any) -> None:
     widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
     assert widths[0] <= widths[1], f"horizontal scrolling: {widths}"
@@ -522,9 +543,12 @@ def test_segments_view_and_plots_in_headless_chromium(settings: Settings, tmp_pa
             desk = browser.new_context(viewport={"width": 1280, "height": 900})
             page = desk.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            busy = _busy_thumbnails(page, 1, width=960)
             page.goto(f"{server.url}/#token={TOKEN}")
             page.wait_for_selector("#board:not([hidden])")
             _segments_and_viewer(page)
+            # the viewer's first frame was answered busy, asked again and shown
+            assert len(busy) == 1 and "width=960" in busy[0], busy
             _plots_move(page)
             page.wait_for_timeout(300)
             shots = {

@@ -30,15 +30,26 @@
     return `/api/segments/${encodeURIComponent(app)}/${encodeURIComponent(pipeline)}/frames/${path}?width=${width}`;
   }
 
+  // The service makes a few thumbnails at a time and answers 503 with Retry-After to a
+  // request that got no turn: it is asked again after that many seconds (1-10), a few times.
+  const BUSY_TRIES = 5;
+
+  function fetchImage(url, tries) {
+    return fp.api(url, { headers: { Accept: "image/jpeg" } }).then((res) => {
+      if (res.status === 503 && tries > 1) {
+        const after = Math.min(10, Math.max(1, Number(res.headers.get("Retry-After")) || 2));
+        return new Promise((done) => setTimeout(done, after * 1000))
+          .then(() => fetchImage(url, tries - 1));
+      }
+      if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      return res.blob();
+    });
+  }
+
   function blobFor(url) {
     let found = state.images.get(url);
     if (!found) {
-      found = fp.api(url, { headers: { Accept: "image/jpeg" } })
-        .then((res) => {
-          if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
-          return res.blob();
-        })
-        .then((blob) => URL.createObjectURL(blob));
+      found = fetchImage(url, BUSY_TRIES).then((blob) => URL.createObjectURL(blob));
       found.catch(() => state.images.delete(url));
       state.images.set(url, found);
     }
