@@ -1,17 +1,19 @@
 """Hop worker threads (ThreadLane) and the loop's inbox: each call runs once in a lane thread,
 results and errors come back to the right future, and results that complete while the loop
-is busy are delivered in one wake-up."""
+is busy are delivered in one wake-up. A detached call (run_detached) runs in a daemon thread
+of its own and, abandoned while it runs, is named in a warning."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from framepipe.stream.lanes import ThreadLane, inbox_for
+from framepipe.stream.lanes import ThreadLane, inbox_for, run_detached
 
 
 def test_calls_run_in_the_lanes_threads_and_results_reach_their_futures() -> None:
@@ -154,3 +156,61 @@ def test_an_inbox_does_not_keep_its_loop_alive() -> None:
     del loop
     gc.collect()
     assert gone() is None
+
+
+def test_a_detached_call_runs_in_a_daemon_thread_of_its_own_and_returns_or_raises() -> None:
+    log = logging.getLogger("test.detached")
+
+    def where(x: int) -> tuple[int, str, bool]:
+        thread = threading.current_thread()
+        return x * 2, thread.name, thread.daemon
+
+    def fail() -> None:
+        raise ValueError("bad close")
+
+    async def main() -> tuple[Any, BaseException | Any]:
+        result = await run_detached(where, 21, what="where", thread="fp-where", log=log)
+        error = await asyncio.gather(
+            run_detached(fail, what="fail", thread="fp-fail", log=log), return_exceptions=True
+        )
+        return result, error[0]
+
+    result, error = asyncio.run(main())
+    assert result == (42, "fp-where", True)
+    assert isinstance(error, ValueError) and str(error) == "bad close"
+
+
+def test_a_detached_call_abandoned_while_it_runs_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = threading.Event()
+    log = logging.getLogger("test.detached")
+
+    async def main() -> None:
+        call = asyncio.ensure_future(
+            run_detached(release.wait, what="sink 'x': segment_closed(S1)", thread="fp-x", log=log)
+        )
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(call), 0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    try:
+        with caplog.at_level(logging.WARNING, "test.detached"):
+            asyncio.run(main())
+    finally:
+        release.set()
+    assert "sink 'x': segment_closed(S1) abandoned while it ran" in caplog.text
+    assert "'fp-x'" in caplog.text
+
+
+def test_a_detached_call_that_returned_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test.detached")
+
+    async def main() -> None:
+        assert await run_detached(lambda: 1, what="quick", thread="fp-quick", log=log) == 1
+
+    with caplog.at_level(logging.WARNING, "test.detached"):
+        asyncio.run(main())
+    assert "abandoned" not in caplog.text

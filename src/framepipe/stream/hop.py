@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from logging import Logger, LoggerAdapter
 from typing import Any
 
 from framepipe.errors import ProcessorError
+from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
-from framepipe.stream.lanes import ThreadLane
+from framepipe.stream.lanes import ThreadLane, run_detached
 from framepipe.stream.processes import FRAME_ERRORS, ProcessWorker
 from framepipe.stream.queue import FrameQueue
 from framepipe.stream.stage import END, StageStats
@@ -72,8 +74,10 @@ class Hop:
         crash_after: int | None = None,
         on_crash: CrashHook | None = None,
         processes: bool = False,
+        log: Logger | LoggerAdapter[Any] | None = None,
     ) -> None:
         self.name = name
+        self.log = log or get_logger(name)
         self.source_id = source_id
         self.workers = workers
         self.queue = queue
@@ -142,9 +146,10 @@ class Hop:
 
         ``within``: None waits for all of it however long it takes (a run whose calls all
         returned). A number of seconds bounds it (calls may still be running): past it, raise
-        :class:`TimeoutError`, leave the daemon threads to finish on their own and kill the
-        worker processes. An error of a control item does not stop the teardown: it is raised
-        after it."""
+        :class:`TimeoutError`, leave the daemon threads to finish on their own (a warning names
+        each ``segment_closed`` or ``teardown`` call abandoned while it ran) and kill the worker
+        processes. An error of a control item does not stop the teardown: it is raised after
+        it."""
         lane = self._lane
         try:
             if within is None:
@@ -154,6 +159,8 @@ class Hop:
         except TimeoutError:
             for worker in self._workers:
                 worker.kill()
+            for task in self._controls:  # abandoned: their waits end now, with a warning
+                task.cancel()
             raise
         finally:
             if lane is not None:
@@ -181,7 +188,12 @@ class Hop:
         elif self.processor is not None and lane is not None:
             await lane.submit(self.processor.teardown)
         elif self.processor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.processor.teardown)
+            await run_detached(
+                self.processor.teardown,
+                what=f"stage {self.name!r}: teardown()",
+                thread=f"fp-{self.name}-teardown",
+                log=self.log,
+            )
         if failure is not None:
             raise failure
 

@@ -10,6 +10,12 @@ loop is busy are delivered in one wake-up, in the order they completed.
 Guarantees: each call runs exactly once, in one of the lane's threads; its future gets its
 result, or its exception (any ``BaseException`` raised in the call); a future cancelled
 meanwhile is left cancelled; calls submitted after :meth:`ThreadLane.shutdown` are refused.
+
+A call that a stop may abandon (a sink's ``segment_closed``, the ``teardown`` of a processor
+run on the event loop) goes through :func:`run_detached` instead: a daemon thread of its own,
+so one that never returns holds neither the stop nor the program's exit (asyncio's default
+executor would: ``asyncio.run`` joins its threads before it returns), and a warning names it
+when its caller gives up on it.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from logging import Logger, LoggerAdapter
+from typing import Any, TypeVar
 
-__all__ = ["Inbox", "ThreadLane", "inbox_for"]
+__all__ = ["Inbox", "ThreadLane", "inbox_for", "run_detached"]
+
+_T = TypeVar("_T")
 
 
 class Inbox:
@@ -132,3 +141,42 @@ class ThreadLane:
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
+
+
+async def run_detached(
+    fn: Callable[..., _T],
+    *args: Any,
+    what: str,
+    thread: str,
+    log: Logger | LoggerAdapter[Any],
+) -> _T:
+    """``fn(*args)`` in a daemon thread of its own named ``thread``: its result, or its
+    exception, as with ``loop.run_in_executor`` (it comes back through the loop's
+    :class:`Inbox`). Cancelled while the call runs, this abandons the call: a warning naming it
+    (``what``) is logged and the thread is left to finish on its own; being a daemon thread, it
+    does not hold the program's exit if it never does."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+    inbox = inbox_for(loop)
+
+    def call() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # the caller's to handle, as with an executor
+            inbox.post(future, None, exc)
+        else:
+            inbox.post(future, result, None)
+
+    worker = threading.Thread(target=call, name=thread, daemon=True)
+    worker.start()
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if worker.is_alive():
+            log.warning(
+                "%s abandoned while it ran (a call that never returns?): left to finish on its "
+                "own in daemon thread %r, which neither the stop nor the program's exit waits for",
+                what,
+                thread,
+            )
+        raise

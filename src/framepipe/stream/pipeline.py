@@ -57,6 +57,7 @@ from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
 from framepipe.stream.hop import Hop
+from framepipe.stream.lanes import run_detached
 from framepipe.stream.performance import (
     Performance,
     RateWindow,
@@ -417,6 +418,7 @@ class StreamPipeline:
                     crash_after=stage.max_consecutive_errors,
                     on_crash=self._on_stage_crash,
                     processes=stage.processes > 0,
+                    log=self.log,
                 )
             )
             self.stats.append(stats)
@@ -427,8 +429,12 @@ class StreamPipeline:
                 closing = self._closing.get(id(item.segment))
                 if closing is not None:  # a stop cutting the drain short must not call it again
                     closing[1].add(name)
-                await asyncio.get_running_loop().run_in_executor(
-                    None, sink.segment_closed, item.segment
+                await run_detached(
+                    sink.segment_closed,
+                    item.segment,
+                    what=f"sink {name!r}: segment_closed({item.segment.id})",
+                    thread=f"fp-{name}-segment_closed",
+                    log=self.log,
                 )
 
         return control

@@ -11,7 +11,9 @@ Guarantees:
 * Only when the drain was cut short (or the run failed) may a call still be running, one that
   never returns holding its stage's threads forever: each stage's teardown is then bounded by
   the pipeline's ``teardown_timeout`` and past it abandoned with a warning naming the stage
-  (its daemon threads left to finish, its worker processes killed).
+  (its daemon threads left to finish, its worker processes killed), and one naming each
+  ``segment_closed`` or ``teardown`` call abandoned while it ran. None of them holds the
+  program's exit: they run in daemon threads (see :func:`~framepipe.stream.lanes.run_detached`).
 * A stop that cut the drain short still completes the segments it cut: the open one, closed
   with ``reason="stopped"``, and those closed earlier whose markers were still on their way
   through the sinks (with their own reason) get ``segment.completed`` after each sink that had
