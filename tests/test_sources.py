@@ -461,6 +461,60 @@ def test_video_source_ids_and_description() -> None:
     }
 
 
+# -- VideoSource: a video file served over HTTP ----------------------------------------------
+
+
+@contextlib.contextmanager
+def http_file_server(folder: Path) -> Iterator[str]:
+    """A real HTTP server on loopback serving ``folder``'s files (as a web server or an object
+    store's presigned URL serves a video); yields its base URL."""
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_video_file_over_http_is_played_once_with_live_false(tmp_path: Path) -> None:
+    """An HTTP URL is taken as a stream unless told: ``live=False`` plays the served file
+    once, every frame, not paced, and a pipeline on it ends at the file's end (as a local
+    file's does) instead of restarting it."""
+    from framepipe.stream import StreamPipeline
+    from test_stream import Collect
+
+    (tmp_path / "served").mkdir()
+    clip = make_clip(tmp_path / "served" / "clip.mp4", frames=30)
+    with http_file_server(clip.parent) as base:
+        url = f"{base}/clip.mp4"
+        assert VideoSource(url).live is True  # a network URL: a stream, by default
+        assert VideoSource(url).paced is True
+        source = VideoSource(url, live=False)
+        assert source.live is False and source.paced is False
+        session = run(collect(source, keep_images=False))
+        assert session.error is None
+        assert session.seqs == list(range(1, 31))
+
+        seen = Collect()
+        pipeline = StreamPipeline("served", VideoSource(url, live=False), sinks=[seen])
+        asyncio.run(asyncio.wait_for(pipeline.run(), 60))  # ends: not restarted
+        assert [f.seq for f in seen.frames] == list(range(1, 31))
+        assert pipeline.restart_on_end is False
+    assert VideoSource(clip, live=True).live is True  # a local path taken as a stream
+
+
 # -- VideoSource: a network stream on loopback -----------------------------------------------
 
 

@@ -90,8 +90,13 @@ class VideoSource(Source):
     default; full-range yuvj420p first mapped to limited range), which is faster than PyAV 18's
     ``to_ndarray(format="bgr24")``; other frames are converted by PyAV as they are decoded.
 
-    ``live`` is False for a file played once (its end ends a pipeline) and True otherwise;
-    ``fps`` is the stream's nominal rate, known once a session has opened it.
+    ``live`` is False for a file played once (its end ends a pipeline) and True otherwise
+    (a device, a network URL, a looped file); ``fps`` is the stream's nominal rate, known once
+    a session has opened it. The ``live`` argument overrides how the URL is taken: a video
+    file served over HTTP (a web server, a presigned S3 URL) is a network URL that ends, so
+    ``live=False`` plays it once like a local file (not paced, read as fast as it decodes, its
+    end ends the pipeline instead of restarting it, a short read reported as truncation);
+    ``live=True`` takes a local path as a stream (a FIFO fed by another program).
 
     A stream of JPEG pictures (MJPEG: a USB camera asked for it with
     ``options={"input_format": "mjpeg"}``, many IP cameras' ``/mjpeg`` URLs, MJPEG files) is
@@ -130,6 +135,7 @@ class VideoSource(Source):
         container_format: str | None = None,
         keep_jpeg: bool = True,
         decode_threads: int | None = None,
+        live: bool | None = None,
     ) -> None:
         url = os.fspath(url)
         super().__init__(source_id or _default_source_id(url))
@@ -149,6 +155,8 @@ class VideoSource(Source):
         self.is_network = scheme in _NETWORK_SCHEMES
         device = is_device(url)
         is_file = (scheme in ("", "file") or len(scheme) == 1) and not device
+        if live is not None:
+            is_file = not live
         self.live = loop or not is_file  # a file played once is finite
         self._is_file = is_file
         self.options: dict[str, str] = {}
