@@ -715,11 +715,12 @@ def test_the_hosted_stations_take_input_options_from_the_environment(tmp_path: P
             timeout=60,
         )
 
-    good = load("input_format=mjpeg, video_size=1280x720")
+    good = load("input_format=mjpeg, video_size=1280x720,headers=X-Site: a, b")
     assert good.returncode == 0, good.stderr[-2000:]
     assert json.loads(good.stdout.strip().splitlines()[-1]) == {
         "input_format": "mjpeg",
         "video_size": "1280x720",
+        "headers": "X-Site: a, b",  # a comma not followed by NAME= is the value's
     }
     bad = load("framerate")
     assert bad.returncode != 0

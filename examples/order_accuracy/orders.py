@@ -727,6 +727,16 @@ class OrderAccuracy:
         return health
 
 
+_NEXT_PAIR = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_.-]*=)")
+
+
+def split_pairs(text: str) -> list[str]:
+    """``NAME=VALUE`` pairs written on one line, comma-separated (an environment variable),
+    as a list: a comma separates pairs only where a ``NAME=`` follows it, so a value may hold
+    commas (``headers=X-A: 1, 2``, an RTSP URL's query); blank items are dropped."""
+    return [item.strip() for item in _NEXT_PAIR.split(text) if item.strip()]
+
+
 def parse_stations(items: Sequence[str]) -> dict[str, str]:
     """``["station_1=video.mp4", ...]`` as a mapping; a clear error for a malformed item."""
     stations: dict[str, str] = {}

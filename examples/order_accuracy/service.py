@@ -18,7 +18,8 @@ Settings, read when the service loads this file:
 - ``ORDER_READER`` (``qr``, the default, or ``ocr``);
 - ``ORDER_INPUT_OPTIONS``: FFmpeg options for opening every station's input, ``NAME=VALUE``
   pairs, comma-separated (``input_format=mjpeg,video_size=1280x720`` asks USB cameras for
-  MJPEG), as ``run.py --input-option``.
+  MJPEG), as ``run.py --input-option``; a comma not followed by ``NAME=`` belongs to the
+  value (as in ``ORDER_STATIONS``).
 
 With ``FRAMEPIPE_OBJECTS_URL='s3://frames?endpoint=...'`` frames are stored under
 ``station_1/ORDER_123/...`` in the ``frames`` bucket and the best ones in the ``selected``
@@ -35,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orders import READERS, parse_stations
+from orders import READERS, parse_stations, split_pairs
 from run import Stations, input_options, read_stations_file, selected_bucket_url
 
 from framepipe.backoff import Backoff
@@ -48,7 +49,7 @@ __all__ = ["app", "service"]
 
 def _stations() -> dict[str, str]:
     listed = os.environ.get("ORDER_STATIONS", "")
-    stations = parse_stations([s for s in listed.split(",") if s.strip()])
+    stations = parse_stations(split_pairs(listed))
     path = os.environ.get("ORDER_STATIONS_FILE")
     if path:
         stations.update(read_stations_file(Path(path)))
@@ -96,7 +97,7 @@ service = Stations(
     retry_delay=retry_cap,
     reader=_choice("ORDER_READER", "qr", READERS),
     input_options=input_options(
-        [o.strip() for o in os.environ.get("ORDER_INPUT_OPTIONS", "").split(",") if o.strip()],
+        split_pairs(os.environ.get("ORDER_INPUT_OPTIONS", "")),
         "ORDER_INPUT_OPTIONS",
     ),
     store_events=False,
