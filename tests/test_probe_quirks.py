@@ -13,6 +13,7 @@ import av
 import pytest
 
 from framepipe.media import probe
+from framepipe.media.timing import estimate_frames
 from media import counter_image, make_clip, need_tool
 
 
@@ -45,6 +46,9 @@ def test_an_mkv_whose_sound_outlasts_its_video_gives_the_videos_duration(tmp_pat
     # a video alone: the container's duration is the video's
     alone = probe(make_clip(tmp_path / "alone.mkv", frames=25))
     assert alone.duration == alone.container_duration == pytest.approx(1.0, abs=0.002)
+    # the media steps' progress totals estimate the same video's frames, not the sound's
+    with av.open(str(clip)) as container:
+        assert estimate_frames(container.streams.video[0], container) == 25
 
 
 @pytest.mark.parametrize("written", ["to a pipe", "live"])

@@ -37,16 +37,16 @@ def estimate_frames(
     stream: av.video.stream.VideoStream, container: av.container.InputContainer
 ) -> int:
     """The stream's frame count from the header (the frames that play:
-    :func:`~framepipe.video_length.announced_frames`), else from duration x frame rate
-    (0: unknown)."""
+    :func:`~framepipe.video_length.announced_frames`), else the video's announced length
+    (:func:`~framepipe.video_length.announced_duration`: not a longer sound track's) x its
+    frame rate, else the container's length x the rate (0: unknown). An estimate for
+    progress totals: nothing is read."""
     frames = announced_frames(stream)
     if frames:
         return frames
     rate = stream.average_rate or stream.guessed_rate
-    seconds = None
-    if stream.duration is not None and stream.time_base is not None:
-        seconds = float(stream.duration * stream.time_base)
-    elif container.duration is not None:
+    seconds = announced_duration(stream, container)
+    if seconds is None and container.duration is not None:
         seconds = container.duration / av.time_base
     if seconds and rate:
         return max(1, round(seconds * float(rate)))
