@@ -39,6 +39,7 @@ from framepipe.jobs.memory import ExecState, Finished, StepState
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.outcomes import RetryPolicy, error_text, is_permanent
 from framepipe.jobs.records import Batch, cancel_requested, fail_refused, write_batch
+from framepipe.jobs.refusals import refusal_error
 from framepipe.jobs.rules import (
     after_failure,
     failed_error,
@@ -48,7 +49,7 @@ from framepipe.jobs.rules import (
     stuck_error,
 )
 from framepipe.jobs.running import run_attempt, run_attempt_async
-from framepipe.jobs.storable import brief_error, storable_text
+from framepipe.jobs.storable import brief_error
 from framepipe.jobs.transient import is_transient_store_error
 from framepipe.logs import get_logger
 
@@ -324,10 +325,7 @@ class Scheduler:
         (its running steps are told to stop; their results are ignored), it is stored
         ``failed`` with an error that says why, and its waiters return. What it had committed
         before stays, so a retry resumes it."""
-        error = storable_text(
-            "the state store refused this execution's changes, so it was failed: "
-            f"{brief_error(exc)}"
-        )
+        error = refusal_error("this execution's changes", exc)
         x = self._execs.get(execution_id)
         waiters: list[asyncio.Future[None]] = []
         if x is not None:

@@ -41,7 +41,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -63,6 +63,7 @@ from framepipe.jobs.loading import KnownPipelines
 from framepipe.jobs.outcomes import NO_RETRY, RetryPolicy, error_text, is_permanent
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import completed_data, has_step, step_dependencies
+from framepipe.jobs.refusals import merge, piece_attempt, refused_outcome, round_pieces
 from framepipe.jobs.rounds import (
     Claimed,
     Delivery,
@@ -74,7 +75,7 @@ from framepipe.jobs.rounds import (
 )
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
-from framepipe.jobs.storable import brief_error, storable_text
+from framepipe.jobs.storable import brief_error
 from framepipe.jobs.transient import is_transient_store_error
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
@@ -92,37 +93,6 @@ def _transient(exc: BaseException) -> bool:
     """A lost broker connection, or transient store trouble by the rule the engine shares
     (:func:`~framepipe.jobs.transient.is_transient_store_error`): retried, never a refusal."""
     return isinstance(exc, BrokerError) or is_transient_store_error(exc)
-
-
-def _piece_attempt(
-    piece: Round, work: Round, runs: Mapping[tuple[str, str, int], _Run]
-) -> tuple[tuple[str, str, int], float, float]:
-    """The attempt one piece of round ``work`` (a spawn, a progress report or an outcome)
-    belongs to, with the step's weight and its progress as committed before the round."""
-    for p in piece.progress:
-        return (p.execution_id, p.key, p.attempt), p.weight, p.before
-    for o in piece.outcomes:
-        return (o.execution_id, o.key, o.attempt), o.weight, o.before
-    s = piece.spawns[0]
-    ident = (s.execution_id, s.spawner, s.attempt)
-    for p in work.progress:
-        if (p.execution_id, p.key, p.attempt) == ident:
-            return ident, p.weight, p.before
-    for o in work.outcomes:
-        if (o.execution_id, o.key, o.attempt) == ident:
-            return ident, o.weight, o.before
-    run = runs.get(ident)
-    if run is None:  # not this worker's any more: whatever is written for it is fenced
-        return ident, 0.0, 0.0
-    return ident, run.claimed.weight, run.committed_progress
-
-
-def _merge(result: RoundResult, part: RoundResult) -> None:
-    result.ready.extend(part.ready)
-    result.claimed.extend(part.claimed)
-    result.retry_at.extend(part.retry_at)
-    result.fenced.extend(part.fenced)
-    result.events.extend(part.events)
 
 
 @dataclass(eq=False)
@@ -805,13 +775,8 @@ class Worker:
         )
         result = RoundResult()
         refused: set[tuple[str, str, int]] = set()  # attempts failed for a refused piece
-        pieces = [
-            *(Round(spawns=[s]) for s in work.spawns),
-            *(Round(progress=[p]) for p in work.progress),
-            *(Round(outcomes=[o]) for o in work.outcomes),
-        ]
-        for piece in pieces:
-            ident, weight, before = _piece_attempt(piece, work, self._runs)
+        for piece in round_pieces(work):
+            ident, weight, before = piece_attempt(piece, work, self._held)
             if ident in refused:
                 continue  # its attempt is failed already; this piece would be fenced
             try:
@@ -824,7 +789,7 @@ class Worker:
                     raise
                 refused.add(ident)
                 part = await self._fail_refused(ident, weight, before, piece_exc)
-            _merge(result, part)
+            merge(result, part)
         return result
 
     async def _fail_refused(
@@ -833,16 +798,14 @@ class Worker:
         """Fail attempt ``ident`` (no retry) because the store refused what it reported; a run
         still going is stopped and its slot freed (its later writes are fenced)."""
         execution_id, key, attempt = ident
-        error = storable_text(
-            f"the state store refused what this step reported, so it was failed: {brief_error(exc)}"
-        )
+        failed = refused_outcome(ident, weight, before, exc)
         _log.error(
             "Worker %s: step %s of %s (attempt %d): %s",
             self.id,
             key,
             execution_id[:8],
             attempt,
-            error,
+            failed.error,
         )
         run = self._runs.get(ident)
         if run is not None:
@@ -854,16 +817,6 @@ class Worker:
                 self._stop_run(run)
                 self._runs.pop(ident, None)
                 self._release(1)
-        failed = Outcome(
-            execution_id=execution_id,
-            key=key,
-            attempt=attempt,
-            kind="failed",
-            weight=weight,
-            before=before,
-            error=error,
-            permanent=True,
-        )
         try:
             return await self._in_db_retrying(
                 functools.partial(dispatch.commit_round, self.store, Round(outcomes=[failed])),
@@ -881,6 +834,11 @@ class Worker:
                 brief_error(again),
             )
             return RoundResult()
+
+    def _held(self, ident: tuple[str, str, int]) -> tuple[float, float] | None:
+        """The weight and committed progress of attempt ``ident`` while this worker runs it."""
+        run = self._runs.get(ident)
+        return None if run is None else (run.claimed.weight, run.committed_progress)
 
     def _retry_due(self, _delivery: Delivery) -> None:
         if not self._stopping.is_set():
