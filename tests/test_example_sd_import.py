@@ -37,7 +37,7 @@ from websockets.sync.client import connect as ws_connect
 from conftest import REDIS_URL, need_modules, redis_namespace, service_missing
 from framepipe.backends.state import StateStore, steps
 from framepipe.config import Settings
-from framepipe.jobs.ledger import Ledger
+from framepipe.jobs.ledger import Ledger, file_fingerprint
 from framepipe.jobs.loading import load_pipeline
 from media import make_qr_clip
 from test_server import AUTH, TOKEN, Server
@@ -54,6 +54,7 @@ need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
 import backend as sd_backend  # noqa: E402  (examples/sd_import/backend.py)
+from card_paths import copy_dest  # noqa: E402  (examples/sd_import/card_paths.py)
 from retention import RENDERED  # noqa: E402  (examples/sd_import/retention.py)
 
 # -- cards -----------------------------------------------------------------------------------
@@ -106,6 +107,13 @@ class CardMaker:
         path = jump_clip(self._next(), seed=self.n, frames=2 if small else 25)
         assert (path.stat().st_size < SMALL_LIMIT) == small
         return self._stamp(path)
+
+
+def copy_in(card_id: str, card: Path, path: str) -> str:
+    """Where the copy of the file ``path`` of the card folder ``card`` lands in the shared
+    folder (relative to it): ``<card_id>/<folders>/<stem>-<hash><suffix>``."""
+    file = card / path
+    return copy_dest(card_id, path, file.stat().st_size, file_fingerprint(file))
 
 
 def insert(card: Path, watch: Path) -> Path:
@@ -376,9 +384,18 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
             assert len(frames) == 75
             assert frames[0][:, :, 0].mean() > frames[0][:, :, 2].mean() + 30  # dark blue card
         assert set(ledger_paths(world["settings"])) == {qr1, v1a, v1b, qr2, v2a, v2b}
-        assert sorted(p.name for p in (world["shared"]).rglob("*") if p.is_file()) == sorted(
-            Path(p).name for p in (qr1, v1a, v1b, qr2, v2a, v2b)
-        )
+        card_id = summary["card_id"]
+        assert sorted(
+            p.relative_to(world["shared"]).as_posix()
+            for p in world["shared"].rglob("*")
+            if p.is_file()
+        ) == sorted(copy_in(card_id, maker.folder, p) for p in (qr1, v1a, v1b, qr2, v2a, v2b))
+        for path in (qr1, v1a, v1b, qr2, v2a, v2b):  # each copy named by its content's hash
+            assert first["data"][f"copied/{path}"]["dest"] == copy_in(card_id, maker.folder, path)
+            assert re.fullmatch(
+                rf"{card_id}/DCIM/100GOPRO/{Path(path).stem}-[0-9a-f]{{12}}\.MP4",
+                first["data"][f"copied/{path}"]["dest"],
+            )
 
         # Progress of every step and of the whole execution reached the browser's socket.
         progress = [m for m in watcher.of("pipeline:progress") if m["execution_id"] == first["id"]]
@@ -463,7 +480,9 @@ def test_videos_of_one_booking_with_the_same_file_name_each_keep_their_own_objec
             assert summary["status"] == "imported", summary
             assert summary["bookings"]["B1"]["videos"] == videos
             for video in videos:
-                renders[f"{summary['card_id']}/{video}"] = done["data"][f"render/{video}"]
+                dest = done["data"][f"copied/{video}"]["dest"]
+                assert dest == copy_in(summary["card_id"], maker.folder, video)
+                renders[dest] = done["data"][f"render/{video}"]
             assert summary["bookings"]["B1"]["outputs"] == [
                 done["data"][f"render/{v}"]["key"] for v in videos
             ]
@@ -556,10 +575,8 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         detector.kill()
         running = imports_of(client, "BAD")[0]
         card_id = running["inputs"]["card_id"]
-        final, part = (
-            shared / card_id / first,
-            shared / card_id / Path(first).parent / (f".{Path(first).name}.part"),
-        )
+        final = shared / copy_in(card_id, bad.folder, first)
+        part = final.parent / f".{final.name}.part"
         assert not final.exists()  # a partial copy never has the final name ...
         assert part.exists()
         assert first not in ledger_paths(world["settings"])  # ... nor counts as imported
@@ -676,7 +693,7 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
         assert imported - {qr_c, qr_c2} == {qr_a, qr_b, first}
         assert len(imported & {qr_c, qr_c2}) == 1  # byte-identical clips: one identity
         assert final.is_file() and not part.exists()
-        assert not (shared / card_id / gone).exists()
+        assert not (shared / copy_in(card_id, bad.folder, gone)).exists()
         assert not list(shared.rglob("*.part"))
 
 

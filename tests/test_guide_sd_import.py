@@ -38,6 +38,7 @@ from test_example_sd_import import (
     EXAMPLE,
     CardMaker,
     Detector,
+    copy_in,
     eject,
     ended,
     insert,
@@ -95,8 +96,10 @@ def objects_in(s3_server: S3Server, bucket: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for o in listed}
 
 
-def copy_of(card: str, path: str) -> str:
-    return f"{card}/{path}"
+def copy_of(card: str, path: str, folder: Path) -> str:
+    """The copy in the shared folder of the file ``path`` of the card ``card`` (the card
+    folder ``folder``): named by its content's hash too (``card_paths.copy_dest``)."""
+    return copy_in(card, folder, path)
 
 
 @pytest.fixture
@@ -208,15 +211,23 @@ def test_guide_workflow_insert_import_render_upload_then_copies_removed_after_up
             assert any((m["step_key"] or "").startswith("render:GX000004.MP4-") for m in progress)
 
             # Retention: the videos' copies are gone, the QR clips' copies stay.
-            assert shared_files(shared) == {copy_of(card, qr1), copy_of(card, qr2)}
+            assert shared_files(shared) == {
+                copy_of(card, qr1, maker.folder),
+                copy_of(card, qr2, maker.folder),
+            }
             releases = {s["params"]["copy_path"]: s for s in steps if s["name"] == "release"}
-            assert set(releases) == {copy_of(card, p) for p in (v1, v2, v3)}
+            assert set(releases) == {copy_of(card, p, maker.folder) for p in (v1, v2, v3)}
             for dest, step in releases.items():
+                path = next(p for p in (v1, v2, v3) if done["data"][f"copied/{p}"]["dest"] == dest)
+                # The copy's name: the card file's and its content's hash.
+                assert re.fullmatch(
+                    rf"{card}/DCIM/100GOPRO/{Path(path).stem}-[0-9a-f]{{12}}\.MP4", dest
+                )
                 assert step["key"].startswith(f"release:{Path(dest).name}-")
                 assert step["status"] == "completed"
                 outcome = done["data"][f"released/{dest}"]
                 assert outcome["status"] == "removed"
-                render = done["data"][f"render/{dest.removeprefix(card + '/')}"]
+                render = done["data"][f"render/{path}"]
                 assert (outcome["object_key"], outcome["sha256"]) == (
                     render["key"],
                     render["sha256"],
@@ -225,7 +236,8 @@ def test_guide_workflow_insert_import_render_upload_then_copies_removed_after_up
                 render_step = next(
                     r
                     for r in steps
-                    if r["name"] == "render" and copy_of(card, r["params"]["path"]) == dest
+                    if r["name"] == "render"
+                    and copy_of(card, r["params"]["path"], maker.folder) == dest
                 )
                 assert render_step["finished_at"] <= step["started_at"]
             assert sorted(summary["removed"]) == sorted(releases) and summary["kept"] == {}
@@ -266,7 +278,7 @@ def test_guide_a_failed_upload_keeps_the_copies_and_a_retry_from_the_failed_step
             assert "render:GX00000" in failed["error"]  # the readable key of the failed step
             assert "NoSuchBucket" in failed["error"] or "does not exist" in failed["error"]
             card = failed["inputs"]["card_id"]
-            assert shared_files(shared) == {copy_of(card, p) for p in (qr, *videos)}
+            assert shared_files(shared) == {copy_of(card, p, maker.folder) for p in (qr, *videos)}
             assert not [s for s in failed["steps"] if s["name"] == "release"]
             assert removed_ledger(settings) == {}
 
@@ -276,12 +288,16 @@ def test_guide_a_failed_upload_keeps_the_copies_and_a_retry_from_the_failed_step
                 assert retried.status_code == 202, retried.text
                 done = wait_for("the retry", lambda: ended(client, "UPLOAD"), detector=detector)
                 assert done["status"] == "completed", done.get("error")
-                assert shared_files(shared) == {copy_of(card, qr)}
-                assert set(done["data"]["summary"]["removed"]) == {copy_of(card, v) for v in videos}
+                assert shared_files(shared) == {copy_of(card, qr, maker.folder)}
+                assert set(done["data"]["summary"]["removed"]) == {
+                    copy_of(card, v, maker.folder) for v in videos
+                }
                 assert all(
                     s["attempt"] == 1 for s in done["steps"] if s["name"] == "copy"
                 )  # not copied again
-                assert set(removed_ledger(settings)) == {copy_of(card, v) for v in videos}
+                assert set(removed_ledger(settings)) == {
+                    copy_of(card, v, maker.folder) for v in videos
+                }
                 assert len(objects_in(s3_server, name)) == 2
             finally:
                 s3_server.drop_bucket(name)
@@ -326,7 +342,7 @@ def test_guide_after_n_days_removes_only_verified_copies_no_unfinished_import_li
             assert first["status"] == "completed", first.get("error")
             card_a = first["data"]["summary"]["card_id"]
             assert first["data"]["retention"]["due"] == []
-            assert shared_files(shared) == {copy_of(card_a, p) for p in (qr1, v1, v2)}
+            assert shared_files(shared) == {copy_of(card_a, p, a.folder) for p in (qr1, v1, v2)}
             v1_key = "sd/" + first["data"][f"render/{v1}"]["key"]
             whole = s3_server.client.get_object(Bucket=bucket, Key=v1_key)["Body"].read()
             s3_server.client.put_object(Bucket=bucket, Key=v1_key, Body=whole[: len(whole) // 2])
@@ -352,9 +368,9 @@ def test_guide_after_n_days_removes_only_verified_copies_no_unfinished_import_li
             third = wait_for("import 3", lambda: ended(client, "CARDB"), detector=detector)
             assert third["status"] == "completed", third.get("error")
             kept = third["data"]["summary"]["kept"]
-            assert set(kept) == {copy_of(card_a, v1), copy_of(card_a, v2)}
+            assert set(kept) == {copy_of(card_a, v1, a.folder), copy_of(card_a, v2, a.folder)}
             assert all(f"execution {second['id'][:12]}" in why for why in kept.values())
-            assert copy_of(card_a, v1) in shared_files(shared)
+            assert copy_of(card_a, v1, a.folder) in shared_files(shared)
             removed_card(mounted_b)
 
             # Import 2 retried: it completes, and its sweep finds v1's object damaged.
@@ -362,12 +378,16 @@ def test_guide_after_n_days_removes_only_verified_copies_no_unfinished_import_li
             second = wait_for("import 2 again", lambda: ended(client, "CARDA", 2))
             assert second["status"] == "completed", second.get("error")
             summary = second["data"]["summary"]
-            assert [r for r in summary["removed"] if r.startswith(card_a)] == [copy_of(card_a, v2)]
+            assert [r for r in summary["removed"] if r.startswith(card_a)] == [
+                copy_of(card_a, v2, a.folder)
+            ]
             assert (
                 f"has {len(whole) // 2} bytes, the upload had {len(whole)}"
-                in (summary["kept"][copy_of(card_a, v1)])
+                in (summary["kept"][copy_of(card_a, v1, a.folder)])
             )
-            assert copy_of(card_a, v3) in shared_files(shared)  # uploaded just now: not due
+            assert copy_of(card_a, v3, a.folder) in shared_files(
+                shared
+            )  # uploaded just now: not due
 
             # The object made whole again: the next import's sweep removes the copy.
             s3_server.client.put_object(Bucket=bucket, Key=v1_key, Body=whole)
@@ -377,12 +397,18 @@ def test_guide_after_n_days_removes_only_verified_copies_no_unfinished_import_li
             assert fourth["status"] == "completed", fourth.get("error")
             assert fourth["data"]["summary"]["status"] == "nothing_new"
             left = shared_files(shared)
-            assert copy_of(card_a, v1) not in left and copy_of(card_a, v3) not in left
-            assert {copy_of(card_a, qr1), copy_of(card_a, qr2)} <= left  # QR clips stay
+            assert (
+                copy_of(card_a, v1, a.folder) not in left
+                and copy_of(card_a, v3, a.folder) not in left
+            )
+            assert {
+                copy_of(card_a, qr1, a.folder),
+                copy_of(card_a, qr2, a.folder),
+            } <= left  # QR clips stay
             audit = removed_ledger(settings)
-            assert audit[copy_of(card_a, v2)]["execution_id"] == second["id"]
-            assert audit[copy_of(card_a, v1)]["execution_id"] == fourth["id"]
-            assert audit[copy_of(card_a, v1)]["object_size"] == len(whole)
+            assert audit[copy_of(card_a, v2, a.folder)]["execution_id"] == second["id"]
+            assert audit[copy_of(card_a, v1, a.folder)]["execution_id"] == fourth["id"]
+            assert audit[copy_of(card_a, v1, a.folder)]["object_size"] == len(whole)
 
 
 def test_a_link_planted_in_place_of_a_copy_is_neither_followed_nor_removed(

@@ -38,6 +38,7 @@ from test_example_sd_import import (
     EXAMPLE,
     CardMaker,
     Detector,
+    copy_in,
     ended,
     insert,
     jump_clip,
@@ -225,9 +226,12 @@ def test_the_detector_writes_through_no_planted_link_and_says_why(
         victim.write_text("precious")
         folder = shared / card_id / "DCIM" / "100GOPRO"
         folder.mkdir(parents=True)
-        link = folder / f".{Path(planted).name}.part"
+        planted_copy = shared / copy_in(card_id, maker.folder, planted)
+        stale_copy = shared / copy_in(card_id, maker.folder, stale)
+        assert planted_copy.parent == stale_copy.parent == folder
+        link = folder / f".{planted_copy.name}.part"
         link.symlink_to(victim)
-        (folder / f".{Path(stale).name}.part").write_bytes(b"half a copy")
+        (folder / f".{stale_copy.name}.part").write_bytes(b"half a copy")
         detector = Detector(server.url, world["watch"], shared, tmp_path / "det.log")
         world["detectors"].append(detector.start())
         with httpx.Client(base_url=server.url, headers=AUTH) as client:
@@ -242,11 +246,11 @@ def test_the_detector_writes_through_no_planted_link_and_says_why(
         assert summary["status"] == "needs_attention"
         assert summary["bookings"]["B8101"]["videos"] == [stale]
         problem = next(p for p in summary["problems"] if p.startswith(planted))
-        assert f"'{card_id}/{Path(planted).parent}/.{Path(planted).name}.part'" in problem
+        assert f"'{card_id}/{Path(planted).parent}/.{planted_copy.name}.part'" in problem
         assert "symbolic link" in problem
         assert done["data"][f"copied/{planted}"]["status"] == "refused"
-        assert (folder / Path(stale).name).read_bytes() == (maker.folder / stale).read_bytes()
-        assert not (folder / f".{Path(stale).name}.part").exists()
+        assert stale_copy.read_bytes() == (maker.folder / stale).read_bytes()
+        assert not (folder / f".{stale_copy.name}.part").exists()
         assert set(ledger_paths(settings)) == {qr, stale}
 
 

@@ -12,6 +12,17 @@ row ``--settle`` seconds apart (a card still mounting is not announced half-list
 that cannot be listed, for whatever reason, is logged and tried again at the next poll: it
 never stops the detector or the other cards.
 
+A card is the very folder the poll saw, not whatever has its name later: the poll notes its
+identity (device and inode, of the folder itself, not of what a link there points to), and
+each listing and each copy opens the card's root once
+(:func:`framepipe.confined.open_root`): a ``--watch`` card relative to its watch folder with
+``O_NOFOLLOW | O_DIRECTORY``, so a link put in its place (by whoever can write to a shared
+watch folder, between the poll and the open) is refused and not followed, and checked to be
+the folder the poll saw; everything below it is reached from that open folder. A card whose
+folder became a link is refused (``code: refused``, naming the card), one that is another
+folder now (replaced, mounted again) is ``not_mounted``; nothing is read from either, and the
+next poll takes it as removed (and lists the new folder, a link never).
+
 The listing (:func:`list_card`) holds only paths the backend accepts (the rule of
 ``card_paths.py``, which the backend checks ``sd:file_list`` with): a file whose path it would
 refuse (a ``:`` or a backslash in a name, a name that is not UTF-8, a path over 1000
@@ -41,9 +52,11 @@ first and last 64 KiB), and ``detector:sd_removed`` when it goes. It answers eve
   still never writes through a link);
 * ``sd:file_copied`` says ``ok: true`` with ``dest``, ``size`` and ``fingerprint``, or
   ``ok: false`` with ``code`` (``vanished``: the file is no longer on the card; ``changed``:
-  its size or content differs from the listing; ``not_mounted``: the card is gone;
-  ``refused``: a path outside the card or the shared folder, or a link where a file or folder
-  is expected; ``io_error``) and ``error``, which names the file and the reason;
+  its size or content differs from the listing; ``not_mounted``: the card is gone, or its
+  folder is another folder now; ``refused``: a path outside the card or the shared folder, a
+  link where a file or folder is expected, or the card's folder replaced by a link since it
+  was listed (the error names the card); ``io_error``) and ``error``, which names the file and
+  the reason;
 * a file already at its destination with the right size and fingerprint is not copied again.
 
 The backend never reads the card. The token goes in an ``Authorization: Bearer`` header, never
@@ -78,14 +91,23 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from card_paths import card_path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from framepipe.confined import LinkRefusedError, fd_path, open_dir_beneath, relative_parts
+from framepipe.confined import (
+    FolderIdentity,
+    LinkRefusedError,
+    RootChangedError,
+    fd_path,
+    folder_identity,
+    open_dir_beneath,
+    open_root,
+    relative_parts,
+)
 from framepipe.errors import InvalidInputError
 from framepipe.jobs.ledger import file_fingerprint
 
@@ -106,10 +128,21 @@ two or three levels, ``DCIM/100GOPRO``)."""
 
 
 def list_card(
-    root: Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, *, max_depth: int = MAX_DEPTH
+    root: Path,
+    suffixes: tuple[str, ...] = VIDEO_SUFFIXES,
+    *,
+    max_depth: int = MAX_DEPTH,
+    identity: FolderIdentity | None = None,
+    watched: bool = False,
 ) -> list[dict[str, Any]]:
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
     ``fingerprint``; hidden files and system folders skipped; sorted by path.
+
+    The root is opened once (:func:`_open_card_root`: with ``watched``, a subfolder of a
+    ``--watch`` folder, without following a link in its place; with ``identity``, only if it
+    is that folder) and every folder below is reached from it; a root that is not there, a
+    link, or another folder raises (``FileNotFoundError``, :class:`LinkRefusedError`,
+    :class:`RootChangedError`) and nothing is listed.
 
     Guarantees, whatever the card holds:
 
@@ -127,16 +160,54 @@ def list_card(
       (the next poll sees the truth)."""
     out: list[dict[str, Any]] = []
     stack: list[tuple[str, ...]] = [()]
-    while stack:
-        rel = stack.pop()
-        try:
-            with _Folder(root, rel, where="the card") as here:
-                folders, files = here.entries()
-                stack.extend(_folders_to_walk(rel, folders, max_depth))
-                out.extend(_listed(here, rel, files, suffixes))
-        except OSError:  # the folder vanished or was replaced by a link while listing
-            continue
+    top = _open_card_root(root, identity=identity, watched=watched)
+    try:
+        while stack:
+            rel = stack.pop()
+            try:
+                with _Folder(root, rel, where="the card", top=top) as here:
+                    folders, files = here.entries()
+                    stack.extend(_folders_to_walk(rel, folders, max_depth))
+                    out.extend(_listed(here, rel, files, suffixes))
+            except OSError:  # the folder vanished or was replaced by a link while listing
+                continue
+    finally:
+        if top is not None:
+            os.close(top)
     return sorted(out, key=lambda e: e["path"])
+
+
+def _open_card_root(root: Path, *, identity: FolderIdentity | None, watched: bool) -> int | None:
+    """The card's root folder, opened once for a listing or a copy: a descriptor every walk
+    of the card starts from (the caller closes it), or None where the platform has no
+    ``dir_fd`` (Windows: there the root is checked by path, a check a racing writer could
+    defeat, and used by path).
+
+    ``watched`` (a subfolder of a ``--watch`` folder, where others may write): its last
+    segment is opened relative to the watch folder without following a link
+    (:func:`framepipe.confined.open_root`), so a link put in its place is a
+    :class:`LinkRefusedError`; otherwise (a ``--card`` folder, the operator's own path) the
+    path is followed. ``identity``: the folder's ``(st_dev, st_ino)`` when the poll saw it;
+    another folder there now is a :class:`RootChangedError`. ``FileNotFoundError`` when the
+    card is gone."""
+    where = f"the card {card_label(root)}"
+    if _AT:
+        return open_root(root, where=where, follow=not watched, identity=identity)
+    if watched and (root.is_symlink() or getattr(root, "is_junction", lambda: False)()):
+        raise LinkRefusedError(
+            f"{root.name!r} is a symbolic link or not a folder; a link in its place is not "
+            "followed",
+            where=where,
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(root))
+    if identity is not None and folder_identity(os.stat(root)) != identity:
+        raise RootChangedError(
+            f"{root.name or str(root)!r} is not the folder it was when it was checked "
+            "(replaced or mounted again since)",
+            where=where,
+        )
+    return None
 
 
 def _folders_to_walk(
@@ -217,7 +288,11 @@ def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
 
 @dataclass
 class Card:
-    """One inserted card and its session (one per insertion)."""
+    """One inserted card and its session (one per insertion).
+
+    ``watched``: the card is a subfolder of a ``--watch`` folder (its root is never reached
+    through a link); ``identity``: its root's ``(st_dev, st_ino)`` when the poll saw it, which
+    every later open of the root checks (None: not checked)."""
 
     root: Path
     label: str
@@ -226,6 +301,8 @@ class Card:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     acknowledged: bool = False
     removed: bool = False
+    watched: bool = False
+    identity: FolderIdentity | None = None
 
     def inserted(self) -> dict[str, Any]:
         return {
@@ -275,15 +352,26 @@ class _Folder:
     before the path is used (a check a racing writer could defeat) and names are used by path.
     Raises :class:`LinkRefusedError` naming the first segment that is a link or not a folder
     (relative to ``root``; ``where`` names the root in messages), ``FileNotFoundError`` for
-    a missing folder (created instead with ``make``)."""
+    a missing folder (created instead with ``make``). ``top``: the root already open (a
+    card's, :func:`_open_card_root`); the walk then starts from that very folder, not from
+    whatever is at ``root`` by name now (``root`` only names it)."""
 
-    def __init__(self, root: Path, parts: Sequence[str], *, where: str, make: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        parts: Sequence[str],
+        *,
+        where: str,
+        make: bool = False,
+        top: int | None = None,
+    ) -> None:
         self.where = where
         self.parts = tuple(parts)
         self.fd: int | None = None
         self.path = root.joinpath(*self.parts)
         if _AT:
-            self.fd = open_dir_beneath(root, self.parts, where=where, make_dirs=make)
+            start = root if top is None else top
+            self.fd = open_dir_beneath(start, self.parts, where=where, make_dirs=make)
             return
         path = root
         for i, part in enumerate(self.parts):
@@ -427,14 +515,39 @@ def copy_file(
             "code": "refused",
             "error": f"{rel!r} -> {dest_rel!r} leaves the card or the shared folder ({exc})",
         }
-    if card.removed or not card.root.is_dir():
+    gone = {
+        "ok": False,
+        "code": "not_mounted",
+        "error": f"card {card.card_id} is not mounted at {card.root} any more",
+    }
+    if card.removed:
+        return gone
+    try:  # the very folder the poll saw, never a link put in its place since
+        top = _open_card_root(card.root, identity=card.identity, watched=card.watched)
+    except FileNotFoundError:
+        return gone
+    except RootChangedError:
+        return {
+            **gone,
+            "error": f"{rel}: card {card.card_id} at {card.root} is not the folder that was "
+            "listed any more (replaced or mounted again since); nothing is read from it",
+        }
+    except LinkRefusedError:
         return {
             "ok": False,
-            "code": "not_mounted",
-            "error": f"card {card.card_id} is not mounted at {card.root} any more",
+            "code": "refused",
+            "error": f"{rel}: card {card.card_id}: its folder {card.root} was replaced by a "
+            "symbolic link (or something that is not a folder) since it was listed; the "
+            "link is not followed and nothing is read through it",
+        }
+    except OSError as exc:
+        return {
+            "ok": False,
+            "code": "io_error",
+            "error": f"{rel}: card {card.card_id}: {exc.strerror or exc}",
         }
     try:
-        with _Folder(card.root, src_parts[:-1], where="on the card") as src_dir:
+        with _Folder(card.root, src_parts[:-1], where="on the card", top=top) as src_dir:
             fd_in = src_dir.open_file(src_parts[-1])
     except LinkRefusedError as exc:
         return {"ok": False, "code": "refused", "error": f"{rel}: {exc}"}
@@ -442,6 +555,9 @@ def copy_file(
         return {"ok": False, "code": "vanished", "error": f"{rel} is no longer on the card"}
     except OSError as exc:
         return {"ok": False, "code": "io_error", "error": f"{rel}: {exc.strerror or exc}"}
+    finally:
+        if top is not None:
+            os.close(top)
     try:
         with os.fdopen(fd_in, "rb") as fin:
             shared.mkdir(parents=True, exist_ok=True)  # the root itself: the operator's choice
@@ -548,6 +664,14 @@ def _copy(
 # -- the process -----------------------------------------------------------------------------
 
 
+class _Seen(NamedTuple):
+    """A card's root as a poll saw it: its identity and whether it is in a ``--watch``
+    folder (see :class:`Card`)."""
+
+    identity: FolderIdentity
+    watched: bool
+
+
 class Detector:
     """Watches folders for cards, talks to the backend, copies on request."""
 
@@ -584,12 +708,13 @@ class Detector:
 
     # watching
 
-    def _roots(self) -> set[Path]:
-        """The cards now: each subfolder of a ``--watch`` folder that is a folder itself, not
-        a link to one (checked without following it: a link planted in the watch folder is
-        never a card, wherever it points; it is named in a warning once), and each
-        ``--card`` folder (the operator's own path, a link or not) while it holds files."""
-        roots: set[Path] = set()
+    def _roots(self) -> dict[Path, _Seen]:
+        """The cards now, each with its folder's identity: each subfolder of a ``--watch``
+        folder that is a folder itself, not a link to one (checked without following it: a
+        link planted in the watch folder is never a card, wherever it points; it is named in
+        a warning once), and each ``--card`` folder (the operator's own path, a link or not)
+        while it holds files."""
+        roots: dict[Path, _Seen] = {}
         links: set[Path] = set()
         for folder in self.watch:
             with contextlib.suppress(OSError), os.scandir(folder) as found:
@@ -597,10 +722,13 @@ class Detector:
                     if entry.name.startswith("."):
                         continue
                     with contextlib.suppress(OSError):
+                        path = folder / entry.name
                         if entry.is_symlink() or _is_junction(entry):
-                            links.add(folder / entry.name)
+                            links.add(path)
                         elif entry.is_dir(follow_symlinks=False):
-                            roots.add(folder / entry.name)
+                            st = os.stat(path, follow_symlinks=False)
+                            if stat.S_ISDIR(st.st_mode):  # still a folder, not a link now
+                                roots[path] = _Seen(folder_identity(st), watched=True)
         for link in links:
             self._warn_once(
                 link,
@@ -611,7 +739,7 @@ class Detector:
         for card in self.card_dirs:
             with contextlib.suppress(OSError):
                 if card.is_dir() and any(card.iterdir()):
-                    roots.add(card)
+                    roots[card] = _Seen(folder_identity(os.stat(card)), watched=False)
         return roots
 
     def _warn_once(self, about: Path, message: str) -> None:
@@ -621,12 +749,16 @@ class Detector:
             self._warned[about] = message
             log.warning("%s", message)
 
-    async def _list(self, root: Path) -> list[dict[str, Any]] | None:
-        """:func:`list_card` of ``root``, or None when listing it failed in any way: the
-        failure is logged (with its traceback once) and that card is tried again at the next
-        poll, so one card can never stop the detector or the other cards."""
+    async def _list(self, root: Path, seen: _Seen) -> list[dict[str, Any]] | None:
+        """:func:`list_card` of ``root``, the folder the poll saw (``seen``), or None when
+        listing it failed in any way (also when its folder became a link or another folder
+        since the poll): the failure is logged (with its traceback once) and that card is
+        tried again at the next poll, so one card can never stop the detector or the other
+        cards."""
         try:
-            files = await asyncio.to_thread(list_card, root)
+            files = await asyncio.to_thread(
+                list_card, root, identity=seen.identity, watched=seen.watched
+            )
         except Exception as exc:
             message = f"card at {as_text(str(root))} could not be listed: {exc!r}"
             if self._warned.get(root) != message:
@@ -640,14 +772,22 @@ class Detector:
         """Poll for cards until cancelled: announce each new card once its listing settled,
         and the removal of each card that is gone. A card that cannot be listed is skipped
         (see :meth:`_list`); nothing about one card ends this loop."""
-        pending: dict[Path, list[dict[str, Any]]] = {}
+        pending: dict[Path, tuple[_Seen, list[dict[str, Any]]]] = {}
         while True:
             roots = await asyncio.to_thread(self._roots)
             for root in list(self.cards):
-                if root not in roots:
-                    card = self.cards.pop(root)
+                card = self.cards[root]
+                if roots.get(root) != (card.identity, card.watched):
+                    del self.cards[root]
                     card.removed = True
-                    log.info("card %s removed from %s", card.card_id, root)
+                    if root in roots:  # another folder there now: removed, listed anew
+                        log.warning(
+                            "card %s at %s is another folder now: taken as removed",
+                            card.card_id,
+                            root,
+                        )
+                    else:
+                        log.info("card %s removed from %s", card.card_id, root)
                     await self._send(
                         {
                             "type": "detector:sd_removed",
@@ -655,17 +795,25 @@ class Detector:
                             "card_id": card.card_id,
                         }
                     )
-            for root in roots - set(self.cards):
-                files = await self._list(root)
+            for root in roots.keys() - self.cards.keys():
+                seen = roots[root]
+                files = await self._list(root, seen)
                 if files is None:
                     pending.pop(root, None)
                     continue
-                if self.settle > 0 and pending.get(root) != files:
-                    pending[root] = files  # listed again after --settle before it counts
+                if self.settle > 0 and pending.get(root) != (seen, files):
+                    pending[root] = (seen, files)  # listed again after --settle to count
                     continue
                 pending.pop(root, None)
                 label = card_label(root)
-                card = Card(root, label, card_id_of(label, files), files)
+                card = Card(
+                    root,
+                    label,
+                    card_id_of(label, files),
+                    files,
+                    watched=seen.watched,
+                    identity=seen.identity,
+                )
                 self.cards[root] = card
                 log.info("card %s inserted at %s: %d files", card.card_id, root, len(files))
                 await self._announce(card)

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from card_paths import copy_dests
 from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe.backends.objects import ObjectStore
@@ -130,7 +131,9 @@ def retention_from_env(environ: Mapping[str, str] | None = None) -> Retention:
 
 def referenced_copies(ctx: StepContext) -> dict[str, str]:
     """Copies (path in the shared folder -> execution id) that an execution of this step's
-    pipeline other than its own lists and that has not completed, so may still read them."""
+    pipeline other than its own lists and that has not completed, so may still read them:
+    each listed file's copy by :func:`card_paths.copy_dest`, and by the plain
+    ``<card_id>/<path>`` of imports made before copies were named by their content."""
     found: dict[str, str] = {}
     but = ctx.execution_id
     for info in ctx.executions(status=UNFINISHED, limit=1_000_000):
@@ -141,8 +144,8 @@ def referenced_copies(ctx: StepContext) -> dict[str, str]:
         if not isinstance(card, str) or not isinstance(files, list):
             continue
         for entry in files:
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                found.setdefault(f"{card}/{entry['path']}", info.id)
+            for dest in copy_dests(card, entry):
+                found.setdefault(dest, info.id)
     return found
 
 

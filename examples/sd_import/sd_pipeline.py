@@ -39,6 +39,12 @@ Steps (``*`` = one instance per file)::
     release*        removes one copy once its upload is verified (retention.release_copy)
     summary         (at the end) what was imported, held, removed and kept, and why
 
+Copies land in the shared folder at ``<card_id>/<folders>/<stem>-<hash><suffix>``
+(:func:`card_paths.copy_dest`: the hash is of the file's size and content fingerprint), so a
+card used again whose file of the same name holds another video (a camera that restarted its
+numbering) never overwrites the earlier import's copy, nor its record in ``sd_import.rendered``
+(keyed by the copy); the same file inserted again has the same name and is not copied twice.
+
 The ledger (``fp_ledger``, namespace ``sd_import``: the original import service's ``imported_file``
 table) holds a file once it is copied, verified and belongs to a booking (QR clips: once their code
 is read; namespace ``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new
@@ -79,7 +85,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from card_paths import MAX_PATH, card_path
+from card_paths import MAX_PATH, card_path, copy_dest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
 
@@ -197,7 +203,8 @@ def _safe(text: str) -> str:
 
 
 def output_key(booking_id: str, dest: str, entry: Mapping[str, Any]) -> str:
-    """The object key of the rendered video of the copy ``dest`` (``<card_id>/<path>`` in the
+    """The object key of the rendered video of the copy ``dest`` (:func:`card_paths.copy_dest`:
+    ``<card_id>/<folders>/<stem>-<hash><suffix>``, or ``<card_id>/<path>`` before, in the
     shared folder) of the card file ``entry``: ``bookings/<booking>/<stem>-<hash>.mp4``
     (``bookings/B1001/GX000002-3f09c1d2ab47.mp4``).
 
@@ -207,10 +214,11 @@ def output_key(booking_id: str, dest: str, entry: Mapping[str, Any]) -> str:
     renders to the same key (a retried render replaces its own upload, nothing else), and two
     videos of one booking never share a key, whether they differ by folder
     (``100GOPRO/GX000002.MP4`` and ``101GOPRO/GX000002.MP4``), by card (two cameras' cards
-    for one jump) or by content. The stem (ASCII letters, digits, ``_ . -``; other runs
-    become ``_``) only makes the key readable."""
+    for one jump) or by content. The stem, the card file's name without its extension (ASCII
+    letters, digits, ``_ . -``; other runs become ``_``), only makes the key readable."""
     digest = step_key("output", {"copy": dest, "identity": identity(entry)}).partition(":")[2]
-    return f"bookings/{_safe(booking_id)}/{_safe(PurePosixPath(dest).stem)}-{digest}.mp4"
+    stem = PurePosixPath(str(entry.get("path") or dest)).stem  # the card's name, not the copy's
+    return f"bookings/{_safe(booking_id)}/{_safe(stem)}-{digest}.mp4"
 
 
 def title_card(
@@ -386,8 +394,10 @@ async def copy(
     entry = _file(ctx, path)
     shared_dir = await asyncio.to_thread(shared_dir_of, ctx)  # before the detector copies
     hub = get_hub(ctx.inputs["hub"])
-    dest = f"{ctx.inputs['card_id']}/{path}"
     size = int(entry["size"])
+    # Named by its content too: a reused card's new file of the same name lands beside the
+    # earlier import's copy, never over it (card_paths.copy_dest).
+    dest = copy_dest(ctx.inputs["card_id"], path, size, entry["fingerprint"])
 
     def on_progress(message: Mapping[str, Any]) -> None:
         done = int(message.get("bytes", 0))

@@ -7,8 +7,9 @@ Guarantees:
   empty, ``.``, ``..``, absolute (``/x``, ``C:``, ``\\\\host``), a backslash, a NUL or invalid
   Unicode are refused, never "normalised" into something else;
 * :func:`open_beneath` opens a file below a root directory without following a symbolic link
-  at any level (each directory is opened with ``O_NOFOLLOW`` relative to its parent), so a
-  link planted anywhere in a shared folder is an error naming it, not a way out; it can create
+  at any level below the root (each directory is opened with ``O_NOFOLLOW`` relative to its
+  parent), so a link planted anywhere in a shared folder is an error naming it, not a way
+  out; it can create
   the file exclusively (``O_CREAT | O_EXCL``), so a planted file or link is never written
   through; a read-only open finds a regular file or fails at once (opened ``O_NONBLOCK``, so
   a planted FIFO never blocks the reader);
@@ -19,6 +20,15 @@ Guarantees:
   that was opened without following links;
 * the two open functions walk with one loop (``_walk``) and refuse segments that are empty,
   ``.``, ``..`` or hold ``/`` or NUL, so a segment never leaves its folder;
+* the root they start from is either a path (the operator's choice: a link there is
+  followed, and the path is opened anew at each call) or the descriptor of a folder opened
+  once with :func:`open_root`: its last segment is opened relative to its parent with
+  ``O_NOFOLLOW | O_DIRECTORY``, so a root that a neighbour with write access to its parent
+  (a shared ``/media`` folder) swapped for a link is refused, not followed, and with the
+  ``identity`` (``st_dev``, ``st_ino``, :func:`folder_identity`) seen when the root was
+  checked, a root that is another folder now is refused too (:class:`RootChangedError`); every
+  walk from that descriptor stays below that very folder, whatever is renamed or linked in
+  its place later;
 * :func:`confine` accepts a local path only inside one of the allowed roots (after resolving
   every link); the refusal says the same thing whether or not the path exists, so errors do
   not reveal what is on the machine outside the roots.
@@ -37,13 +47,24 @@ from framepipe.errors import InvalidInputError, PathNotAllowedError
 from framepipe.untrusted import check_text
 
 __all__ = [
+    "FolderIdentity",
     "LinkRefusedError",
+    "RootChangedError",
     "confine",
     "fd_path",
+    "folder_identity",
     "open_beneath",
     "open_dir_beneath",
+    "open_root",
     "relative_parts",
 ]
+
+FolderIdentity = tuple[int, int]
+"""A folder's ``(st_dev, st_ino)``: which folder a path named when it was checked."""
+
+Root = str | os.PathLike[str] | int
+"""Where a walk starts: a folder's path (a link there is followed: the operator's choice), or
+an open folder's descriptor (:func:`open_root`; the walk never closes it)."""
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -54,6 +75,11 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 class LinkRefusedError(InvalidInputError, OSError):
     """A symbolic link (or something that is not a regular file or folder) was found where
     a file or folder was expected below a root; the message names it."""
+
+
+class RootChangedError(InvalidInputError, OSError):
+    """A root opened by :func:`open_root` is not the folder (``st_dev``, ``st_ino``) it was
+    when it was checked: replaced, or mounted again, since; the message names it."""
 
 
 def relative_parts(value: object, where: str, *, max_length: int = 4096) -> tuple[str, ...]:
@@ -77,8 +103,72 @@ def relative_parts(value: object, where: str, *, max_length: int = 4096) -> tupl
     return parts
 
 
-def _open_dir_fd(root: Path) -> int:
+def _open_dir_fd(root: Root) -> int:
+    """A new descriptor of the folder ``root`` (a path, or an open folder's descriptor: the
+    same folder opened anew, so the caller may close it independently)."""
+    if isinstance(root, int):
+        return os.open(".", os.O_RDONLY | _DIRECTORY | _CLOEXEC, dir_fd=root)
     return os.open(root, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+
+
+def folder_identity(st: os.stat_result) -> FolderIdentity:
+    """The ``(st_dev, st_ino)`` of a stat result: which folder (or file) it describes."""
+    return (st.st_dev, st.st_ino)
+
+
+def open_root(
+    path: str | os.PathLike[str],
+    *,
+    where: str | None = None,
+    follow: bool = False,
+    identity: FolderIdentity | None = None,
+) -> int:
+    """A descriptor of the folder ``path``, to start :func:`open_beneath` and
+    :func:`open_dir_beneath` from (``root=`` the descriptor); the caller closes it.
+
+    The folders above the last segment of ``path`` are the operator's (a link among them is
+    followed); the last segment is opened relative to its parent with
+    ``O_NOFOLLOW | O_DIRECTORY``, so a link (or a file) put in its place is refused with
+    :class:`LinkRefusedError` instead of being followed. ``follow`` opens ``path`` as it is,
+    links followed (a root the operator named itself, which may be a link; also used for a
+    path with no last segment such as ``/``). With ``identity`` (``st_dev``, ``st_ino`` as
+    :func:`folder_identity` gave it when the folder was checked, from an ``lstat`` for a
+    root opened without ``follow``), a folder that is another one now is refused with
+    :class:`RootChangedError`. ``where`` names the root in messages (default: its last
+    segment). ``FileNotFoundError`` when there is no such folder (any more)."""
+    root = Path(path)
+    name = root.name
+    label = where or name or str(root)
+    if follow or name in ("", ".", ".."):
+        fd = _open_dir_fd(root)
+    else:
+        parent = _open_dir_fd(root.parent)
+        try:
+            fd = os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise LinkRefusedError(
+                    f"{name!r} is a symbolic link or not a folder; a link in its place is "
+                    "not followed",
+                    where=label,
+                ) from None
+            raise
+        finally:
+            os.close(parent)
+    if identity is not None:
+        try:
+            found = folder_identity(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        if found != tuple(identity):
+            os.close(fd)
+            raise RootChangedError(
+                f"{name or str(root)!r} is not the folder it was when it was checked "
+                "(replaced or mounted again since)",
+                where=label,
+            )
+    return fd
 
 
 def _check_parts(parts: Sequence[str], label: str) -> None:
@@ -111,12 +201,13 @@ def _enter_dir(dir_fd: int, part: str, shown: str, label: str, make: bool) -> in
         raise
 
 
-def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str, make_dirs: bool) -> int:
+def _walk(root: Root, parts: Sequence[str], label: str, make_dirs: bool) -> int:
     """The one walk of :func:`open_beneath` and :func:`open_dir_beneath`: a descriptor of the
     folder ``root/parts...``, each segment opened relative to its parent without following
-    a link (``root`` itself may be one). The caller closes it."""
+    a link (a ``root`` path itself may be one; a descriptor ``root`` is left open). The
+    caller closes it."""
     _check_parts(parts, label)
-    dir_fd = _open_dir_fd(Path(root))
+    dir_fd = _open_dir_fd(root)
     try:
         for i, part in enumerate(parts):
             next_fd = _enter_dir(dir_fd, part, "/".join(parts[: i + 1]), label, make_dirs)
@@ -129,7 +220,7 @@ def _walk(root: str | os.PathLike[str], parts: Sequence[str], label: str, make_d
 
 
 def open_beneath(
-    root: str | os.PathLike[str],
+    root: Root,
     parts: Sequence[str],
     flags: int = os.O_RDONLY,
     mode: int = 0o600,
@@ -139,7 +230,9 @@ def open_beneath(
 ) -> int:
     """A file descriptor of ``root/parts...`` opened with ``flags``, following no link.
 
-    ``root`` itself may be a link (the operator chose it); nothing below it may be. With
+    ``root`` itself may be a link (the operator chose it); nothing below it may be. ``root``
+    may also be an open folder's descriptor (:func:`open_root`), which is left open: the walk
+    then stays below that very folder, whatever is in its place by name. With
     ``make_dirs`` missing folders are created (mode 0o755). A read-only open must find a
     regular file: it is opened with ``O_NONBLOCK`` (cleared again on the regular file), so a
     FIFO or device planted where a file is expected is refused at once instead of blocking
@@ -182,14 +275,15 @@ def open_beneath(
 
 
 def open_dir_beneath(
-    root: str | os.PathLike[str],
+    root: Root,
     parts: Sequence[str],
     *,
     where: str | None = None,
     make_dirs: bool = False,
 ) -> int:
     """A file descriptor of the folder ``root/parts...`` (``root`` itself for no parts),
-    following no link below ``root``; the caller closes it.
+    following no link below ``root``; the caller closes it. ``root`` is a path or an open
+    folder's descriptor (:func:`open_root`, left open), as for :func:`open_beneath`.
 
     Work by name inside it with ``dir_fd=`` (``os.open`` with ``O_NOFOLLOW`` and ``O_EXCL``,
     ``os.replace``, ``os.unlink``, ``os.stat(..., follow_symlinks=False)``): those stay in this
