@@ -349,3 +349,50 @@ def test_wait_rides_out_a_pool_with_none_to_give(
     finally:
         waiter_store.close()
         runner_store.close()
+
+
+def test_a_wait_given_up_stops_retrying_and_holds_no_database_thread(
+    database_url: str, settings: Settings
+) -> None:
+    """``wait`` retries its reads while the store is in trouble, but from the event loop: a
+    caller that gives up (a timeout, a client that left) ends the retries at once, and the
+    engine's other store calls (commits, heartbeats, submits) are never queued behind them.
+    The trouble is injected into the waiter's reads only (a read the server keeps timing out,
+    SQLSTATE 57014, is one such), so the rest of the engine runs against the real store."""
+    store = StateStore(database_url)
+    runner_store = StateStore(database_url)
+    polls: list[float] = []
+
+    def failing_poll(*_args: Any) -> Any:
+        polls.append(time.monotonic())
+        raise sa.exc.OperationalError(
+            "SELECT status FROM executions", None, Exception("canceling statement due to timeout")
+        )
+
+    async def main() -> tuple[float, int, ExecutionInfo]:
+        async with (
+            JobEngine(runner_store, settings=settings, concurrency=2) as runner,
+            JobEngine(store, settings=settings, concurrency=1) as waiter,
+        ):
+            execution_id = await runner.submit(waits, {"n": 3})
+            waiter._poll = failing_poll  # type: ignore[method-assign]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(waiter.wait(execution_id), 1.0)
+            given_up = len(polls)
+            t0 = time.monotonic()
+            await waiter._in_db(lambda: None)  # the database thread is free
+            free_after = time.monotonic() - t0
+            await asyncio.sleep(1.0)
+            retried_after = len(polls) - given_up
+            del waiter._poll  # the real reads again
+            return free_after, retried_after, await waiter.wait(execution_id)
+
+    try:
+        free_after, retried_after, info = asyncio.run(main())
+    finally:
+        store.close()
+        runner_store.close()
+    assert polls, "the waiter never polled"
+    assert retried_after == 0, f"{retried_after} reads retried after the caller gave up"
+    assert free_after < 30.0, f"the database thread was held {free_after:.1f} s"
+    assert info.status is ExecutionStatus.COMPLETED, info.error

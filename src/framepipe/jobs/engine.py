@@ -337,8 +337,8 @@ class JobEngine(Scheduler):
             )
             after = 0
             while True:
-                status, new = await self._in_db(
-                    self._retried, self._poll, execution_id, after, self.bus.watched
+                status, new = await self._in_db_retried(
+                    self._poll, execution_id, after, self.bus.watched
                 )
                 if new:
                     after = new[-1].id or after
@@ -346,9 +346,7 @@ class JobEngine(Scheduler):
                 if status.finished:
                     break
                 await asyncio.sleep(interval)
-        info: ExecutionInfo = await self._in_db(
-            self._retried, get_execution, self.store, execution_id
-        )
+        info = await self._in_db_retried(get_execution, self.store, execution_id)
         if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
             raise ExecutionFailedError(
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {info.status.value}: "

@@ -59,6 +59,24 @@ T = TypeVar("T")
 _log = get_logger("jobs.engine")
 
 
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    _log.warning(
+        "state store call failed (%s); retrying",
+        state.outcome.exception() if state.outcome else None,
+    )
+
+
+_STORE_RETRIES: dict[str, Any] = {
+    "retry": tenacity.retry_if_exception(is_transient_store_error),
+    "wait": tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
+    "stop": tenacity.stop_after_delay(120),
+    "reraise": True,
+    "before_sleep": _log_retry,
+}
+"""How the engine retries transient store trouble: backoff from 50 ms to 5 s, for up to
+two minutes, then the error is raised."""
+
+
 class Scheduler:
     """The in-memory executions of one engine and the task that moves them; see the module
     docstring. Started by :meth:`_open` on the running loop, ended by :meth:`_close`."""
@@ -96,16 +114,7 @@ class Scheduler:
         self._db: ThreadPoolExecutor | None = None
         self._journal: Journal | None = None
         self._scheduling = True
-        self._write_retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_transient_store_error),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=5.0),
-            stop=tenacity.stop_after_delay(120),
-            reraise=True,
-            before_sleep=lambda rs: _log.warning(
-                "state store call failed (%s); retrying",
-                rs.outcome.exception() if rs.outcome else None,
-            ),
-        )
+        self._write_retrying = tenacity.Retrying(**_STORE_RETRIES)
 
     def _open(self) -> None:
         """Take the running loop; open the step threads, the database thread and the journal."""
@@ -287,6 +296,16 @@ class Scheduler:
         lock or a pooled connection not granted in time: :func:`is_transient_store_error`) is
         retried for up to two minutes, then raised."""
         return self._retried(write_batch, self.store, batch)
+
+    async def _in_db_retried(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the database thread, transient store trouble retried as
+        :meth:`_write` retries it, but from the event loop: each attempt is one short job of
+        the database thread (the engine's commits and heartbeats run between them), and the
+        caller's cancellation ends the retries."""
+        async for attempt in tenacity.AsyncRetrying(**_STORE_RETRIES):
+            with attempt:
+                return await self._in_db(fn, *args)
+        raise AssertionError("unreachable")
 
     def _retried(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in this (the database) thread, retried as :meth:`_write` retries."""
