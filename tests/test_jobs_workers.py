@@ -42,7 +42,7 @@ from framepipe.jobs.delivery import open_delivery
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import get_execution
+from framepipe.jobs.records import get_execution, list_events
 from framepipe.jobs.runner import run_pipeline
 from waiting import wait_until
 
@@ -820,3 +820,51 @@ def test_run_pipeline_raises_for_a_failed_distributed_execution(
     cluster.wait_registered(cluster.worker())
     with pytest.raises(ExecutionFailedError, match="gate file"):
         run_pipeline(wp.chain, {"dir": str(cluster.dir)}, settings=cluster.settings)
+
+
+def test_a_report_queued_with_its_steps_outcome_is_committed_with_it(
+    cluster_factory: Callable[..., Cluster], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker commits what its steps report in rounds; when a step's last progress report
+    and its outcome wait for the same round (the step reported and ended while the round
+    before was being committed), the report is committed before the outcome, not dropped.
+    Here the reports are held until the outcome is queued, so the two always meet."""
+    from framepipe.jobs.worker import Worker
+
+    cluster = cluster_factory(database_url)
+    worker = Worker(cluster.settings, pipelines=(wp.last_word,), concurrency=1)
+    real_flush = worker._flush
+
+    async def flush() -> None:
+        """Holds a round of reports alone until the step's outcome joins it."""
+        deadline = time.monotonic() + 30
+        while True:
+            with worker._lock:
+                pending = worker._pending
+                waiting = bool(pending.progress) and not pending.outcomes
+            if not waiting or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        await real_flush()
+
+    monkeypatch.setattr(worker, "_flush", flush)
+
+    async def main() -> ExecutionInfo:
+        running = asyncio.create_task(worker.run())
+        try:
+            async with JobEngine(settings=cluster.settings) as engine:
+                execution_id = await engine.submit(wp.last_word, {})
+                return await asyncio.wait_for(engine.wait(execution_id, raise_on_failure=False), 60)
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(running, 30)
+
+    info = asyncio.run(main())
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.step("chatty").message == "copied 12 files, 3 skipped"
+    with StateStore(database_url) as store:
+        stored = [e for e in list_events(store, info.id) if e.step_key == "chatty"]
+    types = [e.type for e in stored]
+    reports = [e.data["message"] for e in stored if e.type == "step.progress"]
+    assert reports[-1] == "copied 12 files, 3 skipped", reports
+    assert types[-1] == "step.completed", types
