@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_a_request_that_gets_no_turn_is_a_503_with_retry_after(
         assert slow.result(timeout=60).status_code == 200
         served = client.get(f"{BASE}/snaps/fine.png?width=120")
         assert served.status_code == 200, _said(served)
-        assert _cache(one_at_a_time).slots(1).busy == 0
+        assert _cache(one_at_a_time).busy == 0
 
 
 def test_a_failed_thumbnail_gives_its_turn_back(tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_a_failed_thumbnail_gives_its_turn_back(tmp_path: Path) -> None:
             assert refused.status_code == status, (name, _said(refused))
         served = client.get(f"{BASE}/snaps/fine.png")
         assert served.status_code == 200, _said(served)
-        assert _cache(server).slots(1).busy == 0
+        assert _cache(server).busy == 0
 
 
 def test_the_pixel_budget_is_a_setting(tmp_path: Path) -> None:
@@ -240,6 +241,43 @@ def test_slots_refuse_a_size_below_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ThumbnailSlots(0)
     cache = ThumbnailCache()
-    assert cache.slots(2) is cache.slots(2)
-    with pytest.raises(ValueError, match="fixed while it runs"):
-        cache.slots(3)
+
+    async def in_a_loop() -> None:
+        assert cache.slots(2) is cache.slots(2)
+        with pytest.raises(ValueError, match="fixed while it runs"):
+            cache.slots(3)
+
+    asyncio.run(in_a_loop())
+
+
+def test_an_app_served_again_in_a_new_event_loop_gets_new_slots() -> None:
+    """The slots wait on an asyncio primitive bound to the loop that first waited on it: a
+    service (its cache) served again in another loop (a test client, a restart in the same
+    process) must not fail its thumbnails with "bound to a different event loop"."""
+    cache = ThumbnailCache()
+
+    async def two_at_once() -> ThumbnailSlots:
+        slots = cache.slots(1)
+        results = await asyncio.gather(*(slots.run(lambda: time.sleep(0.05)) for _ in range(2)))
+        assert results == [None, None]  # the second waited for the first's slot
+        return slots
+
+    first = asyncio.run(two_at_once())
+    second = asyncio.run(two_at_once())
+    assert first is not second
+
+
+def test_a_thumbnail_kept_for_any_of_the_stores_needs_no_turn(tmp_path: Path) -> None:
+    """A frame read from an app's second store (its selected frames, the service's own) is
+    kept like one of the first: asked again, it is found without a read or a turn."""
+    first = LocalObjectStore(tmp_path / "frames")
+    second = GatedStore(tmp_path / "selected")
+    second.put("gated/best.png", _png(320, 240))
+    second.gate.set()
+    cache = ThumbnailCache()
+    made = cache.get(second, "gated/best.png", 160)
+    second.gate.clear()
+    second.entered.clear()
+    assert cache.kept_in([first, second], "gated/best.png", 160) == made
+    assert not second.entered.is_set()  # nothing was read
+    assert cache.kept_in([first, second], "gated/best.png", 120) is None

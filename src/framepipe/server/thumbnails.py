@@ -307,21 +307,30 @@ class ThumbnailCache:
         self._size = 0
         self._lock = threading.Lock()
         self._slots: ThumbnailSlots | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
         self.hits = 0
         self.misses = 0
 
     def slots(self, size: int) -> ThumbnailSlots:
-        """The bound on the thumbnails made at once for this cache: made at the first call,
-        with ``size`` slots (the service's ``thumbnail_concurrency``, fixed while it runs) and
+        """The bound on the thumbnails made at once for this cache: made at the first call
+        in each event loop (an app served again in a new loop gets new slots), with ``size``
+        slots (the service's ``thumbnail_concurrency``, fixed while it runs) and
         :attr:`slot_wait`; a later call with another ``size`` is a :class:`ValueError`."""
-        if self._slots is None:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
             self._slots = ThumbnailSlots(size, self.slot_wait)
+            self._slots_loop = loop
         elif self._slots.size != size:
             raise ValueError(
                 f"the thumbnail slots were made with {self._slots.size}, not {size}: the "
                 "concurrency of a service's thumbnails is fixed while it runs"
             )
         return self._slots
+
+    @property
+    def busy(self) -> int:
+        """Thumbnails being made now (the slots held; 0 before any was made)."""
+        return 0 if self._slots is None else self._slots.busy
 
     def kept(self, store: ObjectStore, key: str, width: int) -> bytes | None:
         """The thumbnail of ``key`` in ``store`` when it is kept, else None (nothing read: a
@@ -333,6 +342,16 @@ class ThumbnailCache:
                 self._items.move_to_end(cache_key)
                 self.hits += 1
             return data
+
+    def kept_in(self, stores: list[ObjectStore], key: str, width: int) -> bytes | None:
+        """The thumbnail of ``key`` kept for the first of ``stores`` it is kept for, else None
+        (nothing read; a route reading ``key`` from several stores asks this before waiting
+        for a slot)."""
+        for store in stores:
+            data = self.kept(store, key, width)
+            if data is not None:
+                return data
+        return None
 
     def get(
         self, store: ObjectStore, key: str, width: int, *, max_pixels: int = MAX_PIXELS

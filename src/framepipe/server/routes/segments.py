@@ -283,7 +283,7 @@ async def segments_frame(
         validate_key(key)
         stores = _stores(service, app_name, pipeline)
         with object_store_errors("read", key):
-            data = cache.kept(stores[0], key, width)
+            data = cache.kept_in(stores, key, width)
             if data is None:
                 slots = cache.slots(settings.thumbnail_concurrency)
                 work = functools.partial(

@@ -38,7 +38,8 @@
     return fp.api(url, { headers: { Accept: "image/jpeg" } }).then((res) => {
       if (res.status === 503 && tries > 1) {
         const after = Math.min(10, Math.max(1, Number(res.headers.get("Retry-After")) || 2));
-        return new Promise((done) => setTimeout(done, after * 1000))
+        const jitter = 0.75 + Math.random() / 2; // the images answered busy together spread out
+        return new Promise((done) => setTimeout(done, after * 1000 * jitter))
           .then(() => fetchImage(url, tries - 1));
       }
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
