@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from framepipe.backends.objects.base import (
-    ObjectInfo,
-    ObjectStore,
-    open_object_store,
-    validate_key,
-)
+from framepipe.backends.objects.base import ObjectInfo, ObjectStore, validate_key
 from framepipe.backends.objects.local import LocalObjectStore
+from framepipe.backends.objects.opening import open_object_store
 
 if TYPE_CHECKING:
     from framepipe.backends.objects.s3 import S3ObjectStore

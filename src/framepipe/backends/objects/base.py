@@ -21,17 +21,14 @@ import os
 import re
 import secrets
 import tempfile
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
 from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
-from framepipe.urls import safe_url
 
-__all__ = ["MAX_KEY_BYTES", "ObjectInfo", "ObjectStore", "open_object_store", "validate_key"]
+__all__ = ["MAX_KEY_BYTES", "ObjectInfo", "ObjectStore", "validate_key"]
 
 MAX_KEY_BYTES = 1024
 """Longest key, in bytes of UTF-8 (S3's limit)."""
@@ -41,7 +38,6 @@ TEMP_PREFIX = ".tmp-"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DRIVE = re.compile(r"[A-Za-z]:")
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _show(text: str, limit: int = 80) -> str:
@@ -305,42 +301,3 @@ class ObjectStore(abc.ABC):
 
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release backend resources (connections, clients)."""
-
-
-def open_object_store(url: str) -> ObjectStore:
-    """Open the object store at ``url``.
-
-    - ``file:///absolute/path`` or a plain directory path: :class:`LocalObjectStore` (the
-      directory is created if missing);
-    - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``: :class:`S3ObjectStore`
-      (``pip install 'framepipe[s3]'``); credentials come from the environment, never the URL.
-    """
-    from framepipe.backends.objects.local import LocalObjectStore
-
-    if not isinstance(url, str) or not url.strip():
-        raise ObjectStoreError(f"object store URL is empty ({url!r})")
-    match = _URL_SCHEME.match(url)
-    if match is None and not url.lower().startswith("file:"):
-        return LocalObjectStore(url)
-    scheme = match.group(1).lower() if match else "file"
-    if scheme == "file":
-        parts = urllib.parse.urlsplit(url)
-        if parts.netloc not in ("", "localhost"):
-            raise ObjectStoreError(
-                f"object store URL {url!r} names host {parts.netloc!r}; "
-                "use file:///absolute/path for a local directory"
-            )
-        if parts.query or parts.fragment:
-            raise ObjectStoreError(f"object store URL {url!r}: file URLs take no options")
-        path = urllib.request.url2pathname(parts.path)
-        if not path:
-            raise ObjectStoreError(f"object store URL {url!r} has no path")
-        return LocalObjectStore(path)
-    if scheme == "s3":
-        from framepipe.backends.objects.s3 import S3ObjectStore
-
-        return S3ObjectStore.from_url(url)
-    raise ObjectStoreError(
-        f"unsupported object store URL {safe_url(url)!r}: scheme {scheme!r}; supported: "
-        "file:///absolute/path, a plain directory path, or s3://bucket/prefix"
-    )
