@@ -10,8 +10,11 @@ the samples it cut inside the file and hides them with an edit list: its header'
 (``nb_frames``) counts them, though they are never shown (FFmpeg's decoder drops them). The
 lengths here are the ones that play: the frames its index does not mark as hidden, and the
 stream's duration after the edit list (what the demuxer reports). Which packets play is one
-rule (:func:`plays`): the frame counts, :func:`framepipe.media.probe`'s frame-rate hint and
-the undecoded JPEG frames of :class:`~framepipe.sources.VideoSource` follow it."""
+rule (:func:`plays`): :func:`framepipe.media.probe`'s frame-rate hint and its measure of where
+a stream ends, and the undecoded JPEG frames of :class:`~framepipe.sources.VideoSource` follow
+it; the header's frame count (:func:`announced_frames`) follows the part of it an index
+tells. How long the video is, as far as the header tells it, is one rule too
+(:func:`video_duration`)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ __all__ = [
     "stream_rate",
     "stream_start",
     "tagged_end",
+    "video_duration",
 ]
 
 COMPLETE_SHARE = 0.95
@@ -53,14 +57,27 @@ def stream_start(stream: av.stream.Stream) -> float:
 
 
 def plays(packet: av.packet.Packet[Any], start: int | None) -> bool:
-    """Whether a demuxed ``packet`` holds a frame that is shown, as FFmpeg's decoder decides:
-    not when the demuxer flags it discard (the samples an MP4/MOV edit list hides, as a trim
-    with ``ffmpeg -ss ... -c copy`` leaves them: the decoder decodes such a packet for its
-    references but drops its frame), nor when it is timed before ``start``, the stream's start
-    time in its time base (``stream.start_time``; None: unknown), where the edit list, or the
-    first keyframe, puts the start (the leading pictures of an open GOP cut there). An index
-    entry (``stream.index_entries``) tells only the flag: :func:`announced_frames` counts the
-    entries not flagged."""
+    """Whether a demuxed ``packet`` holds a frame that is shown, by two signs the packet
+    carries: not when the demuxer flags it discard (the samples an MP4/MOV edit list hides, as
+    a trim with ``ffmpeg -ss ... -c copy`` leaves them: the decoder decodes such a packet for
+    its references and drops its frame), nor when it is timed before ``start``, the stream's
+    start time in its time base (``stream.start_time``; None: unknown).
+
+    The second sign is for a file that begins with an open GOP's leading pictures: a
+    recording, or a copy of a stream, that starts at an I-frame whose B-frames come after it
+    in decoding order but before it in time (in Matroska: FFmpeg takes the first packet's time
+    for the stream's start, and flags nothing). They refer to a picture before the file, and
+    FFmpeg's H.264 and MPEG-2 decoders drop them: with the sign, a count of the packets that
+    play is the decoder's. (No result of today's callers changes by it: probe's frame-rate
+    sample sorts the times, among which those pictures sit at the same spacing, and where a
+    stream ends is its latest packet's end; an MJPEG stream has no such pictures. An MP4/MOV's
+    start is where its edit list starts, and what comes before it is flagged.)
+
+    The decoder's own decisions are not foreseen: a packet without a timestamp plays (``ffmpeg
+    -ss ... -c copy`` of such a file leaves the leading pictures untimed, or at the start
+    itself: they count here, though the decoder drops them), as does a picture that turns out
+    not to decode. An index entry (``stream.index_entries``) tells only the flag:
+    :func:`announced_frames` counts the entries not flagged."""
     if packet.is_discard:
         return False
     return start is None or packet.pts is None or packet.pts >= start
@@ -117,6 +134,34 @@ def announced_duration(
     if end is not None:
         return max(0.0, end - stream_start(stream))
     if container.duration is not None and len(container.streams) == 1:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def video_duration(
+    stream: av.video.stream.VideoStream,
+    container: av.container.InputContainer,
+    measured: float | None = None,
+) -> float | None:
+    """The video stream's length in seconds, one rule for :func:`framepipe.media.probe`, the
+    media steps' frame estimates (:func:`framepipe.media.timing.estimate_frames`) and the
+    thumbnails' times: its announced length (:func:`announced_duration`: the stream's own, its
+    track's ``DURATION`` tag, the container's when the video is the file's only stream), else
+    ``measured`` (where the caller found the stream's packets to end, from its start: probe
+    measures; the others read no packet for it and pass None), else the container's duration
+    (None when there is none).
+
+    The container's is an estimate, the one left when nothing in the header is the video's
+    own (a Matroska file written to a pipe or live, a browser's recording): it is the longest
+    stream's, so with a sound track that outlasts the video it is the sound's length, too long
+    for the video (a thumbnail's "middle" then falls late, a frame estimate comes out high);
+    with sound as long as the video, the usual case, it is about right."""
+    announced = announced_duration(stream, container)
+    if announced is not None:
+        return announced
+    if measured is not None:
+        return measured
+    if container.duration is not None:
         return float(container.duration / av.time_base)
     return None
 

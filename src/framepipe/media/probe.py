@@ -10,6 +10,7 @@ from typing import Any
 
 import av
 import av.container
+import av.packet
 import av.stream
 import av.video.stream
 
@@ -23,13 +24,14 @@ from framepipe.video_length import (
     plays,
     stream_start,
     tagged_end,
+    video_duration,
 )
 
 __all__ = ["INDEX_TIMESTAMPS", "SCAN_PACKETS", "MediaInfo", "probe"]
 
 INDEX_TIMESTAMPS = 100_000
-"""At most this many frame timestamps are read from a container's index (an MP4's sample
-table, no I/O) to tell a variable frame rate."""
+"""At most this many frame timestamps (the first, in decoding order) are read from a
+container's index (an MP4's sample table, no I/O) to tell a variable frame rate."""
 SCAN_PACKETS = 300
 """Without a complete index, this many packets from the start are demuxed (not decoded)."""
 
@@ -43,12 +45,12 @@ class MediaInfo:
     clockwise): how far players turn the stored picture to show it upright. ``width`` and
     ``height`` are of the stored picture; :attr:`display_size` is the upright one. The media
     functions that write images or video turn it upright themselves.
-    ``duration`` is the video stream's length in seconds: the stream's own (MP4, MOV: after
-    the edit list), else its track's ``DURATION`` tag (Matroska/WebM written by FFmpeg or
+    ``duration`` is the video stream's length in seconds
+    (:func:`~framepipe.video_length.video_duration`): the stream's own (MP4, MOV: after the
+    edit list), else its track's ``DURATION`` tag (Matroska/WebM written by FFmpeg or
     mkvmerge), else the container's when the video is its only stream, else where its last
-    packet ends (its pts plus its duration, from the stream's start: the packets from the
-    last keyframe before the container's end are demuxed, not decoded, or the whole stream
-    when that finds none; not for a stream without timestamps), else the container's.
+    packet ends (its pts plus its duration, from the stream's start; not for a stream without
+    timestamps), else the container's.
     ``container_duration`` is the container's (its longest stream's: a sound track longer
     than the video makes it longer than ``duration``; None when it gives none).
     ``frames`` comes from the container header (the frames that play: not those an edit list
@@ -57,17 +59,31 @@ class MediaInfo:
     ``fps`` is the average frame rate (frames / duration; for a variable frame rate, the
     average) unless the container gives none, then FFmpeg's guess.
     ``audio_duration`` is the first audio stream's length in seconds (None without audio): the
-    stream's own, else its ``DURATION`` tag (from the stream's start, or from 0 when that is
-    negative: the encoder's priming, which the decoder drops), else the container's.
+    stream's own, else its ``DURATION`` tag, else where its last packet ends (from the
+    stream's start, or from 0 when that is negative: the encoder's priming, which the decoder
+    drops), else the container's. (A stream FFmpeg met no packet of while opening the file,
+    as the sound of a file that holds seconds of video before it, is given the container's
+    start and duration as its own, and that is then taken as the stream's.)
+
+    Where the video's and the sound's last packets end is measured only for the streams the
+    header gives no length (a Matroska file written to a pipe or live, a browser's
+    recording), in one demux pass (not decoded) over those streams together. With a
+    container duration, the pass starts at the keyframe before it (with an index, as
+    Matroska's cues, only the file's tail is read; without one, the seek reads its way
+    there), and a stream that has no packet there (the video of a file whose sound outlasts
+    it, or a container duration that is wrong) is measured in a second pass, from the start.
+    Without one (a live Matroska), the pass from the start that reads the frame-rate sample
+    goes on to the end: the file is read once.
 
     ``variable_frame_rate`` is a hint read from the timestamps of the frames that play (not
     decoded; not the frames an edit list hides): True when some frame lasts more than 10 %
     (and more than one timestamp tick) longer or shorter than the median frame, as after a
     gap, a burst or a camera changing its rate; False when every frame lasts about the same;
     None when the timestamps are missing (a raw ``.h264`` stream). With a complete index (MP4,
-    MOV) each frame's duration is its sample's (to the next sample's decoding time), for all
-    the frames; else the frames are those of the first :data:`SCAN_PACKETS` packets that play,
-    so a change further into such a file goes unnoticed.
+    MOV) each frame's duration is its sample's (to the next sample's decoding time), for the
+    samples among the index's first :data:`INDEX_TIMESTAMPS` (100,000, in decoding order:
+    over an hour at 25 fps) less the last of them; else the frames are those of the first
+    :data:`SCAN_PACKETS` packets that play. A change further into the file goes unnoticed.
     """
 
     path: Path
@@ -100,8 +116,57 @@ class MediaInfo:
         return data
 
 
+class _Ends:
+    """Where each measured stream's last packet that plays (:func:`~framepipe.video_length.
+    plays`) ends, told its packets as they are demuxed: the largest pts plus duration, in the
+    stream's time base (a video packet without a duration lasts one frame at the stream's
+    rate; a packet without a pts is not timed)."""
+
+    def __init__(self, streams: list[av.stream.Stream]) -> None:
+        self.streams = {stream.index: stream for stream in streams}
+        self.ends: dict[int, int] = {}
+        self._frame: dict[int, int] = {}
+        for stream in streams:
+            ticks = 0
+            if isinstance(stream, av.video.stream.VideoStream):
+                rate = stream.average_rate or stream.guessed_rate
+                if rate and stream.time_base:
+                    ticks = round(1 / (rate * stream.time_base))
+            self._frame[stream.index] = ticks
+
+    def add(self, packet: av.packet.Packet[Any]) -> None:
+        stream = self.streams.get(packet.stream_index)
+        if stream is None or packet.pts is None or not packet.size:
+            return
+        if not plays(packet, stream.start_time):
+            return
+        stop = packet.pts + (packet.duration or self._frame[stream.index])
+        end = self.ends.get(stream.index)
+        self.ends[stream.index] = stop if end is None else max(end, stop)
+
+    def drop(self, stream: av.stream.Stream) -> None:
+        """Measure ``stream`` no more (its packets are not timed)."""
+        self.streams.pop(stream.index, None)
+        self.ends.pop(stream.index, None)
+
+    def missing(self) -> list[av.stream.Stream]:
+        """The measured streams no packet was timed for yet."""
+        return [stream for index, stream in self.streams.items() if index not in self.ends]
+
+    def seconds(self, stream: av.stream.Stream, start: int) -> float | None:
+        """The stream's length from ``start`` (in its time base) to where its last packet
+        ends (None: not measured, or no packet timed)."""
+        end = self.ends.get(stream.index)
+        if end is None or stream.time_base is None:
+            return None
+        return max(0.0, float((end - start) * stream.time_base))
+
+
 def _scan(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    path: Path,
+    ends: _Ends,
 ) -> tuple[av.VideoFrame | None, list[int] | None]:
     """The first frame (decoded) and the durations of the frames that play (:func:`~framepipe.
     video_length.plays`), in the stream's time base (None: no timestamps to tell them by), in
@@ -109,30 +174,35 @@ def _scan(
 
     When the index lists every frame (an MP4/MOV's sample table, read with the header), a
     frame's duration is from its sample's decoding time to the next sample's, for the samples
-    the index does not flag as hidden by an edit list: the index has decoding times only, and
-    with B-frames the hidden samples of a trim are interleaved in decoding order with the
-    shown ones, so the gaps between the shown samples' times are not their durations. Else the
-    first :data:`SCAN_PACKETS` packets that play are demuxed (not decoded): the gaps between
-    their presentation times, sorted. A decode error before the first frame is a
-    :class:`MediaError`; a read error after it ends the sample (the operations that read the
-    whole file report a broken one)."""
-    entries = stream.index_entries
-    indexed = bool(stream.frames) and len(entries) >= stream.frames
-    durations: list[int] | None = None
-    if indexed:
-        listed = list(itertools.islice(entries, INDEX_TIMESTAMPS))
-        if any(not entry.is_discard for entry in listed):
-            durations = [
-                after.timestamp - entry.timestamp
-                for entry, after in itertools.pairwise(listed)
-                if not entry.is_discard and after.timestamp > entry.timestamp
-            ]
+    the index does not flag as hidden by an edit list, among its first
+    :data:`INDEX_TIMESTAMPS`: the index has decoding times only, and with B-frames the hidden
+    samples of a trim are interleaved in decoding order with the shown ones, so the gaps
+    between the shown samples' times are not their durations. Else the first
+    :data:`SCAN_PACKETS` packets that play are demuxed (not decoded): the gaps between their
+    presentation times, sorted.
+
+    When ``ends`` measures streams, the pass goes on to the end of the file, over the video
+    and those streams, and tells ``ends`` each of their packets: the measurement and the
+    sample in one read of the file (for a file whose end cannot be sought: no container
+    duration). The video is measured no more once the sample found its packets untimed.
+    Else the pass stops once the sample is taken.
+
+    A decode error before the first frame is a :class:`MediaError`; a read error after it ends
+    the pass (the operations that read the whole file report a broken one; ``ends`` keeps
+    where the packets read until then end)."""
+    indexed = bool(stream.frames) and len(stream.index_entries) >= stream.frames
+    durations = _index_durations(stream) if indexed else None
+    others = [other for other in ends.streams.values() if other.index != stream.index]
     stamps: list[int] = []
     start = stream.start_time
     first: av.VideoFrame | None = None
     scanned = 0
+    sampled = False
     try:
-        for packet in container.demux(stream):
+        for packet in container.demux(stream, *others):
+            ends.add(packet)
+            if sampled or packet.stream_index != stream.index:
+                continue
             if not indexed and packet.size and scanned < SCAN_PACKETS and plays(packet, start):
                 scanned += 1
                 stamp = packet.pts if packet.pts is not None else packet.dts
@@ -144,7 +214,11 @@ def _scan(
                     assert isinstance(decoded[0], av.VideoFrame)
                     first = decoded[0]
             if first is not None and (indexed or scanned >= SCAN_PACKETS):
-                break
+                sampled = True
+                if not indexed and not stamps:
+                    ends.drop(stream)
+                if not ends.streams:
+                    break
     except av.FFmpegError as exc:
         if first is None:
             raise MediaError(path, f"the video stream cannot be decoded ({exc})") from exc
@@ -152,6 +226,20 @@ def _scan(
         stamps.sort()
         durations = [b - a for a, b in itertools.pairwise(stamps) if b > a]
     return first, durations
+
+
+def _index_durations(stream: av.video.stream.VideoStream) -> list[int] | None:
+    """The durations of the samples among the index's first :data:`INDEX_TIMESTAMPS` (in
+    decoding order) that it does not flag as hidden, each to the next sample's decoding time
+    (the last of them has no next: it is left out); None when it flags all of them."""
+    listed = list(itertools.islice(stream.index_entries, INDEX_TIMESTAMPS))
+    if all(entry.is_discard for entry in listed):
+        return None
+    return [
+        after.timestamp - entry.timestamp
+        for entry, after in itertools.pairwise(listed)
+        if not entry.is_discard and after.timestamp > entry.timestamp
+    ]
 
 
 def _variable(durations: list[int] | None) -> bool | None:
@@ -169,77 +257,50 @@ def _seconds(container: av.container.InputContainer) -> float | None:
     return None if container.duration is None else container.duration / av.time_base
 
 
-def _last_end(container: av.container.InputContainer, stream: av.stream.Stream) -> int | None:
-    """Where the stream's last packet that plays ends (pts plus duration, in the stream's time
-    base; a video packet without a duration lasts one frame at the stream's rate; None when
-    no packet is timed): the packets from the keyframe before the container's end are demuxed
-    (not decoded), or, when that finds none (no known end, or a seek that lands after the
-    stream's last packet), all of them."""
-    start = stream.start_time
-    frame = 0
-    if isinstance(stream, av.video.stream.VideoStream):
-        rate = stream.average_rate or stream.guessed_rate
-        if rate and stream.time_base:
-            frame = round(1 / (rate * stream.time_base))
-
-    def scan() -> int | None:
-        end: int | None = None
-        for packet in container.demux(stream):
-            if packet.pts is None or not packet.size or not plays(packet, start):
-                continue
-            stop = packet.pts + (packet.duration or frame)
-            end = stop if end is None else max(end, stop)
-        return end
-
-    try:
-        if container.duration is not None:
-            container.seek(container.duration + (container.start_time or 0))
-            end = scan()
-            if end is not None:
-                return end
-        container.seek(container.start_time or 0)
-        return scan()
-    except av.FFmpegError:
-        return None
+def _measure_from_the_end(container: av.container.InputContainer, ends: _Ends) -> None:
+    """Tell ``ends`` the packets of the streams it measures, for a file with a container
+    duration: those from the keyframe before the container's end (with an index, as Matroska's
+    cues, the seek reads only the tail; without one the demuxer reads its way there); then,
+    for the streams that had no timed packet there (a seek that lands after a stream's last
+    packet: a video shorter than its sound, or a container duration too long), all their
+    packets in one pass from the start. A read error ends a pass (``ends`` keeps what it was
+    told)."""
+    begin = container.start_time or 0
+    tail = [] if container.duration is None else [container.duration + begin]
+    for seek_to in [*tail, begin]:
+        missing = ends.missing()
+        if not missing:
+            return
+        try:
+            container.seek(seek_to)
+            for packet in container.demux(*missing):
+                ends.add(packet)
+        except av.FFmpegError:
+            continue
 
 
-def _track_seconds(
-    container: av.container.InputContainer, stream: av.stream.Stream, start: int
-) -> float | None:
-    """A stream's length from ``start`` (in its time base) to where its last packet ends (None
-    when no packet is timed)."""
-    end = _last_end(container, stream)
-    if end is None or stream.time_base is None:
-        return None
-    return max(0.0, float((end - start) * stream.time_base))
-
-
-def _video_seconds(
-    container: av.container.InputContainer, stream: av.video.stream.VideoStream, timed: bool
+def _audio_seconds(
+    container: av.container.InputContainer, sound: av.stream.Stream, ends: _Ends
 ) -> float:
-    """The video stream's length (see :class:`MediaInfo`'s ``duration``); its packets are
-    measured only when they are ``timed`` (the first ones had timestamps: a raw ``.h264``
-    stream's have none)."""
-    announced = announced_duration(stream, container)
+    """The sound stream's length (see :class:`MediaInfo`'s ``audio_duration``)."""
+    announced = _announced_audio(sound)
     if announced is not None:
         return announced
-    measured = _track_seconds(container, stream, stream.start_time or 0) if timed else None
+    measured = ends.seconds(sound, max(0, sound.start_time or 0))
     if measured is not None:
         return measured
     return _seconds(container) or 0.0
 
 
-def _audio_seconds(container: av.container.InputContainer, sound: av.stream.Stream) -> float:
-    """The sound stream's length (see :class:`MediaInfo`'s ``audio_duration``)."""
+def _announced_audio(sound: av.stream.Stream) -> float | None:
+    """The sound stream's own duration, else its ``DURATION`` tag's end from its start (from
+    0 when that is negative: the encoder's priming, which the decoder drops); None: neither."""
     if sound.duration is not None and sound.time_base is not None:
         return float(sound.duration * sound.time_base)
     end = tagged_end(sound)
     if end is not None:
         return max(0.0, end - max(0.0, stream_start(sound)))
-    whole = _seconds(container)
-    if whole is not None:
-        return whole
-    return _track_seconds(container, sound, max(0, sound.start_time or 0)) or 0.0
+    return None
 
 
 def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
@@ -251,17 +312,31 @@ def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInf
     :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit), with its size
     and the limit in the message, before any frame is decoded (``probe(path, max_pixels=0)``
     reads it all the same). Only the first frame is decoded (to check that the stream decodes
-    and to read its rotation)."""
+    and to read its rotation). What is read besides the header: the first
+    :data:`SCAN_PACKETS` video packets when the index does not list every frame, and the
+    packets :class:`MediaInfo` measures a stream's length by when the header gives none."""
     path = Path(path)
     with open_video(path, max_pixels=pixel_limit(max_pixels)) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
-        first, durations = _scan(container, stream, path)
-        rotation = frame_rotation(first, stream)
-        container_duration = _seconds(container)
-        duration = _video_seconds(container, stream, durations is not None)
         audio = container.streams.audio
-        audio_duration = _audio_seconds(container, audio[0]) if audio else None
+        sound = audio[0] if audio else None
+        measure: list[av.stream.Stream] = []
+        if announced_duration(stream, container) is None:
+            measure.append(stream)
+        if sound is not None and _announced_audio(sound) is None:
+            measure.append(sound)
+        ends = _Ends(measure)
+        in_one_pass = bool(measure) and container.duration is None
+        first, durations = _scan(container, stream, path, ends if in_one_pass else _Ends([]))
+        rotation = frame_rotation(first, stream)
+        if measure and not in_one_pass:
+            if durations is None:
+                ends.drop(stream)  # its packets are not timed
+            _measure_from_the_end(container, ends)
+        measured = ends.seconds(stream, stream.start_time or 0)
+        duration = video_duration(stream, container, measured) or 0.0
+        audio_duration = _audio_seconds(container, sound, ends) if sound is not None else None
         frames = announced_frames(stream)
         if not frames and duration and fps:
             frames = max(1, round(duration * fps))
@@ -280,5 +355,5 @@ def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInf
             container=container.format.name,
             audio_duration=audio_duration,
             variable_frame_rate=_variable(durations),
-            container_duration=container_duration,
+            container_duration=_seconds(container),
         )

@@ -16,27 +16,19 @@ from framepipe.media.frames import write_image
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
-from framepipe.media.timing import estimate_frames, frame_seconds, stream_rate
+from framepipe.media.timing import (
+    estimate_frames,
+    frame_seconds,
+    stream_rate,
+    stream_start,
+    video_duration,
+)
 from framepipe.media.writer import even
 
 __all__ = ["thumbnail", "thumbnail_grid"]
 
 SEQUENTIAL_FRAMES_PER_TILE = 300  # up to this many frames per tile, decode once, don't seek
 _EPSILON = 1e-6  # seconds: float noise in a timestamp, not a frame
-
-
-def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float:
-    if stream.duration is not None and stream.time_base is not None:
-        return float(stream.duration * stream.time_base)
-    if container.duration is not None:
-        return container.duration / av.time_base
-    return 0.0
-
-
-def _start(stream: av.video.stream.VideoStream) -> float:
-    if stream.start_time is not None and stream.time_base is not None:
-        return float(stream.start_time * stream.time_base)
-    return 0.0
 
 
 def _frame_at(
@@ -76,7 +68,7 @@ def _last_frame_until(
 ) -> av.VideoFrame | None:
     """Seek to the keyframe before ``seek_to``, decode forward: the last frame at or before
     ``at`` (None if nothing decodes from there)."""
-    start = _start(stream)
+    start = stream_start(stream)
     if stream.time_base is not None and seek_to > 0:
         try:
             container.seek(int((start + seek_to) / stream.time_base), stream=stream, backward=True)
@@ -107,7 +99,7 @@ def _frames_in_one_pass(
 ) -> list[av.VideoFrame]:
     """The frame on screen at each of ``times`` (sorted; as :func:`_frame_at` picks it),
     decoding the clip once (up to the first packet that cannot be decoded, as there)."""
-    start = _start(stream)
+    start = stream_start(stream)
     rate = stream_rate(stream)
     report = Progress(progress, total)
     picked: list[av.VideoFrame] = []
@@ -148,8 +140,11 @@ def thumbnail(
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Path:
-    """Save the frame on screen at ``at`` seconds from the clip's start (default: the middle)
-    as an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
+    """Save the frame on screen at ``at`` seconds from the video's start (default: the middle
+    of the video, its length read from the header as
+    :func:`~framepipe.video_length.video_duration` tells it: the video stream's own, not a
+    longer sound track's, and the container's only when the header gives the video none) as
+    an image (format from ``dst``'s suffix): the last frame whose timestamp is at or before
     ``at``, so on a variable frame rate it is the frame a player shows then. Past the end, it
     is the last frame that decodes; that includes a truncated file whose header announces
     frames that were cut off (``at`` beyond where its frames end gives its last decodable
@@ -161,7 +156,8 @@ def thumbnail(
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
     with open_video(src, max_pixels=limit) as (container, stream):
-        when = _duration(container, stream) / 2 if at is None else max(0.0, at)
+        middle = (video_duration(stream, container) or 0.0) / 2
+        when = middle if at is None else max(0.0, at)
         frame = _frame_at(container, stream, src, when)
         rotation = frame_rotation(frame, stream)
         if width is not None:
@@ -190,7 +186,8 @@ def thumbnail_grid(
 
     Tiles are ``width // cols`` wide (even) and keep the video's aspect; the sheet is
     ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
-    ``(i + 0.5) / (cols * rows)`` of the duration: the frame on screen then (as
+    ``(i + 0.5) / (cols * rows)`` of the video's length (as :func:`thumbnail`'s middle
+    reads it from the header): the frame on screen then (as
     :func:`thumbnail` picks it). Tiles are upright (a clip with a display rotation is turned as
     players turn it). A video larger than ``max_pixels`` (default
     :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with
@@ -202,7 +199,7 @@ def thumbnail_grid(
     count = cols * rows
     limit = pixel_limit(max_pixels)
     with open_video(src, max_pixels=limit) as (container, stream):
-        duration = _duration(container, stream)
+        duration = video_duration(stream, container) or 0.0
         total = estimate_frames(stream, container)
         times = [duration * (i + 0.5) / count for i in range(count)]
         if 0 < total <= SEQUENTIAL_FRAMES_PER_TILE * count:

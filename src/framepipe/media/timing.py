@@ -19,6 +19,7 @@ from framepipe.video_length import (
     frame_seconds,
     stream_rate,
     stream_start,
+    video_duration,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "resample",
     "stream_rate",
     "stream_start",
+    "video_duration",
 ]
 
 
@@ -37,17 +39,15 @@ def estimate_frames(
     stream: av.video.stream.VideoStream, container: av.container.InputContainer
 ) -> int:
     """The stream's frame count from the header (the frames that play:
-    :func:`~framepipe.video_length.announced_frames`), else the video's announced length
-    (:func:`~framepipe.video_length.announced_duration`: not a longer sound track's) x its
-    frame rate, else the container's length x the rate (0: unknown). An estimate for
+    :func:`~framepipe.video_length.announced_frames`), else its length as the header tells it
+    (:func:`~framepipe.video_length.video_duration`: the video's announced length, not a longer
+    sound track's, else the container's) x its frame rate (0: unknown). An estimate for
     progress totals: nothing is read."""
     frames = announced_frames(stream)
     if frames:
         return frames
     rate = stream.average_rate or stream.guessed_rate
-    seconds = announced_duration(stream, container)
-    if seconds is None and container.duration is not None:
-        seconds = container.duration / av.time_base
+    seconds = video_duration(stream, container)
     if seconds and rate:
         return max(1, round(seconds * float(rate)))
     return 0
