@@ -127,12 +127,7 @@ class ThreadLane:
             if job is None:
                 return
             inbox, future, fn, args = job
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # the caller's to handle, as with an executor
-                inbox.post(future, None, exc)
-            else:
-                inbox.post(future, result, None)
+            _answer(inbox, future, fn, args)
 
     def shutdown(self) -> None:
         """Refuse new calls; each thread ends after the calls queued before this one."""
@@ -141,6 +136,17 @@ class ThreadLane:
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
+
+
+def _answer(inbox: Inbox, future: asyncio.Future[Any], fn: Callable[..., Any], args: Any) -> None:
+    """Call ``fn(*args)`` in this thread and post its result or exception to ``future``
+    through ``inbox``."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # the caller's to handle, as with an executor
+        inbox.post(future, None, exc)
+    else:
+        inbox.post(future, result, None)
 
 
 async def run_detached(
@@ -159,15 +165,9 @@ async def run_detached(
     future: asyncio.Future[_T] = loop.create_future()
     inbox = inbox_for(loop)
 
-    def call() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # the caller's to handle, as with an executor
-            inbox.post(future, None, exc)
-        else:
-            inbox.post(future, result, None)
-
-    worker = threading.Thread(target=call, name=thread, daemon=True)
+    worker = threading.Thread(
+        target=_answer, args=(inbox, future, fn, args), name=thread, daemon=True
+    )
     worker.start()
     try:
         return await future
