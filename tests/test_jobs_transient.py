@@ -204,6 +204,20 @@ def engine_log() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
+def small_pool_store(database_url: str, size: int, monkeypatch: pytest.MonkeyPatch) -> StateStore:
+    """A store whose connection pool holds ``size`` connections and gives up waiting for one
+    after 0.1 s (a pool sized too small for a burst)."""
+    real_create_engine = sa.create_engine
+
+    def small_pool(*args: Any, **kwargs: Any) -> sa.Engine:
+        kwargs.update(pool_size=size, max_overflow=0, pool_timeout=0.1)
+        return real_create_engine(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sa, "create_engine", small_pool)
+        return StateStore(database_url)
+
+
 def assert_completed(store: StateStore, infos: list[ExecutionInfo]) -> None:
     for info in infos:
         assert info.status is ExecutionStatus.COMPLETED, info.error
@@ -225,15 +239,7 @@ def test_the_engine_waits_for_a_connection_pool_with_none_to_give(
     """Every connection of the engine's pool is held elsewhere for a while (a pool sized too
     small for a burst): its commits and its heartbeat get no connection in time, and wait,
     and every execution completes once connections are free again, none failed."""
-    real_create_engine = sa.create_engine
-
-    def tiny_pool(*args: Any, **kwargs: Any) -> sa.Engine:
-        kwargs.update(pool_size=2, max_overflow=0, pool_timeout=0.1)
-        return real_create_engine(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sa, "create_engine", tiny_pool)
-        store = StateStore(database_url)
+    store = small_pool_store(database_url, 2, monkeypatch)
 
     def hold_every_connection() -> list[sa.Connection]:
         held: list[sa.Connection] = []
@@ -308,15 +314,7 @@ def test_wait_rides_out_a_pool_with_none_to_give(
     """An engine waiting for an execution another engine runs polls the store: every
     connection of its pool is held elsewhere for a while, and ``wait`` waits for one instead
     of raising the pool's TimeoutError; it returns the completed execution."""
-    real_create_engine = sa.create_engine
-
-    def tiny_pool(*args: Any, **kwargs: Any) -> sa.Engine:
-        kwargs.update(pool_size=1, max_overflow=0, pool_timeout=0.1)
-        return real_create_engine(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(sa, "create_engine", tiny_pool)
-        waiter_store = StateStore(database_url)
+    waiter_store = small_pool_store(database_url, 1, monkeypatch)
     runner_store = StateStore(database_url)
 
     def hold_the_connection() -> sa.Connection:
