@@ -1,8 +1,9 @@
 """The fleet's recovery of frames left pending, with real processor processes on the real Redis:
 a processor declared dead that comes back answers the frames the registry took from it, a
 frame that kills its processor is given up after ``max_attempts`` restarts under the same id,
-two registries reaping one dead processor route each of its frames once, and a reaper whose
-view is behind leaves the frames of a processor that registered again.
+two registries reaping one dead processor route each of its frames once, a reaper whose
+view is behind leaves the frames of a processor that registered again, and a reaper that loses
+Redis while moving a dead processor's frames keeps every frame's track on the dead processor.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ redis_sync = pytest.importorskip("redis")
 from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.frames import encode_jpeg  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
-from framepipe.processors.fleet.protocol import ProcessorState  # noqa: E402
+from framepipe.processors.fleet.protocol import Keys, ProcessorState  # noqa: E402
 from framepipe.processors.fleet.reaper import REAPER, TAKE_NEW_LUA  # noqa: E402
-from waiting import wait_until_async  # noqa: E402
+from framepipe.processors.fleet.registry import register  # noqa: E402
+from framepipe.redis.connection import REDIS_DOWN, connect  # noqa: E402
+from framepipe.redis.wire import Wire  # noqa: E402
+from waiting import free_port, wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -450,5 +454,85 @@ def test_a_reaper_whose_view_is_behind_leaves_the_frames_of_a_processor_that_cam
             for client_ in (gated, target):
                 await client_.stop()
             await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_reaper_that_loses_redis_while_moving_frames_keeps_their_tracks_on_the_dead_one(
+    ns: str,
+) -> None:
+    """Redis is unreachable when the reaper runs the scripts moving a dead processor's five
+    frames (their connection refused): nothing moved, every frame's track is back on the dead
+    processor, its capacity held there, before the error is raised. The next tick moves them
+    and every call gets its result."""
+
+    async def main() -> None:
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        keys = Keys(ns)
+        target = Target(ns)
+        serving: asyncio.Task[None] | None = None
+        ids = [f"F{i}" for i in range(5)]
+        try:
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=60, poll_interval=3600
+            ) as registry:
+                await register(
+                    registry._require(),
+                    keys,
+                    "doomed",  # reads nothing
+                    capabilities=["cap"],
+                    capacity=5,
+                    stream=keys.frames("doomed"),
+                    result_stream=f"{ns}results",
+                    in_flight=0,
+                    processed=0,
+                    failed=0,
+                )
+                await registry.wait_for_processor("cap", timeout=10)
+                calls = [
+                    asyncio.create_task(registry.call(entry(i), "cap", timeout=60)) for i in ids
+                ]
+                await wait_until_async(
+                    "five routed", lambda: client.xlen(keys.frames("doomed")) == 5, 10
+                )
+                serving = asyncio.create_task(target.start())
+                await asyncio.wait_for(target.wait_registered(), 10)
+                client.hset(keys.proc("doomed"), "state", "dead")
+
+                routes = registry._routes
+                away = connect(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+                registry._routes = Wire(away)
+                try:
+                    with pytest.raises(REDIS_DOWN):
+                        await registry._reaper.tick()
+                finally:
+                    await registry._routes.close()
+                    await away.aclose()
+                    registry._routes = routes
+                procs = registry._procs
+                assert {t.frame_id: t.processor_id for t in registry._routed.values()} == {
+                    i: "doomed" for i in ids
+                }
+                assert (procs["doomed"].outstanding, procs["target"].outstanding) == (
+                    set(ids),
+                    set(),
+                )
+                assert client.xlen(keys.frames("doomed")) == 5
+
+                await registry._reaper.tick()
+                results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+                assert [(r.frame_id, r.ok, r.processor_id) for r in results] == [
+                    (i, True, "target") for i in ids
+                ]
+                assert sorted(target.started) == ids
+                assert [
+                    (i.processor_id, i.outstanding)
+                    for i in registry.processors(include_departed=False)
+                ] == [("target", 0)]
+        finally:
+            client.close()
+            if serving is not None:
+                await target.stop()
+                await asyncio.wait_for(serving, 15)
 
     asyncio.run(asyncio.wait_for(main(), 60))

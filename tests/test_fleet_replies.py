@@ -1,7 +1,10 @@
 """Replies matched to the request that produced them, on the real Redis: a caller that reuses a
 frame id after a timeout gets its own result, never the late reply of the earlier request under
-that id; a processor from before reply tokens (its reply does not echo ``reply_token``) is
-matched by the entry it answered, so its current replies are taken and its late ones dropped.
+that id. A processor from before reply tokens (its reply does not echo ``reply_token``) is
+matched by frame id: every reply it sends is taken, whether the router knows the entry it
+answered yet or not (a reply read before the ``XADD`` that sent the frame replied, one to an
+entry the reaper moved, or another registry's reaper), and its late replies to requests that
+ended are dropped when the router knows their entries.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
@@ -25,7 +29,15 @@ from redis.asyncio import Redis  # noqa: E402
 from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.frames import encode_jpeg  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
-from framepipe.processors.fleet.protocol import GROUP, Keys, Outcome, result_fields  # noqa: E402
+from framepipe.processors.fleet import replies  # noqa: E402
+from framepipe.processors.fleet.protocol import (  # noqa: E402
+    GROUP,
+    Keys,
+    Outcome,
+    ProcessorResult,
+    result_fields,
+    text,
+)
 from framepipe.processors.fleet.registry import register  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
@@ -177,8 +189,8 @@ def test_an_older_processor_without_reply_tokens_is_matched_by_the_entry_it_answ
     ns: str,
 ) -> None:
     """The same reuse of frame id X, answered by a processor whose replies carry no
-    ``reply_token``: its late reply to request 1 (another entry of its stream) is dropped, its
-    reply to request 2 resolves request 2."""
+    ``reply_token``: its late reply to request 1 (an entry the registry remembers as an ended
+    request's) is dropped, its reply to request 2 resolves request 2."""
 
     async def main() -> None:
         redis = Redis.from_url(REDIS_URL)
@@ -217,3 +229,347 @@ def test_an_older_processor_without_reply_tokens_is_matched_by_the_entry_it_answ
             await redis.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def register_as(redis: Redis, ns: str, processor_id: str, capacity: int) -> None:
+    """Register ``processor_id`` (capability ``cap``) as processors register."""
+    keys = Keys(ns)
+    await register(
+        redis,
+        keys,
+        processor_id,
+        capabilities=["cap"],
+        capacity=capacity,
+        stream=keys.frames(processor_id),
+        result_stream=keys.results,
+        in_flight=0,
+        processed=0,
+        failed=0,
+    )
+
+
+class OldServer:
+    """A processor from before reply tokens that answers every frame as fast as it reads it:
+    in a thread of its own, on a connection of its own, it reads up to 100 entries at a time
+    and publishes each one's result (``{"n": n}``, without ``reply_token``), acknowledges and
+    deletes them, in one pipeline per read."""
+
+    def __init__(self, ns: str, processor_id: str = "old") -> None:
+        self.id = processor_id
+        self.stream = Keys(ns).frames(processor_id)
+        self.answered: list[str] = []
+        """The frame ids it answered, in order."""
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"old-{processor_id}")
+
+    def __enter__(self) -> OldServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        try:
+            while not self._stop.is_set():
+                got = client.xreadgroup(GROUP, self.id, {self.stream: ">"}, count=100, block=100)
+                for _stream, items in got or []:
+                    pipe = client.pipeline(transaction=False)
+                    for mid, fields in items:
+                        outcome = Outcome(ok=True, result_json=json.dumps({"n": json_n(fields)}))
+                        payload = result_fields(self.id, mid, fields, outcome, None, 1.0)
+                        payload.pop("reply_token", None)  # the older processor does not echo it
+                        pipe.xadd(fields[b"reply_to"], cast("Any", payload))
+                        pipe.xack(self.stream, GROUP, mid)
+                        pipe.xdel(self.stream, mid)
+                    pipe.execute()
+                    self.answered += [f[b"frame_id"].decode() for _, f in items]
+        except BaseException as exc:  # reported by the test's waits
+            self.error = exc
+        finally:
+            client.close()
+
+    def has_answered(self, count: int) -> bool:
+        if self.error is not None:
+            raise AssertionError(f"the older processor failed: {self.error!r}")
+        return len(self.answered) >= count
+
+
+def read_up(registry: ProcessorRegistry) -> bool:
+    """Whether the registry's reply reader has read every reply on its stream so far."""
+    client = redis_sync.Redis.from_url(REDIS_URL)
+    try:
+        last = client.xrevrange(registry.reply_stream, count=1)
+    finally:
+        client.close()
+    return not last or text(last[0][0]) == text(registry._reader.read)
+
+
+def answered_by_old(results: list[ProcessorResult]) -> list[tuple[str, str, Any]]:
+    return [(r.frame_id, r.processor_id, r.data) for r in results]
+
+
+def hold_entry_ids_back(
+    monkeypatch: pytest.MonkeyPatch, registry: ProcessorRegistry, old: OldServer
+) -> None:
+    """Have the replies of the XADDs routing frames reach ``registry`` only once ``old``
+    has answered those frames and the reply reader has read the answers, as the last replies
+    of a long pipelined batch do: the router learns the frames' entry ids after their results
+    (which happens by itself only in a race)."""
+    send = registry._send
+
+    async def send_then_wait(items: list[tuple[Any, dict[str, Any]]]) -> list[Any]:
+        results = await send(items)
+        frames = {text(fields["frame_id"]) for _, fields in items}
+        await wait_until_async(
+            f"{len(frames)} frame(s) answered and the answers read",
+            lambda: frames <= set(old.answered) and read_up(registry),
+            60,
+            explain=lambda: (len(old.answered), old.error),
+        )
+        return results
+
+    monkeypatch.setattr(registry, "_send", send_then_wait)
+
+
+def test_an_older_processor_answering_a_route_many_batch_before_its_ids_are_known_is_taken(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """route_many sends 1000 frames in one pipelined batch (the processor's capacity) to a
+    processor from before reply tokens, which answers each as soon as it reads it: before the
+    router has learnt the entry ids of the batch. Every reply is taken (its frame's capacity
+    freed, none dropped), its circuit stays closed, and it takes the next call."""
+    count = 1000
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            await register_as(redis, ns, "old", capacity=count)
+            with OldServer(ns) as old:
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, heartbeat_timeout=60, result_timeout=120
+                ) as registry:
+                    await registry.wait_for_processor("cap", timeout=10)
+                    hold_entry_ids_back(monkeypatch, registry, old)
+                    ids = await registry.route_many(
+                        [entry(f"F{i}", i) for i in range(count)], "cap", wait=60
+                    )
+                    assert len(ids) == count and old.answered == [f"F{i}" for i in range(count)]
+                    assert dropped(registry) == 0
+                    assert registry._routed == {}, f"{len(registry._routed)} frame(s) still held"
+                    [info] = registry.processors()
+                    assert (info.outstanding, info.circuit) == (0, "closed")
+                    result = await registry.call(entry("next", count), "cap", timeout=30)
+                    assert (result.frame_id, result.ok, result.data) == ("next", True, {"n": count})
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_calls_an_older_processor_answers_before_their_entry_ids_are_known_get_results(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 concurrent calls to a processor from before reply tokens, each answered before the
+    router learnt its entry id: every call gets its own result."""
+    count = 20
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            await register_as(redis, ns, "old", capacity=count)
+            with OldServer(ns) as old:
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, heartbeat_timeout=60, result_timeout=120
+                ) as registry:
+                    await registry.wait_for_processor("cap", timeout=10)
+                    hold_entry_ids_back(monkeypatch, registry, old)
+                    calls = [
+                        registry.call(entry(f"F{i}", i), "cap", timeout=30) for i in range(count)
+                    ]
+                    results = await asyncio.wait_for(asyncio.gather(*calls), 60)
+                    assert answered_by_old(results) == [
+                        (f"F{i}", "old", {"n": i}) for i in range(count)
+                    ]
+                    assert dropped(registry) == 0
+                    assert [i.outstanding for i in registry.processors()] == [0]
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+async def in_stream(redis: Redis, ns: str, count: int) -> bool:
+    """Whether ``count`` entries wait in the stream of ``doomed``."""
+    return int(await redis.xlen(Keys(ns).frames("doomed"))) == count
+
+
+@contextlib.asynccontextmanager
+async def dead_with_frames(
+    ns: str, count: int
+) -> AsyncIterator[tuple[Redis, ProcessorRegistry, list[asyncio.Task[ProcessorResult]]]]:
+    """A registry whose ``count`` calls (frames ``F<i>``, ``n`` = i) wait in the stream of
+    ``doomed``, a processor that reads nothing: the test declares it dead. The registry's
+    health watch sleeps (the test runs its ticks)."""
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await register_as(redis, ns, "doomed", capacity=count)
+        async with ProcessorRegistry(
+            REDIS_URL, ns, registry_id="a", heartbeat_timeout=60, poll_interval=3600
+        ) as registry:
+            await registry.wait_for_processor("cap", timeout=10)
+            calls = [
+                asyncio.create_task(registry.call(entry(f"F{i}", i), "cap", timeout=60))
+                for i in range(count)
+            ]
+            try:
+                await wait_until_async(
+                    "every frame routed", lambda: in_stream(redis, ns, count), 10
+                )
+                yield redis, registry, calls
+            finally:
+                for call in calls:
+                    call.cancel()
+                await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await redis.aclose()
+
+
+def test_frames_the_reaper_moves_to_an_older_processor_are_answered(
+    ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead processor's 50 frames are moved by the reaper to a processor from before reply
+    tokens, which answers them before the reaper learnt their new entry ids (the replies of
+    the move scripts held back here until the reply reader read every answer): every call gets
+    its result."""
+    count = 50
+
+    async def main() -> None:
+        async with dead_with_frames(ns, count) as (redis, registry, calls):
+            await register_as(redis, ns, "old", capacity=8)
+            with OldServer(ns) as old:
+                await registry.refresh()
+                move = registry._reaper._move
+
+                async def move_then_wait(scripts: list[list[bytes | str]]) -> list[Any]:
+                    results = await move(scripts)
+                    await wait_until_async(
+                        "every moved frame answered and read",
+                        lambda: old.has_answered(count) and read_up(registry),
+                        30,
+                    )
+                    return results
+
+                monkeypatch.setattr(registry._reaper, "_move", move_then_wait)
+                await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
+                await registry._reaper.tick()
+                results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+                assert answered_by_old(results) == [
+                    (f"F{i}", "old", {"n": i}) for i in range(count)
+                ]
+                assert dropped(registry) == 0
+                assert [
+                    (i.processor_id, i.outstanding)
+                    for i in registry.processors(include_departed=False)
+                ] == [("old", 0)]
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_frames_another_registry_moves_to_an_older_processor_are_answered(ns: str) -> None:
+    """Registry ``b`` reaps the dead processor holding registry ``a``'s 20 calls and moves
+    them to a processor from before reply tokens: ``a`` never learns their new entries, and
+    every call gets its result all the same."""
+    count = 20
+
+    async def main() -> None:
+        async with dead_with_frames(ns, count) as (redis, a, calls):
+            await register_as(redis, ns, "old", capacity=8)
+            with OldServer(ns):
+                await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, registry_id="b", heartbeat_timeout=60, poll_interval=3600
+                ) as b:
+                    await b._reaper.tick()
+                    assert not b._routed
+                results = await asyncio.wait_for(asyncio.gather(*calls), 30)
+                assert answered_by_old(results) == [
+                    (f"F{i}", "old", {"n": i}) for i in range(count)
+                ]
+                assert dropped(a) == 0
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_the_reaper_moves_a_timed_out_request_and_a_newer_one_of_its_frame_id_apart(
+    ns: str,
+) -> None:
+    """Request 1 of frame X times out in a processor that reads nothing; request 2 of X waits
+    there too. The processor is declared dead and the reaper moves both entries to a processor
+    from before reply tokens: the reply to request 1's entry is dropped (the reaper knew it
+    for an ended request's), the reply to request 2's resolves request 2."""
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        old = OldProcessor(redis, ns)
+        try:
+            await register_as(redis, ns, "doomed", capacity=4)
+            async with ProcessorRegistry(
+                REDIS_URL, ns, heartbeat_timeout=60, result_timeout=60, poll_interval=3600
+            ) as registry:
+                await registry.wait_for_processor("cap", timeout=10)
+                with pytest.raises(ResultTimeoutError):
+                    await registry.call(entry("X", 1), "cap", timeout=0.5)
+                second = asyncio.create_task(registry.call(entry("X", 2), "cap", timeout=60))
+                await wait_until_async("request 2 routed", lambda: in_stream(redis, ns, 2), 10)
+                await old.register()
+                await registry.refresh()
+                await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
+                await registry._reaper.tick()
+                mid1, fields1 = await old.read()
+                mid2, fields2 = await old.read()
+                assert (json_n(fields1), json_n(fields2)) == (1, 2)
+
+                await old.answer(mid1, fields1)  # request 1's, late
+                await wait_until_async(
+                    "request 1's late reply read",
+                    lambda: second.done() or dropped(registry) == 1,
+                    10,
+                )
+                assert not second.done(), f"request 2 got {second.result()}"
+
+                await old.answer(mid2, fields2)
+                result = await asyncio.wait_for(second, 10)
+                assert (result.frame_id, result.processor_id, result.data) == ("X", "old", {"n": 2})
+                assert [
+                    (i.processor_id, i.outstanding)
+                    for i in registry.processors(include_departed=False)
+                ] == [("old", 0)]
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_record_of_ended_requests_is_bounded_and_forgets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The entries of ended requests are kept for the latest ``frames`` frame ids, each for
+    ``ttl`` seconds after a request of it last ended, at most 16 per frame id."""
+    now = [1000.0]
+    monkeypatch.setattr(replies.time, "monotonic", lambda: now[0])
+    ended = replies.Ended(frames=2, ttl=60)
+    ended.add("A", [("p", "1-0"), ("q", "")])  # an entry id not known yet is not kept
+    assert ("p", "1-0") in ended.of("A") and ("q", "") not in ended.of("A")
+    ended.add("B", [("p", "2-0")])
+    ended.add("A", [("p", "3-0")])  # A ended again: the latest
+    ended.add("C", [("p", "4-0")])  # B, the oldest, is forgotten
+    assert list(ended.of("A")) == [("p", "1-0"), ("p", "3-0")]
+    assert not ended.of("B") and ended.of("C")
+    now[0] += 61
+    assert not ended.of("A") and not ended.of("C")
+    ended.add("D", [("p", f"{i}-0") for i in range(20)])
+    assert list(ended.of("D")) == [("p", f"{i}-0") for i in range(4, 20)]

@@ -8,14 +8,24 @@ holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``r
 
 Reply tokens: the router gives every request a ``reply_token`` of its own (new each time a
 frame is routed, kept when the frame is re-routed) and the processor copies it into the
-result; the router takes a result only for the request it names (:func:`answers`), so the
-late result of a request whose caller gave up is never taken for a newer request of the same
-``frame_id``. A result without ``reply_token`` (from a processor written before the tokens:
-they ignore the field) is taken only by the request whose entry it answered, its
-``processor_id`` and ``entry_id`` being where the router last put the request; any other
-(the late result of an earlier request, of an entry the request was since re-routed from) is
-dropped, and a request it was meant for ends in its result timeout, never with another
-request's result.
+result; the router takes a result carrying a token only for the request it names
+(:func:`answers`), so the late result of a request whose caller gave up is never taken for a
+newer request of the same ``frame_id``.
+
+Processors of an older framepipe (written before the tokens: they ignore the field) reply
+without ``reply_token``; their results are matched by ``frame_id``. A result without a token
+is taken by the request in flight under its frame id, whether or not the router knows the
+entry it answered: a router learns an entry's id only once the ``XADD`` that wrote it replied
+(a processor can answer before that), and never learns the id another registry's reaper gave
+a frame it moved, so an entry it does not know is no reason to drop a result. Unless it is
+the late result of an earlier request of that frame id, one that ended (its caller timed out,
+or it was answered already): a router remembers the entries (``processor_id``, ``entry_id``)
+of its ended requests per frame id (:class:`~framepipe.processors.fleet.replies.Ended`: the
+last 10,000 frame ids, each for 10 minutes), and a result without a token that answered one
+of those is dropped. So an older processor's results are all taken by the requests they
+answer, and its late reply to a request that timed out is dropped when its entry id is known
+to this registry; it reaches a newer request of the same frame id only when the entry is not
+known here (moved by another registry's reaper, or forgotten).
 
 Attempts (:class:`Attempts`): a frame's attempts are its deliveries to processors, in the
 streams it was re-routed from (its ``attempt`` field minus one) and in the one it is in (the
@@ -45,7 +55,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -441,11 +451,16 @@ class ProcessorResult:
         return self
 
 
-def answers(result: ProcessorResult, reply_token: str, processor_id: str, entry_id: str) -> bool:
-    """Whether ``result`` is the result of the request with ``reply_token``, last routed to
-    ``processor_id`` as its entry ``entry_id``: the token decides when the result carries
-    one; a result without (from a processor written before the tokens) must have answered
-    that very entry (see the module docstring)."""
+def answers(
+    result: ProcessorResult,
+    reply_token: str,
+    ended: Container[tuple[str, str]] = (),
+) -> bool:
+    """Whether ``result`` is the result of the request with ``reply_token`` (the request in
+    flight under the result's frame id): the token decides when the result carries one; a
+    result without (from a processor written before the tokens) is, unless the entry it
+    answered, ``(processor_id, entry_id)``, is in ``ended``: the entries of earlier requests
+    of the frame id, which ended (see the module docstring)."""
     if result.reply_token:
         return result.reply_token == reply_token
-    return bool(entry_id) and (result.processor_id, result.entry_id) == (processor_id, entry_id)
+    return (result.processor_id, result.entry_id) not in ended

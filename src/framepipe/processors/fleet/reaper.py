@@ -223,7 +223,9 @@ class Reaper:
         Each entry is moved by :data:`MOVE_LUA`, atomically: written to its new stream (or
         answered) and acknowledged and deleted in ``dead``'s at once, only while it is still
         there and ``dead`` has not registered again. Of several registries reaping the same
-        processor, each entry is thus moved by one; the others find it gone and leave it."""
+        processor, each entry is thus moved by one; the others find it gone and leave it.
+        Redis away: every move's track goes back to ``dead`` first, then the connection error
+        is raised."""
         moves: list[_Move] = []
         left = 0
         for mid, raw in entries.items():
@@ -236,10 +238,15 @@ class Reaper:
             return self._left(dead, left)
         results = await self._move([m.call for m in moves])
         came_back = False
+        down: BaseException | None = None
         for move, result in zip(moves, results, strict=True):
             outcome = self._settle(dead, move, result)
             came_back = came_back or outcome == -1
             left += outcome == 1
+            if down is None and isinstance(result, REDIS_DOWN):
+                down = result
+        if down is not None:  # raised once every move is settled (its track put back)
+            raise down
         return False if came_back else self._left(dead, left)
 
     def _plan(
@@ -247,9 +254,13 @@ class Reaper:
     ) -> _Move | None:
         """The move of entry ``mid`` of ``dead`` (delivered ``delivered`` times there): to the
         processor chosen for its capability, or its ``lost`` result when its attempts are
-        exhausted; None when no live processor can take it now. The frame's track (when this
-        registry routed it) is moved to the target at once: a result read before the
-        script's reply finds it there."""
+        exhausted; None when no live processor can take it now. The track of the request the
+        entry is (when this registry routed it and it is in flight: its reply token is the
+        entry's) is moved to the target at once, its capacity held there (a result read before
+        the script's reply is taken all the same: a result without a reply token is taken by
+        its frame id, see :func:`~framepipe.processors.fleet.protocol.answers`). An entry of a
+        request of this registry that ended is moved as ``late``: its new entry is remembered
+        as an ended request's."""
         registry = self.registry
         frame_id = text(raw.get(b"frame_id"))
         attempts = Attempts.of(raw, delivered, registry.max_attempts)
@@ -271,30 +282,43 @@ class Reaper:
         fields["attempt"] = str(attempts.used + 1)
         fields["rerouted_from"] = dead.id
         track = registry._routed.get(frame_id)
-        if track is not None and track.processor_id == dead.id:
+        ours = text(raw.get(b"reply_to")) == registry.reply_stream
+        token = text(raw.get(b"reply_token"))
+        late = ours and bool(token) and (track is None or token != track.reply_token)
+        if (
+            track is not None
+            and ours
+            and not late
+            and track.processor_id == dead.id  # (not moved by an entry of the same request)
+        ):
             dead.outstanding.discard(frame_id)
             target.outstanding.add(frame_id)
             track.processor_id = target.id
         else:
             track = None
         call = [*_keys(dead, target.hash_key, target.stream), GROUP, mid, "route", *_flat(fields)]
-        return _Move(mid, frame_id, attempts.used + 1, target, track, call)
+        return _Move(mid, frame_id, attempts.used + 1, target, track, call, late)
 
     def _settle(self, dead: Registration, move: _Move, result: Any) -> int:
         """Take the script's ``result`` for ``move``: 0 done (moved here, or gone: moved by
-        another registry or answered), 1 left for the next tick, -1 the processor is back.
-        Raises the connection error that failed it."""
+        another registry or answered), 1 left for the next tick (the script failed: Redis
+        away, the target not ready any more), -1 the processor is back. A track moved to the
+        target goes back to ``dead`` when nothing was moved (unless its request ended
+        meanwhile)."""
         registry = self.registry
         moved = isinstance(result, bytes) or result == 1
         track, target = move.track, move.target
-        if track is not None and target is not None and not moved:
+        if (
+            track is not None
+            and target is not None
+            and not moved
+            and registry._routed.get(track.frame_id) is track  # (one that ended is released)
+        ):
             target.outstanding.discard(track.frame_id)  # back to the dead one
             dead.outstanding.add(track.frame_id)
             track.processor_id = dead.id
-        if isinstance(result, REDIS_DOWN):
-            raise result
         if isinstance(result, BaseException) or result is None:
-            return 1  # the target is not ready any more, or the script failed
+            return 1
         if not moved:
             return -1 if result == -1 else 0
         if target is None:
@@ -307,7 +331,9 @@ class Reaper:
             )
         else:
             if track is not None:
-                track.message_id = text(result)
+                registry._learned(track, target.id, text(result))
+            elif move.late:
+                registry._reader.ended.add(move.frame_id, [(target.id, text(result))])
             registry.log.info(
                 "Re-routed frame %s from %s to %s (attempt %d)",
                 move.frame_id,
@@ -355,9 +381,12 @@ class _Move:
     target: Registration | None
     """The processor it goes to (None: it is given up)."""
     track: Track | None
-    """The frame's track when this registry routed it (moved to ``target`` already)."""
+    """The track of its request when this registry routed it and it is in flight (moved to
+    ``target`` already)."""
     call: list[bytes | str]
     """The KEYS and ARGV of its :data:`MOVE_LUA` run."""
+    late: bool = False
+    """It is the entry of a request of this registry that ended."""
 
 
 def _keys(dead: Registration, hash_key: str, stream: str) -> list[bytes | str]:

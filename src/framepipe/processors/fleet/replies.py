@@ -5,7 +5,9 @@ One blocking ``XREAD`` loop on the registry's own connection reads its reply str
 the capacity its frame held and resolves the awaiting call (and is traced as the frame's
 ``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result resolves only the request
 that produced it: the frame in flight under its ``frame_id`` whose ``reply_token`` it echoes
-(:func:`~framepipe.processors.fleet.protocol.answers`; without a token, the entry it answered).
+(:func:`~framepipe.processors.fleet.protocol.answers`); a result without a token (an older
+processor's) resolves the frame in flight under its ``frame_id`` unless it answered an entry
+of an earlier request of that frame id that ended (:class:`Ended`, the record of those).
 A result nobody waits for any more (a duplicate of a re-routed frame, one whose wait expired,
 the late result of an earlier request of a frame id sent again) is dropped, logged at debug
 level and counted (:attr:`ReplyReader.dropped`); it only counts for the breaker.
@@ -15,7 +17,9 @@ Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import collections
+import time
+from collections.abc import Container, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from framepipe.processors.fleet.protocol import ProcessorResult, text
@@ -27,7 +31,53 @@ from framepipe.redis.streams import stream_entries
 if TYPE_CHECKING:
     from framepipe.processors.fleet.routing import ProcessorRegistry
 
-__all__ = ["ReplyReader"]
+__all__ = ["ENDED_FRAMES", "ENDED_PER_FRAME", "ENDED_TTL", "Ended", "ReplyReader"]
+
+ENDED_FRAMES = 10_000
+"""How many frame ids :class:`Ended` remembers ended requests of (the latest ones)."""
+ENDED_TTL = 600.0
+"""How long (seconds) :class:`Ended` remembers a frame id's ended requests."""
+ENDED_PER_FRAME = 16
+"""The most entries :class:`Ended` keeps for one frame id (the latest ones)."""
+
+
+class Ended:
+    """The entries of the requests that ended (answered, or their wait expired), per frame
+    id, as ``(processor_id, entry_id)``: a result without a reply token that answered one of
+    them is the late result (or a duplicate) of an ended request, never the result of a newer
+    request of the frame id. Bounded: the latest ``frames`` frame ids, each for ``ttl``
+    seconds after a request of it last ended, at most :data:`ENDED_PER_FRAME` entries each."""
+
+    def __init__(self, frames: int = ENDED_FRAMES, ttl: float = ENDED_TTL) -> None:
+        self.frames = frames
+        self.ttl = ttl
+        self._by_frame: collections.OrderedDict[str, tuple[float, list[tuple[str, str]]]] = (
+            collections.OrderedDict()
+        )  # frame id -> (when it is forgotten, its entries); in the order they are forgotten
+
+    def add(self, frame_id: str, entries: Iterable[tuple[str, str]]) -> None:
+        """Remember ``entries`` (``(processor_id, entry_id)``; those without an entry id are
+        skipped) as entries of an ended request of ``frame_id``."""
+        known = [e for e in entries if e[1]]
+        if not known:
+            return
+        now = time.monotonic()
+        by_frame = self._by_frame
+        _, kept = by_frame.pop(frame_id, (0.0, []))
+        kept += [e for e in known if e not in kept]
+        by_frame[frame_id] = (now + self.ttl, kept[-ENDED_PER_FRAME:])
+        while by_frame and (len(by_frame) > self.frames or next(iter(by_frame.values()))[0] <= now):
+            by_frame.popitem(last=False)
+
+    def of(self, frame_id: str) -> Container[tuple[str, str]]:
+        """The entries of ``frame_id``'s ended requests (none once forgotten)."""
+        got = self._by_frame.get(frame_id)
+        if got is None:
+            return ()
+        if got[0] <= time.monotonic():
+            del self._by_frame[frame_id]
+            return ()
+        return got[1]
 
 
 class ReplyReader:
@@ -43,6 +93,8 @@ class ReplyReader:
         self.dropped = 0
         """Results read that no request waited for (late, duplicate, or of an earlier request
         of the frame id)."""
+        self.ended = Ended()
+        """The entries of this registry's ended requests (see :class:`Ended`)."""
 
     async def run(self) -> None:
         """Read replies until the registry closes; Redis being away is logged once and
@@ -98,7 +150,7 @@ class ReplyReader:
         if proc is not None:
             proc.breaker.record(result.ok, result.error_kind, result.error)
         track = registry._routed.get(result.frame_id)
-        if track is None or not track.answered_by(result):
+        if track is None or not track.answered_by(result, self.ended.of(result.frame_id)):
             # a duplicate (re-routed frame), one whose wait expired, or an earlier request's
             self.dropped += 1
             registry.log.debug(
@@ -108,6 +160,7 @@ class ReplyReader:
                 result.entry_id,
             )
             return
+        track.entries.append((result.processor_id, result.entry_id))  # remembered as ended's
         registry._release(track)
         received(result, track)
         if track.future is not None and not track.future.done():

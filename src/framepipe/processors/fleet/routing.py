@@ -31,8 +31,9 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
   and the ``reply_token`` the route gave the request (see
   :mod:`~framepipe.processors.fleet.protocol`), so a frame id may be sent again once its
   earlier request ended (a timeout) without the earlier request's late result reaching the
-  new one; a result that does not come within ``result_timeout`` (or the call's timeout)
-  fails the call with :class:`~framepipe.errors.ResultTimeoutError`.
+  new one (from a processor of an older framepipe, which echoes no token: unless the entry it
+  answered is not known here); a result that does not come within ``result_timeout`` (or the
+  call's timeout) fails the call with :class:`~framepipe.errors.ResultTimeoutError`.
 
 Health (dead processors, their frames re-routed): see :mod:`~framepipe.processors.fleet.reaper`.
 
@@ -54,8 +55,8 @@ import itertools
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from framepipe.backoff import Backoff
@@ -113,15 +114,20 @@ class Track:
     """What :meth:`ProcessorRegistry.call` awaits (None for :meth:`~ProcessorRegistry.route`)."""
     timeout: float
     message_id: str = ""
-    """Its entry's id in the stream of ``processor_id`` (the stream it was last routed to)."""
+    """Its entry's id in the stream it was last routed to, once known ("" until the route's
+    ``XADD`` replied; the reaper's move of it sets it when its script replied)."""
     reply_token: str = ""
     """The request's token on the wire: only a result that echoes it is this frame's (see
     :func:`~framepipe.processors.fleet.protocol.answers`)."""
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    """``(processor_id, entry id)`` of every entry this registry wrote for the request (its
+    route, the reaper's moves), as they became known: remembered when it ends
+    (:class:`~framepipe.processors.fleet.replies.Ended`)."""
 
-    def answered_by(self, result: ProcessorResult) -> bool:
-        """Whether ``result`` is this request's (not a late one of an earlier request of the
-        same frame id)."""
-        return answers(result, self.reply_token, self.processor_id, self.message_id)
+    def answered_by(self, result: ProcessorResult, ended: Container[tuple[str, str]]) -> bool:
+        """Whether ``result`` is this request's, not a late one of an earlier request of the
+        same frame id (``ended``: the entries of those this registry knows of)."""
+        return answers(result, self.reply_token, ended)
 
 
 class ProcessorRegistry:
@@ -381,8 +387,11 @@ class ProcessorRegistry:
         return track
 
     def _release(self, track: Track) -> None:
+        """``track``'s request ended (answered, expired, or not sent): its capacity is freed
+        and its entries remembered as an ended request's."""
         if self._routed.get(track.frame_id) is track:
             del self._routed[track.frame_id]
+        self._reader.ended.add(track.frame_id, track.entries)
         proc = self._procs.get(track.processor_id)
         if proc is not None:
             proc.outstanding.discard(track.frame_id)
@@ -539,12 +548,21 @@ class ProcessorRegistry:
                 proc.routable = False
                 queue.append(index)
             else:
-                track.message_id = text(result)
+                self._learned(track, proc.id, text(result))
                 done[index] = track
         if error is not None:
             if isinstance(error, REDIS_DOWN):
                 raise self._down(error) from error
             raise error
+
+    def _learned(self, track: Track, processor_id: str, entry_id: str) -> None:
+        """``track``'s request is entry ``entry_id`` of ``processor_id``'s stream (known once
+        the ``XADD`` replied). A request that ended meanwhile (its result can be read before
+        the reply of the ``XADD`` that sent it) gets it remembered as an ended request's."""
+        track.message_id = entry_id
+        track.entries.append((processor_id, entry_id))
+        if self._routed.get(track.frame_id) is not track:
+            self._reader.ended.add(track.frame_id, [(processor_id, entry_id)])
 
     async def _send(self, items: list[tuple[Registration, dict[str, bytes | str]]]) -> list[Any]:
         """XADD each entry to its processor's stream (Lua by SHA, only while ready), written
