@@ -856,3 +856,52 @@ def test_a_stop_that_cuts_the_drain_short_still_completes_the_segment(
     assert not of(events, "pipeline.failed")
     assert [k for k, _ in events][-1] == "pipeline.stopped"  # the segment came before it
     assert "captured frame(s) abandoned in the pipeline's queues" in caplog.text
+
+
+STUBBORN_CAMERA = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # goes only when killed, after the grace
+with open(sys.argv[2], "w") as f:
+    f.write(str(os.getpid()))
+jpeg = bytes.fromhex(sys.argv[1])
+while True:
+    sys.stdout.buffer.write(jpeg)
+    sys.stdout.flush()
+    time.sleep(0.04)
+"""
+
+
+def test_a_failed_pipeline_has_ended_its_capture_when_wait_returns(tmp_path: Path) -> None:
+    """A stage fails the pipeline while its capture process runs (one that ignores SIGTERM):
+    when ``wait()`` returns, the capture process is gone, so an app restarting the pipeline
+    never runs two captures of one camera at once."""
+    import os
+    import sys
+
+    from framepipe.frames import encode_jpeg
+    from framepipe.sources import CommandSource
+
+    class Crash(Processor):
+        def process(self, frame: Frame) -> Frame:
+            raise RuntimeError("model broke")
+
+    jpeg = encode_jpeg(np.full((120, 160, 3), 90, np.uint8))
+    pid_file = tmp_path / "pid"
+    script = tmp_path / "camera.py"
+    script.write_text(STUBBORN_CAMERA)
+    source = CommandSource([sys.executable, str(script), jpeg.hex(), str(pid_file)], "cam")
+    pipeline = StreamPipeline("cam", source, stages=[Stage(Crash(), max_consecutive_errors=3)])
+
+    async def main() -> None:
+        await pipeline.start()
+        await asyncio.wait_for(pipeline.wait(), 60)
+
+    asyncio.run(main())
+    assert pipeline.state is HealthState.FAILED
+    pid = int(pid_file.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert status == "Z", f"the capture process {pid} still runs after wait() returned"

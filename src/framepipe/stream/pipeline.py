@@ -302,7 +302,8 @@ class StreamPipeline:
 
     async def wait(self) -> None:
         """Wait until the pipeline ends (finite source drained, failure, or stop) and is torn
-        down."""
+        down: its capture has ended too (a capture process is gone), so a pipeline started
+        again never overlaps the last one's capture of the same camera."""
         assert self._done is not None, "pipeline not started"
         await self._done.wait()
         await self._shutdown(self.drain_timeout)
@@ -331,6 +332,10 @@ class StreamPipeline:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        if self._stopping_capture is not None:  # a failed run's capture ends with the run
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._stopping_capture
+            self._stopping_capture = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
