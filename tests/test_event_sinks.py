@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from framepipe.backends.state.retention import parse_duration, prune_events
 from framepipe.backends.state.schema import events
 from framepipe.backoff import Backoff
 from media import free_port
+from waiting import wait_until_async
 
 
 def stored(store: StateStore) -> list[tuple[str, dict[str, Any]]]:
@@ -236,3 +238,92 @@ def test_an_overflow_while_a_batch_is_written_drops_queued_events_not_the_batch(
     sink = asyncio.run(main())
     assert sink.wrote == [1, 2, 5, 6, 7]
     assert (sink.written, sink.dropped) == (5, 2)
+
+
+# -- closing with a batch in flight, a hung Redis, a call outside the loop ---------------------
+
+
+def test_a_batch_in_flight_when_close_gives_up_is_counted_as_dropped() -> None:
+    """Redis away: the writer took the 3 events as one batch and is waiting to retry it when
+    aclose's timeout ends; a 4th event queued behind it. All 4 are counted."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(url, "events", retries=5, backoff=Backoff(30, 2, 30, 0))
+        for i in range(3):
+            sink("order.completed", {"n": i})
+        await wait_until_async("the batch in flight", lambda: not sink._pending, 30)
+        sink("order.completed", {"n": 3})  # queued behind the batch
+        await sink.aclose(timeout=0.5)
+        return sink
+
+    sink = asyncio.run(main())
+    assert (sink.written, sink.dropped) == (0, 4)
+    assert not sink._pending and not sink._inflight
+
+
+def test_a_redis_that_accepts_and_never_answers_costs_a_warning_and_a_retry_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung Redis (a half-open connection after a network cut): each attempt ends at the
+    socket timeout with a warning; the batch is dropped (counted) after its retries."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # the kernel accepts the connections; nothing ever answers
+    url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+    default = RedisEventSink(url, "events")
+    kwargs = default._client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 10.0 and kwargs["socket_connect_timeout"] == 5.0
+
+    async def main() -> RedisEventSink:
+        await default.aclose(timeout=0.1)
+        sink = RedisEventSink(
+            url, "events", retries=2, backoff=Backoff(0.05, 2, 0.1, 0), socket_timeout=0.5
+        )
+        for i in range(3):
+            sink("order.completed", {"n": i})
+        await wait_until_async(
+            "the batch dropped after 2 attempts",
+            lambda: sink.dropped == 3,
+            60,
+            explain=lambda: (sink.written, sink.dropped, caplog.text[-2000:]),
+        )
+        await sink.aclose(timeout=5)
+        return sink
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="framepipe"):
+            sink = asyncio.run(main())
+    finally:
+        hung.close()
+    assert (sink.written, sink.dropped) == (0, 3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("writing 3 event(s) failed" in m and "retrying" in m for m in messages)
+    assert any("3 event(s) not written after 2 attempt(s)" in m for m in messages)
+
+
+def test_an_event_emitted_outside_the_loop_is_queued_and_written_at_close() -> None:
+    import redis
+
+    with redis_namespace("fp-sink-") as namespace:
+        stream = f"{namespace}events"
+        sink = RedisEventSink(REDIS_URL, stream)
+        sink("order.completed", {"n": 1})  # no running loop: queued, never raises
+        assert len(sink._pending) == 1 and sink.dropped == 0
+
+        async def main() -> None:
+            sink("order.completed", {"n": 2})
+            await sink.aclose()
+
+        asyncio.run(main())
+        client = redis.Redis.from_url(REDIS_URL)
+        entries = client.xrange(stream)
+        client.close()
+    assert [json.loads(f[b"data"])["n"] for _, f in entries] == [1, 2]
+    assert (sink.written, sink.dropped) == (2, 0)
+
+    lone = RedisEventSink(REDIS_URL, "fp-sink-never-written")
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    lone("x", {"cycle": cycle})  # data that does not serialize: counted, never raised
+    assert lone.dropped == 1 and not lone._pending

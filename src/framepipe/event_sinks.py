@@ -4,13 +4,17 @@ Both sinks are :meth:`App.on <framepipe.app.App.on>` callbacks (``app.on("*", si
 Guarantees:
 
 * Calling a sink never blocks and never raises: the event is queued (bounded: past
-  ``max_pending`` the oldest queued event is dropped and counted in ``dropped``).
+  ``max_pending`` the oldest queued event is dropped and counted in ``dropped``). Called
+  outside a running event loop, the event waits in the queue for the writer, which starts with
+  the next event emitted inside the loop (or with :meth:`aclose`).
 * One writer task per sink writes the queued events in the order they were emitted, in batches
   (one transaction, one pipeline round trip).
-* A backend that is away (database restarting, Redis down) costs a warning per failed batch,
-  never the app: the batch is retried with backoff while newer events queue behind it, and it
-  is dropped (counted) after ``retries`` failed attempts.
-* :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection.
+* A backend that is away (database restarting, Redis down or hung) costs a warning per failed
+  batch, never the app: the batch is retried with backoff while newer events queue behind it,
+  and it is dropped (counted) after ``retries`` failed attempts. A Redis that accepts the
+  connection and never answers fails an attempt after ``socket_timeout`` seconds (10 s).
+* :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection;
+  what could not be written by then, the batch in flight included, is counted in ``dropped``.
 
 :class:`StoreEventSink` commits the events to the ``fp_events`` table, where ``/api/events``,
 the service's WebSocket and ``framepipe serve``'s dashboard read them; the data gets an ``app``
@@ -71,6 +75,8 @@ class _QueuedSink:
         self.dropped = 0
         self.written = 0
         self._pending: deque[Event] = deque()
+        self._inflight: list[Event] = []
+        """The batch the writer is writing (and retrying): off the queue, not yet counted."""
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -81,15 +87,26 @@ class _QueuedSink:
         if self._closed:
             self.dropped += 1
             return
+        try:
+            shaped = Event(event, time.time(), None, None, self._shape(data))
+        except Exception:  # data that does not serialize (a reference cycle): never the app's
+            self.dropped += 1
+            self._log.exception("event %s not queued", event)
+            return
         if len(self._pending) >= self.max_pending:
             self._pending.popleft()
             self.dropped += 1
-        self._pending.append(Event(event, time.time(), None, None, self._shape(data)))
+        self._pending.append(shaped)
+        with contextlib.suppress(RuntimeError):  # outside a running loop: it waits in the queue
+            self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """Start the writer if it is not running and wake it; ``RuntimeError`` outside a
+        running event loop."""
         if self._writer is None:
+            loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
-            self._writer = asyncio.get_running_loop().create_task(
-                self._write_loop(), name=f"event-sink-{self.kind}"
-            )
+            self._writer = loop.create_task(self._write_loop(), name=f"event-sink-{self.kind}")
         assert self._wake is not None
         self._wake.set()
 
@@ -106,12 +123,15 @@ class _QueuedSink:
                 await self._wake.wait()
                 continue
             # Taken off the queue before writing: an overflow while the batch is in flight
-            # drops the oldest queued events, never events of the batch.
+            # drops the oldest queued events, never events of the batch. The batch stays on
+            # the sink (_inflight) until counted, so aclose counts it if it cancels the writer.
             batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
+            self._inflight = batch
             if await self._write_with_retries(batch):
                 self.written += len(batch)
             else:
                 self.dropped += len(batch)
+            self._inflight = []
 
     async def _write_with_retries(self, batch: list[Event]) -> bool:
         for attempt in range(1, self.retries + 1):
@@ -135,8 +155,12 @@ class _QueuedSink:
         raise NotImplementedError
 
     async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Write what is queued (bounded by ``timeout``), stop the writer, release the backend."""
+        """Write what is queued (bounded by ``timeout``), stop the writer, release the backend.
+        What is not written by then (queued, or the batch being written) is counted in
+        ``dropped``."""
         self._closed = True
+        if self._pending:
+            self._ensure_writer()  # events queued outside a loop had no writer yet
         writer = self._writer
         if writer is not None:
             assert self._wake is not None
@@ -144,11 +168,14 @@ class _QueuedSink:
             try:
                 await asyncio.wait_for(asyncio.shield(writer), timeout)
             except TimeoutError:
-                self.dropped += len(self._pending)
-                self._log.warning("%d event(s) not written before close", len(self._pending))
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
+                lost = len(self._inflight) + len(self._pending)
+                self.dropped += lost
+                self._log.warning("%d event(s) not written before close", lost)
+            self._inflight = []
+            self._pending.clear()
         await self._release()
 
     async def _release(self) -> None:
@@ -199,7 +226,9 @@ class StoreEventSink(_QueuedSink):
 
 class RedisEventSink(_QueuedSink):
     """Appends an app's events to the Redis Stream ``stream`` at ``url`` (see the module
-    docstring); ``types`` limits it to those event types (default: all)."""
+    docstring); ``types`` limits it to those event types (default: all). ``connect_timeout``
+    and ``socket_timeout`` (seconds) bound one attempt's connect and each answer awaited, so
+    a Redis that is hung fails the attempt (a warning, a retry) instead of freezing the writer."""
 
     kind = "redis"
 
@@ -210,9 +239,13 @@ class RedisEventSink(_QueuedSink):
         *,
         maxlen: int = 100_000,
         types: set[str] | frozenset[str] | None = None,
+        connect_timeout: float = 5.0,
+        socket_timeout: float = 10.0,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        if not connect_timeout > 0 or not socket_timeout > 0:
+            raise ValueError("connect_timeout and socket_timeout must be > 0")
         try:
             from framepipe.redis.connection import connect
         except ImportError as exc:
@@ -220,7 +253,9 @@ class RedisEventSink(_QueuedSink):
         self.stream = stream
         self.maxlen = maxlen
         self.types = frozenset(types) if types is not None else None
-        self._client: Redis = connect(url, retries=None, connect_timeout=None, socket_timeout=None)
+        self._client: Redis = connect(
+            url, retries=None, connect_timeout=connect_timeout, socket_timeout=socket_timeout
+        )
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if self.types is None or event in self.types:
