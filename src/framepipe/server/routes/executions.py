@@ -86,16 +86,13 @@ async def executions_show(execution_id: ExecutionId, service: Service) -> dict[s
 
 @router.post("/executions/{execution_id}/retry", status_code=202)
 async def executions_retry(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
-    """Resume a failed, cancelled or interrupted execution from where it stopped."""
+    """Resume a failed, cancelled or interrupted execution from where it stopped, as
+    :meth:`JobClient.retry <framepipe.jobs.client.JobClient.retry>` does: embedded, the
+    service runs it with the pipeline it serves under that name (409 when it serves none); on
+    workers, the workers load it by the reference stored with it, whatever this service
+    serves."""
     info = await service.jobs.get(execution_id, with_steps=False)
-    pipeline = service.pipelines.get(info.pipeline)
-    if pipeline is None:
-        raise HTTPException(
-            409,
-            f"execution {info.id[:12]} is of pipeline "
-            f"'{info.pipeline}', which this service does not know",
-        )
-    full_id = await service.jobs.retry(info.id, pipeline)
+    full_id = await service.jobs.retry(info.id, service.pipelines.get(info.pipeline))
     return {"id": full_id, "status": "running"}
 
 
