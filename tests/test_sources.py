@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -858,6 +859,15 @@ def test_command_describe_and_validation() -> None:
     assert long.describe().startswith("gst-launch-1.0 videotestsrc")
     assert long.pid is None
     assert long.live is True
+    # every URL in an argument is shown by safe_url; the process is given the real one
+    argv = ["gst-launch-1.0", "rtspsrc", "location=rtsp://u:pw1@cam/1", "!", "fakesink"]
+    assert CommandSource(argv, "g").describe() == (
+        "gst-launch-1.0 rtspsrc 'location=rtsp://u:***@cam/1' '!' fakesink"
+    )
+    argv = ["ffmpeg", "-i", "http://cam/live?token=pw2&fps=5", "-f", "mjpeg", "-"]
+    secret = CommandSource(argv, "f")
+    assert secret.describe() == "ffmpeg -i 'http://cam/live?token=***&fps=5' -f mjpeg -"
+    assert secret.argv == argv
     with pytest.raises(ValueError, match="width and height"):
         CommandSource(["x"], "r", format="rawvideo")
     with pytest.raises(ValueError, match="pix_fmt"):
@@ -1594,3 +1604,88 @@ def test_the_sources_judge_a_file_whole_without_loading_the_media_toolkit() -> N
     ).stdout.split()
     assert "framepipe.video_length" in loaded
     assert not [m for m in loaded if m.startswith("framepipe.media")]
+
+
+# -- hardening: secrets, starting, dead children, orphans, bad arguments ------------------------
+
+
+@pytest.fixture
+def all_logs() -> Iterator[list[str]]:
+    """Every record the ``framepipe`` loggers write (DEBUG included), formatted with its
+    traceback, whatever ``configure_logging`` did before."""
+    texts: list[str] = []
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            texts.append(formatter.format(record))
+
+    handler = Keep(logging.DEBUG)
+    logger = logging.getLogger("framepipe")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield texts
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("capture", ["ffmpeg", "gst"])
+def test_a_cameras_password_shows_nowhere_but_in_the_capture_command(
+    capture: str, tmp_path: Path, all_logs: list[str]
+) -> None:
+    """A camera URL with a password, captured by ffmpeg (which prints the URL in its error)
+    and by gst-launch-1.0 (its URL in an element's property), on a port where nothing
+    listens: the capture process gets the real URL; the logs, the errors, the events,
+    ``describe()``, the health and the app's snapshot show it masked."""
+    from framepipe import Settings
+    from framepipe.app import App
+    from framepipe.backoff import Backoff
+    from framepipe.sources import capture_source
+    from framepipe.stream import StreamPipeline
+
+    need_tool("gst-launch-1.0" if capture == "gst" else "ffmpeg")
+    secret = "S3cr3tPw"
+    port = free_port()
+    url = f"rtsp://admin:{secret}@127.0.0.1:{port}/stream"
+    source = capture_source(url, "cam", capture=capture)  # type: ignore[arg-type]
+    assert isinstance(source, CommandSource)
+    assert [arg for arg in source.argv if secret in arg]  # the process is given the real URL
+    masked = f"rtsp://admin:***@127.0.0.1:{port}"
+    assert masked in source.describe() and secret not in source.describe()
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    async def main() -> tuple[str, str]:
+        app = App("site", settings=Settings(home=tmp_path), auto_recovery=False)
+        app.on("*", lambda kind, data: events.append((kind, data)))
+        pipeline = app.add_pipeline(
+            StreamPipeline(
+                "cam", source, backoff=Backoff(0.05, 2, 0.1, 0), max_restarts=1, stall_timeout=30
+            )
+        )
+        await app.start()
+        try:
+            await asyncio.wait_for(pipeline.wait(), 60)
+            health = json.dumps(
+                {"app": app.health().to_dict(), "pipeline": pipeline.health()}, default=str
+            )
+        finally:
+            await app.stop()
+        return health, app.snapshot_path.read_text()
+
+    health, snapshot = run(main())
+    died = [data for kind, data in events if kind == "source.died"]
+    assert len(died) == 2  # both sessions ran and failed
+    texts = {
+        "logs": "\n".join(all_logs),
+        "events": json.dumps(events, default=str),
+        "health": health,
+        "snapshot": snapshot,
+    }
+    assert {where: secret in text for where, text in texts.items()} == dict.fromkeys(texts, False)
+    assert masked in texts["logs"]  # "capture started (PID: n): <the masked command>"
+    if capture == "ffmpeg":  # ffmpeg's own error names the URL: masked in the error and tail
+        assert f"stderr: {masked}" in str(died[0]["error"])
+        assert f"{masked}/stream: Connection refused" in texts["logs"]

@@ -46,6 +46,10 @@ Guarantees:
   (``[station_1] Pipeline subprocess died (exit code: -9)``) and as ``on_event`` callbacks.
 * Nothing dies silently: a bug in the supervisor itself is logged with its traceback and ends
   the supervisor in state ``failed``; a raising ``on_event`` callback is logged and ignored.
+* No URL's secret shows: every URL in a failure's text (health ``last_error``, the events, the
+  log messages) and in a logged stderr line is shown by :func:`framepipe.urls.safe_url` (its
+  password and secret query values masked). The traceback logged for an exception of an
+  unexpected type is the exception's own.
 
 At over 500 lines the module is one concept, one supervisor's state machine: a
 :class:`SupervisorContext` writes its supervisor's per-frame fields and hands ``started()`` to
@@ -68,6 +72,7 @@ from typing import Any, Literal, Protocol
 from framepipe.backoff import Backoff
 from framepipe.errors import CaptureExitedError, FramepipeError, SourceStalledError
 from framepipe.logs import get_logger
+from framepipe.urls import safe_text
 
 __all__ = [
     "EventCallback",
@@ -229,7 +234,9 @@ def _format_delay(seconds: float) -> str:
 
 
 def _describe_error(exc: BaseException) -> str:
-    message = str(exc)
+    """``"ExcType: message"``; every URL in the message is shown by
+    :func:`~framepipe.urls.safe_url`."""
+    message = safe_text(str(exc))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
@@ -527,7 +534,8 @@ class Supervisor:
             h.last_error = _describe_error(exc)
             h.last_exit_code = exc.exit_code
             self._log.warning("%s subprocess died (exit code: %s)", self._What, exc.exit_code)
-            tail = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
+            lines = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
+            tail = [safe_text(line) for line in lines]
             if tail:
                 self._log.warning(
                     "%s stderr (last %d lines):\n  %s", self._What, len(tail), "\n  ".join(tail)

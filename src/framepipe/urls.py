@@ -5,6 +5,10 @@ parameter whose name says it holds a secret (``?api_key=***``, ``password``, ``t
 ``secret``, ``signature``, ``credential``, ``auth``, ``session``, any ``*key*``; matched on the
 percent-decoded name, case-insensitive) are masked; everything else is left as written, so the
 URL still says where it points.
+
+:func:`safe_text` applies the same rule to every URL inside a text (a command's argument such
+as ``location=rtsp://user:pw@cam/1``, a line a program printed): each ``scheme://`` and what
+follows it up to the next whitespace is shown by :func:`safe_url`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus, urlsplit
 
-__all__ = ["safe_url"]
+__all__ = ["safe_text", "safe_url"]
 
 _SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|sig|credential|auth|session", re.I)
 _USERINFO = re.compile(r"//[^/?#@]*@")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 
 
 def safe_url(url: str) -> str:
@@ -43,3 +48,11 @@ def _masked(pair: str) -> str:
     if sep and value and _SECRET_NAME.search(unquote_plus(name)):
         return f"{name}=***"
     return pair
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every URL in it shown by :func:`safe_url` (a URL runs from its
+    ``scheme://`` to the next whitespace; see the module)."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda match: safe_url(match.group()), text)

@@ -71,6 +71,7 @@ from framepipe.sources.av import VideoSource
 from framepipe.sources.base import Source, check_decode_threads, decoder_threads
 from framepipe.sources.command import CommandSource
 from framepipe.sources.devices import is_device
+from framepipe.urls import safe_url
 
 __all__ = [
     "Capture",
@@ -107,11 +108,12 @@ def file_url_path(spec: str) -> str | None:
         return None
     parts = urllib.parse.urlsplit(spec)
     if parts.netloc not in ("", "localhost"):
-        raise ValueError(f"{spec!r} names the host {parts.netloc!r}: only local files are read")
+        host = parts.netloc.rpartition("@")[2]
+        raise ValueError(f"{safe_url(spec)!r} names the host {host!r}: only local files are read")
     if parts.query or parts.fragment or spec.endswith(("?", "#")):
-        raise ValueError(f"{spec!r} has a query or a fragment: not a file's path")
+        raise ValueError(f"{safe_url(spec)!r} has a query or a fragment: not a file's path")
     if not parts.path:
-        raise ValueError(f"{spec!r} names no file")
+        raise ValueError(f"{safe_url(spec)!r} names no file")
     return urllib.request.url2pathname(parts.path)
 
 
@@ -186,7 +188,7 @@ def ffmpeg_argv(
     elif not url:
         argv += ["-re"] if realtime else []
         argv += ["-stream_loop", "-1"] if loop else []
-    options = check_input_options(input_options, f"ffmpeg capture of {spec}")
+    options = check_input_options(input_options, f"ffmpeg capture of {safe_url(spec)}")
     if spec.lower().startswith("rtsp") and url:
         options.setdefault("rtsp_transport", "tcp")
     for name, value in options.items():

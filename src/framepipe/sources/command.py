@@ -10,6 +10,10 @@ Guarantees of one :meth:`CommandSource.frames` session:
   right after it starts.
 * Its stderr is drained concurrently (the child never blocks on a full pipe); the last
   ``stderr_lines`` lines are kept and attached to errors.
+* A URL's secrets (a camera's password, a ``?token=``) are shown nowhere: :meth:`describe`,
+  the logs, the errors and the stderr lines kept and logged show every URL in them by
+  :func:`framepipe.urls.safe_url` (ffmpeg and GStreamer print the input's URL in their
+  errors). The process itself is given the real command.
 * The death of the capture is noticed at once, without polling: the end of stdout is awaited,
   then the exit code, and :class:`~framepipe.errors.CaptureExitedError` is raised with
   ``exit_code`` (negative: killed by that signal) and ``stderr_tail``. Exit code 0 raises too
@@ -47,6 +51,7 @@ from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.pipes import lines
 from framepipe.sources.base import Source, StartedCallback
+from framepipe.urls import safe_text
 
 __all__ = ["CommandSource"]
 
@@ -261,8 +266,9 @@ class CommandSource(Source):
         return proc.pid if proc is not None and proc.returncode is None else None
 
     def describe(self) -> str:
-        """The command line, shortened to 120 characters."""
-        line = shlex.join(self.argv)
+        """The command line with the secrets of every URL in it masked
+        (:func:`framepipe.urls.safe_url`), shortened to 120 characters."""
+        line = shlex.join(safe_text(arg) for arg in self.argv)
         return line if len(line) <= 120 else line[:117] + "..."
 
     async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
@@ -284,7 +290,8 @@ class CommandSource(Source):
             )
         except OSError as exc:
             raise SourceError(
-                f"cannot start capture command {self.describe()}: {exc}", source_id=self.source_id
+                f"cannot start capture command {self.describe()}: {safe_text(str(exc))}",
+                source_id=self.source_id,
             ) from exc
         assert proc.stdout is not None
         assert proc.stderr is not None
@@ -382,7 +389,7 @@ class CommandSource(Source):
 
     async def _drain_stderr(self, stream: asyncio.StreamReader, tail: deque[str]) -> None:
         async for text in lines(stream):
-            if line := text.rstrip():
+            if line := safe_text(text.rstrip()):
                 tail.append(line)
                 self._log.debug("stderr: %s", line)
 
