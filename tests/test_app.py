@@ -307,6 +307,48 @@ def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     assert sources.exit_code == 0 and "station_1" in sources.stdout
 
 
+ODD_NAMES = ("gate/1", "cam-\ud800", "../x", "y" * 300, "y" * 300 + "z", ".", "")
+"""Pipeline names that are no plain file name: a folder, a lone surrogate (not encodable),
+a way out of the previews folder, too long for a file name, two that share 300 characters,
+the current folder, nothing."""
+
+
+def test_pipelines_named_anything_get_their_preview_in_the_previews_folder(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    app = App("site", settings=settings, health_interval=0.05)
+    names = ("cam-ok", *ODD_NAMES)
+    for name in names:
+        app.add_pipeline(StreamPipeline(name, PatternSource("cam", fps=20)))
+
+    async def main() -> None:
+        await app.start()
+        try:
+            await wait_until_async(
+                "every pipeline's first frame",
+                lambda: all(p.latest_frame is not None for p in app.pipelines.values()),
+            )
+        finally:
+            await app.stop()  # writes the last previews; used to raise on 'gate/1'
+
+    asyncio.run(main())
+    assert app.state is SystemState.STOPPED
+    from framepipe.app import preview_dir, preview_file_name, preview_path
+
+    folder = preview_dir(settings, "site")
+    files = {preview_path(settings, "site", name) for name in names}
+    assert len(files) == len(names) and all(f.parent == folder and f.is_file() for f in files)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in files)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["site", "site.json"]
+    assert [preview_file_name(n) for n in ("cam-ok", "cam-2.left", "gate/1", "../x")] == [
+        "cam-ok.jpg",
+        "cam-2.left.jpg",
+        "gate%2F1.jpg",
+        "..%2Fx.jpg",
+    ]
+    assert preview_file_name("cam-\ud800") == "cam-%ED%A0%80.jpg"
+    assert all(len(f.name.encode()) <= 205 for f in files)
+
+
 LIVE_APP = textwrap.dedent("""
     from framepipe.app import App
     from framepipe.sources import PatternSource

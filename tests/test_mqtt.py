@@ -151,6 +151,9 @@ def test_urls_carry_tls_credentials_prefix_and_qos_and_bad_ones_are_named_withou
         ("mqtt://u:hunter2@h/p?retain=1", "unknown parameter"),
         ("mqtt://u:hunter2@:1883/p", "no host"),
         ("mqtt://u:hunter2@h/p?labels=segment", "label:name pairs"),
+        ("mqtt://u:hunter2@h/a%01b", "control character"),
+        ("mqtt://u:hunter2@h/a\udcffb", "lone surrogate"),
+        ("mqtt://u:hunter2@h/p?labels=segment:vis%C2%85itor", "label:name pairs"),
     ]:
         with pytest.raises(ConfigError, match=problem) as caught:
             parse_mqtt_url(url)
@@ -310,6 +313,151 @@ def test_the_urls_labels_rename_a_segmenters_label_and_qos_0_publishes(
         "front door",
         None,
     )
+
+
+def test_every_name_becomes_a_topic_level_a_broker_takes() -> None:
+    from framepipe.mqtt.sink import _level
+
+    assert _level("front door/1+#") == "front_door_1__"
+    assert _level("") == "_"
+    unfit = "\0\x01\x1f\x7f\x85\x9f\ud800\udcff\ufdd0\ufdef\ufffe\uffff\U0001fffe\U0010ffff"
+    assert _level(f"cam{unfit}") == "cam" + "_" * len(unfit)
+    kept = "caméra-1.ü_\u00a0x\ufffd\U0001f600"  # NBSP is whitespace: made '_'
+    assert _level(kept) == "caméra-1.ü__x\ufffd\U0001f600"
+    _level(kept + unfit).encode("utf-8")  # strict UTF-8: no surrogate left
+
+
+BAD_NAMES = ("s-\udcff", "c-\x01", "n-\uffff", "c1-\x9b")
+"""A lone surrogate (paho cannot encode it), C0 and C1 controls and a non-character (Mosquitto
+drops a client that publishes them)."""
+
+
+def test_pipeline_names_no_topic_may_hold_never_stop_the_apps_other_messages(
+    broker: tuple[str, int], tmp_path: Path
+) -> None:
+    host, port = broker
+    prefix = unique_prefix("names")
+
+    async def main() -> tuple[Subscriber, MqttEventSink, dict[str, bytes]]:
+        sub = Subscriber(host, port, f"{prefix}/#")
+        async with sub.connected():
+            app = App("names", settings=Settings(home=tmp_path))
+            for name in ("cam-a", *BAD_NAMES):
+                app.add_pipeline(StreamPipeline(name, PatternSource(name, fps=10)))
+            sink = MqttEventSink(
+                f"mqtt://{host}:{port}/{prefix}", backoff=Backoff(0.05, 2, 0.2, 0)
+            ).attach(app)
+            await app.start()
+            try:
+                await wait_until_async(
+                    "every pipeline's health on MQTT",
+                    lambda: len({t for t, _ in sub.messages if t.endswith("/health")}) == 5,
+                    explain=lambda: (sink.stats(), sorted({t for t, _ in sub.messages})),
+                )
+                app.emit("custom.ping", {"pipeline": "cam-a"})
+                await wait_until_async(
+                    "the ping",
+                    lambda: "custom.ping" in [e["type"] for e in sub.events(prefix)],
+                    explain=sink.stats,
+                )
+            finally:
+                await app.stop()
+                await sink.aclose()
+        state = await retained(host, port, f"{prefix}/+/health", 5)
+        return sub, sink, state
+
+    sub, sink, state = asyncio.run(main())
+    assert sink.connects == 1 and sink.dropped == 0  # never dropped by the broker
+    assert set(state) == {
+        f"{prefix}/{level}/health" for level in ("cam-a", "s-_", "c-_", "n-_", "c1-_")
+    }
+    started = {e["pipeline"] for e in sub.events(prefix) if e["type"] == "pipeline.started"}
+    assert started == {"cam-a", *BAD_NAMES}  # the JSON keeps the names as they are
+    asyncio.run(_clear_retained(host, port, [*state, f"{prefix}/available"]))
+
+
+async def _clear_retained(host: str, port: int, topics: list[str]) -> None:
+    """Leave no retained message of the test on the shared broker."""
+    async with aiomqtt.Client(host, port) as client:
+        for topic in topics:
+            await client.publish(topic, b"", qos=1, retain=True)
+
+
+def test_a_topic_the_client_refuses_is_logged_and_dropped_and_the_events_go_on(
+    broker: tuple[str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pipeline name of 70 000 characters makes a health topic longer than MQTT allows
+    (65 535 bytes): paho refuses it (ValueError), which is no reason to reconnect."""
+    host, port = broker
+    prefix = unique_prefix("refused")
+    long_name = "x" * 70_000
+
+    async def main() -> tuple[Subscriber, MqttEventSink]:
+        sub = Subscriber(host, port, f"{prefix}/#")
+        async with sub.connected():
+            app = App("refused", settings=Settings(home=tmp_path))
+            for name in ("cam-a", long_name):
+                app.add_pipeline(StreamPipeline(name, PatternSource("cam", fps=10)))
+            sink = MqttEventSink(
+                f"mqtt://{host}:{port}/{prefix}", backoff=Backoff(0.05, 2, 0.2, 0)
+            ).attach(app)
+            await app.start()
+            try:
+                app.emit("custom.ping", {"pipeline": "cam-a"})
+                await wait_until_async(
+                    "the ping",
+                    lambda: "custom.ping" in [e["type"] for e in sub.events(prefix)],
+                    explain=lambda: (sink.stats(), caplog.text[-2000:]),
+                )
+                await wait_until_async(
+                    "cam-a's health", lambda: sub.payloads(f"{prefix}/cam-a/health")
+                )
+            finally:
+                await app.stop()
+                await sink.aclose()
+        return sub, sink
+
+    with caplog.at_level(logging.WARNING, logger="framepipe"):
+        sub, sink = asyncio.run(main())
+    assert sink.connects == 1 and sink.dropped == 0
+    refused = [r.getMessage() for r in caplog.records if "not published, dropped" in r.getMessage()]
+    assert refused and all("xxxxxxxx/health" in m for m in refused)
+    assert "pipeline.stopped" in [e["type"] for e in sub.events(prefix)]
+    asyncio.run(_clear_retained(host, port, [f"{prefix}/cam-a/health", f"{prefix}/available"]))
+
+
+def test_app_stop_closes_the_sink_even_when_its_snapshot_cannot_be_written(
+    broker: tuple[str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pipeline named like a folder (its preview), an app whose name is too long for a file
+    name (its snapshot): stop() returns, and the sink it attached publishes 'offline' and is
+    closed."""
+    host, port = broker
+    prefix = unique_prefix("stop")
+    settings = Settings(home=tmp_path, mqtt_url=f"mqtt://{host}:{port}/{prefix}")
+
+    async def main() -> tuple[Subscriber, App]:
+        sub = Subscriber(host, port, f"{prefix}/available")
+        async with sub.connected():
+            app = App("s" * 300, settings=settings, health_interval=0.1)
+            pipeline = app.add_pipeline(StreamPipeline("gate/1", PatternSource("gate", fps=20)))
+            await app.start()
+            try:
+                await wait_until_async("a frame", lambda: pipeline.latest_frame is not None)
+                await wait_until_async("online", lambda: sub.payloads(f"{prefix}/available"))
+            finally:
+                await app.stop()
+            await wait_until_async(
+                "offline", lambda: sub.payloads(f"{prefix}/available")[-1:] == [b"offline"]
+            )
+        return sub, app
+
+    with caplog.at_level(logging.ERROR, logger="framepipe"):
+        sub, app = asyncio.run(main())
+    assert app.mqtt is None and app.state.value == "stopped"
+    assert any("health snapshot not written" in r.getMessage() for r in caplog.records)
+    assert sub.payloads(f"{prefix}/available") == [b"online", b"offline"]
+    asyncio.run(_clear_retained(host, port, [f"{prefix}/available"]))
 
 
 @pytest.mark.slow

@@ -7,13 +7,16 @@ whose source failed for good is restarted after ``restart_cooldown`` seconds, at
 ``max_restart_attempts`` times (auto-recovery), then reported with ``system_error``. Every few
 seconds the app checks performance (``performance_warning`` below ``performance_threshold``)
 and writes a health snapshot that ``framepipe health`` / ``framepipe sources`` read from
-another terminal.
+another terminal, and each pipeline's latest frame as a small JPEG beside it
+(:func:`preview_path`: ``<run>/apps/<app>/<pipeline>.jpg``, the pipeline's name made a safe
+file name by :func:`preview_file_name`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import json
 import os
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import cv2
 
@@ -36,7 +40,15 @@ from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import HealthState
 from framepipe.telemetry import metrics_registry, render
 
-__all__ = ["App", "AppHealth", "SystemState", "preview_dir", "read_snapshots"]
+__all__ = [
+    "App",
+    "AppHealth",
+    "SystemState",
+    "preview_dir",
+    "preview_file_name",
+    "preview_path",
+    "read_snapshots",
+]
 
 Callback = Callable[[str, dict[str, Any]], Any]
 
@@ -307,10 +319,16 @@ class App:
         )
         self._watchers.clear()
         self.state = SystemState.STOPPED
-        self._write_snapshot()
-        if self.mqtt is not None:
-            await self.mqtt.aclose()  # publishes what is queued, then 'offline'
-            self.mqtt = None
+        try:
+            self._write_snapshot()
+        except Exception:  # the snapshot is for other processes: never stops the stop
+            self.log.exception("health snapshot not written")
+        finally:
+            if self.mqtt is not None:
+                try:
+                    await self.mqtt.aclose()  # publishes what is queued, then 'offline'
+                finally:
+                    self.mqtt = None
         self.log.info("app stopped")
 
     async def __aenter__(self) -> App:
@@ -406,29 +424,36 @@ class App:
 
     def _write_previews(self) -> None:
         """The latest frame of each pipeline as a small JPEG beside the snapshot
-        (``<run>/apps/<app>/<pipeline>.jpg``), for dashboards in other processes."""
+        (:func:`preview_path`), for dashboards in other processes; one that cannot be written
+        is logged and the others are written."""
         folder = preview_dir(self.settings, self.name)
         for name, pipeline in self.pipelines.items():
-            frame = pipeline.latest_frame
-            if frame is None or frame is self._previewed.get(name):
-                continue
-            self._previewed[name] = frame
-            captured, planes = frame.captured_jpeg, frame.planes
-            if captured is not None and frame.width <= 640:
-                data = captured  # a captured JPEG small enough is its own preview
-            elif planes is not None and planes.width <= 640:
-                data = planes.to_jpeg(_PREVIEW_QUALITY)  # the decoder's planes: no BGR
-            else:
-                try:
-                    data = _preview_jpeg(frame)
-                except FramepipeError as exc:
-                    self.log.warning("preview of %s not written: %s", name, exc)
-                    continue
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{name}.jpg"
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            try:
+                self._write_preview(folder, name, pipeline)
+            except OSError as exc:
+                self.log.warning("preview of %r not written: %s", name, exc)
+
+    def _write_preview(self, folder: Path, name: str, pipeline: StreamPipeline) -> None:
+        frame = pipeline.latest_frame
+        if frame is None or frame is self._previewed.get(name):
+            return
+        self._previewed[name] = frame
+        captured, planes = frame.captured_jpeg, frame.planes
+        if captured is not None and frame.width <= 640:
+            data = captured  # a captured JPEG small enough is its own preview
+        elif planes is not None and planes.width <= 640:
+            data = planes.to_jpeg(_PREVIEW_QUALITY)  # the decoder's planes: no BGR
+        else:
+            try:
+                data = _preview_jpeg(frame)
+            except FramepipeError as exc:
+                self.log.warning("preview of %r not written: %s", name, exc)
+                return
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / preview_file_name(name)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
 
 _SOURCE_DOWN = frozenset(
@@ -439,6 +464,30 @@ _SOURCE_DOWN = frozenset(
 def preview_dir(settings: Settings, app: str) -> Path:
     """Where an app writes its pipelines' latest-frame previews."""
     return settings.run_dir / "apps" / app
+
+
+def preview_path(settings: Settings, app: str, pipeline: str) -> Path:
+    """The latest-frame preview of ``app``'s pipeline ``pipeline``:
+    ``<run>/apps/<app>/<preview_file_name(pipeline)>``."""
+    return preview_dir(settings, app) / preview_file_name(pipeline)
+
+
+_PREVIEW_NAME_MAX = 200
+
+
+def preview_file_name(pipeline: str) -> str:
+    """The preview's file name for pipeline ``pipeline``: the name percent-quoted as UTF-8
+    (every byte but ASCII letters, digits and ``-_.~`` becomes ``%XX``; a lone surrogate is
+    quoted as the three bytes Python's ``surrogatepass`` gives it), plus ``.jpg``. A plain
+    name (``station_1``, ``cam-2.left``) stays as it is, ``gate/1`` is ``gate%2F1.jpg`` and
+    ``../x`` is ``..%2Fx.jpg``, so the file is always in the previews folder. A quoted name
+    longer than 200 characters is cut to 184 and gets ``~`` and 16 hex digits of its SHA-256
+    (201 characters: longer than any name not cut, so two names never share a file)."""
+    quoted = quote(pipeline.encode("utf-8", "surrogatepass"), safe="-_.~")
+    if len(quoted) > _PREVIEW_NAME_MAX:
+        digest = hashlib.sha256(quoted.encode()).hexdigest()[:16]
+        quoted = f"{quoted[:184]}~{digest}"
+    return f"{quoted}.jpg"
 
 
 def read_snapshots(settings: Settings) -> list[dict[str, Any]]:

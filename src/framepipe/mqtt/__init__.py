@@ -31,6 +31,10 @@ Guarantees:
   reconnects with backoff for as long as the sink is open, then publishes ``online``, every
   retained count and health again (a broker restarted without persistence gets them back) and
   what queued meanwhile.
+* Camera and label names become valid topic levels (``/``, ``+``, ``#``, whitespace, control
+  characters, lone surrogates and Unicode non-characters are made ``_``), so no name gets the
+  sink disconnected; a message the client refuses for itself (not for the connection) is
+  logged and dropped, never holding up the others.
 * :meth:`MqttEventSink.aclose` publishes what is queued (bounded by ``timeout``), then
   ``offline``, and disconnects; what could not be published is counted in ``dropped``.
 * The password never appears in logs or errors (:func:`safe_url`).

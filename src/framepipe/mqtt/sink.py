@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
-from framepipe.mqtt.urls import parse_mqtt_url
+from framepipe.mqtt.urls import parse_mqtt_url, unfit_in_topic
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -36,9 +36,11 @@ _HEALTH_EVENTS = ("source.", "pipeline.", "stage.crashed", "system_error", "perf
 
 
 def _level(name: object) -> str:
-    """``name`` as one topic level: '/', '+', '#', NUL and whitespace become '_'."""
+    """``name`` as one valid topic level: '/', '+', '#', whitespace and what no topic may hold
+    (:func:`~framepipe.mqtt.urls.unfit_in_topic`: controls, lone surrogates, non-characters)
+    become '_'; an empty name is '_'."""
     text = str(name) or "_"
-    return "".join("_" if c in "/+#\0" or c.isspace() else c for c in text)
+    return "".join("_" if c in "/+#" or c.isspace() or unfit_in_topic(c) else c for c in text)
 
 
 def _json(value: Any) -> bytes:
@@ -340,7 +342,8 @@ class MqttEventSink:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Publish until the sink is closed and empty; raises ``MqttError`` on a lost
-        connection (noticed at once through the client's message iterator)."""
+        connection (noticed at once through the client's message iterator, also while a
+        publish waits for its acknowledgement)."""
         assert self._wake is not None
         lost = asyncio.create_task(_until_disconnected(client))
         health_at = time.monotonic() + self.health_interval
@@ -349,7 +352,7 @@ class MqttEventSink:
                 if self._health_due or time.monotonic() >= health_at:
                     health_at = time.monotonic() + self.health_interval
                     self._refresh_health()
-                await self._flush(client)
+                await self._flush(client, lost)
                 self._wake.clear()
                 if self._pending or self._dirty or self._health_due:
                     continue
@@ -371,26 +374,74 @@ class MqttEventSink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await lost
 
-    async def _flush(self, client: aiomqtt.Client) -> None:
-        qos = self.target.qos
+    async def _flush(self, client: aiomqtt.Client, lost: asyncio.Task[None]) -> None:
+        """Publish the retained topics that changed, then the queued events. A lost connection
+        puts the message back and raises; a message the client refuses (an error that is not
+        the connection's: a topic or payload it cannot send) is logged and dropped, so it
+        never holds up the others."""
         while self._dirty:
             topic = self._dirty.pop()
             try:
-                await client.publish(topic, self._retained[topic], qos, True)
+                await self._publish(client, lost, topic, self._retained[topic], retain=True)
+            except Exception as exc:
+                if self._connection_error(exc):
+                    self._dirty.add(topic)
+                    raise
+                self._retained.pop(topic, None)
+                self._log.error("retained topic %r not published, dropped: %r", topic, exc)
             except BaseException:
                 self._dirty.add(topic)
                 raise
         while self._pending:
             item = self._pending.popleft()
             try:
-                await client.publish(item[0], item[1], qos, False)
+                await self._publish(client, lost, item[0], item[1], retain=False)
+            except Exception as exc:
+                if self._connection_error(exc):
+                    self._requeue(item)
+                    raise
+                self.dropped += 1
+                self._log.error("event on %r not published, dropped: %r", item[0], exc)
+                continue
             except BaseException:
-                if len(self._pending) < self.max_pending:
-                    self._pending.appendleft(item)
-                else:
-                    self.dropped += 1
+                self._requeue(item)
                 raise
             self.published += 1
+
+    def _requeue(self, item: tuple[str, bytes]) -> None:
+        if len(self._pending) < self.max_pending:
+            self._pending.appendleft(item)
+        else:
+            self.dropped += 1
+
+    def _connection_error(self, exc: Exception) -> bool:
+        """The connection's fault (retried after reconnecting), not the message's."""
+        return isinstance(exc, self._aiomqtt.MqttError | OSError)
+
+    async def _publish(
+        self,
+        client: aiomqtt.Client,
+        lost: asyncio.Task[None],
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool,
+    ) -> None:
+        """One publish, given up with the connection's ``MqttError`` as soon as the connection
+        is lost (the client would wait for the acknowledgement until ``publish_timeout``)."""
+        publish = asyncio.ensure_future(client.publish(topic, payload, self.target.qos, retain))
+        try:
+            await asyncio.wait({publish, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not publish.done():
+                publish.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await publish
+        if publish.done() and not publish.cancelled():
+            publish.result()  # raises the publish's own error
+            return
+        lost.result()  # raises the client's MqttError
+        raise self._aiomqtt.MqttError("connection lost while publishing")
 
     # -- closing --------------------------------------------------------------------------------
 

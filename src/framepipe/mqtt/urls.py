@@ -9,7 +9,24 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from framepipe.errors import ConfigError
 from framepipe.urls import safe_url
 
-__all__ = ["MqttTarget", "parse_mqtt_url"]
+__all__ = ["MqttTarget", "parse_mqtt_url", "unfit_in_topic"]
+
+
+def unfit_in_topic(char: str) -> bool:
+    """Whether ``char`` may not appear in an MQTT topic as the brokers check it (MQTT 3.1.1
+    and 5, section 1.5.3; Mosquitto drops a client that sends one): NUL and the other C0
+    and C1 controls (U+0000-U+001F, U+007F-U+009F), a lone surrogate (U+D800-U+DFFF: not
+    encodable as UTF-8) and the Unicode non-characters (U+FDD0-U+FDEF and U+xFFFE, U+xFFFF
+    in every plane)."""
+    code = ord(char)
+    return (
+        code <= 0x1F
+        or 0x7F <= code <= 0x9F
+        or 0xD800 <= code <= 0xDFFF
+        or 0xFDD0 <= code <= 0xFDEF
+        or code & 0xFFFE == 0xFFFE
+    )
+
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
@@ -48,10 +65,10 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     if not parts.hostname:
         raise ConfigError(f"MQTT URL {shown!r}: no host")
     prefix = unquote(parts.path).strip("/") or "framepipe"
-    if any(c in prefix for c in "+#\0") or "//" in prefix:
+    if any(c in "+#" or unfit_in_topic(c) for c in prefix) or "//" in prefix:
         raise ConfigError(
             f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
-            "NUL or an empty level"
+            "an empty level, a control character, a lone surrogate or a Unicode non-character"
         )
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
@@ -63,7 +80,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     labels = []
     for pair in filter(None, query.get("labels", "").split(",")):
         label, _, name = pair.partition(":")
-        if not label or not name or any(c in name for c in "/+#\0"):
+        if not label or not name or any(c in "/+#" or unfit_in_topic(c) for c in name):
             raise ConfigError(
                 f"MQTT URL {shown!r}: labels must be label:name pairs separated by commas "
                 f"(names without '/', '+', '#'), not {pair!r}"
