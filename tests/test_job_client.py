@@ -143,6 +143,28 @@ def test_submit_wait_get_list_and_page_events(mode: Mode) -> None:
     mode.run(work)
 
 
+def test_an_id_or_prefix_in_upper_case_names_the_execution_on_every_backend(mode: Mode) -> None:
+    """Ids are lower-case hex; one given in upper case (a prefix or the whole id) finds the
+    execution on PostgreSQL as on SQLite, whose LIKE alone ignored case (found in review)."""
+
+    async def work(client: JobClient) -> None:
+        execution_id = await client.submit(wp.fanout, mode.inputs(n=1))
+        upper = execution_id.upper()
+        info = await client.wait(upper[:8])
+        assert info.id == execution_id
+        assert (await client.get(upper)).id == execution_id
+        assert (await client.get(upper[:6], with_steps=False)).id == execution_id
+        assert [e.id async for e in client.watch(upper[:10])] == [
+            e.id for e in await client.events(execution_id, limit=1000)
+        ]
+        with pytest.raises(ExecutionStateError, match="already completed"):
+            await client.cancel(upper[:8])
+        with pytest.raises(ExecutionNotFoundError, match="no execution 'FEEDBEEF'"):
+            await client.get("FEEDBEEF")
+
+    mode.run(work)
+
+
 def test_a_failure_raises_or_returns_and_retry_resumes_from_it(mode: Mode) -> None:
     """wk_chain fails at ``gated`` (its gate file is missing); the retry runs ``gated`` alone."""
 

@@ -195,11 +195,14 @@ def upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, A
 
 
 def find_execution(store: StateStore, id_or_prefix: str) -> str:
-    """The full id of the execution whose id is or starts with ``id_or_prefix``."""
+    """The full id of the execution whose id is or starts with ``id_or_prefix``, in any case:
+    ids are lower-case hex, and the argument is lower-cased, so a prefix matches alike on
+    SQLite (whose LIKE ignores case) and PostgreSQL (whose LIKE does not)."""
+    wanted = id_or_prefix.lower()
     with store.read() as conn:
-        if conn.execute(sa.select(executions.c.id).where(executions.c.id == id_or_prefix)).first():
-            return id_or_prefix
-        if len(id_or_prefix) < 4:
+        if conn.execute(sa.select(executions.c.id).where(executions.c.id == wanted)).first():
+            return wanted
+        if len(wanted) < 4:
             raise ExecutionNotFoundError(
                 f"no execution {id_or_prefix!r} (give at least 4 characters of its id)",
                 execution_id=id_or_prefix,
@@ -207,7 +210,7 @@ def find_execution(store: StateStore, id_or_prefix: str) -> str:
         found = (
             conn.execute(
                 sa.select(executions.c.id)
-                .where(executions.c.id.startswith(id_or_prefix, autoescape=True))
+                .where(executions.c.id.startswith(wanted, autoescape=True))
                 .limit(2)
             )
             .scalars()
