@@ -27,7 +27,12 @@ from framepipe.backends.objects import (
     open_object_store,
     validate_key,
 )
-from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
+from framepipe.errors import (
+    InvalidKeyError,
+    ObjectKeyConflictError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+)
 
 
 @pytest.fixture
@@ -74,11 +79,20 @@ def test_stat_is_the_file_and_delete_prunes_folders(store: LocalObjectStore) -> 
     assert store.root.is_dir()  # but never the root
 
 
-def test_conflicting_keys_raise_store_error(store: LocalObjectStore) -> None:
+def test_conflicting_keys_are_refused_naming_the_key(store: LocalObjectStore) -> None:
+    """A folder store cannot hold ``a/b`` while ``a`` is an object, nor ``d`` while ``d/x``
+    exists: both are refused as a conflict naming the key (the client's to fix, not a failure
+    of the store), and nothing is left behind or changed."""
     store.put("a", b"file")
-    with pytest.raises(ObjectStoreError, match="'a/b'"):
+    with pytest.raises(ObjectKeyConflictError, match="'a/b'") as under:
         store.put("a/b", b"under a file")
-    assert not [p for p in store.root.iterdir() if p.name.startswith(".tmp-")]
+    assert under.value.key == "a/b"
+    assert str(store.root) not in str(under.value)
+    store.put("d/x", b"inside")
+    with pytest.raises(ObjectKeyConflictError, match="other keys are stored under 'd/'"):
+        store.put("d", b"over a folder")
+    assert store.get("a") == b"file" and store.get("d/x") == b"inside"
+    assert not [p for p in store.root.rglob(".tmp-*")]
 
 
 def test_list_excludes_temp_files(store: LocalObjectStore) -> None:

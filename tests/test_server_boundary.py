@@ -371,6 +371,26 @@ def test_a_failing_object_store_is_a_500_naming_the_key_never_the_servers_path(
     assert any("snaps/loop.jpg" in m for m in _errors(caplog))
 
 
+def test_an_upload_whose_key_conflicts_with_the_stores_folders_is_a_409(tmp_path: Path) -> None:
+    """The local store keeps keys as folders and files: ``f/g`` while ``f`` is an object, or
+    ``d`` while ``d/x`` exists, is the client's conflict (409 naming the key), not a failure
+    of the server (500), and nothing stored before changes."""
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'state.db'}")
+    with (
+        Server(settings, pipelines=()) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
+        assert client.put("/api/objects/f", content=b"1").status_code == 201
+        assert client.put("/api/objects/d/x", content=b"2").status_code == 201
+        for key in ("f/g", "d"):
+            answer = client.put(f"/api/objects/{key}", content=b"3")
+            assert answer.status_code == 409, (key, answer.text)
+            detail = answer.json()["detail"]
+            assert f"'{key}'" in detail and str(tmp_path) not in detail, detail
+        assert client.get("/api/objects/f").content == b"1"
+        assert client.get("/api/objects/d/x").content == b"2"
+
+
 # -- tokens in the log ---------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@
     │   └── SchemaVersionError
     ├── ObjectStoreError             the object store
     │   ├── InvalidKeyError
+    │   ├── ObjectKeyConflictError   a key nests under an object, or names a folder of keys
     │   └── ObjectNotFoundError
     ├── ProcessorRegistryError       remote processors registered on Redis (the fleet)
     │   ├── RegistryConnectionError  Redis cannot be reached; names the URL
@@ -80,6 +81,7 @@ __all__ = [
     "ModelTimeoutError",
     "NoCapacityError",
     "NoProcessorError",
+    "ObjectKeyConflictError",
     "ObjectNotFoundError",
     "ObjectStoreError",
     "PathNotAllowedError",
@@ -315,6 +317,16 @@ class ObjectStoreError(FramepipeError):
 
 class InvalidKeyError(ObjectStoreError, ValueError):
     """An object key is empty, absolute, or would escape the store (``..``)."""
+
+
+class ObjectKeyConflictError(ObjectStoreError):
+    """A store kept in folders (the local one) cannot hold an object at ``a/b`` while ``a`` is
+    an object, nor one at ``a`` while keys ``a/...`` exist: the key is refused (``key``).
+    S3 keys are flat and hold both."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        self.key = key
+        super().__init__(message)
 
 
 class ObjectNotFoundError(ObjectStoreError, KeyError):

@@ -22,6 +22,7 @@ from framepipe.errors import (
     InvalidInputError,
     InvalidKeyError,
     MissingDependencyError,
+    ObjectKeyConflictError,
     ObjectNotFoundError,
     ObjectStoreError,
     PipelineDefinitionError,
@@ -59,6 +60,8 @@ async def _framepipe_error(request: Request, exc: FramepipeError) -> Response:
     if isinstance(exc, ObjectNotFoundError):
         detail = f"no object {exc.key!r}" if exc.key is not None else "no such object"
         return SafeJSONResponse({"detail": detail}, status_code=404)
+    if isinstance(exc, ObjectKeyConflictError):
+        return SafeJSONResponse({"detail": str(exc)}, status_code=409)
     if isinstance(exc, ObjectStoreError) and not isinstance(exc, InvalidKeyError):
         # Reached only where no route named the key (see object_store_errors).
         _log.error("object store error: %s", exc)

@@ -1,9 +1,9 @@
 """An object store's own failures, as routes answer them: :func:`object_store_errors`.
 
-Guarantee: a failure of the store itself (not a bad key, not a missing object: those are the
-client's, answered 400 and 404 by the service's error handlers) is a 500 whose detail names the
-key and never the store's message, which may show the server's paths or the store's endpoint;
-that message goes to the log only.
+Guarantee: a failure of the store itself (not a bad key, not a missing object, not a key that
+conflicts with the store's folders: those are the client's, answered 400, 404 and 409) is a
+500 whose detail names the key and never the store's message, which may show the server's
+paths or the store's endpoint; that message goes to the log only.
 """
 
 from collections.abc import Iterator
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from framepipe.errors import (
     InvalidKeyError,
     MissingDependencyError,
+    ObjectKeyConflictError,
     ObjectNotFoundError,
     ObjectStoreError,
 )
@@ -45,6 +46,8 @@ def object_store_errors(action: str, key: str) -> Iterator[None]:
         yield
     except (InvalidKeyError, ObjectNotFoundError):
         raise
+    except ObjectKeyConflictError as exc:  # the client's: its message names only the key
+        raise StarletteHTTPException(409, str(exc)) from None
     except ObjectStoreError as exc:
         _log.error("object store error (%s %r): %s", action, key, exc)
         raise StarletteHTTPException(500, store_failure_detail(action, key)) from exc

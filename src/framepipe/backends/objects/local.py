@@ -50,7 +50,7 @@ from typing import IO, TypeVar
 
 from framepipe.backends.objects.base import TEMP_PREFIX, ObjectInfo, ObjectStore
 from framepipe.confined import LinkRefusedError, open_dir_beneath
-from framepipe.errors import InvalidKeyError, ObjectStoreError
+from framepipe.errors import InvalidKeyError, ObjectKeyConflictError, ObjectStoreError
 
 __all__ = ["LocalObjectStore"]
 
@@ -332,6 +332,12 @@ class LocalObjectStore(ObjectStore):
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=folder.fd)
+            if isinstance(exc, IsADirectoryError):
+                raise ObjectKeyConflictError(
+                    f"cannot store {key!r}: other keys are stored under {key + '/'!r}, and a "
+                    "key cannot be both an object and a folder of keys in this store",
+                    key=key,
+                ) from None
             if isinstance(exc, OSError):
                 raise self._error("write", key, exc) from exc
             raise
@@ -355,6 +361,12 @@ class LocalObjectStore(ObjectStore):
             except OSError as exc:
                 if folder is not None:
                     folder.close()
+                if isinstance(exc, NotADirectoryError):
+                    raise ObjectKeyConflictError(
+                        f"cannot store {key!r}: a part of its path is an object, and an object "
+                        "cannot also hold other keys in this store",
+                        key=key,
+                    ) from None
                 raise self._error("write", key, exc) from exc
         raise AssertionError("unreachable")
 
