@@ -209,6 +209,22 @@ def test_bad_requests_say_what_is_wrong_and_create_nothing(server: Server) -> No
         assert client.get("/api/executions").json() == []  # nothing half-created
 
 
+def test_events_after_an_id_beyond_the_column_are_an_empty_page(server: Server) -> None:
+    """``after`` may be up to 2**62; past the largest id the column holds (2**31 - 1 on
+    PostgreSQL) there is nothing after it, not a 503 "integer out of range" (found in review)."""
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        created = client.post("/api/executions", json={"pipeline": "svc_demo"})
+        execution_id = created.json()["id"]
+        wait_status(client, execution_id)
+        newest = client.get("/api/events", params={"limit": 1000}).json()["next"]
+        assert newest > 0
+        for after in (2**31 - 1, 2**31, 2**62):
+            for params in ({"after": after}, {"after": after, "execution_id": execution_id}):
+                page = client.get("/api/events", params=params)
+                assert page.status_code == 200, (params, page.text)
+                assert page.json() == {"events": [], "next": after}
+
+
 def test_objects_upload_download_limits_and_keys(server: Server) -> None:
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
         put = client.put("/api/objects/frames/cam1/0001.jpg", content=b"\xff\xd8jpeg")
