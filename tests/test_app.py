@@ -307,6 +307,50 @@ def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     assert sources.exit_code == 0 and "station_1" in sources.stdout
 
 
+def test_a_pipeline_removed_then_added_again_under_its_name_starts_afresh(tmp_path: Path) -> None:
+    """A camera re-provisioned under the same name after it was paused and removed: it is not
+    reported 'stopped' while it runs, its being down makes the app degraded, and the
+    recoveries of the one removed are not counted against it."""
+    app = App(
+        "site",
+        settings=Settings(home=tmp_path),
+        health_interval=0.05,
+        restart_cooldown=0.05,
+        max_restart_attempts=5,
+    )
+    app.add_pipeline(StreamPipeline("cam-2", PatternSource("cam-2", fps=20)))
+    app.add_pipeline(StreamPipeline("cam-1", PatternSource("cam-1", fps=20)))
+
+    def down(max_restarts: int | None) -> StreamPipeline:
+        return StreamPipeline(
+            "cam-1", CommandSource(["false"], "cam-1"), backoff=FAST, max_restarts=max_restarts
+        )
+
+    async def main() -> None:
+        await app.start()
+        try:
+            await wait_until_async("cam-1's preview", lambda: "cam-1" in app._previewed)
+            await app.pause("cam-1")
+            await app.remove("cam-1")
+            assert "cam-1" not in app.paused and "cam-1" not in app._previewed
+            again = await app.add(down(None))  # its camera is down: it backs off for ever
+            await wait_until_async(
+                "the app degraded by the re-added camera",
+                lambda: app.health().state is SystemState.DEGRADED,
+                explain=lambda: (again.state, app.health().pipeline_status["cam-1"]["state"]),
+            )
+            assert app.health().pipeline_status["cam-1"]["state"] == again.state.value != "stopped"
+            await app.remove("cam-1")
+            await app.add(down(0))  # fails at once: recovered, counted
+            await wait_until_async("a recovery", lambda: app.restart_attempts.get("cam-1"))
+            await app.remove("cam-1")
+            assert "cam-1" not in app.restart_attempts and "cam-1" not in app._warned
+        finally:
+            await app.stop()
+
+    asyncio.run(main())
+
+
 ODD_NAMES = ("gate/1", "cam-\ud800", "../x", "y" * 300, "y" * 300 + "z", ".", "")
 """Pipeline names that are no plain file name: a folder, a lone surrogate (not encodable),
 a way out of the previews folder, too long for a file name, two that share 300 characters,

@@ -714,6 +714,77 @@ def test_a_broker_restart_queues_events_without_blocking_and_the_sink_publishes_
     assert list(dict.fromkeys(i for i in new if i in outage)) == outage  # in emission order
 
 
+async def retained_now(port: int, prefix: str) -> dict[str, bytes]:
+    """Every retained message under ``prefix`` on the broker at 127.0.0.1:``port``: the broker
+    sends them on the subscription, before a message published after it."""
+    marker = f"{prefix}/marker-{uuid.uuid4().hex[:8]}"
+    found: dict[str, bytes] = {}
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(f"{prefix}/#", qos=1)
+        await client.publish(marker, b"", qos=1)
+        async with asyncio.timeout(30):
+            async for message in client.messages:
+                if str(message.topic) == marker:
+                    return found
+                assert isinstance(message.payload, bytes)
+                found[str(message.topic)] = message.payload
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.slow
+def test_a_removed_pipeline_s_retained_topics_are_cleared_and_never_republished(
+    mosquitto: PrivateMosquitto, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("removed")
+    port = mosquitto.port
+
+    async def main() -> tuple[dict[str, bytes], dict[str, bytes], MqttEventSink]:
+        app = App("site", settings=Settings(home=tmp_path / "home"))
+        for name in ("cam-a", "cam-b"):
+            app.add_pipeline(
+                StreamPipeline(
+                    name,
+                    PatternSource(name, fps=20),
+                    segmenter=Segmenter(None, timeout=5, label="visitor"),
+                )
+            )
+        sink = MqttEventSink(
+            f"mqtt://127.0.0.1:{port}/{prefix}", backoff=Backoff(0.2, 2.0, 1.0, 0)
+        ).attach(app)
+        await app.start()
+        try:
+            every = {f"{prefix}/{c}/{t}" for c in ("cam-a", "cam-b") for t in ("health", "visitor")}
+            await wait_until_async(
+                "both cameras' retained topics",
+                lambda: every <= set(sink._retained) and not sink._dirty,
+            )
+            await app.remove("cam-b")
+
+            async def cleared() -> dict[str, bytes]:
+                found = await retained_now(port, prefix)
+                return {} if any("cam-b" in topic for topic in found) else found
+
+            after_remove = await wait_until_async(
+                "cam-b's retained topics cleared", cleared, 20, explain=sink.stats
+            )
+            mosquitto.stop()  # persists what is retained; the sink reconnects and republishes
+            await wait_until_async("the sink to notice", lambda: not sink.connected)
+            mosquitto.start()
+            await wait_until_async("reconnected", lambda: sink.connects == 2, 30)
+            await wait_until_async("republished", lambda: not sink._dirty)
+            after_reconnect = await retained_now(port, prefix)
+        finally:
+            await app.stop()
+            await sink.aclose()
+        return after_remove, after_reconnect, sink
+
+    after_remove, after_reconnect, sink = asyncio.run(main())
+    kept = {f"{prefix}/available", f"{prefix}/cam-a/health", f"{prefix}/cam-a/visitor"}
+    assert set(after_remove) == kept
+    assert set(after_reconnect) == kept
+    assert not any("cam-b" in topic for topic in sink._retained)
+
+
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
     need_modules("cryptography", install="pip install cryptography")

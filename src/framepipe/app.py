@@ -129,8 +129,9 @@ class App:
     def on(self, event: str, callback: Callback) -> Callable[[], None]:
         """Call ``callback(event, data)`` (sync or async) on ``event`` (``"*"`` for all):
         ``segment.completed``, ``segment.started``, ``source.started|died|stalled|restarting|
-        failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered``,
-        ``system_error``, ``performance_warning``. Returns a function that unregisters it."""
+        failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered|paused|
+        resumed|removed``, ``system_error``, ``performance_warning``. Returns a function that
+        unregisters it."""
         self._callbacks.setdefault(event, []).append(callback)
 
         def remove() -> None:
@@ -182,12 +183,20 @@ class App:
         return pipeline
 
     async def remove(self, name: str) -> None:
-        """Stop and remove one pipeline; the others keep running."""
+        """Stop and remove one pipeline, then emit ``pipeline.removed`` (its last event: the
+        MQTT sink clears its retained topics); the others keep running. Everything the app
+        kept about it (paused, its recoveries, its performance warning, its last preview
+        frame) is forgotten: a pipeline added later under the same name starts afresh."""
         pipeline = self.pipelines.pop(name)
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
             watcher.cancel()
+        self.paused.discard(name)
+        self.restart_attempts.pop(name, None)
+        self._warned.discard(name)
+        self._previewed.pop(name, None)
         await pipeline.stop()
+        self.emit("pipeline.removed", {"pipeline": name})
 
     async def pause(self, name: str) -> None:
         """Stop one pipeline and keep it (state ``stopped``, not recovered) until

@@ -16,6 +16,8 @@ publishes under the URL's path, the topic prefix (default ``framepipe``):
   ``last_error``, ``updated_at``), published when the state or the score's first decimal
   changes (checked every ``health_interval`` seconds and at once on source and pipeline
   events). Needs :meth:`MqttEventSink.attach`.
+* On ``pipeline.removed`` (:meth:`App.remove <framepipe.app.App.remove>`) the pipeline's count
+  and health topics are cleared (an empty retained message) and not published again.
 * ``<prefix>/available``: ``online`` (retained) on each connection, ``offline`` on a clean
   :meth:`~MqttEventSink.aclose` and, as the last will, when the process dies or loses the
   broker.

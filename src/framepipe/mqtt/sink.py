@@ -105,6 +105,10 @@ class MqttEventSink:
         self._pending: deque[tuple[str, bytes]] = deque()
         self._retained: dict[str, bytes] = {}
         self._dirty: set[str] = set()
+        self._topics: dict[str, set[str]] = {}
+        """Each camera's retained topics (counts, health), to clear when it is removed."""
+        self._cleared: set[str] = set()
+        """Retained topics to clear on the broker (an empty retained message)."""
         self._open: dict[str, dict[str, dict[str, Any]]] = {}
         self._health_key: dict[str, tuple[Any, ...]] = {}
         self._health_due = False
@@ -231,6 +235,8 @@ class MqttEventSink:
             segments = self._open.pop(cam, {})
             for label in {s["label"] for s in segments.values()}:
                 self._set_count(cam, label)
+        elif event == "pipeline.removed":
+            self._forget(cam)
         return message
 
     def _segment(
@@ -256,12 +262,26 @@ class MqttEventSink:
 
     def _set_count(self, camera: str, label: str) -> None:
         count = sum(1 for s in self._open.get(camera, {}).values() if s["label"] == label)
-        self._retain(f"{self.prefix}/{_level(camera)}/{_level(label)}", str(count).encode())
+        self._retain(camera, f"{self.prefix}/{_level(camera)}/{_level(label)}", str(count).encode())
 
-    def _retain(self, topic: str, payload: bytes) -> None:
+    def _retain(self, camera: str, topic: str, payload: bytes) -> None:
+        self._topics.setdefault(camera, set()).add(topic)
+        self._cleared.discard(topic)
         if self._retained.get(topic) != payload:
             self._retained[topic] = payload
             self._dirty.add(topic)
+
+    def _forget(self, camera: str) -> None:
+        """A removed pipeline: clear its retained topics on the broker and republish them
+        never again (a topic another camera's name shares is kept)."""
+        topics = self._topics.pop(camera, set())
+        kept = set().union(*self._topics.values())
+        for topic in topics - kept:
+            self._retained.pop(topic, None)
+            self._dirty.discard(topic)
+            self._cleared.add(topic)
+        self._health_key.pop(camera, None)
+        self._open.pop(camera, None)
 
     def _refresh_health(self) -> None:
         self._health_due = False
@@ -276,6 +296,7 @@ class MqttEventSink:
                 continue
             self._health_key[name] = key
             self._retain(
+                name,
                 f"{self.prefix}/{_level(name)}/health",
                 _json(
                     {
@@ -354,7 +375,7 @@ class MqttEventSink:
                     self._refresh_health()
                 await self._flush(client, lost)
                 self._wake.clear()
-                if self._pending or self._dirty or self._health_due:
+                if self._pending or self._dirty or self._cleared or self._health_due:
                     continue
                 if self._closed:
                     return
@@ -375,10 +396,22 @@ class MqttEventSink:
                 await lost
 
     async def _flush(self, client: aiomqtt.Client, lost: asyncio.Task[None]) -> None:
-        """Publish the retained topics that changed, then the queued events. A lost connection
-        puts the message back and raises; a message the client refuses (an error that is not
-        the connection's: a topic or payload it cannot send) is logged and dropped, so it
-        never holds up the others."""
+        """Clear the retained topics of removed pipelines, publish the retained topics that
+        changed, then the queued events. A lost connection puts the message back and raises; a
+        message the client refuses (an error that is not the connection's: a topic or payload
+        it cannot send) is logged and dropped, so it never holds up the others."""
+        while self._cleared:
+            topic = self._cleared.pop()
+            try:
+                await self._publish(client, lost, topic, b"", retain=True)
+            except Exception as exc:
+                if self._connection_error(exc):
+                    self._cleared.add(topic)
+                    raise
+                self._log.error("retained topic %r not cleared: %r", topic, exc)
+            except BaseException:
+                self._cleared.add(topic)
+                raise
         while self._dirty:
             topic = self._dirty.pop()
             try:
