@@ -50,6 +50,17 @@ def gate(ctx: StepContext) -> dict[str, Any]:
     return {"passed": True}
 
 
+held = Pipeline("svc_held")
+
+
+@held.step()
+def hold(ctx: StepContext) -> dict[str, Any]:
+    """Waits for the file ``release`` (the test's go-ahead), then reports progress."""
+    wait_until("the release file", Path(ctx.inputs["release"]).exists, 60, interval=0.02)
+    ctx.progress(50.0, "released")
+    return {"held": True}
+
+
 class Server:
     """uvicorn serving the app in a thread of this process, on a free loopback port."""
 
@@ -282,6 +293,50 @@ def test_websocket_sends_the_state_then_live_progress(server: Server) -> None:
     assert progress == sorted(progress)
     assert [e["type"] for e in seen][-1] == "execution.completed"
     assert all(e["execution_id"] == snapshot["execution"]["id"] for e in seen)
+
+
+def test_websocket_of_an_id_prefix_gets_the_live_events(settings: Settings, tmp_path: Path) -> None:
+    """``/ws?execution_id=`` with a prefix of the id (also in upper case) gets the snapshot
+    and then the execution's events, as with the full id: the feed matches full ids, so the
+    prefix is resolved before subscribing (it got the snapshot and never an event; found in
+    review)."""
+    release = tmp_path / "release"
+
+    async def listen(port: int, ident: str, ready: asyncio.Event) -> tuple[str, list[str]]:
+        url = f"ws://127.0.0.1:{port}/ws?execution_id={ident}&token={TOKEN}"
+        async with websockets.connect(url) as ws:
+            snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert snapshot["type"] == "snapshot", snapshot
+            ready.set()
+            seen: list[str] = []
+            while not seen or seen[-1] != "execution.completed":
+                message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                if message["type"] == "event":
+                    assert message["event"]["execution_id"] == snapshot["execution"]["id"]
+                    seen.append(message["event"]["type"])
+            return snapshot["execution"]["id"], seen
+
+    async def scenario(port: int) -> tuple[str, list[tuple[str, list[str]]]]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as c:
+            created = await c.post(
+                "/api/executions",
+                json={"pipeline": "svc_held", "inputs": {"release": str(release)}},
+            )
+            execution_id = created.json()["id"]
+        idents = [execution_id, execution_id[:8], execution_id[:6].upper()]
+        ready = [asyncio.Event() for _ in idents]
+        listeners = [
+            asyncio.create_task(listen(port, i, r)) for i, r in zip(idents, ready, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 20)
+        release.touch()
+        return execution_id, list(await asyncio.gather(*listeners))
+
+    with Server(settings, pipelines=(demo, held)) as server:
+        execution_id, heard = asyncio.run(scenario(server.port))
+    for ident, seen in heard:  # what came after the release (each subscribed before it)
+        assert ident == execution_id
+        assert seen[-3:] == ["step.progress", "step.completed", "execution.completed"]
 
 
 def test_websocket_refuses_a_missing_token(server: Server) -> None:

@@ -3,12 +3,14 @@
 Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008);
 a subscriber gets the current state first (``snapshot``), then every event committed after
 it, in order; one that falls too far behind is told so (``lagged``) and closed, to reconnect.
-A step's progress or completion, and an execution's completion, are also summed up as
-``pipeline:progress``, whose execution progress never decreases within one socket. When the
-snapshot cannot be made the subscriber gets an ``error`` message and a close frame: 1008 when
-the request is at fault (an ``execution_id`` that cannot be an id, checked as over HTTP by
-:mod:`framepipe.server.params`, or that names no execution), 1011 when the server is (the
-state database failed; logged), never a dropped connection.
+``?execution_id=`` takes an id or a unique prefix of one, in any case, as the HTTP routes do
+(resolved to the full id before subscribing). A step's progress or completion, and an
+execution's completion, are also summed up as ``pipeline:progress``, whose execution progress
+never decreases within one socket. When the snapshot cannot be made the subscriber gets an
+``error`` message and a close frame: 1008 when the request is at fault (an ``execution_id``
+that cannot be an id, checked as over HTTP by :mod:`framepipe.server.params`, or that names
+no execution), 1011 when the server is (the state database failed; logged), never a dropped
+connection.
 """
 
 import asyncio
@@ -91,6 +93,15 @@ def _id_problem(execution_id: str | None) -> InvalidInputError | None:
     return None
 
 
+async def _full_id(service: ServiceState, execution_id: str | None) -> str | None:
+    """The full id of the execution ``execution_id`` names (an id or a unique prefix, any
+    case), or None for all: the feed matches events by full id, so a socket subscribed with a
+    prefix would get its snapshot and never an event."""
+    if execution_id is None:
+        return None
+    return (await service.jobs.get(execution_id, with_steps=False)).id
+
+
 async def _snapshot(service: ServiceState, execution_id: str | None) -> dict[str, Any]:
     """What a subscriber gets first: its execution, or the newest 50 (summed up)."""
     if execution_id is None:
@@ -125,6 +136,11 @@ async def live(
     problem = _id_problem(execution_id)
     if problem is not None:
         await _refuse(websocket, service, problem)
+        return
+    try:
+        execution_id = await _full_id(service, execution_id)
+    except FramepipeError as exc:
+        await _refuse(websocket, service, exc)
         return
     feed = service.feed
     async with feed.subscribe(execution_id) as stream:
