@@ -351,6 +351,30 @@ def test_a_pipeline_removed_then_added_again_under_its_name_starts_afresh(tmp_pa
     asyncio.run(main())
 
 
+def test_resume_while_the_app_is_stopped_starts_nothing_that_stop_would_miss(
+    tmp_path: Path,
+) -> None:
+    app = App("site", settings=Settings(home=tmp_path))
+    pipeline = app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
+
+    async def main() -> None:
+        await app.start()
+        await app.pause("cam")
+        await app.stop()
+        await app.resume("cam")
+        try:
+            assert not pipeline.running and pipeline.state is HealthState.STOPPED
+            assert "cam" not in app.paused
+            await app.start()  # starts it with the others
+            await wait_until_async("frames", lambda: pipeline.frames_captured > 0)
+        finally:
+            await app.stop()
+            await pipeline.stop()  # the capture the bug left running
+        assert not pipeline.running
+
+    asyncio.run(main())
+
+
 ODD_NAMES = ("gate/1", "cam-\ud800", "../x", "y" * 300, "y" * 300 + "z", ".", "")
 """Pipeline names that are no plain file name: a folder, a lone surrogate (not encodable),
 a way out of the previews folder, too long for a file name, two that share 300 characters,

@@ -168,7 +168,7 @@ class App:
             raise ValueError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
         self.pipelines[pipeline.name] = pipeline
         pipeline.on_event(self.emit)
-        if self.state in (SystemState.RUNNING, SystemState.DEGRADED, SystemState.STARTING):
+        if self.state in _RUNNING:
             await self._start_one(pipeline)
         return pipeline
 
@@ -213,8 +213,18 @@ class App:
         """Start a paused pipeline again (its source restarts; counters go on), or one whose
         recovery gave up (failed and no longer watched: an operator fixed its camera), with
         its recoveries forgotten, so auto-recovery has ``max_restart_attempts`` again. A
-        pipeline that runs, or is being recovered, is left as it is."""
+        pipeline that runs, or is being recovered, is left as it is. While the app is not
+        running (stopped, or stopping) nothing starts: the pause is forgotten and
+        :meth:`start` starts the pipeline with the others."""
         pipeline = self.pipelines[name]
+        if self._stopping or self.state not in _RUNNING:
+            self.paused.discard(name)
+            self.log.warning(
+                "resume(%r) while the app is %s: not started now (start() starts it)",
+                name,
+                self.state.value,
+            )
+            return
         if name in self.paused:
             self.paused.discard(name)
         elif self._gave_up(name):
@@ -245,6 +255,9 @@ class App:
             await pipeline.start()
         except Exception:
             self.log.exception("pipeline %r failed to start", pipeline.name)
+        if self._stopping:  # the app began stopping meanwhile: its stop() may have passed it
+            await pipeline.stop()
+            return
         self._watchers[pipeline.name] = asyncio.create_task(
             self._watch(pipeline), name=f"watch-{pipeline.name}"
         )
@@ -464,6 +477,9 @@ class App:
         tmp.write_bytes(data)
         os.replace(tmp, target)
 
+
+_RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEGRADED))
+"""App states in which a pipeline added or resumed starts at once."""
 
 _SOURCE_DOWN = frozenset(
     state.value for state in (HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING)
