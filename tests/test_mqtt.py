@@ -426,6 +426,26 @@ def test_a_topic_the_client_refuses_is_logged_and_dropped_and_the_events_go_on(
     asyncio.run(_clear_retained(host, port, [f"{prefix}/cam-a/health", f"{prefix}/available"]))
 
 
+def test_an_event_queued_outside_the_loop_is_published_at_close(broker: tuple[str, int]) -> None:
+    host, port = broker
+    prefix = unique_prefix("outside")
+    sink = MqttEventSink(f"mqtt://{host}:{port}/{prefix}")
+    sink("order.completed", {"station_id": "s1"})  # no running loop: it waits in the queue
+    assert sink.pending == 1
+
+    async def main() -> Subscriber:
+        sub = Subscriber(host, port, f"{prefix}/events")
+        async with sub.connected():
+            await sink.aclose()
+            await wait_until_async("the event", lambda: sub.events(prefix))
+        return sub
+
+    sub = asyncio.run(main())
+    assert [e["type"] for e in sub.events(prefix)] == ["order.completed"]
+    assert (sink.published, sink.dropped, sink.pending) == (1, 0, 0)
+    asyncio.run(_clear_retained(host, port, [f"{prefix}/available"]))
+
+
 def test_app_stop_closes_the_sink_even_when_its_snapshot_cannot_be_written(
     broker: tuple[str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -482,6 +482,8 @@ class MqttEventSink:
         """Publish what is queued (bounded by ``timeout``), then ``offline``; disconnect and
         detach from the app. Events after this are counted in ``dropped``."""
         self._closed = True
+        if self._writer is None and self._pending:
+            self._ensure_writer()  # events queued outside a running loop had no writer yet
         writer = self._writer
         if writer is not None:
             assert self._wake is not None
