@@ -20,12 +20,16 @@ from typer.testing import CliRunner
 
 from framepipe import Pipeline, StepContext
 from framepipe.app import App
+from framepipe.backends.state import StateStore
+from framepipe.backends.state.event_log import append_events
+from framepipe.backends.state.retention import prune_events
 from framepipe.cli import app as cli_app
 from framepipe.config import Settings
-from framepipe.server import create_app
+from framepipe.events import Event
+from framepipe.server import EventFeed, create_app
 from framepipe.sources import PatternSource
 from framepipe.stream import Stage, StreamPipeline
-from waiting import free_port, wait_until
+from waiting import free_port, wait_until, wait_until_async
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -337,6 +341,92 @@ def test_websocket_of_an_id_prefix_gets_the_live_events(settings: Settings, tmp_
     for ident, seen in heard:  # what came after the release (each subscribed before it)
         assert ident == execution_id
         assert seen[-3:] == ["step.progress", "step.completed", "execution.completed"]
+
+
+def _app_events(kind: str, n: int, *, age: float = 0.0) -> list[Event]:
+    return [Event(kind, time.time() - age, data={"n": i}) for i in range(n)]
+
+
+def test_the_feed_goes_on_after_the_newest_events_are_pruned(
+    server: Server, settings: Settings
+) -> None:
+    """The newest events pruned, the next ones get higher ids still, and ``/ws`` and
+    ``GET /api/events?after=`` give them: on SQLite the rowid gave the pruned ids again, below
+    the feed's last id, and they were never sent (found in review; migration 0006)."""
+    ws_url = f"ws://127.0.0.1:{server.port}/ws?token={TOKEN}"
+
+    async def scenario(store: StateStore) -> tuple[list[int], list[int]]:
+        async with websockets.connect(ws_url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "snapshot"
+
+            async def next_events(n: int) -> list[tuple[int, str]]:
+                got: list[tuple[int, str]] = []
+                while len(got) < n:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    if message["type"] == "event":
+                        got.append((message["event"]["id"], message["event"]["type"]))
+                return got
+
+            old = await asyncio.to_thread(
+                append_events, store, _app_events("app.old", 3, age=3 * 86400)
+            )
+            assert await next_events(3) == [(e.id, "app.old") for e in old]
+            assert await asyncio.to_thread(prune_events, store, 86400) == 3
+            new = await asyncio.to_thread(append_events, store, _app_events("app.new", 2))
+            assert await next_events(2) == [(e.id, "app.new") for e in new]
+        return [e.id or 0 for e in old], [e.id or 0 for e in new]
+
+    with StateStore(settings.resolved_database_url) as store:
+        old, new = asyncio.run(scenario(store))
+    assert min(new) > max(old)
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        page = client.get("/api/events", params={"after": max(old)}).json()
+    assert [e["id"] for e in page["events"]] == new
+
+
+def test_the_feed_follows_event_ids_given_again(database_url: str) -> None:
+    """The backstop: when the ids start again below the feed's last id (the database replaced
+    by a fresh one under a running service), the feed follows from the newest stored id
+    instead of waiting for ids above the old one."""
+
+    def replace_database(store: StateStore) -> None:
+        with store.write() as conn:
+            conn.exec_driver_sql("DELETE FROM fp_events")
+            if store.dialect == "sqlite":
+                conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = 0 WHERE name = 'fp_events'")
+            else:
+                conn.exec_driver_sql(
+                    "SELECT setval(pg_get_serial_sequence('fp_events', 'id'), 1, false)"
+                )
+
+    async def scenario(store: StateStore) -> None:
+        feed = EventFeed(store, interval=0.02)
+        await feed.start()
+        try:
+            async with feed.subscribe() as stream:
+                events = aiter(stream)
+
+                async def next_events(n: int) -> list[tuple[int | None, str]]:
+                    got: list[tuple[int | None, str]] = []
+                    for _ in range(n):
+                        event = await asyncio.wait_for(anext(events), 30)
+                        assert event is not None
+                        got.append((event.id, event.type))
+                    return got
+
+                before = await asyncio.to_thread(append_events, store, _app_events("before", 3))
+                assert await next_events(3) == [(1, "before"), (2, "before"), (3, "before")]
+                assert [e.id for e in before] == [1, 2, 3]
+                await asyncio.to_thread(replace_database, store)
+                await wait_until_async("the feed to follow the ids back", lambda: feed.last_id == 0)
+                after = await asyncio.to_thread(append_events, store, _app_events("after", 2))
+                assert [e.id for e in after] == [1, 2]
+                assert await next_events(2) == [(1, "after"), (2, "after")]
+        finally:
+            await feed.stop()
+
+    with StateStore(database_url) as store:
+        asyncio.run(scenario(store))
 
 
 def test_websocket_refuses_a_missing_token(server: Server) -> None:

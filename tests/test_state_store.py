@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from framepipe.backends.state import SCHEMA_HEAD, StateStore, executions
+from framepipe.backends.state import SCHEMA_HEAD, StateStore, events, executions
 from framepipe.errors import SchemaVersionError, StateStoreError
 
 
@@ -147,3 +147,52 @@ def test_concurrent_writer_processes_never_see_database_is_locked(tmp_path: Path
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     with StateStore(url) as store, store.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(executions)).scalar_one() == 600
+
+
+def test_event_ids_are_never_given_twice_also_across_the_0006_upgrade(database_url: str) -> None:
+    """Once the newest events are deleted (a prune), the next event still gets a higher id
+    than any before it: on SQLite fp_events.id was a plain rowid, which gave the deleted ids
+    again, below the id a reader had paged past (found in review). A database at 0005 keeps
+    its events and ids through the upgrade (and a downgrade and upgrade again)."""
+    from alembic import command
+
+    from framepipe.backends.state.event_log import append_events, insert_events
+    from framepipe.backends.state.store import _alembic_config
+    from framepipe.events import Event
+
+    def batch(kind: str, n: int) -> list[Event]:
+        return [Event(type=kind, ts=1.0 + i, data={"n": i}) for i in range(n)]
+
+    def stored(store: StateStore) -> list[tuple[int, str, dict[str, int]]]:
+        with store.read() as conn:
+            rows = conn.execute(sa.select(events.c.id, events.c.type, events.c.data)).all()
+        return sorted((r.id, r.type, r.data) for r in rows)
+
+    with StateStore(database_url, migrate=False) as store:
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "0005")
+        with store.write() as conn:
+            old = insert_events(store, conn, batch("old", 5))
+        assert [e.id for e in old] == [1, 2, 3, 4, 5]
+        before = stored(store)
+        assert store.current_revision() == "0005"
+    with StateStore(database_url) as store:
+        assert store.current_revision() == SCHEMA_HEAD
+        assert stored(store) == before
+        with store.write() as conn:
+            conn.execute(events.delete().where(events.c.id > 3))
+        assert [e.id for e in append_events(store, batch("new", 2))] == [6, 7]
+        with store.write() as conn:
+            command.downgrade(_alembic_config(conn), "0005")
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+        kept = stored(store)
+        assert [row[0] for row in kept] == [1, 2, 3, 6, 7]
+        assert kept[:3] == before[:3]
+        with store.write() as conn:
+            conn.execute(events.delete().where(events.c.id > 3))
+        assert [e.id for e in append_events(store, batch("newer", 1))] == [8]
+        with store.read() as conn:
+            assert [i["name"] for i in sa.inspect(conn).get_indexes("fp_events")] == [
+                "ix_fp_events_execution"
+            ]

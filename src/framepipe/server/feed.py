@@ -71,8 +71,33 @@ class EventFeed:
             if batch:
                 self.last_id = batch[-1].id or self.last_id
                 self._fan_out(batch)
+            else:
+                await self._follow_ids_given_again()
             if len(batch) < 1000:
                 await asyncio.sleep(self.interval)
+
+    async def _follow_ids_given_again(self) -> None:
+        """Nothing new: a backstop for ids given again below ``last_id`` (a database restored
+        from a backup or recreated while the service runs; a SQLite table from before
+        migration 0006, whose newest events a prune deleted). When the newest stored id is
+        below ``last_id`` the feed goes on from it, so the events committed from then on are
+        sent; those committed between the ids going back and this check (one poll) cannot be
+        told from the old ones. Newer events deleted while the ids still rise cost nothing:
+        no stored event lies between the two ids."""
+        try:
+            newest = await asyncio.to_thread(newest_event_id, self.store)
+        except Exception:  # the next read says what is wrong
+            return
+        if newest >= self.last_id:
+            return
+        _log.warning(
+            "event feed: the newest stored event id (%d) is below the last one read (%d): "
+            "newer events were deleted, or the database was replaced; following from %d",
+            newest,
+            self.last_id,
+            newest,
+        )
+        self.last_id = newest
 
     def _fan_out(self, batch: list[Event]) -> None:
         for sub in list(self._subscribers):

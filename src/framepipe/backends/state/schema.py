@@ -20,7 +20,7 @@ __all__ = [
     "workers",
 ]
 
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 
 metadata = sa.MetaData()
 
@@ -162,6 +162,9 @@ events = sa.Table(
     sa.Column("step_key", sa.String(300), nullable=True),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Index("ix_fp_events_execution", "execution_id", "id"),
+    # SQLite: an id is never given twice, even after the newest events were deleted (a plain
+    # rowid would give them again, below the id a reader has paged past); migration 0006.
+    sqlite_autoincrement=True,
 )
 
 ledger = sa.Table(
