@@ -8,11 +8,13 @@ benchmarks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +25,7 @@ import pytest
 from framepipe import supervise
 from framepipe.backoff import Backoff
 from framepipe.errors import CaptureExitedError, SourceError
+from framepipe.sources import CommandSource
 from framepipe.supervise import (
     Health,
     HealthState,
@@ -30,6 +33,8 @@ from framepipe.supervise import (
     SupervisorContext,
     _format_delay,
 )
+from media import need_tool
+from waiting import wait_until_async
 
 FAST = Backoff(0.05, 2, 0.4, 0)
 CHILD = "import time; print('x', flush=True); time.sleep(60)"
@@ -104,8 +109,9 @@ def make_capture(
         procs.append(proc)
         try:
             assert proc.stdout is not None
-            await proc.stdout.readline()  # the capture is open
+            await proc.stdout.readline()  # the capture is open: its first frame
             ctx.started(proc.pid)
+            ctx.alive()
             code = await proc.wait()
             raise CaptureExitedError("capture exited", source_id=ctx.name, exit_code=code)
         finally:
@@ -403,6 +409,7 @@ def test_a_healthy_run_resets_the_attempt_counter() -> None:
     async def target(ctx: SupervisorContext) -> None:
         sessions.append(ctx.attempt)
         ctx.started()
+        ctx.alive()  # a run is healthy healthy_after seconds after its first frame
         if len(sessions) == 3:  # the third run stays up longer than healthy_after
             await asyncio.sleep(0.4)
             seen_while_running.append(holder[0].health.attempt)
@@ -429,6 +436,7 @@ def test_a_target_that_ends_stops_the_supervisor(logs: pytest.LogCaptureFixture)
 
     async def target(ctx: SupervisorContext) -> None:
         ctx.started()
+        ctx.alive()
 
     async def main() -> tuple[Health, bool]:
         sup = Supervisor("file_1", target, backoff=FAST, restart_on_end=False, on_event=rec)
@@ -450,6 +458,7 @@ def test_a_target_that_ends_is_restarted_when_asked() -> None:
 
     async def target(ctx: SupervisorContext) -> None:
         ctx.started()
+        ctx.alive()
 
     async def main() -> Health:
         sup = Supervisor("live_1", target, backoff=FAST, restart_on_end=True, on_event=rec)
@@ -569,6 +578,7 @@ def test_a_raising_on_event_callback_does_not_stop_supervision(
         async def target(ctx: SupervisorContext) -> None:
             sessions.append(ctx.attempt)
             ctx.started()
+            ctx.alive()
             if len(sessions) == 1:
                 raise SourceError("lost", source_id=ctx.name)
             running.set()
@@ -623,7 +633,12 @@ def test_started_from_a_thread_and_stale_contexts_are_ignored() -> None:
         contexts.append(ctx)
         if len(contexts) == 1:
             raise SourceError("lost", source_id=ctx.name)
-        await asyncio.to_thread(ctx.started, 4242)
+
+        def open_and_deliver() -> None:  # a capture thread: started(), then its first frame
+            ctx.started(4242)
+            ctx.alive()
+
+        await asyncio.to_thread(open_and_deliver)
         await asyncio.Event().wait()
 
     async def main() -> tuple[Health, Health]:
@@ -641,7 +656,7 @@ def test_started_from_a_thread_and_stale_contexts_are_ignored() -> None:
     assert before.pid == 4242
     assert before.state is HealthState.RUNNING
     assert after.pid == 4242
-    assert after.frames == 0
+    assert after.frames == 1
     assert rec.of("started") == [{"name": "cam_thread", "pid": 4242, "attempt": 1}]
 
 
@@ -737,6 +752,7 @@ def test_stop_bounds_a_session_that_ignores_cancellation(logs: pytest.LogCapture
 
     async def target(ctx: SupervisorContext) -> None:
         ctx.started()
+        ctx.alive()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -873,3 +889,103 @@ def test_loop_starts_the_next_pass_at_once_and_an_empty_pass_is_a_failure() -> N
     assert passes[:4] == [0, 0, 0, 0]  # passes are not failures
     assert rec.of("restarting")[0]["attempt"] == 1
     assert health.frames == 15
+
+
+# ---------------------------------------------------------------------------- no frame yet
+
+
+def command_capture(source: CommandSource) -> Callable[[SupervisorContext], Awaitable[None]]:
+    """A target running ``source``'s sessions as a pipeline does: ``started(pid)`` when the
+    process is up (before its first frame), ``alive()`` for every frame."""
+
+    async def capture(ctx: SupervisorContext) -> None:
+        async with contextlib.aclosing(source.frames(ctx.started)) as frames:
+            async for _ in frames:
+                ctx.alive()
+
+    return capture
+
+
+def test_a_camera_that_connects_and_never_sends_is_starting_and_runs_out_of_attempts() -> None:
+    """ffmpeg connects to a camera that accepts the connection and never answers: its process
+    is up (``started(pid)``) but no frame comes. The session is starting, not running (the
+    pid shown), ``start_timeout`` ends it, and a run without frames is never healthy, however
+    long it lasts: ``max_attempts`` holds (``healthy_after`` is shorter than each session)."""
+    need_tool("ffmpeg")
+    rec = Recorder()
+    seen: list[Health] = []
+    with socket.socket() as camera:
+        camera.bind(("127.0.0.1", 0))
+        camera.listen(8)  # accepts, never answers
+        url = f"rtsp://127.0.0.1:{camera.getsockname()[1]}/cam"
+        argv = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp"]
+        source = CommandSource([*argv, "-i", url, "-f", "mjpeg", "-"], "hung_cam")
+
+        async def main() -> Health:
+            sup = Supervisor(
+                "hung_cam",
+                command_capture(source),
+                backoff=FAST,
+                max_attempts=2,
+                start_timeout=1.0,
+                stall_timeout=1.5,
+                healthy_after=0.2,
+                on_event=rec,
+            )
+            rec.sup = sup
+            await sup.start()
+            try:
+                pid = await wait_until_async("the capture's process", lambda: source.pid, 20)
+                await asyncio.sleep(0.5)  # past healthy_after, within start_timeout
+                seen.append(sup.health)
+                assert pid == seen[0].pid
+                return await asyncio.wait_for(sup.wait(), 30)
+            finally:
+                await sup.stop()
+
+        health = asyncio.run(main())
+    assert seen[0].state is HealthState.STARTING
+    assert seen[0].started_at is None and seen[0].frames == 0
+    assert health.state is HealthState.FAILED
+    assert health.attempt == 2 and health.stalls == 2 and health.frames == 0
+    assert rec.types() == ["stalled", "restarting", "stalled", "failed"]
+    assert all(d["seconds"] >= 1.0 for d in rec.of("stalled"))
+    assert health.last_error is not None
+    assert "not started within" in health.last_error and "no frame yet" in health.last_error
+
+
+def test_start_timeout_bounds_the_wait_for_the_first_frame_not_stall_timeout() -> None:
+    """A capture whose process is up at once but whose first frame takes a while (a camera
+    slow to open) is starting until that frame: ``start_timeout`` applies, not the shorter
+    ``stall_timeout``; the session then runs without a stall."""
+    need_tool("ffmpeg")
+    rec = Recorder()
+    ffmpeg = "ffmpeg -hide_banner -loglevel error -re -f lavfi -i testsrc=size=160x120:rate=10"
+    source = CommandSource(["sh", "-c", f"sleep 1.5; exec {ffmpeg} -f mjpeg -"], "slow_open")
+
+    async def main() -> tuple[Health, Health]:
+        sup = Supervisor(
+            "slow_open",
+            command_capture(source),
+            backoff=FAST,
+            stall_timeout=0.5,
+            start_timeout=30.0,
+            on_event=rec,
+        )
+        rec.sup = sup
+        await sup.start()
+        try:
+            await wait_until_async("the capture's process", lambda: source.pid, 20)
+            opening = sup.health
+            await rec.until("started", within=30)
+            await wait_until_async("5 frames", lambda: sup.health.frames >= 5, 30)
+            return opening, sup.health
+        finally:
+            await sup.stop()
+
+    opening, running = asyncio.run(main())
+    assert opening.state is HealthState.STARTING and opening.pid is not None
+    assert running.state is HealthState.RUNNING
+    assert running.stalls == 0 and running.restarts == 0
+    assert rec.of("started")[0]["pid"] == opening.pid
+    assert "stalled" not in rec.types()

@@ -2,7 +2,10 @@
 
 A :class:`Supervisor` runs one *session* of its target at a time. A target is an async
 function ``target(ctx)``: it opens its capture, calls ``ctx.started(pid)``, then calls
-``ctx.alive()`` for every frame until the capture ends (return) or fails (raise)::
+``ctx.alive()`` for every frame until the capture ends (return) or fails (raise). A session
+runs once it called ``started()`` and delivered a frame: until its first frame it is
+*starting*, whatever ``started()`` said (a camera that accepts the connection and never
+sends is not running)::
 
     async def capture(ctx: SupervisorContext) -> None:
         proc = await asyncio.create_subprocess_exec("gst-launch-1.0", ...)
@@ -24,13 +27,16 @@ function ``target(ctx)``: it opens its capture, calls ``ctx.started(pid)``, then
 Guarantees:
 
 * Death is noticed at once: the supervising task awaits the session task itself; nothing polls.
-* A stall (no ``alive()`` for ``stall_timeout`` seconds, or no ``started()`` within
-  ``start_timeout`` of the launch) is detected by a timer that never fires early; the session is
-  cancelled and the failure recorded as a :class:`~framepipe.errors.SourceStalledError`.
+* A stall (no ``alive()`` for ``stall_timeout`` seconds once running, or no first frame
+  within ``start_timeout`` of the launch) is detected by a timer that never fires early; the
+  session is cancelled and the failure recorded as a
+  :class:`~framepipe.errors.SourceStalledError`.
 * Failures are restarted after ``backoff.delay(attempt)`` (2, 4, 8 ... 60 s with jitter by
   default) until ``max_attempts`` consecutive failures; a run that stayed up for
-  ``healthy_after`` seconds resets the count. Then, by default, the supervisor gives up
-  (state ``failed``, event ``failed``); with ``after_attempts="keep_trying"`` it keeps trying
+  ``healthy_after`` seconds after its first frame resets the count (a session that never
+  delivers a frame never does, however long its process lives). Then, by default, the
+  supervisor gives up (state ``failed``, event ``failed``); with
+  ``after_attempts="keep_trying"`` it keeps trying
   every ``retry_delay`` seconds (the backoff's cap by default) in state ``retrying`` (event
   ``retrying`` once, health ``retrying_since`` and ``next_attempt_at``) until a session
   delivers a frame again (event ``recovered``, health back to normal).
@@ -42,8 +48,9 @@ Guarantees:
 * ``stop()`` cancels the session (the target sees ``CancelledError`` and must clean up) or the
   backoff sleep, and returns once the session has ended.
 * Every state change is visible in :attr:`Supervisor.health` (a :class:`HealthState` machine:
-  starting -> running -> stalled/backoff -> starting ... -> failed or stopped), in the logs
-  (``[station_1] Pipeline subprocess died (exit code: -9)``) and as ``on_event`` callbacks.
+  starting -> running (the first frame) -> stalled/backoff -> starting ... -> failed or
+  stopped), in the logs (``[station_1] Pipeline subprocess died (exit code: -9)``) and as
+  ``on_event`` callbacks.
 * Nothing dies silently: a bug in the supervisor itself is logged with its traceback and ends
   the supervisor in state ``failed``; a raising ``on_event`` callback is logged and ignored.
 * No URL's secret shows: every URL in a failure's text (health ``last_error``, the events, the
@@ -94,9 +101,10 @@ class HealthState(StrEnum):
     """The state of one supervised component."""
 
     STARTING = "starting"
-    """A session was launched and has not called ``started()`` yet."""
+    """A session was launched and has not delivered its first frame yet (its process may be
+    up: ``started()`` called, ``pid`` known)."""
     RUNNING = "running"
-    """The session called ``started()`` and has not ended."""
+    """The session called ``started()``, delivered a frame and has not ended."""
     STALLED = "stalled"
     """The session produced no frame within the stall timeout; it is being replaced."""
     BACKOFF = "backoff"
@@ -119,7 +127,8 @@ class Health:
     since: float
     """Unix time at which ``state`` began."""
     started_at: float | None = None
-    """Unix time at which the current run called ``started()``; None when not running."""
+    """Unix time at which the current run began running (its first frame); None when not
+    running."""
     restarts: int = 0
     """Sessions launched after a failure (or after a normal end with ``restart_on_end``)."""
     stalls: int = 0
@@ -131,7 +140,7 @@ class Health:
     last_exit_code: int | None = None
     """Exit code of the last failure when it was a capture exit, else None."""
     pid: int | None = None
-    """The pid given to ``started()`` by the current run."""
+    """The pid given to ``started()`` by the current session (known while it starts too)."""
     frames: int = 0
     """``alive()`` calls over all sessions."""
     next_attempt_at: float | None = None
@@ -178,18 +187,23 @@ class SupervisorContext:
     ``alive()`` calls are ignored, so a lingering thread cannot mask a stall of the next one.
     """
 
-    __slots__ = ("_active", "_sup", "attempt", "name")
+    __slots__ = ("_active", "_framed", "_opened", "_sup", "attempt", "name")
 
     def __init__(self, supervisor: Supervisor, attempt: int) -> None:
         self._sup = supervisor
         self._active = True
+        self._opened = False  # started() was handled
+        self._framed = False  # alive() was called
         self.name = supervisor.name
         """The supervised component's name (``station_1``)."""
         self.attempt = attempt
         """Consecutive failures before this session (0 for a first or healthy start)."""
 
     def started(self, pid: int | None = None) -> None:
-        """The capture is open: state -> running, logs ``Persistent pipeline started (PID: n)``.
+        """The capture is open (``pid``: its process, shown in the health at once). The
+        session runs at its first frame: state -> running, the healthy timer armed, logs
+        ``Persistent pipeline started (PID: n)``, event ``started``; until then it is starting
+        and ``start_timeout`` applies.
 
         Call it once per session; later calls are ignored. Safe to call from another thread
         (the update is then handed to the event loop).
@@ -203,13 +217,21 @@ class SupervisorContext:
     def alive(self) -> None:
         """A frame arrived: resets the stall timer and counts the frame.
 
-        Cheap enough to call for every frame (a flag test, a counter, a clock read); it never
-        logs and never touches the event loop, so it may also be called from a thread.
+        Cheap enough to call for every frame (a flag test, a counter, a clock read). Only the
+        session's first frame (it begins running) and the first after retrying at the cap
+        touch the event loop (from another thread, handed to it), so it may also be called
+        from a thread.
         """
         if self._active:
             sup = self._sup
             sup._frames += 1
             sup._last_frame = time.monotonic()
+            if not self._framed:
+                self._framed = True
+                if threading.get_ident() == sup._loop_thread:
+                    sup._on_first_frame(self)
+                elif sup._loop is not None:
+                    sup._loop.call_soon_threadsafe(sup._on_first_frame, self)
             if sup._retrying:
                 sup._retrying = False
                 if sup._loop is not None:
@@ -246,7 +268,8 @@ class Supervisor:
     ``name`` is the component name used in logs (``[station_1] ...``), health and events.
     ``what`` names the thing in log lines (``Pipeline stalled``, ``Restarting pipeline``).
     ``max_attempts=None`` restarts forever. ``stall_timeout=None`` disables stall detection;
-    ``start_timeout`` (default: ``stall_timeout``) bounds launch -> ``started()``.
+    ``start_timeout`` (default: ``stall_timeout``) bounds launch -> the first frame (a
+    capture slow to open its input gets a longer one).
     ``restart_on_end`` says whether a session that returns normally is restarted (a live
     camera: it counts as a failure for backoff and ``max_attempts``) or ends the supervisor in
     state ``stopped`` (a file). ``loop`` makes a normal end after frames the end of one pass
@@ -255,7 +278,8 @@ class Supervisor:
     ``"keep_trying"`` (every ``retry_delay`` seconds, default the backoff's maximum, until a
     session delivers a frame).
 
-    Events (``on_event(type, data)``, data always with ``name``): ``started`` {pid, attempt},
+    Events (``on_event(type, data)``, data always with ``name``): ``started`` {pid, attempt}
+    (the session's first frame),
     ``died`` {error, exit_code}, ``stalled`` {seconds, error}, ``restarting`` {delay, attempt,
     retrying, next_attempt_at}, ``failed`` {error, attempts}, ``retrying`` {error, attempts,
     delay, next_attempt_at} (once when retrying at the cap begins), ``recovered`` {attempts,
@@ -332,7 +356,7 @@ class Supervisor:
         # the current session
         self._ctx: SupervisorContext | None = None
         self._session: asyncio.Task[None] | None = None
-        self._session_started = False
+        self._session_running = False  # the session called started() and delivered a frame
         self._session_first_frame = 0
         self._mark = 0.0
         self._started_mono = 0.0
@@ -484,7 +508,7 @@ class Supervisor:
         assert self._loop is not None
         ctx = SupervisorContext(self, self._health.attempt)
         self._ctx = ctx
-        self._session_started = False
+        self._session_running = False
         self._session_first_frame = self._frames
         self._stall = None
         self._stall_seconds = None
@@ -514,7 +538,7 @@ class Supervisor:
         """Record, log and announce one failure; return the backoff delay, or None when the
         supervisor gave up (state failed)."""
         h = self._health
-        if self._session_started and time.monotonic() - self._started_mono >= self._healthy_after:
+        if self._session_running and time.monotonic() - self._started_mono >= self._healthy_after:
             h.attempt = 0
         self._clear_run()
         h.last_exit_code = None
@@ -633,15 +657,28 @@ class Supervisor:
     # ------------------------------------------------------------------ session callbacks
 
     def _on_started(self, ctx: SupervisorContext, pid: int | None) -> None:
-        if not ctx._active or self._session_started or self._stopping or self._stall:
+        if not ctx._active or ctx._opened or self._stopping or self._stall:
+            return
+        ctx._opened = True
+        self._health.pid = pid
+        if ctx._framed:  # its first frame came before started()
+            self._on_running(ctx)
+
+    def _on_first_frame(self, ctx: SupervisorContext) -> None:
+        if ctx._opened and not self._session_running:
+            self._on_running(ctx)
+
+    def _on_running(self, ctx: SupervisorContext) -> None:
+        """The session called ``started()`` and delivered a frame: it runs."""
+        if not ctx._active or self._session_running or self._stopping or self._stall:
             return
         assert self._loop is not None
-        self._session_started = True
+        self._session_running = True
         now = time.monotonic()
         self._mark = now
         self._started_mono = now
         h = self._health
-        h.pid = pid
+        pid = h.pid
         self._set_state(HealthState.RUNNING)
         h.started_at = h.since
         if pid is None:
@@ -667,7 +704,7 @@ class Supervisor:
     # ------------------------------------------------------------------ watchdog
 
     def _limit(self) -> float | None:
-        return self._stall_timeout if self._session_started else self._start_timeout
+        return self._stall_timeout if self._session_running else self._start_timeout
 
     def _arm_watchdog(self) -> None:
         assert self._loop is not None
@@ -686,13 +723,15 @@ class Supervisor:
         limit = self._limit()
         if task is None or task.done() or self._stopping or limit is None:
             return
-        ref = max(self._mark, self._last_frame) if self._session_started else self._mark
+        ref = max(self._mark, self._last_frame) if self._session_running else self._mark
         elapsed = time.monotonic() - ref
         if elapsed < limit:
             self._watchdog = self._loop.call_later(limit - elapsed, self._check_stall)
             return
-        if self._session_started:
+        if self._session_running:
             detail = f"no frame for {elapsed:.1f}s"
+        elif self._ctx is not None and self._ctx._opened:
+            detail = f"not started within {elapsed:.1f}s: open, but no frame yet"
         else:
             detail = f"not started within {elapsed:.1f}s"
         self._stall = SourceStalledError(detail, source_id=self.name)

@@ -7,7 +7,8 @@ Typical commands: ``gst-launch-1.0 -q ... ! jpegenc ! fdsink fd=1`` or
 Guarantees of one :meth:`CommandSource.frames` session:
 
 * Exactly one subprocess, in a new session (its own process group); ``started(pid)`` is called
-  right after it starts.
+  right after it starts (its process is up: a :class:`~framepipe.supervise.Supervisor`
+  counts the session as running from its first frame).
 * Its stderr is drained concurrently (the child never blocks on a full pipe); the last
   ``stderr_lines`` lines are kept and attached to errors.
 * A URL's secrets (a camera's password, a ``?token=``) are shown nowhere: :meth:`describe`,
