@@ -9,7 +9,7 @@ is read only from the previews folder; only apps served by this service can be c
 import asyncio
 from typing import Annotated, Any
 
-from framepipe.app import preview_dir, read_snapshots
+from framepipe.app import preview_path, read_snapshots
 from framepipe.errors import MissingDependencyError
 from framepipe.server.state import Service, ServiceState
 
@@ -40,7 +40,7 @@ async def sources_list(service: Service) -> list[dict[str, Any]]:
         for name, status in snap.get("pipeline_status", {}).items():
             src = status.get("source") or {}
             uptime = src.get("uptime") or 0.0
-            has_frame = (preview_dir(settings, snap["name"]) / f"{name}.jpg").is_file()
+            has_frame = preview_path(settings, snap["name"], name).is_file()
             out.append(
                 {
                     "app": snap["name"],
@@ -64,7 +64,7 @@ async def sources_list(service: Service) -> list[dict[str, Any]]:
 )
 async def sources_frame(app_name: Name, pipeline: Name, service: Service) -> Response:
     """The latest frame of a source, as a JPEG (at most 640 pixels wide)."""
-    path = preview_dir(service.settings, app_name) / f"{pipeline}.jpg"
+    path = preview_path(service.settings, app_name, pipeline)
     try:
         data = await asyncio.to_thread(path.read_bytes)
     except FileNotFoundError:
