@@ -841,3 +841,23 @@ def test_demo_imports_everything_then_only_the_new_clip(tmp_path: Path) -> None:
         (objects / "thumbnails" / f"clip_{i}.mp4.jpg").read_bytes()[:2] == b"\xff\xd8"
         for i in range(1, 5)
     )
+
+
+# -- settings refused at start, secrets in database URLs -------------------------------------------
+
+
+SECRET = "S3cretPW"
+
+
+@pytest.mark.postgres
+def test_a_database_password_in_the_query_is_never_shown(tmp_path: Path, pg_url: str) -> None:
+    # libpq's documented form; the server trusts local connections, so this one connects.
+    url = f"{pg_url}&password={SECRET}"
+    result = runner.invoke(app, ["--database-url", url, "db", "current"])
+    assert result.exit_code == 0, result.output
+    assert "password=***" in result.stdout
+    assert SECRET not in result.output
+    down = "postgresql+psycopg://alice@127.0.0.1:1/test?password=" + SECRET
+    result = runner.invoke(app, ["--database-url", down, "jobs", "list"])
+    assert_one_line_error(result, 1, "cannot open database", "password=***")
+    assert SECRET not in result.output

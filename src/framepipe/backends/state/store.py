@@ -24,11 +24,12 @@ import sqlalchemy as sa
 
 from framepipe.backends.state.schema import SCHEMA_HEAD
 from framepipe.errors import MissingDependencyError, SchemaVersionError, StateStoreError
+from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
-__all__ = ["StateStore"]
+__all__ = ["DATABASE_BACKENDS", "StateStore", "parse_database_url"]
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _WRITE = "framepipe_write"
@@ -67,6 +68,31 @@ def _ping_if_idle(engine: sa.Engine) -> None:
             raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
 
 
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+"""The databases a state store keeps its state in (a URL's backend name)."""
+
+_URL_FORM = "sqlite:///path/state.db or postgresql+psycopg://user:password@host:5432/database"
+
+
+def parse_database_url(url: str) -> sa.engine.URL:
+    """``url`` parsed, for SQLite or PostgreSQL (:data:`DATABASE_BACKENDS`). Otherwise
+    :class:`StateStoreError` saying what is wrong without the URL's text: a URL that does not
+    parse cannot be shown with its password masked, so it is not shown at all."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StateStoreError(f"the database URL does not parse; expected {_URL_FORM}") from None
+    except ValueError:  # int() of the port: its text is not repeated (it may be a password)
+        raise StateStoreError("the database URL's port is not a number") from None
+    backend = parsed.get_backend_name()
+    if backend not in DATABASE_BACKENDS:
+        raise StateStoreError(
+            f"the database URL names {backend!r}: the state database is SQLite or "
+            f"PostgreSQL ({_URL_FORM})"
+        )
+    return parsed
+
+
 def _stamped_revision(conn: sa.Connection) -> str | None:
     """The revision in Alembic's version table, or None when there is none yet."""
     if not sa.inspect(conn).has_table("alembic_version"):
@@ -86,10 +112,7 @@ class StateStore:
         migrate: bool = True,
     ) -> None:
         self.url = url
-        try:
-            parsed = sa.engine.make_url(url)
-        except sa.exc.ArgumentError as exc:
-            raise StateStoreError(f"invalid database URL {url!r}: {exc}") from exc
+        parsed = parse_database_url(url)
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {}
         if self.dialect == "sqlite":
@@ -103,7 +126,7 @@ class StateStore:
             self.engine = sa.create_engine(parsed, **kwargs)
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(
-                exc.name or "psycopg", "postgres", f"the database URL {parsed.render_as_string()}"
+                exc.name or "psycopg", "postgres", f"the database URL {self.safe_url}"
             ) from exc
         self._relaxed: sa.Engine | None = None
         if self.dialect == "sqlite":
@@ -252,8 +275,10 @@ class StateStore:
 
     @property
     def safe_url(self) -> str:
-        """The URL with any password hidden, for messages."""
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        """The URL for messages and logs, shown by :func:`framepipe.urls.safe_url`: a password
+        in it, and the value of every query parameter whose name says it is a secret
+        (``?password=``, libpq's documented form), masked."""
+        return safe_url(self.url)
 
     def _check_open(self) -> None:
         if self._closed:
