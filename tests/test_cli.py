@@ -846,6 +846,13 @@ def test_demo_imports_everything_then_only_the_new_clip(tmp_path: Path) -> None:
 # -- settings refused at start, secrets in database URLs -------------------------------------------
 
 
+def test_a_misspelt_framepipe_variable_exits_2_naming_the_closest_setting(tmp_path: Path) -> None:
+    result = cli(tmp_path / "home", "jobs", "list", env={"FRAMEPIPE_CONCURENCY": "3"})
+    assert_one_line_error(
+        result, 2, "FRAMEPIPE_CONCURENCY: no such setting", "did you mean FRAMEPIPE_CONCURRENCY?"
+    )
+
+
 SECRET = "S3cretPW"
 
 

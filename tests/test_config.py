@@ -9,6 +9,7 @@ import pytest
 
 from framepipe.config import (
     COMPONENT_FILE_KEYS,
+    OTHER_VARIABLES,
     SECTIONS,
     JobSettings,
     MediaSettings,
@@ -16,6 +17,7 @@ from framepipe.config import (
     Settings,
     StorageSettings,
     WorkerSettings,
+    check_environment,
     load_section,
     load_settings,
 )
@@ -179,3 +181,73 @@ def test_the_readme_lists_every_setting_under_its_group() -> None:
         for section in SECTIONS.values()
     }
     assert _readme_groups() == expected
+
+
+# -- refused at load: misspelt variables, bad URLs, homes and numbers -----------------------------
+
+# Misspelt on purpose below; the tree's own FRAMEPIPE_* names are checked against the settings.
+TYPOS = {"FRAMEPIPE_CONCURENCY", "FRAMEPIPE_API_TOKN", "FRAMEPIPE_BROKER_URI", "FRAMEPIPE_NOPE"}
+
+
+def test_a_misspelt_variable_is_refused_naming_it_and_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_CONCURENCY", "3")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "FRAMEPIPE_CONCURENCY: no such setting (did you mean FRAMEPIPE_CONCURRENCY?)" in str(
+        caught.value
+    )
+    with pytest.raises(ConfigError, match="FRAMEPIPE_CONCURENCY"):
+        load_section(MediaSettings)  # a section alone refuses it too
+    monkeypatch.delenv("FRAMEPIPE_CONCURENCY")
+    monkeypatch.setenv("framepipe_api_tokn", "S3cretToken")  # any case, like the settings
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "did you mean FRAMEPIPE_API_TOKEN?" in str(caught.value)
+    assert "S3cretToken" not in str(caught.value)  # the value is never shown
+    monkeypatch.delenv("framepipe_api_tokn")
+    monkeypatch.setenv("FRAMEPIPE_BROKER_URI", "redis://h/0")
+    with pytest.raises(ConfigError, match="did you mean FRAMEPIPE_BROKER_URL"):
+        load_settings()
+
+
+def test_variables_read_elsewhere_and_other_sections_variables_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf.toml").write_text("concurrency = 2\n")
+    for name in OTHER_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("FRAMEPIPE_CONFIG", str(tmp_path / "conf.toml"))
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "100")
+    assert load_settings().concurrency == 2
+    monkeypatch.setenv("FRAMEPIPE_CONCURRENCY", "3")  # a setting, though not MediaSettings'
+    assert load_section(MediaSettings).media_max_pixels == 100
+    check_environment({"FRAMEPIPE_HOME": "x", "OTHER_THING": "y"})
+    with pytest.raises(ConfigError, match="FRAMEPIPE_NOPE"):
+        check_environment({"FRAMEPIPE_NOPE": "x"})
+
+
+def test_every_framepipe_variable_the_tree_names_is_a_setting_or_listed() -> None:
+    """The allow-list is kept whole: every ``FRAMEPIPE_*`` name written anywhere in the tree
+    (code, examples, tests, benchmarks, docs, CI) is a setting or in OTHER_VARIABLES."""
+    root = Path(__file__).resolve().parent.parent
+    known = {f"FRAMEPIPE_{name.upper()}" for name in Settings.model_fields} | set(OTHER_VARIABLES)
+    found: dict[str, str] = {}
+    folders = [root / name for name in ("src", "examples", "tests", "benchmarks", "docs", ".ci")]
+    files = [root / "README.md", *(f for d in folders for f in d.rglob("*") if f.is_file())]
+    for file in files:
+        if "__pycache__" in file.parts or file.suffix in {".png", ".jpg", ".mp4", ".pyc"}:
+            continue
+        try:
+            text = file.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for name in re.findall(r"FRAMEPIPE_[A-Z0-9_]+", text):
+            if not name.endswith("_"):  # a prefix (FRAMEPIPE_S3_*, f"FRAMEPIPE_{...}")
+                found.setdefault(name, str(file.relative_to(root)))
+    unknown = {name: where for name, where in found.items() if name not in known | TYPOS}
+    assert unknown == {}
+    assert {"FRAMEPIPE_TEST_POSTGRES_URL", "FRAMEPIPE_NAMESPACE"} <= set(found)

@@ -32,10 +32,16 @@ Settings of one component that not every user runs (a ready pipeline's model, sa
 that component, in their own class (see :mod:`framepipe.pipelines.ml_settings`), not here. The
 config file is shared: a section reads only its own keys, and :class:`Settings` refuses keys of
 no section except those listed in :data:`COMPONENT_FILE_KEYS`.
+
+Refused at load (:func:`load_settings`, :func:`load_section`), as a :class:`ConfigError` naming
+the variable: a ``FRAMEPIPE_*`` variable that is neither a setting nor one of
+:data:`OTHER_VARIABLES` (a misspelt name, with the closest one suggested; its value is not
+shown).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -57,6 +63,7 @@ from framepipe.redis import is_redis_url
 
 __all__ = [
     "COMPONENT_FILE_KEYS",
+    "OTHER_VARIABLES",
     "SECTIONS",
     "JobSettings",
     "LogSettings",
@@ -66,6 +73,7 @@ __all__ = [
     "SettingsSection",
     "StorageSettings",
     "WorkerSettings",
+    "check_environment",
     "config_file",
     "config_file_values",
     "load_section",
@@ -78,6 +86,49 @@ COMPONENT_FILE_KEYS: frozenset[str] = frozenset(
 """Config-file keys that belong to a component's own settings, not to :class:`Settings`, which
 accepts and ignores them: the ML video pipeline's model retries
 (:class:`framepipe.pipelines.ml_settings.MlVideoSettings`)."""
+
+
+OTHER_VARIABLES: dict[str, str] = {
+    "FRAMEPIPE_CONFIG": "the config file (framepipe.config.config_file)",
+    "FRAMEPIPE_S3_ACCESS_KEY": "S3 credentials (framepipe.backends.objects.s3)",
+    "FRAMEPIPE_S3_SECRET_KEY": "S3 credentials (framepipe.backends.objects.s3)",
+    "FRAMEPIPE_S3_SESSION_TOKEN": "S3 credentials (framepipe.backends.objects.s3)",
+    "FRAMEPIPE_NAMESPACE": "the processor fleet's key prefix (framepipe.processors.fleet)",
+    "FRAMEPIPE_ML_KEEP_INTERMEDIATES": "the ML video pipeline (framepipe.pipelines.ml_settings)",
+    "FRAMEPIPE_MODEL_API_RETRIES": "the ML video pipeline (framepipe.pipelines.ml_settings)",
+    "FRAMEPIPE_MODEL_API_RETRY_INITIAL": "the ML video pipeline (framepipe.pipelines.ml_settings)",
+    "FRAMEPIPE_MODEL_API_RETRY_MAX": "the ML video pipeline (framepipe.pipelines.ml_settings)",
+    "FRAMEPIPE_TEST_POSTGRES_URL": "the test suite",
+    "FRAMEPIPE_TEST_REDIS_URL": "the test suite",
+    "FRAMEPIPE_TEST_AMQP_URL": "the test suite",
+    "FRAMEPIPE_TEST_MQTT_URL": "the test suite",
+    "FRAMEPIPE_UPDATE_SCREENSHOT": "the test suite (the README's pictures)",
+    "FRAMEPIPE_BENCH_REDIS_URL": "the benchmarks",
+    "FRAMEPIPE_BENCH_HOT_PATH": "the benchmarks",
+}
+"""The ``FRAMEPIPE_*`` variables that are not settings of :class:`Settings` but are read
+elsewhere (the value says where), so :func:`check_environment` accepts them. The one list of
+them: a name read anywhere in the tree is either a setting or here (checked by the tests)."""
+
+
+def check_environment(env: Mapping[str, str] | None = None) -> None:
+    """Refuse (:class:`ConfigError`) every ``FRAMEPIPE_*`` variable of ``env`` (default
+    ``os.environ``) that is neither a setting of :class:`Settings` nor one of
+    :data:`OTHER_VARIABLES`, naming it and the closest known name; values are not shown."""
+    known = {f"FRAMEPIPE_{name.upper()}" for name in Settings.model_fields} | set(OTHER_VARIABLES)
+    unknown = sorted(
+        name
+        for name in (os.environ if env is None else env)
+        if name.upper().startswith("FRAMEPIPE_") and name.upper() not in known
+    )
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{name}: no such setting{hint}")
+    raise ConfigError(f"invalid framepipe settings: {'; '.join(problems)}")
 
 
 def config_file(env: Mapping[str, str] | None = None) -> Path | None:
@@ -410,13 +461,16 @@ field of :class:`Settings` is in exactly one."""
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings; a bad value raises :class:`ConfigError` naming the variable."""
+    """Read the settings; a bad value or an unknown ``FRAMEPIPE_*`` variable raises
+    :class:`ConfigError` naming the variable."""
     return load_section(Settings, **overrides)
 
 
 def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
     """Read one section (or :class:`Settings`) alone; a bad value raises :class:`ConfigError`
-    naming the variable, an unknown keyword or config-file key naming it."""
+    naming the variable, an unknown keyword, config-file key or ``FRAMEPIPE_*`` variable
+    (:func:`check_environment`) naming it."""
+    check_environment()
     try:
         return section(**overrides)
     except ValidationError as exc:
