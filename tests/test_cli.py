@@ -856,6 +856,49 @@ def test_a_misspelt_framepipe_variable_exits_2_naming_the_closest_setting(tmp_pa
 SECRET = "S3cretPW"
 
 
+@pytest.mark.parametrize(
+    ("env", "args", "needle"),
+    [
+        ({"FRAMEPIPE_BROKER_URL": "redis:/127.0.0.1:6379/0"}, ["jobs", "list"], "BROKER_URL"),
+        ({"FRAMEPIPE_BROKER_URL": f"bogus://:{SECRET}@x"}, ["run", "x.py:p"], "BROKER_URL"),
+        ({"FRAMEPIPE_OBJECTS_URL": f"bogus://u:{SECRET}@x"}, ["serve"], "OBJECTS_URL"),
+        ({"FRAMEPIPE_SHUTDOWN_GRACE": "inf"}, ["serve"], "SHUTDOWN_GRACE"),
+        ({"FRAMEPIPE_HOME": "/etc/passwd"}, ["serve"], "FRAMEPIPE_HOME"),
+        ({}, ["--database-url", f"alice:{SECRET}@127.0.0.1/test", "jobs", "list"], "DATABASE_URL"),
+        (
+            {},
+            [
+                "--database-url",
+                f"postgresql+psycopg://a:{SECRET}@127.0.0.1:5432x/t",
+                "jobs",
+                "list",
+            ],
+            "port is not a number",
+        ),
+    ],
+)
+def test_bad_settings_exit_2_in_one_line_before_anything_starts(
+    tmp_path: Path, env: dict[str, str], args: list[str], needle: str
+) -> None:
+    result = runner.invoke(app, args, env={"FRAMEPIPE_HOME": str(tmp_path / "home"), **env})
+    assert_one_line_error(result, 2, needle)
+    assert SECRET not in result.output
+
+
+def test_a_worker_with_a_bad_broker_url_exits_2_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "framepipe", "--home", str(tmp_path), "worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "FRAMEPIPE_BROKER_URL": "redis:/127.0.0.1:6379/0"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "FRAMEPIPE_BROKER_URL" in proc.stderr and "it begins 'redis:/'" in proc.stderr
+
+
 @pytest.mark.postgres
 def test_a_database_password_in_the_query_is_never_shown(tmp_path: Path, pg_url: str) -> None:
     # libpq's documented form; the server trusts local connections, so this one connects.

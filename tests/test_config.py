@@ -251,3 +251,94 @@ def test_every_framepipe_variable_the_tree_names_is_a_setting_or_listed() -> Non
     unknown = {name: where for name, where in found.items() if name not in known | TYPOS}
     assert unknown == {}
     assert {"FRAMEPIPE_TEST_POSTGRES_URL", "FRAMEPIPE_NAMESPACE"} <= set(found)
+
+
+SECRET = "S3cretPW"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("FRAMEPIPE_DATABASE_URL", "garbage", "does not parse"),
+        ("FRAMEPIPE_DATABASE_URL", f"alice:{SECRET}@127.0.0.1/test", "does not parse"),
+        (
+            "FRAMEPIPE_DATABASE_URL",
+            f"postgresql+psycopg://alice:{SECRET}@127.0.0.1:5432x/test",
+            "port is not a number",
+        ),
+        ("FRAMEPIPE_DATABASE_URL", f"mysql://alice:{SECRET}@127.0.0.1/x", "SQLite or PostgreSQL"),
+        ("FRAMEPIPE_BROKER_URL", "redis:/127.0.0.1:6379/0", "it begins 'redis:/'"),
+        ("FRAMEPIPE_BROKER_URL", f"bogus://:{SECRET}@x", "it begins 'bogus://'"),
+        ("FRAMEPIPE_BROKER_URL", f"{SECRET}@127.0.0.1", "not a broker URL"),
+        ("FRAMEPIPE_OBJECTS_URL", f"bogus://u:{SECRET}@x", "not an object store URL"),
+        ("FRAMEPIPE_SHUTDOWN_GRACE", "inf", "finite"),
+        ("FRAMEPIPE_LEASE_SECONDS", "nan", "finite"),
+        ("FRAMEPIPE_HEARTBEAT_INTERVAL", "inf", "finite"),
+        ("FRAMEPIPE_RETRY_INITIAL_DELAY", "nan", "finite"),
+        ("FRAMEPIPE_EVENTS_RETENTION_DAYS", "inf", "finite"),
+    ],
+)
+def test_bad_values_are_refused_at_load_naming_the_setting_without_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert f"{variable}: " in message
+    assert needle in message
+    assert SECRET not in message
+    assert SECRET not in str(caught.value.__cause__)  # nor in the chained validation error
+
+
+def test_a_home_that_is_a_file_or_inside_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match=r"FRAMEPIPE_HOME: .*a-file is not a folder"):
+        load_settings(home=file)
+    with pytest.raises(ConfigError, match=r"FRAMEPIPE_HOME: .*is inside .*a-file, a file"):
+        load_settings(home=file / "deeper" / "home")
+    assert load_settings(home=tmp_path / "new" / "home").home == tmp_path / "new" / "home"
+    assert load_settings(home=tmp_path).home == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("broker_url", "memory://"),
+        ("broker_url", "redis://:pw@127.0.0.1:6379/0"),
+        ("broker_url", "rediss://h:6380/1"),
+        ("broker_url", "unix:///run/redis.sock"),
+        ("broker_url", "amqp://guest:guest@h:5672/"),
+        ("broker_url", "amqps://h/vhost"),
+        ("objects_url", "/srv/objects"),
+        ("objects_url", "relative/objects"),
+        ("objects_url", "file:///srv/objects"),
+        ("objects_url", "FILE:///srv/objects"),
+        ("objects_url", "s3://bucket/prefix?endpoint=http://127.0.0.1:1&region=x"),
+        ("database_url", "sqlite:///state.db"),
+        ("database_url", "sqlite://"),
+        ("database_url", "postgresql+psycopg://u:p@db:5432/x?options=-csearch_path%3Ds"),
+        ("database_url", "postgresql://db/x"),
+        ("shutdown_grace", 0.0),
+        ("events_retention_days", 0.5),
+    ],
+)
+def test_good_values_are_kept_as_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: object
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert getattr(load_settings(**{name: value}), name) == value
+
+
+def test_a_blank_broker_url_is_the_in_process_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_BROKER_URL", "")
+    settings = load_settings()
+    assert settings.broker_url == "memory://" and not settings.distributed_jobs

@@ -34,15 +34,19 @@ config file is shared: a section reads only its own keys, and :class:`Settings` 
 no section except those listed in :data:`COMPONENT_FILE_KEYS`.
 
 Refused at load (:func:`load_settings`, :func:`load_section`), as a :class:`ConfigError` naming
-the variable: a ``FRAMEPIPE_*`` variable that is neither a setting nor one of
-:data:`OTHER_VARIABLES` (a misspelt name, with the closest one suggested; its value is not
-shown).
+the variable and never repeating a secret: a ``FRAMEPIPE_*`` variable that is neither a setting
+nor one of :data:`OTHER_VARIABLES` (a misspelt name, with the closest one suggested); a
+database URL that does not parse or names neither SQLite nor PostgreSQL; a broker URL of no
+known scheme; an object store URL of a scheme other than ``file`` and ``s3`` (only the scheme is
+checked: nothing is contacted); a home that exists and is not a folder; an infinite or NaN
+number.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,11 +61,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from framepipe.amqp import is_amqp_url
-from framepipe.errors import ConfigError
-from framepipe.redis import is_redis_url
+from framepipe.amqp import AMQP_SCHEMES, is_amqp_url
+from framepipe.errors import ConfigError, StateStoreError
+from framepipe.redis import REDIS_SCHEMES, is_redis_url
 
 __all__ = [
+    "BROKER_SCHEMES",
     "COMPONENT_FILE_KEYS",
     "OTHER_VARIABLES",
     "SECTIONS",
@@ -109,6 +114,19 @@ OTHER_VARIABLES: dict[str, str] = {
 """The ``FRAMEPIPE_*`` variables that are not settings of :class:`Settings` but are read
 elsewhere (the value says where), so :func:`check_environment` accepts them. The one list of
 them: a name read anywhere in the tree is either a setting or here (checked by the tests)."""
+
+BROKER_SCHEMES = ("memory://", *REDIS_SCHEMES, *AMQP_SCHEMES)
+"""The schemes a broker URL may have: ``memory://`` (in-process), Redis, AMQP."""
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
+_SCHEME_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _beginning(url: str) -> str:
+    """How ``url`` begins, for a message about its scheme: the scheme and the slashes after it,
+    never what follows (a password may)."""
+    match = _SCHEME.match(url)
+    return f"it begins {match.group()!r}" if match else "it has no scheme"
 
 
 def check_environment(env: Mapping[str, str] | None = None) -> None:
@@ -163,7 +181,9 @@ class SettingsSection(BaseSettings):
     else the config file's ``<field>`` key, else its default. An unknown keyword is refused; a
     section loaded alone reads only its own keys of the file (the rest belong to others)."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="FRAMEPIPE_", extra="forbid", allow_inf_nan=False, hide_input_in_errors=True
+    )
 
     @classmethod
     def _from_file(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -215,6 +235,42 @@ class StorageSettings(SettingsSection):
         "publishes its events, segment counts, health and availability there "
         "(framepipe.mqtt; pip install 'framepipe[mqtt]'); unset: no MQTT.",
     )
+
+    @field_validator("home")
+    @classmethod
+    def _home(cls, value: Path) -> Path:
+        for folder in (value, *value.absolute().parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    what = "is not a folder" if folder == value else f"is inside {folder}, a file"
+                    raise ValueError(f"{value} {what}")
+                break
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        from framepipe.backends.state.store import parse_database_url
+
+        try:
+            parse_database_url(value)
+        except StateStoreError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("objects_url")
+    @classmethod
+    def _objects_url(cls, value: str | None) -> str | None:
+        # Only the scheme, as open_object_store reads it; nothing is opened or contacted here.
+        match = _SCHEME_SLASHES.match(value or "")
+        if match and match.group(1).lower() not in ("file", "s3"):
+            raise ValueError(
+                f"not an object store URL ({_beginning(value or '')}): give a folder, "
+                "file:///absolute/path or s3://bucket/prefix"
+            )
+        return value
 
     @field_validator("mqtt_url")
     @classmethod
@@ -336,6 +392,18 @@ class WorkerSettings(SettingsSection):
             return is_redis_url(self.broker_url) or is_amqp_url(self.broker_url)
         return self.jobs_mode == "workers"
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if not value.strip():
+            return "memory://"
+        if not value.startswith(BROKER_SCHEMES):
+            raise ValueError(
+                f"not a broker URL ({_beginning(value)}): give memory:// (in-process), "
+                "redis://, rediss:// or unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
+            )
+        return value
+
 
 class ServerSettings(SettingsSection):
     """The HTTP service: its bearer token, the hosts and web origins it answers, the largest
@@ -437,7 +505,9 @@ class Settings(
     ``FRAMEPIPE_<FIELD>`` and the config file's ``<field>`` key; an unknown keyword argument or
     config-file key (other than :data:`COMPONENT_FILE_KEYS`) is refused."""
 
-    model_config = SettingsConfigDict(env_prefix="FRAMEPIPE_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="FRAMEPIPE_", extra="forbid", allow_inf_nan=False, hide_input_in_errors=True
+    )
 
     @classmethod
     def _from_file(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def worker(
 
     with errors():
         setup_tracing("framepipe-worker")
+        settings = settings_of(ctx, broker_url=broker_url)  # bad settings: before the tail
         tail = OutputTail().start()
-        settings = settings_of(ctx, broker_url=broker_url)
         loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])
         engine = Worker(settings, concurrency=concurrency, pipelines=loaded, output_tail=tail.text)
 
