@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
@@ -911,3 +912,33 @@ def test_a_database_password_in_the_query_is_never_shown(tmp_path: Path, pg_url:
     result = runner.invoke(app, ["--database-url", down, "jobs", "list"])
     assert_one_line_error(result, 1, "cannot open database", "password=***")
     assert SECRET not in result.output
+
+
+@pytest.mark.slow
+def test_serve_on_port_0_prints_the_port_it_serves(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "framepipe", "--home", str(tmp_path), "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FRAMEPIPE_API_TOKEN": "port-zero-token"},
+    )
+    try:
+        assert proc.stdout is not None
+        link = ""
+        while "Dashboard:" not in link:
+            link = proc.stdout.readline()
+            assert link or proc.poll() is None, "framepipe serve exited"
+        port = int(link.split("http://127.0.0.1:", 1)[1].split("/", 1)[0])
+        assert port != 0, link
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until("the service to answer on the printed port", healthy, 30, interval=0.1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

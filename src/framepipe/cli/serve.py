@@ -3,22 +3,26 @@
 Guarantees: it refuses (exit 2) to bind anything but a loopback address without a configured
 token; without one on loopback it makes a token for the run and prints it only in the
 dashboard link's fragment (unless ``--no-token``); a state database that cannot be written
-exits 1 before anything is served.
+exits 1 before anything is served. The address is bound before the link is printed, so the link
+names the port served (the one the system picked for ``--port 0``); an address that cannot be
+bound exits 2.
 """
 
+import errno
 import ipaddress
 import secrets
+import socket
 from typing import Annotated
 
 import typer
 
 from framepipe.cli.common import UsageError, console, errors, open_store, say, settings_of
 from framepipe.config import Settings
-from framepipe.errors import MissingDependencyError, StateStoreError
+from framepipe.errors import ConfigError, MissingDependencyError, StateStoreError
 from framepipe.jobs.loading import resolve_pipeline, resolve_target
 from framepipe.tracing import setup_tracing
 
-__all__ = ["check_exposure", "serve"]
+__all__ = ["bind", "check_exposure", "serve"]
 
 
 def check_exposure(host: str, settings: Settings) -> None:
@@ -33,6 +37,22 @@ def check_exposure(host: str, settings: Settings) -> None:
             f"refusing to serve on {host} without a token: set "
             "FRAMEPIPE_API_TOKEN (or bind 127.0.0.1)"
         )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: one the system picks, which
+    ``sock.getsockname()`` says), not yet listening; :class:`ConfigError` naming the address
+    when it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (--port 0 takes a free one)" if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
+    return sock
 
 
 def serve(
@@ -111,8 +131,9 @@ def serve(
         except ModuleNotFoundError as exc:
             raise MissingDependencyError("uvicorn", "server", "framepipe serve") from exc
 
+        sock = bind(host, port)
         shown = f"[{host}]" if ":" in host else host
-        link = f"http://{shown}:{port}/"
+        link = f"http://{shown}:{sock.getsockname()[1]}/"
         if token and settings.api_token is None:
             link += f"#token={token}"
             say(
@@ -121,13 +142,20 @@ def serve(
                 "one; --no-token for none on loopback).",
             )
         say(console(), f"Dashboard: {link}")
-        try:
-            uvicorn.run(
-                application,
-                host=host,
-                port=port,
-                log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
-            )
+        config = uvicorn.Config(
+            application,
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
+        )
+        server = uvicorn.Server(config)
+        try:  # as uvicorn.run does, on the socket bound above
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
         finally:
+            sock.close()
             store.close()
+        if not server.started:
+            raise typer.Exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
