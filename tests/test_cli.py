@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner, Result
 
+from conftest import REDIS_URL, redis_namespace
 from framepipe import __version__
 from framepipe.backends.state import SCHEMA_HEAD
 from framepipe.cli import app, parse_inputs
@@ -942,3 +943,75 @@ def test_serve_on_port_0_prints_the_port_it_serves(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_retry_with_another_pipeline_on_workers_is_refused_and_without_it_runs_there(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The workers load an execution's pipeline from the reference stored with it: `jobs
+    retry --pipeline ELSEWHERE` is refused (exit 2, not resumed) rather than ignored, and
+    `jobs retry` without it needs no pipeline here (the file moved) and resumes it there."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    file = write(old / "flaky.py", FLAKY)
+    with redis_namespace("fpcliretry") as namespace:
+        env = {
+            **os.environ,
+            "FRAMEPIPE_HOME": str(tmp_path / "home"),
+            "FRAMEPIPE_DATABASE_URL": pg_url,
+            "FRAMEPIPE_BROKER_URL": REDIS_URL,
+            "FRAMEPIPE_BROKER_NAMESPACE": namespace,
+            "FRAMEPIPE_SWEEP_INTERVAL": "0.2",
+        }
+
+        def command(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "framepipe", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        def worker(*args: str) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "framepipe", "worker", "-c", "2", *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+
+        first = worker()
+        try:
+            ran = command("run", "-q", "--json", f"{file}:pipeline")
+            assert ran.returncode == 1, ran.stderr
+            execution_id = json.loads(ran.stdout)["id"]
+            assert runs(old) == ["prepare", "process"]
+        finally:
+            first.terminate()
+            first.wait(30)
+        file.rename(new / "flaky.py")  # the code moved, and is fixed
+        (new / "fixed").touch()
+
+        refused = command(
+            "jobs", "retry", execution_id, "-q", "--pipeline", f"{new}/flaky.py:flaky"
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert "runs on workers" in refused.stderr and "Traceback" not in refused.stderr
+        shown = json.loads(command("jobs", "show", execution_id, "--json").stdout)
+        assert (shown["status"], shown["runs"]) == ("failed", 1)  # not resumed
+
+        second = worker("--pipeline", f"{new}/flaky.py:flaky")
+        try:
+            retried = command("jobs", "retry", execution_id, "-q", "--json")
+            assert retried.returncode == 0, retried.stderr
+            assert json.loads(retried.stdout)["status"] == "completed"
+        finally:
+            second.terminate()
+            second.wait(30)
+        assert runs(new) == ["process"]

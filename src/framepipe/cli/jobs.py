@@ -3,6 +3,9 @@ job client (ids may be unique prefixes).
 
 Guarantees: tables and ``--json`` go to stdout; an unknown status exits 2, an unknown id or an
 execution that cannot be retried exits 1; ``retry`` follows the execution like ``run``.
+``retry`` of an execution that runs on workers does not load its pipeline (the workers load it
+from the reference stored with it), and ``--pipeline`` naming another reference exits 2
+without resuming it (see :func:`jobs_retry`).
 """
 
 import json
@@ -32,7 +35,10 @@ from framepipe.cli.follow import follow_and_exit
 from framepipe.jobs.client import JobClient, check_retryable
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import ExecutionStatus
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import execution_mode
 from framepipe.jobs.sync_client import SyncJobClient
+from framepipe.jobs.transitions import MODE as WORKERS_MODE
 
 __all__ = ["jobs_app"]
 
@@ -166,35 +172,55 @@ def jobs_retry(
         typer.Option(
             "--pipeline",
             metavar="FILE.py:NAME",
-            help="Load the pipeline from here instead of the reference stored with it.",
+            help="Load the pipeline from here instead of the reference stored with it "
+            "(an execution on workers: only its stored reference, which they load).",
         ),
     ] = None,
     concurrency: ConcurrencyOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Resume a failed, cancelled or interrupted execution; completed steps are not re-run."""
+    """Resume a failed, cancelled or interrupted execution; completed steps are not re-run.
+
+    An execution that runs on workers is resumed there, and they load its pipeline from the
+    reference stored with it: this command need not load it, and --pipeline naming another
+    one is refused rather than ignored (workers started with `framepipe worker --pipeline
+    FILE.py:NAME` run that pipeline when the stored reference does not load)."""
     with errors():
         settings = settings_of(ctx)
         with SyncJobClient(settings=settings) as client:
             info = client.get(execution_id, with_steps=False)
+            on_workers = execution_mode(client.client.store, info.id) == WORKERS_MODE
         check_retryable(info)
-        ref = pipeline_ref or info.pipeline_ref
-        if not ref:
-            raise UsageError(
-                f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
-                "pipeline reference: pass --pipeline FILE.py:NAME"
-            )
-        loaded = resolve_pipeline(ref)
+        pipeline: Pipeline | None = None
+        if pipeline_ref or not on_workers:
+            ref = pipeline_ref or info.pipeline_ref
+            if not ref:
+                raise UsageError(
+                    f"execution {info.id[:12]} of pipeline '{info.pipeline}' has no stored "
+                    "pipeline reference: pass --pipeline FILE.py:NAME"
+                )
+            loaded = resolve_pipeline(ref)
+            if on_workers and loaded.ref != info.pipeline_ref:
+                # The engine resumes a workers' execution without the pipeline given to it:
+                # the workers would load the stored reference, so this is refused, not ignored.
+                raise UsageError(
+                    f"--pipeline {pipeline_ref}: execution {info.id[:12]} runs on workers, "
+                    "which load its pipeline from the reference stored with it "
+                    f"({info.pipeline_ref or 'none'}), not from one given here; retry without "
+                    "--pipeline (workers started with `framepipe worker --pipeline "
+                    "FILE.py:NAME` run that pipeline when the stored reference does not load)"
+                )
+            pipeline = loaded.pipeline
         full_id = info.id
 
         async def begin(client: JobClient) -> str:
-            return await client.retry(full_id, loaded.pipeline)
+            return await client.retry(full_id, pipeline)
 
         follow_and_exit(
             settings,
             begin,
-            label=loaded.pipeline.name,
+            label=pipeline.name if pipeline is not None else info.pipeline,
             quiet=quiet,
             as_json=as_json,
             concurrency=concurrency,

@@ -127,11 +127,16 @@ def submit(
     return execution_id, tx.ready, committed
 
 
-def resume(store: StateStore, execution_id: str) -> tuple[str, list[Delivery], list[Event]]:
+def resume(
+    store: StateStore, execution_id: str, *, ref: str | None = None
+) -> tuple[str, list[Delivery], list[Event]]:
     """Resume a failed, cancelled or interrupted distributed execution from where it stopped:
     completed steps are kept, the others run again with fresh retry budgets (crash counts are
-    kept); its inputs and recorded ``input_roots`` are kept. Returns the full id, the steps
-    to publish and the committed events."""
+    kept); its inputs and recorded ``input_roots`` are kept. ``ref``, when given, becomes the
+    pipeline reference stored with it, in the same transaction, so the workers load the
+    pipeline from there from this run on (the code moved; the caller checked it loads a
+    pipeline of the execution's name). Returns the full id, the steps to publish and the
+    committed events."""
     execution_id = find_execution(store, execution_id)
     now = time.time()
     with store.write() as conn:
@@ -199,10 +204,13 @@ def resume(store: StateStore, execution_id: str) -> tuple[str, list[Delivery], l
         x.unfinished, x.active = int(totals[1] or 0), int(totals[2] or 0)
         x.wsum, x.wtotal = float(totals[3]), float(totals[4])
         x.status, x.error, x.finished_at = RUNNING, None, None
+        changed: dict[str, Any] = {"runs": executions.c.runs + 1, "cancel_requested": False}
+        if ref:
+            changed["pipeline_ref"] = x.pipeline_ref = ref
         runs = conn.execute(
             executions.update()
             .where(executions.c.id == execution_id)
-            .values(runs=executions.c.runs + 1, cancel_requested=False)
+            .values(**changed)
             .returning(executions.c.runs)
         ).scalar_one()
         with_names = sa.select(step_deps.c.step_key).where(
@@ -244,9 +252,11 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 # -- what workers commit ---------------------------------------------------------------------
 
 
-Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None, str | None]]
+Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None, str | None, int]]
 """What :func:`claim` caches per execution id: (pipeline, reference, inputs, input_roots,
-traceparent), which never change after the submit."""
+traceparent, runs). Only a resume changes any of them (the reference, when it is given a new
+one), and it counts a new run: an entry is used only while the execution's ``runs`` is still
+the one cached."""
 
 
 def claim(
@@ -259,8 +269,11 @@ def claim(
 ) -> tuple[list[Claimed], list[Event]]:
     """Take the delivered steps that are still ready in a running execution, each as a new
     attempt with a lease of ``lease`` seconds. Stale deliveries are skipped. ``known`` caches
-    each execution's (pipeline, reference, inputs, input_roots), which never change; it is
-    filled here (one query for the executions not in it, none for those that are).
+    each execution's (pipeline, reference, inputs, input_roots, traceparent, runs); it is
+    filled here (one query for the executions not in it, none for those that are). A cached
+    execution's steps are claimed only while its ``runs`` is the one cached; when that claims
+    nothing (resumed since, perhaps with a new reference, or a stale delivery), the entry is
+    dropped and the claim made again without it.
 
     Not a durable commit: if the database loses it in a crash, the step is ready again and
     this attempt's later writes are fenced off."""
@@ -290,6 +303,14 @@ def _claim_in(
     rows: list[Any] = []
     for execution_id in sorted(by_exec):
         claim = claim_statement(execution_id, by_exec[execution_id], worker, lease, now)
+        cached = known.get(execution_id)
+        if cached is not None:
+            same_run = running.where(executions.c.runs == cached[5])
+            got = conn.execute(claim.where(steps.c.execution_id.in_(same_run))).all()
+            if got:
+                rows.extend(got)
+                continue
+            del known[execution_id]
         rows.extend(conn.execute(claim.where(steps.c.execution_id.in_(running))).all())
     if not rows:
         return [], []
@@ -305,12 +326,20 @@ def _claim_in(
                 executions.c.inputs,
                 executions.c.input_roots,
                 executions.c.traceparent,
+                executions.c.runs,
             ).where(executions.c.id.in_(sorted(missing)))
         ):
-            known[x.id] = (x.pipeline, x.pipeline_ref, x.inputs, x.input_roots, x.traceparent)
+            known[x.id] = (
+                x.pipeline,
+                x.pipeline_ref,
+                x.inputs,
+                x.input_roots,
+                x.traceparent,
+                x.runs,
+            )
     claimed = []
     for r in rows:
-        pipeline, ref, inputs, roots, traceparent = known[r.execution_id]
+        pipeline, ref, inputs, roots, traceparent, _runs = known[r.execution_id]
         claimed.append(
             Claimed(
                 execution_id=r.execution_id,
