@@ -1689,3 +1689,71 @@ def test_a_cameras_password_shows_nowhere_but_in_the_capture_command(
     if capture == "ffmpeg":  # ffmpeg's own error names the URL: masked in the error and tail
         assert f"stderr: {masked}" in str(died[0]["error"])
         assert f"{masked}/stream: Connection refused" in texts["logs"]
+
+
+def test_command_child_reaped_before_its_pidfd_is_opened_is_still_noticed() -> None:
+    """asyncio's child watcher (a thread) may reap a child that dies at once before the
+    session opens its pidfd. Made so here: the child (whose grandchild keeps stdout open) is
+    reaped before the watch starts. Its death is still noticed: the group is killed after the
+    orphan grace, which ends stdout, and the exit code comes through."""
+    from framepipe.sources.command import _watch_exit
+
+    async def main() -> tuple[int, int]:
+        proc = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            "sleep 60 & echo $!; exit 3",
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        grandchild = int(await proc.stdout.readline())
+        try:
+            await wait_until_async("asyncio reaps the child", lambda: proc.returncode is not None)
+            assert pid_alive(grandchild)  # and holds stdout open
+            unwatch = _watch_exit(proc.pid)
+            try:
+                await asyncio.wait_for(proc.stdout.read(), 20)  # its end: the group was killed
+            finally:
+                unwatch()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.stdout.read()
+        return await proc.wait(), grandchild
+
+    code, grandchild = run(main())
+    assert code == 3
+    wait_until("the grandchild is killed", lambda: not pid_alive(grandchild), 10)
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    members.append(int(entry.name))
+    return members
+
+
+def test_command_child_dying_at_once_with_a_grandchild_holding_stdout_ends_its_session() -> None:
+    """End to end, repeated (the watcher wins the race in some of them): every session of a
+    child that exits at once while its grandchild keeps stdout open ends with the exit code,
+    and its process group is gone."""
+
+    async def main() -> list[Session]:
+        sessions = []
+        for _ in range(12):
+            source = CommandSource(["sh", "-c", "sleep 60 & exit 3"], "quick")
+            sessions.append(await asyncio.wait_for(collect(source), 20))
+        return sessions
+
+    sessions = run(main())
+    for session in sessions:
+        assert isinstance(session.error, CaptureExitedError) and session.error.exit_code == 3
+        assert "exit code: 3" in str(session.error)
+    groups = [session.started[0] or 0 for session in sessions]
+    wait_until("the groups are gone", lambda: not [g for g in groups if group_members(g)], 10)

@@ -22,7 +22,8 @@ Guarantees of one :meth:`CommandSource.frames` session:
   or one pass of a looped one (``loop=True``) exit 0 is the normal end: the session returns.
   On Linux a pidfd also watches the child itself, so a
   child that dies while a grandchild keeps the pipes open is noticed too (its process group is
-  killed half a second after its death, which ends stdout).
+  killed half a second after its death, which ends stdout), also when it died so soon that
+  asyncio's child watcher had reaped it before the pidfd was opened.
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
   stdout offset: more than ``max_garbage_bytes`` without a JPEG frame, a frame larger than
   ``max_frame_bytes``, or a JPEG frame that fails to decode.
@@ -299,8 +300,10 @@ class CommandSource(Source):
         self._proc = proc
         tail: deque[str] = deque(maxlen=max(1, self.stderr_lines))
         stderr_task = asyncio.create_task(self._drain_stderr(proc.stderr, tail))
-        exited = asyncio.create_task(proc.wait())  # done once it exited and closed its pipes
-        unwatch = _watch_exit(proc.pid, exited)
+        # done once it exited and closed its pipes (or, when asyncio saw the exit before this
+        # task began, once it exited: the watch below then kills what holds the pipes)
+        exited = asyncio.create_task(proc.wait())
+        unwatch = _watch_exit(proc.pid)
         self._log.info("capture started (PID: %d): %s", proc.pid, self.describe())
         try:
             if started is not None:
@@ -476,22 +479,32 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _watch_exit(pid: int, exited: asyncio.Task[int]) -> Callable[[], None]:
-    """Kill the process group of ``pid`` if its pipes stay open after it died (Linux pidfd).
+def _watch_exit(pid: int) -> Callable[[], None]:
+    """Kill the process group of ``pid`` half a second after ``pid`` died (Linux pidfd), so
+    leftovers holding its pipes cannot keep the session waiting for their end.
 
-    Returns the function that stops watching. Event-driven: the pidfd becomes readable when
-    the child exits; nothing polls.
+    Returns the function that stops watching (the session calls it as it ends, so the group
+    is killed only when the session outlived the child's death by the grace). Event-driven:
+    the pidfd becomes readable when the child exits; nothing polls.
+
+    A child with no pidfd to open was reaped already: asyncio's child watcher (a thread, or
+    its own pidfd) reaps a child that dies at once while the session's pipes are being
+    connected. It is dead, so its grace starts now. Whether the session is done with its pipes
+    is not asked of ``Process.wait()``: it waits for the pipes to close only when it begins
+    before asyncio saw the exit, and here asyncio may have seen it first.
     """
     loop = asyncio.get_running_loop()
     timer: list[asyncio.TimerHandle] = []
 
     def kill_leftovers() -> None:
-        if not exited.done():
-            _kill_group(pid, signal.SIGKILL)
+        _kill_group(pid, signal.SIGKILL)
 
     try:
         fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3, or already reaped
+    except ProcessLookupError:  # reaped already: dead
+        timer.append(loop.call_later(_ORPHAN_GRACE, kill_leftovers))
+        return timer[0].cancel
+    except (AttributeError, OSError):  # not Linux >= 5.3
         return lambda: None
 
     def on_exit() -> None:
