@@ -36,9 +36,7 @@ from framepipe.jobs.client import JobClient, check_retryable
 from framepipe.jobs.loading import resolve_pipeline
 from framepipe.jobs.models import ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import execution_mode
 from framepipe.jobs.sync_client import SyncJobClient
-from framepipe.jobs.transitions import MODE as WORKERS_MODE
 
 __all__ = ["jobs_app"]
 
@@ -190,7 +188,7 @@ def jobs_retry(
         settings = settings_of(ctx)
         with SyncJobClient(settings=settings) as client:
             info = client.get(execution_id, with_steps=False)
-            on_workers = execution_mode(client.client.store, info.id) == WORKERS_MODE
+            on_workers = _on_workers(client, info.id)
         check_retryable(info)
         pipeline: Pipeline | None = None
         if pipeline_ref or not on_workers:
@@ -225,6 +223,16 @@ def jobs_retry(
             as_json=as_json,
             concurrency=concurrency,
         )
+
+
+def _on_workers(client: SyncJobClient, execution_id: str) -> bool:
+    """True when the execution runs on workers, as its ``execution.started`` event records it
+    (read through the job client, which shows the mode nowhere else; an event that does not
+    say counts as embedded)."""
+    for event in client.events(execution_id, limit=10):
+        if event.type == "execution.started":
+            return bool(event.data.get("mode") == "workers")
+    return False
 
 
 @jobs_app.command("cancel")
