@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from framepipe import Pipeline, StepContext
 from framepipe.app import App
 from framepipe.backends.state import StateStore
-from framepipe.backends.state.event_log import append_events
+from framepipe.backends.state.event_log import append_events, insert_events
 from framepipe.backends.state.retention import prune_events
 from framepipe.cli import app as cli_app
 from framepipe.config import Settings
@@ -382,6 +382,92 @@ def test_the_feed_goes_on_after_the_newest_events_are_pruned(
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
         page = client.get("/api/events", params={"after": max(old)}).json()
     assert [e["id"] for e in page["events"]] == new
+
+
+def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
+    server: Server, settings: Settings
+) -> None:
+    """Writer A takes its event id and holds its transaction open (from the test); writer B
+    writes an event meanwhile. Both reach ``/ws`` and ``GET /api/events?after=``, in id order.
+    On PostgreSQL B's id was the higher and committed first: the feed read it and passed A's
+    id for good, and so did a client paging with ``after`` (found in review). Now B waits for
+    A's commit (an advisory lock in insert_events), as on SQLite (the write lock)."""
+    ws_url = f"ws://127.0.0.1:{server.port}/ws?token={TOKEN}"
+    a_inserted, release, b_starting, b_done = (threading.Event() for _ in range(4))
+    b_pid: list[int] = []
+    ids: dict[str, int] = {}
+
+    def writer_a(store: StateStore) -> None:
+        with store.write() as conn:
+            ids["a"] = insert_events(store, conn, _app_events("writer.a", 1))[0].id or 0
+            a_inserted.set()
+            assert release.wait(60)
+
+    def writer_b(store: StateStore) -> None:
+        b_starting.set()
+        with store.write() as conn:
+            if store.dialect == "postgresql":
+                b_pid.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+            ids["b"] = insert_events(store, conn, _app_events("writer.b", 1))[0].id or 0
+        b_done.set()
+
+    def b_committed_or_waits(store: StateStore) -> bool:
+        if b_done.is_set():
+            return True
+        if store.dialect == "sqlite":  # its write lock: B cannot get past BEGIN IMMEDIATE
+            return b_starting.is_set()
+        if not b_pid:
+            return False
+        with store.read() as conn:
+            waiting = conn.exec_driver_sql(
+                f"SELECT wait_event_type FROM pg_stat_activity WHERE pid = {b_pid[0]}"
+            ).scalar()
+        return bool(waiting == "Lock")
+
+    async def scenario(store: StateStore, client: httpx.AsyncClient) -> dict[str, Any]:
+        async with websockets.connect(ws_url) as ws:
+            snapshot = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            heard: list[tuple[int, str]] = []
+
+            async def hear(until: Any, patience: float) -> None:
+                deadline = time.monotonic() + patience
+                while not until() and time.monotonic() < deadline:
+                    try:
+                        message = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
+                    except TimeoutError:
+                        continue
+                    if message["type"] == "event":
+                        heard.append((message["event"]["id"], message["event"]["type"]))
+
+            a = threading.Thread(target=writer_a, args=(store,), daemon=True)
+            a.start()
+            assert await asyncio.to_thread(a_inserted.wait, 30)
+            b = threading.Thread(target=writer_b, args=(store,), daemon=True)
+            b.start()
+            await wait_until_async(
+                "writer B to commit or wait", lambda: b_committed_or_waits(store)
+            )
+            if b_done.is_set():  # B committed first: let the feed read it before A commits
+                await hear(lambda: len(heard) >= 1, 30)
+            first = (await client.get("/api/events", params={"after": snapshot["after"]})).json()
+            release.set()
+            await asyncio.to_thread(a.join, 30)
+            await asyncio.to_thread(b.join, 30)
+            await hear(lambda: len(heard) >= 2, 15)
+            rest = (await client.get("/api/events", params={"after": first["next"]})).json()
+            paged = [(e["id"], e["type"]) for e in first["events"] + rest["events"]]
+            return {"heard": heard, "paged": paged}
+
+    async def main(store: StateStore) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH) as client:
+            return await scenario(store, client)
+
+    with StateStore(settings.resolved_database_url) as store:
+        got = asyncio.run(main(store))
+    assert ids["a"] < ids["b"]
+    expected = [(ids["a"], "writer.a"), (ids["b"], "writer.b")]
+    assert got["heard"] == expected
+    assert got["paged"] == expected
 
 
 def test_the_feed_follows_event_ids_given_again(database_url: str) -> None:
