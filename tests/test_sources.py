@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -736,10 +737,17 @@ def test_command_stderr_tail_keeps_the_last_lines() -> None:
     assert session.error.stderr_tail.splitlines() == [f"line {i}" for i in range(196, 201)]
 
 
-def test_command_missing_executable() -> None:
+def test_command_missing_executable(tmp_path: Path) -> None:
     session = run(collect(CommandSource(["no-such-capture-tool", "-x"], "nx")))
     assert isinstance(session.error, SourceError)
     assert "no-such-capture-tool" in str(session.error)
+    assert "No such file or directory" in str(session.error)
+    assert session.started == []  # refused before any process (the wrapper's included) ran
+    script = tmp_path / "capture.sh"
+    script.write_text("#!/bin/sh\n")  # not executable
+    session = run(collect(CommandSource([str(script)], "nx")))
+    assert isinstance(session.error, SourceError)
+    assert "Permission denied" in str(session.error) and str(script) in str(session.error)
 
 
 @pytest.mark.parametrize(
@@ -1757,3 +1765,65 @@ def test_command_child_dying_at_once_with_a_grandchild_holding_stdout_ends_its_s
         assert "exit code: 3" in str(session.error)
     groups = [session.started[0] or 0 for session in sessions]
     wait_until("the groups are gone", lambda: not [g for g in groups if group_members(g)], 10)
+
+
+_READER = """
+import asyncio, sys
+from framepipe.sources import command
+
+async def main() -> None:
+    source = command.CommandSource(sys.argv[1:], "orphan")
+    frames = source.frames()
+    first = asyncio.ensure_future(frames.__anext__())  # a camera that never sends: waits
+    while source.pid is None:
+        await asyncio.sleep(0.01)
+    wrapper = getattr(command, "_pdeathsig_wrapper", lambda: ("none", ""))()[0]
+    print(source.pid, wrapper, flush=True)
+    await first
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "sig"),
+    [("setpriv", signal.SIGKILL), ("python", signal.SIGKILL), ("setpriv", signal.SIGTERM)],
+)
+def test_a_capture_does_not_outlive_the_process_that_reads_it(
+    wrapper: str, sig: signal.Signals, tmp_path: Path
+) -> None:
+    """A library user's process reading a capture of a camera that never sends (so the
+    capture never meets a closed pipe) is killed: the capture process goes with it, through
+    ``setpriv`` or, without it on the PATH, the Python launcher."""
+    ffmpeg = need_tool("ffmpeg")
+    env = dict(os.environ)
+    if wrapper == "setpriv":
+        need_tool("setpriv")
+    else:
+        env["PATH"] = str(tmp_path)  # no setpriv: the Python launcher sets the signal
+    with socket.socket() as camera:
+        camera.bind(("127.0.0.1", 0))
+        camera.listen(8)  # accepts, never answers
+        url = f"rtsp://127.0.0.1:{camera.getsockname()[1]}/cam"
+        argv = [ffmpeg, "-hide_banner", "-rtsp_transport", "tcp", "-i", url, "-f", "mjpeg", "-"]
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, *argv], stdout=subprocess.PIPE, text=True, env=env
+        )
+        pid = 0
+        try:
+            assert reader.stdout is not None
+            line = reader.stdout.readline().split()
+            pid, used = int(line[0]), line[1]
+            assert used == wrapper
+            # the wrapper ran ffmpeg in its place: same pid, the capture's own process group
+            wait_until("ffmpeg runs", lambda: os.readlink(f"/proc/{pid}/exe").endswith("ffmpeg"))
+            assert os.getpgid(pid) == pid
+            reader.send_signal(sig)
+            assert reader.wait(20) == -sig
+            wait_until("the capture ends with its reader", lambda: not pid_alive(pid), 20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+            if pid and pid_alive(pid):
+                os.killpg(pid, signal.SIGKILL)

@@ -27,6 +27,9 @@ Guarantees of one :meth:`CommandSource.frames` session:
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
   stdout offset: more than ``max_garbage_bytes`` without a JPEG frame, a frame larger than
   ``max_frame_bytes``, or a JPEG frame that fails to decode.
+* The capture does not outlive this process: on Linux it is started with a parent-death
+  signal (SIGKILL when the thread that started it, the event loop's, ends: this process
+  killed, by SIGKILL too, or its loop's thread gone), see :func:`parent_death_command`.
 * Closing or cancelling the iterator, or any error, terminates the whole process group
   (SIGTERM, then SIGKILL after 2 s) and reaps the child: no zombie, no orphan. Stdout is
   drained meanwhile, so a consumer that fell behind (a full pipe) does not hold it up: a child
@@ -37,9 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import os
 import shlex
+import shutil
 import signal
+import subprocess
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Literal
@@ -55,7 +63,7 @@ from framepipe.pipes import lines
 from framepipe.sources.base import Source, StartedCallback
 from framepipe.urls import safe_text
 
-__all__ = ["CommandSource"]
+__all__ = ["CommandSource", "parent_death_command"]
 
 Image = npt.NDArray[np.uint8]
 
@@ -281,8 +289,9 @@ class CommandSource(Source):
         )
         self._log.info("Starting persistent %s pipeline...", _program(self.argv[0]))
         try:
+            command = parent_death_command(self.argv, env)
             proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -457,6 +466,76 @@ class _RawReader:
             return pixels.copy()  # writable, like every other frame's image
         code = cv2.COLOR_RGB2BGR if self.source.pix_fmt == "rgb24" else cv2.COLOR_GRAY2BGR
         return np.asarray(cv2.cvtColor(pixels, code), dtype=np.uint8)
+
+
+_PDEATHSIG_LAUNCHER = """\
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0):  # PR_SET_PDEATHSIG, SIGKILL
+    sys.exit("prctl(PR_SET_PDEATHSIG): " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):  # the parent died before prctl: nobody to capture for
+    os._exit(1)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"cannot run {sys.argv[2]}: {exc}", file=sys.stderr)
+    os._exit(127)
+"""
+
+
+def parent_death_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """``argv`` started so that it gets SIGKILL when the thread that starts it ends (Linux's
+    ``PR_SET_PDEATHSIG``): a capture does not outlive the process that reads it, however that
+    process ends (SIGKILL included).
+
+    The signal is set by a wrapper that then executes ``argv`` in its place (same pid, same
+    process group): ``setpriv --pdeathsig KILL --`` (util-linux) when installed, else this
+    Python with ``-I -S -c`` and ``prctl`` through ctypes, which also closes the window in
+    which the parent dies before the signal is set (it checks its parent pid after
+    ``prctl``; ``setpriv`` does not). A ``preexec_fn`` would do it without a wrapper but is
+    not safe in a process with threads. Start-up cost measured here (median of 40 runs of
+    ``true``): 1.4 ms direct, 2.1 ms through setpriv, 19 ms through Python; a capture starts
+    once per session, and ffmpeg or gst-launch-1.0 take tens of milliseconds to open their
+    input. Elsewhere than Linux, or without either wrapper (a frozen application), ``argv``
+    is returned as it is.
+
+    The signal is tied to the *thread* that forks: asyncio starts a subprocess from its
+    event loop's thread, which runs as long as the loop, and a session cannot outlive its
+    loop (a loop run from one thread, then from another, would see a capture started from
+    the first killed when that thread ends). Only the capture process gets it: processes it
+    started itself stay in its process group (ffmpeg and gst-launch-1.0 start none).
+
+    Raises :class:`FileNotFoundError` (or :class:`PermissionError`) when ``argv[0]`` cannot
+    be run, as starting it directly would, rather than a wrapper failing to run it.
+    """
+    program = argv[0]
+    if shutil.which(program, path=os.pathsep.join(os.get_exec_path(env))) is None:
+        code = errno.EACCES if os.sep in program and os.path.exists(program) else errno.ENOENT
+        raise OSError(code, os.strerror(code), program)
+    kind, wrapper = _pdeathsig_wrapper()
+    if kind == "setpriv":
+        return [wrapper, "--pdeathsig", "KILL", "--", *argv]
+    if kind == "python":  # the parent's pid: asked at each start (a forked process has its own)
+        return [wrapper, "-I", "-S", "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *argv]
+    return list(argv)
+
+
+@functools.cache
+def _pdeathsig_wrapper() -> tuple[Literal["setpriv", "python", ""], str]:
+    """How :func:`parent_death_command` sets the signal here, and the wrapper's path (asked
+    once per process)."""
+    if not sys.platform.startswith("linux"):
+        return "", ""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            usage = subprocess.run(
+                [setpriv, "--help"], capture_output=True, text=True, check=False, timeout=5
+            ).stdout
+            if "--pdeathsig" in usage:
+                return "setpriv", setpriv
+    if sys.executable and not getattr(sys, "frozen", False):
+        return "python", sys.executable
+    return "", ""
 
 
 def _program(command: str) -> str:
