@@ -1827,3 +1827,48 @@ def test_a_capture_does_not_outlive_the_process_that_reads_it(
                 reader.wait()
             if pid and pid_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_nul_or_malformed_unicode_in_a_capture_is_refused_at_once_naming_it(
+    clips: dict[str, Path],
+) -> None:
+    """What no process can be given (a NUL, a lone surrogate) is a configuration error naming
+    the source and the argument, raised when the source is made, not a ValueError or a
+    UnicodeEncodeError at every start, retried as if the camera were down. A URL in the
+    message keeps its password masked."""
+    from framepipe.errors import ConfigError
+    from framepipe.sources import capture_source
+
+    bad_commands = [
+        (["ffmpeg", "-i", "a\0b"], {}, r"argument 2 of the capture command 'a\\x00b' has a NUL"),
+        (
+            ["ffmpeg", "-i", "rtsp://admin:S3cr3t@cam/\ud800"],
+            {},
+            r"argument 2 of the capture command 'rtsp://admin:\*\*\*@cam/\\ud800' has malformed",
+        ),
+        (["ff\0mpeg"], {}, r"argument 0 of the capture command 'ff\\x00mpeg' has a NUL"),
+        (["ffmpeg"], {"TOKEN": "a\0b"}, r"environment variable 'TOKEN' has a NUL"),
+        (["ffmpeg"], {"A=B": "1"}, r"environment variable 'A=B' is not a variable name"),
+    ]
+    for argv, env, message in bad_commands:
+        with pytest.raises(ConfigError, match=rf"^source cam-2: {message}") as info:
+            CommandSource(argv, "cam-2", env=env)
+        assert "S3cr3t" not in str(info.value)
+    # an undecodable byte of a file name (a surrogate escape) is a valid argument: it runs
+    session = run(collect(CommandSource(["sh", "-c", "exit 3", "name\udcff"], "cam-3")))
+    assert isinstance(session.error, CaptureExitedError) and session.error.exit_code == 3
+    clip = str(clips["short"])
+    bad_specs = [
+        ("rtsp://admin:S3cr3t@cam.local/\ud800stream", "URL 'rtsp://admin:***@cam.local/"),
+        ("rtsp://cam.local/a\0b", "URL 'rtsp://cam.local/a\\x00b' has a NUL"),
+        ("rtsp://cam.local/a\nb", "URL 'rtsp://cam.local/a\\nb' has a NUL"),
+        (clip + "\0", "path"),
+        ("file://" + clip + "%00", "path"),
+        ("/tmp/\ud800.mp4", "path '/tmp/\\ud800.mp4' has a NUL or malformed Unicode"),
+    ]
+    for capture in ("auto", "gst", "ffmpeg", "av"):
+        for spec, message in bad_specs:
+            with pytest.raises(ConfigError) as info:
+                capture_source(spec, "cam-1", capture=capture)  # type: ignore[arg-type]
+            assert str(info.value).startswith(f"source cam-1: {message}"), str(info.value)
+            assert "S3cr3t" not in str(info.value)

@@ -46,6 +46,10 @@ Its rules:
   gst-launch-1.0 does not take them: ``auto`` then captures with ffmpeg, and ``gst`` is
   refused. A name that is not a plain option name (letters, digits, ``_``), or ``i`` (a
   second input), is refused.
+* A URL with a NUL, a control character or malformed Unicode, or a path with a NUL or
+  malformed Unicode, is refused at once (:func:`check_spec`), as are such input options'
+  values, with a :class:`~framepipe.errors.ConfigError` naming the source, rather than
+  failing at every start of the capture.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ __all__ = [
     "Capture",
     "capture_source",
     "check_input_options",
+    "check_spec",
     "ffmpeg_argv",
     "file_rate",
     "file_url_path",
@@ -159,6 +164,32 @@ def check_input_options(options: Mapping[str, str] | None, where: str) -> dict[s
             )
         checked[name] = text
     return checked
+
+
+def check_spec(spec: str, where: str) -> None:
+    """A :class:`ConfigError` naming ``where`` when ``spec`` could reach no capture: a URL
+    (``scheme://``, ``file:``) with a NUL, a control character or malformed Unicode (a URL
+    writes them percent-escaped), or a path with a NUL or malformed Unicode (a lone surrogate
+    that is not an undecodable byte of a file name). They would fail at every start of the
+    capture (``embedded null byte``, ``UnicodeEncodeError``) instead. A URL is shown by
+    :func:`~framepipe.urls.safe_url`."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where}: the video to capture must be text, not {spec!r}")
+    if _URL.match(spec) or spec.lower().startswith("file:"):
+        if not spec.isprintable():  # NUL, control characters and lone surrogates alike
+            raise ConfigError(
+                f"{where}: URL {safe_url(spec)!r} has a NUL, a control character or "
+                "malformed Unicode"
+            )
+        return
+    bad = "\0" in spec
+    if not bad:
+        try:
+            os.fsencode(spec)
+        except UnicodeEncodeError:
+            bad = True
+    if bad:
+        raise ConfigError(f"{where}: path {spec!r} has a NUL or malformed Unicode")
 
 
 def ffmpeg_argv(
@@ -308,16 +339,21 @@ def capture_source(
 
     A ``file:`` URL is read as the file it names (:func:`file_url_path`).
 
-    Raises :class:`~framepipe.errors.ConfigError` naming the source when the file does not
-    exist, when ``capture`` is unknown, or when the forced capture cannot run."""
+    Raises :class:`~framepipe.errors.ConfigError` naming the source when ``spec`` cannot be
+    opened (:func:`check_spec`), when the file does not exist, when ``capture`` is unknown,
+    or when the forced capture cannot run."""
     if capture not in CAPTURES:
         raise ConfigError(
             f"source {source_id}: capture must be one of {', '.join(CAPTURES)}, not {capture!r}"
         )
+    check_spec(spec, f"source {source_id}")
     try:
-        spec = file_url_path(spec) or spec
+        path = file_url_path(spec)
     except ValueError as exc:
         raise ConfigError(f"source {source_id}: {exc}") from None
+    if path is not None:
+        check_spec(path, f"source {source_id}")  # its percent-escapes decoded
+        spec = path
     url = is_stream_url(spec)
     device = not url and is_device(spec)
     live = url or device  # a stream or a camera: every end of it is a death

@@ -56,7 +56,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from framepipe.errors import CaptureExitedError, FrameError, SourceError
+from framepipe.errors import CaptureExitedError, ConfigError, FrameError, SourceError
 from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.pipes import lines
@@ -248,6 +248,7 @@ class CommandSource(Source):
         self.argv = [os.fspath(arg) for arg in argv]
         if not self.argv:
             raise ValueError("CommandSource needs a command")
+        _check_command(self.argv, env, f"source {source_id}")
         if format not in ("mjpeg", "rawvideo"):
             raise ValueError(f"format must be 'mjpeg' or 'rawvideo', not {format!r}")
         if format == "rawvideo":
@@ -299,7 +300,7 @@ class CommandSource(Source):
                 env=env,
                 limit=max(1 << 20, frame_bytes),
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: argv or env changed since checked
             raise SourceError(
                 f"cannot start capture command {self.describe()}: {safe_text(str(exc))}",
                 source_id=self.source_id,
@@ -466,6 +467,39 @@ class _RawReader:
             return pixels.copy()  # writable, like every other frame's image
         code = cv2.COLOR_RGB2BGR if self.source.pix_fmt == "rgb24" else cv2.COLOR_GRAY2BGR
         return np.asarray(cv2.cvtColor(pixels, code), dtype=np.uint8)
+
+
+def _check_command(argv: Sequence[str], env: Mapping[str, str] | None, where: str) -> None:
+    """A :class:`ConfigError` naming ``where`` and the argument (or environment variable) that
+    no process can be given: not text, with a NUL, or malformed Unicode (a lone surrogate
+    that is not an undecodable byte of a file name), which would fail at every start as
+    ``embedded null byte`` or ``UnicodeEncodeError``. A URL in it is shown by ``safe_url``."""
+    for index, arg in enumerate(argv):
+        problem = _text_problem(arg)
+        if problem:
+            shown = safe_text(arg) if isinstance(arg, str) else arg
+            raise ConfigError(
+                f"{where}: argument {index} of the capture command {shown!r} {problem}"
+            )
+    for name, value in (env or {}).items():
+        problem = _text_problem(name) or _text_problem(value)
+        if not problem and (not name or "=" in name):
+            problem = "is not a variable name"
+        if problem:
+            raise ConfigError(f"{where}: environment variable {name!r} {problem}")
+
+
+def _text_problem(text: object) -> str:
+    """Why ``text`` cannot be an argument or an environment entry of a process ("": it can)."""
+    if not isinstance(text, str):
+        return f"is not text but {type(text).__name__}"
+    if "\0" in text:
+        return "has a NUL byte"
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return "has malformed Unicode (a lone surrogate)"
+    return ""
 
 
 _PDEATHSIG_LAUNCHER = """\
