@@ -335,10 +335,13 @@ def test_good_values_are_kept_as_given(
     assert getattr(load_settings(**{name: value}), name) == value
 
 
-def test_a_blank_broker_url_is_the_in_process_one(
+def test_the_broker_url_is_checked_at_load_and_blank_is_in_process(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FRAMEPIPE_BROKER_URL", "")
-    settings = load_settings()
-    assert settings.broker_url == "memory://" and not settings.distributed_jobs
+    assert not load_settings().distributed_jobs
+    with pytest.raises(ConfigError, match="FRAMEPIPE_BROKER_URL: not a broker URL"):
+        load_section(WorkerSettings, broker_url="http://127.0.0.1/")
+    # Built in code, settings may carry any URL: read as in-process, refused by a worker.
+    assert not WorkerSettings(broker_url="http://127.0.0.1/").distributed_jobs

@@ -37,9 +37,10 @@ Refused at load (:func:`load_settings`, :func:`load_section`), as a :class:`Conf
 the variable and never repeating a secret: a ``FRAMEPIPE_*`` variable that is neither a setting
 nor one of :data:`OTHER_VARIABLES` (a misspelt name, with the closest one suggested); a
 database URL that does not parse or names neither SQLite nor PostgreSQL; a broker URL of no
-known scheme; an object store URL of a scheme other than ``file`` and ``s3`` (only the scheme is
-checked: nothing is contacted); a home that exists and is not a folder; an infinite or NaN
-number.
+known scheme (checked at load only: built in code, a :class:`WorkerSettings` may carry any
+URL, read as in-process); an object store URL of a scheme other than ``file`` and ``s3`` (only
+the scheme is checked: nothing is contacted); a home that exists and is not a folder; an
+infinite or NaN number.
 """
 
 from __future__ import annotations
@@ -392,18 +393,6 @@ class WorkerSettings(SettingsSection):
             return is_redis_url(self.broker_url) or is_amqp_url(self.broker_url)
         return self.jobs_mode == "workers"
 
-    @field_validator("broker_url")
-    @classmethod
-    def _broker_url(cls, value: str) -> str:
-        if not value.strip():
-            return "memory://"
-        if not value.startswith(BROKER_SCHEMES):
-            raise ValueError(
-                f"not a broker URL ({_beginning(value)}): give memory:// (in-process), "
-                "redis://, rediss:// or unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
-            )
-        return value
-
 
 class ServerSettings(SettingsSection):
     """The HTTP service: its bearer token, the hosts and web origins it answers, the largest
@@ -542,7 +531,7 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
     (:func:`check_environment`) naming it."""
     check_environment()
     try:
-        return section(**overrides)
+        loaded = section(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -552,3 +541,21 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
             else:
                 problems.append(f"FRAMEPIPE_{name.upper()}: {err['msg']}")
         raise ConfigError(f"invalid framepipe settings: {'; '.join(problems)}") from exc
+    _check_broker_url(loaded)
+    return loaded
+
+
+def _check_broker_url(settings: SettingsSection) -> None:
+    """Refuse, at load, a broker URL of none of :data:`BROKER_SCHEMES` (blank counts as
+    ``memory://``). Not a validator of the field: a :class:`WorkerSettings` built in code may
+    carry any URL, which :attr:`~WorkerSettings.distributed_jobs` reads as in-process and a
+    worker refuses itself."""
+    if not isinstance(settings, WorkerSettings):
+        return
+    url = settings.broker_url
+    if url.strip() and not url.startswith(BROKER_SCHEMES):
+        raise ConfigError(
+            f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: not a broker URL "
+            f"({_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
+            "unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
+        )
