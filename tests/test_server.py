@@ -390,8 +390,9 @@ def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
     """Writer A takes its event id and holds its transaction open (from the test); writer B
     writes an event meanwhile. Both reach ``/ws`` and ``GET /api/events?after=``, in id order.
     On PostgreSQL B's id was the higher and committed first: the feed read it and passed A's
-    id for good, and so did a client paging with ``after`` (found in review). Now B waits for
-    A's commit (an advisory lock in insert_events), as on SQLite (the write lock)."""
+    id for good, and so did a client paging with ``after`` (found in review). Now a reader of
+    events waits for the event writers in flight (an advisory lock, shared by writers,
+    exclusive for readers), and on SQLite B waits for A's commit (the write lock)."""
     ws_url = f"ws://127.0.0.1:{server.port}/ws?token={TOKEN}"
     a_inserted, release, b_starting, b_done = (threading.Event() for _ in range(4))
     b_pid: list[int] = []
@@ -410,6 +411,16 @@ def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
                 b_pid.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
             ids["b"] = insert_events(store, conn, _app_events("writer.b", 1))[0].id or 0
         b_done.set()
+
+    def readers_wait_for_writers(store: StateStore) -> bool:
+        if store.dialect == "sqlite":
+            return False
+        with store.read() as conn:
+            waiting = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            ).scalar_one()
+        return bool(waiting)
 
     def b_committed_or_waits(store: StateStore) -> bool:
         if b_done.is_set():
@@ -447,10 +458,17 @@ def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
             await wait_until_async(
                 "writer B to commit or wait", lambda: b_committed_or_waits(store)
             )
-            if b_done.is_set():  # B committed first: let the feed read it before A commits
-                await hear(lambda: len(heard) >= 1, 30)
-            first = (await client.get("/api/events", params={"after": snapshot["after"]})).json()
+            # A client pages while A is still open (B, on PostgreSQL, committed already): on
+            # PostgreSQL its read waits for A's commit, on SQLite it finds nothing yet.
+            paging = asyncio.ensure_future(
+                client.get("/api/events", params={"after": snapshot["after"]})
+            )
+            await wait_until_async(
+                "the read to return or to wait for writer A",
+                lambda: paging.done() or readers_wait_for_writers(store),
+            )
             release.set()
+            first = (await paging).json()
             await asyncio.to_thread(a.join, 30)
             await asyncio.to_thread(b.join, 30)
             await hear(lambda: len(heard) >= 2, 15)

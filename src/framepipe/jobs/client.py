@@ -444,10 +444,11 @@ class JobClient:
     ) -> EventPage:
         """Stored events with an id above ``after``, oldest first, at most ``limit`` (1 to
         10,000): of the execution with the full id ``execution_id`` (an unknown id has none),
-        or of every execution and live app. The events of one execution are committed in id
-        order, so paging them with ``after=page.next`` misses none and repeats none. Across
-        executions, on PostgreSQL, two commits at once may make an event appear after one with
-        a higher id was read (the service's live feed reads the same way)."""
+        or of every execution and live app. An id is read only once every lower id is
+        settled (committed or rolled back; see
+        :func:`~framepipe.backends.state.event_log.insert_events`), so paging with
+        ``after=page.next`` misses none and repeats none, on both backends (the service's live
+        feed reads the same way)."""
         if after < 0:
             raise InvalidInputError(f"must be at least 0, not {after}", where="after")
         if not 1 <= limit <= MAX_PAGE:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, events, executions, ledger, steps, workers
-from framepipe.backends.state.event_log import insert_events
+from framepipe.backends.state.event_log import insert_events, wait_for_event_writers
 from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
@@ -340,6 +340,7 @@ def list_events(
     if execution_id is not None:
         query = query.where(events.c.execution_id == execution_id)
     with store.read() as conn:
+        wait_for_event_writers(store, conn)
         rows = conn.execute(query).all()
     return [
         Event(
@@ -651,8 +652,10 @@ def has_step(store: StateStore, execution_id: str, key: str) -> bool:
 
 
 def newest_event_id(store: StateStore) -> int:
-    """The id of the newest stored event (0 when there is none)."""
+    """The id of the newest stored event (0 when there is none); no event with a lower id
+    becomes visible after it is read (see :func:`wait_for_event_writers`)."""
     with store.read() as conn:
+        wait_for_event_writers(store, conn)
         return int(
             conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))).scalar_one()
         )

@@ -2,7 +2,7 @@
 
 Every event is committed to the state store before anyone may see it, by an embedded engine in
 this process, by workers or by another process; so the service follows the store rather than an
-in-process bus, and sees all of them alike. Ids become visible in the order they are given
+in-process bus, and sees all of them alike. Ids are read only once every lower id is settled
 (:func:`~framepipe.backends.state.event_log.insert_events` makes sure of it on PostgreSQL), so
 reading the ids above the last one read misses none. A subscriber gets each event once, in id
 order; one that falls behind (its queue of ``maxsize`` is full) is dropped with a ``lagged``

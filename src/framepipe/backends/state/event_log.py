@@ -15,42 +15,48 @@ from framepipe.backends.state.schema import events
 from framepipe.backends.state.store import StateStore
 from framepipe.events import Event
 
-__all__ = ["append_events", "insert_events", "stored_app_events"]
+__all__ = ["append_events", "insert_events", "stored_app_events", "wait_for_event_writers"]
 
 
 _EVENTS_LOCK = 0x66706576  # "fpev": with the table's oid, the key of the lock below
-_IN_ID_ORDER = (
-    f"SELECT pg_advisory_xact_lock({_EVENTS_LOCK}, '{events.name}'::regclass::oid::integer)"
-)
+_KEY = f"{_EVENTS_LOCK}, '{events.name}'::regclass::oid::integer"
+_WRITING = f"SELECT pg_advisory_xact_lock_shared({_KEY})"
+_READING = f"SELECT pg_advisory_xact_lock({_KEY})"
+
+
+def wait_for_event_writers(store: StateStore, conn: sa.Connection) -> None:
+    """In a read transaction, before reading events by id: on PostgreSQL, wait until every
+    transaction that was writing events has ended, so no event with an id below those read
+    can become visible later (see :func:`insert_events`). Nothing to wait for on SQLite."""
+    if store.dialect == "postgresql":
+        conn.exec_driver_sql(_READING)
 
 
 def insert_events(store: StateStore, conn: sa.Connection, batch: Sequence[Event]) -> list[Event]:
     """Insert ``batch`` in the open transaction; return the events with their ids, in order.
 
-    Readers page by id (``id > after``), so ids must become visible in the order they are
-    given: an event committed after one with a higher id was read would be skipped for good.
-    On SQLite every write transaction holds the database's write lock (``BEGIN IMMEDIATE``)
-    until it ends, so that holds. On PostgreSQL ids come from a sequence, which concurrent
-    writers (the engine, workers, apps' sinks) draw from in one order and commit in another;
-    so the insert first takes a transaction-scoped advisory lock (key: ``_EVENTS_LOCK`` and
-    the table's oid, so each schema's table has its own), held until the commit has made the
-    events visible: writers of events draw ids and commit one after another, in id order. A
-    rolled-back transaction leaves a gap, which readers pass over without waiting.
+    Readers page by id (``id > after``), so an event must never become visible after one
+    with a higher id was read: it would be skipped for good. On SQLite every write
+    transaction holds the database's write lock (``BEGIN IMMEDIATE``) until it ends, so ids
+    become visible in order. On PostgreSQL ids come from a sequence, which concurrent writers
+    (the engine, workers, apps' sinks) draw from in one order and commit in another; so a
+    writer takes a transaction-scoped advisory lock in *shared* mode right before inserting
+    (key: ``_EVENTS_LOCK`` and the table's oid, so each schema's table has its own), held
+    until its commit, and a reader of events takes the same lock in *exclusive* mode before
+    it reads (:func:`wait_for_event_writers`): it waits until the writers that may hold
+    drawn ids have committed or rolled back, and writers that come meanwhile draw their ids
+    after it has read. Writers never wait for each other (their commits still share WAL
+    flushes); a writer waits at most for one read of events, a reader for the commits in
+    flight. A rolled-back transaction leaves a gap, which readers pass over.
 
-    Every caller inserts its events last in the transaction (keep it so): no lock is taken
-    after this one, so it cannot be part of a deadlock. The lock is held through the
-    commit's WAL flush, so event-writing commits no longer share a flush (group commit), and
-    that is its cost. Measured on the 2-CPU test machine, PostgreSQL 15 with an fsync of about
-    3-4 ms: a burst of commits of 5 events each from 4 threads ran 630-1160 durable
-    commits/s without the lock and 225-380/s with it (what one thread reaches alone), and
-    1500-1950 ``durable=False`` commits/s without, 1000-1300/s with it;
-    ``benchmarks/distributed.py`` (5,000 no-op steps on 2 workers, whose outcome commits are
-    durable) took 6.3 s instead of 4.05 s (medians of 4). Cheaper with a faster flush.
+    Every caller inserts its events last in the transaction (keep it so), and no reader of
+    events runs inside a transaction that writes them: no lock is taken after this one, so
+    it cannot be part of a deadlock.
     """
     if not batch:
         return []
     if store.dialect == "postgresql":
-        conn.exec_driver_sql(_IN_ID_ORDER)
+        conn.exec_driver_sql(_WRITING)
     rows = [
         {
             "ts": e.ts,
