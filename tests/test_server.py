@@ -384,6 +384,18 @@ def test_the_feed_goes_on_after_the_newest_events_are_pruned(
     assert [e["id"] for e in page["events"]] == new
 
 
+def _readers_wait_for_event_writers(store: StateStore) -> bool:
+    """A reader of events waits on the events lock (PostgreSQL; never on SQLite)."""
+    if store.dialect == "sqlite":
+        return False
+    with store.read() as conn:
+        waiting = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+        ).scalar_one()
+    return bool(waiting)
+
+
 def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
     server: Server, settings: Settings
 ) -> None:
@@ -411,16 +423,6 @@ def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
                 b_pid.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
             ids["b"] = insert_events(store, conn, _app_events("writer.b", 1))[0].id or 0
         b_done.set()
-
-    def readers_wait_for_writers(store: StateStore) -> bool:
-        if store.dialect == "sqlite":
-            return False
-        with store.read() as conn:
-            waiting = conn.exec_driver_sql(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
-            ).scalar_one()
-        return bool(waiting)
 
     def b_committed_or_waits(store: StateStore) -> bool:
         if b_done.is_set():
@@ -465,7 +467,7 @@ def test_events_of_concurrent_writers_reach_the_feed_and_after_in_id_order(
             )
             await wait_until_async(
                 "the read to return or to wait for writer A",
-                lambda: paging.done() or readers_wait_for_writers(store),
+                lambda: paging.done() or _readers_wait_for_event_writers(store),
             )
             release.set()
             first = (await paging).json()
