@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from framepipe import listening
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.config import Settings
@@ -42,7 +42,6 @@ from framepipe.demo import REF, prepare_card
 from framepipe.demo import pipeline as import_pipeline
 from framepipe.demo_media import OrderTagReader, make_station_clip
 from framepipe.errors import (
-    ConfigError,
     FramepipeError,
     MissingDependencyError,
     StateStoreError,
@@ -90,20 +89,9 @@ def listen(host: str, port: int, *, exact: bool) -> socket.socket:
     """A socket bound to ``host:port``. When that port is in use and not ``exact``, one bound
     to a free port the system picks instead (``sock.getsockname()`` says which); otherwise a
     :class:`ConfigError` naming the address."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for candidate in (port, 0):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, candidate))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE and not exact and candidate:
-                continue
-            hint = " (leave out --port to take a free one)" if exc.errno == errno.EADDRINUSE else ""
-            raise ConfigError(f"cannot listen on {host}:{candidate}: {exc.strerror}{hint}") from exc
-        return sock
-    raise AssertionError("unreachable: binding port 0 either works or raises")
+    return listening.listen(
+        host, port, exact=exact, busy_hint="leave out --port to take a free one"
+    )
 
 
 def station_app(settings: Settings, clip: Path, objects: ObjectStore) -> App:

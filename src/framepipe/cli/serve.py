@@ -8,7 +8,6 @@ names the port served (the one the system picked for ``--port 0``); an address t
 bound exits 2.
 """
 
-import errno
 import ipaddress
 import secrets
 import socket
@@ -18,8 +17,9 @@ import typer
 
 from framepipe.cli.common import UsageError, console, errors, open_store, say, settings_of
 from framepipe.config import Settings
-from framepipe.errors import ConfigError, MissingDependencyError, StateStoreError
+from framepipe.errors import MissingDependencyError, StateStoreError
 from framepipe.jobs.loading import resolve_pipeline, resolve_target
+from framepipe.listening import listen
 from framepipe.tracing import setup_tracing
 
 __all__ = ["bind", "check_exposure", "serve"]
@@ -43,16 +43,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (``port`` 0: one the system picks, which
     ``sock.getsockname()`` says), not yet listening; :class:`ConfigError` naming the address
     when it cannot be bound."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        hint = " (--port 0 takes a free one)" if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
-    return sock
+    return listen(host, port, busy_hint="--port 0 takes a free one")
 
 
 def serve(

@@ -1,0 +1,33 @@
+"""The socket a service listens on, bound before it starts, so the address it prints is the one
+it serves (a port the system picks included)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from framepipe.errors import ConfigError
+
+__all__ = ["listen"]
+
+
+def listen(host: str, port: int, *, exact: bool = True, busy_hint: str = "") -> socket.socket:
+    """A TCP socket bound to ``host:port``, not yet listening (``port`` 0: one the system
+    picks; ``sock.getsockname()`` says which). When the port is in use and not ``exact``, one
+    bound to a free port instead; otherwise a :class:`ConfigError` naming the address (with
+    ``busy_hint`` added when the port is in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for candidate in (port, 0):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as exc:
+            sock.close()
+            busy = exc.errno == errno.EADDRINUSE
+            if busy and not exact and candidate:
+                continue
+            hint = f" ({busy_hint})" if busy and busy_hint else ""
+            raise ConfigError(f"cannot listen on {host}:{candidate}: {exc.strerror}{hint}") from exc
+        return sock
+    raise AssertionError("unreachable: binding port 0 either works or raises")
