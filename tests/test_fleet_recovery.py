@@ -265,21 +265,24 @@ def test_a_frame_that_kills_its_processor_is_given_up_after_max_attempts_restart
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
+def in_process(ns: str) -> dict[str, Any]:
+    """The options of a test's in-process processor on namespace ``ns``: raw images, quick
+    health reports, results on ``<ns>results``, no environment checks."""
+    return {
+        "redis_url": REDIS_URL,
+        "namespace": ns,
+        "health_interval": 0.2,
+        "image_encoding": "raw",
+        "result_stream": f"{ns}results",
+        "environ": {},
+    }
+
+
 class Gated(ProcessorClient):
     """An in-process processor whose frame ``hold`` waits for ``release``."""
 
     def __init__(self, ns: str) -> None:
-        super().__init__(
-            "gated",
-            ["cap"],
-            capacity=1,
-            redis_url=REDIS_URL,
-            namespace=ns,
-            health_interval=0.2,
-            image_encoding="raw",
-            result_stream=f"{ns}results",
-            environ={},
-        )
+        super().__init__("gated", ["cap"], capacity=1, **in_process(ns))
         self.release = asyncio.Event()
         self.started: list[str] = []
 
@@ -333,17 +336,7 @@ class Target(ProcessorClient):
     """An in-process processor that answers at once and records the frames it was given."""
 
     def __init__(self, ns: str) -> None:
-        super().__init__(
-            "target",
-            ["cap"],
-            capacity=4,
-            redis_url=REDIS_URL,
-            namespace=ns,
-            health_interval=0.2,
-            image_encoding="raw",
-            result_stream=f"{ns}results",
-            environ={},
-        )
+        super().__init__("target", ["cap"], capacity=4, **in_process(ns))
         self.started: list[str] = []
 
     async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:

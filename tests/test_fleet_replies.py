@@ -39,6 +39,7 @@ from framepipe.processors.fleet.protocol import (  # noqa: E402
     text,
 )
 from framepipe.processors.fleet.registry import register  # noqa: E402
+from test_fleet_recovery import in_process  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
 JPEG = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
@@ -70,12 +71,7 @@ class Gated(ProcessorClient):
             "gated",
             ["cap"],
             capacity=2,
-            redis_url=REDIS_URL,
-            namespace=ns,
-            health_interval=0.2,
-            image_encoding="raw",
-            result_stream=f"{ns}results",
-            environ={},
+            **in_process(ns),
             shutdown_timeout=2.0,  # a test that failed leaves its frames held
         )
         self.gates: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
