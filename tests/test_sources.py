@@ -1704,7 +1704,7 @@ def test_command_child_reaped_before_its_pidfd_is_opened_is_still_noticed() -> N
     session opens its pidfd. Made so here: the child (whose grandchild keeps stdout open) is
     reaped before the watch starts. Its death is still noticed: the group is killed after the
     orphan grace, which ends stdout, and the exit code comes through."""
-    from framepipe.sources.command import _watch_exit
+    from framepipe.sources.child import watch_exit
 
     async def main() -> tuple[int, int]:
         proc = await asyncio.create_subprocess_exec(
@@ -1719,7 +1719,7 @@ def test_command_child_reaped_before_its_pidfd_is_opened_is_still_noticed() -> N
         try:
             await wait_until_async("asyncio reaps the child", lambda: proc.returncode is not None)
             assert pid_alive(grandchild)  # and holds stdout open
-            unwatch = _watch_exit(proc.pid)
+            unwatch = watch_exit(proc.pid)
             try:
                 await asyncio.wait_for(proc.stdout.read(), 20)  # its end: the group was killed
             finally:
@@ -1769,7 +1769,7 @@ def test_command_child_dying_at_once_with_a_grandchild_holding_stdout_ends_its_s
 
 _READER = """
 import asyncio, sys
-from framepipe.sources import command
+from framepipe.sources import child, command
 
 async def main() -> None:
     source = command.CommandSource(sys.argv[1:], "orphan")
@@ -1777,7 +1777,7 @@ async def main() -> None:
     first = asyncio.ensure_future(frames.__anext__())  # a camera that never sends: waits
     while source.pid is None:
         await asyncio.sleep(0.01)
-    wrapper = getattr(command, "_pdeathsig_wrapper", lambda: ("none", ""))()[0]
+    wrapper = getattr(child, "_pdeathsig_wrapper", lambda: ("none", ""))()[0]
     print(source.pid, wrapper, flush=True)
     await first
 
