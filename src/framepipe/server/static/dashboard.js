@@ -722,7 +722,7 @@
             el("div", { class: "source-meta" }),
             el("div", { class: "source-desc mono" }),
             el("p", { class: "error", hidden: true })));
-        s = { el: node, img, url: null, busy: false };
+        s = { key, el: node, img, url: null, busy: false };
         state.sources.set(key, s);
       }
       s.data = row;
@@ -753,26 +753,33 @@
     setText($("sources-count"), `${rows.length}`);
   }
 
+  // The next frame is decoded off the page, then swapped in whole: the <img> on the page always
+  // holds a decoded frame (no blank while the next one loads), and a frame that does not decode
+  // leaves the last good one in place.
   async function refreshFrame(s, url) {
     if (s.busy) return;
     s.busy = true;
+    let next = null;
     try {
       const res = await api(url, { headers: { Accept: "image/jpeg" } });
       if (!res.ok) return;
-      const blob = await res.blob();
-      const next = URL.createObjectURL(blob);
+      next = URL.createObjectURL(await res.blob());
+      const img = el("img", { alt: s.img.alt });
+      img.src = next;
+      await img.decode();
+      if (state.sources.get(s.key) !== s) return; // the source left while its frame loaded
       const old = s.url;
+      s.img.replaceWith(img);
+      s.img = img;
       s.url = next;
-      s.img.onload = () => {
-        s.img.hidden = false;
-        s.el.querySelector(".noframe").hidden = true;
-        s.el.dataset.frame = "loaded";
-        if (old) URL.revokeObjectURL(old);
-      };
-      s.img.src = next;
+      next = null;
+      s.el.querySelector(".noframe").hidden = true;
+      s.el.dataset.frame = "loaded";
+      if (old) URL.revokeObjectURL(old);
     } catch (err) {
       if (!(err instanceof AuthError)) console.warn("frame", url, err);
     } finally {
+      if (next) URL.revokeObjectURL(next);
       s.busy = false;
     }
   }
