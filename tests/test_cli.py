@@ -948,16 +948,18 @@ def test_serve_on_port_0_prints_the_port_it_serves(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_retry_with_another_pipeline_on_workers_is_refused_and_without_it_runs_there(
+def test_retry_on_workers_with_the_moved_pipeline_stores_its_reference_for_them(
     tmp_path: Path, pg_url: str
 ) -> None:
-    """The workers load an execution's pipeline from the reference stored with it: `jobs
-    retry --pipeline ELSEWHERE` is refused (exit 2, not resumed) rather than ignored, and
-    `jobs retry` without it needs no pipeline here (the file moved) and resumes it there."""
+    """The workers load an execution's pipeline from the reference stored with it. The code
+    moved: `jobs retry --pipeline NEW` checks the pipeline there (another pipeline's name is
+    refused, exit 1, not resumed) and stores NEW with the execution, so workers started with
+    no pipeline of their own load it and finish it, running only the failed step."""
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
     file = write(old / "flaky.py", FLAKY)
+    other = write(new / "long.py", LONG)
     with redis_namespace("fpcliretry") as namespace:
         env = {
             **os.environ,
@@ -998,20 +1000,31 @@ def test_retry_with_another_pipeline_on_workers_is_refused_and_without_it_runs_t
         file.rename(new / "flaky.py")  # the code moved, and is fixed
         (new / "fixed").touch()
 
-        refused = command(
-            "jobs", "retry", execution_id, "-q", "--pipeline", f"{new}/flaky.py:flaky"
-        )
-        assert refused.returncode == 2, refused.stderr
-        assert "runs on workers" in refused.stderr and "Traceback" not in refused.stderr
+        refused = command("jobs", "retry", execution_id, "-q", "--pipeline", f"{other}:pipeline")
+        assert refused.returncode == 1, refused.stderr
+        assert "is of pipeline 'flaky', not 'long'" in refused.stderr
+        assert "Traceback" not in refused.stderr
         shown = json.loads(command("jobs", "show", execution_id, "--json").stdout)
         assert (shown["status"], shown["runs"]) == ("failed", 1)  # not resumed
+        assert shown["pipeline_ref"].startswith(str(old))
 
-        second = worker("--pipeline", f"{new}/flaky.py:flaky")
+        second = worker()  # no pipeline of its own: only the stored reference
         try:
-            retried = command("jobs", "retry", execution_id, "-q", "--json")
+            retried = command(
+                "jobs",
+                "retry",
+                execution_id[:8],
+                "-q",
+                "--json",
+                "--pipeline",
+                f"{new}/flaky.py:flaky",
+            )
             assert retried.returncode == 0, retried.stderr
             assert json.loads(retried.stdout)["status"] == "completed"
         finally:
             second.terminate()
             second.wait(30)
         assert runs(new) == ["process"]
+        shown = json.loads(command("jobs", "show", execution_id, "--json").stdout)
+        assert (shown["status"], shown["runs"]) == ("completed", 2)
+        assert shown["pipeline_ref"].startswith(str(new / "flaky.py"))

@@ -5,6 +5,7 @@ and not the other is a bug this suite is here to catch."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,13 @@ from hypothesis import strategies as st
 import worker_pipelines as wp
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
-from framepipe.errors import ExecutionFailedError, ExecutionStateError
+from framepipe.errors import (
+    ExecutionFailedError,
+    ExecutionStateError,
+    InvalidInputError,
+    PipelineDefinitionError,
+    UnknownStepError,
+)
 from framepipe.events import Event
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
@@ -627,6 +634,61 @@ def test_failure_is_fast_and_retry_resumes_without_rerunning(run_in_mode: Runner
     runs = Counter(run_in_mode.notes("runs.log"))
     assert runs["first"] == 1  # completed steps are not run again
     assert runs["breaks"] == 3 and runs["after"] == 1
+
+
+def test_a_retry_checks_the_pipeline_it_is_given_and_stores_its_reference(
+    run_in_mode: Runner,
+) -> None:
+    """A pipeline given to a retry (the code moved) must bear the execution's pipeline name and
+    define every step it has; a refusal leaves the execution as it was. Accepted, the reference
+    given with it is stored with the execution (where workers load it from), in both modes."""
+    failed, _ = run_in_mode(wp.resume, {})
+    assert failed.status.value == "failed"
+    shrunk = Pipeline("wk_resume")  # the same name, and no step "breaks" any more
+    shrunk.step("first")(wp.resume_first)
+
+    async def refused(engine: JobEngine) -> ExecutionInfo:
+        with pytest.raises(ExecutionStateError, match="is of pipeline 'wk_resume', not 'wk_dupes'"):
+            await engine.retry(failed.id, wp.dupes)
+        with pytest.raises(UnknownStepError, match="has step 'breaks', which the pipeline no"):
+            await engine.retry(failed.id, shrunk)
+        with pytest.raises(InvalidInputError, match="ref: a pipeline reference needs the pipeline"):
+            await engine.retry(failed.id, ref="worker_pipelines:resume")
+        return await asyncio.to_thread(get_execution, engine.store, failed.id)
+
+    unchanged = run_in_mode.session(refused)
+    assert (unchanged.status.value, unchanged.runs) == ("failed", 1)
+    assert unchanged.pipeline_ref == wp.resume.ref
+
+    (run_in_mode.dir / "fixed").write_text("ok")
+    moved = "worker_pipelines:resume"  # another spelling of where it is, as a move would give
+
+    async def again(engine: JobEngine) -> ExecutionInfo:
+        execution_id = await engine.retry(failed.id[:8], wp.resume, ref=moved)
+        return await engine.wait(execution_id, raise_on_failure=False)
+
+    done = run_in_mode.session(again)
+    assert (done.status.value, done.runs, done.pipeline_ref) == ("completed", 2, moved)
+
+
+@pytest.mark.slow
+def test_an_execution_on_workers_is_not_resumed_with_a_pipeline_they_cannot_load(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path
+) -> None:
+    """A pipeline with no reference (defined interactively) cannot be loaded by the workers:
+    a retry on workers given one is refused with the reason, and the execution is not resumed."""
+    mode = Mode("workers", tmp_path, database_url, request.getfixturevalue("cluster_factory"))
+    failed, _ = mode(wp.resume, {})
+    interactive = copy.copy(wp.resume)  # its steps, and no module or file to load it from
+    interactive.module_ref = None
+
+    async def refused(engine: JobEngine) -> ExecutionInfo:
+        with pytest.raises(PipelineDefinitionError, match="workers load a pipeline by reference"):
+            await engine.retry(failed.id, interactive)
+        return await asyncio.to_thread(get_execution, engine.store, failed.id)
+
+    unchanged = mode.session(refused)
+    assert (unchanged.status.value, unchanged.runs) == ("failed", 1)
 
 
 def test_retry_of_a_completed_execution_is_refused(run_in_mode: Runner) -> None:

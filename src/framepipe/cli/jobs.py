@@ -4,8 +4,8 @@ job client (ids may be unique prefixes).
 Guarantees: tables and ``--json`` go to stdout; an unknown status exits 2, an unknown id or an
 execution that cannot be retried exits 1; ``retry`` follows the execution like ``run``.
 ``retry`` of an execution that runs on workers does not load its pipeline (the workers load it
-from the reference stored with it), and ``--pipeline`` naming another reference exits 2
-without resuming it (see :func:`jobs_retry`).
+from the reference stored with it); ``--pipeline`` loads one (of the execution's name, with every
+step it has) and stores its reference with the execution, so the workers load it from then on.
 """
 
 import json
@@ -170,8 +170,8 @@ def jobs_retry(
         typer.Option(
             "--pipeline",
             metavar="FILE.py:NAME",
-            help="Load the pipeline from here instead of the reference stored with it "
-            "(an execution on workers: only its stored reference, which they load).",
+            help="Load the pipeline from here instead of the reference stored with it; "
+            "the reference is stored with the execution (workers load it from then on).",
         ),
     ] = None,
     concurrency: ConcurrencyOpt = None,
@@ -181,9 +181,9 @@ def jobs_retry(
     """Resume a failed, cancelled or interrupted execution; completed steps are not re-run.
 
     An execution that runs on workers is resumed there, and they load its pipeline from the
-    reference stored with it: this command need not load it, and --pipeline naming another
-    one is refused rather than ignored (workers started with `framepipe worker --pipeline
-    FILE.py:NAME` run that pipeline when the stored reference does not load)."""
+    reference stored with it: this command need not load it. --pipeline FILE.py:NAME (the code
+    moved) is loaded and checked here (the execution's pipeline name, every step it has) and
+    becomes the stored reference, on workers as embedded."""
     with errors():
         settings = settings_of(ctx)
         with SyncJobClient(settings=settings) as client:
@@ -191,6 +191,7 @@ def jobs_retry(
             on_workers = _on_workers(client, info.id)
         check_retryable(info)
         pipeline: Pipeline | None = None
+        ref: str | None = None
         if pipeline_ref or not on_workers:
             ref = pipeline_ref or info.pipeline_ref
             if not ref:
@@ -199,21 +200,11 @@ def jobs_retry(
                     "pipeline reference: pass --pipeline FILE.py:NAME"
                 )
             loaded = resolve_pipeline(ref)
-            if on_workers and loaded.ref != info.pipeline_ref:
-                # The engine resumes a workers' execution without the pipeline given to it:
-                # the workers would load the stored reference, so this is refused, not ignored.
-                raise UsageError(
-                    f"--pipeline {pipeline_ref}: execution {info.id[:12]} runs on workers, "
-                    "which load its pipeline from the reference stored with it "
-                    f"({info.pipeline_ref or 'none'}), not from one given here; retry without "
-                    "--pipeline (workers started with `framepipe worker --pipeline "
-                    "FILE.py:NAME` run that pipeline when the stored reference does not load)"
-                )
-            pipeline = loaded.pipeline
+            pipeline, ref = loaded.pipeline, loaded.ref
         full_id = info.id
 
         async def begin(client: JobClient) -> str:
-            return await client.retry(full_id, pipeline)
+            return await client.retry(full_id, pipeline, ref=ref)
 
         follow_and_exit(
             settings,

@@ -413,16 +413,20 @@ class JobClient:
                 full_id, raise_on_failure=raise_on_failure, poll_interval=poll_interval
             )
 
-    async def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+    async def retry(
+        self, execution_id: str, pipeline: Pipeline | None = None, *, ref: str | None = None
+    ) -> str:
         """Resume a failed, cancelled or interrupted execution from where it stopped; return
         its full id. Completed steps are not run again; the others run with fresh retry
         budgets; the inputs and recorded ``input_roots`` are kept. Embedded, ``pipeline`` (or
         one :meth:`register` ed under the execution's pipeline name) runs it in this client's
-        engine; on workers it is not needed. Any other status: :class:`ExecutionStateError`
-        (see :func:`check_retryable`)."""
+        engine; on workers it is not needed, and given, the workers load it (from ``ref``,
+        else its own reference) from this run on. Any other status:
+        :class:`ExecutionStateError` (see :func:`check_retryable`); see
+        :meth:`JobEngine.retry` for the rest."""
         engine = await self._ready_engine()
         with _database_errors():
-            return await engine.retry(execution_id, pipeline)
+            return await engine.retry(execution_id, pipeline, ref=ref)
 
     async def cancel(self, execution_id: str) -> CancelResult:
         """Cancel an execution: nothing new starts, running steps are asked to stop, its

@@ -36,6 +36,7 @@ from framepipe.errors import (
     ExecutionFailedError,
     ExecutionStateError,
     FramepipeError,
+    InvalidInputError,
     PipelineDefinitionError,
     UnknownStepError,
 )
@@ -427,22 +428,46 @@ class JobEngine(Scheduler):
         execution_id = await self.submit(pipeline, inputs)
         return await self.wait(execution_id, raise_on_failure=raise_on_failure)
 
-    async def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+    async def retry(
+        self, execution_id: str, pipeline: Pipeline | None = None, *, ref: str | None = None
+    ) -> str:
         """Resume a failed, cancelled or interrupted execution from where it stopped.
 
         Completed steps are not run again; failed, cancelled and pending steps run with fresh
         retry budgets. The execution keeps its inputs and the ``input_roots`` its submit
         recorded (whoever asks for the retry). Crash counts are kept across runs, so a step
         that keeps killing its process is failed as poison after ``max_step_crashes``
-        crashes in all. ``pipeline`` defaults to one registered under the execution's
-        pipeline name. Returns the full execution id."""
+        crashes in all. Returns the full execution id.
+
+        ``pipeline`` defaults to one registered under the execution's pipeline name (on
+        workers: to the one they load from the stored reference). Given, it must bear the
+        execution's pipeline name and define every step the execution has, and its reference
+        (``ref``, else its own) is stored with the execution in the same transaction as the
+        resume, so the workers load it from this run on and a later retry without a pipeline
+        finds it. An execution on workers given a pipeline with no reference is refused:
+        they could not load it."""
         self._check_started()
         await self._in_db(self._recover)
         info = await self._in_db(
             functools.partial(get_execution, self.store, execution_id, with_steps=False)
         )
+        if ref and pipeline is None:
+            raise InvalidInputError(
+                "a pipeline reference needs the pipeline it names, to check it", where="ref"
+            )
+        if pipeline is not None:
+            await self._check_retry_pipeline(info, pipeline)
+            ref = ref or pipeline.ref
         if await self._in_db(execution_mode, self.store, info.id) == dispatch.MODE:
-            full_id, ready, events = await self._in_db(dispatch.resume, self.store, info.id)
+            if pipeline is not None and not ref:
+                raise PipelineDefinitionError(
+                    "workers load a pipeline by reference, and this one has none (defined "
+                    "interactively?): define it in a module or file",
+                    pipeline=pipeline.name,
+                )
+            full_id, ready, events = await self._in_db(
+                functools.partial(dispatch.resume, self.store, info.id, ref=ref)
+            )
             self.bus.publish(events)
             await self._publish(ready)
             _log.info(
@@ -466,34 +491,22 @@ class JobEngine(Scheduler):
                 f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
                 execution_id=info.id,
             )
-        pipeline = pipeline or self._pipelines.get(info.pipeline)
         if pipeline is None:
-            raise ExecutionStateError(
-                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', which this engine "
-                "does not know: pass the pipeline or register it",
-                execution_id=info.id,
-            )
-        if pipeline.name != info.pipeline:
-            raise ExecutionStateError(
-                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', not '{pipeline.name}'",
-                execution_id=info.id,
-            )
-        pipeline.validate()
-        # Everything that can refuse the retry is checked before the take-over: once it is
-        # committed the execution is this engine's and running, and a refusal after it would
-        # leave it so, with no step running and nobody to end it.
-        _row, stored_steps = await self._in_db(load_rows, self.store, info.id)
-        for r in stored_steps:
-            if pipeline.get(r["name"]) is None:
-                raise UnknownStepError(
-                    f"execution {info.id[:12]} has step {r['key']!r}, which "
-                    "the pipeline no longer defines",
-                    pipeline=pipeline.name,
+            pipeline = self._pipelines.get(info.pipeline)
+            if pipeline is None:
+                raise ExecutionStateError(
+                    f"execution {info.id[:12]} is of pipeline '{info.pipeline}', which this "
+                    "engine does not know: pass the pipeline or register it",
+                    execution_id=info.id,
                 )
+            await self._check_retry_pipeline(info, pipeline)
+        # Everything that can refuse the retry is checked before the take-over (above): once it
+        # is committed the execution is this engine's and running, and a refusal after it would
+        # leave it so, with no step running and nobody to end it.
         self.register(pipeline)
         now = time.time()
         taken = await self._in_db(
-            take_over, self.store, info.id, info.status.value, self.owner, now
+            take_over, self.store, info.id, info.status.value, self.owner, now, ref
         )
         if taken is None:
             raise ExecutionStateError(
@@ -523,6 +536,24 @@ class JobEngine(Scheduler):
         self._wakeup()
         _log.info("[%s] execution resumed (run %d)", x.label, row["runs"])
         return x.id
+
+    async def _check_retry_pipeline(self, info: ExecutionInfo, pipeline: Pipeline) -> None:
+        """Refuse ``pipeline`` for a retry of ``info`` unless it bears its name, is valid and
+        defines every step it has stored."""
+        if pipeline.name != info.pipeline:
+            raise ExecutionStateError(
+                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', not '{pipeline.name}'",
+                execution_id=info.id,
+            )
+        pipeline.validate()
+        _row, stored_steps = await self._in_db(load_rows, self.store, info.id)
+        for r in stored_steps:
+            if pipeline.get(r["name"]) is None:
+                raise UnknownStepError(
+                    f"execution {info.id[:12]} has step {r['key']!r}, which "
+                    "the pipeline no longer defines",
+                    pipeline=pipeline.name,
+                )
 
     async def cancel(self, execution_id: str) -> None:
         """Cancel an execution: nothing new starts, running steps are asked to stop, unfinished

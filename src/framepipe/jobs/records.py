@@ -477,15 +477,22 @@ class TakenOver:
     finished_at: float | None
     error: str | None
     runs: int
+    pipeline_ref: str | None
 
 
 def take_over(
-    store: StateStore, execution_id: str, status: str, owner: str, now: float
+    store: StateStore,
+    execution_id: str,
+    status: str,
+    owner: str,
+    now: float,
+    ref: str | None = None,
 ) -> TakenOver | None:
     """Make ``owner`` the engine of an execution to resume, if it is still ``status`` (so two
     processes resuming it at once cannot both win): running again, a new run counted, its
-    error and any cancel request cleared. Returns what it changed as it was, read in the same
-    transaction (for :func:`give_back`); None if the execution was not ``status`` any more."""
+    error and any cancel request cleared; ``ref``, when given, becomes its stored pipeline
+    reference. Returns what it changed as it was, read in the same transaction (for
+    :func:`give_back`); None if the execution was not ``status`` any more."""
     with store.write() as conn:
         before = conn.execute(
             sa.select(
@@ -496,6 +503,7 @@ def take_over(
                 executions.c.finished_at,
                 executions.c.error,
                 executions.c.runs,
+                executions.c.pipeline_ref,
             )
             .where(executions.c.id == execution_id, executions.c.status == status)
             .with_for_update()
@@ -513,6 +521,7 @@ def take_over(
                 finished_at=None,
                 error=None,
                 runs=executions.c.runs + 1,
+                **({"pipeline_ref": ref} if ref else {}),
             )
         )
         return TakenOver(
@@ -524,6 +533,7 @@ def take_over(
             finished_at=before.finished_at,
             error=before.error,
             runs=before.runs,
+            pipeline_ref=before.pipeline_ref,
         )
 
 
@@ -571,10 +581,10 @@ def fail_refused(
 def give_back(store: StateStore, taken: TakenOver, owner: str) -> bool:
     """Undo :func:`take_over` for an execution that ``owner`` took over but could not adopt:
     every column it changed (status, owner, heartbeat, cancel request, error, end time, run
-    count) as ``taken`` has it, so the execution is as it was before the take-over. A cancel
-    request is never dropped: one pending before the take-over is pending again, and one made
-    while ``owner`` held it (flagged for this engine) stays. Only while ``owner`` still holds
-    it running; True if it was given back."""
+    count, pipeline reference) as ``taken`` has it, so the execution is as it was before the
+    take-over. A cancel request is never dropped: one pending before the take-over is pending
+    again, and one made while ``owner`` held it (flagged for this engine) stays. Only while
+    ``owner`` still holds it running; True if it was given back."""
     values: dict[str, Any] = {
         "status": taken.status,
         "owner": taken.owner,
@@ -582,6 +592,7 @@ def give_back(store: StateStore, taken: TakenOver, owner: str) -> bool:
         "finished_at": taken.finished_at,
         "error": taken.error,
         "runs": taken.runs,
+        "pipeline_ref": taken.pipeline_ref,
     }
     if taken.cancel_requested:
         values["cancel_requested"] = True

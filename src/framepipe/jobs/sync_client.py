@@ -150,9 +150,11 @@ class SyncJobClient:
             )
         )
 
-    def retry(self, execution_id: str, pipeline: Pipeline | None = None) -> str:
+    def retry(
+        self, execution_id: str, pipeline: Pipeline | None = None, *, ref: str | None = None
+    ) -> str:
         """:meth:`JobClient.retry`."""
-        return self._call(self.client.retry(execution_id, pipeline))
+        return self._call(self.client.retry(execution_id, pipeline, ref=ref))
 
     def cancel(self, execution_id: str) -> CancelResult:
         """:meth:`JobClient.cancel`."""
