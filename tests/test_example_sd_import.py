@@ -241,17 +241,24 @@ def finished(client: httpx.Client, n: int) -> dict[str, Any] | None:
     return body
 
 
+def sd_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """The example's settings in these tests: home and SQLite state under ``tmp_path``, short
+    retries and heartbeats, 4 steps at once; ``overrides`` on top."""
+    values: dict[str, Any] = {
+        "home": tmp_path / "home",
+        "database_url": f"sqlite:///{tmp_path / 'state.db'}",
+        "retry_initial_delay": 0.2,
+        "retry_max_delay": 1.0,
+        "heartbeat_interval": 0.2,
+        "shutdown_grace": 2.0,
+        "concurrency": 4,
+    }
+    return Settings(**{**values, **overrides})
+
+
 @pytest.fixture
 def sqlite_settings(tmp_path: Path) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        retry_initial_delay=0.2,
-        retry_max_delay=1.0,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-        concurrency=4,
-    )
+    return sd_settings(tmp_path)
 
 
 @contextlib.contextmanager

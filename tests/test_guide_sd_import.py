@@ -44,6 +44,7 @@ from test_example_sd_import import (
     insert,
     jump_clip,
     running_world,
+    sd_settings,
     wait_for,
 )
 from test_server import AUTH
@@ -70,15 +71,10 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def guide_settings(tmp_path: Path, pg_url: str, s3_server: S3Server, bucket: str) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
+    return sd_settings(
+        tmp_path,
         database_url=pg_url,
         objects_url=f"s3://{bucket}/sd?endpoint={s3_server.endpoint}&region={REGION}",
-        retry_initial_delay=0.2,
-        retry_max_delay=1.0,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-        concurrency=4,
     )
 
 

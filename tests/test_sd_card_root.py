@@ -32,7 +32,6 @@ import httpx
 import pytest
 
 from conftest import need_modules
-from framepipe.config import Settings
 from framepipe.jobs.ledger import file_fingerprint
 from test_example_sd_import import (
     EXAMPLE,
@@ -41,6 +40,7 @@ from test_example_sd_import import (
     ended,
     ledger_paths,
     running_world,
+    sd_settings,
     wait_for,
 )
 from test_server import AUTH, TOKEN
@@ -253,15 +253,7 @@ def test_the_import_refuses_a_card_swapped_for_a_link_and_copies_nothing(
     the card's folder has just become a link to another user's folder holding the very same
     files. The import completes with the copy refused, the problem names the card and the
     link, nothing is copied into the shared folder and nothing is recorded as imported."""
-    settings = Settings(
-        home=tmp_path / "home-fp",
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        retry_initial_delay=0.2,
-        retry_max_delay=1.0,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-        concurrency=4,
-    )
+    settings = sd_settings(tmp_path, home=tmp_path / "home-fp")
     with running_world(tmp_path, settings) as world:
         server, watch, shared = world["server"], world["watch"], world["shared"]
         maker = CardMaker(watch / "GOPRO1")

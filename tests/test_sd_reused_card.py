@@ -39,6 +39,7 @@ from test_example_sd_import import (
     jump_clip,
     ledger_paths,
     running_world,
+    sd_settings,
     wait_for,
 )
 from test_server import AUTH
@@ -53,16 +54,7 @@ from retention import RENDERED  # noqa: E402  (examples/sd_import/retention.py)
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    settings = Settings(
-        home=tmp_path / "home",
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        retry_initial_delay=0.2,
-        retry_max_delay=1.0,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-        concurrency=4,
-    )
-    with running_world(tmp_path, settings) as running:
+    with running_world(tmp_path, sd_settings(tmp_path)) as running:
         yield running
 
 

@@ -44,6 +44,7 @@ from test_example_sd_import import (
     jump_clip,
     ledger_paths,
     running_world,
+    sd_settings,
     wait_for,
 )
 from test_server import AUTH
@@ -58,15 +59,7 @@ import detector as sd_detector  # noqa: E402  (examples/sd_import/detector.py)
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        home=tmp_path / "home",
-        database_url=f"sqlite:///{tmp_path / 'state.db'}",
-        retry_initial_delay=0.2,
-        retry_max_delay=1.0,
-        heartbeat_interval=0.2,
-        shutdown_grace=2.0,
-        concurrency=4,
-    )
+    return sd_settings(tmp_path)
 
 
 def entry_of(path: Path, rel: str, mtime: float) -> dict[str, Any]:
