@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +62,17 @@ from pydantic_settings import (
 )
 
 from framepipe.amqp import AMQP_SCHEMES, is_amqp_url
-from framepipe.errors import ConfigError, StateStoreError
+from framepipe.config_checks import (
+    check_api_token,
+    check_database_url,
+    check_home,
+    check_log_level,
+    check_mqtt_url,
+    check_objects_url,
+    comma_list,
+    url_beginning,
+)
+from framepipe.errors import ConfigError
 from framepipe.redis import REDIS_SCHEMES, is_redis_url
 
 __all__ = [
@@ -118,16 +127,6 @@ them: a name read anywhere in the tree is either a setting or here (checked by t
 
 BROKER_SCHEMES = ("memory://", *REDIS_SCHEMES, *AMQP_SCHEMES)
 """The schemes a broker URL may have: ``memory://`` (in-process), Redis, AMQP."""
-
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
-_SCHEME_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def _beginning(url: str) -> str:
-    """How ``url`` begins, for a message about its scheme: the scheme and the slashes after it,
-    never what follows (a password may)."""
-    match = _SCHEME.match(url)
-    return f"it begins {match.group()!r}" if match else "it has no scheme"
 
 
 def check_environment(env: Mapping[str, str] | None = None) -> None:
@@ -237,54 +236,10 @@ class StorageSettings(SettingsSection):
         "(framepipe.mqtt; pip install 'framepipe[mqtt]'); unset: no MQTT.",
     )
 
-    @field_validator("home")
-    @classmethod
-    def _home(cls, value: Path) -> Path:
-        for folder in (value, *value.absolute().parents):
-            if folder.exists():
-                if not folder.is_dir():
-                    what = "is not a folder" if folder == value else f"is inside {folder}, a file"
-                    raise ValueError(f"{value} {what}")
-                break
-        return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url(cls, value: str | None) -> str | None:
-        if not value:
-            return value
-        from framepipe.backends.state.store import parse_database_url
-
-        try:
-            parse_database_url(value)
-        except StateStoreError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
-    @field_validator("objects_url")
-    @classmethod
-    def _objects_url(cls, value: str | None) -> str | None:
-        # Only the scheme, as open_object_store reads it; nothing is opened or contacted here.
-        match = _SCHEME_SLASHES.match(value or "")
-        if match and match.group(1).lower() not in ("file", "s3"):
-            raise ValueError(
-                f"not an object store URL ({_beginning(value or '')}): give a folder, "
-                "file:///absolute/path or s3://bucket/prefix"
-            )
-        return value
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _mqtt_url(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        from framepipe.mqtt.urls import parse_mqtt_url
-
-        try:
-            parse_mqtt_url(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    _home = field_validator("home")(check_home)
+    _database_url = field_validator("database_url")(check_database_url)
+    _objects_url = field_validator("objects_url")(check_objects_url)
+    _mqtt_url = field_validator("mqtt_url")(check_mqtt_url)
 
     @property
     def resolved_database_url(self) -> str:
@@ -439,23 +394,10 @@ class ServerSettings(SettingsSection):
         "undecoded. 40 million pixels decode to 120 MB.",
     )
 
-    @field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
-    @field_validator("api_token")
-    @classmethod
-    def _token(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        if not value.strip() or value != value.strip():
-            raise ValueError("the token is blank or has spaces around it")
-        if not value.isascii() or not value.isprintable():
-            raise ValueError("the token must be printable ASCII (it travels in an HTTP header)")
-        return value
+    _comma_list = field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")(
+        comma_list
+    )
+    _token = field_validator("api_token")(check_api_token)
 
 
 class MediaSettings(SettingsSection):
@@ -478,13 +420,7 @@ class LogSettings(SettingsSection):
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        value = value.upper()
-        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ValueError(f"unknown log level {value!r}")
-        return value
+    _level = field_validator("log_level")(check_log_level)
 
 
 class Settings(
@@ -556,6 +492,6 @@ def _check_broker_url(settings: SettingsSection) -> None:
     if url.strip() and not url.startswith(BROKER_SCHEMES):
         raise ConfigError(
             f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: not a broker URL "
-            f"({_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
+            f"({url_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
             "unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
         )

@@ -1,0 +1,117 @@
+"""The checks of single setting values, which :mod:`framepipe.config`'s sections run as field
+validators (and :func:`url_beginning`, how a refused URL is described).
+
+Each check returns the value as the setting keeps it, or raises ValueError saying what is
+wrong with it (pydantic reports it, and :func:`framepipe.config.load_section` names the
+variable); a message never repeats a secret (a URL is described by its scheme alone, a
+token not at all). Nothing is opened or contacted: a database or MQTT URL is parsed, an
+object store URL's scheme read, a home's folders looked at.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from framepipe.errors import ConfigError, StateStoreError
+
+__all__ = [
+    "check_api_token",
+    "check_database_url",
+    "check_home",
+    "check_log_level",
+    "check_mqtt_url",
+    "check_objects_url",
+    "comma_list",
+    "url_beginning",
+]
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
+_SCHEME_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def url_beginning(url: str) -> str:
+    """How ``url`` begins, for a message about its scheme: the scheme and the slashes after it,
+    never what follows (a password may)."""
+    match = _SCHEME.match(url)
+    return f"it begins {match.group()!r}" if match else "it has no scheme"
+
+
+def check_home(value: Path) -> Path:
+    """The home, unless it (or a folder it would be in) exists and is not a folder."""
+    for folder in (value, *value.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is not a folder" if folder == value else f"is inside {folder}, a file"
+                raise ValueError(f"{value} {what}")
+            break
+    return value
+
+
+def check_database_url(value: str | None) -> str | None:
+    """The state database URL, unless it does not parse or names neither SQLite nor
+    PostgreSQL."""
+    if not value:
+        return value
+    from framepipe.backends.state.store import parse_database_url
+
+    try:
+        parse_database_url(value)
+    except StateStoreError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def check_objects_url(value: str | None) -> str | None:
+    """The object store URL, unless it has a scheme other than ``file`` and ``s3``."""
+    # Only the scheme, as open_object_store reads it; nothing is opened or contacted here.
+    match = _SCHEME_SLASHES.match(value or "")
+    if match and match.group(1).lower() not in ("file", "s3"):
+        raise ValueError(
+            f"not an object store URL ({url_beginning(value or '')}): give a folder, "
+            "file:///absolute/path or s3://bucket/prefix"
+        )
+    return value
+
+
+def check_mqtt_url(value: str | None) -> str | None:
+    """The MQTT URL (None when blank), unless :func:`framepipe.mqtt.urls.parse_mqtt_url`
+    refuses it."""
+    if not value:
+        return None
+    from framepipe.mqtt.urls import parse_mqtt_url
+
+    try:
+        parse_mqtt_url(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+def comma_list(value: Any) -> Any:
+    """A comma-separated string as its items, stripped, blanks dropped (run before the
+    field's type is checked); anything else as given."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def check_api_token(value: str | None) -> str | None:
+    """The bearer token (None when blank), unless it is blank, has spaces around it or is
+    not printable ASCII."""
+    if value is None or value == "":
+        return None
+    if not value.strip() or value != value.strip():
+        raise ValueError("the token is blank or has spaces around it")
+    if not value.isascii() or not value.isprintable():
+        raise ValueError("the token must be printable ASCII (it travels in an HTTP header)")
+    return value
+
+
+def check_log_level(value: str) -> str:
+    """The log level in capitals, unless it is none of Python's level names."""
+    value = value.upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError(f"unknown log level {value!r}")
+    return value
