@@ -306,6 +306,34 @@ def test_a_home_that_is_a_file_or_inside_one_is_refused(
     assert load_settings(home=tmp_path).home == tmp_path
 
 
+@pytest.mark.parametrize("where", ["variable", "file", "keyword"])
+def test_a_relative_input_root_is_refused_naming_the_setting_and_the_value(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    """An input root is where HTTP clients may read files from: a relative one would be a
+    different folder for each directory the service happens to start (and each submit) in,
+    so it is refused at load, named, rather than resolved against the current directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uploads").mkdir()
+    if where == "variable":
+        monkeypatch.setenv("FRAMEPIPE_INPUT_ROOTS", f"{tmp_path},uploads")
+    elif where == "file":
+        (tmp_path / "framepipe.toml").write_text(f'input_roots = ["{tmp_path}", "uploads"]\n')
+    overrides = {"input_roots": [tmp_path, Path("uploads")]} if where == "keyword" else {}
+    with pytest.raises(ConfigError) as caught:
+        load_section(ServerSettings, **overrides)
+    message = str(caught.value)
+    assert "FRAMEPIPE_INPUT_ROOTS: " in message
+    assert "'uploads' is not an absolute path" in message
+    with pytest.raises(
+        ConfigError, match=r"FRAMEPIPE_INPUT_ROOTS: .*'~/videos' is not an absolute"
+    ):
+        load_settings(input_roots="~/videos")  # not expanded: the shell does that, or nothing
+    monkeypatch.delenv("FRAMEPIPE_INPUT_ROOTS", raising=False)
+    (tmp_path / "framepipe.toml").unlink(missing_ok=True)
+    assert load_settings(input_roots=f" {tmp_path} ,").input_roots == [tmp_path]
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

@@ -40,7 +40,7 @@ database URL that does not parse or names neither SQLite nor PostgreSQL; a broke
 known scheme (checked at load only: built in code, a :class:`WorkerSettings` may carry any
 URL, read as in-process); an object store URL of a scheme other than ``file`` and ``s3`` (only
 the scheme is checked: nothing is contacted); a home that exists and is not a folder; an
-infinite or NaN number.
+infinite or NaN number; an input root that is not an absolute path.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from framepipe.config_checks import (
     check_api_token,
     check_database_url,
     check_home,
+    check_input_roots,
     check_log_level,
     check_mqtt_url,
     check_objects_url,
@@ -376,7 +377,8 @@ class ServerSettings(SettingsSection):
     input_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders whose files executions submitted over HTTP may name as local "
-        "paths; comma-separated. Empty (the default): none, only object keys.",
+        "paths; absolute, comma-separated (a relative one is refused). Empty (the "
+        "default): none, only object keys.",
     )
     thumbnail_concurrency: int = Field(
         2,
@@ -397,6 +399,7 @@ class ServerSettings(SettingsSection):
     _comma_list = field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")(
         comma_list
     )
+    _input_roots = field_validator("input_roots")(check_input_roots)
     _token = field_validator("api_token")(check_api_token)
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "check_api_token",
     "check_database_url",
     "check_home",
+    "check_input_roots",
     "check_log_level",
     "check_mqtt_url",
     "check_objects_url",
@@ -94,6 +95,20 @@ def comma_list(value: Any) -> Any:
     field's type is checked); anything else as given."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def check_input_roots(value: list[Path]) -> list[Path]:
+    """The input roots, unless one is not an absolute path. They bound what HTTP clients may
+    read; a relative one would name a different folder for each directory the service is
+    started in (and a submit resolves it against the directory of that moment), so it is
+    refused rather than resolved. ``~`` is not expanded."""
+    for root in value:
+        if not root.is_absolute():
+            raise ValueError(
+                f"{str(root)!r} is not an absolute path: give absolute folders (a relative one "
+                "would depend on the directory the service is started in)"
+            )
     return value
 
 
