@@ -1,0 +1,256 @@
+"""The SD-card detector's cards: which folders are cards, what a card's listing holds, and
+the card's id and label.
+
+A listing (:func:`list_card`) reads the card from its root opened once
+(:func:`framepipe.confined.open_root`), the very folder the poll saw, never through a link; it
+holds only the paths the backend accepts (the rule of ``card_paths.py``), and skips, with a
+warning naming it, any other file, so the rest of the card still imports.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+from card_paths import card_path
+from sd_folders import AT, OpenFolder
+
+from framepipe.confined import (
+    FolderIdentity,
+    LinkRefusedError,
+    RootChangedError,
+    folder_identity,
+    open_root,
+)
+
+__all__ = [
+    "MAX_DEPTH",
+    "VIDEO_SUFFIXES",
+    "Card",
+    "as_text",
+    "card_id_of",
+    "card_label",
+    "is_junction",
+    "list_card",
+    "open_card_root",
+]
+
+log = logging.getLogger("sd_detector")
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mts", ".m2ts", ".m4v", ".mkv", ".insv", ".360")
+_IGNORED_DIRS = {"system volume information", "$recycle.bin", "lost+found"}
+
+
+MAX_DEPTH = 32
+"""The deepest folder below a card's root that :func:`list_card` looks into (camera cards use
+two or three levels, ``DCIM/100GOPRO``)."""
+
+
+def list_card(
+    root: Path,
+    suffixes: tuple[str, ...] = VIDEO_SUFFIXES,
+    *,
+    max_depth: int = MAX_DEPTH,
+    identity: FolderIdentity | None = None,
+    watched: bool = False,
+) -> list[dict[str, Any]]:
+    """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
+    ``fingerprint``; hidden files and system folders skipped; sorted by path.
+
+    The root is opened once (:func:`open_card_root`: with ``watched``, a subfolder of a
+    ``--watch`` folder, without following a link in its place; with ``identity``, only if it
+    is that folder) and every folder below is reached from it; a root that is not there, a
+    link, or another folder raises (``FileNotFoundError``, :class:`LinkRefusedError`,
+    :class:`RootChangedError`) and nothing is listed.
+
+    Guarantees, whatever the card holds:
+
+    * only regular files are listed, reached without following a link (a link on the card,
+      to a file or a folder, is skipped: what it points to is not on the card);
+    * every listed path is one the backend accepts (:func:`card_paths.card_path`, the rule
+      its ``sd:file_list`` check uses), so the list is never refused as a whole: a file it
+      would refuse (a ``:`` or a backslash in a name, a name that is not valid UTF-8, a path
+      over 1000 characters) is skipped with a warning naming it, and so is a folder below
+      which it would refuse every path;
+    * folders more than ``max_depth`` levels below the root are not looked into (a warning
+      names the first of them); the walk keeps its own stack, so no tree, however deep,
+      raises :class:`RecursionError`;
+    * a file or folder that vanishes or turns into a link while it is listed is left out
+      (the next poll sees the truth)."""
+    out: list[dict[str, Any]] = []
+    stack: list[tuple[str, ...]] = [()]
+    top = open_card_root(root, identity=identity, watched=watched)
+    try:
+        while stack:
+            rel = stack.pop()
+            try:
+                with OpenFolder(root, rel, where="the card", top=top) as here:
+                    folders, files = here.entries()
+                    stack.extend(_folders_to_walk(rel, folders, max_depth))
+                    out.extend(_listed(here, rel, files, suffixes))
+            except OSError:  # the folder vanished or was replaced by a link while listing
+                continue
+    finally:
+        if top is not None:
+            os.close(top)
+    return sorted(out, key=lambda e: e["path"])
+
+
+def open_card_root(root: Path, *, identity: FolderIdentity | None, watched: bool) -> int | None:
+    """The card's root folder, opened once for a listing or a copy: a descriptor every walk
+    of the card starts from (the caller closes it), or None where the platform has no
+    ``dir_fd`` (Windows: there the root is checked by path, a check a racing writer could
+    defeat, and used by path).
+
+    ``watched`` (a subfolder of a ``--watch`` folder, where others may write): its last
+    segment is opened relative to the watch folder without following a link
+    (:func:`framepipe.confined.open_root`), so a link put in its place is a
+    :class:`LinkRefusedError`; otherwise (a ``--card`` folder, the operator's own path) the
+    path is followed. ``identity``: the folder's ``(st_dev, st_ino)`` when the poll saw it;
+    another folder there now is a :class:`RootChangedError`. ``FileNotFoundError`` when the
+    card is gone."""
+    where = f"the card {card_label(root)}"
+    if AT:
+        return open_root(root, where=where, follow=not watched, identity=identity)
+    if watched and (root.is_symlink() or getattr(root, "is_junction", lambda: False)()):
+        raise LinkRefusedError(
+            f"{root.name!r} is a symbolic link or not a folder; a link in its place is not "
+            "followed",
+            where=where,
+        )
+    if not root.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(root))
+    if identity is not None and folder_identity(os.stat(root)) != identity:
+        raise RootChangedError(
+            f"{root.name or str(root)!r} is not the folder it was when it was checked "
+            "(replaced or mounted again since)",
+            where=where,
+        )
+    return None
+
+
+def _folders_to_walk(
+    rel: tuple[str, ...], names: list[str], max_depth: int
+) -> list[tuple[str, ...]]:
+    """The subfolders ``names`` of the card's folder ``rel`` that :func:`list_card` walks."""
+    wanted = []
+    for name in names:
+        if name.startswith(".") or name.lower() in _IGNORED_DIRS:
+            continue
+        shown = as_text("/".join((*rel, name)))
+        # The shortest path below the folder: when the backend refuses it, it refuses all.
+        try:
+            card_path("/".join((*rel, name, "\u2026")))
+        except ValueError as exc:
+            log.warning("skipped folder %s: the backend accepts no path in it (%s)", shown, exc)
+            continue
+        if len(rel) + 1 > max_depth:
+            log.warning(
+                "skipped folder %s: it is more than %d folders below the card", shown, max_depth
+            )
+            continue
+        wanted.append((*rel, name))
+    return wanted
+
+
+def _listed(
+    here: OpenFolder, rel: tuple[str, ...], names: list[str], suffixes: tuple[str, ...]
+) -> Iterator[dict[str, Any]]:
+    """The entries of :func:`list_card` for the regular files ``names`` of folder ``here``."""
+    for name in names:
+        if name.startswith(".") or not name.lower().endswith(suffixes):
+            continue
+        path = "/".join((*rel, name))
+        try:
+            card_path(path)
+        except ValueError as exc:
+            log.warning("skipped %s: the backend would refuse its path (%s)", as_text(path), exc)
+            continue
+        try:
+            fd = here.open_file(name)
+        except OSError:  # a link, vanished: the next poll sees the truth
+            continue
+        try:
+            st = os.fstat(fd)
+            fingerprint = here.fingerprint(fd, name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        yield {"path": path, "size": st.st_size, "mtime": st.st_mtime, "fingerprint": fingerprint}
+
+
+def as_text(text: str) -> str:
+    """``text`` as valid Unicode: bytes of a name that are not UTF-8 (Python keeps them as
+    lone surrogates, which the backend refuses) become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def card_label(root: PurePath) -> str:
+    """The folder's name, or the drive's letter for a drive root (``E:\\`` -> ``E``), as
+    valid Unicode (see :func:`as_text`)."""
+    return as_text(root.name or root.drive.rstrip(":\\/") or "card")
+
+
+def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
+    """A stable id of a card: its label and the oldest file's identity (adding files to a card
+    keeps its id; another card with the same label gets another)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "card"
+    if not files:
+        return f"{safe}-empty"
+    first = min(files, key=lambda e: (e["mtime"], e["path"]))
+    digest = hashlib.blake2b(
+        f"{first['path']}|{first['size']}|{first['fingerprint']}".encode(), digest_size=6
+    ).hexdigest()
+    return f"{safe}-{digest}"
+
+
+@dataclass
+class Card:
+    """One inserted card and its session (one per insertion).
+
+    ``watched``: the card is a subfolder of a ``--watch`` folder (its root is never reached
+    through a link); ``identity``: its root's ``(st_dev, st_ino)`` when the poll saw it, which
+    every later open of the root checks (None: not checked)."""
+
+    root: Path
+    label: str
+    card_id: str
+    files: list[dict[str, Any]]
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    acknowledged: bool = False
+    removed: bool = False
+    watched: bool = False
+    identity: FolderIdentity | None = None
+
+    def inserted(self) -> dict[str, Any]:
+        return {
+            "type": "detector:sd_inserted",
+            "session_id": self.session_id,
+            "card_id": self.card_id,
+            "label": self.label,
+            "root": as_text(str(self.root)),
+            "file_count": len(self.files),
+        }
+
+    def file_list(self) -> dict[str, Any]:
+        return {
+            "type": "sd:file_list",
+            "session_id": self.session_id,
+            "card_id": self.card_id,
+            "label": self.label,
+            "files": self.files,
+        }
+
+
+def is_junction(entry: os.DirEntry[str]) -> bool:
+    """A Windows junction (a link that ``is_symlink`` does not tell; Python 3.12+)."""
+    return bool(getattr(entry, "is_junction", lambda: False)())
