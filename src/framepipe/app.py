@@ -7,35 +7,36 @@ whose source failed for good is restarted after ``restart_cooldown`` seconds, at
 ``max_restart_attempts`` times (auto-recovery), then reported with ``system_error``. Every few
 seconds the app checks performance (``performance_warning`` below ``performance_threshold``)
 and writes a health snapshot that ``framepipe health`` / ``framepipe sources`` read from
-another terminal, and each pipeline's latest frame as a small JPEG beside it
-(:func:`preview_path`: ``<run>/apps/<app>/<pipeline>.jpg``, the pipeline's name made a safe
-file name by :func:`preview_file_name`).
+another terminal, and each pipeline's latest frame as a small JPEG beside it (where, and how
+other processes read them: :mod:`framepipe.snapshots`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import json
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-import cv2
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError
-from framepipe.frames import Frame, encode_jpeg
-from framepipe.liveness import owner_is_dead
 from framepipe.logs import get_logger
+from framepipe.snapshots import (
+    PREVIEW_QUALITY,
+    preview_dir,
+    preview_file_name,
+    preview_jpeg,
+    preview_path,
+    read_snapshots,
+    snapshot_path,
+)
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import HealthState
 from framepipe.telemetry import metrics_registry, render
@@ -434,7 +435,7 @@ class App:
     @property
     def snapshot_path(self) -> Path:
         """Where this app's health snapshot is written."""
-        return self.settings.run_dir / "apps" / f"{self.name}.json"
+        return snapshot_path(self.settings, self.name)
 
     def _write_snapshot(self) -> None:
         path = self.snapshot_path
@@ -464,10 +465,10 @@ class App:
         if captured is not None and frame.width <= 640:
             data = captured  # a captured JPEG small enough is its own preview
         elif planes is not None and planes.width <= 640:
-            data = planes.to_jpeg(_PREVIEW_QUALITY)  # the decoder's planes: no BGR
+            data = planes.to_jpeg(PREVIEW_QUALITY)  # the decoder's planes: no BGR
         else:
             try:
-                data = _preview_jpeg(frame)
+                data = preview_jpeg(frame)
             except FramepipeError as exc:
                 self.log.warning("preview of %r not written: %s", name, exc)
                 return
@@ -484,60 +485,3 @@ _RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEG
 _SOURCE_DOWN = frozenset(
     state.value for state in (HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING)
 )
-
-
-def preview_dir(settings: Settings, app: str) -> Path:
-    """Where an app writes its pipelines' latest-frame previews."""
-    return settings.run_dir / "apps" / app
-
-
-def preview_path(settings: Settings, app: str, pipeline: str) -> Path:
-    """The latest-frame preview of ``app``'s pipeline ``pipeline``:
-    ``<run>/apps/<app>/<preview_file_name(pipeline)>``."""
-    return preview_dir(settings, app) / preview_file_name(pipeline)
-
-
-_PREVIEW_NAME_MAX = 200
-
-
-def preview_file_name(pipeline: str) -> str:
-    """The preview's file name for pipeline ``pipeline``: the name percent-quoted as UTF-8
-    (every byte but ASCII letters, digits and ``-_.~`` becomes ``%XX``; a lone surrogate is
-    quoted as the three bytes Python's ``surrogatepass`` gives it), plus ``.jpg``. A plain
-    name (``station_1``, ``cam-2.left``) stays as it is, ``gate/1`` is ``gate%2F1.jpg`` and
-    ``../x`` is ``..%2Fx.jpg``, so the file is always in the previews folder. A quoted name
-    longer than 200 characters is cut to 184 and gets ``~`` and 16 hex digits of its SHA-256
-    (201 characters: longer than any name not cut, so two names never share a file)."""
-    quoted = quote(pipeline.encode("utf-8", "surrogatepass"), safe="-_.~")
-    if len(quoted) > _PREVIEW_NAME_MAX:
-        digest = hashlib.sha256(quoted.encode()).hexdigest()[:16]
-        quoted = f"{quoted[:184]}~{digest}"
-    return f"{quoted}.jpg"
-
-
-def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
-    """Health snapshots of the apps of this home; a snapshot of a dead process says so."""
-    folder = settings.run_dir / "apps"
-    snapshots = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = f"{socket.gethostname()}:{data.get('pid')}:app"
-        if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
-            data["state"] = "dead"
-        snapshots.append(data)
-    return snapshots
-
-
-_PREVIEW_QUALITY = 80
-
-
-def _preview_jpeg(frame: Frame) -> bytes:
-    """The frame at most 640 pixels wide as JPEG, without taking the frame over."""
-    image: Any = frame.peek()
-    if image.shape[1] > 640:
-        height = max(2, round(image.shape[0] * 640 / image.shape[1]))
-        image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
-    return encode_jpeg(image, _PREVIEW_QUALITY)

@@ -1,0 +1,95 @@
+"""What a running :class:`~framepipe.app.App` leaves for other processes, and how they read it.
+
+An app writes its health snapshot to ``<run>/apps/<app>.json`` and each pipeline's latest frame
+as a small JPEG beside it (:func:`preview_path`: ``<run>/apps/<app>/<pipeline>.jpg``, the
+pipeline's name made a safe file name by :func:`preview_file_name`); ``framepipe health``,
+``framepipe sources`` and the dashboard read them (:func:`read_snapshots`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import cv2
+
+from framepipe.config import Settings
+from framepipe.frames import Frame, encode_jpeg
+from framepipe.liveness import owner_is_dead
+
+__all__ = [
+    "PREVIEW_QUALITY",
+    "preview_dir",
+    "preview_file_name",
+    "preview_jpeg",
+    "preview_path",
+    "read_snapshots",
+    "snapshot_path",
+]
+
+
+def snapshot_path(settings: Settings, app: str) -> Path:
+    """Where app ``app`` writes its health snapshot: ``<run>/apps/<app>.json``."""
+    return settings.run_dir / "apps" / f"{app}.json"
+
+
+def preview_dir(settings: Settings, app: str) -> Path:
+    """Where an app writes its pipelines' latest-frame previews."""
+    return settings.run_dir / "apps" / app
+
+
+def preview_path(settings: Settings, app: str, pipeline: str) -> Path:
+    """The latest-frame preview of ``app``'s pipeline ``pipeline``:
+    ``<run>/apps/<app>/<preview_file_name(pipeline)>``."""
+    return preview_dir(settings, app) / preview_file_name(pipeline)
+
+
+_PREVIEW_NAME_MAX = 200
+
+
+def preview_file_name(pipeline: str) -> str:
+    """The preview's file name for pipeline ``pipeline``: the name percent-quoted as UTF-8
+    (every byte but ASCII letters, digits and ``-_.~`` becomes ``%XX``; a lone surrogate is
+    quoted as the three bytes Python's ``surrogatepass`` gives it), plus ``.jpg``. A plain
+    name (``station_1``, ``cam-2.left``) stays as it is, ``gate/1`` is ``gate%2F1.jpg`` and
+    ``../x`` is ``..%2Fx.jpg``, so the file is always in the previews folder. A quoted name
+    longer than 200 characters is cut to 184 and gets ``~`` and 16 hex digits of its SHA-256
+    (201 characters: longer than any name not cut, so two names never share a file)."""
+    quoted = quote(pipeline.encode("utf-8", "surrogatepass"), safe="-_.~")
+    if len(quoted) > _PREVIEW_NAME_MAX:
+        digest = hashlib.sha256(quoted.encode()).hexdigest()[:16]
+        quoted = f"{quoted[:184]}~{digest}"
+    return f"{quoted}.jpg"
+
+
+def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
+    """Health snapshots of the apps of this home; a snapshot of a dead process says so."""
+    folder = settings.run_dir / "apps"
+    snapshots = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        owner = f"{socket.gethostname()}:{data.get('pid')}:app"
+        if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
+            data["state"] = "dead"
+        snapshots.append(data)
+    return snapshots
+
+
+PREVIEW_QUALITY = 80
+"""The JPEG quality of the previews."""
+
+
+def preview_jpeg(frame: Frame) -> bytes:
+    """The frame at most 640 pixels wide as JPEG, without taking the frame over."""
+    image: Any = frame.peek()
+    if image.shape[1] > 640:
+        height = max(2, round(image.shape[0] * 640 / image.shape[1]))
+        image = cv2.resize(image, (640, height), interpolation=cv2.INTER_AREA)
+    return encode_jpeg(image, PREVIEW_QUALITY)
