@@ -19,9 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from framepipe import Settings
-from framepipe.app import App, SystemState
+from framepipe.app import App, SystemState, preview_path, read_snapshots
 from framepipe.backoff import Backoff
 from framepipe.cli import app as cli_app
+from framepipe.errors import ConfigError
 from framepipe.frames import Frame
 from framepipe.processors import Processor
 from framepipe.sources import CommandSource, PatternSource
@@ -405,7 +406,7 @@ def test_pipelines_named_anything_get_their_preview_in_the_previews_folder(
 
     asyncio.run(main())
     assert app.state is SystemState.STOPPED
-    from framepipe.app import preview_dir, preview_file_name, preview_path
+    from framepipe.app import preview_dir, preview_file_name
 
     folder = preview_dir(settings, "site")
     files = {preview_path(settings, "site", name) for name in names}
@@ -420,6 +421,36 @@ def test_pipelines_named_anything_get_their_preview_in_the_previews_folder(
     ]
     assert preview_file_name("cam-\ud800") == "cam-%ED%A0%80.jpg"
     assert all(len(f.name.encode()) <= 205 for f in files)
+
+
+BAD_APP_NAMES = ("gate/1", "../x", "/tmp/x", "..", ".", "", "cam\0", "cam-\ud800")
+"""App names that name no file of their own in the apps folder: a folder, a way out of it, an
+absolute path, the folder above, the folder itself, nothing, a NUL, a lone surrogate."""
+
+
+@pytest.mark.parametrize("name", BAD_APP_NAMES)
+def test_an_app_name_that_is_no_file_name_of_its_own_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        App(name, settings=Settings(home=tmp_path))
+    assert str(refused.value).startswith(f"app name {name!r} ")
+
+
+def test_app_names_that_work_keep_working(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    names = ("site", "cam-2.left", "a..b", "...", "Küche 1", "x.json", "back\\slash")
+
+    async def main() -> None:
+        for name in names:
+            app = App(name, settings=settings)
+            app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
+            await app.start()
+            await wait_until_async("a frame", lambda app=app: app.pipelines["cam"].latest_frame)
+            await app.stop()
+            assert app.snapshot_path.parent == settings.run_dir / "apps"
+            assert preview_path(settings, name, "cam").is_file()
+
+    asyncio.run(main())
+    assert sorted(s["name"] for s in read_snapshots(settings)) == sorted(names)
 
 
 LIVE_APP = textwrap.dedent("""

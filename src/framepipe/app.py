@@ -30,6 +30,7 @@ from framepipe.errors import FramepipeError
 from framepipe.logs import get_logger
 from framepipe.snapshots import (
     PREVIEW_QUALITY,
+    check_app_name,
     preview_dir,
     preview_file_name,
     preview_jpeg,
@@ -100,7 +101,10 @@ class App:
         health_interval: float = 2.0,
         performance_threshold: float = 0.5,
     ) -> None:
-        self.name = name
+        self.name = check_app_name(name)
+        """The app's name, also that of its snapshot and previews (see
+        :func:`~framepipe.snapshots.check_app_name`: a name with ``/``, NUL or malformed
+        Unicode, or ``.``/``..``, is refused with a :class:`~framepipe.errors.ConfigError`)."""
         self.settings = settings or load_settings()
         self.auto_recovery = auto_recovery
         self.max_restart_attempts = max_restart_attempts

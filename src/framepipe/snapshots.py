@@ -18,11 +18,13 @@ from urllib.parse import quote
 import cv2
 
 from framepipe.config import Settings
+from framepipe.errors import ConfigError
 from framepipe.frames import Frame, encode_jpeg
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
     "PREVIEW_QUALITY",
+    "check_app_name",
     "preview_dir",
     "preview_file_name",
     "preview_jpeg",
@@ -30,6 +32,35 @@ __all__ = [
     "read_snapshots",
     "snapshot_path",
 ]
+
+
+def check_app_name(name: object) -> str:
+    """``name`` if it can name an app, else a :class:`~framepipe.errors.ConfigError` naming
+    it. The name is made the file of the app's snapshot (``<name>.json``) and the folder of its
+    previews, in ``<run>/apps``, so it must be text naming one entry of that folder: not empty,
+    ``.`` or ``..`` (the folder itself or the one above), without ``/`` (a folder elsewhere), a
+    NUL or malformed Unicode (a lone surrogate, which no file name or snapshot holds). Any
+    other name is kept as it is: spaces, dots (``cam-2.left``, ``...``), any script."""
+    if not isinstance(name, str):
+        raise ConfigError(f"app name {name!r}: must be text")
+    problem = None
+    if name in ("", ".", ".."):
+        problem = "names no folder of its own"
+    elif "/" in name:
+        problem = "has a '/'"
+    elif "\0" in name:
+        problem = "has a NUL"
+    else:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "has malformed Unicode (a lone surrogate)"
+    if problem is not None:
+        raise ConfigError(
+            f"app name {name!r} {problem}: the name makes the app's health snapshot "
+            "(<name>.json) and previews folder under <run>/apps"
+        )
+    return name
 
 
 def snapshot_path(settings: Settings, app: str) -> Path:
