@@ -3,8 +3,16 @@
 Guarantees: a password in the URL (``scheme://user:***@host``) and the value of every query
 parameter whose name says it holds a secret (``?api_key=***``, ``password``, ``token``,
 ``secret``, ``signature``, ``credential``, ``auth``, ``session``, any ``*key*``; matched on the
-percent-decoded name, case-insensitive) are masked; everything else is left as written, so the
-URL still says where it points.
+percent-decoded name, case-insensitive) are masked, in the URL and in every URL inside a query
+value (``?endpoint=http://k:***@host``); everything else is left as written, so the URL still
+says where it points.
+
+No part of a password is ever shown, even one written unescaped with ``/``, ``@``, ``?``,
+``#`` or ``:`` in it (``rtsp://user:pa/ss@cam/1``), which a URL parser reads as a host, a path
+or a query: a ``user:`` (no ``/``, ``?``, ``#``, ``:`` or ``[`` in it) right after ``//`` and an
+``@`` anywhere after it are a password, masked from the ``:`` to the *last* ``@``. Where that is
+ambiguous it masks too much, never too little: ``http://h:8080/x?to=a@b`` is shown
+``http://h:***@b`` (a port followed by an ``@`` reads as a password).
 
 :func:`safe_text` applies the same rule to every URL inside a text (a command's argument such
 as ``location=rtsp://user:pw@cam/1``, a line a program printed): each ``scheme://`` and what
@@ -14,39 +22,35 @@ follows it up to the next whitespace is shown by :func:`safe_url`.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus
 
 __all__ = ["safe_text", "safe_url"]
 
 _SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|sig|credential|auth|session", re.I)
-_USERINFO = re.compile(r"//[^/?#@]*@")
+_PASSWORD = re.compile(
+    r"(?P<user>(?:^|[A-Za-z][A-Za-z0-9+.-]*:)//[^/?#:\[\s]*:).*@",  # greedy: to the last '@'
+    re.DOTALL,
+)
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 
 
 def safe_url(url: str) -> str:
-    """``url`` with its secrets masked (see the module); a URL that does not parse keeps
-    only what no password can be in (its userinfo, if any, is masked whole)."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return _USERINFO.sub("//***@", url)
-    shown = url  # edited in place: urlunsplit would rewrite what it does not mask
-    if password is not None:
-        user, _, host = parts.netloc.rpartition("@")
-        shown = shown.replace(f"//{parts.netloc}", f"//{user.partition(':')[0]}:***@{host}", 1)
-    if parts.query:
-        head, _, rest = shown.partition("?")
-        query, hash_mark, fragment = rest.partition("#")
-        query = "&".join(_masked(pair) for pair in query.split("&"))
-        shown = f"{head}?{query}{hash_mark}{fragment}"
-    return shown
+    """``url`` with its secrets masked (see the module); it need not parse."""
+    shown = _PASSWORD.sub(r"\g<user>***@", url)  # edited in place: nothing else is rewritten
+    head, hash_mark, fragment = shown.partition("#")
+    base, question_mark, query = head.partition("?")
+    if not query:
+        return shown
+    query = "&".join(_masked(pair) for pair in query.split("&"))
+    return f"{base}{question_mark}{query}{hash_mark}{fragment}"
 
 
 def _masked(pair: str) -> str:
     name, sep, value = pair.partition("=")
     if sep and value and _SECRET_NAME.search(unquote_plus(name)):
         return f"{name}=***"
+    if "://" in value:  # a URL as a value: its own query's first parameter is in it
+        return f"{name}{sep}{safe_url(value)}"
     return pair
 
 
