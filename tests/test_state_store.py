@@ -196,3 +196,96 @@ def test_event_ids_are_never_given_twice_also_across_the_0006_upgrade(database_u
             assert [i["name"] for i in sa.inspect(conn).get_indexes("fp_events")] == [
                 "ix_fp_events_execution"
             ]
+
+
+BIG = 2**31 + 10  # past a 32-bit integer, the PostgreSQL column's type before 0007
+
+
+def _event_column_types(store: StateStore) -> tuple[str, str]:
+    """PostgreSQL: the type of fp_events.id and of the sequence its ids are drawn from."""
+    with store.read() as conn:
+        column = conn.exec_driver_sql(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = "
+            "current_schema() AND table_name = 'fp_events' AND column_name = 'id'"
+        ).scalar_one()
+        sequence = conn.exec_driver_sql(
+            "SELECT s.seqtypid::regtype::text FROM pg_sequence s "
+            "WHERE s.seqrelid = pg_get_serial_sequence('fp_events', 'id')::regclass"
+        ).scalar_one()
+    return str(column), str(sequence)
+
+
+def test_event_ids_past_32_bits_are_given_stored_and_read_back(database_url: str) -> None:
+    """A live deployment writing many events a second for years passes 2**31 ids: an id past
+    it is stored, the next ones are drawn after it, and readers page past it (the column was
+    a 32-bit integer on PostgreSQL: "integer out of range")."""
+    from framepipe.backends.state.event_log import append_events, insert_events
+    from framepipe.events import Event
+    from framepipe.jobs.records import list_events
+
+    def event(n: int) -> Event:
+        return Event(type="big", ts=float(n), data={"n": n})
+
+    with StateStore(database_url) as store:
+        with store.write() as conn:
+            conn.execute(events.insert().values(id=BIG, ts=0.0, type="big", data={"n": 0}))
+            if store.dialect == "postgresql":  # the sequence, as if BIG ids had been drawn
+                conn.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('fp_events', 'id'), {BIG})"
+                )
+        assert [e.id for e in append_events(store, [event(1), event(2)])] == [BIG + 1, BIG + 2]
+        with store.write() as conn:
+            assert [e.id for e in insert_events(store, conn, [event(3)])] == [BIG + 3]
+        read = list_events(store, after_id=BIG)
+        assert [(e.id, e.data) for e in read] == [(BIG + i, {"n": i}) for i in (1, 2, 3)]
+        assert [e.id for e in list_events(store, after_id=2**31)] == [BIG + i for i in range(4)]
+        assert list_events(store, after_id=2**62) == []
+        if store.dialect == "postgresql":
+            assert _event_column_types(store) == ("bigint", "bigint")
+
+
+@pytest.mark.postgres
+def test_a_0006_postgresql_database_is_upgraded_to_64_bit_event_ids(pg_url: str) -> None:
+    """A database at 0006 (fp_events.id an integer, its sequence too) keeps its events, their
+    ids and its sequence's place through the upgrade (and a downgrade and upgrade again);
+    afterwards ids past 2**31 are drawn."""
+    from alembic import command
+
+    from framepipe.backends.state.event_log import append_events
+    from framepipe.backends.state.store import _alembic_config
+    from framepipe.events import Event
+
+    def batch(n: int) -> list[Event]:
+        return [Event(type="old", ts=1.0 + i, execution_id=None, data={"n": i}) for i in range(n)]
+
+    def stored(store: StateStore) -> list[tuple[int, str, dict[str, int]]]:
+        with store.read() as conn:
+            rows = conn.execute(sa.select(events.c.id, events.c.type, events.c.data)).all()
+        return sorted((r.id, r.type, r.data) for r in rows)
+
+    with StateStore(pg_url, migrate=False) as store:
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "0006")
+        assert [e.id for e in append_events(store, batch(3))] == [1, 2, 3]
+        assert _event_column_types(store) == ("integer", "integer")
+        before = stored(store)
+    with StateStore(pg_url) as store:
+        assert store.current_revision() == SCHEMA_HEAD
+        assert _event_column_types(store) == ("bigint", "bigint")
+        assert stored(store) == before
+        assert [e.id for e in append_events(store, batch(1))] == [4]
+        with store.write() as conn:
+            command.downgrade(_alembic_config(conn), "0006")
+        assert _event_column_types(store) == ("integer", "integer")
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+        assert [e.id for e in append_events(store, batch(1))] == [5]
+        with store.write() as conn:
+            conn.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('fp_events', 'id'), {BIG})")
+        assert [e.id for e in append_events(store, batch(1))] == [BIG + 1]
+        assert [row[0] for row in stored(store)] == [1, 2, 3, 4, 5, BIG + 1]
+        with store.read() as conn:
+            indexes = sa.inspect(conn).get_indexes("fp_events")
+        assert [(i["name"], i["column_names"]) for i in indexes] == [
+            ("ix_fp_events_execution", ["execution_id", "id"])
+        ]

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, events, executions, ledger, steps, workers
 from framepipe.backends.state.event_log import insert_events, wait_for_event_writers
+from framepipe.backends.state.schema import EVENT_ID_MAX
 from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
@@ -323,18 +324,13 @@ def list_executions(
     return [(_execution_info(r), int(r.done or 0), int(r.total or 0)) for r in rows]
 
 
-_EVENT_ID_MAX = {"postgresql": 2**31 - 1}
-"""The largest id fp_events.id holds: an ``integer`` (SERIAL) on PostgreSQL, a 64-bit rowid on
-SQLite (the default)."""
-
-
 def list_events(
     store: StateStore, execution_id: str | None = None, *, after_id: int = 0, limit: int = 1000
 ) -> list[Event]:
     """Stored events after ``after_id``, oldest first. An ``after_id`` at or beyond the
     largest id the column can hold has none after it (an empty list, not the database's
     "integer out of range")."""
-    if after_id >= _EVENT_ID_MAX.get(store.dialect, 2**63 - 1):
+    if after_id >= EVENT_ID_MAX:
         return []
     query = sa.select(events).where(events.c.id > after_id).order_by(events.c.id).limit(limit)
     if execution_id is not None:

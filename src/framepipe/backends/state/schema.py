@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
+    "EVENT_ID_MAX",
     "SCHEMA_HEAD",
     "events",
     "executions",
@@ -20,7 +21,7 @@ __all__ = [
     "workers",
 ]
 
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 
 metadata = sa.MetaData()
 
@@ -155,7 +156,13 @@ workers = sa.Table(
 events = sa.Table(
     "fp_events",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    # 64-bit ids (migration 0007 on PostgreSQL); on SQLite INTEGER, the 64-bit rowid itself.
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
     sa.Column("ts", sa.Float, nullable=False),
     sa.Column("type", sa.String(60), nullable=False),
     sa.Column("execution_id", sa.String(32), nullable=True),
@@ -166,6 +173,9 @@ events = sa.Table(
     # rowid would give them again, below the id a reader has paged past); migration 0006.
     sqlite_autoincrement=True,
 )
+
+EVENT_ID_MAX = 2**63 - 1
+"""The largest id ``fp_events.id`` holds on either database (a ``bigint``, a SQLite rowid)."""
 
 ledger = sa.Table(
     "fp_ledger",

@@ -8,9 +8,8 @@ remembers the largest id ever given (``sqlite_sequence``). The table is rebuilt 
 and ids kept; the largest kept id seeds the sequence (ids reused before this revision cannot be
 told apart).
 
-PostgreSQL is left as it is: its sequence never gives an id twice. Its column stays an
-``integer`` (2**31 - 1 ids): widening it to ``bigint`` rewrites the table and its index under
-an exclusive lock, which would hold every writer up for the length of the upgrade.
+PostgreSQL is left as it is: its sequence never gives an id twice. (Its ``integer`` column is
+widened to ``bigint`` by 0007.)
 
 Revision ID: 0006
 Revises: 0005
