@@ -906,8 +906,9 @@ async def calls_through(url: str, ns: str, n: int = 6) -> list[ProcessorResult]:
         assert detector.peak <= 2
         assert registry._routes is not None and registry._replies is not None
         wires = {registry._routes.lean, registry._replies.lean}
-        assert detector._reads is not None and detector._writes is not None
-        wires |= {detector._reads.lean, detector._writes.lean}
+        writes = detector._publisher.wire if detector._publisher is not None else None
+        assert detector._reads is not None and writes is not None
+        wires |= {detector._reads.lean, writes.lean}
         assert len(wires) == 1, "all four hot-path connections of one kind"
     return results
 

@@ -53,11 +53,13 @@ Guarantees:
 Connections: the processor's blocking ``XREADGROUP`` and its publish script run on two
 :class:`~framepipe.redis.wire.Wire` connections; registration and heartbeats use redis-py.
 
-At over 500 lines the module is one concept, one processor's life (register, consume,
-heartbeat, reconnect, drain, deregister), whose steps share the client's state (the frames in
-flight, stopping, the connections); the wire format (:mod:`~framepipe.processors.fleet.protocol`)
-and the handling of one frame (:mod:`~framepipe.processors.fleet.handling`) have modules of their
-own.
+The module holds one processor's life (register, heartbeat, reconnect, drain, deregister);
+its parts have modules of their own: its options (:mod:`~framepipe.processors.fleet.options`),
+the reading of its stream and the taking back of pending entries
+(:mod:`~framepipe.processors.fleet.consuming`), the handling of one frame
+(:mod:`~framepipe.processors.fleet.handling`), the publishing of its results
+(:mod:`~framepipe.processors.fleet.publishing`) and the wire format
+(:mod:`~framepipe.processors.fleet.protocol`).
 """
 
 from __future__ import annotations
@@ -66,18 +68,17 @@ import abc
 import asyncio
 import base64
 import contextlib
-import functools
-import itertools
 import json
 import os
 import signal
 import time
 from collections.abc import Generator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from framepipe.backoff import Backoff
 from framepipe.errors import RegistryConnectionError
 from framepipe.logs import get_logger
+from framepipe.processors.fleet.consuming import Consumer
 from framepipe.processors.fleet.environment import (
     namespace_from,
     orchestrator_url_from,
@@ -86,8 +87,16 @@ from framepipe.processors.fleet.environment import (
 )
 from framepipe.processors.fleet.handling import run_frame
 from framepipe.processors.fleet.health import HealthServer
+from framepipe.processors.fleet.options import (
+    DEFAULT_CAPACITY,
+    DEFAULT_HEALTH_HOST,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_IMAGE_ENCODING,
+    check_options,
+    check_orchestrator_url,
+    log_settings,
+)
 from framepipe.processors.fleet.protocol import (
-    GROUP,
     Attempts,
     Fields,
     Keys,
@@ -97,18 +106,11 @@ from framepipe.processors.fleet.protocol import (
     result_fields,
     text,
 )
-from framepipe.processors.fleet.registry import (
-    deregister,
-    heartbeat,
-    pending_deliveries,
-    register,
-    set_state,
-)
+from framepipe.processors.fleet.publishing import Publisher
+from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
-from framepipe.redis.scripts import PUBLISH
-from framepipe.redis.streams import stream_entries
 from framepipe.redis.wire import Wire
 from framepipe.tracing import parse_traceparent
 
@@ -125,16 +127,6 @@ __all__ = [
     "ProcessorClient",
 ]
 
-DEFAULT_CAPACITY = 10
-"""Frames processed at once unless ``capacity`` says otherwise (the processor fleet's default)."""
-DEFAULT_HEALTH_INTERVAL = 5.0
-"""Seconds between heartbeats unless ``health_interval``/``health_check_interval`` says."""
-DEFAULT_IMAGE_ENCODING: Literal["raw", "base64"] = "base64"
-"""What ``frame_data[b"image_data"]`` holds unless ``image_encoding`` says: base64 of the image,
-as processors written for the processor fleet's frame format decode it."""
-DEFAULT_HEALTH_HOST = "127.0.0.1"
-"""Where the health endpoint listens unless ``health_host`` says (see
-:mod:`~framepipe.processors.fleet.health`)."""
 _RAW_HINT = (
     " (frame_data[b'image_data'] holds base64 of the image by default; pass "
     "image_encoding='raw' for the raw bytes, or use self.decode_image(frame_data))"
@@ -204,61 +196,25 @@ class ProcessorClient(abc.ABC):
         poll_interval: float = 0.5,
         result_maxlen: int | None = 10_000,
     ) -> None:
-        if orchestrator_url is not None and not isinstance(orchestrator_url, str):
-            raise TypeError(
-                "ProcessorClient's third positional argument is orchestrator_url (the order "
-                "processor-fleet code uses: processor_id, capabilities, orchestrator_url, "
-                f"capacity, ...), not {orchestrator_url!r}; pass capacity= by keyword"
-            )
+        check_orchestrator_url(orchestrator_url)
         env = os.environ if environ is None else environ
         ident = processor_id_from(processor_id, env)
         self._code_id = processor_id
         processor_id = ident.value
-        if any(c.isspace() for c in processor_id):
-            raise ValueError(
-                f"processor_id must be a non-empty name without spaces, not {processor_id!r}"
-            )
-        if (
-            capabilities is None
-            or isinstance(capabilities, str)
-            or not capabilities
-            or not all(isinstance(c, str) and c for c in capabilities)
-        ):
-            raise ValueError(
-                f"processor {processor_id!r}: capabilities must be a non-empty "
-                f"list of names, not {capabilities!r}"
-            )
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"processor {processor_id!r}: capacity must be >= 1, not {capacity!r}")
-        if (
-            health_interval is not None
-            and health_check_interval is not None
-            and health_interval != health_check_interval
-        ):
-            raise ValueError(
-                f"processor {processor_id!r}: health_interval={health_interval} and "
-                f"health_check_interval={health_check_interval} are one setting; give one"
-            )
-        interval = next(
-            (v for v in (health_interval, health_check_interval) if v is not None),
-            DEFAULT_HEALTH_INTERVAL,
+        names, interval = check_options(
+            processor_id,
+            capabilities,
+            capacity,
+            health_interval=health_interval,
+            health_check_interval=health_check_interval,
+            poll_interval=poll_interval,
+            image_encoding=image_encoding,
+            health_port=health_port,
         )
-        if interval <= 0 or poll_interval <= 0:
-            raise ValueError(
-                f"processor {processor_id!r}: health_interval and poll_interval must be positive"
-            )
-        if image_encoding not in (None, "raw", "base64"):
-            raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")
-        if health_port is not None and (
-            isinstance(health_port, bool)
-            or not isinstance(health_port, int)
-            or not 0 <= health_port < 65536
-        ):
-            raise ValueError(f"health_port must be a port number, not {health_port!r}")
         self.processor_id = processor_id
         self.processor_id_source = ident.source
         """``argument`` or ``PROCESSOR_ID`` (the environment's id wins over the code's)."""
-        self.capabilities = tuple(dict.fromkeys(capabilities))
+        self.capabilities = names
         self.capacity = capacity
         self.orchestrator_url = orchestrator_url_from(orchestrator_url, env)
         self.namespace = namespace_from(namespace, env)
@@ -286,8 +242,6 @@ class ProcessorClient(abc.ABC):
         """Frames handled with an ``ok`` result."""
         self.failed = 0
         """Frames reported as errors."""
-        self.max_in_flight = 0
-        """The most frames that were inside ``process_frame`` at once."""
         self.state = "stopped"
         """``starting``, ``ready``, ``reconnecting``, ``draining`` or ``stopped`` (what the
         health endpoint reports)."""
@@ -296,18 +250,15 @@ class ProcessorClient(abc.ABC):
         self._health: HealthServer | None = None
         self._external = redis_client
         self._redis: Redis | None = redis_client
-        self._inflight: dict[bytes, asyncio.Task[None]] = {}
+        self._consumer = Consumer(processor_id, self.stream, self.log, self._handle, self._give_up)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stopped_event: asyncio.Event | None = None
         self._stop_requested = False
         self._registered = asyncio.Event()
         self._draining_task: asyncio.Task[None] | None = None
-        self._slot: asyncio.Future[None] | None = None
-        self._backlog: dict[bytes, int] = {}  # pending entries to take back -> times delivered
-        self._recover_wanted = False  # a heartbeat found entries held by another consumer
         self._reads: Wire | None = None  # XREADGROUP (blocks)
-        self._writes: Wire | None = None  # publish + acknowledge
+        self._publisher: Publisher | None = None  # publish + acknowledge, once started
         self._running = False
 
     # -- what a subclass implements ---------------------------------------------------------
@@ -363,7 +314,12 @@ class ProcessorClient(abc.ABC):
     @property
     def in_flight(self) -> int:
         """Frames being processed now."""
-        return len(self._inflight)
+        return len(self._consumer.inflight)
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most frames that were inside ``process_frame`` at once."""
+        return self._consumer.max_in_flight
 
     @property
     def running(self) -> bool:
@@ -400,43 +356,11 @@ class ProcessorClient(abc.ABC):
         self.state = ProcessorState.DRAINING
         if self._registered.is_set() and self._draining_task is None:
             self._draining_task = asyncio.ensure_future(self._set_draining())
-        self._wake()
-
-    def _wake(self) -> None:
-        """Wake the consumer waiting for a free slot (a frame finished, or stopping)."""
-        slot = self._slot
-        if slot is not None and not slot.done():
-            slot.set_result(None)
+        self._consumer.wake()
 
     async def _wait_stopped(self) -> None:
         if self._stopped_event is not None and self._running:
             await self._stopped_event.wait()
-
-    def _log_settings(self) -> None:
-        """Say where the processor's id and Redis came from, and that an orchestrator URL is
-        not contacted: a processor pointed at the wrong place should say so at start."""
-        if self.processor_id_source != "argument" and self._code_id not in (
-            None,
-            self.processor_id,
-        ):
-            self.log.info(
-                "Processor id %r from PROCESSOR_ID (the code says %r)",
-                self.processor_id,
-                self._code_id,
-            )
-        self.log.info("Redis at %s (%s)", safe_url(self.redis_url), self.redis_url_source)
-        orchestrator = self.orchestrator_url
-        if orchestrator and self.redis_url_source != "orchestrator_url":
-            self.log.info(
-                "orchestrator_url %s is not contacted: the processor registers on Redis",
-                safe_url(orchestrator),
-            )
-            if self.redis_url_source == "default":
-                self.log.warning(
-                    "No Redis configured (redis_url, REDIS_URL, REDIS_HOST/REDIS_PORT): using "
-                    "%s; set REDIS_HOST and REDIS_PORT where the orchestrator's Redis is",
-                    safe_url(self.redis_url),
-                )
 
     async def run(self) -> None:
         """:meth:`start` with SIGTERM/SIGINT handlers installed (the service's main)."""
@@ -453,8 +377,7 @@ class ProcessorClient(abc.ABC):
         self._stop_event = asyncio.Event()
         self._stopped_event = asyncio.Event()
         self._registered.clear()
-        self._backlog = {}
-        self._recover_wanted = False
+        self._consumer.reset()
         if self._stop_requested:
             self._stop_event.set()
         self._running = True
@@ -466,7 +389,15 @@ class ProcessorClient(abc.ABC):
                     self.health_host, self.health_port, self.health, self.log
                 )
                 await self._health.start()
-            self._log_settings()
+            log_settings(
+                self.log,
+                processor_id=self.processor_id,
+                processor_id_source=self.processor_id_source,
+                code_id=self._code_id,
+                redis_url=self.redis_url,
+                redis_url_source=self.redis_url_source,
+                orchestrator_url=self.orchestrator_url,
+            )
             if self._redis is None:
                 self._redis = connect(self.redis_url)
             what = f"processor {self.processor_id!r}"
@@ -484,7 +415,16 @@ class ProcessorClient(abc.ABC):
                     lost(what, self.redis_url, exc, during="registering"),
                     url=safe_url(self.redis_url),
                 ) from exc
-            self._reads, self._writes = Wire(self._redis), Wire(self._redis)
+            self._reads = Wire(self._redis)
+            self._publisher = Publisher(
+                Wire(self._redis),
+                self.processor_id,
+                self.stream,
+                self.result_stream,
+                self.result_maxlen,
+                self.backoff,
+                self.log,
+            )
             beat_done = asyncio.Event()
             beating = asyncio.create_task(
                 self._heartbeat_loop(beat_done), name=f"{self.processor_id}:heartbeat"
@@ -498,10 +438,11 @@ class ProcessorClient(abc.ABC):
             if self._health is not None:
                 await self._health.close()
                 self._health = None
-            for wire in (self._reads, self._writes):
-                if wire is not None:
-                    await wire.close()
-            self._reads = self._writes = None
+            if self._reads is not None:
+                await self._reads.close()
+                self._reads = None
+            if self._publisher is not None:
+                await self._publisher.close()
             if self._external is None and self._redis is not None:
                 await self._redis.aclose()
                 self._redis = None
@@ -572,9 +513,9 @@ class ProcessorClient(abc.ABC):
                         "its data); registering again"
                     )
                     await self._register()
-                    self._want_recovery()
-                elif await self._held_elsewhere():
-                    self._want_recovery()
+                    self._consumer.want_recovery()
+                elif await self._consumer.held_elsewhere(redis):
+                    self._consumer.want_recovery()
             except REDIS_DOWN as exc:
                 self.log.debug("heartbeat failed: %s", exc)
             except Exception as exc:  # keep beating: a dead heartbeat would get it reaped
@@ -603,7 +544,14 @@ class ProcessorClient(abc.ABC):
                     if failures:
                         self.log.info("Reconnected to Redis after %d attempts", failures)
                     failures = 0
-                await self._consume()
+                assert self._reads is not None
+                await self._consumer.consume(
+                    self._require_redis(),
+                    self._reads,
+                    capacity=self.capacity,
+                    poll_interval=self.poll_interval,
+                    stopping=lambda: self._stopping,
+                )
             except REDIS_DOWN as exc:
                 failures += 1
                 need_register = True
@@ -633,124 +581,6 @@ class ProcessorClient(abc.ABC):
         assert self._stop_event is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), delay)
-
-    async def _held_elsewhere(self) -> bool:
-        """Whether a consumer other than this processor (the registry's reaper) holds
-        entries pending in its stream."""
-        try:
-            summary = await self._require_redis().xpending(self.stream, GROUP)
-        except ResponseError:  # no stream or group: the next heartbeat registers again
-            return False
-        return any(
-            text(c.get("name")) != self.processor_id and int(c.get("pending") or 0) > 0
-            for c in summary.get("consumers") or ()
-        )
-
-    def _want_recovery(self) -> None:
-        """Have the consumer take back the pending entries it does not hold."""
-        self._recover_wanted = True
-        self._wake()
-
-    async def _recover(self) -> None:
-        """Queue every entry pending in the stream that is neither being handled here nor
-        queued already (this processor's earlier life, entries the registry took while it was
-        declared dead) with its delivery count; :meth:`_take_back` claims them as capacity
-        frees up."""
-        redis = self._require_redis()
-        held = set(self._inflight) | set(self._backlog)
-        found = 0
-        for mid, delivered in (await pending_deliveries(redis, self.stream)).items():
-            if mid not in held:
-                self._backlog[mid] = delivered
-                found += 1
-        if found:
-            self.log.info("Taking back %d pending frame(s)", found)
-
-    async def _take_back(self, count: int) -> None:
-        """Claim the first ``count`` queued entries and run them; an entry that was delivered
-        ``max_attempts`` times already gets its error result instead (see the module
-        docstring). Entries finished or re-routed meanwhile are no longer pending: skipped."""
-        ids = list(itertools.islice(self._backlog, count))
-        delivered = {mid: self._backlog.pop(mid) for mid in ids}
-        claimed = cast(
-            "list[tuple[bytes | None, Fields | None]]",
-            await self._require_redis().xclaim(
-                self.stream, GROUP, self.processor_id, 0, list[Any](ids)
-            ),
-        )
-        for mid, fields in claimed or ():
-            if mid is None or not fields:
-                continue
-            attempts = Attempts.of(fields, delivered.get(mid, 0))
-            if attempts.exhausted:
-                self._spawn(mid, fields, attempts)
-            else:
-                self._spawn(mid, fields)
-
-    async def _consume(self) -> None:
-        reads = self._reads
-        assert reads is not None
-        loop = asyncio.get_running_loop()
-        self._recover_wanted = True
-        block_ms = max(1, int(self.poll_interval * 1000))
-        while not self._stopping:
-            if self._recover_wanted:
-                self._recover_wanted = False
-                await self._recover()
-            free = self.capacity - len(self._inflight)
-            if free <= 0:  # wait for a frame to finish (or stop())
-                self._slot = loop.create_future()
-                try:
-                    await self._slot
-                finally:
-                    self._slot = None
-                continue
-            if self._backlog:
-                await self._take_back(free)
-                continue
-            # stop() marks the processor draining at once; the read ends within poll_interval
-            reply = await reads.execute(
-                "XREADGROUP",
-                "GROUP",
-                GROUP,
-                self.processor_id,
-                "COUNT",
-                free,
-                "BLOCK",
-                block_ms,
-                "STREAMS",
-                self.stream,
-                ">",
-                block=self.poll_interval,
-            )
-            if reply:
-                for mid, entry in stream_entries(reply):
-                    self._spawn(mid, entry)
-
-    def _spawn(self, mid: bytes, fields: Fields | None, exhausted: Attempts | None = None) -> None:
-        """Handle the entry in a task of its own (or give it up, when its attempts are
-        ``exhausted``)."""
-        if fields is None:  # deleted while pending
-            return
-        job = (
-            self._handle(mid, fields)
-            if exhausted is None
-            else self._give_up(mid, fields, exhausted)
-        )
-        task = asyncio.create_task(job, name=f"{self.processor_id}:{mid!r}")
-        self._inflight[mid] = task
-        self.max_in_flight = max(self.max_in_flight, len(self._inflight))
-        task.add_done_callback(functools.partial(self._finished, mid))
-
-    def _finished(self, mid: bytes, task: asyncio.Task[None]) -> None:
-        if self._inflight.get(mid) is task:
-            del self._inflight[mid]
-        self._wake()
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.log.error(
-                "handling entry %s failed unexpectedly: %r", mid.decode(), exc, exc_info=exc
-            )
 
     # -- one frame ----------------------------------------------------------------------------
 
@@ -784,9 +614,7 @@ class ProcessorClient(abc.ABC):
             (time.perf_counter() - started) * 1000.0,
         )
         await self._publish(mid, fields, outcome, payload)
-        if self._inflight.get(mid) is asyncio.current_task():  # free the slot now, not
-            del self._inflight[mid]  # a loop turn later in the task's done callback
-            self._wake()
+        self._consumer.free(mid)
 
     async def _give_up(self, mid: bytes, fields: Fields, attempts: Attempts) -> None:
         """Answer an entry delivered ``attempts.limit`` times already with the error result
@@ -806,44 +634,9 @@ class ProcessorClient(abc.ABC):
     async def _publish(
         self, mid: bytes, fields: Fields, outcome: Outcome, payload: dict[str, str | bytes]
     ) -> None:
-        """Publish and acknowledge atomically; retry while Redis is away (the entry stays
-        pending if this task is cancelled at shutdown)."""
-        reply_to = fields.get(b"reply_to") or b""
-        to_results = outcome.result_json is not None or not outcome.ok
-        args: list[str | bytes] = [
-            GROUP,
-            mid,
-            "" if self.result_maxlen is None else str(self.result_maxlen),
-            "1" if to_results else "0",
-            "1" if reply_to else "0",
-        ]
-        for key, value in payload.items():
-            args += [key, value]
-        attempt = 0
-        while True:
-            wire = self._writes
-            if wire is None:
-                raise RuntimeError(f"processor {self.processor_id!r} is not running")
-            try:
-                acked = await wire.run(
-                    PUBLISH, self.stream, self.result_stream, reply_to or self.stream, *args, keys=3
-                )
-            except REDIS_DOWN as exc:
-                attempt += 1
-                delay = self.backoff.delay(attempt)
-                self.log.debug(
-                    "publishing the result of %s failed (%s); retry in %.1fs",
-                    mid.decode(),
-                    exc,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                continue
-            if acked == -1:  # the group was dropped meanwhile (Redis lost its data)
-                self.log.debug(
-                    "published %s; its group is gone, nothing to acknowledge", mid.decode()
-                )
-            return
+        """:meth:`Publisher.publish` (frames are handled only once started)."""
+        assert self._publisher is not None
+        await self._publisher.publish(mid, fields, outcome, payload)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -856,14 +649,14 @@ class ProcessorClient(abc.ABC):
             self.log.warning("could not mark itself draining: %s", exc)
 
     async def _shutdown(self, beating: asyncio.Task[None], beat_done: asyncio.Event) -> None:
-        self.log.info("Stopping: %d frame(s) in flight", len(self._inflight))
+        self.log.info("Stopping: %d frame(s) in flight", self.in_flight)
         if self._draining_task is None:
             self._draining_task = asyncio.ensure_future(self._set_draining())
         await self._draining_task
         self._draining_task = None
-        if self._inflight:
+        if self._consumer.inflight:
             _done, pending = await asyncio.wait(
-                set(self._inflight.values()), timeout=self.shutdown_timeout
+                set(self._consumer.inflight.values()), timeout=self.shutdown_timeout
             )
             if pending:
                 self.log.warning(

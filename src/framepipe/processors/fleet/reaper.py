@@ -49,7 +49,8 @@ from framepipe.redis.connection import REDIS_DOWN, ResponseError
 from framepipe.redis.scripts import MARK_DEAD_LUA, Script
 
 if TYPE_CHECKING:
-    from framepipe.processors.fleet.routing import ProcessorRegistry, Track
+    from framepipe.processors.fleet.inflight import Track
+    from framepipe.processors.fleet.routing import ProcessorRegistry
 
 __all__ = ["MOVE_LUA", "REAPER", "TAKE_NEW_LUA", "Reaper"]
 
@@ -170,7 +171,7 @@ class Reaper:
         await registry._reader.trim()
         for track in list(registry._routed.values()):  # call() expires its own, on time
             if now - track.routed_at > track.timeout + registry.poll_interval:
-                registry._expire(track, track.timeout)
+                registry._inflight.expire(track, track.timeout)
 
     async def reap(self, proc: Registration) -> None:
         """Re-route what is left in a dead or stopped processor's stream, then remove it.
@@ -331,7 +332,7 @@ class Reaper:
             )
         else:
             if track is not None:
-                registry._learned(track, target.id, text(result))
+                registry._inflight.learned(track, target.id, text(result))
             elif move.late:
                 registry._reader.ended.add(move.frame_id, [(target.id, text(result))])
             registry.log.info(

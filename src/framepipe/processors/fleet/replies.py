@@ -161,7 +161,7 @@ class ReplyReader:
             )
             return
         track.entries.append((result.processor_id, result.entry_id))  # remembered as ended's
-        registry._release(track)
+        registry._inflight.release(track)
         received(result, track)
         if track.future is not None and not track.future.done():
             track.future.set_result(result)

@@ -40,10 +40,12 @@ Health (dead processors, their frames re-routed): see :mod:`~framepipe.processor
 A background task that dies of a bug fails the registry loudly: it is logged, every waiting
 call fails with the error, and later calls raise it.
 
-At some 500 lines the module is one concept, the registry's router: its routes, the frames in
-flight per processor (reserved, released, expired) and the calls waiting for results are one
-state; the registrations it reads, the replies, the breaker and the reaper have modules of
-their own.
+The router's parts have modules of their own: the requests in flight and the capacity they
+hold (:mod:`~framepipe.processors.fleet.inflight`), the routes waiting for capacity
+(:mod:`~framepipe.processors.fleet.waiting`), what a route writes
+(:mod:`~framepipe.processors.fleet.sending`), the registrations it reads
+(:mod:`~framepipe.processors.fleet.registry`), the replies
+(:mod:`~framepipe.processors.fleet.replies`), the breaker and the reaper.
 """
 
 from __future__ import annotations
@@ -52,11 +54,9 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import secrets
 import time
 import uuid
-from collections.abc import Container, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from framepipe.backoff import Backoff
@@ -66,10 +66,9 @@ from framepipe.errors import (
     NoProcessorError,
     ProcessorRegistryError,
     RegistryConnectionError,
-    ResultTimeoutError,
 )
-from framepipe.frames import Frame
 from framepipe.logs import get_logger
+from framepipe.processors.fleet.inflight import InFlight, Track
 from framepipe.processors.fleet.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_NAMESPACE,
@@ -77,18 +76,16 @@ from framepipe.processors.fleet.protocol import (
     Keys,
     ProcessorResult,
     Routable,
-    answers,
-    entry_fields,
-    frame_entry,
     text,
 )
 from framepipe.processors.fleet.reaper import Reaper
 from framepipe.processors.fleet.registry import ProcessorInfo, Registration, Registrations
 from framepipe.processors.fleet.replies import ReplyReader
+from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entries, stream_fields
 from framepipe.processors.fleet.spans import send_spans
+from framepipe.processors.fleet.waiting import Waiting
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, connect, lost, ping_with_retries
-from framepipe.redis.scripts import ROUTE
 from framepipe.redis.wire import Wire
 from framepipe.tracing import end_span, traceparent_of
 
@@ -96,38 +93,6 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["INLINE_ENCODE_PIXELS", "ProcessorRegistry", "Track"]
-
-INLINE_ENCODE_PIXELS = 256 * 256
-"""Frames up to this many pixels are JPEG-encoded on the event loop (at most about 0.2 ms
-here; the hand-off to a thread costs more than that); larger ones in the default executor."""
-
-
-@dataclass
-class Track:
-    """A frame this registry routed and has no result for yet."""
-
-    frame_id: str
-    processor_id: str
-    capability: str
-    routed_at: float
-    future: asyncio.Future[ProcessorResult] | None
-    """What :meth:`ProcessorRegistry.call` awaits (None for :meth:`~ProcessorRegistry.route`)."""
-    timeout: float
-    message_id: str = ""
-    """Its entry's id in the stream it was last routed to, once known ("" until the route's
-    ``XADD`` replied; the reaper's move of it sets it when its script replied)."""
-    reply_token: str = ""
-    """The request's token on the wire: only a result that echoes it is this frame's (see
-    :func:`~framepipe.processors.fleet.protocol.answers`)."""
-    entries: list[tuple[str, str]] = field(default_factory=list)
-    """``(processor_id, entry id)`` of every entry this registry wrote for the request (its
-    route, the reaper's moves), as they became known: remembered when it ends
-    (:class:`~framepipe.processors.fleet.replies.Ended`)."""
-
-    def answered_by(self, result: ProcessorResult, ended: Container[tuple[str, str]]) -> bool:
-        """Whether ``result`` is this request's, not a late one of an earlier request of the
-        same frame id (``ended``: the entries of those this registry knows of)."""
-        return answers(result, self.reply_token, ended)
 
 
 class ProcessorRegistry:
@@ -179,21 +144,18 @@ class ProcessorRegistry:
         self.reply_stream = self.keys.replies(self.registry_id)
         self.log = get_logger("processors.registry")
         self._redis: Redis | None = None
-        self._mirror = Registrations(self.keys, self, self.log, self._notify)
+        self._waiting = Waiting()
+        self._mirror = Registrations(self.keys, self, self.log, self._waiting.changed)
         self._procs = self._mirror.procs  # the same dict for the registry's lifetime
         self._reaper = Reaper(self)
-        self._routed: dict[str, Track] = {}
+        self._reader = ReplyReader(self)
+        self._inflight = InFlight(self._procs, self._reader.ended.add, self._waiting.changed)
+        self._routed = self._inflight.tracks  # the same dict for the registry's lifetime
         self._tasks: list[asyncio.Task[None]] = []
         self._routes: Wire | None = None  # route scripts, pipelined
         self._replies: Wire | None = None  # the blocking read of the reply stream
-        self._pulse = asyncio.Event()
-        self._pulse_waiters = 0
-        self._lines: dict[str, collections.deque[int]] = {}  # capability -> tickets of the
-        # routes waiting for capacity, in arrival order: only the first may take a free slot
-        self._tickets = itertools.count()
         self._failed: BaseException | None = None
         self._closed = False
-        self._reader = ReplyReader(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -249,13 +211,11 @@ class ProcessorRegistry:
             if wire is not None:
                 await wire.close()
         self._routes = self._replies = None
-        for track in list(self._routed.values()):
-            if track.future is not None and not track.future.done():
-                track.future.set_exception(
-                    ProcessorRegistryError(
-                        f"registry stopped before the result of frame {track.frame_id} arrived"
-                    )
-                )
+        self._inflight.fail(
+            lambda track: ProcessorRegistryError(
+                f"registry stopped before the result of frame {track.frame_id} arrived"
+            )
+        )
         self._routed.clear()
         redis, self._redis = self._redis, None
         try:
@@ -290,10 +250,8 @@ class ProcessorRegistry:
             f"registry task {task.get_name()} died: {type(exc).__name__}: {exc}"
         )
         error.__cause__ = exc
-        for track in list(self._routed.values()):
-            if track.future is not None and not track.future.done():
-                track.future.set_exception(error)
-        self._notify()
+        self._inflight.fail(lambda _track: error)
+        self._waiting.changed()
 
     def _require(self) -> Redis:
         if self._failed is not None:
@@ -312,19 +270,6 @@ class ProcessorRegistry:
             lost("processor registry", self.redis_url, exc), url=safe_url(self.redis_url)
         )
 
-    def _notify(self) -> None:
-        if self._pulse_waiters:  # a fresh Event per change only when a route waits on it
-            self._pulse.set()
-            self._pulse = asyncio.Event()
-
-    async def _wait_change(self, seconds: float) -> None:
-        self._pulse_waiters += 1
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pulse.wait(), seconds)
-        finally:
-            self._pulse_waiters -= 1
-
     # -- the view of the processors -----------------------------------------------------------
 
     async def refresh(self) -> list[ProcessorInfo]:
@@ -337,7 +282,7 @@ class ProcessorRegistry:
         except REDIS_DOWN as exc:
             raise self._down(exc) from exc
         self._mirror.update(ids, hashes, time.monotonic())
-        self._notify()
+        self._waiting.changed()
         return self.processors(include_departed=False)
 
     def processors(self, *, include_departed: bool = True) -> list[ProcessorInfo]:
@@ -364,57 +309,6 @@ class ProcessorRegistry:
 
     # -- routing ------------------------------------------------------------------------------
 
-    def _reserve(
-        self, proc: Registration, fields: dict[str, bytes | str], capability: str, want_future: bool
-    ) -> Track:
-        frame_id = text(fields["frame_id"])
-        future = asyncio.get_running_loop().create_future() if want_future else None
-        now = time.monotonic()
-        token = secrets.token_hex(8)
-        track = Track(
-            frame_id, proc.id, capability, now, future, self.result_timeout, reply_token=token
-        )
-        proc.breaker.sent(frame_id)
-        proc.outstanding.add(frame_id)
-        proc.last_routed = now
-        self._routed[frame_id] = track
-        fields["capability"] = capability
-        fields["reply_to"] = self.reply_stream
-        fields["reply_token"] = token
-        fields.setdefault("attempt", "1")
-        fields.setdefault("max_attempts", str(self.max_attempts))
-        fields["routed_at"] = repr(time.time())
-        return track
-
-    def _release(self, track: Track) -> None:
-        """``track``'s request ended (answered, expired, or not sent): its capacity is freed
-        and its entries remembered as an ended request's."""
-        if self._routed.get(track.frame_id) is track:
-            del self._routed[track.frame_id]
-        self._reader.ended.add(track.frame_id, track.entries)
-        proc = self._procs.get(track.processor_id)
-        if proc is not None:
-            proc.outstanding.discard(track.frame_id)
-            proc.breaker.settled(track.frame_id)
-        self._notify()
-
-    async def _fields(
-        self, item: Routable, quality: int, trace: str | None
-    ) -> dict[str, bytes | str]:
-        """``item``'s stream fields; ``trace`` (the send span's) replaces its trace context."""
-        if isinstance(item, Mapping):
-            entry = entry_fields(item)
-            if trace is not None:
-                entry["trace_context"] = trace
-            return entry
-        if isinstance(item, Frame):
-            if item.width * item.height <= INLINE_ENCODE_PIXELS:
-                return frame_entry(item, quality=quality, trace_context=trace)
-            return await asyncio.get_running_loop().run_in_executor(
-                None, lambda: frame_entry(item, quality=quality, trace_context=trace)
-            )
-        raise TypeError(f"cannot route a {type(item).__name__}: give a Frame or an entry dict")
-
     async def _dispatch(
         self,
         items: Sequence[Routable],
@@ -432,7 +326,7 @@ class ProcessorRegistry:
         spans = send_spans(items, capability)
         try:
             entries = [
-                await self._fields(item, quality, None if spans is None else traceparent_of(span))
+                await stream_fields(item, quality, None if spans is None else traceparent_of(span))
                 for item, span in zip(items, spans or itertools.repeat(None), strict=False)
             ]
             tracks = await self._route(entries, capability, wait=wait, want_futures=want_futures)
@@ -474,7 +368,7 @@ class ProcessorRegistry:
         queue = collections.deque(range(len(entries)))
         done: list[Track | None] = [None] * len(entries)
         refreshed = False
-        ticket: int | None = None  # this route's place in the capability's line, once waiting
+        ticket: int | None = None  # this route's place in the line for capacity, once waiting
         try:
             while queue:
                 batch: list[tuple[int, Registration, Track]] = []
@@ -489,13 +383,19 @@ class ProcessorRegistry:
                             await self.refresh()
                             continue
                         raise
-                    line = self._lines.get(capability)
-                    if proc is None or (line and line[0] != ticket):
+                    if proc is None or not self._waiting.turn(capability, ticket):
                         break  # no free slot, or one that the route first in line gets
                     index = queue.popleft()
-                    batch.append(
-                        (index, proc, self._reserve(proc, entries[index], capability, want_futures))
+                    track = self._inflight.reserve(
+                        proc,
+                        entries[index],
+                        capability,
+                        want_futures,
+                        reply_to=self.reply_stream,
+                        timeout=self.result_timeout,
+                        max_attempts=self.max_attempts,
                     )
+                    batch.append((index, proc, track))
                 if batch:
                     await self._send_batch(batch, entries, queue, done)
                     continue
@@ -511,17 +411,12 @@ class ProcessorRegistry:
                         limit,
                     )
                 if ticket is None:
-                    ticket = next(self._tickets)
-                    self._lines.setdefault(capability, collections.deque()).append(ticket)
-                await self._wait_change(min(remaining, 0.25))
+                    ticket = self._waiting.join(capability)
+                await self._waiting.wait_change(min(remaining, 0.25))
                 self._require()
         finally:
             if ticket is not None:
-                line = self._lines[capability]
-                line.remove(ticket)
-                if not line:
-                    del self._lines[capability]
-                self._notify()  # the next in line may take a slot now
+                self._waiting.leave(capability, ticket)  # the next in line may take a slot
         return [t for t in done if t is not None]
 
     async def _send_batch(
@@ -536,52 +431,33 @@ class ProcessorRegistry:
             results = await self._send([(p, entries[i]) for i, p, _ in batch])
         except BaseException:
             for _, _, track in batch:
-                self._release(track)
+                self._inflight.release(track)
             raise
         error: BaseException | None = None
         for (index, proc, track), result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
-                self._release(track)
+                self._inflight.release(track)
                 error = error or result
             elif result is None:  # no longer ready: choose again
-                self._release(track)
+                self._inflight.release(track)
                 proc.routable = False
                 queue.append(index)
             else:
-                self._learned(track, proc.id, text(result))
+                self._inflight.learned(track, proc.id, text(result))
                 done[index] = track
         if error is not None:
             if isinstance(error, REDIS_DOWN):
                 raise self._down(error) from error
             raise error
 
-    def _learned(self, track: Track, processor_id: str, entry_id: str) -> None:
-        """``track``'s request is entry ``entry_id`` of ``processor_id``'s stream (known once
-        the ``XADD`` replied). A request that ended meanwhile (its result can be read before
-        the reply of the ``XADD`` that sent it) gets it remembered as an ended request's."""
-        track.message_id = entry_id
-        track.entries.append((processor_id, entry_id))
-        if self._routed.get(track.frame_id) is not track:
-            self._reader.ended.add(track.frame_id, [(processor_id, entry_id)])
-
     async def _send(self, items: list[tuple[Registration, dict[str, bytes | str]]]) -> list[Any]:
-        """XADD each entry to its processor's stream (Lua by SHA, only while ready), written
-        at once on the registry's route connection: concurrent routes pipeline by themselves.
-        Results: message id, None (not ready) or an exception."""
+        """:func:`~framepipe.processors.fleet.sending.send_entries` on the registry's route
+        connection: message id, None (not ready) or an exception for each."""
         wire = self._routes
         if wire is None:
             self._require()
             raise ProcessorRegistryError("the registry is not started")
-        calls = []
-        for proc, fields in items:
-            args: list[bytes | str] = [proc.hash_key, proc.stream]
-            for pair in fields.items():
-                args += pair
-            calls.append(args)
-        try:
-            return await wire.run_many(ROUTE, calls, keys=2)
-        except Exception as exc:
-            return [exc] * len(items)
+        return await send_entries(wire, items)
 
     async def route(
         self, item: Routable, capability: str, *, wait: float | None = None, quality: int = 85
@@ -629,28 +505,11 @@ class ProcessorRegistry:
         limit = self.result_timeout if timeout is None else timeout
         track.timeout = limit
         future = track.future
-        # on time, _expire fails the future with ResultTimeoutError (no task cancellation)
-        timer = asyncio.get_running_loop().call_later(limit, self._expire, track, limit)
+        # on time, InFlight.expire fails the future with ResultTimeoutError (no task cancellation)
+        timer = asyncio.get_running_loop().call_later(limit, self._inflight.expire, track, limit)
         try:
             return await future
         finally:
             timer.cancel()
             if not track.future.done():  # cancelled caller: forget the frame's future
                 track.future.cancel()
-
-    def _expire(self, track: Track, timeout: float) -> None:
-        if self._routed.get(track.frame_id) is not track:
-            return  # its result came (or the registry stopped) meanwhile
-        self._release(track)
-        proc = self._procs.get(track.processor_id)
-        if proc is not None:
-            proc.breaker.failed(f"no result within {timeout:g}s")
-        if track.future is not None and not track.future.done():
-            track.future.set_exception(
-                ResultTimeoutError(
-                    frame_id=track.frame_id,
-                    capability=track.capability,
-                    processor_id=track.processor_id,
-                    timeout=timeout,
-                )
-            )

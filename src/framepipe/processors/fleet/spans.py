@@ -27,7 +27,7 @@ from framepipe.processors.fleet.protocol import Fields, Outcome, ProcessorResult
 from framepipe.tracing import end_span, parse_traceparent, start_span, tracer
 
 if TYPE_CHECKING:
-    from framepipe.processors.fleet.routing import Track
+    from framepipe.processors.fleet.inflight import Track
 
 __all__ = ["carried_trace", "end_process_span", "process_span", "received", "send_spans"]
 
