@@ -225,8 +225,8 @@ def test_bad_requests_say_what_is_wrong_and_create_nothing(server: Server) -> No
 
 
 def test_events_after_an_id_beyond_the_column_are_an_empty_page(server: Server) -> None:
-    """``after`` may be up to 2**62; past the largest id the column holds (2**31 - 1 on
-    PostgreSQL) there is nothing after it, not a 503 "integer out of range" (found in review)."""
+    """``after`` may be up to 2**62; past the largest id the column holds there is nothing
+    after it, not a 503 "integer out of range" (found in review)."""
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
         created = client.post("/api/executions", json={"pipeline": "svc_demo"})
         execution_id = created.json()["id"]
