@@ -135,6 +135,52 @@ def test_a_camera_that_is_down_makes_the_app_degraded_until_it_is_back(tmp_path:
     assert back.state is SystemState.RUNNING
 
 
+@pytest.mark.parametrize("after_restarts", ["fail", "keep_trying"])
+def test_a_restarted_capture_without_a_frame_yet_is_starting_for_its_pipeline_too(
+    tmp_path: Path, after_restarts: str
+) -> None:
+    """A capture restarted after a failure (backoff, or retried at the cap) is open but has
+    not sent a frame: its pipeline says ``starting`` like its source, and the app is DEGRADED
+    (the camera is not back yet); retried at the cap, its score stays 0."""
+    flag = tmp_path / "lens-cap"
+    flag.touch()
+    script = f"if [ -e {flag} ]; then rm {flag}; echo lens cap on >&2; exit 3; fi; exec sleep 60"
+    app = App("site", settings=Settings(home=tmp_path))
+    cam = app.add_pipeline(
+        StreamPipeline(
+            "cam",
+            CommandSource(["sh", "-c", script], "cam"),
+            backoff=FAST,
+            stall_timeout=60,
+            max_restarts=1 if after_restarts == "fail" else 0,
+            after_restarts="fail" if after_restarts == "fail" else "keep_trying",
+            retry_delay=0.05,
+        )
+    )
+
+    def restarted() -> bool:
+        source = cam.supervisor.health if cam.supervisor is not None else None
+        return source is not None and source.restarts == 1 and source.pid is not None
+
+    async def main() -> tuple[Any, dict[str, Any], Any]:
+        await app.start()
+        try:
+            await wait_until_async("the restarted capture open", restarted)
+            return app.health(), cam.health(), cam.performance()
+        finally:
+            await app.stop()
+
+    health, status, performance = asyncio.run(main())
+    assert status["source"]["state"] == "starting" and status["source"]["attempt"] == 1
+    assert status["state"] == "starting"
+    assert health.pipeline_status["cam"]["state"] == "starting"
+    assert health.state is SystemState.DEGRADED
+    if after_restarts == "keep_trying":
+        assert status["source"]["retrying_since"] is not None
+        assert performance.score == 0.0
+        assert performance.reason.startswith("the source is down and retried at the backoff's cap")
+
+
 def test_killing_the_capture_process_is_noticed_and_restarted(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

@@ -13,11 +13,12 @@ import pytest
 from framepipe.backoff import Backoff
 from framepipe.errors import SourceError
 from framepipe.frames import Frame
-from framepipe.sources import PatternSource
+from framepipe.sources import CommandSource, PatternSource
 from framepipe.sources.base import StartedCallback
 from framepipe.stream import Stage, StreamPipeline
 from framepipe.stream.performance import Performance
 from framepipe.supervise import HealthState
+from waiting import wait_until_async
 
 WINDOW = 1.0
 
@@ -185,17 +186,39 @@ def test_frames_failed_before_a_restart_do_not_lower_the_next_sessions_score() -
     assert performance.score >= 0.9, performance
 
 
-def test_stopped_and_failed_pipelines() -> None:
+def test_stopped_failed_and_retried_pipelines() -> None:
+    """Stopped: 1. Failed (its camera gave up): 0 with the failure. Retried at the backoff's
+    cap: 0 with the reason, while it waits."""
     pipeline = StreamPipeline("idle", PatternSource("cam", count=1, realtime=False))
     assert pipeline.performance().score == 1.0
-    pipeline.state = HealthState.FAILED
-    pipeline.last_error = "camera gone"
-    failed = pipeline.performance()
-    assert failed.score == 0.0
-    assert failed.reason == "the pipeline failed: camera gone"
-    pipeline.state = HealthState.RETRYING
-    retrying = pipeline.performance()
+    gone = ["sh", "-c", "echo camera gone >&2; exit 3"]
+    failed = StreamPipeline("failed", CommandSource(gone, "cam"), max_restarts=0)
+    asyncio.run(asyncio.wait_for(failed.run(), 30))
+    assert failed.state is HealthState.FAILED
+    assert failed.performance().score == 0.0
+    assert failed.performance().reason == f"the pipeline failed: {failed.last_error}"
+    assert "exit code: 3" in (failed.last_error or "")
+    retried = StreamPipeline(
+        "retried",
+        CommandSource(gone, "cam"),
+        max_restarts=0,
+        after_restarts="keep_trying",
+        retry_delay=60,
+    )
+
+    async def waiting() -> Performance:
+        await retried.start()
+        try:
+            await wait_until_async("retrying", lambda: retried.state is HealthState.RETRYING)
+            return retried.performance()
+        finally:
+            await retried.stop()
+
+    retrying = asyncio.run(waiting())
     assert retrying.score == 0.0
-    assert retrying.reason == "the source is down and retried at the backoff's cap: camera gone"
+    assert retrying.reason == (
+        f"the source is down and retried at the backoff's cap: {retried.last_error}"
+    )
+    assert "exit code: 3" in (retried.last_error or "")
     with pytest.raises(ValueError, match="performance_window"):
         StreamPipeline("bad", PatternSource("cam"), performance_window=0)

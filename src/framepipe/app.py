@@ -389,14 +389,16 @@ class App:
     def health(self) -> AppHealth:
         """State, performance score (mean of the pipelines'), uptime, last error and
         per-pipeline status. A running app is ``DEGRADED`` while a pipeline has failed, its
-        source is down (backing off, stalled, retried at the backoff's cap) or its score is
-        below ``performance_threshold``; ``FAILED`` once every pipeline has failed."""
+        source is down (:attr:`StreamPipeline.source_down`: backing off, stalled, retried at
+        the backoff's cap, or restarted without a frame yet) or its score is below
+        ``performance_threshold``; ``FAILED`` once every pipeline has failed. A pipeline's
+        ``state`` is :attr:`StreamPipeline.state` (``stopped`` while paused)."""
         statuses = {name: p.health() for name, p in self.pipelines.items()}
         for name in self.paused & statuses.keys():
             statuses[name]["state"] = "stopped"
         scores = [s["performance_score"] for n, s in statuses.items() if n not in self.paused]
         failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
-        down = [n for n, s in statuses.items() if s["state"] in _SOURCE_DOWN]
+        down = [n for n, p in self.pipelines.items() if p.source_down and n not in self.paused]
         state = self.state
         if state is SystemState.RUNNING and failed:
             state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
@@ -485,7 +487,3 @@ class App:
 
 _RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEGRADED))
 """App states in which a pipeline added or resumed starts at once."""
-
-_SOURCE_DOWN = frozenset(
-    state.value for state in (HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING)
-)

@@ -10,6 +10,10 @@ Guarantees:
   once, then an attempt every ``retry_delay`` seconds (the backoff's cap by default) with the
   reason and the next attempt's time in :meth:`health`, until frames flow again
   (``source.recovered``); the pipeline never ends for it.
+* The pipeline's :attr:`~StreamPipeline.state` is its capture's (its supervisor's) while the
+  capture runs, so the two never disagree: ``starting`` again after a restart until the first
+  frame, ``backoff``, ``retrying`` ... (:attr:`~StreamPipeline.source_down` says whether the
+  source is down after a failure).
 * A recording's end (a finite source's session returning) ends the pipeline; a looped
   recording played one pass per session (``source.loops``) starts its next pass at once.
 * Frames flow through bounded queues. The first stage's policy decides what a slow pipeline
@@ -77,6 +81,10 @@ __all__ = ["EventCallback", "StreamPipeline"]
 EventCallback = Callable[[str, dict[str, Any]], None]
 
 
+_DOWN = frozenset((HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING))
+"""Capture states in which the source is down (see :attr:`StreamPipeline.source_down`)."""
+
+
 class _Tick:
     control = True
 
@@ -141,7 +149,9 @@ class StreamPipeline:
         names = [s.label for s in [*self.stages, *self.sinks]]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline {name!r}: stage names must be unique, got {names}")
-        self.state = HealthState.STOPPED
+        self._phase = HealthState.STOPPED
+        """The run's own part of :attr:`state`: stopped, starting (setting up), running (its
+        capture supervised: the state is the capture's) or failed."""
         self.last_error: str | None = None
         self.started_at: float | None = None
         self.frames_captured = 0
@@ -211,13 +221,44 @@ class StreamPipeline:
         """True between start() and the end of the run."""
         return self._done is not None and not self._done.is_set()
 
+    @property
+    def state(self) -> HealthState:
+        """The pipeline's state, decided here only. Once its capture is launched it is the
+        capture's (its supervisor's :attr:`~framepipe.supervise.Health.state`): ``starting``
+        until a session's first frame (after a restart too), ``running``, ``stalled``,
+        ``backoff``, ``retrying``, ``failed``; a capture that stopped (the end of a recording,
+        or :meth:`stop`) leaves the pipeline ``running`` while its queued frames drain.
+        Otherwise it is the run's own: ``stopped`` (not started, or torn down), ``starting``
+        (its stages are being set up) or ``failed`` (a setup, a task or a stage failed, or
+        the capture gave up: a failure stands until the next start)."""
+        phase, capture = self._phase, self.supervisor
+        if phase is not HealthState.RUNNING or capture is None:
+            return phase
+        state = capture.health.state
+        if state is HealthState.STOPPED:
+            return HealthState.RUNNING if self.running else HealthState.STOPPED
+        return state
+
+    @property
+    def source_down(self) -> bool:
+        """True while the run's capture is down after a failure: backing off, stalled, retried
+        at the backoff's cap, or started again and without a frame yet. Not at a first start
+        (nor after a looped recording's pass), not once failed (see :attr:`state`)."""
+        capture = self.supervisor
+        if self._phase is not HealthState.RUNNING or capture is None:
+            return False
+        health = capture.health
+        return health.state in _DOWN or (
+            health.state is HealthState.STARTING and health.attempt > 0
+        )
+
     async def start(self) -> None:
         """Set the processors up, start the hops and the supervised capture; returns at once."""
         if self.running:
             raise RuntimeError(f"pipeline {self.name!r} is already running")
         self._done = asyncio.Event()
         self._shutdown_task = None
-        self.state = HealthState.STARTING
+        self._phase = HealthState.STARTING
         self.started_at = time.time()
         self.last_error = None
         self._loop = asyncio.get_running_loop()
@@ -228,7 +269,7 @@ class StreamPipeline:
             for hop in self._hops:
                 await hop.setup()
         except Exception as exc:
-            self.state = HealthState.FAILED
+            self._phase = HealthState.FAILED
             self.last_error = f"setup failed: {type(exc).__name__}: {exc}"
             self._done.set()
             self._emit("pipeline.failed", error=self.last_error)
@@ -253,6 +294,7 @@ class StreamPipeline:
             on_event=self._on_supervisor_event,
         )
         await self.supervisor.start()
+        self._phase = HealthState.RUNNING
         self._spawn(self._end_of_capture(), f"{self.name}:capture-end")
         self._emit("pipeline.started", source=self.source.describe())
 
@@ -276,7 +318,7 @@ class StreamPipeline:
     def _fail(self, error: str) -> None:
         if self._done is None or self._done.is_set():
             return
-        self.state = HealthState.FAILED
+        self._phase = HealthState.FAILED
         self.last_error = error
         self._emit("pipeline.failed", error=error)
         for task in self._tasks:
@@ -357,8 +399,7 @@ class StreamPipeline:
             complete=self._segment_completed,
             log=self.log,
         )
-        if self.state not in (HealthState.FAILED,):
-            self.state = HealthState.STOPPED
+        self._phase = HealthState.FAILED if failed else HealthState.STOPPED
         self._emit("pipeline.stopped", state=self.state.value)
 
     async def run(self) -> None:
@@ -471,8 +512,6 @@ class StreamPipeline:
             self.frames_captured += 1
             self._capture_rate.tick()
             self.latest_frame = frame
-            if self.state is not HealthState.RUNNING and not self._ended():
-                self.state = HealthState.RUNNING
             if len(first) < first.maxsize or first.overflow != "block":
                 await first.put(frame)
                 continue
@@ -490,7 +529,7 @@ class StreamPipeline:
         await self.supervisor.wait()
         health = self.supervisor.health
         if health.state is HealthState.FAILED:
-            self.state = HealthState.FAILED
+            self._phase = HealthState.FAILED
             self.last_error = health.last_error
         await self._first_q.put(END)
 
@@ -499,17 +538,9 @@ class StreamPipeline:
         return self._done is not None and self._done.is_set()
 
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
-        if not self._ended():  # a capture winding down after a failure: the failure stands
-            if kind in ("died", "stalled", "failed", "retrying"):
-                self.last_error = data.get("error") or self.last_error
-            if kind == "restarting":
-                self.state = HealthState.RETRYING if data.get("retrying") else HealthState.BACKOFF
-            elif kind == "stalled":
-                self.state = HealthState.STALLED
-            elif kind == "recovered" or (
-                kind == "started" and self.state is not HealthState.RETRYING
-            ):
-                self.state = HealthState.RUNNING
+        # a capture winding down after a failure: the failure's reason stands
+        if not self._ended() and kind in ("died", "stalled", "failed", "retrying"):
+            self.last_error = data.get("error") or self.last_error
         self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 
     def _on_stage_crash(self, stage: str, errors: int, error: ProcessorError) -> None:
@@ -633,7 +664,7 @@ class StreamPipeline:
         and retried at the backoff's cap: 0."""
         if self.state is HealthState.FAILED:
             return Performance(score=0.0, reason=f"the pipeline failed: {self.last_error}")
-        if self.state is HealthState.RETRYING:
+        if self._retried_at_cap():
             return Performance(
                 score=0.0,
                 reason=f"the source is down and retried at the backoff's cap: {self.last_error}",
@@ -654,6 +685,15 @@ class StreamPipeline:
             session=self._session if running else None,
             window=self._capture_rate.window,
         )
+
+    def _retried_at_cap(self) -> bool:
+        """The capture failed ``max_restarts`` + 1 times in a row and is retried at the
+        backoff's cap (``keep_trying``): waiting, or an attempt without a frame yet."""
+        capture = self.supervisor
+        if self._phase is not HealthState.RUNNING or capture is None:
+            return False
+        health = capture.health
+        return health.retrying_since is not None and health.state is not HealthState.RUNNING
 
     @property
     def _stage_stats(self) -> list[StageStats]:
