@@ -4,6 +4,10 @@
 processor raised, returned a bad result, or gave no result within the timeout; malformed input
 does not count) it is ``open``: no frame for ``circuit_reset`` seconds. Then ``half_open``: one
 trial frame; its success closes the circuit, its failure opens it again.
+
+Each request counts once, by how it ended: its result, or its timeout. A result that comes
+after its request timed out (late) counts for nothing, so a processor that answers only after
+its callers gave up is opened by its timeouts, and a late error is not a second failure.
 """
 
 from __future__ import annotations

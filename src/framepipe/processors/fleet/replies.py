@@ -1,16 +1,19 @@
 """The reply reader: results coming back to a registry, matched to the frames it routed.
 
 One blocking ``XREAD`` loop on the registry's own connection reads its reply stream
-(``<ns>:replies:<registry id>``); each result updates the processor's circuit breaker, frees
-the capacity its frame held and resolves the awaiting call (and is traced as the frame's
-``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result resolves only the request
-that produced it: the frame in flight under its ``frame_id`` whose ``reply_token`` it echoes
-(:func:`~framepipe.processors.fleet.protocol.answers`); a result without a token (an older
-processor's) resolves the frame in flight under its ``frame_id`` unless it answered an entry
-of an earlier request of that frame id that ended (:class:`Ended`, the record of those).
+(``<ns>:replies:<registry id>``); each result of a request in flight updates the processor's
+circuit breaker, frees the capacity its frame held and resolves the awaiting call (and is
+traced as the frame's ``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result
+resolves only the request that produced it: the frame in flight under its ``frame_id`` whose
+``reply_token`` it echoes (:func:`~framepipe.processors.fleet.protocol.answers`); a result
+without a token (an older processor's) resolves the frame in flight under its ``frame_id``
+unless it answered an entry of an earlier request of that frame id that ended
+(:class:`Ended`, the record of those).
 A result nobody waits for any more (a duplicate of a re-routed frame, one whose wait expired,
 the late result of an earlier request of a frame id sent again) is dropped, logged at debug
-level and counted (:attr:`ReplyReader.dropped`); it only counts for the breaker.
+level and counted (:attr:`ReplyReader.dropped`); it does not count for the circuit breaker
+either: each request counts there once, by how it ended, and the end of a request whose
+result came late was counted already (its timeout, a failure).
 Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one by one.
 """
 
@@ -146,9 +149,6 @@ class ReplyReader:
         except (ValueError, TypeError) as exc:
             registry.log.warning("malformed entry on the reply stream ignored: %s", exc)
             return
-        proc = registry._procs.get(result.processor_id)
-        if proc is not None:
-            proc.breaker.record(result.ok, result.error_kind, result.error)
         track = registry._routed.get(result.frame_id)
         if track is None or not track.answered_by(result, self.ended.of(result.frame_id)):
             # a duplicate (re-routed frame), one whose wait expired, or an earlier request's
@@ -160,6 +160,9 @@ class ReplyReader:
                 result.entry_id,
             )
             return
+        proc = registry._procs.get(result.processor_id)
+        if proc is not None:
+            proc.breaker.record(result.ok, result.error_kind, result.error)
         track.entries.append((result.processor_id, result.entry_id))  # remembered as ended's
         registry._inflight.release(track)
         received(result, track)
