@@ -3,9 +3,13 @@
 Guarantees: it refuses (exit 2) to bind anything but a loopback address without a configured
 token; without one on loopback it makes a token for the run and prints it only in the
 dashboard link's fragment (unless ``--no-token``); a state database that cannot be written
-exits 1 before anything is served. The address is bound before the link is printed, so the link
-names the port served (the one the system picked for ``--port 0``); an address that cannot be
-bound exits 2.
+exits 1 before anything is served. An object store that cannot be opened (an endpoint that does
+not answer, credentials refused, a bucket missing) is one warning line naming the setting and
+the cause, and the service starts without it (``/health`` says so; it is opened again in the
+background); one whose setting is wrong (credentials in the endpoint, none at all) exits 2. No
+message shows a password or secret of a URL. The address is bound before the link is printed,
+so the link names the port served (the one the system picked for ``--port 0``); an address
+that cannot be bound exits 2.
 """
 
 import ipaddress
@@ -99,6 +103,7 @@ def serve(
             store.close()
             raise StateStoreError(f"the state database {store.safe_url} is {problem}")
         from framepipe.server import create_app
+        from framepipe.server.object_access import ObjectAccess
 
         loaded = [resolve_pipeline(ref).pipeline for ref in pipelines or []]
         from framepipe.app import App
@@ -114,8 +119,17 @@ def serve(
             if not isinstance(target, App):
                 raise UsageError(f"--app {ref}: a job pipeline is not a live app (use --pipeline)")
             hosted.append(target)
+        objects = ObjectAccess(settings.resolved_objects_url)
+        problem = objects.open()
+        if problem is not None:
+            say(
+                console(stderr=True),
+                f"warning: {objects.describe()} cannot be opened: {problem}; serving without "
+                "it (/health says so) and opening it again in the background",
+                "yellow",
+            )
         application = create_app(
-            settings, pipelines=loaded, apps=hosted, store=store, token=token or ""
+            settings, pipelines=loaded, apps=hosted, store=store, objects=objects, token=token or ""
         )
         try:
             import uvicorn
@@ -147,6 +161,7 @@ def serve(
             pass
         finally:
             sock.close()
+            objects.close()
             store.close()
         if not server.started:
             raise typer.Exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits

@@ -19,7 +19,8 @@ Guarantees:
   ``max_upload_bytes``, 413), and nothing is half-created: an execution exists only once it
   was committed, an object only once its upload arrived whole; a state database that fails is
   a 503 naming the cause, an object store that fails a 500 naming the key (its cause, which
-  may hold paths, is logged only);
+  may hold paths, is logged only), one that cannot be opened a 503 (the service starts
+  without it, ``/health`` says so, and it is opened again in the background);
 * no stored value can make a response fail: text that cannot be encoded (a lone surrogate
   stored by an older version) is sent as its JSON escape; listings carry no inputs;
 * a WebSocket subscriber gets the current state first (``snapshot``), then every event
@@ -44,13 +45,15 @@ fills while the app's lifespan runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 from framepipe import __version__
 from framepipe.app import App
-from framepipe.backends.objects import ObjectStore, open_object_store
+from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
 from framepipe.errors import MissingDependencyError
@@ -65,6 +68,7 @@ from framepipe.server.detector import DetectorHub, mount_detector
 from framepipe.server.feed import EventFeed
 from framepipe.server.guard import hide_tokens_in_access_log
 from framepipe.server.live import LiveHistory
+from framepipe.server.object_access import ObjectAccess
 from framepipe.server.panels import mount_app_panels
 from framepipe.server.responses import SafeJSONResponse, install_error_handlers
 from framepipe.server.routes import (
@@ -135,10 +139,11 @@ async def _open_registry(settings: Settings) -> ProcessorRegistry | None:
 def _lifespan(
     service: ServiceState,
     store: StateStore | None,
-    objects: ObjectStore | None,
+    objects: ObjectStore | ObjectAccess | None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """Open what ``service`` runs on (``store`` and ``objects`` when given, else its own, which
-    it closes at the end), start the hub and the hosted apps, whose events join the feed."""
+    it closes at the end; an object store that cannot be opened is opened again in the
+    background meanwhile), start the hub and the hosted apps, whose events join the feed."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -147,8 +152,19 @@ def _lifespan(
         st = store or StateStore(
             settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous
         )
-        obj = objects or open_object_store(settings.resolved_objects_url)
-        jobs = JobClient(st, settings=settings, objects=obj, pipelines=service.pipelines.values())
+        obj = (
+            objects
+            if isinstance(objects, ObjectAccess)
+            else ObjectAccess(settings.resolved_objects_url, objects)
+        )
+        if not obj.tried:
+            problem = await asyncio.to_thread(obj.open)
+            if problem is not None:
+                _log.warning("%s cannot be opened: %s; serving without it", obj.describe(), problem)
+        # Without a store open, the engine opens its own when a step first needs one.
+        jobs = JobClient(
+            st, settings=settings, objects=obj.store, pipelines=service.pipelines.values()
+        )
         await jobs.start(engine=True)  # the hub's handlers submit through the engine
         feed = EventFeed(st)
         await feed.start()
@@ -166,6 +182,7 @@ def _lifespan(
             sinks.append(sink)
             live_app.on("*", sink)
             await live_app.start()
+        reopening = None if obj.store is not None else asyncio.create_task(obj.keep_opening())
         try:
             yield
         finally:
@@ -180,7 +197,11 @@ def _lifespan(
                 await registry.stop()
             await feed.stop()
             await jobs.close()
-            if objects is None:
+            if reopening is not None:
+                reopening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reopening
+            if not isinstance(objects, ObjectAccess):
                 obj.close()
             if store is None:
                 st.close()
@@ -195,7 +216,7 @@ def create_app(
     pipelines: Sequence[Pipeline] = (),
     token: str | None = None,
     store: StateStore | None = None,
-    objects: ObjectStore | None = None,
+    objects: ObjectStore | ObjectAccess | None = None,
     apps: Sequence[App] = (),
     detector_hub: DetectorHub | None = None,
 ) -> FastAPI:
@@ -205,6 +226,9 @@ def create_app(
     for none) is the bearer token. ``apps`` (live apps) run inside the service, which can
     then stop and start their sources; apps of other processes of this home are listed, not
     controlled.
+    ``objects`` is the object store (default: setting ``objects_url``'s, opened at start or,
+    when it cannot be, in the background while the service serves the rest; see
+    :mod:`framepipe.server.object_access`).
     ``detector_hub`` serves host-side detectors at ``/ws/detector`` (default: a hub without
     handlers, which only tracks them; see :mod:`framepipe.server.detector`).
     Executions run in an engine inside the service process, or on workers when the settings

@@ -4,7 +4,8 @@
 Guarantees: the configuration part (settings, token, pipelines, hosted apps, detector hub) is
 fixed when the app is made; the running part (stores, job client, feed, registry) exists only
 between the start and the end of the app's lifespan, and a route that needs it outside that
-span fails instead of acting on something closed.
+span fails instead of acting on something closed. A route that needs the object store while
+it cannot be opened answers 503 (:data:`OBJECTS_AWAY`); the others are served.
 """
 
 import time
@@ -22,6 +23,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.server.detector import DetectorHub
 from framepipe.server.feed import EventFeed
 from framepipe.server.guard import bearer_token, token_matches
+from framepipe.server.object_access import ObjectAccess
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -37,7 +39,17 @@ try:
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
-__all__ = ["Running", "Service", "ServiceState", "check_token", "service_state"]
+__all__ = [
+    "OBJECTS_AWAY",
+    "Running",
+    "Service",
+    "ServiceState",
+    "check_token",
+    "service_state",
+]
+
+OBJECTS_AWAY = "the object store is unavailable (the server's log has the cause); try again later"
+"""The detail of a route's 503 while the object store cannot be opened."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,8 @@ class Running:
     """What the service opened (or was given) for its lifespan."""
 
     store: StateStore
-    objects: ObjectStore
+    objects: ObjectAccess
+    """The object store, which may not be open (see :mod:`framepipe.server.object_access`)."""
     jobs: JobClient
     feed: EventFeed
     registry: "ProcessorRegistry | None"
@@ -90,7 +103,15 @@ class ServiceState:
 
     @property
     def objects(self) -> ObjectStore:
-        """The object store (while running)."""
+        """The object store (while running); a 503 while it cannot be opened."""
+        store = self._live().objects.store
+        if store is None:
+            raise HTTPException(503, OBJECTS_AWAY, headers={"Retry-After": "5"})
+        return store
+
+    @property
+    def object_access(self) -> ObjectAccess:
+        """The object store, open or not, and whether it answers (while running)."""
         return self._live().objects
 
     @property

@@ -20,16 +20,24 @@ router = APIRouter(tags=["health"])
 """``/health`` and ``/metrics``, at the root."""
 
 
+_OBJECTS_AWAY = "unavailable (the server's log has the cause)"
+
+
 @router.get("/health")
 async def health(service: Service) -> Response:
-    """Liveness and whether the state database can be read and written; needs no token.
-    503 (``status: degraded``) when it cannot, with the reason."""
+    """Liveness, whether the state database can be read and written and whether the object
+    store answers; needs no token. ``status`` is ``degraded`` when either fails. The state
+    database failing is a 503 with the reason (nothing can be served without it); the object
+    store is reported as ``unavailable`` with a 200 (the routes that do not need it are
+    served; its cause, which may show endpoints or paths, is logged only)."""
     problem = await asyncio.to_thread(service.store.check_writable)
+    objects_problem = await asyncio.to_thread(service.object_access.check)
     database = "ok" if problem is None else service.public(problem)
     started = service.running.started if service.running is not None else time.time()
     body = {
-        "status": "ok" if problem is None else "degraded",
+        "status": "ok" if problem is None and objects_problem is None else "degraded",
         "database": database,
+        "objects": "ok" if objects_problem is None else _OBJECTS_AWAY,
         "version": __version__,
         "uptime": time.time() - started,
         "jobs": "workers" if service.settings.distributed_jobs else "local",
