@@ -1,16 +1,18 @@
 """The events: ``GET /api/events`` (stored, page by page) and the ``/ws`` WebSocket (live).
 
+Both take ``?execution_id=`` as an id or a unique prefix of one, in any case, as the other
+routes do (resolved to the full id before any event is read; none or several: a 404 over
+HTTP).
+
 Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008);
 a subscriber gets the current state first (``snapshot``), then every event committed after
 it, in order; one that falls too far behind is told so (``lagged``) and closed, to reconnect.
-``?execution_id=`` takes an id or a unique prefix of one, in any case, as the HTTP routes do
-(resolved to the full id before subscribing). A step's progress or completion, and an
-execution's completion, are also summed up as ``pipeline:progress``, whose execution progress
-never decreases within one socket. When the snapshot cannot be made the subscriber gets an
-``error`` message and a close frame: 1008 when the request is at fault (an ``execution_id``
-that cannot be an id, checked as over HTTP by :mod:`framepipe.server.params`, or that names
-no execution), 1011 when the server is (the state database failed; logged), never a dropped
-connection.
+A step's progress or completion, and an execution's completion, are also summed up as
+``pipeline:progress``, whose execution progress never decreases within one socket. When the
+snapshot cannot be made the subscriber gets an ``error`` message and a close frame: 1008 when
+the request is at fault (an ``execution_id`` that cannot be an id, checked as over HTTP by
+:mod:`framepipe.server.params`, or that names no execution), 1011 when the server is (the
+state database failed; logged), never a dropped connection.
 """
 
 import asyncio
@@ -54,8 +56,11 @@ async def events_page(
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
-    """Stored events after id ``after``, oldest first; ``next`` is the id to pass next."""
-    page = await service.jobs.events(execution_id, after=after, limit=limit)
+    """Stored events after id ``after``, oldest first; ``next`` is the id to pass next.
+    ``execution_id`` (an id or a unique prefix, in any case, as the other routes take it)
+    keeps those of one execution; one that names no execution, or more than one, is a 404."""
+    full_id = await _full_id(service, execution_id)
+    page = await service.jobs.events(full_id, after=after, limit=limit)
     return page.to_dict()
 
 
@@ -95,8 +100,8 @@ def _id_problem(execution_id: str | None) -> InvalidInputError | None:
 
 async def _full_id(service: ServiceState, execution_id: str | None) -> str | None:
     """The full id of the execution ``execution_id`` names (an id or a unique prefix, any
-    case), or None for all: the feed matches events by full id, so a socket subscribed with a
-    prefix would get its snapshot and never an event."""
+    case, resolved as every route resolves it), or None for all: events are stored and fed
+    by full id, so a prefix would match none of them."""
     if execution_id is None:
         return None
     return (await service.jobs.get(execution_id, with_steps=False)).id

@@ -8,7 +8,7 @@ pipeline names and statuses are checked before any store is asked
 """
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.client import ExecutionSummary
@@ -21,7 +21,7 @@ try:
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
-__all__ = ["SubmitBody", "Submitted", "router", "summaries"]
+__all__ = ["CancelAnswer", "SubmitBody", "Submitted", "router", "summaries"]
 
 router = APIRouter(tags=["executions"])
 """The executions, included under ``/api``."""
@@ -96,8 +96,25 @@ async def executions_retry(execution_id: ExecutionId, service: Service) -> dict[
     return {"id": full_id, "status": "running"}
 
 
+class CancelAnswer(BaseModel):
+    """What a cancel did."""
+
+    id: str = Field(description="The execution's full id.")
+    status: Literal["cancelled", "cancelling"] = Field(
+        description="``cancelled``: the execution is cancelled now (no step of it was "
+        "running). ``cancelling``: its waiting steps will not start and its running steps "
+        "were asked to stop; it shows ``cancelled`` once the last of them has ended."
+    )
+
+
 @router.post("/executions/{execution_id}/cancel", status_code=202)
-async def executions_cancel(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
-    """Cancel an execution (at once, or through the process running it)."""
+async def executions_cancel(execution_id: ExecutionId, service: Service) -> CancelAnswer:
+    """Cancel an execution (id or unique prefix), as :meth:`JobClient.cancel
+    <framepipe.jobs.client.JobClient.cancel>` does: ``status`` says whether it is cancelled
+    now (``cancelled``: nothing of it was running, e.g. interrupted or failed) or its running
+    steps were asked to stop (``cancelling``: by the engine running it, or its workers).
+    Completed or already cancelled: 409."""
     result = await service.jobs.cancel(execution_id)
-    return {"id": result.execution_id, "status": "cancelling"}
+    return CancelAnswer(
+        id=result.execution_id, status="cancelled" if result.cancelled else "cancelling"
+    )
