@@ -4,7 +4,8 @@ that id. A processor from before reply tokens (its reply does not echo ``reply_t
 matched by frame id: every reply it sends is taken, whether the router knows the entry it
 answered yet or not (a reply read before the ``XADD`` that sent the frame replied, one to an
 entry the reaper moved, or another registry's reaper), and its late replies to requests that
-ended are dropped when the router knows their entries.
+ended are dropped: the router knows their entries, its own and those any registry's reaper
+moved them to (announced on its reply stream).
 """
 
 from __future__ import annotations
@@ -544,6 +545,60 @@ def test_the_reaper_moves_a_timed_out_request_and_a_newer_one_of_its_frame_id_ap
                     (i.processor_id, i.outstanding)
                     for i in registry.processors(include_departed=False)
                 ] == [("old", 0)]
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_another_registry_moving_a_timed_out_request_keeps_its_late_reply_from_a_newer_one(
+    ns: str,
+) -> None:
+    """Registry ``a``'s request 1 of frame X times out in a processor that reads nothing;
+    request 2 of X waits there too. Registry ``b`` reaps the processor and moves both entries
+    to a processor from before reply tokens. ``a`` learns the entries ``b`` gave them: the
+    reply to request 1's is dropped, the reply to request 2's resolves request 2."""
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        old = OldProcessor(redis, ns)
+        try:
+            await register_as(redis, ns, "doomed", capacity=4)
+            async with ProcessorRegistry(
+                REDIS_URL,
+                ns,
+                registry_id="a",
+                heartbeat_timeout=60,
+                result_timeout=60,
+                poll_interval=3600,
+            ) as a:
+                await a.wait_for_processor("cap", timeout=10)
+                with pytest.raises(ResultTimeoutError):
+                    await a.call(entry("X", 1), "cap", timeout=0.5)
+                second = asyncio.create_task(a.call(entry("X", 2), "cap", timeout=60))
+                await wait_until_async("request 2 routed", lambda: in_stream(redis, ns, 2), 10)
+                await old.register()
+                await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, registry_id="b", heartbeat_timeout=60, poll_interval=3600
+                ) as b:
+                    await b._reaper.tick()
+                mid1, fields1 = await old.read()
+                mid2, fields2 = await old.read()
+                assert (json_n(fields1), json_n(fields2)) == (1, 2)
+                assert text(fields1[b"rerouted_from"]) == "doomed"
+
+                await old.answer(mid1, fields1)  # request 1's, late
+                await wait_until_async(
+                    "request 1's late reply read",
+                    lambda: second.done() or dropped(a) == 1,
+                    10,
+                )
+                assert not second.done(), f"request 2 got {second.result()}"
+
+                await old.answer(mid2, fields2)
+                result = await asyncio.wait_for(second, 10)
+                assert (result.frame_id, result.processor_id, result.data) == ("X", "old", {"n": 2})
         finally:
             await redis.aclose()
 

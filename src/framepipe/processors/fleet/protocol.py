@@ -15,17 +15,23 @@ newer request of the same ``frame_id``.
 Processors of an older framepipe (written before the tokens: they ignore the field) reply
 without ``reply_token``; their results are matched by ``frame_id``. A result without a token
 is taken by the request in flight under its frame id, whether or not the router knows the
-entry it answered: a router learns an entry's id only once the ``XADD`` that wrote it replied
-(a processor can answer before that), and never learns the id another registry's reaper gave
-a frame it moved, so an entry it does not know is no reason to drop a result. Unless it is
-the late result of an earlier request of that frame id, one that ended (its caller timed out,
-or it was answered already): a router remembers the entries (``processor_id``, ``entry_id``)
-of its ended requests per frame id (:class:`~framepipe.processors.fleet.replies.Ended`: the
-last 10,000 frame ids, each for 10 minutes), and a result without a token that answered one
-of those is dropped. So an older processor's results are all taken by the requests they
-answer, and its late reply to a request that timed out is dropped when its entry id is known
-to this registry; it reaches a newer request of the same frame id only when the entry is not
-known here (moved by another registry's reaper, or forgotten).
+entry it answered yet: a router learns an entry's id only once the ``XADD`` that wrote it
+replied (a processor can answer before that), so an entry it does not know is no reason to
+drop a result. Unless it is the late result of an earlier request of that frame id, one that
+ended (its caller timed out, or it was answered already): a router remembers the entries
+(``processor_id``, ``entry_id``) of its ended requests per frame id
+(:class:`~framepipe.processors.fleet.replies.Ended`: the last 10,000 frame ids, each for 10
+minutes), and a result without a token that answered one of those is dropped.
+
+Moved entries: a reaper (of any registry) that moves a request's entry to another processor
+announces the new entry on the request's reply stream, in the script that writes it, so the
+announcement (:class:`Moved`, fields :func:`moved_fields` and ``entry_id``) is read before
+any result of the new entry; the router takes it as one more entry of that request (the one
+in flight with the announced token, or else one that ended). So an older processor's results
+are all taken by the requests they answer, and its late reply to a request that timed out,
+from whichever processor the request's entry was moved to by whichever registry, is dropped;
+it reaches a newer request of the same frame id only once the router forgot the earlier
+request's entries (after 10 minutes, or 10,000 newer frame ids).
 
 Attempts (:class:`Attempts`): a frame's attempts are its deliveries to processors, in the
 streams it was re-routed from (its ``attempt`` field minus one) and in the one it is in (the
@@ -75,6 +81,7 @@ __all__ = [
     "BadEntryError",
     "Fields",
     "Keys",
+    "Moved",
     "Outcome",
     "ProcessorResult",
     "ProcessorState",
@@ -86,6 +93,7 @@ __all__ = [
     "entry_fields",
     "frame_entry",
     "lost_result",
+    "moved_fields",
     "result_fields",
     "text",
 ]
@@ -449,6 +457,40 @@ class ProcessorResult:
                 kind=self.error_kind or "processor",
             )
         return self
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A reaper's announcement on a router's reply stream: the entry of the request with
+    ``reply_token`` (frame ``frame_id``) was moved, and is now entry ``entry_id`` of
+    ``processor_id``'s stream. Never a result: it has no ``status``."""
+
+    frame_id: str
+    reply_token: str
+    processor_id: str
+    entry_id: str
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes]) -> Moved | None:
+        """The announcement a reply entry holds; None when it is not one (a result)."""
+        to = fields.get(b"moved_to")
+        if to is None:
+            return None
+        return cls(
+            frame_id=text(fields.get(b"frame_id")),
+            reply_token=text(fields.get(b"reply_token")),
+            processor_id=text(to),
+            entry_id=text(fields.get(b"entry_id")),
+        )
+
+
+def moved_fields(
+    frame_id: bytes | str, reply_token: bytes | str, processor_id: str
+) -> list[bytes | str]:
+    """The fields (flat: field, value, ...) announcing that the entry of the request with
+    ``reply_token`` moves to ``processor_id``'s stream; the script that moves it adds
+    ``entry_id``, the new entry's id (see :class:`Moved`)."""
+    return ["moved_to", processor_id, "frame_id", frame_id, "reply_token", reply_token]
 
 
 def answers(

@@ -11,11 +11,15 @@ A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegist
   acknowledged and deleted there in the same step (:data:`MOVE_LUA`): of several registries
   reaping the same processor (each registry's watch reaps every dead processor it sees), one
   moves each entry, once, and the others leave it; nor is an entry moved once its processor
-  has registered again. No frame is lost as long as a processor with the capability lives
-  (entries wait in the dead stream until one does, or until the processor itself comes back
-  and takes them back). A frame delivered
-  ``max_attempts`` times to processors that died gets an error result (``error_kind``
-  ``lost``) instead of killing more (its deliveries:
+  has registered again. The new entry is announced on the reply stream of the request it
+  answers, by the same step and so before any result of it
+  (:class:`~framepipe.processors.fleet.protocol.Moved`): the registry that sent the frame
+  knows every entry its request was moved to, whichever registry moved it (a result without a
+  reply token is told apart by its entry). No frame is lost as long as a processor with the
+  capability lives (entries wait in the dead stream until one does, or until the processor
+  itself comes back and takes them back). A frame delivered ``max_attempts`` times to
+  processors that died gets an error result (``error_kind`` ``lost``) instead of killing
+  more (its deliveries:
   :class:`~framepipe.processors.fleet.protocol.Attempts`; the reaper's own reads of an entry
   are not deliveries). The stream of a processor that stopped gracefully with entries left is
   handled the same way.
@@ -42,6 +46,7 @@ from framepipe.processors.fleet.protocol import (
     Fields,
     ProcessorState,
     lost_result,
+    moved_fields,
     text,
 )
 from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
@@ -80,25 +85,34 @@ MOVE_LUA = """
 local state = redis.call('HGET', KEYS[2], 'state')
 if state == 'ready' or state == 'draining' then return -1 end
 if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then return 0 end
+local first = 5 + tonumber(ARGV[4])
 local moved = 1
 if ARGV[3] == 'route' then
   if redis.call('HGET', KEYS[3], 'state') ~= 'ready' then return false end
-  moved = redis.call('XADD', KEYS[4], '*', unpack(ARGV, 4))
+  moved = redis.call('XADD', KEYS[4], '*', unpack(ARGV, first))
+  if first > 5 then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'entry_id', moved,
+               unpack(ARGV, 5, first - 1))
+  end
 elseif ARGV[3] == 'reply' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', unpack(ARGV, 4))
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', unpack(ARGV, first))
 end
 pcall(redis.call, 'XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 return moved
 """
-"""KEYS: dead stream, dead hash, target hash, target stream. ARGV: group, entry id, mode
-(``route``, ``reply``, ``drop``), field, value, ... Moves one entry out of a dead (or stopped)
+"""KEYS: dead stream, dead hash, target hash, target stream, announcement stream. ARGV: group,
+entry id, mode (``route``, ``reply``, ``drop``), ``n``, the announcement's ``n`` fields and
+values, then the entry's field, value, ... Moves one entry out of a dead (or stopped)
 processor's stream, in one step: ``route`` writes the fields to the target stream while the
-target is ``ready`` (its new id; None when not ready), ``reply`` writes them to the target
-stream as a result (1), ``drop`` writes nothing (1); then the entry is acknowledged and deleted.
-0: the entry is gone (another registry's reaper moved it, or its processor answered it);
--1: the processor registered again (``ready``/``draining``) and takes its entries back itself.
-Nothing is written in either case: each entry is moved once, whoever else reaps the stream."""
+target is ``ready`` (its new id; None when not ready) and, when ``n`` is not 0, the
+announcement with the new ``entry_id`` to the announcement stream (the reply stream of the
+entry's request: :class:`~framepipe.processors.fleet.protocol.Moved`); ``reply`` writes the
+fields to the target stream as a result (1), ``drop`` writes nothing (1); then the entry is
+acknowledged and deleted. 0: the entry is gone (another registry's reaper moved it, or its
+processor answered it); -1: the processor registered again (``ready``/``draining``) and takes
+its entries back itself. Nothing is written in either case: each entry is moved once, whoever
+else reaps the stream."""
 MOVE = Script(MOVE_LUA)
 
 _BATCH = 200
@@ -259,18 +273,19 @@ class Reaper:
         entry is (when this registry routed it and it is in flight: its reply token is the
         entry's) is moved to the target at once, its capacity held there (a result read before
         the script's reply is taken all the same: a result without a reply token is taken by
-        its frame id, see :func:`~framepipe.processors.fleet.protocol.answers`). An entry of a
-        request of this registry that ended is moved as ``late``: its new entry is remembered
-        as an ended request's."""
+        its frame id, see :func:`~framepipe.processors.fleet.protocol.answers`). The new entry
+        is announced on the reply stream of the request the entry is, when it names one with
+        a reply token (:data:`MOVE_LUA`): the registry that sent it, this one or another,
+        takes it as an entry of that request, in flight or ended."""
         registry = self.registry
         frame_id = text(raw.get(b"frame_id"))
         attempts = Attempts.of(raw, delivered, registry.max_attempts)
+        reply_to = text(raw.get(b"reply_to"))
         if attempts.exhausted:
-            reply_to = text(raw.get(b"reply_to"))
             lost = lost_result(dead.id, mid, raw, attempts.used)
-            keys = _keys(dead, dead.hash_key, reply_to or dead.stream)
+            keys = _keys(dead, dead.hash_key, reply_to or dead.stream, dead.stream)
             mode = "reply" if reply_to else "drop"
-            call = [*keys, GROUP, mid, mode, *_flat(lost)]
+            call = [*keys, GROUP, mid, mode, "0", *_flat(lost)]
             return _Move(mid, frame_id, attempts.used, None, None, call)
         capability = text(raw.get(b"capability")) or next(iter(dead.capability_order), "")
         try:
@@ -283,7 +298,7 @@ class Reaper:
         fields["attempt"] = str(attempts.used + 1)
         fields["rerouted_from"] = dead.id
         track = registry._routed.get(frame_id)
-        ours = text(raw.get(b"reply_to")) == registry.reply_stream
+        ours = reply_to == registry.reply_stream
         token = text(raw.get(b"reply_token"))
         late = ours and bool(token) and (track is None or token != track.reply_token)
         if (
@@ -297,8 +312,10 @@ class Reaper:
             track.processor_id = target.id
         else:
             track = None
-        call = [*_keys(dead, target.hash_key, target.stream), GROUP, mid, "route", *_flat(fields)]
-        return _Move(mid, frame_id, attempts.used + 1, target, track, call, late)
+        notice = moved_fields(frame_id, token, target.id) if reply_to and token else []
+        keys = _keys(dead, target.hash_key, target.stream, reply_to or dead.stream)
+        call = [*keys, GROUP, mid, "route", str(len(notice)), *notice, *_flat(fields)]
+        return _Move(mid, frame_id, attempts.used + 1, target, track, call)
 
     def _settle(self, dead: Registration, move: _Move, result: Any) -> int:
         """Take the script's ``result`` for ``move``: 0 done (moved here, or gone: moved by
@@ -333,8 +350,6 @@ class Reaper:
         else:
             if track is not None:
                 registry._inflight.learned(track, target.id, text(result))
-            elif move.late:
-                registry._reader.ended.add(move.frame_id, [(target.id, text(result))])
             registry.log.info(
                 "Re-routed frame %s from %s to %s (attempt %d)",
                 move.frame_id,
@@ -366,7 +381,7 @@ class Reaper:
             self.registry._require()
             raise ProcessorRegistryError("the registry is not started")
         try:
-            return await wire.run_many(MOVE, calls, keys=4)
+            return await wire.run_many(MOVE, calls, keys=5)
         except Exception as exc:
             return [exc] * len(calls)
 
@@ -386,14 +401,12 @@ class _Move:
     ``target`` already)."""
     call: list[bytes | str]
     """The KEYS and ARGV of its :data:`MOVE_LUA` run."""
-    late: bool = False
-    """It is the entry of a request of this registry that ended."""
 
 
-def _keys(dead: Registration, hash_key: str, stream: str) -> list[bytes | str]:
+def _keys(dead: Registration, hash_key: str, stream: str, announce: str) -> list[bytes | str]:
     """:data:`MOVE_LUA`'s KEYS for an entry of ``dead`` going to ``stream`` (checked against
-    ``hash_key`` when routed)."""
-    return [dead.stream, dead.hash_key, hash_key, stream]
+    ``hash_key`` when routed), its move announced on ``announce``."""
+    return [dead.stream, dead.hash_key, hash_key, stream, announce]
 
 
 def _flat(fields: Mapping[str, bytes | str]) -> list[bytes | str]:

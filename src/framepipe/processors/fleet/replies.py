@@ -14,6 +14,10 @@ the late result of an earlier request of a frame id sent again) is dropped, logg
 level and counted (:attr:`ReplyReader.dropped`); it does not count for the circuit breaker
 either: each request counts there once, by how it ended, and the end of a request whose
 result came late was counted already (its timeout, a failure).
+A reaper's announcement that it moved the entry of a request to another processor
+(:class:`~framepipe.processors.fleet.protocol.Moved`, read before any result of the new entry)
+adds the new entry to that request's entries: the request in flight under the frame id when
+the token is its own, else an ended one (:class:`Ended`).
 Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one by one.
 """
 
@@ -25,7 +29,7 @@ import time
 from collections.abc import Container, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from framepipe.processors.fleet.protocol import ProcessorResult, text
+from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
 from framepipe.processors.fleet.spans import received
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN
@@ -67,7 +71,9 @@ class Ended:
         now = time.monotonic()
         by_frame = self._by_frame
         _, kept = by_frame.pop(frame_id, (0.0, []))
-        kept += [e for e in known if e not in kept]
+        for entry in known:
+            if entry not in kept:
+                kept.append(entry)
         by_frame[frame_id] = (now + self.ttl, kept[-ENDED_PER_FRAME:])
         while by_frame and (len(by_frame) > self.frames or next(iter(by_frame.values()))[0] <= now):
             by_frame.popitem(last=False)
@@ -144,6 +150,10 @@ class ReplyReader:
     def on_reply(self, fields: Mapping[bytes, bytes]) -> None:
         """Take one reply entry."""
         registry = self.registry
+        moved = Moved.from_fields(fields)
+        if moved is not None:
+            self.on_moved(moved)
+            return
         try:
             result = ProcessorResult.from_fields(fields)
         except (ValueError, TypeError) as exc:
@@ -168,6 +178,19 @@ class ReplyReader:
         received(result, track)
         if track.future is not None and not track.future.done():
             track.future.set_result(result)
+
+    def on_moved(self, moved: Moved) -> None:
+        """Take a reaper's announcement: its new entry is one more entry of the request it
+        moved, the one in flight when the token is its own, else one that ended."""
+        if not moved.reply_token or not moved.entry_id:
+            return  # (not an entry of a request with a token: nothing to tell apart)
+        entry = (moved.processor_id, moved.entry_id)
+        track = self.registry._routed.get(moved.frame_id)
+        if track is not None and track.reply_token == moved.reply_token:
+            if entry not in track.entries:
+                track.entries.append(entry)
+        else:
+            self.ended.add(moved.frame_id, [entry])
 
     async def trim(self) -> None:
         """Remove the reply entries already read (once per health tick rather than an XDEL
