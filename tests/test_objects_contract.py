@@ -28,7 +28,7 @@ from framepipe.backends.objects import (
     open_object_store,
     validate_key,
 )
-from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
+from framepipe.errors import ConfigError, InvalidKeyError, ObjectNotFoundError, ObjectStoreError
 from s3server import REGION, S3Server
 
 # The S3 cases share one server process, but each opens a bucket and a client: seconds in all.
@@ -473,5 +473,6 @@ def test_context_manager_closes_and_storage_outlives_the_store(backend: Backend)
     ],
 )
 def test_open_rejects(url: str, message: str) -> None:
-    with pytest.raises(ObjectStoreError, match=message):
+    """A wrong URL is a setting to fix (ConfigError), not a store that is away."""
+    with pytest.raises(ConfigError, match=message):
         open_object_store(url)

@@ -8,7 +8,7 @@ import urllib.request
 
 from framepipe.backends.objects.base import ObjectStore
 from framepipe.backends.objects.local import LocalObjectStore
-from framepipe.errors import ObjectStoreError
+from framepipe.errors import ConfigError
 from framepipe.urls import safe_url
 
 __all__ = ["open_object_store"]
@@ -19,35 +19,40 @@ _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 def open_object_store(url: str) -> ObjectStore:
     """Open the object store at ``url``.
 
+    A URL that is wrong (empty, an unknown scheme or option, a host in a file URL, credentials
+    in it) raises :class:`ConfigError` naming the part that is wrong; a store that cannot be
+    reached or opened raises :class:`ObjectStoreError`. No message shows a password or a
+    secret query value of the URL (:func:`framepipe.urls.safe_url`).
+
     - ``file:///absolute/path`` or a plain directory path: :class:`LocalObjectStore` (the
       directory is created if missing);
     - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``: :class:`S3ObjectStore`
       (``pip install 'framepipe[s3]'``); credentials come from the environment, never the URL.
     """
     if not isinstance(url, str) or not url.strip():
-        raise ObjectStoreError(f"object store URL is empty ({url!r})")
+        raise ConfigError(f"object store URL is empty ({url!r})")
     match = _URL_SCHEME.match(url)
     if match is None and not url.lower().startswith("file:"):
         return LocalObjectStore(url)
     scheme = match.group(1).lower() if match else "file"
     if scheme == "file":
         parts = urllib.parse.urlsplit(url)
+        shown = f"object store URL {safe_url(url)!r}"
         if parts.netloc not in ("", "localhost"):
-            raise ObjectStoreError(
-                f"object store URL {url!r} names host {parts.netloc!r}; "
-                "use file:///absolute/path for a local directory"
-            )
+            host = parts.hostname  # never a password, also one with '/' in it
+            named = f"names host {host!r}" if host else "names a host"
+            raise ConfigError(f"{shown} {named}; use file:///absolute/path for a local directory")
         if parts.query or parts.fragment:
-            raise ObjectStoreError(f"object store URL {url!r}: file URLs take no options")
+            raise ConfigError(f"{shown}: file URLs take no options")
         path = urllib.request.url2pathname(parts.path)
         if not path:
-            raise ObjectStoreError(f"object store URL {url!r} has no path")
+            raise ConfigError(f"{shown} has no path")
         return LocalObjectStore(path)
     if scheme == "s3":
         from framepipe.backends.objects.s3 import S3ObjectStore
 
         return S3ObjectStore.from_url(url)
-    raise ObjectStoreError(
+    raise ConfigError(
         f"unsupported object store URL {safe_url(url)!r}: scheme {scheme!r}; supported: "
         "file:///absolute/path, a plain directory path, or s3://bucket/prefix"
     )

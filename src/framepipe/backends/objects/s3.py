@@ -60,6 +60,7 @@ from framepipe.errors import (
     MissingDependencyError,
     ObjectStoreError,
 )
+from framepipe.urls import safe_text, safe_url
 
 __all__ = ["S3ObjectStore"]
 
@@ -101,12 +102,6 @@ def _import_boto() -> _Boto:
     return _Boto(boto3, config.Config, transfer.TransferConfig, exceptions)
 
 
-def _without_userinfo(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
-
-
 def _normalise_prefix(prefix: str) -> str:
     if not isinstance(prefix, str):
         raise ConfigError(f"S3 prefix must be a str, not {type(prefix).__name__}")
@@ -130,7 +125,8 @@ class S3ObjectStore(ObjectStore):
     ``multipart_threshold`` bytes are uploaded, downloaded and copied in parts of that size.
     Each request times out after ``connect_timeout``/``read_timeout`` seconds and is tried up
     to ``max_attempts`` times (botocore's standard retry mode: throttling, 5xx, connection
-    errors). Invalid arguments raise :class:`ConfigError`; a missing bucket, rejected
+    errors). Invalid arguments raise :class:`ConfigError` (also an endpoint carrying a user, a
+    password or a secret query value, shown masked); a missing bucket, rejected
     credentials or an unreachable endpoint raise :class:`ObjectStoreError` at construction.
     """
 
@@ -158,14 +154,12 @@ class S3ObjectStore(ObjectStore):
         self._prefix = _normalise_prefix(prefix)
         if endpoint_url is not None:
             parts = urllib.parse.urlsplit(endpoint_url)
+            shown = safe_url(endpoint_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"invalid S3 endpoint {shown!r}: use http(s)://host[:port]")
+            if "@" in parts.netloc or shown != endpoint_url:  # a user, a password, a secret
                 raise ConfigError(
-                    f"invalid S3 endpoint {_without_userinfo(endpoint_url)!r}: "
-                    "use http(s)://host[:port]"
-                )
-            if "@" in parts.netloc:
-                raise ConfigError(
-                    f"S3 endpoint {_without_userinfo(endpoint_url)!r} carries credentials; "
+                    f"S3 endpoint {shown!r} carries credentials; "
                     "pass access_key/secret_key (or set FRAMEPIPE_S3_ACCESS_KEY/"
                     "FRAMEPIPE_S3_SECRET_KEY) instead"
                 )
@@ -207,9 +201,9 @@ class S3ObjectStore(ObjectStore):
             self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         except (ValueError, boto.exceptions.BotoCoreError) as exc:
             raise ConfigError(
-                f"cannot configure the S3 client for bucket {bucket!r}: {exc}"
+                f"cannot configure the S3 client for bucket {bucket!r}: {safe_text(str(exc))}"
             ) from exc
-        self._endpoint = _without_userinfo(str(self._client.meta.endpoint_url))
+        self._endpoint = safe_url(str(self._client.meta.endpoint_url))
         self._transfer = boto.TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=max(multipart_threshold, _MIN_PART_BYTES),
@@ -228,42 +222,39 @@ class S3ObjectStore(ObjectStore):
     @classmethod
     def from_url(cls, url: str) -> S3ObjectStore:
         """Open ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``; credentials come
-        from the environment (see the module docstring), never from the URL."""
+        from the environment (see the module docstring), never from the URL. A URL that is
+        wrong (credentials in it, no bucket, an unknown or repeated option, a bad ``create``)
+        raises :class:`ConfigError` naming the wrong part, the URL shown by
+        :func:`~framepipe.urls.safe_url`."""
         parts = urllib.parse.urlsplit(url)
-        if "@" in parts.netloc:
-            shown = urllib.parse.urlunsplit(
-                parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
-            )
-            raise ObjectStoreError(
-                f"object store URL {shown!r} carries credentials; {CREDENTIAL_HINT} instead"
-            )
+        shown = f"object store URL {safe_url(url)!r}"
+        # a password written with '/' in it ends the netloc early, at its ':'
+        if "@" in parts.netloc or (":" in parts.netloc and "@" in url):
+            raise ConfigError(f"{shown} carries credentials; {CREDENTIAL_HINT} instead")
         if parts.scheme.lower() != "s3":
-            raise ObjectStoreError(f"object store URL {url!r} is not an s3:// URL")
+            raise ConfigError(f"{shown} is not an s3:// URL")
         if not parts.netloc:
-            raise ObjectStoreError(f"object store URL {url!r} names no bucket (s3://bucket/...)")
+            raise ConfigError(f"{shown} names no bucket (s3://bucket/...)")
         if parts.fragment:
-            raise ObjectStoreError(f"object store URL {url!r}: S3 URLs take no #fragment")
+            raise ConfigError(f"{shown}: S3 URLs take no #fragment")
         try:
             pairs = urllib.parse.parse_qsl(
                 parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
             )
         except ValueError as exc:
-            raise ObjectStoreError(f"object store URL {url!r}: bad query: {exc}") from exc
+            raise ConfigError(f"{shown}: {safe_text(str(exc))}") from exc
         options: dict[str, str] = {}
         for name, value in pairs:
             if name not in _URL_OPTIONS:
-                raise ObjectStoreError(
-                    f"object store URL {url!r}: unknown option {name!r}; S3 URLs take "
-                    f"{', '.join(_URL_OPTIONS)}"
+                raise ConfigError(
+                    f"{shown}: unknown option {name!r}; S3 URLs take {', '.join(_URL_OPTIONS)}"
                 )
             if name in options:
-                raise ObjectStoreError(f"object store URL {url!r}: option {name!r} given twice")
+                raise ConfigError(f"{shown}: option {name!r} given twice")
             options[name] = value
         create = options.get("create", "").lower()
         if create not in _TRUE | _FALSE:
-            raise ObjectStoreError(
-                f"object store URL {url!r}: create={options['create']!r}, expected 1 or 0"
-            )
+            raise ConfigError(f"{shown}: create={options['create']!r}, expected 1 or 0")
         return cls(
             parts.netloc,
             prefix=urllib.parse.unquote(parts.path.lstrip("/")),
@@ -276,7 +267,7 @@ class S3ObjectStore(ObjectStore):
         path = urllib.parse.quote(self._prefix.removesuffix("/"), safe="/")
         query: dict[str, str] = {}
         if self._endpoint_url is not None:
-            query["endpoint"] = _without_userinfo(self._endpoint_url)
+            query["endpoint"] = self._endpoint_url
         if self._region is not None:
             query["region"] = self._region
         url = f"s3://{self._bucket}/{path}" if path else f"s3://{self._bucket}"
