@@ -408,6 +408,73 @@ def test_http_non_json_body_is_an_output_error(tmp_path: Path, clip: Path) -> No
     assert len(server.requests) == 1
 
 
+def test_http_endless_answer_is_refused_past_the_limit(tmp_path: Path, clip: Path) -> None:
+    """An answer that never ends (no Content-Length, bytes until the client goes) is read up to
+    ``max_answer_bytes`` and refused, not buffered until memory or the timeout runs out; one
+    whose Content-Length is over the limit is refused without reading it."""
+    sent: list[int] = []
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if self.path.startswith("/declared"):
+                self.send_header("Content-Length", str(1 << 30))
+            self.end_headers()
+            chunk = b'{"success": true, "frames_path": "/x", "pad": "' + b"a" * 65536
+            total = 0
+            try:
+                while total < 1 << 30:
+                    self.wfile.write(chunk)
+                    total += len(chunk)
+            except OSError:
+                pass  # the client stopped reading
+            sent.append(total)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        for path in ("/endless", "/declared"):
+            url = f"http://127.0.0.1:{httpd.server_address[1]}{path}"
+            model = HttpModel(url, timeout=30, max_retries=2, max_answer_bytes=100_000)
+            with pytest.raises(ModelOutputError, match="more than 100000 bytes") as info:
+                run(model.infer(clip, output_dir=tmp_path))
+            assert info.value.status_code == 200 and not info.value.retryable
+            assert len(str(info.value)) < 500
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "quoted"),
+    [
+        (b"[" * 100_000, ModelOutputError, "not JSON: '[[[["),
+        (json.dumps([1] * 100_000).encode(), ModelOutputError, "answered [1, 1, 1"),
+        (json.dumps({"success": False, "error": "e" * 200_000}).encode(), ModelError, "eeee"),
+        (json.dumps({"success": True, "logs": "l" * 200_000}).encode(), ModelOutputError, "lll"),
+    ],
+    ids=["nested-too-deep", "long-array", "long-error", "long-without-frames-path"],
+)
+def test_http_malformed_or_long_answer_is_a_short_model_error(
+    tmp_path: Path, clip: Path, body: bytes, error: type[ModelError], quoted: str
+) -> None:
+    """Whatever the server answers, the call fails with a ModelError naming the model, quoting
+    the start of the answer, never the whole of it."""
+    with ModelServer([fixed(200, body)]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=0)
+        with pytest.raises(error) as info:
+            run(model.infer(clip, output_dir=tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"HttpModel({server.url})") and quoted in message
+    assert len(message) < 1000 and "more characters" in message
+
+
 @pytest.mark.slow
 def test_http_slow_response_times_out_and_is_retried(
     tmp_path: Path, clip: Path, frames_dir: Path

@@ -3,13 +3,16 @@ upload and a JSON answer naming the frames.
 
 Guarantees: 5xx answers, connection errors and timeouts are retried (with the adapter's
 backoff); a 4xx or ``success: false`` is not; an answer that is not a JSON object with a
-``frames_path`` is a :class:`~framepipe.errors.ModelOutputError`. ``httpx`` is imported on the
-first call only.
+``frames_path`` (a body that is not JSON, nested too deep to decode, or longer than
+``max_answer_bytes``, refused without reading it all) is a
+:class:`~framepipe.errors.ModelOutputError`, and no error quotes more than a few hundred
+characters of what the server sent. ``httpx`` is imported on the first call only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,24 @@ from framepipe.errors import ConfigError, ModelError, ModelOutputError, ModelTim
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult
 from framepipe.urls import safe_url
 
-__all__ = ["HttpModel"]
+__all__ = ["MAX_ANSWER_BYTES", "HttpModel"]
+
+MAX_ANSWER_BYTES = 1 << 20
+"""The longest answer :class:`HttpModel` reads by default (1 MiB): a JSON object naming a
+directory of frames, with a few other keys."""
+_QUOTED = 300
+"""The most characters of the server's answer an error quotes."""
+
+
+def _quoted(text: str, *, tail: bool = False) -> str:
+    """``text`` cut to its first (``tail``: last) :data:`_QUOTED` characters, saying how many
+    were left out."""
+    cut = len(text) - _QUOTED
+    if cut <= 0:
+        return text
+    if tail:
+        return f"({cut} characters before) ...{text[-_QUOTED:]}"
+    return f"{text[:_QUOTED]}... ({cut} more characters)"
 
 
 class HttpModel(ModelAdapter):
@@ -30,7 +50,8 @@ class HttpModel(ModelAdapter):
     HTTP 5xx, connection errors and timeouts are retried with backoff (``max_retries``), then
     fail with a :class:`ModelError` naming the URL and the last error. A 4xx is not retried,
     nor is ``success: false`` (a :class:`ModelError` with the server's ``error`` text). A body
-    that is not JSON, or no ``frames_path``, is a :class:`ModelOutputError`.
+    that is not JSON, or no ``frames_path``, is a :class:`ModelOutputError`, and so is an answer
+    longer than ``max_answer_bytes`` (read no further than that).
 
     The server's ``frames_path`` is a path on *its* filesystem, so it is not checked here unless
     ``check_frames_path=True`` (a shared volume). ``transport`` is passed to ``httpx``.
@@ -50,7 +71,10 @@ class HttpModel(ModelAdapter):
         check_frames_path: bool = False,
         name: str | None = None,
         transport: Any = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
+        if max_answer_bytes < 1:
+            raise ValueError(f"max_answer_bytes must be >= 1, not {max_answer_bytes}")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"model URL must start with http:// or https://, not {url!r}")
         super().__init__(
@@ -64,6 +88,7 @@ class HttpModel(ModelAdapter):
         self.headers = dict(headers or {})
         self.check_frames_path = check_frames_path
         self.transport = transport
+        self.max_answer_bytes = max_answer_bytes
 
     @property
     def target(self) -> str:
@@ -102,14 +127,18 @@ class HttpModel(ModelAdapter):
             raise ModelError(f"{who}: cannot read input {input_path}: {exc}", model=who) from exc
         progress(0)
         try:
-            async with httpx.AsyncClient(
-                timeout=self.timeout, headers=self.headers, transport=self.transport
-            ) as client:
-                response = await client.post(
+            async with (
+                httpx.AsyncClient(
+                    timeout=self.timeout, headers=self.headers, transport=self.transport
+                ) as client,
+                client.stream(
+                    "POST",
                     self.endpoint,
                     data=data,
                     files={"input_file": (input_path.name, content, "application/octet-stream")},
-                )
+                ) as response,
+            ):
+                raw, whole = await self._read_answer(response)
         except httpx.TimeoutException as exc:
             raise ModelTimeoutError(
                 f"{who}: POST {shown} timed out ({type(exc).__name__})",
@@ -122,41 +151,63 @@ class HttpModel(ModelAdapter):
                 model=who,
                 retryable=True,
             ) from exc
-        body = response.text
-        if response.status_code >= 400:
+        status = response.status_code
+        body = raw.decode(errors="replace")
+        if status >= 400:
             raise ModelError(
-                f"{who}: POST {shown} answered HTTP {response.status_code}: "
-                f"{body[-500:].strip() or response.reason_phrase}",
+                f"{who}: POST {shown} answered HTTP {status}: "
+                f"{_quoted(body.strip(), tail=True) or response.reason_phrase}",
                 model=who,
-                retryable=response.status_code >= 500,
-                status_code=response.status_code,
+                retryable=status >= 500,
+                status_code=status,
+            )
+        if not whole:
+            raise ModelOutputError(
+                f"{who}: POST {shown} answered more than {self.max_answer_bytes} bytes "
+                "(max_answer_bytes); refused",
+                model=who,
+                status_code=status,
             )
         try:
-            answer = response.json()
-        except ValueError as exc:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ModelOutputError(
-                f"{who}: POST {shown} answered a body that is not JSON: {body[:200]!r}",
+                f"{who}: POST {shown} answered a body that is not JSON: {_quoted(repr(body))}",
                 model=who,
-                status_code=response.status_code,
+                status_code=status,
             ) from exc
         if not isinstance(answer, dict):
             raise ModelOutputError(
-                f"{who}: POST {shown} answered {answer!r}, not a JSON object",
+                f"{who}: POST {shown} answered {_quoted(repr(answer))}, not a JSON object",
                 model=who,
-                status_code=response.status_code,
+                status_code=status,
             )
         if answer.get("success") is not True:
             error = answer.get("error") or answer.get("message") or "no error text"
             raise ModelError(
-                f"{who}: the model failed: {error}", model=who, status_code=response.status_code
+                f"{who}: the model failed: {_quoted(str(error))}", model=who, status_code=status
             )
         frames_path = answer.get("frames_path")
         if not isinstance(frames_path, str) or not frames_path:
             raise ModelOutputError(
-                f"{who}: the answer has no 'frames_path': {answer!r}",
+                f"{who}: the answer has no 'frames_path': {_quoted(repr(answer))}",
                 model=who,
-                status_code=response.status_code,
+                status_code=status,
             )
         progress(100)
         extra = {k: v for k, v in answer.items() if k not in {"success", "frames_path"}}
         return ModelResult(Path(frames_path), extra)
+
+    async def _read_answer(self, response: Any) -> tuple[bytes, bool]:
+        """The answer's body, and whether it is whole: reading stops past
+        ``max_answer_bytes`` (at once when its ``Content-Length`` says it is longer)."""
+        limit = self.max_answer_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return b"", False
+        raw = bytearray()
+        async for chunk in response.aiter_bytes():
+            raw += chunk[: limit + 1 - len(raw)]
+            if len(raw) > limit:
+                return bytes(raw[:limit]), False
+        return bytes(raw), True
