@@ -302,6 +302,37 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
         assert client.get("/api/objects/over.bin").status_code == 404  # nothing half-stored
 
 
+# -- 5. links in shared folders -----------------------------------------------------------------
+
+
+def test_a_preview_linked_out_of_the_previews_folder_is_not_served(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Whoever may write in the run folder links a preview (or an app's previews folder) to a
+    file of the server's user: the service answers 404, not the file."""
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"\xff\xd8 not for the web")
+    apps = settings.run_dir / "apps"
+    (apps / "cam").mkdir(parents=True)
+    (apps / "cam" / "gate.jpg").write_bytes(b"\xff\xd8 a frame")
+    (apps / "cam" / "door.jpg").symlink_to(secret)
+    (apps / "linked").symlink_to(tmp_path, target_is_directory=True)
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
+        frame = client.get("/api/sources/cam/gate/frame")
+        assert frame.status_code == 200
+        assert frame.content == b"\xff\xd8 a frame"
+        for path in ("/api/sources/cam/door/frame", "/api/sources/linked/secret/frame"):
+            refused = client.get(path)
+            assert refused.status_code == 404, path
+            assert b"not for the web" not in refused.content
+            assert "link" in refused.json()["detail"]
+            assert str(tmp_path) not in refused.text
+        assert client.get("/api/sources/cam/none/frame").status_code == 404
+
+
 # -- 6. tokens, paths, databases ----------------------------------------------------------------
 
 

@@ -1,15 +1,21 @@
 """``/api/sources``: the sources of this home's live apps, their latest frames, and stopping
 and starting the sources of the apps run inside the service.
 
-Guarantees: app and pipeline names in paths match a fixed pattern (never ``..``), so a frame
-is read only from the previews folder; only apps served by this service can be controlled
-(another process's app is a 409, an unknown one a 404).
+Guarantees: app and pipeline names in paths match a fixed pattern (never ``..``), and a frame
+is read without following a symbolic link below the run folder's ``apps`` folder (an app's
+previews folder or a preview that is a link, or not a regular file, is a 404 saying so), so a
+frame is only ever a file of the previews folder, whatever a neighbour with write access to
+the run folder links there; only apps served by this service can be controlled (another
+process's app is a 409, an unknown one a 404).
 """
 
 import asyncio
+import os
 from typing import Annotated, Any
 
 from framepipe.app import preview_path, read_snapshots
+from framepipe.config import Settings
+from framepipe.confined import LinkRefusedError, open_beneath
 from framepipe.errors import MissingDependencyError
 from framepipe.server.state import Service, ServiceState
 
@@ -59,16 +65,30 @@ async def sources_list(service: Service) -> list[dict[str, Any]]:
     return out
 
 
+def _read_preview(settings: Settings, app_name: str, pipeline: str) -> bytes:
+    """The bytes of the preview of ``app_name``'s ``pipeline``, opened below the folder of the
+    apps' previews without following a link (:func:`framepipe.confined.open_beneath`)."""
+    path = preview_path(settings, app_name, pipeline)
+    fd = open_beneath(path.parent.parent, path.parts[-2:], where=f"{app_name}/{pipeline}")
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
 @router.get(
     "/sources/{app_name}/{pipeline}/frame", responses={200: {"content": {"image/jpeg": {}}}}
 )
 async def sources_frame(app_name: Name, pipeline: Name, service: Service) -> Response:
     """The latest frame of a source, as a JPEG (at most 640 pixels wide)."""
-    path = preview_path(service.settings, app_name, pipeline)
     try:
-        data = await asyncio.to_thread(path.read_bytes)
-    except FileNotFoundError:
+        data = await asyncio.to_thread(_read_preview, service.settings, app_name, pipeline)
+    except (FileNotFoundError, NotADirectoryError):
         raise HTTPException(404, f"no frame of {app_name}/{pipeline} yet") from None
+    except LinkRefusedError:
+        raise HTTPException(
+            404,
+            f"no frame of {app_name}/{pipeline}: its preview is a link or not a regular file, "
+            "which the service does not follow",
+        ) from None
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
