@@ -527,6 +527,20 @@ def test_http_model_keeps_the_query_and_never_shows_its_secrets(
     assert "SECRET123" not in shown and "hunter2" not in shown
 
 
+def test_http_model_secrets_stay_out_of_httpx_log_lines(
+    tmp_path: Path, clip: Path, frames_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application logging at INFO (``logging.basicConfig(level=INFO)``) sees httpx's own
+    ``HTTP Request: POST <url>`` line for each call: its URL is masked like framepipe's."""
+    caplog.set_level("INFO")
+    with ModelServer([ok(frames_dir)]) as server:
+        url = server.url.replace("//", "//ann:hunter2@") + "/v1?api_key=SECRET123&mode=fast"
+        run(HttpModel(url, timeout=5, max_retries=0).infer(clip, output_dir=tmp_path))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert "POST http://ann:***@127.0.0.1:" in line and "/v1/infer?api_key=***&mode=fast" in line
+    assert "SECRET123" not in caplog.text and "hunter2" not in caplog.text
+
+
 # -- MockModel ----------------------------------------------------------------------------------
 
 

@@ -6,13 +6,17 @@ backoff); a 4xx or ``success: false`` is not; an answer that is not a JSON objec
 ``frames_path`` (a body that is not JSON, nested too deep to decode, or longer than
 ``max_answer_bytes``, refused without reading it all) is a
 :class:`~framepipe.errors.ModelOutputError`, and no error quotes more than a few hundred
-characters of what the server sent. ``httpx`` is imported on the first call only.
+characters of what the server sent. A password or a secret query parameter in the URL is
+masked (:func:`~framepipe.urls.safe_url`) in every error and log line: framepipe's, and httpx's
+own ``HTTP Request: POST <url>`` line (a filter on the ``httpx`` logger, installed by the first
+call, masks the URLs of its records). ``httpx`` is imported on the first call only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from framepipe.errors import ConfigError, ModelError, ModelOutputError, ModelTimeoutError
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult
-from framepipe.urls import safe_url
+from framepipe.urls import safe_text, safe_url
 
 __all__ = ["MAX_ANSWER_BYTES", "HttpModel"]
 
@@ -40,6 +44,26 @@ def _quoted(text: str, *, tail: bool = False) -> str:
     if tail:
         return f"({cut} characters before) ...{text[-_QUOTED:]}"
     return f"{text[:_QUOTED]}... ({cut} more characters)"
+
+
+class _MaskedUrls(logging.Filter):
+    """Shows every URL among a log record's arguments as :func:`safe_url` does: httpx logs
+    each request's whole URL (``HTTP Request: POST http://user:pw@host/infer?api_key=...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_masked(arg) for arg in record.args)
+        return True
+
+
+def _masked(arg: object) -> object:
+    if isinstance(arg, int | float):
+        return arg
+    text = str(arg)
+    return safe_text(text) if "://" in text else arg
+
+
+_MASKED_URLS = _MaskedUrls()
 
 
 class HttpModel(ModelAdapter):
@@ -113,6 +137,7 @@ class HttpModel(ModelAdapter):
     ) -> ModelResult:
         import httpx
 
+        logging.getLogger("httpx").addFilter(_MASKED_URLS)  # once: a filter is added once
         who = self.describe()
         shown = safe_url(self.endpoint)
         data = {
