@@ -541,6 +541,29 @@ def test_http_model_secrets_stay_out_of_httpx_log_lines(
     assert "SECRET123" not in caplog.text and "hunter2" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://ann:hunter2@127.0.0.1:99999/?api_key=SECRET123", "malformed host or port"),
+        ("http://ann:hun/ter2@models:8000/?token=SECRET123", "must be percent-encoded"),
+        ("http://[::1/v1?token=SECRET123", "malformed host or port"),
+        ("http:///v1?token=SECRET123", "has no host"),
+        ("http://127.0.0.1:5000/\x00?token=SECRET123", "control character"),
+        ("http://models :5000/?token=SECRET123", "a space"),
+    ],
+)
+def test_http_model_refuses_a_malformed_url_when_made(url: str, problem: str) -> None:
+    """A URL httpx cannot use is a ConfigError naming the setting when the adapter is made,
+    never the secrets in it; it was a bare OverflowError (in an ExceptionGroup), ValueError or
+    httpx.InvalidURL from the first call, once the pipeline ran."""
+    with pytest.raises(ConfigError, match=problem) as info:
+        HttpModel(url)
+    with pytest.raises(ConfigError, match=rf"^MODEL_API_URL: model URL .*{problem}") as named:
+        adapter_from_settings({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": url})
+    for message in (str(info.value), str(named.value)):
+        assert "SECRET123" not in message and "hunter2" not in message and "ter2" not in message
+
+
 # -- MockModel ----------------------------------------------------------------------------------
 
 

@@ -46,6 +46,24 @@ def _quoted(text: str, *, tail: bool = False) -> str:
     return f"{text[:_QUOTED]}... ({cut} more characters)"
 
 
+def _url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable, or None; never quotes it (a password could be read as a
+    port or a host)."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "has a space or a control character in it"
+    try:
+        parts = urlsplit(url)
+        hostname, _port = parts.hostname, parts.port  # reading the port checks it
+    except ValueError:
+        return (
+            "has a malformed host or port (a port is a number up to 65535; a '/', '?', '#' or "
+            "'@' in a password must be percent-encoded)"
+        )
+    if not hostname:
+        return "has no host"
+    return None
+
+
 class _MaskedUrls(logging.Filter):
     """Shows every URL among a log record's arguments as :func:`safe_url` does: httpx logs
     each request's whole URL (``HTTP Request: POST http://user:pw@host/infer?api_key=...``)."""
@@ -77,6 +95,10 @@ class HttpModel(ModelAdapter):
     that is not JSON, or no ``frames_path``, is a :class:`ModelOutputError`, and so is an answer
     longer than ``max_answer_bytes`` (read no further than that).
 
+    A URL that is not ``http(s)://host[:port]/...`` (a port that is not a number up to 65535,
+    no host, a space or control character in it) is a :class:`ConfigError` here, not a failure
+    of the first call.
+
     The server's ``frames_path`` is a path on *its* filesystem, so it is not checked here unless
     ``check_frames_path=True`` (a shared volume). ``transport`` is passed to ``httpx``.
     """
@@ -100,7 +122,11 @@ class HttpModel(ModelAdapter):
         if max_answer_bytes < 1:
             raise ValueError(f"max_answer_bytes must be >= 1, not {max_answer_bytes}")
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"model URL must start with http:// or https://, not {url!r}")
+            raise ConfigError(
+                f"model URL must start with http:// or https://, not {safe_url(url)!r}"
+            )
+        if problem := _url_problem(url):
+            raise ConfigError(f"model URL {safe_url(url)} {problem}")
         super().__init__(
             name=name,
             timeout=timeout,
