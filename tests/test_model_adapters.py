@@ -670,6 +670,44 @@ def test_python_model_function_results_and_drops() -> None:
     assert all(f.meta["brightness"] > 0 for f in sink.frames)
 
 
+class MissingWeights:
+    """A model class whose weights are not there."""
+
+    def load(self) -> None:
+        raise FileNotFoundError("weights/detector.pt")
+
+    def infer(self, input_path: Path, **kwargs: Any) -> str:
+        raise AssertionError("never loaded, never called")
+
+    def process_frame(self, image: np.ndarray[Any, Any]) -> None:
+        raise AssertionError("never loaded, never called")
+
+
+def test_a_python_model_that_cannot_load_is_a_model_error_naming_it(
+    tmp_path: Path, clip: Path
+) -> None:
+    """A model class that raises while it is made or loaded fails the call, or the live
+    pipeline, with a ModelError naming the model and the cause (its ``__cause__``), where the
+    bare FileNotFoundError said nothing of which model."""
+    model = PythonModel(MissingWeights, max_retries=2, retry_initial=0.01)
+    with pytest.raises(ModelError) as info:
+        run(model.infer(clip, output_dir=tmp_path))
+    assert str(info.value) == (
+        "PythonModel(MissingWeights): loading the model failed: "
+        "FileNotFoundError: weights/detector.pt"
+    )
+    assert isinstance(info.value.__cause__, FileNotFoundError) and not info.value.retryable
+
+    pipeline = StreamPipeline(
+        "detect",
+        PatternSource("cam", count=3, realtime=False),
+        stages=[Stage(ModelProcessor(PythonModel(MissingWeights, name="detector")))],
+        sinks=[Collect()],
+    )
+    with pytest.raises(ModelError, match=r"^detector\(MissingWeights\): loading the model"):
+        run(pipeline.run())
+
+
 def test_an_async_python_models_errors_are_wrapped_and_retried(tmp_path: Path, clip: Path) -> None:
     """An ``async def`` model's exception is a retryable ModelError like a plain function's,
     and a TimeoutError it raises itself (with no adapter timeout) says so."""

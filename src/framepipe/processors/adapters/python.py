@@ -3,10 +3,12 @@ and :class:`ModelProcessor`, the live-stage processor that runs one on each fram
 
 Guarantees: the model is instantiated and loaded once per :meth:`PythonModel.setup` (under a
 lock, so concurrent callers share one instance) and released by ``teardown``; an exception
-of the model becomes a retryable :class:`~framepipe.errors.ModelError` (one that already is a
-``ModelError`` passes as it is, and so does one the progress callback raised, a cancelled
-step, which is not retried); once the awaiting task is cancelled
-or times out, the model's next progress report raises :class:`asyncio.CancelledError`.
+raised while it is made or loaded is a :class:`~framepipe.errors.ModelError` naming the model
+(not retryable: the next call loads it again); an exception of the model's call becomes a
+retryable :class:`~framepipe.errors.ModelError` (one that already is a ``ModelError`` passes as
+it is, and so does one the progress callback raised, a cancelled step, which is not retried);
+once the awaiting task is cancelled or times out, the model's next progress report raises
+:class:`asyncio.CancelledError`.
 """
 
 from __future__ import annotations
@@ -94,13 +96,22 @@ class PythonModel(ModelAdapter):
         with self._lock:
             if self.model is not None:
                 return
-            model = self.factory() if isinstance(self.factory, type) else self.factory
+            model = self.factory
             if isinstance(self.factory, type):
-                for hook in ("load", "setup"):
-                    method = getattr(model, hook, None)
-                    if callable(method):
-                        method()
-                        break
+                try:
+                    model = self.factory()
+                    for hook in ("load", "setup"):
+                        method = getattr(model, hook, None)
+                        if callable(method):
+                            method()
+                            break
+                except ModelError:
+                    raise
+                except Exception as exc:
+                    raise ModelError(
+                        f"{self.describe()}: loading the model failed: {type(exc).__name__}: {exc}",
+                        model=self.describe(),
+                    ) from exc
             self.model = model
 
     def teardown(self) -> None:
