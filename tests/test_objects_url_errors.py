@@ -88,6 +88,7 @@ def test_framepipe_serve_refuses_an_unknown_option_at_start_in_one_line(tmp_path
     assert proc.returncode == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("error: FRAMEPIPE_OBJECTS_URL: object store URL "), lines
+    assert lines[0].startswith("error: "), lines
+    assert "FRAMEPIPE_OBJECTS_URL: object store URL " in lines[0]
     assert "unknown option 'secret'" in lines[0]
     assert PASSWORD not in err + out and SECRET not in err + out

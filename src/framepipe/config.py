@@ -478,7 +478,9 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
             if err["type"] == "extra_forbidden":
                 problems.append(f"{name}: no such setting (a keyword argument or config-file key)")
             else:
-                problems.append(f"FRAMEPIPE_{name.upper()}: {err['msg']}")
+                # a check's own message, without pydantic's "Value error, " before it
+                cause = err.get("ctx", {}).get("error") if err["type"] == "value_error" else None
+                problems.append(f"FRAMEPIPE_{name.upper()}: {cause or err['msg']}")
         raise ConfigError(f"invalid framepipe settings: {'; '.join(problems)}") from exc
     _check_broker_url(loaded)
     return loaded

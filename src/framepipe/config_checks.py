@@ -29,7 +29,6 @@ __all__ = [
 ]
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/{0,2}")
-_SCHEME_SLASHES = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def url_beginning(url: str) -> str:
@@ -65,14 +64,17 @@ def check_database_url(value: str | None) -> str | None:
 
 
 def check_objects_url(value: str | None) -> str | None:
-    """The object store URL, unless it has a scheme other than ``file`` and ``s3``."""
-    # Only the scheme, as open_object_store reads it; nothing is opened or contacted here.
-    match = _SCHEME_SLASHES.match(value or "")
-    if match and match.group(1).lower() not in ("file", "s3"):
-        raise ValueError(
-            f"not an object store URL ({url_beginning(value or '')}): give a folder, "
-            "file:///absolute/path or s3://bucket/prefix"
-        )
+    """The object store URL, unless :func:`~framepipe.backends.objects.opening.
+    object_store_location` refuses it (a wrong scheme, option, bucket name, credentials in
+    it ...); nothing is opened or contacted here."""
+    if not value:
+        return value
+    from framepipe.backends.objects.opening import object_store_location
+
+    try:
+        object_store_location(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import re
 import urllib.parse
 import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from framepipe.backends.objects.base import ObjectStore
 from framepipe.backends.objects.local import LocalObjectStore
 from framepipe.errors import ConfigError
 from framepipe.urls import safe_url
 
-__all__ = ["open_object_store"]
+if TYPE_CHECKING:
+    from framepipe.backends.objects.s3 import S3Location
+
+__all__ = ["object_store_location", "open_object_store"]
 
 _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -29,11 +34,30 @@ def open_object_store(url: str) -> ObjectStore:
     - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``: :class:`S3ObjectStore`
       (``pip install 'framepipe[s3]'``); credentials come from the environment, never the URL.
     """
+    where = object_store_location(url)
+    if isinstance(where, Path):
+        return LocalObjectStore(where)
+    from framepipe.backends.objects.s3 import S3ObjectStore
+
+    return S3ObjectStore(
+        where.bucket,
+        prefix=where.prefix,
+        endpoint_url=where.endpoint_url,
+        region=where.region,
+        create_bucket=where.create_bucket,
+    )
+
+
+def object_store_location(url: str) -> Path | S3Location:
+    """Where ``url`` points, read and checked as :func:`open_object_store` reads it, without
+    opening or contacting anything: a local directory's path or an S3 location. A URL that is
+    wrong raises :class:`ConfigError` naming the part that is wrong (settings check this when
+    they load, so a process refuses such a URL at start, not at its first object)."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(f"object store URL is empty ({url!r})")
     match = _URL_SCHEME.match(url)
     if match is None and not url.lower().startswith("file:"):
-        return LocalObjectStore(url)
+        return Path(url)
     scheme = match.group(1).lower() if match else "file"
     if scheme == "file":
         parts = urllib.parse.urlsplit(url)
@@ -47,11 +71,11 @@ def open_object_store(url: str) -> ObjectStore:
         path = urllib.request.url2pathname(parts.path)
         if not path:
             raise ConfigError(f"{shown} has no path")
-        return LocalObjectStore(path)
+        return Path(path)
     if scheme == "s3":
-        from framepipe.backends.objects.s3 import S3ObjectStore
+        from framepipe.backends.objects.s3 import parse_s3_url  # loaded on first use
 
-        return S3ObjectStore.from_url(url)
+        return parse_s3_url(url)
     raise ConfigError(
         f"unsupported object store URL {safe_url(url)!r}: scheme {scheme!r}; supported: "
         "file:///absolute/path, a plain directory path, or s3://bucket/prefix"
