@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from framepipe import Settings
 from framepipe.app import App, SystemState, preview_path, read_snapshots
 from framepipe.backoff import Backoff
 from framepipe.cli import app as cli_app
-from framepipe.errors import ConfigError
+from framepipe.errors import ConfigError, StreamError
 from framepipe.frames import Frame
 from framepipe.processors import Processor
 from framepipe.sources import CommandSource, PatternSource
@@ -467,6 +468,134 @@ def test_pipelines_named_anything_get_their_preview_in_the_previews_folder(
     ]
     assert preview_file_name("cam-\ud800") == "cam-%ED%A0%80.jpg"
     assert all(len(f.name.encode()) <= 205 for f in files)
+
+
+class Gate(Processor):
+    """A model whose ``setup`` (or ``teardown``, ``at="teardown"``) waits for the test to open
+    the gate: the app is caught starting (or stopping) for as long as the test needs."""
+
+    name = "gate"
+
+    def __init__(self, at: str = "setup") -> None:
+        self.at = at
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def _wait(self, where: str) -> None:
+        if where == self.at:
+            self.reached.set()
+            assert self.opened.wait(30), "the test never opened the gate"
+
+    def setup(self) -> None:
+        self._wait("setup")
+
+    def teardown(self) -> None:
+        self._wait("teardown")
+
+    def process(self, item: Any) -> Any:
+        return item
+
+
+def gated_app(home: Path, gate: Gate) -> App:
+    """An app with a pipeline held at its gate and one that is not."""
+    app = App("race", settings=Settings(home=home), health_interval=0.05)
+    app.add_pipeline(StreamPipeline("gated", PatternSource("gated", fps=20), stages=[Stage(gate)]))
+    app.add_pipeline(StreamPipeline("free", PatternSource("free", fps=20)))
+    return app
+
+
+def test_a_stop_while_the_app_starts_stops_everything_the_start_started(tmp_path: Path) -> None:
+    gate = Gate()
+    app = gated_app(tmp_path, gate)
+
+    async def main() -> None:
+        starting = asyncio.create_task(app.start())
+        await wait_until_async("the gated pipeline's setup", gate.reached.is_set)
+        stopping = asyncio.create_task(app.stop())
+        await asyncio.sleep(0)  # the stop begins while the start waits at the gate
+        gate.opened.set()
+        await stopping
+        assert app.state is SystemState.STOPPED
+        assert not any(p.running for p in app.pipelines.values())
+        await starting
+        assert app.state is SystemState.STOPPED
+        assert not any(p.running for p in app.pipelines.values())
+        assert app._monitor is None or app._monitor.done()
+
+    asyncio.run(main())
+    assert json.loads(app.snapshot_path.read_text())["state"] == "stopped"
+    assert {p.state for p in app.pipelines.values()} == {HealthState.STOPPED}
+
+
+def test_a_stop_while_a_pipeline_is_added_stops_it_before_it_returns(tmp_path: Path) -> None:
+    gate = Gate()
+    app = App("race", settings=Settings(home=tmp_path))
+    app.add_pipeline(StreamPipeline("free", PatternSource("free", fps=20)))
+    added = StreamPipeline("added", PatternSource("added", fps=20), stages=[Stage(gate)])
+
+    async def main() -> None:
+        await app.start()
+        adding = asyncio.create_task(app.add(added))
+        await wait_until_async("the added pipeline's setup", gate.reached.is_set)
+        stopping = asyncio.create_task(app.stop())
+        await asyncio.sleep(0)
+        gate.opened.set()
+        await stopping
+        assert not added.running and added.state is HealthState.STOPPED
+        await adding
+        assert not added.running and app.state is SystemState.STOPPED
+
+    asyncio.run(main())
+
+
+def test_a_start_while_the_app_stops_starts_it_once_stopped(tmp_path: Path) -> None:
+    gate = Gate(at="teardown")
+    app = gated_app(tmp_path, gate)
+    gated = app.pipelines["gated"]
+
+    async def main() -> None:
+        await app.start()
+        await wait_until_async("frames", lambda: gated.frames_out > 0)
+        stopping = asyncio.create_task(app.stop())
+        await wait_until_async("the gated pipeline's teardown", gate.reached.is_set)
+        starting = asyncio.create_task(app.start())
+        await asyncio.sleep(0)
+        gate.opened.set()
+        await stopping
+        await starting
+        try:
+            assert app.state is SystemState.RUNNING
+            frames = gated.frames_out
+            await wait_until_async("frames again", lambda: gated.frames_out > frames)
+        finally:
+            await app.stop()
+
+    asyncio.run(main())
+
+
+def test_a_second_start_while_the_first_runs_is_refused_clearly(tmp_path: Path) -> None:
+    gate = Gate()
+    app = gated_app(tmp_path, gate)
+
+    async def main() -> None:
+        first = asyncio.create_task(app.start())
+        await wait_until_async("the gated pipeline's setup", gate.reached.is_set)
+        second = asyncio.create_task(app.start())
+        await asyncio.sleep(0)
+        gate.opened.set()
+        await first
+        try:
+            with pytest.raises(StreamError, match="app 'race' is already running"):
+                await second
+            assert app.state is SystemState.RUNNING
+            assert all(p.running for p in app.pipelines.values())
+        finally:
+            await app.stop()
+        with pytest.raises(StreamError, match="app 'race' is already running"):
+            async with app:
+                await app.start()
+
+    asyncio.run(main())
 
 
 BAD_APP_NAMES = ("gate/1", "../x", "/tmp/x", "..", ".", "", "cam\0", "cam-\ud800")

@@ -2,13 +2,15 @@
 
 Guarantees: each pipeline is isolated (a dead camera, a failing processor or a crashed task
 in one never stops another); ``start()`` starts them concurrently and a pipeline added while
-running starts at once; ``stop()`` stops them concurrently with a bounded drain. A pipeline
-whose source failed for good is restarted after ``restart_cooldown`` seconds, at most
-``max_restart_attempts`` times (auto-recovery), then reported with ``system_error``. Every few
-seconds the app checks performance (``performance_warning`` below ``performance_threshold``)
-and writes a health snapshot that ``framepipe health`` / ``framepipe sources`` read from
-another terminal, and each pipeline's latest frame as a small JPEG beside it (where, and how
-other processes read them: :mod:`framepipe.snapshots`).
+running starts at once; ``stop()`` stops them concurrently with a bounded drain, after the
+starts under way, so that once it returns no pipeline runs (``start()`` and ``stop()`` take
+turns in call order, each run whole). A pipeline whose source failed for good is restarted
+after ``restart_cooldown`` seconds, at most ``max_restart_attempts`` times (auto-recovery),
+then reported with ``system_error``. Every few seconds the app checks performance
+(``performance_warning`` below ``performance_threshold``) and writes a health snapshot that
+``framepipe health`` / ``framepipe sources`` read from another terminal, and each pipeline's
+latest frame as a small JPEG beside it (where, and how other processes read them:
+:mod:`framepipe.snapshots`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import FramepipeError
+from framepipe.errors import FramepipeError, StreamError
 from framepipe.logs import get_logger
 from framepipe.snapshots import (
     PREVIEW_QUALITY,
@@ -125,6 +127,10 @@ class App:
         self._monitor: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        """Pipeline starts under way (start(), add(), resume(), a recovery): stop() waits for
+        them."""
+        self._turns: tuple[asyncio.Lock, asyncio.AbstractEventLoop] | None = None
         self.registry = metrics_registry(lambda: list(self.pipelines.values()))
         self.mqtt: Any = None
         """The :class:`~framepipe.mqtt.MqttEventSink` of setting ``mqtt_url`` while running."""
@@ -255,17 +261,33 @@ class App:
 
     async def _start_one(self, pipeline: StreamPipeline) -> None:
         """Start a pipeline and watch it; one that fails to start (a model that does not load)
-        is failed and goes through recovery like one that failed later."""
+        is failed and goes through recovery like one that failed later. The start goes on to
+        its end if the caller is cancelled (:meth:`stop` waits for it, then stops it)."""
+        await asyncio.shield(self._launch(self._start_and_watch(pipeline)))
+
+    async def _start_and_watch(self, pipeline: StreamPipeline) -> None:
+        await self._start_pipeline(pipeline, "pipeline %r failed to start")
+        if not self._stopping:  # else the stop() under way stops it
+            self._watchers[pipeline.name] = asyncio.create_task(
+                self._watch(pipeline), name=f"watch-{pipeline.name}"
+            )
+
+    async def _start_pipeline(self, pipeline: StreamPipeline, failure: str) -> bool:
+        """``pipeline.start()``; False (logged with ``failure``) if it raised."""
         try:
             await pipeline.start()
         except Exception:
-            self.log.exception("pipeline %r failed to start", pipeline.name)
-        if self._stopping:  # the app began stopping meanwhile: its stop() may have passed it
-            await pipeline.stop()
-            return
-        self._watchers[pipeline.name] = asyncio.create_task(
-            self._watch(pipeline), name=f"watch-{pipeline.name}"
-        )
+            self.log.exception(failure, pipeline.name)
+            return False
+        return True
+
+    def _launch(self, start: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a pipeline's start as a task of its own, which :meth:`stop` waits for: a start
+        is never cut half-way (its stages set up, its capture not yet supervised)."""
+        task = asyncio.ensure_future(start)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return task
 
     async def _watch(self, pipeline: StreamPipeline) -> None:
         """Wait for a pipeline's end; recover it if it failed."""
@@ -294,11 +316,9 @@ class App:
             await asyncio.sleep(self.restart_cooldown)
             if self._stopping:
                 return
-            try:
-                await pipeline.start()
-            except Exception:  # failed again: the loop counts it as the next failure
-                self.log.exception("recovery of %r failed to start", pipeline.name)
-                continue
+            start = self._start_pipeline(pipeline, "recovery of %r failed to start")
+            if not await asyncio.shield(self._launch(start)):
+                continue  # failed again: the loop counts it as the next failure
             self.emit(
                 "pipeline.recovered",
                 {"pipeline": pipeline.name, "attempt": attempts + 1, "reason": error},
@@ -311,37 +331,68 @@ class App:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start every pipeline concurrently, then the health monitor."""
-        if self.state not in (SystemState.STOPPED,):
-            raise RuntimeError(f"app {self.name!r} is {self.state.value}")
-        if self.settings.mqtt_url and self.mqtt is None:
-            from framepipe.mqtt import MqttEventSink
+    def _lifecycle(self) -> asyncio.Lock:
+        """The lock :meth:`start` and :meth:`stop` hold for their whole run, one per event
+        loop (an app may be run by one ``asyncio.run`` after another)."""
+        loop = asyncio.get_running_loop()
+        if self._turns is None or self._turns[1] is not loop:
+            self._turns = (asyncio.Lock(), loop)
+        return self._turns[0]
 
-            self.mqtt = MqttEventSink(self.settings.mqtt_url).attach(self)
-        self._stopping = False
-        self.paused.clear()
-        self.state = SystemState.STARTING
-        self.started_at = time.time()
-        await asyncio.gather(*(self._start_one(p) for p in self.pipelines.values()))
-        self.state = SystemState.RUNNING
-        self._monitor = asyncio.create_task(self._monitor_loop(), name=f"monitor-{self.name}")
-        self.log.info("app started with %d pipeline(s)", len(self.pipelines))
+    async def start(self) -> None:
+        """Start every pipeline concurrently, then the health monitor.
+
+        :meth:`start` and :meth:`stop` take turns, in the order they are called, each run
+        whole: a ``stop()`` called while the app starts waits for the pipelines being
+        started, then stops them all, so nothing this start started runs once that
+        ``stop()`` returned; a ``start()`` called while the app stops starts it again once it
+        stopped. A ``start()`` of an app that runs (another ``start()`` got there first)
+        raises :class:`~framepipe.errors.StreamError` naming the app and its state."""
+        async with self._lifecycle():
+            if self.state is not SystemState.STOPPED:
+                raise StreamError(
+                    f"app {self.name!r} is already {self.state.value}: stop() it first"
+                )
+            if self.settings.mqtt_url and self.mqtt is None:
+                from framepipe.mqtt import MqttEventSink
+
+                self.mqtt = MqttEventSink(self.settings.mqtt_url).attach(self)
+            self._stopping = False
+            self.paused.clear()
+            self.state = SystemState.STARTING
+            self.started_at = time.time()
+            await asyncio.gather(*(self._start_one(p) for p in self.pipelines.values()))
+            self.state = SystemState.RUNNING
+            self._monitor = asyncio.create_task(self._monitor_loop(), name=f"monitor-{self.name}")
+            self.log.info("app started with %d pipeline(s)", len(self.pipelines))
 
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        """Stop every pipeline concurrently (each drains for at most ``timeout`` seconds)."""
-        if self.state is SystemState.STOPPED:
-            return
+        """Stop every pipeline concurrently (each drains for at most ``timeout`` seconds).
+
+        Pipeline starts under way (of :meth:`start`, :meth:`add`, :meth:`resume` or a
+        recovery) are waited for first, whole (a model's setup is not cut short), then
+        stopped with the others: once ``stop()`` returns, no pipeline the app started runs.
+        A ``stop()`` while the app starts or stops waits for that to end (see :meth:`start`);
+        one of a stopped app returns."""
+        async with self._lifecycle():
+            if self.state is not SystemState.STOPPED:
+                await self._stop(drain=timeout)
+
+    async def _stop(self, *, drain: float) -> None:
         self._stopping = True
         self.state = SystemState.STOPPING
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
-        for watcher in self._watchers.values():
+        watchers = list(self._watchers.values())
+        for watcher in watchers:
             watcher.cancel()
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
         await asyncio.gather(
-            *(p.stop(drain_timeout=timeout) for p in self.pipelines.values()),
+            *(p.stop(drain_timeout=drain) for p in self.pipelines.values()),
+            *watchers,
             return_exceptions=True,
         )
         self._watchers.clear()
