@@ -254,7 +254,7 @@ def test_a_panel_is_checked_when_it_is_made(tmp_path: Path) -> None:
         AppDashboard(panels=(Panel("x", "a", PanelKind.NAMES, "a"),) * 2)
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
     with pytest.raises(ValueError, match="cannot be part of a path"):
-        create_app(settings, apps=[Station(settings, None, name="front door/..")], token=TOKEN)
+        create_app(settings, apps=[Station(settings, None, name="front door")], token=TOKEN)
 
 
 def test_an_app_adds_panels_routes_and_images_behind_the_token(tmp_path: Path) -> None:
