@@ -9,11 +9,13 @@ state database."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from framepipe import Pipeline, StepContext
+from framepipe.backends.objects import open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.schema import events as events_table
 from framepipe.backends.state.schema import executions as executions_table
@@ -300,6 +303,46 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
         over = client.put("/api/objects/over.bin", content=iter([b"x" * 600, b"y" * 600]))
         assert over.status_code == 413
         assert client.get("/api/objects/over.bin").status_code == 404  # nothing half-stored
+
+
+def test_a_download_is_streamed_not_held_in_memory(settings: Settings) -> None:
+    """A result video of any size: GET /api/objects/{key} costs the service a chunk of memory,
+    not the object, and sends it whole, as data no browser runs."""
+    size = 48 * 1024 * 1024
+    written = hashlib.sha256()
+    with (
+        open_object_store(settings.resolved_objects_url) as store,
+        tempfile.TemporaryDirectory() as folder,
+    ):
+        video = Path(folder) / "video.mp4"
+        with video.open("wb") as file:
+            for _ in range(size // (1024 * 1024)):
+                chunk = os.urandom(1024 * 1024)
+                written.update(chunk)
+                file.write(chunk)
+        store.put_file("results/video.mp4", video)
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client,
+    ):
+        received = hashlib.sha256()
+        tracemalloc.start()
+        try:
+            with client.stream("GET", "/api/objects/results/video.mp4") as download:
+                for part in download.iter_bytes():
+                    received.update(part)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert download.status_code == 200
+        assert peak < size // 4, f"the download held {peak} bytes in memory"
+        assert received.hexdigest() == written.hexdigest()
+        assert download.headers["content-length"] == str(size)
+        assert download.headers["content-type"] == "application/octet-stream"
+        assert download.headers["x-content-type-options"] == "nosniff"
+        missing = client.get("/api/objects/results/none.mp4")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "no object 'results/none.mp4'"
 
 
 # -- 5. links in shared folders -----------------------------------------------------------------

@@ -2,16 +2,24 @@
 
 Guarantees: an upload is streamed to a temporary file, never held in memory, and stored only
 once it arrived whole; one over ``max_upload_bytes`` (declared or counted) is a 413 and
-stores nothing; a key that escapes the store is a 400, a missing object a 404, a failure of
-the store itself a 500 naming the key, never the store's paths
-(:func:`~framepipe.server.responses.object_store_errors`).
+stores nothing; a download is copied from the store to a temporary file (removed at once,
+its space freed when the response ends, however it ends) and streamed from there in chunks of
+:data:`CHUNK` bytes, so an object of any size (a result video) costs the service no more
+memory than a chunk, whether the client reads fast, slowly or not at all; it is sent as
+``application/octet-stream`` with ``X-Content-Type-Options: nosniff``, so no browser runs
+it as a page or script of the service's origin. A key that escapes the store is a 400, a
+missing object a 404, a failure of the store itself a 500 naming the key, never the store's
+paths (:func:`~framepipe.server.responses.object_store_errors`).
 """
 
 import asyncio
 import os
+import shutil
 import tempfile
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO
 
+from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
 from framepipe.server.state import Service
@@ -19,7 +27,7 @@ from framepipe.server.store_errors import object_store_errors
 
 try:
     from fastapi import APIRouter, HTTPException, Request
-    from fastapi.responses import Response
+    from fastapi.responses import StreamingResponse
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
@@ -27,6 +35,9 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["objects"])
 """Included under ``/api``."""
+
+CHUNK = 1024 * 1024
+"""Bytes of a download read and sent at a time."""
 
 
 @router.put("/objects/{key:path}", status_code=201)
@@ -62,9 +73,36 @@ async def objects_put(key: str, request: Request, service: Service) -> dict[str,
     return {"key": info.key, "size": info.size}
 
 
-@router.get("/objects/{key:path}")
-async def objects_get(key: str, service: Service) -> Response:
-    """The object stored under ``key``."""
+def _copy_out(store: ObjectStore, key: str) -> BinaryIO:
+    """The object ``key`` as an open temporary copy whose name is already removed: its space
+    is freed when the file is closed, by whatever ends the response."""
+    folder = tempfile.mkdtemp(prefix="framepipe-download-")
+    try:
+        return open(store.get_file(key, os.path.join(folder, "object")), "rb")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(file.read, CHUNK):
+            yield chunk
+    finally:
+        file.close()
+
+
+@router.get("/objects/{key:path}", responses={200: {"content": {"application/octet-stream": {}}}})
+async def objects_get(key: str, service: Service) -> StreamingResponse:
+    """The object stored under ``key``, streamed (any size: the service holds a chunk of it at
+    a time)."""
+    obj = service.objects
     with object_store_errors("read", key):
-        data = await asyncio.to_thread(service.objects.get, key)
-    return Response(data, media_type="application/octet-stream")
+        file = await asyncio.to_thread(_copy_out, obj, key)
+    return StreamingResponse(
+        _chunks(file),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(os.fstat(file.fileno()).st_size),
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
