@@ -598,9 +598,10 @@ def test_a_second_start_while_the_first_runs_is_refused_clearly(tmp_path: Path) 
     asyncio.run(main())
 
 
-BAD_APP_NAMES = ("gate/1", "../x", "/tmp/x", "..", ".", "", "cam\0", "cam-\ud800")
+BAD_APP_NAMES = ("gate/1", "../x", "/tmp/x", "..", ".", "", "cam\0", "cam-\ud800", "ü" * 101)
 """App names that name no file of their own in the apps folder: a folder, a way out of it, an
-absolute path, the folder above, the folder itself, nothing, a NUL, a lone surrogate."""
+absolute path, the folder above, the folder itself, nothing, a NUL, a lone surrogate, a name
+whose snapshot's file name would be too long (202 bytes)."""
 
 
 @pytest.mark.parametrize("name", BAD_APP_NAMES)
@@ -612,7 +613,7 @@ def test_an_app_name_that_is_no_file_name_of_its_own_is_refused(tmp_path: Path, 
 
 def test_app_names_that_work_keep_working(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
-    names = ("site", "cam-2.left", "a..b", "...", "Küche 1", "x.json", "back\\slash")
+    names = ("site", "cam-2.left", "a..b", "...", "Küche 1", "x.json", "back\\slash", "ü" * 100)
 
     async def main() -> None:
         for name in names:

@@ -23,6 +23,7 @@ from framepipe.frames import Frame, encode_jpeg
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
+    "MAX_APP_NAME_BYTES",
     "PREVIEW_QUALITY",
     "check_app_name",
     "preview_dir",
@@ -34,13 +35,20 @@ __all__ = [
 ]
 
 
+MAX_APP_NAME_BYTES = 200
+"""The longest app name, in UTF-8 bytes: its snapshot's file name (``<name>.json``) and the
+temporary file written before it (``<name>.<pid>.tmp``) stay under the 255 bytes a file
+name may have."""
+
+
 def check_app_name(name: object) -> str:
     """``name`` if it can name an app, else a :class:`~framepipe.errors.ConfigError` naming
     it. The name is made the file of the app's snapshot (``<name>.json``) and the folder of its
     previews, in ``<run>/apps``, so it must be text naming one entry of that folder: not empty,
     ``.`` or ``..`` (the folder itself or the one above), without ``/`` (a folder elsewhere), a
-    NUL or malformed Unicode (a lone surrogate, which no file name or snapshot holds). Any
-    other name is kept as it is: spaces, dots (``cam-2.left``, ``...``), any script."""
+    NUL or malformed Unicode (a lone surrogate, which no file name or snapshot holds), at most
+    :data:`MAX_APP_NAME_BYTES` long. Any other name is kept as it is: spaces, dots
+    (``cam-2.left``, ``...``), any script."""
     if not isinstance(name, str):
         raise ConfigError(f"app name {name!r}: must be text")
     problem = None
@@ -52,9 +60,12 @@ def check_app_name(name: object) -> str:
         problem = "has a NUL"
     else:
         try:
-            name.encode("utf-8")
+            size = len(name.encode("utf-8"))
         except UnicodeEncodeError:
             problem = "has malformed Unicode (a lone surrogate)"
+        else:
+            if size > MAX_APP_NAME_BYTES:
+                problem = f"is {size} bytes long, over {MAX_APP_NAME_BYTES} (UTF-8)"
     if problem is not None:
         raise ConfigError(
             f"app name {name!r} {problem}: the name makes the app's health snapshot "
