@@ -283,6 +283,27 @@ def test_thumbnail_picks_the_requested_frame(tmp_path: Path) -> None:
     assert abs(int(white[0]) - 100) <= 4
 
 
+def test_a_thumbnail_of_a_raw_stream_is_decoded_from_its_start(tmp_path: Path) -> None:
+    """A raw .h264 stream (no timestamps: FFmpeg cannot seek it; probe reads it) failed
+    thumbnail and thumbnail_grid with PyAV's ``PermissionError: Operation not permitted`` (the
+    seek to the frame), not a MediaError naming the file; a step showed that raw error."""
+    raw = tmp_path / "camera.h264"
+    with av.open(str(raw), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"preset": FAST, "bf": "0", "crf": "18"}
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(counter_image(i), format="bgr24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe(raw).container == "h264"
+    assert read_counter(imread(thumbnail(raw, tmp_path / "t.png", at=1.0))) == 25
+    assert read_counter(imread(thumbnail(raw, tmp_path / "t.png", at=99))) == 49  # the last
+    sheet = imread(thumbnail_grid(raw, tmp_path / "g.png", cols=2, rows=1, width=320))
+    assert sheet.shape == (120, 320, 3)
+
+
 def test_thumbnail_grid_size(tmp_path: Path) -> None:
     progress = Recorder()
     out = thumbnail_grid(

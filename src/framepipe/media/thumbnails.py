@@ -29,6 +29,13 @@ __all__ = ["thumbnail", "thumbnail_grid"]
 
 SEQUENTIAL_FRAMES_PER_TILE = 300  # up to this many frames per tile, decode once, don't seek
 _EPSILON = 1e-6  # seconds: float noise in a timestamp, not a frame
+_NO_TIMESTAMPS = 0x0080  # FFmpeg's AVFMT_NOTIMESTAMPS: a raw stream (.h264, .hevc ...)
+
+
+def _seekable(container: av.container.InputContainer) -> bool:
+    """Whether the file can be sought by time: not a raw stream, which has no timestamps (a
+    seek there reads the whole file, then fails, leaving nothing to decode)."""
+    return not container.format.flags & _NO_TIMESTAMPS
 
 
 def _frame_at(
@@ -69,13 +76,17 @@ def _last_frame_until(
     """Seek to the keyframe before ``seek_to``, decode forward: the last frame at or before
     ``at`` (None if nothing decodes from there)."""
     start = stream_start(stream)
-    if stream.time_base is not None and seek_to > 0:
-        try:
-            container.seek(int((start + seek_to) / stream.time_base), stream=stream, backward=True)
-        except av.FFmpegError:
+    try:
+        if stream.time_base is not None and seek_to > 0:
+            try:
+                target = int((start + seek_to) / stream.time_base)
+                container.seek(target, stream=stream, backward=True)
+            except av.FFmpegError:
+                container.seek(0, stream=stream)
+        else:
             container.seek(0, stream=stream)
-    else:
-        container.seek(0, stream=stream)
+    except av.FFmpegError as exc:
+        raise MediaError(path, f"cannot be sought to a frame ({exc})") from exc
     shown = None
     rate = stream_rate(stream)
     try:
@@ -148,7 +159,8 @@ def thumbnail(
     ``at``, so on a variable frame rate it is the frame a player shows then. Past the end, it
     is the last frame that decodes; that includes a truncated file whose header announces
     frames that were cut off (``at`` beyond where its frames end gives its last decodable
-    frame, not an error). Scaled to ``width`` keeping the aspect if given, upright (a clip
+    frame, not an error). A raw stream (``.h264``: no timestamps, no seeking) is decoded
+    from its start. Scaled to ``width`` keeping the aspect if given, upright (a clip
     with a display rotation is turned as players turn it). A video larger than
     ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no
     limit) is refused with a :class:`MediaError` before any frame is decoded, as is
@@ -158,7 +170,10 @@ def thumbnail(
     with open_video(src, max_pixels=limit) as (container, stream):
         middle = (video_duration(stream, container) or 0.0) / 2
         when = middle if at is None else max(0.0, at)
-        frame = _frame_at(container, stream, src, when)
+        if _seekable(container):
+            frame = _frame_at(container, stream, src, when)
+        else:
+            frame = _frames_in_one_pass(container, stream, src, [when], 0, None)[0]
         rotation = frame_rotation(frame, stream)
         if width is not None:
             shown_w, shown_h = (
@@ -188,11 +203,12 @@ def thumbnail_grid(
     ``cols * tile_width`` by ``rows * tile_height``. Frame ``i`` is taken at
     ``(i + 0.5) / (cols * rows)`` of the video's length (as :func:`thumbnail`'s middle
     reads it from the header): the frame on screen then (as
-    :func:`thumbnail` picks it). Tiles are upright (a clip with a display rotation is turned as
-    players turn it). A video larger than ``max_pixels`` (default
-    :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with
-    a :class:`MediaError` before any frame is decoded, as is (:class:`ValueError`) a sheet
-    that would be larger. Atomic write."""
+    :func:`thumbnail` picks it), seeking to each in a long clip, decoding the clip once in a
+    short one or a raw stream (``.h264``, which cannot be sought). Tiles are upright (a clip
+    with a display rotation is turned as players turn it). A video larger than
+    ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no
+    limit) is refused with a :class:`MediaError` before any frame is decoded, as is
+    (:class:`ValueError`) a sheet that would be larger. Atomic write."""
     if cols < 1 or rows < 1:
         raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
     src, dst = Path(src), Path(dst)
@@ -202,7 +218,7 @@ def thumbnail_grid(
         duration = video_duration(stream, container) or 0.0
         total = estimate_frames(stream, container)
         times = [duration * (i + 0.5) / count for i in range(count)]
-        if 0 < total <= SEQUENTIAL_FRAMES_PER_TILE * count:
+        if 0 < total <= SEQUENTIAL_FRAMES_PER_TILE * count or not _seekable(container):
             frames = _frames_in_one_pass(container, stream, src, times, total, progress)
         else:  # a long clip: seek to each time rather than decode all of it
             report = Progress(progress, count)
