@@ -81,7 +81,18 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """A cheap content fingerprint: BLAKE2b of the size, the first and the last 64 KiB.
 
     Reads at most 128 KiB, so it suits listing a whole SD card; two files with equal
-    fingerprints are very likely, not certainly, equal (see :func:`content_hash`)."""
+    fingerprints are very likely, not certainly, equal (see :func:`content_hash`).
+
+    What it does not see: bytes changed between the first and the last 64 KiB of a file
+    whose size stays the same (a file patched in place). A ledger keyed by the fingerprint
+    (the SD-card import's identity is the size and the fingerprint) takes such a file for the
+    one it already imported, and skips it. That is the trade-off for camera files, where it
+    does not arise: a camera writes each recording whole (as a new file, or over the whole of
+    a reused, preallocated one in loop recording), never patching an old recording's middle,
+    and two recordings differ in their first 64 KiB (the container's header and the first
+    frames) and their last (the index, with its times and sample sizes, or the last frames).
+    Where files may be edited in place, key the ledger by :func:`content_hash`, which reads
+    all of the file."""
     p = Path(path)
     size = p.stat().st_size
     digest = hashlib.blake2b(str(size).encode(), digest_size=16)
