@@ -279,7 +279,7 @@ def test_adding_a_pipeline_while_running_starts_it_at_once(tmp_path: Path) -> No
             await app.stop()
 
     assert asyncio.run(main()) < 10  # the measured latency is in the benchmarks
-    with pytest.raises(ValueError, match="already has"):
+    with pytest.raises(StreamError, match="already has"):
         app.add_pipeline(StreamPipeline("a", PatternSource("a")))
 
 
@@ -825,3 +825,24 @@ def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_m
     assert "stage 'model' crashed: 3 frames failed in a row" in error["error"]
     assert "model state corrupted" in error["error"] and "(after 2 recoveries)" in error["error"]
     assert noisy.loads == 1 and pipelines["noisy"].stats[0].errors > 10
+
+
+def test_adding_a_pipeline_twice_or_synchronously_to_a_running_app_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The error tree's StreamError, naming the app, the pipeline or the state."""
+    app = App("adds", settings=Settings(home=tmp_path))
+    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
+    with pytest.raises(StreamError, match="app 'adds' already has a pipeline 'cam'"):
+        app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
+
+    async def main() -> None:
+        async with app:
+            with pytest.raises(StreamError, match=r"app 'adds' is (starting|running): add a"):
+                app.add_pipeline(StreamPipeline("cam2", PatternSource("cam2", fps=20)))
+            with pytest.raises(StreamError, match="already has a pipeline 'cam'"):
+                await app.add(StreamPipeline("cam", PatternSource("cam", fps=20)))
+            with pytest.raises(StreamError, match="pipeline 'cam' is already running"):
+                await app.pipelines["cam"].start()
+
+    asyncio.run(main())

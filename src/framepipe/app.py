@@ -176,7 +176,7 @@ class App:
         """Add a pipeline; if the app runs, it starts now (its first frame follows within the
         source's open time)."""
         if pipeline.name in self.pipelines:
-            raise ValueError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
+            raise StreamError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
         self.pipelines[pipeline.name] = pipeline
         pipeline.on_event(self.emit)
         if self.state in _RUNNING:
@@ -184,11 +184,15 @@ class App:
         return pipeline
 
     def add_pipeline(self, pipeline: StreamPipeline) -> StreamPipeline:
-        """Add a pipeline before :meth:`start` (sync form of :meth:`add`)."""
+        """Add a pipeline before :meth:`start` (sync form of :meth:`add`); a name the app
+        has, or an app not stopped, raises :class:`~framepipe.errors.StreamError`."""
         if self.state not in (SystemState.STOPPED,):
-            raise RuntimeError("the app is running: use 'await app.add(pipeline)'")
+            raise StreamError(
+                f"app {self.name!r} is {self.state.value}: add a pipeline to a running app "
+                "with 'await app.add(pipeline)'"
+            )
         if pipeline.name in self.pipelines:
-            raise ValueError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
+            raise StreamError(f"app {self.name!r} already has a pipeline {pipeline.name!r}")
         self.pipelines[pipeline.name] = pipeline
         pipeline.on_event(self.emit)
         return pipeline

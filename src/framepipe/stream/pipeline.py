@@ -55,7 +55,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from framepipe.backoff import Backoff
-from framepipe.errors import ProcessorError
+from framepipe.errors import ProcessorError, StreamError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
@@ -255,7 +255,7 @@ class StreamPipeline:
     async def start(self) -> None:
         """Set the processors up, start the hops and the supervised capture; returns at once."""
         if self.running:
-            raise RuntimeError(f"pipeline {self.name!r} is already running")
+            raise StreamError(f"pipeline {self.name!r} is already running")
         self._done = asyncio.Event()
         self._shutdown_task = None
         self._phase = HealthState.STARTING
