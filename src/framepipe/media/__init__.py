@@ -11,13 +11,13 @@ re-encodes it whole (``normalise``, ``watermark``, ``concat``). Sound is kept (r
 AAC) and rotated clips come out upright.
 
 Picture-size limit: every function that reads a video (``probe`` included) or images
-(``stitch``) takes ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS` = 8192 x 8192; 0: no
-limit; the functions read no setting, and the job steps pass in the setting
-``media_max_pixels``, i.e. ``FRAMEPIPE_MEDIA_MAX_PIXELS``) and refuses a larger picture with
-a :class:`MediaError` naming the file, its size and the limit, judged from the headers before
-any frame is decoded; a requested output larger than the limit is a :class:`ValueError`.
-Frames are decoded one at a time, so a large picture within the limit (a 4K clip normalised
-to 720p) costs a few frames' memory, not the clip's.
+(``stitch``, ``watermark``'s ``image``) takes ``max_pixels`` (default
+:data:`DEFAULT_MAX_PIXELS` = 8192 x 8192; 0: no limit; the functions read no setting, and
+the job steps pass in the setting ``media_max_pixels``, i.e. ``FRAMEPIPE_MEDIA_MAX_PIXELS``)
+and refuses a larger picture with a :class:`MediaError` naming the file, its size and the
+limit, judged from the headers before any frame is decoded; a requested output larger than
+the limit is a :class:`ValueError`. Frames are decoded one at a time, so a large picture
+within the limit (a 4K clip normalised to 720p) costs a few frames' memory, not the clip's.
 
 Variable frame rates: :class:`MediaInfo` gives the average ``fps`` and a
 ``variable_frame_rate`` hint; operations that write video at a constant rate (``normalise``,

@@ -22,7 +22,7 @@ from framepipe.media.rotation import frame_rotation, upright_image
 from framepipe.media.timing import estimate_frames, resample, stream_rate
 from framepipe.media.writer import H264Writer, even
 
-__all__ = ["IMAGE_SUFFIXES", "extract_frames", "stitch", "write_image"]
+__all__ = ["IMAGE_SUFFIXES", "extract_frames", "read_image", "stitch", "write_image"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -117,25 +117,29 @@ def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
     return paths
 
 
-def _read(path: Path, limit: int) -> np.ndarray:
-    """The image, refused before decoding when its header says it is larger than ``limit``
-    pixels (PNG, JPEG, BMP, WebP), else after (other formats)."""
+def read_image(
+    path: Path | str, limit: int, *, flags: int = cv2.IMREAD_COLOR, what: str = "the image"
+) -> np.ndarray:
+    """The image at ``path`` read by OpenCV with ``flags``: a :class:`MediaError` naming it
+    when it cannot be read, or when it is larger than ``limit`` pixels (0: no limit), judged
+    from its header before decoding (PNG, JPEG, BMP, WebP), else once decoded (other
+    formats). ``what`` names the image in the message."""
     size = image_size(path)
     if size is not None:
-        check_picture(path, *size, limit, what="the image")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        check_picture(path, *size, limit, what=what)
+    image = cv2.imread(str(path), flags)
     if image is None:
         raise MediaError(path, "cannot be read as an image")
     if size is None:
-        check_picture(path, image.shape[1], image.shape[0], limit, what="the image")
-    return image
+        check_picture(path, image.shape[1], image.shape[0], limit, what=what)
+    return np.asarray(image)
 
 
 def _read_frame(path: Path, width: int, height: int, limit: int) -> av.VideoFrame:
     """One image as a frame for the writer (run on a reader thread): converted to yuv420p by
     OpenCV (BT.601, limited range, as libswscale's default) when it has the video's size,
     else left BGR for the writer to scale."""
-    image = _read(path, limit)
+    image = read_image(path, limit)
     if image.shape[:2] == (height, width):
         yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
         return av.VideoFrame.from_ndarray(np.asarray(yuv, dtype=np.uint8), format="yuv420p")
@@ -167,7 +171,7 @@ def stitch(
     paths = _frame_list(frames)
     dst = Path(dst)
     limit = pixel_limit(max_pixels)
-    first = _read(paths[0], limit)
+    first = read_image(paths[0], limit)
     height, width = first.shape[:2]
     out_w, out_h = even(width), even(height)
     rate = Fraction(fps).limit_denominator(1001)

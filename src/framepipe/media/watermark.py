@@ -8,9 +8,9 @@ import av
 import cv2
 import numpy as np
 
-from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode_source, open_video
+from framepipe.media.frames import read_image
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
@@ -43,13 +43,11 @@ def render_text(
     return patch, mask.astype(np.float32) / 255.0
 
 
-def _load_image(image: Path | str | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _load_image(image: Path | str | np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(image, np.ndarray):
         data: np.ndarray = np.asarray(image, dtype=np.uint8)
     else:
-        loaded = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
-        if loaded is None:
-            raise MediaError(image, "cannot be read as an image")
+        loaded = read_image(image, limit, flags=cv2.IMREAD_UNCHANGED, what="the watermark image")
         data = np.asarray(loaded, dtype=np.uint8)
     if data.ndim == 2:
         data = cv2.cvtColor(data, cv2.COLOR_GRAY2BGR)
@@ -104,14 +102,17 @@ def watermark(
     :func:`~framepipe.media.normalise` does (``audio=False`` drops it). A video larger than
     ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192;
     0: no limit) is refused with a :class:`MediaError` naming it, its size and the limit, before any
-    frame is decoded. A truncated file (its header announces more than can be decoded) is a
+    frame is decoded; so is an ``image`` file larger than the limit (as :func:`~framepipe.media.
+    stitch` refuses its images: from a PNG, JPEG, BMP or WebP header, before it is decoded).
+    A truncated file (its header announces more than can be decoded) is a
     :class:`MediaError`, as for :func:`~framepipe.media.normalise`. Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0-1, not {opacity}")
     src, dst = Path(src), Path(dst)
-    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
+    limit = pixel_limit(max_pixels)
+    with open_video(src, max_pixels=limit) as (container, stream):
         source = decode_source(container, stream, src, audio=audio)
         rotation = frame_rotation(source.first, stream)
         fw, fh = (
@@ -124,7 +125,7 @@ def watermark(
             patch, alpha = render_text(text, font_scale=scale, thickness=max(1, round(2 * scale)))
         else:
             assert image is not None
-            patch, alpha = _load_image(image)
+            patch, alpha = _load_image(image, limit)
         ph, pw = patch.shape[:2]
         if pw > fw or ph > fh:  # shrink an overlay larger than the frame
             factor = min(fw / pw, fh / ph)
