@@ -1,21 +1,99 @@
-"""The media toolkit given hostile files: a watermark image is held to the picture-size limit
-before it is decoded. Real FFmpeg (PyAV) and OpenCV."""
+"""The media toolkit given hostile files: a playlist dressed as a video reads no other file (not
+one outside the roots a step was confined to), and a watermark image is held to the picture-size
+limit before it is decoded. Real FFmpeg (PyAV) and OpenCV, and the real job engine."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 
+from framepipe import ExecutionStatus, JobEngine, Pipeline, Settings, open_object_store
 from framepipe.errors import MediaError
-from framepipe.media import probe, watermark
+from framepipe.media import extract_frames, normalise, probe, thumbnail, watermark
+from framepipe.media.steps import media_step
 from media import make_clip
 
 FAST = "ultrafast"
+
+
+def hls_playlist(path: Path, segment: Path) -> Path:
+    """An HLS playlist (what FFmpeg's ``hls`` demuxer reads) whose one segment is ``segment``."""
+    path.write_text(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:0\n"
+        f"#EXTINF:2.0,\n{segment}\n#EXT-X-ENDLIST\n"
+    )
+    return path
+
+
+@pytest.fixture
+def private_clip(tmp_path: Path) -> Path:
+    """A clip in a folder no execution is allowed to read (MPEG-TS: an HLS segment's format)."""
+    folder = tmp_path / "private"
+    folder.mkdir()
+    return make_clip(folder / "secret.ts", frames=50, size=(96, 64))
+
+
+@pytest.mark.parametrize("name", ["evil.m3u8", "evil.m3u"])
+def test_a_playlist_is_refused_naming_it_and_reads_no_other_file(
+    tmp_path: Path, private_clip: Path, name: str
+) -> None:
+    """FFmpeg's hls demuxer read the clip the playlist named, anywhere on the disk: probe
+    said 96x64 and normalise wrote the private clip into its output."""
+    playlist = hls_playlist(tmp_path / name, private_clip)
+    dst = tmp_path / "out" / "out.mp4"
+    runs: dict[str, Callable[[], object]] = {
+        "probe": lambda: probe(playlist),
+        "normalise": lambda: normalise(playlist, dst, preset=FAST),
+        "extract_frames": lambda: extract_frames(playlist, tmp_path / "frames"),
+        "thumbnail": lambda: thumbnail(playlist, tmp_path / "t.jpg"),
+    }
+    for operation, call in runs.items():
+        with pytest.raises(MediaError, match="is an HLS playlist, which names other files") as e:
+            call()
+        assert e.value.path == playlist, operation
+    assert not dst.exists()
+    assert not (tmp_path / "frames").exists() or list((tmp_path / "frames").iterdir()) == []
+
+
+def test_an_ffconcat_list_is_refused_naming_it(tmp_path: Path) -> None:
+    make_clip(tmp_path / "part.mp4", frames=10, size=(64, 48))
+    listing = tmp_path / "list.mp4"
+    listing.write_text("ffconcat version 1.0\nfile part.mp4\n")
+    with pytest.raises(MediaError, match="is an ffconcat list, which names other files"):
+        probe(listing)
+
+
+def test_a_step_confined_to_its_roots_cannot_read_a_file_outside_them_through_a_playlist(
+    settings: Settings, tmp_path: Path, private_clip: Path
+) -> None:
+    """A client, confined to ``uploads`` (as over HTTP), uploads an object ``up/evil.m3u8``
+    naming a video outside the roots and has it normalised: the step published the private
+    video for the client to fetch."""
+    objects = open_object_store(settings.resolved_objects_url)
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    objects.put_file("up/evil.m3u8", hls_playlist(tmp_path / "evil.m3u8", private_clip))
+    p = Pipeline("playlist")
+    media_step(p, "normalise", source="video", preset=FAST)
+
+    async def main() -> Any:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(p, {"video": "up/evil.m3u8"}, input_roots=[uploads])
+            return await engine.wait(execution_id, raise_on_failure=False)
+
+    info = asyncio.run(asyncio.wait_for(main(), 120))
+    assert info.status is ExecutionStatus.FAILED
+    message = info.errors["normalise"].splitlines()[0]
+    assert message.startswith("MediaError: up/evil.m3u8: is an HLS playlist"), message
+    assert list(objects.list("media/")) == []
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

@@ -8,7 +8,8 @@ partial file at ``dst``; a killed run's temp file is reused or removed by the ne
 ``dst``. Unreadable or non-video inputs raise :class:`MediaError` naming the file, and so does
 a truncated one (its header announces more than can be decoded) given to an operation that
 re-encodes it whole (``normalise``, ``watermark``, ``concat``). Sound is kept (re-encoded to
-AAC) and rotated clips come out upright.
+AAC) and rotated clips come out upright. Only the file named is read: a playlist (HLS,
+ffconcat) or stream description naming other files or addresses is a :class:`MediaError`.
 
 Picture-size limit: every function that reads a video (``probe`` included) or images
 (``stitch``, ``watermark``'s ``image``) takes ``max_pixels`` (default

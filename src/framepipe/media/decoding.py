@@ -1,9 +1,16 @@
 """Reading a video: opening it within the picture-size limit, and decoding its frames (with its
-sound, in the same pass, when an output keeps it)."""
+sound, in the same pass, when an output keeps it).
+
+Only the file itself is read: formats whose file names other files or network addresses to
+read (an HLS playlist, an ffconcat list, an SDP or RTSP description: :data:`REFUSED_FORMATS`)
+are refused before FFmpeg reads any of them, so a playlist given as a video (a client's object
+``x.m3u8`` naming ``/srv/private/clip.mp4``) cannot make a step read, and publish, a file
+outside the roots it was confined to."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from framepipe.video_length import COMPLETE_SHARE, DecodedLength
 
 __all__ = [
     "COMPLETE_SHARE",
+    "REFUSED_FORMATS",
     "Decoding",
     "decode",
     "decode_source",
@@ -32,6 +40,37 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+REFUSED_FORMATS = frozenset({"concat", "dash", "hls", "imf", "rtp", "rtsp", "sap", "sdp"})
+"""FFmpeg's demuxers that read other files or network addresses named inside the file."""
+
+_NAMED_BY_THEIR_HEAD = ((b"#EXTM3U", "an HLS playlist"), (b"ffconcat version", "an ffconcat list"))
+
+
+@functools.cache
+def _allowed_formats() -> str:
+    """FFmpeg's ``format_whitelist``: every demuxer of this build but :data:`REFUSED_FORMATS`."""
+    names: set[str] = set()
+    for name in av.formats_available:
+        try:
+            fmt = av.ContainerFormat(name, "r")
+        except ValueError:
+            continue  # a muxer only
+        if not set(fmt.name.split(",")) & REFUSED_FORMATS:
+            names.add(fmt.name)
+    return ",".join(sorted(names))
+
+
+def _open_failure(path: Path, exc: Exception) -> MediaError:
+    """Why ``path`` cannot be opened: a playlist is named as one (see the module)."""
+    with contextlib.suppress(OSError), open(path, "rb") as file:
+        head = file.read(32).lstrip(b"\xef\xbb\xbf")
+        for marker, what in _NAMED_BY_THEIR_HEAD:
+            if head.startswith(marker):
+                return MediaError(
+                    path, f"is {what}, which names other files: not read (only a video file is)"
+                )
+    return MediaError(path, f"cannot be opened as a video file ({exc})")
 
 
 @contextlib.contextmanager
@@ -46,7 +85,11 @@ def open_video(
     gets :data:`BACKSTOP` times the limit as its own ``max_pixels`` (its stream probing and the
     decoder then allocate no larger frame), a backstop for sizes the headers do not tell (a
     size change mid-stream); the margin is there because FFmpeg counts padded, aligned sizes
-    (1920x1080 H.264 is coded as 1920x1088)."""
+    (1920x1080 H.264 is coded as 1920x1088).
+
+    A format that reads other files or addresses named inside the file (an HLS playlist ...:
+    :data:`REFUSED_FORMATS`) raises :class:`MediaError` naming the path, before any of them
+    is opened (FFmpeg's ``format_whitelist``)."""
     path = Path(src)
     if not path.exists():
         raise MediaError(path, "no such file")
@@ -54,9 +97,14 @@ def open_video(
         raise MediaError(path, "not a file")
     options = {"max_pixels": str(BACKSTOP * max_pixels)} if max_pixels else {}
     try:
-        container = av.open(str(path), "r", options=options)
+        container = av.open(
+            str(path),
+            "r",
+            options=options,
+            container_options={"format_whitelist": _allowed_formats()},
+        )
     except (av.FFmpegError, UnicodeDecodeError) as exc:
-        raise MediaError(path, f"cannot be opened as a video file ({exc})") from exc
+        raise _open_failure(path, exc) from exc
     try:
         if not container.streams.video:
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
