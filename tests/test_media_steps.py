@@ -4,6 +4,7 @@ real clips, with the object store, progress, temp folders and failures checked."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from framepipe import (
     open_object_store,
 )
 from framepipe.backends.objects import ObjectStore
-from framepipe.errors import PathNotAllowedError, StepParamsError
+from framepipe.errors import PathNotAllowedError, StepCancelledError, StepParamsError
 from framepipe.jobs.context import Progressed, StepMessage
 from framepipe.jobs.inputs import LocalPathOrKey
 from framepipe.media import probe
@@ -554,3 +555,56 @@ def test_the_pixel_limit_is_a_step_option_too(
     allowed = run(settings, p, {"clip": str(clip)})  # no input: the setting (8192x8192)
     assert allowed.data["probe"]["info"]["width"] == 320
     assert allowed.data["probe"]["info"]["variable_frame_rate"] is False
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("operation", ["normalise", "extract_frames", "watermark"])
+def test_a_cancel_stops_the_step_at_the_next_frame_of_a_clip_of_unknown_length(
+    settings: Settings,
+    tmp_path: Path,
+    objects: ObjectStore,
+    scratch: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    operation: str,
+) -> None:
+    """A step is stopped by a cancel when it reports progress, and the toolkit reports once per
+    whole percent of the length the header announces: a raw .h264 stream announces none, so
+    a cancelled step decoded the whole clip and wrote its whole output before it noticed (at
+    its report of 100 %). The cancel here comes as the download is reported (10 %), before
+    the first frame is decoded: the step's work folder holds the download and nothing else
+    when it is removed."""
+    clip = make_clip(tmp_path / "clip.h264", frames=50, size=(96, 64))
+    objects.put_file("in/clip.h264", clip)
+    p = Pipeline("cancelled")
+    options: dict[str, Any] = {"extract_frames": {}, "normalise": {"preset": FAST}}.get(
+        operation, {"preset": FAST, "text": "x"}
+    )
+    media_step(p, operation, name="work", source="clip", **options)  # type: ignore[arg-type]
+    posted: list[StepMessage] = []
+    ctx = ctx_for(p, "work", settings, objects, {"clip": "in/clip.h264"}, posted)
+
+    def post(message: StepMessage) -> None:
+        posted.append(message)
+        if isinstance(message, Progressed):
+            ctx._cancel.set()  # as the scheduler does when the execution is cancelled
+
+    ctx._post = post
+    left: list[str] = []  # the files of the step's work folder when it was removed
+    remove = shutil.rmtree
+
+    def removing(path: Any, *args: Any, **kwargs: Any) -> None:
+        folder = Path(path)
+        if folder.is_relative_to(scratch):
+            left.extend(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+        remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", removing)
+    try:
+        with pytest.raises(StepCancelledError):
+            p.steps["work"].fn(ctx)
+    finally:
+        ctx._cleanup()
+    assert sorted(left) == ["in0/clip.h264"]  # no output, not even one image
+    assert [m.pct for m in posted if isinstance(m, Progressed)] == [10.0]  # the download
+    assert list(objects.list("media/")) == []
+    assert list(scratch.iterdir()) == []

@@ -25,6 +25,7 @@ import av.video.stream
 from framepipe.errors import MediaError
 from framepipe.media.audio import AudioQueue, audio_format
 from framepipe.media.limits import BACKSTOP, check_picture
+from framepipe.media.progress import check_stop
 from framepipe.media.timing import stream_start
 from framepipe.video_length import COMPLETE_SHARE, DecodedLength
 
@@ -122,9 +123,13 @@ def open_video(
 def decode(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, path: Path
 ) -> Iterator[av.VideoFrame]:
-    """The stream's frames; a decode error becomes :class:`MediaError` naming ``path``."""
+    """The stream's frames; a decode error becomes :class:`MediaError` naming ``path``. Each
+    frame is preceded by :func:`~framepipe.media.progress.check_stop`."""
     try:
-        yield from container.decode(stream)
+        check_stop()
+        for frame in container.decode(stream):
+            yield frame
+            check_stop()
     except av.FFmpegError as exc:
         raise MediaError(path, f"decoding failed ({exc})") from exc
 
@@ -139,12 +144,14 @@ def decode_with_audio(
     """The video stream's frames, in one pass over the file that also decodes ``audio`` (when
     given) and hands its frames to ``on_audio`` as they come. A video or container error
     becomes :class:`MediaError` naming ``path``; an audio packet that cannot be decoded is
-    skipped (the sound has a gap there), as players do, rather than failing the video."""
+    skipped (the sound has a gap there), as players do, rather than failing the video. Each
+    packet is preceded by :func:`~framepipe.media.progress.check_stop`."""
     if audio is None:
         yield from decode(container, stream, path)
         return
     try:
         for packet in container.demux(stream, audio):
+            check_stop()
             if packet.stream.index == stream.index:
                 for frame in packet.decode():
                     assert isinstance(frame, av.VideoFrame)

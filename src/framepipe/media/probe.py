@@ -17,6 +17,7 @@ import av.video.stream
 from framepipe.errors import MediaError
 from framepipe.media.decoding import open_video
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.progress import check_stop
 from framepipe.media.rotation import frame_rotation
 from framepipe.video_length import (
     announced_duration,
@@ -200,6 +201,7 @@ def _scan(
     sampled = False
     try:
         for packet in container.demux(stream, *others):
+            check_stop()
             ends.add(packet)
             if sampled or packet.stream_index != stream.index:
                 continue
@@ -274,6 +276,7 @@ def _measure_from_the_end(container: av.container.InputContainer, ends: _Ends) -
         try:
             container.seek(seek_to)
             for packet in container.demux(*missing):
+                check_stop()
                 ends.add(packet)
         except av.FFmpegError:
             continue

@@ -9,7 +9,9 @@ written in the pipeline's code (an :class:`ObjectKey` is an object key only, loo
 else), and fetched into the step's own folder; progress is 0-10 % of the call's part of the
 step (its ``span``, all of it by default) fetching, 10-90 % the operation, 90-100 % uploading,
 and never goes back within the step, however many calls it makes (one high-water mark per
-step); nothing is uploaded before the operation succeeded; a
+step); a cancelled step stops at the next frame, packet or image its operation handles
+(:func:`~framepipe.media.progress.stop_when`), not at its next whole percent, and uploads
+nothing more; nothing is uploaded before the operation succeeded; a
 :class:`~framepipe.errors.MediaError` names the user's file, never the step's copy of it.
 """
 
@@ -33,6 +35,7 @@ from framepipe.media.atomic import scratch_outputs
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames
 from framepipe.media.limits import DEFAULT_MAX_PIXELS
 from framepipe.media.probe import MediaInfo, probe
+from framepipe.media.progress import stop_when
 from framepipe.media.qr import decode_qr
 
 __all__ = ["MAX_LISTED_KEYS", "FromInput", "ObjectKey", "OpSpec", "Source", "StepRun"]
@@ -311,7 +314,8 @@ class StepRun:
         named = [ref.key if isinstance(ref, ObjectKey) else ref for ref in refs]
         shown = named[0] if len(named) == 1 else named
         try:
-            with scratch_outputs():  # the work folder is uploaded, then deleted
+            # the work folder is uploaded, then deleted; a cancel stops the work between frames
+            with scratch_outputs(), stop_when(self.ctx.check_cancelled):
                 result = self._run(refs, options)
         except MediaError as exc:
             raise self.renamed(exc) from exc

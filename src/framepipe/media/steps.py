@@ -56,6 +56,10 @@ What every step guarantees:
   that calls :func:`run_media` more than once gives each call its part of the step (``span``)
   and the same percentages apply within it; the step's progress never goes back, whatever
   the calls' spans;
+- a cancelled execution (or an engine shutting down) stops the step at the next frame, packet
+  or image its operation handles, with :class:`~framepipe.errors.StepCancelledError`, writing
+  and uploading nothing more (a step is not otherwise stopped between two progress reports,
+  and a clip whose length its header does not tell, as a raw ``.h264`` stream, gives none);
 - a media failure is a :class:`~framepipe.errors.MediaError` naming the user's file (the
   object key or local path the source named, never the temporary copy); that includes a
   video larger than the picture-size limit (the ``max_pixels`` option, else the setting
