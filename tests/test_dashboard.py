@@ -435,3 +435,53 @@ def test_a_page_of_another_origin_is_refused_in_chromium(
         assert not [e for e in events if "cancel" in e["type"]]
         assert client.get(f"/api/executions/{running}").json()["status"] == "running"
         client.post(f"/api/executions/{running}/cancel", json={})
+
+
+_FRAME = """
+async (urls) => Promise.all(urls.map((url) => new Promise((resolve) => {
+  const frame = document.createElement("iframe");
+  frame.onload = () => resolve(url);
+  frame.src = url;
+  document.body.append(frame);
+})))
+"""
+
+
+def test_a_page_of_another_origin_cannot_frame_the_dashboard(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A page of another origin frames the dashboard of a service without a token, to have its
+    Cancel and Retry buttons clicked through a decoy (clickjacking): Chromium shows no
+    dashboard in the frame, at the page's address or at its file under /static/."""
+    import http.server
+    import socketserver
+
+    sync_playwright = _playwright()
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")
+    )
+    with (
+        Service(settings, token="") as service,
+        socketserver.TCPServer(("127.0.0.1", 0), handler) as evil,
+    ):
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        targets = [f"{service.url}/", f"{service.url}/static/index.html"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                page.evaluate(_FRAME, targets)
+                framed = [f for f in page.frames if f is not page.main_frame]
+                assert len(framed) == len(targets)
+                shown = [f.url for f in framed if f.query_selector("#board") is not None]
+                assert shown == []
+                # The same browser opens the dashboard itself.
+                own = browser.new_page()
+                own.goto(targets[1])
+                own.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
+            finally:
+                browser.close()
+            evil.shutdown()

@@ -28,6 +28,8 @@ try:
     from fastapi import FastAPI
     from fastapi.responses import FileResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.responses import Response
+    from starlette.types import Scope
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the dashboard") from exc
 
@@ -49,10 +51,23 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+"""The headers of the page and of every file under ``/static/`` (``/static/index.html`` is the
+page too: without them any site could frame it, and its script would run without the policy)."""
+
+
+class _DashboardFiles(StaticFiles):
+    """The dashboard's files, each sent with :data:`_PAGE_HEADERS`."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(_PAGE_HEADERS)
+        return response
 
 
 def mount_dashboard(app: FastAPI) -> None:
-    """Serve the dashboard page at ``GET /`` and its files at ``/static/...`` on ``app``.
+    """Serve the dashboard page at ``GET /`` and its files at ``/static/...`` on ``app``, all
+    with the same headers (:data:`_PAGE_HEADERS`: the content security policy, which also
+    forbids framing them, ``nosniff``, no referrer).
 
     Neither needs the token: the page is the same for everyone and asks for the token before
     it reads anything from the API."""
@@ -65,4 +80,4 @@ def mount_dashboard(app: FastAPI) -> None:
         """The dashboard page."""
         return FileResponse(page, media_type="text/html", headers=_PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _DashboardFiles(directory=STATIC_DIR), name="static")
