@@ -548,6 +548,37 @@ def test_a_stop_while_a_pipeline_is_added_stops_it_before_it_returns(tmp_path: P
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("how", ["remove", "pause"])
+def test_a_pipeline_removed_or_paused_while_it_starts_is_stopped_and_not_watched(
+    tmp_path: Path, how: str
+) -> None:
+    """remove() or pause() of a pipeline whose start is under way (add() waiting on its
+    model's setup) lets that start end, then stops it: it does not run on afterwards, no
+    watcher is left for it, and the app's other pipeline keeps running."""
+    gate = Gate()
+    app = App("race", settings=Settings(home=tmp_path), health_interval=0.05)
+    app.add_pipeline(StreamPipeline("free", PatternSource("free", fps=20)))
+    gated = StreamPipeline("gated", PatternSource("gated", fps=20), stages=[Stage(gate)])
+
+    async def main() -> None:
+        async with app:
+            adding = asyncio.create_task(app.add(gated))
+            await wait_until_async("the added pipeline's setup", gate.reached.is_set)
+            ending = asyncio.create_task(getattr(app, how)("gated"))
+            await asyncio.sleep(0.05)  # remove()/pause() begins while the start waits
+            assert not ending.done()  # it waits for the start under way
+            gate.opened.set()
+            await ending
+            await adding
+            await asyncio.sleep(0.2)
+            assert not gated.running
+            assert "gated" not in app._watchers
+            assert app.pipelines["free"].running
+            assert ("gated" in app.pipelines) is (how == "pause")
+
+    asyncio.run(main())
+
+
 def test_a_start_while_the_app_stops_starts_it_once_stopped(tmp_path: Path) -> None:
     gate = Gate(at="teardown")
     app = gated_app(tmp_path, gate)

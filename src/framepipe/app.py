@@ -127,9 +127,10 @@ class App:
         self._monitor: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
-        self._in_flight: set[asyncio.Task[Any]] = set()
-        """Pipeline starts under way (start(), add(), resume(), a recovery): stop() waits for
-        them."""
+        self._in_flight: dict[asyncio.Task[Any], str] = {}
+        """Pipeline starts under way (start(), add(), resume(), a recovery), with the name of
+        the pipeline each starts: stop() waits for them all, remove() and pause() for those of
+        their pipeline."""
         self._turns: tuple[asyncio.Lock, asyncio.AbstractEventLoop] | None = None
         self.registry = metrics_registry(lambda: list(self.pipelines.values()))
         self.mqtt: Any = None
@@ -201,7 +202,9 @@ class App:
         """Stop and remove one pipeline, then emit ``pipeline.removed`` (its last event: the
         MQTT sink clears its retained topics); the others keep running. Everything the app
         kept about it (paused, its recoveries, its performance warning, its last preview
-        frame) is forgotten: a pipeline added later under the same name starts afresh."""
+        frame) is forgotten: a pipeline added later under the same name starts afresh. A start
+        of it under way (:meth:`add`, :meth:`resume`, a recovery) ends first; then it stops,
+        and nothing watches or recovers it."""
         pipeline = self.pipelines.pop(name)
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
@@ -210,17 +213,20 @@ class App:
         self.restart_attempts.pop(name, None)
         self._warned.discard(name)
         self._previewed.pop(name, None)
+        await self._starts_of(name)  # a start under way ends first, then the stop
         await pipeline.stop()
         self.emit("pipeline.removed", {"pipeline": name})
 
     async def pause(self, name: str) -> None:
         """Stop one pipeline and keep it (state ``stopped``, not recovered) until
-        :meth:`resume`; the others keep running."""
+        :meth:`resume`; the others keep running. A start of it under way ends first, then it
+        stops."""
         pipeline = self.pipelines[name]
         self.paused.add(name)
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
             watcher.cancel()
+        await self._starts_of(name)  # a start under way ends first, then the stop
         await pipeline.stop()
         self.emit("pipeline.paused", {"pipeline": name})
 
@@ -267,11 +273,12 @@ class App:
         """Start a pipeline and watch it; one that fails to start (a model that does not load)
         is failed and goes through recovery like one that failed later. The start goes on to
         its end if the caller is cancelled (:meth:`stop` waits for it, then stops it)."""
-        await asyncio.shield(self._launch(self._start_and_watch(pipeline)))
+        await asyncio.shield(self._launch(self._start_and_watch(pipeline), pipeline.name))
 
     async def _start_and_watch(self, pipeline: StreamPipeline) -> None:
         await self._start_pipeline(pipeline, "pipeline %r failed to start")
-        if not self._stopping:  # else the stop() under way stops it
+        # else the stop(), remove() or pause() under way stops it
+        if not self._stopping and self._kept(pipeline):
             self._watchers[pipeline.name] = asyncio.create_task(
                 self._watch(pipeline), name=f"watch-{pipeline.name}"
             )
@@ -285,13 +292,23 @@ class App:
             return False
         return True
 
-    def _launch(self, start: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run a pipeline's start as a task of its own, which :meth:`stop` waits for: a start
-        is never cut half-way (its stages set up, its capture not yet supervised)."""
+    def _kept(self, pipeline: StreamPipeline) -> bool:
+        """The pipeline is still this app's and not paused."""
+        return self.pipelines.get(pipeline.name) is pipeline and pipeline.name not in self.paused
+
+    def _launch(self, start: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run pipeline ``name``'s start as a task of its own, which :meth:`stop` (and
+        :meth:`remove` and :meth:`pause` of that pipeline) wait for: a start is never cut
+        half-way (its stages set up, its capture not yet supervised)."""
         task = asyncio.ensure_future(start)
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        self._in_flight[task] = name
+        task.add_done_callback(lambda done: self._in_flight.pop(done, None))
         return task
+
+    async def _starts_of(self, name: str) -> None:
+        """Return once no start of pipeline ``name`` is under way."""
+        while starts := {t for t, n in self._in_flight.items() if n == name}:
+            await asyncio.wait(starts)
 
     async def _watch(self, pipeline: StreamPipeline) -> None:
         """Wait for a pipeline's end; recover it if it failed."""
@@ -321,7 +338,7 @@ class App:
             if self._stopping:
                 return
             start = self._start_pipeline(pipeline, "recovery of %r failed to start")
-            if not await asyncio.shield(self._launch(start)):
+            if not await asyncio.shield(self._launch(start, pipeline.name)):
                 continue  # failed again: the loop counts it as the next failure
             self.emit(
                 "pipeline.recovered",
