@@ -452,17 +452,18 @@ def test_an_event_queued_outside_the_loop_is_published_at_close(broker: tuple[st
 def test_app_stop_closes_the_sink_even_when_its_snapshot_cannot_be_written(
     broker: tuple[str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A pipeline named like a folder (its preview), an app whose name is too long for a file
-    name (its snapshot): stop() returns, and the sink it attached publishes 'offline' and is
-    closed."""
+    """A pipeline named like a folder (its preview), an app whose snapshot cannot be written (a
+    folder holds its place): stop() returns, and the sink it attached publishes 'offline' and
+    is closed."""
     host, port = broker
     prefix = unique_prefix("stop")
     settings = Settings(home=tmp_path, mqtt_url=f"mqtt://{host}:{port}/{prefix}")
+    (settings.run_dir / "apps" / "site.json").mkdir(parents=True)
 
     async def main() -> tuple[Subscriber, App]:
         sub = Subscriber(host, port, f"{prefix}/available")
         async with sub.connected():
-            app = App("s" * 300, settings=settings, health_interval=0.1)
+            app = App("site", settings=settings, health_interval=0.1)
             pipeline = app.add_pipeline(StreamPipeline("gate/1", PatternSource("gate", fps=20)))
             await app.start()
             try:
