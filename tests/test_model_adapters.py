@@ -4,7 +4,10 @@ HTTP server on loopback, in-process models inside a live pipeline, and a real jo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -249,6 +252,32 @@ def test_cancelling_the_task_kills_the_whole_process_group(tmp_path: Path, clip:
 
     pids = run(main())
     assert wait_gone(pids) == []
+
+
+def test_a_model_that_exits_leaving_a_child_answers_at_once(tmp_path: Path, clip: Path) -> None:
+    """A script that exits 0 while a child it started still holds its stdout answers its
+    result when it exits, and the child (in its process group) is killed; the call waited
+    for the child to end (here: 120 s), so a timeout reported a model that had finished."""
+    model = SubprocessModel(MODELS / "helper_model.py", timeout=30)
+    result = run(model.infer(clip, output_dir=tmp_path))
+    assert result.frames_path == tmp_path
+    assert wait_gone([int((tmp_path / "helper.pid").read_text())]) == []
+
+
+@pytest.mark.slow
+def test_a_model_whose_detached_child_holds_its_output_still_answers(
+    tmp_path: Path, clip: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A child that left the process group (its own session) cannot be killed with it: the
+    call still answers the script's result, with a warning saying a process was left running."""
+    model = SubprocessModel(MODELS / "helper_model.py", timeout=30)
+    try:
+        result = run(model.infer(clip, output_dir=tmp_path, detach=True))
+        assert result.frames_path == tmp_path
+        assert "a process it started outside its process group" in caplog.text
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.kill(int((tmp_path / "helper.pid").read_text()), signal.SIGKILL)
 
 
 def test_subprocess_missing_interpreter_is_a_clear_error(tmp_path: Path, clip: Path) -> None:

@@ -2,7 +2,9 @@
 ``progress: N`` and ``frames_path: P`` lines on its stdout.
 
 Guarantees: the process runs in its own session, and its whole process group is killed
-(SIGKILL) on timeout, on cancellation and when it exits (children it left behind); a non-zero
+(SIGKILL) on timeout, on cancellation and when it exits (children it left behind); the call
+answers when the process exits, even while a process it started outside its group (which
+cannot be killed with it: it is logged as left running) still holds its output open; a non-zero
 exit is a retryable :class:`~framepipe.errors.ModelError` carrying the exit code and the last
 lines of stderr; no ``frames_path`` line is a :class:`~framepipe.errors.ModelOutputError`.
 """
@@ -46,6 +48,26 @@ DEFAULT_ARGV = (
     "--output-dir",
     "{output_dir}",
 )
+
+
+_DRAIN_GRACE = 5.0
+"""Seconds to read what is left in the pipes once the process exited and its group was
+killed."""
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """The stream protocol of :func:`asyncio.create_subprocess_exec`, plus ``exited``: a future
+    done when the process exits, even while processes it started hold its pipes open
+    (``Process.wait()`` waits for the pipes too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2**16, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 def _kill_group(pid: int) -> None:
@@ -156,8 +178,10 @@ class SubprocessModel(ModelAdapter):
             input_path, prompt=prompt, style=style, seed=seed, output_dir=output_dir, **options
         )
         env = None if self.env is None else {**os.environ, **self.env}
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(loop),
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -170,28 +194,41 @@ class SubprocessModel(ModelAdapter):
             raise ModelError(
                 f"{self.describe()}: cannot start {argv[0]!r}: {exc}", model=self.describe()
             ) from exc
-        assert proc.stdout is not None
-        assert proc.stderr is not None
+        assert protocol.stdout is not None
+        assert protocol.stderr is not None
+        pid = transport.get_pid()
         frames: list[str] = []
         other: list[str] = []
         tail: deque[str] = deque(maxlen=self.stderr_lines)
-        reader = asyncio.create_task(self._read_stdout(proc.stdout, progress, frames, other))
-        errors = asyncio.create_task(self._read_stderr(proc.stderr, tail))
-        waiter = asyncio.create_task(proc.wait())
+        reader = asyncio.create_task(self._read_stdout(protocol.stdout, progress, frames, other))
+        errors = asyncio.create_task(self._read_stderr(protocol.stderr, tail))
         try:
-            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {reader, protocol.exited}, return_when=asyncio.FIRST_COMPLETED
+            )
             if reader in done:
                 reader.result()  # a progress callback that raised (e.g. the step is cancelled)
-            code = await waiter
-            _kill_group(proc.pid)  # children it left behind, which may hold the pipes open
-            await asyncio.wait_for(asyncio.gather(reader, errors), 10)
+            await protocol.exited
+            _kill_group(pid)  # children it left behind, which may hold the pipes open
+            _, pending = await asyncio.wait({reader, errors}, timeout=_DRAIN_GRACE)
+            if pending:
+                log.warning(
+                    "%s exited but a process it started outside its process group still holds "
+                    "its output open; that process is left running",
+                    self.describe(),
+                )
+            elif reader.exception() is not None:
+                reader.result()
         finally:
-            if proc.returncode is None:
-                _kill_group(proc.pid)
-                await asyncio.wait({waiter}, timeout=10)
-            _kill_group(proc.pid)
-            for task in (reader, errors, waiter):
+            if not protocol.exited.done():
+                _kill_group(pid)
+                await asyncio.wait({protocol.exited}, timeout=10)
+            _kill_group(pid)
+            for task in (reader, errors):
                 task.cancel()
+            transport.close()
+        code = transport.get_returncode()
+        assert code is not None
         stderr_tail = "\n".join(tail)
         if code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
