@@ -883,6 +883,15 @@ def test_adapter_from_settings_each_type(tmp_path: Path) -> None:
         {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script)}
     )
     assert isinstance(default_python, SubprocessModel) and default_python.python == sys.executable
+    assert default_python.timeout == 3600.0  # a script that hangs does not hang its step forever
+    for variable, value, timeout in (
+        ("MODEL_SCRIPT_TIMEOUT", "0", None),
+        ("FRAMEPIPE_MODEL_SCRIPT_TIMEOUT", "2.5", 2.5),
+    ):
+        limited = adapter_from_settings(
+            {"MODEL_ADAPTER_TYPE": "python", "PYTHON_SCRIPT": str(script), variable: value}
+        )
+        assert isinstance(limited, SubprocessModel) and limited.timeout == timeout
 
     http = adapter_from_settings(
         {
@@ -911,11 +920,43 @@ def test_adapter_from_settings_each_type(tmp_path: Path) -> None:
         ),
         ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_TIMEOUT": "soon"}, "MODEL_API_TIMEOUT='soon'"),
         ({"MODEL_ADAPTER_TYPE": "http", "MODEL_API_URL": "localhost:5000"}, "MODEL_API_URL"),
+        (
+            {"MODEL_ADAPTER_TYPE": "python", "MODEL_SCRIPT_TIMEOUT": "-1"},
+            r"MODEL_SCRIPT_TIMEOUT='-1': expected a number of seconds >= 0 \(0: no limit\)",
+        ),
+        (
+            {"MODEL_ADAPTER_TYPE": "python", "MODEL_SCRIPT_TIMEOUT": "inf"},
+            "MODEL_SCRIPT_TIMEOUT='inf'",
+        ),
     ],
 )
 def test_adapter_from_settings_bad_values(env: dict[str, str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         adapter_from_settings(env)
+
+
+def test_a_hanging_model_script_from_settings_times_out_and_its_processes_are_killed(
+    tmp_path: Path, clip: Path
+) -> None:
+    model = adapter_from_settings(
+        {
+            "MODEL_ADAPTER_TYPE": "python",
+            "PYTHON_SCRIPT": str(MODELS / "hang_model.py"),
+            "MODEL_SCRIPT_TIMEOUT": "1.5",
+        }
+    )
+    with pytest.raises(ModelTimeoutError, match=r"hang_model.py\): no result within 1.5s"):
+        run(model.infer(clip, output_dir=tmp_path))
+    pids = [int(p) for p in (tmp_path / "pids.txt").read_text().split()]
+    assert len(pids) == 2 and wait_gone(pids) == []
+
+
+def test_a_command_templates_secrets_never_name_the_model() -> None:
+    model = SubprocessModel(
+        argv=["run-model", "--api", "http://ann:hunter2@h/x?api_key=SECRET1", "{input}"]
+    )
+    assert "hunter2" not in model.describe() and "SECRET1" not in model.describe()
+    assert "http://ann:***@h/x?api_key=***" in model.describe()
 
 
 def test_adapter_from_settings_runs_the_seed_script(tmp_path: Path, clip: Path) -> None:

@@ -7,7 +7,9 @@ keep the variable names the model adapters have always been configured by:
 - ``MODEL_ADAPTER_TYPE`` (``adapter_type``): ``mock`` (default), ``python`` (a model script)
   or ``http`` (a model server);
 - ``PYTHON_SCRIPT`` (``python_script``, required for python) and ``PYTHON_PATH``
-  (``python_path``, default: this interpreter);
+  (``python_path``, default: this interpreter); ``FRAMEPIPE_MODEL_SCRIPT_TIMEOUT`` or
+  ``MODEL_SCRIPT_TIMEOUT`` (``model_script_timeout``, seconds one run of the script may take,
+  default 3600; 0: no limit), past which its process group is killed;
 - ``MODEL_API_URL`` (``model_api_url``, default ``http://localhost:5000``) and
   ``MODEL_API_TIMEOUT`` (``model_api_timeout``, per call, in milliseconds, default 300000);
 - the retries of a failed call (a crash, an HTTP 5xx, a timeout) by the python and http
@@ -67,6 +69,7 @@ _VARIABLES: dict[str, tuple[str, ...]] = {
     "python_path": ("PYTHON_PATH",),
     "model_api_url": ("MODEL_API_URL",),
     "model_api_timeout": ("MODEL_API_TIMEOUT",),
+    "model_script_timeout": ("FRAMEPIPE_MODEL_SCRIPT_TIMEOUT", "MODEL_SCRIPT_TIMEOUT"),
     "model_api_retries": ("FRAMEPIPE_MODEL_API_RETRIES", "MODEL_API_RETRIES"),
     "model_api_retry_initial": ("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "MODEL_API_RETRY_INITIAL"),
     "model_api_retry_max": ("FRAMEPIPE_MODEL_API_RETRY_MAX", "MODEL_API_RETRY_MAX"),
@@ -96,6 +99,7 @@ DEFAULT_BUCKET = "mangamotion"
 
 _EXPECTED = {
     "model_api_timeout": "a positive number of milliseconds",
+    "model_script_timeout": "a number of seconds >= 0 (0: no limit)",
     "model_api_retries": "a whole number >= 0",
     "model_api_retry_initial": "a number of seconds >= 0",
     "model_api_retry_max": "a number of seconds >= 0",
@@ -155,6 +159,14 @@ class MlVideoSettings(BaseSettings):
         300_000.0,
         gt=0,
         description="Time a call to the model server may take, in milliseconds (http).",
+    )
+    model_script_timeout: float = Field(
+        3600.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Time one run of the model script may take, in seconds (python); past it "
+        "the script's process group is killed and the run fails as a timeout (retried like a "
+        "crash). 0: no limit.",
     )
     model_api_retries: int | None = Field(
         None, ge=0, description="Retries of a failed model call; default 3 for http, 0 for python."
@@ -290,10 +302,11 @@ class MlVideoSettings(BaseSettings):
 
     def adapter(self) -> ModelAdapter:
         """A new adapter of :attr:`adapter_type`: :class:`MockModel`, :class:`SubprocessModel`
-        (``python_script`` run by ``python_path``) or :class:`HttpModel` (``model_api_url``,
-        ``model_api_timeout``), with the retries set here (unset ones keep the adapter's
-        defaults). Raises :class:`ConfigError` naming the variable for a missing script, a
-        script that is not a file, or a URL that is not HTTP."""
+        (``python_script`` run by ``python_path``, within ``model_script_timeout``) or
+        :class:`HttpModel` (``model_api_url``, ``model_api_timeout``), with the retries set
+        here (unset ones keep the adapter's defaults). Raises :class:`ConfigError` naming the
+        variable for a missing script, a script that is not a file, or a URL that is not
+        HTTP."""
         if self.adapter_type == "mock":
             return MockModel()
         if self.adapter_type == "python":
@@ -304,7 +317,10 @@ class MlVideoSettings(BaseSettings):
             if not Path(self.python_script).is_file():
                 raise ConfigError(f"PYTHON_SCRIPT={self.python_script}: no such file")
             return SubprocessModel(
-                self.python_script, python=self.python_path or sys.executable, **self._retries()
+                self.python_script,
+                python=self.python_path or sys.executable,
+                timeout=self.model_script_timeout or None,
+                **self._retries(),
             )
         try:
             return HttpModel(

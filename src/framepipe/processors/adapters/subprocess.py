@@ -26,6 +26,7 @@ from typing import Any
 from framepipe.errors import ConfigError, ModelError, ModelOutputError
 from framepipe.pipes import lines
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
+from framepipe.urls import safe_text
 
 __all__ = ["DEFAULT_ARGV", "SubprocessModel"]
 
@@ -127,7 +128,9 @@ class SubprocessModel(ModelAdapter):
 
     @property
     def target(self) -> str:
-        return str(self.script) if self.script is not None else " ".join(self.argv)
+        """The script, or the command template with any secret in a URL of it masked (it names
+        the model in every error and log line)."""
+        return str(self.script) if self.script is not None else safe_text(" ".join(self.argv))
 
     def command(
         self,
@@ -197,7 +200,7 @@ class SubprocessModel(ModelAdapter):
         assert protocol.stdout is not None
         assert protocol.stderr is not None
         pid = transport.get_pid()
-        frames: list[str] = []
+        frames: deque[str] = deque(maxlen=1)  # the last frames_path line is the answer
         other: list[str] = []
         tail: deque[str] = deque(maxlen=self.stderr_lines)
         reader = asyncio.create_task(self._read_stdout(protocol.stdout, progress, frames, other))
@@ -257,7 +260,7 @@ class SubprocessModel(ModelAdapter):
         self,
         stream: asyncio.StreamReader,
         progress: Callable[[float], None],
-        frames: list[str],
+        frames: deque[str],
         other: list[str],
     ) -> None:
         async for line in lines(stream):
