@@ -345,6 +345,58 @@ def test_a_download_is_streamed_not_held_in_memory(settings: Settings) -> None:
         assert missing.json()["detail"] == "no object 'results/none.mp4'"
 
 
+def _stalled_subscriber(server: Server) -> socket.socket:
+    """A ``/ws`` subscriber that completes its handshake and then reads nothing (its receive
+    buffer small, so the service's sends back up soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber whose connection takes nothing more (a client that stopped reading) is cut
+    off, instead of being held with the events committed meanwhile for as long as its
+    connection lasts; a subscriber that reads gets every event all along."""
+    caplog.set_level("WARNING", logger="framepipe")
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+        _ws(server, "/ws", additional_headers=AUTH) as reader,
+        _stalled_subscriber(server) as stalled,
+    ):
+        assert json.loads(reader.recv(timeout=10))["type"] == "snapshot"
+        submitted = [
+            client.post(
+                "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "x" * 200_000}}
+            ).json()["id"]
+            for _ in range(150)
+        ]
+        wait_until(
+            "the stalled subscriber to be cut off",
+            lambda: any("it is cut off" in r.getMessage() for r in caplog.records),
+            60,
+        )
+        created: set[str] = set()
+        while created != set(submitted):
+            message = json.loads(reader.recv(timeout=30))
+            if message["type"] == "event" and message["event"]["type"] == "execution.created":
+                created.add(message["event"]["execution_id"])
+        # What the service had sent before it cut the stalled subscriber off, then the end.
+        stalled.settimeout(30)
+        while stalled.recv(1 << 20):
+            pass
+
+
 # -- 5. links in shared folders -----------------------------------------------------------------
 
 

@@ -4,19 +4,22 @@ Both take ``?execution_id=`` as an id or a unique prefix of one, in any case, as
 routes do (resolved to the full id before any event is read; none or several: a 404 over
 HTTP).
 
-Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008);
-a subscriber gets the current state first (``snapshot``), then every event committed after
-it, in order; one that falls too far behind is told so (``lagged``) and closed, to reconnect.
-A step's progress or completion, and an execution's completion, are also summed up as
-``pipeline:progress``, whose execution progress never decreases within one socket. When the
-snapshot cannot be made the subscriber gets an ``error`` message and a close frame: 1008 when
-the request is at fault (an ``execution_id`` that cannot be an id, checked as over HTTP by
-:mod:`framepipe.server.params`, or that names no execution), 1011 when the server is (the
-state database failed; logged), never a dropped connection.
+Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008); a
+subscriber gets the current state first (``snapshot``), then every event committed after it, in
+order; one that falls too far behind is told so (``lagged``) and closed, to reconnect; one
+whose connection takes no message for :data:`STALL_TIMEOUT` seconds (a client that stopped
+reading: the socket's buffers are full) is cut off and its subscription ended, so it holds none
+of the events committed meanwhile. A step's progress or completion, and an execution's
+completion, are also summed up as ``pipeline:progress``, whose execution progress never
+decreases within one socket. When the snapshot cannot be made the subscriber gets an ``error``
+message and a close frame: 1008 when the request is at fault (an ``execution_id`` that cannot
+be an id, checked as over HTTP by :mod:`framepipe.server.params`, or that names no execution),
+1011 when the server is (the state database failed; logged), never a dropped connection.
 """
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from framepipe.errors import (
@@ -38,7 +41,7 @@ try:
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
-__all__ = ["pipeline_progress", "router", "socket_router"]
+__all__ = ["STALL_TIMEOUT", "pipeline_progress", "router", "socket_router"]
 
 router = APIRouter(tags=["events"])
 """The stored events, included under ``/api``."""
@@ -47,6 +50,29 @@ socket_router = APIRouter()
 """``/ws``, at the root: it checks the token itself (a WebSocket has no headers to spare)."""
 
 _log = get_logger("server")
+
+STALL_TIMEOUT = 10.0
+"""Seconds a ``/ws`` subscriber's connection may take to accept one message before it is cut
+off. A client reading at all drains the few kilobytes above the socket's buffers in far less
+(a slow mobile link takes well under a second); only one that stopped reading waits longer."""
+
+
+class _Stalled(Exception):
+    """A subscriber's connection took no message within :data:`STALL_TIMEOUT`."""
+
+
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
+
+
+async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
+    """Send ``message``, or raise :class:`_Stalled` when the connection does not take it within
+    :data:`STALL_TIMEOUT` seconds."""
+    try:
+        await asyncio.wait_for(websocket.send_text(dumps(message)), STALL_TIMEOUT)
+    except TimeoutError:
+        raise _Stalled from None
 
 
 @router.get("/events")
@@ -127,6 +153,53 @@ async def _refuse(websocket: WebSocket, service: ServiceState, exc: FramepipeErr
         await websocket.close(code=code)
 
 
+async def _relay(
+    websocket: WebSocket, stream: AsyncIterator[Event | None], first: dict[str, Any]
+) -> None:
+    """Send ``first`` (the snapshot), then each event of ``stream`` and its progress summary;
+    raises :class:`_Stalled` when the connection stops taking them."""
+    await _send(websocket, first)
+    # Coalesced progress events of one commit may carry execution progress out of order; the
+    # highest seen so far is what a browser should show.
+    highest: dict[str | None, float] = {}
+    async for event in stream:
+        if event is None:
+            await _send(websocket, {"type": "lagged"})
+            return
+        await _send(websocket, {"type": "event", "event": event.to_dict()})
+        if event.type in ("step.progress", "step.completed", "execution.completed"):
+            message = pipeline_progress(event)
+            if message["progress"] is not None:
+                message["progress"] = highest[event.execution_id] = max(
+                    float(message["progress"]), highest.get(event.execution_id, 0.0)
+                )
+            await _send(websocket, message)
+
+
+async def _forward(
+    websocket: WebSocket, stream: AsyncIterator[Event | None], first: dict[str, Any]
+) -> None:
+    """:func:`_relay`, ending (logged) when the connection stalls."""
+    try:
+        await _relay(websocket, stream, first)
+    except _Stalled:
+        _log.warning(
+            "/ws: the subscriber at %s took no message for %gs (it stopped reading); it is cut off",
+            _peer(websocket),
+            STALL_TIMEOUT,
+        )
+
+
+async def _until_closed(websocket: WebSocket) -> None:
+    """Return when the client goes away (or the server shuts down): the client sends nothing,
+    so an idle subscription never holds the server up."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+
 @socket_router.websocket("/ws")
 async def live(
     websocket: WebSocket,
@@ -151,40 +224,13 @@ async def live(
     async with feed.subscribe(execution_id) as stream:
         after = feed.last_id
         try:
-            snapshot = await _snapshot(service, execution_id)
+            first = {"type": "snapshot", "after": after, **await _snapshot(service, execution_id)}
         except FramepipeError as exc:
             await _refuse(websocket, service, exc)
             return
-        await websocket.send_text(dumps({"type": "snapshot", "after": after, **snapshot}))
 
-        async def forward() -> None:
-            # Coalesced progress events of one commit may carry execution progress out of
-            # order; the highest seen so far is what a browser should show.
-            highest: dict[str | None, float] = {}
-            async for event in stream:
-                if event is None:
-                    await websocket.send_text(dumps({"type": "lagged"}))
-                    return
-                await websocket.send_text(dumps({"type": "event", "event": event.to_dict()}))
-                if event.type in ("step.progress", "step.completed", "execution.completed"):
-                    message = pipeline_progress(event)
-                    if message["progress"] is not None:
-                        message["progress"] = highest[event.execution_id] = max(
-                            float(message["progress"]), highest.get(event.execution_id, 0.0)
-                        )
-                    await websocket.send_text(dumps(message))
-
-        async def until_closed() -> None:
-            # The client sends nothing; this returns when it goes away (or the server
-            # shuts down), so an idle subscription never holds the server up.
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-                while True:
-                    message = await websocket.receive()
-                    if message["type"] == "websocket.disconnect":
-                        return
-
-        sender = asyncio.create_task(forward())
-        watcher = asyncio.create_task(until_closed())
+        sender = asyncio.create_task(_forward(websocket, stream, first))
+        watcher = asyncio.create_task(_until_closed(websocket))
         try:
             await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -193,5 +239,6 @@ async def live(
             for task in (sender, watcher):
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await task
-    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-        await websocket.close()
+    # The subscription has ended; a stalled connection may not take the close frame either.
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+        await asyncio.wait_for(websocket.close(), STALL_TIMEOUT)
