@@ -397,7 +397,7 @@ def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(
             pass
 
 
-# -- 5. links in shared folders -----------------------------------------------------------------
+# -- 5. links and strange files in shared folders ----------------------------------------------
 
 
 def test_a_preview_linked_out_of_the_previews_folder_is_not_served(
@@ -426,6 +426,46 @@ def test_a_preview_linked_out_of_the_previews_folder_is_not_served(
             assert "link" in refused.json()["detail"]
             assert str(tmp_path) not in refused.text
         assert client.get("/api/sources/cam/none/frame").status_code == 404
+
+
+def test_a_snapshot_of_another_shape_does_not_break_the_sources(settings: Settings) -> None:
+    """Health snapshots of another version or a neighbour's in the run folder: the sources
+    of the apps that wrote theirs as apps do are listed and sampled, the others left out."""
+    apps = settings.run_dir / "apps"
+    apps.mkdir(parents=True)
+    good = {
+        "name": "station",
+        "state": "stopped",
+        "updated_at": time.time(),
+        "pipeline_status": {"cam": {"state": "ok", "frames_captured": 12}},
+    }
+    (apps / "station.json").write_text(json.dumps(good))
+    odd = [
+        {"name": 5, "state": "stopped", "pipeline_status": {"cam": {}}},
+        {"name": "b", "state": "stopped", "pipeline_status": ["cam"]},
+        {"name": "c", "state": "stopped", "pipeline_status": {"cam": 3}},
+        {"name": "d", "pipeline_status": {"cam": {"source": "x", "capture_fps": "fast"}}},
+        {"name": "e", "pipeline_status": {"cam": {"source": {"frames": "many", "uptime": 2}}}},
+        {"name": "f", "updated_at": "soon", "pipeline_status": {"cam": {}}},
+        {"name": "g", "pipeline_status": {"cam": {"frames_captured": "many"}}},
+    ]
+    for i, snapshot in enumerate(odd):
+        (apps / f"odd{i}.json").write_text(json.dumps(snapshot))
+    with (
+        Server(settings, pipelines=(quick,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
+        listed = client.get("/api/sources")
+        assert listed.status_code == 200
+        rows = {(r["app"], r["pipeline"]): r for r in listed.json()}
+        assert rows[("station", "cam")]["state"] == "ok"
+        assert set(rows) <= {("station", "cam"), *((a, "cam") for a in "defg")}
+        assert rows[("e", "cam")]["fps"] is None
+        wait_until(
+            "a sample of the station's camera",
+            lambda: client.get("/api/sources/station/cam/history").json()["samples"],
+            30,
+        )
 
 
 # -- 6. tokens, paths, databases ----------------------------------------------------------------

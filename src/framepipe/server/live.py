@@ -15,7 +15,9 @@ Where it comes from:
 
 Guarantees: everything is bounded (per source: ``window / interval`` samples, ``keep``
 segments and markers; a read of the event log looks at most ``scan`` rows); a failing read
-(a snapshot being replaced, the database restarting) costs one sample, never the sampler.
+(a snapshot being replaced, the database restarting) costs one sample, never the sampler; a
+snapshot not of the shape apps write (another version's, a neighbour's) is not sampled, and
+costs the others nothing.
 """
 
 from __future__ import annotations
@@ -305,12 +307,21 @@ class LiveHistory:
     def _sample_snapshots(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
         for snap in snapshots:
             name = snap.get("name")
-            if not isinstance(name, str) or name in self.apps or snap.get("state") == "dead":
+            statuses = snap.get("pipeline_status")
+            if (
+                not isinstance(name, str)
+                or not isinstance(statuses, Mapping)
+                or name in self.apps
+                or snap.get("state") == "dead"
+            ):
                 continue
-            ts = float(snap.get("updated_at") or 0.0)
-            for pipeline, status in (snap.get("pipeline_status") or {}).items():
-                if isinstance(status, Mapping):
-                    self._add((name, str(pipeline)), ts, status)
+            try:
+                ts = float(snap.get("updated_at") or 0.0)
+                for pipeline, status in statuses.items():
+                    if isinstance(status, Mapping):
+                        self._add((name, str(pipeline)), ts, status)
+            except (TypeError, ValueError) as exc:  # another version's, or a neighbour's
+                _log.debug("the snapshot of app %r is not sampled: %s", name, exc)
 
     # -- reading ----------------------------------------------------------------------------------
 

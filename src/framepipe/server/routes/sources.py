@@ -11,6 +11,7 @@ process's app is a 409, an unknown one a 404).
 
 import asyncio
 import os
+import re
 from typing import Annotated, Any
 
 from framepipe.app import preview_path, read_snapshots
@@ -36,32 +37,54 @@ router = APIRouter(tags=["sources"])
 """Included under ``/api``."""
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _row(settings: Settings, app: str, dead: bool, name: str, status: Any) -> dict[str, Any] | None:
+    """One source of a snapshot as ``/api/sources`` lists it; None for a status that is not an
+    object."""
+    if not isinstance(status, dict):
+        return None
+    src = status.get("source")
+    src = src if isinstance(src, dict) else {}
+    uptime, frames = _number(src.get("uptime")), _number(src.get("frames"))
+    fps = _number(status.get("capture_fps"))
+    if "capture_fps" not in status and uptime and frames is not None:
+        fps = frames / uptime
+    served = re.match(_NAME, app) and re.match(_NAME, name)  # else the frame route refuses it
+    return {
+        "app": app,
+        "pipeline": name,
+        "source": status.get("source_description", ""),
+        "state": "dead" if dead else status.get("state"),
+        "fps": fps,
+        "frames": status.get("frames_captured", 0),
+        "restarts": src.get("restarts", 0),
+        "last_error": status.get("last_error"),
+        "frame_url": f"/api/sources/{app}/{name}/frame"
+        if served and preview_path(settings, app, name).is_file()
+        else None,
+    }
+
+
 @router.get("/sources")
 async def sources_list(service: Service) -> list[dict[str, Any]]:
-    """Sources of the live apps of this home (from their health snapshots)."""
+    """Sources of the live apps of this home (from their health snapshots; a snapshot, or a
+    source of one, that is not of the shape apps write is left out, so one file of another
+    version or a neighbour's cannot break the listing); ``frame_url`` is set when the source
+    has a preview the frame route serves."""
     settings = service.settings
     snapshots = await asyncio.to_thread(read_snapshots, settings)
     out = []
     for snap in snapshots:
-        for name, status in snap.get("pipeline_status", {}).items():
-            src = status.get("source") or {}
-            uptime = src.get("uptime") or 0.0
-            has_frame = preview_path(settings, snap["name"], name).is_file()
-            out.append(
-                {
-                    "app": snap["name"],
-                    "pipeline": name,
-                    "source": status.get("source_description", ""),
-                    "state": "dead" if snap["state"] == "dead" else status.get("state"),
-                    "fps": status.get("capture_fps")
-                    if "capture_fps" in status
-                    else ((src.get("frames", 0) / uptime) if uptime else None),
-                    "frames": status.get("frames_captured", 0),
-                    "restarts": src.get("restarts", 0),
-                    "last_error": status.get("last_error"),
-                    "frame_url": f"/api/sources/{snap['name']}/{name}/frame" if has_frame else None,
-                }
-            )
+        app, statuses = snap.get("name"), snap.get("pipeline_status")
+        if not isinstance(app, str) or not isinstance(statuses, dict):
+            continue
+        for name, status in statuses.items():
+            row = _row(settings, app, snap.get("state") == "dead", str(name), status)
+            if row is not None:
+                out.append(row)
     return out
 
 
