@@ -12,7 +12,7 @@ The settings are grouped by concern into sections, and :class:`Settings` is all 
   prefetch, republishing);
 - :class:`ServerSettings`: the HTTP service (token, hosts, origins, uploads, input roots,
   thumbnails);
-- :class:`MediaSettings`: the media job steps (picture size limit);
+- :class:`MediaSettings`: the media job steps (picture size and length limits);
 - :class:`LogSettings`: logging.
 
 Why sections combined by inheritance rather than nested models (``settings.jobs.concurrency``):
@@ -405,7 +405,8 @@ class ServerSettings(SettingsSection):
 
 class MediaSettings(SettingsSection):
     """The media job steps (:mod:`framepipe.media.steps` and the ready pipelines that decode
-    video). The toolkit's functions themselves read no settings: they take ``max_pixels``."""
+    video). The toolkit's functions themselves read no settings: they take ``max_pixels``,
+    ``max_duration`` and ``max_frame_count``."""
 
     media_max_pixels: int = Field(
         8192 * 8192,
@@ -415,6 +416,25 @@ class MediaSettings(SettingsSection):
         "before any frame is decoded; 0 means no limit. The "
         "media toolkit's functions take max_pixels instead "
         "(default DEFAULT_MAX_PIXELS).",
+    )
+    media_max_duration: float = Field(
+        6 * 3600,
+        ge=0,
+        description="Longest media (seconds of video or sound) the media job steps decode "
+        "or write: a file whose header announces more is refused before any frame is "
+        "decoded, and one whose header tells less (a raw .h264 stream tells nothing) is "
+        "stopped at the frame that passes it, leaving no output; 0 means no limit. The "
+        "media toolkit's functions take max_duration instead (default "
+        "DEFAULT_MAX_DURATION, 6 hours).",
+    )
+    media_max_frame_count: int = Field(
+        60 * 6 * 3600,
+        ge=0,
+        description="Most video frames the media job steps decode or write (extract_frames "
+        "writes an image per frame), held to as media_max_duration is: a file's "
+        "timestamps can pack hours of frames into a second; 0 means no limit. The "
+        "media toolkit's functions take max_frame_count instead (default "
+        "DEFAULT_MAX_FRAME_COUNT, six hours at 60 fps).",
     )
 
 

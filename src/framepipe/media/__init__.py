@@ -20,6 +20,18 @@ limit, judged from the headers before any frame is decoded; a requested output l
 the limit is a :class:`ValueError`. Frames are decoded one at a time, so a large picture
 within the limit (a 4K clip normalised to 720p) costs a few frames' memory, not the clip's.
 
+Length limit: every function that decodes a video's frames (all but ``probe``, which decodes
+one) takes ``max_duration`` (seconds of media time, default :data:`DEFAULT_MAX_DURATION` = 6
+hours) and ``max_frame_count`` (default :data:`DEFAULT_MAX_FRAME_COUNT`, six hours at 60 fps;
+0: no limit, each; the job steps pass in the settings ``media_max_duration`` and
+``media_max_frame_count``). A file whose header announces a longer media or more frames is a
+:class:`MediaError` naming it, the length and the limit, before any frame is decoded; one whose
+header tells less or nothing (a raw ``.h264`` stream) is stopped with a :class:`MediaError`
+naming it at the video frame or sound that passes the limit, and what a function writes (an
+output at a raised frame rate, joined parts, stitched images, extracted images) is held to it
+too, so a small hostile file cannot decode to an output that fills the disk. A stopped
+function leaves no output, as any failed one.
+
 Variable frame rates: :class:`MediaInfo` gives the average ``fps`` and a
 ``variable_frame_rate`` hint; operations that write video at a constant rate (``normalise``,
 ``watermark``, ``concat``), sample it (``extract_frames(fps=...)``) and pick a frame at a time
@@ -32,10 +44,11 @@ Importing :mod:`framepipe.media` loads neither the job engine nor the state stor
 load them when first used.
 
 The building blocks, one concept a module: :mod:`~framepipe.media.limits` (the picture-size
-limit), :mod:`~framepipe.media.decoding` (opening and decoding a source, sound included),
-:mod:`~framepipe.media.timing` (rates, timestamps, resampling), :mod:`~framepipe.media.rotation`,
-:mod:`~framepipe.media.audio`, :mod:`~framepipe.media.writer` (the H.264 writer),
-:mod:`~framepipe.media.atomic` (atomic outputs) and :mod:`~framepipe.media.progress`.
+and length limits), :mod:`~framepipe.media.decoding` (opening and decoding a source, sound
+included), :mod:`~framepipe.media.timing` (rates, timestamps, resampling),
+:mod:`~framepipe.media.rotation`, :mod:`~framepipe.media.audio`, :mod:`~framepipe.media.writer`
+(the H.264 writer), :mod:`~framepipe.media.atomic` (atomic outputs) and
+:mod:`~framepipe.media.progress`.
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.concat import concat
 from framepipe.media.frames import extract_frames, stitch
-from framepipe.media.limits import DEFAULT_MAX_PIXELS
+from framepipe.media.limits import DEFAULT_MAX_DURATION, DEFAULT_MAX_FRAME_COUNT, DEFAULT_MAX_PIXELS
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.progress import ProgressCallback
@@ -70,6 +83,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_MAX_DURATION",
+    "DEFAULT_MAX_FRAME_COUNT",
     "DEFAULT_MAX_PIXELS",
     "Input",
     "MediaError",

@@ -14,8 +14,18 @@ import numpy as np
 from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.audio import AudioFormat, AudioQueue, audio_format
-from framepipe.media.decoding import decode, decode_source, open_video, peek
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.decoding import decode, decode_source, media_seconds, open_video, peek
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    LengthGuard,
+    LengthLimit,
+    check_length,
+    check_output_size,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import Upright, frame_rotation
 from framepipe.media.timing import estimate_frames, resample, stream_rate
@@ -53,6 +63,7 @@ def _fit(frames: Iterator[av.VideoFrame], width: int, height: int) -> Iterator[a
 class _Part:
     path: Path
     frames: int
+    seconds: float  # as its header announces (0: it announces none)
     rate: Fraction
     width: int  # upright
     height: int
@@ -60,9 +71,9 @@ class _Part:
     audio: AudioFormat | None
 
 
-def _survey(path: Path, limit: int) -> _Part:
-    with open_video(path, max_pixels=limit) as (container, stream):
-        first, _ = peek(decode(container, stream, path))
+def _survey(path: Path, limit: int, length: LengthLimit) -> _Part:
+    with open_video(path, max_pixels=limit, length=length) as (container, stream):
+        first, _ = peek(decode(container, stream, path, limit=length))
         if first is None:
             raise MediaError(path, "holds no decodable video frames")
         turn = Upright(frame_rotation(first, stream))
@@ -71,6 +82,7 @@ def _survey(path: Path, limit: int) -> _Part:
         return _Part(
             path,
             estimate_frames(stream, container),
+            media_seconds(container, stream) or 0.0,
             stream_rate(stream),
             width,
             height,
@@ -90,6 +102,8 @@ def concat(
     preset: str = "medium",
     audio: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Join ``parts`` (e.g. intro, main clip, splash screen) into one H.264 MP4 at ``dst``.
@@ -112,18 +126,32 @@ def concat(
     and the limit; a requested output larger than the limit is a :class:`ValueError`. A
     truncated part (its header announces more than can be decoded, see
     :func:`~framepipe.media.decoding.decode_source`) is a :class:`MediaError` naming it, not a
-    short part. Atomic write."""
+    short part.
+
+    Length limit: each part is held to ``max_duration`` seconds and ``max_frame_count`` frames
+    (defaults :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours, and
+    :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no limit, each) as
+    :func:`~framepipe.media.normalise` holds its source, and so is the joined output: parts
+    whose headers announce more together are refused before any is decoded, with a
+    :class:`MediaError` naming the part that passes the limit, and the output is stopped at
+    the frame that passes it (naming the part being joined then). Atomic write."""
     paths = [Path(p) for p in parts]
     if not paths:
         raise ValueError("concat needs at least one part")
     limit = pixel_limit(max_pixels)
-    survey = [_survey(path, limit) for path in paths]
+    length = length_limit(max_duration, max_frame_count)
+    survey = [_survey(path, limit, length) for path in paths]
     first = survey[0]
     out_w = even(width if width is not None else first.width)
     out_h = even(height if height is not None else first.height)
     check_output_size(out_w, out_h, limit)
     out_rate = Fraction(fps).limit_denominator(1001) if fps else first.rate
-    total = sum(round(part.frames * out_rate / part.rate) for part in survey)
+    total, seconds = 0, 0.0
+    for part in survey:  # each part is within the limit (open_video): are they together?
+        total += round(part.frames * out_rate / part.rate)
+        seconds += part.seconds
+        joined_at = f"joined at {float(out_rate):g} fps, the parts up to this one make"
+        check_length(part.path, length, seconds=seconds, frames=total, what=joined_at)
     sounds = [part.audio for part in survey if part.audio is not None] if audio else []
     queue = None
     if sounds:
@@ -131,17 +159,30 @@ def concat(
         queue = AudioQueue(AudioFormat(sounds[0].rate, "stereo" if stereo else "mono"))
     dst = Path(dst)
     report = Progress(progress, total)
+    joined = LengthGuard(first.path, length, "the joined output, at this part,", writing=True)
     with (
         atomic_output(dst) as tmp,
         H264Writer(
-            tmp, width=out_w, height=out_h, fps=out_rate, crf=crf, preset=preset, audio=queue
+            tmp,
+            width=out_w,
+            height=out_h,
+            fps=out_rate,
+            crf=crf,
+            preset=preset,
+            audio=queue,
+            guard=joined,
         ) as writer,
     ):
         for part in survey:
             before = writer.frames
-            with open_video(part.path, max_pixels=limit) as (container, stream):
+            joined.path = part.path
+            with open_video(part.path, max_pixels=limit, length=length) as (container, stream):
                 source = decode_source(
-                    container, stream, part.path, audio=queue if queue is not None else False
+                    container,
+                    stream,
+                    part.path,
+                    audio=queue if queue is not None else False,
+                    limit=length,
                 )
                 turn = Upright(part.rotation)
                 for frame in _fit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +17,17 @@ import numpy as np
 from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode, open_video
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_picture, image_size, pixel_limit
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    LengthGuard,
+    check_length,
+    check_picture,
+    image_size,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
 from framepipe.media.timing import estimate_frames, resample, stream_rate
@@ -46,6 +57,8 @@ def extract_frames(
     fmt: str = "jpg",
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> list[Path]:
     """Save frames of ``src`` as images ``out_dir/frame_NNNNNN.<fmt>``.
@@ -55,12 +68,25 @@ def extract_frames(
     frames' timestamps as :func:`~framepipe.media.normalise` picks them (image ``n`` is the
     frame on screen at ``n / fps`` s from the first frame, rounded to the nearest ``1 / fps``),
     so a variable frame rate is sampled evenly in time; NNNNNN is ``n``, and a frame shown
-    for several slots is saved once per slot. Stops after ``max_frames`` images.
+    for several slots is saved once per slot. Stops after ``max_frames`` images (the images
+    wanted; the length limit below is a refusal, not a stop).
 
     Images are upright: a clip with a display rotation is turned as players turn it. A video
     larger than ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`,
     8192 x 8192; 0: no limit) is refused with a :class:`MediaError` before any frame is
-    decoded. Returns the written paths in order; each file is written atomically."""
+    decoded.
+
+    Length limit: a video whose header announces a longer media than ``max_duration`` seconds
+    (default :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours) or more frames than
+    ``max_frame_count`` (default :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no limit,
+    each), or that would give more images at ``fps``, is refused with a :class:`MediaError`
+    naming it, the length and the limit, before any frame is decoded; one whose header tells
+    less (a raw ``.h264`` stream tells nothing) is stopped with a :class:`MediaError` at the
+    frame (or image) that passes the limit.
+
+    Returns the written paths in order; each file is written atomically, and a call that fails
+    (or is stopped) removes the images it wrote, so ``out_dir`` never holds a partial set that
+    looks complete."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
     if fps is not None and every != 1:
@@ -71,29 +97,42 @@ def extract_frames(
     src, out = Path(src), Path(out_dir)
     fmt = fmt.lower().lstrip(".")
     out.mkdir(parents=True, exist_ok=True)
+    length = length_limit(max_duration, max_frame_count)
     written: list[Path] = []
-    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
+    with open_video(src, max_pixels=pixel_limit(max_pixels), length=length) as (container, stream):
         src_rate = stream_rate(stream)
         total = estimate_frames(stream, container)
         wanted = -(-total // every) if out_rate is None else round(total * out_rate / src_rate)
         if max_frames is not None:
             wanted = min(wanted, max_frames)
+        if out_rate is not None:
+            check_length(src, length, frames=wanted, what=f"at {float(out_rate):g} fps it gives")
+        images = LengthGuard(src, length, "its output", writing=True)
         report = Progress(progress, wanted)
         rotation: int | None = None
-        frames = decode(container, stream, src)
+        frames = decode(container, stream, src, limit=length)
         picked = (
             ((i, f) for i, f in enumerate(frames) if i % every == 0)
             if out_rate is None
             else enumerate(resample(frames, src_rate, out_rate))
         )
-        for number, frame in picked if max_frames != 0 else ():
-            if rotation is None:
-                rotation = frame_rotation(frame, stream)
-            image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
-            written.append(write_image(out / f"frame_{number:06d}.{fmt}", image, quality=quality))
-            report.step()
-            if max_frames is not None and len(written) >= max_frames:
-                break
+        try:
+            for number, frame in picked if max_frames != 0 else ():
+                if out_rate is not None:  # by index, each image is a frame held as decoded
+                    images.frame(number / float(out_rate))
+                if rotation is None:
+                    rotation = frame_rotation(frame, stream)
+                image = upright_image(frame.to_ndarray(format="bgr24"), rotation)
+                dst = out / f"frame_{number:06d}.{fmt}"
+                written.append(write_image(dst, image, quality=quality))
+                report.step()
+                if max_frames is not None and len(written) >= max_frames:
+                    break
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            raise
     report.finish()
     return written
 
@@ -154,6 +193,8 @@ def stitch(
     crf: int = 23,
     preset: str = "medium",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
@@ -167,14 +208,31 @@ def stitch(
     An image larger than ``max_pixels`` (default
     :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is a
     :class:`MediaError` naming it, its size and the limit: PNG, JPEG, BMP and WebP images are
-    refused from their headers, before decoding; other formats once read."""
+    refused from their headers, before decoding; other formats once read.
+
+    Length limit: images that would make a longer video than ``max_duration`` seconds at
+    ``fps`` (default :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours), or more frames
+    than ``max_frame_count`` (default :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no
+    limit, each), are a :class:`MediaError` naming the folder (or the first image), before
+    any is read."""
     paths = _frame_list(frames)
     dst = Path(dst)
     limit = pixel_limit(max_pixels)
+    length = length_limit(max_duration, max_frame_count)
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise ValueError(f"fps must be positive, not {fps}")
+    named = Path(frames) if isinstance(frames, (str, Path)) else paths[0]
+    check_length(
+        named,
+        length,
+        seconds=len(paths) / float(rate),
+        frames=len(paths),
+        what=f"its {len(paths):,} images at {float(rate):g} fps make",
+    )
     first = read_image(paths[0], limit)
     height, width = first.shape[:2]
     out_w, out_h = even(width), even(height)
-    rate = Fraction(fps).limit_denominator(1001)
     report = Progress(progress, len(paths))
     with (
         ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,

@@ -7,7 +7,16 @@ from pathlib import Path
 
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode_source, open_video
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    LengthGuard,
+    check_length,
+    check_output_size,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import Upright, frame_rotation
 from framepipe.media.timing import estimate_frames, resample, stream_rate
@@ -28,6 +37,8 @@ def normalise(
     preset: str = "medium",
     audio: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Re-encode ``src`` into an H.264 MP4 at ``dst`` (libx264; sound as AAC).
@@ -46,6 +57,15 @@ def normalise(
     requested output larger than the limit is a :class:`ValueError`. A large source within the
     limit (4K to 720p) is decoded frame by frame, never held whole.
 
+    Length limit: a source whose header announces a longer media than ``max_duration``
+    seconds (default :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours) or more frames
+    than ``max_frame_count`` (default :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no
+    limit, each), or an output at ``fps`` that would hold more frames, is refused with a
+    :class:`MediaError` naming it, the length and the limit, before any frame is decoded. A
+    source whose header tells less (a raw ``.h264`` stream tells nothing) is stopped with a
+    :class:`MediaError` at the frame (or sound) that passes the limit, and so is the output at
+    the frame that passes it; nothing is left at ``dst``.
+
     Audio: the first audio stream is kept (``audio=False`` drops it), re-encoded to AAC at its
     own rate (48 kHz if AAC lacks that rate), mono or stereo, aligned with the video's start;
     it is not cut at the video's end. A source without audio gives an output without audio.
@@ -56,16 +76,18 @@ def normalise(
     :func:`~framepipe.media.decoding.decode_source`)."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
-    with open_video(src, max_pixels=limit) as (container, stream):
+    length = length_limit(max_duration, max_frame_count)
+    with open_video(src, max_pixels=limit, length=length) as (container, stream):
         src_rate = stream_rate(stream)
         out_rate = Fraction(fps).limit_denominator(1001) if fps else src_rate
         if out_rate <= 0:
             raise ValueError(f"fps must be positive, not {fps}")
-        source = decode_source(container, stream, src, audio=audio)
+        total = round(estimate_frames(stream, container) * out_rate / src_rate)
+        check_length(src, length, frames=total, what=f"at {float(out_rate):g} fps its output holds")
+        source = decode_source(container, stream, src, audio=audio, limit=length)
         turn = Upright(frame_rotation(source.first, stream))
         out_w, out_h = fit_size(*turn.size(stream.width, stream.height), width, height)
         check_output_size(out_w, out_h, limit)
-        total = round(estimate_frames(stream, container) * out_rate / src_rate)
         report = Progress(progress, total)
         with (
             atomic_output(dst) as tmp,
@@ -78,6 +100,7 @@ def normalise(
                 preset=preset,
                 pix_fmt=pix_fmt,
                 audio=source.audio,
+                guard=LengthGuard(src, length, "its output", writing=True),
             ) as writer,
         ):
             for frame in turn.frames(resample(source.frames, src_rate, out_rate)):

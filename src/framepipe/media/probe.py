@@ -317,9 +317,11 @@ def probe(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInf
     reads it all the same). Only the first frame is decoded (to check that the stream decodes
     and to read its rotation). What is read besides the header: the first
     :data:`SCAN_PACKETS` video packets when the index does not list every frame, and the
-    packets :class:`MediaInfo` measures a stream's length by when the header gives none."""
+    packets :class:`MediaInfo` measures a stream's length by when the header gives none
+    (demuxed, not decoded). So ``probe`` takes no length limit: it tells a file's length, and
+    the operations that decode its frames refuse a file longer than theirs."""
     path = Path(path)
-    with open_video(path, max_pixels=pixel_limit(max_pixels)) as (container, stream):
+    with open_video(path, max_pixels=pixel_limit(max_pixels), length=None) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         audio = container.streams.audio

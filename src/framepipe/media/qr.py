@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -11,7 +12,13 @@ import numpy as np
 
 from framepipe.errors import MissingDependencyError
 from framepipe.media.decoding import decode, open_video
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.timing import estimate_frames, frame_seconds, stream_rate
 
@@ -88,6 +95,8 @@ def decode_qr(
     every: int = 5,
     stop_after: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> QrResult | None:
     """Scan every ``every``-th frame of ``src`` (the first ``max_frames`` frames, default all)
@@ -99,7 +108,12 @@ def decode_qr(
     frames held a readable code (None: scan to the end, needed to notice a second, different
     code). A video larger than ``max_pixels`` (default
     :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no limit) is refused with
-    a :class:`MediaError` before any frame is decoded."""
+    a :class:`MediaError` before any frame is decoded, and so is one whose header announces a
+    longer media than ``max_duration`` seconds or more frames than ``max_frame_count``
+    (defaults :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours, and
+    :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no limit, each); one whose header
+    tells less is stopped with a :class:`MediaError` at the frame that passes the limit (a
+    scan that ``max_frames`` or ``stop_after`` ends first is not)."""
     if every < 1:
         raise ValueError(f"every must be >= 1, not {every}")
     zxing = _zxing()
@@ -108,15 +122,16 @@ def decode_qr(
     unreadable: list[int] = []
     scanned = 0
     readable_frames = 0
-    with open_video(src, max_pixels=pixel_limit(max_pixels)) as (container, stream):
+    length = length_limit(max_duration, max_frame_count)
+    with open_video(src, max_pixels=pixel_limit(max_pixels), length=length) as (container, stream):
         rate = stream_rate(stream)
         limit = estimate_frames(stream, container)
         if max_frames is not None:
             limit = min(limit, max_frames) if limit else max_frames
         report = Progress(progress, -(-limit // every))
-        for index, frame in enumerate(decode(container, stream, src)):
-            if max_frames is not None and index >= max_frames:
-                break
+        frames = decode(container, stream, src, limit=length)
+        # islice: a frame past max_frames is not decoded (nor held to the length limit)
+        for index, frame in enumerate(itertools.islice(frames, max_frames)):
             if index % every:
                 continue
             gray = frame.to_ndarray(format="gray")

@@ -17,6 +17,7 @@ nothing more; nothing is uploaded before the operation succeeded; a
 
 from __future__ import annotations
 
+import inspect
 import string
 import threading
 import weakref
@@ -44,6 +45,13 @@ MAX_LISTED_KEYS = 100
 """``extract_frames`` lists at most this many keys in its result (``count`` has them all)."""
 
 _FETCH, _WORK, _UPLOAD = (0.0, 10.0), (10.0, 90.0), (90.0, 100.0)
+
+_LIMITS = {
+    "max_pixels": "media_max_pixels",
+    "max_duration": "media_max_duration",
+    "max_frame_count": "media_max_frame_count",
+}
+"""The toolkit's limit options and the settings a step fills them from when not given."""
 
 _MARKS: weakref.WeakKeyDictionary[StepContext, float] = weakref.WeakKeyDictionary()
 """Each running step's progress high-water mark, shared by all the runs in that step."""
@@ -325,8 +333,11 @@ class StepRun:
     def _run(self, refs: list[Source], options: dict[str, Any]) -> dict[str, Any]:
         fn, op = self.op.fn, self.operation
         work = self.report(_WORK)
-        if options.get("max_pixels") is None:  # not given (or an Input without a value)
-            options["max_pixels"] = load_settings().media_max_pixels
+        params = inspect.signature(fn).parameters
+        unset = [o for o in _LIMITS if o in params and options.get(o) is None]
+        if unset:  # not given (or an Input without a value): the settings, read now
+            settings = load_settings()
+            options.update({option: getattr(settings, _LIMITS[option]) for option in unset})
         self.max_pixels = options["max_pixels"]
         if op == "probe":
             info = probe(self.fetch(refs[0]), **options)

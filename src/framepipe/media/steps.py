@@ -65,8 +65,12 @@ What every step guarantees:
   video larger than the picture-size limit (the ``max_pixels`` option, else the setting
   ``FRAMEPIPE_MEDIA_MAX_PIXELS``, read when the step runs and passed to the function, which
   reads no setting itself), refused before it is decoded, so a retry after raising the limit
-  (or replacing the file) runs it; a bad setting fails the step with
-  :class:`~framepipe.errors.ConfigError` naming it;
+  (or replacing the file) runs it, and a video longer than the length limit (the
+  ``max_duration`` and ``max_frame_count`` options, else the settings
+  ``FRAMEPIPE_MEDIA_MAX_DURATION`` and ``FRAMEPIPE_MEDIA_MAX_FRAME_COUNT``, passed in alike;
+  not ``probe``'s), refused from its header or stopped at the frame that passes the limit,
+  uploading nothing; a bad setting fails the step with :class:`~framepipe.errors.ConfigError`
+  naming it;
 - it returns ``{step_name: result}`` (merged into the execution's data), the result a JSON
   dict: ``key``, ``size`` and ``info`` (:class:`~framepipe.media.MediaInfo` fields, ``path``
   replaced by the key) for a video; ``key``, ``size``, ``width``, ``height`` for an image;

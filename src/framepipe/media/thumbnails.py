@@ -11,9 +11,17 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
-from framepipe.media.decoding import decode, open_video
+from framepipe.media.decoding import decode, decode_failed, open_video
 from framepipe.media.frames import write_image
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, check_output_size, pixel_limit
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    LengthLimit,
+    check_output_size,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
 from framepipe.media.timing import (
@@ -43,6 +51,7 @@ def _frame_at(
     stream: av.video.stream.VideoStream,
     path: Path,
     at: float,
+    length: LengthLimit,
 ) -> av.VideoFrame:
     """The frame on screen at ``at`` seconds: the last one whose timestamp is at or before it
     (the first frame if ``at`` comes before it, the last decodable one if ``at`` is past the
@@ -57,7 +66,7 @@ def _frame_at(
     back = 1.0
     seek_to = at
     while True:
-        frame = _last_frame_until(container, stream, path, seek_to, at)
+        frame = _last_frame_until(container, stream, path, seek_to, at, length)
         if frame is not None:
             return frame
         if seek_to <= 0:
@@ -72,6 +81,7 @@ def _last_frame_until(
     path: Path,
     seek_to: float,
     at: float,
+    length: LengthLimit,
 ) -> av.VideoFrame | None:
     """Seek to the keyframe before ``seek_to``, decode forward: the last frame at or before
     ``at`` (None if nothing decodes from there)."""
@@ -90,13 +100,13 @@ def _last_frame_until(
     shown = None
     rate = stream_rate(stream)
     try:
-        for index, frame in enumerate(decode(container, stream, path)):
+        for index, frame in enumerate(decode(container, stream, path, limit=length)):
             if shown is not None and frame_seconds(frame, index, rate) - start > at + _EPSILON:
                 return shown
             shown = frame
-    except MediaError:
-        if shown is None and seek_to <= 0:
-            raise  # not even the first frame decodes: say why
+    except MediaError as exc:
+        if not decode_failed(exc) or (shown is None and seek_to <= 0):
+            raise  # past the length limit, or not even the first frame decodes: say why
     return shown
 
 
@@ -107,6 +117,7 @@ def _frames_in_one_pass(
     times: list[float],
     total: int,
     progress: ProgressCallback | None,
+    length: LengthLimit,
 ) -> list[av.VideoFrame]:
     """The frame on screen at each of ``times`` (sorted; as :func:`_frame_at` picks it),
     decoding the clip once (up to the first packet that cannot be decoded, as there)."""
@@ -116,7 +127,7 @@ def _frames_in_one_pass(
     picked: list[av.VideoFrame] = []
     shown = None
     try:
-        for index, frame in enumerate(decode(container, stream, path)):
+        for index, frame in enumerate(decode(container, stream, path, limit=length)):
             t = frame_seconds(frame, index, rate) - start
             while len(picked) < len(times) and t > times[len(picked)] + _EPSILON:
                 picked.append(shown if shown is not None else frame)
@@ -124,8 +135,8 @@ def _frames_in_one_pass(
                 break
             shown = frame
             report.step()
-    except MediaError:
-        if shown is None:
+    except MediaError as exc:
+        if not decode_failed(exc) or shown is None:
             raise
     if shown is None:
         raise MediaError(path, "holds no decodable video frames")
@@ -150,6 +161,8 @@ def thumbnail(
     width: int | None = None,
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
 ) -> Path:
     """Save the frame on screen at ``at`` seconds from the video's start (default: the middle
     of the video, its length read from the header as
@@ -164,16 +177,22 @@ def thumbnail(
     with a display rotation is turned as players turn it). A video larger than
     ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no
     limit) is refused with a :class:`MediaError` before any frame is decoded, as is
-    (:class:`ValueError`) a ``width`` giving a larger image. Atomic write."""
+    (:class:`ValueError`) a ``width`` giving a larger image. So is a video whose header
+    announces a longer media than ``max_duration`` seconds or more frames than
+    ``max_frame_count`` (defaults :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours, and
+    :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no limit, each), and decoding a raw
+    stream to ``at`` stops with a :class:`MediaError` at the frame that passes the limit.
+    Atomic write."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
-    with open_video(src, max_pixels=limit) as (container, stream):
+    length = length_limit(max_duration, max_frame_count)
+    with open_video(src, max_pixels=limit, length=length) as (container, stream):
         middle = (video_duration(stream, container) or 0.0) / 2
         when = middle if at is None else max(0.0, at)
         if _seekable(container):
-            frame = _frame_at(container, stream, src, when)
+            frame = _frame_at(container, stream, src, when, length)
         else:
-            frame = _frames_in_one_pass(container, stream, src, [when], 0, None)[0]
+            frame = _frames_in_one_pass(container, stream, src, [when], 0, None, length)[0]
         rotation = frame_rotation(frame, stream)
         if width is not None:
             shown_w, shown_h = (
@@ -195,6 +214,8 @@ def thumbnail_grid(
     width: int = 960,
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """A ``cols`` x ``rows`` contact sheet of frames spread evenly over the clip.
@@ -208,23 +229,26 @@ def thumbnail_grid(
     with a display rotation is turned as players turn it). A video larger than
     ``max_pixels`` (default :data:`~framepipe.media.DEFAULT_MAX_PIXELS`, 8192 x 8192; 0: no
     limit) is refused with a :class:`MediaError` before any frame is decoded, as is
-    (:class:`ValueError`) a sheet that would be larger. Atomic write."""
+    (:class:`ValueError`) a sheet that would be larger, and a video longer than
+    ``max_duration`` or with more frames than ``max_frame_count``, as :func:`thumbnail` refuses
+    it. Atomic write."""
     if cols < 1 or rows < 1:
         raise ValueError(f"cols and rows must be >= 1, not {cols}x{rows}")
     src, dst = Path(src), Path(dst)
     count = cols * rows
     limit = pixel_limit(max_pixels)
-    with open_video(src, max_pixels=limit) as (container, stream):
+    length = length_limit(max_duration, max_frame_count)
+    with open_video(src, max_pixels=limit, length=length) as (container, stream):
         duration = video_duration(stream, container) or 0.0
         total = estimate_frames(stream, container)
         times = [duration * (i + 0.5) / count for i in range(count)]
         if 0 < total <= SEQUENTIAL_FRAMES_PER_TILE * count or not _seekable(container):
-            frames = _frames_in_one_pass(container, stream, src, times, total, progress)
+            frames = _frames_in_one_pass(container, stream, src, times, total, progress, length)
         else:  # a long clip: seek to each time rather than decode all of it
             report = Progress(progress, count)
             frames = []
             for when in times:
-                frames.append(_frame_at(container, stream, src, when))
+                frames.append(_frame_at(container, stream, src, when, length))
                 report.step()
         rotation = frame_rotation(frames[0], stream)
         sideways = rotation in (90, 270)

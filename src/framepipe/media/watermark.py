@@ -11,7 +11,14 @@ import numpy as np
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode_source, open_video
 from framepipe.media.frames import read_image
-from framepipe.media.limits import DEFAULT_MAX_PIXELS, pixel_limit
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    LengthGuard,
+    length_limit,
+    pixel_limit,
+)
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
 from framepipe.media.timing import estimate_frames, resample, stream_rate
@@ -86,6 +93,8 @@ def watermark(
     preset: str = "medium",
     audio: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Blend ``text`` or ``image`` (PNG alpha respected) into every frame; H.264 MP4 at ``dst``.
@@ -105,15 +114,21 @@ def watermark(
     frame is decoded; so is an ``image`` file larger than the limit (as :func:`~framepipe.media.
     stitch` refuses its images: from a PNG, JPEG, BMP or WebP header, before it is decoded).
     A truncated file (its header announces more than can be decoded) is a
-    :class:`MediaError`, as for :func:`~framepipe.media.normalise`. Atomic write."""
+    :class:`MediaError`, as for :func:`~framepipe.media.normalise`, and so is a video longer
+    than ``max_duration`` seconds or with more frames than ``max_frame_count`` (defaults
+    :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours, and
+    :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no limit, each): refused from its
+    header before any frame is decoded when the header tells, else stopped at the frame that
+    passes the limit, as :func:`~framepipe.media.normalise` does. Atomic write."""
     if (text is None) == (image is None):
         raise ValueError("watermark needs exactly one of text= or image=")
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be within 0-1, not {opacity}")
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
-    with open_video(src, max_pixels=limit) as (container, stream):
-        source = decode_source(container, stream, src, audio=audio)
+    length = length_limit(max_duration, max_frame_count)
+    with open_video(src, max_pixels=limit, length=length) as (container, stream):
+        source = decode_source(container, stream, src, audio=audio, limit=length)
         rotation = frame_rotation(source.first, stream)
         fw, fh = (
             (stream.height, stream.width)
@@ -149,6 +164,7 @@ def watermark(
                 crf=crf,
                 preset=preset,
                 audio=source.audio,
+                guard=LengthGuard(src, length, "its output", writing=True),
             ) as writer,
         ):
             shown: av.VideoFrame | None = None  # the source frame ``out`` was made from

@@ -13,6 +13,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from framepipe.media.audio import AudioQueue
+from framepipe.media.limits import LengthGuard
 
 __all__ = ["H264Writer", "even", "fit_size"]
 
@@ -43,6 +44,11 @@ class H264Writer:
     scaler kept for the whole file (building one per frame costs ~5x more). The encoder uses
     frame threads, as the ffmpeg command line does, so encoding overlaps the caller's work.
 
+    Length: given a ``guard`` (:class:`~framepipe.media.limits.LengthGuard`), each frame is
+    told to it (frame ``n`` starts at ``n / fps``) before it is encoded, and the frame that
+    passes its limit raises :class:`~framepipe.errors.MediaError` instead: a frame rate raised
+    or parts joined cannot make an output longer than the limit its sources are held to.
+
     Audio: after each video frame the queued audio up to that frame's end is encoded, so the
     tracks interleave. :meth:`end_part` makes the audio exactly as long as the video so far
     (cut, or padded with silence); :meth:`close` writes the rest of the queue (audio may run
@@ -60,8 +66,10 @@ class H264Writer:
         pix_fmt: str = "yuv420p",
         audio: AudioQueue | None = None,
         audio_bitrate: int = 128_000,
+        guard: LengthGuard | None = None,
     ) -> None:
         self.path = path
+        self.guard = guard
         self.width, self.height = width, height
         self.pix_fmt = pix_fmt
         self.fps = fps
@@ -89,6 +97,8 @@ class H264Writer:
             raise
 
     def write(self, frame: av.VideoFrame) -> None:
+        if self.guard is not None:
+            self.guard.frame(self.frames / float(self.fps))
         if (frame.width, frame.height, frame.format.name) != (
             self.width,
             self.height,
