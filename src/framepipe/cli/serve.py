@@ -44,9 +44,9 @@ def check_exposure(host: str, settings: Settings) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (``port`` 0: one the system picks, which
-    ``sock.getsockname()`` says), not yet listening; :class:`ConfigError` naming the address
-    when it cannot be bound."""
+    """A TCP socket bound to ``host:port`` and listening (``port`` 0: one the system picks,
+    which ``sock.getsockname()`` says); :class:`ConfigError` naming the address when it
+    cannot be bound."""
     return listen(host, port, busy_hint="--port 0 takes a free one")
 
 
