@@ -427,3 +427,27 @@ def test_the_length_limit_is_a_step_option_too(settings: Settings, tmp_path: Pat
     allowed = run(settings, p, {"clip": str(clip)})  # no input: the setting (6 hours)
     assert allowed.status is ExecutionStatus.COMPLETED, allowed.errors
     assert allowed.data["extract_frames"]["count"] == 4
+
+
+def test_steps_that_call_the_toolkit_pass_the_operators_limits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ML video pipeline's and the SD import's own steps call the toolkit themselves: they
+    give it the same limits as the built-in media steps, read from the settings when they run
+    (probe takes no length limit)."""
+    import sys
+
+    from framepipe.pipelines import ml_video
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_PIXELS", "1000000")
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_DURATION", "7.5")
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_FRAME_COUNT", "90")
+    expected = {"max_pixels": 1_000_000, "max_duration": 7.5, "max_frame_count": 90}
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "sd_import"))
+    sys.modules.pop("sd_pipeline", None)
+    import sd_pipeline
+
+    for limits in (ml_video._limits, sd_pipeline.limits):
+        assert limits() == expected
+        assert limits(length=False) == {"max_pixels": 1_000_000}

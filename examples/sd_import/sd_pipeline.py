@@ -96,7 +96,7 @@ from framepipe.errors import DetectorError, InvalidInputError, MediaError
 from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
 from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import content_hash, file_fingerprint
-from framepipe.media import concat, decode_qr, probe, stitch, watermark
+from framepipe.media import concat, decode_qr, limits_from, probe, stitch, watermark
 from framepipe.server.detector import get_hub
 
 __all__ = [
@@ -247,13 +247,14 @@ def title_card(
     still = dst.with_suffix(".png")
     cv2.imwrite(str(still), image)
     count = max(1, round(seconds * fps))
-    return stitch([still] * count, dst, fps=fps, preset="ultrafast", max_pixels=max_pixels())
+    return stitch([still] * count, dst, fps=fps, preset="ultrafast", **limits())
 
 
-def max_pixels() -> int:
-    """The picture-size limit these steps give the media functions: the setting
-    ``media_max_pixels`` (``FRAMEPIPE_MEDIA_MAX_PIXELS``), read when a step runs."""
-    return load_settings().media_max_pixels
+def limits(*, length: bool = True) -> dict[str, Any]:
+    """The limits these steps give the media functions: the settings ``media_max_pixels``,
+    ``media_max_duration`` and ``media_max_frame_count`` (``FRAMEPIPE_MEDIA_MAX_*``; not the
+    length ones for ``probe``, which takes none), read when a step runs."""
+    return limits_from(load_settings(), length=length)
 
 
 def shared_dir_of(ctx: StepContext) -> Path:
@@ -476,8 +477,8 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
             result = decode_qr(
                 local,
                 every=2,
-                max_pixels=max_pixels(),
                 progress=lambda pct: ctx.progress(pct, f"QR scan of {path}"),
+                **limits(),
             )
     except LinkRefusedError as exc:  # replaced by a link since it was copied
         return {f"qr/{path}": {"status": "refused", "error": f"{path}: {exc}"}}
@@ -619,7 +620,7 @@ def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     """Probe the copied video."""
     dest = ctx.data[f"copied/{path}"]["dest"]
     with shared_file(shared_dir_of(ctx), dest) as local:
-        info = probe(local, max_pixels=max_pixels())
+        info = probe(local, **limits(length=False))
     width, height = info.display_size
     return {
         f"meta/{path}": {
@@ -658,8 +659,8 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
             position="bottom-left",
             margin=4,
             preset="ultrafast",
-            max_pixels=max_pixels(),
             progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"),
+            **limits(),
         )
     final = concat(
         [intro, marked, splash],
@@ -668,8 +669,8 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
         height=size[1],
         fps=fps,
         preset="ultrafast",
-        max_pixels=max_pixels(),
         progress=lambda pct: ctx.progress(55 + 0.4 * pct, "intro + splash"),
+        **limits(),
     )
     entry = _file(ctx, path)
     key = output_key(booking_id, dest, entry)

@@ -59,7 +59,12 @@ from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.concat import concat
 from framepipe.media.frames import extract_frames, stitch
-from framepipe.media.limits import DEFAULT_MAX_DURATION, DEFAULT_MAX_FRAME_COUNT, DEFAULT_MAX_PIXELS
+from framepipe.media.limits import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_MAX_FRAME_COUNT,
+    DEFAULT_MAX_PIXELS,
+    limits_from,
+)
 from framepipe.media.normalise import normalise
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.progress import ProgressCallback
@@ -97,6 +102,7 @@ __all__ = [
     "concat",
     "decode_qr",
     "extract_frames",
+    "limits_from",
     "media_step",
     "normalise",
     "probe",

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_MAX_DURATION",
     "DEFAULT_MAX_FRAME_COUNT",
     "DEFAULT_MAX_PIXELS",
+    "LIMIT_SETTINGS",
     "LengthGuard",
     "LengthLimit",
     "check_length",
@@ -33,6 +34,7 @@ __all__ = [
     "check_picture",
     "image_size",
     "length_limit",
+    "limits_from",
     "pixel_limit",
 ]
 
@@ -305,3 +307,23 @@ def _jpeg_size(file: Any) -> tuple[int, int] | None:
             height, width = struct.unpack(">HH", data[1:5])
             return int(width), int(height)
         file.seek(length - 2, os.SEEK_CUR)
+
+
+LIMIT_SETTINGS = {
+    "max_pixels": "media_max_pixels",
+    "max_duration": "media_max_duration",
+    "max_frame_count": "media_max_frame_count",
+}
+"""The toolkit's limit options and the settings that set them (``FRAMEPIPE_MEDIA_MAX_*``)."""
+
+
+def limits_from(settings: Any, *, length: bool = True) -> dict[str, Any]:
+    """The limit options (``max_pixels``, and unless not ``length`` ``max_duration`` and
+    ``max_frame_count``) as ``settings`` (a :class:`~framepipe.config.Settings` or
+    ``MediaSettings``) set them: what code that calls the toolkit from a step passes in, so
+    the operator's limits hold there as in the built-in media steps."""
+    return {
+        option: getattr(settings, name)
+        for option, name in LIMIT_SETTINGS.items()
+        if length or option == "max_pixels"
+    }

@@ -34,7 +34,7 @@ from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import copy_local_file, declared_path_fields, local_input
 from framepipe.media.atomic import scratch_outputs
 from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames
-from framepipe.media.limits import DEFAULT_MAX_PIXELS
+from framepipe.media.limits import DEFAULT_MAX_PIXELS, LIMIT_SETTINGS
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.progress import stop_when
 from framepipe.media.qr import decode_qr
@@ -46,11 +46,7 @@ MAX_LISTED_KEYS = 100
 
 _FETCH, _WORK, _UPLOAD = (0.0, 10.0), (10.0, 90.0), (90.0, 100.0)
 
-_LIMITS = {
-    "max_pixels": "media_max_pixels",
-    "max_duration": "media_max_duration",
-    "max_frame_count": "media_max_frame_count",
-}
+_LIMITS = LIMIT_SETTINGS
 """The toolkit's limit options and the settings a step fills them from when not given."""
 
 _MARKS: weakref.WeakKeyDictionary[StepContext, float] = weakref.WeakKeyDictionary()

@@ -94,8 +94,9 @@ def model_from_settings() -> ModelAdapter:
     return MlVideoSettings.load().adapter()
 
 
-def _max_pixels() -> int:
-    return load_section(MediaSettings).media_max_pixels
+def _limits(*, length: bool = True) -> dict[str, Any]:
+    """The operator's media limits (``FRAMEPIPE_MEDIA_MAX_*``), read when a step runs."""
+    return media.limits_from(load_section(MediaSettings), length=length)
 
 
 def _inputs(ctx: StepContext) -> MlVideoInputs:
@@ -200,7 +201,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
             return {"input_key": source}
         copy = copy_local_file(path, ctx.tempdir() / path.name)
         try:
-            info = media.probe(copy, max_pixels=_max_pixels()).as_dict()
+            info = media.probe(copy, **_limits(length=False)).as_dict()
         except MediaError as exc:  # name the user's file, not this step's copy of it
             raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
         key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
@@ -284,18 +285,18 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     with _stage(ctx):
         folder = _download_folder(ctx, ctx.data["post_prefix"])
         dst = ctx.tempdir() / "output.mp4"
-        limit = _max_pixels()
         media.stitch(
             folder,
             dst,
             fps=_inputs(ctx).fps,
             preset="veryfast",
-            max_pixels=limit,
             progress=ctx.progress,
+            **_limits(),
         )
         key = f"{_prefix(ctx)}/output.mp4"
         ctx.objects.put_file(key, dst)
-        return {"video": key, "video_info": media.probe(dst, max_pixels=limit).as_dict()}
+        info = media.probe(dst, **_limits(length=False)).as_dict()
+        return {"video": key, "video_info": info}
 
 
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
