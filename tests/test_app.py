@@ -877,3 +877,24 @@ def test_adding_a_pipeline_twice_or_synchronously_to_a_running_app_is_refused(
                 await app.pipelines["cam"].start()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_read_snapshots_reads_only_what_apps_write_and_skips_the_rest(tmp_path: Path) -> None:
+    """The apps folder is shared by every process of the home: one bad file there (JSON that
+    is no object, a FIFO, a link out of it, a huge file, bytes that are no text) is left out,
+    never an error or a reader blocked, and the apps' own snapshots are still read."""
+    settings = Settings(home=tmp_path / "home")
+    app = App("good", settings=settings)
+    app._write_snapshot()
+    folder = settings.run_dir / "apps"
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "text.json").write_text('"just text"')
+    (folder / "bad.json").write_bytes(b"\xff\xfe{")
+    (folder / "huge.json").write_text('{"name": "huge", "pad": "' + "x" * (5 << 20) + '"}')
+    os.mkfifo(folder / "fifo.json")
+    outside = tmp_path / "secret.json"
+    outside.write_text('{"name": "outside", "state": "stopped"}')
+    (folder / "link.json").symlink_to(outside)
+    (folder / "dir.json").mkdir()
+    assert [s["name"] for s in read_snapshots(settings)] == ["good"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,14 @@ from urllib.parse import quote
 import cv2
 
 from framepipe.config import Settings
-from framepipe.errors import ConfigError
+from framepipe.confined import open_beneath
+from framepipe.errors import ConfigError, FramepipeError
 from framepipe.frames import Frame, encode_jpeg
 from framepipe.liveness import owner_is_dead
 
 __all__ = [
     "MAX_APP_NAME_BYTES",
+    "MAX_SNAPSHOT_BYTES",
     "PREVIEW_QUALITY",
     "check_app_name",
     "preview_dir",
@@ -108,20 +111,44 @@ def preview_file_name(pipeline: str) -> str:
     return f"{quoted}.jpg"
 
 
+MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
+"""The largest health snapshot read back (an app's is a few kilobytes per pipeline)."""
+
+
 def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
-    """Health snapshots of the apps of this home; a snapshot of a dead process says so."""
+    """Health snapshots of the apps of this home; a snapshot of a dead process says so.
+
+    Only what an app writes is read: a regular file of the apps folder reached without
+    following a link, at most :data:`MAX_SNAPSHOT_BYTES`, holding a JSON object. Anything else
+    found there (a link, a FIFO, a folder, a huge file, malformed text or JSON, JSON that is
+    not an object) is left out, so one bad file never hides the other apps."""
     folder = settings.run_dir / "apps"
     snapshots = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        data = _read_snapshot(folder, path.name)
+        if data is None:
             continue
         owner = f"{socket.gethostname()}:{data.get('pid')}:app"
         if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
             data["state"] = "dead"
         snapshots.append(data)
     return snapshots
+
+
+def _read_snapshot(folder: Path, name: str) -> dict[str, Any] | None:
+    try:
+        fd = open_beneath(folder, [name], where=name)
+    except (OSError, FramepipeError):
+        return None
+    with os.fdopen(fd, "rb") as file:
+        raw = file.read(MAX_SNAPSHOT_BYTES + 1)
+    if len(raw) > MAX_SNAPSHOT_BYTES:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 PREVIEW_QUALITY = 80
