@@ -506,7 +506,12 @@ def test_error_details_do_not_carry_server_paths(settings: Settings) -> None:
             assert "file://" not in response.text
 
 
-def test_schema_and_docs_are_public_and_hold_no_data(settings: Settings) -> None:
+def test_the_schema_is_public_and_holds_no_data_and_no_page_loads_outside_scripts(
+    settings: Settings,
+) -> None:
+    """/docs and /redoc would load Swagger UI and ReDoc from a CDN into the service's origin
+    (where the dashboard keeps its token): not served. Nothing the service serves names
+    another origin's script."""
     with (
         Server(settings, pipelines=(quick,)) as server,
         httpx.Client(base_url=server.url) as client,
@@ -514,7 +519,9 @@ def test_schema_and_docs_are_public_and_hold_no_data(settings: Settings) -> None
         schema = client.get("/openapi.json")
         assert schema.status_code == 200
         assert "quick" not in schema.text  # the same for every installation
-        assert client.get("/docs").status_code == 200
+        for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert client.get(page).status_code == 404, page
+        assert "cdn." not in client.get("/").text
         assert client.get("/api/pipelines").status_code == 401
 
 

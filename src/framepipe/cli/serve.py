@@ -85,7 +85,7 @@ def serve(
     """Serve the HTTP API, the dashboard and the WebSocket of live events.
 
     Open without the token: /health, the dashboard's page (/) and files
-    (/static/), and the API's schema and docs (/openapi.json, /docs, /redoc).
+    (/static/), and the API's schema (/openapi.json).
     Everything else (/api/..., /metrics, /ws, /ws/detector) needs the bearer
     token: FRAMEPIPE_API_TOKEN, or else one made for this run and printed with
     the dashboard's URL (as Jupyter does). A token is required to bind anything

@@ -6,8 +6,9 @@ Guarantees:
 * before any route runs, :class:`~framepipe.server.browser_guard.BrowserGuard` refuses a foreign
   ``Host`` (DNS rebinding), a foreign ``Origin`` (another site's page, also on WebSockets) and
   a tokenless ``POST`` that is not JSON, with or without a token configured;
-* every route but ``/health``, the dashboard's page and files and the API's schema and docs
-  (``/openapi.json``, ``/docs``, ``/redoc``: the same for every installation) needs
+* every route but ``/health``, the dashboard's page and files and the API's schema
+  (``/openapi.json``, the same for every installation; FastAPI's ``/docs`` and ``/redoc``
+  pages, which load their scripts from a CDN, are not served) needs
   ``Authorization: Bearer <token>`` when a token is set (a WebSocket presents it as a
   subprotocol, a header, or ``?token=``, see :mod:`framepipe.server.guard`); a wrong or
   missing one is a 401 (WebSocket close code 1008) before anything is read or written;
@@ -260,6 +261,10 @@ def create_app(
         lifespan=_lifespan(service, store, objects),
         default_response_class=SafeJSONResponse,
         description="Executions of job pipelines, their steps and events.",
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN into the service's
+        # own origin, where the dashboard keeps its token: the schema is served, the pages not
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(
