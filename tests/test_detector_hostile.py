@@ -11,11 +11,13 @@ NUL) reaching ``/api/detectors`` and execution inputs, file lists with paths suc
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -362,6 +364,55 @@ def _ask(
     )
     pool.shutdown(wait=False)
     return future
+
+
+def _stalled_detector(server: Server, hello_fields: dict[str, Any]) -> socket.socket:
+    """A detector that connects, says hello and then reads nothing (its receive buffer small,
+    so the service's sends back up soon): a raw client, as a library's would keep reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws/detector HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    payload = json.dumps({"type": "detector:hello", **hello_fields}).encode()
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # one masked text frame
+    return sock
+
+
+def test_a_detector_that_stops_reading_is_cut_off_and_holds_no_send_up(
+    hub_server: tuple[Server, Any],
+) -> None:
+    """A detector whose connection takes nothing more (it stopped reading; its buffers are
+    full): the send that cannot go out fails after SEND_TIMEOUT instead of waiting for as long
+    as the connection lasts (holding every later send to it), and the detector is cut off, so
+    the backend sees it gone; a reconnect is served as before."""
+    server, hub = hub_server
+    sock = _stalled_detector(server, {"detector_id": "stuck", "sessions": [{"session_id": "s1"}]})
+    try:
+        wait_until("the detector to be connected", lambda: hub.is_connected("stuck"), 10)
+        blob = "x" * 200_000
+        started = time.monotonic()
+        outcomes = []
+        while len(outcomes) < 200 and (not outcomes or outcomes[-1]):
+            outcomes.append(hub.send_sync("s1", {"type": "sd:status", "blob": blob}, wait=60))
+        assert outcomes[-1] is False, "every send went out: the client never stalled"
+        assert time.monotonic() - started < 50
+        wait_until("the stalled detector to be gone", lambda: not hub.is_connected("stuck"), 10)
+        assert hub.send_sync("s1", {"type": "sd:status"}, wait=5) is False  # at once
+    finally:
+        sock.close()
+    with connect(server) as again:
+        assert hello(again, "stuck", sessions=[{"session_id": "s1"}])["type"] == "detector:welcome"
+        assert hub.send_sync("s1", {"type": "sd:status", "n": 1}, wait=10) is True
+        assert recv(again)["n"] == 1
 
 
 def test_a_session_belongs_to_the_detector_that_opened_it(hub_server: tuple[Server, Any]) -> None:

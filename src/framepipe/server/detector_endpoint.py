@@ -71,7 +71,13 @@ if TYPE_CHECKING:
 
     from framepipe.server.detector import DetectorHub
 
-__all__ = ["DetectorConnection", "mount_detector", "serve_detector"]
+__all__ = ["SEND_TIMEOUT", "DetectorConnection", "mount_detector", "serve_detector"]
+
+SEND_TIMEOUT = 10.0
+"""Seconds a detector's connection may take to accept one message before it is cut off: a
+detector reading at all takes one in far less; one that stopped reading would otherwise hold
+every later send to it (and the requests of the steps behind them) for as long as its
+connection lasts."""
 
 _log = get_logger("server.detector")
 
@@ -102,12 +108,20 @@ class DetectorConnection:
 
     async def send(self, message: Mapping[str, Any]) -> None:
         """Send one message; raises :class:`DetectorUnavailableError` if the connection is
-        gone."""
+        gone, or if it takes no message within :data:`SEND_TIMEOUT` seconds (the detector
+        stopped reading: the connection is then cut off, and every later send fails at once
+        instead of waiting behind it)."""
         if self.closed.is_set():
             raise DetectorUnavailableError("disconnected", detector_id=self.detector_id)
         try:
-            async with self.lock:
+            async with asyncio.timeout(SEND_TIMEOUT), self.lock:
                 await self.websocket.send_text(json.dumps(message))
+        except TimeoutError as exc:
+            self.closed.set()  # the connection's loop (serve_detector) ends it
+            raise DetectorUnavailableError(
+                f"cut off: it took no message for {SEND_TIMEOUT:g}s (it stopped reading)",
+                detector_id=self.detector_id,
+            ) from exc
         except (_disconnect(), RuntimeError, OSError) as exc:
             raise DetectorUnavailableError(
                 f"disconnected ({exc})", detector_id=self.detector_id
@@ -153,7 +167,7 @@ async def serve_detector(hub: DetectorHub, websocket: WebSocket, token: str | No
         for problem in refused:
             await conn.send(problem)
         while True:
-            raw = await _receive(websocket)
+            raw = await _receive_unless_closed(websocket, conn)
             if raw is None:
                 break
             await _dispatch(hub, conn, raw)
@@ -194,6 +208,24 @@ async def _dispatch(hub: DetectorHub, conn: DetectorConnection, raw: str | bytes
         await conn.send(error_message(exc, **extra))
         return
     await hub._route(conn, message, registered, parsed, session_id, fields)
+
+
+async def _receive_unless_closed(
+    websocket: WebSocket, conn: DetectorConnection
+) -> str | bytes | None:
+    """The next frame's text or bytes; None once the connection is gone or cut off."""
+    receiving = asyncio.ensure_future(_receive(websocket))
+    closing = asyncio.ensure_future(conn.closed.wait())
+    try:
+        await asyncio.wait({receiving, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+    if not receiving.done():
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiving
+        return None
+    return receiving.result()
 
 
 async def _receive(websocket: WebSocket) -> str | bytes | None:
