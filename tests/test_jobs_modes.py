@@ -816,6 +816,24 @@ def test_events_carry_the_same_data_in_both_modes(run_in_mode: Runner) -> None:
         assert PAYLOADS[e.type] <= set(e.data) <= PAYLOADS[e.type] | extra, e
 
 
+def test_large_inputs_stay_on_the_execution_and_out_of_its_created_event(
+    run_in_mode: Runner,
+) -> None:
+    """execution.created goes to every live subscriber and events page: inputs over 16 KiB of
+    JSON are left out of it (with their size), small ones carried; the execution keeps both."""
+    files = [f"DCIM/100GOPRO/GX{n:06d}.MP4" for n in range(1000)]  # a card's file list
+    big, big_events = run_in_mode(wp.dupes, {"files": files})
+    small, small_events = run_in_mode(wp.dupes, {"files": files[:2]})
+    assert big.status.value == small.status.value == "completed"
+    (created,) = [e for e in big_events if e.type == "execution.created"]
+    assert created.data["inputs"] is None
+    assert created.data["inputs_bytes"] > 16 * 1024
+    assert created.data["pipeline"] == "wk_dupes"
+    assert big.inputs["files"] == files
+    (created,) = [e for e in small_events if e.type == "execution.created"]
+    assert created.data["inputs"]["files"] == files[:2] and "inputs_bytes" not in created.data
+
+
 def test_a_completed_step_says_how_long_it_took(run_in_mode: Runner) -> None:
     info, events = run_in_mode(wp.failfast, {})
     slowpoke = info.step("slowpoke")

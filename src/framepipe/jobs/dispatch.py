@@ -49,7 +49,7 @@ from framepipe.jobs.rounds import (
     RoundResult,
     Spawn,
 )
-from framepipe.jobs.rules import plan_step
+from framepipe.jobs.rules import created_data, plan_step
 from framepipe.jobs.transitions import (
     MODE,
     RUNNING,
@@ -115,7 +115,7 @@ def submit(
         tx = Transaction(store, conn, now)
         x = tx.lock(execution_id)
         assert x is not None
-        tx.emit("execution.created", x, None, {"pipeline": pipeline.name, "inputs": inputs})
+        tx.emit("execution.created", x, None, created_data(pipeline.name, inputs))
         tx.emit("execution.started", x, None, {"run": 1, "mode": MODE})
         tx.insert_steps(
             x,

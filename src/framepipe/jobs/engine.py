@@ -60,6 +60,7 @@ from framepipe.jobs.records import (
 )
 from framepipe.jobs.recovery import recover_for
 from framepipe.jobs.rounds import Delivery
+from framepipe.jobs.rules import created_data
 from framepipe.jobs.scheduler import Scheduler
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
@@ -294,13 +295,7 @@ class JobEngine(Scheduler):
             new_executions=[row],
             new_steps=step_rows,
             events=[
-                Event(
-                    "execution.created",
-                    now,
-                    x.id,
-                    None,
-                    {"pipeline": pipeline.name, "inputs": inputs},
-                ),
+                Event("execution.created", now, x.id, None, created_data(pipeline.name, inputs)),
                 Event("execution.started", now, x.id, None, {"run": 1}),
             ],
         )

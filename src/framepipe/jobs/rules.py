@@ -26,6 +26,8 @@ values that both call:
   ``pending`` (interrupted: it runs again when the execution is resumed).
 * **Progress** (:func:`execution_progress`): the weighted mean of the steps' progress, never
   going back.
+* **What ``execution.created`` says** (:func:`created_data`): the pipeline and its inputs, the
+  inputs left out (with their size) when their JSON is over :data:`EVENT_INPUTS_MAX` bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from framepipe.jobs.keys import is_step_key
 from framepipe.jobs.models import ExecutionStatus, StepStatus
+from framepipe.untrusted import json_size
 
 if TYPE_CHECKING:
     from framepipe.jobs.outcomes import RetryPolicy
@@ -170,3 +173,19 @@ def execution_progress(
     spawned."""
     value = wsum / wtotal if wtotal > 0 else 100.0 * completed / max(1, total)
     return max(previous, round(min(100.0, value), 2))
+
+
+EVENT_INPUTS_MAX = 16 * 1024
+"""The largest inputs (bytes of JSON) an ``execution.created`` event carries. Events go to
+every live subscriber, page and dashboard; an execution's inputs may be up to
+``max_inputs_bytes`` (a card's file list), so larger ones stay on the execution only."""
+
+
+def created_data(pipeline: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The data of an execution's ``execution.created`` event: ``pipeline`` and ``inputs``;
+    inputs whose JSON is over :data:`EVENT_INPUTS_MAX` bytes are ``None`` there, with their
+    size as ``inputs_bytes`` (the execution itself has them: ``GET /api/executions/{id}``)."""
+    size = json_size(inputs)
+    if size > EVENT_INPUTS_MAX:
+        return {"pipeline": pipeline, "inputs": None, "inputs_bytes": size}
+    return {"pipeline": pipeline, "inputs": inputs}
