@@ -14,6 +14,7 @@ its length, as the turn is never given back before the test says so.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -155,6 +156,26 @@ def test_a_failed_thumbnail_gives_its_turn_back(tmp_path: Path) -> None:
         served = client.get(f"{BASE}/snaps/fine.png")
         assert served.status_code == 200, _said(served)
         assert _cache(server).busy == 0
+
+
+def test_an_object_larger_than_any_image_in_the_budget_is_refused_unread(tmp_path: Path) -> None:
+    """An object asked for as a frame that is larger than any image within the pixel budget
+    can be (its pixels as raw RGB, plus 1 MiB) is refused from its size, before it is read
+    into memory; a frame within the budget is still served."""
+    settings = _settings(tmp_path, thumbnail_max_pixels=100_000)
+    with (
+        Server(settings, pipelines=(), apps=[App("station", settings=settings)]) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client,
+    ):
+        huge = _png(300, 200) + os.urandom(2 << 20)  # an image's header, 2 MiB behind it
+        assert client.put("/api/objects/snaps/huge.png", content=huge).status_code == 201
+        assert client.put("/api/objects/snaps/fine.png", content=_png(300, 200)).status_code == 201
+        refused = client.get(f"{BASE}/snaps/huge.png?width=120")
+        assert refused.status_code == 422, _said(refused)
+        detail = refused.json()["detail"]
+        assert f"is {len(huge)} bytes, larger than an image" in detail, detail
+        assert f"({100_000 * 3 + (1 << 20)}); not read" in detail, detail
+        assert client.get(f"{BASE}/snaps/fine.png?width=120").status_code == 200
 
 
 def test_the_pixel_budget_is_a_setting(tmp_path: Path) -> None:

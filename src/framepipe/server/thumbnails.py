@@ -49,6 +49,7 @@ __all__ = [
     "SLOT_WAIT",
     "ImageTooLargeError",
     "NotAnImageError",
+    "ObjectTooLargeError",
     "ThumbnailCache",
     "ThumbnailSlots",
     "ThumbnailsBusyError",
@@ -93,6 +94,26 @@ class ImageTooLargeError(FramepipeError):
         super().__init__(
             f"the image is {width}x{height} pixels, over the {limit} a thumbnail is made from"
         )
+
+
+class ObjectTooLargeError(FramepipeError):
+    """An object asked for as an image is larger (``size`` bytes) than any image within the
+    pixel budget can be (``limit``, :func:`max_image_bytes`); it was not read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"the object is {size} bytes, over the {limit} an image a thumbnail is made from "
+            "can be"
+        )
+
+
+def max_image_bytes(max_pixels: int) -> int:
+    """The most bytes an image of at most ``max_pixels`` pixels is read as: its pixels
+    uncompressed as RGB (what no JPEG, PNG or WebP of them exceeds by much), plus 1 MiB of
+    headers and metadata."""
+    return max_pixels * 3 + (1 << 20)
 
 
 class ThumbnailsBusyError(FramepipeError):
@@ -357,12 +378,16 @@ class ThumbnailCache:
         self, store: ObjectStore, key: str, width: int, *, max_pixels: int = MAX_PIXELS
     ) -> bytes:
         """The thumbnail of ``key`` in ``store`` (read and made on a miss, refused when its
-        decode would hold more than ``max_pixels`` pixels; raises what ``store.get`` raises,
-        :class:`NotAnImageError` or :class:`ImageTooLargeError`)."""
+        decode would hold more than ``max_pixels`` pixels, and unread when the object is larger
+        than such an image can be; raises what ``store.get`` raises, :class:`NotAnImageError`,
+        :class:`ImageTooLargeError` or :class:`ObjectTooLargeError`)."""
         data = self.kept(store, key, width)
         if data is not None:
             return data
         cache_key = (store.url, key, width)
+        size, limit = store.stat(key).size, max_image_bytes(max_pixels)
+        if size > limit:  # read whole, it would be held in memory for nothing
+            raise ObjectTooLargeError(size, limit)
         data = downscale(store.get(key), width, max_pixels=max_pixels)
         with self._lock:
             self.misses += 1

@@ -51,6 +51,7 @@ from framepipe.server.store_errors import object_store_errors
 from framepipe.server.thumbnails import (
     ImageTooLargeError,
     NotAnImageError,
+    ObjectTooLargeError,
     ThumbnailCache,
     ThumbnailsBusyError,
 )
@@ -311,6 +312,12 @@ async def segments_frame(
             422,
             f"the object {key!r} is an image of {exc.width}x{exc.height} pixels, over the "
             f"{exc.limit} a thumbnail is made from",
+        ) from None
+    except ObjectTooLargeError as exc:
+        raise HTTPException(
+            422,
+            f"the object {key!r} is {exc.size} bytes, larger than an image a thumbnail is "
+            f"made from can be ({exc.limit}); not read",
         ) from None
     return Response(
         data,
