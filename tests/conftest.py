@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import hypothesis
 import pytest
 import sqlalchemy as sa
 
+from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 
@@ -163,3 +165,18 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         server = stack.enter_context(s3_server_at(tmp_path_factory.mktemp("moto")))
     with stack:
         yield server
+
+
+@pytest.fixture
+def objects(settings: Settings) -> ObjectStore:
+    """The object store of ``settings``."""
+    return open_object_store(settings.resolved_objects_url)
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder every temporary directory goes to during the test (to check it is empty)."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

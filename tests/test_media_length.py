@@ -8,11 +8,9 @@ Real clips made with PyAV, real FFmpeg, the real job engine."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import io
 import shutil
-import tempfile
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +20,7 @@ import av
 import numpy as np
 import pytest
 
-from framepipe import ExecutionStatus, JobEngine, Pipeline, Settings, open_object_store
+from framepipe import ExecutionStatus, Pipeline, Settings
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import MediaError
 from framepipe.media import (
@@ -41,6 +39,7 @@ from framepipe.media import (
 from framepipe.media.progress import stop_when
 from framepipe.media.steps import Input, media_step
 from media import make_clip
+from test_media_steps import run
 
 FAST = "ultrafast"
 SIZE = (64, 48)
@@ -348,28 +347,6 @@ def test_the_limits_are_parameters_with_defaults_and_no_setting_is_read(
     for bad in (-1, None, True, 1.5, "10"):
         with pytest.raises(ValueError, match="max_frame_count must be a whole number >= 0"):
             extract_frames(raw, tmp_path / "f", max_frame_count=bad)  # type: ignore[arg-type]
-
-
-def run(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
-    async def main() -> Any:
-        async with JobEngine(settings=settings) as engine:
-            return await engine.run(pipeline, inputs, raise_on_failure=False)
-
-    return asyncio.run(asyncio.wait_for(main(), 120))
-
-
-@pytest.fixture
-def objects(settings: Settings) -> ObjectStore:
-    return open_object_store(settings.resolved_objects_url)
-
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder every temporary directory goes to during the test (to check it is empty)."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def test_the_steps_pass_the_settings_in(

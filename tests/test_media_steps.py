@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from framepipe import (
     StateStore,
     StepContext,
     StepStatus,
-    open_object_store,
 )
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import PathNotAllowedError, StepCancelledError, StepParamsError
@@ -41,20 +39,6 @@ def run(settings: Settings, pipeline: Pipeline, inputs: dict[str, Any]) -> Any:
             return await engine.run(pipeline, inputs, raise_on_failure=False)
 
     return asyncio.run(asyncio.wait_for(main(), 120))
-
-
-@pytest.fixture
-def objects(settings: Settings) -> ObjectStore:
-    return open_object_store(settings.resolved_objects_url)
-
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder every temporary directory goes to during the test (to check it is empty)."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def fetch(objects: ObjectStore, key: str, folder: Path) -> Path:

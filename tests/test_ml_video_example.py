@@ -7,7 +7,6 @@ import asyncio
 import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -332,15 +331,6 @@ def test_a_crashing_model_script_fails_inference_then_retry_with_the_good_script
     assert done.data["frames"] == FRAMES
     steps = started(events)
     assert steps.count("fetch") == 1 and steps.count("preprocess") == 1, steps
-
-
-@pytest.fixture
-def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The folder every step's temporary directory goes to during the test."""
-    folder = tmp_path / "scratch"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 @pytest.mark.parametrize("script", ["silent_model.py", "mute_model.py"])
