@@ -276,3 +276,17 @@ def make_vfr_clip(
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return path
+
+
+def corrupt_first_frame(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose first video packet's payload is garbage, headers untouched: any
+    attempt to decode it fails, so a refusal (of its size, of its length) shows nothing was
+    decoded."""
+    with av.open(str(src)) as container:
+        first = next(p for p in container.demux(video=0) if p.size)
+        assert first.pos is not None
+        start, size = int(first.pos), int(first.size)
+    data = bytearray(src.read_bytes())
+    data[start + 4 : start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
+    dst.write_bytes(bytes(data))
+    return dst

@@ -38,6 +38,7 @@ from framepipe.media.atomic import scratch_outputs
 from framepipe.media.limits import image_size
 from media import (
     audio_of,
+    corrupt_first_frame,
     counter_image,
     dominant_hz,
     make_clip,
@@ -893,19 +894,6 @@ def test_an_undecodable_audio_packet_leaves_a_gap_not_a_failure(tmp_path: Path) 
 
 
 # -- picture-size limit -------------------------------------------------------------------------
-
-
-def corrupt_first_frame(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` whose first video packet's payload is garbage, headers untouched: any
-    attempt to decode it fails, so a refusal that names the size shows nothing was decoded."""
-    with av.open(str(src)) as container:
-        first = next(p for p in container.demux(video=0) if p.size)
-        assert first.pos is not None
-        start, size = int(first.pos), int(first.size)
-    data = bytearray(src.read_bytes())
-    data[start + 4 : start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 LIMITED: dict[str, Callable[[Path, Path, int], object]] = {

@@ -38,7 +38,7 @@ from framepipe.media import (
 )
 from framepipe.media.progress import stop_when
 from framepipe.media.steps import Input, media_step
-from media import make_clip
+from media import corrupt_first_frame, make_clip
 from test_media_steps import run
 
 FAST = "ultrafast"
@@ -84,19 +84,6 @@ def checked(call: Run) -> tuple[MediaError, int]:
     with pytest.raises(MediaError) as info, stop_when(count):
         call()
     return info.value, calls
-
-
-def corrupt_first_frame(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` whose first video packet's payload is garbage, headers untouched: any
-    attempt to decode it fails, so a refusal that names the length shows nothing was decoded."""
-    with av.open(str(src)) as container:
-        first = next(p for p in container.demux(video=0) if p.size)
-        assert first.pos is not None
-        start, size = int(first.pos), int(first.size)
-    data = bytearray(src.read_bytes())
-    data[start + 4 : start + size] = b"\xff" * (size - 4)  # keep the NAL length prefix
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 class _Pipe(io.RawIOBase):
