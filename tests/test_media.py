@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -738,6 +739,28 @@ def test_concat_keeps_each_parts_sound_in_sync_and_fills_silence(tmp_path: Path)
 
     quiet = concat([intro, intro], tmp_path / "quiet.mp4", preset=FAST)
     assert probe(quiet).audio_codec is None  # no part has sound: no audio track
+
+
+def test_a_long_part_without_sound_is_filled_with_silence_in_small_memory(tmp_path: Path) -> None:
+    """A part without sound after one with sound is filled with silence as long as its video
+    (here 20 minutes, at 1 frame a second): the silence takes about a second's memory, not
+    the whole gap's (1,200 s of 48 kHz stereo float would be 460 MB) nor one frame of it."""
+    voiced = make_clip(
+        tmp_path / "voiced.mp4", frames=2, fps=1, size=(32, 32), tone_hz=440,
+        audio_rate=48000, audio_layout="stereo",
+    )  # fmt: skip
+    silent = make_clip(tmp_path / "silent.mp4", frames=1200, fps=1, size=(32, 32))
+    tracemalloc.start()
+    try:
+        out = concat([voiced, silent], tmp_path / "long.mp4", fps=1, preset=FAST)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000_000, f"{peak:,} bytes at the peak"
+    info = probe(out)
+    assert info.frames == 1202
+    assert info.audio_duration == pytest.approx(1202, abs=0.1)
+    assert loudness(out, 1000.0, 1001.0) < 0.01
 
 
 # -- rotation ---------------------------------------------------------------------------------

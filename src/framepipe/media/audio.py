@@ -4,13 +4,14 @@ that carries converted samples onto an output's timeline."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
 import av.audio.stream
 import numpy as np
 
-__all__ = ["AAC_RATES", "AudioFormat", "AudioQueue", "audio_format"]
+__all__ = ["AAC_RATES", "AudioFormat", "AudioQueue", "audio_format", "silence"]
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
 """Sample rates the AAC encoder takes; another source rate is converted to 48 kHz."""
@@ -35,6 +36,17 @@ def audio_format(stream: av.audio.stream.AudioStream) -> AudioFormat:
     rate = int(ctx.sample_rate or stream.rate or 48000)
     channels = ctx.layout.nb_channels if ctx.layout is not None else 2
     return AudioFormat(rate if rate in AAC_RATES else 48000, "mono" if channels == 1 else "stereo")
+
+
+def silence(fmt: AudioFormat, samples: int) -> Iterator[np.ndarray]:
+    """``samples`` of silence in ``fmt`` (planar float), as blocks of at most one second that
+    are views of one zeroed second: hours of silence (a long part without sound, a sound that
+    starts late) take one second's memory, and no block makes an outsized audio frame."""
+    second = np.zeros((fmt.channels, fmt.rate), np.float32)
+    while samples > 0:
+        n = min(samples, fmt.rate)
+        yield second[:, :n]
+        samples -= n
 
 
 class AudioQueue:
@@ -87,7 +99,8 @@ class AudioQueue:
             start = self._first_time if self._first_time is not None else self._t0
             self._lead = round((start - self._t0) * self.fmt.rate)
             if self._lead > 0:
-                self._append(np.zeros((self.fmt.channels, self._lead), np.float32))
+                for block in silence(self.fmt, self._lead):
+                    self._append(block)
                 self._lead = 0
         if self._lead < 0:
             cut = min(-self._lead, samples.shape[1])

@@ -12,7 +12,7 @@ import av.audio.stream
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from framepipe.media.audio import AudioQueue
+from framepipe.media.audio import AudioQueue, silence
 from framepipe.media.limits import LengthGuard
 
 __all__ = ["H264Writer", "even", "fit_size"]
@@ -155,8 +155,8 @@ class H264Writer:
         self._release(end)
         self.audio.clear()
         gap = end - self.audio_samples
-        if gap > 0:
-            self._encode_audio(np.zeros((self.audio.fmt.channels, gap), np.float32))
+        for block in silence(self.audio.fmt, gap):
+            self._encode_audio(block)
 
     def close(self) -> None:
         try:
