@@ -604,6 +604,79 @@ def test_video_tcp_stream_and_server_death(clips: dict[str, Path]) -> None:
     assert ended_after < 3.0
 
 
+def test_video_stream_whose_video_stopped_but_audio_flows_is_closed_at_once(
+    tmp_path: Path,
+) -> None:
+    """A stream whose video stopped while its audio still flows (a camera whose encoder hung)
+    delivers no frame, so its supervisor closes the session as a stall. Its decode thread
+    must stop then, not read the audio for as long as the camera sends it: a thread and a
+    connection left behind by every restart."""
+    ffmpeg = need_tool("ffmpeg")
+    clip = tmp_path / "video_then_audio.ts"
+    subprocess.run(
+        [
+            ffmpeg,
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=d=1:r=10:s=160x120",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=d=600",
+            "-c:v",
+            "libx264",
+            "-tune",
+            "zerolatency",
+            "-c:a",
+            "mp2",
+            "-b:a",
+            "32k",
+            "-f",
+            "mpegts",
+            str(clip),
+        ],
+        check=True,
+    )
+    data = clip.read_bytes()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    done = threading.Event()
+
+    def serve() -> None:  # the video's packets at once, then the audio's slowly until done
+        conn, _ = listener.accept()
+        with conn, contextlib.suppress(OSError):
+            for offset in range(0, len(data), 1880):
+                conn.sendall(data[offset : offset + 1880])
+                if offset > 100_000 and done.wait(0.01):
+                    return
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def main() -> list[threading.Thread]:
+        source = VideoSource(f"tcp://127.0.0.1:{port}", "hung", open_timeout=2, read_timeout=1)
+        agen = source.frames()
+        count = 0
+        async for _frame in agen:
+            count += 1
+            if count == 8:  # MPEG-TS holds the last two back until the end: audio follows
+                break
+        await aclose(agen)
+        return decode_threads()
+
+    try:
+        left = run(main())
+        assert left == [], "the decode thread of a closed session still reads the stream"
+    finally:
+        done.set()
+        listener.close()
+        server.join()
+
+
 # -- CommandSource ---------------------------------------------------------------------------
 
 

@@ -18,8 +18,9 @@ Guarantees of one :meth:`VideoSource.frames` session:
   counted; else its duration) is reported as truncated (``SourceError``), after the frames
   it had.
 * Closing the iterator (``aclose``, ``break`` in ``async for``, cancelling the consumer) stops
-  the thread and joins it. The thread checks its stop flag between packets and while it paces
-  or waits for room, so it stops at once, except when it is blocked in network I/O: then it
+  the thread and joins it. The thread checks its stop flag between packets (of every stream:
+  a stream whose video stopped while its audio flows is stopped too) and while it paces or
+  waits for room, so it stops at once, except when it is blocked in network I/O: then it
   stops when that call returns (at most ``open_timeout``/``read_timeout`` seconds); ``aclose``
   waits for it that long without blocking the event loop.
 """
@@ -30,7 +31,7 @@ import asyncio
 import os
 import re
 import threading
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,9 +307,7 @@ class VideoSource(Source):
                 decoded = DecodedLength(stream, container)
                 first_time: float | None = None
                 last_pts = next_pts
-                for packet in container.demux(stream):
-                    if channel.stopped.is_set():
-                        raise Stopped
+                for packet in _packets_of(container, stream, channel.stopped):
                     for frame in self._frames_of(packet, jpeg, bad, count, passes):
                         time_s = frame.time
                         if time_s is None:
@@ -399,6 +398,18 @@ class VideoSource(Source):
         if planes is not None:
             return planes
         return np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+
+
+def _packets_of(container: Any, stream: Any, stopped: threading.Event) -> Iterator[Any]:
+    """The packets of ``stream``; :class:`Stopped` once ``stopped`` is set, which is checked at
+    the packets of every stream: a camera whose video hung while its audio goes on is stopped
+    too, not read for as long as it sends."""
+    index = stream.index
+    for packet in container.demux():
+        if stopped.is_set():
+            raise Stopped
+        if packet.stream_index == index:
+            yield packet
 
 
 @dataclass(slots=True)
