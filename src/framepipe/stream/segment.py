@@ -15,7 +15,10 @@ even when no frame comes; the timeout counts from when the last keyed frame reac
 segmenter, so a pipeline running behind its camera does not split a segment). With
 ``clock="stream"`` it is the frames' own ``pts`` (recorded video
 processed faster or slower than real time): a segment times out when a frame arrives ``timeout``
-stream-seconds after its last keyed frame, or at the end of the stream.
+stream-seconds after its last keyed frame, or at the end of the stream. Stream time that steps
+back (a capture restarted with its ``pts`` from 0 again, a timestamp that wrapped) counts as
+no time passing: the segmenter's stream time never goes back, so an open segment still times
+out (and ``max_duration`` still counts) after such a step.
 
 The segmenter sees each source's frames in order. A closed segment flows on as a marker behind
 its frames, so sinks finish its frames before ``segment.completed`` is emitted; the event carries
@@ -188,6 +191,8 @@ class SegmenterState:
         self.current: Segment | None = None
         self._ids = SegmentIds()  # the keyed segments' ids, for the whole run
         self._last_ms: int | None = None  # the number in the last key-less id
+        self._last_t: float | None = None  # the last stream time (clock="stream")
+        self._shift = 0.0  # added to pts so that stream time never goes back
 
     def _new_id(self, key: str | None, frame: Frame) -> str:
         if not key:
@@ -197,9 +202,14 @@ class SegmenterState:
         return self._ids.issue(key)
 
     def _time(self, frame: Frame) -> float:
-        if self.config.clock == "stream" and frame.pts is not None:
-            return float(frame.pts)
-        return frame.ts_ms / 1000.0
+        if self.config.clock != "stream" or frame.pts is None:
+            return frame.ts_ms / 1000.0
+        t = float(frame.pts) + self._shift
+        if self._last_t is not None and t < self._last_t:
+            self._shift += self._last_t - t
+            t = self._last_t
+        self._last_t = t
+        return t
 
     def feed(self, frame: Frame) -> tuple[list[Segment], Segment | None]:
         """Route one frame: (segments closed by it, the segment it joins or None)."""

@@ -1,0 +1,60 @@
+"""Segments on the stream's own clock across a restart of the capture, whose frames' ``pts``
+start again from 0: real sessions of a :class:`PatternSource`, fed to a segmenter as its
+pipeline would."""
+
+from __future__ import annotations
+
+import asyncio
+
+from framepipe.frames import Frame
+from framepipe.sources import PatternSource
+from framepipe.stream.segment import Segment, Segmenter
+
+
+async def _session(source: PatternSource, key: str | None) -> list[Frame]:
+    frames = []
+    async for frame in source.frames():
+        if key is not None:
+            frame.meta["order"] = key  # what a QR stage puts on a tagged frame
+        frames.append(frame)
+    return frames
+
+
+def test_a_segment_open_when_the_stream_time_steps_back_still_times_out() -> None:
+    """Order A is tagged in the first session (pts 0 .. 1.96 s); the capture restarts and its
+    next session, untagged, has pts from 0 again. The order times out ``timeout`` stream
+    seconds after its last tag, not only once the new pts passed the old ones (nor never,
+    taking every frame of the next visit)."""
+    source = PatternSource("cam", width=64, height=48, fps=25, count=50, realtime=False)
+    first = asyncio.run(_session(source, "A"))
+    second = asyncio.run(_session(source, None)) + asyncio.run(_session(source, None))
+    assert second[0].pts == 0.0 and first[-1].pts is not None and first[-1].pts > 1.9
+
+    state = Segmenter("order", timeout=1.0, clock="stream").state()
+    closed: list[Segment] = []
+    joined_after_restart = 0
+    for frame in first + second:
+        done, joined = state.feed(frame)
+        closed += done
+        if joined is not None and frame in second:
+            joined_after_restart += 1
+    closed += state.close_all()
+
+    assert [(s.id, s.reason) for s in closed] == [("A", "timeout")]
+    assert closed[0].frames == len(first) + joined_after_restart
+    assert joined_after_restart == 25  # the frames of the one stream second after its last tag
+
+
+def test_max_duration_counts_on_across_a_step_back() -> None:
+    """A segment tagged across the restart still ends at ``max_duration`` of stream time."""
+    source = PatternSource("cam", width=64, height=48, fps=25, count=50, realtime=False)
+    frames = [f for _ in range(4) for f in asyncio.run(_session(source, "A"))]  # 8 s tagged
+
+    state = Segmenter("order", timeout=5.0, max_duration=3.0, clock="stream").state()
+    closed = [s for frame in frames for s in state.feed(frame)[0]] + state.close_all()
+
+    assert [s.reason for s in closed] == ["max_duration", "max_duration", "end"]
+    # 75 frames are 3 s at 25 fps; a step back counts as no time, so the frame after each
+    # step (at 2 s, 4 s and 6 s of the sessions) has the time of the one before it
+    assert [s.frames for s in closed] == [75 + 1, 75 + 2, 50 - 3]
+    assert [s.id for s in closed] == ["A", "A.2", "A.3"]
