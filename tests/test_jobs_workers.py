@@ -868,3 +868,65 @@ def test_a_report_queued_with_its_steps_outcome_is_committed_with_it(
     reports = [e.data["message"] for e in stored if e.type == "step.progress"]
     assert reports[-1] == "copied 12 files, 3 skipped", reports
     assert types[-1] == "step.completed", types
+
+
+def _run_in_worker(
+    cluster: Cluster, worker: Any, pipeline: Pipeline, inputs: list[dict[str, Any]]
+) -> list[ExecutionInfo]:
+    """Run an in-process ``worker`` while ``inputs`` are submitted one execution each and
+    waited for; stop it once they ended."""
+
+    async def main() -> list[ExecutionInfo]:
+        running = asyncio.create_task(worker.run())
+        try:
+            async with JobEngine(settings=cluster.settings) as engine:
+                ids = [await engine.submit(pipeline, given) for given in inputs]
+                return [
+                    await asyncio.wait_for(engine.wait(i, raise_on_failure=False), 120) for i in ids
+                ]
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(running, 30)
+
+    return asyncio.run(main())
+
+
+def test_a_worker_keeps_no_timer_of_a_retry_it_released(
+    cluster_factory: Callable[..., Cluster], pg_url: str
+) -> None:
+    """Each retried failure sets a timer that releases the retry when it is due; a worker
+    keeps it only until it fires (it kept every one it ever set, for as long as it ran)."""
+    from framepipe.jobs.worker import Worker
+
+    cluster = cluster_factory(pg_url)
+    worker = Worker(cluster.settings, pipelines=(wp.backoff,), concurrency=2)
+    infos = _run_in_worker(cluster, worker, wp.backoff, [{"dir": str(cluster.dir)}] * 6)
+    assert [i.status for i in infos] == [ExecutionStatus.COMPLETED] * 6
+    assert all(i.step("flaky").attempt == 3 for i in infos)  # two retries each
+    assert not worker._retry_timers
+
+
+def test_a_worker_keeps_a_bounded_share_of_the_inputs_it_ran(
+    cluster_factory: Callable[..., Cluster], pg_url: str
+) -> None:
+    """A worker caches each execution's inputs to claim its next steps without reading
+    them again; what it keeps stays within KNOWN_INPUTS_BYTES, the least recently claimed
+    from going first (it kept the inputs of its last 1,000 executions, up to
+    max_inputs_bytes each: a gigabyte and more of a long-running worker's memory)."""
+    from framepipe.jobs import dispatch
+    from framepipe.jobs.worker import Worker
+    from framepipe.untrusted import json_size
+
+    cluster = cluster_factory(pg_url)
+    worker = Worker(cluster.settings, pipelines=(wp.last_word,), concurrency=2)
+    blob = "x" * 1_000_000
+    limit = 16 * 1024 * 1024
+    n = limit // len(blob) + 4
+    infos = _run_in_worker(
+        cluster, worker, wp.last_word, [{"blob": blob, "n": i} for i in range(n)]
+    )
+    assert [i.status for i in infos] == [ExecutionStatus.COMPLETED] * n
+    kept = sum(json_size(entry[2]) for entry in worker._known.values())
+    assert 0 < kept <= limit
+    assert infos[-1].id in worker._known  # the most recent is kept
+    assert limit == dispatch.KNOWN_INPUTS_BYTES

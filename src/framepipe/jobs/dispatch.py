@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -57,8 +57,11 @@ from framepipe.jobs.transitions import (
     Transaction,
     claim_statement,
 )
+from framepipe.untrusted import json_size
 
 __all__ = [
+    "KNOWN_EXECUTIONS",
+    "KNOWN_INPUTS_BYTES",
     "MODE",
     "Known",
     "cancel",
@@ -252,11 +255,20 @@ def cancel(store: StateStore, execution_id: str) -> list[Event]:
 # -- what workers commit ---------------------------------------------------------------------
 
 
-Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None, str | None, int]]
+Known = dict[str, tuple[str, str | None, dict[str, Any], list[str] | None, str | None, int, int]]
 """What :func:`claim` caches per execution id: (pipeline, reference, inputs, input_roots,
-traceparent, runs). Only a resume changes any of them (the reference, when it is given a new
-one), and it counts a new run: an entry is used only while the execution's ``runs`` is still
-the one cached."""
+traceparent, runs, size of the inputs as JSON). Only a resume changes any of them (the
+reference, when it is given a new one), and it counts a new run: an entry is used only while
+the execution's ``runs`` is still the one cached. The cache is kept to the
+:data:`KNOWN_EXECUTIONS` executions last claimed from and :data:`KNOWN_INPUTS_BYTES` of
+their inputs (the least recently claimed from go first; the entries of one claim are kept
+whatever their size), so a long-running worker does not hold the inputs of every execution
+it ever ran (each may be up to ``max_inputs_bytes``)."""
+
+KNOWN_EXECUTIONS = 1000
+"""At most this many executions in a :data:`Known` cache."""
+KNOWN_INPUTS_BYTES = 16 * 1024 * 1024
+"""At most this many bytes of inputs (as JSON) in a :data:`Known` cache."""
 
 
 def claim(
@@ -303,21 +315,19 @@ def _claim_in(
     rows: list[Any] = []
     for execution_id in sorted(by_exec):
         claim = claim_statement(execution_id, by_exec[execution_id], worker, lease, now)
-        cached = known.get(execution_id)
+        cached = known.pop(execution_id, None)
         if cached is not None:
             same_run = running.where(executions.c.runs == cached[5])
             got = conn.execute(claim.where(steps.c.execution_id.in_(same_run))).all()
             if got:
                 rows.extend(got)
+                known[execution_id] = cached  # the most recently claimed from, last
                 continue
-            del known[execution_id]
         rows.extend(conn.execute(claim.where(steps.c.execution_id.in_(running))).all())
     if not rows:
         return [], []
     missing = {r.execution_id for r in rows} - known.keys()
     if missing:
-        if len(known) > 1000:
-            known.clear()
         for x in conn.execute(
             sa.select(
                 executions.c.id,
@@ -336,10 +346,11 @@ def _claim_in(
                 x.input_roots,
                 x.traceparent,
                 x.runs,
+                json_size(x.inputs),
             )
     claimed = []
     for r in rows:
-        pipeline, ref, inputs, roots, traceparent, _runs = known[r.execution_id]
+        pipeline, ref, inputs, roots, traceparent, _runs, _size = known[r.execution_id]
         claimed.append(
             Claimed(
                 execution_id=r.execution_id,
@@ -358,6 +369,7 @@ def _claim_in(
                 traceparent=traceparent,
             )
         )
+    _trim(known, keep=by_exec.keys())
     committed = insert_events(
         store,
         conn,
@@ -369,6 +381,18 @@ def _claim_in(
         ],
     )
     return claimed, committed
+
+
+def _trim(known: Known, *, keep: Iterable[str]) -> None:
+    """Drop the least recently claimed from executions of ``known`` (its first entries) past
+    :data:`KNOWN_EXECUTIONS` or :data:`KNOWN_INPUTS_BYTES`; never those in ``keep``."""
+    kept = set(keep)
+    size = sum(entry[6] for entry in known.values())
+    for execution_id in list(known):
+        if len(known) <= KNOWN_EXECUTIONS and size <= KNOWN_INPUTS_BYTES:
+            return
+        if execution_id not in kept:
+            size -= known.pop(execution_id)[6]
 
 
 def commit_round(

@@ -177,7 +177,7 @@ class Worker:
         self._async_slots: asyncio.Semaphore | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._db: ThreadPoolExecutor | None = None
-        self._retry_timers: list[asyncio.TimerHandle] = []
+        self._retry_timers: set[asyncio.TimerHandle] = set()  # pending ones only
         self._closing = False
         self.started_at = 0.0
 
@@ -756,11 +756,8 @@ class Worker:
             )
         if result.ready:
             await self._publish(result.ready)
-        loop = asyncio.get_running_loop()
         for at, delivery in result.retry_at:
-            self._retry_timers.append(
-                loop.call_later(max(0.0, at - time.time()), self._retry_due, delivery)
-            )
+            self._retry_later(at, delivery)
 
     async def _salvage(self, work: Round, exc: Exception) -> RoundResult:
         """Commit a round the store refused for its data (not a lost connection) piece by
@@ -839,6 +836,18 @@ class Worker:
         """The weight and committed progress of attempt ``ident`` while this worker runs it."""
         run = self._runs.get(ident)
         return None if run is None else (run.claimed.weight, run.committed_progress)
+
+    def _retry_later(self, at: float, delivery: Delivery) -> None:
+        """Release the due retries at ``at`` (the sweep would too, later); the timer is kept
+        only until it fires, to be cancelled at shutdown."""
+        timers = self._retry_timers
+
+        def due() -> None:
+            timers.discard(handle)
+            self._retry_due(delivery)
+
+        handle = asyncio.get_running_loop().call_later(max(0.0, at - time.time()), due)
+        timers.add(handle)
 
     def _retry_due(self, _delivery: Delivery) -> None:
         if not self._stopping.is_set():
