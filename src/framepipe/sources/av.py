@@ -303,6 +303,8 @@ class VideoSource(Source):
                 frame_time = 1.0 / float(rate) if rate else 0.04
                 if rate:
                     self.fps = float(rate)
+                if pacer is not None:  # a gap of 10 frames and at least 1 s: a discontinuity
+                    pacer.max_gap = max(1.0, 10 * frame_time)
                 count, bad = 0, [0]
                 decoded = DecodedLength(stream, container)
                 first_time: float | None = None

@@ -98,15 +98,24 @@ class Channel:
 
 
 class Pacer:
-    """Sleeps the decode thread so frames leave at their pts relative to the session start."""
+    """Sleeps the decode thread so frames leave at their pts relative to the session start.
 
-    def __init__(self, stopped: threading.Event) -> None:
+    A frame whose pts is more than ``max_gap`` seconds after the previous frame's is a
+    discontinuity (a recording resumed, a broadcast's timestamp jump), not a wait: it leaves
+    at once and the pace goes on from it, so a file with an hour-long jump does not stall for
+    an hour (and, supervised, restart at every stall). A frame far behind its time (a slow
+    consumer) re-anchors the pace likewise instead of bursting."""
+
+    def __init__(self, stopped: threading.Event, *, max_gap: float = 1.0) -> None:
         self.stopped = stopped
+        self.max_gap = max_gap
         self.anchor: tuple[float, float] | None = None  # (monotonic, pts)
+        self.last_pts: float | None = None
 
     def wait_until(self, pts: float) -> None:
         now = time.monotonic()
-        if self.anchor is None:
+        previous, self.last_pts = self.last_pts, pts
+        if self.anchor is None or (previous is not None and pts - previous > self.max_gap):
             self.anchor = (now, pts)
             return
         delay = self.anchor[0] + (pts - self.anchor[1]) - now
