@@ -288,7 +288,10 @@ def claim(
     dropped and the claim made again without it.
 
     Not a durable commit: if the database loses it in a crash, the step is ready again and
-    this attempt's later writes are fenced off."""
+    this attempt's later writes are fenced off, unless another worker claimed the step again
+    first, under the same attempt number: then both run it (once each, as a crash re-runs a
+    step anyway) and the first outcome is the step's, the other fenced off by the step's
+    status."""
     if not deliveries:
         return [], []
     with store.write(durable=False) as conn:
