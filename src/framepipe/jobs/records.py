@@ -54,6 +54,7 @@ __all__ = [
     "take_over",
     "upsert_ledger",
     "write_batch",
+    "write_batch_in",
 ]
 
 _STEP_COLS = [c.name for c in steps.columns]
@@ -151,25 +152,31 @@ class Batch:
 def write_batch(store: StateStore, batch: Batch) -> list[Event]:
     """Commit ``batch`` in one transaction; return its events with their ids."""
     with store.write() as conn:
-        if batch.new_executions:
-            conn.execute(executions.insert(), batch.new_executions)
-        if batch.new_steps:
-            conn.execute(steps.insert(), batch.new_steps)
-        if batch.executions:
-            conn.execute(
-                _update_exec, [{f"b_{k}": v for k, v in row.items()} for row in batch.executions]
-            )
-        if batch.steps:
-            conn.execute(
-                _update_step,
-                [
-                    {f"b_{k}": row[k] for k in ("execution_id", "key", *_STEP_MUTABLE)}
-                    for row in batch.steps
-                ],
-            )
-        if batch.ledger:
-            upsert_ledger(store, conn, batch.ledger)
-        return insert_events(store, conn, batch.events)
+        return write_batch_in(store, conn, batch)
+
+
+def write_batch_in(store: StateStore, conn: sa.Connection, batch: Batch) -> list[Event]:
+    """Write ``batch`` in the transaction of ``conn`` (committed with it); return its events
+    with their ids."""
+    if batch.new_executions:
+        conn.execute(executions.insert(), batch.new_executions)
+    if batch.new_steps:
+        conn.execute(steps.insert(), batch.new_steps)
+    if batch.executions:
+        conn.execute(
+            _update_exec, [{f"b_{k}": v for k, v in row.items()} for row in batch.executions]
+        )
+    if batch.steps:
+        conn.execute(
+            _update_step,
+            [
+                {f"b_{k}": row[k] for k in ("execution_id", "key", *_STEP_MUTABLE)}
+                for row in batch.steps
+            ],
+        )
+    if batch.ledger:
+        upsert_ledger(store, conn, batch.ledger)
+    return insert_events(store, conn, batch.events)
 
 
 def upsert_ledger(store: StateStore, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:

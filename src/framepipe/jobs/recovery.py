@@ -22,7 +22,7 @@ from framepipe.config import Settings
 from framepipe.events import Event
 from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
-from framepipe.jobs.records import Batch, write_batch
+from framepipe.jobs.records import Batch, write_batch_in
 from framepipe.liveness import owner_is_dead
 
 __all__ = ["recover_for", "recover_orphans"]
@@ -157,8 +157,9 @@ def _recover_one(
             {"error": error, "crashed_steps": crashed},
         )
     )
+    # One transaction: only if still running under the dead owner (another process may have
+    # recovered it first), and nothing can take it over between the check and the writes.
     with store.write() as conn:
-        # Only if still running: another process may have recovered it first.
         claimed = conn.execute(
             executions.update()
             .where(
@@ -168,6 +169,6 @@ def _recover_one(
             )
             .values(status=status.value)
         ).rowcount
-    if not claimed:
-        return []
-    return write_batch(store, batch)
+        if not claimed:
+            return []
+        return write_batch_in(store, conn, batch)
