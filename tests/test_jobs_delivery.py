@@ -244,3 +244,36 @@ def test_an_unreachable_broker_fails_each_call_clearly(url: str) -> None:
 def test_a_url_of_no_broker_is_refused(url: str) -> None:
     with pytest.raises(BrokerError, match=r"names neither Redis .* nor RabbitMQ"):
         open_delivery(url)
+
+
+@pytest.mark.redis
+def test_stopped_workers_consumers_are_forgotten_and_no_other() -> None:
+    """Every worker process is a new consumer of the Redis group (RabbitMQ forgets a consumer
+    when its channel closes): one that holds nothing and read nothing for the idle time is
+    forgotten, so the group does not grow with every restart; one with a step pending (it
+    died holding it: take_over needs it) and the caller are kept."""
+    with broker_namespace("redis", "fp-delivery-") as (url, namespace):
+        d = open_delivery(url, namespace, timeout=5.0)
+        try:
+            _forget_stopped_consumers(d)
+        finally:
+            d.close()
+
+
+def _forget_stopped_consumers(d: StepDelivery) -> None:
+    d.prepare()
+    for consumer in ("died-holding-one", "stopped", "me"):
+        d.publish(steps(1))
+        got = take_all(d, consumer, 1)
+        assert len(got) == 1
+        if consumer == "died-holding-one":
+            held = got
+        else:
+            d.ack(got)  # settled: the consumer holds nothing
+    time.sleep(0.3)
+    assert d.forget_consumers(0.2, keep="me") == 1
+    names = {c["name"] for c in d.redis.xinfo_consumers(d.stream, d.GROUP)}  # type: ignore[attr-defined]
+    assert names == {b"died-holding-one", b"me"}
+    assert d.forget_consumers(0.2, keep="me") == 0
+    taken = d.take_over("me", 0.2, 10)  # the pending step is still there to take over
+    assert [r.delivery for r in taken] == [r.delivery for r in held]

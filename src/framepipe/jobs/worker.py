@@ -87,6 +87,8 @@ T = TypeVar("T")
 _log = get_logger("jobs.worker")
 _SHORT_STEP = 0.05
 _PAUSE_AFTER = 0.2  # a worker full for this long pauses its delivery (see _reserve)
+_FORGET_EVERY = 600.0  # seconds between two looks for stopped workers' consumers
+_FORGET_IDLE = 3600.0  # a consumer idle this long with nothing pending is a stopped worker
 
 
 def _transient(exc: BaseException) -> bool:
@@ -877,7 +879,7 @@ class Worker:
     async def _heartbeat(self) -> None:
         renew_every = min(self.lease / 3, 1.0)
         sweep_every = self.settings.sweep_interval
-        last_renew = last_sweep = last_claim = time.monotonic()
+        last_renew = last_sweep = last_claim = last_forget = time.monotonic()
         while True:
             await asyncio.sleep(min(renew_every, sweep_every, 0.5))
             now = time.monotonic()
@@ -893,12 +895,20 @@ class Worker:
                 if now - last_claim >= self.lease and not self._stopping.is_set():
                     last_claim = now
                     await self._takeover()
+                if now - last_forget >= _FORGET_EVERY and not self._stopping.is_set():
+                    last_forget = now
+                    await self._forget_consumers()
             except Exception as exc:
                 if not _transient(exc):
                     raise
                 _log.warning(
                     "Worker %s: heartbeat failed (%s); retrying", self.id, str(exc).splitlines()[0]
                 )
+
+    async def _forget_consumers(self) -> None:
+        forgotten = await asyncio.to_thread(self.broker.forget_consumers, _FORGET_IDLE, self.id)
+        if forgotten:
+            _log.info("Worker %s: %d stopped worker(s) forgotten by the broker", self.id, forgotten)
 
     async def _renew(self) -> None:
         held = [r.ident for r in self._runs.values() if not r.finished and not r.lost]

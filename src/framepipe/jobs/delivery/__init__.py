@@ -97,6 +97,12 @@ class StepDelivery(ABC):
         between taking and claiming). Empty where the broker gives them back by itself."""
         return []
 
+    def forget_consumers(self, idle: float, keep: str) -> int:
+        """Forget the consumers (other than ``keep``) that hold nothing unsettled and took
+        nothing for ``idle`` seconds (workers that stopped: each process is a new consumer);
+        return how many. Nothing to do where the broker forgets them by itself."""
+        return 0
+
     @abstractmethod
     def backlog(self) -> Backlog:
         """How many deliveries wait in the broker."""

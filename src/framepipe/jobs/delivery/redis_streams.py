@@ -5,7 +5,11 @@ An entry only names a ready step (``e``: execution id, ``k``: step key). Consume
 claim is committed; the entries of a consumer that died before that stay pending and are
 taken over with ``XAUTOCLAIM`` (:meth:`RedisStreamsDelivery.take_over`). A Redis restart
 without persistence loses the stream and the group: the group is created again on the next
-read, and the workers' sweep publishes the ready steps again.
+read, and the workers' sweep publishes the ready steps again. Every worker process is a new
+consumer of the group; one that holds nothing pending and read nothing for an hour (a worker
+that stopped) is deleted from the group by the workers' upkeep
+(:meth:`RedisStreamsDelivery.forget_consumers`), so the group does not grow with every
+restart.
 """
 
 from __future__ import annotations
@@ -28,6 +32,23 @@ from framepipe.redis.connection import connect_sync
 __all__ = ["RedisStreamsDelivery"]
 
 _log = get_logger("jobs.delivery")
+
+FORGET_LUA = """
+local n = 0
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #fields, 2 do c[fields[i]] = fields[i + 1] end
+  if c['name'] ~= ARGV[3] and tonumber(c['pending']) == 0
+     and tonumber(c['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+"""KEYS: stream. ARGV: group, idle (ms), the consumer to keep. Deletes, in one step (so none
+reads an entry between the check and the delete), every other consumer with nothing pending
+and idle for longer; returns how many."""
 
 
 class RedisStreamsDelivery(StepDelivery):
@@ -126,6 +147,21 @@ class RedisStreamsDelivery(StepDelivery):
         except redis.RedisError as exc:
             raise self._wrap(exc, "taking over idle steps") from exc
         return self._entries(reply[1] if reply else [])
+
+    def forget_consumers(self, idle: float, keep: str) -> int:
+        """Delete from the group the consumers other than ``keep`` with nothing pending that
+        read nothing for ``idle`` seconds (``XGROUP DELCONSUMER``, checked and done in one
+        script); return how many."""
+        try:
+            return int(
+                self.redis.eval(FORGET_LUA, 1, self.stream, self.GROUP, int(idle * 1000), keep)
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                return 0
+            raise self._wrap(exc, "forgetting stopped consumers") from exc
+        except redis.RedisError as exc:
+            raise self._wrap(exc, "forgetting stopped consumers") from exc
 
     def ack(self, received: Sequence[Received]) -> None:
         """Acknowledge and delete the entries."""
