@@ -376,6 +376,21 @@ def test_motion_gate_methods() -> None:
         MotionGate(5)
 
 
+def test_motion_gate_starts_again_after_a_size_change_with_both_methods() -> None:
+    """A camera restarted at another resolution: its first frame at the new size counts as
+    still (the comparison starts again from it), then motion is scored as before."""
+    for method in ("diff", "mog2"):
+        gate = MotionGate(0.01, method=method, width=160)  # type: ignore[arg-type]
+        for n in range(1, 4):
+            gate.process(Frame(np.zeros((240, 320, 3), np.uint8), "cam", n))
+        wide = Frame(np.full((180, 320, 3), 90, np.uint8), "cam", 4)  # 16:9 now, brighter
+        assert gate.process(wide) is None, method
+        assert wide.meta["motion"] == 0.0
+        moved = Frame(np.full((180, 320, 3), 90, np.uint8), "cam", 5)
+        moved.image[60:120, 100:200] = 255
+        assert gate.process(moved) is moved, method
+
+
 def test_a_task_that_dies_fails_the_pipeline_loudly(caplog: pytest.LogCaptureFixture) -> None:
     class Broken(Sink):
         name = "broken"

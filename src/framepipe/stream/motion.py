@@ -23,7 +23,9 @@ class MotionGate(Processor):
     BackgroundSubtractorMOG2 per source (robust to slow light changes, needs a few frames to
     learn). A changed pixel differs by more than ``pixel_delta`` (0-255). The score goes to
     ``frame.meta["motion"]``; with ``pass_all`` every frame passes, annotated. The first frame of
-    a source counts as still. Keeps per-source state: run it with one worker, in order.
+    a source counts as still, and so does the first after its picture size changed (a camera
+    restarted at another resolution), with both methods: the comparison starts again from it.
+    Keeps per-source state: run it with one worker, in order.
     """
 
     def __init__(
@@ -66,12 +68,13 @@ class MotionGate(Processor):
         with self._lock:
             state = self._state.get(frame.source_id)
             if self.method == "mog2":
-                if state is None:
-                    state = cv2.createBackgroundSubtractorMOG2(history=200, detectShadows=False)
-                    self._state[frame.source_id] = state
-                    state.apply(small, learningRate=1.0)  # the first frame is the background
+                model, shape = state if state is not None else (None, None)
+                if model is None or shape != small.shape:  # first frame, or a new picture size
+                    model = cv2.createBackgroundSubtractorMOG2(history=200, detectShadows=False)
+                    self._state[frame.source_id] = (model, small.shape)
+                    model.apply(small, learningRate=1.0)  # the first frame is the background
                     return 0.0
-                mask = state.apply(small)
+                mask = model.apply(small)
                 return float(np.count_nonzero(mask > 0) / mask.size)
             self._state[frame.source_id] = small
         if state is None or state.shape != small.shape:
