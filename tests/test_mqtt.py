@@ -449,6 +449,27 @@ def test_an_event_queued_outside_the_loop_is_published_at_close(broker: tuple[st
     asyncio.run(_clear_retained(host, port, [f"{prefix}/available"]))
 
 
+def test_a_close_that_gives_up_on_the_queue_still_says_offline(broker: tuple[str, int]) -> None:
+    host, port = broker
+    prefix = unique_prefix("gave-up")
+    topic = f"{prefix}/available"
+
+    async def main() -> tuple[MqttEventSink, dict[str, bytes]]:
+        sink = MqttEventSink(f"mqtt://{host}:{port}/{prefix}", max_pending=5000)
+        sink("order.completed", {"station_id": "s1"})
+        await wait_until_async("the sink connected", lambda: sink.connected)
+        for i in range(5000):
+            sink("order.completed", {"n": i, "station_id": "s1"})
+        await sink.aclose(timeout=0)  # gives up on what is queued: the writer is cancelled
+        # the clean disconnect that follows makes the broker discard the last will
+        return sink, await retained(host, port, topic, 1)
+
+    sink, found = asyncio.run(main())
+    assert found == {topic: b"offline"}
+    assert sink.dropped > 0 and sink.published + sink.dropped == 5001
+    asyncio.run(_clear_retained(host, port, [topic]))
+
+
 def test_app_stop_closes_the_sink_even_when_its_snapshot_cannot_be_written(
     broker: tuple[str, int], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -336,11 +336,15 @@ class MqttEventSink:
                     attempt = 0
                     self._warned_drop = False
                     self._log.info("connected to %s (topics %s/...)", self.url, self.prefix)
-                    await client.publish(self.available_topic, b"online", self.target.qos, True)
-                    self._health_key.clear()
-                    self._refresh_health()
-                    self._dirty |= set(self._retained)
-                    await self._serve(client)
+                    try:
+                        await client.publish(self.available_topic, b"online", self.target.qos, True)
+                        self._health_key.clear()
+                        self._refresh_health()
+                        self._dirty |= set(self._retained)
+                        await self._serve(client)
+                    except asyncio.CancelledError:
+                        await self._say_offline(client)  # aclose gave up on the queue
+                        raise
                     await client.publish(self.available_topic, b"offline", self.target.qos, True)
                     self.connected = False
                     return
@@ -360,6 +364,20 @@ class MqttEventSink:
                     delay,
                 )
                 await asyncio.sleep(delay)
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """Publish ``offline`` on a connection about to be closed while the writer is
+        cancelled: the clean disconnect that follows makes the broker discard the last will,
+        so without it ``available`` would stay ``online``. Bounded (``publish_timeout``, at
+        most 1 s); a failure is logged."""
+        self.connected = False
+        try:
+            await asyncio.wait_for(
+                client.publish(self.available_topic, b"offline", self.target.qos, True),
+                min(1.0, self.publish_timeout),
+            )
+        except Exception as exc:
+            self._log.warning("'offline' not published to %s on close: %r", self.url, exc)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Publish until the sink is closed and empty; raises ``MqttError`` on a lost
