@@ -3,6 +3,11 @@
 Nothing is updated per frame for Prometheus: a custom collector reads each pipeline's stage
 statistics and supervisor health when ``/metrics`` is scraped (or :meth:`App.metrics_text` is
 called), so metrics cost nothing on the hot path.
+
+Label values are names (pipelines, stages, sources), never per-frame or per-order values, and
+each goes through :func:`label_value`: a name no text can encode (a lone surrogate, as
+``os.fsdecode`` makes of a file name that is not UTF-8) is shown escaped instead of failing
+the whole scrape.
 """
 
 from __future__ import annotations
@@ -17,7 +22,20 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from framepipe.stream.pipeline import StreamPipeline
 
-__all__ = ["StreamCollector", "metrics_registry", "render"]
+__all__ = ["StreamCollector", "label_value", "metrics_registry", "render"]
+
+
+def label_value(name: object) -> str:
+    """``name`` as a label value the exposition format can always encode: unchanged when it
+    encodes as UTF-8, else with :func:`~framepipe.jobs.storable.storable_text`'s escapes."""
+    text = str(name)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        from framepipe.jobs.storable import storable_text  # rare: not imported with the app
+
+        return storable_text(text)
+    return text
 
 
 class StreamCollector(Collector):
@@ -60,27 +78,28 @@ class StreamCollector(Collector):
             labels=["pipeline", "quantile"],
         )
         for p in self._pipelines():
+            name = label_value(p.name)
             for s in p.stats:
-                key = [p.name, s.name]
+                key = [name, label_value(s.name)]
                 fps.add_metric(key, s.fps)
                 latency.add_metric(key, s.latency_ms / 1000.0)
                 depth.add_metric(key, s.depth)
                 frames.add_metric(key, s.frames_in)
                 drops.add_metric(key, s.dropped)
                 errors.add_metric(key, s.errors)
-            key = [p.name, p.source.source_id]
+            key = [name, label_value(p.source.source_id)]
             health = p.supervisor.health if p.supervisor is not None else None
             restarts.add_metric(key, health.restarts if health else 0)
             stalls.add_metric(key, health.stalls if health else 0)
             captured.add_metric(key, p.frames_captured)
             up.add_metric(key, 1.0 if p.state.value == "running" else 0.0)
-            segments.add_metric([p.name], p.segments_completed)
+            segments.add_metric([name], p.segments_completed)
             recent = sorted(p.segment_latencies)
             for q in (0.5, 0.95, 1.0):
                 if recent:
                     value = recent[min(len(recent) - 1, round(q * (len(recent) - 1)))]
-                    seg_latency.add_metric([p.name, f"{q:g}"], value)
-            score.add_metric([p.name], p.performance_score())
+                    seg_latency.add_metric([name, f"{q:g}"], value)
+            score.add_metric([name], p.performance_score())
         yield from (
             fps,
             latency,
