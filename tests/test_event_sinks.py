@@ -84,6 +84,56 @@ def test_the_redis_sink_appends_in_order_with_a_type_filter() -> None:
     assert {f[b"type"] for _, f in entries} == {b"order.completed"}
 
 
+# A type made from a file name that is not UTF-8 (os.fsdecode: a lone surrogate) and one
+# made from binary data (a NUL): no backend can store either as written.
+_ODD_TYPES = [("zone.caf\udce9.entered", "zone.caf\\udce9.entered"), ("tag.a\x00b", "tag.a\\x00b")]
+
+
+def test_an_odd_event_type_never_fails_the_store_sink_s_batch(store: StateStore) -> None:
+    async def main() -> StoreEventSink:
+        sink = StoreEventSink(store, "site", retries=1)
+        sink("order.started", {"n": 0})
+        for n, (kind, _) in enumerate(_ODD_TYPES, 1):
+            sink(kind, {"n": n, "name": "caf\udce9"})
+        sink("order.completed", {"n": 3})
+        await sink.aclose()
+        return sink
+
+    sink = asyncio.run(main())
+    assert (sink.written, sink.dropped) == (4, 0)
+    rows = stored(store)
+    assert [t for t, _ in rows] == ["order.started", *(s for _, s in _ODD_TYPES), "order.completed"]
+    assert [d["n"] for _, d in rows] == [0, 1, 2, 3]
+
+
+def test_an_odd_event_type_never_fails_the_redis_sink_s_batch() -> None:
+    import redis
+
+    with redis_namespace("fp-sink-") as namespace:
+        stream = f"{namespace}events"
+
+        async def main() -> RedisEventSink:
+            sink = RedisEventSink(REDIS_URL, stream, retries=1)
+            sink("order.started", {"n": 0})
+            for n, (kind, _) in enumerate(_ODD_TYPES, 1):
+                sink(kind, {"n": n, "name": "caf\udce9"})
+            sink("order.completed", {"n": 3})
+            await sink.aclose()
+            return sink
+
+        sink = asyncio.run(main())
+        client = redis.Redis.from_url(REDIS_URL)
+        entries = client.xrange(stream)
+        client.close()
+    assert (sink.written, sink.dropped) == (4, 0)
+    assert [f[b"type"].decode() for _, f in entries] == [
+        "order.started",
+        *(s for _, s in _ODD_TYPES),
+        "order.completed",
+    ]
+    assert [json.loads(f[b"data"])["n"] for _, f in entries] == [0, 1, 2, 3]
+
+
 def test_a_redis_that_is_away_never_blocks_or_raises_and_drops_are_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -13,6 +13,9 @@ Guarantees:
   batch, never the app: the batch is retried with backoff while newer events queue behind it,
   and it is dropped (counted) after ``retries`` failed attempts. A Redis that accepts the
   connection and never answers fails an attempt after ``socket_timeout`` seconds (10 s).
+* An event type no backend can store (a lone surrogate, a NUL) is written with
+  :func:`~framepipe.jobs.storable.storable_text`'s escapes, so it never fails the batch of
+  good events it is written with.
 * :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection;
   what could not be written by then, the batch in flight included, is counted in ``dropped``.
 
@@ -53,6 +56,14 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _storable_type(event: str) -> str:
+    if event.isascii() and "\x00" not in event:
+        return event
+    from framepipe.jobs.storable import storable_text  # rare: not imported with the app
+
+    return storable_text(event)
+
+
 class _QueuedSink:
     """The queue, the ordered batching writer and the retry policy; subclasses write."""
 
@@ -88,7 +99,7 @@ class _QueuedSink:
             self.dropped += 1
             return
         try:
-            shaped = Event(event, time.time(), None, None, self._shape(data))
+            shaped = Event(_storable_type(event), time.time(), None, None, self._shape(data))
         except Exception:  # data that does not serialize (a reference cycle): never the app's
             self.dropped += 1
             self._log.exception("event %s not queued", event)
