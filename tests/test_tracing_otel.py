@@ -636,3 +636,20 @@ def test_the_root_of_a_step_span_is_the_submit_even_when_it_ran_inside_an_app_sp
     # a submit made while the application traces a request is part of that request's trace
     assert parent_id(execution) == span_id(request)
     assert {trace_id(s) for s in spans} == {trace_id(request)}
+
+
+def test_a_parent_that_is_no_traceparent_starts_no_trace_and_raises_nothing(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """A value carried from outside (a header, a stream field) that is no traceparent: the
+    span it parents is a root span and attaching it attaches nothing; never an error in the
+    code that carries it."""
+    from framepipe import tracing as framepipe_tracing
+
+    for garbage in ("garbage", "00-xyz", "", "00-" + "g" * 32 + "-" + "1" * 16 + "-01"):
+        span = framepipe_tracing.start_span("after a bad parent", parent=garbage)
+        assert span is not None
+        framepipe_tracing.end_span(span)
+        assert framepipe_tracing.attach_trace(garbage) is None
+    finished = named(exporter.get_finished_spans(), "after a bad parent")
+    assert len(finished) == 4 and all(parent_id(s) is None for s in finished)

@@ -103,7 +103,10 @@ def parse_traceparent(value: bytes | str | None) -> str | None:
 def _remote_context(otel: tuple[Any, Any, Any], traceparent: str) -> Any:
     """The context whose current span is ``traceparent``'s span context, remote, as the W3C
     propagator's ``extract`` gives it (built directly: a third of the cost); None when the
-    value names no trace (all-zero ids, version ``ff``)."""
+    value names no trace (all-zero ids, version ``ff``) or is no traceparent at all (checked
+    here, so a caller that passes one unchecked gets no trace rather than an error)."""
+    if not TRACEPARENT.match(traceparent):
+        return None
     trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
     if not trace_id or not span_id or traceparent.startswith("ff"):
         return None
