@@ -36,3 +36,22 @@ def test_any_pipeline_name_keeps_the_exposition_valid_for_every_pipeline(tmp_pat
     }
     assert scores == {"caf\\udce9": 1.0, odd: 1.0, "plain": 1.0}
     assert 'framepipe_source_stalls_total{pipeline="caf\\\\udce9",source="caf\\\\udce9"}' in text
+
+
+def test_an_mqtt_sink_whose_url_is_not_utf8_keeps_the_exposition_valid(tmp_path: Path) -> None:
+    """An MQTT user name from an environment variable holding bytes that are not UTF-8: the
+    sink's broker label is escaped like any other label, and the scrape renders."""
+    from framepipe.mqtt import MqttEventSink
+
+    user = os.fsdecode(b"op\xe9rateur")
+    app = App("mqtt-names", settings=Settings(home=tmp_path))
+    MqttEventSink(f"mqtt://{user}:pw@127.0.0.1:1/x").attach(app)
+    text = app.metrics_text()
+    brokers = {
+        sample.labels["broker"]
+        for family in text_string_to_metric_families(text)
+        if family.name == "framepipe_mqtt_pending"
+        for sample in family.samples
+    }
+    assert brokers == {"mqtt://op\\udce9rateur:***@127.0.0.1:1/x"}
+    assert "pw@" not in text

@@ -23,6 +23,7 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.mqtt.urls import parse_mqtt_url, unfit_in_topic
+from framepipe.telemetry import label_value
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -554,7 +555,7 @@ class _SinkCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         sink = self._sink
         labels = ["broker"]
-        values = [sink.url]
+        values = [label_value(sink.url)]
         published = CounterMetricFamily(
             "framepipe_mqtt_published", "Events the MQTT broker acknowledged", labels=labels
         )
