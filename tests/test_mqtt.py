@@ -194,6 +194,27 @@ def test_a_sink_whose_broker_is_away_never_blocks_and_counts_what_it_drops() -> 
     assert (sink.published, sink.dropped, sink.pending) == (0, 121, 0)
 
 
+def test_an_event_that_cannot_be_encoded_is_counted_as_dropped_and_the_rest_go_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}/{unique_prefix('odd')}"  # nothing listens there
+    circular: dict[str, object] = {}
+    circular["self"] = circular
+
+    async def main() -> MqttEventSink:
+        sink = MqttEventSink(url, max_pending=50, backoff=Backoff(0.01, 2, 0.05, 0))
+        sink("order.completed", {"n": 1})
+        sink("order.completed", {"loop": circular})  # JSON cannot hold it
+        sink("order.completed", {"n": 3})
+        counts = (sink.dropped, sink.pending)
+        await sink.aclose(timeout=0.2)
+        assert counts == (1, 2)
+        return sink
+
+    asyncio.run(main())
+    assert any("cannot be encoded" in r.getMessage() for r in caplog.records)
+
+
 # -- a real app on the shared broker ----------------------------------------------------------
 
 

@@ -157,7 +157,13 @@ class MqttEventSink:
             self.dropped += 1
             return
         try:
-            self._queue(self._message(event, data))
+            payload = _json(self._message(event, data))
+        except Exception:  # data JSON cannot hold (circular, odd keys): counted as dropped
+            self.dropped += 1
+            self._log.exception("event %s not queued for MQTT: it cannot be encoded", event)
+            return
+        try:
+            self._queue(payload)
             if event.startswith(_HEALTH_EVENTS):
                 self._health_due = True
             self._ensure_writer()
@@ -166,7 +172,7 @@ class MqttEventSink:
         except Exception:
             self._log.exception("event %s not queued for MQTT", event)
 
-    def _queue(self, message: dict[str, Any]) -> None:
+    def _queue(self, payload: bytes) -> None:
         if len(self._pending) >= self.max_pending:
             self._pending.popleft()
             self.dropped += 1
@@ -177,7 +183,7 @@ class MqttEventSink:
                     self.max_pending,
                     self.url,
                 )
-        self._pending.append((f"{self.prefix}/events", _json(message)))
+        self._pending.append((f"{self.prefix}/events", payload))
 
     def _ensure_writer(self) -> None:
         if self._writer is None:
