@@ -375,11 +375,13 @@ def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(
         _stalled_subscriber(server) as stalled,
     ):
         assert json.loads(reader.recv(timeout=10))["type"] == "snapshot"
+        # inputs just under what an execution.created event carries (16 KiB of JSON): each
+        # submit sends the subscribers about 15 KB, 9 MB in all, more than the buffers hold
         submitted = [
             client.post(
-                "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "x" * 200_000}}
+                "/api/executions", json={"pipeline": "quick", "inputs": {"blob": "x" * 15_000}}
             ).json()["id"]
-            for _ in range(150)
+            for _ in range(600)
         ]
         wait_until(
             "the stalled subscriber to be cut off",

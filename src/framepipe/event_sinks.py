@@ -14,7 +14,7 @@ Guarantees:
   and it is dropped (counted) after ``retries`` failed attempts. A Redis that accepts the
   connection and never answers fails an attempt after ``socket_timeout`` seconds (10 s).
 * An event type no backend can store (a lone surrogate, a NUL) is written with
-  :func:`~framepipe.jobs.storable.storable_text`'s escapes, so it never fails the batch of
+  :func:`~framepipe.untrusted.storable_text`'s escapes, so it never fails the batch of
   good events it is written with.
 * :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection;
   what could not be written by then, the batch in flight included, is counted in ``dropped``.
@@ -59,7 +59,7 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
 def _storable_type(event: str) -> str:
     if event.isascii() and "\x00" not in event:
         return event
-    from framepipe.jobs.storable import storable_text  # rare: not imported with the app
+    from framepipe.untrusted import storable_text
 
     return storable_text(event)
 

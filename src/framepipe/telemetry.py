@@ -27,12 +27,12 @@ __all__ = ["StreamCollector", "label_value", "metrics_registry", "render"]
 
 def label_value(name: object) -> str:
     """``name`` as a label value the exposition format can always encode: unchanged when it
-    encodes as UTF-8, else with :func:`~framepipe.jobs.storable.storable_text`'s escapes."""
+    encodes as UTF-8, else with :func:`~framepipe.untrusted.storable_text`'s escapes."""
     text = str(name)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        from framepipe.jobs.storable import storable_text  # rare: not imported with the app
+        from framepipe.untrusted import storable_text
 
         return storable_text(text)
     return text

@@ -22,7 +22,15 @@ from typing import Any
 
 from framepipe.errors import InputTooLargeError, InvalidInputError
 
-__all__ = ["MAX_DEPTH", "check_json", "check_size", "check_text", "dumps", "json_size"]
+__all__ = [
+    "MAX_DEPTH",
+    "check_json",
+    "check_size",
+    "check_text",
+    "dumps",
+    "json_size",
+    "storable_text",
+]
 
 MAX_DEPTH = 64
 
@@ -130,4 +138,17 @@ def dumps(value: Any) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text
+
+
+def storable_text(text: str) -> str:
+    """``text`` with every lone surrogate written as ``\\udcXX`` (its ``repr`` escape) and
+    every NUL as ``\\x00``; any other text is returned unchanged (the same object). The result
+    always encodes as UTF-8 and holds no NUL, so every state backend can store it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text

@@ -24,20 +24,9 @@ backslash-u escape is not a file name anyone has.)
 
 from __future__ import annotations
 
+from framepipe.untrusted import storable_text
+
 __all__ = ["brief_error", "storable_text"]
-
-
-def storable_text(text: str) -> str:
-    """``text`` with every lone surrogate written as ``\\udcXX`` (its ``repr`` escape) and
-    every NUL as ``\\x00``; any other text is returned unchanged (the same object). The result
-    always encodes as UTF-8 and holds no NUL, so every state backend can store it."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def brief_error(exc: BaseException) -> str:
