@@ -104,8 +104,7 @@ class ObjectTooLargeError(FramepipeError):
         self.size = size
         self.limit = limit
         super().__init__(
-            f"the object is {size} bytes, over the {limit} an image a thumbnail is made from "
-            "can be"
+            f"the object is {size} bytes, over the {limit} an image a thumbnail is made from can be"
         )
 
 
