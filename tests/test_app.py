@@ -897,4 +897,24 @@ def test_read_snapshots_reads_only_what_apps_write_and_skips_the_rest(tmp_path: 
     outside.write_text('{"name": "outside", "state": "stopped"}')
     (folder / "link.json").symlink_to(outside)
     (folder / "dir.json").mkdir()
-    assert [s["name"] for s in read_snapshots(settings)] == ["good"]
+    (folder / "noname.json").write_text('{"state": "running", "pipeline_status": {}}')
+    (folder / "numbers.json").write_text('{"name": 5, "state": 6, "pipeline_status": {}}')
+    (folder / "flat.json").write_text('{"name": "flat", "state": "running", "pipeline_status": 1}')
+    (folder / "mixed.json").write_text(
+        '{"name": "mixed", "state": "stopped", "pipeline_status": {"a": {"state": "ok"}, "b": 3}}'
+    )
+    snapshots = read_snapshots(settings)
+    assert [s["name"] for s in snapshots] == ["good", "mixed"]
+    assert snapshots[1]["pipeline_status"] == {"a": {"state": "ok"}}  # the status of no shape: out
+    # what reads them (framepipe sources / health) lists the rest, no traceback
+    for command in ("sources", "health"):
+        shown = subprocess.run(
+            [sys.executable, "-m", "framepipe", "--home", str(settings.home), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "mixed" in shown.stdout, shown.stdout

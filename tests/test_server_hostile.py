@@ -446,11 +446,15 @@ def test_a_snapshot_of_another_shape_does_not_break_the_sources(settings: Settin
         {"name": 5, "state": "stopped", "pipeline_status": {"cam": {}}},
         {"name": "b", "state": "stopped", "pipeline_status": ["cam"]},
         {"name": "c", "state": "stopped", "pipeline_status": {"cam": 3}},
+        {"name": "n", "pipeline_status": {"cam": {}}},  # no state
+        # the shape apps write, with fields of another version's
         {"name": "d", "pipeline_status": {"cam": {"source": "x", "capture_fps": "fast"}}},
         {"name": "e", "pipeline_status": {"cam": {"source": {"frames": "many", "uptime": 2}}}},
         {"name": "f", "updated_at": "soon", "pipeline_status": {"cam": {}}},
         {"name": "g", "pipeline_status": {"cam": {"frames_captured": "many"}}},
     ]
+    for snapshot in odd[4:]:
+        snapshot["state"] = "running"
     for i, snapshot in enumerate(odd):
         (apps / f"odd{i}.json").write_text(json.dumps(snapshot))
     with (

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from framepipe.app import App, read_snapshots
 from framepipe.config import Settings
+from framepipe.snapshots import capture_fps, capture_source
 from framepipe.stream.pipeline import StreamPipeline
 
 __all__ = ["health_table", "run_live", "sources_table"]
@@ -82,14 +83,14 @@ def health_table(settings: Settings) -> Table | None:
         return None
     table = Table("app", "state", "score", "uptime s", "pid", "pipelines", "last error")
     for snap in snapshots:
-        pipelines = snap.get("pipeline_status", {})
+        pipelines = snap["pipeline_status"]
         table.add_row(
             _text(snap["name"]),
             snap["state"],
             _fmt(snap.get("performance_score"), 2),
             _fmt(snap.get("uptime")),
             str(snap.get("pid")),
-            _text(", ".join(f"{n}={p['state']}" for n, p in pipelines.items())),
+            _text(", ".join(f"{n}={p.get('state')}" for n, p in pipelines.items())),
             _text(snap.get("last_error"), 80),
         )
     return table
@@ -114,11 +115,10 @@ def sources_table(settings: Settings) -> Table | None:
         "last error",
     )
     for snap in snapshots:
-        for name, status in snap.get("pipeline_status", {}).items():
-            src = status.get("source") or {}
-            uptime = src.get("uptime") or 0.0
-            fps = (src.get("frames", 0) / uptime) if uptime else None
-            state = status["state"] if snap["state"] != "dead" else "dead"
+        for name, status in snap["pipeline_status"].items():
+            src = capture_source(status)
+            fps = capture_fps(status)
+            state = status.get("state") if snap["state"] != "dead" else "dead"
             table.add_row(
                 _text(snap["name"]),
                 _text(name),

@@ -28,6 +28,8 @@ __all__ = [
     "MAX_APP_NAME_BYTES",
     "MAX_SNAPSHOT_BYTES",
     "PREVIEW_QUALITY",
+    "capture_fps",
+    "capture_source",
     "check_app_name",
     "preview_dir",
     "preview_file_name",
@@ -119,9 +121,11 @@ def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
     """Health snapshots of the apps of this home; a snapshot of a dead process says so.
 
     Only what an app writes is read: a regular file of the apps folder reached without
-    following a link, at most :data:`MAX_SNAPSHOT_BYTES`, holding a JSON object. Anything else
-    found there (a link, a FIFO, a folder, a huge file, malformed text or JSON, JSON that is
-    not an object) is left out, so one bad file never hides the other apps."""
+    following a link, at most :data:`MAX_SNAPSHOT_BYTES`, holding a JSON object with a
+    ``name`` and a ``state`` that are text and a ``pipeline_status`` object (of which only the
+    pipelines whose status is an object are kept). Anything else found there (a link, a FIFO,
+    a folder, a huge file, malformed text or JSON, another shape) is left out, so one bad file
+    never hides the other apps nor breaks a reader (the routes, ``framepipe sources``)."""
     folder = settings.run_dir / "apps"
     snapshots = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -148,7 +152,48 @@ def _read_snapshot(folder: Path, name: str) -> dict[str, Any] | None:
         data = json.loads(raw)
     except ValueError:
         return None
-    return data if isinstance(data, dict) else None
+    return _shaped(data)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def capture_source(status: dict[str, Any]) -> dict[str, Any]:
+    """The ``source`` part of a pipeline's status in a snapshot (its capture's counters), or
+    ``{}`` when it has none or another shape."""
+    src = status.get("source")
+    return src if isinstance(src, dict) else {}
+
+
+def capture_fps(status: dict[str, Any]) -> float | None:
+    """The frame rate of a pipeline's capture as its status in a snapshot tells it: its
+    ``capture_fps``, else (a snapshot of an older version) its frames over its uptime; None
+    when neither is a number."""
+    if "capture_fps" in status:
+        return _number(status["capture_fps"])
+    src = capture_source(status)
+    uptime, frames = _number(src.get("uptime")), _number(src.get("frames"))
+    return frames / uptime if uptime and frames is not None else None
+
+
+def _shaped(data: object) -> dict[str, Any] | None:
+    """``data`` if it has the shape an app writes (a ``name`` and a ``state`` that are text,
+    ``pipeline_status`` an object), with only the pipelines whose status is an object; else
+    None (another version's file, a neighbour's)."""
+    if not isinstance(data, dict):
+        return None
+    statuses = data.get("pipeline_status")
+    if (
+        not isinstance(data.get("name"), str)
+        or not isinstance(data.get("state"), str)
+        or not isinstance(statuses, dict)
+    ):
+        return None
+    data["pipeline_status"] = {
+        str(name): status for name, status in statuses.items() if isinstance(status, dict)
+    }
+    return data
 
 
 PREVIEW_QUALITY = 80

@@ -305,22 +305,15 @@ class LiveHistory:
                 self._add((name, pipeline), now, status)
 
     def _sample_snapshots(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
-        for snap in snapshots:
-            name = snap.get("name")
-            statuses = snap.get("pipeline_status")
-            if (
-                not isinstance(name, str)
-                or not isinstance(statuses, Mapping)
-                or name in self.apps
-                or snap.get("state") == "dead"
-            ):
+        for snap in snapshots:  # of the shape apps write (read_snapshots leaves out the rest)
+            name = snap["name"]
+            if name in self.apps or snap["state"] == "dead":
                 continue
             try:
                 ts = float(snap.get("updated_at") or 0.0)
-                for pipeline, status in statuses.items():
-                    if isinstance(status, Mapping):
-                        self._add((name, str(pipeline)), ts, status)
-            except (TypeError, ValueError) as exc:  # another version's, or a neighbour's
+                for pipeline, status in snap["pipeline_status"].items():
+                    self._add((name, pipeline), ts, status)
+            except (TypeError, ValueError) as exc:  # a field of another version's, a neighbour's
                 _log.debug("the snapshot of app %r is not sampled: %s", name, exc)
 
     # -- reading ----------------------------------------------------------------------------------

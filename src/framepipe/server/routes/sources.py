@@ -19,6 +19,7 @@ from framepipe.config import Settings
 from framepipe.confined import LinkRefusedError, open_beneath
 from framepipe.errors import MissingDependencyError
 from framepipe.server.state import Service, ServiceState
+from framepipe.snapshots import capture_fps, capture_source
 
 try:
     from fastapi import APIRouter, HTTPException
@@ -37,28 +38,18 @@ router = APIRouter(tags=["sources"])
 """Included under ``/api``."""
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _row(settings: Settings, app: str, dead: bool, name: str, status: Any) -> dict[str, Any] | None:
-    """One source of a snapshot as ``/api/sources`` lists it; None for a status that is not an
-    object."""
-    if not isinstance(status, dict):
-        return None
-    src = status.get("source")
-    src = src if isinstance(src, dict) else {}
-    uptime, frames = _number(src.get("uptime")), _number(src.get("frames"))
-    fps = _number(status.get("capture_fps"))
-    if "capture_fps" not in status and uptime and frames is not None:
-        fps = frames / uptime
+def _row(
+    settings: Settings, app: str, dead: bool, name: str, status: dict[str, Any]
+) -> dict[str, Any]:
+    """One source of a snapshot as ``/api/sources`` lists it."""
+    src = capture_source(status)
     served = re.match(_NAME, app) and re.match(_NAME, name)  # else the frame route refuses it
     return {
         "app": app,
         "pipeline": name,
         "source": status.get("source_description", ""),
         "state": "dead" if dead else status.get("state"),
-        "fps": fps,
+        "fps": capture_fps(status),
         "frames": status.get("frames_captured", 0),
         "restarts": src.get("restarts", 0),
         "last_error": status.get("last_error"),
@@ -70,21 +61,17 @@ def _row(settings: Settings, app: str, dead: bool, name: str, status: Any) -> di
 
 @router.get("/sources")
 async def sources_list(service: Service) -> list[dict[str, Any]]:
-    """Sources of the live apps of this home (from their health snapshots; a snapshot, or a
-    source of one, that is not of the shape apps write is left out, so one file of another
-    version or a neighbour's cannot break the listing); ``frame_url`` is set when the source
-    has a preview the frame route serves."""
+    """Sources of the live apps of this home (from their health snapshots; one that is not of
+    the shape apps write is left out by :func:`~framepipe.snapshots.read_snapshots`, so one
+    file of another version or a neighbour's cannot break the listing); ``frame_url`` is set
+    when the source has a preview the frame route serves."""
     settings = service.settings
     snapshots = await asyncio.to_thread(read_snapshots, settings)
     out = []
-    for snap in snapshots:
-        app, statuses = snap.get("name"), snap.get("pipeline_status")
-        if not isinstance(app, str) or not isinstance(statuses, dict):
-            continue
-        for name, status in statuses.items():
-            row = _row(settings, app, snap.get("state") == "dead", str(name), status)
-            if row is not None:
-                out.append(row)
+    for snap in snapshots:  # of the shape apps write (read_snapshots leaves out the rest)
+        dead = snap["state"] == "dead"
+        for name, status in snap["pipeline_status"].items():
+            out.append(_row(settings, snap["name"], dead, name, status))
     return out
 
 
