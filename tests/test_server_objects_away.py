@@ -134,3 +134,27 @@ def test_the_service_opens_its_object_store_once_it_can(
             assert stored["Body"].read() == b"abc"
         finally:
             s3_server.drop_bucket(bucket)
+
+
+def test_health_asks_the_object_store_at_most_once_per_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/health needs no token: however often it is called, the store is asked at most once
+    per CHECK_EVERY seconds, and the answer in between is the last one."""
+    from framepipe.backends.objects import LocalObjectStore
+    from framepipe.server import object_access
+
+    class Counted(LocalObjectStore):
+        asked = 0
+
+        def exists(self, key: str) -> bool:
+            Counted.asked += 1
+            return super().exists(key)
+
+    store = Counted(tmp_path / "objects")
+    access = object_access.ObjectAccess(store.url, store)
+    assert [access.check() for _ in range(50)] == [None] * 50
+    assert Counted.asked == 1
+    monkeypatch.setattr(object_access, "CHECK_EVERY", 0.0)
+    assert [access.check() for _ in range(3)] == [None] * 3
+    assert Counted.asked == 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backoff import Backoff
@@ -29,10 +30,13 @@ from framepipe.errors import ConfigError, ObjectStoreError
 from framepipe.logs import get_logger
 from framepipe.urls import safe_text, safe_url
 
-__all__ = ["OBJECTS_SETTING", "ObjectAccess"]
+__all__ = ["CHECK_EVERY", "OBJECTS_SETTING", "ObjectAccess"]
 
 OBJECTS_SETTING = "FRAMEPIPE_OBJECTS_URL"
 """The setting that names the object store."""
+
+CHECK_EVERY = 2.0
+"""Seconds between two questions to the store from :meth:`ObjectAccess.check`."""
 
 _PROBE_KEY = "framepipe-health-probe"
 """The key a check asks the store about: whether it exists does not matter, only whether the
@@ -54,6 +58,7 @@ class ObjectAccess:
         self._problem: str | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._checked_at = -CHECK_EVERY
         self.reopen = reopen or Backoff(1.0, 2.0, 30.0)
 
     @property
@@ -121,10 +126,17 @@ class ObjectAccess:
     def check(self) -> str | None:
         """None when the store answers now, else why not (blocking: call it in a thread).
         A store not open is not tried here (:meth:`keep_opening` does): the reason it could
-        not be opened is returned."""
+        not be opened is returned. The store is asked at most once per :data:`CHECK_EVERY`
+        seconds (``/health`` needs no token: its callers must not turn into requests to the
+        store); in between the last answer is returned."""
         store = self._store
         if store is None:
             return self._problem or "not open"
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_at < CHECK_EVERY:
+                return self._problem
+            self._checked_at = now
         try:
             store.exists(_PROBE_KEY)
         except ObjectStoreError as exc:
