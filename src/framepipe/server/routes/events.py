@@ -70,7 +70,8 @@ async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
     """Send ``message``, or raise :class:`_Stalled` when the connection does not take it within
     :data:`STALL_TIMEOUT` seconds."""
     try:
-        await asyncio.wait_for(websocket.send_text(dumps(message)), STALL_TIMEOUT)
+        async with asyncio.timeout(STALL_TIMEOUT):  # no task per message, as wait_for makes
+            await websocket.send_text(dumps(message))
     except TimeoutError:
         raise _Stalled from None
 
