@@ -11,13 +11,11 @@ NUL) reaching ``/api/detectors`` and execution inputs, file lists with paths suc
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +36,7 @@ from conftest import need_modules
 from framepipe.config import Settings
 from framepipe.jobs.loading import load_pipeline
 from framepipe.server.detector import DetectorHub, DetectorMessage
+from rawsocket import send_text, stalled_websocket
 from test_example_sd_import import Detector, imports_of, wait_for
 from test_server import AUTH, TOKEN, Server
 from waiting import free_port, wait_until, wait_until_async
@@ -366,27 +365,6 @@ def _ask(
     return future
 
 
-def _stalled_detector(server: Server, hello_fields: dict[str, Any]) -> socket.socket:
-    """A detector that connects, says hello and then reads nothing (its receive buffer small,
-    so the service's sends back up soon): a raw client, as a library's would keep reading."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws/detector HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
-    )
-    assert sock.recv(12) == b"HTTP/1.1 101"
-    payload = json.dumps({"type": "detector:hello", **hello_fields}).encode()
-    assert len(payload) < 126
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # one masked text frame
-    return sock
-
-
 def test_a_detector_that_stops_reading_is_cut_off_and_holds_no_send_up(
     hub_server: tuple[Server, Any],
 ) -> None:
@@ -395,7 +373,9 @@ def test_a_detector_that_stops_reading_is_cut_off_and_holds_no_send_up(
     as the connection lasts (holding every later send to it), and the detector is cut off, so
     the backend sees it gone; a reconnect is served as before."""
     server, hub = hub_server
-    sock = _stalled_detector(server, {"detector_id": "stuck", "sessions": [{"session_id": "s1"}]})
+    sock = stalled_websocket(server.port, "/ws/detector", TOKEN)
+    hello_message = {"type": "detector:hello", "detector_id": "stuck"}
+    send_text(sock, json.dumps({**hello_message, "sessions": [{"session_id": "s1"}]}))
     try:
         wait_until("the detector to be connected", lambda: hub.is_connected("stuck"), 10)
         blob = "x" * 200_000

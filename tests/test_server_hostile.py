@@ -34,6 +34,7 @@ from framepipe.backends.state import StateStore
 from framepipe.backends.state.schema import events as events_table
 from framepipe.backends.state.schema import executions as executions_table
 from framepipe.config import Settings
+from rawsocket import stalled_websocket
 from test_server import AUTH, TOKEN, Server, wait_status
 from waiting import free_port, wait_until
 
@@ -345,22 +346,6 @@ def test_a_download_is_streamed_not_held_in_memory(settings: Settings) -> None:
         assert missing.json()["detail"] == "no object 'results/none.mp4'"
 
 
-def _stalled_subscriber(server: Server) -> socket.socket:
-    """A ``/ws`` subscriber that completes its handshake and then reads nothing (its receive
-    buffer small, so the service's sends back up soon)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
-    )
-    assert sock.recv(12) == b"HTTP/1.1 101"
-    return sock
-
-
 def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -372,7 +357,7 @@ def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(
         Server(settings, pipelines=(quick,)) as server,
         httpx.Client(base_url=server.url, headers=AUTH) as client,
         _ws(server, "/ws", additional_headers=AUTH) as reader,
-        _stalled_subscriber(server) as stalled,
+        stalled_websocket(server.port, "/ws", TOKEN) as stalled,
     ):
         assert json.loads(reader.recv(timeout=10))["type"] == "snapshot"
         # inputs just under what an execution.created event carries (16 KiB of JSON): each
