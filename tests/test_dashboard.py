@@ -9,6 +9,7 @@ fails under ``CI=true`` (``.ci/run`` installs both). It saves a screenshot in it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
@@ -383,6 +384,26 @@ async (target) => {
 """
 
 
+@contextlib.contextmanager
+def another_site(tmp_path: Path) -> Iterator[str]:
+    """The address of a page of another origin (a site the user has open), served on
+    loopback for the duration."""
+    import http.server
+    import socketserver
+
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")
+    )
+    with socketserver.TCPServer(("127.0.0.1", 0), handler) as site:
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{site.server_address[1]}/"
+        finally:
+            site.shutdown()
+
+
 def test_a_page_of_another_origin_is_refused_in_chromium(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -390,21 +411,12 @@ def test_a_page_of_another_origin_is_refused_in_chromium(
     the page cannot read executions, cancel one, or open the live feed; a page reaching the
     service under a rebound host name (DNS rebinding, mapped in Chromium's resolver) is
     refused too. The execution goes on."""
-    import http.server
-    import socketserver
-
     sync_playwright = _playwright()
-    (tmp_path / "evil").mkdir()
-    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
-    handler = functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")
-    )
     with (
         Service(settings, token="") as service,
-        socketserver.TCPServer(("127.0.0.1", 0), handler) as evil,
+        another_site(tmp_path) as evil,
         httpx.Client(base_url=service.url) as client,
     ):
-        threading.Thread(target=evil.serve_forever, daemon=True).start()
         running = client.post(
             "/api/executions",
             json={"pipeline": "render_clip", "inputs": {"steps": 60, "pause": 0.25}},
@@ -416,7 +428,7 @@ def test_a_page_of_another_origin_is_refused_in_chromium(
             )
             try:
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                page.goto(evil)
                 found = page.evaluate(_ATTACK, f"{service.url}#{running}")
                 assert found["read"] == "blocked"
                 assert found["socket"] == "refused"
@@ -430,7 +442,6 @@ def test_a_page_of_another_origin_is_refused_in_chromium(
                 own.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
             finally:
                 browser.close()
-            evil.shutdown()
         events = client.get("/api/events", params={"execution_id": running}).json()["events"]
         assert not [e for e in events if "cancel" in e["type"]]
         assert client.get(f"/api/executions/{running}").json()["status"] == "running"
@@ -453,26 +464,17 @@ def test_a_page_of_another_origin_cannot_frame_the_dashboard(
     """A page of another origin frames the dashboard of a service without a token, to have its
     Cancel and Retry buttons clicked through a decoy (clickjacking): Chromium shows no
     dashboard in the frame, at the page's address or at its file under /static/."""
-    import http.server
-    import socketserver
-
     sync_playwright = _playwright()
-    (tmp_path / "evil").mkdir()
-    (tmp_path / "evil" / "index.html").write_text("<!doctype html><title>cat videos</title>")
-    handler = functools.partial(
-        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "evil")
-    )
     with (
         Service(settings, token="") as service,
-        socketserver.TCPServer(("127.0.0.1", 0), handler) as evil,
+        another_site(tmp_path) as evil,
     ):
-        threading.Thread(target=evil.serve_forever, daemon=True).start()
         targets = [f"{service.url}/", f"{service.url}/static/index.html"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+                page.goto(evil)
                 page.evaluate(_FRAME, targets)
                 framed = [f for f in page.frames if f is not page.main_frame]
                 assert len(framed) == len(targets)
@@ -484,4 +486,3 @@ def test_a_page_of_another_origin_cannot_frame_the_dashboard(
                 own.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
             finally:
                 browser.close()
-            evil.shutdown()
