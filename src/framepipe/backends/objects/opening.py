@@ -14,7 +14,7 @@ from framepipe.errors import ConfigError
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
-    from framepipe.backends.objects.s3 import S3Location
+    from framepipe.backends.objects.s3_location import S3Location
 
 __all__ = ["object_store_location", "open_object_store"]
 
@@ -73,7 +73,7 @@ def object_store_location(url: str) -> Path | S3Location:
             raise ConfigError(f"{shown} has no path")
         return Path(path)
     if scheme == "s3":
-        from framepipe.backends.objects.s3 import parse_s3_url  # loaded on first use
+        from framepipe.backends.objects.s3_location import parse_s3_url
 
         return parse_s3_url(url)
     raise ConfigError(
