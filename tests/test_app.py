@@ -25,10 +25,10 @@ from framepipe.backoff import Backoff
 from framepipe.cli import app as cli_app
 from framepipe.errors import ConfigError, StreamError
 from framepipe.frames import Frame
+from framepipe.health import HealthState
 from framepipe.processors import Processor
 from framepipe.sources import CommandSource, PatternSource
 from framepipe.stream import Stage, StreamPipeline
-from framepipe.supervise import HealthState
 from waiting import wait_until, wait_until_async
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}

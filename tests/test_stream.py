@@ -14,10 +14,10 @@ import pytest
 
 from framepipe import LocalObjectStore
 from framepipe.frames import Frame
+from framepipe.health import HealthState
 from framepipe.processors import Processor
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Sink, Stage, StreamPipeline
-from framepipe.supervise import HealthState
 
 Events = list[tuple[str, dict[str, Any]]]
 

@@ -13,11 +13,11 @@ import pytest
 from framepipe.backoff import Backoff
 from framepipe.errors import SourceError
 from framepipe.frames import Frame
+from framepipe.health import HealthState
 from framepipe.sources import CommandSource, PatternSource
 from framepipe.sources.base import StartedCallback
 from framepipe.stream import Stage, StreamPipeline
 from framepipe.stream.performance import Performance
-from framepipe.supervise import HealthState
 from waiting import wait_until_async
 
 WINDOW = 1.0

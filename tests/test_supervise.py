@@ -25,10 +25,9 @@ import pytest
 from framepipe import supervise
 from framepipe.backoff import Backoff
 from framepipe.errors import CaptureExitedError, SourceError
+from framepipe.health import Health, HealthState
 from framepipe.sources import CommandSource
 from framepipe.supervise import (
-    Health,
-    HealthState,
     Supervisor,
     SupervisorContext,
     _format_delay,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from framepipe.backoff import Backoff
     from framepipe.event_sinks import RedisEventSink, StoreEventSink
     from framepipe.frames import Frame
+    from framepipe.health import HealthState
     from framepipe.jobs import (
         ExecutionInfo,
         ExecutionStatus,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
     from framepipe.stream import FrameStore, MotionGate, Segment, Segmenter, Sink, Stage
     from framepipe.stream.pipeline import StreamPipeline
-    from framepipe.supervise import HealthState, Supervisor
+    from framepipe.supervise import Supervisor
 
 __version__ = "0.1.0"
 
@@ -105,7 +106,7 @@ __getattr__ = attach(
         "Sink": "framepipe.stream",
         "Stage": "framepipe.stream",
         "StreamPipeline": "framepipe.stream.pipeline",
-        "HealthState": "framepipe.supervise",
+        "HealthState": "framepipe.health",
         "Supervisor": "framepipe.supervise",
     },
     globals(),

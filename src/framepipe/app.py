@@ -29,6 +29,7 @@ from typing import Any
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError, StreamError
+from framepipe.health import HealthState
 from framepipe.logs import get_logger
 from framepipe.snapshots import (
     PREVIEW_QUALITY,
@@ -41,7 +42,6 @@ from framepipe.snapshots import (
     snapshot_path,
 )
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.supervise import HealthState
 from framepipe.telemetry import metrics_registry, render
 
 __all__ = [

@@ -57,6 +57,7 @@ from typing import Any, Literal
 from framepipe.backoff import Backoff
 from framepipe.errors import ProcessorError, StreamError
 from framepipe.frames import Frame
+from framepipe.health import HealthState
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
@@ -74,7 +75,7 @@ from framepipe.stream.segment import Segment, Segmenter, SegmenterState, Segment
 from framepipe.stream.shutdown import Cut, abandoned_frames, cut_segments, tear_down
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Stage, StageStats
-from framepipe.supervise import HealthState, Supervisor, SupervisorContext
+from framepipe.supervise import Supervisor, SupervisorContext
 
 __all__ = ["EventCallback", "StreamPipeline"]
 
@@ -224,7 +225,7 @@ class StreamPipeline:
     @property
     def state(self) -> HealthState:
         """The pipeline's state, decided here only. Once its capture is launched it is the
-        capture's (its supervisor's :attr:`~framepipe.supervise.Health.state`): ``starting``
+        capture's (its supervisor's :attr:`~framepipe.health.Health.state`): ``starting``
         until a session's first frame (after a restart too), ``running``, ``stalled``,
         ``backoff``, ``retrying``, ``failed``; a capture that stopped (the end of a recording,
         or :meth:`stop`) leaves the pipeline ``running`` while its queued frames drain.
