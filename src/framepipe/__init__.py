@@ -20,7 +20,8 @@ from framepipe.lazy import attach
 from framepipe.logs import configure_logging, get_logger
 
 if TYPE_CHECKING:
-    from framepipe.app import App, AppHealth, SystemState
+    from framepipe.app import App
+    from framepipe.app_health import AppHealth, SystemState
     from framepipe.backends.objects import (
         LocalObjectStore,
         ObjectInfo,
@@ -86,8 +87,8 @@ __getattr__ = attach(
         "StateStore": "framepipe.backends.state",
         "run_pipeline": "framepipe.jobs.runner",
         "App": "framepipe.app",
-        "AppHealth": "framepipe.app",
-        "SystemState": "framepipe.app",
+        "AppHealth": "framepipe.app_health",
+        "SystemState": "framepipe.app_health",
         "Backoff": "framepipe.backoff",
         "Frame": "framepipe.frames",
         "RedisEventSink": "framepipe.event_sinks",

@@ -10,7 +10,8 @@ then reported with ``system_error``. Every few seconds the app checks performanc
 (``performance_warning`` below ``performance_threshold``) and writes a health snapshot that
 ``framepipe health`` / ``framepipe sources`` read from another terminal, and each pipeline's
 latest frame as a small JPEG beside it (where, and how other processes read them:
-:mod:`framepipe.snapshots`).
+:mod:`framepipe.snapshots`). The values an app reports (:class:`SystemState`,
+:class:`AppHealth`) are defined in :mod:`framepipe.app_health`; this module exports them too.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import json
 import os
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from framepipe.app_health import AppHealth, SystemState
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError, StreamError
 from framepipe.health import HealthState
@@ -55,38 +55,6 @@ __all__ = [
 ]
 
 Callback = Callable[[str, dict[str, Any]], Any]
-
-
-class SystemState(StrEnum):
-    """State of the whole app."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-    ERROR = "failed"  # an alias kept for code that names it ERROR: SystemState.ERROR is FAILED
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-@dataclass
-class AppHealth:
-    """What :meth:`App.health` returns."""
-
-    name: str
-    state: SystemState
-    performance_score: float
-    uptime: float
-    last_error: str | None
-    pid: int
-    updated_at: float
-    pipeline_status: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        data = asdict(self)
-        data["state"] = self.state.value
-        return data
 
 
 class App:
