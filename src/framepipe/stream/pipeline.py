@@ -42,7 +42,8 @@ Guarantees:
   whoever stopped it.
 
 One concept, a live pipeline's run (capture, stages, segmenters, sinks, listeners and stop),
-whose tasks share its queues and its failure handling.
+whose tasks share its queues and its failure handling. How a run is wired (its queues in flow
+order, a hop per stage and sink) is in :mod:`framepipe.stream.wiring`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ from framepipe.errors import ProcessorError, StreamError
 from framepipe.frames import Frame
 from framepipe.health import HealthState
 from framepipe.logs import get_logger
-from framepipe.processors.base import Processor
 from framepipe.sources.base import Source
 from framepipe.stream.hop import Hop
 from framepipe.stream.lanes import run_detached
@@ -75,6 +75,7 @@ from framepipe.stream.segment import Segment, Segmenter, SegmenterState, Segment
 from framepipe.stream.shutdown import Cut, abandoned_frames, cut_segments, tear_down
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Stage, StageStats
+from framepipe.stream.wiring import wire
 from framepipe.supervise import Supervisor, SupervisorContext
 
 __all__ = ["EventCallback", "StreamPipeline"]
@@ -422,53 +423,27 @@ class StreamPipeline:
     # -- building -------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        """Queues in flow order: stages, the segmenter, sinks, the collector."""
-        needs_order = self.segmenter is not None
-        stage_qs = [FrameQueue(s.queue_size, s.overflow) for s in self.stages]
-        sink_qs = [FrameQueue(s.queue_size, s.overflow) for s in self.sinks]
-        self._seg_q = FrameQueue(64, "block") if self.segmenter is not None else None
-        self._out_q = FrameQueue(64, "block")
-        seg = [] if self._seg_q is None else [self._seg_q]
-        chain: list[FrameQueue] = [*stage_qs, *seg, *sink_qs, self._out_q]
-        self._first_q = chain[0]
-        self._sink_q = chain[len(stage_qs) + len(seg)]
-        self._hops, self.stats = [], []
+        """Queues in flow order: stages, the segmenter, sinks, the collector (see
+        :mod:`framepipe.stream.wiring`)."""
+        wiring = wire(
+            self.stages,
+            self.sinks,
+            segmented=self.segmenter is not None,
+            source_id=self.source.source_id,
+            window=self._capture_rate.window,
+            events=self._emit_from_processor,
+            sink_control=self._sink_control,
+            on_error=self._on_processor_error,
+            on_crash=self._on_stage_crash,
+            log=self.log,
+        )
+        self._seg_q = wiring.segments
+        self._out_q = wiring.out
+        self._first_q = wiring.first
+        self._sink_q = wiring.sinks
+        self._hops, self.stats = wiring.hops, wiring.stats
         self._seg_state = self.segmenter.state() if self.segmenter is not None else None
         self._closing = {}
-        hop_specs = [(stage, q, False) for stage, q in zip(self.stages, stage_qs, strict=True)]
-        hop_specs += [(stage, q, True) for stage, q in zip(self.sinks, sink_qs, strict=True)]
-        for stage, queue, is_sink in hop_specs:
-            following = chain[chain.index(queue) + 1]
-            processor = stage.processor
-            assert isinstance(processor, Processor)
-            processor.event_sink = self._emit_from_processor
-            stats = StageStats(stage.label, window=self._capture_rate.window)
-            ordered = stage.ordered if stage.ordered is not None else (needs_order and not is_sink)
-            control = (
-                self._sink_control(processor, stage.label)
-                if is_sink and isinstance(processor, Sink)
-                else None
-            )
-            self._hops.append(
-                Hop(
-                    stage.label,
-                    source_id=self.source.source_id,
-                    workers=stage.workers,
-                    queue=queue,
-                    ordered=ordered,
-                    output=following.put,
-                    stats=stats,
-                    processor=processor,
-                    inline=stage.inline,
-                    control=control,
-                    on_error=self._on_processor_error,
-                    crash_after=stage.max_consecutive_errors,
-                    on_crash=self._on_stage_crash,
-                    processes=stage.processes > 0,
-                    log=self.log,
-                )
-            )
-            self.stats.append(stats)
 
     def _sink_control(self, sink: Sink, name: str) -> Callable[[Any], Awaitable[None]]:
         async def control(item: Any) -> None:
