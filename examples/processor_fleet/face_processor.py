@@ -47,6 +47,7 @@ from framepipe.processors.faces import (
     load_known_faces,
     model_path,
 )
+from framepipe.processors.fleet.options import DEFAULT_HEALTH_HOST
 
 __all__ = [
     "CAPABILITIES",
@@ -264,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
     )
     parser.add_argument(
+        "--health-port",
+        type=int,
+        default=os.environ.get("HEALTH_PORT"),  # argparse converts a string default with type
+        help="serve GET /health on this port for a compose healthcheck: 200 while registered "
+        "and taking frames, else 503 (env HEALTH_PORT; default: no endpoint)",
+    )
+    parser.add_argument(
+        "--health-host",
+        default=os.environ.get("HEALTH_HOST", DEFAULT_HEALTH_HOST),
+        help="where the health endpoint listens (env HEALTH_HOST; default "
+        f"{DEFAULT_HEALTH_HOST}: inside the container only; 0.0.0.0 for probes from outside)",
+    )
+    parser.add_argument(
         "--known", type=Path, default=None, help="directory of <name>.jpg images of known faces"
     )
     parser.add_argument(
@@ -303,6 +317,8 @@ async def serve(args: argparse.Namespace) -> None:
         redis_url=args.redis_url,
         namespace=args.namespace,
         health_interval=args.health_interval,
+        health_port=args.health_port,
+        health_host=args.health_host,
         environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
         known_dir=args.known,
         tolerance=args.tolerance,

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from framepipe.errors import FramepipeError
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorClient
+from framepipe.processors.fleet.options import DEFAULT_HEALTH_HOST
 
 __all__ = ["CAPABILITIES", "RESULT_STREAM", "MotionProcessor", "main"]
 
@@ -153,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
     )
     parser.add_argument(
+        "--health-port",
+        type=int,
+        default=os.environ.get("HEALTH_PORT"),  # argparse converts a string default with type
+        help="serve GET /health on this port for a compose healthcheck: 200 while registered "
+        "and taking frames, else 503 (env HEALTH_PORT; default: no endpoint)",
+    )
+    parser.add_argument(
+        "--health-host",
+        default=os.environ.get("HEALTH_HOST", DEFAULT_HEALTH_HOST),
+        help="where the health endpoint listens (env HEALTH_HOST; default "
+        f"{DEFAULT_HEALTH_HOST}: inside the container only; 0.0.0.0 for probes from outside)",
+    )
+    parser.add_argument(
         "--pixel-threshold",
         type=int,
         default=25,
@@ -180,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url=args.redis_url,
             namespace=args.namespace,
             health_interval=args.health_interval,
+            health_port=args.health_port,
+            health_host=args.health_host,
             environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
             pixel_threshold=args.pixel_threshold,
             moving_threshold=args.moving_threshold,
