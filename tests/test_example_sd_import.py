@@ -168,15 +168,23 @@ class Watcher:
 
 
 class Detector:
-    """examples/sd_import/detector.py as a process."""
+    """examples/sd_import/detector.py as a process: watching ``watch`` (``--watch``), or with
+    ``card=True`` taking ``watch`` as one ``--card`` folder (a drive letter on Windows)."""
 
     def __init__(
-        self, url: str, watch: Path, shared: Path, log: Path, *extra: str, token: str = TOKEN
+        self,
+        url: str,
+        watch: Path,
+        shared: Path,
+        log: Path,
+        *extra: str,
+        token: str = TOKEN,
+        card: bool = False,
     ) -> None:
         self.args = [
             sys.executable,
             str(EXAMPLE / "detector.py"),
-            "--watch",
+            "--card" if card else "--watch",
             str(watch),
             "--backend",
             f"{url.replace('http', 'ws')}/ws/detector",
@@ -1102,6 +1110,55 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             backend.kill()
             backend.wait()
+
+
+def test_a_card_folder_given_with_card_imports_each_insertion(world: dict[str, Any]) -> None:
+    """``detector.py --card DIR`` (the README's form for Windows, ``--card E:\\``): the folder
+    is a card while it exists and holds files. A card appearing there is imported; taken out,
+    it is removed; the same card back with a new jump copies only that jump."""
+    server = world["server"]
+    reader = world["tmp"] / "E"  # the card reader's drive: no folder while no card is in it
+    maker = CardMaker(world["cards"] / "GOPRO1")
+    maker.qr("B8001;Ines Ito")
+    first = maker.video()
+    detector = Detector(
+        server.url, reader, world["shared"], world["tmp"] / "det.log", card=True
+    ).start()
+    world["detectors"].append(detector)
+
+    def mount() -> None:  # the card's files appear at the reader's path at once
+        staging = world["tmp"] / ".staging-E"
+        shutil.copytree(maker.folder, staging)
+        staging.rename(reader)
+
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        mount()
+        done = wait_for("the first import", lambda: ended(client, "E"), detector=detector)
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "imported", summary
+        assert summary["card_id"].startswith("E-")
+        assert summary["bookings"]["B8001"]["videos"] == [first]
+        assert len(summary["bookings"]["B8001"]["outputs"]) == 1
+        assert client.get("/api/detectors").json()[0]["sessions"][0]["label"] == "E"
+
+        taken_out = reader.rename(world["tmp"] / ".taken-out")  # the drive goes at once
+        shutil.rmtree(taken_out)
+        wait_for(
+            "the card's removal",
+            lambda: not any(d["sessions"] for d in client.get("/api/detectors").json()),
+            detector=detector,
+        )
+        maker.qr("B8002;Jan Jul")
+        second = maker.video()
+        mount()
+        again = wait_for("the second import", lambda: ended(client, "E", 2), detector=detector)
+        assert again["status"] == "completed", again.get("error")
+        summary = again["data"]["summary"]
+        assert summary["card_id"] == done["data"]["summary"]["card_id"]  # the same card
+        assert list(summary["bookings"]) == ["B8002"]
+        assert summary["bookings"]["B8002"]["videos"] == [second]
+        assert len(summary["copied"]) == 2  # the new QR clip and video only
 
 
 def test_the_detector_endpoint_rules(world: dict[str, Any]) -> None:
