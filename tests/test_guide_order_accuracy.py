@@ -338,3 +338,53 @@ def test_a_camera_down_is_retried_at_the_cap_until_it_is_back(
     retries = [e for e in runner.of("source.restarting") if e.get("retrying")]
     assert retries and all(e["delay"] == 1.0 for e in retries)
     assert any(line.startswith("Station recovered") for line in runner.log_lines("station_1"))
+
+
+def test_known_issue_minio_and_database_errors_stop_the_start_with_the_reason(
+    tmp_path: Path, s3_server: S3Server, guide_env: dict[str, str]
+) -> None:
+    """The guide's known issue "MinIO errors" ("Bucket not found", MinIO not running), and a
+    database that cannot be reached: run.py starts no station, says why in one line on
+    stderr, no traceback, and exits 2 (bad settings), not 1 (a station that failed)."""
+    video = station_video(tmp_path / "station_1.mp4", ["ORDER_123"])
+    missing = f"fp-missing-{os.getpid()}"
+    down = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (  # the frames bucket does not exist
+            {"FRAMEPIPE_OBJECTS_URL": f"s3://{missing}?endpoint={s3_server.endpoint}"},
+            [],
+            f"bucket '{missing}' does not exist",
+        ),
+        (  # the selected bucket does not exist
+            {},
+            ["--selected", f"s3://{missing}?endpoint={s3_server.endpoint}"],
+            f"bucket '{missing}' does not exist",
+        ),
+        (  # MinIO is not running
+            {"FRAMEPIPE_OBJECTS_URL": f"s3://frames?endpoint={down}"},
+            [],
+            f"cannot reach S3 endpoint {down}",
+        ),
+        (  # PostgreSQL is not running
+            {"FRAMEPIPE_DATABASE_URL": f"postgresql+psycopg://127.0.0.1:{free_port()}/test"},
+            [],
+            "cannot open database",
+        ),
+    ]
+    for env, args, reason in cases:
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLE / "run.py"), "--station", f"station_1={video}", *args],
+            cwd=tmp_path,
+            env={**os.environ, **guide_env, "FRAMEPIPE_HOME": str(tmp_path / "home"), **env},
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr, done.stderr[-3000:]
+        stderr = "\n" + done.stderr
+        said = stderr[stderr.rindex("\nerror: ") + 1 :]  # the reason may span lines
+        assert said.startswith("error: ") and reason in said, done.stderr[-3000:]
+        assert "Persistent pipeline started" not in done.stderr
+    assert ls(s3_server, "frames") == []

@@ -22,7 +22,8 @@ the station; ``--loop`` plays it forever. A camera that dies is restarted with b
 after ``--max-restarts`` failures in a row it is retried every ``--retry-cap`` seconds until it
 is back. The runner exits once no station can run any more (every file ended), or on
 Ctrl-C / SIGTERM / ``--duration``: 0, or 1 when a station failed (a stage that crashed);
-2 for bad settings.
+2 for bad settings, or a store that cannot be opened at start (a bucket that does not
+exist, MinIO or PostgreSQL not reachable), said in one ``error: ...`` line.
 
 Embedded by default (frames under .framepipe/objects/, events in .framepipe/state.db). Set
 FRAMEPIPE_OBJECTS_URL / FRAMEPIPE_DATABASE_URL / FRAMEPIPE_BROKER_URL for S3 (MinIO),
@@ -50,10 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_video import default_schedule, make_station_video
 from orders import FRAME_TEMPLATE, READERS, OrderAccuracy, QrTagReader, parse_stations
 
-from framepipe import ObjectStore
+from framepipe import ObjectStore, Settings
 from framepipe.backoff import Backoff
 from framepipe.config import load_settings
-from framepipe.errors import ConfigError
+from framepipe.errors import (
+    ConfigError,
+    MissingDependencyError,
+    ObjectStoreError,
+    StateStoreError,
+)
 from framepipe.logs import configure_logging, get_logger
 from framepipe.pixels import REDUCTIONS
 
@@ -62,6 +68,9 @@ log = get_logger("order_accuracy")
 STATION_TEMPLATE = FRAME_TEMPLATE.removeprefix("frames/")
 """The original station's keys, for a store that is the ``frames`` bucket itself."""
 FrameKeys = Literal["auto", "station", "prefixed"]
+START_ERRORS = (ObjectStoreError, StateStoreError, MissingDependencyError)
+"""What stops the runner before any station starts: a bucket that does not exist, MinIO or
+PostgreSQL not reachable, a reader's package not installed. Reported like bad settings."""
 
 
 def frames_bucket(store: ObjectStore) -> bool:
@@ -166,25 +175,7 @@ async def main_async(args: argparse.Namespace) -> int:
     selected = args.selected
     if selected is None:
         selected = selected_bucket_url(settings.resolved_objects_url) or "selected/"
-    service = Stations(
-        settings,
-        selected=selected,
-        order_timeout=order_timeout,
-        max_order_seconds=args.max_order_seconds,
-        best_frames=args.best_frames,
-        capture=args.capture,
-        fps=args.fps,
-        loop=loop_files,
-        tag_workers=args.tag_workers,
-        max_restarts=args.max_restarts,
-        stall_timeout=args.stall_timeout,
-        backoff=Backoff(args.restart_delay, 2.0, args.retry_cap, 0.0),
-        retry_delay=args.retry_cap,
-        realtime=not args.fast,
-        frame_keys=args.frame_keys,
-        reader=QrTagReader(reduce=args.tag_reduce) if args.reader == "qr" else args.reader,
-        input_options=input_options(args.input_option or []),
-    )
+    service = _stations_service(args, settings, selected, order_timeout, loop_files)
     if args.json:
 
         def print_event(event: str, data: dict[str, Any]) -> None:
@@ -195,7 +186,10 @@ async def main_async(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    try:
+        await service.start()
+    except START_ERRORS as exc:
+        raise ConfigError(str(exc)) from exc
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -232,6 +226,39 @@ async def main_async(args: argparse.Namespace) -> int:
     log.info("stopped: %d order(s) completed", health["orders_completed"])
     failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
     return 1 if failed else 0
+
+
+def _stations_service(
+    args: argparse.Namespace,
+    settings: Settings,
+    selected: str,
+    order_timeout: float,
+    loop_files: bool,
+) -> Stations:
+    """The stations of ``args``. It opens the object stores: a missing bucket, an unreachable
+    endpoint or a reader's missing package is a :class:`ConfigError` with the reason."""
+    try:
+        return Stations(
+            settings,
+            selected=selected,
+            order_timeout=order_timeout,
+            max_order_seconds=args.max_order_seconds,
+            best_frames=args.best_frames,
+            capture=args.capture,
+            fps=args.fps,
+            loop=loop_files,
+            tag_workers=args.tag_workers,
+            max_restarts=args.max_restarts,
+            stall_timeout=args.stall_timeout,
+            backoff=Backoff(args.restart_delay, 2.0, args.retry_cap, 0.0),
+            retry_delay=args.retry_cap,
+            realtime=not args.fast,
+            frame_keys=args.frame_keys,
+            reader=QrTagReader(reduce=args.tag_reduce) if args.reader == "qr" else args.reader,
+            input_options=input_options(args.input_option or []),
+        )
+    except START_ERRORS as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 async def _stop_when_all_ended(service: OrderAccuracy, stop: asyncio.Event) -> None:
