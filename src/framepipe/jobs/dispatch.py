@@ -56,6 +56,7 @@ from framepipe.jobs.transitions import (
     ExecutionRow,
     Transaction,
     claim_statement,
+    held_by,
 )
 from framepipe.untrusted import json_size
 
@@ -288,10 +289,11 @@ def claim(
     dropped and the claim made again without it.
 
     Not a durable commit: if the database loses it in a crash, the step is ready again and
-    this attempt's later writes are fenced off, unless another worker claimed the step again
-    first, under the same attempt number: then both run it (once each, as a crash re-runs a
-    step anyway) and the first outcome is the step's, the other fenced off by the step's
-    status."""
+    this attempt's later writes are fenced off. If another worker claimed the step again
+    first, under the same attempt number, the step is that worker's: this one's writes are
+    fenced by its claim (:func:`~framepipe.jobs.transitions.held_by`), its next lease renewal
+    fails and it stops the run (a run that ended before that has run twice, as a crash
+    re-runs a step anyway)."""
     if not deliveries:
         return [], []
     with store.write(durable=False) as conn:
@@ -402,7 +404,9 @@ def commit_round(
     store: StateStore, work: Round, *, worker: str | None = None, take: int = 0, lease: float = 0.0
 ) -> RoundResult:
     """Commit a worker's round (spawns, progress, outcomes) in one transaction, fenced by
-    attempt; dependents of completed steps become ready in the same transaction.
+    attempt and, with ``worker`` (the worker that ran them), by that worker's claim
+    (:func:`~framepipe.jobs.transitions.held_by`); dependents of completed steps become ready
+    in the same transaction.
 
     With ``worker`` and ``take > 0``, up to ``take`` of the steps made ready are claimed by
     that worker in the same transaction (``result.claimed``): a worker with free slots runs
@@ -419,7 +423,7 @@ def commit_round(
     # Spawns and progress alone need no flush: the outcome commit of the same attempt is
     # durable and flushes them with it; until then, a crash re-runs the attempt anyway.
     with store.write(durable=bool(work.outcomes)) as conn:
-        tx = Transaction(store, conn, time.time())
+        tx = Transaction(store, conn, time.time(), holder=worker)
         for execution_id in sorted(by_exec):
             part = by_exec[execution_id]
             x = tx.lock(execution_id)
@@ -456,12 +460,7 @@ def _commit_spawns(
     for spawner, attempt in holders:
         if (
             tx.conn.execute(
-                sa.select(steps.c.key).where(
-                    steps.c.execution_id == x.id,
-                    steps.c.key == spawner,
-                    steps.c.attempt == attempt,
-                    steps.c.status == StepStatus.RUNNING.value,
-                )
+                sa.select(steps.c.key).where(*held_by(x.id, spawner, attempt, tx.holder))
             ).first()
             is not None
         ):

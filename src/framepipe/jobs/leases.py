@@ -23,7 +23,7 @@ from framepipe.events import Event
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.rules import interrupted_status
-from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction
+from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction, held_by
 from framepipe.liveness import owner_is_dead
 
 __all__ = ["release_due", "renew", "sweep"]
@@ -84,12 +84,7 @@ def renew(
         for execution_id, key, attempt in held:
             n = conn.execute(
                 steps.update()
-                .where(
-                    steps.c.execution_id == execution_id,
-                    steps.c.key == key,
-                    steps.c.attempt == attempt,
-                    steps.c.status == StepStatus.RUNNING.value,
-                )
+                .where(*held_by(execution_id, key, attempt, worker))
                 .values(lease_until=now + lease)
             ).rowcount
             if not n:
@@ -225,13 +220,8 @@ def sweep(
 def _reclaim(
     tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str | None, max_crashes: int
 ) -> None:
-    fenced = (
-        steps.c.execution_id == x.id,
-        steps.c.key == r.key,
-        steps.c.attempt == r.attempt,
-        steps.c.status == StepStatus.RUNNING.value,
-    )
-    row = tx.conn.execute(sa.select(steps.c.crashes).where(*fenced[:3])).first()
+    fenced = held_by(x.id, r.key, r.attempt, r.worker)
+    row = tx.conn.execute(sa.select(steps.c.crashes).where(*fenced)).first()
     if row is None:
         return
     crashes = row.crashes + (1 if crashed else 0)

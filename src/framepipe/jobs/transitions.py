@@ -41,7 +41,7 @@ from framepipe.jobs.rules import (
     stuck_error,
 )
 
-__all__ = ["MODE", "RUNNING", "ExecutionRow", "Transaction", "claim_statement"]
+__all__ = ["MODE", "RUNNING", "ExecutionRow", "Transaction", "claim_statement", "held_by"]
 
 MODE = "workers"
 """The ``mode`` of an execution run by workers."""
@@ -72,6 +72,26 @@ def _crossed(before: int, after: int) -> bool:
             return True
         mark *= 4
     return False
+
+
+def held_by(
+    execution_id: str, key: str, attempt: int, worker: str | None
+) -> tuple[sa.ColumnElement[bool], ...]:
+    """The rule every write of a running attempt is fenced by: the step still runs
+    ``attempt`` and, when the writer is named, under ``worker``'s claim.
+
+    The attempt number alone is not enough: a claim commits without waiting for the WAL
+    flush, so after a PostgreSQL crash that lost one, another worker can claim the step again
+    under the same number. The worker condition leaves the step to that second claimant: the
+    first one's lease renewal fails (it stops the run) and its outcome, progress and spawns
+    are discarded."""
+    rule = (
+        steps.c.execution_id == execution_id,
+        steps.c.key == key,
+        steps.c.attempt == attempt,
+        steps.c.status == StepStatus.RUNNING.value,
+    )
+    return rule if worker is None else (*rule, steps.c.worker == worker)
 
 
 def claim_statement(
@@ -174,10 +194,15 @@ class ExecutionRow:
 class Transaction:
     """One transaction's work on one or more executions."""
 
-    def __init__(self, store: StateStore, conn: sa.Connection, now: float) -> None:
+    def __init__(
+        self, store: StateStore, conn: sa.Connection, now: float, *, holder: str | None = None
+    ) -> None:
+        """``holder``: the worker whose attempts this transaction reports on; its writes are
+        fenced by that worker's claim as well as by the attempt (:func:`held_by`)."""
         self.store = store
         self.conn = conn
         self.now = now
+        self.holder = holder
         self.events: list[Event] = []
         self.ready: list[Delivery] = []
         self.xs: dict[str, ExecutionRow] = {}
@@ -370,12 +395,7 @@ class Transaction:
         """Commit a running attempt's progress report (nothing if fenced)."""
         if self.conn.execute(
             steps.update()
-            .where(
-                steps.c.execution_id == x.id,
-                steps.c.key == p.key,
-                steps.c.attempt == p.attempt,
-                steps.c.status == StepStatus.RUNNING.value,
-            )
+            .where(*held_by(x.id, p.key, p.attempt, self.holder))
             .values(progress=p.pct, message=p.message)
         ).rowcount:
             x.wsum += p.weight * (p.pct - p.before)
@@ -417,6 +437,8 @@ class Transaction:
                 steps.c.key.in_(keys[i : i + _CHUNK]),
                 steps.c.status == StepStatus.RUNNING.value,
             )
+            if self.holder is not None:
+                query = query.where(steps.c.worker == self.holder)
             if self.store.dialect == "postgresql":
                 query = query.with_for_update()
             held.update(((r.key, r.attempt), r.started_at) for r in self.conn.execute(query))
@@ -516,15 +538,11 @@ class Transaction:
         if x.cancelling:
             return self.end_attempt(x, o)
         head = (o.error or "failed").splitlines()[0]
-        row = self.conn.execute(
-            sa.select(steps.c.failures, steps.c.status, steps.c.attempt).where(
-                steps.c.execution_id == x.id, steps.c.key == o.key
-            )
-        ).first()
-        if row is None or row.status != StepStatus.RUNNING.value or row.attempt != o.attempt:
+        fenced = held_by(x.id, o.key, o.attempt, self.holder)
+        row = self.conn.execute(sa.select(steps.c.failures).where(*fenced)).first()
+        if row is None:
             return False
         failures = row.failures + 1
-        fenced = (steps.c.execution_id == x.id, steps.c.key == o.key, steps.c.attempt == o.attempt)
         delay = after_failure(failures, o.policy, permanent=o.permanent, running=x.running)
         if delay is not None:
             self.conn.execute(
@@ -563,12 +581,7 @@ class Transaction:
 
     def end_attempt(self, x: ExecutionRow, o: Outcome) -> bool:
         """A cancelled or handed-back attempt; False if fenced."""
-        fenced = (
-            steps.c.execution_id == x.id,
-            steps.c.key == o.key,
-            steps.c.attempt == o.attempt,
-            steps.c.status == StepStatus.RUNNING.value,
-        )
+        fenced = held_by(x.id, o.key, o.attempt, self.holder)
         if o.kind == "handback" and x.running:
             n = self.conn.execute(
                 steps.update()
