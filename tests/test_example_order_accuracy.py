@@ -340,6 +340,41 @@ def test_stations_orders_storage_and_a_killed_capture(
     assert all(d["app"] == "order_accuracy" for d in stored)
 
 
+def test_an_order_whose_frames_were_not_stored_says_so(
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
+    """The checking service reads an order's frames from the store: an order whose frames the
+    store refused is not reported as a plain success. Here the real local store refuses every
+    frame of ORDER_102 (an object already sits where its folder goes); its ``order.completed``
+    says how many frames are missing, a warning says so, and the other orders are whole."""
+    video, _ = station_video
+    blocker = tmp_path / "home" / "objects" / "frames" / "station_1" / "ORDER_102"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    runner = runner_factory(
+        "--station", f"station_1={video}", "--fast", "--order-timeout", str(TIMEOUT)
+    )
+    assert runner.proc.wait(60) == 0
+    assert runner.stop() == 0
+    orders = {o["segment_id"]: o for o in runner.of("order.completed", "station_1")}
+    assert set(orders) == {"ORDER_101", "ORDER_102", "ORDER_103", "ORDER_104"}
+    cut = orders.pop("ORDER_102")
+    assert cut["frames"] > 0 and cut["stored"] == [] and cut["selected"] == []
+    assert cut["not_stored"] == cut["frames"]
+    failures = [e for e in runner.of("processor.error") if e["stage"] == "frame_store"]
+    assert len(failures) == cut["frames"]
+    assert all("ORDER_102" in e["error"] for e in failures)
+    warning = (
+        f"Order ORDER_102: {cut['frames']} of its {cut['frames']} frame(s) not stored "
+        "(refused by the object store: see the frame_store warnings; or cut off by a stop)"
+    )
+    assert any(line.endswith(f"WARNING [station_1] {warning}") for line in runner.logs)
+    for order in orders.values():
+        assert order["not_stored"] == 0 and len(order["stored"]) == order["frames"]
+
+
 def test_a_station_whose_camera_stays_down_is_retried_at_the_cap_alone(
     station_video: tuple[Path, dict[str, Any]],
     runner_factory: Callable[..., Runner],

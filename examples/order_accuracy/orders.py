@@ -627,6 +627,19 @@ class OrderAccuracy:
             "stored": data.get("stored", []),
             "selected": data.get("selected", []),
         }
+        # every frame of an order is stored as it comes; a frame the store refused (reported
+        # as a frame_store ``processor.error``) or a stop's cut drain left out is not in
+        # ``stored``
+        frames = int(order["frames"] or 0)
+        order["not_stored"] = max(0, frames - len(order["stored"]))
+        if order["not_stored"]:
+            get_logger(str(order["station_id"])).warning(
+                "Order %s: %d of its %d frame(s) not stored (refused by the object store: see "
+                "the frame_store warnings; or cut off by a stop)",
+                segment_id,
+                order["not_stored"],
+                frames,
+            )
         self.orders_completed += 1
         self.app.emit("order.completed", order)
 
