@@ -780,7 +780,7 @@ class Worker:
                 continue  # its attempt is failed already; this piece would be fenced
             try:
                 part = await self._in_db_retrying(
-                    functools.partial(dispatch.commit_round, self.store, piece),
+                    functools.partial(dispatch.commit_round, self.store, piece, worker=self.id),
                     what="committing step results",
                 )
             except Exception as piece_exc:
@@ -818,7 +818,9 @@ class Worker:
                 self._release(1)
         try:
             return await self._in_db_retrying(
-                functools.partial(dispatch.commit_round, self.store, Round(outcomes=[failed])),
+                functools.partial(
+                    dispatch.commit_round, self.store, Round(outcomes=[failed]), worker=self.id
+                ),
                 what="failing a step whose report was refused",
             )
         except Exception as again:
