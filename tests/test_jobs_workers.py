@@ -755,6 +755,22 @@ def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
     assert "stopped before it could register" in cluster.log(1)
 
 
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_a_stop_while_registering_fails_returns_cleanly(tmp_path: Path, scheme: str) -> None:
+    # The stop and the failure of the registration attempt it interrupts can be seen at once:
+    # the worker still stops as stopped, not with the broker's error (10 tries: the order in
+    # which the two are seen varies).
+    from framepipe.jobs.worker import Worker
+
+    port = free_port()  # nothing listens there
+    url = f"redis://127.0.0.1:{port}/0" if scheme == "redis" else f"amqp://127.0.0.1:{port}/"
+    for i in range(10):
+        settings = Settings(home=tmp_path / str(i), broker_url=url, jobs_mode="workers")
+        worker = Worker(settings)
+        worker.request_stop()
+        asyncio.run(asyncio.wait_for(worker.run(), 30))  # returns; raises nothing
+
+
 def _publish_raw_amqp(queue: str, body: bytes) -> None:
     import aio_pika
 

@@ -224,13 +224,16 @@ class Worker:
         )
         stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
         await asyncio.wait([register, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not register.done():  # stopped before Redis or the database could be reached
+        registered = register.done() and not register.cancelled() and not register.exception()
+        if not registered and self._stopping.is_set():
+            # Stopped before Redis or the database could be reached (the attempt the stop
+            # interrupted may have failed by now: its error is not the worker's).
             register.cancel()
             self._pool.shutdown(wait=False)
-            self._db.shutdown(wait=False)
-            self.broker.close()
-            if self._own_store:
-                self.store.close()
+            # The broker and the store are closed after the attempt still in flight (its
+            # connect is bounded by the broker's timeout), not under it.
+            self._db.submit(self._close_connections)
+            await asyncio.to_thread(self._db.shutdown, wait=True)
             _log.info("Worker %s stopped before it could register", self.id)
             return
         register.result()
@@ -319,6 +322,11 @@ class Worker:
 
     def _live_runs(self) -> list[_Run]:
         return [r for r in self._runs.values() if not r.finished and not r.lost]
+
+    def _close_connections(self) -> None:
+        self.broker.close()
+        if self._own_store:
+            self.store.close()
 
     def _register(self) -> None:
         self.broker.prepare()
