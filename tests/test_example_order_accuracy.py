@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from conftest import REDIS_URL, need_modules, redis_namespace
 from media import need_tool
 from s3server import aws_test_env, s3_server_at
+from waiting import wait_until
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "order_accuracy"
 FPS = 10
@@ -43,7 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 need_modules("zxingcpp", "segno", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
-from make_video import default_schedule, make_station_video  # noqa: E402
+from make_video import Shot, default_schedule, make_station_video  # noqa: E402
 
 
 class Runner:
@@ -373,6 +374,83 @@ def test_an_order_whose_frames_were_not_stored_says_so(
     assert any(line.endswith(f"WARNING [station_1] {warning}") for line in runner.logs)
     for order in orders.values():
         assert order["not_stored"] == 0 and len(order["stored"]) == order["frames"]
+
+
+def test_a_code_that_is_not_an_order_id_and_an_order_held_too_long(
+    tmp_path: Path, runner_factory: Callable[..., Runner]
+) -> None:
+    """A QR code that is not an order id (a shop's URL) is ``tag.invalid`` and opens no order
+    nor storage folder; an order longer than ``--max-order-seconds`` closes then
+    (``max_duration``), and its tag still in view opens ``ORDER_201.2``."""
+    need_tool("ffmpeg")
+    video = tmp_path / "odd.mp4"
+    url = "https://shop.example/promo?id=7"
+    shots = [
+        Shot(0.5),
+        Shot(4.0, ["ORDER_201"]),
+        Shot(1.5),
+        Shot(1.0, [url]),
+        Shot(1.5),
+        Shot(1.0, ["ORDER_202"]),
+        Shot(1.5),
+    ]
+    make_station_video(video, shots, fps=FPS)
+    runner = runner_factory(
+        *("--station", f"station_1={video}", "--fast"),
+        *("--order-timeout", str(TIMEOUT), "--max-order-seconds", "2"),
+    )
+    assert runner.proc.wait(60) == 0
+    assert runner.stop() == 0
+    invalid = runner.of("tag.invalid", "station_1")
+    assert invalid and all(e["texts"] == [url] for e in invalid)
+    orders = runner.of("order.completed", "station_1")
+    assert [(o["segment_id"], o["repeat"], o["reason"]) for o in orders] == [
+        ("ORDER_201", 1, "max_duration"),
+        ("ORDER_201.2", 2, "max_duration"),
+        ("ORDER_202", 1, "timeout"),
+    ]
+    for order in orders[:2]:  # --max-order-seconds 2 of a 10 fps recording
+        assert abs(order["frames"] - 2 * FPS) <= 1, order
+    folders = tmp_path / "home" / "objects" / "frames" / "station_1"
+    assert sorted(p.name for p in folders.iterdir()) == ["ORDER_201", "ORDER_201.2", "ORDER_202"]
+
+
+def test_a_capture_that_stops_sending_frames_is_restarted(
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
+    """The hand-written station's health monitor, for a capture that hangs: its process
+    lives but no frame comes. After ``--stall-timeout`` s the station logs the stall, ends
+    the hung process and starts its capture again."""
+    need_tool("ffmpeg")
+    video, _ = station_video
+    capture = tmp_path / "hangs.sh"
+    capture.write_text(
+        "#!/bin/sh\n"
+        f"ffmpeg -hide_banner -loglevel error -nostdin -i {video} -frames:v 15 -f mjpeg pipe:1\n"
+        "exec sleep 600\n"
+    )
+    capture.chmod(0o755)
+    runner = runner_factory(
+        *("--station", f"station_1=cmd:{capture}", "--stall-timeout", "2"),
+        *("--restart-delay", "0.2", "--order-timeout", str(TIMEOUT)),
+    )
+    first = runner.wait_for(lambda e: e["type"] == "source.started", what="the capture")
+    stalled = runner.wait_for(lambda e: e["type"] == "source.stalled", what="the stall")
+    assert stalled["source_id"] == "station_1"
+    again = runner.wait_for(
+        lambda e: e["type"] == "source.started" and e["attempt"] == 1, what="the restart"
+    )
+    assert again["pid"] != first["pid"]
+    wait_until(
+        "the hung capture to be gone", lambda: not Path(f"/proc/{first['pid']}").exists(), 30
+    )
+    assert runner.stop() == 0
+    lines = runner.log_lines("station_1")
+    assert "Pipeline stalled: no frame for 2.0s" in lines
+    assert any(line.startswith("Restarting pipeline in 0.2s (attempt 1)") for line in lines)
+    assert f"Persistent pipeline started (PID: {again['pid']})" in lines
 
 
 def test_a_station_whose_camera_stays_down_is_retried_at_the_cap_alone(
