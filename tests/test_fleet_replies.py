@@ -40,6 +40,7 @@ from framepipe.processors.fleet.protocol import (  # noqa: E402
     text,
 )
 from framepipe.processors.fleet.registry import register  # noqa: E402
+from framepipe.redis.scripts import REPLY_STREAM_TTL  # noqa: E402
 from test_fleet_recovery import in_process  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
@@ -492,6 +493,8 @@ def test_frames_another_registry_moves_to_an_older_processor_are_answered(ns: st
                 ) as b:
                     await b._reaper.tick()
                     assert not b._routed
+                # the announcements of the moves, on a's reply stream, give it an expiry
+                assert 0 < await redis.ttl(a.reply_stream) <= REPLY_STREAM_TTL
                 results = await asyncio.wait_for(asyncio.gather(*calls), 30)
                 assert answered_by_old(results) == [
                     (f"F{i}", "old", {"n": i}) for i in range(count)
@@ -624,3 +627,35 @@ def test_the_record_of_ended_requests_is_bounded_and_forgets(
     assert not ended.of("A") and not ended.of("C")
     ended.add("D", [("p", f"{i}-0") for i in range(20)])
     assert list(ended.of("D")) == [("p", f"{i}-0") for i in range(4, 20)]
+
+
+def test_a_reply_stream_left_behind_by_a_stopped_registry_expires(ns: str) -> None:
+    """A registry removes its reply stream when it stops, but a processor still working on
+    one of its frames answers afterwards and so makes the stream again: every reply (and
+    every announcement of a reaper) gives the stream an expiry, so one whose registry is gone
+    (stopped, or killed) does not stay in Redis for good."""
+
+    async def main() -> None:
+        gated = Gated(ns)
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            async with serving(gated):
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, heartbeat_timeout=60, result_timeout=60
+                ) as registry:
+                    await registry.wait_for_processor("cap", timeout=10)
+                    reply_stream = registry.reply_stream
+                    with pytest.raises(ResultTimeoutError):
+                        await registry.call(entry("X", 1), "cap", timeout=0.5)
+                    await wait_until_async("request 1 started", lambda: gated.started == [1], 10)
+                assert not await redis.exists(reply_stream)  # removed at stop
+                gated.release(1)  # the late reply, to a registry that has stopped
+                await wait_until_async(
+                    "the late reply written", lambda: redis.exists(reply_stream), 10
+                )
+                ttl = await redis.ttl(reply_stream)
+                assert 0 < ttl <= REPLY_STREAM_TTL
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -17,6 +17,7 @@ __all__ = [
     "MARK_DEAD_LUA",
     "PUBLISH",
     "PUBLISH_LUA",
+    "REPLY_STREAM_TTL",
     "ROUTE",
     "ROUTE_LUA",
     "Script",
@@ -62,8 +63,13 @@ return 1
 """KEYS: hash, stream, set. ARGV: id, allowed state, ... Removes the processor when its state
 is one of those given and its stream holds nothing (1); 0: entries left; -1: state changed."""
 
-PUBLISH_LUA = """
-local fields = {unpack(ARGV, 6)}
+REPLY_STREAM_TTL = 3600
+"""Seconds a router's reply stream lives after the last entry written to it. Every write to
+one sets it again: a live router reads its replies at once, and the stream of one that is
+gone (a late reply made it again after it stopped, or it was killed) is not left for good."""
+
+PUBLISH_LUA = f"""
+local fields = {{unpack(ARGV, 6)}}
 if ARGV[4] == '1' then
   if ARGV[3] ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
@@ -71,7 +77,10 @@ if ARGV[4] == '1' then
     redis.call('XADD', KEYS[2], '*', unpack(fields))
   end
 end
-if ARGV[5] == '1' then redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', unpack(fields)) end
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', unpack(fields))
+  redis.call('EXPIRE', KEYS[3], {REPLY_STREAM_TTL})
+end
 local ok, acked = pcall(redis.call, 'XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if ok then return acked end

@@ -51,7 +51,7 @@ from framepipe.processors.fleet.protocol import (
 )
 from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
 from framepipe.redis.connection import REDIS_DOWN, ResponseError
-from framepipe.redis.scripts import MARK_DEAD_LUA, Script
+from framepipe.redis.scripts import MARK_DEAD_LUA, REPLY_STREAM_TTL, Script
 
 if TYPE_CHECKING:
     from framepipe.processors.fleet.inflight import Track
@@ -81,7 +81,7 @@ return taken
 (``XREADGROUP >``) under ``consumer`` with their delivery count at 0 (the registry taking an
 entry is not a delivery to a processor); returns how many."""
 
-MOVE_LUA = """
+MOVE_LUA = f"""
 local state = redis.call('HGET', KEYS[2], 'state')
 if state == 'ready' or state == 'draining' then return -1 end
 if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then return 0 end
@@ -93,9 +93,11 @@ if ARGV[3] == 'route' then
   if first > 5 then
     redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'entry_id', moved,
                unpack(ARGV, 5, first - 1))
+    redis.call('EXPIRE', KEYS[5], {REPLY_STREAM_TTL})
   end
 elseif ARGV[3] == 'reply' then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', unpack(ARGV, first))
+  redis.call('EXPIRE', KEYS[4], {REPLY_STREAM_TTL})
 end
 pcall(redis.call, 'XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
