@@ -12,18 +12,15 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
+from framepipe.mqtt.metrics import SinkCollector
 from framepipe.mqtt.urls import parse_mqtt_url, unfit_in_topic
-from framepipe.telemetry import label_value
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -117,7 +114,7 @@ class MqttEventSink:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._detach: Callable[[], None] | None = None
-        self._collector: _SinkCollector | None = None
+        self._collector: SinkCollector | None = None
         self._warned_drop = False
         self._log = get_logger("events.mqtt")
 
@@ -141,7 +138,7 @@ class MqttEventSink:
             raise RuntimeError(f"the MQTT sink is attached to app {self.app.name!r} already")
         self.app = app
         self._detach = app.on("*", self)
-        self._collector = _SinkCollector(self)
+        self._collector = SinkCollector(self)
         app.registry.register(self._collector)
         for name, pipeline in app.pipelines.items():
             if pipeline.segmenter is not None:
@@ -550,32 +547,3 @@ async def _until_disconnected(client: aiomqtt.Client) -> None:
     subscribes to nothing, so no message arrives)."""
     async for _ in client.messages:
         pass
-
-
-class _SinkCollector(Collector):
-    """The sink's counters in the app's Prometheus metrics."""
-
-    def __init__(self, sink: MqttEventSink) -> None:
-        self._sink = sink
-
-    def collect(self) -> Iterator[Metric]:
-        sink = self._sink
-        labels = ["broker"]
-        values = [label_value(sink.url)]
-        published = CounterMetricFamily(
-            "framepipe_mqtt_published", "Events the MQTT broker acknowledged", labels=labels
-        )
-        published.add_metric(values, sink.published)
-        dropped = CounterMetricFamily(
-            "framepipe_mqtt_dropped",
-            "Events dropped: the queue was full, or the sink closed before they were published",
-            labels=labels,
-        )
-        dropped.add_metric(values, sink.dropped)
-        pending = GaugeMetricFamily("framepipe_mqtt_pending", "Events queued", labels=labels)
-        pending.add_metric(values, len(sink._pending))
-        up = GaugeMetricFamily(
-            "framepipe_mqtt_connected", "1 while connected to the broker", labels=labels
-        )
-        up.add_metric(values, 1.0 if sink.connected else 0.0)
-        yield from (published, dropped, pending, up)
