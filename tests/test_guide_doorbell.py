@@ -264,6 +264,9 @@ def test_step_3_option_c_step_5_and_monitoring_on_a_looping_clip(
     finally:
         manager.stop()
     assert manager.get_health_status().state == SystemState.STOPPED
+    # "Check logs": the press is logged with who was at the door
+    logged = Path("data/logs/doorbell.log").read_text()
+    assert f"doorbell.pressed: alice (distance {result['distance']})" in logged
 
 
 # -- Configuration ----------------------------------------------------------------------

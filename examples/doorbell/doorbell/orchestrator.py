@@ -354,10 +354,14 @@ class PipelineOrchestrator:
         self.events.append(event)
         self.events_total += 1
         self._event_times.append(now)
+        # a visit names its visitor in "name", a press (the original API's result) in "visitor"
+        who = event.get("name") or event.get("visitor")
+        if who is None:
+            who = "no face" if event.get("faces_detected") == 0 else "unknown"
         self.log.info(
             "%s: %s (distance %s) %s",
             kind,
-            event.get("name") or "unknown",
+            who,
             event.get("distance"),
             event.get("snapshot_key") or "",
         )
@@ -466,8 +470,11 @@ class PipelineOrchestrator:
         }
         if faces:
             verdict = decide_visitor(len(faces), votes, best, nearest, 0.0)
+            distance = verdict["distance"]
             result.update(
-                visitor=verdict["name"], known=verdict["known"], distance=verdict["distance"]
+                visitor=verdict["name"],
+                known=verdict["known"],
+                distance=None if distance is None else round(distance, 4),  # as a visit's
             )
         self.publish("doorbell.pressed", dict(result))
         if faces:
