@@ -429,3 +429,77 @@ def test_a_truncated_faststart_mp4_fails_instead_of_giving_a_short_video(
     assert info.status is ExecutionStatus.FAILED, info.data.get("preprocessed_info")
     assert "upload.mp4" in (info.error or "")
     assert "truncated" in info.errors["preprocess"]
+
+
+# -- the model's batch size ---------------------------------------------------------------------
+
+
+def test_model_batch_size_reaches_the_model_script_and_is_recorded(
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MODEL_BATCH_SIZE`` is passed to the script as ``--batch-size`` (read when the step
+    runs, like every model setting) and the execution's data says which one it ran with."""
+    argv_file = tmp_path / "argv.txt"
+    wrapper = tmp_path / "recording_model.py"
+    wrapper.write_text(
+        "import pathlib, sys\n"
+        f"pathlib.Path({str(argv_file)!r}).write_text(' '.join(sys.argv[1:]))\n"
+        f"sys.path.insert(0, {str(EXAMPLE)!r})\n"
+        "import model\n"
+        "sys.exit(model.main())\n"
+    )
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
+    monkeypatch.setenv("PYTHON_PATH", sys.executable)
+    monkeypatch.setenv("PYTHON_SCRIPT", str(wrapper))
+    monkeypatch.setenv("MODEL_BATCH_SIZE", "3")
+    info, _ = run_ml(settings, clip, width=160)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert "--batch-size 3" in argv_file.read_text()
+    assert (info.data["frames"], info.data["batch_size"]) == (FRAMES, 3)
+
+
+def test_the_example_models_pictures_do_not_depend_on_the_batch_size(
+    clip: Path, tmp_path: Path
+) -> None:
+    model = example_model()
+    one = model.run(clip, tmp_path / "one", style="cartoon", seed=3, batch_size=1)
+    seven = model.run(clip, tmp_path / "seven", style="cartoon", seed=3, batch_size=7)
+    names = sorted(p.name for p in one.glob("*.png"))
+    assert len(names) == FRAMES and names == sorted(p.name for p in seven.glob("*.png"))
+    assert all((one / n).read_bytes() == (seven / n).read_bytes() for n in names)
+    with pytest.raises(ValueError, match="batch size 0 is below 1"):
+        model.run(clip, tmp_path / "zero", batch_size=0)
+
+
+def test_model_batch_size_reaches_the_model_server_as_a_form_field(
+    clip: Path, tmp_path: Path
+) -> None:
+    from framepipe.processors.adapters import HttpModel
+
+    async def infer(url: str, **options: Any) -> Any:
+        model = HttpModel(url, timeout=60, max_retries=0)
+        return await model.infer(clip, output_dir=tmp_path / "out", **options)
+
+    with model_server(tmp_path / "shared") as url:
+        assert asyncio.run(infer(url, batch_size=4)).extra["batch_size"] == 4
+        assert asyncio.run(infer(url)).extra["batch_size"] == 1  # the model's own default
+        answer = httpx.post(
+            f"{url}/infer", data={"batch_size": "0"}, files={"input_file": ("c.mp4", b"x")}
+        )
+        assert answer.status_code == 400
+        assert "batch_size '0' is not a whole number >= 1" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_a_bad_model_batch_size_is_refused_naming_the_variable(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from framepipe.errors import ConfigError
+    from framepipe.pipelines.ml_settings import MlVideoSettings
+
+    with pytest.raises(ConfigError, match=f"MODEL_BATCH_SIZE='{value}': expected a whole number >= 1"):
+        MlVideoSettings.load({"MODEL_BATCH_SIZE": value})
+    assert MlVideoSettings.load({}).infer_options() == {}
+    assert MlVideoSettings.load({"FRAMEPIPE_MODEL_BATCH_SIZE": "5"}).infer_options() == {
+        "batch_size": 5
+    }

@@ -3,7 +3,7 @@
 real CPU transform).
 
     python model.py --input clip.mp4 --prompt "turn into anime" --style cartoon --seed 42 \\
-        --output-dir /tmp/out
+        --output-dir /tmp/out [--batch-size 8]
 
 It decodes ``--input`` with PyAV, stylises every frame with OpenCV and writes
 ``<output-dir>/frames/frame_0000.png, ...``. On stdout it prints ``progress: N`` lines (0-100)
@@ -12,8 +12,11 @@ exits with code 2 and a message naming the file on stderr.
 
 Styles (``--style``): ``cartoon`` (bilateral filter + adaptive-threshold edges; the default,
 also used for the styles ``default``, ``studio`` and ``anime``), ``sketch`` (pencil-like edges) and
-``invert``. ``--seed`` jitters the cartoon's edge block size and colour strength, so different
-seeds give slightly different (but reproducible) pictures. ``--prompt`` is only recorded: this
+``invert``. ``--batch-size N`` (default 1) decodes N frames, then transforms and writes them
+together: what a batched model holds in memory at once (the pipeline passes
+``MODEL_BATCH_SIZE`` as it); the pictures do not depend on it. ``--seed`` jitters the
+cartoon's edge block size and colour strength, so different seeds give slightly different (but
+reproducible) pictures. ``--prompt`` is only recorded: this
 is not a generative model.
 
 The transform is importable (``stylise(image, style, seed)``, ``run(...)``), the example HTTP
@@ -23,6 +26,7 @@ server (``server.py``) reuses it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 from collections.abc import Callable
@@ -78,14 +82,18 @@ def run(
     *,
     style: str = "cartoon",
     seed: int = 0,
+    batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Stylise every frame of ``input_path`` into ``output_dir/frames``; returns that folder.
+    """Stylise every frame of ``input_path`` into ``output_dir/frames``, ``batch_size`` frames
+    at a time; returns that folder.
 
     Raises :class:`ModelInputError` when the input is not a decodable video and
-    :class:`ValueError` for an unknown style."""
+    :class:`ValueError` for an unknown style or a batch size below 1."""
     input_path = Path(input_path)
     style = _style(style)
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} is below 1")
     frames_dir = Path(output_dir) / "frames"
     frames_dir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda pct: None)
@@ -100,12 +108,17 @@ def run(
                 total = int(stream.duration * stream.time_base * stream.average_rate)
             report(0)
             last = 0
-            for frame in container.decode(stream):
-                image = frame.to_ndarray(format="bgr24")
-                path = frames_dir / f"frame_{count:04d}.png"
-                if not cv2.imwrite(str(path), stylise(image, style, seed)):
-                    raise OSError(f"cannot write {path}")
-                count += 1
+            batch: list[np.ndarray] = []
+            frames = container.decode(stream)
+            while True:
+                batch = [f.to_ndarray(format="bgr24") for f in itertools.islice(frames, batch_size)]
+                if not batch:
+                    break
+                for image in [stylise(image, style, seed) for image in batch]:
+                    path = frames_dir / f"frame_{count:04d}.png"
+                    if not cv2.imwrite(str(path), image):
+                        raise OSError(f"cannot write {path}")
+                    count += 1
                 if total:
                     pct = min(99, 100 * count // total)
                     if pct >= last + 5:
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", default="cartoon", help=f"one of {', '.join(STYLES)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=1, help="frames transformed at once")
     args = parser.parse_args(argv)
     try:
         frames = run(
@@ -133,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             style=args.style,
             seed=args.seed,
+            batch_size=args.batch_size,
             progress=lambda pct: print(f"progress: {pct}", flush=True),
         )
     except (ModelInputError, ValueError, OSError) as exc:

@@ -4,8 +4,9 @@
     python server.py --host 127.0.0.1 --port 5000 --output-root /srv/ml-frames
 
 ``POST /infer`` with a ``multipart/form-data`` body: ``input_file`` (the video), ``prompt``,
-``style``, ``seed``. It runs :func:`model.run` (the same transform as ``model.py``) and answers
-``{"success": true, "frames_path": "<output-root>/<request id>/frames", "frames": N}``; on
+``style``, ``seed``, optionally ``batch_size`` (frames transformed at once, default 1). It runs
+:func:`model.run` (the same transform as ``model.py``) and answers
+``{"success": true, "frames_path": "<output-root>/<request id>/frames", "frames": N, ...}``; on
 failure HTTP 500 with ``{"success": false, "error": "..."}`` (HTTP 400 for a malformed request).
 ``GET /health`` answers ``{"ok": true}`` (a readiness probe).
 
@@ -75,8 +76,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _read_form(self) -> tuple[dict[str, tuple[str | None, bytes]], int]:
-        """The request's form fields and seed; :class:`BadRequest` when malformed."""
+    def _read_form(self) -> tuple[dict[str, tuple[str | None, bytes]], int, int]:
+        """The request's form fields, seed and batch size (default 1); :class:`BadRequest`
+        when malformed."""
         raw = self.headers.get("Content-Length") or "-1"
         length = int(raw) if raw.strip().isdigit() else -1
         if not 0 <= length <= MAX_BODY:
@@ -84,11 +86,15 @@ class Handler(BaseHTTPRequestHandler):
         fields = parse_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
         if "input_file" not in fields:
             raise BadRequest("the form has no 'input_file'")
-        seed_text = fields.get("seed", (None, b"0"))[1].decode() or "0"
+        seed_text = fields.get("seed", (None, b"0"))[1].decode(errors="replace") or "0"
         try:
-            return fields, int(seed_text)
+            seed = int(seed_text)
         except ValueError as exc:
             raise BadRequest(f"seed {seed_text!r} is not an integer") from exc
+        batch_text = fields.get("batch_size", (None, b"1"))[1].decode(errors="replace") or "1"
+        if not batch_text.isdigit() or int(batch_text) < 1:
+            raise BadRequest(f"batch_size {batch_text!r} is not a whole number >= 1")
+        return fields, seed, int(batch_text)
 
     def do_GET(self) -> None:
         if self.path.split("?")[0] == "/health":
@@ -101,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(404, {"success": False, "error": f"no route {self.path}"})
             return
         try:
-            fields, seed = self._read_form()
+            fields, seed, batch_size = self._read_form()
         except BadRequest as exc:
             self._answer(400, {"success": False, "error": str(exc)})
             return
@@ -116,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
         source = workdir / ("input" + (Path(filename).suffix if filename else ".mp4"))
         source.write_bytes(content)
         try:
-            frames = model.run(source, workdir, style=style, seed=seed)
+            frames = model.run(source, workdir, style=style, seed=seed, batch_size=batch_size)
         except Exception as exc:
             self.log_message("inference failed: %s", exc)
             # name the client's file, not this server's temporary copy
@@ -134,6 +140,7 @@ class Handler(BaseHTTPRequestHandler):
                 "frames": count,
                 "prompt": prompt,
                 "style": style,
+                "batch_size": batch_size,
             },
         )
 

@@ -17,7 +17,12 @@ keep the variable names the model adapters have always been configured by:
   (``model_api_retries``, default 0 for python, 3 for http); the first delay,
   ``FRAMEPIPE_MODEL_API_RETRY_INITIAL`` or ``MODEL_API_RETRY_INITIAL`` (seconds, default 1),
   doubling each retry up to ``FRAMEPIPE_MODEL_API_RETRY_MAX`` or ``MODEL_API_RETRY_MAX``
-  (seconds, default 30).
+  (seconds, default 30);
+- ``FRAMEPIPE_MODEL_BATCH_SIZE`` or ``MODEL_BATCH_SIZE`` (``model_batch_size``, unset by
+  default): how many frames the model holds and transforms at once, passed to it as the
+  ``batch_size`` option (``--batch-size N`` to a script, a ``batch_size`` form field to a
+  server). It is read when the inference step runs, so a job that ran out of memory is retried
+  with a smaller one by setting it lower and ``framepipe jobs retry``.
 
 The original worker's storage and broker variables are read here too, and mapped onto
 framepipe's settings by the ML worker's entry point (:mod:`framepipe.pipelines.ml_worker`):
@@ -73,6 +78,7 @@ _VARIABLES: dict[str, tuple[str, ...]] = {
     "model_api_retries": ("FRAMEPIPE_MODEL_API_RETRIES", "MODEL_API_RETRIES"),
     "model_api_retry_initial": ("FRAMEPIPE_MODEL_API_RETRY_INITIAL", "MODEL_API_RETRY_INITIAL"),
     "model_api_retry_max": ("FRAMEPIPE_MODEL_API_RETRY_MAX", "MODEL_API_RETRY_MAX"),
+    "model_batch_size": ("FRAMEPIPE_MODEL_BATCH_SIZE", "MODEL_BATCH_SIZE"),
     "keep_intermediates": ("FRAMEPIPE_ML_KEEP_INTERMEDIATES", "ML_KEEP_INTERMEDIATES"),
     "database_file": ("DATABASE_FILE",),
     "minio_endpoint": ("MINIO_ENDPOINT",),
@@ -106,6 +112,7 @@ _EXPECTED = {
     "minio_port": "a port number (1-65535)",
     "minio_use_ssl": "true or false",
     "keep_intermediates": "true or false",
+    "model_batch_size": "a whole number >= 1",
 }
 
 Origins = dict[str, tuple[str, Any]]
@@ -179,6 +186,12 @@ class MlVideoSettings(BaseSettings):
     )
     model_api_retry_max: float | None = Field(
         None, ge=0, description="Cap of that delay, in seconds (default 30)."
+    )
+    model_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Frames the model holds and transforms at once (its batch_size option); "
+        "unset: the model's own default.",
     )
 
     keep_intermediates: bool = Field(
@@ -299,6 +312,13 @@ class MlVideoSettings(BaseSettings):
         if self.model_api_retry_max is not None:
             options["retry_max"] = self.model_api_retry_max
         return options
+
+    def infer_options(self) -> dict[str, Any]:
+        """The options every inference call passes to the model: ``batch_size`` when
+        :attr:`model_batch_size` is set, nothing else."""
+        if self.model_batch_size is None:
+            return {}
+        return {"batch_size": self.model_batch_size}
 
     def adapter(self) -> ModelAdapter:
         """A new adapter of :attr:`adapter_type`: :class:`MockModel`, :class:`SubprocessModel`

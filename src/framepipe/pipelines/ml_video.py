@@ -15,8 +15,10 @@ created): ``input`` (the video: a local file or an object key, see
 (postprocess, default 0 / 1.0). The model is this pipeline's setting
 (:class:`~framepipe.pipelines.ml_settings.MlVideoSettings`:
 ``MODEL_ADAPTER_TYPE=mock|python|http``, ``PYTHON_SCRIPT``, ``MODEL_API_URL``,
-``MODEL_API_TIMEOUT``, the retries), read by the inference step where it runs, so a worker
-uses its own environment.
+``MODEL_API_TIMEOUT``, the retries, ``MODEL_BATCH_SIZE``), read by the inference step where
+it runs, so a worker uses its own environment (and a job that ran out of memory is retried
+with a smaller ``MODEL_BATCH_SIZE``; the inference step's ``batch_size`` in the execution's
+data says which one it ran with).
 
 The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails), within the
 picture size limit of :class:`~framepipe.config.MediaSettings`; the keys it is given (the
@@ -236,6 +238,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
         src = _fetch(ctx, ctx.data["preprocessed_key"])
         inputs = _inputs(ctx)
         model = model_from_settings()
+        options = MlVideoSettings.load().infer_options()
         try:
             result = await model.infer(
                 src,
@@ -244,6 +247,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
                 seed=inputs.seed,
                 output_dir=ctx.tempdir(),
                 progress=as_step_progress(ctx, 0, 90, "inference"),
+                **options,
             )
         finally:
             model.teardown()
@@ -254,6 +258,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
             "frames_prefix": f"{_prefix(ctx)}/frames",
             "frames": len(keys),
             "model": type(model).__name__,
+            "batch_size": options.get("batch_size"),
         }
 
 
