@@ -394,7 +394,8 @@ def test_missing_bucket(s3_server: S3Server) -> None:
         S3ObjectStore(name, endpoint_url=s3_server.endpoint)
     assert str(excinfo.value) == (
         f"bucket '{name}' does not exist at {s3_server.endpoint} "
-        "(create it or pass create_bucket=True)"
+        "(create it, or have framepipe create it: create=1 among the s3:// URL's options, "
+        f"as in s3://{name}?create=1, or create_bucket=True)"
     )
     with pytest.raises(ObjectStoreError, match="does not exist"):
         open_object_store(f"s3://{name}?endpoint={s3_server.endpoint}")

@@ -95,7 +95,8 @@ def explain(
         if code == "NoSuchBucket" or (key is None and code in MISSING_CODES):
             return ObjectStoreError(
                 f"bucket {bucket!r} does not exist at {endpoint} "
-                f"(create it or pass create_bucket=True){doing}"
+                "(create it, or have framepipe create it: create=1 among the s3:// URL's "
+                f"options, as in s3://{bucket}?create=1, or create_bucket=True){doing}"
             )
         elsewhere = _bucket_region(cause, region) if status in (301, 307, 400) else None
         if elsewhere is not None:
