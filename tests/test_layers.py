@@ -68,6 +68,7 @@ _STORE_MODULES = {
     "jobs/leases.py",
     "jobs/recovery.py",
     "jobs/ledger.py",
+    "jobs/pruning.py",
 }
 
 

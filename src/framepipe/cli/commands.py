@@ -4,7 +4,7 @@ the order ``--help`` lists them.
 ::
 
     framepipe run FILE.py:PIPELINE --input key=value ...   run one execution to its end
-    framepipe jobs list | show ID | retry ID | cancel ID    executions in the state store
+    framepipe jobs list | show | retry | cancel | prune       executions in the state store
     framepipe worker                                        run distributed job steps
     framepipe serve --pipeline FILE.py:NAME                 the HTTP API and live events
     framepipe sources | health                              the live apps of this home

@@ -1,5 +1,6 @@
-"""``framepipe jobs list | show | retry | cancel``: executions in the state store, through the
-job client (ids may be unique prefixes).
+"""``framepipe jobs list | show | retry | cancel | prune``: executions in the state store,
+through the job client (ids may be unique prefixes); ``prune`` deletes those that finished long
+ago (:mod:`framepipe.jobs.pruning`).
 
 Guarantees: tables and ``--json`` go to stdout; an unknown status exits 2, an unknown id or an
 execution that cannot be retried exits 1; ``retry`` follows the execution like ``run``.
@@ -245,4 +246,126 @@ def jobs_cancel(
             out,
             f"cancel requested: the process running execution "
             f"{result.execution_id} stops it within its heartbeat interval",
+        )
+
+
+@jobs_app.command("prune")
+def jobs_prune(
+    ctx: typer.Context,
+    *,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Delete executions that finished longer ago than this: 3600, 30m, 12h, 7d, 2w.",
+        ),
+    ],
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            "-s",
+            help="Only executions in this status (repeatable): completed, failed, cancelled, "
+            "interrupted. Default: all four.",
+        ),
+    ] = None,
+    pipeline: Annotated[
+        str | None, typer.Option("--pipeline", "-p", help="Only executions of this pipeline.")
+    ] = None,
+    objects: Annotated[
+        str | None,
+        typer.Option(
+            "--objects",
+            metavar="PREFIX",
+            help="Also delete the objects under this prefix for each deleted execution; it "
+            "must hold {execution_id} (e.g. 'ml/{execution_id}/'), may hold {pipeline}.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete finished executions older than a duration, with their steps and events (the
+    import ledger stays); a running one never."""
+    from framepipe.backends.objects import open_object_store
+    from framepipe.backends.state.retention import parse_duration
+    from framepipe.cli.common import open_store
+    from framepipe.jobs.pruning import FINISHED, prune_executions
+
+    with errors():
+        try:
+            seconds = parse_duration(older_than)
+        except ValueError as exc:
+            raise UsageError(f"--older-than: {exc}") from None
+        statuses = set(FINISHED)
+        if status:
+            try:
+                statuses = {ExecutionStatus(s.strip().lower()) for s in status}
+            except ValueError:
+                raise UsageError(
+                    f"--status: {status!r}; use completed, failed, cancelled or interrupted"
+                ) from None
+            if not statuses <= FINISHED:
+                raise UsageError("--status: pending and running executions are never pruned")
+        if objects is not None:
+            _check_objects_template(objects)
+        settings = settings_of(ctx)
+        with open_store(settings) as store:
+            pruned = prune_executions(
+                store, seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
+            )
+        removed = 0
+        if objects is not None and pruned and not dry_run:
+            with open_object_store(settings.resolved_objects_url) as store_objects:
+                for p in pruned:
+                    prefix = objects.format(execution_id=p.id, pipeline=p.pipeline)
+                    for info in list(store_objects.list(prefix)):
+                        removed += int(store_objects.delete(info.key))
+    if json_out:
+        dump_json(
+            {
+                "dry_run": dry_run,
+                "executions": [
+                    {
+                        "id": p.id,
+                        "pipeline": p.pipeline,
+                        "status": p.status.value,
+                        "finished_at": p.finished_at,
+                    }
+                    for p in pruned
+                ],
+                "objects_deleted": removed,
+            }
+        )
+        return
+    out = console()
+    verb = "would delete" if dry_run else "deleted"
+    for p in pruned:
+        say(out, f"{verb} {p.id}  {p.pipeline}  {p.status.value}  finished {when(p.finished_at)}")
+    tail = f" and {removed} object(s)" if objects is not None and not dry_run else ""
+    say(out, f"{verb} {len(pruned)} execution(s) that finished over {older_than} ago{tail}")
+
+
+def _check_objects_template(template: str) -> None:
+    """``--objects`` names one prefix per execution: it must hold ``{execution_id}``, and no
+    field but it and ``{pipeline}`` (a prefix without it would delete other executions'
+    objects)."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise UsageError(f"--objects {template!r}: {exc}") from None
+    unknown = sorted(fields - {"execution_id", "pipeline"})
+    if unknown:
+        raise UsageError(
+            f"--objects {template!r}: unknown field(s) {', '.join(unknown)}; "
+            "use {execution_id} and {pipeline}"
+        )
+    if "execution_id" not in fields:
+        raise UsageError(
+            f"--objects {template!r} does not hold {{execution_id}}: it would delete the "
+            "objects of every execution"
         )

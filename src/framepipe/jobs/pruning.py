@@ -1,0 +1,106 @@
+"""Retention of executions: :func:`prune_executions` deletes the records of executions that
+finished long ago, so the state database does not keep every job ever run.
+
+Guarantees:
+
+* Only executions that finished (``completed``, ``failed``, ``cancelled``, ``interrupted``, or
+  those of ``statuses``) more than ``older_than`` seconds ago are deleted, with their steps,
+  dependencies and events; a pending or running one never is, nor one a retry resumed since it
+  was chosen: each batch is chosen and deleted in one transaction, with the executions' rows
+  locked on PostgreSQL (SQLite serialises writers), and the status re-checked.
+* Each batch of ``batch`` executions is its own transaction, so a long prune never holds a
+  lock that stops the engine or a worker for long.
+* The ledger stays: it is what incremental imports remember (which files were imported), and
+  it outlives the executions that wrote it.
+* Objects are the caller's: the command line deletes those under a prefix it is given per
+  pruned execution (``framepipe jobs prune --objects 'ml/{execution_id}/'``), after the
+  records, so an execution a retry resumed never loses its intermediates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore, events, executions, step_deps, steps
+from framepipe.jobs.models import ExecutionStatus
+
+__all__ = ["FINISHED", "PrunedExecution", "prune_executions"]
+
+FINISHED = frozenset(s for s in ExecutionStatus if s.finished)
+"""The statuses an execution may be pruned in: it runs no more."""
+
+
+@dataclass(frozen=True)
+class PrunedExecution:
+    """One deleted execution."""
+
+    id: str
+    pipeline: str
+    status: ExecutionStatus
+    finished_at: float
+
+
+def prune_executions(
+    store: StateStore,
+    older_than: float,
+    *,
+    statuses: Collection[ExecutionStatus] = FINISHED,
+    pipeline: str | None = None,
+    batch: int = 100,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> list[PrunedExecution]:
+    """Delete the executions in ``statuses`` (of ``pipeline``, when given) that finished more
+    than ``older_than`` seconds ago, with their steps, dependencies and events; return them,
+    oldest first. ``dry_run``: delete nothing, return what would go. ValueError for a
+    negative age, an empty ``statuses`` or one that is not finished."""
+    if older_than < 0:
+        raise ValueError(f"older_than must be >= 0 seconds, got {older_than}")
+    chosen = {ExecutionStatus(s) for s in statuses}
+    if not chosen:
+        raise ValueError("no status to prune")
+    running = sorted(s.value for s in chosen - FINISHED)
+    if running:
+        raise ValueError(f"executions that are {', '.join(running)} are never pruned")
+    cutoff = (time.time() if now is None else now) - older_than
+    query = (
+        sa.select(
+            executions.c.id, executions.c.pipeline, executions.c.status, executions.c.finished_at
+        )
+        .where(
+            executions.c.status.in_(sorted(s.value for s in chosen)),
+            executions.c.finished_at.is_not(None),
+            executions.c.finished_at < cutoff,
+        )
+        .order_by(executions.c.finished_at, executions.c.id)
+    )
+    if pipeline is not None:
+        query = query.where(executions.c.pipeline == pipeline)
+    if dry_run:
+        with store.read() as conn:
+            return [_pruned(r) for r in conn.execute(query)]
+    pruned: list[PrunedExecution] = []
+    while True:
+        page = query.limit(batch)
+        if store.dialect == "postgresql":
+            page = page.with_for_update(skip_locked=True)
+        with store.write() as conn:
+            rows = [_pruned(r) for r in conn.execute(page)]
+            ids = [r.id for r in rows]
+            if ids:
+                conn.execute(events.delete().where(events.c.execution_id.in_(ids)))
+                conn.execute(step_deps.delete().where(step_deps.c.execution_id.in_(ids)))
+                conn.execute(steps.delete().where(steps.c.execution_id.in_(ids)))
+                conn.execute(executions.delete().where(executions.c.id.in_(ids)))
+        pruned.extend(rows)
+        if len(rows) < batch:
+            return pruned
+
+
+def _pruned(row: Any) -> PrunedExecution:
+    return PrunedExecution(row.id, row.pipeline, ExecutionStatus(row.status), row.finished_at)

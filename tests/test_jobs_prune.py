@@ -1,0 +1,163 @@
+"""Pruning executions that finished long ago (``framepipe jobs prune``, :mod:`framepipe.jobs.
+pruning`): their records go (steps, dependencies, events), a running one never does, the
+import ledger stays, and the command line also deletes each pruned execution's objects under
+a prefix it is given. On SQLite and the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from framepipe import JobEngine, Settings, open_object_store
+from framepipe.backends.state import StateStore, events, ledger, step_deps, steps
+from framepipe.cli.commands import app
+from framepipe.errors import ExecutionNotFoundError
+from framepipe.jobs import dispatch
+from framepipe.jobs.context import StepContext
+from framepipe.jobs.models import ExecutionStatus
+from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.pruning import prune_executions
+from framepipe.jobs.records import get_execution
+from framepipe.jobs.rounds import Outcome, Round
+
+LATER = 3600.0  # "now", as far as the prune is concerned, is an hour ahead
+
+
+def _pipelines() -> tuple[Pipeline, Pipeline]:
+    good = Pipeline("prune_good")
+
+    @good.step()
+    def first(ctx: StepContext) -> dict[str, Any]:
+        ctx.ledger.record(f"file-{ctx.execution_id}", size=1)
+        return {"a": 1}
+
+    @good.step(depends_on=["first"])
+    def second(ctx: StepContext) -> dict[str, Any]:
+        return {"b": 2}
+
+    bad = Pipeline("prune_bad")
+
+    @bad.step()
+    def boom(ctx: StepContext) -> None:
+        raise RuntimeError("boom")
+
+    return good, bad
+
+
+def _run(settings: Settings, pipeline: Pipeline) -> str:
+    async def main() -> str:
+        async with JobEngine(settings=settings) as engine:
+            info = await engine.run(pipeline, {}, raise_on_failure=False)
+            return info.id
+
+    return asyncio.run(main())
+
+
+def _rows(store: StateStore, table: sa.Table, execution_id: str) -> int:
+    with store.read() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).where(table.c.execution_id == execution_id)
+            ).scalar_one()
+        )
+
+
+def _run_on_workers(store: StateStore, pipeline: Pipeline) -> str:
+    """An execution run to completion the way workers run it (its dependencies are rows)."""
+    execution_id, ready, _ = dispatch.submit(store, pipeline, {}, ref="/srv/prune.py:x")
+    while ready:
+        claimed, _ = dispatch.claim(store, "w1", ready, lease=30.0)
+        outcomes = [
+            Outcome(c.execution_id, c.key, c.attempt, "done", c.weight, c.progress, output={})
+            for c in claimed
+        ]
+        ready = dispatch.commit_round(store, Round(outcomes=outcomes), worker="w1").ready
+    return execution_id
+
+
+def test_finished_executions_are_pruned_with_their_records_and_running_ones_never(
+    settings: Settings, store: StateStore
+) -> None:
+    good, bad = _pipelines()
+    done, failed = _run(settings, good), _run(settings, bad)
+    distributed = _run_on_workers(store, good)
+    running, _, _ = dispatch.submit(store, good, {}, ref="/srv/prune.py:prune_good")
+    assert get_execution(store, done).status is ExecutionStatus.COMPLETED
+    assert get_execution(store, failed).status is ExecutionStatus.FAILED
+    assert get_execution(store, distributed).status is ExecutionStatus.COMPLETED
+    assert _rows(store, step_deps, distributed) == 1
+    later = time.time() + LATER
+
+    assert prune_executions(store, 2 * LATER, now=later) == []  # none finished that long ago
+    would = prune_executions(store, 60, now=later, dry_run=True)
+    assert {p.id for p in would} == {done, failed, distributed}
+    assert get_execution(store, done).status is ExecutionStatus.COMPLETED  # nothing deleted
+
+    only_failed = prune_executions(store, 60, now=later, statuses={ExecutionStatus.FAILED})
+    assert [(p.id, p.pipeline, p.status) for p in only_failed] == [
+        (failed, "prune_bad", ExecutionStatus.FAILED)
+    ]
+    with pytest.raises(ExecutionNotFoundError):
+        get_execution(store, failed)
+    assert _rows(store, steps, failed) == _rows(store, events, failed) == 0
+
+    assert prune_executions(store, 60, now=later, pipeline="other") == []
+    assert [p.id for p in prune_executions(store, 60, now=later, batch=1)] == [done, distributed]
+    for execution_id in (done, distributed):
+        for table in (steps, step_deps, events):
+            assert _rows(store, table, execution_id) == 0
+    with store.read() as conn:  # the ledger outlives the execution that wrote it
+        kept = conn.execute(sa.select(ledger.c.identity).where(ledger.c.namespace == "prune_good"))
+        assert list(kept.scalars()) == [f"file-{done}"]
+    assert get_execution(store, running).status is ExecutionStatus.RUNNING  # never pruned
+
+    with pytest.raises(ValueError, match="running are never pruned"):
+        prune_executions(store, 60, statuses={ExecutionStatus.RUNNING})
+    with pytest.raises(ValueError, match="no status to prune"):
+        prune_executions(store, 60, statuses=set())
+
+
+def test_the_command_prunes_and_deletes_each_executions_objects(
+    settings: Settings, tmp_path: Path
+) -> None:
+    good, bad = _pipelines()
+    done, failed = _run(settings, good), _run(settings, bad)
+    objects = open_object_store(settings.resolved_objects_url)
+    for execution_id in (done, failed, "0" * 32):  # the last one is not an execution here
+        objects.put(f"ml/{execution_id}/input.mp4", b"x")
+        objects.put(f"ml/{execution_id}/frames/f_0001.png", b"y")
+    runner = CliRunner()
+    env = {"FRAMEPIPE_DATABASE_URL": settings.resolved_database_url}
+    base = ["--home", str(settings.home), "jobs", "prune"]
+
+    refused = runner.invoke(app, [*base, "--older-than", "0", "--objects", "ml/"], env=env)
+    assert refused.exit_code == 2
+    assert "does not hold {execution_id}" in refused.output
+    bad_status = runner.invoke(app, [*base, "--older-than", "0", "-s", "running"], env=env)
+    assert bad_status.exit_code == 2 and "never pruned" in bad_status.output
+
+    time.sleep(0.05)  # both finished over 0 s ago
+    result = runner.invoke(
+        app,
+        [*base, "--older-than", "0", "-s", "failed", "--objects", "ml/{execution_id}/", "--json"],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert [e["id"] for e in answer["executions"]] == [failed]
+    assert answer["objects_deleted"] == 2
+    left = sorted(o.key.split("/")[1] for o in objects.list("ml/"))
+    assert left == sorted([done, done, "0" * 32, "0" * 32])
+
+    result = runner.invoke(app, [*base, "--older-than", "0s", "--dry-run"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"would delete {done}" in result.stdout
+    assert "would delete 1 execution(s)" in result.stdout
+    objects.close()
