@@ -907,6 +907,8 @@ def test_read_snapshots_reads_only_what_apps_write_and_skips_the_rest(tmp_path: 
     assert [s["name"] for s in snapshots] == ["good", "mixed"]
     assert snapshots[1]["pipeline_status"] == {"a": {"state": "ok"}}  # the status of no shape: out
     # what reads them (framepipe sources / health) lists the rest, no traceback
+    # into a pipe (no terminal, no COLUMNS): one line per row, no cell cut short
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     for command in ("sources", "health"):
         shown = subprocess.run(
             [sys.executable, "-m", "framepipe", "--home", str(settings.home), command],
@@ -914,7 +916,10 @@ def test_read_snapshots_reads_only_what_apps_write_and_skips_the_rest(tmp_path: 
             text=True,
             timeout=60,
             check=False,
-            env={**os.environ, "COLUMNS": "200"},
+            env=env,
         )
         assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
         assert "mixed" in shown.stdout, shown.stdout
+        assert "…" not in shown.stdout, shown.stdout
+        state = "ok" if command == "sources" else "stopped"  # the pipeline's, the app's
+        assert any("mixed" in line and state in line for line in shown.stdout.splitlines())

@@ -10,6 +10,7 @@ write (Rich's live display, a test runner's capture).
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,9 +98,18 @@ class _StderrProxy:
         sys.stderr.flush()
 
 
+PIPED_WIDTH = 200
+"""The width of tables written to a pipe or a file (``COLUMNS`` unset): not a terminal's 80,
+which cut every cell of an 11-column table short."""
+
+
 def console(*, stderr: bool = False) -> Console:
-    """A console on stdout (results) or stderr (progress and messages), without highlighting."""
-    return Console(stderr=stderr, highlight=False)
+    """A console on stdout (results) or stderr (progress and messages), without highlighting.
+    Not a terminal (a pipe, a file) and ``COLUMNS`` unset: :data:`PIPED_WIDTH` wide."""
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out.width = PIPED_WIDTH
+    return out
 
 
 def say(out: Console, message: str, style: str | None = None) -> None:

@@ -76,7 +76,7 @@ def jobs_list(
     if not rows:
         say(out, "no executions", "dim")
         return
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=True)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=out.is_terminal)
     table.add_column("id", no_wrap=True)
     table.add_column("pipeline", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
