@@ -47,7 +47,11 @@ from framepipe.processors.faces import (
     load_known_faces,
     model_path,
 )
-from framepipe.processors.fleet.options import DEFAULT_HEALTH_HOST
+from framepipe.processors.fleet.arguments import (
+    DEFAULT_NAMESPACE,
+    add_client_arguments,
+    client_arguments,
+)
 
 __all__ = [
     "CAPABILITIES",
@@ -62,8 +66,6 @@ __all__ = [
 CAPABILITIES = ("face_detection", "face_recognition")
 RESULT_STREAM = "faces:detected"
 DEFAULT_ID = "face-recognition-1"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_NAMESPACE = "framepipe:"
 
 
 class FaceRecognitionProcessor(ProcessorClient):
@@ -239,44 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Face detection and recognition processor (dlib) for framepipe."
     )
-    parser.add_argument(
-        "--id",
-        default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
-        help=f"processor id, unique in the namespace (env PROCESSOR_ID; default {DEFAULT_ID})",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=None,
-        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT, else "
-        f"{DEFAULT_REDIS_URL})",
-    )
-    parser.add_argument(
-        "--namespace",
-        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-        help="registry key prefix (env FRAMEPIPE_NAMESPACE)",
-    )
-    parser.add_argument(
-        "--result-stream",
-        default=RESULT_STREAM,
-        help=f"stream receiving the results (default {RESULT_STREAM})",
-    )
-    parser.add_argument("--capacity", type=int, default=10, help="frames in flight (10)")
-    parser.add_argument(
-        "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
-    )
-    parser.add_argument(
-        "--health-port",
-        type=int,
-        default=os.environ.get("HEALTH_PORT"),  # argparse converts a string default with type
-        help="serve GET /health on this port for a compose healthcheck: 200 while registered "
-        "and taking frames, else 503 (env HEALTH_PORT; default: no endpoint)",
-    )
-    parser.add_argument(
-        "--health-host",
-        default=os.environ.get("HEALTH_HOST", DEFAULT_HEALTH_HOST),
-        help="where the health endpoint listens (env HEALTH_HOST; default "
-        f"{DEFAULT_HEALTH_HOST}: inside the container only; 0.0.0.0 for probes from outside)",
-    )
+    add_client_arguments(parser, default_id=DEFAULT_ID, result_stream=RESULT_STREAM)
     parser.add_argument(
         "--known", type=Path, default=None, help="directory of <name>.jpg images of known faces"
     )
@@ -304,7 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="put each face's 128-d encoding in the result",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return parser
 
 
@@ -312,14 +276,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Build the processor from parsed options and run it until SIGTERM/SIGINT."""
     processor = FaceRecognitionProcessor(
         args.id,
-        capacity=args.capacity,
-        result_stream=args.result_stream,
-        redis_url=args.redis_url,
-        namespace=args.namespace,
-        health_interval=args.health_interval,
-        health_port=args.health_port,
-        health_host=args.health_host,
-        environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
+        **client_arguments(args),
         known_dir=args.known,
         tolerance=args.tolerance,
         upscale_below=args.upscale_below,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,15 +30,17 @@ import numpy.typing as npt
 from framepipe.errors import FramepipeError
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorClient
-from framepipe.processors.fleet.options import DEFAULT_HEALTH_HOST
+from framepipe.processors.fleet.arguments import (
+    DEFAULT_NAMESPACE,
+    add_client_arguments,
+    client_arguments,
+)
 
 __all__ = ["CAPABILITIES", "RESULT_STREAM", "MotionProcessor", "main"]
 
 CAPABILITIES = ("motion_detection",)
 RESULT_STREAM = "motion:detected"
 DEFAULT_ID = "motion-1"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_NAMESPACE = "framepipe:"
 
 Grey = npt.NDArray[np.uint8]
 
@@ -128,43 +129,8 @@ class MotionProcessor(ProcessorClient):
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (defaults from the environment where noted)."""
     parser = argparse.ArgumentParser(description="Motion (frame differencing) processor.")
-    parser.add_argument(
-        "--id",
-        default=os.environ.get("PROCESSOR_ID", DEFAULT_ID),
-        help=f"processor id (env PROCESSOR_ID; default {DEFAULT_ID})",
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=None,
-        help="Redis URL (default: env REDIS_URL, else REDIS_HOST and REDIS_PORT, else "
-        f"{DEFAULT_REDIS_URL})",
-    )
-    parser.add_argument(
-        "--namespace",
-        default=os.environ.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-        help="registry key prefix (env FRAMEPIPE_NAMESPACE)",
-    )
-    parser.add_argument(
-        "--result-stream",
-        default=RESULT_STREAM,
-        help=f"stream receiving the results (default {RESULT_STREAM})",
-    )
-    parser.add_argument("--capacity", type=int, default=4, help="frames in flight (4)")
-    parser.add_argument(
-        "--health-interval", type=float, default=5.0, help="heartbeat period in seconds (5)"
-    )
-    parser.add_argument(
-        "--health-port",
-        type=int,
-        default=os.environ.get("HEALTH_PORT"),  # argparse converts a string default with type
-        help="serve GET /health on this port for a compose healthcheck: 200 while registered "
-        "and taking frames, else 503 (env HEALTH_PORT; default: no endpoint)",
-    )
-    parser.add_argument(
-        "--health-host",
-        default=os.environ.get("HEALTH_HOST", DEFAULT_HEALTH_HOST),
-        help="where the health endpoint listens (env HEALTH_HOST; default "
-        f"{DEFAULT_HEALTH_HOST}: inside the container only; 0.0.0.0 for probes from outside)",
+    add_client_arguments(
+        parser, default_id=DEFAULT_ID, result_stream=RESULT_STREAM, default_capacity=4
     )
     parser.add_argument(
         "--pixel-threshold",
@@ -178,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="fraction of changed pixels that means motion (0.01)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     return parser
 
 
@@ -189,14 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         processor = MotionProcessor(
             args.id,
-            capacity=args.capacity,
-            result_stream=args.result_stream,
-            redis_url=args.redis_url,
-            namespace=args.namespace,
-            health_interval=args.health_interval,
-            health_port=args.health_port,
-            health_host=args.health_host,
-            environ={**os.environ, "PROCESSOR_ID": args.id},  # --id wins over PROCESSOR_ID
+            **client_arguments(args),
             pixel_threshold=args.pixel_threshold,
             moving_threshold=args.moving_threshold,
         )
