@@ -250,6 +250,49 @@ def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> N
     assert in_bucket[0].startswith("frames/s/ORDER_9/")
 
 
+def test_frames_the_store_refuses_are_counted_per_segment_and_warned_about_sparingly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An object store that refuses a segment's frames (here a file sits where that order's
+    folder goes): each refused frame is a ``processor.error`` event, its segment's
+    ``segment.completed`` says how many of its frames were not stored (``not_stored``) and its
+    log line too, the other segments are whole, and the log gets one warning for the run of
+    refusals, not one per frame."""
+    store = LocalObjectStore(tmp_path / "objects")
+    blocker = tmp_path / "objects" / "frames" / "s" / "B"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    tag = tagger({range(1, 11): "A", range(11, 41): "B", range(41, 51): "C"})  # seq from 1
+    caplog.set_level("INFO")
+    events = run_pipeline(
+        StreamPipeline(
+            "s",
+            PatternSource("s", count=50, realtime=False),
+            stages=[Stage(tag)],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[FrameStore(store)],
+        )
+    )
+    completed = {d["segment_id"]: d for d in of(events, "segment.completed")}
+    assert set(completed) == {"A", "B", "C"}
+    assert (completed["B"]["frames"], completed["B"]["not_stored"]) == (30, 30)
+    assert completed["B"]["stored"] == []
+    for whole in ("A", "C"):
+        assert completed[whole]["not_stored"] == 0
+        assert len(completed[whole]["stored"]) == completed[whole]["frames"] == 10
+    errors = [d for d in of(events, "processor.error") if d["stage"] == "frame_store"]
+    assert len(errors) == 30  # every refused frame is an event
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "B" in r.getMessage()
+    ]
+    assert 1 <= len(warnings) <= 3, warnings  # not 30
+    lines = [r.getMessage() for r in caplog.records if "completed:" in r.getMessage()]
+    assert any(
+        line.startswith("Segment B completed:") and "not stored=30" in line for line in lines
+    )
+    assert not any("not stored" in line for line in lines if not line.startswith("Segment B"))
+
+
 def test_sink_sees_all_frames_of_a_segment_before_it_closes() -> None:
     sink = Collect()
     tag = tagger({range(1, 30): "A", range(30, 60): "B"})

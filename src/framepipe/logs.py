@@ -7,10 +7,12 @@ name as their component.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["ComponentLogger", "configure_logging", "get_logger"]
+__all__ = ["ComponentLogger", "Repeats", "configure_logging", "get_logger"]
 
 FORMAT = "%(asctime)s %(levelname)-7s [%(component)s] %(message)s"
 
@@ -38,6 +40,38 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
         extra.setdefault("component", self.component)
         kwargs["extra"] = extra
         return msg, kwargs
+
+
+class Repeats:
+    """Which of a message that repeats to log: the first of each key at once, then at most one
+    per ``every`` seconds, each saying how many were held back since the one before (a store
+    outage fails every frame; its log gets a line every few seconds, not ten a second).
+    Thread-safe."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None: hold this one back; otherwise log it, with the number held back since the
+        last one logged (0: none)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+    def held(self) -> dict[str, int]:
+        """The keys with messages held back since their last one logged, and how many; they
+        count as reported from here on."""
+        with self._lock:
+            held, self._held = self._held, {}
+            return held
 
 
 def get_logger(component: str, logger: str | None = None) -> ComponentLogger:

@@ -59,7 +59,7 @@ from framepipe.backoff import Backoff
 from framepipe.errors import ProcessorError, StreamError
 from framepipe.frames import Frame
 from framepipe.health import HealthState
-from framepipe.logs import get_logger
+from framepipe.logs import Repeats, get_logger
 from framepipe.sources.base import Source
 from framepipe.stream.hop import Hop
 from framepipe.stream.lanes import run_detached
@@ -78,7 +78,10 @@ from framepipe.stream.stage import END, Stage, StageStats
 from framepipe.stream.wiring import wire
 from framepipe.supervise import Supervisor, SupervisorContext
 
-__all__ = ["EventCallback", "StreamPipeline"]
+__all__ = ["ERROR_LOG_EVERY", "EventCallback", "StreamPipeline"]
+
+ERROR_LOG_EVERY = 10.0
+"""Seconds between two log lines of one stage's failed frames (each is an event all the same)."""
 
 EventCallback = Callable[[str, dict[str, Any]], None]
 
@@ -181,6 +184,7 @@ class StreamPipeline:
         self._stopping_capture: asyncio.Task[None] | None = None
         self._seg_state: SegmenterState | None = None  # the segmenter's, for this run
         self._closing: dict[int, tuple[Segment, set[str]]] = {}
+        self._error_logs = Repeats(ERROR_LOG_EVERY)
         """Segments closed but not completed yet (their markers are on their way through the
         sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
         self._run_counts = (0, 0)  # frames captured and out before this run
@@ -401,6 +405,7 @@ class StreamPipeline:
             complete=self._segment_completed,
             log=self.log,
         )
+        self._log_held_errors()
         self._phase = HealthState.FAILED if failed else HealthState.STOPPED
         self._emit("pipeline.stopped", state=self.state.value)
 
@@ -528,10 +533,25 @@ class StreamPipeline:
         self._fail(message)
 
     def _on_processor_error(self, error: ProcessorError) -> None:
+        """Every failed frame is a ``processor.error`` event; the log gets the first of a
+        stage's failures and then one per :data:`ERROR_LOG_EVERY` seconds with the count held
+        back (the rest when the run ends)."""
         if self.state is not HealthState.FAILED:  # the failure's reason stays the last error
             self.last_error = str(error)
-        self.log.warning("%s", error)
+        held = self._error_logs.admit(error.stage or "")
+        if held is not None:
+            more = f" (and {held} more of its frames failed since the last such line)"
+            self.log.warning("%s%s", error, more if held else "")
         self._emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
+
+    def _log_held_errors(self) -> None:
+        for stage, count in self._error_logs.held().items():
+            self.log.warning(
+                "stage %r: %d more frame(s) failed since its last error line "
+                "(each is a processor.error event)",
+                stage,
+                count,
+            )
 
     # -- segmenter ------------------------------------------------------------------------------
 
@@ -616,11 +636,12 @@ class StreamPipeline:
         data = seg.to_dict()
         label = self.segmenter.label if self.segmenter is not None else "segment"
         self.log.info(
-            "%s %s completed: latency=%.1fs frames=%d",
+            "%s %s completed: latency=%.1fs frames=%d%s",
             label[:1].upper() + label[1:],
             seg.id,
             seg.latency_s or 0.0,
             seg.frames,
+            f" (not stored={seg.not_stored})" if seg.not_stored else "",
         )
         self._emit("segment.completed", **data)
 

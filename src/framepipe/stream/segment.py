@@ -73,6 +73,8 @@ class Segment:
     reason: str | None = None
     completed_at: float | None = None
     stored: list[str] = field(default_factory=list)
+    not_stored: int = 0
+    """Frames of it a frame store failed to write (the object store refused them)."""
     selected: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +96,7 @@ class Segment:
             "reason": self.reason,
             "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
             "stored": list(self.stored),
+            "not_stored": self.not_stored,
             "selected": list(self.selected),
             "meta": dict(self.meta),
         }

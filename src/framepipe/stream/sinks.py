@@ -145,7 +145,9 @@ class FrameStore(Sink):
     (they then use ``segment_id="none"``). With ``select_best=N`` the N frames with the highest
     ``frame.meta[score_key]`` of each segment are copied under ``selected_prefix`` (same key
     below it), in ``selected_store`` when given (another bucket) or the same store, when the
-    segment closes; their keys go to ``segment.selected``.
+    segment closes; their keys go to ``segment.selected``. A frame it fails to write (the store
+    refused it, or it could not be encoded) raises, as any sink's failure does (the pipeline
+    reports it), and is counted in its segment's ``not_stored``.
 
     Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
     ``T1%2Fextra/``), so any segment key gives valid keys of its own segment, apart from every
@@ -184,6 +186,7 @@ class FrameStore(Sink):
         self.name = "frame_store"
         self._lock = threading.Lock()
         self._by_segment: dict[str, list[tuple[int, str, float]]] = {}
+        self._failed: dict[str, int] = {}  # segment id -> frames not written
 
     def key_for(self, frame: Frame) -> str:
         """The object key ``frame`` is stored under (each field escaped)."""
@@ -206,7 +209,13 @@ class FrameStore(Sink):
         if frame.segment_id is None and not self.store_unsegmented:
             return
         key = self.key_for(frame)
-        self.objects.put(key, frame.to_jpeg(self.quality))
+        try:
+            self.objects.put(key, frame.to_jpeg(self.quality))
+        except Exception:
+            if frame.segment_id is not None:
+                with self._lock:
+                    self._failed[frame.segment_id] = self._failed.get(frame.segment_id, 0) + 1
+            raise
         if frame.segment_id is not None:
             score = frame.meta.get(self.score_key)
             with self._lock:
@@ -217,6 +226,7 @@ class FrameStore(Sink):
     def segment_closed(self, segment: Segment) -> None:
         with self._lock:
             written = self._by_segment.pop(segment.id, [])
+            segment.not_stored += self._failed.pop(segment.id, 0)
         written.sort()
         segment.stored = [key for _, key, _ in written]
         if self.select_best > 0 and written:
