@@ -337,15 +337,15 @@ def test_the_urls_labels_rename_a_segmenters_label_and_qos_0_publishes(
 
 
 def test_every_name_becomes_a_topic_level_a_broker_takes() -> None:
-    from framepipe.mqtt.sink import _level
+    from framepipe.mqtt.urls import topic_level
 
-    assert _level("front door/1+#") == "front_door_1__"
-    assert _level("") == "_"
+    assert topic_level("front door/1+#") == "front_door_1__"
+    assert topic_level("") == "_"
     unfit = "\0\x01\x1f\x7f\x85\x9f\ud800\udcff\ufdd0\ufdef\ufffe\uffff\U0001fffe\U0010ffff"
-    assert _level(f"cam{unfit}") == "cam" + "_" * len(unfit)
+    assert topic_level(f"cam{unfit}") == "cam" + "_" * len(unfit)
     kept = "caméra-1.ü_\u00a0x\ufffd\U0001f600"  # NBSP is whitespace: made '_'
-    assert _level(kept) == "caméra-1.ü__x\ufffd\U0001f600"
-    _level(kept + unfit).encode("utf-8")  # strict UTF-8: no surrogate left
+    assert topic_level(kept) == "caméra-1.ü__x\ufffd\U0001f600"
+    topic_level(kept + unfit).encode("utf-8")  # strict UTF-8: no surrogate left
 
 
 BAD_NAMES = ("s-\udcff", "c-\x01", "n-\uffff", "c1-\x9b")

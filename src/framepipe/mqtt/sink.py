@@ -20,7 +20,7 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.mqtt.metrics import SinkCollector
-from framepipe.mqtt.urls import parse_mqtt_url, unfit_in_topic
+from framepipe.mqtt.urls import parse_mqtt_url, topic_level
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -31,14 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["MqttEventSink"]
 
 _HEALTH_EVENTS = ("source.", "pipeline.", "stage.crashed", "system_error", "performance_warning")
-
-
-def _level(name: object) -> str:
-    """``name`` as one valid topic level: '/', '+', '#', whitespace and what no topic may hold
-    (:func:`~framepipe.mqtt.urls.unfit_in_topic`: controls, lone surrogates, non-characters)
-    become '_'; an empty name is '_'."""
-    text = str(name) or "_"
-    return "".join("_" if c in "/+#" or c.isspace() or unfit_in_topic(c) else c for c in text)
 
 
 def _json(value: Any) -> bytes:
@@ -266,7 +258,8 @@ class MqttEventSink:
 
     def _set_count(self, camera: str, label: str) -> None:
         count = sum(1 for s in self._open.get(camera, {}).values() if s["label"] == label)
-        self._retain(camera, f"{self.prefix}/{_level(camera)}/{_level(label)}", str(count).encode())
+        topic = f"{self.prefix}/{topic_level(camera)}/{topic_level(label)}"
+        self._retain(camera, topic, str(count).encode())
 
     def _retain(self, camera: str, topic: str, payload: bytes) -> None:
         self._topics.setdefault(camera, set()).add(topic)
@@ -301,7 +294,7 @@ class MqttEventSink:
             self._health_key[name] = key
             self._retain(
                 name,
-                f"{self.prefix}/{_level(name)}/health",
+                f"{self.prefix}/{topic_level(name)}/health",
                 _json(
                     {
                         "state": status.get("state"),

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from framepipe.errors import ConfigError
 from framepipe.urls import safe_url
 
-__all__ = ["MqttTarget", "parse_mqtt_url", "unfit_in_topic"]
+__all__ = ["MqttTarget", "parse_mqtt_url", "topic_level", "unfit_in_topic"]
 
 
 def unfit_in_topic(char: str) -> bool:
@@ -108,3 +108,11 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         keepalive=keepalive,
         labels=tuple(labels),
     )
+
+
+def topic_level(name: object) -> str:
+    """``name`` as one valid topic level: '/', '+', '#', whitespace and what no topic may hold
+    (:func:`unfit_in_topic`: controls, lone surrogates, non-characters)
+    become '_'; an empty name is '_'."""
+    text = str(name) or "_"
+    return "".join("_" if c in "/+#" or c.isspace() or unfit_in_topic(c) else c for c in text)

@@ -96,7 +96,7 @@ from framepipe.server.detector_messages import (
     Registration,
     not_yours,
 )
-from framepipe.server.detector_relay import ProgressCallback, RemoteDetectorHub, _Relay
+from framepipe.server.detector_relay import ProgressCallback, Relay, RemoteDetectorHub
 from framepipe.untrusted import json_size
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ class DetectorHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: JobEngine | None = None
         self.store: StateStore | None = None
-        self._relay: _Relay | None = None
+        self._relay: Relay | None = None
         _hubs[self.id] = self
 
     # -- set-up ---------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class DetectorHub:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Condition()
         if settings is not None and settings.distributed_jobs and is_redis_url(settings.broker_url):
-            self._relay = _Relay(self, settings.broker_url, settings.broker_namespace)
+            self._relay = Relay(self, settings.broker_url, settings.broker_namespace)
             await self._relay.start()
 
     @property

@@ -2,7 +2,7 @@
 
 A step on a worker gets a :class:`RemoteDetectorHub` (from
 :func:`framepipe.server.detector.get_hub`), which pushes its request to the list
-``{namespace}:detector:{hub_id}:requests``; the service's :class:`_Relay` takes it, makes the
+``{namespace}:detector:{hub_id}:requests``; the service's :class:`Relay` takes it, makes the
 request on its hub and pushes progress and the answer (or the error, with its class) to a reply
 list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry) while
 it runs, so a worker asking a stopped service fails at once with
@@ -26,7 +26,7 @@ from framepipe.redis import namespaced
 if TYPE_CHECKING:
     from framepipe.server.detector import DetectorHub
 
-__all__ = ["ProgressCallback", "RemoteDetectorHub"]
+__all__ = ["ProgressCallback", "Relay", "RemoteDetectorHub"]
 
 _log = get_logger("server.detector")
 
@@ -52,7 +52,7 @@ def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
     )
 
 
-class _Relay:
+class Relay:
     """The service's side: takes workers' requests from Redis, answers through Redis."""
 
     def __init__(self, hub: DetectorHub, url: str, namespace: str) -> None:
