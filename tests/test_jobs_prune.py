@@ -140,6 +140,13 @@ def test_the_command_prunes_and_deletes_each_executions_objects(
     refused = runner.invoke(app, [*base, "--older-than", "0", "--objects", "ml/"], env=env)
     assert refused.exit_code == 2
     assert "does not hold {execution_id}" in refused.output
+    outside = runner.invoke(
+        app, [*base, "--older-than", "0", "--objects", "../{execution_id}/"], env=env
+    )
+    assert outside.exit_code == 2, outside.output
+    assert "--objects '../{execution_id}/'" in outside.output
+    with StateStore(settings.resolved_database_url) as store:  # refused before pruning
+        assert get_execution(store, failed).status is ExecutionStatus.FAILED
     bad_status = runner.invoke(app, [*base, "--older-than", "0", "-s", "running"], env=env)
     assert bad_status.exit_code == 2 and "never pruned" in bad_status.output
 

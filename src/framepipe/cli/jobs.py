@@ -9,6 +9,7 @@ from the reference stored with it); ``--pipeline`` loads one (of the execution's
 step it has) and stores its reference with the execution, so the workers load it from then on.
 """
 
+import contextlib
 import json
 from typing import Annotated
 
@@ -292,6 +293,7 @@ def jobs_prune(
     from framepipe.backends.objects import open_object_store
     from framepipe.backends.state.retention import parse_duration
     from framepipe.cli.common import open_store
+    from framepipe.errors import InvalidKeyError
     from framepipe.jobs.pruning import FINISHED, prune_executions
 
     with errors():
@@ -312,13 +314,24 @@ def jobs_prune(
         if objects is not None:
             _check_objects_template(objects)
         settings = settings_of(ctx)
-        with open_store(settings) as store:
-            pruned = prune_executions(
-                store, seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
-            )
-        removed = 0
-        if objects is not None and pruned and not dry_run:
-            with open_object_store(settings.resolved_objects_url) as store_objects:
+        with contextlib.ExitStack() as stack:
+            store_objects = None
+            if objects is not None:
+                # opened and the prefix checked before any record goes, not after
+                store_objects = stack.enter_context(
+                    open_object_store(settings.resolved_objects_url)
+                )
+                sample = objects.format(execution_id="0" * 32, pipeline=pipeline or "pipeline")
+                try:
+                    next(iter(store_objects.list(sample)), None)
+                except InvalidKeyError as exc:
+                    raise UsageError(f"--objects {objects!r}: {exc}") from None
+            with open_store(settings) as store:
+                pruned = prune_executions(
+                    store, seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
+                )
+            removed = 0
+            if objects is not None and store_objects is not None and not dry_run:
                 for p in pruned:
                     prefix = objects.format(execution_id=p.id, pipeline=p.pipeline)
                     for info in list(store_objects.list(prefix)):
