@@ -26,6 +26,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.pruning import prune_executions
 from framepipe.jobs.records import get_execution
 from framepipe.jobs.rounds import Outcome, Round
+from framepipe.jobs.sync_client import SyncJobClient
 
 LATER = 3600.0  # "now", as far as the prune is concerned, is an hour ahead
 
@@ -167,4 +168,8 @@ def test_the_command_prunes_and_deletes_each_executions_objects(
     assert result.exit_code == 0, result.output
     assert f"would delete {done}" in result.stdout
     assert "would delete 1 execution(s)" in result.stdout
+    with SyncJobClient(settings=settings) as client:  # the same from Python
+        assert [p.id for p in client.prune(0, dry_run=True)] == [done]
+        assert [p.id for p in client.prune(0, pipeline="prune_good")] == [done]
+        assert client.list() == []
     objects.close()

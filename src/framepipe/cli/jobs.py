@@ -292,9 +292,8 @@ def jobs_prune(
     import ledger stays); a running one never."""
     from framepipe.backends.objects import open_object_store
     from framepipe.backends.state.retention import parse_duration
-    from framepipe.cli.common import open_store
     from framepipe.errors import InvalidKeyError
-    from framepipe.jobs.pruning import FINISHED, prune_executions
+    from framepipe.jobs.pruning import FINISHED
 
     with errors():
         try:
@@ -326,9 +325,9 @@ def jobs_prune(
                     next(iter(store_objects.list(sample)), None)
                 except InvalidKeyError as exc:
                     raise UsageError(f"--objects {objects!r}: {exc}") from None
-            with open_store(settings) as store:
-                pruned = prune_executions(
-                    store, seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
+            with SyncJobClient(settings=settings) as client:
+                pruned = client.prune(
+                    seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
                 )
             removed = 0
             if objects is not None and store_objects is not None and not dry_run:

@@ -43,7 +43,7 @@ import builtins
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
 
@@ -59,6 +59,7 @@ from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.pruning import FINISHED, PrunedExecution, prune_executions
 from framepipe.jobs.recovery import recover_for
 
 __all__ = [
@@ -440,6 +441,30 @@ class JobClient:
         events = await self._db(request_cancel, self.store, full_id)
         self.bus.publish(events)
         return CancelResult(full_id, cancelled=bool(events), events=events)
+
+    async def prune(
+        self,
+        older_than: float,
+        *,
+        statuses: Collection[ExecutionStatus] = FINISHED,
+        pipeline: str | None = None,
+        dry_run: bool = False,
+    ) -> builtins.list[PrunedExecution]:
+        """Delete the executions that finished more than ``older_than`` seconds ago, with their
+        steps and events (:func:`~framepipe.jobs.pruning.prune_executions`: never a pending
+        or running one, the import ledger stays); ``dry_run`` deletes nothing. Returns them,
+        oldest first. A negative age or a status that is not finished: ValueError."""
+        await self._recover()
+        return await self._db(
+            functools.partial(
+                prune_executions,
+                self.store,
+                older_than,
+                statuses=statuses,
+                pipeline=pipeline,
+                dry_run=dry_run,
+            )
+        )
 
     # -- events ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import os
 import threading
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Collection, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from framepipe.backends.objects import ObjectStore
@@ -21,8 +21,9 @@ from framepipe.jobs.client import (
     Mode,
     StatusFilter,
 )
-from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.pruning import FINISHED, PrunedExecution
 
 __all__ = ["SyncJobClient"]
 
@@ -159,6 +160,19 @@ class SyncJobClient:
     def cancel(self, execution_id: str) -> CancelResult:
         """:meth:`JobClient.cancel`."""
         return self._call(self.client.cancel(execution_id))
+
+    def prune(
+        self,
+        older_than: float,
+        *,
+        statuses: Collection[ExecutionStatus] = FINISHED,
+        pipeline: str | None = None,
+        dry_run: bool = False,
+    ) -> builtins.list[PrunedExecution]:
+        """:meth:`JobClient.prune`."""
+        return self._call(
+            self.client.prune(older_than, statuses=statuses, pipeline=pipeline, dry_run=dry_run)
+        )
 
     def events(
         self, execution_id: str | None = None, *, after: int = 0, limit: int = 200
