@@ -115,6 +115,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "FRAMEPIPE_MODEL_API_RETRY_INITIAL": "the ML video pipeline (framepipe.pipelines.ml_settings)",
     "FRAMEPIPE_MODEL_API_RETRY_MAX": "the ML video pipeline (framepipe.pipelines.ml_settings)",
     "FRAMEPIPE_MODEL_SCRIPT_TIMEOUT": "the ML video pipeline (framepipe.pipelines.ml_settings)",
+    "FRAMEPIPE_MODEL_BATCH_SIZE": "the ML video pipeline (framepipe.pipelines.ml_settings)",
     "FRAMEPIPE_TEST_POSTGRES_URL": "the test suite",
     "FRAMEPIPE_TEST_REDIS_URL": "the test suite",
     "FRAMEPIPE_TEST_AMQP_URL": "the test suite",
