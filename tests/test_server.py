@@ -343,6 +343,40 @@ def test_websocket_of_an_id_prefix_gets_the_live_events(settings: Settings, tmp_
         assert seen[-3:] == ["step.progress", "step.completed", "execution.completed"]
 
 
+def test_the_service_prunes_executions_older_than_the_retention(settings: Settings) -> None:
+    """With ``executions_retention_days``, the service deletes the executions that finished
+    longer ago than that (at start, then hourly); one that finished since stays."""
+
+    def listed(server: Server) -> list[str]:
+        answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        return [e["id"] for e in answer.json()]
+
+    with Server(settings) as server:  # no retention: kept
+        old = httpx.post(
+            f"{server.url}/api/executions",
+            json={"pipeline": "svc_demo", "inputs": {"steps": 1, "pause": 0}},
+            headers=AUTH,
+        ).json()["id"]
+        wait_until("it finished", lambda: _status(server, old) == "completed")
+    time.sleep(1.0)
+    keep = settings.model_copy(update={"executions_retention_days": 0.5 / 86_400})  # 0.5 s
+    with Server(keep) as server:
+        wait_until("the old execution pruned", lambda: old not in listed(server), timeout=20)
+        fresh = httpx.post(
+            f"{server.url}/api/executions",
+            json={"pipeline": "svc_demo", "inputs": {"steps": 1, "pause": 0}},
+            headers=AUTH,
+        ).json()["id"]
+        wait_until("it finished", lambda: _status(server, fresh) == "completed")
+        assert listed(server) == [fresh]  # the next prune is an hour away
+
+
+def _status(server: Server, execution_id: str) -> str:
+    answer = httpx.get(f"{server.url}/api/executions/{execution_id}", headers=AUTH)
+    return str(answer.json()["status"])
+
+
 def _app_events(kind: str, n: int, *, age: float = 0.0) -> list[Event]:
     return [Event(kind, time.time() - age, data={"n": i}) for i in range(n)]
 

@@ -232,6 +232,14 @@ class StorageSettings(SettingsSection):
         description="Live apps' events older than this many days are deleted "
         "(hourly, by the apps' event sinks); unset keeps them.",
     )
+    executions_retention_days: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Executions that finished more than this many days ago are deleted with "
+        "their steps and events (hourly, by framepipe serve; framepipe jobs prune does it by "
+        "hand); unset keeps them. The import ledger stays.",
+    )
     mqtt_url: str | None = Field(
         None,
         description="mqtt://user:pass@host:1883/prefix (or mqtts://): every live app also "

@@ -57,7 +57,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
-from framepipe.errors import MissingDependencyError
+from framepipe.errors import FramepipeError, MissingDependencyError
 from framepipe.event_sinks import StoreEventSink
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.pipeline import Pipeline
@@ -184,9 +184,15 @@ def _lifespan(
             live_app.on("*", sink)
             await live_app.start()
         reopening = None if obj.store is not None else asyncio.create_task(obj.keep_opening())
+        days = settings.executions_retention_days
+        pruning = None if days is None else asyncio.create_task(_prune_executions(jobs, days))
         try:
             yield
         finally:
+            if pruning is not None:
+                pruning.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pruning
             await service.hub.close()
             for live_app in service.apps.values():
                 await live_app.stop()
@@ -209,6 +215,27 @@ def _lifespan(
             service.running = None
 
     return lifespan
+
+
+PRUNE_EVERY = 3600.0
+"""Seconds between two prunes of old executions by the service (``executions_retention_days``)."""
+
+
+async def _prune_executions(jobs: JobClient, days: float) -> None:
+    """Every :data:`PRUNE_EVERY` seconds, the first at start: delete the executions that
+    finished more than ``days`` days ago (:meth:`JobClient.prune`). A failure is logged and
+    tried again at the next turn."""
+    while True:
+        try:
+            pruned = await jobs.prune(days * 86_400.0)
+        except FramepipeError as exc:
+            _log.warning("pruning old executions failed (%s); next try in an hour", exc)
+        else:
+            if pruned:
+                _log.info(
+                    "pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days
+                )
+        await asyncio.sleep(PRUNE_EVERY)
 
 
 def create_app(
