@@ -497,7 +497,9 @@ def test_a_bad_model_batch_size_is_refused_naming_the_variable(
     from framepipe.errors import ConfigError
     from framepipe.pipelines.ml_settings import MlVideoSettings
 
-    with pytest.raises(ConfigError, match=f"MODEL_BATCH_SIZE='{value}': expected a whole number >= 1"):
+    with pytest.raises(
+        ConfigError, match=f"MODEL_BATCH_SIZE='{value}': expected a whole number >= 1"
+    ):
         MlVideoSettings.load({"MODEL_BATCH_SIZE": value})
     assert MlVideoSettings.load({}).infer_options() == {}
     assert MlVideoSettings.load({"FRAMEPIPE_MODEL_BATCH_SIZE": "5"}).infer_options() == {
