@@ -353,28 +353,31 @@ def test_the_service_prunes_executions_older_than_the_retention(settings: Settin
         return [e["id"] for e in answer.json()]
 
     with Server(settings) as server:  # no retention: kept
-        old = httpx.post(
-            f"{server.url}/api/executions",
-            json={"pipeline": "svc_demo", "inputs": {"steps": 1, "pause": 0}},
-            headers=AUTH,
-        ).json()["id"]
-        wait_until("it finished", lambda: _status(server, old) == "completed")
+        old = _run_to_the_end(server)
     time.sleep(1.0)
     keep = settings.model_copy(update={"executions_retention_days": 0.5 / 86_400})  # 0.5 s
     with Server(keep) as server:
         wait_until("the old execution pruned", lambda: old not in listed(server), timeout=20)
-        fresh = httpx.post(
+        fresh = _run_to_the_end(server)
+        assert listed(server) == [fresh]  # the next prune is an hour away
+
+
+def _run_to_the_end(server: Server) -> str:
+    """Submit a short demo execution and wait until it completed; its id."""
+    execution_id = str(
+        httpx.post(
             f"{server.url}/api/executions",
             json={"pipeline": "svc_demo", "inputs": {"steps": 1, "pause": 0}},
             headers=AUTH,
         ).json()["id"]
-        wait_until("it finished", lambda: _status(server, fresh) == "completed")
-        assert listed(server) == [fresh]  # the next prune is an hour away
+    )
 
+    def status() -> str:
+        answer = httpx.get(f"{server.url}/api/executions/{execution_id}", headers=AUTH)
+        return str(answer.json()["status"])
 
-def _status(server: Server, execution_id: str) -> str:
-    answer = httpx.get(f"{server.url}/api/executions/{execution_id}", headers=AUTH)
-    return str(answer.json()["status"])
+    wait_until("the execution to complete", lambda: status() == "completed")
+    return execution_id
 
 
 def _app_events(kind: str, n: int, *, age: float = 0.0) -> list[Event]:

@@ -73,6 +73,25 @@ ConcurrencyOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+OlderThanOpt = Annotated[
+    str,
+    typer.Option(
+        "--older-than",
+        metavar="DURATION",
+        help="An age: seconds, or 30m, 12h, 7d, 2w.",
+    ),
+]
+"""The age option of the pruning commands; :func:`older_than_seconds` reads it."""
+
+
+def older_than_seconds(text: str) -> float:
+    """``--older-than``'s seconds; a :class:`UsageError` naming the option otherwise."""
+    from framepipe.backends.state.retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
 
 
 class UsageError(Exception):

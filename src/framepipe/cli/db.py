@@ -1,12 +1,18 @@
 """``framepipe db upgrade | current | prune-events``: the state database's schema and the
 retention of the live apps' events."""
 
-from typing import Annotated
-
 import typer
 
 from framepipe.backends.state import SCHEMA_HEAD
-from framepipe.cli.common import UsageError, console, errors, open_store, say, settings_of
+from framepipe.cli.common import (
+    OlderThanOpt,
+    console,
+    errors,
+    older_than_seconds,
+    open_store,
+    say,
+    settings_of,
+)
 
 __all__ = ["db_app"]
 
@@ -50,27 +56,13 @@ def db_current(ctx: typer.Context) -> None:
 
 
 @db_app.command("prune-events")
-def db_prune_events(
-    ctx: typer.Context,
-    *,
-    older_than: Annotated[
-        str,
-        typer.Option(
-            "--older-than",
-            metavar="DURATION",
-            help="Delete live apps' events older than this: 3600, 30m, 12h, 7d, 2w.",
-        ),
-    ],
-) -> None:
-    """Delete live apps' events (orders, visits, sources) older than a duration; events of
+def db_prune_events(ctx: typer.Context, *, older_than: OlderThanOpt) -> None:
+    """Delete live apps' events (orders, visits, sources) older than --older-than; events of
     executions stay with their executions."""
-    from framepipe.backends.state.retention import parse_duration, prune_events
+    from framepipe.backends.state.retention import prune_events
 
     with errors():
-        try:
-            seconds = parse_duration(older_than)
-        except ValueError as exc:
-            raise UsageError(f"--older-than: {exc}") from None
+        seconds = older_than_seconds(older_than)
         settings = settings_of(ctx)
         with open_store(settings) as store:
             deleted = prune_events(store, seconds)

@@ -21,6 +21,7 @@ from rich.text import Text
 from framepipe.cli.common import (
     ConcurrencyOpt,
     JsonOpt,
+    OlderThanOpt,
     QuietOpt,
     UsageError,
     console,
@@ -28,6 +29,7 @@ from framepipe.cli.common import (
     duration,
     errors,
     first_line,
+    older_than_seconds,
     say,
     settings_of,
     status_text,
@@ -254,14 +256,7 @@ def jobs_cancel(
 def jobs_prune(
     ctx: typer.Context,
     *,
-    older_than: Annotated[
-        str,
-        typer.Option(
-            "--older-than",
-            metavar="DURATION",
-            help="Delete executions that finished longer ago than this: 3600, 30m, 12h, 7d, 2w.",
-        ),
-    ],
+    older_than: OlderThanOpt,
     status: Annotated[
         list[str] | None,
         typer.Option(
@@ -288,18 +283,14 @@ def jobs_prune(
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Delete finished executions older than a duration, with their steps and events (the
-    import ledger stays); a running one never."""
+    """Delete executions that finished longer ago than --older-than, with their steps and
+    events (the import ledger stays); a running one never."""
     from framepipe.backends.objects import open_object_store
-    from framepipe.backends.state.retention import parse_duration
     from framepipe.errors import InvalidKeyError
     from framepipe.jobs.pruning import FINISHED
 
     with errors():
-        try:
-            seconds = parse_duration(older_than)
-        except ValueError as exc:
-            raise UsageError(f"--older-than: {exc}") from None
+        seconds = older_than_seconds(older_than)
         statuses = set(FINISHED)
         if status:
             try:
