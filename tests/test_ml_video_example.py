@@ -505,3 +505,38 @@ def test_a_bad_model_batch_size_is_refused_naming_the_variable(
     assert MlVideoSettings.load({"FRAMEPIPE_MODEL_BATCH_SIZE": "5"}).infer_options() == {
         "batch_size": 5
     }
+
+
+def test_the_model_server_answers_a_repeated_call_without_running_it_again(
+    clip: Path, tmp_path: Path
+) -> None:
+    """Requests with the same ``Idempotency-Key`` (a client's retries of one call) get the
+    first one's answer, also while it still runs: the frames are made once; another key runs
+    again, and a malformed key is refused."""
+    root = tmp_path / "shared"
+    data = clip.read_bytes()
+
+    def post(url: str, key: str) -> httpx.Response:
+        return httpx.post(
+            f"{url}/infer",
+            data={"style": "invert"},
+            files={"input_file": ("c.mp4", data)},
+            headers={"Idempotency-Key": key},
+            timeout=60,
+        )
+
+    with model_server(root) as url:
+
+        async def together() -> list[httpx.Response]:
+            return list(await asyncio.gather(*(asyncio.to_thread(post, url, "k1") for _ in "abc")))
+
+        answers = asyncio.run(together())
+        answers.append(post(url, "k1"))
+        assert {a.status_code for a in answers} == {200}
+        assert len({a.json()["frames_path"] for a in answers}) == 1
+        assert len([p for p in root.iterdir() if p.is_dir()]) == 1  # one run for four requests
+        other = post(url, "k2")
+        assert other.status_code == 200
+        assert other.json()["frames_path"] != answers[0].json()["frames_path"]
+        bad = post(url, "x" * 201)
+        assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]

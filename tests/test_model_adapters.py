@@ -305,7 +305,10 @@ class ModelServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
                 message = BytesParser(policy=HTTP).parsebytes(head + body)
-                fields: dict[str, str] = {"path": self.path}
+                fields: dict[str, str] = {
+                    "path": self.path,
+                    "idempotency-key": self.headers.get("Idempotency-Key", ""),
+                }
                 for part in message.iter_parts():
                     name = str(part.get_param("name", header="content-disposition"))
                     payload = part.get_payload(decode=True)
@@ -523,6 +526,26 @@ def test_http_slow_response_times_out_and_is_retried(
             run(model.infer(clip, output_dir=tmp_path))
         assert time.monotonic() - started < 1.4
     assert len(server.requests) == 2
+
+
+@pytest.mark.slow
+def test_http_retries_of_one_call_carry_its_idempotency_key(
+    tmp_path: Path, clip: Path, frames_dir: Path
+) -> None:
+    """A retry after a timeout repeats the call's ``Idempotency-Key`` (a server can answer it
+    with the first attempt's result); the next call has a key of its own."""
+
+    def slow(fields: dict[str, str]) -> tuple[int, bytes]:
+        time.sleep(1.0)
+        return ok(frames_dir)(fields)
+
+    with ModelServer([slow, ok(frames_dir)]) as server:
+        model = HttpModel(server.url, timeout=0.3, max_retries=1, retry_initial=0.01)
+        run(model.infer(clip, output_dir=tmp_path))
+        run(model.infer(clip, output_dir=tmp_path))
+    keys = [r["idempotency-key"] for r in server.requests]
+    assert len(keys) == 3 and all(len(k) == 32 for k in keys), keys
+    assert keys[0] == keys[1] != keys[2]
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@
 :func:`model.run` (the same transform as ``model.py``) and answers
 ``{"success": true, "frames_path": "<output-root>/<request id>/frames", "frames": N, ...}``; on
 failure HTTP 500 with ``{"success": false, "error": "..."}`` (HTTP 400 for a malformed request).
+A request with an ``Idempotency-Key`` header (``HttpModel`` sends one per call, the same on its
+retries) that repeats a call still running waits for it, and one that repeats a call that
+succeeded gets its answer: a client that timed out and retried does not make the frames twice.
 ``GET /health`` answers ``{"ok": true}`` (a readiness probe).
 
 ``frames_path`` is a path on this machine: the pipeline reads the frames from disk, so the
@@ -24,7 +27,9 @@ import argparse
 import contextlib
 import json
 import sys
+import threading
 import uuid
+from collections import OrderedDict
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -114,6 +119,30 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.fail:
             self._answer(500, {"success": False, "error": self.server.fail})
             return
+        key = self.headers.get("Idempotency-Key") or ""
+        if not key:
+            self._answer(*self._infer(fields, seed, batch_size))
+            return
+        if not (len(key) <= 200 and key.isascii() and key.isprintable()):
+            self._answer(
+                400,
+                {"success": False, "error": "Idempotency-Key: 1 to 200 printable ASCII characters"},
+            )
+            return
+        call, first = self.server.calls.begin(key)
+        if first:
+            try:
+                call.answer = self._infer(fields, seed, batch_size)
+            finally:
+                self.server.calls.end(key, call)
+        else:
+            call.done.wait()  # the same call, retried while (or after) its first request ran
+        self._answer(*call.answer)
+
+    def _infer(
+        self, fields: dict[str, tuple[str | None, bytes]], seed: int, batch_size: int
+    ) -> tuple[int, dict[str, Any]]:
+        """Run the model on the request's video: the status and body of the answer."""
         filename, content = fields["input_file"]
         style = fields.get("style", (None, b"cartoon"))[1].decode() or "cartoon"
         prompt = fields.get("prompt", (None, b""))[1].decode()
@@ -127,12 +156,11 @@ class Handler(BaseHTTPRequestHandler):
             self.log_message("inference failed: %s", exc)
             # name the client's file, not this server's temporary copy
             error = str(exc).replace(str(source), filename or "input_file")
-            self._answer(500, {"success": False, "error": error})
-            return
+            return 500, {"success": False, "error": error}
         finally:
             source.unlink(missing_ok=True)
         count = sum(1 for _ in frames.glob("*.png"))
-        self._answer(
+        return (
             200,
             {
                 "success": True,
@@ -145,6 +173,47 @@ class Handler(BaseHTTPRequestHandler):
         )
 
 
+class Call:
+    """One ``Idempotency-Key``'s call: its answer once ``done``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: tuple[int, dict[str, Any]] = (
+            500,
+            {"success": False, "error": "the first request of this call ended without answer"},
+        )
+
+
+class Calls:
+    """The calls by ``Idempotency-Key``: a request whose key is running waits for it, one whose
+    key succeeded gets the same answer (frames are not made twice); a failed call is
+    forgotten, so its retry runs again. The last :data:`KEPT` keys are kept."""
+
+    KEPT = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: OrderedDict[str, Call] = OrderedDict()
+
+    def begin(self, key: str) -> tuple[Call, bool]:
+        """The call of ``key``, and whether this request is its first (it then runs it)."""
+        with self._lock:
+            call = self._calls.get(key)
+            if call is not None:
+                return call, False
+            call = self._calls[key] = Call()
+            while len(self._calls) > self.KEPT:
+                self._calls.popitem(last=False)
+            return call, True
+
+    def end(self, key: str, call: Call) -> None:
+        """``call`` has its answer: wake its waiters; a failure is not kept."""
+        with self._lock:
+            if call.answer[0] != 200 and self._calls.get(key) is call:
+                del self._calls[key]
+        call.done.set()
+
+
 class ModelServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -152,6 +221,7 @@ class ModelServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.output_root = output_root
         self.fail = fail
+        self.calls = Calls()
 
 
 def main(argv: list[str] | None = None) -> int:

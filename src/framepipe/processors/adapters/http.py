@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from framepipe.errors import ConfigError, ModelError, ModelOutputError, ModelTimeoutError
-from framepipe.processors.adapters.base import ModelAdapter, ModelResult
+from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
 from framepipe.urls import safe_text, safe_url
 
 __all__ = ["MAX_ANSWER_BYTES", "HttpModel"]
@@ -84,6 +86,10 @@ def _masked(arg: object) -> object:
 _MASKED_URLS = _MaskedUrls()
 
 
+_CALL_KEY: ContextVar[str | None] = ContextVar("framepipe_http_model_call", default=None)
+"""The ``Idempotency-Key`` of the :meth:`HttpModel.infer` call under way in this task."""
+
+
 class HttpModel(ModelAdapter):
     """A model behind HTTP: ``POST {url}/infer`` with a multipart form (``input_file``,
     ``prompt``, ``style``, ``seed``, plus extra options as fields); the answer is JSON
@@ -94,6 +100,11 @@ class HttpModel(ModelAdapter):
     nor is ``success: false`` (a :class:`ModelError` with the server's ``error`` text). A body
     that is not JSON, or no ``frames_path``, is a :class:`ModelOutputError`, and so is an answer
     longer than ``max_answer_bytes`` (read no further than that).
+
+    Every attempt of one :meth:`infer` call carries the same ``Idempotency-Key`` header, a new
+    one per call: a server that keeps them answers a retry of a call it is still working on
+    (the client timed out) or has done with that call's result instead of running the model
+    again (the example model server does).
 
     A URL that is not ``http(s)://host[:port]/...`` (a port that is not a number up to 65535,
     no host, a space or control character in it) is a :class:`ConfigError` here, not a failure
@@ -144,6 +155,14 @@ class HttpModel(ModelAdapter):
     def target(self) -> str:
         return safe_url(self.url)
 
+    async def infer(self, input_path: PathLike, **kwargs: Any) -> ModelResult:
+        """:meth:`ModelAdapter.infer`, its attempts under one ``Idempotency-Key``."""
+        token = _CALL_KEY.set(uuid.uuid4().hex)
+        try:
+            return await super().infer(input_path, **kwargs)
+        finally:
+            _CALL_KEY.reset(token)
+
     @property
     def endpoint(self) -> str:
         """The URL posted to: ``/infer`` appended to the URL's path, its query kept."""
@@ -185,6 +204,7 @@ class HttpModel(ModelAdapter):
                 client.stream(
                     "POST",
                     self.endpoint,
+                    headers={"Idempotency-Key": _CALL_KEY.get() or uuid.uuid4().hex},
                     data=data,
                     files={"input_file": (input_path.name, content, "application/octet-stream")},
                 ) as response,
