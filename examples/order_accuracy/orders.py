@@ -42,12 +42,14 @@ What an order holds, and what happens to odd tags:
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import cv2
@@ -399,6 +401,7 @@ def build_station(
     after_restarts: AfterRestarts = "keep_trying",
     retry_delay: float | None = None,
     clock: Literal["wall", "stream"] = "wall",
+    spool: ObjectStore | str | os.PathLike[str] | None = None,
 ) -> StreamPipeline:
     """The pipeline of one station (see the module docstring). ``reader``: ``"qr"`` (QR
     tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`.
@@ -407,7 +410,9 @@ def build_station(
     ``frame_template``: the frames' keys (``station_1/{segment_id}/...`` for a store that is
     the ``frames`` bucket itself). ``after_restarts``: ``keep_trying`` retries a camera that
     failed ``max_restarts`` times in a row every ``retry_delay`` seconds (default: the
-    backoff's cap) until it is back; ``fail`` gives the station up."""
+    backoff's cap) until it is back; ``fail`` gives the station up. ``spool``: a local folder
+    where frames the object store refuses (MinIO down) are kept, each under its key, until it
+    takes them again (:class:`~framepipe.stream.FrameStore`'s store and forward)."""
     if STATION_PATTERN.fullmatch(station_id) is None:
         raise ConfigError(
             f"station id {station_id!r}: use letters, digits, '_' and '-' "
@@ -435,6 +440,7 @@ def build_station(
                 score_key="tag_sharpness",
                 selected_prefix=selected_prefix,
                 selected_store=selected,
+                spool=None if spool is None else _station_spool(spool, station_id),
             )
         ],
         stall_timeout=stall_timeout,
@@ -443,6 +449,13 @@ def build_station(
         after_restarts=after_restarts,
         retry_delay=retry_delay,
     )
+
+
+def _station_spool(
+    spool: ObjectStore | str | os.PathLike[str], station_id: str
+) -> ObjectStore | Path:
+    """Each station keeps its frames in a folder of its own below a folder ``spool``."""
+    return spool if isinstance(spool, ObjectStore) else Path(spool) / station_id
 
 
 # -- the service --------------------------------------------------------------------------------
@@ -490,6 +503,7 @@ class OrderAccuracy:
         retry_delay: float | None = None,
         decode_threads: int | None = 1,
         input_options: Mapping[str, str] | None = None,
+        spool: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
@@ -515,6 +529,7 @@ class OrderAccuracy:
             # footage read faster than real time keeps its own clock: an order times out
             # after order_timeout seconds of the recording, as it would have live
             clock="wall" if realtime else "stream",
+            spool=spool,
         )
         self.capture_options: dict[str, Any] = dict(
             capture=capture,
@@ -625,13 +640,15 @@ class OrderAccuracy:
             "latency_s": data.get("latency_s"),
             "reason": data.get("reason"),
             "stored": data.get("stored", []),
+            "spooled": data.get("spooled", []),
             "selected": data.get("selected", []),
         }
-        # every frame of an order is stored as it comes; a frame the store refused (reported
-        # as a frame_store ``processor.error``) or a stop's cut drain left out is not in
-        # ``stored``
+        # every frame of an order is stored as it comes, or kept locally while the store is
+        # down (``spooled``, uploaded under its key later); a frame the store refused
+        # (reported as a frame_store ``processor.error``) or a stop's cut drain left out is in
+        # neither
         frames = int(order["frames"] or 0)
-        order["not_stored"] = max(0, frames - len(order["stored"]))
+        order["not_stored"] = max(0, frames - len(order["stored"]) - len(order["spooled"]))
         if order["not_stored"]:
             get_logger(str(order["station_id"])).warning(
                 "Order %s: %d of its %d frame(s) not stored (refused by the object store: see "

@@ -256,6 +256,7 @@ def _stations_service(
             frame_keys=args.frame_keys,
             reader=QrTagReader(reduce=args.tag_reduce) if args.reader == "qr" else args.reader,
             input_options=input_options(args.input_option or []),
+            spool=args.spool,
         )
     except START_ERRORS as exc:
         raise ConfigError(str(exc)) from exc
@@ -428,6 +429,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_number(float, 0, strict=True),
         default=None,
         help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--spool",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the frames the object store refuses (MinIO down) in DIR/<station>/ and "
+        "upload them under their keys once it is back (default: such frames are lost, "
+        "counted in order.completed's not_stored)",
     )
     parser.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     parser.add_argument(

@@ -641,7 +641,8 @@ class StreamPipeline:
             seg.id,
             seg.latency_s or 0.0,
             seg.frames,
-            f" (not stored={seg.not_stored})" if seg.not_stored else "",
+            (f" (not stored={seg.not_stored})" if seg.not_stored else "")
+            + (f" (kept locally={len(seg.spooled)})" if seg.spooled else ""),
         )
         self._emit("segment.completed", **data)
 

@@ -75,6 +75,9 @@ class Segment:
     stored: list[str] = field(default_factory=list)
     not_stored: int = 0
     """Frames of it a frame store failed to write (the object store refused them)."""
+    spooled: list[str] = field(default_factory=list)
+    """Keys of its frames a frame store kept locally while the object store refused them;
+    each is uploaded under that key once the store is back (``frames.uploaded``)."""
     selected: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +100,7 @@ class Segment:
             "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
             "stored": list(self.stored),
             "not_stored": self.not_stored,
+            "spooled": list(self.spooled),
             "selected": list(self.selected),
             "meta": dict(self.meta),
         }

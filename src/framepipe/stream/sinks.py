@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import os
 import string
 import threading
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-from framepipe.backends.objects import ObjectInfo, ObjectStore
-from framepipe.errors import ConfigError, InvalidKeyError
+from framepipe.backends.objects import LocalObjectStore, ObjectInfo, ObjectStore
+from framepipe.errors import ConfigError, InvalidKeyError, ObjectKeyConflictError, ObjectStoreError
 from framepipe.frames import Frame, decode_jpeg
+from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.stream.segment import Segment
+from framepipe.stream.spool import Spool
 
 __all__ = ["FrameStore", "Sink", "escape_key_field", "unescape_key_field"]
 
@@ -149,6 +152,14 @@ class FrameStore(Sink):
     refused it, or it could not be encoded) raises, as any sink's failure does (the pipeline
     reports it), and is counted in its segment's ``not_stored``.
 
+    With ``spool`` (a local :class:`ObjectStore`, or a folder for one), a frame the object
+    store refuses for any reason but its key is kept there instead and uploaded under its key
+    once the store takes frames again (:mod:`framepipe.stream.spool`, tried every
+    ``spool_retry`` seconds, also by the next run): it is listed in its segment's ``spooled``,
+    not in ``stored`` (nor among the best frames), and each round that uploads kept frames
+    emits ``frames.uploaded`` (``count``, ``keys``). Only a frame the spool cannot take either
+    is ``not_stored``.
+
     Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
     ``T1%2Fextra/``), so any segment key gives valid keys of its own segment, apart from every
     other segment's; :meth:`list_frames` and :meth:`read_frames` escape the ids they are given
@@ -167,6 +178,8 @@ class FrameStore(Sink):
         score_key: str = "score",
         selected_prefix: str = "selected/",
         selected_store: ObjectStore | None = None,
+        spool: ObjectStore | str | os.PathLike[str] | None = None,
+        spool_retry: float = 5.0,
     ) -> None:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         if not fields:
@@ -187,6 +200,20 @@ class FrameStore(Sink):
         self._lock = threading.Lock()
         self._by_segment: dict[str, list[tuple[int, str, float]]] = {}
         self._failed: dict[str, int] = {}  # segment id -> frames not written
+        self._spooled: dict[str, list[str]] = {}  # segment id -> keys kept in the spool
+        if spool is not None and not isinstance(spool, ObjectStore):
+            spool = LocalObjectStore(spool)
+        self.spool = (
+            None
+            if spool is None
+            else Spool(
+                spool,
+                objects,
+                retry_every=spool_retry,
+                uploaded=lambda count, keys: self.emit("frames.uploaded", count=count, keys=keys),
+                log=get_logger("frame_store"),
+            )
+        )
 
     def key_for(self, frame: Frame) -> str:
         """The object key ``frame`` is stored under (each field escaped)."""
@@ -210,7 +237,19 @@ class FrameStore(Sink):
             return
         key = self.key_for(frame)
         try:
-            self.objects.put(key, frame.to_jpeg(self.quality))
+            data = frame.to_jpeg(self.quality)
+            try:
+                self.objects.put(key, data)
+            except (InvalidKeyError, ObjectKeyConflictError):
+                raise  # the key itself is wrong: kept, it would be refused again
+            except ObjectStoreError:
+                if self.spool is None:
+                    raise
+                self.spool.keep(key, data)
+                if frame.segment_id is not None:
+                    with self._lock:
+                        self._spooled.setdefault(frame.segment_id, []).append(key)
+                return
         except Exception:
             if frame.segment_id is not None:
                 with self._lock:
@@ -227,6 +266,7 @@ class FrameStore(Sink):
         with self._lock:
             written = self._by_segment.pop(segment.id, [])
             segment.not_stored += self._failed.pop(segment.id, 0)
+            segment.spooled.extend(sorted(self._spooled.pop(segment.id, [])))
         written.sort()
         segment.stored = [key for _, key, _ in written]
         if self.select_best > 0 and written:
@@ -238,6 +278,16 @@ class FrameStore(Sink):
                 else:
                     self.selected_store.put(target, self.objects.get(key))
                 segment.selected.append(target)
+
+    def setup(self) -> None:
+        """Start uploading frames an earlier run kept in the spool, if any."""
+        if self.spool is not None:
+            self.spool.start()
+
+    def teardown(self) -> None:
+        """Stop the spool's uploader; kept frames stay for the next run."""
+        if self.spool is not None:
+            self.spool.close()
 
     def list_frames(self, source_id: str, segment_id: str | None = None) -> list[ObjectInfo]:
         """Stored frames of a source (and segment), by key order; only for the default-shaped

@@ -1,0 +1,111 @@
+"""Store and forward: frames the object store refused, kept in a local store until it takes
+them again (:class:`Spool`, used by :class:`~framepipe.stream.sinks.FrameStore`).
+
+Guarantees:
+
+* A frame is kept under the key it was meant to have; once the object store is back, an
+  uploader thread writes it there under that key and only then deletes the local copy, so a
+  frame is never in neither place (it may briefly be in both).
+* The uploader tries every ``retry_every`` seconds while anything is kept; a round stops at the
+  first refusal (the store is still down) and says so in the log at most once a minute.
+* Frames kept by an earlier run (the process stopped during an outage) are uploaded by the
+  next one: :meth:`Spool.start` starts the uploader when the local store holds anything.
+* :meth:`Spool.close` stops the uploader; what is still kept stays on disk for the next run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from framepipe.backends.objects import ObjectStore
+from framepipe.errors import ObjectStoreError
+from framepipe.logs import ComponentLogger, Repeats
+
+__all__ = ["Spool"]
+
+
+class Spool:
+    """Frames kept in ``local`` until ``target`` takes them; ``uploaded(count, keys)`` is
+    called from the uploader thread after each round that uploaded something."""
+
+    def __init__(
+        self,
+        local: ObjectStore,
+        target: ObjectStore,
+        *,
+        retry_every: float,
+        uploaded: Callable[[int, list[str]], None],
+        log: ComponentLogger,
+    ) -> None:
+        self.local = local
+        self.target = target
+        self.retry_every = retry_every
+        self._uploaded = uploaded
+        self._log = log
+        self._refusals = Repeats(60.0)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def keep(self, key: str, data: bytes) -> None:
+        """Keep ``data`` under ``key`` until the target takes it (raises what the local store
+        raises: then the frame is lost, and the caller says so)."""
+        self.local.put(key, data)
+        self._ensure_uploader()
+
+    def start(self) -> None:
+        """Start the uploader if frames of an earlier run are kept."""
+        if next(iter(self.local.list()), None) is not None:
+            self._ensure_uploader()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the uploader (its round in progress ends at the next frame)."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def drain(self) -> int:
+        """Upload what is kept, oldest key first, until the target refuses one; returns how
+        many went."""
+        done: list[str] = []
+        for info in sorted(self.local.list(), key=lambda i: i.key):
+            if self._stop.is_set():
+                break
+            try:
+                self.target.put(info.key, self.local.get(info.key))
+            except ObjectStoreError as exc:
+                held = self._refusals.admit("target")
+                if held is not None:
+                    self._log.warning(
+                        "frames kept locally while the object store refuses them (%s); "
+                        "next try in %gs",
+                        exc,
+                        self.retry_every,
+                    )
+                break
+            self.local.delete(info.key)
+            done.append(info.key)
+        if done:
+            self._log.info("%d kept frame(s) uploaded to the object store", len(done))
+            self._uploaded(len(done), done)
+        return len(done)
+
+    def _ensure_uploader(self) -> None:
+        with self._lock:
+            if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._thread = threading.Thread(target=self._run, name="fp-spool", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.retry_every):
+            try:
+                self.drain()
+            except ObjectStoreError as exc:  # the local store itself failed
+                self._log.error("the local frame spool cannot be read (%s)", exc)
+            with self._lock:  # keep() starts a new uploader once this one is gone
+                if next(iter(self.local.list()), None) is None:
+                    self._thread = None
+                    return

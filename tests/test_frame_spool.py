@@ -1,0 +1,119 @@
+"""Store and forward of a FrameStore (``spool=``): frames the object store refuses while it is
+down are kept locally, listed as ``spooled`` in their segments, and uploaded under their keys
+by the next run once the store is back (``frames.uploaded``); on a real S3 server that is
+stopped and started again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from framepipe import LocalObjectStore
+from framepipe.backends.objects import S3ObjectStore
+from framepipe.sources import PatternSource
+from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+from s3server import REGION, _wait_listening, aws_test_env
+from test_stream import Events, of, run_pipeline, tagger
+from waiting import free_port
+
+pytestmark = pytest.mark.slow  # an S3 server started twice
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+
+def _moto(port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    assert _wait_listening(proc, port, time.monotonic() + 60), log.read_text()[-2000:]
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def test_frames_refused_while_the_store_is_down_are_kept_and_uploaded_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    with aws_test_env():
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = _moto(port, tmp_path / "s3.log")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        client.create_bucket(Bucket="frames")
+        store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
+        spool = tmp_path / "spool"
+        _stop(proc)  # the store goes down
+
+        events = run_pipeline(
+            StreamPipeline(
+                "s",
+                PatternSource("s", count=40, realtime=False),
+                stages=[Stage(tagger({range(1, 21): "A", range(21, 41): "B"}))],
+                segmenter=Segmenter("order", timeout=5),
+                sinks=[FrameStore(store, spool=spool, spool_retry=0.2)],
+            )
+        )
+        completed = {d["segment_id"]: d for d in of(events, "segment.completed")}
+        assert set(completed) == {"A", "B"}
+        for seg in completed.values():
+            assert (seg["stored"], seg["not_stored"], len(seg["spooled"])) == ([], 0, 20)
+        assert not [d for d in of(events, "processor.error") if d["stage"] == "frame_store"]
+        kept = sorted(completed["A"]["spooled"] + completed["B"]["spooled"])
+        assert sorted(i.key for i in LocalObjectStore(spool).list()) == kept
+
+        proc = _moto(port, tmp_path / "s3.log")  # back (moto starts empty)
+        try:
+            client.create_bucket(Bucket="frames")
+            later: Events = run_pipeline(  # the next run uploads what the last one kept
+                StreamPipeline(
+                    "s",
+                    PatternSource("s", count=20, fps=10, realtime=True),
+                    sinks=[FrameStore(store, spool=spool, spool_retry=0.2)],
+                )
+            )
+            uploads = of(later, "frames.uploaded")
+            assert sum(u["count"] for u in uploads) == 40, uploads
+            assert sorted(k for u in uploads for k in u["keys"]) == kept
+            in_store = sorted(o["Key"] for o in client.list_objects_v2(Bucket="frames")["Contents"])
+            assert in_store == kept
+            assert list(LocalObjectStore(spool).list()) == []
+            first = store.get(kept[0])
+            assert first[:2] == b"\xff\xd8"  # a JPEG, as it would have been stored
+        finally:
+            client.close()
+            store.close()
+            _stop(proc)
+
+
+def test_a_frame_whose_key_the_store_cannot_hold_is_not_kept(tmp_path: Path) -> None:
+    """Kept, it would be refused again: a key conflict fails the frame (``not_stored``) as
+    without a spool, and nothing is kept."""
+    store = LocalObjectStore(tmp_path / "objects")
+    blocker = tmp_path / "objects" / "frames" / "s" / "B"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    events = run_pipeline(
+        StreamPipeline(
+            "s",
+            PatternSource("s", count=20, realtime=False),
+            stages=[Stage(tagger({range(1, 11): "A", range(11, 21): "B"}))],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[FrameStore(store, spool=tmp_path / "spool")],
+        )
+    )
+    completed = {d["segment_id"]: d for d in of(events, "segment.completed")}
+    assert (completed["B"]["not_stored"], completed["B"]["spooled"]) == (10, [])
+    assert (completed["A"]["not_stored"], len(completed["A"]["stored"])) == (0, 10)
+    assert list(LocalObjectStore(tmp_path / "spool").list()) == []
