@@ -43,6 +43,7 @@ from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution, list_events
+from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.runner import run_pipeline
 from waiting import wait_until
 
@@ -753,6 +754,37 @@ def test_a_worker_waits_for_an_unreachable_broker_and_stops_on_sigterm(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert "stopped before it could register" in cluster.log(1)
+
+
+def test_a_step_delivered_again_to_the_worker_running_it_runs_once(
+    cluster_factory: Callable[..., Cluster], database_url: str, broker: str
+) -> None:
+    # What a claim lost in a database crash leaves: the step ready again under the attempt its
+    # worker runs, and delivered again; the same worker claims it again and must not start
+    # a second run of it.
+    cluster = cluster_factory(database_url, broker)
+    proc = cluster.worker(concurrency=2)
+    cluster.wait_registered(proc)
+    execution_id = cluster.submit(wp.fanout, n=1, sleep=2.0)
+    runs = cluster.dir / "runs.log"
+    wait_until("the work step to start", lambda: runs.exists() and "start" in runs.read_text())
+    ((key, _worker, attempt),) = cluster.running(execution_id)
+    with cluster.store.write() as conn:
+        conn.execute(
+            steps.update()
+            .where(steps.c.execution_id == execution_id, steps.c.key == key)
+            .values(status=StepStatus.READY.value, attempt=attempt - 1, worker=None)
+        )
+    delivery = open_delivery(cluster.settings.broker_url, cluster.settings.broker_namespace)
+    try:
+        delivery.publish([Delivery(execution_id, key)])
+    finally:
+        delivery.close()
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    started = [line for line in runs.read_text().splitlines() if line.startswith("start")]
+    assert started == [f"start {key} {attempt} {proc.pid}"], started
+    assert "delivered again while it runs here; not started twice" in cluster.log(1)
 
 
 @pytest.mark.parametrize("scheme", ["redis", "amqp"])

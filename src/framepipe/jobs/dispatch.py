@@ -293,7 +293,8 @@ def claim(
     first, under the same attempt number, the step is that worker's: this one's writes are
     fenced by its claim (:func:`~framepipe.jobs.transitions.held_by`), its next lease renewal
     fails and it stops the run (a run that ended before that has run twice, as a crash
-    re-runs a step anyway)."""
+    re-runs a step anyway). Claimed again by the same worker, the step is not started a
+    second time there."""
     if not deliveries:
         return [], []
     with store.write(durable=False) as conn:

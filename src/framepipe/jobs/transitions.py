@@ -84,7 +84,8 @@ def held_by(
     flush, so after a PostgreSQL crash that lost one, another worker can claim the step again
     under the same number. The worker condition leaves the step to that second claimant: the
     first one's lease renewal fails (it stops the run) and its outcome, progress and spawns
-    are discarded."""
+    are discarded. When the same worker claims it again, the worker does not start a second
+    run of an attempt it runs (:class:`~framepipe.jobs.worker.Worker`)."""
     rule = (
         steps.c.execution_id == execution_id,
         steps.c.key == key,

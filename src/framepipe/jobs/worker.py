@@ -462,6 +462,20 @@ class Worker:
 
     def _start_all(self, runs: list[_Run]) -> None:
         for run in runs:
+            held = self._runs.get(run.ident)
+            if held is not None and not held.lost:
+                # Claimed again under the attempt this worker runs (the claim was lost in a
+                # database crash and the step delivered again): one run of it, not two.
+                _log.warning(
+                    "Worker %s: step %s of %s (attempt %d) delivered again while it runs "
+                    "here; not started twice",
+                    self.id,
+                    run.ident[1],
+                    run.ident[0][:8],
+                    run.ident[2],
+                )
+                self._release(1)
+                continue
             self._runs[run.ident] = run
             self._start(run)
 
