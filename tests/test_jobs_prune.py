@@ -173,3 +173,29 @@ def test_the_command_prunes_and_deletes_each_executions_objects(
         assert [p.id for p in client.prune(0, pipeline="prune_good")] == [done]
         assert client.list() == []
     objects.close()
+
+
+def test_a_retry_of_an_execution_pruned_meanwhile_says_so(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune between a retry finding the execution and locking it: the retry says the
+    execution was deleted (it failed with a bare AssertionError)."""
+    good, _ = _pipelines()
+    execution_id, ready, _ = dispatch.submit(store, good, {}, ref="/srv/prune.py:x")
+    claimed, _ = dispatch.claim(store, "w1", ready, lease=30.0)
+    failed = [
+        Outcome(c.execution_id, c.key, c.attempt, "failed", c.weight, c.progress, error="boom")
+        for c in claimed
+    ]
+    dispatch.commit_round(store, Round(outcomes=failed), worker="w1")
+    assert get_execution(store, execution_id).status is ExecutionStatus.FAILED
+    real_find = dispatch.find_execution
+
+    def find_then_prune(store_: StateStore, ident: str) -> str:
+        found = real_find(store_, ident)
+        prune_executions(store_, 0, now=time.time() + 10)  # another process prunes it now
+        return found
+
+    monkeypatch.setattr(dispatch, "find_execution", find_then_prune)
+    with pytest.raises(ExecutionNotFoundError, match=r"was deleted \(pruned\) meanwhile"):
+        dispatch.resume(store, execution_id)

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, step_deps, steps
 from framepipe.backends.state.event_log import insert_events
-from framepipe.errors import ExecutionStateError
+from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
@@ -146,7 +146,11 @@ def resume(
     with store.write() as conn:
         tx = Transaction(store, conn, now)
         x = tx.lock(execution_id)
-        assert x is not None
+        if x is None:  # pruned (framepipe jobs prune) since it was found
+            raise ExecutionNotFoundError(
+                f"execution {execution_id[:12]} was deleted (pruned) meanwhile",
+                execution_id=execution_id,
+            )
         status = ExecutionStatus(x.status)
         if not status.retryable:
             what = (

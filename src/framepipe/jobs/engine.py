@@ -505,7 +505,8 @@ class JobEngine(Scheduler):
         )
         if taken is None:
             raise ExecutionStateError(
-                f"execution {info.id[:12]} was resumed by another process", execution_id=info.id
+                f"execution {info.id[:12]} was resumed or deleted (pruned) by another process",
+                execution_id=info.id,
             )
         try:
             row, step_rows = await self._in_db(load_rows, self.store, info.id)
