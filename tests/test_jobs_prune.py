@@ -141,6 +141,10 @@ def test_the_command_prunes_and_deletes_each_executions_objects(
     refused = runner.invoke(app, [*base, "--older-than", "0", "--objects", "ml/"], env=env)
     assert refused.exit_code == 2
     assert "does not hold {execution_id}" in refused.output
+    for spec in ("ml/{execution_id:.0}", "ml/{execution_id!r}/"):
+        sliced = runner.invoke(app, [*base, "--older-than", "0", "--objects", spec], env=env)
+        assert sliced.exit_code == 2, sliced.output
+        assert "takes no format or conversion" in sliced.output
     outside = runner.invoke(
         app, [*base, "--older-than", "0", "--objects", "../{execution_id}/"], env=env
     )

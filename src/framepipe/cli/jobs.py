@@ -286,7 +286,7 @@ def jobs_prune(
     """Delete executions that finished longer ago than --older-than, with their steps and
     events (the import ledger stays); a running one never."""
     from framepipe.backends.objects import open_object_store
-    from framepipe.errors import InvalidKeyError
+    from framepipe.errors import InvalidKeyError, ObjectStoreError
     from framepipe.jobs.pruning import FINISHED
 
     with errors():
@@ -321,11 +321,15 @@ def jobs_prune(
                     seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
                 )
             removed = 0
+            left: list[tuple[str, str]] = []  # (prefix, why) of objects not deleted
             if objects is not None and store_objects is not None and not dry_run:
                 for p in pruned:
                     prefix = objects.format(execution_id=p.id, pipeline=p.pipeline)
-                    for info in list(store_objects.list(prefix)):
-                        removed += int(store_objects.delete(info.key))
+                    try:
+                        for info in list(store_objects.list(prefix)):
+                            removed += int(store_objects.delete(info.key))
+                    except ObjectStoreError as exc:  # the records are gone: say what is left
+                        left.append((prefix, str(exc)))
     if json_out:
         dump_json(
             {
@@ -340,15 +344,24 @@ def jobs_prune(
                     for p in pruned
                 ],
                 "objects_deleted": removed,
+                "objects_left": [{"prefix": prefix, "error": why} for prefix, why in left],
             }
         )
-        return
-    out = console()
-    verb = "would delete" if dry_run else "deleted"
-    for p in pruned:
-        say(out, f"{verb} {p.id}  {p.pipeline}  {p.status.value}  finished {when(p.finished_at)}")
-    tail = f" and {removed} object(s)" if objects is not None and not dry_run else ""
-    say(out, f"{verb} {len(pruned)} execution(s) that finished over {older_than} ago{tail}")
+    else:
+        out = console()
+        verb = "would delete" if dry_run else "deleted"
+        for p in pruned:
+            say(
+                out,
+                f"{verb} {p.id}  {p.pipeline}  {p.status.value}  finished {when(p.finished_at)}",
+            )
+        tail = f" and {removed} object(s)" if objects is not None and not dry_run else ""
+        say(out, f"{verb} {len(pruned)} execution(s) that finished over {older_than} ago{tail}")
+    if left:
+        err = console(stderr=True)
+        for prefix, why in left:
+            say(err, f"objects left under {prefix}: {why}", "red")
+        raise typer.Exit(1)
 
 
 def _check_objects_template(template: str) -> None:
@@ -358,9 +371,15 @@ def _check_objects_template(template: str) -> None:
     import string
 
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
     except ValueError as exc:
         raise UsageError(f"--objects {template!r}: {exc}") from None
+    if any(spec or conv for f, spec, conv in parsed if f is not None):
+        raise UsageError(
+            f"--objects {template!r}: a field takes no format or conversion "
+            "({execution_id:.4} would name other executions' objects)"
+        )
+    fields = {f for f, _, _ in parsed if f is not None}
     unknown = sorted(fields - {"execution_id", "pipeline"})
     if unknown:
         raise UsageError(

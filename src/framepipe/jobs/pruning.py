@@ -51,7 +51,7 @@ def prune_executions(
     *,
     statuses: Collection[ExecutionStatus] = FINISHED,
     pipeline: str | None = None,
-    batch: int = 100,
+    batch: int = 20,
     now: float | None = None,
     dry_run: bool = False,
 ) -> list[PrunedExecution]:
