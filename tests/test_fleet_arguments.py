@@ -85,3 +85,17 @@ def test_a_processor_built_from_them_registers_under_its_id(
                 await asyncio.wait_for(task, 15)
 
         assert asyncio.run(main()) == "echo-7"
+
+
+def test_blank_variables_count_as_unset_and_an_empty_health_host_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compose writes an unset variable as an empty one: ``HEALTH_HOST=`` must not make the
+    health endpoint listen on every interface, nor ``HEALTH_PORT=`` stop the start."""
+    for name in ("PROCESSOR_ID", "FRAMEPIPE_NAMESPACE", "HEALTH_PORT", "HEALTH_HOST", "LOG_LEVEL"):
+        monkeypatch.setenv(name, " ")
+    args = _parse([])
+    assert (args.id, args.namespace, args.health_port) == ("proc-1", "framepipe:", None)
+    assert (args.health_host, args.log_level) == ("127.0.0.1", "INFO")
+    with pytest.raises(ValueError, match="health_host must name an address"):
+        Echo("echo-1", ["echo"], redis_url=REDIS_URL, health_host="", environ={})

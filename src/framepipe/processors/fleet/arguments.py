@@ -44,11 +44,16 @@ def add_client_arguments(
 ) -> None:
     """Add ``--id``, ``--redis-url``, ``--namespace``, ``--result-stream``, ``--capacity``,
     ``--health-interval``, ``--health-port``, ``--health-host`` and ``--log-level`` to
-    ``parser``. A malformed ``HEALTH_PORT`` is refused by argparse as ``--health-port``'s."""
-    env = os.environ
+    ``parser``. A blank variable counts as unset; a malformed ``HEALTH_PORT`` is refused by
+    argparse as ``--health-port``'s."""
+
+    def env(name: str, default: str | None = None) -> str | None:
+        """The variable, a blank one counting as unset (compose writes unset ones as "")."""
+        return os.environ.get(name, "").strip() or default
+
     parser.add_argument(
         "--id",
-        default=env.get("PROCESSOR_ID", default_id),
+        default=env("PROCESSOR_ID", default_id),
         help=f"processor id, unique in the namespace (env PROCESSOR_ID; default {default_id})",
     )
     parser.add_argument(
@@ -59,7 +64,7 @@ def add_client_arguments(
     )
     parser.add_argument(
         "--namespace",
-        default=env.get("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
+        default=env("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
         help=f"registry key prefix (env FRAMEPIPE_NAMESPACE; default {DEFAULT_NAMESPACE})",
     )
     parser.add_argument(
@@ -82,19 +87,19 @@ def add_client_arguments(
     parser.add_argument(
         "--health-port",
         type=int,
-        default=env.get("HEALTH_PORT"),  # argparse converts a string default with type
+        default=env("HEALTH_PORT"),  # argparse converts a string default with type
         help="serve GET /health on this port for a compose healthcheck: 200 while registered "
         "and taking frames, else 503 (env HEALTH_PORT; default: no endpoint)",
     )
     parser.add_argument(
         "--health-host",
-        default=env.get("HEALTH_HOST", DEFAULT_HEALTH_HOST),
+        default=env("HEALTH_HOST", DEFAULT_HEALTH_HOST),
         help="where the health endpoint listens (env HEALTH_HOST; default "
         f"{DEFAULT_HEALTH_HOST}: inside the container only; 0.0.0.0 for probes from outside)",
     )
     parser.add_argument(
         "--log-level",
-        default=env.get("LOG_LEVEL", "INFO"),
+        default=env("LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR (env LOG_LEVEL; default INFO)",
     )
 

@@ -210,6 +210,7 @@ class ProcessorClient(abc.ABC):
             poll_interval=poll_interval,
             image_encoding=image_encoding,
             health_port=health_port,
+            health_host=health_host,
         )
         self.processor_id = processor_id
         self.processor_id_source = ident.source

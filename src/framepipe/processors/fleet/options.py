@@ -57,6 +57,7 @@ def check_options(
     poll_interval: float,
     image_encoding: str | None,
     health_port: int | None,
+    health_host: str = DEFAULT_HEALTH_HOST,
 ) -> tuple[tuple[str, ...], float]:
     """Check the options of processor ``processor_id``; its capabilities (each once, in their
     order) and its heartbeat period (given under either name, else
@@ -102,6 +103,11 @@ def check_options(
         or not 0 <= health_port < 65536
     ):
         raise ValueError(f"health_port must be a port number, not {health_port!r}")
+    if not isinstance(health_host, str) or not health_host.strip():
+        raise ValueError(
+            f"health_host must name an address ({DEFAULT_HEALTH_HOST}, 0.0.0.0 ...), not "
+            f"{health_host!r}: an empty one listens on every interface"
+        )
     return tuple(dict.fromkeys(capabilities)), interval
 
 
