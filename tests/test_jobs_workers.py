@@ -803,6 +803,24 @@ def test_a_stop_while_registering_fails_returns_cleanly(tmp_path: Path, scheme: 
         asyncio.run(asyncio.wait_for(worker.run(), 30))  # returns; raises nothing
 
 
+def test_a_registration_refused_for_good_ends_the_worker_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store that refuses the worker's row (not a lost connection, so not retried) ends the
+    # worker with that error: it hung, its stop thread still waiting. The refusal is injected:
+    # none can be produced on demand from the store here.
+    from framepipe.jobs.worker import Worker
+
+    def refused(self: Worker) -> None:
+        raise ValueError("the workers table refused the row")
+
+    monkeypatch.setattr(Worker, "_register", refused)
+    settings = Settings(home=tmp_path, broker_url=REDIS_URL, jobs_mode="workers")
+    worker = Worker(settings)
+    with pytest.raises(ValueError, match="refused the row"):
+        asyncio.run(asyncio.wait_for(worker.run(), 20))
+
+
 def _publish_raw_amqp(queue: str, body: bytes) -> None:
     import aio_pika
 

@@ -225,17 +225,22 @@ class Worker:
         stop = asyncio.create_task(asyncio.to_thread(self._stopping.wait))
         await asyncio.wait([register, stop], return_when=asyncio.FIRST_COMPLETED)
         registered = register.done() and not register.cancelled() and not register.exception()
-        if not registered and self._stopping.is_set():
+        if not registered:
             # Stopped before Redis or the database could be reached (the attempt the stop
-            # interrupted may have failed by now: its error is not the worker's).
+            # interrupted may have failed by now: its error is not the worker's), or the
+            # registration failed for good (raised below, once everything is closed).
+            stopped = self._stopping.is_set()
+            self.request_stop()  # ends the thread waiting for a stop
             register.cancel()
             self._pool.shutdown(wait=False)
             # The broker and the store are closed after the attempt still in flight (its
             # connect is bounded by the broker's timeout), not under it.
             self._db.submit(self._close_connections)
             await asyncio.to_thread(self._db.shutdown, wait=True)
-            _log.info("Worker %s stopped before it could register", self.id)
-            return
+            await stop
+            if stopped:
+                _log.info("Worker %s stopped before it could register", self.id)
+                return
         register.result()
         reader = threading.Thread(target=self._reader, name="framepipe-reader", daemon=True)
         reader.start()

@@ -191,7 +191,7 @@ def _lifespan(
         finally:
             if pruning is not None:
                 pruning.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pruning
             await service.hub.close()
             for live_app in service.apps.values():
@@ -224,12 +224,15 @@ PRUNE_EVERY = 3600.0
 async def _prune_executions(jobs: JobClient, days: float) -> None:
     """Every :data:`PRUNE_EVERY` seconds, the first at start: delete the executions that
     finished more than ``days`` days ago (:meth:`JobClient.prune`). A failure is logged and
-    tried again at the next turn."""
+    tried again at the next turn. A prune under way when the service stops finishes its
+    batch (a transaction of its own) in its thread."""
     while True:
         try:
             pruned = await jobs.prune(days * 86_400.0)
         except FramepipeError as exc:
             _log.warning("pruning old executions failed (%s); next try in an hour", exc)
+        except Exception:  # a bug must not end pruning for good, nor break the shutdown
+            _log.exception("pruning old executions failed; next try in an hour")
         else:
             if pruned:
                 _log.info(
