@@ -963,3 +963,28 @@ def test_a_failed_pipeline_has_ended_its_capture_when_wait_returns(tmp_path: Pat
         return
     status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert status == "Z", f"the capture process {pid} still runs after wait() returned"
+
+
+def test_a_stages_failures_are_logged_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """Throttled per kind of failure: a stage failing every frame with one error logs it
+    once (and a count at the end), and another kind of error of the same stage meanwhile is
+    logged at once, not hidden in the count."""
+
+    def flaky(frame: Frame) -> Frame:
+        if frame.seq == 15:
+            raise KeyError("a different bug")
+        raise ConnectionError("the model server is down")
+
+    caplog.set_level("WARNING")
+    events = run_pipeline(
+        StreamPipeline(
+            "kinds",
+            PatternSource("k", count=30, realtime=False),
+            stages=[Stage(flaky, name="model", max_consecutive_errors=1000)],
+        )
+    )
+    assert len(of(events, "processor.error")) == 30
+    lines = [r.getMessage() for r in caplog.records if "'model'" in r.getMessage()]
+    assert sum("the model server is down" in line for line in lines) == 1, lines
+    assert sum("a different bug" in line for line in lines) == 1, lines
+    assert any("28 more frame(s) failed with ConnectionError" in line for line in lines), lines

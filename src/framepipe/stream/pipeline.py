@@ -449,6 +449,7 @@ class StreamPipeline:
         self._hops, self.stats = wiring.hops, wiring.stats
         self._seg_state = self.segmenter.state() if self.segmenter is not None else None
         self._closing = {}
+        self._error_logs = Repeats(ERROR_LOG_EVERY)  # a new run logs its first errors
 
     def _sink_control(self, sink: Sink, name: str) -> Callable[[Any], Awaitable[None]]:
         async def control(item: Any) -> None:
@@ -534,23 +535,27 @@ class StreamPipeline:
 
     def _on_processor_error(self, error: ProcessorError) -> None:
         """Every failed frame is a ``processor.error`` event; the log gets the first of a
-        stage's failures and then one per :data:`ERROR_LOG_EVERY` seconds with the count held
-        back (the rest when the run ends)."""
+        stage's failures of one kind (exception class) and then one per
+        :data:`ERROR_LOG_EVERY` seconds with the count held back (the rest when the run
+        ends): another kind of failure of the same stage is logged at once."""
         if self.state is not HealthState.FAILED:  # the failure's reason stays the last error
             self.last_error = str(error)
-        held = self._error_logs.admit(error.stage or "")
+        cause = error.__cause__ if error.__cause__ is not None else error
+        held = self._error_logs.admit(f"{error.stage}\0{type(cause).__name__}")
         if held is not None:
             more = f" (and {held} more of its frames failed since the last such line)"
             self.log.warning("%s%s", error, more if held else "")
         self._emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
 
     def _log_held_errors(self) -> None:
-        for stage, count in self._error_logs.held().items():
+        for key, count in self._error_logs.held().items():
+            stage, _, kind = key.partition("\0")
             self.log.warning(
-                "stage %r: %d more frame(s) failed since its last error line "
+                "stage %r: %d more frame(s) failed with %s since its last such line "
                 "(each is a processor.error event)",
                 stage,
                 count,
+                kind,
             )
 
     # -- segmenter ------------------------------------------------------------------------------
