@@ -44,6 +44,8 @@ import model  # model.py next to this file
 __all__ = ["ModelServer", "parse_multipart"]
 
 MAX_BODY = 2 * 1024**3
+WAIT_FOR_FIRST = 600.0
+"""Seconds a repeated request waits for its call's first request before answering 503."""
 
 
 class BadRequest(Exception):
@@ -135,8 +137,11 @@ class Handler(BaseHTTPRequestHandler):
                 call.answer = self._infer(fields, seed, batch_size)
             finally:
                 self.server.calls.end(key, call)
-        else:
-            call.done.wait()  # the same call, retried while (or after) its first request ran
+        elif not call.done.wait(WAIT_FOR_FIRST):  # the same call, retried while it runs
+            self._answer(
+                503, {"success": False, "error": "this call is still running; try again later"}
+            )
+            return
         self._answer(*call.answer)
 
     def _infer(
@@ -187,7 +192,8 @@ class Call:
 class Calls:
     """The calls by ``Idempotency-Key``: a request whose key is running waits for it, one whose
     key succeeded gets the same answer (frames are not made twice); a failed call is
-    forgotten, so its retry runs again. The last :data:`KEPT` keys are kept."""
+    forgotten, so its retry runs again. The last :data:`KEPT` finished calls are kept, and
+    every running one."""
 
     KEPT = 256
 
@@ -202,8 +208,9 @@ class Calls:
             if call is not None:
                 return call, False
             call = self._calls[key] = Call()
-            while len(self._calls) > self.KEPT:
-                self._calls.popitem(last=False)
+            done = [k for k, c in self._calls.items() if c.done.is_set()]
+            for old in done[: max(0, len(self._calls) - self.KEPT)]:  # never a running one
+                del self._calls[old]
             return call, True
 
     def end(self, key: str, call: Call) -> None:

@@ -138,7 +138,7 @@ def jobs_show(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
-        expand=True,
+        expand=out.is_terminal,
         title=f"steps ({len(info.steps)})",
         title_justify="left",
     )

@@ -265,7 +265,8 @@ class FrameStore(Sink):
     def segment_closed(self, segment: Segment) -> None:
         with self._lock:
             written = self._by_segment.pop(segment.id, [])
-            segment.not_stored += self._failed.pop(segment.id, 0)
+            # several frame stores on one segment: the frames the worst of them lost
+            segment.not_stored = max(segment.not_stored, self._failed.pop(segment.id, 0))
             segment.spooled.extend(sorted(self._spooled.pop(segment.id, [])))
         written.sort()
         segment.stored = [key for _, key, _ in written]
