@@ -74,6 +74,18 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, deadline: float) -
     return False
 
 
+def start_moto(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """moto's S3 server on 127.0.0.1:``port`` (not yet listening when this returns), its
+    output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @contextlib.contextmanager
 def s3_server_at(log_dir: Path) -> Iterator[S3Server]:
     """Start the server (call inside :func:`aws_test_env`); skip, or fail under CI, when moto
@@ -94,13 +106,7 @@ def s3_server_at(log_dir: Path) -> Iterator[S3Server]:
     proc: subprocess.Popen[bytes] | None = None
     for _ in range(3):  # the free port may be taken before the server binds it
         port = free_port()
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_moto(port, log)
         if _wait_listening(proc, port, time.monotonic() + 60):
             break
         proc.kill()

@@ -6,7 +6,6 @@ stopped and started again."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from framepipe import LocalObjectStore
 from framepipe.backends.objects import S3ObjectStore
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
-from s3server import REGION, _wait_listening, aws_test_env
+from s3server import REGION, _wait_listening, aws_test_env, start_moto
 from test_stream import Events, of, run_pipeline, tagger
 from waiting import free_port
 
@@ -27,13 +26,7 @@ pytest.importorskip("moto")
 
 
 def _moto(port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_moto(port, log)
     assert _wait_listening(proc, port, time.monotonic() + 60), log.read_text()[-2000:]
     return proc
 
