@@ -22,13 +22,18 @@ def _parse(argv: list[str], **kwargs: Any) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _namespace(args: argparse.Namespace) -> str:
+    """The namespace a processor built from ``args`` registers under (nothing is started)."""
+    return Echo(args.id, ["echo"], **client_arguments(args)).namespace
+
+
 def test_defaults_come_from_the_environment_and_the_command_line_wins(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in ("PROCESSOR_ID", "FRAMEPIPE_NAMESPACE", "HEALTH_PORT", "HEALTH_HOST", "LOG_LEVEL"):
         monkeypatch.delenv(name, raising=False)
     args = _parse([], default_capacity=4)
-    assert (args.id, args.namespace, args.capacity, args.health_port) == (
+    assert (args.id, _namespace(args), args.capacity, args.health_port) == (
         "proc-1",
         "framepipe:",
         4,
@@ -44,12 +49,13 @@ def test_defaults_come_from_the_environment_and_the_command_line_wins(
     monkeypatch.setenv("FRAMEPIPE_NAMESPACE", "ns:")
     monkeypatch.setenv("HEALTH_PORT", "8081")
     args = _parse(["--own", "y"])
-    assert (args.id, args.namespace, args.health_port, args.own) == ("from-env", "ns:", 8081, "y")
+    assert (args.id, _namespace(args), args.health_port, args.own) == ("from-env", "ns:", 8081, "y")
 
     args = _parse(["--id", "from-cli", "--health-port", "9000", "--capacity", "7"])
     options = client_arguments(args)
     assert options["environ"]["PROCESSOR_ID"] == "from-cli"  # --id wins over PROCESSOR_ID
-    assert (options["health_port"], options["capacity"], options["namespace"]) == (9000, 7, "ns:")
+    assert (options["health_port"], options["capacity"], _namespace(args)) == (9000, 7, "ns:")
+    assert _namespace(_parse(["--namespace", "cli:"])) == "cli:"  # the command line wins
 
 
 def test_a_malformed_health_port_in_the_environment_is_refused_by_name(
@@ -95,7 +101,7 @@ def test_blank_variables_count_as_unset_and_an_empty_health_host_is_refused(
     for name in ("PROCESSOR_ID", "FRAMEPIPE_NAMESPACE", "HEALTH_PORT", "HEALTH_HOST", "LOG_LEVEL"):
         monkeypatch.setenv(name, " ")
     args = _parse([])
-    assert (args.id, args.namespace, args.health_port) == ("proc-1", "framepipe:", None)
+    assert (args.id, _namespace(args), args.health_port) == ("proc-1", "framepipe:", None)
     assert (args.health_host, args.log_level) == ("127.0.0.1", "INFO")
     with pytest.raises(ValueError, match="health_host must name an address"):
         Echo("echo-1", ["echo"], redis_url=REDIS_URL, health_host="", environ={})

@@ -47,11 +47,7 @@ from framepipe.processors.faces import (
     load_known_faces,
     model_path,
 )
-from framepipe.processors.fleet.arguments import (
-    DEFAULT_NAMESPACE,
-    add_client_arguments,
-    client_arguments,
-)
+from framepipe.processors.fleet.arguments import add_client_arguments, client_arguments
 
 __all__ = [
     "CAPABILITIES",
@@ -91,7 +87,7 @@ class FaceRecognitionProcessor(ProcessorClient):
         capacity: int = 10,
         result_stream: str = RESULT_STREAM,
         redis_url: str | None = None,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         health_interval: float = 5.0,
         known_dir: str | os.PathLike[str] | None = None,
         tolerance: float = 0.6,

@@ -30,11 +30,7 @@ import numpy.typing as npt
 from framepipe.errors import FramepipeError
 from framepipe.logs import configure_logging
 from framepipe.processors import ProcessorClient
-from framepipe.processors.fleet.arguments import (
-    DEFAULT_NAMESPACE,
-    add_client_arguments,
-    client_arguments,
-)
+from framepipe.processors.fleet.arguments import add_client_arguments, client_arguments
 
 __all__ = ["CAPABILITIES", "RESULT_STREAM", "MotionProcessor", "main"]
 
@@ -57,7 +53,7 @@ class MotionProcessor(ProcessorClient):
         capacity: int = 4,
         result_stream: str = RESULT_STREAM,
         redis_url: str | None = None,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         health_interval: float = 5.0,
         pixel_threshold: int = 25,
         moving_threshold: float = 0.01,

@@ -2,8 +2,9 @@
 
 :func:`add_client_arguments` adds a :class:`~framepipe.processors.fleet.client.ProcessorClient`'s
 options to an :mod:`argparse` parser, with the defaults the client reads from the environment
-named in their help (``PROCESSOR_ID``, ``REDIS_URL`` or ``REDIS_HOST``/``REDIS_PORT``,
-``FRAMEPIPE_NAMESPACE``, ``HEALTH_PORT``, ``HEALTH_HOST``, ``LOG_LEVEL``);
+named in their help (``PROCESSOR_ID``, ``HEALTH_PORT``, ``HEALTH_HOST``, ``LOG_LEVEL``; the
+Redis URL and the namespace are left to the client's own rule,
+:mod:`~framepipe.processors.fleet.environment`);
 :func:`client_arguments` turns the parsed options into the client's keyword arguments, so a
 script adds only its own options::
 
@@ -28,11 +29,9 @@ from framepipe.processors.fleet.options import (
     DEFAULT_HEALTH_HOST,
     DEFAULT_HEALTH_INTERVAL,
 )
+from framepipe.processors.fleet.protocol import DEFAULT_NAMESPACE
 
-__all__ = ["DEFAULT_NAMESPACE", "add_client_arguments", "client_arguments"]
-
-DEFAULT_NAMESPACE = "framepipe:"
-"""The registry key prefix unless FRAMEPIPE_NAMESPACE or --namespace says."""
+__all__ = ["add_client_arguments", "client_arguments"]
 
 
 def add_client_arguments(
@@ -64,8 +63,8 @@ def add_client_arguments(
     )
     parser.add_argument(
         "--namespace",
-        default=env("FRAMEPIPE_NAMESPACE", DEFAULT_NAMESPACE),
-        help=f"registry key prefix (env FRAMEPIPE_NAMESPACE; default {DEFAULT_NAMESPACE})",
+        default=None,  # the client's rule: FRAMEPIPE_NAMESPACE, else its default
+        help=f"registry key prefix (default: env FRAMEPIPE_NAMESPACE, else {DEFAULT_NAMESPACE})",
     )
     parser.add_argument(
         "--result-stream",
