@@ -26,7 +26,7 @@ from framepipe.jobs.memory import JsonCopies
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.outcomes import check_output
 from framepipe.jobs.records import get_execution
-from framepipe.jobs.storable import storable_text
+from framepipe.untrusted import storable_text
 from test_jobs_modes import Mode
 from test_jobs_workers import cluster_factory  # noqa: F401 - the fixture in_mode uses
 

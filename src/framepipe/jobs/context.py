@@ -23,9 +23,8 @@ from framepipe.errors import (
 )
 from framepipe.jobs.keys import former_step_key, is_step_key, step_key
 from framepipe.jobs.ledger import Ledger, ledger_row
-from framepipe.jobs.storable import storable_text
 from framepipe.logs import ComponentLogger, get_logger
-from framepipe.untrusted import check_json
+from framepipe.untrusted import check_json, storable_text
 
 if TYPE_CHECKING:
     from framepipe.backends.objects import ObjectStore

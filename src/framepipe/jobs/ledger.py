@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, ledger
 from framepipe.jobs.keys import canonical_json
-from framepipe.jobs.storable import storable_text
+from framepipe.untrusted import storable_text
 
 __all__ = [
     "MAX_HASH",

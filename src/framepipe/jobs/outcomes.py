@@ -17,7 +17,7 @@ from framepipe.errors import (
     StepOutputError,
 )
 from framepipe.jobs.keys import canonical_json
-from framepipe.jobs.storable import storable_text
+from framepipe.untrusted import storable_text
 
 if TYPE_CHECKING:
     from framepipe.config import Settings

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from framepipe.jobs.rounds import Outcome, Round, RoundResult
-from framepipe.jobs.storable import brief_error, storable_text
+from framepipe.jobs.storable import brief_error
+from framepipe.untrusted import storable_text
 
 __all__ = ["merge", "piece_attempt", "refusal_error", "refused_outcome", "round_pieces"]
 

@@ -10,8 +10,8 @@ naturally from ordinary code:
 * a NUL character (``"\\x00"``): binary data decoded as text (``header.decode("latin-1")``);
   PostgreSQL's text columns refuse it.
 
-:func:`storable_text` is the one rule, applied where such text enters the records
-(:meth:`~framepipe.jobs.context.StepContext.progress`,
+:func:`~framepipe.untrusted.storable_text` is the one rule, applied where such text enters
+the records (:meth:`~framepipe.jobs.context.StepContext.progress`,
 :func:`~framepipe.jobs.outcomes.error_text`, :func:`~framepipe.jobs.ledger.ledger_row` and the
 ledger's look-ups), so it holds in both job modes and on every backend. The rule writes each
 such character as the backslash escape Python's ``repr`` shows for it (``\\udce9``,
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from framepipe.untrusted import storable_text
 
-__all__ = ["brief_error", "storable_text"]
+__all__ = ["brief_error"]
 
 
 def brief_error(exc: BaseException) -> str:
