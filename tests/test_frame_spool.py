@@ -13,6 +13,7 @@ import pytest
 
 from framepipe import LocalObjectStore
 from framepipe.backends.objects import S3ObjectStore
+from framepipe.frames import Frame
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
 from s3server import REGION, _wait_listening, aws_test_env, start_moto
@@ -110,3 +111,34 @@ def test_a_frame_whose_key_the_store_cannot_hold_is_not_kept(tmp_path: Path) -> 
     assert (completed["B"]["not_stored"], completed["B"]["spooled"]) == (10, [])
     assert (completed["A"]["not_stored"], len(completed["A"]["stored"])) == (0, 10)
     assert list(LocalObjectStore(tmp_path / "spool").list()) == []
+
+
+def test_a_full_spool_keeps_no_more_and_says_so(tmp_path: Path) -> None:
+    """A long outage must not fill the disk: past ``spool_max_bytes`` a refused frame is not
+    kept; it is ``not_stored`` and its ``processor.error`` says the spool is full."""
+    with aws_test_env():
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = _moto(port, tmp_path / "s3.log")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        client.create_bucket(Bucket="frames")
+        store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
+        _stop(proc)
+        source = PatternSource("s", count=10, realtime=False, moving_box=False)
+        one = len(Frame(source.render(0), "s", 1).to_jpeg(85))  # every frame is this picture
+        events = run_pipeline(
+            StreamPipeline(
+                "s",
+                source,
+                stages=[Stage(tagger({range(1, 11): "A"}))],
+                segmenter=Segmenter("order", timeout=5),
+                sinks=[FrameStore(store, spool=tmp_path / "spool", spool_max_bytes=4 * one)],
+            )
+        )
+        client.close()
+        store.close()
+    (seg,) = of(events, "segment.completed")
+    assert (len(seg["spooled"]), seg["not_stored"]) == (4, 6)
+    errors = [d["error"] for d in of(events, "processor.error") if d["stage"] == "frame_store"]
+    assert len(errors) == 6 and all("spool" in e and "is full" in e for e in errors), errors
+    assert len(list(LocalObjectStore(tmp_path / "spool").list())) == 4

@@ -157,7 +157,8 @@ class FrameStore(Sink):
     once the store takes frames again (:mod:`framepipe.stream.spool`, tried every
     ``spool_retry`` seconds, also by the next run): it is listed in its segment's ``spooled``,
     not in ``stored`` (nor among the best frames), and each round that uploads kept frames
-    emits ``frames.uploaded`` (``count``, ``keys``). Only a frame the spool cannot take either
+    emits ``frames.uploaded`` (``count``, ``keys``). The spool holds at most
+    ``spool_max_bytes`` (4 GiB); only a frame it cannot take either (full, or its disk failing)
     is ``not_stored``.
 
     Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
@@ -180,6 +181,7 @@ class FrameStore(Sink):
         selected_store: ObjectStore | None = None,
         spool: ObjectStore | str | os.PathLike[str] | None = None,
         spool_retry: float = 5.0,
+        spool_max_bytes: int = 4 * 1024**3,
     ) -> None:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         if not fields:
@@ -212,6 +214,7 @@ class FrameStore(Sink):
                 retry_every=spool_retry,
                 uploaded=lambda count, keys: self.emit("frames.uploaded", count=count, keys=keys),
                 log=get_logger("frame_store"),
+                max_bytes=spool_max_bytes,
             )
         )
 

@@ -11,6 +11,8 @@ Guarantees:
 * Frames kept by an earlier run (the process stopped during an outage) are uploaded by the
   next one: :meth:`Spool.start` starts the uploader when the local store holds anything.
 * :meth:`Spool.close` stops the uploader; what is still kept stays on disk for the next run.
+* At most ``max_bytes`` are kept (a long outage must not fill the disk): a frame past that is
+  refused with an :class:`~framepipe.errors.ObjectStoreError` saying the spool is full.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ class Spool:
         retry_every: float,
         uploaded: Callable[[int, list[str]], None],
         log: ComponentLogger,
+        max_bytes: int,
     ) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
         self.local = local
+        self.max_bytes = max_bytes
+        self._bytes: int | None = None  # what is kept, counted at the first use
         self.target = target
         self.retry_every = retry_every
         self._uploaded = uploaded
@@ -49,10 +56,29 @@ class Spool:
         self._thread: threading.Thread | None = None
 
     def keep(self, key: str, data: bytes) -> None:
-        """Keep ``data`` under ``key`` until the target takes it (raises what the local store
-        raises: then the frame is lost, and the caller says so)."""
-        self.local.put(key, data)
+        """Keep ``data`` under ``key`` until the target takes it. Raises what the local store
+        raises, or :class:`ObjectStoreError` when the spool is full: then the frame is lost,
+        and the caller says so."""
+        with self._lock:
+            kept = self._kept_bytes()
+            if kept + len(data) > self.max_bytes:
+                raise ObjectStoreError(
+                    f"the frame spool {self.local.url} is full ({kept} of {self.max_bytes} "
+                    f"bytes): frame {key!r} not kept"
+                )
+            self._bytes = kept + len(data)
+        try:
+            self.local.put(key, data)
+        except BaseException:
+            with self._lock:
+                self._bytes = max(0, self._kept_bytes() - len(data))
+            raise
         self._ensure_uploader()
+
+    def _kept_bytes(self) -> int:
+        if self._bytes is None:
+            self._bytes = sum(info.size for info in self.local.list())
+        return self._bytes
 
     def start(self) -> None:
         """Start the uploader if frames of an earlier run are kept."""
@@ -67,8 +93,8 @@ class Spool:
             thread.join(timeout)
 
     def drain(self) -> int:
-        """Upload what is kept, oldest key first, until the target refuses one; returns how
-        many went."""
+        """Upload what is kept, in key order, until the target refuses one; returns how many
+        went."""
         done: list[str] = []
         for info in sorted(self.local.list(), key=lambda i: i.key):
             if self._stop.is_set():
@@ -86,6 +112,8 @@ class Spool:
                     )
                 break
             self.local.delete(info.key)
+            with self._lock:
+                self._bytes = max(0, self._kept_bytes() - info.size)
             done.append(info.key)
         if done:
             self._log.info("%d kept frame(s) uploaded to the object store", len(done))
