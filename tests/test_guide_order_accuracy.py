@@ -370,6 +370,11 @@ def test_known_issue_minio_and_database_errors_stop_the_start_with_the_reason(
             [],
             "cannot open database",
         ),
+        (  # a --spool folder that cannot be made (a file is there)
+            {},
+            ["--spool", str(video)],
+            f"cannot open object store directory {video}",
+        ),
     ]
     for env, args, reason in cases:
         done = subprocess.run(

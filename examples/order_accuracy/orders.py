@@ -61,6 +61,7 @@ from framepipe import (
     CommandSource,
     Frame,
     FrameStore,
+    LocalObjectStore,
     ObjectStore,
     Processor,
     RedisEventSink,
@@ -506,6 +507,8 @@ class OrderAccuracy:
         spool: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        if spool is not None:  # a folder it cannot make is refused now, not at a station
+            LocalObjectStore(spool).close()
         self.frames = frames or open_object_store(self.settings.resolved_objects_url)
         if isinstance(selected, str) and _URL.match(selected):
             self.selected: ObjectStore | None = open_object_store(selected)
