@@ -659,3 +659,132 @@ def test_a_reply_stream_left_behind_by_a_stopped_registry_expires(ns: str) -> No
             await redis.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+class Recording(ProcessorClient):
+    """An in-process processor that records the frames it is given; its result is
+    ``{"ok": frame_id}``."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__("recording", ["cap"], capacity=4, **in_process(ns))
+        self.given: list[str] = []
+
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        frame_id = frame_data[b"frame_id"].decode()
+        self.given.append(frame_id)
+        return {"ok": frame_id}
+
+
+async def victims(redis: Redis, ns: str, other: str) -> dict[str, Any]:
+    """Keys a hostile ``reply_to`` could name, each made here: another namespace's processor
+    stream and reply stream, and this namespace's set of processors. None expires."""
+    made = {
+        Keys(other).frames("p"): "stream",
+        Keys(other).replies("r"): "stream",
+        Keys(ns).processors: "set",
+    }
+    for key, kind in made.items():
+        if kind == "stream":
+            await redis.xadd(key, {"kept": "1"})
+    return {key: await snapshot(redis, key) for key in made}
+
+
+async def snapshot(redis: Redis, key: str) -> tuple[Any, ...]:
+    """What is to stay unchanged of ``key``: its type, expiry and (a stream) entries."""
+    kind = text(await redis.type(key))
+    entries = await redis.xrange(key) if kind == "stream" else None
+    return (kind, await redis.ttl(key), entries)
+
+
+def test_a_processor_refuses_a_reply_to_that_is_not_a_reply_stream_of_its_namespace(
+    ns: str,
+) -> None:
+    """Frame entries whose ``reply_to`` names a key other than a reply stream of the
+    processor's namespace (another namespace's streams, its own set of processors, the bare
+    ``replies:`` prefix) are malformed: the key is neither written nor given an expiry,
+    ``process_frame`` is not run, and each entry gets an ``input`` error result on the result
+    stream and is acknowledged. An entry naming a reply stream of the namespace is answered
+    there."""
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        processor = Recording(ns)
+        try:
+            with redis_namespace("fptest:") as other:
+                before = await victims(redis, ns, other)
+                async with serving(processor):
+                    # the victims first, so the processor's own registration is in the set
+                    before[Keys(ns).processors] = await snapshot(redis, Keys(ns).processors)
+                    stream = Keys(ns).frames(processor.processor_id)
+                    hostile = [*before, Keys(ns).replies("")]
+                    for i, target in enumerate(hostile):
+                        await redis.xadd(
+                            stream, {**entry(f"bad{i}", i), "metadata": "{}", "reply_to": target}
+                        )
+                    good = Keys(ns).replies("r1")
+                    await redis.xadd(
+                        stream, {**entry("good", 0), "metadata": "{}", "reply_to": good}
+                    )
+
+                    async def answered_all() -> list[ProcessorResult]:
+                        got = await redis.xrange(Keys(ns).results)
+                        results = [ProcessorResult.from_fields(f) for _, f in got]
+                        return results if len(results) == len(hostile) + 1 else []
+
+                    answered = await wait_until_async("every entry answered", answered_all, 10)
+                    assert await redis.xlen(stream) == 0
+                    assert processor.given == ["good"]
+                    refused = [r for r in answered if not r.ok]
+                    assert [r.frame_id for r in refused] == [f"bad{i}" for i in range(len(hostile))]
+                    for result, target in zip(refused, hostile, strict=True):
+                        assert result.error_kind == "input"
+                        assert f"reply_to {target!r} is not a reply stream" in (result.error or "")
+                    assert not (await redis.xpending(stream, GROUP))["pending"]
+                    after = {key: await snapshot(redis, key) for key in before}
+                    assert after == before
+                    [(_mid, reply)] = await redis.xrange(good)
+                    assert ProcessorResult.from_fields(reply).data == {"ok": "good"}
+                    assert 0 < await redis.ttl(good) <= REPLY_STREAM_TTL
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_reaper_writes_nothing_to_a_reply_to_that_is_not_a_reply_stream_of_its_namespace(
+    ns: str,
+) -> None:
+    """A dead processor's entries name another namespace's stream as ``reply_to``, with a
+    reply token: the reaper moves the one with attempts left to a live processor without
+    announcing the move there, and gives up the other without answering there; the stream
+    is neither written nor given an expiry."""
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        try:
+            with redis_namespace("fptest:") as other:
+                victim = Keys(other).frames("p")
+                await redis.xadd(victim, {"kept": "1"})
+                before = await snapshot(redis, victim)
+                await register_as(redis, ns, "doomed", capacity=4)
+                await register_as(redis, ns, "alive", capacity=4)
+                doomed = Keys(ns).frames("doomed")
+                hostile = {"metadata": "{}", "reply_to": victim, "reply_token": "t"}
+                await redis.xadd(doomed, {**entry("moved", 1), **hostile})
+                await redis.xadd(
+                    doomed, {**entry("lost", 2), **hostile, "attempt": "2", "max_attempts": "1"}
+                )
+                async with ProcessorRegistry(
+                    REDIS_URL, ns, heartbeat_timeout=60, poll_interval=3600
+                ) as registry:
+                    await registry.wait_for_processor("cap", timeout=10)
+                    await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
+                    await registry._reaper.tick()
+                assert await redis.xlen(doomed) == 0
+                [(_mid, moved)] = await redis.xrange(Keys(ns).frames("alive"))
+                assert text(moved[b"frame_id"]) == "moved"
+                assert await snapshot(redis, victim) == before
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -89,7 +89,10 @@ return -1
 """KEYS: frame stream, result stream, reply stream. ARGV: group, entry id, result maxlen ('' =
 none), publish to the result stream ('1'/'0'), reply ('1'/'0'), field, value, ... Publishes,
 then acknowledges and deletes the entry: an error while publishing stops the script before the
-acknowledgement, so nothing is acknowledged that was not published. -1: the group is gone."""
+acknowledgement, so nothing is acknowledged that was not published. -1: the group is gone. The
+reply stream gets an expiry (:data:`REPLY_STREAM_TTL`): the caller names there only a reply
+stream of its namespace
+(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`)."""
 
 MARK_DEAD_LUA = """
 local hb = redis.call('HGET', KEYS[1], 'last_heartbeat')

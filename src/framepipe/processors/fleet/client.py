@@ -25,7 +25,8 @@ Guarantees:
   the processor's stream; the :class:`~framepipe.processors.fleet.registry.ProcessorRegistry`
   re-routes it to another processor. Delivery is at least once.
 * A malformed entry (missing field, image that is not JPEG/PNG bytes or base64 of them, bad
-  metadata JSON), a ``process_frame`` that raises (or exceeds ``frame_timeout``) and a result
+  metadata JSON, a ``reply_to`` that is not a reply stream of its namespace: never written
+  to), a ``process_frame`` that raises (or exceeds ``frame_timeout``) and a result
   that is not a JSON-serialisable dict each give an error result for that frame (``status``
   ``error``, ``error_kind`` ``input``/``processor``/``output``, the error text), are acked and
   logged; the consumer goes on.
@@ -419,6 +420,7 @@ class ProcessorClient(abc.ABC):
             self._reads = Wire(self._redis)
             self._publisher = Publisher(
                 Wire(self._redis),
+                self.keys,
                 self.processor_id,
                 self.stream,
                 self.result_stream,
@@ -594,6 +596,7 @@ class ProcessorClient(abc.ABC):
             mid,
             fields,
             traceparent,
+            keys=self.keys,
             image_encoding=self.image_encoding,
             frame_timeout=self.frame_timeout,
             log=self.log,

@@ -3,7 +3,10 @@
 :func:`run_frame` never raises for the frame's sake: a malformed entry, a ``process_frame``
 that raises or runs past its timeout, and a result that is not a JSON-serialisable dict each
 become an error :class:`~framepipe.processors.fleet.protocol.Outcome` (``error_kind``
-``input``, ``processor``, ``output``), which the processor publishes like any result.
+``input``, ``processor``, ``output``), which the processor publishes like any result. An entry
+whose ``reply_to`` is not a reply stream of the processor's namespace
+(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`) is malformed too: its
+result goes to the result stream only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from framepipe.logs import ComponentLogger
-from framepipe.processors.fleet.protocol import BadEntryError, Fields, Outcome, check_entry, text
+from framepipe.processors.fleet.protocol import (
+    BadEntryError,
+    Fields,
+    Keys,
+    Outcome,
+    check_entry,
+    text,
+)
 from framepipe.tracing import activate, attach_trace, detach_trace
 
 __all__ = ["FrameHandler", "run_frame"]
@@ -29,16 +39,19 @@ async def run_frame(
     fields: Fields,
     traceparent: str | None,
     *,
+    keys: Keys,
     image_encoding: str,
     frame_timeout: float | None,
     log: ComponentLogger,
     span: Any | None = None,
 ) -> Outcome:
-    """Handle entry ``mid``: validate ``fields`` (:func:`check_entry`, ``image_encoding``),
+    """Handle entry ``mid``: validate ``fields`` (its ``reply_to`` against the namespace of
+    ``keys``, then :func:`check_entry` with ``image_encoding``),
     then await ``process_frame`` within ``frame_timeout`` seconds (None: unbounded) with
     ``span`` (the frame's OpenTelemetry span, when tracing) or else ``traceparent`` as the
     current trace context. Malformed entries and failures are logged on ``log``."""
     try:
+        keys.reply_stream_of(fields)
         data = check_entry(fields, image_encoding)
     except BadEntryError as exc:
         log.warning(

@@ -48,7 +48,9 @@ Keys (:class:`Keys`, named by :func:`framepipe.redis.namespaced`; ``namespace`` 
 ``framepipe:``): ``<ns>:processors`` (set of ids), ``<ns>:proc:<id>`` (hash),
 ``<ns>:proc:<id>:frames`` (the processor's stream, consumer group ``processors``),
 ``<ns>:replies:<registry id>`` (a router's reply stream); result streams are named by the
-processor, without the namespace.
+processor, without the namespace. A frame entry's ``reply_to`` may name only a reply stream of
+the namespace (:meth:`Keys.reply_stream_of`): its answer, and the expiry it gives the key, never
+reach another key.
 
 This module needs neither Redis nor a connection: it only builds and parses entries.
 """
@@ -145,6 +147,23 @@ class Keys:
     def replies(self, registry_id: str) -> str:
         """The reply stream of one registry (router)."""
         return namespaced(self.namespace, "replies", registry_id)
+
+    def reply_stream_of(self, fields: Mapping[bytes, bytes]) -> bytes | None:
+        """The reply stream frame entry ``fields`` names in ``reply_to`` (None: it names
+        none). Whoever answers an entry writes to that key and sets its expiry
+        (:data:`~framepipe.redis.scripts.REPLY_STREAM_TTL`), so the entry may name only a
+        reply stream of this namespace (``<ns>:replies:<registry id>``): any other key, such
+        as another namespace's registry, raises :class:`BadEntryError` and is never written."""
+        target = fields.get(b"reply_to")
+        if not target:
+            return None
+        prefix = self.replies("").encode()
+        if not target.startswith(prefix) or len(target) == len(prefix):
+            raise BadEntryError(
+                f"reply_to {text(target[:120])!r} is not a reply stream of namespace "
+                f"{self.namespace!r} (a key {prefix.decode()}<registry id>)"
+            )
+        return target
 
     @property
     def results(self) -> str:

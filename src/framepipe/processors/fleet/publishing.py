@@ -1,6 +1,9 @@
 """A processor's results going out: each one published, and its frame entry acknowledged, in
 one script (:data:`~framepipe.redis.scripts.PUBLISH`): to the processor's result stream (unless
-the frame gave nothing to publish) and to the reply stream of the router that sent it.
+the frame gave nothing to publish) and to the reply stream of the router that sent it. A
+``reply_to`` that is not a reply stream of the processor's namespace is never written to
+(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`; the frame's result is then
+an ``input`` error, on the result stream only).
 
 A frame entry is thus acknowledged only once its result is out; while Redis is away the script
 is retried with backoff, and a handling cancelled meanwhile (the shutdown timeout) leaves its
@@ -13,7 +16,7 @@ import asyncio
 
 from framepipe.backoff import Backoff
 from framepipe.logs import ComponentLogger
-from framepipe.processors.fleet.protocol import GROUP, Fields, Outcome
+from framepipe.processors.fleet.protocol import GROUP, BadEntryError, Fields, Keys, Outcome
 from framepipe.redis.connection import REDIS_DOWN
 from framepipe.redis.scripts import PUBLISH
 from framepipe.redis.wire import Wire
@@ -22,12 +25,13 @@ __all__ = ["Publisher"]
 
 
 class Publisher:
-    """The results of processor ``processor_id`` (consumer of ``stream``), published on
-    ``wire`` (its own connection) until :meth:`close`."""
+    """The results of processor ``processor_id`` (consumer of ``stream``, in the namespace of
+    ``keys``), published on ``wire`` (its own connection) until :meth:`close`."""
 
     def __init__(
         self,
         wire: Wire,
+        keys: Keys,
         processor_id: str,
         stream: str,
         result_stream: str,
@@ -37,6 +41,7 @@ class Publisher:
     ) -> None:
         self.wire: Wire | None = wire
         """The connection it publishes on (None once closed)."""
+        self.keys = keys
         self.processor_id = processor_id
         self.stream = stream
         self.result_stream = result_stream
@@ -49,7 +54,10 @@ class Publisher:
     ) -> None:
         """Publish and acknowledge atomically; retry while Redis is away (the entry stays
         pending if this task is cancelled at shutdown)."""
-        reply_to = fields.get(b"reply_to") or b""
+        try:
+            reply_to = self.keys.reply_stream_of(fields)
+        except BadEntryError:  # its handling made that an input error; results stream only
+            reply_to = None
         to_results = outcome.result_json is not None or not outcome.ok
         args: list[str | bytes] = [
             GROUP,

@@ -43,6 +43,7 @@ from framepipe.errors import (
 from framepipe.processors.fleet.protocol import (
     GROUP,
     Attempts,
+    BadEntryError,
     Fields,
     ProcessorState,
     lost_result,
@@ -111,10 +112,12 @@ target is ``ready`` (its new id; None when not ready) and, when ``n`` is not 0, 
 announcement with the new ``entry_id`` to the announcement stream (the reply stream of the
 entry's request: :class:`~framepipe.processors.fleet.protocol.Moved`); ``reply`` writes the
 fields to the target stream as a result (1), ``drop`` writes nothing (1); then the entry is
-acknowledged and deleted. 0: the entry is gone (another registry's reaper moved it, or its
-processor answered it); -1: the processor registered again (``ready``/``draining``) and takes
-its entries back itself. Nothing is written in either case: each entry is moved once, whoever
-else reaps the stream."""
+acknowledged and deleted. The target stream in ``reply`` mode and the announcement stream get
+an expiry: the reaper names there only a reply stream of the namespace
+(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`). 0: the entry is gone
+(another registry's reaper moved it, or its processor answered it); -1: the processor
+registered again (``ready``/``draining``) and takes its entries back itself. Nothing is
+written in either case: each entry is moved once, whoever else reaps the stream."""
 MOVE = Script(MOVE_LUA)
 
 _BATCH = 200
@@ -282,7 +285,7 @@ class Reaper:
         registry = self.registry
         frame_id = text(raw.get(b"frame_id"))
         attempts = Attempts.of(raw, delivered, registry.max_attempts)
-        reply_to = text(raw.get(b"reply_to"))
+        reply_to = self._reply_stream(dead, mid, raw)
         if attempts.exhausted:
             lost = lost_result(dead.id, mid, raw, attempts.used)
             keys = _keys(dead, dead.hash_key, reply_to or dead.stream, dead.stream)
@@ -318,6 +321,22 @@ class Reaper:
         keys = _keys(dead, target.hash_key, target.stream, reply_to or dead.stream)
         call = [*keys, GROUP, mid, "route", str(len(notice)), *notice, *_flat(fields)]
         return _Move(mid, frame_id, attempts.used + 1, target, track, call)
+
+    def _reply_stream(self, dead: Registration, mid: bytes, raw: Mapping[bytes, bytes]) -> str:
+        """The reply stream entry ``mid`` of ``dead`` names ("" for none). One that is not a
+        reply stream of the namespace is logged and ignored: nothing is written to it (the
+        processor the entry moves to answers it with an ``input`` error)."""
+        try:
+            return text(self.registry.keys.reply_stream_of(raw))
+        except BadEntryError as exc:
+            self.registry.log.warning(
+                "Frame %s (entry %s of %s): %s; nothing written to it",
+                text(raw.get(b"frame_id")) or "?",
+                mid.decode(),
+                dead.id,
+                exc,
+            )
+            return ""
 
     def _settle(self, dead: Registration, move: _Move, result: Any) -> int:
         """Take the script's ``result`` for ``move``: 0 done (moved here, or gone: moved by
