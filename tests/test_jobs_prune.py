@@ -6,8 +6,12 @@ a prefix it is given. On SQLite and the real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from conftest import dependency_missing
 from framepipe import JobEngine, Settings, open_object_store
 from framepipe.backends.state import StateStore, events, ledger, step_deps, steps
 from framepipe.cli.commands import app
@@ -176,6 +181,72 @@ def test_the_command_prunes_and_deletes_each_executions_objects(
         assert [p.id for p in client.prune(0, dry_run=True)] == [done]
         assert [p.id for p in client.prune(0, pipeline="prune_good")] == [done]
         assert client.list() == []
+    objects.close()
+
+
+@contextlib.contextmanager
+def deletes_refused(folder: Path) -> Iterator[None]:
+    """Nothing in ``folder`` can be deleted, for real, until the block ends: its write
+    permission is taken away, or for root (whom permission bits do not stop) it is made
+    immutable (``chattr +i``; skips, or fails under CI, where that is not possible)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    try:
+        made = subprocess.run(
+            ["chattr", "+i", str(folder)], check=False, capture_output=True, text=True
+        )
+        refused = made.stderr.strip() if made.returncode else ""
+    except OSError as exc:  # no chattr
+        refused = str(exc)
+    if refused:
+        dependency_missing(f"running as root, and chattr +i is not possible here: {refused}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_objects_the_store_fails_to_delete_are_listed_and_the_command_exits_1(
+    settings: Settings,
+) -> None:
+    """The object store fails to delete an object under one pruned execution's prefix (a
+    folder nothing can be removed from): the command has deleted both executions' records
+    first, then deletes the other execution's objects, names the prefix whose objects are
+    left with the store's error (the first object it failed on; that prefix is given up
+    there), and exits 1."""
+    good, bad = _pipelines()
+    first, second = _run(settings, good), _run(settings, bad)
+    objects = open_object_store(settings.resolved_objects_url)
+    for execution_id in (first, second):
+        objects.put(f"ml/{execution_id}/input.mp4", b"x")
+        objects.put(f"ml/{execution_id}/frames/f_0001.png", b"y")
+    root = Path(settings.resolved_objects_url.removeprefix("file://"))
+    runner = CliRunner()
+    env = {"FRAMEPIPE_DATABASE_URL": settings.resolved_database_url}
+    base = ["--home", str(settings.home), "jobs", "prune", "--older-than", "0"]
+    time.sleep(0.05)  # both finished over 0 s ago
+    with deletes_refused(root / "ml" / second / "frames"):
+        result = runner.invoke(app, [*base, "--objects", "ml/{execution_id}/", "--json"], env=env)
+        assert result.exit_code == 1, result.output
+        answer = json.loads(result.stdout)
+        assert sorted(e["id"] for e in answer["executions"]) == sorted([first, second])
+        [left] = answer["objects_left"]
+        assert left["prefix"] == f"ml/{second}/"
+        assert f"ml/{second}/frames/f_0001.png" in left["error"]
+        assert f"objects left under ml/{second}/" in result.stderr
+        with StateStore(settings.resolved_database_url) as store:  # the records went first
+            for execution_id in (first, second):
+                with pytest.raises(ExecutionNotFoundError):
+                    get_execution(store, execution_id)
+        kept = [o.key for o in objects.list("ml/")]
+        assert f"ml/{second}/frames/f_0001.png" in kept
+        assert not [key for key in kept if key.startswith(f"ml/{first}/")]
+        assert answer["objects_deleted"] == 4 - len(kept)
     objects.close()
 
 
