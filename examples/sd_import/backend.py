@@ -27,6 +27,11 @@ Retention of the shared folder (``retention.py``): ``SHARED_VIDEOS_DELETE_AFTER_
 (``--delete-after-upload``) and/or ``SHARED_VIDEOS_RETENTION_DAYS=N`` (``--retention-days N``)
 let each import remove copies whose rendered videos are verified in the object store; neither
 set keeps every copy. A malformed value stops the backend naming the setting.
+
+A failed copy is tried again ``SD_IMPORT_COPY_RETRIES`` times (4 by default), the first retry
+after ``SD_IMPORT_COPY_RETRY_DELAY`` seconds (1), each further wait doubling (``copy_retries.py``);
+the backend reads them where it loads the pipeline, and so does each ``framepipe worker``. A
+malformed value stops the backend naming the setting.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from copy_retries import copy_retries_from_env
 from retention import Retention, retention_from_env
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
 
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         policy = retention_from_env()
+        retries = copy_retries_from_env()  # what loading the pipeline reads: stop here, named
     except ConfigError as exc:
         parser.error(str(exc))
     if args.delete_after_upload is not None:
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")
     args.shared.mkdir(parents=True, exist_ok=True)
     print(f"shared folder {args.shared}: {policy.describe()}", file=sys.stderr)
+    print(retries.describe(), file=sys.stderr)
     app = build_app(
         settings,
         shared_dir=args.shared.resolve(),

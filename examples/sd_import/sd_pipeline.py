@@ -86,6 +86,7 @@ from typing import Any
 import cv2
 import numpy as np
 from card_paths import MAX_PATH, card_path, copy_dest
+from copy_retries import copy_retries_from_env
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
 
@@ -113,7 +114,8 @@ __all__ = [
 ]
 
 QR_NAMESPACE = "sd_import.qr"
-COPY_RETRIES = 4
+COPY_RETRIES = copy_retries_from_env()
+"""The ``copy`` step's retries: ``SD_IMPORT_COPY_RETRIES``, ``SD_IMPORT_COPY_RETRY_DELAY``."""
 CARD_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a folder name, never '..'
 
 
@@ -381,7 +383,7 @@ def plan(ctx: StepContext) -> dict[str, Any]:
     }
 
 
-@sd_import.step(retries=COPY_RETRIES, retry_delay=1.0, weight=1.0)
+@sd_import.step(retries=COPY_RETRIES.retries, retry_delay=COPY_RETRIES.delay, weight=1.0)
 async def copy(
     ctx: StepContext, path: str, booking: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -391,7 +393,7 @@ async def copy(
     detector's job). A copy the detector refuses, or one that is a link (or not a regular
     file) in the shared folder, is ``refused`` with the reason (not retried: a person must
     look at the share). Anything else that goes wrong (the detector gone, a short copy, a
-    wrong fingerprint) raises, and the step is retried."""
+    wrong fingerprint) raises, and the step is retried (:data:`COPY_RETRIES`)."""
     entry = _file(ctx, path)
     shared_dir = await asyncio.to_thread(shared_dir_of, ctx)  # before the detector copies
     hub = get_hub(ctx.inputs["hub"])
