@@ -49,18 +49,25 @@ def worker(
 
     with errors():
         setup_tracing("framepipe-worker")
-        settings = settings_of(ctx, broker_url=broker_url)  # bad settings: before the tail
+        settings = settings_of(ctx, broker_url=broker_url)
         tail = OutputTail().start()
-        loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])
-        engine = Worker(settings, concurrency=concurrency, pipelines=loaded, output_tail=tail.text)
+        try:
+            loaded = tuple(resolve_pipeline(ref).pipeline for ref in pipelines or [])
+            engine = Worker(
+                settings, concurrency=concurrency, pipelines=loaded, output_tail=tail.text
+            )
 
-        async def main() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, engine.request_stop)
-            await engine.run()
+            async def main() -> None:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, engine.request_stop)
+                await engine.run()
 
-        asyncio.run(main())
+            asyncio.run(main())
+        finally:
+            # The error line ``errors()`` prints, and the last log lines, must not be left in
+            # the tail's pipe when the process exits.
+            tail.stop()
     flush_std()
     # Steps handed back after the grace period may still run in their threads, which
     # cannot be stopped from outside; their results are discarded, so leave without them.

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 
 __all__ = ["OutputTail"]
 
@@ -14,14 +15,20 @@ __all__ = ["OutputTail"]
 class OutputTail:
     """Copies file descriptors 1 and 2 through pipes to where they went before, keeping the
     last ``limit`` bytes of both in memory. Python's ``sys.stdout``/``sys.stderr`` are switched
-    to line buffering, so printed lines reach the pipe at once. Not undone: for a process that
-    keeps it for its whole life."""
+    to line buffering, so printed lines reach the pipe at once.
+
+    :meth:`stop` puts descriptors 1 and 2 back and waits until what was written before it has
+    been copied, so a last line (an error, a final log line) is never lost when the process
+    exits right after; a step's child process that still holds the pipe keeps its output
+    copied in the background, without holding up :meth:`stop` past ``drain``."""
 
     def __init__(self, limit: int = 4000) -> None:
         self.limit = limit
         self._buf = bytearray()
         self._lock = threading.Lock()
         self._started = False
+        self._restore: list[tuple[int, int]] = []
+        self._pumps: list[threading.Thread] = []
 
     def start(self) -> OutputTail:
         """Start copying (idempotent)."""
@@ -33,16 +40,33 @@ class OutputTail:
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
             os.close(write_end)
-            threading.Thread(
+            self._restore.append((fd, original))
+            pump = threading.Thread(
                 target=self._pump,
                 args=(read_end, original),
                 name=f"framepipe-tail-{fd}",
                 daemon=True,
-            ).start()
+            )
+            pump.start()
+            self._pumps.append(pump)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         return self
+
+    def stop(self, drain: float = 2.0) -> None:
+        """Put descriptors 1 and 2 back where they went before :meth:`start` and wait (up to
+        ``drain`` seconds in all) for the copies of what was written before. Idempotent."""
+        restore, self._restore = self._restore, []
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        for fd, original in restore:
+            os.dup2(original, fd)
+        deadline = time.monotonic() + drain
+        for pump in self._pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+        self._pumps = []
 
     def _pump(self, read_end: int, original: int) -> None:
         while True:
@@ -51,6 +75,7 @@ class OutputTail:
             except OSError:
                 return
             if not chunk:
+                os.close(read_end)
                 return
             with contextlib.suppress(OSError):
                 os.write(original, chunk)
