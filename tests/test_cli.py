@@ -438,6 +438,62 @@ def test_cancel_a_failed_execution(tmp_path: Path) -> None:
     assert_one_line_error(cli(home, "jobs", "cancel", execution_id), 1, "already cancelled")
 
 
+LOUD = """
+from framepipe import Pipeline
+
+pipeline = Pipeline("loud")
+
+
+@pipeline.step()
+def first(ctx):
+    return {"first": 1}
+
+
+@pipeline.step(depends_on=["first"])
+def boom(ctx):
+    raise RuntimeError("x" * 300)
+"""
+
+
+@pytest.mark.parametrize("columns", [None, "60"])
+def test_piped_tables_keep_every_column_and_cut_only_a_long_error(
+    tmp_path: Path, columns: str | None
+) -> None:
+    # Into a pipe (no terminal; COLUMNS unset: 200 wide, or a narrow COLUMNS): the error is
+    # cut short, never the id (copied into `jobs show`), the status or the progress.
+    file = write(tmp_path / "loud.py", LOUD)
+    home = tmp_path / "home"
+    assert cli(home, "run", f"{file}:pipeline", "-q").exit_code == 1
+    execution_id = only_execution(home)["id"]
+    env = {"COLUMNS": columns}
+
+    listing = runner.invoke(app, ["--home", str(home), "jobs", "list"], env=env)
+    assert listing.exit_code == 0, listing.output
+    header, _, row = listing.stdout.splitlines()
+    names = ["id", "pipeline", "status", "progress", "steps", "created", "error"]
+    assert header.split() == names
+    cells = row.split()
+    assert cells[:5] == [execution_id[:12], "loud", "failed", "50%", "1/2"]
+    assert "   pipeline 'loud', st" in row
+    assert row.endswith("…")
+    assert "x" * 300 not in row
+    if columns is None:
+        assert len(row) == 200
+
+    shown = runner.invoke(app, ["--home", str(home), "jobs", "show", cells[0]], env=env)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("steps (2)")))
+    header, _, first, boom = lines[at + 1 : at + 5]
+    assert header.split() == [
+        "key", "status", "attempt", "failures", "progress", "duration", "error"
+    ]  # fmt: skip
+    assert first.split()[:5] == ["first", "completed", "1", "0", "100%"]
+    assert boom.split()[:5] == ["boom", "failed", "1", "1", "0%"]
+    assert "s   RuntimeError: xxx" in boom
+    assert boom.endswith("…")
+
+
 def test_unknown_execution_ids(tmp_path: Path) -> None:
     home = tmp_path / "home"
     for command in (

@@ -20,6 +20,8 @@ from typing import Annotated, Any, NoReturn
 import sqlalchemy as sa
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 from rich.text import Text
 
 from framepipe.backends.state import StateStore
@@ -49,6 +51,7 @@ __all__ = [
     "first_line",
     "flush_std",
     "open_store",
+    "print_table",
     "say",
     "settings_of",
     "status_text",
@@ -129,6 +132,52 @@ def console(*, stderr: bool = False) -> Console:
     if not out.is_terminal and not os.environ.get("COLUMNS"):
         out.width = PIPED_WIDTH
     return out
+
+
+FLEXIBLE_MIN_WIDTH = 20
+"""The fewest characters a table's flexible column (one with a ``ratio``: an error) keeps
+when the other columns take the rest of a line."""
+
+_UNBOUNDED = 1_000_000
+
+
+def _natural_width(out: Console, table: Table) -> int:
+    return Measurement.get(out, out.options.update_width(_UNBOUNDED), table).maximum
+
+
+def print_table(out: Console, table: Table) -> None:
+    """Print ``table`` with every column whole but its flexible ones (those with a ``ratio``,
+    such as an error), which take the width that is left and are cut short there.
+
+    Guarantees: a table that fits is printed at its own width (a terminal's full width); one
+    that does not is spread over the width, the flexible columns cut. In a pipe or a file, a
+    table whose other columns need more than the width (less :data:`FLEXIBLE_MIN_WIDTH` for
+    each flexible column) is printed on lines as wide as they need: no column is shrunk or
+    dropped, so an id can always be copied from it."""
+    natural = _natural_width(out, table)
+    if natural <= out.width:
+        table.expand = out.is_terminal
+        out.print(table)
+        return
+    table.expand = True
+    if out.is_terminal:
+        out.print(table)
+        return
+    flexible = [column for column in table.columns if column.ratio]
+    limits = [column.max_width for column in flexible]
+    for column in flexible:
+        column.max_width = FLEXIBLE_MIN_WIDTH
+    try:
+        needed = _natural_width(out, table)
+    finally:
+        for column, limit in zip(flexible, limits, strict=True):
+            column.max_width = limit
+    width = out.width
+    out.width = max(width, needed)
+    try:
+        out.print(table)
+    finally:
+        out.width = width
 
 
 def say(out: Console, message: str, style: str | None = None) -> None:

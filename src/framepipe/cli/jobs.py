@@ -30,6 +30,7 @@ from framepipe.cli.common import (
     errors,
     first_line,
     older_than_seconds,
+    print_table,
     say,
     settings_of,
     status_text,
@@ -79,7 +80,7 @@ def jobs_list(
     if not rows:
         say(out, "no executions", "dim")
         return
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=out.is_terminal)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("id", no_wrap=True)
     table.add_column("pipeline", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
@@ -97,7 +98,7 @@ def jobs_list(
             when(row.created_at, "%m-%d %H:%M:%S"),
             Text(first_line(row.error), style="red"),
         )
-    out.print(table)
+    print_table(out, table)
 
 
 @jobs_app.command("show")
@@ -138,7 +139,6 @@ def jobs_show(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
-        expand=out.is_terminal,
         title=f"steps ({len(info.steps)})",
         title_justify="left",
     )
@@ -160,7 +160,7 @@ def jobs_show(
             duration(step_took),
             Text(first_line(s.error), style="red"),
         )
-    out.print(table)
+    print_table(out, table)
     say(out, f"data: {', '.join(info.data) if info.data else '(none)'}")
 
 
