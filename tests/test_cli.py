@@ -591,6 +591,21 @@ def test_bad_references_exit_2_with_one_line(tmp_path: Path) -> None:
     assert json.loads(cli(home, "jobs", "list", "--json").stdout) == []
 
 
+def test_a_pipeline_file_whose_path_is_not_utf8_is_refused_before_it_is_imported(
+    tmp_path: Path,
+) -> None:
+    # The reference stored with each execution is the file's path: bytes that are not UTF-8
+    # cannot be stored (the CLI used to fail at the insert, serve on every submit).
+    name = os.fsdecode(b"n\xffame.py")
+    file = write(tmp_path / name, OK + '\nmark("imported")\n')
+    home = tmp_path / "home"
+    for command in (["run", f"{file}:ok", "-q"], ["serve", "--pipeline", f"{file}:ok"]):
+        line = assert_one_line_error(cli(home, *command), 2, "rename it")
+        assert f"pipeline file {tmp_path}/n\\xffame.py: its path is not valid UTF-8" in line
+    assert runs(tmp_path) == []
+    assert json.loads(cli(home, "jobs", "list", "--json").stdout) == []
+
+
 def test_bad_settings_exit_2(tmp_path: Path) -> None:
     file = write(tmp_path / "ok.py", OK)
     result = cli(tmp_path / "home", "run", f"{file}:ok", env={"FRAMEPIPE_RETRY_MAX_DELAY": "-1"})

@@ -7,7 +7,9 @@ picked up), with its folder first on ``sys.path`` so it can import its neighbour
 imported normally, with the current folder on ``sys.path`` as ``python -m`` would have it.
 
 Every problem is a :class:`PipelineDefinitionError` with a message that says what to fix. The
-loaded pipeline is validated (cycles, dangling ``depends_on``) before it is returned.
+loaded pipeline is validated (cycles, dangling ``depends_on``) before it is returned, and its
+reference is text every state backend can store: a file whose path is not valid UTF-8 is refused
+before it is imported, its path shown with the bad bytes escaped (``n\\xffame.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from framepipe.errors import PipelineDefinitionError
+from framepipe.errors import InvalidInputError, PipelineDefinitionError
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
+from framepipe.untrusted import check_text
 
 __all__ = [
     "KnownPipelines",
@@ -75,7 +78,7 @@ def resolve_target(ref: str) -> LoadedTarget:
     target = _pick(module, name, where, _runnable_types(), "Pipeline, App or StreamPipeline")
     if isinstance(target, Pipeline):
         target.validate()
-    return LoadedTarget(target, f"{where}:{target.name}")
+    return LoadedTarget(target, _storable_ref(f"{where}:{target.name}"))
 
 
 def load_pipeline(ref: str) -> Pipeline:
@@ -89,7 +92,7 @@ def resolve_pipeline(ref: str) -> LoadedPipeline:
     pipeline = _pick(module, name, where, (Pipeline,), "Pipeline")
     assert isinstance(pipeline, Pipeline)
     pipeline.validate()
-    return LoadedPipeline(pipeline, f"{where}:{pipeline.name}")
+    return LoadedPipeline(pipeline, _storable_ref(f"{where}:{pipeline.name}"))
 
 
 def _load(ref: str) -> tuple[ModuleType, str, str | None]:
@@ -100,8 +103,40 @@ def _load(ref: str) -> tuple[ModuleType, str, str | None]:
         )
     if _looks_like_file(target):
         path = Path(target).expanduser().resolve()
+        _check_path(path)
         return _import_file(path, target), str(path), name
+    _storable_ref(target)
     return _import_module(target), target, name
+
+
+def _shown(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 (and lone surrogates, NULs) escaped."""
+    text = text.replace("\x00", "\\x00")
+    try:
+        raw = os.fsencode(text)  # the bytes a file name was read from, back
+    except UnicodeEncodeError:  # a lone surrogate that no file name was decoded to
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _check_path(path: Path) -> None:
+    try:
+        check_text(str(path), "path")
+    except InvalidInputError:
+        raise PipelineDefinitionError(
+            f"pipeline file {_shown(str(path))}: its path is not valid UTF-8, so it cannot be "
+            "stored as the execution's reference; rename it (or its folder)"
+        ) from None
+
+
+def _storable_ref(ref: str) -> str:
+    try:
+        return check_text(ref, "reference")
+    except InvalidInputError as exc:
+        raise PipelineDefinitionError(
+            f"pipeline reference {_shown(ref)} cannot be stored (it {exc.reason}); rename "
+            "what it names"
+        ) from None
 
 
 def _split(ref: str) -> tuple[str, str | None]:
