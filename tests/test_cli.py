@@ -384,6 +384,20 @@ def test_parse_inputs_rejects_bad_pairs_and_files(tmp_path: Path) -> None:
     )
 
 
+def test_inputs_nested_too_deep_to_parse_exit_2_naming_the_option(tmp_path: Path) -> None:
+    file = write(tmp_path / "ok.py", OK)
+    home = tmp_path / "home"
+    deep = "[" * 30_000 + "]" * 30_000
+    result = cli(home, "run", f"{file}:ok", "-q", "-i", "a=1", "-i", f"x={deep}")
+    assert_one_line_error(result, 2, "error: --input x: nested too deep")
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(f'{{"x": {deep}}}')
+    result = cli(home, "run", f"{file}:ok", "-q", "--inputs-json", str(inputs))
+    assert_one_line_error(result, 2, f"error: --inputs-json {inputs}: nested too deep")
+    assert runs(tmp_path) == []
+    assert json.loads(cli(home, "jobs", "list", "--json").stdout) == []
+
+
 def test_failed_step_exits_1_then_retry_resumes_without_rerunning(tmp_path: Path) -> None:
     file = write(tmp_path / "flaky.py", FLAKY)
     home = tmp_path / "home"

@@ -2,7 +2,7 @@
 until it is stopped; and the parsing of its inputs.
 
 Guarantees: inputs come from ``--inputs-json`` then ``--input`` (which win); a malformed pair
-or file exits 2 before anything is submitted.
+or file, or JSON nested too deep for the parser, exits 2 before anything is submitted.
 """
 
 import json
@@ -33,13 +33,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
     """JSON when ``text`` is valid JSON (numbers, lists, objects, true/false/null), else the
-    string itself (NaN and Infinity stay strings: they cannot be stored)."""
+    string itself (NaN and Infinity stay strings: they cannot be stored); JSON nested too deep
+    to parse is a :class:`UsageError` naming ``--input KEY``."""
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError:
         return text
+    except RecursionError:
+        raise UsageError(f"--input {key}: nested too deep") from None
 
 
 def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str, Any]:
@@ -53,6 +56,8 @@ def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str,
             raise UsageError(f"--inputs-json {inputs_json}: {exc.strerror or exc}") from exc
         except ValueError as exc:
             raise UsageError(f"--inputs-json {inputs_json}: not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise UsageError(f"--inputs-json {inputs_json}: nested too deep") from None
         if not isinstance(loaded, dict):
             raise UsageError(
                 f"--inputs-json {inputs_json}: must hold a JSON object, not {type(loaded).__name__}"
@@ -64,7 +69,7 @@ def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str,
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--input {pair!r}: expected KEY=VALUE")
-        given.setdefault(key, []).append(_parse_value(value))
+        given.setdefault(key, []).append(_parse_value(key, value))
     for key, values in given.items():
         inputs[key] = values[0] if len(values) == 1 else values
     return inputs
