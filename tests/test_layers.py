@@ -27,7 +27,8 @@ def _imports(path: Path) -> set[str]:
 def test_the_live_side_does_not_import_the_job_records() -> None:
     live = [
         *(SRC / name for name in ("app.py", "app_health.py", "event_sinks.py", "health.py")),
-        *(SRC / name for name in ("snapshots.py", "supervise.py")),
+        *(SRC / name for name in ("snapshots.py", "supervise.py", "supervise_report.py")),
+        *(SRC / name for name in ("supervise_restarts.py", "supervise_stall.py")),
         *sorted((SRC / "stream").glob("*.py")),
         *sorted((SRC / "sources").glob("*.py")),
     ]
@@ -101,7 +102,7 @@ def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
     """The embedded engine's scheduler and the worker run an attempt through jobs/running.py and
     take their scheduling decisions from jobs/rules.py; neither calls a step function or checks
     an output itself."""
-    for name in ("scheduler.py", "worker.py"):
+    for name in ("scheduler.py", "worker_runs.py"):
         source = (SRC / "jobs" / name).read_text()
         imports = _imports(SRC / "jobs" / name)
         assert "framepipe.jobs.running" in imports, name

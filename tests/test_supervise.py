@@ -22,16 +22,13 @@ from typing import Any
 
 import pytest
 
-from framepipe import supervise
+from framepipe import supervise_stall
 from framepipe.backoff import Backoff
 from framepipe.errors import CaptureExitedError, SourceError
 from framepipe.health import Health, HealthState
 from framepipe.sources import CommandSource
-from framepipe.supervise import (
-    Supervisor,
-    SupervisorContext,
-    _format_delay,
-)
+from framepipe.supervise import Supervisor, SupervisorContext
+from framepipe.supervise_report import format_delay
 from media import need_tool
 from waiting import wait_until_async
 
@@ -283,13 +280,13 @@ def test_max_attempts_none_restarts_forever() -> None:
     assert "failed" not in rec.types()
 
 
-def test_format_delay() -> None:
-    assert _format_delay(2.0) == "2s"
-    assert _format_delay(60) == "60s"
-    assert _format_delay(0.05) == "0.05s"
-    assert _format_delay(0.1) == "0.1s"
-    assert _format_delay(2.134) == "2.13s"
-    assert _format_delay(1.5) == "1.5s"
+def testformat_delay() -> None:
+    assert format_delay(2.0) == "2s"
+    assert format_delay(60) == "60s"
+    assert format_delay(0.05) == "0.05s"
+    assert format_delay(0.1) == "0.1s"
+    assert format_delay(2.134) == "2.13s"
+    assert format_delay(1.5) == "1.5s"
 
 
 # ---------------------------------------------------------------------------- stalls
@@ -715,7 +712,7 @@ def test_health_state_machine_and_json() -> None:
 def test_a_session_slow_to_honour_a_stall_is_reported(
     logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervise, "_CANCEL_GRACE", 0.1)
+    monkeypatch.setattr(supervise_stall, "_CANCEL_GRACE", 0.1)
     rec = Recorder()
     during_cleanup: list[HealthState] = []
     holder: list[Supervisor] = []

@@ -60,24 +60,27 @@ Guarantees:
 
 The module is one concept, one supervisor's state machine: a :class:`SupervisorContext` writes
 its supervisor's per-frame fields and hands ``started()`` to it, so it means nothing apart from
-:class:`Supervisor`. The machine's states and its snapshot are in :mod:`framepipe.health`.
+:class:`Supervisor`. The machine's states and its snapshot are in :mod:`framepipe.health`; its
+parts with a state of their own beside it: the stall watchdog
+(:mod:`framepipe.supervise_stall`), the answer to a failure and the restart rule
+(:mod:`framepipe.supervise_restarts`), the health record, log and ``on_event`` callback
+(:mod:`framepipe.supervise_report`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import threading
 import time
 from collections.abc import Awaitable
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from framepipe.backoff import Backoff
-from framepipe.errors import CaptureExitedError, FramepipeError, SourceStalledError
 from framepipe.health import Health, HealthState
-from framepipe.logs import get_logger
-from framepipe.urls import safe_text
+from framepipe.supervise_report import EventCallback, Reporter, describe_error, format_delay
+from framepipe.supervise_restarts import Restarts
+from framepipe.supervise_stall import StallWatchdog
 
 __all__ = [
     "EventCallback",
@@ -86,24 +89,11 @@ __all__ = [
     "SupervisorContext",
 ]
 
-_CANCEL_GRACE = 5.0
-"""Seconds a stalled session may take to honour its cancellation before a warning is logged."""
-
-_STDERR_LINES = 10
-"""How many lines of a dead capture's stderr tail are logged."""
-
 
 class SupervisedTarget(Protocol):
     """One session of a supervised thing: runs until it ends (return) or fails (raise)."""
 
     def __call__(self, ctx: SupervisorContext, /) -> Awaitable[None]: ...
-
-
-class EventCallback(Protocol):
-    """``on_event(type, data)``; ``data`` always holds ``name``. May return an awaitable,
-    which is then run as a task."""
-
-    def __call__(self, event: str, data: dict[str, Any], /) -> object: ...
 
 
 class SupervisorContext:
@@ -113,10 +103,12 @@ class SupervisorContext:
     ``alive()`` calls are ignored, so a lingering thread cannot mask a stall of the next one.
     """
 
-    __slots__ = ("_active", "_framed", "_opened", "_sup", "attempt", "name")
+    __slots__ = ("_active", "_framed", "_opened", "_restarts", "_sup", "_watch", "attempt", "name")
 
     def __init__(self, supervisor: Supervisor, attempt: int) -> None:
         self._sup = supervisor
+        self._watch = supervisor._watch
+        self._restarts = supervisor._restarts
         self._active = True
         self._opened = False  # started() was handled
         self._framed = False  # alive() was called
@@ -151,41 +143,27 @@ class SupervisorContext:
         if self._active:
             sup = self._sup
             sup._frames += 1
-            sup._last_frame = time.monotonic()
+            self._watch.last_frame = time.monotonic()
             if not self._framed:
                 self._framed = True
                 if threading.get_ident() == sup._loop_thread:
                     sup._on_first_frame(self)
                 elif sup._loop is not None:
                     sup._loop.call_soon_threadsafe(sup._on_first_frame, self)
-            if sup._retrying:
-                sup._retrying = False
+            restarts = self._restarts
+            if restarts.retrying:
+                restarts.retrying = False
                 if sup._loop is not None:
-                    sup._loop.call_soon_threadsafe(sup._on_recovered, self)
+                    sup._loop.call_soon_threadsafe(restarts.recovered, self.attempt)
 
     def waiting(self) -> None:
         """The source is alive but waits for the pipeline to take its frame: resets the stall
         timer without counting a frame (waiting for a slow pipeline is not a stall)."""
         if self._active:
-            self._sup._last_frame = time.monotonic()
+            self._watch.last_frame = time.monotonic()
 
     def __repr__(self) -> str:
         return f"SupervisorContext({self.name!r}, attempt={self.attempt})"
-
-
-def _format_delay(seconds: float) -> str:
-    """``2s`` for whole seconds >= 1, else at most two decimals: ``0.05s``, ``2.13s``."""
-    if seconds >= 1 and float(seconds).is_integer():
-        return f"{int(seconds)}s"
-    text = f"{seconds:.2f}".rstrip("0").rstrip(".")
-    return f"{text}s"
-
-
-def _describe_error(exc: BaseException) -> str:
-    """``"ExcType: message"``; every URL in the message is shown by
-    :func:`~framepipe.urls.safe_url`."""
-    message = safe_text(str(exc))
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class Supervisor:
@@ -249,27 +227,29 @@ class Supervisor:
         self.name = name
         self.what = what
         self._target = target
-        self._backoff = backoff if backoff is not None else Backoff(2.0, 2.0, 60.0, 0.1)
-        self._max_attempts = max_attempts
-        self._stall_timeout = stall_timeout
-        self._start_timeout = start_timeout if start_timeout is not None else stall_timeout
-        self._healthy_after = healthy_after
         self._restart_on_end = restart_on_end or loop
         self._loop_on_end = loop
-        self._after_attempts = after_attempts
-        self._retry_delay = retry_delay if retry_delay is not None else self._backoff.maximum
-        self._retrying = False
-        self._on_event = on_event
-        self._log = get_logger(name)
-        self._What = what[:1].upper() + what[1:]
         if description is None:
             description = getattr(target, "__qualname__", None) or repr(target)
-        self._health = Health(
-            name=name, state=HealthState.STOPPED, since=time.time(), description=description
+        self._report = Reporter(name, what, description, on_event)
+        self._health = self._report.health
+        self._log = self._report.log
+        self._What = self._report.What
+        backoff = backoff if backoff is not None else Backoff(2.0, 2.0, 60.0, 0.1)
+        self._restarts = Restarts(
+            self._report,
+            backoff=backoff,
+            max_attempts=max_attempts,
+            after_attempts=after_attempts,
+            retry_delay=retry_delay if retry_delay is not None else backoff.maximum,
+            healthy_after=healthy_after,
         )
-        # per-frame fields, written by SupervisorContext.alive()
-        self._frames = 0
-        self._last_frame = float("-inf")
+        self._watch = StallWatchdog(
+            self._report,
+            stall_timeout=stall_timeout,
+            start_timeout=start_timeout if start_timeout is not None else stall_timeout,
+        )
+        self._frames = 0  # alive() calls over all sessions, counted by SupervisorContext
         # lifecycle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -278,20 +258,10 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._stopping = False
         self._closed = False
-        self._callback_tasks: set[asyncio.Future[Any]] = set()
         # the current session
-        self._ctx: SupervisorContext | None = None
         self._session: asyncio.Task[None] | None = None
         self._session_running = False  # the session called started() and delivered a frame
         self._session_first_frame = 0
-        self._mark = 0.0
-        self._started_mono = 0.0
-        self._stall: SourceStalledError | None = None
-        self._stall_seconds: float | None = None
-        self._stall_detail = ""
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._healthy_timer: asyncio.TimerHandle | None = None
-        self._grace_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -300,7 +270,7 @@ class Supervisor:
         """A snapshot of the current health (a copy: later changes do not show in it)."""
         last_frame_at = None
         if self._frames:
-            last_frame_at = time.time() - (time.monotonic() - self._last_frame)
+            last_frame_at = time.time() - (time.monotonic() - self._watch.last_frame)
         return dataclasses.replace(self._health, frames=self._frames, last_frame_at=last_frame_at)
 
     @property
@@ -317,7 +287,7 @@ class Supervisor:
             raise RuntimeError(f"supervisor {self.name!r} is already started")
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._set_state(HealthState.STARTING)
+        self._report.enter(HealthState.STARTING)
         self._task = self._loop.create_task(self._supervise(), name=f"supervise:{self.name}")
 
     async def stop(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (a grace period)
@@ -331,6 +301,7 @@ class Supervisor:
         first = not self._closed
         self._closed = True
         self._stopping = True
+        self._watch.stop()
         task = self._task
         if task is None:
             if first:
@@ -348,7 +319,7 @@ class Supervisor:
             self._log.warning(
                 "%s did not stop within %s; abandoning its session",
                 self._What,
-                _format_delay(timeout),
+                format_delay(timeout),
             )
             task.cancel()
             await asyncio.wait((task,), timeout=1.0)
@@ -380,9 +351,12 @@ class Supervisor:
             while not self._stopping:
                 outcome = await self._run_session()
                 if self._stopping:
-                    if isinstance(outcome, Exception) and outcome is not self._stall:
+                    stall = self._watch.stall
+                    if isinstance(outcome, Exception) and (
+                        stall is None or outcome is not stall.error
+                    ):
                         self._log.warning(
-                            "%s raised while stopping: %s", self._What, _describe_error(outcome)
+                            "%s raised while stopping: %s", self._What, describe_error(outcome)
                         )
                     break
                 if (
@@ -390,18 +364,18 @@ class Supervisor:
                     and self._loop_on_end
                     and self._frames > self._session_first_frame
                 ):
-                    self._clear_run()
+                    self._report.clear_run()
                     self._health.attempt = 0
                     self._log.info("%s reached the end of its input; next pass", self._What)
-                    self._emit("ended", {"restart": True, "next_pass": True})
+                    self._report.emit("ended", {"restart": True, "next_pass": True})
                     continue
                 if outcome is None and not self._restart_on_end:
-                    self._clear_run()
-                    self._set_state(HealthState.STOPPED)
+                    self._report.clear_run()
+                    self._report.enter(HealthState.STOPPED)
                     self._log.info("%s ended", self._What)
-                    self._emit("ended", {"restart": False})
+                    self._report.emit("ended", {"restart": False})
                     return
-                delay = self._after_failure(outcome)
+                delay = self._restarts.failed(outcome, self._watch.stall)
                 if delay is None:
                     return
                 if await self._sleep(delay):
@@ -413,17 +387,18 @@ class Supervisor:
             raise
         except Exception as exc:
             self._log.exception("Supervisor of %s crashed", self.what)
-            self._clear_run()
-            self._health.last_error = f"supervisor crashed: {_describe_error(exc)}"
-            self._set_state(HealthState.FAILED)
-            self._emit(
+            self._report.clear_run()
+            self._health.last_error = f"supervisor crashed: {describe_error(exc)}"
+            self._report.enter(HealthState.FAILED)
+            self._report.emit(
                 "failed", {"error": self._health.last_error, "attempts": self._health.attempt}
             )
         finally:
             session = self._session
             if session is not None and not session.done():
                 session.cancel()
-            self._cancel_timers()
+            self._watch.end()
+            self._restarts.ended()
             self._done.set()
 
     async def _call_target(self, ctx: SupervisorContext) -> None:
@@ -433,18 +408,14 @@ class Supervisor:
         """Run one session to its end; return its failure (None: it returned normally)."""
         assert self._loop is not None
         ctx = SupervisorContext(self, self._health.attempt)
-        self._ctx = ctx
         self._session_running = False
         self._session_first_frame = self._frames
-        self._stall = None
-        self._stall_seconds = None
-        self._clear_run()
-        self._health.next_attempt_at = None
-        self._set_state(HealthState.STARTING)
-        self._mark = time.monotonic()
+        self._report.clear_run()
+        self._restarts.launched()
+        self._report.enter(HealthState.STARTING)
         task = self._loop.create_task(self._call_target(ctx), name=f"{self.name}:session")
         self._session = task
-        self._arm_watchdog()
+        self._watch.watch(self._loop, task)
         try:
             await asyncio.wait((task,))
         except asyncio.CancelledError:
@@ -452,125 +423,14 @@ class Supervisor:
             raise
         finally:
             ctx._active = False
-            self._cancel_timers()
+            self._watch.end()
+            self._restarts.ended()
             self._session = None
-        if self._stall is not None:
-            return self._stall
+        if self._watch.stall is not None:
+            return self._watch.stall.error
         if task.cancelled():
             return asyncio.CancelledError("the session was cancelled outside the supervisor")
         return task.exception()
-
-    def _after_failure(self, exc: BaseException | None) -> float | None:
-        """Record, log and announce one failure; return the backoff delay, or None when the
-        supervisor gave up (state failed)."""
-        h = self._health
-        if self._session_running and time.monotonic() - self._started_mono >= self._healthy_after:
-            h.attempt = 0
-        self._clear_run()
-        h.last_exit_code = None
-        if exc is None:
-            h.last_error = f"{self._What} ended"
-            self._log.info("%s ended; it will be restarted", self._What)
-            self._emit("ended", {"restart": True})
-        elif isinstance(exc, SourceStalledError):
-            h.last_error = _describe_error(exc)
-            h.stalls += 1
-            if exc is not self._stall:  # raised by the target itself
-                self._set_state(HealthState.STALLED)
-            detail = self._stall_detail if exc is self._stall else str(exc)
-            self._log.warning("%s stalled: %s", self._What, detail)
-            self._emit("stalled", {"seconds": self._stall_seconds, "error": h.last_error})
-        elif isinstance(exc, CaptureExitedError):
-            h.last_error = _describe_error(exc)
-            h.last_exit_code = exc.exit_code
-            self._log.warning("%s subprocess died (exit code: %s)", self._What, exc.exit_code)
-            lines = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
-            tail = [safe_text(line) for line in lines]
-            if tail:
-                self._log.warning(
-                    "%s stderr (last %d lines):\n  %s", self._What, len(tail), "\n  ".join(tail)
-                )
-            self._emit("died", {"error": h.last_error, "exit_code": exc.exit_code})
-        else:
-            h.last_error = _describe_error(exc)
-            expected = isinstance(exc, FramepipeError | asyncio.CancelledError)
-            self._log.error(
-                "%s failed: %s", self._What, h.last_error, exc_info=None if expected else exc
-            )
-            self._emit("died", {"error": h.last_error, "exit_code": None})
-        h.attempt += 1
-        retrying = self._max_attempts is not None and h.attempt >= self._max_attempts
-        if retrying and self._after_attempts == "keep_trying":
-            return self._retry_at_cap()
-        if retrying:
-            self._set_state(HealthState.FAILED)
-            self._log.error(
-                "%s failed after %d attempt%s, no restart left: %s",
-                self._What,
-                h.attempt,
-                "" if h.attempt == 1 else "s",
-                h.last_error,
-            )
-            self._emit("failed", {"error": h.last_error, "attempts": h.attempt})
-            return None
-        return self._restart_in(self._backoff.delay(h.attempt), HealthState.BACKOFF)
-
-    def _restart_in(self, delay: float, state: HealthState) -> float:
-        h = self._health
-        self._set_state(state)
-        h.next_attempt_at = time.time() + delay
-        self._log.info(
-            "Restarting %s in %s (attempt %d)", self.what, _format_delay(delay), h.attempt
-        )
-        self._emit(
-            "restarting",
-            {
-                "delay": delay,
-                "attempt": h.attempt,
-                "retrying": state is HealthState.RETRYING,
-                "next_attempt_at": h.next_attempt_at,
-            },
-        )
-        return delay
-
-    def _retry_at_cap(self) -> float:
-        """``keep_trying`` after ``max_attempts`` failures: announce it once, then wait
-        ``retry_delay`` before each further attempt."""
-        h = self._health
-        delay = self._retry_delay
-        if not self._retrying:
-            self._retrying = True
-            h.retrying_since = time.time()
-            self._log.error(
-                "%s failed %d times in a row: %s; retrying every %s until it is back",
-                self._What,
-                h.attempt,
-                h.last_error,
-                _format_delay(delay),
-            )
-            self._emit(
-                "retrying",
-                {
-                    "error": h.last_error,
-                    "attempts": h.attempt,
-                    "delay": delay,
-                    "next_attempt_at": time.time() + delay,
-                },
-            )
-        return self._restart_in(delay, HealthState.RETRYING)
-
-    def _on_recovered(self, ctx: SupervisorContext) -> None:
-        h = self._health
-        since = h.retrying_since
-        h.retrying_since = None
-        down = round(time.time() - since, 3) if since is not None else None
-        self._log.warning(
-            "%s is back after %d failed attempts (%s down)",
-            self._What,
-            ctx.attempt,
-            "?" if down is None else _format_delay(down),
-        )
-        self._emit("recovered", {"attempts": ctx.attempt, "down_seconds": down})
 
     async def _sleep(self, delay: float) -> bool:
         """Sleep ``delay`` seconds; return True at once when ``stop()`` is called."""
@@ -583,9 +443,10 @@ class Supervisor:
     # ------------------------------------------------------------------ session callbacks
 
     def _on_started(self, ctx: SupervisorContext, pid: int | None) -> None:
-        if not ctx._active or ctx._opened or self._stopping or self._stall:
+        if not ctx._active or ctx._opened or self._stopping or self._watch.stall is not None:
             return
         ctx._opened = True
+        self._watch.opened()
         self._health.pid = pid
         if ctx._framed:  # its first frame came before started()
             self._on_running(ctx)
@@ -596,127 +457,32 @@ class Supervisor:
 
     def _on_running(self, ctx: SupervisorContext) -> None:
         """The session called ``started()`` and delivered a frame: it runs."""
-        if not ctx._active or self._session_running or self._stopping or self._stall:
+        if (
+            not ctx._active
+            or self._session_running
+            or self._stopping
+            or self._watch.stall is not None
+        ):
             return
         assert self._loop is not None
         self._session_running = True
-        now = time.monotonic()
-        self._mark = now
-        self._started_mono = now
         h = self._health
         pid = h.pid
-        self._set_state(HealthState.RUNNING)
+        self._report.enter(HealthState.RUNNING)
         h.started_at = h.since
         if pid is None:
             self._log.info("Persistent %s started", self.what)
         else:
             self._log.info("Persistent %s started (PID: %d)", self.what, pid)
-        self._arm_watchdog()
-        if self._healthy_timer is not None:
-            self._healthy_timer.cancel()
-        self._healthy_timer = self._loop.call_later(self._healthy_after, self._on_healthy, ctx)
-        self._emit("started", {"pid": pid, "attempt": ctx.attempt})
-
-    def _on_healthy(self, ctx: SupervisorContext) -> None:
-        self._healthy_timer = None
-        if ctx._active and self._health.attempt:
-            self._log.debug(
-                "%s healthy for %s; attempt counter reset",
-                self._What,
-                _format_delay(self._healthy_after),
-            )
-            self._health.attempt = 0
-
-    # ------------------------------------------------------------------ watchdog
-
-    def _limit(self) -> float | None:
-        return self._stall_timeout if self._session_running else self._start_timeout
-
-    def _arm_watchdog(self) -> None:
-        assert self._loop is not None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        limit = self._limit()
-        if limit is not None:
-            self._watchdog = self._loop.call_later(limit, self._check_stall)
-
-    def _check_stall(self) -> None:
-        """Fires when the session may have stalled; re-arms itself if a frame came since."""
-        assert self._loop is not None
-        self._watchdog = None
-        task = self._session
-        limit = self._limit()
-        if task is None or task.done() or self._stopping or limit is None:
-            return
-        ref = max(self._mark, self._last_frame) if self._session_running else self._mark
-        elapsed = time.monotonic() - ref
-        if elapsed < limit:
-            self._watchdog = self._loop.call_later(limit - elapsed, self._check_stall)
-            return
-        if self._session_running:
-            detail = f"no frame for {elapsed:.1f}s"
-        elif self._ctx is not None and self._ctx._opened:
-            detail = f"not started within {elapsed:.1f}s: open, but no frame yet"
-        else:
-            detail = f"not started within {elapsed:.1f}s"
-        self._stall = SourceStalledError(detail, source_id=self.name)
-        self._stall_detail = detail
-        self._stall_seconds = elapsed
-        self._set_state(HealthState.STALLED)
-        task.cancel()
-        self._grace_timer = self._loop.call_later(_CANCEL_GRACE, self._warn_ignoring, task)
-
-    def _warn_ignoring(self, task: asyncio.Task[None]) -> None:
-        self._grace_timer = None
-        if not task.done():
-            self._log.warning(
-                "%s session ignores its cancellation after %s; still waiting",
-                self._What,
-                _format_delay(_CANCEL_GRACE),
-            )
-
-    def _cancel_timers(self) -> None:
-        for attr in ("_watchdog", "_healthy_timer", "_grace_timer"):
-            handle: asyncio.TimerHandle | None = getattr(self, attr)
-            if handle is not None:
-                handle.cancel()
-                setattr(self, attr, None)
-
-    # ------------------------------------------------------------------ state helpers
-
-    def _set_state(self, state: HealthState) -> None:
-        self._health.state = state
-        self._health.since = time.time()
-
-    def _clear_run(self) -> None:
-        self._health.pid = None
-        self._health.started_at = None
+        self._watch.running()
+        self._restarts.running(self._loop)
+        self._report.emit("started", {"pid": pid, "attempt": ctx.attempt})
 
     def _finish_stopped(self) -> None:
         """State -> stopped, once; a failed or already stopped supervisor keeps its state."""
         if self._health.state in (HealthState.STOPPED, HealthState.FAILED):
             return
-        self._clear_run()
-        self._set_state(HealthState.STOPPED)
+        self._report.clear_run()
+        self._report.enter(HealthState.STOPPED)
         self._log.info("%s stopped", self._What)
-        self._emit("stopped", {})
-
-    def _emit(self, event: str, data: dict[str, Any]) -> None:
-        """Call ``on_event``; a raising callback is logged and ignored."""
-        if self._on_event is None:
-            return
-        payload = {"name": self.name, **data}
-        try:
-            result = self._on_event(event, payload)
-            if inspect.isawaitable(result):
-                task = asyncio.ensure_future(result)
-                self._callback_tasks.add(task)
-                task.add_done_callback(self._callback_done)
-        except Exception:
-            self._log.exception("on_event callback raised for %r; ignored", event)
-
-    def _callback_done(self, task: asyncio.Future[Any]) -> None:
-        self._callback_tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._log.error("on_event callback raised; ignored", exc_info=exc)
+        self._report.emit("stopped", {})
