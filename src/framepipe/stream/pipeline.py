@@ -43,7 +43,12 @@ Guarantees:
 
 One concept, a live pipeline's run (capture, stages, segmenters, sinks, listeners and stop),
 whose tasks share its queues and its failure handling. How a run is wired (its queues in flow
-order, a hop per stage and sink) is in :mod:`framepipe.stream.wiring`.
+order, a hop per stage and sink) is in :mod:`framepipe.stream.wiring`; its parts with a state
+of their own beside it: the run's tasks and its end (:mod:`framepipe.stream.run_tasks`), the
+capture's frames into the first queue (:mod:`framepipe.stream.intake`), the segments from the
+segmenter to their completion (:mod:`framepipe.stream.segment_flow`), the listeners
+(:mod:`framepipe.stream.pipeline_events`) and the log of failed frames
+(:mod:`framepipe.stream.processor_errors`).
 """
 
 from __future__ import annotations
@@ -51,28 +56,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from framepipe.backoff import Backoff
 from framepipe.errors import ProcessorError, StreamError
 from framepipe.frames import Frame
 from framepipe.health import HealthState
-from framepipe.logs import Repeats, get_logger
+from framepipe.logs import get_logger
 from framepipe.sources.base import Source
 from framepipe.stream.hop import Hop
-from framepipe.stream.lanes import run_detached
-from framepipe.stream.performance import (
-    Performance,
-    RateWindow,
-    Session,
-    failed_frames,
-    measure,
-)
-from framepipe.stream.queue import FrameQueue
-from framepipe.stream.segment import Segment, Segmenter, SegmenterState, SegmentMarker
-from framepipe.stream.shutdown import Cut, abandoned_frames, cut_segments, tear_down
+from framepipe.stream.intake import Intake
+from framepipe.stream.performance import Performance, failed_frames, measure
+from framepipe.stream.pipeline_events import EventCallback, PipelineEvents
+from framepipe.stream.processor_errors import ERROR_LOG_EVERY, ProcessorErrorLog
+from framepipe.stream.run_tasks import RunTasks
+from framepipe.stream.segment import Segment, Segmenter, SegmentMarker
+from framepipe.stream.segment_flow import SegmentFlow
+from framepipe.stream.shutdown import Cut, abandoned_frames, tear_down
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Stage, StageStats
 from framepipe.stream.wiring import wire
@@ -80,21 +83,9 @@ from framepipe.supervise import Supervisor, SupervisorContext
 
 __all__ = ["ERROR_LOG_EVERY", "EventCallback", "StreamPipeline"]
 
-ERROR_LOG_EVERY = 10.0
-"""Seconds between two log lines of one stage's failed frames (each is an event all the same)."""
-
-EventCallback = Callable[[str, dict[str, Any]], None]
-
 
 _DOWN = frozenset((HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING))
 """Capture states in which the source is down (see :attr:`StreamPipeline.source_down`)."""
-
-
-class _Tick:
-    control = True
-
-
-_TICK = _Tick()
 
 
 class StreamPipeline:
@@ -149,8 +140,10 @@ class StreamPipeline:
         self.teardown_timeout = teardown_timeout
         """The bound of each stage's teardown after a drain cut short or a failure (see
         :mod:`framepipe.stream.shutdown`); unbounded otherwise."""
-        self._listeners: list[EventCallback] = [on_event] if on_event else []
         self.log = get_logger(name)
+        self._events = PipelineEvents(
+            name, source.source_id, self.log, [on_event] if on_event else []
+        )
         names = [s.label for s in [*self.stages, *self.sinks]]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline {name!r}: stage names must be unique, got {names}")
@@ -159,73 +152,57 @@ class StreamPipeline:
         capture supervised: the state is the capture's) or failed."""
         self.last_error: str | None = None
         self.started_at: float | None = None
-        self.frames_captured = 0
         if performance_window <= 0:
             raise ValueError(f"performance_window must be > 0, got {performance_window}")
-        self._capture_rate = RateWindow(performance_window)
-        self._session: Session | None = None
-        self.latest_frame: Frame | None = None
-        """The last frame captured (for previews; the pipeline keeps no other reference)."""
+        self._intake = Intake(performance_window)
         self.frames_out = 0
-        self.segments_completed = 0
-        self.segment_latencies: collections.deque[float] = collections.deque(maxlen=256)
-        """The latencies (s) of the last 256 segments completed."""
-        self.open_segment: Segment | None = None
+        self._segments = SegmentFlow(self._events.emit, self.log)
         self.stats: list[StageStats] = []
         self.supervisor: Supervisor | None = None
         self._hops: list[Hop] = []
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._done: asyncio.Event | None = None
-        self._capture_q: FrameQueue | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._shutdown_task: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping_capture: asyncio.Task[None] | None = None
-        self._seg_state: SegmenterState | None = None  # the segmenter's, for this run
-        self._closing: dict[int, tuple[Segment, set[str]]] = {}
-        self._error_logs = Repeats(ERROR_LOG_EVERY)
-        """Segments closed but not completed yet (their markers are on their way through the
-        sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
+        self._run: RunTasks | None = None  # the current or last run's
+        self._error_log = ProcessorErrorLog(self.log)
         self._run_counts = (0, 0)  # frames captured and out before this run
-        self._drained = False  # the end of the stream came out of the last hop: no call runs
 
     # -- events ---------------------------------------------------------------------------------
 
     def on_event(self, callback: EventCallback) -> None:
         """Call ``callback(type, data)`` for each of this pipeline's events."""
-        self._listeners.append(callback)
+        self._events.add(callback)
 
-    def _emit_from_processor(self, kind: str, data: dict[str, Any]) -> None:
-        """A processor's :meth:`~framepipe.processors.Processor.emit`, from any thread."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            self.log.debug("event %s after the pipeline ended: %s", kind, data)
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._emit(kind, **data)
-        else:
-            loop.call_soon_threadsafe(lambda: self._emit(kind, **data))
+    # -- counts ---------------------------------------------------------------------------------
 
-    def _emit(self, kind: str, **data: Any) -> None:
-        data.setdefault("pipeline", self.name)
-        data.setdefault("source_id", self.source.source_id)
-        for listener in tuple(self._listeners):
-            try:
-                listener(kind, data)
-            except Exception:
-                self.log.exception("event callback for %s raised; ignored", kind)
+    @property
+    def frames_captured(self) -> int:
+        """Frames captured, over all runs."""
+        return self._intake.frames
+
+    @property
+    def latest_frame(self) -> Frame | None:
+        """The last frame captured (for previews; the pipeline keeps no other reference)."""
+        return self._intake.latest
+
+    @property
+    def segments_completed(self) -> int:
+        """Segments completed, over all runs."""
+        return self._segments.completed
+
+    @property
+    def segment_latencies(self) -> collections.deque[float]:
+        """The latencies (s) of the last 256 segments completed."""
+        return self._segments.latencies
+
+    @property
+    def open_segment(self) -> Segment | None:
+        """The segment open now, if any."""
+        return self._segments.open
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
         """True between start() and the end of the run."""
-        return self._done is not None and not self._done.is_set()
+        return self._run is not None and not self._run.over
 
     @property
     def state(self) -> HealthState:
@@ -262,14 +239,12 @@ class StreamPipeline:
         """Set the processors up, start the hops and the supervised capture; returns at once."""
         if self.running:
             raise StreamError(f"pipeline {self.name!r} is already running")
-        self._done = asyncio.Event()
-        self._shutdown_task = None
+        run = self._run = RunTasks(self.log, self._fail)
         self._phase = HealthState.STARTING
         self.started_at = time.time()
         self.last_error = None
-        self._loop = asyncio.get_running_loop()
+        self._events.attach(asyncio.get_running_loop())
         self._run_counts = (self.frames_captured, self.frames_out)
-        self._drained = False
         self._build()
         try:
             for hop in self._hops:
@@ -277,14 +252,15 @@ class StreamPipeline:
         except Exception as exc:
             self._phase = HealthState.FAILED
             self.last_error = f"setup failed: {type(exc).__name__}: {exc}"
-            self._done.set()
-            self._emit("pipeline.failed", error=self.last_error)
+            run.done.set()
+            self._events.emit("pipeline.failed", error=self.last_error)
             raise
         for hop in self._hops:
-            self._spawn(hop.run(), f"{self.name}:{hop.name}")
+            run.spawn(hop.run(), f"{self.name}:{hop.name}")
         if self.segmenter is not None:
-            self._spawn(self._segment_loop(), f"{self.name}:segmenter")
-        self._spawn(self._collect(), f"{self.name}:collector")
+            assert self._seg_q is not None
+            run.spawn(self._segments.run(self._seg_q, self._sink_q.put), f"{self.name}:segmenter")
+        run.spawn(self._collect(run), f"{self.name}:collector")
         self.supervisor = Supervisor(
             self.source.source_id,
             self._capture,
@@ -301,97 +277,54 @@ class StreamPipeline:
         )
         await self.supervisor.start()
         self._phase = HealthState.RUNNING
-        self._spawn(self._end_of_capture(), f"{self.name}:capture-end")
-        self._emit("pipeline.started", source=self.source.describe())
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            if self._shutdown_task is None and not self._ended():  # not by the pipeline
-                self.log.error("pipeline task %s was cancelled while running", task.get_name())
-                self._fail(f"task {task.get_name()} was cancelled while the pipeline ran")
-            return
-        exc = task.exception()
-        if exc is None:
-            return
-        self.log.error("pipeline task %s died: %r", task.get_name(), exc, exc_info=exc)
-        self._fail(f"task {task.get_name()} died: {type(exc).__name__}: {exc}")
+        run.spawn(self._end_of_capture(), f"{self.name}:capture-end")
+        self._events.emit("pipeline.started", source=self.source.describe())
 
     def _fail(self, error: str) -> None:
-        if self._done is None or self._done.is_set():
+        run = self._run
+        if run is None or run.over:
             return
         self._phase = HealthState.FAILED
         self.last_error = error
-        self._emit("pipeline.failed", error=error)
-        for task in self._tasks:
-            task.cancel()
-        if self.supervisor is not None:  # kept: the loop holds tasks only weakly
-            self._stopping_capture = asyncio.get_running_loop().create_task(self.supervisor.stop())
-        self._done.set()
+        self._events.emit("pipeline.failed", error=error)
+        run.abort(self.supervisor.stop() if self.supervisor is not None else None)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop the capture, drain the queued frames (at most ``drain_timeout`` seconds, 0: do
         not wait), close the open segments (those a cut drain leaves too), and tear the stages
         down: to the end after a complete drain, each within ``teardown_timeout`` seconds
         after a cut one (see :mod:`framepipe.stream.shutdown`)."""
-        if self._done is None:
+        run = self._run
+        if run is None:
             return
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
         if self.supervisor is not None:
             await self.supervisor.stop()
-        if not self._done.is_set():
+        if not run.over:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done.wait(), timeout)
-        await self._shutdown(timeout)
+                await asyncio.wait_for(run.done.wait(), timeout)
+        await run.tear_down(functools.partial(self._tear_down, run, timeout))
 
     async def wait(self) -> None:
         """Wait until the pipeline ends (finite source drained, failure, or stop) and is torn
         down: its capture has ended too (a capture process is gone), so a pipeline started
         again never overlaps the last one's capture of the same camera."""
-        assert self._done is not None, "pipeline not started"
-        await self._done.wait()
-        await self._shutdown(self.drain_timeout)
+        run = self._run
+        assert run is not None, "pipeline not started"
+        await run.done.wait()
+        await run.tear_down(functools.partial(self._tear_down, run, self.drain_timeout))
 
-    async def _shutdown(self, drain: float) -> None:
-        """Tear the run down once, however many callers wait for it (``drain``: the first
-        caller's drain timeout, for the log)."""
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self._teardown(drain))
-        await asyncio.shield(self._shutdown_task)
-
-    async def _teardown(self, drain: float) -> None:
-        try:
-            await self._tear_down(drain)
-        finally:
-            assert self._done is not None
-            self._done.set()  # a stop that cut the drain short ends the run here
-
-    async def _tear_down(self, drain: float) -> None:
+    async def _tear_down(self, run: RunTasks, drain: float) -> None:
+        """Tear ``run`` down (once: see :class:`~framepipe.stream.run_tasks.RunTasks`);
+        ``drain``: the first caller's drain timeout, for the log."""
         # Decided before anything is cancelled: only a drained run has no call left running.
-        within = None if self._drained else self.teardown_timeout
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
-        if self._stopping_capture is not None:  # a failed run's capture ends with the run
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._stopping_capture
-            self._stopping_capture = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        within = None if run.drained else self.teardown_timeout
+        await run.end()
+        self._segments.stop_timer()
         failed = self.state is HealthState.FAILED
         cut: Cut = []
         if not failed:  # a failed run's segments are not completed: its failure stands
-            cut = cut_segments(self._closing, self._seg_state)
-            self.open_segment = None
+            cut = self._segments.cut()
         captured0, out0 = self._run_counts
         hops, self._hops = self._hops, []
         await tear_down(
@@ -402,12 +335,12 @@ class StreamPipeline:
                 self.frames_captured - captured0, self.frames_out - out0, self.stats
             ),
             drain=None if failed else drain,
-            complete=self._segment_completed,
+            complete=self._segments.complete,
             log=self.log,
         )
-        self._log_held_errors()
+        self._error_log.flush()
         self._phase = HealthState.FAILED if failed else HealthState.STOPPED
-        self._emit("pipeline.stopped", state=self.state.value)
+        self._events.emit("pipeline.stopped", state=self.state.value)
 
     async def run(self) -> None:
         """Start and wait for the end (Ctrl-C/cancel stops it gracefully)."""
@@ -435,9 +368,9 @@ class StreamPipeline:
             self.sinks,
             segmented=self.segmenter is not None,
             source_id=self.source.source_id,
-            window=self._capture_rate.window,
-            events=self._emit_from_processor,
-            sink_control=self._sink_control,
+            window=self._intake.rate.window,
+            events=self._events.from_processor,
+            sink_control=self._segments.sink_control,
             on_error=self._on_processor_error,
             on_crash=self._on_stage_crash,
             log=self.log,
@@ -447,64 +380,20 @@ class StreamPipeline:
         self._first_q = wiring.first
         self._sink_q = wiring.sinks
         self._hops, self.stats = wiring.hops, wiring.stats
-        self._seg_state = self.segmenter.state() if self.segmenter is not None else None
-        self._closing = {}
-        self._error_logs = Repeats(ERROR_LOG_EVERY)  # a new run logs its first errors
-
-    def _sink_control(self, sink: Sink, name: str) -> Callable[[Any], Awaitable[None]]:
-        async def control(item: Any) -> None:
-            if isinstance(item, SegmentMarker):
-                closing = self._closing.get(id(item.segment))
-                if closing is not None:  # a stop cutting the drain short must not call it again
-                    closing[1].add(name)
-                await run_detached(
-                    sink.segment_closed,
-                    item.segment,
-                    what=f"sink {name!r}: segment_closed({item.segment.id})",
-                    thread=f"fp-{name}-segment_closed",
-                    log=self.log,
-                )
-
-        return control
+        self._segments.new_run(self.segmenter)
+        self._error_log = ProcessorErrorLog(self.log)  # a new run logs its first errors
 
     # -- capture --------------------------------------------------------------------------------
 
     async def _capture(self, ctx: SupervisorContext) -> None:
-        first = self._first_q
-        keepalive = max(0.05, (self.stall_timeout or 4.0) / 4)
-
-        def started(pid: int | None) -> None:
-            self._session = Session(
-                time.monotonic(), self.frames_captured, failed_frames(self._stage_stats)
-            )
-            ctx.started(pid)
-
-        async with contextlib.aclosing(self.source.frames(started=started)) as frames:
-            await self._pump(ctx, frames, first, keepalive)
-
-    async def _pump(
-        self,
-        ctx: SupervisorContext,
-        frames: AsyncGenerator[Frame, None],
-        first: FrameQueue,
-        keepalive: float,
-    ) -> None:
-        async for frame in frames:
-            ctx.alive()
-            self.frames_captured += 1
-            self._capture_rate.tick()
-            self.latest_frame = frame
-            if len(first) < first.maxsize or first.overflow != "block":
-                await first.put(frame)
-                continue
-            # Backpressure: waiting for the pipeline is not a stall of the source.
-            put = asyncio.ensure_future(first.put(frame))
-            try:
-                while not put.done():
-                    await asyncio.wait({put}, timeout=keepalive)
-                    ctx.waiting()
-            finally:
-                put.cancel()
+        """One session of the supervised capture (see :mod:`framepipe.stream.intake`)."""
+        await self._intake.capture(
+            ctx,
+            self.source,
+            self._first_q,
+            keepalive=max(0.05, (self.stall_timeout or 4.0) / 4),
+            failed=lambda: failed_frames(self._stage_stats),
+        )
 
     async def _end_of_capture(self) -> None:
         assert self.supervisor is not None
@@ -515,147 +404,42 @@ class StreamPipeline:
             self.last_error = health.last_error
         await self._first_q.put(END)
 
-    def _ended(self) -> bool:
-        """True once the run is over (failed or finished): its state no longer changes."""
-        return self._done is not None and self._done.is_set()
-
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
         # a capture winding down after a failure: the failure's reason stands
-        if not self._ended() and kind in ("died", "stalled", "failed", "retrying"):
+        ended = self._run is not None and self._run.over
+        if not ended and kind in ("died", "stalled", "failed", "retrying"):
             self.last_error = data.get("error") or self.last_error
-        self._emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
+        self._events.emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 
     def _on_stage_crash(self, stage: str, errors: int, error: ProcessorError) -> None:
         message = (
             f"stage {stage!r} crashed: {errors} frames failed in a row, the last with: {error}"
         )
         self.log.error("%s", message)
-        self._emit("stage.crashed", stage=stage, errors=errors, error=message)
+        self._events.emit("stage.crashed", stage=stage, errors=errors, error=message)
         self._fail(message)
 
     def _on_processor_error(self, error: ProcessorError) -> None:
-        """Every failed frame is a ``processor.error`` event; the log gets the first of a
-        stage's failures of one kind (exception class) and then one per
-        :data:`ERROR_LOG_EVERY` seconds with the count held back (the rest when the run
-        ends): another kind of failure of the same stage is logged at once."""
+        """Every failed frame is a ``processor.error`` event and the last error (unless the
+        pipeline failed); what the log says of it: :mod:`framepipe.stream.processor_errors`."""
         if self.state is not HealthState.FAILED:  # the failure's reason stays the last error
             self.last_error = str(error)
-        cause = error.__cause__ if error.__cause__ is not None else error
-        held = self._error_logs.admit(f"{error.stage}\0{type(cause).__name__}")
-        if held is not None:
-            more = f" (and {held} more of its frames failed since the last such line)"
-            self.log.warning("%s%s", error, more if held else "")
-        self._emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
-
-    def _log_held_errors(self) -> None:
-        for key, count in self._error_logs.held().items():
-            stage, _, kind = key.partition("\0")
-            self.log.warning(
-                "stage %r: %d more frame(s) failed with %s since its last such line "
-                "(each is a processor.error event)",
-                stage,
-                count,
-                kind,
-            )
-
-    # -- segmenter ------------------------------------------------------------------------------
-
-    async def _segment_loop(self) -> None:
-        assert self.segmenter is not None
-        assert self._seg_q is not None
-        state = self._seg_state
-        assert state is not None
-        queue, out = self._seg_q, self._sink_q.put
-
-        async def send(closed: list[Segment]) -> None:
-            for seg in closed:  # all of them before the first wait: a stop may cut it
-                self._closing[id(seg)] = (seg, set())
-            for seg in closed:
-                await out(SegmentMarker(seg))
-
-        while True:
-            item = await queue.get()
-            if item is END:
-                await send(state.close_all("end"))
-                self.open_segment = None
-                await out(END)
-                return
-            if item is _TICK:
-                self._timer_at = None
-                expired = state.expire(time.time())
-                if expired is not None:
-                    self.open_segment = None
-                    await send([expired])
-                self._arm(state.deadline())
-                continue
-            if isinstance(item, Frame):
-                closed, joined = state.feed(item)
-                await send(closed)
-                if joined is not None and joined is not self.open_segment:
-                    self.open_segment = joined
-                    self._emit(
-                        "segment.started",
-                        segment_id=joined.id,
-                        key=joined.key,
-                        first_ts_ms=joined.first_ts_ms,
-                    )
-                elif joined is None and state.current is None:
-                    self.open_segment = None
-                self._arm(state.deadline())
-            await out(item)
-
-    def _arm(self, deadline: float | None) -> None:
-        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._seg_q is not None
-        queue = self._seg_q
-        self._timer_at = deadline
-        self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.time()), queue.put_control, _TICK
-        )
+        self._error_log.failed(error)
+        self._events.emit("processor.error", stage=error.stage, seq=error.seq, error=str(error))
 
     # -- the end of the line ------------------------------------------------------------------
 
-    async def _collect(self) -> None:
+    async def _collect(self, run: RunTasks) -> None:
         queue = self._out_q
         while True:
             item = await queue.get()
             if item is END:
-                self._done_ok()
+                run.drained_out()
                 return
             if isinstance(item, SegmentMarker):
-                self._segment_completed(item.segment)
+                self._segments.complete(item.segment)
             elif not getattr(item, "control", False):
                 self.frames_out += 1
-
-    def _segment_completed(self, seg: Segment) -> None:
-        """Count, log and emit ``segment.completed`` for ``seg``, whose sinks are done with it
-        (or were cut short by a stop)."""
-        self._closing.pop(id(seg), None)
-        seg.completed_at = time.time()
-        self.segments_completed += 1
-        if seg.latency_s is not None:
-            self.segment_latencies.append(seg.latency_s)
-        data = seg.to_dict()
-        label = self.segmenter.label if self.segmenter is not None else "segment"
-        self.log.info(
-            "%s %s completed: latency=%.1fs frames=%d%s",
-            label[:1].upper() + label[1:],
-            seg.id,
-            seg.latency_s or 0.0,
-            seg.frames,
-            (f" (not stored={seg.not_stored})" if seg.not_stored else "")
-            + (f" (kept locally={len(seg.spooled)})" if seg.spooled else ""),
-        )
-        self._emit("segment.completed", **data)
-
-    def _done_ok(self) -> None:
-        assert self._done is not None
-        if not self._done.is_set():
-            self._drained = True
-            self._done.set()
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -681,12 +465,12 @@ class StreamPipeline:
         return measure(
             stages=self.stages,
             stats=self._stage_stats,
-            capture_rate=self._capture_rate.rate,
+            capture_rate=self._intake.rate.rate,
             frames_captured=self.frames_captured,
             nominal_fps=self.source.fps,
             paced=self.source.paced,
-            session=self._session if running else None,
-            window=self._capture_rate.window,
+            session=self._intake.session if running else None,
+            window=self._intake.rate.window,
         )
 
     def _retried_at_cap(self) -> bool:
@@ -726,7 +510,7 @@ class StreamPipeline:
             "source": sup,
             "source_description": self.source.describe(),
             "frames_captured": self.frames_captured,
-            "capture_fps": round(self._capture_rate.rate, 2),
+            "capture_fps": round(self._intake.rate.rate, 2),
             "frames_out": self.frames_out,
             "capture_dropped": self._capture_q_dropped(),
             "segments_completed": self.segments_completed,

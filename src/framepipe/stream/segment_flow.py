@@ -1,0 +1,179 @@
+"""The segments of a live pipeline's runs, from the segmenter to their completion: a
+:class:`SegmentFlow` runs the segmenter's task of each run, follows each closed segment through
+the sinks, and completes it.
+
+Guarantees:
+
+* The segmenter sees the frames in the order they reach it; each frame flows on after the
+  segments it closed, as markers, so a sink has a segment's frames before its marker.
+* With the wall clock, a segment times out on its deadline even when no frame comes: a timer,
+  armed for the earliest deadline, puts a tick on the segmenter's queue (nothing polls).
+* ``segment.started`` is emitted when a frame opens a segment; every segment closed is
+  followed until it completes: a segment is completed (``segment.completed``, counted, its
+  latency kept, one log line) once its marker came out of the last sink, or when a stop cut
+  its way short (:meth:`SegmentFlow.cut`, see :mod:`framepipe.stream.shutdown`). A sink's
+  ``segment_closed`` runs in a thread of its own and is noted, so a stop never calls it twice.
+* The end of the stream closes every open segment (``reason="end"``) before it flows on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from logging import Logger, LoggerAdapter
+from typing import Any
+
+from framepipe.frames import Frame
+from framepipe.stream.lanes import run_detached
+from framepipe.stream.queue import FrameQueue
+from framepipe.stream.segment import Segment, Segmenter, SegmenterState, SegmentMarker
+from framepipe.stream.shutdown import Cut, cut_segments
+from framepipe.stream.sinks import Sink
+from framepipe.stream.stage import END
+
+__all__ = ["SegmentFlow"]
+
+
+class _Tick:
+    control = True
+
+
+_TICK = _Tick()
+
+Control = Callable[[Any], Awaitable[None]]
+
+
+class SegmentFlow:
+    """The segments of one pipeline; counts over all its runs, the rest per run (see
+    :meth:`new_run`). ``emit(kind, **data)`` announces them; ``log`` is the pipeline's."""
+
+    def __init__(self, emit: Callable[..., None], log: Logger | LoggerAdapter[Any]) -> None:
+        self._emit = emit
+        self._log = log
+        self.completed = 0
+        """Segments completed, over all runs."""
+        self.latencies: collections.deque[float] = collections.deque(maxlen=256)
+        """The latencies (s) of the last 256 segments completed."""
+        self.open: Segment | None = None
+        """The segment open now, if any."""
+        self._segmenter: Segmenter | None = None
+        self._state: SegmenterState | None = None  # the segmenter's, for this run
+        self._closing: dict[int, tuple[Segment, set[str]]] = {}
+        """Segments closed but not completed yet (their markers are on their way through the
+        sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def new_run(self, segmenter: Segmenter | None) -> None:
+        """A run begins, segmented by ``segmenter`` (None: no segmenter)."""
+        self._segmenter = segmenter
+        self._state = segmenter.state() if segmenter is not None else None
+        self._closing = {}
+
+    async def run(self, queue: FrameQueue, out: Callable[[Any], Awaitable[None]]) -> None:
+        """The segmenter's task: takes from ``queue``, puts frames and markers to ``out``
+        until the end of the stream (put too)."""
+        state = self._state
+        assert state is not None
+
+        async def send(closed: list[Segment]) -> None:
+            for seg in closed:  # all of them before the first wait: a stop may cut it
+                self._closing[id(seg)] = (seg, set())
+            for seg in closed:
+                await out(SegmentMarker(seg))
+
+        while True:
+            item = await queue.get()
+            if item is END:
+                await send(state.close_all("end"))
+                self.open = None
+                await out(END)
+                return
+            if item is _TICK:
+                self._timer_at = None
+                expired = state.expire(time.time())
+                if expired is not None:
+                    self.open = None
+                    await send([expired])
+                self._arm(queue, state.deadline())
+                continue
+            if isinstance(item, Frame):
+                closed, joined = state.feed(item)
+                await send(closed)
+                if joined is not None and joined is not self.open:
+                    self.open = joined
+                    self._emit(
+                        "segment.started",
+                        segment_id=joined.id,
+                        key=joined.key,
+                        first_ts_ms=joined.first_ts_ms,
+                    )
+                elif joined is None and state.current is None:
+                    self.open = None
+                self._arm(queue, state.deadline())
+            await out(item)
+
+    def _arm(self, queue: FrameQueue, deadline: float | None) -> None:
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.time()), queue.put_control, _TICK
+        )
+
+    def sink_control(self, sink: Sink, name: str) -> Control:
+        """What sink ``name`` does with a segment's marker: its ``segment_closed``, noted."""
+
+        async def control(item: Any) -> None:
+            if isinstance(item, SegmentMarker):
+                closing = self._closing.get(id(item.segment))
+                if closing is not None:  # a stop cutting the drain short must not call it again
+                    closing[1].add(name)
+                await run_detached(
+                    sink.segment_closed,
+                    item.segment,
+                    what=f"sink {name!r}: segment_closed({item.segment.id})",
+                    thread=f"fp-{name}-segment_closed",
+                    log=self._log,
+                )
+
+        return control
+
+    def complete(self, seg: Segment) -> None:
+        """Count, log and emit ``segment.completed`` for ``seg``, whose sinks are done with it
+        (or were cut short by a stop)."""
+        self._closing.pop(id(seg), None)
+        seg.completed_at = time.time()
+        self.completed += 1
+        if seg.latency_s is not None:
+            self.latencies.append(seg.latency_s)
+        data = seg.to_dict()
+        label = self._segmenter.label if self._segmenter is not None else "segment"
+        self._log.info(
+            "%s %s completed: latency=%.1fs frames=%d%s",
+            label[:1].upper() + label[1:],
+            seg.id,
+            seg.latency_s or 0.0,
+            seg.frames,
+            (f" (not stored={seg.not_stored})" if seg.not_stored else "")
+            + (f" (kept locally={len(seg.spooled)})" if seg.spooled else ""),
+        )
+        self._emit("segment.completed", **data)
+
+    def stop_timer(self) -> None:
+        """The run's tasks ended: no tick comes any more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def cut(self) -> Cut:
+        """A stop cut the run: the segments whose markers had not come out of the sinks, then
+        the open one, closed now with ``reason="stopped"`` (to be completed after the sinks
+        that had not had them)."""
+        cut = cut_segments(self._closing, self._state)
+        self.open = None
+        return cut
