@@ -29,11 +29,13 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from framepipe import Pipeline, StepContext
-from framepipe.backends.objects import open_object_store
+from framepipe.app import App
+from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.schema import events as events_table
 from framepipe.backends.state.schema import executions as executions_table
 from framepipe.config import Settings
+from framepipe.server.panels import AppDashboard
 from rawsocket import stalled_websocket
 from test_server import AUTH, TOKEN, Server, wait_status
 from waiting import free_port, wait_until
@@ -238,6 +240,65 @@ def test_lone_surrogates_are_refused_and_stored_ones_never_break_a_listing(
                 snapshot = json.loads(ws.recv(timeout=10))
             assert snapshot["type"] == "snapshot"
             assert bad_id in [e["id"] for e in snapshot["executions"]]
+
+
+class _Shelf(App):
+    """An app whose dashboard serves the images of its own object store."""
+
+    def __init__(self, settings: Settings, objects: ObjectStore) -> None:
+        super().__init__("shelf", settings=settings)
+        self.objects = objects
+
+    def dashboard(self) -> AppDashboard:
+        return AppDashboard(objects=lambda: self.objects)
+
+
+def _raw(server: Server, path: str) -> httpx.URL:
+    """``path`` sent as written: no client re-encodes or folds its escapes."""
+    return httpx.URL(server.url).copy_with(raw_path=path.encode())
+
+
+def test_an_object_key_that_is_not_utf8_is_refused_not_merged_into_another(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """``k%ff`` and ``k%fe`` were both decoded to ``k\\ufffd`` (the second upload overwrote
+    the first, and either name read it); ``k%0A`` was stored as ``k``; ``a%0Ab`` found no
+    route. Every route that takes an object key now reads it as the client sent it."""
+    shelf_store = open_object_store(str(tmp_path / "shelf"))
+    shelf_store.put("k\ufffd", b"real")
+    with (
+        Server(settings, pipelines=(quick,), apps=[_Shelf(settings, shelf_store)]) as server,
+        httpx.Client(headers=AUTH) as client,
+    ):
+        for raw, shown in (
+            ("k%ff", "'k%FF' (invalid start byte at byte 1)"),
+            ("k%fe", "'k%FE' (invalid start byte at byte 1)"),
+            ("%ED%A0%80", "'%ED%A0%80' (invalid continuation byte at byte 0)"),
+            ("dir/k%C3", "'dir/k%C3' (unexpected end of data at byte 5)"),
+        ):
+            for method in ("PUT", "GET"):
+                answer = client.request(method, _raw(server, f"/api/objects/{raw}"), content=b"x")
+                assert answer.status_code == 400, (method, raw, answer.text)
+                assert answer.json()["detail"].startswith(
+                    f"object key is not valid UTF-8: {shown}"
+                ), answer.text
+            for path in (f"/api/apps/shelf/objects/{raw}", f"/api/segments/shelf/p/frames/{raw}"):
+                answer = client.get(_raw(server, path))
+                assert answer.status_code == 400, (path, answer.text)
+                assert f"object key is not valid UTF-8: {shown}" in answer.json()["detail"]
+        # A real U+FFFD, spelt in UTF-8, is a key like any other.
+        stored = client.put(_raw(server, "/api/objects/k%EF%BF%BD"), content=b"mine")
+        assert stored.status_code == 201 and stored.json()["key"] == "k\ufffd"
+        assert client.get(_raw(server, "/api/objects/k%EF%BF%BD")).content == b"mine"
+        assert client.get(_raw(server, "/api/apps/shelf/objects/k%EF%BF%BD")).content == b"real"
+        # A newline is refused by name like every other control character, wherever it is.
+        for raw, char in (("a%0Ab", "\\n"), ("k%0A", "\\n"), ("a%0Db", "\\r"), ("a%09b", "\\t")):
+            answer = client.put(_raw(server, f"/api/objects/{raw}"), content=b"x")
+            assert answer.status_code == 400, (raw, answer.text)
+            assert f"contains the control character '{char}'" in answer.json()["detail"]
+            answer = client.get(_raw(server, f"/api/apps/shelf/objects/{raw}"))
+            assert answer.status_code == 400, (raw, answer.text)
+        assert client.get(_raw(server, "/api/objects/k")).status_code == 404
 
 
 # -- 4. sizes -----------------------------------------------------------------------------------

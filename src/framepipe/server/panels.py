@@ -44,6 +44,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import InvalidKeyError, MissingDependencyError, ObjectNotFoundError
+from framepipe.server.path_keys import ObjectKey
 from framepipe.server.store_errors import object_store_errors
 
 try:
@@ -208,7 +209,7 @@ def mount_app_panels(
             )
         if board.objects is not None:
             app.add_api_route(
-                f"/api/apps/{name}/objects/{{key:path}}",
+                f"/api/apps/{name}/objects/{{key:objectkey}}",
                 _objects_route(name, board.objects),
                 methods=["GET"],
                 dependencies=guard,
@@ -218,7 +219,7 @@ def mount_app_panels(
 
 
 def _objects_route(name: str, store_of: Callable[[], ObjectStore | None]) -> Callable[[str], Any]:
-    async def app_object(key: str) -> Response:
+    async def app_object(key: ObjectKey) -> Response:
         store = store_of()
         if store is None:
             raise HTTPException(503, f"the object store of app {name!r} is not open yet")

@@ -7,9 +7,10 @@ its space freed when the response ends, however it ends) and streamed from there
 :data:`CHUNK` bytes, so an object of any size (a result video) costs the service no more
 memory than a chunk, whether the client reads fast, slowly or not at all; it is sent as
 ``application/octet-stream`` with ``X-Content-Type-Options: nosniff``, so no browser runs
-it as a page or script of the service's origin. A key that escapes the store is a 400, a
-missing object a 404, a failure of the store itself a 500 naming the key, never the store's
-paths (:func:`~framepipe.server.responses.object_store_errors`).
+it as a page or script of the service's origin. The key is the path's tail as the client
+sent it (:mod:`~framepipe.server.path_keys`): one that is not valid UTF-8 or that escapes the
+store is a 400, a missing object a 404, a failure of the store itself a 500 naming the key,
+never the store's paths (:func:`~framepipe.server.responses.object_store_errors`).
 """
 
 import asyncio
@@ -22,6 +23,7 @@ from typing import Any, BinaryIO
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
+from framepipe.server.path_keys import ObjectKey
 from framepipe.server.state import Service
 from framepipe.server.store_errors import object_store_errors
 
@@ -40,8 +42,8 @@ CHUNK = 1024 * 1024
 """Bytes of a download read and sent at a time."""
 
 
-@router.put("/objects/{key:path}", status_code=201)
-async def objects_put(key: str, request: Request, service: Service) -> dict[str, Any]:
+@router.put("/objects/{key:objectkey}", status_code=201)
+async def objects_put(key: ObjectKey, request: Request, service: Service) -> dict[str, Any]:
     """Store the request body under ``key`` (at most ``max_upload_bytes``). The body is
     streamed to a temporary file, never held in memory, and stored only once complete:
     an upload cut short or over the limit stores nothing."""
@@ -91,8 +93,10 @@ async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
         file.close()
 
 
-@router.get("/objects/{key:path}", responses={200: {"content": {"application/octet-stream": {}}}})
-async def objects_get(key: str, service: Service) -> StreamingResponse:
+@router.get(
+    "/objects/{key:objectkey}", responses={200: {"content": {"application/octet-stream": {}}}}
+)
+async def objects_get(key: ObjectKey, service: Service) -> StreamingResponse:
     """The object stored under ``key``, streamed (any size: the service holds a chunk of it at
     a time)."""
     obj = service.objects

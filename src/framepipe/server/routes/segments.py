@@ -46,6 +46,7 @@ from framepipe.server.live import (
     marker_text,
     stored_app_events,
 )
+from framepipe.server.path_keys import ObjectKey
 from framepipe.server.state import Service, ServiceState
 from framepipe.server.store_errors import object_store_errors
 from framepipe.server.thumbnails import (
@@ -264,13 +265,13 @@ def _thumbnail(
 
 
 @router.get(
-    "/segments/{app_name}/{pipeline}/frames/{key:path}",
+    "/segments/{app_name}/{pipeline}/frames/{key:objectkey}",
     responses={200: {"content": {"image/jpeg": {}}}},
 )
 async def segments_frame(
     app_name: Name,
     pipeline: Name,
-    key: str,
+    key: ObjectKey,
     service: Service,
     width: Annotated[int, Query(ge=16, le=1920)] = 160,
 ) -> Response:
