@@ -620,6 +620,20 @@ def test_a_pipeline_file_whose_path_is_not_utf8_is_refused_before_it_is_imported
     assert json.loads(cli(home, "jobs", "list", "--json").stdout) == []
 
 
+def test_a_blank_home_option_is_refused_and_a_blank_variable_is_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for blank in ("", " "):
+        result = runner.invoke(app, ["--home", blank, "jobs", "list"])
+        assert_one_line_error(result, 2, "error: --home is blank")
+    assert list(tmp_path.iterdir()) == []
+    result = runner.invoke(app, ["jobs", "list"], env={"FRAMEPIPE_HOME": ""})
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir()] == [".framepipe"]
+    assert (tmp_path / ".framepipe" / "state.db").is_file()
+
+
 def test_bad_settings_exit_2(tmp_path: Path) -> None:
     file = write(tmp_path / "ok.py", OK)
     result = cli(tmp_path / "home", "run", f"{file}:ok", env={"FRAMEPIPE_RETRY_MAX_DELAY": "-1"})

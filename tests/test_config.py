@@ -313,6 +313,21 @@ def test_a_home_that_is_a_file_or_inside_one_is_refused(
 
 
 @pytest.mark.parametrize("where", ["variable", "file", "keyword"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_home_is_unset_not_the_current_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str, blank: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    if where == "variable":
+        monkeypatch.setenv("FRAMEPIPE_HOME", blank)
+    elif where == "file":
+        (tmp_path / "framepipe.toml").write_text(f'home = "{blank}"\n')
+    settings = load_settings(**({"home": blank} if where == "keyword" else {}))
+    assert settings.home == Path(".framepipe")
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / '.framepipe' / 'state.db'}"
+
+
+@pytest.mark.parametrize("where", ["variable", "file", "keyword"])
 def test_a_relative_input_root_is_refused_naming_the_setting_and_the_value(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
 ) -> None:

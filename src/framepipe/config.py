@@ -63,6 +63,7 @@ from pydantic_settings import (
 
 from framepipe.amqp import AMQP_SCHEMES, is_amqp_url
 from framepipe.config_checks import (
+    DEFAULT_HOME,
     check_api_token,
     check_database_url,
     check_home,
@@ -71,6 +72,7 @@ from framepipe.config_checks import (
     check_mqtt_url,
     check_objects_url,
     comma_list,
+    default_home_when_blank,
     url_beginning,
 )
 from framepipe.errors import ConfigError
@@ -213,7 +215,7 @@ class StorageSettings(SettingsSection):
     """Where framepipe keeps its state: the home folder, the state database, the object store,
     how long live apps' events are kept and the MQTT broker they are also published on."""
 
-    home: Path = Field(Path(".framepipe"), description="Folder for embedded state and objects.")
+    home: Path = Field(DEFAULT_HOME, description="Folder for embedded state and objects.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the state database; default SQLite under home."
     )
@@ -247,6 +249,7 @@ class StorageSettings(SettingsSection):
         "(framepipe.mqtt; pip install 'framepipe[mqtt]'); unset: no MQTT.",
     )
 
+    _blank_home = field_validator("home", mode="before")(default_home_when_blank)
     _home = field_validator("home")(check_home)
     _database_url = field_validator("database_url")(check_database_url)
     _objects_url = field_validator("objects_url")(check_objects_url)

@@ -17,6 +17,7 @@ from typing import Any
 from framepipe.errors import ConfigError, StateStoreError
 
 __all__ = [
+    "DEFAULT_HOME",
     "check_api_token",
     "check_database_url",
     "check_home",
@@ -25,6 +26,7 @@ __all__ = [
     "check_mqtt_url",
     "check_objects_url",
     "comma_list",
+    "default_home_when_blank",
     "url_beginning",
 ]
 
@@ -36,6 +38,19 @@ def url_beginning(url: str) -> str:
     never what follows (a password may)."""
     match = _SCHEME.match(url)
     return f"it begins {match.group()!r}" if match else "it has no scheme"
+
+
+DEFAULT_HOME = Path(".framepipe")
+"""The home when none is set: ``.framepipe`` in the current folder."""
+
+
+def default_home_when_blank(value: Any) -> Any:
+    """:data:`DEFAULT_HOME` for a blank home (``FRAMEPIPE_HOME=""``), as a blank setting is
+    unset everywhere (``Path("")`` would be the current folder itself); anything else as given
+    (run before the field's type is checked)."""
+    if isinstance(value, str) and not value.strip():
+        return DEFAULT_HOME
+    return value
 
 
 def check_home(value: Path) -> Path:

@@ -17,13 +17,12 @@ Ctrl-C / SIGTERM interrupted the execution (it stays resumable with ``framepipe 
 Progress and messages go to stderr, results (summaries, tables, ``--json``) to stdout.
 """
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from framepipe import __version__
-from framepipe.cli.common import Globals
+from framepipe.cli.common import Globals, home_option
 from framepipe.cli.db import db_app
 from framepipe.cli.demo import demo
 from framepipe.cli.jobs import jobs_app
@@ -54,8 +53,12 @@ def _version(value: bool) -> None:
 def _root(
     ctx: typer.Context,
     home: Annotated[
-        Path | None,
-        typer.Option("--home", help="Folder of the embedded state and objects (FRAMEPIPE_HOME)."),
+        str | None,
+        typer.Option(
+            "--home",
+            metavar="PATH",
+            help="Folder of the embedded state and objects (FRAMEPIPE_HOME).",
+        ),
     ] = None,
     database_url: Annotated[
         str | None,
@@ -70,7 +73,7 @@ def _root(
     ] = False,
 ) -> None:
     """framepipe: video pipelines that keep running."""
-    overrides = {"home": home, "database_url": database_url, "log_level": log_level}
+    overrides = {"home": home_option(home), "database_url": database_url, "log_level": log_level}
     ctx.obj = Globals({k: v for k, v in overrides.items() if v is not None})
 
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import sqlalchemy as sa
@@ -50,6 +51,7 @@ __all__ = [
     "errors",
     "first_line",
     "flush_std",
+    "home_option",
     "open_store",
     "print_table",
     "say",
@@ -107,6 +109,20 @@ class Globals:
     overrides; the root callback stores it as the context's object."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def home_option(value: str | None, option: str = "--home") -> Path | None:
+    """A home option's folder (None when not given); a blank one exits 2 naming ``option``,
+    where a blank ``FRAMEPIPE_HOME`` is unset: as a path it would be the current folder."""
+    if value is None:
+        return None
+    if not value.strip():
+        die(
+            f"{option} is blank: give the home folder, or leave {option} out for "
+            "FRAMEPIPE_HOME (else ./.framepipe)",
+            2,
+        )
+    return Path(value)
 
 
 class _StderrProxy:
