@@ -312,6 +312,28 @@ def test_a_home_that_is_a_file_or_inside_one_is_refused(
     assert load_settings(home=tmp_path).home == tmp_path
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite+pysqlite:///:memory:",
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:state?mode=memory&cache=shared&uri=true",
+    ],
+)
+def test_an_in_memory_sqlite_state_database_is_refused_saying_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_DATABASE_URL", url)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "FRAMEPIPE_DATABASE_URL: an in-memory SQLite database cannot be" in message
+    assert "each connection would get its own empty database; give a file path" in message
+
+
 @pytest.mark.parametrize("where", ["variable", "file", "keyword"])
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_home_is_unset_not_the_current_folder(
@@ -370,7 +392,6 @@ def test_a_relative_input_root_is_refused_naming_the_setting_and_the_value(
         ("objects_url", "FILE:///srv/objects"),
         ("objects_url", "s3://bucket/prefix?endpoint=http://127.0.0.1:1&region=x"),
         ("database_url", "sqlite:///state.db"),
-        ("database_url", "sqlite://"),
         ("database_url", "postgresql+psycopg://u:p@db:5432/x?options=-csearch_path%3Ds"),
         ("database_url", "postgresql://db/x"),
         ("shutdown_grace", 0.0),

@@ -65,17 +65,30 @@ def check_home(value: Path) -> Path:
 
 
 def check_database_url(value: str | None) -> str | None:
-    """The state database URL, unless it does not parse or names neither SQLite nor
-    PostgreSQL."""
+    """The state database URL, unless it does not parse, names neither SQLite nor
+    PostgreSQL, or names an in-memory SQLite database (``sqlite://``, ``sqlite:///:memory:``,
+    ``file::memory:`` or ``mode=memory``): each connection of the pool would open its own,
+    empty one, without the tables another made, and all of it is lost at exit."""
     if not value:
         return value
     from framepipe.backends.state.store import parse_database_url
 
     try:
-        parse_database_url(value)
+        parsed = parse_database_url(value)
     except StateStoreError as exc:
         raise ValueError(str(exc)) from None
+    if parsed.get_backend_name() == "sqlite" and _in_memory(
+        parsed.database or "", str(parsed.query.get("mode", ""))
+    ):
+        raise ValueError(
+            "an in-memory SQLite database cannot be the state database: each connection would "
+            "get its own empty database; give a file path (sqlite:///path/to/state.db)"
+        )
     return value
+
+
+def _in_memory(database: str, mode: str) -> bool:
+    return database in ("", ":memory:") or database.startswith("file::memory:") or mode == "memory"
 
 
 def check_objects_url(value: str | None) -> str | None:
