@@ -406,6 +406,20 @@ def test_video_bad_input_raises_source_error(
         assert 0 < len(session.frames) < 60  # the frames before the cut came through
 
 
+@pytest.mark.parametrize("scheme", ["rtsp", "tcp"])
+def test_video_source_error_masks_the_password_pyav_repeats(scheme: str) -> None:
+    """PyAV's error repeats the URL as given: the SourceError's message shows it masked."""
+    secret = "s3cretpw"
+    url = f"{scheme}://u:{secret}@127.0.0.1:{free_port()}/x?token=t0ken"
+    session = run(collect(VideoSource(url, "cam", open_timeout=5)))
+    assert isinstance(session.error, SourceError), session.error
+    message = str(session.error)
+    assert "cannot open" in message
+    assert secret in str(session.error.__cause__)  # PyAV's own words: the real URL
+    assert secret not in message and "t0ken" not in message
+    assert message.count(f"{scheme}://u:***@127.0.0.1:") == 2, message  # ours and PyAV's
+
+
 faststart = ("-movflags", "faststart")  # the index first: a cut file still opens
 
 

@@ -9,8 +9,9 @@ Guarantees of one :meth:`VideoSource.frames` session:
   video stream, before the first frame.
 * Any failure in the thread (cannot open, no video stream, corrupt or truncated data, a network
   read that times out) reaches the consumer as :class:`~framepipe.errors.SourceError` naming
-  the source and the URL, with PyAV's exception as ``__cause__``. The thread never dies silently
-  and the consumer never waits forever for a dead thread.
+  the source and the URL, with PyAV's exception as ``__cause__``; its message shows every URL
+  with its secrets masked (:func:`~framepipe.urls.safe_text`), PyAV's words included. The
+  thread never dies silently and the consumer never waits forever for a dead thread.
 * The end of a file (without ``loop``) or of a stream the server closed is a normal end: the
   iterator returns. A file that ends clearly before the length its header announces (the rule
   of the media toolkit, :meth:`~framepipe.video_length.DecodedLength.shortfall`: its frames
@@ -48,7 +49,7 @@ from framepipe.pixels import Image, JpegPicture, YuvPlanes
 from framepipe.sources.base import Source, StartedCallback, check_decode_threads, decoder_threads
 from framepipe.sources.devices import is_device
 from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
-from framepipe.urls import safe_url
+from framepipe.urls import safe_text, safe_url
 from framepipe.video_length import DecodedLength, plays
 
 __all__ = ["VideoSource"]
@@ -257,7 +258,9 @@ class VideoSource(Source):
             channel.post("end")
 
     def _fail(self, message: str, exc: BaseException | None = None) -> SourceError:
-        text = f"{safe_url(self.url)}: {message}" + ("" if exc is None else f": {exc}")
+        text = f"{safe_url(self.url)}: {message}"
+        if exc is not None:  # PyAV repeats the URL as given, password and all
+            text += f": {safe_text(str(exc).replace(self.url, safe_url(self.url)))}"
         error = SourceError(text, source_id=self.source_id)
         error.__cause__ = exc
         return error
