@@ -12,6 +12,7 @@ step is retried; the service on uvicorn runs the ``sd_import`` pipeline.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,26 @@ def test_copy_retries_come_from_the_environment_when_the_pipeline_loads(
                 sd_backend.main(["--shared", str(tmp_path / "shared")])
             assert stopped.value.code == 2
             assert f"{name}='{value}': {says}" in capsys.readouterr().err
+
+
+def test_the_backend_command_refuses_a_malformed_retry_count_in_one_line(tmp_path: Path) -> None:
+    """As the operator runs it: a fresh process, the variable set before anything is imported
+    (the protocol module used to load the pipeline, which read it at import, so a traceback)."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE / "backend.py"), "--shared", str(tmp_path / "shared")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "SD_IMPORT_COPY_RETRIES": "x"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "backend.py: error: SD_IMPORT_COPY_RETRIES='x': use a whole number of retries >= 0 "
+        "(e.g. 6), or leave it unset for 4"
+    )
 
 
 def test_a_copy_is_retried_as_often_as_configured(

@@ -2,7 +2,7 @@
 and where a card file's copy goes in the shared folder (:func:`copy_dest`).
 
 The backend checks every ``sd:file_list`` entry and every import's ``files`` input with it
-(``sd_pipeline.FileEntry``), and refuses a whole list holding one path it refuses. The
+(``sd_messages.FileEntry``), and refuses a whole list holding one path it refuses. The
 detector (``detector.py``) checks each file and folder it finds on a card with the same
 function and skips, with a warning naming it, what the backend would refuse, so one odd name
 on a card never stops the rest of the card from importing.

@@ -30,12 +30,13 @@ refused naming the entry (``message.files[3].path``), and starts nothing.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sd_pipeline import CARD_ID_PATTERN, FileEntry
+from card_paths import MAX_PATH, card_path
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from framepipe.server.detector import DetectorHub, Handler
 
 __all__ = [
+    "CARD_ID_PATTERN",
     "CardInfo",
     "CardInserted",
     "CardRemoved",
@@ -47,6 +48,24 @@ __all__ = [
 ]
 
 _TEXT = 1000  # longest card id, label or card root announced
+CARD_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a folder name, never '..'
+
+
+class FileEntry(BaseModel):
+    """One file of a card, as the detector lists it (metadata only)."""
+
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1, max_length=MAX_PATH)
+    size: int = Field(ge=0)
+    mtime: float
+    fingerprint: str = Field(min_length=8, max_length=128)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        """The path as ``a/b/c`` if :func:`card_paths.card_path` accepts it (the rule the
+        detector lists by), else the reason."""
+        return card_path(value)
 
 
 class CardInfo(BaseModel):

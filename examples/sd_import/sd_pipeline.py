@@ -85,10 +85,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from card_paths import MAX_PATH, card_path, copy_dest
+from card_paths import copy_dest
 from copy_retries import copy_retries_from_env
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
+from sd_messages import CARD_ID_PATTERN, FileEntry
 
 from framepipe import Pipeline, StepContext
 from framepipe.config import load_settings
@@ -116,24 +117,6 @@ __all__ = [
 QR_NAMESPACE = "sd_import.qr"
 COPY_RETRIES = copy_retries_from_env()
 """The ``copy`` step's retries: ``SD_IMPORT_COPY_RETRIES``, ``SD_IMPORT_COPY_RETRY_DELAY``."""
-CARD_ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$"  # a folder name, never '..'
-
-
-class FileEntry(BaseModel):
-    """One file of a card, as the detector lists it (metadata only)."""
-
-    model_config = ConfigDict(extra="ignore")
-    path: str = Field(min_length=1, max_length=MAX_PATH)
-    size: int = Field(ge=0)
-    mtime: float
-    fingerprint: str = Field(min_length=8, max_length=128)
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, value: str) -> str:
-        """The path as ``a/b/c`` if :func:`card_paths.card_path` accepts it (the rule the
-        detector lists by), else the reason."""
-        return card_path(value)
 
 
 class SdImportInputs(BaseModel):
