@@ -4,7 +4,7 @@
 execution's row) plus what scheduling needs: the counters (unfinished, active, running, per
 step name), each step's unfinished key dependencies and dependents, the name waiters and the
 weighted progress. They are mutated only by the engine's scheduler task
-(:mod:`framepipe.jobs.engine`), by the rules of :mod:`framepipe.jobs.rules`; a step's thread
+(:mod:`framepipe.jobs.scheduler`), by the rules of :mod:`framepipe.jobs.rules`; a step's thread
 reads only :meth:`ExecState.data_view` (a snapshot replaced, never changed in place) and
 :meth:`ExecState.deps_of`.
 """
