@@ -7,6 +7,10 @@ request on its hub and pushes progress and the answer (or the error, with its cl
 list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry) while
 it runs, so a worker asking a stopped service fails at once with
 :class:`~framepipe.errors.DetectorUnavailableError` instead of waiting.
+
+While Redis does not answer, the relay retries (waiting from half a second, doubling, at most
+4 s, below the heartbeat's expiry) and logs one warning when it goes away, naming the URL with
+its password masked and the error, and one line when it answers again: never a line per try.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from framepipe.backoff import Backoff
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.redis import namespaced
+from framepipe.urls import safe_text, safe_url
 
 if TYPE_CHECKING:
     from framepipe.server.detector import DetectorHub
@@ -35,6 +41,8 @@ ProgressCallback = Callable[[Mapping[str, Any]], None]
 
 _ALIVE_TTL = 5
 _REPLY_TTL = 600
+_RETRY = Backoff(initial=0.5, factor=2.0, maximum=4.0)
+"""The relay's waits between tries while Redis does not answer."""
 
 
 def _connect(url: str) -> Any:
@@ -52,6 +60,40 @@ def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
     )
 
 
+class _Outage:
+    """Redis not answering, as the relay's loops find it: one warning when the first of them
+    fails, one line once every loop that failed has been answered again; nothing between."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._failing: set[str] = set()
+        self._since = 0.0
+
+    def failed(self, doing: str, exc: BaseException) -> None:
+        if not self._failing:
+            self._since = time.monotonic()
+            _log.warning(
+                "detector relay: Redis at %s does not answer (%s: %s: %s); retrying until it "
+                "does, workers cannot reach the detectors meanwhile",
+                safe_url(self.url),
+                doing,
+                type(exc).__name__,
+                safe_text(str(exc)),
+            )
+        self._failing.add(doing)
+
+    def answered(self, doing: str) -> None:
+        if doing not in self._failing:
+            return
+        self._failing.discard(doing)
+        if not self._failing:
+            _log.info(
+                "detector relay: Redis at %s answers again after %.0fs; relaying",
+                safe_url(self.url),
+                time.monotonic() - self._since,
+            )
+
+
 class Relay:
     """The service's side: takes workers' requests from Redis, answers through Redis."""
 
@@ -60,6 +102,7 @@ class Relay:
         self.url = url
         self.requests, self.alive = _keys(namespace, hub.id)
         self._client: Any = None
+        self._outage = _Outage(url)
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: list[asyncio.Task[None]] = []
 
@@ -83,21 +126,31 @@ class Relay:
             await self._client.aclose()
 
     async def _beat(self) -> None:
+        tries = 0
         while True:
             try:
                 await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
-            except Exception as exc:  # Redis restarting: the next beat tries again
-                _log.warning("detector relay: heartbeat failed (%s)", exc)
+            except Exception as exc:  # Redis away or restarting: tried again, less often
+                tries += 1
+                self._outage.failed("heartbeat", exc)
+                await asyncio.sleep(_RETRY.delay(tries))
+                continue
+            tries = 0
+            self._outage.answered("heartbeat")
             await asyncio.sleep(1.0)
 
     async def _take(self) -> None:
+        tries = 0
         while True:
             try:
                 item = await self._client.blpop([self.requests], timeout=1)
             except Exception as exc:
-                _log.warning("detector relay: reading requests failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                tries += 1
+                self._outage.failed("reading requests", exc)
+                await asyncio.sleep(_RETRY.delay(tries))
                 continue
+            tries = 0
+            self._outage.answered("reading requests")
             if item is None:
                 continue
             try:
