@@ -18,6 +18,7 @@ from framepipe.health import HealthState
 from framepipe.processors import Processor
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Sink, Stage, StreamPipeline
+from waiting import wait_until_async
 
 Events = list[tuple[str, dict[str, Any]]]
 
@@ -215,6 +216,46 @@ def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path)
     back = list(frames.read_frames("station_1", "ORDER_2"))
     assert len(back) == done[1]["frames"] and back[0].image.shape == (240, 320, 3)
     assert pipeline.segments_completed == 4
+
+
+def test_a_pipeline_started_again_still_closes_its_segments_on_their_timeout() -> None:
+    """A run that ended while its segment's timeout was pending leaves nothing of it to the
+    next run of the same pipeline (an app's resume, a recovery): the wall-clock timeout of the
+    next run's segments still closes them."""
+    tags = {"key": "A", "left": 3}
+
+    def tag(frame: Frame) -> Frame:
+        if tags["left"] > 0:  # the first frames of each run are keyed, the rest are not
+            tags["left"] -= 1
+            frame.meta["order"] = tags["key"]
+        return frame
+
+    events: Events = []
+    pipeline = StreamPipeline(
+        "s",
+        PatternSource("s", fps=50),
+        stages=[Stage(tag)],
+        segmenter=Segmenter("order", timeout=1.0),
+    )
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+    def completed(key: str) -> list[str]:
+        return [d["reason"] for d in of(events, "segment.completed") if d["key"] == key]
+
+    async def main() -> None:
+        await pipeline.start()
+        await wait_until_async("segment A open", lambda: of(events, "segment.started"))
+        await pipeline.stop()  # A's timeout is still ahead
+        assert completed("A")
+        tags.update(key="B", left=3)
+        await pipeline.start()
+        try:
+            await wait_until_async("segment B completed", lambda: completed("B"))
+        finally:
+            await pipeline.stop()
+
+    asyncio.run(main())
+    assert completed("B") == ["timeout"]
 
 
 def test_frame_store_copies_the_best_frames_of_each_segment(tmp_path: Path) -> None:

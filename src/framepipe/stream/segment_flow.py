@@ -7,7 +7,9 @@ Guarantees:
 * The segmenter sees the frames in the order they reach it; each frame flows on after the
   segments it closed, as markers, so a sink has a segment's frames before its marker.
 * With the wall clock, a segment times out on its deadline even when no frame comes: a timer,
-  armed for the earliest deadline, puts a tick on the segmenter's queue (nothing polls).
+  armed for the earliest deadline, puts a tick on the segmenter's queue (nothing polls). A
+  run's timer ends with the run: the next run of the pipeline (a resume, a recovery) arms its
+  own.
 * ``segment.started`` is emitted when a frame opens a segment; every segment closed is
   followed until it completes: a segment is completed (``segment.completed``, counted, its
   latency kept, one log line) once its marker came out of the last sink, or when a stop cut
@@ -165,10 +167,12 @@ class SegmentFlow:
         self._emit("segment.completed", **data)
 
     def stop_timer(self) -> None:
-        """The run's tasks ended: no tick comes any more."""
+        """The run's tasks ended: no tick comes any more, and none is waited for (the next
+        run arms its own)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_at = None
 
     def cut(self) -> Cut:
         """A stop cut the run: the segments whose markers had not come out of the sinks, then
