@@ -62,16 +62,18 @@ def run_live(target: App | StreamPipeline, settings: Settings, console: Console)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
+    """A number with ``digits`` decimals; ``-`` for none; anything else as :func:`_text`."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return str(value)
+    return _text(value)
 
 
 def _text(value: Any, limit: int | None = None) -> str:
-    """``value`` as a table cell shows it as written: errors hold ``[station_1]``, which Rich
-    would take for markup and drop (``CaptureExitedError:  capture ...``)."""
+    """``value`` (of any type: a snapshot is another process's JSON) as a table cell shows it
+    as written: errors hold ``[station_1]``, which Rich would take for markup and drop
+    (``CaptureExitedError:  capture ...``), and ``[/x]`` would be a markup error."""
     text = "" if value is None else str(value)
     return escape(text[:limit] if limit is not None else text)
 
@@ -86,10 +88,10 @@ def health_table(settings: Settings) -> Table | None:
         pipelines = snap["pipeline_status"]
         table.add_row(
             _text(snap["name"]),
-            snap["state"],
+            _text(snap["state"]),
             _fmt(snap.get("performance_score"), 2),
             _fmt(snap.get("uptime")),
-            str(snap.get("pid")),
+            _text(snap.get("pid")),
             _text(", ".join(f"{n}={p.get('state')}" for n, p in pipelines.items())),
             _text(snap.get("last_error"), 80),
         )
@@ -123,13 +125,13 @@ def sources_table(settings: Settings) -> Table | None:
                 _text(snap["name"]),
                 _text(name),
                 _text(status.get("source_description", "")),
-                state,
+                _text(state),
                 _fmt(fps),
-                str(status.get("frames_captured", 0)),
-                str(src.get("restarts", 0)),
-                str(src.get("stalls", 0)),
-                str(src.get("pid") or "-"),
-                str(status.get("segments_completed", 0)),
+                _text(status.get("frames_captured", 0)),
+                _text(src.get("restarts", 0)),
+                _text(src.get("stalls", 0)),
+                _text(src.get("pid") or "-"),
+                _text(status.get("segments_completed", 0)),
                 _text(status.get("last_error"), 60),
             )
     return table
