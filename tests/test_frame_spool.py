@@ -5,6 +5,7 @@ stopped and started again."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,26 @@ def _moto(port: int, log: Path) -> subprocess.Popen[bytes]:
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.kill()
     proc.wait()
+
+
+def _run_until_uploaded(pipeline: StreamPipeline, count: int) -> Events:
+    """Run ``pipeline`` (a long paced source) until its spool reports ``count`` frames
+    uploaded, then stop it: however long the uploads take on a busy machine (60 s at most)."""
+    events: Events = []
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+    async def main() -> None:
+        await pipeline.start()
+        try:
+            while sum(d["count"] for d in of(events, "frames.uploaded")) < count:
+                if pipeline.state in ("stopped", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await pipeline.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    return events
 
 
 def test_frames_refused_while_the_store_is_down_are_kept_and_uploaded_once_it_is_back(
@@ -70,12 +91,13 @@ def test_frames_refused_while_the_store_is_down_are_kept_and_uploaded_once_it_is
         proc = _moto(port, tmp_path / "s3.log")  # back (moto starts empty)
         try:
             client.create_bucket(Bucket="frames")
-            later: Events = run_pipeline(  # the next run uploads what the last one kept
+            later = _run_until_uploaded(  # the next run uploads what the last one kept
                 StreamPipeline(
                     "s",
-                    PatternSource("s", count=20, fps=10, realtime=True),
+                    PatternSource("s", count=600, fps=10, realtime=True),
                     sinks=[FrameStore(store, spool=spool, spool_retry=0.2)],
-                )
+                ),
+                40,
             )
             uploads = of(later, "frames.uploaded")
             assert sum(u["count"] for u in uploads) == 40, uploads
