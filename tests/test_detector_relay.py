@@ -1,17 +1,21 @@
 """The detector relay (a service's detectors reached from ``framepipe worker`` processes through
-Redis) with Redis going away: one warning for an outage, however long, one line when Redis is
-back, and requests relayed again after it."""
+Redis) with Redis going away and a service that does not answer: one warning for an outage,
+however long, one line when Redis is back, and requests relayed again after it; a
+``send_sync`` that waits at most its ``wait``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis as redis_sync
 
+from conftest import REDIS_URL, redis_namespace
 from framepipe.errors import DetectorUnavailableError
 from framepipe.server.detector import DetectorHub
 from framepipe.server.detector_relay import Relay, RemoteDetectorHub
@@ -88,3 +92,31 @@ def test_a_redis_outage_is_logged_once_and_the_relay_answers_after_it(
     finally:
         server.stop()
     assert not [r for r in caplog.records if PASSWORD in r.getMessage()]
+
+
+@pytest.mark.redis
+def test_send_sync_waits_at_most_its_wait_for_a_service_that_does_not_answer() -> None:
+    """A service whose heartbeat is there but that takes no request (a stuck one):
+    ``send_sync(wait=...)`` raises TimeoutError once ``wait`` has passed, as
+    :meth:`DetectorHub.send_sync` does, instead of waiting its own 150 s."""
+    with redis_namespace("fp-relay-") as namespace:
+        remote = RemoteDetectorHub("stuck", REDIS_URL, namespace)
+        client = redis_sync.Redis.from_url(REDIS_URL)
+        client.set(remote.alive, "1", ex=120)
+        outcome: list[BaseException | bool] = []
+
+        def send() -> None:
+            try:
+                outcome.append(remote.send_sync("session-1", {"type": "status"}, wait=0.3))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(60)  # a bound for a hang (before: 150 s), not a measure of the wait
+        client.delete(remote.alive)
+        client.close()
+        assert not sender.is_alive(), "send_sync did not return within 60 s for wait=0.3"
+        [raised] = outcome
+        assert isinstance(raised, TimeoutError), raised
+        assert "0.3" in str(raised) and "status" in str(raised)

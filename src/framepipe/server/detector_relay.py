@@ -348,5 +348,21 @@ class RemoteDetectorHub:
         return bool(answer.get("sent"))
 
     def send_sync(self, session_id: str, message: Mapping[str, Any], *, wait: float = 10.0) -> bool:
-        """:meth:`send` from a thread without a running event loop."""
-        return asyncio.run(self.send(session_id, message))
+        """:meth:`send` from a thread without a running event loop, waiting at most ``wait``
+        seconds for the service's answer; past it a :class:`TimeoutError`, as from
+        :meth:`DetectorHub.send_sync`. The message may still be delivered after that: the
+        service takes it from Redis when it can."""
+        return asyncio.run(self._send_within(session_id, message, wait))
+
+    async def _send_within(self, session_id: str, message: Mapping[str, Any], wait: float) -> bool:
+        limit = asyncio.timeout(wait)
+        try:
+            async with limit:
+                return await self.send(session_id, message)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise TimeoutError(
+                f"no answer from the service holding detector hub {self.id} to "
+                f"{message.get('type')} within {wait:g}s"
+            ) from None
