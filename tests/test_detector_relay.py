@@ -6,6 +6,7 @@ however long, one line when Redis is back, and requests relayed again after it; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -120,3 +121,55 @@ def test_send_sync_waits_at_most_its_wait_for_a_service_that_does_not_answer() -
         [raised] = outcome
         assert isinstance(raised, TimeoutError), raised
         assert "0.3" in str(raised) and "status" in str(raised)
+
+
+@pytest.mark.slow  # a redis-server of its own, stopped under a request in flight
+def test_an_answer_redis_refuses_is_one_warning_and_the_request_task_ends_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis goes away while the service works on a worker's request: the answer cannot be
+    pushed. That is one warning naming the request; the relay's task for it ends without an
+    exception (before, it raised from its error path and was never retrieved)."""
+    caplog.set_level(logging.INFO, logger="framepipe")
+    server = PrivateRedis(tmp_path, password=PASSWORD)
+    server.start()
+
+    async def scenario() -> None:
+        hub = DetectorHub("inflight")
+        release = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def slow_send(session_id: str, message: object) -> bool:
+            entered.set()
+            await release.wait()
+            return True
+
+        hub.send = slow_send  # type: ignore[method-assign]
+        relay = Relay(hub, server.url, "relaytest")
+        remote = RemoteDetectorHub(hub.id, server.url, "relaytest")
+        await relay.start()
+        asking = asyncio.create_task(_sent_once_alive(remote))
+        try:
+            await asyncio.wait_for(entered.wait(), 30)
+            [serving] = list(relay._tasks)
+            await asyncio.to_thread(server.stop)
+            release.set()
+            await asyncio.wait_for(asyncio.shield(serving), 30)
+            assert serving.exception() is None
+            [warning] = [
+                line
+                for line in _relay_lines(caplog, logging.WARNING)
+                if "could not be sent" in line
+            ]
+            assert "the answer of status could not be sent to the worker" in warning
+        finally:
+            asking.cancel()
+            with contextlib.suppress(BaseException):
+                await asking
+            await relay.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if PASSWORD in r.getMessage()]

@@ -169,13 +169,30 @@ class Relay:
             pipe.expire(reply_to, _REPLY_TTL)
             await pipe.execute()
 
+    async def _answer(
+        self, reply_to: str, request: Mapping[str, Any], reply: Mapping[str, Any]
+    ) -> None:
+        """Push ``reply``; if Redis refuses it (gone meanwhile), say so in one warning: the
+        worker's own wait then ends its request, with the service's heartbeat gone or its
+        answer timeout, so nothing else is to be done here."""
+        try:
+            await self._push(reply_to, reply)
+        except Exception as exc:
+            _log.warning(
+                "detector relay: the %s of %s could not be sent to the worker (%s: %s)",
+                reply.get("kind"),
+                request.get("what"),
+                type(exc).__name__,
+                safe_text(str(exc)),
+            )
+
     async def _serve(self, reply_to: str, request: dict[str, Any]) -> None:
         session_id = str(request.get("session_id"))
         message = request.get("message") or {}
         try:
             if request.get("kind") == "send":
                 sent = await self.hub.send(session_id, message)
-                await self._push(reply_to, {"kind": "answer", "message": {"sent": sent}})
+                await self._answer(reply_to, request, {"kind": "answer", "message": {"sent": sent}})
                 return
             progress: list[asyncio.Task[None]] = []
 
@@ -194,10 +211,11 @@ class Relay:
                 on_progress=on_progress,
             )
             await asyncio.gather(*progress, return_exceptions=True)
-            await self._push(reply_to, {"kind": "answer", "message": answer})
+            await self._answer(reply_to, request, {"kind": "answer", "message": answer})
         except DetectorError as exc:
-            await self._push(
+            await self._answer(
                 reply_to,
+                request,
                 {
                     "kind": "error",
                     "class": type(exc).__name__,
@@ -208,8 +226,9 @@ class Relay:
             )
         except Exception as exc:
             _log.exception("detector relay: request %s failed", request.get("what"))
-            await self._push(
+            await self._answer(
                 reply_to,
+                request,
                 {
                     "kind": "error",
                     "class": "DetectorError",
