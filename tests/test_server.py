@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +22,13 @@ from typer.testing import CliRunner
 
 from framepipe import Pipeline, StepContext
 from framepipe.app import App
+from framepipe.backends.objects import open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.event_log import append_events, insert_events
 from framepipe.backends.state.retention import prune_events
 from framepipe.cli import app as cli_app
-from framepipe.config import Settings
+from framepipe.config import Settings, load_settings
+from framepipe.errors import ConfigError
 from framepipe.events import Event
 from framepipe.server import EventFeed, create_app
 from framepipe.sources import PatternSource
@@ -360,6 +364,64 @@ def test_the_service_prunes_executions_older_than_the_retention(settings: Settin
         wait_until("the old execution pruned", lambda: old not in listed(server), timeout=20)
         fresh = _run_to_the_end(server)
         assert listed(server) == [fresh]  # the next prune is an hour away
+
+
+def test_the_service_prunes_each_executions_objects_after_its_records(
+    settings: Settings, caplog: pytest.LogCaptureFixture, aws_env: None
+) -> None:
+    """With ``executions_retention_objects``, each pruned execution's objects under the
+    template go too; objects under no pruned execution's prefix stay. While the object store
+    is away, no execution is pruned (its objects would be left with no record naming them)."""
+    with Server(settings) as server:
+        old = [_run_to_the_end(server), _run_to_the_end(server)]
+    with open_object_store(settings.resolved_objects_url) as objects:
+        for execution_id in old:
+            objects.put(f"ml/{execution_id}/frames/f1.jpg", b"x")
+            objects.put(f"ml/{execution_id}/out.mp4", b"y")
+        objects.put("ml/someone-else/keep.bin", b"z")
+    time.sleep(1.0)
+    retention = {
+        "executions_retention_days": 0.5 / 86_400,
+        "executions_retention_objects": "ml/{execution_id}/",
+    }
+
+    away = settings.model_copy(
+        update={**retention, "objects_url": f"s3://frames?endpoint=http://127.0.0.1:{free_port()}"}
+    )
+    caplog.set_level(logging.WARNING, logger="framepipe")
+    with Server(away) as server:
+        wait_until(
+            "the skipped prune's warning",
+            lambda: any("are not pruned this hour" in r.getMessage() for r in caplog.records),
+            timeout=30,
+        )
+        answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
+        assert sorted(e["id"] for e in answer.json()) == sorted(old)
+
+    with Server(settings.model_copy(update=retention)) as server:
+
+        def left() -> list[str]:
+            with open_object_store(settings.resolved_objects_url) as o:
+                return sorted(i.key for i in o.list("ml/"))
+
+        wait_until("the old executions' objects deleted", lambda: len(left()) == 1, timeout=20)
+        assert left() == ["ml/someone-else/keep.bin"]
+        answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
+        assert answer.json() == []
+
+
+def test_a_retention_objects_template_that_names_every_execution_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for template, says in (
+        ("ml/", "does not hold {execution_id}"),
+        ("ml/{execution_id:.0}/", "takes no format or conversion"),
+        ("ml/{step}/{execution_id}/", "unknown field(s) step"),
+    ):
+        monkeypatch.setenv("FRAMEPIPE_EXECUTIONS_RETENTION_OBJECTS", template)
+        with pytest.raises(ConfigError, match=re.escape(says)) as refused:
+            load_settings()
+        assert "FRAMEPIPE_EXECUTIONS_RETENTION_OBJECTS" in str(refused.value)
 
 
 def _run_to_the_end(server: Server) -> str:

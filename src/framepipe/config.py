@@ -71,6 +71,7 @@ from framepipe.config_checks import (
     check_log_level,
     check_mqtt_url,
     check_objects_url,
+    check_prune_objects,
     comma_list,
     default_home_when_blank,
     url_beginning,
@@ -242,6 +243,12 @@ class StorageSettings(SettingsSection):
         "their steps and events (hourly, by framepipe serve; framepipe jobs prune does it by "
         "hand); unset keeps them. The import ledger stays.",
     )
+    executions_retention_objects: str | None = Field(
+        None,
+        description="With executions_retention_days: the prefix of each pruned execution's "
+        "objects, deleted after its records, e.g. 'ml/{execution_id}/' (may hold "
+        "{pipeline}); unset leaves objects alone.",
+    )
     mqtt_url: str | None = Field(
         None,
         description="mqtt://user:pass@host:1883/prefix (or mqtts://): every live app also "
@@ -253,6 +260,7 @@ class StorageSettings(SettingsSection):
     _home = field_validator("home")(check_home)
     _database_url = field_validator("database_url")(check_database_url)
     _objects_url = field_validator("objects_url")(check_objects_url)
+    _prune_objects = field_validator("executions_retention_objects")(check_prune_objects)
     _mqtt_url = field_validator("mqtt_url")(check_mqtt_url)
 
     @property

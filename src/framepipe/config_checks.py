@@ -25,6 +25,7 @@ __all__ = [
     "check_log_level",
     "check_mqtt_url",
     "check_objects_url",
+    "check_prune_objects",
     "comma_list",
     "default_home_when_blank",
     "url_beginning",
@@ -103,6 +104,39 @@ def check_objects_url(value: str | None) -> str | None:
         object_store_location(value)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+    return value
+
+
+def check_prune_objects(value: str | None) -> str | None:
+    """A prefix template naming one execution's objects (None when blank): it holds
+    ``{execution_id}`` and may hold ``{pipeline}``, each without a format spec or conversion,
+    and no other field. Without ``{execution_id}``, or with ``{execution_id:.4}``, it would
+    name other executions' objects too."""
+    if value is None or not value.strip():
+        return None
+    import string
+
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value)]
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    if any(spec or conv for f, spec, conv in parsed if f is not None):
+        raise ValueError(
+            f"{value!r}: a field takes no format or conversion "
+            "({execution_id:.4} would name other executions' objects)"
+        )
+    fields = {f for f, _, _ in parsed if f is not None}
+    unknown = sorted(fields - {"execution_id", "pipeline"})
+    if unknown:
+        raise ValueError(
+            f"{value!r}: unknown field(s) {', '.join(unknown)}; use {{execution_id}} and "
+            "{pipeline}"
+        )
+    if "execution_id" not in fields:
+        raise ValueError(
+            f"{value!r} does not hold {{execution_id}}: it would name the objects of every "
+            "execution"
+        )
     return value
 
 

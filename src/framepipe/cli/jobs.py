@@ -286,8 +286,8 @@ def jobs_prune(
     """Delete executions that finished longer ago than --older-than, with their steps and
     events (the import ledger stays); a running one never."""
     from framepipe.backends.objects import open_object_store
-    from framepipe.errors import InvalidKeyError, ObjectStoreError
-    from framepipe.jobs.pruning import FINISHED
+    from framepipe.config_checks import check_prune_objects
+    from framepipe.jobs.pruning import FINISHED, PrunedObjects, check_objects_prefix, delete_objects
 
     with errors():
         seconds = older_than_seconds(older_than)
@@ -302,7 +302,10 @@ def jobs_prune(
             if not statuses <= FINISHED:
                 raise UsageError("--status: pending and running executions are never pruned")
         if objects is not None:
-            _check_objects_template(objects)
+            try:
+                check_prune_objects(objects)
+            except ValueError as exc:
+                raise UsageError(f"--objects {exc}") from None
         settings = settings_of(ctx)
         with contextlib.ExitStack() as stack:
             store_objects = None
@@ -311,25 +314,19 @@ def jobs_prune(
                 store_objects = stack.enter_context(
                     open_object_store(settings.resolved_objects_url)
                 )
-                sample = objects.format(execution_id="0" * 32, pipeline=pipeline or "pipeline")
                 try:
-                    next(iter(store_objects.list(sample)), None)
-                except InvalidKeyError as exc:
-                    raise UsageError(f"--objects {objects!r}: {exc}") from None
+                    check_objects_prefix(store_objects, objects, pipeline)
+                except ValueError as exc:
+                    raise UsageError(f"--objects {exc}") from None
             with SyncJobClient(settings=settings) as client:
                 pruned = client.prune(
                     seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
                 )
-            removed = 0
-            left: list[tuple[str, str]] = []  # (prefix, why) of objects not deleted
+            gone = PrunedObjects(0, [])
             if objects is not None and store_objects is not None and not dry_run:
-                for p in pruned:
-                    prefix = objects.format(execution_id=p.id, pipeline=p.pipeline)
-                    try:
-                        for info in list(store_objects.list(prefix)):
-                            removed += int(store_objects.delete(info.key))
-                    except ObjectStoreError as exc:  # the records are gone: say what is left
-                        left.append((prefix, str(exc)))
+                gone = delete_objects(store_objects, objects, pruned)
+        removed = gone.deleted
+        left = [(o.prefix, o.error) for o in gone.left]
     if json_out:
         dump_json(
             {
@@ -362,32 +359,3 @@ def jobs_prune(
         for prefix, why in left:
             say(err, f"objects left under {prefix}: {why}", "red")
         raise typer.Exit(1)
-
-
-def _check_objects_template(template: str) -> None:
-    """``--objects`` names one prefix per execution: it must hold ``{execution_id}``, and no
-    field but it and ``{pipeline}`` (a prefix without it would delete other executions'
-    objects)."""
-    import string
-
-    try:
-        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)]
-    except ValueError as exc:
-        raise UsageError(f"--objects {template!r}: {exc}") from None
-    if any(spec or conv for f, spec, conv in parsed if f is not None):
-        raise UsageError(
-            f"--objects {template!r}: a field takes no format or conversion "
-            "({execution_id:.4} would name other executions' objects)"
-        )
-    fields = {f for f, _, _ in parsed if f is not None}
-    unknown = sorted(fields - {"execution_id", "pipeline"})
-    if unknown:
-        raise UsageError(
-            f"--objects {template!r}: unknown field(s) {', '.join(unknown)}; "
-            "use {execution_id} and {pipeline}"
-        )
-    if "execution_id" not in fields:
-        raise UsageError(
-            f"--objects {template!r} does not hold {{execution_id}}: it would delete the "
-            "objects of every execution"
-        )

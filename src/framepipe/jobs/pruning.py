@@ -12,9 +12,12 @@ Guarantees:
   lock that stops the engine or a worker for long.
 * The ledger stays: it is what incremental imports remember (which files were imported), and
   it outlives the executions that wrote it.
-* Objects are the caller's: the command line deletes those under a prefix it is given per
-  pruned execution (``framepipe jobs prune --objects 'ml/{execution_id}/'``), after the
-  records, so an execution a retry resumed never loses its intermediates.
+* Objects go only when asked, after the records (so an execution a retry resumed never
+  loses its intermediates): :func:`delete_objects` deletes those under a prefix template per
+  pruned execution (``framepipe jobs prune --objects 'ml/{execution_id}/'``, or the setting
+  ``executions_retention_objects`` of ``framepipe serve``), the template checked first by
+  :func:`~framepipe.config_checks.check_prune_objects`. What it cannot delete it names, with
+  the store's error: the records are gone, so nothing else remembers it.
 """
 
 from __future__ import annotations
@@ -26,10 +29,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore, events, executions, step_deps, steps
+from framepipe.config_checks import check_prune_objects
+from framepipe.errors import InvalidKeyError, ObjectStoreError
 from framepipe.jobs.models import ExecutionStatus
 
-__all__ = ["FINISHED", "PrunedExecution", "prune_executions"]
+__all__ = [
+    "FINISHED",
+    "ObjectsLeft",
+    "PrunedExecution",
+    "PrunedObjects",
+    "check_objects_prefix",
+    "delete_objects",
+    "prune_executions",
+]
 
 FINISHED = frozenset(s for s in ExecutionStatus if s.finished)
 """The statuses an execution may be pruned in: it runs no more."""
@@ -104,3 +118,54 @@ def prune_executions(
 
 def _pruned(row: Any) -> PrunedExecution:
     return PrunedExecution(row.id, row.pipeline, ExecutionStatus(row.status), row.finished_at)
+
+
+@dataclass(frozen=True)
+class ObjectsLeft:
+    """The objects of one pruned execution that could not all be deleted."""
+
+    prefix: str
+    error: str
+
+
+@dataclass(frozen=True)
+class PrunedObjects:
+    """What :func:`delete_objects` did: how many objects went, and where some are left."""
+
+    deleted: int
+    left: list[ObjectsLeft]
+
+
+def check_objects_prefix(objects: ObjectStore, template: str, pipeline: str | None = None) -> str:
+    """``template`` if it is a prefix template (:func:`~framepipe.config_checks.
+    check_prune_objects`) whose prefixes ``objects`` can list; ValueError saying why not.
+    Run before any record is deleted: a template refused after would leave objects no
+    record names."""
+    checked = check_prune_objects(template)
+    if checked is None:
+        raise ValueError("the prefix template is blank")
+    sample = checked.format(execution_id="0" * 32, pipeline=pipeline or "pipeline")
+    try:
+        next(iter(objects.list(sample)), None)
+    except InvalidKeyError as exc:
+        raise ValueError(f"{template!r}: {exc}") from None
+    return checked
+
+
+def delete_objects(
+    objects: ObjectStore, template: str, pruned: Collection[PrunedExecution]
+) -> PrunedObjects:
+    """Delete, for each of ``pruned``, the objects under ``template`` formatted with its
+    ``execution_id`` and ``pipeline`` (a template :func:`check_objects_prefix` accepted).
+    An object store error stops that execution's prefix, which is then named with the error
+    in :attr:`PrunedObjects.left`; the other executions' objects are still deleted."""
+    deleted = 0
+    left: list[ObjectsLeft] = []
+    for p in pruned:
+        prefix = template.format(execution_id=p.id, pipeline=p.pipeline)
+        try:
+            for info in list(objects.list(prefix)):
+                deleted += int(objects.delete(info.key))
+        except ObjectStoreError as exc:
+            left.append(ObjectsLeft(prefix, str(exc)))
+    return PrunedObjects(deleted, left)

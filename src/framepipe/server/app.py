@@ -61,6 +61,7 @@ from framepipe.errors import FramepipeError, MissingDependencyError
 from framepipe.event_sinks import StoreEventSink
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.pruning import check_objects_prefix, delete_objects
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, safe_url
 from framepipe.server.browser_guard import BrowserGuard
@@ -185,7 +186,13 @@ def _lifespan(
             await live_app.start()
         reopening = None if obj.store is not None else asyncio.create_task(obj.keep_opening())
         days = settings.executions_retention_days
-        pruning = None if days is None else asyncio.create_task(_prune_executions(jobs, days))
+        pruning = (
+            None
+            if days is None
+            else asyncio.create_task(
+                _prune_executions(jobs, days, obj, settings.executions_retention_objects)
+            )
+        )
         try:
             yield
         finally:
@@ -221,24 +228,61 @@ PRUNE_EVERY = 3600.0
 """Seconds between two prunes of old executions by the service (``executions_retention_days``)."""
 
 
-async def _prune_executions(jobs: JobClient, days: float) -> None:
+async def _prune_executions(
+    jobs: JobClient, days: float, access: ObjectAccess, template: str | None
+) -> None:
     """Every :data:`PRUNE_EVERY` seconds, the first at start: delete the executions that
-    finished more than ``days`` days ago (:meth:`JobClient.prune`). A failure is logged and
-    tried again at the next turn. A prune under way when the service stops finishes its
-    batch (a transaction of its own) in its thread."""
+    finished more than ``days`` days ago (:meth:`JobClient.prune`) and, with ``template``,
+    their objects after them (:func:`~framepipe.jobs.pruning.delete_objects`). With a
+    template, a turn is skipped while the object store is away or refuses the template, so
+    no execution's records go while its objects cannot. A failure is logged and tried again
+    at the next turn. A prune under way when the service stops finishes its batch (a
+    transaction of its own) in its thread."""
     while True:
         try:
-            pruned = await jobs.prune(days * 86_400.0)
+            await _prune_once(jobs, days, access, template)
         except FramepipeError as exc:
             _log.warning("pruning old executions failed (%s); next try in an hour", exc)
         except Exception:  # a bug must not end pruning for good, nor break the shutdown
             _log.exception("pruning old executions failed; next try in an hour")
-        else:
-            if pruned:
-                _log.info(
-                    "pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days
-                )
         await asyncio.sleep(PRUNE_EVERY)
+
+
+async def _prune_once(
+    jobs: JobClient, days: float, access: ObjectAccess, template: str | None
+) -> None:
+    store = access.store
+    if template is not None:
+        if store is None:
+            _log.warning(
+                "old executions are not pruned this hour: %s is not open, and their objects "
+                "(%s) would be left behind",
+                access.describe(),
+                template,
+            )
+            return
+        try:
+            await asyncio.to_thread(check_objects_prefix, store, template)
+        except ValueError as exc:
+            _log.warning(
+                "old executions are not pruned: FRAMEPIPE_EXECUTIONS_RETENTION_OBJECTS %s", exc
+            )
+            return
+    pruned = await jobs.prune(days * 86_400.0)
+    if not pruned:
+        return
+    if template is None or store is None:
+        _log.info("pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days)
+        return
+    gone = await asyncio.to_thread(delete_objects, store, template, pruned)
+    _log.info(
+        "pruned %d execution(s) that finished over %g day(s) ago, and %d object(s)",
+        len(pruned),
+        days,
+        gone.deleted,
+    )
+    for left in gone.left:
+        _log.warning("objects left under %s: %s", left.prefix, left.error)
 
 
 def create_app(
