@@ -627,6 +627,8 @@ def test_a_blank_home_option_is_refused_and_a_blank_variable_is_unset(
     for blank in ("", " "):
         result = runner.invoke(app, ["--home", blank, "jobs", "list"])
         assert_one_line_error(result, 2, "error: --home is blank")
+        result = runner.invoke(app, ["demo", "--home", blank])  # its own --home too
+        assert_one_line_error(result, 2, "error: --home is blank")
     assert list(tmp_path.iterdir()) == []
     result = runner.invoke(app, ["jobs", "list"], env={"FRAMEPIPE_HOME": ""})
     assert result.exit_code == 0, result.output

@@ -65,8 +65,11 @@ def test_refusals_name_the_field() -> None:
     deep: Any = []
     for _ in range(100_000):  # no RecursionError, however deep
         deep = [deep]
-    with pytest.raises(InvalidInputError, match="nested more than 64"):
+    with pytest.raises(InvalidInputError, match="nested more than 64") as refused:
         check_json({"d": deep}, "inputs")
+    where = refused.value.where or ""  # named, but not by 64 "[0]"s
+    assert where.startswith("inputs.d[0][0]") and where.endswith("[0]") and "…" in where
+    assert len(str(refused.value)) < 250
     with pytest.raises(InputTooLargeError, match="FRAMEPIPE_MAX_INPUTS_BYTES"):
         check_size({"blob": "x" * 2000}, "inputs", limit=1000, setting="FRAMEPIPE_MAX_INPUTS_BYTES")
 

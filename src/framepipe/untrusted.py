@@ -69,7 +69,9 @@ def check_json(value: Any, where: str, *, max_depth: int = MAX_DEPTH) -> None:
     while stack:
         item, path, depth = stack.pop()
         if depth > max_depth:
-            raise InvalidInputError(f"is nested more than {max_depth} levels deep", where=path)
+            raise InvalidInputError(
+                f"is nested more than {max_depth} levels deep", where=_shortened(path)
+            )
         if isinstance(item, str):
             problem = _text_problem(item)
             if problem is not None:
@@ -91,6 +93,14 @@ def check_json(value: Any, where: str, *, max_depth: int = MAX_DEPTH) -> None:
                 raise InvalidInputError(f"is {item}, which JSON cannot hold", where=path)
         elif item is not None and not isinstance(item, (bool, int)):
             raise InvalidInputError(f"is a {type(item).__name__}, which is not JSON", where=path)
+
+
+def _shortened(path: str, keep: int = 120) -> str:
+    """``path`` cut in its middle when longer than ``keep`` characters: a
+    value nested 64 deep would otherwise be named by 64 ``[0]``."""
+    if len(path) <= keep:
+        return path
+    return f"{path[: keep // 2]}…{path[-(keep // 4) :]}"
 
 
 def json_size(value: Any) -> int:

@@ -12,7 +12,6 @@ it; the live-only options without ``--live`` are a usage error.
 import asyncio
 import os
 import secrets
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -24,6 +23,7 @@ from framepipe.cli.common import (
     console,
     errors,
     flush_std,
+    home_option,
     say,
     settings_of,
 )
@@ -41,7 +41,10 @@ def demo(
     ctx: typer.Context,
     *,
     home: Annotated[
-        Path | None, typer.Option("--home", help="Folder for the demo's state, objects and card.")
+        str | None,
+        typer.Option(
+            "--home", metavar="PATH", help="Folder for the demo's state, objects and card."
+        ),
     ] = None,
     live: Annotated[
         bool,
@@ -80,7 +83,8 @@ def demo(
             if given:
                 verb = "needs" if len(given) == 1 else "need"
                 raise UsageError(f"{', '.join(given)} {verb} --live")
-        settings = settings_of(ctx, **({"home": home} if home is not None else {}))
+        folder = home_option(home)
+        settings = settings_of(ctx, **({"home": folder} if folder is not None else {}))
         if live:
             _live(settings, host or "127.0.0.1", port, duration)
         else:
