@@ -395,6 +395,28 @@ def test_a_detector_that_stops_reading_is_cut_off_and_holds_no_send_up(
         assert recv(again)["n"] == 1
 
 
+def test_send_sync_raises_timeout_error_past_its_wait(hub_server: tuple[Server, Any]) -> None:
+    """A send to a detector that stopped reading cannot finish: ``send_sync`` gives up after
+    ``wait`` with :class:`TimeoutError`, as documented, and does not block its thread."""
+    server, hub = hub_server
+    sock = stalled_websocket(server.port, "/ws/detector", TOKEN)
+    hello_message = {"type": "detector:hello", "detector_id": "slow"}
+    send_text(sock, json.dumps({**hello_message, "sessions": [{"session_id": "s9"}]}))
+    try:
+        wait_until("the detector to be connected", lambda: hub.is_connected("slow"), 10)
+        blob = "x" * 200_000
+        raised: BaseException | None = None
+        for _ in range(200):  # until its buffers are full and a send cannot go out
+            try:
+                assert hub.send_sync("s9", {"type": "sd:status", "blob": blob}, wait=0.5)
+            except TimeoutError as exc:
+                raised = exc
+                break
+        assert isinstance(raised, TimeoutError), "every send went out: the client never stalled"
+    finally:
+        sock.close()
+
+
 def test_a_session_belongs_to_the_detector_that_opened_it(hub_server: tuple[Server, Any]) -> None:
     server, hub = hub_server
     with connect(server) as owner:

@@ -424,12 +424,17 @@ class DetectorHub:
         return True
 
     def send_sync(self, session_id: str, message: Mapping[str, Any], *, wait: float = 10.0) -> bool:
-        """:meth:`send` from a thread that is not the service's event loop."""
+        """:meth:`send` from a thread that is not the service's event loop, waiting at most
+        ``wait`` seconds: past it :class:`TimeoutError`, and the send is cancelled (a message
+        half-written to a detector's socket may still arrive)."""
         if self._loop is None:
             return False
-        return asyncio.run_coroutine_threadsafe(self.send(session_id, message), self._loop).result(
-            wait
-        )
+        future = asyncio.run_coroutine_threadsafe(self.send(session_id, message), self._loop)
+        try:
+            return future.result(wait)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     # -- connections (for the endpoint, framepipe.server.detector_endpoint) -----------------
 
