@@ -162,8 +162,9 @@ class Runs:
             return not self.reports
 
     def committed(self, run: Run, outcome: Outcome) -> None:
-        """``outcome`` of ``run`` was committed (or fenced): the run is forgotten."""
-        self._runs.pop(run.ident, None)
+        """``outcome`` of ``run`` was committed (or fenced): the run is forgotten (not a run
+        of the same attempt started since, as a step handed back and claimed again)."""
+        self._forget(run)
         if outcome.kind == "done":
             self.steps_done += 1
 
@@ -185,9 +186,11 @@ class Runs:
     def start_all(self, runs: list[Run]) -> None:
         for run in runs:
             held = self._runs.get(run.ident)
-            if held is not None and not held.lost:
-                # Claimed again under the attempt this worker runs (the claim was lost in a
-                # database crash and the step delivered again): one run of it, not two.
+            if held is not None and not (held.lost or held.handed_back):
+                # Claimed again under the attempt this worker runs or ran (the claim was lost
+                # in a database crash and the step delivered again): one run of it, not two;
+                # a finished run's outcome, committed next, ends the step. A run handed back
+                # is another matter: its step was given up and is claimed afresh here.
                 _log.warning(
                     "Worker %s: step %s of %s (attempt %d) delivered again while it runs "
                     "here; not started twice",
@@ -389,9 +392,13 @@ class Runs:
                 return False  # it was cut off already
             run.lost = True
         self.stop(run)
-        self._runs.pop(run.ident, None)
+        self._forget(run)
         self._window.release(1)
         return True
+
+    def _forget(self, run: Run) -> None:
+        if self._runs.get(run.ident) is run:
+            del self._runs[run.ident]
 
     def hand_back_queued(self) -> None:
         """Steps turned out long: give back the claimed ones not started yet, so idle workers
