@@ -280,7 +280,7 @@ def test_max_attempts_none_restarts_forever() -> None:
     assert "failed" not in rec.types()
 
 
-def testformat_delay() -> None:
+def test_format_delay() -> None:
     assert format_delay(2.0) == "2s"
     assert format_delay(60) == "60s"
     assert format_delay(0.05) == "0.05s"
