@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -173,3 +174,30 @@ def test_an_answer_redis_refuses_is_one_warning_and_the_request_task_ends_cleanl
     finally:
         server.stop()
     assert not [r for r in caplog.records if PASSWORD in r.getMessage()]
+
+
+def test_send_sync_keeps_its_wait_with_a_redis_that_accepts_and_never_answers() -> None:
+    """A hung Redis (a half-open connection after a network cut): ``send_sync(wait=...)``
+    raises TimeoutError and returns, its clean-up bounded, instead of hanging for as long as
+    the connection lasts."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # the kernel accepts the connections; nothing ever answers
+    try:
+        remote = RemoteDetectorHub("hung", f"redis://127.0.0.1:{hung.getsockname()[1]}/0", "ns")
+        outcome: list[BaseException | bool] = []
+
+        def send() -> None:
+            try:
+                outcome.append(remote.send_sync("session-1", {"type": "status"}, wait=0.3))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(60)  # a bound for a hang (before: for ever), not a measure of the wait
+        assert not sender.is_alive(), "send_sync did not return within 60 s for wait=0.3"
+        [raised] = outcome
+        assert isinstance(raised, TimeoutError), raised
+    finally:
+        hung.close()

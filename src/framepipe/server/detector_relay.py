@@ -53,6 +53,11 @@ def _connect(url: str) -> Any:
     return connect(url, retries=None, connect_timeout=None, socket_timeout=None)
 
 
+_CLEANUP_WAIT = 2.0
+"""Seconds a request's clean-up (deleting its reply list) may take before it is left to the
+list's expiry."""
+
+
 def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
     return (
         namespaced(namespace, "detector", hub_id, "requests"),
@@ -325,9 +330,12 @@ class RemoteDetectorHub:
                     session_id=reply.get("session_id"),
                 )
         finally:
+            # Bounded: a Redis that accepts and never answers must not hold the caller past
+            # its own timeout (send_sync's wait) for as long as the connection lasts.
             with contextlib.suppress(Exception):
-                await client.delete(reply_to)
-            await client.aclose()
+                await asyncio.wait_for(client.delete(reply_to), _CLEANUP_WAIT)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), _CLEANUP_WAIT)
 
     async def request(
         self,
