@@ -19,3 +19,32 @@ def test_component_is_in_every_line() -> None:
         assert lines[1].endswith("WARNING [jobs.engine] plain logger")
     finally:
         configure_logging("WARNING")
+
+
+def test_a_line_holding_a_lone_surrogate_is_written_by_a_utf8_handler() -> None:
+    """A file name's undecodable byte (``name\\udcff``, as os.fsdecode gives it) in a log line:
+    a handler writing UTF-8 writes it escaped, instead of failing the line ("--- Logging
+    error ---"); the record still names the caller's line."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    failed: list[logging.LogRecord] = []
+
+    class Strict(logging.StreamHandler):  # type: ignore[type-arg]
+        def handleError(self, record: logging.LogRecord) -> None:
+            failed.append(record)
+
+    handler = Strict(stream)
+    handler.setFormatter(logging.Formatter("%(message)s %(filename)s"))
+    log = get_logger("surrogates")
+    log.logger.addHandler(handler)
+    log.logger.setLevel(logging.INFO)
+    try:
+        log.info("capture started: %s", "sh -c 'exit 3' 'name\udcff'")
+        log.warning("bad\ud800 message")
+    finally:
+        log.logger.removeHandler(handler)
+    assert failed == []
+    assert raw.getvalue().decode("utf-8").splitlines() == [
+        "capture started: sh -c 'exit 3' 'name\\udcff' test_logs.py",
+        "bad\\ud800 message test_logs.py",
+    ]

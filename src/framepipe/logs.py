@@ -24,14 +24,31 @@ class _ComponentFilter(logging.Filter):
         return True
 
 
+def _utf8(value: Any) -> Any:
+    """``value``, or, a text holding a lone surrogate (a file name's undecodable byte, a
+    hostile string), the same with it written as an escape: ``name\\udcff``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
-    """A logger that stamps every record with its component name."""
+    """A logger that stamps every record with its component name. Text in its message and
+    arguments is made encodable as UTF-8 first (a lone surrogate escaped), so a handler that
+    writes UTF-8 (a file, a journal, a JSON log) never fails on a line of framepipe's."""
 
     def __init__(self, component: str, logger: str | None = None) -> None:
         super().__init__(
             logging.getLogger(logger or f"framepipe.{component}"), {"component": component}
         )
         self.component = component
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the caller, not this frame
+        super().log(level, _utf8(msg), *(_utf8(a) for a in args), **kwargs)
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
