@@ -102,7 +102,7 @@ def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
     """The embedded engine's scheduler and the worker run an attempt through jobs/running.py and
     take their scheduling decisions from jobs/rules.py; neither calls a step function or checks
     an output itself."""
-    for name in ("scheduler.py", "worker_runs.py"):
+    for name in ("scheduler.py", "worker/runs.py"):
         source = (SRC / "jobs" / name).read_text()
         imports = _imports(SRC / "jobs" / name)
         assert "framepipe.jobs.running" in imports, name

@@ -1,4 +1,4 @@
-"""A worker's runs (``framepipe.jobs.worker_runs``) when a step it handed back comes back to it.
+"""A worker's runs (``framepipe.jobs.worker.runs``) when a step it handed back comes back to it.
 
 A worker hands back the claimed steps it has not started when its steps turn out long; a
 hand-back is not an attempt, so the same commit round can claim the step again for the same
@@ -20,8 +20,8 @@ from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 from framepipe.jobs.loading import KnownPipelines
 from framepipe.jobs.rounds import Claimed
-from framepipe.jobs.worker_runs import Run, Runs
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.runs import Run, Runs
+from framepipe.jobs.worker.window import ClaimWindow
 from waiting import wait_until_async
 
 pipeline = Pipeline("handback_again")

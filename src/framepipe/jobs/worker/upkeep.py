@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 from framepipe.config import Settings
 from framepipe.jobs import leases
-from framepipe.jobs.worker_connections import Connections, is_transient
-from framepipe.jobs.worker_intake import Intake
-from framepipe.jobs.worker_runs import Attempt, Runs
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.connections import Connections, is_transient
+from framepipe.jobs.worker.intake import Intake
+from framepipe.jobs.worker.runs import Attempt, Runs
+from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
 
 __all__ = ["Upkeep"]

@@ -3,7 +3,7 @@ many it holds, reserved by its reader or a take-over before a claim, or held by 
 until the step's code is done.
 
 The window's lock is the worker's one lock: it also guards its runs' flags and what they
-reported (:mod:`framepipe.jobs.worker_runs`), so a step's end marks its run finished, queues
+reported (:mod:`framepipe.jobs.worker.runs`), so a step's end marks its run finished, queues
 its outcome and frees its slot at once.
 """
 

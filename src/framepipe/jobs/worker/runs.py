@@ -2,14 +2,14 @@
 worker's pool (plain functions) or as a task on its event loop (``async def``), at most
 ``concurrency`` at once, through :mod:`framepipe.jobs.running` like the embedded engine's; what
 it reports (progress, spawned steps, its outcome) is queued (:class:`Reports`) for the
-worker's next round (:mod:`framepipe.jobs.worker_commits`).
+worker's next round (:mod:`framepipe.jobs.worker.commits`).
 
 * an attempt runs at most once here: one delivered again while it runs is not started twice;
 * a run handed back (the worker is stopping, or its steps turned out long) or cut off (its
   lease was lost, or the store refused what it reported) is told to stop (``ctx.cancelled``),
   and its later reports are not queued; one handed back before it began never begins;
 * a run's outcome is queued, and its slot in the claim window freed, under the window's lock
-  (:class:`~framepipe.jobs.worker_window.ClaimWindow`), the lock that guards the runs' flags.
+  (:class:`~framepipe.jobs.worker.window.ClaimWindow`), the lock that guards the runs' flags.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from framepipe.jobs.records import completed_data, has_step, step_dependencies
 from framepipe.jobs.rounds import Claimed, Outcome, Spawn
 from framepipe.jobs.rules import plan_step
 from framepipe.jobs.running import Ran, run_attempt, run_attempt_async
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
 
 __all__ = ["Attempt", "Reports", "Run", "Runs"]

@@ -26,12 +26,12 @@ fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
 
 :class:`Worker` owns the lifecycle (registration, the committer and heartbeat tasks, the
 graceful shutdown); its parts hold their own state, each in a module of its own: the claim
-window (:mod:`~framepipe.jobs.worker_window`), the runs and what they reported
-(:mod:`~framepipe.jobs.worker_runs`), the reader thread and take-over that claim deliveries
-(:mod:`~framepipe.jobs.worker_intake`), the rounds that commit the reports
-(:mod:`~framepipe.jobs.worker_commits`), the heartbeat, sweep and take-over timer
-(:mod:`~framepipe.jobs.worker_upkeep`) and the connections with their one thread
-(:mod:`~framepipe.jobs.worker_connections`). They share one lock, made here and held by the
+window (:mod:`~framepipe.jobs.worker.window`), the runs and what they reported
+(:mod:`~framepipe.jobs.worker.runs`), the reader thread and take-over that claim deliveries
+(:mod:`~framepipe.jobs.worker.intake`), the rounds that commit the reports
+(:mod:`~framepipe.jobs.worker.commits`), the heartbeat, sweep and take-over timer
+(:mod:`~framepipe.jobs.worker.upkeep`) and the connections with their one thread
+(:mod:`~framepipe.jobs.worker.connections`). They share one lock, made here and held by the
 claim window: a step's end marks its run finished, queues its outcome and frees its slot at
 once. What does not share it lives elsewhere: the rules (:mod:`framepipe.jobs.rules`), an
 attempt (:mod:`framepipe.jobs.running`), the transactions (:mod:`framepipe.jobs.dispatch`),
@@ -55,12 +55,12 @@ from framepipe.jobs import dispatch
 from framepipe.jobs.delivery import is_broker_url, open_delivery
 from framepipe.jobs.loading import KnownPipelines
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.worker_commits import Committer
-from framepipe.jobs.worker_connections import Connections
-from framepipe.jobs.worker_intake import Intake
-from framepipe.jobs.worker_runs import Reports, Runs
-from framepipe.jobs.worker_upkeep import Upkeep
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.commits import Committer
+from framepipe.jobs.worker.connections import Connections
+from framepipe.jobs.worker.intake import Intake
+from framepipe.jobs.worker.runs import Reports, Runs
+from framepipe.jobs.worker.upkeep import Upkeep
+from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url

@@ -24,9 +24,9 @@ from framepipe.jobs import dispatch, leases
 from framepipe.jobs.refusals import merge, piece_attempt, refused_outcome, round_pieces
 from framepipe.jobs.rounds import Delivery, ProgressUpdate, Round, RoundResult
 from framepipe.jobs.storable import brief_error
-from framepipe.jobs.worker_connections import Connections, is_transient
-from framepipe.jobs.worker_runs import Attempt, Runs
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.connections import Connections, is_transient
+from framepipe.jobs.worker.runs import Attempt, Runs
+from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
 
 __all__ = ["Committer"]

@@ -7,7 +7,7 @@ handed to the event loop to run.
   after that commit; deliveries that cannot be claimed (the worker is stopping, the database
   failed) are handed back at once, for another worker;
 * a worker that stays full pauses its delivery
-  (:meth:`~framepipe.jobs.worker_window.ClaimWindow.reserve`), so a broker that pushes
+  (:meth:`~framepipe.jobs.worker.window.ClaimWindow.reserve`), so a broker that pushes
   (RabbitMQ, prefetch = the claim window) gives what it sent ahead to idle workers;
 * a lost broker or database connection is retried with backoff; any other error of the reader
   stops the worker.
@@ -24,9 +24,9 @@ from framepipe.backoff import Backoff
 from framepipe.errors import BrokerError
 from framepipe.jobs import dispatch
 from framepipe.jobs.delivery import Received, StepDelivery
-from framepipe.jobs.worker_connections import is_transient
-from framepipe.jobs.worker_runs import Runs
-from framepipe.jobs.worker_window import ClaimWindow
+from framepipe.jobs.worker.connections import is_transient
+from framepipe.jobs.worker.runs import Runs
+from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
 
 __all__ = ["Intake"]
