@@ -15,10 +15,11 @@ the same values.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from env_numbers import non_negative_number
 
 from framepipe.errors import ConfigError
 
@@ -53,16 +54,9 @@ def copy_retries_from_env(environ: Mapping[str, str] | None = None) -> CopyRetri
                 f"(e.g. 6), or leave it unset for {default.retries}"
             )
         retries = int(raw_retries)
-    raw_delay = env.get("SD_IMPORT_COPY_RETRY_DELAY", "").strip()
-    delay = default.delay
-    if raw_delay:
-        try:
-            delay = float(raw_delay)
-        except ValueError:
-            delay = math.nan
-        if not math.isfinite(delay) or delay < 0:
-            raise ConfigError(
-                f"SD_IMPORT_COPY_RETRY_DELAY={raw_delay!r}: use a number of seconds >= 0 "
-                f"(e.g. 5, or 0.5), or leave it unset for {default.delay:g}"
-            )
-    return CopyRetries(retries, delay)
+    delay = non_negative_number(
+        env,
+        "SD_IMPORT_COPY_RETRY_DELAY",
+        f"use a number of seconds >= 0 (e.g. 5, or 0.5), or leave it unset for {default.delay:g}",
+    )
+    return CopyRetries(retries, default.delay if delay is None else delay)

@@ -30,7 +30,6 @@ operator can audit it. QR clips and held videos are never uploaded, so they are 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from card_paths import copy_dests
+from env_numbers import non_negative_number
 from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe.backends.objects import ObjectStore
@@ -114,18 +114,12 @@ def retention_from_env(environ: Mapping[str, str] | None = None) -> Retention:
     raw_flag = env.get("SHARED_VIDEOS_DELETE_AFTER_UPLOAD", "").strip().lower()
     if raw_flag not in _TRUE | _FALSE:
         raise ConfigError(f"SHARED_VIDEOS_DELETE_AFTER_UPLOAD={raw_flag!r}: use true or false")
-    raw_days = env.get("SHARED_VIDEOS_RETENTION_DAYS", "").strip()
-    days: float | None = None
-    if raw_days:
-        try:
-            days = float(raw_days)
-        except ValueError:
-            days = math.nan
-        if not math.isfinite(days) or days < 0:
-            raise ConfigError(
-                f"SHARED_VIDEOS_RETENTION_DAYS={raw_days!r}: use a number of days >= 0 "
-                "(e.g. 7, or 0.5 for twelve hours), or leave it unset to keep copies"
-            )
+    days = non_negative_number(
+        env,
+        "SHARED_VIDEOS_RETENTION_DAYS",
+        "use a number of days >= 0 (e.g. 7, or 0.5 for twelve hours), or leave it unset to "
+        "keep copies",
+    )
     return Retention(after_upload=raw_flag in _TRUE, days=days)
 
 
