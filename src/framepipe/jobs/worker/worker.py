@@ -98,10 +98,10 @@ class Worker:
         self.store = store or StateStore(
             self.settings.resolved_database_url, sqlite_synchronous=self.settings.sqlite_synchronous
         )
-        self.concurrency = concurrency or self.settings.concurrency
+        concurrency = concurrency or self.settings.concurrency
         self.id = this_owner(f"w{uuid.uuid4().hex[:6]}")
         self.broker = open_delivery(url, self.settings.broker_namespace)
-        self.lease = self.settings.lease_seconds
+        self._lease = self.settings.lease_seconds
         self.started_at = 0.0
         self._objects: ObjectStore | None = None
         self._stopping = threading.Event()
@@ -114,7 +114,7 @@ class Worker:
         )
         self._window = ClaimWindow(
             self._lock,
-            concurrency=self.concurrency,
+            concurrency=concurrency,
             prefetch=self.settings.worker_prefetch,
             stopping=self._stopping,
         )
@@ -132,7 +132,7 @@ class Worker:
             broker=self.broker,
             store=self.store,
             worker_id=self.id,
-            lease=self.lease,
+            lease=self._lease,
             window=self._window,
             runs=self._runs,
             stopping=self._stopping,
@@ -143,7 +143,7 @@ class Worker:
             runs=self._runs,
             window=self._window,
             worker_id=self.id,
-            lease=self.lease,
+            lease=self._lease,
             stopping=self._stopping,
         )
         self._upkeep = Upkeep(
@@ -153,7 +153,7 @@ class Worker:
             intake=self._intake,
             settings=self.settings,
             worker_id=self.id,
-            lease=self.lease,
+            lease=self._lease,
             stopping=self._stopping,
             output_tail=output_tail,
         )
@@ -182,8 +182,19 @@ class Worker:
         return self._stopping.is_set()
 
     @property
+    def concurrency(self) -> int:
+        """How many steps run at once at most (fixed when the worker is made)."""
+        return self._window.concurrency
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim holds without renewal (``lease_seconds``; fixed when made)."""
+        return self._lease
+
+    @property
     def steps_done(self) -> int:
-        """How many steps this worker completed (committed)."""
+        """How many steps this worker finished as done (a done outcome reported, counted
+        once its round was committed, even where the store fenced or refused it)."""
         return self._runs.steps_done
 
     @property
