@@ -30,6 +30,7 @@ from framepipe.cli import app as cli_app
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError
 from framepipe.events import Event
+from framepipe.jobs.pruning import FINISHED
 from framepipe.server import EventFeed, create_app
 from framepipe.sources import PatternSource
 from framepipe.stream import Stage, StreamPipeline
@@ -408,6 +409,51 @@ def test_the_service_prunes_each_executions_objects_after_its_records(
         assert left() == ["ml/someone-else/keep.bin"]
         answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
         assert answer.json() == []
+
+
+def test_the_service_prunes_only_the_statuses_it_is_told(settings: Settings) -> None:
+    """``executions_retention_statuses=failed``: a failed execution is pruned, a completed one
+    of the same age is kept (its results with it)."""
+    with Server(settings) as server:
+        completed = _run_to_the_end(server)
+        failed = str(
+            httpx.post(
+                f"{server.url}/api/executions",
+                json={"pipeline": "svc_demo", "inputs": {"steps": 1, "pause": 0, "gate": "/nx"}},
+                headers=AUTH,
+            ).json()["id"]
+        )
+        wait_until(
+            "the gated execution to fail",
+            lambda: (
+                httpx.get(f"{server.url}/api/executions/{failed}", headers=AUTH).json()["status"]
+                == "failed"
+            ),
+        )
+    time.sleep(1.0)
+    keep = settings.model_copy(
+        update={
+            "executions_retention_days": 0.5 / 86_400,
+            "executions_retention_statuses": ["failed"],
+        }
+    )
+
+    def listed(server: Server) -> list[str]:
+        return [e["id"] for e in httpx.get(f"{server.url}/api/executions", headers=AUTH).json()]
+
+    with Server(keep) as server:
+        wait_until("the failed execution pruned", lambda: failed not in listed(server), 20)
+        assert listed(server) == [completed]
+
+
+def test_retention_statuses_are_finished_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMEPIPE_EXECUTIONS_RETENTION_STATUSES", " Failed, cancelled ")
+    assert load_settings().executions_retention_statuses == ["failed", "cancelled"]
+    monkeypatch.setenv("FRAMEPIPE_EXECUTIONS_RETENTION_STATUSES", "")
+    assert set(load_settings().executions_retention_statuses) == {s.value for s in FINISHED}
+    monkeypatch.setenv("FRAMEPIPE_EXECUTIONS_RETENTION_STATUSES", "failed,running")
+    with pytest.raises(ConfigError, match="FRAMEPIPE_EXECUTIONS_RETENTION_STATUSES: 'running'"):
+        load_settings()
 
 
 def test_a_retention_objects_template_that_names_every_execution_is_refused(

@@ -64,6 +64,7 @@ from pydantic_settings import (
 from framepipe.amqp import AMQP_SCHEMES, is_amqp_url
 from framepipe.config_checks import (
     DEFAULT_HOME,
+    FINISHED_STATUSES,
     check_api_token,
     check_database_url,
     check_home,
@@ -74,6 +75,7 @@ from framepipe.config_checks import (
     check_prune_objects,
     comma_list,
     default_home_when_blank,
+    finished_statuses,
     url_beginning,
 )
 from framepipe.errors import ConfigError
@@ -243,6 +245,12 @@ class StorageSettings(SettingsSection):
         "their steps and events (hourly, by framepipe serve; framepipe jobs prune does it by "
         "hand); unset keeps them. The import ledger stays.",
     )
+    executions_retention_statuses: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(FINISHED_STATUSES),
+        description="Which finished executions the hourly prune deletes, comma-separated: "
+        "completed, failed, cancelled, interrupted (default all four; e.g. 'failed,cancelled' "
+        "keeps completed results).",
+    )
     executions_retention_objects: str | None = Field(
         None,
         description="With executions_retention_days: the prefix of each pruned execution's "
@@ -261,6 +269,9 @@ class StorageSettings(SettingsSection):
     _database_url = field_validator("database_url")(check_database_url)
     _objects_url = field_validator("objects_url")(check_objects_url)
     _prune_objects = field_validator("executions_retention_objects")(check_prune_objects)
+    _prune_statuses = field_validator("executions_retention_statuses", mode="before")(
+        finished_statuses
+    )
     _mqtt_url = field_validator("mqtt_url")(check_mqtt_url)
 
     @property

@@ -18,6 +18,7 @@ from framepipe.errors import ConfigError, StateStoreError
 
 __all__ = [
     "DEFAULT_HOME",
+    "FINISHED_STATUSES",
     "check_api_token",
     "check_database_url",
     "check_home",
@@ -28,6 +29,7 @@ __all__ = [
     "check_prune_objects",
     "comma_list",
     "default_home_when_blank",
+    "finished_statuses",
     "url_beginning",
 ]
 
@@ -138,6 +140,27 @@ def check_prune_objects(value: str | None) -> str | None:
             "execution"
         )
     return value
+
+
+FINISHED_STATUSES = ("completed", "failed", "cancelled", "interrupted")
+"""The statuses of an execution that runs no more (what retention may delete)."""
+
+
+def finished_statuses(value: Any) -> list[str]:
+    """A comma-separated list (or a list) of finished statuses, lower-cased; blank: all of
+    :data:`FINISHED_STATUSES`. Anything else is a ValueError naming it (``pending`` and
+    ``running`` executions are never deleted)."""
+    items = comma_list(value)
+    if not isinstance(items, list):
+        items = [items]
+    statuses = [str(item).strip().lower() for item in items]
+    wrong = [s for s in statuses if s not in FINISHED_STATUSES]
+    if wrong:
+        raise ValueError(
+            f"{', '.join(map(repr, wrong))}: use {', '.join(FINISHED_STATUSES)} "
+            "(pending and running executions are never pruned)"
+        )
+    return statuses or list(FINISHED_STATUSES)
 
 
 def check_mqtt_url(value: str | None) -> str | None:

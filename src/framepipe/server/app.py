@@ -60,6 +60,7 @@ from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError, MissingDependencyError
 from framepipe.event_sinks import StoreEventSink
 from framepipe.jobs.client import JobClient
+from framepipe.jobs.models import ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.pruning import check_objects_prefix, delete_objects
 from framepipe.logs import get_logger
@@ -189,9 +190,7 @@ def _lifespan(
         pruning = (
             None
             if days is None
-            else asyncio.create_task(
-                _prune_executions(jobs, days, obj, settings.executions_retention_objects)
-            )
+            else asyncio.create_task(_prune_executions(jobs, days, obj, settings))
         )
         try:
             yield
@@ -229,18 +228,19 @@ PRUNE_EVERY = 3600.0
 
 
 async def _prune_executions(
-    jobs: JobClient, days: float, access: ObjectAccess, template: str | None
+    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings
 ) -> None:
     """Every :data:`PRUNE_EVERY` seconds, the first at start: delete the executions that
-    finished more than ``days`` days ago (:meth:`JobClient.prune`) and, with ``template``,
-    their objects after them (:func:`~framepipe.jobs.pruning.delete_objects`). With a
+    finished more than ``days`` days ago in one of ``executions_retention_statuses``
+    (:meth:`JobClient.prune`) and, with the template ``executions_retention_objects``, their
+    objects after them (:func:`~framepipe.jobs.pruning.delete_objects`). With a
     template, a turn is skipped while the object store is away or refuses the template, so
     no execution's records go while its objects cannot. A failure is logged and tried again
     at the next turn. A prune under way when the service stops finishes its batch (a
     transaction of its own) in its thread."""
     while True:
         try:
-            await _prune_once(jobs, days, access, template)
+            await _prune_once(jobs, days, access, settings)
         except FramepipeError as exc:
             _log.warning("pruning old executions failed (%s); next try in an hour", exc)
         except Exception:  # a bug must not end pruning for good, nor break the shutdown
@@ -249,8 +249,10 @@ async def _prune_executions(
 
 
 async def _prune_once(
-    jobs: JobClient, days: float, access: ObjectAccess, template: str | None
+    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings
 ) -> None:
+    template = settings.executions_retention_objects
+    statuses = {ExecutionStatus(s) for s in settings.executions_retention_statuses}
     store = access.store
     if template is not None:
         if store is None:
@@ -268,7 +270,7 @@ async def _prune_once(
                 "old executions are not pruned: FRAMEPIPE_EXECUTIONS_RETENTION_OBJECTS %s", exc
             )
             return
-    pruned = await jobs.prune(days * 86_400.0)
+    pruned = await jobs.prune(days * 86_400.0, statuses=statuses)
     if not pruned:
         return
     if template is None or store is None:
