@@ -47,6 +47,8 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
         self.component = component
 
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):  # a disabled debug line per frame costs no encoding
+            return
         kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the caller, not this frame
         super().log(level, _utf8(msg), *(_utf8(a) for a in args), **kwargs)
 
