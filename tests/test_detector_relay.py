@@ -53,6 +53,25 @@ async def _sent_once_alive(remote: RemoteDetectorHub) -> bool:
             await asyncio.sleep(0.05)
 
 
+def _send_sync_outcome(remote: RemoteDetectorHub, wait: float) -> BaseException | bool:
+    """What ``remote.send_sync(..., wait=wait)`` returned or raised, from a thread joined for
+    60 s at most: a bound for a hang, not a measure of the wait."""
+    outcome: list[BaseException | bool] = []
+
+    def send() -> None:
+        try:
+            outcome.append(remote.send_sync("session-1", {"type": "status"}, wait=wait))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(60)
+    assert not sender.is_alive(), f"send_sync did not return within 60 s for wait={wait}"
+    [result] = outcome
+    return result
+
+
 @pytest.mark.slow  # a redis-server of its own, stopped and started again
 def test_a_redis_outage_is_logged_once_and_the_relay_answers_after_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -105,21 +124,11 @@ def test_send_sync_waits_at_most_its_wait_for_a_service_that_does_not_answer() -
         remote = RemoteDetectorHub("stuck", REDIS_URL, namespace)
         client = redis_sync.Redis.from_url(REDIS_URL)
         client.set(remote.alive, "1", ex=120)
-        outcome: list[BaseException | bool] = []
-
-        def send() -> None:
-            try:
-                outcome.append(remote.send_sync("session-1", {"type": "status"}, wait=0.3))
-            except BaseException as exc:
-                outcome.append(exc)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        sender.join(60)  # a bound for a hang (before: 150 s), not a measure of the wait
-        client.delete(remote.alive)
-        client.close()
-        assert not sender.is_alive(), "send_sync did not return within 60 s for wait=0.3"
-        [raised] = outcome
+        try:
+            raised = _send_sync_outcome(remote, wait=0.3)
+        finally:
+            client.delete(remote.alive)
+            client.close()
         assert isinstance(raised, TimeoutError), raised
         assert "0.3" in str(raised) and "status" in str(raised)
 
@@ -185,19 +194,7 @@ def test_send_sync_keeps_its_wait_with_a_redis_that_accepts_and_never_answers() 
     hung.listen(16)  # the kernel accepts the connections; nothing ever answers
     try:
         remote = RemoteDetectorHub("hung", f"redis://127.0.0.1:{hung.getsockname()[1]}/0", "ns")
-        outcome: list[BaseException | bool] = []
-
-        def send() -> None:
-            try:
-                outcome.append(remote.send_sync("session-1", {"type": "status"}, wait=0.3))
-            except BaseException as exc:
-                outcome.append(exc)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        sender.join(60)  # a bound for a hang (before: for ever), not a measure of the wait
-        assert not sender.is_alive(), "send_sync did not return within 60 s for wait=0.3"
-        [raised] = outcome
+        raised = _send_sync_outcome(remote, wait=0.3)
         assert isinstance(raised, TimeoutError), raised
     finally:
         hung.close()
