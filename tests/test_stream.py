@@ -1029,3 +1029,50 @@ def test_a_stages_failures_are_logged_per_kind(caplog: pytest.LogCaptureFixture)
     assert sum("the model server is down" in line for line in lines) == 1, lines
     assert sum("a different bug" in line for line in lines) == 1, lines
     assert any("28 more frame(s) failed with ConnectionError" in line for line in lines), lines
+
+
+def test_a_pipeline_started_again_while_its_failed_run_tears_down_keeps_its_new_stages() -> None:
+    """An app restarts a failed pipeline as soon as it sees it failed, while the failed run's
+    sinks are still being torn down (an MP4 being closed): the new run waits for that teardown
+    and keeps its own stages; each run's sink is set up and torn down once, in turn."""
+    crash = {"on": True}
+
+    def model(frame: Frame) -> Frame:
+        if crash["on"]:
+            raise RuntimeError("model state corrupted")
+        return frame
+
+    class Writer(SlowTeardown):
+        def __init__(self) -> None:
+            super().__init__(delay=0.5)
+            self.written = 0
+
+        def setup(self) -> None:
+            self.calls.append("setup")
+
+        def write(self, frame: Frame) -> None:
+            self.written += 1
+
+    writer = Writer()
+    pipeline = StreamPipeline(
+        "restart",
+        PatternSource("restart", width=32, height=24, fps=100),
+        stages=[Stage(model, max_consecutive_errors=2)],
+        sinks=[writer],
+    )
+
+    async def main() -> None:
+        await pipeline.start()
+        waiter = asyncio.create_task(pipeline.wait())
+        await wait_until_async("the failed run tearing down", lambda: "teardown" in writer.calls)
+        crash["on"] = False
+        await pipeline.start()
+        await asyncio.wait_for(waiter, 30)
+        assert writer.calls[:3] == ["setup", "teardown", "finalised"]
+        written = writer.written
+        await wait_until_async("frames of the new run", lambda: writer.written > written + 5)
+        assert pipeline.running and pipeline.state is HealthState.RUNNING
+        await pipeline.stop()
+
+    asyncio.run(main())
+    assert writer.calls == ["setup", "teardown", "finalised", "setup", "teardown", "finalised"]

@@ -236,7 +236,12 @@ class StreamPipeline:
         )
 
     async def start(self) -> None:
-        """Set the processors up, start the hops and the supervised capture; returns at once."""
+        """Set the processors up, start the hops and the supervised capture; returns at once.
+        A last run that is over but not yet torn down (a failed run nobody waited for, or
+        whose teardown is under way) is torn down first: a run never shares its stages."""
+        last = self._run
+        if last is not None and last.over:
+            await last.tear_down(functools.partial(self._tear_down, last, self.drain_timeout))
         if self.running:
             raise StreamError(f"pipeline {self.name!r} is already running")
         run = self._run = RunTasks(self.log, self._fail)
