@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import dependency_missing
 from framepipe import JobEngine, Settings, open_object_store
-from framepipe.backends.state import StateStore, events, ledger, step_deps, steps
+from framepipe.backends.state import StateStore, events, ledger, objects_left, step_deps, steps
 from framepipe.cli.commands import app
 from framepipe.errors import ExecutionNotFoundError
 from framepipe.jobs import dispatch
@@ -217,8 +217,8 @@ def test_objects_the_store_fails_to_delete_are_listed_and_the_command_exits_1(
     """The object store fails to delete an object under one pruned execution's prefix (a
     folder nothing can be removed from): the command has deleted both executions' records
     first, then deletes the other execution's objects, names the prefix whose objects are
-    left with the store's error (the first object it failed on; that prefix is given up
-    there), and exits 1."""
+    left with the store's error (the first object it failed on), records it, and exits 1;
+    the next prune deletes what was left."""
     good, bad = _pipelines()
     first, second = _run(settings, good), _run(settings, bad)
     objects = open_object_store(settings.resolved_objects_url)
@@ -247,7 +247,30 @@ def test_objects_the_store_fails_to_delete_are_listed_and_the_command_exits_1(
         assert f"ml/{second}/frames/f_0001.png" in kept
         assert not [key for key in kept if key.startswith(f"ml/{first}/")]
         assert answer["objects_deleted"] == 4 - len(kept)
+        assert "the next `jobs prune --objects` tries them again" in result.stderr
+        with StateStore(settings.resolved_database_url) as store:
+            assert _left(store) == [(f"ml/{second}/", second, 1)]
+
+    # Nothing is given up: the next prune deletes what the first one left, with no
+    # execution of its own to prune, and forgets the prefix.
+    again = runner.invoke(app, [*base, "--objects", "ml/{execution_id}/", "--json"], env=env)
+    assert again.exit_code == 0, again.output
+    answer = json.loads(again.stdout)
+    assert answer["executions"] == [] and answer["objects_left"] == []
+    assert answer["objects_deleted"] == len(kept)
+    assert list(objects.list("ml/")) == []
+    with StateStore(settings.resolved_database_url) as store:
+        assert _left(store) == []
     objects.close()
+
+
+def _left(store: StateStore) -> list[tuple[str, str, int]]:
+    """The prefixes a prune left: (prefix, execution id, tries)."""
+    with store.read() as conn:
+        rows = conn.execute(
+            sa.select(objects_left.c.prefix, objects_left.c.execution_id, objects_left.c.tries)
+        )
+        return [tuple(row) for row in rows]
 
 
 def test_a_retry_of_an_execution_pruned_meanwhile_says_so(

@@ -16,6 +16,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 import uvicorn
 import websockets
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from framepipe import Pipeline, StepContext
 from framepipe.app import App
 from framepipe.backends.objects import open_object_store
-from framepipe.backends.state import StateStore
+from framepipe.backends.state import StateStore, objects_left
 from framepipe.backends.state.event_log import append_events, insert_events
 from framepipe.backends.state.retention import prune_events
 from framepipe.cli import app as cli_app
@@ -371,8 +372,9 @@ def test_the_service_prunes_each_executions_objects_after_its_records(
     settings: Settings, caplog: pytest.LogCaptureFixture, aws_env: None
 ) -> None:
     """With ``executions_retention_objects``, each pruned execution's objects under the
-    template go too; objects under no pruned execution's prefix stay. While the object store
-    is away, no execution is pruned (its objects would be left with no record naming them)."""
+    template go too, and so do those an earlier prune left; objects under no pruned
+    execution's prefix stay. While the object store is away, no execution is pruned (its
+    objects would be left with no record naming them)."""
     with Server(settings) as server:
         old = [_run_to_the_end(server), _run_to_the_end(server)]
     with open_object_store(settings.resolved_objects_url) as objects:
@@ -399,6 +401,16 @@ def test_the_service_prunes_each_executions_objects_after_its_records(
         answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
         assert sorted(e["id"] for e in answer.json()) == sorted(old)
 
+    earlier = "ml/" + "e" * 32 + "/"  # what an earlier prune could not delete
+    with open_object_store(settings.resolved_objects_url) as objects:
+        objects.put(f"{earlier}out.mp4", b"w")
+    with StateStore(settings.resolved_database_url) as store, store.write() as conn:
+        conn.execute(
+            objects_left.insert().values(
+                prefix=earlier, execution_id="e" * 32, error="refused", since=0.0, tries=1
+            )
+        )
+
     with Server(settings.model_copy(update=retention)) as server:
 
         def left() -> list[str]:
@@ -409,6 +421,8 @@ def test_the_service_prunes_each_executions_objects_after_its_records(
         assert left() == ["ml/someone-else/keep.bin"]
         answer = httpx.get(f"{server.url}/api/executions", headers=AUTH)
         assert answer.json() == []
+    with StateStore(settings.resolved_database_url) as store, store.read() as conn:
+        assert conn.execute(sa.select(objects_left.c.prefix)).all() == []
 
 
 def test_the_service_prunes_only_the_statuses_it_is_told(settings: Settings) -> None:

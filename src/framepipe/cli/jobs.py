@@ -322,9 +322,9 @@ def jobs_prune(
                 pruned = client.prune(
                     seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
                 )
-            gone = PrunedObjects(0, [])
-            if objects is not None and store_objects is not None and not dry_run:
-                gone = delete_objects(store_objects, objects, pruned)
+                gone = PrunedObjects(0, [])
+                if objects is not None and store_objects is not None and not dry_run:
+                    gone = delete_objects(store_objects, objects, pruned, store=client.client.store)
         removed = gone.deleted
         left = [(o.prefix, o.error) for o in gone.left]
     if json_out:
@@ -358,4 +358,5 @@ def jobs_prune(
         err = console(stderr=True)
         for prefix, why in left:
             say(err, f"objects left under {prefix}: {why}", "red")
+        say(err, "the next `jobs prune --objects` tries them again", "red")
         raise typer.Exit(1)

@@ -17,7 +17,8 @@ Guarantees:
   pruned execution (``framepipe jobs prune --objects 'ml/{execution_id}/'``, or the setting
   ``executions_retention_objects`` of ``framepipe serve``), the template checked first by
   :func:`~framepipe.config_checks.check_prune_objects`. What it cannot delete it names, with
-  the store's error: the records are gone, so nothing else remembers it.
+  the store's error, and, given the state store, records in ``fp_objects_left``: the next
+  prune with objects deletes it then (the executions' records are gone by then).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from framepipe.backends.objects import ObjectStore
-from framepipe.backends.state import StateStore, events, executions, step_deps, steps
+from framepipe.backends.state import (
+    StateStore,
+    events,
+    executions,
+    objects_left,
+    step_deps,
+    steps,
+)
 from framepipe.config_checks import check_prune_objects
 from framepipe.errors import InvalidKeyError, ObjectStoreError
 from framepipe.jobs.models import ExecutionStatus
@@ -153,19 +161,87 @@ def check_objects_prefix(objects: ObjectStore, template: str, pipeline: str | No
 
 
 def delete_objects(
-    objects: ObjectStore, template: str, pruned: Collection[PrunedExecution]
+    objects: ObjectStore,
+    template: str,
+    pruned: Collection[PrunedExecution],
+    *,
+    store: StateStore | None = None,
 ) -> PrunedObjects:
     """Delete, for each of ``pruned``, the objects under ``template`` formatted with its
     ``execution_id`` and ``pipeline`` (a template :func:`check_objects_prefix` accepted).
     An object store error stops that execution's prefix, which is then named with the error
-    in :attr:`PrunedObjects.left`; the other executions' objects are still deleted."""
+    in :attr:`PrunedObjects.left`; the other executions' objects are still deleted.
+
+    With ``store``, nothing is given up: the prefixes earlier prunes left (``fp_objects_left``)
+    are tried again first, each forgotten once its objects are gone, and a prefix left now is
+    recorded there for the next prune."""
     deleted = 0
     left: list[ObjectsLeft] = []
+    earlier = _objects_left(store) if store is not None else {}
+    for prefix, execution_id in earlier.items():
+        gone, error = _delete_prefix(objects, prefix)
+        deleted += gone
+        if error is None:
+            _forget_left(store, prefix)
+        else:
+            left.append(ObjectsLeft(prefix, error))
+            _remember_left(store, prefix, execution_id, error)
     for p in pruned:
         prefix = template.format(execution_id=p.id, pipeline=p.pipeline)
-        try:
-            for info in list(objects.list(prefix)):
-                deleted += int(objects.delete(info.key))
-        except ObjectStoreError as exc:
-            left.append(ObjectsLeft(prefix, str(exc)))
+        if prefix in earlier:
+            continue
+        gone, error = _delete_prefix(objects, prefix)
+        deleted += gone
+        if error is not None:
+            left.append(ObjectsLeft(prefix, error))
+            _remember_left(store, prefix, p.id, error)
     return PrunedObjects(deleted, left)
+
+
+def _delete_prefix(objects: ObjectStore, prefix: str) -> tuple[int, str | None]:
+    """How many objects under ``prefix`` were deleted, and the store's error that stopped it."""
+    deleted = 0
+    try:
+        for info in list(objects.list(prefix)):
+            deleted += int(objects.delete(info.key))
+    except ObjectStoreError as exc:
+        return deleted, str(exc)
+    return deleted, None
+
+
+def _objects_left(store: StateStore) -> dict[str, str]:
+    with store.read() as conn:
+        rows = conn.execute(
+            sa.select(objects_left.c.prefix, objects_left.c.execution_id).order_by(
+                objects_left.c.since, objects_left.c.prefix
+            )
+        )
+        return {row.prefix: row.execution_id for row in rows}
+
+
+def _remember_left(store: StateStore | None, prefix: str, execution_id: str, error: str) -> None:
+    if store is None:
+        return
+    with store.write() as conn:
+        updated = conn.execute(
+            objects_left.update()
+            .where(objects_left.c.prefix == prefix)
+            .values(error=error, tries=objects_left.c.tries + 1)
+        ).rowcount
+        if not updated:
+            conn.execute(
+                objects_left.insert().values(
+                    prefix=prefix,
+                    execution_id=execution_id,
+                    error=error,
+                    since=time.time(),
+                    tries=1,
+                )
+            )
+
+
+def _forget_left(store: StateStore | None, prefix: str) -> None:
+    if store is None:
+        return
+    with store.write() as conn:
+        conn.execute(objects_left.delete().where(objects_left.c.prefix == prefix))

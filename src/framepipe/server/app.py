@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
@@ -271,20 +272,22 @@ async def _prune_once(
             )
             return
     pruned = await jobs.prune(days * 86_400.0, statuses=statuses)
-    if not pruned:
-        return
     if template is None or store is None:
-        _log.info("pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days)
+        if pruned:
+            _log.info("pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days)
         return
-    gone = await asyncio.to_thread(delete_objects, store, template, pruned)
-    _log.info(
-        "pruned %d execution(s) that finished over %g day(s) ago, and %d object(s)",
-        len(pruned),
-        days,
-        gone.deleted,
+    gone = await asyncio.to_thread(
+        functools.partial(delete_objects, store, template, pruned, store=jobs.store)
     )
+    if pruned or gone.deleted:
+        _log.info(
+            "pruned %d execution(s) that finished over %g day(s) ago, and %d object(s)",
+            len(pruned),
+            days,
+            gone.deleted,
+        )
     for left in gone.left:
-        _log.warning("objects left under %s: %s", left.prefix, left.error)
+        _log.warning("objects left under %s (tried again in an hour): %s", left.prefix, left.error)
 
 
 def create_app(

@@ -1,4 +1,5 @@
-"""The state schema (SQLAlchemy Core): executions, steps, events and the import ledger.
+"""The state schema (SQLAlchemy Core): executions, steps, events, the import ledger and the
+objects a prune left.
 
 Times are unix seconds (floats) so SQLite and PostgreSQL store and compare them alike.
 The schema only changes through the migrations in ``migrations/versions``; ``SCHEMA_HEAD`` is
@@ -16,12 +17,13 @@ __all__ = [
     "executions",
     "ledger",
     "metadata",
+    "objects_left",
     "step_deps",
     "steps",
     "workers",
 ]
 
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 
 metadata = sa.MetaData()
 
@@ -189,4 +191,16 @@ ledger = sa.Table(
     sa.Column("step_key", sa.String(300), nullable=True),
     sa.Column("imported_at", sa.Float, nullable=False),
     sa.Index("ix_fp_ledger_hash", "namespace", "content_hash"),
+)
+
+objects_left = sa.Table(
+    "fp_objects_left",
+    metadata,
+    # A prefix of a pruned execution whose objects could not all be deleted; a later prune
+    # with objects deletes them and the row (migration 0008).
+    sa.Column("prefix", sa.String(1000), primary_key=True),
+    sa.Column("execution_id", sa.String(32), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("tries", sa.Integer, nullable=False),
 )
