@@ -1017,7 +1017,9 @@ def test_a_database_password_in_the_query_is_never_shown(tmp_path: Path, pg_url:
 
 
 @pytest.mark.slow
-def test_serve_on_port_0_prints_the_port_it_serves(tmp_path: Path) -> None:
+def test_serve_on_port_0_prints_the_port_it_serves_and_exits_0_on_sigterm(
+    tmp_path: Path,
+) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "framepipe", "--home", str(tmp_path), "serve", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -1038,7 +1040,11 @@ def test_serve_on_port_0_prints_the_port_it_serves(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=60).status_code == 200
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=30)
+    # SIGTERM is a graceful shutdown, not a death by the signal: the stores are closed after
+    # uvicorn's shutdown and the service exits 0, as `run` of a live app does
+    assert proc.returncode == 0, out
+    assert "Finished server process" in out and "Traceback" not in out
 
 
 @pytest.mark.slow

@@ -9,11 +9,13 @@ the cause, and the service starts without it (``/health`` says so; it is opened 
 background); one whose setting is wrong (credentials in the endpoint, none at all) exits 2. No
 message shows a password or secret of a URL. The address is bound before the link is printed,
 so the link names the port served (the one the system picked for ``--port 0``); an address
-that cannot be bound exits 2.
+that cannot be bound exits 2. Ctrl-C or SIGTERM shuts the service down gracefully, closes its
+stores, and exits 0.
 """
 
 import ipaddress
 import secrets
+import signal
 import socket
 from typing import Annotated
 
@@ -155,11 +157,15 @@ def serve(
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace)),
         )
         server = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it
+        # found: the default one would end the process before the stores below are closed.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
         try:  # as uvicorn.run does, on the socket bound above
             server.run(sockets=[sock])
         except KeyboardInterrupt:
             pass
         finally:
+            signal.signal(signal.SIGTERM, previous)
             sock.close()
             objects.close()
             store.close()
