@@ -1,14 +1,21 @@
 """Segments on the stream's own clock across a restart of the capture, whose frames' ``pts``
 start again from 0: real sessions of a :class:`PatternSource`, fed to a segmenter as its
-pipeline would."""
+pipeline would. And segments on the wall clock while the system clock is set back or forward
+under a running pipeline (the one thing here not real: the step, made to ``time.time``)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
+
+import pytest
 
 from framepipe.frames import Frame
 from framepipe.sources import PatternSource
+from framepipe.stream import Stage, StreamPipeline
 from framepipe.stream.segment import Segment, Segmenter
+from waiting import wait_until_async
 
 
 async def _session(source: PatternSource, key: str | None) -> list[Frame]:
@@ -58,3 +65,67 @@ def test_max_duration_counts_on_across_a_step_back() -> None:
     # step (at 2 s, 4 s and 6 s of the sessions) has the time of the one before it
     assert [s.frames for s in closed] == [75 + 1, 75 + 2, 50 - 3]
     assert [s.id for s in closed] == ["A", "A.2", "A.3"]
+
+
+class SteppedClock:
+    """The system's wall clock, set back or forward by :meth:`step` (as NTP does on its first
+    sync); the monotonic clock goes on as it was."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.offset = 0.0
+        real, real_ns = time.time, time.time_ns
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+        monkeypatch.setattr(time, "time_ns", lambda: real_ns() + int(self.offset * 1e9))
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.mark.parametrize("step", [-3600.0, 86_400.0], ids=["set_back_an_hour", "forward_a_day"])
+def test_a_wall_clock_segment_keeps_its_timeout_and_max_duration_when_the_clock_steps(
+    monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    """Order A is tagged for a while, the system clock steps in the middle, the tags stop and
+    the clock steps again: A is one segment that closes ``timeout`` seconds after its last
+    tag (set back, it stayed open for the size of the step; set forward, ``max_duration``
+    closed it at once)."""
+    clock = SteppedClock(monkeypatch)
+    tagging = {"on": True}
+
+    def tag(frame: Frame) -> Frame:
+        if tagging["on"]:
+            frame.meta["order"] = "A"
+        return frame
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    pipeline = StreamPipeline(
+        "station",
+        PatternSource("station", width=32, height=24, fps=50),
+        stages=[Stage(tag)],
+        segmenter=Segmenter("order", timeout=0.5, max_duration=600.0),
+    )
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+    def completed() -> list[dict[str, Any]]:
+        return [data for kind, data in events if kind == "segment.completed"]
+
+    async def main() -> float:
+        await pipeline.start()
+        try:
+            await wait_until_async("A open", lambda: any(k == "segment.started" for k, _ in events))
+            await asyncio.sleep(0.3)
+            clock.step(step / 2)
+            await asyncio.sleep(0.3)
+            assert completed() == []  # still tagged: A goes on across the step
+            tagging["on"] = False
+            untagged_at = time.monotonic()
+            await asyncio.sleep(0.1)
+            clock.step(step / 2)  # and once more while A waits for its timeout
+            await wait_until_async("A completed", completed, timeout=10)
+            return time.monotonic() - untagged_at
+        finally:
+            await pipeline.stop()
+
+    waited = asyncio.run(main())
+    assert [(d["segment_id"], d["reason"]) for d in completed()] == [("A", "timeout")]
+    assert waited < 5.0  # the timeout (0.5 s) after the last tag, not the step's size

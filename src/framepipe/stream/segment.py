@@ -12,7 +12,10 @@ frames that follow (untagged ones too, while it is open), and closes when:
 
 Time is the wall clock by default (``clock="wall"``: live cameras; a timer closes a segment
 even when no frame comes; the timeout counts from when the last keyed frame reached the
-segmenter, so a pipeline running behind its camera does not split a segment). With
+segmenter, so a pipeline running behind its camera does not split a segment). Its timeout and
+``max_duration`` are measured on the monotonic clock: a system clock set back or forward (NTP's
+first sync on a box that booted without the time) neither holds a segment open for the size
+of the step nor closes it early. With
 ``clock="stream"`` it is the frames' own ``pts`` (recorded video
 processed faster or slower than real time): a segment times out when a frame arrives ``timeout``
 stream-seconds after its last keyed frame, or at the end of the stream. Stream time that steps
@@ -65,9 +68,14 @@ class Segment:
     last_key_ts_ms: int
     opened_at: float
     first_t: float = 0.0
+    """The first frame's time on the segment's clock: its ``pts`` (stream clock), or its
+    capture time on the monotonic clock (wall clock; ``max_duration`` counts from it)."""
     last_key_t: float = 0.0
     last_key_at: float = 0.0
-    """Wall time the last keyed frame reached the segmenter (the timeout counts from it)."""
+    """Wall time the last keyed frame reached the segmenter."""
+    last_key_mono: float = 0.0
+    """When the last keyed frame reached the segmenter, on the monotonic clock (the wall
+    clock's timeout counts from it)."""
     frames: int = 0
     closed_at: float | None = None
     reason: str | None = None
@@ -210,7 +218,9 @@ class SegmenterState:
 
     def _time(self, frame: Frame) -> float:
         if self.config.clock != "stream" or frame.pts is None:
-            return frame.ts_ms / 1000.0
+            # the capture time on the monotonic clock; a frame is never captured after now
+            # (one captured before the wall clock was set back would seem to be)
+            return min(frame.ts_ms / 1000.0 - time.time() + time.monotonic(), time.monotonic())
         t = float(frame.pts) + self._shift
         if self._last_t is not None and t < self._last_t:
             self._shift += self._last_t - t
@@ -257,6 +267,7 @@ class SegmenterState:
             cur.last_key_ts_ms = frame.ts_ms
             cur.last_key_t = t
             cur.last_key_at = time.time()
+            cur.last_key_mono = time.monotonic()
         elif cur is None or not self.config.include_untagged:
             return closed, None
         cur.frames += 1
@@ -265,28 +276,29 @@ class SegmenterState:
         return closed, cur
 
     def deadline(self) -> float | None:
-        """Wall-clock time at which the open segment times out, or None (also with the
-        stream clock, where only frames move time on)."""
+        """The :func:`time.monotonic` time at which the open segment times out, or None (also
+        with the stream clock, where only frames move time on). Monotonic, so a wall clock
+        set back or forward (NTP's first sync on a box that booted without the time) neither
+        holds a segment open nor closes it early."""
         cur = self.current
         if cur is None or self.config.clock == "stream":
             return None
         # From when the key was last seen here, not captured: a pipeline running late must not
         # split a segment whose keyed frames are still on their way.
-        deadline = max(cur.last_key_ts_ms / 1000.0, cur.last_key_at) + self.config.timeout
+        deadline = cur.last_key_mono + self.config.timeout
         if self.config.max_duration is not None:
-            deadline = min(deadline, cur.first_ts_ms / 1000.0 + self.config.max_duration)
+            deadline = min(deadline, cur.first_t + self.config.max_duration)
         return deadline
 
     def expire(self, now: float) -> Segment | None:
-        """Close the open segment if its deadline passed."""
+        """Close the open segment if its deadline passed; ``now`` is :func:`time.monotonic`."""
         deadline = self.deadline()
         if deadline is None or now < deadline:
             return None
         cur = self.current
         assert cur is not None
         over = (
-            self.config.max_duration is not None
-            and now >= cur.first_ts_ms / 1000.0 + self.config.max_duration
+            self.config.max_duration is not None and now >= cur.first_t + self.config.max_duration
         )
         return self._close("max_duration" if over else "timeout")
 

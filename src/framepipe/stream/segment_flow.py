@@ -95,7 +95,7 @@ class SegmentFlow:
                 return
             if item is _TICK:
                 self._timer_at = None
-                expired = state.expire(time.time())
+                expired = state.expire(time.monotonic())
                 if expired is not None:
                     self.open = None
                     await send([expired])
@@ -124,7 +124,7 @@ class SegmentFlow:
             self._timer.cancel()
         self._timer_at = deadline
         self._timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.time()), queue.put_control, _TICK
+            max(0.0, deadline - time.monotonic()), queue.put_control, _TICK
         )
 
     def sink_control(self, sink: Sink, name: str) -> Control:
