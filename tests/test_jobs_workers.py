@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from framepipe.errors import BrokerError, ExecutionFailedError
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.delivery import open_delivery
 from framepipe.jobs.engine import JobEngine
+from framepipe.jobs.keys import step_key
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution, list_events
@@ -84,6 +86,7 @@ class Cluster:
             **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()},
         }
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.database_url = database_url
         self.store = StateStore(database_url)
         self._n = 0
 
@@ -114,6 +117,28 @@ class Cluster:
             return pids <= found
 
         wait_until("the workers to register", registered)
+
+    def pause(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGSTOP ``proc`` outside a write transaction: SQLite has one write lock for every
+        process, and a worker stopped holding it would stall the others' writes (a new
+        worker's registration too) until it is continued."""
+        url = sa.engine.make_url(self.database_url)
+        path = url.database if url.get_backend_name() == "sqlite" else None
+        for _ in range(100):
+            os.kill(proc.pid, signal.SIGSTOP)
+            if path is None:
+                return
+            probe = sqlite3.connect(path, timeout=0.5)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.rollback()
+                return
+            except sqlite3.OperationalError:  # stopped holding the lock: let it commit
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        raise AssertionError(f"worker {proc.pid} kept the SQLite write lock at 100 tries")
 
     def log(self, n: int) -> str:
         return (self.dir.parent / f"worker{n}.log").read_text(errors="replace")
@@ -323,14 +348,29 @@ def test_long_steps_are_not_hoarded_by_one_worker(
     # Quick steps let the first worker claim ahead (prefetch); once the long ones show how
     # long they take, it hands back the claimed ones it has not started. On RabbitMQ the full
     # worker also pauses its consumer, so the handed-back steps are not pushed to it again.
-    cluster = cluster_factory(database_url, broker, worker_prefetch=4)
+    # The long steps take 1 s each: a second worker that needs longer than that to start
+    # (a loaded machine) would find them all run. So the first one is paused while it holds
+    # them ahead, until the second one is up; a long lease keeps the pause from costing the
+    # first worker its claims.
+    cluster = cluster_factory(database_url, broker, worker_prefetch=4, lease_seconds=120.0)
     first = cluster.worker(concurrency=1)
     cluster.wait_registered(first)
     execution_id = cluster.submit(wp.mixed)
-    wait_until("the long steps to be claimed", lambda: cluster.running(execution_id))
-    second = cluster.worker(concurrency=1)
+    long_parts = {step_key("slow_part", {"i": i}) for i in range(4)}
+    wait_until(
+        "the first worker to claim all four long steps (one runs, three wait)",
+        lambda: {r.key for r in cluster.running(execution_id)} >= long_parts,
+    )
+    cluster.pause(first)
+    try:
+        second = cluster.worker(concurrency=1)
+        cluster.wait_registered(second)
+        wait_until("the second worker to read", lambda: "started:" in cluster.log(2), 60)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     info = cluster.wait(execution_id, timeout=60)
     assert info.status is ExecutionStatus.COMPLETED
+    # all four were the first worker's: those the second one ran were handed back
     ran_by = {info.data[f"part{i}"] for i in range(4)}
     assert ran_by == {first.pid, second.pid}
     assert "handing back" in cluster.log(1)
