@@ -1076,3 +1076,35 @@ def test_a_pipeline_started_again_while_its_failed_run_tears_down_keeps_its_new_
 
     asyncio.run(main())
     assert writer.calls == ["setup", "teardown", "finalised", "setup", "teardown", "finalised"]
+
+
+@pytest.mark.parametrize("cost", [0.0, 0.002], ids=["cheap", "costly"])
+def test_an_ordered_stage_holds_a_bounded_window_while_the_next_stage_is_slow(cost: float) -> None:
+    """An ordered stage with 2 workers in front of a slow stage: while it waits for room
+    downstream, its other worker takes no frame past a bounded window, so back-pressure
+    reaches the capture instead of the frames piling up in the stage's memory. Every frame
+    still arrives, in order."""
+    held: list[int] = []
+    seen: list[int] = []
+
+    def tag(frame: Frame) -> Frame:
+        if cost:
+            time.sleep(cost)
+        return frame
+
+    def slow(frame: Frame) -> Frame:
+        first = pipeline.stats[0]
+        held.append(first.frames_in - first.frames_out)
+        seen.append(frame.seq)
+        time.sleep(0.01)
+        return frame
+
+    pipeline = StreamPipeline(
+        "window",
+        PatternSource("window", width=32, height=24, count=250, realtime=False),
+        stages=[Stage(tag, workers=2, ordered=True), Stage(slow)],
+    )
+    run_pipeline(pipeline)
+    assert seen == sorted(seen) and len(seen) == 250
+    window = 2 * 2 * (16 if cost == 0.0 else 1)  # two (batches) per worker
+    assert max(held) <= window + 2 * 16, max(held)

@@ -7,6 +7,12 @@ stateful stage downstream sees each source's frames in order. Control items (seg
 end of stream) are never dropped and act as barriers: a hop handles one only after every item
 before it has left the hop.
 
+An ordered hop holds at most a bounded window of items between the oldest one not yet out and
+the newest one taken (:meth:`Hop._window`): a worker that finished its item while an earlier
+one is still on its way (or waits for room downstream) takes no new item past the window, so
+back-pressure from a slow hop downstream reaches the queue in front of this one instead of
+piling results up in memory.
+
 A processor call that raises (:data:`~framepipe.stream.processes.FRAME_ERRORS`) fails that
 frame only, wherever it runs. That includes a ``CancelledError`` an async processor raises
 without its hop being cancelled (a future it awaited was cancelled elsewhere): the hop goes on
@@ -107,7 +113,7 @@ class Hop:
         self._done: set[int] = set()
         self._watermark = 0
         self._progress = asyncio.Condition()
-        self._at_barrier = 0  # workers waiting in _barrier: only they need _progress notified
+        self._waiting = 0  # workers waiting on _progress: only they need it notified
 
     async def setup(self) -> None:
         """Create the worker threads and call the processor's ``setup`` once (in a thread), or
@@ -224,8 +230,31 @@ class Hop:
             raise
         await self.output(END)
 
+    @property
+    def _window(self) -> int:
+        """How many items past the oldest one not yet out an ordered hop may take: two per
+        worker, or two batches per worker for a stage cheap enough to batch its frames (see
+        :meth:`_take_batch`), so the workers do not wait on each other."""
+        return 2 * self.workers * (self._BATCH if self._cost <= self._CHEAP_S else 1)
+
+    def _may_take(self) -> bool:
+        """True when the hop may take another item (see :attr:`_window`)."""
+        return not self.ordered or self._next_idx - self._watermark < self._window
+
+    async def _within_window(self) -> None:
+        """Wait until the hop may take another item."""
+        if self._may_take():
+            return
+        self._waiting += 1
+        try:
+            async with self._progress:
+                await self._progress.wait_for(self._may_take)
+        finally:
+            self._waiting -= 1
+
     async def _worker(self) -> None:
         while True:
+            await self._within_window()
             item = await self.queue.get()
             if item is END:
                 await self.queue.put(END)  # let the sibling workers see it too
@@ -276,10 +305,10 @@ class Hop:
     def _take_ahead(self) -> _Call | None:
         """The next frame already queued, handed to the lane while the current call runs,
         so the thread does not wait for the event loop between calls; None for a control
-        item, an empty queue, or calls too long for the hand-off to matter (or not timed
-        yet)."""
-        if not 0.0 < self._cost < self._AHEAD_S:  # unknown until the first call returns
-            return None
+        item, an empty queue, a full window, or calls too long for the hand-off to matter (or
+        not timed yet)."""
+        if not 0.0 < self._cost < self._AHEAD_S or not self._may_take():
+            return None  # the cost is unknown until the first call returns
         item = self.queue.get_frame_nowait()
         return None if item is None else self._submit(self._next_idx, item)
 
@@ -389,14 +418,14 @@ class Hop:
             self._done.discard(self._watermark)
             self._watermark += 1
             advanced = True
-        if advanced and self._at_barrier:
+        if advanced and self._waiting:
             async with self._progress:
                 self._progress.notify_all()
 
     async def _barrier(self, idx: int) -> None:
-        self._at_barrier += 1
+        self._waiting += 1
         try:
             async with self._progress:
                 await self._progress.wait_for(lambda: self._watermark >= idx)
         finally:
-            self._at_barrier -= 1
+            self._waiting -= 1
