@@ -858,6 +858,90 @@ def test_a_stage_failing_frame_after_frame_is_crashed_and_recovered_with_fresh_m
     assert noisy.loads == 1 and pipelines["noisy"].stats[0].errors > 10
 
 
+class CorruptibleModel(Processor):
+    """Fails every frame from :meth:`corrupt` until its next ``setup()`` (a recovery's)."""
+
+    name = "model"
+
+    def __init__(self) -> None:
+        self.corrupted = False
+        self.loads = 0
+
+    def corrupt(self) -> None:
+        self.corrupted = True
+
+    def setup(self) -> None:
+        self.loads += 1
+        self.corrupted = False
+
+    def process(self, item: Any) -> Any:
+        if self.corrupted:
+            raise RuntimeError("model state corrupted")
+        return item
+
+
+def test_recoveries_are_forgotten_once_the_recovered_pipeline_ran_healthy_after(
+    tmp_path: Path,
+) -> None:
+    """With ``max_restart_attempts=1``, a transient crash after the recovered pipeline ran its
+    ``healthy_after`` is recovered again (the count was reset, ``pipeline.healthy``), however
+    many came before; a second crash before that is the end (``system_error``)."""
+    app = models_app(tmp_path, 1)
+    events = record(app)
+    steady, flapping = CorruptibleModel(), CorruptibleModel()
+    pipelines = {
+        name: app.add_pipeline(
+            StreamPipeline(
+                name,
+                PatternSource(name, fps=100),
+                stages=[Stage(model, max_consecutive_errors=3)],
+                healthy_after=healthy_after,
+            )
+        )
+        for name, model, healthy_after in (("steady", steady, 1.0), ("flapping", flapping, 60.0))
+    }
+
+    def of(kind: str, name: str) -> list[dict[str, Any]]:
+        return [d for d in kinds(events, kind) if d["pipeline"] == name]
+
+    async def seen(kind: str, name: str, count: int = 1) -> None:
+        await wait_until_async(f"{kind} #{count} of {name}", lambda: len(of(kind, name)) >= count)
+
+    async def main() -> None:
+        await app.start()
+        try:
+            for crash in (1, 2, 3):
+                steady.corrupt()
+                await seen("pipeline.recovered", "steady", crash)
+                assert app.restart_attempts.get("steady") == 1
+                await wait_until_async(
+                    "steady's recovery forgotten", lambda: "steady" not in app.restart_attempts
+                )
+            flapping.corrupt()
+            await seen("pipeline.recovered", "flapping")
+            await wait_until_async(
+                "flapping runs again", lambda: pipelines["flapping"].state is HealthState.RUNNING
+            )
+            flapping.corrupt()
+            await seen("system_error", "flapping")
+            frames = pipelines["steady"].frames_out
+            await wait_until_async("steady runs", lambda: pipelines["steady"].frames_out > frames)
+        finally:
+            await app.stop()
+
+    asyncio.run(main())
+    assert len(of("stage.crashed", "steady")) == 3 and steady.loads == 4
+    assert not of("system_error", "steady")
+    assert (
+        of("pipeline.healthy", "steady")
+        == [{"pipeline": "steady", "recoveries": 1, "healthy_after": 1.0}] * 3
+    )
+    assert pipelines["steady"].state is HealthState.STOPPED
+    (error,) = of("system_error", "flapping")
+    assert "model state corrupted" in error["error"] and "(after 1 recoveries)" in error["error"]
+    assert not of("pipeline.healthy", "flapping") and app.restart_attempts == {"flapping": 1}
+
+
 def test_adding_a_pipeline_twice_or_synchronously_to_a_running_app_is_refused(
     tmp_path: Path,
 ) -> None:

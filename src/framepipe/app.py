@@ -5,11 +5,14 @@ in one never stops another); ``start()`` starts them concurrently and a pipeline
 running starts at once; ``stop()`` stops them concurrently with a bounded drain, after the
 starts under way, so that once it returns no pipeline runs (``start()`` and ``stop()`` take
 turns in call order, each run whole). A pipeline whose source failed for good is restarted
-after ``restart_cooldown`` seconds, at most ``max_restart_attempts`` times (auto-recovery),
-then reported with ``system_error``. Every few seconds the app checks performance
-(``performance_warning`` below ``performance_threshold``) and writes a health snapshot that
-``framepipe health`` / ``framepipe sources`` read from another terminal, and each pipeline's
-latest frame as a small JPEG beside it (where, and how other processes read them:
+after ``restart_cooldown`` seconds, at most ``max_restart_attempts`` times in a row
+(auto-recovery), then reported with ``system_error``; once a recovered pipeline's capture has
+run ``healthy_after`` seconds (the pipeline's own setting) without a failure, its recoveries
+are forgotten (``pipeline.healthy``): transient faults far apart never use the budget up.
+Every few seconds the app checks performance (``performance_warning`` below
+``performance_threshold``) and writes a health snapshot that ``framepipe health`` /
+``framepipe sources`` read from another terminal, and each pipeline's latest frame as a small
+JPEG beside it (where, and how other processes read them:
 :mod:`framepipe.snapshots`). The values an app reports (:class:`SystemState`,
 :class:`AppHealth`) are defined in :mod:`framepipe.app_health`; this module exports them too.
 """
@@ -24,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from framepipe.app_health import AppHealth, SystemState
 from framepipe.config import Settings, load_settings
@@ -42,6 +45,7 @@ from framepipe.snapshots import (
     snapshot_path,
 )
 from framepipe.stream.pipeline import StreamPipeline
+from framepipe.supervise import Supervisor
 from framepipe.telemetry import metrics_registry, render
 
 __all__ = [
@@ -84,6 +88,8 @@ class App:
         self.pipelines: dict[str, StreamPipeline] = {}
         self._previewed: dict[str, Any] = {}
         self.restart_attempts: dict[str, int] = {}
+        """Each pipeline's recoveries in a row (forgotten once it ran healthy)."""
+        self._healthy: dict[str, _HealthyWatch] = {}
         self.state = SystemState.STOPPED
         self.last_error: str | None = None
         self.started_at: float | None = None
@@ -109,9 +115,9 @@ class App:
     def on(self, event: str, callback: Callback) -> Callable[[], None]:
         """Call ``callback(event, data)`` (sync or async) on ``event`` (``"*"`` for all):
         ``segment.completed``, ``segment.started``, ``source.started|died|stalled|restarting|
-        failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered|paused|
-        resumed|removed``, ``system_error``, ``performance_warning``. Returns a function that
-        unregisters it."""
+        failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered|healthy|
+        paused|resumed|removed``, ``system_error``, ``performance_warning``. Returns a function
+        that unregisters it."""
         self._callbacks.setdefault(event, []).append(callback)
 
         def remove() -> None:
@@ -131,8 +137,10 @@ class App:
                     task.add_done_callback(self._callback_done)
             except Exception:
                 self.log.exception("callback for %s raised; ignored", event)
-        if event == "source.started" and data.get("attempt", 0):
-            self.emit("source.restarted", data)
+        if event == "source.started":
+            self._watch_health(data.get("pipeline"))
+            if data.get("attempt", 0):
+                self.emit("source.restarted", data)
 
     def _callback_done(self, task: asyncio.Future[Any]) -> None:
         self._callback_tasks.discard(task)
@@ -178,7 +186,7 @@ class App:
         if watcher is not None:
             watcher.cancel()
         self.paused.discard(name)
-        self.restart_attempts.pop(name, None)
+        self.reset_recovery(name)
         self._warned.discard(name)
         self._previewed.pop(name, None)
         await self._starts_of(name)  # a start under way ends first, then the stop
@@ -191,6 +199,7 @@ class App:
         stops."""
         pipeline = self.pipelines[name]
         self.paused.add(name)
+        self._unwatch_health(name)
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
             watcher.cancel()
@@ -232,10 +241,72 @@ class App:
     def reset_recovery(self, name: str | None = None) -> None:
         """Forget the recoveries counted for pipeline ``name`` (every pipeline when None), e.g.
         once an operator fixed its camera: auto-recovery has ``max_restart_attempts`` again."""
+        for watched in list(self._healthy) if name is None else [name]:
+            self._unwatch_health(watched)
         if name is None:
             self.restart_attempts.clear()
         else:
             self.restart_attempts.pop(name, None)
+
+    def _watch_health(self, name: str | None) -> None:
+        """A session of pipeline ``name``'s capture delivered its first frame: if the pipeline
+        was recovered, its recoveries are forgotten once that run has gone on
+        ``pipeline.healthy_after`` seconds without a failure (:meth:`_on_healthy`). A run is
+        the capture's sessions until one fails: the next pass of a looped recording goes on
+        with it, a session started after a failure begins a new one."""
+        pipeline = self.pipelines.get(name) if name is not None else None
+        capture = pipeline.supervisor if pipeline is not None else None
+        if pipeline is None or capture is None or not self.restart_attempts.get(pipeline.name):
+            return
+        run = (capture, capture.health.restarts)
+        watch = self._healthy.get(pipeline.name)
+        if watch is not None and watch.run == run:
+            return  # the run goes on
+        self._unwatch_health(pipeline.name)
+        timer = asyncio.get_running_loop().call_later(
+            pipeline.healthy_after, self._on_healthy, pipeline, run
+        )
+        self._healthy[pipeline.name] = _HealthyWatch(run, timer)
+
+    def _unwatch_health(self, name: str) -> None:
+        watch = self._healthy.pop(name, None)
+        if watch is not None:
+            watch.timer.cancel()
+
+    def _on_healthy(self, pipeline: StreamPipeline, run: tuple[Supervisor, int]) -> None:
+        """``healthy_after`` seconds after the first frame of a recovered pipeline's run: if
+        that run still goes on (the same capture, not restarted since, not down, the pipeline
+        neither failed, stopped, paused nor removed), its recoveries are forgotten."""
+        name = pipeline.name
+        watch = self._healthy.get(name)
+        if watch is not None and watch.run == run:
+            del self._healthy[name]
+        capture, restarts = run
+        attempts = self.restart_attempts.get(name, 0)
+        if (
+            not attempts
+            or self._stopping
+            or not self._kept(pipeline)
+            or pipeline.supervisor is not capture
+            or capture.health.restarts != restarts
+            or not pipeline.running
+            or pipeline.source_down
+            or pipeline.state is HealthState.FAILED
+        ):
+            return
+        del self.restart_attempts[name]
+        self.log.info(
+            "[%s] ran %gs without a failure: its %d recover%s forgotten, %d left",
+            name,
+            pipeline.healthy_after,
+            attempts,
+            "y is" if attempts == 1 else "ies are",
+            self.max_restart_attempts,
+        )
+        self.emit(
+            "pipeline.healthy",
+            {"pipeline": name, "recoveries": attempts, "healthy_after": pipeline.healthy_after},
+        )
 
     async def _start_one(self, pipeline: StreamPipeline) -> None:
         """Start a pipeline and watch it; one that fails to start (a model that does not load)
@@ -284,6 +355,7 @@ class App:
             await pipeline.wait()
             if self._stopping or pipeline.state is not HealthState.FAILED:
                 return
+            self._unwatch_health(pipeline.name)
             attempts = self.restart_attempts.get(pipeline.name, 0)
             error = pipeline.last_error or "unknown error"
             if not self.auto_recovery or attempts >= self.max_restart_attempts:
@@ -377,6 +449,8 @@ class App:
         watchers = list(self._watchers.values())
         for watcher in watchers:
             watcher.cancel()
+        for name in list(self._healthy):
+            self._unwatch_health(name)
         while self._in_flight:
             await asyncio.wait(set(self._in_flight))
         await asyncio.gather(
@@ -523,6 +597,15 @@ class App:
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, target)
+
+
+class _HealthyWatch(NamedTuple):
+    """A recovered pipeline's run, watched until it has gone on ``healthy_after`` seconds:
+    its capture's supervisor and that supervisor's restarts when the run began, and the timer
+    of :meth:`App._on_healthy`."""
+
+    run: tuple[Supervisor, int]
+    timer: asyncio.TimerHandle
 
 
 _RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEGRADED))
