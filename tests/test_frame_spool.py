@@ -164,3 +164,44 @@ def test_a_full_spool_keeps_no_more_and_says_so(tmp_path: Path) -> None:
     errors = [d["error"] for d in of(events, "processor.error") if d["stage"] == "frame_store"]
     assert len(errors) == 6 and all("spool" in e and "is full" in e for e in errors), errors
     assert len(list(LocalObjectStore(tmp_path / "spool").list())) == 4
+
+
+def test_best_frames_the_store_cannot_copy_leave_their_segment_short_not_the_pipeline_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket of the best frames is down when the segments close: each segment completes
+    with its frames stored, no best frame in ``selected``, the shortfall in
+    ``not_selected`` and one warning naming it; the pipeline goes on to the end."""
+    with aws_test_env():
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = _moto(port, tmp_path / "s3.log")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        client.create_bucket(Bucket="selected")
+        client.close()
+        down = S3ObjectStore("selected", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
+        _stop(proc)  # the store goes down
+        pipeline = StreamPipeline(
+            "s",
+            PatternSource("s", count=40, realtime=False),
+            stages=[Stage(tagger({range(1, 21): "A", range(21, 41): "B"}))],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[
+                FrameStore(
+                    LocalObjectStore(tmp_path / "frames"), select_best=2, selected_store=down
+                )
+            ],
+        )
+        try:
+            events = run_pipeline(pipeline)
+        finally:
+            down.close()
+    assert not of(events, "pipeline.failed")
+    completed = {d["segment_id"]: d for d in of(events, "segment.completed")}
+    assert set(completed) == {"A", "B"}
+    for seg in completed.values():
+        assert (len(seg["stored"]), seg["selected"], seg["not_selected"]) == (20, [], 2)
+    warned = [
+        r.getMessage() for r in caplog.records if "best frames were not copied" in r.getMessage()
+    ]
+    assert len(warned) == 2 and "segment A: 2 of its 2 best frames" in warned[0]

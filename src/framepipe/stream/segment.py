@@ -87,6 +87,8 @@ class Segment:
     """Keys of its frames a frame store kept locally while the object store refused them;
     each is uploaded under that key once the store is back (``frames.uploaded``)."""
     selected: list[str] = field(default_factory=list)
+    not_selected: int = 0
+    """Best frames a frame store failed to copy to ``selected`` (the object store refused)."""
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,6 +112,7 @@ class Segment:
             "not_stored": self.not_stored,
             "spooled": list(self.spooled),
             "selected": list(self.selected),
+            "not_selected": self.not_selected,
             "meta": dict(self.meta),
         }
 

@@ -28,6 +28,8 @@ from framepipe.stream.spool import Spool
 
 __all__ = ["FrameStore", "Sink", "escape_key_field", "unescape_key_field"]
 
+_log = get_logger("frame_store")
+
 DEFAULT_TEMPLATE = "frames/{source_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
 
 MAX_FIELD_BYTES = 128
@@ -148,7 +150,10 @@ class FrameStore(Sink):
     (they then use ``segment_id="none"``). With ``select_best=N`` the N frames with the highest
     ``frame.meta[score_key]`` of each segment are copied under ``selected_prefix`` (same key
     below it), in ``selected_store`` when given (another bucket) or the same store, when the
-    segment closes; their keys go to ``segment.selected``. A frame it fails to write (the store
+    segment closes; their keys go to ``segment.selected``. A best frame the store fails to
+    copy (it is away when the segment closes) is left out of ``selected``, counted in
+    ``segment.not_selected`` and named in one warning for the segment, which completes all
+    the same: the pipeline goes on. A frame it fails to write (the store
     refused it, or it could not be encoded) raises, as any sink's failure does (the pipeline
     reports it), and is counted in its segment's ``not_stored``.
 
@@ -275,13 +280,29 @@ class FrameStore(Sink):
         segment.stored = [key for _, key, _ in written]
         if self.select_best > 0 and written:
             best = heapq.nlargest(self.select_best, written, key=lambda w: (w[2], -w[0]))
+            failed: list[tuple[str, ObjectStoreError]] = []
             for _, key, _ in sorted(best):
                 target = self.selected_prefix + key
-                if self.selected_store is None:
-                    self.objects.copy(key, target)
-                else:
-                    self.selected_store.put(target, self.objects.get(key))
+                try:
+                    if self.selected_store is None:
+                        self.objects.copy(key, target)
+                    else:
+                        self.selected_store.put(target, self.objects.get(key))
+                except ObjectStoreError as exc:
+                    failed.append((target, exc))
+                    continue
                 segment.selected.append(target)
+            if failed:
+                segment.not_selected += len(failed)
+                _log.warning(
+                    "segment %s: %d of its %d best frames were not copied (the first to %s: "
+                    "%s); the segment completes without them",
+                    segment.id,
+                    len(failed),
+                    len(best),
+                    failed[0][0],
+                    failed[0][1],
+                )
 
     def setup(self) -> None:
         """Start uploading frames an earlier run kept in the spool, if any."""
