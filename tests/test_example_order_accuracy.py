@@ -611,6 +611,71 @@ def run_distributed(
     assert completed_entries[0]["stored"] == orders[0]["stored"]
 
 
+def test_no_event_stored_streamed_or_printed_shows_a_cameras_secrets(
+    tmp_path: Path, runner_factory: Callable[..., Runner], pg_url: str
+) -> None:
+    """Cameras whose URL holds a password or a token (down, so they keep being retried): the
+    events printed by ``--json``, committed to PostgreSQL and appended to the Redis Stream,
+    and the log, show neither; ``station.added`` shows each source masked."""
+    import redis
+
+    secrets = ("CamSecret42", "TokSecret99", "CmdSecret7")
+    stations = {
+        "station_pw": "rtsp://cam:CamSecret42@127.0.0.1:1/live",
+        "station_tok": "http://127.0.0.1:1/live?token=TokSecret99",
+        "station_cmd": "cmd:sh -c 'exit 1' rtsp://cam:CmdSecret7@127.0.0.1:1/live",
+    }
+    with redis_namespace("fp-oa-") as namespace:
+        stream = f"{namespace.rstrip(':')}:events:order_accuracy"
+        runner = runner_factory(
+            *(
+                arg
+                for station, spec in stations.items()
+                for arg in ("--station", f"{station}={spec}")
+            ),
+            "--restart-delay",
+            "0.2",
+            env={
+                "FRAMEPIPE_DATABASE_URL": pg_url,
+                "FRAMEPIPE_BROKER_URL": REDIS_URL,
+                "FRAMEPIPE_BROKER_NAMESPACE": namespace.rstrip(":"),
+            },
+        )
+        for station in stations:
+            runner.wait_for(
+                lambda e, s=station: e["type"] == "source.restarting" and e["source_id"] == s,
+                what=f"{station} retried",
+            )
+        assert runner.stop() == 0
+        client = redis.Redis.from_url(REDIS_URL)
+        streamed = [
+            (fields[b"type"].decode(), fields[b"data"].decode())
+            for _id, fields in client.xrange(stream)
+        ]
+        client.close()
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT type, data FROM fp_events ORDER BY id")).all()
+    engine.dispose()
+
+    added = {e["station_id"]: e["source"] for e in runner.of("station.added")}
+    assert added == {
+        "station_pw": "rtsp://cam:***@127.0.0.1:1/live",
+        "station_tok": "http://127.0.0.1:1/live?token=***",
+        "station_cmd": "cmd:sh -c 'exit 1' rtsp://cam:***@127.0.0.1:1/live",
+    }
+    assert {t for t, _data in stored} >= {"station.added", "source.restarting"}
+    assert [t for t, _data in streamed].count("station.added") == 3
+    printed = "\n".join(json.dumps(e) for e in runner.events)
+    for where, text in (
+        ("--json", printed),
+        ("PostgreSQL", json.dumps([data for _type, data in stored])),
+        ("the Redis Stream", "\n".join(data for _type, data in streamed)),
+        ("the log", "\n".join(runner.logs)),
+    ):
+        assert not [s for s in secrets if s in text], f"a secret in {where}"
+
+
 def test_network_cameras_through_an_ffmpeg_capture_and_pyav(
     station_video: tuple[Path, dict[str, Any]],
     runner_factory: Callable[..., Runner],

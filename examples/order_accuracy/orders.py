@@ -79,6 +79,7 @@ from framepipe import (
 from framepipe.errors import ConfigError, MissingDependencyError
 from framepipe.pixels import REDUCTIONS
 from framepipe.sources import Capture, capture_source
+from framepipe.urls import safe_text, safe_url
 
 __all__ = [
     "FRAME_TEMPLATE",
@@ -577,7 +578,10 @@ class OrderAccuracy:
         self.specs[station_id] = spec
 
     async def add_station(self, station_id: str, spec: str) -> None:
-        """Add a station; when the app runs its capture starts now."""
+        """Add a station; when the app runs its capture starts now. Its ``station.added``
+        event shows the source with its secrets masked (a camera URL's password, a
+        ``?token=``; those of the URLs in a ``cmd:`` command line): the events are stored,
+        streamed and printed."""
         if station_id in self.app.pipelines:
             raise ConfigError(f"station {station_id} exists already")
         # Choosing the capture may probe the file with gst-launch (a fraction of a second):
@@ -585,7 +589,8 @@ class OrderAccuracy:
         pipeline = await asyncio.to_thread(self.station_pipeline, station_id, spec)
         self.specs[station_id] = spec
         await self.app.add(pipeline)
-        self.app.emit("station.added", {"station_id": station_id, "source": spec})
+        shown = safe_text(spec) if spec.startswith("cmd:") else safe_url(spec)
+        self.app.emit("station.added", {"station_id": station_id, "source": shown})
 
     async def remove_station(self, station_id: str) -> None:
         """Stop a station (its open order closes with all its frames) and forget it."""
