@@ -476,21 +476,15 @@ def test_motion_gate_starts_again_after_a_size_change_with_both_methods() -> Non
 
 
 def test_a_task_that_dies_fails_the_pipeline_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    class Broken(Sink):
-        name = "broken"
-
-        def write(self, frame: Frame) -> None:
-            pass
-
-        def segment_closed(self, segment: Any) -> None:
-            raise RuntimeError("disk on fire")
+    def key(frame: Frame) -> str | None:
+        if frame.seq > 4:
+            raise RuntimeError("disk on fire")  # the segmenter's own task dies of it
+        return "X"
 
     pipeline = StreamPipeline(
         "doomed",
         PatternSource("d", count=500, fps=200, realtime=True),
-        stages=[Stage(tagger({range(1, 5): "X"}))],
-        segmenter=Segmenter("order", timeout=0.02),
-        sinks=[Broken()],
+        segmenter=Segmenter(key, timeout=0.02),
     )
     events = run_pipeline(pipeline)  # returns: no hang on the dead task
     assert pipeline.state is HealthState.FAILED
@@ -1108,3 +1102,31 @@ def test_an_ordered_stage_holds_a_bounded_window_while_the_next_stage_is_slow(co
     assert seen == sorted(seen) and len(seen) == 250
     window = 2 * 2 * (16 if cost == 0.0 else 1)  # two (batches) per worker
     assert max(held) <= window + 2 * 16, max(held)
+
+
+def test_a_sink_whose_segment_closed_raises_fails_that_segment_only() -> None:
+    """A sink's ``segment_closed`` raising for order A is a ``processor.error`` of that sink
+    naming A; A still completes, and so does B after it: the pipeline goes on."""
+
+    class Uploader(Collect):
+        def segment_closed(self, segment: Any) -> None:
+            if segment.id == "A":
+                raise ConnectionError("the archive refused the order")
+            super().segment_closed(segment)
+
+    uploader = Uploader()
+    events = run_pipeline(
+        StreamPipeline(
+            "s",
+            PatternSource("s", count=40, realtime=False),
+            stages=[Stage(tagger({range(1, 21): "A", range(21, 41): "B"}))],
+            segmenter=Segmenter("order", timeout=5),
+            sinks=[uploader],
+        )
+    )
+    assert not of(events, "pipeline.failed")
+    assert [d["segment_id"] for d in of(events, "segment.completed")] == ["A", "B"]
+    [error] = of(events, "processor.error")
+    assert error["stage"] == "collect" and error["seq"] is None
+    assert "segment_closed(A) failed: ConnectionError: the archive refused" in error["error"]
+    assert uploader.closed == ["B"] and len(uploader.frames) == 40

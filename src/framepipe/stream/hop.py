@@ -18,8 +18,9 @@ frame only, wherever it runs. That includes a ``CancelledError`` an async proces
 without its hop being cancelled (a future it awaited was cancelled elsewhere): the hop goes on
 to the next frame. A hop being cancelled is never taken for a frame's error.
 
-A control item's handling (a sink's ``segment_closed``), once started, runs to its end even
-when the hop is cancelled, and :meth:`Hop.teardown` waits for it before the processor's
+A control item's handling (a sink's ``segment_closed``) that raises is a processor error of
+the hop naming the segment; the segment flows on and completes. Once started, it runs to its
+end even when the hop is cancelled, and :meth:`Hop.teardown` waits for it before the processor's
 ``teardown``: a sink is never torn down while its ``segment_closed`` runs. :meth:`Hop.teardown`
 can be bounded (a processor call that never returns cannot hold a stop): past the bound the
 hop is abandoned.
@@ -212,9 +213,26 @@ class Hop:
         self._controls.add(task)
         try:
             await asyncio.shield(task)
+        except Exception as exc:  # the handler's own failure: reported, the item goes on
+            self._control_failed(item, exc)
         finally:
             if task.done():
                 self._controls.discard(task)
+
+    def _control_failed(self, item: Any, exc: Exception) -> None:
+        """A sink's ``segment_closed`` raised: a processor error of this hop naming the
+        segment, as a frame's would be (not counted towards a crash); its segment completes
+        and the pipeline goes on."""
+        segment = getattr(item, "segment", None)
+        what = f"segment_closed({segment.id})" if segment is not None else "control item"
+        self.stats.errors += 1
+        error = ProcessorError(
+            f"{what} failed: {type(exc).__name__}: {exc}", source_id=self.source_id, stage=self.name
+        )
+        error.__cause__ = exc
+        self.stats.last_error = str(error)
+        if self._on_error is not None:
+            self._on_error(error)
 
     async def run(self) -> None:
         """Handle items until END, then pass END on."""
