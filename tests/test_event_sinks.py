@@ -8,18 +8,25 @@ Redis at ``REDIS_URL`` and on a port where nothing listens. Processor events go 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import shutil
+import signal
 import socket
+import sqlite3
+import subprocess
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import PG_URL, REDIS_URL, redis_namespace, service_missing
 from framepipe import (
     App,
     Frame,
@@ -37,6 +44,15 @@ from framepipe.backends.state.schema import events
 from framepipe.backoff import Backoff
 from media import free_port
 from waiting import wait_until_async
+
+FAST = Backoff(0.05, 2.0, 0.2, 0)
+"""Retries 0.05 s doubling to 0.2 s: the old five attempts were over in about half a second."""
+
+
+def _lines(caplog: pytest.LogCaptureFixture, kind: str) -> list[str]:
+    """``LEVEL message`` of each line logged by the ``kind`` sinks."""
+    name = f"framepipe.events.{kind}"
+    return [f"{r.levelname} {r.getMessage()}" for r in caplog.records if r.name == name]
 
 
 def stored(store: StateStore) -> list[tuple[str, dict[str, Any]]]:
@@ -82,6 +98,9 @@ def test_the_redis_sink_appends_in_order_with_a_type_filter() -> None:
         client.close()
     assert [json.loads(f[b"data"])["n"] for _, f in entries] == list(range(300))
     assert {f[b"type"] for _, f in entries} == {b"order.completed"}
+    origins, seqs = zip(*(f[b"event_id"].decode().split("-") for _, f in entries), strict=True)
+    assert len(set(origins)) == 1 and len(origins[0]) == 16
+    assert [int(n) for n in seqs] == list(range(1, 301))  # the type filter leaves no gaps
 
 
 # A type made from a file name that is not UTF-8 (os.fsdecode: a lone surrogate) and one
@@ -91,7 +110,7 @@ _ODD_TYPES = [("zone.caf\udce9.entered", "zone.caf\\udce9.entered"), ("tag.a\x00
 
 def test_an_odd_event_type_never_fails_the_store_sink_s_batch(store: StateStore) -> None:
     async def main() -> StoreEventSink:
-        sink = StoreEventSink(store, "site", retries=1)
+        sink = StoreEventSink(store, "site")
         sink("order.started", {"n": 0})
         for n, (kind, _) in enumerate(_ODD_TYPES, 1):
             sink(kind, {"n": n, "name": "caf\udce9"})
@@ -113,7 +132,7 @@ def test_an_odd_event_type_never_fails_the_redis_sink_s_batch() -> None:
         stream = f"{namespace}events"
 
         async def main() -> RedisEventSink:
-            sink = RedisEventSink(REDIS_URL, stream, retries=1)
+            sink = RedisEventSink(REDIS_URL, stream)
             sink("order.started", {"n": 0})
             for n, (kind, _) in enumerate(_ODD_TYPES, 1):
                 sink(kind, {"n": n, "name": "caf\udce9"})
@@ -137,22 +156,31 @@ def test_an_odd_event_type_never_fails_the_redis_sink_s_batch() -> None:
 def test_a_redis_that_is_away_never_blocks_or_raises_and_drops_are_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    """Nothing listens: calls return at once, the overflow is counted, and aclose gives up
+    after its timeout (the writer is retrying without end) and counts what is left."""
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
 
-    async def main() -> RedisEventSink:
-        sink = RedisEventSink(
-            url, "events", retries=2, backoff=Backoff(0.01, 2, 0.05, 0), max_pending=50
-        )
+    async def main() -> tuple[RedisEventSink, float]:
+        sink = RedisEventSink(url, "events", backoff=Backoff(0.01, 2, 0.05, 0), max_pending=50)
         for i in range(120):
             sink("order.completed", {"n": i})  # returns at once
-        assert sink.dropped == 70  # the oldest, beyond max_pending
-        await sink.aclose(timeout=10)
-        return sink
+        assert (sink.dropped, sink.pending) == (70, 50)  # the oldest, beyond max_pending
+        await wait_until_async("the outage noticed", lambda: sink.failing_since is not None)
+        started = time.monotonic()
+        await sink.aclose(timeout=1)
+        return sink, time.monotonic() - started
 
-    with caplog.at_level(logging.WARNING, logger="framepipe"):
-        sink = asyncio.run(main())
-    assert sink.written == 0 and sink.dropped == 120
-    assert any("not written after 2 attempt(s)" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="framepipe"):
+        sink, closing = asyncio.run(main())
+    assert closing < 5
+    assert (sink.written, sink.dropped, sink.pending) == (0, 120, 0)
+    lines = _lines(caplog, "redis")
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("WARNING event sink redis (redis://:***@127.0.0.1:")
+    assert "cannot write (retrying until it can; up to 50 events" in lines[0]
+    assert "): ConnectionError: Error 111 connecting to 127.0.0.1:" in lines[0]
+    assert "closed with 50 event(s) not written within 1 s" in lines[1]
+    assert "s3cret-pw" not in caplog.text
 
 
 class Tagger(Processor):
@@ -299,24 +327,26 @@ def test_a_batch_in_flight_when_close_gives_up_is_counted_as_dropped() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
 
     async def main() -> RedisEventSink:
-        sink = RedisEventSink(url, "events", retries=5, backoff=Backoff(30, 2, 30, 0))
+        sink = RedisEventSink(url, "events", backoff=Backoff(30, 2, 30, 0))
         for i in range(3):
             sink("order.completed", {"n": i})
         await wait_until_async("the batch in flight", lambda: not sink._pending, 30)
         sink("order.completed", {"n": 3})  # queued behind the batch
+        assert sink.pending == 4
         await sink.aclose(timeout=0.5)
         return sink
 
     sink = asyncio.run(main())
-    assert (sink.written, sink.dropped) == (0, 4)
+    assert (sink.written, sink.dropped, sink.pending) == (0, 4, 0)
     assert not sink._pending and not sink._inflight
 
 
-def test_a_redis_that_accepts_and_never_answers_costs_a_warning_and_a_retry_per_batch(
+def test_a_redis_that_accepts_and_never_answers_keeps_the_batch_and_close_is_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A hung Redis (a half-open connection after a network cut): each attempt ends at the
-    socket timeout with a warning; the batch is dropped (counted) after its retries."""
+    socket timeout; the batch is retried, never dropped, and the outage is one warning. A
+    close while an attempt hangs (the default 10 s timeout) returns after its own timeout."""
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(16)  # the kernel accepts the connections; nothing ever answers
@@ -325,31 +355,36 @@ def test_a_redis_that_accepts_and_never_answers_costs_a_warning_and_a_retry_per_
     kwargs = default._client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == 10.0 and kwargs["socket_connect_timeout"] == 5.0
 
-    async def main() -> RedisEventSink:
-        await default.aclose(timeout=0.1)
-        sink = RedisEventSink(
-            url, "events", retries=2, backoff=Backoff(0.05, 2, 0.1, 0), socket_timeout=0.5
-        )
+    async def main() -> tuple[RedisEventSink, float]:
+        default("order.completed", {"n": 0})
+        await asyncio.sleep(0.2)  # its first attempt hangs, for 10 s
+        started = time.monotonic()
+        await default.aclose(timeout=0.5)
+        closing = time.monotonic() - started
+        assert (default.written, default.dropped) == (0, 1)
+        sink = RedisEventSink(url, "events", backoff=Backoff(0.05, 2, 0.1, 0), socket_timeout=0.3)
         for i in range(3):
             sink("order.completed", {"n": i})
-        await wait_until_async(
-            "the batch dropped after 2 attempts",
-            lambda: sink.dropped == 3,
-            60,
-            explain=lambda: (sink.written, sink.dropped, caplog.text[-2000:]),
-        )
-        await sink.aclose(timeout=5)
-        return sink
+        await wait_until_async("the outage noticed", lambda: sink.failing_since is not None, 30)
+        await asyncio.sleep(3)  # several attempts: the old code dropped the batch after 5
+        assert (sink.written, sink.dropped, sink.pending) == (0, 0, 3)
+        await sink.aclose(timeout=0.5)
+        return sink, closing
 
     try:
-        with caplog.at_level(logging.WARNING, logger="framepipe"):
-            sink = asyncio.run(main())
+        with caplog.at_level(logging.INFO, logger="framepipe"):
+            sink, closing = asyncio.run(main())
     finally:
         hung.close()
+    assert closing < 3
     assert (sink.written, sink.dropped) == (0, 3)
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("writing 3 event(s) failed" in m and "retrying" in m for m in messages)
-    assert any("3 event(s) not written after 2 attempt(s)" in m for m in messages)
+    lines = _lines(caplog, "redis")
+    assert [line.split(" ", 1)[0] for line in lines] == ["WARNING"] * 3, lines
+    assert "closed with 1 event(s) not written within 0.5 s" in lines[0]
+    assert "did not answer in time" in lines[0]
+    assert "cannot write (" in lines[1] and "): TimeoutError: Timeout reading" in lines[1]
+    assert "closed with 3 event(s) not written within 0.5 s" in lines[2]
+    assert "writing has failed for" in lines[2]
 
 
 def test_an_event_emitted_outside_the_loop_is_queued_and_written_at_close() -> None:
@@ -377,3 +412,382 @@ def test_an_event_emitted_outside_the_loop_is_queued_and_written_at_close() -> N
     cycle.append(cycle)
     lone("x", {"cycle": cycle})  # data that does not serialize: counted, never raised
     assert lone.dropped == 1 and not lone._pending
+
+
+# -- outages: a private Redis stopped, hung, full; a store that refuses writes -----------------
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port; its append-only file keeps the
+    stream across :meth:`stop` and :meth:`start`."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_missing("redis-server", FileNotFoundError("redis-server is not on PATH"))
+        assert binary is not None
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(
+            [self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with redis.Redis.from_url(self.url, socket_timeout=1) as client:
+                    client.ping()
+                return
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "the private redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server could not stop
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are accepted by the kernel, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def entries(self, stream: str) -> list[dict[str, Any]]:
+        """The stream's entries: their fields, ``data`` decoded."""
+        import redis
+
+        with redis.Redis.from_url(self.url) as client:
+            raw = client.xrange(stream)
+        return [
+            {k.decode(): json.loads(v) if k == b"data" else v.decode() for k, v in f.items()}
+            for _, f in raw
+        ]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_outage_longer_than_the_old_retries_loses_nothing_and_is_logged_once(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stopped for 3 s, several times what five attempts at this backoff lasted: the
+    events wait in the queue and reach the stream in order once it is back; one warning when
+    writing fails, one line when it works again."""
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(
+            private_redis.url, "events", backoff=FAST, connect_timeout=1, socket_timeout=1
+        )
+        for i in range(10):
+            sink("order.completed", {"n": i})
+        await wait_until_async("the first events written", lambda: sink.written == 10)
+        private_redis.stop()
+        for i in range(10, 40):
+            sink("order.completed", {"n": i})
+            await asyncio.sleep(0.1)
+        assert sink.failing_since is not None
+        assert (sink.written, sink.dropped, sink.pending) == (10, 0, 30)
+        private_redis.start()
+        await wait_until_async(
+            "the queue written", lambda: sink.written == 40, 30, explain=sink.stats
+        )
+        assert sink.failing_since is None
+        await sink.aclose()
+        return sink
+
+    with caplog.at_level(logging.INFO, logger="framepipe"):
+        sink = asyncio.run(main())
+    assert (sink.written, sink.dropped, sink.pending) == (40, 0, 0)
+    entries = private_redis.entries("events")
+    assert [e["data"]["n"] for e in entries] == list(range(40))
+    lines = _lines(caplog, "redis")
+    assert len(lines) == 2, lines
+    warning, recovered = lines
+    assert warning.startswith(f"WARNING event sink redis ({private_redis.url} stream events)")
+    assert "cannot write (" in warning and "): ConnectionError: " in warning and "\n" not in warning
+    assert recovered.startswith(f"INFO event sink redis ({private_redis.url} stream events)")
+    assert " writes again after " in recovered
+    assert recovered.endswith(": 30 event(s) waited, 0 dropped meanwhile")
+
+
+@pytest.mark.slow
+def test_an_outage_that_overflows_the_queue_drops_the_oldest_queued_and_counts_them(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis away from the start; the first batch (4 events) is being retried, 10 more fit in
+    the queue: of the 26 events behind the batch the oldest 16 are dropped. The stream shows
+    the gap in the ``event_id`` sequence."""
+    private_redis.stop()
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(private_redis.url, "events", max_pending=10, batch=4, backoff=FAST)
+        for i in range(4):
+            sink("order.completed", {"n": i})
+        await wait_until_async("the first batch taken", lambda: len(sink._inflight) == 4)
+        for i in range(4, 30):
+            sink("order.completed", {"n": i})
+        assert (sink.dropped, sink.pending) == (16, 14)
+        await asyncio.sleep(1.5)  # longer than the old retries: no more dropped
+        assert (sink.written, sink.dropped, sink.pending) == (0, 16, 14)
+        private_redis.start()
+        await wait_until_async("the queue written", lambda: sink.written == 14, 30)
+        await sink.aclose()
+        return sink
+
+    with caplog.at_level(logging.INFO, logger="framepipe"):
+        sink = asyncio.run(main())
+    assert (sink.written, sink.dropped) == (14, 16)
+    entries = private_redis.entries("events")
+    assert [e["data"]["n"] for e in entries] == [0, 1, 2, 3, *range(20, 30)]
+    assert [int(e["event_id"].split("-")[1]) for e in entries] == [1, 2, 3, 4, *range(21, 31)]
+    lines = _lines(caplog, "redis")
+    assert [line.split(" ", 1)[0] for line in lines] == ["WARNING", "INFO"], lines
+    assert lines[1].endswith(": 14 event(s) waited, 16 dropped meanwhile")
+
+
+@pytest.mark.slow
+def test_a_hung_redis_that_runs_timed_out_writes_later_leaves_repeats_with_one_event_id(
+    private_redis: PrivateRedis,
+) -> None:
+    """Redis paused (SIGSTOP) for 2 s: attempts time out, their commands wait in the socket
+    and run when it resumes, and the retry writes them again. Every event is there, in order
+    of first appearance, and its repeats carry its ``event_id``."""
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(private_redis.url, "events", backoff=FAST, socket_timeout=0.3)
+        for i in range(5):
+            sink("order.completed", {"n": i})
+        await wait_until_async("the first events written", lambda: sink.written == 5)
+        private_redis.pause()
+        try:
+            for i in range(5, 15):
+                sink("order.completed", {"n": i})
+                await asyncio.sleep(0.2)
+            assert sink.failing_since is not None
+        finally:
+            private_redis.resume()
+        await wait_until_async("the queue written", lambda: sink.written == 15, 30)
+        await sink.aclose()
+        return sink
+
+    sink = asyncio.run(main())
+    assert (sink.written, sink.dropped) == (15, 0)
+    entries = private_redis.entries("events")
+    first: dict[str, int] = {}
+    for entry in entries:
+        n = first.setdefault(entry["event_id"], entry["data"]["n"])
+        assert n == entry["data"]["n"]  # a repeat is the same event
+    assert list(first.values()) == list(range(15))
+
+
+@pytest.mark.slow
+def test_a_partly_refused_pipeline_writes_only_the_rest_again(
+    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis at its memory limit takes the first XADDs of a batch and refuses the rest (OOM):
+    those are retried until there is room, and the ones it took are not written twice."""
+    import redis
+
+    admin = redis.Redis.from_url(private_redis.url)
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", used + 300_000)
+    pad = "x" * 50_000
+
+    async def main() -> RedisEventSink:
+        sink = RedisEventSink(private_redis.url, "events", backoff=FAST)
+        for i in range(10):
+            sink("order.completed", {"n": i, "pad": pad})
+        await wait_until_async("the refusal", lambda: sink.failing_since is not None)
+        took = sink.written
+        assert 0 < took < 10 and sink.pending == 10 - took
+        await asyncio.sleep(1)  # retried: as memory frees up, maybe one more fits
+        assert sink.written < 10 and sink.dropped == 0
+        admin.config_set("maxmemory", 0)
+        await wait_until_async("the rest written", lambda: sink.written == 10, 30)
+        await sink.aclose()
+        return sink
+
+    try:
+        with caplog.at_level(logging.INFO, logger="framepipe"):
+            asyncio.run(main())
+    finally:
+        admin.close()
+    assert [e["data"]["n"] for e in private_redis.entries("events")] == list(range(10))
+    lines = _lines(caplog, "redis")
+    assert len(lines) == 2 and "): OutOfMemoryError: command not allowed" in lines[0], lines
+
+
+Outage = tuple[StateStore, Callable[[], None], Callable[[], None]]
+
+
+@contextlib.contextmanager
+def _sqlite_outage(tmp_path: Path) -> Iterator[Outage]:
+    """A SQLite store whose writes fail while another connection holds the write lock."""
+    path = tmp_path / "state.db"
+    locker: list[sqlite3.Connection] = []
+
+    def begin() -> None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("BEGIN EXCLUSIVE")
+        locker.append(conn)
+
+    def end() -> None:
+        conn = locker.pop()
+        conn.rollback()
+        conn.close()
+
+    with StateStore(f"sqlite:///{path}", busy_timeout_s=0.2) as store:
+        yield store, begin, end
+
+
+@contextlib.contextmanager
+def _postgres_outage() -> Iterator[Outage]:
+    """A store on a PostgreSQL database of its own, which refuses connections (and has its
+    sessions ended) during the outage. The URL holds a password (trust auth ignores it)."""
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            user = conn.exec_driver_sql("SELECT current_user").scalar_one()
+    except sa.exc.OperationalError as exc:
+        service_missing(f"PostgreSQL at {PG_URL}", exc)
+    name = f"fp_sink_{uuid.uuid4().hex[:10]}"
+    url = sa.make_url(PG_URL).set(database=name, username=user, password="s3cret-pw")
+
+    def run(sql: str) -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(sql)
+
+    def begin() -> None:
+        run(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        run(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+
+    def end() -> None:
+        run(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+    run(f"CREATE DATABASE {name}")
+    try:
+        with StateStore(url.render_as_string(hide_password=False)) as store:
+            yield store, begin, end
+    finally:
+        end()
+        run(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.slow])]
+)
+def store_outage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Outage]:
+    """A store, and how to begin and end an outage of it (SQLite locked, PostgreSQL refusing)."""
+    outage = _sqlite_outage(tmp_path) if request.param == "sqlite" else _postgres_outage()
+    with outage as value:
+        yield value
+
+
+def test_a_store_outage_longer_than_the_old_retries_loses_nothing_and_is_logged_once(
+    store_outage: Outage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store refuses writes for 3 s: the events wait and are committed in order once it
+    takes them; one single-line warning without the password, one line when it works again."""
+    store, begin, end = store_outage
+
+    async def main() -> StoreEventSink:
+        sink = StoreEventSink(store, "site", backoff=FAST)
+        for i in range(5):
+            sink("order.completed", {"n": i})
+        await wait_until_async("the first events written", lambda: sink.written == 5)
+        await asyncio.to_thread(begin)
+        try:
+            for i in range(5, 35):
+                sink("order.completed", {"n": i})
+                await asyncio.sleep(0.1)
+            assert sink.failing_since is not None
+            assert (sink.written, sink.dropped, sink.pending) == (5, 0, 30)
+        finally:
+            await asyncio.to_thread(end)
+        await wait_until_async(
+            "the queue written", lambda: sink.written == 35, 30, explain=sink.stats
+        )
+        await sink.aclose()
+        return sink
+
+    with caplog.at_level(logging.INFO, logger="framepipe"):
+        sink = asyncio.run(main())
+    assert (sink.written, sink.dropped) == (35, 0)
+    assert [d["n"] for _, d in stored(store)] == list(range(35))
+    lines = _lines(caplog, "store")
+    assert len(lines) == 2, lines
+    warning, recovered = lines
+    assert warning.startswith(f"WARNING event sink store ({store.safe_url}) cannot write (")
+    assert "): OperationalError: " in warning
+    assert "\n" not in warning and "Background on this error" not in warning
+    assert recovered.endswith(": 30 event(s) waited, 0 dropped meanwhile")
+    assert "s3cret-pw" not in caplog.text
+
+
+def test_the_sinks_counts_are_in_the_app_s_metrics_while_attached(
+    tmp_path: Path, store: StateStore
+) -> None:
+    """Two sinks on one app: each metric is exposed once, with a sample per sink; a Redis
+    that is away shows as not writing, with its queue; closed, the sinks leave the metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = App("site", settings=Settings(home=tmp_path))
+    away = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+
+    def samples() -> dict[tuple[str, str, str], float]:
+        text = app.metrics_text()
+        names = [f.name for f in text_string_to_metric_families(text)]
+        assert len(names) == len(set(names)), names
+        return {
+            (s.name, s.labels["sink"], s.labels["target"]): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("framepipe_event_sink_")
+        }
+
+    async def main() -> None:
+        stored_sink = StoreEventSink(store, "site").attach(app)
+        redis_sink = RedisEventSink(away, "events", backoff=FAST, max_pending=3).attach(app)
+        for i in range(5):
+            app.emit("order.completed", {"n": i})
+        await wait_until_async("stored", lambda: stored_sink.written == 5)
+        await wait_until_async("the outage", lambda: redis_sink.failing_since is not None)
+        target = "redis://:***@127.0.0.1:" + away.rsplit(":", 1)[1] + " stream events"
+        got = samples()
+        assert got[("framepipe_event_sink_written_total", "store", store.safe_url)] == 5
+        assert got[("framepipe_event_sink_writing", "store", store.safe_url)] == 1
+        assert got[("framepipe_event_sink_pending", "redis", target)] == 3  # the batch
+        assert got[("framepipe_event_sink_dropped_total", "redis", target)] == 2
+        assert got[("framepipe_event_sink_writing", "redis", target)] == 0
+        assert redis_sink.stats()["last_error"].startswith("ConnectionError: ")
+        await stored_sink.aclose()
+        await redis_sink.aclose(timeout=0.2)
+        assert not samples()
+        app.emit("order.completed", {"n": 5})  # detached: not counted anywhere
+        assert (stored_sink.dropped, redis_sink.dropped) == (0, 5)
+
+    asyncio.run(main())
+    assert "s3cret-pw" not in app.metrics_text()

@@ -1,31 +1,48 @@
 """Where a live app's events go besides its callbacks: the state store and a Redis Stream.
 
-Both sinks are :meth:`App.on <framepipe.app.App.on>` callbacks (``app.on("*", sink)``).
-Guarantees:
+Both sinks are :meth:`App.on <framepipe.app.App.on>` callbacks; :meth:`~_QueuedSink.attach`
+(``sink.attach(app)``) subscribes one to all of an app's events and adds its counts to the
+app's metrics. Guarantees:
 
-* Calling a sink never blocks and never raises: the event is queued (bounded: past
-  ``max_pending`` the oldest queued event is dropped and counted in ``dropped``). Called
-  outside a running event loop, the event waits in the queue for the writer, which starts with
-  the next event emitted inside the loop (or with :meth:`aclose`).
+* Calling a sink never blocks and never raises: the event is queued. The queue is bounded:
+  past ``max_pending`` queued events the *oldest* queued event is dropped and counted in
+  ``dropped`` (the newest events are kept, as on a live dashboard; the batch being written is
+  never dropped). Called outside a running event loop, the event waits in the queue for the
+  writer, which starts with the next event emitted inside the loop (or with :meth:`aclose`).
 * One writer task per sink writes the queued events in the order they were emitted, in batches
   (one transaction, one pipeline round trip).
-* A backend that is away (database restarting, Redis down or hung) costs a warning per failed
-  batch, never the app: the batch is retried with backoff while newer events queue behind it,
-  and it is dropped (counted) after ``retries`` failed attempts. A Redis that accepts the
-  connection and never answers fails an attempt after ``socket_timeout`` seconds (10 s).
+* A backend that is away (database restarting or refusing connections, Redis down or hung)
+  never costs the app, and costs no event while the queue holds: the batch is retried with
+  backoff (0.5 s doubling to 10 s by default) for as long as writing fails, while newer events
+  queue behind it. Any failure is retried so; one that lasts (a missing table, a Redis key of
+  another type) holds the queue like an outage. A Redis that accepts the connection and never
+  answers fails an attempt after ``socket_timeout`` seconds (10 s).
+* An outage is logged once: a warning when writing first fails (the sink, where it writes,
+  the error's first line with any URL's password masked) and an info line when writing works
+  again (how long it failed, how many events waited, how many were dropped meanwhile).
+* Counts: ``written``, ``dropped``, ``pending`` (queued or being written) and
+  ``failing_since`` (when the current outage began, else None); :meth:`~_QueuedSink.stats`
+  has them all, and ``/metrics`` shows them through :meth:`~_QueuedSink.attach`.
+* Delivery is at least once: a write that failed late (a hung Redis that executes the commands
+  once it answers again, a commit whose answer was lost) is written again, so an event can
+  appear twice, never out of order before its first copy. On the Redis Stream each event
+  carries an ``event_id`` to drop the repeats by.
 * An event type no backend can store (a lone surrogate, a NUL) is written with
   :func:`~framepipe.untrusted.storable_text`'s escapes, so it never fails the batch of
   good events it is written with.
-* :meth:`aclose` writes what is queued (bounded by ``timeout``) and releases the connection;
-  what could not be written by then, the batch in flight included, is counted in ``dropped``.
+* :meth:`aclose` writes what is queued, bounded by ``timeout`` even while the backend is away;
+  what could not be written by then, the batch in flight included, is counted in ``dropped``
+  and said in one warning.
 
 :class:`StoreEventSink` commits the events to the ``fp_events`` table, where ``/api/events``,
 the service's WebSocket and ``framepipe serve``'s dashboard read them; the data gets an ``app``
 field, and with ``retention_days`` it deletes the app events older than that every hour (see
 :mod:`framepipe.backends.state.retention`). :class:`RedisEventSink` appends each event to a
-Redis Stream (``XADD`` with approximate ``MAXLEN`` trimming) as fields ``type``, ``ts`` and
-``data`` (JSON), for consumers elsewhere, e.g. an order-checking service reading
-``order.completed``.
+Redis Stream (``XADD`` with approximate ``MAXLEN`` trimming) as fields ``type``, ``ts``,
+``data`` (JSON) and ``event_id``, for consumers elsewhere, e.g. an order-checking service
+reading ``order.completed``. ``event_id`` is ``<origin>-<seq>``: ``origin`` is random, made
+once per sink (so per process run), and ``seq`` counts the events given to the sink from 1. A
+consumer that has seen an ``event_id`` can skip it; a gap in ``seq`` is an event dropped.
 """
 
 from __future__ import annotations
@@ -34,8 +51,11 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.event_log import append_events
@@ -44,9 +64,14 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.events import Event
 from framepipe.logs import get_logger
+from framepipe.telemetry import event_sink_metrics
+from framepipe.untrusted import storable_text
+from framepipe.urls import safe_text, safe_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from framepipe.app import App
 
 __all__ = ["RedisEventSink", "StoreEventSink"]
 
@@ -59,9 +84,24 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
 def _storable_type(event: str) -> str:
     if event.isascii() and "\x00" not in event:
         return event
-    from framepipe.untrusted import storable_text
-
     return storable_text(event)
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: first line`` of ``exc``, with the password of any URL in it masked: a database
+    error's further lines (its statement, "Background on this error") are left out."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return safe_text(storable_text(text))
+
+
+@dataclass
+class _Outage:
+    started: float
+    """``time.monotonic()`` of the first failed attempt."""
+    dropped: int
+    """``dropped`` when it began."""
+    attempts: int = 1
 
 
 class _QueuedSink:
@@ -74,32 +114,76 @@ class _QueuedSink:
         *,
         max_pending: int = 10_000,
         batch: int = 256,
-        retries: int = 5,
         backoff: Backoff | None = None,
     ) -> None:
-        if max_pending < 1 or batch < 1 or retries < 1:
-            raise ValueError("max_pending, batch and retries must be >= 1")
+        if max_pending < 1 or batch < 1:
+            raise ValueError("max_pending and batch must be >= 1")
         self.max_pending = max_pending
         self.batch = batch
-        self.retries = retries
         self.backoff = backoff or Backoff(0.5, 2.0, 10.0, 0.1)
         self.dropped = 0
         self.written = 0
+        self.failing_since: float | None = None
+        """``time.time()`` of the first failed attempt of the current outage; None while
+        writing works."""
+        self.last_error: str | None = None
+        """The last failed attempt's error (its first line), None until one fails."""
         self._pending: deque[Event] = deque()
         self._inflight: list[Event] = []
         """The batch the writer is writing (and retrying): off the queue, not yet counted."""
+        self._seq = 0
+        """Events given to the sink; each queued event's ``id`` is its number."""
+        self._origin = uuid.uuid4().hex[:16]
+        self._outage: _Outage | None = None
         self._wake: asyncio.Event | None = None
+        self._retry_now: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._detach: list[Callable[[], None]] = []
         self._log = get_logger(f"events.{self.kind}")
+
+    @property
+    def target(self) -> str:
+        """Where the sink writes, as logs and metrics show it (passwords masked)."""
+        return self.kind
+
+    @property
+    def pending(self) -> int:
+        """Events not yet written: queued, and the batch being written."""
+        return len(self._pending) + len(self._inflight)
+
+    def _named(self) -> str:
+        return f"event sink {self.kind} ({self.target})"
+
+    def stats(self) -> dict[str, Any]:
+        """The counts (see the module docstring) and where the sink writes."""
+        return {
+            "sink": self.kind,
+            "target": self.target,
+            "written": self.written,
+            "dropped": self.dropped,
+            "pending": self.pending,
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
+        }
+
+    def attach(self, app: App) -> Self:
+        """Receive every event of ``app`` (``app.on("*", self)``) and add the counts to its
+        metrics (``framepipe_event_sink_*``); :meth:`aclose` undoes both."""
+        self._detach.append(app.on("*", self))
+        self._detach.append(event_sink_metrics(app.registry).add(self))
+        return self
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         """Queue one event (an ``App.on`` callback); never blocks, never raises."""
         if self._closed:
             self.dropped += 1
             return
+        self._seq += 1
         try:
-            shaped = Event(_storable_type(event), time.time(), None, None, self._shape(data))
+            shaped = Event(
+                _storable_type(event), time.time(), None, None, self._shape(data), self._seq
+            )
         except Exception:  # data that does not serialize (a reference cycle): never the app's
             self.dropped += 1
             self._log.exception("event %s not queued", event)
@@ -117,6 +201,7 @@ class _QueuedSink:
         if self._writer is None:
             loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
+            self._retry_now = asyncio.Event()
             self._writer = loop.create_task(self._write_loop(), name=f"event-sink-{self.kind}")
         assert self._wake is not None
         self._wake.set()
@@ -135,56 +220,108 @@ class _QueuedSink:
                 continue
             # Taken off the queue before writing: an overflow while the batch is in flight
             # drops the oldest queued events, never events of the batch. The batch stays on
-            # the sink (_inflight) until counted, so aclose counts it if it cancels the writer.
+            # the sink (_inflight) until written, so aclose counts it if it cancels the writer.
             batch = [self._pending.popleft() for _ in range(min(self.batch, len(self._pending)))]
             self._inflight = batch
-            if await self._write_with_retries(batch):
-                self.written += len(batch)
-            else:
-                self.dropped += len(batch)
+            await self._write_until_written(batch)
             self._inflight = []
 
-    async def _write_with_retries(self, batch: list[Event]) -> bool:
-        for attempt in range(1, self.retries + 1):
+    async def _write_until_written(self, batch: list[Event]) -> None:
+        """Write ``batch``, retrying with backoff for as long as that fails."""
+        while True:
+            size = len(batch)
             try:
                 await self._write(batch)
-                return True
             except Exception as exc:
-                if attempt == self.retries:
-                    self._log.warning(
-                        "%d event(s) not written after %d attempt(s): %s", len(batch), attempt, exc
-                    )
-                    return False
-                delay = self.backoff.delay(attempt)
-                self._log.warning(
-                    "writing %d event(s) failed (%s); retrying in %.1fs", len(batch), exc, delay
-                )
-                await asyncio.sleep(delay)
-        return False
+                self.written += size - len(batch)  # the events a partial write took off the front
+                self._failed(exc)
+            else:
+                self.written += size
+                self._recovered()
+                return
+            assert self._outage is not None
+            assert self._retry_now is not None
+            delay = self.backoff.delay(1 if self._closed else self._outage.attempts)
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):  # aclose cuts the wait short
+                await asyncio.wait_for(self._retry_now.wait(), delay)
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = _cause(exc)
+        if self._outage is not None:
+            self._outage.attempts += 1
+            self._log.debug(
+                "%s: attempt %d failed: %s", self._named(), self._outage.attempts, self.last_error
+            )
+            return
+        self._outage = _Outage(time.monotonic(), self.dropped)
+        self.failing_since = time.time()
+        self._log.warning(
+            "%s cannot write (retrying until it can; up to %d events queue meanwhile, past "
+            "that the oldest are dropped and counted): %s",
+            self._named(),
+            self.max_pending,
+            self.last_error,
+        )
+
+    def _recovered(self) -> None:
+        outage = self._outage
+        if outage is None:
+            return
+        self._outage = None
+        self.failing_since = None
+        self._log.info(
+            "%s writes again after %.1f s (%d failed attempt(s)): %d event(s) waited, "
+            "%d dropped meanwhile",
+            self._named(),
+            time.monotonic() - outage.started,
+            outage.attempts,
+            self.pending,
+            self.dropped - outage.dropped,
+        )
 
     async def _write(self, batch: list[Event]) -> None:
+        """Write ``batch`` or raise. A write that wrote only its first events may remove them
+        from ``batch`` before raising: only the rest is written again."""
         raise NotImplementedError
 
     async def aclose(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-        """Write what is queued (bounded by ``timeout``), stop the writer, release the backend.
-        What is not written by then (queued, or the batch being written) is counted in
-        ``dropped``."""
+        """Write what is queued (bounded by ``timeout``, an outage or not), stop the writer,
+        detach from the app, release the backend. What is not written by then (queued, or
+        the batch being written) is counted in ``dropped`` and said in one warning."""
         self._closed = True
+        for detach in self._detach:
+            detach()
+        self._detach.clear()
         if self._pending:
             self._ensure_writer()  # events queued outside a loop had no writer yet
         writer = self._writer
         if writer is not None:
             assert self._wake is not None
+            assert self._retry_now is not None
             self._wake.set()
+            self._retry_now.set()  # a writer waiting out a long backoff tries again now
             try:
                 await asyncio.wait_for(asyncio.shield(writer), timeout)
             except TimeoutError:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
-                lost = len(self._inflight) + len(self._pending)
+                lost = self.pending
                 self.dropped += lost
-                self._log.warning("%d event(s) not written before close", lost)
+                why = (
+                    f"writing has failed for {time.monotonic() - self._outage.started:.1f} s "
+                    f"({self.last_error})"
+                    if self._outage is not None
+                    else "the backend did not answer in time"
+                )
+                self._log.warning(
+                    "%s closed with %d event(s) not written within %g s, counted as dropped: %s",
+                    self._named(),
+                    lost,
+                    timeout,
+                    why,
+                )
             self._inflight = []
             self._pending.clear()
         await self._release()
@@ -213,6 +350,10 @@ class StoreEventSink(_QueuedSink):
         self.retention_days = retention_days
         self._pruned_at = float("-inf")
 
+    @property
+    def target(self) -> str:
+        return self.store.safe_url
+
     def _shape(self, data: dict[str, Any]) -> dict[str, Any]:
         return _jsonable({"app": self.app_name, **data})
 
@@ -239,7 +380,9 @@ class RedisEventSink(_QueuedSink):
     """Appends an app's events to the Redis Stream ``stream`` at ``url`` (see the module
     docstring); ``types`` limits it to those event types (default: all). ``connect_timeout``
     and ``socket_timeout`` (seconds) bound one attempt's connect and each answer awaited, so
-    a Redis that is hung fails the attempt (a warning, a retry) instead of freezing the writer."""
+    a Redis that is hung fails the attempt (retried) instead of freezing the writer. A broken
+    connection (a Redis restarted since the last write) is opened again at once within an
+    attempt; a timed-out one is not (the commands may still run: that is retried later)."""
 
     kind = "redis"
 
@@ -258,15 +401,29 @@ class RedisEventSink(_QueuedSink):
         if not connect_timeout > 0 or not socket_timeout > 0:
             raise ValueError("connect_timeout and socket_timeout must be > 0")
         try:
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+
             from framepipe.redis.connection import connect
         except ImportError as exc:
             raise MissingDependencyError("redis", "redis", "events on Redis Streams") from exc
+        self.url = safe_url(url)
+        """The URL with its password masked."""
         self.stream = stream
         self.maxlen = maxlen
         self.types = frozenset(types) if types is not None else None
         self._client: Redis = connect(
-            url, retries=None, connect_timeout=connect_timeout, socket_timeout=socket_timeout
+            url,
+            retries=None,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,
         )
+
+    @property
+    def target(self) -> str:
+        return f"{self.url} stream {self.stream}"
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if self.types is None or event in self.types:
@@ -275,13 +432,18 @@ class RedisEventSink(_QueuedSink):
     async def _write(self, batch: list[Event]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
             for event in batch:
-                pipe.xadd(
-                    self.stream,
-                    {"type": event.type, "ts": repr(event.ts), "data": json.dumps(event.data)},
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
-            await pipe.execute()
+                fields: dict[Any, Any] = {
+                    "type": event.type,
+                    "ts": repr(event.ts),
+                    "data": json.dumps(event.data),
+                    "event_id": f"{self._origin}-{event.id}",
+                }
+                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+            results = await pipe.execute(raise_on_error=False)
+        for done, result in enumerate(results):
+            if isinstance(result, Exception):  # a refused XADD (OOM): the ones before it stay
+                del batch[:done]
+                raise result
 
     async def _release(self) -> None:
         await self._client.aclose()

@@ -8,12 +8,16 @@ Label values are names (pipelines, stages, sources), never per-frame or per-orde
 each goes through :func:`label_value`: a name no text can encode (a lone surrogate, as
 ``os.fsdecode`` makes of a file name that is not UTF-8) is shown escaped instead of failing
 the whole scrape.
+
+:func:`event_sink_metrics` adds the counts of an app's event sinks (:mod:`framepipe.event_sinks`)
+to its registry: one collector per registry reads every sink added to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,7 +26,14 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from framepipe.stream.pipeline import StreamPipeline
 
-__all__ = ["StreamCollector", "label_value", "metrics_registry", "render"]
+__all__ = [
+    "EventSinkCollector",
+    "StreamCollector",
+    "event_sink_metrics",
+    "label_value",
+    "metrics_registry",
+    "render",
+]
 
 
 def label_value(name: object) -> str:
@@ -115,6 +126,80 @@ class StreamCollector(Collector):
             score,
             seg_latency,
         )
+
+
+class EventSinkCounts(Protocol):
+    """What :class:`EventSinkCollector` reads of a sink (:mod:`framepipe.event_sinks`)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def failing_since(self) -> float | None: ...
+
+
+class EventSinkCollector(Collector):
+    """Per event sink (labels ``sink``: its kind, ``target``: where it writes, password
+    masked): ``framepipe_event_sink_written`` and ``framepipe_event_sink_dropped`` (counters),
+    ``framepipe_event_sink_pending`` (events not yet written) and
+    ``framepipe_event_sink_writing`` (0 while writing fails, else 1)."""
+
+    def __init__(self) -> None:
+        self._sinks: list[EventSinkCounts] = []
+
+    def add(self, sink: EventSinkCounts) -> Callable[[], None]:
+        """Read ``sink`` at each scrape; returns a function that stops it."""
+        self._sinks.append(sink)
+
+        def remove() -> None:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
+
+        return remove
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["sink", "target"]
+        written = CounterMetricFamily(
+            "framepipe_event_sink_written", "Events the sink wrote", labels=labels
+        )
+        dropped = CounterMetricFamily(
+            "framepipe_event_sink_dropped",
+            "Events dropped: the queue was full, or the sink closed before they were written",
+            labels=labels,
+        )
+        pending = GaugeMetricFamily(
+            "framepipe_event_sink_pending", "Events waiting to be written", labels=labels
+        )
+        writing = GaugeMetricFamily(
+            "framepipe_event_sink_writing", "0 while writing fails, else 1", labels=labels
+        )
+        for sink in tuple(self._sinks):
+            key = [label_value(sink.kind), label_value(sink.target)]
+            written.add_metric(key, sink.written)
+            dropped.add_metric(key, sink.dropped)
+            pending.add_metric(key, sink.pending)
+            writing.add_metric(key, 0.0 if sink.failing_since is not None else 1.0)
+        yield from (written, dropped, pending, writing)
+
+
+_SINK_COLLECTORS: WeakKeyDictionary[CollectorRegistry, EventSinkCollector] = WeakKeyDictionary()
+
+
+def event_sink_metrics(registry: CollectorRegistry) -> EventSinkCollector:
+    """The :class:`EventSinkCollector` of ``registry``, registered on it the first time: every
+    sink of an app shares one, so each metric is exposed once."""
+    collector = _SINK_COLLECTORS.get(registry)
+    if collector is None:
+        collector = _SINK_COLLECTORS[registry] = EventSinkCollector()
+        registry.register(collector)
+    return collector
 
 
 def metrics_registry(pipelines: Callable[[], Iterable[StreamPipeline]]) -> CollectorRegistry:
