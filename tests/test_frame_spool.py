@@ -19,7 +19,7 @@ from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
 from s3server import REGION, _wait_listening, aws_test_env, start_moto
 from test_stream import Events, of, run_pipeline, tagger
-from waiting import free_port
+from waiting import free_port, wait_until_async
 
 pytestmark = pytest.mark.slow  # an S3 server started twice
 
@@ -205,3 +205,58 @@ def test_best_frames_the_store_cannot_copy_leave_their_segment_short_not_the_pip
         r.getMessage() for r in caplog.records if "best frames were not copied" in r.getMessage()
     ]
     assert len(warned) == 2 and "segment A: 2 of its 2 best frames" in warned[0]
+
+
+def test_a_pipeline_started_again_goes_on_uploading_what_its_spool_kept(tmp_path: Path) -> None:
+    """The same pipeline (and frame store) stopped during an outage and started again, as an
+    app's pause and resume or a recovery do: what its spool kept is uploaded once the store is
+    back, and so is what it keeps after the restart."""
+    with aws_test_env():
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = _moto(port, tmp_path / "s3.log")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        client.create_bucket(Bucket="frames")
+        store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
+        _stop(proc)  # the store goes down
+        frame_store = FrameStore(store, spool=tmp_path / "spool", spool_retry=0.2)
+        pipeline = StreamPipeline(
+            "s",
+            PatternSource("s", fps=20, realtime=True),
+            sinks=[frame_store],
+            stages=[Stage(tagger({range(1, 10_000): "A"}))],
+            segmenter=Segmenter("order", timeout=5),
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        spool = LocalObjectStore(tmp_path / "spool")
+
+        async def main() -> None:
+            await pipeline.start()
+            await wait_until_async("frames kept", lambda: len(list(spool.list())) >= 5)
+            await pipeline.stop()
+            kept = len(list(spool.list()))
+            await pipeline.start()
+            await wait_until_async("more frames kept", lambda: len(list(spool.list())) > kept)
+            await asyncio.to_thread(_moto_back)
+            await wait_until_async(
+                "every kept frame uploaded",
+                lambda: not list(spool.list()) and of(events, "frames.uploaded"),
+                timeout=60,
+            )
+            await pipeline.stop()
+
+        def _moto_back() -> None:
+            nonlocal proc
+            proc = _moto(port, tmp_path / "s3.log")  # back (moto starts empty)
+            client.create_bucket(Bucket="frames")
+
+        try:
+            asyncio.run(asyncio.wait_for(main(), 120))
+            uploaded = sorted(k for u in of(events, "frames.uploaded") for k in u["keys"])
+            listed = client.list_objects_v2(Bucket="frames")["Contents"]
+            assert set(uploaded) <= {o["Key"] for o in listed} and len(uploaded) >= 6
+        finally:
+            client.close()
+            store.close()
+            _stop(proc)

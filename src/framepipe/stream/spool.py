@@ -8,8 +8,9 @@ Guarantees:
   frame is never in neither place (it may briefly be in both).
 * The uploader tries every ``retry_every`` seconds while anything is kept; a round stops at the
   first refusal (the store is still down) and says so in the log at most once a minute.
-* Frames kept by an earlier run (the process stopped during an outage) are uploaded by the
-  next one: :meth:`Spool.start` starts the uploader when the local store holds anything.
+* Frames kept by an earlier run (the process stopped during an outage, or the pipeline was
+  stopped and started again) are uploaded by the next one: :meth:`Spool.start` starts the
+  uploader when the local store holds anything.
 * :meth:`Spool.close` stops the uploader; what is still kept stays on disk for the next run.
 * At most ``max_bytes`` are kept (a long outage must not fill the disk): a frame past that is
   refused with an :class:`~framepipe.errors.ObjectStoreError` saying the spool is full.
@@ -81,7 +82,9 @@ class Spool:
         return self._bytes
 
     def start(self) -> None:
-        """Start the uploader if frames of an earlier run are kept."""
+        """Start the uploader if frames of an earlier run are kept; after :meth:`close` too
+        (the same frame store in a pipeline started again)."""
+        self._stop.clear()
         if next(iter(self.local.list()), None) is not None:
             self._ensure_uploader()
 
