@@ -252,6 +252,10 @@ def test_stations_orders_storage_and_a_killed_capture(
     assert samples['framepipe_segment_latency_seconds{pipeline="station_1",quantile="0.5"}'] >= 0
     assert samples['framepipe_source_restarts_total{pipeline="station_2",source="station_2"}'] == 1
     assert samples['framepipe_stage_frames_total{pipeline="station_1",stage="order_tags"}'] > 100
+    # the event sink (the state database): what it wrote, nothing dropped
+    written = [v for k, v in samples.items() if k.startswith("framepipe_event_sink_written")]
+    dropped = [v for k, v in samples.items() if k.startswith("framepipe_event_sink_dropped")]
+    assert written and written[0] > 10 and dropped == [0.0]
 
     # station_1: every order, in order, with its frames
     orders = runner.of("order.completed", "station_1")

@@ -819,6 +819,9 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         assert 'pipeline="station_2"' in metrics
         assert "framepipe_stage_fps{" in metrics
         assert "framepipe_source_restarts_total{" in metrics
+        # the app's events go to the state database through its event sink, counted
+        assert re.search(r'framepipe_event_sink_written_total\{sink="store",[^}]*\} [1-9]', metrics)
+        assert re.search(r"framepipe_event_sink_dropped_total\{[^}]*\} 0.0", metrics)
         events = client.get("/api/events", params={"limit": 1000}).json()["events"]
         paused = [e for e in events if e["type"] == "pipeline.paused"]
         assert [e["data"] for e in paused] == [{"app": "station", "pipeline": "station_1"}]

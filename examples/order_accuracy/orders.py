@@ -738,7 +738,7 @@ class OrderAccuracy:
             stream = f"{self.settings.broker_namespace}:events:{self.app.name}"
             self._sinks.append(RedisEventSink(self.settings.broker_url, stream))
         for sink in self._sinks:
-            self.app.on("*", sink)
+            sink.attach(self.app)
         await self.app.start()
 
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109

@@ -151,8 +151,14 @@ class EventSinkCollector(Collector):
     ``framepipe_event_sink_pending`` (events not yet written) and
     ``framepipe_event_sink_writing`` (0 while writing fails, else 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, more: Callable[[], Iterable[EventSinkCounts]] | None = None) -> None:
         self._sinks: list[EventSinkCounts] = []
+        self._more = more  # sinks read at each scrape, besides those added
+
+    @property
+    def sinks(self) -> tuple[EventSinkCounts, ...]:
+        """The sinks read at a scrape: those added, then those of ``more``."""
+        return tuple(self._sinks) + (tuple(self._more()) if self._more is not None else ())
 
     def add(self, sink: EventSinkCounts) -> Callable[[], None]:
         """Read ``sink`` at each scrape; returns a function that stops it."""
@@ -180,7 +186,7 @@ class EventSinkCollector(Collector):
         writing = GaugeMetricFamily(
             "framepipe_event_sink_writing", "0 while writing fails, else 1", labels=labels
         )
-        for sink in tuple(self._sinks):
+        for sink in self.sinks:
             key = [label_value(sink.kind), label_value(sink.target)]
             written.add_metric(key, sink.written)
             dropped.add_metric(key, sink.dropped)

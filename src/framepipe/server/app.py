@@ -184,7 +184,7 @@ def _lifespan(
         for live_app in service.apps.values():  # the apps' events join the feed like the jobs'
             sink = StoreEventSink(st, live_app.name, retention_days=settings.events_retention_days)
             sinks.append(sink)
-            live_app.on("*", sink)
+            sink.attach(live_app)
             await live_app.start()
         reopening = None if obj.store is not None else asyncio.create_task(obj.keep_opening())
         days = settings.executions_retention_days

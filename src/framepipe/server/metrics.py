@@ -13,7 +13,7 @@ from framepipe.config import Settings
 from framepipe.jobs.records import count_jobs
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.telemetry import StreamCollector
+from framepipe.telemetry import EventSinkCollector, EventSinkCounts, StreamCollector
 
 __all__ = ["jobs_registry"]
 
@@ -102,11 +102,15 @@ def jobs_registry(
     store: StateStore,
     settings: Settings,
     pipelines: Callable[[], Iterable[StreamPipeline]] | None = None,
+    event_sinks: Callable[[], Iterable[EventSinkCounts]] | None = None,
 ) -> CollectorRegistry:
     """A Prometheus registry that reads the jobs when scraped, and with ``pipelines`` the live
-    pipelines' metrics too (per stage fps, latency, queue depth, drops; per source restarts)."""
+    pipelines' metrics too (per stage fps, latency, queue depth, drops; per source restarts),
+    with ``event_sinks`` those of the apps' event sinks (written, dropped, pending)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_JobsCollector(store, settings))
     if pipelines is not None:
         registry.register(StreamCollector(pipelines))
+    if event_sinks is not None:
+        registry.register(EventSinkCollector(event_sinks))
     return registry

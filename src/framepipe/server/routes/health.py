@@ -53,10 +53,12 @@ async def health(service: Service) -> Response:
 async def metrics(service: Service) -> Response:
     """Prometheus text: executions and steps by status, step run times, failures and
     crashes, workers, the job broker's backlog, and the live pipelines of the apps served
-    here (per stage fps, latency, queue depth, drops; per source restarts)."""
+    here (per stage fps, latency, queue depth, drops; per source restarts) and their event
+    sinks (written, dropped, pending)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from framepipe.server.metrics import jobs_registry
+    from framepipe.telemetry import event_sink_metrics
 
     registry = service.metrics
     if registry is None:
@@ -65,6 +67,7 @@ async def metrics(service: Service) -> Response:
             service.store,
             service.settings,
             lambda: [p for a in apps.values() for p in a.pipelines.values()],
+            lambda: [s for a in apps.values() for s in event_sink_metrics(a.registry).sinks],
         )
     body = await asyncio.to_thread(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
