@@ -202,6 +202,33 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 # -- the original system's API -------------------------------------------------------------
 
 
+def test_a_failed_webhook_is_reported_without_its_secrets(
+    tmp_path: Path, media: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A webhook URL with a password and a token that does not answer: the doorbell's
+    ``notification.failed`` event and the log line name it with both masked, and the error
+    (httpx's, which repeats the URL) too."""
+    url = f"http://door:PassW0rd@127.0.0.1:{free_port()}/hook?token=T0kenSecret"
+    known_dir(tmp_path, media["alice"])
+    manager = OrchestratorManager(
+        make_config(tmp_path, media["carphone"], notifications={"webhook_url": url})
+    )
+    events = Recorder(manager, "notification.failed")
+    assert manager.start() is True
+    try:
+        while manager.orchestrator.pipeline.latest_frame is None:
+            time.sleep(0.01)
+        manager.trigger_doorbell()
+        [failed] = events.wait("notification.failed")[:1]
+    finally:
+        manager.stop()
+    port = url.rsplit(":", 1)[1].split("/", 1)[0]
+    assert failed["url"] == f"http://door:***@127.0.0.1:{port}/hook?token=***"
+    shown = json.dumps(failed) + caplog.text
+    assert "webhook" in caplog.text
+    assert "PassW0rd" not in shown and "T0kenSecret" not in shown
+
+
 def test_known_visitor_through_the_original_api(
     tmp_path: Path, media: dict[str, Path], webhook: tuple[str, list[dict[str, Any]]]
 ) -> None:

@@ -55,6 +55,7 @@ from framepipe.sources.base import Source
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
 from framepipe.stream.performance import Performance
 from framepipe.stream.sinks import Sink
+from framepipe.urls import safe_text, safe_url
 
 __all__ = ["PipelineOrchestrator"]
 
@@ -390,10 +391,10 @@ class PipelineOrchestrator:
             self.notifications_sent += 1
         except httpx.HTTPError as exc:
             self.notifications_failed += 1
-            self.log.warning("webhook %s failed for %s: %s", url, event["event_id"], exc)
+            shown, error = safe_url(url), safe_text(str(exc))  # never the URL's secrets
+            self.log.warning("webhook %s failed for %s: %s", shown, event["event_id"], error)
             self._emit_threadsafe(
-                "notification.failed",
-                {"event_id": event["event_id"], "url": url, "error": str(exc)},
+                "notification.failed", {"event_id": event["event_id"], "url": shown, "error": error}
             )
 
     def _stored_events(self) -> list[dict[str, Any]]:
