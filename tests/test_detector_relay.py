@@ -198,3 +198,86 @@ def test_send_sync_keeps_its_wait_with_a_redis_that_accepts_and_never_answers() 
         assert isinstance(raised, TimeoutError), raised
     finally:
         hung.close()
+
+
+def _crash(relay: Relay) -> list[asyncio.Task[None]]:
+    """What a SIGKILL leaves of ``relay``: its loops and requests stop, its heartbeat key stays
+    until it expires (no clean stop deletes it). The tasks to await."""
+    tasks = [*relay._main, *relay._tasks]
+    for task in tasks:
+        task.cancel()
+    return tasks
+
+
+@pytest.mark.redis
+def test_a_worker_waiting_on_a_service_restarted_at_once_is_told_at_once() -> None:
+    """The service dies while it serves a worker's request and starts again within the
+    heartbeat's expiry (the same hub id, its heartbeat set again): the worker's request fails
+    at once with DetectorUnavailableError naming the restart, instead of waiting for the
+    answer timeout (+120 s) for an answer nobody will give. A request the earlier run never
+    took is dropped by the new one, not served for a worker that has given up on it."""
+
+    async def scenario(namespace: str) -> None:
+        hub = DetectorHub("restarted")
+        asked: list[str] = []
+        entered = asyncio.Event()
+
+        async def never_answers(session_id: str, message: object, **_: object) -> dict[str, str]:
+            asked.append(session_id)
+            entered.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        hub.request = never_answers  # type: ignore[method-assign]
+        first = Relay(hub, REDIS_URL, namespace)
+        remote = RemoteDetectorHub(hub.id, REDIS_URL, namespace)
+        await first.start()
+        beat = redis_sync.Redis.from_url(REDIS_URL)
+        try:
+            await _until("the first run's heartbeat", lambda: beat.exists(remote.alive))
+        finally:
+            beat.close()
+        waiting = asyncio.create_task(
+            remote.request("s1", {"type": "sd:copy_request"}, answer_timeout=600, what="copy 1")
+        )
+        second: Relay | None = None
+        try:
+            await asyncio.wait_for(entered.wait(), 30)
+            for task in _crash(first):
+                with contextlib.suppress(BaseException):
+                    await task
+            await first._client.aclose()
+            second = Relay(hub, REDIS_URL, namespace)
+            await second.start()
+            started = time.monotonic()
+            with pytest.raises(DetectorUnavailableError, match="was restarted while waiting"):
+                await asyncio.wait_for(waiting, 30)
+            assert time.monotonic() - started < 10  # not the 720 s of the answer timeout
+            assert asked == ["s1"]
+
+            # A request pushed for an earlier run and taken by the next one: dropped.
+            await second.stop()
+            client = redis_sync.Redis.from_url(REDIS_URL)
+            try:
+                client.set(remote.alive, "an-earlier-run", ex=30)
+                late = asyncio.create_task(
+                    remote.request("s2", {"type": "sd:copy_request"}, what="copy 2")
+                )
+                await _until("the request in the list", lambda: client.llen(remote.requests))
+                second = Relay(hub, REDIS_URL, namespace)
+                await second.start()
+                with pytest.raises(DetectorUnavailableError, match="was restarted"):
+                    await asyncio.wait_for(late, 30)
+                await _until("the list emptied", lambda: not client.llen(remote.requests))
+                assert asked == ["s1"]  # s2 was never asked of the detectors
+            finally:
+                client.close()
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+            if second is not None:
+                await second.stop()
+
+    with redis_namespace("fp-relay-") as namespace:
+        asyncio.run(scenario(namespace))

@@ -5,8 +5,13 @@ A step on a worker gets a :class:`RemoteDetectorHub` (from
 ``{namespace}:detector:{hub_id}:requests``; the service's :class:`Relay` takes it, makes the
 request on its hub and pushes progress and the answer (or the error, with its class) to a reply
 list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry) while
-it runs, so a worker asking a stopped service fails at once with
-:class:`~framepipe.errors.DetectorUnavailableError` instead of waiting.
+it runs, to a token of this run of the service (its *instance*, new at each start), so a worker
+asking a stopped service fails at once with :class:`~framepipe.errors.DetectorUnavailableError`
+instead of waiting. A request carries the instance the worker saw; a worker waiting for an
+answer fails at once with :class:`~framepipe.errors.DetectorUnavailableError` when the
+heartbeat is gone or names another instance (the service was restarted: whatever the earlier
+run had taken is lost with it), and a relay drops a request addressed to another instance
+(its worker fails it so), never serving work nobody waits for.
 
 While Redis does not answer, the relay retries (waiting from half a second, doubling, at most
 4 s, below the heartbeat's expiry) and logs one warning when it goes away, naming the URL with
@@ -58,6 +63,11 @@ _CLEANUP_WAIT = 2.0
 list's expiry."""
 
 
+def _text(value: bytes | str | None) -> str | None:
+    """A Redis value as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
     return (
         namespaced(namespace, "detector", hub_id, "requests"),
@@ -106,6 +116,8 @@ class Relay:
         self.hub = hub
         self.url = url
         self.requests, self.alive = _keys(namespace, hub.id)
+        self.instance = uuid.uuid4().hex
+        """This run of the relay: the heartbeat's value, what workers' requests name."""
         self._client: Any = None
         self._outage = _Outage(url)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,7 +146,7 @@ class Relay:
         tries = 0
         while True:
             try:
-                await self._client.set(self.alive, "1", ex=_ALIVE_TTL)
+                await self._client.set(self.alive, self.instance, ex=_ALIVE_TTL)
             except Exception as exc:  # Redis away or restarting: tried again, less often
                 tries += 1
                 self._outage.failed("heartbeat", exc)
@@ -163,6 +175,14 @@ class Relay:
                 reply_to = str(request["reply_to"])
             except (ValueError, KeyError, TypeError):
                 _log.warning("detector relay: dropped a malformed request %r", item[1][:200])
+                continue
+            addressed = request.get("instance")
+            if addressed is not None and addressed != self.instance:
+                _log.info(
+                    "detector relay: dropped %s, asked of an earlier run of this service "
+                    "(its worker is told the service restarted)",
+                    request.get("what"),
+                )
                 continue
             task = asyncio.create_task(self._serve(reply_to, request))
             self._tasks.add(task)
@@ -249,7 +269,8 @@ class RemoteDetectorHub:
     step on a worker gets from :func:`get_hub`). Same calls, same errors: a detector error is
     raised here with its class and message; a service that is not running (no heartbeat) is a
     :class:`DetectorUnavailableError` at once; one that stops answering is one within
-    ``_ALIVE_TTL`` seconds."""
+    ``_ALIVE_TTL`` seconds, and one restarted while a request waits (its heartbeat names
+    another instance) is one within a second."""
 
     def __init__(
         self, hub_id: str, url: str, namespace: str, *, request_timeout: float = 600.0
@@ -277,7 +298,8 @@ class RemoteDetectorHub:
         reply_to = namespaced(self.namespace, "detector", "reply", uuid.uuid4().hex)
         what = what or str(message.get("type"))
         try:
-            if not await client.exists(self.alive):
+            instance = _text(await client.get(self.alive))
+            if instance is None:
                 raise DetectorUnavailableError(
                     f"the service holding detector hub {self.id} is not running (no heartbeat "
                     f"on {self.alive}), so {what} cannot be asked for",
@@ -289,6 +311,7 @@ class RemoteDetectorHub:
                     {
                         "kind": kind,
                         "reply_to": reply_to,
+                        "instance": instance,
                         "session_id": session_id,
                         "message": dict(message),
                         "answer_timeout": answer_timeout,
@@ -305,10 +328,17 @@ class RemoteDetectorHub:
                         raise DetectorError(
                             f"no answer to {what} within {limit:g}s", session_id=session_id
                         )
-                    if not await client.exists(self.alive):
+                    now = _text(await client.get(self.alive))
+                    if now is None:
                         raise DetectorUnavailableError(
                             f"the service holding detector hub {self.id} stopped while "
                             f"waiting for {what}",
+                            session_id=session_id,
+                        )
+                    if now != instance:
+                        raise DetectorUnavailableError(
+                            f"the service holding detector hub {self.id} was restarted while "
+                            f"waiting for {what}; the request was lost with its earlier run",
                             session_id=session_id,
                         )
                     continue
