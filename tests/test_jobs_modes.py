@@ -856,3 +856,14 @@ def test_an_error_whose_message_cannot_be_read_still_fails_the_step_clearly(
     assert (info.error or "").endswith(
         "failed after 2 attempts: Unprintable: <its message could not be read: RuntimeError>"
     )
+
+
+def test_the_execution_progress_events_announce_never_goes_back(run_in_mode: Runner) -> None:
+    """Two steps climbing side by side, their reports coalesced per step between commits:
+    the events carry the execution's progress in the order it was reached, so a browser
+    following them never sees the bar go back."""
+    info, events = run_in_mode(wp.lockstep, {})
+    assert info.status.value == "completed"
+    seen = [e.data["execution_progress"] for e in events if "execution_progress" in e.data]
+    assert len(seen) > 4
+    assert seen == sorted(seen), seen

@@ -544,3 +544,23 @@ unprintable = Pipeline("wk_unprintable")
 @unprintable.step(retries=1, retry_delay=0.01)
 def shout(ctx: StepContext) -> None:
     raise Unprintable
+
+
+lockstep = Pipeline("wk_lockstep")
+
+
+def _climb(ctx: StepContext) -> None:
+    for pct in range(2, 101, 2):
+        ctx.progress(pct)
+        time.sleep(0.002)
+
+
+@lockstep.step()
+def left(ctx: StepContext) -> None:
+    """Climbs to 100% in small steps while ``right`` does the same beside it."""
+    _climb(ctx)
+
+
+@lockstep.step()
+def right(ctx: StepContext) -> None:
+    _climb(ctx)

@@ -59,6 +59,21 @@ T = TypeVar("T")
 _log = get_logger("jobs.engine")
 
 
+def _never_back(events: list[Event]) -> None:
+    """Each event's ``execution_progress`` raised to the highest one before it of its
+    execution: a step's report held back to be coalesced goes out after events of the same
+    round that came later, and the bar a browser draws from them must not go back."""
+    high: dict[str, float] = {}
+    for event in events:
+        pct = event.data.get("execution_progress")
+        if pct is None or event.execution_id is None:
+            continue
+        top = max(pct, high.get(event.execution_id, pct))
+        high[event.execution_id] = top
+        if top != pct:
+            event.data["execution_progress"] = top
+
+
 def _log_retry(state: tenacity.RetryCallState) -> None:
     _log.warning(
         "state store call failed (%s); retrying",
@@ -278,6 +293,7 @@ class Scheduler:
         self._dirty_execs = {}
         batch.events = self._events
         batch.events.extend(self._progress_events.values())
+        _never_back(batch.events)
         self._events, self._progress_events = [], {}
         batch.ledger, self._ledger_rows = self._ledger_rows, []
         after, self._after_commit = self._after_commit, []
@@ -506,6 +522,7 @@ class Scheduler:
         s.message = message
         self._set_progress(s, pct)
         self._dirty_steps[id(s)] = s
+        self._progress_events.pop((x.id, key), None)  # the newest report goes last
         self._progress_events[(x.id, key)] = Event(
             "step.progress",
             time.time(),
