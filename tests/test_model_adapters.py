@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -148,6 +149,14 @@ def test_subprocess_nonzero_exit_names_code_and_stderr(tmp_path: Path, clip: Pat
     assert err.exit_code == 3
     assert "exited with code 3" in str(err) and "crash_model.py" in str(err)
     assert "CUDA out of memory" in err.stderr_tail and "CUDA out of memory" in str(err)
+    # the cause ends the first line, which is all an execution's error keeps of it
+    first, *rest = str(err).splitlines()
+    assert first.endswith("crash_model.py) exited with code 3: RuntimeError: CUDA out of memory")
+    assert rest == [
+        "stderr (last 2 lines):",
+        "loading weights from /models/anime.ckpt",
+        "RuntimeError: CUDA out of memory",
+    ]
     assert not isinstance(err, ModelOutputError | ModelTimeoutError)
 
 
@@ -1232,3 +1241,42 @@ def test_a_failing_model_fails_the_step_with_its_message(settings: Settings, cli
         run(main())
     [error] = info.value.errors.values()
     assert "exited with code 3" in error and "CUDA out of memory" in error
+
+
+_PARENT = """
+import asyncio, sys
+from framepipe.processors import SubprocessModel
+
+asyncio.run(SubprocessModel(sys.argv[1]).infer(sys.argv[2], output_dir=sys.argv[3]))
+"""
+
+
+@pytest.mark.slow
+def test_the_model_process_dies_with_the_process_that_started_it(
+    tmp_path: Path, clip: Path
+) -> None:
+    """A worker (or ``framepipe run``) killed by SIGKILL cannot kill its model: the script
+    ran on beside the retried attempt (a second model on the GPU) until it ended by itself."""
+    out = tmp_path / "out"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(MODELS / "hang_model.py"), str(clip), str(out)]
+    )
+    pids: list[int] = []
+    try:
+        pid_file = out / "pids.txt"
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.02)
+        pids = [int(p) for p in pid_file.read_text().split()]
+        script, _child = pids
+        assert alive(script)
+        parent.kill()
+        parent.wait()
+        assert wait_gone([script]) == [], "the model script outlived the process running it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in pids:  # its own child (a sleep) is not killed with it: documented
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

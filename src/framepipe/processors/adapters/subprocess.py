@@ -2,11 +2,20 @@
 ``progress: N`` and ``frames_path: P`` lines on its stdout.
 
 Guarantees: the process runs in its own session, and its whole process group is killed
-(SIGKILL) on timeout, on cancellation and when it exits (children it left behind); the call
-answers when the process exits, even while a process it started outside its group (which
-cannot be killed with it: it is logged as left running) still holds its output open; a non-zero
-exit is a retryable :class:`~framepipe.errors.ModelError` carrying the exit code and the last
-lines of stderr; no ``frames_path`` line is a :class:`~framepipe.errors.ModelOutputError`.
+(SIGKILL) on timeout, on cancellation and when it exits (children it left behind); it gets
+SIGKILL when the process that started it dies, however that dies (SIGKILL included: Linux's
+parent-death signal, set as :func:`~framepipe.sources.child.parent_death_command` sets it for
+a capture), so a killed worker's model does not run on beside its retry; the call answers
+when the process exits, even while a process it started outside its group (which cannot be
+killed with it: it is logged as left running) still holds its output open; a non-zero exit is
+a retryable :class:`~framepipe.errors.ModelError` carrying the exit code and the last lines of
+stderr, its first line ending with stderr's last line (the cause, which an execution's
+one-line error shows); no ``frames_path`` line is a
+:class:`~framepipe.errors.ModelOutputError`.
+
+Processes the model started itself are killed with it on timeout, cancellation and exit (its
+process group), but not when the process that started the model dies: nothing is left to
+kill them then, and they end as their own code decides.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 from framepipe.errors import ConfigError, ModelError, ModelOutputError
 from framepipe.pipes import lines
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
+from framepipe.sources.child import parent_death_command
 from framepipe.urls import safe_text
 
 __all__ = ["DEFAULT_ARGV", "SubprocessModel"]
@@ -71,6 +81,24 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(None)
 
 
+_CAUSE_MAX = 300
+"""Characters of stderr's last line an error's first line quotes."""
+
+
+def _stderr_part(tail: deque[str]) -> str:
+    """What an error adds for the model's stderr: ``: <its last line>`` on the error's first
+    line (what a failing program says last is its error: a Python traceback ends with the
+    exception), cut to :data:`_CAUSE_MAX` characters, since the first line is what an
+    execution's error, ``jobs list`` and ``framepipe run`` show; then, from the next line on,
+    the last lines."""
+    if not tail:
+        return ""
+    cause = tail[-1].strip()
+    if len(cause) > _CAUSE_MAX:
+        cause = cause[: _CAUSE_MAX - 1] + "\u2026"
+    return f": {cause}\nstderr (last {len(tail)} lines):\n" + "\n".join(tail)
+
+
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
@@ -88,10 +116,12 @@ class SubprocessModel(ModelAdapter):
     ``frames_path: P`` is the result (the last such line wins; a relative path is relative to
     ``cwd``); other lines are logged at DEBUG. The process runs in a new session (its own
     process group): on timeout or cancellation the **whole group** is killed (SIGKILL), and
-    so are children it left behind when it exits.
+    so are children it left behind when it exits. It is killed (SIGKILL) when the process
+    that started it dies, even by SIGKILL.
 
     Failures: a non-zero exit is a (retryable) :class:`ModelError` with ``exit_code`` and the
-    last lines of stderr; no ``frames_path`` line, or a path that is not a directory, is a
+    last lines of stderr (``... exited with code 3: <stderr's last line>`` then the lines);
+    no ``frames_path`` line, or a path that is not a directory, is a
     :class:`ModelOutputError`; a timeout a :class:`ModelTimeoutError`.
     """
 
@@ -183,9 +213,12 @@ class SubprocessModel(ModelAdapter):
         env = None if self.env is None else {**os.environ, **self.env}
         loop = asyncio.get_running_loop()
         try:
+            # the model dies with this process, even by SIGKILL (its retry must not run
+            # beside it); asked in a thread: the first call runs ``setpriv --help``
+            command = await asyncio.to_thread(parent_death_command, argv, env)
             transport, protocol = await loop.subprocess_exec(
                 lambda: _Protocol(loop),
-                *argv,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -236,8 +269,7 @@ class SubprocessModel(ModelAdapter):
         if code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             raise ModelError(
-                f"{self.describe()} {how}"
-                + (f"; stderr:\n{stderr_tail}" if stderr_tail else " (no stderr)"),
+                f"{self.describe()} {how}" + (_stderr_part(tail) or " (no stderr)"),
                 model=self.describe(),
                 retryable=True,
                 exit_code=code,
@@ -246,7 +278,7 @@ class SubprocessModel(ModelAdapter):
         if not frames:
             raise ModelOutputError(
                 f"{self.describe()} exited 0 without printing a 'frames_path: PATH' line"
-                + (f"; stderr:\n{stderr_tail}" if stderr_tail else ""),
+                + _stderr_part(tail),
                 model=self.describe(),
                 exit_code=0,
                 stderr_tail=stderr_tail,
