@@ -694,6 +694,45 @@ def test_the_feed_follows_event_ids_given_again(database_url: str) -> None:
         asyncio.run(scenario(store))
 
 
+@pytest.mark.postgres
+def test_the_feed_rides_out_a_database_outage_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The state database refuses connections for about 3 s: the feed says so in one warning
+    (the error's first line, no password), then one line when it answers again, and the
+    events stored during the outage reach the subscriber."""
+    from test_event_sinks import _postgres_outage
+
+    caplog.set_level(logging.INFO, logger="framepipe.server.feed")
+
+    async def scenario(store: StateStore, begin: Any, end: Any) -> list[str]:
+        feed = EventFeed(store, interval=0.02)
+        await feed.start()
+        try:
+            async with feed.subscribe() as stream:
+                events = aiter(stream)
+                await asyncio.to_thread(begin)
+                await asyncio.sleep(3.0)
+                await asyncio.to_thread(end)
+                await asyncio.to_thread(append_events, store, _app_events("after", 2))
+                got = []
+                for _ in range(2):
+                    event = await asyncio.wait_for(anext(events), 30)
+                    assert event is not None
+                    got.append(event.type)
+                return got
+        finally:
+            await feed.stop()
+
+    with _postgres_outage() as (store, begin, end):
+        assert asyncio.run(scenario(store, begin, end)) == ["after", "after"]
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("server.feed")]
+    warned = [line for line in lines if "does not answer" in line]
+    assert len(warned) == 1 and "\n" not in warned[0] and "s3cret-pw" not in warned[0]
+    assert len([line for line in lines if "answers again" in line]) == 1
+    assert len(lines) == 2, lines
+
+
 def test_websocket_refuses_a_missing_token(server: Server) -> None:
     async def scenario() -> int | None:
         try:

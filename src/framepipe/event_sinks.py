@@ -54,7 +54,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from framepipe.backends.state import StateStore
@@ -64,9 +63,10 @@ from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.events import Event
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 from framepipe.telemetry import event_sink_metrics
 from framepipe.untrusted import storable_text
-from framepipe.urls import safe_text, safe_url
+from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -85,23 +85,6 @@ def _storable_type(event: str) -> str:
     if event.isascii() and "\x00" not in event:
         return event
     return storable_text(event)
-
-
-def _cause(exc: BaseException) -> str:
-    """``Type: first line`` of ``exc``, with the password of any URL in it masked: a database
-    error's further lines (its statement, "Background on this error") are left out."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return safe_text(storable_text(text))
-
-
-@dataclass
-class _Outage:
-    started: float
-    """``time.monotonic()`` of the first failed attempt."""
-    dropped: int
-    """``dropped`` when it began."""
-    attempts: int = 1
 
 
 class _QueuedSink:
@@ -123,9 +106,6 @@ class _QueuedSink:
         self.backoff = backoff or Backoff(0.5, 2.0, 10.0, 0.1)
         self.dropped = 0
         self.written = 0
-        self.failing_since: float | None = None
-        """``time.time()`` of the first failed attempt of the current outage; None while
-        writing works."""
         self.last_error: str | None = None
         """The last failed attempt's error (its first line), None until one fails."""
         self._pending: deque[Event] = deque()
@@ -134,7 +114,8 @@ class _QueuedSink:
         self._seq = 0
         """Events given to the sink; each queued event's ``id`` is its number."""
         self._origin = uuid.uuid4().hex[:16]
-        self._outage: _Outage | None = None
+        self._outage = Outage()
+        self._dropped_before = 0  # ``dropped`` when the outage under way began
         self._wake: asyncio.Event | None = None
         self._retry_now: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -239,23 +220,27 @@ class _QueuedSink:
                 self.written += size
                 self._recovered()
                 return
-            assert self._outage is not None
             assert self._retry_now is not None
             delay = self.backoff.delay(1 if self._closed else self._outage.attempts)
             self._retry_now.clear()
             with contextlib.suppress(TimeoutError):  # aclose cuts the wait short
                 await asyncio.wait_for(self._retry_now.wait(), delay)
 
+    @property
+    def failing_since(self) -> float | None:
+        """``time.time()`` of the first failed attempt of the current outage; None while
+        writing works."""
+        return self._outage.since
+
     def _failed(self, exc: Exception) -> None:
-        self.last_error = _cause(exc)
-        if self._outage is not None:
-            self._outage.attempts += 1
+        first = self._outage.failed(exc)
+        self.last_error = self._outage.last_error
+        if not first:
             self._log.debug(
                 "%s: attempt %d failed: %s", self._named(), self._outage.attempts, self.last_error
             )
             return
-        self._outage = _Outage(time.monotonic(), self.dropped)
-        self.failing_since = time.time()
+        self._dropped_before = self.dropped
         self._log.warning(
             "%s cannot write (retrying until it can; up to %d events queue meanwhile, past "
             "that the oldest are dropped and counted): %s",
@@ -265,19 +250,18 @@ class _QueuedSink:
         )
 
     def _recovered(self) -> None:
-        outage = self._outage
-        if outage is None:
+        attempts = self._outage.attempts
+        lasted = self._outage.answered()
+        if lasted is None:
             return
-        self._outage = None
-        self.failing_since = None
         self._log.info(
             "%s writes again after %.1f s (%d failed attempt(s)): %d event(s) waited, "
             "%d dropped meanwhile",
             self._named(),
-            time.monotonic() - outage.started,
-            outage.attempts,
+            lasted,
+            attempts,
             self.pending,
-            self.dropped - outage.dropped,
+            self.dropped - self._dropped_before,
         )
 
     async def _write(self, batch: list[Event]) -> None:
@@ -312,7 +296,7 @@ class _QueuedSink:
                 why = (
                     f"writing has failed for {time.monotonic() - self._outage.started:.1f} s "
                     f"({self.last_error})"
-                    if self._outage is not None
+                    if self._outage.started is not None
                     else "the backend did not answer in time"
                 )
                 self._log.warning(

@@ -6,7 +6,9 @@ in-process bus, and sees all of them alike. Ids are read only once every lower i
 (:func:`~framepipe.backends.state.event_log.insert_events` makes sure of it on PostgreSQL), so
 reading the ids above the last one read misses none. A subscriber gets each event once, in id
 order; one that falls behind (its queue of ``maxsize`` is full) is dropped with a ``lagged``
-marker, so a slow browser cannot hold events in memory without bound.
+marker, so a slow browser cannot hold events in memory without bound. While the database does
+not answer the feed retries (0.5 s up to 5 s apart) and says so in one warning, then in one
+line when it answers again.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from framepipe.backends.state import StateStore
+from framepipe.backoff import Backoff
 from framepipe.events import Event
 from framepipe.jobs.records import list_events, newest_event_id
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 
 __all__ = ["EventFeed"]
 
 _log = get_logger("server.feed")
+_RETRY = Backoff(0.5, 2.0, 5.0)
 _LAGGED = object()
 
 
@@ -61,15 +66,24 @@ class EventFeed:
                 sub.queue.put_nowait(None)
 
     async def _tail(self) -> None:
+        outage = Outage()
         while True:
             try:
                 batch = await asyncio.to_thread(
                     list_events, self.store, None, after_id=self.last_id, limit=1000
                 )
             except Exception as exc:  # the database restarting: keep trying
-                _log.warning("event feed: reading events failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                if outage.failed(exc):
+                    _log.warning(
+                        "event feed: the state database does not answer (%s); retrying until "
+                        "it does, no events reach the browsers meanwhile",
+                        outage.last_error,
+                    )
+                await asyncio.sleep(_RETRY.delay(outage.attempts))
                 continue
+            lasted = outage.answered()
+            if lasted is not None:
+                _log.info("event feed: the state database answers again after %.0fs", lasted)
             if batch:
                 self.last_id = batch[-1].id or self.last_id
                 self._fan_out(batch)
