@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,15 +16,18 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from conftest import REDIS_URL, redis_namespace
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.cli import app as cli_app
 from framepipe.errors import InvalidInputError, PathNotAllowedError
 from framepipe.jobs.models import ExecutionInfo
-from framepipe.jobs.records import list_events, list_executions
+from framepipe.jobs.records import get_execution, list_events, list_executions
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
+from framepipe.pipelines.scratch import MARKER, remove_abandoned
 from media import make_clip
+from waiting import wait_until, wait_until_async
 
 MODELS = Path(__file__).parent / "models"
 RANGES = {
@@ -100,6 +108,9 @@ def test_subprocess_model_then_a_failing_model_retried_from_the_failed_step(
     assert failed.step("inference").status is StepStatus.FAILED
     assert "exited with code 3" in failed.errors["inference"]
     assert "CUDA out of memory" in failed.errors["inference"]
+    # the execution's one-line error (jobs list, framepipe run, /api/status) says the cause
+    assert failed.error is not None and "\n" not in failed.error
+    assert failed.error.endswith("exited with code 3: RuntimeError: CUDA out of memory")
     assert failed.step("preprocess").status is StepStatus.COMPLETED
 
     monkeypatch.setenv("PYTHON_SCRIPT", str(MODELS / "good_model.py"))
@@ -284,3 +295,265 @@ def test_an_object_key_input_is_never_read_from_the_workers_folder(
     pre = info.data["preprocessed_info"]
     assert (pre["frames"], pre["height"]) == (10, 120), pre  # the upload's 10 frames of 4:3
     assert pre["duration"] == pytest.approx(0.4, abs=0.05)
+
+
+# -- on workers: the async inference step keeps its lease ---------------------------------------
+
+EXAMPLE_MODEL = Path(__file__).resolve().parent.parent / "examples" / "ml_video" / "model.py"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_inference_uploading_many_frames_to_s3_keeps_its_lease_on_two_workers(
+    tmp_path: Path, pg_url: str, s3_server: Any, aws_env: None
+) -> None:
+    """Two ``framepipe worker -c 1`` on PostgreSQL, Redis and a real S3 server, leases of
+    1.5 s: the model's 200 frames take seconds to upload (one request each). The upload ran
+    on the worker's event loop, which renews the lease, so the other worker took the step
+    over, the first one's result was discarded, and this repeated for ever."""
+    bucket = s3_server.new_bucket()
+    clip = make_clip(tmp_path / "long.mp4", frames=200, size=(160, 120))
+    with redis_namespace("fp-ml-lease-") as namespace:
+        values = {
+            "home": tmp_path / "home",
+            "database_url": pg_url,
+            "objects_url": f"s3://{bucket}?endpoint={s3_server.endpoint}",
+            "broker_url": REDIS_URL,
+            "broker_namespace": namespace,
+            "lease_seconds": 1.5,
+            "sweep_interval": 0.2,
+            "shutdown_grace": 2.0,
+        }
+        settings = Settings(**values)
+        env = {
+            **os.environ,
+            **{f"FRAMEPIPE_{k.upper()}": str(v) for k, v in values.items()},
+            "MODEL_ADAPTER_TYPE": "python",
+            "PYTHON_SCRIPT": str(EXAMPLE_MODEL),
+            "PYTHON_PATH": sys.executable,
+        }
+        logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
+        procs = []
+        for log in logs:
+            with log.open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "framepipe", "worker", "-c", "1"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=tmp_path,
+                    )
+                )
+        try:
+
+            async def submit() -> str:
+                async with JobEngine(settings=settings) as engine:
+                    inputs = {"input": str(clip), "prompt": "anime", "width": 160}
+                    return await engine.submit(ml_video, inputs)
+
+            execution_id = asyncio.run(submit())
+            store = StateStore(pg_url)
+
+            def finished() -> ExecutionInfo | None:
+                info = get_execution(store, execution_id)
+                return info if info.status.finished else None
+
+            try:
+                info = wait_until(
+                    "the execution to finish",
+                    finished,
+                    timeout=120,
+                    explain=lambda: "\n".join(log.read_text()[-3000:] for log in logs),
+                )
+            finally:
+                store.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=30)
+            s3_server.drop_bucket(bucket)
+    output = "\n".join(log.read_text(errors="replace") for log in logs)
+    assert info.status is ExecutionStatus.COMPLETED, (info.error, output[-3000:])
+    assert info.data["frames"] == 200
+    inference = info.step("inference")
+    assert inference.attempt == 1, output[-3000:]  # never taken over
+    assert "no longer held" not in output and "lost the lease" not in output
+    assert len(re.findall(r"\[ml_video/inference:\w+\] Stage completed", output)) == 1
+
+
+# -- a killed process: its model and its folders ----------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+def _ml_env(tmp_path: Path, script: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAMEPIPE_", "MODEL_"))}
+    return env | {
+        "FRAMEPIPE_HOME": str(tmp_path / "home"),
+        "TMPDIR": str(tmp_path / "scratch"),
+        "MODEL_ADAPTER_TYPE": "python",
+        "PYTHON_PATH": sys.executable,
+        "PYTHON_SCRIPT": str(MODELS / script),
+    }
+
+
+@pytest.mark.slow
+def test_framepipe_run_killed_during_inference_leaves_no_model_and_its_retry_no_folders(
+    tmp_path: Path, clip: Path
+) -> None:
+    """``framepipe run`` killed by SIGKILL while its model runs: the model script ran on
+    beside the retry, and the step's folders (the video, the model's frames) stayed in the
+    temporary folder for good. The model now dies with the process; the retry deletes them."""
+    (tmp_path / "scratch").mkdir()
+    command = [sys.executable, "-m", "framepipe"]
+    inputs = ["-i", f"input={clip}", "-i", "prompt=anime", "-i", "width=160"]
+    run = subprocess.Popen(
+        [*command, "run", "framepipe.pipelines.ml_video:ml_video", *inputs, "-q"],
+        env=_ml_env(tmp_path, "hang_model.py"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        pid_file = wait_until(
+            "the model to start",
+            lambda: next((tmp_path / "scratch").glob("framepipe-*-inference-*/pids.txt"), None),
+        )
+        pids = [int(p) for p in pid_file.read_text().split()]
+        run.kill()
+        run.wait()
+        wait_until("the model to die with framepipe run", lambda: not _alive(pids[0]))
+        left = sorted((tmp_path / "scratch").glob("framepipe-*-inference-*"))
+        assert len(left) == 2  # the preprocessed video's and the model's
+        listed = subprocess.run(
+            [*command, "jobs", "list", "--json"],
+            env=_ml_env(tmp_path, "good_model.py"),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        execution_id = json.loads(listed.stdout)[0]["id"]
+        retried = subprocess.run(
+            [*command, "jobs", "retry", execution_id],
+            check=False,
+            env=_ml_env(tmp_path, "good_model.py"),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+        assert "completed" in retried.stdout
+        assert not any(p.exists() for p in left)
+        assert list((tmp_path / "scratch").iterdir()) == []
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for pid in pids:  # the script's own child (a sleep) is not killed with it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from framepipe.pipelines.scratch import HeldFolders
+
+root = Path(sys.argv[1])
+with HeldFolders(lambda: Path(__import__("tempfile").mkdtemp(prefix="framepipe-", dir=root))) as f:
+    print(f.new(), flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_only_marked_folders_whose_holder_died_are_removed(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        held = Path(holder.stdout.readline().strip())
+        assert (held / MARKER).is_file()
+        unmarked = tmp_path / "framepipe-someone-else"
+        unmarked.mkdir()
+        (unmarked / "frame.png").write_bytes(b"x")
+        elsewhere = tmp_path / "other-marked"  # not a step's folder name
+        elsewhere.mkdir()
+        (elsewhere / MARKER).write_text("1\n")
+        assert remove_abandoned(tmp_path) == 0  # its holder runs
+        assert held.is_dir()
+        holder.kill()
+        holder.wait()
+        assert remove_abandoned(tmp_path) == 1
+        assert not held.exists()
+        assert unmarked.is_dir() and elsewhere.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+_MANY_FRAMES = """
+import argparse
+from pathlib import Path
+import cv2, numpy as np
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--output-dir", required=True)
+args, _ = parser.parse_known_args()
+frames = Path(args.output_dir) / "frames"
+frames.mkdir(parents=True, exist_ok=True)
+for i in range(3000):
+    cv2.imwrite(str(frames / f"frame_{i:05d}.png"), np.full((8, 8, 3), i % 256, np.uint8))
+print(f"frames_path: {frames}", flush=True)
+"""
+
+
+def test_cancelling_while_the_frames_upload_stops_the_upload_and_leaves_no_folder(
+    settings: Settings,
+    clip: Path,
+    scratch: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The upload runs in a thread: cancelled, the step stops it at the next frame and waits
+    for it, so its folders are deleted after it, not under it."""
+    script = tmp_path / "many_frames.py"
+    script.write_text(_MANY_FRAMES)
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
+    monkeypatch.setenv("PYTHON_PATH", sys.executable)
+    monkeypatch.setenv("PYTHON_SCRIPT", str(script))
+
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            execution_id = await engine.submit(
+                ml_video, {"input": str(clip), "prompt": "anime", "width": 160}
+            )
+
+            async def uploading() -> bool:
+                info = await asyncio.to_thread(get_execution, engine.store, execution_id)
+                return any(s.message == "upload" for s in info.steps)
+
+            await wait_until_async("the frames to upload", uploading, timeout=60)
+            await engine.cancel(execution_id)
+            return await engine.wait(execution_id, raise_on_failure=False)
+
+    info = asyncio.run(main())
+    assert info.status is ExecutionStatus.CANCELLED
+    step = info.step("inference")
+    assert step.status is StepStatus.CANCELLED
+    objects = open_object_store(settings.resolved_objects_url)
+    uploaded = len(list(objects.list(f"ml/{info.id}/frames/")))
+    assert 0 < uploaded < 3000  # stopped part way
+    assert list(scratch.iterdir()) == []

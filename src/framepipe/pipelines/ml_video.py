@@ -23,13 +23,16 @@ data says which one it ran with).
 The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails), within the
 picture size limit of :class:`~framepipe.config.MediaSettings`; the keys it is given (the
 input's, even one the client named) are :class:`~framepipe.media.ObjectKey` sources, read from
-the object store only, never from a file of the worker's working folder. Every step works in its own
-temporary folder (deleted afterwards, failed or not) and passes its results on through the
-object store under ``ml/<execution id>/``, so steps can run on different workers and a retry
-resumes at the failed step. The steps' weights make the execution's progress: fetch 0-10 %,
-preprocess 10-15 %, inference 15-65 %, postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %,
-finalize 95-100 %. The result video and thumbnail keys end up in the execution's data
-(``video``, ``thumbnail``, ``grid``).
+the object store only, never from a file of the worker's working folder. Every step works in
+its own temporary folders (deleted afterwards, failed or not) and passes its results on through
+the object store under ``ml/<execution id>/``, so steps can run on different workers and a
+retry resumes at the failed step. The folders fetch, inference (the model's frames),
+postprocess and stitch make are :class:`~framepipe.pipelines.scratch.HeldFolders`: those of an
+attempt whose process was killed are deleted by the next of these steps that starts on that
+machine. The steps' weights make the execution's progress: fetch 0-10 %, preprocess 10-15 %,
+inference 15-65 %, postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %, finalize
+95-100 %. The result video and thumbnail keys end up in the execution's data (``video``,
+``thumbnail``, ``grid``).
 
 Every step logs ``Stage started`` and ``Stage completed in 1.67s`` (or failed, cancelled)
 under ``[ml_video/<step>:<execution id>]``. Once everything else is stored, finalize deletes the
@@ -41,13 +44,15 @@ process does not use them (see :mod:`framepipe.pipelines.ml_worker`, which maps 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,9 +65,12 @@ from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, 
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.pipelines.ml_settings import MlVideoSettings
+from framepipe.pipelines.scratch import HeldFolders
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
 __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
+
+T = TypeVar("T")
 
 INTERMEDIATES = ("input.", "preprocessed.mp4", "frames/", "post/")
 """What finalize deletes under ``ml/<execution id>/`` once everything else is stored (unless
@@ -110,16 +118,19 @@ def _prefix(ctx: StepContext) -> str:
 
 
 @contextlib.contextmanager
-def _stage(ctx: StepContext) -> Iterator[None]:
+def _stage(ctx: StepContext) -> Iterator[HeldFolders]:
     """``Stage started`` / ``Stage completed in 1.67s`` (or failed, cancelled) lines for one
-    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``."""
+    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``; yields
+    the step's folders (:class:`~framepipe.pipelines.scratch.HeldFolders`: a killed attempt's
+    are removed by the next step that makes one)."""
     log = get_logger(
         f"{ctx.pipeline.name}/{ctx.step_name}:{ctx.execution_id[:8]}", "framepipe.steps"
     )
     log.info("Stage started")
     started = time.monotonic()
     try:
-        yield
+        with HeldFolders(ctx.tempdir) as folders:
+            yield folders
     except StepCancelledError:
         log.warning("Stage cancelled after %.2fs", time.monotonic() - started)
         raise
@@ -127,6 +138,49 @@ def _stage(ctx: StepContext) -> Iterator[None]:
         log.warning("Stage failed after %.2fs: %s", time.monotonic() - started, type(exc).__name__)
         raise
     log.info("Stage completed in %.2fs", time.monotonic() - started)
+
+
+class _Stopped(Exception):
+    """Stops a thread of an ``async`` step whose task was cancelled."""
+
+
+_THREAD_GRACE = 10.0
+"""Seconds a cancelled ``async`` step waits for its thread to reach its next checkpoint."""
+
+
+async def _in_thread(ctx: StepContext, work: Callable[[Callable[[], None]], T]) -> T:
+    """``work(checkpoint)`` in a thread, off the event loop: a worker's loop also renews its
+    leases, and a loop blocked for longer than a lease lets another worker take the step over
+    (and this attempt's result is discarded). ``work`` calls ``checkpoint()`` between its
+    pieces (a file uploaded): it raises once the step is cancelled. Cancelled, this waits for
+    the thread to stop at its next checkpoint (at most :data:`_THREAD_GRACE` seconds: a hung
+    request is not waited for), so the attempt's folders are not deleted under it, then
+    raises :class:`asyncio.CancelledError`."""
+    stop = threading.Event()
+
+    def checkpoint() -> None:
+        ctx.check_cancelled()
+        if stop.is_set():
+            raise _Stopped
+
+    thread = asyncio.ensure_future(asyncio.to_thread(work, checkpoint))
+    try:
+        return await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait({thread}, timeout=_THREAD_GRACE)
+        if not thread.done():
+            ctx.log.warning(
+                "cancelled, but its thread is still busy after %gs; its folders are deleted",
+                _THREAD_GRACE,
+            )
+        thread.add_done_callback(_retrieved)
+        raise
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()  # the cancellation's doing: not an error of its own
 
 
 def _check_storage(ctx: StepContext) -> None:
@@ -158,10 +212,9 @@ def _check_storage(ctx: StepContext) -> None:
         )
 
 
-def _fetch(ctx: StepContext, key: str) -> Path:
-    """Download ``key`` into this step's temp folder."""
-    dest = ctx.tempdir() / key.rsplit("/", 1)[-1]
-    return ctx.objects.get_file(key, dest)
+def _fetch(ctx: StepContext, folders: HeldFolders, key: str) -> Path:
+    """Download ``key`` into a new folder of this step."""
+    return ctx.objects.get_file(key, folders.new() / key.rsplit("/", 1)[-1])
 
 
 _IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -172,18 +225,31 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGES)
 
 
-def _upload_folder(ctx: StepContext, folder: Path, prefix: str) -> list[str]:
+def _upload_folder(
+    ctx: StepContext,
+    folder: Path,
+    prefix: str,
+    checkpoint: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Upload the images of ``folder`` under ``prefix``; ``checkpoint`` (default:
+    ``ctx.check_cancelled``) is called before each, ``progress(done, total)`` after each."""
     keys = []
-    for path in _images(folder):
+    paths = _images(folder)
+    for n, path in enumerate(paths, 1):
+        (checkpoint or ctx.check_cancelled)()
         key = f"{prefix}/{path.name}"
         ctx.objects.put_file(key, path)
         keys.append(key)
+        if progress is not None:
+            progress(n, len(paths))
     return keys
 
 
-def _download_folder(ctx: StepContext, prefix: str) -> Path:
-    folder = ctx.tempdir()
+def _download_folder(ctx: StepContext, folders: HeldFolders, prefix: str) -> Path:
+    folder = folders.new()
     for info in ctx.objects.list(prefix + "/"):
+        ctx.check_cancelled()
         ctx.objects.get_file(info.key, folder / info.key.rsplit("/", 1)[-1])
     return folder
 
@@ -193,7 +259,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
     """Bring the input into the object store: a local file (as the submit resolved and
     confined it) is copied without following links, probed (a non-video is refused before
     anything else runs) and uploaded; an object key is checked."""
-    with _stage(ctx):
+    with _stage(ctx) as folders:
         _check_storage(ctx)
         source = _inputs(ctx).input
         path = local_input(ctx, source, where="inputs.input", declared=True)
@@ -201,7 +267,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
             if not ctx.objects.exists(source):
                 raise FileNotFoundError(f"input {source!r}: no such object in the object store")
             return {"input_key": source}
-        copy = copy_local_file(path, ctx.tempdir() / path.name)
+        copy = copy_local_file(path, folders.new() / path.name)
         try:
             info = media.probe(copy, **_limits(length=False)).as_dict()
         except MediaError as exc:  # name the user's file, not this step's copy of it
@@ -233,29 +299,48 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["preprocess"], weight=50, retries=1)
 async def inference(ctx: StepContext) -> dict[str, Any]:
-    """Run the model (any adapter) on the preprocessed video; its frames go to the store."""
-    with _stage(ctx):
-        src = _fetch(ctx, ctx.data["preprocessed_key"])
-        inputs = _inputs(ctx)
-        model = model_from_settings()
-        options = MlVideoSettings.load().infer_options()
-        try:
+    """Run the model (any adapter) on the preprocessed video (the step's first 90 %); its
+    frames go to the store (the rest, ``upload``). An ``async`` step, so that cancelling it
+    stops the model at once; everything in it that blocks (the execution's data and the
+    settings read, the download, the upload of every frame) runs in a thread
+    (:func:`_in_thread`), never on the event loop that renews the worker's leases."""
+    with _stage(ctx) as folders:
+
+        def prepare(
+            checkpoint: Callable[[], None],
+        ) -> tuple[Path, MlVideoInputs, ModelAdapter, MlVideoSettings, Path]:
+            src = _fetch(ctx, folders, ctx.data["preprocessed_key"])
+            checkpoint()
+            settings = MlVideoSettings.load()
+            return src, _inputs(ctx), model_from_settings(), settings, folders.new()
+
+        src, inputs, model, settings, out = await _in_thread(ctx, prepare)
+        options = settings.infer_options()
+        async with model:  # set up and torn down in a thread
             result = await model.infer(
                 src,
                 prompt=inputs.prompt,
                 style=inputs.style,
                 seed=inputs.seed,
-                output_dir=ctx.tempdir(),
+                output_dir=out,
                 progress=as_step_progress(ctx, 0, 90, "inference"),
                 **options,
             )
-        finally:
-            model.teardown()
-        keys = _upload_folder(ctx, Path(result.frames_path), f"{_prefix(ctx)}/frames")
+        prefix = f"{_prefix(ctx)}/frames"
+        keys = await _in_thread(
+            ctx,
+            lambda checkpoint: _upload_folder(
+                ctx,
+                Path(result.frames_path),
+                prefix,
+                checkpoint,
+                lambda done, total: ctx.progress(90 + 10 * done / total, "upload"),
+            ),
+        )
         if not keys:
             raise ValueError(f"the model wrote no frames into {result.frames_path}")
         return {
-            "frames_prefix": f"{_prefix(ctx)}/frames",
+            "frames_prefix": prefix,
             "frames": len(keys),
             "model": type(model).__name__,
             "batch_size": options.get("batch_size"),
@@ -265,9 +350,9 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)
 def postprocess(ctx: StepContext) -> dict[str, Any]:
     """Colour correction of every frame (contrast and brightness, OpenCV)."""
-    with _stage(ctx):
-        folder = _download_folder(ctx, ctx.data["frames_prefix"])
-        out = ctx.tempdir()
+    with _stage(ctx) as folders:
+        folder = _download_folder(ctx, folders, ctx.data["frames_prefix"])
+        out = folders.new()
         inputs = _inputs(ctx)
         alpha, beta = inputs.contrast, inputs.brightness
         paths = _images(folder)
@@ -287,9 +372,9 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["postprocess"], weight=10, retries=2)
 def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
-    with _stage(ctx):
-        folder = _download_folder(ctx, ctx.data["post_prefix"])
-        dst = ctx.tempdir() / "output.mp4"
+    with _stage(ctx) as folders:
+        folder = _download_folder(ctx, folders, ctx.data["post_prefix"])
+        dst = folders.new() / "output.mp4"
         media.stitch(
             folder,
             dst,

@@ -23,7 +23,8 @@ class MockModel(ModelAdapter):
     (or ``.jpg`` with ``fmt="jpg"``) into ``output_dir/frames``, reporting progress after each,
     waiting ``delay`` seconds per frame (cancellable). The images depend on ``seed`` and
     ``style`` (a colour gradient and a moving square), so runs are reproducible. The input file
-    is not read. For tests and demos."""
+    is not read. Each frame is drawn and written in a thread, never on the event loop. For
+    tests and demos."""
 
     def __init__(
         self,
@@ -67,6 +68,13 @@ class MockModel(ModelAdapter):
         image[h // 2 - side // 2 : h // 2 + side // 2, left : left + side] = 255
         return image
 
+    def _write(self, path: Path, index: int, seed: int, style: str) -> None:
+        """Render frame ``index`` and write it to ``path`` (in a thread: off the event loop)."""
+        import cv2
+
+        if not cv2.imwrite(str(path), self.render(index, seed=seed, style=style)):
+            raise ModelError(f"{self.describe()}: cannot write {path}", model=self.describe())
+
     async def _infer_once(
         self,
         input_path: Path,
@@ -78,18 +86,15 @@ class MockModel(ModelAdapter):
         progress: Callable[[float], None],
         options: Mapping[str, Any],
     ) -> ModelResult:
-        import cv2
-
         frames_dir = output_dir / "frames"
-        frames_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(frames_dir.mkdir, parents=True, exist_ok=True)
         started = time.monotonic()
         progress(0)
         for i in range(self.frames):
             if self.delay:
                 await asyncio.sleep(self.delay)
             path = frames_dir / f"frame_{i:04d}.{self.fmt}"
-            if not cv2.imwrite(str(path), self.render(i, seed=seed, style=style)):
-                raise ModelError(f"{self.describe()}: cannot write {path}", model=self.describe())
+            await asyncio.to_thread(self._write, path, i, seed, style)
             progress(100 * (i + 1) / self.frames)
         return ModelResult(
             frames_dir,
