@@ -59,6 +59,7 @@ MARKER_TYPES = (
     "source.failed",
     "pipeline.failed",
     "pipeline.recovered",
+    "pipeline.healthy",
 )
 """The events marked on a source's plot: its restarts and what led to them."""
 
