@@ -26,6 +26,7 @@ from framepipe.backends.objects import ObjectStore
 from framepipe.errors import PathNotAllowedError, StepCancelledError, StepParamsError
 from framepipe.jobs.context import Progressed, StepMessage
 from framepipe.jobs.inputs import LocalPathOrKey
+from framepipe.jobs.scratch import MARKER
 from framepipe.media import probe
 from framepipe.media.steps import OPERATIONS, Input, ObjectKey, media_step, run_media
 from media import audio_of, dominant_hz, make_clip, make_qr_clip
@@ -579,7 +580,11 @@ def test_a_cancel_stops_the_step_at_the_next_frame_of_a_clip_of_unknown_length(
     def removing(path: Any, *args: Any, **kwargs: Any) -> None:
         folder = Path(path)
         if folder.is_relative_to(scratch):
-            left.extend(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+            left.extend(
+                str(f.relative_to(folder))
+                for f in folder.rglob("*")
+                if f.is_file() and f.name != MARKER  # the folder's own, not the step's
+            )
         remove(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", removing)

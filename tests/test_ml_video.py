@@ -23,9 +23,9 @@ from framepipe.cli import app as cli_app
 from framepipe.errors import InvalidInputError, PathNotAllowedError
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.records import get_execution, list_events, list_executions
+from framepipe.jobs.scratch import MARKER, remove_abandoned
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
-from framepipe.pipelines.scratch import MARKER, remove_abandoned
 from media import make_clip
 from waiting import wait_until, wait_until_async
 
@@ -468,7 +468,7 @@ def test_framepipe_run_killed_during_inference_leaves_no_model_and_its_retry_no_
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from framepipe.pipelines.scratch import HeldFolders
+from framepipe.jobs.scratch import HeldFolders
 
 root = Path(sys.argv[1])
 with HeldFolders(lambda: Path(__import__("tempfile").mkdtemp(prefix="framepipe-", dir=root))) as f:

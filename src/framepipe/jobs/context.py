@@ -23,6 +23,7 @@ from framepipe.errors import (
 )
 from framepipe.jobs.keys import former_step_key, is_step_key, step_key
 from framepipe.jobs.ledger import Ledger, ledger_row
+from framepipe.jobs.scratch import HeldFolders
 from framepipe.logs import ComponentLogger, get_logger
 from framepipe.untrusted import check_json, storable_text
 
@@ -183,6 +184,8 @@ class StepContext:
         self._spawned: dict[str, frozenset[str]] = {}  # key -> its dependencies
         self._ledger_rows: list[dict[str, Any]] = []
         self._tempdirs: list[Path] = []
+        self._folders = HeldFolders(self._make_tempdir)
+        self._folders_lock = threading.Lock()
         self._input_roots = (
             None if input_roots is None else tuple(Path(root) for root in input_roots)
         )
@@ -370,16 +373,24 @@ class StepContext:
         return [info for info, _done, _total in rows]
 
     def tempdir(self) -> Path:
-        """A fresh directory for this attempt, deleted when the step ends, failed or not."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.step_key)
-        path = Path(tempfile.mkdtemp(prefix=f"framepipe-{self.execution_id[:8]}-{safe}-"))
-        self._tempdirs.append(path)
+        """A fresh directory for this attempt, deleted when the step ends, failed or not; one
+        an attempt killed with its process left is deleted by the next attempt on the machine
+        that makes one (:mod:`framepipe.jobs.scratch`). Thread-safe."""
+        path = self._folders.new()
+        with self._folders_lock:
+            self._tempdirs.append(path)
         return path
 
+    def _make_tempdir(self) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.step_key)
+        return Path(tempfile.mkdtemp(prefix=f"framepipe-{self.execution_id[:8]}-{safe}-"))
+
     def _cleanup(self) -> None:
-        for path in self._tempdirs:
+        with self._folders_lock:
+            paths, self._tempdirs = self._tempdirs, []
+        for path in paths:
             shutil.rmtree(path, ignore_errors=True)
-        self._tempdirs.clear()
+        self._folders.release()
 
 
 def _instance_keys(

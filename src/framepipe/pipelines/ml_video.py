@@ -26,13 +26,12 @@ input's, even one the client named) are :class:`~framepipe.media.ObjectKey` sour
 the object store only, never from a file of the worker's working folder. Every step works in
 its own temporary folders (deleted afterwards, failed or not) and passes its results on through
 the object store under ``ml/<execution id>/``, so steps can run on different workers and a
-retry resumes at the failed step. The folders fetch, inference (the model's frames),
-postprocess and stitch make are :class:`~framepipe.pipelines.scratch.HeldFolders`: those of an
-attempt whose process was killed are deleted by the next of these steps that starts on that
-machine. The steps' weights make the execution's progress: fetch 0-10 %, preprocess 10-15 %,
-inference 15-65 %, postprocess 65-75 %, stitch 75-85 %, thumbnails 85-95 %, finalize
-95-100 %. The result video and thumbnail keys end up in the execution's data (``video``,
-``thumbnail``, ``grid``).
+retry resumes at the failed step. The folders of an attempt whose process was killed (the
+model's frames among them) are deleted by the next step that makes one on that machine
+(``ctx.tempdir``, :mod:`framepipe.jobs.scratch`). The steps' weights make the execution's
+progress: fetch 0-10 %, preprocess 10-15 %, inference 15-65 %, postprocess 65-75 %, stitch
+75-85 %, thumbnails 85-95 %, finalize 95-100 %. The result video and thumbnail keys end up in
+the execution's data (``video``, ``thumbnail``, ``grid``).
 
 Every step logs ``Stage started`` and ``Stage completed in 1.67s`` (or failed, cancelled)
 under ``[ml_video/<step>:<execution id>]``. Once everything else is stored, finalize deletes the
@@ -65,7 +64,6 @@ from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, 
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.pipelines.ml_settings import MlVideoSettings
-from framepipe.pipelines.scratch import HeldFolders
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
 __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
@@ -118,19 +116,16 @@ def _prefix(ctx: StepContext) -> str:
 
 
 @contextlib.contextmanager
-def _stage(ctx: StepContext) -> Iterator[HeldFolders]:
+def _stage(ctx: StepContext) -> Iterator[None]:
     """``Stage started`` / ``Stage completed in 1.67s`` (or failed, cancelled) lines for one
-    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``; yields
-    the step's folders (:class:`~framepipe.pipelines.scratch.HeldFolders`: a killed attempt's
-    are removed by the next step that makes one)."""
+    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``."""
     log = get_logger(
         f"{ctx.pipeline.name}/{ctx.step_name}:{ctx.execution_id[:8]}", "framepipe.steps"
     )
     log.info("Stage started")
     started = time.monotonic()
     try:
-        with HeldFolders(ctx.tempdir) as folders:
-            yield folders
+        yield
     except StepCancelledError:
         log.warning("Stage cancelled after %.2fs", time.monotonic() - started)
         raise
@@ -212,9 +207,9 @@ def _check_storage(ctx: StepContext) -> None:
         )
 
 
-def _fetch(ctx: StepContext, folders: HeldFolders, key: str) -> Path:
+def _fetch(ctx: StepContext, key: str) -> Path:
     """Download ``key`` into a new folder of this step."""
-    return ctx.objects.get_file(key, folders.new() / key.rsplit("/", 1)[-1])
+    return ctx.objects.get_file(key, ctx.tempdir() / key.rsplit("/", 1)[-1])
 
 
 _IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -246,8 +241,8 @@ def _upload_folder(
     return keys
 
 
-def _download_folder(ctx: StepContext, folders: HeldFolders, prefix: str) -> Path:
-    folder = folders.new()
+def _download_folder(ctx: StepContext, prefix: str) -> Path:
+    folder = ctx.tempdir()
     for info in ctx.objects.list(prefix + "/"):
         ctx.check_cancelled()
         ctx.objects.get_file(info.key, folder / info.key.rsplit("/", 1)[-1])
@@ -259,7 +254,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
     """Bring the input into the object store: a local file (as the submit resolved and
     confined it) is copied without following links, probed (a non-video is refused before
     anything else runs) and uploaded; an object key is checked."""
-    with _stage(ctx) as folders:
+    with _stage(ctx):
         _check_storage(ctx)
         source = _inputs(ctx).input
         path = local_input(ctx, source, where="inputs.input", declared=True)
@@ -267,7 +262,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
             if not ctx.objects.exists(source):
                 raise FileNotFoundError(f"input {source!r}: no such object in the object store")
             return {"input_key": source}
-        copy = copy_local_file(path, folders.new() / path.name)
+        copy = copy_local_file(path, ctx.tempdir() / path.name)
         try:
             info = media.probe(copy, **_limits(length=False)).as_dict()
         except MediaError as exc:  # name the user's file, not this step's copy of it
@@ -304,15 +299,15 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
     stops the model at once; everything in it that blocks (the execution's data and the
     settings read, the download, the upload of every frame) runs in a thread
     (:func:`_in_thread`), never on the event loop that renews the worker's leases."""
-    with _stage(ctx) as folders:
+    with _stage(ctx):
 
         def prepare(
             checkpoint: Callable[[], None],
         ) -> tuple[Path, MlVideoInputs, ModelAdapter, MlVideoSettings, Path]:
-            src = _fetch(ctx, folders, ctx.data["preprocessed_key"])
+            src = _fetch(ctx, ctx.data["preprocessed_key"])
             checkpoint()
             settings = MlVideoSettings.load()
-            return src, _inputs(ctx), model_from_settings(), settings, folders.new()
+            return src, _inputs(ctx), model_from_settings(), settings, ctx.tempdir()
 
         src, inputs, model, settings, out = await _in_thread(ctx, prepare)
         options = settings.infer_options()
@@ -350,9 +345,9 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)
 def postprocess(ctx: StepContext) -> dict[str, Any]:
     """Colour correction of every frame (contrast and brightness, OpenCV)."""
-    with _stage(ctx) as folders:
-        folder = _download_folder(ctx, folders, ctx.data["frames_prefix"])
-        out = folders.new()
+    with _stage(ctx):
+        folder = _download_folder(ctx, ctx.data["frames_prefix"])
+        out = ctx.tempdir()
         inputs = _inputs(ctx)
         alpha, beta = inputs.contrast, inputs.brightness
         paths = _images(folder)
@@ -372,9 +367,9 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["postprocess"], weight=10, retries=2)
 def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4."""
-    with _stage(ctx) as folders:
-        folder = _download_folder(ctx, folders, ctx.data["post_prefix"])
-        dst = folders.new() / "output.mp4"
+    with _stage(ctx):
+        folder = _download_folder(ctx, ctx.data["post_prefix"])
+        dst = ctx.tempdir() / "output.mp4"
         media.stitch(
             folder,
             dst,

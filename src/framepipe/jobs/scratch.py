@@ -1,20 +1,20 @@
 """Step folders that a killed process does not leave behind.
 
-A step's folders (``ctx.tempdir()``) are deleted when its attempt ends, failed or not; a
-process that is killed (SIGKILL, the OOM killer) cannot delete them, and a model's frames are
-tens of megabytes per attempt. :class:`HeldFolders` marks each folder it makes as held by its
-attempt: a file :data:`MARKER` in it, locked (``flock``) until the attempt ends. The kernel
-releases the locks of a process however it ends, so :func:`remove_abandoned`, run when an
-attempt makes its first folder, deletes every marked folder in the temporary folder
-(``tempfile.gettempdir()``) that nobody holds, whatever execution it was made for: a killed
-attempt's folders last until the next step using :class:`HeldFolders` starts on that machine
-(its retry, or another execution's step), as :mod:`framepipe.media.atomic` does for a killed
-writer's temp file.
+A step's folders (``ctx.tempdir()``, :class:`~framepipe.jobs.context.StepContext`) are deleted
+when its attempt ends, failed or not; a process that is killed (SIGKILL, the OOM killer)
+cannot delete them, and a step's media are often tens of megabytes per attempt.
+:class:`HeldFolders` marks each folder it makes as held by its attempt: a file :data:`MARKER`
+in it, locked (``flock``) until the attempt ends. The kernel releases the locks of a process
+however it ends, so :func:`remove_abandoned`, run when an attempt makes its first folder,
+deletes every marked folder in the temporary folder (``tempfile.gettempdir()``) that nobody
+holds, whatever execution it was made for: a killed attempt's folders last until the next
+step making a folder starts on that machine (its retry, or another execution's step), as
+:mod:`framepipe.media.atomic` does for a killed writer's temp file.
 
-Never removed: a folder without the marker (made by another step, or by anything else), one
-whose marker is held (an attempt running in this process or another: a ``flock`` belongs to an
-open file, so two attempts of one worker do not share it), a symbolic link, and a folder of
-another user. On a file system without locks nothing is marked, so nothing is removed.
+Never removed: a folder without the marker (made by anything else), one whose marker is held
+(an attempt running in this process or another: a ``flock`` belongs to an open file, so two
+attempts of one worker do not share it), a symbolic link, and a folder of another user. On a
+file system without locks nothing is marked, so nothing is removed.
 """
 
 from __future__ import annotations
