@@ -129,3 +129,19 @@ def test_a_wall_clock_segment_keeps_its_timeout_and_max_duration_when_the_clock_
     waited = asyncio.run(main())
     assert [(d["segment_id"], d["reason"]) for d in completed()] == [("A", "timeout")]
     assert waited < 5.0  # the timeout (0.5 s) after the last tag, not the step's size
+
+
+def test_a_frame_in_flight_when_the_clock_steps_forward_opens_a_segment_that_lasts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame captured just before the clock stepped an hour forward reaches the segmenter
+    after it: its segment lasts its timeout, not closed at once by ``max_duration``."""
+    source = PatternSource("cam", width=16, height=16, count=1, realtime=False)
+    [frame] = asyncio.run(_session(source, "A"))  # stamped by the clock before the step
+    SteppedClock(monkeypatch).step(3600.0)
+    state = Segmenter("order", timeout=5.0, max_duration=60.0).state()
+    closed, joined = state.feed(frame)
+    assert closed == [] and joined is not None
+    deadline = state.deadline()
+    assert deadline is not None and 4.0 < deadline - time.monotonic() <= 5.0
+    assert state.expire(time.monotonic()) is None

@@ -68,8 +68,9 @@ class Segment:
     last_key_ts_ms: int
     opened_at: float
     first_t: float = 0.0
-    """The first frame's time on the segment's clock: its ``pts`` (stream clock), or its
-    capture time on the monotonic clock (wall clock; ``max_duration`` counts from it)."""
+    """The first frame's time on the segment's clock: its ``pts`` (stream clock), or when it
+    reached the segmenter on the monotonic clock (wall clock; ``max_duration`` counts from it,
+    as the timeout counts from the last keyed frame's arrival)."""
     last_key_t: float = 0.0
     last_key_at: float = 0.0
     """Wall time the last keyed frame reached the segmenter."""
@@ -221,9 +222,7 @@ class SegmenterState:
 
     def _time(self, frame: Frame) -> float:
         if self.config.clock != "stream" or frame.pts is None:
-            # the capture time on the monotonic clock; a frame is never captured after now
-            # (one captured before the wall clock was set back would seem to be)
-            return min(frame.ts_ms / 1000.0 - time.time() + time.monotonic(), time.monotonic())
+            return time.monotonic()  # when it reached the segmenter: see first_t
         t = float(frame.pts) + self._shift
         if self._last_t is not None and t < self._last_t:
             self._shift += self._last_t - t
