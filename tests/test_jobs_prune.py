@@ -251,6 +251,19 @@ def test_objects_the_store_fails_to_delete_are_listed_and_the_command_exits_1(
         with StateStore(settings.resolved_database_url) as store:
             assert _left(store) == [(f"ml/{second}/", second, 1)]
 
+    # A prune of another object store never deletes there what was left in this one.
+    other = open_object_store(f"file://{settings.home / 'other'}")
+    other.put(f"ml/{second}/frames/f_0001.png", b"theirs")
+    elsewhere = runner.invoke(
+        app,
+        [*base, "--objects", "ml/{execution_id}/", "--json"],
+        env={**env, "FRAMEPIPE_OBJECTS_URL": other.url},
+    )
+    assert elsewhere.exit_code == 0, elsewhere.output
+    assert json.loads(elsewhere.stdout)["objects_deleted"] == 0
+    assert [o.key for o in other.list("ml/")] == [f"ml/{second}/frames/f_0001.png"]
+    other.close()
+
     # Nothing is given up: the next prune deletes what the first one left, with no
     # execution of its own to prune, and forgets the prefix.
     again = runner.invoke(app, [*base, "--objects", "ml/{execution_id}/", "--json"], env=env)

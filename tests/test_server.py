@@ -404,10 +404,16 @@ def test_the_service_prunes_each_executions_objects_after_its_records(
     earlier = "ml/" + "e" * 32 + "/"  # what an earlier prune could not delete
     with open_object_store(settings.resolved_objects_url) as objects:
         objects.put(f"{earlier}out.mp4", b"w")
+        where = objects.url
     with StateStore(settings.resolved_database_url) as store, store.write() as conn:
         conn.execute(
             objects_left.insert().values(
-                prefix=earlier, execution_id="e" * 32, error="refused", since=0.0, tries=1
+                store=where,
+                prefix=earlier,
+                execution_id="e" * 32,
+                error="refused",
+                since=0.0,
+                tries=1,
             )
         )
 

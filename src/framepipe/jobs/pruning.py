@@ -42,6 +42,7 @@ from framepipe.backends.state import (
 from framepipe.config_checks import check_prune_objects
 from framepipe.errors import InvalidKeyError, ObjectStoreError
 from framepipe.jobs.models import ExecutionStatus
+from framepipe.urls import safe_url
 
 __all__ = [
     "FINISHED",
@@ -172,20 +173,22 @@ def delete_objects(
     An object store error stops that execution's prefix, which is then named with the error
     in :attr:`PrunedObjects.left`; the other executions' objects are still deleted.
 
-    With ``store``, nothing is given up: the prefixes earlier prunes left (``fp_objects_left``)
-    are tried again first, each forgotten once its objects are gone, and a prefix left now is
-    recorded there for the next prune."""
+    With ``store``, nothing is given up: the prefixes earlier prunes left in this object store
+    (``fp_objects_left``, by the store's URL: never another store's) are tried again first,
+    each forgotten once its objects are gone, and a prefix left now is recorded there for the
+    next prune."""
     deleted = 0
     left: list[ObjectsLeft] = []
-    earlier = _objects_left(store) if store is not None else {}
+    where = safe_url(objects.url)
+    earlier = _objects_left(store, where) if store is not None else {}
     for prefix, execution_id in earlier.items():
         gone, error = _delete_prefix(objects, prefix)
         deleted += gone
         if error is None:
-            _forget_left(store, prefix)
+            _forget_left(store, where, prefix)
         else:
             left.append(ObjectsLeft(prefix, error))
-            _remember_left(store, prefix, execution_id, error)
+            _remember_left(store, where, prefix, execution_id, error)
     for p in pruned:
         prefix = template.format(execution_id=p.id, pipeline=p.pipeline)
         if prefix in earlier:
@@ -194,7 +197,7 @@ def delete_objects(
         deleted += gone
         if error is not None:
             left.append(ObjectsLeft(prefix, error))
-            _remember_left(store, prefix, p.id, error)
+            _remember_left(store, where, prefix, p.id, error)
     return PrunedObjects(deleted, left)
 
 
@@ -209,28 +212,30 @@ def _delete_prefix(objects: ObjectStore, prefix: str) -> tuple[int, str | None]:
     return deleted, None
 
 
-def _objects_left(store: StateStore) -> dict[str, str]:
+def _objects_left(store: StateStore, where: str) -> dict[str, str]:
     with store.read() as conn:
         rows = conn.execute(
-            sa.select(objects_left.c.prefix, objects_left.c.execution_id).order_by(
-                objects_left.c.since, objects_left.c.prefix
-            )
+            sa.select(objects_left.c.prefix, objects_left.c.execution_id)
+            .where(objects_left.c.store == where)
+            .order_by(objects_left.c.since, objects_left.c.prefix)
         )
         return {row.prefix: row.execution_id for row in rows}
 
 
-def _remember_left(store: StateStore | None, prefix: str, execution_id: str, error: str) -> None:
+def _remember_left(
+    store: StateStore | None, where: str, prefix: str, execution_id: str, error: str
+) -> None:
     if store is None:
         return
+    row = (objects_left.c.store == where) & (objects_left.c.prefix == prefix)
     with store.write() as conn:
         updated = conn.execute(
-            objects_left.update()
-            .where(objects_left.c.prefix == prefix)
-            .values(error=error, tries=objects_left.c.tries + 1)
+            objects_left.update().where(row).values(error=error, tries=objects_left.c.tries + 1)
         ).rowcount
         if not updated:
             conn.execute(
                 objects_left.insert().values(
+                    store=where,
                     prefix=prefix,
                     execution_id=execution_id,
                     error=error,
@@ -240,8 +245,9 @@ def _remember_left(store: StateStore | None, prefix: str, execution_id: str, err
             )
 
 
-def _forget_left(store: StateStore | None, prefix: str) -> None:
+def _forget_left(store: StateStore | None, where: str, prefix: str) -> None:
     if store is None:
         return
+    row = (objects_left.c.store == where) & (objects_left.c.prefix == prefix)
     with store.write() as conn:
-        conn.execute(objects_left.delete().where(objects_left.c.prefix == prefix))
+        conn.execute(objects_left.delete().where(row))

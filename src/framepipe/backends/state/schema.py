@@ -196,8 +196,10 @@ ledger = sa.Table(
 objects_left = sa.Table(
     "fp_objects_left",
     metadata,
-    # A prefix of a pruned execution whose objects could not all be deleted; a later prune
-    # with objects deletes them and the row (migration 0008).
+    # A prefix of a pruned execution whose objects could not all be deleted, and the object
+    # store (its URL, secrets masked) it is in; a later prune with objects of that store
+    # deletes them and the row (migration 0008).
+    sa.Column("store", sa.String(1000), primary_key=True),
     sa.Column("prefix", sa.String(1000), primary_key=True),
     sa.Column("execution_id", sa.String(32), nullable=False),
     sa.Column("error", sa.Text, nullable=False),

@@ -2,8 +2,8 @@
 
 A prune deletes an execution's records, then its objects; an object the store failed to
 delete was named once and then forgotten, since no record was left to name it. Each such
-prefix is now a row, which the next prune with objects tries again and deletes once its
-objects are gone.
+prefix is now a row with its object store's URL, which the next prune with objects of that
+store tries again and deletes once its objects are gone.
 
 Revision ID: 0008
 Revises: 0007
@@ -23,6 +23,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "fp_objects_left",
+        sa.Column("store", sa.String(1000), primary_key=True),
         sa.Column("prefix", sa.String(1000), primary_key=True),
         sa.Column("execution_id", sa.String(32), nullable=False),
         sa.Column("error", sa.Text, nullable=False),
