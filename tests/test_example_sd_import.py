@@ -108,6 +108,13 @@ class CardMaker:
         assert (path.stat().st_size < SMALL_LIMIT) == small
         return self._stamp(path)
 
+    def not_a_video(self, size: int = 300_000) -> str:
+        """A file named like the others that holds no video (random bytes: a recording cut
+        short, a damaged file), larger than the QR-candidate limit unless ``size`` says."""
+        path = self._next()
+        path.write_bytes(np.random.default_rng(self.n).bytes(size))
+        return self._stamp(path)
+
 
 def copy_in(card_id: str, card: Path, path: str) -> str:
     """Where the copy of the file ``path`` of the card folder ``card`` lands in the shared
@@ -361,8 +368,8 @@ def test_import_renders_each_jump_and_a_reinsert_copies_only_what_is_new(
         # QR candidates are copied (and read) before the rest is asked for.
         steps = first["steps"]
         copies = [s for s in steps if s["name"] == "copy"]
-        small = [s for s in copies if "booking" not in s["params"]]
-        large = [s for s in copies if "booking" in s["params"]]
+        small = [s for s in copies if not s["params"].get("video")]
+        large = [s for s in copies if s["params"].get("video")]
         assert {s["params"]["path"] for s in small} == {qr1, qr2, v2b}
         assert {s["params"]["path"] for s in large} == {v1a, v1b, v2a}
         assert max(s["finished_at"] for s in small) <= min(s["started_at"] for s in large)
@@ -680,6 +687,7 @@ def test_bad_cards_give_clear_statuses_and_lose_nothing(world: dict[str, Any]) -
                 "passenger": "Cid",
                 "videos": [first],
                 "missing": [gone],
+                "not_rendered": [],
                 "outputs": [done["data"][f"render/{first}"]["key"]],
             }
         }
@@ -993,7 +1001,7 @@ def test_the_backend_restarting_mid_import_resumes_with_a_retry(
                 body = client.get(f"/api/executions/{rows[0]['id']}").json()
                 return any(
                     s["name"] == "copy"
-                    and "booking" in s["params"]
+                    and s["params"].get("video")
                     and s["status"] == "running"
                     and s["progress"] > 0
                     for s in body["steps"]

@@ -169,8 +169,8 @@ def test_guide_workflow_insert_import_render_upload_then_copies_removed_after_up
             assert sorted(summary["copied"]) == sorted([qr1, v1, qr2, v2, v3])
             steps = done["steps"]
             copies = [s for s in steps if s["name"] == "copy"]
-            small = [s for s in copies if "booking" not in s["params"]]
-            large = [s for s in copies if "booking" in s["params"]]
+            small = [s for s in copies if not s["params"].get("video")]
+            large = [s for s in copies if s["params"].get("video")]
             assert {s["params"]["path"] for s in small} == {qr1, qr2}
             assert max(s["finished_at"] for s in small) <= min(s["started_at"] for s in large)
             assert summary["bookings"]["B1001"] == {
@@ -178,6 +178,7 @@ def test_guide_workflow_insert_import_render_upload_then_copies_removed_after_up
                 "videos": [v1],
                 "outputs": [done["data"][f"render/{v1}"]["key"]],
                 "missing": [],
+                "not_rendered": [],
             }
             assert summary["bookings"]["B1002"]["videos"] == [v2, v3]
             # 5-6. Each video rendered (intro, watermark, splash) into the object store, one

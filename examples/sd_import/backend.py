@@ -12,9 +12,20 @@ the hub has checked the list (a malformed one is answered with ``error`` naming 
 ``message.files[3].path``, and starts nothing: a path must be relative to the card, with
 ``/``, and hold no empty, ``.`` or ``..`` segment, backslash or NUL; no path may be listed
 twice); the backend then starts one execution of ``sd_import`` per card insertion and answers
-``sd:status`` (``importing`` with the execution id). A card whose import still runs is
-answered ``already_importing`` with that execution's id: the running import copies
-everything new, so nothing is lost and nothing is copied twice.
+``sd:status`` (``importing`` with the execution id). Which imports of the card have not ended
+is read from the state store (:mod:`sd_imports`), so it holds across restarts of the backend:
+
+* a card whose import is pending or running (on this backend or on workers) is answered
+  ``already_importing`` with that execution's id: the running import copies everything new,
+  so nothing is lost and nothing is copied twice;
+* a card whose import stopped, ``interrupted`` (the backend stopped or crashed under it) or
+  ``failed`` (a copy that never succeeded, the detector gone), has that import resumed from
+  where it stopped (``importing`` with its id, ``resumed``), asking for copies through the
+  new insertion's session; a new import is started as well only for files it does not list
+  (its ``plan`` leaves the resumed import's files to it);
+* a card the detector found in its reader when it started (``at_start``: the detector, not
+  the card, is new) with no file the ledger does not hold is answered ``nothing_new`` without
+  an execution: restarting a detector starts no empty import per card.
 
 Local files: the handler submits each import with ``input_roots`` = the shared folder (and
 the folders of an ``intro`` or ``splash`` given as local paths in ``extra_inputs``), so its
@@ -47,13 +58,17 @@ from typing import Any
 
 from copy_retries import copy_retries_from_env
 from retention import Retention, retention_from_env
+from sd_imports import SESSIONS, UNENDED
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import ConfigError, ExecutionNotFoundError
+from framepipe.errors import ConfigError, FramepipeError
 from framepipe.jobs import JobClient
+from framepipe.jobs.client import ExecutionSummary
+from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.logs import get_logger
 from framepipe.server import create_app
 from framepipe.server.detector import DetectorHub, DetectorMessage
 
@@ -61,6 +76,23 @@ __all__ = ["FileEntry", "FileList", "build_app", "make_hub", "parse_size"]
 
 HERE = Path(__file__).resolve().parent
 PIPELINE_REF = f"{HERE / 'sd_pipeline.py'}:sd_import"
+IMPORTED = "sd_import"
+"""The ledger namespace of what was imported (``sd_pipeline.py``: the pipeline's name)."""
+
+_log = get_logger("sd_import.backend")
+
+
+def _identity(entry: FileEntry | dict[str, Any]) -> str:
+    """A file's ledger identity (``sd_pipeline.identity``): its size and fingerprint."""
+    data = entry.model_dump() if isinstance(entry, FileEntry) else entry
+    return f"{int(data['size'])}:{data['fingerprint']}"
+
+
+async def unended_imports(jobs: JobClient, pipeline: str, card_id: str) -> list[ExecutionSummary]:
+    """The imports of ``card_id`` that have not ended (:data:`sd_imports.UNENDED`), newest
+    first, from the state store: what a restarted backend finds as its predecessor left it."""
+    rows = await jobs.list(status=UNENDED, pipeline=pipeline, limit=10_000, with_inputs=True)
+    return [row for row in rows if (row.inputs or {}).get("card_id") == card_id]
 
 
 def parse_size(text: str) -> int:
@@ -97,7 +129,6 @@ def make_hub(
         value = (extra_inputs or {}).get(name)
         if isinstance(value, str) and os.path.isabs(value):
             input_roots.append(Path(value).parent)
-    running: dict[str, str] = {}  # card id -> execution id of its latest import
     # Two detectors announcing one card at once must not both start an import.
     card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
@@ -106,25 +137,66 @@ def make_hub(
         async with card_locks[listing.card_id]:
             await start_import(msg, listing)
 
+    async def status(msg: DetectorMessage, listing: FileList, state: str, **more: Any) -> None:
+        await msg.reply(
+            {
+                "type": "sd:status",
+                "session_id": listing.session_id,
+                "card_id": listing.card_id,
+                "state": state,
+                **more,
+            }
+        )
+
+    async def resume(
+        jobs: JobClient, msg: DetectorMessage, listing: FileList, stopped: ExecutionSummary
+    ) -> bool:
+        """Resume ``stopped`` through this insertion's session; False if it cannot be."""
+        seen = {"session_id": listing.session_id, "detector_id": msg.detector_id}
+        try:
+            await asyncio.to_thread(Ledger(jobs.store, SESSIONS).record, stopped.id, meta=seen)
+            await jobs.retry(stopped.id, pipeline)
+        except FramepipeError as exc:
+            _log.warning(
+                "import %s of card %s (%s) could not be resumed: %s",
+                stopped.id,
+                listing.card_id,
+                stopped.status.value,
+                exc,
+            )
+            return False
+        _log.info(
+            "import %s of card %s (%s) resumed for its insertion by detector %s",
+            stopped.id,
+            listing.card_id,
+            stopped.status.value,
+            msg.detector_id,
+        )
+        return True
+
     async def start_import(msg: DetectorMessage, listing: FileList) -> None:
         jobs = JobClient(engine=msg.engine)  # the service's engine, started and stopped by it
-        previous = running.get(listing.card_id)
-        if previous is not None:
-            try:
-                info = await jobs.get(previous, with_steps=False)
-                status = info.status.value
-            except ExecutionNotFoundError:
-                status = "gone"
-            if status in ("pending", "running"):
-                await msg.reply(
-                    {
-                        "type": "sd:status",
-                        "session_id": listing.session_id,
-                        "card_id": listing.card_id,
-                        "state": "already_importing",
-                        "execution_id": previous,
-                    }
-                )
+        unended = await unended_imports(jobs, pipeline.name, listing.card_id)
+        active = [e for e in unended if e.status.value in ("pending", "running")]
+        if active:
+            await status(msg, listing, "already_importing", execution_id=active[0].id)
+            return
+        resumed = [e for e in unended if await resume(jobs, msg, listing, e)]
+        listed = {_identity(f) for f in listing.files}
+        covered = {_identity(f) for e in resumed for f in (e.inputs or {}).get("files", [])}
+        if resumed and listed <= covered:
+            await status(
+                msg,
+                listing,
+                "importing",
+                execution_id=resumed[0].id,
+                resumed=[e.id for e in resumed],
+            )
+            return
+        if listing.at_start and not resumed:
+            imported = Ledger(jobs.store, IMPORTED)
+            if not await asyncio.to_thread(imported.filter_new, sorted(listed)):
+                await status(msg, listing, "nothing_new", execution_id=None)
                 return
         inputs = {
             "hub": hub.id,
@@ -140,16 +212,8 @@ def make_hub(
         if retention is not None and not retention.keeps_all:
             inputs["retention"] = retention.model_dump()
         execution_id = await jobs.submit(pipeline, inputs, input_roots=input_roots)
-        running[listing.card_id] = execution_id
-        await msg.reply(
-            {
-                "type": "sd:status",
-                "session_id": listing.session_id,
-                "card_id": listing.card_id,
-                "state": "importing",
-                "execution_id": execution_id,
-            }
-        )
+        more = {"resumed": [e.id for e in resumed]} if resumed else {}
+        await status(msg, listing, "importing", execution_id=execution_id, **more)
 
     register_sd_messages(hub, on_file_list=on_file_list)
     return hub

@@ -97,6 +97,7 @@ from framepipe.confined import (
     FolderIdentity,
     folder_identity,
 )
+from framepipe.urls import safe_url
 
 __all__ = ["Card", "Detector", "card_id_of", "card_label", "copy_file", "list_card"]
 
@@ -215,8 +216,13 @@ class Detector:
         and the removal of each card that is gone. A card that cannot be listed is skipped
         (see :meth:`_list`); nothing about one card ends this loop."""
         pending: dict[Path, tuple[_Seen, list[dict[str, Any]]]] = {}
+        at_start: dict[Path, _Seen] | None = None  # the cards in the readers at the start
         while True:
             roots = await asyncio.to_thread(self._roots)
+            if at_start is None:
+                at_start = dict(roots)
+            for root in [r for r in at_start if roots.get(r) != at_start[r]]:
+                del at_start[root]  # gone or another folder since: inserted while running
             for root in list(self.cards):
                 card = self.cards[root]
                 if roots.get(root) != (card.identity, card.watched):
@@ -255,6 +261,7 @@ class Detector:
                     files,
                     watched=seen.watched,
                     identity=seen.identity,
+                    at_start=at_start.pop(root, None) == seen,  # its first announcement only
                 )
                 self.cards[root] = card
                 log.info("card %s inserted at %s: %d files", card.card_id, root, len(files))
@@ -277,8 +284,14 @@ class Detector:
         return True
 
     async def _announce(self, card: Card) -> None:
-        if await self._send(card.inserted()):
-            await self._send(card.file_list())
+        """Announce ``card`` on the connection, once per connection (a card found while the
+        connection opens is not announced by both the poll and the reconnect)."""
+        ws = self.ws
+        if ws is None or card.announced_on is ws:
+            return
+        card.announced_on = ws
+        if await self._send(card.inserted(), ws):
+            await self._send(card.file_list(), ws)
 
     # the connection
 
@@ -312,7 +325,7 @@ class Detector:
                 await ws.send(json.dumps(hello))
                 self.ws = ws
                 self._abort = threading.Event()
-                log.info("connected to %s as %s", self.backend, self.detector_id)
+                log.info("connected to %s as %s", safe_url(self.backend), self.detector_id)
                 for card in list(self.cards.values()):
                     if not card.acknowledged:
                         await self._announce(card)

@@ -217,6 +217,9 @@ def card_id_of(label: str, files: list[dict[str, Any]]) -> str:
 class Card:
     """One inserted card and its session (one per insertion).
 
+    ``at_start``: the card was in the reader when the detector started (its first poll saw
+    it), so its announcement is the detector's, not an insertion.
+
     ``watched``: the card is a subfolder of a ``--watch`` folder (its root is never reached
     through a link); ``identity``: its root's ``(st_dev, st_ino)`` when the poll saw it, which
     every later open of the root checks (None: not checked)."""
@@ -230,6 +233,9 @@ class Card:
     removed: bool = False
     watched: bool = False
     identity: FolderIdentity | None = None
+    at_start: bool = False
+    announced_on: object = None
+    """The connection the card was last announced on: once per connection."""
 
     def inserted(self) -> dict[str, Any]:
         return {
@@ -248,6 +254,7 @@ class Card:
             "card_id": self.card_id,
             "label": self.label,
             "files": self.files,
+            "at_start": self.at_start,
         }
 
 

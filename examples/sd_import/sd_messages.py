@@ -101,6 +101,11 @@ class FileList(_Message):
     card_id: str = Field(min_length=1, max_length=200, pattern=CARD_ID_PATTERN)
     label: str = Field(default="", max_length=_TEXT)
     files: list[FileEntry] = Field(max_length=100_000)
+    at_start: bool = Field(
+        False,
+        description="The card was in the reader when the detector started (the detector is "
+        "new, not the card): with nothing new on it, no import is started.",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> FileList:

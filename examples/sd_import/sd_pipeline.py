@@ -21,19 +21,26 @@ recorded roots again.
 
 Steps (``*`` = one instance per file)::
 
-    plan            the ledger drops what was imported; copy* for every new small file
+    plan            the ledger drops what was imported, and what another import that has
+                    not ended lists (it renders those); copy* -> scan_qr* for every new small
+                    file, and copy* -> extract_metadata* -> render* for every new video, its
+                    copy run after assign: every step plan can know of exists from the start,
+                    so the progress bar does not stand still while work is added
     copy*           the detector copies one file into the shared folder; verified here
-                    (size, fingerprint); a QR candidate then gets scan_qr*, a video of a
-                    booking extract_metadata* -> render* (spawned at once, so rendering starts
-                    while later files are still copying). Copies are chained (each waits for
+                    (size, fingerprint). A video is copied only once assign gave it a
+                    booking (a held one is not copied). Copies are chained (each waits for
                     the one before): the card reader copies one file at a time anyway, and a
-                    chain holds one engine slot, not one per file, so renders get slots
+                    chain holds one engine slot, not one per file, so renders get slots and
+                    rendering starts while later files are still copying
     scan_qr*        decode_qr on a copied small file: a booking, nothing, or a problem
     assign          (after every scan) files in time order, each QR clip starting a jump; the
-                    jump's remaining new files are copied, each a copy* with its booking
+                    jump's new videos get its booking (a small one, copied already, gets its
+                    extract_metadata* -> render* here)
     extract_metadata*, render*
-                    render uploads and records the copy in the ledger namespace
-                    sd_import.rendered (object key, size, SHA-256)
+                    render uploads, records the video as imported (ledger ``sd_import``) and
+                    its copy in the ledger namespace sd_import.rendered (object key, size,
+                    SHA-256). A video that cannot be read (no video, cut short) is a problem
+                    of that file: reported, not rendered, the rest of the card imports
     retention       (after every render) with a retention policy (input ``retention``,
                     retention.py): release* for each rendered copy, of any import, now due
     release*        removes one copy once its upload is verified (retention.release_copy)
@@ -46,15 +53,21 @@ numbering) never overwrites the earlier import's copy, nor its record in ``sd_im
 (keyed by the copy); the same file inserted again has the same name and is not copied twice.
 
 The ledger (``fp_ledger``, namespace ``sd_import``: the original import service's ``imported_file``
-table) holds a file once it is copied, verified and belongs to a booking (QR clips: once their code
-is read; namespace ``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new
-videos to a jump whose QR clip was imported before). Entries are committed with the step's
-completion, so a failed or interrupted copy is never taken as imported. A file is identified by its
-size and content fingerprint, not its path: a card mounted elsewhere is the same card.
+table) holds a video once it is rendered and uploaded (QR clips: once their code is read; namespace
+``sd_import.qr`` keeps each QR clip's booking so a later insertion can attach new videos to a jump
+whose QR clip was imported before). Entries are committed with the step's completion, so a video
+copied but not rendered (a failed or interrupted import, an unreadable file) is never taken as
+imported: the next insertion imports it again. A file is identified by its size and content
+fingerprint, not its path: a card mounted elsewhere is the same card.
 
-Files held (not imported, copied again at the next insertion): videos with no QR clip before
-them, after an unreadable or unrecognised QR clip, or after two QR clips of different
-bookings. Files that vanished between listing and copy are reported ``missing``.
+Files another import lists that has not ended (pending, running, interrupted or failed: one a
+later insertion of the card resumes, ``backend.py``) are left to it (``plan.taken``, the
+summary's ``in_other_imports``), so no video is rendered twice.
+
+Files held (not imported or copied, considered again at the next insertion): videos with no QR
+clip before them, after an unreadable or unrecognised QR clip, or after two QR clips of
+different bookings. Files that vanished between listing and copy are reported ``missing``;
+videos that cannot be read ``not_rendered`` in their booking, with the reason in the problems.
 
 The shared folder is read only through :func:`shared_file`: every copy is opened below
 ``shared_dir`` without following a symbolic link at any level
@@ -89,6 +102,7 @@ from card_paths import copy_dest
 from copy_retries import copy_retries_from_env
 from pydantic import BaseModel, ConfigDict, Field
 from retention import REMOVED, RENDERED, Retention, due_copies, referenced_copies, release_copy
+from sd_imports import SESSIONS, UNENDED
 from sd_messages import CARD_ID_PATTERN, FileEntry
 
 from framepipe import Pipeline, StepContext
@@ -276,7 +290,7 @@ def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]
     Raises :class:`~framepipe.confined.LinkRefusedError` naming the link (or the entry that is
     not a regular file) relative to the shared folder, ``FileNotFoundError`` when there is no
     copy; a :class:`~framepipe.errors.MediaError` about the file is raised again naming
-    ``dest`` instead of the internal path."""
+    ``dest`` instead of the internal path (in its reason too)."""
     parts = relative_parts(dest, "dest")
     fd = open_beneath(shared_dir, parts, os.O_RDONLY, where="in the shared folder")
     try:
@@ -286,7 +300,7 @@ def shared_file(shared_dir: str | os.PathLike[str], dest: str) -> Iterator[Path]
         except MediaError as exc:
             if exc.path != path:
                 raise
-            raise MediaError(dest, exc.reason) from None
+            raise MediaError(dest, exc.reason.replace(str(path), dest)) from None
     finally:
         os.close(fd)
 
@@ -295,6 +309,14 @@ def _measure(shared_dir: Path, dest: str) -> tuple[int, str]:
     """Size and fingerprint of the copy ``dest`` (see :func:`shared_file`)."""
     with shared_file(shared_dir, dest) as local:
         return local.stat().st_size, file_fingerprint(local)
+
+
+def _held_reason(ctx: StepContext, path: str) -> str:
+    """Why ``assign`` held ``path`` (or why it is no video of a jump)."""
+    for held in ctx.data.get("assign", {}).get("held", []):
+        if held["path"] == path:
+            return str(held["reason"])
+    return "no booking"
 
 
 def _refused(path: str, error: object) -> dict[str, Any]:
@@ -308,14 +330,50 @@ def _file(ctx: StepContext, path: str) -> dict[str, Any]:
     raise KeyError(f"{path!r} is not in the card's file list")
 
 
-def _spawn_processing(
-    ctx: StepContext, path: str, booking: Mapping[str, str], after: str | None
-) -> None:
-    params = {"path": path, "booking_id": booking["booking_id"], "passenger": booking["passenger"]}
+def _spawn_processing(ctx: StepContext, path: str, after: str | None) -> None:
+    """``extract_metadata`` -> ``render`` of the video ``path`` (after the step ``after``)."""
     meta = ctx.spawn_step(
         "extract_metadata", params={"path": path}, depends_on=[after] if after else None
     )
-    ctx.spawn_step("render", params=params, depends_on=[meta])
+    ctx.spawn_step("render", params={"path": path}, depends_on=[meta])
+
+
+def _booking_of(ctx: StepContext, path: str) -> dict[str, str] | None:
+    """The booking ``assign`` gave the video ``path``; None when it is held or no video."""
+    for jump in ctx.data.get("assign", {}).get("jumps", []):
+        if path in jump["videos"]:
+            return {"booking_id": jump["booking_id"], "passenger": jump["passenger"]}
+    return None
+
+
+def _session(ctx: StepContext) -> str:
+    """The card session to ask and tell: the one the backend gave this import when it resumed
+    it for a later insertion of the card (ledger namespace :data:`SESSIONS`), else the one
+    it was started with."""
+    entry = ctx.get_ledger(SESSIONS).get(ctx.execution_id)
+    session = entry.meta.get("session_id") if entry is not None else None
+    return session if isinstance(session, str) and session else str(ctx.inputs["session_id"])
+
+
+def _taken(ctx: StepContext, identities: Mapping[str, str]) -> dict[str, str]:
+    """Paths (of ``identities``: path -> identity) that another import of this card that has
+    not ended (:data:`~sd_imports.UNENDED`) lists too, each with that import's id: it renders
+    them, not this one. A read of the state store."""
+    wanted = {ident: path for path, ident in identities.items()}
+    found: dict[str, str] = {}
+    for info in ctx.executions(status=UNENDED, limit=1_000_000):
+        if (
+            info.id == ctx.execution_id
+            or info.inputs.get("card_id") != ctx.inputs.get("card_id")
+            or not isinstance(info.inputs.get("files"), list)
+        ):
+            continue
+        for entry in info.inputs["files"]:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                path = wanted.get(identity(entry))
+                if path is not None:
+                    found.setdefault(path, info.id)
+    return found
 
 
 # -- steps -----------------------------------------------------------------------------------
@@ -323,7 +381,10 @@ def _spawn_processing(
 
 @sd_import.step(weight=0.5)
 def plan(ctx: StepContext) -> dict[str, Any]:
-    """Drop what the ledger holds; copy the new small files first (QR candidates)."""
+    """Drop what the ledger holds and what another unfinished import renders; copy the new
+    small files first (QR candidates, each then scanned), then, once ``assign`` has told their
+    bookings, each new video: every step the import will run that plan can know of exists
+    from here on, so its progress does not stand still while work is added."""
     shared_dir_of(ctx)  # an import that may not read its shared folder stops here
     files = ctx.inputs.get("files")
     if not isinstance(files, list):
@@ -347,13 +408,28 @@ def plan(ctx: StepContext) -> dict[str, Any]:
             entry = qr_ledger.get(ident)
             if entry is not None:
                 known_qr[path] = dict(entry.meta)
-    new = [e for e in files if ids[e["path"]] in new_ids]
-    small = [e for e in new if e["size"] < limit]
+    fresh = [e for e in files if ids[e["path"]] in new_ids]
+    taken = _taken(ctx, {e["path"]: ids[e["path"]] for e in fresh})
+    new = [e for e in fresh if e["path"] not in taken]
+    # Every QR candidate is scanned, also one another import lists: the bookings of the
+    # videos after it depend on it, and a scan is cheap.
+    small = [e for e in fresh if e["size"] < limit]
     previous: str | None = None
     for e in small:  # one after another: the card reader copies one file at a time anyway
         previous = ctx.spawn_step(
             "copy", params={"path": e["path"]}, depends_on=[previous] if previous else None
         )
+        ctx.spawn_step("scan_qr", params={"path": e["path"]}, depends_on=[previous])
+    previous = None
+    for e in sorted(new, key=lambda e: (float(e.get("mtime", 0)), e["path"])):
+        if e["size"] < limit:
+            continue  # a small video's processing is spawned by assign
+        previous = ctx.spawn_step(
+            "copy",
+            params={"path": e["path"], "video": True},
+            depends_on=[previous] if previous else ["assign"],
+        )
+        _spawn_processing(ctx, e["path"], previous)
     ctx.progress(100, f"{len(new)} new of {len(files)} files, {len(small)} small")
     return {
         "plan": {
@@ -362,15 +438,20 @@ def plan(ctx: StepContext) -> dict[str, Any]:
             "new": [e["path"] for e in new],
             "small": [e["path"] for e in small],
             "known_qr": known_qr,
+            "taken": taken,
         }
     }
 
 
 @sd_import.step(retries=COPY_RETRIES.retries, retry_delay=COPY_RETRIES.delay, weight=1.0)
 async def copy(
-    ctx: StepContext, path: str, booking: dict[str, str] | None = None
+    ctx: StepContext, path: str, booking: dict[str, str] | None = None, video: bool = False
 ) -> dict[str, Any]:
     """Ask the detector for one file; verify the copy; spawn what comes next.
+
+    A ``video`` (spawned by ``plan``, run after ``assign``) is copied only when ``assign``
+    gave it a booking; a held one is not copied (nothing is returned for it). ``booking``
+    is that of a copy spawned with it (by ``assign`` before videos were planned).
 
     A file the detector no longer finds is ``missing`` (not retried: listing it again is the
     detector's job). A copy the detector refuses, or one that is a link (or not a regular
@@ -378,7 +459,11 @@ async def copy(
     look at the share). Anything else that goes wrong (the detector gone, a short copy, a
     wrong fingerprint) raises, and the step is retried (:data:`COPY_RETRIES`)."""
     entry = _file(ctx, path)
+    if video and booking is None and _booking_of(ctx, path) is None:
+        ctx.log.info("%s is held (%s): not copied", path, _held_reason(ctx, path))
+        return {}
     shared_dir = await asyncio.to_thread(shared_dir_of, ctx)  # before the detector copies
+    session_id = await asyncio.to_thread(_session, ctx)
     hub = get_hub(ctx.inputs["hub"])
     size = int(entry["size"])
     # Named by its content too: a reused card's new file of the same name lands beside the
@@ -390,7 +475,7 @@ async def copy(
         ctx.progress(99 * done / size if size else 0, f"copying {path}")
 
     answer = await hub.request(
-        ctx.inputs["session_id"],
+        session_id,
         {
             "type": "sd:copy_request",
             "card_id": ctx.inputs["card_id"],
@@ -412,8 +497,8 @@ async def copy(
             return _refused(path, f"the detector refused the copy: {reason}")
         raise DetectorError(
             f"copy of {path} failed: {answer.get('error', 'no reason given')}",
-            detector_id=hub.owner(ctx.inputs["session_id"]),
-            session_id=ctx.inputs["session_id"],
+            detector_id=hub.owner(session_id),
+            session_id=session_id,
         )
     try:
         got_size, got_fingerprint = await asyncio.to_thread(_measure, shared_dir, dest)
@@ -424,38 +509,31 @@ async def copy(
         raise DetectorError(
             f"says {path} was copied, but {dest} is not in the shared folder "
             "(is the shared folder the same on both sides?)",
-            session_id=ctx.inputs["session_id"],
+            session_id=session_id,
         ) from None
     if got_size != size or got_fingerprint != entry["fingerprint"]:
         raise DetectorError(
             f"copy of {path} at {dest} in the shared folder does not match "
             f"the card's file (size {got_size} of {size}, or another "
             "fingerprint)",
-            session_id=ctx.inputs["session_id"],
+            session_id=session_id,
         )
-    if booking is None:
+    if booking is not None:  # spawned by assign with its booking (an import made before)
+        _spawn_processing(ctx, path, ctx.step_key)
+    elif not video:  # a QR candidate (plan spawned its scan too: the same step)
         ctx.spawn_step("scan_qr", params={"path": path}, depends_on=[ctx.step_key])
-    else:
-        ctx.ledger.record(
-            identity(entry),
-            size=size,
-            meta={
-                "path": path,
-                "card_id": ctx.inputs["card_id"],
-                "dest": dest,
-                "kind": "video",
-                **booking,
-            },
-        )
-        _spawn_processing(ctx, path, booking, ctx.step_key)
     ctx.progress(100, f"copied {path}")
     return {f"copied/{path}": {"status": "copied", "dest": dest, "size": size}}
 
 
 @sd_import.step(weight=0.5)
 def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
-    """Read a QR code from a copied small file; a booking is recorded with the clip."""
-    dest = ctx.data[f"copied/{path}"]["dest"]
+    """Read a QR code from a copied small file; a booking is recorded with the clip. A file
+    that was not copied (vanished, refused) is not scanned: nothing is returned."""
+    copied = ctx.data.get(f"copied/{path}", {})
+    if copied.get("status") != "copied":
+        return {}
+    dest = copied["dest"]
     # The whole clip is scanned: a second, different code further on makes it ambiguous.
     try:
         with shared_file(shared_dir_of(ctx), dest) as local:
@@ -495,8 +573,9 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
 
 @sd_import.step(depends_on=["plan", "scan_qr"], weight=0.5)
 def assign(ctx: StepContext) -> dict[str, Any]:
-    """Group the card's files into jumps (each QR clip starts one, in time order) and copy and
-    render the new videos of each jump; hold those whose booking cannot be told."""
+    """Group the card's files into jumps (each QR clip starts one, in time order): the new
+    videos of each jump get its booking (their copies, planned by ``plan``, run after this);
+    those whose booking cannot be told are held."""
     plan_data = ctx.data["plan"]
     new = set(plan_data["new"])
     small = set(plan_data["small"])
@@ -508,7 +587,6 @@ def assign(ctx: StepContext) -> dict[str, Any]:
     current: dict[str, Any] | None = None  # the jump new videos belong to
     reason = "no QR clip before it"
     qr_run: list[str] = []  # QR clips in a row, no video between them
-    previous_copy: str | None = None
     for entry in files:
         path = entry["path"]
         scan = ctx.data.get(f"qr/{path}")
@@ -570,27 +648,9 @@ def assign(ctx: StepContext) -> dict[str, Any]:
         if current is None:
             held.append({"path": path, "reason": reason})
             continue
-        booking = {"booking_id": current["booking_id"], "passenger": current["passenger"]}
         current["videos"].append(path)
-        if path in small:  # copied already, as a QR candidate
-            ctx.ledger.record(
-                identity(entry),
-                size=entry["size"],
-                meta={
-                    "path": path,
-                    "card_id": ctx.inputs["card_id"],
-                    "dest": ctx.data[f"copied/{path}"]["dest"],
-                    "kind": "video",
-                    **booking,
-                },
-            )
-            _spawn_processing(ctx, path, booking, None)
-        else:
-            previous_copy = ctx.spawn_step(
-                "copy",
-                params={"path": path, "booking": booking},
-                depends_on=[previous_copy] if previous_copy else None,
-            )
+        if path in small:  # copied already, as a QR candidate; a larger one's copy is planned
+            _spawn_processing(ctx, path, None)
     return {
         "assign": {
             "jumps": [j for j in jumps if j["videos"] or j["qr_clip"] not in known_qr],
@@ -602,10 +662,19 @@ def assign(ctx: StepContext) -> dict[str, Any]:
 
 @sd_import.step(weight=0.5)
 def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
-    """Probe the copied video."""
-    dest = ctx.data[f"copied/{path}"]["dest"]
-    with shared_file(shared_dir_of(ctx), dest) as local:
-        info = probe(local, **limits(length=False))
+    """Probe the copied video. A video that was not copied (held, vanished, refused) is not
+    probed: nothing is returned. A copy that cannot be read as a video (a recording cut
+    short, a file that is no video) is a problem of this file only: ``meta/<path>`` holds
+    the error, it is not rendered, and the rest of the card imports."""
+    copied = ctx.data.get(f"copied/{path}", {})
+    if copied.get("status") != "copied":
+        return {}
+    try:
+        with shared_file(shared_dir_of(ctx), copied["dest"]) as local:
+            info = probe(local, **limits(length=False))
+    except MediaError as exc:
+        ctx.log.warning("%s cannot be read as a video: %s", path, exc.reason)
+        return {f"meta/{path}": {"error": f"cannot be read as a video: {exc.reason}"}}
     width, height = info.display_size
     return {
         f"meta/{path}": {
@@ -621,11 +690,30 @@ def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
 
 
 @sd_import.step(weight=3.0)
-def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict[str, Any]:
+def render(
+    ctx: StepContext, path: str, booking_id: str | None = None, passenger: str | None = None
+) -> dict[str, Any]:
     """Intro + the video watermarked with passenger and booking + splash screen, uploaded to
-    ``bookings/<booking>/<file>-<hash>.mp4`` (:func:`output_key`: one key per video)."""
-    dest = ctx.data[f"copied/{path}"]["dest"]
-    meta = ctx.data[f"meta/{path}"]
+    ``bookings/<booking>/<file>-<hash>.mp4`` (:func:`output_key`: one key per video), and the
+    video recorded as imported (ledger, committed with this step: a video that was copied but
+    never rendered is imported again at the next insertion).
+
+    The booking is the one ``assign`` gave the video (``booking_id`` and ``passenger`` are
+    those of a render spawned with them, before videos were planned). A video with no booking,
+    no copy or no metadata (held, vanished, unreadable) is not rendered: nothing is returned,
+    or ``render/<path>`` with the error when the video cannot be decoded here (a problem of
+    this file only; the rest of the card imports)."""
+    booking = (
+        {"booking_id": booking_id, "passenger": passenger}
+        if booking_id is not None and passenger is not None
+        else _booking_of(ctx, path)
+    )
+    copied = ctx.data.get(f"copied/{path}", {})
+    meta = ctx.data.get(f"meta/{path}", {})
+    if booking is None or copied.get("status") != "copied" or "width" not in meta:
+        return {}
+    booking_id, passenger = booking["booking_id"], booking["passenger"]
+    dest = copied["dest"]
     work = ctx.tempdir()
     size = (meta["width"] - meta["width"] % 2, meta["height"] - meta["height"] % 2)
     fps = float(meta["fps"]) or 25.0
@@ -636,17 +724,23 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
         work / "splash.mp4", ["Thank you!", f"Booking {booking_id}"], size, fps=fps
     )
     ctx.progress(10, "title cards")
-    with shared_file(shared_dir_of(ctx), dest) as src:
-        marked = watermark(
-            src,
-            work / "marked.mp4",
-            text=f"{passenger} | {booking_id}",
-            position="bottom-left",
-            margin=4,
-            preset="ultrafast",
-            progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"),
-            **limits(),
-        )
+    try:
+        with shared_file(shared_dir_of(ctx), dest) as src:
+            marked = watermark(
+                src,
+                work / "marked.mp4",
+                text=f"{passenger} | {booking_id}",
+                position="bottom-left",
+                margin=4,
+                preset="ultrafast",
+                progress=lambda pct: ctx.progress(10 + 0.45 * pct, "watermark"),
+                **limits(),
+            )
+    except MediaError as exc:
+        if str(exc.path) != dest:
+            raise  # not the video's own fault: fail the step, to be retried
+        ctx.log.warning("%s cannot be rendered: %s", path, exc.reason)
+        return {f"render/{path}": {"error": f"cannot be rendered: {exc.reason}"}}
     final = concat(
         [intro, marked, splash],
         work / "final.mp4",
@@ -661,6 +755,19 @@ def render(ctx: StepContext, path: str, booking_id: str, passenger: str) -> dict
     key = output_key(booking_id, dest, entry)
     sha256 = content_hash(final)
     info = ctx.objects.put_file(key, final)
+    ctx.ledger.record(  # imported: only now, with this step's completion
+        identity(entry),
+        size=entry["size"],
+        meta={
+            "path": path,
+            "card_id": ctx.inputs["card_id"],
+            "dest": dest,
+            "kind": "video",
+            "booking_id": booking_id,
+            "passenger": passenger,
+            "object_key": key,
+        },
+    )
     ctx.get_ledger(RENDERED).record(  # committed with this step: only a finished upload counts
         dest,
         size=entry["size"],
@@ -734,22 +841,22 @@ def release(ctx: StepContext, copy_path: str) -> dict[str, Any]:
     return {f"released/{copy_path}": outcome}
 
 
-@sd_import.step(depends_on=["retention", "release"], weight=0.1)
-def summary(ctx: StepContext) -> dict[str, Any]:
-    """What this insertion imported, held and found wrong; told to the detector too."""
-    data = ctx.data
-    assigned = data.get("assign", {"jumps": [], "held": [], "problems": []})
-    rendered = {k.removeprefix("render/"): v for k, v in data.items() if k.startswith("render/")}
-    copied = [
-        k.removeprefix("copied/")
-        for k, v in data.items()
-        if k.startswith("copied/") and v.get("status") == "copied"
-    ]
+def _bookings(
+    data: Mapping[str, Any], jumps: Sequence[Mapping[str, Any]], problems: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Each booking's videos, outputs, ``missing`` and ``not_rendered`` videos, from the
+    execution's ``data``; a video that could not be read is added to ``problems``."""
     bookings: dict[str, dict[str, Any]] = {}
-    for jump in assigned["jumps"]:
+    for jump in jumps:
         b = bookings.setdefault(
             jump["booking_id"],
-            {"passenger": jump["passenger"], "videos": [], "outputs": [], "missing": []},
+            {
+                "passenger": jump["passenger"],
+                "videos": [],
+                "outputs": [],
+                "missing": [],
+                "not_rendered": [],
+            },
         )
         for video in jump["videos"]:
             status = data.get(f"copied/{video}", {}).get("status")
@@ -759,9 +866,18 @@ def summary(ctx: StepContext) -> dict[str, Any]:
             if status == "refused":  # told in the problems
                 continue
             b["videos"].append(video)
-            if video in rendered:
-                b["outputs"].append(rendered[video]["key"])
-    problems = list(assigned["problems"])
+            rendered = data.get(f"render/{video}", {})
+            error = data.get(f"meta/{video}", {}).get("error") or rendered.get("error")
+            if error:
+                b["not_rendered"].append(video)
+                problems.append(f"{video}: not imported: {error}")
+            elif "key" in rendered:
+                b["outputs"].append(rendered["key"])
+    return bookings
+
+
+def _copy_problems(data: Mapping[str, Any], problems: list[str]) -> None:
+    """Add each vanished or refused copy of ``data`` to ``problems``, once."""
     for key, value in data.items():
         if not key.startswith("copied/"):
             continue
@@ -774,6 +890,42 @@ def summary(ctx: StepContext) -> dict[str, Any]:
             continue
         if problem not in problems:
             problems.append(problem)
+
+
+def _tell_detector(ctx: StepContext, status: str, result: Mapping[str, Any]) -> None:
+    """Send the import's ``sd:status`` to the card's detector; a notice only: the detector may
+    be gone, and nothing waits for it."""
+    hub_id = ctx.inputs.get("hub")
+    if not hub_id:
+        return
+    try:
+        get_hub(hub_id).send_sync(
+            _session(ctx),
+            {
+                "type": "sd:status",
+                "card_id": ctx.inputs.get("card_id"),
+                "state": status,
+                "execution_id": ctx.execution_id,
+                "summary": result,
+            },
+        )
+    except Exception as exc:
+        ctx.log.info("status not sent to the detector: %s", exc)
+
+
+@sd_import.step(depends_on=["retention", "release"], weight=0.1)
+def summary(ctx: StepContext) -> dict[str, Any]:
+    """What this insertion imported, held and found wrong; told to the detector too."""
+    data = ctx.data
+    assigned = data.get("assign", {"jumps": [], "held": [], "problems": []})
+    copied = [
+        k.removeprefix("copied/")
+        for k, v in data.items()
+        if k.startswith("copied/") and v.get("status") == "copied"
+    ]
+    problems = list(assigned["problems"])
+    bookings = _bookings(data, assigned["jumps"], problems)
+    _copy_problems(data, problems)
     if not data["plan"]["new"]:
         status = "nothing_new"
     elif assigned["held"] or problems:
@@ -787,24 +939,12 @@ def summary(ctx: StepContext) -> dict[str, Any]:
         "status": status,
         "card_id": ctx.inputs.get("card_id"),
         "copied": sorted(copied),
+        "in_other_imports": data["plan"].get("taken", {}),
         "bookings": bookings,
         "held": assigned["held"],
         "problems": problems,
         "removed": sorted(k for k, v in released.items() if v["status"] == "removed"),
         "kept": {k: v["reason"] for k, v in sorted(released.items()) if v["status"] == "kept"},
     }
-    hub_id = ctx.inputs.get("hub")
-    if hub_id:
-        try:
-            get_hub(hub_id).send_sync(
-                ctx.inputs["session_id"],
-                {
-                    "type": "sd:status",
-                    "state": status,
-                    "execution_id": ctx.execution_id,
-                    "summary": result,
-                },
-            )
-        except Exception as exc:  # a notice only: the detector may be gone
-            ctx.log.info("status not sent to the detector: %s", exc)
+    _tell_detector(ctx, status, result)
     return {"summary": result}

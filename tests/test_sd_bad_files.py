@@ -1,0 +1,99 @@
+"""A file on the card that is no video (a recording cut short, random bytes named like the
+others) is a problem of that file: the import reports it and imports the rest of the card.
+
+What the user expects: every other video of the jump is rendered and uploaded; the detector
+gets the import's final status (``needs_attention``, naming the file and why, with the file's
+name, not an internal path); the bad file is not recorded as imported, so a later insertion
+considers it again, and nothing else is imported twice.
+
+Real components: the service on uvicorn (SQLite, local object store) with the ``sd_import``
+pipeline, the detector as its own process, clips encoded with PyAV and QR codes from segno.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import need_modules
+from test_example_sd_import import (
+    CardMaker,
+    Detector,
+    eject,
+    ended,
+    insert,
+    ledger_paths,
+    running_world,
+    sd_settings,
+    wait_for,
+)
+from test_server import AUTH
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the SD-import example end to end
+
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with running_world(tmp_path, sd_settings(tmp_path)) as running:
+        yield running
+
+
+def test_a_file_that_is_no_video_is_reported_and_the_rest_of_the_card_imports(
+    world: dict[str, Any],
+) -> None:
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "BADFILE")
+    qr = maker.qr("B9001;Pat Quist")
+    before = maker.video()
+    broken = maker.not_a_video()
+    after = [maker.video(), maker.video()]
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log)
+    world["detectors"].append(detector.start())
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        mounted = insert(maker.folder, world["watch"])
+        done = wait_for("the import", lambda: ended(client, "BADFILE"), detector=detector)
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        booking = summary["bookings"]["B9001"]
+        assert booking["videos"] == [before, broken, *after]
+        assert booking["not_rendered"] == [broken]
+        assert len(booking["outputs"]) == 3  # every other video of the jump
+        for key in booking["outputs"]:
+            assert client.get(f"/api/objects/{key}").status_code == 200
+        [problem] = summary["problems"]
+        assert problem.startswith(f"{broken}: not imported: cannot be read as a video")
+        assert "/proc/self/fd" not in json.dumps(done["data"])
+        card_id = summary["card_id"]
+        wait_for(
+            "the final status at the detector",
+            lambda: f"status of {card_id}: needs_attention {done['id']}" in log.read_text(),
+            detector=detector,
+        )
+        # Imported: the QR clip and the videos rendered; the broken file is tried again.
+        assert set(ledger_paths(world["settings"])) == {qr, before, *after}
+
+        eject(mounted)
+        wait_for(
+            "the card's removal",
+            lambda: not any(d["sessions"] for d in client.get("/api/detectors").json()),
+            detector=detector,
+        )
+        insert(maker.folder, world["watch"])
+        again = wait_for("the second import", lambda: ended(client, "BADFILE", 2))
+        assert again["status"] == "completed", again.get("error")
+        summary = again["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        assert summary["bookings"]["B9001"]["not_rendered"] == [broken]
+        assert summary["bookings"]["B9001"]["outputs"] == []
+        assert summary["copied"] == [broken]  # nothing that was imported is copied again
+        uploaded = [k for k, v in again["data"].items() if k.startswith("render/") and "key" in v]
+        assert uploaded == []  # nothing rendered twice

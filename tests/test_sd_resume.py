@@ -1,0 +1,221 @@
+"""An import the backend stopped under (killed mid-import, restarted) is finished, not lost.
+
+What the user expects: inserting the card again resumes that import from where it stopped,
+whichever detector session it was started with (here the detector was restarted and the card
+re-seated while the backend was down, so the first session is gone); every video is rendered
+once, the card gets no second, empty import, and the detector is told the import's final
+status. A detector restarted with a card in its reader that has nothing new starts no import.
+
+Real components: ``examples/sd_import/backend.py`` as its own process (SQLite state, local
+object store) killed with SIGKILL, the detector as its own process, clips encoded with PyAV
+and QR codes from segno.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import need_modules
+from test_example_sd_import import (
+    CLI_TOKEN,
+    EXAMPLE,
+    CardMaker,
+    Detector,
+    eject,
+    ended,
+    imports_of,
+    insert,
+    wait_for,
+)
+from waiting import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # slow: the SD-import example end to end
+
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
+
+AUTH = {"Authorization": f"Bearer {CLI_TOKEN}"}
+
+
+class Backend:
+    """``backend.py`` as a process on ``port``, its state under ``home``."""
+
+    def __init__(self, tmp: Path, shared: Path, port: int) -> None:
+        self.tmp, self.shared, self.port = tmp, shared, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "FRAMEPIPE_HOME": str(tmp / "home"),
+            "FRAMEPIPE_API_TOKEN": CLI_TOKEN,
+            "FRAMEPIPE_RETRY_INITIAL_DELAY": "0.2",
+            "FRAMEPIPE_RETRY_MAX_DELAY": "1",
+            "FRAMEPIPE_HEARTBEAT_INTERVAL": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start(self) -> Backend:
+        with (self.tmp / "backend.log").open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(EXAMPLE / "backend.py"),
+                    *("--shared", str(self.shared), "--port", str(self.port)),
+                    *("--small-limit", "150KiB"),
+                ],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        proc = self.proc
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{self.url}/health").status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None  # died: stop waiting, fail below
+
+        wait_for("the backend", up)
+        assert proc.poll() is None, (self.tmp / "backend.log").read_text()[-3000:]
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    watch, shared = tmp_path / "media", tmp_path / "shared"
+    watch.mkdir()
+    backend = Backend(tmp_path, shared, free_port())
+    detectors: list[Detector] = []
+    try:
+        yield {
+            "tmp": tmp_path,
+            "watch": watch,
+            "shared": shared,
+            "backend": backend,
+            "detectors": detectors,
+        }
+    finally:
+        for detector in detectors:
+            detector.stop()
+        backend.stop()
+
+
+def test_reinserting_a_card_resumes_the_import_a_killed_backend_left(
+    setup: dict[str, Any],
+) -> None:
+    tmp, watch, shared, backend = setup["tmp"], setup["watch"], setup["shared"], setup["backend"]
+    maker = CardMaker(tmp / "cards" / "CRASH")
+    maker.qr("B6101;Ola Ode")
+    videos = [maker.video() for _ in range(4)]
+    backend.start()
+    log = tmp / "det.log"
+
+    def detector() -> Detector:
+        started = Detector(backend.url, watch, shared, log, "--max-rate", "250000", token=CLI_TOKEN)
+        setup["detectors"].append(started.start())
+        return started
+
+    first_detector = detector()
+    with httpx.Client(base_url=backend.url, headers=AUTH) as client:
+        mounted = insert(maker.folder, watch)
+
+        def a_video_copied() -> bool:
+            rows = imports_of(client, "CRASH")
+            if not rows:
+                return False
+            body = client.get(f"/api/executions/{rows[0]['id']}").json()
+            return any(
+                s["name"] == "copy" and s["params"]["path"] in videos and s["status"] == "completed"
+                for s in body["steps"]
+            )
+
+        wait_for("a video's copy", a_video_copied, detector=first_detector)
+        [stopped] = imports_of(client, "CRASH")
+    # The backend dies mid-import; meanwhile the detector restarts and the card is re-seated,
+    # so the session the import was started with is gone for good.
+    backend.kill()
+    first_detector.stop()
+    eject(mounted)
+    backend.start()
+    second_detector = detector()
+    with httpx.Client(base_url=backend.url, headers=AUTH) as client:
+        assert imports_of(client, "CRASH")[0]["status"] == "interrupted"
+        insert(maker.folder, watch)
+
+        def resumed_and_ended() -> dict[str, Any] | None:
+            body = ended(client, "CRASH")
+            return body if body is not None and body["status"] != "interrupted" else None
+
+        done = wait_for(
+            "the resumed import",
+            resumed_and_ended,
+            timeout=120,
+            detector=second_detector,
+        )
+        assert [row["id"] for row in imports_of(client, "CRASH")] == [stopped["id"]]
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "imported"
+        assert summary["bookings"]["B6101"]["videos"] == videos
+        assert len(summary["bookings"]["B6101"]["outputs"]) == 4
+        renders = [s for s in done["steps"] if s["name"] == "render"]
+        assert len(renders) == 4 and all(s["status"] == "completed" for s in renders)
+        card_id = summary["card_id"]
+        text = log.read_text()
+        assert f"status of {card_id}: importing {stopped['id']}" in text  # resumed
+        wait_for(
+            "the final status at the detector",
+            lambda: f"status of {card_id}: imported {stopped['id']}" in log.read_text(),
+            detector=second_detector,
+        )
+
+
+def test_a_detector_restarted_with_imported_cards_in_its_reader_starts_no_import(
+    setup: dict[str, Any],
+) -> None:
+    tmp, watch, shared, backend = setup["tmp"], setup["watch"], setup["shared"], setup["backend"]
+    maker = CardMaker(tmp / "cards" / "KEPT")
+    maker.qr("B6201;Pia Pil")
+    maker.video()
+    backend.start()
+    log = tmp / "det.log"
+    first = Detector(backend.url, watch, shared, log, token=CLI_TOKEN)
+    setup["detectors"].append(first.start())
+    with httpx.Client(base_url=backend.url, headers=AUTH) as client:
+        insert(maker.folder, watch)
+        done = wait_for("the import", lambda: ended(client, "KEPT"), detector=first)
+        assert done["data"]["summary"]["status"] == "imported"
+        card_id = done["data"]["summary"]["card_id"]
+        first.stop()
+        lines = log.read_text().count(f"status of {card_id}:")
+        again = Detector(backend.url, watch, shared, log, token=CLI_TOKEN)
+        setup["detectors"].append(again.start())
+        wait_for(
+            "the restarted detector's answer",
+            lambda: log.read_text().count(f"status of {card_id}:") > lines,
+            detector=again,
+        )
+        assert f"status of {card_id}: nothing_new" in log.read_text()
+        assert len(imports_of(client, "KEPT")) == 1  # no empty import for the restart
