@@ -761,12 +761,14 @@ def test_the_sinks_counts_are_in_the_app_s_metrics_while_attached(
         text = app.metrics_text()
         names = [f.name for f in text_string_to_metric_families(text)]
         assert len(names) == len(set(names)), names
-        return {
-            (s.name, s.labels["sink"], s.labels["target"]): s.value
+        found = [
+            s
             for f in text_string_to_metric_families(text)
             for s in f.samples
             if s.name.startswith("framepipe_event_sink_")
-        }
+        ]
+        assert {s.labels["app"] for s in found} <= {"site"}  # each series names its app
+        return {(s.name, s.labels["sink"], s.labels["target"]): s.value for s in found}
 
     async def main() -> None:
         stored_sink = StoreEventSink(store, "site").attach(app)
@@ -791,3 +793,37 @@ def test_the_sinks_counts_are_in_the_app_s_metrics_while_attached(
 
     asyncio.run(main())
     assert "s3cret-pw" not in app.metrics_text()
+
+
+def test_an_event_the_database_refuses_is_dropped_alone_and_a_long_type_is_cut(
+    store: StateStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event type longer than the column, and on PostgreSQL an event whose data it refuses
+    for good (an infinite number, which its JSON does not take): the long type is cut, the
+    refused event dropped, counted and named in a warning; the events around it are
+    written, in order, at once (it is no outage to wait out)."""
+    long_type = "vision.tag." + "x" * 100
+
+    async def main() -> StoreEventSink:
+        sink = StoreEventSink(store, "site", batch=16)
+        sink("order.started", {"n": 0})
+        sink("tag.measured", {"n": 1, "area": float("inf")})
+        sink(long_type, {"n": 2})
+        sink("order.completed", {"n": 3})
+        await sink.aclose(timeout=20)
+        return sink
+
+    started = time.monotonic()
+    sink = asyncio.run(main())
+    assert time.monotonic() - started < 10
+    rows = stored(store)
+    refused = store.dialect == "postgresql"
+    kept = [0, 2, 3] if refused else [0, 1, 2, 3]
+    assert [d["n"] for _, d in rows] == kept
+    assert (sink.written, sink.dropped) == (len(kept), 4 - len(kept))
+    [cut] = [t for t, d in rows if d["n"] == 2]
+    assert len(cut) == 60 and cut.startswith("vision.tag.xxx") and cut.endswith("…")
+    warned = [r.getMessage() for r in caplog.records if "refused event" in r.getMessage()]
+    assert len(warned) == (1 if refused else 0)
+    if refused:
+        assert "tag.measured" in warned[0] and "\n" not in warned[0]

@@ -865,7 +865,8 @@ def test_sources_of_an_app_served_here_stop_and_start(settings: Settings) -> Non
         assert "framepipe_stage_fps{" in metrics
         assert "framepipe_source_restarts_total{" in metrics
         # the app's events go to the state database through its event sink, counted
-        assert re.search(r'framepipe_event_sink_written_total\{sink="store",[^}]*\} [1-9]', metrics)
+        written = r'framepipe_event_sink_written_total\{app="station",sink="store",[^}]*\} [1-9]'
+        assert re.search(written, metrics)
         assert re.search(r"framepipe_event_sink_dropped_total\{[^}]*\} 0.0", metrics)
         events = client.get("/api/events", params={"limit": 1000}).json()["events"]
         paused = [e for e in events if e["type"] == "pipeline.paused"]

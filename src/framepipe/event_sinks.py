@@ -56,14 +56,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Self
 
+import sqlalchemy as sa
+
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.event_log import append_events
 from framepipe.backends.state.retention import prune_events
+from framepipe.backends.state.schema import EVENT_TYPE_MAX
 from framepipe.backoff import Backoff
 from framepipe.errors import MissingDependencyError
 from framepipe.events import Event
 from framepipe.logs import get_logger
-from framepipe.outage import Outage
+from framepipe.outage import Outage, cause
 from framepipe.telemetry import event_sink_metrics
 from framepipe.untrusted import storable_text
 from framepipe.urls import safe_url
@@ -82,9 +85,11 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _storable_type(event: str) -> str:
-    if event.isascii() and "\x00" not in event:
-        return event
-    return storable_text(event)
+    """``event`` as every backend stores it: escaped (:func:`storable_text`) and at most
+    :data:`EVENT_TYPE_MAX` characters (a longer one is cut and ends with ``…``)."""
+    if not event.isascii() or "\x00" in event:
+        event = storable_text(event)
+    return event if len(event) <= EVENT_TYPE_MAX else event[: EVENT_TYPE_MAX - 1] + "…"
 
 
 class _QueuedSink:
@@ -108,6 +113,8 @@ class _QueuedSink:
         self.written = 0
         self.last_error: str | None = None
         """The last failed attempt's error (its first line), None until one fails."""
+        self.app_name: str | None = None
+        """The app it is attached to (:meth:`attach`), for the metrics' ``app`` label."""
         self._pending: deque[Event] = deque()
         self._inflight: list[Event] = []
         """The batch the writer is writing (and retrying): off the queue, not yet counted."""
@@ -151,6 +158,7 @@ class _QueuedSink:
     def attach(self, app: App) -> Self:
         """Receive every event of ``app`` (``app.on("*", self)``) and add the counts to its
         metrics (``framepipe_event_sink_*``); :meth:`aclose` undoes both."""
+        self.app_name = app.name
         self._detach.append(app.on("*", self))
         self._detach.append(event_sink_metrics(app.registry).add(self))
         return self
@@ -208,23 +216,52 @@ class _QueuedSink:
             self._inflight = []
 
     async def _write_until_written(self, batch: list[Event]) -> None:
-        """Write ``batch``, retrying with backoff for as long as that fails."""
-        while True:
-            size = len(batch)
+        """Write ``batch``, retrying with backoff for as long as that fails. An event the
+        backend refuses for what it holds (:meth:`_refuses`) is found by writing the batch's
+        events one at a time, then dropped, counted and named in a warning: it would be
+        refused for ever, and hold every later event behind it."""
+        alone = False
+        while batch:
+            part = batch[:1] if alone else list(batch)
+            size = len(part)
             try:
-                await self._write(batch)
+                await self._write(part)
             except Exception as exc:
-                self.written += size - len(batch)  # the events a partial write took off the front
-                self._failed(exc)
+                done = size - len(part)  # the events a partial write took off the front
+                self.written += done
+                del batch[:done]
+                if not self._refuses(exc):
+                    self._failed(exc)
+                else:
+                    self._recovered()  # it answered
+                    if alone or size - done == 1:
+                        self._drop_refused(batch.pop(0), exc)
+                    alone = True
+                    continue
             else:
                 self.written += size
-                self._recovered()
-                return
+                self._recovered()  # the events waiting count this batch
+                del batch[:size]
+                continue
             assert self._retry_now is not None
             delay = self.backoff.delay(1 if self._closed else self._outage.attempts)
             self._retry_now.clear()
             with contextlib.suppress(TimeoutError):  # aclose cuts the wait short
                 await asyncio.wait_for(self._retry_now.wait(), delay)
+
+    def _refuses(self, exc: Exception) -> bool:
+        """True when ``exc`` says the backend refuses what an event holds (it would refuse it
+        again), not that it is away."""
+        return False
+
+    def _drop_refused(self, event: Event, exc: Exception) -> None:
+        self.dropped += 1
+        self._log.warning(
+            "%s refused event %s (%s) and dropped it; the events after it are written",
+            self._named(),
+            event.type,
+            cause(exc),
+        )
 
     @property
     def failing_since(self) -> float | None:
@@ -340,6 +377,10 @@ class StoreEventSink(_QueuedSink):
 
     def _shape(self, data: dict[str, Any]) -> dict[str, Any]:
         return _jsonable({"app": self.app_name, **data})
+
+    def _refuses(self, exc: Exception) -> bool:
+
+        return isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError)
 
     async def _write(self, batch: list[Event]) -> None:
         await asyncio.to_thread(append_events, self.store, batch)

@@ -136,6 +136,8 @@ class EventSinkCounts(Protocol):
     @property
     def target(self) -> str: ...
     @property
+    def app_name(self) -> str | None: ...
+    @property
     def written(self) -> int: ...
     @property
     def dropped(self) -> int: ...
@@ -146,9 +148,10 @@ class EventSinkCounts(Protocol):
 
 
 class EventSinkCollector(Collector):
-    """Per event sink (labels ``sink``: its kind, ``target``: where it writes, password
-    masked): ``framepipe_event_sink_written`` and ``framepipe_event_sink_dropped`` (counters),
-    ``framepipe_event_sink_pending`` (events not yet written) and
+    """Per event sink (labels ``app``: the app it is attached to, ``sink``: its kind,
+    ``target``: where it writes, password masked): ``framepipe_event_sink_written`` and
+    ``framepipe_event_sink_dropped`` (counters), ``framepipe_event_sink_pending`` (events not
+    yet written) and
     ``framepipe_event_sink_writing`` (0 while writing fails, else 1)."""
 
     def __init__(self, more: Callable[[], Iterable[EventSinkCounts]] | None = None) -> None:
@@ -171,7 +174,7 @@ class EventSinkCollector(Collector):
         return remove
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["sink", "target"]
+        labels = ["app", "sink", "target"]
         written = CounterMetricFamily(
             "framepipe_event_sink_written", "Events the sink wrote", labels=labels
         )
@@ -187,7 +190,11 @@ class EventSinkCollector(Collector):
             "framepipe_event_sink_writing", "0 while writing fails, else 1", labels=labels
         )
         for sink in self.sinks:
-            key = [label_value(sink.kind), label_value(sink.target)]
+            key = [
+                label_value(sink.app_name or ""),
+                label_value(sink.kind),
+                label_value(sink.target),
+            ]
             written.add_metric(key, sink.written)
             dropped.add_metric(key, sink.dropped)
             pending.add_metric(key, sink.pending)

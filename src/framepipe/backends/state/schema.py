@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 __all__ = [
     "EVENT_ID_MAX",
+    "EVENT_TYPE_MAX",
     "SCHEMA_HEAD",
     "events",
     "executions",
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 SCHEMA_HEAD = "0008"
+
+EVENT_TYPE_MAX = 60
+"""The longest event type ``fp_events.type`` holds (characters)."""
 
 metadata = sa.MetaData()
 
@@ -166,7 +170,7 @@ events = sa.Table(
         autoincrement=True,
     ),
     sa.Column("ts", sa.Float, nullable=False),
-    sa.Column("type", sa.String(60), nullable=False),
+    sa.Column("type", sa.String(EVENT_TYPE_MAX), nullable=False),
     sa.Column("execution_id", sa.String(32), nullable=True),
     sa.Column("step_key", sa.String(300), nullable=True),
     sa.Column("data", sa.JSON, nullable=False),
