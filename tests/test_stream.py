@@ -1130,3 +1130,37 @@ def test_a_sink_whose_segment_closed_raises_fails_that_segment_only() -> None:
     assert error["stage"] == "collect" and error["seq"] is None
     assert "segment_closed(A) failed: ConnectionError: the archive refused" in error["error"]
     assert uploader.closed == ["B"] and len(uploader.frames) == 40
+
+
+def test_a_segment_closed_that_raises_at_a_stop_is_a_processor_error_too() -> None:
+    """The order still open when a stop cuts the drain short is closed by the stop itself;
+    its sink's ``segment_closed`` raising then is the same ``processor.error`` as while
+    running."""
+
+    class Uploader(Collect):
+        def write(self, frame: Frame) -> None:
+            time.sleep(0.01)  # behind the camera: frames wait when the stop comes
+
+        def segment_closed(self, segment: Any) -> None:
+            raise ConnectionError("the archive refused the order")
+
+    events: Events = []
+    pipeline = StreamPipeline(
+        "s",
+        PatternSource("s", fps=50),
+        stages=[Stage(tagger({range(1, 100_000): "A"}))],
+        segmenter=Segmenter("order", timeout=60),
+        sinks=[Uploader()],
+    )
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+    async def main() -> None:
+        await pipeline.start()
+        await wait_until_async("A open", lambda: of(events, "segment.started"))
+        await asyncio.sleep(0.3)
+        await pipeline.stop(drain_timeout=0)  # the stop cuts the drain: it closes A itself
+
+    asyncio.run(main())
+    assert [d["segment_id"] for d in of(events, "segment.completed")] == ["A"]
+    [error] = of(events, "processor.error")
+    assert "segment_closed(A) failed: ConnectionError" in error["error"]

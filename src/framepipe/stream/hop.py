@@ -103,7 +103,7 @@ class Hop:
         self._on_crash = on_crash
         self._streak = 0  # processor calls that raised in a row
         self._lane: ThreadLane | None = None
-        self._controls: set[asyncio.Future[Any]] = set()  # control handlers not ended yet
+        self._controls: dict[asyncio.Future[Any], Any] = {}  # handlers not ended, their items
         self._processes = processes
         self._idle: asyncio.Queue[ProcessWorker] | None = None
         self._workers: list[ProcessWorker] = []
@@ -155,8 +155,8 @@ class Hop:
         returned). A number of seconds bounds it (calls may still be running): past it, raise
         :class:`TimeoutError`, leave the daemon threads to finish on their own (a warning names
         each ``segment_closed`` or ``teardown`` call abandoned while it ran) and kill the worker
-        processes. An error of a control item does not stop the teardown: it is raised after
-        it."""
+        processes. A control item's handler that raises is a processor error of the hop, as
+        while it runs (:meth:`_control_failed`), and does not stop the teardown."""
         lane = self._lane
         try:
             if within is None:
@@ -175,19 +175,22 @@ class Hop:
 
     async def _finish(self, closing: Sequence[Any]) -> None:
         failure: BaseException | None = None
-        running = list(self._controls)
+        running = dict(self._controls)
         if running:
             await asyncio.wait(running)  # never cancels them, even when this wait is
-            for task in running:
-                self._controls.discard(task)
-                if not task.cancelled() and task.exception() is not None:
-                    failure = failure or task.exception()
+            for task, item in running.items():
+                self._controls.pop(task, None)
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, Exception):
+                    self._control_failed(item, error)
+                elif error is not None:
+                    failure = failure or error
         if self._control is not None:
             for item in closing:
                 try:
                     await self._control(item)
                 except Exception as exc:
-                    failure = failure or exc
+                    self._control_failed(item, exc)
         lane = self._lane
         if self._workers:
             assert lane is not None
@@ -210,14 +213,14 @@ class Hop:
         :meth:`teardown` to wait for)."""
         assert self._control is not None
         task = asyncio.ensure_future(self._control(item))
-        self._controls.add(task)
+        self._controls[task] = item
         try:
             await asyncio.shield(task)
         except Exception as exc:  # the handler's own failure: reported, the item goes on
             self._control_failed(item, exc)
         finally:
             if task.done():
-                self._controls.discard(task)
+                self._controls.pop(task, None)
 
     def _control_failed(self, item: Any, exc: Exception) -> None:
         """A sink's ``segment_closed`` raised: a processor error of this hop naming the
