@@ -228,21 +228,23 @@ def _remember_left(
     if store is None:
         return
     row = (objects_left.c.store == where) & (objects_left.c.prefix == prefix)
-    with store.write() as conn:
-        updated = conn.execute(
-            objects_left.update().where(row).values(error=error, tries=objects_left.c.tries + 1)
-        ).rowcount
-        if not updated:
-            conn.execute(
-                objects_left.insert().values(
-                    store=where,
-                    prefix=prefix,
-                    execution_id=execution_id,
-                    error=error,
-                    since=time.time(),
-                    tries=1,
+    again = objects_left.update().where(row).values(error=error, tries=objects_left.c.tries + 1)
+    try:
+        with store.write() as conn:
+            if not conn.execute(again).rowcount:
+                conn.execute(
+                    objects_left.insert().values(
+                        store=where,
+                        prefix=prefix,
+                        execution_id=execution_id,
+                        error=error,
+                        since=time.time(),
+                        tries=1,
+                    )
                 )
-            )
+    except sa.exc.IntegrityError:  # another prune (serve's, the CLI's) recorded it meanwhile
+        with store.write() as conn:
+            conn.execute(again)
 
 
 def _forget_left(store: StateStore | None, where: str, prefix: str) -> None:
