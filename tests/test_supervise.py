@@ -244,14 +244,18 @@ def test_backoff_schedule_then_failed_permanently(logs: pytest.LogCaptureFixture
     assert health.last_error == "RuntimeError: boom"
     assert health.restarts == 4
     assert health.attempt == 5
-    messages = lines(logs, "cam_backoff")
-    assert messages.count("Pipeline failed: RuntimeError: boom") == 5
-    assert "Restarting pipeline in 0.01s (attempt 1)" in messages
-    assert "Restarting pipeline in 0.04s (attempt 4)" in messages
-    assert messages[-1] == "Pipeline failed after 5 attempts, no restart left: RuntimeError: boom"
+    # the first failure in full, each repeat of it one line, then the end
+    assert lines(logs, "cam_backoff") == [
+        "Pipeline failed: RuntimeError: boom",
+        "Restarting pipeline in 0.01s (attempt 1)",
+        "Restarting pipeline in 0.02s (attempt 2), failed again: RuntimeError: boom",
+        "Restarting pipeline in 0.04s (attempt 3), failed again: RuntimeError: boom",
+        "Restarting pipeline in 0.04s (attempt 4), failed again: RuntimeError: boom",
+        "Pipeline failed after 5 attempts, no restart left: RuntimeError: boom",
+    ]
     # an unexpected exception type is logged with its traceback
     failed = [r for r in logs.records if r.getMessage() == "Pipeline failed: RuntimeError: boom"]
-    assert all(r.exc_info for r in failed)
+    assert len(failed) == 1 and failed[0].exc_info
 
 
 def test_max_attempts_none_restarts_forever() -> None:
@@ -838,13 +842,24 @@ def test_keep_trying_retries_at_the_cap_until_the_camera_is_back(
     assert recovered.state is HealthState.RUNNING
     assert recovered.retrying_since is None and recovered.next_attempt_at is None
     assert stopped.state is HealthState.STOPPED
+    # the log: the first failure and the retrying in full, one line per later attempt, one
+    # line when it is back
+    error = "SourceError: [station_1] connection refused"
     messages = lines(logs, "station_1")
-    assert (
-        "Pipeline failed 2 times in a row: SourceError: [station_1] connection refused; "
-        "retrying every 0.3s until it is back"
-    ) in messages
-    assert "Restarting pipeline in 0.3s (attempt 3)" in messages
-    assert any(m.startswith("Pipeline is back after") for m in messages)
+    attempts = rec.of("recovered")[0]["attempts"]
+    assert messages[:4] == [
+        f"Pipeline failed: {error}",
+        "Restarting pipeline in 0.01s (attempt 1)",
+        f"Pipeline failed 2 times in a row: {error}; retrying every 0.3s until it is back",
+        "Restarting pipeline in 0.3s (attempt 2)",
+    ]
+    assert messages[4:-2] == [
+        f"Restarting pipeline in 0.3s (attempt {n}), failed again: {error}"
+        for n in range(3, attempts + 1)
+    ]
+    assert messages[-2].startswith(f"Pipeline is back after {attempts} failed attempts (")
+    assert messages[-2].endswith("down): persistent pipeline started")
+    assert messages[-1] == "Pipeline stopped"
 
 
 def test_keep_trying_and_loop_are_checked() -> None:

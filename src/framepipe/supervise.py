@@ -40,6 +40,14 @@ Guarantees:
   every ``retry_delay`` seconds (the backoff's cap by default) in state ``retrying`` (event
   ``retrying`` once, health ``retrying_since`` and ``next_attempt_at``) until a session
   delivers a frame again (event ``recovered``, health back to normal).
+* A failure whose exception is ``permanent`` (True for
+  :class:`~framepipe.sources.base.InvalidSourceError`: a local file that is not a video, so
+  every session would fail alike) is not restarted: state ``failed`` and event ``failed``
+  (with ``permanent``) at once, whatever ``max_attempts`` and ``after_attempts`` say.
+* The log stays short while a thing stays down: a failure is logged in full when it begins a
+  run of failures or differs in kind from the one before; a repeat is one line (the restart
+  with its error). One line says it is back: ``Persistent pipeline started``, or after
+  retrying at the cap ``Pipeline is back after ...`` instead.
 * With ``loop`` (a looped recording, one pass per session), a session that returns normally
   after at least one frame is the end of a pass: the next starts at once, not counted as a
   failure.
@@ -470,7 +478,9 @@ class Supervisor:
         pid = h.pid
         self._report.enter(HealthState.RUNNING)
         h.started_at = h.since
-        if pid is None:
+        if h.retrying_since is not None:
+            pass  # back from retrying at the cap: the line that says so names the pid
+        elif pid is None:
             self._log.info("Persistent %s started", self.what)
         else:
             self._log.info("Persistent %s started (PID: %d)", self.what, pid)

@@ -4,9 +4,18 @@ records the failure, says it (health, log, event) and decides the restart.
 Guarantees:
 
 * Each failure is recorded in the health (``last_error``; ``last_exit_code`` for a capture
-  that exited; ``stalls`` for a stall), logged once by its kind (a capture's exit with its
-  last stderr lines; an exception of an unexpected type with its traceback) and announced
-  (``ended``, ``stalled`` or ``died``), before the answer to it.
+  that exited; ``stalls`` for a stall) and announced (``ended``, ``stalled`` or ``died``),
+  before the answer to it.
+* The log says a failure in full (by its kind: a capture's exit with its last stderr lines,
+  an exception of an unexpected type with its traceback; then the restart) when it begins a
+  run of failures, follows a session that delivered frames, or is of another kind than the
+  failure before it (another exception type, another exit code). A failure that repeats
+  the one before is one line, the restart with the error: a camera down for a day logs one
+  line per attempt, not a screenful.
+* A failure whose exception is ``permanent`` (an attribute, True for
+  :class:`~framepipe.sources.base.InvalidSourceError`: a local file that is not a video) is
+  not restarted: state ``failed`` at once, one error line, event ``failed`` with
+  ``permanent``, whatever ``max_attempts`` and ``after_attempts`` say.
 * Failures in a row are counted (the health's ``attempt``). The count is reset by a run that
   stayed up ``healthy_after`` seconds after its first frame, whether it still runs (a timer)
   or failed since; a session that never delivered a frame never resets it.
@@ -64,6 +73,7 @@ class Restarts:
         """Retrying at the cap (``keep_trying``) and no session has delivered a frame since."""
         self._up_since: float | None = None  # monotonic start of the session's run
         self._healthy_timer: asyncio.TimerHandle | None = None
+        self._last_kind: tuple[str, int | None] | None = None  # the failure before, if any
 
     def launched(self) -> None:
         """A session was launched: no next attempt is waited for; it has not run yet."""
@@ -102,41 +112,25 @@ class Restarts:
         failed)."""
         report = self._report
         h, log, What = report.health, report.log, report.What
+        ran = self._up_since is not None
         if self._up_since is not None and time.monotonic() - self._up_since >= self._healthy_after:
             h.attempt = 0
+        kind = _kind(exc)
+        repeat = h.attempt > 0 and not ran and kind == self._last_kind
+        self._last_kind = kind
         report.clear_run()
-        h.last_exit_code = None
-        if exc is None:
-            h.last_error = f"{What} ended"
-            log.info("%s ended; it will be restarted", What)
-            report.emit("ended", {"restart": True})
-        elif isinstance(exc, SourceStalledError):
-            found = stall if stall is not None and exc is stall.error else None
-            h.last_error = describe_error(exc)
-            h.stalls += 1
-            if found is None:  # raised by the target itself
-                report.enter(HealthState.STALLED)
-            log.warning("%s stalled: %s", What, str(exc) if found is None else found.detail)
-            seconds = stall.seconds if stall is not None else None
-            report.emit("stalled", {"seconds": seconds, "error": h.last_error})
-        elif isinstance(exc, CaptureExitedError):
-            h.last_error = describe_error(exc)
-            h.last_exit_code = exc.exit_code
-            log.warning("%s subprocess died (exit code: %s)", What, exc.exit_code)
-            lines = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
-            tail = [safe_text(line) for line in lines]
-            if tail:
-                log.warning("%s stderr (last %d lines):\n  %s", What, len(tail), "\n  ".join(tail))
-            report.emit("died", {"error": h.last_error, "exit_code": exc.exit_code})
-        else:
-            h.last_error = describe_error(exc)
-            expected = isinstance(exc, FramepipeError | asyncio.CancelledError)
-            log.error("%s failed: %s", What, h.last_error, exc_info=None if expected else exc)
-            report.emit("died", {"error": h.last_error, "exit_code": None})
+        permanent = getattr(exc, "permanent", False) is True
+        self._record(exc, stall, say=not (repeat or permanent))
         h.attempt += 1
+        if permanent:
+            report.enter(HealthState.FAILED)
+            log.error("%s failed and is not restarted: %s", What, h.last_error)
+            report.emit("failed", {"error": h.last_error, "attempts": h.attempt, "permanent": True})
+            return None
+        again = h.last_error if repeat else None
         at_cap = self._max_attempts is not None and h.attempt >= self._max_attempts
         if at_cap and self._after_attempts == "keep_trying":
-            return self._retry_at_cap()
+            return self._retry_at_cap(again)
         if at_cap:
             report.enter(HealthState.FAILED)
             log.error(
@@ -148,16 +142,65 @@ class Restarts:
             )
             report.emit("failed", {"error": h.last_error, "attempts": h.attempt})
             return None
-        return self._restart_in(self._backoff.delay(h.attempt), HealthState.BACKOFF)
+        return self._restart_in(self._backoff.delay(h.attempt), HealthState.BACKOFF, again)
 
-    def _restart_in(self, delay: float, state: HealthState) -> float:
+    def _record(self, exc: BaseException | None, stall: Stall | None, *, say: bool) -> None:
+        """Record ``exc`` in the health and announce it; with ``say``, log it by its kind."""
+        report = self._report
+        h, log, What = report.health, report.log, report.What
+        h.last_exit_code = None
+        if exc is None:
+            h.last_error = f"{What} ended"
+            if say:
+                log.info("%s ended; it will be restarted", What)
+            report.emit("ended", {"restart": True})
+            return
+        h.last_error = describe_error(exc)
+        if isinstance(exc, SourceStalledError):
+            found = stall if stall is not None and exc is stall.error else None
+            h.stalls += 1
+            if found is None:  # raised by the target itself
+                report.enter(HealthState.STALLED)
+            if say:
+                log.warning("%s stalled: %s", What, str(exc) if found is None else found.detail)
+            seconds = stall.seconds if stall is not None else None
+            report.emit("stalled", {"seconds": seconds, "error": h.last_error})
+        elif isinstance(exc, CaptureExitedError):
+            h.last_exit_code = exc.exit_code
+            if say:
+                log.warning("%s subprocess died (exit code: %s)", What, exc.exit_code)
+                lines = exc.stderr_tail.strip().splitlines()[-_STDERR_LINES:]
+                tail = [safe_text(line) for line in lines]
+                if tail:
+                    log.warning(
+                        "%s stderr (last %d lines):\n  %s", What, len(tail), "\n  ".join(tail)
+                    )
+            report.emit("died", {"error": h.last_error, "exit_code": exc.exit_code})
+        else:
+            expected = isinstance(exc, FramepipeError | asyncio.CancelledError)
+            if say:
+                log.error("%s failed: %s", What, h.last_error, exc_info=None if expected else exc)
+            report.emit("died", {"error": h.last_error, "exit_code": None})
+
+    def _restart_in(self, delay: float, state: HealthState, again: str | None = None) -> float:
+        """Wait ``delay`` in ``state``; ``again``: the error of a failure that repeats the one
+        before, said on the restart's line."""
         report = self._report
         h = report.health
         report.enter(state)
         h.next_attempt_at = time.time() + delay
-        report.log.info(
-            "Restarting %s in %s (attempt %d)", report.what, format_delay(delay), h.attempt
-        )
+        if again is None:
+            report.log.info(
+                "Restarting %s in %s (attempt %d)", report.what, format_delay(delay), h.attempt
+            )
+        else:
+            report.log.info(
+                "Restarting %s in %s (attempt %d), failed again: %s",
+                report.what,
+                format_delay(delay),
+                h.attempt,
+                again,
+            )
         report.emit(
             "restarting",
             {
@@ -169,9 +212,9 @@ class Restarts:
         )
         return delay
 
-    def _retry_at_cap(self) -> float:
+    def _retry_at_cap(self, again: str | None) -> float:
         """``keep_trying`` after ``max_attempts`` failures: announce it once, then wait
-        ``retry_delay`` before each further attempt."""
+        ``retry_delay`` before each further attempt (``again``: as for :meth:`_restart_in`)."""
         report = self._report
         h = report.health
         delay = self._retry_delay
@@ -194,20 +237,35 @@ class Restarts:
                     "next_attempt_at": time.time() + delay,
                 },
             )
-        return self._restart_in(delay, HealthState.RETRYING)
+            again = None  # the line above said it
+        return self._restart_in(delay, HealthState.RETRYING, again)
 
     def recovered(self, attempts: int) -> None:
         """A session launched after ``attempts`` failures in a row delivered a frame while
-        :attr:`retrying` (which its context cleared): say it is back."""
+        :attr:`retrying` (which its context cleared): say it is back, in one line (the
+        supervisor's ``Persistent ... started`` is left out then)."""
         report = self._report
         h = report.health
         since = h.retrying_since
         h.retrying_since = None
         down = round(time.time() - since, 3) if since is not None else None
+        started = f"persistent {report.what} started" + (
+            "" if h.pid is None else f" (PID: {h.pid})"
+        )
         report.log.warning(
-            "%s is back after %d failed attempts (%s down)",
+            "%s is back after %d failed attempts (%s down): %s",
             report.What,
             attempts,
             "?" if down is None else format_delay(down),
+            started,
         )
         report.emit("recovered", {"attempts": attempts, "down_seconds": down})
+
+
+def _kind(exc: BaseException | None) -> tuple[str, int | None]:
+    """What tells failures apart for the log: the exception's type and a capture's exit code
+    (a normal end is one kind)."""
+    if exc is None:
+        return ("ended", None)
+    code = exc.exit_code if isinstance(exc, CaptureExitedError) else None
+    return (type(exc).__qualname__, code)

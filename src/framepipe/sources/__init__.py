@@ -16,7 +16,7 @@ collector's async-generator finaliser.
 """
 
 from framepipe.sources.av import VideoSource
-from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.base import InvalidSourceError, Source, StartedCallback
 from framepipe.sources.capture import Capture, capture_source
 from framepipe.sources.command import CommandSource
 from framepipe.sources.pattern import PatternSource
@@ -24,6 +24,7 @@ from framepipe.sources.pattern import PatternSource
 __all__ = [
     "Capture",
     "CommandSource",
+    "InvalidSourceError",
     "PatternSource",
     "Source",
     "StartedCallback",

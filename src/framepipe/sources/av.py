@@ -12,6 +12,11 @@ Guarantees of one :meth:`VideoSource.frames` session:
   the source and the URL, with PyAV's exception as ``__cause__``; its message shows every URL
   with its secrets masked (:func:`~framepipe.urls.safe_text`), PyAV's words included. The
   thread never dies silently and the consumer never waits forever for a dead thread.
+* A local file that cannot be opened (missing, unreadable, empty, not a video or corrupt
+  beyond its header), that has no video stream, or that is looped and has no frame fails
+  with :class:`~framepipe.sources.base.InvalidSourceError` (``permanent``: a supervisor does
+  not restart it, every session would fail alike). A URL, a device or a local path taken as
+  a stream (``live=True``) fails with a plain ``SourceError``, restarted until it is back.
 * The end of a file (without ``loop``) or of a stream the server closed is a normal end: the
   iterator returns. A file that ends clearly before the length its header announces (the rule
   of the media toolkit, :meth:`~framepipe.video_length.DecodedLength.shortfall`: its frames
@@ -21,9 +26,12 @@ Guarantees of one :meth:`VideoSource.frames` session:
 * Closing the iterator (``aclose``, ``break`` in ``async for``, cancelling the consumer) stops
   the thread and joins it. The thread checks its stop flag between packets (of every stream:
   a stream whose video stopped while its audio flows is stopped too) and while it paces or
-  waits for room, so it stops at once, except when it is blocked in network I/O: then it
-  stops when that call returns (at most ``open_timeout``/``read_timeout`` seconds); ``aclose``
-  waits for it that long without blocking the event loop.
+  waits for room, so it stops at once. A stop also interrupts PyAV's blocking open or read
+  (a camera that accepts the connection and never answers), within FFmpeg's next check of
+  its interrupt callback, about 0.1 s (:mod:`framepipe.sources.interrupt`; with a PyAV that
+  allows no interruption, the call returns by ``open_timeout``/``read_timeout``). ``aclose``
+  waits for the thread without blocking the event loop, at most the longer of those
+  timeouts and a second.
 """
 
 from __future__ import annotations
@@ -46,9 +54,16 @@ from framepipe.errors import FrameError, SourceError
 from framepipe.frames import Frame, now_ms
 from framepipe.logs import get_logger
 from framepipe.pixels import Image, JpegPicture, YuvPlanes
-from framepipe.sources.base import Source, StartedCallback, check_decode_threads, decoder_threads
+from framepipe.sources.base import (
+    InvalidSourceError,
+    Source,
+    StartedCallback,
+    check_decode_threads,
+    decoder_threads,
+)
 from framepipe.sources.devices import is_device
 from framepipe.sources.handoff import Channel, Decoded, Pacer, Stopped
+from framepipe.sources.interrupt import watching
 from framepipe.urls import safe_text, safe_url
 from framepipe.video_length import DecodedLength, plays
 
@@ -245,29 +260,44 @@ class VideoSource(Source):
 
     def _run(self, channel: Channel) -> None:
         try:
-            self._decode(channel)
+            with watching(channel.stopped):  # a stop interrupts PyAV's blocking open and reads
+                self._decode(channel)
         except Stopped:
             pass
-        except SourceError as exc:
-            channel.post("error", exc)
-        except av.error.ExitError as exc:  # PyAV's timeout interrupted a blocking read
-            channel.post("error", self._fail(f"no data within {self.read_timeout:g}s", exc))
         except Exception as exc:
-            channel.post("error", self._fail("error while reading", exc))
+            if not channel.stopped.is_set():  # else: the stop's own interruption
+                channel.post("error", self._error_of(exc))
         finally:
             channel.post("end")
 
-    def _fail(self, message: str, exc: BaseException | None = None) -> SourceError:
+    def _error_of(self, exc: Exception) -> SourceError:
+        if isinstance(exc, SourceError):
+            return exc
+        if isinstance(exc, av.error.ExitError):  # PyAV's timeout interrupted a blocking read
+            return self._fail(f"no data within {self.read_timeout:g}s", exc)
+        return self._fail("error while reading", exc)
+
+    @property
+    def _local_file(self) -> bool:
+        """A file of this machine (not a device, a FIFO taken as a stream, or a URL)."""
+        return self._is_file and not self.is_network
+
+    def _fail(
+        self, message: str, exc: BaseException | None = None, *, invalid: bool = False
+    ) -> SourceError:
+        """The error naming the URL and ``message`` (and ``exc``'s words); with ``invalid``,
+        for a local file, the :class:`InvalidSourceError` that no restart can mend."""
         text = f"{safe_url(self.url)}: {message}"
         if exc is not None:  # PyAV repeats the URL as given, password and all
             text += f": {safe_text(str(exc).replace(self.url, safe_url(self.url)))}"
-        error = SourceError(text, source_id=self.source_id)
+        kind = InvalidSourceError if invalid and self._local_file else SourceError
+        error = kind(text, source_id=self.source_id)
         error.__cause__ = exc
         return error
 
     def _open(self) -> Any:
         if not self.is_network and os.path.isfile(self.url) and os.path.getsize(self.url) == 0:
-            raise self._fail("cannot open, the file is empty (0 bytes)")
+            raise self._fail("cannot open, the file is empty (0 bytes)", invalid=True)
         try:
             return av.open(
                 self.url,
@@ -277,10 +307,14 @@ class VideoSource(Source):
             )
         except av.error.InvalidDataError as exc:
             raise self._fail(
-                "cannot open, not a readable video (unknown format, corrupt or truncated)", exc
+                "cannot open, not a readable video (unknown format, corrupt or truncated)",
+                exc,
+                invalid=True,
             ) from exc
         except av.error.ExitError as exc:
             raise self._fail(f"cannot open, no answer within {self.open_timeout:g}s", exc) from exc
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise self._fail("cannot open", exc, invalid=True) from exc
         except Exception as exc:
             raise self._fail("cannot open", exc) from exc
 
@@ -296,7 +330,7 @@ class VideoSource(Source):
             try:
                 if not container.streams.video:
                     kinds = ", ".join(s.type for s in container.streams) or "none"
-                    raise self._fail(f"no video stream (streams: {kinds})")
+                    raise self._fail(f"no video stream (streams: {kinds})", invalid=True)
                 stream = container.streams.video[0]
                 self._set_threads(stream)
                 jpeg = _JpegPackets(stream) if self.keep_jpeg and self.bgr_via_opencv else None
@@ -352,7 +386,7 @@ class VideoSource(Source):
             if not self.loop:
                 return
             if count == 0:
-                raise self._fail("cannot loop: the file has no frames")
+                raise self._fail("cannot loop: the file has no frames", invalid=True)
             passes += 1
             next_pts = last_pts + frame_time
 

@@ -15,6 +15,11 @@ Its rules:
 * A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL and
   a camera's device node (``/dev/video0``: ``v4l2src``, ``ffmpeg -f v4l2``, or PyAV's v4l2)
   are live: every end of them is a death, restarted by the supervisor.
+* A file that the capture fails to play before its first frame, and that can never be
+  captured as it is (gone, empty, not a video, no video stream:
+  :func:`~framepipe.sources.files.unreadable_video`), fails its capture with
+  :class:`~framepipe.sources.base.InvalidSourceError` naming it and why, whichever capture
+  reads it: a supervisor does not restart it, looped or not.
 * ``loop=True`` plays a file forever: ffmpeg loops it itself (``-stream_loop -1``, one
   process for good); gst-launch-1.0 cannot seek back, so each pass is one process and the
   next pass starts at once when one ends (:attr:`~framepipe.sources.Source.loops`).
@@ -75,6 +80,7 @@ from framepipe.sources.av import VideoSource
 from framepipe.sources.base import Source, check_decode_threads, decoder_threads
 from framepipe.sources.command import CommandSource
 from framepipe.sources.devices import is_device
+from framepipe.sources.files import unreadable_video
 from framepipe.urls import safe_url
 
 __all__ = [
@@ -365,6 +371,7 @@ def capture_source(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     options = check_input_options(input_options, f"source {source_id}")
+    invalid = None if live else functools.partial(_file_problem, spec, options)
     if capture == "av":
         return VideoSource(
             spec,
@@ -393,6 +400,7 @@ def capture_source(
                 live=live,
                 loop=loop and not live,
                 timestamps=bool(rate) and not live,
+                invalid_input=invalid,
             )
         if capture == "gst":
             raise ConfigError(f"source {source_id}: capture 'gst' cannot run: {problem}")
@@ -416,7 +424,14 @@ def capture_source(
         fps=rate,
         live=live or loop,
         timestamps=bool(rate) and not live,
+        invalid_input=invalid,
     )
+
+
+def _file_problem(path: str, options: Mapping[str, str]) -> str | None:
+    """``video file 'path' <why>`` when the file can never be captured as it is, else None."""
+    reason = unreadable_video(path, options)
+    return None if reason is None else f"video file {path!r} {reason}"
 
 
 def file_rate(path: str, input_options: Mapping[str, str] | None = None) -> float | None:

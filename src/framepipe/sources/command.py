@@ -24,6 +24,12 @@ Guarantees of one :meth:`CommandSource.frames` session:
   child that dies while a grandchild keeps the pipes open is noticed too (its process group is
   killed half a second after its death, which ends stdout), also when it died so soon that
   asyncio's child watcher had reaped it before the pidfd was opened.
+* A command that fails (a non-zero exit) before its first frame, when ``invalid_input`` says
+  why its input can never be captured (a recording's file that is not a video), fails the
+  session with :class:`~framepipe.sources.base.InvalidSourceError` naming the input and
+  why, which a supervisor does not restart; else with ``CaptureExitedError``.
+* A session that follows one without a frame (a camera that is down, tried again) logs its
+  start at debug level, not info: the supervisor's line per attempt says enough.
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
   stdout offset: more than ``max_garbage_bytes`` without a JPEG frame, a frame larger than
   ``max_frame_bytes``, or a JPEG frame that fails to decode.
@@ -55,7 +61,7 @@ from framepipe.errors import CaptureExitedError, FrameError, SourceError
 from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.pipes import lines
-from framepipe.sources.base import Source, StartedCallback
+from framepipe.sources.base import InvalidSourceError, Source, StartedCallback
 from framepipe.sources.child import (
     check_command,
     kill_group,
@@ -206,7 +212,10 @@ class CommandSource(Source):
     read faster than real time keeps its own time (``Segmenter(clock="stream")``). ``fps``
     states the nominal rate, if known. MJPEG frames keep the captured JPEG bytes (their header
     checked): they are decoded only when a stage asks for pixels, and stored as they were
-    captured.
+    captured. ``invalid_input`` checks the input after a session whose command failed before
+    its first frame (run in a thread): a text it returns (why the input can never be
+    captured, e.g. :func:`~framepipe.sources.files.unreadable_video` of a recording's file)
+    fails the session with :class:`~framepipe.sources.base.InvalidSourceError`.
 
     What the end of a session means:
 
@@ -238,6 +247,7 @@ class CommandSource(Source):
         live: bool = True,
         loop: bool = False,
         timestamps: bool = False,
+        invalid_input: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__(source_id)
         if timestamps and not fps:
@@ -268,8 +278,10 @@ class CommandSource(Source):
         self.stderr_lines = stderr_lines
         self.max_frame_bytes = max_frame_bytes
         self.max_garbage_bytes = max_garbage_bytes
+        self.invalid_input = invalid_input
         self._proc: asyncio.subprocess.Process | None = None
         self._log = get_logger(source_id)
+        self._quiet = False  # no frame since the latest session began: a start then says less
 
     @property
     def pid(self) -> int | None:
@@ -289,7 +301,9 @@ class CommandSource(Source):
         frame_bytes = (
             self._shape[0] * self._shape[1] * self._shape[2] if self.format == "rawvideo" else 0
         )
-        self._log.info("Starting persistent %s pipeline...", program_name(self.argv[0]))
+        say = self._log.debug if self._quiet else self._log.info
+        self._quiet = True  # until this session delivers a frame
+        say("Starting persistent %s pipeline...", program_name(self.argv[0]))
         try:
             command = parent_death_command(self.argv, env)
             proc = await asyncio.create_subprocess_exec(
@@ -315,7 +329,7 @@ class CommandSource(Source):
         # task began, once it exited: the watch below then kills what holds the pipes)
         exited = asyncio.create_task(proc.wait())
         unwatch = watch_exit(proc.pid)
-        self._log.info("capture started (PID: %d): %s", proc.pid, self.describe())
+        say("capture started (PID: %d): %s", proc.pid, self.describe())
         try:
             if started is not None:
                 started(proc.pid)
@@ -325,6 +339,7 @@ class CommandSource(Source):
             else:
                 read = _RawReader(proc.stdout, self, self._shape).read
             while (picture := await read()) is not None:
+                self._quiet = False
                 seq = self.next_seq()
                 yield Frame(
                     image=None if isinstance(picture, JpegPicture) else picture,
@@ -342,12 +357,21 @@ class CommandSource(Source):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
             stderr_tail = "\n".join(tail)
             last = f"; stderr: {tail[-1]}" if tail else ""
-            raise CaptureExitedError(
+            exited_error = CaptureExitedError(
                 f"capture subprocess exited (exit code: {code}){last}",
                 source_id=self.source_id,
                 exit_code=code,
                 stderr_tail=stderr_tail,
             )
+            framed = not self._quiet
+            if not framed and code != 0 and self.invalid_input is not None:
+                problem = await asyncio.to_thread(self.invalid_input)
+                if problem is not None:
+                    raise InvalidSourceError(
+                        f"{problem}; capture subprocess exited (exit code: {code}){last}",
+                        source_id=self.source_id,
+                    ) from exited_error
+            raise exited_error
         finally:
             unwatch()
             try:
