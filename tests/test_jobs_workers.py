@@ -442,7 +442,16 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     assert info.data == {"long_done_by": second.pid, "long_attempt": 2}
     assert cluster.completions(execution_id) == {"long": 1}
     step = info.steps[0]
-    assert step.crashes == 0  # a paused worker is alive: its lease lapsed, it did not crash
+    # A paused worker is alive: its attempt was lost to a lapsed lease, not a crash, and
+    # counts toward max_step_crashes all the same (1 of 3: the step ran again and completed).
+    assert step.crashes == 1
+    lapsed = [
+        e
+        for e in list_events(cluster.store, execution_id)
+        if e.type == "step.lease_expired" and e.step_key == "long"
+    ]
+    assert [e.data["attempt"] for e in lapsed] == [1]
+    assert "is alive but did not renew it within 1.5 s" in lapsed[0].data["error"]
     # The woken worker drops its late attempt: its heartbeat finds the lease lost and stops
     # the step, or the step ends first and the commit fences its outcome; either is logged.
     fenced = wait_until(
@@ -456,6 +465,74 @@ def test_a_paused_worker_loses_its_lease_and_its_late_result(
     assert fenced
     assert cluster.completions(execution_id) == {"long": 1}
     assert get_execution(cluster.store, execution_id).data["long_attempt"] == 2
+
+
+_BLOCKED = re.compile(
+    r"Worker (\S+): its event loop has not run for [\d.]+ s, a third of the 1\.5 s lease: "
+    r"async step hog of (\w{8}) \(attempt (\d+)\) holds it, blocked at "
+    r"worker_pipelines\.py:\d+ in hog; .*\(await asyncio\.to_thread"
+)
+
+
+@pytest.mark.postgres
+def test_a_worker_warns_while_a_step_blocks_its_event_loop(
+    cluster_factory: Callable[..., Cluster], pg_url: str
+) -> None:
+    """An async step that blocks the worker's event loop for a third of the lease is named
+    in a warning while it blocks, with the line it blocks at: once per stall, not once per
+    check. Short of the lease, nothing is lost: the step completes on its first attempt."""
+    cluster = cluster_factory(pg_url, lease_seconds=1.5)
+    proc = cluster.worker()
+    cluster.wait_registered(proc)
+    execution_id = cluster.submit(wp.blocker, block=1.1)
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data["hog_attempt"] == 1
+    assert info.steps[0].crashes == 0
+    log = wait_until(
+        "the stall to end in the log",
+        lambda: t if "its event loop runs again after" in (t := cluster.log(1)) else None,
+    )
+    warnings = _BLOCKED.findall(log)
+    assert warnings == [(warnings[0][0], execution_id[:8], "1")], log
+    assert log.count("its event loop has not run for") == 1, log
+
+
+@pytest.mark.postgres
+def test_an_async_step_that_keeps_blocking_the_loop_past_its_lease_fails(
+    cluster_factory: Callable[..., Cluster], pg_url: str
+) -> None:
+    """An async step blocking its worker's event loop longer than the lease loses its lease
+    every attempt: another worker takes it over and the first one's late result is discarded.
+    Each lost attempt counts toward max_step_crashes, so the step ends failed, with an error
+    that says what happened and what to do, instead of being taken over forever; the workers
+    warned about the blocked loop before they lost the lease."""
+    cluster = cluster_factory(pg_url, lease_seconds=1.5, max_step_crashes=3)
+    a, b = cluster.worker(), cluster.worker()
+    cluster.wait_registered(a, b)
+    execution_id = cluster.submit(wp.blocker, block=5.0)
+    info = cluster.wait(execution_id, timeout=90)
+    assert info.status is ExecutionStatus.FAILED
+    hog = info.step("hog")
+    assert hog.status is StepStatus.FAILED
+    assert hog.crashes == 3
+    error = hog.error or ""
+    assert error.startswith(
+        f"StepCrashedError: pipeline 'wk_blocker', step 'hog': attempt {hog.attempt} lost its "
+        "lease: the lease of worker "
+    ), error
+    assert "is alive but did not renew it within 1.5 s (FRAMEPIPE_LEASE_SECONDS)" in error
+    assert "3 of at most 3 attempts lost" in error
+    assert "run blocking work in a thread (await asyncio.to_thread(...))" in error
+    assert "lost its worker 3 times" in (info.error or "")
+    assert cluster.completions(execution_id) == {}  # no late result was written
+    # Every worker that lost the lease of an attempt warned about its blocked loop first.
+    for n in (1, 2):
+        log = cluster.log(n)
+        lost = re.search(r"lost the lease of step hog|step hog of \w+ attempt \d+ no longer", log)
+        if lost:
+            warned = _BLOCKED.search(log)
+            assert warned and warned.start() < lost.start(), log
 
 
 @pytest.mark.postgres

@@ -1,4 +1,5 @@
-"""A worker's runs (``framepipe.jobs.worker.runs``) when a step it handed back comes back to it.
+"""A worker's runs (``framepipe.jobs.worker.runs``) when a step it handed back comes back to it,
+and when a claim reaches its event loop too late for its lease.
 
 A worker hands back the claimed steps it has not started when its steps turn out long; a
 hand-back is not an attempt, so the same commit round can claim the step again for the same
@@ -105,3 +106,50 @@ def test_a_step_handed_back_and_claimed_again_in_the_same_round_runs(tmp_path: P
         finally:
             gate.set()
     objects.close()
+
+
+def test_a_claim_that_reaches_the_loop_too_late_for_its_lease_is_handed_back(
+    tmp_path: Path,
+) -> None:
+    """A claim made while the event loop was blocked (by the reader thread, or in a round)
+    reaches the loop with a lease never renewed: it lapses before the next renewal, and
+    another worker may run the step by then. It is handed back (not an attempt) instead of
+    started: it was started, and the step ran twice, once on each worker."""
+    ran.clear()
+    lock = threading.Lock()
+    stopping = threading.Event()
+    window = ClaimWindow(lock, concurrency=2, prefetch=1, stopping=stopping)
+    objects = LocalObjectStore(tmp_path / "objects")
+    with StateStore(f"sqlite:///{tmp_path / 'state.db'}") as store:
+        runs = Runs(
+            window=window,
+            settings=Settings(home=tmp_path, lease_seconds=1.5),
+            store=store,
+            worker_id="w1",
+            pipelines=KnownPipelines([pipeline]),
+            objects=lambda: objects,
+            stopping=stopping,
+            reported=lambda: None,
+        )
+
+        async def scenario() -> None:
+            runs.open(asyncio.get_running_loop())
+            assert window.take_free() == 2  # the slots the two claims hold
+            late = _claimed("queued")
+            late.started_at -= 1.2  # more than 2/3 of the lease ago
+            stale = Run(late, pipeline)
+            runs.start_all([stale])
+            assert stale.handed_back and stale.began is None
+            assert runs.get(stale.ident) is None
+            outcomes = [o for _r, o in runs.take_reports().outcomes]
+            assert [(o.key, o.kind, o.ran) for o in outcomes] == [("queued", "handback", False)]
+            assert window.take_free() == 1  # its slot was given back
+
+            fresh = Run(_claimed("queued", attempt=2), pipeline)
+            runs.start_all([fresh])
+            await wait_until_async("the fresh claim to run", lambda: "queued" in ran)
+            runs.close()
+
+        asyncio.run(scenario())
+    objects.close()
+    assert ran == ["queued"]

@@ -564,3 +564,16 @@ def left(ctx: StepContext) -> None:
 @lockstep.step()
 def right(ctx: StepContext) -> None:
     _climb(ctx)
+
+
+blocker = Pipeline("wk_blocker")
+
+
+@blocker.step()
+async def hog(ctx: StepContext) -> dict[str, Any]:
+    """An ``async`` step that does blocking work on the worker's event loop (what a blocking
+    upload in an async step does) for ``ctx.inputs["block"]`` seconds."""
+    _log(ctx, "start")
+    time.sleep(float(ctx.inputs["block"]))  # noqa: ASYNC251 - blocking the loop is the point
+    _log(ctx, "end")
+    return {"hog_done_by": os.getpid(), "hog_attempt": ctx.attempt}

@@ -4,17 +4,26 @@ steps nobody holds any more.
 * :func:`renew` extends the leases of the attempts a worker runs and records its heartbeat;
   it reports the attempts it lost and the executions cancelled under them.
 * :func:`sweep` (run by every worker) makes ready again the running steps whose lease expired
-  or whose worker is dead (a dead worker counts a crash; ``max_crashes`` fail the step as
-  poison with the dead worker's output), releases due retries (:func:`release_due`) and
-  republishes ready steps the broker lost. Every write is fenced by attempt, under the
-  execution's lock (:class:`~framepipe.jobs.transitions.Transaction`).
+  or whose worker is dead, releases due retries (:func:`release_due`) and republishes ready
+  steps the broker lost. Every write is fenced by attempt, under the execution's lock
+  (:class:`~framepipe.jobs.transitions.Transaction`).
+
+An attempt taken back from its worker is a lost attempt, counted in the step's ``crashes``
+whether the worker died (killed, ``os._exit``, a native crash; on another host: no heartbeat)
+or lived but let the lease lapse (its event loop blocked by an ``async`` step doing blocking
+work, or the process paused). ``max_crashes`` lost attempts fail the step as poison, with an
+error that says how the last one was lost, what to do about it, and the worker's last output:
+a step that keeps blocking its worker's event loop past the lease ends failed instead of
+being taken over forever.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
@@ -125,11 +134,18 @@ def renew(
 
 
 def sweep(
-    store: StateStore, *, max_crashes: int, stale_after: float, republish_after: float
+    store: StateStore,
+    *,
+    max_crashes: int,
+    stale_after: float,
+    republish_after: float,
+    lease: float,
 ) -> tuple[list[Delivery], list[Event]]:
     """Recover what no worker holds: running steps whose lease expired or whose worker is
-    dead (ready again, or failed as poison after ``max_crashes`` crashes), retries that are
-    due, and ready steps not taken ``republish_after`` seconds after their last publication.
+    dead (ready again, or failed as poison at ``max_crashes`` lost attempts), retries that
+    are due, and ready steps not taken ``republish_after`` seconds after their last
+    publication. A worker on another host is dead once its heartbeat is ``stale_after``
+    seconds old; ``lease`` (the sweeping worker's ``lease_seconds``) is named in the errors.
     Returns the steps to publish and the committed events. Safe to run in every worker."""
     now = time.time()
     out = release_due(store)
@@ -183,9 +199,15 @@ def sweep(
                 x = tx.lock(r.execution_id)
                 if x is None:
                     continue
-                crashed = r.worker in dead
-                tail = known[r.worker].output_tail if r.worker in known else None
-                _reclaim(tx, x, r, crashed, tail, max_crashes)
+                info = known.get(r.worker)
+                loss = _Loss(
+                    _how(r.worker, info.status if info else None, r.worker in dead),
+                    r.worker,
+                    stale_after,
+                    lease,
+                    info.output_tail if info else None,
+                )
+                _reclaim(tx, x, r, loss, max_crashes)
                 tx.settle(x)
             committed = tx.save()
         out.extend(tx.ready)
@@ -217,26 +239,96 @@ def sweep(
     return out, committed
 
 
-def _reclaim(
-    tx: Transaction, x: ExecutionRow, r: Any, crashed: bool, tail: str | None, max_crashes: int
-) -> None:
+Lost = Literal["stopped", "died", "silent", "lapsed"]
+"""How a worker lost its attempt: it stopped without handing it back; it died (its process is
+gone, on this host); it went silent (another host's worker, no heartbeat: died, or its event
+loop is blocked); or it lives but did not renew the lease in time (the lease lapsed)."""
+
+
+def _how(worker: str | None, status: str | None, dead: bool) -> Lost:
+    if not dead:
+        return "lapsed"
+    if status == "stopped" or not worker:
+        return "stopped"
+    return "died" if worker.partition(":")[0] == socket.gethostname() else "silent"
+
+
+@dataclass(frozen=True)
+class _Loss:
+    """Why an attempt is taken back from ``worker``, and the words for it; ``tail`` is the
+    worker's last output, if it kept one."""
+
+    how: Lost
+    worker: str | None
+    stale_after: float
+    lease: float
+    tail: str | None
+
+    @property
+    def crashed(self) -> bool:
+        """The worker is gone (or, another host's, silent): the attempt's event is
+        ``step.crashed``; else ``step.lease_expired``."""
+        return self.how != "lapsed"
+
+    def why(self) -> str:
+        w = self.worker
+        if self.how == "died":
+            return f"worker {w} died while running it (killed, os._exit or a native crash)"
+        if self.how == "stopped":
+            return f"worker {w} stopped without handing it back"
+        if self.how == "silent":
+            return (
+                f"worker {w} (another host) sent no heartbeat for {self.stale_after:g} s "
+                "while running it: it died (killed, os._exit or a native crash), or its event "
+                "loop was blocked"
+            )
+        return (
+            f"the lease of worker {w} expired: the worker is alive but did not renew it "
+            f"within {self.lease:g} s (FRAMEPIPE_LEASE_SECONDS); its event loop was blocked "
+            "(an async step doing blocking work) or the process was paused"
+        )
+
+    def advice(self) -> str:
+        """What to do about a step that keeps losing its worker this way ('' if nothing)."""
+        if self.how in ("lapsed", "silent"):
+            return (
+                "; an async step must not block the worker's event loop: run blocking work in "
+                "a thread (await asyncio.to_thread(...)), or raise FRAMEPIPE_LEASE_SECONDS "
+                "above its longest blocking call"
+            )
+        return ""
+
+
+def _reclaim(tx: Transaction, x: ExecutionRow, r: Any, loss: _Loss, max_crashes: int) -> None:
+    """Take attempt ``r`` back from its worker: ready again (or the status its stopping
+    execution gives), counted as a lost attempt; failed as poison at ``max_crashes``."""
     fenced = held_by(x.id, r.key, r.attempt, r.worker)
     row = tx.conn.execute(sa.select(steps.c.crashes).where(*fenced)).first()
     if row is None:
         return
-    crashes = row.crashes + (1 if crashed else 0)
-    why = (
-        f"worker {r.worker} died while running it (killed, os._exit or a native crash)"
-        if crashed
-        else f"the lease of worker {r.worker} expired"
-    )
-    if crashed and crashes >= max_crashes:
-        text = (
-            f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': {why}; crash "
-            f"{crashes} of at most {max_crashes}, failed as poison"
-        )
-        if tail:
-            text += f"\n\nlast output of the worker:\n{tail}"
+    crashes = row.crashes + 1
+    why = loss.why()
+    if crashes >= max_crashes:
+        if loss.crashed:
+            text = (
+                f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': {why}; crash "
+                f"{crashes} of at most {max_crashes}, failed as poison{loss.advice()}"
+            )
+            cause = f"crashed its worker {crashes} times; failed as poison"
+        else:
+            text = (
+                f"StepCrashedError: pipeline '{x.pipeline}', step '{r.key}': attempt "
+                f"{r.attempt} lost its lease: {why}; {crashes} of at most {max_crashes} "
+                "attempts lost (to lapsed leases or dead workers, FRAMEPIPE_MAX_STEP_CRASHES), "
+                f"failed as poison{loss.advice()}"
+            )
+            cause = (
+                f"lost its worker {crashes} times, the last time its lease of "
+                f"{loss.lease:g} s lapsed while its worker's event loop was blocked (or the "
+                "process paused); failed as poison"
+            )
+        if loss.tail:
+            text += f"\n\nlast output of the worker:\n{loss.tail}"
         if tx.conn.execute(
             steps.update()
             .where(*fenced)
@@ -255,12 +347,9 @@ def _reclaim(
                 r.key,
                 {"attempt": r.attempt, "crashes": crashes, "error": text.splitlines()[0]},
             )
-            tx.fail_execution(
-                x,
-                f"pipeline '{x.pipeline}': step {r.key} crashed its worker "
-                f"{crashes} times; failed as poison",
-            )
+            tx.fail_execution(x, f"pipeline '{x.pipeline}': step {r.key} {cause}")
         return
+    why += f"; attempt {r.attempt} lost, {crashes} of at most {max_crashes}"
     status = (
         StepStatus.READY
         if x.running
@@ -285,7 +374,7 @@ def _reclaim(
     else:
         x.active -= 1
     tx.emit(
-        "step.crashed" if crashed else "step.lease_expired",
+        "step.crashed" if loss.crashed else "step.lease_expired",
         x,
         r.key,
         {"attempt": r.attempt, "crashes": crashes, "error": why},

@@ -8,6 +8,8 @@ worker's next round (:mod:`framepipe.jobs.worker.commits`).
 * a run handed back (the worker is stopping, or its steps turned out long) or cut off (its
   lease was lost, or the store refused what it reported) is told to stop (``ctx.cancelled``),
   and its later reports are not queued; one handed back before it began never begins;
+* a claim that reaches the event loop too late for its lease to be renewed in time (claimed
+  while the loop was blocked) is handed back, not started;
 * a run's outcome is queued, and its slot in the claim window freed, under the window's lock
   (:class:`~framepipe.jobs.worker.window.ClaimWindow`), the lock that guards the runs' flags.
 """
@@ -137,7 +139,8 @@ class Runs:
         return [r.ident for r in self._runs.values() if not r.finished and not r.lost]
 
     def live(self) -> list[Run]:
-        return [r for r in self._runs.values() if not r.finished and not r.lost]
+        """The runs running or waiting to (safe to call from any thread)."""
+        return [r for r in list(self._runs.values()) if not r.finished and not r.lost]
 
     def weight_and_progress(self, ident: Attempt) -> tuple[float, float] | None:
         """The weight and committed progress of attempt ``ident`` while this worker runs it."""
@@ -200,6 +203,26 @@ class Runs:
                     run.ident[2],
                 )
                 self._window.release(1)
+                continue
+            age = time.time() - run.claimed.started_at
+            if age > self._settings.lease_seconds * 2 / 3:
+                # Claimed (by the reader thread, or in a round) while the event loop was
+                # blocked: its lease was never renewed and lapses before the next renewal,
+                # if another worker has not taken the step over already. Given back (not an
+                # attempt; fenced if it is another's by now) rather than run twice.
+                _log.warning(
+                    "Worker %s: step %s of %s (attempt %d) was claimed %.1f s ago, while the "
+                    "event loop was blocked, and its %g s lease was never renewed; handed "
+                    "back, not started",
+                    self._id,
+                    run.ident[1],
+                    run.ident[0][:8],
+                    run.ident[2],
+                    age,
+                    self._settings.lease_seconds,
+                )
+                run.handed_back = True
+                self._hand_back(run)
                 continue
             self._runs[run.ident] = run
             self._start(run)

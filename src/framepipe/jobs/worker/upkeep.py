@@ -139,6 +139,7 @@ class Upkeep:
                 max_crashes=settings.max_step_crashes,
                 stale_after=max(self._lease / 2, 2.0),
                 republish_after=settings.republish_after,
+                lease=self._lease,
             )
         )
         if ready:

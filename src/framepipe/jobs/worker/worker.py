@@ -12,10 +12,14 @@ fenced by attempt (:mod:`framepipe.jobs.dispatch`). Guarantees:
   the delivery is acknowledged only after that commit; a worker that stays full pauses its
   delivery, so a broker that pushes (RabbitMQ, prefetch = the claim window) gives what it sent
   ahead to idle workers;
-* while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s); a step
-  whose lease was taken over (this worker was cut off or paused) is told to stop and its late
-  result is not written; a step of an execution cancelled elsewhere is told to stop
-  (``ctx.cancelled``);
+* while a step runs its lease is renewed every ``lease_seconds / 3`` (at most 1 s), from the
+  event loop; a step whose lease was taken over (this worker was cut off or paused, or its
+  event loop blocked) is told to stop and its late result is not written; a step of an
+  execution cancelled elsewhere is told to stop (``ctx.cancelled``);
+* an event loop that has not run for a third of the lease is warned about while it lasts,
+  naming the step that blocks it and where (:mod:`~framepipe.jobs.worker.loopwatch`): a step
+  that keeps blocking it past the lease keeps losing its attempts, and fails as poison at
+  ``max_step_crashes`` lost attempts (:mod:`framepipe.jobs.leases`);
 * every worker sweeps for steps nobody holds (a killed worker's, retries that are due, ready
   steps the broker lost) every ``sweep_interval`` seconds;
 * on SIGTERM (:meth:`Worker.request_stop`) it takes no new step, gives running steps
@@ -30,7 +34,8 @@ window (:mod:`~framepipe.jobs.worker.window`), the runs and what they reported
 (:mod:`~framepipe.jobs.worker.runs`), the reader thread and take-over that claim deliveries
 (:mod:`~framepipe.jobs.worker.intake`), the rounds that commit the reports
 (:mod:`~framepipe.jobs.worker.commits`), the heartbeat, sweep and take-over timer
-(:mod:`~framepipe.jobs.worker.upkeep`) and the connections with their one thread
+(:mod:`~framepipe.jobs.worker.upkeep`), the watch on the event loop
+(:mod:`~framepipe.jobs.worker.loopwatch`) and the connections with their one thread
 (:mod:`~framepipe.jobs.worker.connections`). They share one lock, made here and held by the
 claim window: a step's end marks its run finished, queues its outcome and frees its slot at
 once. What does not share it lives elsewhere: the rules (:mod:`framepipe.jobs.rules`), an
@@ -58,6 +63,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.worker.commits import Committer
 from framepipe.jobs.worker.connections import Connections
 from framepipe.jobs.worker.intake import Intake
+from framepipe.jobs.worker.loopwatch import LoopWatch
 from framepipe.jobs.worker.runs import Reports, Runs
 from framepipe.jobs.worker.upkeep import Upkeep
 from framepipe.jobs.worker.window import ClaimWindow
@@ -157,6 +163,7 @@ class Worker:
             stopping=self._stopping,
             output_tail=output_tail,
         )
+        self._watch = LoopWatch(runs=self._runs, worker_id=self.id, lease=self._lease)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -234,6 +241,7 @@ class Worker:
                 return
         register.result()
         self._runs.open(self._loop)
+        self._watch.start(self._loop)
         reader = threading.Thread(target=self._intake.read, name="framepipe-reader", daemon=True)
         reader.start()
         tasks = [
@@ -255,7 +263,10 @@ class Worker:
                     task.result()
         finally:
             self.request_stop()
-            await self._shutdown(tasks, reader)
+            try:
+                await self._shutdown(tasks, reader)
+            finally:
+                self._watch.stop()
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]], reader: threading.Thread) -> None:
         grace = self.settings.shutdown_grace
@@ -285,6 +296,7 @@ class Worker:
                 await task
         with contextlib.suppress(Exception):
             await self._connections.call(self._deregister)
+        self._watch.stop()  # what follows blocks the loop on purpose
         self._runs.close()
         if self._objects is not None:
             self._objects.close()
