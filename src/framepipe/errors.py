@@ -74,6 +74,7 @@ __all__ = [
     "InputTooLargeError",
     "InvalidInputError",
     "InvalidKeyError",
+    "InvalidSourceError",
     "MediaError",
     "MissingDependencyError",
     "ModelError",
@@ -255,6 +256,17 @@ class StreamError(FramepipeError):
 
 class SourceError(StreamError):
     """A source cannot be opened or read (unreachable URL, not a video, truncated file ...)."""
+
+
+class InvalidSourceError(SourceError):
+    """The input can never be read as it is: a local file that is missing, empty, not a
+    video, or without a video stream. Its message names the file and why.
+
+    :attr:`permanent` is True: a :class:`~framepipe.supervise.Supervisor` does not restart
+    the source (state ``failed`` at once), since every session would fail alike; a camera or
+    a stream that is down is a plain :class:`SourceError`, restarted until it is back."""
+
+    permanent = True
 
 
 class CaptureExitedError(SourceError):

@@ -41,7 +41,7 @@ Guarantees:
   ``retrying`` once, health ``retrying_since`` and ``next_attempt_at``) until a session
   delivers a frame again (event ``recovered``, health back to normal).
 * A failure whose exception is ``permanent`` (True for
-  :class:`~framepipe.sources.base.InvalidSourceError`: a local file that is not a video, so
+  :class:`~framepipe.errors.InvalidSourceError`: a local file that is not a video, so
   every session would fail alike) is not restarted: state ``failed`` and event ``failed``
   (with ``permanent``) at once, whatever ``max_attempts`` and ``after_attempts`` say.
 * The log stays short while a thing stays down: a failure is logged in full when it begins a

@@ -13,7 +13,7 @@ Guarantees:
   the one before is one line, the restart with the error: a camera down for a day logs one
   line per attempt, not a screenful.
 * A failure whose exception is ``permanent`` (an attribute, True for
-  :class:`~framepipe.sources.base.InvalidSourceError`: a local file that is not a video) is
+  :class:`~framepipe.errors.InvalidSourceError`: a local file that is not a video) is
   not restarted: state ``failed`` at once, one error line, event ``failed`` with
   ``permanent``, whatever ``max_attempts`` and ``after_attempts`` say.
 * Failures in a row are counted (the health's ``attempt``). The count is reset by a run that

@@ -14,7 +14,7 @@ Guarantees of one :meth:`VideoSource.frames` session:
   thread never dies silently and the consumer never waits forever for a dead thread.
 * A local file that cannot be opened (missing, unreadable, empty, not a video or corrupt
   beyond its header), that has no video stream, or that is looped and has no frame fails
-  with :class:`~framepipe.sources.base.InvalidSourceError` (``permanent``: a supervisor does
+  with :class:`~framepipe.errors.InvalidSourceError` (``permanent``: a supervisor does
   not restart it, every session would fail alike). A URL, a device or a local path taken as
   a stream (``live=True``) fails with a plain ``SourceError``, restarted until it is back.
 * The end of a file (without ``loop``) or of a stream the server closed is a normal end: the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, Callable
 
-from framepipe.errors import SourceError
+from framepipe.errors import InvalidSourceError
 from framepipe.frames import Frame
 
 __all__ = [
@@ -25,17 +25,6 @@ __all__ = [
 ]
 
 StartedCallback = Callable[[int | None], None]
-
-
-class InvalidSourceError(SourceError):
-    """The input can never be read as it is: a local file that is missing, empty, not a
-    video, or without a video stream. Its message names the file and why.
-
-    :attr:`permanent` is True: a :class:`~framepipe.supervise.Supervisor` does not restart
-    the source (state ``failed`` at once), since every session would fail alike; a camera or
-    a stream that is down is a plain :class:`SourceError`, restarted until it is back."""
-
-    permanent = True
 
 
 def check_decode_threads(requested: int | None, where: str) -> None:

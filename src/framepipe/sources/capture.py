@@ -18,7 +18,7 @@ Its rules:
 * A file that the capture fails to play before its first frame, and that can never be
   captured as it is (gone, empty, not a video, no video stream:
   :func:`~framepipe.sources.files.unreadable_video`), fails its capture with
-  :class:`~framepipe.sources.base.InvalidSourceError` naming it and why, whichever capture
+  :class:`~framepipe.errors.InvalidSourceError` naming it and why, whichever capture
   reads it: a supervisor does not restart it, looped or not.
 * ``loop=True`` plays a file forever: ffmpeg loops it itself (``-stream_loop -1``, one
   process for good); gst-launch-1.0 cannot seek back, so each pass is one process and the

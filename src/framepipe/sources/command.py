@@ -26,7 +26,7 @@ Guarantees of one :meth:`CommandSource.frames` session:
   asyncio's child watcher had reaped it before the pidfd was opened.
 * A command that fails (a non-zero exit) before its first frame, when ``invalid_input`` says
   why its input can never be captured (a recording's file that is not a video), fails the
-  session with :class:`~framepipe.sources.base.InvalidSourceError` naming the input and
+  session with :class:`~framepipe.errors.InvalidSourceError` naming the input and
   why, which a supervisor does not restart; else with ``CaptureExitedError``.
 * A session that follows one without a frame (a camera that is down, tried again) logs its
   start at debug level, not info: the supervisor's line per attempt says enough.
@@ -215,7 +215,7 @@ class CommandSource(Source):
     captured. ``invalid_input`` checks the input after a session whose command failed before
     its first frame (run in a thread): a text it returns (why the input can never be
     captured, e.g. :func:`~framepipe.sources.files.unreadable_video` of a recording's file)
-    fails the session with :class:`~framepipe.sources.base.InvalidSourceError`.
+    fails the session with :class:`~framepipe.errors.InvalidSourceError`.
 
     What the end of a session means:
 
