@@ -315,7 +315,10 @@ class JobSettings(SettingsSection):
         1_048_576, gt=0, description="Largest JSON a step may return (store paths, not data)."
     )
     max_step_crashes: int = Field(
-        3, ge=1, description="A step whose process died this many times is failed as crashed."
+        3,
+        ge=1,
+        description="A step that lost this many attempts (its worker died, or its lease "
+        "lapsed while the worker lived) is failed as crashed.",
     )
     max_inputs_bytes: int = Field(
         1_048_576,

@@ -17,8 +17,8 @@ broker only rings the bell (:mod:`framepipe.jobs.delivery`). Guarantees:
 * **Leases.** A running step holds ``lease_until``, renewed by its worker's heartbeat. When it
   expires, or its worker is known dead (same host: the process is gone; elsewhere: no heartbeat
   for ``stale_after`` seconds), the sweep makes the step ready again; a dead worker counts
-  as a crash, and ``max_step_crashes`` crashes fail the step as poison with the tail of the dead
-  worker's output.
+  as a crash, and so does a lease that lapsed while its worker lived; ``max_step_crashes``
+  crashes fail the step as poison with the tail of the worker's output.
 
 This module holds the operations a submitter and a worker's rounds open a transaction for
 (submit, resume, cancel, claim, commit a round); the lease upkeep (renew, sweep, due retries)
