@@ -20,8 +20,6 @@ file system without locks nothing is marked, so nothing is removed.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -30,6 +28,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+
+from framepipe.locks import try_lock
 
 __all__ = ["MARKER", "HeldFolders", "remove_abandoned"]
 
@@ -42,20 +42,6 @@ _FLAGS = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 log = logging.getLogger("framepipe.steps")
 
 
-def _lock(fd: int) -> bool | None:
-    """Take ``fd``'s exclusive lock without waiting: True, False if it is held, None if the
-    file system has no locks."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return None
-        raise
-    return True
-
-
 def _hold(folder: Path) -> int | None:
     """Mark ``folder`` as held: its locked marker's descriptor (None: no locks here). The
     marker gets its name only once locked, so a sweep never sees it free while its attempt
@@ -63,7 +49,7 @@ def _hold(folder: Path) -> int | None:
     new = folder / f"{MARKER}.new"
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FLAGS, 0o600)
     try:
-        if not _lock(fd):
+        if not try_lock(fd):
             os.close(fd)
             new.unlink()
             return None
@@ -92,7 +78,7 @@ def remove_abandoned(root: Path | str | None = None) -> int:
         except OSError:
             continue  # gone, not a folder, not ours to read, or not marked
         try:
-            if info.st_uid != uid or folder.is_symlink() or not _lock(fd):
+            if info.st_uid != uid or folder.is_symlink() or not try_lock(fd):
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1

@@ -7,13 +7,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
-import fcntl
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 from framepipe.errors import MediaError
+from framepipe.locks import try_lock
 
 __all__ = ["TEMP_SLOTS", "atomic_output", "scratch_outputs"]
 
@@ -55,20 +55,6 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _lock(fd: int) -> bool | None:
-    """Take ``fd``'s exclusive lock without waiting: True, False if a live process holds it,
-    None if the file system has no locks."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return None
-        raise
-    return True
-
-
 def _claim_temp(dst: Path) -> tuple[int | None, Path]:
     """A locked, empty temp file for ``dst``: (its locked descriptor, its path).
 
@@ -79,7 +65,7 @@ def _claim_temp(dst: Path) -> tuple[int | None, Path]:
         tmp = _temp_slot(dst, slot)
         while True:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o666)
-            locked = _lock(fd)
+            locked = try_lock(fd)
             if locked is None:
                 with contextlib.suppress(OSError):
                     if os.fstat(fd).st_size == 0:
@@ -109,7 +95,7 @@ def _remove_abandoned(path: Path) -> None:
     except OSError:
         return  # none there (the usual case), or a link or something else: not ours
     try:
-        if _lock(fd) and _same_file(fd, path):
+        if try_lock(fd) and _same_file(fd, path):
             path.unlink()
     finally:
         os.close(fd)
