@@ -464,9 +464,12 @@ def test_a_station_whose_camera_stays_down_is_retried_at_the_cap_alone(
 ) -> None:
     """A camera that fails its restarts is reported once (``station.failed`` with
     ``retrying``) and tried again every ``--retry-cap`` seconds; the other stations go on and
-    the runner stays up for it (exit 0 on SIGTERM)."""
+    the runner stays up for it (exit 0 on SIGTERM). A station whose file is missing, or is
+    no video, is reported invalid once and never restarted."""
     video, _schedule = station_video
     bad = "cmd:sh -c 'echo camera unreachable >&2; exit 1'"
+    junk = tmp_path / "junk.mp4"  # a file, but no video: it can never be played
+    junk.write_bytes(os.urandom(4096))
     runner = runner_factory(
         "--station",
         f"station_ok={video}",
@@ -474,6 +477,8 @@ def test_a_station_whose_camera_stays_down_is_retried_at_the_cap_alone(
         f"station_bad={bad}",
         "--station",
         "station_missing=/no/such/video.mp4",
+        "--station",
+        f"station_junk={junk}",
         "--order-timeout",
         str(TIMEOUT),
         "--max-restarts",
@@ -518,9 +523,11 @@ def test_a_station_whose_camera_stays_down_is_retried_at_the_cap_alone(
     ok = [o["segment_id"] for o in runner.of("order.completed", "station_ok")]
     assert ok[:2] == ["ORDER_101", "ORDER_102"]
     # the station whose video does not exist was refused with the reason; the others ran
-    invalid = runner.of("station.invalid")
-    assert [e["station_id"] for e in invalid] == ["station_missing"]
-    assert "does not exist" in invalid[0]["error"]
+    invalid = {e["station_id"]: e["error"] for e in runner.of("station.invalid")}
+    assert sorted(invalid) == ["station_junk", "station_missing"]
+    assert "does not exist" in invalid["station_missing"]
+    assert str(junk) in invalid["station_junk"]  # refused once, not restarted
+    assert not [e for e in runner.of("source.restarting") if e["source_id"] == "station_junk"]
     assert any("[station_missing]" in line and "does not exist" in line for line in runner.logs)
 
 

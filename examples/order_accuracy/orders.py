@@ -556,6 +556,9 @@ class OrderAccuracy:
         self.app.on("source.recovered", self._station_recovered)
         self.app.on("source.started", self._capture_started)
         self._announced: set[str] = set()
+        self.invalid: set[str] = set()
+        """Stations whose source can never be played (``station.invalid``): not a failure
+        of the run, as a station refused at its start is not."""
 
     # -- stations -------------------------------------------------------------------------------
 
@@ -597,6 +600,7 @@ class OrderAccuracy:
         await self.app.remove(station_id)
         self.specs.pop(station_id, None)
         self._announced.discard(station_id)
+        self.invalid.discard(station_id)
         self.app.emit("station.removed", {"station_id": station_id})
 
     async def apply(self, stations: Mapping[str, str]) -> None:
@@ -670,6 +674,11 @@ class OrderAccuracy:
 
     def _station_failed(self, _event: str, data: dict[str, Any]) -> None:
         station_id = str(data.get("source_id"))
+        if data.get("permanent"):  # a file that can never be played: no restart would help
+            self.invalid.add(station_id)
+            get_logger(station_id).error("station's source cannot be played: %s", data["error"])
+            self.app.emit("station.invalid", {"station_id": station_id, "error": data["error"]})
+            return
         get_logger(station_id).error("Station failed for good: %s", data.get("error"))
         self.app.emit(
             "station.failed",

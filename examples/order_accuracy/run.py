@@ -224,7 +224,11 @@ async def main_async(args: argparse.Namespace) -> int:
             "%d frame(s) captured, %d read for order tags", pipeline.frames_captured, read
         )
     log.info("stopped: %d order(s) completed", health["orders_completed"])
-    failed = [name for name, p in service.app.pipelines.items() if p.state.value == "failed"]
+    failed = [
+        name
+        for name, p in service.app.pipelines.items()
+        if p.state.value == "failed" and name not in service.invalid
+    ]
     return 1 if failed else 0
 
 
