@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import need_modules
+from conftest import REDIS_URL, need_modules, redis_namespace
 from test_example_sd_import import (
     CLI_TOKEN,
     EXAMPLE,
@@ -48,7 +48,7 @@ AUTH = {"Authorization": f"Bearer {CLI_TOKEN}"}
 class Backend:
     """``backend.py`` as a process on ``port``, its state under ``home``."""
 
-    def __init__(self, tmp: Path, shared: Path, port: int) -> None:
+    def __init__(self, tmp: Path, shared: Path, port: int, **env: str) -> None:
         self.tmp, self.shared, self.port = tmp, shared, port
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -60,6 +60,7 @@ class Backend:
             "FRAMEPIPE_RETRY_MAX_DELAY": "1",
             "FRAMEPIPE_HEARTBEAT_INTERVAL": "0.2",
             "PYTHONUNBUFFERED": "1",
+            **env,
         }
 
     def start(self) -> Backend:
@@ -219,3 +220,93 @@ def test_a_detector_restarted_with_imported_cards_in_its_reader_starts_no_import
         )
         assert f"status of {card_id}: nothing_new" in log.read_text()
         assert len(imports_of(client, "KEPT")) == 1  # no empty import for the restart
+
+
+def test_a_backend_killed_and_restarted_at_once_under_workers_neither_stalls_nor_doubles(
+    tmp_path: Path,
+) -> None:
+    """Steps on ``framepipe worker`` processes; the backend relaying a copy to the detector is
+    killed and started again at once (its heartbeat on Redis has not expired yet), then the
+    detector restarts and announces the card again. The copy the dead backend was relaying
+    fails at once and is retried (it waited for its answer timeout, 12 minutes, before); the
+    card's import is found running and answered ``already_importing`` (a second import copied
+    and rendered everything again before); the one import completes."""
+    watch, shared = tmp_path / "media", tmp_path / "shared"
+    watch.mkdir()
+    with redis_namespace("fp-sd-") as namespace:
+        values = {
+            "FRAMEPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+            "FRAMEPIPE_BROKER_URL": REDIS_URL,
+            "FRAMEPIPE_BROKER_NAMESPACE": namespace,
+            "FRAMEPIPE_JOBS_MODE": "workers",
+            "FRAMEPIPE_LEASE_SECONDS": "3",
+            "FRAMEPIPE_SWEEP_INTERVAL": "0.2",
+            "FRAMEPIPE_SHUTDOWN_GRACE": "2",
+        }
+        backend = Backend(tmp_path, shared, free_port(), **values)
+        workers = []
+        for n in range(2):
+            with (tmp_path / f"worker{n}.log").open("wb") as out:
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "framepipe", "worker", "-c", "3"],
+                        env=backend.env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=tmp_path,
+                    )
+                )
+        log = tmp_path / "det.log"
+        detectors: list[Detector] = []
+
+        def detector() -> Detector:
+            started = Detector(
+                backend.url, watch, shared, log, "--max-rate", "100000", token=CLI_TOKEN
+            )
+            detectors.append(started.start())
+            return started
+
+        try:
+            maker = CardMaker(tmp_path / "cards" / "DOUBLE")
+            maker.qr("B6301;Rob Rune")
+            videos = [maker.video(), maker.video()]
+            backend.start()
+            first = detector()
+            insert(maker.folder, watch)
+            wait_for(
+                "a video's copy",
+                lambda: f"copying {videos[0]} of DOUBLE" in log.read_text(),
+                detector=first,
+            )
+            backend.kill()
+            backend.start()  # at once: the earlier run's heartbeat is still on Redis
+            first.stop()
+            again = detector()
+            with httpx.Client(base_url=backend.url, headers=AUTH) as client:
+                [started] = imports_of(client, "DOUBLE")
+                wait_for(
+                    "the answer to the card announced again",
+                    lambda: f"already_importing {started['id']}" in log.read_text(),
+                    detector=again,
+                )
+                done = wait_for(
+                    "the import", lambda: ended(client, "DOUBLE"), timeout=120, detector=again
+                )
+                assert done["status"] == "completed", done.get("error")
+                summary = done["data"]["summary"]
+                assert summary["status"] == "imported"
+                assert summary["bookings"]["B6301"]["videos"] == videos
+                assert len(imports_of(client, "DOUBLE")) == 1  # no second import
+                renders = [s for s in done["steps"] if s["name"] == "render"]
+                assert [s["attempt"] for s in renders] == [1, 1]  # none rendered twice
+        finally:
+            for started in detectors:
+                started.stop()
+            backend.stop()
+            for proc in workers:
+                proc.terminate()
+            for proc in workers:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

@@ -17,7 +17,8 @@ is read from the state store (:mod:`sd_imports`), so it holds across restarts of
 
 * a card whose import is pending or running (on this backend or on workers) is answered
   ``already_importing`` with that execution's id: the running import copies everything new,
-  so nothing is lost and nothing is copied twice;
+  so nothing is lost and nothing is copied twice; it asks for its next copies through the new
+  insertion's session (the one it started with may be gone);
 * a card whose import stopped, ``interrupted`` (the backend stopped or crashed under it) or
   ``failed`` (a copy that never succeeded, the detector gone), has that import resumed from
   where it stopped (``importing`` with its id, ``resumed``), asking for copies through the
@@ -148,13 +149,21 @@ def make_hub(
             }
         )
 
+    async def use_session(
+        jobs: JobClient, msg: DetectorMessage, listing: FileList, execution_id: str
+    ) -> None:
+        """Have the import ``execution_id`` ask for its copies (from its next attempt on) and
+        send its status through this insertion's session: the one it started with may be
+        gone (the detector restarted, the card re-seated, another reader)."""
+        seen = {"session_id": listing.session_id, "detector_id": msg.detector_id}
+        await asyncio.to_thread(Ledger(jobs.store, SESSIONS).record, execution_id, meta=seen)
+
     async def resume(
         jobs: JobClient, msg: DetectorMessage, listing: FileList, stopped: ExecutionSummary
     ) -> bool:
         """Resume ``stopped`` through this insertion's session; False if it cannot be."""
-        seen = {"session_id": listing.session_id, "detector_id": msg.detector_id}
         try:
-            await asyncio.to_thread(Ledger(jobs.store, SESSIONS).record, stopped.id, meta=seen)
+            await use_session(jobs, msg, listing, stopped.id)
             await jobs.retry(stopped.id, pipeline)
         except FramepipeError as exc:
             _log.warning(
@@ -179,6 +188,7 @@ def make_hub(
         unended = await unended_imports(jobs, pipeline.name, listing.card_id)
         active = [e for e in unended if e.status.value in ("pending", "running")]
         if active:
+            await use_session(jobs, msg, listing, active[0].id)
             await status(msg, listing, "already_importing", execution_id=active[0].id)
             return
         resumed = [e for e in unended if await resume(jobs, msg, listing, e)]

@@ -5,9 +5,11 @@ running, or stopped ``interrupted`` or ``failed`` and so resumable) it is the on
 the files it lists: the backend resumes it when its card is inserted again instead of starting
 another import of the same files, and ``plan`` of any other import leaves them to it.
 
-A resumed import asks for copies and sends its status through the session of the insertion
-that resumed it (the detector's session of the first one may be gone): the backend records it
-in the ledger namespace :data:`SESSIONS`, keyed by the execution id, before it resumes it.
+An import asks for copies and sends its status through the session of the latest insertion of
+its card that found it unended (the session it started with may be gone: the detector
+restarted, the card re-seated or moved to another reader): the backend records that session in
+the ledger namespace :data:`SESSIONS`, keyed by the execution id, when it answers
+``already_importing`` or before it resumes the import; each copy attempt reads it.
 """
 
 from __future__ import annotations
@@ -18,5 +20,5 @@ UNENDED = ("pending", "running", "interrupted", "failed")
 """The statuses of an import that still has its files to render."""
 
 SESSIONS = "sd_import.session"
-"""Ledger namespace: execution id -> ``{"session_id", "detector_id"}`` of the insertion that
-resumed that import."""
+"""Ledger namespace: execution id -> ``{"session_id", "detector_id"}`` of the latest insertion
+that found that import unended."""

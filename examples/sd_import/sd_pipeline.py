@@ -347,9 +347,9 @@ def _booking_of(ctx: StepContext, path: str) -> dict[str, str] | None:
 
 
 def _session(ctx: StepContext) -> str:
-    """The card session to ask and tell: the one the backend gave this import when it resumed
-    it for a later insertion of the card (ledger namespace :data:`SESSIONS`), else the one
-    it was started with."""
+    """The card session to ask and tell: that of the latest insertion of the card that found
+    this import unended (ledger namespace :data:`~sd_imports.SESSIONS`, written by the
+    backend), else the one it was started with."""
     entry = ctx.get_ledger(SESSIONS).get(ctx.execution_id)
     session = entry.meta.get("session_id") if entry is not None else None
     return session if isinstance(session, str) and session else str(ctx.inputs["session_id"])
