@@ -55,8 +55,10 @@ also relays: a step on a worker gets a :class:`RemoteDetectorHub` from :func:`ge
 pushes its request to the list ``{namespace}:detector:{hub_id}:requests``; the service takes it,
 makes the request here and pushes progress and the answer (or the error, with its class) to a
 reply list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry)
-while it runs, so a worker asking a stopped service fails at once with
-:class:`DetectorUnavailableError` instead of waiting.
+to a token new at each of its starts while it runs, so a worker asking a stopped service, or
+one whose request a service that restarted since may have taken and lost, fails at once with
+:class:`DetectorUnavailableError` instead of waiting (see
+:mod:`framepipe.server.detector_relay`).
 
 At over 500 lines the module is still one concept, the hub's state: its connections, who owns
 which session and the waiting requests change together (under one condition, on one loop), and

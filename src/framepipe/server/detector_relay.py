@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from framepipe.backoff import Backoff
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 from framepipe.redis import namespaced
 from framepipe.urls import safe_text, safe_url
 
@@ -82,30 +83,29 @@ class _Outage:
     def __init__(self, url: str) -> None:
         self.url = url
         self._failing: set[str] = set()
-        self._since = 0.0
+        self._outage = Outage()
 
     def failed(self, doing: str, exc: BaseException) -> None:
-        if not self._failing:
-            self._since = time.monotonic()
+        self._failing.add(doing)
+        if self._outage.failed(exc):
             _log.warning(
-                "detector relay: Redis at %s does not answer (%s: %s: %s); retrying until it "
+                "detector relay: Redis at %s does not answer (%s: %s); retrying until it "
                 "does, workers cannot reach the detectors meanwhile",
                 safe_url(self.url),
                 doing,
-                type(exc).__name__,
-                safe_text(str(exc)),
+                self._outage.last_error,
             )
-        self._failing.add(doing)
 
     def answered(self, doing: str) -> None:
         if doing not in self._failing:
             return
         self._failing.discard(doing)
-        if not self._failing:
+        lasted = None if self._failing else self._outage.answered()
+        if lasted is not None:
             _log.info(
                 "detector relay: Redis at %s answers again after %.0fs; relaying",
                 safe_url(self.url),
-                time.monotonic() - self._since,
+                lasted,
             )
 
 
