@@ -162,7 +162,11 @@ def test_reinserting_a_card_resumes_the_import_a_killed_backend_left(
     backend.start()
     second_detector = detector()
     with httpx.Client(base_url=backend.url, headers=AUTH) as client:
-        assert imports_of(client, "CRASH")[0]["status"] == "interrupted"
+        wait_for(  # the restarted backend finds the killed one's import interrupted
+            "the import interrupted",
+            lambda: imports_of(client, "CRASH")[0]["status"] == "interrupted",
+            detector=second_detector,
+        )
         insert(maker.folder, watch)
 
         def resumed_and_ended() -> dict[str, Any] | None:
