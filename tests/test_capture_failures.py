@@ -39,22 +39,6 @@ from media import make_clip, need_tool
 from waiting import free_port, wait_until, wait_until_async
 
 
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog wired to the ``framepipe`` logger, whatever ``configure_logging`` did before."""
-    logger = logging.getLogger("framepipe")
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def said(caplog: pytest.LogCaptureFixture, component: str) -> list[str]:
     """The messages logged for ``component`` at info level or above."""
     return [

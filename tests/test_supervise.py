@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -70,22 +70,6 @@ class Recorder:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((pred, fut))
         await asyncio.wait_for(fut, within)
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog wired to the ``framepipe`` logger, whatever ``configure_logging`` did before."""
-    logger = logging.getLogger("framepipe")
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
 
 
 def lines(caplog: pytest.LogCaptureFixture, component: str) -> list[str]:
