@@ -68,7 +68,7 @@ from framepipe.events import Event
 from framepipe.logs import get_logger
 from framepipe.outage import Outage, cause
 from framepipe.telemetry import event_sink_metrics
-from framepipe.untrusted import storable_text
+from framepipe.untrusted import storable_json, storable_text
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ __all__ = ["RedisEventSink", "StoreEventSink"]
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    result: dict[str, Any] = storable_json(data)
     return result
 
 

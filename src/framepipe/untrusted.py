@@ -10,6 +10,8 @@ Guarantees:
   ``where`` names the field (``inputs.files[2]``), so a client can fix it;
 * :func:`check_size` refuses a value whose canonical JSON is over a byte limit with
   :class:`~framepipe.errors.InputTooLargeError` naming the limit and the setting;
+* :func:`storable_json` turns what code hands over (event data with a ``nan`` score, a file
+  name with a lone surrogate, a ``datetime``) into a value every backend stores alike;
 * :func:`dumps` never fails on text that was stored before these checks existed: a lone
   surrogate is written as its ``\\uXXXX`` escape, so one bad row cannot break a listing.
 """
@@ -29,6 +31,7 @@ __all__ = [
     "check_text",
     "dumps",
     "json_size",
+    "storable_json",
     "storable_text",
 ]
 
@@ -162,3 +165,24 @@ def storable_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def storable_json(value: Any) -> Any:
+    """``value`` as JSON every state backend stores the same way: an object JSON cannot hold
+    as its ``str``, a non-finite number as null (as :func:`dumps` writes it) and every string
+    and key through :func:`storable_text`. SQLite would keep ``NaN`` and a NUL that PostgreSQL
+    refuses; after this, both keep the same value."""
+    plain = json.loads(json.dumps(value, default=str))
+    return _storable(plain)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {storable_text(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
