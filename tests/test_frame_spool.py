@@ -15,8 +15,10 @@ import pytest
 from framepipe import LocalObjectStore
 from framepipe.backends.objects import S3ObjectStore
 from framepipe.frames import Frame
+from framepipe.logs import get_logger
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+from framepipe.stream.spool import Spool
 from s3server import REGION, _wait_listening, aws_test_env, start_moto
 from test_stream import Events, of, run_pipeline, tagger
 from waiting import free_port, wait_until_async
@@ -260,3 +262,31 @@ def test_a_pipeline_started_again_goes_on_uploading_what_its_spool_kept(tmp_path
             client.close()
             store.close()
             _stop(proc)
+
+
+def test_the_spool_log_names_its_folder_and_the_store(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    """Stations keep frames in folders of their own: each line says which folder and which
+    object store, so three stations in one outage give three lines one can tell apart."""
+    kept = LocalObjectStore(tmp_path / "spool" / "T7")
+    target = LocalObjectStore(tmp_path / "objects")
+    (tmp_path / "objects").rmdir()
+    (tmp_path / "objects").write_bytes(b"")  # its disk is gone: every put is refused
+    spool = Spool(
+        kept,
+        target,
+        retry_every=60,
+        uploaded=lambda n, keys: None,
+        log=get_logger("x"),
+        max_bytes=1 << 20,
+    )
+    spool.keep("frames/T7/A/1.jpg", b"\xff\xd8jpeg")
+    assert spool.drain() == 0
+    (tmp_path / "objects").unlink()
+    (tmp_path / "objects").mkdir()  # back
+    assert spool.drain() == 1
+    lines = [r.getMessage() for r in logs.records if r.name == "framepipe.x"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"frames kept in {kept.url} while the object store {target.url} ")
+    assert lines[1] == f"1 frame(s) kept in {kept.url} uploaded to {target.url}"

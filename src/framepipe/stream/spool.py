@@ -7,7 +7,9 @@ Guarantees:
   uploader thread writes it there under that key and only then deletes the local copy, so a
   frame is never in neither place (it may briefly be in both).
 * The uploader tries every ``retry_every`` seconds while anything is kept; a round stops at the
-  first refusal (the store is still down) and says so in the log at most once a minute.
+  first refusal (the store is still down) and says so in the log at most once a minute. Its
+  log lines name the spool's folder and the object store, so stations that each keep frames
+  in a folder of their own are told apart.
 * Frames kept by an earlier run (the process stopped during an outage, or the pipeline was
   stopped and started again) are uploaded by the next one: :meth:`Spool.start` starts the
   uploader when the local store holds anything.
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import ObjectStoreError
 from framepipe.logs import ComponentLogger, Repeats
+from framepipe.urls import safe_url
 
 __all__ = ["Spool"]
 
@@ -108,8 +111,10 @@ class Spool:
                 held = self._refusals.admit("target")
                 if held is not None:
                     self._log.warning(
-                        "frames kept locally while the object store refuses them (%s); "
+                        "frames kept in %s while the object store %s refuses them (%s); "
                         "next try in %gs",
+                        self.local.url,
+                        safe_url(self.target.url),
                         exc,
                         self.retry_every,
                     )
@@ -119,7 +124,12 @@ class Spool:
                 self._bytes = max(0, self._kept_bytes() - info.size)
             done.append(info.key)
         if done:
-            self._log.info("%d kept frame(s) uploaded to the object store", len(done))
+            self._log.info(
+                "%d frame(s) kept in %s uploaded to %s",
+                len(done),
+                self.local.url,
+                safe_url(self.target.url),
+            )
             self._uploaded(len(done), done)
         return len(done)
 
@@ -135,7 +145,7 @@ class Spool:
             try:
                 self.drain()
             except ObjectStoreError as exc:  # the local store itself failed
-                self._log.error("the local frame spool cannot be read (%s)", exc)
+                self._log.error("the frame spool %s cannot be read (%s)", self.local.url, exc)
             with self._lock:  # keep() starts a new uploader once this one is gone
                 if next(iter(self.local.list()), None) is None:
                     self._thread = None
