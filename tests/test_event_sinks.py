@@ -822,6 +822,44 @@ def test_data_no_backend_could_hold_is_stored_alike_on_every_backend(store: Stat
     }
 
 
+@pytest.mark.slow
+def test_an_event_sink_that_cannot_write_makes_the_running_app_degraded(
+    tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    """Its events wait in a queue that drops the oldest once full: the app's health says so
+    (DEGRADED, with the sink's counts) while the outage lasts, and RUNNING once it is over."""
+    from framepipe import SystemState
+
+    app = App("site", settings=Settings(home=tmp_path), health_interval=0.05)
+    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
+
+    async def main() -> tuple[Any, Any]:
+        sink = RedisEventSink(private_redis.url, "events", backoff=FAST, socket_timeout=0.3)
+        sink.attach(app)
+        await app.start()
+        try:
+            private_redis.pause()
+            try:
+                app.emit("order.completed", {"n": 1})
+                await wait_until_async("the outage", lambda: sink.failing_since is not None)
+                down = app.health()
+            finally:
+                private_redis.resume()
+            await wait_until_async("written", lambda: sink.failing_since is None, 30)
+            return down, app.health()
+        finally:
+            await app.stop()
+            await sink.aclose()
+
+    down, back = asyncio.run(main())
+    assert down.state is SystemState.DEGRADED
+    [entry] = down.event_sinks
+    assert entry["sink"] == "redis" and entry["target"].endswith(" stream events")
+    assert entry["pending"] >= 1 and entry["failing_since"] is not None
+    assert back.state is SystemState.RUNNING
+    assert back.event_sinks[0]["failing_since"] is None and back.event_sinks[0]["pending"] == 0
+
+
 def test_an_event_the_database_refuses_is_dropped_alone_and_a_long_type_is_cut(
     store: StateStore, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -43,6 +43,11 @@ def test_values_of_any_type_or_looking_like_markup_are_shown_as_written(tmp_path
                 "listed": {"state": ["ok"], "source": {"restarts": "[/r]", "stalls": {"x": 1}}},
                 "tagged": {"state": "[/ok]", "segments_completed": None, "last_error": 7},
             },
+            "event_sinks": [
+                {"sink": "redis", "pending": 12, "dropped": 3, "failing_since": 1.0},
+                {"sink": "[/store]", "pending": 0, "dropped": 0, "failing_since": None},
+                "[/odd]",
+            ],
         },
     )
     sources = rows(home, "sources")
@@ -54,5 +59,6 @@ def test_values_of_any_type_or_looking_like_markup_are_shown_as_written(tmp_path
     assert "│ [/ok] " in by_pipeline["tagged"] and "│ 7 " in by_pipeline["tagged"]
 
     [health] = rows(home, "health")
-    for shown in ("[/running]", "[/score]", "[1]", "number=5", "tagged=[/ok]"):
+    shown_sinks = "redis failing (12 pending, 3 dropped), [/store] ok, [/odd]"
+    for shown in ("[/running]", "[/score]", "[1]", "number=5", "tagged=[/ok]", shown_sinks):
         assert shown in health, health

@@ -46,7 +46,7 @@ from framepipe.snapshots import (
 )
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import Supervisor
-from framepipe.telemetry import metrics_registry, render
+from framepipe.telemetry import event_sink_metrics, metrics_registry, render
 
 __all__ = [
     "App",
@@ -505,19 +505,33 @@ class App:
         per-pipeline status. A running app is ``DEGRADED`` while a pipeline has failed, its
         source is down (:attr:`StreamPipeline.source_down`: backing off, stalled, retried at
         the backoff's cap, or restarted without a frame yet) or its score is below
-        ``performance_threshold``; ``FAILED`` once every pipeline has failed. A pipeline's
-        ``state`` is :attr:`StreamPipeline.state` (``stopped`` while paused)."""
+        ``performance_threshold``, or an attached event sink cannot write (its events wait in
+        its queue and are lost if the queue overflows); ``FAILED`` once every pipeline has
+        failed. A pipeline's ``state`` is :attr:`StreamPipeline.state` (``stopped`` while
+        paused); ``event_sinks`` holds each attached sink's counts."""
         statuses = {name: p.health() for name, p in self.pipelines.items()}
         for name in self.paused & statuses.keys():
             statuses[name]["state"] = "stopped"
         scores = [s["performance_score"] for n, s in statuses.items() if n not in self.paused]
         failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
         down = [n for n, p in self.pipelines.items() if p.source_down and n not in self.paused]
+        sinks = [
+            {
+                "sink": sink.kind,
+                "target": sink.target,
+                "written": sink.written,
+                "dropped": sink.dropped,
+                "pending": sink.pending,
+                "failing_since": sink.failing_since,
+            }
+            for sink in event_sink_metrics(self.registry).sinks
+        ]
+        sink_failing = any(s["failing_since"] is not None for s in sinks)
         state = self.state
         if state is SystemState.RUNNING and failed:
             state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
         elif state is SystemState.RUNNING and (
-            down or (scores and min(scores) < self.performance_threshold)
+            down or sink_failing or (scores and min(scores) < self.performance_threshold)
         ):
             state = SystemState.DEGRADED
         return AppHealth(
@@ -529,6 +543,7 @@ class App:
             pid=os.getpid(),
             updated_at=time.time(),
             pipeline_status=statuses,
+            event_sinks=sinks,
         )
 
     def metrics_text(self) -> str:

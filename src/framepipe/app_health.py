@@ -38,6 +38,9 @@ class AppHealth:
     pid: int
     updated_at: float
     pipeline_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_sinks: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per event sink attached to the app (``sink``, ``target``, ``written``,
+    ``dropped``, ``pending``, ``failing_since``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -79,11 +79,14 @@ def _text(value: Any, limit: int | None = None) -> str:
 
 
 def health_table(settings: Settings) -> Table | None:
-    """One row per app of this home: state, performance score, uptime, last error."""
+    """One row per app of this home: state, performance score, uptime, pipelines, event sinks
+    and last error."""
     snapshots = read_snapshots(settings)
     if not snapshots:
         return None
-    table = Table("app", "state", "score", "uptime s", "pid", "pipelines", "last error")
+    table = Table(
+        "app", "state", "score", "uptime s", "pid", "pipelines", "event sinks", "last error"
+    )
     for snap in snapshots:
         pipelines = snap["pipeline_status"]
         table.add_row(
@@ -93,9 +96,21 @@ def health_table(settings: Settings) -> Table | None:
             _fmt(snap.get("uptime")),
             _text(snap.get("pid")),
             _text(", ".join(f"{n}={p.get('state')}" for n, p in pipelines.items())),
+            _text(", ".join(_sink_text(s) for s in snap.get("event_sinks") or ())),
             _text(snap.get("last_error"), 80),
         )
     return table
+
+
+def _sink_text(sink: Any) -> str:
+    """``redis failing (12 pending, 3 dropped)`` or ``store ok``: one event sink of a snapshot."""
+    if not isinstance(sink, dict):
+        return str(sink)
+    state = "ok" if sink.get("failing_since") is None else "failing"
+    counts = [f"{sink.get('pending')} pending"] if state == "failing" else []
+    if sink.get("dropped"):
+        counts.append(f"{sink.get('dropped')} dropped")
+    return f"{sink.get('sink')} {state}" + (f" ({', '.join(counts)})" if counts else "")
 
 
 def sources_table(settings: Settings) -> Table | None:
