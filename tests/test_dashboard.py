@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 from conftest import service_missing
@@ -484,5 +486,62 @@ def test_a_page_of_another_origin_cannot_frame_the_dashboard(
                 own = browser.new_page()
                 own.goto(targets[1])
                 own.wait_for_selector('#conn[data-state="live"]', timeout=15_000)
+            finally:
+                browser.close()
+
+
+_EMBED = """
+async (urls) => Promise.all(urls.map((url) => new Promise((resolve) => {
+  const img = new Image();
+  img.onload = () => resolve(`${img.naturalWidth}x${img.naturalHeight}`);
+  img.onerror = () => resolve("blocked");
+  img.src = url;
+})))
+"""
+
+
+def test_a_page_of_another_site_cannot_embed_the_services_frames(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A service with no token and a page of another origin (a port of the same host, and
+    another host name) that shows the user's camera frame, a stored frame's thumbnail and a
+    stored object as images: an <img> sends no Origin, so each used to load (its size read
+    by the page, a key's existence told by onload/onerror). Chromium now loads none of
+    them (nor keeps them in its cache), while the service's own page still shows them."""
+    sync_playwright = _playwright()
+    ok, jpeg = cv2.imencode(".jpg", np.full((120, 200, 3), 90, np.uint8))
+    assert ok
+    with (
+        Service(settings, token="") as service,
+        LiveApp(settings),
+        another_site(tmp_path) as evil,
+        httpx.Client(base_url=service.url) as client,
+    ):
+        assert client.put("/api/objects/frames/k.jpg", content=jpeg.tobytes()).status_code == 201
+        wait_until(
+            "the camera's first preview frame",
+            lambda: any(s["frame_url"] for s in client.get("/api/sources").json()),
+            30,
+        )
+        images = [
+            f"{service.url}/api/sources/station/counter_cam/frame",
+            f"{service.url}/api/segments/station/counter_cam/frames/frames/k.jpg",
+            f"{service.url}/api/objects/frames/k.jpg",
+        ]
+        for url in images:  # private: not kept in the browser's cache either
+            assert client.get(url).headers["cache-control"] == "no-store"
+        other_host = evil.replace("127.0.0.1", "localhost")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                for site in (evil, other_host):
+                    page.goto(site)
+                    assert page.evaluate(_EMBED, images) == ["blocked"] * 3, site
+                own = browser.new_page()
+                own.goto(service.url)
+                shown = own.evaluate(_EMBED, images)
+                assert shown[1:] == ["160x96", "200x120"]
+                assert shown[0] != "blocked"
             finally:
                 browser.close()

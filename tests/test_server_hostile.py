@@ -162,6 +162,69 @@ def test_hosts_and_origins_of_the_operators_choice_are_allowed(settings: Setting
         assert client.get("/api/executions", headers={"Host": "other.lan"}).status_code == 400
 
 
+# What Chromium sends for an <img> of another site's page (no Origin), for a link followed from
+# it, and for an iframe of it.
+_EMBEDDED = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+_LINKED = {
+    "Sec-Fetch-Site": "cross-site",
+    "Sec-Fetch-Mode": "navigate",
+    "Sec-Fetch-Dest": "document",
+}
+_FRAMED = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+
+
+def test_another_sites_page_cannot_embed_what_the_service_serves(open_server: Server) -> None:
+    """A page of another site (or another port of this host: ``same-site``) loads the
+    service's frames and objects as images, videos or frames; it sends no ``Origin``, only
+    ``Sec-Fetch-*``: refused before any route runs. A link followed to the dashboard is not."""
+    with httpx.Client(base_url=open_server.url) as client:
+        assert client.put("/api/objects/k.bin", content=b"private").status_code == 201
+        for headers in (_EMBEDDED, {**_EMBEDDED, "Sec-Fetch-Site": "same-site"}, _FRAMED):
+            for path in ("/api/objects/k.bin", "/api/executions", "/metrics", "/"):
+                refused = client.get(path, headers=headers)
+                assert refused.status_code == 403, (path, headers)
+                assert "another site" in refused.json()["detail"]
+                assert "private" not in refused.text
+        for path in ("/", "/api/objects/k.bin"):  # a top-level page the other site cannot read
+            assert client.get(path, headers=_LINKED).status_code == 200
+        own = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "no-cors"}
+        assert client.get("/api/objects/k.bin", headers=own).content == b"private"
+        typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}
+        assert client.get("/api/objects/k.bin", headers=typed).content == b"private"
+
+
+def test_every_response_is_marked_private_to_the_services_own_pages(
+    open_server: Server,
+) -> None:
+    """Each response (data, objects, errors, refusals) tells the browser not to sniff it, not
+    to let another origin's page use it (``Cross-Origin-Resource-Policy``), not to cache it
+    and, opened as a document, to run nothing and not be framed; the dashboard's files keep
+    their own policy."""
+    with httpx.Client(base_url=open_server.url) as client:
+        client.put("/api/objects/k.bin", content=b"private")
+        responses = [
+            client.get("/api/executions"),
+            client.get("/api/objects/k.bin"),
+            client.get("/api/objects/missing"),
+            client.get("/api/executions/" + "x" * 100),
+            client.get("/health"),
+            client.get("/nowhere"),
+            client.get("/api/executions", headers={"Origin": EVIL}),
+            client.post("/api/executions", content="{}", headers={"Content-Type": "text/plain"}),
+        ]
+        assert [r.status_code for r in responses] == [200, 200, 404, 422, 200, 404, 403, 415]
+        for r in responses:
+            assert r.headers["x-content-type-options"] == "nosniff", r.url
+            assert r.headers["cross-origin-resource-policy"] == "same-origin", r.url
+            assert r.headers["cache-control"] == "no-store", r.url
+            csp = r.headers["content-security-policy"]
+            assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, r.url
+        page = client.get("/")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert page.headers["cross-origin-resource-policy"] == "same-origin"
+        assert page.headers["cache-control"] == "no-cache"
+
+
 # -- 2. strings that are not valid Unicode ------------------------------------------------------
 
 

@@ -4,8 +4,12 @@ over a WebSocket, health without a token.
 Guarantees:
 
 * before any route runs, :class:`~framepipe.server.browser_guard.BrowserGuard` refuses a foreign
-  ``Host`` (DNS rebinding), a foreign ``Origin`` (another site's page, also on WebSockets) and
-  a tokenless ``POST`` that is not JSON, with or without a token configured;
+  ``Host`` (DNS rebinding), a foreign ``Origin`` (another site's page, also on WebSockets),
+  another site's page embedding what the service serves (an image, a video, a frame: its
+  ``Sec-Fetch-Site``) and a tokenless ``POST`` that is not JSON, with or without a token
+  configured; every response says ``nosniff``, ``no-store``, a policy that runs and frames
+  nothing (the dashboard's files have their own) and ``Cross-Origin-Resource-Policy:
+  same-origin``;
 * every route but ``/health``, the dashboard's page and files and the API's schema
   (``/openapi.json``, the same for every installation; FastAPI's ``/docs`` and ``/redoc``
   pages, which load their scripts from a CDN, are not served) needs

@@ -1,5 +1,6 @@
 """The browser-facing boundary: an ASGI middleware refusing what a hostile web page could
-make the user's browser send (see :class:`BrowserGuard`)."""
+make the user's browser send, and marking every response so that no other page can use it
+(see :class:`BrowserGuard`)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,27 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from framepipe.logs import get_logger
 from framepipe.server.guard import redact, split_host
 
-__all__ = ["BrowserGuard", "Refusal"]
+__all__ = ["RESPONSE_HEADERS", "BrowserGuard", "Refusal"]
 
 _log = get_logger("server.guard")
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _WILDCARD = frozenset({"0.0.0.0", "::", ""})
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
+
+RESPONSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; sandbox"),
+    (b"referrer-policy", b"no-referrer"),
+)
+"""The headers every HTTP response gets unless its route set them itself (the dashboard's
+page and files set their own policy and caching): no type sniffing; no use by another
+origin's page as an image, a video, a script or a style sheet (``Cross-Origin-Resource-Policy``);
+nothing kept in a browser's cache (frames and objects are private); a response opened as a
+document runs nothing and cannot be framed."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,15 @@ class BrowserGuard:
     * **Origin** (cross-site requests, cross-site WebSocket hijacking): a request carrying
       ``Origin`` must come from the service's own origin (scheme and the ``Host`` it asked
       for) or one of ``allowed_origins``; ``Origin: null`` is foreign. Else 403.
+    * **Embedding by another site** (a page's ``<img>``, ``<video>``, ``<script>``, ``<link>``
+      or iframe, which send no ``Origin``): a request whose ``Sec-Fetch-Site`` (which
+      browsers add to every request) says another site made it, and that carries no
+      ``Origin`` allowed above, is refused unless it is a top-level navigation (``GET`` or
+      ``HEAD``, ``Sec-Fetch-Mode: navigate``, ``Sec-Fetch-Dest: document``: the user following
+      a link to the dashboard). Else 403, before any route runs (a foreign page cannot make
+      the service read or decode anything). Every response also says
+      ``Cross-Origin-Resource-Policy: same-origin`` (:data:`RESPONSE_HEADERS`) for browsers
+      that send no ``Sec-Fetch-Site``.
     * **Simple requests** (CSRF without ``Origin``): a ``POST`` without ``Authorization``
       must say ``Content-Type: application/json``, which no page can send to another origin
       without a CORS preflight this service never grants. Else 415.
@@ -51,7 +75,9 @@ class BrowserGuard:
       the same cap, which costs it nothing; a route added later is capped unless it is
       listed there.
 
-    Requests from programs (no ``Origin``, a right ``Host``) pass untouched."""
+    Requests from programs (no ``Origin`` nor ``Sec-Fetch-Site``, a right ``Host``) pass
+    untouched; every HTTP response, refusals included, gets :data:`RESPONSE_HEADERS` (those
+    its route did not set)."""
 
     def __init__(
         self,
@@ -110,6 +136,14 @@ class BrowserGuard:
                     f"requests from the web origin {origin!r} are refused; "
                     "allow it with FRAMEPIPE_ALLOWED_ORIGINS if it is yours",
                 )
+        elif headers.get("sec-fetch-site", "").strip().lower() in _OTHER_SITES and not _navigation(
+            scope, headers
+        ):
+            return Refusal(
+                403,
+                "requests made by another site's page (an image, a video, a script or a "
+                "frame of it) are refused; open the service's own page instead",
+            )
         if scope["type"] == "http" and scope["method"] == "POST" and "authorization" not in headers:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
@@ -125,6 +159,8 @@ class BrowserGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "http":
+            send = _with_response_headers(send)
         headers = Headers(scope=scope)
         refusal = self.check(scope, headers)
         if refusal is not None:
@@ -182,3 +218,28 @@ class BrowserGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _navigation(scope: Scope, headers: Headers) -> bool:
+    """Whether the request is a browser's top-level navigation (a link followed, an address
+    typed): a ``GET`` or ``HEAD`` for a document, not a frame, an image or a fetch."""
+    return (
+        scope["type"] == "http"
+        and scope["method"] in ("GET", "HEAD")
+        and headers.get("sec-fetch-mode", "").strip().lower() == "navigate"
+        and headers.get("sec-fetch-dest", "").strip().lower() == "document"
+    )
+
+
+def _with_response_headers(send: Send) -> Send:
+    """``send`` adding to the start of a response the :data:`RESPONSE_HEADERS` it lacks."""
+
+    async def marked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = {bytes(name).lower() for name, _ in message.get("headers", ())}
+            extra = [(n, v) for n, v in RESPONSE_HEADERS if n not in present]
+            if extra:
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return marked

@@ -169,7 +169,7 @@ def _object_response(store: ObjectStore, key: str) -> Response:
     return Response(
         data,
         media_type=kind if kind in _IMAGE_TYPES else "application/octet-stream",
-        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=60"},
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
     )
 
 
