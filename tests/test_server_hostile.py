@@ -432,44 +432,66 @@ def test_an_upload_is_streamed_to_disk_not_held_in_memory(settings: Settings) ->
         assert client.get("/api/objects/over.bin").status_code == 404  # nothing half-stored
 
 
-def test_a_download_is_streamed_not_held_in_memory(settings: Settings) -> None:
-    """A result video of any size: GET /api/objects/{key} costs the service a chunk of memory,
-    not the object, and sends it whole, as data no browser runs."""
-    size = 48 * 1024 * 1024
+def _store_big(store: ObjectStore, key: str, size: int) -> str:
+    """Store ``size`` random bytes under ``key``; their SHA-256."""
     written = hashlib.sha256()
-    with (
-        open_object_store(settings.resolved_objects_url) as store,
-        tempfile.TemporaryDirectory() as folder,
-    ):
+    with tempfile.TemporaryDirectory() as folder:
         video = Path(folder) / "video.mp4"
         with video.open("wb") as file:
             for _ in range(size // (1024 * 1024)):
                 chunk = os.urandom(1024 * 1024)
                 written.update(chunk)
                 file.write(chunk)
-        store.put_file("results/video.mp4", video)
+        store.put_file(key, video)
+    return written.hexdigest()
+
+
+def _download(client: httpx.Client, path: str) -> tuple[httpx.Response, str, int]:
+    """GET ``path`` streamed: the response, the SHA-256 of its body and the peak of the
+    memory this process (the service's too) allocated meanwhile."""
+    received = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        with client.stream("GET", path) as download:
+            for part in download.iter_bytes():
+                received.update(part)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return download, received.hexdigest(), peak
+
+
+def test_a_download_is_streamed_not_held_in_memory(settings: Settings, tmp_path: Path) -> None:
+    """A result video of any size: GET /api/objects/{key} costs the service a chunk of memory,
+    not the object, and sends it whole, as data no browser runs; so does an object of an
+    app's own store at /api/apps/{app}/objects/{key} (which read it whole into memory)."""
+    size = 48 * 1024 * 1024
+    with open_object_store(settings.resolved_objects_url) as store:
+        written = _store_big(store, "results/video.mp4", size)
+    shelf_store = open_object_store(str(tmp_path / "shelf"))
+    on_shelf = _store_big(shelf_store, "clips/video.mp4", size)
     with (
-        Server(settings, pipelines=(quick,)) as server,
+        Server(settings, pipelines=(quick,), apps=[_Shelf(settings, shelf_store)]) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client,
     ):
-        received = hashlib.sha256()
-        tracemalloc.start()
-        try:
-            with client.stream("GET", "/api/objects/results/video.mp4") as download:
-                for part in download.iter_bytes():
-                    received.update(part)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert download.status_code == 200
-        assert peak < size // 4, f"the download held {peak} bytes in memory"
-        assert received.hexdigest() == written.hexdigest()
-        assert download.headers["content-length"] == str(size)
-        assert download.headers["content-type"] == "application/octet-stream"
-        assert download.headers["x-content-type-options"] == "nosniff"
+        for path, expected in (
+            ("/api/objects/results/video.mp4", written),
+            ("/api/apps/shelf/objects/clips/video.mp4", on_shelf),
+        ):
+            download, received, peak = _download(client, path)
+            assert download.status_code == 200, path
+            assert peak < size // 4, f"{path}: the download held {peak} bytes in memory"
+            assert received == expected, path
+            assert download.headers["content-length"] == str(size)
+            assert download.headers["content-type"] == "application/octet-stream"
+            assert download.headers["x-content-type-options"] == "nosniff"
         missing = client.get("/api/objects/results/none.mp4")
         assert missing.status_code == 404
         assert missing.json()["detail"] == "no object 'results/none.mp4'"
+        missing = client.get("/api/apps/shelf/objects/none.jpg")
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == "no object 'none.jpg' in app 'shelf''s store"
+    shelf_store.close()
 
 
 def test_a_live_feed_subscriber_that_stops_reading_is_cut_off(

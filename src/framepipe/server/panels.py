@@ -9,7 +9,8 @@ An :class:`~framepipe.app.App` that has a ``dashboard()`` method returning an
 * **routes**: an ``APIRouter`` mounted under ``/api/apps/{app}/``, behind the same token and
   browser checks as the rest of ``/api`` and left out of the API's schema (which stays the same
   for every installation);
-* **images** from the app's own object store at ``/api/apps/{app}/objects/{key}``: only keys
+* **images** from the app's own object store at ``/api/apps/{app}/objects/{key}``, streamed
+  (an object of any size costs a chunk of memory: :mod:`framepipe.server.downloads`): only keys
   that are plain paths inside the store (``..``, absolute paths and the like are a 400, and a
   local store never follows a symlink out of its root: also a 400), never a file elsewhere;
   the error names the key, never the store's path (a failure of the store itself is a 500).
@@ -38,12 +39,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import InvalidKeyError, MissingDependencyError, ObjectNotFoundError
+from framepipe.server.downloads import open_copy, streamed
 from framepipe.server.path_keys import ObjectKey
 from framepipe.server.store_errors import object_store_errors
 
@@ -163,13 +165,12 @@ def dashboards_of(apps: Mapping[str, App]) -> dict[str, AppDashboard]:
     }
 
 
-def _object_response(store: ObjectStore, key: str) -> Response:
-    data = store.get(key)
+def _object_response(file: BinaryIO, key: str) -> Response:
     kind = mimetypes.guess_type(key)[0] or ""
-    return Response(
-        data,
-        media_type=kind if kind in _IMAGE_TYPES else "application/octet-stream",
-        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+    return streamed(
+        file,
+        kind if kind in _IMAGE_TYPES else "application/octet-stream",
+        {"Cache-Control": "no-store"},
     )
 
 
@@ -226,7 +227,8 @@ def _objects_route(name: str, store_of: Callable[[], ObjectStore | None]) -> Cal
         try:
             validate_key(key)
             with object_store_errors("read", key):
-                return await asyncio.to_thread(_object_response, store, key)
+                file = await asyncio.to_thread(open_copy, store, key)
+            return _object_response(file, key)
         except InvalidKeyError:
             raise HTTPException(
                 400,

@@ -1,13 +1,13 @@
 """``PUT /api/objects/{key}`` (uploads) and ``GET /api/objects/{key}``: the object store.
 
 Guarantees: an upload is streamed to a temporary file, never held in memory, and stored only
-once it arrived whole; one over ``max_upload_bytes`` (declared or counted) is a 413 and
-stores nothing; a download is copied from the store to a temporary file (removed at once,
-its space freed when the response ends, however it ends) and streamed from there in chunks of
-:data:`CHUNK` bytes, so an object of any size (a result video) costs the service no more
-memory than a chunk, whether the client reads fast, slowly or not at all; it is sent as
-``application/octet-stream`` with ``X-Content-Type-Options: nosniff``, so no browser runs
-it as a page or script of the service's origin. The key is the path's tail as the client
+once it arrived whole; one over ``max_upload_bytes`` (declared or counted) is a 413 and stores
+nothing; a download is copied from the store to a temporary file (removed at once, its space
+freed when the response ends, however it ends) and streamed from there in chunks
+(:mod:`framepipe.server.downloads`), so an object of any size (a result video) costs the
+service no more memory than a chunk, whether the client reads fast, slowly or not at all; it is
+sent as ``application/octet-stream`` with ``X-Content-Type-Options: nosniff``, so no browser
+runs it as a page or script of the service's origin. The key is the path's tail as the client
 sent it (:mod:`~framepipe.server.path_keys`): one that is not valid UTF-8 or that escapes the
 store is a 400, a missing object a 404, a failure of the store itself a 500 naming the key,
 never the store's paths (:func:`~framepipe.server.responses.object_store_errors`).
@@ -15,14 +15,12 @@ never the store's paths (:func:`~framepipe.server.responses.object_store_errors`
 
 import asyncio
 import os
-import shutil
 import tempfile
-from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from typing import Any
 
-from framepipe.backends.objects import ObjectStore
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
+from framepipe.server.downloads import open_copy, streamed
 from framepipe.server.path_keys import ObjectKey
 from framepipe.server.state import Service
 from framepipe.server.store_errors import object_store_errors
@@ -37,9 +35,6 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["objects"])
 """Included under ``/api``."""
-
-CHUNK = 1024 * 1024
-"""Bytes of a download read and sent at a time."""
 
 
 @router.put("/objects/{key:objectkey}", status_code=201)
@@ -75,24 +70,6 @@ async def objects_put(key: ObjectKey, request: Request, service: Service) -> dic
     return {"key": info.key, "size": info.size}
 
 
-def _copy_out(store: ObjectStore, key: str) -> BinaryIO:
-    """The object ``key`` as an open temporary copy whose name is already removed: its space
-    is freed when the file is closed, by whatever ends the response."""
-    folder = tempfile.mkdtemp(prefix="framepipe-download-")
-    try:
-        return open(store.get_file(key, os.path.join(folder, "object")), "rb")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-async def _chunks(file: BinaryIO) -> AsyncIterator[bytes]:
-    try:
-        while chunk := await asyncio.to_thread(file.read, CHUNK):
-            yield chunk
-    finally:
-        file.close()
-
-
 @router.get(
     "/objects/{key:objectkey}", responses={200: {"content": {"application/octet-stream": {}}}}
 )
@@ -101,12 +78,5 @@ async def objects_get(key: ObjectKey, service: Service) -> StreamingResponse:
     a time)."""
     obj = service.objects
     with object_store_errors("read", key):
-        file = await asyncio.to_thread(_copy_out, obj, key)
-    return StreamingResponse(
-        _chunks(file),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(os.fstat(file.fileno()).st_size),
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+        file = await asyncio.to_thread(open_copy, obj, key)
+    return streamed(file, "application/octet-stream")
