@@ -28,6 +28,15 @@ is read from the state store (:mod:`sd_imports`), so it holds across restarts of
   the card, is new) with no file the ledger does not hold is answered ``nothing_new`` without
   an execution: restarting a detector starts no empty import per card.
 
+When the backend starts, every import its predecessor left ``interrupted`` (stopped or killed
+under it on this machine) is resumed at once (:func:`resume_interrupted`), without waiting for
+the card to be inserted again: the detectors reconnect and say which cards they still hold,
+and the import asks for its next copies through the session it last used (a detector that
+restarted meanwhile announces the card anew, and the import then uses that session). An
+import that cannot go on (its card was removed while the backend was down) fails its copies
+and is resumed by the card's next insertion, as above. ``failed`` imports are not resumed at
+start: they stopped for a reason the log names.
+
 Local files: the handler submits each import with ``input_roots`` = the shared folder (and
 the folders of an ``intro`` or ``splash`` given as local paths in ``extra_inputs``), so its
 steps can read no other local file; the detector supplies names relative to the card and the
@@ -51,9 +60,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +84,15 @@ from framepipe.logs import get_logger
 from framepipe.server import create_app
 from framepipe.server.detector import DetectorHub, DetectorMessage
 
-__all__ = ["FileEntry", "FileList", "build_app", "make_hub", "parse_size"]
+__all__ = [
+    "CardLocks",
+    "FileEntry",
+    "FileList",
+    "build_app",
+    "make_hub",
+    "parse_size",
+    "resume_interrupted",
+]
 
 HERE = Path(__file__).resolve().parent
 PIPELINE_REF = f"{HERE / 'sd_pipeline.py'}:sd_import"
@@ -96,6 +115,46 @@ async def unended_imports(jobs: JobClient, pipeline: str, card_id: str) -> list[
     return [row for row in rows if (row.inputs or {}).get("card_id") == card_id]
 
 
+CardLocks = collections.defaultdict[str, asyncio.Lock]
+"""One lock per card id: two detectors announcing one card at once, or an announcement and
+the resume at start, must not both start or resume its import."""
+
+
+def card_locks() -> CardLocks:
+    """Fresh :data:`CardLocks`."""
+    return collections.defaultdict(asyncio.Lock)
+
+
+async def resume_interrupted(jobs: JobClient, pipeline: Pipeline, locks: CardLocks) -> list[str]:
+    """Resume every import of ``pipeline`` that is ``interrupted`` (see the module), each under
+    its card's lock; returns their ids. One that cannot be resumed is named in a warning and
+    left for its card's next insertion."""
+    try:
+        rows = await jobs.list(
+            status=("interrupted",), pipeline=pipeline.name, limit=10_000, with_inputs=True
+        )
+    except FramepipeError as exc:
+        _log.warning("imports left interrupted could not be listed, none resumed: %s", exc)
+        return []
+    resumed = []
+    for row in reversed(rows):  # oldest first
+        card = str((row.inputs or {}).get("card_id", ""))
+        async with locks[card]:
+            try:
+                await jobs.retry(row.id, pipeline)
+            except FramepipeError as exc:
+                _log.warning(
+                    "import %s of card %s was left interrupted and could not be resumed: %s",
+                    row.id,
+                    card,
+                    exc,
+                )
+                continue
+        _log.info("import %s of card %s was left interrupted; resumed", row.id, card)
+        resumed.append(row.id)
+    return resumed
+
+
 def parse_size(text: str) -> int:
     """``50MB``, ``512KiB``, ``1000`` -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?i?b?)\s*", text, re.IGNORECASE)
@@ -114,6 +173,7 @@ def make_hub(
     reconnect_wait: float = 30.0,
     extra_inputs: dict[str, Any] | None = None,
     retention: Retention | None = None,
+    locks: CardLocks | None = None,
 ) -> DetectorHub:
     """A detector hub that speaks the SD import's vocabulary (:mod:`sd_messages`, card
     metadata :class:`CardInfo`) and whose ``sd:file_list`` handler starts an import of
@@ -123,19 +183,19 @@ def make_hub(
     ``intro`` or ``splash`` that ``extra_inputs`` gives as an absolute local path (see the
     module), recorded with the execution and applied by its steps wherever they run.
     ``retention`` (default: keep every copy) is recorded with each import too, so its
-    ``retention`` step applies it on whichever worker runs it (``retention.py``)."""
+    ``retention`` step applies it on whichever worker runs it (``retention.py``). ``locks``:
+    the card locks it shares with :func:`resume_interrupted` (default: its own)."""
     hub = DetectorHub("sd_import", reconnect_wait=reconnect_wait, session_metadata=CardInfo)
     input_roots = [shared_dir]
     for name in ("intro", "splash"):
         value = (extra_inputs or {}).get(name)
         if isinstance(value, str) and os.path.isabs(value):
             input_roots.append(Path(value).parent)
-    # Two detectors announcing one card at once must not both start an import.
-    card_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+    locks = card_locks() if locks is None else locks
 
     async def on_file_list(msg: DetectorMessage) -> None:
         listing = msg.parsed_as(FileList)  # checked by the hub against FileList
-        async with card_locks[listing.card_id]:
+        async with locks[listing.card_id]:
             await start_import(msg, listing)
 
     async def status(msg: DetectorMessage, listing: FileList, state: str, **more: Any) -> None:
@@ -238,16 +298,35 @@ def build_app(
     reconnect_wait: float = 30.0,
     retention: Retention | None = None,
 ) -> Any:
-    """The service: ``create_app`` with the ``sd_import`` pipeline and its detector hub."""
+    """The service: ``create_app`` with the ``sd_import`` pipeline and its detector hub; once
+    it has started, the imports left interrupted are resumed (:func:`resume_interrupted`)."""
     pipeline = load_pipeline(PIPELINE_REF)
+    locks = card_locks()
     hub = make_hub(
         pipeline,
         shared_dir=shared_dir,
         small_limit=small_limit,
         reconnect_wait=reconnect_wait,
         retention=retention,
+        locks=locks,
     )
-    return create_app(settings, pipelines=[pipeline], token=token, detector_hub=hub)
+    app = create_app(settings, pipelines=[pipeline], token=token, detector_hub=hub)
+    serve = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[None]:
+        async with serve(app_):
+            running = app.state.service.running
+            resuming = asyncio.create_task(resume_interrupted(running.jobs, pipeline, locks))
+            try:
+                yield
+            finally:
+                resuming.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await resuming
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def main(argv: list[str] | None = None) -> int:
