@@ -31,9 +31,11 @@ Guarantees:
   ``error``, ``error_kind`` ``input``/``processor``/``output``, the error text), are acked and
   logged; the consumer goes on.
 * Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
-  after ``connect_retries`` retries; never a hang. Redis lost later: the client reconnects with
-  exponential backoff (for as long as it runs), registers again, takes back the entries it held
-  and publishes the results it finished meanwhile.
+  after ``connect_retries`` retries; never a hang. Redis lost later, or refusing for a while
+  (``LOADING`` after a restart, ``BUSY``, ``OOM``, ``READONLY``:
+  :mod:`~framepipe.processors.fleet.outages`): the client reconnects with exponential backoff
+  (for as long as it runs), registers again, takes back the entries it held and publishes the
+  results it finished meanwhile.
 * Entries pending in its stream that it does not hold are taken back: at start (an earlier
   life's), after reconnecting, and whenever a heartbeat finds entries of its stream held by
   another consumer (the registry takes the entries of a processor it declared dead; when none
@@ -97,6 +99,7 @@ from framepipe.processors.fleet.options import (
     check_orchestrator_url,
     log_settings,
 )
+from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
 from framepipe.processors.fleet.protocol import (
     Attempts,
     Fields,
@@ -262,6 +265,7 @@ class ProcessorClient(abc.ABC):
         self._reads: Wire | None = None  # XREADGROUP (blocks)
         self._publisher: Publisher | None = None  # publish + acknowledge, once started
         self._running = False
+        self._beat_failing = False  # the last heartbeat failed (logged once per run of them)
 
     # -- what a subclass implements ---------------------------------------------------------
 
@@ -412,7 +416,9 @@ class ProcessorClient(abc.ABC):
             )
             try:
                 await self._register()
-            except REDIS_DOWN as exc:
+            except REDIS_ERRORS as exc:
+                if not unavailable(exc):
+                    raise
                 raise RegistryConnectionError(
                     lost(what, self.redis_url, exc, during="registering"),
                     url=safe_url(self.redis_url),
@@ -508,6 +514,9 @@ class ProcessorClient(abc.ABC):
                     self.max_in_flight,
                 )
                 self.last_heartbeat = beat
+                if self._beat_failing:
+                    self._beat_failing = False
+                    self.log.info("heartbeat written again")
                 if self._stopping:
                     continue
                 if not alive:
@@ -519,10 +528,22 @@ class ProcessorClient(abc.ABC):
                     self._consumer.want_recovery()
                 elif await self._consumer.held_elsewhere(redis):
                     self._consumer.want_recovery()
-            except REDIS_DOWN as exc:
-                self.log.debug("heartbeat failed: %s", exc)
             except Exception as exc:  # keep beating: a dead heartbeat would get it reaped
-                self.log.exception("heartbeat failed: %s", type(exc).__name__)
+                if isinstance(exc, REDIS_DOWN):  # the consuming loop says so
+                    self.log.debug("heartbeat failed: %s", exc)
+                elif self._beat_failing:  # said once already
+                    self.log.debug("heartbeat failed again: %s: %s", type(exc).__name__, exc)
+                elif unavailable(exc):
+                    self.log.warning(
+                        "heartbeat refused by Redis at %s (%s: %s); retrying every %gs",
+                        safe_url(self.redis_url),
+                        type(exc).__name__,
+                        exc,
+                        self.health_interval,
+                    )
+                else:
+                    self.log.exception("heartbeat failed: %s", type(exc).__name__)
+                self._beat_failing = not isinstance(exc, REDIS_DOWN) or self._beat_failing
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -555,7 +576,16 @@ class ProcessorClient(abc.ABC):
                     poll_interval=self.poll_interval,
                     stopping=lambda: self._stopping,
                 )
-            except REDIS_DOWN as exc:
+            except REDIS_ERRORS as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    self.log.warning(
+                        "Its stream or group disappeared (deregistered as dead, or "
+                        "Redis lost its data); registering again"
+                    )
+                    need_register = True
+                    continue
+                if not unavailable(exc):
+                    raise
                 failures += 1
                 need_register = True
                 if not self._stopping:
@@ -571,14 +601,6 @@ class ProcessorClient(abc.ABC):
                     failures,
                 )
                 await self._sleep_unless_stopping(delay)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.log.warning(
-                    "Its stream or group disappeared (deregistered as dead, or "
-                    "Redis lost its data); registering again"
-                )
-                need_register = True
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
         assert self._stop_event is not None
@@ -649,8 +671,10 @@ class ProcessorClient(abc.ABC):
             await set_state(
                 self._require_redis(), self.keys, self.processor_id, ProcessorState.DRAINING
             )
-        except REDIS_DOWN as exc:
-            self.log.warning("could not mark itself draining: %s", exc)
+        except REDIS_ERRORS as exc:
+            if not unavailable(exc):
+                raise
+            self.log.warning("could not mark itself draining: %s: %s", type(exc).__name__, exc)
 
     async def _shutdown(self, beating: asyncio.Task[None], beat_done: asyncio.Event) -> None:
         self.log.info("Stopping: %d frame(s) in flight", self.in_flight)
@@ -687,8 +711,12 @@ class ProcessorClient(abc.ABC):
                 self.log.info("Stopped; entries left in its stream go back to the registry")
             else:
                 self.log.info("Deregistered (processed=%d failed=%d)", self.processed, self.failed)
-        except REDIS_DOWN as exc:
+        except REDIS_ERRORS as exc:
+            if not unavailable(exc):
+                raise
             self.log.warning(
-                "could not deregister (Redis unreachable: %s); the registry will declare it dead",
+                "could not deregister (Redis unreachable: %s: %s); the registry will declare "
+                "it dead",
+                type(exc).__name__,
                 exc,
             )

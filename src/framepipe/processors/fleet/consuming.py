@@ -193,5 +193,9 @@ class Consumer:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             self.log.error(
-                "handling entry %s failed unexpectedly: %r", mid.decode(), exc, exc_info=exc
+                "handling entry %s failed unexpectedly: %s: %s",
+                mid.decode(),
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
             )

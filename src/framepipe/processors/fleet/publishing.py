@@ -5,8 +5,10 @@ the frame gave nothing to publish) and to the reply stream of the router that se
 (:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`; the frame's result is then
 an ``input`` error, on the result stream only).
 
-A frame entry is thus acknowledged only once its result is out; while Redis is away the script
-is retried with backoff, and a handling cancelled meanwhile (the shutdown timeout) leaves its
+A frame entry is thus acknowledged only once its result is out; while Redis is away or
+refuses the write (:func:`~framepipe.processors.fleet.outages.unavailable`: ``OOM`` at
+``maxmemory``, ``LOADING``, ``READONLY`` ..., logged at once then once per 10 s) the script is
+retried with backoff, and a handling cancelled meanwhile (the shutdown timeout) leaves its
 entry pending, to be re-routed.
 """
 
@@ -15,9 +17,9 @@ from __future__ import annotations
 import asyncio
 
 from framepipe.backoff import Backoff
-from framepipe.logs import ComponentLogger
+from framepipe.logs import ComponentLogger, Repeats
+from framepipe.processors.fleet.outages import REDIS_ERRORS, refusal, unavailable
 from framepipe.processors.fleet.protocol import GROUP, BadEntryError, Fields, Keys, Outcome
-from framepipe.redis.connection import REDIS_DOWN
 from framepipe.redis.scripts import PUBLISH
 from framepipe.redis.wire import Wire
 
@@ -48,6 +50,7 @@ class Publisher:
         self.result_maxlen = result_maxlen
         self.backoff = backoff
         self.log = log
+        self._refusals = Repeats()  # a refusal is logged at once, then once per 10 s
 
     async def publish(
         self, mid: bytes, fields: Fields, outcome: Outcome, payload: dict[str, str | bytes]
@@ -77,15 +80,30 @@ class Publisher:
                 acked = await wire.run(
                     PUBLISH, self.stream, self.result_stream, reply_to or self.stream, *args, keys=3
                 )
-            except REDIS_DOWN as exc:
+            except REDIS_ERRORS as exc:
+                if not unavailable(exc):
+                    raise
                 attempt += 1
                 delay = self.backoff.delay(attempt)
-                self.log.debug(
-                    "publishing the result of %s failed (%s); retry in %.1fs",
-                    mid.decode(),
-                    exc,
-                    delay,
-                )
+                code = refusal(exc)
+                held = None if code is None else self._refusals.admit(code)
+                if held is not None:  # Redis answers, and refuses: the operator must know
+                    self.log.warning(
+                        "publishing the result of %s refused by Redis (%s: %s); the frame "
+                        "stays pending, retried with backoff%s",
+                        mid.decode(),
+                        type(exc).__name__,
+                        exc,
+                        f" ({held} more refusal(s) since the last line)" if held else "",
+                    )
+                else:  # unreachable: the consuming loop says so
+                    self.log.debug(
+                        "publishing the result of %s failed (%s: %s); retry in %.1fs",
+                        mid.decode(),
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
                 await asyncio.sleep(delay)
                 continue
             if acked == -1:  # the group was dropped meanwhile (Redis lost its data)

@@ -40,6 +40,7 @@ from framepipe.errors import (
     ProcessorRegistryError,
     RegistryConnectionError,
 )
+from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
 from framepipe.processors.fleet.protocol import (
     GROUP,
     Attempts,
@@ -51,7 +52,7 @@ from framepipe.processors.fleet.protocol import (
     text,
 )
 from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
-from framepipe.redis.connection import REDIS_DOWN, ResponseError
+from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import MARK_DEAD_LUA, REPLY_STREAM_TTL, Script
 
 if TYPE_CHECKING:
@@ -132,8 +133,9 @@ class Reaper:
         self._waiting_logged: set[str] = set()
 
     async def watch(self) -> None:
-        """Tick every ``poll_interval`` until the registry closes; Redis being away is
-        logged once and retried."""
+        """Tick every ``poll_interval`` until the registry closes; Redis being away or
+        refusing (:func:`~framepipe.processors.fleet.outages.unavailable`) is logged once and
+        retried."""
         registry = self.registry
         failures = 0
         while not registry._closed:
@@ -147,10 +149,16 @@ class Reaper:
                 if failures == 1:
                     registry.log.warning("health watch: %s; retrying", exc)
                 continue
-            except REDIS_DOWN as exc:
+            except REDIS_ERRORS as exc:
+                if not unavailable(exc):
+                    raise
                 failures += 1
                 if failures == 1:
-                    registry.log.warning("health watch: Redis unreachable (%s); retrying", exc)
+                    registry.log.warning(
+                        "health watch: Redis unreachable (%s: %s); retrying",
+                        type(exc).__name__,
+                        exc,
+                    )
                 continue
             if failures:
                 registry.log.info("health watch: Redis reachable again")
@@ -263,7 +271,7 @@ class Reaper:
             outcome = self._settle(dead, move, result)
             came_back = came_back or outcome == -1
             left += outcome == 1
-            if down is None and isinstance(result, REDIS_DOWN):
+            if down is None and isinstance(result, BaseException) and unavailable(result):
                 down = result
         if down is not None:  # raised once every move is settled (its track put back)
             raise down

@@ -29,10 +29,10 @@ import time
 from collections.abc import Container, Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
 from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
 from framepipe.processors.fleet.spans import received
 from framepipe.redis import safe_url
-from framepipe.redis.connection import REDIS_DOWN
 from framepipe.redis.streams import stream_entries
 
 if TYPE_CHECKING:
@@ -106,8 +106,9 @@ class ReplyReader:
         """The entries of this registry's ended requests (see :class:`Ended`)."""
 
     async def run(self) -> None:
-        """Read replies until the registry closes; Redis being away is logged once and
-        retried with the registry's backoff."""
+        """Read replies until the registry closes; Redis being away or refusing
+        (:func:`~framepipe.processors.fleet.outages.unavailable`) is logged once and retried
+        with the registry's backoff."""
         registry = self.registry
         wire = registry._replies
         assert wire is not None
@@ -126,14 +127,17 @@ class ReplyReader:
                     last,
                     block=1.0,
                 )
-            except REDIS_DOWN as exc:
+            except REDIS_ERRORS as exc:
                 if registry._closed:
                     return
+                if not unavailable(exc):
+                    raise
                 failures += 1
                 if failures == 1:
                     registry.log.warning(
-                        "reply stream: Redis at %s unreachable (%s); retrying",
+                        "reply stream: Redis at %s unreachable (%s: %s); retrying",
                         safe_url(registry.redis_url),
+                        type(exc).__name__,
                         exc,
                     )
                 await asyncio.sleep(registry.backoff.delay(failures))

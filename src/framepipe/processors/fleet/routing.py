@@ -22,8 +22,10 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
   capacity, up to ``route_timeout`` (or the ``wait`` argument), then
   :class:`~framepipe.errors.NoCapacityError`.
 * Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
-  after ``connect_retries`` retries; during a route: the same error at once (the caller
-  decides); the background tasks reconnect with backoff by themselves.
+  after ``connect_retries`` retries; during a route, or refusing it (``LOADING`` after a
+  restart, ``OOM``, ``READONLY``, ``BUSY``: :mod:`~framepipe.processors.fleet.outages`): the
+  same error at once (the caller decides); the background tasks wait either out with backoff
+  by themselves.
 * Results arrive on the registry's reply stream (read by one blocking ``XREAD`` loop on a
   connection of its own; the health watch trims the entries read, ``MAXLEN ~ 10000`` bounds
   it meanwhile) and resolve the awaiting :meth:`call` (and
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import time
 import uuid
@@ -69,6 +70,7 @@ from framepipe.errors import (
 )
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.inflight import InFlight, Track
+from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
 from framepipe.processors.fleet.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_NAMESPACE,
@@ -85,7 +87,7 @@ from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entrie
 from framepipe.processors.fleet.spans import send_spans
 from framepipe.processors.fleet.waiting import Waiting
 from framepipe.redis import safe_url
-from framepipe.redis.connection import REDIS_DOWN, connect, lost, ping_with_retries
+from framepipe.redis.connection import connect, lost, ping_with_retries
 from framepipe.redis.wire import Wire
 from framepipe.tracing import end_span, traceparent_of
 
@@ -219,8 +221,10 @@ class ProcessorRegistry:
         self._routed.clear()
         redis, self._redis = self._redis, None
         try:
-            with contextlib.suppress(*REDIS_DOWN):
-                await redis.delete(self.reply_stream)
+            await redis.delete(self.reply_stream)
+        except REDIS_ERRORS as exc:
+            if not unavailable(exc):
+                raise
         finally:
             await redis.aclose()
         self.log.info("Registry %s stopped", self.registry_id)
@@ -244,7 +248,11 @@ class ProcessorRegistry:
         assert exc is not None
         self._failed = exc
         self.log.error(
-            "registry task %s died: %r; the registry is failed", task.get_name(), exc, exc_info=exc
+            "registry task %s died: %s: %s; the registry is failed",
+            task.get_name(),
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
         )
         error = ProcessorRegistryError(
             f"registry task {task.get_name()} died: {type(exc).__name__}: {exc}"
@@ -279,7 +287,9 @@ class ProcessorRegistry:
             # shielded: a caller's cancellation must not reach into redis-py, which can
             # swallow it (redis/redis-py#2028); the read finishes in the background
             ids, hashes = await asyncio.shield(self._mirror.read(redis))
-        except REDIS_DOWN as exc:
+        except REDIS_ERRORS as exc:
+            if not unavailable(exc):
+                raise
             raise self._down(exc) from exc
         self._mirror.update(ids, hashes, time.monotonic())
         self._waiting.changed()
@@ -446,7 +456,7 @@ class ProcessorRegistry:
                 self._inflight.learned(track, proc.id, text(result))
                 done[index] = track
         if error is not None:
-            if isinstance(error, REDIS_DOWN):
+            if unavailable(error):
                 raise self._down(error) from error
             raise error
 

@@ -1,0 +1,174 @@
+"""The fleet against a Redis that refuses for a while, on a redis-server of the test's own: a
+server busy running a script (``BUSY``, the refusal a ``LOADING`` server after a restart
+with persistence, one at ``maxmemory`` (``OOM``) or a demoted master (``READONLY``) give in the
+same way) is waited out by the processor (its reads, its heartbeats and the publishing of a
+result it finished meanwhile) and by the registry (its reply reader, its health watch): both
+go on once the server serves again, where the refusal killed the processor and failed the
+registry for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+redis_sync = pytest.importorskip("redis")
+
+from framepipe.errors import NoProcessorError, RegistryConnectionError  # noqa: E402
+from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
+from test_processors_remote import FAST, PrivateRedis, make_frame  # noqa: E402
+from waiting import wait_until_async  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+class Gated(ProcessorClient):
+    """Holds each frame in ``process_frame`` until :attr:`release` is set."""
+
+    def __init__(self, url: str, ns: str) -> None:
+        super().__init__(
+            "gated",
+            ["cap"],
+            capacity=2,
+            redis_url=url,
+            namespace=ns,
+            health_interval=0.2,
+            poll_interval=0.1,
+            image_encoding="raw",
+            backoff=FAST,
+            environ={},
+        )
+        self.release = asyncio.Event()
+        self.entered = 0
+
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        self.entered += 1
+        await self.release.wait()
+        return {"ok": True}
+
+
+class Busy:
+    """A script that keeps the server busy (every other client is answered ``BUSY``) until
+    :meth:`end` kills it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        client = redis_sync.Redis.from_url(self.url, socket_timeout=120)
+        with contextlib.suppress(redis_sync.ResponseError):  # "script killed by user"
+            client.eval("while true do end", 0)
+        client.close()
+
+    def start(self) -> None:
+        probe = redis_sync.Redis.from_url(self.url)
+        probe.config_set("busy-reply-threshold", 50)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+            except redis_sync.ResponseError as exc:
+                if "BUSY" in str(exc):
+                    break
+                raise
+            assert time.monotonic() < deadline, "the server never got busy"
+            time.sleep(0.02)
+        probe.close()
+
+    def end(self) -> None:
+        probe = redis_sync.Redis.from_url(self.url)
+        probe.script_kill()
+        probe.close()
+        self.thread.join(10)
+
+
+def told(logs: pytest.LogCaptureFixture, logger: str, word: str) -> bool:
+    return any(r.name.startswith(logger) and word in r.getMessage() for r in logs.records)
+
+
+def test_a_server_refusing_for_a_while_is_waited_out_by_processor_and_registry(
+    server: PrivateRedis, logs: pytest.LogCaptureFixture
+) -> None:
+    logs.set_level(logging.DEBUG, logger="framepipe")
+
+    async def main() -> None:
+        processor = Gated(server.url, "fpchaos:")
+        serving = asyncio.create_task(processor.start())
+        await wait_until_async("the processor never registered", processor._registered.is_set, 10)
+        async with ProcessorRegistry(
+            server.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
+        ) as registry:
+            held = asyncio.create_task(registry.call(make_frame(1), "cap", timeout=60))
+            await wait_until_async("the frame never started", lambda: processor.entered == 1, 10)
+            busy = Busy(server.url)
+            await asyncio.to_thread(busy.start)
+            try:
+                processor.release.set()  # its result is published while the server is busy
+                for what, met in (
+                    (  # its health watch
+                        "the registry",
+                        lambda: (
+                            registry._failed is not None
+                            or told(logs, "framepipe.processors.registry", "health watch")
+                        ),
+                    ),
+                    (  # its blocking XREADGROUP
+                        "the processor's reads",
+                        lambda: (
+                            serving.done()
+                            or told(logs, "framepipe.processors.client", "reconnecting in")
+                        ),
+                    ),
+                    (  # the result of the frame it finished
+                        "the processor's publishing",
+                        lambda: (
+                            serving.done() or told(logs, "framepipe.processors.client", "result of")
+                        ),
+                    ),
+                    (
+                        "the processor's heartbeat",
+                        lambda: (
+                            serving.done() or told(logs, "framepipe.processors.client", "heartbeat")
+                        ),
+                    ),
+                ):
+                    await wait_until_async(f"{what} never met the busy server", met, 20)
+            finally:
+                await asyncio.to_thread(busy.end)
+            assert registry._failed is None, f"the registry failed: {registry._failed}"
+            assert not serving.done(), f"the processor ended: {serving.exception()}"
+            result = await held
+            assert result.ok and result.data == {"ok": True}
+            deadline = time.monotonic() + 20
+            while True:  # the registry routes again once it has the server back
+                try:
+                    again = await registry.call(make_frame(2), "cap", timeout=20)
+                    break
+                except (RegistryConnectionError, NoProcessorError):
+                    assert time.monotonic() < deadline, "the registry never routed again"
+                    await asyncio.sleep(0.1)
+            assert again.ok
+        processor.stop()
+        await asyncio.wait_for(serving, 20)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
