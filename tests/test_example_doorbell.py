@@ -206,8 +206,8 @@ def test_a_failed_webhook_is_reported_without_its_secrets(
     tmp_path: Path, media: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A webhook URL with a password and a token that does not answer: the doorbell's
-    ``notification.failed`` event and the log line name it with both masked, and the error
-    (httpx's, which repeats the URL) too."""
+    ``notification.failed`` event and the log line name it by its host and port only, and the
+    error (httpx's, which repeats the URL) too."""
     url = f"http://door:PassW0rd@127.0.0.1:{free_port()}/hook?token=T0kenSecret"
     known_dir(tmp_path, media["alice"])
     manager = OrchestratorManager(
@@ -223,7 +223,7 @@ def test_a_failed_webhook_is_reported_without_its_secrets(
     finally:
         manager.stop()
     port = url.rsplit(":", 1)[1].split("/", 1)[0]
-    assert failed["url"] == f"http://door:***@127.0.0.1:{port}/hook?token=***"
+    assert failed["url"] == f"http://127.0.0.1:{port}/..."
     shown = json.dumps(failed) + caplog.text
     assert "webhook" in caplog.text
     assert "PassW0rd" not in shown and "T0kenSecret" not in shown

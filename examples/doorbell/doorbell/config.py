@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doorbell.notify import check_webhook_url
 from framepipe.errors import ConfigError
 
 __all__ = ["DEFAULTS", "ENV_VARS", "DoorbellConfig", "load_config"]
@@ -69,7 +70,12 @@ DEFAULTS: dict[str, Any] = {
             "recent_events": 100,
         },
     },
-    "notifications": {"webhook_url": None, "webhook_timeout": 5.0},
+    "notifications": {
+        "webhook_url": None,
+        "webhook_timeout": 5.0,
+        "webhook_retries": 2,
+        "webhook_queue": 100,
+    },
     "doorbell": {"gpio_pin": 18},
 }
 
@@ -160,6 +166,8 @@ class DoorbellConfig:
     recent_events: int
     webhook_url: str | None
     webhook_timeout: float
+    webhook_retries: int
+    webhook_queue: int
     gpio_pin: int
 
 
@@ -243,8 +251,11 @@ def load_config(
     webhook = raw["notifications"].get("webhook_url")
     if webhook is not None and not isinstance(webhook, str):
         raise ConfigError(
-            f"doorbell config: notifications.webhook_url must be a URL string, not {webhook!r}"
+            "doorbell config: notifications.webhook_url must be a URL string, "
+            f"not a {type(webhook).__name__}"
         )
+    if webhook:
+        check_webhook_url(webhook, "notifications.webhook_url")
     return DoorbellConfig(
         raw=raw,
         health_check_interval=_positive(
@@ -315,6 +326,16 @@ def load_config(
         webhook_url=webhook or None,
         webhook_timeout=_positive(
             "notifications.webhook_timeout", _get(raw, "notifications.webhook_timeout", float)
+        ),
+        webhook_retries=int(
+            _positive(
+                "notifications.webhook_retries",
+                _get(raw, "notifications.webhook_retries", int),
+                zero=True,
+            )
+        ),
+        webhook_queue=int(
+            _positive("notifications.webhook_queue", _get(raw, "notifications.webhook_queue", int))
         ),
         gpio_pin=_get(raw, "doorbell.gpio_pin", int),
     )

@@ -14,8 +14,10 @@ thread of its own). Guarantees:
   ``recent_events``, reloaded from the store at start) and stored as JSON under ``events/``
   in the object store.
 * Notifications: callbacks (``App.on``) get every event; with ``webhook_url`` each visitor event
-  is POSTed as JSON in a worker thread (a failure is logged and emitted as
-  ``notification.failed``, never raised).
+  and doorbell press is POSTed as JSON by :class:`~doorbell.notify.Webhook` (a bounded queue
+  and one task on the loop: a slow or hanging webhook holds up nothing else; retried; an event
+  not delivered is logged and emitted as ``notification.failed``, never raised; the URL is
+  shown as ``scheme://host:port/...`` only).
 * The camera, the pipeline's workers and its recovery are framepipe's: a camera that fails is
   retried with backoff (``camera.max_retries``), a pipeline that fails for good is recovered
   after ``restart_cooldown_seconds``, at most ``max_restart_attempts`` times, then
@@ -32,9 +34,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from doorbell.config import DoorbellConfig
+from doorbell.notify import Webhook
 from doorbell.stages import (
     FaceDetection,
     FaceRecognition,
@@ -55,7 +56,6 @@ from framepipe.sources.base import Source
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
 from framepipe.stream.performance import Performance
 from framepipe.stream.sinks import Sink
-from framepipe.urls import safe_text, safe_url
 
 __all__ = ["PipelineOrchestrator"]
 
@@ -99,8 +99,17 @@ class PipelineOrchestrator:
         )
         self.events_total = 0
         self.issues: list[str] = []
-        self.notifications_sent = 0
-        self.notifications_failed = 0
+        self.webhook = (
+            Webhook(
+                config.webhook_url,
+                timeout=config.webhook_timeout,
+                retries=config.webhook_retries,
+                max_pending=config.webhook_queue,
+                on_failure=self._notification_failed,
+            )
+            if config.webhook_url
+            else None
+        )
         self._event_times: collections.deque[float] = collections.deque()
         self._pending: set[asyncio.Future[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -248,9 +257,29 @@ class PipelineOrchestrator:
         await self.drain_notifications()
 
     async def drain_notifications(self) -> None:
-        """Wait (bounded by the webhook's timeout) for events still being stored or POSTed."""
+        """Wait (bounded by the webhook's timeout) for events still being stored or POSTed;
+        the webhook's events not delivered by then are counted as dropped."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self.config.webhook_timeout + 1)
+        if self.webhook is not None:
+            await self.webhook.close(self.config.webhook_timeout + 1)
+
+    @property
+    def notifications_sent(self) -> int:
+        """Events the webhook accepted."""
+        return self.webhook.sent if self.webhook is not None else 0
+
+    @property
+    def notifications_failed(self) -> int:
+        """Events the webhook did not accept (after the retries)."""
+        return self.webhook.failed if self.webhook is not None else 0
+
+    def _notification_failed(self, event: dict[str, Any], error: str) -> None:
+        assert self.webhook is not None
+        self.app.emit(
+            "notification.failed",
+            {"event_id": event.get("event_id"), "url": self.webhook.shown, "error": error},
+        )
 
     def reload_known_faces(self) -> KnownFaces:
         """Encode ``known_faces_dir`` again (blocking); the pipeline uses the new faces from
@@ -367,35 +396,24 @@ class PipelineOrchestrator:
             event.get("snapshot_key") or "",
         )
         loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(None, self._store_and_notify, event)
+        task = loop.run_in_executor(None, self._store, event)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        if self.webhook is not None and kind.startswith(("visitor.", "doorbell.")):
+            self.webhook.submit(event)
         self.app.emit(kind, event)
         return event
 
-    def _store_and_notify(self, event: dict[str, Any]) -> None:
-        """Store the event's JSON; POST it to the webhook (in a worker thread)."""
-        if self.objects is not None:
-            try:
-                self.objects.put(
-                    f"events/{event['event_id']}.json", json.dumps(event, default=str).encode()
-                )
-            except Exception as exc:
-                self.log.warning("event %s not stored: %s", event["event_id"], exc)
-        url = self.config.webhook_url
-        if not url or not event["type"].startswith(("visitor.", "doorbell.")):
+    def _store(self, event: dict[str, Any]) -> None:
+        """Store the event's JSON (in a worker thread)."""
+        if self.objects is None:
             return
         try:
-            response = httpx.post(url, json=event, timeout=self.config.webhook_timeout)
-            response.raise_for_status()
-            self.notifications_sent += 1
-        except httpx.HTTPError as exc:
-            self.notifications_failed += 1
-            shown, error = safe_url(url), safe_text(str(exc))  # never the URL's secrets
-            self.log.warning("webhook %s failed for %s: %s", shown, event["event_id"], error)
-            self._emit_threadsafe(
-                "notification.failed", {"event_id": event["event_id"], "url": shown, "error": error}
+            self.objects.put(
+                f"events/{event['event_id']}.json", json.dumps(event, default=str).encode()
             )
+        except Exception as exc:
+            self.log.warning("event %s not stored: %s", event["event_id"], exc)
 
     def _stored_events(self) -> list[dict[str, Any]]:
         """The latest ``recent_events`` events stored by earlier runs, oldest first (by the
@@ -562,7 +580,11 @@ class PipelineOrchestrator:
             "source": status["source"] if status else None,
             "restart_attempts": sum(self.app.restart_attempts.values()),
             "known_faces": self.known.names,
-            "notifications": {"sent": self.notifications_sent, "failed": self.notifications_failed},
+            "notifications": (
+                self.webhook.stats()
+                if self.webhook is not None
+                else {"sent": 0, "failed": 0, "dropped": 0, "pending": 0}
+            ),
         }
 
 
