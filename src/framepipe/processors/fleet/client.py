@@ -29,7 +29,10 @@ Guarantees:
   to), a ``process_frame`` that raises (or exceeds ``frame_timeout``) and a result
   that is not a JSON-serialisable dict each give an error result for that frame (``status``
   ``error``, ``error_kind`` ``input``/``processor``/``output``, the error text), are acked and
-  logged; the consumer goes on.
+  logged; the consumer goes on. So is a result Redis rejects for good (``result_stream`` a key
+  of another type, an ACL without it): an ``output`` error naming the result stream, on the
+  router's reply stream. A ``result_stream`` that is a key of another type at start fails the
+  start with :class:`~framepipe.errors.ConfigError` naming it.
 * Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
   after ``connect_retries`` retries; never a hang. Redis lost later, or refusing for a while
   (``LOADING`` after a restart, ``BUSY``, ``OOM``, ``READONLY``:
@@ -79,7 +82,7 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from framepipe.backoff import Backoff
-from framepipe.errors import RegistryConnectionError
+from framepipe.errors import ConfigError, RegistryConnectionError
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.consuming import Consumer
 from framepipe.processors.fleet.environment import (
@@ -415,6 +418,7 @@ class ProcessorClient(abc.ABC):
                 what=what,
             )
             try:
+                await self._check_result_stream()
                 await self._register()
             except REDIS_ERRORS as exc:
                 if not unavailable(exc):
@@ -488,6 +492,17 @@ class ProcessorClient(abc.ABC):
                 self.result_stream,
             )
         self._registered.set()
+
+    async def _check_result_stream(self) -> None:
+        """:class:`ConfigError` when ``result_stream`` names a key that is not a stream (every
+        result would be rejected)."""
+        kind = text(await self._require_redis().type(self.result_stream))
+        if kind not in ("none", "stream"):
+            raise ConfigError(
+                f"processor {self.processor_id!r}: its result stream {self.result_stream!r} "
+                f"is a Redis {kind}, not a stream; give another result_stream, or delete "
+                "the key"
+            )
 
     async def _heartbeat_loop(self, done: asyncio.Event) -> None:
         redis = self._require_redis()
@@ -639,7 +654,9 @@ class ProcessorClient(abc.ABC):
             traceparent,
             (time.perf_counter() - started) * 1000.0,
         )
-        await self._publish(mid, fields, outcome, payload)
+        if not await self._publish(mid, fields, outcome, payload) and outcome.ok:
+            self.processed -= 1  # Redis rejected its result: answered as an output error
+            self.failed += 1
         self._consumer.free(mid)
 
     async def _give_up(self, mid: bytes, fields: Fields, attempts: Attempts) -> None:
@@ -659,10 +676,10 @@ class ProcessorClient(abc.ABC):
 
     async def _publish(
         self, mid: bytes, fields: Fields, outcome: Outcome, payload: dict[str, str | bytes]
-    ) -> None:
+    ) -> bool:
         """:meth:`Publisher.publish` (frames are handled only once started)."""
         assert self._publisher is not None
-        await self._publisher.publish(mid, fields, outcome, payload)
+        return await self._publisher.publish(mid, fields, outcome, payload)
 
     # -- shutdown -----------------------------------------------------------------------------
 
