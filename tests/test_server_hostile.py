@@ -38,6 +38,8 @@ from framepipe.backends.state.schema import events as events_table
 from framepipe.backends.state.schema import executions as executions_table
 from framepipe.config import Settings
 from framepipe.server.panels import AppDashboard
+from framepipe.sources import PatternSource
+from framepipe.stream import StreamPipeline
 from rawsocket import stalled_websocket
 from test_server import AUTH, TOKEN, Server, wait_status
 from waiting import free_port, wait_until
@@ -671,6 +673,56 @@ def test_error_details_do_not_carry_server_paths(settings: Settings) -> None:
         for response in (missing, client.get("/api/executions/nope")):
             assert str(settings.home.resolve()) not in response.text
             assert "file://" not in response.text
+
+
+leaky = Pipeline("leaky")
+_SECRET = "s3cr3t-pw"
+
+
+@leaky.step()
+def connect(ctx: StepContext) -> dict[str, Any]:
+    raise RuntimeError(f"could not connect to postgresql://app:{_SECRET}@db.internal/prod")
+
+
+def test_no_answer_shows_the_secret_of_a_url_whatever_stored_it(settings: Settings) -> None:
+    """A step failing with its database's URL in the message, an input naming a camera with
+    its password, a live source whose id is such a URL: the error, the steps, the events, the
+    status, the live feed, the sources and /metrics each showed the password as it was."""
+    station = App("station", settings=settings, health_interval=0.1)
+    camera = f"rtsp://admin:{_SECRET}@10.0.0.5/stream?token={_SECRET}"
+    station.add_pipeline(StreamPipeline("door", PatternSource(camera, fps=20)))
+    with (
+        Server(settings, pipelines=(leaky,), apps=[station]) as server,
+        httpx.Client(base_url=server.url, headers=AUTH) as client,
+    ):
+        execution_id = client.post(
+            "/api/executions", json={"pipeline": "leaky", "inputs": {"camera": camera}}
+        ).json()["id"]
+        assert wait_status(client, execution_id)["status"] == "failed"
+        wait_until(
+            "the source to run",
+            lambda: [s["state"] for s in client.get("/api/sources").json()] == ["running"],
+        )
+        answers = {
+            path: client.get(path).text
+            for path in (
+                "/api/executions",
+                f"/api/executions/{execution_id}",
+                f"/api/status/{execution_id}",
+                f"/api/events?execution_id={execution_id}",
+                "/api/events?limit=1000",
+                "/api/sources",
+                "/metrics",
+            )
+        }
+        with _ws(server, f"/ws?execution_id={execution_id}", additional_headers=AUTH) as ws:
+            answers["/ws"] = ws.recv(timeout=10)
+        for path, text in answers.items():
+            assert _SECRET not in text, path
+        shown = json.loads(answers[f"/api/executions/{execution_id}"])
+        assert "postgresql://app:***@db.internal/prod" in shown["error"]
+        assert shown["inputs"]["camera"] == "rtsp://admin:***@10.0.0.5/stream?token=***"
+        assert "rtsp://admin:***@10.0.0.5" in answers["/metrics"]
 
 
 def test_the_schema_is_public_and_holds_no_data_and_no_page_loads_outside_scripts(

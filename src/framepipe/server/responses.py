@@ -9,7 +9,8 @@ server's home or object store: an object store's own failure is answered with a 
 (naming the key, where the route knows it:
 :func:`~framepipe.server.store_errors.object_store_errors`), its message, which
 holds paths or endpoints, goes to the log only; a request that fails validation is a 422 that
-lists what is wrong without echoing the input.
+lists what is wrong without echoing the input; no URL in an answer shows its password or a
+secret query value (:mod:`framepipe.server.public`).
 """
 
 from typing import Any
@@ -29,6 +30,7 @@ from framepipe.errors import (
     StateStoreError,
 )
 from framepipe.logs import get_logger
+from framepipe.server.public import public_json
 from framepipe.server.state import service_state
 from framepipe.server.store_errors import store_failure_detail
 from framepipe.untrusted import dumps
@@ -49,10 +51,11 @@ _log = get_logger("server")
 
 class SafeJSONResponse(JSONResponse):
     """JSON that always encodes: a lone surrogate stored before it was refused at the
-    boundary is sent as its ``\\uXXXX`` escape instead of failing the whole response."""
+    boundary is sent as its ``\\uXXXX`` escape instead of failing the whole response; the
+    secrets of the URLs in its strings are masked (:mod:`framepipe.server.public`)."""
 
     def render(self, content: Any) -> bytes:
-        return dumps(content).encode("utf-8")
+        return dumps(public_json(content)).encode("utf-8")
 
 
 async def _framepipe_error(request: Request, exc: FramepipeError) -> Response:

@@ -32,6 +32,7 @@ from framepipe.events import Event
 from framepipe.logs import get_logger
 from framepipe.server.guard import admit_websocket
 from framepipe.server.params import ExecutionId, check_execution_id
+from framepipe.server.public import public_json
 from framepipe.server.routes.executions import summaries
 from framepipe.server.state import Service, ServiceState
 from framepipe.untrusted import dumps
@@ -71,7 +72,7 @@ async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
     :data:`STALL_TIMEOUT` seconds."""
     try:
         async with asyncio.timeout(STALL_TIMEOUT):  # no task per message, as wait_for makes
-            await websocket.send_text(dumps(message))
+            await websocket.send_text(dumps(public_json(message)))
     except TimeoutError:
         raise _Stalled from None
 
@@ -150,7 +151,7 @@ async def _refuse(websocket: WebSocket, service: ServiceState, exc: FramepipeErr
         _log.error("/ws: no snapshot: %s", exc)
         code, detail = 1011, "the server failed to read the state (its log has the cause)"
     with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-        await websocket.send_text(dumps({"type": "error", "detail": detail}))
+        await websocket.send_text(dumps(public_json({"type": "error", "detail": detail})))
         await websocket.close(code=code)
 
 

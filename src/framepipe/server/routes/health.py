@@ -5,6 +5,7 @@ import time
 
 from framepipe import __version__
 from framepipe.errors import MissingDependencyError
+from framepipe.server.public import public_text
 from framepipe.server.responses import SafeJSONResponse
 from framepipe.server.state import Service, check_token
 
@@ -54,7 +55,8 @@ async def metrics(service: Service) -> Response:
     """Prometheus text: executions and steps by status, step run times, failures and
     crashes, workers, the job broker's backlog, and the live pipelines of the apps served
     here (per stage fps, latency, queue depth, drops; per source restarts) and their event
-    sinks (written, dropped, pending)."""
+    sinks (written, dropped, pending). A URL in a label is shown with its secrets masked
+    (:mod:`framepipe.server.public`)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from framepipe.server.metrics import jobs_registry
@@ -70,4 +72,4 @@ async def metrics(service: Service) -> Response:
             lambda: [s for a in apps.values() for s in event_sink_metrics(a.registry).sinks],
         )
     body = await asyncio.to_thread(generate_latest, registry)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(public_text(body.decode("utf-8")), media_type=CONTENT_TYPE_LATEST)
