@@ -47,8 +47,8 @@ from framepipe.errors import (
     ObjectNotFoundError,
     ObjectStoreError,
 )
-from s3server import REGION, S3Server
-from waiting import free_port
+from s3server import REGION, S3Server, _wait_listening, start_moto
+from waiting import free_port, wait_until
 
 MIB = 1024 * 1024
 
@@ -267,7 +267,7 @@ def test_open_object_store_s3(s3_server: S3Server) -> None:
         ("s3://AKIDEXAMPLE@bucket", "carries credentials"),
         ("s3:///prefix", "names no bucket"),
         ("s3://bucket?endpoint=http://h:1&endpoint=http://h:2", "'endpoint' given twice"),
-        ("s3://bucket?secret=x", "unknown option 'secret'.*endpoint, region, create"),
+        ("s3://bucket?secret=x", "unknown option 'secret'.*endpoint, region, create, connect_"),
         ("s3://bucket?create=maybe", "create='maybe'"),
         ("s3://bucket#frag", "fragment"),
     ],
@@ -582,3 +582,57 @@ def test_package_import_does_not_import_boto3() -> None:
         "assert 'boto3' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("read_timeout=0", "read_timeout='0', expected seconds above 0"),
+        ("connect_timeout=soon", "connect_timeout='soon', expected seconds"),
+        ("read_timeout=nan", "read_timeout='nan'"),
+        ("max_attempts=0", "max_attempts='0', expected a whole number 1-20"),
+        ("max_attempts=2.5", "max_attempts='2.5'"),
+    ],
+)
+def test_an_s3_url_s_timeouts_are_checked(query: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_object_store(f"s3://bucket?endpoint=http://127.0.0.1:9&{query}")
+
+
+@pytest.mark.slow  # an S3 server of its own, frozen
+def test_the_url_s_timeouts_bound_how_long_a_frozen_server_holds_a_put(
+    tmp_path: Path, aws_env: None
+) -> None:
+    """A server that takes the connection and never answers (frozen with SIGSTOP) holds a put
+    for ``read_timeout x max_attempts`` (60 s x 3 by default): with ``read_timeout=1`` and
+    ``max_attempts=2`` in the URL it is refused after about 2 s, naming the timeout."""
+    import signal
+
+    port = free_port()
+    proc = start_moto(port, tmp_path / "s3.log")
+    try:
+        assert _wait_listening(proc, port, time.monotonic() + 60), "moto did not start"
+        url = f"s3://frames?endpoint=http://127.0.0.1:{port}&create=1"
+        with open_object_store(f"{url}&read_timeout=1&max_attempts=2") as store:
+            assert store.url == f"s3://frames?endpoint=http://127.0.0.1:{port}"
+            store.put("a", b"x")
+            proc.send_signal(signal.SIGSTOP)
+            outcome: list[BaseException | None] = []
+
+            def put() -> None:
+                try:
+                    store.put("b", b"y")
+                except BaseException as exc:
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+
+            threading.Thread(target=put, daemon=True).start()
+            wait_until("the put refused", lambda: outcome, 30)  # 180 s with the defaults
+            [error] = outcome
+            assert isinstance(error, ObjectStoreError)
+            assert "timeout" in str(error).lower() or "timed out" in str(error).lower(), error
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()

@@ -31,7 +31,8 @@ def open_object_store(url: str) -> ObjectStore:
 
     - ``file:///absolute/path`` or a plain directory path: :class:`LocalObjectStore` (the
       directory is created if missing);
-    - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``: :class:`S3ObjectStore`
+    - ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``, also ``connect_timeout``,
+      ``read_timeout`` (seconds) and ``max_attempts``: :class:`S3ObjectStore`
       (``pip install 'framepipe[s3]'``); credentials come from the environment, never the URL.
     """
     where = object_store_location(url)
@@ -39,13 +40,7 @@ def open_object_store(url: str) -> ObjectStore:
         return LocalObjectStore(where)
     from framepipe.backends.objects.s3 import S3ObjectStore
 
-    return S3ObjectStore(
-        where.bucket,
-        prefix=where.prefix,
-        endpoint_url=where.endpoint_url,
-        region=where.region,
-        create_bucket=where.create_bucket,
-    )
+    return S3ObjectStore.from_location(where)
 
 
 def object_store_location(url: str) -> Path | S3Location:

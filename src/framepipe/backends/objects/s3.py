@@ -52,6 +52,7 @@ from framepipe.backends.objects.s3_errors import (
     explain,
 )
 from framepipe.backends.objects.s3_location import (
+    S3Location,
     check_location,
     normalise_prefix,
     parse_s3_url,
@@ -194,16 +195,25 @@ class S3ObjectStore(ObjectStore):
 
     @classmethod
     def from_url(cls, url: str) -> S3ObjectStore:
-        """Open ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]``; credentials come
-        from the environment (see the module docstring), never from the URL. A URL that is
-        wrong raises :class:`ConfigError` (see :func:`parse_s3_url`)."""
-        loc = parse_s3_url(url)
+        """Open ``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]`` (also
+        ``connect_timeout``, ``read_timeout``, ``max_attempts``); credentials come from the
+        environment (see the module docstring), never from the URL. A URL that is wrong raises
+        :class:`ConfigError` (see :func:`parse_s3_url`). The store's :attr:`url` names where
+        its objects are (bucket, prefix, endpoint, region), not its timeouts."""
+        return cls.from_location(parse_s3_url(url))
+
+    @classmethod
+    def from_location(cls, loc: S3Location) -> S3ObjectStore:
+        """Open the store an ``s3://`` URL read by :func:`parse_s3_url` names."""
         return cls(
             loc.bucket,
             prefix=loc.prefix,
             endpoint_url=loc.endpoint_url,
             region=loc.region,
             create_bucket=loc.create_bucket,
+            connect_timeout=loc.connect_timeout,
+            read_timeout=loc.read_timeout,
+            max_attempts=loc.max_attempts,
         )
 
     def _make_url(self) -> str:

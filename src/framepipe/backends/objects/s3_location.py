@@ -17,7 +17,7 @@ from framepipe.urls import safe_text, safe_url
 __all__ = ["S3Location", "check_location", "normalise_prefix", "parse_s3_url"]
 
 _BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")  # botocore's rule, loosely
-_URL_OPTIONS = ("endpoint", "region", "create")
+_URL_OPTIONS = ("endpoint", "region", "create", "connect_timeout", "read_timeout", "max_attempts")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -63,14 +63,33 @@ class S3Location:
     endpoint_url: str | None
     region: str | None
     create_bucket: bool
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 3
+
+
+def _seconds(options: dict[str, str], name: str, default: float, shown: str) -> float:
+    text = options.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{shown}: {name}={text!r}, expected seconds above 0, at most 3600")
+    return value
 
 
 def parse_s3_url(url: str) -> S3Location:
     """``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]`` read and checked without
-    contacting anything (boto3 need not be installed). A URL that is wrong (credentials in
-    it, no bucket, an unknown or repeated option, a bad ``create``, a bucket name, prefix or
-    endpoint no store can have) raises :class:`ConfigError` naming the wrong part, the URL
-    shown by :func:`~framepipe.urls.safe_url`."""
+    contacting anything (boto3 need not be installed). ``connect_timeout`` and
+    ``read_timeout`` (seconds, 5 and 60 by default) and ``max_attempts`` (3) set how long a
+    request may wait and how often it is tried: a frozen server holds a put for
+    ``read_timeout x max_attempts``. A URL that is wrong (credentials in it, no bucket, an
+    unknown or repeated option, a bad ``create`` or number, a bucket name, prefix or endpoint
+    no store can have) raises :class:`ConfigError` naming the wrong part, the URL shown by
+    :func:`~framepipe.urls.safe_url`."""
     parts = urllib.parse.urlsplit(url)
     shown = f"object store URL {safe_url(url)!r}"
     # a password written with '/' in it ends the netloc early, at its ':'
@@ -100,12 +119,18 @@ def parse_s3_url(url: str) -> S3Location:
     create = options.get("create", "").lower()
     if create not in _TRUE | _FALSE:
         raise ConfigError(f"{shown}: create={options['create']!r}, expected 1 or 0")
+    attempts = options.get("max_attempts", "3")
+    if not (attempts.isascii() and attempts.isdigit() and 1 <= int(attempts) <= 20):
+        raise ConfigError(f"{shown}: max_attempts={attempts!r}, expected a whole number 1-20")
     location = S3Location(
         parts.netloc,
         prefix=urllib.parse.unquote(parts.path.lstrip("/")),
         endpoint_url=options.get("endpoint") or None,
         region=options.get("region") or None,
         create_bucket=create in _TRUE,
+        connect_timeout=_seconds(options, "connect_timeout", 5.0, shown),
+        read_timeout=_seconds(options, "read_timeout", 60.0, shown),
+        max_attempts=int(attempts),
     )
     check_location(location.bucket, location.prefix, location.endpoint_url)
     return location
