@@ -4,7 +4,8 @@ with persistence, one at ``maxmemory`` (``OOM``) or a demoted master (``READONLY
 same way) is waited out by the processor (its reads, its heartbeats and the publishing of a
 result it finished meanwhile) and by the registry (its reply reader, its health watch): both
 go on once the server serves again, where the refusal killed the processor and failed the
-registry for good.
+registry for good. A processor whose reconnection backoff grew while Redis was away reads its
+stream again as soon as a heartbeat goes through, not at the end of its backoff.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import pytest
 
 redis_sync = pytest.importorskip("redis")
 
+from framepipe.backoff import Backoff  # noqa: E402
 from framepipe.errors import NoProcessorError, RegistryConnectionError  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
-from test_processors_remote import FAST, PrivateRedis, make_frame  # noqa: E402
+from test_processors_remote import FAST, Detector, PrivateRedis, make_frame  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -169,6 +171,48 @@ def test_a_server_refusing_for_a_while_is_waited_out_by_processor_and_registry(
                     await asyncio.sleep(0.1)
             assert again.ok
         processor.stop()
+        await asyncio.wait_for(serving, 20)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_processor_reads_again_once_redis_is_back_not_at_the_end_of_its_backoff(
+    server: PrivateRedis,
+) -> None:
+    """Its reconnection backoff grows while Redis is away (to 30 s by default); the first
+    heartbeat that goes through cuts it short, since that heartbeat registers it again and
+    routers send it frames at once."""
+
+    async def main() -> None:
+        detector = Detector(
+            "face-1",
+            ["face_detection"],
+            "fpchaos:",
+            url=server.url,
+            backoff=Backoff(300.0, 2.0, 300.0, 0.0),  # an outage long enough for the maximum
+        )
+        serving = asyncio.create_task(detector.start())
+        await wait_until_async("the processor never registered", detector._registered.is_set, 10)
+        async with ProcessorRegistry(
+            server.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
+        ) as registry:
+            assert (await registry.call(make_frame(1), "face_detection")).ok
+            await asyncio.to_thread(server.stop)
+            await wait_until_async(
+                "the processor never noticed", lambda: detector.state == "reconnecting", 20
+            )
+            await asyncio.to_thread(server.start)  # empty: it registers again by heartbeat
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    result = await registry.call(make_frame(2), "face_detection", timeout=60)
+                    break
+                except (RegistryConnectionError, NoProcessorError):
+                    assert time.monotonic() < deadline, "the processor never registered again"
+                    await asyncio.sleep(0.1)
+            assert result.ok
+            assert not serving.done()
+        detector.stop()
         await asyncio.wait_for(serving, 20)
 
     asyncio.run(asyncio.wait_for(main(), 120))

@@ -37,8 +37,9 @@ Guarantees:
   after ``connect_retries`` retries; never a hang. Redis lost later, or refusing for a while
   (``LOADING`` after a restart, ``BUSY``, ``OOM``, ``READONLY``:
   :mod:`~framepipe.processors.fleet.outages`): the client reconnects with exponential backoff
-  (for as long as it runs), registers again, takes back the entries it held and publishes the
-  results it finished meanwhile.
+  (for as long as it runs; cut short by the first heartbeat that goes through, so that it
+  reads its stream again within a heartbeat period of Redis's return), registers again,
+  takes back the entries it held and publishes the results it finished meanwhile.
 * Entries pending in its stream that it does not hold are taken back: at start (an earlier
   life's), after reconnecting, and whenever a heartbeat finds entries of its stream held by
   another consumer (the registry takes the entries of a processor it declared dead; when none
@@ -269,6 +270,7 @@ class ProcessorClient(abc.ABC):
         self._publisher: Publisher | None = None  # publish + acknowledge, once started
         self._running = False
         self._beat_failing = False  # the last heartbeat failed (logged once per run of them)
+        self._redis_back = asyncio.Event()  # a heartbeat went through since it was cleared
 
     # -- what a subclass implements ---------------------------------------------------------
 
@@ -529,6 +531,7 @@ class ProcessorClient(abc.ABC):
                     self.max_in_flight,
                 )
                 self.last_heartbeat = beat
+                self._redis_back.set()
                 if self._beat_failing:
                     self._beat_failing = False
                     self.log.info("heartbeat written again")
@@ -618,9 +621,21 @@ class ProcessorClient(abc.ABC):
                 await self._sleep_unless_stopping(delay)
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
+        """Wait ``delay`` seconds before connecting again, or less: until stopped, or until
+        a heartbeat went through (Redis is back: the backoff may have grown to
+        ``backoff.maximum`` while it was away, and routers send frames again as soon as a
+        heartbeat registered the processor again)."""
         assert self._stop_event is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop_event.wait(), delay)
+        self._redis_back.clear()
+        waits = {
+            asyncio.ensure_future(self._stop_event.wait()),
+            asyncio.ensure_future(self._redis_back.wait()),
+        }
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     # -- one frame ----------------------------------------------------------------------------
 
