@@ -143,6 +143,43 @@ def test_text_no_database_can_store_is_stored_escaped(in_mode: Mode) -> None:
     workers_alive(in_mode)
 
 
+# -- a password in a step's error --------------------------------------------------------------
+
+SECRET = "s3cr3t-pw"
+
+leaky = Pipeline("hj_leaky_error")
+
+
+@leaky.step(retries=1)
+def connect(ctx: StepContext) -> dict[str, Any]:
+    raise ConnectionError(f"could not connect to postgresql://app:{SECRET}@db.internal/prod")
+
+
+def test_a_password_in_a_step_s_error_is_never_recorded(
+    in_mode: Mode, logs: pytest.LogCaptureFixture
+) -> None:
+    """A step's exception names a database URL with its password (as drivers' messages do):
+    the stored error, the step's, the events and the engine's log show it masked, in both
+    modes; the rest of the message stays."""
+
+    async def work(engine: JobEngine) -> ExecutionInfo:
+        return await engine.wait(
+            await engine.submit(leaky, in_mode.inputs()), raise_on_failure=False
+        )
+
+    failed = session(in_mode, work)
+    assert failed.status is ExecutionStatus.FAILED
+    step = failed.step("connect")
+    assert step.error is not None and failed.error is not None
+    assert "postgresql://app:***@db.internal/prod" in step.error
+    events = in_mode.events(failed.id)
+    recorded = [failed.error, step.error, *(json.dumps(e.data) for e in events), logs.text]
+    assert all(SECRET not in text for text in recorded), [
+        text for text in recorded if SECRET in text
+    ]
+    assert any("app:***@db.internal" in json.dumps(e.data) for e in events)
+
+
 # -- a commit the store refuses ---------------------------------------------------------------
 
 refused = Pipeline("hj_refused")

@@ -18,6 +18,7 @@ from framepipe.errors import (
 )
 from framepipe.jobs.keys import canonical_json
 from framepipe.untrusted import storable_text
+from framepipe.urls import safe_text
 
 if TYPE_CHECKING:
     from framepipe.config import Settings
@@ -91,7 +92,9 @@ def error_text(exc: BaseException) -> str:
     be read is named with that failure instead. Always storable: a lone surrogate or a NUL in
     the message (a file name from ``os.listdir``, bytes decoded as text) is escaped by
     :func:`~framepipe.jobs.storable.storable_text`, so no step's error can fail the commit
-    that records it."""
+    that records it. Never a password: a URL in the message or the traceback (a database
+    driver's "could not connect to postgresql://app:pw@db") is shown by
+    :func:`~framepipe.urls.safe_text`, in the records, the events and the log alike."""
     try:
         message = str(exc)
     except Exception as broken:
@@ -101,7 +104,7 @@ def error_text(exc: BaseException) -> str:
         tb = "".join(traceback.format_exception(exc)).rstrip()
     except Exception as broken:
         tb = f"<its traceback could not be read: {type(broken).__name__}>"
-    return storable_text(f"{head}\n\n{tb}")
+    return storable_text(safe_text(f"{head}\n\n{tb}"))
 
 
 def check_output(

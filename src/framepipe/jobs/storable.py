@@ -25,6 +25,7 @@ backslash-u escape is not a file name anyone has.)
 from __future__ import annotations
 
 from framepipe.untrusted import storable_text
+from framepipe.urls import safe_text
 
 __all__ = ["brief_error"]
 
@@ -32,6 +33,8 @@ __all__ = ["brief_error"]
 def brief_error(exc: BaseException) -> str:
     """``Type: first line of the message`` of ``exc``, storable: what a log line or a stored
     error says of a failure whose full text is not wanted (a database error's first line,
-    without the statement and its parameters)."""
+    without the statement and its parameters), a URL in it without its password."""
     lines = str(exc).splitlines()
-    return storable_text(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+    return storable_text(
+        safe_text(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+    )
