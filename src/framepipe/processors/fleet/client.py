@@ -50,6 +50,10 @@ Guarantees:
   stops after ``max_attempts`` restarts under the same id.
 * A ``process_frame`` that raises while ``image_encoding`` was left to its default gets a
   hint in its error text: the image data is base64 unless ``image_encoding="raw"``.
+* One process per id: a start under an id a live process holds fails with
+  :class:`~framepipe.errors.ConfigError` naming it (the record of one that died without
+  deregistering is taken over, once its heartbeat is seen standing still:
+  :mod:`~framepipe.processors.fleet.identity`).
 * Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
   ``failed`` in the processor's hash). A processor declared dead by the registry (silent too
   long) that turns out alive registers again at its next heartbeat.
@@ -79,6 +83,7 @@ import json
 import os
 import signal
 import time
+import uuid
 from collections.abc import Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -94,6 +99,7 @@ from framepipe.processors.fleet.environment import (
 )
 from framepipe.processors.fleet.handling import run_frame
 from framepipe.processors.fleet.health import HealthServer
+from framepipe.processors.fleet.identity import RUNNING, claim
 from framepipe.processors.fleet.options import (
     DEFAULT_CAPACITY,
     DEFAULT_HEALTH_HOST,
@@ -271,6 +277,7 @@ class ProcessorClient(abc.ABC):
         self._running = False
         self._beat_failing = False  # the last heartbeat failed (logged once per run of them)
         self._redis_back = asyncio.Event()  # a heartbeat went through since it was cleared
+        self._instance = uuid.uuid4().hex  # this client, in its record (one process per id)
 
     # -- what a subclass implements ---------------------------------------------------------
 
@@ -421,6 +428,8 @@ class ProcessorClient(abc.ABC):
             )
             try:
                 await self._check_result_stream()
+                await claim(self._redis, self.keys, self.processor_id, self._instance, self.log)
+                RUNNING.add(self._instance)
                 await self._register()
             except REDIS_ERRORS as exc:
                 if not unavailable(exc):
@@ -449,6 +458,7 @@ class ProcessorClient(abc.ABC):
             finally:
                 await self._shutdown(beating, beat_done)
         finally:
+            RUNNING.discard(self._instance)
             self.state = ProcessorState.STOPPED
             if self._health is not None:
                 await self._health.close()
@@ -481,6 +491,7 @@ class ProcessorClient(abc.ABC):
             processed=self.processed,
             failed=self.failed,
             health_interval=self.health_interval,
+            instance=self._instance,
         )
         if not self._stopping:
             self.state = ProcessorState.READY

@@ -61,10 +61,11 @@ async def register(
     processed: int,
     failed: int,
     health_interval: float | None = None,
+    instance: str = "",
 ) -> None:
     """Create the processor's stream and consumer group (kept when they exist), then write its
-    record (state ``ready``, this process's pid and host) and set membership in one
-    transaction."""
+    record (state ``ready``, this process's pid and host, the client's ``instance`` token)
+    and set membership in one transaction."""
     try:
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     except ResponseError as exc:
@@ -88,6 +89,8 @@ async def register(
     }
     if health_interval is not None:
         record["health_interval"] = repr(float(health_interval))
+    if instance:
+        record["instance"] = instance
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.proc(processor_id), mapping=record)
         pipe.sadd(keys.processors, processor_id)

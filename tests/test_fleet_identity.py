@@ -1,0 +1,100 @@
+"""One process per processor id, on the real Redis: a second client under the id of a running
+one (in this process, or another process) fails its start with a ConfigError naming the
+holder, and the first goes on (they shared one stream and one consumer name, and the first to
+stop removed the other's registration); a client under the id of a processor that was killed
+without deregistering takes the id over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REDIS_URL, redis_namespace
+
+redis_sync = pytest.importorskip("redis")
+
+from framepipe.errors import ConfigError  # noqa: E402
+from framepipe.processors import ProcessorRegistry  # noqa: E402
+from test_processors_remote import Detector, ProcessorProcess, make_frame, serving  # noqa: E402
+from waiting import wait_until_async  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    with redis_namespace("fptest:") as namespace:
+        yield namespace
+
+
+def registered(ns: str, processor_id: str) -> dict[bytes, bytes]:
+    client = redis_sync.Redis.from_url(REDIS_URL)
+    try:
+        return client.hgetall(f"{ns}proc:{processor_id}")  # type: ignore[no-any-return]
+    finally:
+        client.close()
+
+
+def test_a_second_client_under_a_running_clients_id_is_refused(ns: str) -> None:
+    first = Detector("face-1", ["face_detection"], ns)
+    second = Detector("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        async with serving(first), ProcessorRegistry(REDIS_URL, ns) as registry:
+            with pytest.raises(ConfigError, match=r"'face-1' is in use by pid \d+"):
+                await asyncio.wait_for(second.start(), 20)
+            result = await registry.call(make_frame(1), "face_detection")
+            assert result.ok and result.processor_id == "face-1"
+            assert registered(ns, "face-1")[b"instance"] == first._instance.encode()
+        assert first.processed == 1 and second.processed == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_client_under_the_id_of_another_live_process_is_refused(ns: str, tmp_path: Path) -> None:
+    other = ProcessorProcess(tmp_path, ns, "face-1", capacity=1, delay=0.0)
+    mine = Detector("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        await other.start()
+        try:
+            await wait_until_async(
+                "the other process never registered",
+                lambda: registered(ns, "face-1").get(b"state") == b"ready",
+                20,
+            )
+            assert other.proc is not None
+            with pytest.raises(ConfigError, match=rf"in use by pid {other.proc.pid} "):
+                await asyncio.wait_for(mine.start(), 20)
+            assert registered(ns, "face-1")[b"pid"] == str(other.proc.pid).encode()
+        finally:
+            await other.finish()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_id_of_a_killed_processor_is_taken_over(ns: str, tmp_path: Path) -> None:
+    killed = ProcessorProcess(tmp_path, ns, "face-1", capacity=1, delay=0.0)
+    successor = Detector("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        await killed.start()
+        await wait_until_async(
+            "the process never registered",
+            lambda: registered(ns, "face-1").get(b"state") == b"ready",
+            20,
+        )
+        assert killed.proc is not None
+        killed.proc.send_signal(signal.SIGKILL)
+        await killed.exited()
+        assert registered(ns, "face-1")[b"state"] == b"ready"  # it could not deregister
+        async with serving(successor), ProcessorRegistry(REDIS_URL, ns) as registry:
+            assert (await registry.call(make_frame(1), "face_detection")).ok
+        assert successor.processed == 1
+
+    asyncio.run(asyncio.wait_for(main(), 60))
