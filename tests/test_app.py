@@ -355,6 +355,45 @@ def test_metrics_health_snapshot_and_cli_views(tmp_path: Path) -> None:
     assert sources.exit_code == 0 and "station_1" in sources.stdout
 
 
+def test_what_an_app_writes_never_holds_a_password_its_processors_named(
+    tmp_path: Path, store: Any, logs: pytest.LogCaptureFixture
+) -> None:
+    """A processor's error names a camera URL with its password (as a driver's message does):
+    the health snapshot other processes read, the events an attached sink stores and the
+    log show it masked; the rest of the text stays."""
+    from framepipe import StoreEventSink
+    from framepipe.backends.state.schema import events as events_table
+
+    secret = "hunter2pw"
+
+    def leaky(frame: Frame) -> Frame:
+        raise RuntimeError(f"cannot reach rtsp://admin:{secret}@10.0.0.9/stream1")
+
+    app = App("site", settings=Settings(home=tmp_path), health_interval=0.05)
+    app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20), stages=[Stage(leaky)]))
+
+    async def main() -> str:
+        sink = StoreEventSink(store, "site").attach(app)
+        await app.start()
+        try:
+            await wait_until_async(
+                "an error in the snapshot",
+                lambda: app.snapshot_path.exists() and "10.0.0.9" in app.snapshot_path.read_text(),
+            )
+            return app.snapshot_path.read_text()
+        finally:
+            await app.stop()
+            await sink.aclose()
+
+    snapshot = asyncio.run(main())
+    assert "rtsp://admin:***@10.0.0.9/stream1" in snapshot
+    with store.read() as conn:
+        stored = [str(row.data) for row in conn.execute(events_table.select())]
+    assert any("admin:***@10.0.0.9" in data for data in stored)
+    assert all(secret not in text for text in [snapshot, *stored])
+    assert "admin:***@10.0.0.9" in logs.text and secret not in logs.text
+
+
 def test_a_pipeline_removed_then_added_again_under_its_name_starts_afresh(tmp_path: Path) -> None:
     """A camera re-provisioned under the same name after it was paused and removed: it is not
     reported 'stopped' while it runs, its being down makes the app degraded, and the

@@ -47,6 +47,7 @@ from framepipe.snapshots import (
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import Supervisor
 from framepipe.telemetry import event_sink_metrics, metrics_registry, render
+from framepipe.urls import safe_json
 
 __all__ = [
     "App",
@@ -576,7 +577,7 @@ class App:
         path = self.snapshot_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.health().to_dict(), default=str))
+        tmp.write_text(json.dumps(safe_json(self.health().to_dict()), default=str))
         os.replace(tmp, path)
         self._write_previews()
 

@@ -69,7 +69,7 @@ from framepipe.logs import get_logger
 from framepipe.outage import Outage, cause
 from framepipe.telemetry import event_sink_metrics
 from framepipe.untrusted import storable_json, storable_text
-from framepipe.urls import safe_url
+from framepipe.urls import safe_json, safe_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -80,7 +80,9 @@ __all__ = ["RedisEventSink", "StoreEventSink"]
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = storable_json(data)
+    """``data`` as every sink writes it: storable by every backend, and no password of a URL
+    in it (an error naming ``rtsp://user:pw@cam``)."""
+    result: dict[str, Any] = safe_json(storable_json(data))
     return result
 
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+from framepipe.urls import safe_text
+
 __all__ = ["ComponentLogger", "Repeats", "configure_logging", "get_logger"]
 
 FORMAT = "%(asctime)s %(levelname)-7s [%(component)s] %(message)s"
@@ -25,20 +27,40 @@ class _ComponentFilter(logging.Filter):
 
 
 def _utf8(value: Any) -> Any:
-    """``value``, or, a text holding a lone surrogate (a file name's undecodable byte, a
-    hostile string), the same with it written as an escape: ``name\\udcff``."""
+    """``value`` as a log line may show it: a text holding a lone surrogate (a file name's
+    undecodable byte, a hostile string) with it written as an escape (``name\\udcff``), and
+    a text or an exception naming a URL with the URL's secrets masked (:func:`safe_text`:
+    a driver's "cannot reach rtsp://admin:pw@cam")."""
+    if isinstance(value, BaseException):
+        try:
+            text = str(value)
+        except Exception:  # its own __str__ is broken: logging says so when it formats it
+            return value
+        if "://" not in text:
+            return value
+        value = text
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return safe_text(value)
     return value
+
+
+class _MaskedFormatter(logging.Formatter):
+    """The component format, with the secrets of URLs masked in the whole line, a traceback
+    included (what the adapter cannot reach: a record of another library, ``exc_info``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return safe_text(super().format(record))
 
 
 class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger that stamps every record with its component name. Text in its message and
     arguments is made encodable as UTF-8 first (a lone surrogate escaped), so a handler that
-    writes UTF-8 (a file, a journal, a JSON log) never fails on a line of framepipe's."""
+    writes UTF-8 (a file, a journal, a JSON log) never fails on a line of framepipe's, and
+    no URL in them shows its password, whatever handler the application installed."""
 
     def __init__(self, component: str, logger: str | None = None) -> None:
         super().__init__(
@@ -112,7 +134,7 @@ def configure_logging(level: str | int = "INFO", *, stream: Any = None) -> None:
         if getattr(handler, "_framepipe", False):
             logger.removeHandler(handler)
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(_MaskedFormatter(FORMAT))
     handler.addFilter(_ComponentFilter())
     handler._framepipe = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -16,15 +16,17 @@ ambiguous it masks too much, never too little: ``http://h:8080/x?to=a@b`` is sho
 
 :func:`safe_text` applies the same rule to every URL inside a text (a command's argument such
 as ``location=rtsp://user:pw@cam/1``, a line a program printed): each ``scheme://`` and what
-follows it up to the next whitespace is shown by :func:`safe_url`.
+follows it up to the next whitespace is shown by :func:`safe_url`; :func:`safe_json` to every
+string of a JSON-like value (an event's data, a health snapshot, an answer of the service).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["safe_text", "safe_url"]
+__all__ = ["safe_json", "safe_text", "safe_url"]
 
 _SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|sig|credential|auth|session", re.I)
 _PASSWORD = re.compile(
@@ -60,3 +62,15 @@ def safe_text(text: str) -> str:
     if "://" not in text:
         return text
     return _URL_IN_TEXT.sub(lambda match: safe_url(match.group()), text)
+
+
+def safe_json(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, tuples, scalars) with :func:`safe_text` applied to
+    every string in it, keys included; tuples come back as lists."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {(safe_text(k) if isinstance(k, str) else k): safe_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [safe_json(v) for v in value]
+    return value

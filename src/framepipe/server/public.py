@@ -11,7 +11,7 @@ are masked, whatever stored them. The same text without a URL is sent unchanged.
 
 from typing import Any
 
-from framepipe.urls import safe_text
+from framepipe.urls import safe_json, safe_text
 
 __all__ = ["public_json", "public_text"]
 
@@ -23,13 +23,5 @@ def public_text(text: str) -> str:
 
 def public_json(value: Any) -> Any:
     """``value`` (JSON-like: dicts, lists, tuples, scalars) with the secrets of the URLs in
-    its strings, keys included, masked; a value without any is returned as it is."""
-    if isinstance(value, str):
-        return safe_text(value)
-    if isinstance(value, dict):
-        return {
-            (safe_text(k) if isinstance(k, str) else k): public_json(v) for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [public_json(v) for v in value]
-    return value
+    its strings, keys included, masked (:func:`framepipe.urls.safe_json`)."""
+    return safe_json(value)
