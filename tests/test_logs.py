@@ -48,3 +48,29 @@ def test_a_line_holding_a_lone_surrogate_is_written_by_a_utf8_handler() -> None:
         "capture started: sh -c 'exit 3' 'name\\udcff' test_logs.py",
         "bad\\ud800 message test_logs.py",
     ]
+
+
+def test_no_line_shows_the_password_of_a_url() -> None:
+    """A password in a URL, in a message, an argument, an exception argument, a traceback
+    (``exc_info``) or another library's record: every line shows it masked, the rest as it
+    was written."""
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    log = get_logger("cam")
+    try:
+        log.info("opening rtsp://admin:pw-one@cam/1")
+        log.warning("capture failed: %s", "rtsp://admin:pw-two@cam/2 refused")
+        error = ConnectionError("cannot reach postgresql://app:pw-three@db/prod")
+        log.error("database away (%s)", error)
+        try:
+            raise error
+        except ConnectionError:
+            log.exception("step failed")
+        logging.getLogger("framepipe.vendor").warning("redis://:pw-four@cache:6379/0 down")
+    finally:
+        configure_logging("WARNING")
+    text = stream.getvalue()
+    assert "pw-" not in text, text
+    assert "rtsp://admin:***@cam/1" in text and "rtsp://admin:***@cam/2 refused" in text
+    assert text.count("postgresql://app:***@db/prod") == 2  # the line, the traceback
+    assert "Traceback" in text and "redis://:***@cache:6379/0 down" in text
