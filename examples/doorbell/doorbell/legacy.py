@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from doorbell.known_faces import encode_known
 from framepipe.backends.objects import LocalObjectStore
+from framepipe.errors import InvalidInputError
 from framepipe.logs import get_logger
+from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
     from doorbell.manager import OrchestratorManager
@@ -69,15 +72,29 @@ class FaceManager:
         return len(self._manager.reload_known_faces())
 
     def add_known_face(self, name: str, image_path: str | Path) -> None:
-        """Copy ``image_path`` into the known-faces folder as ``<name>.jpg`` (or its suffix)
-        and reload. Raises :class:`MediaError` (and copies nothing) when the image does not
-        show exactly one readable face."""
+        """Copy ``image_path`` into the known-faces folder as ``<name>.jpg`` (``.png`` for a
+        PNG) and reload. Raises :class:`InvalidInputError` when ``name`` is not one plain file
+        name (empty, ``/``, ``\\``, a leading ``.``, a control character), and
+        :class:`MediaError` when the image does not show exactly one readable face; either
+        way nothing is copied."""
         orch = self._manager.orchestrator
+        if (
+            not name
+            or name.startswith(".")
+            or any(c in "/\\" or not c.isprintable() for c in name)
+            or len(name.encode("utf-8", "surrogatepass")) > 200
+        ):
+            raise InvalidInputError(
+                f"known face name {name!r}: must be one file name (no '/', '\\', leading '.' "
+                "or control character, at most 200 bytes)"
+            )
         source = Path(image_path)
-        orch.recognizer.encode_known(source)  # validates before anything is copied
+        encode_known(source, orch.recognizer)  # validates before anything is copied
         folder = orch.config.known_faces_dir
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, folder / f"{name}{source.suffix.lower() or '.jpg'}")
+        with source.open("rb") as head:
+            suffix = ".png" if head.read(8) == b"\x89PNG\r\n\x1a\n" else ".jpg"
+        shutil.copyfile(source, folder / f"{name}{suffix}")
         self.load_known_faces()
 
     def identify_faces(self, image: Image) -> list[dict[str, Any]]:
@@ -122,10 +139,16 @@ class CameraHandler:
         return None if frame is None else frame.image.copy()
 
     def get_status(self) -> dict[str, Any]:
-        """The camera's supervision status (state, restarts, last error, frames)."""
+        """The camera's supervision status (state, restarts, last error, frames); ``source``
+        is its URL with the password and secret query values masked (it is shown: the web
+        interface's ``status`` route returns it)."""
         pipeline = self._manager.orchestrator.pipeline
         source = pipeline.health()["source"] if pipeline is not None else None
-        return {"source": self.source, "initialized": self.is_initialized, "supervisor": source}
+        return {
+            "source": safe_url(self.source),
+            "initialized": self.is_initialized,
+            "supervisor": source,
+        }
 
 
 class GPIOHandler:

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doorbell.config import DoorbellConfig, load_config
+from doorbell.known_faces import load_known
 from framepipe.backends.objects import open_object_store
 from framepipe.errors import FramepipeError
 from framepipe.processors.faces import (
     IMAGE_SUFFIXES,
     MODEL_FILES,
     FaceAnalyzer,
-    load_known_faces,
     model_path,
 )
 from framepipe.sources import VideoSource
@@ -102,7 +102,7 @@ class MigrationUtils:
             )
             checks["known_faces"] = 0
         elif checks["dlib"] and not missing:
-            known = load_known_faces(folder, _analyzer(cfg))
+            known = load_known(folder, _analyzer(cfg))
             checks["known_faces"] = len(known.faces)
             checks["known_face_names"] = known.names
             warnings += [f"known face {r.source} rejected: {r.reason}" for r in known.rejected]
@@ -193,7 +193,7 @@ class MigrationUtils:
             known_count = 0
             if cfg.known_faces_dir.is_dir():
                 try:
-                    known = load_known_faces(cfg.known_faces_dir, _analyzer(cfg))
+                    known = load_known(cfg.known_faces_dir, _analyzer(cfg))
                 except FramepipeError as exc:
                     errors.append(f"known faces: {exc}")
                 else:

