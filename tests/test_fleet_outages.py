@@ -4,8 +4,10 @@ with persistence, one at ``maxmemory`` (``OOM``) or a demoted master (``READONLY
 same way) is waited out by the processor (its reads, its heartbeats and the publishing of a
 result it finished meanwhile) and by the registry (its reply reader, its health watch): both
 go on once the server serves again, where the refusal killed the processor and failed the
-registry for good. A processor whose reconnection backoff grew while Redis was away reads its
-stream again as soon as a heartbeat goes through, not at the end of its backoff.
+registry for good. A processor whose stream is deleted under its blocking read (a registry
+removed it as dead) registers again. A processor whose reconnection backoff grew while Redis
+was away reads its stream again as soon as a heartbeat goes through, not at the end of its
+backoff.
 """
 
 from __future__ import annotations
@@ -214,5 +216,44 @@ def test_a_processor_reads_again_once_redis_is_back_not_at_the_end_of_its_backof
             assert not serving.done()
         detector.stop()
         await asyncio.wait_for(serving, 20)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_processor_whose_stream_is_deleted_under_its_blocking_read_registers_again(
+    server: PrivateRedis,
+) -> None:
+    """A registry that declared the processor dead (its event loop held too long, say) and
+    found its stream empty deletes it, while the processor's XREADGROUP blocks on it: Redis
+    answers that read ``UNBLOCKED``, which ended the processor's start()."""
+
+    async def main() -> None:
+        detector = Detector("face-1", ["face_detection"], "fpchaos:", url=server.url)
+        detector.poll_interval = 5.0  # each read blocks for long
+        serving = asyncio.create_task(detector.start())
+        await wait_until_async("the processor never registered", detector._registered.is_set, 10)
+        client = redis_sync.Redis.from_url(server.url)
+        try:
+            await wait_until_async(
+                "its XREADGROUP never blocked",
+                lambda: any(c.get("cmd") == "xreadgroup" for c in client.client_list()),
+                10,
+            )
+            client.delete(detector.stream)  # as the registry's removal of a dead one does
+            async with ProcessorRegistry(server.url, "fpchaos:", backoff=FAST) as registry:
+                deadline = time.monotonic() + 20
+                while True:
+                    assert not serving.done(), f"the processor ended: {serving.exception()}"
+                    try:
+                        result = await registry.call(make_frame(1), "face_detection", timeout=20)
+                        break
+                    except NoProcessorError:
+                        assert time.monotonic() < deadline, "it never registered again"
+                        await asyncio.sleep(0.1)
+                assert result.ok
+        finally:
+            client.close()
+        detector.stop()
+        await asyncio.wait_for(serving, 40)
 
     asyncio.run(asyncio.wait_for(main(), 120))

@@ -606,7 +606,9 @@ class ProcessorClient(abc.ABC):
                     stopping=lambda: self._stopping,
                 )
             except REDIS_ERRORS as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                if isinstance(exc, ResponseError) and (
+                    "NOGROUP" in str(exc) or str(exc).startswith("UNBLOCKED")
+                ):  # (UNBLOCKED: the stream was deleted under its blocking read)
                     self.log.warning(
                         "Its stream or group disappeared (deregistered as dead, or "
                         "Redis lost its data); registering again"
