@@ -29,10 +29,11 @@ Guarantees:
   as ``framepipe_mqtt_dropped``).
 * One writer task publishes the queued events in the order they were emitted (QoS ``qos``,
   default 1: each publish waits for the broker's acknowledgement before the next).
-* A broker that is away costs a warning per failed attempt, never the app: the writer
-  reconnects with backoff for as long as the sink is open, then publishes ``online``, every
-  retained count and health again (a broker restarted without persistence gets them back) and
-  what queued meanwhile.
+* A broker that is away costs one warning when the outage begins (each further failed try is
+  logged at DEBUG) and one line when it answers again, never the app: the writer reconnects
+  with backoff for as long as the sink is open, then publishes ``online``, every retained
+  count and health again (a broker restarted without persistence gets them back) and what
+  queued meanwhile.
 * Camera and label names become valid topic levels (``/``, ``+``, ``#``, whitespace, control
   characters, lone surrogates and Unicode non-characters are made ``_``), so no name gets the
   sink disconnected; a message the client refuses for itself (not for the connection) is

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import ssl
@@ -21,7 +22,8 @@ from framepipe.errors import MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.mqtt.metrics import SinkCollector
 from framepipe.mqtt.urls import parse_mqtt_url, topic_level
-from framepipe.urls import safe_url
+from framepipe.outage import Outage
+from framepipe.urls import safe_text, safe_url
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -108,6 +110,8 @@ class MqttEventSink:
         self._detach: Callable[[], None] | None = None
         self._collector: SinkCollector | None = None
         self._warned_drop = False
+        self._outage = Outage()
+        """The broker's outage under way: one warning when it begins, one line when it ends."""
         self._log = get_logger("events.mqtt")
 
     @property
@@ -330,9 +334,20 @@ class MqttEventSink:
                 async with self._client() as client:
                     self.connected = True
                     self.connects += 1
-                    attempt = 0
+                    tries, attempt = attempt, 0
                     self._warned_drop = False
-                    self._log.info("connected to %s (topics %s/...)", self.url, self.prefix)
+                    lasted = self._outage.answered()
+                    if lasted is None:
+                        self._log.info("connected to %s (topics %s/...)", self.url, self.prefix)
+                    else:
+                        self._log.info(
+                            "MQTT broker %s reachable again after %.1fs (%d failed tries); "
+                            "publishing %d queued event(s)",
+                            self.url,
+                            lasted,
+                            tries,
+                            len(self._pending),
+                        )
                     try:
                         await client.publish(self.available_topic, b"online", self.target.qos, True)
                         self._health_key.clear()
@@ -353,10 +368,12 @@ class MqttEventSink:
                     self._log.exception("MQTT writer error")
                 attempt += 1
                 delay = self.backoff.delay(attempt)
-                self._log.warning(
+                first = self._outage.failed(exc)
+                self._log.log(
+                    logging.WARNING if first else logging.DEBUG,
                     "MQTT broker %s: %s; %d event(s) queued, reconnecting in %.1fs",
                     self.url,
-                    exc,
+                    safe_text(str(exc)),
                     len(self._pending),
                     delay,
                 )
