@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from framepipe.jobs import dispatch
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.models import ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.pruning import prune_executions
+from framepipe.jobs.pruning import ObjectsAfter, delete_objects, prune_executions
 from framepipe.jobs.records import get_execution
 from framepipe.jobs.rounds import Outcome, Round
 from framepipe.jobs.sync_client import SyncJobClient
@@ -274,6 +275,77 @@ def test_objects_the_store_fails_to_delete_are_listed_and_the_command_exits_1(
     assert list(objects.list("ml/")) == []
     with StateStore(settings.resolved_database_url) as store:
         assert _left(store) == []
+    objects.close()
+
+
+def test_a_prune_that_dies_after_the_records_went_leaves_their_objects_to_the_next(
+    settings: Settings,
+) -> None:
+    """The records of a prune with objects went in a transaction that also recorded each
+    execution's prefix; the process died before it deleted any object (here: it never got
+    to :func:`delete_objects`). The next prune of that object store, with no execution of its
+    own to prune, deletes them and forgets the prefixes."""
+    good, _ = _pipelines()
+    first, second = _run(settings, good), _run(settings, good)
+    objects = open_object_store(settings.resolved_objects_url)
+    for execution_id in (first, second):
+        objects.put(f"ml/{execution_id}/out.mp4", b"x")
+    time.sleep(0.05)
+    with SyncJobClient(settings=settings) as client:
+        pruned = client.prune(0, objects=ObjectsAfter(objects, "ml/{execution_id}/"))
+        assert sorted(p.id for p in pruned) == sorted([first, second])
+        assert sorted(_left(client.client.store)) == sorted(
+            [(f"ml/{first}/", first, 0), (f"ml/{second}/", second, 0)]
+        )
+    assert len(list(objects.list("ml/"))) == 2  # the process died here
+
+    env = {"FRAMEPIPE_DATABASE_URL": settings.resolved_database_url}
+    base = ["--home", str(settings.home), "jobs", "prune", "--older-than", "0"]
+    again = CliRunner().invoke(app, [*base, "--objects", "ml/{execution_id}/", "--json"], env=env)
+    assert again.exit_code == 0, again.output
+    answer = json.loads(again.stdout)
+    assert answer["executions"] == [] and answer["objects_deleted"] == 2
+    assert list(objects.list("ml/")) == []
+    with StateStore(settings.resolved_database_url) as store:
+        assert _left(store) == []
+    objects.close()
+
+
+def test_a_stopped_delete_leaves_what_it_did_not_reach_recorded(
+    settings: Settings, store: StateStore
+) -> None:
+    """``stop`` (the service stopping) set while objects are deleted: it returns before the
+    next object, and every prefix it did not finish stays recorded for the next prune."""
+    good, _ = _pipelines()
+    ids = [_run(settings, good) for _ in range(3)]
+    objects = open_object_store(settings.resolved_objects_url)
+    for execution_id in ids:
+        for n in range(3):
+            objects.put(f"ml/{execution_id}/f{n}.png", b"x")
+    time.sleep(0.05)
+    after = ObjectsAfter(objects, "ml/{execution_id}/")
+    pruned = prune_executions(store, 0, objects=after)
+    stop = threading.Event()
+    deletes = 0
+
+    class Stopping(type(objects)):  # type: ignore[misc]
+        def _delete(self, key: str) -> bool:
+            nonlocal deletes
+            deletes += 1
+            if deletes == 4:  # the service stops while the second prefix is deleted
+                stop.set()
+            return bool(super()._delete(key))
+
+    stopping = Stopping(objects.root)
+    gone = delete_objects(stopping, "ml/{execution_id}/", pruned, store=store, stop=stop)
+    assert gone.deleted == 4
+    left = {prefix for prefix, _, _ in _left(store)}
+    remaining = [o.key for o in objects.list("ml/")]
+    assert len(remaining) == 5  # one prefix gone, one begun, one not reached
+    assert left == {key.rsplit("/", 1)[0] + "/" for key in remaining}
+    assert len(left) == 2
+    assert delete_objects(objects, "ml/{execution_id}/", [], store=store).deleted == 5
+    assert _left(store) == []
     objects.close()
 
 

@@ -287,7 +287,13 @@ def jobs_prune(
     events (the import ledger stays); a running one never."""
     from framepipe.backends.objects import open_object_store
     from framepipe.config_checks import check_prune_objects
-    from framepipe.jobs.pruning import FINISHED, PrunedObjects, check_objects_prefix, delete_objects
+    from framepipe.jobs.pruning import (
+        FINISHED,
+        ObjectsAfter,
+        PrunedObjects,
+        check_objects_prefix,
+        delete_objects,
+    )
 
     with errors():
         seconds = older_than_seconds(older_than)
@@ -318,9 +324,14 @@ def jobs_prune(
                     check_objects_prefix(store_objects, objects, pipeline)
                 except ValueError as exc:
                     raise UsageError(f"--objects {exc}") from None
+            after = (
+                None
+                if objects is None or store_objects is None
+                else ObjectsAfter(store_objects, objects)
+            )
             with SyncJobClient(settings=settings) as client:
                 pruned = client.prune(
-                    seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run
+                    seconds, statuses=statuses, pipeline=pipeline, dry_run=dry_run, objects=after
                 )
                 gone = PrunedObjects(0, [])
                 if objects is not None and store_objects is not None and not dry_run:

@@ -59,7 +59,7 @@ from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.pruning import FINISHED, PrunedExecution, prune_executions
+from framepipe.jobs.pruning import FINISHED, ObjectsAfter, PrunedExecution, prune_executions
 from framepipe.jobs.recovery import recover_for
 
 __all__ = [
@@ -449,11 +449,14 @@ class JobClient:
         statuses: Collection[ExecutionStatus] = FINISHED,
         pipeline: str | None = None,
         dry_run: bool = False,
+        objects: ObjectsAfter | None = None,
     ) -> builtins.list[PrunedExecution]:
         """Delete the executions that finished more than ``older_than`` seconds ago, with their
         steps and events (:func:`~framepipe.jobs.pruning.prune_executions`: never a pending
-        or running one, the import ledger stays); ``dry_run`` deletes nothing. Returns them,
-        oldest first. A negative age or a status that is not finished: ValueError."""
+        or running one, the import ledger stays); ``dry_run`` deletes nothing. With
+        ``objects``, each one's object prefix is recorded in the same transaction, for
+        :func:`~framepipe.jobs.pruning.delete_objects`. Returns them, oldest first. A
+        negative age or a status that is not finished: ValueError."""
         await self._recover()
         return await self._db(
             functools.partial(
@@ -463,6 +466,7 @@ class JobClient:
                 statuses=statuses,
                 pipeline=pipeline,
                 dry_run=dry_run,
+                objects=objects,
             )
         )
 

@@ -19,10 +19,16 @@ Guarantees:
   :func:`~framepipe.config_checks.check_prune_objects`. What it cannot delete it names, with
   the store's error, and, given the state store, records in ``fp_objects_left``: the next
   prune with objects deletes it then (the executions' records are gone by then).
+* No object is forgotten between the two: given ``objects``, :func:`prune_executions` records
+  each pruned execution's prefix in ``fp_objects_left`` in the transaction that deletes its
+  records, and :func:`delete_objects` forgets a prefix only once its objects are gone. A
+  prune killed, or a service stopped, after the records went leaves the prefixes for the next
+  prune of that object store (``stop`` ends a :func:`delete_objects` between two objects).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -46,6 +52,7 @@ from framepipe.urls import safe_url
 
 __all__ = [
     "FINISHED",
+    "ObjectsAfter",
     "ObjectsLeft",
     "PrunedExecution",
     "PrunedObjects",
@@ -68,6 +75,20 @@ class PrunedExecution:
     finished_at: float
 
 
+@dataclass(frozen=True)
+class ObjectsAfter:
+    """The objects to delete after the records: those under ``template`` (a prefix template
+    :func:`check_objects_prefix` accepted) in the object store ``objects``."""
+
+    objects: ObjectStore
+    template: str
+
+    @property
+    def where(self) -> str:
+        """The object store as ``fp_objects_left`` names it (its URL, secrets masked)."""
+        return safe_url(self.objects.url)
+
+
 def prune_executions(
     store: StateStore,
     older_than: float,
@@ -77,11 +98,14 @@ def prune_executions(
     batch: int = 20,
     now: float | None = None,
     dry_run: bool = False,
+    objects: ObjectsAfter | None = None,
 ) -> list[PrunedExecution]:
     """Delete the executions in ``statuses`` (of ``pipeline``, when given) that finished more
     than ``older_than`` seconds ago, with their steps, dependencies and events; return them,
-    oldest first. ``dry_run``: delete nothing, return what would go. ValueError for a
-    negative age, an empty ``statuses`` or one that is not finished."""
+    oldest first. With ``objects``, each one's prefix is recorded in ``fp_objects_left`` in
+    the same transaction, for :func:`delete_objects`. ``dry_run``: delete nothing, return
+    what would go. ValueError for a negative age, an empty ``statuses`` or one that is not
+    finished."""
     if older_than < 0:
         raise ValueError(f"older_than must be >= 0 seconds, got {older_than}")
     chosen = {ExecutionStatus(s) for s in statuses}
@@ -120,9 +144,42 @@ def prune_executions(
                 conn.execute(step_deps.delete().where(step_deps.c.execution_id.in_(ids)))
                 conn.execute(steps.delete().where(steps.c.execution_id.in_(ids)))
                 conn.execute(executions.delete().where(executions.c.id.in_(ids)))
+                if objects is not None:
+                    _record_intents(conn, objects, rows)
         pruned.extend(rows)
         if len(rows) < batch:
             return pruned
+
+
+def _record_intents(
+    conn: sa.Connection, objects: ObjectsAfter, rows: list[PrunedExecution]
+) -> None:
+    """Record the prefix of each of ``rows`` as left (not deleted yet, tried 0 times); a
+    prefix recorded already (two executions, one prefix) is kept as it is."""
+    where = objects.where
+    prefixes = {objects.template.format(execution_id=r.id, pipeline=r.pipeline): r for r in rows}
+    known = set(
+        conn.execute(
+            sa.select(objects_left.c.prefix).where(
+                objects_left.c.store == where, objects_left.c.prefix.in_(sorted(prefixes))
+            )
+        ).scalars()
+    )
+    now = time.time()
+    new = [
+        {
+            "store": where,
+            "prefix": prefix,
+            "execution_id": row.id,
+            "error": "not deleted yet: its execution's records were pruned",
+            "since": now,
+            "tries": 0,
+        }
+        for prefix, row in prefixes.items()
+        if prefix not in known
+    ]
+    if new:
+        conn.execute(objects_left.insert(), new)
 
 
 def _pruned(row: Any) -> PrunedExecution:
@@ -167,22 +224,29 @@ def delete_objects(
     pruned: Collection[PrunedExecution],
     *,
     store: StateStore | None = None,
+    stop: threading.Event | None = None,
 ) -> PrunedObjects:
     """Delete, for each of ``pruned``, the objects under ``template`` formatted with its
     ``execution_id`` and ``pipeline`` (a template :func:`check_objects_prefix` accepted).
     An object store error stops that execution's prefix, which is then named with the error
     in :attr:`PrunedObjects.left`; the other executions' objects are still deleted.
 
-    With ``store``, nothing is given up: the prefixes earlier prunes left in this object store
-    (``fp_objects_left``, by the store's URL: never another store's) are tried again first,
-    each forgotten once its objects are gone, and a prefix left now is recorded there for the
-    next prune."""
+    With ``store``, nothing is given up: the prefixes recorded in this object store's
+    ``fp_objects_left`` (by the store's URL: never another store's), those the prune just
+    recorded (:func:`prune_executions` with ``objects``) and those earlier prunes left, are
+    deleted, each forgotten once its objects are gone; a prefix left now is recorded there
+    for the next prune. ``stop`` set: it returns before the next object, what it did not
+    reach still recorded (with ``store``)."""
     deleted = 0
     left: list[ObjectsLeft] = []
     where = safe_url(objects.url)
     earlier = _objects_left(store, where) if store is not None else {}
     for prefix, execution_id in earlier.items():
-        gone, error = _delete_prefix(objects, prefix)
+        if stop is not None and stop.is_set():
+            return PrunedObjects(deleted, left)
+        gone, error = _delete_prefix(objects, prefix, stop)
+        if error == _STOPPED:
+            return PrunedObjects(deleted + gone, left)
         deleted += gone
         if error is None:
             _forget_left(store, where, prefix)
@@ -193,7 +257,10 @@ def delete_objects(
         prefix = template.format(execution_id=p.id, pipeline=p.pipeline)
         if prefix in earlier:
             continue
-        gone, error = _delete_prefix(objects, prefix)
+        if stop is not None and stop.is_set():
+            gone, error = 0, _STOPPED
+        else:
+            gone, error = _delete_prefix(objects, prefix, stop)
         deleted += gone
         if error is not None:
             left.append(ObjectsLeft(prefix, error))
@@ -201,11 +268,19 @@ def delete_objects(
     return PrunedObjects(deleted, left)
 
 
-def _delete_prefix(objects: ObjectStore, prefix: str) -> tuple[int, str | None]:
-    """How many objects under ``prefix`` were deleted, and the store's error that stopped it."""
+_STOPPED = "stopped before all its objects were deleted"
+
+
+def _delete_prefix(
+    objects: ObjectStore, prefix: str, stop: threading.Event | None = None
+) -> tuple[int, str | None]:
+    """How many objects under ``prefix`` were deleted, and the store's error that stopped it
+    (:data:`_STOPPED` when ``stop`` was set)."""
     deleted = 0
     try:
         for info in list(objects.list(prefix)):
+            if stop is not None and stop.is_set():
+                return deleted, _STOPPED
             deleted += int(objects.delete(info.key))
     except ObjectStoreError as exc:
         return deleted, str(exc)

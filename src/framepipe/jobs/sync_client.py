@@ -23,7 +23,7 @@ from framepipe.jobs.client import (
 )
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.pruning import FINISHED, PrunedExecution
+from framepipe.jobs.pruning import FINISHED, ObjectsAfter, PrunedExecution
 
 __all__ = ["SyncJobClient"]
 
@@ -168,10 +168,13 @@ class SyncJobClient:
         statuses: Collection[ExecutionStatus] = FINISHED,
         pipeline: str | None = None,
         dry_run: bool = False,
+        objects: ObjectsAfter | None = None,
     ) -> builtins.list[PrunedExecution]:
         """:meth:`JobClient.prune`."""
         return self._call(
-            self.client.prune(older_than, statuses=statuses, pipeline=pipeline, dry_run=dry_run)
+            self.client.prune(
+                older_than, statuses=statuses, pipeline=pipeline, dry_run=dry_run, objects=objects
+            )
         )
 
     def events(

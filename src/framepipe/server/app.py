@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
@@ -67,7 +68,7 @@ from framepipe.event_sinks import StoreEventSink
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.models import ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.pruning import check_objects_prefix, delete_objects
+from framepipe.jobs.pruning import ObjectsAfter, check_objects_prefix, delete_objects
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, safe_url
 from framepipe.server.browser_guard import BrowserGuard
@@ -192,18 +193,17 @@ def _lifespan(
             await live_app.start()
         reopening = None if obj.store is not None else asyncio.create_task(obj.keep_opening())
         days = settings.executions_retention_days
+        stop_pruning = _PruneStop()
         pruning = (
             None
             if days is None
-            else asyncio.create_task(_prune_executions(jobs, days, obj, settings))
+            else asyncio.create_task(_prune_executions(jobs, days, obj, settings, stop_pruning))
         )
         try:
             yield
         finally:
             if pruning is not None:
-                pruning.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pruning
+                await _stop_pruning(pruning, stop_pruning)
             await service.hub.close()
             for live_app in service.apps.values():
                 await live_app.stop()
@@ -230,10 +230,49 @@ def _lifespan(
 
 PRUNE_EVERY = 3600.0
 """Seconds between two prunes of old executions by the service (``executions_retention_days``)."""
+PRUNE_STOP_WAIT = 30.0
+"""Seconds the service's shutdown waits for a prune under way to end."""
+
+
+class _PruneStop:
+    """Set when the service stops: seen by the prune's loop (``wait``) and by its thread
+    (``event``, :func:`delete_objects`'s ``stop``)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._wake = asyncio.Event()
+
+    def set(self) -> None:
+        self.event.set()
+        self._wake.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    async def wait(self, seconds: float) -> None:
+        """Until set, at most ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+
+async def _stop_pruning(pruning: asyncio.Task[None], stop: _PruneStop) -> None:
+    """Have the prune end (between two objects, :func:`delete_objects`) and wait for it, so
+    its thread no longer uses the stores when they close; cancelled after
+    :data:`PRUNE_STOP_WAIT` seconds (its recorded prefixes stay for the next prune)."""
+    stop.set()
+    try:
+        await asyncio.wait_for(asyncio.shield(pruning), PRUNE_STOP_WAIT)
+    except TimeoutError:
+        _log.warning("the prune under way did not end in %gs; stopped", PRUNE_STOP_WAIT)
+        pruning.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pruning
+    except Exception:  # its failure is logged by the prune
+        pass
 
 
 async def _prune_executions(
-    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings
+    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings, stop: _PruneStop
 ) -> None:
     """Every :data:`PRUNE_EVERY` seconds, the first at start: delete the executions that
     finished more than ``days`` days ago in one of ``executions_retention_statuses``
@@ -241,20 +280,21 @@ async def _prune_executions(
     objects after them (:func:`~framepipe.jobs.pruning.delete_objects`). With a
     template, a turn is skipped while the object store is away or refuses the template, so
     no execution's records go while its objects cannot. A failure is logged and tried again
-    at the next turn. A prune under way when the service stops finishes its batch (a
-    transaction of its own) in its thread."""
-    while True:
+    at the next turn. ``stop`` set (the service stops): the prune under way finishes its
+    batch of records (a transaction of its own) and stops deleting objects before the next
+    one; the prefixes it did not reach are recorded for the next prune."""
+    while not stop.is_set():
         try:
-            await _prune_once(jobs, days, access, settings)
+            await _prune_once(jobs, days, access, settings, stop)
         except FramepipeError as exc:
             _log.warning("pruning old executions failed (%s); next try in an hour", exc)
         except Exception:  # a bug must not end pruning for good, nor break the shutdown
             _log.exception("pruning old executions failed; next try in an hour")
-        await asyncio.sleep(PRUNE_EVERY)
+        await stop.wait(PRUNE_EVERY)
 
 
 async def _prune_once(
-    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings
+    jobs: JobClient, days: float, access: ObjectAccess, settings: Settings, stop: _PruneStop
 ) -> None:
     template = settings.executions_retention_objects
     statuses = {ExecutionStatus(s) for s in settings.executions_retention_statuses}
@@ -275,13 +315,16 @@ async def _prune_once(
                 "old executions are not pruned: FRAMEPIPE_EXECUTIONS_RETENTION_OBJECTS %s", exc
             )
             return
-    pruned = await jobs.prune(days * 86_400.0, statuses=statuses)
+    after = None if template is None or store is None else ObjectsAfter(store, template)
+    pruned = await jobs.prune(days * 86_400.0, statuses=statuses, objects=after)
     if template is None or store is None:
         if pruned:
             _log.info("pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days)
         return
     gone = await asyncio.to_thread(
-        functools.partial(delete_objects, store, template, pruned, store=jobs.store)
+        functools.partial(
+            delete_objects, store, template, pruned, store=jobs.store, stop=stop.event
+        )
     )
     if pruned or gone.deleted:
         _log.info(
