@@ -104,6 +104,18 @@ class Backend:
                 self.proc.wait()
 
 
+def a_video_copied(client: httpx.Client, card: str) -> bool:
+    """Whether the newest import of ``card`` has copied a video (a QR clip aside)."""
+    rows = imports_of(client, card)
+    if not rows:
+        return False
+    body = client.get(f"/api/executions/{rows[0]['id']}").json()
+    return any(
+        s["name"] == "copy" and s["params"].get("video") and s["status"] == "completed"
+        for s in body["steps"]
+    )
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     watch, shared = tmp_path / "media", tmp_path / "shared"
@@ -143,17 +155,7 @@ def test_reinserting_a_card_resumes_the_import_a_killed_backend_left(
     with httpx.Client(base_url=backend.url, headers=AUTH) as client:
         mounted = insert(maker.folder, watch)
 
-        def a_video_copied() -> bool:
-            rows = imports_of(client, "CRASH")
-            if not rows:
-                return False
-            body = client.get(f"/api/executions/{rows[0]['id']}").json()
-            return any(
-                s["name"] == "copy" and s["params"]["path"] in videos and s["status"] == "completed"
-                for s in body["steps"]
-            )
-
-        wait_for("a video's copy", a_video_copied, detector=first_detector)
+        wait_for("a video's copy", lambda: a_video_copied(client, "CRASH"), detector=first_detector)
         [stopped] = imports_of(client, "CRASH")
     # The backend dies mid-import; meanwhile the detector restarts and the card is re-seated,
     # so the session the import was started with is gone for good.
@@ -217,14 +219,7 @@ def test_a_restarted_backend_resumes_the_import_it_stopped_under_by_itself(
     with httpx.Client(base_url=backend.url, headers=AUTH) as client:
         insert(maker.folder, watch)
 
-        def a_video_copied() -> bool:
-            rows = imports_of(client, "STAY")
-            if not rows:
-                return False
-            body = client.get(f"/api/executions/{rows[0]['id']}").json()
-            return any(s["name"] == "copy" and s["status"] == "completed" for s in body["steps"])
-
-        wait_for("a video's copy", a_video_copied, detector=detector)
+        wait_for("a video's copy", lambda: a_video_copied(client, "STAY"), detector=detector)
         [stopped] = imports_of(client, "STAY")
     backend.stop()
     backend.start()
