@@ -24,6 +24,11 @@ A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegist
   are not deliveries). The stream of a processor that stopped gracefully with entries left is
   handled the same way.
 * The reply entries already read are trimmed, and waits past their timeout expire.
+
+A record Redis cannot read (:meth:`~framepipe.processors.fleet.registry.Registrations.read`)
+and a processor whose checks Redis refuses for good (its stream a key of another type) are
+skipped, with one warning naming them; the watch goes on with the others. Only Redis away or
+refusing for a while (:func:`~framepipe.processors.fleet.outages.unavailable`) pauses it.
 """
 
 from __future__ import annotations
@@ -52,10 +57,13 @@ from framepipe.processors.fleet.protocol import (
     text,
 )
 from framepipe.processors.fleet.registry import Registration, deregister, pending_deliveries
+from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import MARK_DEAD_LUA, REPLY_STREAM_TTL, Script
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from framepipe.processors.fleet.inflight import Track
     from framepipe.processors.fleet.routing import ProcessorRegistry
 
@@ -131,6 +139,7 @@ class Reaper:
     def __init__(self, registry: ProcessorRegistry) -> None:
         self.registry = registry
         self._waiting_logged: set[str] = set()
+        self._failing: set[str] = set()  # processors whose last check Redis refused (logged)
 
     async def watch(self) -> None:
         """Tick every ``poll_interval`` until the registry closes; Redis being away or
@@ -172,33 +181,61 @@ class Reaper:
         await registry.refresh()
         now = time.monotonic()
         for proc in list(registry._procs.values()):
-            silent = now - proc.hb_seen_at
-            limit = proc.silence_limit(registry.heartbeat_timeout)
-            if proc.state in (ProcessorState.READY, ProcessorState.DRAINING) and silent > limit:
-                marked = await redis.eval(
-                    MARK_DEAD_LUA,
-                    2,
-                    registry.keys.proc(proc.id),
-                    registry.keys.processors,
-                    proc.id,
-                    proc.hb_value or b"",
-                )
-                if marked:
-                    proc.state = ProcessorState.DEAD
-                    registry.log.warning(
-                        "Processor %s silent for %.1fs (limit %.1fs: heartbeat_timeout "
-                        "or 3 of its heartbeat periods): deregistered as dead; re-routing "
-                        "its frames",
-                        proc.id,
-                        silent,
-                        limit,
-                    )
-            if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
-                await self.reap(proc)
+            try:
+                await self.check(redis, proc, now)
+            except REDIS_ERRORS as exc:
+                if unavailable(exc):
+                    raise
+                self._failed(proc, exc)
+            else:
+                self._failing.discard(proc.id)
+        self._failing.intersection_update(registry._procs)
         await registry._reader.trim()
         for track in list(registry._routed.values()):  # call() expires its own, on time
             if now - track.routed_at > track.timeout + registry.poll_interval:
                 registry._inflight.expire(track, track.timeout)
+
+    async def check(self, redis: Redis, proc: Registration, now: float) -> None:
+        """Mark ``proc`` dead when it has been silent too long; reap it when dead or stopped."""
+        registry = self.registry
+        silent = now - proc.hb_seen_at
+        limit = proc.silence_limit(registry.heartbeat_timeout)
+        if proc.state in (ProcessorState.READY, ProcessorState.DRAINING) and silent > limit:
+            marked = await redis.eval(
+                MARK_DEAD_LUA,
+                2,
+                registry.keys.proc(proc.id),
+                registry.keys.processors,
+                proc.id,
+                proc.hb_value or b"",
+            )
+            if marked:
+                proc.state = ProcessorState.DEAD
+                registry.log.warning(
+                    "Processor %s silent for %.1fs (limit %.1fs: heartbeat_timeout "
+                    "or 3 of its heartbeat periods): deregistered as dead; re-routing "
+                    "its frames",
+                    loggable(proc.id),
+                    silent,
+                    limit,
+                )
+        if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
+            await self.reap(proc)
+
+    def _failed(self, proc: Registration, exc: BaseException) -> None:
+        """Redis refused a command about ``proc`` for good (its stream a key of another type,
+        a script error): logged once until a tick gets through; the other processors are
+        watched as usual, and ``proc`` is tried again at every tick."""
+        if proc.id in self._failing:
+            return
+        self._failing.add(proc.id)
+        self.registry.log.warning(
+            "health watch: processor %s (stream %s) skipped: %s: %s; tried again every tick",
+            loggable(proc.id),
+            loggable(proc.stream),
+            type(exc).__name__,
+            loggable(str(exc)),
+        )
 
     async def reap(self, proc: Registration) -> None:
         """Re-route what is left in a dead or stopped processor's stream, then remove it.

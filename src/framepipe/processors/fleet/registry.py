@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from framepipe.errors import CircuitOpenError, NoProcessorError
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.breaker import CircuitBreaker, CircuitPolicy, CircuitState
+from framepipe.processors.fleet.outages import unavailable
 from framepipe.processors.fleet.protocol import GROUP, Keys, ProcessorState, as_int, text
+from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import CLEANUP_LUA, HEARTBEAT_LUA
 
@@ -304,15 +306,56 @@ class Registrations:
         self.procs: dict[str, Registration] = {}
         """The registered processors by id (the same dict for the mirror's lifetime)."""
         self.departed: collections.OrderedDict[str, ProcessorInfo] = collections.OrderedDict()
+        self._skipped: set[str] = set()  # keys skipped as unreadable, warned about once
 
     async def read(self, redis: Redis) -> tuple[list[str], list[dict[bytes, bytes]]]:
-        """Every record: the ids (sorted) and their hashes, in one pipeline."""
-        ids = sorted(text(i) for i in await redis.smembers(self.keys.processors))
+        """Every record that can be read: the ids (sorted) and their hashes, in one pipeline.
+
+        A key Redis refuses to read as what it should be (``<ns>:processors`` not a set, a
+        ``<ns>:proc:<id>`` not a hash: ``WRONGTYPE``) is skipped, with one warning naming it
+        until it reads again; the other records are read as usual. Redis away or refusing for
+        a while (:func:`~framepipe.processors.fleet.outages.unavailable`) still raises."""
+        try:
+            members = await redis.smembers(self.keys.processors)
+        except ResponseError as exc:
+            if unavailable(exc):
+                raise
+            self._unreadable(self.keys.processors, exc)
+            return [], []
+        self._readable(self.keys.processors)
+        ids = sorted(text(i) for i in members)
         async with redis.pipeline(transaction=False) as pipe:
             for pid in ids:
                 pipe.hgetall(self.keys.proc(pid))
-            hashes = await pipe.execute()
-        return ids, hashes
+            replies = await pipe.execute(raise_on_error=False)
+        good_ids: list[str] = []
+        hashes: list[dict[bytes, bytes]] = []
+        for pid, reply in zip(ids, replies, strict=True):
+            key = self.keys.proc(pid)
+            if isinstance(reply, BaseException):
+                if unavailable(reply):
+                    raise reply
+                self._unreadable(key, reply)
+                continue
+            self._readable(key)
+            good_ids.append(pid)
+            hashes.append(reply)
+        return good_ids, hashes
+
+    def _unreadable(self, key: str, exc: BaseException) -> None:
+        if key not in self._skipped:
+            self._skipped.add(key)
+            self.log.warning(
+                "registration %s skipped: Redis cannot read it (%s: %s)",
+                loggable(key),
+                type(exc).__name__,
+                loggable(str(exc)),
+            )
+
+    def _readable(self, key: str) -> None:
+        if key in self._skipped:
+            self._skipped.discard(key)
+            self.log.info("registration %s readable again", loggable(key))
 
     def update(self, ids: list[str], hashes: list[dict[bytes, bytes]], now: float) -> None:
         """Take the records read at ``now``; processors no longer registered depart."""
