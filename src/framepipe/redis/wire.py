@@ -36,11 +36,24 @@ from framepipe.redis.scripts import Script
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+    from redis.exceptions import (
+        AuthenticationError,
+        NoScriptError,
+        RedisError,
+        ResponseError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
+
+_parse_error: Any
+try:
+    from redis._parsers import BaseParser
+
+    _parse_error = BaseParser.parse_error
+except ImportError:  # pragma: no cover - a redis-py without its parsers package
+    _parse_error = ResponseError
 
 _hiredis: Any
 try:
@@ -89,7 +102,7 @@ class _Resp(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.reader = _hiredis.Reader(replyError=ResponseError)
+        self.reader = _hiredis.Reader(replyError=_parse_error)
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.held: list[bytes] | None = []  # requests made before the handshake was done
@@ -196,12 +209,17 @@ class Wire:
     connection is being made), and come back as raw RESP2 replies (bytes, ints, nested
     lists, None) without redis-py's per-command machinery (pool, retry wrapper, response
     callbacks, pure-Python command packing), which costs about three times the CPU of the
-    command itself. Error replies raise :class:`ResponseError`; a lost connection raises
-    redis-py's ``ConnectionError`` (``TimeoutError`` after ``socket_timeout``) and the next
-    command connects again. Opened from a redis-py client's settings (host and port or Unix
-    socket, username, password, db); with TLS, a custom connection class or a credential
-    provider, or without ``hiredis``, the same interface runs on a redis-py connection of
-    its own.
+    command itself. Error replies are redis-py's exceptions, as redis-py's own parser makes
+    them (``LOADING`` as ``BusyLoadingError``, ``OOM`` as ``OutOfMemoryError``, ``READONLY``
+    as ``ReadOnlyError``, ``NOSCRIPT`` as ``NoScriptError``, ... with the code stripped from
+    the message; any other, such as ``BUSY`` or ``WRONGTYPE``, a :class:`ResponseError`
+    whose message starts with its code), so code catching redis-py's errors catches these;
+    a lost connection raises redis-py's ``ConnectionError`` (``TimeoutError`` after
+    ``socket_timeout``) and the next command connects again. Opened from a redis-py client's
+    settings (host and port or Unix socket, username, password, db); with TLS, a custom
+    connection class or a credential provider, or without ``hiredis``, the same interface
+    runs on a redis-py connection of its own (where a ``LOADING`` reply, as in redis-py,
+    fails the connection and every command pipelined with it).
 
     Still worth its code (measured 2026-12-04 against that redis-py fallback, see the module
     docstring): a 640x360 JPEG entry's round trip through a processor in another process
@@ -237,12 +255,13 @@ class Wire:
             if proto is None or proto.error is not None:
                 proto = self._connection()
             reply = await proto.request(_pack(args), 1, self._limit(block))[0]
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, RedisError):
             raise reply
         return reply
 
     async def execute_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Pipelined commands; their replies in order, error replies as ResponseError."""
+        """Pipelined commands; their replies in order, error replies as redis-py's exceptions
+        (see :class:`Wire`)."""
         if not commands:
             return []
         if not self.lean:
@@ -269,17 +288,16 @@ class Wire:
         """``EVALSHA`` ``script``; ``EVAL`` (which caches it again) when Redis lost it."""
         try:
             return await self.execute("EVALSHA", script.sha, keys, *args)
-        except ResponseError as exc:
-            if not _is_noscript(exc):
-                raise
+        except NoScriptError:
+            pass
         return await self.execute("EVAL", script.text, keys, *args)
 
     async def run_many(
         self, script: Script, calls: Sequence[Sequence[Any]], *, keys: int
     ) -> list[Any]:
-        """:meth:`run` for each argument list, pipelined; replies or ResponseErrors."""
+        """:meth:`run` for each argument list, pipelined; replies or redis-py's exceptions."""
         replies = await self.execute_many([("EVALSHA", script.sha, keys, *c) for c in calls])
-        lost = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             again = await self.execute_many([("EVAL", script.text, keys, *calls[i]) for i in lost])
             for index, reply in zip(lost, again, strict=True):
@@ -345,7 +363,7 @@ class Wire:
                 )
                 for command, future in zip(hello, futures, strict=True):
                     reply = await future
-                    if isinstance(reply, ResponseError):
+                    if isinstance(reply, RedisError):
                         error = (
                             AuthenticationError(str(reply))
                             if command[0] == "AUTH"
@@ -383,7 +401,7 @@ class Wire:
                                 disable_decoding=True, timeout=self._limit(block)
                             )
                         )
-                    except ResponseError as exc:
+                    except ResponseError as exc:  # (LOADING: raised, as redis-py raises it)
                         replies.append(exc)
                 return replies
             except BaseException:
@@ -391,10 +409,3 @@ class Wire:
                 with contextlib.suppress(Exception):
                     await conn.disconnect(nowait=True)
                 raise
-
-
-def _is_noscript(reply: Any) -> bool:
-    """An error reply saying Redis does not know the script (redis-py strips the prefix)."""
-    return isinstance(reply, NoScriptError) or (
-        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
-    )

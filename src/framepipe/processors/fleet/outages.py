@@ -10,16 +10,41 @@ outage (:func:`unavailable`): they back off and retry, a route fails with
 :class:`~framepipe.errors.RegistryConnectionError`, and none of them kills a processor or
 fails a registry for good.
 
-The refusals come as redis-py's own classes (``OutOfMemoryError``, ``ReadOnlyError``, ... with
-the code stripped from the message) or, on a :class:`~framepipe.redis.wire.Wire` connection,
-as a plain ``ResponseError`` whose message starts with the code: both are recognised.
+Every connection the fleet uses gives redis-py's own errors (:class:`~framepipe.redis.wire.Wire`
+parses error replies as redis-py does): the refusals redis-py has a class for by that class
+(``BusyLoadingError``, ``OutOfMemoryError``, ``ReadOnlyError``, ...: the code is stripped from
+the message), the others (``BUSY``, ``MISCONF``, ``NOREPLICAS``) as a ``ResponseError`` whose
+message starts with the code.
 """
 
 from __future__ import annotations
 
 from framepipe.redis.connection import REDIS_DOWN, ResponseError
 
+try:
+    from redis.exceptions import (
+        BusyLoadingError,
+        ClusterDownError,
+        MasterDownError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        TryAgainError,
+    )
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+    from framepipe.errors import MissingDependencyError
+
+    raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
+
 __all__ = ["REDIS_ERRORS", "REFUSALS", "refusal", "unavailable"]
+
+_CLASSES: tuple[tuple[type[BaseException], str], ...] = (
+    (BusyLoadingError, "LOADING"),
+    (OutOfMemoryError, "OOM"),
+    (ReadOnlyError, "READONLY"),
+    (MasterDownError, "MASTERDOWN"),  # (before its base class, ClusterDownError)
+    (ClusterDownError, "CLUSTERDOWN"),
+    (TryAgainError, "TRYAGAIN"),
+)
 
 REFUSALS = frozenset(
     {
@@ -42,9 +67,12 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (*REDIS_DOWN, ResponseError)
 
 def refusal(exc: BaseException) -> str | None:
     """The code of a refusal (one of :data:`REFUSALS`) ``exc`` is; None for anything else."""
+    for kind, code in _CLASSES:
+        if isinstance(exc, kind):
+            return code
     if not isinstance(exc, ResponseError):
         return None
-    code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+    code = str(exc).split(" ", 1)[0]
     return code if code in REFUSALS else None
 
 
