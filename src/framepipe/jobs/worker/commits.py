@@ -118,7 +118,7 @@ class Committer:
                 attempt,
             )
         if result.ready:
-            await self._connections.publish(result.ready)
+            self._connections.publish(result.ready)
         for at, delivery in result.retry_at:
             self._retry_later(at, delivery)
 
@@ -210,7 +210,7 @@ class Committer:
         ready = await self._connections.retrying(
             leases.release_due, self._store, what="releasing due retries"
         )
-        await self._connections.publish(ready)
+        self._connections.publish(ready)
 
     def cancel_retries(self) -> None:
         """Cancel the pending retry timers (the worker stops; any worker's sweep releases the

@@ -143,7 +143,7 @@ class Upkeep:
             )
         )
         if ready:
-            await self._connections.publish(ready)
+            self._connections.publish(ready)
 
     async def _forget_consumers(self) -> None:
         forgotten = await asyncio.to_thread(

@@ -294,6 +294,7 @@ class Worker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._connections.published()  # one call at most: bounded by the broker's timeout
         with contextlib.suppress(Exception):
             await self._connections.call(self._deregister)
         self._watch.stop()  # what follows blocks the loop on purpose
