@@ -9,7 +9,8 @@ Guarantees:
   ``Sec-Fetch-Site``) and a tokenless ``POST`` that is not JSON, with or without a token
   configured; every response says ``nosniff``, ``no-store``, a policy that runs and frames
   nothing (the dashboard's files have their own) and ``Cross-Origin-Resource-Policy:
-  same-origin``;
+  same-origin``; the pages of ``allowed_origins`` (only those) get CORS: their preflights are
+  answered and every answer to them names their origin in ``Access-Control-Allow-Origin``;
 * every route but ``/health``, the dashboard's page and files and the API's schema
   (``/openapi.json``, the same for every installation; FastAPI's ``/docs`` and ``/redoc``
   pages, which load their scripts from a CDN, are not served) needs

@@ -1,6 +1,6 @@
 """The browser-facing boundary: an ASGI middleware refusing what a hostile web page could
-make the user's browser send, and marking every response so that no other page can use it
-(see :class:`BrowserGuard`)."""
+make the user's browser send, marking every response so that no other page can use it, and
+answering the CORS of the web origins the operator allowed (see :class:`BrowserGuard`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from framepipe.logs import get_logger
 from framepipe.server.guard import redact, split_host
 
-__all__ = ["RESPONSE_HEADERS", "BrowserGuard", "Refusal"]
+__all__ = [
+    "CORS_HEADERS",
+    "CORS_MAX_AGE",
+    "CORS_METHODS",
+    "RESPONSE_HEADERS",
+    "BrowserGuard",
+    "Refusal",
+]
 
 _log = get_logger("server.guard")
 
@@ -35,6 +42,18 @@ page and files set their own policy and caching): no type sniffing; no use by an
 origin's page as an image, a video, a script or a style sheet (``Cross-Origin-Resource-Policy``);
 nothing kept in a browser's cache (frames and objects are private); a response opened as a
 document runs nothing and cannot be framed."""
+
+
+CORS_METHODS = ("GET", "HEAD", "POST", "PUT")
+"""The methods a page of an allowed origin may use (every method a route of the service has)."""
+CORS_HEADERS = ("Authorization", "Content-Type")
+"""The request headers a page of an allowed origin may send besides the ones every page may:
+the bearer token and a body's type (``application/json``, or an upload's)."""
+CORS_EXPOSED = ("Retry-After",)
+"""The response headers beyond the always-readable ones an allowed page may read (a busy
+thumbnail's 503 says when to ask again)."""
+CORS_MAX_AGE = 600
+"""Seconds a browser may keep a preflight's answer before asking again."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +83,8 @@ class BrowserGuard:
       that send no ``Sec-Fetch-Site``.
     * **Simple requests** (CSRF without ``Origin``): a ``POST`` without ``Authorization``
       must say ``Content-Type: application/json``, which no page can send to another origin
-      without a CORS preflight this service never grants. Else 415.
+      without a CORS preflight, which this service grants to ``allowed_origins`` only. Else
+      415.
     * **Bodies** of ``POST``, ``PUT``, ``PATCH`` and ``DELETE`` are read at most
       ``max_json_bytes``, whatever their ``Content-Type`` (FastAPI parses a body without one,
       or of any ``*/*+json`` type, as JSON): a ``Content-Length`` over it is refused before
@@ -74,6 +94,20 @@ class BrowserGuard:
       (the object upload: ``FRAMEPIPE_MAX_UPLOAD_BYTES``). A route that reads no body gets
       the same cap, which costs it nothing; a route added later is capped unless it is
       listed there.
+    * **CORS** for ``allowed_origins`` only (:meth:`listed`, the same rule the ``Origin``
+      check admits them by: exact scheme, host and port, compared case-insensitively; ``*`` is
+      no wildcard): a preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from one
+      of them is answered 204 here, before the token check (a browser sends no token with
+      it), allowing :data:`CORS_METHODS`, :data:`CORS_HEADERS` for :data:`CORS_MAX_AGE`
+      seconds; every other answer to one of them, errors included, names that origin in
+      ``Access-Control-Allow-Origin`` (never ``*``; no ``Access-Control-Allow-Credentials``:
+      the token is a header, no cookie is ever used). The service's own origin needs no CORS
+      and any other origin is refused as above, so neither gets these headers. With
+      ``allowed_origins`` set, every response says ``Vary: Origin`` (a cache must not give
+      one origin's answer to another). ``Cross-Origin-Resource-Policy: same-origin`` does not
+      get in the way: browsers apply it to ``no-cors`` requests only (an ``<img>`` without
+      ``crossorigin``, which sends no ``Origin`` and is refused above whatever its page), not
+      to a CORS ``fetch`` or an ``<img crossorigin>`` of an allowed page.
 
     Requests from programs (no ``Origin`` nor ``Sec-Fetch-Site``, a right ``Host``) pass
     untouched; every HTTP response, refusals included, gets :data:`RESPONSE_HEADERS` (those
@@ -91,7 +125,7 @@ class BrowserGuard:
         self.app = app
         self.any_host = "*" in allowed_hosts
         self.hosts = {split_host(h) for h in allowed_hosts if h != "*"}
-        self.origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
+        self.origins = {_normal_origin(o) for o in allowed_origins}
         self.max_json_bytes = max_json_bytes
         self.raw_bodies = tuple((method.upper(), prefix) for method, prefix in raw_bodies)
 
@@ -105,6 +139,11 @@ class BrowserGuard:
         if root and path.startswith(root):  # as the router matches: without the mount point
             path = path[len(root) :]
         return not any(method == m and path.startswith(p) for m, p in self.raw_bodies)
+
+    def listed(self, origin: str) -> bool:
+        """Whether ``origin`` (an ``Origin`` header) is one of ``allowed_origins``: the rule
+        both the ``Origin`` check and CORS go by."""
+        return _normal_origin(origin) in self.origins
 
     def _host_allowed(self, host: str, port: str | None, scope: Scope) -> bool:
         if self.any_host or host in _LOOPBACK_NAMES:
@@ -130,7 +169,7 @@ class BrowserGuard:
         if origin is not None:
             secure = scope.get("scheme") in ("https", "wss")
             own = f"{'https' if secure else 'http'}://{host_header.strip().lower()}"
-            if origin.strip().rstrip("/").lower() not in (own, *self.origins):
+            if _normal_origin(origin) != own and not self.listed(origin):
                 return Refusal(
                     403,
                     f"requests from the web origin {origin!r} are refused; "
@@ -159,9 +198,9 @@ class BrowserGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "http":
-            send = _with_response_headers(send)
         headers = Headers(scope=scope)
+        if scope["type"] == "http":
+            send = _with_response_headers(send, vary_origin=bool(self.origins))
         refusal = self.check(scope, headers)
         if refusal is not None:
             _log.warning(
@@ -175,6 +214,12 @@ class BrowserGuard:
                 return
             await JSONResponse({"detail": refusal.detail}, refusal.status)(scope, receive, send)
             return
+        origin = headers.get("origin")
+        if scope["type"] == "http" and origin is not None and self.listed(origin):
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await _preflight(origin, headers)(scope, receive, send)
+                return
+            send = _with_cors(send, origin)
         if scope["type"] == "http" and self._capped(scope):
             await self._limited(scope, receive, send, headers)
             return
@@ -220,6 +265,45 @@ class BrowserGuard:
         await self.app(scope, replay, send)
 
 
+def _normal_origin(origin: str) -> str:
+    """``origin`` as the guard compares it: without white space or a trailing ``/``,
+    lower-case."""
+    return origin.strip().rstrip("/").lower()
+
+
+def _preflight(origin: str, headers: Headers) -> Response:
+    """The answer to a CORS preflight of ``origin`` (an allowed one): what it may send, for how
+    long. The browser itself refuses a method or header outside the lists, and says which."""
+    allowed = {
+        "Access-Control-Allow-Origin": origin.strip(),
+        "Access-Control-Allow-Methods": ", ".join(CORS_METHODS),
+        "Access-Control-Allow-Headers": ", ".join(CORS_HEADERS),
+        "Access-Control-Max-Age": str(CORS_MAX_AGE),
+        "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+    }
+    # Chromium asks a page before it reaches a more private address (a loopback service from a
+    # page on the LAN): the operator allowed this origin, so it may.
+    if headers.get("access-control-request-private-network", "").strip().lower() == "true":
+        allowed["Access-Control-Allow-Private-Network"] = "true"
+    return Response(status_code=204, headers=allowed)
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """``send`` naming ``origin`` (an allowed one) in the start of the response, as the
+    origin that may read it."""
+    extra = [
+        (b"access-control-allow-origin", origin.strip().encode("latin-1")),
+        (b"access-control-expose-headers", ", ".join(CORS_EXPOSED).encode("latin-1")),
+    ]
+
+    async def allowed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return allowed
+
+
 def _navigation(scope: Scope, headers: Headers) -> bool:
     """Whether the request is a browser's top-level navigation (a link followed, an address
     typed): a ``GET`` or ``HEAD`` for a document, not a frame, an image or a fetch."""
@@ -231,15 +315,29 @@ def _navigation(scope: Scope, headers: Headers) -> bool:
     )
 
 
-def _with_response_headers(send: Send) -> Send:
-    """``send`` adding to the start of a response the :data:`RESPONSE_HEADERS` it lacks."""
+def _with_response_headers(send: Send, *, vary_origin: bool) -> Send:
+    """``send`` adding to the start of a response the :data:`RESPONSE_HEADERS` it lacks and,
+    with ``vary_origin``, ``Origin`` to its ``Vary``."""
 
     async def marked(message: Message) -> None:
         if message["type"] == "http.response.start":
-            present = {bytes(name).lower() for name, _ in message.get("headers", ())}
-            extra = [(n, v) for n, v in RESPONSE_HEADERS if n not in present]
-            if extra:
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            headers = list(message.get("headers", ()))
+            present = {bytes(name).lower() for name, _ in headers}
+            headers += [(n, v) for n, v in RESPONSE_HEADERS if n not in present]
+            if vary_origin:
+                headers = _vary_origin(headers)
+            message = {**message, "headers": headers}
         await send(message)
 
     return marked
+
+
+def _vary_origin(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` whose ``Vary`` names ``Origin`` (added to the one there, or a new one)."""
+    for i, (name, value) in enumerate(headers):
+        if bytes(name).lower() == b"vary":
+            named = {v.strip().lower() for v in bytes(value).split(b",")}
+            if b"origin" not in named and b"*" not in named:
+                headers[i] = (name, bytes(value) + b", Origin")
+            return headers
+    return [*headers, (b"vary", b"Origin")]
