@@ -140,13 +140,20 @@ def sweep(
     stale_after: float,
     republish_after: float,
     lease: float,
+    spare_live: bool = False,
 ) -> tuple[list[Delivery], list[Event]]:
     """Recover what no worker holds: running steps whose lease expired or whose worker is
     dead (ready again, or failed as poison at ``max_crashes`` lost attempts), retries that
     are due, and ready steps not taken ``republish_after`` seconds after their last
     publication. A worker on another host is dead once its heartbeat is ``stale_after``
     seconds old; ``lease`` (the sweeping worker's ``lease_seconds``) is named in the errors.
-    Returns the steps to publish and the committed events. Safe to run in every worker."""
+    Returns the steps to publish and the committed events. Safe to run in every worker.
+
+    ``spare_live``: the sweeping worker could not reach the store until a moment ago. Every
+    worker's renewals and heartbeats failed in that outage alike, so leases that lapsed and
+    heartbeats that went stale say nothing of their workers: only the steps of a worker that
+    stopped, or whose process is gone (on this host), are taken back; the others are left to
+    their workers to renew (the caller spares them for a lease)."""
     now = time.time()
     out = release_due(store)
     with store.read() as conn:
@@ -184,12 +191,18 @@ def sweep(
         w
         for w in holders
         if (known[w].status == "stopped" if w in known else False)
-        or owner_is_dead(w, known[w].heartbeat_at if w in known else None, stale_after)
+        or owner_is_dead(
+            w,
+            # Spared: a heartbeat of now leaves only the pid check (same host) to tell.
+            now if spare_live else known[w].heartbeat_at if w in known else None,
+            stale_after,
+        )
     }
     lapsed = [
         r
         for r in running
-        if r.worker in dead or (r.lease_until is not None and r.lease_until < now)
+        if r.worker in dead
+        or (not spare_live and r.lease_until is not None and r.lease_until < now)
     ]
     committed: list[Event] = []
     if lapsed:

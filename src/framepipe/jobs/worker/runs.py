@@ -135,8 +135,10 @@ class Runs:
         return self._runs.get(ident)
 
     def held(self) -> list[Attempt]:
-        """The attempts whose lease this worker keeps: running, or waiting to."""
-        return [r.ident for r in self._runs.values() if not r.finished and not r.lost]
+        """The attempts whose lease this worker keeps: running, waiting to, or ended with
+        their outcome waiting to be committed (a commit delayed by a database outage must not
+        let the lease lapse under a result that is already there)."""
+        return [r.ident for r in list(self._runs.values()) if not r.lost]
 
     def live(self) -> list[Run]:
         """The runs running or waiting to (safe to call from any thread)."""

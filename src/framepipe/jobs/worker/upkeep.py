@@ -6,11 +6,15 @@
   told to stop (``ctx.cancelled``); once steps turn out long, claimed steps not started yet
   are handed back;
 * it sweeps for steps nobody holds (a killed worker's, retries that are due, ready steps the
-  broker lost) every ``sweep_interval`` seconds;
+  broker lost) every ``sweep_interval`` seconds; for a lease after its own store was
+  unreachable, it takes back only the steps of workers that stopped or whose process is gone
+  (:func:`framepipe.jobs.leases.sweep`'s ``spare_live``): in an outage of the database every
+  worker's renewals fail alike, and a lease that lapsed then is no sign of a lost worker;
 * it takes over the deliveries a dead worker took and left unsettled, once a lease;
 * it has the broker forget stopped workers' consumers, every ``_FORGET_EVERY`` seconds.
 
-A lost connection on the way is retried at the next beat; any other error ends the worker.
+A lost connection on the way is retried at the next beat, said once when the beats start
+failing and once when they work again; any other error ends the worker.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import time
 from collections.abc import Callable
 
 from framepipe.config import Settings
+from framepipe.errors import BrokerError
 from framepipe.jobs import leases
 from framepipe.jobs.worker.connections import Connections, is_transient
 from framepipe.jobs.worker.intake import Intake
 from framepipe.jobs.worker.runs import Attempt, Runs
 from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 
 __all__ = ["Upkeep"]
 
@@ -62,6 +68,8 @@ class Upkeep:
         self._lease = lease
         self._stopping = stopping
         self._output_tail = output_tail
+        self._outage = Outage()
+        self._spare_until = 0.0  # monotonic: the sweep spares live holders until then
 
     def report(
         self, held: list[Attempt], *, status: str = "running"
@@ -106,13 +114,35 @@ class Upkeep:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                _log.warning(
-                    "Worker %s: heartbeat failed (%s); retrying", self._id, str(exc).splitlines()[0]
-                )
+                if not isinstance(exc, BrokerError):  # the store: spared until it works
+                    self._spare_until = float("inf")
+                if self._outage.failed(exc):
+                    _log.warning(
+                        "Worker %s: heartbeat failed (%s); retrying every beat, said again "
+                        "when it works",
+                        self._id,
+                        str(exc).splitlines()[0],
+                    )
 
     async def _renew(self) -> None:
         held = self._runs.held()
         lost, stopped = await self._connections.call(functools.partial(self.report, held))
+        failed = self._outage.attempts
+        lasted = self._outage.answered()
+        if lasted is not None:
+            spared = self._spare_until > time.monotonic()
+            if spared:
+                self._spare_until = time.monotonic() + self._lease
+            _log.info(
+                "Worker %s: heartbeat works again after %.0f s (%d beat(s) failed)%s",
+                self._id,
+                lasted,
+                failed,
+                f"; for {self._lease:g} s the sweep takes back only the steps of workers "
+                "that are gone"
+                if spared
+                else "",
+            )
         for ident in held:
             run = self._runs.get(ident)
             if run is None:
@@ -140,6 +170,7 @@ class Upkeep:
                 stale_after=max(self._lease / 2, 2.0),
                 republish_after=settings.republish_after,
                 lease=self._lease,
+                spare_live=time.monotonic() < self._spare_until,
             )
         )
         if ready:
