@@ -49,7 +49,12 @@ Guarantees:
   an error result (``error_kind`` ``lost``) and acknowledged, so a frame that kills the process
   stops after ``max_attempts`` restarts under the same id.
 * A ``process_frame`` that raises while ``image_encoding`` was left to its default gets a
-  hint in its error text: the image data is base64 unless ``image_encoding="raw"``.
+  hint in its error text when the error is plausibly about reading the image (a decoder's
+  error, or one naming an image, decoding or base64:
+  :func:`~framepipe.processors.fleet.handling.about_image`): the image data is base64 unless
+  ``image_encoding="raw"``. Its log does not get a traceback per frame: the first error of
+  each kind at once, then one line per 10 s with the count of frames failed so
+  (:class:`~framepipe.processors.fleet.handling.Raised`); every frame still gets its error.
 * One process per id: a start under an id a live process holds fails with
   :class:`~framepipe.errors.ConfigError` naming it (the record of one that died without
   deregistering is taken over, once its heartbeat is seen standing still:
@@ -97,7 +102,7 @@ from framepipe.processors.fleet.environment import (
     processor_id_from,
     redis_url_from,
 )
-from framepipe.processors.fleet.handling import run_frame
+from framepipe.processors.fleet.handling import Raised, run_frame
 from framepipe.processors.fleet.health import HealthServer
 from framepipe.processors.fleet.identity import RUNNING, claim
 from framepipe.processors.fleet.options import (
@@ -278,6 +283,7 @@ class ProcessorClient(abc.ABC):
         self._beat_failing = False  # the last heartbeat failed (logged once per run of them)
         self._redis_back = asyncio.Event()  # a heartbeat went through since it was cleared
         self._instance = uuid.uuid4().hex  # this client, in its record (one process per id)
+        self._raised = Raised(self.log)  # process_frame raising: logged at once, then rarely
 
     # -- what a subclass implements ---------------------------------------------------------
 
@@ -665,6 +671,8 @@ class ProcessorClient(abc.ABC):
             image_encoding=self.image_encoding,
             frame_timeout=self.frame_timeout,
             log=self.log,
+            raised=self._raised,
+            image_hint=_RAW_HINT if self._encoding_defaulted else "",
             span=span,
         )
         end_process_span(span, outcome)
@@ -672,8 +680,6 @@ class ProcessorClient(abc.ABC):
             self.processed += 1
         else:
             self.failed += 1
-            if self._encoding_defaulted and outcome.kind == "processor" and outcome.error:
-                outcome.error += _RAW_HINT
         payload = result_fields(
             self.processor_id,
             mid,
