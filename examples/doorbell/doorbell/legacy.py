@@ -11,7 +11,6 @@ so old and new code see the same state. The GPIO handler drives a real button th
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from doorbell.known_faces import encode_known
 from framepipe.backends.objects import LocalObjectStore
 from framepipe.errors import InvalidInputError
 from framepipe.logs import get_logger
+from framepipe.processors.face_photos import read_photo_bytes, shown_path
 from framepipe.urls import safe_url
 
 if TYPE_CHECKING:
@@ -88,13 +87,18 @@ class FaceManager:
                 f"known face name {name!r}: must be one file name (no '/', '\\', leading '.' "
                 "or control character, at most 200 bytes)"
             )
-        source = Path(image_path)
-        encode_known(source, orch.recognizer)  # validates before anything is copied
+        # read once: the bytes checked are the bytes stored
+        data = read_photo_bytes(image_path)
+        orch.recognizer.encode_known_photo(data, name=name, source=shown_path(image_path))
         folder = orch.config.known_faces_dir
         folder.mkdir(parents=True, exist_ok=True)
-        with source.open("rb") as head:
-            suffix = ".png" if head.read(8) == b"\x89PNG\r\n\x1a\n" else ".jpg"
-        shutil.copyfile(source, folder / f"{name}{suffix}")
+        suffix = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+        partial = folder / f".{name}.partial"  # never loaded: not a photo's suffix
+        try:
+            partial.write_bytes(data)
+            partial.replace(folder / f"{name}{suffix}")
+        finally:
+            partial.unlink(missing_ok=True)
         self.load_known_faces()
 
     def identify_faces(self, image: Image) -> list[dict[str, Any]]:

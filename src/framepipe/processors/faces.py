@@ -14,10 +14,13 @@ Guarantees:
 * Boxes are ``(left, top, right, bottom)`` in the pixels of the image given, clipped to it,
   whatever upscaling was used to find small faces (images narrower than ``upscale_below`` are
   upscaled x2 first).
-* :func:`load_known_faces` never raises for one bad image: an unreadable file, an image without a
-  face and (with ``multiple="reject"``) one with several faces are returned as
-  :class:`RejectedFace` entries that say why; :meth:`FaceAnalyzer.encode_known` raises
-  :class:`~framepipe.errors.MediaError` naming the file for the same cases.
+* :func:`load_known_faces` never raises (nor crashes) for one bad file: what the rules of
+  :mod:`framepipe.processors.face_photos` refuse (a name that is not UTF-8 or holds a control
+  character, a link out of the folder, a file too large, not a regular file or not a PNG or
+  JPEG), an unreadable file, an image without a face and (with ``multiple="reject"``) one with
+  several faces are returned as :class:`RejectedFace` entries that say why;
+  :meth:`FaceAnalyzer.encode_known` raises :class:`~framepipe.errors.MediaError` naming the
+  file for the same cases. No file is handed to OpenCV by name: each is read as bytes.
 * :class:`FaceMatcher` answers the closest known face within ``tolerance`` (Euclidean distance
   of the encodings, 0.6 by default as in dlib's documentation) and that distance.
 """
@@ -39,6 +42,15 @@ import numpy as np
 import numpy.typing as npt
 
 from framepipe.errors import MediaError, MissingDependencyError
+from framepipe.processors.face_photos import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    MAX_SIDE,
+    decode_photo,
+    read_photo_bytes,
+    refusal,
+    shown_path,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -315,29 +327,57 @@ class FaceAnalyzer:
         return sorted(faces, key=lambda f: -f.box.area)
 
     def encode_known(
-        self, path: str | os.PathLike[str], *, multiple: Literal["largest", "reject"] = "reject"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        multiple: Literal["largest", "reject"] = "reject",
+        max_bytes: int = MAX_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        max_side: int = MAX_SIDE,
     ) -> KnownFace:
-        """The known face in an image file named ``<name>.jpg`` (or ``.png``).
+        """The known face in an image file named ``<name>.jpg`` (or ``.png``), read as bytes
+        (:func:`~framepipe.processors.face_photos.read_photo_bytes`; never opened by OpenCV by
+        name) and decoded within the limits of
+        :func:`~framepipe.processors.face_photos.decode_photo`.
 
-        Raises :class:`MediaError` naming the file when it is not a readable image, has no face
-        (after a second, more thorough detection pass) or, with ``multiple="reject"``, more
-        than one face (``"largest"`` takes the largest)."""
-        path = Path(path)
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise MediaError(path, "not a readable image")
-        image = np.asarray(bgr, dtype=np.uint8)
+        Raises :class:`MediaError` naming the file (as ``shown_path`` shows it) when it cannot
+        be read or is too large, is not a readable PNG or JPEG, has no face (after a second,
+        more thorough detection pass) or, with ``multiple="reject"``, more than one face
+        (``"largest"`` takes the largest)."""
+        data = read_photo_bytes(path, max_bytes=max_bytes)
+        return self.encode_known_photo(
+            data,
+            name=Path(path).stem,
+            source=shown_path(path),
+            multiple=multiple,
+            max_pixels=max_pixels,
+            max_side=max_side,
+        )
+
+    def encode_known_photo(
+        self,
+        data: bytes,
+        *,
+        name: str,
+        source: str,
+        multiple: Literal["largest", "reject"] = "reject",
+        max_pixels: int = MAX_PIXELS,
+        max_side: int = MAX_SIDE,
+    ) -> KnownFace:
+        """The known face ``name`` in the PNG or JPEG ``data`` (a photo already read, e.g. to
+        be stored once checked); as :meth:`encode_known`, errors naming ``source``."""
+        image = decode_photo(data, source, max_pixels=max_pixels, max_side=max_side)
         faces = self.analyse(image)
         if not faces:  # try harder once: a known face is worth the time
             faces = self.analyse(image, upsample=self.upsample + 1)
         if not faces:
-            raise MediaError(path, "no face found in the image")
+            raise MediaError(source, "no face found in the image")
         if len(faces) > 1 and multiple == "reject":
             raise MediaError(
-                path,
+                source,
                 f"{len(faces)} faces in the image; a known-face image must show exactly one person",
             )
-        return KnownFace(path.stem, faces[0].encoding, str(path))
+        return KnownFace(name, faces[0].encoding, source)
 
 
 def load_known_faces(
@@ -345,21 +385,41 @@ def load_known_faces(
     analyzer: FaceAnalyzer,
     *,
     multiple: Literal["largest", "reject"] = "reject",
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int = MAX_SIDE,
 ) -> KnownFaces:
     """Encode every ``<name>.jpg``/``.jpeg``/``.png`` of ``directory`` (in name order); files
-    that cannot be used are returned in ``rejected`` with the reason. Raises
-    :class:`MediaError` only when ``directory`` is not a directory."""
+    that cannot be used are returned in ``rejected`` with the reason, named as
+    :func:`~framepipe.processors.face_photos.shown_path` shows them (see the module
+    docstring). Raises :class:`MediaError` only when ``directory`` is not a directory."""
     folder = Path(directory)
     if not folder.is_dir():
-        raise MediaError(folder, "known faces directory does not exist")
+        raise MediaError(shown_path(folder), "known faces directory does not exist")
     known = KnownFaces([], [])
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
+        refused = refusal(path, folder)
         try:
-            known.faces.append(analyzer.encode_known(path, multiple=multiple))
+            if refused is None and path.is_dir():
+                continue  # a folder named like a photo
+            if refused is None:
+                known.faces.append(
+                    analyzer.encode_known(
+                        path,
+                        multiple=multiple,
+                        max_bytes=max_bytes,
+                        max_pixels=max_pixels,
+                        max_side=max_side,
+                    )
+                )
         except MediaError as exc:
-            known.rejected.append(RejectedFace(str(path), exc.reason))
+            refused = exc.reason
+        except OSError as exc:
+            refused = f"cannot be read ({exc.strerror or type(exc).__name__})"
+        if refused is not None:
+            known.rejected.append(RejectedFace(shown_path(path), refused))
     return known
 
 
