@@ -8,14 +8,15 @@ a :class:`NotAnImageError`, never given to a decoder) and only when its decode h
 picture cannot make the service allocate more than that budget's decode. A JPEG wider than
 twice the thumbnail is decoded reduced (1/2, 1/4, 1/8); for a single-scan sequential JPEG
 (baseline or extended, all components in its first scan) the reduced size is what counts
-against the budget, as libjpeg then decodes it a row of blocks at a time (a 10000x5000
-camera still is decoded at 1250x625); a progressive, multi-scan, lossless or hierarchical
-JPEG, or one whose markers cannot be read, counts at its full size, as libjpeg keeps every
-DCT coefficient of the full picture while decoding it whatever the reduction. What cannot be
-decoded is a
-:class:`NotAnImageError`, never a server error; the cache holds at most ``max_bytes`` of
-thumbnails (least recently used dropped first), keyed by the store, the key and the width, so
-a key of one store never answers for another's.
+against the budget, as libjpeg then decodes it a row of blocks at a time (a 10000x5000 camera
+still is decoded at 1250x625); a progressive, multi-scan, lossless or hierarchical JPEG, or one
+whose markers cannot be read, counts at its full size, as libjpeg keeps every DCT coefficient
+of the full picture while decoding it whatever the reduction. Data of none of these formats is
+a :class:`NotAnImageError`; data that begins as one of them but whose size cannot be read or
+that cannot be decoded (a truncated upload, a file cut off while it was written, damaged bytes)
+is a :class:`CorruptImageError` (a kind of :class:`NotAnImageError`); neither is ever a server
+error; the cache holds at most ``max_bytes`` of thumbnails (least recently used dropped first),
+keyed by the store, the key and the width, so a key of one store never answers for another's.
 
 Thumbnails are made in worker threads, at most :class:`ThumbnailSlots` ``size`` at once (the
 service's ``thumbnail_concurrency``): a burst of requests for large images holds at most that
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "MAX_PIXELS",
     "SLOT_WAIT",
+    "CorruptImageError",
     "ImageTooLargeError",
     "NotAnImageError",
     "ObjectTooLargeError",
@@ -81,6 +83,15 @@ _T = TypeVar("_T")
 class NotAnImageError(FramepipeError):
     """A stored object that was asked for as an image is not one (or not of a format whose
     size can be read before decoding it)."""
+
+
+class CorruptImageError(NotAnImageError):
+    """A stored object that begins as an image of a known format (``kind``: JPEG, PNG, WebP or
+    BMP) but is truncated or corrupt: its size cannot be read, or it cannot be decoded."""
+
+    def __init__(self, kind: str, what: str) -> None:
+        self.kind = kind
+        super().__init__(f"the {kind} image is truncated or corrupt: {what}")
 
 
 class ImageTooLargeError(FramepipeError):
@@ -171,8 +182,9 @@ def _bmp_size(data: bytes) -> tuple[int, int] | None:
 
 def image_size(data: bytes) -> tuple[str, int, int]:
     """``(format, width, height)`` of the image in ``data``, read from its header without
-    decoding it; :class:`NotAnImageError` when ``data`` is not a JPEG, PNG, WebP or BMP with
-    a readable header (the formats thumbnails are made of)."""
+    decoding it; :class:`NotAnImageError` when ``data`` is not a JPEG, PNG, WebP or BMP (the
+    formats thumbnails are made of), :class:`CorruptImageError` when it begins as one but its
+    header cannot be read (cut off, or damaged)."""
     size: tuple[int, int] | None = None
     kind = ""
     if data.startswith(_JPEG):
@@ -195,7 +207,7 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if not kind:
         raise NotAnImageError(f"the object is not a {_FORMATS} image")
     if size is None or size[0] <= 0 or size[1] <= 0:
-        raise NotAnImageError(f"the object is not a {kind} image whose size can be read")
+        raise CorruptImageError(kind, "its size cannot be read from its header")
     return kind, size[0], size[1]
 
 
@@ -243,7 +255,8 @@ def _decoded_pixels(kind: str, width: int, height: int, factor: int, data: bytes
 def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = MAX_PIXELS) -> bytes:
     """``data`` (an image) as a JPEG at most ``width`` pixels wide; an image whose decode
     would hold more than ``max_pixels`` pixels (by its header: the full picture, or the
-    reduced one for a single-scan sequential JPEG decoded reduced) is refused undecoded."""
+    reduced one for a single-scan sequential JPEG decoded reduced) is refused undecoded;
+    :class:`CorruptImageError` when its header reads but its data cannot be decoded."""
     kind, known, height = image_size(data)
     factor = 1
     flags = cv2.IMREAD_COLOR
@@ -255,8 +268,8 @@ def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = M
     if _decoded_pixels(kind, known, height, factor, data) > max_pixels:
         raise ImageTooLargeError(known, height, max_pixels)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if image is None:
-        raise NotAnImageError("the object is not an image that can be decoded")
+    if image is None:  # its header was read: what follows is cut off or damaged
+        raise CorruptImageError(kind, "it cannot be decoded")
     h, w = image.shape[:2]
     if w > width:
         image = cv2.resize(

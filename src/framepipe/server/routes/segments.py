@@ -16,13 +16,15 @@ inside the stores of that app (``..``, absolute paths and the like are a 400; a 
 never follows a symlink out of its root: also a 400): for an app served here, the stores of
 the pipeline's frame stores, then the app's dashboard store, then the service's; for an app of
 another process, the service's object store (the home's). The error names the key, never a
-store's path (a failure of the store itself is a 500). A frame is decoded only when its header
-says it is a JPEG, PNG, WebP or BMP (else 415) whose decode holds at most the setting
-``thumbnail_max_pixels`` pixels (a baseline JPEG counts at the reduced size it is decoded at;
-else 422 naming the key), whatever its file size. At most ``thumbnail_concurrency`` frames are
-read and decoded at once (a frame kept downscaled for the first store needs no turn); a request
-that gets no turn within :data:`~framepipe.server.thumbnails.SLOT_WAIT` seconds is a 503 with
-``Retry-After``, having read nothing (see :class:`~framepipe.server.thumbnails.ThumbnailSlots`).
+store's path (a failure of the store itself is a 500).
+A frame is decoded only when its header says it is a JPEG, PNG, WebP or BMP (else 415) whose
+decode holds at most the setting ``thumbnail_max_pixels`` pixels (a baseline JPEG counts at the
+reduced size it is decoded at; else 422 naming the key), whatever its file size; a frame that
+begins as one of them but is truncated or corrupt (its header or its data cannot be read) is a
+422 saying so. At most ``thumbnail_concurrency`` frames are read and decoded at once (a frame
+kept downscaled for the first store needs no turn); a request that gets no turn within
+:data:`~framepipe.server.thumbnails.SLOT_WAIT` seconds is a 503 with ``Retry-After``, having
+read nothing (see :class:`~framepipe.server.thumbnails.ThumbnailSlots`).
 Segments of an app served here come from memory (filled from the event log at start); those of
 another process's app from the event log its ``StoreEventSink`` writes.
 """
@@ -50,6 +52,7 @@ from framepipe.server.path_keys import ObjectKey
 from framepipe.server.state import Service, ServiceState
 from framepipe.server.store_errors import object_store_errors
 from framepipe.server.thumbnails import (
+    CorruptImageError,
     ImageTooLargeError,
     NotAnImageError,
     ObjectTooLargeError,
@@ -306,8 +309,16 @@ async def segments_frame(
         ) from None
     except ObjectNotFoundError:
         raise HTTPException(404, f"no object {key!r} in app {app_name!r}'s store") from None
+    except CorruptImageError as exc:
+        raise HTTPException(
+            422,
+            f"the object {key!r} is a truncated or corrupt {exc.kind} image: no thumbnail "
+            "can be made of it",
+        ) from None
     except NotAnImageError:
-        raise HTTPException(415, f"the object {key!r} is not an image") from None
+        raise HTTPException(
+            415, f"the object {key!r} is not an image (JPEG, PNG, WebP or BMP)"
+        ) from None
     except ImageTooLargeError as exc:
         raise HTTPException(
             422,
