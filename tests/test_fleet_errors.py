@@ -127,3 +127,31 @@ def test_loggable_and_about_image() -> None:
     assert about_image(decoding.value)
     assert not about_image(RuntimeError("model exploded"))
     assert not about_image(KeyError("boxes"))
+
+
+def test_a_hostile_error_text_is_cut_and_escaped_in_the_registrys_log(
+    ns: str, logs: pytest.LogCaptureFixture
+) -> None:
+    hostile = "boom\n2026-12-06 ERROR [registry] forged line\x00" + "z" * 200_000
+
+    class Hostile(Detector):
+        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+            raise RuntimeError(hostile)
+
+    detector = Hostile("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        async with (
+            serving(detector),
+            ProcessorRegistry(REDIS_URL, ns, circuit_failures=1) as registry,
+        ):
+            assert not (await registry.call(make_frame(1), "face_detection")).ok
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    [opened] = [
+        r.getMessage()
+        for r in logs.records
+        if r.name.startswith("framepipe.processors.registry") and "circuit open" in r.getMessage()
+    ]
+    assert "\n" not in opened and "\x00" not in opened and len(opened) < 2_000
+    assert "boom\\x0a2026-12-06 ERROR [registry] forged line\\x00" in opened

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from framepipe.logs import ComponentLogger
+from framepipe.processors.fleet.shown import loggable
 
 __all__ = ["CircuitBreaker", "CircuitPolicy", "CircuitState"]
 
@@ -68,7 +69,7 @@ class CircuitBreaker:
             self.state = CircuitState.HALF_OPEN
             self.trial = None
             self.log.info(
-                "Processor %s: circuit half-open, one trial frame next", self.processor_id
+                "Processor %s: circuit half-open, one trial frame next", loggable(self.processor_id)
             )
         return self.state
 
@@ -99,7 +100,8 @@ class CircuitBreaker:
         if ok:
             if self.state != CircuitState.CLOSED:
                 self.log.info(
-                    "Processor %s: circuit closed (trial frame succeeded)", self.processor_id
+                    "Processor %s: circuit closed (trial frame succeeded)",
+                    loggable(self.processor_id),
                 )
             self.failures = 0
             self.state = CircuitState.CLOSED
@@ -120,9 +122,9 @@ class CircuitBreaker:
             self.log.warning(
                 "Processor %s: circuit open after %d consecutive failure(s) "
                 "(last: %s); no frames for %.1fs",
-                self.processor_id,
+                loggable(self.processor_id),
                 self.failures,
-                reason,
+                loggable(reason, 300),
                 self.policy.circuit_reset,
             )
             self.on_open()

@@ -127,6 +127,7 @@ from framepipe.processors.fleet.protocol import (
 )
 from framepipe.processors.fleet.publishing import Publisher
 from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
+from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
@@ -700,7 +701,7 @@ class ProcessorClient(abc.ABC):
         self.log.error(
             "Frame %s was delivered %d times (max_attempts %d) to processors that died or "
             "restarted before finishing it; giving up on it",
-            text(fields.get(b"frame_id")),
+            loggable(fields.get(b"frame_id")),
             attempts.used,
             attempts.limit,
         )

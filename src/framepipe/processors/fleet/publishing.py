@@ -21,7 +21,8 @@ import asyncio
 from framepipe.backoff import Backoff
 from framepipe.logs import ComponentLogger, Repeats
 from framepipe.processors.fleet.outages import REDIS_ERRORS, refusal, unavailable
-from framepipe.processors.fleet.protocol import GROUP, BadEntryError, Fields, Keys, Outcome, text
+from framepipe.processors.fleet.protocol import GROUP, BadEntryError, Fields, Keys, Outcome
+from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.scripts import PUBLISH
 from framepipe.redis.wire import Wire
 
@@ -127,9 +128,9 @@ class Publisher:
     ) -> tuple[dict[str, str | bytes], bool, bytes | None]:
         """The next publication of entry ``mid`` after Redis rejected one with ``exc``: its
         ``output`` error on the reply stream alone, else nothing (acknowledged only)."""
-        frame_id = text(fields.get(b"frame_id"))[:200] or "?"
+        frame_id = loggable(fields.get(b"frame_id")) or "?"
         where = f"result stream {self.result_stream!r}" if to_results else "its reply stream"
-        reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        reason = f"{type(exc).__name__}: {loggable(str(exc), 300)}"
         if to_results and reply_to is not None:
             held = self._rejections.admit(f"{where} {reason[:80]}")
             if held is not None:

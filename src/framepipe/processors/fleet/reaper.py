@@ -270,7 +270,7 @@ class Reaper:
             redis, registry.keys, proc.id, proc.stream, ProcessorState.DEAD, ProcessorState.STOPPED
         )
         if removed == 1:
-            registry.log.info("Processor %s removed (%s)", proc.id, proc.state)
+            registry.log.info("Processor %s removed (%s)", loggable(proc.id), loggable(proc.state))
             registry._mirror.depart(proc)
 
     async def reroute(
@@ -376,10 +376,10 @@ class Reaper:
         except BadEntryError as exc:
             self.registry.log.warning(
                 "Frame %s (entry %s of %s): %s; nothing written to it",
-                text(raw.get(b"frame_id")) or "?",
-                mid.decode(),
-                dead.id,
-                exc,
+                loggable(raw.get(b"frame_id")) or "?",
+                loggable(mid),
+                loggable(dead.id),
+                loggable(str(exc), 300),
             )
             return ""
 
@@ -409,18 +409,18 @@ class Reaper:
             registry.log.error(
                 "Frame %s was delivered %d times to processors that died (last: %s); "
                 "giving up on it",
-                move.frame_id,
+                loggable(move.frame_id),
                 move.attempt,
-                dead.id,
+                loggable(dead.id),
             )
         else:
             if track is not None:
                 registry._inflight.learned(track, target.id, text(result))
             registry.log.info(
                 "Re-routed frame %s from %s to %s (attempt %d)",
-                move.frame_id,
-                dead.id,
-                target.id,
+                loggable(move.frame_id),
+                loggable(dead.id),
+                loggable(target.id),
                 move.attempt,
             )
         return 0
@@ -433,7 +433,7 @@ class Reaper:
                 self.registry.log.warning(
                     "%d frame(s) of %s wait for a live processor with their capability",
                     left,
-                    dead.id,
+                    loggable(dead.id),
                 )
             return False
         self._waiting_logged.discard(dead.id)

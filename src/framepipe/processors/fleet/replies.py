@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
 from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
+from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import received
 from framepipe.redis import safe_url
 from framepipe.redis.streams import stream_entries
@@ -161,7 +162,9 @@ class ReplyReader:
         try:
             result = ProcessorResult.from_fields(fields)
         except (ValueError, TypeError) as exc:
-            registry.log.warning("malformed entry on the reply stream ignored: %s", exc)
+            registry.log.warning(
+                "malformed entry on the reply stream ignored: %s", loggable(str(exc), 1000)
+            )
             return
         track = registry._routed.get(result.frame_id)
         if track is None or not track.answered_by(result, self.ended.of(result.frame_id)):
@@ -169,9 +172,9 @@ class ReplyReader:
             self.dropped += 1
             registry.log.debug(
                 "result of frame %s from %s (entry %s) dropped: no request waits for it",
-                result.frame_id,
-                result.processor_id,
-                result.entry_id,
+                loggable(result.frame_id),
+                loggable(result.processor_id),
+                loggable(result.entry_id),
             )
             return
         proc = registry._procs.get(result.processor_id)
