@@ -558,3 +558,30 @@ def test_the_guides_processor_started_as_the_guide_starts_it(ns: str, tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# -- what the documents promise -----------------------------------------------------------------
+
+
+def test_the_documents_state_the_fleets_rules() -> None:
+    """The README's fleet paragraphs, the migration guide and the example's README say what
+    the fleet enforces (one process per id: test_fleet_identity; the result stream a stream:
+    test_fleet_publishing; a refusing Redis waited out: test_fleet_outages), and the example
+    no longer promises a re-route that happens only while a processor with the capability is
+    live."""
+    root = Path(__file__).resolve().parent.parent
+
+    def flat(name: str) -> str:
+        return " ".join((root / name).read_text().split())
+
+    readme = flat("README.md")
+    fleet = readme[readme.index("## Processors that register") : readme.index("## MQTT")]
+    guide = flat("docs/migrating-processor-fleet.md")
+    for text in (fleet, guide):
+        assert "id of its own" in text and "ConfigError" in text
+        assert "a key of another type" in text
+        for code in ("LOADING", "BUSY", "OOM", "READONLY"):
+            assert f"`{code}`" in text
+    example = flat("examples/processor_fleet/README.md")
+    assert "re-routes them to another processor with the capability." not in example
+    assert "With none live, they wait in its stream" in example
