@@ -282,6 +282,10 @@ SECRET = "S3cretPW"
         ("FRAMEPIPE_HEARTBEAT_INTERVAL", "inf", "finite"),
         ("FRAMEPIPE_RETRY_INITIAL_DELAY", "nan", "finite"),
         ("FRAMEPIPE_EVENTS_RETENTION_DAYS", "inf", "finite"),
+        ("FRAMEPIPE_ALLOWED_ORIGINS", "https://a.example, *", "'*' is not a web origin"),
+        ("FRAMEPIPE_ALLOWED_ORIGINS", "https://a.example/app", "no '*', path or user"),
+        ("FRAMEPIPE_ALLOWED_ORIGINS", f"https://u:{SECRET}@a.example", "not a web origin"),
+        ("FRAMEPIPE_ALLOWED_ORIGINS", "a.example:5173", "not a web origin"),
     ],
 )
 def test_bad_values_are_refused_at_load_naming_the_setting_without_the_secret(

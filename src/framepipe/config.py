@@ -65,6 +65,7 @@ from framepipe.amqp import AMQP_SCHEMES, is_amqp_url
 from framepipe.config_checks import (
     DEFAULT_HOME,
     FINISHED_STATUSES,
+    check_allowed_origins,
     check_api_token,
     check_database_url,
     check_home,
@@ -435,6 +436,7 @@ class ServerSettings(SettingsSection):
         comma_list
     )
     _input_roots = field_validator("input_roots")(check_input_roots)
+    _origins = field_validator("allowed_origins")(check_allowed_origins)
     _token = field_validator("api_token")(check_api_token)
 
 

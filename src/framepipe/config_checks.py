@@ -11,10 +11,12 @@ object store URL's scheme read, a home's folders looked at.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from framepipe.errors import ConfigError, StateStoreError
+from framepipe.urls import safe_url
 
 __all__ = [
     "DEFAULT_HOME",
@@ -195,6 +197,32 @@ def check_input_roots(value: list[Path]) -> list[Path]:
             raise ValueError(
                 f"{str(root)!r} is not an absolute path: give absolute folders (a relative one "
                 "would depend on the directory the service is started in)"
+            )
+    return value
+
+
+def check_allowed_origins(value: list[str]) -> list[str]:
+    """The web origins, unless one is not ``scheme://host[:port]`` as a browser sends it in
+    ``Origin``: ``*``, a path, a query or a user would match no request, silently."""
+    for origin in value:
+        parts = urllib.parse.urlsplit(origin.rstrip("/"))
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not port_ok
+            or "@" in parts.netloc
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(
+                f"{safe_url(origin)!r} is not a web origin: write scheme://host[:port], as a "
+                "browser sends it (e.g. https://app.example.com or http://localhost:5173); no "
+                "'*', path or user"
             )
     return value
 
