@@ -512,3 +512,40 @@ def test_snapshots_never_leave_the_doorbells_object_store(
             "/api/apps/doorbell/panels/events", headers={"Origin": "http://evil.example"}
         )
         assert foreign.status_code == 403
+
+
+@pytest.mark.slow  # framepipe serve and dlib
+def test_the_known_faces_are_reloaded_by_a_post_behind_the_token(
+    site: dict[str, Path], served: Served
+) -> None:
+    """``POST /api/apps/doorbell/faces/reload``: a photo added to the folder is known from then
+    on, an unusable one is answered by its file name (no path of the server) and why; without
+    the token the folder is not read."""
+    link = served.link()
+    auth = {"Authorization": f"Bearer {_token(link)}"}
+    known = site["folder"] / "data" / "known_faces"
+    with httpx.Client(base_url=served.base, headers=auth, timeout=120) as client:
+        wait_until(
+            "the doorbell to run",
+            lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
+            WAIT,
+            interval=0.5,
+            explain=served.output,
+        )
+        (known / "alice_again.jpg").write_bytes((known / "alice.jpg").read_bytes())
+        (known / "notes.jpg").write_text("not an image\n")
+        with httpx.Client(base_url=served.base, timeout=10) as anonymous:
+            assert anonymous.post("/api/apps/doorbell/faces/reload", json={}).status_code == 401
+        assert client.get("/api/apps/doorbell/faces/known").json()["names"] == ["alice"]
+        reloaded = client.post("/api/apps/doorbell/faces/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json() == {
+            "status": "success",
+            "count": 2,
+            "names": ["alice", "alice_again"],
+            "rejected": [{"file": "notes.jpg", "error": "not a readable image"}],
+        }
+        assert client.get("/api/apps/doorbell/faces/known").json()["names"] == [
+            "alice",
+            "alice_again",
+        ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -754,3 +755,94 @@ def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) ->
     passed = gate["frames_in"] - gate["filtered"]
     assert metrics["worker_status"]["face_detection"]["frames_in"] == passed
     assert lines[0]["face_frames"] <= passed
+
+
+class Doorbell:
+    """``run.py`` in a subprocess, its stdout (JSON events) and stderr collected as they come."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "run.py"), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")},
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.process.stdout, self.out), (self.process.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def explain(self) -> str:
+        return f"exit {self.process.poll()}\nstdout:\n{''.join(self.out[-20:])}\nstderr:\n" + (
+            "".join(self.err[-40:])
+        )
+
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the doorbell exited\n{self.explain()}")
+
+    def said(self, text: str) -> bool:
+        self.alive()
+        return any(text in line for line in self.err)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in map(json.loads, list(self.out)) if e["type"] == kind]
+
+    def ring_until(self, kind: str) -> list[dict[str, Any]]:
+        """Ring (a line on stdin) until a ``kind`` event is printed; those events."""
+
+        def rung() -> list[dict[str, Any]]:
+            self.alive()
+            found = self.events(kind)
+            if not found:
+                assert self.process.stdin is not None
+                self.process.stdin.write("\n")
+                self.process.stdin.flush()
+            return found
+
+        return wait_until(f"a {kind} event", rung, WAIT, interval=1.0, explain=self.explain)
+
+
+def test_sighup_reloads_the_known_faces_of_a_running_doorbell(
+    tmp_path: Path, media: dict[str, Path]
+) -> None:
+    """``kill -HUP`` of ``run.py``: alice, a stranger to the doorbell started with an empty
+    folder, is recognised once her photo is in the folder and the signal has been handled; the
+    doorbell runs on (SIGHUP used to end it) and stops with exit code 0 on SIGTERM."""
+    known = known_dir(tmp_path)
+    doorbell = Doorbell(
+        tmp_path,
+        "--camera",
+        str(media["carphone"]),
+        "--loop",
+        "--realtime",
+        "--stdin-bell",
+        "--workers",
+        "1",
+        "--status-every",
+        "0",
+    )
+    try:
+        wait_until("the doorbell to start", lambda: doorbell.said("0 known face(s)"), WAIT)
+        strangers = doorbell.ring_until("visitor.unknown")
+        assert strangers[0]["known"] is False
+        (known / "alice.jpg").write_bytes(media["alice"].read_bytes())
+        doorbell.process.send_signal(signal.SIGHUP)
+        reloaded = "[doorbell] known faces reloaded: 1 known (alice), 0 rejected"
+        wait_until("the reload", lambda: doorbell.said(reloaded), WAIT, explain=doorbell.explain)
+        [alice, *_] = doorbell.ring_until("visitor.known")
+        assert alice["name"] == "alice"
+        doorbell.process.send_signal(signal.SIGTERM)
+        assert doorbell.process.wait(WAIT) == 0, doorbell.explain()
+    finally:
+        if doorbell.process.poll() is None:
+            doorbell.process.kill()
+            doorbell.process.wait()

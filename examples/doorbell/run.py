@@ -9,7 +9,8 @@
 Prints one JSON line per visitor event (and doorbell press) on stdout; health every
 ``--status-every`` seconds on stderr, and the final metrics as ``metrics: {json}`` there. A
 video file played once ends the run when it is processed (``--loop`` repeats it,
-``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it gracefully. Press Enter (with
+``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it gracefully, and SIGHUP
+(``kill -HUP <pid>``) reloads the known faces without a restart. Press Enter (with
 ``--stdin-bell``) to ring the doorbell. Exit code 0, or 1 when the system ended in the ERROR
 state.
 """

@@ -9,7 +9,10 @@ it runs until a file played once is processed, ``system_error``, Ctrl-C or SIGTE
 Prints one JSON line per visitor event (and doorbell press) on stdout; health every
 ``--status-every`` seconds on stderr, and the final metrics as ``metrics: {json}`` there. A
 video file played once ends the run when it is processed (``--loop`` repeats it,
-``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it gracefully. Press Enter (with
+``--realtime`` paces it); otherwise Ctrl-C or SIGTERM stops it gracefully. SIGHUP reloads the
+known faces (``kill -HUP <pid>``: a photo added to, replaced in or removed from the folder takes
+effect without a restart; the result is one ``[doorbell] known faces reloaded`` line on stderr,
+and each unusable photo a ``known face ... rejected`` warning). Press Enter (with
 ``--stdin-bell``) to ring the doorbell.
 """
 
@@ -143,17 +146,64 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
     manager.register_event_callback(  # a file played to its end; failures are recovered
         "pipeline.stopped", lambda data: done.set() if data.get("state") == "stopped" else None
     )
-    previous = None
+    reload = _Reloader(manager)
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: done.set())
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.wanted.set())
     try:
-        return _serve(manager, args, done)
+        return _serve(manager, args, done, reload)
     finally:
-        if previous is not None:  # main() called from a program: give its handler back
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():  # main() called from a program: give it back
+            signal.signal(number, handler)
 
 
-def _serve(manager: OrchestratorManager, args: argparse.Namespace, done: threading.Event) -> int:
+class _Reloader:
+    """Reloads the known faces on a thread of its own each time ``wanted`` is set (by SIGHUP:
+    a signal handler must not run seconds of dlib); signals that arrive during a reload make
+    one more reload, not one each."""
+
+    def __init__(self, manager: OrchestratorManager) -> None:
+        self.manager = manager
+        self.wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="doorbell-reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Wait for a reload under way, then end the thread."""
+        self._stopping = True
+        self.wanted.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self._stopping:
+                return
+            try:
+                known = self.manager.orchestrator.reload_known_faces()
+            except Exception as exc:  # reported; the doorbell keeps the faces it had
+                print(f"[doorbell] known faces not reloaded: {exc}", file=sys.stderr, flush=True)
+                continue
+            print(
+                f"[doorbell] known faces reloaded: {len(known.faces)} known "
+                f"({', '.join(known.names) or '-'}), {len(known.rejected)} rejected",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _serve(
+    manager: OrchestratorManager,
+    args: argparse.Namespace,
+    done: threading.Event,
+    reload: _Reloader,
+) -> int:
     """Start, report health until ``done``, stop; the exit code."""
     try:
         manager.start()
@@ -161,6 +211,7 @@ def _serve(manager: OrchestratorManager, args: argparse.Namespace, done: threadi
         print(f"doorbell: error: {exc}", file=sys.stderr)
         manager.stop()
         return 1
+    reload.start()
     if args.stdin_bell:
 
         def bell() -> None:
@@ -180,6 +231,7 @@ def _serve(manager: OrchestratorManager, args: argparse.Namespace, done: threadi
     except KeyboardInterrupt:
         pass
     finally:
+        reload.stop()
         health = manager.get_health_status()
         manager.stop()
         metrics = manager.orchestrator.get_pipeline_metrics()

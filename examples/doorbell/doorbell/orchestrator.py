@@ -30,6 +30,7 @@ import asyncio
 import collections
 import json
 import re
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -48,7 +49,7 @@ from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
-from framepipe.errors import FramepipeError
+from framepipe.errors import FramepipeError, MediaError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces
@@ -93,6 +94,7 @@ class PipelineOrchestrator:
         )
         self.matcher = FaceMatcher((), config.tolerance)
         self.known = KnownFaces([], [])
+        self._reloading = threading.Lock()
         self.objects: ObjectStore | None = None
         self.pipeline: StreamPipeline | None = None
         self.events: collections.deque[dict[str, Any]] = collections.deque(
@@ -284,7 +286,12 @@ class PipelineOrchestrator:
 
     def reload_known_faces(self) -> KnownFaces:
         """Encode ``known_faces_dir`` again (blocking); the pipeline uses the new faces from
-        its next frame. Unusable images are reported (``issues``, ``known_face.rejected``)."""
+        its next frame. Unusable images are reported (``issues``, ``known_face.rejected``).
+        Reloads asked for at once (Python, SIGHUP, the web route) run one after the other."""
+        with self._reloading:
+            return self._reload_known_faces()
+
+    def _reload_known_faces(self) -> KnownFaces:
         folder = self.config.known_faces_dir
         self.issues = [i for i in self.issues if not i.startswith("known face")]
         if not folder.is_dir():
@@ -293,7 +300,12 @@ class PipelineOrchestrator:
             )
             known = KnownFaces([], [])
         else:
-            known = load_known(folder, self.recognizer)
+            try:
+                known = load_known(folder, self.recognizer)
+            except MediaError as exc:  # cannot be listed: as good as missing
+                self.issues.append(f"known faces {exc}: every visitor is unknown")
+                self.log.warning("%s", self.issues[-1])
+                known = KnownFaces([], [])
         for rejected in known.rejected:
             message = f"known face {rejected.source} rejected: {rejected.reason}"
             self.issues.append(message)

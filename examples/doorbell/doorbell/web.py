@@ -20,12 +20,15 @@ store is refused).
 The JSON routes of the original system's web interface are under ``/api/apps/doorbell/``,
 behind the service's token: ``GET status`` (the legacy ``get_system_status()``),
 ``GET recent-events`` (``get_recent_captures()``, with ``image_url`` instead of a file path),
-``GET faces/known`` (``names``, ``count``), ``POST trigger-doorbell`` (``trigger_doorbell()``)
-and ``GET health`` (``get_health_status()``).
+``GET faces/known`` (``names``, ``count``), ``POST faces/reload`` (``reload_known_faces()``:
+the folder encoded again, answering ``names``, ``count`` and the ``rejected`` files, each by its
+file name and why), ``POST trigger-doorbell`` (``trigger_doorbell()``) and ``GET health``
+(``get_health_status()``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,6 +280,19 @@ def _web_routes(router: APIRouter, manager: OrchestratorManager, app_name: str) 
         """The known names."""
         names = orch.known.names
         return {"status": "success", "count": len(names), "names": names}
+
+    @router.post("/faces/reload")
+    async def reload_known_faces() -> dict[str, Any]:
+        """Encode the known-faces folder again (in a worker thread: seconds of dlib); the
+        pipeline uses the new faces from its next frame. Rejected files are named by their
+        file name only (no path of the server)."""
+        known = await asyncio.get_running_loop().run_in_executor(None, orch.reload_known_faces)
+        return {
+            "status": "success",
+            "count": len(known.names),
+            "names": known.names,
+            "rejected": [{"file": Path(r.source).name, "error": r.reason} for r in known.rejected],
+        }
 
     @router.post("/trigger-doorbell")
     async def trigger_doorbell(channel: int | None = None) -> dict[str, Any]:

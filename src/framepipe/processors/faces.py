@@ -392,12 +392,18 @@ def load_known_faces(
     """Encode every ``<name>.jpg``/``.jpeg``/``.png`` of ``directory`` (in name order); files
     that cannot be used are returned in ``rejected`` with the reason, named as
     :func:`~framepipe.processors.face_photos.shown_path` shows them (see the module
-    docstring). Raises :class:`MediaError` only when ``directory`` is not a directory."""
+    docstring). Raises :class:`MediaError` only when ``directory`` is not a directory or
+    cannot be listed."""
     folder = Path(directory)
     if not folder.is_dir():
         raise MediaError(shown_path(folder), "known faces directory does not exist")
+    try:
+        paths = sorted(folder.iterdir())
+    except OSError as exc:
+        reason = f"known faces directory cannot be listed ({exc.strerror or type(exc).__name__})"
+        raise MediaError(shown_path(folder), reason) from exc
     known = KnownFaces([], [])
-    for path in sorted(folder.iterdir()):
+    for path in paths:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         refused = refusal(path, folder)
