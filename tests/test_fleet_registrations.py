@@ -90,15 +90,12 @@ def test_a_processor_whose_stream_cannot_be_reaped_leaves_the_watch_running(
     ns: str, logs: pytest.LogCaptureFixture
 ) -> None:
     client = redis_sync.Redis.from_url(REDIS_URL)
-    stream = f"{ns}frames:broken"
+    stream = f"{ns}proc:broken:frames"
 
     async def main() -> None:
         detector = Detector("face-1", ["face_detection"], ns)
         client.set(stream, "not a stream")
-        client.hset(
-            f"{ns}proc:broken",
-            mapping={"id": "broken", "state": "stopped", "stream": stream, "capacity": 1},
-        )
+        client.hset(f"{ns}proc:broken", mapping={"id": "broken", "state": "stopped", "capacity": 1})
         client.sadd(f"{ns}processors", "broken")
         async with (
             ProcessorRegistry(REDIS_URL, ns, poll_interval=0.05) as registry,
@@ -115,6 +112,41 @@ def test_a_processor_whose_stream_cannot_be_reaped_leaves_the_watch_running(
             assert (await registry.call(make_frame(1), "face_detection", timeout=15)).ok
         [warning] = warnings_naming(logs, stream)
         assert "broken" in warning and "WRONGTYPE" in warning
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        client.close()
+
+
+def test_a_record_naming_another_processor_s_stream_never_has_it_reaped(ns: str) -> None:
+    """A stopped record whose ``stream`` field names a live processor's stream (a hostile or
+    confused writer): the registry reaps the stopped processor's own stream, by the protocol's
+    name for it, and the live one keeps its stream and its frames."""
+    client = redis_sync.Redis.from_url(REDIS_URL)
+
+    async def main() -> None:
+        detector = Detector("face-1", ["face_detection"], ns)
+        own = f"{ns}proc:face-1:frames"
+        async with (
+            serving(detector),
+            ProcessorRegistry(REDIS_URL, ns, poll_interval=0.05) as registry,
+        ):
+            assert (await registry.call(make_frame(1), "face_detection", timeout=15)).ok
+            assert client.xinfo_stream(own)["entries-added"] == 1
+            client.hset(
+                f"{ns}proc:liar",
+                mapping={"id": "liar", "state": "stopped", "stream": own, "capacity": 1},
+            )
+            client.sadd(f"{ns}processors", "liar")
+            await wait_until_async(
+                "the stopped record reaped",
+                lambda: not client.sismember(f"{ns}processors", "liar"),
+                15,
+            )
+            # Deleted and made again (the processor registers anew), it would count afresh.
+            assert client.xinfo_stream(own)["entries-added"] == 1
+            assert (await registry.call(make_frame(2), "face_detection", timeout=15)).ok
 
     try:
         asyncio.run(asyncio.wait_for(main(), 90))

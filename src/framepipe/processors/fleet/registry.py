@@ -237,7 +237,9 @@ class Registration:
         self.state = text(h.get(b"state")) or ProcessorState.READY
         self.routable = True
         self.result_stream = text(h.get(b"result_stream"))
-        self.stream = text(h.get(b"stream")) or self.keys.frames(self.id)
+        # The protocol names a processor's stream by its id: a record naming another key
+        # (another processor's stream) would have the reaper move and delete that one.
+        self.stream = self.keys.frames(self.id)
         self.in_flight = as_int(h.get(b"in_flight"), 0)
         self.processed = as_int(h.get(b"processed"), 0)
         self.failed = as_int(h.get(b"failed"), 0)
