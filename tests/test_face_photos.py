@@ -5,6 +5,10 @@ are not UTF-8 (OpenCV crashed the process on them: those tests run a subprocess,
 failed test), links out of the folder and in a loop, a FIFO, a text file and a BMP named
 ``.jpg``, a PNG whose header claims 144 megapixels, a file over the byte limit and a photo far
 larger than needed.
+
+The same crash hit the video toolkit's image files (``framepipe.media``: ``stitch``,
+``extract_frames``, ``thumbnail``, ``watermark``'s image), which now never give OpenCV a path
+either: the last test runs each on a folder whose name is not UTF-8.
 """
 
 from __future__ import annotations
@@ -183,3 +187,55 @@ def test_refusal_and_shown_path() -> None:
     assert refusal(folder / "bob\n.jpg", folder) == NAME_REFUSED
     assert shown_path(folder / "caf\udce9\n.jpg") == "/srv/known/caf\\xe9\\n.jpg"
     assert shown_path(b"/srv/known/caf\xe9.jpg") == "/srv/known/caf\\xe9.jpg"
+
+
+# run in a subprocess: one of framepipe.media's image paths under a folder (argv[1], bytes in
+# hex) whose name is not UTF-8; prints the output's name
+MEDIA = """
+import os, sys
+from pathlib import Path
+import cv2, numpy as np
+from framepipe import media
+base = Path(os.fsdecode(bytes.fromhex(sys.argv[1])))
+images = base / "images"
+images.mkdir()
+for i in range(3):
+    ok, png = cv2.imencode(".png", np.full((64, 96, 3), 40 * i, np.uint8))
+    (images / f"frame_{i}.png").write_bytes(png.tobytes())
+video = media.stitch(images, base / "video.mp4", fps=5)
+operation = sys.argv[2]
+if operation == "extract_frames":
+    out = media.extract_frames(video, base / "frames")
+    print(len(out))
+elif operation == "thumbnail":
+    out = media.thumbnail(video, base / "thumb.jpg")
+    print(cv2.imdecode(np.frombuffer(out.read_bytes(), np.uint8), cv2.IMREAD_COLOR).shape)
+elif operation == "watermark":
+    out = media.watermark(video, base / "marked.mp4", image=images / "frame_2.png")
+    print(media.probe(out).width)
+else:
+    print(media.probe(video).width)
+"""
+
+
+@pytest.mark.parametrize(
+    ("operation", "printed"),
+    [("stitch", "96"), ("extract_frames", "3"), ("thumbnail", "(64, 96, 3)"), ("watermark", "96")],
+)
+def test_the_video_toolkit_takes_paths_that_are_not_utf8(
+    tmp_path: Path, operation: str, printed: str
+) -> None:
+    """``stitch`` reading images, ``extract_frames`` and ``thumbnail`` writing them and
+    ``watermark`` reading its image, all under ``\\xe9t\\xe9/`` (Latin-1): each did what it
+    does (OpenCV's imread/imwrite killed the process with SIGSEGV on those paths)."""
+    base = os.fsencode(tmp_path) + b"/\xe9t\xe9"
+    os.mkdir(base)
+    run = subprocess.run(
+        [sys.executable, "-c", MEDIA, base.hex(), operation],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    assert run.stdout.strip() == printed

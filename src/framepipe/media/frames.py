@@ -39,11 +39,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
-    """Write a BGR image atomically; the format follows ``dst``'s suffix."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if dst.suffix.lower() in {".jpg", ".jpeg"} else []
+    """Write a BGR image atomically; the format follows ``dst``'s suffix. The image is encoded
+    in memory and written by Python: OpenCV is never given a path (it crashes the process on
+    one that is not valid UTF-8). Raises :class:`MediaError` naming ``dst`` when the suffix
+    names no format OpenCV writes or the image cannot be encoded."""
+    suffix = dst.suffix.lower()
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if suffix in {".jpg", ".jpeg"} else []
+    try:
+        ok, encoded = cv2.imencode(suffix, image, params)
+    except cv2.error as exc:
+        raise MediaError(dst, f"OpenCV cannot write a {suffix or 'suffix-less'} image") from exc
+    if not ok:
+        raise MediaError(dst, "OpenCV could not encode the image")
     with atomic_output(dst) as tmp:
-        if not cv2.imwrite(str(tmp), image, params):
-            raise MediaError(dst, "OpenCV could not write the image (unknown suffix?)")
+        tmp.write_bytes(encoded.tobytes())
     return dst
 
 
@@ -162,11 +171,17 @@ def read_image(
     """The image at ``path`` read by OpenCV with ``flags``: a :class:`MediaError` naming it
     when it cannot be read, or when it is larger than ``limit`` pixels (0: no limit), judged
     from its header before decoding (PNG, JPEG, BMP, WebP), else once decoded (other
-    formats). ``what`` names the image in the message."""
+    formats). ``what`` names the image in the message. The file is read by Python and decoded
+    in memory: OpenCV is never given a path (it crashes the process on one that is not valid
+    UTF-8)."""
     size = image_size(path)
     if size is not None:
         check_picture(path, *size, limit, what=what)
-    image = cv2.imread(str(path), flags)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if image is None:
         raise MediaError(path, "cannot be read as an image")
     if size is None:

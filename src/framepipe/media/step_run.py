@@ -33,7 +33,7 @@ from framepipe.errors import InvalidKeyError, MediaError, StepParamsError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import copy_local_file, declared_path_fields, local_input
 from framepipe.media.atomic import scratch_outputs
-from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames
+from framepipe.media.frames import IMAGE_SUFFIXES, extract_frames, read_image
 from framepipe.media.limits import DEFAULT_MAX_PIXELS, LIMIT_SETTINGS
 from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.progress import stop_when
@@ -387,9 +387,10 @@ class StepRun:
         if self.op.ext == ".mp4":
             result["info"] = self._info(probe(path, max_pixels=self.max_pixels), key)
         else:
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if image is None:
-                raise MediaError(path, "the written image cannot be read back")
+            try:
+                image = read_image(path, 0, flags=cv2.IMREAD_UNCHANGED)
+            except MediaError as exc:
+                raise MediaError(path, "the written image cannot be read back") from exc
             result["height"], result["width"] = (int(n) for n in image.shape[:2])
         self.ctx.objects.put_file(key, path)
         upload(100)

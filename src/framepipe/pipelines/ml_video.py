@@ -63,6 +63,7 @@ from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
+from framepipe.media.frames import read_image, write_image
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
@@ -352,12 +353,15 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
         alpha, beta = inputs.contrast, inputs.brightness
         paths = _images(folder)
         for n, path in enumerate(paths, 1):
-            image = cv2.imread(str(path))
-            if image is None:
-                raise ValueError(f"frame {path.name} from the model is not a readable image")
-            cv2.imwrite(
-                str(out / f"{path.stem}.png"), cv2.convertScaleAbs(image, alpha=alpha, beta=beta)
-            )
+            # read and written by Python, decoded and encoded in memory: OpenCV given a path
+            # that is not valid UTF-8 (a model's file name) crashes the process
+            try:
+                image = read_image(path, 0)
+            except MediaError as exc:
+                reason = f"frame {path.name} from the model is not a readable image"
+                raise ValueError(reason) from exc
+            adjusted = cv2.convertScaleAbs(image, alpha=alpha, beta=beta)
+            write_image(out / f"{path.stem}.png", adjusted)
             if n % 10 == 0 or n == len(paths):
                 ctx.progress(100 * n / len(paths), "postprocess")
         keys = _upload_folder(ctx, out, f"{_prefix(ctx)}/post")

@@ -72,8 +72,12 @@ class MockModel(ModelAdapter):
         """Render frame ``index`` and write it to ``path`` (in a thread: off the event loop)."""
         import cv2
 
-        if not cv2.imwrite(str(path), self.render(index, seed=seed, style=style)):
+        # encoded in memory, written by Python: OpenCV given a path that is not valid UTF-8
+        # (an output folder's name) crashes the process
+        ok, encoded = cv2.imencode(path.suffix, self.render(index, seed=seed, style=style))
+        if not ok:
             raise ModelError(f"{self.describe()}: cannot write {path}", model=self.describe())
+        path.write_bytes(encoded.tobytes())
 
     async def _infer_once(
         self,
