@@ -209,13 +209,14 @@ class Runs:
             age = time.time() - run.claimed.started_at
             if age > self._settings.lease_seconds * 2 / 3:
                 # Claimed (by the reader thread, or in a round) while the event loop was
-                # blocked: its lease was never renewed and lapses before the next renewal,
+                # blocked, or by a claim that waited long for the store: its lease was never
+                # renewed and lapses before the next renewal,
                 # if another worker has not taken the step over already. Given back (not an
                 # attempt; fenced if it is another's by now) rather than run twice.
                 _log.warning(
-                    "Worker %s: step %s of %s (attempt %d) was claimed %.1f s ago, while the "
-                    "event loop was blocked, and its %g s lease was never renewed; handed "
-                    "back, not started",
+                    "Worker %s: step %s of %s (attempt %d) was claimed %.1f s ago and its "
+                    "%g s lease was never renewed (the claim waited that long for the state "
+                    "store, or the event loop was blocked); handed back, not started",
                     self._id,
                     run.ident[1],
                     run.ident[0][:8],

@@ -6,15 +6,17 @@
   told to stop (``ctx.cancelled``); once steps turn out long, claimed steps not started yet
   are handed back;
 * it sweeps for steps nobody holds (a killed worker's, retries that are due, ready steps the
-  broker lost) every ``sweep_interval`` seconds; for a lease after its own store was
-  unreachable, it takes back only the steps of workers that stopped or whose process is gone
-  (:func:`framepipe.jobs.leases.sweep`'s ``spare_live``): in an outage of the database every
-  worker's renewals fail alike, and a lease that lapsed then is no sign of a lost worker;
+  broker lost) every ``sweep_interval`` seconds; for a lease after it could renew nothing for
+  a lease because its store failed or did not answer, it takes back only the steps of workers that
+  stopped or whose process is gone (:func:`framepipe.jobs.leases.sweep`'s ``spare_live``): in
+  an outage of the database every worker's renewals fail alike, and a lease that lapsed then
+  is no sign of a lost worker;
 * it takes over the deliveries a dead worker took and left unsettled, once a lease;
 * it has the broker forget stopped workers' consumers, every ``_FORGET_EVERY`` seconds.
 
 A lost connection on the way is retried at the next beat, said once when the beats start
-failing and once when they work again; any other error ends the worker.
+failing (or a lease passes without an answer) and once when the store answers again; any other
+error ends the worker.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from framepipe.config import Settings
 from framepipe.errors import BrokerError
@@ -37,6 +40,7 @@ from framepipe.outage import Outage
 
 __all__ = ["Upkeep"]
 
+T = TypeVar("T")
 _log = get_logger("jobs.worker")
 _FORGET_EVERY = 600.0  # seconds between two looks for stopped workers' consumers
 _FORGET_IDLE = 3600.0  # a consumer idle this long with nothing pending is a stopped worker
@@ -70,6 +74,8 @@ class Upkeep:
         self._output_tail = output_tail
         self._outage = Outage()
         self._spare_until = 0.0  # monotonic: the sweep spares live holders until then
+        self._renewed_at = time.monotonic()  # the last renewal that worked
+        self._hung = False  # a call waited a lease for the store since the last renewal
 
     def report(
         self, held: list[Attempt], *, status: str = "running"
@@ -114,8 +120,10 @@ class Upkeep:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                if not isinstance(exc, BrokerError):  # the store: spared until it works
-                    self._spare_until = float("inf")
+                if isinstance(exc, BrokerError):  # taking over: tried again in a lease
+                    _log.warning("Worker %s: %s; retrying", self._id, str(exc).splitlines()[0])
+                    continue
+                self._spare_until = float("inf")  # until a renewal works again
                 if self._outage.failed(exc):
                     _log.warning(
                         "Worker %s: heartbeat failed (%s); retrying every beat, said again "
@@ -124,23 +132,47 @@ class Upkeep:
                         str(exc).splitlines()[0],
                     )
 
+    async def _watched(self, call: Awaitable[T], held: int | None = None) -> T:
+        """Await ``call`` (the store's, or the broker's); one that has not returned within a
+        lease (nothing failed, nothing answers: a frozen server, a network partition) is said
+        once until a renewal works again, then awaited on."""
+        task = asyncio.ensure_future(call)
+        if not (await asyncio.wait({task}, timeout=self._lease))[0] and not self._hung:
+            self._hung = True
+            held = len(self._runs.held()) if held is None else held
+            _log.warning(
+                "Worker %s: the state store has not answered for %g s; the leases of the %d "
+                "step(s) this worker holds lapse meanwhile; waiting for it",
+                self._id,
+                self._lease,
+                held,
+            )
+        return await task
+
     async def _renew(self) -> None:
         held = self._runs.held()
-        lost, stopped = await self._connections.call(functools.partial(self.report, held))
+        lost, stopped = await self._watched(
+            self._connections.call(functools.partial(self.report, held)), len(held)
+        )
+        now = time.monotonic()
+        unrenewed = now - self._renewed_at
+        self._renewed_at = now
         failed = self._outage.attempts
-        lasted = self._outage.answered()
-        if lasted is not None:
-            spared = self._spare_until > time.monotonic()
-            if spared:
-                self._spare_until = time.monotonic() + self._lease
+        failing = self._outage.answered() is not None
+        hung, self._hung = self._hung, False
+        if hung or failing:
+            # The store failed or did not answer: if this worker could renew nothing for a
+            # lease, neither could the others, and their leases lapsed as its own did. (Not
+            # so for a worker whose own event loop was blocked, or that was paused.)
+            self._spare_until = now + self._lease if unrenewed > self._lease else 0.0
             _log.info(
-                "Worker %s: heartbeat works again after %.0f s (%d beat(s) failed)%s",
+                "Worker %s: the state store answered again after %.0f s%s%s",
                 self._id,
-                lasted,
-                failed,
+                unrenewed,
+                f" ({failed} heartbeat(s) failed)" if failed else "",
                 f"; for {self._lease:g} s the sweep takes back only the steps of workers "
                 "that are gone"
-                if spared
+                if now < self._spare_until
                 else "",
             )
         for ident in held:
@@ -162,15 +194,17 @@ class Upkeep:
 
     async def _sweep(self) -> None:
         settings = self._settings
-        ready, _events = await self._connections.call(
-            functools.partial(
-                leases.sweep,
-                self._connections.store,
-                max_crashes=settings.max_step_crashes,
-                stale_after=max(self._lease / 2, 2.0),
-                republish_after=settings.republish_after,
-                lease=self._lease,
-                spare_live=time.monotonic() < self._spare_until,
+        ready, _events = await self._watched(
+            self._connections.call(
+                functools.partial(
+                    leases.sweep,
+                    self._connections.store,
+                    max_crashes=settings.max_step_crashes,
+                    stale_after=max(self._lease / 2, 2.0),
+                    republish_after=settings.republish_after,
+                    lease=self._lease,
+                    spare_live=time.monotonic() < self._spare_until,
+                )
             )
         )
         if ready:
