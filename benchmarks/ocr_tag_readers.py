@@ -51,6 +51,8 @@ import cv2
 import numpy as np
 import run_all
 
+from framepipe.media.frames import write_image
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "order_accuracy"
 DOC = ROOT / "docs" / "order-accuracy-benchmarks.md"
@@ -196,9 +198,7 @@ def run_tesseract(
             finding = time.perf_counter() - t0
             paths = []
             for i, crop in enumerate(crops):
-                path = folder / f"{c}-{n}-{i}.png"
-                cv2.imwrite(str(path), crop)
-                paths.append(path)
+                paths.append(write_image(folder / f"{c}-{n}-{i}.png", crop))
             jobs.append((c, n, finding, paths))
     config = "--psm 6" if regions else "--psm 11"  # a block of text / sparse text
     listing = "".join(f"{p}\n" for _c, _n, _f, paths in jobs for p in paths)

@@ -20,7 +20,8 @@ reproducible) pictures. ``--prompt`` is only recorded: this
 is not a generative model.
 
 The transform is importable (``stylise(image, style, seed)``, ``run(...)``), the example HTTP
-server (``server.py``) reuses it.
+server (``server.py``) reuses it. Frames are encoded in memory and written by Python: OpenCV
+given a path that is not valid UTF-8 (an output folder named in Latin-1) kills the process.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ def run(
                     break
                 for image in [stylise(image, style, seed) for image in batch]:
                     path = frames_dir / f"frame_{count:04d}.png"
-                    if not cv2.imwrite(str(path), image):
-                        raise OSError(f"cannot write {path}")
+                    ok, png = cv2.imencode(".png", image)  # never a path to OpenCV: see below
+                    if not ok:
+                        raise OSError(f"cannot encode frame {count} as PNG")
+                    path.write_bytes(png.tobytes())
                     count += 1
                 if total:
                     pct = min(99, 100 * count // total)

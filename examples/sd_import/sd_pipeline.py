@@ -113,6 +113,7 @@ from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, lo
 from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import content_hash, file_fingerprint
 from framepipe.media import concat, decode_qr, limits_from, probe, stitch, watermark
+from framepipe.media.frames import write_image
 from framepipe.server.detector import get_hub
 
 __all__ = [
@@ -243,8 +244,7 @@ def title_card(
             thickness,
             cv2.LINE_AA,
         )
-    still = dst.with_suffix(".png")
-    cv2.imwrite(str(still), image)
+    still = write_image(dst.with_suffix(".png"), image)
     count = max(1, round(seconds * fps))
     return stitch([still] * count, dst, fps=fps, preset="ultrafast", **limits())
 
