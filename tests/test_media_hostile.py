@@ -134,3 +134,44 @@ def test_a_watermark_image_larger_than_the_limit_is_refused_before_it_is_decoded
     # within the limit, it is blended in
     watermark(clip, dst, image=logo, max_pixels=200 * 200, preset=FAST, margin=0)
     assert probe(dst).width == 64
+
+
+def test_a_fifo_named_like_an_image_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO planted where a frame or a watermark image is expected (a shared folder): it is
+    refused naming it, and no one waits for a writer that never comes."""
+    import contextlib
+    import os
+    import threading
+
+    from framepipe.media import stitch
+    from waiting import wait_until
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "f_0001.png"), np.zeros((48, 64, 3), np.uint8))
+    os.mkfifo(frames / "f_0002.png")
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(64, 48))
+    outcomes: list[BaseException | None] = []
+
+    def attempt(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except BaseException as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    calls: list[Callable[[], Any]] = [
+        lambda: stitch(sorted(frames.iterdir()), tmp_path / "s.mp4", fps=5, preset=FAST),
+        lambda: watermark(clip, tmp_path / "w.mp4", image=frames / "f_0002.png", preset=FAST),
+    ]
+    for call in calls:
+        threading.Thread(target=attempt, args=(call,), daemon=True).start()
+    try:
+        wait_until("both refused", lambda: len(outcomes) == 2, 30)
+    finally:  # a reader still blocked on it (the old code) is let go; none: ENXIO
+        with contextlib.suppress(OSError):
+            os.close(os.open(frames / "f_0002.png", os.O_WRONLY | os.O_NONBLOCK))
+    for outcome in outcomes:
+        assert isinstance(outcome, MediaError), outcome
+        assert "is not a regular file" in str(outcome) and "f_0002.png" in str(outcome)

@@ -26,6 +26,7 @@ from framepipe.media.limits import (
     check_picture,
     image_size,
     length_limit,
+    open_regular,
     pixel_limit,
 )
 from framepipe.media.progress import Progress, ProgressCallback
@@ -178,7 +179,8 @@ def read_image(
     if size is not None:
         check_picture(path, *size, limit, what=what)
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as file:
+            data = file.read()
     except OSError as exc:
         raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "image_size",
     "length_limit",
     "limits_from",
+    "open_regular",
     "pixel_limit",
 ]
 
@@ -237,11 +239,33 @@ class LengthGuard:
         )
 
 
+def open_regular(path: Path | str) -> Any:
+    """``path`` opened for reading (binary) if it is a regular file; :class:`MediaError`
+    naming it otherwise. A FIFO or a device planted where an image is expected is refused at
+    once (it is opened without blocking, then checked), never waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise MediaError(path, "is not a regular file (a FIFO, a device or a folder)")
+    return os.fdopen(fd, "rb")
+
+
 def image_size(path: Path | str) -> tuple[int, int] | None:
     """(width, height) of a PNG, JPEG, BMP or WebP image read from its header alone (no pixel
-    is decoded); None for another format or a header that cannot be parsed."""
+    is decoded); None for another format or a header that cannot be parsed.
+    :class:`MediaError` when ``path`` is no regular file (:func:`open_regular`)."""
     try:
-        with open(path, "rb") as file:
+        with open_regular(path) as file:
             head = file.read(32)
             if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
                 width, height = struct.unpack(">II", head[16:24])
