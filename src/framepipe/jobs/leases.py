@@ -4,8 +4,9 @@ steps nobody holds any more.
 * :func:`renew` extends the leases of the attempts a worker runs and records its heartbeat;
   it reports the attempts it lost and the executions cancelled under them.
 * :func:`sweep` (run by every worker) makes ready again the running steps whose lease expired
-  or whose worker is dead, releases due retries (:func:`release_due`) and republishes ready
-  steps the broker lost. Every write is fenced by attempt, under the execution's lock
+  or whose worker is dead, releases due retries (:func:`release_due`), republishes ready
+  steps the broker lost, and marks ``lost`` the workers that are gone without a word (killed).
+  Every write to a step is fenced by attempt, under the execution's lock
   (:class:`~framepipe.jobs.transitions.Transaction`).
 
 An attempt taken back from its worker is a lost attempt, counted in the step's ``crashes``
@@ -156,6 +157,8 @@ def sweep(
     their workers to renew (the caller spares them for a lease)."""
     now = time.time()
     out = release_due(store)
+    if not spare_live:
+        _mark_lost(store, stale_after, now)
     with store.read() as conn:
         running = conn.execute(
             sa.select(
@@ -250,6 +253,24 @@ def sweep(
             )
         out.extend(Delivery(r.execution_id, r.key) for r in stale)
     return out, committed
+
+
+def _mark_lost(store: StateStore, stale_after: float, now: float) -> None:
+    """Mark ``lost`` the workers that say they run but sent no heartbeat for ``stale_after``
+    seconds and are gone (on this host: the process; elsewhere: that silence), so they are no
+    longer counted as running. One that lives writes ``running`` again with its next beat."""
+    silent = (
+        workers.c.status == "running",
+        workers.c.heartbeat_at < now - stale_after,
+    )
+    with store.read() as conn:
+        rows = conn.execute(sa.select(workers.c.id, workers.c.heartbeat_at).where(*silent)).all()
+    gone = [r.id for r in rows if owner_is_dead(r.id, r.heartbeat_at, stale_after)]
+    if gone:
+        with store.write(durable=False) as conn:
+            conn.execute(
+                workers.update().where(workers.c.id.in_(gone), *silent).values(status="lost")
+            )
 
 
 Lost = Literal["stopped", "died", "silent", "lapsed"]
