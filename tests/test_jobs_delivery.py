@@ -277,3 +277,22 @@ def _forget_stopped_consumers(d: StepDelivery) -> None:
     assert d.forget_consumers(0.2, keep="me") == 0
     taken = d.take_over("me", 0.2, 10)  # the pending step is still there to take over
     assert [r.delivery for r in taken] == [r.delivery for r in held]
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_refusing_the_virtual_host_or_the_login_says_which() -> None:
+    # The machine's RabbitMQ: a virtual host that is not there, then a password that is wrong.
+    # Each error says what RabbitMQ refused, and never the password.
+    with broker_namespace("rabbitmq", "fp-delivery-") as (url, namespace):
+        for bad, expected in (
+            (url.rstrip("/") + "/fp-no-such-vhost", "virtual host 'fp-no-such-vhost'"),
+            (url.replace("guest:guest@", "guest:hunter2@"), "ACCESS_REFUSED"),
+        ):
+            d = open_delivery(bad, namespace, timeout=5.0)
+            try:
+                with pytest.raises(BrokerError) as caught:
+                    d.prepare()
+            finally:
+                d.close()
+            assert expected in str(caught.value), str(caught.value)
+            assert "hunter2" not in str(caught.value)

@@ -253,8 +253,15 @@ class AmqpDelivery(StepDelivery):
             )
             try:
                 await conn.connect(timeout=self._timeout)
-            except BaseException:
+            except BaseException as exc:
                 await conn.close()  # or aio-pika closes it from its finaliser, in any thread
+                if _refused_open(exc):
+                    raise BrokerError(
+                        f"job broker {self.safe_url}: RabbitMQ refused to open the connection: "
+                        f"the virtual host {_vhost(self.url)!r} does not exist, or user "
+                        f"{make_url(self.url).user or 'guest'!r} may not use it",
+                        url=self.safe_url,
+                    ) from exc
                 raise
             conn.close_callbacks.add(self._on_close)
             self._conn = conn
@@ -490,6 +497,18 @@ class AmqpDelivery(StepDelivery):
         if conn is not None and not conn.is_closed:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 await conn.close()
+
+
+def _refused_open(exc: BaseException) -> bool:
+    """RabbitMQ answered the opening of a connection (after the login) by closing it: aiormq
+    then raises an error that only shows the frame's repr, not its reason."""
+    return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
+
+
+def _vhost(url: str) -> str:
+    """The virtual host an AMQP URL names (``/`` when its path is empty)."""
+    path = make_url(url).path
+    return path[1:] if len(path) > 1 else "/"
 
 
 def _tag_of(message: DeliveredMessage) -> int:
