@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import datetime
 import math
+import mmap
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from framepipe.errors import MediaError
+from framepipe.image_header import read_header
 
 __all__ = [
     "BACKSTOP",
@@ -261,76 +262,18 @@ def open_regular(path: Path | str) -> Any:
 
 
 def image_size(path: Path | str) -> tuple[int, int] | None:
-    """(width, height) of a PNG, JPEG, BMP or WebP image read from its header alone (no pixel
-    is decoded); None for another format or a header that cannot be parsed.
-    :class:`MediaError` when ``path`` is no regular file (:func:`open_regular`)."""
-    try:
-        with open_regular(path) as file:
-            head = file.read(32)
-            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-                width, height = struct.unpack(">II", head[16:24])
-                return int(width), int(height)
-            if head.startswith(b"BM") and len(head) >= 26:
-                width, height = struct.unpack("<ii", head[18:26])
-                return abs(int(width)), abs(int(height))
-            if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-                return _webp_size(head)
-            if head.startswith(b"\xff\xd8"):
-                file.seek(2)
-                return _jpeg_size(file)
-    except (OSError, struct.error):
-        return None
-    return None
-
-
-def _webp_size(head: bytes) -> tuple[int, int] | None:
-    chunk = head[12:16]
-    if chunk == b"VP8 " and len(head) >= 30:
-        width, height = struct.unpack("<HH", head[26:30])
-        return width & 0x3FFF, height & 0x3FFF
-    if chunk == b"VP8L" and len(head) >= 25:
-        (bits,) = struct.unpack("<I", head[21:25])
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X" and len(head) >= 30:
-        return (
-            int.from_bytes(head[24:27], "little") + 1,
-            int.from_bytes(head[27:30], "little") + 1,
-        )
-    return None
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(file: Any) -> tuple[int, int] | None:
-    """Walk a JPEG's marker segments (from just after SOI) to its frame header."""
-    while True:
-        byte = file.read(1)
-        if not byte:
+    """(width, height) of a JPEG, PNG, WebP or BMP image read from its header alone
+    (:func:`framepipe.image_header.read_header`; no pixel is decoded); None for another
+    format or a header that cannot be parsed. :class:`MediaError` when ``path`` cannot be read
+    or is no regular file (:func:`open_regular`)."""
+    with open_regular(path) as file:
+        try:
+            view = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file: no header
             return None
-        if byte != b"\xff":
-            continue
-        marker = file.read(1)
-        while marker == b"\xff":  # fill bytes
-            marker = file.read(1)
-        if not marker:
-            return None
-        code = marker[0]
-        if code == 0x01 or 0xD0 <= code <= 0xD9:  # markers without a length
-            if code == 0xD9:
-                return None
-            continue
-        length_bytes = file.read(2)
-        if len(length_bytes) < 2:
-            return None
-        (length,) = struct.unpack(">H", length_bytes)
-        if code in _JPEG_SOF:
-            data = file.read(5)
-            if len(data) < 5:
-                return None
-            height, width = struct.unpack(">HH", data[1:5])
-            return int(width), int(height)
-        file.seek(length - 2, os.SEEK_CUR)
+        with view:
+            header = read_header(view)
+    return header.size if header is not None else None
 
 
 LIMIT_SETTINGS = {

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 from pathlib import Path
 
 import cv2
@@ -30,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from framepipe.errors import MediaError
+from framepipe.image_header import read_header
 
 __all__ = [
     "MAX_BYTES",
@@ -163,29 +163,8 @@ def read_photo(
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's or a JPEG's header, None when ``data`` is neither."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return int(width), int(height)
-    if data[:2] != b"\xff\xd8":
-        return None
-    at = 2
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            at += 2
-            continue
-        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
-        # SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC): the frame header with the size
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if at + 9 > len(data):
-                return None
-            height, width = struct.unpack(">HH", data[at + 5 : at + 9])
-            return int(width), int(height)
-        at += 2 + length
-    return None
+    """(width, height) from a PNG's or a JPEG's header
+    (:func:`framepipe.image_header.read_header`), None when ``data`` is neither or its size
+    cannot be read."""
+    header = read_header(data)
+    return header.size if header is not None and header.kind in ("PNG", "JPEG") else None

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,8 +40,8 @@ import cv2
 import numpy as np
 
 from framepipe.backends.objects import ObjectStore
-from framepipe.errors import FrameError, FramepipeError
-from framepipe.pixels import jpeg_size
+from framepipe.errors import FramepipeError
+from framepipe.image_header import FORMATS, read_header
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -151,64 +150,19 @@ _REDUCED = (
     (2, cv2.IMREAD_REDUCED_COLOR_2),
 )
 
-_JPEG = b"\xff\xd8\xff"
-_PNG = b"\x89PNG\r\n\x1a\n"
-_FORMATS = "JPEG, PNG, WebP or BMP"
-
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X" and len(data) >= 30:  # extended: the canvas, 24 bits each, minus one
-        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:  # lossless: 14 bits each
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":  # lossy
-        width, height = struct.unpack("<HH", data[26:30])
-        return width & 0x3FFF, height & 0x3FFF
-    return None
-
-
-def _bmp_size(data: bytes) -> tuple[int, int] | None:
-    header = int.from_bytes(data[14:18], "little")
-    if header == 12 and len(data) >= 22:  # OS/2 BITMAPCOREHEADER: unsigned 16 bits
-        width, height = struct.unpack("<HH", data[18:22])
-        return width, height
-    if header >= 40 and len(data) >= 26:  # BITMAPINFOHEADER and later: signed 32 bits
-        width, height = struct.unpack("<ii", data[18:26])
-        return abs(width), abs(height)  # a negative height is a top-down bitmap
-    return None
-
 
 def image_size(data: bytes) -> tuple[str, int, int]:
     """``(format, width, height)`` of the image in ``data``, read from its header without
-    decoding it; :class:`NotAnImageError` when ``data`` is not a JPEG, PNG, WebP or BMP (the
-    formats thumbnails are made of), :class:`CorruptImageError` when it begins as one but its
-    header cannot be read (cut off, or damaged)."""
-    size: tuple[int, int] | None = None
-    kind = ""
-    if data.startswith(_JPEG):
-        kind = "JPEG"
-        try:
-            size = jpeg_size(data)
-        except FrameError:
-            size = None
-    elif data.startswith(_PNG):
-        kind = "PNG"
-        if len(data) >= 24 and data[12:16] == b"IHDR":
-            width, height = struct.unpack(">II", data[16:24])
-            size = width, height
-    elif data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        kind = "WebP"
-        size = _webp_size(data)
-    elif data.startswith(b"BM"):
-        kind = "BMP"
-        size = _bmp_size(data)
-    if not kind:
-        raise NotAnImageError(f"the object is not a {_FORMATS} image")
-    if size is None or size[0] <= 0 or size[1] <= 0:
-        raise CorruptImageError(kind, "its size cannot be read from its header")
-    return kind, size[0], size[1]
+    decoding it (:func:`framepipe.image_header.read_header`); :class:`NotAnImageError` when
+    ``data`` is not a JPEG, PNG, WebP or BMP (the formats thumbnails are made of),
+    :class:`CorruptImageError` when it begins as one but its header cannot be read (cut off,
+    or damaged)."""
+    header = read_header(data)
+    if header is None:
+        raise NotAnImageError(f"the object is not a {FORMATS} image")
+    if header.size is None:
+        raise CorruptImageError(header.kind, "its size cannot be read from its header")
+    return header.kind, header.size[0], header.size[1]
 
 
 def _jpeg_single_scan(data: bytes) -> bool:

@@ -1,0 +1,121 @@
+"""What an image's header says, read without decoding a pixel: :func:`read_header`.
+
+Every place that must know an image's size before it lets a decoder near it goes by this one
+parser: the media toolkit's picture limit (:func:`framepipe.media.limits.image_size`), the
+service's thumbnails and the known-face photos.
+
+Guarantees:
+
+* JPEG (any frame type: baseline, extended, progressive, lossless, arithmetic), PNG, WebP
+  (lossy, lossless, extended) and BMP (OS/2 and Windows headers) are recognised by their
+  signatures; anything else is None.
+* A header is read within ``data`` only (a ``bytes``, ``memoryview`` or ``mmap``): no index
+  goes past its end, so a truncated or hostile header gives ``size=None``, never an exception,
+  and a JPEG's marker walk ends at its end.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["FORMATS", "ImageHeader", "read_header"]
+
+FORMATS = "JPEG, PNG, WebP or BMP"
+"""The formats :func:`read_header` knows, as messages name them."""
+
+_JPEG = b"\xff\xd8\xff"
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Buffer(Protocol):
+    """What the parser reads: slices of bytes and a length (bytes, memoryview, mmap)."""
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """An image's format (``JPEG``, ``PNG``, ``WebP``, ``BMP``) and its ``(width, height)``;
+    ``size`` is None when the data begins as that format but its size cannot be read (cut
+    off, or damaged), or says a side of 0."""
+
+    kind: str
+    size: tuple[int, int] | None
+
+
+def read_header(data: Buffer) -> ImageHeader | None:
+    """The header of the image ``data`` begins with, or None when it is none of
+    :data:`FORMATS`."""
+    head = bytes(data[:32])
+    if head.startswith(_JPEG):
+        return _checked("JPEG", _jpeg_size(data))
+    if head.startswith(_PNG):
+        ihdr = len(head) >= 24 and head[12:16] == b"IHDR"
+        return _checked("PNG", struct.unpack(">II", head[16:24]) if ihdr else None)
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return _checked("WebP", _webp_size(head))
+    if head.startswith(b"BM"):
+        return _checked("BMP", _bmp_size(head))
+    return None
+
+
+def _checked(kind: str, size: tuple[int, int] | None) -> ImageHeader:
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return ImageHeader(kind, None)
+    return ImageHeader(kind, (int(size[0]), int(size[1])))
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8X" and len(head) >= 30:  # extended: the canvas, 24 bits each, minus one
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if chunk == b"VP8L" and len(head) >= 25 and head[20] == 0x2F:  # lossless: 14 bits each
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and len(head) >= 30 and head[23:26] == b"\x9d\x01\x2a":  # lossy
+        width, height = struct.unpack("<HH", head[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    return None
+
+
+def _bmp_size(head: bytes) -> tuple[int, int] | None:
+    header = int.from_bytes(head[14:18], "little")
+    if header == 12 and len(head) >= 22:  # OS/2 BITMAPCOREHEADER: unsigned 16 bits
+        width, height = struct.unpack("<HH", head[18:22])
+        return width, height
+    if header >= 40 and len(head) >= 26:  # BITMAPINFOHEADER and later: signed 32 bits
+        width, height = struct.unpack("<ii", head[18:26])
+        return abs(width), abs(height)  # a negative height is a top-down bitmap
+    return None
+
+
+def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
+    """Walk a JPEG's marker segments from just after SOI to its frame header (SOFn)."""
+    end = len(data)
+    at = 2
+    while at + 4 <= end:
+        if data[at : at + 1] != b"\xff":
+            return None
+        marker = data[at + 1 : at + 2][0]
+        if marker == 0xFF:  # a fill byte before the marker (T.81 B.1.1.2)
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            at += 2
+            continue
+        if marker in (0xD8, 0xD9):  # another SOI, or EOI before any frame
+            return None
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+        if length < 2:
+            return None
+        # SOF0-SOF15 but DHT (C4), JPG (C8) and DAC (CC): the frame header with the size
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if at + 9 > end:
+                return None
+            height, width = struct.unpack(">HH", data[at + 5 : at + 9])
+            return width, height
+        at += 2 + length
+    return None
