@@ -27,12 +27,16 @@ cluster; a restart keeps it). Guarantees:
 
 aio-pika runs on an event loop of its own in a daemon thread: the methods block the calling
 thread only, and a worker whose loop is busy with steps still answers RabbitMQ's heartbeats.
-On any failure the connection is closed (RabbitMQ then requeues what it held) and the next
-call connects again; each call is bounded by ``timeout``.
+There are two connections: one consumes and settles, one publishes. RabbitMQ's resource alarms
+(a full disk, memory past its watermark) block the connections that publish, so while one lasts
+publications fail after the timeout but what a worker took stays its own to settle and the
+queue is drained. On any failure the connection concerned is closed (RabbitMQ then requeues
+what the consuming one held) and the next call connects again; each call is bounded by
+``timeout``.
 
-At some 500 lines the module is one concept, one connection to RabbitMQ: the calling threads'
-methods and the loop's share its channel, consumer and unsettled messages, and the helpers at
-the end (a message's format, settling one) serve that connection only.
+At some 600 lines the module is one concept, one client of RabbitMQ: the calling threads'
+methods and the loop's share its connections, channels, consumer and unsettled messages, and
+the helpers at the end (a message's format, settling one) serve that client only.
 """
 
 from __future__ import annotations
@@ -110,8 +114,10 @@ class AmqpDelivery(StepDelivery):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
-        # Only touched on the loop's thread.
+        # Only touched on the loop's thread: the connection that consumes (and settles) and
+        # the one that publishes.
         self._conn: AbstractConnection | None = None
+        self._pconn: AbstractConnection | None = None
         self._pub: AbstractChannel | None = None
         self._sub: AbstractChannel | None = None
         self._tag: str | None = None
@@ -123,13 +129,17 @@ class AmqpDelivery(StepDelivery):
     def prepare(self) -> None:
         """Connect and declare the quorum queue (durable; an existing queue of that name must
         be a quorum queue too, or RabbitMQ refuses and this raises)."""
-        self._call(self._prepare, "declaring the queue")
+        self._call(self._prepare, "declaring the queue", publishing=True)
 
     def publish(self, deliveries: Sequence[Delivery]) -> None:
         """Publish persistent messages of up to 16 steps of one execution each; returns once
         RabbitMQ confirmed them all."""
         if deliveries:
-            self._call(lambda: self._publish(deliveries), f"publishing {len(deliveries)} step(s)")
+            self._call(
+                lambda: self._publish(deliveries),
+                f"publishing {len(deliveries)} step(s)",
+                publishing=True,
+            )
 
     def take(self, consumer: str, count: int, *, wait: float, window: int) -> list[Received]:
         """At most ``count`` steps of the messages RabbitMQ pushed to this consumer; consumes
@@ -190,9 +200,11 @@ class AmqpDelivery(StepDelivery):
         if not thread.is_alive():
             loop.close()
 
-    def _call(self, make: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
+    def _call(
+        self, make: Callable[[], Coroutine[Any, Any, T]], what: str, *, publishing: bool = False
+    ) -> T:
         loop = self._running_loop()
-        future = asyncio.run_coroutine_threadsafe(self._guarded(make, what), loop)
+        future = asyncio.run_coroutine_threadsafe(self._guarded(make, what, publishing), loop)
         try:
             return future.result(self._timeout + 5.0)
         except FutureTimeout:
@@ -221,7 +233,12 @@ class AmqpDelivery(StepDelivery):
 
     # -- the loop's thread ---------------------------------------------------------------------
 
-    async def _guarded(self, make: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
+    async def _guarded(
+        self, make: Callable[[], Coroutine[Any, Any, T]], what: str, publishing: bool
+    ) -> T:
+        """``make()`` within the timeout; a connection that fails or does not answer is
+        closed (for a publication, only the publishing one: what was taken stays settleable)
+        and the error raised as a :class:`BrokerError` saying ``what`` failed."""
         try:
             async with asyncio.timeout(self._timeout):
                 return await make()
@@ -237,7 +254,7 @@ class AmqpDelivery(StepDelivery):
                 url=self.safe_url,
             ) from exc
         except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            await self._drop()
+            await (self._drop_publisher() if publishing else self._drop())
             text = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 text = f"no answer within {self._timeout:g}s"
@@ -246,29 +263,39 @@ class AmqpDelivery(StepDelivery):
             ) from exc
 
     async def _connection(self) -> AbstractConnection:
+        """The connection that consumes and settles. It never publishes, so RabbitMQ's
+        resource alarms (a full disk, memory past its watermark), which block the connections
+        that publish, leave the steps it took settleable and the queue drained."""
         if self._conn is None or self._conn.is_closed:
             await self._drop()
-            conn = aio_pika.Connection(
-                make_url(self.url), client_properties={"connection_name": "framepipe"}
-            )
-            try:
-                await conn.connect(timeout=self._timeout)
-            except BaseException as exc:
-                await conn.close()  # or aio-pika closes it from its finaliser, in any thread
-                if _refused_open(exc):
-                    raise BrokerError(
-                        f"job broker {self.safe_url}: RabbitMQ refused to open the connection: "
-                        f"the virtual host {_vhost(self.url)!r} does not exist, or user "
-                        f"{make_url(self.url).user or 'guest'!r} may not use it",
-                        url=self.safe_url,
-                    ) from exc
-                raise
-            conn.close_callbacks.add(self._on_close)
-            self._conn = conn
+            self._conn = await self._open("framepipe")
         return self._conn
 
+    async def _publish_connection(self) -> AbstractConnection:
+        if self._pconn is None or self._pconn.is_closed:
+            await self._drop_publisher()
+            self._pconn = await self._open("framepipe-publish")
+        return self._pconn
+
+    async def _open(self, name: str) -> AbstractConnection:
+        conn = aio_pika.Connection(make_url(self.url), client_properties={"connection_name": name})
+        try:
+            await conn.connect(timeout=self._timeout)
+        except BaseException as exc:
+            await conn.close()  # or aio-pika closes it from its finaliser, in any thread
+            if _refused_open(exc):
+                raise BrokerError(
+                    f"job broker {self.safe_url}: RabbitMQ refused to open the connection: "
+                    f"the virtual host {_vhost(self.url)!r} does not exist, or user "
+                    f"{make_url(self.url).user or 'guest'!r} may not use it",
+                    url=self.safe_url,
+                ) from exc
+            raise
+        conn.close_callbacks.add(self._on_close)
+        return conn
+
     async def _publisher(self) -> aiormq.Channel:
-        conn = await self._connection()
+        conn = await self._publish_connection()
         if self._pub is None or self._pub.is_closed:
             self._pub = await conn.channel(publisher_confirms=True, on_return_raises=True)
             self._declared = False
@@ -481,22 +508,39 @@ class AmqpDelivery(StepDelivery):
     def _on_close(self, sender: Any, *_args: Any) -> None:
         if sender is self._conn:
             self._reset()
+        elif sender is self._pconn:
+            self._reset_publisher()
+
+    def _reset_publisher(self) -> None:
+        self._pconn = self._pub = None
+        self._declared = False
 
     def _reset(self) -> None:
-        self._conn = self._pub = self._sub = None
+        self._conn = self._sub = None
         self._tag = None
-        self._declared = False
         with self._cond:  # RabbitMQ requeues what the connection held
             self._consuming = False
             self._buffer.clear()
             self._cond.notify_all()
 
     async def _drop(self) -> None:
+        """Close both connections (RabbitMQ requeues what the consuming one held)."""
         conn = self._conn
         self._reset()
+        await self._drop_publisher()
+        await self._close(conn)
+
+    async def _drop_publisher(self) -> None:
+        conn = self._pconn
+        self._reset_publisher()
+        await self._close(conn)
+
+    async def _close(self, conn: AbstractConnection | None) -> None:
+        """Close ``conn``, waiting a timeout at most (a blocked or frozen one never answers)."""
         if conn is not None and not conn.is_closed:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                await conn.close()
+                async with asyncio.timeout(self._timeout):
+                    await conn.close()
 
 
 def _refused_open(exc: BaseException) -> bool:
