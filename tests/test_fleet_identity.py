@@ -8,6 +8,7 @@ without deregistering takes the id over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,41 @@ def test_the_id_of_a_killed_processor_is_taken_over(ns: str, tmp_path: Path) -> 
         assert successor.processed == 1
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_process_whose_id_was_taken_over_while_it_was_away_gives_way(
+    ns: str, tmp_path: Path
+) -> None:
+    """A processor frozen (SIGSTOP: as cut off from Redis as a partitioned one) long enough for
+    a new client to take its id over: when it runs again, its first heartbeat finds the record
+    held by the other instance, and it stops (its start raises), without marking the record
+    draining or removing it and the stream; the new holder goes on serving."""
+    frozen = ProcessorProcess(tmp_path, ns, "face-1", capacity=1, delay=0.0)
+    successor = Detector("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        await frozen.start()
+        await wait_until_async(
+            "the process never registered",
+            lambda: registered(ns, "face-1").get(b"state") == b"ready",
+            20,
+        )
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        try:
+            async with serving(successor), ProcessorRegistry(REDIS_URL, ns) as registry:
+                mine = successor._instance.encode()
+                assert registered(ns, "face-1")[b"instance"] == mine
+                frozen.proc.send_signal(signal.SIGCONT)
+                assert await asyncio.wait_for(frozen.exited(), 20) != 0
+                record = registered(ns, "face-1")
+                assert (record[b"instance"], record[b"state"]) == (mine, b"ready")
+                result = await registry.call(make_frame(1), "face_detection")
+                assert result.ok and result.processor_id == "face-1"
+            assert successor.processed == 1
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # exited: nothing to resume
+                frozen.proc.send_signal(signal.SIGCONT)
+            await frozen.finish()
+
+    asyncio.run(asyncio.wait_for(main(), 90))

@@ -36,12 +36,15 @@ class Script:
 HEARTBEAT_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == false or state == 'dead' or state == 'stopped' then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+local holder = redis.call('HGET', KEYS[1], 'instance')
+if holder and holder ~= '' and holder ~= ARGV[2] then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
-"""KEYS: hash, set. ARGV: id, field, value, ... Writes the heartbeat unless the processor is
-unknown or was deregistered (returns 0: register again)."""
+"""KEYS: hash, set. ARGV: id, instance, field, value, ... Writes the heartbeat unless the
+processor is unknown or was deregistered (returns 0: register again) or its record is held by
+another client ``instance`` (returns -1: another process took the id over)."""
 
 ROUTE_LUA = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'ready' then return false end

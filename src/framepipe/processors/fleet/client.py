@@ -58,7 +58,10 @@ Guarantees:
 * One process per id: a start under an id a live process holds fails with
   :class:`~framepipe.errors.ConfigError` naming it (the record of one that died without
   deregistering is taken over, once its heartbeat is seen standing still:
-  :mod:`~framepipe.processors.fleet.identity`).
+  :mod:`~framepipe.processors.fleet.identity`). A process whose id was taken over so while it
+  was only cut off from Redis finds it at its first heartbeat back (the record holds another
+  client's ``instance``): it stops without touching the other's record or stream, and
+  ``start()`` raises :class:`~framepipe.errors.ConfigError` naming the holder.
 * Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
   ``failed`` in the processor's hash). A processor declared dead by the registry (silent too
   long) that turns out alive registers again at its next heartbeat.
@@ -277,6 +280,7 @@ class ProcessorClient(abc.ABC):
         self._stopped_event: asyncio.Event | None = None
         self._stop_requested = False
         self._registered = asyncio.Event()
+        self._displaced: ConfigError | None = None
         self._draining_task: asyncio.Task[None] | None = None
         self._reads: Wire | None = None  # XREADGROUP (blocks)
         self._publisher: Publisher | None = None  # publish + acknowledge, once started
@@ -402,6 +406,7 @@ class ProcessorClient(abc.ABC):
         self._stop_event = asyncio.Event()
         self._stopped_event = asyncio.Event()
         self._registered.clear()
+        self._displaced = None
         self._consumer.reset()
         if self._stop_requested:
             self._stop_event.set()
@@ -464,6 +469,8 @@ class ProcessorClient(abc.ABC):
                 await self._serve()
             finally:
                 await self._shutdown(beating, beat_done)
+            if self._displaced is not None:
+                raise self._displaced
         finally:
             RUNNING.discard(self._instance)
             self.state = ProcessorState.STOPPED
@@ -537,6 +544,7 @@ class ProcessorClient(abc.ABC):
                     redis,
                     self.keys,
                     self.processor_id,
+                    self._instance,
                     "last_heartbeat",
                     repr(beat),
                     "in_flight",
@@ -553,6 +561,9 @@ class ProcessorClient(abc.ABC):
                 if self._beat_failing:
                     self._beat_failing = False
                     self.log.info("heartbeat written again")
+                if alive < 0:
+                    await self._give_way(redis)
+                    return
                 if self._stopping:
                     continue
                 if not alive:
@@ -580,6 +591,20 @@ class ProcessorClient(abc.ABC):
                 else:
                     self.log.exception("heartbeat failed: %s", type(exc).__name__)
                 self._beat_failing = not isinstance(exc, REDIS_DOWN) or self._beat_failing
+
+    async def _give_way(self, redis: Redis) -> None:
+        """Another process holds this id now (it took it over while this one was cut off from
+        Redis): stop without touching its record or its stream, and have :meth:`start` raise
+        :class:`ConfigError` naming it."""
+        pid, host = await redis.hmget(self.keys.proc(self.processor_id), ["pid", "host"])
+        self._displaced = ConfigError(
+            f"processor id {self.processor_id!r} was taken over by pid {text(pid) or '?'} on "
+            f"host {text(host) or '?'} while this process (pid {os.getpid()}) was cut off from "
+            "Redis: this one stops; give each process its own id (--id, PROCESSOR_ID)"
+        )
+        self.log.error("%s", self._displaced)
+        self._registered.clear()  # its record is the other's: not marked draining nor removed
+        self._on_stop()
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -730,9 +755,10 @@ class ProcessorClient(abc.ABC):
 
     async def _shutdown(self, beating: asyncio.Task[None], beat_done: asyncio.Event) -> None:
         self.log.info("Stopping: %d frame(s) in flight", self.in_flight)
-        if self._draining_task is None:
+        if self._draining_task is None and self._displaced is None:
             self._draining_task = asyncio.ensure_future(self._set_draining())
-        await self._draining_task
+        if self._draining_task is not None:
+            await self._draining_task
         self._draining_task = None
         if self._consumer.inflight:
             _done, pending = await asyncio.wait(
@@ -750,7 +776,8 @@ class ProcessorClient(abc.ABC):
         # no cancel: redis-py can swallow a cancellation mid-command (redis/redis-py#2028)
         beat_done.set()
         await asyncio.wait({beating}, timeout=15.0)
-        await self._deregister()
+        if self._displaced is None:
+            await self._deregister()
 
     async def _deregister(self) -> None:
         redis = self._require_redis()

@@ -99,12 +99,22 @@ async def register(
         await pipe.execute()
 
 
-async def heartbeat(redis: Redis, keys: Keys, processor_id: str, *values: Any) -> bool:
-    """Write ``values`` (field, value, ...) with the heartbeat; False when the processor is
-    unknown or was deregistered meanwhile (it should register again)."""
-    return bool(
+async def heartbeat(
+    redis: Redis, keys: Keys, processor_id: str, instance: str, *values: Any
+) -> int:
+    """Write ``values`` (field, value, ...) with the heartbeat of the client ``instance``: 1;
+    0 when the processor is unknown or was deregistered meanwhile (it should register again);
+    -1, writing nothing, when another client instance holds the record (another process took
+    the id over while this one was cut off from Redis)."""
+    return int(
         await redis.eval(
-            HEARTBEAT_LUA, 2, keys.proc(processor_id), keys.processors, processor_id, *values
+            HEARTBEAT_LUA,
+            2,
+            keys.proc(processor_id),
+            keys.processors,
+            processor_id,
+            instance,
+            *values,
         )
     )
 
