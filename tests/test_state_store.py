@@ -289,3 +289,51 @@ def test_a_0006_postgresql_database_is_upgraded_to_64_bit_event_ids(pg_url: str)
         assert [(i["name"], i["column_names"]) for i in indexes] == [
             ("ix_fp_events_execution", ["execution_id", "id"])
         ]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow  # waits the 10 s connect timeout
+def test_a_postgresql_server_that_never_answers_is_given_up_and_dead_peers_are_found(
+    pg_url: str,
+) -> None:
+    """A server that takes the connection and never speaks (a hung host, a half-open
+    failover address): opening the store fails after the 10 s connect timeout instead of
+    waiting for ever; and its connections carry TCP keepalives and a user timeout, so a server
+    gone without a word is found within about a minute. A URL's own options win."""
+    import socket
+
+    from waiting import wait_until
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            StateStore(f"postgresql+psycopg://app:pw@127.0.0.1:{port}/prod").close()
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    try:
+        threading.Thread(target=open_it, daemon=True).start()
+        wait_until("the open given up", lambda: outcome, 40)  # for ever before
+    finally:
+        silent.close()
+    [error] = outcome
+    assert isinstance(error, StateStoreError), error
+    assert "pw@" not in str(error)
+
+    with StateStore(pg_url) as store, store.engine.connect() as conn:
+        given = conn.connection.dbapi_connection.info.get_parameters()
+    assert {k: given[k] for k in ("connect_timeout", "keepalives", "tcp_user_timeout")} == {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "tcp_user_timeout": "60000",
+    }
+    sep = "&" if "?" in pg_url else "?"
+    with StateStore(f"{pg_url}{sep}connect_timeout=3") as store, store.engine.connect() as conn:
+        assert conn.connection.dbapi_connection.info.get_parameters()["connect_timeout"] == "3"

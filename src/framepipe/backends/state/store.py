@@ -68,6 +68,27 @@ def _ping_if_idle(engine: sa.Engine) -> None:
             raise sa.exc.DisconnectionError(f"stale pooled connection: {exc}") from exc
 
 
+_PG_CONNECTION = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
+"""libpq's connection options a PostgreSQL state store sets unless its URL sets them: a
+server that does not answer a connection is given up after 10 s (libpq waits for ever by
+default), and a connection whose server went away without a word (a failover to another
+address, a network partition) is found broken within about a minute, by TCP keepalives while
+a query waits for its answer and by ``tcp_user_timeout`` while data it sent goes unacknowledged,
+instead of the kernel's retransmission timeout (15 minutes and more)."""
+
+
+def _pg_connect_args(parsed: sa.engine.URL) -> dict[str, str]:
+    """:data:`_PG_CONNECTION` without the options ``parsed``'s query gives itself."""
+    return {k: v for k, v in _PG_CONNECTION.items() if k not in parsed.query}
+
+
 DATABASE_BACKENDS = ("sqlite", "postgresql")
 """The databases a state store keeps its state in (a URL's backend name)."""
 
@@ -122,6 +143,7 @@ class StateStore:
             kwargs["connect_args"] = {"timeout": busy_timeout_s, "check_same_thread": False}
         elif self.dialect == "postgresql":
             kwargs["pool_size"] = 10
+            kwargs["connect_args"] = _pg_connect_args(parsed)
         try:
             self.engine = sa.create_engine(parsed, **kwargs)
         except ModuleNotFoundError as exc:
@@ -135,7 +157,9 @@ class StateStore:
             _ping_if_idle(self.engine)
             # A second, small pool whose sessions commit without waiting for the WAL flush
             # (write(durable=False)): no extra round trip per transaction to switch it.
-            self._relaxed = sa.create_engine(parsed, pool_size=2, max_overflow=8)
+            self._relaxed = sa.create_engine(
+                parsed, pool_size=2, max_overflow=8, connect_args=_pg_connect_args(parsed)
+            )
             _ping_if_idle(self._relaxed)
 
             @sa.event.listens_for(self._relaxed, "connect")
