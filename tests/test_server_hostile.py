@@ -723,6 +723,14 @@ def test_no_answer_shows_the_secret_of_a_url_whatever_stored_it(settings: Settin
         assert "postgresql://app:***@db.internal/prod" in shown["error"]
         assert shown["inputs"]["camera"] == "rtsp://admin:***@10.0.0.5/stream?token=***"
         assert "rtsp://admin:***@10.0.0.5" in answers["/metrics"]
+        from prometheus_client.parser import text_string_to_metric_families
+
+        sources = {  # still valid exposition, the URL masked inside its label
+            sample.labels.get("source")
+            for family in text_string_to_metric_families(answers["/metrics"])
+            for sample in family.samples
+        }
+        assert "rtsp://admin:***@10.0.0.5/stream?token=***" in sources
 
 
 def test_the_schema_is_public_and_holds_no_data_and_no_page_loads_outside_scripts(

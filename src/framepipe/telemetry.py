@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from framepipe.urls import safe_text
+
 if TYPE_CHECKING:
     from framepipe.stream.pipeline import StreamPipeline
 
@@ -37,16 +39,20 @@ __all__ = [
 
 
 def label_value(name: object) -> str:
-    """``name`` as a label value the exposition format can always encode: unchanged when it
-    encodes as UTF-8, else with :func:`~framepipe.untrusted.storable_text`'s escapes."""
+    """``name`` as a label value the exposition format can always encode and anyone who
+    scrapes may read: with :func:`~framepipe.untrusted.storable_text`'s escapes when it does
+    not encode as UTF-8, and the secrets of every URL in it masked
+    (:func:`~framepipe.urls.safe_text`: a source id that is a camera URL with its password).
+    Masked here, in the value, the exposition stays valid: a pass over the whole text would
+    take a label's closing quote for part of the URL."""
     text = str(name)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         from framepipe.untrusted import storable_text
 
-        return storable_text(text)
-    return text
+        text = storable_text(text)
+    return safe_text(text)
 
 
 class StreamCollector(Collector):

@@ -13,7 +13,12 @@ from framepipe.config import Settings
 from framepipe.jobs.records import count_jobs
 from framepipe.logs import get_logger
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.telemetry import EventSinkCollector, EventSinkCounts, StreamCollector
+from framepipe.telemetry import (
+    EventSinkCollector,
+    EventSinkCounts,
+    StreamCollector,
+    label_value,
+)
 
 __all__ = ["jobs_registry"]
 
@@ -55,11 +60,13 @@ class _JobsCollector(Collector):
         alive = GaugeMetricFamily("framepipe_workers", "Workers by status.", labels=["status"])
         counts = count_jobs(self.store)
         for (pipeline, status), n in counts.executions.items():
-            runs.add_metric([pipeline, status], n)
+            runs.add_metric([label_value(pipeline), status], n)
         for (pipeline, name, status), n in counts.steps.items():
-            by_step.add_metric([pipeline, name, status], n)
+            by_step.add_metric([label_value(pipeline), label_value(name), status], n)
         for (pipeline, name), (n, total) in counts.durations.items():
-            took.add_metric([pipeline, name], count_value=n, sum_value=total)
+            took.add_metric(
+                [label_value(pipeline), label_value(name)], count_value=n, sum_value=total
+            )
         for key, value in counts.failures.items():
             retried.add_metric(list(key), value)
         for key, value in counts.crashes.items():
