@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from conftest import REDIS_URL, redis_namespace
 
 redis_sync = pytest.importorskip("redis")
+redis_async = pytest.importorskip("redis.asyncio")
 
 from framepipe.errors import ConfigError  # noqa: E402
 from framepipe.processors import ProcessorRegistry  # noqa: E402
@@ -137,3 +141,62 @@ def test_a_process_whose_id_was_taken_over_while_it_was_away_gives_way(
             await frozen.finish()
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_a_live_process_of_another_pid_namespace_with_this_host_name_and_pid_is_refused(
+    ns: str,
+) -> None:
+    """Containers sharing a host name (``network_mode: host``, a compose ``hostname:`` with
+    replicas) each run in a pid namespace of their own, all as pid 1: a record with this host
+    name and this very pid, written in another pid namespace by another client whose
+    heartbeat goes on, is a live process, not an earlier life of this one; the start fails
+    and the record stays the other's."""
+    mine = Detector("face-1", ["face_detection"], ns)
+    key = f"{ns}proc:face-1"
+
+    async def beating(client: redis_async.Redis) -> None:
+        while True:
+            await client.hset(key, "last_heartbeat", repr(time.time()))
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        client = redis_async.Redis.from_url(REDIS_URL)
+        await client.hset(
+            key,
+            mapping={
+                "id": "face-1",
+                "state": "ready",
+                "instance": "another-container",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "pidns": "pid:[1]",
+                "health_interval": "0.2",
+                "last_heartbeat": repr(time.time()),
+            },
+        )
+        await client.sadd(f"{ns}processors", "face-1")
+        beats = asyncio.create_task(beating(client))
+        try:
+            with pytest.raises(ConfigError, match=rf"in use by pid {os.getpid()} "):
+                await asyncio.wait_for(mine.start(), 20)
+            assert await client.hget(key, "instance") == b"another-container"
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_processors_record_names_its_pid_namespace(ns: str) -> None:
+    """The record carries the pid namespace its pid is to be read in."""
+    first = Detector("face-1", ["face_detection"], ns)
+
+    async def main() -> None:
+        async with serving(first):
+            record = registered(ns, "face-1")
+            assert record[b"pidns"] == os.readlink("/proc/self/ns/pid").encode()
+            assert record[b"pid"] == str(os.getpid()).encode()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

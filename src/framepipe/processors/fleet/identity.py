@@ -6,16 +6,25 @@ by hand) would share one stream and one consumer name: each would take the other
 as its own, split a camera's frames between them (a motion processor's differencing with
 them), overwrite each other's counters, and the first to stop would remove the other's
 registration and stream. :func:`claim` finds the holder of the id in its record (its
-``instance``, ``pid``, ``host``, ``state`` and heartbeat) before the client registers:
+``instance``, ``pid``, ``host``, ``pidns``, ``state`` and heartbeat) before the client
+registers:
 
 * no record, or one that is not ``ready``/``draining``: the id is free;
-* a record of a process that is gone (this host, a pid that no longer runs; or this process's
-  own pid, written by an earlier life of it: a container restarted): free at once;
 * a record of a client running in this process: :class:`~framepipe.errors.ConfigError` at once;
-* otherwise (another host, or a pid that runs): its heartbeat is watched for three of its
-  heartbeat periods (and a second): one that moves is a live process, and the start fails with
-  :class:`~framepipe.errors.ConfigError` naming it; one that stands still is a process that
-  died without deregistering (killed), and the id is taken over.
+* a record written in this host's and this process's pid namespace (:func:`pid_namespace`) by
+  a process that is gone (a pid that no longer runs; or this process's own pid, written by an
+  earlier life of it): free at once;
+* otherwise (another host, another or an unknown pid namespace, or a pid that runs): its
+  heartbeat is watched for three of its heartbeat periods (and a second): one that moves is a
+  live process, and the start fails with :class:`~framepipe.errors.ConfigError` naming it; one
+  that stands still is a process that died without deregistering (killed), and the id is
+  taken over.
+
+A host name and a pid alone do not tell a process: containers sharing a host name
+(``network_mode: host``, a compose ``hostname:`` with replicas) each run in a pid namespace of
+their own, often all as pid 1, and a pid of another namespace cannot be looked up from this
+one. A restarted container gets a new pid namespace, so it waits out its earlier life's
+heartbeat patience before taking its id back.
 """
 
 from __future__ import annotations
@@ -33,12 +42,22 @@ from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, te
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["RUNNING", "claim"]
+__all__ = ["RUNNING", "claim", "pid_namespace"]
 
 RUNNING: set[str] = set()
 """The ``instance`` tokens of the clients running in this process."""
 
 _LIVE_STATES = (ProcessorState.READY, ProcessorState.DRAINING)
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]`` on Linux); "" where it cannot be
+    read (another system, ``/proc`` not mounted). Two processes whose pids can be compared
+    share it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def _gone(pid: int) -> bool:
@@ -75,10 +94,11 @@ async def claim(
         return
     pid = as_int(record.get(b"pid"), 0)
     host = text(record.get(b"host"))
-    here = host == socket.gethostname()
+    if holder in RUNNING:
+        raise _in_use(processor_id, pid, host, "a client running in this process")
+    namespace = text(record.get(b"pidns"))
+    here = host == socket.gethostname() and namespace != "" and namespace == pid_namespace()
     if here and pid == os.getpid():
-        if holder in RUNNING:
-            raise _in_use(processor_id, pid, host, "a client running in this process")
         return  # an earlier life of this process
     if here and pid and _gone(pid):
         return

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from framepipe.errors import CircuitOpenError, NoProcessorError
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.breaker import CircuitBreaker, CircuitPolicy, CircuitState
+from framepipe.processors.fleet.identity import pid_namespace
 from framepipe.processors.fleet.outages import unavailable
 from framepipe.processors.fleet.protocol import GROUP, Keys, ProcessorState, as_int, text
 from framepipe.processors.fleet.shown import loggable
@@ -66,8 +67,8 @@ async def register(
     instance: str = "",
 ) -> None:
     """Create the processor's stream and consumer group (kept when they exist), then write its
-    record (state ``ready``, this process's pid and host, the client's ``instance`` token)
-    and set membership in one transaction."""
+    record (state ``ready``, this process's pid, pid namespace and host, the client's
+    ``instance`` token) and set membership in one transaction."""
     try:
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     except ResponseError as exc:
@@ -88,6 +89,7 @@ async def register(
         "registered_at": repr(time.time()),
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "pidns": pid_namespace(),
     }
     if health_interval is not None:
         record["health_interval"] = repr(float(health_interval))
