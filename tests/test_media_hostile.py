@@ -175,3 +175,27 @@ def test_a_fifo_named_like_an_image_is_refused_at_once(tmp_path: Path) -> None:
     for outcome in outcomes:
         assert isinstance(outcome, MediaError), outcome
         assert "is not a regular file" in str(outcome) and "f_0002.png" in str(outcome)
+
+
+def test_a_jpeg_hiding_its_size_behind_a_stray_byte_or_cut_short_is_refused_undecoded(
+    tmp_path: Path,
+) -> None:
+    """A stray byte between two segments (decoders skip it) must not hide a frame header
+    that claims 10000 x 10000 from the picture limit; a JPEG cut before its frame header is
+    refused as corrupt rather than decoded to learn its size."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=5, size=(64, 48))
+    data = cv2.imencode(".jpg", np.zeros((48, 64, 3), np.uint8))[1].tobytes()
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    sof = data.index(b"\xff\xc0")
+    big = bytearray(data)
+    big[sof + 5 : sof + 9] = (10000).to_bytes(2, "big") + (10000).to_bytes(2, "big")
+    hidden = tmp_path / "hidden.jpg"
+    hidden.write_bytes(bytes(big[:app0_end]) + b"\x00" + bytes(big[app0_end:]))
+    with pytest.raises(MediaError, match=r"the watermark image is 10000x10000") as e:
+        watermark(clip, tmp_path / "w.mp4", image=hidden, max_pixels=100 * 100, preset=FAST)
+    assert e.value.path == hidden
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: sof - 1])
+    with pytest.raises(MediaError, match="is a truncated or corrupt JPEG image"):
+        watermark(clip, tmp_path / "w.mp4", image=cut, preset=FAST)

@@ -9,9 +9,12 @@ Guarantees:
 * JPEG (any frame type: baseline, extended, progressive, lossless, arithmetic), PNG, WebP
   (lossy, lossless, extended) and BMP (OS/2 and Windows headers) are recognised by their
   signatures; anything else is None.
-* A header is read within ``data`` only (a ``bytes``, ``memoryview`` or ``mmap``): no index
-  goes past its end, so a truncated or hostile header gives ``size=None``, never an exception,
-  and a JPEG's marker walk ends at its end.
+* A header is read within ``data`` only (``bytes`` or a ``memoryview``): no index goes past
+  its end, so a truncated or hostile header gives ``size=None``, never an exception, and a
+  JPEG's marker walk ends at its end.
+* A JPEG's size is the one its decoder finds: bytes between two segments are skipped as
+  libjpeg skips them ("extraneous bytes before marker"), so a stray byte cannot hide the frame
+  header from a limit that the decoder would then not see.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 
 class Buffer(Protocol):
-    """What the parser reads: slices of bytes and a length (bytes, memoryview, mmap)."""
+    """What the parser reads: slices of bytes and a length (bytes, memoryview)."""
 
     def __getitem__(self, index: slice, /) -> bytes: ...
     def __len__(self) -> int: ...
@@ -97,8 +100,9 @@ def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
     end = len(data)
     at = 2
     while at + 4 <= end:
-        if data[at : at + 1] != b"\xff":
-            return None
+        if data[at : at + 1] != b"\xff":  # stray bytes between segments: decoders skip them
+            at += 1
+            continue
         marker = data[at + 1 : at + 2][0]
         if marker == 0xFF:  # a fill byte before the marker (T.81 B.1.1.2)
             at += 1

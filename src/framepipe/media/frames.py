@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from framepipe.errors import MediaError
+from framepipe.image_header import read_header
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode, open_video
 from framepipe.media.limits import (
@@ -24,7 +25,6 @@ from framepipe.media.limits import (
     LengthGuard,
     check_length,
     check_picture,
-    image_size,
     length_limit,
     open_regular,
     pixel_limit,
@@ -175,14 +175,17 @@ def read_image(
     formats). ``what`` names the image in the message. The file is read by Python and decoded
     in memory: OpenCV is never given a path (it crashes the process on one that is not valid
     UTF-8)."""
-    size = image_size(path)
-    if size is not None:
-        check_picture(path, *size, limit, what=what)
     try:
-        with open_regular(path) as file:
+        with open_regular(path) as file:  # read once: the header checked is the one decoded
             data = file.read()
     except OSError as exc:
         raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
+    header = read_header(data)
+    if header is not None and header.size is None:  # never decoded to find out its size
+        raise MediaError(path, f"is a truncated or corrupt {header.kind} image")
+    size = header.size if header is not None else None
+    if size is not None:
+        check_picture(path, *size, limit, what=what)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if image is None:
         raise MediaError(path, "cannot be read as an image")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import mmap
 import os
 import stat
 from dataclasses import dataclass
@@ -267,12 +266,7 @@ def image_size(path: Path | str) -> tuple[int, int] | None:
     format or a header that cannot be parsed. :class:`MediaError` when ``path`` cannot be read
     or is no regular file (:func:`open_regular`)."""
     with open_regular(path) as file:
-        try:
-            view = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except (ValueError, OSError):  # an empty file: no header
-            return None
-        with view:
-            header = read_header(view)
+        header = read_header(file.read())
     return header.size if header is not None else None
 
 
