@@ -74,3 +74,16 @@ def test_no_line_shows_the_password_of_a_url() -> None:
     assert "rtsp://admin:***@cam/1" in text and "rtsp://admin:***@cam/2 refused" in text
     assert text.count("postgresql://app:***@db/prod") == 2  # the line, the traceback
     assert "Traceback" in text and "redis://:***@cache:6379/0 down" in text
+
+
+def test_a_format_holding_a_url_keeps_its_placeholders_and_the_line_is_masked() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    try:
+        get_logger("cam").info("fetching http://%s/x?token=%s", "cam", "tok-secret")
+        get_logger("cam").info("as %(user)s:%(pw)s", {"user": "rtsp://a", "pw": "b@cam"})
+    finally:
+        configure_logging("WARNING")
+    text = stream.getvalue()
+    assert "Logging error" not in text and "tok-secret" not in text
+    assert "fetching http://cam/x?token=***" in text

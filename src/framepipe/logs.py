@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from framepipe.urls import safe_text
@@ -79,7 +79,14 @@ class ComponentLogger(logging.LoggerAdapter[logging.Logger]):
         if not self.isEnabledFor(level):  # a disabled debug line per frame costs no encoding
             return
         kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the caller, not this frame
-        super().log(level, _utf8(msg), *(_utf8(a) for a in args), **kwargs)
+        if args:  # formatted first: masking the format would eat its placeholders
+            values: Any = args[0] if len(args) == 1 and isinstance(args[0], Mapping) else args
+            try:
+                msg = str(msg) % values
+            except (TypeError, ValueError, KeyError):  # logging reports the bad call itself
+                super().log(level, msg, *args, **kwargs)
+                return
+        super().log(level, _utf8(msg), **kwargs)
 
     def process(
         self, msg: Any, kwargs: MutableMapping[str, Any]
