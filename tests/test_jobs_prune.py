@@ -382,3 +382,22 @@ def test_a_retry_of_an_execution_pruned_meanwhile_says_so(
     monkeypatch.setattr(dispatch, "find_execution", find_then_prune)
     with pytest.raises(ExecutionNotFoundError, match=r"was deleted \(pruned\) meanwhile"):
         dispatch.resume(store, execution_id)
+
+
+def test_a_stopped_prune_of_records_ends_after_its_batch(
+    settings: Settings, store: StateStore
+) -> None:
+    """The service stopping while a long backlog is pruned: the batch under way is finished
+    (a transaction of its own, its prefixes recorded) and no other is begun."""
+    good, _ = _pipelines()
+    ids = [_run(settings, good) for _ in range(3)]
+    objects = open_object_store(settings.resolved_objects_url)
+    time.sleep(0.05)
+    stop = threading.Event()
+    stop.set()
+    after = ObjectsAfter(objects, "ml/{execution_id}/")
+    first = prune_executions(store, 0, batch=1, objects=after, stop=stop)
+    assert len(first) == 1 and [p for p, _, _ in _left(store)] == [f"ml/{first[0].id}/"]
+    rest = prune_executions(store, 0, batch=1, objects=after)
+    assert sorted(p.id for p in first + rest) == sorted(ids)
+    objects.close()

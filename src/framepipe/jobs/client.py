@@ -43,6 +43,7 @@ import builtins
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, TypeVar
@@ -450,13 +451,15 @@ class JobClient:
         pipeline: str | None = None,
         dry_run: bool = False,
         objects: ObjectsAfter | None = None,
+        stop: threading.Event | None = None,
     ) -> builtins.list[PrunedExecution]:
         """Delete the executions that finished more than ``older_than`` seconds ago, with their
         steps and events (:func:`~framepipe.jobs.pruning.prune_executions`: never a pending
         or running one, the import ledger stays); ``dry_run`` deletes nothing. With
         ``objects``, each one's object prefix is recorded in the same transaction, for
-        :func:`~framepipe.jobs.pruning.delete_objects`. Returns them, oldest first. A
-        negative age or a status that is not finished: ValueError."""
+        :func:`~framepipe.jobs.pruning.delete_objects`; ``stop`` set ends it after the batch
+        under way. Returns them, oldest first. A negative age or a status that is not
+        finished: ValueError."""
         await self._recover()
         return await self._db(
             functools.partial(
@@ -467,6 +470,7 @@ class JobClient:
                 pipeline=pipeline,
                 dry_run=dry_run,
                 objects=objects,
+                stop=stop,
             )
         )
 

@@ -99,13 +99,15 @@ def prune_executions(
     now: float | None = None,
     dry_run: bool = False,
     objects: ObjectsAfter | None = None,
+    stop: threading.Event | None = None,
 ) -> list[PrunedExecution]:
     """Delete the executions in ``statuses`` (of ``pipeline``, when given) that finished more
     than ``older_than`` seconds ago, with their steps, dependencies and events; return them,
     oldest first. With ``objects``, each one's prefix is recorded in ``fp_objects_left`` in
-    the same transaction, for :func:`delete_objects`. ``dry_run``: delete nothing, return
-    what would go. ValueError for a negative age, an empty ``statuses`` or one that is not
-    finished."""
+    the same transaction, for :func:`delete_objects`. ``stop`` set: it returns after the batch
+    under way (each batch is a transaction of its own, its prefixes recorded with it).
+    ``dry_run``: delete nothing, return what would go. ValueError for a negative age, an empty
+    ``statuses`` or one that is not finished."""
     if older_than < 0:
         raise ValueError(f"older_than must be >= 0 seconds, got {older_than}")
     chosen = {ExecutionStatus(s) for s in statuses}
@@ -147,7 +149,7 @@ def prune_executions(
                 if objects is not None:
                     _record_intents(conn, objects, rows)
         pruned.extend(rows)
-        if len(rows) < batch:
+        if len(rows) < batch or (stop is not None and stop.is_set()):
             return pruned
 
 

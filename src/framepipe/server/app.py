@@ -282,8 +282,9 @@ async def _prune_executions(
     template, a turn is skipped while the object store is away or refuses the template, so
     no execution's records go while its objects cannot. A failure is logged and tried again
     at the next turn. ``stop`` set (the service stops): the prune under way finishes its
-    batch of records (a transaction of its own) and stops deleting objects before the next
-    one; the prefixes it did not reach are recorded for the next prune."""
+    batch of records (a transaction of its own) and takes no other, and stops deleting
+    objects before the next one; the prefixes it did not reach are recorded for the next
+    prune."""
     while not stop.is_set():
         try:
             await _prune_once(jobs, days, access, settings, stop)
@@ -317,7 +318,7 @@ async def _prune_once(
             )
             return
     after = None if template is None or store is None else ObjectsAfter(store, template)
-    pruned = await jobs.prune(days * 86_400.0, statuses=statuses, objects=after)
+    pruned = await jobs.prune(days * 86_400.0, statuses=statuses, objects=after, stop=stop.event)
     if template is None or store is None:
         if pruned:
             _log.info("pruned %d execution(s) that finished over %g day(s) ago", len(pruned), days)
