@@ -52,6 +52,16 @@ from framepipe.urls import safe_text, safe_url
             "s3://b/p?endpoint=http://h/?token=t&region=x",
             "s3://b/p?endpoint=http://h/?token=***&region=x",
         ),
+        # A name whose word is a secret's, run together or not; a word that merely holds one
+        # (keyframe, design, author) is no secret, and is shown.
+        (
+            "http://nvr/export?keyframe=12&design=v2&author=ops&accessToken=a&x-api-key=b",
+            "http://nvr/export?keyframe=12&design=v2&author=ops&accessToken=***&x-api-key=***",
+        ),
+        (
+            "http://h/x?AWSAccessKeyId=A&clientsecret=c",
+            "http://h/x?AWSAccessKeyId=***&clientsecret=***",
+        ),
     ],
 )
 def test_safe_url_masks_secrets_and_keeps_the_rest(url: str, shown: str | None) -> None:

@@ -1,11 +1,14 @@
 """How a URL is shown in messages, logs and health: :func:`safe_url`, the one rule.
 
 Guarantees: a password in the URL (``scheme://user:***@host``) and the value of every query
-parameter whose name says it holds a secret (``?api_key=***``, ``password``, ``token``,
-``secret``, ``signature``, ``credential``, ``auth``, ``session``, any ``*key*``; matched on the
-percent-decoded name, case-insensitive) are masked, in the URL and in every URL inside a query
-value (``?endpoint=http://k:***@host``); everything else is left as written, so the URL still
-says where it points.
+parameter whose name says it holds a secret are masked, in the URL and in every URL inside a
+query value (``?endpoint=http://k:***@host``); everything else is left as written, so the URL
+still says where it points. A name says so (:func:`secret_name`, on the percent-decoded name,
+case-insensitive) when one of its words (split at ``_``, ``-``, ``.`` and case changes) is
+``pass``, ``password``, ``pwd``, ``token``, ``secret``, ``key``, ``sig``, ``signature``,
+``credential``, ``auth``, ``session`` and the like (``api_key``, ``X-Amz-Signature``,
+``accessToken``), or it ends with one run together (``apikey``, ``clientsecret``); a word that
+merely contains one is no secret (``keyframe``, ``design``, ``author``).
 
 No part of a password is ever shown, even one written unescaped with ``/``, ``@``, ``?``,
 ``#`` or ``:`` in it (``rtsp://user:pa/ss@cam/1``), which a URL parser reads as a host, a path
@@ -26,9 +29,32 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["safe_json", "safe_text", "safe_url"]
+__all__ = ["safe_json", "safe_text", "safe_url", "secret_name"]
 
-_SECRET_NAME = re.compile(r"pass|pwd|token|secret|key|sig|credential|auth|session", re.I)
+_SECRET_WORDS = frozenset(
+    {
+        "pass", "passwd", "password", "passphrase", "pwd", "token", "secret", "key", "apikey",
+        "sig", "signature", "credential", "credentials", "auth", "authorization", "session",
+        "sessionid", "cookie",
+    }
+)  # fmt: skip
+_SECRET_ENDINGS = (
+    "token", "secret", "password", "passwd", "apikey", "accesskey", "secretkey", "privatekey",
+    "signature", "credential", "credentials", "sessionid", "authkey",
+)  # fmt: skip
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+
+
+def secret_name(name: str) -> bool:
+    """Whether a query parameter named ``name`` (percent-decoded) holds a secret (see the
+    module)."""
+    words = {w.lower() for w in _WORD.findall(name)}
+    if words & _SECRET_WORDS:
+        return True
+    joined = "".join(ch for ch in name.lower() if ch.isalnum())
+    return joined.endswith(_SECRET_ENDINGS)
+
+
 _PASSWORD = re.compile(
     r"(?P<user>(?:^|[A-Za-z][A-Za-z0-9+.-]*:)//[^/?#:\[\s]*:).*@",  # greedy: to the last '@'
     re.DOTALL,
@@ -49,7 +75,7 @@ def safe_url(url: str) -> str:
 
 def _masked(pair: str) -> str:
     name, sep, value = pair.partition("=")
-    if sep and value and _SECRET_NAME.search(unquote_plus(name)):
+    if sep and value and secret_name(unquote_plus(name)):
         return f"{name}=***"
     if "://" in value:  # a URL as a value: its own query's first parameter is in it
         return f"{name}{sep}{safe_url(value)}"
