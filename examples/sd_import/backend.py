@@ -141,6 +141,8 @@ async def resume_interrupted(jobs: JobClient, pipeline: Pipeline, locks: CardLoc
         card = str((row.inputs or {}).get("card_id", ""))
         async with locks[card]:
             try:
+                if (await jobs.get(row.id, with_steps=False)).status.value != "interrupted":
+                    continue  # the card's insertion resumed it meanwhile
                 await jobs.retry(row.id, pipeline)
             except FramepipeError as exc:
                 _log.warning(
