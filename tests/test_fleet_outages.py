@@ -26,7 +26,7 @@ import pytest
 redis_sync = pytest.importorskip("redis")
 
 from framepipe.backoff import Backoff  # noqa: E402
-from framepipe.errors import NoProcessorError, RegistryConnectionError  # noqa: E402
+from framepipe.errors import ConfigError, NoProcessorError, RegistryConnectionError  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
 from test_processors_remote import FAST, Detector, PrivateRedis, make_frame  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
@@ -257,3 +257,86 @@ def test_a_processor_whose_stream_is_deleted_under_its_blocking_read_registers_a
         await asyncio.wait_for(serving, 40)
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_wrong_password_fails_the_start_of_processor_and_registry_at_once(
+    tmp_path: Path,
+) -> None:
+    """A wrong password is a setting to fix, not an outage to wait out: the start of a
+    processor and of a registry fails with a ConfigError saying the credentials were refused
+    (the password not in it), where both retried it as "unreachable", ``connect_retries``
+    times."""
+    server = PrivateRedis(tmp_path, password="right-secret")
+    server.start()
+    wrong = server.url.replace("right-secret", "wrong-secret")
+    try:
+
+        async def main() -> None:
+            processor = Detector("locked-out", ["cap"], "fpauth:", url=wrong, connect_retries=10**6)
+            with pytest.raises(ConfigError, match="refuses the credentials") as refused:
+                await asyncio.wait_for(processor.start(), 20)
+            assert "wrong-secret" not in str(refused.value)
+            registry = ProcessorRegistry(wrong, "fpauth:", backoff=FAST, connect_retries=10**6)
+            with pytest.raises(ConfigError, match="refuses the credentials") as refused:
+                await asyncio.wait_for(registry.start(), 20)
+            assert "wrong-secret" not in str(refused.value)
+
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+
+
+def test_a_password_changed_under_a_running_processor_is_said_plainly_and_waited_out(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    """The server's password changed while a processor runs: its loops say, at error level,
+    that Redis refuses the credentials (not that it is unreachable), and it goes on once the
+    password is set back."""
+    logs.set_level(logging.DEBUG, logger="framepipe")
+    server = PrivateRedis(tmp_path, password="right-secret")
+    server.start()
+    admin = redis_sync.Redis.from_url(server.url)
+    try:
+
+        async def main() -> None:
+            processor = Detector("changed", ["cap"], "fpauth:", url=server.url)
+            serving = asyncio.create_task(processor.start())
+            await wait_until_async("never registered", processor._registered.is_set, 10)
+            admin.config_set("requirepass", "other-secret")
+            admin.execute_command("AUTH", "other-secret")
+            admin.client_kill_filter(_type="normal", skipme=True)
+
+            def said() -> bool:
+                return serving.done() or any(
+                    r.levelno == logging.ERROR
+                    and "refuses the credentials" in r.getMessage()
+                    and "reconnecting in" in r.getMessage()
+                    for r in logs.records
+                )
+
+            await wait_until_async("the refused credentials were never said", said, 20)
+            assert not serving.done(), f"the processor ended: {serving.exception()}"
+            assert not any(
+                "unreachable" in r.getMessage() and "AuthenticationError" in r.getMessage()
+                for r in logs.records
+            )
+            admin.config_set("requirepass", "right-secret")
+            async with ProcessorRegistry(server.url, "fpauth:", backoff=FAST) as registry:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        result = await registry.call(make_frame(1), "cap", timeout=20)
+                        break
+                    except NoProcessorError:
+                        assert time.monotonic() < deadline, "the processor never came back"
+                        await asyncio.sleep(0.1)
+                assert result.ok
+            refused = [r for r in logs.records if "refuses the credentials" in r.getMessage()]
+            assert [r.levelno for r in refused if r.levelno > logging.DEBUG] == [logging.ERROR]
+            processor.stop()
+            await asyncio.wait_for(serving, 20)
+
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        admin.close()
+        server.stop()

@@ -20,14 +20,16 @@ redis_sync = pytest.importorskip("redis")
 
 import redis.asyncio as aioredis  # noqa: E402
 from redis.exceptions import (  # noqa: E402
+    AuthenticationError,
     BusyLoadingError,
+    MaxClientsReachedError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
 )
 
-from framepipe.processors.fleet.outages import refusal, unavailable  # noqa: E402
+from framepipe.processors.fleet.outages import denied, refusal, unavailable  # noqa: E402
 from framepipe.redis.wire import Wire  # noqa: E402
 from test_fleet_outages import Busy  # noqa: E402
 from test_processors_remote import PrivateRedis  # noqa: E402
@@ -133,3 +135,40 @@ def test_loading_is_busy_loading_error() -> None:
         assert all(refusal(e) == "LOADING" and unavailable(e) for e in errors)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_server_at_maxclients_is_no_wrong_password(tmp_path: Path) -> None:
+    """A server at its ``maxclients`` answers a new connection's first command (``AUTH``
+    when the URL has a password) with "max number of clients reached": Wire raises it as
+    redis-py does (``MaxClientsReachedError``, waited out by the fleet), not as an
+    ``AuthenticationError`` (a wrong password, which fails a start), and a wrong password
+    is still one."""
+    server = PrivateRedis(tmp_path, password="right-secret")
+    server.extra += ["--maxclients", "1"]
+    server.start()
+
+    async def main() -> None:
+        holder = aioredis.Redis.from_url(server.url)
+        await holder.ping()  # the one client the server takes
+        client = aioredis.Redis.from_url(server.url)
+        wire = Wire(client)
+        try:
+            with pytest.raises(MaxClientsReachedError):
+                await client.ping()
+            with pytest.raises(MaxClientsReachedError) as full:
+                await wire.execute("PING")
+            assert unavailable(full.value) and not denied(full.value)
+            await holder.aclose()
+            wrong = aioredis.Redis.from_url(server.url.replace("right-secret", "wrong-secret"))
+            with pytest.raises(AuthenticationError) as refused:
+                await Wire(wrong).execute("PING")
+            assert denied(refused.value)
+            await wrong.aclose()
+        finally:
+            await wire.close()
+            await client.aclose()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        server.stop()

@@ -364,8 +364,13 @@ class Wire:
                 for command, future in zip(hello, futures, strict=True):
                     reply = await future
                     if isinstance(reply, RedisError):
+                        # A refusal of the connection itself ("max number of clients
+                        # reached": MaxClientsReachedError) answers the first command,
+                        # whichever it is, and keeps its class: it is no wrong password.
                         error = (
-                            AuthenticationError(str(reply))
+                            reply
+                            if isinstance(reply, RedisConnectionError)
+                            else AuthenticationError(str(reply))
                             if command[0] == "AUTH"
                             else RedisConnectionError(f"{command[0]} failed: {reply}")
                         )

@@ -34,7 +34,9 @@ Guarantees:
   router's reply stream. A ``result_stream`` that is a key of another type at start fails the
   start with :class:`~framepipe.errors.ConfigError` naming it.
 * Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
-  after ``connect_retries`` retries; never a hang. Redis lost later, or refusing for a while
+  after ``connect_retries`` retries; its credentials refused (a wrong password): a
+  :class:`~framepipe.errors.ConfigError` at once (later, said once at error level and waited
+  out); never a hang. Redis lost later, or refusing for a while
   (``LOADING`` after a restart, ``BUSY``, ``OOM``, ``READONLY``:
   :mod:`~framepipe.processors.fleet.outages`): the client reconnects with exponential backoff
   (for as long as it runs; cut short by the first heartbeat that goes through, so that it
@@ -117,7 +119,14 @@ from framepipe.processors.fleet.options import (
     check_orchestrator_url,
     log_settings,
 )
-from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
+from framepipe.processors.fleet.outages import (
+    REDIS_ERRORS,
+    denied,
+    kind,
+    outage,
+    reach,
+    unavailable,
+)
 from framepipe.processors.fleet.protocol import (
     Attempts,
     Fields,
@@ -133,7 +142,7 @@ from framepipe.processors.fleet.registry import deregister, heartbeat, register,
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
-from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost, ping_with_retries
+from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost
 from framepipe.redis.wire import Wire
 from framepipe.tracing import parse_traceparent
 
@@ -399,7 +408,8 @@ class ProcessorClient(abc.ABC):
     async def start(self) -> None:
         """Connect, register, and process frames until stopped; returns after the graceful
         shutdown. Raises :class:`RegistryConnectionError` when Redis cannot be reached at
-        start (after ``connect_retries`` retries)."""
+        start (after ``connect_retries`` retries), :class:`ConfigError` when it refuses the
+        credentials."""
         if self._running:
             raise RuntimeError(f"processor {self.processor_id!r} is already running")
         self._loop = asyncio.get_running_loop()
@@ -431,7 +441,7 @@ class ProcessorClient(abc.ABC):
             if self._redis is None:
                 self._redis = connect(self.redis_url)
             what = f"processor {self.processor_id!r}"
-            await ping_with_retries(
+            await reach(
                 self._redis,
                 self.redis_url,
                 retries=self.connect_retries,
@@ -446,6 +456,8 @@ class ProcessorClient(abc.ABC):
             except REDIS_ERRORS as exc:
                 if not unavailable(exc):
                     raise
+                if denied(exc):
+                    raise ConfigError(f"{what}: {outage(self.redis_url, exc)}") from exc
                 raise RegistryConnectionError(
                     lost(what, self.redis_url, exc, during="registering"),
                     url=safe_url(self.redis_url),
@@ -620,6 +632,7 @@ class ProcessorClient(abc.ABC):
     async def _serve(self) -> None:
         """Consume until stopped; reconnect with backoff while Redis is away."""
         failures = 0
+        said = ""  # the kind of outage said at warning (error) level
         need_register = False
         while not self._stopping:
             try:
@@ -629,6 +642,7 @@ class ProcessorClient(abc.ABC):
                     if failures:
                         self.log.info("Reconnected to Redis after %d attempts", failures)
                     failures = 0
+                    said = ""
                 assert self._reads is not None
                 await self._consumer.consume(
                     self._require_redis(),
@@ -654,12 +668,12 @@ class ProcessorClient(abc.ABC):
                 if not self._stopping:
                     self.state = "reconnecting"
                 delay = self.backoff.delay(failures)
-                log = self.log.warning if failures == 1 else self.log.info
-                log(
-                    "Redis at %s unreachable (%s: %s); reconnecting in %.1fs (attempt %d)",
-                    safe_url(self.redis_url),
-                    type(exc).__name__,
-                    exc,
+                new, said = kind(exc) != said, kind(exc)
+                first = self.log.error if denied(exc) else self.log.warning
+                later = self.log.debug if denied(exc) else self.log.info
+                (first if new else later)(
+                    "%s; reconnecting in %.1fs (attempt %d)",
+                    outage(self.redis_url, exc),
                     delay,
                     failures,
                 )

@@ -15,17 +15,32 @@ parses error replies as redis-py does): the refusals redis-py has a class for by
 (``BusyLoadingError``, ``OutOfMemoryError``, ``ReadOnlyError``, ...: the code is stripped from
 the message), the others (``BUSY``, ``MISCONF``, ``NOREPLICAS``) as a ``ResponseError`` whose
 message starts with the code.
+
+A server refusing the credentials (``NOAUTH``, ``WRONGPASS``: redis-py's
+``AuthenticationError``, a ``ConnectionError`` by its class) is no outage but a wrong setting:
+:func:`reach` fails a start on it at once with :class:`~framepipe.errors.ConfigError`, and a
+loop that meets it later (a password changed on the server) says so plainly
+(:func:`outage`), at error level, instead of calling Redis unreachable. A server at its
+``maxclients`` is waited out like an outage, and named as what it is.
 """
 
 from __future__ import annotations
 
-from framepipe.redis.connection import REDIS_DOWN, ResponseError
+import asyncio
+from typing import TYPE_CHECKING
+
+from framepipe.errors import ConfigError, RegistryConnectionError
+from framepipe.redis.connection import REDIS_DOWN, ResponseError, unreachable
+from framepipe.redis.urls import safe_url
 
 try:
     from redis.exceptions import (
+        AuthenticationError,
+        AuthorizationError,
         BusyLoadingError,
         ClusterDownError,
         MasterDownError,
+        MaxClientsReachedError,
         OutOfMemoryError,
         ReadOnlyError,
         TryAgainError,
@@ -35,7 +50,21 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
     raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
 
-__all__ = ["REDIS_ERRORS", "REFUSALS", "refusal", "unavailable"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from framepipe.backoff import Backoff
+
+__all__ = [
+    "REDIS_ERRORS",
+    "REFUSALS",
+    "denied",
+    "kind",
+    "outage",
+    "reach",
+    "refusal",
+    "unavailable",
+]
 
 _CLASSES: tuple[tuple[type[BaseException], str], ...] = (
     (BusyLoadingError, "LOADING"),
@@ -77,5 +106,56 @@ def refusal(exc: BaseException) -> str | None:
 
 
 def unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means Redis cannot serve now (unreachable, or a refusal): retry later."""
+    """Whether ``exc`` means Redis cannot serve now (unreachable, or a refusal): retry later.
+    Credentials refused (:func:`denied`) count too, once a client runs: the operator may set
+    the password back on the server, and the loops say plainly what it is (:func:`outage`)."""
     return isinstance(exc, REDIS_DOWN) or refusal(exc) is not None
+
+
+def denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing the credentials (a wrong password or user)."""
+    return isinstance(exc, (AuthenticationError, AuthorizationError))
+
+
+def kind(exc: BaseException) -> str:
+    """What sort of outage ``exc`` is, for a loop to say each sort once: ``"denied"``
+    (:func:`denied`), ``"maxclients"``, else ``"down"`` (unreachable, or a refusal)."""
+    if denied(exc):
+        return "denied"
+    if isinstance(exc, MaxClientsReachedError):
+        return "maxclients"
+    return "down"
+
+
+def outage(url: str, exc: BaseException) -> str:
+    """What a loop waiting ``exc`` out says, the URL's password masked: ``"Redis at <url>
+    unreachable (<error>)"``, or what it is when it is not a network failure (credentials
+    refused: fix the URL; ``maxclients`` reached)."""
+    why = f"{type(exc).__name__}: {exc}"
+    where = f"Redis at {safe_url(url)}"
+    if denied(exc):
+        return f"{where} refuses the credentials ({why}): check the password (and user) in the URL"
+    if isinstance(exc, MaxClientsReachedError):
+        return f"{where} refuses new connections: its maxclients is reached ({why})"
+    return f"{where} unreachable ({why})"
+
+
+async def reach(redis: Redis, url: str, *, retries: int, backoff: Backoff, what: str) -> None:
+    """PING until it answers, at most ``retries`` retries (waiting ``backoff`` between them);
+    then :class:`~framepipe.errors.RegistryConnectionError` naming the URL (its password
+    masked). Credentials refused (:func:`denied`) fail at once with
+    :class:`~framepipe.errors.ConfigError`: waiting does not mend a wrong password."""
+    attempt = 0
+    while True:
+        try:
+            await redis.ping()
+            return
+        except REDIS_DOWN as exc:
+            if denied(exc):
+                raise ConfigError(f"{what}: {outage(url, exc)}") from exc
+            attempt += 1
+            if attempt > retries:
+                raise RegistryConnectionError(
+                    unreachable(what, url, exc, attempts=attempt), url=safe_url(url)
+                ) from exc
+            await asyncio.sleep(backoff.delay(attempt))

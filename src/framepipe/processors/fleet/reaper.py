@@ -45,7 +45,7 @@ from framepipe.errors import (
     ProcessorRegistryError,
     RegistryConnectionError,
 )
-from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
+from framepipe.processors.fleet.outages import REDIS_ERRORS, denied, kind, outage, unavailable
 from framepipe.processors.fleet.protocol import (
     GROUP,
     Attempts,
@@ -147,6 +147,7 @@ class Reaper:
         retried."""
         registry = self.registry
         failures = 0
+        said = ""  # the kind of outage said since the last success
         while not registry._closed:
             await asyncio.sleep(registry.poll_interval)
             if registry._closed:
@@ -162,11 +163,10 @@ class Reaper:
                 if not unavailable(exc):
                     raise
                 failures += 1
-                if failures == 1:
-                    registry.log.warning(
-                        "health watch: Redis unreachable (%s: %s); retrying",
-                        type(exc).__name__,
-                        exc,
+                if failures == 1 or kind(exc) != said:
+                    said = kind(exc)
+                    (registry.log.error if denied(exc) else registry.log.warning)(
+                        "health watch: %s; retrying", outage(registry.redis_url, exc)
                     )
                 continue
             if failures:

@@ -29,11 +29,10 @@ import time
 from collections.abc import Container, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
+from framepipe.processors.fleet.outages import REDIS_ERRORS, denied, kind, outage, unavailable
 from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import received
-from framepipe.redis import safe_url
 from framepipe.redis.streams import stream_entries
 
 if TYPE_CHECKING:
@@ -115,6 +114,7 @@ class ReplyReader:
         assert wire is not None
         last: bytes | str = "0-0"
         failures = 0
+        said = ""  # the kind of outage said since the last success
         while not registry._closed:
             try:
                 reply = await wire.execute(
@@ -134,12 +134,10 @@ class ReplyReader:
                 if not unavailable(exc):
                     raise
                 failures += 1
-                if failures == 1:
-                    registry.log.warning(
-                        "reply stream: Redis at %s unreachable (%s: %s); retrying",
-                        safe_url(registry.redis_url),
-                        type(exc).__name__,
-                        exc,
+                if failures == 1 or kind(exc) != said:
+                    said = kind(exc)
+                    (registry.log.error if denied(exc) else registry.log.warning)(
+                        "reply stream: %s; retrying", outage(registry.redis_url, exc)
                     )
                 await asyncio.sleep(registry.backoff.delay(failures))
                 continue

@@ -22,7 +22,9 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
   capacity, up to ``route_timeout`` (or the ``wait`` argument), then
   :class:`~framepipe.errors.NoCapacityError`.
 * Redis unreachable at start: :class:`~framepipe.errors.RegistryConnectionError` naming the URL
-  after ``connect_retries`` retries; during a route, or refusing it (``LOADING`` after a
+  after ``connect_retries`` retries; its credentials refused (a wrong password): a
+  :class:`~framepipe.errors.ConfigError` at once (later, said once at error level and waited
+  out); during a route, or refusing it (``LOADING`` after a
   restart, ``OOM``, ``READONLY``, ``BUSY``: :mod:`~framepipe.processors.fleet.outages`): the
   same error at once (the caller decides); the background tasks wait either out with backoff
   by themselves.
@@ -70,7 +72,7 @@ from framepipe.errors import (
 )
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.inflight import InFlight, Track
-from framepipe.processors.fleet.outages import REDIS_ERRORS, unavailable
+from framepipe.processors.fleet.outages import REDIS_ERRORS, reach, unavailable
 from framepipe.processors.fleet.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_NAMESPACE,
@@ -87,7 +89,7 @@ from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entrie
 from framepipe.processors.fleet.spans import send_spans
 from framepipe.processors.fleet.waiting import Waiting
 from framepipe.redis import safe_url
-from framepipe.redis.connection import connect, lost, ping_with_retries
+from framepipe.redis.connection import connect, lost
 from framepipe.redis.wire import Wire
 from framepipe.tracing import end_span, traceparent_of
 
@@ -170,7 +172,7 @@ class ProcessorRegistry:
         self._failed = None
         redis = connect(self.redis_url, retries=1)
         try:
-            await ping_with_retries(
+            await reach(
                 redis,
                 self.redis_url,
                 retries=self.connect_retries,
