@@ -239,3 +239,18 @@ def test_the_video_toolkit_takes_paths_that_are_not_utf8(
     )
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
     assert run.stdout.strip() == printed
+
+
+def test_a_progressive_jpeg_counts_whole_against_the_limit() -> None:
+    """libjpeg keeps every coefficient of a progressive JPEG whatever the scale it decodes
+    at: a big one is refused by its whole size, where a baseline one of the same size is
+    decoded reduced."""
+    from framepipe.processors.face_photos import decode_photo
+
+    picture = np.zeros((3000, 4000, 3), np.uint8)
+    baseline = cv2.imencode(".jpg", picture)[1].tobytes()
+    progressive = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    limit = 4000 * 3000 // 4  # the baseline one decoded at 1/2 fits; whole, it does not
+    assert decode_photo(baseline, "b.jpg", max_pixels=limit, max_side=2000).shape[1] == 2000
+    with pytest.raises(MediaError, match="4000x3000 pixels"):
+        decode_photo(progressive, "p.jpg", max_pixels=limit, max_side=2000)

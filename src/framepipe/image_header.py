@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["FORMATS", "ImageHeader", "read_header"]
+__all__ = ["FORMATS", "ImageHeader", "decoded_pixels", "jpeg_single_scan", "read_header"]
 
 FORMATS = "JPEG, PNG, WebP or BMP"
 """The formats :func:`read_header` knows, as messages name them."""
@@ -123,3 +123,46 @@ def _jpeg_size(data: Buffer) -> tuple[int, int] | None:
             return width, height
         at += 2 + length
     return None
+
+
+def jpeg_single_scan(data: bytes) -> bool:
+    """Whether the JPEG in ``data`` is sequential (SOF0, SOF1 or SOF9) with every component
+    of its frame in its first scan: the only kind libjpeg decodes reduced without a buffer of
+    the full picture's coefficients. ``False`` for anything else or markers it cannot read."""
+    frame_components = 0
+    pos = 2
+    end = len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            return False
+        while pos < end and data[pos] == 0xFF:  # fill bytes before a marker (T.81 B.1.1.2)
+            pos += 1
+        if pos >= end:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if pos + 2 > end or marker in (0x00, 0xD8, 0xD9):
+            return False
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            return False
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            if frame_components or marker not in (0xC0, 0xC1, 0xC9) or length < 8:
+                return False
+            frame_components = data[pos + 7]
+        elif marker == 0xDA:  # SOS: the first scan
+            return length >= 3 and 0 < frame_components == data[pos + 2]
+        pos += length
+    return False
+
+
+def decoded_pixels(kind: str, width: int, height: int, factor: int, data: bytes) -> int:
+    """The pixels a decode of the image (``kind``, ``width`` x ``height``, bytes ``data``)
+    at ``1/factor`` holds: the reduced picture's (libjpeg rounds up) only for a single-scan
+    sequential JPEG (:func:`jpeg_single_scan`); any other image, a progressive JPEG
+    included, holds its whole picture (libjpeg keeps every coefficient whatever the scale)."""
+    if kind == "JPEG" and factor > 1 and jpeg_single_scan(data):
+        return -(-width // factor) * -(-height // factor)
+    return width * height

@@ -12,8 +12,9 @@ crashes or stalls the doorbell; an image that cannot be used is left out with th
 * a link (or a path) that leads out of the folder is refused, as is anything but a regular file;
 * a file over ``max_bytes`` or a PNG over ``max_pixels`` (read from its header, before it is
   decoded) is refused; a larger-than-needed photo is scaled down to ``max_side`` pixels on
-  its long side before detection (a JPEG decoded at a reduced scale), so a 200-megapixel photo
-  costs about what a 4-megapixel one does;
+  its long side before detection (a baseline JPEG decoded at a reduced scale, so a
+  200-megapixel one costs about what a 4-megapixel one does; a progressive JPEG counts whole
+  against ``max_pixels``);
 * an unreadable image, no face, or several faces are refused as before.
 
 :func:`shown_path` is how a path is shown (bytes that are not UTF-8 as ``\\xNN``).

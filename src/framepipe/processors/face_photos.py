@@ -10,10 +10,12 @@ and :meth:`~framepipe.processors.faces.FaceAnalyzer.encode_known` apply them):
   the folder (:func:`refusal`);
 * only a regular file is read (a FIFO or device named ``.jpg`` is refused, never waited on),
   at most ``max_bytes`` of it; only PNG and JPEG data is decoded, whatever the suffix says;
-* a PNG over ``max_pixels`` (read from its header, before decoding) is refused; a JPEG is
-  decoded at 1/2, 1/4 or 1/8 scale while it stays at least ``max_side`` long, so a
-  200-megapixel photo costs about what a 4-megapixel one does; every photo is then scaled
-  down to ``max_side`` pixels on its long side;
+* an image whose decode would hold more than ``max_pixels`` (read from its header, before
+  decoding) is refused; a JPEG is decoded at 1/2, 1/4 or 1/8 scale while it stays at least
+  ``max_side`` long, so a 200-megapixel baseline photo costs about what a 4-megapixel one
+  does, while a progressive JPEG counts whole (libjpeg keeps all its coefficients at any
+  scale: :func:`~framepipe.image_header.decoded_pixels`); every photo is then scaled down to
+  ``max_side`` pixels on its long side;
 * every failure is a :class:`~framepipe.errors.MediaError` naming the file as
   :func:`shown_path` shows it (bytes that are not UTF-8 as ``\\xNN``), with the reason.
 """
@@ -29,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from framepipe.errors import MediaError
-from framepipe.image_header import read_header
+from framepipe.image_header import decoded_pixels, read_header
 
 __all__ = [
     "MAX_BYTES",
@@ -135,7 +137,7 @@ def decode_photo(
         scale, flag = next(
             (s, f) for s, f in _REDUCED if max(width, height) // s >= max_side or s == 1
         )
-    if -(-width // scale) * -(-height // scale) > max_pixels:
+    if decoded_pixels("JPEG" if jpeg else "PNG", width, height, scale, data) > max_pixels:
         raise MediaError(
             shown, f"{width}x{height} pixels: larger than the {max_pixels} a known face may be"
         )

@@ -41,7 +41,7 @@ import numpy as np
 
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import FramepipeError
-from framepipe.image_header import FORMATS, read_header
+from framepipe.image_header import FORMATS, decoded_pixels, read_header
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -165,47 +165,6 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     return header.kind, header.size[0], header.size[1]
 
 
-def _jpeg_single_scan(data: bytes) -> bool:
-    """Whether the JPEG in ``data`` is sequential (SOF0, SOF1 or SOF9) with every component
-    of its frame in its first scan: the only kind libjpeg decodes reduced without a buffer of
-    the full picture's coefficients. ``False`` for anything else or markers it cannot read."""
-    frame_components = 0
-    pos = 2
-    end = len(data)
-    while pos < end:
-        if data[pos] != 0xFF:
-            return False
-        while pos < end and data[pos] == 0xFF:  # fill bytes before a marker (T.81 B.1.1.2)
-            pos += 1
-        if pos >= end:
-            return False
-        marker = data[pos]
-        pos += 1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            continue
-        if pos + 2 > end or marker in (0x00, 0xD8, 0xD9):
-            return False
-        length = int.from_bytes(data[pos : pos + 2], "big")
-        if length < 2 or pos + length > end:
-            return False
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            if frame_components or marker not in (0xC0, 0xC1, 0xC9) or length < 8:
-                return False
-            frame_components = data[pos + 7]
-        elif marker == 0xDA:  # SOS: the first scan
-            return length >= 3 and 0 < frame_components == data[pos + 2]
-        pos += length
-    return False
-
-
-def _decoded_pixels(kind: str, width: int, height: int, factor: int, data: bytes) -> int:
-    """The pixels a decode of the image holds: its own, or for a single-scan sequential JPEG
-    decoded at ``1/factor`` the reduced picture's (libjpeg rounds up)."""
-    if kind == "JPEG" and factor > 1 and _jpeg_single_scan(data):
-        return -(-width // factor) * -(-height // factor)
-    return width * height
-
-
 def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = MAX_PIXELS) -> bytes:
     """``data`` (an image) as a JPEG at most ``width`` pixels wide; an image whose decode
     would hold more than ``max_pixels`` pixels (by its header: the full picture, or the
@@ -219,7 +178,7 @@ def downscale(data: bytes, width: int, quality: int = 80, *, max_pixels: int = M
             if known // reduction >= width:
                 factor, flags = reduction, reduced
                 break
-    if _decoded_pixels(kind, known, height, factor, data) > max_pixels:
+    if decoded_pixels(kind, known, height, factor, data) > max_pixels:
         raise ImageTooLargeError(known, height, max_pixels)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None:  # its header was read: what follows is cut off or damaged
