@@ -8,6 +8,7 @@ Assistant webhooks do.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -208,3 +209,31 @@ def test_a_webhook_url_that_cannot_be_posted_to_is_refused_at_configuration(url:
     with pytest.raises(ConfigError, match=r"notifications\.webhook_url") as caught:
         load_config({"notifications": {"webhook_url": url}}, environ={})
     assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize("server", ["status:200"], indirect=True)
+def test_an_event_that_cannot_be_posted_is_counted_and_reported_and_the_next_goes_out(
+    server: RawServer,
+) -> None:
+    """An event with a value JSON cannot encode: the POST raises before it is sent (a
+    TypeError, not an httpx error). It is counted failed and reported once (the orchestrator
+    emits ``notification.failed``), and the event after it is delivered: the webhook's task
+    died with it, the event neither counted nor reported, and nothing after it was sent."""
+    from doorbell.notify import Webhook
+
+    url = server.url(f"/api/webhook/{SECRET}")
+    reported: list[tuple[object, str]] = []
+    webhook = Webhook(
+        url, retries=0, on_failure=lambda e, error: reported.append((e["event_id"], error))
+    )
+
+    async def main() -> None:
+        webhook.submit({"event_id": "odd", "when": object()})
+        webhook.submit({"event_id": "fine"})
+        await webhook.close(30)
+
+    asyncio.run(main())
+    assert webhook.stats() == {"sent": 1, "failed": 1, "dropped": 0, "pending": 0}
+    assert [e for e, _ in reported] == ["odd"]
+    assert reported[0][1].startswith("TypeError") and SECRET not in reported[0][1]
+    assert server.requests == [f"/api/webhook/{SECRET}"]

@@ -13,7 +13,9 @@ Guarantees:
   time is cut off too). A connection error, a timeout, an HTTP 5xx or 429 is retried
   ``retries`` times (backoff from 1 s, doubling); another HTTP error is not.
 * An event that could not be delivered is counted in ``failed``, logged once and handed to
-  ``on_failure(event, error)`` once (the orchestrator emits ``notification.failed``).
+  ``on_failure(event, error)`` once (the orchestrator emits ``notification.failed``). So is
+  one that cannot be POSTed at all (a value that is not JSON, any other error): it is not
+  retried, and the events after it are POSTed as usual.
 * The URL is shown (in logs, errors, events) as ``scheme://host:port/...`` only: a webhook's
   path and query are often its secret (Slack, Discord, Home Assistant), and so is a password.
 * :meth:`Webhook.close` delivers what is queued within its ``timeout``; what is left is counted
@@ -169,6 +171,8 @@ class Webhook:
                 except asyncio.CancelledError:
                     self._queue.appendleft(event)  # close() counts it
                     raise
+                except Exception as exc:  # (a value json cannot encode): this event only
+                    self._failed(event, self._scrubbed(f"{type(exc).__name__}: {exc}"))
 
     async def _deliver(self, client: httpx.AsyncClient, event: dict[str, Any]) -> None:
         error = ""
@@ -181,6 +185,10 @@ class Webhook:
             if not retry or attempt > self.retries:
                 break
             await asyncio.sleep(self.backoff.delay(attempt))
+        self._failed(event, error)
+
+    def _failed(self, event: dict[str, Any], error: str) -> None:
+        """Count, log and report ``event`` as not delivered (``error``)."""
         self.failed += 1
         self.log.warning("webhook %s failed for %s: %s", self.shown, event.get("event_id"), error)
         if self.on_failure is not None:
