@@ -846,3 +846,37 @@ def test_sighup_reloads_the_known_faces_of_a_running_doorbell(
         if doorbell.process.poll() is None:
             doorbell.process.kill()
             doorbell.process.wait()
+
+
+def test_command_runs_where_there_is_no_sighup(tmp_path: Path, media: dict[str, Path]) -> None:
+    """Windows has no SIGHUP (no ``signal.SIGHUP``): ``run.py`` there installs no reload
+    handler and runs as usual (it failed at start with an AttributeError). Played here with
+    ``signal.SIGHUP`` taken out of the ``signal`` module before the doorbell is imported."""
+    known_dir(tmp_path, media["alice"])
+    argv = [
+        str(EXAMPLE / "run.py"),
+        "--camera",
+        str(media["carphone_cut"]),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--workers",
+        "1",
+        "--status-every",
+        "0",
+    ]
+    without_sighup = (
+        "import runpy, signal, sys; del signal.SIGHUP; "
+        f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", without_sighup],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(e["type"], e["name"]) for e in lines] == [("visitor.known", "alice")]

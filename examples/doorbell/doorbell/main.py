@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: done.set())
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.wanted.set())
+        if hasattr(signal, "SIGHUP"):  # not on Windows
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.wanted.set())
     try:
         return _serve(manager, args, done, reload)
     finally:
