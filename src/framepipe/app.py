@@ -33,6 +33,7 @@ from framepipe.app_health import AppHealth, SystemState
 from framepipe.config import Settings, load_settings
 from framepipe.errors import FramepipeError, StreamError
 from framepipe.health import HealthState
+from framepipe.liveness import this_host
 from framepipe.logs import get_logger
 from framepipe.snapshots import (
     PREVIEW_QUALITY,
@@ -543,6 +544,7 @@ class App:
             last_error=self.last_error,
             pid=os.getpid(),
             updated_at=time.time(),
+            host=this_host(),
             pipeline_status=statuses,
             event_sinks=sinks,
         )

@@ -37,6 +37,8 @@ class AppHealth:
     last_error: str | None
     pid: int
     updated_at: float
+    host: str = ""
+    """The host and pid namespace the app runs in (:func:`framepipe.liveness.this_host`)."""
     pipeline_status: dict[str, dict[str, Any]] = field(default_factory=dict)
     event_sinks: list[dict[str, Any]] = field(default_factory=list)
     """One entry per event sink attached to the app (``sink``, ``target``, ``written``,

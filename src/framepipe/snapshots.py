@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +21,7 @@ from framepipe.config import Settings
 from framepipe.confined import open_beneath
 from framepipe.errors import ConfigError, FramepipeError
 from framepipe.frames import Frame, encode_jpeg
-from framepipe.liveness import owner_is_dead
+from framepipe.liveness import owner_is_dead, this_host
 
 __all__ = [
     "MAX_APP_NAME_BYTES",
@@ -117,6 +116,11 @@ MAX_SNAPSHOT_BYTES = 4 * 1024 * 1024
 """The largest health snapshot read back (an app's is a few kilobytes per pipeline)."""
 
 
+_STALE_AFTER = 120.0
+"""Seconds after which the snapshot of an app of another host or container (its pid means
+nothing here) that was not rewritten is taken for a dead app's."""
+
+
 def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
     """Health snapshots of the apps of this home; a snapshot of a dead process says so.
 
@@ -132,8 +136,11 @@ def read_snapshots(settings: Settings) -> list[dict[str, Any]]:
         data = _read_snapshot(folder, path.name)
         if data is None:
             continue
-        owner = f"{socket.gethostname()}:{data.get('pid')}:app"
-        if data.get("state") not in ("stopped",) and owner_is_dead(owner, None, 0):
+        host = data.get("host") if isinstance(data.get("host"), str) else this_host()
+        owner = f"{host}:{data.get('pid')}:app"
+        beat = data.get("updated_at")
+        beat = float(beat) if isinstance(beat, (int, float)) else None
+        if data.get("state") not in ("stopped",) and owner_is_dead(owner, beat, _STALE_AFTER):
             data["state"] = "dead"
         snapshots.append(data)
     return snapshots

@@ -20,7 +20,6 @@ being taken over forever.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.rules import interrupted_status
 from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction, held_by
-from framepipe.liveness import owner_is_dead
+from framepipe.liveness import owner_is_dead, this_host
 
 __all__ = ["release_due", "renew", "sweep"]
 
@@ -284,7 +283,7 @@ def _how(worker: str | None, status: str | None, dead: bool) -> Lost:
         return "lapsed"
     if status == "stopped" or not worker:
         return "stopped"
-    return "died" if worker.partition(":")[0] == socket.gethostname() else "silent"
+    return "died" if worker.partition(":")[0] == this_host() else "silent"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from framepipe.errors import ConfigError
+from framepipe.liveness import pid_namespace
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, text
 
@@ -48,16 +49,6 @@ RUNNING: set[str] = set()
 """The ``instance`` tokens of the clients running in this process."""
 
 _LIVE_STATES = (ProcessorState.READY, ProcessorState.DRAINING)
-
-
-def pid_namespace() -> str:
-    """This process's pid namespace (``pid:[4026531836]`` on Linux); "" where it cannot be
-    read (another system, ``/proc`` not mounted). Two processes whose pids can be compared
-    share it."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 def _gone(pid: int) -> bool:
