@@ -425,7 +425,12 @@ def test_camera_that_never_opens_is_retried_then_error(
     camera = tmp_path / "no-camera.mp4"
     manager = OrchestratorManager(make_config(tmp_path, camera))
     events = Recorder(
-        manager, "system_error", "pipeline.recovered", "known_face.rejected", "source.failed"
+        manager,
+        "system_error",
+        "pipeline.recovered",
+        "known_face.rejected",
+        "source.failed",
+        "doorbell.pressed",
     )
     assert manager.max_restart_attempts == 2
     manager.start()
@@ -452,6 +457,8 @@ def test_camera_that_never_opens_is_retried_then_error(
 
         pressed = manager.trigger_doorbell(18)
         assert pressed["success"] is False and "no camera frame" in pressed["error"]
+        (heard,) = events.wait("doorbell.pressed")  # shaped as every event: its type in it
+        assert heard["type"] == "doorbell.pressed" and heard["channel"] == 18
         verified = MigrationUtils.verify_pipeline_health(manager)
         assert verified["healthy"] is False and "state is error" in verified["issues"][0]
         manager.restart_attempts = 0  # the original system's manual reset

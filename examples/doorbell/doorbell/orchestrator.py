@@ -462,7 +462,9 @@ class PipelineOrchestrator:
                 "channel": channel,
                 "error": f"no camera frame yet (pipeline {state})",
             }
-            self.app.emit("doorbell.pressed", {**result, "timestamp": _now_iso(now)})
+            # the shape every published event has (publish), so a listener reads its "type"
+            press = {"type": "doorbell.pressed", "timestamp": _now_iso(now), "ts": now, **result}
+            self.app.emit("doorbell.pressed", press)
             return result
         loop = asyncio.get_running_loop()
         faces = await loop.run_in_executor(None, self.recognizer.analyse, frame.image)
