@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from framepipe.backoff import Backoff
-from framepipe.errors import MissingDependencyError, RegistryConnectionError
+from framepipe.errors import ConfigError, MissingDependencyError, RegistryConnectionError
 from framepipe.redis.urls import safe_url
 
 try:
@@ -19,8 +19,8 @@ try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, AuthorizationError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry as SyncRetry
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
@@ -31,8 +31,10 @@ __all__ = [
     "ResponseError",
     "connect",
     "connect_sync",
+    "denied",
     "lost",
     "ping_with_retries",
+    "refused_credentials",
     "unreachable",
 ]
 
@@ -95,18 +97,38 @@ def lost(what: str, url: str, exc: BaseException, *, during: str | None = None) 
     return f"{what}: lost Redis at {safe_url(url)}{doing}: {type(exc).__name__}: {exc}"
 
 
+def denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing the credentials (a wrong password or user: redis-py's
+    ``AuthenticationError``, a ``ConnectionError`` by its class, or ``AuthorizationError``):
+    a wrong setting, which no waiting mends."""
+    return isinstance(exc, (AuthenticationError, AuthorizationError))
+
+
+def refused_credentials(url: str, exc: BaseException) -> str:
+    """``"Redis at <url> refuses the credentials (<error>): check ..."``, the URL's password
+    masked."""
+    return (
+        f"Redis at {safe_url(url)} refuses the credentials ({type(exc).__name__}: {exc}): "
+        "check the password (and user) in the URL"
+    )
+
+
 async def ping_with_retries(
     client: aioredis.Redis, url: str, *, retries: int, backoff: Backoff, what: str
 ) -> None:
     """PING until it answers, at most ``retries`` retries (waiting ``backoff`` between them);
     then a :class:`~framepipe.errors.RegistryConnectionError` with the :func:`unreachable`
-    message. Never waits longer than the retries' delays and the client's timeouts."""
+    message. Credentials refused (:func:`denied`) fail at once with
+    :class:`~framepipe.errors.ConfigError` (:func:`refused_credentials`). Never waits longer
+    than the retries' delays and the client's timeouts."""
     attempt = 0
     while True:
         try:
             await client.ping()
             return
         except REDIS_DOWN as exc:
+            if denied(exc):
+                raise ConfigError(f"{what}: {refused_credentials(url, exc)}") from exc
             attempt += 1
             if attempt > retries:
                 raise RegistryConnectionError(

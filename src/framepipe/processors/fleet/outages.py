@@ -26,17 +26,19 @@ loop that meets it later (a password changed on the server) says so plainly
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
-from framepipe.errors import ConfigError, RegistryConnectionError
-from framepipe.redis.connection import REDIS_DOWN, ResponseError, unreachable
+from framepipe.redis.connection import (
+    REDIS_DOWN,
+    ResponseError,
+    denied,
+    ping_with_retries,
+    refused_credentials,
+)
 from framepipe.redis.urls import safe_url
 
 try:
     from redis.exceptions import (
-        AuthenticationError,
-        AuthorizationError,
         BusyLoadingError,
         ClusterDownError,
         MasterDownError,
@@ -51,9 +53,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-    from framepipe.backoff import Backoff
+    pass
 
 __all__ = [
     "REDIS_ERRORS",
@@ -112,11 +112,6 @@ def unavailable(exc: BaseException) -> bool:
     return isinstance(exc, REDIS_DOWN) or refusal(exc) is not None
 
 
-def denied(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis refusing the credentials (a wrong password or user)."""
-    return isinstance(exc, (AuthenticationError, AuthorizationError))
-
-
 def kind(exc: BaseException) -> str:
     """What sort of outage ``exc`` is, for a loop to say each sort once: ``"denied"``
     (:func:`denied`), ``"maxclients"``, else ``"down"`` (unreachable, or a refusal)."""
@@ -134,28 +129,12 @@ def outage(url: str, exc: BaseException) -> str:
     why = f"{type(exc).__name__}: {exc}"
     where = f"Redis at {safe_url(url)}"
     if denied(exc):
-        return f"{where} refuses the credentials ({why}): check the password (and user) in the URL"
+        return refused_credentials(url, exc)
     if isinstance(exc, MaxClientsReachedError):
         return f"{where} refuses new connections: its maxclients is reached ({why})"
     return f"{where} unreachable ({why})"
 
 
-async def reach(redis: Redis, url: str, *, retries: int, backoff: Backoff, what: str) -> None:
-    """PING until it answers, at most ``retries`` retries (waiting ``backoff`` between them);
-    then :class:`~framepipe.errors.RegistryConnectionError` naming the URL (its password
-    masked). Credentials refused (:func:`denied`) fail at once with
-    :class:`~framepipe.errors.ConfigError`: waiting does not mend a wrong password."""
-    attempt = 0
-    while True:
-        try:
-            await redis.ping()
-            return
-        except REDIS_DOWN as exc:
-            if denied(exc):
-                raise ConfigError(f"{what}: {outage(url, exc)}") from exc
-            attempt += 1
-            if attempt > retries:
-                raise RegistryConnectionError(
-                    unreachable(what, url, exc, attempts=attempt), url=safe_url(url)
-                ) from exc
-            await asyncio.sleep(backoff.delay(attempt))
+reach = ping_with_retries
+"""A start's PING with retries: :func:`framepipe.redis.connection.ping_with_retries` (a wrong
+password fails at once with :class:`~framepipe.errors.ConfigError`)."""
