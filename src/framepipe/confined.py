@@ -53,8 +53,10 @@ __all__ = [
     "confine",
     "fd_path",
     "folder_identity",
+    "keep_if_regular",
     "open_beneath",
     "open_dir_beneath",
+    "open_for_reading",
     "open_root",
     "relative_parts",
 ]
@@ -260,18 +262,36 @@ def open_beneath(
         raise
     finally:
         os.close(dir_fd)
-    if reading:
-        try:
-            regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            if regular:
-                os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        if not regular:
-            os.close(fd)
-            raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
+    if reading and not keep_if_regular(fd):
+        raise LinkRefusedError(f"{'/'.join(parts)!r} is not a regular file", where=label)
     return fd
+
+
+def open_for_reading(path: str | os.PathLike[str]) -> int:
+    """A descriptor of ``path`` opened for reading without blocking (``O_NONBLOCK``, then
+    :func:`keep_if_regular`): a FIFO or device is never waited on. Raises :class:`OSError`
+    as ``os.open`` does, and an :class:`OSError` with ``errno.EINVAL`` naming ``path`` when it
+    is no regular file."""
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | _CLOEXEC)
+    if not keep_if_regular(fd):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device or a folder)", path)
+    return fd
+
+
+def keep_if_regular(fd: int) -> bool:
+    """True, with ``fd`` made blocking again, when it is a regular file (opened with
+    ``O_NONBLOCK`` so that a FIFO or device never blocked the open); else ``fd`` is closed and
+    False: the one rule of every read that must find a file."""
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+    return regular
 
 
 def open_dir_beneath(

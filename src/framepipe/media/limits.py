@@ -12,13 +12,14 @@ toolkit reads no setting: the job steps (:mod:`framepipe.media.steps`) pass the 
 from __future__ import annotations
 
 import datetime
+import errno
 import math
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from framepipe.confined import open_for_reading
 from framepipe.errors import MediaError
 from framepipe.image_header import read_header
 
@@ -244,19 +245,11 @@ def open_regular(path: Path | str) -> Any:
     naming it otherwise. A FIFO or a device planted where an image is expected is refused at
     once (it is opened without blocking, then checked), never waited on."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = open_for_reading(path)
     except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise MediaError(path, "is not a regular file (a FIFO, a device or a folder)") from None
         raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        if regular:
-            os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not regular:
-        os.close(fd)
-        raise MediaError(path, "is not a regular file (a FIFO, a device or a folder)")
     return os.fdopen(fd, "rb")
 
 

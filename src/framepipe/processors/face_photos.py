@@ -22,14 +22,15 @@ and :meth:`~framepipe.processors.faces.FaceAnalyzer.encode_known` apply them):
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 from pathlib import Path
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from framepipe.confined import open_for_reading
 from framepipe.errors import MediaError
 from framepipe.image_header import decoded_pixels, read_header
 
@@ -85,13 +86,13 @@ def read_photo_bytes(path: str | os.PathLike[str], *, max_bytes: int = MAX_BYTES
     the file when it is not a regular file, is larger than ``max_bytes`` or cannot be read."""
     shown = shown_path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_for_reading(path)
     except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise MediaError(shown, "not a regular file") from None
         raise MediaError(shown, _unreadable(exc)) from exc
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise MediaError(shown, "not a regular file")
         if info.st_size > max_bytes:
             raise MediaError(
                 shown, f"{info.st_size} bytes: larger than the {max_bytes} a known face may be"
