@@ -13,7 +13,7 @@ import os
 import socket
 import time
 
-__all__ = ["owner_is_dead", "pid_namespace", "this_host", "this_owner"]
+__all__ = ["owner_is_dead", "pid_gone", "pid_namespace", "this_host", "this_owner"]
 
 
 def pid_namespace() -> str:
@@ -49,16 +49,20 @@ def owner_is_dead(owner: str | None, heartbeat_at: float | None, stale_after: fl
     pid_text = rest.partition(":")[0]
     if "#" in host and host == this_host() and pid_text.isdigit():
         pid = int(pid_text)
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return _is_zombie(pid)
+        return pid != os.getpid() and pid_gone(pid)
     return heartbeat_at is None or time.time() - heartbeat_at > stale_after
+
+
+def pid_gone(pid: int) -> bool:
+    """Whether no live process ``pid`` runs in this pid namespace (a zombie counts as gone;
+    another user's process, which may not be signalled, as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _is_zombie(pid)
 
 
 def _is_zombie(pid: int) -> bool:

@@ -36,7 +36,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from framepipe.errors import ConfigError
-from framepipe.liveness import pid_namespace
+from framepipe.liveness import pid_gone, pid_namespace
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, text
 
@@ -49,17 +49,6 @@ RUNNING: set[str] = set()
 """The ``instance`` tokens of the clients running in this process."""
 
 _LIVE_STATES = (ProcessorState.READY, ProcessorState.DRAINING)
-
-
-def _gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's process
-        return False
-    return False
 
 
 def _in_use(processor_id: str, pid: int, host: str, why: str) -> ConfigError:
@@ -91,7 +80,7 @@ async def claim(
     here = host == socket.gethostname() and namespace != "" and namespace == pid_namespace()
     if here and pid == os.getpid():
         return  # an earlier life of this process
-    if here and pid and _gone(pid):
+    if here and pid and pid_gone(pid):
         return
     try:
         period = max(0.1, float(record.get(b"health_interval") or 5.0))
