@@ -199,3 +199,25 @@ def test_a_jpeg_hiding_its_size_behind_a_stray_byte_or_cut_short_is_refused_unde
     cut.write_bytes(data[: sof - 1])
     with pytest.raises(MediaError, match="is a truncated or corrupt JPEG image"):
         watermark(clip, tmp_path / "w.mp4", image=cut, preset=FAST)
+
+
+def test_an_image_over_the_limit_is_refused_before_the_rest_of_its_file_is_read(
+    tmp_path: Path,
+) -> None:
+    """A PNG header claiming 30000 x 30000, followed by 64 MB: refused by its header, having
+    read only the first of it (not the whole file into memory)."""
+    import tracemalloc
+
+    from framepipe.media.frames import read_image
+
+    bomb = png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    with bomb.open("ab") as out:
+        out.write(b"\0" * (64 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(MediaError, match="30000x30000"):
+            read_image(bomb, 100 * 100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak

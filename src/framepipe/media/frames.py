@@ -166,6 +166,11 @@ def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
     return paths
 
 
+_HEAD_BYTES = 1 << 20
+"""What :func:`read_image` reads before it judges an image by its header: the whole picture
+is read only once its size is within the limit (a frame header past it is read with the rest)."""
+
+
 def read_image(
     path: Path | str, limit: int, *, flags: int = cv2.IMREAD_COLOR, what: str = "the image"
 ) -> np.ndarray:
@@ -176,16 +181,20 @@ def read_image(
     in memory: OpenCV is never given a path (it crashes the process on one that is not valid
     UTF-8)."""
     try:
-        with open_regular(path) as file:  # read once: the header checked is the one decoded
-            data = file.read()
+        with open_regular(path) as file:  # one open: the header checked is the one decoded
+            data = file.read(_HEAD_BYTES)
+            header = read_header(data)
+            if header is not None and header.size is None:  # its frame header may lie further
+                data += file.read()
+                header = read_header(data)
+            if header is not None and header.size is None:  # never decoded to find its size
+                raise MediaError(path, f"is a truncated or corrupt {header.kind} image")
+            size = header.size if header is not None else None
+            if size is not None:  # refused before the rest is read
+                check_picture(path, *size, limit, what=what)
+            data += file.read()
     except OSError as exc:
         raise MediaError(path, f"cannot be read ({exc.strerror or type(exc).__name__})") from exc
-    header = read_header(data)
-    if header is not None and header.size is None:  # never decoded to find out its size
-        raise MediaError(path, f"is a truncated or corrupt {header.kind} image")
-    size = header.size if header is not None else None
-    if size is not None:
-        check_picture(path, *size, limit, what=what)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if image is None:
         raise MediaError(path, "cannot be read as an image")
