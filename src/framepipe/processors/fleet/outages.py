@@ -26,8 +26,6 @@ loop that meets it later (a password changed on the server) says so plainly
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from framepipe.redis.connection import (
     REDIS_DOWN,
     ResponseError,
@@ -51,9 +49,6 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
     from framepipe.errors import MissingDependencyError
 
     raise MissingDependencyError("redis", "redis", "Talking to Redis") from _exc
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "REDIS_ERRORS",
