@@ -176,3 +176,43 @@ def test_a_database_that_hangs_longer_than_the_lease_costs_no_attempt(
             lambda n=n: "the state store answered again after" in cluster.log(n),
             explain=lambda n=n: cluster.log(n)[-2000:],
         )
+
+
+@pytest.mark.postgres
+def test_a_claim_the_database_refuses_is_said_once_and_redone_when_it_is_back(
+    cluster_factory: Callable[..., Cluster], broker: str, postgres: PrivatePostgres
+) -> None:
+    # One slot: hold_a runs, hold_b waits in the broker. The database goes away and hold_a
+    # ends: its slot frees, the reader takes hold_b and cannot claim it. The log says what
+    # failed (claiming, in the state store) once, not once per retry, and when it is over.
+    cluster = cluster_factory(postgres.url, broker)
+    worker = cluster.worker(concurrency=1)
+    cluster.wait_registered(worker)
+    execution_id = cluster.submit(cp.two_holds)
+    wait_until("one step to run", lambda: len(cluster.running(execution_id)) == 1)
+    with cluster.store.read() as conn:
+        conn.exec_driver_sql("CHECKPOINT")  # the claim survives the crash (see above)
+    postgres.crash()
+    (cluster.dir / "finish").touch()
+    wait_until("the first step to end", lambda: any(r[0] == "end" for r in cluster.runs_log()))
+    claiming = "claiming delivered steps in the state store failed"
+    wait_until(
+        "the worker to say it cannot claim",
+        lambda: claiming in cluster.log(1),
+        explain=lambda: cluster.log(1)[-2000:],
+        timeout=30,
+    )
+    time.sleep(3.0)  # retries go on meanwhile
+    postgres.start()
+    wait_until(
+        "the worker to say the state store is back",
+        lambda: "the state store answers again after" in cluster.log(1),
+        explain=lambda: cluster.log(1)[-2000:],
+        timeout=60,
+    )
+    info = cluster.wait(execution_id, timeout=60)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert sorted(r[1] for r in cluster.runs_log() if r[0] == "end") == ["hold_a", "hold_b"]
+    log = cluster.log(1)
+    assert log.count(claiming) == 1, log
+    assert worker.poll() is None

@@ -9,8 +9,9 @@ handed to the event loop to run.
 * a worker that stays full pauses its delivery
   (:meth:`~framepipe.jobs.worker.window.ClaimWindow.reserve`), so a broker that pushes
   (RabbitMQ, prefetch = the claim window) gives what it sent ahead to idle workers;
-* a lost broker or database connection is retried with backoff; any other error of the reader
-  stops the worker.
+* a lost broker or database connection is retried with backoff, said once when it begins
+  (naming which, and whether the reader was taking or claiming) and once when it is over; any
+  other error of the reader stops the worker.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from framepipe.jobs.worker.connections import is_transient
 from framepipe.jobs.worker.runs import Runs
 from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
+from framepipe.outage import Outage, cause
 
 __all__ = ["Intake"]
 
@@ -63,18 +65,26 @@ class Intake:
         self._claim_lock = threading.Lock()
 
     def read(self) -> None:
-        """The reader thread: take what the window has room for until the worker stops."""
+        """The reader thread: take what the window has room for until the worker stops. A
+        lost broker or database is said once when the outage begins, naming which and what
+        the reader was doing, and once when it is over; the tries between are retried with
+        backoff (debug lines)."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         failures = 0
+        broker, store = Outage(), Outage()
         while not self._stopping.is_set():
             free = 0
+            outage = broker
             try:
                 free = self._window.reserve(self._broker.pause)
                 if not free:
                     return
                 taken = self._broker.take(self._id, free, wait=1.0, window=self._window.capacity)
+                self._back(broker, "the broker")
                 if taken:
+                    outage = store
                     self._claim(taken, free)
+                    self._back(store, "the state store")
                 else:
                     self._window.release(free)
                 failures = 0
@@ -86,12 +96,33 @@ class Intake:
                     return
                 failures += 1
                 delay = backoff.delay(min(failures, 8))
-                _log.warning(
-                    "Worker %s: %s; retrying in %.1fs", self._id, str(exc).splitlines()[0], delay
-                )
+                if outage.failed(exc):
+                    _log.warning(
+                        "Worker %s: %s failed (%s); retrying until it works",
+                        self._id,
+                        "claiming delivered steps in the state store"
+                        if outage is store
+                        else "taking steps from the broker",
+                        outage.last_error,
+                    )
+                else:
+                    _log.debug("Worker %s: %s; retrying in %.1fs", self._id, cause(exc), delay)
                 with contextlib.suppress(BrokerError):  # nothing pushed to it meanwhile
                     self._broker.pause()
                 self._stopping.wait(delay)
+
+    def _back(self, outage: Outage, what: str) -> None:
+        tries = outage.attempts
+        lasted = outage.answered()
+        if lasted is not None:
+            _log.info(
+                "Worker %s: %s answers again after %.0f s (%d tr%s failed)",
+                self._id,
+                what,
+                lasted,
+                tries,
+                "y" if tries == 1 else "ies",
+            )
 
     def take_over(self) -> None:
         """Take and claim, for the window's free slots, deliveries another worker took and
