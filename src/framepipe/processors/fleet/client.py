@@ -74,8 +74,11 @@ Guarantees:
 Connections: the processor's blocking ``XREADGROUP`` and its publish script run on two
 :class:`~framepipe.redis.wire.Wire` connections; registration and heartbeats use redis-py.
 
-The module holds one processor's life (register, heartbeat, reconnect, drain, deregister);
-its parts have modules of their own: its options (:mod:`~framepipe.processors.fleet.options`),
+The module holds one processor's life as its user sees it (start, consume, reconnect, drain,
+deregister); its parts have modules of their own: its record in Redis (registration,
+heartbeats, giving way to a process that took its id over:
+:mod:`~framepipe.processors.fleet.membership`), its options
+(:mod:`~framepipe.processors.fleet.options`),
 the reading of its stream and the taking back of pending entries
 (:mod:`~framepipe.processors.fleet.consuming`), the handling of one frame
 (:mod:`~framepipe.processors.fleet.handling`), the publishing of its results
@@ -93,7 +96,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -110,6 +112,7 @@ from framepipe.processors.fleet.environment import (
 from framepipe.processors.fleet.handling import Raised, run_frame
 from framepipe.processors.fleet.health import HealthServer
 from framepipe.processors.fleet.identity import RUNNING, claim
+from framepipe.processors.fleet.membership import Membership
 from framepipe.processors.fleet.options import (
     DEFAULT_CAPACITY,
     DEFAULT_HEALTH_HOST,
@@ -138,11 +141,11 @@ from framepipe.processors.fleet.protocol import (
     text,
 )
 from framepipe.processors.fleet.publishing import Publisher
-from framepipe.processors.fleet.registry import deregister, heartbeat, register, set_state
+from framepipe.processors.fleet.registry import deregister, set_state
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
-from framepipe.redis.connection import REDIS_DOWN, ResponseError, connect, lost
+from framepipe.redis.connection import ResponseError, connect, lost
 from framepipe.redis.wire import Wire
 from framepipe.tracing import parse_traceparent
 
@@ -278,25 +281,37 @@ class ProcessorClient(abc.ABC):
         self.state = "stopped"
         """``starting``, ``ready``, ``reconnecting``, ``draining`` or ``stopped`` (what the
         health endpoint reports)."""
-        self.last_heartbeat: float | None = None
         self._started_at: float | None = None
         self._health: HealthServer | None = None
         self._external = redis_client
         self._redis: Redis | None = redis_client
         self._consumer = Consumer(processor_id, self.stream, self.log, self._handle, self._give_up)
+        self._membership = Membership(
+            processor_id,
+            self.keys,
+            capabilities=self.capabilities,
+            capacity=capacity,
+            stream=self.stream,
+            result_stream=self.result_stream,
+            health_interval=interval,
+            redis_url=self.redis_url,
+            consumer=self._consumer,
+            log=self.log,
+            counts=self._counts,
+            stopping=lambda: self._stopping,
+            on_ready=self._on_ready,
+            on_displaced=self._on_stop,
+        )
+        self._registered = self._membership.registered  # the same event, for the life of it
+        self._instance = self._membership.instance
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stopped_event: asyncio.Event | None = None
         self._stop_requested = False
-        self._registered = asyncio.Event()
-        self._displaced: ConfigError | None = None
         self._draining_task: asyncio.Task[None] | None = None
         self._reads: Wire | None = None  # XREADGROUP (blocks)
         self._publisher: Publisher | None = None  # publish + acknowledge, once started
         self._running = False
-        self._beat_failing = False  # the last heartbeat failed (logged once per run of them)
-        self._redis_back = asyncio.Event()  # a heartbeat went through since it was cleared
-        self._instance = uuid.uuid4().hex  # this client, in its record (one process per id)
         self._raised = Raised(self.log)  # process_frame raising: logged at once, then rarely
 
     # -- what a subclass implements ---------------------------------------------------------
@@ -360,6 +375,11 @@ class ProcessorClient(abc.ABC):
         return self._consumer.max_in_flight
 
     @property
+    def last_heartbeat(self) -> float | None:
+        """When (``time.time()``) its record was last written (registration or heartbeat)."""
+        return self._membership.last_heartbeat
+
+    @property
     def running(self) -> bool:
         """True from :meth:`start` until it returns."""
         return self._running
@@ -415,8 +435,7 @@ class ProcessorClient(abc.ABC):
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._stopped_event = asyncio.Event()
-        self._registered.clear()
-        self._displaced = None
+        self._membership.reset()
         self._consumer.reset()
         if self._stop_requested:
             self._stop_event.set()
@@ -475,14 +494,14 @@ class ProcessorClient(abc.ABC):
             )
             beat_done = asyncio.Event()
             beating = asyncio.create_task(
-                self._heartbeat_loop(beat_done), name=f"{self.processor_id}:heartbeat"
+                self._membership.beat(self._redis, beat_done), name=f"{self.processor_id}:heartbeat"
             )
             try:
                 await self._serve()
             finally:
                 await self._shutdown(beating, beat_done)
-            if self._displaced is not None:
-                raise self._displaced
+            if self._membership.displaced is not None:
+                raise self._membership.displaced
         finally:
             RUNNING.discard(self._instance)
             self.state = ProcessorState.STOPPED
@@ -501,36 +520,24 @@ class ProcessorClient(abc.ABC):
             self._stop_requested = False
             self._stopped_event.set()
 
-    # -- registration and heartbeats -------------------------------------------------------
+    # -- registration ------------------------------------------------------------------------
 
-    async def _register(self) -> None:
-        """Create the stream and group, then (atomically) the hash and set membership."""
-        await register(
-            self._require_redis(),
-            self.keys,
-            self.processor_id,
-            capabilities=self.capabilities,
-            capacity=self.capacity,
-            stream=self.stream,
-            result_stream=self.result_stream,
-            in_flight=self.in_flight,
-            processed=self.processed,
-            failed=self.failed,
-            health_interval=self.health_interval,
-            instance=self._instance,
-        )
+    def _counts(self) -> dict[str, int]:
+        """The counters its record carries (written at registration and every heartbeat)."""
+        return {
+            "in_flight": self.in_flight,
+            "processed": self.processed,
+            "failed": self.failed,
+            "max_in_flight": self.max_in_flight,
+        }
+
+    def _on_ready(self) -> None:
         if not self._stopping:
             self.state = ProcessorState.READY
-        self.last_heartbeat = time.time()
-        if not self._registered.is_set():
-            self.log.info(
-                "Registered: capabilities=%s capacity=%d stream=%s results=%s",
-                ",".join(self.capabilities),
-                self.capacity,
-                self.stream,
-                self.result_stream,
-            )
-        self._registered.set()
+
+    async def _register(self) -> None:
+        """:meth:`Membership.register` (its record written again)."""
+        await self._membership.register(self._require_redis())
 
     async def _check_result_stream(self) -> None:
         """:class:`ConfigError` when ``result_stream`` names a key that is not a stream (every
@@ -542,81 +549,6 @@ class ProcessorClient(abc.ABC):
                 f"is a Redis {kind}, not a stream; give another result_stream, or delete "
                 "the key"
             )
-
-    async def _heartbeat_loop(self, done: asyncio.Event) -> None:
-        redis = self._require_redis()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), self.health_interval)
-            if done.is_set():
-                return
-            try:
-                beat = time.time()
-                alive = await heartbeat(
-                    redis,
-                    self.keys,
-                    self.processor_id,
-                    self._instance,
-                    "last_heartbeat",
-                    repr(beat),
-                    "in_flight",
-                    self.in_flight,
-                    "processed",
-                    self.processed,
-                    "failed",
-                    self.failed,
-                    "max_in_flight",
-                    self.max_in_flight,
-                )
-                self.last_heartbeat = beat
-                self._redis_back.set()
-                if self._beat_failing:
-                    self._beat_failing = False
-                    self.log.info("heartbeat written again")
-                if alive < 0:
-                    await self._give_way(redis)
-                    return
-                if self._stopping:
-                    continue
-                if not alive:
-                    self.log.warning(
-                        "Found itself deregistered (declared dead or Redis lost "
-                        "its data); registering again"
-                    )
-                    await self._register()
-                    self._consumer.want_recovery()
-                elif await self._consumer.held_elsewhere(redis):
-                    self._consumer.want_recovery()
-            except Exception as exc:  # keep beating: a dead heartbeat would get it reaped
-                if isinstance(exc, REDIS_DOWN):  # the consuming loop says so
-                    self.log.debug("heartbeat failed: %s", exc)
-                elif self._beat_failing:  # said once already
-                    self.log.debug("heartbeat failed again: %s: %s", type(exc).__name__, exc)
-                elif unavailable(exc):
-                    self.log.warning(
-                        "heartbeat refused by Redis at %s (%s: %s); retrying every %gs",
-                        safe_url(self.redis_url),
-                        type(exc).__name__,
-                        exc,
-                        self.health_interval,
-                    )
-                else:
-                    self.log.exception("heartbeat failed: %s", type(exc).__name__)
-                self._beat_failing = not isinstance(exc, REDIS_DOWN) or self._beat_failing
-
-    async def _give_way(self, redis: Redis) -> None:
-        """Another process holds this id now (it took it over while this one was cut off from
-        Redis): stop without touching its record or its stream, and have :meth:`start` raise
-        :class:`ConfigError` naming it."""
-        pid, host = await redis.hmget(self.keys.proc(self.processor_id), ["pid", "host"])
-        self._displaced = ConfigError(
-            f"processor id {self.processor_id!r} was taken over by pid {text(pid) or '?'} on "
-            f"host {text(host) or '?'} while this process (pid {os.getpid()}) was cut off from "
-            "Redis: this one stops; give each process its own id (--id, PROCESSOR_ID)"
-        )
-        self.log.error("%s", self._displaced)
-        self._registered.clear()  # its record is the other's: not marked draining nor removed
-        self._on_stop()
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -685,10 +617,10 @@ class ProcessorClient(abc.ABC):
         ``backoff.maximum`` while it was away, and routers send frames again as soon as a
         heartbeat registered the processor again)."""
         assert self._stop_event is not None
-        self._redis_back.clear()
+        self._membership.back.clear()
         waits = {
             asyncio.ensure_future(self._stop_event.wait()),
-            asyncio.ensure_future(self._redis_back.wait()),
+            asyncio.ensure_future(self._membership.back.wait()),
         }
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -769,7 +701,8 @@ class ProcessorClient(abc.ABC):
 
     async def _shutdown(self, beating: asyncio.Task[None], beat_done: asyncio.Event) -> None:
         self.log.info("Stopping: %d frame(s) in flight", self.in_flight)
-        if self._draining_task is None and self._displaced is None:
+        displaced = self._membership.displaced is not None
+        if self._draining_task is None and not displaced:
             self._draining_task = asyncio.ensure_future(self._set_draining())
         if self._draining_task is not None:
             await self._draining_task
@@ -790,7 +723,7 @@ class ProcessorClient(abc.ABC):
         # no cancel: redis-py can swallow a cancellation mid-command (redis/redis-py#2028)
         beat_done.set()
         await asyncio.wait({beating}, timeout=15.0)
-        if self._displaced is None:
+        if not displaced:
             await self._deregister()
 
     async def _deregister(self) -> None:
