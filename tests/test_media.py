@@ -262,6 +262,27 @@ def test_stitch_list_in_given_order_scales_odd_sizes(tmp_path: Path) -> None:
         stitch(empty, tmp_path / "x.mp4")
 
 
+def test_stitch_a_folder_orders_numbered_frames_by_number(tmp_path: Path) -> None:
+    """A model writing ``frame_{i:04d}.png`` (the frame-folder protocol's names) reaches
+    ``frame_10000.png`` after 400 s at 25 fps: sorted as text it came before
+    ``frame_9999.png`` (and ``frame_1000.png`` before ``frame_999.png`` at 3 digits), so the
+    frames past the padding were stitched into the middle of the video."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    numbers = [9998, 9999, 10000, 10001, 10002]
+    for order, number in enumerate(numbers):
+        (folder / f"frame_{number:04d}.png").write_bytes(
+            cv2.imencode(".png", counter_image(order))[1].tobytes()
+        )
+    (folder / "frame_10001b.png").write_bytes(
+        cv2.imencode(".png", counter_image(len(numbers)))[1].tobytes()
+    )
+    out = stitch(folder, tmp_path / "s.mp4", fps=5, crf=10, preset=FAST)
+    with av.open(str(out)) as container:
+        shown = [read_counter(f.to_ndarray(format="bgr24")) for f in container.decode(video=0)]
+    assert shown == [0, 1, 2, 3, 5, 4]  # 10001 < 10001b < 10002: digits by value, the rest as text
+
+
 # -- thumbnails -----------------------------------------------------------------------------
 
 

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.concat import concat
-from framepipe.media.frames import extract_frames, stitch
+from framepipe.media.frames import extract_frames, frame_order, stitch
 from framepipe.media.limits import (
     DEFAULT_MAX_DURATION,
     DEFAULT_MAX_FRAME_COUNT,
@@ -102,6 +102,7 @@ __all__ = [
     "concat",
     "decode_qr",
     "extract_frames",
+    "frame_order",
     "limits_from",
     "media_step",
     "normalise",

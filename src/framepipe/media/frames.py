@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import re
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
@@ -34,9 +35,28 @@ from framepipe.media.rotation import frame_rotation, upright_image
 from framepipe.media.timing import estimate_frames, resample, stream_rate
 from framepipe.media.writer import H264Writer, even
 
-__all__ = ["IMAGE_SUFFIXES", "extract_frames", "read_image", "stitch", "write_image"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "extract_frames",
+    "frame_order",
+    "read_image",
+    "stitch",
+    "write_image",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def frame_order(path: Path | str) -> tuple[tuple[str | int, ...], str]:
+    """The sort key that puts a folder's frames in playing order: the file name's runs of
+    digits compared by value, the rest as text (``frame_9999.png`` before ``frame_10000.png``,
+    which follow one another once a model's zero padding runs out), then the whole name (so
+    ``frame_01`` and ``frame_1`` keep one order)."""
+    name = Path(path).name
+    parts = _DIGITS.split(name)  # text at even places, digits at odd ones: never compared
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
 
 
 def write_image(dst: Path, image: np.ndarray, *, quality: int = 90) -> Path:
@@ -153,9 +173,12 @@ def _frame_list(frames: Path | str | Sequence[Path | str]) -> list[Path]:
         if not folder.is_dir():
             raise MediaError(folder, "is not a folder of frames")
         paths = sorted(
-            p
-            for p in folder.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            (
+                p
+                for p in folder.iterdir()
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            ),
+            key=frame_order,
         )
         if not paths:
             raise MediaError(folder, "holds no image files")
@@ -228,7 +251,8 @@ def stitch(
 ) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
 
-    ``frames`` is a folder (its images sorted by name) or a list of image paths (in that order).
+    ``frames`` is a folder (its images in :func:`frame_order`: numbered names by number) or a
+    list of image paths (in that order).
     The video takes the first image's size (made even); other sizes are scaled to it. Images
     are read and converted to yuv420p ahead on two threads (OpenCV releases the GIL), in
     order, at most ``_READ_AHEAD`` at a time, so reading overlaps encoding without holding the
