@@ -540,3 +540,50 @@ def test_the_model_server_answers_a_repeated_call_without_running_it_again(
         assert other.json()["frames_path"] != answers[0].json()["frames_path"]
         bad = post(url, "x" * 201)
         assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]
+
+
+def test_the_model_server_keeps_no_folder_of_a_failed_call(tmp_path: Path) -> None:
+    """A call that fails (an unreadable video, or one failing half-way through its frames)
+    answers 500 and deletes its request folder: nobody reads the frames of a failed call, and
+    each one left its folder (and the frames made before the failure) under the output root."""
+    root = tmp_path / "shared"
+    with model_server(root) as url:
+        answer = httpx.post(
+            f"{url}/infer",
+            data={"style": "cartoon"},
+            files={"input_file": ("notes.mp4", b"not a video at all")},
+            timeout=60,
+        )
+        assert answer.status_code == 500
+        assert "notes.mp4: not a readable video" in answer.json()["error"]
+        assert list(root.iterdir()) == []
+
+
+def test_the_model_server_refuses_an_unknown_style_as_a_bad_request(
+    clip: Path, tmp_path: Path
+) -> None:
+    """An unknown style is the client's mistake: HTTP 400 naming it and the styles there are
+    (``HttpModel`` does not retry a 4xx), before the video is written or decoded; it was a 500,
+    which the client retried three times, uploading the video each time."""
+    root = tmp_path / "shared"
+    with model_server(root) as url:
+        answer = httpx.post(
+            f"{url}/infer",
+            data={"style": "watercolour"},
+            files={"input_file": ("c.mp4", clip.read_bytes())},
+            timeout=60,
+        )
+        assert answer.status_code == 400
+        assert answer.json() == {
+            "success": False,
+            "error": "unknown style 'watercolour'; one of cartoon, sketch, invert "
+            "(or default, studio, anime)",
+        }
+        assert list(root.iterdir()) == []
+        good = httpx.post(
+            f"{url}/infer",
+            data={"style": "Anime"},
+            files={"input_file": ("c.mp4", clip.read_bytes())},
+            timeout=60,
+        )
+        assert good.status_code == 200 and good.json()["frames"] == FRAMES

@@ -37,7 +37,7 @@ import av
 import cv2
 import numpy as np
 
-__all__ = ["STYLES", "ModelInputError", "run", "stylise"]
+__all__ = ["STYLES", "ModelInputError", "resolve_style", "run", "stylise"]
 
 STYLES = ("cartoon", "sketch", "invert")
 ALIASES = {"default": "cartoon", "studio": "cartoon", "anime": "cartoon"}
@@ -47,7 +47,9 @@ class ModelInputError(Exception):
     """The input is not a decodable video (the message names the file)."""
 
 
-def _style(name: str) -> str:
+def resolve_style(name: str) -> str:
+    """The style ``name`` stands for (case and spaces ignored, aliases resolved); a
+    :class:`ValueError` naming it and the styles there are when there is none."""
     style = ALIASES.get(name.strip().lower(), name.strip().lower())
     if style not in STYLES:
         raise ValueError(
@@ -58,7 +60,7 @@ def _style(name: str) -> str:
 
 def stylise(image: np.ndarray, style: str = "cartoon", seed: int = 0) -> np.ndarray:
     """One BGR frame through the style's transform (same shape and dtype out)."""
-    style = _style(style)
+    style = resolve_style(style)
     if style == "invert":
         return cv2.bitwise_not(image)
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
@@ -92,7 +94,7 @@ def run(
     Raises :class:`ModelInputError` when the input is not a decodable video and
     :class:`ValueError` for an unknown style or a batch size below 1."""
     input_path = Path(input_path)
-    style = _style(style)
+    style = resolve_style(style)
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size} is below 1")
     frames_dir = Path(output_dir) / "frames"

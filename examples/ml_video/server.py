@@ -7,7 +7,9 @@
 ``style``, ``seed``, optionally ``batch_size`` (frames transformed at once, default 1). It runs
 :func:`model.run` (the same transform as ``model.py``) and answers
 ``{"success": true, "frames_path": "<output-root>/<request id>/frames", "frames": N, ...}``; on
-failure HTTP 500 with ``{"success": false, "error": "..."}`` (HTTP 400 for a malformed request).
+failure HTTP 500 with ``{"success": false, "error": "..."}``, and the request's folder deleted
+(HTTP 400, before anything is written, for a malformed request or a style the model does not
+have: ``HttpModel`` does not retry it).
 A request with an ``Idempotency-Key`` header (``HttpModel`` sends one per call, the same on its
 retries) that repeats a call still running waits for it, and one that repeats a call that
 succeeded gets its answer: a client that timed out and retried does not make the frames twice.
@@ -15,7 +17,8 @@ succeeded gets its answer: a client that timed out and retried does not make the
 
 ``frames_path`` is a path on this machine: the pipeline reads the frames from disk, so the
 server and the worker must share ``--output-root`` (same machine or a shared volume). Each
-request's folder stays there for the client to read; clean it up with a cron job or tmpfs.
+successful request's folder stays there for the client to read; clean it up with a cron job or
+tmpfs.
 
 ``--fail MESSAGE`` answers every ``/infer`` with HTTP 500 and that message, to try a client's
 error handling.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import threading
 import uuid
@@ -71,6 +75,17 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | Non
     return fields
 
 
+def _text(fields: dict[str, tuple[str | None, bytes]], name: str, default: str) -> str:
+    """A text field of the form (``default`` when absent); :class:`BadRequest` when it is not
+    UTF-8."""
+    if name not in fields:
+        return default
+    try:
+        return fields[name][1].decode()
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the form field {name!r} is not UTF-8 text") from exc
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ModelServer
     protocol_version = "HTTP/1.1"
@@ -85,7 +100,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_form(self) -> tuple[dict[str, tuple[str | None, bytes]], int, int]:
         """The request's form fields, seed and batch size (default 1); :class:`BadRequest`
-        when malformed."""
+        when malformed, or when it names a style the model does not have."""
         raw = self.headers.get("Content-Length") or "-1"
         length = int(raw) if raw.strip().isdigit() else -1
         if not 0 <= length <= MAX_BODY:
@@ -101,6 +116,11 @@ class Handler(BaseHTTPRequestHandler):
         batch_text = fields.get("batch_size", (None, b"1"))[1].decode(errors="replace") or "1"
         if not batch_text.isdigit() or int(batch_text) < 1:
             raise BadRequest(f"batch_size {batch_text!r} is not a whole number >= 1")
+        _text(fields, "prompt", "")
+        try:
+            model.resolve_style(_text(fields, "style", "cartoon") or "cartoon")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
         return fields, seed, int(batch_text)
 
     def do_GET(self) -> None:
@@ -149,21 +169,26 @@ class Handler(BaseHTTPRequestHandler):
     ) -> tuple[int, dict[str, Any]]:
         """Run the model on the request's video: the status and body of the answer."""
         filename, content = fields["input_file"]
-        style = fields.get("style", (None, b"cartoon"))[1].decode() or "cartoon"
-        prompt = fields.get("prompt", (None, b""))[1].decode()
+        style = _text(fields, "style", "cartoon") or "cartoon"
+        prompt = _text(fields, "prompt", "")
         workdir = self.server.output_root / uuid.uuid4().hex
         workdir.mkdir(parents=True)
         source = workdir / ("input" + (Path(filename).suffix if filename else ".mp4"))
-        source.write_bytes(content)
+        kept = False
         try:
+            source.write_bytes(content)
             frames = model.run(source, workdir, style=style, seed=seed, batch_size=batch_size)
+            kept = True
         except Exception as exc:
             self.log_message("inference failed: %s", exc)
             # name the client's file, not this server's temporary copy
             error = str(exc).replace(str(source), filename or "input_file")
             return 500, {"success": False, "error": error}
         finally:
-            source.unlink(missing_ok=True)
+            if kept:
+                source.unlink(missing_ok=True)
+            else:  # nobody reads the frames of a failed call
+                shutil.rmtree(workdir, ignore_errors=True)
         count = sum(1 for _ in frames.glob("*.png"))
         return (
             200,
