@@ -150,9 +150,9 @@ def test_probe_bad_inputs_name_the_file(tmp_path: Path) -> None:
         probe(text)
     assert info.value.path == text
 
-    empty = tmp_path / "empty.mp4"
+    empty = tmp_path / "empty.mp4"  # an upload that failed: named as empty, not as bad data
     empty.write_bytes(b"")
-    with pytest.raises(MediaError, match=r"empty\.mp4"):
+    with pytest.raises(MediaError, match=r"empty\.mp4: is empty \(0 bytes\): not a video$"):
         probe(empty)
 
     with pytest.raises(MediaError, match=r"missing\.mp4: no such file"):

@@ -272,7 +272,7 @@ def _audio_only(path: Path) -> None:
 
 
 BAD_INPUTS = {
-    "empty": (_empty, "cannot be opened as a video file"),
+    "empty": (_empty, "is empty (0 bytes)"),
     "text": (_text, "cannot be opened as a video file"),
     "truncated": (_truncated, "cannot be opened as a video file"),
     "audio-only": (_audio_only, "holds no video stream"),

@@ -70,9 +70,13 @@ def _allowed_formats() -> str:
 
 
 def _open_failure(path: Path, exc: Exception) -> MediaError:
-    """Why ``path`` cannot be opened: a playlist is named as one (see the module)."""
+    """Why ``path`` cannot be opened: an empty file (an upload that failed) is named as one,
+    and so is a playlist (see the module)."""
     with contextlib.suppress(OSError), open(path, "rb") as file:
-        head = file.read(32).lstrip(b"\xef\xbb\xbf")
+        head = file.read(32)
+        if not head:
+            return MediaError(path, "is empty (0 bytes): not a video")
+        head = head.lstrip(b"\xef\xbb\xbf")
         for marker, what in _NAMED_BY_THEIR_HEAD:
             if head.startswith(marker):
                 return MediaError(
