@@ -71,6 +71,7 @@ from typing import Any
 from copy_retries import copy_retries_from_env
 from retention import Retention, retention_from_env
 from sd_imports import SESSIONS, UNENDED
+from sd_keys import identity
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
 
 from framepipe.config import Settings, load_settings
@@ -100,12 +101,6 @@ IMPORTED = "sd_import"
 """The ledger namespace of what was imported (``sd_pipeline.py``: the pipeline's name)."""
 
 _log = get_logger("sd_import.backend")
-
-
-def _identity(entry: FileEntry | dict[str, Any]) -> str:
-    """A file's ledger identity (``sd_pipeline.identity``): its size and fingerprint."""
-    data = entry.model_dump() if isinstance(entry, FileEntry) else entry
-    return f"{int(data['size'])}:{data['fingerprint']}"
 
 
 async def unended_imports(jobs: JobClient, pipeline: str, card_id: str) -> list[ExecutionSummary]:
@@ -254,8 +249,8 @@ def make_hub(
             await status(msg, listing, "already_importing", execution_id=active[0].id)
             return
         resumed = [e for e in unended if await resume(jobs, msg, listing, e)]
-        listed = {_identity(f) for f in listing.files}
-        covered = {_identity(f) for e in resumed for f in (e.inputs or {}).get("files", [])}
+        listed = {identity(f.model_dump()) for f in listing.files}
+        covered = {identity(f) for e in resumed for f in (e.inputs or {}).get("files", [])}
         if resumed and listed <= covered:
             await status(
                 msg,

@@ -14,7 +14,12 @@ the ledger namespace :data:`SESSIONS`, keyed by the execution id, when it answer
 
 from __future__ import annotations
 
-__all__ = ["SESSIONS", "UNENDED"]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from framepipe import StepContext
+
+__all__ = ["SESSIONS", "UNENDED", "session_of"]
 
 UNENDED = ("pending", "running", "interrupted", "failed")
 """The statuses of an import that still has its files to render."""
@@ -22,3 +27,12 @@ UNENDED = ("pending", "running", "interrupted", "failed")
 SESSIONS = "sd_import.session"
 """Ledger namespace: execution id -> ``{"session_id", "detector_id"}`` of the latest insertion
 that found that import unended."""
+
+
+def session_of(ctx: StepContext) -> str:
+    """The card session an import's step asks and tells: that of the latest insertion of the
+    card that found this import unended (:data:`SESSIONS`, written by the backend), else the
+    one it was started with."""
+    entry = ctx.get_ledger(SESSIONS).get(ctx.execution_id)
+    session = entry.meta.get("session_id") if entry is not None else None
+    return session if isinstance(session, str) and session else str(ctx.inputs["session_id"])
