@@ -69,6 +69,10 @@ class InjectOptions:
     wait_processors: float = 60.0
     route_wait: float = 30.0
     result_timeout: float = 60.0
+    max_age: float | None = None
+    """Seconds after which a routed frame (without ``wait_results``) is of no use: a processor
+    that reaches it later skips it (None: never). With ``wait_results`` a frame's deadline is
+    ``result_timeout``."""
     max_in_flight: int = 20
     """Frames awaiting a result per capability (with ``wait_results``)."""
     quality: int = 85
@@ -237,7 +241,9 @@ class _Injector:
                 self.pending.add(task)
                 task.add_done_callback(self.pending.discard)
             else:
-                await self.registry.route(entry, capability, wait=self.options.route_wait)
+                await self.registry.route(
+                    entry, capability, wait=self.options.route_wait, max_age=self.options.max_age
+                )
             self.summary.capabilities[capability].routed += 1
 
     async def _call(self, entry: dict[str, Any], capability: str) -> None:
@@ -393,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a frame's result (60)",
     )
     parser.add_argument(
+        "--max-age",
+        type=float,
+        default=None,
+        help="seconds after which a routed frame is skipped by the processor that reaches it "
+        "(default: never; with --wait-results, --result-timeout is the deadline)",
+    )
+    parser.add_argument(
         "--max-in-flight", type=int, default=20, help="frames awaiting a result per capability (20)"
     )
     parser.add_argument("--loop", action="store_true", help="loop a video file")
@@ -418,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_results=args.wait_results,
         wait_processors=args.wait_processors,
         result_timeout=args.result_timeout,
+        max_age=args.max_age,
         max_in_flight=args.max_in_flight,
         quality=args.quality,
         loop=args.loop,

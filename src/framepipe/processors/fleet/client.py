@@ -64,9 +64,14 @@ Guarantees:
   was only cut off from Redis finds it at its first heartbeat back (the record holds another
   client's ``instance``): it stops without touching the other's record or stream, and
   ``start()`` raises :class:`~framepipe.errors.ConfigError` naming the holder.
+* A frame read or taken back past its deadline (its sender stopped waiting for it: a call's
+  result timeout, a route's ``max_age``; judged on Redis's clock) is acknowledged and deleted
+  without running ``process_frame`` and without a result, counted in :attr:`expired` and
+  logged at most once per 10 s with the count (:mod:`~framepipe.processors.fleet.deadlines`).
+  So a processor that was away does not spend its return on frames nobody waits for.
 * Heartbeats every ``health_interval`` (``last_heartbeat``, ``in_flight``, ``processed``,
-  ``failed`` in the processor's hash). A processor declared dead by the registry (silent too
-  long) that turns out alive registers again at its next heartbeat.
+  ``failed``, ``expired`` in the processor's hash). A processor declared dead by the registry
+  (silent too long) that turns out alive registers again at its next heartbeat.
 * ``stop()`` / SIGTERM: the state becomes ``draining`` at once (routers send nothing more), the
   client takes no new frame, finishes the frames in flight (bounded by ``shutdown_timeout``;
   unfinished ones stay pending and are re-routed), deregisters and ``start()`` returns.
@@ -103,6 +108,7 @@ from framepipe.backoff import Backoff
 from framepipe.errors import ConfigError, RegistryConnectionError
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.consuming import Consumer
+from framepipe.processors.fleet.deadlines import RedisClock
 from framepipe.processors.fleet.environment import (
     namespace_from,
     orchestrator_url_from,
@@ -285,7 +291,10 @@ class ProcessorClient(abc.ABC):
         self._health: HealthServer | None = None
         self._external = redis_client
         self._redis: Redis | None = redis_client
-        self._consumer = Consumer(processor_id, self.stream, self.log, self._handle, self._give_up)
+        clock = RedisClock()  # Redis's clock: frames' deadlines are judged on it
+        self._consumer = Consumer(
+            processor_id, self.stream, self.log, self._handle, self._give_up, clock
+        )
         self._membership = Membership(
             processor_id,
             self.keys,
@@ -296,6 +305,7 @@ class ProcessorClient(abc.ABC):
             health_interval=interval,
             redis_url=self.redis_url,
             consumer=self._consumer,
+            clock=clock,
             log=self.log,
             counts=self._counts,
             stopping=lambda: self._stopping,
@@ -347,6 +357,7 @@ class ProcessorClient(abc.ABC):
             "in_flight": self.in_flight,
             "processed": self.processed,
             "failed": self.failed,
+            "expired": self.expired,
             "last_heartbeat": self.last_heartbeat,
             "uptime_s": None if started is None else round(time.monotonic() - started, 3),
             "redis": safe_url(self.redis_url),
@@ -373,6 +384,12 @@ class ProcessorClient(abc.ABC):
     def max_in_flight(self) -> int:
         """The most frames that were inside ``process_frame`` at once."""
         return self._consumer.max_in_flight
+
+    @property
+    def expired(self) -> int:
+        """Frames skipped past their deadline: acknowledged without running
+        :meth:`process_frame` (their senders had stopped waiting for them)."""
+        return self._consumer.expiry.count
 
     @property
     def last_heartbeat(self) -> float | None:
@@ -529,6 +546,7 @@ class ProcessorClient(abc.ABC):
             "processed": self.processed,
             "failed": self.failed,
             "max_in_flight": self.max_in_flight,
+            "expired": self.expired,
         }
 
     def _on_ready(self) -> None:

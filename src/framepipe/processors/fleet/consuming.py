@@ -8,6 +8,9 @@ a task of its own, and the entries pending in its stream that it does not hold t
   (:meth:`Consumer.recover`) and claimed as capacity frees up, before anything new is read.
   Each taking back is a delivery: an entry delivered ``max_attempts`` times already
   (:class:`~framepipe.processors.fleet.protocol.Attempts`) is given up instead of run again.
+* An entry read or taken back past its deadline (its sender stopped waiting for it:
+  :mod:`~framepipe.processors.fleet.deadlines`) is acknowledged and deleted unrun, before
+  anything else is done with it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from framepipe.logs import ComponentLogger
+from framepipe.processors.fleet.deadlines import Expiry, RedisClock
 from framepipe.processors.fleet.protocol import GROUP, Attempts, Fields, text
 from framepipe.processors.fleet.registry import pending_deliveries
 from framepipe.redis.connection import ResponseError
@@ -34,7 +38,8 @@ __all__ = ["Consumer"]
 class Consumer:
     """The consumer ``processor_id`` of ``stream``: ``handle(mid, fields)`` handles one entry
     and ``give_up(mid, fields, attempts)`` answers one whose attempts are exhausted, each in
-    a task of its own (:attr:`inflight`)."""
+    a task of its own (:attr:`inflight`); entries past their deadline on ``clock`` (Redis's
+    clock as last learned) are skipped (:attr:`expiry`)."""
 
     def __init__(
         self,
@@ -43,6 +48,7 @@ class Consumer:
         log: ComponentLogger,
         handle: Callable[[bytes, Fields], Coroutine[Any, Any, None]],
         give_up: Callable[[bytes, Fields, Attempts], Coroutine[Any, Any, None]],
+        clock: RedisClock | None = None,
     ) -> None:
         self.processor_id = processor_id
         self.stream = stream
@@ -53,6 +59,8 @@ class Consumer:
         """Entry id -> the task handling it."""
         self.max_in_flight = 0
         """The most entries that were handled at once."""
+        self.expiry = Expiry(stream, clock or RedisClock(), log)
+        """The entries skipped past their deadline (``expiry.count``)."""
         self._slot: asyncio.Future[None] | None = None
         self._backlog: dict[bytes, int] = {}  # pending entries to take back -> times delivered
         self._recover_wanted = False  # a heartbeat found entries held by another consumer
@@ -108,16 +116,20 @@ class Consumer:
 
     async def take_back(self, redis: Redis, count: int) -> None:
         """Claim the first ``count`` queued entries and run them; an entry that was delivered
-        ``max_attempts`` times already gets its error result instead (see the module
-        docstring). Entries finished or re-routed meanwhile are no longer pending: skipped."""
+        ``max_attempts`` times already gets its error result instead, one past its deadline
+        is skipped (see the module docstring). Entries finished or re-routed meanwhile are no
+        longer pending: left."""
         ids = list(itertools.islice(self._backlog, count))
         delivered = {mid: self._backlog.pop(mid) for mid in ids}
         claimed = cast(
             "list[tuple[bytes | None, Fields | None]]",
             await redis.xclaim(self.stream, GROUP, self.processor_id, 0, list[Any](ids)),
         )
-        for mid, fields in claimed or ():
-            if mid is None or not fields:
+        entries = [(mid, fields) for mid, fields in claimed or () if mid is not None and fields]
+        fresh, stale = self.expiry.split(entries)
+        await self.expiry.skip(redis, stale)
+        for mid, fields in fresh:
+            if fields is None:
                 continue
             attempts = Attempts.of(fields, delivered.get(mid, 0))
             if attempts.exhausted:
@@ -170,7 +182,9 @@ class Consumer:
                 block=poll_interval,
             )
             if reply:
-                for mid, entry in stream_entries(reply):
+                fresh, stale = self.expiry.split(stream_entries(reply))
+                await self.expiry.skip(redis, stale)
+                for mid, entry in fresh:
                     self.spawn(mid, entry)
 
     def spawn(self, mid: bytes, fields: Fields | None, exhausted: Attempts | None = None) -> None:

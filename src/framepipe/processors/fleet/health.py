@@ -9,7 +9,8 @@ state either way::
 
     {"status": "healthy", "state": "ready", "processor_id": "face-recognition-1",
      "capabilities": [...], "capacity": 10, "in_flight": 0, "processed": 12, "failed": 0,
-     "last_heartbeat": 1795311526.58, "uptime_s": 31.2, "redis": "redis://redis:6379/0",
+     "expired": 0, "last_heartbeat": 1795311526.58, "uptime_s": 31.2,
+     "redis": "redis://redis:6379/0",
      "namespace": "framepipe:", "result_stream": "faces:detected", "orchestrator_url": ...}
 
 ``HEAD`` gives the status line alone; other methods ``405``, other paths ``404``.

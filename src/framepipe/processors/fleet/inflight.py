@@ -82,9 +82,12 @@ class InFlight:
         reply_to: str,
         timeout: float,
         max_attempts: int,
+        ttl: float | None = None,
     ) -> Track:
         """Hold a slot of ``proc`` for the entry ``fields`` (completed here with the
-        request's routing fields: ``capability``, ``reply_to``, a new ``reply_token``, ...)."""
+        request's routing fields: ``capability``, ``reply_to``, a new ``reply_token``, ...,
+        and ``ttl_ms`` from ``ttl`` seconds when given: the frame's deadline,
+        :mod:`~framepipe.processors.fleet.deadlines`)."""
         frame_id = text(fields["frame_id"])
         future = asyncio.get_running_loop().create_future() if want_future else None
         now = time.monotonic()
@@ -100,6 +103,8 @@ class InFlight:
         fields.setdefault("attempt", "1")
         fields.setdefault("max_attempts", str(max_attempts))
         fields["routed_at"] = repr(time.time())
+        if ttl is not None:
+            fields["ttl_ms"] = str(max(1, round(ttl * 1000)))
         return track
 
     def release(self, track: Track) -> None:

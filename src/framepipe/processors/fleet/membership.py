@@ -14,6 +14,9 @@ over:
   this process was cut off from Redis) stops the client without touching the other's record
   or stream: :attr:`Membership.displaced` holds the :class:`~framepipe.errors.ConfigError`
   naming the holder, which the client's ``start()`` raises.
+* Redis's clock is learned (one ``TIME``) at every registration and heartbeat
+  (:class:`~framepipe.processors.fleet.deadlines.RedisClock`): the processor judges frames'
+  deadlines on it.
 * A heartbeat that goes through after failures sets :attr:`Membership.back`: the client's
   reconnecting loop stops waiting out its backoff.
 """
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING
 from framepipe.errors import ConfigError
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.consuming import Consumer
+from framepipe.processors.fleet.deadlines import RedisClock
 from framepipe.processors.fleet.outages import unavailable
 from framepipe.processors.fleet.protocol import Keys, text
 from framepipe.processors.fleet.registry import heartbeat, register
@@ -62,6 +66,7 @@ class Membership:
         health_interval: float,
         redis_url: str,
         consumer: Consumer,
+        clock: RedisClock,
         log: ComponentLogger,
         counts: Callable[[], Mapping[str, int]],
         stopping: Callable[[], bool],
@@ -77,6 +82,7 @@ class Membership:
         self.health_interval = health_interval
         self.redis_url = redis_url
         self.consumer = consumer
+        self.clock = clock
         self.log = log
         self.counts = counts
         self.stopping = stopping
@@ -118,6 +124,7 @@ class Membership:
         )
         self.on_ready()
         self.last_heartbeat = time.time()
+        await self.clock.sync(redis)
         if not self.registered.is_set():
             self.log.info(
                 "Registered: capabilities=%s capacity=%d stream=%s results=%s",
@@ -144,6 +151,7 @@ class Membership:
                 alive = await heartbeat(redis, self.keys, self.processor_id, self.instance, *values)
                 self.last_heartbeat = beat
                 self.back.set()
+                await self.clock.sync(redis)
                 if self._beat_failing:
                     self._beat_failing = False
                     self.log.info("heartbeat written again")

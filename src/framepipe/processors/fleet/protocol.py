@@ -4,7 +4,19 @@ Frame entries (stream fields, bytes): ``frame_id``, ``camera_id``, ``timestamp``
 ``image_data`` (raw JPEG bytes; base64 accepted), ``width``, ``height``, ``format``
 (``jpeg``), ``metadata`` (JSON object), ``trace_context`` (W3C ``traceparent``; a JSON object
 holding one is accepted) and, from the router, ``capability``, ``reply_to``, ``reply_token``,
-``attempt``, ``max_attempts``, ``routed_at`` (and ``rerouted_from`` after a processor died).
+``attempt``, ``max_attempts``, ``routed_at``, ``ttl_ms`` (and ``rerouted_from`` and
+``first_entry`` after a processor died).
+
+Deadlines (:mod:`~framepipe.processors.fleet.deadlines`): ``ttl_ms`` (optional; whole
+milliseconds) is how long after the frame's first ``XADD`` its sender waits for it: a
+:meth:`~framepipe.processors.fleet.routing.ProcessorRegistry.call`'s result timeout, a
+``route``'s ``max_age`` (none by default). ``first_entry`` is the id of that first entry, written
+by the reaper on the entry it moves from a dead processor's stream (the moved entry has an id of
+its own, later). The deadline is the millisecond part of ``first_entry`` (else of the entry's
+own id) plus ``ttl_ms``, on Redis's clock; a processor that reaches the entry later
+acknowledges it without running it or answering it. An entry without ``ttl_ms`` has no
+deadline. Processors of an older framepipe ignore both fields and run every frame, however
+old; processors of this one run every frame of an older router (it writes no ``ttl_ms``).
 
 Reply tokens: the router gives every request a ``reply_token`` of its own (new each time a
 frame is routed, kept when the frame is re-routed) and the processor copies it into the

@@ -347,6 +347,7 @@ class Reaper:
         fields: dict[str, bytes | str] = {text(k): v for k, v in raw.items()}
         fields["attempt"] = str(attempts.used + 1)
         fields["rerouted_from"] = dead.id
+        fields["first_entry"] = raw.get(b"first_entry") or mid  # its deadline's start
         track = registry._routed.get(frame_id)
         ours = reply_to == registry.reply_stream
         token = text(raw.get(b"reply_token"))

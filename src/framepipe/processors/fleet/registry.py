@@ -176,6 +176,9 @@ class ProcessorInfo:
     stream: str
     pid: int | None
     host: str
+    expired: int = 0
+    """Frames it skipped past their deadline, at its last heartbeat
+    (:mod:`~framepipe.processors.fleet.deadlines`)."""
 
     @property
     def free(self) -> int:
@@ -194,6 +197,7 @@ class ProcessorInfo:
             "in_flight": self.in_flight,
             "processed": self.processed,
             "failed": self.failed,
+            "expired": self.expired,
             "consecutive_failures": self.consecutive_failures,
             "last_heartbeat": self.last_heartbeat,
             "result_stream": self.result_stream,
@@ -222,6 +226,7 @@ class Registration:
     in_flight: int = 0
     processed: int = 0
     failed: int = 0
+    expired: int = 0
     pid: int | None = None
     host: str = ""
     health_interval: float = 0.0
@@ -255,6 +260,7 @@ class Registration:
         self.in_flight = as_int(h.get(b"in_flight"), 0)
         self.processed = as_int(h.get(b"processed"), 0)
         self.failed = as_int(h.get(b"failed"), 0)
+        self.expired = as_int(h.get(b"expired"), 0)
         self.pid = as_int(h.get(b"pid"), 0) or None
         self.host = text(h.get(b"host"))
         try:
@@ -303,6 +309,7 @@ class Registration:
             stream=self.stream,
             pid=self.pid,
             host=self.host,
+            expired=self.expired,
         )
 
 

@@ -60,7 +60,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
@@ -125,11 +125,13 @@ class ProcessorRegistry:
         connect_retries: int = 3,
         backoff: Backoff | None = None,
         registry_id: str | None = None,
+        route_max_age: float | None = None,
     ) -> None:
         if heartbeat_timeout <= 0 or circuit_reset < 0 or result_timeout <= 0:
             raise ValueError(
                 "heartbeat_timeout and result_timeout must be positive, circuit_reset not negative"
             )
+        _check_max_age(route_max_age, "route_max_age")
         if circuit_failures < 1 or max_attempts < 1:
             raise ValueError("circuit_failures and max_attempts must be >= 1")
         self.redis_url = redis_url
@@ -142,6 +144,7 @@ class ProcessorRegistry:
         self.result_timeout = result_timeout
         self.poll_interval = poll_interval or min(1.0, heartbeat_timeout / 4)
         self.max_attempts = max_attempts
+        self.route_max_age = route_max_age
         self.connect_retries = connect_retries
         self.backoff = backoff or Backoff(0.2, 2.0, 10.0, 0.1)
         self.registry_id = registry_id or uuid.uuid4().hex[:12]
@@ -329,8 +332,12 @@ class ProcessorRegistry:
         wait: float | None,
         want_futures: bool,
         quality: int,
+        result_wait: float,
+        ttl: float | None,
     ) -> list[Track]:
-        """Route ``items`` as capacity allows (see :meth:`_route`). While OpenTelemetry
+        """Route ``items`` as capacity allows (see :meth:`_route`), each a request waiting
+        ``result_wait`` seconds for its result, its frame's deadline ``ttl`` seconds after its
+        entry is written (None: none). While OpenTelemetry
         tracing is on, each item's routing is a span, ``send <capability>``, child of the
         trace context it carries (else of the current one), whose traceparent goes on the
         wire in its place: the processor's span is its child."""
@@ -341,7 +348,14 @@ class ProcessorRegistry:
                 await stream_fields(item, quality, None if spans is None else traceparent_of(span))
                 for item, span in zip(items, spans or itertools.repeat(None), strict=False)
             ]
-            tracks = await self._route(entries, capability, wait=wait, want_futures=want_futures)
+            tracks = await self._route(
+                entries,
+                capability,
+                wait=wait,
+                want_futures=want_futures,
+                result_wait=result_wait,
+                ttl=ttl,
+            )
         except BaseException as exc:
             for span in spans or ():
                 end_span(span, exc)
@@ -363,6 +377,8 @@ class ProcessorRegistry:
         *,
         wait: float | None,
         want_futures: bool,
+        result_wait: float,
+        ttl: float | None,
     ) -> list[Track]:
         """Route ``entries`` as capacity allows; every reservation is either sent or released.
         Routes that have to wait for capacity queue per capability: a free slot goes to the
@@ -404,8 +420,9 @@ class ProcessorRegistry:
                         capability,
                         want_futures,
                         reply_to=self.reply_stream,
-                        timeout=self.result_timeout,
+                        timeout=result_wait,
                         max_attempts=self.max_attempts,
+                        ttl=ttl,
                     )
                     batch.append((index, proc, track))
                 if batch:
@@ -472,14 +489,30 @@ class ProcessorRegistry:
         return await send_entries(wire, items)
 
     async def route(
-        self, item: Routable, capability: str, *, wait: float | None = None, quality: int = 85
+        self,
+        item: Routable,
+        capability: str,
+        *,
+        wait: float | None = None,
+        quality: int = 85,
+        max_age: float | None = None,
     ) -> str:
         """Send one frame to the least loaded live processor offering ``capability``; returns
         the stream message id. The result goes to the processor's result stream (and releases
         the capacity here). Waits up to ``wait`` (default ``route_timeout``) for free capacity.
+        A processor that reaches the frame more than ``max_age`` seconds after it was written
+        (default ``route_max_age``; None: no limit) skips it unrun
+        (:mod:`~framepipe.processors.fleet.deadlines`).
         Raises NoProcessorError, CircuitOpenError, NoCapacityError, RegistryConnectionError."""
         return (
-            await self._dispatch([item], capability, wait=wait, want_futures=False, quality=quality)
+            await self._dispatch(
+                [item],
+                capability,
+                wait=wait,
+                want_futures=False,
+                quality=quality,
+                **self._route_limits(max_age),
+            )
         )[0].message_id
 
     async def route_many(
@@ -489,11 +522,18 @@ class ProcessorRegistry:
         *,
         wait: float | None = None,
         quality: int = 85,
+        max_age: float | None = None,
     ) -> list[str]:
         """:meth:`route` for a batch, written in pipelines; message ids in the items' order.
-        Frames are sent as capacity frees up; ``wait`` bounds each wait for capacity."""
+        Frames are sent as capacity frees up; ``wait`` bounds each wait for capacity;
+        ``max_age`` as for :meth:`route`, counted for each frame from its own entry."""
         tracks = await self._dispatch(
-            items, capability, wait=wait, want_futures=False, quality=quality
+            items,
+            capability,
+            wait=wait,
+            want_futures=False,
+            quality=quality,
+            **self._route_limits(max_age),
         )
         return [t.message_id for t in tracks]
 
@@ -509,13 +549,22 @@ class ProcessorRegistry:
         """Route one frame and wait for its result (``ok`` or not: see
         :meth:`ProcessorResult.check`). No result within ``timeout`` (default
         ``result_timeout``): :class:`ResultTimeoutError`, counted as a failure of the
-        processor by its circuit breaker."""
+        processor by its circuit breaker. The frame's deadline is the same ``timeout`` after
+        its entry was written: a processor that reaches it later (it was away, or its backlog
+        was long) skips it unrun (:mod:`~framepipe.processors.fleet.deadlines`)."""
+        limit = self.result_timeout if timeout is None else timeout
         track = (
-            await self._dispatch([item], capability, wait=wait, want_futures=True, quality=quality)
+            await self._dispatch(
+                [item],
+                capability,
+                wait=wait,
+                want_futures=True,
+                quality=quality,
+                result_wait=limit,
+                ttl=limit,
+            )
         )[0]
         assert track.future is not None
-        limit = self.result_timeout if timeout is None else timeout
-        track.timeout = limit
         future = track.future
         # on time, InFlight.expire fails the future with ResultTimeoutError (no task cancellation)
         timer = asyncio.get_running_loop().call_later(limit, self._inflight.expire, track, limit)
@@ -525,3 +574,22 @@ class ProcessorRegistry:
             timer.cancel()
             if not track.future.done():  # cancelled caller: forget the frame's future
                 track.future.cancel()
+
+    def _route_limits(self, max_age: float | None) -> _Limits:
+        """A routed frame's deadline (``max_age``, else ``route_max_age``) and how long its
+        capacity is held here for its result: ``result_timeout``, or its deadline when that
+        comes first (a processor skips it then, unanswered)."""
+        _check_max_age(max_age, "max_age")
+        ttl = self.route_max_age if max_age is None else max_age
+        wait = self.result_timeout if ttl is None else min(ttl, self.result_timeout)
+        return {"result_wait": wait, "ttl": ttl}
+
+
+class _Limits(TypedDict):
+    result_wait: float
+    ttl: float | None
+
+
+def _check_max_age(value: float | None, name: str) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive seconds or None (no limit), not {value!r}")
