@@ -26,7 +26,7 @@ from framepipe.jobs.records import list_events
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
 from framepipe.processors.adapters import ModelAdapter
-from media import make_clip
+from media import make_clip, read_counter
 from waiting import free_port
 
 # the ML video example end to end, with model servers and scripts as processes
@@ -587,3 +587,37 @@ def test_the_model_server_refuses_an_unknown_style_as_a_bad_request(
             timeout=60,
         )
         assert good.status_code == 200 and good.json()["frames"] == FRAMES
+
+
+UNPADDED_MODEL = """\
+import argparse, pathlib, sys
+sys.path.insert(0, {tests!r})
+import cv2
+from media import counter_image
+parser = argparse.ArgumentParser()
+for name in ("--input", "--prompt", "--style", "--seed", "--output-dir"):
+    parser.add_argument(name)
+args = parser.parse_args()
+frames = pathlib.Path(args.output_dir) / "frames"
+frames.mkdir(parents=True)
+for i in range(12):  # frame_0.png ... frame_11.png: numbered, not zero-padded
+    (frames / f"frame_{{i}}.png").write_bytes(cv2.imencode(".png", counter_image(i))[1].tobytes())
+print(f"frames_path: {{frames}}", flush=True)
+"""
+
+
+def test_a_model_numbering_its_frames_without_padding_gets_them_stitched_in_order(
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model naming its frames ``frame_0.png ... frame_11.png`` (or a zero-padded one past
+    its padding) got a video in text order: 0, 1, 10, 11, 2, 3 ..."""
+    script = tmp_path / "unpadded_model.py"
+    script.write_text(UNPADDED_MODEL.format(tests=str(Path(__file__).resolve().parent)))
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "python")
+    monkeypatch.setenv("PYTHON_PATH", sys.executable)
+    monkeypatch.setenv("PYTHON_SCRIPT", str(script))
+    info, _ = run_ml(settings, clip, width=160)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    with av.open(str(result_video(settings, info))) as container:
+        shown = [read_counter(f.to_ndarray(format="bgr24")) for f in container.decode(video=0)]
+    assert shown == list(range(12))
