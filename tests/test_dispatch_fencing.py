@@ -79,7 +79,8 @@ def test_the_first_claimant_of_a_lost_claim_is_fenced_off(store: StateStore) -> 
         Round(outcomes=[_done(first, {"by": 1})], progress=[progress], spawns=[spawn]),
         worker=A,
     )
-    assert late.fenced == [(execution_id, "only", first.attempt)] * 2  # the spawn, the outcome
+    # the spawn, the progress report, the outcome: each fenced, each named
+    assert late.fenced == [(execution_id, "only", first.attempt)] * 3
     with store.read() as conn:
         row = conn.execute(
             sa.select(steps.c.status, steps.c.worker, steps.c.progress, steps.c.message).where(

@@ -5,13 +5,18 @@ ran since the last clean stop."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
-from framepipe.backends.state import workers
+import worker_pipelines as wp
+from framepipe.backends.state import steps, workers
+from framepipe.jobs.models import ExecutionStatus
 from framepipe.jobs.records import count_jobs
 from test_jobs_workers import Cluster, broker, cluster_factory
 from waiting import wait_until
@@ -45,3 +50,81 @@ def test_a_killed_worker_is_no_longer_counted_running(
     assert status_of(survivor.pid) == "running"
     assert count_jobs(cluster.store).workers == {"running": 1, "lost": 1}
     assert survivor.poll() is None
+
+
+def test_a_worker_stops_a_step_its_reports_find_taken_over_and_says_so_once(
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
+    # The step is taken over under the worker's feet, as a second claim of the same attempt
+    # after a database crash lost the first: the row names another worker. The step reports
+    # every 50 ms, so its next round of reports is fenced (sooner than the lease renewal
+    # notices): the step is stopped at once and the log says so once for the attempt, not
+    # once per round of reports.
+    cluster = cluster_factory(pg_url, broker, lease_seconds=3.0)
+    first = cluster.worker()
+    cluster.wait_registered(first)
+    execution_id = cluster.submit(wp.reporting, seconds=8)
+    wait_until(
+        "the step to start", lambda: ["start", "busy", "1", str(first.pid)] in cluster.runs_log()
+    )
+    with cluster.store.write() as conn:
+        conn.execute(
+            sa.update(steps)
+            .where(steps.c.execution_id == execution_id, steps.c.key == "busy")
+            .values(worker="elsewhere#0:1:gone", lease_until=time.time() - 1)
+        )
+    wait_until(
+        "attempt 1 to be stopped",
+        lambda: ["stopped", "busy", "1", str(first.pid)] in cluster.runs_log(),
+        explain=lambda: cluster.log(1)[-2000:],
+        timeout=10,
+    )
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data == {"busy_attempt": 2}
+    said = re.compile(
+        rf"lost the lease of step busy of {execution_id[:8]} \(attempt 1\)"
+        rf"|step busy of {execution_id[:8]} attempt 1 no longer held"
+    )
+    assert len(said.findall(cluster.log(1))) == 1, cluster.log(1)
+    assert first.poll() is None
+
+
+def test_a_woken_worker_stops_its_taken_over_step_and_says_so_once(
+    cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
+) -> None:
+    # A paused worker's step reports progress all the time: when it wakes, its reports (or
+    # its lease renewal, whichever comes first) find the step taken over. The step is stopped
+    # at once, and the log says so once for the attempt, not once per round of reports.
+    cluster = cluster_factory(pg_url, broker, lease_seconds=1.5)
+    first = cluster.worker()
+    cluster.wait_registered(first)
+    execution_id = cluster.submit(wp.reporting, seconds=6)
+    wait_until(
+        "the step to start", lambda: ["start", "busy", "1", str(first.pid)] in cluster.runs_log()
+    )
+    os.kill(first.pid, signal.SIGSTOP)
+    second = cluster.worker()
+    try:
+        wait_until(
+            "another worker to take the step over",
+            lambda: [r for r in cluster.running(execution_id) if r.attempt == 2],
+            timeout=20,
+        )
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    said = re.compile(
+        rf"lost the lease of step busy of {execution_id[:8]} \(attempt 1\)"
+        rf"|step busy of {execution_id[:8]} attempt 1 no longer held"
+    )
+    wait_until(
+        "attempt 1 to be stopped",
+        lambda: ["stopped", "busy", "1", str(first.pid)] in cluster.runs_log(),
+        explain=lambda: cluster.log(1)[-2000:],
+    )
+    info = cluster.wait(execution_id)
+    assert info.status is ExecutionStatus.COMPLETED
+    assert info.data == {"busy_attempt": 2}
+    assert ["end", "busy", "1", str(first.pid)] not in cluster.runs_log()
+    assert len(said.findall(cluster.log(1))) == 1, cluster.log(1)
+    assert second.poll() is None

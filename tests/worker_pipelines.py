@@ -577,3 +577,22 @@ async def hog(ctx: StepContext) -> dict[str, Any]:
     time.sleep(float(ctx.inputs["block"]))  # noqa: ASYNC251 - blocking the loop is the point
     _log(ctx, "end")
     return {"hog_done_by": os.getpid(), "hog_attempt": ctx.attempt}
+
+
+reporting = Pipeline("wk_reporting")
+
+
+@reporting.step()
+def busy(ctx: StepContext) -> dict[str, Any]:
+    """Reports progress every 50 ms for ``seconds``; logs ``stopped`` if told to stop."""
+    _log(ctx, "start")
+    began = time.monotonic()
+    seconds = float(ctx.inputs["seconds"])
+    while (elapsed := time.monotonic() - began) < seconds:
+        if ctx.cancelled:
+            _log(ctx, "stopped")
+            ctx.check_cancelled()
+        ctx.progress(100 * elapsed / seconds)
+        time.sleep(0.05)
+    _log(ctx, "end")
+    return {"busy_attempt": ctx.attempt}

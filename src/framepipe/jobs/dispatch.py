@@ -436,7 +436,8 @@ def commit_round(
                 continue
             _commit_spawns(tx, x, part.spawns, result)
             for p in part.progress:
-                tx.progress(x, p)
+                if not tx.progress(x, p):
+                    result.fenced.append((p.execution_id, p.key, p.attempt))
             done = [o for o in part.outcomes if o.kind == "done"]
             for o in tx.complete(x, done):
                 result.fenced.append((o.execution_id, o.key, o.attempt))

@@ -392,13 +392,16 @@ class Transaction:
             x.active += n
         self.ready.extend(Delivery(x.id, k) for k in keys)
 
-    def progress(self, x: ExecutionRow, p: ProgressUpdate) -> None:
-        """Commit a running attempt's progress report (nothing if fenced)."""
-        if self.conn.execute(
-            steps.update()
-            .where(*held_by(x.id, p.key, p.attempt, self.holder))
-            .values(progress=p.pct, message=p.message)
-        ).rowcount:
+    def progress(self, x: ExecutionRow, p: ProgressUpdate) -> bool:
+        """Commit a running attempt's progress report; False if fenced (nothing written)."""
+        committed = bool(
+            self.conn.execute(
+                steps.update()
+                .where(*held_by(x.id, p.key, p.attempt, self.holder))
+                .values(progress=p.pct, message=p.message)
+            ).rowcount
+        )
+        if committed:
             x.wsum += p.weight * (p.pct - p.before)
             self.emit(
                 "step.progress",
@@ -410,6 +413,7 @@ class Transaction:
                     "execution_progress": x.refresh_progress(),
                 },
             )
+        return committed
 
     def retries_due(self, failed: Sequence[Outcome]) -> list[tuple[float, Delivery]]:
         """When each of the ``failed`` attempts that is to be retried runs again."""

@@ -5,7 +5,8 @@ window's free slots, so tiny steps are claimed and committed in batches.
 
 * when a step's last progress report and its outcome wait for the same round, the report is
   committed first, not dropped; a report or outcome of an attempt this worker no longer holds
-  (its lease was taken over) is not written;
+  (its lease was taken over) is not written, a run still going is stopped, and that is said
+  once per attempt;
 * a round the store refuses for its data (not a lost connection) is committed piece by piece,
   and only the attempt a refused piece belongs to is failed, for good, saying why
   (:mod:`framepipe.jobs.refusals`);
@@ -25,7 +26,7 @@ from framepipe.jobs.refusals import merge, piece_attempt, refused_outcome, round
 from framepipe.jobs.rounds import Delivery, ProgressUpdate, Round, RoundResult
 from framepipe.jobs.storable import brief_error
 from framepipe.jobs.worker.connections import Connections, is_transient
-from framepipe.jobs.worker.runs import Attempt, Runs
+from framepipe.jobs.worker.runs import Attempt, Run, Runs
 from framepipe.jobs.worker.window import ClaimWindow
 from framepipe.logs import get_logger
 
@@ -106,21 +107,36 @@ class Committer:
             self._window.release(take - (len(result.claimed) if result is not None else 0))
         if result.claimed:
             self._runs.start_all(self._runs.prepare(result.claimed))
+        ended = {run.ident: run for run, _outcome in pending.outcomes}
         for run, outcome in pending.outcomes:
             self._runs.committed(run, outcome)
-        for execution_id, key, attempt in result.fenced:
-            _log.warning(
-                "Worker %s: step %s of %s attempt %d no longer held by this worker "
-                "(its lease was taken over); its late writes were discarded",
-                self._id,
-                key,
-                execution_id[:8],
-                attempt,
-            )
+        for ident in dict.fromkeys(result.fenced):
+            self._taken_over(ident, ended.get(ident))
         if result.ready:
             self._connections.publish(result.ready)
         for at, delivery in result.retry_at:
             self._retry_later(at, delivery)
+
+    def _taken_over(self, ident: Attempt, ended: Run | None) -> None:
+        """Writes of attempt ``ident`` were fenced (another worker holds the step now): a run
+        still going is cut off (told to stop, its slot freed, nothing more of it written).
+        Said once per attempt: not for a run already cut off (its lost lease was said)."""
+        if ended is None:
+            run = self._runs.get(ident)
+            if run is None or not self._runs.cut_off(run):
+                return  # cut off already, by a renewal that found the lease lost
+        elif ended.lost:
+            return
+        execution_id, key, attempt = ident
+        _log.warning(
+            "Worker %s: step %s of %s attempt %d no longer held by this worker "
+            "(its lease was taken over); %sits late writes were discarded",
+            self._id,
+            key,
+            execution_id[:8],
+            attempt,
+            "" if ended is not None else "stopping it; ",
+        )
 
     async def _salvage(self, work: Round, exc: Exception) -> RoundResult:
         """Commit a round the store refused for its data (not a lost connection) piece by
