@@ -1,12 +1,18 @@
 """Chaos on RabbitMQ itself, through the delivery (``framepipe.jobs.delivery.amqp``): a private
 node under a resource alarm (its disk limit raised above the free space, as a full disk does)
 blocks every connection that publishes. A worker's publications then fail after the timeout,
-but the steps it took stay its own to settle: consuming and acknowledging go on."""
+but the steps it took stay its own to settle: consuming and acknowledging go on. A node that
+stops, or freezes, and comes back leaves no connection for aio-pika's finaliser to close."""
 
 from __future__ import annotations
 
+import gc
+import os
+import signal
 import subprocess
+import threading
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +20,7 @@ import pytest
 
 from brokers import PrivateRabbitMQ
 from framepipe.errors import BrokerError
-from framepipe.jobs.delivery import Delivery, Received, open_delivery
+from framepipe.jobs.delivery import Delivery, Received, StepDelivery, open_delivery
 from waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
@@ -72,3 +78,67 @@ def test_a_resource_alarm_blocks_publishing_not_consuming(rabbit: PrivateRabbitM
     finally:
         feeder.close()
         worker.close()
+
+
+@pytest.mark.parametrize("outage", ["stopped", "frozen"])
+def test_an_outage_leaves_no_connection_to_aio_pikas_finaliser(
+    rabbit: PrivateRabbitMQ, outage: str
+) -> None:
+    # An outage ends both connections under the delivery: RabbitMQ closes them (stopped), or
+    # closing them is cut short by the timeout (frozen). One not closed here is closed later by
+    # aio-pika's finaliser, in whichever thread collects it: no event loop runs there, and
+    # Python prints "RuntimeWarning: coroutine 'Connection.close' was never awaited".
+    namespace = f"fp-outage-{uuid.uuid4().hex[:6]}:"
+    run = uuid.uuid4().hex[:8]
+    worker = open_delivery(rabbit.url, namespace, timeout=2.0)
+    try:
+        worker.publish([Delivery(run, "a")])
+        wait_until(
+            "the worker to take a step", lambda: bool(worker.take("w", 1, wait=0.2, window=1))
+        )
+        worker.publish([Delivery(run, "b")])  # both connections open when the outage starts
+        assert rabbit.proc is not None
+        if outage == "stopped":
+            rabbit.shutdown()
+        else:
+            os.killpg(rabbit.proc.pid, signal.SIGSTOP)
+        with pytest.raises(BrokerError):
+            worker.publish([Delivery(run, "c")])
+        with pytest.raises(BrokerError):
+            worker.backlog()
+        if outage == "stopped":
+            rabbit.start()
+        else:
+            os.killpg(rabbit.proc.pid, signal.SIGCONT)
+        wait_until("publishing to work again", lambda: publishes(worker, Delivery(run, "c")))
+        keys: list[str] = []
+        wait_until(
+            "the worker to take the step published after the outage",
+            lambda: "c" in takes(worker, keys),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collector = threading.Thread(target=gc.collect)  # a thread with no event loop
+            collector.start()
+            collector.join()
+        assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    finally:
+        if rabbit.proc is not None:
+            os.killpg(rabbit.proc.pid, signal.SIGCONT)
+        worker.close()
+
+
+def publishes(delivery: StepDelivery, step: Delivery) -> bool:
+    try:
+        delivery.publish([step])
+    except BrokerError:
+        return False
+    return True
+
+
+def takes(delivery: StepDelivery, keys: list[str]) -> list[str]:
+    """``keys`` with those of the steps ``delivery`` takes now added (and acknowledged)."""
+    taken = delivery.take("w", 3, wait=0.2, window=3)
+    delivery.ack(taken)
+    keys.extend(r.delivery.key for r in taken)
+    return keys

@@ -32,7 +32,9 @@ There are two connections: one consumes and settles, one publishes. RabbitMQ's r
 publications fail after the timeout but what a worker took stays its own to settle and the
 queue is drained. On any failure the connection concerned is closed (RabbitMQ then requeues
 what the consuming one held) and the next call connects again; each call is bounded by
-``timeout``.
+``timeout``. A connection is replaced only once its ``close()`` was awaited here, also one
+that RabbitMQ closed or whose closing the timeout cut short, so none is left to aio-pika's
+finaliser.
 
 At some 600 lines the module is one concept, one client of RabbitMQ: the calling threads'
 methods and the loop's share its connections, channels, consumer and unsettled messages, and
@@ -123,6 +125,8 @@ class AmqpDelivery(StepDelivery):
         self._tag: str | None = None
         self._declared = False
         self._tags = 0
+        # Connections RabbitMQ closed (a broker gone, a forced close), to close here too.
+        self._stale: list[AbstractConnection] = []
 
     # -- the calling threads -------------------------------------------------------------------
 
@@ -505,10 +509,17 @@ class AmqpDelivery(StepDelivery):
         result = queue.declaration_result
         return int(result.message_count or 0), int(result.consumer_count or 0)
 
-    def _on_close(self, sender: Any, *_args: Any) -> None:
+    def _on_close(self, sender: AbstractConnection | None, *_args: Any) -> None:
+        """A connection closed under the delivery (RabbitMQ closed it, or went away; one
+        closed here was forgotten first): forgotten at once, and kept to be closed here by
+        the next drop (:meth:`_close_stale`)."""
+        if sender is None:
+            return
         if sender is self._conn:
+            self._stale.append(sender)
             self._reset()
         elif sender is self._pconn:
+            self._stale.append(sender)
             self._reset_publisher()
 
     def _reset_publisher(self) -> None:
@@ -534,10 +545,24 @@ class AmqpDelivery(StepDelivery):
         conn = self._pconn
         self._reset_publisher()
         await self._close(conn)
+        await self._close_stale()
+
+    async def _close_stale(self) -> None:
+        """Close the connections RabbitMQ closed (:meth:`_on_close`), so each is replaced
+        only once its ``close()`` was awaited: one left to aio-pika's finaliser is closed from
+        whichever thread collects it, where no event loop runs ("RuntimeWarning: coroutine
+        'Connection.close' was never awaited", once per outage)."""
+        while self._stale:
+            await self._close(self._stale.pop())
 
     async def _close(self, conn: AbstractConnection | None) -> None:
-        """Close ``conn``, waiting a timeout at most (a blocked or frozen one never answers)."""
-        if conn is not None and not conn.is_closed:
+        """Close ``conn``, waiting a timeout at most (a blocked or frozen one never answers).
+        A close cut short is finished at once (aio-pika let go of the transport when it began,
+        so nothing more is sent): one left unfinished is closed by aio-pika's finaliser, from
+        a thread with no event loop."""
+        for _ in range(2):
+            if conn is None or conn.is_closed:
+                return
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 async with asyncio.timeout(self._timeout):
                     await conn.close()
