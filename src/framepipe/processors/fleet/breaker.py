@@ -7,7 +7,11 @@ trial frame; its success closes the circuit, its failure opens it again.
 
 Each request counts once, by how it ended: its result, or its timeout. A result that comes
 after its request timed out (late) counts for nothing, so a processor that answers only after
-its callers gave up is opened by its timeouts, and a late error is not a second failure.
+its callers gave up is opened by its timeouts, and a late error is not a second failure. A
+timeout Redis may be to blame for (the request was in flight when Redis restarted and lost its
+data, or it ran out while Redis was away) counts for nothing either
+(:mod:`~framepipe.processors.fleet.inflight`): a restart that loses a healthy processor's
+frames does not open its circuit.
 """
 
 from __future__ import annotations

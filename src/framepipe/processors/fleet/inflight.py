@@ -8,6 +8,12 @@ registry stopped. At its end its capacity is freed and the entries it was writte
 remembered as an ended request's
 (:class:`~framepipe.processors.fleet.replies.Ended`), so that a result without a reply token
 answering one of them is not taken for a newer request of the same frame id.
+
+An expired request is a failure of its processor, unless Redis may have lost it: a request
+routed before Redis restarted (:meth:`InFlight.redis_restarted`: its frame or its result may
+be gone with Redis's data), or one that expires while the registry finds Redis away
+(:attr:`InFlight.redis_away`: nothing can come through). Those fail their calls all the same,
+and count for nothing in the processor's circuit breaker.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class Track:
     reply_token: str = ""
     """The request's token on the wire: only a result that echoes it is this frame's (see
     :func:`~framepipe.processors.fleet.protocol.answers`)."""
+    redis_life: int = 0
+    """The :attr:`InFlight.redis_life` it was routed in."""
     entries: list[tuple[str, str]] = field(default_factory=list)
     """``(processor_id, entry id)`` of every entry this registry wrote for the request (its
     route, the reaper's moves), as they became known: remembered when it ends
@@ -71,6 +79,14 @@ class InFlight:
         self.changed = changed
         self.tracks: dict[str, Track] = {}
         """Frame id -> its request in flight."""
+        self.redis_life = 0
+        """The restarts of Redis seen since the registry started."""
+        self.redis_away = False
+        """True from the moment the registry finds Redis unreachable until it has checked,
+        with Redis back, whether Redis restarted meanwhile."""
+        self.unblamed = 0
+        """Requests expired without counting against their processor (see the module
+        docstring)."""
 
     def reserve(
         self,
@@ -92,7 +108,16 @@ class InFlight:
         future = asyncio.get_running_loop().create_future() if want_future else None
         now = time.monotonic()
         token = secrets.token_hex(8)
-        track = Track(frame_id, proc.id, capability, now, future, timeout, reply_token=token)
+        track = Track(
+            frame_id,
+            proc.id,
+            capability,
+            now,
+            future,
+            timeout,
+            reply_token=token,
+            redis_life=self.redis_life,
+        )
         proc.breaker.sent(frame_id)
         proc.outstanding.add(frame_id)
         proc.last_routed = now
@@ -128,15 +153,23 @@ class InFlight:
         if self.tracks.get(track.frame_id) is not track:
             self.remember(track.frame_id, [(processor_id, entry_id)])
 
+    def redis_restarted(self) -> int:
+        """Redis restarted (it may have lost its data): the requests in flight now are not
+        counted against their processors when they expire. Returns how many there are."""
+        self.redis_life += 1
+        return len(self.tracks)
+
     def expire(self, track: Track, timeout: float) -> None:
         """End ``track``'s request for want of a result within ``timeout`` seconds (unless it
-        ended already): a failure of its processor; its call fails with
-        :class:`ResultTimeoutError`."""
+        ended already): a failure of its processor unless Redis may have lost it (see the
+        module docstring); its call fails with :class:`ResultTimeoutError`."""
         if self.tracks.get(track.frame_id) is not track:
             return  # its result came (or the registry stopped) meanwhile
         self.release(track)
         proc = self.procs.get(track.processor_id)
-        if proc is not None:
+        if self.redis_away or track.redis_life != self.redis_life:
+            self.unblamed += 1
+        elif proc is not None:
             proc.breaker.failed(f"no result within {timeout:g}s")
         if track.future is not None and not track.future.done():
             track.future.set_exception(

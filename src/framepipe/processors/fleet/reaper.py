@@ -24,6 +24,12 @@ A background task of :class:`~framepipe.processors.fleet.routing.ProcessorRegist
   are not deliveries). The stream of a processor that stopped gracefully with entries left is
   handled the same way.
 * The reply entries already read are trimmed, and waits past their timeout expire.
+* A restart of Redis (its ``run_id`` changed since the last tick) is noticed: the requests in
+  flight then may have been lost with Redis's data, and their timeouts do not count against
+  their processors' circuit breakers
+  (:meth:`~framepipe.processors.fleet.inflight.InFlight.redis_restarted`); nor do the
+  timeouts while Redis is away, until a tick has checked its run id again. A Redis that
+  refuses ``INFO`` (an ACL without it) is not checked.
 
 A record Redis cannot read (:meth:`~framepipe.processors.fleet.registry.Registrations.read`)
 and a processor whose checks Redis refuses for good (its stream a key of another type) are
@@ -140,6 +146,7 @@ class Reaper:
         self.registry = registry
         self._waiting_logged: set[str] = set()
         self._failing: set[str] = set()  # processors whose last check Redis refused (logged)
+        self._run_id: str | None = ""  # Redis's run id as last seen (None: INFO refused)
 
     async def watch(self) -> None:
         """Tick every ``poll_interval`` until the registry closes; Redis being away or
@@ -155,6 +162,7 @@ class Reaper:
             try:
                 await self.tick()
             except RegistryConnectionError as exc:
+                registry._inflight.redis_away = True
                 failures += 1
                 if failures == 1:
                     registry.log.warning("health watch: %s; retrying", exc)
@@ -162,6 +170,7 @@ class Reaper:
             except REDIS_ERRORS as exc:
                 if not unavailable(exc):
                     raise
+                registry._inflight.redis_away = True
                 failures += 1
                 if failures == 1 or kind(exc) != said:
                     said = kind(exc)
@@ -174,10 +183,11 @@ class Reaper:
                 failures = 0
 
     async def tick(self) -> None:
-        """Refresh the mirror; mark silent processors dead; reap the dead and stopped; trim
-        the reply stream; expire waits that outlived their timeout."""
+        """Notice a restart of Redis; refresh the mirror; mark silent processors dead; reap the
+        dead and stopped; trim the reply stream; expire waits that outlived their timeout."""
         registry = self.registry
         redis = registry._require()
+        await self.check_restart(redis)
         await registry.refresh()
         now = time.monotonic()
         for proc in list(registry._procs.values()):
@@ -194,6 +204,38 @@ class Reaper:
         for track in list(registry._routed.values()):  # call() expires its own, on time
             if now - track.routed_at > track.timeout + registry.poll_interval:
                 registry._inflight.expire(track, track.timeout)
+
+    async def check_restart(self, redis: Redis) -> None:
+        """Compare Redis's ``run_id`` with the one last seen: a new one is a restart, whose
+        requests in flight then do not count against their processors when they expire. Then
+        Redis is no longer away for the requests (see the module docstring)."""
+        registry = self.registry
+        if self._run_id is not None:
+            try:
+                info = await redis.info("server")
+            except ResponseError as exc:
+                if unavailable(exc):
+                    raise
+                self._run_id = None
+                registry.log.info(
+                    "health watch: Redis refuses INFO (%s); a restart of Redis is not "
+                    "noticed, and frames it loses count as timeouts of their processors",
+                    loggable(str(exc), 200),
+                )
+            else:
+                run = str(info.get("run_id") or "")
+                if self._run_id and run and run != self._run_id:
+                    count = registry._inflight.redis_restarted()
+                    registry.log.warning(
+                        "Redis restarted (run id %s, was %s): the %d frame(s) in flight may "
+                        "have been lost with its data; their timeouts do not count against "
+                        "their processors' circuits",
+                        run[:12],
+                        self._run_id[:12],
+                        count,
+                    )
+                self._run_id = run or self._run_id
+        registry._inflight.redis_away = False
 
     async def check(self, redis: Redis, proc: Registration, now: float) -> None:
         """Mark ``proc`` dead when it has been silent too long; reap it when dead or stopped."""

@@ -133,6 +133,7 @@ class ReplyReader:
                     return
                 if not unavailable(exc):
                     raise
+                registry._inflight.redis_away = True  # until the health watch checked it
                 failures += 1
                 if failures == 1 or kind(exc) != said:
                     said = kind(exc)

@@ -187,6 +187,12 @@ class ProcessorRegistry:
             raise
         self._redis = redis
         self._routes, self._replies = Wire(redis), Wire(redis)
+        try:
+            await self._reaper.check_restart(redis)  # Redis's run id, to notice a restart
+        except REDIS_ERRORS as exc:
+            if not unavailable(exc):
+                raise
+            raise self._down(exc) from exc
         await self.refresh()
         for coro, name in ((self._reader.run(), "replies"), (self._reaper.watch(), "watch")):
             task = asyncio.create_task(coro, name=f"registry-{self.registry_id}:{name}")
