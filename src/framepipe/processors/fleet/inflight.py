@@ -84,9 +84,6 @@ class InFlight:
         self.redis_away = False
         """True from the moment the registry finds Redis unreachable until it has checked,
         with Redis back, whether Redis restarted meanwhile."""
-        self.unblamed = 0
-        """Requests expired without counting against their processor (see the module
-        docstring)."""
 
     def reserve(
         self,
@@ -167,9 +164,8 @@ class InFlight:
             return  # its result came (or the registry stopped) meanwhile
         self.release(track)
         proc = self.procs.get(track.processor_id)
-        if self.redis_away or track.redis_life != self.redis_life:
-            self.unblamed += 1
-        elif proc is not None:
+        blameless = self.redis_away or track.redis_life != self.redis_life
+        if proc is not None and not blameless:
             proc.breaker.failed(f"no result within {timeout:g}s")
         if track.future is not None and not track.future.done():
             track.future.set_exception(

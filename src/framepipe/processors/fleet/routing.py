@@ -38,6 +38,10 @@ Routing (:meth:`ProcessorRegistry.route`, :meth:`~ProcessorRegistry.route_many`,
   new one (from a processor of an older framepipe, which echoes no token: unless the entry it
   answered is not known here); a result that does not come within ``result_timeout`` (or the
   call's timeout) fails the call with :class:`~framepipe.errors.ResultTimeoutError`.
+* Deadlines: a call's entry carries its result timeout as the frame's time to live
+  (``ttl_ms``), a route's its ``max_age`` (``route_max_age``; none by default): a processor
+  that reaches the frame later skips it unrun
+  (:mod:`~framepipe.processors.fleet.deadlines`).
 
 Health (dead processors, their frames re-routed): see :mod:`~framepipe.processors.fleet.reaper`.
 
