@@ -26,6 +26,7 @@ from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 
 if TYPE_CHECKING:
+    from redis_servers import PrivateRedis
     from s3server import S3Server
 
 # Never let an AWS SDK look for instance metadata (a non-loopback address) during the tests.
@@ -144,6 +145,16 @@ def redis_namespace(prefix: str) -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own (tests/redis_servers.py), without persistence or a
+    password, started; stopped afterwards."""
+    from redis_servers import PrivateRedis, running
+
+    with running(PrivateRedis(tmp_path)) as server:
+        yield server
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from conftest import REDIS_URL, redis_namespace
 from framepipe.errors import DetectorUnavailableError
 from framepipe.server.detector import DetectorHub
 from framepipe.server.detector_relay import Relay, RemoteDetectorHub
-from test_processors_remote import PrivateRedis
+from redis_servers import PrivateRedis
 
 PASSWORD = "relay-secret-5e1f"
 

@@ -11,11 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
-import signal
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -43,6 +40,7 @@ from framepipe.backends.state.retention import parse_duration, prune_events
 from framepipe.backends.state.schema import events
 from framepipe.backoff import Backoff
 from media import free_port
+from redis_servers import PrivateRedis, running
 from waiting import wait_until_async
 
 FAST = Backoff(0.05, 2.0, 0.2, 0)
@@ -417,80 +415,28 @@ def test_an_event_emitted_outside_the_loop_is_queued_and_written_at_close() -> N
 # -- outages: a private Redis stopped, hung, full; a store that refuses writes -----------------
 
 
-class PrivateRedis:
-    """A redis-server of the test's own on a free port; its append-only file keeps the
-    stream across :meth:`stop` and :meth:`start`."""
+def stream_entries(url: str, stream: str) -> list[dict[str, Any]]:
+    """The stream's entries: their fields, ``data`` decoded."""
+    import redis
 
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            service_missing("redis-server", FileNotFoundError("redis-server is not on PATH"))
-        assert binary is not None
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)]
-        self.proc = subprocess.Popen(
-            [self.binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with redis.Redis.from_url(self.url, socket_timeout=1) as client:
-                    client.ping()
-                return
-            except redis.RedisError:
-                assert time.monotonic() < deadline, "the private redis-server did not start"
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused server could not stop
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel, nothing answers."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def entries(self, stream: str) -> list[dict[str, Any]]:
-        """The stream's entries: their fields, ``data`` decoded."""
-        import redis
-
-        with redis.Redis.from_url(self.url) as client:
-            raw = client.xrange(stream)
-        return [
-            {k.decode(): json.loads(v) if k == b"data" else v.decode() for k, v in f.items()}
-            for _, f in raw
-        ]
+    with redis.Redis.from_url(url) as client:
+        raw = client.xrange(stream)
+    return [
+        {k.decode(): json.loads(v) if k == b"data" else v.decode() for k, v in f.items()}
+        for _, f in raw
+    ]
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
+def persistent_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private redis-server whose append-only file keeps the stream across a stop."""
+    with running(PrivateRedis(tmp_path, persistent=True)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
 def test_a_redis_outage_longer_than_the_old_retries_loses_nothing_and_is_logged_once(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    persistent_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis stopped for 3 s, several times what five attempts at this backoff lasted: the
     events wait in the queue and reach the stream in order once it is back; one warning when
@@ -498,18 +444,18 @@ def test_a_redis_outage_longer_than_the_old_retries_loses_nothing_and_is_logged_
 
     async def main() -> RedisEventSink:
         sink = RedisEventSink(
-            private_redis.url, "events", backoff=FAST, connect_timeout=1, socket_timeout=1
+            persistent_redis.url, "events", backoff=FAST, connect_timeout=1, socket_timeout=1
         )
         for i in range(10):
             sink("order.completed", {"n": i})
         await wait_until_async("the first events written", lambda: sink.written == 10)
-        private_redis.stop()
+        persistent_redis.stop()
         for i in range(10, 40):
             sink("order.completed", {"n": i})
             await asyncio.sleep(0.1)
         assert sink.failing_since is not None
         assert (sink.written, sink.dropped, sink.pending) == (10, 0, 30)
-        private_redis.start()
+        persistent_redis.start()
         await wait_until_async(
             "the queue written", lambda: sink.written == 40, 30, explain=sink.stats
         )
@@ -520,29 +466,29 @@ def test_a_redis_outage_longer_than_the_old_retries_loses_nothing_and_is_logged_
     with caplog.at_level(logging.INFO, logger="framepipe"):
         sink = asyncio.run(main())
     assert (sink.written, sink.dropped, sink.pending) == (40, 0, 0)
-    entries = private_redis.entries("events")
+    entries = stream_entries(persistent_redis.url, "events")
     assert [e["data"]["n"] for e in entries] == list(range(40))
     lines = _lines(caplog, "redis")
     assert len(lines) == 2, lines
     warning, recovered = lines
-    assert warning.startswith(f"WARNING event sink redis ({private_redis.url} stream events)")
+    assert warning.startswith(f"WARNING event sink redis ({persistent_redis.url} stream events)")
     assert "cannot write (" in warning and "): ConnectionError: " in warning and "\n" not in warning
-    assert recovered.startswith(f"INFO event sink redis ({private_redis.url} stream events)")
+    assert recovered.startswith(f"INFO event sink redis ({persistent_redis.url} stream events)")
     assert " writes again after " in recovered
     assert recovered.endswith(": 30 event(s) waited, 0 dropped meanwhile")
 
 
 @pytest.mark.slow
 def test_an_outage_that_overflows_the_queue_drops_the_oldest_queued_and_counts_them(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    persistent_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis away from the start; the first batch (4 events) is being retried, 10 more fit in
     the queue: of the 26 events behind the batch the oldest 16 are dropped. The stream shows
     the gap in the ``event_id`` sequence."""
-    private_redis.stop()
+    persistent_redis.stop()
 
     async def main() -> RedisEventSink:
-        sink = RedisEventSink(private_redis.url, "events", max_pending=10, batch=4, backoff=FAST)
+        sink = RedisEventSink(persistent_redis.url, "events", max_pending=10, batch=4, backoff=FAST)
         for i in range(4):
             sink("order.completed", {"n": i})
         await wait_until_async("the first batch taken", lambda: len(sink._inflight) == 4)
@@ -551,7 +497,7 @@ def test_an_outage_that_overflows_the_queue_drops_the_oldest_queued_and_counts_t
         assert (sink.dropped, sink.pending) == (16, 14)
         await asyncio.sleep(1.5)  # longer than the old retries: no more dropped
         assert (sink.written, sink.dropped, sink.pending) == (0, 16, 14)
-        private_redis.start()
+        persistent_redis.start()
         await wait_until_async("the queue written", lambda: sink.written == 14, 30)
         await sink.aclose()
         return sink
@@ -559,7 +505,7 @@ def test_an_outage_that_overflows_the_queue_drops_the_oldest_queued_and_counts_t
     with caplog.at_level(logging.INFO, logger="framepipe"):
         sink = asyncio.run(main())
     assert (sink.written, sink.dropped) == (14, 16)
-    entries = private_redis.entries("events")
+    entries = stream_entries(persistent_redis.url, "events")
     assert [e["data"]["n"] for e in entries] == [0, 1, 2, 3, *range(20, 30)]
     assert [int(e["event_id"].split("-")[1]) for e in entries] == [1, 2, 3, 4, *range(21, 31)]
     lines = _lines(caplog, "redis")
@@ -569,32 +515,32 @@ def test_an_outage_that_overflows_the_queue_drops_the_oldest_queued_and_counts_t
 
 @pytest.mark.slow
 def test_a_hung_redis_that_runs_timed_out_writes_later_leaves_repeats_with_one_event_id(
-    private_redis: PrivateRedis,
+    persistent_redis: PrivateRedis,
 ) -> None:
     """Redis paused (SIGSTOP) for 2 s: attempts time out, their commands wait in the socket
     and run when it resumes, and the retry writes them again. Every event is there, in order
     of first appearance, and its repeats carry its ``event_id``."""
 
     async def main() -> RedisEventSink:
-        sink = RedisEventSink(private_redis.url, "events", backoff=FAST, socket_timeout=0.3)
+        sink = RedisEventSink(persistent_redis.url, "events", backoff=FAST, socket_timeout=0.3)
         for i in range(5):
             sink("order.completed", {"n": i})
         await wait_until_async("the first events written", lambda: sink.written == 5)
-        private_redis.pause()
+        persistent_redis.pause()
         try:
             for i in range(5, 15):
                 sink("order.completed", {"n": i})
                 await asyncio.sleep(0.2)
             assert sink.failing_since is not None
         finally:
-            private_redis.resume()
+            persistent_redis.resume()
         await wait_until_async("the queue written", lambda: sink.written == 15, 30)
         await sink.aclose()
         return sink
 
     sink = asyncio.run(main())
     assert (sink.written, sink.dropped) == (15, 0)
-    entries = private_redis.entries("events")
+    entries = stream_entries(persistent_redis.url, "events")
     first: dict[str, int] = {}
     for entry in entries:
         n = first.setdefault(entry["event_id"], entry["data"]["n"])
@@ -604,19 +550,19 @@ def test_a_hung_redis_that_runs_timed_out_writes_later_leaves_repeats_with_one_e
 
 @pytest.mark.slow
 def test_a_partly_refused_pipeline_writes_only_the_rest_again(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    persistent_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis at its memory limit takes the first XADDs of a batch and refuses the rest (OOM):
     those are retried until there is room, and the ones it took are not written twice."""
     import redis
 
-    admin = redis.Redis.from_url(private_redis.url)
+    admin = redis.Redis.from_url(persistent_redis.url)
     used = int(admin.info("memory")["used_memory"])
     admin.config_set("maxmemory", used + 300_000)
     pad = "x" * 50_000
 
     async def main() -> RedisEventSink:
-        sink = RedisEventSink(private_redis.url, "events", backoff=FAST)
+        sink = RedisEventSink(persistent_redis.url, "events", backoff=FAST)
         for i in range(10):
             sink("order.completed", {"n": i, "pad": pad})
         await wait_until_async("the refusal", lambda: sink.failing_since is not None)
@@ -634,7 +580,8 @@ def test_a_partly_refused_pipeline_writes_only_the_rest_again(
             asyncio.run(main())
     finally:
         admin.close()
-    assert [e["data"]["n"] for e in private_redis.entries("events")] == list(range(10))
+    entries = stream_entries(persistent_redis.url, "events")
+    assert [e["data"]["n"] for e in entries] == list(range(10))
     lines = _lines(caplog, "redis")
     assert len(lines) == 2 and "): OutOfMemoryError: command not allowed" in lines[0], lines
 
@@ -824,7 +771,7 @@ def test_data_no_backend_could_hold_is_stored_alike_on_every_backend(store: Stat
 
 @pytest.mark.slow
 def test_an_event_sink_that_cannot_write_makes_the_running_app_degraded(
-    tmp_path: Path, private_redis: PrivateRedis
+    tmp_path: Path, persistent_redis: PrivateRedis
 ) -> None:
     """Its events wait in a queue that drops the oldest once full: the app's health says so
     (DEGRADED, with the sink's counts) while the outage lasts, and RUNNING once it is over."""
@@ -834,17 +781,17 @@ def test_an_event_sink_that_cannot_write_makes_the_running_app_degraded(
     app.add_pipeline(StreamPipeline("cam", PatternSource("cam", fps=20)))
 
     async def main() -> tuple[Any, Any]:
-        sink = RedisEventSink(private_redis.url, "events", backoff=FAST, socket_timeout=0.3)
+        sink = RedisEventSink(persistent_redis.url, "events", backoff=FAST, socket_timeout=0.3)
         sink.attach(app)
         await app.start()
         try:
-            private_redis.pause()
+            persistent_redis.pause()
             try:
                 app.emit("order.completed", {"n": 1})
                 await wait_until_async("the outage", lambda: sink.failing_since is not None)
                 down = app.health()
             finally:
-                private_redis.resume()
+                persistent_redis.resume()
             await wait_until_async("written", lambda: sink.failing_since is None, 30)
             return down, app.health()
         finally:

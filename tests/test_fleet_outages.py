@@ -17,7 +17,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,11 @@ redis_sync = pytest.importorskip("redis")
 from framepipe.backoff import Backoff  # noqa: E402
 from framepipe.errors import ConfigError, NoProcessorError, RegistryConnectionError  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
-from test_processors_remote import FAST, Detector, PrivateRedis, make_frame  # noqa: E402
+from redis_servers import PrivateRedis  # noqa: E402
+from test_processors_remote import FAST, Detector, make_frame  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    redis = PrivateRedis(tmp_path)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 class Gated(ProcessorClient):
@@ -111,20 +101,20 @@ def told(logs: pytest.LogCaptureFixture, logger: str, word: str) -> bool:
 
 
 def test_a_server_refusing_for_a_while_is_waited_out_by_processor_and_registry(
-    server: PrivateRedis, logs: pytest.LogCaptureFixture
+    private_redis: PrivateRedis, logs: pytest.LogCaptureFixture
 ) -> None:
     logs.set_level(logging.DEBUG, logger="framepipe")
 
     async def main() -> None:
-        processor = Gated(server.url, "fpchaos:")
+        processor = Gated(private_redis.url, "fpchaos:")
         serving = asyncio.create_task(processor.start())
         await wait_until_async("the processor never registered", processor._registered.is_set, 10)
         async with ProcessorRegistry(
-            server.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
+            private_redis.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
         ) as registry:
             held = asyncio.create_task(registry.call(make_frame(1), "cap", timeout=60))
             await wait_until_async("the frame never started", lambda: processor.entered == 1, 10)
-            busy = Busy(server.url)
+            busy = Busy(private_redis.url)
             await asyncio.to_thread(busy.start)
             try:
                 processor.release.set()  # its result is published while the server is busy
@@ -179,7 +169,7 @@ def test_a_server_refusing_for_a_while_is_waited_out_by_processor_and_registry(
 
 
 def test_a_processor_reads_again_once_redis_is_back_not_at_the_end_of_its_backoff(
-    server: PrivateRedis,
+    private_redis: PrivateRedis,
 ) -> None:
     """Its reconnection backoff grows while Redis is away (to 30 s by default); the first
     heartbeat that goes through cuts it short, since that heartbeat registers it again and
@@ -190,20 +180,20 @@ def test_a_processor_reads_again_once_redis_is_back_not_at_the_end_of_its_backof
             "face-1",
             ["face_detection"],
             "fpchaos:",
-            url=server.url,
+            url=private_redis.url,
             backoff=Backoff(300.0, 2.0, 300.0, 0.0),  # an outage long enough for the maximum
         )
         serving = asyncio.create_task(detector.start())
         await wait_until_async("the processor never registered", detector._registered.is_set, 10)
         async with ProcessorRegistry(
-            server.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
+            private_redis.url, "fpchaos:", heartbeat_timeout=60, backoff=FAST, poll_interval=0.1
         ) as registry:
             assert (await registry.call(make_frame(1), "face_detection")).ok
-            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(private_redis.stop)
             await wait_until_async(
                 "the processor never noticed", lambda: detector.state == "reconnecting", 20
             )
-            await asyncio.to_thread(server.start)  # empty: it registers again by heartbeat
+            await asyncio.to_thread(private_redis.start)  # empty: it registers again by heartbeat
             deadline = time.monotonic() + 20
             while True:
                 try:
@@ -221,18 +211,18 @@ def test_a_processor_reads_again_once_redis_is_back_not_at_the_end_of_its_backof
 
 
 def test_a_processor_whose_stream_is_deleted_under_its_blocking_read_registers_again(
-    server: PrivateRedis,
+    private_redis: PrivateRedis,
 ) -> None:
     """A registry that declared the processor dead (its event loop held too long, say) and
     found its stream empty deletes it, while the processor's XREADGROUP blocks on it: Redis
     answers that read ``UNBLOCKED``, which ended the processor's start()."""
 
     async def main() -> None:
-        detector = Detector("face-1", ["face_detection"], "fpchaos:", url=server.url)
+        detector = Detector("face-1", ["face_detection"], "fpchaos:", url=private_redis.url)
         detector.poll_interval = 5.0  # each read blocks for long
         serving = asyncio.create_task(detector.start())
         await wait_until_async("the processor never registered", detector._registered.is_set, 10)
-        client = redis_sync.Redis.from_url(server.url)
+        client = redis_sync.Redis.from_url(private_redis.url)
         try:
             await wait_until_async(
                 "its XREADGROUP never blocked",
@@ -240,7 +230,7 @@ def test_a_processor_whose_stream_is_deleted_under_its_blocking_read_registers_a
                 10,
             )
             client.delete(detector.stream)  # as the registry's removal of a dead one does
-            async with ProcessorRegistry(server.url, "fpchaos:", backoff=FAST) as registry:
+            async with ProcessorRegistry(private_redis.url, "fpchaos:", backoff=FAST) as registry:
                 deadline = time.monotonic() + 20
                 while True:
                     assert not serving.done(), f"the processor ended: {serving.exception()}"

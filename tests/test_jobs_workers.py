@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution, list_events
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.runner import run_pipeline
+from redis_servers import PrivateRedis
 from waiting import wait_until
 
 # real `framepipe worker` processes and private broker/database servers
@@ -601,65 +601,26 @@ def test_sigterm_finishes_or_hands_back_the_running_step(
 # -- the broker failing ----------------------------------------------------------------------
 
 
-def _redis_server(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        service_missing(
-            "redis-server (apt-get install redis-server)", FileNotFoundError("redis-server")
-        )
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def up() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until("redis-server to listen", up, timeout=10)
-    return proc
-
-
 @pytest.mark.postgres
 def test_redis_restarting_mid_run_loses_nothing(
-    cluster_factory: Callable[..., Cluster], pg_url: str, tmp_path: Path
+    cluster_factory: Callable[..., Cluster], pg_url: str, private_redis: PrivateRedis
 ) -> None:
-    port = free_port()
-    redis_proc = _redis_server(port, tmp_path)
-    try:
-        cluster = cluster_factory(pg_url, broker_url=f"redis://127.0.0.1:{port}/0")
-        a, b = cluster.worker(), cluster.worker()
-        cluster.wait_registered(a, b)
-        n = 80
-        execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
-        wait_until("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
-        redis_proc.kill()  # no persistence: the stream and the group are gone
-        redis_proc.wait()
-        time.sleep(1.0)
-        redis_proc = _redis_server(port, tmp_path)
-        info = cluster.wait(execution_id, timeout=90)
-        assert info.status is ExecutionStatus.COMPLETED, info.error
-        assert info.data["joined"] == n
-        assert set(cluster.completions(execution_id).values()) == {1}
-        assert a.poll() is None
-        assert b.poll() is None
-        assert "retrying" in cluster.log(1) + cluster.log(2)
-    finally:
-        redis_proc.kill()
-        redis_proc.wait()
+    cluster = cluster_factory(pg_url, broker_url=private_redis.url)
+    a, b = cluster.worker(), cluster.worker()
+    cluster.wait_registered(a, b)
+    n = 80
+    execution_id = cluster.submit(wp.fanout, n=n, sleep=0.1)
+    wait_until("some steps to complete", lambda: len(cluster.completions(execution_id)) > 10)
+    private_redis.kill()  # no persistence: the stream and the group are gone
+    time.sleep(1.0)
+    private_redis.start()
+    info = cluster.wait(execution_id, timeout=90)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data["joined"] == n
+    assert set(cluster.completions(execution_id).values()) == {1}
+    assert a.poll() is None
+    assert b.poll() is None
+    assert "retrying" in cluster.log(1) + cluster.log(2)
 
 
 @pytest.mark.postgres

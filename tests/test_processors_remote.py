@@ -14,9 +14,7 @@ import base64
 import contextlib
 import json
 import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import IN_CI, REDIS_URL, redis_namespace, service_missing
+from conftest import IN_CI, REDIS_URL, redis_namespace
 
 try:
     import redis as redis_sync
@@ -59,6 +57,7 @@ from framepipe.processors import (
 )
 from framepipe.sources import PatternSource
 from framepipe.stream import Sink, Stage, StreamPipeline
+from redis_servers import PrivateRedis
 from waiting import free_port, wait_until_async
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
@@ -775,77 +774,6 @@ def test_sigterm_finishes_in_flight_frames_and_hands_back_the_rest(ns: str, tmp_
 
 
 # -- Redis going away -----------------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A redis-server of the test's own on a free port, without persistence."""
-
-    def __init__(
-        self, workdir: Path, *, password: str | None = None, unixsocket: Path | None = None
-    ) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            service_missing("redis-server", FileNotFoundError("redis-server is not on PATH"))
-        assert binary is not None
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
-        self.extra = ["--requirepass", password] if password else []
-        if unixsocket is not None:
-            self.extra += ["--unixsocket", str(unixsocket), "--unixsocketperm", "700"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client = sync_redis(self.url)
-                client.ping()
-                client.close()
-                return
-            except redis_sync.RedisError:
-                assert time.monotonic() < deadline, "private redis-server did not start"
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ them, and a refusal looked like any other error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,11 @@ from redis.exceptions import (  # noqa: E402
 
 from framepipe.processors.fleet.outages import denied, refusal, unavailable  # noqa: E402
 from framepipe.redis.wire import Wire  # noqa: E402
+from redis_servers import PrivateRedis  # noqa: E402
 from test_fleet_outages import Busy  # noqa: E402
-from test_processors_remote import PrivateRedis  # noqa: E402
 from waiting import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    redis = PrivateRedis(tmp_path)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 async def both(url: str, *command: Any) -> tuple[BaseException, BaseException, BaseException]:
@@ -76,36 +65,38 @@ def same(errors: tuple[BaseException, ...], kind: type[BaseException]) -> str:
     return str(theirs)
 
 
-def test_error_replies_are_redis_pys_exceptions(server: PrivateRedis) -> None:
-    admin = redis_sync.Redis.from_url(server.url)
+def test_error_replies_are_redis_pys_exceptions(private_redis: PrivateRedis) -> None:
+    admin = redis_sync.Redis.from_url(private_redis.url)
 
     async def main() -> None:
         admin.hset("h", "f", "v")
-        wrongtype = same(await both(server.url, "GET", "h"), ResponseError)
+        wrongtype = same(await both(private_redis.url, "GET", "h"), ResponseError)
         assert wrongtype.startswith("WRONGTYPE")
         assert same(
-            await both(server.url, "XREADGROUP", "GROUP", "g", "c", "STREAMS", "nothing", ">"),
+            await both(
+                private_redis.url, "XREADGROUP", "GROUP", "g", "c", "STREAMS", "nothing", ">"
+            ),
             ResponseError,
         ).startswith("NOGROUP")
-        same(await both(server.url, "EVALSHA", "0" * 40, 0), NoScriptError)
+        same(await both(private_redis.url, "EVALSHA", "0" * 40, 0), NoScriptError)
 
         admin.config_set("maxmemory", 1)
         admin.config_set("maxmemory-policy", "noeviction")
-        errors = await both(server.url, "SET", "k", "v")
+        errors = await both(private_redis.url, "SET", "k", "v")
         same(errors, OutOfMemoryError)
         assert all(refusal(e) == "OOM" for e in errors)
         admin.config_set("maxmemory", 0)
 
         admin.replicaof("127.0.0.1", free_port())  # a master that is not there
-        errors = await both(server.url, "SET", "k", "v")
+        errors = await both(private_redis.url, "SET", "k", "v")
         same(errors, ReadOnlyError)
         assert all(refusal(e) == "READONLY" and unavailable(e) for e in errors)
         admin.replicaof("NO", "ONE")
 
-        busy = Busy(server.url)
+        busy = Busy(private_redis.url)
         await asyncio.to_thread(busy.start)
         try:
-            errors = await both(server.url, "GET", "k")
+            errors = await both(private_redis.url, "GET", "k")
         finally:
             await asyncio.to_thread(busy.end)
         assert same(errors, ResponseError).startswith("BUSY")
