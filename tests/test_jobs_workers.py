@@ -46,7 +46,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import get_execution, list_events
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.runner import run_pipeline
-from redis_servers import PrivateRedis
+from redis_servers import PrivateRedis, running
 from waiting import wait_until
 
 # real `framepipe worker` processes and private broker/database servers
@@ -621,6 +621,65 @@ def test_redis_restarting_mid_run_loses_nothing(
     assert a.poll() is None
     assert b.poll() is None
     assert "retrying" in cluster.log(1) + cluster.log(2)
+
+
+def _error_lines(text: str, words: str) -> list[str]:
+    return [line for line in text.splitlines() if " ERROR " in line and words in line]
+
+
+def test_a_worker_given_a_wrong_redis_password_stops_at_once_saying_so(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A setting to fix, not a broker to wait for: the worker exits (code 2, a configuration
+    error) naming the broker, its URL with the password masked and what is wrong; it kept
+    retrying it as a broker that fails, for ever."""
+    with running(PrivateRedis(tmp_path, password="right-secret")) as server:
+        wrong = server.url.replace("right-secret", "wrong-secret")
+        cluster = cluster_factory(f"sqlite:///{tmp_path / 'state.db'}", broker_url=wrong)
+        proc = cluster.worker()
+        assert proc.wait(timeout=60) == 2
+    text = cluster.log(1)
+    assert (
+        f"job broker: Redis at redis://:***@127.0.0.1:{server.port}/0 refuses the credentials"
+        in text
+    ), text
+    assert "wrong-secret" not in text
+    assert "retrying" not in text
+
+
+def test_a_redis_password_changed_under_a_worker_is_said_once_and_waited_out(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """The password changed on the server under a running worker: one error line says the
+    credentials are refused (the worker keeps retrying); set back, one line says they are
+    accepted again and the worker runs steps."""
+    with running(PrivateRedis(tmp_path, password="right-secret")) as server:
+        right = server.url
+        cluster = cluster_factory(f"sqlite:///{tmp_path / 'state.db'}", broker_url=right)
+        proc = cluster.worker()
+        cluster.wait_registered(proc)
+        server.change_password("other-secret")
+        wait_until(
+            "the refused credentials to be said",
+            lambda: _error_lines(cluster.log(1), "refuses the credentials"),
+            timeout=30,
+        )
+        time.sleep(3)  # retried meanwhile, not said again
+        assert proc.poll() is None
+        server.change_password("right-secret")
+        wait_until(
+            "the credentials accepted again",
+            lambda: "Redis accepts the credentials again" in cluster.log(1),
+            timeout=30,
+        )
+        info = cluster.wait(cluster.submit(wp.fanout, n=3, sleep=0.0))
+        assert info.status is ExecutionStatus.COMPLETED, info.error
+        assert proc.poll() is None
+    text = cluster.log(1)
+    [said] = _error_lines(text, "refuses the credentials")
+    assert f"job broker redis://:***@127.0.0.1:{server.port}/0: Redis at " in said
+    assert "unreachable" not in said
+    assert "right-secret" not in text and "other-secret" not in text
 
 
 @pytest.mark.postgres

@@ -20,6 +20,11 @@ app's metrics. Guarantees:
 * An outage is logged once: a warning when writing first fails (the sink, where it writes,
   the error's first line with any URL's password masked) and an info line when writing works
   again (how long it failed, how many events waited, how many were dropped meanwhile).
+* A wrong setting is no outage: :meth:`~_QueuedSink.start` fails with
+  :class:`~framepipe.errors.ConfigError` when Redis refuses the sink's credentials (naming
+  the sink and its URL, the password masked). Credentials refused later (a password changed
+  on the server) are retried like an outage, and said so in one error line (not as a
+  backend that is away); the info line says when writing works again.
 * Counts: ``written``, ``dropped``, ``pending`` (queued or being written) and
   ``failing_since`` (when the current outage began, else None); :meth:`~_QueuedSink.stats`
   has them all, and ``/metrics`` shows them through :meth:`~_QueuedSink.attach`.
@@ -125,6 +130,7 @@ class _QueuedSink:
         self._origin = uuid.uuid4().hex[:16]
         self._outage = Outage()
         self._dropped_before = 0  # ``dropped`` when the outage under way began
+        self._said_wrong = False  # a wrong setting was said in the outage under way
         self._wake: asyncio.Event | None = None
         self._retry_now: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -156,6 +162,13 @@ class _QueuedSink:
             "failing_since": self.failing_since,
             "last_error": self.last_error,
         }
+
+    async def start(self) -> Self:
+        """Check that the backend takes the sink's settings, before the events count on it:
+        a wrong one (credentials refused) raises :class:`~framepipe.errors.ConfigError`; a
+        backend that is away now is no error (the events queue while the writer waits it
+        out). Optional: without it a wrong setting is met, and said, by the writer."""
+        return self
 
     def attach(self, app: App) -> Self:
         """Receive every event of ``app`` (``app.on("*", self)``) and add the counts to its
@@ -271,15 +284,32 @@ class _QueuedSink:
         writing works."""
         return self._outage.since
 
+    def _misconfigured(self, exc: Exception) -> str | None:
+        """What is wrong when ``exc`` says a setting is (credentials refused), else None: an
+        outage, or trouble with what was written."""
+        return None
+
     def _failed(self, exc: Exception) -> None:
         first = self._outage.failed(exc)
         self.last_error = self._outage.last_error
+        if first:
+            self._dropped_before = self.dropped
+        wrong = self._misconfigured(exc)
+        if wrong is not None and not self._said_wrong:
+            self._said_wrong = True
+            self._log.error(
+                "%s cannot write: %s (retrying until it can; up to %d events queue meanwhile, "
+                "past that the oldest are dropped and counted)",
+                self._named(),
+                wrong,
+                self.max_pending,
+            )
+            return
         if not first:
             self._log.debug(
                 "%s: attempt %d failed: %s", self._named(), self._outage.attempts, self.last_error
             )
             return
-        self._dropped_before = self.dropped
         self._log.warning(
             "%s cannot write (retrying until it can; up to %d events queue meanwhile, past "
             "that the oldest are dropped and counted): %s",
@@ -293,6 +323,7 @@ class _QueuedSink:
         lasted = self._outage.answered()
         if lasted is None:
             return
+        self._said_wrong = False
         self._log.info(
             "%s writes again after %.1f s (%d failed attempt(s)): %d event(s) waited, "
             "%d dropped meanwhile",
@@ -440,6 +471,7 @@ class RedisEventSink(_QueuedSink):
         self.stream = stream
         self.maxlen = maxlen
         self.types = frozenset(types) if types is not None else None
+        self._check_wait = connect_timeout + socket_timeout
         self._client: Redis = connect(
             url,
             retries=None,
@@ -451,6 +483,20 @@ class RedisEventSink(_QueuedSink):
     @property
     def target(self) -> str:
         return f"{self.url} stream {self.stream}"
+
+    async def start(self) -> Self:
+        """One PING (bounded by ``connect_timeout`` + ``socket_timeout``): Redis refusing the
+        credentials raises :class:`~framepipe.errors.ConfigError` naming the sink and its URL
+        (password masked); Redis away or silent is left to the writer."""
+        from framepipe.redis.connection import check_credentials
+
+        await check_credentials(self._client, self.url, what=self._named(), within=self._check_wait)
+        return self
+
+    def _misconfigured(self, exc: Exception) -> str | None:
+        from framepipe.redis.connection import denied, refused_credentials
+
+        return refused_credentials(self.url, exc) if denied(exc) else None
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if self.types is None or event in self.types:

@@ -3,6 +3,13 @@
 Every framepipe client of Redis is made here (:func:`connect` for asyncio, :func:`connect_sync`
 for threads), so timeouts and retries are chosen in one place; :func:`ping_with_retries` turns
 an unreachable server into one clear error naming the URL with its password masked.
+
+Credentials Redis refuses (:func:`denied`: a wrong password or user) are a setting to fix, not
+an outage to wait out: a start fails on them at once with :func:`refused` (a
+:class:`~framepipe.errors.ConfigError`), in :func:`ping_with_retries` or, for a client that
+waits Redis out in the background, in :func:`check_credentials`. A running client that meets
+them later (a password changed on the server) keeps retrying and says
+:func:`refused_credentials`, never that Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 __all__ = [
     "REDIS_DOWN",
     "ResponseError",
+    "check_credentials",
     "connect",
     "connect_sync",
     "denied",
     "lost",
     "ping_with_retries",
+    "refused",
     "refused_credentials",
     "unreachable",
 ]
@@ -113,6 +122,25 @@ def refused_credentials(url: str, exc: BaseException) -> str:
     )
 
 
+def refused(what: str, url: str, exc: BaseException) -> ConfigError:
+    """The error a start of ``what`` fails with when Redis refuses its credentials
+    (:func:`denied`): ``"<what>: Redis at <url> refuses the credentials (<error>): check
+    ..."``, the URL's password masked."""
+    return ConfigError(f"{what}: {refused_credentials(url, exc)}")
+
+
+async def check_credentials(client: aioredis.Redis, url: str, *, what: str, within: float) -> None:
+    """The start of ``what``, a client that waits Redis out in the background: one PING,
+    given at most ``within`` seconds. Credentials refused (:func:`denied`) fail it at once
+    with :func:`refused`; anything else (Redis unreachable, silent, refusing for a while)
+    returns, for the client's own retries to meet."""
+    try:
+        await asyncio.wait_for(client.ping(), within)
+    except Exception as exc:
+        if denied(exc):
+            raise refused(what, url, exc) from exc
+
+
 async def ping_with_retries(
     client: aioredis.Redis, url: str, *, retries: int, backoff: Backoff, what: str
 ) -> None:
@@ -128,7 +156,7 @@ async def ping_with_retries(
             return
         except REDIS_DOWN as exc:
             if denied(exc):
-                raise ConfigError(f"{what}: {refused_credentials(url, exc)}") from exc
+                raise refused(what, url, exc) from exc
             attempt += 1
             if attempt > retries:
                 raise RegistryConnectionError(

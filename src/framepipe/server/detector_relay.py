@@ -16,6 +16,10 @@ run had taken is lost with it), and a relay drops a request addressed to another
 While Redis does not answer, the relay retries (waiting from half a second, doubling, at most
 4 s, below the heartbeat's expiry) and logs one warning when it goes away, naming the URL with
 its password masked and the error, and one line when it answers again: never a line per try.
+Redis refusing the credentials (a wrong password or user) is a setting to fix: it fails
+:meth:`Relay.start` at once with :class:`~framepipe.errors.ConfigError`; met later (the
+password changed on the server) it is retried the same way and said in one error line, as
+refused credentials rather than a Redis that does not answer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ _ALIVE_TTL = 5
 _REPLY_TTL = 600
 _RETRY = Backoff(initial=0.5, factor=2.0, maximum=4.0)
 """The relay's waits between tries while Redis does not answer."""
+_START_CHECK = 2.0
+"""Seconds :meth:`Relay.start` gives Redis to answer whether it takes the credentials."""
 
 
 def _connect(url: str) -> Any:
@@ -78,16 +84,31 @@ def _keys(namespace: str, hub_id: str) -> tuple[str, str]:
 
 class _Outage:
     """Redis not answering, as the relay's loops find it: one warning when the first of them
-    fails, one line once every loop that failed has been answered again; nothing between."""
+    fails, one line once every loop that failed has been answered again; nothing between.
+    Credentials refused are said once too, at error level, whenever in the outage they come."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._failing: set[str] = set()
         self._outage = Outage()
+        self._said_denied = False
 
     def failed(self, doing: str, exc: BaseException) -> None:
+        from framepipe.redis.connection import denied, refused_credentials
+
         self._failing.add(doing)
-        if self._outage.failed(exc):
+        first = self._outage.failed(exc)
+        if denied(exc):
+            if not self._said_denied:
+                self._said_denied = True
+                _log.error(
+                    "detector relay: %s (%s); retrying until they are accepted, workers "
+                    "cannot reach the detectors meanwhile",
+                    refused_credentials(self.url, exc),
+                    doing,
+                )
+            return
+        if first:
             _log.warning(
                 "detector relay: Redis at %s does not answer (%s: %s); retrying until it "
                 "does, workers cannot reach the detectors meanwhile",
@@ -102,6 +123,7 @@ class _Outage:
         self._failing.discard(doing)
         lasted = None if self._failing else self._outage.answered()
         if lasted is not None:
+            self._said_denied = False
             _log.info(
                 "detector relay: Redis at %s answers again after %.0fs; relaying",
                 safe_url(self.url),
@@ -124,8 +146,19 @@ class Relay:
         self._main: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Start relaying; Redis being away now is retried in the background, not fatal."""
-        self._client = _connect(self.url)
+        """Start relaying; Redis being away now is retried in the background, not fatal.
+        Redis refusing the credentials raises :class:`~framepipe.errors.ConfigError` (naming
+        the relay and the URL, its password masked), checked within ``_START_CHECK``
+        seconds."""
+        from framepipe.redis.connection import check_credentials
+
+        client = _connect(self.url)
+        try:
+            await check_credentials(client, self.url, what="detector relay", within=_START_CHECK)
+        except BaseException:
+            await client.aclose()
+            raise
+        self._client = client
         self._main = [
             asyncio.create_task(self._take(), name="framepipe-detector-relay"),
             asyncio.create_task(self._beat(), name="framepipe-detector-alive"),

@@ -10,14 +10,23 @@ consumer of the group; one that holds nothing pending and read nothing for an ho
 that stopped) is deleted from the group by the workers' upkeep
 (:meth:`RedisStreamsDelivery.forget_consumers`), so the group does not grow with every
 restart.
+
+Redis refusing the credentials (a wrong password or user in the URL) is a setting to fix, not
+a broker that is away: until a command has gone through (a worker's start), it raises
+:class:`~framepipe.errors.ConfigError` naming the job broker and its URL, password masked,
+which no retry mends. Once one has, it is a :class:`~framepipe.errors.BrokerError` that says
+the credentials are refused (the worker retries it as it retries a lost broker: the password
+may be set back on the server), logged once at error level when Redis starts refusing them,
+and once at info level when it accepts them again.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-from framepipe.errors import BrokerError, MissingDependencyError
+from framepipe.errors import BrokerError, FramepipeError, MissingDependencyError
 
 try:
     import redis
@@ -27,7 +36,7 @@ from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, namespaced, safe_url
-from framepipe.redis.connection import connect_sync
+from framepipe.redis.connection import connect_sync, denied, refused, refused_credentials
 
 __all__ = ["RedisStreamsDelivery"]
 
@@ -73,9 +82,44 @@ class RedisStreamsDelivery(StepDelivery):
             health_check_interval=15,
         )
         self._group_ready = False
+        self._lock = threading.Lock()  # the worker calls from several threads
+        self._answered = False
+        """A command has gone through: credentials refused now are no longer a start's."""
+        self._refused = False
+        """Credentials refused since the last command that went through (said once)."""
 
-    def _wrap(self, exc: redis.RedisError, what: str) -> BrokerError:
-        return BrokerError(f"job broker {self.safe_url}: {what} failed: {exc}", url=self.safe_url)
+    def _wrap(self, exc: redis.RedisError, what: str) -> FramepipeError:
+        if not denied(exc):
+            return BrokerError(
+                f"job broker {self.safe_url}: {what} failed: {exc}", url=self.safe_url
+            )
+        with self._lock:
+            if not self._answered:
+                return refused("job broker", self.url, exc)
+            said, self._refused = self._refused, True
+        message = refused_credentials(self.url, exc)
+        if not said:
+            _log.error(
+                "job broker %s: %s; retried until it accepts them, no step is delivered meanwhile",
+                self.safe_url,
+                message,
+            )
+        return BrokerError(
+            f"job broker {self.safe_url}: {what} failed: {message}", url=self.safe_url
+        )
+
+    def _went_through(self) -> None:
+        """A command went through: the credentials are taken (said once if they were
+        refused)."""
+        if self._answered and not self._refused:
+            return
+        with self._lock:
+            self._answered = True
+            was_refused, self._refused = self._refused, False
+        if was_refused:
+            _log.info(
+                "job broker %s: Redis accepts the credentials again; delivering", self.safe_url
+            )
 
     def prepare(self) -> None:
         """Create the stream and the group if missing (after a Redis restart, for one)."""
@@ -86,6 +130,7 @@ class RedisStreamsDelivery(StepDelivery):
                 raise self._wrap(exc, "creating the consumer group") from exc
         except redis.RedisError as exc:
             raise self._wrap(exc, "creating the consumer group") from exc
+        self._went_through()
         self._group_ready = True
 
     def publish(self, deliveries: Sequence[Delivery]) -> None:
@@ -99,6 +144,7 @@ class RedisStreamsDelivery(StepDelivery):
             pipe.execute()
         except redis.RedisError as exc:
             raise self._wrap(exc, f"publishing {len(deliveries)} step(s)") from exc
+        self._went_through()
 
     def take(self, consumer: str, count: int, *, wait: float, window: int) -> list[Received]:
         """New entries for ``consumer`` (``XREADGROUP``); ``window`` is not needed: nothing
@@ -126,6 +172,7 @@ class RedisStreamsDelivery(StepDelivery):
             raise self._wrap(exc, "reading steps") from exc
         except redis.RedisError as exc:
             raise self._wrap(exc, "reading steps") from exc
+        self._went_through()
         return self._entries(reply[0][1] if reply else [])
 
     def take_over(self, consumer: str, idle: float, count: int) -> list[Received]:
@@ -146,6 +193,7 @@ class RedisStreamsDelivery(StepDelivery):
             raise self._wrap(exc, "taking over idle steps") from exc
         except redis.RedisError as exc:
             raise self._wrap(exc, "taking over idle steps") from exc
+        self._went_through()
         return self._entries(reply[1] if reply else [])
 
     def forget_consumers(self, idle: float, keep: str) -> int:
@@ -153,7 +201,7 @@ class RedisStreamsDelivery(StepDelivery):
         read nothing for ``idle`` seconds (``XGROUP DELCONSUMER``, checked and done in one
         script); return how many."""
         try:
-            return int(
+            forgotten = int(
                 self.redis.eval(FORGET_LUA, 1, self.stream, self.GROUP, int(idle * 1000), keep)
             )
         except redis.ResponseError as exc:
@@ -162,6 +210,8 @@ class RedisStreamsDelivery(StepDelivery):
             raise self._wrap(exc, "forgetting stopped consumers") from exc
         except redis.RedisError as exc:
             raise self._wrap(exc, "forgetting stopped consumers") from exc
+        self._went_through()
+        return forgotten
 
     def ack(self, received: Sequence[Received]) -> None:
         """Acknowledge and delete the entries."""
@@ -184,6 +234,7 @@ class RedisStreamsDelivery(StepDelivery):
             pipe.execute()
         except redis.RedisError as exc:
             raise self._wrap(exc, f"acknowledging {len(entry_ids)} entr(ies)") from exc
+        self._went_through()
 
     def backlog(self) -> Backlog:
         """The group's ``lag`` (entries not read yet) and ``pending`` (read, unacknowledged);
@@ -194,6 +245,7 @@ class RedisStreamsDelivery(StepDelivery):
             return Backlog(0, 0)
         except redis.RedisError as exc:
             raise self._wrap(exc, "reading the backlog") from exc
+        self._went_through()
         for group in groups:
             if group.get("name") in (b"workers", "workers"):
                 return Backlog(int(group.get("lag") or 0), int(group.get("pending") or 0))
