@@ -719,6 +719,44 @@ def test_normalise_keeps_an_odd_rate_stereo_track(tmp_path: Path) -> None:
     assert tone_at(out, 0.1, 1.4) == pytest.approx(1000, abs=5)
 
 
+def test_stitch_lays_a_videos_sound_under_the_frames(tmp_path: Path) -> None:
+    """A model's frames of a clip with sound, stitched with ``audio=`` the clip, keep its
+    sound: from the clip's start, as long as the frames (cut when the sound runs on, padded
+    with silence when it stops early); a clip without sound gives a silent video."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(50):  # 2 s at 25 fps
+        (folder / f"frame_{i:04d}.png").write_bytes(
+            cv2.imencode(".png", counter_image(i))[1].tobytes()
+        )
+    src = make_clip(tmp_path / "tone.mp4", frames=50, size=(160, 120), tone_hz=440)
+    out = stitch(folder, tmp_path / "s.mp4", fps=25, preset=FAST, audio=src)
+    info = probe(out)
+    assert (info.frames, info.audio_codec) == (50, "aac")
+    assert info.audio_duration == pytest.approx(2.0, abs=0.05)
+    assert tone_at(out, 0.2, 1.8) == pytest.approx(440, abs=5)
+    assert loudness(out, 0.2, 1.8) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+    longer = make_clip(
+        tmp_path / "long.mp4", frames=50, size=(160, 120), tone_hz=660, audio_seconds=5.0
+    )
+    cut = probe(stitch(folder, tmp_path / "cut.mp4", fps=25, preset=FAST, audio=longer))
+    assert cut.audio_duration == pytest.approx(2.0, abs=0.05)
+    shorter = make_clip(
+        tmp_path / "short.mp4", frames=50, size=(160, 120), tone_hz=660, audio_seconds=1.0
+    )
+    padded = stitch(folder, tmp_path / "pad.mp4", fps=25, preset=FAST, audio=shorter)
+    assert probe(padded).audio_duration == pytest.approx(2.0, abs=0.05)
+    assert tone_at(padded, 0.1, 0.9) == pytest.approx(660, abs=5)
+    assert loudness(padded, 1.2, 1.9) < 0.01
+
+    quiet = make_clip(tmp_path / "quiet.mp4", frames=10)
+    assert probe(stitch(folder, tmp_path / "q.mp4", preset=FAST, audio=quiet)).audio_codec is None
+    with pytest.raises(MediaError, match=r"nothing\.mp4: no such file"):
+        stitch(folder, tmp_path / "x.mp4", preset=FAST, audio=tmp_path / "nothing.mp4")
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_watermark_keeps_the_sound(tmp_path: Path) -> None:
     src = make_clip(tmp_path / "tone.mp4", frames=25, size=(160, 120), tone_hz=660)
     out = watermark(src, tmp_path / "w.mp4", text="(c)", preset=FAST)

@@ -425,6 +425,33 @@ def test_run_media_in_a_step_of_your_own_with_a_key_template(
     assert poster[5:15, 5:35, 2].mean() > 200 and poster[5:15, 5:35, :2].mean() < 60
 
 
+def test_a_stitch_step_lays_the_sound_of_a_step_or_an_input_under_its_frames(
+    settings: Settings, tmp_path: Path, objects: ObjectStore
+) -> None:
+    """``stitch``'s ``audio`` is a source like ``watermark``'s ``image``: a step's output (and
+    a dependency), or an input (a key read from the object store), so frames made from a video
+    get its sound back."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=40, size=(160, 120), tone_hz=440)
+    objects.put_file("uploads/clip.mp4", clip)
+    p = Pipeline("restyle")
+    media_step(p, "normalise", source="video", fps=10, preset=FAST)
+    media_step(p, "extract_frames", name="frames", source="normalise")
+    media_step(p, "stitch", source="frames", fps=10, preset=FAST, audio="normalise")
+    media_step(
+        p, "stitch", name="again", source="frames", fps=10, preset=FAST, audio=Input("sound")
+    )
+    assert set(p.steps["stitch"].depends_on) == {"frames", "normalise"}
+    info = run(settings, p, {"video": "uploads/clip.mp4", "sound": "uploads/clip.mp4"})
+    assert info.status is ExecutionStatus.COMPLETED, info.errors
+    for step in ("stitch", "again"):
+        out = fetch(objects, info.data[step]["key"], tmp_path / step)
+        assert probe(out).audio_duration == pytest.approx(1.6, abs=0.05)
+        samples, rate = audio_of(out)
+        assert dominant_hz(samples[int(0.2 * rate) : int(1.4 * rate)], rate) == pytest.approx(
+            440, abs=5
+        )
+
+
 def test_media_steps_are_checked_when_added(tmp_path: Path) -> None:
     p = Pipeline("checked")
     with pytest.raises(StepParamsError, match=r"normalise takes no option\(s\) colour"):

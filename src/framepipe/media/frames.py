@@ -32,6 +32,7 @@ from framepipe.media.limits import (
 )
 from framepipe.media.progress import Progress, ProgressCallback
 from framepipe.media.rotation import frame_rotation, upright_image
+from framepipe.media.soundtrack import open_soundtrack
 from framepipe.media.timing import estimate_frames, resample, stream_rate
 from framepipe.media.writer import H264Writer, even
 
@@ -248,6 +249,7 @@ def stitch(
     max_duration: float = DEFAULT_MAX_DURATION,
     max_frame_count: int = DEFAULT_MAX_FRAME_COUNT,
     progress: ProgressCallback | None = None,
+    audio: Path | str | None = None,
 ) -> Path:
     """Encode images into an H.264 MP4 at ``dst``.
 
@@ -267,7 +269,14 @@ def stitch(
     ``fps`` (default :data:`~framepipe.media.DEFAULT_MAX_DURATION`, 6 hours), or more frames
     than ``max_frame_count`` (default :data:`~framepipe.media.DEFAULT_MAX_FRAME_COUNT`; 0: no
     limit, each), are a :class:`MediaError` naming the folder (or the first image), before
-    any is read."""
+    any is read.
+
+    ``audio``: a video file (the one the frames were made from) whose first sound track is laid
+    under the frames, from its video's start, cut where the frames end or padded with silence
+    to there (AAC, at its own rate as ``normalise`` keeps it); decoded as the video reaches
+    it, never held whole. A file without sound gives a silent video; a missing or unreadable
+    one, or one over the limits, is a :class:`MediaError` naming it, before anything is
+    written (:func:`~framepipe.media.soundtrack.open_soundtrack`)."""
     paths = _frame_list(frames)
     dst = Path(dst)
     limit = pixel_limit(max_pixels)
@@ -288,23 +297,31 @@ def stitch(
     out_w, out_h = even(width), even(height)
     report = Progress(progress, len(paths))
     with (
+        open_soundtrack(audio, max_pixels=limit, length=length) as sound,
         ThreadPoolExecutor(2, thread_name_prefix="framepipe-imread") as pool,
         atomic_output(dst) as tmp,
-        H264Writer(tmp, width=out_w, height=out_h, fps=rate, crf=crf, preset=preset) as writer,
+        H264Writer(
+            tmp, width=out_w, height=out_h, fps=rate, crf=crf, preset=preset, audio=sound.queue
+        ) as writer,
     ):
+
+        def write(frame: av.VideoFrame) -> None:
+            sound.feed((writer.frames + 1) / float(rate))
+            writer.write(frame)
+            report.step()
+
         pending: collections.deque[Future[av.VideoFrame]] = collections.deque()
         upcoming = iter(paths[1:])
         for path in itertools.islice(upcoming, _READ_AHEAD):
             pending.append(pool.submit(_read_frame, path, out_w, out_h, limit))
-        writer.write(av.VideoFrame.from_ndarray(first, format="bgr24"))
-        report.step()
+        write(av.VideoFrame.from_ndarray(first, format="bgr24"))
         while pending:
             frame = pending.popleft().result()
             nxt = next(upcoming, None)
             if nxt is not None:
                 pending.append(pool.submit(_read_frame, nxt, out_w, out_h, limit))
-            writer.write(frame)
-            report.step()
+            write(frame)
+        writer.end_part()  # the sound ends where the frames end
     report.finish()
     return dst
 

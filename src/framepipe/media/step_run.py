@@ -39,7 +39,15 @@ from framepipe.media.probe import MediaInfo, probe
 from framepipe.media.progress import stop_when
 from framepipe.media.qr import decode_qr
 
-__all__ = ["MAX_LISTED_KEYS", "FromInput", "ObjectKey", "OpSpec", "Source", "StepRun"]
+__all__ = [
+    "MAX_LISTED_KEYS",
+    "SOURCE_OPTIONS",
+    "FromInput",
+    "ObjectKey",
+    "OpSpec",
+    "Source",
+    "StepRun",
+]
 
 MAX_LISTED_KEYS = 100
 """``extract_frames`` lists at most this many keys in its result (``count`` has them all)."""
@@ -62,6 +70,12 @@ class OpSpec:
     fn: Callable[..., Any]
     ext: str  # output suffix; "" for no file output, "/" for a folder of images
     reserved: tuple[str, ...]  # the function's parameters a step fills in itself
+
+
+SOURCE_OPTIONS = {"watermark": "image", "stitch": "audio"}
+"""The option of an operation that names a file, read like a source (a step's output, an
+input, an object key or, written in the pipeline's code, a local path): ``watermark``'s
+``image`` (the logo) and ``stitch``'s ``audio`` (the video whose sound goes under the frames)."""
 
 
 @dataclass(frozen=True)
@@ -363,8 +377,9 @@ class StepRun:
             parts = [self.fetch(ref) for ref in refs]
         else:
             src = self.fetch(refs[0])
-        if op == "watermark" and isinstance(options.get("image"), (str, FromInput, ObjectKey)):
-            options["image"] = self.fetch(options["image"])
+        named = SOURCE_OPTIONS.get(op)
+        if named and isinstance(options.get(named), (str, FromInput, ObjectKey)):
+            options[named] = self.fetch(options[named])
         key = self.key(self.op.ext)
         dst = self.output_path(key)
         if op == "concat":

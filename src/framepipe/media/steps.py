@@ -25,8 +25,9 @@ folder, an object-key prefix, or an ``extract_frames`` step. An :class:`ObjectKe
 object key (a prefix for ``stitch``) and nothing else: give a key a client named (an input's
 value, or a key a step passed on from one, as the ML video pipeline's ``input_key``) this way
 to :func:`run_media`, so it is never read as a name, nor as a file of the worker's disk.
-``concat`` takes a list of sources; ``watermark``'s ``image`` option is a source too (given as
-a string, or read from an input with :class:`Input`).
+``concat`` takes a list of sources; ``watermark``'s ``image`` option and ``stitch``'s ``audio``
+option (the video whose sound goes under the frames) are sources too (given as a string, or
+read from an input with :class:`Input`; a step named there is a dependency).
 
 Which local files an input may name is the execution's, not the step's, to say: every value
 taken from the inputs goes through :func:`framepipe.jobs.inputs.local_input` with the
@@ -101,6 +102,7 @@ from framepipe.media.probe import probe
 from framepipe.media.qr import decode_qr
 from framepipe.media.step_run import (
     MAX_LISTED_KEYS,
+    SOURCE_OPTIONS,
     FromInput,
     ObjectKey,
     OpSpec,
@@ -245,8 +247,8 @@ def media_step(
             pipeline=pipeline.name,
             step_key=step_name,
         )
-    image = options.get("image")
-    upstream = [r for r in [*refs, image] if isinstance(r, str) and pipeline.get(r) is not None]
+    named = options.get(SOURCE_OPTIONS.get(operation, ""))
+    upstream = [r for r in [*refs, named] if isinstance(r, str) and pipeline.get(r) is not None]
     deps = [*([depends_on] if isinstance(depends_on, str) else depends_on), *upstream]
     frozen = dict(options)
     src: Source | list[Source] = refs if operation == "concat" else refs[0]
@@ -289,12 +291,12 @@ def run_media(
     _check_options(operation, options, ctx.pipeline.name, ctx.step_key)
     run = StepRun(ctx, operation, op, ctx.tempdir(), key, span)
     try:
-        return run.run(source, _resolve_inputs(ctx, options))
+        return run.run(source, _resolve_inputs(ctx, operation, options))
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
 
 
-def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, Any]:
+def _resolve_inputs(ctx: StepContext, operation: str, options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for option, given in options.items():
         if not isinstance(given, Input):
@@ -304,7 +306,7 @@ def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, A
             # A file named by an input is read as that input (the execution's roots apply).
             out[option] = (
                 FromInput(given.name)
-                if option in _SOURCE_OPTIONS and isinstance(value, str)
+                if option == SOURCE_OPTIONS.get(operation) and isinstance(value, str)
                 else value
             )
         elif given.default is not inspect.Parameter.empty:
@@ -316,6 +318,3 @@ def _resolve_inputs(ctx: StepContext, options: Mapping[str, Any]) -> dict[str, A
                 step_key=ctx.step_key,
             )
     return out
-
-
-_SOURCE_OPTIONS = frozenset({"image"})  # options that name a file, read like a source
