@@ -152,7 +152,8 @@ class QrTagReader:
 
     def read(self, image: np.ndarray) -> list[TagReading]:
         gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        fmt = self._zxing.BarcodeFormat.QRCode
+        # one format, as every release takes it (its stubs ask for a BarcodeFormats set)
+        fmt: Any = self._zxing.BarcodeFormat.QRCode
         try:
             found = self._zxing.read_barcodes(gray, formats=fmt, return_errors=True)
         except TypeError:  # zxing-cpp < 2.3 reports readable codes only

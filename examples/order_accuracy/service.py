@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,6 +46,8 @@ from framepipe.errors import ConfigError
 from framepipe.sources.capture import CAPTURES
 
 __all__ = ["app", "service"]
+
+C = TypeVar("C", bound=str)
 
 
 def _stations() -> dict[str, str]:
@@ -72,11 +75,12 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+def _choice(name: str, default: C, choices: tuple[C, ...]) -> C:
     value = os.environ.get(name) or default
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: use {', '.join(choices)}")
-    return value
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ConfigError(f"{name}={value!r}: use {', '.join(choices)}")
 
 
 settings = load_settings()
@@ -90,7 +94,7 @@ service = Stations(
     selected=os.environ.get("ORDER_SELECTED")
     or selected_bucket_url(settings.resolved_objects_url)
     or "selected/",
-    capture=_choice("ORDER_CAPTURE", "auto", CAPTURES),  # type: ignore[arg-type]
+    capture=_choice("ORDER_CAPTURE", "auto", CAPTURES),
     loop=_flag("ORDER_LOOP"),
     realtime=not _flag("ORDER_FAST"),
     backoff=Backoff(2.0, 2.0, retry_cap, 0.0),

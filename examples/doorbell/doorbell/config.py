@@ -22,6 +22,7 @@ from typing import Any
 
 from doorbell.notify import check_webhook_url
 from framepipe.errors import ConfigError
+from framepipe.processors.faces import DetectorModel
 
 __all__ = ["DEFAULTS", "ENV_VARS", "DoorbellConfig", "load_config"]
 
@@ -150,7 +151,7 @@ class DoorbellConfig:
     camera_retry_delay: float
     detection_workers: int
     detector_type: str
-    detection_model: str
+    detection_model: DetectorModel
     upscale_below: int
     upsample: int
     queue_size: int
@@ -215,10 +216,11 @@ def load_config(
         _merge(raw, config)
 
     pc = "pipeline_config."
-    model = _get(raw, pc + "face_detection.model", str)
-    if model not in ("hog", "cnn"):
+    named = _get(raw, pc + "face_detection.model", str)
+    model: DetectorModel | None = "hog" if named == "hog" else "cnn" if named == "cnn" else None
+    if model is None:
         raise ConfigError(
-            f"doorbell config: {pc}face_detection.model must be 'hog' or 'cnn', not {model!r}"
+            f"doorbell config: {pc}face_detection.model must be 'hog' or 'cnn', not {named!r}"
         )
     encoding_model = _get(raw, pc + "face_recognition.encoding_model", str)
     if encoding_model not in ("small", "large"):

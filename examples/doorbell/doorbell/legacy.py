@@ -166,7 +166,7 @@ class GPIOHandler:
         self._callback: Callable[[int], Any] | None = None
         self._gpio: Any = None
         try:
-            import RPi.GPIO as gpio  # type: ignore[import-not-found]
+            import RPi.GPIO as gpio  # type: ignore[import-untyped]
         except (ImportError, RuntimeError):
             gpio = None
         self._gpio = gpio

@@ -57,6 +57,7 @@ from framepipe.sources import VideoSource
 from framepipe.sources.base import Source
 from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
 from framepipe.stream.performance import Performance
+from framepipe.stream.queue import Overflow
 from framepipe.stream.sinks import Sink
 
 __all__ = ["PipelineOrchestrator"]
@@ -164,7 +165,7 @@ class PipelineOrchestrator:
     def make_stages(self, source: Source) -> list[Stage]:
         """[motion gate], face detection, face recognition, each with its workers."""
         cfg = self.config
-        overflow = "drop_oldest" if source.live and not cfg.camera_loop else "block"
+        overflow: Overflow = "drop_oldest" if source.live and not cfg.camera_loop else "block"
         stages = []
         if cfg.motion_enabled:
             stages.append(
