@@ -1,0 +1,267 @@
+"""The RabbitMQ delivery's consuming connection: the consumer, what it was sent ahead of
+``take()``, and settling the steps taken.
+
+It never publishes, so RabbitMQ's resource alarms (a full disk, memory past its watermark),
+which block the connections that publish, leave the steps it took settleable and the queue
+drained. Steps handed back from a message whose other steps were taken are published again
+through the publishing connection (:mod:`.amqp_publishing`). The loop thread runs the
+coroutines; the calling threads share only what was sent ahead, under a condition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+)
+from aiormq.abc import DeliveredMessage
+
+from framepipe.jobs.delivery import Received
+from framepipe.jobs.delivery.amqp_publishing import Publishing
+from framepipe.jobs.delivery.amqp_wire import (
+    BATCH,
+    QUORUM,
+    Link,
+    Taken,
+    parse,
+    settle_message,
+    tag_of,
+)
+from framepipe.jobs.rounds import Delivery
+from framepipe.logs import get_logger
+
+__all__ = ["CHECK_AFTER", "Consuming"]
+
+CHECK_AFTER = 5.0
+"""Seconds without a message before ``take()`` checks the consumer."""
+_log = get_logger("jobs.delivery")
+
+
+class Consuming:
+    """The connection that consumes from the quorum queue ``queue`` and settles what it
+    took; ``publishing`` publishes again the steps handed back from a message that is not."""
+
+    def __init__(self, url: str, queue: str, *, timeout: float, publishing: Publishing) -> None:
+        self.queue = queue
+        self.link = Link(url, "framepipe", timeout=timeout, on_closed=self._forget)
+        self._publishing = publishing
+        # Shared with the calling threads, under _cond: what RabbitMQ sent ahead of take().
+        self._cond = threading.Condition()
+        self._buffer: deque[Received] = deque()
+        self._consuming = False
+        self._window = 0
+        self._heard = 0.0  # when a message last came, or the consumer was (re)checked
+        # Only touched on the loop's thread.
+        self._sub: AbstractChannel | None = None
+        self._tag: str | None = None
+        self._tags = 0
+
+    # -- the calling threads -------------------------------------------------------------------
+
+    def subscribed(self, window: int) -> bool:
+        """Whether it consumes with the prefetch of ``window``."""
+        with self._cond:
+            return self._consuming and self._window == window
+
+    def holds_nothing(self) -> bool:
+        """Whether it neither consumes nor holds anything sent ahead."""
+        with self._cond:
+            return not self._consuming and not self._buffer
+
+    def wait_taken(self, count: int, wait: float) -> tuple[list[Received], bool]:
+        """At most ``count`` steps sent ahead, waiting ``wait`` seconds at most for the first;
+        and, when there is none, whether the consumer has heard nothing for
+        :data:`CHECK_AFTER` seconds (:meth:`check` is then due)."""
+        with self._cond:
+            if not self._buffer:
+                self._cond.wait(wait)
+            if self._buffer:
+                return [self._buffer.popleft() for _ in range(min(count, len(self._buffer)))], False
+            return [], self._consuming and time.monotonic() - self._heard >= CHECK_AFTER
+
+    # -- the loop's thread ---------------------------------------------------------------------
+
+    async def connection(self) -> AbstractConnection:
+        """The consuming connection, opened when there is none (closing both before)."""
+        conn = self.link.conn
+        if conn is None or conn.is_closed:
+            await self.drop()
+            conn = await self.link.connect()
+        return conn
+
+    async def consume(self, consumer: str, window: int) -> None:
+        """Consume (again) as ``consumer``, with a prefetch of the messages that hold
+        ``window`` steps and one more."""
+        conn = await self.connection()
+        if self._sub is None or self._sub.is_closed:
+            self._sub = await conn.channel(publisher_confirms=False)
+            self._tag = None
+            raw = await self._sub.get_underlay_channel()
+            raw.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        raw = await self._sub.get_underlay_channel()
+        if self._tag is not None:
+            await raw.basic_cancel(self._tag)  # what it sent stays valid to settle
+            self._tag = None
+        await self._sub.set_qos(prefetch_count=-(-window // BATCH) + 1)
+        await self._sub.declare_queue(self.queue, durable=True, arguments=QUORUM)
+        self._tags += 1
+        tag = f"{consumer}/{self._tags}"
+        self._tag = tag
+        await raw.basic_consume(self.queue, self._on_message, consumer_tag=tag)
+        with self._cond:
+            self._consuming, self._window = True, window
+            self._heard = time.monotonic()
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        if message.consumer_tag != self._tag:  # sent before a cancel took effect
+            await settle_message(message, requeue=True)
+            return
+        found = parse(message.body)
+        if not found:
+            _log.error(
+                "job broker %s: a message of %s is malformed (%r; expected JSON with "
+                "'e' and 'k'); rejected",
+                self.link.safe_url,
+                self.queue,
+                message.body[:200],
+            )
+            with contextlib.suppress(ChannelInvalidStateError):
+                await message.channel.basic_reject(tag_of(message), requeue=False)
+            return
+        batch = Taken(message, len(found))
+        with self._cond:
+            self._buffer.extend(Received(d, batch) for d in found)
+            self._heard = time.monotonic()
+            self._cond.notify()
+
+    def _on_cancelled(self, _frame: Any) -> None:
+        """RabbitMQ cancelled the consumer (the queue was deleted): consume again next time."""
+        _log.warning(
+            "job broker %s: RabbitMQ cancelled the consumer of %s (queue deleted?); "
+            "declaring it again",
+            self.link.safe_url,
+            self.queue,
+        )
+        self._unsubscribed()
+
+    def queue_gone(self) -> None:
+        """The queue was found gone (a publication returned unroutable): consume again."""
+        if self._tag is not None:
+            self._unsubscribed()
+
+    def _unsubscribed(self) -> None:
+        self._tag = None
+        self._publishing.redeclare()
+        with self._cond:
+            self._consuming = False
+            self._cond.notify_all()
+
+    async def check(self) -> None:
+        """Nothing came for a while: make sure the consumer is still attached. A queue that
+        was deleted and at once declared again (by a publisher) may leave it on the old queue
+        without RabbitMQ cancelling it; then the queue counts no consumer, or messages wait
+        that nobody is sent, and this one subscribes again."""
+        with self._cond:
+            self._heard = time.monotonic()
+        if self._tag is None:
+            return
+        ready, consumers = await self.count()
+        if ready is None or consumers == 0 or ready > 0:
+            _log.warning(
+                "job broker %s: the consumer of %s receives nothing while %s; consuming again",
+                self.link.safe_url,
+                self.queue,
+                "the queue is gone"
+                if ready is None
+                else f"{ready} message(s) wait and {consumers} consumer(s) listen",
+            )
+            if self._sub is not None and not self._sub.is_closed:
+                raw = await self._sub.get_underlay_channel()
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                    await raw.basic_cancel(self._tag)
+            self._unsubscribed()
+
+    async def settle(self, received: Sequence[Received], *, requeue: bool | None) -> None:
+        """Settle taken steps: acknowledged (``requeue`` None) or handed back. A message is
+        acknowledged once all its steps are settled; handed back whole (nack) when all of them
+        are handed back; steps handed back from a message that is not are published again
+        first, and if that fails their whole message is handed back."""
+        groups: dict[Taken, list[Delivery]] = {}
+        for r in received:
+            assert isinstance(r.receipt, Taken)
+            groups.setdefault(r.receipt, []).append(r.delivery)
+        again: list[Taken] = []  # with steps to publish again
+        republish: list[Delivery] = []
+        ended: dict[Taken, bool] = {}  # message -> handed back whole
+        for batch, found in groups.items():
+            batch.unsettled -= len(found)
+            if requeue:
+                batch.handed_back += len(found)
+                if batch.handed_back == batch.size:
+                    ended[batch] = True
+                    continue
+                republish += found
+                again.append(batch)
+            if batch.unsettled == 0:
+                ended[batch] = False
+        try:
+            if republish:
+                await self._publishing.publish(republish)
+        except BaseException:
+            ended.update(dict.fromkeys(again, True))
+            raise
+        finally:
+            for batch, whole in ended.items():
+                if not batch.done:
+                    batch.done = True
+                    await settle_message(batch.message, requeue=True if whole else None)
+
+    async def pause(self) -> None:
+        """Cancel the consumer and give back what was sent ahead."""
+        if self._tag is not None and self._sub is not None and not self._sub.is_closed:
+            raw = await self._sub.get_underlay_channel()
+            await raw.basic_cancel(self._tag)
+        self._tag = None
+        with self._cond:
+            self._consuming = False
+            held = list(self._buffer)
+            self._buffer.clear()
+        await self.settle(held, requeue=True)
+
+    async def count(self) -> tuple[int | None, int]:
+        """(ready messages, consumers) of the queue; (None, 0) when it does not exist."""
+        conn = await self.connection()
+        channel = await conn.channel(publisher_confirms=False)  # a 404 closes it
+        try:
+            queue = await channel.declare_queue(self.queue, passive=True)
+        except ChannelNotFoundEntity:
+            return None, 0
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def drop(self) -> None:
+        """Close both connections (RabbitMQ requeues what this one held)."""
+        conn = self.link.forget()
+        self._forget()
+        await self._publishing.drop()
+        await self.link.close(conn)
+
+    def _forget(self) -> None:
+        self._sub = None
+        self._tag = None
+        with self._cond:  # RabbitMQ requeues what the connection held
+            self._consuming = False
+            self._buffer.clear()
+            self._cond.notify_all()
