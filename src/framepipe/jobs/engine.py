@@ -64,6 +64,7 @@ from framepipe.jobs.rules import created_data
 from framepipe.jobs.scheduler import Scheduler
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 from framepipe.untrusted import check_json, check_size
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class JobEngine(Scheduler):
         self._closed = False
         self._fatal: BaseException | None = None
         self._broker: StepDelivery | None = None
+        self._publishing = Outage()  # of the broker, as publishing finds it
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -408,9 +410,18 @@ class JobEngine(Scheduler):
         try:
             await self._in_db(self._broker.publish, ready)
         except FramepipeError as exc:
-            _log.warning(
-                "%s; the steps stay ready in the store and the workers publish them again", exc
-            )
+            if self._publishing.failed(exc):
+                _log.warning(
+                    "%s; the steps stay ready in the store and the workers publish them again "
+                    "(said once until the broker takes steps again)",
+                    exc,
+                )
+            else:
+                _log.debug("publishing %d step(s) failed again: %s", len(ready), exc)
+            return
+        lasted = self._publishing.answered()
+        if lasted is not None:
+            _log.info("the job broker takes steps again after %.0f s", lasted)
 
     async def run(
         self,

@@ -151,7 +151,7 @@ from framepipe.processors.fleet.registry import deregister, set_state
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import end_process_span, process_span
 from framepipe.redis import safe_url
-from framepipe.redis.connection import ResponseError, connect, lost
+from framepipe.redis.connection import ResponseError, connect, lost, refused
 from framepipe.redis.wire import Wire
 from framepipe.tracing import parse_traceparent
 
@@ -493,7 +493,7 @@ class ProcessorClient(abc.ABC):
                 if not unavailable(exc):
                     raise
                 if denied(exc):
-                    raise ConfigError(f"{what}: {outage(self.redis_url, exc)}") from exc
+                    raise refused(what, self.redis_url, exc) from exc
                 raise RegistryConnectionError(
                     lost(what, self.redis_url, exc, during="registering"),
                     url=safe_url(self.redis_url),
