@@ -7,6 +7,7 @@ stops, or freezes, and comes back leaves no connection for aio-pika's finaliser 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -36,15 +37,30 @@ def rabbit() -> Iterator[PrivateRabbitMQ]:
         node.stop()
 
 
-def rabbitmqctl(node: PrivateRabbitMQ, *args: str) -> None:
+def rabbitmqctl(node: PrivateRabbitMQ, *args: str) -> str:
     ctl = Path(node.binary).with_name("rabbitmqctl")
-    subprocess.run(
+    done = subprocess.run(
         [str(ctl), "-n", node.env["RABBITMQ_NODENAME"], *args],
         env=node.env,
         check=True,
         capture_output=True,
         timeout=60,
     )
+    return done.stdout.decode()
+
+
+def connections(node: PrivateRabbitMQ) -> dict[str, list[str]]:
+    """The node's client connections: their addresses (``host:port -> host:port``) by the
+    connection name the client gave."""
+    found: dict[str, list[str]] = {}
+    for conn in json.loads(
+        rabbitmqctl(
+            node, "-q", "list_connections", "name", "client_properties", "--formatter", "json"
+        )
+    ):
+        props = {p[0]: p[2] for p in conn["client_properties"]}
+        found.setdefault(props.get("connection_name", ""), []).append(conn["name"])
+    return found
 
 
 def test_a_resource_alarm_blocks_publishing_not_consuming(rabbit: PrivateRabbitMQ) -> None:
@@ -77,6 +93,27 @@ def test_a_resource_alarm_blocks_publishing_not_consuming(rabbit: PrivateRabbitM
             probe.close()
     finally:
         feeder.close()
+        worker.close()
+
+
+def test_consuming_leaves_the_publishing_connection_open(rabbit: PrivateRabbitMQ) -> None:
+    # Opening the consuming connection (a worker's first take, or one after it was lost)
+    # closed the publishing connection too: a publication under way was cut off ("the
+    # connection closed") and the next one connected again.
+    namespace = f"fp-conns-{uuid.uuid4().hex[:6]}:"
+    run = uuid.uuid4().hex[:8]
+    worker = open_delivery(rabbit.url, namespace, timeout=3.0)
+    try:
+        worker.publish([Delivery(run, "a")])
+        publishing = connections(rabbit)["framepipe-publish"]
+        wait_until(
+            "the worker to take a step", lambda: bool(worker.take("w", 1, wait=0.2, window=1))
+        )
+        worker.publish([Delivery(run, "b")])
+        now = connections(rabbit)
+        assert now["framepipe-publish"] == publishing
+        assert len(now["framepipe"]) == 1
+    finally:
         worker.close()
 
 

@@ -91,10 +91,11 @@ class Consuming:
     # -- the loop's thread ---------------------------------------------------------------------
 
     async def connection(self) -> AbstractConnection:
-        """The consuming connection, opened when there is none (closing both before)."""
+        """The consuming connection, opened when there is none. The publishing connection is
+        not concerned: a publication under way goes on."""
         conn = self.link.conn
         if conn is None or conn.is_closed:
-            await self.drop()
+            await self.link.close(self._forget_connection())
             conn = await self.link.connect()
         return conn
 
@@ -253,10 +254,15 @@ class Consuming:
 
     async def drop(self) -> None:
         """Close both connections (RabbitMQ requeues what this one held)."""
-        conn = self.link.forget()
-        self._forget()
+        conn = self._forget_connection()
         await self._publishing.drop()
         await self.link.close(conn)
+
+    def _forget_connection(self) -> AbstractConnection | None:
+        """The connection, no longer current, and what lived on it forgotten."""
+        conn = self.link.forget()
+        self._forget()
+        return conn
 
     def _forget(self) -> None:
         self._sub = None
