@@ -4,7 +4,7 @@ Whoever can write into the shared folder (the detector's machine, anyone on the 
 plant links in it; a ``--card`` folder can hold links too. Nothing on either side may follow
 one out of its root:
 
-* the backend (``sd_pipeline.py``) reads copies through ``open_beneath``: a link where a copy
+* the backend (``sd_share.py``) reads copies through ``open_beneath``: a link where a copy
   should be (``shared/CARD/DCIM -> /elsewhere``) is refused naming it, and the file is reported,
   not read, nor its size told; the card's other files import;
 * the detector (``detector.py``) creates its temporary ``.NAME.part`` exclusively and never
