@@ -18,7 +18,9 @@ def test_fresh_database_is_migrated_to_head(database_url: str) -> None:
     with StateStore(database_url) as store:
         assert store.current_revision() == SCHEMA_HEAD
         names = set(sa.inspect(store.engine).get_table_names())
-        assert {"fp_executions", "fp_steps", "fp_events", "fp_ledger", "alembic_version"} <= names
+        expected = {"fp_executions", "fp_steps", "fp_events", "fp_ledger", "fp_alembic_version"}
+        assert expected <= names
+        assert "alembic_version" not in names  # Alembic's default table is left to applications
 
 
 def test_stores_opened_at_once_on_a_fresh_database_migrate_it_once(database_url: str) -> None:
@@ -87,9 +89,57 @@ def test_a_0001_database_is_upgraded_keeping_its_rows(database_url: str) -> None
         assert {"fp_step_deps", "fp_workers"} <= set(sa.inspect(store.engine).get_table_names())
 
 
+def test_an_applications_own_alembic_version_is_left_alone(database_url: str) -> None:
+    # A team's database, its own Alembic revision in alembic_version: framepipe adds its
+    # tables and its own version table beside them.
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"
+        )
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('ae1027a6acf')")
+    engine.dispose()
+    with StateStore(database_url) as store, store.read() as conn:
+        assert store.current_revision() == SCHEMA_HEAD
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").all() == [
+            ("ae1027a6acf",)
+        ]
+
+
+def test_a_database_stamped_by_an_earlier_framepipe_moves_its_stamp(database_url: str) -> None:
+    # Earlier framepipe kept its revision in Alembic's default alembic_version: the stamp
+    # moves to fp_alembic_version (then the schema is upgraded from it), rows are kept, and
+    # framepipe's old table is dropped.
+    from alembic import command
+
+    from framepipe.backends.state.store import _alembic_config
+
+    with StateStore(database_url, migrate=False) as store:
+        with store.write() as conn:
+            command.upgrade(_alembic_config(conn), "0007")
+            conn.exec_driver_sql("ALTER TABLE fp_alembic_version RENAME TO alembic_version")
+            if store.dialect == "postgresql":  # Alembic names the key after its table
+                conn.exec_driver_sql(
+                    "ALTER TABLE alembic_version "
+                    "RENAME CONSTRAINT fp_alembic_version_pkc TO alembic_version_pkc"
+                )
+            conn.exec_driver_sql(
+                "INSERT INTO fp_executions (id, pipeline, status, inputs, progress, "
+                "cancel_requested, runs, created_at) VALUES "
+                "('old1', 'p', 'completed', '{}', 100.0, false, 1, 1.0)"
+            )
+        assert store.current_revision() is None
+    with StateStore(database_url) as store, store.read() as conn:
+        assert store.current_revision() == SCHEMA_HEAD
+        names = set(sa.inspect(conn).get_table_names())
+        assert "fp_objects_left" in names  # 0008 ran after the stamp moved
+        assert "alembic_version" not in names
+        assert conn.execute(sa.select(executions.c.id)).scalars().all() == ["old1"]
+
+
 def test_newer_schema_is_refused_not_touched(database_url: str) -> None:
     with StateStore(database_url) as store, store.write() as conn:
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+        conn.exec_driver_sql("UPDATE fp_alembic_version SET version_num = '9999'")
     with pytest.raises(SchemaVersionError, match=r"9999.*upgrade framepipe"):
         StateStore(database_url)
     with StateStore(database_url, migrate=False) as store:

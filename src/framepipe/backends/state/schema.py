@@ -14,6 +14,7 @@ __all__ = [
     "EVENT_ID_MAX",
     "EVENT_TYPE_MAX",
     "SCHEMA_HEAD",
+    "VERSION_TABLE",
     "events",
     "executions",
     "ledger",
@@ -25,6 +26,10 @@ __all__ = [
 ]
 
 SCHEMA_HEAD = "0008"
+
+VERSION_TABLE = "fp_alembic_version"
+"""The table framepipe's schema revision is stamped in: its own, not Alembic's default
+``alembic_version``, which an application sharing the database may keep its revision in."""
 
 EVENT_TYPE_MAX = 60
 """The longest event type ``fp_events.type`` holds (characters)."""

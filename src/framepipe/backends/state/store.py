@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from framepipe.backends.state.schema import SCHEMA_HEAD
+from framepipe.backends.state.schema import SCHEMA_HEAD, VERSION_TABLE
 from framepipe.errors import MissingDependencyError, SchemaVersionError, StateStoreError
 from framepipe.urls import safe_url
 
@@ -114,11 +114,40 @@ def parse_database_url(url: str) -> sa.engine.URL:
     return parsed
 
 
+_LEGACY_VERSION_TABLE = "alembic_version"  # where framepipe stamped its revision before
+
+
 def _stamped_revision(conn: sa.Connection) -> str | None:
-    """The revision in Alembic's version table, or None when there is none yet."""
-    if not sa.inspect(conn).has_table("alembic_version"):
+    """The revision in framepipe's version table, or None when there is none yet."""
+    if not sa.inspect(conn).has_table(VERSION_TABLE):
         return None
-    return conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    return conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").scalar()
+
+
+def _adopt_legacy_stamp(conn: sa.Connection, cfg: Config) -> str | None:
+    """A database an earlier framepipe stamped in Alembic's default ``alembic_version``: its
+    revision moves to :data:`VERSION_TABLE` and that table, framepipe's own, is dropped; the
+    revision, or None. Only when framepipe's tables are there and the table holds one row,
+    a revision of framepipe's: any other ``alembic_version`` (an application's sharing the
+    database) is left as it is."""
+    inspector = sa.inspect(conn)
+    if not (inspector.has_table(_LEGACY_VERSION_TABLE) and inspector.has_table("fp_executions")):
+        return None
+    rows = conn.exec_driver_sql(f"SELECT version_num FROM {_LEGACY_VERSION_TABLE}").all()
+    if len(rows) != 1:
+        return None
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    revision = str(rows[0][0])
+    try:
+        ScriptDirectory.from_config(cfg).get_revision(revision)
+    except CommandError:
+        return None
+    command.stamp(cfg, revision)
+    conn.exec_driver_sql(f"DROP TABLE {_LEGACY_VERSION_TABLE}")
+    return revision
 
 
 class StateStore:
@@ -238,6 +267,10 @@ class StateStore:
                 from alembic.util.exc import CommandError
 
                 cfg = _alembic_config(conn)
+                if current is None:
+                    current = _adopt_legacy_stamp(conn, cfg)
+                    if current == SCHEMA_HEAD:
+                        return
                 if current is not None:
                     try:
                         ScriptDirectory.from_config(cfg).get_revision(current)
