@@ -281,3 +281,63 @@ def test_a_worker_waiting_on_a_service_restarted_at_once_is_told_at_once() -> No
 
     with redis_namespace("fp-relay-") as namespace:
         asyncio.run(scenario(namespace))
+
+
+@pytest.mark.slow  # a redis-server of its own, paused for longer than a command's timeout
+def test_a_redis_that_stops_answering_is_said_by_the_relay_and_told_to_workers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis paused (SIGSTOP: connections stay open, nothing answers, as behind a network
+    cut): the relay says so within its commands' timeout and the service's answers come back
+    once Redis does; a worker's request fails as DetectorUnavailableError naming Redis, where
+    both used to wait without a word for as long as the connection lasted."""
+    caplog.set_level(logging.INFO, logger="framepipe")
+    server = PrivateRedis(tmp_path, password=PASSWORD)
+    server.start()
+
+    async def scenario() -> None:
+        hub = DetectorHub("paused")
+        relay = Relay(hub, server.url, "relaytest")
+        remote = RemoteDetectorHub(hub.id, server.url, "relaytest")
+        await relay.start()
+        try:
+            assert await _sent_once_alive(remote) is False
+            server.pause()
+            try:
+                with pytest.raises(DetectorUnavailableError) as raised:
+                    await asyncio.wait_for(remote.send("session-1", {"type": "status"}), 40)
+                assert f"Redis at redis://:***@127.0.0.1:{server.port}/0 does not answer" in str(
+                    raised.value
+                )
+                assert "status" in str(raised.value)
+                await _until(
+                    "the relay's outage warning",
+                    lambda: any(
+                        "does not answer" in m for m in _relay_lines(caplog, logging.WARNING)
+                    ),
+                )
+            finally:
+                server.resume()
+            await _until("the 'answers again' line", lambda: _relay_lines(caplog, logging.INFO))
+            assert await _sent_once_alive(remote) is False
+        finally:
+            await relay.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert not [r for r in caplog.records if PASSWORD in r.getMessage()]
+
+
+def test_a_worker_with_a_wrong_password_is_told_so(tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path, password=PASSWORD)
+    server.start()
+    try:
+        wrong = f"redis://:not-{PASSWORD}@127.0.0.1:{server.port}/0"
+        remote = RemoteDetectorHub("locked", wrong, "relaytest")
+        with pytest.raises(DetectorUnavailableError, match="refuses the credentials") as raised:
+            asyncio.run(remote.send("session-1", {"type": "status"}))
+        assert PASSWORD not in str(raised.value)
+    finally:
+        server.stop()

@@ -57,12 +57,27 @@ _START_CHECK = 2.0
 """Seconds :meth:`Relay.start` gives Redis to answer whether it takes the credentials."""
 
 
+_CONNECT_TIMEOUT = 5.0
+_SOCKET_TIMEOUT = 10.0
+"""Seconds a command may wait for Redis's answer (the relay's blocking reads block 1 s): a
+Redis that stops answering (paused, a half-open connection) fails a command within it."""
+
+
 def _connect(url: str) -> Any:
     try:
         from framepipe.redis.connection import connect
     except ImportError as exc:
         raise MissingDependencyError("redis", "redis", "detectors reached from workers") from exc
-    return connect(url, retries=None, connect_timeout=None, socket_timeout=None)
+    return connect(
+        url, retries=None, connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT
+    )
+
+
+def _redis_trouble() -> tuple[type[BaseException], ...]:
+    """What Redis's being away, silent or refusing raises (redis-py's errors, the socket's)."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
 
 
 _CLEANUP_WAIT = 2.0
@@ -180,7 +195,7 @@ class Relay:
         while True:
             try:
                 await self._client.set(self.alive, self.instance, ex=_ALIVE_TTL)
-            except Exception as exc:  # Redis away or restarting: tried again, less often
+            except _redis_trouble() as exc:  # Redis away or restarting: tried again, less often
                 tries += 1
                 self._outage.failed("heartbeat", exc)
                 await asyncio.sleep(_RETRY.delay(tries))
@@ -194,7 +209,7 @@ class Relay:
         while True:
             try:
                 item = await self._client.blpop([self.requests], timeout=1)
-            except Exception as exc:
+            except _redis_trouble() as exc:
                 tries += 1
                 self._outage.failed("reading requests", exc)
                 await asyncio.sleep(_RETRY.delay(tries))
@@ -392,6 +407,19 @@ class RemoteDetectorHub:
                     detector_id=reply.get("detector_id"),
                     session_id=reply.get("session_id"),
                 )
+        except _redis_trouble() as exc:
+            from framepipe.redis.connection import denied, refused_credentials
+
+            why = (
+                refused_credentials(self.url, exc)
+                if denied(exc)
+                else f"Redis at {safe_url(self.url)} does not answer ({type(exc).__name__}: "
+                f"{safe_text(str(exc))})"
+            )
+            raise DetectorUnavailableError(
+                f"{why}, so {what} cannot be asked of detector hub {self.id}",
+                session_id=session_id,
+            ) from exc
         finally:
             # Bounded: a Redis that accepts and never answers must not hold the caller past
             # its own timeout (send_sync's wait) for as long as the connection lasts.
