@@ -79,10 +79,10 @@ class Retention(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     after_upload: bool = Field(
-        False, description="Remove a copy once its rendered video is verified in the store."
+        default=False, description="Remove a copy once its rendered video is verified in the store."
     )
     days: float | None = Field(
-        None, ge=0, description="Remove a copy this many days after its video was uploaded."
+        default=None, ge=0, description="Remove a copy this many days after its video was uploaded."
     )
 
     @property
