@@ -72,6 +72,7 @@ from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.pruning import ObjectsAfter, check_objects_prefix, delete_objects
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url, safe_url
+from framepipe.server.access import check_token
 from framepipe.server.browser_guard import BrowserGuard
 from framepipe.server.dashboard import mount_dashboard
 from framepipe.server.detector import DetectorHub, mount_detector
@@ -92,7 +93,7 @@ from framepipe.server.routes import (
     sources,
     status,
 )
-from framepipe.server.state import Running, ServiceState, check_token
+from framepipe.server.state import Running, ServiceState
 from framepipe.server.thumbnails import ThumbnailCache
 
 if TYPE_CHECKING:

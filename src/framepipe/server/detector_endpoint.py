@@ -48,7 +48,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -251,7 +251,7 @@ async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008
 
 
 def mount_detector(
-    app: FastAPI, hub: DetectorHub, token: str | None, check_token: Callable[..., None]
+    app: FastAPI, hub: DetectorHub, token: str | None, check_token: Callable[..., Awaitable[None]]
 ) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""

@@ -27,6 +27,7 @@ import binascii
 import hmac
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
@@ -75,15 +76,18 @@ def _subprotocol_token(websocket: WebSocket) -> tuple[str | None, str | None]:
     return None, None
 
 
-async def admit_websocket(websocket: WebSocket, token: str | None) -> bool:
-    """Accept ``websocket`` if it presents ``token`` (or no token is configured); else close
-    it with 1008 and return False."""
+async def admit_websocket(
+    websocket: WebSocket, token: str | None, *, also: Callable[[str | None], bool] | None = None
+) -> bool:
+    """Accept ``websocket`` if it presents ``token`` (or no token is configured), or a token
+    ``also`` accepts (the route's own rule: an execution token); else close it with 1008 and
+    return False."""
     given, subprotocol = _subprotocol_token(websocket)
     if given is None:
         given = bearer_token(websocket.headers.get("authorization"))
     if given is None:
         given = websocket.query_params.get("token")
-    if token and not token_matches(given, token):
+    if token and not token_matches(given, token) and not (also is not None and also(given)):
         await websocket.close(code=1008, reason="missing or wrong token")
         return False
     await websocket.accept(subprotocol=subprotocol)

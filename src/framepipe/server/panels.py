@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -175,7 +175,7 @@ def _object_response(file: BinaryIO, key: str) -> Response:
 
 
 def mount_app_panels(
-    app: FastAPI, apps: Mapping[str, App], check_token: Callable[..., None]
+    app: FastAPI, apps: Mapping[str, App], check_token: Callable[..., Awaitable[None]]
 ) -> dict[str, AppDashboard]:
     """Serve ``GET /api/apps``, each providing app's router and its objects on ``app``, all
     behind ``check_token``; returns the dashboards by app name."""

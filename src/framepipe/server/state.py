@@ -1,5 +1,6 @@
 """What the service's routes share: :class:`ServiceState`, stored on ``app.state.service`` by
-``create_app`` and reached through the :data:`Service` dependency, and the token check.
+``create_app`` and reached through the :data:`Service` dependency (the token check is
+:mod:`framepipe.server.access`'s).
 
 Guarantees: the configuration part (settings, token, pipelines, hosted apps, detector hub) is
 fixed when the app is made; the running part (stores, job client, feed, registry) exists only
@@ -22,7 +23,6 @@ from framepipe.jobs.client import JobClient
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.server.detector import DetectorHub
 from framepipe.server.feed import EventFeed
-from framepipe.server.guard import bearer_token, token_matches
 from framepipe.server.object_access import ObjectAccess
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from framepipe.server.thumbnails import ThumbnailCache
 
 try:
-    from fastapi import Depends, HTTPException, Request
+    from fastapi import Depends, HTTPException
     from starlette.requests import HTTPConnection
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
@@ -44,7 +44,6 @@ __all__ = [
     "Running",
     "Service",
     "ServiceState",
-    "check_token",
     "service_state",
 ]
 
@@ -158,16 +157,3 @@ def service_state(connection: HTTPConnection) -> ServiceState:
 
 Service = Annotated[ServiceState, Depends(service_state)]
 """A route's parameter of this type receives the service's state."""
-
-
-def check_token(request: Request) -> None:
-    """Refuse (401) a request without the service's bearer token, when it has one."""
-    token = service_state(request).token
-    if not token:
-        return
-    if not token_matches(bearer_token(request.headers.get("authorization")), token):
-        raise HTTPException(
-            401,
-            "missing or wrong bearer token (Authorization: Bearer ...)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )

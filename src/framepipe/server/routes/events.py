@@ -4,7 +4,9 @@ Both take ``?execution_id=`` as an id or a unique prefix of one, in any case, as
 routes do (resolved to the full id before any event is read; none or several: a 404 over
 HTTP).
 
-Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008); a
+Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008;
+an execution token is accepted for its own ``?execution_id=`` only,
+:func:`~framepipe.server.access.admit_live_socket`); a
 subscriber gets the current state first (``snapshot``), then every event committed after it, in
 order; one that falls too far behind is told so (``lagged``) and closed, to reconnect; one
 whose connection takes no message for :data:`STALL_TIMEOUT` seconds (a client that stopped
@@ -30,7 +32,7 @@ from framepipe.errors import (
 )
 from framepipe.events import Event
 from framepipe.logs import get_logger
-from framepipe.server.guard import admit_websocket
+from framepipe.server.access import admit_live_socket, open_to_execution_tokens
 from framepipe.server.params import ExecutionId, check_execution_id
 from framepipe.server.public import public_json
 from framepipe.server.routes.executions import summaries
@@ -78,6 +80,7 @@ async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
 
 
 @router.get("/events")
+@open_to_execution_tokens("query", "execution_id")
 async def events_page(
     service: Service,
     execution_id: Annotated[ExecutionId | None, Query()] = None,
@@ -211,7 +214,7 @@ async def live(
     token_param: Annotated[str | None, Query(alias="token")] = None,
 ) -> None:
     """The current state, then every event as it is committed."""
-    if not await admit_websocket(websocket, service.token):
+    if not await admit_live_socket(websocket, service, execution_id):
         return
     problem = _id_problem(execution_id)
     if problem is not None:

@@ -2,7 +2,9 @@
 
 Guarantees: an execution exists only once its submission was committed (an unknown pipeline
 is a 404, invalid inputs a 422 naming the field); listings carry no inputs, steps or data, so
-their size does not depend on what clients submitted; ids may be unique prefixes. Ids,
+their size does not depend on what clients submitted; ids may be unique prefixes. An
+execution token (``POST /api/executions/{id}/tokens``) is made only with the API token, for an
+execution that exists, and lives at most a week. Ids,
 pipeline names and statuses are checked before any store is asked
 (:mod:`framepipe.server.params`: a 422 naming the parameter).
 """
@@ -12,6 +14,9 @@ from typing import Annotated, Any, Literal
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.client import ExecutionSummary
+from framepipe.server import execution_tokens
+from framepipe.server.access import open_to_execution_tokens
+from framepipe.server.execution_tokens import DEFAULT_LIFETIME, MAX_LIFETIME
 from framepipe.server.params import MAX_NAME, ExecutionId, PipelineName, StatusName
 from framepipe.server.state import Service
 
@@ -21,7 +26,15 @@ try:
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
-__all__ = ["CancelAnswer", "SubmitBody", "Submitted", "router", "summaries"]
+__all__ = [
+    "CancelAnswer",
+    "ExecutionToken",
+    "SubmitBody",
+    "Submitted",
+    "TokenBody",
+    "router",
+    "summaries",
+]
 
 router = APIRouter(tags=["executions"])
 """The executions, included under ``/api``."""
@@ -79,6 +92,7 @@ async def executions_list(
 
 
 @router.get("/executions/{execution_id}")
+@open_to_execution_tokens("path", "execution_id")
 async def executions_show(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
     """An execution (id or unique prefix) with its steps and data."""
     return (await service.jobs.get(execution_id)).to_dict()
@@ -117,4 +131,54 @@ async def executions_cancel(execution_id: ExecutionId, service: Service) -> Canc
     result = await service.jobs.cancel(execution_id)
     return CancelAnswer(
         id=result.execution_id, status="cancelled" if result.cancelled else "cancelling"
+    )
+
+
+class TokenBody(BaseModel):
+    """``POST /api/executions/{id}/tokens`` (the body may be left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+    expires_in: int = Field(
+        DEFAULT_LIFETIME,
+        ge=1,
+        le=MAX_LIFETIME,
+        description="Seconds the token is valid (default an hour, at most a week).",
+    )
+
+
+class ExecutionToken(BaseModel):
+    """A token reading one execution, for a browser."""
+
+    token: str = Field(
+        description="Send it as ``Authorization: Bearer <token>`` (``/ws``: as the "
+        "subprotocol ``framepipe.token.<base64url(token)>``)."
+    )
+    execution_id: str = Field(description="The execution's full id.")
+    scope: Literal["read"] = Field(
+        description="It reads the execution (``/api/executions/{id}``, ``/api/status/{id}``, "
+        "``/api/events?execution_id=``, ``/ws?execution_id=``) and downloads its outputs "
+        "(``GET /api/objects/{key}`` of the keys in its data); nothing else."
+    )
+    expires_at: int = Field(description="Unix seconds after which it is refused.")
+
+
+@router.post("/executions/{execution_id}/tokens", status_code=201)
+async def executions_token(
+    execution_id: ExecutionId, service: Service, body: TokenBody | None = None
+) -> ExecutionToken:
+    """A signed, expiring, read-only token for one execution (id or unique prefix), for a
+    browser that must watch that job and download its results without the API token. Made
+    with the API token only (an execution token is refused here); a service without an API
+    token answers 409 (every client reads everything already). Changing the API token revokes
+    every execution token made with it."""
+    if not service.token:
+        raise HTTPException(
+            409, "the service has no API token, so it makes no execution tokens: set one first"
+        )
+    info = await service.jobs.get(execution_id, with_steps=False)
+    lifetime = body.expires_in if body is not None else DEFAULT_LIFETIME
+    token = execution_tokens.mint(service.token, info.id, lifetime=lifetime)
+    grant = execution_tokens.read(service.token, token)
+    return ExecutionToken(
+        token=token, execution_id=info.id, scope="read", expires_at=grant.expires_at
     )

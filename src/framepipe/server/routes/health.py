@@ -5,8 +5,9 @@ import time
 
 from framepipe import __version__
 from framepipe.errors import MissingDependencyError
+from framepipe.server.access import check_token
 from framepipe.server.responses import SafeJSONResponse
-from framepipe.server.state import Service, check_token
+from framepipe.server.state import Service
 
 try:
     from fastapi import APIRouter, Depends

@@ -20,6 +20,7 @@ from typing import Any
 
 from framepipe.backends.objects.base import validate_key
 from framepipe.errors import MissingDependencyError
+from framepipe.server.access import open_to_execution_tokens
 from framepipe.server.downloads import open_copy, streamed
 from framepipe.server.path_keys import ObjectKey
 from framepipe.server.state import Service
@@ -73,6 +74,7 @@ async def objects_put(key: ObjectKey, request: Request, service: Service) -> dic
 @router.get(
     "/objects/{key:objectkey}", responses={200: {"content": {"application/octet-stream": {}}}}
 )
+@open_to_execution_tokens("object", "key")
 async def objects_get(key: ObjectKey, service: Service) -> StreamingResponse:
     """The object stored under ``key``, streamed (any size: the service holds a chunk of it at
     a time)."""

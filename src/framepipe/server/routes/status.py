@@ -27,6 +27,7 @@ from typing import Any
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.server.access import open_to_execution_tokens
 from framepipe.server.params import ExecutionId
 from framepipe.server.state import Service
 
@@ -96,6 +97,7 @@ def job_status(info: ExecutionInfo) -> dict[str, Any]:
 
 
 @router.get("/status/{job_id}")
+@open_to_execution_tokens("path", "job_id")
 async def status_show(job_id: ExecutionId, service: Service) -> dict[str, Any]:
     """An execution (id or unique prefix) in the job-status shape a polling frontend reads:
     jobId, status (queued, processing, completed, failed), progress (0-100), stage, error,

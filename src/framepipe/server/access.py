@@ -1,0 +1,150 @@
+"""Who may do what over ``/api`` and ``/ws``: the service's API token opens everything; an
+execution token (:mod:`framepipe.server.execution_tokens`) reads one execution.
+
+Guarantees:
+
+* :func:`check_token` runs before every route behind the token: the API token (compared in
+  constant time) passes; an execution token passes only on the ``GET`` routes marked
+  :func:`open_to_execution_tokens` (``/api/executions/{id}``, ``/api/status/{id}``,
+  ``/api/events?execution_id=``, ``/api/objects/{key}``), for the execution it names (403 otherwise,
+  before the route reads or writes anything); anything else, an expired or tampered execution
+  token included, is a 401. A token is never logged nor put in an answer;
+* the objects an execution token may download are the execution's outputs
+  (:func:`output_keys`): the object keys its steps recorded in its data, known from the
+  state store when the request comes, never a prefix guessed from the key;
+* :func:`admit_live_socket` does the same for ``/ws``: an execution token is accepted with
+  ``?execution_id=`` naming its execution by full id, and is refused (1008) without it, so
+  it never gets the snapshot of every execution.
+"""
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
+
+from framepipe.errors import InvalidInputError, MissingDependencyError
+from framepipe.jobs.models import ExecutionInfo
+from framepipe.server import execution_tokens
+from framepipe.server.execution_tokens import ExecutionGrant, is_execution_token
+from framepipe.server.guard import admit_websocket, bearer_token, token_matches
+from framepipe.server.state import ServiceState, service_state
+
+try:
+    from fastapi import HTTPException, Request, WebSocket
+except ModuleNotFoundError as exc:
+    raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
+
+__all__ = [
+    "Where",
+    "admit_live_socket",
+    "check_token",
+    "open_to_execution_tokens",
+    "output_keys",
+]
+
+Where = Literal["path", "query", "object"]
+"""How a route open to execution tokens names what it reads: its execution's full id as a
+path or a query parameter, or an object key (a path parameter) that must be one of
+:func:`output_keys`."""
+
+_GRANT = "_framepipe_execution_token"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def open_to_execution_tokens(where: Where, name: str) -> Callable[[F], F]:
+    """Mark a ``GET`` route (below its ``@router.get``) as readable with an execution token
+    for what its parameter ``name`` names (see :data:`Where`); a route not marked refuses
+    them (403)."""
+
+    def mark(endpoint: F) -> F:
+        setattr(endpoint, _GRANT, (where, name))
+        return endpoint
+
+    return mark
+
+
+_UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer ...)"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings of a data or input value: itself, or the strings of a list of them."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        yield from (v for v in value if isinstance(v, str))
+
+
+def output_keys(info: ExecutionInfo) -> frozenset[str]:
+    """The object keys the execution ``info`` recorded as its outputs: each text value (or
+    text in a list value) of its data, that is, of what its steps returned (``video``,
+    ``thumbnail``, ``manifest``...), except the texts of its inputs (a key the submitter
+    named, or text a step copied from its inputs, is not the execution's output). An object
+    the execution deleted since (an intermediate) is simply missing."""
+    given = {s for v in info.inputs.values() for s in _strings(v)}
+    return frozenset(s for v in info.data.values() for s in _strings(v) if s not in given)
+
+
+def _unauthorized(detail: str = _UNAUTHORIZED) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _forbidden(grant: ExecutionGrant, what: str) -> HTTPException:
+    return HTTPException(
+        403, f"an execution token reads its execution ({grant.execution_id}) only, not {what}"
+    )
+
+
+async def _admit_grant(request: Request, service: ServiceState, grant: ExecutionGrant) -> None:
+    """Refuse (403) a request of an execution token outside what it grants."""
+    endpoint = getattr(request.scope.get("route"), "endpoint", None)
+    rule = getattr(endpoint, _GRANT, None)
+    if rule is None or request.method not in ("GET", "HEAD"):
+        raise _forbidden(grant, f"{request.method} {request.url.path}")
+    where, name = rule
+    if where == "object":
+        key = str(request.path_params.get(name, ""))
+        info = await service.jobs.get(grant.execution_id)
+        if key not in output_keys(info):
+            raise _forbidden(grant, "an object that is not one of its outputs")
+        return
+    named = (request.path_params if where == "path" else request.query_params).get(name)
+    if not isinstance(named, str) or named.strip().lower() != grant.execution_id:
+        raise _forbidden(grant, "another execution, or every execution")
+
+
+async def check_token(request: Request) -> None:
+    """Refuse a request without the service's API token (401), when it has one, unless it
+    carries an execution token valid for what it asks (see the module's guarantees)."""
+    service = service_state(request)
+    token = service.token
+    if not token:
+        return
+    given = bearer_token(request.headers.get("authorization"))
+    if token_matches(given, token):
+        return
+    if given is None or not is_execution_token(given):
+        raise _unauthorized()
+    try:
+        grant = execution_tokens.read(token, given)
+    except InvalidInputError as exc:
+        raise _unauthorized(f"the execution token {exc.reason}") from None
+    await _admit_grant(request, service, grant)
+
+
+async def admit_live_socket(
+    websocket: WebSocket, service: ServiceState, execution_id: str | None
+) -> bool:
+    """Accept the ``/ws`` connection ``websocket`` (which asks for ``execution_id``, or every
+    execution) if it presents the API token, or an execution token of that very execution;
+    else close it with 1008 and return False."""
+    token = service.token
+
+    def granted(given: str | None) -> bool:
+        if not token or given is None or execution_id is None or not is_execution_token(given):
+            return False
+        try:
+            grant = execution_tokens.read(token, given)
+        except InvalidInputError:
+            return False
+        return execution_id.strip().lower() == grant.execution_id
+
+    return await admit_websocket(websocket, token, also=granted)

@@ -1,0 +1,307 @@
+"""Execution tokens over the real service (uvicorn on a loopback port): a browser holding one
+reads its execution (record, status, events, live feed) and downloads its outputs, and nothing
+else: not another execution, not the listing, not another object, no write, no delete, not
+after expiry nor with a signature the service did not make. The browser checks (Host, Origin,
+Sec-Fetch-Site) and CORS apply to it as to the API token."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from framepipe import Pipeline, StepContext
+from framepipe.config import Settings
+from framepipe.errors import InvalidInputError
+from framepipe.server import execution_tokens
+from framepipe.server.guard import TOKEN_SUBPROTOCOL
+from test_server import AUTH, TOKEN, Server, wait_status
+
+FRONT = "https://front.example"
+REFUSED = (1008, 403)
+"""A ``/ws`` refused before it was accepted: close code 1008, which uvicorn sends as a 403."""
+
+render = Pipeline("tok_render")
+
+
+@render.step()
+def produce(ctx: StepContext) -> dict[str, Any]:
+    """Writes the execution's outputs under a key of its own, and records them in its data;
+    ``note`` is an input copied into the data (text, not an output)."""
+    video = f"results/{ctx.execution_id}/output.mp4"
+    ctx.objects.put(video, b"video of " + ctx.execution_id.encode())
+    thumbs = [f"results/{ctx.execution_id}/thumb{i}.jpg" for i in range(2)]
+    for key in thumbs:
+        ctx.objects.put(key, b"jpeg")
+    ctx.progress(50, "half")
+    return {"video": video, "thumbs": thumbs, "note": ctx.inputs.get("note", "")}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Tokens do not depend on the state backend: SQLite, one allowed front-end origin."""
+    return Settings(
+        home=tmp_path / "home",
+        database_url=f"sqlite:///{tmp_path / 'state.db'}",
+        retry_initial_delay=0.01,
+        retry_max_delay=0.05,
+        allowed_origins=[FRONT],
+    )
+
+
+@pytest.fixture
+def server(settings: Settings) -> Iterator[Server]:
+    with Server(settings, pipelines=(render,)) as running:
+        yield running
+
+
+def _run(client: httpx.Client, **inputs: Any) -> str:
+    answer = client.post("/api/executions", json={"pipeline": "tok_render", "inputs": inputs})
+    assert answer.status_code == 201, answer.text
+    execution_id: str = answer.json()["id"]
+    assert wait_status(client, execution_id)["status"] == "completed"
+    return execution_id
+
+
+def _token_for(client: httpx.Client, execution_id: str, **body: Any) -> str:
+    answer = client.post(f"/api/executions/{execution_id}/tokens", json=body or None)
+    assert answer.status_code == 201, answer.text
+    token: str = answer.json()["token"]
+    return token
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_an_execution_token_reads_its_execution_and_its_outputs(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+        answer = admin.post(f"/api/executions/{mine[:8]}/tokens", json={"expires_in": 600})
+        assert answer.status_code == 201, answer.text
+        body = answer.json()
+        assert body["execution_id"] == mine  # a prefix is resolved to the full id
+        assert body["scope"] == "read"
+        assert time.time() + 590 < body["expires_at"] <= time.time() + 600
+        token = body["token"]
+        assert TOKEN not in token
+    with httpx.Client(base_url=server.url, headers=_bearer(token), timeout=30) as browser:
+        shown = browser.get(f"/api/executions/{mine}")
+        assert shown.status_code == 200 and shown.json()["id"] == mine
+        status = browser.get(f"/api/status/{mine}").json()
+        assert status["status"] == "completed" and status["jobId"] == mine
+        events = browser.get("/api/events", params={"execution_id": mine}).json()
+        assert {e["execution_id"] for e in events["events"]} == {mine}
+        video = browser.get(f"/api/objects/results/{mine}/output.mp4")
+        assert video.status_code == 200 and video.content == b"video of " + mine.encode()
+        for i in range(2):  # a list of keys in the data: each is an output
+            assert browser.get(f"/api/objects/results/{mine}/thumb{i}.jpg").content == b"jpeg"
+
+
+def test_an_execution_token_reads_nothing_else_and_writes_nothing(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        admin.put("/api/objects/uploads/secret.txt", content=b"someone's upload")
+        theirs = _run(admin)
+        mine = _run(admin, note="uploads/secret.txt")  # an input copied into the data
+        token = _token_for(admin, mine)
+    with httpx.Client(base_url=server.url, headers=_bearer(token), timeout=30) as browser:
+        refused = {
+            "another execution": browser.get(f"/api/executions/{theirs}"),
+            "its status": browser.get(f"/api/status/{theirs}"),
+            "a prefix of its own id": browser.get(f"/api/status/{mine[:8]}"),
+            "the listing": browser.get("/api/executions"),
+            "every event": browser.get("/api/events"),
+            "another's events": browser.get("/api/events", params={"execution_id": theirs}),
+            "another's output": browser.get(f"/api/objects/results/{theirs}/output.mp4"),
+            "an upload": browser.get("/api/objects/uploads/secret.txt"),
+            "the pipelines": browser.get("/api/pipelines"),
+            "the metrics": browser.get("/metrics"),
+            "a write": browser.put(f"/api/objects/results/{mine}/output.mp4", content=b"x"),
+            "a write elsewhere": browser.put(f"/api/objects/results/{theirs}/output.mp4"),
+            "a delete": browser.delete(f"/api/objects/results/{mine}/output.mp4"),
+            "a submit": browser.post("/api/executions", json={"pipeline": "tok_render"}),
+            "a retry": browser.post(f"/api/executions/{mine}/retry"),
+            "a cancel": browser.post(f"/api/executions/{mine}/cancel"),
+            "another token": browser.post(f"/api/executions/{mine}/tokens"),
+        }
+        for what, answer in refused.items():
+            assert answer.status_code in (403, 405), (what, answer.status_code, answer.text)
+            assert token not in answer.text
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        for execution_id in (mine, theirs):  # nothing was overwritten
+            video = admin.get(f"/api/objects/results/{execution_id}/output.mp4")
+            assert video.content == b"video of " + execution_id.encode()
+        assert admin.get(f"/api/executions/{mine}").json()["status"] == "completed"
+
+
+def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+        valid = _token_for(admin, mine)
+        too_long = admin.post(f"/api/executions/{mine}/tokens", json={"expires_in": 8 * 86_400})
+        assert too_long.status_code == 422
+    expired = execution_tokens.mint(TOKEN, mine, lifetime=60, now=time.time() - 61)
+    other_key = execution_tokens.mint("another service's token", mine)
+    head, payload, signature = valid.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    longer = base64.urlsafe_b64encode(
+        json.dumps({**claims, "x": claims["x"] + 86_400}).encode()
+    ).decode()
+    forged = {
+        "expired": expired,
+        "signed with another key": other_key,
+        "a payload changed": f"{head}.{longer.rstrip('=')}.{signature}",
+        "a signature changed": f"{head}.{payload}.{signature[:-2]}AA",
+        "no signature": f"{head}.{payload}",
+        "the prefix only": "fpx1.",
+    }
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        for what, token in forged.items():
+            answer = browser.get(f"/api/status/{mine}", headers=_bearer(token))
+            assert answer.status_code == 401, (what, answer.text)
+            assert token not in answer.text
+        late = browser.get(f"/api/status/{mine}", headers=_bearer(expired))
+        assert "expired" in late.json()["detail"]
+        made = execution_tokens.mint(TOKEN, mine)  # what a backend mints itself is the same
+        assert browser.get(f"/api/status/{mine}", headers=_bearer(made)).status_code == 200
+
+
+def test_a_new_api_token_revokes_every_execution_token(settings: Settings) -> None:
+    with (
+        Server(settings, pipelines=(render,)) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin,
+    ):
+        mine = _run(admin)
+        token = _token_for(admin, mine)
+        assert admin.get(f"/api/status/{mine}", headers=_bearer(token)).status_code == 200
+    with (
+        Server(settings, pipelines=(render,), token="a-new-token") as server,
+        httpx.Client(base_url=server.url, timeout=30) as browser,
+    ):
+        assert browser.get(f"/api/status/{mine}", headers=_bearer(token)).status_code == 401
+
+
+def test_the_python_helper_refuses_what_the_service_would() -> None:
+    execution_id = "0" * 32
+    token = execution_tokens.mint(TOKEN, execution_id, lifetime=10, now=1000.0)
+    grant = execution_tokens.read(TOKEN, token, now=1009.0)
+    assert (grant.execution_id, grant.scope, grant.expires_at) == (execution_id, "read", 1010)
+    with pytest.raises(InvalidInputError, match="expired"):
+        execution_tokens.read(TOKEN, token, now=1010.0)
+    with pytest.raises(InvalidInputError, match="signature"):
+        execution_tokens.read("other", token, now=1000.0)
+    for bad_id in ("abc", "0" * 31 + "G", "0" * 33):
+        with pytest.raises(InvalidInputError, match="execution_id"):
+            execution_tokens.mint(TOKEN, bad_id)
+    with pytest.raises(InvalidInputError, match="lifetime"):
+        execution_tokens.mint(TOKEN, execution_id, lifetime=0)
+    with pytest.raises(InvalidInputError, match="api_token"):
+        execution_tokens.mint("", execution_id)
+
+
+def _socket(server: Server, token: str, execution_id: str | None) -> list[dict[str, Any]] | int:
+    """The messages ``/ws`` sends a client presenting ``token`` as its subprotocol until the
+    execution's completion, or the close code (or HTTP status) it was refused with."""
+    query = f"?execution_id={execution_id}" if execution_id else ""
+    protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+    try:
+        with ws_connect(
+            f"ws://127.0.0.1:{server.port}/ws{query}",
+            subprotocols=[protocol],
+            open_timeout=10,
+        ) as ws:
+            messages = [json.loads(ws.recv(timeout=10))]
+            return messages
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else -1
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def test_the_live_feed_takes_an_execution_token_for_its_execution_only(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine, theirs = _run(admin), _run(admin)
+        token = _token_for(admin, mine)
+    got = _socket(server, token, mine)
+    assert isinstance(got, list), got
+    assert got[0]["type"] == "snapshot" and got[0]["execution"]["id"] == mine
+    assert _socket(server, token, theirs) in REFUSED
+    assert _socket(server, token, None) in REFUSED  # the snapshot of every execution
+    assert _socket(server, token, mine[:8]) in REFUSED
+    expired = execution_tokens.mint(TOKEN, mine, lifetime=1, now=time.time() - 2)
+    assert _socket(server, expired, mine) in REFUSED
+
+
+def test_the_browser_checks_and_cors_apply_to_an_execution_token(server: Server) -> None:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+        token = _token_for(admin, mine)
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        preflight = browser.options(
+            f"/api/status/{mine}",
+            headers={
+                "Origin": FRONT,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == FRONT
+        allowed = browser.get(f"/api/status/{mine}", headers={**_bearer(token), "Origin": FRONT})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == FRONT
+        output = browser.get(
+            f"/api/objects/results/{mine}/output.mp4",
+            headers={**_bearer(token), "Origin": FRONT, "Sec-Fetch-Site": "cross-site"},
+        )
+        assert output.status_code == 200
+        for headers in (
+            {"Origin": "https://evil.example"},
+            {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "image"},
+            {"Host": "evil.example"},
+        ):
+            refused = browser.get(f"/api/status/{mine}", headers={**_bearer(token), **headers})
+            assert refused.status_code in (400, 403), headers
+            assert "access-control-allow-origin" not in refused.headers
+
+
+def test_execution_tokens_are_never_logged(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG),
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin,
+    ):
+        mine = _run(admin)
+        token = _token_for(admin, mine)
+        browser = httpx.Client(base_url=server.url, headers=_bearer(token), timeout=30)
+        with browser:
+            browser.get(f"/api/status/{mine}")
+            browser.get("/api/executions")
+            browser.get(f"/api/status/{mine}", headers={"Origin": "https://evil.example"})
+            browser.get(f"/api/status/{mine}", headers=_bearer(token[:-3] + "AAA"))
+        assert _socket(server, token, None) in REFUSED
+    assert caplog.records
+    assert not [r for r in caplog.records if token in r.getMessage() or TOKEN in r.getMessage()]
+
+
+def test_a_service_without_a_token_makes_no_execution_tokens(settings: Settings) -> None:
+    with (
+        Server(settings, pipelines=(render,), token="") as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        mine = _run(client)
+        answer = client.post(f"/api/executions/{mine}/tokens", json={})
+        assert answer.status_code == 409
+        assert "no API token" in answer.json()["detail"]
+        unknown = client.post(f"/api/executions/{'f' * 32}/tokens", json={})
+        assert unknown.status_code == 409
