@@ -7,24 +7,33 @@ its polling frontend with (the ML video team's, beside ``/api/executions/{id}``)
      "error": null, "resultPath": null, "thumbnailPath": null,
      "createdAt": "2026-12-04T18:00:00.000Z", "updatedAt": "...", "executionStatus": "running"}
 
-``status`` is that API's vocabulary: ``queued`` (pending), ``processing`` (running),
+``status`` is that API's vocabulary: ``queued`` (waiting for its first step to start: pending,
+or running with every step still pending or ready, as a job submitted to workers reads until a
+worker takes its first step), ``processing`` (running, once a step has started),
 ``completed``, ``failed`` (failed, and also cancelled or interrupted: ended without a result,
 so a frontend that stops polling at ``completed`` or ``failed`` stops; ``executionStatus`` has
 framepipe's own status and ``error`` says which). ``progress`` is a whole percentage (100 once
-completed); ``stage`` the step running (or the one that failed); ``resultPath`` and
+completed); ``stage`` the step running (or waiting to be retried, or the one that failed); ``resultPath`` and
 ``thumbnailPath`` the object keys of the execution's ``video`` and ``thumbnail`` data, once
-it completed (``GET /api/objects/{key}`` serves them).
+it completed (``GET /api/objects/{key}`` serves them); ``updatedAt`` when the state store last
+recorded something of it: its newest stored event (a progress report, a step started or ended)
+or, once its events were pruned, the newest time of its record and its steps.
 
 Registered for every service, whatever its pipelines, so the API's schema stays the same for
 every installation; it reads any execution, and only executions whose data name a ``video``
 and a ``thumbnail`` have result paths. Behind the same token and browser checks as the rest of
-``/api``; an unknown id is a 404, one that cannot be an id (a NUL, too long) a 422
+``/api`` (an execution token reads its own execution here, by full id); an unknown id is a 404, one that cannot be an id (a NUL, too long) a 422
 (:mod:`framepipe.server.params`).
 """
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
+
+from framepipe.backends.state import StateStore
+from framepipe.backends.state.schema import events
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.server.access import open_to_execution_tokens
@@ -51,6 +60,31 @@ _STATUS = {
 }
 
 
+_WAITING = frozenset({StepStatus.PENDING, StepStatus.READY})
+"""The statuses of steps that have not started (in this run or before)."""
+
+
+def _status(info: ExecutionInfo) -> str:
+    """``queued`` while nothing of a running execution has started (its steps all pending or
+    ready: waiting for the engine or a worker), else the word of :data:`_STATUS`."""
+    if info.status is ExecutionStatus.RUNNING and all(s.status in _WAITING for s in info.steps):
+        return "queued"
+    return _STATUS.get(info.status, "processing")
+
+
+def _last_event_at(store: StateStore, execution_id: str) -> float | None:
+    """When the newest stored event of the execution was made, or None (none, or pruned)."""
+    query = (
+        sa.select(events.c.ts)
+        .where(events.c.execution_id == execution_id)
+        .order_by(events.c.id.desc())
+        .limit(1)
+    )
+    with store.read() as conn:
+        ts = conn.execute(query).scalar()
+    return None if ts is None else float(ts)
+
+
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -58,7 +92,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 def _stage(info: ExecutionInfo) -> str | None:
-    for wanted in (StepStatus.RUNNING, StepStatus.FAILED):
+    for wanted in (StepStatus.RUNNING, StepStatus.RETRYING, StepStatus.FAILED):
         for step in info.steps:
             if step.status is wanted:
                 return step.name
@@ -75,16 +109,19 @@ def _error(info: ExecutionInfo) -> str | None:
     return None
 
 
-def job_status(info: ExecutionInfo) -> dict[str, Any]:
-    """``info`` in the status shape described above."""
+def job_status(info: ExecutionInfo, last_event_at: float | None = None) -> dict[str, Any]:
+    """``info`` in the status shape described above; ``last_event_at`` is when its newest
+    stored event was made (None: none is stored)."""
     done = info.status is ExecutionStatus.COMPLETED
     result = info.data.get("video") if done else None
     thumbnail = info.data.get("thumbnail") if done else None
     times = [t for t in (info.created_at, info.started_at, info.finished_at) if t is not None]
     times += [t for s in info.steps for t in (s.started_at, s.finished_at) if t is not None]
+    if last_event_at is not None:
+        times.append(last_event_at)
     return {
         "jobId": info.id,
-        "status": _STATUS.get(info.status, "processing"),
+        "status": _status(info),
         "progress": 100 if done else max(0, min(100, int(info.progress))),
         "stage": None if done else _stage(info),
         "error": _error(info),
@@ -102,4 +139,5 @@ async def status_show(job_id: ExecutionId, service: Service) -> dict[str, Any]:
     """An execution (id or unique prefix) in the job-status shape a polling frontend reads:
     jobId, status (queued, processing, completed, failed), progress (0-100), stage, error,
     resultPath, thumbnailPath, createdAt, updatedAt."""
-    return job_status(await service.jobs.get(job_id))
+    info = await service.jobs.get(job_id)
+    return job_status(info, await asyncio.to_thread(_last_event_at, service.store, info.id))
