@@ -316,7 +316,9 @@ def test_intermediates_are_deleted_on_completion_and_kept_for_a_retry(
     done = retry_ml(settings, failed.id)
     assert done.status is ExecutionStatus.COMPLETED, done.error
     assert keys_of(settings, done.id) == FINAL
-    assert done.data["intermediates_deleted"] >= 2 + 2 * done.data["frames"]
+    # input, preprocessed, the model's frames; no post-processed copy of them (the default
+    # contrast and brightness change nothing)
+    assert done.data["intermediates_deleted"] == 2 + done.data["frames"]
 
 
 def test_keep_intermediates_keeps_them(
@@ -328,8 +330,16 @@ def test_keep_intermediates_keeps_them(
     assert info.status is ExecutionStatus.COMPLETED, info.error
     keys = keys_of(settings, info.id)
     assert FINAL | {"input.mp4", "preprocessed.mp4"} <= keys
-    assert any(k.startswith("frames/") for k in keys) and any(k.startswith("post/") for k in keys)
+    assert any(k.startswith("frames/") for k in keys)
     assert info.data["intermediates_deleted"] == 0
+    # the default contrast 1 and brightness 0 change nothing: no frame went through the store
+    # again (a post-processed copy of every one), stitch took the model's
+    assert not any(k.startswith("post/") for k in keys)
+    assert info.data["post_prefix"] == info.data["frames_prefix"]
+    brighter = run_ml(settings, clip, brightness=40)
+    assert brighter.status is ExecutionStatus.COMPLETED, brighter.error
+    post = {k for k in keys_of(settings, brighter.id) if k.startswith("post/")}
+    assert len(post) == brighter.data["post_frames"] == brighter.data["frames"]
     # a key the user gave is never an intermediate
     monkeypatch.delenv("ML_KEEP_INTERMEDIATES")
     with open_object_store(settings.resolved_objects_url) as objects:

@@ -26,7 +26,7 @@ from framepipe.jobs.records import get_execution, list_events, list_executions
 from framepipe.jobs.scratch import MARKER, remove_abandoned
 from framepipe.media import probe
 from framepipe.pipelines.ml_video import ml_video
-from media import make_clip
+from media import audio_of, dominant_hz, make_clip
 from waiting import wait_until, wait_until_async
 
 MODELS = Path(__file__).parent / "models"
@@ -139,7 +139,7 @@ def test_a_missing_or_non_video_input_fails_fetch_clearly(
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     bad, _, _ = run_ml(settings, text)
-    assert "notes.mp4" in bad.errors["fetch"] and "MediaError" in bad.errors["fetch"]
+    assert "notes.mp4" in bad.errors["fetch"] and "InvalidInputError" in bad.errors["fetch"]
 
 
 # -- inputs checked at submit (issue 14) ----------------------------------------------------
@@ -270,7 +270,8 @@ def test_a_local_path_outside_the_roots_is_refused_and_says_nothing_about_it(
     objects.put_file("uploads/in.mp4", clip)
     by_key = submit_ml(settings, {"input": "uploads/in.mp4", "width": 160}, [])
     assert by_key.status is ExecutionStatus.COMPLETED, by_key.error
-    assert by_key.data["input_key"] == "uploads/in.mp4"
+    assert by_key.data["input_source"]["key"] == "uploads/in.mp4"
+    assert by_key.data["input_key"] == f"ml/{by_key.id}/input.mp4"  # the job's own copy
     (uploads / "in.mp4").write_bytes(clip.read_bytes())
     by_path = submit_ml(settings, {"input": str(uploads / "in.mp4"), "width": 160}, [uploads])
     assert by_path.status is ExecutionStatus.COMPLETED, by_path.error
@@ -291,7 +292,7 @@ def test_an_object_key_input_is_never_read_from_the_workers_folder(
     objects.put_file("private/secret.mp4", make_clip(tmp_path / "up.mp4", frames=10))
     info = submit_ml(settings, {"input": "private/secret.mp4", "width": 160, "fps": 25}, [])
     assert info.status is ExecutionStatus.COMPLETED, info.error
-    assert info.data["input_key"] == "private/secret.mp4"
+    assert info.data["input_source"]["key"] == "private/secret.mp4"
     pre = info.data["preprocessed_info"]
     assert (pre["frames"], pre["height"]) == (10, 120), pre  # the upload's 10 frames of 4:3
     assert pre["duration"] == pytest.approx(0.4, abs=0.05)
@@ -557,3 +558,145 @@ def test_cancelling_while_the_frames_upload_stops_the_upload_and_leaves_no_folde
     uploaded = len(list(objects.list(f"ml/{info.id}/frames/")))
     assert 0 < uploaded < 3000  # stopped part way
     assert list(scratch.iterdir()) == []
+
+
+# -- what the job used and kept, its sound, and a model server that refuses -----------------------
+
+
+def test_the_result_keeps_the_uploads_sound_and_the_manifest_says_what_was_used(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result was silent, and the manifest had neither the seed nor the other inputs; its
+    ``input_key`` and ``video_info.path`` named files gone once the job completed."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    clip = make_clip(tmp_path / "talk.mp4", frames=25, size=(320, 240), tone_hz=440)
+    info, _, _ = run_ml(settings, clip, seed=42, style="studio", fps=25)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    objects = open_object_store(settings.resolved_objects_url)
+    out = objects.get_file(info.data["video"], tmp_path / "out.mp4")
+    video = probe(out)
+    assert video.audio_codec == "aac" and video.audio_duration is not None
+    assert video.audio_duration == pytest.approx(video.duration, abs=0.1)
+    samples, rate = audio_of(out)
+    assert dominant_hz(samples, rate) == pytest.approx(440, abs=10)
+
+    manifest = json.loads(objects.get(info.data["manifest"]))
+    assert (manifest["prompt"], manifest["style"], manifest["seed"]) == ("anime", "studio", 42)
+    assert (manifest["width"], manifest["fps"]) == (160, 25)
+    assert (manifest["brightness"], manifest["contrast"]) == (0, 1)
+    assert manifest["input"]["path"] == str(clip)
+    assert manifest["input"]["size"] == clip.stat().st_size
+    assert manifest["input"]["info"]["frames"] == 25
+    assert manifest["video"] == info.data["video"] and objects.exists(manifest["video"])
+    assert manifest["video_info"]["path"] == info.data["video"]
+    assert "input_key" not in manifest and "intermediates" not in manifest  # deleted: not named
+    assert not objects.exists(info.data["input_key"])
+
+
+def test_the_manifest_names_the_intermediates_when_they_are_kept(
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    monkeypatch.setenv("ML_KEEP_INTERMEDIATES", "true")
+    info, _, _ = run_ml(settings, clip)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    objects = open_object_store(settings.resolved_objects_url)
+    kept = json.loads(objects.get(info.data["manifest"]))["intermediates"]
+    assert kept["input"] == f"ml/{info.id}/input.mp4" and objects.exists(kept["input"])
+    assert objects.exists(kept["preprocessed"])
+    assert len(list(objects.list(kept["frames"] + "/"))) == info.data["frames"]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "requests"),
+    [
+        (400, "InvalidInputError: the model refused this job's request, not retried", 1),
+        (422, "InvalidInputError: the model refused this job's request, not retried", 1),
+        (404, "ConfigError: ", 1),
+        (429, "ModelError: ", 2),  # "not now": the step's retry runs it again
+    ],
+)
+def test_a_request_the_model_server_refuses_for_good_is_not_run_again(
+    settings: Settings,
+    clip: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    kind: str,
+    requests: int,
+) -> None:
+    """The step's retry ran the model again on an HTTP 400 (the adapter had not retried it)."""
+    from test_model_adapters import ModelServer, fixed
+
+    with ModelServer([fixed(status, b'{"error": "unknown style \'watercolour\'"}')]) as server:
+        monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
+        monkeypatch.setenv("MODEL_API_URL", server.url)
+        info, _, _ = run_ml(settings, clip, style="watercolour")
+    assert info.status is ExecutionStatus.FAILED
+    error = info.errors["inference"]
+    assert error.startswith(kind) and f"HTTP {status}" in error, error
+    assert "unknown style 'watercolour'" in error
+    assert len(server.requests) == requests
+    assert info.step("inference").attempt == requests
+
+
+def test_a_model_servers_frames_this_worker_cannot_see_say_they_must_share_the_folder(
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server on another machine answered a path of its own: the step failed with a bare
+    ``FileNotFoundError`` (and ran the model again)."""
+    from test_model_adapters import ModelServer, ok
+
+    elsewhere = Path("/srv/model-host/tmpabc/frames")
+    with ModelServer([ok(elsewhere)]) as server:
+        monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
+        monkeypatch.setenv("MODEL_API_URL", server.url)
+        info, _, _ = run_ml(settings, clip)
+    assert info.status is ExecutionStatus.FAILED
+    error = info.errors["inference"]
+    assert error.startswith(
+        f"ConfigError: HttpModel({server.url}): the server's frames_path {elsewhere} does not "
+        "exist on this machine"
+    ), error
+    assert "both must share that folder" in error
+    assert len(server.requests) == 1
+
+
+def test_a_step_handed_back_logs_that_it_stopped_not_that_it_failed(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """A worker stopping (SIGTERM) cancels its running steps' tasks and hands them back; the
+    step logged ``Stage failed after 12.73s: CancelledError``."""
+    from types import SimpleNamespace
+
+    from framepipe.pipelines.ml_video import _stage
+
+    ctx: Any = SimpleNamespace(pipeline=ml_video, step_name="inference", execution_id="0" * 32)
+
+    async def step() -> None:
+        with _stage(ctx):
+            await asyncio.sleep(30)
+
+    async def main() -> None:
+        task = asyncio.create_task(step())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in logs.records if r.name == "framepipe.steps"]
+    assert lines[0] == "Stage started"
+    assert re.fullmatch(
+        r"Stage stopped after 0\.\d\ds: handed back, not failed; it runs again", lines[1]
+    ), lines
+    assert not any("failed after" in line for line in lines)
+
+
+def test_frames_are_taken_in_playing_order_past_their_zero_padding(tmp_path: Path) -> None:
+    from framepipe.pipelines.ml_video import _images
+
+    names = ["frame_9998.png", "frame_9999.png", "frame_10000.png", "frame_10001.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "log.txt").write_text("a model's other file")
+    assert [p.name for p in _images(tmp_path)] == names

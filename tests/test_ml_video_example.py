@@ -373,7 +373,7 @@ def test_a_video_above_the_pixel_limit_fails_fetch_then_retry_after_raising_it(
     assert failed.status is ExecutionStatus.FAILED
     error = failed.errors["fetch"]
     assert error.startswith(
-        f"MediaError: {clip}: its picture is 320x240 (76,800 pixels), "
+        f"InvalidInputError: inputs.input: {clip}: its picture is 320x240 (76,800 pixels), "
         "larger than the limit of 19,200 pixels"
     ), error
     assert "FRAMEPIPE_MEDIA_MAX_PIXELS" in error

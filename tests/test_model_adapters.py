@@ -1280,3 +1280,30 @@ def test_the_model_process_dies_with_the_process_that_started_it(
         for pid in pids:  # its own child (a sleep) is not killed with it: documented
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_results_frame_files_are_in_playing_order_past_their_zero_padding(
+    tmp_path: Path,
+) -> None:
+    names = ["frame_9999.png", "frame_10000.png", "frame_10001.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "frames.json").write_text("{}")
+    assert [p.name for p in ModelResult(tmp_path).frame_files()] == names
+
+
+def test_http_frames_path_this_machine_cannot_see_says_to_share_the_folder(
+    tmp_path: Path, clip: Path
+) -> None:
+    elsewhere = Path("/srv/model-host/tmpabc/frames")
+    with ModelServer([ok(elsewhere)]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=2, check_frames_path=True)
+        with pytest.raises(ModelOutputError) as info:
+            run(model.infer(clip, output_dir=tmp_path))
+    assert str(info.value) == (
+        f"HttpModel({server.url}): the server's frames_path {elsewhere} does not exist on this "
+        "machine: the model server writes the frames there and this process reads them, so "
+        "both must share that folder (run them on one machine, or mount a shared volume at the "
+        "same path on both)"
+    )
+    assert len(server.requests) == 1  # not retried: the same answer would come back

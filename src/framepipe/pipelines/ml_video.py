@@ -33,12 +33,20 @@ progress: fetch 0-10 %, preprocess 10-15 %, inference 15-65 %, postprocess 65-75
 75-85 %, thumbnails 85-95 %, finalize 95-100 %. The result video and thumbnail keys end up in
 the execution's data (``video``, ``thumbnail``, ``grid``).
 
-Every step logs ``Stage started`` and ``Stage completed in 1.67s`` (or failed, cancelled)
-under ``[ml_video/<step>:<execution id>]``. Once everything else is stored, finalize deletes the
-intermediates (:data:`INTERMEDIATES`), unless ``FRAMEPIPE_ML_KEEP_INTERMEDIATES`` /
-``ML_KEEP_INTERMEDIATES`` is true; a failed execution keeps them for its retry. The first step
-refuses to run where the original worker's ``MINIO_*`` or ``DATABASE_FILE`` are set but this
-process does not use them (see :mod:`framepipe.pipelines.ml_worker`, which maps them).
+Every step logs ``Stage started`` and ``Stage completed in 1.67s`` (or failed, cancelled, or
+stopped: handed back by a worker that stops, not failed) under
+``[ml_video/<step>:<execution id>]``. Once everything else is stored, finalize writes a
+manifest of what the job used and kept, then deletes the intermediates (:data:`INTERMEDIATES`),
+unless ``FRAMEPIPE_ML_KEEP_INTERMEDIATES`` / ``ML_KEEP_INTERMEDIATES`` is true; a failed
+execution keeps them for its retry. The first step refuses to run where the original worker's
+``MINIO_*`` or ``DATABASE_FILE`` are set but this process does not use them (see
+:mod:`framepipe.pipelines.ml_worker`, which maps them).
+
+The job runs on the video its submitter sent: fetch takes the job's own copy
+(``ml/<execution id>/input.<ext>``), which the later steps read, and refuses an object key
+whose object was replaced after the submit. An empty or non-video input, and a request the
+model server refuses for good (an HTTP 4xx), fail at once instead of being retried. The result
+keeps the upload's sound.
 """
 
 from __future__ import annotations
@@ -58,14 +66,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
 from framepipe.config import MediaSettings, load_section
-from framepipe.errors import ConfigError, MediaError, StepCancelledError
+from framepipe.errors import (
+    ConfigError,
+    InvalidInputError,
+    MediaError,
+    ModelError,
+    ObjectNotFoundError,
+    StepCancelledError,
+)
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import get_execution, list_events
 from framepipe.logs import get_logger
 from framepipe.media.frames import read_image, write_image
 from framepipe.pipelines.ml_settings import MlVideoSettings
-from framepipe.processors.adapters import ModelAdapter, as_step_progress
+from framepipe.processors.adapters import HttpModel, ModelAdapter, as_step_progress
 
 __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
 
@@ -118,8 +134,8 @@ def _prefix(ctx: StepContext) -> str:
 
 @contextlib.contextmanager
 def _stage(ctx: StepContext) -> Iterator[None]:
-    """``Stage started`` / ``Stage completed in 1.67s`` (or failed, cancelled) lines for one
-    step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``."""
+    """``Stage started`` / ``Stage completed in 1.67s`` (or failed, cancelled, stopped) lines
+    for one step, as the original worker logged each stage, under ``[ml_video/<stage>:<id>]``."""
     log = get_logger(
         f"{ctx.pipeline.name}/{ctx.step_name}:{ctx.execution_id[:8]}", "framepipe.steps"
     )
@@ -129,6 +145,13 @@ def _stage(ctx: StepContext) -> Iterator[None]:
         yield
     except StepCancelledError:
         log.warning("Stage cancelled after %.2fs", time.monotonic() - started)
+        raise
+    except asyncio.CancelledError:
+        # the worker stopped the step (SIGTERM, a lost lease) and hands it back: not a failure
+        log.warning(
+            "Stage stopped after %.2fs: handed back, not failed; it runs again",
+            time.monotonic() - started,
+        )
         raise
     except BaseException as exc:
         log.warning("Stage failed after %.2fs: %s", time.monotonic() - started, type(exc).__name__)
@@ -217,8 +240,13 @@ _IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def _images(folder: Path) -> list[Path]:
-    """The image files of ``folder``, sorted by name (a model may write other files too)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGES)
+    """The image files of ``folder`` in playing order (:func:`media.frame_order
+    <framepipe.media.frames.frame_order>`: ``frame_10000`` after ``frame_9999``); a model may
+    write other files too."""
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGES),
+        key=media.frame_order,
+    )
 
 
 def _upload_folder(
@@ -250,27 +278,101 @@ def _download_folder(ctx: StepContext, prefix: str) -> Path:
     return folder
 
 
+_CLOCK_SLACK = 2.0
+"""Seconds an object may seem modified after its job was submitted and still count as the
+one submitted: the object store's clock and the submitter's may differ by that much."""
+
+
+def _pinned_since(ctx: StepContext) -> float:
+    """When the inputs were last confirmed: the submit, or the latest ``framepipe jobs
+    retry`` (whoever resumes a job after replacing its input means the new one)."""
+    info = get_execution(ctx.store, ctx.execution_id, with_steps=False)
+    since, after = info.created_at, 0
+    while info.runs > 1:
+        events = list_events(ctx.store, ctx.execution_id, after_id=after)
+        if not events:
+            break
+        for event in events:
+            if event.type == "execution.retried":
+                since = max(since, event.ts)
+        after = events[-1].id or after
+    return since
+
+
+def _probed(ctx: StepContext, source: str, copy: Path) -> dict[str, Any]:
+    """``copy``'s media info. An empty file, or one that is no video or over the media
+    limits, is an :class:`InvalidInputError` naming ``source``: refused for good, since a
+    retry would read the same bytes (``framepipe jobs retry`` once it is replaced, or the
+    limit raised)."""
+    if copy.stat().st_size == 0:
+        raise InvalidInputError(f"{source}: is empty (0 bytes), not a video", where="inputs.input")
+    try:
+        info = media.probe(copy, **_limits(length=False)).as_dict()
+    except MediaError as exc:  # name the user's file, not this step's copy of it
+        reason = exc.reason.replace(str(copy), source)
+        raise InvalidInputError(f"{source}: {reason}", where="inputs.input") from exc
+    return {**info, "path": source}
+
+
+def _take_object(ctx: StepContext, source: str, key: str) -> dict[str, Any]:
+    """Copy the object ``source`` to this job's ``key``, refusing it when it was replaced
+    after the job was submitted (:func:`_pinned_since`; a replacement within
+    :data:`_CLOCK_SLACK` seconds of the submit cannot be told apart) or while it was copied:
+    the job is then not run on a video its submitter never saw. Returns what was taken."""
+    try:
+        before = ctx.objects.stat(source)
+    except ObjectNotFoundError:
+        raise FileNotFoundError(f"input {source!r}: no such object in the object store") from None
+    since = _pinned_since(ctx)
+    if before.modified > since + _CLOCK_SLACK:
+        raise InvalidInputError(
+            f"{source!r} was replaced after this job was submitted (modified "
+            f"{_when(before.modified)}, submitted {_when(since)}): not run on a video its "
+            "submitter did not send; submit a new job for it, and give each upload a key of "
+            "its own",
+            where="inputs.input",
+        )
+    ctx.objects.copy(source, key)
+    after = ctx.objects.stat(source)
+    if (after.size, after.modified) != (before.size, before.modified):
+        ctx.objects.delete(key)
+        raise InvalidInputError(
+            f"{source!r} was replaced while this job copied it: submit a new job for it, and "
+            "give each upload a key of its own",
+            where="inputs.input",
+        )
+    return {"key": source, "size": before.size, "modified": before.modified}
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 @ml_video.step(weight=10, retries=2)
 def fetch(ctx: StepContext) -> dict[str, Any]:
-    """Bring the input into the object store: a local file (as the submit resolved and
-    confined it) is copied without following links, probed (a non-video is refused before
-    anything else runs) and uploaded; an object key is checked."""
+    """Take the job's own copy of the input, ``ml/<execution id>/input.<ext>``, which every
+    later step reads (a new upload to the client's key changes nothing for this job): a local
+    file (as the submit resolved and confined it) is copied without following links and
+    uploaded; an object key is copied within the store, unless it was replaced after the
+    submit (or the latest ``framepipe jobs retry``), which refuses it naming the key. The
+    copy is probed: an empty or non-video input is an
+    :class:`~framepipe.errors.InvalidInputError`, refused for good (not retried)."""
     with _stage(ctx):
         _check_storage(ctx)
         source = _inputs(ctx).input
         path = local_input(ctx, source, where="inputs.input", declared=True)
+        name = Path(source).name if path is None else path.name
+        key = f"{_prefix(ctx)}/input{Path(name).suffix.lower() or '.mp4'}"
         if path is None:
-            if not ctx.objects.exists(source):
-                raise FileNotFoundError(f"input {source!r}: no such object in the object store")
-            return {"input_key": source}
-        copy = copy_local_file(path, ctx.tempdir() / path.name)
-        try:
-            info = media.probe(copy, **_limits(length=False)).as_dict()
-        except MediaError as exc:  # name the user's file, not this step's copy of it
-            raise MediaError(source, exc.reason.replace(str(copy), source)) from exc
-        key = f"{_prefix(ctx)}/input{path.suffix.lower() or '.mp4'}"
-        ctx.objects.put_file(key, copy)
-        return {"input_key": key, "input_info": {**info, "path": source}}
+            taken = _take_object(ctx, source, key)
+            copy = _fetch(ctx, key)
+        else:
+            copy = copy_local_file(path, ctx.tempdir() / path.name)
+            taken = {"key": None, "size": copy.stat().st_size, "path": source}
+        info = _probed(ctx, source, copy)
+        if path is not None:
+            ctx.objects.put_file(key, copy)
+        return {"input_key": key, "input_info": info, "input_source": taken}
 
 
 @ml_video.step(depends_on=["fetch"], weight=5, retries=2)
@@ -282,7 +384,7 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
             out = media.run_media(
                 ctx,
                 "normalise",
-                media.ObjectKey(ctx.data["input_key"]),  # the client's key: never a local file
+                media.ObjectKey(ctx.data["input_key"]),  # the job's copy: never a local file
                 key="ml/{execution_id}/preprocessed.mp4",
                 width=inputs.width,
                 fps=inputs.fps,
@@ -312,16 +414,26 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
 
         src, inputs, model, settings, out = await _in_thread(ctx, prepare)
         options = settings.infer_options()
-        async with model:  # set up and torn down in a thread
-            result = await model.infer(
-                src,
-                prompt=inputs.prompt,
-                style=inputs.style,
-                seed=inputs.seed,
-                output_dir=out,
-                progress=as_step_progress(ctx, 0, 90, "inference"),
-                **options,
-            )
+        try:
+            async with model:  # set up and torn down in a thread
+                result = await model.infer(
+                    src,
+                    prompt=inputs.prompt,
+                    style=inputs.style,
+                    seed=inputs.seed,
+                    output_dir=out,
+                    progress=as_step_progress(ctx, 0, 90, "inference"),
+                    **options,
+                )
+        except ModelError as exc:
+            refused = _refusal(exc)
+            if refused is None:
+                raise
+            raise refused from exc
+        if isinstance(model, HttpModel):
+            problem = await asyncio.to_thread(model.frames_path_problem, result.frames_path)
+            if problem is not None:  # a setup to fix: running the model again cannot help
+                raise ConfigError(problem)
         prefix = f"{_prefix(ctx)}/frames"
         keys = await _in_thread(
             ctx,
@@ -343,14 +455,38 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
         }
 
 
+_SETTINGS_REFUSED = frozenset({401, 403, 404, 405})
+"""A model server's answers that say its URL or credentials are wrong."""
+_REFUSED_FOR_NOW = frozenset({408, 409, 425, 429})
+"""4xx answers that say "not now": the step's retry may succeed."""
+
+
+def _refusal(exc: ModelError) -> ConfigError | InvalidInputError | None:
+    """``exc`` as an error the step's retry must not run again (see
+    :func:`~framepipe.jobs.outcomes.is_permanent`) when the model server refused the request
+    for good, an HTTP 4xx the adapter did not retry either: the URL or credentials (401, 403,
+    404, 405: :class:`ConfigError`), or what this job sent (any other but the
+    :data:`_REFUSED_FOR_NOW`: :class:`InvalidInputError`); None for anything else."""
+    status = exc.status_code
+    if exc.retryable or status is None or not 400 <= status < 500 or status in _REFUSED_FOR_NOW:
+        return None
+    if status in _SETTINGS_REFUSED:
+        return ConfigError(f"{exc} (not retried: check MODEL_API_URL and the server's access)")
+    return InvalidInputError(f"the model refused this job's request, not retried: {exc}")
+
+
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)
 def postprocess(ctx: StepContext) -> dict[str, Any]:
-    """Colour correction of every frame (contrast and brightness, OpenCV)."""
+    """Colour correction of every frame (contrast and brightness, OpenCV). At contrast 1 and
+    brightness 0 (the defaults) it changes nothing, so no frame is moved: the model's frames
+    are the post-processed ones (``post_prefix`` names them)."""
     with _stage(ctx):
-        folder = _download_folder(ctx, ctx.data["frames_prefix"])
-        out = ctx.tempdir()
         inputs = _inputs(ctx)
         alpha, beta = inputs.contrast, inputs.brightness
+        if alpha == 1 and beta == 0:
+            return {"post_prefix": ctx.data["frames_prefix"], "post_frames": ctx.data["frames"]}
+        folder = _download_folder(ctx, ctx.data["frames_prefix"])
+        out = ctx.tempdir()
         paths = _images(folder)
         for n, path in enumerate(paths, 1):
             # read and written by Python, decoded and encoded in memory: OpenCV given a path
@@ -370,9 +506,11 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["postprocess"], weight=10, retries=2)
 def stitch(ctx: StepContext) -> dict[str, Any]:
-    """Frames into an H.264 MP4."""
+    """Frames into an H.264 MP4, with the sound of the upload (its preprocessed video's
+    track, on the frames' timeline; none if the upload had none)."""
     with _stage(ctx):
         folder = _download_folder(ctx, ctx.data["post_prefix"])
+        sound = _fetch(ctx, ctx.data["preprocessed_key"])
         dst = ctx.tempdir() / "output.mp4"
         media.stitch(
             folder,
@@ -380,12 +518,13 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
             fps=_inputs(ctx).fps,
             preset="veryfast",
             progress=ctx.progress,
+            audio=sound,
             **_limits(),
         )
         key = f"{_prefix(ctx)}/output.mp4"
         ctx.objects.put_file(key, dst)
         info = media.probe(dst, **_limits(length=False)).as_dict()
-        return {"video": key, "video_info": info}
+        return {"video": key, "video_info": {**info, "path": key}}
 
 
 @ml_video.step(depends_on=["stitch"], weight=10, retries=2)
@@ -416,22 +555,46 @@ def thumbnails(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["thumbnails"], weight=5, retries=2)
 def finalize(ctx: StepContext) -> dict[str, Any]:
-    """A manifest of the job next to its outputs, then the intermediates deleted (unless
-    ``keep_intermediates``): the last step, so they go only when the execution completes; a
-    failed execution keeps them for its retry. Deleting is idempotent, so a retried finalize
-    finishes the job."""
+    """A manifest of the job next to its outputs (:func:`_manifest`), then the intermediates
+    deleted (unless ``keep_intermediates``): the last step, so they go only when the execution
+    completes; a failed execution keeps them for its retry. Deleting is idempotent, so a
+    retried finalize finishes the job."""
     with _stage(ctx):
-        manifest = {
-            k: ctx.data.get(k)
-            for k in ("input_key", "video", "thumbnail", "grid", "frames", "model", "video_info")
-        }
-        inputs = _inputs(ctx)
-        manifest.update(prompt=inputs.prompt, style=inputs.style)
+        keep = MlVideoSettings.load().keep_intermediates
         key = f"{_prefix(ctx)}/manifest.json"
-        ctx.objects.put(key, json.dumps(manifest, indent=2, default=str).encode())
-        if MlVideoSettings.load().keep_intermediates:
+        ctx.objects.put(key, json.dumps(_manifest(ctx, keep), indent=2, default=str).encode())
+        if keep:
             return {"manifest": key, "intermediates_deleted": 0}
         return {"manifest": key, "intermediates_deleted": _delete_intermediates(ctx)}
+
+
+def _manifest(ctx: StepContext, keep: bool) -> dict[str, Any]:
+    """What the job used and what it keeps: every input (``prompt``, ``seed`` ...), the upload
+    it took (``input``: the client's ``key`` or ``path``, its size, its media info), the model,
+    the results and their info; the intermediates' keys only when they are kept (``keep``)."""
+    data = ctx.data
+    source = {k: v for k, v in (data.get("input_source") or {}).items() if v is not None}
+    inputs = _inputs(ctx).model_dump(mode="json", exclude={"input"})
+    manifest: dict[str, Any] = {
+        "execution_id": ctx.execution_id,
+        **inputs,
+        "input": {**source, "info": data.get("input_info")},
+        "model": data.get("model"),
+        "batch_size": data.get("batch_size"),
+        "frames": data.get("frames"),
+        "video": data.get("video"),
+        "video_info": data.get("video_info"),
+        "thumbnail": data.get("thumbnail"),
+        "grid": data.get("grid"),
+    }
+    if keep:
+        manifest["intermediates"] = {
+            "input": data.get("input_key"),
+            "preprocessed": data.get("preprocessed_key"),
+            "frames": data.get("frames_prefix"),
+            "post": data.get("post_prefix"),
+        }
+    return manifest
 
 
 def _delete_intermediates(ctx: StepContext) -> int:

@@ -56,11 +56,17 @@ class ModelResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def frame_files(self) -> list[Path]:
-        """The image files in :attr:`frames_path`, sorted by name."""
+        """The image files in :attr:`frames_path`, in playing order
+        (:func:`~framepipe.media.frames.frame_order`: ``frame_10000`` after ``frame_9999``)."""
+        from framepipe.media.frames import frame_order  # OpenCV and NumPy: on first use
+
         return sorted(
-            p
-            for p in self.frames_path.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            (
+                p
+                for p in self.frames_path.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            ),
+            key=frame_order,
         )
 
 

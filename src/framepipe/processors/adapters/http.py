@@ -111,7 +111,9 @@ class HttpModel(ModelAdapter):
     of the first call.
 
     The server's ``frames_path`` is a path on *its* filesystem, so it is not checked here unless
-    ``check_frames_path=True`` (a shared volume). ``transport`` is passed to ``httpx``.
+    ``check_frames_path=True`` (a shared volume); then one this machine cannot see is a
+    :class:`ModelOutputError` saying the two must share that folder
+    (:meth:`frames_path_problem`). ``transport`` is passed to ``httpx``.
     """
 
     check_frames_path = False
@@ -162,6 +164,25 @@ class HttpModel(ModelAdapter):
             return await super().infer(input_path, **kwargs)
         finally:
             _CALL_KEY.reset(token)
+
+    def frames_path_problem(self, frames_path: Path) -> str | None:
+        """Why this machine cannot read the frames at the server's ``frames_path``, or None
+        when it is a folder here: the server writes the frames there and the caller reads
+        them, so both must see that folder."""
+        if frames_path.is_dir():
+            return None
+        what = "is not a folder" if frames_path.exists() else "does not exist"
+        return (
+            f"{self.describe()}: the server's frames_path {frames_path} {what} on this machine: "
+            "the model server writes the frames there and this process reads them, so both "
+            "must share that folder (run them on one machine, or mount a shared volume at the "
+            "same path on both)"
+        )
+
+    def _checked(self, result: ModelResult) -> ModelResult:
+        if self.check_frames_path and (problem := self.frames_path_problem(result.frames_path)):
+            raise ModelOutputError(problem, model=self.describe())
+        return result
 
     @property
     def endpoint(self) -> str:
