@@ -1130,3 +1130,43 @@ def test_retry_on_workers_with_the_moved_pipeline_stores_its_reference_for_them(
         shown = json.loads(command("jobs", "show", execution_id, "--json").stdout)
         assert (shown["status"], shown["runs"]) == ("completed", 2)
         assert shown["pipeline_ref"].startswith(str(new / "flaky.py"))
+
+
+def test_an_input_read_as_json_but_wanted_as_text_is_refused_with_how_to_quote_it(
+    tmp_path: Path,
+) -> None:
+    """``--input prompt=1984`` is the number 1984: refused as "not a valid string" with no
+    word on why it was a number, nor on how to give the text."""
+    wants_text = tmp_path / "wants_text.py"
+    wants_text.write_text(
+        textwrap.dedent(
+            """
+            from pydantic import BaseModel
+            from framepipe import Pipeline
+
+            class Inputs(BaseModel):
+                prompt: str
+                count: int = 0
+
+            pipeline = Pipeline("wants_text", inputs=Inputs)
+
+            @pipeline.step()
+            def one(ctx):
+                return {}
+            """
+        )
+    )
+    ref = f"{wants_text}:pipeline"
+    for given, shown in (("1984", "1984"), ("true", "True"), ("[1, 2]", "[1, 2]")):
+        result = cli(tmp_path / "home", "run", ref, "--input", f"prompt={given}")
+        assert result.exit_code == 2, result.output
+        output = " ".join(result.output.split())
+        assert f"inputs.prompt: Input should be a valid string, not {shown}" in output, output
+        assert f"--input prompt={given} is read as JSON" in output, output
+        assert f"""--input 'prompt={json.dumps(given)}'""" in output, output
+    # a refusal the quoting cannot mend gets no such hint
+    result = cli(tmp_path / "home", "run", ref, "--input", "prompt=ok", "--input", "count=[1]")
+    assert result.exit_code == 2 and "is read as JSON" not in result.output, result.output
+    # quoted as the hint says, it is text
+    result = cli(tmp_path / "home", "run", ref, "--input", 'prompt="1984"')
+    assert result.exit_code == 0, result.output

@@ -2,7 +2,9 @@
 until it is stopped; and the parsing of its inputs.
 
 Guarantees: inputs come from ``--inputs-json`` then ``--input`` (which win); a malformed pair
-or file, or JSON nested too deep for the parser, exits 2 before anything is submitted.
+or file, or JSON nested too deep for the parser, exits 2 before anything is submitted. An input
+the pipeline refuses that ``--input`` gave as a value read as JSON (``prompt=1984``, a number)
+is refused with the way to quote it as text (``--input 'prompt="1984"'``).
 """
 
 import json
@@ -21,6 +23,7 @@ from framepipe.cli.common import (
     settings_of,
 )
 from framepipe.cli.follow import follow_and_exit
+from framepipe.errors import InvalidInputError
 from framepipe.jobs.client import JobClient
 from framepipe.jobs.loading import LoadedPipeline, resolve_target
 from framepipe.jobs.pipeline import Pipeline
@@ -43,6 +46,24 @@ def _parse_value(key: str, text: str) -> Any:
         return text
     except RecursionError:
         raise UsageError(f"--input {key}: nested too deep") from None
+
+
+def _with_json_hint(exc: InvalidInputError, pairs: list[str]) -> InvalidInputError:
+    """``exc`` saying how to quote it when the field it names wants text, was given as
+    ``--input KEY=VALUE`` and VALUE was read as JSON, but not as text (``prompt=1984`` is the
+    number 1984); ``exc`` itself otherwise."""
+    if not exc.reason.startswith("Input should be a valid string"):  # pydantic's words
+        return exc
+    key = (exc.where or "").removeprefix("inputs.")
+    given = [value for k, _, value in (pair.partition("=") for pair in pairs) if k.strip() == key]
+    if not given or all(isinstance(_parse_value(key, value), str) for value in given):
+        return exc
+    value = next(v for v in given if not isinstance(_parse_value(key, v), str))
+    hint = (
+        f"(--input {key}={value} is read as JSON; to pass it as text, quote it as a JSON "
+        f"string: --input '{key}={json.dumps(value)}')"
+    )
+    return type(exc)(f"{exc.reason} {hint}", where=exc.where)
 
 
 def parse_inputs(pairs: list[str], inputs_json: Path | None = None) -> dict[str, Any]:
@@ -112,7 +133,13 @@ def run(
         loaded = LoadedPipeline(resolved.target, resolved.ref)
 
         async def begin(client: JobClient) -> str:
-            return await client.submit(loaded.pipeline, values, ref=loaded.ref)
+            try:
+                return await client.submit(loaded.pipeline, values, ref=loaded.ref)
+            except InvalidInputError as exc:
+                hinted = _with_json_hint(exc, inputs or [])
+                if hinted is exc:
+                    raise
+                raise hinted from None
 
         follow_and_exit(
             settings,
