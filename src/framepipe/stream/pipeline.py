@@ -58,7 +58,7 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from framepipe.backoff import Backoff
@@ -385,8 +385,21 @@ class StreamPipeline:
         self._first_q = wiring.first
         self._sink_q = wiring.sinks
         self._hops, self.stats = wiring.hops, wiring.stats
-        self._segments.new_run(self.segmenter)
+        self._segments.new_run(self.segmenter, self._segment_taken())
         self._error_log = ProcessorErrorLog(self.log)  # a new run logs its first errors
+
+    def _segment_taken(self) -> Callable[[Frame, str], bool] | None:
+        """Whether any sink holds an earlier run's frames of a segment id (None: no sink
+        can tell)."""
+        sinks = [
+            s.processor
+            for s in self.sinks
+            if isinstance(s.processor, Sink)
+            and type(s.processor).segment_taken is not Sink.segment_taken
+        ]
+        if not sinks:
+            return None
+        return lambda frame, segment_id: any(s.segment_taken(frame, segment_id) for s in sinks)
 
     # -- capture --------------------------------------------------------------------------------
 

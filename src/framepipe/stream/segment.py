@@ -31,7 +31,10 @@ the time from the segment's last frame to the event.
 Segment ids are unique per source for the pipeline's run, so stored frames never mix (the rule
 is :class:`SegmentIds`): a key's first segment has the key as its id, whatever it looks like
 (``ORDER_1``, ``10.0.0.1``, ``v1.2``); a key seen again after its segment closed opens a new
-segment with id ``<key>.2`` (``.3`` ...). Only an id already issued in the run is never issued
+segment with id ``<key>.2`` (``.3`` ...). An id whose frames an earlier run left in a sink
+(a frame store: the service restarted, the pipeline started again) counts as issued too: the
+pipeline asks its sinks once per id before issuing it (see
+:class:`~framepipe.stream.segment_flow.SegmentFlow`). Only an id already issued is never issued
 again: a repeat takes the smallest ``<key>.<n>`` (n >= 2) not issued yet, and so does a key
 whose own id another key's repeat already took (``A``, ``A`` again, then a tag ``A.2``: ``A``,
 ``A.2``, ``A.2.2``). So when no key is another key's ``<key>.<n>`` (order ids without a
@@ -179,22 +182,45 @@ class SegmentIds:
     key looks like); otherwise ``<key>.<n>`` for the smallest ``n >= 2`` whose id was not
     issued yet. So a key's ids are ``<key>``, ``<key>.2``, ``<key>.3`` ... in the order its
     segments open, unless another key took one of them first (a tag ``A.2`` read before the
-    second ``A``: that ``A`` gets ``A.3``). Every id issued is remembered (one entry each)."""
+    second ``A``: that ``A`` gets ``A.3``). Every id issued is remembered (one entry each).
+
+    An id an earlier run used (its frames are in the store) is marked so by
+    :meth:`checked` before it would be issued (:meth:`unchecked` names the id to ask about):
+    it then counts as issued, and the rule goes on to the next."""
 
     def __init__(self) -> None:
         self._issued: set[str] = set()
         self._next: dict[str, int] = {}  # per key: no n below it is free for <key>.<n>
+        self._checked: set[str] = set()  # ids an earlier run's use was asked about
+
+    def _candidate(self, key: str) -> str:
+        """The id :meth:`issue` gives ``key`` now."""
+        if key not in self._issued:
+            return key
+        n = self._next.get(key, 2)
+        while f"{key}.{n}" in self._issued:  # the issued ids only grow: n never goes back
+            n += 1
+        self._next[key] = n
+        return f"{key}.{n}"
 
     def issue(self, key: str) -> str:
         """A new id for a segment of ``key``, remembered as issued."""
-        if key in self._issued:
-            n = self._next.get(key, 2)
-            while f"{key}.{n}" in self._issued:  # the issued ids only grow: n never goes back
-                n += 1
-            self._next[key] = n + 1
-            key = f"{key}.{n}"
-        self._issued.add(key)
-        return key
+        segment_id = self._candidate(key)
+        self._issued.add(segment_id)
+        return segment_id
+
+    def unchecked(self, key: str) -> str | None:
+        """The id :meth:`issue` would give ``key`` now, when whether an earlier run used it
+        was not asked yet (else None)."""
+        segment_id = self._candidate(key)
+        return None if segment_id in self._checked else segment_id
+
+    def checked(self, segment_id: str, *, taken: bool) -> None:
+        """``segment_id`` was asked about: ``taken`` (an earlier run used it) makes it count
+        as issued; either way it is not asked about again."""
+        self._checked.add(segment_id)
+        if taken:
+            self._issued.add(segment_id)
 
     def __contains__(self, segment_id: object) -> bool:
         """True when ``segment_id`` was issued in this run."""
@@ -212,6 +238,16 @@ class SegmenterState:
         self._last_ms: int | None = None  # the number in the last key-less id
         self._last_t: float | None = None  # the last stream time (clock="stream")
         self._shift = 0.0  # added to pts so that stream time never goes back
+
+    @property
+    def ids(self) -> SegmentIds:
+        """The keyed segments' ids of this run."""
+        return self._ids
+
+    def key_of(self, frame: Frame) -> str | None:
+        """The key ``frame`` carries for this segmenter (None: none; ``""``: any frame, for a
+        segmenter without a key)."""
+        return self.config._key_fn(frame)
 
     def _new_id(self, key: str | None, frame: Frame) -> str:
         if not key:

@@ -16,6 +16,12 @@ Guarantees:
   its way short (:meth:`SegmentFlow.cut`, see :mod:`framepipe.stream.shutdown`). A sink's
   ``segment_closed`` runs in a thread of its own and is noted, so a stop never calls it twice.
 * The end of the stream closes every open segment (``reason="end"``) before it flows on.
+* With ``taken`` (the pipeline's sinks' :meth:`~framepipe.stream.sinks.Sink.segment_taken`),
+  an id is asked about once, in a thread, before a frame could open a segment with it: an id
+  an earlier run's frames hold in the store is not issued again (``ORDER_1`` of a restarted
+  service is ``ORDER_1.2``, its frames apart). An answer that does not come within
+  ``TAKEN_TIMEOUT`` seconds, or an error (the store away), lets the id be used, logged as a
+  warning once until an answer comes again: the frames wait for no store.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ class _Tick:
 _TICK = _Tick()
 
 Control = Callable[[Any], Awaitable[None]]
+Taken = Callable[[Frame, str], bool]
+
+TAKEN_TIMEOUT = 2.0
+"""Seconds to wait for the sinks to say whether an earlier run used a segment id."""
 
 
 class SegmentFlow:
@@ -67,12 +77,45 @@ class SegmentFlow:
         sinks), by ``id()``, with the sinks whose ``segment_closed`` has been called for them."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._taken: Taken | None = None
+        self._unsure = False  # the last question about an id went unanswered
 
-    def new_run(self, segmenter: Segmenter | None) -> None:
-        """A run begins, segmented by ``segmenter`` (None: no segmenter)."""
+    def new_run(self, segmenter: Segmenter | None, taken: Taken | None = None) -> None:
+        """A run begins, segmented by ``segmenter`` (None: no segmenter); ``taken(frame,
+        segment_id)`` says whether an earlier run used an id (see the module docstring)."""
         self._segmenter = segmenter
         self._state = segmenter.state() if segmenter is not None else None
         self._closing = {}
+        self._taken = taken
+
+    async def _settle(self, state: SegmenterState, frame: Frame) -> None:
+        """Ask ``taken`` about the ids ``frame``'s key would get until one is free."""
+        taken = self._taken
+        key = state.key_of(frame)
+        if taken is None or not key:
+            return
+        while (segment_id := state.ids.unchecked(key)) is not None:
+            try:
+                used = await asyncio.wait_for(
+                    asyncio.to_thread(taken, frame, segment_id), TAKEN_TIMEOUT
+                )
+            except Exception as exc:  # the store away (or any failure): the id is used
+                if not self._unsure:
+                    self._log.warning(
+                        "cannot tell whether an earlier run stored frames under segment id %s "
+                        "(%s); using it, so its frames may sit beside that run's",
+                        segment_id,
+                        f"no answer within {TAKEN_TIMEOUT:g}s"
+                        if isinstance(exc, TimeoutError)
+                        else f"{type(exc).__name__}: {exc}",
+                    )
+                    self._unsure = True
+                state.ids.checked(segment_id, taken=False)
+                return
+            if self._unsure:
+                self._log.info("segment ids are checked against the stored frames again")
+                self._unsure = False
+            state.ids.checked(segment_id, taken=used)
 
     async def run(self, queue: FrameQueue, out: Callable[[Any], Awaitable[None]]) -> None:
         """The segmenter's task: takes from ``queue``, puts frames and markers to ``out``
@@ -102,6 +145,7 @@ class SegmentFlow:
                 self._arm(queue, state.deadline())
                 continue
             if isinstance(item, Frame):
+                await self._settle(state, item)
                 closed, joined = state.feed(item)
                 await send(closed)
                 if joined is not None and joined is not self.open:

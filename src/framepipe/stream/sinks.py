@@ -140,6 +140,12 @@ class Sink(Processor):
     def segment_closed(self, segment: Segment) -> None:
         """Called (in a worker thread) after every frame of ``segment`` went through write."""
 
+    def segment_taken(self, frame: Frame, segment_id: str) -> bool:
+        """True when this sink already holds frames of a segment ``segment_id`` of
+        ``frame``'s source (an earlier run's): the segmenter then gives the segment ``frame``
+        opens another id. Called in a thread; may raise (the id is then used)."""
+        return False
+
 
 class FrameStore(Sink):
     """Writes frames as JPEG to ``objects`` under ``template`` and keeps what it stored per
@@ -303,6 +309,24 @@ class FrameStore(Sink):
                     failed[0][0],
                     failed[0][1],
                 )
+
+    def segment_taken(self, frame: Frame, segment_id: str) -> bool:
+        """True when the store (or the spool) holds an object under ``segment_id``'s folder
+        for ``frame``'s source: the template's part up to ``{segment_id}/``, with ``frame``'s
+        fields. Always False for a template without a ``{segment_id}/`` folder, or whose
+        folders use ``{seq}`` or ``{ts_ms}``. Raises what listing the store raises."""
+        head, sep, _ = self.template.partition("{segment_id}/")
+        fields = {f for _, f, _, _ in string.Formatter().parse(head) if f}
+        if not sep or fields & {"seq", "ts_ms"}:
+            return False
+        values = dict(frame.meta)
+        values.update(source_id=frame.source_id, segment_id=segment_id)
+        try:
+            folder = _KEY_FORMATTER.format(head + "{segment_id}/", **values)
+        except KeyError:
+            return False  # key_for names the missing field when the frame is written
+        stores = [self.objects] if self.spool is None else [self.spool.local, self.objects]
+        return any(next(iter(store.list(folder)), None) is not None for store in stores)
 
     def setup(self) -> None:
         """Start uploading frames an earlier run kept in the spool, if any."""

@@ -1,0 +1,124 @@
+"""Segment ids across runs: an id whose frames an earlier run (a restarted service, a station
+stopped and started again) left in the frame store is not issued again, so a run never adds
+its frames to another run's segment. Real pipelines on a local object store, and on a spool
+whose object store is away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from framepipe import LocalObjectStore
+from framepipe.frames import Frame
+from framepipe.sources import PatternSource
+from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+from framepipe.stream.segment import SegmentIds
+
+TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
+
+
+def run_orders(store: FrameStore, keys: list[str], per_order: int = 4) -> list[dict[str, Any]]:
+    """One run of a station whose frames carry ``keys[i]`` in blocks of ``per_order``: the
+    data of its completed segments."""
+
+    def tag(frame: Frame) -> Frame:
+        frame.meta["order"] = keys[(frame.seq - 1) // per_order]
+        frame.meta["station_id"] = "station_1"
+        return frame
+
+    pipeline = StreamPipeline(
+        "station_1",
+        PatternSource("station_1", count=per_order * len(keys), realtime=False),
+        stages=[Stage(tag)],
+        segmenter=Segmenter("order", timeout=30),
+        sinks=[store],
+    )
+    done: list[dict[str, Any]] = []
+    pipeline.on_event(lambda kind, data: done.append(data) if kind == "segment.completed" else None)
+    asyncio.run(asyncio.wait_for(pipeline.run(), 60))
+    return done
+
+
+def folder_of(store: LocalObjectStore, segment_id: str) -> list[str]:
+    return [info.key for info in store.list(f"frames/station_1/{segment_id}/")]
+
+
+def test_a_restarted_station_does_not_add_frames_to_an_order_of_an_earlier_run(
+    tmp_path: Path,
+) -> None:
+    """Run 1 stores ORDER_1 and ORDER_2; run 2 (the service restarted) sees ORDER_1 again and
+    then ORDER_3: its ORDER_1 is ``ORDER_1.2``, and every order's folder holds exactly the
+    frames its ``order.completed`` lists."""
+    objects = LocalObjectStore(tmp_path / "objects", durable=False)
+    first = run_orders(FrameStore(objects, template=TEMPLATE, workers=1), ["ORDER_1", "ORDER_2"])
+    second = run_orders(FrameStore(objects, template=TEMPLATE, workers=1), ["ORDER_1", "ORDER_3"])
+    assert [d["segment_id"] for d in first] == ["ORDER_1", "ORDER_2"]
+    assert [d["segment_id"] for d in second] == ["ORDER_1.2", "ORDER_3"]
+    for data in [*first, *second]:
+        assert folder_of(objects, data["segment_id"]) == sorted(data["stored"])
+        assert len(data["stored"]) == 4
+
+
+def test_a_third_run_skips_every_id_the_earlier_runs_used(tmp_path: Path) -> None:
+    objects = LocalObjectStore(tmp_path / "objects", durable=False)
+    for _ in range(3):
+        done = run_orders(FrameStore(objects, template=TEMPLATE, workers=1), ["A", "B", "A"])
+    assert [d["segment_id"] for d in done] == ["A.5", "B.3", "A.6"]
+    assert len(folder_of(objects, "A")) == 4
+
+
+def test_frames_kept_in_the_spool_count_as_stored(tmp_path: Path) -> None:
+    """The object store was away in run 1 (its frames are in the spool, not uploaded yet):
+    run 2 still does not reuse the id."""
+    objects = LocalObjectStore(tmp_path / "objects", durable=False)
+    spool = LocalObjectStore(tmp_path / "spool", durable=False)
+    objects.close()  # every put is refused: the frames go to the spool
+    away = FrameStore(objects, template=TEMPLATE, workers=1, spool=spool, spool_retry=3600)
+    first = run_orders(away, ["ORDER_1"])
+    assert len(first[0]["spooled"]) == 4
+    back = LocalObjectStore(tmp_path / "objects", durable=False)
+    store = FrameStore(back, template=TEMPLATE, workers=1)
+    assert store.segment_taken(_probe(), "ORDER_1") is False  # this store has no spool
+    again = FrameStore(back, template=TEMPLATE, workers=1, spool=spool, spool_retry=3600)
+    assert again.segment_taken(_probe(), "ORDER_1") is True
+
+
+def _probe() -> Frame:
+    return Frame(np.zeros((1, 1, 3), np.uint8), "station_1", 1, 1, meta={"station_id": "station_1"})
+
+
+def test_ids_checked_once_each() -> None:
+    """The rule the segmenter applies: an id found taken counts as issued; one found free is
+    issued as usual; neither is asked about again."""
+    ids = SegmentIds()
+    assert ids.unchecked("A") == "A"
+    ids.checked("A", taken=True)
+    assert ids.unchecked("A") == "A.2"
+    ids.checked("A.2", taken=False)
+    assert ids.unchecked("A") is None
+    assert ids.issue("A") == "A.2"
+    assert ids.unchecked("A") == "A.3"
+
+
+def test_a_store_that_cannot_answer_is_said_once_and_holds_no_order_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The object store refuses every call (the spool takes the frames): each order still
+    opens under its key and completes with its frames, and one warning says the ids could not
+    be checked."""
+    objects = LocalObjectStore(tmp_path / "objects", durable=False)
+    objects.close()
+    spool = LocalObjectStore(tmp_path / "spool", durable=False)
+    store = FrameStore(objects, template=TEMPLATE, workers=1, spool=spool, spool_retry=3600)
+    with caplog.at_level(logging.WARNING):
+        done = run_orders(store, ["A", "B", "C"])
+    assert [d["segment_id"] for d in done] == ["A", "B", "C"]
+    assert [len(d["spooled"]) for d in done] == [4, 4, 4]
+    unsure = [r for r in caplog.records if "cannot tell whether an earlier run" in r.message]
+    assert len(unsure) == 1
+    assert "segment id A " in unsure[0].message and "is closed" in unsure[0].message
