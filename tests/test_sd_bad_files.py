@@ -97,3 +97,40 @@ def test_a_file_that_is_no_video_is_reported_and_the_rest_of_the_card_imports(
         assert summary["copied"] == [broken]  # nothing that was imported is copied again
         uploaded = [k for k, v in again["data"].items() if k.startswith("render/") and "key" in v]
         assert uploaded == []  # nothing rendered twice
+
+
+def test_a_small_file_that_is_no_video_is_reported_and_the_rest_of_the_card_imports(
+    world: dict[str, Any],
+) -> None:
+    """A file below the QR-candidate limit that is no video (a recording cut short after a
+    second is small) is scanned for a QR code like every small file: it holds none, so it is a
+    video of its jump that cannot be read, reported as any other; the import does not fail."""
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "SMALLBAD")
+    qr = maker.qr("B9002;Lou Small")
+    broken = maker.not_a_video(size=50_000)  # below SMALL_LIMIT: a QR candidate
+    after = [maker.video(), maker.video()]
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log)
+    world["detectors"].append(detector.start())
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        insert(maker.folder, world["watch"])
+        done = wait_for("the import", lambda: ended(client, "SMALLBAD"), detector=detector)
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        booking = summary["bookings"]["B9002"]
+        assert booking["videos"] == [broken, *after]
+        assert booking["not_rendered"] == [broken]
+        assert len(booking["outputs"]) == 2
+        [problem] = summary["problems"]
+        assert problem.startswith(f"{broken}: not imported: cannot be read as a video")
+        assert "/proc/self/fd" not in json.dumps(done["data"])
+        wait_for(
+            "the final status at the detector",
+            lambda: (
+                f"status of {summary['card_id']}: needs_attention {done['id']}" in log.read_text()
+            ),
+            detector=detector,
+        )
+        assert set(ledger_paths(world["settings"])) == {qr, *after}

@@ -16,6 +16,7 @@ from sd_share import shared_dir_of, shared_file
 
 from framepipe import StepContext
 from framepipe.confined import LinkRefusedError
+from framepipe.errors import MediaError
 from framepipe.media import decode_qr
 
 __all__ = ["QR_NAMESPACE", "parse_booking", "scan_qr"]
@@ -53,7 +54,10 @@ def parse_booking(text: str) -> dict[str, str] | None:
 
 def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
     """Read a QR code from a copied small file; a booking is recorded with the clip. A file
-    that was not copied (vanished, refused) is not scanned: nothing is returned."""
+    that was not copied (vanished, refused) is not scanned: nothing is returned. A file that
+    cannot be read as a video (a recording cut short after a second, random bytes) holds no
+    QR code: ``none``, with the reason, so ``assign`` takes it as a video of its jump, which
+    ``extract_metadata`` reports as not rendered; the rest of the card imports."""
     copied = ctx.data.get(f"copied/{path}", {})
     if copied.get("status") != "copied":
         return {}
@@ -69,6 +73,9 @@ def scan_qr(ctx: StepContext, path: str) -> dict[str, Any]:
             )
     except LinkRefusedError as exc:  # replaced by a link since it was copied
         return {f"qr/{path}": {"status": "refused", "error": f"{path}: {exc}"}}
+    except MediaError as exc:
+        ctx.log.warning("%s holds no QR code: it cannot be read as a video: %s", path, exc.reason)
+        return {f"qr/{path}": {"status": "none", "error": exc.reason}}
     out: dict[str, Any]
     if result is None:
         out = {"status": "none"}
