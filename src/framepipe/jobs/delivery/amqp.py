@@ -10,9 +10,11 @@ cluster; a restart keeps it). Guarantees:
   a message the queue did not take, say because it was deleted, is published again after the
   queue is declared again, or raises);
 * a worker consumes with a prefetch matching its claim window (``basic.qos``: the messages
-  that hold ``window`` steps, and one more so the next is on its way) and takes the steps of
-  a message one by one; a message is acknowledged once every step in it is settled (its claim
-  committed), and given back with ``basic.nack`` (requeue) when none of its steps was taken;
+  that hold ``window`` steps, and one more so the next is on its way), and never holds more
+  messages unsettled than that, also when it consumes again (see :mod:`.amqp_consuming`); it
+  takes the steps of a message one by one; a message is acknowledged once every step in it
+  is settled (its claim committed), and given back with ``basic.nack`` (requeue) when none of
+  its steps was taken;
   steps handed back from a message whose other steps were taken are published again first
   (confirmed), then the message is acknowledged; if that fails the whole message is given
   back, so no step is lost by a hand-back. A worker that dies or loses its connection gets
@@ -112,7 +114,8 @@ class AmqpDelivery(StepDelivery):
     def take(self, consumer: str, count: int, *, wait: float, window: int) -> list[Received]:
         """At most ``count`` steps of the messages RabbitMQ pushed to this consumer; consumes
         (again) when not consuming or when the window changed (the prefetch follows it). After
-        ``CHECK_AFTER`` seconds without a message it checks that the consumer is attached."""
+        ``CHECK_AFTER`` seconds without a message while its prefetch has room it checks that
+        the consumer is attached."""
         if count <= 0:
             return []
         if not self._consuming.subscribed(window):

@@ -6,6 +6,13 @@ which block the connections that publish, leave the steps it took settleable and
 drained. Steps handed back from a message whose other steps were taken are published again
 through the publishing connection (:mod:`.amqp_publishing`). The loop thread runs the
 coroutines; the calling threads share only what was sent ahead, under a condition.
+
+It holds at most :func:`prefetch_of` the window messages unsettled (sent ahead, or taken and
+not settled yet): RabbitMQ's prefetch bounds what one consumer holds, and a consumer made
+again (the window changed, or the old one was lost) first gives back what was sent ahead and
+is given a prefetch of the room left by the messages still taken, none when there is no room.
+A consumer that hears nothing is checked (:meth:`Consuming.check`) only while it has room in
+its prefetch: a full one hears nothing because it is full.
 """
 
 from __future__ import annotations
@@ -39,11 +46,17 @@ from framepipe.jobs.delivery.amqp_wire import (
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 
-__all__ = ["CHECK_AFTER", "Consuming"]
+__all__ = ["CHECK_AFTER", "Consuming", "prefetch_of"]
 
 CHECK_AFTER = 5.0
-"""Seconds without a message before ``take()`` checks the consumer."""
+"""Seconds a consumer with room in its prefetch is sent nothing before ``take()`` checks it."""
 _log = get_logger("jobs.delivery")
+
+
+def prefetch_of(window: int) -> int:
+    """The messages a consumer with a claim window of ``window`` steps holds at most: those
+    that hold the window, and one more so the next is on its way."""
+    return -(-window // BATCH) + 1
 
 
 class Consuming:
@@ -59,7 +72,9 @@ class Consuming:
         self._buffer: deque[Received] = deque()
         self._consuming = False
         self._window = 0
-        self._heard = 0.0  # when a message last came, or the consumer was (re)checked
+        self._prefetch = 0  # the current consumer's
+        self._held: set[Taken] = set()  # messages delivered and not settled yet
+        self._heard = 0.0  # when a message came or was settled, or the consumer was checked
         # Only touched on the loop's thread.
         self._sub: AbstractChannel | None = None
         self._tag: str | None = None
@@ -68,9 +83,14 @@ class Consuming:
     # -- the calling threads -------------------------------------------------------------------
 
     def subscribed(self, window: int) -> bool:
-        """Whether it consumes with the prefetch of ``window``."""
+        """Whether it consumes with the prefetch of ``window``: false also when its consumer
+        was given less (the messages taken left less room) and it holds nothing now."""
         with self._cond:
-            return self._consuming and self._window == window
+            return (
+                self._consuming
+                and self._window == window
+                and (self._prefetch == prefetch_of(window) or bool(self._held))
+            )
 
     def holds_nothing(self) -> bool:
         """Whether it neither consumes nor holds anything sent ahead."""
@@ -100,8 +120,11 @@ class Consuming:
         return conn
 
     async def consume(self, consumer: str, window: int) -> None:
-        """Consume (again) as ``consumer``, with a prefetch of the messages that hold
-        ``window`` steps and one more."""
+        """Consume (again) as ``consumer``: what a consumer before it sent ahead is given
+        back, and the new one's prefetch is what :func:`prefetch_of` ``window`` leaves room
+        for beside the messages still taken (RabbitMQ counts a prefetch per consumer, so a new
+        one would be sent a full prefetch more). With no room left it does not consume: the
+        next call does, once some are settled."""
         conn = await self.connection()
         if self._sub is None or self._sub.is_closed:
             self._sub = await conn.channel(publisher_confirms=False)
@@ -112,14 +135,21 @@ class Consuming:
         if self._tag is not None:
             await raw.basic_cancel(self._tag)  # what it sent stays valid to settle
             self._tag = None
-        await self._sub.set_qos(prefetch_count=-(-window // BATCH) + 1)
+        with self._cond:
+            self._consuming = False
+        await self._give_back_sent_ahead()
+        with self._cond:
+            room = prefetch_of(window) - len(self._held)
+        if room < 1:
+            return
+        await self._sub.set_qos(prefetch_count=room)
         await self._sub.declare_queue(self.queue, durable=True, arguments=QUORUM)
         self._tags += 1
         tag = f"{consumer}/{self._tags}"
         self._tag = tag
         await raw.basic_consume(self.queue, self._on_message, consumer_tag=tag)
         with self._cond:
-            self._consuming, self._window = True, window
+            self._consuming, self._window, self._prefetch = True, window, room
             self._heard = time.monotonic()
 
     async def _on_message(self, message: DeliveredMessage) -> None:
@@ -140,6 +170,7 @@ class Consuming:
             return
         batch = Taken(message, len(found))
         with self._cond:
+            self._held.add(batch)
             self._buffer.extend(Received(d, batch) for d in found)
             self._heard = time.monotonic()
             self._cond.notify()
@@ -170,10 +201,13 @@ class Consuming:
         """Nothing came for a while: make sure the consumer is still attached. A queue that
         was deleted and at once declared again (by a publisher) may leave it on the old queue
         without RabbitMQ cancelling it; then the queue counts no consumer, or messages wait
-        that nobody is sent, and this one subscribes again."""
+        that nobody is sent though it has room in its prefetch, and this one subscribes again.
+        A consumer whose prefetch is full of messages not settled yet is sent nothing by
+        design: it is left alone."""
         with self._cond:
             self._heard = time.monotonic()
-        if self._tag is None:
+            own = sum(1 for t in self._held if t.message.consumer_tag == self._tag)
+        if self._tag is None or own >= self._prefetch:
             return
         ready, consumers = await self.count()
         if ready is None or consumers == 0 or ready > 0:
@@ -224,6 +258,9 @@ class Consuming:
             for batch, whole in ended.items():
                 if not batch.done:
                     batch.done = True
+                    with self._cond:  # room in the prefetch: silence counts from now
+                        self._held.discard(batch)
+                        self._heard = time.monotonic()
                     await settle_message(batch.message, requeue=True if whole else None)
 
     async def pause(self) -> None:
@@ -234,9 +271,14 @@ class Consuming:
         self._tag = None
         with self._cond:
             self._consuming = False
-            held = list(self._buffer)
+        await self._give_back_sent_ahead()
+
+    async def _give_back_sent_ahead(self) -> None:
+        """Hand back what was sent ahead and not taken."""
+        with self._cond:
+            ahead = list(self._buffer)
             self._buffer.clear()
-        await self.settle(held, requeue=True)
+        await self.settle(ahead, requeue=True)
 
     async def count(self) -> tuple[int | None, int]:
         """(ready messages, consumers) of the queue; (None, 0) when it does not exist."""
@@ -269,5 +311,7 @@ class Consuming:
         self._tag = None
         with self._cond:  # RabbitMQ requeues what the connection held
             self._consuming = False
+            self._prefetch = 0
             self._buffer.clear()
+            self._held.clear()
             self._cond.notify_all()

@@ -1,0 +1,129 @@
+"""The RabbitMQ delivery's consumer (``framepipe.jobs.delivery.amqp_consuming``) on the real
+RabbitMQ: one whose prefetch is full of messages it took and has not settled is neither taken
+for stuck nor sent more, however long it holds them; one that RabbitMQ delivers nothing to
+though it has room is consumed again, and a new consumer never raises what it holds past its
+prefetch."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from brokers import broker_namespace
+from framepipe.jobs.delivery import Delivery, Received, amqp_consuming, open_delivery
+from framepipe.jobs.delivery.amqp import AmqpDelivery
+
+pytestmark = [pytest.mark.rabbitmq]
+
+CHECK = 0.3
+"""The check's interval here (``CHECK_AFTER``, 5 s in a worker)."""
+
+
+@pytest.fixture
+def delivery(monkeypatch: pytest.MonkeyPatch) -> Iterator[AmqpDelivery]:
+    monkeypatch.setattr(amqp_consuming, "CHECK_AFTER", CHECK)
+    with broker_namespace("rabbitmq", "fp-consumer-") as (url, namespace):
+        d = open_delivery(url, namespace, timeout=5.0)
+        assert isinstance(d, AmqpDelivery)
+        try:
+            d.prepare()
+            yield d
+        finally:
+            d.close()
+
+
+def one_step_messages(n: int) -> list[Delivery]:
+    """``n`` steps of ``n`` executions: a message each."""
+    return [Delivery(uuid.uuid4().hex[:8], "work") for _ in range(n)]
+
+
+def take_for(d: AmqpDelivery, seconds: float, *, count: int, window: int) -> list[Received]:
+    """Everything ``d`` takes in ``seconds``, asking for ``count`` at a time."""
+    got: list[Received] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got += d.take("a", count, wait=0.1, window=window)
+    return got
+
+
+def test_a_consumer_with_its_prefetch_held_unsettled_is_not_taken_for_stuck(
+    delivery: AmqpDelivery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A window of 16 steps: a prefetch of 2 messages (one holds the window, one more is on
+    # its way). With 2 taken and held unsettled, RabbitMQ sends nothing more while 4 wait:
+    # that is the prefetch at work, not a consumer lost. Taking it for one warned and consumed
+    # again under a new tag, with a fresh prefetch: 2 more messages, then 2 more...
+    caplog.set_level(logging.WARNING, logger="framepipe")
+    sent = one_step_messages(6)
+    delivery.publish(sent)
+    held = take_for(delivery, 1.0, count=16, window=16)
+    assert len(held) == 2
+    more = take_for(delivery, 8 * CHECK, count=14, window=16)
+    assert more == [], f"given {len(more)} more while holding its prefetch's worth"
+    assert "receives nothing" not in caplog.text
+    assert delivery.backlog().waiting == 4
+    delivery.ack(held)  # room again: the rest comes, 2 messages at a time
+    rest: list[Received] = []
+    deadline = time.monotonic() + 10
+    while len(rest) < 4 and time.monotonic() < deadline:
+        got = delivery.take("a", 16, wait=0.1, window=16)
+        delivery.ack(got)
+        rest += got
+    assert sorted(r.delivery for r in held + rest) == sorted(sent)
+    assert "receives nothing" not in caplog.text
+
+
+def test_a_consumer_rabbitmq_delivers_nothing_to_though_it_has_room_consumes_again(
+    delivery: AmqpDelivery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its consumer gone without the delivery being told (as one left on a queue deleted and
+    # declared again at once), while it holds one message of its prefetch of 2: the check
+    # finds messages waiting though there is room, says so, and consumes again, with a
+    # prefetch of the one message it has room for, then the full 2 once it holds nothing.
+    caplog.set_level(logging.WARNING, logger="framepipe")
+    sent = one_step_messages(6)
+    delivery.publish(sent[:1])
+    held = take_for(delivery, 0.5, count=16, window=16)
+    assert len(held) == 1
+    consuming = delivery._consuming
+
+    async def lose_the_consumer() -> None:
+        assert consuming._sub is not None and consuming._tag is not None
+        raw = await consuming._sub.get_underlay_channel()
+        await raw.basic_cancel(consuming._tag)  # RabbitMQ forgets it; the delivery does not
+
+    delivery._call(lose_the_consumer, "losing the consumer")
+    delivery.publish(sent[1:])
+    got = take_for(delivery, 6 * CHECK, count=16, window=16)
+    assert "receives nothing" in caplog.text
+    assert len(got) == 1, "consumed again with room for one message only"
+    delivery.ack(held + got)
+    rest: list[Received] = []
+    deadline = time.monotonic() + 10
+    while len(rest) < 4 and time.monotonic() < deadline:
+        taken = delivery.take("a", 16, wait=0.1, window=16)
+        assert len(taken) <= 2
+        delivery.ack(taken)
+        rest += taken
+    assert sorted(r.delivery for r in held + got + rest) == sorted(sent)
+
+
+def test_a_grown_window_is_given_the_room_it_has_beside_what_was_taken(
+    delivery: AmqpDelivery,
+) -> None:
+    # A window of 16 (a prefetch of 2 messages), both taken and held; the window grows to 32
+    # (a prefetch of 3): the consumer made for it may hold one more message, not 3 more.
+    sent = one_step_messages(6)
+    delivery.publish(sent)
+    held = take_for(delivery, 1.0, count=16, window=16)
+    assert len(held) == 2
+    more = take_for(delivery, 1.0, count=30, window=32)
+    assert len(more) == 1
+    delivery.ack(held + more)
+    rest = take_for(delivery, 1.0, count=32, window=32)
+    assert len(rest) == 3  # holds nothing: a full prefetch of 3
+    delivery.ack(rest)
