@@ -140,3 +140,31 @@ def test_an_empty_or_non_video_upload_fails_fetch_once_naming_the_key(
         assert fetch.status is StepStatus.FAILED and fetch.attempt == 1, fetch
         error = info.errors["fetch"]
         assert error.startswith(f"InvalidInputError: inputs.input: {key}: {cause}"), error
+
+
+def test_an_upload_replaced_to_fix_it_is_taken_by_the_retry(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``framepipe jobs retry`` after replacing a bad upload means the new one: the replacement
+    counts from the retry, not from the submit."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    objects = open_object_store(settings.resolved_objects_url)
+    objects.put(KEY, b"half an upload")
+
+    async def run() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(ml_video, {"input": KEY, "width": 160}, raise_on_failure=False)
+
+    failed = asyncio.run(run())
+    assert failed.step("fetch").status is StepStatus.FAILED, failed.error
+    time.sleep(3.2)
+    objects.put_file(KEY, make_clip(tmp_path / "whole.mp4", frames=10, size=(320, 240)))
+
+    async def retry() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            await engine.retry(failed.id, ml_video)
+            return await engine.wait(failed.id, raise_on_failure=False)
+
+    done = asyncio.run(retry())
+    assert done.status is ExecutionStatus.COMPLETED, done.error
+    assert done.data["preprocessed_info"]["frames"] == 10

@@ -22,7 +22,7 @@ data says which one it ran with).
 
 The media work is done by :func:`framepipe.media.run_media` (normalise, thumbnails), within the
 picture size limit of :class:`~framepipe.config.MediaSettings`; the keys it is given (the
-input's, even one the client named) are :class:`~framepipe.media.ObjectKey` sources, read from
+job's copy of the input among them) are :class:`~framepipe.media.ObjectKey` sources, read from
 the object store only, never from a file of the worker's working folder. Every step works in
 its own temporary folders (deleted afterwards, failed or not) and passes its results on through
 the object store under ``ml/<execution id>/``, so steps can run on different workers and a
