@@ -17,7 +17,9 @@ a broker that is away: until a command has gone through (a worker's start), it r
 which no retry mends. Once one has, it is a :class:`~framepipe.errors.BrokerError` that says
 the credentials are refused (the worker retries it as it retries a lost broker: the password
 may be set back on the server), logged once at error level when Redis starts refusing them,
-and once at info level when it accepts them again.
+and once at info level when it accepts them again. Redis refusing a command to the user (an
+ACL without it: ``NOPERM``) is a :class:`~framepipe.errors.BrokerError` naming the user, the
+stream and what Redis said, never taken for an empty stream.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from framepipe.errors import BrokerError, FramepipeError, MissingDependencyError
 
@@ -89,6 +92,15 @@ class RedisStreamsDelivery(StepDelivery):
         """Credentials refused since the last command that went through (said once)."""
 
     def _wrap(self, exc: redis.RedisError, what: str) -> FramepipeError:
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            user = urlsplit(self.url).username or "default"
+            return BrokerError(
+                f"job broker {self.safe_url}: {what} failed: Redis refuses user {user!r} a "
+                f"command on key {self.stream!r} ({exc}): its ACL must allow the stream "
+                "commands (XADD, XREADGROUP, XACK, XDEL, XAUTOCLAIM, XGROUP, XINFO, XLEN, "
+                "EVAL) on the job broker's keys",
+                url=self.safe_url,
+            )
         if not denied(exc):
             return BrokerError(
                 f"job broker {self.safe_url}: {what} failed: {exc}", url=self.safe_url
@@ -238,18 +250,28 @@ class RedisStreamsDelivery(StepDelivery):
 
     def backlog(self) -> Backlog:
         """The group's ``lag`` (entries not read yet) and ``pending`` (read, unacknowledged);
-        an empty backlog when the stream does not exist yet."""
+        an empty backlog when the stream does not exist yet. Where Redis does not tell the
+        lag (before 7.0, or it cannot tell) it is the stream's length less the pending
+        entries (an acknowledged entry is deleted); without the group (the next read makes it
+        again, from the stream's start), every entry waits. Anything else Redis answers (an
+        ACL without ``XINFO``: ``NOPERM``; a key of another type) raises
+        :class:`~framepipe.errors.BrokerError`: a backlog not seen is not an empty one."""
         try:
             groups: Any = self.redis.xinfo_groups(self.stream)
-        except redis.ResponseError:
-            return Backlog(0, 0)
+            group = next((g for g in groups if g.get("name") in (b"workers", "workers")), None)
+            pending = int(group.get("pending") or 0) if group is not None else 0
+            lag = group.get("lag") if group is not None else None
+            if lag is None:
+                lag = max(0, int(self.redis.xlen(self.stream)) - pending)
+        except redis.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                self._went_through()
+                return Backlog(0, 0)
+            raise self._wrap(exc, "reading the backlog") from exc
         except redis.RedisError as exc:
             raise self._wrap(exc, "reading the backlog") from exc
         self._went_through()
-        for group in groups:
-            if group.get("name") in (b"workers", "workers"):
-                return Backlog(int(group.get("lag") or 0), int(group.get("pending") or 0))
-        return Backlog(0, 0)
+        return Backlog(int(lag), pending)
 
     def _entries(self, raw: Sequence[Any]) -> list[Received]:
         out: list[Received] = []
