@@ -147,6 +147,8 @@ def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
         mine = _run(admin)
         valid = _token_for(admin, mine)
+        unknown = admin.post(f"/api/executions/{'f' * 32}/tokens", json={})
+        assert unknown.status_code == 404
         too_long = admin.post(f"/api/executions/{mine}/tokens", json={"expires_in": 8 * 86_400})
         assert too_long.status_code == 422
     expired = execution_tokens.mint(TOKEN, mine, lifetime=60, now=time.time() - 61)
@@ -208,14 +210,16 @@ def test_the_python_helper_refuses_what_the_service_would() -> None:
         execution_tokens.mint("", execution_id)
 
 
-def _socket(server: Server, token: str, execution_id: str | None) -> list[dict[str, Any]] | int:
-    """The messages ``/ws`` sends a client presenting ``token`` as its subprotocol until the
-    execution's completion, or the close code (or HTTP status) it was refused with."""
+def _socket(
+    server: Server, token: str, execution_id: str | None, path: str = "/ws"
+) -> list[dict[str, Any]] | int:
+    """The first message ``path`` sends a client presenting ``token`` as its subprotocol, or
+    the close code (or HTTP status) it was refused with."""
     query = f"?execution_id={execution_id}" if execution_id else ""
     protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
     try:
         with ws_connect(
-            f"ws://127.0.0.1:{server.port}/ws{query}",
+            f"ws://127.0.0.1:{server.port}{path}{query}",
             subprotocols=[protocol],
             open_timeout=10,
         ) as ws:
@@ -239,6 +243,7 @@ def test_the_live_feed_takes_an_execution_token_for_its_execution_only(server: S
     assert _socket(server, token, mine[:8]) in REFUSED
     expired = execution_tokens.mint(TOKEN, mine, lifetime=1, now=time.time() - 2)
     assert _socket(server, expired, mine) in REFUSED
+    assert _socket(server, token, mine, path="/ws/detector") in REFUSED  # not a detector
 
 
 def test_the_browser_checks_and_cors_apply_to_an_execution_token(server: Server) -> None:
