@@ -107,7 +107,7 @@ def run(
                 raise ModelInputError(f"{input_path}: holds no video stream")
             stream = container.streams.video[0]
             total = stream.frames or 0
-            if not total and stream.duration and stream.average_rate:
+            if not total and stream.duration and stream.time_base and stream.average_rate:
                 total = int(stream.duration * stream.time_base * stream.average_rate)
             report(0)
             last = 0
