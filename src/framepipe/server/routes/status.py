@@ -13,17 +13,18 @@ worker takes its first step), ``processing`` (running, once a step has started),
 ``completed``, ``failed`` (failed, and also cancelled or interrupted: ended without a result,
 so a frontend that stops polling at ``completed`` or ``failed`` stops; ``executionStatus`` has
 framepipe's own status and ``error`` says which). ``progress`` is a whole percentage (100 once
-completed); ``stage`` the step running (or waiting to be retried, or the one that failed); ``resultPath`` and
-``thumbnailPath`` the object keys of the execution's ``video`` and ``thumbnail`` data, once
-it completed (``GET /api/objects/{key}`` serves them); ``updatedAt`` when the state store last
-recorded something of it: its newest stored event (a progress report, a step started or ended)
-or, once its events were pruned, the newest time of its record and its steps.
+completed); ``stage`` the step running (or waiting to be retried, or the one that failed);
+``resultPath`` and ``thumbnailPath`` the object keys of the execution's ``video`` and
+``thumbnail`` data, once it completed (``GET /api/objects/{key}`` serves them); ``updatedAt``
+when the state store last recorded something of it: its newest stored event (a progress
+report, a step started or ended) or, once its events were pruned, the newest time of its
+record and its steps.
 
 Registered for every service, whatever its pipelines, so the API's schema stays the same for
 every installation; it reads any execution, and only executions whose data name a ``video``
 and a ``thumbnail`` have result paths. Behind the same token and browser checks as the rest of
-``/api`` (an execution token reads its own execution here, by full id); an unknown id is a 404, one that cannot be an id (a NUL, too long) a 422
-(:mod:`framepipe.server.params`).
+``/api`` (an execution token reads its own execution here, by full id); an unknown id is a
+404, one that cannot be an id (a NUL, too long) a 422 (:mod:`framepipe.server.params`).
 """
 
 import asyncio
