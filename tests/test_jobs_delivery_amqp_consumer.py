@@ -127,3 +127,26 @@ def test_a_grown_window_is_given_the_room_it_has_beside_what_was_taken(
     rest = take_for(delivery, 1.0, count=32, window=32)
     assert len(rest) == 3  # holds nothing: a full prefetch of 3
     delivery.ack(rest)
+
+
+def test_a_grown_window_keeps_the_steps_left_of_a_message_partly_taken(
+    delivery: AmqpDelivery,
+) -> None:
+    # Consuming again gives back the messages sent ahead of which nothing was taken (a nack);
+    # the steps left of one partly taken stay to be taken from it, not published again (a
+    # resource alarm blocks publishing).
+    a = [Delivery("run-a", f"a{i}") for i in range(16)]
+    b = [Delivery("run-b", f"b{i}") for i in range(16)]
+    delivery.publish(a)
+    delivery.publish(b)
+    first: list[Received] = []
+    deadline = time.monotonic() + 5
+    while len(first) < 2 and time.monotonic() < deadline:
+        first += delivery.take("a", 2 - len(first), wait=0.1, window=16)
+    assert [r.delivery for r in first] == a[:2]
+    time.sleep(0.3)  # b's message is sent ahead too
+    rest = take_for(delivery, 1.0, count=30, window=32)
+    assert sorted(r.delivery for r in first + rest) == sorted(a + b)
+    assert {id(r.receipt) for r in first + rest if r.delivery in a} == {id(first[0].receipt)}
+    delivery.ack(first + rest)
+    assert delivery.backlog().waiting == 0

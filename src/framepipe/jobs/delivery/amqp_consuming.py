@@ -137,7 +137,7 @@ class Consuming:
             self._tag = None
         with self._cond:
             self._consuming = False
-        await self._give_back_sent_ahead()
+        await self._give_back_sent_ahead(untouched_only=True)
         with self._cond:
             room = prefetch_of(window) - len(self._held)
         if room < 1:
@@ -273,11 +273,18 @@ class Consuming:
             self._consuming = False
         await self._give_back_sent_ahead()
 
-    async def _give_back_sent_ahead(self) -> None:
-        """Hand back what was sent ahead and not taken."""
+    async def _give_back_sent_ahead(self, *, untouched_only: bool = False) -> None:
+        """Hand back what was sent ahead and not taken; with ``untouched_only``, only the
+        messages none of whose steps were taken (a ``basic.nack``: the others' steps would be
+        published again, which a resource alarm blocks), the others staying to be taken."""
         with self._cond:
-            ahead = list(self._buffer)
-            self._buffer.clear()
+            left: dict[Taken, int] = {}  # message -> its steps sent ahead
+            for r in self._buffer:
+                assert isinstance(r.receipt, Taken)
+                left[r.receipt] = left.get(r.receipt, 0) + 1
+            back = {t for t, n in left.items() if n == t.size or not untouched_only}
+            ahead = [r for r in self._buffer if r.receipt in back]
+            self._buffer = deque(r for r in self._buffer if r.receipt not in back)
         await self.settle(ahead, requeue=True)
 
     async def count(self) -> tuple[int | None, int]:
