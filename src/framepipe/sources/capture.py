@@ -9,7 +9,10 @@ Its rules:
   are (see below), which gst-launch-1.0 would decode and encode again. For a file, "can
   play" is tested by decoding its first frame with the same elements (a fraction of a second,
   once per file version); for a URL, by GStreamer having a source for its scheme and the
-  elements the pipeline needs.
+  elements the pipeline needs; what a stream sends is known only once GStreamer tries it, so
+  a stream whose first gst-launch-1.0 fails before its first frame for want of a plug-in
+  (``Missing decoder: MPEG-2 Transport Stream``: :func:`gst_cannot_play`) is captured with
+  ffmpeg from its next start on, with a warning saying why.
   ``capture="gst"`` and ``capture="ffmpeg"`` force one (a clear error when it cannot run);
   ``capture="av"`` decodes with PyAV in this process.
 * A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL and
@@ -66,7 +69,7 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,7 +81,7 @@ from framepipe.errors import ConfigError
 from framepipe.logs import get_logger
 from framepipe.sources.av import VideoSource
 from framepipe.sources.base import Source, check_decode_threads, decoder_threads
-from framepipe.sources.command import CommandSource
+from framepipe.sources.command import CommandSource, Fallback
 from framepipe.sources.devices import is_device
 from framepipe.sources.files import unreadable_video
 from framepipe.urls import safe_url
@@ -92,6 +95,7 @@ __all__ = [
     "file_rate",
     "file_url_path",
     "gst_argv",
+    "gst_cannot_play",
     "gst_problem",
     "is_stream_url",
 ]
@@ -270,6 +274,20 @@ def gst_problem(spec: str, *, fps: float | None = None, device: bool = False) ->
     return _probe_file(str(Path(spec).resolve()), st.st_size, st.st_mtime_ns)
 
 
+_GST_MISSING = ("missing a plug-in", "missing decoder", "missing element", "no suitable plugins")
+
+
+def gst_cannot_play(stderr: Sequence[str]) -> str | None:
+    """What gst-launch-1.0's ``stderr`` says it lacks to play its input (a decoder, a demuxer
+    for what a stream sends: ``Missing decoder: MPEG-2 Transport Stream ...``), or None when it
+    failed for another reason (the camera away)."""
+    found = [line.strip() for line in stderr if any(m in line.lower() for m in _GST_MISSING)]
+    if not found:
+        return None
+    precise = [line for line in found if line.lower().startswith(("missing", "no suitable"))]
+    return (precise or found)[-1]
+
+
 @functools.cache
 def _gst_has(element: str) -> bool:
     try:
@@ -392,6 +410,13 @@ def capture_source(
         if problem is None and capture == "auto" and copy_jpeg and not fps:
             problem = "the input's pictures are JPEG: ffmpeg copies them, gst-launch-1.0 re-encodes"
         if problem is None:
+            fallback = None
+            if capture == "auto" and url and shutil.which("ffmpeg") is not None:
+                # what a stream sends is known once GStreamer tries it
+                fallback = Fallback(
+                    ffmpeg_argv(spec, fps=fps, realtime=realtime, threads=decode_threads),
+                    gst_cannot_play,
+                )
             return CommandSource(
                 gst_argv(spec, fps=fps, realtime=realtime, device=device),
                 source_id,
@@ -401,6 +426,7 @@ def capture_source(
                 loop=loop and not live,
                 timestamps=bool(rate) and not live,
                 invalid_input=invalid,
+                fallback=fallback,
             )
         if capture == "gst":
             raise ConfigError(f"source {source_id}: capture 'gst' cannot run: {problem}")

@@ -28,6 +28,11 @@ Guarantees of one :meth:`CommandSource.frames` session:
   why its input can never be captured (a recording's file that is not a video), fails the
   session with :class:`~framepipe.errors.InvalidSourceError` naming the input and
   why, which a supervisor does not restart; else with ``CaptureExitedError``.
+* With a ``fallback`` (:class:`Fallback`), a session that fails before its first frame with
+  stderr its ``reason`` recognises (gst-launch-1.0 missing a plug-in for what the camera
+  sends) switches the source to the fallback's command for good: a warning names the
+  reason and the new command once, the session fails as any other (the supervisor restarts
+  it, now with the fallback).
 * A session that follows one without a frame (a camera that is down, tried again) logs its
   start at debug level, not info: the supervisor's line per attempt says enough.
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
@@ -51,6 +56,7 @@ import shlex
 import signal
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -71,7 +77,7 @@ from framepipe.sources.child import (
 )
 from framepipe.urls import safe_text
 
-__all__ = ["CommandSource", "parent_death_command"]
+__all__ = ["CommandSource", "Fallback", "parent_death_command"]
 
 Image = npt.NDArray[np.uint8]
 
@@ -199,6 +205,15 @@ class _JpegSplitter:
         return index + 2
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """Another command for a source whose own command turns out unable to capture it:
+    ``reason(stderr_lines)`` says why (None: another failure, the command is kept)."""
+
+    argv: Sequence[str]
+    reason: Callable[[Sequence[str]], str | None]
+
+
 class CommandSource(Source):
     """Frames that one persistent subprocess writes to its stdout.
 
@@ -248,6 +263,7 @@ class CommandSource(Source):
         loop: bool = False,
         timestamps: bool = False,
         invalid_input: Callable[[], str | None] | None = None,
+        fallback: Fallback | None = None,
     ) -> None:
         super().__init__(source_id)
         if timestamps and not fps:
@@ -279,6 +295,9 @@ class CommandSource(Source):
         self.max_frame_bytes = max_frame_bytes
         self.max_garbage_bytes = max_garbage_bytes
         self.invalid_input = invalid_input
+        if fallback is not None:
+            check_command(list(fallback.argv), env, f"source {source_id}")
+        self.fallback = fallback
         self._proc: asyncio.subprocess.Process | None = None
         self._log = get_logger(source_id)
         self._quiet = False  # no frame since the latest session began: a start then says less
@@ -371,6 +390,8 @@ class CommandSource(Source):
                         f"{problem}; capture subprocess exited (exit code: {code}){last}",
                         source_id=self.source_id,
                     ) from exited_error
+            if not framed and code != 0:
+                self._switch(tail)
             raise exited_error
         finally:
             unwatch()
@@ -382,6 +403,24 @@ class CommandSource(Source):
                 with contextlib.suppress(asyncio.CancelledError):
                     await stderr_task
                 self._proc = None
+
+    def _switch(self, stderr: Sequence[str]) -> None:
+        """Take the fallback's command for good when its ``reason`` recognises ``stderr``."""
+        fallback = self.fallback
+        why = None if fallback is None else fallback.reason(list(stderr))
+        if fallback is None or why is None:
+            return
+        old = program_name(self.argv[0])
+        self.argv = [os.fspath(arg) for arg in fallback.argv]
+        self.fallback = None
+        self._quiet = False  # the next start is a new command: said at info level
+        self._log.warning(
+            "%s cannot capture this source (%s): capturing with %s from now on: %s",
+            old,
+            safe_text(why),
+            program_name(self.argv[0]),
+            self.describe(),
+        )
 
     async def _exit_code(
         self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]
