@@ -179,3 +179,50 @@ def takes(delivery: StepDelivery, keys: list[str]) -> list[str]:
     delivery.ack(taken)
     keys.extend(r.delivery.key for r in taken)
     return keys
+
+
+def test_pausing_under_a_resource_alarm_keeps_the_consuming_connection(
+    rabbit: PrivateRabbitMQ, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Pausing gives back what was sent ahead: the steps left of a message partly taken are
+    # published again, which the alarm blocks. That publication failing gives their whole
+    # message back instead (no step lost), on the consuming connection, which stays: what the
+    # worker took is still its own to settle. It was closed with the publishing one after the
+    # call's timeout, and the pause failed.
+    namespace = f"fp-alarm-{uuid.uuid4().hex[:6]}:"
+    run = uuid.uuid4().hex[:8]
+    feeder = open_delivery(rabbit.url, namespace, timeout=3.0)
+    worker = open_delivery(rabbit.url, namespace, timeout=3.0)
+    try:
+        feeder.publish([Delivery(f"{run}-1", "first")])  # a message of its own
+        feeder.publish([Delivery(run, f"k{i}") for i in range(4)])  # one message of 4 steps
+        taken: list[Received] = []
+        wait_until(
+            "the worker to take 2 steps",
+            lambda: (
+                taken.extend(worker.take("w", 2 - len(taken), wait=0.2, window=16))
+                or len(taken) == 2
+            ),
+        )
+        assert [r.delivery.key for r in taken] == ["first", "k0"]
+        consuming = connections(rabbit)["framepipe"]
+        rabbitmqctl(rabbit, "set_disk_free_limit", "1000000GB")
+        worker.pause()  # k1..k3 cannot be published again: their message goes back whole
+        assert "3 step(s) handed back could not be published again" in caplog.text
+        assert connections(rabbit)["framepipe"] == consuming
+        worker.ack(taken)  # settled on the connection it was taken on
+        rabbitmqctl(rabbit, "set_disk_free_limit", "50MB")
+        probe = open_delivery(rabbit.url, namespace, timeout=3.0)
+        try:
+            keys: list[str] = []
+            wait_until(
+                "the message handed back whole to be taken again",
+                lambda: set(takes(probe, keys)) >= {"k0", "k1", "k2", "k3"},
+                timeout=15,
+            )
+            assert "first" not in keys  # acknowledged: not delivered again
+        finally:
+            probe.close()
+    finally:
+        feeder.close()
+        worker.close()

@@ -17,6 +17,7 @@ its prefetch: a full one hears nothing because it is full.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -32,6 +33,7 @@ from aio_pika.exceptions import (
 )
 from aiormq.abc import DeliveredMessage
 
+from framepipe.errors import BrokerError
 from framepipe.jobs.delivery import Received
 from framepipe.jobs.delivery.amqp_publishing import Publishing
 from framepipe.jobs.delivery.amqp_wire import (
@@ -229,7 +231,9 @@ class Consuming:
         """Settle taken steps: acknowledged (``requeue`` None) or handed back. A message is
         acknowledged once all its steps are settled; handed back whole (nack) when all of them
         are handed back; steps handed back from a message that is not are published again
-        first, and if that fails their whole message is handed back."""
+        first, within half the timeout, and if that fails (a resource alarm blocks publishing)
+        their whole message is handed back instead, said at warning level: the steps taken
+        from it may be delivered twice, none is lost, and this connection stays."""
         groups: dict[Taken, list[Delivery]] = {}
         for r in received:
             assert isinstance(r.receipt, Taken)
@@ -250,7 +254,20 @@ class Consuming:
                 ended[batch] = False
         try:
             if republish:
-                await self._publishing.publish(republish)
+                async with asyncio.timeout(self.link.timeout / 2):
+                    await self._publishing.publish(republish)
+        except (*CONNECTION_EXCEPTIONS, TimeoutError, BrokerError) as exc:
+            ended.update(dict.fromkeys(again, True))
+            _log.warning(
+                "job broker %s: %d step(s) handed back could not be published again (%s); "
+                "their %d message(s) of %s go back whole, so steps taken from them may be "
+                "delivered twice",
+                self.link.safe_url,
+                len(republish),
+                str(exc) or type(exc).__name__,
+                len(again),
+                self.queue,
+            )
         except BaseException:
             ended.update(dict.fromkeys(again, True))
             raise
