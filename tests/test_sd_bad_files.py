@@ -13,6 +13,7 @@ pipeline, the detector as its own process, clips encoded with PyAV and QR codes 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,52 @@ def test_a_small_file_that_is_no_video_is_reported_and_the_rest_of_the_card_impo
             detector=detector,
         )
         assert set(ledger_paths(world["settings"])) == {qr, *after}
+
+
+def test_a_video_the_detector_must_leave_out_is_reported_not_lost_silently(
+    world: dict[str, Any],
+) -> None:
+    """A video whose name is not UTF-8 (a FAT card written by a camera or PC in another code
+    page) cannot be sent to the backend, so the detector leaves it out; the import must not
+    then call the card ``imported``: the file is named in the problems and the card needs
+    attention, also when everything else on it was imported before."""
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "NAMES")
+    qr = maker.qr("B9003;Nell Names")
+    good = maker.video()
+    odd = maker.dcim / "GX000003.MP4"
+    os.rename(maker.folder / maker.video(), os.fsencode(maker.dcim) + b"/GX\xff0003.MP4")
+    assert not odd.exists()
+    shown = "DCIM/100GOPRO/GX\ufffd0003.MP4"
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log)
+    world["detectors"].append(detector.start())
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        mounted = insert(maker.folder, world["watch"])
+        done = wait_for("the import", lambda: ended(client, "NAMES"), detector=detector)
+        assert done["status"] == "completed", done.get("error")
+        summary = done["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        assert summary["bookings"]["B9003"]["videos"] == [good]
+        [problem] = summary["problems"]
+        assert problem.startswith(f"{shown}: not imported: the detector left it out: ")
+        assert "not valid Unicode" in problem
+        wait_for(
+            "the final status at the detector",
+            lambda: f"status of {summary['card_id']}: needs_attention" in log.read_text(),
+            detector=detector,
+        )
+        assert set(ledger_paths(world["settings"])) == {qr, good}
+
+        eject(mounted)  # inserted again: nothing new to copy, the left-out file still said
+        wait_for(
+            "the card's removal",
+            lambda: not any(d["sessions"] for d in client.get("/api/detectors").json()),
+            detector=detector,
+        )
+        insert(maker.folder, world["watch"])
+        again = wait_for("the second import", lambda: ended(client, "NAMES", 2))
+        summary = again["data"]["summary"]
+        assert summary["status"] == "needs_attention"
+        assert summary["copied"] == []
+        assert [p.split(": ")[0] for p in summary["problems"]] == [shown]

@@ -274,6 +274,7 @@ def make_hub(
             "shared_dir": str(shared_dir),
             "small_limit": small_limit,
             "files": [f.model_dump() for f in listing.files],
+            "skipped": [s.model_dump() for s in listing.skipped],
             **(extra_inputs or {}),
         }
         if retention is not None and not retention.keeps_all:

@@ -87,7 +87,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sd_cards import Card, as_text, card_id_of, card_label, is_junction, list_card
+from sd_cards import Card, Listing, as_text, card_id_of, card_label, is_junction, list_card
 from sd_copy import CopyAborted, copy_file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
@@ -192,7 +192,7 @@ class Detector:
             self._warned[about] = message
             log.warning("%s", message)
 
-    async def _list(self, root: Path, seen: _Seen) -> list[dict[str, Any]] | None:
+    async def _list(self, root: Path, seen: _Seen) -> Listing | None:
         """:func:`list_card` of ``root``, the folder the poll saw (``seen``), or None when
         listing it failed in any way (also when its folder became a link or another folder
         since the poll): the failure is logged (with its traceback once) and that card is
@@ -215,7 +215,7 @@ class Detector:
         """Poll for cards until cancelled: announce each new card once its listing settled,
         and the removal of each card that is gone. A card that cannot be listed is skipped
         (see :meth:`_list`); nothing about one card ends this loop."""
-        pending: dict[Path, tuple[_Seen, list[dict[str, Any]]]] = {}
+        pending: dict[Path, tuple[_Seen, Listing]] = {}
         at_start: dict[Path, _Seen] | None = None  # the cards in the readers at the start
         while True:
             roots = await asyncio.to_thread(self._roots)
@@ -259,6 +259,7 @@ class Detector:
                     label,
                     card_id_of(label, files),
                     files,
+                    skipped=files.skipped,
                     watched=seen.watched,
                     identity=seen.identity,
                     at_start=at_start.pop(root, None) == seen,  # its first announcement only

@@ -4,7 +4,8 @@ the card's id and label.
 A listing (:func:`list_card`) reads the card from its root opened once
 (:func:`framepipe.confined.open_root`), the very folder the poll saw, never through a link; it
 holds only the paths the backend accepts (the rule of ``card_paths.py``), and skips, with a
-warning naming it, any other file, so the rest of the card still imports.
+warning naming it, any other file, so the rest of the card still imports; what it skipped
+goes with the listing (:attr:`Listing.skipped`) to the backend, whose import reports it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from card_paths import card_path
+from card_paths import MAX_PATH, card_path
 from sd_folders import AT, OpenFolder
 
 from framepipe.confined import (
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_DEPTH",
     "VIDEO_SUFFIXES",
     "Card",
+    "Listing",
     "as_text",
     "card_id_of",
     "card_label",
@@ -54,6 +56,26 @@ MAX_DEPTH = 32
 two or three levels, ``DCIM/100GOPRO``)."""
 
 
+class Listing(list[dict[str, Any]]):
+    """A card's listing (its entries, as a list) and what it left out: :attr:`skipped` holds
+    ``{"path", "reason"}`` for each file or folder skipped because the backend would refuse
+    its path or it lies too deep, the path as valid Unicode (:func:`as_text`), at most
+    :data:`~card_paths.MAX_PATH` characters and an ellipsis."""
+
+    def __init__(
+        self,
+        entries: Iterable[dict[str, Any]] = (),
+        skipped: list[dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(entries)
+        self.skipped: list[dict[str, str]] = skipped if skipped is not None else []
+
+    def skip(self, shown: str, reason: str) -> None:
+        """Record ``shown`` (a path as text) as skipped for ``reason``."""
+        path = shown if len(shown) <= MAX_PATH else shown[:MAX_PATH] + "\u2026"
+        self.skipped.append({"path": path, "reason": as_text(reason)[:1000]})
+
+
 def list_card(
     root: Path,
     suffixes: tuple[str, ...] = VIDEO_SUFFIXES,
@@ -61,9 +83,10 @@ def list_card(
     max_depth: int = MAX_DEPTH,
     identity: FolderIdentity | None = None,
     watched: bool = False,
-) -> list[dict[str, Any]]:
+) -> Listing:
     """The video files of a card: ``path`` (relative, ``/``), ``size``, ``mtime``, and
-    ``fingerprint``; hidden files and system folders skipped; sorted by path.
+    ``fingerprint``; hidden files and system folders skipped; sorted by path. What it leaves
+    out because of its path or depth is in the listing's :attr:`~Listing.skipped`.
 
     The root is opened once (:func:`open_card_root`: with ``watched``, a subfolder of a
     ``--watch`` folder, without following a link in its place; with ``identity``, only if it
@@ -86,6 +109,7 @@ def list_card(
     * a file or folder that vanishes or turns into a link while it is listed is left out
       (the next poll sees the truth)."""
     out: list[dict[str, Any]] = []
+    skipped = Listing()
     stack: list[tuple[str, ...]] = [()]
     top = open_card_root(root, identity=identity, watched=watched)
     try:
@@ -94,14 +118,17 @@ def list_card(
             try:
                 with OpenFolder(root, rel, where="the card", top=top) as here:
                     folders, files = here.entries()
-                    stack.extend(_folders_to_walk(rel, folders, max_depth))
-                    out.extend(_listed(here, rel, files, suffixes))
+                    stack.extend(_folders_to_walk(rel, folders, max_depth, skipped))
+                    out.extend(_listed(here, rel, files, suffixes, skipped))
             except OSError:  # the folder vanished or was replaced by a link while listing
                 continue
     finally:
         if top is not None:
             os.close(top)
-    return sorted(out, key=lambda e: e["path"])
+    return Listing(
+        sorted(out, key=lambda e: e["path"]),
+        sorted(skipped.skipped, key=lambda e: e["path"]),
+    )
 
 
 def open_card_root(root: Path, *, identity: FolderIdentity | None, watched: bool) -> int | None:
@@ -138,9 +165,10 @@ def open_card_root(root: Path, *, identity: FolderIdentity | None, watched: bool
 
 
 def _folders_to_walk(
-    rel: tuple[str, ...], names: list[str], max_depth: int
+    rel: tuple[str, ...], names: list[str], max_depth: int, skipped: Listing
 ) -> list[tuple[str, ...]]:
-    """The subfolders ``names`` of the card's folder ``rel`` that :func:`list_card` walks."""
+    """The subfolders ``names`` of the card's folder ``rel`` that :func:`list_card` walks;
+    the others it would have walked are added to ``skipped``."""
     wanted = []
     for name in names:
         if name.startswith(".") or name.lower() in _IGNORED_DIRS:
@@ -151,20 +179,27 @@ def _folders_to_walk(
             card_path("/".join((*rel, name, "\u2026")))
         except ValueError as exc:
             log.warning("skipped folder %s: the backend accepts no path in it (%s)", shown, exc)
+            skipped.skip(shown + "/", f"the backend accepts no path in this folder ({exc})")
             continue
         if len(rel) + 1 > max_depth:
             log.warning(
                 "skipped folder %s: it is more than %d folders below the card", shown, max_depth
             )
+            skipped.skip(shown + "/", f"it is more than {max_depth} folders below the card")
             continue
         wanted.append((*rel, name))
     return wanted
 
 
 def _listed(
-    here: OpenFolder, rel: tuple[str, ...], names: list[str], suffixes: tuple[str, ...]
+    here: OpenFolder,
+    rel: tuple[str, ...],
+    names: list[str],
+    suffixes: tuple[str, ...],
+    skipped: Listing,
 ) -> Iterator[dict[str, Any]]:
-    """The entries of :func:`list_card` for the regular files ``names`` of folder ``here``."""
+    """The entries of :func:`list_card` for the regular files ``names`` of folder ``here``;
+    a video whose path the backend would refuse is added to ``skipped``."""
     for name in names:
         if name.startswith(".") or not name.lower().endswith(suffixes):
             continue
@@ -173,6 +208,7 @@ def _listed(
             card_path(path)
         except ValueError as exc:
             log.warning("skipped %s: the backend would refuse its path (%s)", as_text(path), exc)
+            skipped.skip(as_text(path), f"the backend would refuse its path ({exc})")
             continue
         try:
             fd = here.open_file(name)
@@ -228,6 +264,8 @@ class Card:
     label: str
     card_id: str
     files: list[dict[str, Any]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    """What the listing left out (:attr:`Listing.skipped`), told with the file list."""
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     acknowledged: bool = False
     removed: bool = False
@@ -255,6 +293,7 @@ class Card:
             "label": self.label,
             "files": self.files,
             "at_start": self.at_start,
+            "skipped": self.skipped,
         }
 
 

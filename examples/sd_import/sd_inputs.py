@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from retention import Retention
-from sd_messages import CARD_ID_PATTERN, FileEntry
+from sd_messages import CARD_ID_PATTERN, FileEntry, SkippedFile
 
 from framepipe import StepContext
 from framepipe.jobs.inputs import LocalPath, LocalPathOrKey, copy_local_file, local_input
@@ -43,6 +43,12 @@ class SdImportInputs(BaseModel):
         50 * 1024 * 1024, ge=0, description="Files smaller than this (bytes) are QR candidates."
     )
     files: list[FileEntry] = Field(max_length=100_000)
+    skipped: list[SkippedFile] = Field(
+        default_factory=list,
+        max_length=100_000,
+        description="Files on the card the detector left out (not UTF-8, too deep ...): "
+        "reported by the summary, never imported.",
+    )
     intro: LocalPathOrKey | None = None
     splash: LocalPathOrKey | None = None
     retention: Retention | None = Field(

@@ -10,7 +10,8 @@ A session is one insertion of a card. Besides the hub's own ``detector:hello`` (
                           "label": "...", "root": "...", "file_count": N}
     detector -> backend  {"type": "sd:file_list", "session_id": "...", "card_id": "...",
                           "label": "...", "files": [{"path": "DCIM/0001.MP4", "size": N,
-                          "mtime": T, "fingerprint": "..."}, ...]}
+                          "mtime": T, "fingerprint": "..."}, ...],
+                          "skipped": [{"path": "DCIM/GX\ufffd05.MP4", "reason": "..."}]}
     backend -> detector  {"type": "sd:status", "session_id": "...", "card_id": "...",
                           "state": "importing" | "already_importing", "execution_id": "..."}
     backend -> detector  {"type": "sd:copy_request", "request_id": "...", "session_id": "...",
@@ -44,6 +45,7 @@ __all__ = [
     "FileCopied",
     "FileEntry",
     "FileList",
+    "SkippedFile",
     "register_sd_messages",
 ]
 
@@ -66,6 +68,16 @@ class FileEntry(BaseModel):
         """The path as ``a/b/c`` if :func:`card_paths.card_path` accepts it (the rule the
         detector lists by), else the reason."""
         return card_path(value)
+
+
+class SkippedFile(BaseModel):
+    """A file on the card the detector did not list (a name that is not UTF-8, a path the
+    backend would refuse, a folder too deep): the path as text and why, so the import tells
+    the operator instead of calling the card imported."""
+
+    model_config = ConfigDict(extra="ignore")
+    path: str = Field(min_length=1, max_length=MAX_PATH + 1)
+    reason: str = Field(max_length=_TEXT)
 
 
 class CardInfo(BaseModel):
@@ -105,6 +117,11 @@ class FileList(_Message):
         False,
         description="The card was in the reader when the detector started (the detector is "
         "new, not the card): with nothing new on it, no import is started.",
+    )
+    skipped: list[SkippedFile] = Field(
+        default_factory=list,
+        max_length=100_000,
+        description="Files (or folders) on the card the detector left out, with the reason.",
     )
 
     @model_validator(mode="after")

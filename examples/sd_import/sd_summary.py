@@ -87,7 +87,10 @@ def _tell_detector(ctx: StepContext, status: str, result: Mapping[str, Any]) -> 
 
 
 def summary(ctx: StepContext) -> dict[str, Any]:
-    """What this insertion imported, held and found wrong; told to the detector too."""
+    """What this insertion imported, held and found wrong; told to the detector too. A file
+    the detector left out (its name is not UTF-8, its path holds ``:``, it lies too deep) is a
+    problem: the card needs attention, never ``imported`` or ``nothing_new`` with a video
+    missing."""
     data = ctx.data
     assigned = data.get("assign", {"jumps": [], "held": [], "problems": []})
     copied = [
@@ -98,7 +101,12 @@ def summary(ctx: StepContext) -> dict[str, Any]:
     problems = list(assigned["problems"])
     bookings = _bookings(data, assigned["jumps"], problems)
     _copy_problems(data, problems)
-    if not data["plan"]["new"]:
+    skipped = [
+        f"{s['path']}: not imported: the detector left it out: {s['reason']}"
+        for s in ctx.inputs.get("skipped") or []
+    ]
+    problems.extend(skipped)
+    if not data["plan"]["new"] and not skipped:
         status = "nothing_new"
     elif assigned["held"] or problems:
         status = "needs_attention"
