@@ -16,7 +16,7 @@ from framepipe.frames import Frame
 from framepipe.health import HealthState
 from framepipe.sources import CommandSource, PatternSource
 from framepipe.sources.base import StartedCallback
-from framepipe.stream import Stage, StreamPipeline
+from framepipe.stream import Sink, Stage, StreamPipeline
 from framepipe.stream.performance import Performance
 from waiting import wait_until_async
 
@@ -222,3 +222,33 @@ def test_stopped_failed_and_retried_pipelines() -> None:
     assert "exit code: 3" in (retried.last_error or "")
     with pytest.raises(ValueError, match="performance_window"):
         StreamPipeline("bad", PatternSource("cam"), performance_window=0)
+
+
+class SlowStore(Sink):
+    """A sink that takes ``seconds`` a frame (an object store that hangs)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.name = "frame_store"
+
+    def write(self, frame: Frame) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.slow  # reads over measuring windows of real time
+def test_a_slow_sink_is_named_as_the_bottleneck_not_the_stage_it_backs_up() -> None:
+    """A store that holds each frame 0.3 s backs the fast tag reader's queue up to full: the
+    reason names the store, the stage that is slow, not the tag reader waiting on it."""
+    pipeline = StreamPipeline(
+        "station_1",
+        PatternSource("station_1", fps=25, realtime=True),
+        stages=[Stage(lambda frame: frame, name="order_tags", workers=2, queue_size=4)],
+        sinks=[Stage(SlowStore(0.3), name="frame_store", workers=1, queue_size=4)],
+        performance_window=WINDOW,
+    )
+    performance, _health = asyncio.run(reading_after(pipeline, 3 * WINDOW + 0.5))
+    assert performance.score < 0.5, performance
+    assert performance.bottleneck == "frame_store", performance
+    assert performance.reason is not None
+    assert "frame_store is the slowest stage (1 worker(s)" in performance.reason
+    assert "queue 4/4" in performance.reason

@@ -21,6 +21,9 @@ that report a score of their own):
 * Below 1, ``reason`` says why in words an operator can act on: the rate achieved against the
   nominal one, the slowest stage (its workers, time a frame and queue), the frames the capture
   could not take, dropped and failed frames.
+* The slowest stage is looked for among the stages and the sinks (a frame store whose object
+  store hangs is one): the last of them, in flow order, whose input queue is full (the hops
+  before it only wait on it), else the one with the most time a frame per worker.
 """
 
 from __future__ import annotations
@@ -86,6 +89,14 @@ class Performance:
         return asdict(self)
 
 
+def _slowest(hops: Sequence[StageStats], by_name: dict[str, Stage]) -> StageStats | None:
+    """The slowest of ``hops`` (in flow order): see the module docstring."""
+    full = [s for s in hops if s.depth >= by_name[s.name].queue_size]
+    if full:
+        return full[-1]
+    return max(hops, key=lambda s: s.latency_ms / max(1, by_name[s.name].workers), default=None)
+
+
 def failed_frames(stats: Sequence[StageStats]) -> int:
     """Frames that failed in the stages whose counters are ``stats``, since the run started."""
     return sum(s.errors for s in stats)
@@ -111,13 +122,16 @@ def measure(
     paced: bool,
     session: Session | None,
     window: float = 5.0,
+    sinks: Sequence[Stage] = (),
+    sink_stats: Sequence[StageStats] = (),
 ) -> Performance:
     """Score a running capture (the caller handles stopped and failed pipelines).
 
     ``session`` is None while no capture session is open (opening, backing off, a file that
     ended); ``stats`` holds the stages' counters in order (the same ones the session's
     ``failed_before`` was counted from), ``capture_rate`` the capture's frames per second over
-    the window."""
+    the window; ``sinks`` and ``sink_stats`` the sinks' hops, looked at for the slowest
+    stage only."""
     if not nominal_fps or session is None:
         return Performance(paced=paced, nominal_fps=nominal_fps)
     elapsed = time.monotonic() - session.started
@@ -131,12 +145,8 @@ def measure(
     score = min(1.0, processed / nominal_fps) if paced else 1.0
     score *= 1.0 - min(1.0, failed / max(1, taken))
     score = round(max(0.0, score), 3)
-    by_name = {s.label: s for s in stages}
-    bottleneck = max(
-        (s for s in stats if s.name in by_name),
-        key=lambda s: s.latency_ms / max(1, by_name[s.name].workers),
-        default=None,
-    )
+    by_name = {s.label: s for s in [*stages, *sinks]}
+    bottleneck = _slowest([s for s in [*stats, *sink_stats] if s.name in by_name], by_name)
     reason: str | None = None
     if score < 1.0 and not paced:
         reason = f"{failed} of {taken} frames failed"

@@ -489,6 +489,8 @@ class StreamPipeline:
             paced=self.source.paced,
             session=self._intake.session if running else None,
             window=self._intake.rate.window,
+            sinks=self.sinks,
+            sink_stats=self.stats[len(self.stages) :],
         )
 
     def _retried_at_cap(self) -> bool:
