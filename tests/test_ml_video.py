@@ -608,12 +608,12 @@ def test_the_manifest_names_the_intermediates_when_they_are_kept(
 
 
 @pytest.mark.parametrize(
-    ("status", "kind", "requests"),
+    ("status", "kind", "attempts"),
     [
-        (400, "InvalidInputError: the model refused this job's request, not retried", 1),
-        (422, "InvalidInputError: the model refused this job's request, not retried", 1),
-        (404, "ConfigError: ", 1),
-        (429, "ModelError: ", 2),  # "not now": the step's retry runs it again
+        (400, "ModelRefusedError: ", 1),  # an InvalidInputError: not run again
+        (422, "ModelRefusedError: ", 1),
+        (404, "ModelSetupError: ", 1),  # a ConfigError: not run again
+        (429, "ModelError: ", 2),  # "not now": the adapter and the step's retry run it again
     ],
 )
 def test_a_request_the_model_server_refuses_for_good_is_not_run_again(
@@ -622,7 +622,7 @@ def test_a_request_the_model_server_refuses_for_good_is_not_run_again(
     monkeypatch: pytest.MonkeyPatch,
     status: int,
     kind: str,
-    requests: int,
+    attempts: int,
 ) -> None:
     """The step's retry ran the model again on an HTTP 400 (the adapter had not retried it)."""
     from test_model_adapters import ModelServer, fixed
@@ -630,13 +630,16 @@ def test_a_request_the_model_server_refuses_for_good_is_not_run_again(
     with ModelServer([fixed(status, b'{"error": "unknown style \'watercolour\'"}')]) as server:
         monkeypatch.setenv("MODEL_ADAPTER_TYPE", "http")
         monkeypatch.setenv("MODEL_API_URL", server.url)
+        monkeypatch.setenv("MODEL_API_RETRIES", "1")
+        monkeypatch.setenv("MODEL_API_RETRY_INITIAL", "0.01")
         info, _, _ = run_ml(settings, clip, style="watercolour")
     assert info.status is ExecutionStatus.FAILED
     error = info.errors["inference"]
     assert error.startswith(kind) and f"HTTP {status}" in error, error
     assert "unknown style 'watercolour'" in error
-    assert len(server.requests) == requests
-    assert info.step("inference").attempt == requests
+    assert info.step("inference").attempt == attempts
+    adapter_attempts = 1 if attempts == 1 else 2  # MODEL_API_RETRIES=1
+    assert len(server.requests) == attempts * adapter_attempts
 
 
 def test_a_model_servers_frames_this_worker_cannot_see_say_they_must_share_the_folder(

@@ -27,11 +27,15 @@ from framepipe import JobEngine, Pipeline, Settings, StepContext
 from framepipe.errors import (
     ConfigError,
     ExecutionFailedError,
+    InvalidInputError,
     ModelError,
     ModelOutputError,
+    ModelRefusedError,
+    ModelSetupError,
     ModelTimeoutError,
 )
 from framepipe.frames import Frame
+from framepipe.jobs.outcomes import is_permanent
 from framepipe.jobs.records import list_events
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors import (
@@ -423,13 +427,37 @@ def test_http_always_500_fails_clearly_after_retries(tmp_path: Path, clip: Path)
     assert info.value.status_code == 500
 
 
-def test_http_4xx_is_not_retried(tmp_path: Path, clip: Path) -> None:
-    with ModelServer([fixed(400, b'{"error": "missing prompt"}')]) as server:
+@pytest.mark.parametrize(
+    ("status", "error", "step_error"),
+    [
+        (400, ModelRefusedError, InvalidInputError),
+        (422, ModelRefusedError, InvalidInputError),
+        (401, ModelSetupError, ConfigError),
+        (404, ModelSetupError, ConfigError),
+    ],
+)
+def test_http_4xx_is_not_retried_nor_run_again_by_a_step(
+    tmp_path: Path,
+    clip: Path,
+    status: int,
+    error: type[ModelError],
+    step_error: type[Exception],
+) -> None:
+    with ModelServer([fixed(status, b'{"error": "missing prompt"}')]) as server:
         model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
-        with pytest.raises(ModelError, match=r"HTTP 400.*missing prompt") as info:
+        with pytest.raises(error, match=rf"HTTP {status}.*missing prompt") as info:
             run(model.infer(clip, output_dir=tmp_path))
     assert len(server.requests) == 1
-    assert info.value.status_code == 400 and not info.value.retryable
+    assert info.value.status_code == status and not info.value.retryable
+    assert isinstance(info.value, step_error) and is_permanent(info.value)
+
+
+def test_http_429_is_retried(tmp_path: Path, clip: Path, frames_dir: Path) -> None:
+    with ModelServer([fixed(429, b"slow down"), ok(frames_dir)]) as server:
+        model = HttpModel(server.url, timeout=5, max_retries=3, retry_initial=0.01)
+        result = run(model.infer(clip, output_dir=tmp_path))
+    assert result.frames_path == frames_dir
+    assert len(server.requests) == 2
 
 
 def test_http_success_false_carries_the_server_error(tmp_path: Path, clip: Path) -> None:

@@ -45,7 +45,11 @@
     │   └── RemoteProcessingError    the processor reported an error for the frame
     ├── ModelError                   a model adapter's call failed; names the model (script, URL)
     │   ├── ModelTimeoutError        no result within the adapter's timeout (its processes killed)
-    │   └── ModelOutputError         the model ran but its answer breaks the protocol
+    │   ├── ModelOutputError         the model ran but its answer breaks the protocol
+    │   ├── ModelSetupError          the model server refused its URL or credentials (also a
+    │   │                            ConfigError: a step fails for good)
+    │   └── ModelRefusedError        the model refused what it was sent (also an
+    │                                InvalidInputError: a step fails for good)
     ├── MediaError                   a media file cannot be read or written; names the path
     └── DetectorError                a host-side detector (SD import) failed a request; names it
         └── DetectorUnavailableError the detector is not connected, or disconnected mid-request
@@ -79,6 +83,8 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "ModelOutputError",
+    "ModelRefusedError",
+    "ModelSetupError",
     "ModelTimeoutError",
     "NoCapacityError",
     "NoProcessorError",
@@ -477,6 +483,18 @@ class ModelTimeoutError(ModelError, TimeoutError):
 class ModelOutputError(ModelError):
     """The model ran but its answer breaks the protocol: no ``frames_path`` line, a body that
     is not JSON, a ``frames_path`` that does not exist."""
+
+
+class ModelSetupError(ModelError, ConfigError):
+    """A model server refused the request for its setup, not its content (HTTP 401, 403,
+    404, 405: a wrong URL or credentials): neither the adapter nor a step's retry runs it
+    again (a :class:`ConfigError`); a resume after the fix does."""
+
+
+class ModelRefusedError(ModelError, InvalidInputError):
+    """A model server refused what it was sent (an HTTP 4xx other than those of
+    :class:`ModelSetupError` and those that mean "not now": 408, 409, 425, 429): neither the
+    adapter nor a step's retry sends it again (an :class:`InvalidInputError`)."""
 
 
 class MediaError(FramepipeError):

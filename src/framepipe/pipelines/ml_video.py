@@ -70,7 +70,6 @@ from framepipe.errors import (
     ConfigError,
     InvalidInputError,
     MediaError,
-    ModelError,
     ObjectNotFoundError,
     StepCancelledError,
 )
@@ -414,22 +413,18 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
 
         src, inputs, model, settings, out = await _in_thread(ctx, prepare)
         options = settings.infer_options()
-        try:
-            async with model:  # set up and torn down in a thread
-                result = await model.infer(
-                    src,
-                    prompt=inputs.prompt,
-                    style=inputs.style,
-                    seed=inputs.seed,
-                    output_dir=out,
-                    progress=as_step_progress(ctx, 0, 90, "inference"),
-                    **options,
-                )
-        except ModelError as exc:
-            refused = _refusal(exc)
-            if refused is None:
-                raise
-            raise refused from exc
+        # A model server's refusal for good (ModelSetupError, ModelRefusedError) is a
+        # ConfigError or InvalidInputError: the step's retry does not run it again.
+        async with model:  # set up and torn down in a thread
+            result = await model.infer(
+                src,
+                prompt=inputs.prompt,
+                style=inputs.style,
+                seed=inputs.seed,
+                output_dir=out,
+                progress=as_step_progress(ctx, 0, 90, "inference"),
+                **options,
+            )
         if isinstance(model, HttpModel):
             problem = await asyncio.to_thread(model.frames_path_problem, result.frames_path)
             if problem is not None:  # a setup to fix: running the model again cannot help
@@ -453,26 +448,6 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
             "model": type(model).__name__,
             "batch_size": options.get("batch_size"),
         }
-
-
-_SETTINGS_REFUSED = frozenset({401, 403, 404, 405})
-"""A model server's answers that say its URL or credentials are wrong."""
-_REFUSED_FOR_NOW = frozenset({408, 409, 425, 429})
-"""4xx answers that say "not now": the step's retry may succeed."""
-
-
-def _refusal(exc: ModelError) -> ConfigError | InvalidInputError | None:
-    """``exc`` as an error the step's retry must not run again (see
-    :func:`~framepipe.jobs.outcomes.is_permanent`) when the model server refused the request
-    for good, an HTTP 4xx the adapter did not retry either: the URL or credentials (401, 403,
-    404, 405: :class:`ConfigError`), or what this job sent (any other but the
-    :data:`_REFUSED_FOR_NOW`: :class:`InvalidInputError`); None for anything else."""
-    status = exc.status_code
-    if exc.retryable or status is None or not 400 <= status < 500 or status in _REFUSED_FOR_NOW:
-        return None
-    if status in _SETTINGS_REFUSED:
-        return ConfigError(f"{exc} (not retried: check MODEL_API_URL and the server's access)")
-    return InvalidInputError(f"the model refused this job's request, not retried: {exc}")
 
 
 @ml_video.step(depends_on=["inference"], weight=10, retries=2)

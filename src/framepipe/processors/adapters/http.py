@@ -1,10 +1,14 @@
 """Models behind HTTP: :class:`HttpModel`, ``POST {url}/infer`` with the input as a multipart
 upload and a JSON answer naming the frames.
 
-Guarantees: 5xx answers, connection errors and timeouts are retried (with the adapter's
-backoff); a 4xx or ``success: false`` is not; an answer that is not a JSON object with a
-``frames_path`` (a body that is not JSON, nested too deep to decode, or longer than
-``max_answer_bytes``, refused without reading it all) is a
+Guarantees: 5xx answers, the 4xx that mean "not now" (:data:`NOT_NOW`: 408, 409, 425, 429),
+connection errors and timeouts are retried (with the adapter's backoff), and a step may run
+them again; the other 4xx are not, nor by a step's retry:
+:class:`~framepipe.errors.ModelSetupError` for those about the URL or credentials
+(:data:`SETUP_REFUSED`: 401, 403, 404, 405), :class:`~framepipe.errors.ModelRefusedError` for
+the rest (what was sent); ``success: false`` is not retried by the adapter; an answer that is
+not a JSON object with a ``frames_path`` (a body that is not JSON, nested too deep to decode,
+or longer than ``max_answer_bytes``, refused without reading it all) is a
 :class:`~framepipe.errors.ModelOutputError`, and no error quotes more than a few hundred
 characters of what the server sent. A password or a secret query parameter in the URL is
 masked (:func:`~framepipe.urls.safe_url`) in every error and log line: framepipe's, and httpx's
@@ -24,11 +28,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from framepipe.errors import ConfigError, ModelError, ModelOutputError, ModelTimeoutError
+from framepipe.errors import (
+    ConfigError,
+    ModelError,
+    ModelOutputError,
+    ModelRefusedError,
+    ModelSetupError,
+    ModelTimeoutError,
+)
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
 from framepipe.urls import safe_text, safe_url
 
-__all__ = ["MAX_ANSWER_BYTES", "HttpModel"]
+__all__ = ["MAX_ANSWER_BYTES", "NOT_NOW", "SETUP_REFUSED", "HttpModel"]
+
+NOT_NOW = frozenset({408, 409, 425, 429})
+"""The 4xx answers that say "not now" (a timeout, a conflict, too early, too many requests):
+retried like a 5xx."""
+
+SETUP_REFUSED = frozenset({401, 403, 404, 405})
+"""The 4xx answers that say the model's URL or credentials are wrong."""
 
 MAX_ANSWER_BYTES = 1 << 20
 """The longest answer :class:`HttpModel` reads by default (1 MiB): a JSON object naming a
@@ -246,13 +264,18 @@ class HttpModel(ModelAdapter):
         status = response.status_code
         body = raw.decode(errors="replace")
         if status >= 400:
-            raise ModelError(
-                f"{who}: POST {shown} answered HTTP {status}: "
-                f"{_quoted(body.strip(), tail=True) or response.reason_phrase}",
-                model=who,
-                retryable=status >= 500,
-                status_code=status,
+            refused = f"{who}: POST {shown} answered HTTP {status}: " + (
+                _quoted(body.strip(), tail=True) or response.reason_phrase
             )
+            if status >= 500 or status in NOT_NOW:
+                raise ModelError(refused, model=who, retryable=True, status_code=status)
+            if status in SETUP_REFUSED:
+                raise ModelSetupError(
+                    f"{refused} (check the model's URL and the server's access)",
+                    model=who,
+                    status_code=status,
+                )
+            raise ModelRefusedError(refused, model=who, status_code=status)
         if not whole:
             raise ModelOutputError(
                 f"{who}: POST {shown} answered more than {self.max_answer_bytes} bytes "
