@@ -12,10 +12,14 @@ Guarantees:
 * The failures held back when the run ends are logged then (:meth:`ProcessorErrorLog.flush`),
   one line per stage and kind with their count; none is left unsaid.
 * Thread-safe: a failure may be reported from any of the stage's threads.
+* A line names its source once: where the log's component is the source's id (a station),
+  the error's own ``[source]`` prefix is left out (``[station_1] stage 'frame_store', frame
+  71: ...``, not ``[station_1] [station_1] stage ...``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from logging import Logger, LoggerAdapter
 from typing import Any
 
@@ -33,6 +37,8 @@ class ProcessorErrorLog:
 
     def __init__(self, log: Logger | LoggerAdapter[Any]) -> None:
         self._log = log
+        extra = log.extra if isinstance(log, LoggerAdapter) else None
+        self._component = extra.get("component") if isinstance(extra, Mapping) else None
         self._repeats = Repeats(ERROR_LOG_EVERY)
 
     def failed(self, error: ProcessorError) -> None:
@@ -41,7 +47,10 @@ class ProcessorErrorLog:
         held = self._repeats.admit(f"{error.stage}\0{type(cause).__name__}")
         if held is not None:
             more = f" (and {held} more of its frames failed since the last such line)"
-            self._log.warning("%s%s", error, more if held else "")
+            text = str(error)
+            if error.source_id and error.source_id == self._component:
+                text = text.removeprefix(f"[{error.source_id}] ")
+            self._log.warning("%s%s", text, more if held else "")
 
     def flush(self) -> None:
         """Log the failures held back, one line per stage and kind."""
