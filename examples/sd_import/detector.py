@@ -436,15 +436,22 @@ class Detector:
         log.info("copied %s: %s", request.get("path"), "ok" if result["ok"] else result["error"])
 
     async def run(self) -> None:
+        """Watch, stay connected and copy until one of them fails (raised) or this is
+        cancelled (SIGTERM): either way the others are cancelled and awaited, so the
+        connection closes before the loop ends (left running, the loop's shutdown tore its
+        send generator down mid-send and logged an error at every stop)."""
         self.shared.mkdir(parents=True, exist_ok=True)
         tasks = [
             asyncio.create_task(self.watch_cards(), name="watch"),
             asyncio.create_task(self.connection(), name="connection"),
             asyncio.create_task(self.copier(), name="copier"),
         ]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in tasks:
-            task.cancel()
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             task.result()  # a failed task fails the detector loudly
 
