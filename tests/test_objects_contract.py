@@ -191,6 +191,25 @@ def test_stat_exists_delete(backend: Backend) -> None:
     assert backend.stored() == []  # nothing left behind: no object, no empty folder
 
 
+def test_delete_many_removes_what_it_names_in_batches(backend: Backend) -> None:
+    store = backend.store
+    names = [f"frames/{i:05d}.jpg" for i in range(1205)]  # more than one S3 request
+    for name in names:
+        store.put(name, b"x")
+    store.put("kept/a", b"y")
+    assert store.delete_many([*names, "frames/never-there.jpg"]) == 1206
+    assert keys(store) == ["kept/a"]
+    assert not [n for n in backend.stored() if n.startswith("frames")]  # no empty folder
+    assert store.delete_many([]) == 0
+
+
+def test_delete_many_refuses_a_bad_key_before_deleting_anything(store: ObjectStore) -> None:
+    store.put("a/1", b"x")
+    with pytest.raises(InvalidKeyError, match=r"\.\./escape"):
+        store.delete_many(["a/1", "../escape"])
+    assert keys(store) == ["a/1"]
+
+
 def test_missing_key_errors_name_key_and_store(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFoundError) as excinfo:
         store.get("no/such")

@@ -271,19 +271,22 @@ def delete_objects(
 
 
 _STOPPED = "stopped before all its objects were deleted"
+_DELETE_BATCH = 1000  # objects deleted between two looks at ``stop`` (one S3 request)
 
 
 def _delete_prefix(
     objects: ObjectStore, prefix: str, stop: threading.Event | None = None
 ) -> tuple[int, str | None]:
-    """How many objects under ``prefix`` were deleted, and the store's error that stopped it
-    (:data:`_STOPPED` when ``stop`` was set)."""
+    """How many objects under ``prefix`` were deleted (a batch at a time,
+    :meth:`~framepipe.backends.objects.ObjectStore.delete_many`), and the store's error that
+    stopped it (:data:`_STOPPED` when ``stop`` was set)."""
     deleted = 0
     try:
-        for info in list(objects.list(prefix)):
+        listed = [info.key for info in objects.list(prefix)]
+        for start in range(0, len(listed), _DELETE_BATCH):
             if stop is not None and stop.is_set():
                 return deleted, _STOPPED
-            deleted += int(objects.delete(info.key))
+            deleted += objects.delete_many(listed[start : start + _DELETE_BATCH])
     except ObjectStoreError as exc:
         return deleted, str(exc)
     return deleted, None

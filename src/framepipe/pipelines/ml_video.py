@@ -580,6 +580,4 @@ def _delete_intermediates(ctx: StepContext) -> int:
         for info in ctx.objects.list(prefix)
         if info.key.removeprefix(prefix).startswith(INTERMEDIATES)
     ]
-    for key in doomed:
-        ctx.objects.delete(key)
-    return len(doomed)
+    return ctx.objects.delete_many(doomed)

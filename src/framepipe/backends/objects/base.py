@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -210,6 +210,17 @@ class ObjectStore(abc.ABC):
         key = self._key(key)
         return self._delete(key)
 
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove the objects named by ``keys`` (a missing one is not an error); how many keys
+        were named. Every key is validated before anything is deleted
+        (:class:`~framepipe.errors.InvalidKeyError` names the first bad one). S3 removes up to
+        1,000 a request (``DeleteObjects``) where :meth:`delete` takes two each; a key the store
+        refuses raises :class:`~framepipe.errors.ObjectStoreError` naming it, the keys of
+        earlier requests being gone."""
+        checked = [self._key(key) for key in keys]
+        self._delete_many(checked)
+        return len(checked)
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix`` (a plain string prefix), in key order.
 
@@ -284,6 +295,11 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def _delete(self, key: str) -> bool:
         """Remove the object; ``True`` if it existed."""
+
+    def _delete_many(self, keys: Sequence[str]) -> None:
+        """Remove the objects (validated keys); one :meth:`_delete` each unless overridden."""
+        for key in keys:
+            self._delete(key)
 
     @abc.abstractmethod
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:

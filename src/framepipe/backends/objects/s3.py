@@ -33,7 +33,7 @@ import math
 import os
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -79,6 +79,7 @@ _TRANSFER_THREADS = 4
 _IO_QUEUE = 8
 _POOL_CONNECTIONS = 32  # requests in flight at once: threads putting frames, transfer parts
 _LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+_DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's maximum)
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,27 @@ class S3ObjectStore(ObjectStore):
         except Exception as exc:
             raise self._error("delete", key, exc) from exc
         return True
+
+    def _delete_many(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            objects = [{"Key": self._full(key)} for key in batch]
+            try:
+                answer = self._client.delete_objects(
+                    Bucket=self._bucket, Delete={"Objects": objects, "Quiet": True}
+                )
+            except Exception as exc:
+                raise self._error("delete", batch[0], exc) from exc
+            for refused in answer.get("Errors", []):
+                code = refused.get("Code", "")
+                if code in MISSING_CODES:
+                    continue
+                key = str(refused.get("Key", "")).removeprefix(self._prefix)
+                error = self._boto.exceptions.ClientError(
+                    {"Error": {"Code": code, "Message": refused.get("Message", "")}},
+                    "DeleteObjects",
+                )
+                raise self._error("delete", key, error)
 
     # -- reads --------------------------------------------------------------------------------
 
