@@ -153,10 +153,10 @@ class Detector:
 
     def _roots(self) -> dict[Path, _Seen]:
         """The cards now, each with its folder's identity: each subfolder of a ``--watch``
-        folder that is a folder itself, not a link to one (checked without following it: a
-        link planted in the watch folder is never a card, wherever it points; it is named in
-        a warning once), and each ``--card`` folder (the operator's own path, a link or not)
-        while it holds files."""
+        folder that is a folder itself (announced once it holds a video), not a link to one
+        (checked without following it: a link planted in the watch folder is never a card,
+        wherever it points; it is named in a warning once), and each ``--card`` folder (the
+        operator's own path, a link or not) while it holds files."""
         roots: dict[Path, _Seen] = {}
         links: set[Path] = set()
         for folder in self.watch:
@@ -246,7 +246,9 @@ class Detector:
             for root in roots.keys() - self.cards.keys():
                 seen = roots[root]
                 files = await self._list(root, seen)
-                if files is None:
+                if files is None or not (files or files.skipped):
+                    # An empty folder is no card: a mount point before its card is mounted
+                    # (an automounter's /media/$USER/LABEL), or left behind by a lazy unmount.
                     pending.pop(root, None)
                     continue
                 if self.settle > 0 and pending.get(root) != (seen, files):

@@ -1,0 +1,100 @@
+"""The detector's life on a desktop. Stopped the way a service manager stops it (SIGTERM,
+systemd's ``stop``), it ends at once with status 0 and says nothing alarming: an operator
+reads an ``ERROR`` with a ``RuntimeError`` in the detector's journal as a crash, and it hid
+the real ones.
+
+An empty folder in its watch folder (a mount point before or after its card) is no card.
+
+Real components: the service on uvicorn (SQLite) with the ``sd_import`` hub, the detector as
+its own process connected to it, with and without a card in its reader.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import need_modules
+from test_example_sd_import import (
+    CardMaker,
+    Detector,
+    ended,
+    imports_of,
+    insert,
+    running_world,
+    sd_settings,
+    wait_for,
+)
+from test_server import AUTH
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # slow: the detector as a process
+
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with running_world(tmp_path, sd_settings(tmp_path)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("with_card", [False, True])
+def test_sigterm_stops_the_detector_cleanly(world: dict[str, Any], with_card: bool) -> None:
+    server = world["server"]
+    if with_card:
+        maker = CardMaker(world["cards"] / "STOPPED")
+        maker.qr("B9101;Sig Term")
+        insert(maker.folder, world["watch"])
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log).start()
+    world["detectors"].append(detector)
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        wait_for(
+            "the detector's connection" + (" and its card" if with_card else ""),
+            lambda: any(
+                d["sessions"] or not with_card for d in client.get("/api/detectors").json()
+            ),
+            detector=detector,
+        )
+    assert detector.proc is not None
+    detector.proc.send_signal(signal.SIGTERM)
+    assert detector.proc.wait(timeout=10) == 0
+    said = log.read_text()
+    assert "connected to" in said
+    for alarming in ("ERROR", "Traceback", "RuntimeError", "Task was destroyed"):
+        assert alarming not in said, said
+
+
+def test_an_empty_folder_in_the_watch_folder_is_no_card_until_files_appear(
+    world: dict[str, Any],
+) -> None:
+    """A desktop's automounter makes ``/media/$USER/LABEL`` before it mounts the card there,
+    and a lazy unmount leaves it empty behind: an empty folder is no card (no session, no
+    import that finds nothing), and the card mounted on it is announced once and imported."""
+    server = world["server"]
+    mount_point = world["watch"] / "GOPRO9"
+    mount_point.mkdir()
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log).start()
+    world["detectors"].append(detector)
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        wait_for("the detector", lambda: client.get("/api/detectors").json(), detector=detector)
+        time.sleep(1.5)  # several polls (--interval 0.2) of the empty folder
+        assert [d["sessions"] for d in client.get("/api/detectors").json()] == [[]]
+        assert imports_of(client, "GOPRO9") == []
+        assert "inserted" not in log.read_text()
+
+        maker = CardMaker(world["cards"] / "GOPRO9")
+        maker.qr("B9201;Mo Unt")
+        video = maker.video()
+        (maker.folder / "DCIM").rename(mount_point / "DCIM")  # the card mounted there
+        done = wait_for("the import", lambda: ended(client, "GOPRO9"), detector=detector)
+        assert done["data"]["summary"]["status"] == "imported"
+        assert done["data"]["summary"]["bookings"]["B9201"]["videos"] == [video]
+        assert len(imports_of(client, "GOPRO9")) == 1
