@@ -42,9 +42,10 @@ Guarantees of one :meth:`CommandSource.frames` session:
   signal (SIGKILL when the thread that started it, the event loop's, ends: this process
   killed, by SIGKILL too, or its loop's thread gone), see :func:`parent_death_command`.
 * Closing or cancelling the iterator, or any error, terminates the whole process group
-  (SIGTERM, then SIGKILL after 2 s) and reaps the child: no zombie, no orphan. Stdout is
-  drained meanwhile, so a consumer that fell behind (a full pipe) does not hold it up: a child
-  that exits on SIGTERM is reaped as soon as it has exited, and its pipes are closed.
+  (SIGTERM, with SIGCONT for a stopped one, then SIGKILL after 2 s) and reaps the child: no
+  zombie, no orphan. Stdout is drained meanwhile, so a consumer that fell behind (a full pipe)
+  does not hold it up: a child that exits on SIGTERM is reaped as soon as it has exited, and
+  its pipes are closed.
 """
 
 from __future__ import annotations
@@ -435,7 +436,8 @@ class CommandSource(Source):
         return proc.returncode
 
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
-        """SIGTERM the process group, SIGKILL it after 2 s, reap the child.
+        """SIGTERM the process group (and SIGCONT: a stopped capture, a camera that stalls
+        without closing, then takes its SIGTERM at once), SIGKILL it after 2 s, reap the child.
 
         Stdout is read and dropped meanwhile: a consumer that fell behind leaves the pipe full
         and its reading paused, and then neither could the child finish a write and see the
@@ -445,6 +447,7 @@ class CommandSource(Source):
         try:
             if proc.returncode is None:
                 kill_group(proc.pid, signal.SIGTERM)
+                kill_group(proc.pid, signal.SIGCONT)  # a stopped capture (SIGSTOP) gets it too
                 try:
                     await asyncio.wait_for(asyncio.shield(exited), _TERM_GRACE)
                 except TimeoutError:
