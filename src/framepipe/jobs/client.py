@@ -393,6 +393,12 @@ class JobClient:
             raise InvalidInputError(f"must be at least 1, not {per_pipeline}", where="per_pipeline")
         return await self._db(records.completed_step_durations, self.store, per_pipeline)
 
+    async def last_event_at(self, execution_id: str) -> float | None:
+        """When the newest stored event of the execution (id or unique prefix) was made (unix
+        seconds): it moves with every progress report. None when none is stored."""
+        self._check_open()
+        return await self._db(records.last_event_at, self.store, await self._find(execution_id))
+
     async def wait(
         self,
         execution_id: str,

@@ -47,6 +47,7 @@ __all__ = [
     "give_back",
     "has_step",
     "insert_events",
+    "last_event_at",
     "list_events",
     "list_executions",
     "newest_event_id",
@@ -663,6 +664,20 @@ def has_step(store: StateStore, execution_id: str, key: str) -> bool:
             ).first()
             is not None
         )
+
+
+def last_event_at(store: StateStore, execution_id: str) -> float | None:
+    """When the newest stored event of execution ``execution_id`` was made (unix seconds), or
+    None (none stored, or pruned)."""
+    query = (
+        sa.select(events.c.ts)
+        .where(events.c.execution_id == execution_id)
+        .order_by(events.c.id.desc())
+        .limit(1)
+    )
+    with store.read() as conn:
+        ts = conn.execute(query).scalar()
+    return None if ts is None else float(ts)
 
 
 def newest_event_id(store: StateStore) -> int:

@@ -27,14 +27,9 @@ and a ``thumbnail`` have result paths. Behind the same token and browser checks 
 404, one that cannot be an id (a NUL, too long) a 422 (:mod:`framepipe.server.params`).
 """
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
-
-from framepipe.backends.state import StateStore
-from framepipe.backends.state.schema import events
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.server.access import open_to_execution_tokens
@@ -71,19 +66,6 @@ def _status(info: ExecutionInfo) -> str:
     if info.status is ExecutionStatus.RUNNING and all(s.status in _WAITING for s in info.steps):
         return "queued"
     return _STATUS.get(info.status, "processing")
-
-
-def _last_event_at(store: StateStore, execution_id: str) -> float | None:
-    """When the newest stored event of the execution was made, or None (none, or pruned)."""
-    query = (
-        sa.select(events.c.ts)
-        .where(events.c.execution_id == execution_id)
-        .order_by(events.c.id.desc())
-        .limit(1)
-    )
-    with store.read() as conn:
-        ts = conn.execute(query).scalar()
-    return None if ts is None else float(ts)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -141,4 +123,4 @@ async def status_show(job_id: ExecutionId, service: Service) -> dict[str, Any]:
     jobId, status (queued, processing, completed, failed), progress (0-100), stage, error,
     resultPath, thumbnailPath, createdAt, updatedAt."""
     info = await service.jobs.get(job_id)
-    return job_status(info, await asyncio.to_thread(_last_event_at, service.store, info.id))
+    return job_status(info, await service.jobs.last_event_at(info.id))
