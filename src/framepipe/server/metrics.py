@@ -19,6 +19,7 @@ from framepipe.telemetry import (
     StreamCollector,
     label_value,
 )
+from framepipe.urls import safe_text
 
 __all__ = ["jobs_registry"]
 
@@ -29,6 +30,7 @@ class _JobsCollector(Collector):
     def __init__(self, store: StateStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self._backlog_unread: str | None = None  # why the last scrape could not read it
 
     def collect(self) -> Iterator[Metric]:
         runs = GaugeMetricFamily(
@@ -86,6 +88,11 @@ class _JobsCollector(Collector):
             "delivered but not acknowledged (pending; Redis only).",
             labels=["kind"],
         )
+        seen = GaugeMetricFamily(
+            "framepipe_broker_backlog_up",
+            "Job broker: 1 when the backlog was read at this scrape, 0 when it could not be "
+            "(framepipe_broker_backlog is then left out: not an empty backlog).",
+        )
         try:
             from framepipe.jobs.delivery import open_delivery
 
@@ -96,13 +103,23 @@ class _JobsCollector(Collector):
                 held = delivery.backlog()
             finally:
                 delivery.close()
-        except Exception as exc:  # broker down: say so, do not fail the scrape
-            _log.debug("broker backlog not read: %s", exc)
+        except Exception as exc:  # broker down or refusing: say so, do not fail the scrape
+            why = safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if why != self._backlog_unread:
+                _log.warning("job broker backlog cannot be read (said once): %s", why)
+            self._backlog_unread = why
+            seen.add_metric([], 0.0)
+            yield seen
             return
+        if self._backlog_unread is not None:
+            _log.info("job broker backlog is read again")
+            self._backlog_unread = None
         backlog.add_metric(["lag"], float(held.waiting))
         if held.unacked is not None:
             backlog.add_metric(["pending"], float(held.unacked))
+        seen.add_metric([], 1.0)
         yield backlog
+        yield seen
 
 
 def jobs_registry(
