@@ -6,6 +6,8 @@ stopped and started again."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -290,3 +292,68 @@ def test_the_spool_log_names_its_folder_and_the_store(
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"frames kept in {kept.url} while the object store {target.url} ")
     assert lines[1] == f"1 frame(s) kept in {kept.url} uploaded to {target.url}"
+
+
+def test_a_store_that_hangs_sends_the_frames_to_the_spool_not_the_camera_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An S3 server that hangs (SIGSTOP: it accepts connections and never answers) holds the
+    first frames for its read timeout; the frames after them go to the spool at once, until
+    the store takes a kept frame again, so the station keeps up with its camera instead of
+    storing one frame per timeout. Said once; once the server answers again, the kept frames
+    are uploaded and new ones stored as before."""
+    with aws_test_env():
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        proc = _moto(port, tmp_path / "s3.log")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+        client.create_bucket(Bucket="frames")
+        store = S3ObjectStore(
+            "frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1, read_timeout=1
+        )
+        spool = tmp_path / "spool"
+        proc.send_signal(signal.SIGSTOP)  # the store hangs
+        try:
+            events: Events = []
+            pipeline = StreamPipeline(
+                "s",
+                PatternSource("s", fps=20, realtime=True),
+                stages=[Stage(tagger({range(1, 10_000): "A"}))],
+                segmenter=Segmenter("order", timeout=5),
+                sinks=[FrameStore(store, spool=spool, spool_retry=0.5, workers=2)],
+            )
+            pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+            async def hang() -> None:
+                await pipeline.start()
+                await asyncio.sleep(4)
+                await pipeline.stop()
+
+            with caplog.at_level(logging.WARNING):
+                asyncio.run(asyncio.wait_for(hang(), 60))
+            (order,) = of(events, "segment.completed")
+            assert order["frames"] >= 50, order["frames"]  # 80 made in 4 s; 8 at one a timeout
+            assert len(order["spooled"]) + order["not_stored"] >= order["frames"] - 4
+            away = [r for r in caplog.records if "until it takes them again" in r.getMessage()]
+            assert len(away) == 1, [r.getMessage() for r in caplog.records]
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        try:
+            kept = len(order["spooled"])
+            later = _run_until_uploaded(
+                StreamPipeline(
+                    "s",
+                    PatternSource("s", fps=10, realtime=True),
+                    stages=[Stage(tagger({range(1, 10_000): "B"}))],
+                    segmenter=Segmenter("order", timeout=5),
+                    sinks=[FrameStore(store, spool=spool, spool_retry=0.2)],
+                ),
+                kept,
+            )
+            assert sum(u["count"] for u in of(later, "frames.uploaded")) == kept
+            (back,) = of(later, "segment.completed")
+            assert back["stored"], back  # stored directly again once the store answers
+        finally:
+            client.close()
+            store.close()
+            _stop(proc)

@@ -19,12 +19,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from framepipe.backends.objects import LocalObjectStore, ObjectInfo, ObjectStore
+from framepipe.backends.objects.base import validate_key
 from framepipe.errors import ConfigError, InvalidKeyError, ObjectKeyConflictError, ObjectStoreError
 from framepipe.frames import Frame, decode_jpeg
 from framepipe.logs import get_logger
 from framepipe.processors.base import Processor
 from framepipe.stream.segment import Segment
 from framepipe.stream.spool import Spool
+from framepipe.urls import safe_url
 
 __all__ = ["FrameStore", "Sink", "escape_key_field", "unescape_key_field"]
 
@@ -168,7 +170,9 @@ class FrameStore(Sink):
     once the store takes frames again (:mod:`framepipe.stream.spool`, tried every
     ``spool_retry`` seconds, also by the next run): it is listed in its segment's ``spooled``,
     not in ``stored`` (nor among the best frames), and each round that uploads kept frames
-    emits ``frames.uploaded`` (``count``, ``keys``). The spool holds at most
+    emits ``frames.uploaded`` (``count``, ``keys``). After a refusal the frames go to the spool
+    without trying the store until it takes a kept frame again (a store that hangs holds back
+    only the frames that found it away, said in one warning). The spool holds at most
     ``spool_max_bytes`` (4 GiB); only a frame it cannot take either (full, or its disk failing)
     is ``not_stored``.
 
@@ -252,17 +256,19 @@ class FrameStore(Sink):
         key = self.key_for(frame)
         try:
             data = frame.to_jpeg(self.quality)
+            if self.spool is not None and self.spool.away:  # not tried: it would hang too
+                validate_key(key)  # a key the store could never hold is not kept
+                self._keep(frame, key, data)
+                return
             try:
                 self.objects.put(key, data)
             except (InvalidKeyError, ObjectKeyConflictError):
                 raise  # the key itself is wrong: kept, it would be refused again
-            except ObjectStoreError:
+            except ObjectStoreError as exc:
                 if self.spool is None:
                     raise
-                self.spool.keep(key, data)
-                if frame.segment_id is not None:
-                    with self._lock:
-                        self._spooled.setdefault(frame.segment_id, []).append(key)
+                self._keep(frame, key, data)
+                self.spool.refused(key, exc)
                 return
         except Exception:
             if frame.segment_id is not None:
@@ -275,6 +281,14 @@ class FrameStore(Sink):
                 self._by_segment.setdefault(frame.segment_id, []).append(
                     (frame.seq, key, float(score) if score is not None else float("-inf"))
                 )
+
+    def _keep(self, frame: Frame, key: str, data: bytes) -> None:
+        """Keep a frame the store refused, or would, in the spool (listed in its segment)."""
+        assert self.spool is not None
+        self.spool.keep(key, data)
+        if frame.segment_id is not None:
+            with self._lock:
+                self._spooled.setdefault(frame.segment_id, []).append(key)
 
     def segment_closed(self, segment: Segment) -> None:
         with self._lock:
@@ -314,7 +328,8 @@ class FrameStore(Sink):
         """True when the store (or the spool) holds an object under ``segment_id``'s folder
         for ``frame``'s source: the template's part up to ``{segment_id}/``, with ``frame``'s
         fields. Always False for a template without a ``{segment_id}/`` folder, or whose
-        folders use ``{seq}`` or ``{ts_ms}``. Raises what listing the store raises."""
+        folders use ``{seq}`` or ``{ts_ms}``. Raises what listing the store raises, and
+        :class:`ObjectStoreError` while the store is away (the spool takes the frames)."""
         head, sep, _ = self.template.partition("{segment_id}/")
         fields = {f for _, f, _, _ in string.Formatter().parse(head) if f}
         if not sep or fields & {"seq", "ts_ms"}:
@@ -325,8 +340,15 @@ class FrameStore(Sink):
             folder = _KEY_FORMATTER.format(head + "{segment_id}/", **values)
         except KeyError:
             return False  # key_for names the missing field when the frame is written
-        stores = [self.objects] if self.spool is None else [self.spool.local, self.objects]
-        return any(next(iter(store.list(folder)), None) is not None for store in stores)
+        if self.spool is not None:
+            if next(iter(self.spool.local.list(folder)), None) is not None:
+                return True
+            if self.spool.away:  # asking would hang or fail as its frames do
+                raise ObjectStoreError(
+                    f"the object store {safe_url(self.objects.url)} is away (frames go to "
+                    f"{self.spool.local.url})"
+                )
+        return next(iter(self.objects.list(folder)), None) is not None
 
     def setup(self) -> None:
         """Start uploading frames an earlier run kept in the spool, if any."""

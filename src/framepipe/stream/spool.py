@@ -14,6 +14,11 @@ Guarantees:
   stopped and started again) are uploaded by the next one: :meth:`Spool.start` starts the
   uploader when the local store holds anything.
 * :meth:`Spool.close` stops the uploader; what is still kept stays on disk for the next run.
+* A store that refused a frame is *away* (:attr:`Spool.away`, set by :meth:`Spool.refused`)
+  until the uploader gets a kept frame into it: meanwhile the frame store keeps every frame
+  here without trying the store, so a store that hangs (each try waits out its read timeout)
+  holds back only the frames that found it away, not every frame after them. Going away is
+  logged once, as a warning naming the error; coming back by the uploader's line.
 * At most ``max_bytes`` are kept (a long outage must not fill the disk): a frame past that is
   refused with an :class:`~framepipe.errors.ObjectStoreError` saying the spool is full.
 """
@@ -58,6 +63,29 @@ class Spool:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._away = False
+
+    @property
+    def away(self) -> bool:
+        """True from a refusal (:meth:`refused`) until a kept frame was uploaded."""
+        return self._away
+
+    def refused(self, key: str, error: ObjectStoreError) -> None:
+        """The target refused the frame ``key`` (kept here): it is away until the uploader
+        gets a kept frame into it; said once."""
+        with self._lock:
+            if self._away:
+                return
+            self._away = True
+        self._log.warning(
+            "the object store %s refused frame %s (%s): frames go to %s until it takes them "
+            "again, tried every %gs",
+            safe_url(self.target.url),
+            key,
+            error,
+            self.local.url,
+            self.retry_every,
+        )
 
     def keep(self, key: str, data: bytes) -> None:
         """Keep ``data`` under ``key`` until the target takes it. Raises what the local store
@@ -119,6 +147,7 @@ class Spool:
                         self.retry_every,
                     )
                 break
+            self._away = False
             self.local.delete(info.key)
             with self._lock:
                 self._bytes = max(0, self._kept_bytes() - info.size)
