@@ -46,6 +46,19 @@ def produce(ctx: StepContext) -> dict[str, Any]:
     return {"video": video, "thumbs": thumbs, "note": ctx.inputs.get("note", "")}
 
 
+echo = Pipeline("tok_echo")
+
+
+@echo.step()
+def recorded(ctx: StepContext) -> dict[str, Any]:
+    """Records in its data text its submitter chose without copying an input (as a step
+    records a video's title or a model's label): each of ``names`` without its leading ``=``;
+    and writes one output of its own, under its id."""
+    own = f"results/{ctx.execution_id}/own.txt"
+    ctx.objects.put(own, b"own")
+    return {"own": own, "named": [n.removeprefix("=") for n in ctx.inputs["names"]]}
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Tokens do not depend on the state backend: SQLite, one allowed front-end origin."""
@@ -60,12 +73,12 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[Server]:
-    with Server(settings, pipelines=(render,)) as running:
+    with Server(settings, pipelines=(render, echo)) as running:
         yield running
 
 
-def _run(client: httpx.Client, **inputs: Any) -> str:
-    answer = client.post("/api/executions", json={"pipeline": "tok_render", "inputs": inputs})
+def _run(client: httpx.Client, pipeline: str = "tok_render", **inputs: Any) -> str:
+    answer = client.post("/api/executions", json={"pipeline": pipeline, "inputs": inputs})
     assert answer.status_code == 201, answer.text
     execution_id: str = answer.json()["id"]
     assert wait_status(client, execution_id)["status"] == "completed"
@@ -141,6 +154,35 @@ def test_an_execution_token_reads_nothing_else_and_writes_nothing(server: Server
             video = admin.get(f"/api/objects/results/{execution_id}/output.mp4")
             assert video.content == b"video of " + execution_id.encode()
         assert admin.get(f"/api/executions/{mine}").json()["status"] == "completed"
+
+
+def test_data_naming_objects_outside_the_executions_folder_opens_none_of_them(
+    server: Server,
+) -> None:
+    """Whoever chooses what a job records in its data (its submitter, through a step) cannot
+    name another job's output, an upload or another of the store's objects and download it
+    with the job's token: an output is an object under a folder named by the job's full id."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        assert admin.put("/api/objects/uploads/secret.txt", content=b"upload").status_code == 201
+        assert admin.put("/api/objects/report.txt", content=b"report").status_code == 201
+        theirs = _run(admin)
+        named = [
+            f"results/{theirs}/output.mp4",
+            f"results/{theirs}/thumb0.jpg",
+            "uploads/secret.txt",
+            "report.txt",
+        ]
+        mine = _run(admin, "tok_echo", names=[f"={n}" for n in named])
+        data = admin.get(f"/api/executions/{mine}").json()["data"]
+        assert data["named"] == named  # the job did record them
+        token = _token_for(admin, mine)
+    with httpx.Client(base_url=server.url, headers=_bearer(token), timeout=30) as browser:
+        assert browser.get(f"/api/objects/results/{mine}/own.txt").content == b"own"
+        for key in named:
+            answer = browser.get(f"/api/objects/{key}")
+            assert answer.status_code == 403, (key, answer.status_code, answer.text)
+            assert answer.content not in (b"upload", b"report")
+            assert b"video of" not in answer.content
 
 
 def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None:

@@ -10,8 +10,9 @@ Guarantees:
   before the route reads or writes anything); anything else, an expired or tampered execution
   token included, is a 401. A token is never logged nor put in an answer;
 * the objects an execution token may download are the execution's outputs
-  (:func:`output_keys`): the object keys its steps recorded in its data, known from the
-  state store when the request comes, never a prefix guessed from the key;
+  (:func:`output_keys`): the object keys its steps recorded in its data that lie under a
+  folder named by its full id, known from the state store when the request comes, never a
+  prefix guessed from the key; text a job records cannot open another's objects;
 * :func:`admit_live_socket` does the same for ``/ws``: an execution token is accepted with
   ``?execution_id=`` naming its execution by full id, and is refused (1008) without it, so
   it never gets the snapshot of every execution.
@@ -73,14 +74,28 @@ def _strings(value: Any) -> Iterator[str]:
         yield from (v for v in value if isinstance(v, str))
 
 
+def _in_own_folder(key: str, execution_id: str) -> bool:
+    """Whether ``key`` lies under a folder named ``execution_id`` (``ml/<id>/output.mp4``)."""
+    return execution_id in key.split("/")[:-1]
+
+
 def output_keys(info: ExecutionInfo) -> frozenset[str]:
     """The object keys the execution ``info`` recorded as its outputs: each text value (or
     text in a list value) of its data, that is, of what its steps returned (``video``,
-    ``thumbnail``, ``manifest``...), except the texts of its inputs (a key the submitter
-    named, or text a step copied from its inputs, is not the execution's output). An object
-    the execution deleted since (an intermediate) is simply missing."""
+    ``thumbnail``, ``manifest``...), that lies under a folder named by its full id
+    (``ml/<id>/output.mp4``), except the texts of its inputs (a key the submitter named, or
+    text a step copied from its inputs, is not the execution's output). Data is what its
+    steps made of what they were given (a video's title, a model's label), so a text
+    naming another execution's object, an upload or any other key outside its own folder is
+    not an output, whatever its steps recorded. An object the execution deleted since (an
+    intermediate) is simply missing."""
     given = {s for v in info.inputs.values() for s in _strings(v)}
-    return frozenset(s for v in info.data.values() for s in _strings(v) if s not in given)
+    return frozenset(
+        s
+        for v in info.data.values()
+        for s in _strings(v)
+        if s not in given and _in_own_folder(s, info.id)
+    )
 
 
 def _unauthorized(detail: str = _UNAUTHORIZED) -> HTTPException:

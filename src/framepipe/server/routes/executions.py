@@ -157,7 +157,8 @@ class ExecutionToken(BaseModel):
     scope: Literal["read"] = Field(
         description="It reads the execution (``/api/executions/{id}``, ``/api/status/{id}``, "
         "``/api/events?execution_id=``, ``/ws?execution_id=``) and downloads its outputs "
-        "(``GET /api/objects/{key}`` of the keys in its data); nothing else."
+        "(``GET /api/objects/{key}`` of the keys in its data under a folder named by its "
+        "id, ``ml/<id>/...``); nothing else."
     )
     expires_at: int = Field(description="Unix seconds after which it is refused.")
 
