@@ -7,6 +7,8 @@ Sec-Fetch-Site) and CORS apply to it as to the API token."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -24,8 +26,11 @@ from framepipe.config import Settings
 from framepipe.errors import InvalidInputError
 from framepipe.server import execution_tokens
 from framepipe.server.guard import TOKEN_SUBPROTOCOL
-from test_server import AUTH, TOKEN, Server, wait_status
+from test_server import Server, wait_status
 
+TOKEN = "Wl7vS0d4bR2kQy9hXn3Jt6Pc1Fm8Ue5Ga-Zo_iLwKs"
+"""The service's API token: random, as long as ``framepipe serve`` makes one."""
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FRONT = "https://front.example"
 REFUSED = (1008, 403)
 """A ``/ws`` refused before it was accepted: close code 1008, which uvicorn sends as a 403."""
@@ -73,7 +78,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[Server]:
-    with Server(settings, pipelines=(render, echo)) as running:
+    with Server(settings, pipelines=(render, echo), token=TOKEN) as running:
         yield running
 
 
@@ -194,7 +199,7 @@ def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None
         too_long = admin.post(f"/api/executions/{mine}/tokens", json={"expires_in": 8 * 86_400})
         assert too_long.status_code == 422
     expired = execution_tokens.mint(TOKEN, mine, lifetime=60, now=time.time() - 61)
-    other_key = execution_tokens.mint("another service's token", mine)
+    other_key = execution_tokens.mint(TOKEN[::-1], mine)
     head, payload, signature = valid.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     longer = base64.urlsafe_b64encode(
@@ -221,14 +226,14 @@ def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None
 
 def test_a_new_api_token_revokes_every_execution_token(settings: Settings) -> None:
     with (
-        Server(settings, pipelines=(render,)) as server,
+        Server(settings, pipelines=(render,), token=TOKEN) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin,
     ):
         mine = _run(admin)
         token = _token_for(admin, mine)
         assert admin.get(f"/api/status/{mine}", headers=_bearer(token)).status_code == 200
     with (
-        Server(settings, pipelines=(render,), token="a-new-token") as server,
+        Server(settings, pipelines=(render,), token=TOKEN[::-1]) as server,
         httpx.Client(base_url=server.url, timeout=30) as browser,
     ):
         assert browser.get(f"/api/status/{mine}", headers=_bearer(token)).status_code == 401
@@ -242,7 +247,7 @@ def test_the_python_helper_refuses_what_the_service_would() -> None:
     with pytest.raises(InvalidInputError, match="expired"):
         execution_tokens.read(TOKEN, token, now=1010.0)
     with pytest.raises(InvalidInputError, match="signature"):
-        execution_tokens.read("other", token, now=1000.0)
+        execution_tokens.read(TOKEN[::-1], token, now=1000.0)
     for bad_id in ("abc", "0" * 31 + "G", "0" * 33):
         with pytest.raises(InvalidInputError, match="execution_id"):
             execution_tokens.mint(TOKEN, bad_id)
@@ -339,6 +344,41 @@ def test_execution_tokens_are_never_logged(
         assert _socket(server, token, None) in REFUSED
     assert caplog.records
     assert not [r for r in caplog.records if token in r.getMessage() or TOKEN in r.getMessage()]
+
+
+def _signed_with(api_token: str, claims: dict[str, Any]) -> str:
+    """A token of ``claims`` signed as the format says, with the key of ``api_token``: what
+    anyone who found that API token could make."""
+    key = hmac.new(api_token.encode(), b"framepipe execution token key v1", hashlib.sha256)
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    signed = f"fpx1.{payload}"
+    signature = hmac.new(key.digest(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(signature).decode().rstrip('=')}"
+
+
+def test_a_short_api_token_signs_no_execution_token(settings: Settings) -> None:
+    """An execution token is given to browsers, and with one anyone can try API tokens
+    offline, as fast as HMAC-SHA256 runs, until one signs it: a short API token would be
+    found. A service whose API token is shorter than ``framepipe serve``'s makes none and
+    takes none, and so does the Python helper."""
+    short = "s3cret-token"
+    with (
+        Server(settings, pipelines=(render,), token=short) as server,
+        httpx.Client(base_url=server.url, headers=_bearer(short), timeout=30) as admin,
+    ):
+        mine = _run(admin)
+        answer = admin.post(f"/api/executions/{mine}/tokens", json={})
+        assert answer.status_code == 409, answer.text
+        assert "at least 32 characters" in answer.json()["detail"]
+        offline = _signed_with(short, {"e": mine, "s": "read", "x": int(time.time()) + 600})
+        refused = admin.get(f"/api/status/{mine}", headers=_bearer(offline))
+        assert refused.status_code == 401, refused.text
+        assert "makes no execution tokens" in refused.json()["detail"]
+        assert "short" not in refused.text  # a client is not told about the API token
+    with pytest.raises(InvalidInputError, match="at least 32 characters"):
+        execution_tokens.mint(short, mine)
+    with pytest.raises(InvalidInputError, match="makes no execution tokens"):
+        execution_tokens.read(short, offline)
 
 
 def test_a_service_without_a_token_makes_no_execution_tokens(settings: Settings) -> None:

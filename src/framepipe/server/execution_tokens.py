@@ -8,6 +8,9 @@ expiry (``x``, unix seconds); ``signature`` is the base64url of HMAC-SHA256 over
 
 * only a holder of the API token can make one: the service (``POST
   /api/executions/{id}/tokens``) or the backend itself, offline, with :func:`mint`;
+* an API token shorter than :data:`MIN_API_TOKEN_LENGTH` signs none and accepts none
+  (:func:`signing_problem`): whoever holds an execution token (a browser) can try API tokens
+  offline, as fast as HMAC-SHA256 runs, until one signs it, which finds a short one;
 * changing the API token revokes every execution token made with it; nothing is stored;
 * :func:`read` checks the signature in constant time before it looks at anything the
   payload says, then the scope and the expiry; a token that fails any of these is refused
@@ -33,12 +36,14 @@ from framepipe.errors import InvalidInputError
 __all__ = [
     "DEFAULT_LIFETIME",
     "MAX_LIFETIME",
+    "MIN_API_TOKEN_LENGTH",
     "PREFIX",
     "READ",
     "ExecutionGrant",
     "is_execution_token",
     "mint",
     "read",
+    "signing_problem",
 ]
 
 PREFIX = "fpx1."
@@ -51,6 +56,10 @@ MAX_LIFETIME = 7 * 86_400
 """The longest lifetime a token may be given, in seconds (a week)."""
 MAX_LENGTH = 512
 """Characters of the longest text read as a token; a longer one is refused unread."""
+
+MIN_API_TOKEN_LENGTH = 32
+"""Characters of the shortest API token that signs execution tokens (``framepipe serve`` makes
+one of 32 random URL-safe characters, 192 bits)."""
 
 _KEY_LABEL = b"framepipe execution token key v1"
 _EXECUTION_ID = re.compile(r"[0-9a-f]{32}")
@@ -65,6 +74,21 @@ class ExecutionGrant:
     scope: str
     expires_at: int
     """Unix seconds after which the token is refused."""
+
+
+def signing_problem(api_token: str | None) -> str | None:
+    """Why the API token ``api_token`` cannot sign execution tokens (none, or too short to
+    stand an offline search from a token it signed), or None when it can."""
+    if not api_token:
+        return "there is no API token to sign with"
+    if len(api_token) < MIN_API_TOKEN_LENGTH:
+        return (
+            f"the API token is too short: execution tokens need a random one of at least "
+            f"{MIN_API_TOKEN_LENGTH} characters (python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe())'), since anyone holding one can search for the API "
+            "token that signed it offline"
+        )
+    return None
 
 
 def _key(api_token: str) -> bytes:
@@ -101,10 +125,11 @@ def mint(
     """A token reading the execution ``execution_id`` (its full id, as the service answers
     it) for ``lifetime`` seconds (1 to :data:`MAX_LIFETIME`), signed with the key of the
     service whose API token is ``api_token``. :class:`~framepipe.errors.InvalidInputError`
-    for an empty API token, an id that is not a full one, an unknown scope or a lifetime out
-    of range."""
-    if not api_token:
-        raise InvalidInputError("there is no API token to sign with", where="api_token")
+    for an API token that cannot sign (:func:`signing_problem`), an id that is not a full
+    one, an unknown scope or a lifetime out of range."""
+    problem = signing_problem(api_token)
+    if problem is not None:
+        raise InvalidInputError(problem, where="api_token")
     if not _EXECUTION_ID.fullmatch(execution_id):
         raise InvalidInputError(
             "must be a full execution id (32 lower-case hexadecimal digits)", where="execution_id"
@@ -129,11 +154,14 @@ def _refused(reason: str) -> InvalidInputError:
 def read(api_token: str, token: str, *, now: float | None = None) -> ExecutionGrant:
     """What ``token`` grants, if the service whose API token is ``api_token`` signed it and
     it has not expired; else :class:`~framepipe.errors.InvalidInputError` saying what is
-    wrong (malformed, signature, scope, expired). The signature is compared in constant time
-    before the payload is decoded."""
+    wrong (malformed, signature, scope, expired, or an API token that signs none:
+    :func:`signing_problem`). The signature is compared in constant time before the payload
+    is decoded."""
     token = token.strip()
     if not api_token or len(token) > MAX_LENGTH or not token.startswith(PREFIX):
         raise _refused("is not an execution token")
+    if signing_problem(api_token) is not None:  # why is the service's own business
+        raise _refused("is not accepted: this service makes no execution tokens")
     signed, dot, signature = token.rpartition(".")
     if not dot or signed == PREFIX.rstrip("."):
         raise _refused("is not an execution token")

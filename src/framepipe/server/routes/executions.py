@@ -170,12 +170,16 @@ async def executions_token(
     """A signed, expiring, read-only token for one execution (id or unique prefix), for a
     browser that must watch that job and download its results without the API token. Made
     with the API token only (an execution token is refused here); a service without an API
-    token answers 409 (every client reads everything already). Changing the API token revokes
-    every execution token made with it."""
+    token answers 409 (every client reads everything already), and so does one whose API
+    token is too short to sign (:func:`~framepipe.server.execution_tokens.signing_problem`).
+    Changing the API token revokes every execution token made with it."""
     if not service.token:
         raise HTTPException(
             409, "the service has no API token, so it makes no execution tokens: set one first"
         )
+    problem = execution_tokens.signing_problem(service.token)
+    if problem is not None:
+        raise HTTPException(409, f"the service makes no execution tokens: {problem}")
     info = await service.jobs.get(execution_id, with_steps=False)
     lifetime = body.expires_in if body is not None else DEFAULT_LIFETIME
     token = execution_tokens.mint(service.token, info.id, lifetime=lifetime)
