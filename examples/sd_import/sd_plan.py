@@ -19,6 +19,7 @@ from sd_share import shared_dir_of
 
 from framepipe import StepContext
 from framepipe.confined import relative_parts
+from framepipe.jobs.models import ExecutionInfo
 
 __all__ = ["plan", "spawn_processing"]
 
@@ -32,16 +33,28 @@ def spawn_processing(ctx: StepContext, path: str, after: str | None) -> None:
 
 
 def _taken(ctx: StepContext, identities: Mapping[str, str]) -> dict[str, str]:
-    """Paths (of ``identities``: path -> identity) that another import of this card that has
-    not ended (:data:`~sd_imports.UNENDED`) lists too, each with that import's id: it renders
-    them, not this one. A read of the state store."""
+    """Paths (of ``identities``: path -> identity) that another import lists too, each with
+    that import's id: it renders them, not this one. That import is one of this card that has
+    not ended (:data:`~sd_imports.UNENDED`), or one of another card, started before this one
+    and pending or running: a card holding the same clips (a camera writing both its card
+    slots, a cloned card) in the other reader at once has each video copied and rendered
+    once, by the import that came first. A read of the state store."""
     wanted = {ident: path for path, ident in identities.items()}
     found: dict[str, str] = {}
-    for info in ctx.executions(status=UNENDED, limit=1_000_000):
+    unended = ctx.executions(status=UNENDED, limit=1_000_000)
+    mine = next((info for info in unended if info.id == ctx.execution_id), None)
+
+    def first(info: ExecutionInfo) -> bool:
+        return mine is None or (info.created_at, info.id) < (mine.created_at, mine.id)
+
+    for info in unended:
         if (
             info.id == ctx.execution_id
-            or info.inputs.get("card_id") != ctx.inputs.get("card_id")
             or not isinstance(info.inputs.get("files"), list)
+            or (
+                info.inputs.get("card_id") != ctx.inputs.get("card_id")
+                and (info.status.value not in ("pending", "running") or not first(info))
+            )
         ):
             continue
         for entry in info.inputs["files"]:

@@ -1,0 +1,87 @@
+"""Two cards with the same clips in the readers at once (a camera recording to both of its
+card slots, a card cloned as a backup): each video is copied and rendered once.
+
+What the user expects: the passenger's booking gets one object per video, not two; the
+second card's import leaves the clips the first is importing to it and says so
+(``in_other_imports``), and both imports complete. The same clips inserted later are
+``nothing_new`` (the ledger), which this does not change.
+
+Real components: the service on uvicorn (SQLite, local object store) with the ``sd_import``
+pipeline, the detector as its own process, clips encoded with PyAV and QR codes from segno.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import need_modules
+from test_example_sd_import import (
+    CardMaker,
+    Detector,
+    ended,
+    running_world,
+    sd_settings,
+    wait_for,
+)
+from test_server import AUTH
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the SD-import example end to end
+
+need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with running_world(tmp_path, sd_settings(tmp_path)) as running:
+        yield running
+
+
+def test_two_cards_with_the_same_clips_at_once_import_each_video_once(
+    world: dict[str, Any],
+) -> None:
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "SLOTA")
+    maker.qr("B9301;Mira Twin")
+    videos = [maker.video(), maker.video()]
+    mirror = world["cards"] / "SLOTB"
+    shutil.copytree(maker.folder, mirror)  # copy2: the same names, content and times
+    for card in (maker.folder, mirror):  # both in the readers before the detector's poll
+        shutil.copytree(card, world["watch"] / card.name)
+    log = world["tmp"] / "det.log"
+    detector = Detector(server.url, world["watch"], world["shared"], log)
+    world["detectors"].append(detector.start())
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        done = [
+            wait_for(
+                f"the import of {label}",
+                lambda label=label: ended(client, label),
+                detector=detector,
+            )
+            for label in ("SLOTA", "SLOTB")
+        ]
+        for execution in done:
+            assert execution["status"] == "completed", execution.get("error")
+        summaries = [e["data"]["summary"] for e in done]
+        outputs = [
+            key
+            for s in summaries
+            for booking in s["bookings"].values()
+            for key in booking["outputs"]
+        ]
+        assert len(outputs) == len(videos), outputs  # one object per video, not one per card
+        rendered = [
+            k for e in done for k, v in e["data"].items() if k.startswith("render/") and "key" in v
+        ]
+        assert sorted(rendered) == sorted(f"render/{v}" for v in videos)
+        copied_videos = [p for s in summaries for p in s["copied"] if p in videos]
+        assert sorted(copied_videos) == sorted(videos)  # each copied once, from one card
+        importing, leaving = sorted(summaries, key=lambda s: len(s["in_other_imports"]))
+        assert importing["status"] == "imported"
+        assert importing["bookings"]["B9301"]["videos"] == videos
+        assert set(videos) <= set(leaving["in_other_imports"])
