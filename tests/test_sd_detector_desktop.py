@@ -98,3 +98,31 @@ def test_an_empty_folder_in_the_watch_folder_is_no_card_until_files_appear(
         assert done["data"]["summary"]["status"] == "imported"
         assert done["data"]["summary"]["bookings"]["B9201"]["videos"] == [video]
         assert len(imports_of(client, "GOPRO9")) == 1
+
+
+def test_a_failed_copy_is_a_warning_in_the_detectors_log_not_copied(
+    world: dict[str, Any],
+) -> None:
+    """The operator at the reader reads the detector's log: a copy that failed (here the video
+    vanished from the card after the listing) is a WARNING naming the file, the code and why,
+    never an INFO line starting ``copied``."""
+    server = world["server"]
+    maker = CardMaker(world["cards"] / "VANISH")
+    maker.qr("B9401;Van Ish")
+    kept = maker.video()
+    gone = maker.video()
+    log = world["tmp"] / "det.log"
+    detector = Detector(
+        server.url, world["watch"], world["shared"], log, "--max-rate", "400000"
+    ).start()
+    world["detectors"].append(detector)
+    with httpx.Client(base_url=server.url, headers=AUTH) as client:
+        mounted = insert(maker.folder, world["watch"])
+        wait_for("the listing", lambda: "inserted" in log.read_text(), detector=detector)
+        (mounted / gone).unlink()  # listed, then gone before its copy (videos copy last)
+        done = wait_for("the import", lambda: ended(client, "VANISH"), detector=detector)
+        assert done["data"]["summary"]["bookings"]["B9401"]["missing"] == [gone]
+    said = log.read_text()
+    assert f"copied {kept}: ok" in said
+    assert f"WARNING copy of {gone} failed (vanished): {gone} is no longer on the card" in said
+    assert f"copied {gone}" not in said

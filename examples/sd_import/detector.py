@@ -392,15 +392,9 @@ class Detector:
             None,
         )
         if card is None:
-            await self._send(
-                {
-                    **reply,
-                    "ok": False,
-                    "code": "not_mounted",
-                    "error": f"no card with session {request.get('session_id')} is inserted",
-                },
-                ws,
-            )
+            error = f"no card with session {request.get('session_id')} is inserted"
+            log.warning("copy of %s refused (not_mounted): %s", request.get("path"), error)
+            await self._send({**reply, "ok": False, "code": "not_mounted", "error": error}, ws)
             return
         last = [0.0]
 
@@ -435,7 +429,15 @@ class Detector:
             log.warning("copy of %s stopped: the connection closed", request.get("path"))
             return
         await self._send({**reply, **result}, ws)
-        log.info("copied %s: %s", request.get("path"), "ok" if result["ok"] else result["error"])
+        if result["ok"]:
+            log.info("copied %s: ok", request.get("path"))
+        else:
+            log.warning(
+                "copy of %s failed (%s): %s",
+                request.get("path"),
+                result.get("code", "error"),
+                result["error"],
+            )
 
     async def run(self) -> None:
         """Watch, stay connected and copy until one of them fails (raised) or this is
