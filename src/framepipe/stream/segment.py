@@ -12,10 +12,15 @@ frames that follow (untagged ones too, while it is open), and closes when:
 
 Time is the wall clock by default (``clock="wall"``: live cameras; a timer closes a segment
 even when no frame comes; the timeout counts from when the last keyed frame reached the
-segmenter, so a pipeline running behind its camera does not split a segment). Its timeout and
-``max_duration`` are measured on the monotonic clock: a system clock set back or forward (NTP's
-first sync on a box that booted without the time) neither holds a segment open for the size
-of the step nor closes it early. With
+segmenter, so a pipeline running behind its camera does not split a segment). Frames that come
+also count the time between their captures: a segment closes (``"timeout"``) at a frame
+captured ``timeout`` seconds after its last keyed frame, so after a backlog (frames held back by
+a slow sink, then delivered in a burst) a segment takes the frames of its timeout, as live, not
+every frame until the next key. That time between two frames is their ``ts_ms`` difference,
+but at most their arrivals' difference or twice the recent interval between captures, and
+never negative. Its timeout and ``max_duration`` are measured on the monotonic clock: a system
+clock set back or forward (NTP's first sync on a box that booted without the time) neither
+holds a segment open for the size of the step nor closes it early. With
 ``clock="stream"`` it is the frames' own ``pts`` (recorded video
 processed faster or slower than real time): a segment times out when a frame arrives ``timeout``
 stream-seconds after its last keyed frame, or at the end of the stream. Stream time that steps
@@ -47,6 +52,7 @@ the clock did not move on.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +86,9 @@ class Segment:
     last_key_mono: float = 0.0
     """When the last keyed frame reached the segmenter, on the monotonic clock (the wall
     clock's timeout counts from it)."""
+    captured_since_key: float = 0.0
+    """Seconds of capture time from the last keyed frame to the latest frame (wall clock; see
+    the module docstring)."""
     frames: int = 0
     closed_at: float | None = None
     reason: str | None = None
@@ -238,6 +247,8 @@ class SegmenterState:
         self._last_ms: int | None = None  # the number in the last key-less id
         self._last_t: float | None = None  # the last stream time (clock="stream")
         self._shift = 0.0  # added to pts so that stream time never goes back
+        self._prev: tuple[int, float] | None = None  # the last frame's ts_ms and arrival
+        self._intervals: collections.deque[float] = collections.deque(maxlen=9)
 
     @property
     def ids(self) -> SegmentIds:
@@ -266,12 +277,32 @@ class SegmenterState:
         self._last_t = t
         return t
 
+    def _captured(self, frame: Frame, arrived: float) -> float:
+        """Seconds of capture time from the previous frame to ``frame`` (wall clock): their
+        ``ts_ms`` difference, at most their arrivals' difference or twice the recent interval
+        (a step of the system clock counts as one interval), never negative."""
+        prev, self._prev = self._prev, (frame.ts_ms, arrived)
+        if prev is None:
+            return 0.0
+        gap = max(0.0, (frame.ts_ms - prev[0]) / 1000.0)
+        usual = sorted(self._intervals)[len(self._intervals) // 2] if self._intervals else 1.0
+        step = min(gap, max(arrived - prev[1], 2.0 * usual))
+        self._intervals.append(step)
+        return step
+
     def feed(self, frame: Frame) -> tuple[list[Segment], Segment | None]:
         """Route one frame: (segments closed by it, the segment it joins or None)."""
         closed: list[Segment] = []
         key = self.config._key_fn(frame)
         t = self._time(frame)
         cur = self.current
+        if self.config.clock == "wall":
+            step = self._captured(frame, t)
+            if cur is not None:
+                cur.captured_since_key += step
+                if cur.captured_since_key >= self.config.timeout - 1e-9:
+                    closed.append(self._close("timeout"))
+                    cur = None
         if (
             cur is not None
             and self.config.max_duration is not None
@@ -306,6 +337,7 @@ class SegmenterState:
             cur.last_key_t = t
             cur.last_key_at = time.time()
             cur.last_key_mono = time.monotonic()
+            cur.captured_since_key = 0.0
         elif cur is None or not self.config.include_untagged:
             return closed, None
         cur.frames += 1
