@@ -27,6 +27,7 @@ from framepipe.errors import InvalidInputError
 from framepipe.server import execution_tokens
 from framepipe.server.guard import TOKEN_SUBPROTOCOL
 from test_server import Server, wait_status
+from waiting import wait_until
 
 TOKEN = "Wl7vS0d4bR2kQy9hXn3Jt6Pc1Fm8Ue5Ga-Zo_iLwKs"
 """The service's API token: random, as long as ``framepipe serve`` makes one."""
@@ -64,6 +65,19 @@ def recorded(ctx: StepContext) -> dict[str, Any]:
     return {"own": own, "named": [n.removeprefix("=") for n in ctx.inputs["names"]]}
 
 
+broken = Pipeline("tok_broken")
+
+
+@broken.step()
+def fails(ctx: StepContext) -> dict[str, Any]:
+    """Fails reading a file of the service's object store (once the file ``release`` exists,
+    when given): its error names the store's folder and its traceback the service's code."""
+    if "release" in ctx.inputs:
+        wait_until("the release file", Path(ctx.inputs["release"]).exists, 30, interval=0.02)
+    root = Path(ctx.objects.root)  # type: ignore[attr-defined]
+    return {"read": (root / "missing" / "file.bin").read_bytes().decode()}
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Tokens do not depend on the state backend: SQLite, one allowed front-end origin."""
@@ -78,7 +92,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[Server]:
-    with Server(settings, pipelines=(render, echo), token=TOKEN) as running:
+    with Server(settings, pipelines=(render, echo, broken), token=TOKEN) as running:
         yield running
 
 
@@ -87,6 +101,14 @@ def _run(client: httpx.Client, pipeline: str = "tok_render", **inputs: Any) -> s
     assert answer.status_code == 201, answer.text
     execution_id: str = answer.json()["id"]
     assert wait_status(client, execution_id)["status"] == "completed"
+    return execution_id
+
+
+def _run_to_end(client: httpx.Client, pipeline: str, **inputs: Any) -> str:
+    answer = client.post("/api/executions", json={"pipeline": pipeline, "inputs": inputs})
+    assert answer.status_code == 201, answer.text
+    execution_id: str = answer.json()["id"]
+    wait_status(client, execution_id)
     return execution_id
 
 
@@ -188,6 +210,62 @@ def test_data_naming_objects_outside_the_executions_folder_opens_none_of_them(
             assert answer.status_code == 403, (key, answer.status_code, answer.text)
             assert answer.content not in (b"upload", b"report")
             assert b"video of" not in answer.content
+
+
+def test_an_execution_token_sees_no_traceback_nor_the_services_paths(
+    server: Server, settings: Settings, tmp_path: Path
+) -> None:
+    """A browser reads its job's errors as their first line, without the traceback (the
+    service's code), the service's home or object store folder, the file its pipeline was
+    loaded from nor the process running it; the API token still reads them whole."""
+    home = str(settings.home.resolve())
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run_to_end(admin, "tok_broken")
+        whole = admin.get(f"/api/executions/{mine}").json()
+        assert "Traceback" in whole["steps"][0]["error"] and home in whole["steps"][0]["error"]
+        assert whole["pipeline_ref"] and whole["owner"]
+        failed_events = admin.get("/api/events", params={"execution_id": mine}).json()["events"]
+        assert any("traceback" in e["data"] for e in failed_events)
+        token = _token_for(admin, mine)
+    with httpx.Client(base_url=server.url, headers=_bearer(token), timeout=30) as browser:
+        shown = browser.get(f"/api/executions/{mine}").json()
+        assert shown["status"] == "failed" and shown["steps"][0]["status"] == "failed"
+        assert shown["steps"][0]["error"].startswith("FileNotFoundError: ")
+        assert "pipeline_ref" not in shown and "owner" not in shown
+        status = browser.get(f"/api/status/{mine}").json()
+        assert status["status"] == "failed" and "FileNotFoundError" in status["error"]
+        events = browser.get("/api/events", params={"execution_id": mine}).json()["events"]
+        assert any(e["type"] == "step.failed" for e in events)
+        live = _socket(server, token, mine)
+        assert isinstance(live, list) and live[0]["execution"]["id"] == mine
+    release = tmp_path / "release"  # a job failing while its browser watches it live
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        later = admin.post(
+            "/api/executions", json={"pipeline": "tok_broken", "inputs": {"release": str(release)}}
+        ).json()["id"]
+        later_token = _token_for(admin, later)
+    protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(later_token.encode()).decode()
+    with ws_connect(
+        f"ws://127.0.0.1:{server.port}/ws?execution_id={later}",
+        subprotocols=[protocol.rstrip("=")],
+        open_timeout=10,
+    ) as ws:
+        streamed = [json.loads(ws.recv(timeout=10))]  # the snapshot, then the live events
+        release.touch()
+        while not any(m.get("event", {}).get("type") == "step.failed" for m in streamed):
+            streamed.append(json.loads(ws.recv(timeout=10)))
+    for what, answer in {
+        "record": shown,
+        "status": status,
+        "events": events,
+        "snapshot": live,
+        "live events": streamed,
+    }.items():
+        text = json.dumps(answer)
+        assert "Traceback" not in text, what
+        assert home not in text and str(settings.home) not in text, what
+        assert whole["pipeline_ref"] not in text, what
+        assert whole["owner"] not in text, what
 
 
 def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None:

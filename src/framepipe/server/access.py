@@ -15,7 +15,12 @@ Guarantees:
   prefix guessed from the key; text a job records cannot open another's objects;
 * :func:`admit_live_socket` does the same for ``/ws``: an execution token is accepted with
   ``?execution_id=`` naming its execution by full id, and is refused (1008) without it, so
-  it never gets the snapshot of every execution.
+  it never gets the snapshot of every execution;
+* what an execution token reads of its execution (record, status, events, live feed) is
+  passed through :func:`shown_execution` and :func:`shown_event`: its errors without their
+  tracebacks (the service's code) and with the service's home and object store folders
+  hidden, and without the file its pipeline was loaded from nor the process running it. The
+  API token reads all of it.
 """
 
 from collections.abc import Callable, Iterator
@@ -30,6 +35,7 @@ from framepipe.server.state import ServiceState, service_state
 
 try:
     from fastapi import HTTPException, Request, WebSocket
+    from starlette.requests import HTTPConnection
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
@@ -39,6 +45,8 @@ __all__ = [
     "check_token",
     "open_to_execution_tokens",
     "output_keys",
+    "shown_event",
+    "shown_execution",
 ]
 
 Where = Literal["path", "query", "object"]
@@ -47,6 +55,14 @@ path or a query parameter, or an object key (a path parameter) that must be one 
 :func:`output_keys`."""
 
 _GRANT = "_framepipe_execution_token"
+_ADMITTED = "execution_grant"
+"""The name under a connection's ``state`` of the grant it was admitted with (an execution
+token's), absent for the API token."""
+_OPERATOR_ONLY = ("pipeline_ref", "owner")
+"""Fields of an execution record an execution token does not read: where the service loaded
+the pipeline's code from, and which of its processes runs it."""
+_TRACEBACK = "\n\nTraceback (most recent call last):"
+"""What follows an error's first line in a stored error (``framepipe.jobs.outcomes``)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,6 +114,50 @@ def output_keys(info: ExecutionInfo) -> frozenset[str]:
     )
 
 
+def _brief(error: Any, service: ServiceState) -> Any:
+    """An error text without its traceback, and without the service's own folders."""
+    if not isinstance(error, str):
+        return error
+    return service.public(error.partition(_TRACEBACK)[0])
+
+
+def _by_execution_token(connection: HTTPConnection) -> bool:
+    return getattr(connection.state, _ADMITTED, None) is not None
+
+
+def shown_execution(
+    connection: HTTPConnection, service: ServiceState, record: dict[str, Any]
+) -> dict[str, Any]:
+    """``record`` (an execution with its steps, or its status) as the client of
+    ``connection`` reads it: whole with the API token; for an execution token without
+    :data:`_OPERATOR_ONLY` and with its ``error`` and each step's cut to the first line,
+    the service's folders hidden (:meth:`ServiceState.public`)."""
+    if not _by_execution_token(connection):
+        return record
+    out = {k: v for k, v in record.items() if k not in _OPERATOR_ONLY}
+    if "error" in out:
+        out["error"] = _brief(out["error"], service)
+    if isinstance(out.get("steps"), list):
+        out["steps"] = [
+            {**step, "error": _brief(step.get("error"), service)} for step in out["steps"]
+        ]
+    return out
+
+
+def shown_event(
+    connection: HTTPConnection, service: ServiceState, event: dict[str, Any]
+) -> dict[str, Any]:
+    """``event`` (:meth:`Event.to_dict <framepipe.events.Event.to_dict>`) as the client of
+    ``connection`` reads it: whole with the API token; for an execution token without
+    ``data.traceback`` and with ``data.error`` cut as :func:`shown_execution` cuts errors."""
+    data = event.get("data")
+    if not _by_execution_token(connection) or not isinstance(data, dict):
+        return event
+    kept = {k: _brief(v, service) if k == "error" else v for k, v in data.items()}
+    kept.pop("traceback", None)
+    return {**event, "data": kept}
+
+
 def _unauthorized(detail: str = _UNAUTHORIZED) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
@@ -143,6 +203,7 @@ async def check_token(request: Request) -> None:
     except InvalidInputError as exc:
         raise _unauthorized(f"the execution token {exc.reason}") from None
     await _admit_grant(request, service, grant)
+    setattr(request.state, _ADMITTED, grant)
 
 
 async def admit_live_socket(
@@ -160,6 +221,9 @@ async def admit_live_socket(
             grant = execution_tokens.read(token, given)
         except InvalidInputError:
             return False
-        return execution_id.strip().lower() == grant.execution_id
+        if execution_id.strip().lower() != grant.execution_id:
+            return False
+        setattr(websocket.state, _ADMITTED, grant)
+        return True
 
     return await admit_websocket(websocket, token, also=granted)

@@ -32,7 +32,12 @@ from framepipe.errors import (
 )
 from framepipe.events import Event
 from framepipe.logs import get_logger
-from framepipe.server.access import admit_live_socket, open_to_execution_tokens
+from framepipe.server.access import (
+    admit_live_socket,
+    open_to_execution_tokens,
+    shown_event,
+    shown_execution,
+)
 from framepipe.server.params import ExecutionId, check_execution_id
 from framepipe.server.public import public_json
 from framepipe.server.routes.executions import summaries
@@ -40,7 +45,7 @@ from framepipe.server.state import Service, ServiceState
 from framepipe.untrusted import dumps
 
 try:
-    from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
+    from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
@@ -83,16 +88,19 @@ async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
 @open_to_execution_tokens("query", "execution_id")
 async def events_page(
     service: Service,
+    request: Request,
     execution_id: Annotated[ExecutionId | None, Query()] = None,
     after: Annotated[int, Query(ge=0, le=2**62)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> dict[str, Any]:
     """Stored events after id ``after``, oldest first; ``next`` is the id to pass next.
     ``execution_id`` (an id or a unique prefix, in any case, as the other routes take it)
-    keeps those of one execution; one that names no execution, or more than one, is a 404."""
+    keeps those of one execution; one that names no execution, or more than one, is a 404.
+    An execution token reads them as :func:`~framepipe.server.access.shown_event` says."""
     full_id = await _full_id(service, execution_id)
-    page = await service.jobs.events(full_id, after=after, limit=limit)
-    return page.to_dict()
+    page = (await service.jobs.events(full_id, after=after, limit=limit)).to_dict()
+    page["events"] = [shown_event(request, service, e) for e in page["events"]]
+    return page
 
 
 def pipeline_progress(event: Event) -> dict[str, Any]:
@@ -138,11 +146,15 @@ async def _full_id(service: ServiceState, execution_id: str | None) -> str | Non
     return (await service.jobs.get(execution_id, with_steps=False)).id
 
 
-async def _snapshot(service: ServiceState, execution_id: str | None) -> dict[str, Any]:
-    """What a subscriber gets first: its execution, or the newest 50 (summed up)."""
+async def _snapshot(
+    websocket: WebSocket, service: ServiceState, execution_id: str | None
+) -> dict[str, Any]:
+    """What a subscriber gets first: its execution (as its token reads it), or the newest 50
+    (summed up)."""
     if execution_id is None:
         return {"executions": summaries(await service.jobs.list(limit=50))}
-    return {"execution": (await service.jobs.get(execution_id)).to_dict()}
+    record = (await service.jobs.get(execution_id)).to_dict()
+    return {"execution": shown_execution(websocket, service, record)}
 
 
 async def _refuse(websocket: WebSocket, service: ServiceState, exc: FramepipeError) -> None:
@@ -159,7 +171,10 @@ async def _refuse(websocket: WebSocket, service: ServiceState, exc: FramepipeErr
 
 
 async def _relay(
-    websocket: WebSocket, stream: AsyncIterator[Event | None], first: dict[str, Any]
+    websocket: WebSocket,
+    service: ServiceState,
+    stream: AsyncIterator[Event | None],
+    first: dict[str, Any],
 ) -> None:
     """Send ``first`` (the snapshot), then each event of ``stream`` and its progress summary;
     raises :class:`_Stalled` when the connection stops taking them."""
@@ -171,7 +186,8 @@ async def _relay(
         if event is None:
             await _send(websocket, {"type": "lagged"})
             return
-        await _send(websocket, {"type": "event", "event": event.to_dict()})
+        shown = shown_event(websocket, service, event.to_dict())
+        await _send(websocket, {"type": "event", "event": shown})
         if event.type in ("step.progress", "step.completed", "execution.completed"):
             message = pipeline_progress(event)
             if message["progress"] is not None:
@@ -182,11 +198,14 @@ async def _relay(
 
 
 async def _forward(
-    websocket: WebSocket, stream: AsyncIterator[Event | None], first: dict[str, Any]
+    websocket: WebSocket,
+    service: ServiceState,
+    stream: AsyncIterator[Event | None],
+    first: dict[str, Any],
 ) -> None:
     """:func:`_relay`, ending (logged) when the connection stalls."""
     try:
-        await _relay(websocket, stream, first)
+        await _relay(websocket, service, stream, first)
     except _Stalled:
         _log.warning(
             "/ws: the subscriber at %s took no message for %gs (it stopped reading); it is cut off",
@@ -229,12 +248,16 @@ async def live(
     async with feed.subscribe(execution_id) as stream:
         after = feed.last_id
         try:
-            first = {"type": "snapshot", "after": after, **await _snapshot(service, execution_id)}
+            first = {
+                "type": "snapshot",
+                "after": after,
+                **await _snapshot(websocket, service, execution_id),
+            }
         except FramepipeError as exc:
             await _refuse(websocket, service, exc)
             return
 
-        sender = asyncio.create_task(_forward(websocket, stream, first))
+        sender = asyncio.create_task(_forward(websocket, service, stream, first))
         watcher = asyncio.create_task(_until_closed(websocket))
         try:
             await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)

@@ -15,13 +15,13 @@ from typing import Annotated, Any, Literal
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.client import ExecutionSummary
 from framepipe.server import execution_tokens
-from framepipe.server.access import open_to_execution_tokens
+from framepipe.server.access import open_to_execution_tokens, shown_execution
 from framepipe.server.execution_tokens import DEFAULT_LIFETIME, MAX_LIFETIME
 from framepipe.server.params import MAX_NAME, ExecutionId, PipelineName, StatusName
 from framepipe.server.state import Service
 
 try:
-    from fastapi import APIRouter, HTTPException, Query
+    from fastapi import APIRouter, HTTPException, Query, Request
     from pydantic import BaseModel, ConfigDict, Field
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
@@ -93,9 +93,12 @@ async def executions_list(
 
 @router.get("/executions/{execution_id}")
 @open_to_execution_tokens("path", "execution_id")
-async def executions_show(execution_id: ExecutionId, service: Service) -> dict[str, Any]:
-    """An execution (id or unique prefix) with its steps and data."""
-    return (await service.jobs.get(execution_id)).to_dict()
+async def executions_show(
+    execution_id: ExecutionId, service: Service, request: Request
+) -> dict[str, Any]:
+    """An execution (id or unique prefix) with its steps and data (to an execution token,
+    :func:`~framepipe.server.access.shown_execution`)."""
+    return shown_execution(request, service, (await service.jobs.get(execution_id)).to_dict())
 
 
 @router.post("/executions/{execution_id}/retry", status_code=202)

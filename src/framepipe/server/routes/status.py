@@ -32,12 +32,12 @@ from typing import Any
 
 from framepipe.errors import MissingDependencyError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
-from framepipe.server.access import open_to_execution_tokens
+from framepipe.server.access import open_to_execution_tokens, shown_execution
 from framepipe.server.params import ExecutionId
 from framepipe.server.state import Service
 
 try:
-    from fastapi import APIRouter
+    from fastapi import APIRouter, Request
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(exc.name or "fastapi", "server", "the HTTP service") from exc
 
@@ -118,9 +118,10 @@ def job_status(info: ExecutionInfo, last_event_at: float | None = None) -> dict[
 
 @router.get("/status/{job_id}")
 @open_to_execution_tokens("path", "job_id")
-async def status_show(job_id: ExecutionId, service: Service) -> dict[str, Any]:
+async def status_show(job_id: ExecutionId, service: Service, request: Request) -> dict[str, Any]:
     """An execution (id or unique prefix) in the job-status shape a polling frontend reads:
     jobId, status (queued, processing, completed, failed), progress (0-100), stage, error,
     resultPath, thumbnailPath, createdAt, updatedAt."""
     info = await service.jobs.get(job_id)
-    return job_status(info, await service.jobs.last_event_at(info.id))
+    status = job_status(info, await service.jobs.last_event_at(info.id))
+    return shown_execution(request, service, status)
