@@ -11,7 +11,10 @@ its own process connected to it, with and without a card in its reader.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 
 from conftest import need_modules
 from test_example_sd_import import (
+    EXAMPLE,
     CardMaker,
     Detector,
     ended,
@@ -126,3 +130,41 @@ def test_a_failed_copy_is_a_warning_in_the_detectors_log_not_copied(
     assert f"copied {kept}: ok" in said
     assert f"WARNING copy of {gone} failed (vanished): {gone} is no longer on the card" in said
     assert f"copied {gone}" not in said
+
+
+def test_a_wrong_token_or_backend_url_is_told_in_one_line(world: dict[str, Any]) -> None:
+    """What a first setup gets wrong: a token that is not the backend's, none at all, or the
+    backend's http:// address. Each ends the detector with one line that says what to fix, no
+    traceback."""
+    server = world["server"]
+    ws_url = f"{server.url.replace('http', 'ws')}/ws/detector"
+
+    def run(*args: str) -> tuple[int, str]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(EXAMPLE / "detector.py"),
+                "--watch",
+                str(world["watch"]),
+                "--shared",
+                str(world["shared"]),
+                *args,
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={k: v for k, v in os.environ.items() if k != "FRAMEPIPE_API_TOKEN"},
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        return done.returncode, done.stderr
+
+    code, said = run("--backend", ws_url, "--token", "not-the-backends-token")
+    assert code == 1
+    assert "the token is not the backend's FRAMEPIPE_API_TOKEN" in said
+    code, said = run("--backend", ws_url)
+    assert code == 1
+    assert "no token was given (--token, FRAMEPIPE_API_TOKEN)" in said
+    code, said = run("--backend", f"{server.url}/ws/detector", "--token", "x" * 20)
+    assert code == 2
+    assert "give the backend's detector WebSocket, ws://HOST:PORT/ws/detector" in said

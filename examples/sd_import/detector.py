@@ -506,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.watch and not args.card:
         parser.error("give --watch DIR and/or --card DIR")
+    if not args.backend.lower().startswith(("ws://", "wss://")):
+        parser.error(
+            f"--backend {args.backend!r}: give the backend's detector WebSocket, "
+            "ws://HOST:PORT/ws/detector (wss:// behind TLS)"
+        )
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -537,7 +542,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except InvalidStatus as exc:
-        log.error("the backend refused the connection: %s", exc)  # noqa: TRY400
+        code = exc.response.status_code
+        endpoint = f"or {safe_url(args.backend)} is not its detector WebSocket (/ws/detector)"
+        if not args.token:
+            why = f"no token was given (--token, FRAMEPIPE_API_TOKEN), {endpoint}"
+        elif code in (401, 403):
+            why = f"the token is not the backend's FRAMEPIPE_API_TOKEN, {endpoint}"
+        else:
+            why = f"{safe_url(args.backend)} is not the backend's detector WebSocket"
+        log.error("the backend refused the connection (HTTP %d): %s", code, why)  # noqa: TRY400
         return 1
     return 0
 
