@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from framepipe import Pipeline, StepContext
@@ -369,6 +371,48 @@ def test_the_live_feed_takes_an_execution_token_for_its_execution_only(server: S
     expired = execution_tokens.mint(TOKEN, mine, lifetime=1, now=time.time() - 2)
     assert _socket(server, expired, mine) in REFUSED
     assert _socket(server, token, mine, path="/ws/detector") in REFUSED  # not a detector
+
+
+def _close_within(ws: ClientConnection, seconds: float) -> Close | None:
+    """The close frame ``ws`` receives within ``seconds`` (reading what comes before it), or
+    None when it is still open then."""
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            ws.recv(timeout=left)
+    except ConnectionClosed as exc:
+        return exc.rcvd
+    except TimeoutError:
+        pass
+    return None
+
+
+def test_the_live_feed_of_an_execution_token_ends_when_it_expires(server: Server) -> None:
+    """A socket admitted with an execution token is closed (1008) at the token's expiry, so
+    a token that expires does not keep feeding a browser for as long as it stays connected;
+    one admitted with the API token stays open."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+    token = execution_tokens.mint(TOKEN, mine, lifetime=2)
+    protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(token.encode()).decode()
+    admin_protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(TOKEN.encode()).decode()
+    with (
+        ws_connect(
+            f"ws://127.0.0.1:{server.port}/ws?execution_id={mine}",
+            subprotocols=[protocol.rstrip("=")],
+            open_timeout=10,
+        ) as browser,
+        ws_connect(
+            f"ws://127.0.0.1:{server.port}/ws?execution_id={mine}",
+            subprotocols=[admin_protocol.rstrip("=")],
+            open_timeout=10,
+        ) as operator,
+    ):
+        assert json.loads(browser.recv(timeout=10))["type"] == "snapshot"
+        assert json.loads(operator.recv(timeout=10))["type"] == "snapshot"
+        closed = _close_within(browser, 10)
+        assert closed is not None and closed.code == 1008 and "expired" in closed.reason
+        assert _close_within(operator, 1) is None  # still open, waiting for events
 
 
 def test_the_browser_checks_and_cors_apply_to_an_execution_token(server: Server) -> None:

@@ -15,7 +15,8 @@ Guarantees:
   prefix guessed from the key; text a job records cannot open another's objects;
 * :func:`admit_live_socket` does the same for ``/ws``: an execution token is accepted with
   ``?execution_id=`` naming its execution by full id, and is refused (1008) without it, so
-  it never gets the snapshot of every execution;
+  it never gets the snapshot of every execution, and a socket it opened ends when it
+  expires (:func:`admitted_until`);
 * what an execution token reads of its execution (record, status, events, live feed) is
   passed through :func:`shown_execution` and :func:`shown_event`: its errors without their
   tracebacks (the service's code) and with the service's home and object store folders
@@ -42,6 +43,7 @@ except ModuleNotFoundError as exc:
 __all__ = [
     "Where",
     "admit_live_socket",
+    "admitted_until",
     "check_token",
     "open_to_execution_tokens",
     "output_keys",
@@ -123,6 +125,13 @@ def _brief(error: Any, service: ServiceState) -> Any:
 
 def _by_execution_token(connection: HTTPConnection) -> bool:
     return getattr(connection.state, _ADMITTED, None) is not None
+
+
+def admitted_until(connection: HTTPConnection) -> int | None:
+    """When what ``connection`` was admitted with expires (unix seconds): its execution
+    token's expiry, or None for the API token (or none needed)."""
+    grant: ExecutionGrant | None = getattr(connection.state, _ADMITTED, None)
+    return None if grant is None else grant.expires_at
 
 
 def shown_execution(

@@ -6,7 +6,8 @@ HTTP).
 
 Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008;
 an execution token is accepted for its own ``?execution_id=`` only,
-:func:`~framepipe.server.access.admit_live_socket`); a
+:func:`~framepipe.server.access.admit_live_socket`, and the socket is closed with 1008 when
+it expires); a
 subscriber gets the current state first (``snapshot``), then every event committed after it, in
 order; one that falls too far behind is told so (``lagged``) and closed, to reconnect; one
 whose connection takes no message for :data:`STALL_TIMEOUT` seconds (a client that stopped
@@ -21,6 +22,7 @@ be an id, checked as over HTTP by :mod:`framepipe.server.params`, or that names 
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -34,6 +36,7 @@ from framepipe.events import Event
 from framepipe.logs import get_logger
 from framepipe.server.access import (
     admit_live_socket,
+    admitted_until,
     open_to_execution_tokens,
     shown_event,
     shown_execution,
@@ -214,6 +217,16 @@ async def _forward(
         )
 
 
+async def _until_expired(websocket: WebSocket) -> None:
+    """Return when the execution token ``websocket`` was admitted with expires (never for
+    the API token)."""
+    until = admitted_until(websocket)
+    if until is None:
+        await asyncio.Event().wait()
+    else:
+        await asyncio.sleep(max(0.0, until - time.time()))
+
+
 async def _until_closed(websocket: WebSocket) -> None:
     """Return when the client goes away (or the server shuts down): the client sends nothing,
     so an idle subscription never holds the server up."""
@@ -259,14 +272,22 @@ async def live(
 
         sender = asyncio.create_task(_forward(websocket, service, stream, first))
         watcher = asyncio.create_task(_until_closed(websocket))
+        expiry = asyncio.create_task(_until_expired(websocket))
+        tasks = (sender, watcher, expiry)
         try:
-            await asyncio.wait([sender, watcher], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sender, watcher):
+            for task in tasks:
                 task.cancel()
-            for task in (sender, watcher):
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await task
+    expired = expiry.done() and not expiry.cancelled()
+    closing = (
+        websocket.close(code=1008, reason="the execution token has expired")
+        if expired
+        else websocket.close()
+    )
     # The subscription has ended; a stalled connection may not take the close frame either.
     with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
-        await asyncio.wait_for(websocket.close(), STALL_TIMEOUT)
+        await asyncio.wait_for(closing, STALL_TIMEOUT)
