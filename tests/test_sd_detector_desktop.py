@@ -126,10 +126,14 @@ def test_a_failed_copy_is_a_warning_in_the_detectors_log_not_copied(
         (mounted / gone).unlink()  # listed, then gone before its copy (videos copy last)
         done = wait_for("the import", lambda: ended(client, "VANISH"), detector=detector)
         assert done["data"]["summary"]["bookings"]["B9401"]["missing"] == [gone]
+        wait_for("the final status", lambda: "needs_attention" in log.read_text())
     said = log.read_text()
     assert f"copied {kept}: ok" in said
     assert f"WARNING copy of {gone} failed (vanished): {gone} is no longer on the card" in said
     assert f"copied {gone}" not in said
+    # The final status names each problem, so the reader's operator sees it without a browser.
+    card_id = done["data"]["summary"]["card_id"]
+    assert f"WARNING card {card_id}: {gone}: vanished from the card before it was copied" in said
 
 
 def test_a_wrong_token_or_backend_url_is_told_in_one_line(world: dict[str, Any]) -> None:

@@ -353,12 +353,22 @@ class Detector:
             for card in self.cards.values():
                 if card.session_id == message.get("session_id"):
                     card.acknowledged = True
+            card_name = message.get("card_id") or message.get("session_id")
             log.info(
                 "status of %s: %s %s",
-                message.get("card_id") or message.get("session_id"),
+                card_name,
                 message.get("state"),
                 message.get("execution_id", ""),
             )
+            summary = message.get("summary")
+            if isinstance(summary, dict):  # the import ended: what needs a person, one line each
+                for problem in summary.get("problems") or []:
+                    log.warning("card %s: %s", card_name, problem)
+                for held in summary.get("held") or []:
+                    if isinstance(held, dict):
+                        log.warning(
+                            "card %s: %s held: %s", card_name, held.get("path"), held.get("reason")
+                        )
         elif kind == "error":
             log.warning("backend: %s", message.get("detail"))
         elif kind != "detector:welcome":
