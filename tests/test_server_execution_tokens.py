@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,6 +269,55 @@ def test_an_execution_token_sees_no_traceback_nor_the_services_paths(
         assert home not in text and str(settings.home) not in text, what
         assert whole["pipeline_ref"] not in text, what
         assert whole["owner"] not in text, what
+
+
+OPEN_TO_EXECUTION_TOKENS = {
+    ("GET", "/api/executions/{execution_id}"),
+    ("GET", "/api/status/{job_id}"),
+    ("GET", "/api/events"),
+    ("GET", "/api/objects/{key}"),
+}
+"""Every route of the API's schema an execution token opens (besides ``/health``)."""
+
+
+def test_every_other_route_refuses_an_execution_token(server: Server) -> None:
+    """Each route and method of the API's schema, with every parameter naming the token's
+    own execution: the four routes above answer the token, every other refuses it (403) and
+    refuses a client without the API token (401), as before execution tokens existed."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+        token = _token_for(admin, mine)
+        paths = admin.get("/openapi.json").json()["paths"]
+    assert len(paths) > 15
+    seen = set()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for template, operations in paths.items():
+            path = template.replace("{key}", f"results/{mine}/output.mp4")
+            path = re.sub(r"\{[a-z_]+\}", mine, path)
+            for method in (m.upper() for m in operations):
+                query = {"execution_id": mine} if template == "/api/events" else None
+                answers = {
+                    who: client.request(
+                        method,
+                        path,
+                        params=query,
+                        headers={**headers, "Content-Type": "application/json"},
+                    ).status_code
+                    for who, headers in (
+                        ("nobody", {}),
+                        ("a forged token", _bearer(f"fpx1.{token.split('.')[1]}.AAAA")),
+                        ("the execution token", _bearer(token)),
+                    )
+                }
+                if template == "/health":
+                    continue
+                if (method, template) in OPEN_TO_EXECUTION_TOKENS:
+                    seen.add((method, template))
+                    assert answers["the execution token"] == 200, (method, template, answers)
+                else:
+                    assert answers["the execution token"] == 403, (method, template, answers)
+                assert answers["nobody"] == answers["a forged token"] == 401, (template, answers)
+    assert seen == OPEN_TO_EXECUTION_TOKENS
 
 
 def test_an_expired_or_forged_execution_token_is_refused(server: Server) -> None:
