@@ -16,7 +16,7 @@ expiry (``x``, unix seconds); ``signature`` is the base64url of HMAC-SHA256 over
   payload says, then the scope and the expiry; a token that fails any of these is refused
   with :class:`~framepipe.errors.InvalidInputError` saying which (never the token itself).
 
-Which requests a token opens is :mod:`framepipe.server.execution_access`'s rule. This module
+Which requests a token opens is :mod:`framepipe.server.access`'s rule. This module
 uses the standard library only, so a backend can mint tokens without the ``server`` extra.
 """
 
