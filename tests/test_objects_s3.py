@@ -599,6 +599,41 @@ def test_an_s3_url_s_timeouts_are_checked(query: str, message: str) -> None:
         open_object_store(f"s3://bucket?endpoint=http://127.0.0.1:9&{query}")
 
 
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_max_attempts_counts_every_attempt(aws_env: None, attempts: int) -> None:
+    """``max_attempts`` is the number of tries in all, as its name says (botocore's own
+    ``max_attempts`` counts retries: 3 made 4 tries). A server that accepts and never answers
+    is asked exactly that many times."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = hung.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with pytest.raises(ObjectStoreError):
+            S3ObjectStore(
+                "frames",
+                endpoint_url=f"http://127.0.0.1:{hung.getsockname()[1]}",
+                connect_timeout=1,
+                read_timeout=0.3,
+                max_attempts=attempts,
+            )
+        assert len(accepted) == attempts
+    finally:
+        hung.close()
+        for conn in accepted:
+            conn.close()
+
+
 @pytest.mark.slow  # an S3 server of its own, frozen
 def test_the_url_s_timeouts_bound_how_long_a_frozen_server_holds_a_put(
     tmp_path: Path, aws_env: None

@@ -113,10 +113,12 @@ class S3ObjectStore(ObjectStore):
     ``create_bucket=True`` creates a missing bucket instead of failing. Objects of at least
     ``multipart_threshold`` bytes are uploaded, downloaded and copied in parts of that size.
     Each request times out after ``connect_timeout``/``read_timeout`` seconds and is tried up
-    to ``max_attempts`` times (botocore's standard retry mode: throttling, 5xx, connection
-    errors). Invalid arguments raise :class:`ConfigError` (also an endpoint carrying a user, a
-    password or a secret query value, shown masked); a missing bucket, rejected
-    credentials or an unreachable endpoint raise :class:`ObjectStoreError` at construction.
+    to ``max_attempts`` times in all (botocore's standard retry mode: throttling, 5xx,
+    connection errors); an upload also waits up to 1 s for the server's ``100 Continue``
+    before it sends its body. Invalid arguments raise :class:`ConfigError` (also an endpoint
+    carrying a user, a password or a secret query value, shown masked); a missing bucket,
+    rejected credentials or an unreachable endpoint raise :class:`ObjectStoreError` at
+    construction.
     """
 
     def __init__(
@@ -168,7 +170,8 @@ class S3ObjectStore(ObjectStore):
             config = boto.Config(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"max_attempts": max_attempts, "mode": "standard"},
+                # botocore's own "max_attempts" counts retries (3 makes 4 tries)
+                retries={"total_max_attempts": max_attempts, "mode": "standard"},
                 max_pool_connections=_POOL_CONNECTIONS,
                 # S3-compatible servers (MinIO, a loopback test server) take bucket-in-path
                 s3={"addressing_style": "path"} if endpoint_url else None,

@@ -85,10 +85,11 @@ def parse_s3_url(url: str) -> S3Location:
     """``s3://bucket[/prefix][?endpoint=URL&region=NAME&create=1]`` read and checked without
     contacting anything (boto3 need not be installed). ``connect_timeout`` and
     ``read_timeout`` (seconds, 5 and 60 by default) and ``max_attempts`` (3) set how long a
-    request may wait and how often it is tried: a frozen server holds a put for
-    ``read_timeout x max_attempts``. A URL that is wrong (credentials in it, no bucket, an
-    unknown or repeated option, a bad ``create`` or number, a bucket name, prefix or endpoint
-    no store can have) raises :class:`ConfigError` naming the wrong part, the URL shown by
+    request may wait and how often it is tried in all: a frozen server holds a put for
+    ``(read_timeout + 1 s) x max_attempts`` (the second waits for its ``100 Continue``). A
+    URL that is wrong (credentials in it, no bucket, an unknown or repeated option, a bad
+    ``create`` or number, a bucket name, prefix or endpoint no store can have) raises
+    :class:`ConfigError` naming the wrong part, the URL shown by
     :func:`~framepipe.urls.safe_url`."""
     parts = urllib.parse.urlsplit(url)
     shown = f"object store URL {safe_url(url)!r}"
