@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from framepipe.errors import BrokerError
+from framepipe.errors import BrokerError, ConfigError
 from framepipe.jobs.delivery import Backlog, Delivery, open_delivery
 from redis_servers import PrivateRedis, running
 
@@ -72,3 +72,22 @@ def test_a_stream_whose_group_is_gone_counts_what_waits_in_it(
         assert d.backlog() == Backlog(4, 0)
     finally:
         d.close()
+
+
+def test_an_acl_user_refused_the_stream_commands_fails_a_start_as_a_setting(
+    tmp_path: Path,
+) -> None:
+    # A worker's start (prepare) under an ACL without XGROUP: a ConfigError (the worker exits
+    # 2, naming the user and the stream), not a broker that is away, retried for ever.
+    with running(PrivateRedis(tmp_path, password="right-secret", user="fp")) as server:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.acl_setuser("fp", enabled=True, commands=["-xgroup"])
+        d = open_delivery(server.url, "fp-acl", timeout=5.0)
+        try:
+            with pytest.raises(ConfigError) as caught:
+                d.prepare()
+            said = str(caught.value)
+            assert "'fp'" in said and "fp-acl:jobs:steps" in said and "xgroup" in said.lower()
+            assert "right-secret" not in said
+        finally:
+            d.close()

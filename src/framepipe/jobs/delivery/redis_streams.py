@@ -18,8 +18,9 @@ which no retry mends. Once one has, it is a :class:`~framepipe.errors.BrokerErro
 the credentials are refused (the worker retries it as it retries a lost broker: the password
 may be set back on the server), logged once at error level when Redis starts refusing them,
 and once at info level when it accepts them again. Redis refusing a command to the user (an
-ACL without it: ``NOPERM``) is a :class:`~framepipe.errors.BrokerError` naming the user, the
-stream and what Redis said, never taken for an empty stream.
+ACL without it: ``NOPERM``) names the user, the stream and what Redis said, and is never
+taken for an empty stream: a :class:`~framepipe.errors.ConfigError` until a command has gone
+through, a :class:`~framepipe.errors.BrokerError` after.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from framepipe.errors import BrokerError, FramepipeError, MissingDependencyError
+from framepipe.errors import BrokerError, ConfigError, FramepipeError, MissingDependencyError
 
 try:
     import redis
@@ -94,13 +95,16 @@ class RedisStreamsDelivery(StepDelivery):
     def _wrap(self, exc: redis.RedisError, what: str) -> FramepipeError:
         if isinstance(exc, redis.exceptions.NoPermissionError):
             user = urlsplit(self.url).username or "default"
-            return BrokerError(
+            text = (
                 f"job broker {self.safe_url}: {what} failed: Redis refuses user {user!r} a "
                 f"command on key {self.stream!r} ({exc}): its ACL must allow the stream "
                 "commands (XADD, XREADGROUP, XACK, XDEL, XAUTOCLAIM, XGROUP, XINFO, XLEN, "
-                "EVAL) on the job broker's keys",
-                url=self.safe_url,
+                "EVAL) on the job broker's keys"
             )
+            with self._lock:
+                answered = self._answered
+            # At a start it is a setting to fix; later the ACL may be put back as it was.
+            return BrokerError(text, url=self.safe_url) if answered else ConfigError(text)
         if not denied(exc):
             return BrokerError(
                 f"job broker {self.safe_url}: {what} failed: {exc}", url=self.safe_url
