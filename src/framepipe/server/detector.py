@@ -594,8 +594,10 @@ class DetectorHub:
         kind: str,
     ) -> bool:
         """Whether ``conn`` may send a ``kind`` message about ``session_id``: it owns the
-        session, or claims it now (an ``end`` claims nothing). A refusal is sent back."""
-        if role == "end":
+        session, or claims it now. An ``end`` claims nothing, nor does an answer or a progress
+        report about a session that is not open (one that ended: a late answer to a request
+        of a removed card does not bring the session back). A refusal is sent back."""
+        if role == "end" or (role in ("answer", "progress") and session_id not in self._sessions):
             owner = self._owners.get(session_id)
             problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
         else:
