@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,21 +27,17 @@ from test_example_sd_import import (
     ended,
     insert,
     ledger_paths,
-    running_world,
-    sd_settings,
+    sqlite_settings,
     wait_for,
+    world,
 )
 from test_server import AUTH
+
+__all__ = ["sqlite_settings", "world"]  # the fixtures, shared with the example's tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the SD-import example end to end
 
 need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    with running_world(tmp_path, sd_settings(tmp_path)) as running:
-        yield running
 
 
 def test_a_file_that_is_no_video_is_reported_and_the_rest_of_the_card_imports(

@@ -16,8 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,21 +29,17 @@ from test_example_sd_import import (
     ended,
     imports_of,
     insert,
-    running_world,
-    sd_settings,
+    sqlite_settings,
     wait_for,
+    world,
 )
 from test_server import AUTH
+
+__all__ = ["sqlite_settings", "world"]  # the fixtures, shared with the example's tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # slow: the detector as a process
 
 need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    with running_world(tmp_path, sd_settings(tmp_path)) as running:
-        yield running
 
 
 @pytest.mark.parametrize("with_card", [False, True])

@@ -13,8 +13,6 @@ clips encoded with PyAV and QR codes from segno.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,21 +24,17 @@ from test_example_sd_import import (
     Detector,
     ended,
     insert,
-    running_world,
-    sd_settings,
+    sqlite_settings,
     wait_for,
+    world,
 )
 from test_server import AUTH
+
+__all__ = ["sqlite_settings", "world"]  # the fixtures, shared with the example's tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the SD-import example end to end
 
 need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    with running_world(tmp_path, sd_settings(tmp_path)) as running:
-        yield running
 
 
 def test_the_progress_bar_counts_the_videos_from_the_plan_on(world: dict[str, Any]) -> None:

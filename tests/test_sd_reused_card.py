@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,13 @@ from test_example_sd_import import (
     insert,
     jump_clip,
     ledger_paths,
-    running_world,
-    sd_settings,
+    sqlite_settings,
     wait_for,
+    world,
 )
 from test_server import AUTH
+
+__all__ = ["sqlite_settings", "world"]  # the fixtures, shared with the example's tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # slow: the SD-import example end to end
 
@@ -50,12 +51,6 @@ need_modules("segno", "zxingcpp", install="pip install 'framepipe[qr]' segno")
 
 sys.path.insert(0, str(EXAMPLE))
 from retention import RENDERED  # noqa: E402  (examples/sd_import/retention.py)
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    with running_world(tmp_path, sd_settings(tmp_path)) as running:
-        yield running
 
 
 def shared_files(shared: Path) -> dict[str, os.stat_result]:
