@@ -148,6 +148,14 @@ def redis_namespace(prefix: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def ns() -> Iterator[str]:
+    """A fresh namespace on the real Redis (``fptest:<random>``); its keys are deleted
+    afterwards."""
+    with redis_namespace("fptest:") as namespace:
+        yield namespace
+
+
+@pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A redis-server of the test's own (tests/redis_servers.py), without persistence or a
     password, started; stopped afterwards."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 pytest.importorskip("redis")
 
@@ -23,13 +22,6 @@ from framepipe.processors import ProcessorClient, ProcessorRegistry
 from test_fleet_recovery import in_process
 from test_fleet_replies import dropped, entry, serving
 from waiting import wait_until_async
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 class Late(ProcessorClient):

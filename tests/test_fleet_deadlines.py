@@ -11,13 +11,12 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 
@@ -29,13 +28,6 @@ from framepipe.redis.connection import connect  # noqa: E402
 from waiting import free_port, wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 @pytest.fixture

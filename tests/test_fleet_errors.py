@@ -18,12 +18,11 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 
@@ -35,12 +34,6 @@ from framepipe.processors.fleet.shown import loggable  # noqa: E402
 from test_processors_remote import Detector, make_frame, serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def raised_lines(logs: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

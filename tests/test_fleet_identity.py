@@ -13,12 +13,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 redis_async = pytest.importorskip("redis.asyncio")
@@ -29,12 +28,6 @@ from test_processors_remote import Detector, ProcessorProcess, make_frame, servi
 from waiting import wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def registered(ns: str, processor_id: str) -> dict[bytes, bytes]:

@@ -8,11 +8,10 @@ time, then the circuit opened); at start, the processor refuses such a result st
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 
@@ -21,12 +20,6 @@ from framepipe.processors import ProcessorRegistry  # noqa: E402
 from test_processors_remote import Detector, make_frame, serving  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def test_a_result_the_result_stream_rejects_is_answered_as_an_output_error(ns: str) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 
@@ -32,13 +31,6 @@ from framepipe.redis.wire import Wire  # noqa: E402
 from waiting import free_port, wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 @pytest.fixture

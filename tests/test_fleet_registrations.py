@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 import pytest
 
-from conftest import REDIS_URL, redis_namespace
+from conftest import REDIS_URL
 
 redis_sync = pytest.importorskip("redis")
 
@@ -23,12 +22,6 @@ from test_processors_remote import Detector, make_frame, serving  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def warnings_naming(logs: pytest.LogCaptureFixture, key: str) -> list[str]:

@@ -15,7 +15,7 @@ import contextlib
 import json
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import numpy as np
@@ -45,13 +45,6 @@ from test_fleet_recovery import in_process  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
 
 JPEG = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def entry(frame_id: str, n: int) -> dict[str, Any]:

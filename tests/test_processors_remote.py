@@ -18,14 +18,14 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import IN_CI, REDIS_URL, redis_namespace
+from conftest import IN_CI, REDIS_URL
 
 try:
     import redis as redis_sync
@@ -65,13 +65,6 @@ FAST = Backoff(0.05, 2.0, 0.5, 0.1)
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    """A fresh namespace on the real Redis; its keys are deleted afterwards."""
-    with redis_namespace("fptest:") as namespace:
-        yield namespace
 
 
 def sync_redis(url: str = REDIS_URL) -> redis_sync.Redis:
