@@ -35,7 +35,9 @@ and the import asks for its next copies through the session it last used (a dete
 restarted meanwhile announces the card anew, and the import then uses that session). An
 import that cannot go on (its card was removed while the backend was down) fails its copies
 and is resumed by the card's next insertion, as above. ``failed`` imports are not resumed at
-start: they stopped for a reason the log names.
+start: they stopped for a reason the log names. An import that fails or is cancelled is told to
+its card's detector (``sd:status`` ``failed``/``cancelled`` with the error,
+:func:`tell_ended_badly`), which logs it for the person at the reader.
 
 Local files: the handler submits each import with ``input_roots`` = the shared folder (and
 the folders of an ``intro`` or ``splash`` given as local paths in ``extra_inputs``), so its
@@ -81,6 +83,7 @@ from framepipe.jobs.client import ExecutionSummary
 from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
+from framepipe.jobs.records import newest_event_id
 from framepipe.logs import get_logger
 from framepipe.server import create_app
 from framepipe.server.detector import DetectorHub, DetectorMessage
@@ -150,6 +153,56 @@ async def resume_interrupted(jobs: JobClient, pipeline: Pipeline, locks: CardLoc
         _log.info("import %s of card %s was left interrupted; resumed", row.id, card)
         resumed.append(row.id)
     return resumed
+
+
+_ENDED_BADLY = {"execution.failed": "failed", "execution.cancelled": "cancelled"}
+
+
+async def tell_ended_badly(
+    jobs: JobClient, hub: DetectorHub, pipeline: Pipeline, *, poll: float = 1.0
+) -> None:
+    """Tell each card's detector when an import of ``pipeline`` fails or is cancelled
+    (``sd:status`` ``failed`` or ``cancelled``, with its execution id and error), through the
+    session it last used: the ``summary`` step that tells it otherwise never runs, and the
+    person at the reader would see nothing. Reads the stored events from now on, whoever ran
+    the import (this backend or a worker); a detector that is gone is not told (a notice)."""
+    after = await asyncio.to_thread(newest_event_id, jobs.store)
+    while True:
+        page = await jobs.events(after=after, limit=1000)
+        after = page.next
+        for event in page:
+            state = _ENDED_BADLY.get(event.type)
+            if state is None or event.execution_id is None:
+                continue
+            try:
+                info = await jobs.get(event.execution_id, with_steps=False)
+                if info.pipeline != pipeline.name:
+                    continue
+                seen = await asyncio.to_thread(Ledger(jobs.store, SESSIONS).get, info.id)
+                session = (seen.meta if seen else {}).get("session_id") or info.inputs.get(
+                    "session_id"
+                )
+                told = isinstance(session, str) and await hub.send(
+                    session,
+                    {
+                        "type": "sd:status",
+                        "card_id": info.inputs.get("card_id"),
+                        "state": state,
+                        "execution_id": info.id,
+                        "error": info.error,
+                    },
+                )
+            except FramepipeError as exc:
+                _log.info("the end of import %s not told: %s", event.execution_id, exc)
+                continue
+            if not told:
+                _log.info(
+                    "the end of import %s (%s) not told: its detector is not connected",
+                    info.id,
+                    state,
+                )
+        if len(page) < 1000:
+            await asyncio.sleep(poll)
 
 
 def parse_size(text: str) -> int:
@@ -316,12 +369,14 @@ def build_app(
         async with serve(app_):
             running = app.state.service.running
             resuming = asyncio.create_task(resume_interrupted(running.jobs, pipeline, locks))
+            telling = asyncio.create_task(tell_ended_badly(running.jobs, hub, pipeline))
             try:
                 yield
             finally:
-                resuming.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await resuming
+                for task in (resuming, telling):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     app.router.lifespan_context = lifespan
     return app

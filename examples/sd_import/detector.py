@@ -360,6 +360,14 @@ class Detector:
                 message.get("state"),
                 message.get("execution_id", ""),
             )
+            if message.get("state") in ("failed", "cancelled"):
+                log.warning(
+                    "card %s: the import %s %s: %s; insert the card again to resume it",
+                    card_name,
+                    message.get("execution_id", ""),
+                    message.get("state"),
+                    message.get("error") or "no reason given",
+                )
             summary = message.get("summary")
             if isinstance(summary, dict):  # the import ended: what needs a person, one line each
                 for problem in summary.get("problems") or []:
