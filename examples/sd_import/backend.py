@@ -83,7 +83,6 @@ from framepipe.jobs.client import ExecutionSummary
 from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.loading import load_pipeline
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import newest_event_id
 from framepipe.logs import get_logger
 from framepipe.server import create_app
 from framepipe.server.detector import DetectorHub, DetectorMessage
@@ -166,7 +165,7 @@ async def tell_ended_badly(
     session it last used: the ``summary`` step that tells it otherwise never runs, and the
     person at the reader would see nothing. Reads the stored events from now on, whoever ran
     the import (this backend or a worker); a detector that is gone is not told (a notice)."""
-    after = await asyncio.to_thread(newest_event_id, jobs.store)
+    after = await jobs.newest_event_id()
     while True:
         page = await jobs.events(after=after, limit=1000)
         after = page.next

@@ -504,6 +504,12 @@ class JobClient:
         )
         return EventPage(found, (found[-1].id or after) if found else after)
 
+    async def newest_event_id(self) -> int:
+        """The id of the newest stored event (0: none): ``events(after=...)`` with it reads
+        only what is stored from now on."""
+        self._check_open()
+        return await self._db(records.newest_event_id, self.store)
+
     async def watch(
         self, execution_id: str, *, after: int = 0, poll_interval: float = 0.1
     ) -> AsyncIterator[Event]:
