@@ -123,6 +123,12 @@ def _brief(error: Any, service: ServiceState) -> Any:
     return service.public(error.partition(_TRACEBACK)[0])
 
 
+def _names(grant: ExecutionGrant, named: object) -> bool:
+    """Whether ``named`` (an id as a request gives it) is ``grant``'s execution: its full id,
+    in any case; a prefix, another id or none is not."""
+    return isinstance(named, str) and named.strip().lower() == grant.execution_id
+
+
 def _by_execution_token(connection: HTTPConnection) -> bool:
     return getattr(connection.state, _ADMITTED, None) is not None
 
@@ -191,7 +197,7 @@ async def _admit_grant(request: Request, service: ServiceState, grant: Execution
             raise _forbidden(grant, "an object that is not one of its outputs")
         return
     named = (request.path_params if where == "path" else request.query_params).get(name)
-    if not isinstance(named, str) or named.strip().lower() != grant.execution_id:
+    if not _names(grant, named):
         raise _forbidden(grant, "another execution, or every execution")
 
 
@@ -224,13 +230,13 @@ async def admit_live_socket(
     token = service.token
 
     def granted(given: str | None) -> bool:
-        if not token or given is None or execution_id is None or not is_execution_token(given):
+        if not token or given is None:
             return False
         try:
             grant = execution_tokens.read(token, given)
         except InvalidInputError:
             return False
-        if execution_id.strip().lower() != grant.execution_id:
+        if not _names(grant, execution_id):
             return False
         setattr(websocket.state, _ADMITTED, grant)
         return True
