@@ -10,6 +10,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from subprocess import Popen
 
 import pytest
 import sqlalchemy as sa
@@ -52,6 +53,36 @@ def test_a_killed_worker_is_no_longer_counted_running(
     assert survivor.poll() is None
 
 
+def _busy_step_started(cluster: Cluster, *, seconds: float) -> tuple[Popen[bytes], str]:
+    """A worker, and an execution whose one step (``busy``, reporting every 50 ms for
+    ``seconds``) has started on it."""
+    first = cluster.worker()
+    cluster.wait_registered(first)
+    execution_id = cluster.submit(wp.reporting, seconds=seconds)
+    wait_until(
+        "the step to start", lambda: ["start", "busy", "1", str(first.pid)] in cluster.runs_log()
+    )
+    return first, execution_id
+
+
+def _attempt_1_stopped(cluster: Cluster, first: Popen[bytes], timeout: float = 30.0) -> None:
+    wait_until(
+        "attempt 1 to be stopped",
+        lambda: ["stopped", "busy", "1", str(first.pid)] in cluster.runs_log(),
+        timeout,
+        explain=lambda: cluster.log(1)[-2000:],
+    )
+
+
+def _times_said(cluster: Cluster, execution_id: str) -> int:
+    """How often the first worker's log says attempt 1 of ``busy`` was taken from it."""
+    said = re.compile(
+        rf"lost the lease of step busy of {execution_id[:8]} \(attempt 1\)"
+        rf"|step busy of {execution_id[:8]} attempt 1 no longer held"
+    )
+    return len(said.findall(cluster.log(1)))
+
+
 def test_a_worker_stops_a_step_its_reports_find_taken_over_and_says_so_once(
     cluster_factory: Callable[..., Cluster], pg_url: str, broker: str
 ) -> None:
@@ -61,32 +92,18 @@ def test_a_worker_stops_a_step_its_reports_find_taken_over_and_says_so_once(
     # notices): the step is stopped at once and the log says so once for the attempt, not
     # once per round of reports.
     cluster = cluster_factory(pg_url, broker, lease_seconds=3.0)
-    first = cluster.worker()
-    cluster.wait_registered(first)
-    execution_id = cluster.submit(wp.reporting, seconds=8)
-    wait_until(
-        "the step to start", lambda: ["start", "busy", "1", str(first.pid)] in cluster.runs_log()
-    )
+    first, execution_id = _busy_step_started(cluster, seconds=8)
     with cluster.store.write() as conn:
         conn.execute(
             sa.update(steps)
             .where(steps.c.execution_id == execution_id, steps.c.key == "busy")
             .values(worker="elsewhere#0:1:gone", lease_until=time.time() - 1)
         )
-    wait_until(
-        "attempt 1 to be stopped",
-        lambda: ["stopped", "busy", "1", str(first.pid)] in cluster.runs_log(),
-        explain=lambda: cluster.log(1)[-2000:],
-        timeout=10,
-    )
+    _attempt_1_stopped(cluster, first, timeout=10)
     info = cluster.wait(execution_id)
     assert info.status is ExecutionStatus.COMPLETED, info.error
     assert info.data == {"busy_attempt": 2}
-    said = re.compile(
-        rf"lost the lease of step busy of {execution_id[:8]} \(attempt 1\)"
-        rf"|step busy of {execution_id[:8]} attempt 1 no longer held"
-    )
-    assert len(said.findall(cluster.log(1))) == 1, cluster.log(1)
+    assert _times_said(cluster, execution_id) == 1, cluster.log(1)
     assert first.poll() is None
 
 
@@ -97,12 +114,7 @@ def test_a_woken_worker_stops_its_taken_over_step_and_says_so_once(
     # its lease renewal, whichever comes first) find the step taken over. The step is stopped
     # at once, and the log says so once for the attempt, not once per round of reports.
     cluster = cluster_factory(pg_url, broker, lease_seconds=1.5)
-    first = cluster.worker()
-    cluster.wait_registered(first)
-    execution_id = cluster.submit(wp.reporting, seconds=6)
-    wait_until(
-        "the step to start", lambda: ["start", "busy", "1", str(first.pid)] in cluster.runs_log()
-    )
+    first, execution_id = _busy_step_started(cluster, seconds=6)
     os.kill(first.pid, signal.SIGSTOP)
     second = cluster.worker()
     try:
@@ -113,18 +125,10 @@ def test_a_woken_worker_stops_its_taken_over_step_and_says_so_once(
         )
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    said = re.compile(
-        rf"lost the lease of step busy of {execution_id[:8]} \(attempt 1\)"
-        rf"|step busy of {execution_id[:8]} attempt 1 no longer held"
-    )
-    wait_until(
-        "attempt 1 to be stopped",
-        lambda: ["stopped", "busy", "1", str(first.pid)] in cluster.runs_log(),
-        explain=lambda: cluster.log(1)[-2000:],
-    )
+    _attempt_1_stopped(cluster, first)
     info = cluster.wait(execution_id)
     assert info.status is ExecutionStatus.COMPLETED
     assert info.data == {"busy_attempt": 2}
     assert ["end", "busy", "1", str(first.pid)] not in cluster.runs_log()
-    assert len(said.findall(cluster.log(1))) == 1, cluster.log(1)
+    assert _times_said(cluster, execution_id) == 1, cluster.log(1)
     assert second.poll() is None
