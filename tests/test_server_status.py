@@ -15,6 +15,8 @@ import pytest
 import worker_pipelines as wp
 from framepipe import Pipeline, StepContext
 from framepipe.config import Settings
+from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepInfo, StepStatus
+from framepipe.server.routes.status import job_status
 from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixture below uses
 from test_server import AUTH, Server
 from waiting import wait_until
@@ -93,3 +95,30 @@ def test_a_job_waiting_for_a_worker_reads_queued(
         assert (running["status"], running["stage"]) == ("processing", "long")
         done = _status_when(client, job_id, lambda b: b["status"] == "completed")
         assert done["progress"] == 100
+
+
+def _step(name: str, status: StepStatus, **times: float | None) -> StepInfo:
+    return StepInfo(
+        key=name, name=name, status=status, params={}, depends_on=[], weight=1.0,
+        progress=0.0, message=None, attempt=1, failures=0, crashes=0, output=None, error=None,
+        spawned_by=None, created_at=100.0, ready_at=None, started_at=times.get("started_at"),
+        finished_at=times.get("finished_at"),
+    )  # fmt: skip
+
+
+def test_a_step_waiting_to_be_retried_is_the_stage() -> None:
+    """A job whose step failed and waits for its next try reads ``processing`` with that step
+    as its stage, not a stage of None as if nothing ran; the newest event's time is its
+    ``updatedAt`` when it is the newest time known."""
+    info = ExecutionInfo(
+        id="0" * 32, pipeline="p", pipeline_ref=None, status=ExecutionStatus.RUNNING,
+        inputs={}, progress=50.0, error=None, owner=None, runs=1, created_at=100.0,
+        started_at=101.0, finished_at=None,
+        steps=[
+            _step("first", StepStatus.COMPLETED, started_at=101.0, finished_at=102.0),
+            _step("flaky", StepStatus.RETRYING, started_at=103.0, finished_at=104.0),
+        ],
+    )  # fmt: skip
+    status = job_status(info, last_event_at=105.0)
+    assert (status["status"], status["stage"], status["progress"]) == ("processing", "flaky", 50)
+    assert _at(status["updatedAt"]) == 105.0
