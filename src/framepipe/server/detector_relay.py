@@ -55,9 +55,8 @@ _RETRY = Backoff(initial=0.5, factor=2.0, maximum=4.0)
 """The relay's waits between tries while Redis does not answer."""
 _START_CHECK = 2.0
 """Seconds :meth:`Relay.start` gives Redis to answer whether it takes the credentials."""
-
-
 _CONNECT_TIMEOUT = 5.0
+"""Seconds a connection to Redis may take to open."""
 _SOCKET_TIMEOUT = 10.0
 """Seconds a command may wait for Redis's answer (the relay's blocking reads block 1 s): a
 Redis that stops answering (paused, a half-open connection) fails a command within it."""
