@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from framepipe.backoff import Backoff
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
 from framepipe.logs import get_logger
-from framepipe.outage import Outage
+from framepipe.outage import Outage, cause
 from framepipe.redis import namespaced
 from framepipe.urls import safe_text, safe_url
 
@@ -412,8 +412,7 @@ class RemoteDetectorHub:
             why = (
                 refused_credentials(self.url, exc)
                 if denied(exc)
-                else f"Redis at {safe_url(self.url)} does not answer ({type(exc).__name__}: "
-                f"{safe_text(str(exc))})"
+                else f"Redis at {safe_url(self.url)} does not answer ({cause(exc)})"
             )
             raise DetectorUnavailableError(
                 f"{why}, so {what} cannot be asked of detector hub {self.id}",
