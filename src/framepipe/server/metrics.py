@@ -12,6 +12,7 @@ from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 from framepipe.jobs.records import count_jobs
 from framepipe.logs import get_logger
+from framepipe.outage import cause
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.telemetry import (
     EventSinkCollector,
@@ -19,7 +20,6 @@ from framepipe.telemetry import (
     StreamCollector,
     label_value,
 )
-from framepipe.urls import safe_text
 
 __all__ = ["jobs_registry"]
 
@@ -104,7 +104,7 @@ class _JobsCollector(Collector):
             finally:
                 delivery.close()
         except Exception as exc:  # broker down or refusing: say so, do not fail the scrape
-            why = safe_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            why = cause(exc)
             if why != self._backlog_unread:
                 _log.warning("job broker backlog cannot be read (said once): %s", why)
             self._backlog_unread = why
