@@ -57,6 +57,8 @@ path or a query parameter, or an object key (a path parameter) that must be one 
 :func:`output_keys`."""
 
 _GRANT = "_framepipe_execution_token"
+"""The attribute of a route's endpoint holding what :func:`open_to_execution_tokens` opened
+it to, ``(where, name)``."""
 _ADMITTED = "execution_grant"
 """The name under a connection's ``state`` of the grant it was admitted with (an execution
 token's), absent for the API token."""
@@ -65,6 +67,8 @@ _OPERATOR_ONLY = ("pipeline_ref", "owner")
 the pipeline's code from, and which of its processes runs it."""
 _TRACEBACK = "\n\nTraceback (most recent call last):"
 """What follows an error's first line in a stored error (``framepipe.jobs.outcomes``)."""
+
+_UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer ...)"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,9 +83,6 @@ def open_to_execution_tokens(where: Where, name: str) -> Callable[[F], F]:
         return endpoint
 
     return mark
-
-
-_UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer ...)"
 
 
 def _strings(value: Any) -> Iterator[str]:
