@@ -66,30 +66,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
 from framepipe.config import MediaSettings, load_section
-from framepipe.errors import (
-    ConfigError,
-    InvalidInputError,
-    MediaError,
-    ObjectNotFoundError,
-    StepCancelledError,
-)
+from framepipe.errors import ConfigError, MediaError, StepCancelledError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import get_execution, list_events
 from framepipe.logs import get_logger
 from framepipe.media.frames import read_image, write_image
+from framepipe.pipelines.ml_input import probed, take_object
+from framepipe.pipelines.ml_manifest import INTERMEDIATES, delete_intermediates, manifest
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors.adapters import HttpModel, ModelAdapter, as_step_progress
 
 __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
 
 T = TypeVar("T")
-
-INTERMEDIATES = ("input.", "preprocessed.mp4", "frames/", "post/")
-"""What finalize deletes under ``ml/<execution id>/`` once everything else is stored (unless
-``keep_intermediates``): the input's copy (never an object key the user gave), the
-preprocessed video, the model's frames and the post-processed ones."""
 
 
 class MlVideoInputs(BaseModel):
@@ -277,76 +267,6 @@ def _download_folder(ctx: StepContext, prefix: str) -> Path:
     return folder
 
 
-_CLOCK_SLACK = 2.0
-"""Seconds an object may seem modified after its job was submitted and still count as the
-one submitted: the object store's clock and the submitter's may differ by that much."""
-
-
-def _pinned_since(ctx: StepContext) -> float:
-    """When the inputs were last confirmed: the submit, or the latest ``framepipe jobs
-    retry`` (whoever resumes a job after replacing its input means the new one)."""
-    info = get_execution(ctx.store, ctx.execution_id, with_steps=False)
-    since, after = info.created_at, 0
-    while info.runs > 1:
-        events = list_events(ctx.store, ctx.execution_id, after_id=after)
-        if not events:
-            break
-        for event in events:
-            if event.type == "execution.retried":
-                since = max(since, event.ts)
-        after = events[-1].id or after
-    return since
-
-
-def _probed(ctx: StepContext, source: str, copy: Path) -> dict[str, Any]:
-    """``copy``'s media info. An empty file, or one that is no video or over the media
-    limits, is an :class:`InvalidInputError` naming ``source``: refused for good, since a
-    retry would read the same bytes (``framepipe jobs retry`` once it is replaced, or the
-    limit raised)."""
-    if copy.stat().st_size == 0:
-        raise InvalidInputError(f"{source}: is empty (0 bytes), not a video", where="inputs.input")
-    try:
-        info = media.probe(copy, **_limits(length=False)).as_dict()
-    except MediaError as exc:  # name the user's file, not this step's copy of it
-        reason = exc.reason.replace(str(copy), source)
-        raise InvalidInputError(f"{source}: {reason}", where="inputs.input") from exc
-    return {**info, "path": source}
-
-
-def _take_object(ctx: StepContext, source: str, key: str) -> dict[str, Any]:
-    """Copy the object ``source`` to this job's ``key``, refusing it when it was replaced
-    after the job was submitted (:func:`_pinned_since`; a replacement within
-    :data:`_CLOCK_SLACK` seconds of the submit cannot be told apart) or while it was copied:
-    the job is then not run on a video its submitter never saw. Returns what was taken."""
-    try:
-        before = ctx.objects.stat(source)
-    except ObjectNotFoundError:
-        raise FileNotFoundError(f"input {source!r}: no such object in the object store") from None
-    since = _pinned_since(ctx)
-    if before.modified > since + _CLOCK_SLACK:
-        raise InvalidInputError(
-            f"{source!r} was replaced after this job was submitted (modified "
-            f"{_when(before.modified)}, submitted {_when(since)}): not run on a video its "
-            "submitter did not send; submit a new job for it, and give each upload a key of "
-            "its own",
-            where="inputs.input",
-        )
-    ctx.objects.copy(source, key)
-    after = ctx.objects.stat(source)
-    if (after.size, after.modified) != (before.size, before.modified):
-        ctx.objects.delete(key)
-        raise InvalidInputError(
-            f"{source!r} was replaced while this job copied it: submit a new job for it, and "
-            "give each upload a key of its own",
-            where="inputs.input",
-        )
-    return {"key": source, "size": before.size, "modified": before.modified}
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
 @ml_video.step(weight=10, retries=2)
 def fetch(ctx: StepContext) -> dict[str, Any]:
     """Take the job's own copy of the input, ``ml/<execution id>/input.<ext>``, which every
@@ -363,12 +283,12 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
         name = Path(source).name if path is None else path.name
         key = f"{_prefix(ctx)}/input{Path(name).suffix.lower() or '.mp4'}"
         if path is None:
-            taken = _take_object(ctx, source, key)
+            taken = take_object(ctx, source, key)
             copy = _fetch(ctx, key)
         else:
             copy = copy_local_file(path, ctx.tempdir() / path.name)
             taken = {"key": None, "size": copy.stat().st_size, "path": source}
-        info = _probed(ctx, source, copy)
+        info = probed(source, copy, _limits(length=False))
         if path is not None:
             ctx.objects.put_file(key, copy)
         return {"input_key": key, "input_info": info, "input_source": taken}
@@ -530,54 +450,17 @@ def thumbnails(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["thumbnails"], weight=5, retries=2)
 def finalize(ctx: StepContext) -> dict[str, Any]:
-    """A manifest of the job next to its outputs (:func:`_manifest`), then the intermediates
-    deleted (unless ``keep_intermediates``): the last step, so they go only when the execution
-    completes; a failed execution keeps them for its retry. Deleting is idempotent, so a
-    retried finalize finishes the job."""
+    """A manifest of the job next to its outputs
+    (:func:`~framepipe.pipelines.ml_manifest.manifest`), then the intermediates deleted (unless
+    ``keep_intermediates``): the last step, so they go only when the execution completes; a
+    failed execution keeps them for its retry. Deleting is idempotent, so a retried finalize
+    finishes the job."""
     with _stage(ctx):
         keep = MlVideoSettings.load().keep_intermediates
         key = f"{_prefix(ctx)}/manifest.json"
-        ctx.objects.put(key, json.dumps(_manifest(ctx, keep), indent=2, default=str).encode())
+        written = manifest(ctx, _inputs(ctx), keep)
+        ctx.objects.put(key, json.dumps(written, indent=2, default=str).encode())
         if keep:
             return {"manifest": key, "intermediates_deleted": 0}
-        return {"manifest": key, "intermediates_deleted": _delete_intermediates(ctx)}
-
-
-def _manifest(ctx: StepContext, keep: bool) -> dict[str, Any]:
-    """What the job used and what it keeps: every input (``prompt``, ``seed`` ...), the upload
-    it took (``input``: the client's ``key`` or ``path``, its size, its media info), the model,
-    the results and their info; the intermediates' keys only when they are kept (``keep``)."""
-    data = ctx.data
-    source = {k: v for k, v in (data.get("input_source") or {}).items() if v is not None}
-    inputs = _inputs(ctx).model_dump(mode="json", exclude={"input"})
-    manifest: dict[str, Any] = {
-        "execution_id": ctx.execution_id,
-        **inputs,
-        "input": {**source, "info": data.get("input_info")},
-        "model": data.get("model"),
-        "batch_size": data.get("batch_size"),
-        "frames": data.get("frames"),
-        "video": data.get("video"),
-        "video_info": data.get("video_info"),
-        "thumbnail": data.get("thumbnail"),
-        "grid": data.get("grid"),
-    }
-    if keep:
-        manifest["intermediates"] = {
-            "input": data.get("input_key"),
-            "preprocessed": data.get("preprocessed_key"),
-            "frames": data.get("frames_prefix"),
-            "post": data.get("post_prefix"),
-        }
-    return manifest
-
-
-def _delete_intermediates(ctx: StepContext) -> int:
-    """Delete :data:`INTERMEDIATES` under this execution's prefix; how many objects went."""
-    prefix = _prefix(ctx) + "/"
-    doomed = [
-        info.key
-        for info in ctx.objects.list(prefix)
-        if info.key.removeprefix(prefix).startswith(INTERMEDIATES)
-    ]
-    return ctx.objects.delete_many(doomed)
+        deleted = delete_intermediates(ctx, _prefix(ctx) + "/")
+        return {"manifest": key, "intermediates_deleted": deleted}
