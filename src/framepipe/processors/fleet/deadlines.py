@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from framepipe.logs import ComponentLogger, Repeats
 from framepipe.processors.fleet.protocol import GROUP, Fields, as_int
@@ -30,7 +30,40 @@ from framepipe.processors.fleet.protocol import GROUP, Fields, as_int
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["Expiry", "RedisClock", "deadline_ms", "entry_ms"]
+__all__ = [
+    "Expiry",
+    "RedisClock",
+    "RouteLimits",
+    "check_max_age",
+    "deadline_ms",
+    "entry_ms",
+    "route_limits",
+]
+
+
+class RouteLimits(TypedDict):
+    """A routed frame's deadline and how long the router holds its capacity for a result."""
+
+    result_wait: float
+    ttl: float | None
+
+
+def check_max_age(value: float | None, name: str) -> None:
+    """:class:`ValueError` naming ``name`` unless ``value`` is positive seconds or None."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive seconds or None (no limit), not {value!r}")
+
+
+def route_limits(
+    max_age: float | None, route_max_age: float | None, result_timeout: float
+) -> RouteLimits:
+    """A routed frame's deadline (``max_age``, else the router's ``route_max_age``) and how
+    long its capacity is held for its result: ``result_timeout``, or its deadline when that
+    comes first (a processor skips it then, unanswered)."""
+    check_max_age(max_age, "max_age")
+    ttl = route_max_age if max_age is None else max_age
+    wait = result_timeout if ttl is None else min(ttl, result_timeout)
+    return {"result_wait": wait, "ttl": ttl}
 
 
 def entry_ms(entry_id: bytes | str | None) -> int | None:

@@ -48,7 +48,9 @@ Health (dead processors, their frames re-routed): see :mod:`~framepipe.processor
 A background task that dies of a bug fails the registry loudly: it is logged, every waiting
 call fails with the error, and later calls raise it.
 
-The router's parts have modules of their own: the requests in flight and the capacity they
+The router's parts have modules of their own: the routes as they go out, entries sent as
+capacity allows (:mod:`~framepipe.processors.fleet.dispatch`), the frames' deadlines
+(:mod:`~framepipe.processors.fleet.deadlines`), the requests in flight and the capacity they
 hold (:mod:`~framepipe.processors.fleet.inflight`), the routes waiting for capacity
 (:mod:`~framepipe.processors.fleet.waiting`), what a route writes
 (:mod:`~framepipe.processors.fleet.sending`), the registrations it reads
@@ -59,22 +61,20 @@ hold (:mod:`~framepipe.processors.fleet.inflight`), the routes waiting for capac
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from framepipe.backoff import Backoff
 from framepipe.errors import (
-    CircuitOpenError,
-    NoCapacityError,
     NoProcessorError,
     ProcessorRegistryError,
     RegistryConnectionError,
 )
 from framepipe.logs import get_logger
+from framepipe.processors.fleet.deadlines import check_max_age, route_limits
+from framepipe.processors.fleet.dispatch import Dispatcher
 from framepipe.processors.fleet.inflight import InFlight, Track
 from framepipe.processors.fleet.outages import REDIS_ERRORS, reach, unavailable
 from framepipe.processors.fleet.protocol import (
@@ -84,18 +84,15 @@ from framepipe.processors.fleet.protocol import (
     Keys,
     ProcessorResult,
     Routable,
-    text,
 )
 from framepipe.processors.fleet.reaper import Reaper
 from framepipe.processors.fleet.registry import ProcessorInfo, Registration, Registrations
 from framepipe.processors.fleet.replies import ReplyReader
-from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entries, stream_fields
-from framepipe.processors.fleet.spans import send_spans
+from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entries
 from framepipe.processors.fleet.waiting import Waiting
 from framepipe.redis import safe_url
 from framepipe.redis.connection import connect, lost
 from framepipe.redis.wire import Wire
-from framepipe.tracing import end_span, traceparent_of
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -135,7 +132,7 @@ class ProcessorRegistry:
             raise ValueError(
                 "heartbeat_timeout and result_timeout must be positive, circuit_reset not negative"
             )
-        _check_max_age(route_max_age, "route_max_age")
+        check_max_age(route_max_age, "route_max_age")
         if circuit_failures < 1 or max_attempts < 1:
             raise ValueError("circuit_failures and max_attempts must be >= 1")
         self.redis_url = redis_url
@@ -162,6 +159,15 @@ class ProcessorRegistry:
         self._reader = ReplyReader(self)
         self._inflight = InFlight(self._procs, self._reader.ended.add, self._waiting.changed)
         self._routed = self._inflight.tracks  # the same dict for the registry's lifetime
+        self._dispatcher = Dispatcher(
+            self._mirror,
+            self._waiting,
+            self._inflight,
+            require=self._require,
+            refresh=self.refresh,
+            send=lambda items: self._send(items),  # noqa: PLW0108 - looked up at each send
+            down=self._down,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._routes: Wire | None = None  # route scripts, pipelined
         self._replies: Wire | None = None  # the blocking read of the reply stream
@@ -345,149 +351,19 @@ class ProcessorRegistry:
         result_wait: float,
         ttl: float | None,
     ) -> list[Track]:
-        """Route ``items`` as capacity allows (see :meth:`_route`), each a request waiting
-        ``result_wait`` seconds for its result, its frame's deadline ``ttl`` seconds after its
-        entry is written (None: none). While OpenTelemetry
-        tracing is on, each item's routing is a span, ``send <capability>``, child of the
-        trace context it carries (else of the current one), whose traceparent goes on the
-        wire in its place: the processor's span is its child."""
-        self._require()
-        spans = send_spans(items, capability)
-        try:
-            entries = [
-                await stream_fields(item, quality, None if spans is None else traceparent_of(span))
-                for item, span in zip(items, spans or itertools.repeat(None), strict=False)
-            ]
-            tracks = await self._route(
-                entries,
-                capability,
-                wait=wait,
-                want_futures=want_futures,
-                result_wait=result_wait,
-                ttl=ttl,
-            )
-        except BaseException as exc:
-            for span in spans or ():
-                end_span(span, exc)
-            raise
-        for span, track in zip(spans or (), tracks, strict=False):
-            end_span(
-                span,
-                attributes={
-                    "framepipe.frame_id": track.frame_id,
-                    "framepipe.processor_id": track.processor_id,
-                },
-            )
-        return tracks
-
-    async def _route(
-        self,
-        entries: list[dict[str, bytes | str]],
-        capability: str,
-        *,
-        wait: float | None,
-        want_futures: bool,
-        result_wait: float,
-        ttl: float | None,
-    ) -> list[Track]:
-        """Route ``entries`` as capacity allows; every reservation is either sent or released.
-        Routes that have to wait for capacity queue per capability: a free slot goes to the
-        first in line, never to a route that came later."""
-        if len(entries) == 1:
-            frame_id = text(entries[0]["frame_id"])
-            clash = [frame_id] if frame_id in self._routed else []
-        else:
-            counts = collections.Counter(text(e["frame_id"]) for e in entries)
-            clash = sorted(i for i, n in counts.items() if n > 1 or i in self._routed)
-        if clash:
-            raise ValueError(f"frame ids must be unique among the frames in flight: {clash}")
-        limit = self.route_timeout if wait is None else wait
-        deadline = time.monotonic() + limit
-        queue = collections.deque(range(len(entries)))
-        done: list[Track | None] = [None] * len(entries)
-        refreshed = False
-        ticket: int | None = None  # this route's place in the line for capacity, once waiting
-        try:
-            while queue:
-                batch: list[tuple[int, Registration, Track]] = []
-                while queue:
-                    try:
-                        proc = self._mirror.choose(capability)
-                    except (NoProcessorError, CircuitOpenError) as exc:
-                        if batch:
-                            break  # send the reserved ones first; the next round raises
-                        if isinstance(exc, NoProcessorError) and not refreshed:
-                            refreshed = True  # one may have registered since the last read
-                            await self.refresh()
-                            continue
-                        raise
-                    if proc is None or not self._waiting.turn(capability, ticket):
-                        break  # no free slot, or one that the route first in line gets
-                    index = queue.popleft()
-                    track = self._inflight.reserve(
-                        proc,
-                        entries[index],
-                        capability,
-                        want_futures,
-                        reply_to=self.reply_stream,
-                        timeout=result_wait,
-                        max_attempts=self.max_attempts,
-                        ttl=ttl,
-                    )
-                    batch.append((index, proc, track))
-                if batch:
-                    await self._send_batch(batch, entries, queue, done)
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise NoCapacityError(
-                        capability,
-                        sorted(
-                            p.id
-                            for p in self._procs.values()
-                            if p.live and capability in p.capabilities
-                        ),
-                        limit,
-                    )
-                if ticket is None:
-                    ticket = self._waiting.join(capability)
-                await self._waiting.wait_change(min(remaining, 0.25))
-                self._require()
-        finally:
-            if ticket is not None:
-                self._waiting.leave(capability, ticket)  # the next in line may take a slot
-        return [t for t in done if t is not None]
-
-    async def _send_batch(
-        self,
-        batch: list[tuple[int, Registration, Track]],
-        entries: list[dict[str, bytes | str]],
-        queue: collections.deque[int],
-        done: list[Track | None],
-    ) -> None:
-        """Send reserved entries; refused ones (not ready any more) go back to ``queue``."""
-        try:
-            results = await self._send([(p, entries[i]) for i, p, _ in batch])
-        except BaseException:
-            for _, _, track in batch:
-                self._inflight.release(track)
-            raise
-        error: BaseException | None = None
-        for (index, proc, track), result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException):
-                self._inflight.release(track)
-                error = error or result
-            elif result is None:  # no longer ready: choose again
-                self._inflight.release(track)
-                proc.routable = False
-                queue.append(index)
-            else:
-                self._inflight.learned(track, proc.id, text(result))
-                done[index] = track
-        if error is not None:
-            if unavailable(error):
-                raise self._down(error) from error
-            raise error
+        """:meth:`Dispatcher.dispatch <framepipe.processors.fleet.dispatch.Dispatcher.dispatch>`
+        with this registry's settings (``wait`` None: ``route_timeout``)."""
+        return await self._dispatcher.dispatch(
+            items,
+            capability,
+            wait=self.route_timeout if wait is None else wait,
+            want_futures=want_futures,
+            quality=quality,
+            result_wait=result_wait,
+            ttl=ttl,
+            reply_to=self.reply_stream,
+            max_attempts=self.max_attempts,
+        )
 
     async def _send(self, items: list[tuple[Registration, dict[str, bytes | str]]]) -> list[Any]:
         """:func:`~framepipe.processors.fleet.sending.send_entries` on the registry's route
@@ -521,7 +397,7 @@ class ProcessorRegistry:
                 wait=wait,
                 want_futures=False,
                 quality=quality,
-                **self._route_limits(max_age),
+                **route_limits(max_age, self.route_max_age, self.result_timeout),
             )
         )[0].message_id
 
@@ -543,7 +419,7 @@ class ProcessorRegistry:
             wait=wait,
             want_futures=False,
             quality=quality,
-            **self._route_limits(max_age),
+            **route_limits(max_age, self.route_max_age, self.result_timeout),
         )
         return [t.message_id for t in tracks]
 
@@ -584,22 +460,3 @@ class ProcessorRegistry:
             timer.cancel()
             if not track.future.done():  # cancelled caller: forget the frame's future
                 track.future.cancel()
-
-    def _route_limits(self, max_age: float | None) -> _Limits:
-        """A routed frame's deadline (``max_age``, else ``route_max_age``) and how long its
-        capacity is held here for its result: ``result_timeout``, or its deadline when that
-        comes first (a processor skips it then, unanswered)."""
-        _check_max_age(max_age, "max_age")
-        ttl = self.route_max_age if max_age is None else max_age
-        wait = self.result_timeout if ttl is None else min(ttl, self.result_timeout)
-        return {"result_wait": wait, "ttl": ttl}
-
-
-class _Limits(TypedDict):
-    result_wait: float
-    ttl: float | None
-
-
-def _check_max_age(value: float | None, name: str) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be positive seconds or None (no limit), not {value!r}")
