@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,19 @@ def _moto(port: int, log: Path) -> subprocess.Popen[bytes]:
     proc = start_moto(port, log)
     assert _wait_listening(proc, port, time.monotonic() + 60), log.read_text()[-2000:]
     return proc
+
+
+def _s3_with_bucket(
+    tmp_path: Path, bucket: str = "frames"
+) -> tuple[int, str, subprocess.Popen[bytes], Any]:
+    """A moto S3 server on a free port (log in ``tmp_path``) holding ``bucket``: its port,
+    endpoint, process and a boto3 client of it. Call inside ``aws_test_env()``."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = _moto(port, tmp_path / "s3.log")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+    client.create_bucket(Bucket=bucket)
+    return port, endpoint, proc, client
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -66,11 +80,7 @@ def test_frames_refused_while_the_store_is_down_are_kept_and_uploaded_once_it_is
     tmp_path: Path,
 ) -> None:
     with aws_test_env():
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        proc = _moto(port, tmp_path / "s3.log")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket="frames")
+        port, endpoint, proc, client = _s3_with_bucket(tmp_path)
         store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
         spool = tmp_path / "spool"
         _stop(proc)  # the store goes down
@@ -143,11 +153,7 @@ def test_a_full_spool_keeps_no_more_and_says_so(tmp_path: Path) -> None:
     """A long outage must not fill the disk: past ``spool_max_bytes`` a refused frame is not
     kept; it is ``not_stored`` and its ``processor.error`` says the spool is full."""
     with aws_test_env():
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        proc = _moto(port, tmp_path / "s3.log")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket="frames")
+        _, endpoint, proc, client = _s3_with_bucket(tmp_path)
         store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
         _stop(proc)
         source = PatternSource("s", count=10, realtime=False, moving_box=False)
@@ -177,11 +183,7 @@ def test_best_frames_the_store_cannot_copy_leave_their_segment_short_not_the_pip
     with its frames stored, no best frame in ``selected``, the shortfall in
     ``not_selected`` and one warning naming it; the pipeline goes on to the end."""
     with aws_test_env():
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        proc = _moto(port, tmp_path / "s3.log")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket="selected")
+        _, endpoint, proc, client = _s3_with_bucket(tmp_path, "selected")
         client.close()
         down = S3ObjectStore("selected", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
         _stop(proc)  # the store goes down
@@ -216,11 +218,7 @@ def test_a_pipeline_started_again_goes_on_uploading_what_its_spool_kept(tmp_path
     app's pause and resume or a recovery do: what its spool kept is uploaded once the store is
     back, and so is what it keeps after the restart."""
     with aws_test_env():
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        proc = _moto(port, tmp_path / "s3.log")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket="frames")
+        port, endpoint, proc, client = _s3_with_bucket(tmp_path)
         store = S3ObjectStore("frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1)
         _stop(proc)  # the store goes down
         frame_store = FrameStore(store, spool=tmp_path / "spool", spool_retry=0.2)
@@ -303,11 +301,7 @@ def test_a_store_that_hangs_sends_the_frames_to_the_spool_not_the_camera_waiting
     storing one frame per timeout. Said once; once the server answers again, the kept frames
     are uploaded and new ones stored as before."""
     with aws_test_env():
-        port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        proc = _moto(port, tmp_path / "s3.log")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket="frames")
+        _, endpoint, proc, client = _s3_with_bucket(tmp_path)
         store = S3ObjectStore(
             "frames", endpoint_url=endpoint, max_attempts=1, connect_timeout=1, read_timeout=1
         )
