@@ -666,15 +666,19 @@ def has_step(store: StateStore, execution_id: str, key: str) -> bool:
         )
 
 
-def last_event_at(store: StateStore, execution_id: str) -> float | None:
-    """When the newest stored event of execution ``execution_id`` was made (unix seconds), or
-    None (none stored, or pruned)."""
+def last_event_at(
+    store: StateStore, execution_id: str, *, event_type: str | None = None
+) -> float | None:
+    """When the newest stored event of execution ``execution_id`` (of type ``event_type``
+    when given) was made (unix seconds), or None (none stored, or pruned)."""
     query = (
         sa.select(events.c.ts)
         .where(events.c.execution_id == execution_id)
         .order_by(events.c.id.desc())
         .limit(1)
     )
+    if event_type is not None:
+        query = query.where(events.c.type == event_type)
     with store.read() as conn:
         ts = conn.execute(query).scalar()
     return None if ts is None else float(ts)

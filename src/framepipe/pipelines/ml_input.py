@@ -18,7 +18,7 @@ from typing import Any
 from framepipe import media
 from framepipe.errors import InvalidInputError, MediaError, ObjectNotFoundError
 from framepipe.jobs.context import StepContext
-from framepipe.jobs.records import get_execution, list_events
+from framepipe.jobs.records import get_execution, last_event_at
 
 __all__ = ["CLOCK_SLACK", "pinned_since", "probed", "take_object"]
 
@@ -31,16 +31,10 @@ def pinned_since(ctx: StepContext) -> float:
     """When the inputs were last confirmed: the submit, or the latest ``framepipe jobs
     retry`` (whoever resumes a job after replacing its input means the new one)."""
     info = get_execution(ctx.store, ctx.execution_id, with_steps=False)
-    since, after = info.created_at, 0
-    while info.runs > 1:
-        events = list_events(ctx.store, ctx.execution_id, after_id=after)
-        if not events:
-            break
-        for event in events:
-            if event.type == "execution.retried":
-                since = max(since, event.ts)
-        after = events[-1].id or after
-    return since
+    if info.runs <= 1:
+        return info.created_at
+    retried = last_event_at(ctx.store, ctx.execution_id, event_type="execution.retried")
+    return info.created_at if retried is None else max(info.created_at, retried)
 
 
 def probed(source: str, copy: Path, limits: Mapping[str, Any]) -> dict[str, Any]:
