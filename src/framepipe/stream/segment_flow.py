@@ -88,11 +88,10 @@ class SegmentFlow:
         self._closing = {}
         self._taken = taken
 
-    async def _settle(self, state: SegmenterState, frame: Frame) -> None:
+    async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
         """Ask ``taken`` about the ids ``frame``'s key would get until one is free."""
-        taken = self._taken
         key = state.key_of(frame)
-        if taken is None or not key:
+        if not key:
             return
         while (segment_id := state.ids.unchecked(key)) is not None:
             try:
@@ -145,7 +144,8 @@ class SegmentFlow:
                 self._arm(queue, state.deadline())
                 continue
             if isinstance(item, Frame):
-                await self._settle(state, item)
+                if self._taken is not None:  # else nothing to ask: no work per frame
+                    await self._settle(state, item, self._taken)
                 closed, joined = state.feed(item)
                 await send(closed)
                 if joined is not None and joined is not self.open:
