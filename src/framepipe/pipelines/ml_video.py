@@ -75,7 +75,7 @@ from framepipe.media.frames import read_image, write_image
 from framepipe.pipelines.ml_input import probed, take_object
 from framepipe.pipelines.ml_manifest import INTERMEDIATES, delete_intermediates, manifest
 from framepipe.pipelines.ml_settings import MlVideoSettings
-from framepipe.processors.adapters import HttpModel, ModelAdapter, as_step_progress
+from framepipe.processors.adapters import ModelAdapter, as_step_progress
 
 __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
 
@@ -345,7 +345,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
                 progress=as_step_progress(ctx, 0, 90, "inference"),
                 **options,
             )
-        if isinstance(model, HttpModel):
+        if not model.check_frames_path:  # else the adapter checked it
             problem = await asyncio.to_thread(model.frames_path_problem, result.frames_path)
             if problem is not None:  # a setup to fix: running the model again cannot help
                 raise ConfigError(problem)

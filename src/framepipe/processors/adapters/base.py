@@ -247,12 +247,18 @@ class ModelAdapter:
         """One attempt. Raise :class:`ModelError` with ``retryable`` set as appropriate."""
         raise NotImplementedError
 
+    def frames_path_problem(self, frames_path: Path) -> str | None:
+        """Why this process cannot read the frames at ``frames_path``, or None when it is a
+        directory here. The check of ``check_frames_path``; a caller that reads the frames of
+        an adapter that does not check (``check_frames_path`` false) asks it itself."""
+        if frames_path.is_dir():
+            return None
+        what = "is not a directory" if frames_path.exists() else "does not exist"
+        return f"{self.describe()}: frames_path {frames_path} {what}"
+
     def _checked(self, result: ModelResult) -> ModelResult:
-        if self.check_frames_path and not result.frames_path.is_dir():
-            what = "is not a directory" if result.frames_path.exists() else "does not exist"
-            raise ModelOutputError(
-                f"{self.describe()}: frames_path {result.frames_path} {what}", model=self.describe()
-            )
+        if self.check_frames_path and (problem := self.frames_path_problem(result.frames_path)):
+            raise ModelOutputError(problem, model=self.describe())
         return result
 
 

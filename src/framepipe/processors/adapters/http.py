@@ -185,8 +185,8 @@ class HttpModel(ModelAdapter):
 
     def frames_path_problem(self, frames_path: Path) -> str | None:
         """Why this machine cannot read the frames at the server's ``frames_path``, or None
-        when it is a folder here: the server writes the frames there and the caller reads
-        them, so both must see that folder."""
+        when it is a folder here, saying that the server writes the frames there and the
+        caller reads them, so both must see that folder."""
         if frames_path.is_dir():
             return None
         what = "is not a folder" if frames_path.exists() else "does not exist"
@@ -196,11 +196,6 @@ class HttpModel(ModelAdapter):
             "must share that folder (run them on one machine, or mount a shared volume at the "
             "same path on both)"
         )
-
-    def _checked(self, result: ModelResult) -> ModelResult:
-        if self.check_frames_path and (problem := self.frames_path_problem(result.frames_path)):
-            raise ModelOutputError(problem, model=self.describe())
-        return result
 
     @property
     def endpoint(self) -> str:
