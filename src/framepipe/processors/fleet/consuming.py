@@ -48,7 +48,7 @@ class Consumer:
         log: ComponentLogger,
         handle: Callable[[bytes, Fields], Coroutine[Any, Any, None]],
         give_up: Callable[[bytes, Fields, Attempts], Coroutine[Any, Any, None]],
-        clock: RedisClock | None = None,
+        clock: RedisClock,
     ) -> None:
         self.processor_id = processor_id
         self.stream = stream
@@ -59,7 +59,7 @@ class Consumer:
         """Entry id -> the task handling it."""
         self.max_in_flight = 0
         """The most entries that were handled at once."""
-        self.expiry = Expiry(stream, clock or RedisClock(), log)
+        self.expiry = Expiry(stream, clock, log)
         """The entries skipped past their deadline (``expiry.count``)."""
         self._slot: asyncio.Future[None] | None = None
         self._backlog: dict[bytes, int] = {}  # pending entries to take back -> times delivered
