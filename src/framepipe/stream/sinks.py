@@ -233,15 +233,18 @@ class FrameStore(Sink):
             )
         )
 
-    def key_for(self, frame: Frame) -> str:
-        """The object key ``frame`` is stored under (each field escaped)."""
+    @staticmethod
+    def _fields(frame: Frame, segment_id: str) -> dict[str, Any]:
+        """The values a key template of ``frame`` in segment ``segment_id`` may name."""
         values = dict(frame.meta)
         values.update(
-            source_id=frame.source_id,
-            segment_id=frame.segment_id or "none",
-            seq=frame.seq,
-            ts_ms=frame.ts_ms,
+            source_id=frame.source_id, segment_id=segment_id, seq=frame.seq, ts_ms=frame.ts_ms
         )
+        return values
+
+    def key_for(self, frame: Frame) -> str:
+        """The object key ``frame`` is stored under (each field escaped)."""
+        values = self._fields(frame, frame.segment_id or "none")
         try:
             return _KEY_FORMATTER.format(self.template, **values)
         except KeyError as exc:
@@ -334,8 +337,7 @@ class FrameStore(Sink):
         fields = {f for _, f, _, _ in string.Formatter().parse(head) if f}
         if not sep or fields & {"seq", "ts_ms"}:
             return False
-        values = dict(frame.meta)
-        values.update(source_id=frame.source_id, segment_id=segment_id)
+        values = self._fields(frame, segment_id)
         try:
             folder = _KEY_FORMATTER.format(head + "{segment_id}/", **values)
         except KeyError:
