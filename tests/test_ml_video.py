@@ -593,6 +593,20 @@ def test_the_result_keeps_the_uploads_sound_and_the_manifest_says_what_was_used(
     assert not objects.exists(info.data["input_key"])
 
 
+def test_a_silent_upload_gives_a_silent_result(
+    settings: Settings, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stitch step takes the sound from the preprocessed video only when it has one."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    assert probe(clip).audio_codec is None
+    info, _, _ = run_ml(settings, clip)
+    assert info.status is ExecutionStatus.COMPLETED, info.error
+    assert info.data["preprocessed_info"]["audio_codec"] is None
+    objects = open_object_store(settings.resolved_objects_url)
+    video = probe(objects.get_file(info.data["video"], tmp_path / "out.mp4"))
+    assert video.audio_codec is None and video.frames > 0
+
+
 def test_the_manifest_names_the_intermediates_when_they_are_kept(
     settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

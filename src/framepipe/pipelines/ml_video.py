@@ -402,10 +402,13 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
 @ml_video.step(depends_on=["postprocess"], weight=10, retries=2)
 def stitch(ctx: StepContext) -> dict[str, Any]:
     """Frames into an H.264 MP4, with the sound of the upload (its preprocessed video's
-    track, on the frames' timeline; none if the upload had none)."""
+    track, on the frames' timeline; none if the upload had none, and then the preprocessed
+    video is not downloaded)."""
     with _stage(ctx):
         folder = _download_folder(ctx, ctx.data["post_prefix"])
-        sound = _fetch(ctx, ctx.data["preprocessed_key"])
+        probed = ctx.data.get("preprocessed_info") or {}
+        silent = "audio_codec" in probed and probed["audio_codec"] is None
+        sound = None if silent else _fetch(ctx, ctx.data["preprocessed_key"])
         dst = ctx.tempdir() / "output.mp4"
         media.stitch(
             folder,
