@@ -716,7 +716,7 @@ def test_ledger_imports_only_new_files_and_only_on_success(
     first, _ = run_in_mode(wp.importer, {"card": str(card)})
     second, _ = run_in_mode(wp.importer, {"card": str(card)})
     (card / "d.mp4").write_bytes(b"new")
-    # spawned after d.mp4, so both start together (fail-fast lets running steps finish)
+    # z_bad.mp4 fails while d.mp4 is being copied: fail-fast lets that running copy finish
     (card / "z_bad.mp4").write_bytes(b"broken")
     third, _ = run_in_mode(wp.importer, {"card": str(card)})
 

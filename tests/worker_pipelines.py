@@ -424,8 +424,17 @@ def importer_scan(ctx: StepContext) -> dict[str, Any]:
 @importer.step("copy")
 def importer_copy(ctx: StepContext, identity: str, name: str) -> None:
     card = Path(ctx.inputs["card"])
+    _note(ctx, "copying.log", name)
     if name == "z_bad.mp4":
+        # fails only once d.mp4's copy is running, so that copy is the one fail-fast lets finish
+        deadline = time.monotonic() + 30
+        while "d.mp4" not in notes(Path(ctx.inputs["dir"]), "copying.log"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         raise OSError("card removed")
+    if name == "d.mp4":
+        time.sleep(0.5)  # still copying when z_bad.mp4 fails
     ctx.objects.put(f"imports/{name}", (card / name).read_bytes())
     _note(ctx, "copied.log", name)
     ctx.ledger.record(identity, size=(card / name).stat().st_size, meta={"name": name})
