@@ -62,6 +62,25 @@ from framepipe.urls import safe_text, safe_url
             "http://h/x?AWSAccessKeyId=A&clientsecret=c",
             "http://h/x?AWSAccessKeyId=***&clientsecret=***",
         ),
+        # A path segment that looks random (mixed case and digits), or follows a secret's
+        # name, is masked; the host, the other segments, file names and lower-case ids are not.
+        (
+            "https://hooks.example.com/services/T0A1B2C3D/B0E4F5G6H/hR7uT0n4Xq9LmZk2Wp3VyB8c",
+            "https://hooks.example.com/services/T0A1B2C3D/B0E4F5G6H/***",
+        ),
+        (
+            "https://api.telegram.org/bot123456:ABC-DEF1234ghIkl-zyx57W2v1u123ew11/getMe",
+            "https://api.telegram.org/***/getMe",
+        ),
+        (
+            "https://maker.example/trigger/ev/with/key/abcdef0123456789?x=1",
+            "https://maker.example/trigger/ev/with/key/***?x=1",
+        ),
+        ("https://h.example/v1/token/a1b2c3d4e5/x", "https://h.example/v1/token/***/x"),
+        ("http://h/auth/login", None),  # a word after a secret's name is no secret
+        ("s3://b/ml/0123456789abcdef0123456789abcdef/Output-2024-01-01.mp4", None),
+        ("http://h/x/123e4567-e89b-12d3-a456-426614174000", None),
+        ("/tmp/x/Recording-20240101.mp4", None),
     ],
 )
 def test_safe_url_masks_secrets_and_keeps_the_rest(url: str, shown: str | None) -> None:

@@ -10,6 +10,17 @@ case-insensitive) when one of its words (split at ``_``, ``-``, ``.`` and case c
 ``accessToken``), or it ends with one run together (``apikey``, ``clientsecret``); a word that
 merely contains one is no secret (``keyframe``, ``design``, ``author``).
 
+Secrets in the path (a webhook's ``/services/T0/B0/<secret>``, a bot's ``/bot<id>:<secret>/``,
+``/key/<secret>``) are masked segment by segment (``/services/T0/B0/***``); scheme, host,
+port and every other segment are shown. A segment is a secret (:func:`secret_segment`) when
+it is at least 8 characters of letters, digits and ``-_~:+=%`` with a digit among them and
+the segment before it is a secret's name (``/token/<x>``, ``/api-key/<x>``; ``/auth/login``
+is shown), or when it looks random: at least 16 such characters (no ``.``: a file name is
+shown), with a digit, an upper-case and a lower-case letter among them. So a key of
+mixed-case letters and digits is hidden, and names, dates, file names and lower-case ids (an
+execution's 32 hexadecimal digits, a UUID) are shown; a secret that is a single case of
+letters with digits (hexadecimal) is hidden only after a secret's name.
+
 No part of a password is ever shown, even one written unescaped with ``/``, ``@``, ``?``,
 ``#`` or ``:`` in it (``rtsp://user:pa/ss@cam/1``), which a URL parser reads as a host, a path
 or a query: a ``user:`` (no ``/``, ``?``, ``#``, ``:`` or ``[`` in it) right after ``//`` and an
@@ -29,7 +40,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["safe_json", "safe_text", "safe_url", "secret_name"]
+__all__ = ["safe_json", "safe_text", "safe_url", "secret_name", "secret_segment"]
 
 _SECRET_WORDS = frozenset(
     {
@@ -55,6 +66,35 @@ def secret_name(name: str) -> bool:
     return joined.endswith(_SECRET_ENDINGS)
 
 
+_RANDOM_SEGMENT = re.compile(r"(?=.*[0-9])(?=.*[a-z])(?=.*[A-Z])[A-Za-z0-9_~:+=%-]{16,}")
+_NAMED_SEGMENT = re.compile(r"(?=.*[0-9])[A-Za-z0-9_~:+=%-]{8,}")
+
+
+def secret_segment(segment: str, before: str = "") -> bool:
+    """Whether the path segment ``segment`` (as written), which follows the segment
+    ``before``, is a secret (see the module)."""
+    if _RANDOM_SEGMENT.fullmatch(segment):
+        return True
+    return bool(before and _NAMED_SEGMENT.fullmatch(segment) and secret_name(unquote_plus(before)))
+
+
+def _masked_path(base: str) -> str:
+    """``base`` (a URL without its query and fragment) with its secret path segments masked;
+    what precedes the path (``scheme://user:***@host:port``) is left as written."""
+    start = 0
+    scheme_end = base.find("://")
+    if scheme_end >= 0:
+        start = base.find("/", scheme_end + 3)
+        if start < 0:
+            return base
+    head, segments = base[:start], base[start:].split("/")
+    shown = [
+        "***" if secret_segment(seg, segments[i - 1] if i else "") else seg
+        for i, seg in enumerate(segments)
+    ]
+    return head + "/".join(shown)
+
+
 _PASSWORD = re.compile(
     r"(?P<user>(?:^|[A-Za-z][A-Za-z0-9+.-]*:)//[^/?#:\[\s]*:).*@",  # greedy: to the last '@'
     re.DOTALL,
@@ -67,9 +107,9 @@ def safe_url(url: str) -> str:
     shown = _PASSWORD.sub(r"\g<user>***@", url)  # edited in place: nothing else is rewritten
     head, hash_mark, fragment = shown.partition("#")
     base, question_mark, query = head.partition("?")
-    if not query:
-        return shown
-    query = "&".join(_masked(pair) for pair in query.split("&"))
+    base = _masked_path(base)
+    if query:
+        query = "&".join(_masked(pair) for pair in query.split("&"))
     return f"{base}{question_mark}{query}{hash_mark}{fragment}"
 
 
