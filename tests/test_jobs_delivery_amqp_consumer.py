@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from brokers import broker_namespace
+from framepipe.errors import BrokerError
 from framepipe.jobs.delivery import Delivery, Received, amqp_consuming, open_delivery
 from framepipe.jobs.delivery.amqp import AmqpDelivery
 
@@ -149,4 +150,52 @@ def test_a_grown_window_keeps_the_steps_left_of_a_message_partly_taken(
     assert sorted(r.delivery for r in first + rest) == sorted(a + b)
     assert {id(r.receipt) for r in first + rest if r.delivery in a} == {id(first[0].receipt)}
     delivery.ack(first + rest)
+    assert delivery.backlog().waiting == 0
+
+
+@pytest.mark.parametrize("error", ["unknown delivery tag", "inequivalent declaration"])
+def test_a_channel_error_costs_only_the_consuming_channel(
+    delivery: AmqpDelivery, caplog: pytest.LogCaptureFixture, error: str
+) -> None:
+    # RabbitMQ closes a channel for a channel-level error (406 PRECONDITION_FAILED for an
+    # acknowledgement of a tag it does not know, or a queue declared with other arguments),
+    # sent on its own or answering a call. Only that channel is lost: the two connections stay,
+    # the warning names the queue and the reply, and the messages the channel held come back
+    # on a new channel. Before, an answered one closed both connections, and one sent on its
+    # own left the consumer waiting on the closed channel for good.
+    caplog.set_level(logging.WARNING, logger="framepipe")
+    sent = one_step_messages(6)
+    delivery.publish(sent)
+    held = take_for(delivery, 1.0, count=1, window=2)
+    assert held
+    consuming, publishing = delivery._consuming.link.conn, delivery._publishing.link.conn
+    sub = delivery._consuming._sub
+    assert consuming is not None and publishing is not None and sub is not None
+
+    async def provoke() -> None:
+        raw = await sub.get_underlay_channel()
+        if error == "unknown delivery tag":
+            await raw.basic_ack(999_999, wait=False)
+        else:
+            await raw.queue_declare(delivery.queue, durable=False)
+
+    if error == "unknown delivery tag":
+        delivery._call(provoke, "acknowledging a tag RabbitMQ does not know")
+    else:
+        with pytest.raises(BrokerError, match=r"406 PRECONDITION_FAILED.*the connection stays"):
+            delivery._call(provoke, "declaring the queue with other arguments")
+    got: list[Received] = []
+    deadline = time.monotonic() + 10
+    while {r.delivery for r in got} != set(sent) and time.monotonic() < deadline:
+        taken = delivery.take("a", 2, wait=0.1, window=2)
+        delivery.ack(taken)
+        got += taken
+    assert {r.delivery for r in got} == set(sent), "the channel's messages came back"
+    assert {r.delivery for r in held} <= {r.delivery for r in got}
+    assert delivery._consuming.link.conn is consuming
+    assert delivery._publishing.link.conn is publishing
+    warned = [r.getMessage() for r in caplog.records if "closed the channel" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert delivery.queue in warned[0] and "406 PRECONDITION_FAILED" in warned[0]
+    delivery.ack(held)  # their channel is gone: settles nothing, raises nothing
     assert delivery.backlog().waiting == 0

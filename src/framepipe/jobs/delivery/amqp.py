@@ -32,9 +32,13 @@ thread only, and a worker whose loop is busy with steps still answers RabbitMQ's
 There are two connections: one consumes and settles, one publishes. RabbitMQ's resource alarms
 (a full disk, memory past its watermark) block the connections that publish, so while one lasts
 publications fail after the timeout but what a worker took stays its own to settle and the
-queue is drained. On any failure the connection concerned is closed (RabbitMQ then requeues
-what the consuming one held) and the next call connects again; each call is bounded by
-``timeout``. A connection is replaced only once its ``close()`` was awaited here, also one
+queue is drained. A channel-level error (RabbitMQ closing one channel: ``PRECONDITION_FAILED``,
+``NOT_FOUND``, an acknowledgement of a delivery tag it does not know) costs only that channel:
+the call fails naming the reply, what the channel held goes back to the queue (said once at
+warning level, naming the queue and the reply), and the next call opens a new channel on the
+same connection. On any other failure the connection concerned is closed (RabbitMQ then
+requeues what the consuming one held) and the next call connects again; each call is bounded
+by ``timeout``. A connection is replaced only once its ``close()`` was awaited here, also one
 that RabbitMQ closed or whose closing the timeout cut short, so none is left to aio-pika's
 finaliser.
 
@@ -58,7 +62,8 @@ from framepipe.amqp import is_amqp_url
 from framepipe.errors import BrokerError, MissingDependencyError
 
 try:
-    from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+    from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
+    from aiormq.exceptions import AMQPChannelError
 except ModuleNotFoundError as exc:
     raise MissingDependencyError(
         "aio-pika", "amqp", "distributed jobs on an amqp:// broker"
@@ -66,6 +71,7 @@ except ModuleNotFoundError as exc:
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.delivery.amqp_consuming import Consuming
 from framepipe.jobs.delivery.amqp_publishing import Publishing
+from framepipe.jobs.delivery.amqp_wire import channel_closed_by_server
 from framepipe.jobs.rounds import Delivery
 from framepipe.redis import safe_url
 
@@ -214,6 +220,26 @@ class AmqpDelivery(StepDelivery):
             # Another call closed the connection under this one (aiormq cancels its RPCs).
             raise BrokerError(
                 f"job broker {self.safe_url}: {what} was cut off (the connection closed)",
+                url=self.safe_url,
+            ) from exc
+        except AMQPChannelError as exc:
+            # RabbitMQ closed a channel (or one it closed was used): the connection and what
+            # its other channels hold stay; the channel is opened again by the next call.
+            reply = channel_closed_by_server(exc)
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} failed: "
+                + (
+                    f"RabbitMQ closed the channel ({reply}) on {self.target}"
+                    if reply
+                    else f"the channel was closed ({exc})"
+                )
+                + "; the connection stays",
+                url=self.safe_url,
+            ) from exc
+        except ChannelInvalidStateError as exc:
+            raise BrokerError(
+                f"job broker {self.safe_url}: {what} failed: the channel was closed ({exc}); "
+                "the connection stays",
                 url=self.safe_url,
             ) from exc
         except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:

@@ -41,6 +41,7 @@ from framepipe.jobs.delivery.amqp_wire import (
     QUORUM,
     Link,
     Taken,
+    channel_closed_by_server,
     parse,
     settle_message,
     tag_of,
@@ -79,6 +80,7 @@ class Consuming:
         self._heard = 0.0  # when a message came or was settled, or the consumer was checked
         # Only touched on the loop's thread.
         self._sub: AbstractChannel | None = None
+        self._raw: object = None  # _sub's aiormq channel: what its messages name
         self._tag: str | None = None
         self._tags = 0
 
@@ -128,11 +130,14 @@ class Consuming:
         one would be sent a full prefetch more). With no room left it does not consume: the
         next call does, once some are settled."""
         conn = await self.connection()
+        await self._declare()
         if self._sub is None or self._sub.is_closed:
             self._sub = await conn.channel(publisher_confirms=False)
             self._tag = None
             raw = await self._sub.get_underlay_channel()
             raw.on_consumer_cancel_callbacks.add(self._on_cancelled)
+            self._raw = raw
+            self._sub.close_callbacks.add(self._on_channel_closed)
         raw = await self._sub.get_underlay_channel()
         if self._tag is not None:
             await raw.basic_cancel(self._tag)  # what it sent stays valid to settle
@@ -145,7 +150,6 @@ class Consuming:
         if room < 1:
             return
         await self._sub.set_qos(prefetch_count=room)
-        await self._sub.declare_queue(self.queue, durable=True, arguments=QUORUM)
         self._tags += 1
         tag = f"{consumer}/{self._tags}"
         self._tag = tag
@@ -176,6 +180,36 @@ class Consuming:
             self._buffer.extend(Received(d, batch) for d in found)
             self._heard = time.monotonic()
             self._cond.notify()
+
+    def _on_channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
+        """RabbitMQ closed the consuming channel (an acknowledgement of a delivery tag it does
+        not know, a queue gone under the consumer): only that channel is lost. What it held
+        goes back to the queue (RabbitMQ requeues it), so it is forgotten here, said once at
+        warning level, and the next ``take()`` consumes on a new channel of the same
+        connection. A channel closed with its connection is the connection's to handle."""
+        reply = channel_closed_by_server(exc)
+        if sender is not self._sub or reply is None:
+            return
+        raw, self._sub, self._raw, self._tag = self._raw, None, None, None
+        with self._cond:
+            lost = {t for t in self._held if t.message.channel is raw}
+            self._held -= lost
+            for t in lost:
+                t.done = True  # settling it later would name a tag of a closed channel
+            self._buffer = deque(r for r in self._buffer if r.receipt not in lost)
+            self._consuming = False
+            self._prefetch = 0
+            self._cond.notify_all()
+        _log.warning(
+            "job broker %s: RabbitMQ closed the channel consuming %s (%s); the %d message(s) "
+            "it held (%d step(s) not settled) go back to the queue, and steps taken from them "
+            "may be delivered again; consuming again on a new channel of the same connection",
+            self.link.safe_url,
+            self.queue,
+            reply,
+            len(lost),
+            sum(t.unsettled for t in lost),
+        )
 
     def _on_cancelled(self, _frame: Any) -> None:
         """RabbitMQ cancelled the consumer (the queue was deleted): consume again next time."""
@@ -243,6 +277,8 @@ class Consuming:
         ended: dict[Taken, bool] = {}  # message -> handed back whole
         for batch, found in groups.items():
             batch.unsettled -= len(found)
+            if batch.done:  # gone back whole already (or with its channel): nothing to do
+                continue
             if requeue:
                 batch.handed_back += len(found)
                 if batch.handed_back == batch.size:
@@ -306,12 +342,23 @@ class Consuming:
 
     async def count(self) -> tuple[int | None, int]:
         """(ready messages, consumers) of the queue; (None, 0) when it does not exist."""
-        conn = await self.connection()
-        channel = await conn.channel(publisher_confirms=False)  # a 404 closes it
         try:
-            queue = await channel.declare_queue(self.queue, passive=True)
+            return await self._declare(passive=True)
         except ChannelNotFoundEntity:
             return None, 0
+
+    async def _declare(self, *, passive: bool = False) -> tuple[int, int]:
+        """Declare the queue (durable, a quorum queue) on a channel of its own, so that
+        RabbitMQ refusing it (``PRECONDITION_FAILED``: a queue of that name with other
+        arguments; ``NOT_FOUND`` when ``passive``), which closes the channel, costs nothing
+        the consumer holds. Returns (ready messages, consumers)."""
+        conn = await self.connection()
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            if passive:
+                queue = await channel.declare_queue(self.queue, passive=True)
+            else:
+                queue = await channel.declare_queue(self.queue, durable=True, arguments=QUORUM)
         finally:
             if not channel.is_closed:
                 await channel.close()
@@ -332,6 +379,7 @@ class Consuming:
 
     def _forget(self) -> None:
         self._sub = None
+        self._raw = None
         self._tag = None
         with self._cond:  # RabbitMQ requeues what the connection held
             self._consuming = False

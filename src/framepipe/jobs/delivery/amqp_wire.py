@@ -36,6 +36,7 @@ __all__ = [
     "Link",
     "Taken",
     "batches",
+    "channel_closed_by_server",
     "message_body",
     "parse",
     "settle_message",
@@ -197,6 +198,23 @@ async def settle_message(message: DeliveredMessage, *, requeue: bool | None) -> 
             await message.channel.basic_ack(tag_of(message), wait=False)
         else:
             await message.channel.basic_nack(tag_of(message), requeue=requeue, wait=False)
+
+
+_REPLY_CODES = {cls: code for code, cls in aiormq.channel.EXCEPTION_MAPPING.items()}
+
+
+def channel_closed_by_server(exc: BaseException | None) -> str | None:
+    """The reply with which RabbitMQ closed a channel (``406 PRECONDITION_FAILED - unknown
+    delivery tag 7``) when ``exc`` is that, else None (a channel closed by the client, or
+    with its connection: the connection's own handling covers those)."""
+    if not isinstance(exc, aiormq.exceptions.ChannelClosed) or not exc.args:
+        return None
+    code = _REPLY_CODES.get(type(exc))
+    if code is not None:  # aiormq keeps only the reply text for the codes it maps
+        return f"{code} {exc.args[0]}"
+    if len(exc.args) == 2 and exc.args[0] is not None:
+        return f"{exc.args[0]} {exc.args[1]}"
+    return None
 
 
 def _refused_open(exc: BaseException) -> bool:
