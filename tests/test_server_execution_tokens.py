@@ -564,3 +564,78 @@ def test_a_service_without_a_token_makes_no_execution_tokens(settings: Settings)
         assert "no API token" in answer.json()["detail"]
         unknown = client.post(f"/api/executions/{'f' * 32}/tokens", json={})
         assert unknown.status_code == 409
+
+
+def test_one_execution_token_is_revoked_alone(server: Server) -> None:
+    """A leaked share link is killed without changing the API token: revoking one token
+    (by the token or its id) refuses it on every route and ends the live socket it opened
+    (1008); another token of the same execution, minted the same second for the same
+    lifetime, and the API token read on."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as admin:
+        mine = _run(admin)
+        leaked = admin.post(f"/api/executions/{mine}/tokens", json={"expires_in": 600}).json()
+        kept = admin.post(f"/api/executions/{mine}/tokens", json={"expires_in": 600}).json()
+        other = _token_for(admin, mine)
+        assert leaked["token"] != kept["token"] and leaked["token_id"] != kept["token_id"]
+        protocol = TOKEN_SUBPROTOCOL + base64.urlsafe_b64encode(
+            leaked["token"].encode()
+        ).decode().rstrip("=")
+        with ws_connect(
+            f"ws://127.0.0.1:{server.port}/ws?execution_id={mine}",
+            subprotocols=[protocol],
+            open_timeout=10,
+        ) as live:
+            assert json.loads(live.recv(timeout=10))["type"] == "snapshot"
+            with httpx.Client(base_url=server.url, timeout=30) as browser:
+                # An execution token cannot revoke, not even itself.
+                refused = browser.post(
+                    f"/api/executions/{mine}/tokens/revoke",
+                    json={"token": leaked["token"]},
+                    headers=_bearer(leaked["token"]),
+                )
+                assert refused.status_code == 403, refused.text
+                answer = admin.post(
+                    f"/api/executions/{mine[:8]}/tokens/revoke", json={"token": leaked["token"]}
+                )
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == {
+                    "execution_id": mine,
+                    "token_id": leaked["token_id"],
+                    "revoked": True,
+                }
+                for path in (f"/api/executions/{mine}", f"/api/status/{mine}"):
+                    gone = browser.get(path, headers=_bearer(leaked["token"]))
+                    assert gone.status_code == 401 and "revoked" in gone.json()["detail"]
+                    assert browser.get(path, headers=_bearer(kept["token"])).status_code == 200
+                video = f"/api/objects/results/{mine}/output.mp4"
+                assert browser.get(video, headers=_bearer(leaked["token"])).status_code == 401
+                assert browser.get(video, headers=_bearer(kept["token"])).status_code == 200
+                assert admin.get(f"/api/executions/{mine}").status_code == 200
+            closed = _close_within(live, 10)
+            assert closed is not None and closed.code == 1008 and "revoked" in closed.reason
+        assert _socket(server, leaked["token"], mine) in REFUSED
+        assert isinstance(_socket(server, kept["token"], mine), list)
+        # Again: nothing to do. By id: the token itself need not be kept.
+        again = admin.post(
+            f"/api/executions/{mine}/tokens/revoke", json={"token_id": leaked["token_id"]}
+        )
+        assert again.status_code == 200 and again.json()["revoked"] is False
+        by_id = admin.post(
+            f"/api/executions/{mine}/tokens/revoke", json={"token_id": kept["token_id"]}
+        )
+        assert by_id.status_code == 200 and by_id.json()["revoked"] is True
+        assert admin.get(f"/api/status/{mine}", headers=_bearer(kept["token"])).status_code == 401
+        assert admin.get(f"/api/status/{mine}", headers=_bearer(other)).status_code == 200
+        # A token of another execution, one the service did not sign, neither or both: 422.
+        theirs = _run(admin)
+        wrong = [
+            {"token": _token_for(admin, theirs)},
+            {"token": other[:-2] + "AA"},
+            {},
+            {"token": other, "token_id": kept["token_id"]},
+            {"token_id": "not-an-id"},
+        ]
+        for body in wrong:
+            answer = admin.post(f"/api/executions/{mine}/tokens/revoke", json=body)
+            assert answer.status_code == 422, (body, answer.text)
+        assert admin.get(f"/api/status/{mine}", headers=_bearer(other)).status_code == 200

@@ -15,8 +15,8 @@ Guarantees:
   prefix guessed from the key; text a job records cannot open another's objects;
 * :func:`admit_live_socket` does the same for ``/ws``: an execution token is accepted with
   ``?execution_id=`` naming its execution by full id, and is refused (1008) without it, so
-  it never gets the snapshot of every execution, and a socket it opened ends when it
-  expires (:func:`admitted_until`);
+  it never gets the snapshot of every execution, a revoked one is refused, and a socket it
+  opened ends when it expires (:func:`admitted_until`) or is revoked (:func:`admitted_as`);
 * what an execution token reads of its execution (record, status, events, live feed) is
   passed through :func:`shown_execution` and :func:`shown_event`: its errors without their
   tracebacks (the service's code) and with the service's home and object store folders
@@ -33,6 +33,7 @@ from framepipe.server import execution_tokens
 from framepipe.server.execution_tokens import ExecutionGrant, is_execution_token
 from framepipe.server.guard import admit_websocket, bearer_token, token_matches
 from framepipe.server.state import ServiceState, service_state
+from framepipe.server.token_revocations import is_revoked, revoked
 
 try:
     from fastapi import HTTPException, Request, WebSocket
@@ -43,6 +44,7 @@ except ModuleNotFoundError as exc:
 __all__ = [
     "Where",
     "admit_live_socket",
+    "admitted_as",
     "admitted_until",
     "check_token",
     "open_to_execution_tokens",
@@ -141,6 +143,13 @@ def admitted_until(connection: HTTPConnection) -> int | None:
     return None if grant is None else grant.expires_at
 
 
+def admitted_as(connection: HTTPConnection) -> str | None:
+    """The :func:`~framepipe.server.execution_tokens.token_id` of the execution token
+    ``connection`` was admitted with, or None for the API token (or none needed)."""
+    grant: ExecutionGrant | None = getattr(connection.state, _ADMITTED, None)
+    return None if grant is None else grant.token_id
+
+
 def shown_execution(
     connection: HTTPConnection, service: ServiceState, record: dict[str, Any]
 ) -> dict[str, Any]:
@@ -218,6 +227,8 @@ async def check_token(request: Request) -> None:
         grant = execution_tokens.read(token, given)
     except InvalidInputError as exc:
         raise _unauthorized(f"the execution token {exc.reason}") from None
+    if await is_revoked(service.store, grant.execution_id, grant.token_id):
+        raise _unauthorized("the execution token has been revoked; ask your backend for a new one")
     await _admit_grant(request, service, grant)
     setattr(request.state, _ADMITTED, grant)
 
@@ -229,6 +240,9 @@ async def admit_live_socket(
     execution) if it presents the API token, or an execution token of that very execution;
     else close it with 1008 and return False."""
     token = service.token
+    killed: set[str] = set()
+    if token and execution_id is not None and len(execution_id.strip()) == 32:
+        killed = await revoked(service.store, execution_id.strip().lower())
 
     def granted(given: str | None) -> bool:
         if not token or given is None:
@@ -237,7 +251,7 @@ async def admit_live_socket(
             grant = execution_tokens.read(token, given)
         except InvalidInputError:
             return False
-        if not _names(grant, execution_id):
+        if not _names(grant, execution_id) or grant.token_id in killed:
             return False
         setattr(websocket.state, _ADMITTED, grant)
         return True

@@ -2,8 +2,9 @@
 backend holding the service's API token hands to a browser.
 
 A token reads ``fpx1.<payload>.<signature>``: ``payload`` is the base64url of a JSON object
-naming the execution's full id (``e``), the scope (``s``, only :data:`READ` exists) and the
-expiry (``x``, unix seconds); ``signature`` is the base64url of HMAC-SHA256 over
+naming the execution's full id (``e``), the scope (``s``, only :data:`READ` exists), the
+expiry (``x``, unix seconds) and a random nonce (``n``, so no two tokens are the same and each
+is revoked alone); ``signature`` is the base64url of HMAC-SHA256 over
 ``fpx1.<payload>`` with a key derived from the service's API token (:func:`_key`). So:
 
 * only a holder of the API token can make one: the service (``POST
@@ -11,7 +12,9 @@ expiry (``x``, unix seconds); ``signature`` is the base64url of HMAC-SHA256 over
 * an API token shorter than :data:`MIN_API_TOKEN_LENGTH` signs none and accepts none
   (:func:`signing_problem`): whoever holds an execution token (a browser) can try API tokens
   offline, as fast as HMAC-SHA256 runs, until one signs it, which finds a short one;
-* changing the API token revokes every execution token made with it; nothing is stored;
+* changing the API token revokes every execution token made with it; one token is revoked
+  by its :func:`token_id` (``POST /api/executions/{id}/tokens/revoke``), which the service
+  records as an event of its execution (:mod:`framepipe.server.token_revocations`);
 * :func:`read` checks the signature in constant time before it looks at anything the
   payload says, then the scope and the expiry; a token that fails any of these is refused
   with :class:`~framepipe.errors.InvalidInputError` saying which (never the token itself).
@@ -28,6 +31,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -44,6 +48,7 @@ __all__ = [
     "mint",
     "read",
     "signing_problem",
+    "token_id",
 ]
 
 PREFIX = "fpx1."
@@ -74,6 +79,8 @@ class ExecutionGrant:
     scope: str
     expires_at: int
     """Unix seconds after which the token is refused."""
+    token_id: str
+    """The token's :func:`token_id`, by which it is revoked."""
 
 
 def signing_problem(api_token: str | None) -> str | None:
@@ -109,6 +116,15 @@ def _signature(api_token: str, signed: str) -> str:
     return _b64(hmac.new(_key(api_token), signed.encode("ascii"), hashlib.sha256).digest())
 
 
+def token_id(token: str) -> str:
+    """The id of the execution token ``token``, by which it is revoked alone: 32 hexadecimal
+    digits of the SHA-256 of its signature, which differs for every token (it signs the
+    payload, whose nonce is random) and tells nothing of it; the id of a text that is no
+    token is that of its last ``.``-separated part."""
+    signature = token.strip().rpartition(".")[2]
+    return hashlib.sha256(signature.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
 def is_execution_token(text: str | None) -> bool:
     """Whether ``text`` has the form of an execution token (not whether it is valid)."""
     return text is not None and text.strip().startswith(PREFIX)
@@ -141,7 +157,7 @@ def mint(
             f"must be 1 to {MAX_LIFETIME} seconds, not {lifetime:g}", where="lifetime"
         )
     expires = int((time.time() if now is None else now) + lifetime)
-    claims = {"e": execution_id, "s": scope, "x": expires}
+    claims = {"e": execution_id, "n": secrets.token_urlsafe(9), "s": scope, "x": expires}
     payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode("ascii"))
     signed = PREFIX + payload
     return f"{signed}.{_signature(api_token, signed)}"
@@ -186,4 +202,6 @@ def read(api_token: str, token: str, *, now: float | None = None) -> ExecutionGr
         raise _refused(f"has the scope {scope!r}, which this service does not know")
     if (time.time() if now is None else now) >= expires:
         raise _refused("has expired; ask your backend for a new one")
-    return ExecutionGrant(execution_id=execution_id, scope=scope, expires_at=expires)
+    return ExecutionGrant(
+        execution_id=execution_id, scope=scope, expires_at=expires, token_id=token_id(token)
+    )

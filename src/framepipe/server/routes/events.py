@@ -7,7 +7,7 @@ HTTP).
 Guarantees of ``/ws``: nothing is read or sent before the token is checked (close code 1008;
 an execution token is accepted for its own ``?execution_id=`` only,
 :func:`~framepipe.server.access.admit_live_socket`, and the socket is closed with 1008 when
-it expires); a
+it expires or is revoked, :mod:`~framepipe.server.token_revocations`); a
 subscriber gets the current state first (``snapshot``), then every event committed after it, in
 order; one that falls too far behind is told so (``lagged``) and closed, to reconnect; one
 whose connection takes no message for :data:`STALL_TIMEOUT` seconds (a client that stopped
@@ -36,6 +36,7 @@ from framepipe.events import Event
 from framepipe.logs import get_logger
 from framepipe.server.access import (
     admit_live_socket,
+    admitted_as,
     admitted_until,
     open_to_execution_tokens,
     shown_event,
@@ -45,6 +46,7 @@ from framepipe.server.params import ExecutionId, check_execution_id
 from framepipe.server.public import public_json
 from framepipe.server.routes.executions import summaries
 from framepipe.server.state import Service, ServiceState
+from framepipe.server.token_revocations import REVOKED
 from framepipe.untrusted import dumps
 
 try:
@@ -178,17 +180,24 @@ async def _relay(
     service: ServiceState,
     stream: AsyncIterator[Event | None],
     first: dict[str, Any],
-) -> None:
+) -> bool:
     """Send ``first`` (the snapshot), then each event of ``stream`` and its progress summary;
-    raises :class:`_Stalled` when the connection stops taking them."""
+    raises :class:`_Stalled` when the connection stops taking them. Returns True when the
+    execution token the socket was admitted with is revoked (that event is not sent)."""
     await _send(websocket, first)
+    own_token = admitted_as(websocket)
     # Coalesced progress events of one commit may carry execution progress out of order; the
     # highest seen so far is what a browser should show.
     highest: dict[str | None, float] = {}
     async for event in stream:
         if event is None:
             await _send(websocket, {"type": "lagged"})
-            return
+            return False
+        if own_token is not None and (event.type, event.data.get("token_id")) == (
+            REVOKED,
+            own_token,
+        ):
+            return True
         shown = shown_event(websocket, service, event.to_dict())
         await _send(websocket, {"type": "event", "event": shown})
         if event.type in ("step.progress", "step.completed", "execution.completed"):
@@ -198,6 +207,7 @@ async def _relay(
                     float(message["progress"]), highest.get(event.execution_id, 0.0)
                 )
             await _send(websocket, message)
+    return False
 
 
 async def _forward(
@@ -205,16 +215,18 @@ async def _forward(
     service: ServiceState,
     stream: AsyncIterator[Event | None],
     first: dict[str, Any],
-) -> None:
-    """:func:`_relay`, ending (logged) when the connection stalls."""
+) -> bool:
+    """:func:`_relay` (True: the socket's token was revoked), ending (logged) when the
+    connection stalls."""
     try:
-        await _relay(websocket, service, stream, first)
+        return await _relay(websocket, service, stream, first)
     except _Stalled:
         _log.warning(
             "/ws: the subscriber at %s took no message for %gs (it stopped reading); it is cut off",
             _peer(websocket),
             STALL_TIMEOUT,
         )
+        return False
 
 
 async def _until_expired(websocket: WebSocket) -> None:
@@ -283,9 +295,13 @@ async def live(
                 with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect, RuntimeError):
                     await task
     expired = expiry.done() and not expiry.cancelled()
+    revoked = sender.done() and not sender.cancelled() and sender.exception() is None
+    revoked = revoked and sender.result()
     closing = (
         websocket.close(code=1008, reason="the execution token has expired")
         if expired
+        else websocket.close(code=1008, reason="the execution token has been revoked")
+        if revoked
         else websocket.close()
     )
     # The subscription has ended; a stalled connection may not take the close frame either.

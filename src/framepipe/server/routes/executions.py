@@ -4,7 +4,8 @@ Guarantees: an execution exists only once its submission was committed (an unkno
 is a 404, invalid inputs a 422 naming the field); listings carry no inputs, steps or data, so
 their size does not depend on what clients submitted; ids may be unique prefixes. An
 execution token (``POST /api/executions/{id}/tokens``) is made only with the API token, for an
-execution that exists, and lives at most a week. Ids,
+execution that exists, and lives at most a week; one is revoked alone with the API token
+(``POST /api/executions/{id}/tokens/revoke``). Ids,
 pipeline names and statuses are checked before any store is asked
 (:mod:`framepipe.server.params`: a 422 naming the parameter).
 """
@@ -12,13 +13,14 @@ pipeline names and statuses are checked before any store is asked
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from framepipe.errors import MissingDependencyError
+from framepipe.errors import InvalidInputError, MissingDependencyError
 from framepipe.jobs.client import ExecutionSummary
 from framepipe.server import execution_tokens
 from framepipe.server.access import open_to_execution_tokens, shown_execution
 from framepipe.server.execution_tokens import DEFAULT_LIFETIME, MAX_LIFETIME
 from framepipe.server.params import MAX_NAME, ExecutionId, PipelineName, StatusName
 from framepipe.server.state import Service
+from framepipe.server.token_revocations import revoke
 
 try:
     from fastapi import APIRouter, HTTPException, Query, Request
@@ -29,6 +31,8 @@ except ModuleNotFoundError as exc:
 __all__ = [
     "CancelAnswer",
     "ExecutionToken",
+    "RevokeBody",
+    "Revoked",
     "SubmitBody",
     "Submitted",
     "TokenBody",
@@ -164,6 +168,10 @@ class ExecutionToken(BaseModel):
         "id, ``ml/<id>/...``); nothing else."
     )
     expires_at: int = Field(description="Unix seconds after which it is refused.")
+    token_id: str = Field(
+        description="Its id, which revokes it alone (``POST /api/executions/{id}/tokens/revoke``)"
+        " and may be logged: it tells nothing of the token."
+    )
 
 
 @router.post("/executions/{execution_id}/tokens", status_code=201)
@@ -188,5 +196,61 @@ async def executions_token(
     token = execution_tokens.mint(service.token, info.id, lifetime=lifetime)
     grant = execution_tokens.read(service.token, token)
     return ExecutionToken(
-        token=token, execution_id=info.id, scope="read", expires_at=grant.expires_at
+        token=token,
+        execution_id=info.id,
+        scope="read",
+        expires_at=grant.expires_at,
+        token_id=grant.token_id,
     )
+
+
+class RevokeBody(BaseModel):
+    """``POST /api/executions/{id}/tokens/revoke``: the token, or its id (one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    token: str | None = Field(
+        None, max_length=execution_tokens.MAX_LENGTH, description="The token to revoke."
+    )
+    token_id: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="The ``token_id`` the service answered when it made the token.",
+    )
+
+
+class Revoked(BaseModel):
+    """What ``POST /api/executions/{id}/tokens/revoke`` did."""
+
+    execution_id: str
+    token_id: str
+    revoked: bool = Field(description="False when it was revoked already (nothing changed).")
+
+
+@router.post("/executions/{execution_id}/tokens/revoke")
+async def executions_token_revoke(
+    execution_id: ExecutionId, service: Service, body: RevokeBody
+) -> Revoked:
+    """Revoke one execution token of an execution (id or unique prefix), given the token or
+    its ``token_id``: from the answer on, every request with it is refused (401) and a live
+    socket it opened is closed (1008); other tokens, and the API token, are untouched. Made
+    with the API token only. A token the service did not sign, or one of another execution,
+    is a 422; an expired one is revoked all the same (it is refused anyway)."""
+    if (body.token is None) == (body.token_id is None):
+        raise HTTPException(422, "give either the token or its token_id")
+    info = await service.jobs.get(execution_id, with_steps=False)
+    expires_at: int | None = None
+    token_id = body.token_id
+    if body.token is not None:
+        token = body.token.strip()
+        try:
+            grant = execution_tokens.read(service.token or "", token, now=0)
+        except InvalidInputError as exc:
+            raise HTTPException(422, f"token: the execution token {exc.reason}") from None
+        if grant.execution_id != info.id:
+            raise HTTPException(
+                422, f"token: it reads the execution {grant.execution_id}, not {info.id}"
+            )
+        token_id, expires_at = grant.token_id, grant.expires_at
+    assert token_id is not None  # one of the two, checked above
+    done = await revoke(service.store, info.id, token_id, expires_at)
+    return Revoked(execution_id=info.id, token_id=token_id, revoked=done)
