@@ -12,6 +12,7 @@ retrying, and says once that it works again when the password is set back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,94 @@ def test_credentials_refused_under_a_running_detector_relay_are_said_once(
     assert "does not answer" not in error
     assert back.startswith(f"detector relay: Redis at {masked(locked)} answers again after ")
     no_secret(error, back, *lost)
+
+
+# -- the rule all three share ---------------------------------------------------------------------
+
+
+class _Broker:
+    """The jobs' delivery, driven by hand as a worker drives it: each poke is one read."""
+
+    logger, about = "jobs.delivery", "job broker"
+
+    async def start(self, url: str) -> None:
+        self.delivery = RedisStreamsDelivery(url, "fpcreds")
+        await asyncio.to_thread(self.delivery.prepare)
+
+    async def poke(self) -> None:
+        with contextlib.suppress(BrokerError):
+            await asyncio.to_thread(self.delivery.take, "c1", 1, wait=0.05, window=1)
+
+    async def stop(self) -> None:
+        self.delivery.close()
+
+
+class _Sink:
+    """The Redis event sink: each poke is one more event; its writer retries by itself."""
+
+    logger, about = "events.redis", "event sink"
+
+    async def start(self, url: str) -> None:
+        self.sink = await RedisEventSink(url, "events", backoff=FAST).start()
+
+    async def poke(self) -> None:
+        self.sink("order.completed", {})
+
+    async def stop(self) -> None:
+        await self.sink.aclose()
+
+
+class _Relay:
+    """The detector relay: its loops retry by themselves; a poke only lets them run."""
+
+    logger, about = "server.detector", "detector relay"
+
+    async def start(self, url: str) -> None:
+        self.relay = Relay(DetectorHub("relayed"), url, "fpcreds")
+        await self.relay.start()
+
+    async def poke(self) -> None:
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        await self.relay.stop()
+
+
+@pytest.mark.parametrize("user", [_Broker, _Sink, _Relay], ids=["broker", "sink", "relay"])
+def test_refused_credentials_are_said_once_and_once_back_in_every_outage(
+    user: type[_Broker | _Sink | _Relay], locked: PrivateRedis, logs: pytest.LogCaptureFixture
+) -> None:
+    """Twice over: the password changed under the running user is said once however many
+    tries it refuses, and once more when it is set back; the next change is said again."""
+    component = user()
+
+    def lines(level: int) -> list[str]:
+        return [m for lv, m in said(logs, component.logger, component.about) if lv == level]
+
+    async def until(what: str, level: int, count: int) -> None:
+        async def poked() -> bool:
+            await component.poke()
+            return len(lines(level)) == count
+
+        await wait_until_async(what, poked, 30, interval=0.05)
+
+    async def main() -> None:
+        await component.start(locked.url)
+        try:
+            for outage in (1, 2):
+                locked.change_password(OTHER)
+                await until("the refusal said", logging.ERROR, outage)
+                for _ in range(3):  # more refused tries (the relay's retry in 0.5, 1 s)
+                    await component.poke()
+                    await asyncio.sleep(0.5)
+                locked.change_password(RIGHT)
+                await until("the 'back' line", logging.INFO, outage)
+        finally:
+            await component.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    shown = [lv for lv, _ in said(logs, component.logger, component.about) if lv != logging.WARNING]
+    assert shown == [logging.ERROR, logging.INFO] * 2, said(logs, component.logger)
+    errors = lines(logging.ERROR)
+    assert all("refuses the credentials" in m for m in errors), errors
+    no_secret(*errors, *lines(logging.INFO))

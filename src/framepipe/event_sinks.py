@@ -130,7 +130,6 @@ class _QueuedSink:
         self._origin = uuid.uuid4().hex[:16]
         self._outage = Outage()
         self._dropped_before = 0  # ``dropped`` when the outage under way began
-        self._said_wrong = False  # a wrong setting was said in the outage under way
         self._wake: asyncio.Event | None = None
         self._retry_now: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -290,24 +289,23 @@ class _QueuedSink:
         return None
 
     def _failed(self, exc: Exception) -> None:
-        first = self._outage.failed(exc)
-        self.last_error = self._outage.last_error
-        if first:
+        if not self._outage.down:
             self._dropped_before = self.dropped
         wrong = self._misconfigured(exc)
-        if wrong is not None and not self._said_wrong:
-            self._said_wrong = True
+        first = self._outage.failed(exc, refused=wrong is not None)
+        self.last_error = self._outage.last_error
+        if not first:
+            self._log.debug(
+                "%s: attempt %d failed: %s", self._named(), self._outage.attempts, self.last_error
+            )
+            return
+        if wrong is not None:
             self._log.error(
                 "%s cannot write: %s (retrying until it can; up to %d events queue meanwhile, "
                 "past that the oldest are dropped and counted)",
                 self._named(),
                 wrong,
                 self.max_pending,
-            )
-            return
-        if not first:
-            self._log.debug(
-                "%s: attempt %d failed: %s", self._named(), self._outage.attempts, self.last_error
             )
             return
         self._log.warning(
@@ -323,7 +321,6 @@ class _QueuedSink:
         lasted = self._outage.answered()
         if lasted is None:
             return
-        self._said_wrong = False
         self._log.info(
             "%s writes again after %.1f s (%d failed attempt(s)): %d event(s) waited, "
             "%d dropped meanwhile",

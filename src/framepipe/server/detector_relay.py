@@ -105,24 +105,23 @@ class _Outage:
         self.url = url
         self._failing: set[str] = set()
         self._outage = Outage()
-        self._said_denied = False
 
     def failed(self, doing: str, exc: BaseException) -> None:
         from framepipe.redis.connection import denied, refused_credentials
 
         self._failing.add(doing)
-        first = self._outage.failed(exc)
-        if denied(exc):
-            if not self._said_denied:
-                self._said_denied = True
-                _log.error(
-                    "detector relay: %s (%s); retrying until they are accepted, workers "
-                    "cannot reach the detectors meanwhile",
-                    refused_credentials(self.url, exc),
-                    doing,
-                )
+        refused = denied(exc)
+        first = self._outage.failed(exc, refused=refused)
+        if not first:
             return
-        if first:
+        if refused:
+            _log.error(
+                "detector relay: %s (%s); retrying until they are accepted, workers "
+                "cannot reach the detectors meanwhile",
+                refused_credentials(self.url, exc),
+                doing,
+            )
+        else:
             _log.warning(
                 "detector relay: Redis at %s does not answer (%s: %s); retrying until it "
                 "does, workers cannot reach the detectors meanwhile",
@@ -137,7 +136,6 @@ class _Outage:
         self._failing.discard(doing)
         lasted = None if self._failing else self._outage.answered()
         if lasted is not None:
-            self._said_denied = False
             _log.info(
                 "detector relay: Redis at %s answers again after %.0fs; relaying",
                 safe_url(self.url),

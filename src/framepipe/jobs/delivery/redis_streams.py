@@ -39,6 +39,7 @@ except ModuleNotFoundError as exc:
 from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
+from framepipe.outage import Outage
 from framepipe.redis import is_redis_url, namespaced, safe_url
 from framepipe.redis.connection import connect_sync, denied, refused, refused_credentials
 
@@ -89,8 +90,9 @@ class RedisStreamsDelivery(StepDelivery):
         self._lock = threading.Lock()  # the worker calls from several threads
         self._answered = False
         """A command has gone through: credentials refused now are no longer a start's."""
-        self._refused = False
-        """Credentials refused since the last command that went through (said once)."""
+        self._refused = Outage()
+        """Credentials refused since the last command that went through (its only failures:
+        the broker's other outages are the worker's to say)."""
 
     def _wrap(self, exc: redis.RedisError, what: str) -> FramepipeError:
         if isinstance(exc, redis.exceptions.NoPermissionError):
@@ -112,9 +114,9 @@ class RedisStreamsDelivery(StepDelivery):
         with self._lock:
             if not self._answered:
                 return refused("job broker", self.url, exc)
-            said, self._refused = self._refused, True
+            first = self._refused.failed(exc, refused=True)
         message = refused_credentials(self.url, exc)
-        if not said:
+        if first:
             _log.error(
                 "job broker %s: %s; retried until it accepts them, no step is delivered meanwhile",
                 self.safe_url,
@@ -127,12 +129,12 @@ class RedisStreamsDelivery(StepDelivery):
     def _went_through(self) -> None:
         """A command went through: the credentials are taken (said once if they were
         refused)."""
-        if self._answered and not self._refused:
+        if self._answered and not self._refused.down:
             return
         with self._lock:
             self._answered = True
-            was_refused, self._refused = self._refused, False
-        if was_refused:
+            lasted = self._refused.answered()
+        if lasted is not None:
             _log.info(
                 "job broker %s: Redis accepts the credentials again; delivering", self.safe_url
             )
