@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -225,4 +226,38 @@ def test_pausing_under_a_resource_alarm_keeps_the_consuming_connection(
             probe.close()
     finally:
         feeder.close()
+        worker.close()
+
+
+def test_closing_a_delivery_whose_node_froze_says_what_it_left(
+    rabbit: PrivateRabbitMQ, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A frozen node answers no close. close() waited one timeout for the two closes, which
+    # take up to four, then stopped the loop under them: it said nothing, and the client's
+    # tasks were destroyed pending ("Task was destroyed but it is pending", "coroutine
+    # 'Base.__closer' was never awaited" once collected).
+    caplog.set_level(logging.WARNING)
+    namespace = f"fp-close-{uuid.uuid4().hex[:6]}:"
+    run = uuid.uuid4().hex[:8]
+    worker = open_delivery(rabbit.url, namespace, timeout=2.0)
+    assert rabbit.proc is not None
+    try:
+        worker.publish([Delivery(run, "a")])
+        wait_until(
+            "the worker to take a step", lambda: bool(worker.take("w", 1, wait=0.2, window=1))
+        )
+        os.killpg(rabbit.proc.pid, signal.SIGSTOP)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            worker.close()
+            collector = threading.Thread(target=gc.collect)  # a thread with no event loop
+            collector.start()
+            collector.join()
+        said = [r.getMessage() for r in caplog.records if "closed, leaving" in r.getMessage()]
+        assert len(said) == 1, caplog.text
+        assert "the consuming connection" in said[0] and "the publishing connection" in said[0]
+        assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+        assert "Task was destroyed" not in caplog.text
+    finally:
+        os.killpg(rabbit.proc.pid, signal.SIGCONT)
         worker.close()

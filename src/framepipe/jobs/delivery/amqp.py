@@ -51,7 +51,6 @@ is :mod:`.amqp_wire`. This module is the client the callers see: it runs them on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
@@ -73,11 +72,23 @@ from framepipe.jobs.delivery.amqp_consuming import Consuming
 from framepipe.jobs.delivery.amqp_publishing import Publishing
 from framepipe.jobs.delivery.amqp_wire import channel_closed_by_server
 from framepipe.jobs.rounds import Delivery
+from framepipe.logs import get_logger
 from framepipe.redis import safe_url
 
 __all__ = ["AmqpDelivery"]
 
 T = TypeVar("T")
+_SHUTDOWN_GRACE = 1.0
+"""Seconds the client's tasks left after the connections closed are given to end."""
+_log = get_logger("jobs.delivery")
+
+
+def _run(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's thread: runs it until stopped, then closes it."""
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 class AmqpDelivery(StepDelivery):
@@ -154,7 +165,13 @@ class AmqpDelivery(StepDelivery):
         return self._call(self._backlog, "reading the backlog")
 
     def close(self) -> None:
-        """Close the connection (RabbitMQ requeues what it held) and stop the thread."""
+        """Close both connections (RabbitMQ requeues what the consuming one held) and stop the
+        loop's thread. Bounded: the two connections close side by side, each waiting
+        ``timeout`` at most for RabbitMQ's answer (a broker gone or frozen never answers),
+        then the client's tasks left are cancelled and given a second to end. What did not
+        close in time is said at warning level: a connection RabbitMQ did not answer (it
+        requeues what that one held once it notices the connection gone) and tasks still
+        ending, which the thread (a daemon) finishes before it stops."""
         with self._start:
             if self._closed:
                 return
@@ -162,12 +179,21 @@ class AmqpDelivery(StepDelivery):
             loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._consuming.drop(), loop).result(self._timeout)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(self._timeout)
-        if not thread.is_alive():
-            loop.close()
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        try:
+            left = future.result(self._timeout + _SHUTDOWN_GRACE + 5.0)
+        except FutureTimeout:
+            future.cancel()
+            left = [f"its event loop, which did not answer within {self._timeout:g}s"]
+        except Exception as exc:
+            left = [f"what closing failed on ({exc!r})"]
+        thread.join(_SHUTDOWN_GRACE)
+        if left:
+            _log.warning(
+                "job broker %s: closed, leaving %s",
+                self.safe_url,
+                "; ".join(left),
+            )
 
     def _call(
         self, make: Callable[[], Coroutine[Any, Any, T]], what: str, *, publishing: bool = False
@@ -195,7 +221,7 @@ class AmqpDelivery(StepDelivery):
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(
-                    target=self._loop.run_forever, daemon=True, name="framepipe-amqp"
+                    target=_run, args=(self._loop,), daemon=True, name="framepipe-amqp"
                 )
                 self._thread.start()
             return self._loop
@@ -250,6 +276,32 @@ class AmqpDelivery(StepDelivery):
             raise BrokerError(
                 f"job broker {self.safe_url}: {what} failed: {text}", url=self.safe_url
             ) from exc
+
+    async def _shutdown(self) -> list[str]:
+        """Close both connections side by side, then cancel the client's tasks left; the loop
+        stops once they ended. Returns what did not close or end in time."""
+        consuming, publishing = await asyncio.gather(
+            self._consuming.drop_own(), self._publishing.drop()
+        )
+        left = [
+            f"the {name} connection, which did not answer its close within {self._timeout:g}s"
+            for name, answered in (("consuming", consuming), ("publishing", publishing))
+            if not answered
+        ]
+        loop = asyncio.get_running_loop()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        pending: set[asyncio.Task[Any]] = set()
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE)
+        if pending:
+            left.append(f"{len(pending)} task(s) of the AMQP client still ending")
+            stopping = loop.create_task(asyncio.wait(pending))
+            stopping.add_done_callback(lambda _: loop.stop())
+        else:
+            loop.call_soon(loop.stop)
+        return left
 
     async def _prepare(self) -> None:
         await self._publishing.channel()

@@ -367,9 +367,13 @@ class Consuming:
 
     async def drop(self) -> None:
         """Close both connections (RabbitMQ requeues what this one held)."""
-        conn = self._forget_connection()
         await self._publishing.drop()
-        await self.link.close(conn)
+        await self.drop_own()
+
+    async def drop_own(self) -> bool:
+        """Close this connection only (RabbitMQ requeues what it held); True when it (and
+        any RabbitMQ closed) answered its close within the timeout."""
+        return await self.link.close(self._forget_connection())
 
     def _forget_connection(self) -> AbstractConnection | None:
         """The connection, no longer current, and what lived on it forgotten."""

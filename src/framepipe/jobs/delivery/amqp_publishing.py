@@ -113,11 +113,12 @@ class Publishing:
                     url=self.link.safe_url,
                 )
 
-    async def drop(self) -> None:
-        """Close the connection (and any RabbitMQ closed); the next call connects again."""
+    async def drop(self) -> bool:
+        """Close the connection (and any RabbitMQ closed); the next call connects again. True
+        when each answered its close within the timeout."""
         conn = self.link.forget()
         self._forget()
-        await self.link.close(conn)
+        return await self.link.close(conn)
 
     def _forget(self) -> None:
         self._pub = None

@@ -103,21 +103,29 @@ class Link:
         conn, self.conn = self.conn, None
         return conn
 
-    async def close(self, conn: AbstractConnection | None) -> None:
+    async def close(self, conn: AbstractConnection | None) -> bool:
         """Close ``conn``, then every connection RabbitMQ closed, each waiting a timeout at
         most (a blocked or frozen one never answers). A close cut short is finished at once
-        (aio-pika let go of the transport when it began, so nothing more is sent)."""
-        await self._close(conn)
+        (aio-pika let go of the transport when it began, so nothing more is sent). True when
+        each answered within its timeout."""
+        answered = await self._close(conn)
         while self._stale:
-            await self._close(self._stale.pop())
+            answered = await self._close(self._stale.pop()) and answered
+        return answered
 
-    async def _close(self, conn: AbstractConnection | None) -> None:
+    async def _close(self, conn: AbstractConnection | None) -> bool:
+        answered = True
         for _ in range(2):
             if conn is None or conn.is_closed:
-                return
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                break
+            try:
                 async with asyncio.timeout(self.timeout):
                     await conn.close()
+            except TimeoutError:
+                answered = False
+            except CONNECTION_EXCEPTIONS:
+                pass
+        return answered
 
     def _on_close(self, sender: AbstractConnection | None, *_args: Any) -> None:
         """A connection closed under the delivery (RabbitMQ closed it, or went away; one
