@@ -767,9 +767,9 @@ def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) ->
 class Doorbell:
     """``run.py`` in a subprocess, its stdout (JSON events) and stderr collected as they come."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(self, tmp_path: Path, *args: str, command: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(EXAMPLE / "run.py"), *args],
+            command or [sys.executable, str(EXAMPLE / "run.py"), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -887,3 +887,70 @@ def test_command_runs_where_there_is_no_sighup(tmp_path: Path, media: dict[str, 
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(e["type"], e["name"]) for e in lines] == [("visitor.known", "alice")]
+
+
+def test_a_second_ctrl_c_during_the_stop_is_said_and_the_stop_completes(
+    tmp_path: Path, media: dict[str, Path]
+) -> None:
+    """Ctrl-C, then Ctrl-C again while the doorbell stops (here: while its webhook, which the
+    test holds, has the visit the stop closed): the second is said and ignored, the visit is
+    delivered, the final metrics printed, exit code 0. It raised a KeyboardInterrupt in the
+    middle of the stop: a traceback, the visit lost, and the process aborted."""
+    known_dir(tmp_path, media["alice"])
+    held: list[dict[str, Any]] = []
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body.get("trigger") == "visit":  # the visit the stop closed: held
+                held.append(body)
+                release.wait(WAIT)
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = {
+        "notifications": {
+            "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook",
+            "webhook_timeout": WAIT,
+        },
+        "pipeline_config": {"event_processing": {"max_visit_duration": 3600}},
+    }
+    argv = [str(media["carphone"]), "--loop", "--realtime", "--stdin-bell"]
+    argv += ["--workers", "1", "--status-every", "0"]
+    program = (  # Ctrl-C as in a terminal (a shell's background job hands SIGINT on ignored)
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"sys.path.insert(0, {str(EXAMPLE)!r}); from doorbell.main import main; "
+        f"sys.exit(main(['--camera', *{argv!r}], config={config!r}))"
+    )
+    doorbell = Doorbell(tmp_path, command=[sys.executable, "-c", program])
+    try:
+        doorbell.ring_until("visitor.known")  # alice in view: her visit is open
+        doorbell.process.send_signal(signal.SIGINT)
+        wait_until("the stop to POST the visit", lambda: held, WAIT, explain=doorbell.explain)
+        doorbell.process.send_signal(signal.SIGINT)
+        wait_until(
+            "the second Ctrl-C to be said",
+            lambda: doorbell.said("[doorbell] already stopping"),
+            WAIT,
+            explain=doorbell.explain,
+        )
+        release.set()
+        assert doorbell.process.wait(WAIT) == 0, doorbell.explain()
+        assert held[0]["name"] == "alice"
+        assert not any("Traceback" in line for line in doorbell.err), doorbell.explain()
+        metrics = json.loads(next(x for x in doorbell.err if x.startswith("metrics: "))[9:])
+        assert metrics["notifications"]["sent"] >= 1
+        assert metrics["notifications"]["dropped"] == 0
+    finally:
+        release.set()
+        if doorbell.process.poll() is None:
+            doorbell.process.kill()
+            doorbell.process.wait()
+        server.shutdown()
+        server.server_close()

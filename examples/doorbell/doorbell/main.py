@@ -23,7 +23,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from doorbell.config import _merge
@@ -148,12 +148,22 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
     )
     reload = _Reloader(manager)
     previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: done.set())
         if hasattr(signal, "SIGHUP"):  # not on Windows
             previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload.wanted.set())
+
+    def stopping() -> None:
+        """From here on a Ctrl-C is said and ignored: a KeyboardInterrupt raised in the
+        middle of the stop left the pipeline running, lost the open visit and aborted the
+        process ("terminate called without an active exception")."""
+        if main_thread:
+            previous.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+            signal.signal(signal.SIGINT, _again)
+
     try:
-        return _serve(manager, args, done, reload)
+        return _serve(manager, args, done, reload, stopping)
     finally:
         for number, handler in previous.items():  # main() called from a program: give it back
             signal.signal(number, handler)
@@ -199,19 +209,36 @@ class _Reloader:
             )
 
 
+def _again(signum: int, frame: object) -> None:
+    """SIGINT while the doorbell stops: said, not acted on (the stop is under way)."""
+    print(
+        "[doorbell] already stopping: queued frames and the open visit are being finished "
+        "(kill -KILL to abandon them)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _serve(
     manager: OrchestratorManager,
     args: argparse.Namespace,
     done: threading.Event,
     reload: _Reloader,
+    stopping: Callable[[], None],
 ) -> int:
-    """Start, report health until ``done``, stop; the exit code."""
+    """Start, report health until ``done`` or Ctrl-C, stop (``stopping()`` called first, also
+    after a Ctrl-C during the start); the exit code."""
     try:
         manager.start()
     except FramepipeError as exc:
+        stopping()
         print(f"doorbell: error: {exc}", file=sys.stderr)
         manager.stop()
         return 1
+    except KeyboardInterrupt:
+        stopping()
+        manager.stop()
+        return 0
     reload.start()
     if args.stdin_bell:
 
@@ -232,6 +259,7 @@ def _serve(
     except KeyboardInterrupt:
         pass
     finally:
+        stopping()
         reload.stop()
         health = manager.get_health_status()
         manager.stop()
