@@ -733,7 +733,9 @@ class OrderAccuracy:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the event sinks and start every station."""
+        """Open the event sinks and start every station. A sink's wrong setting (Redis
+        refusing the broker URL's credentials) fails it with :class:`ConfigError` before any
+        station starts, instead of queueing the events for a writer that never gets in."""
         if self._store_events:
             self._store = StateStore(
                 self.settings.resolved_database_url,
@@ -747,6 +749,12 @@ class OrderAccuracy:
         if self.settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
             stream = f"{self.settings.broker_namespace}:events:{self.app.name}"
             self._sinks.append(RedisEventSink(self.settings.broker_url, stream))
+        try:
+            for sink in self._sinks:
+                await sink.start()
+        except BaseException:
+            await self._close_sinks()
+            raise
         for sink in self._sinks:
             sink.attach(self.app)
         await self.app.start()
@@ -754,6 +762,10 @@ class OrderAccuracy:
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop every station (open orders close with their frames), then flush the events."""
         await self.app.stop(timeout)
+        await self._close_sinks()
+
+    async def _close_sinks(self) -> None:
+        """Write what the sinks hold, close them and the state store they wrote to."""
         for sink in self._sinks:
             await sink.aclose()
         self._sinks.clear()
