@@ -39,6 +39,7 @@ __all__ = [
     "cancel_requested",
     "completed_data",
     "count_jobs",
+    "events_data",
     "execution_mode",
     "execution_status",
     "fail_refused",
@@ -682,6 +683,18 @@ def last_event_at(
     with store.read() as conn:
         ts = conn.execute(query).scalar()
     return None if ts is None else float(ts)
+
+
+def events_data(store: StateStore, execution_id: str, event_type: str) -> list[dict[str, Any]]:
+    """The data of the stored events of type ``event_type`` of execution ``execution_id``
+    (its full id), oldest first; an event whose data is not an object is left out."""
+    query = (
+        sa.select(events.c.data)
+        .where(events.c.execution_id == execution_id, events.c.type == event_type)
+        .order_by(events.c.id)
+    )
+    with store.read() as conn:
+        return [d for d in conn.execute(query).scalars() if isinstance(d, dict)]
 
 
 def newest_event_id(store: StateStore) -> int:

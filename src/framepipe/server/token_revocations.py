@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-import sqlalchemy as sa
-
 from framepipe.backends.state import StateStore
 from framepipe.backends.state.event_log import append_events
-from framepipe.backends.state.schema import events
 from framepipe.events import Event
+from framepipe.jobs.records import events_data
 
 __all__ = ["REVOKED", "is_revoked", "revoke", "revoked"]
 
@@ -30,15 +28,11 @@ REVOKED = "execution.token_revoked"
 
 
 def _revoked_ids(store: StateStore, execution_id: str) -> set[str]:
-    query = sa.select(events.c.data).where(
-        events.c.execution_id == execution_id, events.c.type == REVOKED
-    )
-    with store.read() as conn:
-        return {
-            str(data["token_id"])
-            for data in conn.execute(query).scalars()
-            if isinstance(data, dict) and "token_id" in data
-        }
+    return {
+        str(data["token_id"])
+        for data in events_data(store, execution_id, REVOKED)
+        if "token_id" in data
+    }
 
 
 async def revoked(store: StateStore, execution_id: str) -> set[str]:
