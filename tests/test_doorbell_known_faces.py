@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -129,3 +130,58 @@ def test_a_known_face_name_that_is_not_one_plain_file_name_is_refused_before_any
     with pytest.raises(InvalidInputError, match="known face name"):
         faces.add_known_face(name, image)
     assert list(tmp_path.rglob("*.jpg")) == [image]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_known_faces_folder_that_cannot_be_listed(tmp_path: Path) -> None:
+    """A known-faces folder its user may not list (mode 000, the check run without root's
+    capabilities, which list anything): ``load_known`` raises ``MediaError`` naming it and
+    why, the doorbell's reload makes every visitor unknown and says so in ``issues``, and the
+    migration's compatibility check warns instead of raising (it raised the ``MediaError``)."""
+    need_dlib()
+    setpriv = shutil.which("setpriv")  # util-linux
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to run the check without root's capabilities")
+    data = tmp_path / "data"
+    folder = data / "known_faces"
+    folder.mkdir(parents=True)
+    folder.chmod(0o000)
+    check = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from doorbell import MigrationUtils, OrchestratorManager; "
+        "from doorbell.known_faces import load_known; "
+        "from framepipe.errors import MediaError; "
+        "from framepipe.processors.faces import FaceAnalyzer\n"
+        "try:\n    load_known(sys.argv[2] + '/known_faces', FaceAnalyzer()); error = None\n"
+        "except MediaError as exc:\n    error = str(exc)\n"
+        "orchestrator = OrchestratorManager({'data_dir': sys.argv[2]}).orchestrator\n"
+        "known = orchestrator.reload_known_faces()\n"
+        "print(json.dumps({'error': error, 'known': known.names, 'issues': orchestrator.issues, "
+        "'validate': MigrationUtils.validate_migration_compatibility(sys.argv[2])}))"
+    )
+    args = [str(EXAMPLE), str(data)]
+    try:
+        done = subprocess.run(
+            [setpriv, "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", check, *args],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "FRAMEPIPE_HOME": str(tmp_path / "home")},
+        )
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (
+        result["error"] == f"{folder}: known faces directory cannot be listed (Permission denied)"
+    )
+    assert result["known"] == []
+    assert result["issues"] == [f"known faces {result['error']}: every visitor is unknown"]
+    validate = result["validate"]
+    assert validate["compatible"] is True, validate["issues"]
+    assert validate["checks"]["known_faces"] == 0
+    warning = f"known faces {result['error']}: every visitor will be unknown"
+    assert warning in validate["warnings"]

@@ -723,6 +723,41 @@ def test_migration_utils(tmp_path: Path, media: dict[str, Path]) -> None:
     assert any("nope.mp4" in issue for issue in broken["issues"])
 
 
+def test_migration_copies_no_capture_from_outside_the_captures_folder(tmp_path: Path) -> None:
+    """A legacy captures folder holding links: one out of it (to a secret named ``.jpg``) is
+    left out with the reason, not copied into the object store, where the web interface
+    serves it; a link in a loop and a folder named ``.jpg`` too; a link to a capture inside
+    the folder is copied. Every capture used to be copied, the secret's content included."""
+    data = tmp_path / "data"
+    captures = data / "captures"
+    captures.mkdir(parents=True)
+    assert cv2.imwrite(
+        str(captures / "visitor_20240101_120000.jpg"), np.full((8, 8, 3), 90, np.uint8)
+    )
+    (captures / "same.jpg").symlink_to(captures / "visitor_20240101_120000.jpg")
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    (captures / "leak.jpg").symlink_to(secret)
+    (captures / "loop.jpg").symlink_to(captures / "loop.jpg")
+    (captures / "folder.jpg").mkdir()
+
+    migrated = MigrationUtils.migrate_legacy_data(data)
+
+    assert migrated["success"] is True, migrated["errors"]
+    assert migrated["migrated"]["captures"] == 2
+    objects = LocalObjectStore(data / "objects")
+    assert not objects.exists("captures/legacy/leak.jpg")
+    assert sorted(o.key for o in objects.list("captures/legacy/")) == [
+        "captures/legacy/same.jpg",
+        "captures/legacy/visitor_20240101_120000.jpg",
+    ]
+    skipped = " | ".join(migrated["skipped"])
+    assert f"capture {captures / 'leak.jpg'}: it leads out of {captures}" in skipped
+    assert f"capture {captures / 'folder.jpg'}: not a regular file" in skipped
+    assert "loop.jpg" in skipped
+
+
 def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) -> None:
     """``run.py --camera FILE --motion`` (the motion gate before detection) prints the
     visitor event as a JSON line and exits 0."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doorbell.config import DoorbellConfig, load_config
-from doorbell.known_faces import load_known
+from doorbell.known_faces import load_known, shown_path
 from framepipe.backends.objects import open_object_store
 from framepipe.errors import FramepipeError
 from framepipe.processors.faces import (
@@ -54,10 +55,29 @@ def _analyzer(cfg: DoorbellConfig) -> FaceAnalyzer:
     )
 
 
-def _images(folder: Path) -> list[Path]:
+def _captures(folder: Path) -> tuple[list[Path], list[str]]:
+    """The legacy captures to copy: the ``.jpg``/``.jpeg``/``.png`` regular files of
+    ``folder`` (in name order), and why the others named so are left out: a link (or a path)
+    that leads out of ``folder`` (it would put a file from elsewhere in the object store, where
+    the web interface serves it) and anything but a regular file. A folder that cannot be
+    listed is one reason. Never raises."""
     if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [], []
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        return [], [f"captures {shown_path(folder)}: cannot be listed ({exc.strerror or exc})"]
+    # os.path.realpath, not Path.resolve: it does not raise on a link loop
+    root = os.path.realpath(folder)
+    kept, refused = [], []
+    for path in paths:
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            refused.append(f"capture {shown_path(path)}: it leads out of {shown_path(folder)}")
+        elif not path.is_file():
+            refused.append(f"capture {shown_path(path)}: not a regular file")
+        else:
+            kept.append(path)
+    return kept, refused
 
 
 class MigrationUtils:
@@ -102,12 +122,17 @@ class MigrationUtils:
             )
             checks["known_faces"] = 0
         elif checks["dlib"] and not missing:
-            known = load_known(folder, _analyzer(cfg))
-            checks["known_faces"] = len(known.faces)
-            checks["known_face_names"] = known.names
-            warnings += [f"known face {r.source} rejected: {r.reason}" for r in known.rejected]
-            if not known.faces:
-                warnings.append(f"no usable known face in {folder}")
+            try:
+                known = load_known(folder, _analyzer(cfg))
+            except FramepipeError as exc:  # cannot be listed: as good as missing
+                warnings.append(f"known faces {exc}: every visitor will be unknown")
+                checks["known_faces"] = 0
+            else:
+                checks["known_faces"] = len(known.faces)
+                checks["known_face_names"] = known.names
+                warnings += [f"known face {r.source} rejected: {r.reason}" for r in known.rejected]
+                if not known.faces:
+                    warnings.append(f"no usable known face in {folder}")
         checks["object_store"] = _store_check(cfg.objects_url, issues)
         return {"compatible": not issues, "issues": issues, "warnings": warnings, "checks": checks}
 
@@ -180,16 +205,18 @@ class MigrationUtils:
             }
         with objects:
             captures = 0
-            for path in _images(cfg.data_dir / "captures"):
+            paths, refused = _captures(cfg.data_dir / "captures")
+            skipped += refused
+            for path in paths:
                 key = f"captures/legacy/{path.name}"
                 try:
                     if objects.exists(key) and objects.stat(key).size == path.stat().st_size:
-                        skipped.append(f"{path}: already migrated")
+                        skipped.append(f"{shown_path(path)}: already migrated")
                         continue
                     objects.put_file(key, path)
                     captures += 1
                 except (OSError, FramepipeError) as exc:
-                    errors.append(f"capture {path}: {exc}")
+                    errors.append(f"capture {shown_path(path)}: {exc}")
             known_count = 0
             if cfg.known_faces_dir.is_dir():
                 try:
