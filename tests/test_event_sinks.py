@@ -286,9 +286,9 @@ def test_the_prune_command(tmp_path: Path) -> None:
 
 
 def test_an_overflow_while_a_batch_is_written_drops_queued_events_not_the_batch() -> None:
-    from framepipe.event_sinks import _QueuedSink
+    from framepipe.sink_queue import QueuedSink
 
-    class Slow(_QueuedSink):
+    class Slow(QueuedSink):
         kind = "slow"
 
         def __init__(self) -> None:
@@ -846,12 +846,3 @@ def test_an_event_the_database_refuses_is_dropped_alone_and_a_long_type_is_cut(
     warned = [r.getMessage() for r in caplog.records if "refused event" in r.getMessage()]
     assert len(warned) == 1
     assert "tag.refused" in warned[0] and "\n" not in warned[0]
-
-
-def test_the_redis_event_sink_is_one_class_by_all_its_import_paths() -> None:
-    import framepipe
-    import framepipe.event_sinks
-    from framepipe.redis.event_sink import RedisEventSink
-
-    assert framepipe.event_sinks.RedisEventSink is RedisEventSink
-    assert framepipe.RedisEventSink is RedisEventSink

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
     from framepipe.backends.state import StateStore
     from framepipe.backoff import Backoff
-    from framepipe.event_sinks import StoreEventSink
+    from framepipe.event_sinks import RedisEventSink, StoreEventSink
     from framepipe.frames import Frame
     from framepipe.health import HealthState
     from framepipe.jobs import (
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from framepipe.jobs.runner import run_pipeline
     from framepipe.mqtt import MqttEventSink
     from framepipe.processors.base import Processor, as_processor
-    from framepipe.redis.event_sink import RedisEventSink
     from framepipe.sources import CommandSource, PatternSource, Source, VideoSource
     from framepipe.stream import FrameStore, MotionGate, Segment, Segmenter, Sink, Stage
     from framepipe.stream.pipeline import StreamPipeline
@@ -92,7 +91,7 @@ __getattr__ = attach(
         "SystemState": "framepipe.app_health",
         "Backoff": "framepipe.backoff",
         "Frame": "framepipe.frames",
-        "RedisEventSink": "framepipe.redis.event_sink",
+        "RedisEventSink": "framepipe.event_sinks",
         "MqttEventSink": "framepipe.mqtt",
         "StoreEventSink": "framepipe.event_sinks",
         "Processor": "framepipe.processors.base",
