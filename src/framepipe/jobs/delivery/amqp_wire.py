@@ -107,13 +107,21 @@ class Link:
         """Close ``conn``, then every connection RabbitMQ closed, each waiting a timeout at
         most (a blocked or frozen one never answers). A close cut short is finished at once
         (aio-pika let go of the transport when it began, so nothing more is sent). True when
-        each answered within its timeout."""
+        RabbitMQ answered each close (its ``Close-Ok`` came) within the timeout."""
         answered = await self._close(conn)
         while self._stale:
             answered = await self._close(self._stale.pop()) and answered
         return answered
 
     async def _close(self, conn: AbstractConnection | None) -> bool:
+        if conn is None or conn.is_closed:
+            return True
+        # aiormq ends its reader when Close-Ok comes, and cancels it when it gives up waiting
+        # (after 2 s, and returns as if closed): only the first is an answer.
+        transport = conn.transport
+        reader: asyncio.Task[Any] | None = getattr(
+            transport.connection if transport is not None else None, "_reader_task", None
+        )
         answered = True
         for _ in range(2):
             if conn is None or conn.is_closed:
@@ -125,6 +133,8 @@ class Link:
                 answered = False
             except CONNECTION_EXCEPTIONS:
                 pass
+        if reader is not None and (not reader.done() or reader.cancelled()):
+            answered = False
         return answered
 
     def _on_close(self, sender: AbstractConnection | None, *_args: Any) -> None:
