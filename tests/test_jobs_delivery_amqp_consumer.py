@@ -17,6 +17,7 @@ from brokers import broker_namespace
 from framepipe.errors import BrokerError
 from framepipe.jobs.delivery import Delivery, Received, amqp_consuming, open_delivery
 from framepipe.jobs.delivery.amqp import AmqpDelivery
+from waiting import wait_until
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -54,16 +55,16 @@ def take_for(d: AmqpDelivery, seconds: float, *, count: int, window: int) -> lis
 def test_a_consumer_with_its_prefetch_held_unsettled_is_not_taken_for_stuck(
     delivery: AmqpDelivery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A window of 16 steps: a prefetch of 2 messages (one holds the window, one more is on
-    # its way). With 2 taken and held unsettled, RabbitMQ sends nothing more while 4 wait:
-    # that is the prefetch at work, not a consumer lost. Taking it for one warned and consumed
-    # again under a new tag, with a fresh prefetch: 2 more messages, then 2 more...
+    # A window of 2 steps: a prefetch of 2 one-step messages. With 2 taken and held
+    # unsettled, RabbitMQ sends nothing more while 4 wait: that is the prefetch at work, not
+    # a consumer lost. Taking it for one warned and consumed again under a new tag, with a
+    # fresh prefetch: 2 more messages, then 2 more...
     caplog.set_level(logging.WARNING, logger="framepipe")
     sent = one_step_messages(6)
     delivery.publish(sent)
-    held = take_for(delivery, 1.0, count=16, window=16)
+    held = take_for(delivery, 1.0, count=2, window=2)
     assert len(held) == 2
-    more = take_for(delivery, 8 * CHECK, count=14, window=16)
+    more = take_for(delivery, 8 * CHECK, count=2, window=2)
     assert more == [], f"given {len(more)} more while holding its prefetch's worth"
     assert "receives nothing" not in caplog.text
     assert delivery.backlog().waiting == 4
@@ -71,7 +72,7 @@ def test_a_consumer_with_its_prefetch_held_unsettled_is_not_taken_for_stuck(
     rest: list[Received] = []
     deadline = time.monotonic() + 10
     while len(rest) < 4 and time.monotonic() < deadline:
-        got = delivery.take("a", 16, wait=0.1, window=16)
+        got = delivery.take("a", 2, wait=0.1, window=2)
         delivery.ack(got)
         rest += got
     assert sorted(r.delivery for r in held + rest) == sorted(sent)
@@ -82,13 +83,14 @@ def test_a_consumer_rabbitmq_delivers_nothing_to_though_it_has_room_consumes_aga
     delivery: AmqpDelivery, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its consumer gone without the delivery being told (as one left on a queue deleted and
-    # declared again at once), while it holds one message of its prefetch of 2: the check
-    # finds messages waiting though there is room, says so, and consumes again, with a
-    # prefetch of the one message it has room for, then the full 2 once it holds nothing.
+    # declared again at once), while it holds one message of its prefetch of 2 (a window of
+    # 2 one-step messages): the check finds messages waiting though there is room, says so,
+    # and consumes again, with a prefetch of the one message it has room for, then the full
+    # 2 once it holds nothing.
     caplog.set_level(logging.WARNING, logger="framepipe")
     sent = one_step_messages(6)
     delivery.publish(sent[:1])
-    held = take_for(delivery, 0.5, count=16, window=16)
+    held = take_for(delivery, 0.5, count=2, window=2)
     assert len(held) == 1
     consuming = delivery._consuming
 
@@ -99,14 +101,14 @@ def test_a_consumer_rabbitmq_delivers_nothing_to_though_it_has_room_consumes_aga
 
     delivery._call(lose_the_consumer, "losing the consumer")
     delivery.publish(sent[1:])
-    got = take_for(delivery, 6 * CHECK, count=16, window=16)
+    got = take_for(delivery, 6 * CHECK, count=2, window=2)
     assert "receives nothing" in caplog.text
     assert len(got) == 1, "consumed again with room for one message only"
     delivery.ack(held + got)
     rest: list[Received] = []
     deadline = time.monotonic() + 10
     while len(rest) < 4 and time.monotonic() < deadline:
-        taken = delivery.take("a", 16, wait=0.1, window=16)
+        taken = delivery.take("a", 2, wait=0.1, window=2)
         assert len(taken) <= 2
         delivery.ack(taken)
         rest += taken
@@ -116,18 +118,52 @@ def test_a_consumer_rabbitmq_delivers_nothing_to_though_it_has_room_consumes_aga
 def test_a_grown_window_is_given_the_room_it_has_beside_what_was_taken(
     delivery: AmqpDelivery,
 ) -> None:
-    # A window of 16 (a prefetch of 2 messages), both taken and held; the window grows to 32
-    # (a prefetch of 3): the consumer made for it may hold one more message, not 3 more.
+    # A window of 2 one-step messages, both taken and held; the window grows to 3: the
+    # consumer made for it may hold one more message, not 3 more.
     sent = one_step_messages(6)
     delivery.publish(sent)
-    held = take_for(delivery, 1.0, count=16, window=16)
+    held = take_for(delivery, 1.0, count=2, window=2)
     assert len(held) == 2
-    more = take_for(delivery, 1.0, count=30, window=32)
+    more = take_for(delivery, 1.0, count=1, window=3)
     assert len(more) == 1
     delivery.ack(held + more)
-    rest = take_for(delivery, 1.0, count=32, window=32)
+    rest = take_for(delivery, 1.0, count=3, window=3)
     assert len(rest) == 3  # holds nothing: a full prefetch of 3
     delivery.ack(rest)
+
+
+def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> None:
+    # A window of 16 steps holds 16 one-step messages (steps made ready one by one), and one
+    # message of 16 steps (a fan-out), as a worker pulling from Redis takes 16 steps. It held
+    # 2 one-step messages (the prefetch counted messages of 16 steps, and one more).
+    singles = one_step_messages(32)
+    delivery.publish(singles)
+    held = take_for(delivery, 1.5, count=16, window=16)
+    assert len(held) == 16, "the window's worth of one-step messages, at once"
+    assert delivery.backlog().waiting == 16
+    delivery.ack(held)
+    rest = take_for(delivery, 1.5, count=16, window=16)
+    assert len(rest) == 16  # room again: the 16 others, at once
+    delivery.ack(rest)
+    assert sorted(r.delivery for r in held + rest) == sorted(singles)
+    # Then 16-step messages, larger than the recent ones: the prefetch of 16 messages brings
+    # more than the window, once; the next take gives back what nobody touched and consumes
+    # for messages of 16 steps: one at a time.
+    fan_out = [Delivery("run-f", f"f{i}") for i in range(48)]
+    delivery.publish(fan_out)
+    first = take_for(delivery, 1.5, count=16, window=16)
+    assert len(first) == 16
+    wait_until(
+        "the 2 messages sent ahead and not touched to be back in the queue",
+        lambda: delivery.backlog().waiting == 2,
+    )
+    delivery.ack(first)
+    for _ in range(2):
+        more = take_for(delivery, 1.0, count=16, window=16)
+        assert len(more) == 16
+        delivery.ack(more)
+        first += more
+    assert sorted(r.delivery for r in first) == sorted(fan_out)
 
 
 def test_a_grown_window_keeps_the_steps_left_of_a_message_partly_taken(

@@ -9,9 +9,10 @@ cluster; a restart keeps it). Guarantees:
 * :meth:`AmqpDelivery.publish` returns once RabbitMQ confirmed every message (``mandatory``:
   a message the queue did not take, say because it was deleted, is published again after the
   queue is declared again, or raises);
-* a worker consumes with a prefetch matching its claim window (``basic.qos``: the messages
-  that hold ``window`` steps, and one more so the next is on its way), and never holds more
-  messages unsettled than that, also when it consumes again (see :mod:`.amqp_consuming`); it
+* a worker consumes with a prefetch that follows its claim window in steps (``basic.qos``:
+  the messages that hold ``window`` steps at the size of the recent messages, so a window of
+  16 holds 16 one-step messages or one of 16 steps), and holds about its window in steps
+  unsettled, also when it consumes again (see :mod:`.amqp_consuming`); it
   takes the steps of a message one by one; a message is acknowledged once every step in it
   is settled (its claim committed), and given back with ``basic.nack`` (requeue) when none of
   its steps was taken;

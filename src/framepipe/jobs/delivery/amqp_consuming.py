@@ -7,10 +7,16 @@ drained. Steps handed back from a message whose other steps were taken are publi
 through the publishing connection (:mod:`.amqp_publishing`). The loop thread runs the
 coroutines; the calling threads share only what was sent ahead, under a condition.
 
-It holds at most :func:`prefetch_of` the window messages unsettled (sent ahead, or taken and
-not settled yet): RabbitMQ's prefetch bounds what one consumer holds, and a consumer made
-again (the window changed, or the old one was lost) first gives back what was sent ahead and
-is given a prefetch of the room left by the messages still taken, none when there is no room.
+Its prefetch follows the window in steps, as a worker pulling from Redis takes as many steps
+as its window has room for: RabbitMQ counts a prefetch in messages, and a message holds 1 to
+16 steps, so the prefetch is the messages that hold the window at the size of the recent
+messages (:func:`prefetch_of`; the largest of the last 16, or a full message before any came):
+a window of 16 holds 16 one-step messages, or one of 16 steps. It then holds about its window
+in steps unsettled (sent ahead, or taken and not settled yet); larger messages than the recent
+ones may bring more, once, and the next ``take()`` consumes again for them. A consumer made
+again (the window or the message size changed, or the old one was lost) is given a prefetch of
+the room left by the steps still held, none when there is no room; what was sent ahead and
+not touched is first given back only when the steps held pass the window.
 A consumer that hears nothing is checked (:meth:`Consuming.check`) only while it has room in
 its prefetch: a full one hears nothing because it is full.
 """
@@ -56,10 +62,9 @@ CHECK_AFTER = 5.0
 _log = get_logger("jobs.delivery")
 
 
-def prefetch_of(window: int) -> int:
-    """The messages a consumer with a claim window of ``window`` steps holds at most: those
-    that hold the window, and one more so the next is on its way."""
-    return -(-window // BATCH) + 1
+def prefetch_of(window: int, size: int = BATCH) -> int:
+    """The messages of ``size`` steps that hold a claim window of ``window`` steps."""
+    return max(1, -(-window // max(1, size)))
 
 
 class Consuming:
@@ -76,6 +81,8 @@ class Consuming:
         self._consuming = False
         self._window = 0
         self._prefetch = 0  # the current consumer's
+        self._sizes: deque[int] = deque(maxlen=BATCH)  # steps in the recent messages
+        self._size = BATCH  # the message size the current consumer's prefetch was made for
         self._held: set[Taken] = set()  # messages delivered and not settled yet
         self._heard = 0.0  # when a message came or was settled, or the consumer was checked
         # Only touched on the loop's thread.
@@ -87,14 +94,21 @@ class Consuming:
     # -- the calling threads -------------------------------------------------------------------
 
     def subscribed(self, window: int) -> bool:
-        """Whether it consumes with the prefetch of ``window``: false also when its consumer
-        was given less (the messages taken left less room) and it holds nothing now."""
+        """Whether it consumes with the prefetch of ``window`` at the size of the recent
+        messages: false also when its consumer was given less (the steps held left less
+        room) and it holds nothing now."""
         with self._cond:
+            size = self._recent_size()
             return (
                 self._consuming
                 and self._window == window
-                and (self._prefetch == prefetch_of(window) or bool(self._held))
+                and self._size == size
+                and (self._prefetch == prefetch_of(window, size) or bool(self._held))
             )
+
+    def _recent_size(self) -> int:
+        """Steps per message expected (under ``_cond``): the most of the recent messages."""
+        return max(self._sizes, default=BATCH)
 
     def holds_nothing(self) -> bool:
         """Whether it neither consumes nor holds anything sent ahead."""
@@ -124,13 +138,13 @@ class Consuming:
         return conn
 
     async def consume(self, consumer: str, window: int) -> None:
-        """Consume (again) as ``consumer``: what a consumer before it sent ahead is given
-        back, and the new one's prefetch is what :func:`prefetch_of` ``window`` leaves room
-        for beside the messages still taken (RabbitMQ counts a prefetch per consumer, so a new
-        one would be sent a full prefetch more). With no room left it does not consume: the
-        next call does, once some are settled."""
+        """Consume (again) as ``consumer``, with a prefetch of the messages (at the size of
+        the recent ones, :func:`prefetch_of`) that hold the room ``window`` leaves beside the
+        steps still held (RabbitMQ counts a prefetch per consumer, so a new one would be sent
+        a full prefetch more). What a consumer before it sent ahead and nobody touched is
+        given back first only when the steps held pass the window. With no room left it does
+        not consume: the next call does, once some are settled."""
         conn = await self.connection()
-        await self._declare()
         if self._sub is None or self._sub.is_closed:
             self._sub = await conn.channel(publisher_confirms=False)
             self._tag = None
@@ -144,18 +158,24 @@ class Consuming:
             self._tag = None
         with self._cond:
             self._consuming = False
-        await self._give_back_sent_ahead(untouched_only=True)
+            over = sum(t.unsettled for t in self._held) > window
+        if over:
+            await self._give_back_sent_ahead(untouched_only=True)
         with self._cond:
-            room = prefetch_of(window) - len(self._held)
+            size = self._recent_size()
+            room = window - sum(t.unsettled for t in self._held)
+            self._size = size
         if room < 1:
             return
-        await self._sub.set_qos(prefetch_count=room)
+        await self._declare()
+        prefetch = prefetch_of(room, size)
+        await self._sub.set_qos(prefetch_count=prefetch)
         self._tags += 1
         tag = f"{consumer}/{self._tags}"
         self._tag = tag
         await raw.basic_consume(self.queue, self._on_message, consumer_tag=tag)
         with self._cond:
-            self._consuming, self._window, self._prefetch = True, window, room
+            self._consuming, self._window, self._prefetch = True, window, prefetch
             self._heard = time.monotonic()
 
     async def _on_message(self, message: DeliveredMessage) -> None:
@@ -176,6 +196,7 @@ class Consuming:
             return
         batch = Taken(message, len(found))
         with self._cond:
+            self._sizes.append(len(found))
             self._held.add(batch)
             self._buffer.extend(Received(d, batch) for d in found)
             self._heard = time.monotonic()
