@@ -549,3 +549,36 @@ def test_the_known_faces_are_reloaded_by_a_post_behind_the_token(
             "alice",
             "alice_again",
         ]
+
+
+@pytest.mark.slow  # framepipe serve and dlib
+def test_sighup_reloads_the_known_faces_of_the_service(
+    site: dict[str, Path], served: Served
+) -> None:
+    """``kill -HUP`` of ``framepipe serve`` hosting the doorbell, as of ``run.py``: a photo
+    added to the folder is known once the reload is said, and the service runs on and stops
+    gracefully later (the fixture: exit code 0, "app stopped"). SIGHUP ended the service at
+    once, without its stop."""
+    link = served.link()
+    auth = {"Authorization": f"Bearer {_token(link)}"}
+    known = site["folder"] / "data" / "known_faces"
+    with httpx.Client(base_url=served.base, headers=auth, timeout=120) as client:
+        wait_until(
+            "the doorbell to run",
+            lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
+            WAIT,
+            interval=0.5,
+            explain=served.output,
+        )
+        (known / "alice_again.jpg").write_bytes((known / "alice.jpg").read_bytes())
+        served.process.send_signal(signal.SIGHUP)
+        reloaded = "[doorbell] known faces reloaded: 2 known (alice, alice_again), 0 rejected"
+
+        def said() -> bool:
+            if served.process.poll() is not None:
+                raise AssertionError(f"framepipe serve exited:\n{served.output()}")
+            return any(reloaded in line for line in served.lines)
+
+        wait_until("the reload", said, WAIT, explain=served.output)
+        names = client.get("/api/apps/doorbell/faces/known").json()["names"]
+        assert names == ["alice", "alice_again"]

@@ -23,6 +23,9 @@ crashes or stalls the doorbell; an image that cannot be used is left out with th
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from collections.abc import Callable
 
 from framepipe.processors.face_photos import (
     MAX_BYTES,
@@ -37,6 +40,7 @@ __all__ = [
     "MAX_BYTES",
     "MAX_PIXELS",
     "MAX_SIDE",
+    "Reloader",
     "encode_known",
     "image_size",
     "load_known",
@@ -80,3 +84,45 @@ def encode_known(
     return analyzer.encode_known(
         path, multiple="reject", max_bytes=max_bytes, max_pixels=max_pixels, max_side=max_side
     )
+
+
+class Reloader:
+    """Calls ``reload()`` (the known faces encoded again) on a thread of its own each time
+    ``wanted`` is set (by SIGHUP: a signal handler must not run seconds of dlib); signals that
+    arrive during a reload make one more reload, not one each. Each reload is said on stderr:
+    ``[doorbell] known faces reloaded: 2 known (alice, bob), 1 rejected``, or why it failed
+    (the doorbell then keeps the faces it had)."""
+
+    def __init__(self, reload: Callable[[], KnownFaces]) -> None:
+        self.reload = reload
+        self.wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="doorbell-reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Wait for a reload under way, then end the thread."""
+        self._stopping = True
+        self.wanted.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self._stopping:
+                return
+            try:
+                known = self.reload()
+            except Exception as exc:  # reported; the doorbell keeps the faces it had
+                print(f"[doorbell] known faces not reloaded: {exc}", file=sys.stderr, flush=True)
+                continue
+            print(
+                f"[doorbell] known faces reloaded: {len(known.faces)} known "
+                f"({', '.join(known.names) or '-'}), {len(known.rejected)} rejected",
+                file=sys.stderr,
+                flush=True,
+            )

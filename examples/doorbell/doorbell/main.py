@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from doorbell.config import _merge
+from doorbell.known_faces import Reloader
 from doorbell.manager import OrchestratorManager, SystemState
 from framepipe.errors import FramepipeError
 from framepipe.logs import configure_logging
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
     manager.register_event_callback(  # a file played to its end; failures are recovered
         "pipeline.stopped", lambda data: done.set() if data.get("state") == "stopped" else None
     )
-    reload = _Reloader(manager)
+    reload = Reloader(manager.orchestrator.reload_known_faces)
     previous: dict[signal.Signals, Any] = {}
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
@@ -169,46 +170,6 @@ def main(argv: Sequence[str] | None = None, *, config: Mapping[str, Any] | None 
             signal.signal(number, handler)
 
 
-class _Reloader:
-    """Reloads the known faces on a thread of its own each time ``wanted`` is set (by SIGHUP:
-    a signal handler must not run seconds of dlib); signals that arrive during a reload make
-    one more reload, not one each."""
-
-    def __init__(self, manager: OrchestratorManager) -> None:
-        self.manager = manager
-        self.wanted = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="doorbell-reload", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Wait for a reload under way, then end the thread."""
-        self._stopping = True
-        self.wanted.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self.wanted.wait()
-            self.wanted.clear()
-            if self._stopping:
-                return
-            try:
-                known = self.manager.orchestrator.reload_known_faces()
-            except Exception as exc:  # reported; the doorbell keeps the faces it had
-                print(f"[doorbell] known faces not reloaded: {exc}", file=sys.stderr, flush=True)
-                continue
-            print(
-                f"[doorbell] known faces reloaded: {len(known.faces)} known "
-                f"({', '.join(known.names) or '-'}), {len(known.rejected)} rejected",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 def _again(signum: int, frame: object) -> None:
     """SIGINT while the doorbell stops: said, not acted on (the stop is under way)."""
     print(
@@ -223,7 +184,7 @@ def _serve(
     manager: OrchestratorManager,
     args: argparse.Namespace,
     done: threading.Event,
-    reload: _Reloader,
+    reload: Reloader,
     stopping: Callable[[], None],
 ) -> int:
     """Start, report health until ``done`` or Ctrl-C, stop (``stopping()`` called first, also

@@ -23,17 +23,21 @@ behind the service's token: ``GET status`` (the legacy ``get_system_status()``),
 ``GET faces/known`` (``names``, ``count``), ``POST faces/reload`` (``reload_known_faces()``:
 the folder encoded again, answering ``names``, ``count`` and the ``rejected`` files, each by its
 file name and why), ``POST trigger-doorbell`` (``trigger_doorbell()``) and ``GET health``
-(``get_health_status()``).
+(``get_health_status()``). ``kill -HUP`` of the service reloads the known faces too (as for
+``run.py``), where the service runs its loop in its main thread (``framepipe serve`` does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from doorbell.known_faces import Reloader
 from doorbell.manager import HealthStatus, OrchestratorManager
 from doorbell.orchestrator import PIPELINE, PipelineOrchestrator
 from framepipe.app import App
@@ -82,6 +86,30 @@ class DoorbellApp(App):
         super().__init__(name, **options)
         self.orchestrator = orchestrator
         self.manager: OrchestratorManager | None = None
+        self._reloader: Reloader | None = None
+
+    def _listen_for_sighup(self) -> None:
+        """SIGHUP reloads the known faces, as it does for ``run.py`` (it ended the service at
+        once, without a stop: the open visit lost). Only where the loop runs in the main thread
+        of a system that has SIGHUP (``framepipe serve``'s); elsewhere nothing changes."""
+        if (
+            not hasattr(signal, "SIGHUP")
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return
+        reloader = Reloader(self.orchestrator.reload_known_faces)
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.wanted.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
+        reloader.start()
+        self._reloader = reloader
+
+    async def _stop_listening(self) -> None:
+        reloader, self._reloader = self._reloader, None
+        if reloader is not None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await asyncio.get_running_loop().run_in_executor(None, reloader.stop)
 
     async def start(self) -> None:
         """Load the models and known faces, build the pipeline, start it, then the health
@@ -95,10 +123,12 @@ class DoorbellApp(App):
         await super().start()
         if manager is not None:
             manager.start_monitoring()
+        self._listen_for_sighup()
 
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Stop the health checks, the pipeline (queued frames drain, the open visit closes),
         wait for the events being stored, close the log file."""
+        await self._stop_listening()
         if self.manager is not None:
             await self.manager.stop_monitoring()
         await super().stop(timeout)
