@@ -81,6 +81,15 @@ from framepipe.urls import safe_text, safe_url
         ("s3://b/ml/0123456789abcdef0123456789abcdef/Output-2024-01-01.mp4", None),
         ("http://h/x/123e4567-e89b-12d3-a456-426614174000", None),
         ("/tmp/x/Recording-20240101.mp4", None),
+        # A local file's path is no secret: its folders and file name are shown whole.
+        ("file:///home/u/videos/MyVacationVideo2023/Clip01FrontDoor", None),
+        ("/srv/Camera_01_FrontDoor/Recording20240101Am", None),
+        ("sqlite:////data/MyProject2024Data/state.db", None),
+        ("sqlite+pysqlite:////data/MyProject2024Data/state.db", None),
+        (
+            "unix:///run/RedisSocket2024Main/redis.sock?password=p",
+            "unix:///run/RedisSocket2024Main/redis.sock?password=***",
+        ),
     ],
 )
 def test_safe_url_masks_secrets_and_keeps_the_rest(url: str, shown: str | None) -> None:

@@ -19,7 +19,9 @@ is shown), or when it looks random: at least 16 such characters (no ``.``: a fil
 shown), with a digit, an upper-case and a lower-case letter among them. So a key of
 mixed-case letters and digits is hidden, and names, dates, file names and lower-case ids (an
 execution's 32 hexadecimal digits, a UUID) are shown; a secret that is a single case of
-letters with digits (hexadecimal) is hidden only after a secret's name.
+letters with digits (hexadecimal) is hidden only after a secret's name. The path of a local
+file (a ``file:``, ``unix:`` or ``sqlite:`` URL, or a path without a scheme) is shown whole:
+a folder or file name is no secret, and the user needs it to find the file.
 
 No part of a password is ever shown, even one written unescaped with ``/``, ``@``, ``?``,
 ``#`` or ``:`` in it (``rtsp://user:pa/ss@cam/1``), which a URL parser reads as a host, a path
@@ -68,6 +70,7 @@ def secret_name(name: str) -> bool:
 
 _RANDOM_SEGMENT = re.compile(r"(?=.*[0-9])(?=.*[a-z])(?=.*[A-Z])[A-Za-z0-9_~:+=%-]{16,}")
 _NAMED_SEGMENT = re.compile(r"(?=.*[0-9])[A-Za-z0-9_~:+=%-]{8,}")
+_LOCAL_SCHEME = re.compile(r"file|unix|sqlite(?:\+[A-Za-z0-9_]+)?", re.IGNORECASE)
 
 
 def secret_segment(segment: str, before: str = "") -> bool:
@@ -80,7 +83,11 @@ def secret_segment(segment: str, before: str = "") -> bool:
 
 def _masked_path(base: str) -> str:
     """``base`` (a URL without its query and fragment) with its secret path segments masked;
-    what precedes the path (``scheme://user:***@host:port``) is left as written."""
+    what precedes the path (``scheme://user:***@host:port``) is left as written, and a
+    local file's path is left whole."""
+    scheme, sep, _ = base.partition("://")
+    if (not sep and not base.startswith("//")) or (sep and _LOCAL_SCHEME.fullmatch(scheme)):
+        return base
     start = 0
     scheme_end = base.find("://")
     if scheme_end >= 0:
