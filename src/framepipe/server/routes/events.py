@@ -46,7 +46,7 @@ from framepipe.server.params import ExecutionId, check_execution_id
 from framepipe.server.public import public_json
 from framepipe.server.routes.executions import summaries
 from framepipe.server.state import Service, ServiceState
-from framepipe.server.token_revocations import REVOKED
+from framepipe.server.token_revocations import REVOKED, is_revoked
 from framepipe.untrusted import dumps
 
 try:
@@ -272,6 +272,15 @@ async def live(
     feed = service.feed
     async with feed.subscribe(execution_id) as stream:
         after = feed.last_id
+        token_id = admitted_as(websocket)  # an execution token: its execution_id is given
+        if token_id and execution_id and await is_revoked(service.store, execution_id, token_id):
+            # Revoked between the admission and the subscription: its event came before it.
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+                await asyncio.wait_for(
+                    websocket.close(code=1008, reason="the execution token has been revoked"),
+                    STALL_TIMEOUT,
+                )
+            return
         try:
             first = {
                 "type": "snapshot",
