@@ -52,6 +52,7 @@ is :mod:`.amqp_wire`. This module is the client the callers see: it runs them on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import CancelledError as FutureCancelled
@@ -183,11 +184,15 @@ class AmqpDelivery(StepDelivery):
         future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
         try:
             left = future.result(self._timeout + _SHUTDOWN_GRACE + 5.0)
-        except FutureTimeout:
+        except Exception as exc:  # the shutdown that stops the loop was cut off or failed
             future.cancel()
-            left = [f"its event loop, which did not answer within {self._timeout:g}s"]
-        except Exception as exc:
-            left = [f"what closing failed on ({exc!r})"]
+            left = [
+                f"its event loop, which did not answer within {self._timeout:g}s"
+                if isinstance(exc, FutureTimeout)
+                else f"what closing failed on ({exc!r})"
+            ]
+            with contextlib.suppress(RuntimeError):  # closed already
+                loop.call_soon_threadsafe(loop.stop)
         thread.join(_SHUTDOWN_GRACE)
         if left:
             _log.warning(
