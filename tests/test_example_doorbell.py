@@ -14,6 +14,7 @@ tests skip with the reason, except under ``CI=true``.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import signal
@@ -489,6 +490,47 @@ class BrokenDetectorOrchestrator(PipelineOrchestrator):
                 return super().process(item)
 
         return BrokenDetection(self.detector)
+
+
+class SlowStartOrchestrator(PipelineOrchestrator):
+    """The real orchestrator whose start waits (in ``prepare``) until the test lets it go, and
+    that records whether that wait was cancelled."""
+
+    entered = threading.Event()
+    cancelled = threading.Event()
+
+    async def prepare(self) -> None:
+        type(self).entered.set()
+        try:
+            await asyncio.sleep(WAIT)  # a start that never ends, as far as the test goes
+        except asyncio.CancelledError:
+            type(self).cancelled.set()
+            raise
+
+
+def test_ctrl_c_during_start_cancels_the_start(tmp_path: Path) -> None:
+    """A KeyboardInterrupt (Ctrl-C) in ``manager.start()``: the start under way on the
+    orchestrator's loop is cancelled, and ``stop()`` then returns with nothing left running
+    (it was left running, then destroyed pending when the loop stopped)."""
+    manager = OrchestratorManager(
+        make_config(tmp_path, tmp_path / "camera.mp4"), orchestrator_class=SlowStartOrchestrator
+    )
+
+    def interrupt() -> None:  # Ctrl-C: a real SIGINT, which wakes the waiting main thread
+        SlowStartOrchestrator.entered.wait(WAIT)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    # Python's own Ctrl-C handler (a shell's background job hands SIGINT on ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            manager.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        manager.stop()
+    assert SlowStartOrchestrator.cancelled.is_set()
+    assert manager.get_health_status().state is SystemState.STOPPED
 
 
 def test_crashed_detector_worker_is_recovered(tmp_path: Path, media: dict[str, Path]) -> None:

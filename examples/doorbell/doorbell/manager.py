@@ -209,11 +209,13 @@ class OrchestratorManager:
                 "a blocking OrchestratorManager call from inside an event "
                 "callback would deadlock; schedule it instead"
             )
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
+        except BaseException:  # a timeout, or Ctrl-C: the call is not left running unseen
+            if future is not None:
+                future.cancel()
             raise
 
     def _call(self, fn: Callable[[], T]) -> T:
