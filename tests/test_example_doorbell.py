@@ -800,6 +800,29 @@ def test_migration_copies_no_capture_from_outside_the_captures_folder(tmp_path: 
     assert "loop.jpg" in skipped
 
 
+def test_a_backup_copies_links_as_links(tmp_path: Path) -> None:
+    """``create_backup`` of a known-faces folder holding a link in a loop and a link out of
+    it (both refused by the doorbell): the backup succeeds and holds the links as links, not
+    the file from elsewhere. A link in a loop failed the whole backup, and a link out put the
+    file it leads to into the backup."""
+    known = tmp_path / "data" / "known_faces"
+    known.mkdir(parents=True)
+    assert cv2.imwrite(str(known / "alice.jpg"), np.full((8, 8, 3), 90, np.uint8))
+    secret = tmp_path / "elsewhere.jpg"
+    secret.write_text("PRIVATE")
+    (known / "mallory.jpg").symlink_to(secret)
+    (known / "loop.jpg").symlink_to(known / "loop.jpg")
+
+    backup = MigrationUtils.create_backup(tmp_path / "data")
+
+    assert backup["success"] is True, backup.get("error")
+    assert backup["files"] == 1 and backup["copied"] == ["known_faces"]
+    saved = Path(backup["backup_path"]) / "known_faces"
+    assert (saved / "alice.jpg").read_bytes() == (known / "alice.jpg").read_bytes()
+    assert (saved / "mallory.jpg").is_symlink() and (saved / "loop.jpg").is_symlink()
+    assert (saved / "mallory.jpg").readlink() == secret
+
+
 def test_command_runs_on_a_video_file(tmp_path: Path, media: dict[str, Path]) -> None:
     """``run.py --camera FILE --motion`` (the motion gate before detection) prints the
     visitor event as a JSON line and exits 0."""

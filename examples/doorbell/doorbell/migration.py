@@ -141,8 +141,9 @@ class MigrationUtils:
         data_dir: str | Path = "data", backup_root: str | Path | None = None
     ) -> dict[str, Any]:
         """Copy ``known_faces``, ``captures``, ``config`` and ``logs`` of ``data_dir`` (those
-        that exist) to ``<backup_root>/backup_YYYYMMDD_HHMMSS`` (default root
-        ``<data_dir>/backups``): ``{"success", "backup_path", "files", "bytes", "copied"}``."""
+        that exist, links as links) to ``<backup_root>/backup_YYYYMMDD_HHMMSS`` (default root
+        ``<data_dir>/backups``): ``{"success", "backup_path", "files", "bytes", "copied"}``
+        (``files`` and ``bytes``: the regular files copied)."""
         data = Path(data_dir)
         root = Path(backup_root) if backup_root is not None else data / "backups"
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -158,10 +159,12 @@ class MigrationUtils:
                 source = data / name
                 if not source.is_dir():
                     continue
-                shutil.copytree(source, target / name)
+                # links are copied as links: a link in a loop or out of the folder (which the
+                # doorbell refuses) neither fails the backup nor copies a file from elsewhere
+                shutil.copytree(source, target / name, symlinks=True)
                 copied.append(name)
                 for path in (target / name).rglob("*"):
-                    if path.is_file():
+                    if path.is_file() and not path.is_symlink():
                         files += 1
                         size += path.stat().st_size
         except OSError as exc:
