@@ -17,6 +17,7 @@ import pytest
 
 from framepipe import LocalObjectStore
 from framepipe.backends.objects import S3ObjectStore
+from framepipe.errors import ObjectStoreError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.sources import PatternSource
@@ -271,8 +272,7 @@ def test_the_spool_log_names_its_folder_and_the_store(
     object store, so three stations in one outage give three lines one can tell apart."""
     kept = LocalObjectStore(tmp_path / "spool" / "T7")
     target = LocalObjectStore(tmp_path / "objects")
-    (tmp_path / "objects").rmdir()
-    (tmp_path / "objects").write_bytes(b"")  # its disk is gone: every put is refused
+    (tmp_path / "objects").rmdir()  # its disk is gone: every put is refused
     spool = Spool(
         kept,
         target,
@@ -283,7 +283,6 @@ def test_the_spool_log_names_its_folder_and_the_store(
     )
     spool.keep("frames/T7/A/1.jpg", b"\xff\xd8jpeg")
     assert spool.drain() == 0
-    (tmp_path / "objects").unlink()
     (tmp_path / "objects").mkdir()  # back
     assert spool.drain() == 1
     lines = [r.getMessage() for r in logs.records if r.name == "framepipe.x"]
@@ -351,3 +350,92 @@ def test_a_store_that_hangs_sends_the_frames_to_the_spool_not_the_camera_waiting
             client.close()
             store.close()
             _stop(proc)
+
+
+def test_a_kept_frame_refused_for_its_key_is_set_aside_and_the_spool_goes_on(
+    tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    """The store is back, but the first kept frame's key conflicts with an object there (a
+    file where its folder should be): that frame is set aside with one error naming its key
+    and why, the frames after it are uploaded, and the store is no longer away."""
+    kept = LocalObjectStore(tmp_path / "spool")
+    target = LocalObjectStore(tmp_path / "objects")
+    (tmp_path / "objects" / "frames" / "T7").mkdir(parents=True)
+    (tmp_path / "objects" / "frames" / "T7" / "A").write_bytes(b"")  # not a folder
+    refused: list[tuple[str, str]] = []
+    uploaded: list[str] = []
+    spool = Spool(
+        kept,
+        target,
+        retry_every=60,
+        uploaded=lambda n, keys: uploaded.extend(keys),
+        refused=lambda key, reason: refused.append((key, reason)),
+        log=get_logger("x"),
+        max_bytes=1 << 20,
+    )
+    spool.keep("frames/T7/A/1.jpg", b"\xff\xd8one")
+    spool.keep("frames/T7/B/2.jpg", b"\xff\xd8two")
+    spool.refused("frames/T7/A/1.jpg", ObjectStoreError("the store is down"))
+    assert spool.away
+    assert spool.drain() == 1
+    assert not spool.away
+    assert uploaded == ["frames/T7/B/2.jpg"] and target.get("frames/T7/B/2.jpg") == b"\xff\xd8two"
+    assert [key for key, _ in refused] == ["frames/T7/A/1.jpg"]
+    assert [i.key for i in kept.list()] == ["frames/T7/A/1.jpg"]  # still there, not lost
+    assert spool.drain() == 0  # not tried again by this run: no second error
+    errors = [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "frames/T7/A/1.jpg" in errors[0] and "frames/T7/A" in refused[0][1], errors
+    assert "set aside" in errors[0]
+    spool.close()
+
+
+def test_a_pipeline_whose_store_comes_back_with_a_conflicting_key_stores_again(
+    tmp_path: Path,
+) -> None:
+    """A live station: the store goes away, order A's frames are kept; the store comes back
+    with a file where A's folder should be. A's kept frames are set aside
+    (``frames.refused``), order B's are uploaded, and B's later frames are stored directly:
+    the spool does not stay away for good."""
+    root = tmp_path / "objects"
+    store = LocalObjectStore(root)
+    root.rmdir()  # its disk is gone: every put is refused
+    spool = LocalObjectStore(tmp_path / "spool")
+    frame_store = FrameStore(store, spool=tmp_path / "spool", spool_retry=0.2)
+    kept = frame_store.spool
+    assert kept is not None
+    pipeline = StreamPipeline(
+        "s",
+        PatternSource("s", fps=20, realtime=True),
+        stages=[Stage(tagger({range(1, 11): "A", range(11, 100_000): "B"}))],
+        segmenter=Segmenter("order", timeout=60),
+        sinks=[frame_store],
+    )
+    events: Events = []
+    pipeline.on_event(lambda kind, data: events.append((kind, data)))
+
+    async def main() -> None:
+        await pipeline.start()
+        await wait_until_async("A's frames kept", lambda: len(list(spool.list())) >= 3)
+        back = tmp_path / "back"
+        (back / "frames" / "s").mkdir(parents=True)
+        (back / "frames" / "s" / "A").write_bytes(b"")  # where A's folder should be
+        back.rename(root)  # back, with the conflict
+        await wait_until_async(
+            "the store taking frames again",
+            lambda: of(events, "frames.uploaded") and not kept.away,
+            timeout=60,
+        )
+        await wait_until_async(
+            "B's frames stored directly", lambda: len(list(store.list("frames/s/B/"))) >= 15
+        )
+        await pipeline.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    completed = {d["segment_id"]: d for d in of(events, "segment.completed")}
+    assert completed["B"]["stored"], completed["B"]  # not all kept: the store took them
+    refused = [d["key"] for d in of(events, "frames.refused")]
+    assert refused and all(k.startswith("frames/s/A/") for k in refused), refused
+    assert set(refused) <= {i.key for i in spool.list()}  # set aside, not lost
+    uploaded = [k for d in of(events, "frames.uploaded") for k in d["keys"]]
+    assert all(k.startswith("frames/s/B/") for k in uploaded), uploaded

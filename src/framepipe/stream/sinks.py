@@ -172,9 +172,11 @@ class FrameStore(Sink):
     not in ``stored`` (nor among the best frames), and each round that uploads kept frames
     emits ``frames.uploaded`` (``count``, ``keys``). After a refusal the frames go to the spool
     without trying the store until it takes a kept frame again (a store that hangs holds back
-    only the frames that found it away, said in one warning). The spool holds at most
-    ``spool_max_bytes`` (4 GiB); only a frame it cannot take either (full, or its disk failing)
-    is ``not_stored``.
+    only the frames that found it away, said in one warning). A kept frame the store then
+    refuses for its key (a key conflict) is set aside in the spool, never uploaded by this
+    run: ``frames.refused`` (``key``, ``error``) names it, and the frames after it go on. The
+    spool holds at most ``spool_max_bytes`` (4 GiB); only a frame it cannot take either (full,
+    or its disk failing) is ``not_stored``.
 
     Every field is escaped by :func:`escape_key_field` (``T1/extra`` is stored under
     ``T1%2Fextra/``), so any segment key gives valid keys of its own segment, apart from every
@@ -228,6 +230,7 @@ class FrameStore(Sink):
                 objects,
                 retry_every=spool_retry,
                 uploaded=lambda count, keys: self.emit("frames.uploaded", count=count, keys=keys),
+                refused=lambda key, reason: self.emit("frames.refused", key=key, error=reason),
                 log=get_logger("frame_store"),
                 max_bytes=spool_max_bytes,
             )

@@ -19,6 +19,13 @@ Guarantees:
   here without trying the store, so a store that hangs (each try waits out its read timeout)
   holds back only the frames that found it away, not every frame after them. Going away is
   logged once, as a warning naming the error; coming back by the uploader's line.
+* A kept frame the target refuses for its key (:class:`~framepipe.errors.InvalidKeyError`,
+  :class:`~framepipe.errors.ObjectKeyConflictError`: it would be refused again, outage or
+  not) is set aside: it stays in the local store and is not tried again by this run (the next
+  run tries it once more, so a conflict cleared meanwhile lets it go), ``refused(key,
+  reason)`` is called, and the round goes on with the next frame. Each round that sets
+  frames aside says so in one error naming the first key and why. A frame set aside never
+  holds back the frames after it, nor keeps the store *away*.
 * At most ``max_bytes`` are kept (a long outage must not fill the disk): a frame past that is
   refused with an :class:`~framepipe.errors.ObjectStoreError` saying the spool is full.
 """
@@ -28,8 +35,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from framepipe.backends.objects import ObjectStore
-from framepipe.errors import ObjectStoreError
+from framepipe.backends.objects import ObjectInfo, ObjectStore
+from framepipe.errors import InvalidKeyError, ObjectKeyConflictError, ObjectStoreError
 from framepipe.logs import ComponentLogger, Repeats
 from framepipe.urls import safe_url
 
@@ -38,7 +45,8 @@ __all__ = ["Spool"]
 
 class Spool:
     """Frames kept in ``local`` until ``target`` takes them; ``uploaded(count, keys)`` is
-    called from the uploader thread after each round that uploaded something."""
+    called from the uploader thread after each round that uploaded something, ``refused(key,
+    reason)`` for each kept frame set aside (refused for its key)."""
 
     def __init__(
         self,
@@ -49,6 +57,7 @@ class Spool:
         uploaded: Callable[[int, list[str]], None],
         log: ComponentLogger,
         max_bytes: int,
+        refused: Callable[[str, str], None] | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
@@ -58,6 +67,8 @@ class Spool:
         self.target = target
         self.retry_every = retry_every
         self._uploaded = uploaded
+        self._on_refused = refused
+        self._set_aside: set[str] = set()  # kept frames the target refused for their keys
         self._log = log
         self._refusals = Repeats(60.0)
         self._lock = threading.Lock()
@@ -116,6 +127,7 @@ class Spool:
         """Start the uploader if frames of an earlier run are kept; after :meth:`close` too
         (the same frame store in a pipeline started again)."""
         self._stop.clear()
+        self._set_aside.clear()  # tried again: the conflict may be gone
         if next(iter(self.local.list()), None) is not None:
             self._ensure_uploader()
 
@@ -127,14 +139,22 @@ class Spool:
             thread.join(timeout)
 
     def drain(self) -> int:
-        """Upload what is kept, in key order, until the target refuses one; returns how many
-        went."""
+        """Upload what is kept, in key order, until the target refuses one (a frame refused
+        for its key is set aside, and the round goes on); returns how many went."""
         done: list[str] = []
-        for info in sorted(self.local.list(), key=lambda i: i.key):
+        refused: list[tuple[str, ObjectStoreError]] = []
+        for info in sorted(self._pending(), key=lambda i: i.key):
             if self._stop.is_set():
                 break
             try:
                 self.target.put(info.key, self.local.get(info.key))
+            except (InvalidKeyError, ObjectKeyConflictError) as exc:
+                with self._lock:
+                    self._set_aside.add(info.key)
+                refused.append((info.key, exc))
+                if self._on_refused is not None:
+                    self._on_refused(info.key, str(exc))
+                continue
             except ObjectStoreError as exc:
                 held = self._refusals.admit("target")
                 if held is not None:
@@ -152,6 +172,17 @@ class Spool:
             with self._lock:
                 self._bytes = max(0, self._kept_bytes() - info.size)
             done.append(info.key)
+        if refused:
+            self._log.error(
+                "the object store %s refused %d frame(s) kept in %s for their keys, the first "
+                "%s: %s; they stay there, set aside until the next run, and the frames after "
+                "them go on",
+                safe_url(self.target.url),
+                len(refused),
+                self.local.url,
+                refused[0][0],
+                refused[0][1],
+            )
         if done:
             self._log.info(
                 "%d frame(s) kept in %s uploaded to %s",
@@ -161,6 +192,12 @@ class Spool:
             )
             self._uploaded(len(done), done)
         return len(done)
+
+    def _pending(self) -> list[ObjectInfo]:
+        """What is kept and not set aside."""
+        with self._lock:
+            aside = set(self._set_aside)
+        return [info for info in self.local.list() if info.key not in aside]
 
     def _ensure_uploader(self) -> None:
         with self._lock:
@@ -176,6 +213,7 @@ class Spool:
             except ObjectStoreError as exc:  # the local store itself failed
                 self._log.error("the frame spool %s cannot be read (%s)", self.local.url, exc)
             with self._lock:  # keep() starts a new uploader once this one is gone
-                if next(iter(self.local.list()), None) is None:
+                aside = self._set_aside
+                if all(info.key in aside for info in self.local.list()):
                     self._thread = None
                     return
