@@ -555,6 +555,7 @@ def test_the_detector_process_sends_its_token_as_a_header_not_in_the_url(tmp_pat
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         (tmp_path / "media").mkdir()
+        (tmp_path / "shared").mkdir()  # the detector refuses a missing --shared
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -637,6 +638,7 @@ def card_world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     )
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
+    shared.mkdir()  # the detector refuses a missing --shared
     pipeline = load_pipeline(sd_backend.PIPELINE_REF)
     hub = sd_backend.make_hub(pipeline, shared_dir=shared, small_limit=0, reconnect_wait=1)
     with Server(settings, pipelines=(pipeline,), detector_hub=hub) as server:

@@ -1064,6 +1064,7 @@ def test_the_backend_runs_as_a_command(tmp_path: Path) -> None:
     (with a token the settings accept: at least 16 characters)."""
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
+    shared.mkdir()  # the share, mounted: neither side creates it unless told
     port = free_port()
     env = {
         **os.environ,

@@ -120,6 +120,7 @@ def a_video_copied(client: httpx.Client, card: str) -> bool:
 def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
+    shared.mkdir()
     backend = Backend(tmp_path, shared, free_port())
     detectors: list[Detector] = []
     try:
@@ -280,6 +281,7 @@ def test_a_backend_killed_and_restarted_at_once_under_workers_neither_stalls_nor
     and rendered everything again before); the one import completes."""
     watch, shared = tmp_path / "media", tmp_path / "shared"
     watch.mkdir()
+    shared.mkdir()
     with redis_namespace("fp-sd-") as namespace:
         values = {
             "FRAMEPIPE_DATABASE_URL": f"sqlite:///{tmp_path / 'state.db'}",

@@ -75,6 +75,7 @@ from retention import Retention, retention_from_env
 from sd_imports import SESSIONS, UNENDED
 from sd_keys import identity
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
+from shared_root import SharedFolderError, check_shared
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError, FramepipeError
@@ -386,6 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
     )
+    parser.add_argument(
+        "--create-shared",
+        action="store_true",
+        help="create --shared when it is missing (a local folder); without it a missing "
+        "--shared is refused",
+    )
+    parser.add_argument(
+        "--shared-is-mount",
+        action="store_true",
+        help="--shared is where the share is mounted: refuse it while nothing is mounted there",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -426,7 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     token = settings.api_token or os.environ.get("FRAMEPIPE_API_TOKEN")
     if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("without a token (FRAMEPIPE_API_TOKEN) the backend binds only loopback")
-    args.shared.mkdir(parents=True, exist_ok=True)
+    if args.create_shared and args.shared_is_mount:
+        parser.error("--create-shared and --shared-is-mount: a mount point is not created here")
+    try:
+        check_shared(args.shared, create=args.create_shared, mount=args.shared_is_mount)
+    except SharedFolderError as exc:
+        parser.error(str(exc))
     print(f"shared folder {args.shared}: {policy.describe()}", file=sys.stderr)
     print(retries.describe(), file=sys.stderr)
     app = build_app(

@@ -89,6 +89,7 @@ from typing import Any, NamedTuple
 
 from sd_cards import Card, Listing, as_text, card_id_of, card_label, is_junction, list_card
 from sd_copy import CopyAborted, copy_file
+from shared_root import SharedFolderError, check_shared
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -131,9 +132,13 @@ class Detector:
         settle: float = 1.0,
         max_rate: float | None = None,
         max_backoff: float = 30.0,
+        create_shared: bool = False,
+        shared_mount: bool = False,
     ) -> None:
         self.backend = backend
         self.shared = shared
+        self.create_shared = create_shared
+        self.shared_mount = shared_mount
         self.token = token
         self.watch = watch
         self.card_dirs = cards
@@ -442,6 +447,7 @@ class Detector:
                 abort=self._abort,
                 progress=progress,
                 max_rate=self.max_rate,
+                shared_mount=self.shared_mount,
             )
         except CopyAborted:
             log.warning("copy of %s stopped: the connection closed", request.get("path"))
@@ -461,8 +467,12 @@ class Detector:
         """Watch, stay connected and copy until one of them fails (raised) or this is
         cancelled (SIGTERM): either way the others are cancelled and awaited, so the
         connection closes before the loop ends (left running, the loop's shutdown tore its
-        send generator down mid-send and logged an error at every stop)."""
-        self.shared.mkdir(parents=True, exist_ok=True)
+        send generator down mid-send and logged an error at every stop).
+
+        The shared folder is checked first (:func:`shared_root.check_shared`: created only
+        with ``create_shared``; with ``shared_mount`` it must be a mount point; writable): a
+        :class:`~shared_root.SharedFolderError` naming it is raised before anything runs."""
+        check_shared(self.shared, create=self.create_shared, mount=self.shared_mount, writable=True)
         tasks = [
             asyncio.create_task(self.watch_cards(), name="watch"),
             asyncio.create_task(self.connection(), name="connection"),
@@ -499,6 +509,18 @@ def main(argv: list[str] | None = None) -> int:
         "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
     )
     parser.add_argument(
+        "--create-shared",
+        action="store_true",
+        help="create --shared when it is missing (a local folder); without it a missing "
+        "--shared is refused: an unmounted share must not be written to",
+    )
+    parser.add_argument(
+        "--shared-is-mount",
+        action="store_true",
+        help="--shared is where the share is mounted: refuse it (at start and before each "
+        "copy) while nothing is mounted there",
+    )
+    parser.add_argument(
         "--token",
         default=os.environ.get("FRAMEPIPE_API_TOKEN"),
         help="the service's bearer token (default: FRAMEPIPE_API_TOKEN)",
@@ -529,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             f"--backend {args.backend!r}: give the backend's detector WebSocket, "
             "ws://HOST:PORT/ws/detector (wss:// behind TLS)"
         )
+    if args.create_shared and args.shared_is_mount:
+        parser.error("--create-shared and --shared-is-mount: a mount point is not created here")
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -545,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         settle=args.settle,
         max_rate=args.max_rate,
         max_backoff=args.max_backoff,
+        create_shared=args.create_shared,
+        shared_mount=args.shared_is_mount,
     )
 
     async def run() -> None:
@@ -559,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
+    except SharedFolderError as exc:
+        log.error("not started: %s", exc)  # noqa: TRY400  (the reason is the whole story)
+        return 2
     except InvalidStatus as exc:
         code = exc.response.status_code
         endpoint = f"or {safe_url(args.backend)} is not its detector WebSocket (/ws/detector)"

@@ -18,6 +18,7 @@ from typing import Any
 
 from sd_cards import Card, open_card_root
 from sd_folders import OpenFolder
+from shared_root import shared_problem
 
 from framepipe.confined import (
     LinkRefusedError,
@@ -46,10 +47,16 @@ def copy_file(
     abort: threading.Event | None = None,
     progress: Callable[[int], None] | None = None,
     max_rate: float | None = None,
+    shared_mount: bool = False,
 ) -> dict[str, Any]:
     """Copy ``rel`` of ``card`` to ``dest_rel`` under ``shared`` (temp name created
     exclusively, fsync, check size and fingerprint, atomic rename), following no link on
-    either side; the ``sd:file_copied`` fields."""
+    either side; the ``sd:file_copied`` fields.
+
+    ``shared`` itself is never created: when it is missing, or not a mount point though
+    ``shared_mount`` says the share is mounted there (:func:`shared_root.shared_problem`),
+    nothing is copied and the answer is ``io_error`` naming the folder (an unmounted share's
+    empty mount point is not written to)."""
     try:
         src_parts = relative_parts(rel, "path")
         dst_parts = relative_parts(dest_rel, "dest")
@@ -104,7 +111,9 @@ def copy_file(
             os.close(top)
     try:
         with os.fdopen(fd_in, "rb") as fin:
-            shared.mkdir(parents=True, exist_ok=True)  # the root itself: the operator's choice
+            problem = shared_problem(shared, mount=shared_mount)
+            if problem is not None:
+                return {"ok": False, "code": "io_error", "error": f"{rel}: not copied: {problem}"}
             with OpenFolder(
                 shared, dst_parts[:-1], where="in the shared folder", make=True
             ) as dst_dir:
