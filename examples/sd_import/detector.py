@@ -47,7 +47,9 @@ first and last 64 KiB), and ``detector:sd_removed`` when it goes. It answers eve
   planted under its name is never written through. A link (or anything but a regular file or
   folder, such as a fifo) where a file or folder is expected is refused, naming it relative
   to its root; a planted ``.part`` link is left in place for a person to look at. The card's
-  listing skips links. (Windows has no ``dir_fd``: there each segment is checked not to be a
+  listing skips links, and names each one that would otherwise be imported (a video, a
+  folder) in its ``skipped`` with the reason: logged once when the card is announced, and
+  reported by the import. (Windows has no ``dir_fd``: there each segment is checked not to be a
   link before the path is used, which a racing writer could defeat; the exclusive create
   still never writes through a link);
 * ``sd:file_copied`` says ``ok: true`` with ``dest``, ``size`` and ``fingerprint``, or
@@ -273,6 +275,10 @@ class Detector:
                 )
                 self.cards[root] = card
                 log.info("card %s inserted at %s: %d files", card.card_id, root, len(files))
+                for left in files.unlogged:  # once per insertion (listed more than once)
+                    log.warning(
+                        "card %s: skipped %s: %s", card.card_id, left["path"], left["reason"]
+                    )
                 await self._announce(card)
             for root in list(pending):
                 if root not in roots:

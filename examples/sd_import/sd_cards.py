@@ -59,21 +59,29 @@ two or three levels, ``DCIM/100GOPRO``)."""
 class Listing(list[dict[str, Any]]):
     """A card's listing (its entries, as a list) and what it left out: :attr:`skipped` holds
     ``{"path", "reason"}`` for each file or folder skipped because the backend would refuse
-    its path or it lies too deep, the path as valid Unicode (:func:`as_text`), at most
-    :data:`~card_paths.MAX_PATH` characters and an ellipsis."""
+    its path, it lies too deep or it is a link, the path as valid Unicode (:func:`as_text`),
+    at most :data:`~card_paths.MAX_PATH` characters and an ellipsis. :attr:`unlogged` holds
+    those of them not logged while listing (links), which the detector logs once when it
+    announces the card."""
 
     def __init__(
         self,
         entries: Iterable[dict[str, Any]] = (),
         skipped: list[dict[str, str]] | None = None,
+        unlogged: list[dict[str, str]] | None = None,
     ) -> None:
         super().__init__(entries)
         self.skipped: list[dict[str, str]] = skipped if skipped is not None else []
+        self.unlogged: list[dict[str, str]] = unlogged if unlogged is not None else []
 
-    def skip(self, shown: str, reason: str) -> None:
-        """Record ``shown`` (a path as text) as skipped for ``reason``."""
+    def skip(self, shown: str, reason: str, *, logged: bool = True) -> None:
+        """Record ``shown`` (a path as text) as skipped for ``reason``; ``logged=False``:
+        nobody logged it yet (see :attr:`unlogged`)."""
         path = shown if len(shown) <= MAX_PATH else shown[:MAX_PATH] + "\u2026"
-        self.skipped.append({"path": path, "reason": as_text(reason)[:1000]})
+        entry = {"path": path, "reason": as_text(reason)[:1000]}
+        self.skipped.append(entry)
+        if not logged:
+            self.unlogged.append(entry)
 
 
 def list_card(
@@ -97,7 +105,9 @@ def list_card(
     Guarantees, whatever the card holds:
 
     * only regular files are listed, reached without following a link (a link on the card,
-      to a file or a folder, is skipped: what it points to is not on the card);
+      to a file or a folder, is skipped: what it points to is not on the card); a link named
+      as a video, or with no suffix as folders are, is in :attr:`~Listing.skipped` with the
+      reason (and :attr:`~Listing.unlogged`), so the import reports it;
     * every listed path is one the backend accepts (:func:`card_paths.card_path`, the rule
       its ``sd:file_list`` check uses), so the list is never refused as a whole: a file it
       would refuse (a ``:`` or a backslash in a name, a name that is not valid UTF-8, a path
@@ -117,9 +127,11 @@ def list_card(
             rel = stack.pop()
             try:
                 with OpenFolder(root, rel, where="the card", top=top) as here:
-                    folders, files = here.entries()
+                    links: list[str] = []
+                    folders, files = here.entries(links)
                     stack.extend(_folders_to_walk(rel, folders, max_depth, skipped))
                     out.extend(_listed(here, rel, files, suffixes, skipped))
+                    _links_skipped(rel, links, suffixes, skipped)
             except OSError:  # the folder vanished or was replaced by a link while listing
                 continue
     finally:
@@ -128,6 +140,7 @@ def list_card(
     return Listing(
         sorted(out, key=lambda e: e["path"]),
         sorted(skipped.skipped, key=lambda e: e["path"]),
+        sorted(skipped.unlogged, key=lambda e: e["path"]),
     )
 
 
@@ -222,6 +235,35 @@ def _listed(
         finally:
             os.close(fd)
         yield {"path": path, "size": st.st_size, "mtime": st.st_mtime, "fingerprint": fingerprint}
+
+
+def _links_skipped(
+    rel: tuple[str, ...], names: list[str], suffixes: tuple[str, ...], skipped: Listing
+) -> None:
+    """Add to ``skipped`` each link ``names`` of the card's folder ``rel`` that may stand for
+    something the import would take: a link named as a video, or one with no suffix (as
+    camera folders are named: ``DCIM``, ``100GOPRO``), which may point to a folder. Links are
+    never followed (what one points to is not on the card, and may be anywhere on the host);
+    other links (``notes.txt``) are left out as other files are. Not logged here: a card is
+    listed more than once before it is announced, and the detector says each once."""
+    for name in names:
+        if name.startswith(".") or name.lower() in _IGNORED_DIRS:
+            continue
+        shown = as_text("/".join((*rel, name)))
+        if name.lower().endswith(suffixes):
+            skipped.skip(
+                shown,
+                "it is a symbolic link; links on a card are not followed, so the video it "
+                "points to is not imported (put the file itself on the card)",
+                logged=False,
+            )
+        elif not PurePath(name).suffix:
+            skipped.skip(
+                shown,
+                "it is a symbolic link (to a folder?); links on a card are not followed, so "
+                "nothing it points to is imported (put the files themselves on the card)",
+                logged=False,
+            )
 
 
 def as_text(text: str) -> str:

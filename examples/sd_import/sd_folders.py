@@ -167,15 +167,20 @@ class OpenFolder:
         if self.fd is not None:
             os.fsync(self.fd)
 
-    def entries(self) -> tuple[list[str], list[str]]:
+    def entries(self, links: list[str] | None = None) -> tuple[list[str], list[str]]:
         """The names here of folders and of regular files, neither a link (nothing is
-        followed to tell); anything else (a link, a fifo) is in neither list."""
+        followed to tell); anything else (a link, a fifo) is in neither list. The names of
+        links (symbolic links, Windows junctions) are added to ``links`` when it is given,
+        unfollowed."""
         folders: list[str] = []
         files: list[str] = []
         with os.scandir(self.fd if self.fd is not None else self.path) as found:
             for entry in found:
                 with contextlib.suppress(OSError):  # vanished meanwhile: not listed
-                    if entry.is_dir(follow_symlinks=False):
+                    if entry.is_symlink() or getattr(entry, "is_junction", lambda: False)():
+                        if links is not None:
+                            links.append(entry.name)
+                    elif entry.is_dir(follow_symlinks=False):
                         folders.append(entry.name)
                     elif entry.is_file(follow_symlinks=False):
                         files.append(entry.name)
