@@ -28,7 +28,13 @@ from framepipe.backends.objects import (
     open_object_store,
     validate_key,
 )
-from framepipe.errors import ConfigError, InvalidKeyError, ObjectNotFoundError, ObjectStoreError
+from framepipe.errors import (
+    ConfigError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectReplacedError,
+    ObjectStoreError,
+)
 from s3server import REGION, S3Server
 
 # The S3 cases share one server process, but each opens a bucket and a client: seconds in all.
@@ -181,7 +187,7 @@ def test_stat_exists_delete(backend: Backend) -> None:
     assert not store.exists("x/y")
     put = store.put("x/y", b"123")
     info = store.stat("x/y")
-    assert info == ObjectInfo("x/y", 3, info.modified)
+    assert info == ObjectInfo("x/y", 3, info.modified, put.version)
     assert info.modified == pytest.approx(put.modified, abs=2)
     assert store.exists("x/y")
     assert store.delete("x/y") is True
@@ -317,6 +323,55 @@ def test_base_copy_through_temp_file(store: ObjectStore) -> None:
     assert store.get("via/base") == b"payload"
     assert ObjectStore._copy(store, "missing", "x") is None
     assert not store.exists("x")
+
+
+def test_a_version_changes_when_the_object_is_replaced_within_the_second(
+    store: ObjectStore,
+) -> None:
+    """The version tag, not the modification time (whole seconds on S3), tells a replacement
+    apart: the same size, at once."""
+    put = store.put("v/a", b"first")
+    info = store.stat("v/a")
+    assert info.version is not None and info.version == put.version
+    assert [i.version for i in store.list("v/")] == [info.version]
+    replaced = store.put("v/a", b"other")
+    assert replaced.version != info.version
+    assert store.stat("v/a").version == replaced.version
+
+
+@pytest.mark.parametrize("how", ["copy", "base"])
+def test_a_copy_pinned_to_a_version_refuses_a_replaced_source_naming_the_key(
+    store: ObjectStore, how: str
+) -> None:
+    """``copy(..., if_version=)`` copies the pinned version, and refuses the source once it
+    was replaced (the same second, the same size), leaving the destination as it was; the
+    generic copy through a temp file (``base``) keeps the same rule."""
+
+    def copy(src: str, dst: str, version: str | None) -> ObjectInfo | None:
+        if how == "copy":
+            return store.copy(src, dst, if_version=version)
+        return ObjectStore._copy(store, src, dst, version)
+
+    pinned = store.put("uploads/clip.mp4", b"first").version
+    assert pinned is not None
+    store.put("job/input.mp4", b"old")
+    copied = copy("uploads/clip.mp4", "job/input.mp4", pinned)
+    assert copied is not None and copied.size == 5
+    assert store.get("job/input.mp4") == b"first"
+    store.put("uploads/clip.mp4", b"other")
+    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced") as refused:
+        copy("uploads/clip.mp4", "job/input.mp4", pinned)
+    assert refused.value.key == "uploads/clip.mp4" and refused.value.version == pinned
+    assert store.get("job/input.mp4") == b"first"  # left as it was
+    with pytest.raises(ObjectReplacedError):
+        copy("uploads/clip.mp4", "job/new.mp4", pinned)
+    assert not store.exists("job/new.mp4")
+    store.delete("uploads/clip.mp4")
+    if how == "copy":
+        with pytest.raises(ObjectNotFoundError, match=r"'uploads/clip\.mp4'"):
+            store.copy("uploads/clip.mp4", "job/new.mp4", if_version=pinned)
+    else:
+        assert ObjectStore._copy(store, "uploads/clip.mp4", "job/new.mp4", pinned) is None
 
 
 # -- get_file atomicity -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,10 +28,12 @@ from framepipe.backends.objects import (
     open_object_store,
     validate_key,
 )
+from framepipe.backends.objects import local as local_module
 from framepipe.errors import (
     InvalidKeyError,
     ObjectKeyConflictError,
     ObjectNotFoundError,
+    ObjectReplacedError,
     ObjectStoreError,
 )
 
@@ -607,3 +610,49 @@ def test_non_durable_store_is_still_atomic(tmp_path: Path) -> None:
     assert store.get("frames/a/1.jpg") == b"x" * 1000
     assert [o.key for o in store.list()] == ["frames/a/1.jpg"]
     assert not [p for p in (tmp_path / "fast").rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_a_pinned_copy_copies_the_file_it_checked_whatever_replaces_it(
+    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version is checked on the open file: a replacement right after the open is not
+    what is copied (the pinned bytes are), and one before it is refused naming the key."""
+    pinned = store.put("uploads/clip.mp4", b"first").version
+    assert pinned is not None
+    opened = store._open
+
+    def open_then_replaced(key: str, action: str) -> int | None:
+        fd = opened(key, action)
+        if key == "uploads/clip.mp4":
+            store.put(key, b"other")
+        return fd
+
+    monkeypatch.setattr(store, "_open", open_then_replaced)
+    copied = store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
+    assert copied.version != pinned and store.get("job/input.mp4") == b"first"
+    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced"):
+        store.copy("uploads/clip.mp4", "job/again.mp4", if_version=pinned)
+    assert not store.exists("job/again.mp4")
+
+
+def test_a_pinned_copy_refuses_a_file_written_in_place_while_it_is_copied(
+    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that bypasses the store and rewrites the file in place during the copy moves
+    its version: the copy is dropped before it reaches the key."""
+    pinned = store.put("uploads/clip.mp4", b"first").version
+    assert pinned is not None
+    store.put("job/input.mp4", b"old")
+    path = store.root / "uploads" / "clip.mp4"
+    real_copy = local_module._copy_into
+
+    def copy_then_rewritten(source: Any, fd: int) -> None:
+        real_copy(source, fd)
+        path.write_bytes(b"rewritten in place")
+
+    monkeypatch.setattr(local_module, "_copy_into", copy_then_rewritten)
+    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4'"):
+        store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
+    monkeypatch.undo()
+    assert store.get("job/input.mp4") == b"old"
+    assert sorted(p.name for p in (store.root / "job").iterdir()) == ["input.mp4"]

@@ -35,7 +35,8 @@
     ├── ObjectStoreError             the object store
     │   ├── InvalidKeyError
     │   ├── ObjectKeyConflictError   a key nests under an object, or names a folder of keys
-    │   └── ObjectNotFoundError
+    │   ├── ObjectNotFoundError
+    │   └── ObjectReplacedError      a copy pinned to a version of an object it no longer is
     ├── ProcessorRegistryError       remote processors registered on Redis (the fleet)
     │   ├── RegistryConnectionError  Redis cannot be reached; names the URL
     │   ├── NoProcessorError         no live processor offers the capability; names those on offer
@@ -90,6 +91,7 @@ __all__ = [
     "NoProcessorError",
     "ObjectKeyConflictError",
     "ObjectNotFoundError",
+    "ObjectReplacedError",
     "ObjectStoreError",
     "PathNotAllowedError",
     "PipelineCycleError",
@@ -356,6 +358,16 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class ObjectReplacedError(ObjectStoreError):
+    """An object was replaced since a caller took its version (``version``): a copy pinned
+    to that version is refused, naming the key (``key``), and nothing is written."""
+
+    def __init__(self, message: str, *, key: str, version: str) -> None:
+        self.key = key
+        self.version = version
+        super().__init__(message)
 
 
 class BrokerError(FramepipeError):

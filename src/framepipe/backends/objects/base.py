@@ -10,7 +10,11 @@ Guarantees every backend gives:
 
 - atomic visibility: a reader sees the whole object or no object, never a partial one;
 - ``put`` overwrites: the last completed write of a key wins;
-- ``list`` yields objects in key order (Python ``str`` order, which is UTF-8 byte order).
+- ``list`` yields objects in key order (Python ``str`` order, which is UTF-8 byte order);
+- a version tag: ``stat``, ``list``, ``put`` and ``copy`` give each object's
+  :attr:`ObjectInfo.version`, which changes whenever the object is replaced, and
+  ``copy(..., if_version=)`` copies only that version (:class:`ObjectReplacedError` otherwise),
+  so a caller can pin an object and later copy exactly what it pinned.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
+from framepipe.errors import (
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectReplacedError,
+    ObjectStoreError,
+)
 
 __all__ = ["MAX_KEY_BYTES", "ObjectInfo", "ObjectStore", "validate_key"]
 
@@ -106,11 +115,16 @@ def _validate_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: its key, size in bytes and last modification (unix seconds)."""
+    """One stored object: its key, size in bytes, last modification (unix seconds) and
+    ``version``, an opaque tag that changes whenever the object is replaced (S3: its ETag, so
+    the same bytes stored again keep it; the local store: see
+    :class:`~framepipe.backends.objects.local.LocalObjectStore`), ``None`` from a backend that
+    has none. Compare tags only for equality, and only tags of the same store."""
 
     key: str
     size: int
     modified: float
+    version: str | None = None
 
 
 def _create_temp(directory: Path) -> tuple[int, Path]:
@@ -230,12 +244,18 @@ class ObjectStore(abc.ABC):
         self._check_open()
         return self._list(_validate_prefix(prefix))
 
-    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, *, if_version: str | None = None) -> ObjectInfo:
         """Copy ``src_key`` to ``dst_key`` (overwriting it); :class:`ObjectNotFoundError` if
-        ``src_key`` is missing."""
+        ``src_key`` is missing.
+
+        With ``if_version`` (an :attr:`ObjectInfo.version` of ``src_key``), only that version
+        is copied: a source replaced since it was taken is :class:`ObjectReplacedError`
+        naming the key, and ``dst_key`` is left as it was. The check and the copy are one
+        (S3: ``CopySourceIfMatch``; local: the file checked is the file copied), so no
+        replacement in between is copied."""
         src_key = self._key(src_key)
         dst_key = validate_key(dst_key)
-        info = self._copy(src_key, dst_key)
+        info = self._copy(src_key, dst_key, if_version)
         if info is None:
             raise self._not_found(src_key)
         return info
@@ -268,6 +288,18 @@ class ObjectStore(abc.ABC):
 
     def _not_found(self, key: str) -> ObjectNotFoundError:
         return ObjectNotFoundError(f"no object {key!r} in {self.url}", key=key)
+
+    def _replaced(
+        self, src_key: str, dst_key: str, version: str, now: str | None
+    ) -> ObjectReplacedError:
+        """The refusal of a copy pinned to ``version`` of ``src_key``, which is ``now``."""
+        found = f" (now {now})" if now is not None else ""
+        return ObjectReplacedError(
+            f"cannot copy {src_key!r} to {dst_key!r} in {self.url}: {src_key!r} was replaced, "
+            f"it is no longer version {version}{found}",
+            key=src_key,
+            version=version,
+        )
 
     # -- primitives: keys are valid, the store is open ----------------------------------------
 
@@ -305,15 +337,33 @@ class ObjectStore(abc.ABC):
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Objects whose key starts with ``prefix``, in key order."""
 
-    def _copy(self, src_key: str, dst_key: str) -> ObjectInfo | None:
-        """Copy an object; ``None`` if ``src_key`` is missing. Streams through a local temp
-        file; backends with a server-side copy override this."""
+    def _copy(self, src_key: str, dst_key: str, if_version: str | None = None) -> ObjectInfo | None:
+        """Copy an object (only version ``if_version``, when given); ``None`` if ``src_key``
+        is missing. Streams through a local temp file, the version checked before and after
+        the download; backends with a server-side copy override this, with a check that
+        leaves no window."""
         with tempfile.TemporaryDirectory(prefix="framepipe-copy-") as tmpdir:
             tmp = Path(tmpdir) / "object"
             tmp.touch()
+            if not self._is_version(src_key, dst_key, if_version):
+                return None
             if not self._get_file(src_key, tmp):
                 return None
+            if not self._is_version(src_key, dst_key, if_version):
+                return None
             return self._put_file(dst_key, tmp)
+
+    def _is_version(self, src_key: str, dst_key: str, version: str | None) -> bool:
+        """Whether ``src_key`` exists, when it is ``version`` (any, for ``None``); else
+        :class:`ObjectReplacedError`."""
+        if version is None:
+            return True
+        info = self._stat(src_key)
+        if info is None:
+            return False
+        if info.version != version:
+            raise self._replaced(src_key, dst_key, version, info.version)
+        return True
 
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release backend resources (connections, clients)."""

@@ -31,6 +31,13 @@ Guarantees:
   once (never a reader blocked), and a folder is no object;
 * ``list`` skips temporary files and symbolic links and never descends through a link (each
   folder is opened ``O_NOFOLLOW`` relative to its parent);
+* an object's version (:attr:`ObjectInfo.version`) is its file's identity and state,
+  ``<device>.<inode>.<mtime in ns>.<size>`` in hex: every ``put`` writes a new file (a new
+  inode) renamed over the key, so a replacement changes it even within the same second and
+  at the same size; so does a write to the file in place that moves its modification time.
+  ``copy(..., if_version=)`` checks the very file it reads (the open descriptor, before and
+  after the copy, ahead of the rename into place), so a replacement at any moment is
+  either refused or not copied;
 * errors name the key and the store's URL, never a filesystem path below it: the reason of an
   ``OSError`` is given without its file name.
 """
@@ -112,6 +119,15 @@ def _parts(path: str) -> list[str]:
     """The names of the absolute ``path``, without the empty and ``.`` ones (``..`` kept: it
     is not resolved by name)."""
     return [part for part in path.split("/") if part not in ("", ".")]
+
+
+def _version(st: os.stat_result) -> str:
+    """The version of the file ``st`` describes (see the module)."""
+    return f"{st.st_dev:x}.{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
 
 
 def _write_bytes(fd: int, data: bytes) -> None:
@@ -343,7 +359,7 @@ class LocalObjectStore(ObjectStore):
             raise
         finally:
             folder.close()
-        return ObjectInfo(key, st.st_size, st.st_mtime)
+        return _info(key, st)
 
     def _create_temp(self, key: str, segments: list[str]) -> tuple[_Folder, str, int]:
         """The key's folder (created if missing), and a new empty ``.tmp-*`` file in it."""
@@ -377,12 +393,30 @@ class LocalObjectStore(ObjectStore):
         with path.open("rb") as source:
             return self._write(key, lambda fd: _copy_into(source, fd))
 
-    def _copy(self, src_key: str, dst_key: str) -> ObjectInfo | None:
+    def _copy(self, src_key: str, dst_key: str, if_version: str | None = None) -> ObjectInfo | None:
         fd = self._open(src_key, "read")
         if fd is None:
             return None
         with os.fdopen(fd, "rb") as source:
-            return self._write(dst_key, lambda out: _copy_into(source, out))
+            self._check_version(source.fileno(), src_key, dst_key, if_version)
+
+            def fill(out: int) -> None:
+                _copy_into(source, out)
+                # written in place meanwhile: the temp file is dropped, the key left alone
+                self._check_version(source.fileno(), src_key, dst_key, if_version)
+
+            return self._write(dst_key, fill)
+
+    def _check_version(self, fd: int, src_key: str, dst_key: str, version: str | None) -> None:
+        """Refuse the open source ``fd`` unless it is ``version`` (any, for ``None``)."""
+        if version is None:
+            return
+        try:
+            now = _version(os.fstat(fd))
+        except OSError as exc:
+            raise self._error("read", src_key, exc) from exc
+        if now != version:
+            raise self._replaced(src_key, dst_key, version, now)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -420,7 +454,7 @@ class LocalObjectStore(ObjectStore):
             raise self._error("stat", key, exc) from exc
         if st is None or not stat.S_ISREG(st.st_mode):
             return None
-        return ObjectInfo(key, st.st_size, st.st_mtime)
+        return _info(key, st)
 
     def _delete(self, key: str) -> bool:
         segments = self._segments(key)
@@ -497,7 +531,7 @@ class LocalObjectStore(ObjectStore):
                 except FileNotFoundError:  # deleted while listing
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    yield ObjectInfo(f"{key_prefix}{entry.name}", st.st_size, st.st_mtime)
+                    yield _info(f"{key_prefix}{entry.name}", st)
         finally:
             os.close(fd)
 

@@ -18,7 +18,14 @@ store opens, so a wrong bucket, wrong credentials or an unreachable endpoint fai
 an error naming the bucket and the endpoint, not at the first frame.
 
 S3 keeps modification times to the second; ``modified`` is whole seconds from ``stat`` and
-``list``, and the server's clock at the response for ``put``.
+``list``, and the server's clock at the response for ``put``. An object's ``version`` is its
+ETag as S3 gives it (quotes included): it changes whenever other bytes are stored under the
+key, within the same second too, and ``copy(..., if_version=)`` sends it as
+``CopySourceIfMatch``, so S3 itself refuses (``412 PreconditionFailed``, raised as
+:class:`~framepipe.errors.ObjectReplacedError`) a source replaced at any moment before the copy.
+On an S3-compatible server that ignores the condition, a pinned copy whose result is not the
+pinned ETag is checked against the source afterwards, and deleted and refused when the source
+has changed (the destination then holds no object, not its former one).
 
 What each failure of S3 is reported as (a missing bucket, another region, rejected
 credentials, an unreachable endpoint ...) is :mod:`framepipe.backends.objects.s3_errors`.
@@ -317,7 +324,7 @@ class S3ObjectStore(ObjectStore):
             response = self._client.put_object(Bucket=self._bucket, Key=full, Body=body)
         except Exception as exc:
             raise self._error("put", key, exc) from exc
-        return ObjectInfo(key, len(body), _response_time(response))
+        return ObjectInfo(key, len(body), _response_time(response), response.get("ETag"))
 
     def _put_file(self, key: str, path: Path) -> ObjectInfo:
         full = self._full(key)
@@ -329,41 +336,66 @@ class S3ObjectStore(ObjectStore):
         info = self._stat(key)
         return info if info is not None else ObjectInfo(key, size, time.time())
 
-    def _copy(self, src_key: str, dst_key: str) -> ObjectInfo | None:
+    def _copy(self, src_key: str, dst_key: str, if_version: str | None = None) -> ObjectInfo | None:
+        """A server-side copy of the ETag the source has (``if_version``, or else the one read
+        first, tried again up to :data:`_COPY_ATTEMPTS` times when the source changes in
+        between), sent as ``CopySourceIfMatch`` so S3 copies no other. A pinned copy is
+        confirmed too where the server may not enforce that condition (:meth:`_confirm`)."""
         src, dst = self._full(src_key), self._full(dst_key)
         for _ in range(_COPY_ATTEMPTS):
             head = self._head(src_key, src)
             if head is None:
                 return None
             etag, size = head["ETag"], int(head["ContentLength"])
+            if if_version is not None and etag != if_version:
+                raise self._replaced(src_key, dst_key, if_version, etag)
             source = {"Bucket": self._bucket, "Key": src}
+            info: ObjectInfo | None = None
             try:
                 if size <= _MAX_COPY_OBJECT_BYTES:  # one server-side request
                     response = self._client.copy_object(
                         Bucket=self._bucket, Key=dst, CopySource=source, CopySourceIfMatch=etag
                     )
-                    modified = response["CopyObjectResult"]["LastModified"].timestamp()
-                    return ObjectInfo(dst_key, size, float(math.floor(modified)))
-                self._client.copy(
-                    source,
-                    self._bucket,
-                    dst,
-                    ExtraArgs={"CopySourceIfMatch": etag},
-                    Config=self._transfer,
-                )
+                    result = response["CopyObjectResult"]
+                    modified = float(math.floor(result["LastModified"].timestamp()))
+                    info = ObjectInfo(dst_key, size, modified, result.get("ETag"))
+                else:
+                    self._client.copy(
+                        source,
+                        self._bucket,
+                        dst,
+                        ExtraArgs={"CopySourceIfMatch": etag},
+                        Config=self._transfer,
+                    )
             except Exception as exc:
                 code = error_code(self._cause(exc))[0]
-                if code in ("PreconditionFailed", "412"):  # replaced meanwhile: copy the new one
-                    continue
+                if code in ("PreconditionFailed", "412"):  # replaced since the head
+                    if if_version is not None:
+                        raise self._replaced(src_key, dst_key, if_version, None) from None
+                    continue  # unpinned: copy the new one
                 if code in MISSING_CODES:
                     return None
                 raise self._error(f"copy {src_key!r} to", dst_key, exc) from exc
-            info = self._stat(dst_key)
-            return info if info is not None else ObjectInfo(dst_key, size, time.time())
+            if info is None:
+                info = self._stat(dst_key) or ObjectInfo(dst_key, size, time.time())
+            if if_version is not None and info.version != if_version:
+                self._confirm(src_key, dst_key, if_version)
+            return info
         raise ObjectStoreError(
             f"cannot copy {src_key!r} to {dst_key!r} in {self._url}: the source changed "
             f"during {_COPY_ATTEMPTS} attempts"
         )
+
+    def _confirm(self, src_key: str, dst_key: str, version: str) -> None:
+        """After a copy pinned to ``version`` whose result has another ETag (a multipart or
+        encrypted source's copy has one of its own): the source must still be ``version``,
+        else the copy is deleted and refused. S3 enforces ``CopySourceIfMatch`` itself; some
+        S3-compatible servers ignore it, and there the copy of a replacement is not kept."""
+        head = self._head(src_key, self._full(src_key))
+        now = None if head is None else head["ETag"]
+        if now != version:
+            self._delete(dst_key)
+            raise self._replaced(src_key, dst_key, version, now)
 
     def _delete(self, key: str) -> bool:
         full = self._full(key)
@@ -434,8 +466,8 @@ class S3ObjectStore(ObjectStore):
         head = self._head(key, self._full(key))
         if head is None:
             return None
-        modified = head["LastModified"].timestamp()
-        return ObjectInfo(key, int(head["ContentLength"]), float(math.floor(modified)))
+        modified = float(math.floor(head["LastModified"].timestamp()))
+        return ObjectInfo(key, int(head["ContentLength"]), modified, head.get("ETag"))
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         # S3 lists in UTF-8 byte order, which is str order; the store prefix is common to all
@@ -453,7 +485,7 @@ class S3ObjectStore(ObjectStore):
                     if _key_problem(key) is not None:  # e.g. "folder/" markers of other tools
                         continue
                     modified = float(math.floor(item["LastModified"].timestamp()))
-                    yield ObjectInfo(key, int(item["Size"]), modified)
+                    yield ObjectInfo(key, int(item["Size"]), modified, item.get("ETag"))
         except Exception as exc:
             raise self._error("list", prefix or None, exc) from exc
 
