@@ -134,8 +134,10 @@ def test_a_missing_or_non_video_input_fails_fetch_clearly(
     monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
     missing, _, _ = run_ml(settings, tmp_path / "nope.mp4")
     assert f"no such file: '{tmp_path / 'nope.mp4'}'" in missing.errors["fetch"]
-    key, _, _ = run_ml(settings, Path("uploads/nope.mp4"))  # relative, not on disk: a key
-    assert "input 'uploads/nope.mp4': no such object in the object store" in key.errors["fetch"]
+    # relative, not on disk: a key, and with no object the submit refuses it (nothing to pin)
+    with pytest.raises(InvalidInputError, match="no such object in the object store") as key:
+        run_ml(settings, Path("uploads/nope.mp4"))
+    assert key.value.where == "inputs.input" and "'uploads/nope.mp4'" in str(key.value)
     text = tmp_path / "notes.mp4"
     text.write_text("not a video")
     bad, _, _ = run_ml(settings, text)
@@ -203,6 +205,7 @@ def test_the_documented_inputs_are_accepted_and_stored_with_their_defaults(
     assert info.status is ExecutionStatus.COMPLETED, info.error
     assert info.inputs == {
         "input": str(clip.resolve()),
+        "input_version": None,  # a local file: fetch copies it, no object to pin
         "prompt": "anime",
         "style": "studio",
         "seed": 42,
@@ -215,6 +218,7 @@ def test_the_documented_inputs_are_accepted_and_stored_with_their_defaults(
     defaults = submit_ml(settings, {"input": str(clip), "width": 160}).inputs
     assert defaults == {
         "input": str(clip.resolve()),
+        "input_version": None,
         "prompt": "",
         "style": "default",
         "seed": 0,

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REDIS_URL, redis_namespace
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus, open_object_store
+from framepipe.errors import InvalidInputError
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.worker import Worker
 from framepipe.pipelines.ml_video import ml_video
@@ -103,6 +104,59 @@ def test_a_queued_job_whose_upload_was_replaced_is_refused_naming_the_key(
     assert objects.get(KEY) == other.read_bytes()  # the client's object is left alone
 
 
+def test_an_upload_replaced_right_after_the_submit_is_refused_naming_the_key(
+    worker_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit pins the object's version, so a replacement within the same second (which
+    a modification time, whole seconds on S3, cannot tell) is refused; before, the job
+    completed on the second video."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    objects = open_object_store(worker_settings.resolved_objects_url)
+    objects.put_file(KEY, make_clip(tmp_path / "a.mp4", frames=10, size=(320, 240)))
+    other = make_clip(tmp_path / "b.mp4", frames=20, size=(160, 120))
+
+    info = queue_then_work(
+        worker_settings, {"input": KEY, "width": 160}, lambda: objects.put_file(KEY, other)
+    )
+    assert info.status is ExecutionStatus.FAILED, info.data
+    assert info.inputs["input_version"] not in (None, objects.stat(KEY).version)
+    fetch = info.step("fetch")
+    assert fetch.status is StepStatus.FAILED and fetch.attempt == 1  # refused, not retried
+    error = info.errors["fetch"]
+    assert error.startswith(
+        f"InvalidInputError: inputs.input: '{KEY}' was replaced after this job was submitted"
+    ), error
+    assert "preprocessed_info" not in info.data
+    assert not objects.exists(f"ml/{info.id}/input.mp4")  # no copy left
+    assert objects.get(KEY) == other.read_bytes()
+
+
+def test_the_submit_refuses_a_missing_key_or_a_version_the_object_no_longer_is(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    """A submitter may pin its own upload (the version its PUT got): one replaced since is
+    refused at the submit, naming the field, and no execution is made."""
+    objects = open_object_store(worker_settings.resolved_objects_url)
+    mine = objects.put_file(KEY, make_clip(tmp_path / "a.mp4", frames=10, size=(320, 240)))
+    objects.put_file(KEY, make_clip(tmp_path / "b.mp4", frames=20, size=(160, 120)))
+
+    async def submit(inputs: dict[str, Any]) -> str:
+        async with JobEngine(settings=worker_settings) as engine:
+            return await engine.submit(ml_video, inputs, input_roots=[])
+
+    with pytest.raises(InvalidInputError) as stale:
+        asyncio.run(submit({"input": KEY, "input_version": mine.version}))
+    assert stale.value.where == "inputs.input_version"
+    assert f"'{KEY}' is no longer version {mine.version}" in str(stale.value)
+    with pytest.raises(InvalidInputError) as missing:
+        asyncio.run(submit({"input": "uploads/nope.mp4"}))
+    assert missing.value.where == "inputs.input"
+    assert "'uploads/nope.mp4': no such object in the object store" in str(missing.value)
+    current = objects.stat(KEY).version
+    execution_id = asyncio.run(submit({"input": KEY, "input_version": current}))
+    assert execution_id
+
+
 def test_a_job_reads_its_own_copy_of_the_upload_and_deletes_only_that(
     worker_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,6 +169,7 @@ def test_a_job_reads_its_own_copy_of_the_upload_and_deletes_only_that(
     assert info.data["input_key"] == f"ml/{info.id}/input.mp4"
     assert info.data["input_source"]["key"] == KEY
     assert info.data["input_source"]["size"] == upload.stat().st_size
+    assert info.data["input_source"]["version"] == objects.stat(KEY).version
     pre = info.data["preprocessed_info"]
     assert (pre["frames"], pre["width"], pre["height"]) == (10, 160, 120)
     assert objects.get(KEY) == upload.read_bytes()  # finalize deleted the copy, not this

@@ -205,7 +205,8 @@ class JobEngine(Scheduler):
         ``inputs`` are checked first, in both modes, and a refusal creates nothing: storable
         JSON within ``max_inputs_bytes`` (:class:`InputTooLargeError` otherwise), then the
         pipeline's declared inputs model if it has one (:meth:`Pipeline.check_inputs`:
-        :class:`InvalidInputError` naming the field). ``input_roots`` is for submitters that
+        :class:`InvalidInputError` naming the field), then the pipeline's ``on_submit``, which
+        may pin what they name in the object store. ``input_roots`` is for submitters that
         do not own the machine (the HTTP service passes the setting ``input_roots``): the
         local paths among the declared inputs (fields of type
         :data:`~framepipe.jobs.inputs.LocalPathOrKey`) must then lie inside those folders
@@ -234,6 +235,9 @@ class JobEngine(Scheduler):
         )
         if pipeline.inputs is not None:  # paths are resolved: file system calls
             inputs = await asyncio.to_thread(pipeline.check_inputs, inputs, input_roots=input_roots)
+        if pipeline.on_submit is not None:  # pins what the inputs name (Pipeline)
+            hook, checked = pipeline.on_submit, inputs
+            inputs = dict(await asyncio.to_thread(lambda: hook(checked, self.objects)))
         roots = (
             None if input_roots is None else await asyncio.to_thread(recorded_roots, input_roots)
         )

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -24,9 +24,15 @@ from framepipe.errors import PipelineCycleError, StepParamsError, UnknownDepende
 from framepipe.jobs.inputs import validate_inputs
 from framepipe.jobs.keys import validate_step_name
 
-__all__ = ["Pipeline", "Step"]
+if TYPE_CHECKING:
+    from framepipe.backends.objects import ObjectStore
+
+__all__ = ["OnSubmit", "Pipeline", "Step"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+OnSubmit = Callable[[dict[str, Any], "ObjectStore"], Mapping[str, Any]]
+"""``on_submit(inputs, objects)``: see :class:`Pipeline`."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,22 @@ class Pipeline:
     ``inputs``, a Pydantic model, declares the execution's inputs: every submit validates
     them against it before an execution exists, and confines the local paths among them
     (fields of type :data:`~framepipe.jobs.inputs.LocalPathOrKey`) to the roots the submitter
-    gives (:mod:`framepipe.jobs.inputs`). Without it, inputs are taken as given."""
+    gives (:mod:`framepipe.jobs.inputs`). Without it, inputs are taken as given.
+
+    ``on_submit(inputs, objects)``, when given, is run by every submit (the HTTP service, the
+    command line, the Python API; embedded or on workers) after the inputs are checked and
+    before anything is stored, with the submitter's object store: it returns the inputs to
+    store, say with the version of an object they name pinned, so the steps later take what
+    was there at the submit. What it raises refuses the submit, and nothing is stored. A
+    retry does not run it again."""
 
     def __init__(
-        self, name: str, *, description: str = "", inputs: type[BaseModel] | None = None
+        self,
+        name: str,
+        *,
+        description: str = "",
+        inputs: type[BaseModel] | None = None,
+        on_submit: OnSubmit | None = None,
     ) -> None:
         self.name = validate_step_name(name)
         self.description = description
@@ -160,6 +178,7 @@ class Pipeline:
                 f"inputs must be a Pydantic model class, not {inputs!r}", pipeline=self.name
             )
         self.inputs = inputs
+        self.on_submit = on_submit
         self._steps: dict[str, Step] = {}
         self._validated = False
         self.module_ref = _module_ref(2)

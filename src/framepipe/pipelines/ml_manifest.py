@@ -19,11 +19,12 @@ preprocessed video, the model's frames and the post-processed ones."""
 
 def manifest(ctx: StepContext, inputs: BaseModel, keep: bool) -> dict[str, Any]:
     """What the job used and what it keeps: every input (``prompt``, ``seed`` ...), the upload
-    it took (``input``: the client's ``key`` or ``path``, its size, its media info), the model,
+    it took (``input``: the client's ``key`` and its ``version``, or ``path``, its size, its
+    media info), the model,
     the results and their info; the intermediates' keys only when they are kept (``keep``)."""
     data = ctx.data
     source = {k: v for k, v in (data.get("input_source") or {}).items() if v is not None}
-    given = inputs.model_dump(mode="json", exclude={"input"})
+    given = inputs.model_dump(mode="json", exclude={"input", "input_version"})
     out: dict[str, Any] = {
         "execution_id": ctx.execution_id,
         **given,

@@ -42,9 +42,11 @@ execution keeps them for its retry. The first step refuses to run where the orig
 ``MINIO_*`` or ``DATABASE_FILE`` are set but this process does not use them (see
 :mod:`framepipe.pipelines.ml_worker`, which maps them).
 
-The job runs on the video its submitter sent: fetch takes the job's own copy
-(``ml/<execution id>/input.<ext>``), which the later steps read, and refuses an object key
-whose object was replaced after the submit. An empty or non-video input, and a request the
+The job runs on the video its submitter sent: the submit pins an object key's version
+(``input_version``: its ETag on S3; :func:`~framepipe.pipelines.ml_input.pin_input`), and
+fetch takes the job's own copy (``ml/<execution id>/input.<ext>``) of that version only,
+which the later steps read; an object replaced after the submit, even within the same second,
+is refused naming the key. An empty or non-video input, and a request the
 model server refuses for good (an HTTP 4xx), fail at once instead of being retried. The result
 keeps the upload's sound.
 """
@@ -72,7 +74,7 @@ from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, 
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.media.frames import read_image, write_image
-from framepipe.pipelines.ml_input import probed, take_object
+from framepipe.pipelines.ml_input import pin_input, probed, take_object
 from framepipe.pipelines.ml_manifest import INTERMEDIATES, delete_intermediates, manifest
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
@@ -88,6 +90,13 @@ class MlVideoInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     input: LocalPathOrKey = Field(description="The video: a local file or an object key.")
+    input_version: str | None = Field(
+        None,
+        max_length=1024,
+        description="The version of the object `input` names (its ETag on S3), pinned at "
+        "submit: fetch takes that version or refuses. Give the one your upload got to pin it "
+        "yourself; left out, the submit takes the object's version then.",
+    )
     prompt: str = Field("", description="What the model is asked to do.")
     style: str = Field("default", description="The model's style.")
     seed: int = Field(0, description="The model's random seed.")
@@ -98,7 +107,10 @@ class MlVideoInputs(BaseModel):
 
 
 ml_video = Pipeline(
-    "ml_video", description="Stylise every frame of a video with a model.", inputs=MlVideoInputs
+    "ml_video",
+    description="Stylise every frame of a video with a model.",
+    inputs=MlVideoInputs,
+    on_submit=pin_input,
 )
 
 
@@ -272,8 +284,9 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
     """Take the job's own copy of the input, ``ml/<execution id>/input.<ext>``, which every
     later step reads (a new upload to the client's key changes nothing for this job): a local
     file (as the submit resolved and confined it) is copied without following links and
-    uploaded; an object key is copied within the store, unless it was replaced after the
-    submit (or the latest ``framepipe jobs retry``), which refuses it naming the key. The
+    uploaded; an object key is copied within the store, the version its submit pinned
+    (:func:`~framepipe.pipelines.ml_input.take_object`): one replaced after the submit is
+    refused naming the key. The
     copy is probed: an empty or non-video input is an
     :class:`~framepipe.errors.InvalidInputError`, refused for good (not retried)."""
     with _stage(ctx):
@@ -283,7 +296,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
         name = Path(source).name if path is None else path.name
         key = f"{_prefix(ctx)}/input{Path(name).suffix.lower() or '.mp4'}"
         if path is None:
-            taken = take_object(ctx, source, key)
+            taken = take_object(ctx, source, key, _inputs(ctx).input_version)
             copy = _fetch(ctx, key)
         else:
             copy = copy_local_file(path, ctx.tempdir() / path.name)
