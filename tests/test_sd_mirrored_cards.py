@@ -13,6 +13,7 @@ pipeline, the detector as its own process, clips encoded with PyAV and QR codes 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +23,12 @@ from conftest import need_modules
 from test_example_sd_import import (
     CardMaker,
     Detector,
+    eject,
     ended,
+    imports_of,
+    insert,
+    running_world,
+    sd_settings,
     sqlite_settings,
     wait_for,
     world,
@@ -79,3 +85,50 @@ def test_two_cards_with_the_same_clips_at_once_import_each_video_once(
         assert importing["status"] == "imported"
         assert importing["bookings"]["B9301"]["videos"] == videos
         assert set(videos) <= set(leaving["in_other_imports"])
+
+
+def test_a_failed_card_resumed_after_its_mirror_imported_renders_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first card's import fails (the card pulled mid-import, no copy retries), the mirror
+    card then imports every video, and the first card comes back: its import resumes and
+    completes without copying or rendering those videos again (the ledger says they were
+    imported, by which import), so each video still has one object."""
+    monkeypatch.setenv("SD_IMPORT_COPY_RETRIES", "0")  # read when the pipeline loads
+    with running_world(tmp_path, sd_settings(tmp_path)) as world:
+        server, watch = world["server"], world["watch"]
+        maker = CardMaker(world["cards"] / "SLOTA")
+        maker.qr("B9302;Ola Once")
+        videos = [maker.video(), maker.video()]
+        mirror = world["cards"] / "SLOTB"
+        shutil.copytree(maker.folder, mirror)
+        log = tmp_path / "det.log"
+        detector = Detector(server.url, watch, world["shared"], log, "--max-rate", "100000")
+        world["detectors"].append(detector.start())
+        with httpx.Client(base_url=server.url, headers=AUTH) as client:
+            mounted = insert(maker.folder, watch)
+            wait_for("the import of SLOTA", lambda: imports_of(client, "SLOTA"), detector=detector)
+            eject(mounted)  # pulled while it copies: its next copy fails, not retried
+            failed = wait_for("SLOTA's end", lambda: ended(client, "SLOTA"), detector=detector)
+            assert failed["status"] == "failed", failed["status"]
+            insert(mirror, watch)
+            other = wait_for("SLOTB's import", lambda: ended(client, "SLOTB"), detector=detector)
+            assert other["status"] == "completed", other.get("error")
+            assert other["data"]["summary"]["bookings"]["B9302"]["videos"] == videos
+            keys = other["data"]["summary"]["bookings"]["B9302"]["outputs"]
+            assert len(keys) == len(videos)
+            insert(maker.folder, watch)  # the first card back: its import resumes
+            resumed = wait_for(
+                "SLOTA resumed to its end",
+                lambda: (e := ended(client, "SLOTA")) and e["status"] != "failed" and e,
+                detector=detector,
+            )
+            assert resumed["id"] == failed["id"] and len(imports_of(client, "SLOTA")) == 1
+            assert resumed["status"] == "completed", resumed.get("error")
+            summary = resumed["data"]["summary"]
+            assert not [
+                k for k, v in resumed["data"].items() if k.startswith("render/") and "key" in v
+            ]
+            assert set(summary["imported_elsewhere"]) == set(videos)
+            assert set(summary["imported_elsewhere"].values()) == {other["id"]}
+            assert sorted(summary["bookings"]["B9302"]["outputs"]) == sorted(keys)

@@ -16,6 +16,7 @@ from sd_imports import session_of
 from sd_inputs import card_file
 from sd_jumps import booking_of, held_reason
 from sd_plan import spawn_processing
+from sd_render import imported_elsewhere
 from sd_share import measure_copy, shared_dir_of
 
 from framepipe import StepContext
@@ -48,6 +49,11 @@ async def copy(
     if video and booking is None and booking_of(ctx, path) is None:
         ctx.log.info("%s is held (%s): not copied", path, held_reason(ctx, path))
         return {}
+    if video or booking is not None:
+        elsewhere = await asyncio.to_thread(imported_elsewhere, ctx, path)
+        if elsewhere is not None:  # a resumed import: another imported it meanwhile
+            ctx.log.info("%s was imported by %s meanwhile: not copied", path, elsewhere)
+            return {f"copied/{path}": elsewhere}
     shared_dir = await asyncio.to_thread(shared_dir_of, ctx)  # before the detector copies
     session_id = await asyncio.to_thread(session_of, ctx)
     hub = get_hub(ctx.inputs["hub"])

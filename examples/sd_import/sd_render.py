@@ -18,7 +18,23 @@ from framepipe.errors import MediaError
 from framepipe.jobs.ledger import content_hash
 from framepipe.media import concat, probe, watermark
 
-__all__ = ["extract_metadata", "render"]
+__all__ = ["extract_metadata", "imported_elsewhere", "render"]
+
+
+def imported_elsewhere(ctx: StepContext, path: str) -> dict[str, Any] | None:
+    """``{"status": "imported_elsewhere", "execution_id", "object_key"}`` when the card file
+    ``path`` was recorded as imported (ledger ``sd_import``) by another import since this one
+    planned it, else None. That happens to an import resumed after it failed: a card holding
+    the same clips (a mirrored or cloned card) was imported meanwhile. Its ``copy`` and
+    ``render`` then do nothing for the file (not copied, not rendered a second time)."""
+    found = ctx.ledger.get(identity(card_file(ctx, path)))
+    if found is None or found.execution_id == ctx.execution_id:
+        return None
+    return {
+        "status": "imported_elsewhere",
+        "execution_id": found.execution_id,
+        "object_key": found.meta.get("object_key"),
+    }
 
 
 def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
@@ -71,6 +87,10 @@ def render(
     meta = ctx.data.get(f"meta/{path}", {})
     if booking is None or copied.get("status") != "copied" or "width" not in meta:
         return {}
+    elsewhere = imported_elsewhere(ctx, path)
+    if elsewhere is not None:  # rendered by another import since this one was copied
+        ctx.log.info("%s was imported by %s meanwhile: not rendered again", path, elsewhere)
+        return {f"render/{path}": elsewhere}
     booking_id, passenger = booking["booking_id"], booking["passenger"]
     dest = copied["dest"]
     work = ctx.tempdir()

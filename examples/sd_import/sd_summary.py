@@ -39,6 +39,10 @@ def _bookings(
             if status == "refused":  # told in the problems
                 continue
             b["videos"].append(video)
+            if status == "imported_elsewhere":  # by another import, after this one failed
+                key = data[f"copied/{video}"].get("object_key")
+                b["outputs"].extend([key] if key else [])
+                continue
             rendered = data.get(f"render/{video}", {})
             error = data.get(f"meta/{video}", {}).get("error") or rendered.get("error")
             if error:
@@ -46,6 +50,8 @@ def _bookings(
                 problems.append(f"{video}: not imported: {error}")
             elif "key" in rendered:
                 b["outputs"].append(rendered["key"])
+            elif rendered.get("object_key"):  # rendered by another import meanwhile
+                b["outputs"].append(rendered["object_key"])
     return bookings
 
 
@@ -120,6 +126,13 @@ def summary(ctx: StepContext) -> dict[str, Any]:
         "card_id": ctx.inputs.get("card_id"),
         "copied": sorted(copied),
         "in_other_imports": data["plan"].get("taken", {}),
+        "imported_elsewhere": {
+            k.split("/", 1)[1]: v["execution_id"]
+            for k, v in sorted(data.items())
+            if k.startswith(("copied/", "render/"))
+            and isinstance(v, dict)
+            and v.get("status") == "imported_elsewhere"
+        },
         "bookings": bookings,
         "held": assigned["held"],
         "problems": problems,
