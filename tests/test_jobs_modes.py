@@ -34,7 +34,7 @@ from framepipe.jobs.keys import step_key
 from framepipe.jobs.ledger import Ledger
 from framepipe.jobs.models import ExecutionInfo
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import get_execution, list_events
+from framepipe.jobs.records import get_execution, list_events, list_executions
 from test_jobs_workers import Cluster, cluster_factory  # noqa: F401 - the fixture
 
 T = TypeVar("T")
@@ -867,3 +867,28 @@ def test_the_execution_progress_events_announce_never_goes_back(run_in_mode: Run
     seen = [e.data["execution_progress"] for e in events if "execution_progress" in e.data]
     assert len(seen) > 4
     assert seen == sorted(seen), seen
+
+
+def test_on_submit_pins_what_the_steps_see_and_its_refusal_stores_nothing(
+    run_in_mode: Runner,
+) -> None:
+    """A pipeline's ``on_submit`` runs at the submit, in both modes, with the object store:
+    what it returns is what is stored and what every step reads; what it raises refuses the
+    submit before anything is stored."""
+
+    async def put(engine: JobEngine) -> str | None:
+        return (await asyncio.to_thread(engine.objects.put, "clips/a.mp4", b"first")).version
+
+    version = run_in_mode.session(put)
+    assert version
+    info, _ = run_in_mode(wp.pinned, {"clip": "clips/a.mp4"})
+    assert info.status.value == "completed"
+    assert info.data == {"clip": "clips/a.mp4", "version": version}
+    assert info.inputs["clip_version"] == version
+
+    async def refused(engine: JobEngine) -> list[Any]:
+        with pytest.raises(InvalidInputError, match=r"no clip 'clips/b\.mp4' to pin"):
+            await engine.submit(wp.pinned, run_in_mode.inputs(clip="clips/b.mp4"))
+        return await asyncio.to_thread(list_executions, engine.store, pipeline="wk_pinned")
+
+    assert [x.id for x, _done, _total in run_in_mode.session(refused)] == [info.id]

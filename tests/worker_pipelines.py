@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from framepipe import Pipeline, StepContext
-from framepipe.errors import ConfigError
+from framepipe.backends.objects import ObjectStore
+from framepipe.errors import ConfigError, InvalidInputError, ObjectNotFoundError
 
 
 def _log(ctx: StepContext, what: str) -> None:
@@ -605,3 +606,20 @@ def busy(ctx: StepContext) -> dict[str, Any]:
         time.sleep(0.05)
     _log(ctx, "end")
     return {"busy_attempt": ctx.attempt}
+
+
+def _pin_clip(inputs: dict[str, Any], objects: ObjectStore) -> dict[str, Any]:
+    """Records the version the clip had at the submit (refuses a clip that is not there)."""
+    try:
+        version = objects.stat(inputs["clip"]).version
+    except ObjectNotFoundError:
+        raise InvalidInputError(f"no clip {inputs['clip']!r} to pin", where="inputs.clip") from None
+    return {**inputs, "clip_version": version}
+
+
+pinned = Pipeline("wk_pinned", on_submit=_pin_clip)
+
+
+@pinned.step("read")
+def pinned_read(ctx: StepContext) -> dict[str, Any]:
+    return {"clip": ctx.inputs["clip"], "version": ctx.inputs["clip_version"]}

@@ -192,6 +192,17 @@ class JobEngine(Scheduler):
         pipeline.validate()
         self._pipelines[pipeline.name] = pipeline
 
+    def _storable_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` once checked storable: JSON within ``max_inputs_bytes``."""
+        check_json(inputs, "inputs")
+        check_size(
+            inputs,
+            "inputs",
+            limit=self.settings.max_inputs_bytes,
+            setting="FRAMEPIPE_MAX_INPUTS_BYTES",
+        )
+        return inputs
+
     async def submit(
         self,
         pipeline: Pipeline,
@@ -225,19 +236,13 @@ class JobEngine(Scheduler):
         self._check_started()
         pipeline.validate()
         self.register(pipeline)
-        inputs = dict(inputs or {})
-        check_json(inputs, "inputs")
-        check_size(
-            inputs,
-            "inputs",
-            limit=self.settings.max_inputs_bytes,
-            setting="FRAMEPIPE_MAX_INPUTS_BYTES",
-        )
+        inputs = self._storable_inputs(dict(inputs or {}))
         if pipeline.inputs is not None:  # paths are resolved: file system calls
             inputs = await asyncio.to_thread(pipeline.check_inputs, inputs, input_roots=input_roots)
         if pipeline.on_submit is not None:  # pins what the inputs name (Pipeline)
             hook, checked = pipeline.on_submit, inputs
-            inputs = dict(await asyncio.to_thread(lambda: hook(checked, self.objects)))
+            pinned = await asyncio.to_thread(lambda: hook(checked, self.objects))
+            inputs = self._storable_inputs(dict(pinned))
         roots = (
             None if input_roots is None else await asyncio.to_thread(recorded_roots, input_roots)
         )
