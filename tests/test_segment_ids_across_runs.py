@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ from framepipe.frames import Frame
 from framepipe.sources import PatternSource
 from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
 from framepipe.stream.segment import SegmentIds
+from framepipe.stream.sinks import Sink
 
 TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
 
 
-def run_orders(store: FrameStore, keys: list[str], per_order: int = 4) -> list[dict[str, Any]]:
+def run_orders(store: Sink, keys: list[str], per_order: int = 4) -> list[dict[str, Any]]:
     """One run of a station whose frames carry ``keys[i]`` in blocks of ``per_order``: the
     data of its completed segments."""
 
@@ -122,3 +124,39 @@ def test_a_store_that_cannot_answer_is_said_once_and_holds_no_order_back(
     unsure = [r for r in caplog.records if "cannot tell whether an earlier run" in r.message]
     assert len(unsure) == 1
     assert "segment id A " in unsure[0].message and "is closed" in unsure[0].message
+
+
+class _FrozenStore(Sink):
+    """A sink whose store does not answer the question about ids (a frozen S3 before any
+    frame found it down): ``segment_taken`` waits until ``thaw`` is set; frames are written
+    at once."""
+
+    def __init__(self) -> None:
+        self.thaw = threading.Event()
+        self.asked: list[str] = []
+
+    def write(self, frame: Frame) -> None:
+        pass
+
+    def segment_taken(self, frame: Frame, segment_id: str) -> bool:
+        self.asked.append(segment_id)
+        self.thaw.wait(120)
+        return False
+
+
+def test_a_store_that_does_not_answer_is_waited_for_once_not_at_every_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the question about one id is unanswered, the ids of the next orders are used
+    without asking (and without waiting): the station's frames are held back once per
+    outage, not at every new order, and a single thread is kept waiting on the store."""
+    store = _FrozenStore()
+    try:
+        with caplog.at_level(logging.WARNING):
+            done = run_orders(store, ["A", "B", "C", "D", "E"])
+    finally:
+        store.thaw.set()
+    assert [d["segment_id"] for d in done] == ["A", "B", "C", "D", "E"]
+    assert store.asked == ["A"]
+    unsure = [r for r in caplog.records if "cannot tell whether an earlier run" in r.message]
+    assert len(unsure) == 1 and "segment id A " in unsure[0].message

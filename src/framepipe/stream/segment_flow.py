@@ -19,15 +19,24 @@ Guarantees:
 * With ``taken`` (the pipeline's sinks' :meth:`~framepipe.stream.sinks.Sink.segment_taken`),
   an id is asked about once, in a thread, before a frame could open a segment with it: an id
   an earlier run's frames hold in the store is not issued again (``ORDER_1`` of a restarted
-  service is ``ORDER_1.2``, its frames apart). An answer that does not come within
-  ``TAKEN_TIMEOUT`` seconds, or an error (the store away), lets the id be used, logged as a
-  warning once until an answer comes again: the frames wait for no store.
+  service is ``ORDER_1.2``, its frames apart). One question is in flight at a time, in a
+  thread of its own. The frames wait for it only at a frame that opens a segment of a new
+  key, and at most ``TAKEN_TIMEOUT`` seconds: an answer that does not come by then, or an
+  error (the store away), lets the id be used, logged as a warning once until an answer
+  comes again. While that question is still unanswered, the ids of the next segments are
+  used without asking or waiting, so a store that does not answer holds the frames back
+  once, not at every order, and keeps one thread. The id a key's next segment would get
+  (``ORDER_1.2``) is asked about in the background while its segment is open; a segment
+  that reopens before that answer came takes the id unchecked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import dataclasses
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from logging import Logger, LoggerAdapter
@@ -42,6 +51,16 @@ from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END
 
 __all__ = ["SegmentFlow"]
+
+
+@dataclasses.dataclass
+class _Asking:
+    """A question about ``segment_id`` of the run ``state``, waited for until ``deadline``."""
+
+    future: concurrent.futures.Future[bool]
+    segment_id: str
+    state: SegmenterState
+    deadline: float
 
 
 class _Tick:
@@ -79,6 +98,7 @@ class SegmentFlow:
         self._timer_at: float | None = None
         self._taken: Taken | None = None
         self._unsure = False  # the last question about an id went unanswered
+        self._asking: _Asking | None = None  # the question about an id in flight
 
     def new_run(self, segmenter: Segmenter | None, taken: Taken | None = None) -> None:
         """A run begins, segmented by ``segmenter`` (None: no segmenter); ``taken(frame,
@@ -89,32 +109,82 @@ class SegmentFlow:
         self._taken = taken
 
     async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
-        """Ask ``taken`` about the ids ``frame``'s key would get until one is free."""
+        """Ask ``taken`` about the id ``frame``'s key would get next, until one is free. Only
+        a frame that opens a segment of a new key waits, and for each question at most
+        ``TAKEN_TIMEOUT`` seconds from when it was asked; one past that is unanswered, and
+        the id is used without waiting. A frame that joins its key's segment asks about the
+        id of the key's next segment in the background."""
         key = state.key_of(frame)
         if not key:
             return
+        self._collect(state)
+        opening = state.current is None or state.current.key != key
         while (segment_id := state.ids.unchecked(key)) is not None:
-            try:
-                used = await asyncio.wait_for(
-                    asyncio.to_thread(taken, frame, segment_id), TAKEN_TIMEOUT
-                )
-            except Exception as exc:  # the store away (or any failure): the id is used
-                if not self._unsure:
-                    self._log.warning(
-                        "cannot tell whether an earlier run stored frames under segment id %s "
-                        "(%s); using it, so its frames may sit beside that run's",
-                        segment_id,
-                        f"no answer within {TAKEN_TIMEOUT:g}s"
-                        if isinstance(exc, TimeoutError)
-                        else f"{type(exc).__name__}: {exc}",
-                    )
-                    self._unsure = True
+            asking = self._asking
+            if asking is None:
+                asking = self._ask(state, frame, segment_id, taken)
+                if not opening:
+                    return
+            elif not opening:
+                return
+            wait = asking.deadline - time.monotonic()
+            if wait <= 0:  # the store has not answered: the frames wait no more
+                self._unanswered(segment_id, TimeoutError())
                 state.ids.checked(segment_id, taken=False)
                 return
-            if self._unsure:
-                self._log.info("segment ids are checked against the stored frames again")
-                self._unsure = False
-            state.ids.checked(segment_id, taken=used)
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(asking.future)), wait)
+            except TimeoutError:
+                continue
+            except Exception:  # its error is taken by _collect
+                pass
+            self._collect(state)
+
+    def _ask(self, state: SegmenterState, frame: Frame, segment_id: str, taken: Taken) -> _Asking:
+        """Ask about ``segment_id`` in a thread of its own: one question at a time, so a store
+        that does not answer keeps one thread waiting, not one per order."""
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def ask() -> None:
+            try:
+                answer = taken(frame, segment_id)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(answer)
+
+        self._asking = _Asking(future, segment_id, state, time.monotonic() + TAKEN_TIMEOUT)
+        threading.Thread(target=ask, name="fp-segment-ids", daemon=True).start()
+        return self._asking
+
+    def _collect(self, state: SegmenterState) -> None:
+        """Take the answer to the question asked, if it came (an error lets the id be used)."""
+        asking = self._asking
+        if asking is None or not asking.future.done():
+            return
+        self._asking = None
+        error = asking.future.exception()
+        if error is not None:  # the store away (or any failure): the id is used
+            self._unanswered(asking.segment_id, error)
+            asking.state.ids.checked(asking.segment_id, taken=False)
+            return
+        if self._unsure:
+            self._log.info("segment ids are checked against the stored frames again")
+            self._unsure = False
+        asking.state.ids.checked(asking.segment_id, taken=asking.future.result())
+
+    def _unanswered(self, segment_id: str, exc: BaseException) -> None:
+        if self._unsure:
+            return
+        self._log.warning(
+            "cannot tell whether an earlier run stored frames under segment id %s (%s); using "
+            "it, so its frames may sit beside that run's",
+            segment_id,
+            f"no answer within {TAKEN_TIMEOUT:g}s"
+            if isinstance(exc, TimeoutError)
+            else f"{type(exc).__name__}: {exc}",
+        )
+        self._unsure = True
 
     async def run(self, queue: FrameQueue, out: Callable[[Any], Awaitable[None]]) -> None:
         """The segmenter's task: takes from ``queue``, puts frames and markers to ``out``
