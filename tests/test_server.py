@@ -246,11 +246,18 @@ def test_events_after_an_id_beyond_the_column_are_an_empty_page(server: Server) 
                 assert page.json() == {"events": [], "next": after}
 
 
-def test_objects_upload_download_limits_and_keys(server: Server) -> None:
+def test_objects_upload_download_limits_and_keys(server: Server, settings: Settings) -> None:
     with httpx.Client(base_url=server.url, headers=AUTH) as client:
         put = client.put("/api/objects/frames/cam1/0001.jpg", content=b"\xff\xd8jpeg")
         assert put.status_code == 201
-        assert put.json() == {"key": "frames/cam1/0001.jpg", "size": 6}
+        with open_object_store(settings.resolved_objects_url) as objects:
+            stored = objects.stat("frames/cam1/0001.jpg").version
+        # the version a submit can pin the upload with (ml_video's input_version)
+        assert stored and put.json() == {
+            "key": "frames/cam1/0001.jpg",
+            "size": 6,
+            "version": stored,
+        }
         assert client.get("/api/objects/frames/cam1/0001.jpg").content == b"\xff\xd8jpeg"
         big = client.put("/api/objects/frames/big.bin", content=b"x" * 5000)
         assert big.status_code == 413

@@ -68,7 +68,7 @@ async def objects_put(key: ObjectKey, request: Request, service: Service) -> dic
             info = await asyncio.to_thread(obj.put_file, key, tmp)
     finally:
         os.unlink(tmp)
-    return {"key": info.key, "size": info.size}
+    return {"key": info.key, "size": info.size, "version": info.version}
 
 
 @router.get(
