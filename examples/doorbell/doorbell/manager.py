@@ -209,13 +209,37 @@ class OrchestratorManager:
                 "a blocking OrchestratorManager call from inside an event "
                 "callback would deadlock; schedule it instead"
             )
-        future: concurrent.futures.Future[T] | None = None
+        # Not asyncio.run_coroutine_threadsafe: a Ctrl-C inside it (its wake-up of the loop)
+        # left the coroutine running with no future to cancel it by.
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        tasks: list[asyncio.Task[T]] = []
+
+        def begin() -> None:
+            if not future.set_running_or_notify_cancel():  # cancelled before it began
+                coro.close()
+                return
+            task = loop.create_task(coro)
+            tasks.append(task)
+            task.add_done_callback(finish)
+
+        def finish(task: asyncio.Task[T]) -> None:
+            if task.cancelled():
+                future.set_exception(concurrent.futures.CancelledError())
+            elif (error := task.exception()) is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(task.result())
+
+        def cancel() -> None:
+            for task in tasks:
+                task.cancel()
+
         try:
-            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            loop.call_soon_threadsafe(begin)
             return future.result(timeout)
         except BaseException:  # a timeout, or Ctrl-C: the call is not left running unseen
-            if future is not None:
-                future.cancel()
+            if not future.cancel():  # it began: its task is cancelled on the loop
+                loop.call_soon_threadsafe(cancel)
             raise
 
     def _call(self, fn: Callable[[], T]) -> T:
