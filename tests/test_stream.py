@@ -1164,3 +1164,29 @@ def test_a_segment_closed_that_raises_at_a_stop_is_a_processor_error_too() -> No
     assert [d["segment_id"] for d in of(events, "segment.completed")] == ["A"]
     [error] = of(events, "processor.error")
     assert "segment_closed(A) failed: ConnectionError" in error["error"]
+
+
+def test_a_stop_whose_drain_completes_abandons_no_frame(caplog: pytest.LogCaptureFixture) -> None:
+    """A stop that catches the capture waiting for room in a full first queue: that frame
+    never entered the pipeline, the queued ones drain, and nothing is said abandoned (it
+    was: one frame, "not drained within" a drain that had completed)."""
+    kept = Collect()
+
+    async def main() -> StreamPipeline:
+        pipeline = StreamPipeline(
+            "station",
+            PatternSource("cam", fps=200),
+            stages=[Stage(slow_model, queue_size=2)],
+            sinks=[kept],
+        )
+        await pipeline.start()
+        await wait_until_async("the first queue to fill", lambda: len(kept.frames) >= 5)
+        await asyncio.wait_for(pipeline.stop(drain_timeout=30), 60)
+        return pipeline
+
+    caplog.set_level("WARNING")
+    pipeline = asyncio.run(main())
+    assert pipeline.state is HealthState.STOPPED
+    assert pipeline.frames_captured > pipeline.frames_out  # the frame the stop caught waiting
+    assert pipeline.frames_out == len(kept.frames)
+    assert "abandoned" not in caplog.text

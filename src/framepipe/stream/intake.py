@@ -6,7 +6,8 @@ Guarantees:
 
 * Each frame captured tells the supervisor the source is alive, counts (:attr:`Intake.frames`,
   over all sessions), ticks the capture rate and becomes :attr:`Intake.latest` before it is
-  queued.
+  queued; :attr:`Intake.queued` counts those that entered the first queue (not one a session
+  ended under while it waited for room).
 * The first queue's policy decides what a slow pipeline does to the capture: ``block`` makes
   it wait for room, telling the supervisor every ``keepalive`` seconds that it waits (waiting
   for the pipeline is not a stall of the source); ``drop_oldest`` drops the oldest queued frame.
@@ -37,6 +38,9 @@ class Intake:
     def __init__(self, window: float) -> None:
         self.frames = 0
         """Frames captured, over all runs."""
+        self.queued = 0
+        """Of those, the frames that entered the first queue: a frame whose capture session
+        ended (a stop, a restart) while it waited for room there never enters the pipeline."""
         self.rate = RateWindow(window)
         """The capture's frames per second over the window."""
         self.session: Session | None = None
@@ -77,6 +81,7 @@ class Intake:
             self.latest = frame
             if len(first) < first.maxsize or first.overflow != "block":
                 await first.put(frame)
+                self.queued += 1
                 continue
             # Backpressure: waiting for the pipeline is not a stall of the source.
             put = asyncio.ensure_future(first.put(frame))
@@ -85,4 +90,6 @@ class Intake:
                     await asyncio.wait({put}, timeout=keepalive)
                     ctx.waiting()
             finally:
+                if put.done() and not put.cancelled():
+                    self.queued += 1
                 put.cancel()

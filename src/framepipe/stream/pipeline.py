@@ -162,7 +162,7 @@ class StreamPipeline:
         self._hops: list[Hop] = []
         self._run: RunTasks | None = None  # the current or last run's
         self._error_log = ProcessorErrorLog(self.log)
-        self._run_counts = (0, 0)  # frames captured and out before this run
+        self._run_counts = (0, 0)  # frames queued in and out before this run
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class StreamPipeline:
         self.started_at = time.time()
         self.last_error = None
         self._events.attach(asyncio.get_running_loop())
-        self._run_counts = (self.frames_captured, self.frames_out)
+        self._run_counts = (self._intake.queued, self.frames_out)
         self._build()
         try:
             for hop in self._hops:
@@ -330,14 +330,14 @@ class StreamPipeline:
         cut: Cut = []
         if not failed:  # a failed run's segments are not completed: its failure stands
             cut = self._segments.cut()
-        captured0, out0 = self._run_counts
+        queued0, out0 = self._run_counts
         hops, self._hops = self._hops, []
         await tear_down(
             hops,
             cut,
             within=within,
             abandoned=abandoned_frames(
-                self.frames_captured - captured0, self.frames_out - out0, self.stats
+                self._intake.queued - queued0, self.frames_out - out0, self.stats
             ),
             drain=None if failed else drain,
             complete=self._segments.complete,

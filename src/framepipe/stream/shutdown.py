@@ -53,12 +53,13 @@ def cut_segments(
     return cut
 
 
-def abandoned_frames(captured: int, out: int, stats: Iterable[StageStats]) -> int:
-    """Of the ``captured`` frames of a run, those that neither came out of the pipeline
-    (``out``) nor were filtered, failed or dropped on the way (``stats``): those left in its
-    queues and calls."""
+def abandoned_frames(queued: int, out: int, stats: Iterable[StageStats]) -> int:
+    """Of the ``queued`` frames of a run (those that entered its first queue; not a frame the
+    stop caught waiting for room there), those that neither came out of the pipeline (``out``)
+    nor were filtered, failed or dropped on the way (``stats``): those left in its queues and
+    calls."""
     accounted = out + sum(s.filtered + s.errors + s.dropped for s in stats)
-    return max(0, captured - accounted)
+    return max(0, queued - accounted)
 
 
 async def tear_down(
