@@ -656,3 +656,17 @@ def test_a_pinned_copy_refuses_a_file_written_in_place_while_it_is_copied(
     monkeypatch.undo()
     assert store.get("job/input.mp4") == b"old"
     assert sorted(p.name for p in (store.root / "job").iterdir()) == ["input.mp4"]
+
+
+def test_a_version_does_not_name_the_device_the_store_is_mounted_as(
+    store: LocalObjectStore,
+) -> None:
+    """A version stays valid wherever the same files are seen: the device number is not part
+    of it (an NFS share seen from another machine, an overlay or btrfs subvolume mounted
+    again after a restart has another one, and a job pinned before would be refused as
+    replaced). It is the file's inode, modification time in ns and size, in hex."""
+    version = store.put("uploads/clip.mp4", b"first").version
+    st = os.stat(store.root / "uploads" / "clip.mp4")
+    assert version == f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+    assert store.stat("uploads/clip.mp4").version == version
+    assert [o.version for o in store.list("uploads/")] == [version]

@@ -32,9 +32,12 @@ Guarantees:
 * ``list`` skips temporary files and symbolic links and never descends through a link (each
   folder is opened ``O_NOFOLLOW`` relative to its parent);
 * an object's version (:attr:`ObjectInfo.version`) is its file's identity and state,
-  ``<device>.<inode>.<mtime in ns>.<size>`` in hex: every ``put`` writes a new file (a new
-  inode) renamed over the key, so a replacement changes it even within the same second and
-  at the same size; so does a write to the file in place that moves its modification time.
+  ``<inode>.<mtime in ns>.<size>`` in hex: every ``put`` writes a new file (a new inode)
+  renamed over the key, so a replacement changes it even within the same second and at the
+  same size; so does a write to the file in place that moves its modification time. The
+  device number is not part of it: the same files seen through another mount (an NFS share
+  from another machine, an overlay or btrfs volume mounted again after a restart) keep their
+  versions.
   ``copy(..., if_version=)`` checks the very file it reads (the open descriptor, before and
   after the copy, ahead of the rename into place), so a replacement at any moment is
   either refused or not copied;
@@ -123,7 +126,7 @@ def _parts(path: str) -> list[str]:
 
 def _version(st: os.stat_result) -> str:
     """The version of the file ``st`` describes (see the module)."""
-    return f"{st.st_dev:x}.{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
