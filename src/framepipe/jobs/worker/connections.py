@@ -83,15 +83,18 @@ class Connections:
     ) -> T:
         """Retry on a lost database or broker connection, with backoff, until it works.
 
+        The first failure is said once (a warning naming ``what`` and the error), and the
+        end of the outage once (how long it lasted, how many tries failed), not every retry.
         Once the worker is stopping, retries go on for ``while_stopping`` seconds more (None:
         not at all), then the error is raised: what was not committed is redone elsewhere
         when the leases lapse."""
         backoff = Backoff(initial=0.2, maximum=5.0)
         failures = 0
+        since = time.monotonic()
         stop_deadline: float | None = None
         while True:
             try:
-                return await self.call(fn, *args)
+                result = await self.call(fn, *args)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -101,15 +104,28 @@ class Connections:
                     if while_stopping is None or time.monotonic() >= stop_deadline:
                         raise
                 failures += 1
-                delay = backoff.delay(min(failures, 8))
-                _log.warning(
-                    "Worker %s: %s failed (%s); retrying in %.1fs",
+                if failures == 1:
+                    since = time.monotonic()
+                    _log.warning(
+                        "Worker %s: %s failed (%s); retrying every %g s at most, said again "
+                        "when it works",
+                        self._id,
+                        what,
+                        str(exc).splitlines()[0],
+                        backoff.maximum,
+                    )
+                await asyncio.sleep(backoff.delay(min(failures, 8)))
+                continue
+            if failures:
+                _log.info(
+                    "Worker %s: %s works again after %.0f s (%d tr%s failed)",
                     self._id,
                     what,
-                    str(exc).splitlines()[0],
-                    delay,
+                    time.monotonic() - since,
+                    failures,
+                    "y" if failures == 1 else "ies",
                 )
-                await asyncio.sleep(delay)
+            return result
 
     def publish(self, ready: list[Delivery]) -> None:
         """Publish ready steps on the publishing thread; returns at once (call it on the loop).
