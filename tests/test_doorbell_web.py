@@ -473,6 +473,17 @@ def test_the_operator_sees_the_doorbell_on_the_dashboard(
         assert errors == []
 
 
+def _until_running(client: httpx.Client, served: Served) -> None:
+    """Wait until the doorbell the service hosts says it runs."""
+    wait_until(
+        "the doorbell to run",
+        lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
+        WAIT,
+        interval=0.5,
+        explain=served.output,
+    )
+
+
 @pytest.mark.slow  # framepipe serve and dlib
 def test_snapshots_never_leave_the_doorbells_object_store(
     site: dict[str, Path], served: Served
@@ -480,13 +491,7 @@ def test_snapshots_never_leave_the_doorbells_object_store(
     link = served.link()
     auth = {"Authorization": f"Bearer {_token(link)}"}
     with httpx.Client(base_url=served.base, headers=auth, timeout=10) as client:
-        wait_until(
-            "the doorbell to run",
-            lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
-            WAIT,
-            interval=0.5,
-            explain=served.output,
-        )
+        _until_running(client, served)
         refused = {
             "captures/leak.jpg": 400,  # a file symlink out of the store
             "elsewhere/secret.jpg": 400,  # through a folder symlink out of it
@@ -525,13 +530,7 @@ def test_the_known_faces_are_reloaded_by_a_post_behind_the_token(
     auth = {"Authorization": f"Bearer {_token(link)}"}
     known = site["folder"] / "data" / "known_faces"
     with httpx.Client(base_url=served.base, headers=auth, timeout=120) as client:
-        wait_until(
-            "the doorbell to run",
-            lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
-            WAIT,
-            interval=0.5,
-            explain=served.output,
-        )
+        _until_running(client, served)
         (known / "alice_again.jpg").write_bytes((known / "alice.jpg").read_bytes())
         (known / "notes.jpg").write_text("not an image\n")
         with httpx.Client(base_url=served.base, timeout=10) as anonymous:
@@ -563,13 +562,7 @@ def test_sighup_reloads_the_known_faces_of_the_service(
     auth = {"Authorization": f"Bearer {_token(link)}"}
     known = site["folder"] / "data" / "known_faces"
     with httpx.Client(base_url=served.base, headers=auth, timeout=120) as client:
-        wait_until(
-            "the doorbell to run",
-            lambda: client.get("/api/apps/doorbell/health").json()["state"] == "running",
-            WAIT,
-            interval=0.5,
-            explain=served.output,
-        )
+        _until_running(client, served)
         (known / "alice_again.jpg").write_bytes((known / "alice.jpg").read_bytes())
         served.process.send_signal(signal.SIGHUP)
         reloaded = "[doorbell] known faces reloaded: 2 known (alice, alice_again), 0 rejected"
