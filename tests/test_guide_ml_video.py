@@ -25,6 +25,7 @@ from brokers import AMQP_URL, amqp_namespace
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus, open_object_store
 from framepipe.errors import ConfigError
 from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.records import list_executions
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.pipelines.ml_video import ml_video
 from framepipe.pipelines.ml_worker import cli_arguments, map_settings
@@ -219,6 +220,36 @@ def test_minio_or_database_settings_a_plain_process_would_ignore_are_refused(
     other = run_ml(settings, clip)
     assert other.status is ExecutionStatus.FAILED
     assert "FRAMEPIPE_DATABASE_URL=sqlite:///" in other.errors["fetch"]
+
+
+def test_an_object_key_submitted_where_minio_settings_are_ignored_names_the_setting(
+    settings: Settings, clip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The submit pins an object key's version, so it looks in the object store: with MINIO_*
+    set but this process on the local store, it was refused as "no such object ... upload it
+    first" (the upload is in MinIO). It is refused naming the framepipe setting, as fetch does
+    for a local file, and no execution is made."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    monkeypatch.delenv("FRAMEPIPE_OBJECTS_URL", raising=False)
+    monkeypatch.setenv("MINIO_ENDPOINT", "127.0.0.1")
+    monkeypatch.setenv("MINIO_SECRET_KEY", "minio-secret-value")
+
+    async def submit() -> None:
+        async with JobEngine(settings=settings) as engine:
+            await engine.submit(ml_video, {"input": "uploads/clip.mp4"})
+
+    with pytest.raises(ConfigError) as refused:
+        asyncio.run(submit())
+    error = str(refused.value)
+    assert "FRAMEPIPE_OBJECTS_URL=s3://mangamotion?endpoint=http://127.0.0.1:9000" in error
+    assert "python -m framepipe.pipelines.ml_worker" in error
+    assert "minio-secret-value" not in error
+
+    async def listed() -> list[Any]:
+        async with JobEngine(settings=settings) as engine:
+            return list_executions(engine.store)
+
+    assert asyncio.run(listed()) == []
 
 
 # -- Progress tracking: the frontend polls /api/status/:jobId ----------------------------------

@@ -20,6 +20,7 @@ key, never the step's copy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 from framepipe import media
 from framepipe.backends.objects import ObjectStore
 from framepipe.errors import (
+    ConfigError,
     InvalidInputError,
     MediaError,
     ObjectNotFoundError,
@@ -36,8 +38,9 @@ from framepipe.errors import (
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import local_path
 from framepipe.jobs.records import get_execution, last_event_at
+from framepipe.pipelines.ml_settings import MlVideoSettings
 
-__all__ = ["CLOCK_SLACK", "pin_input", "pinned_since", "probed", "take_object"]
+__all__ = ["CLOCK_SLACK", "ignored_minio", "pin_input", "pinned_since", "probed", "take_object"]
 
 CLOCK_SLACK = 2.0
 """Seconds an object may seem modified after its job was submitted and still count as the
@@ -55,8 +58,12 @@ def pin_input(inputs: dict[str, Any], objects: ObjectStore) -> dict[str, Any]:
     ``input`` names as ``input_version``, taken from ``objects`` now, or the one the submitter
     gave, checked against the object. A local file is copied by fetch and pinned by nothing.
     Refuses (:class:`InvalidInputError`, no job made) a key with no object, a given version
-    the object no longer is, and a version given for a local file."""
+    the object no longer is, and a version given for a local file; and a key where the
+    MinIO variables are set but ignored (:func:`ignored_minio`: a :class:`ConfigError` naming
+    the setting, not a missing object)."""
     source, given = inputs["input"], inputs.get("input_version")
+    if local_path(source) is None and (ignored := ignored_minio(objects)) is not None:
+        raise ignored  # the upload is in MinIO, not in the store this process would look in
     if local_path(source) is not None:
         if given is not None:
             raise InvalidInputError(
@@ -78,6 +85,26 @@ def pin_input(inputs: dict[str, Any], objects: ObjectStore) -> dict[str, Any]:
             where="inputs.input_version",
         )
     return {**inputs, "input_version": info.version}
+
+
+def ignored_minio(objects: ObjectStore) -> ConfigError | None:
+    """The refusal where the original worker's MinIO variables are set but this process
+    ignores them and stores ``objects`` locally (it was not started by
+    :mod:`framepipe.pipelines.ml_worker`, which maps them), else None: the files would go to
+    the local store instead of MinIO, and an upload there would not be found."""
+    ml = MlVideoSettings.load()
+    if (
+        ml.uses_minio
+        and objects.url.startswith("file:")
+        and not os.environ.get("FRAMEPIPE_OBJECTS_URL")
+    ):
+        return ConfigError(
+            "MINIO_ENDPOINT/MINIO_BUCKET ... are set but this process stores objects locally "
+            f"({objects.url}): set FRAMEPIPE_OBJECTS_URL={ml.objects_url()} with "
+            "FRAMEPIPE_S3_ACCESS_KEY and FRAMEPIPE_S3_SECRET_KEY, or start the worker with "
+            "python -m framepipe.pipelines.ml_worker, which maps them"
+        )
+    return None
 
 
 def pinned_since(ctx: StepContext) -> tuple[float, bool]:

@@ -74,7 +74,7 @@ from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, 
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.media.frames import read_image, write_image
-from framepipe.pipelines.ml_input import pin_input, probed, take_object
+from framepipe.pipelines.ml_input import ignored_minio, pin_input, probed, take_object
 from framepipe.pipelines.ml_manifest import INTERMEDIATES, delete_intermediates, manifest
 from framepipe.pipelines.ml_settings import MlVideoSettings
 from framepipe.processors.adapters import ModelAdapter, as_step_progress
@@ -207,18 +207,10 @@ def _check_storage(ctx: StepContext) -> None:
     """Refuse to run where the original worker's MinIO or database variables are set but this
     process ignores them (it was not started by :mod:`framepipe.pipelines.ml_worker`, which
     maps them): the files would silently go to the local store instead of MinIO."""
+    ignored = ignored_minio(ctx.objects)
+    if ignored is not None:
+        raise ignored
     ml = MlVideoSettings.load()
-    if (
-        ml.uses_minio
-        and ctx.objects.url.startswith("file:")
-        and not os.environ.get("FRAMEPIPE_OBJECTS_URL")
-    ):
-        raise ConfigError(
-            "MINIO_ENDPOINT/MINIO_BUCKET ... are set but this process stores objects locally "
-            f"({ctx.objects.url}): set FRAMEPIPE_OBJECTS_URL={ml.objects_url()} with "
-            "FRAMEPIPE_S3_ACCESS_KEY and FRAMEPIPE_S3_SECRET_KEY, or start the worker with "
-            "python -m framepipe.pipelines.ml_worker, which maps them"
-        )
     wanted = ml.database_url()
     if (
         wanted is not None
