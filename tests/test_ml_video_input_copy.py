@@ -16,6 +16,7 @@ from conftest import REDIS_URL, redis_namespace
 from framepipe import ExecutionStatus, JobEngine, Settings, StepStatus, open_object_store
 from framepipe.errors import InvalidInputError
 from framepipe.jobs.models import ExecutionInfo
+from framepipe.jobs.records import get_execution
 from framepipe.jobs.worker import Worker
 from framepipe.pipelines.ml_video import ml_video
 from media import make_clip
@@ -155,6 +156,29 @@ def test_the_submit_refuses_a_missing_key_or_a_version_the_object_no_longer_is(
     current = objects.stat(KEY).version
     execution_id = asyncio.run(submit({"input": KEY, "input_version": current}))
     assert execution_id
+
+
+def test_an_upload_s_etag_given_without_its_quotes_pins_it(
+    worker_settings: Settings, tmp_path: Path
+) -> None:
+    """S3 gives an ETag in quotes; MinIO's clients (minio-js, mc) and others give it without.
+    Either pins the upload (it was refused as a version the object no longer is), and the job
+    stores the version as the store gives it, which fetch copies."""
+    objects = open_object_store(worker_settings.resolved_objects_url)
+    mine = objects.put_file(KEY, make_clip(tmp_path / "a.mp4", frames=10, size=(320, 240)))
+    assert mine.version is not None
+
+    async def submit(inputs: dict[str, Any]) -> ExecutionInfo:
+        async with JobEngine(settings=worker_settings) as engine:
+            execution_id = await engine.submit(ml_video, inputs, input_roots=[])
+            return get_execution(engine.store, execution_id, with_steps=False)
+
+    info = asyncio.run(submit({"input": KEY, "input_version": mine.version.strip('"')}))
+    assert info.inputs["input_version"] == mine.version
+    objects.put_file(KEY, make_clip(tmp_path / "b.mp4", frames=20, size=(160, 120)))
+    with pytest.raises(InvalidInputError) as stale:
+        asyncio.run(submit({"input": KEY, "input_version": mine.version.strip('"')}))
+    assert stale.value.where == "inputs.input_version"
 
 
 def test_a_job_reads_its_own_copy_of_the_upload_and_deletes_only_that(

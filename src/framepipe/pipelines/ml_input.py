@@ -56,7 +56,8 @@ _REPLACED_HINT = (
 def pin_input(inputs: dict[str, Any], objects: ObjectStore) -> dict[str, Any]:
     """The ML video pipeline's ``on_submit``: ``inputs`` with the version of the object their
     ``input`` names as ``input_version``, taken from ``objects`` now, or the one the submitter
-    gave, checked against the object. A local file is copied by fetch and pinned by nothing.
+    gave, checked against the object (an ETag with or without its quotes), and stored as the
+    store gives it. A local file is copied by fetch and pinned by nothing.
     Refuses (:class:`InvalidInputError`, no job made) a key with no object, a given version
     the object no longer is, and a version given for a local file; and a key where the
     MinIO variables are set but ignored (:func:`ignored_minio`: a :class:`ConfigError` naming
@@ -78,7 +79,8 @@ def pin_input(inputs: dict[str, Any], objects: ObjectStore) -> dict[str, Any]:
             f"{source!r}: no such object in the object store ({objects.url}); upload it first",
             where="inputs.input",
         ) from None
-    if given is not None and given != info.version:
+    # an S3 ETag is quoted; MinIO's clients and others give it without: the same version
+    if given is not None and (info.version is None or given.strip('"') != info.version.strip('"')):
         raise InvalidInputError(
             f"{source!r} is no longer version {given} (it is {info.version}): it was replaced "
             "since; submit the version it holds, or upload yours again",
