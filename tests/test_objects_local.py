@@ -82,6 +82,27 @@ def test_stat_is_the_file_and_delete_prunes_folders(store: LocalObjectStore) -> 
     assert store.root.is_dir()  # but never the root
 
 
+def test_a_store_whose_folder_became_a_file_fails_as_the_store_not_the_key(
+    tmp_path: Path,
+) -> None:
+    """The store's own folder replaced by a file (a share gone, a mount point reused): a
+    write is the store's failure (:class:`ObjectStoreError`, retried or spooled by its
+    callers as an outage), not a conflict of the key (which they take as the frame's own
+    refusal); once the folder is back, the write works."""
+    root = tmp_path / "objects"
+    store = LocalObjectStore(root)
+    store.put("frames/a.jpg", b"first")
+    shutil.rmtree(root)
+    root.write_bytes(b"not a folder")
+    with pytest.raises(ObjectStoreError) as failed:
+        store.put("frames/b.jpg", b"second")
+    assert not isinstance(failed.value, ObjectKeyConflictError)
+    assert "'frames/b.jpg'" in str(failed.value)
+    root.unlink()
+    root.mkdir()
+    assert store.put("frames/b.jpg", b"second").size == 6
+
+
 def test_conflicting_keys_are_refused_naming_the_key(store: LocalObjectStore) -> None:
     """A folder store cannot hold ``a/b`` while ``a`` is an object, nor ``d`` while ``d/x``
     exists: both are refused as a conflict naming the key (the client's to fix, not a failure

@@ -365,7 +365,10 @@ class LocalObjectStore(ObjectStore):
         return _info(key, st)
 
     def _create_temp(self, key: str, segments: list[str]) -> tuple[_Folder, str, int]:
-        """The key's folder (created if missing), and a new empty ``.tmp-*`` file in it."""
+        """The key's folder (created if missing), and a new empty ``.tmp-*`` file in it. An
+        object in the way of the key's folders is an :class:`ObjectKeyConflictError`; a store
+        whose own folder is no folder any more (replaced, unmounted) is the store's failure
+        (:class:`ObjectStoreError`), not the key's."""
         for attempt in range(3):
             folder: _Folder | None = None
             try:
@@ -380,7 +383,7 @@ class LocalObjectStore(ObjectStore):
             except OSError as exc:
                 if folder is not None:
                     folder.close()
-                if isinstance(exc, NotADirectoryError):
+                if isinstance(exc, NotADirectoryError) and os.path.isdir(self._root_str):
                     raise ObjectKeyConflictError(
                         f"cannot store {key!r}: a part of its path is an object, and an object "
                         "cannot also hold other keys in this store",
