@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import need_modules
+from framepipe.jobs.ledger import LedgerEntry
 from test_example_sd_import import (
     CardMaker,
     Detector,
@@ -34,6 +35,9 @@ from test_example_sd_import import (
     world,
 )
 from test_server import AUTH
+
+# isort: split
+from retention import DAY, RENDERED, Retention, due_copies  # examples/sd_import: on the path now
 
 __all__ = ["sqlite_settings", "world"]  # the fixtures, shared with the example's tests
 
@@ -132,3 +136,78 @@ def test_a_failed_card_resumed_after_its_mirror_imported_renders_nothing_again(
             assert set(summary["imported_elsewhere"]) == set(videos)
             assert set(summary["imported_elsewhere"].values()) == {other["id"]}
             assert sorted(summary["bookings"]["B9302"]["outputs"]) == sorted(keys)
+
+
+def test_copies_of_a_failed_card_whose_videos_its_mirror_imported_go_as_rendered_ones(
+    tmp_path: Path,
+) -> None:
+    """The first card's videos are copied, but its renders cannot upload (the object store's
+    folder is a file) so its import fails; the mirror card then imports every video. When the
+    first card comes back its import completes without rendering them, and its own copies in
+    the shared folder go under delete-after-upload as rendered copies do, verified against
+    the mirror's objects: they are not kept for ever."""
+    settings = sd_settings(tmp_path)
+    with running_world(tmp_path, settings, retention=Retention(after_upload=True)) as world:
+        server, watch, shared = world["server"], world["watch"], world["shared"]
+        maker = CardMaker(world["cards"] / "SLOTA")
+        maker.qr("B9303;Ola Twice")
+        videos = [maker.video(), maker.video()]
+        mirror = world["cards"] / "SLOTB"
+        shutil.copytree(maker.folder, mirror)
+        store = settings.home / "objects"
+        store.mkdir(parents=True, exist_ok=True)
+        aside = store.with_name("objects-aside")
+        store.rename(aside)
+        store.write_bytes(b"not a folder")  # every upload fails: the renders fail
+        detector = Detector(server.url, watch, shared, tmp_path / "det.log")
+        world["detectors"].append(detector.start())
+        with httpx.Client(base_url=server.url, headers=AUTH) as client:
+            mounted = insert(maker.folder, watch)
+            failed = wait_for("SLOTA's end", lambda: ended(client, "SLOTA"), detector=detector)
+            assert failed["status"] == "failed", failed["status"]
+            copies = [  # the first one at least: its render failed after its copy
+                c["dest"]
+                for v in videos
+                if (c := failed["data"].get(f"copied/{v}", {})).get("status") == "copied"
+            ]
+            assert copies and all((shared / dest).is_file() for dest in copies), failed["data"]
+            eject(mounted)
+            store.unlink()
+            aside.rename(store)
+            insert(mirror, watch)
+            other = wait_for("SLOTB's import", lambda: ended(client, "SLOTB"), detector=detector)
+            assert other["status"] == "completed", other.get("error")
+            keys = other["data"]["summary"]["bookings"]["B9303"]["outputs"]
+            assert len(keys) == len(videos)
+            insert(maker.folder, watch)  # the first card back: its import resumes
+            resumed = wait_for(
+                "SLOTA resumed to its end",
+                lambda: (e := ended(client, "SLOTA")) and e["status"] != "failed" and e,
+                detector=detector,
+            )
+            assert resumed["id"] == failed["id"]
+            assert resumed["status"] == "completed", resumed.get("error")
+            assert set(resumed["data"]["summary"]["imported_elsewhere"]) == set(videos)
+            for dest in copies:  # its copies: removed, each verified against the mirror's object
+                released = resumed["data"].get(f"released/{dest}", {})
+                assert released.get("status") == "removed", (dest, released)
+                assert released["object_key"] in keys
+                assert not (shared / dest).exists(), dest
+
+
+def test_a_copy_recorded_after_another_import_uploaded_its_video_ages_from_that_upload(
+    tmp_path: Path,
+) -> None:
+    """Retention days count from the upload of the video (``uploaded_at``, the mirror's), not
+    from when the resumed import recorded its own copy of it."""
+    (tmp_path / "CARD").mkdir()
+    (tmp_path / "CARD" / "GX000002-abc.MP4").write_bytes(b"x")
+    now = 100 * DAY
+
+    def entry(meta: dict[str, Any]) -> LedgerEntry:
+        return LedgerEntry(RENDERED, "CARD/GX000002-abc.MP4", None, 1, meta, "e", "s", now)
+
+    policy = Retention(days=7)
+    assert due_copies([entry({"uploaded_at": now - 8 * DAY})], policy, tmp_path, now)
+    assert not due_copies([entry({"uploaded_at": now - 6 * DAY})], policy, tmp_path, now)
+    assert not due_copies([entry({})], policy, tmp_path, now)  # its own upload: just now

@@ -65,7 +65,9 @@ __all__ = [
 
 RENDERED = "sd_import.rendered"
 """Ledger namespace: a copy (identity: its path in the shared folder) whose render is uploaded;
-meta: ``object_key``, ``object_size``, ``sha256``, ``size`` and ``fingerprint`` of the copy."""
+meta: ``object_key``, ``object_size``, ``sha256``, ``size`` and ``fingerprint`` of the copy, and
+``uploaded_at`` when the object was uploaded before the copy was recorded (a video another
+import rendered: the copy is due from that upload; else from the record's own time)."""
 REMOVED = "sd_import.removed"
 """Ledger namespace: a copy removed from the shared folder, with what proved it safe."""
 DAY = 86_400.0
@@ -166,7 +168,10 @@ def due_copies(
     if policy.keeps_all:
         return []
     return [
-        e for e in rendered if policy.is_due(e.imported_at, now) and _exists(shared_dir, e.identity)
+        e
+        for e in rendered
+        if policy.is_due(float(e.meta.get("uploaded_at", e.imported_at)), now)
+        and _exists(shared_dir, e.identity)
     ]
 
 

@@ -37,6 +37,37 @@ def imported_elsewhere(ctx: StepContext, path: str) -> dict[str, Any] | None:
     }
 
 
+def _record_copy_rendered_elsewhere(ctx: StepContext, path: str, dest: str) -> None:
+    """Record this import's copy ``dest`` of the card file ``path``, which another import
+    rendered and uploaded, as rendered (ledger ``sd_import.rendered``, committed with this
+    step) with that import's object, so the shared folder's retention removes it as any
+    rendered copy (verified against that object, due from when it was uploaded). Without that
+    import's own record of the upload (its object's size and SHA-256) nothing is recorded and
+    the copy is kept, as an unverifiable one must be."""
+    found = ctx.ledger.get(identity(entry := card_file(ctx, path)))
+    rendered = ctx.get_ledger(RENDERED)
+    upload = rendered.get(str(found.meta.get("dest"))) if found is not None else None
+    if upload is None:
+        ctx.log.warning("%s: the upload of the import that rendered it is not recorded: kept", dest)
+        return
+    rendered.record(
+        dest,
+        size=entry["size"],
+        meta={
+            "object_key": upload.meta["object_key"],
+            "object_size": upload.meta["object_size"],
+            "sha256": upload.meta["sha256"],
+            "booking_id": upload.meta.get("booking_id"),
+            "uploaded_at": upload.meta.get("uploaded_at", upload.imported_at),
+            "size": entry["size"],
+            "fingerprint": entry["fingerprint"],
+            "card_id": ctx.inputs["card_id"],
+            "path": path,
+            "rendered_by": upload.execution_id,
+        },
+    )
+
+
 def extract_metadata(ctx: StepContext, path: str) -> dict[str, Any]:
     """Probe the copied video. A video that was not copied (held, vanished, refused) is not
     probed: nothing is returned. A copy that cannot be read as a video (a recording cut
@@ -90,6 +121,7 @@ def render(
     elsewhere = imported_elsewhere(ctx, path)
     if elsewhere is not None:  # rendered by another import since this one was copied
         ctx.log.info("%s was imported by %s meanwhile: not rendered again", path, elsewhere)
+        _record_copy_rendered_elsewhere(ctx, path, copied["dest"])
         return {f"render/{path}": elsewhere}
     booking_id, passenger = booking["booking_id"], booking["passenger"]
     dest = copied["dest"]
