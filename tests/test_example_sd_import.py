@@ -940,6 +940,7 @@ def test_detector_lists_cards_and_refuses_paths_outside_them(tmp_path: Path) -> 
     entry = next(f for f in sd_detector.list_card(card) if f["path"] == "DCIM/b.MP4")
     found = sd_detector.Card(card, "GOPRO", card_id, files)
     shared = tmp_path / "shared"
+    shared.mkdir()  # the share is never created by a copy (it may be a mount point)
     for rel, dest in (
         ("../secret.mp4", "x/a.mp4"),
         ("DCIM/b.MP4", "../../etc/x"),
