@@ -43,6 +43,16 @@ def one_step_messages(n: int) -> list[Delivery]:
     return [Delivery(uuid.uuid4().hex[:8], "work") for _ in range(n)]
 
 
+def take_until(d: AmqpDelivery, count: int, *, window: int, within: float = 10.0) -> list[Received]:
+    """What ``d`` takes until it has ``count`` (or ``within`` seconds passed), holding all of
+    it unsettled: more than a prefetch's worth never comes."""
+    got: list[Received] = []
+    deadline = time.monotonic() + within
+    while len(got) < count and time.monotonic() < deadline:
+        got += d.take("a", count - len(got), wait=0.1, window=window)
+    return got
+
+
 def take_for(d: AmqpDelivery, seconds: float, *, count: int, window: int) -> list[Received]:
     """Everything ``d`` takes in ``seconds``, asking for ``count`` at a time."""
     got: list[Received] = []
@@ -138,12 +148,12 @@ def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> Non
     # 2 one-step messages (the prefetch counted messages of 16 steps, and one more).
     singles = one_step_messages(32)
     delivery.publish(singles)
-    held = take_for(delivery, 1.5, count=16, window=16)
-    assert len(held) == 16, "the window's worth of one-step messages, at once"
+    held = take_until(delivery, 16, window=16)
+    assert len(held) == 16, "the window's worth of one-step messages, held at once"
     assert delivery.backlog().waiting == 16
     delivery.ack(held)
-    rest = take_for(delivery, 1.5, count=16, window=16)
-    assert len(rest) == 16  # room again: the 16 others, at once
+    rest = take_until(delivery, 16, window=16)
+    assert len(rest) == 16  # room again: the 16 others
     delivery.ack(rest)
     assert sorted(r.delivery for r in held + rest) == sorted(singles)
     # Then 16-step messages, larger than the recent ones: the prefetch of 16 messages brings
@@ -151,7 +161,7 @@ def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> Non
     # for messages of 16 steps: one at a time.
     fan_out = [Delivery("run-f", f"f{i}") for i in range(48)]
     delivery.publish(fan_out)
-    first = take_for(delivery, 1.5, count=16, window=16)
+    first = take_for(delivery, 1.5, count=16, window=16)  # takes again once it has them
     assert len(first) == 16
     wait_until(
         "the 2 messages sent ahead and not touched to be back in the queue",
@@ -159,7 +169,7 @@ def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> Non
     )
     delivery.ack(first)
     for _ in range(2):
-        more = take_for(delivery, 1.0, count=16, window=16)
+        more = take_until(delivery, 16, window=16)
         assert len(more) == 16
         delivery.ack(more)
         first += more
