@@ -91,6 +91,23 @@ def test_two_cards_with_the_same_clips_at_once_import_each_video_once(
         assert set(videos) <= set(leaving["in_other_imports"])
 
 
+def _mirror_then_first_again(
+    client: httpx.Client, detector: Detector, mirror: Path, first: Path, watch: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The mirror card (SLOTB) inserted and imported to completion, then the first card (SLOTA,
+    whose import failed) inserted again and its import resumed to its end: both imports."""
+    insert(mirror, watch)
+    other = wait_for("SLOTB's import", lambda: ended(client, "SLOTB"), detector=detector)
+    assert other["status"] == "completed", other.get("error")
+    insert(first, watch)  # the first card back: its import resumes
+    resumed = wait_for(
+        "SLOTA resumed to its end",
+        lambda: (e := ended(client, "SLOTA")) and e["status"] != "failed" and e,
+        detector=detector,
+    )
+    return other, resumed
+
+
 def test_a_failed_card_resumed_after_its_mirror_imported_renders_nothing_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,18 +132,10 @@ def test_a_failed_card_resumed_after_its_mirror_imported_renders_nothing_again(
             eject(mounted)  # pulled while it copies: its next copy fails, not retried
             failed = wait_for("SLOTA's end", lambda: ended(client, "SLOTA"), detector=detector)
             assert failed["status"] == "failed", failed["status"]
-            insert(mirror, watch)
-            other = wait_for("SLOTB's import", lambda: ended(client, "SLOTB"), detector=detector)
-            assert other["status"] == "completed", other.get("error")
+            other, resumed = _mirror_then_first_again(client, detector, mirror, maker.folder, watch)
             assert other["data"]["summary"]["bookings"]["B9302"]["videos"] == videos
             keys = other["data"]["summary"]["bookings"]["B9302"]["outputs"]
             assert len(keys) == len(videos)
-            insert(maker.folder, watch)  # the first card back: its import resumes
-            resumed = wait_for(
-                "SLOTA resumed to its end",
-                lambda: (e := ended(client, "SLOTA")) and e["status"] != "failed" and e,
-                detector=detector,
-            )
             assert resumed["id"] == failed["id"] and len(imports_of(client, "SLOTA")) == 1
             assert resumed["status"] == "completed", resumed.get("error")
             summary = resumed["data"]["summary"]
@@ -174,17 +183,9 @@ def test_copies_of_a_failed_card_whose_videos_its_mirror_imported_go_as_rendered
             eject(mounted)
             store.unlink()
             aside.rename(store)
-            insert(mirror, watch)
-            other = wait_for("SLOTB's import", lambda: ended(client, "SLOTB"), detector=detector)
-            assert other["status"] == "completed", other.get("error")
+            other, resumed = _mirror_then_first_again(client, detector, mirror, maker.folder, watch)
             keys = other["data"]["summary"]["bookings"]["B9303"]["outputs"]
             assert len(keys) == len(videos)
-            insert(maker.folder, watch)  # the first card back: its import resumes
-            resumed = wait_for(
-                "SLOTA resumed to its end",
-                lambda: (e := ended(client, "SLOTA")) and e["status"] != "failed" and e,
-                detector=detector,
-            )
             assert resumed["id"] == failed["id"]
             assert resumed["status"] == "completed", resumed.get("error")
             assert set(resumed["data"]["summary"]["imported_elsewhere"]) == set(videos)
