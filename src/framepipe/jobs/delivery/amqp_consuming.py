@@ -19,12 +19,21 @@ the room left by the steps still held, none when there is no room; what was sent
 not touched is first given back only when the steps held pass the window.
 A consumer that hears nothing is checked (:meth:`Consuming.check`) only while it has room in
 its prefetch: a full one hears nothing because it is full.
+
+A quorum queue counts how often a message came back (``x-delivery-count``: on RabbitMQ 3.x and
+4.0 to 4.2 every give-back counts, a ``basic.nack``, a channel or connection closed while
+holding it; from 4.3 on a ``basic.nack`` no longer does) and RabbitMQ 4.x drops it, or
+dead-letters it, past the queue's delivery limit (20 unless a policy says otherwise): its
+steps then wait for the sweep to publish them again. The first message seen with a count of
+:data:`DELIVERY_COUNT_WARN` or more is said once at warning level, naming the queue and the
+policy that raises the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections import deque
@@ -48,23 +57,39 @@ from framepipe.jobs.delivery.amqp_wire import (
     Link,
     Taken,
     channel_closed_by_server,
+    delivery_count,
     parse,
+    server_version,
     settle_message,
     tag_of,
 )
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 
-__all__ = ["CHECK_AFTER", "Consuming", "prefetch_of"]
+__all__ = ["CHECK_AFTER", "DELIVERY_COUNT_WARN", "Consuming", "policy_target", "prefetch_of"]
 
 CHECK_AFTER = 5.0
 """Seconds a consumer with room in its prefetch is sent nothing before ``take()`` checks it."""
+DELIVERY_COUNT_WARN = 10
+"""The ``x-delivery-count`` at which a message is said to near RabbitMQ 4's default delivery
+limit (20)."""
 _log = get_logger("jobs.delivery")
+_REGEX_SPECIAL = re.compile(r"([.^$*+?()\[\]{}|\\])")
+"""What a policy's pattern (a regular expression) needs escaped to match a queue name as is."""
 
 
 def prefetch_of(window: int, size: int = BATCH) -> int:
     """The messages of ``size`` steps that hold a claim window of ``window`` steps."""
     return max(1, -(-window // max(1, size)))
+
+
+def policy_target(version: str | None) -> str:
+    """The ``--apply-to`` of a policy for the quorum queue on RabbitMQ ``version``:
+    ``quorum_queues``, or ``queues`` before 3.12, which knows no other queue-type target."""
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    if found and (int(found[1]), int(found[2])) < (3, 12):
+        return "queues"
+    return "quorum_queues"
 
 
 class Consuming:
@@ -90,6 +115,7 @@ class Consuming:
         self._raw: object = None  # _sub's aiormq channel: what its messages name
         self._tag: str | None = None
         self._tags = 0
+        self._told_limit = False  # a message nearing the delivery limit was said
 
     # -- the calling threads -------------------------------------------------------------------
 
@@ -194,6 +220,8 @@ class Consuming:
             with contextlib.suppress(ChannelInvalidStateError):
                 await message.channel.basic_reject(tag_of(message), requeue=False)
             return
+        if not self._told_limit:
+            self._tell_delivery_limit(message)
         batch = Taken(message, len(found))
         with self._cond:
             self._sizes.append(len(found))
@@ -201,6 +229,29 @@ class Consuming:
             self._buffer.extend(Received(d, batch) for d in found)
             self._heard = time.monotonic()
             self._cond.notify()
+
+    def _tell_delivery_limit(self, message: DeliveredMessage) -> None:
+        """Say once that messages of the queue come back often enough to near RabbitMQ's
+        delivery limit, and how to raise it."""
+        count = delivery_count(message)
+        if count < DELIVERY_COUNT_WARN:
+            return
+        self._told_limit = True
+        version = server_version(message)
+        _log.warning(
+            "job broker %s: a message of quorum queue %s came back %d time(s) "
+            "(x-delivery-count)%s; RabbitMQ 4.x drops a message past the queue's delivery "
+            "limit (20 unless a policy sets it; dead-lettered instead if the queue has a "
+            "dead-letter exchange) and its steps then wait for the sweep to publish them "
+            "again. Raise the limit with a policy: rabbitmqctl set_policy framepipe-steps "
+            "'^%s$' '{\"delivery-limit\": 1000}' --apply-to %s",
+            self.link.safe_url,
+            self.queue,
+            count,
+            f" on RabbitMQ {version}" if version else "",
+            _REGEX_SPECIAL.sub(r"\\\1", self.queue),
+            policy_target(version),
+        )
 
     def _on_channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         """RabbitMQ closed the consuming channel (an acknowledgement of a delivery tag it does

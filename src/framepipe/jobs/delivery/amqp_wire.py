@@ -37,8 +37,10 @@ __all__ = [
     "Taken",
     "batches",
     "channel_closed_by_server",
+    "delivery_count",
     "message_body",
     "parse",
+    "server_version",
     "settle_message",
     "tag_of",
 ]
@@ -199,6 +201,24 @@ def parse(body: bytes) -> list[Delivery]:
     ):
         return []
     return [Delivery(e, k) for k in keys]
+
+
+def delivery_count(message: DeliveredMessage) -> int:
+    """How often a quorum queue had the message come back before this delivery (its
+    ``x-delivery-count`` header; 0 when absent, as on a first delivery)."""
+    headers = message.header.properties.headers or {}
+    count = headers.get("x-delivery-count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def server_version(message: DeliveredMessage) -> str | None:
+    """The RabbitMQ version the server that delivered ``message`` announced, if it did."""
+    connection = getattr(message.channel, "connection", None)
+    properties = getattr(connection, "server_properties", None) or {}
+    version = properties.get("version") if isinstance(properties, dict) else None
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    return version if isinstance(version, str) and version else None
 
 
 def tag_of(message: DeliveredMessage) -> int:
