@@ -30,12 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from framepipe.errors import (
-    InvalidKeyError,
-    ObjectNotFoundError,
-    ObjectReplacedError,
-    ObjectStoreError,
-)
+from framepipe.backends.objects.versions import check_pinned
+from framepipe.errors import InvalidKeyError, ObjectNotFoundError, ObjectStoreError
 
 __all__ = ["MAX_KEY_BYTES", "ObjectInfo", "ObjectStore", "validate_key"]
 
@@ -116,10 +112,9 @@ def _validate_prefix(prefix: str) -> str:
 @dataclass(frozen=True)
 class ObjectInfo:
     """One stored object: its key, size in bytes, last modification (unix seconds) and
-    ``version``, an opaque tag that changes whenever the object is replaced (S3: its ETag, so
-    the same bytes stored again keep it; the local store: see
-    :class:`~framepipe.backends.objects.local.LocalObjectStore`), ``None`` from a backend that
-    has none. Compare tags only for equality, and only tags of the same store."""
+    ``version``, an opaque tag that changes whenever the object is replaced (what it is in each
+    store: :mod:`framepipe.backends.objects.versions`), ``None`` from a backend that has none.
+    Compare tags only for equality, and only tags of the same store."""
 
     key: str
     size: int
@@ -289,18 +284,6 @@ class ObjectStore(abc.ABC):
     def _not_found(self, key: str) -> ObjectNotFoundError:
         return ObjectNotFoundError(f"no object {key!r} in {self.url}", key=key)
 
-    def _replaced(
-        self, src_key: str, dst_key: str, version: str, now: str | None
-    ) -> ObjectReplacedError:
-        """The refusal of a copy pinned to ``version`` of ``src_key``, which is ``now``."""
-        found = f" (now {now})" if now is not None else ""
-        return ObjectReplacedError(
-            f"cannot copy {src_key!r} to {dst_key!r} in {self.url}: {src_key!r} was replaced, "
-            f"it is no longer version {version}{found}",
-            key=src_key,
-            version=version,
-        )
-
     # -- primitives: keys are valid, the store is open ----------------------------------------
 
     @abc.abstractmethod
@@ -361,8 +344,7 @@ class ObjectStore(abc.ABC):
         info = self._stat(src_key)
         if info is None:
             return False
-        if info.version != version:
-            raise self._replaced(src_key, dst_key, version, info.version)
+        check_pinned(self.url, src_key, dst_key, version, info.version)
         return True
 
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default

@@ -32,12 +32,7 @@ Guarantees:
 * ``list`` skips temporary files and symbolic links and never descends through a link (each
   folder is opened ``O_NOFOLLOW`` relative to its parent);
 * an object's version (:attr:`ObjectInfo.version`) is its file's identity and state,
-  ``<inode>.<mtime in ns>.<size>`` in hex: every ``put`` writes a new file (a new inode)
-  renamed over the key, so a replacement changes it even within the same second and at the
-  same size; so does a write to the file in place that moves its modification time. The
-  device number is not part of it: the same files seen through another mount (an NFS share
-  from another machine, an overlay or btrfs volume mounted again after a restart) keep their
-  versions.
+  without the device number (:func:`~framepipe.backends.objects.versions.file_version`);
   ``copy(..., if_version=)`` checks the very file it reads (the open descriptor, before and
   after the copy, ahead of the rename into place), so a replacement at any moment is
   either refused or not copied;
@@ -59,6 +54,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from framepipe.backends.objects.base import TEMP_PREFIX, ObjectInfo, ObjectStore
+from framepipe.backends.objects.versions import check_pinned, file_version
 from framepipe.confined import LinkRefusedError, open_dir_beneath
 from framepipe.errors import InvalidKeyError, ObjectKeyConflictError, ObjectStoreError
 
@@ -124,13 +120,8 @@ def _parts(path: str) -> list[str]:
     return [part for part in path.split("/") if part not in ("", ".")]
 
 
-def _version(st: os.stat_result) -> str:
-    """The version of the file ``st`` describes (see the module)."""
-    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
-
-
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    return ObjectInfo(key, st.st_size, st.st_mtime, _version(st))
+    return ObjectInfo(key, st.st_size, st.st_mtime, file_version(st))
 
 
 def _write_bytes(fd: int, data: bytes) -> None:
@@ -418,11 +409,10 @@ class LocalObjectStore(ObjectStore):
         if version is None:
             return
         try:
-            now = _version(os.fstat(fd))
+            now = file_version(os.fstat(fd))
         except OSError as exc:
             raise self._error("read", src_key, exc) from exc
-        if now != version:
-            raise self._replaced(src_key, dst_key, version, now)
+        check_pinned(self._url, src_key, dst_key, version, now)
 
     # -- reads --------------------------------------------------------------------------------
 

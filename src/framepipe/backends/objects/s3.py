@@ -19,8 +19,7 @@ an error naming the bucket and the endpoint, not at the first frame.
 
 S3 keeps modification times to the second; ``modified`` is whole seconds from ``stat`` and
 ``list``, and the server's clock at the response for ``put``. An object's ``version`` is its
-ETag as S3 gives it (quotes included): it changes whenever other bytes are stored under the
-key, within the same second too, and ``copy(..., if_version=)`` sends it as
+ETag (:mod:`~framepipe.backends.objects.versions`); ``copy(..., if_version=)`` sends it as
 ``CopySourceIfMatch``, so S3 itself refuses (``412 PreconditionFailed``, raised as
 :class:`~framepipe.errors.ObjectReplacedError`) a source replaced at any moment before the copy.
 On an S3-compatible server that ignores the condition, a pinned copy whose result is not the
@@ -64,6 +63,7 @@ from framepipe.backends.objects.s3_location import (
     normalise_prefix,
     parse_s3_url,
 )
+from framepipe.backends.objects.versions import check_pinned, replaced
 from framepipe.errors import (
     ConfigError,
     FramepipeError,
@@ -347,8 +347,7 @@ class S3ObjectStore(ObjectStore):
             if head is None:
                 return None
             etag, size = head["ETag"], int(head["ContentLength"])
-            if if_version is not None and etag != if_version:
-                raise self._replaced(src_key, dst_key, if_version, etag)
+            check_pinned(self._url, src_key, dst_key, if_version, etag)
             source = {"Bucket": self._bucket, "Key": src}
             info: ObjectInfo | None = None
             try:
@@ -371,7 +370,7 @@ class S3ObjectStore(ObjectStore):
                 code = error_code(self._cause(exc))[0]
                 if code in ("PreconditionFailed", "412"):  # replaced since the head
                     if if_version is not None:
-                        raise self._replaced(src_key, dst_key, if_version, None) from None
+                        raise replaced(self._url, src_key, dst_key, if_version, None) from None
                     continue  # unpinned: copy the new one
                 if code in MISSING_CODES:
                     return None
@@ -395,7 +394,7 @@ class S3ObjectStore(ObjectStore):
         now = None if head is None else head["ETag"]
         if now != version:
             self._delete(dst_key)
-            raise self._replaced(src_key, dst_key, version, now)
+            raise replaced(self._url, src_key, dst_key, version, now)
 
     def _delete(self, key: str) -> bool:
         full = self._full(key)
