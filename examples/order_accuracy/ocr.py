@@ -1,5 +1,5 @@
-"""Printed order numbers read with OCR: :class:`OcrTagReader`, a :class:`~orders.TagReader`
-like :class:`~orders.QrTagReader`, for stations whose tickets carry their order number as text
+"""Printed order numbers read with OCR: :class:`OcrTagReader`, a :class:`~tags.TagReader`
+like :class:`~tags.QrTagReader`, for stations whose tickets carry their order number as text
 (``ORDER #123``) instead of a QR code. The hand-written order-accuracy station read its orders
 this way.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from orders import TagReading
+from tags import TagReading
 
 from framepipe.errors import ConfigError, MissingDependencyError
 
@@ -161,7 +161,7 @@ class OcrTagReader:
 
 def _sharpness(gray: np.ndarray, box: Any) -> float:
     """The variance of the Laplacian over ``box`` (four corner points; None: all of
-    ``gray``), as :class:`~orders.QrTagReader` measures a QR code."""
+    ``gray``), as :class:`~tags.QrTagReader` measures a QR code."""
     if box is not None:
         points = np.asarray(box, np.float32)
         h, w = gray.shape[:2]

@@ -37,6 +37,10 @@ What an order holds, and what happens to odd tags:
 * The first time a station's capture runs, the original station's start-up lines are logged
   (``Frame monitor thread started`` ... ``All components started, entering main loop``), which
   its operators' checks look for.
+
+The pieces are in :mod:`tags` (reading the tags), :mod:`station` (one station's capture and
+pipeline) and here (:class:`OrderAccuracy`, every station in one app); their names are
+importable from here as well.
 """
 
 from __future__ import annotations
@@ -44,31 +48,35 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shlex
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import cv2
-import numpy as np
+from station import (
+    FRAME_TEMPLATE,
+    AfterRestarts,
+    build_station,
+    parse_stations,
+    split_pairs,
+    station_source,
+)
+from tags import (
+    ORDER_PATTERN,
+    READERS,
+    OrderKey,
+    OrderTagStage,
+    QrTagReader,
+    TagReader,
+    TagReading,
+    tag_reader,
+)
 
 from framepipe import (
     App,
     Backoff,
-    CommandSource,
-    Frame,
-    FrameStore,
     LocalObjectStore,
     ObjectStore,
-    Processor,
     RedisEventSink,
-    Segmenter,
     Settings,
-    Source,
-    Stage,
     StateStore,
     StoreEventSink,
     StreamPipeline,
@@ -76,9 +84,8 @@ from framepipe import (
     load_settings,
     open_object_store,
 )
-from framepipe.errors import ConfigError, MissingDependencyError
-from framepipe.pixels import REDUCTIONS
-from framepipe.sources import Capture, capture_source
+from framepipe.errors import ConfigError
+from framepipe.sources import Capture
 from framepipe.urls import safe_text, safe_url
 
 __all__ = [
@@ -92,376 +99,13 @@ __all__ = [
     "TagReader",
     "TagReading",
     "build_station",
+    "parse_stations",
+    "split_pairs",
     "station_source",
     "tag_reader",
 ]
 
-FRAME_TEMPLATE = "frames/{station_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
-ORDER_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
-STATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-AfterRestarts = Literal["fail", "keep_trying"]
-
-
-# -- reading tags -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TagReading:
-    """One tag in a frame: its text (None: seen but not decodable) and how sharp it is there
-    (the variance of the Laplacian over the tag's box: higher is sharper)."""
-
-    text: str | None
-    sharpness: float
-    error: str | None = None
-
-
-class TagReader(Protocol):
-    """Finds order tags in an image. :class:`QrTagReader` reads QR codes;
-    ``ocr.OcrTagReader`` reads printed order numbers (``ORDER #123`` -> ``ORDER_123``).
-
-    A reader with a ``colour`` attribute set to False is given the frame's grey image (for a
-    decoded frame, its luma plane at no cost), at 1/``reduce`` of the size when it has a
-    ``reduce`` attribute above 1 (``frame.small_gray``); otherwise the BGR image."""
-
-    def read(self, image: np.ndarray) -> list[TagReading]:
-        """Every tag in ``image`` (BGR, or grey for a ``colour = False`` reader)."""
-        ...
-
-
-class QrTagReader:
-    """QR order tags, read with zxing-cpp (``pip install 'framepipe[qr]'``), in the grey
-    image (``colour = False``: a decoded frame's luma plane, no colour conversion).
-
-    ``reduce`` (1, 2, 4 or 8) reads the tags in the grey image at that fraction of the size: a
-    ticket whose QR modules are at least 4 pixels wide in the camera's picture reads as well at
-    half size (on the example's 640x360 station video, the same frames are read), for about a
-    quarter of the reading cost; a captured JPEG is then decoded already scaled. Sharpness is
-    measured in the image read, so compare it only between frames read the same way."""
-
-    colour = False
-
-    def __init__(self, reduce: int = 1) -> None:
-        if reduce not in REDUCTIONS:
-            raise ConfigError(f"QR tag reduce must be one of {REDUCTIONS}, not {reduce!r}")
-        self.reduce = reduce
-        try:
-            import zxingcpp
-        except ImportError as exc:
-            raise MissingDependencyError("zxing-cpp", "qr", "reading QR order tags") from exc
-        self._zxing = zxingcpp
-
-    def read(self, image: np.ndarray) -> list[TagReading]:
-        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        # one format, as every release takes it (its stubs ask for a BarcodeFormats set)
-        fmt: Any = self._zxing.BarcodeFormat.QRCode
-        try:
-            found = self._zxing.read_barcodes(gray, formats=fmt, return_errors=True)
-        except TypeError:  # zxing-cpp < 2.3 reports readable codes only
-            found = self._zxing.read_barcodes(gray, formats=fmt)
-        readings = []
-        for code in found:
-            error = getattr(code, "error", None)
-            sharpness = _sharpness(gray, code.position)
-            if error or not code.valid:
-                readings.append(TagReading(None, sharpness, str(error) or "not decodable"))
-            else:
-                readings.append(TagReading(code.text, sharpness))
-        return readings
-
-
-READERS = ("qr", "ocr")
-
-
-def tag_reader(reader: TagReader | str | None) -> TagReader:
-    """``reader`` as a :class:`TagReader`: ``"qr"`` (or None) is a :class:`QrTagReader`,
-    ``"ocr"`` an ``ocr.OcrTagReader`` with its defaults (imported only then), an instance is
-    returned as it is. An unknown name is a :class:`ConfigError`; a reader whose package is
-    not installed a :class:`MissingDependencyError` with the pip command."""
-    if reader is None or reader == "qr":
-        return QrTagReader()
-    if reader == "ocr":
-        from ocr import OcrTagReader
-
-        return OcrTagReader()
-    if isinstance(reader, str):
-        raise ConfigError(f"tag reader must be one of {', '.join(READERS)}, not {reader!r}")
-    return reader
-
-
-def _sharpness(gray: np.ndarray, position: Any) -> float:
-    points = [position.top_left, position.top_right, position.bottom_right, position.bottom_left]
-    xs = [p.x for p in points]
-    ys = [p.y for p in points]
-    h, w = gray.shape[:2]
-    x0, x1 = max(0, min(xs)), min(w, max(xs) + 1)
-    y0, y1 = max(0, min(ys)), min(h, max(ys) + 1)
-    if x1 - x0 < 3 or y1 - y0 < 3:
-        return 0.0
-    return float(cv2.Laplacian(gray[y0:y1, x0:x1], cv2.CV_64F).var())
-
-
-class OrderTagStage(Processor):
-    """Reads the order tag of each frame of one station.
-
-    Sets ``frame.meta``: ``station_id`` always; ``order_id`` and ``tag_sharpness`` when exactly
-    one order tag was read; ``order_tags`` (sorted) when several different ones were;
-    ``tag_error`` when a tag was seen but none decoded. Reports ``tag.unreadable``,
-    ``tag.conflict`` and ``tag.invalid`` events (each at most once per ``report_every``
-    seconds, with the number of frames since the last report) and ``station.first_frame``
-    once per start. Thread-safe: run it with several workers. ``reader`` is a
-    :class:`TagReader` or a name for :func:`tag_reader` (``"qr"``, ``"ocr"``); None reads QR
-    tags with a reader made at setup."""
-
-    name = "order_tags"
-
-    def __init__(
-        self,
-        station_id: str,
-        reader: TagReader | str | None = None,
-        *,
-        pattern: str = ORDER_PATTERN,
-        report_every: float = 5.0,
-    ) -> None:
-        self.station_id = station_id
-        self.reader = tag_reader(reader) if isinstance(reader, str) else reader
-        self.pattern = re.compile(pattern)
-        self.report_every = report_every
-        self.added_at = time.time()
-        self._first = True
-        self._lock = threading.Lock()
-        self._reports: dict[str, tuple[float, int]] = {}
-        self._log = get_logger(station_id)
-
-    def setup(self) -> None:
-        if self.reader is None:
-            self.reader = QrTagReader()
-        self._first = True
-
-    def process(self, item: Any) -> Any:
-        frame: Frame = item
-        assert self.reader is not None
-        frame.meta["station_id"] = self.station_id
-        if self._first:
-            self._first_frame()
-        if getattr(self.reader, "colour", True):
-            image = frame.image
-        else:
-            image = frame.small_gray(getattr(self.reader, "reduce", 1))
-        readings = self.reader.read(image)
-        orders: dict[str, float] = {}
-        unreadable: list[str] = []
-        invalid: list[str] = []
-        for reading in readings:
-            if reading.text is None:
-                unreadable.append(reading.error or "not decodable")
-            elif self.pattern.fullmatch(reading.text) is None:
-                invalid.append(reading.text)
-            else:
-                orders[reading.text] = max(orders.get(reading.text, 0.0), reading.sharpness)
-        if len(orders) == 1:
-            ((order_id, sharpness),) = orders.items()
-            frame.meta["order_id"] = order_id
-            frame.meta["tag_sharpness"] = round(sharpness, 3)
-        elif orders:
-            frame.meta["order_tags"] = sorted(orders)
-            frame.meta["tag_sharpness"] = round(max(orders.values()), 3)
-            self._report("tag.conflict", frame, "order tags %s in one frame", tags=sorted(orders))
-        if unreadable and not orders:
-            frame.meta["tag_error"] = unreadable[0]
-            self._report(
-                "tag.unreadable",
-                frame,
-                "an order tag that does not decode (%s)",
-                error=unreadable[0],
-            )
-        if invalid:
-            self._report(
-                "tag.invalid", frame, "a code that is not an order id: %r", texts=invalid[:5]
-            )
-        return frame
-
-    def _first_frame(self) -> None:
-        with self._lock:
-            if not self._first:
-                return
-            self._first = False
-        seconds = time.time() - self.added_at
-        self._log.info("first frame processed %.2fs after the station was started", seconds)
-        self.emit("station.first_frame", station_id=self.station_id, seconds=round(seconds, 3))
-
-    def _report(self, event: str, frame: Frame, message: str, **data: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, count = self._reports.get(event, (float("-inf"), 0))
-            count += 1
-            if now - last < self.report_every:
-                self._reports[event] = (last, count)
-                return
-            self._reports[event] = (now, 0)
-        detail = next(iter(data.values()))
-        self._log.warning(
-            f"frame %d: {message} (%d frame(s) since the last report)", frame.seq, detail, count
-        )
-        self.emit(
-            event,
-            station_id=self.station_id,
-            seq=frame.seq,
-            ts_ms=frame.ts_ms,
-            frames=count,
-            **data,
-        )
-
-
-class OrderKey:
-    """The segmenter's key for one station: the frame's ``order_id``. On a conflict (several
-    order tags) the order seen last stays, if it is among them; otherwise the frame opens no
-    order. Called in frame order (by the segmenter)."""
-
-    def __init__(self) -> None:
-        self.last: str | None = None
-
-    def __call__(self, frame: Frame) -> str | None:
-        order_id = frame.meta.get("order_id")
-        if order_id:
-            self.last = str(order_id)
-            return self.last
-        tags = frame.meta.get("order_tags")
-        if tags and self.last in tags:
-            return self.last
-        return None
-
-
-# -- capture ------------------------------------------------------------------------------------
-
-
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-def station_source(
-    station_id: str,
-    spec: str,
-    *,
-    capture: Capture = "auto",
-    fps: float | None = None,
-    loop: bool = False,
-    realtime: bool = True,
-    decode_threads: int | None = 1,
-    input_options: Mapping[str, str] | None = None,
-) -> Source:
-    """The capture of one station.
-
-    ``spec`` is a video file, a stream URL (``rtsp://``, ``http://``, ``udp://`` ...), a
-    camera's device node (``/dev/video0``), or ``cmd:<command line>`` (any command writing an
-    MJPEG stream to stdout, e.g. a ``gst-launch-1.0 ... ! jpegenc ! fdsink fd=1`` pipeline).
-    Files, URLs and devices are captured by
-    :func:`framepipe.sources.capture_source`: ``capture="auto"`` runs gst-launch-1.0 where
-    GStreamer can play the input, else ffmpeg (the hand-written station's model: one
-    persistent process per station, which ``STATION_ID`` is passed to); ``gst`` or ``ffmpeg``
-    force one, ``av`` decodes with PyAV in this process. Files are played at their own rate
-    (``realtime``) once, or forever with ``loop``; ``fps`` resamples the capture (the
-    hand-written station ran at 1 fps). ``decode_threads=1`` (the default) decodes each
-    station's video in one thread: a station's camera is small and slow, and one thread is the
-    cheapest per frame when many stations share the machine. ``input_options`` are FFmpeg's
-    options for opening the camera (``{"input_format": "mjpeg"}`` asks a USB camera for its
-    JPEG pictures, which are then stored as they come); they make ``auto`` capture with
-    ffmpeg."""
-    env = {"STATION_ID": station_id}
-    if spec.startswith("cmd:"):
-        argv = shlex.split(spec[4:])
-        if not argv:
-            raise ConfigError(f"station {station_id}: 'cmd:' needs a command")
-        return CommandSource(argv, station_id, env=env, fps=fps)
-    return capture_source(
-        spec,
-        station_id,
-        capture=capture,
-        fps=fps,
-        loop=loop,
-        realtime=realtime,
-        env=env,
-        decode_threads=decode_threads,
-        input_options=input_options,
-    )
-
-
-def build_station(
-    station_id: str,
-    source: Source,
-    *,
-    frames: ObjectStore,
-    selected: ObjectStore | None = None,
-    selected_prefix: str = "selected/",
-    order_timeout: float = 10.0,
-    max_order_seconds: float | None = None,
-    best_frames: int = 3,
-    tag_workers: int = 2,
-    store_workers: int = 2,
-    reader: TagReader | str | None = None,
-    stall_timeout: float | None = 10.0,
-    max_restarts: int = 5,
-    backoff: Backoff | None = None,
-    frame_template: str = FRAME_TEMPLATE,
-    after_restarts: AfterRestarts = "keep_trying",
-    retry_delay: float | None = None,
-    clock: Literal["wall", "stream"] = "wall",
-    spool: ObjectStore | str | os.PathLike[str] | None = None,
-) -> StreamPipeline:
-    """The pipeline of one station (see the module docstring). ``reader``: ``"qr"`` (QR
-    tags, the default), ``"ocr"`` (printed order numbers) or any :class:`TagReader`.
-    ``clock="stream"`` times orders out by the recording's own time (frames' ``pts``), for
-    footage read faster than real time.
-    ``frame_template``: the frames' keys (``station_1/{segment_id}/...`` for a store that is
-    the ``frames`` bucket itself). ``after_restarts``: ``keep_trying`` retries a camera that
-    failed ``max_restarts`` times in a row every ``retry_delay`` seconds (default: the
-    backoff's cap) until it is back; ``fail`` gives the station up. ``spool``: a local folder
-    where frames the object store refuses (MinIO down) are kept, each under its key, until it
-    takes them again (:class:`~framepipe.stream.FrameStore`'s store and forward)."""
-    if STATION_PATTERN.fullmatch(station_id) is None:
-        raise ConfigError(
-            f"station id {station_id!r}: use letters, digits, '_' and '-' "
-            "(it becomes part of storage keys)"
-        )
-    if order_timeout <= 0:
-        raise ConfigError(f"order_timeout must be > 0 seconds, got {order_timeout}")
-    return StreamPipeline(
-        station_id,
-        source,
-        stages=[Stage(OrderTagStage(station_id, reader), workers=tag_workers, queue_size=32)],
-        segmenter=Segmenter(
-            OrderKey(),
-            timeout=order_timeout,
-            max_duration=max_order_seconds,
-            label="order",
-            clock=clock,
-        ),
-        sinks=[
-            FrameStore(
-                frames,
-                template=frame_template,
-                workers=store_workers,
-                select_best=best_frames,
-                score_key="tag_sharpness",
-                selected_prefix=selected_prefix,
-                selected_store=selected,
-                spool=None if spool is None else _station_spool(spool, station_id),
-            )
-        ],
-        stall_timeout=stall_timeout,
-        max_restarts=max_restarts,
-        backoff=backoff or Backoff(2.0, 2.0, 60.0, 0.0),
-        after_restarts=after_restarts,
-        retry_delay=retry_delay,
-    )
-
-
-def _station_spool(
-    spool: ObjectStore | str | os.PathLike[str], station_id: str
-) -> ObjectStore | Path:
-    """Each station keeps its frames in a folder of its own below a folder ``spool``."""
-    return spool if isinstance(spool, ObjectStore) else Path(spool) / station_id
-
-
-# -- the service --------------------------------------------------------------------------------
 
 
 OrderCallback = Callable[[dict[str, Any]], Any]
@@ -785,24 +429,3 @@ class OrderAccuracy:
         health = self.app.health().to_dict()
         health["orders_completed"] = self.orders_completed
         return health
-
-
-_NEXT_PAIR = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_.-]*=)")
-
-
-def split_pairs(text: str) -> list[str]:
-    """``NAME=VALUE`` pairs written on one line, comma-separated (an environment variable),
-    as a list: a comma separates pairs only where a ``NAME=`` follows it, so a value may hold
-    commas (``headers=X-A: 1, 2``, an RTSP URL's query); blank items are dropped."""
-    return [item.strip() for item in _NEXT_PAIR.split(text) if item.strip()]
-
-
-def parse_stations(items: Sequence[str]) -> dict[str, str]:
-    """``["station_1=video.mp4", ...]`` as a mapping; a clear error for a malformed item."""
-    stations: dict[str, str] = {}
-    for item in items:
-        station_id, sep, spec = item.partition("=")
-        if not sep or not station_id.strip() or not spec.strip():
-            raise ConfigError(f"station {item!r}: give STATION_ID=SOURCE, e.g. station_1=video.mp4")
-        stations[station_id.strip()] = spec.strip()
-    return stations
