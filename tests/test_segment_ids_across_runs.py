@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from framepipe import LocalObjectStore
+from framepipe import LocalObjectStore, ObjectInfo
 from framepipe.frames import Frame
-from framepipe.sources import PatternSource
-from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline
+from framepipe.sources import PatternSource, Source
+from framepipe.sources.base import StartedCallback
+from framepipe.stream import FrameStore, Segmenter, Stage, StreamPipeline, segment_flow
 from framepipe.stream.segment import SegmentIds
 from framepipe.stream.sinks import Sink
 
@@ -160,3 +162,136 @@ def test_a_store_that_does_not_answer_is_waited_for_once_not_at_every_order(
     assert store.asked == ["A"]
     unsure = [r for r in caplog.records if "cannot tell whether an earlier run" in r.message]
     assert len(unsure) == 1 and "segment id A " in unsure[0].message
+
+
+class _SlowStore(LocalObjectStore):
+    """A local object store whose listing of the ``gated`` segment's folder (the question
+    whether an earlier run stored that id) answers only once ``answer`` is set."""
+
+    def __init__(self, root: Path, gated: str) -> None:
+        super().__init__(root, durable=False)
+        self.gated = f"/{gated}/"
+        self.asked = threading.Event()
+        self.answer = threading.Event()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if prefix.endswith(self.gated):
+            self.asked.set()
+            self.answer.wait(60)
+        return super().list(prefix)
+
+
+class _ReopeningOrder(Source):
+    """ORDER_1 (``pts`` 0, 0.1, ...) until ``store`` is asked about ``ORDER_1.2``, then
+    ``pause()``, then three ORDER_1 frames ``gap`` stream-seconds later; the store answers
+    half a second after the first of those."""
+
+    live = False
+
+    def __init__(
+        self, store: _SlowStore, pause: Callable[[], Awaitable[None]], gap: float = 0.0
+    ) -> None:
+        super().__init__("station_1")
+        self.store = store
+        self.pause = pause
+        self.gap = gap
+
+    def _frame(self, pts: float) -> Frame:
+        meta = {"order": "ORDER_1", "station_id": "station_1"}
+        image = np.zeros((8, 8, 3), np.uint8)
+        return Frame(image, "station_1", self.next_seq(), pts=pts, meta=meta)
+
+    async def frames(self, started: StartedCallback | None = None) -> AsyncGenerator[Frame, None]:
+        if started is not None:
+            started(None)
+        pts = 0.0
+        while not self.store.asked.is_set():
+            yield self._frame(pts)
+            pts += 0.1
+            await asyncio.sleep(0.05)
+        await self.pause()
+        for i in range(3):
+            yield self._frame(pts + self.gap + i * 0.1)
+        threading.Timer(0.5, self.store.answer.set).start()
+
+
+def _earlier_run_left_order_1_2(root: Path) -> list[str]:
+    """An earlier run stored ORDER_1, X and ORDER_1.2; retention removed ORDER_1. The keys of
+    ORDER_1.2's frames."""
+    objects = LocalObjectStore(root, durable=False)
+    store = FrameStore(objects, template=TEMPLATE, workers=1)
+    first = run_orders(store, ["ORDER_1", "X", "ORDER_1"])
+    assert [d["segment_id"] for d in first] == ["ORDER_1", "X", "ORDER_1.2"]
+    objects.delete_many(folder_of(objects, "ORDER_1"))
+    return folder_of(objects, "ORDER_1.2")
+
+
+def _run_reopening(
+    slow: _SlowStore, source: _ReopeningOrder, segmenter: Segmenter, closed: threading.Event
+) -> list[dict[str, Any]]:
+    pipeline = StreamPipeline(
+        "station_1", source, segmenter=segmenter, sinks=[FrameStore(slow, template=TEMPLATE)]
+    )
+    done: list[dict[str, Any]] = []
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "segment.completed":
+            done.append(data)
+            closed.set()
+
+    pipeline.on_event(on_event)
+    try:
+        asyncio.run(asyncio.wait_for(pipeline.run(), 60))
+    finally:
+        slow.answer.set()
+    return done
+
+
+def test_an_order_reopened_before_the_store_answered_about_its_next_id_waits_for_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This run opens ORDER_1 and asks the store in the background whether ORDER_1.2 (an
+    earlier run's) is taken; the store is slow to answer (longer than the wait allowed for an
+    answer, counted from the question), and ORDER_1 times out and reopens meanwhile: the
+    reopened order waits for the answer and is ORDER_1.3, so its frames do not land among the
+    earlier run's ORDER_1.2."""
+    earlier = _earlier_run_left_order_1_2(tmp_path / "objects")
+    monkeypatch.setattr(segment_flow, "TAKEN_TIMEOUT", 0.2)  # the question goes stale soon
+    slow = _SlowStore(tmp_path / "objects", gated="ORDER_1.2")
+    closed = threading.Event()
+
+    async def until_closed() -> None:
+        assert await asyncio.to_thread(closed.wait, 30), "ORDER_1 never timed out"
+        monkeypatch.setattr(segment_flow, "TAKEN_TIMEOUT", 60.0)
+
+    source = _ReopeningOrder(slow, until_closed)
+    done = _run_reopening(slow, source, Segmenter("order", timeout=0.3), closed)
+    assert [d["segment_id"] for d in done] == ["ORDER_1", "ORDER_1.3"]
+    assert done[1]["reason"] == "end" and len(done[1]["stored"]) == 3
+    assert folder_of(slow, "ORDER_1.2") == earlier
+    assert folder_of(slow, "ORDER_1.3") == sorted(done[1]["stored"])
+
+
+def test_a_frame_that_times_out_its_order_and_reopens_it_waits_for_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream time: an ORDER_1 frame that comes ``timeout`` stream-seconds after the last one
+    closes ORDER_1 and opens it again, while the store has not answered whether ORDER_1.2
+    (an earlier run's) is taken: that frame waits for the answer, and the order is
+    ORDER_1.3."""
+    earlier = _earlier_run_left_order_1_2(tmp_path / "objects")
+    monkeypatch.setattr(segment_flow, "TAKEN_TIMEOUT", 60.0)
+    slow = _SlowStore(tmp_path / "objects", gated="ORDER_1.2")
+
+    async def nothing() -> None:
+        pass
+
+    source = _ReopeningOrder(slow, nothing, gap=5.0)
+    segmenter = Segmenter("order", timeout=1.0, clock="stream")
+    done = _run_reopening(slow, source, segmenter, threading.Event())
+    assert [(d["segment_id"], d["reason"]) for d in done] == [
+        ("ORDER_1", "timeout"),
+        ("ORDER_1.3", "end"),
+    ]
+    assert folder_of(slow, "ORDER_1.2") == earlier
+    assert folder_of(slow, "ORDER_1.3") == sorted(done[1]["stored"])

@@ -249,6 +249,7 @@ class SegmenterState:
         self._shift = 0.0  # added to pts so that stream time never goes back
         self._prev: tuple[int, float] | None = None  # the last frame's ts_ms and arrival
         self._intervals: collections.deque[float] = collections.deque(maxlen=9)
+        self._routing: tuple[Frame, str | None, float] | None = None  # close_before -> join
 
     @property
     def ids(self) -> SegmentIds:
@@ -292,6 +293,14 @@ class SegmenterState:
 
     def feed(self, frame: Frame) -> tuple[list[Segment], Segment | None]:
         """Route one frame: (segments closed by it, the segment it joins or None)."""
+        closed = self.close_before(frame)
+        return closed, self.join(frame)
+
+    def close_before(self, frame: Frame) -> list[Segment]:
+        """The first half of :meth:`feed`: close the segments ``frame`` closes (a timeout, the
+        ``max_duration``, another key) and return them; :meth:`join` routes ``frame`` next.
+        In between, :attr:`current` is the segment ``frame`` joins (None: it opens one, or
+        takes none), and :attr:`ids` tells the id a segment it opens would get."""
         closed: list[Segment] = []
         key = self.config._key_fn(frame)
         t = self._time(frame)
@@ -317,10 +326,21 @@ class SegmenterState:
         ):
             closed.append(self._close("timeout"))
             cur = None
+        if key is not None and cur is not None and cur.key != (key or None):
+            closed.append(self._close("key_changed"))
+        self._routing = (frame, key, t)
+        return closed
+
+    def join(self, frame: Frame) -> Segment | None:
+        """The second half of :meth:`feed`, after :meth:`close_before` of the same ``frame``:
+        the segment it joins (opened by it when it carries a key and none is open), or
+        None."""
+        routing, self._routing = self._routing, None
+        assert routing is not None, "close_before(frame) comes first"
+        routed, key, t = routing
+        assert routed is frame, "join() takes the frame close_before() took"
+        cur = self.current
         if key is not None:
-            if cur is not None and cur.key != (key or None):
-                closed.append(self._close("key_changed"))
-                cur = None
             if cur is None:
                 cur = Segment(
                     id=self._new_id(key, frame),
@@ -339,11 +359,11 @@ class SegmenterState:
             cur.last_key_mono = time.monotonic()
             cur.captured_since_key = 0.0
         elif cur is None or not self.config.include_untagged:
-            return closed, None
+            return None
         cur.frames += 1
         cur.last_ts_ms = frame.ts_ms
         frame.segment_id = cur.id
-        return closed, cur
+        return cur
 
     def deadline(self) -> float | None:
         """The :func:`time.monotonic` time at which the open segment times out, or None (also

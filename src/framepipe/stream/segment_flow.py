@@ -20,14 +20,15 @@ Guarantees:
   an id is asked about once, in a thread, before a frame could open a segment with it: an id
   an earlier run's frames hold in the store is not issued again (``ORDER_1`` of a restarted
   service is ``ORDER_1.2``, its frames apart). One question is in flight at a time, in a
-  thread of its own. The frames wait for it only at a frame that opens a segment of a new
-  key, and at most ``TAKEN_TIMEOUT`` seconds: an answer that does not come by then, or an
-  error (the store away), lets the id be used, logged as a warning once until an answer
-  comes again. While that question is still unanswered, the ids of the next segments are
+  thread of its own. The frames wait for it only at a frame that opens a segment, and at
+  most ``TAKEN_TIMEOUT`` seconds: an answer that does not come by then, or an error (the
+  store away), lets the id be used, logged as a warning once until an answer comes again. While that question is still unanswered, the ids of the next segments are
   used without asking or waiting, so a store that does not answer holds the frames back
   once, not at every order, and keeps one thread. The id a key's next segment would get
-  (``ORDER_1.2``) is asked about in the background while its segment is open; a segment
-  that reopens before that answer came takes the id unchecked.
+  (``ORDER_1.2``) is asked about in the background while its segment is open, so a segment
+  that reopens has its id checked already; one that reopens before that answer came waits
+  for it as a new key's segment does (``TAKEN_TIMEOUT`` counts from when a frame first
+  waits for an answer, not from when it was asked).
 """
 
 from __future__ import annotations
@@ -55,12 +56,13 @@ __all__ = ["SegmentFlow"]
 
 @dataclasses.dataclass
 class _Asking:
-    """A question about ``segment_id`` of the run ``state``, waited for until ``deadline``."""
+    """A question about ``segment_id`` of the run ``state``, waited for until ``deadline``
+    (None until a frame waits for it: a question asked in the background)."""
 
     future: concurrent.futures.Future[bool]
     segment_id: str
     state: SegmenterState
-    deadline: float
+    deadline: float | None
 
 
 class _Tick:
@@ -109,16 +111,17 @@ class SegmentFlow:
         self._taken = taken
 
     async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
-        """Ask ``taken`` about the id ``frame``'s key would get next, until one is free. Only
-        a frame that opens a segment of a new key waits, and for each question at most
-        ``TAKEN_TIMEOUT`` seconds from when it was asked; one past that is unanswered, and
-        the id is used without waiting. A frame that joins its key's segment asks about the
-        id of the key's next segment in the background."""
+        """Ask ``taken`` about the id ``frame``'s key would get next, until one is free
+        (``frame`` has been through :meth:`~SegmenterState.close_before`). Only
+        a frame that opens a segment waits, and for each question at most ``TAKEN_TIMEOUT``
+        seconds from when a frame first waited for it; one past that is unanswered, and the
+        id is used without waiting. A frame that joins its key's segment asks about the id of
+        the key's next segment in the background, without waiting."""
         key = state.key_of(frame)
         if not key:
             return
         self._collect(state)
-        opening = state.current is None or state.current.key != key
+        opening = state.current is None  # close_before(frame) closed what it closes
         while (segment_id := state.ids.unchecked(key)) is not None:
             asking = self._asking
             if asking is None:
@@ -127,6 +130,8 @@ class SegmentFlow:
                     return
             elif not opening:
                 return
+            if asking.deadline is None:  # asked in the background: the wait starts now
+                asking.deadline = time.monotonic() + TAKEN_TIMEOUT
             wait = asking.deadline - time.monotonic()
             if wait <= 0:  # the store has not answered: the frames wait no more
                 self._unanswered(segment_id, TimeoutError())
@@ -153,7 +158,7 @@ class SegmentFlow:
             else:
                 future.set_result(answer)
 
-        self._asking = _Asking(future, segment_id, state, time.monotonic() + TAKEN_TIMEOUT)
+        self._asking = _Asking(future, segment_id, state, None)
         threading.Thread(target=ask, name="fp-segment-ids", daemon=True).start()
         return self._asking
 
@@ -192,9 +197,12 @@ class SegmentFlow:
         state = self._state
         assert state is not None
 
-        async def send(closed: list[Segment]) -> None:
+        def follow(closed: list[Segment]) -> None:
             for seg in closed:  # all of them before the first wait: a stop may cut it
                 self._closing[id(seg)] = (seg, set())
+
+        async def send(closed: list[Segment]) -> None:
+            follow(closed)
             for seg in closed:
                 await out(SegmentMarker(seg))
 
@@ -214,9 +222,11 @@ class SegmentFlow:
                 self._arm(queue, state.deadline())
                 continue
             if isinstance(item, Frame):
+                closed = state.close_before(item)
+                follow(closed)
                 if self._taken is not None:  # else nothing to ask: no work per frame
                     await self._settle(state, item, self._taken)
-                closed, joined = state.feed(item)
+                joined = state.join(item)
                 await send(closed)
                 if joined is not None and joined is not self.open:
                     self.open = joined
