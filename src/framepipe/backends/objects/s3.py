@@ -29,18 +29,16 @@ has changed (the destination then holds no object, not its former one).
 What each failure of S3 is reported as (a missing bucket, another region, rejected
 credentials, an unreachable endpoint ...) is :mod:`framepipe.backends.objects.s3_errors`.
 
-One concept, the S3 object store; its error translation already lives in its own module.
+One concept, the S3 object store; the client it talks through is
+:mod:`framepipe.backends.objects.s3_client`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from framepipe.backends.objects.base import (
     ObjectStore,
     _key_problem,
 )
+from framepipe.backends.objects.s3_client import MIB, open_client
 from framepipe.backends.objects.s3_errors import (
     MISSING_CODES,
     botocore_cause,
@@ -65,53 +64,18 @@ from framepipe.backends.objects.s3_location import (
 )
 from framepipe.backends.objects.versions import check_pinned, replaced
 from framepipe.errors import (
-    ConfigError,
     FramepipeError,
     InvalidKeyError,
-    MissingDependencyError,
     ObjectStoreError,
 )
-from framepipe.urls import safe_text, safe_url
+from framepipe.urls import safe_url
 
 __all__ = ["S3ObjectStore"]
 
-MIB = 1024 * 1024
-_MIN_PART_BYTES = 5 * MIB  # S3's smallest multipart part (but the last)
 _MAX_COPY_OBJECT_BYTES = 5 * 1024**3  # largest object a single CopyObject accepts
 _COPY_ATTEMPTS = 3
-# Memory a transfer holds stays bounded whatever the object's size: botocore hashes each part
-# in flight in 1 MiB chunks (about 2 MiB a part), and a download queues at most
-# _IO_QUEUE chunks of 256 KiB for the disk writer (boto3's default, 100, buffers 25 MiB).
-_TRANSFER_THREADS = 4
-_IO_QUEUE = 8
-_POOL_CONNECTIONS = 32  # requests in flight at once: threads putting frames, transfer parts
 _LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's maximum)
-
-
-@dataclass(frozen=True)
-class _Boto:
-    """The parts of boto3/botocore the store uses, imported on first use."""
-
-    boto3: Any
-    Config: Any
-    TransferConfig: Any
-    exceptions: Any
-
-
-def _import_boto() -> _Boto:
-    try:
-        boto3 = importlib.import_module("boto3")
-        config = importlib.import_module("botocore.config")
-        exceptions = importlib.import_module("botocore.exceptions")
-        transfer = importlib.import_module("boto3.s3.transfer")
-    except ImportError as exc:
-        raise MissingDependencyError("boto3", "s3", "the S3 object store") from exc
-    return _Boto(boto3, config.Config, transfer.TransferConfig, exceptions)
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
 
 
 class S3ObjectStore(ObjectStore):
@@ -147,54 +111,24 @@ class S3ObjectStore(ObjectStore):
         check_location(bucket, prefix, endpoint_url)
         self._bucket = bucket
         self._prefix = normalise_prefix(prefix)
-        if multipart_threshold < 1:
-            raise ConfigError(f"multipart_threshold must be positive, not {multipart_threshold}")
-        if not (connect_timeout > 0 and read_timeout > 0):
-            raise ConfigError("connect_timeout and read_timeout must be positive")
-        if max_attempts < 1:
-            raise ConfigError(f"max_attempts must be at least 1, not {max_attempts}")
-        access_key = access_key or _env("FRAMEPIPE_S3_ACCESS_KEY")
-        secret_key = secret_key or _env("FRAMEPIPE_S3_SECRET_KEY")
-        session_token = session_token or _env("FRAMEPIPE_S3_SESSION_TOKEN")
-        if (access_key is None) != (secret_key is None):
-            raise ConfigError(
-                "S3 credentials need both an access key and a secret key "
-                "(access_key/secret_key or FRAMEPIPE_S3_ACCESS_KEY/FRAMEPIPE_S3_SECRET_KEY); "
-                "only one is set"
-            )
-
-        self._boto = boto = _import_boto()
+        opened = open_client(
+            bucket,
+            endpoint_url=endpoint_url,
+            region=region,
+            access_key=access_key,
+            secret_key=secret_key,
+            session_token=session_token,
+            multipart_threshold=multipart_threshold,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
+        )
+        self._boto, self._transfer = opened.boto, opened.transfer
+        self._client: Any = opened.client
         self._endpoint_url = endpoint_url
         self._region = region
         self._read_timeout = read_timeout
-        try:
-            session = boto.boto3.session.Session(
-                aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
-                aws_session_token=session_token if access_key else None,
-                region_name=region,
-            )
-            config = boto.Config(
-                connect_timeout=connect_timeout,
-                read_timeout=read_timeout,
-                # botocore's own "max_attempts" counts retries (3 makes 4 tries)
-                retries={"total_max_attempts": max_attempts, "mode": "standard"},
-                max_pool_connections=_POOL_CONNECTIONS,
-                # S3-compatible servers (MinIO, a loopback test server) take bucket-in-path
-                s3={"addressing_style": "path"} if endpoint_url else None,
-            )
-            self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
-        except (ValueError, boto.exceptions.BotoCoreError) as exc:
-            raise ConfigError(
-                f"cannot configure the S3 client for bucket {bucket!r}: {safe_text(str(exc))}"
-            ) from exc
         self._endpoint = safe_url(str(self._client.meta.endpoint_url))
-        self._transfer = boto.TransferConfig(
-            multipart_threshold=multipart_threshold,
-            multipart_chunksize=max(multipart_threshold, _MIN_PART_BYTES),
-            max_concurrency=_TRANSFER_THREADS,
-            max_io_queue=_IO_QUEUE,
-        )
         self._url = self._make_url()
         try:
             self._open_bucket(create_bucket)
