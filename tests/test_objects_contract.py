@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -372,6 +373,44 @@ def test_a_copy_pinned_to_a_version_refuses_a_replaced_source_naming_the_key(
             store.copy("uploads/clip.mp4", "job/new.mp4", if_version=pinned)
     else:
         assert ObjectStore._copy(store, "uploads/clip.mp4", "job/new.mp4", pinned) is None
+
+
+def test_a_source_replaced_right_after_the_pinned_copy_looks_at_it_is_never_copied(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of a pinned copy and the copy are one: a replacement just after the store's
+    look at the source never reaches the destination. The local store copies the very file it
+    opened and checked (the pinned bytes); S3 refuses, by ``CopySourceIfMatch`` or, on a
+    server that ignores it, by the check after the copy, naming the key and leaving no copy.
+    Once replaced, a pinned copy is refused either way."""
+    store = backend.store
+    pinned = store.put("uploads/clip.mp4", b"first").version
+    assert pinned is not None
+    look = "_open" if isinstance(store, LocalObjectStore) else "_head"
+    looked = getattr(store, look)
+
+    def look_then_replaced(key: str, *args: Any) -> Any:
+        found = looked(key, *args)
+        if key == "uploads/clip.mp4":
+            store.put(key, b"other")
+        return found
+
+    monkeypatch.setattr(store, look, look_then_replaced)
+    if isinstance(store, LocalObjectStore):
+        copied = store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
+        assert copied.version != pinned and store.get("job/input.mp4") == b"first"
+    else:
+        with pytest.raises(
+            ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced"
+        ) as refused:
+            store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
+        assert refused.value.key == "uploads/clip.mp4"
+        assert "job/input.mp4" not in backend.stored()
+    monkeypatch.undo()
+    assert store.get("uploads/clip.mp4") == b"other"
+    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced"):
+        store.copy("uploads/clip.mp4", "job/again.mp4", if_version=pinned)
+    assert "job/again.mp4" not in backend.stored()
 
 
 # -- get_file atomicity -----------------------------------------------------------------------

@@ -633,29 +633,6 @@ def test_non_durable_store_is_still_atomic(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "fast").rglob("*") if p.name.startswith(".tmp-")]
 
 
-def test_a_pinned_copy_copies_the_file_it_checked_whatever_replaces_it(
-    store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The version is checked on the open file: a replacement right after the open is not
-    what is copied (the pinned bytes are), and one before it is refused naming the key."""
-    pinned = store.put("uploads/clip.mp4", b"first").version
-    assert pinned is not None
-    opened = store._open
-
-    def open_then_replaced(key: str, action: str) -> int | None:
-        fd = opened(key, action)
-        if key == "uploads/clip.mp4":
-            store.put(key, b"other")
-        return fd
-
-    monkeypatch.setattr(store, "_open", open_then_replaced)
-    copied = store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
-    assert copied.version != pinned and store.get("job/input.mp4") == b"first"
-    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced"):
-        store.copy("uploads/clip.mp4", "job/again.mp4", if_version=pinned)
-    assert not store.exists("job/again.mp4")
-
-
 def test_a_pinned_copy_refuses_a_file_written_in_place_while_it_is_copied(
     store: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,6 @@ from framepipe.errors import (
     InvalidKeyError,
     MissingDependencyError,
     ObjectNotFoundError,
-    ObjectReplacedError,
     ObjectStoreError,
 )
 from s3server import REGION, S3Server, _wait_listening, start_moto
@@ -672,28 +671,3 @@ def test_the_url_s_timeouts_bound_how_long_a_frozen_server_holds_a_put(
         proc.send_signal(signal.SIGCONT)
         proc.kill()
         proc.wait()
-
-
-def test_a_pinned_copy_is_refused_by_s3_when_replaced_after_its_check(
-    s3_server: S3Server, bucket: str, s3_store: S3ObjectStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The source replaced between the store's look at it and the copy request: S3 itself
-    refuses (``CopySourceIfMatch``, 412), raised as ObjectReplacedError naming the key, and no
-    copy is made (the unpinned copy would take the new object)."""
-    pinned = s3_store.put("uploads/clip.mp4", b"first").version
-    assert pinned is not None
-    looked = s3_store._head
-
-    def head_then_replaced(key: str, full: str) -> dict[str, Any] | None:
-        head = looked(key, full)
-        if key == "uploads/clip.mp4":
-            s3_server.client.put_object(Bucket=bucket, Key=full, Body=b"other")
-        return head
-
-    monkeypatch.setattr(s3_store, "_head", head_then_replaced)
-    with pytest.raises(ObjectReplacedError, match=r"'uploads/clip\.mp4' was replaced") as refused:
-        s3_store.copy("uploads/clip.mp4", "job/input.mp4", if_version=pinned)
-    assert refused.value.key == "uploads/clip.mp4"
-    monkeypatch.undo()
-    assert not s3_store.exists("job/input.mp4")
-    assert s3_store.get("uploads/clip.mp4") == b"other"
