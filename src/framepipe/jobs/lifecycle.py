@@ -7,15 +7,17 @@ The state is :mod:`framepipe.jobs.memory`'s; the decisions are :mod:`framepipe.j
 (:mod:`framepipe.jobs.scheduler`) and only marks its changes for the round's commit
 (:mod:`framepipe.jobs.group_commit`). Guarantees:
 
-* a step is queued to start only after the commit that made it ready, and not if its
-  execution is stopping by then;
-* a step's last progress report is kept, and goes out before its end;
+* no step is made ready while its execution stops, and one made ready is queued to start
+  only after the commit that holds it;
+* a step's last progress report is kept, and goes out before its end; a late result of an
+  attempt that no longer runs is ignored (and said);
 * a failed step is retried by its policy (:class:`~framepipe.jobs.outcomes.RetryPolicy`) unless
   its error is permanent or its execution stops; a step that fails for good fails its
   execution, whose running steps finish before it ends (a cancel or an interruption tells them
   to stop);
-* an execution ends once no step of it runs: its remaining steps are cancelled (cancel) or
-  left pending to resume (failure, interruption), and its waiters return after that commit;
+* an execution ends once no step of it runs (at once when the engine forces it): its
+  remaining steps are cancelled (cancel) or left pending to resume (failure, interruption),
+  and its waiters return after the commit of its end;
 * an execution whose steps wait on names no open step can still satisfy is failed as stuck,
   naming the steps, instead of hanging.
 """

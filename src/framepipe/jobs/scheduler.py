@@ -16,8 +16,7 @@ already on disk. Guarantees of this module:
 * at most ``concurrency`` steps run at once across the engine's executions; none starts once
   the engine stops scheduling;
 * a step's end reaches the scheduler whatever happens to its journal line (a lost outcome
-  would leave the step running forever); a late result of an attempt no longer running is
-  ignored;
+  would leave the step running forever);
 * the executions' heartbeats are written every ``heartbeat_interval``, and a cancel requested
   through the store stops its execution at the next beat;
 * an execution whose changes the store refuses leaves this engine at once and is stored
