@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -106,9 +107,19 @@ class Stations(OrderAccuracy):
 
 
 def read_stations_file(path: Path) -> dict[str, str]:
-    """``{"station_id": "source", ...}`` from ``path``; a clear error when it is not that."""
+    """``{"station_id": "source", ...}`` from ``path``; a clear error when it is not that, or
+    when a station id is in it twice (JSON keeps the last one: the other camera would silently
+    never run)."""
+
+    def no_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise ConfigError(f"stations file {path}: station {twice[0]!r} is in it twice")
+        return dict(pairs)
+
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=no_twice)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"stations file {path}: {exc}") from exc
     if not isinstance(data, dict) or not all(
@@ -291,13 +302,16 @@ def input_options(items: Sequence[str], setting: str = "--input-option") -> dict
 
 
 def _number(kind: type[float] | type[int], minimum: float, *, strict: bool = False) -> Any:
-    """An argparse type: a number >= ``minimum`` (> with ``strict``), or a clear error."""
+    """An argparse type: a finite number >= ``minimum`` (> with ``strict``), or a clear
+    error."""
 
     def parse(text: str) -> float | int:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(
                 f"must be {'>' if strict else '>='} {minimum:g}, got {text}"

@@ -8,7 +8,9 @@ dashboard show them live: each station's state and latest frame, stop/start butt
 Settings, read when the service loads this file:
 
 - ``ORDER_STATIONS``: ``ID=SOURCE`` pairs, comma-separated;
-- ``ORDER_STATIONS_FILE``: or a JSON file of them, as for ``run.py --stations-file``;
+- ``ORDER_STATIONS_FILE``: or a JSON file of them, as for ``run.py --stations-file``, read
+  once when the service loads this file (``run.py --stations-file`` watches it; here, restart
+  the service, or stop and start a station from the API); a station id in both is refused;
 - ``ORDER_TIMEOUT`` (default 10), ``ORDER_BEST_FRAMES`` (3), ``ORDER_SELECTED`` (``selected/``);
 - ``ORDER_CAPTURE`` (``auto``, the default: gst-launch-1.0 where GStreamer can play the source,
   else ffmpeg; or ``gst``, ``ffmpeg``, ``av``), ``ORDER_LOOP=1`` to play files forever,
@@ -25,11 +27,16 @@ With ``FRAMEPIPE_OBJECTS_URL='s3://frames?endpoint=...'`` frames are stored unde
 ``station_1/ORDER_123/...`` in the ``frames`` bucket and the best ones in the ``selected``
 bucket (unless ``ORDER_SELECTED`` says otherwise), as in ``run.py``.
 
+A value that is not what its setting takes (``ORDER_TIMEOUT=nan``, ``ORDER_BEST_FRAMES=2.5``,
+``ORDER_LOOP=maybe``) is a :class:`~framepipe.errors.ConfigError` naming the variable, and the
+service does not start.
+
 The service commits the app's events to its state store itself.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -55,7 +62,14 @@ def _stations() -> dict[str, str]:
     stations = parse_stations(split_pairs(listed))
     path = os.environ.get("ORDER_STATIONS_FILE")
     if path:
-        stations.update(read_stations_file(Path(path)))
+        in_file = read_stations_file(Path(path))
+        both = sorted(set(stations) & set(in_file))
+        if both:
+            raise ConfigError(
+                f"station {both[0]!r} is in both ORDER_STATIONS and ORDER_STATIONS_FILE: "
+                "give each station id once"
+            )
+        stations.update(in_file)
     if not stations:
         raise ConfigError(
             "no station: set ORDER_STATIONS='station_1=video.mp4,...' or ORDER_STATIONS_FILE"
@@ -63,16 +77,47 @@ def _stations() -> dict[str, str]:
     return stations
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
+def _seconds(name: str, default: float) -> float:
+    """``name``'s value, a finite number of seconds > 0, or ``default`` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        return default if raw in (None, "") else float(raw)
+        value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:  # also refuses NaN, which no comparison holds for
+        raise ConfigError(f"{name}={raw!r}: use a number of seconds > 0")
+    return value
+
+
+def _count(name: str, default: int) -> int:
+    """``name``'s value, a whole number >= 0, or ``default`` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r}: use a whole number >= 0")
+    return value
+
+
+_YES = ("1", "true", "yes", "on")
+_NO = ("", "0", "false", "no", "off")
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+    """``name`` set to 1/true/yes/on (True) or 0/false/no/off or unset (False); any other
+    value is refused rather than read as False."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in _YES:
+        return True
+    if raw in _NO:
+        return False
+    raise ConfigError(f"{name}={os.environ[name]!r}: use 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _choice(name: str, default: C, choices: tuple[C, ...]) -> C:
@@ -84,13 +129,11 @@ def _choice(name: str, default: C, choices: tuple[C, ...]) -> C:
 
 
 settings = load_settings()
-retry_cap = _float("ORDER_RETRY_CAP", 60.0)
-if retry_cap <= 0:
-    raise ConfigError(f"ORDER_RETRY_CAP must be > 0 seconds, got {retry_cap:g}")
+retry_cap = _seconds("ORDER_RETRY_CAP", 60.0)
 service = Stations(
     settings,
-    order_timeout=_float("ORDER_TIMEOUT", 10.0),
-    best_frames=int(_float("ORDER_BEST_FRAMES", 3)),
+    order_timeout=_seconds("ORDER_TIMEOUT", 10.0),
+    best_frames=_count("ORDER_BEST_FRAMES", 3),
     selected=os.environ.get("ORDER_SELECTED")
     or selected_bucket_url(settings.resolved_objects_url)
     or "selected/",

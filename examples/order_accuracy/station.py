@@ -5,6 +5,7 @@ settings (:func:`parse_stations`, :func:`split_pairs`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -125,8 +126,12 @@ def build_station(
             f"station id {station_id!r}: use letters, digits, '_' and '-' "
             "(it becomes part of storage keys)"
         )
-    if order_timeout <= 0:
+    if not 0 < order_timeout < math.inf:  # also refuses NaN, which no comparison holds for
         raise ConfigError(f"order_timeout must be > 0 seconds, got {order_timeout}")
+    if max_order_seconds is not None and not 0 < max_order_seconds < math.inf:
+        raise ConfigError(f"max_order_seconds must be > 0 seconds, got {max_order_seconds}")
+    if best_frames < 0:
+        raise ConfigError(f"best_frames must be 0 or more, got {best_frames}")
     return StreamPipeline(
         station_id,
         source,
@@ -176,11 +181,15 @@ def split_pairs(text: str) -> list[str]:
 
 
 def parse_stations(items: Sequence[str]) -> dict[str, str]:
-    """``["station_1=video.mp4", ...]`` as a mapping; a clear error for a malformed item."""
+    """``["station_1=video.mp4", ...]`` as a mapping; a clear error for a malformed item, and
+    for a station id given twice (one of the two cameras would silently never run)."""
     stations: dict[str, str] = {}
     for item in items:
         station_id, sep, spec = item.partition("=")
         if not sep or not station_id.strip() or not spec.strip():
             raise ConfigError(f"station {item!r}: give STATION_ID=SOURCE, e.g. station_1=video.mp4")
-        stations[station_id.strip()] = spec.strip()
+        station_id = station_id.strip()
+        if station_id in stations:
+            raise ConfigError(f"station {station_id!r} is given twice: give each station id once")
+        stations[station_id] = spec.strip()
     return stations
