@@ -99,14 +99,17 @@ def test_only_the_store_modules_query_the_jobs_tables() -> None:
 
 
 def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
-    """The embedded engine's scheduler and the worker run an attempt through jobs/running.py and
-    take their scheduling decisions from jobs/rules.py; neither calls a step function or checks
-    an output itself."""
+    """The embedded engine's scheduler (its transitions in jobs/lifecycle.py, its commits in
+    jobs/group_commit.py) and the worker run an attempt through jobs/running.py and take their
+    scheduling decisions from jobs/rules.py; neither calls a step function or checks an output
+    itself."""
     for name in ("scheduler.py", "worker/runs.py"):
-        source = (SRC / "jobs" / name).read_text()
         imports = _imports(SRC / "jobs" / name)
         assert "framepipe.jobs.running" in imports, name
         assert "framepipe.jobs.rules" in imports, name
+    assert "framepipe.jobs.rules" in _imports(SRC / "jobs" / "lifecycle.py")
+    for name in ("scheduler.py", "lifecycle.py", "group_commit.py", "worker/runs.py"):
+        source = (SRC / "jobs" / name).read_text()
         assert "check_output" not in source, name
         assert ".fn(ctx" not in source, name
     assert "framepipe.jobs.rules" in _imports(SRC / "jobs" / "dispatch.py")
