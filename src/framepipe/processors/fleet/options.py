@@ -8,6 +8,7 @@ the option, what no processor can run with, before anything is started.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -91,9 +92,10 @@ def check_options(
         (v for v in (health_interval, health_check_interval) if v is not None),
         DEFAULT_HEALTH_INTERVAL,
     )
-    if interval <= 0 or poll_interval <= 0:
+    if not (0 < interval < math.inf and 0 < poll_interval < math.inf):  # (also refuses nan)
         raise ValueError(
-            f"processor {processor_id!r}: health_interval and poll_interval must be positive"
+            f"processor {processor_id!r}: health_interval and poll_interval must be positive "
+            f"numbers of seconds, not {interval!r} and {poll_interval!r}"
         )
     if image_encoding not in (None, "raw", "base64"):
         raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")

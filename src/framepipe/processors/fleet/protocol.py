@@ -72,6 +72,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import secrets
 import time
 import uuid
@@ -456,26 +457,32 @@ class ProcessorResult:
 
     @classmethod
     def from_fields(cls, fields: Mapping[bytes, bytes]) -> ProcessorResult:
-        """Parse a result entry (raises ValueError when it is not one)."""
+        """Parse a result entry (raises ValueError when it is not one: no ``frame_id`` or
+        ``status``). A result entry whose ``result`` is not a JSON object (not UTF-8, not JSON,
+        an array or a number) reads as an ``output`` error naming what was wrong, so that the
+        request it answers ends at once with it instead of at its result timeout; a
+        ``duration_ms`` that is not a finite number reads as 0."""
         if b"frame_id" not in fields or b"status" not in fields:
             raise ValueError(f"not a result entry: fields {sorted(fields)}")
         get = fields.get
-        raw = get(b"result")
-        error = get(b"error")
-        kind = get(b"error_kind")
+        data, unreadable = _result_data(get(b"result"))
+        if fields[b"status"] != b"ok":
+            unreadable = None  # (an error result: its own error says what went wrong)
+        ok = fields[b"status"] == b"ok" and unreadable is None
+        error, kind = get(b"error"), get(b"error_kind")
         return cls(
-            frame_id=fields[b"frame_id"].decode("utf-8", "replace"),
-            processor_id=get(b"processor_id", b"").decode("utf-8", "replace"),
-            ok=fields[b"status"] == b"ok",
-            data=json.loads(raw.decode("utf-8")) if raw else None,
-            error=error.decode("utf-8", "replace") if error else None,
-            error_kind=kind.decode("utf-8", "replace") if kind else None,
-            trace_context=get(b"trace_context", b"").decode("utf-8", "replace"),
-            camera_id=get(b"camera_id", b"").decode("utf-8", "replace"),
-            capability=get(b"capability", b"").decode("utf-8", "replace"),
-            duration_ms=float(get(b"duration_ms") or 0.0),
-            entry_id=get(b"entry_id", b"").decode("utf-8", "replace"),
-            reply_token=get(b"reply_token", b"").decode("utf-8", "replace"),
+            frame_id=text(fields[b"frame_id"]),
+            processor_id=text(get(b"processor_id")),
+            ok=ok,
+            data=data,
+            error=unreadable or (text(error) if error else None),
+            error_kind="output" if unreadable else (text(kind) if kind else None),
+            trace_context=text(get(b"trace_context")),
+            camera_id=text(get(b"camera_id")),
+            capability=text(get(b"capability")),
+            duration_ms=_milliseconds(get(b"duration_ms")),
+            entry_id=text(get(b"entry_id")),
+            reply_token=text(get(b"reply_token")),
         )
 
     def check(self) -> ProcessorResult:
@@ -488,6 +495,34 @@ class ProcessorResult:
                 kind=self.error_kind or "processor",
             )
         return self
+
+
+def _result_data(raw: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
+    """A result entry's ``result`` as the object it holds (None when absent or empty), or the
+    reason it cannot be read as one."""
+    if not raw:
+        return None, None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"its result is not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except ValueError as exc:
+        return None, f"its result is not JSON ({exc}): {text(raw[:200])!r}"
+    if data is None:
+        return None, None
+    if not isinstance(data, dict):
+        shown = {list: "array", str: "string", bool: "boolean"}.get(type(data), "number")
+        return None, f"its result is a JSON {shown}, not an object"
+    return data, None
+
+
+def _milliseconds(raw: bytes | None) -> float:
+    """A ``duration_ms`` field as a number (0 when missing, not a number or not finite)."""
+    try:
+        value = float(raw or 0.0)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -264,9 +265,11 @@ class Registration:
         self.pid = as_int(h.get(b"pid"), 0) or None
         self.host = text(h.get(b"host"))
         try:
-            self.health_interval = max(0.0, float(h.get(b"health_interval") or 0.0))
+            period = float(h.get(b"health_interval") or 0.0)
         except ValueError:
-            self.health_interval = 0.0
+            period = 0.0
+        # (not a finite number: as if not said, else it would never be declared dead)
+        self.health_interval = max(0.0, period) if math.isfinite(period) else 0.0
         hb = h.get(b"last_heartbeat")
         if hb != self.hb_value:
             self.hb_value = hb

@@ -1,0 +1,181 @@
+"""Results and registrations written to Redis by hand, or by a processor in another language,
+that do not follow the wire format, against the real Redis.
+
+A result entry whose ``result`` is not a JSON object (not JSON, not UTF-8, an array, a string)
+ends the request it answers at once with an ``output`` error naming what was wrong, instead of
+leaving its caller waiting for the result timeout; a ``duration_ms`` that is not a number does
+not cost a good result. A registration whose heartbeat period is not a finite number is
+declared dead by the registry's ``heartbeat_timeout`` like one that gives none, and a client
+refuses such a period before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import REDIS_URL
+from waiting import wait_until_async
+
+pytest.importorskip("redis")
+
+from redis.asyncio import Redis
+
+from framepipe.frames import Frame
+from framepipe.processors import ProcessorClient, ProcessorRegistry
+from framepipe.processors.fleet.protocol import GROUP, Keys
+from framepipe.processors.fleet.registry import register
+
+
+@contextlib.asynccontextmanager
+async def foreign_processor(
+    ns: str, result: bytes, duration_ms: bytes = b"1.5"
+) -> AsyncIterator[None]:
+    """A processor written without framepipe's client: it registers with the record's fields
+    and answers every frame on its reply stream with ``result`` as its ``result`` field."""
+    redis = Redis.from_url(REDIS_URL)
+    keys = Keys(ns)
+    stream = keys.frames("foreign")
+    await register(
+        redis,
+        keys,
+        "foreign",
+        capabilities=["x"],
+        capacity=4,
+        stream=stream,
+        result_stream=f"{ns}results",
+        in_flight=0,
+        processed=0,
+        failed=0,
+    )
+
+    async def answer() -> None:
+        while True:
+            reply = await redis.xreadgroup(GROUP, "foreign", {stream: ">"}, count=4, block=200)
+            for _stream, entries in reply or []:
+                for mid, fields in entries:
+                    await redis.xadd(
+                        fields[b"reply_to"],
+                        {
+                            b"frame_id": fields[b"frame_id"],
+                            b"status": b"ok",
+                            b"processor_id": b"foreign",
+                            b"reply_token": fields[b"reply_token"],
+                            b"entry_id": mid,
+                            b"result": result,
+                            b"duration_ms": duration_ms,
+                        },
+                    )
+                    await redis.xack(stream, GROUP, mid)
+
+    task = asyncio.create_task(answer())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.aclose()
+
+
+def frame() -> Frame:
+    return Frame(image=np.zeros((16, 16, 3), np.uint8), source_id="cam", seq=1)
+
+
+@pytest.mark.parametrize(
+    ("result", "said"),
+    [
+        (b"{not json", "its result is not JSON"),
+        (b'{"name": "\xff\xfe"}', "its result is not UTF-8 text"),
+        (b"[1, 2]", "its result is a JSON array, not an object"),
+        (b'"faces"', "its result is a JSON string, not an object"),
+        (b"17", "its result is a JSON number, not an object"),
+    ],
+)
+def test_a_result_that_is_not_a_json_object_ends_its_call_with_an_output_error(
+    ns: str, result: bytes, said: str
+) -> None:
+    async def main() -> None:
+        async with (
+            foreign_processor(ns, result),
+            ProcessorRegistry(REDIS_URL, ns, result_timeout=120) as registry,
+        ):
+            await registry.wait_for_processor("x", timeout=15)
+            answered = await registry.call(frame(), "x")
+            assert not answered.ok
+            assert answered.error_kind == "output"
+            assert answered.error is not None and said in answered.error
+            assert answered.processor_id == "foreign"
+            assert answered.data is None
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_duration_that_is_not_a_number_does_not_cost_the_result(ns: str) -> None:
+    async def main() -> None:
+        async with (
+            foreign_processor(ns, b'{"faces": 1}', duration_ms=b"fast"),
+            ProcessorRegistry(REDIS_URL, ns, result_timeout=120) as registry,
+        ):
+            await registry.wait_for_processor("x", timeout=15)
+            answered = await registry.call(frame(), "x")
+            assert answered.ok
+            assert answered.data == {"faces": 1}
+            assert answered.duration_ms == 0.0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("period", [b"inf", b"1e999", b"nan", b"-inf"])
+def test_a_registration_whose_heartbeat_period_is_not_finite_is_declared_dead(
+    ns: str, period: bytes
+) -> None:
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        keys = Keys(ns)
+        await register(
+            redis,
+            keys,
+            "stuck",
+            capabilities=["x"],
+            capacity=1,
+            stream=keys.frames("stuck"),
+            result_stream=f"{ns}results",
+            in_flight=0,
+            processed=0,
+            failed=0,
+        )
+        await redis.hset(keys.proc("stuck"), b"health_interval", period)  # and never beats
+        try:
+            async with ProcessorRegistry(REDIS_URL, ns, heartbeat_timeout=1.0) as registry:
+                await registry.wait_for_processor("x", timeout=15)
+                await wait_until_async(
+                    "the silent processor was never declared dead",
+                    lambda: (
+                        {i.processor_id: i.state for i in registry.processors()}.get("stuck")
+                        == "dead"
+                    ),
+                    20,
+                )
+        finally:
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 40))
+
+
+@pytest.mark.parametrize("period", [math.inf, math.nan, 0.0, -1.0])
+def test_a_client_refuses_a_heartbeat_period_that_is_not_a_positive_number(period: float) -> None:
+    class Idle(ProcessorClient):
+        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+            return None
+
+    with pytest.raises(ValueError, match="health_interval and poll_interval must be positive"):
+        Idle("idle", ["x"], health_check_interval=period, environ={})
+    with pytest.raises(ValueError, match="health_interval and poll_interval must be positive"):
+        Idle("idle", ["x"], poll_interval=period, environ={})
