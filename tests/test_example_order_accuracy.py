@@ -801,6 +801,43 @@ def test_input_options_open_a_raw_mjpeg_recording_at_its_rate(
     assert any("--input-option 'framerate': use NAME=VALUE" in line for line in bad.logs)
 
 
+def test_a_stations_file_deleted_while_it_runs_stops_no_station(
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
+    """A deploy or an editor that deletes the stations file before writing it again stopped
+    every station (their open orders closed, split from the frames that followed). The
+    removal is logged and changes nothing; the file written again is applied as any edit."""
+    video, _schedule = station_video
+    stations_file = tmp_path / "stations.json"
+    stations_file.write_text(json.dumps({"station_1": str(video)}))
+    runner = runner_factory("--stations-file", str(stations_file), "--loop")
+    runner.wait_for(
+        lambda e: e["type"] == "station.first_frame" and e["station_id"] == "station_1",
+        what="station_1's first frame",
+    )
+    stations_file.unlink()
+    wait_until(
+        "the removal to be logged",
+        lambda: any(f"stations file {stations_file} is gone" in line for line in runner.logs),
+        30,
+    )
+    stations_file.write_text(json.dumps({"station_1": str(video), "station_2": str(video)}))
+    runner.wait_for(
+        lambda e: e["type"] == "station.first_frame" and e["station_id"] == "station_2",
+        what="station_2 started from the file written again",
+    )
+    assert runner.stop() == 0
+    assert runner.of("station.removed") == []
+    assert [e["attempt"] for e in runner.of("source.started", "station_1")][:1] == [0]
+    assert len(runner.of("station.added", "station_1")) == 1
+    assert any(
+        line.endswith("(write {} in it to stop every station); stations unchanged")
+        for line in runner.logs
+    )
+
+
 def test_the_stations_hosted_by_framepipe_serve(
     station_video: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -163,3 +163,30 @@ def test_a_station_built_from_python_refuses_what_the_runner_refuses(
     source = station_source("station_1", "cmd:true")
     with LocalObjectStore(tmp_path / "objects") as frames, pytest.raises(ConfigError):
         build_station("station_1", source, frames=frames, **options)
+
+
+def test_a_stations_file_missing_or_malformed_at_the_start_is_a_bad_setting(
+    tmp_path: Path,
+) -> None:
+    """A mistyped ``--stations-file`` path left the runner waiting, with no station and no
+    word, for a file that would never come; a file that is not a stations object at the start
+    is refused the same way (exit 2), while a bad edit later is logged and changes nothing."""
+    missing = tmp_path / "station.json"
+    result = subprocess.run(
+        [sys.executable, "run.py", "--stations-file", str(missing)],
+        check=False,
+        env={**os.environ, "FRAMEPIPE_HOME": str(tmp_path / "home")},
+        cwd=EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: stations file {missing}: " in result.stderr
+    assert "No such file" in result.stderr
+
+    malformed = tmp_path / "stations.json"
+    malformed.write_text('["station_1=counter.mp4"]')
+    result = run_example([sys.executable, "run.py", "--stations-file", str(malformed)], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'expected a JSON object of "station_id": "source" strings' in result.stderr

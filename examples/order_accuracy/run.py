@@ -135,7 +135,9 @@ async def watch_stations(
     service: OrderAccuracy, path: Path, stop: asyncio.Event, interval: float = 0.5
 ) -> None:
     """Apply ``path`` now and each time it changes, until ``stop``. A bad edit is logged and
-    the stations keep running as they are."""
+    the stations keep running as they are; so is the file's removal (a deploy or an editor
+    that deletes it before writing it again would otherwise stop every station and split
+    their open orders): ``{}`` is how every station is stopped."""
     seen: tuple[int, int] | None = None
     while not stop.is_set():
         try:
@@ -146,14 +148,20 @@ async def watch_stations(
         if mark != seen:
             seen = mark
             error: ConfigError | None = None
-            try:
-                stations = read_stations_file(path) if mark is not None else {}
-            except ConfigError as exc:
-                error = exc
-            if error is None:
-                await service.apply(stations)
+            stations: dict[str, str] | None = None
+            if mark is None:
+                error = ConfigError(
+                    f"stations file {path} is gone (write {{}} in it to stop every station)"
+                )
             else:
+                try:
+                    stations = read_stations_file(path)
+                except ConfigError as exc:
+                    error = exc
+            if error is not None:
                 log.error("%s; stations unchanged", error)
+            elif stations is not None:
+                await service.apply(stations)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 
@@ -181,8 +189,7 @@ async def main_async(args: argparse.Namespace) -> int:
         loop_files = True
         if args.order_timeout is None:  # the demo video's idle gaps are 2.5 s
             order_timeout = 2.0
-    if not stations and args.stations_file is None:
-        raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
+    _check_stations(stations, args.stations_file)
     selected = args.selected
     if selected is None:
         selected = selected_bucket_url(settings.resolved_objects_url) or "selected/"
@@ -241,6 +248,15 @@ async def main_async(args: argparse.Namespace) -> int:
         if p.state.value == "failed" and name not in service.invalid
     ]
     return 1 if failed else 0
+
+
+def _check_stations(stations: dict[str, str], stations_file: Path | None) -> None:
+    """A :class:`ConfigError` when there is no station to run, or when the stations file is
+    missing or malformed at the start (later, a bad edit is logged and changes nothing)."""
+    if stations_file is not None:
+        read_stations_file(stations_file)
+    elif not stations:
+        raise ConfigError("no station: give --station ID=SOURCE, --stations-file or --demo")
 
 
 def _stations_service(
