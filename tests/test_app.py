@@ -416,10 +416,10 @@ def test_a_pipeline_removed_then_added_again_under_its_name_starts_afresh(tmp_pa
     async def main() -> None:
         await app.start()
         try:
-            await wait_until_async("cam-1's preview", lambda: "cam-1" in app._previewed)
+            await wait_until_async("cam-1's preview", lambda: "cam-1" in app._reports.previewed)
             await app.pause("cam-1")
             await app.remove("cam-1")
-            assert "cam-1" not in app.paused and "cam-1" not in app._previewed
+            assert "cam-1" not in app.paused and "cam-1" not in app._reports.previewed
             again = await app.add(down(None))  # its camera is down: it backs off for ever
             await wait_until_async(
                 "the app degraded by the re-added camera",

@@ -27,6 +27,8 @@ def _imports(path: Path) -> set[str]:
 def test_the_live_side_does_not_import_the_job_records() -> None:
     live = [
         *(SRC / name for name in ("app.py", "app_health.py", "event_sinks.py", "health.py")),
+        *(SRC / name for name in ("app_events.py", "app_recovery.py", "app_reporting.py")),
+        SRC / "app_starts.py",
         *(SRC / name for name in ("snapshots.py", "supervise.py", "supervise_report.py")),
         *(SRC / name for name in ("supervise_restarts.py", "supervise_stall.py")),
         *sorted((SRC / "stream").glob("*.py")),
@@ -60,10 +62,15 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
 
 
 _TABLES = {"events", "executions", "ledger", "step_deps", "steps", "workers", "metadata"}
-# The modules that hold the jobs' queries: the store module, the workers' transitions, the
-# recovery of dead engines' executions and the ledger (see jobs/records.py).
+# The modules that hold the jobs' queries: the reads, the engine's batched writes, its hold on
+# an execution, cancelling, the monitoring counts, the workers' transitions, the recovery of dead
+# engines' executions and the ledger (see jobs/records.py).
 _STORE_MODULES = {
     "jobs/records.py",
+    "jobs/batches.py",
+    "jobs/ownership.py",
+    "jobs/cancel_requests.py",
+    "jobs/counts.py",
     "jobs/dispatch.py",
     "jobs/transitions.py",
     "jobs/leases.py",

@@ -15,52 +15,53 @@ Every few seconds the app checks performance (``performance_warning`` below
 JPEG beside it (where, and how other processes read them:
 :mod:`framepipe.snapshots`). The values an app reports (:class:`SystemState`,
 :class:`AppHealth`) are defined in :mod:`framepipe.app_health`; this module exports them too.
+
+This module holds the pipelines' lifecycle (start, stop, add, remove, pause, resume and the
+recovery of a failed pipeline); the callbacks of its events are :mod:`framepipe.app_events`,
+the starts under way :mod:`framepipe.app_starts`, the forgetting of recoveries
+:mod:`framepipe.app_recovery`, its health, performance warnings and the files it writes for
+other processes :mod:`framepipe.app_reporting`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import json
-import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from framepipe.app_events import Callback, Callbacks
 from framepipe.app_health import AppHealth, SystemState
+from framepipe.app_recovery import Recoveries
+from framepipe.app_reporting import SnapshotWriter, app_health, performance_warnings
+from framepipe.app_starts import Starts
 from framepipe.config import Settings, load_settings
-from framepipe.errors import FramepipeError, StreamError
+from framepipe.errors import StreamError
 from framepipe.health import HealthState
-from framepipe.liveness import this_host
 from framepipe.logs import get_logger
 from framepipe.snapshots import (
-    PREVIEW_QUALITY,
     check_app_name,
     preview_dir,
     preview_file_name,
-    preview_jpeg,
     preview_path,
     read_snapshots,
     snapshot_path,
 )
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.supervise import Supervisor
-from framepipe.telemetry import event_sink_metrics, metrics_registry, render
-from framepipe.urls import safe_json
+from framepipe.telemetry import metrics_registry, render
 
 __all__ = [
     "App",
     "AppHealth",
+    "Callback",
     "SystemState",
     "preview_dir",
     "preview_file_name",
     "preview_path",
     "read_snapshots",
 ]
-
-Callback = Callable[[str, dict[str, Any]], Any]
 
 
 class App:
@@ -88,25 +89,28 @@ class App:
         self.health_interval = health_interval
         self.performance_threshold = performance_threshold
         self.pipelines: dict[str, StreamPipeline] = {}
-        self._previewed: dict[str, Any] = {}
-        self.restart_attempts: dict[str, int] = {}
-        """Each pipeline's recoveries in a row (forgotten once it ran healthy)."""
-        self._healthy: dict[str, _HealthyWatch] = {}
         self.state = SystemState.STOPPED
         self.last_error: str | None = None
         self.started_at: float | None = None
         self.log = get_logger(f"app.{name}")
-        self._callbacks: dict[str, list[Callback]] = {}
-        self._callback_tasks: set[asyncio.Future[Any]] = set()
+        self._callbacks = Callbacks(self.log)
+        self._recoveries = Recoveries(
+            self.log,
+            self.emit,
+            lambda pipeline: not self._stopping and self._kept(pipeline),
+            lambda: self.max_restart_attempts,
+        )
+        self.restart_attempts = self._recoveries.attempts
+        """Each pipeline's recoveries in a row (forgotten once it ran healthy)."""
+        self._reports = SnapshotWriter(self.settings, self.name, self.log)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.paused: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
         self._stopping = False
-        self._in_flight: dict[asyncio.Task[Any], str] = {}
-        """Pipeline starts under way (start(), add(), resume(), a recovery), with the name of
-        the pipeline each starts: stop() waits for them all, remove() and pause() for those of
-        their pipeline."""
+        self._starts = Starts()
+        """Pipeline starts under way: stop() waits for them all, remove() and pause() for
+        those of their pipeline."""
         self._turns: tuple[asyncio.Lock, asyncio.AbstractEventLoop] | None = None
         self.registry = metrics_registry(lambda: list(self.pipelines.values()))
         self.mqtt: Any = None
@@ -119,35 +123,17 @@ class App:
         ``segment.completed``, ``segment.started``, ``source.started|died|stalled|restarting|
         failed``, ``processor.error``, ``pipeline.started|stopped|failed|recovered|healthy|
         paused|resumed|removed``, ``system_error``, ``performance_warning``. Returns a function
-        that unregisters it."""
-        self._callbacks.setdefault(event, []).append(callback)
-
-        def remove() -> None:
-            with contextlib.suppress(ValueError):
-                self._callbacks[event].remove(callback)
-
-        return remove
+        that unregisters it (see :mod:`framepipe.app_events`)."""
+        return self._callbacks.on(event, callback)
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         """Deliver an event to its callbacks; a raising callback is logged, never propagated."""
-        for callback in (*self._callbacks.get(event, ()), *self._callbacks.get("*", ())):
-            try:
-                result = callback(event, data)
-                if inspect.isawaitable(result):
-                    task = asyncio.ensure_future(result)
-                    self._callback_tasks.add(task)  # the loop holds tasks only weakly
-                    task.add_done_callback(self._callback_done)
-            except Exception:
-                self.log.exception("callback for %s raised; ignored", event)
+        self._callbacks.emit(event, data)
         if event == "source.started":
-            self._watch_health(data.get("pipeline"))
+            name = data.get("pipeline")
+            self._recoveries.watch(self.pipelines.get(name) if name is not None else None)
             if data.get("attempt", 0):
                 self.emit("source.restarted", data)
-
-    def _callback_done(self, task: asyncio.Future[Any]) -> None:
-        self._callback_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.error("async callback raised: %r", task.exception())
 
     # -- pipelines ------------------------------------------------------------------------------
 
@@ -190,8 +176,8 @@ class App:
         self.paused.discard(name)
         self.reset_recovery(name)
         self._warned.discard(name)
-        self._previewed.pop(name, None)
-        await self._starts_of(name)  # a start under way ends first, then the stop
+        self._reports.forget(name)
+        await self._starts.of(name)  # a start under way ends first, then the stop
         await pipeline.stop()
         self.emit("pipeline.removed", {"pipeline": name})
 
@@ -201,11 +187,11 @@ class App:
         stops."""
         pipeline = self.pipelines[name]
         self.paused.add(name)
-        self._unwatch_health(name)
+        self._recoveries.unwatch(name)
         watcher = self._watchers.pop(name, None)
         if watcher is not None:
             watcher.cancel()
-        await self._starts_of(name)  # a start under way ends first, then the stop
+        await self._starts.of(name)  # a start under way ends first, then the stop
         await pipeline.stop()
         self.emit("pipeline.paused", {"pipeline": name})
 
@@ -243,78 +229,13 @@ class App:
     def reset_recovery(self, name: str | None = None) -> None:
         """Forget the recoveries counted for pipeline ``name`` (every pipeline when None), e.g.
         once an operator fixed its camera: auto-recovery has ``max_restart_attempts`` again."""
-        for watched in list(self._healthy) if name is None else [name]:
-            self._unwatch_health(watched)
-        if name is None:
-            self.restart_attempts.clear()
-        else:
-            self.restart_attempts.pop(name, None)
-
-    def _watch_health(self, name: str | None) -> None:
-        """A session of pipeline ``name``'s capture delivered its first frame: if the pipeline
-        was recovered, its recoveries are forgotten once that run has gone on
-        ``pipeline.healthy_after`` seconds without a failure (:meth:`_on_healthy`). A run is
-        the capture's sessions until one fails: the next pass of a looped recording goes on
-        with it, a session started after a failure begins a new one."""
-        pipeline = self.pipelines.get(name) if name is not None else None
-        capture = pipeline.supervisor if pipeline is not None else None
-        if pipeline is None or capture is None or not self.restart_attempts.get(pipeline.name):
-            return
-        run = (capture, capture.health.restarts)
-        watch = self._healthy.get(pipeline.name)
-        if watch is not None and watch.run == run:
-            return  # the run goes on
-        self._unwatch_health(pipeline.name)
-        timer = asyncio.get_running_loop().call_later(
-            pipeline.healthy_after, self._on_healthy, pipeline, run
-        )
-        self._healthy[pipeline.name] = _HealthyWatch(run, timer)
-
-    def _unwatch_health(self, name: str) -> None:
-        watch = self._healthy.pop(name, None)
-        if watch is not None:
-            watch.timer.cancel()
-
-    def _on_healthy(self, pipeline: StreamPipeline, run: tuple[Supervisor, int]) -> None:
-        """``healthy_after`` seconds after the first frame of a recovered pipeline's run: if
-        that run still goes on (the same capture, not restarted since, not down, the pipeline
-        neither failed, stopped, paused nor removed), its recoveries are forgotten."""
-        name = pipeline.name
-        watch = self._healthy.get(name)
-        if watch is not None and watch.run == run:
-            del self._healthy[name]
-        capture, restarts = run
-        attempts = self.restart_attempts.get(name, 0)
-        if (
-            not attempts
-            or self._stopping
-            or not self._kept(pipeline)
-            or pipeline.supervisor is not capture
-            or capture.health.restarts != restarts
-            or not pipeline.running
-            or pipeline.source_down
-            or pipeline.state is HealthState.FAILED
-        ):
-            return
-        del self.restart_attempts[name]
-        self.log.info(
-            "[%s] ran %gs without a failure: its %d recover%s forgotten, %d left",
-            name,
-            pipeline.healthy_after,
-            attempts,
-            "y is" if attempts == 1 else "ies are",
-            self.max_restart_attempts,
-        )
-        self.emit(
-            "pipeline.healthy",
-            {"pipeline": name, "recoveries": attempts, "healthy_after": pipeline.healthy_after},
-        )
+        self._recoveries.reset(name)
 
     async def _start_one(self, pipeline: StreamPipeline) -> None:
         """Start a pipeline and watch it; one that fails to start (a model that does not load)
         is failed and goes through recovery like one that failed later. The start goes on to
         its end if the caller is cancelled (:meth:`stop` waits for it, then stops it)."""
-        await asyncio.shield(self._launch(self._start_and_watch(pipeline), pipeline.name))
+        await asyncio.shield(self._starts.launch(self._start_and_watch(pipeline), pipeline.name))
 
     async def _start_and_watch(self, pipeline: StreamPipeline) -> None:
         await self._start_pipeline(pipeline, "pipeline %r failed to start")
@@ -337,27 +258,13 @@ class App:
         """The pipeline is still this app's and not paused."""
         return self.pipelines.get(pipeline.name) is pipeline and pipeline.name not in self.paused
 
-    def _launch(self, start: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run pipeline ``name``'s start as a task of its own, which :meth:`stop` (and
-        :meth:`remove` and :meth:`pause` of that pipeline) wait for: a start is never cut
-        half-way (its stages set up, its capture not yet supervised)."""
-        task = asyncio.ensure_future(start)
-        self._in_flight[task] = name
-        task.add_done_callback(lambda done: self._in_flight.pop(done, None))
-        return task
-
-    async def _starts_of(self, name: str) -> None:
-        """Return once no start of pipeline ``name`` is under way."""
-        while starts := {t for t, n in self._in_flight.items() if n == name}:
-            await asyncio.wait(starts)
-
     async def _watch(self, pipeline: StreamPipeline) -> None:
         """Wait for a pipeline's end; recover it if it failed."""
         while True:
             await pipeline.wait()
             if self._stopping or pipeline.state is not HealthState.FAILED:
                 return
-            self._unwatch_health(pipeline.name)
+            self._recoveries.unwatch(pipeline.name)
             attempts = self.restart_attempts.get(pipeline.name, 0)
             error = pipeline.last_error or "unknown error"
             if not self.auto_recovery or attempts >= self.max_restart_attempts:
@@ -380,7 +287,7 @@ class App:
             if self._stopping:
                 return
             start = self._start_pipeline(pipeline, "recovery of %r failed to start")
-            if not await asyncio.shield(self._launch(start, pipeline.name)):
+            if not await asyncio.shield(self._starts.launch(start, pipeline.name)):
                 continue  # failed again: the loop counts it as the next failure
             self.emit(
                 "pipeline.recovered",
@@ -451,10 +358,8 @@ class App:
         watchers = list(self._watchers.values())
         for watcher in watchers:
             watcher.cancel()
-        for name in list(self._healthy):
-            self._unwatch_health(name)
-        while self._in_flight:
-            await asyncio.wait(set(self._in_flight))
+        self._recoveries.unwatch_all()
+        await self._starts.all()
         await asyncio.gather(
             *(p.stop(drain_timeout=drain) for p in self.pipelines.values()),
             *watchers,
@@ -511,42 +416,15 @@ class App:
         its queue and are lost if the queue overflows); ``FAILED`` once every pipeline has
         failed. A pipeline's ``state`` is :attr:`StreamPipeline.state` (``stopped`` while
         paused); ``event_sinks`` holds each attached sink's counts."""
-        statuses = {name: p.health() for name, p in self.pipelines.items()}
-        for name in self.paused & statuses.keys():
-            statuses[name]["state"] = "stopped"
-        scores = [s["performance_score"] for n, s in statuses.items() if n not in self.paused]
-        failed = [n for n, s in statuses.items() if s["state"] == HealthState.FAILED.value]
-        down = [n for n, p in self.pipelines.items() if p.source_down and n not in self.paused]
-        sinks = [
-            {
-                "sink": sink.kind,
-                "target": sink.target,
-                "written": sink.written,
-                "dropped": sink.dropped,
-                "pending": sink.pending,
-                "failing_since": sink.failing_since,
-            }
-            for sink in event_sink_metrics(self.registry).sinks
-        ]
-        sink_failing = any(s["failing_since"] is not None for s in sinks)
-        state = self.state
-        if state is SystemState.RUNNING and failed:
-            state = SystemState.FAILED if len(failed) == len(statuses) else SystemState.DEGRADED
-        elif state is SystemState.RUNNING and (
-            down or sink_failing or (scores and min(scores) < self.performance_threshold)
-        ):
-            state = SystemState.DEGRADED
-        return AppHealth(
-            name=self.name,
-            state=state,
-            performance_score=round(sum(scores) / len(scores), 3) if scores else 1.0,
-            uptime=round(time.time() - self.started_at, 3) if self.started_at else 0.0,
+        return app_health(
+            self.name,
+            self.state,
+            self.pipelines,
+            self.paused,
+            self.registry,
+            performance_threshold=self.performance_threshold,
             last_error=self.last_error,
-            pid=os.getpid(),
-            updated_at=time.time(),
-            host=this_host(),
-            pipeline_status=statuses,
-            event_sinks=sinks,
+            started_at=self.started_at,
         )
 
     def metrics_text(self) -> str:
@@ -557,15 +435,10 @@ class App:
         while True:
             await asyncio.sleep(self.health_interval)
             try:
-                for name, pipeline in self.pipelines.items():
-                    if pipeline.state is not HealthState.RUNNING:
-                        continue
-                    score = pipeline.performance_score()
-                    if score < self.performance_threshold and name not in self._warned:
-                        self._warned.add(name)
-                        self.emit("performance_warning", {"pipeline": name, "score": score})
-                    elif score >= self.performance_threshold:
-                        self._warned.discard(name)
+                for name, score in performance_warnings(
+                    self.pipelines, self.performance_threshold, self._warned
+                ):
+                    self.emit("performance_warning", {"pipeline": name, "score": score})
                 self._write_snapshot()
             except Exception:
                 self.log.exception("health monitor pass failed")
@@ -576,54 +449,7 @@ class App:
         return snapshot_path(self.settings, self.name)
 
     def _write_snapshot(self) -> None:
-        path = self.snapshot_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(safe_json(self.health().to_dict()), default=str))
-        os.replace(tmp, path)
-        self._write_previews()
-
-    def _write_previews(self) -> None:
-        """The latest frame of each pipeline as a small JPEG beside the snapshot
-        (:func:`preview_path`), for dashboards in other processes; one that cannot be written
-        is logged and the others are written."""
-        folder = preview_dir(self.settings, self.name)
-        for name, pipeline in self.pipelines.items():
-            try:
-                self._write_preview(folder, name, pipeline)
-            except OSError as exc:
-                self.log.warning("preview of %r not written: %s", name, exc)
-
-    def _write_preview(self, folder: Path, name: str, pipeline: StreamPipeline) -> None:
-        frame = pipeline.latest_frame
-        if frame is None or frame is self._previewed.get(name):
-            return
-        self._previewed[name] = frame
-        captured, planes = frame.captured_jpeg, frame.planes
-        if captured is not None and frame.width <= 640:
-            data = captured  # a captured JPEG small enough is its own preview
-        elif planes is not None and planes.width <= 640:
-            data = planes.to_jpeg(PREVIEW_QUALITY)  # the decoder's planes: no BGR
-        else:
-            try:
-                data = preview_jpeg(frame)
-            except FramepipeError as exc:
-                self.log.warning("preview of %r not written: %s", name, exc)
-                return
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / preview_file_name(name)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-
-
-class _HealthyWatch(NamedTuple):
-    """A recovered pipeline's run, watched until it has gone on ``healthy_after`` seconds:
-    its capture's supervisor and that supervisor's restarts when the run began, and the timer
-    of :meth:`App._on_healthy`."""
-
-    run: tuple[Supervisor, int]
-    timer: asyncio.TimerHandle
+        self._reports.write(self.snapshot_path, self.health(), self.pipelines)
 
 
 _RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEGRADED))
