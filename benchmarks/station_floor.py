@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import zxingcpp
 from floor_jpeg import planes_to_jpeg
-from orders import _sharpness  # the station's own measure (the example's, not framepipe's)
+from tags import _sharpness  # the station's own measure (the example's, not framepipe's)
 
 _REDUCED_GREY = {
     1: cv2.IMREAD_GRAYSCALE,
