@@ -10,8 +10,10 @@ Guarantees:
   frame came since, it is armed again for the rest of the limit.
 * A stall found is recorded once (:attr:`StallWatchdog.stall`, with a
   :class:`~framepipe.errors.SourceStalledError` naming the limit missed), the health enters
-  ``stalled`` and the session's task is cancelled. A session that ignores its cancellation
-  for 5 s is warned about in the log, once; it is still waited for.
+  ``stalled`` and the session's task is cancelled, with that error as the cancellation's
+  message (its ``CancelledError`` carries it: a capture can tell a stall from a stop). A
+  session that ignores its cancellation for 5 s is warned about in the log, once; it is
+  still waited for.
 * Once :meth:`StallWatchdog.stop` was called no stall is found: a stopping supervisor's
   session ends by its stop, not as a stall.
 """
@@ -137,7 +139,7 @@ class StallWatchdog:
         error = SourceStalledError(detail, source_id=self._report.name)
         self.stall = Stall(error, elapsed, detail)
         self._report.enter(HealthState.STALLED)
-        task.cancel()
+        task.cancel(error)  # the message: the session can tell a stall from a stop
         self._grace_timer = self._loop.call_later(_CANCEL_GRACE, self._warn_ignoring, task)
 
     def _warn_ignoring(self, task: asyncio.Task[None]) -> None:

@@ -72,6 +72,9 @@ class Source(abc.ABC):
     def __init__(self, source_id: str) -> None:
         self.source_id = source_id
         self._seq = 0
+        self.emit: Callable[..., None] | None = None
+        """Set by the pipeline that runs the source: ``emit(kind, **data)`` announces an
+        event of the source itself (the pipeline's ``source.<kind>``), on the event loop."""
 
     @property
     def paced(self) -> bool:

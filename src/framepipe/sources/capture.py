@@ -12,7 +12,11 @@ Its rules:
   elements the pipeline needs; what a stream sends is known only once GStreamer tries it, so
   a stream whose first gst-launch-1.0 fails before its first frame for want of a plug-in
   (``Missing decoder: MPEG-2 Transport Stream``: :func:`gst_cannot_play`) is captured with
-  ffmpeg from its next start on, with a warning saying why.
+  ffmpeg from its next start on, with a warning saying why. A stream gst-launch-1.0 hangs
+  on (opened, no frame, no exit: an MJPEG camera over HTTP, held in buffering) is tried with
+  ffmpeg for one session after three sessions in a row stalled before their first frame, and
+  captured with ffmpeg from then on when that session delivers a frame (see
+  :class:`~framepipe.sources.command.Fallback`).
   ``capture="gst"`` and ``capture="ffmpeg"`` force one (a clear error when it cannot run);
   ``capture="av"`` decodes with PyAV in this process.
 * A file is a recording: played once, its end (exit code 0) ends the stream. A stream URL and

@@ -32,7 +32,12 @@ Guarantees of one :meth:`CommandSource.frames` session:
   stderr its ``reason`` recognises (gst-launch-1.0 missing a plug-in for what the camera
   sends) switches the source to the fallback's command for good: a warning names the
   reason and the new command once, the session fails as any other (the supervisor restarts
-  it, now with the fallback).
+  it, now with the fallback). A command that hangs instead (``fallback.stalls`` sessions in
+  a row that the supervisor cancelled for a stall before their first frame, their process
+  still running: gst-launch-1.0 buffering an MJPEG camera over HTTP for good) is followed by
+  one session of the fallback's command: a frame from it keeps the fallback for good (a
+  warning and a ``capture_changed`` event by :attr:`~framepipe.sources.Source.emit`, once);
+  its end without a frame goes back to the source's own command, the stalls counted anew.
 * A session that follows one without a frame (a camera that is down, tried again) logs its
   start at debug level, not info: the supervisor's line per attempt says enough.
 * Bytes on stdout that are not frames raise :class:`~framepipe.errors.FrameError` naming the
@@ -64,7 +69,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from framepipe.errors import CaptureExitedError, FrameError, SourceError
+from framepipe.errors import CaptureExitedError, FrameError, SourceError, SourceStalledError
 from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.pipes import lines
@@ -209,10 +214,16 @@ class _JpegSplitter:
 @dataclass(frozen=True)
 class Fallback:
     """Another command for a source whose own command turns out unable to capture it:
-    ``reason(stderr_lines)`` says why (None: another failure, the command is kept)."""
+    ``reason(stderr_lines)`` says why (None: another failure, the command is kept).
+
+    A command may also hang on an input without failing: after ``stalls`` sessions in a row
+    of the source's own command that stalled before their first frame (cancelled by the
+    supervisor for a stall, :class:`~framepipe.errors.SourceStalledError`, their process
+    still running), the next session tries ``argv`` once; None: never."""
 
     argv: Sequence[str]
     reason: Callable[[Sequence[str]], str | None]
+    stalls: int | None = 3
 
 
 class CommandSource(Source):
@@ -299,6 +310,8 @@ class CommandSource(Source):
         if fallback is not None:
             check_command(list(fallback.argv), env, f"source {source_id}")
         self.fallback = fallback
+        self._stalls = 0  # sessions of the own command in a row that stalled before a frame
+        self._trying: list[str] | None = None  # the own command, while the fallback is tried
         self._proc: asyncio.subprocess.Process | None = None
         self._log = get_logger(source_id)
         self._quiet = False  # no frame since the latest session began: a start then says less
@@ -321,8 +334,11 @@ class CommandSource(Source):
         frame_bytes = (
             self._shape[0] * self._shape[1] * self._shape[2] if self.format == "rawvideo" else 0
         )
+        self._try_fallback()
         say = self._log.debug if self._quiet else self._log.info
         self._quiet = True  # until this session delivers a frame
+        framed = False
+        hung = False  # this session stalled before its first frame, its process running
         say("Starting persistent %s pipeline...", program_name(self.argv[0]))
         try:
             command = parent_death_command(self.argv, env)
@@ -336,6 +352,7 @@ class CommandSource(Source):
                 limit=max(1 << 20, frame_bytes),
             )
         except (OSError, ValueError) as exc:  # ValueError: argv or env changed since checked
+            self._unframed()
             raise SourceError(
                 f"cannot start capture command {self.describe()}: {safe_text(str(exc))}",
                 source_id=self.source_id,
@@ -359,6 +376,9 @@ class CommandSource(Source):
             else:
                 read = _RawReader(proc.stdout, self, self._shape).read
             while (picture := await read()) is not None:
+                if not framed:
+                    framed = True
+                    self._framed()
                 self._quiet = False
                 seq = self.next_seq()
                 yield Frame(
@@ -383,7 +403,6 @@ class CommandSource(Source):
                 exit_code=code,
                 stderr_tail=stderr_tail,
             )
-            framed = not self._quiet
             if not framed and code != 0 and self.invalid_input is not None:
                 problem = await asyncio.to_thread(self.invalid_input)
                 if problem is not None:
@@ -391,10 +410,20 @@ class CommandSource(Source):
                         f"{problem}; capture subprocess exited (exit code: {code}){last}",
                         source_id=self.source_id,
                     ) from exited_error
-            if not framed and code != 0:
+            if not framed and code != 0 and self._trying is None:
                 self._switch(tail)
             raise exited_error
+        except asyncio.CancelledError as exc:
+            stalled = any(isinstance(arg, SourceStalledError) for arg in exc.args)
+            if stalled and not framed and proc.returncode is None and self._trying is None:
+                self._stalls += 1
+                hung = True
+            raise
         finally:
+            if not framed and not hung:
+                self._stalls = 0  # the row of stalls is broken by any other end
+            if not framed:
+                self._unframed()
             unwatch()
             try:
                 await self._terminate(proc, exited)
@@ -404,6 +433,62 @@ class CommandSource(Source):
                 with contextlib.suppress(asyncio.CancelledError):
                     await stderr_task
                 self._proc = None
+
+    def _try_fallback(self) -> None:
+        """Run the fallback's command in this session when the own command stalled before
+        its first frame ``fallback.stalls`` sessions in a row."""
+        fallback = self.fallback
+        if fallback is None or fallback.stalls is None or self._stalls < fallback.stalls:
+            return
+        self._trying, self.argv = self.argv, [os.fspath(arg) for arg in fallback.argv]
+        self._quiet = False  # a new command: its start is said at info level
+        self._log.info(
+            "%s stalled before its first frame %d times in a row: trying %s once",
+            program_name(self._trying[0]),
+            self._stalls,
+            program_name(self.argv[0]),
+        )
+
+    def _framed(self) -> None:
+        """The session's first frame: a fallback on trial is kept for good."""
+        stalls, self._stalls = self._stalls, 0
+        own = self._trying
+        if own is None:
+            return
+        self._trying = None
+        self.fallback = None
+        self._log.warning(
+            "%s stalls on this source, %s delivers frames: capturing with %s from now on: %s",
+            program_name(own[0]),
+            program_name(self.argv[0]),
+            program_name(self.argv[0]),
+            self.describe(),
+        )
+        if self.emit is not None:
+            self.emit(
+                "capture_changed",
+                previous=program_name(own[0]),
+                capture=program_name(self.argv[0]),
+                reason=f"{program_name(own[0])} stalled before its first frame {stalls} times "
+                "in a row",
+                command=self.describe(),
+            )
+
+    def _unframed(self) -> None:
+        """The session ended without a frame: a fallback on trial gives way to the own
+        command again (its stalls counted anew)."""
+        own = self._trying
+        if own is None:
+            return
+        self._trying = None
+        self._stalls = 0
+        self._log.info(
+            "%s delivered no frame either: back to %s",
+            program_name(self.argv[0]),
+            program_name(own[0]),
+        )
+        self.argv = own
+        self._quiet = False
 
     def _switch(self, stderr: Sequence[str]) -> None:
         """Take the fallback's command for good when its ``reason`` recognises ``stderr``."""

@@ -144,6 +144,7 @@ class StreamPipeline:
         self._events = PipelineEvents(
             name, source.source_id, self.log, [on_event] if on_event else []
         )
+        source.emit = lambda kind, **data: self._events.emit(f"source.{kind}", **data)
         names = [s.label for s in [*self.stages, *self.sinks]]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline {name!r}: stage names must be unique, got {names}")
