@@ -17,8 +17,8 @@ import sqlalchemy as sa
 
 import worker_pipelines as wp
 from framepipe.backends.state import steps, workers
+from framepipe.jobs.counts import count_jobs
 from framepipe.jobs.models import ExecutionStatus
-from framepipe.jobs.records import count_jobs
 from test_jobs_workers import Cluster, broker, cluster_factory
 from waiting import wait_until
 

@@ -63,8 +63,8 @@ def test_importing_the_media_toolkit_or_the_package_loads_no_job_engine() -> Non
 
 _TABLES = {"events", "executions", "ledger", "step_deps", "steps", "workers", "metadata"}
 # The modules that hold the jobs' queries: the reads, the engine's batched writes, its hold on
-# an execution, cancelling, the monitoring counts, the workers' transitions, the recovery of dead
-# engines' executions and the ledger (see jobs/records.py).
+# an execution, cancelling, the monitoring counts, the workers' transitions (with their claims
+# and step graph), the recovery of dead engines' executions and the ledger (see jobs/records.py).
 _STORE_MODULES = {
     "jobs/records.py",
     "jobs/batches.py",
@@ -73,6 +73,8 @@ _STORE_MODULES = {
     "jobs/counts.py",
     "jobs/dispatch.py",
     "jobs/transitions.py",
+    "jobs/claims.py",
+    "jobs/step_graph.py",
     "jobs/leases.py",
     "jobs/recovery.py",
     "jobs/ledger.py",

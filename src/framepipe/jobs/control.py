@@ -6,9 +6,10 @@ import time
 
 from framepipe.backends.state import StateStore
 from framepipe.events import Event
+from framepipe.jobs.cancel_requests import cancel_or_flag
 from framepipe.jobs.dispatch import cancel as dispatch_cancel
-from framepipe.jobs.records import cancel_or_flag, find_execution
-from framepipe.jobs.transitions import MODE
+from framepipe.jobs.execution_row import MODE
+from framepipe.jobs.records import find_execution
 
 __all__ = ["request_cancel"]
 

@@ -39,6 +39,8 @@ from framepipe.backends.state import StateStore, executions, step_deps, steps
 from framepipe.backends.state.event_log import insert_events
 from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
 from framepipe.events import Event
+from framepipe.jobs.claims import claim_statement, held_by
+from framepipe.jobs.execution_row import MODE, RUNNING, ExecutionRow
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import find_execution
@@ -50,14 +52,7 @@ from framepipe.jobs.rounds import (
     Spawn,
 )
 from framepipe.jobs.rules import created_data, plan_step
-from framepipe.jobs.transitions import (
-    MODE,
-    RUNNING,
-    ExecutionRow,
-    Transaction,
-    claim_statement,
-    held_by,
-)
+from framepipe.jobs.transitions import Transaction
 from framepipe.untrusted import json_size
 
 __all__ = [
@@ -295,7 +290,7 @@ def claim(
     Not a durable commit: if the database loses it in a crash, the step is ready again and
     this attempt's later writes are fenced off. If another worker claimed the step again
     first, under the same attempt number, the step is that worker's: this one's writes are
-    fenced by its claim (:func:`~framepipe.jobs.transitions.held_by`), its next lease renewal
+    fenced by its claim (:func:`~framepipe.jobs.claims.held_by`), its next lease renewal
     fails and it stops the run (a run that ended before that has run twice, as a crash
     re-runs a step anyway). Claimed again by the same worker, the step is not started a
     second time there."""
@@ -410,7 +405,7 @@ def commit_round(
 ) -> RoundResult:
     """Commit a worker's round (spawns, progress, outcomes) in one transaction, fenced by
     attempt and, with ``worker`` (the worker that ran them), by that worker's claim
-    (:func:`~framepipe.jobs.transitions.held_by`); dependents of completed steps become ready
+    (:func:`~framepipe.jobs.claims.held_by`); dependents of completed steps become ready
     in the same transaction.
 
     With ``worker`` and ``take > 0``, up to ``take`` of the steps made ready are claimed by

@@ -42,21 +42,19 @@ from framepipe.errors import (
 )
 from framepipe.events import Event, EventBus
 from framepipe.jobs import dispatch
+from framepipe.jobs.batches import Batch, write_batch
 from framepipe.jobs.inputs import recorded_roots
 from framepipe.jobs.keys import canonical_json
 from framepipe.jobs.memory import ExecState
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
+from framepipe.jobs.ownership import give_back, take_over
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import (
-    Batch,
     execution_mode,
     execution_status,
     get_execution,
-    give_back,
     list_events,
     load_rows,
-    take_over,
-    write_batch,
 )
 from framepipe.jobs.recovery import recover_for
 from framepipe.jobs.rounds import Delivery

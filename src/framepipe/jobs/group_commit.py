@@ -31,8 +31,8 @@ import tenacity
 
 from framepipe.backends.state import StateStore
 from framepipe.events import Event, EventBus
+from framepipe.jobs.batches import Batch, write_batch
 from framepipe.jobs.memory import ExecState, StepState
-from framepipe.jobs.records import Batch, write_batch
 from framepipe.jobs.storable import brief_error
 from framepipe.jobs.transient import is_transient_store_error
 from framepipe.logs import get_logger

@@ -29,10 +29,12 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, steps, workers
 from framepipe.events import Event
+from framepipe.jobs.claims import held_by
+from framepipe.jobs.execution_row import MODE, RUNNING, ExecutionRow
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.rounds import Delivery
 from framepipe.jobs.rules import interrupted_status
-from framepipe.jobs.transitions import MODE, RUNNING, ExecutionRow, Transaction, held_by
+from framepipe.jobs.transitions import Transaction
 from framepipe.liveness import owner_is_dead, this_host
 
 __all__ = ["release_due", "renew", "sweep"]

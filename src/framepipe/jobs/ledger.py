@@ -232,7 +232,7 @@ class Ledger:
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Record ``identity`` as imported now (outside a step: committed at once)."""
-        from framepipe.jobs.records import Batch, write_batch
+        from framepipe.jobs.batches import Batch, write_batch
 
         write_batch(
             self.store,

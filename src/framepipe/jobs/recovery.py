@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from framepipe.backends.state import StateStore, executions, steps
 from framepipe.config import Settings
 from framepipe.events import Event
+from framepipe.jobs.batches import Batch, write_batch_in
 from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
-from framepipe.jobs.records import Batch, write_batch_in
 from framepipe.liveness import owner_is_dead
 
 __all__ = ["recover_for", "recover_orphans"]

@@ -39,12 +39,13 @@ from framepipe.backends.objects import ObjectStore, open_object_store
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 from framepipe.events import Event, EventBus
+from framepipe.jobs.cancel_requests import cancel_requested
 from framepipe.jobs.context import Progressed, Spawned, StepContext, StepMessage
 from framepipe.jobs.journal import Journal
 from framepipe.jobs.lifecycle import Lifecycle
 from framepipe.jobs.memory import ExecState, Finished, StepState
 from framepipe.jobs.models import ExecutionStatus, StepStatus
-from framepipe.jobs.records import cancel_requested, fail_refused
+from framepipe.jobs.ownership import fail_refused
 from framepipe.jobs.refusals import refusal_error
 from framepipe.jobs.rules import is_ready
 from framepipe.jobs.running import run_attempt, run_attempt_async

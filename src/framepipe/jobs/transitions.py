@@ -2,37 +2,45 @@
 
 A :class:`Transaction` locks the rows of the executions it changes (``SELECT ... FOR UPDATE``
 on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises all writers), applies the rules of
-:mod:`framepipe.jobs.rules` to them in SQL (insert steps, make them ready, claim, complete,
-fail, end an attempt, fail an execution, settle: complete it, release name dependencies or
-fail it as stuck) while keeping the execution's counters (:class:`ExecutionRow`), and saves
-the counters and the events with the rest. The operations that open these transactions are in
-:mod:`framepipe.jobs.dispatch`.
+:mod:`framepipe.jobs.rules` to them (insert steps, make them ready, claim, complete, fail, end
+an attempt, fail an execution, settle: complete it, release name dependencies or fail it as
+stuck) while keeping the execution's counters
+(:class:`~framepipe.jobs.execution_row.ExecutionRow`), and saves the counters and the events
+with the rest. The operations that open these transactions are in :mod:`framepipe.jobs.dispatch`;
+the queries of the step graph are in :mod:`framepipe.jobs.step_graph`, the claim and its fence
+in :mod:`framepipe.jobs.claims`.
 
-One concept, longer than most: each transition is a few statements of SQL on the same locked
-rows and counters, and they call one another (a completion releases dependents, a failure fails
-the execution, settle finishes it); spreading them over modules would spread that one lock
-discipline.
+Guarantees:
+
+* Every change to an execution's steps is made under its lock, with its counters changed in the
+  same transaction, so the counters never disagree with the steps' rows.
+* A running attempt's progress, completion and failure are written only while the attempt is
+  still held (:func:`~framepipe.jobs.claims.held_by`); a fenced one changes nothing.
+* The transitions call one another as one step leads to the next (a completion releases its
+  dependents, a failure fails the execution, settle finishes it), all on the same locked rows.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 
-from framepipe.backends.state import StateStore, executions, step_deps, steps
+from framepipe.backends.state import StateStore, executions, steps
 from framepipe.backends.state.event_log import insert_events
 from framepipe.events import Event
+from framepipe.jobs import step_graph
+from framepipe.jobs.batches import upsert_ledger
+from framepipe.jobs.claims import claim_statement, held_attempts, held_by
+from framepipe.jobs.execution_row import RUNNING, ExecutionRow
 from framepipe.jobs.models import ExecutionStatus, StepStatus
-from framepipe.jobs.records import upsert_ledger
 from framepipe.jobs.rounds import Claimed, Delivery, Outcome, ProgressUpdate
 from framepipe.jobs.rules import (
     StepPlan,
     after_failure,
-    execution_progress,
     failed_error,
     interrupted_status,
     is_ready,
@@ -41,12 +49,9 @@ from framepipe.jobs.rules import (
     stuck_error,
 )
 
-__all__ = ["MODE", "RUNNING", "ExecutionRow", "Transaction", "claim_statement", "held_by"]
+__all__ = ["Transaction"]
 
-MODE = "workers"
-"""The ``mode`` of an execution run by workers."""
-RUNNING = ExecutionStatus.RUNNING.value
-_CHUNK = 500
+_CHUNK = step_graph.CHUNK
 
 
 _complete_step = (
@@ -62,134 +67,6 @@ _complete_step = (
         finished_at=sa.bindparam("b_now"),
     )
 )
-
-
-def _crossed(before: int, after: int) -> bool:
-    """True when an execution's step count passed 256, 1024, 4096, ... (x4)."""
-    mark = 256
-    while mark <= after:
-        if before < mark:
-            return True
-        mark *= 4
-    return False
-
-
-def held_by(
-    execution_id: str, key: str, attempt: int, worker: str | None
-) -> tuple[sa.ColumnElement[bool], ...]:
-    """The rule every write of a running attempt is fenced by: the step still runs
-    ``attempt`` and, when the writer is named, under ``worker``'s claim.
-
-    The attempt number alone is not enough: a claim commits without waiting for the WAL
-    flush, so after a PostgreSQL crash that lost one, another worker can claim the step again
-    under the same number. The worker condition leaves the step to that second claimant: the
-    first one's lease renewal fails (it stops the run) and its outcome, progress and spawns
-    are discarded. When the same worker claims it again, the worker does not start a second
-    run of an attempt it runs (:class:`~framepipe.jobs.worker.Worker`)."""
-    rule = (
-        steps.c.execution_id == execution_id,
-        steps.c.key == key,
-        steps.c.attempt == attempt,
-        steps.c.status == StepStatus.RUNNING.value,
-    )
-    return rule if worker is None else (*rule, steps.c.worker == worker)
-
-
-def claim_statement(
-    execution_id: str, keys: Iterable[str], worker: str, lease: float, now: float
-) -> sa.Update:
-    """The claim of those ``keys`` of an execution that are still ``ready``, by ``worker``: a
-    new attempt, running with a lease until ``now + lease``; returns the claimed rows. Both
-    ways a worker claims (from the broker's deliveries, and in the commit that made them
-    ready) use it, with their own further conditions."""
-    return (
-        steps.update()
-        .where(
-            steps.c.execution_id == execution_id,
-            steps.c.key.in_(sorted(keys)),
-            steps.c.status == StepStatus.READY.value,
-        )
-        .values(
-            status=StepStatus.RUNNING.value,
-            attempt=steps.c.attempt + 1,
-            worker=worker,
-            lease_until=now + lease,
-            started_at=now,
-            message=None,
-            next_attempt_at=None,
-        )
-        .returning(
-            steps.c.execution_id,
-            steps.c.key,
-            steps.c.name,
-            steps.c.params,
-            steps.c.attempt,
-            steps.c.weight,
-            steps.c.progress,
-            steps.c.ready_at,
-        )
-    )
-
-
-class ExecutionRow:
-    """The locked row of one execution, with the counters a transaction changes."""
-
-    def __init__(self, row: Mapping[str, Any]) -> None:
-        self.id: str = row["id"]
-        self.pipeline: str = row["pipeline"]
-        self.status: str = row["status"]
-        self.unfinished: int = row["unfinished"]
-        self.active: int = row["active"]
-        self.wsum: float = row["wsum"]
-        self.wtotal: float = row["wtotal"]
-        self.next_seq: int = row["next_seq"]
-        self.next_done_seq: int = row["next_done_seq"]
-        self.progress: float = row["progress"]
-        self.error: str | None = row["error"]
-        self.finished_at: float | None = row["finished_at"]
-        self.started_at: float | None = row["started_at"]
-        self.pipeline_ref: str | None = row["pipeline_ref"]
-        self.inputs: dict[str, Any] = row["inputs"]
-        self.input_roots: list[str] | None = row["input_roots"]
-        self.stopping: str | None = row["stopping"]
-        self.traceparent: str | None = row["traceparent"]
-
-    @property
-    def running(self) -> bool:
-        """True while steps of the execution may start: running and not stopping."""
-        return self.status == RUNNING and self.stopping is None
-
-    @property
-    def cancelling(self) -> bool:
-        """True while the execution stops because it was cancelled."""
-        return self.stopping == ExecutionStatus.CANCELLED.value
-
-    def refresh_progress(self) -> float:
-        """The execution's progress from its counters (:func:`execution_progress`), kept."""
-        self.progress = execution_progress(
-            self.progress,
-            self.wsum,
-            self.wtotal,
-            completed=self.next_seq - self.unfinished,
-            total=self.next_seq,
-        )
-        return self.progress
-
-    def values(self) -> dict[str, Any]:
-        self.refresh_progress()
-        return {
-            "status": self.status,
-            "unfinished": self.unfinished,
-            "active": self.active,
-            "wsum": self.wsum,
-            "wtotal": self.wtotal,
-            "next_seq": self.next_seq,
-            "next_done_seq": self.next_done_seq,
-            "progress": self.progress,
-            "error": self.error,
-            "finished_at": self.finished_at,
-            "stopping": self.stopping,
-        }
 
 
 class Transaction:
@@ -236,7 +113,7 @@ class Transaction:
     def insert_steps(self, x: ExecutionRow, specs: Sequence[StepPlan], *, spawned: bool) -> None:
         keys = list(dict.fromkeys(s.key for s in specs))
         deps = {d for s in specs for d in s.key_deps}
-        statuses = self._statuses(x.id, list(dict.fromkeys([*keys, *deps])))
+        statuses = step_graph.statuses(self.conn, x.id, list(dict.fromkeys([*keys, *deps])))
         fresh: dict[str, StepPlan] = {}
         for s in specs:
             if s.key not in statuses and s.key not in fresh:
@@ -262,44 +139,12 @@ class Transaction:
                 status = StepStatus.READY
                 ready.append(s.key)
             rows.append(
-                {
-                    "execution_id": x.id,
-                    "key": s.key,
-                    "name": s.name,
-                    "params": s.params,
-                    "depends_on": s.deps,
-                    "spawned_by": s.spawned_by,
-                    "status": status.value,
-                    "weight": s.weight,
-                    "progress": 0.0,
-                    "message": None,
-                    "attempt": 0,
-                    "failures": 0,
-                    "crashes": 0,
-                    "output": None,
-                    "error": None,
-                    "seq": x.next_seq,
-                    "done_seq": None,
-                    "created_at": self.now,
-                    "ready_at": now if status is StepStatus.READY else None,
-                    "started_at": None,
-                    "finished_at": None,
-                    "next_attempt_at": None,
-                    "waiting": waiting,
-                    "lease_until": None,
-                    "worker": None,
-                    "published_at": now if status is StepStatus.READY else None,
-                }
+                step_graph.step_row(
+                    x.id, s, status, waiting=waiting, seq=x.next_seq, created_at=self.now, now=now
+                )
             )
             x.next_seq += 1
-            edges.extend(
-                {"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "key"}
-                for d in s.key_deps
-            )
-            edges.extend(
-                {"execution_id": x.id, "dep": d, "step_key": s.key, "kind": "name"}
-                for d in s.name_deps
-            )
+            edges.extend(step_graph.edges(x.id, s))
             if spawned:
                 self.emit(
                     "step.spawned",
@@ -312,34 +157,13 @@ class Transaction:
                         "spawned_by": s.spawned_by,
                     },
                 )
-        self.conn.execute(steps.insert(), rows)
-        if edges:
-            self.conn.execute(step_deps.insert(), edges)
-        if self.store.dialect == "postgresql" and _crossed(x.next_seq - len(rows), x.next_seq):
-            # A burst of new steps in a young table: without fresh statistics PostgreSQL
-            # plans key lookups as scans of the whole execution (autovacuum may take a
-            # minute to analyze), which makes every claim and completion O(steps).
-            self.conn.exec_driver_sql("ANALYZE fp_steps, fp_step_deps")
+        step_graph.insert(self.store, self.conn, rows, edges, steps_before=x.next_seq - len(rows))
         x.unfinished += len(rows)
         x.active += len(ready)
         x.wtotal += sum(r["weight"] for r in rows)
         self.ready.extend(Delivery(x.id, k) for k in ready)
         if missing:
             self.fail_execution(x, f"pipeline '{x.pipeline}': {missing[0]}")
-
-    def _statuses(self, execution_id: str, keys: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
-            found.update(
-                (r.key, r.status)
-                for r in self.conn.execute(
-                    sa.select(steps.c.key, steps.c.status).where(
-                        steps.c.execution_id == execution_id, steps.c.key.in_(chunk)
-                    )
-                )
-            )
-        return found
 
     def claim_ready(self, worker: str, take: int, lease: float) -> list[Claimed]:
         """Claim up to ``take`` of the steps this transaction made ready, for ``worker``."""
@@ -434,19 +258,7 @@ class Transaction:
         """Commit completions; return the fenced ones (not committed)."""
         if not done:
             return []
-        held: dict[tuple[str, int], float | None] = {}  # -> the attempt's start
-        keys = [o.key for o in done]
-        for i in range(0, len(keys), _CHUNK):
-            query = sa.select(steps.c.key, steps.c.attempt, steps.c.started_at).where(
-                steps.c.execution_id == x.id,
-                steps.c.key.in_(keys[i : i + _CHUNK]),
-                steps.c.status == StepStatus.RUNNING.value,
-            )
-            if self.holder is not None:
-                query = query.where(steps.c.worker == self.holder)
-            if self.store.dialect == "postgresql":
-                query = query.with_for_update()
-            held.update(((r.key, r.attempt), r.started_at) for r in self.conn.execute(query))
+        held = held_attempts(self.store, self.conn, x.id, [o.key for o in done], self.holder)
         # Under the execution's lock nothing else moves these rows off 'running' (claims take
         # only ready rows; sweeps lock the execution first), so the check above stands.
         ok = [o for o in done if (o.key, o.attempt) in held]
@@ -482,59 +294,9 @@ class Transaction:
                         "execution_progress": progress,
                     },
                 )
-            self._release_dependents(x, [o.key for o in ok])
+            finished = [o.key for o in ok]
+            self.make_ready(x, step_graph.count_down_dependents(self.conn, x.id, finished))
         return [o for o in done if (o.key, o.attempt) not in held]
-
-    def _release_dependents(self, x: ExecutionRow, finished: list[str]) -> None:
-        waiting: dict[str, int] = defaultdict(int)
-        with_names: set[str] = set()
-        dependent = step_deps.alias("dependent")
-        for i in range(0, len(finished), _CHUNK):
-            chunk = finished[i : i + _CHUNK]
-            # The dependents of these steps, and (in the same round trip) which of them also
-            # wait for every instance of some step name.
-            for r in self.conn.execute(
-                sa.select(step_deps.c.step_key, step_deps.c.kind).where(
-                    step_deps.c.execution_id == x.id,
-                    sa.or_(
-                        sa.and_(step_deps.c.kind == "key", step_deps.c.dep.in_(chunk)),
-                        sa.and_(
-                            step_deps.c.kind == "name",
-                            step_deps.c.step_key.in_(
-                                sa.select(dependent.c.step_key).where(
-                                    dependent.c.execution_id == x.id,
-                                    dependent.c.kind == "key",
-                                    dependent.c.dep.in_(chunk),
-                                )
-                            ),
-                        ),
-                    ),
-                )
-            ):
-                if r.kind == "key":
-                    waiting[r.step_key] += 1
-                else:
-                    with_names.add(r.step_key)
-        if not waiting:
-            return
-        by_count: dict[int, list[str]] = defaultdict(list)
-        for key, n in waiting.items():
-            by_count[n].append(key)
-        zero: list[str] = []
-        for n, keys in by_count.items():
-            for i in range(0, len(keys), _CHUNK):
-                zero.extend(
-                    r.key
-                    for r in self.conn.execute(
-                        steps.update()
-                        .where(steps.c.execution_id == x.id, steps.c.key.in_(keys[i : i + _CHUNK]))
-                        .values(waiting=steps.c.waiting - n)
-                        .returning(steps.c.key, steps.c.waiting, steps.c.status)
-                    )
-                    if r.waiting == 0 and r.status == StepStatus.PENDING.value
-                )
-        free = [k for k in zero if k not in with_names]
-        self.make_ready(x, free)
 
     def fail(self, x: ExecutionRow, o: Outcome) -> bool:
         """Commit a failed attempt (retry, or fail the execution); False if fenced. An attempt
@@ -706,50 +468,10 @@ class Transaction:
                 },
             )
             return
-        waiters: dict[str, list[str]] = defaultdict(list)
-        for r in self.conn.execute(
-            sa.select(step_deps.c.step_key, step_deps.c.dep)
-            .join(
-                steps,
-                sa.and_(
-                    steps.c.execution_id == step_deps.c.execution_id,
-                    steps.c.key == step_deps.c.step_key,
-                ),
-            )
-            .where(
-                step_deps.c.execution_id == x.id,
-                step_deps.c.kind == "name",
-                steps.c.status == StepStatus.PENDING.value,
-                steps.c.waiting == 0,
-            )
-        ):
-            waiters[r.step_key].append(r.dep)
-        names = {d for deps in waiters.values() for d in deps}
-        open_names = set()
-        if names:
-            open_names = {
-                r.name
-                for r in self.conn.execute(
-                    sa.select(steps.c.name)
-                    .where(
-                        steps.c.execution_id == x.id,
-                        steps.c.name.in_(names),
-                        steps.c.status != StepStatus.COMPLETED.value,
-                    )
-                    .distinct()
-                )
-            }
-        released = released_by_names(waiters, open_names)
+        released = released_by_names(*step_graph.name_waiters(self.conn, x.id))
         if released:
             self.make_ready(x, released)
             return
-        stuck = self.conn.execute(
-            sa.select(steps.c.key, steps.c.depends_on)
-            .where(steps.c.execution_id == x.id, steps.c.status == StepStatus.PENDING.value)
-            .order_by(steps.c.seq)
-            .limit(5)
-        ).all()
-        self.fail_execution(
-            x, stuck_error(x.pipeline, x.unfinished, [(r.key, r.depends_on) for r in stuck])
-        )
+        stuck = step_graph.first_pending(self.conn, x.id, limit=5)
+        self.fail_execution(x, stuck_error(x.pipeline, x.unfinished, stuck))
         self._finish_stopped(x)  # nothing runs

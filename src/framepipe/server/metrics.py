@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
-from framepipe.jobs.records import count_jobs
+from framepipe.jobs.counts import count_jobs
 from framepipe.logs import get_logger
 from framepipe.outage import cause
 from framepipe.stream.pipeline import StreamPipeline
