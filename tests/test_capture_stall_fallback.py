@@ -103,12 +103,7 @@ def test_after_three_stalls_the_source_keeps_ffmpeg_when_it_delivers_frames(
     source = capture_source(mjpeg_camera, "cam")
     assert isinstance(source, CommandSource) and source.argv[0] == "gst-launch-1.0"
     pipeline = StreamPipeline(
-        "cam",
-        source,
-        start_timeout=3,  # ffmpeg's first frame comes well within it, gst-launch's never
-        stall_timeout=10,
-        backoff=Backoff(0.05, 2, 0.2, 0),
-        max_restarts=None,
+        "cam", source, start_timeout=1.5, stall_timeout=10, backoff=Backoff(0.05, 2, 0.2, 0)
     )
     events: list[tuple[str, dict[str, Any]]] = []
     pipeline.on_event(lambda kind, data: events.append((kind, data)))
