@@ -5,8 +5,9 @@ A result entry whose ``result`` is not a JSON object (not JSON, not UTF-8, an ar
 ends the request it answers at once with an ``output`` error naming what was wrong, instead of
 leaving its caller waiting for the result timeout; a ``duration_ms`` that is not a number does
 not cost a good result. A registration whose heartbeat period is not a finite number is
-declared dead by the registry's ``heartbeat_timeout`` like one that gives none, and a client
-refuses such a period before it starts.
+declared dead by the registry's ``heartbeat_timeout`` like one that gives none, its id is taken
+over by a newcomer after three default periods (not watched forever), and a client refuses such
+a period before it starts.
 """
 
 from __future__ import annotations
@@ -179,3 +180,48 @@ def test_a_client_refuses_a_heartbeat_period_that_is_not_a_positive_number(perio
         Idle("idle", ["x"], health_check_interval=period, environ={})
     with pytest.raises(ValueError, match="health_interval and poll_interval must be positive"):
         Idle("idle", ["x"], poll_interval=period, environ={})
+
+
+@pytest.mark.slow
+def test_an_id_whose_record_has_a_heartbeat_period_that_is_not_finite_is_taken_over(
+    ns: str,
+) -> None:
+    """A record of the id, on another host, that never beats and says its period is infinite:
+    a client starting under the id takes it over after watching it for three default periods
+    and a second (16 s), instead of watching it forever."""
+
+    class Idle(ProcessorClient):
+        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+            return None
+
+    async def main() -> None:
+        redis = Redis.from_url(REDIS_URL)
+        keys = Keys(ns)
+        await register(
+            redis,
+            keys,
+            "held",
+            capabilities=["x"],
+            capacity=1,
+            stream=keys.frames("held"),
+            result_stream=f"{ns}results",
+            in_flight=0,
+            processed=0,
+            failed=0,
+            instance="another-process",
+        )
+        await redis.hset(
+            keys.proc("held"),
+            mapping={b"health_interval": b"inf", b"host": b"elsewhere", b"pid": b"4242"},
+        )
+        client = Idle("held", ["x"], redis_url=REDIS_URL, namespace=ns, environ={})
+        serving = asyncio.create_task(client.start())
+        try:
+            await asyncio.wait_for(client.wait_registered(), 40)
+            assert await redis.hget(keys.proc("held"), b"instance") == client._instance.encode()
+        finally:
+            await client.stop()
+            await asyncio.wait_for(serving, 30)
+            await redis.aclose()
+
+    asyncio.run(asyncio.wait_for(main(), 90))

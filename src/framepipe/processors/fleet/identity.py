@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, cast
 from framepipe.errors import ConfigError
 from framepipe.liveness import pid_gone, pid_namespace
 from framepipe.logs import ComponentLogger
-from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, text
+from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, as_period, text
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -82,10 +82,7 @@ async def claim(
         return  # an earlier life of this process
     if here and pid and pid_gone(pid):
         return
-    try:
-        period = max(0.1, float(record.get(b"health_interval") or 5.0))
-    except ValueError:
-        period = 5.0
+    period = max(0.1, as_period(record.get(b"health_interval"), 5.0))
     patience = 3.0 * period + 1.0
     seen = record.get(b"last_heartbeat")
     log.warning(

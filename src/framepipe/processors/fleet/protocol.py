@@ -191,6 +191,17 @@ def text(value: bytes | str | None) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def as_period(value: bytes | None, default: float) -> float:
+    """A record's period in seconds (``health_interval``); ``default`` when missing, not a
+    number, not finite or not positive (a record written by hand must not make its holder
+    immortal, nor keep a newcomer watching it forever)."""
+    try:
+        period = float(value) if value else default
+    except ValueError:
+        return default
+    return period if 0 < period < math.inf else default
+
+
 def as_int(value: bytes | None, default: int) -> int:
     """A field's value as an int; ``default`` when missing, empty or not a number."""
     try:

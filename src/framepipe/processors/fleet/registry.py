@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import math
 import os
 import socket
 import time
@@ -27,7 +26,14 @@ from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.breaker import CircuitBreaker, CircuitPolicy, CircuitState
 from framepipe.processors.fleet.identity import pid_namespace
 from framepipe.processors.fleet.outages import unavailable
-from framepipe.processors.fleet.protocol import GROUP, Keys, ProcessorState, as_int, text
+from framepipe.processors.fleet.protocol import (
+    GROUP,
+    Keys,
+    ProcessorState,
+    as_int,
+    as_period,
+    text,
+)
 from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import CLEANUP_LUA, HEARTBEAT_LUA
@@ -264,12 +270,7 @@ class Registration:
         self.expired = as_int(h.get(b"expired"), 0)
         self.pid = as_int(h.get(b"pid"), 0) or None
         self.host = text(h.get(b"host"))
-        try:
-            period = float(h.get(b"health_interval") or 0.0)
-        except ValueError:
-            period = 0.0
-        # (not a finite number: as if not said, else it would never be declared dead)
-        self.health_interval = max(0.0, period) if math.isfinite(period) else 0.0
+        self.health_interval = as_period(h.get(b"health_interval"), 0.0)
         hb = h.get(b"last_heartbeat")
         if hb != self.hb_value:
             self.hb_value = hb
