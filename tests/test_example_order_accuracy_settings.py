@@ -24,8 +24,8 @@ from framepipe.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "order_accuracy"
 sys.path.insert(0, str(EXAMPLE))
-from run import read_stations_file  # noqa: E402
 from station import build_station, parse_stations, station_source  # noqa: E402
+from stations_file import read_stations_file  # noqa: E402
 
 
 def run_example(

@@ -45,7 +45,8 @@ from typing import TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from orders import READERS, parse_stations, split_pairs
-from run import Stations, input_options, read_stations_file, selected_bucket_url
+from run import Stations, input_options, selected_bucket_url
+from stations_file import read_stations_file
 
 from framepipe.backoff import Backoff
 from framepipe.config import load_settings
