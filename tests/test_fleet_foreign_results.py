@@ -89,6 +89,35 @@ def frame() -> Frame:
     return Frame(image=np.zeros((16, 16, 3), np.uint8), source_id="cam", seq=1)
 
 
+async def register_by_hand(
+    redis: Redis, ns: str, processor_id: str, fields: dict[bytes, bytes], instance: str = ""
+) -> None:
+    """A record of ``processor_id`` (capability ``x``) with ``fields`` written over it, as a
+    hand or another language might leave it; nothing beats for it afterwards."""
+    keys = Keys(ns)
+    await register(
+        redis,
+        keys,
+        processor_id,
+        capabilities=["x"],
+        capacity=1,
+        stream=keys.frames(processor_id),
+        result_stream=f"{ns}results",
+        in_flight=0,
+        processed=0,
+        failed=0,
+        instance=instance,
+    )
+    await redis.hset(keys.proc(processor_id), mapping=fields)
+
+
+class Idle(ProcessorClient):
+    """A processor that answers nothing."""
+
+    async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
+        return None
+
+
 @pytest.mark.parametrize(
     ("result", "said"),
     [
@@ -139,20 +168,7 @@ def test_a_registration_whose_heartbeat_period_is_not_finite_is_declared_dead(
 ) -> None:
     async def main() -> None:
         redis = Redis.from_url(REDIS_URL)
-        keys = Keys(ns)
-        await register(
-            redis,
-            keys,
-            "stuck",
-            capabilities=["x"],
-            capacity=1,
-            stream=keys.frames("stuck"),
-            result_stream=f"{ns}results",
-            in_flight=0,
-            processed=0,
-            failed=0,
-        )
-        await redis.hset(keys.proc("stuck"), b"health_interval", period)  # and never beats
+        await register_by_hand(redis, ns, "stuck", {b"health_interval": period})
         try:
             async with ProcessorRegistry(REDIS_URL, ns, heartbeat_timeout=1.0) as registry:
                 await registry.wait_for_processor("x", timeout=15)
@@ -172,10 +188,6 @@ def test_a_registration_whose_heartbeat_period_is_not_finite_is_declared_dead(
 
 @pytest.mark.parametrize("period", [math.inf, math.nan, 0.0, -1.0])
 def test_a_client_refuses_a_heartbeat_period_that_is_not_a_positive_number(period: float) -> None:
-    class Idle(ProcessorClient):
-        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
-            return None
-
     with pytest.raises(ValueError, match="health_interval and poll_interval must be positive"):
         Idle("idle", ["x"], health_check_interval=period, environ={})
     with pytest.raises(ValueError, match="health_interval and poll_interval must be positive"):
@@ -190,35 +202,16 @@ def test_an_id_whose_record_has_a_heartbeat_period_that_is_not_finite_is_taken_o
     a client starting under the id takes it over after watching it for three default periods
     and a second (16 s), instead of watching it forever."""
 
-    class Idle(ProcessorClient):
-        async def process_frame(self, frame_data: dict[bytes, bytes]) -> dict[str, Any] | None:
-            return None
-
     async def main() -> None:
         redis = Redis.from_url(REDIS_URL)
-        keys = Keys(ns)
-        await register(
-            redis,
-            keys,
-            "held",
-            capabilities=["x"],
-            capacity=1,
-            stream=keys.frames("held"),
-            result_stream=f"{ns}results",
-            in_flight=0,
-            processed=0,
-            failed=0,
-            instance="another-process",
-        )
-        await redis.hset(
-            keys.proc("held"),
-            mapping={b"health_interval": b"inf", b"host": b"elsewhere", b"pid": b"4242"},
-        )
+        fields = {b"health_interval": b"inf", b"host": b"elsewhere", b"pid": b"4242"}
+        await register_by_hand(redis, ns, "held", fields, instance="another-process")
         client = Idle("held", ["x"], redis_url=REDIS_URL, namespace=ns, environ={})
         serving = asyncio.create_task(client.start())
         try:
             await asyncio.wait_for(client.wait_registered(), 40)
-            assert await redis.hget(keys.proc("held"), b"instance") == client._instance.encode()
+            record = Keys(ns).proc("held")
+            assert await redis.hget(record, b"instance") == client._instance.encode()
         finally:
             await client.stop()
             await asyncio.wait_for(serving, 30)
