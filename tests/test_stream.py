@@ -169,6 +169,35 @@ def tagger(orders: dict[range, str]) -> Any:
     return tag
 
 
+def test_an_order_open_at_a_stop_whose_drain_completes_is_completed_as_stopped(
+    tmp_path: Path,
+) -> None:
+    """A stop that drains every frame still says the open order was cut by the stop
+    (``"stopped"``), not by the end of a recording (``"end"``): a checking service tells an
+    order a Ctrl-C ended from one whose footage ended."""
+    store = LocalObjectStore(tmp_path / "objects")
+
+    async def main() -> Events:
+        pipeline = StreamPipeline(
+            "station_1",
+            PatternSource("station_1", fps=50),
+            stages=[Stage(tagger({range(1, 100_000): "ORDER_1"}))],
+            segmenter=Segmenter("order", timeout=30),
+            sinks=[FrameStore(store)],
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        await pipeline.start()
+        await wait_until_async("an open order", lambda: pipeline.open_segment is not None, 10)
+        await asyncio.wait_for(pipeline.stop(drain_timeout=30), 40)
+        assert pipeline.frames_out == pipeline.frames_captured  # the drain completed
+        return events
+
+    done = of(asyncio.run(main()), "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done] == [("ORDER_1", "stopped")]
+    assert len(done[0]["stored"]) == done[0]["frames"] > 0
+
+
 def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
     tags = tagger(
@@ -895,16 +924,16 @@ def test_a_sink_is_torn_down_after_its_segment_closed_returned() -> None:
     ]
     done = of(events, "segment.completed")
     assert [(d["segment_id"], d["reason"]) for d in done][:1] == [("ORDER_1", "key_changed")]
-    # ORDER_2: closed by the end of the stream the stop caused, or by the stop itself
-    assert [d["segment_id"] for d in done[1:]] == ["ORDER_2"]
-    assert done[1]["reason"] in ("end", "stopped")
+    # ORDER_2: closed by the stop (through the end of the stream it caused, or cut)
+    assert [(d["segment_id"], d["reason"]) for d in done[1:]] == [("ORDER_2", "stopped")]
 
 
 @pytest.mark.parametrize(
     ("sink_queue", "reason"),
     [
         (2, "stopped"),  # the segmenter still had frames and the end queued: the open segment
-        (64, "end"),  # it had closed the segment at the end; its marker was still in the sink
+        (64, "stopped"),  # it had closed the segment at the end the stop caused; its marker
+        # was still in the sink
     ],
 )
 def test_a_stop_that_cuts_the_drain_short_still_completes_the_segment(

@@ -304,6 +304,7 @@ class StreamPipeline:
         if run is None:
             return
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        self._segments.stopping = True
         if self.supervisor is not None:
             await self.supervisor.stop()
         if not run.over:

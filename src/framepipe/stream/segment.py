@@ -8,7 +8,7 @@ frames that follow (untagged ones too, while it is open), and closes when:
 * no keyed frame came for ``timeout`` seconds (``reason="timeout"``);
 * a frame with a different key arrives (``"key_changed"``; the new key opens a new segment);
 * it lasted ``max_duration`` seconds (``"max_duration"``);
-* the stream ends (``"end"``).
+* the stream ends (``"end"``), or the pipeline is stopped (``"stopped"``).
 
 Time is the wall clock by default (``clock="wall"``: live cameras; a timer closes a segment
 even when no frame comes; the timeout counts from when the last keyed frame reached the
@@ -53,6 +53,7 @@ the clock did not move on.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,8 +152,12 @@ class Segmenter:
         clock: Literal["wall", "stream"] = "wall",
         label: str = "segment",
     ) -> None:
-        if timeout <= 0:
-            raise ValueError(f"segment timeout must be > 0, got {timeout}")
+        if not (timeout > 0 and math.isfinite(timeout)):  # NaN compares false: never expired
+            raise ValueError(f"segment timeout must be a finite number > 0, got {timeout}")
+        if max_duration is not None and not (max_duration > 0 and math.isfinite(max_duration)):
+            raise ValueError(
+                f"segment max_duration must be a finite number > 0 or None, got {max_duration}"
+            )
         if clock not in ("wall", "stream"):
             raise ValueError(f"segment clock must be 'wall' or 'stream', got {clock!r}")
         self.clock = clock

@@ -15,16 +15,19 @@ Guarantees:
   latency kept, one log line) once its marker came out of the last sink, or when a stop cut
   its way short (:meth:`SegmentFlow.cut`, see :mod:`framepipe.stream.shutdown`). A sink's
   ``segment_closed`` runs in a thread of its own and is noted, so a stop never calls it twice.
-* The end of the stream closes every open segment (``reason="end"``) before it flows on.
+* The end of the stream closes every open segment before it flows on: ``reason="end"`` when
+  the stream ended by itself (a file played to its end), ``"stopped"`` when a stop ended it
+  (:attr:`SegmentFlow.stopping`), so an order cut by a stop is told from a recording's end.
 * With ``taken`` (the pipeline's sinks' :meth:`~framepipe.stream.sinks.Sink.segment_taken`),
   an id is asked about once, in a thread, before a frame could open a segment with it: an id
   an earlier run's frames hold in the store is not issued again (``ORDER_1`` of a restarted
   service is ``ORDER_1.2``, its frames apart). One question is in flight at a time, in a
   thread of its own. The frames wait for it only at a frame that opens a segment, and at
   most ``TAKEN_TIMEOUT`` seconds: an answer that does not come by then, or an error (the
-  store away), lets the id be used, logged as a warning once until an answer comes again. While that question is still unanswered, the ids of the next segments are
-  used without asking or waiting, so a store that does not answer holds the frames back
-  once, not at every order, and keeps one thread. The id a key's next segment would get
+  store away), lets the id be used, logged as a warning once until an answer comes again.
+  While that question is still unanswered, the ids of the next segments are used without
+  asking or waiting, so a store that does not answer holds the frames back once, not at
+  every order, and keeps one thread. The id a key's next segment would get
   (``ORDER_1.2``) is asked about in the background while its segment is open, so a segment
   that reopens has its id checked already; one that reopens before that answer came waits
   for it as a new key's segment does (``TAKEN_TIMEOUT`` counts from when a frame first
@@ -101,6 +104,9 @@ class SegmentFlow:
         self._taken: Taken | None = None
         self._unsure = False  # the last question about an id went unanswered
         self._asking: _Asking | None = None  # the question about an id in flight
+        self.stopping = False
+        """Set by the pipeline's stop: the end of this run's stream closes the open segments
+        with ``reason="stopped"``."""
 
     def new_run(self, segmenter: Segmenter | None, taken: Taken | None = None) -> None:
         """A run begins, segmented by ``segmenter`` (None: no segmenter); ``taken(frame,
@@ -109,6 +115,7 @@ class SegmentFlow:
         self._state = segmenter.state() if segmenter is not None else None
         self._closing = {}
         self._taken = taken
+        self.stopping = False
 
     async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
         """Ask ``taken`` about the id ``frame``'s key would get next, until one is free
@@ -209,7 +216,7 @@ class SegmentFlow:
         while True:
             item = await queue.get()
             if item is END:
-                await send(state.close_all("end"))
+                await send(state.close_all("stopped" if self.stopping else "end"))
                 self.open = None
                 await out(END)
                 return
