@@ -145,3 +145,22 @@ def test_a_frame_in_flight_when_the_clock_steps_forward_opens_a_segment_that_las
     deadline = state.deadline()
     assert deadline is not None and 4.0 < deadline - time.monotonic() <= 5.0
     assert state.expire(time.monotonic()) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_duration": float("nan")}, "max_duration"),
+        ({"max_duration": -1.0}, "max_duration"),
+    ],
+)
+def test_a_timeout_or_max_duration_that_is_not_a_finite_positive_number_is_refused(
+    settings: dict[str, float], named: str
+) -> None:
+    """A NaN timeout compares false with every age, so its order would never close: refused
+    at the start, naming the setting."""
+    with pytest.raises(ValueError, match=f"segment {named} must be a finite number > 0"):
+        Segmenter("order", **settings)
