@@ -50,7 +50,7 @@ from framepipe.snapshots import (
     snapshot_path,
 )
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.telemetry import metrics_registry, render
+from framepipe.telemetry import event_sink_metrics, metrics_registry, render
 
 __all__ = [
     "App",
@@ -97,12 +97,16 @@ class App:
         self._recoveries = Recoveries(
             self.log,
             self.emit,
-            lambda pipeline: not self._stopping and self._kept(pipeline),
+            lambda pipeline: (
+                not self._stopping
+                and self.pipelines.get(pipeline.name) is pipeline
+                and pipeline.name not in self.paused
+            ),
             lambda: self.max_restart_attempts,
         )
         self.restart_attempts = self._recoveries.attempts
         """Each pipeline's recoveries in a row (forgotten once it ran healthy)."""
-        self._reports = SnapshotWriter(self.settings, self.name, self.log)
+        self._reports = SnapshotWriter(self.log)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.paused: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -421,7 +425,7 @@ class App:
             self.state,
             self.pipelines,
             self.paused,
-            self.registry,
+            event_sink_metrics(self.registry).sinks,
             performance_threshold=self.performance_threshold,
             last_error=self.last_error,
             started_at=self.started_at,
@@ -449,7 +453,8 @@ class App:
         return snapshot_path(self.settings, self.name)
 
     def _write_snapshot(self) -> None:
-        self._reports.write(self.snapshot_path, self.health(), self.pipelines)
+        folder = preview_dir(self.settings, self.name)
+        self._reports.write(self.snapshot_path, self.health(), folder, self.pipelines)
 
 
 _RUNNING = frozenset((SystemState.STARTING, SystemState.RUNNING, SystemState.DEGRADED))

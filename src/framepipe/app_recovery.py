@@ -14,14 +14,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from framepipe.health import HealthState
 from framepipe.logs import ComponentLogger
-from framepipe.stream.pipeline import StreamPipeline
 from framepipe.supervise import Supervisor
 
-__all__ = ["Recoveries"]
+__all__ = ["RecoveredPipeline", "Recoveries"]
+
+
+class RecoveredPipeline(Protocol):
+    """What this module reads of a pipeline
+    (:class:`~framepipe.stream.pipeline.StreamPipeline`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def supervisor(self) -> Supervisor | None: ...
+    @property
+    def healthy_after(self) -> float: ...
+    @property
+    def running(self) -> bool: ...
+    @property
+    def source_down(self) -> bool: ...
+    @property
+    def state(self) -> HealthState: ...
 
 
 class _HealthyWatch(NamedTuple):
@@ -44,7 +61,7 @@ class Recoveries:
         self,
         log: ComponentLogger,
         emit: Callable[[str, dict[str, Any]], None],
-        kept: Callable[[StreamPipeline], bool],
+        kept: Callable[[RecoveredPipeline], bool],
         budget: Callable[[], int],
     ) -> None:
         self.attempts: dict[str, int] = {}
@@ -67,7 +84,7 @@ class Recoveries:
         for name in list(self._healthy):
             self.unwatch(name)
 
-    def watch(self, pipeline: StreamPipeline | None) -> None:
+    def watch(self, pipeline: RecoveredPipeline | None) -> None:
         """A session of ``pipeline``'s capture delivered its first frame: if the pipeline was
         recovered, its recoveries are forgotten once that run has gone on
         ``pipeline.healthy_after`` seconds without a failure (see the module)."""
@@ -89,7 +106,7 @@ class Recoveries:
         if watch is not None:
             watch.timer.cancel()
 
-    def _on_healthy(self, pipeline: StreamPipeline, run: tuple[Supervisor, int]) -> None:
+    def _on_healthy(self, pipeline: RecoveredPipeline, run: tuple[Supervisor, int]) -> None:
         """``healthy_after`` seconds after the first frame of a recovered pipeline's run: if
         that run still goes on, its recoveries are forgotten."""
         name = pipeline.name

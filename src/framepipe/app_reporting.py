@@ -14,24 +14,38 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry
+from typing import Any, Protocol
 
 from framepipe.app_health import AppHealth, SystemState
-from framepipe.config import Settings
 from framepipe.errors import FramepipeError
 from framepipe.health import HealthState
 from framepipe.liveness import this_host
 from framepipe.logs import ComponentLogger
-from framepipe.snapshots import PREVIEW_QUALITY, preview_dir, preview_file_name, preview_jpeg
+from framepipe.snapshots import PREVIEW_QUALITY, preview_file_name, preview_jpeg
 from framepipe.stream.pipeline import StreamPipeline
-from framepipe.telemetry import event_sink_metrics
 from framepipe.urls import safe_json
 
-__all__ = ["SnapshotWriter", "app_health", "performance_warnings"]
+__all__ = ["SinkCounts", "SnapshotWriter", "app_health", "performance_warnings"]
+
+
+class SinkCounts(Protocol):
+    """What an app's health reads of an attached event sink (a part of
+    :class:`~framepipe.telemetry.EventSinkCounts`)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def failing_since(self) -> float | None: ...
 
 
 def app_health(
@@ -39,15 +53,14 @@ def app_health(
     state: SystemState,
     pipelines: Mapping[str, StreamPipeline],
     paused: set[str],
-    registry: CollectorRegistry,
+    event_sinks: Iterable[SinkCounts],
     *,
     performance_threshold: float,
     last_error: str | None,
     started_at: float | None,
 ) -> AppHealth:
     """The health of an app named ``name`` in ``state`` running ``pipelines`` (those in
-    ``paused`` reported ``stopped``), with the event sinks attached to its metrics
-    ``registry``."""
+    ``paused`` reported ``stopped``), with the counts of the ``event_sinks`` attached to it."""
     statuses = {n: p.health() for n, p in pipelines.items()}
     for n in paused & statuses.keys():
         statuses[n]["state"] = "stopped"
@@ -63,7 +76,7 @@ def app_health(
             "pending": sink.pending,
             "failing_since": sink.failing_since,
         }
-        for sink in event_sink_metrics(registry).sinks
+        for sink in event_sinks
     ]
     sink_failing = any(s["failing_since"] is not None for s in sinks)
     if state is SystemState.RUNNING and failed:
@@ -104,12 +117,10 @@ def performance_warnings(
 
 
 class SnapshotWriter:
-    """Writes the health snapshot of the app named ``name`` and its pipelines' previews, and
-    remembers the frame each preview shows."""
+    """Writes an app's health snapshot and its pipelines' previews, and remembers the frame
+    each preview shows."""
 
-    def __init__(self, settings: Settings, name: str, log: ComponentLogger) -> None:
-        self._settings = settings
-        self._name = name
+    def __init__(self, log: ComponentLogger) -> None:
         self._log = log
         self.previewed: dict[str, Any] = {}
         """The frame each pipeline's preview shows, by pipeline name."""
@@ -119,13 +130,18 @@ class SnapshotWriter:
         the same name gets its preview written afresh."""
         self.previewed.pop(name, None)
 
-    def write(self, path: Path, health: AppHealth, pipelines: Mapping[str, StreamPipeline]) -> None:
-        """Write ``health`` to ``path``, then the previews of ``pipelines``."""
+    def write(
+        self,
+        path: Path,
+        health: AppHealth,
+        folder: Path,
+        pipelines: Mapping[str, StreamPipeline],
+    ) -> None:
+        """Write ``health`` to ``path``, then the previews of ``pipelines`` into ``folder``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(safe_json(health.to_dict()), default=str))
         os.replace(tmp, path)
-        folder = preview_dir(self._settings, self._name)
         for name, pipeline in pipelines.items():
             try:
                 self._write_preview(folder, name, pipeline)
