@@ -15,7 +15,8 @@ import pytest
 
 from framepipe.backoff import Backoff
 from framepipe.sources import CommandSource
-from framepipe.sources.capture import _gst_has, capture_source, gst_cannot_play
+from framepipe.sources.capture import _gst_has, capture_source
+from framepipe.sources.stderr_lines import gst_cannot_play
 from media import need_tool
 from test_capture_failures import said, supervise
 from waiting import free_port

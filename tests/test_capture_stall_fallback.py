@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 
 from framepipe.backoff import Backoff
+from framepipe.errors import SourceStalledError
 from framepipe.sources import CommandSource
 from framepipe.sources.capture import capture_source
+from framepipe.sources.command import Fallback
 from framepipe.stream import StreamPipeline
 from framepipe.supervise import Supervisor, SupervisorContext
 from media import need_tool
@@ -103,7 +105,12 @@ def test_after_three_stalls_the_source_keeps_ffmpeg_when_it_delivers_frames(
     source = capture_source(mjpeg_camera, "cam")
     assert isinstance(source, CommandSource) and source.argv[0] == "gst-launch-1.0"
     pipeline = StreamPipeline(
-        "cam", source, start_timeout=1.5, stall_timeout=10, backoff=Backoff(0.05, 2, 0.2, 0)
+        "cam",
+        source,
+        start_timeout=3,  # ffmpeg's first frame comes well within it, gst-launch's never
+        stall_timeout=10,
+        backoff=Backoff(0.05, 2, 0.2, 0),
+        max_restarts=None,
     )
     events: list[tuple[str, dict[str, Any]]] = []
     pipeline.on_event(lambda kind, data: events.append((kind, data)))
@@ -181,3 +188,46 @@ def test_a_trial_of_ffmpeg_without_a_frame_goes_back_to_gst_launch() -> None:
         asyncio.run(main())
     assert programs[:6] == ["gst-launch-1.0"] * 3 + ["ffmpeg"] + ["gst-launch-1.0"] * 2
     assert source.argv == gst and source.fallback is not None
+
+
+async def _stalled_session(source: CommandSource) -> None:
+    """One session of ``source`` cancelled by a stall (as the watchdog does) once started."""
+    started = asyncio.Event()
+    session = source.frames(started=lambda _pid: started.set())
+    first = asyncio.ensure_future(session.__anext__())
+    await asyncio.wait_for(started.wait(), 10)
+    first.cancel(SourceStalledError("no first frame within 1s", source_id="cam"))
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    await session.aclose()
+
+
+async def _session_stopped_while_starting(source: CommandSource) -> None:
+    """One session of ``source`` cancelled (a stop) while its process is being started."""
+    session = source.frames()
+    first = asyncio.ensure_future(session.__anext__())
+    await asyncio.sleep(0)  # the session runs up to its first await: the start
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    await session.aclose()
+
+
+def test_a_trial_stopped_while_it_starts_keeps_the_own_command() -> None:
+    """A stop that lands while the fallback's trial session starts gives the source its own
+    command back: the next trial (after 3 more stalls) is the fallback's again, and its own
+    command is never replaced by the fallback's for good."""
+    own, fallback = ["sleep", "1000"], ["sleep", "999"]
+
+    async def main() -> None:
+        source = CommandSource(own, "cam", fallback=Fallback(fallback, lambda _lines: None))
+        for _ in range(3):
+            await _stalled_session(source)
+        await _session_stopped_while_starting(source)  # the trial, stopped as it starts
+        assert source.argv == own
+        for _ in range(3):
+            await _stalled_session(source)
+        await _stalled_session(source)  # a trial of the fallback again, stalled too
+        assert source.argv == own  # back to the own command after the trial
+
+    asyncio.run(main())

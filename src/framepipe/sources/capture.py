@@ -73,7 +73,7 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -88,6 +88,8 @@ from framepipe.sources.base import Source, check_decode_threads, decoder_threads
 from framepipe.sources.command import CommandSource, Fallback
 from framepipe.sources.devices import is_device
 from framepipe.sources.files import unreadable_video
+from framepipe.sources.stderr_lines import gst_cannot_play
+from framepipe.sources.url_schemes import gst_schemes, unread_scheme
 from framepipe.urls import safe_url
 
 __all__ = [
@@ -266,7 +268,7 @@ def gst_problem(spec: str, *, fps: float | None = None, device: bool = False) ->
         scheme = match.group(1).lower()
         if scheme.startswith("rtsp"):
             return None if _gst_has("rtspsrc") else "GStreamer has no rtspsrc element"
-        if scheme not in _gst_schemes():
+        if scheme not in gst_schemes():
             return f"GStreamer has no source for {scheme}:// URLs"
         return None
     if device:
@@ -276,20 +278,6 @@ def gst_problem(spec: str, *, fps: float | None = None, device: bool = False) ->
     except OSError as exc:
         return f"cannot read {spec}: {exc.strerror}"
     return _probe_file(str(Path(spec).resolve()), st.st_size, st.st_mtime_ns)
-
-
-_GST_MISSING = ("missing a plug-in", "missing decoder", "missing element", "no suitable plugins")
-
-
-def gst_cannot_play(stderr: Sequence[str]) -> str | None:
-    """What gst-launch-1.0's ``stderr`` says it lacks to play its input (a decoder, a demuxer
-    for what a stream sends: ``Missing decoder: MPEG-2 Transport Stream ...``), or None when it
-    failed for another reason (the camera away)."""
-    found = [line.strip() for line in stderr if any(m in line.lower() for m in _GST_MISSING)]
-    if not found:
-        return None
-    precise = [line for line in found if line.lower().startswith(("missing", "no suitable"))]
-    return (precise or found)[-1]
 
 
 @functools.cache
@@ -304,27 +292,6 @@ def _gst_has(element: str) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
-
-
-@functools.cache
-def _gst_schemes() -> frozenset[str]:
-    """The URI schemes that a GStreamer source element reads."""
-    try:
-        done = subprocess.run(
-            ["gst-inspect-1.0", "--uri-handlers"],
-            capture_output=True,
-            check=False,
-            text=True,
-            timeout=_PROBE_SECONDS,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return frozenset()
-    schemes: set[str] = set()
-    for line in done.stdout.splitlines():
-        element, sep, protocols = line.partition(":")
-        if sep and "(read" in element:
-            schemes.update(p.strip().lower() for p in protocols.split(","))
-    return frozenset(schemes)
 
 
 @functools.lru_cache(maxsize=256)
@@ -383,6 +350,8 @@ def capture_source(
         check_spec(path, f"source {source_id}")  # its percent-escapes decoded
         spec = path
     url = is_stream_url(spec)
+    if url and capture != "av" and (unread := unread_scheme(spec, gst=capture == "auto")):
+        raise ConfigError(f"source {source_id}: {unread}")
     device = not url and is_device(spec)
     live = url or device  # a stream or a camera: every end of it is a death
     if not live and not Path(spec).is_file():

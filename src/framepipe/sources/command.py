@@ -65,11 +65,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass
 from typing import Literal
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-
-from framepipe.errors import CaptureExitedError, FrameError, SourceError, SourceStalledError
+from framepipe.errors import CaptureExitedError, SourceError, SourceStalledError
 from framepipe.frames import Frame, JpegPicture, now_ms
 from framepipe.logs import get_logger
 from framepipe.pipes import lines
@@ -81,134 +77,13 @@ from framepipe.sources.child import (
     program_name,
     watch_exit,
 )
+from framepipe.sources.stderr_lines import telling_line
+from framepipe.sources.stdout_frames import BYTES_PER_PIXEL, Image, MjpegReader, RawReader
 from framepipe.urls import safe_text
 
 __all__ = ["CommandSource", "Fallback", "parent_death_command"]
 
-Image = npt.NDArray[np.uint8]
-
-_SOI = b"\xff\xd8"
-_EOI = b"\xff\xd9"
-_SOS = 0xDA
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: markers without a length
-_BYTES_PER_PIXEL = {"bgr24": 3, "rgb24": 3, "gray": 1}
 _TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
-
-
-class _JpegSplitter:
-    """Splits a byte stream of concatenated JPEG images, across reads.
-
-    Markers are walked by their lengths up to the start of scan, so a thumbnail (an SOI/EOI
-    pair inside an APP segment) does not cut a frame; the frame ends at the first EOI after the
-    scan data. Bytes outside frames are skipped and counted as garbage.
-    """
-
-    def __init__(self, max_frame_bytes: int, max_garbage_bytes: int) -> None:
-        self.max_frame_bytes = max_frame_bytes
-        self.max_garbage_bytes = max_garbage_bytes
-        self.buf = bytearray()
-        self.offset = 0  # stream offset of buf[0]
-        self.garbage = 0  # bytes skipped since the last frame
-        self.garbage_offset = 0  # stream offset of the first of them
-        self.garbage_sample = b""
-        self._pos: int | None = None  # marker walk position while buf starts with SOI
-        self._scan: int | None = None  # where to look for EOI once in the scan data
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """The complete JPEG frames (stream offset, bytes) that ``data`` completes."""
-        self.buf += data
-        frames: list[tuple[int, bytes]] = []
-        while True:
-            if self._pos is None and not self._find_soi():
-                break
-            end = self._find_end()
-            if end is None:
-                break
-            if end < 0:  # not a JPEG after all: skip its SOI and look again
-                self._skip(2)
-                continue
-            frames.append((self.offset, bytes(self.buf[:end])))
-            del self.buf[:end]
-            self.offset += end
-            self.garbage = 0
-            self._pos = self._scan = None
-        if len(self.buf) > self.max_frame_bytes:
-            raise FrameError(
-                f"a JPEG frame at stdout offset {self.offset} is larger than "
-                f"max_frame_bytes={self.max_frame_bytes} without its end marker"
-            )
-        if self.garbage > self.max_garbage_bytes:
-            raise FrameError(
-                f"stdout is not an MJPEG stream: {self.garbage} bytes from offset "
-                f"{self.garbage_offset} hold no JPEG frame "
-                f"(they start with {self.garbage_sample!r})"
-            )
-        return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes held back (an incomplete frame)."""
-        return len(self.buf)
-
-    def _find_soi(self) -> bool:
-        index = self.buf.find(_SOI)
-        if index < 0:  # keep a last 0xFF: it may be the first half of a split SOI
-            self._skip(len(self.buf) - 1 if self.buf.endswith(b"\xff") else len(self.buf))
-            return False
-        self._skip(index)
-        self._pos = 2
-        return True
-
-    def _skip(self, count: int) -> None:
-        if count <= 0:
-            return
-        if self.garbage == 0:
-            self.garbage_offset = self.offset
-            self.garbage_sample = bytes(self.buf[:24])
-        self.garbage += count
-        del self.buf[:count]
-        self.offset += count
-        self._pos = self._scan = None
-
-    def _find_end(self) -> int | None:
-        """End index of the frame at buf[0]; None: need more data; -1: not a JPEG."""
-        buf = self.buf
-        if self._scan is None:
-            pos = self._pos or 2
-            while True:
-                while (
-                    pos < len(buf)
-                    and buf[pos] == 0xFF
-                    and pos + 1 < len(buf)
-                    and buf[pos + 1] == 0xFF
-                ):
-                    pos += 1  # fill bytes
-                if pos + 2 > len(buf):
-                    self._pos = pos
-                    return None
-                if buf[pos] != 0xFF:
-                    return -1
-                marker = buf[pos + 1]
-                if marker in _STANDALONE:
-                    pos += 2
-                    continue
-                if marker in (0x00, 0xD8, 0xD9):  # stuffing, SOI again, EOI before any scan
-                    return -1
-                if pos + 4 > len(buf):
-                    self._pos = pos
-                    return None
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                if length < 2:
-                    return -1
-                pos += 2 + length
-                if marker == _SOS:
-                    self._scan = pos
-                    break
-        index = buf.find(_EOI, self._scan)
-        if index < 0:
-            self._scan = max(self._scan, len(buf) - 1)
-            return None
-        return index + 2
 
 
 @dataclass(frozen=True)
@@ -293,12 +168,12 @@ class CommandSource(Source):
         if format == "rawvideo":
             if not width or not height or width < 1 or height < 1:
                 raise ValueError("format='rawvideo' needs width and height")
-            if pix_fmt not in _BYTES_PER_PIXEL:
+            if pix_fmt not in BYTES_PER_PIXEL:
                 raise ValueError(
-                    f"pix_fmt must be one of {sorted(_BYTES_PER_PIXEL)}, not {pix_fmt!r}"
+                    f"pix_fmt must be one of {sorted(BYTES_PER_PIXEL)}, not {pix_fmt!r}"
                 )
         self.format = format
-        self._shape = (height or 0, width or 0, _BYTES_PER_PIXEL.get(pix_fmt, 3))
+        self._shape = (height or 0, width or 0, BYTES_PER_PIXEL.get(pix_fmt, 3))
         self.width = width
         self.height = height
         self.pix_fmt = pix_fmt
@@ -357,6 +232,9 @@ class CommandSource(Source):
                 f"cannot start capture command {self.describe()}: {safe_text(str(exc))}",
                 source_id=self.source_id,
             ) from exc
+        except BaseException:  # a stop during the start: a fallback on trial gives way again
+            self._unframed()
+            raise
         assert proc.stdout is not None
         assert proc.stderr is not None
         self._proc = proc
@@ -372,9 +250,15 @@ class CommandSource(Source):
                 started(proc.pid)
             read: Callable[[], Awaitable[Image | JpegPicture | None]]
             if self.format == "mjpeg":
-                read = _MjpegReader(proc.stdout, self).read
+                read = MjpegReader(
+                    proc.stdout,
+                    self.source_id,
+                    self._log,
+                    max_frame_bytes=self.max_frame_bytes,
+                    max_garbage_bytes=self.max_garbage_bytes,
+                ).read
             else:
-                read = _RawReader(proc.stdout, self, self._shape).read
+                read = RawReader(proc.stdout, self._log, self._shape, self.pix_fmt).read
             while (picture := await read()) is not None:
                 if not framed:
                     framed = True
@@ -396,7 +280,8 @@ class CommandSource(Source):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(stderr_task), 1.0)
             stderr_tail = "\n".join(tail)
-            last = f"; stderr: {tail[-1]}" if tail else ""
+            told = telling_line(tail)
+            last = f"; stderr: {told}" if told is not None else ""
             exited_error = CaptureExitedError(
                 f"capture subprocess exited (exit code: {code}){last}",
                 source_id=self.source_id,
@@ -438,6 +323,8 @@ class CommandSource(Source):
         """Run the fallback's command in this session when the own command stalled before
         its first frame ``fallback.stalls`` sessions in a row."""
         fallback = self.fallback
+        if self._trying is not None:  # on trial already: the own command is kept in _trying
+            return
         if fallback is None or fallback.stalls is None or self._stalls < fallback.stalls:
             return
         self._trying, self.argv = self.argv, [os.fspath(arg) for arg in fallback.argv]
@@ -558,67 +445,6 @@ class CommandSource(Source):
             if line := safe_text(text.rstrip()):
                 tail.append(line)
                 self._log.debug("stderr: %s", line)
-
-
-class _MjpegReader:
-    def __init__(self, stdout: asyncio.StreamReader, source: CommandSource) -> None:
-        self.stdout = stdout
-        self.source = source
-        self.splitter = _JpegSplitter(source.max_frame_bytes, source.max_garbage_bytes)
-        self.ready: deque[tuple[int, bytes]] = deque()
-
-    async def read(self) -> JpegPicture | None:
-        """The next JPEG picture (its header checked; decoded when a stage asks for pixels),
-        or None at the end of stdout."""
-        while not self.ready:
-            chunk = await self.stdout.read(1 << 20)
-            if not chunk:
-                if self.splitter.pending:
-                    self.source._log.debug(
-                        "stdout ended inside a frame (%d bytes dropped)", self.splitter.pending
-                    )
-                return None
-            try:
-                self.ready.extend(self.splitter.feed(chunk))
-            except FrameError as exc:
-                raise FrameError(str(exc), source_id=self.source.source_id) from None
-        offset, data = self.ready.popleft()
-        try:
-            return JpegPicture(data)
-        except FrameError as exc:
-            raise FrameError(
-                f"the JPEG frame at stdout offset {offset} ({len(data)} bytes) "
-                f"does not decode: {exc}",
-                source_id=self.source.source_id,
-            ) from exc
-
-
-class _RawReader:
-    def __init__(
-        self, stdout: asyncio.StreamReader, source: CommandSource, shape: tuple[int, int, int]
-    ) -> None:
-        self.stdout = stdout
-        self.source = source
-        self.shape = shape
-        self.frame_bytes = shape[0] * shape[1] * shape[2]
-
-    async def read(self) -> Image | None:
-        """The next frame converted to BGR, or None at the end of stdout."""
-        try:
-            data = await self.stdout.readexactly(self.frame_bytes)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                self.source._log.debug(
-                    "stdout ended inside a frame (%d of %d bytes)",
-                    len(exc.partial),
-                    self.frame_bytes,
-                )
-            return None
-        pixels = np.frombuffer(data, np.uint8).reshape(self.shape)
-        if self.source.pix_fmt == "bgr24":
-            return pixels.copy()  # writable, like every other frame's image
-        code = cv2.COLOR_RGB2BGR if self.source.pix_fmt == "rgb24" else cv2.COLOR_GRAY2BGR
-        return np.asarray(cv2.cvtColor(pixels, code), dtype=np.uint8)
 
 
 async def _discard(stream: asyncio.StreamReader) -> None:
