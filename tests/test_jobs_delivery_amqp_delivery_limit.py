@@ -20,7 +20,7 @@ import pytest
 from brokers import broker_namespace
 from framepipe.jobs.delivery import Delivery, Received, amqp_consuming, open_delivery
 from framepipe.jobs.delivery.amqp import AmqpDelivery
-from framepipe.jobs.delivery.amqp_consuming import policy_target
+from framepipe.jobs.delivery.amqp_consuming import policy_command, policy_target
 from framepipe.jobs.delivery.amqp_wire import Taken, delivery_count
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -166,3 +166,31 @@ def test_the_policy_said_applies_to_the_queue(
 def test_the_policy_said_targets_what_the_server_knows(version: str | None, target: str) -> None:
     # --apply-to quorum_queues came with RabbitMQ 3.12; older servers refuse it.
     assert policy_target(version) == target
+
+
+@pytest.mark.parametrize(
+    ("queue", "vhost"),
+    [
+        ("framepipe.steps", "/"),
+        ("team's steps (prod)", "/"),
+        ("framepipe.steps", "prod vhost"),
+        ("a$b|c", "x'y"),
+    ],
+)
+def test_the_policy_command_names_the_virtual_host_and_survives_any_queue_name(
+    queue: str, vhost: str
+) -> None:
+    """The command said is pasted into a shell: a queue or virtual host name with quotes,
+    spaces or regular-expression characters still gives one policy on that queue of that
+    virtual host (a policy set on ``/`` does nothing for a queue of another one)."""
+    command = shlex.split(policy_command(queue, vhost, "4.1.0"))
+    assert command[:2] == ["rabbitmqctl", "set_policy"]
+    if vhost == "/":
+        assert "-p" not in command
+        name, pattern, definition, *rest = command[2:]
+    else:
+        assert command[2:4] == ["-p", vhost]
+        name, pattern, definition, *rest = command[4:]
+    assert name == "framepipe-steps" and rest == ["--apply-to", "quorum_queues"]
+    assert re.fullmatch(pattern, queue) and not re.fullmatch(pattern, queue + "x")
+    assert json.loads(definition) == {"delivery-limit": 1000}

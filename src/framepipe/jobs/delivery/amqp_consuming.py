@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shlex
 import threading
 import time
 from collections import deque
@@ -62,6 +63,7 @@ from framepipe.jobs.delivery.amqp_wire import (
     server_version,
     settle_message,
     tag_of,
+    vhost_of,
 )
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
@@ -81,6 +83,26 @@ _REGEX_SPECIAL = re.compile(r"([.^$*+?()\[\]{}|\\])")
 def prefetch_of(window: int, size: int = BATCH) -> int:
     """The messages of ``size`` steps that hold a claim window of ``window`` steps."""
     return max(1, -(-window // max(1, size)))
+
+
+def policy_command(queue: str, vhost: str, version: str | None) -> str:
+    """The ``rabbitmqctl set_policy`` that raises the delivery limit of quorum queue ``queue``
+    of virtual host ``vhost`` on RabbitMQ ``version``, quoted for a shell (a queue name or a
+    virtual host may hold any character)."""
+    vhost_args = [] if vhost == "/" else ["-p", vhost]
+    pattern = "^" + _REGEX_SPECIAL.sub(r"\\\1", queue) + "$"
+    return shlex.join(
+        [
+            "rabbitmqctl",
+            "set_policy",
+            *vhost_args,
+            "framepipe-steps",
+            pattern,
+            '{"delivery-limit": 1000}',
+            "--apply-to",
+            policy_target(version),
+        ]
+    )
 
 
 def policy_target(version: str | None) -> str:
@@ -243,14 +265,12 @@ class Consuming:
             "(x-delivery-count)%s; RabbitMQ 4.x drops a message past the queue's delivery "
             "limit (20 unless a policy sets it; dead-lettered instead if the queue has a "
             "dead-letter exchange) and its steps then wait for the sweep to publish them "
-            "again. Raise the limit with a policy: rabbitmqctl set_policy framepipe-steps "
-            "'^%s$' '{\"delivery-limit\": 1000}' --apply-to %s",
+            "again. Raise the limit with a policy: %s",
             self.link.safe_url,
             self.queue,
             count,
             f" on RabbitMQ {version}" if version else "",
-            _REGEX_SPECIAL.sub(r"\\\1", self.queue),
-            policy_target(version),
+            policy_command(self.queue, vhost_of(self.link.url), version),
         )
 
     def _on_channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:

@@ -91,7 +91,7 @@ class Link:
             if _refused_open(exc):
                 raise BrokerError(
                     f"job broker {self.safe_url}: RabbitMQ refused to open the connection: "
-                    f"the virtual host {_vhost(self.url)!r} does not exist, or user "
+                    f"the virtual host {vhost_of(self.url)!r} does not exist, or user "
                     f"{make_url(self.url).user or 'guest'!r} may not use it",
                     url=self.safe_url,
                 ) from exc
@@ -261,7 +261,7 @@ def _refused_open(exc: BaseException) -> bool:
     return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)
 
 
-def _vhost(url: str) -> str:
+def vhost_of(url: str) -> str:
     """The virtual host an AMQP URL names (``/`` when its path is empty)."""
     path = make_url(url).path
     return path[1:] if len(path) > 1 else "/"
