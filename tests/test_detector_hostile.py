@@ -142,7 +142,7 @@ def test_a_malformed_hello_is_refused_with_the_field_and_leaves_no_detector(
         assert where in answer["detail"]
         assert closed_with(ws) == 1008
     assert detectors(server) == []
-    assert hub._connections == {} and hub._owners == {}  # nothing was registered
+    assert hub._connections.by_id == {} and hub._book.owners == {}  # nothing was registered
 
 
 def test_hello_that_is_not_json_or_binary_is_refused_with_a_close_frame(
@@ -269,12 +269,12 @@ def test_api_detectors_never_fails_on_what_is_stored(hub_server: tuple[Server, A
             json.dumps({"type": "detector:sd_inserted", "session_id": "weird", "label": "fine"})
         )
         # recorded (no answer comes: the example's handler says nothing)
-        wait_until("the session to be recorded", lambda: "weird" in hub._sessions)
+        wait_until("the session to be recorded", lambda: "weird" in hub._book.open)
         planted = threading.Event()
 
         def plant() -> None:  # as if stored before the boundary checks existed
-            hub._sessions["weird"]["label"] = "\ud800"
-            hub._connections["robust"].hello["hostname"] = "x\udc80"
+            hub._book.open["weird"]["label"] = "\ud800"
+            hub._connections.by_id["robust"].hello["hostname"] = "x\udc80"
             planted.set()
 
         hub._loop.call_soon_threadsafe(plant)
@@ -885,7 +885,7 @@ def test_the_hub_speaks_only_the_vocabulary_an_application_registers(tmp_path: P
         assert seen == [40]
         listed = detectors(server)
         assert listed[0]["sessions"] == [{"session_id": "t1", "name": "A4", "notes": "low"}]
-        assert hub._sessions.keys() == {"t1"}  # t2 (unknown type) was not recorded
+        assert hub._book.open.keys() == {"t1"}  # t2 (unknown type) was not recorded
         with connect(server) as other:
             assert hello(other, "other")["type"] == "detector:welcome"
             other.send(json.dumps({"type": "done", "session_id": "t1"}))

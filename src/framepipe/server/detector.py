@@ -51,18 +51,16 @@ service) or from any thread with :meth:`DetectorHub.request_sync`. Steps find th
 their service with :func:`get_hub` from the id the hub gave them (``hub.id``).
 
 Workers. When the service sends steps to ``framepipe worker`` processes over Redis, the hub
-also relays: a step on a worker gets a :class:`RemoteDetectorHub` from :func:`get_hub`, which
-pushes its request to the list ``{namespace}:detector:{hub_id}:requests``; the service takes it,
-makes the request here and pushes progress and the answer (or the error, with its class) to a
-reply list of that request (kept 10 minutes). The service keeps ``...:alive`` set (5 s expiry)
-to a token new at each of its starts while it runs, so a worker asking a stopped service, or
-one whose request a service that restarted since may have taken and lost, fails at once with
-:class:`DetectorUnavailableError` instead of waiting (see
-:mod:`framepipe.server.detector_relay`).
+also relays: a step on a worker gets a :class:`RemoteDetectorHub` from :func:`get_hub`, whose
+requests the service makes here, and which fails at once with :class:`DetectorUnavailableError`
+when the service is stopped or restarted since (see :mod:`framepipe.server.detector_relay`).
 
-At over 500 lines the module is still one concept, the hub's state: its connections, who owns
-which session and the waiting requests change together (under one condition, on one loop), and
-each guarantee above is about all three at once.
+The hub's state is its connections, who owns which session and the waiting requests, changed
+together on one loop. This module carries requests and routes what detectors send; the
+connections are :mod:`framepipe.server.detector_connections`, the ownership of sessions and
+their metadata :mod:`framepipe.server.detector_sessions`, a waiting request and its ending
+:mod:`framepipe.server.detector_requests`, the registered types
+:mod:`framepipe.server.detector_message_types`.
 """
 
 from __future__ import annotations
@@ -70,23 +68,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from framepipe.config import Settings, load_settings
-from framepipe.errors import DetectorError, DetectorUnavailableError
+from framepipe.errors import DetectorUnavailableError
 from framepipe.logs import get_logger
 from framepipe.redis import is_redis_url
+from framepipe.server.detector_connections import Connections
 from framepipe.server.detector_endpoint import (
     DetectorConnection,
     mount_detector,
     serve_detector,
 )
+from framepipe.server.detector_message_types import MessageTypes, handle
 from framepipe.server.detector_messages import (
     DEFAULT_MAX_METADATA_BYTES,
     HUB_MESSAGE_TYPES,
@@ -99,7 +97,15 @@ from framepipe.server.detector_messages import (
     not_yours,
 )
 from framepipe.server.detector_relay import ProgressCallback, Relay, RemoteDetectorHub
-from framepipe.untrusted import json_size
+from framepipe.server.detector_requests import (
+    PendingRequest,
+    ask,
+    fail_all,
+    fail_on,
+    misdirected,
+    unmatched,
+)
+from framepipe.server.detector_sessions import SessionBook
 
 if TYPE_CHECKING:
     from fastapi import WebSocket
@@ -144,19 +150,6 @@ def get_hub(hub_id: str, settings: Settings | None = None) -> DetectorHub | Remo
     return RemoteDetectorHub(hub_id, settings.broker_url, settings.broker_namespace)
 
 
-@dataclass
-class _Pending:
-    future: asyncio.Future[dict[str, Any]]
-    session_id: str
-    connection: DetectorConnection
-    what: str
-    on_progress: ProgressCallback | None
-
-    @property
-    def detector_id(self) -> str:
-        return self.connection.detector_id
-
-
 class DetectorHub:
     """Tracks the connected detectors and the sessions they own; carries requests to them.
 
@@ -192,13 +185,10 @@ class DetectorHub:
         self.max_sessions = max_sessions
         self.session_metadata = session_metadata
         self.max_metadata_bytes = max_metadata_bytes
-        self._types: dict[str, Registration] = {}
-        self._connections: dict[str, DetectorConnection] = {}
-        self._owners: dict[str, str] = {}  # session -> detector id (kept after a removal)
-        self._owned: dict[str, dict[str, None]] = {}  # detector id -> its sessions, oldest first
-        self._sessions: dict[str, dict[str, Any]] = {}  # session -> id, metadata (not ended)
-        self._pending: dict[str, _Pending] = {}
-        self._changed: asyncio.Condition | None = None
+        self._book = SessionBook(self, not_yours)
+        self._types = MessageTypes()
+        self._connections: Connections[DetectorConnection] = Connections()
+        self._pending: dict[str, PendingRequest] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: JobEngine | None = None
         self.store: StateStore | None = None
@@ -221,19 +211,7 @@ class DetectorHub:
         ``handler``, if given. One registration per type. Raises :class:`ValueError` for a
         type registered already, one of the hub's own (:data:`HUB_MESSAGE_TYPES`), an unknown
         role, or a handler for an ``answer`` or ``progress`` (those go to their request)."""
-        if not isinstance(message_type, str) or not message_type:
-            raise ValueError(f"a message type is a non-empty string, not {message_type!r}")
-        if message_type in HUB_MESSAGE_TYPES:
-            raise ValueError(f"{message_type!r} is the hub's own message type")
-        if message_type in self._types:
-            raise ValueError(f"message type {message_type!r} is registered already")
-        if role not in MESSAGE_ROLES:
-            raise ValueError(f"role must be one of {', '.join(MESSAGE_ROLES)}, not {role!r}")
-        if handler is not None and role in ("answer", "progress"):
-            raise ValueError(
-                f"{message_type!r} ({role}) goes to the request it answers; it takes no handler"
-            )
-        self._types[message_type] = Registration(model, handler, role)
+        self._types.register(message_type, model, handler, role)
 
     def on(self, message_type: str, handler: Handler) -> None:
         """Call ``handler`` for every message of ``message_type``: shorthand for
@@ -242,7 +220,7 @@ class DetectorHub:
 
     def message_types(self) -> dict[str, MessageRole]:
         """The registered message types and their roles."""
-        return {name: registered.role for name, registered in sorted(self._types.items())}
+        return self._types.roles()
 
     async def start(
         self, engine: JobEngine, store: StateStore, settings: Settings | None = None
@@ -253,7 +231,7 @@ class DetectorHub:
         self._engine = engine
         self.store = store
         self._loop = asyncio.get_running_loop()
-        self._changed = asyncio.Condition()
+        self._connections.bind()
         if settings is not None and settings.distributed_jobs and is_redis_url(settings.broker_url):
             self._relay = Relay(self, settings.broker_url, settings.broker_namespace)
             await self._relay.start()
@@ -269,68 +247,26 @@ class DetectorHub:
         if self._relay is not None:
             await self._relay.stop()
             self._relay = None
-        for pending in list(self._pending.values()):
-            if not pending.future.done():
-                pending.future.set_exception(
-                    DetectorUnavailableError(
-                        f"the service is shutting down while waiting for {pending.what}",
-                        detector_id=pending.detector_id,
-                        session_id=pending.session_id,
-                    )
-                )
-        self._pending.clear()
-        for conn in list(self._connections.values()):
-            conn.closed.set()
-            with contextlib.suppress(Exception):
-                await conn.websocket.close(code=1001)
-        self._connections.clear()
+        fail_all(self._pending)
+        await self._connections.close_all()
 
     # -- what is connected ----------------------------------------------------------------
 
     def detectors(self) -> list[dict[str, Any]]:
         """The connected detectors, each with the sessions it owns (cards not removed)."""
-        out = []
-        for conn in self._connections.values():
-            sessions = [
-                self._sessions[s]
-                for s in self._owned.get(conn.detector_id, ())
-                if s in self._sessions
-            ]
-            out.append({**conn.describe(), "sessions": sessions})
-        return out
+        return [
+            {**conn.describe(), "sessions": self._book.open_of(conn.detector_id)}
+            for conn in self._connections.by_id.values()
+        ]
 
     def owner(self, session_id: str) -> str | None:
         """The id of the detector owning ``session_id`` (connected or not), or None."""
-        return self._owners.get(session_id)
+        return self._book.owner(session_id)
 
     def is_connected(self, detector_id: str) -> bool:
-        return detector_id in self._connections
+        return detector_id in self._connections.by_id
 
     # -- requests ---------------------------------------------------------------------------
-
-    async def _connection_for(self, session_id: str, wait: float) -> DetectorConnection:
-        assert self._changed is not None
-        deadline = time.monotonic() + wait
-        async with self._changed:
-            while True:
-                owner = self._owners.get(session_id)
-                conn = self._connections.get(owner) if owner is not None else None
-                if conn is not None and not conn.closed.is_set():
-                    return conn
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    if owner is None:
-                        raise DetectorUnavailableError(
-                            f"no connected detector owns session {session_id!r}",
-                            session_id=session_id,
-                        )
-                    raise DetectorUnavailableError(
-                        f"not connected (waited {wait:g}s for it to come back)",
-                        detector_id=owner,
-                        session_id=session_id,
-                    )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
 
     async def request(
         self,
@@ -367,23 +303,10 @@ class DetectorHub:
         timeout = self.request_timeout if answer_timeout is None else answer_timeout
         what = what or str(message.get("type"))
         started = time.monotonic()
-        conn = await self._connection_for(session_id, min(self.reconnect_wait, timeout))
-        request_id = uuid.uuid4().hex
-        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._pending[request_id] = _Pending(future, session_id, conn, what, on_progress)
-        try:
-            await conn.send({**message, "request_id": request_id, "session_id": session_id})
-            left = max(0.0, timeout - (time.monotonic() - started))
-            try:
-                return await asyncio.wait_for(future, left)
-            except TimeoutError:
-                raise DetectorError(
-                    f"no answer to {what} within {timeout:g}s",
-                    detector_id=conn.detector_id,
-                    session_id=session_id,
-                ) from None
-        finally:
-            self._pending.pop(request_id, None)
+        wait = min(self.reconnect_wait, timeout)
+        conn = await self._connections.wait_for(session_id, self._book.owner, wait)
+        pending = self._pending
+        return await ask(pending, conn, session_id, message, what, on_progress, started, timeout)
 
     def request_sync(
         self,
@@ -415,8 +338,7 @@ class DetectorHub:
             return await asyncio.wrap_future(
                 asyncio.run_coroutine_threadsafe(self.send(session_id, message), self._loop)
             )
-        owner = self._owners.get(session_id)
-        conn = self._connections.get(owner) if owner is not None else None
+        conn = self._connections.get(self._book.owner(session_id))
         if conn is None:
             return False
         try:
@@ -459,19 +381,19 @@ class DetectorHub:
             await self._drop(old, "replaced by a newer connection of the same detector")
             with contextlib.suppress(Exception):
                 await old.websocket.close(code=1000, reason="replaced")
-        self._connections[conn.detector_id] = conn
+        self._connections.by_id[conn.detector_id] = conn
         refused = [
-            self._claim(conn, session_id, fields, f"hello.sessions[{n}]")
+            self._book.claim(conn.detector_id, session_id, fields, f"hello.sessions[{n}]")
             for n, (session_id, fields) in enumerate(sessions)
         ]
-        await self._notify()
+        await self._connections.changed()
         return [problem for problem in refused if problem is not None]
 
     async def _detach(self, conn: DetectorConnection) -> None:
         """Forget ``conn`` unless a newer connection replaced it, failing the requests waiting
         on it; the endpoint calls this on every way out of a connection."""
         if self._connections.get(conn.detector_id) is conn:
-            del self._connections[conn.detector_id]
+            del self._connections.by_id[conn.detector_id]
             await self._drop(conn, "disconnected")
         conn.closed.set()
 
@@ -479,65 +401,10 @@ class DetectorHub:
         """How messages of ``message_type`` are handled; None for a type not registered."""
         return self._types.get(message_type)
 
-    def _claim(
-        self, conn: DetectorConnection, session_id: str, fields: Mapping[str, Any], where: str
-    ) -> dict[str, Any] | None:
-        """Make ``session_id`` (already checked) the session of ``conn``'s detector and record
-        its metadata ``fields`` (checked, from ``where``); the ``error`` message to send instead
-        when it belongs to another detector, this one owns too many, or the session's metadata
-        would grow past ``max_metadata_bytes``. Nothing changes when it is refused."""
-        owner = self._owners.get(session_id)
-        if owner is not None and owner != conn.detector_id:
-            return not_yours(session_id)
-        known = self._sessions.get(session_id, {"session_id": session_id})
-        if fields:
-            merged = {k: v for k, v in {**known, **fields}.items() if k != "session_id"}
-            size = json_size(merged)
-            if size > self.max_metadata_bytes:
-                return {
-                    "type": "error",
-                    "session_id": session_id,
-                    "field": where,
-                    "detail": f"{where}: the session's metadata would be {size} bytes of "
-                    f"JSON; at most {self.max_metadata_bytes}",
-                }
-        if owner is None:
-            owned = self._owned.setdefault(conn.detector_id, {})
-            if len(owned) >= self.max_sessions:
-                ended = next((s for s in owned if s not in self._sessions), None)
-                if ended is None:
-                    return {
-                        "type": "error",
-                        "session_id": session_id,
-                        "field": "session_id",
-                        "detail": f"this detector already has {self.max_sessions} sessions "
-                        "announced and not ended; session refused",
-                    }
-                del owned[ended]
-                del self._owners[ended]
-            owned[session_id] = None
-            self._owners[session_id] = conn.detector_id
-        self._sessions.setdefault(session_id, known).update(fields)
-        return None
-
-    async def _notify(self) -> None:
-        if self._changed is not None:
-            async with self._changed:
-                self._changed.notify_all()
-
     async def _drop(self, conn: DetectorConnection, why: str) -> None:
         conn.closed.set()
-        for request_id, pending in list(self._pending.items()):
-            if pending.connection is conn and not pending.future.done():
-                pending.future.set_exception(
-                    DetectorUnavailableError(
-                        f"{why} while the backend waited for {pending.what}",
-                        detector_id=conn.detector_id,
-                        session_id=pending.session_id,
-                    )
-                )
-                self._pending.pop(request_id, None)
-        await self._notify()
+        fail_on(self._pending, conn, why)
+        await self._connections.changed()
 
     async def _route(
         self,
@@ -556,85 +423,26 @@ class DetectorHub:
         request_id = message.get("request_id")
         pending = self._pending.get(request_id) if isinstance(request_id, str) else None
         if pending is not None and pending.connection is not conn:
-            await conn.send(
-                {
-                    "type": "error",
-                    "field": "request_id",
-                    "detail": f"request {request_id!r} was sent to another detector "
-                    "or connection; this answer is ignored",
-                }
-            )
+            await conn.send(misdirected(request_id))
             return
         role = registered.role
-        if session_id is not None and not await self._may_use(conn, session_id, role, fields, kind):
-            return
+        if session_id is not None:  # its detector's session, or one it claims now
+            problem, new = self._book.check_use(conn.detector_id, session_id, role, fields)
+            if new:
+                await self._connections.changed()
+            if problem is not None:
+                await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
+                return
         if role in ("answer", "progress"):
-            await self._answered(conn, kind, role, message, pending, request_id)
+            if pending is not None:
+                pending.report(role, message)
+            elif not isinstance(request_id, str):
+                await conn.send(unmatched(kind))
+            # else the answer to a request nobody waits for any more (timed out, retried)
             return
         if role == "end" and session_id is not None:
-            self._sessions.pop(session_id, None)
-        if registered.handler is None:
-            return
-        try:
-            await registered.handler(DetectorMessage(self, conn, message, parsed))
-        except DetectorUnavailableError:
-            raise
-        except Exception as exc:
-            _log.exception("handler of %s from detector %s failed", kind, conn.detector_id)
-            await conn.send(
-                {"type": "error", "detail": f"{kind} failed: {exc}", "session_id": session_id}
+            self._book.end(session_id)
+        if registered.handler is not None:
+            await handle(
+                registered.handler, DetectorMessage(self, conn, message, parsed), session_id
             )
-
-    async def _may_use(
-        self,
-        conn: DetectorConnection,
-        session_id: str,
-        role: str,
-        fields: dict[str, Any],
-        kind: str,
-    ) -> bool:
-        """Whether ``conn`` may send a ``kind`` message about ``session_id``: it owns the
-        session, or claims it now. An ``end`` claims nothing, nor does an answer or a progress
-        report about a session that is not open (one that ended: a late answer to a request
-        of a removed card does not bring the session back). A refusal is sent back."""
-        if role == "end" or (role in ("answer", "progress") and session_id not in self._sessions):
-            owner = self._owners.get(session_id)
-            problem = None if owner in (None, conn.detector_id) else not_yours(session_id)
-        else:
-            was_new = session_id not in self._owners
-            problem = self._claim(conn, session_id, fields, "message")
-            if problem is None and was_new:
-                await self._notify()
-        if problem is not None:
-            await conn.send({**problem, "detail": f"{kind}: {problem['detail']}"})
-        return problem is None
-
-    async def _answered(
-        self,
-        conn: DetectorConnection,
-        kind: str,
-        role: str,
-        message: dict[str, Any],
-        pending: _Pending | None,
-        request_id: object,
-    ) -> None:
-        """An answer or a progress report to the request ``request_id`` (``pending``)."""
-        if pending is None:
-            if not isinstance(request_id, str):
-                await conn.send(
-                    {
-                        "type": "error",
-                        "field": "message.request_id",
-                        "detail": f"{kind} answers a request: it needs the "
-                        "request_id of that request",
-                    }
-                )
-            return  # the answer to a request nobody waits for any more (timed out, retried)
-        if role == "progress":
-            if pending.on_progress is not None:
-                try:
-                    pending.on_progress(message)
-                except Exception as exc:  # e.g. the step was cancelled: stop reporting
-                    _log.debug("progress callback of %s raised %r", pending.what, exc)
-        elif not pending.future.done():
-            pending.future.set_result(message)
