@@ -34,7 +34,7 @@ from typing import Any
 
 from framepipe.app_events import Callback, Callbacks
 from framepipe.app_health import AppHealth, SystemState
-from framepipe.app_recovery import Recoveries
+from framepipe.app_recovery import RecoveredPipeline, Recoveries
 from framepipe.app_reporting import SnapshotWriter, app_health, performance_warnings
 from framepipe.app_starts import Starts
 from framepipe.config import Settings, load_settings
@@ -97,11 +97,7 @@ class App:
         self._recoveries = Recoveries(
             self.log,
             self.emit,
-            lambda pipeline: (
-                not self._stopping
-                and self.pipelines.get(pipeline.name) is pipeline
-                and pipeline.name not in self.paused
-            ),
+            self._kept,
             lambda: self.max_restart_attempts,
         )
         self.restart_attempts = self._recoveries.attempts
@@ -244,7 +240,7 @@ class App:
     async def _start_and_watch(self, pipeline: StreamPipeline) -> None:
         await self._start_pipeline(pipeline, "pipeline %r failed to start")
         # else the stop(), remove() or pause() under way stops it
-        if not self._stopping and self._kept(pipeline):
+        if self._kept(pipeline):
             self._watchers[pipeline.name] = asyncio.create_task(
                 self._watch(pipeline), name=f"watch-{pipeline.name}"
             )
@@ -258,9 +254,10 @@ class App:
             return False
         return True
 
-    def _kept(self, pipeline: StreamPipeline) -> bool:
-        """The pipeline is still this app's and not paused."""
-        return self.pipelines.get(pipeline.name) is pipeline and pipeline.name not in self.paused
+    def _kept(self, pipeline: RecoveredPipeline) -> bool:
+        """The app is not stopping, the pipeline is still this app's and not paused."""
+        mine = self.pipelines.get(pipeline.name) is pipeline
+        return mine and not self._stopping and pipeline.name not in self.paused
 
     async def _watch(self, pipeline: StreamPipeline) -> None:
         """Wait for a pipeline's end; recover it if it failed."""
