@@ -71,35 +71,30 @@ yet.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import inspect
 import json
 import logging
-import os
-import platform
 import signal
-import socket
-import stat
 import sys
 import threading
-import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from sd_cards import Card, Listing, as_text, card_id_of, card_label, is_junction, list_card
+from detector_copies import card_for, copy_reply, log_copied, not_inserted, progress_reporter
+from detector_messages import hello as detector_hello
+from detector_messages import note_message, read_message
+from detector_options import parse_args, refusal_reason
+from sd_cards import Card, Listing, as_text, card_id_of, card_label, list_card
 from sd_copy import CopyAborted, copy_file
+from sd_roots import Seen, card_roots
 from shared_root import SharedFolderError, check_shared
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from framepipe.confined import (
-    FolderIdentity,
-    folder_identity,
-)
 from framepipe.urls import safe_url
 
 __all__ = ["Card", "Detector", "card_id_of", "card_label", "copy_file", "list_card"]
@@ -108,14 +103,6 @@ log = logging.getLogger("sd_detector")
 
 
 # -- the process -----------------------------------------------------------------------------
-
-
-class _Seen(NamedTuple):
-    """A card's root as a poll saw it: its identity and whether it is in a ``--watch``
-    folder (see :class:`Card`)."""
-
-    identity: FolderIdentity
-    watched: bool
 
 
 class Detector:
@@ -158,27 +145,10 @@ class Detector:
 
     # watching
 
-    def _roots(self) -> dict[Path, _Seen]:
-        """The cards now, each with its folder's identity: each subfolder of a ``--watch``
-        folder that is a folder itself (announced once it holds a video), not a link to one
-        (checked without following it: a link planted in the watch folder is never a card,
-        wherever it points; it is named in a warning once), and each ``--card`` folder (the
-        operator's own path, a link or not) while it holds files."""
-        roots: dict[Path, _Seen] = {}
-        links: set[Path] = set()
-        for folder in self.watch:
-            with contextlib.suppress(OSError), os.scandir(folder) as found:
-                for entry in found:
-                    if entry.name.startswith("."):
-                        continue
-                    with contextlib.suppress(OSError):
-                        path = folder / entry.name
-                        if entry.is_symlink() or is_junction(entry):
-                            links.add(path)
-                        elif entry.is_dir(follow_symlinks=False):
-                            st = os.stat(path, follow_symlinks=False)
-                            if stat.S_ISDIR(st.st_mode):  # still a folder, not a link now
-                                roots[path] = _Seen(folder_identity(st), watched=True)
+    def _roots(self) -> dict[Path, Seen]:
+        """The cards now (:func:`sd_roots.card_roots`); each link in a ``--watch`` folder is
+        named in a warning once: it is never a card, wherever it points."""
+        roots, links = card_roots(self.watch, self.card_dirs)
         for link in links:
             self._warn_once(
                 link,
@@ -186,10 +156,6 @@ class Detector:
                 "not followed",
             )
         self._links = links
-        for card in self.card_dirs:
-            with contextlib.suppress(OSError):
-                if card.is_dir() and any(card.iterdir()):
-                    roots[card] = _Seen(folder_identity(os.stat(card)), watched=False)
         return roots
 
     def _warn_once(self, about: Path, message: str) -> None:
@@ -199,7 +165,7 @@ class Detector:
             self._warned[about] = message
             log.warning("%s", message)
 
-    async def _list(self, root: Path, seen: _Seen) -> Listing | None:
+    async def _list(self, root: Path, seen: Seen) -> Listing | None:
         """:func:`list_card` of ``root``, the folder the poll saw (``seen``), or None when
         listing it failed in any way (also when its folder became a link or another folder
         since the poll): the failure is logged (with its traceback once) and that card is
@@ -222,8 +188,8 @@ class Detector:
         """Poll for cards until cancelled: announce each new card once its listing settled,
         and the removal of each card that is gone. A card that cannot be listed is skipped
         (see :meth:`_list`); nothing about one card ends this loop."""
-        pending: dict[Path, tuple[_Seen, Listing]] = {}
-        at_start: dict[Path, _Seen] | None = None  # the cards in the readers at the start
+        pending: dict[Path, tuple[Seen, Listing]] = {}
+        at_start: dict[Path, Seen] | None = None  # the cards in the readers at the start
         while True:
             roots = await asyncio.to_thread(self._roots)
             if at_start is None:
@@ -326,16 +292,7 @@ class Detector:
             self.backend, additional_headers=headers, max_size=2**26, open_timeout=10, **options
         ):
             try:
-                hello = {
-                    "type": "detector:hello",
-                    "detector_id": self.detector_id,
-                    "hostname": socket.gethostname(),
-                    "platform": platform.system(),
-                    "sessions": [
-                        {"session_id": c.session_id, "card_id": c.card_id, "label": c.label}
-                        for c in self.cards.values()
-                    ],
-                }
+                hello = detector_hello(self.detector_id, self.cards.values())
                 await ws.send(json.dumps(hello))
                 self.ws = ws
                 self._abort = threading.Event()
@@ -352,46 +309,13 @@ class Detector:
                 self.ws = None
 
     async def _on_message(self, ws: ClientConnection, raw: str | bytes) -> None:
-        try:
-            message = json.loads(raw)
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable message from the backend: %r", raw[:200])
+        message = read_message(raw)
+        if message is None:
             return
-        if kind == "sd:copy_request":
+        if message["type"] == "sd:copy_request":
             await self.copies.put((ws, message))
-        elif kind == "sd:status":
-            for card in self.cards.values():
-                if card.session_id == message.get("session_id"):
-                    card.acknowledged = True
-            card_name = message.get("card_id") or message.get("session_id")
-            log.info(
-                "status of %s: %s %s",
-                card_name,
-                message.get("state"),
-                message.get("execution_id", ""),
-            )
-            if message.get("state") in ("failed", "cancelled"):
-                log.warning(
-                    "card %s: the import %s %s: %s; insert the card again to resume it",
-                    card_name,
-                    message.get("execution_id", ""),
-                    message.get("state"),
-                    message.get("error") or "no reason given",
-                )
-            summary = message.get("summary")
-            if isinstance(summary, dict):  # the import ended: what needs a person, one line each
-                for problem in summary.get("problems") or []:
-                    log.warning("card %s: %s", card_name, problem)
-                for held in summary.get("held") or []:
-                    if isinstance(held, dict):
-                        log.warning(
-                            "card %s: %s held: %s", card_name, held.get("path"), held.get("reason")
-                        )
-        elif kind == "error":
-            log.warning("backend: %s", message.get("detail"))
-        elif kind != "detector:welcome":
-            log.info("ignored %s from the backend", kind)
+        else:
+            note_message(message, self.cards.values())
 
     async def copier(self) -> None:
         loop = asyncio.get_running_loop()
@@ -404,42 +328,15 @@ class Detector:
     async def _copy(
         self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, request: dict[str, Any]
     ) -> None:
-        reply: dict[str, Any] = {
-            "type": "sd:file_copied",
-            "request_id": request.get("request_id"),
-            "session_id": request.get("session_id"),
-            "path": request.get("path"),
-        }
-        # By card id too: after a restart of this process the card has a new session, and the
-        # backend's retried copy still names the old one.
-        card = next(
-            (
-                c
-                for c in self.cards.values()
-                if c.session_id == request.get("session_id") or c.card_id == request.get("card_id")
-            ),
-            None,
-        )
+        card = card_for(self.cards.values(), request)
         if card is None:
-            error = f"no card with session {request.get('session_id')} is inserted"
-            log.warning("copy of %s refused (not_mounted): %s", request.get("path"), error)
-            await self._send({**reply, "ok": False, "code": "not_mounted", "error": error}, ws)
+            await self._send(not_inserted(request), ws)
             return
-        last = [0.0]
 
-        def progress(done: int) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 0.2:
-                last[0] = now
-                message = {
-                    "type": "sd:copy_progress",
-                    "request_id": request.get("request_id"),
-                    "session_id": card.session_id,
-                    "bytes": done,
-                    "total": request.get("size"),
-                }
-                asyncio.run_coroutine_threadsafe(self._send(message, ws), loop)
+        def send(message: dict[str, Any]) -> None:
+            asyncio.run_coroutine_threadsafe(self._send(message, ws), loop)
 
+        progress = progress_reporter(request, card, send)
         log.info("copying %s of %s", request.get("path"), card.card_id)
         try:
             result = await asyncio.to_thread(
@@ -458,16 +355,8 @@ class Detector:
         except CopyAborted:
             log.warning("copy of %s stopped: the connection closed", request.get("path"))
             return
-        await self._send({**reply, **result}, ws)
-        if result["ok"]:
-            log.info("copied %s: ok", request.get("path"))
-        else:
-            log.warning(
-                "copy of %s failed (%s): %s",
-                request.get("path"),
-                result.get("code", "error"),
-                result["error"],
-            )
+        await self._send({**copy_reply(request), **result}, ws)
+        log_copied(request, result)
 
     async def run(self) -> None:
         """Watch, stay connected and copy until one of them fails (raised) or this is
@@ -495,70 +384,7 @@ class Detector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--watch",
-        type=Path,
-        action="append",
-        default=[],
-        help="a folder whose subfolders are cards (repeatable)",
-    )
-    parser.add_argument(
-        "--card",
-        type=Path,
-        action="append",
-        default=[],
-        help="a folder that is a card while it exists, e.g. E:\\ (repeatable)",
-    )
-    parser.add_argument("--backend", required=True, help="ws://HOST:PORT/ws/detector")
-    parser.add_argument(
-        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
-    )
-    parser.add_argument(
-        "--create-shared",
-        action="store_true",
-        help="create --shared when it is missing (a local folder); without it a missing "
-        "--shared is refused: an unmounted share must not be written to",
-    )
-    parser.add_argument(
-        "--shared-is-mount",
-        action="store_true",
-        help="--shared is where the share is mounted: refuse it (at start and before each "
-        "copy) while nothing is mounted there",
-    )
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("FRAMEPIPE_API_TOKEN"),
-        help="the service's bearer token (default: FRAMEPIPE_API_TOKEN)",
-    )
-    parser.add_argument("--detector-id", default=socket.gethostname())
-    parser.add_argument("--interval", type=float, default=1.0, help="poll interval (s)")
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=1.0,
-        help="a new card's listing must be unchanged this long (s); 0: at once",
-    )
-    parser.add_argument(
-        "--max-rate", type=float, default=None, help="copy at most this many bytes per second"
-    )
-    parser.add_argument(
-        "--max-backoff",
-        type=float,
-        default=30.0,
-        help="longest wait between reconnection attempts (s)",
-    )
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    if not args.watch and not args.card:
-        parser.error("give --watch DIR and/or --card DIR")
-    if not args.backend.lower().startswith(("ws://", "wss://")):
-        parser.error(
-            f"--backend {args.backend!r}: give the backend's detector WebSocket, "
-            "ws://HOST:PORT/ws/detector (wss:// behind TLS)"
-        )
-    if args.create_shared and args.shared_is_mount:
-        parser.error("--create-shared and --shared-is-mount: a mount point is not created here")
+    args = parse_args(argv, __doc__.split("\n\n")[0])
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -596,13 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except InvalidStatus as exc:
         code = exc.response.status_code
-        endpoint = f"or {safe_url(args.backend)} is not its detector WebSocket (/ws/detector)"
-        if not args.token:
-            why = f"no token was given (--token, FRAMEPIPE_API_TOKEN), {endpoint}"
-        elif code in (401, 403):
-            why = f"the token is not the backend's FRAMEPIPE_API_TOKEN, {endpoint}"
-        else:
-            why = f"{safe_url(args.backend)} is not the backend's detector WebSocket"
+        why = refusal_reason(code, args.backend, args.token)
         log.error("the backend refused the connection (HTTP %d): %s", code, why)  # noqa: TRY400
         return 1
     return 0
