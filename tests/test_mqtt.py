@@ -822,7 +822,10 @@ def test_a_removed_pipeline_s_retained_topics_are_cleared_and_never_republished(
             every = {f"{prefix}/{c}/{t}" for c in ("cam-a", "cam-b") for t in ("health", "visitor")}
             await wait_until_async(
                 "both cameras' retained topics",
-                lambda: every <= set(sink._retained) and not sink._dirty,
+                lambda: (
+                    every <= set(sink._cameras.retained.payloads)
+                    and not sink._cameras.retained.dirty
+                ),
             )
             await app.remove("cam-b")
 
@@ -837,7 +840,7 @@ def test_a_removed_pipeline_s_retained_topics_are_cleared_and_never_republished(
             await wait_until_async("the sink to notice", lambda: not sink.connected)
             mosquitto.start()
             await wait_until_async("reconnected", lambda: sink.connects == 2, 30)
-            await wait_until_async("republished", lambda: not sink._dirty)
+            await wait_until_async("republished", lambda: not sink._cameras.retained.dirty)
             after_reconnect = await retained_now(port, prefix)
         finally:
             await app.stop()
@@ -848,7 +851,7 @@ def test_a_removed_pipeline_s_retained_topics_are_cleared_and_never_republished(
     kept = {f"{prefix}/available", f"{prefix}/cam-a/health", f"{prefix}/cam-a/visitor"}
     assert set(after_remove) == kept
     assert set(after_reconnect) == kept
-    assert not any("cam-b" in topic for topic in sink._retained)
+    assert not any("cam-b" in topic for topic in sink._cameras.retained.payloads)
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
