@@ -42,12 +42,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from doorbell.config import DoorbellConfig, load_config
-from doorbell.orchestrator import PIPELINE, PipelineOrchestrator
+from doorbell.health import HealthStatus, SystemState, decide_state, resource_score
+from doorbell.loop_thread import run_on, running_loop, start_loop_thread
+from doorbell.orchestrator import PipelineOrchestrator
+from doorbell.pipeline import PIPELINE
+from doorbell.resources import ResourceSampler, over_thresholds
 from framepipe.app import SystemState as AppState
 from framepipe.config import Settings
 from framepipe.logs import FORMAT, get_logger
@@ -55,94 +57,6 @@ from framepipe.logs import FORMAT, get_logger
 __all__ = ["HealthStatus", "OrchestratorManager", "ResourceSampler", "SystemState"]
 
 T = TypeVar("T")
-
-
-class SystemState(StrEnum):
-    """The original system's states."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    DEGRADED = "degraded"
-    ERROR = "error"
-    STOPPING = "stopping"
-
-
-_STATES = {
-    AppState.STOPPED: SystemState.STOPPED,
-    AppState.STARTING: SystemState.STARTING,
-    AppState.RUNNING: SystemState.RUNNING,
-    AppState.DEGRADED: SystemState.DEGRADED,
-    AppState.FAILED: SystemState.ERROR,
-    AppState.STOPPING: SystemState.STOPPING,
-}
-
-
-@dataclass
-class HealthStatus:
-    """What :meth:`OrchestratorManager.get_health_status` returns."""
-
-    state: SystemState
-    performance_score: float
-    uptime: float
-    last_error: str | None
-    pipeline_status: dict[str, Any]
-    restart_attempts: int = 0
-    max_restart_attempts: int = 0
-    cpu_percent: float | None = None
-    memory_percent: float | None = None
-    known_faces: list[str] = field(default_factory=list)
-    issues: list[str] = field(default_factory=list)
-    timestamp: float = field(default_factory=time.time)
-    performance_reason: str | None = None
-    """Why ``performance_score`` is below 1 (None when it is not)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        data = asdict(self)
-        data["state"] = self.state.value
-        return data
-
-
-class ResourceSampler:
-    """The machine's CPU use (percent of all cores, since the previous sample) and memory use
-    (percent of RAM not available), from ``/proc``; None where ``/proc`` is missing."""
-
-    def __init__(self) -> None:
-        self._last: tuple[int, int] | None = self._cpu_times()
-
-    @staticmethod
-    def _cpu_times() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat", encoding="ascii") as stat:
-                fields = [int(v) for v in stat.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields), idle
-
-    def cpu_percent(self) -> float | None:
-        """CPU busy share since the previous call, 0-100."""
-        now = self._cpu_times()
-        last, self._last = self._last, now
-        if now is None or last is None or now[0] == last[0]:
-            return None
-        total, idle = now[0] - last[0], now[1] - last[1]
-        return round(100.0 * (total - idle) / total, 1)
-
-    @staticmethod
-    def memory_percent() -> float | None:
-        """Memory in use (total less available), 0-100."""
-        try:
-            info: dict[str, int] = {}
-            with open("/proc/meminfo", encoding="ascii") as meminfo:
-                for line in meminfo:
-                    name, value = line.split(":", 1)
-                    info[name] = int(value.split()[0])
-            total, available = info["MemTotal"], info["MemAvailable"]
-        except (OSError, ValueError, KeyError):
-            return None
-        return round(100.0 * (total - available) / total, 1)
 
 
 class OrchestratorManager:
@@ -184,68 +98,19 @@ class OrchestratorManager:
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             return self._loop
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            loop.run_forever()
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="doorbell-orchestrator", daemon=True)
-        self._thread.start()
-        ready.wait()
+        loop, self._thread = start_loop_thread("doorbell-orchestrator")
         self._loop = loop
         return loop
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the orchestrator's loop and wait for its result."""
-        loop = self._ensure_loop()
-        if _running_loop() is loop:
-            coro.close()
-            raise RuntimeError(
-                "a blocking OrchestratorManager call from inside an event "
-                "callback would deadlock; schedule it instead"
-            )
-        # Not asyncio.run_coroutine_threadsafe: a Ctrl-C inside it (its wake-up of the loop)
-        # left the coroutine running with no future to cancel it by.
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        tasks: list[asyncio.Task[T]] = []
-
-        def begin() -> None:
-            if not future.set_running_or_notify_cancel():  # cancelled before it began
-                coro.close()
-                return
-            task = loop.create_task(coro)
-            tasks.append(task)
-            task.add_done_callback(finish)
-
-        def finish(task: asyncio.Task[T]) -> None:
-            if task.cancelled():
-                future.set_exception(concurrent.futures.CancelledError())
-            elif (error := task.exception()) is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(task.result())
-
-        def cancel() -> None:
-            for task in tasks:
-                task.cancel()
-
-        try:
-            loop.call_soon_threadsafe(begin)
-            return future.result(timeout)
-        except BaseException:  # a timeout, or Ctrl-C: the call is not left running unseen
-            if not future.cancel():  # it began: its task is cancelled on the loop
-                loop.call_soon_threadsafe(cancel)
-            raise
+        """Run ``coro`` on the orchestrator's loop and wait for its result
+        (:func:`~doorbell.loop_thread.run_on`)."""
+        return run_on(self._ensure_loop(), coro, timeout)
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Call ``fn`` on the loop's thread when the loop runs (reads consistent state)."""
         loop = self._loop
-        if loop is None or not loop.is_running() or _running_loop() is loop:
+        if loop is None or not loop.is_running() or running_loop() is loop:
             return fn()
 
         async def call() -> T:
@@ -429,24 +294,20 @@ class OrchestratorManager:
     def _health(self) -> HealthStatus:
         orch = self.orchestrator
         app = orch.app.health()
-        state = _STATES.get(app.state)
         pipeline = app.pipeline_status.get(PIPELINE, {})
-        failed = pipeline.get("state") == "failed"
         perf = orch.performance()
         score, reason = self._score(perf)
-        if app.state in (AppState.STOPPED, AppState.STOPPING, AppState.STARTING):
-            pass
-        elif self._gave_up is not None:
-            state = SystemState.ERROR  # recovery gave up: stays so until a reset or restart()
-        elif failed or app.state in (AppState.FAILED, AppState.DEGRADED):
-            # failed and not given up: a recovery is pending (the App counts it before its
-            # cooldown, so the count says nothing about whether one is still to come)
-            state = SystemState.DEGRADED if self.config.auto_recovery_enabled else SystemState.ERROR
-        elif perf["score"] < self.config.performance_threshold:
-            state = SystemState.DEGRADED  # the pipeline's own score, not the machine's load
+        state = decide_state(
+            app.state,
+            pipeline_failed=pipeline.get("state") == "failed",
+            gave_up=self._gave_up is not None,
+            auto_recovery=self.config.auto_recovery_enabled,
+            score=perf["score"],
+            threshold=self.config.performance_threshold,
+        )
         last_error = app.last_error or pipeline.get("last_error")
         return HealthStatus(
-            state=state or SystemState.ERROR,
+            state=state,
             performance_score=score,
             performance_reason=reason,
             uptime=app.uptime,
@@ -463,16 +324,13 @@ class OrchestratorManager:
     def _score(self, perf: dict[str, Any]) -> tuple[float, str | None]:
         """The pipeline's score, lowered in proportion to CPU or memory use over its
         threshold, and why it is below 1."""
-        score: float = perf["score"]
-        reasons = [perf["reason"]] if perf["reason"] else []
-        for what, used, threshold in (
-            ("CPU", self.cpu_percent, self.config.cpu_threshold),
-            ("memory", self.memory_percent, self.config.memory_threshold),
-        ):
-            if used is not None and used > threshold:
-                score = min(score, round(threshold / used, 3) if used else 0.0)
-                reasons.append(f"{what} use {used}% is over its threshold {threshold:g}%")
-        return score, "; ".join(reasons) or None
+        return resource_score(
+            perf,
+            [
+                ("CPU", self.cpu_percent, self.config.cpu_threshold),
+                ("memory", self.memory_percent, self.config.memory_threshold),
+            ],
+        )
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -530,11 +388,12 @@ class OrchestratorManager:
     def _check_resources(self) -> None:
         self.cpu_percent = self.resources.cpu_percent()
         self.memory_percent = self.resources.memory_percent()
-        over = []
-        if self.cpu_percent is not None and self.cpu_percent > self.config.cpu_threshold:
-            over.append(f"CPU {self.cpu_percent}% > {self.config.cpu_threshold}%")
-        if self.memory_percent is not None and self.memory_percent > self.config.memory_threshold:
-            over.append(f"memory {self.memory_percent}% > {self.config.memory_threshold}%")
+        over = over_thresholds(
+            self.cpu_percent,
+            self.memory_percent,
+            self.config.cpu_threshold,
+            self.config.memory_threshold,
+        )
         if over and not self._resource_warning:
             self._resource_warning = True
             health = self._health()
@@ -572,10 +431,3 @@ class OrchestratorManager:
     def reload_known_faces(self) -> list[str]:
         """Encode the known-faces folder again; returns the known names."""
         return self.orchestrator.reload_known_faces().names
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

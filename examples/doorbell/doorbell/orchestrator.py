@@ -28,45 +28,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
-import re
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from doorbell.config import DoorbellConfig
+from doorbell.events import stamped, store_event, stored_events, visit_event
 from doorbell.known_faces import load_known
+from doorbell.metrics import queue_and_worker_status
 from doorbell.notify import Webhook
-from doorbell.stages import (
-    FaceDetection,
-    FaceRecognition,
-    VisitRecorder,
-    decide_visitor,
-    snapshot_key,
+from doorbell.pipeline import (
+    PIPELINE,
+    camera_source,
+    doorbell_app,
+    doorbell_pipeline,
+    face_stages,
 )
+from doorbell.press import match_faces, press_id, press_result, press_visitor_event
+from doorbell.stages import FaceDetection, FaceRecognition, snapshot_key
 from framepipe.app import App
 from framepipe.backends.objects import ObjectStore, open_object_store
-from framepipe.backoff import Backoff
 from framepipe.config import Settings, load_settings
-from framepipe.errors import FramepipeError, MediaError
+from framepipe.errors import MediaError
 from framepipe.frames import Frame
 from framepipe.logs import get_logger
 from framepipe.processors.faces import FaceAnalyzer, FaceMatcher, KnownFaces
-from framepipe.sources import VideoSource
 from framepipe.sources.base import Source
-from framepipe.stream import FrameStore, MotionGate, Segmenter, Stage, StreamPipeline
+from framepipe.stream import Stage, StreamPipeline
 from framepipe.stream.performance import Performance
-from framepipe.stream.queue import Overflow
-from framepipe.stream.sinks import Sink
 
-__all__ = ["PipelineOrchestrator"]
-
-PIPELINE = "doorbell"
-
-
-def _now_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+__all__ = ["PIPELINE", "PipelineOrchestrator"]
 
 
 class PipelineOrchestrator:
@@ -130,33 +121,11 @@ class PipelineOrchestrator:
     def make_app(self) -> App:
         """The framepipe App that runs the pipeline (a subclass may return a subclass of App,
         as :mod:`doorbell.web` does to be hosted by ``framepipe serve``)."""
-        config = self.config
-        return App(
-            PIPELINE,
-            settings=self.settings,
-            auto_recovery=config.auto_recovery_enabled,
-            max_restart_attempts=config.max_restart_attempts,
-            restart_cooldown=config.restart_cooldown_seconds,
-            health_interval=config.health_check_interval,
-            # the doorbell judges performance itself (performance()): framepipe's score
-            # averages the capture rate since the session began, so the App must not warn on it
-            performance_threshold=0.0,
-        )
+        return doorbell_app(self.config, self.settings)
 
     def make_source(self) -> Source:
         """The camera: a video file, a device (``/dev/video0`` or ``0``) or a stream URL."""
-        cfg = self.config
-        url = cfg.camera_source
-        if re.fullmatch(r"\d+", url):
-            url = f"/dev/video{url}"
-        return VideoSource(
-            url,
-            cfg.camera_name,
-            realtime=cfg.camera_realtime,
-            loop=cfg.camera_loop,
-            open_timeout=cfg.open_timeout,
-            read_timeout=cfg.stall_timeout,
-        )
+        return camera_source(self.config)
 
     def make_detection(self) -> FaceDetection:
         """The face detection processor (a subclass may wrap or replace it)."""
@@ -164,68 +133,14 @@ class PipelineOrchestrator:
 
     def make_stages(self, source: Source) -> list[Stage]:
         """[motion gate], face detection, face recognition, each with its workers."""
-        cfg = self.config
-        overflow: Overflow = "drop_oldest" if source.live and not cfg.camera_loop else "block"
-        stages = []
-        if cfg.motion_enabled:
-            stages.append(
-                Stage(
-                    MotionGate(cfg.motion_threshold), queue_size=cfg.queue_size, overflow=overflow
-                )
-            )
-        # a face stage failing on that many frames in a row has crashed: framepipe fails the
-        # pipeline and the App recovers it with fresh models (cooldown, max attempts)
-        crashed = cfg.component_failure_threshold
-        stages.append(
-            Stage(
-                self.make_detection(),
-                workers=cfg.detection_workers,
-                queue_size=cfg.queue_size,
-                overflow="block" if stages else overflow,
-                max_consecutive_errors=crashed,
-            )
-        )
-        stages.append(
-            Stage(
-                FaceRecognition(self.recognizer, lambda: self.matcher),
-                workers=cfg.recognition_workers,
-                queue_size=cfg.queue_size,
-                max_consecutive_errors=crashed,
-            )
-        )
-        return stages
+        recognition = FaceRecognition(self.recognizer, lambda: self.matcher)
+        return face_stages(self.config, source, self.make_detection(), recognition)
 
     def build_pipeline(self) -> StreamPipeline:
         """The whole pipeline (not started)."""
-        cfg = self.config
         assert self.objects is not None
         source = self.make_source()
-        recorded = isinstance(source, VideoSource) and not source.live and not source.realtime
-        sinks: list[Sink] = [VisitRecorder(self.objects, min_known_ratio=cfg.min_known_ratio)]
-        if cfg.store_frames:
-            sinks.insert(
-                0,
-                FrameStore(
-                    self.objects, template="visits/{source_id}/{segment_id}/frame_{ts_ms}_{seq}.jpg"
-                ),
-            )
-        return StreamPipeline(
-            PIPELINE,
-            source,
-            self.make_stages(source),
-            # a recorded file runs faster than real time: visits follow its own clock
-            Segmenter(
-                None,
-                timeout=cfg.visit_timeout,
-                max_duration=cfg.max_visit_duration,
-                clock="stream" if recorded else "wall",
-            ),
-            sinks,
-            stall_timeout=cfg.stall_timeout,
-            start_timeout=cfg.open_timeout + 5.0,
-            backoff=Backoff(cfg.camera_retry_delay, 2.0, 60.0, 0.1),
-            max_restarts=cfg.camera_max_retries,
-        )
+        return doorbell_pipeline(self.config, self.objects, source, self.make_stages(source))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -365,36 +280,14 @@ class PipelineOrchestrator:
     # -- events -----------------------------------------------------------------------------
 
     def _on_segment(self, _event: str, data: dict[str, Any]) -> None:
-        visitor = data.get("meta", {}).get("visitor")
-        if not visitor:
-            return
-        self.publish(
-            "visitor.known" if visitor["known"] else "visitor.unknown",
-            {
-                "event_id": f"visit-{data['segment_id']}",
-                "trigger": "visit",
-                "source_id": data["source_id"],
-                "segment_id": data["segment_id"],
-                "name": visitor["name"],
-                "known": visitor["known"],
-                "distance": visitor["distance"],
-                "snapshot_key": visitor["snapshot_key"],
-                "frames": data["frames"],
-                "face_frames": visitor["face_frames"],
-                "matched_frames": visitor["matched_frames"],
-                "names_seen": visitor["names_seen"],
-                "first_ts_ms": data["first_ts_ms"],
-                "last_ts_ms": data["last_ts_ms"],
-                "closed": data["reason"],
-                "latency_s": data["latency_s"],
-                "faces": visitor["faces"],
-            },
-        )
+        event = visit_event(data)
+        if event is not None:
+            self.publish(*event)
 
     def publish(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Record an event, store it, notify callbacks and the webhook (on the loop)."""
         now = time.time()
-        event = {"type": kind, "timestamp": _now_iso(now), "ts": now, **payload}
+        event = stamped(kind, payload, now)
         self.events.append(event)
         self.events_total += 1
         self._event_times.append(now)
@@ -420,27 +313,12 @@ class PipelineOrchestrator:
 
     def _store(self, event: dict[str, Any]) -> None:
         """Store the event's JSON (in a worker thread)."""
-        if self.objects is None:
-            return
-        try:
-            self.objects.put(
-                f"events/{event['event_id']}.json", json.dumps(event, default=str).encode()
-            )
-        except Exception as exc:
-            self.log.warning("event %s not stored: %s", event["event_id"], exc)
+        if self.objects is not None:
+            store_event(self.objects, event)
 
     def _stored_events(self) -> list[dict[str, Any]]:
-        """The latest ``recent_events`` events stored by earlier runs, oldest first (by the
-        objects' modification time; unreadable ones skipped)."""
         assert self.objects is not None
-        infos = sorted(self.objects.list("events/"), key=lambda i: i.modified)
-        events = []
-        for info in infos[-self.config.recent_events :]:
-            try:
-                events.append(json.loads(self.objects.get(info.key)))
-            except (ValueError, FramepipeError) as exc:
-                self.log.warning("stored event %s skipped: %s", info.key, exc)
-        return events
+        return stored_events(self.objects, self.config.recent_events)
 
     def events_per_minute(self) -> float:
         """Events in the last 60 seconds."""
@@ -464,68 +342,19 @@ class PipelineOrchestrator:
                 "error": f"no camera frame yet (pipeline {state})",
             }
             # the shape every published event has (publish), so a listener reads its "type"
-            press = {"type": "doorbell.pressed", "timestamp": _now_iso(now), "ts": now, **result}
+            press = stamped("doorbell.pressed", result, now)
             self.app.emit("doorbell.pressed", press)
             return result
         loop = asyncio.get_running_loop()
         faces = await loop.run_in_executor(None, self.recognizer.analyse, frame.image)
-        matcher = self.matcher
-        described = []
-        votes: collections.Counter[str] = collections.Counter()
-        best: dict[str, float] = {}
-        nearest: float | None = None
-        for face in faces:
-            name, distance = matcher.match(face.encoding)
-            described.append(
-                {
-                    "box": face.box.as_list(),
-                    "score": round(face.box.score, 4),
-                    "name": name,
-                    "distance": None if distance is None else round(distance, 4),
-                }
-            )
-            if distance is not None:
-                nearest = distance if nearest is None else min(nearest, distance)
-            if name is not None and distance is not None:
-                votes[name] += 1
-                best[name] = min(distance, best.get(name, distance))
-        event_id = f"doorbell-{frame.source_id}-{frame.ts_ms}-{frame.seq}"
-        key = snapshot_key(frame.source_id, event_id)
+        described, visitor = match_faces(faces, self.matcher)
+        key = snapshot_key(frame.source_id, press_id(frame))
         assert self.objects is not None
         await loop.run_in_executor(None, self.objects.put, key, frame.to_jpeg(90))
-        result = {
-            "success": True,
-            "channel": channel,
-            "event_id": event_id,
-            "faces_detected": len(faces),
-            "faces": described,
-            "snapshot_key": key,
-            "frame_seq": frame.seq,
-            "frame_ts_ms": frame.ts_ms,
-        }
-        if faces:
-            verdict = decide_visitor(len(faces), votes, best, nearest, 0.0)
-            distance = verdict["distance"]
-            result.update(
-                visitor=verdict["name"],
-                known=verdict["known"],
-                distance=None if distance is None else round(distance, 4),  # as a visit's
-            )
+        result = press_result(frame, channel, described, visitor, key)
         self.publish("doorbell.pressed", dict(result))
         if faces:
-            self.publish(
-                "visitor.known" if result["known"] else "visitor.unknown",
-                {
-                    "event_id": f"{event_id}-visitor",
-                    "trigger": "doorbell",
-                    "source_id": frame.source_id,
-                    "name": result["visitor"],
-                    "known": result["known"],
-                    "distance": result["distance"],
-                    "snapshot_key": key,
-                    "faces": described,
-                },
-            )
+            self.publish(*press_visitor_event(result, frame.source_id))
         return result
 
     # -- metrics ----------------------------------------------------------------------------
@@ -547,39 +376,8 @@ class PipelineOrchestrator:
         pipeline = self.pipeline
         health = self.app.health()
         status = pipeline.health() if pipeline is not None else None
-        queues: dict[str, Any] = {}
-        workers: dict[str, Any] = {}
-        backlog = 0
-        warning = False
-        stages = {s.label: s for s in (pipeline.stages + pipeline.sinks)} if pipeline else {}
-        for stats in pipeline.stats if pipeline is not None else []:
-            stage = stages.get(stats.name)
-            capacity = stage.queue_size if stage is not None else 0
-            # a pipeline that ended keeps its end-of-stream markers queued: nothing waits
-            depth = stats.depth if pipeline is not None and pipeline.running else 0
-            backlog += depth
-            full = bool(capacity) and depth >= self.config.queue_backlog_threshold * capacity
-            warning = warning or full
-            queues[stats.name] = {
-                "depth": depth,
-                "capacity": capacity,
-                "dropped": stats.dropped,
-                "backlog": full,
-            }
-            workers[stats.name] = {
-                "workers": stage.workers if stage is not None else 1,
-                "fps": round(stats.fps, 2),
-                "latency_ms": round(stats.latency_ms, 2),
-                "frames_in": stats.frames_in,
-                "frames_out": stats.frames_out,
-                "filtered": stats.filtered,
-                "errors": stats.errors,
-                "busy_s": round(stats.busy_s, 3),
-                "last_error": stats.last_error,
-            }
-        queues["total_backlog"] = backlog
+        queues, workers = queue_and_worker_status(pipeline, self.config.queue_backlog_threshold)
         performance = self.performance()
-        queues["backlog_warning"] = warning
         return {
             "pipeline_status": status["state"] if status else "not started",
             "state": health.state.value,
