@@ -144,6 +144,22 @@ def test_a_missing_or_non_video_input_fails_fetch_clearly(
     assert "notes.mp4" in bad.errors["fetch"] and "InvalidInputError" in bad.errors["fetch"]
 
 
+def test_an_upload_cut_off_past_its_header_fails_preprocess_once_naming_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its index first, so fetch's probe reads a video; its frames stop halfway: a retry
+    would decode the same pinned copy, so the step is not run again."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    whole = make_clip(tmp_path / "whole.mp4", frames=50, options={"movflags": "faststart"})
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    info, _, _ = run_ml(settings, cut)
+    assert info.status == ExecutionStatus.FAILED
+    error = info.errors["preprocess"]
+    assert "InvalidInputError" in error and f"{cut}: truncated" in error
+    assert info.step("preprocess").attempt == 1
+
+
 # -- inputs checked at submit (issue 14) ----------------------------------------------------
 
 

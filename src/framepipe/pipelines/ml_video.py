@@ -68,7 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framepipe import media
 from framepipe.config import MediaSettings, load_section
-from framepipe.errors import ConfigError, MediaError, StepCancelledError
+from framepipe.errors import ConfigError, InvalidInputError, MediaError, StepCancelledError
 from framepipe.jobs.context import StepContext
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.pipeline import Pipeline
@@ -301,7 +301,10 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
 
 @ml_video.step(depends_on=["fetch"], weight=5, retries=2)
 def preprocess(ctx: StepContext) -> dict[str, Any]:
-    """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p."""
+    """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p. An
+    upload that fetch's probe took for a video but that cannot be decoded to its end (cut off
+    or corrupt past its header) is an :class:`~framepipe.errors.InvalidInputError` naming the
+    user's file: refused for good, since every retry would read the same copy."""
     with _stage(ctx):
         inputs = _inputs(ctx)
         try:
@@ -314,8 +317,12 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
                 fps=inputs.fps,
                 preset="veryfast",
             )
-        except MediaError as exc:  # name the user's file, not this job's copy of it
-            raise MediaError(inputs.input, exc.reason) from exc
+        except MediaError as exc:
+            if exc.path != Path(ctx.data["input_key"]):
+                raise  # the output, not the upload: maybe not the same on a retry
+            # The job's copy of the upload cannot be decoded to its end (data cut off or
+            # corrupt past a readable header): its bytes are pinned, so a retry reads the same.
+            raise InvalidInputError(f"{inputs.input}: {exc.reason}", where="inputs.input") from exc
         return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
 
 
