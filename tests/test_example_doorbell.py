@@ -717,6 +717,12 @@ def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch, tmp_pa
         load_config({"pipeline_config": {"face_recognition": {"worker_count": 0}}})
     with pytest.raises(ConfigError, match="tolerance must be a float"):
         load_config({"pipeline_config": {"face_recognition": {"tolerance": "close"}}})
+    # the events reloaded at start are the latest recent_events: 0 or less read every stored one
+    for kept in (0, -3):
+        with pytest.raises(
+            ConfigError, match=rf"event_processing\.recent_events must be > 0, not {kept}"
+        ):
+            load_config({"pipeline_config": {"event_processing": {"recent_events": kept}}})
 
 
 def test_migration_utils(tmp_path: Path, media: dict[str, Path]) -> None:

@@ -324,7 +324,12 @@ def load_config(
         ),
         min_known_ratio=_get(raw, pc + "event_processing.min_known_ratio", float),
         store_frames=_get(raw, pc + "event_processing.store_frames", bool),
-        recent_events=_get(raw, pc + "event_processing.recent_events", int),
+        recent_events=int(
+            _positive(
+                pc + "event_processing.recent_events",
+                _get(raw, pc + "event_processing.recent_events", int),
+            )
+        ),
         webhook_url=webhook or None,
         webhook_timeout=_positive(
             "notifications.webhook_timeout", _get(raw, "notifications.webhook_timeout", float)
