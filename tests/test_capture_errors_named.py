@@ -47,6 +47,26 @@ def test_the_schemes_cameras_use_are_not_refused() -> None:
         capture_source(url, "cam")  # built; nothing runs until it starts
 
 
+@pytest.mark.parametrize(
+    ("url", "capture"),
+    [
+        ("rtspt://cam.local/stream", "gst"),  # rtspsrc's schemes, FFmpeg has none of them
+        ("rtsph://cam.local/stream", "gst"),
+        ("icy://radio.local/x", "gst"),  # souphttpsrc's
+        ("satip://192.168.1.2/?src=1&freq=11494&pol=h&msys=dvbs2", "ffmpeg"),  # its RTSP demuxer
+        ("satip://192.168.1.2/?src=1&freq=11494&pol=h&msys=dvbs2", "auto"),
+        ("hls+http://cdn.local/live.m3u8", "ffmpeg"),  # a nested scheme: FFmpeg's hls protocol
+        ("crypto+http://cdn.local/seg.ts", "auto"),
+    ],
+)
+def test_a_scheme_the_capture_that_runs_reads_is_not_refused(url: str, capture: str) -> None:
+    """Only a scheme that the command which will run cannot read is refused: GStreamer's own
+    when gst-launch-1.0 is forced, FFmpeg's through a demuxer or a nested scheme."""
+    need_tool("ffmpeg")
+    need_tool("gst-launch-1.0")
+    capture_source(url, "cam", capture=capture)  # type: ignore[arg-type]
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

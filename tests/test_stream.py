@@ -198,6 +198,39 @@ def test_an_order_open_at_a_stop_whose_drain_completes_is_completed_as_stopped(
     assert len(done[0]["stored"]) == done[0]["frames"] > 0
 
 
+def test_a_recording_that_ended_before_the_stop_closes_its_order_as_end(tmp_path: Path) -> None:
+    """The reason is decided as the capture ends: a file that played to its end, its last
+    frames still in a slow stage when the stop comes (Ctrl-C right after it ended), completes
+    its order as ``"end"``, not ``"stopped"``."""
+    store = LocalObjectStore(tmp_path / "objects")
+
+    def slow_tag(frame: Frame) -> Frame:
+        time.sleep(0.05)
+        frame.meta["order"] = "ORDER_1"
+        return frame
+
+    async def main() -> Events:
+        pipeline = StreamPipeline(
+            "station_1",
+            PatternSource("station_1", count=40, realtime=False),
+            stages=[Stage(slow_tag)],
+            segmenter=Segmenter("order", timeout=30),
+            sinks=[FrameStore(store)],
+        )
+        events: Events = []
+        pipeline.on_event(lambda kind, data: events.append((kind, data)))
+        await pipeline.start()
+        assert pipeline.supervisor is not None
+        await asyncio.wait_for(pipeline.supervisor.wait(), 20)  # the recording ended
+        assert pipeline.frames_out < pipeline.frames_captured  # its last frames in flight
+        await asyncio.wait_for(pipeline.stop(drain_timeout=30), 40)
+        assert pipeline.frames_out == pipeline.frames_captured  # the drain completed
+        return events
+
+    done = of(asyncio.run(main()), "segment.completed")
+    assert [(d["segment_id"], d["reason"]) for d in done] == [("ORDER_1", "end")]
+
+
 def test_segments_by_key_timeout_key_change_reappearance_and_end(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "objects")
     tags = tagger(

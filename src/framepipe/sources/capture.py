@@ -350,7 +350,11 @@ def capture_source(
         check_spec(path, f"source {source_id}")  # its percent-escapes decoded
         spec = path
     url = is_stream_url(spec)
-    if url and capture != "av" and (unread := unread_scheme(spec, gst=capture == "auto")):
+    if (
+        url
+        and capture in ("auto", "ffmpeg")
+        and (unread := unread_scheme(spec, gst=capture == "auto"))
+    ):
         raise ConfigError(f"source {source_id}: {unread}")
     device = not url and is_device(spec)
     live = url or device  # a stream or a camera: every end of it is a death

@@ -1,6 +1,7 @@
 """Which URL schemes the capture commands read: GStreamer's source elements
 (``gst-inspect-1.0 --uri-handlers``) and FFmpeg's input protocols (``ffmpeg -protocols``,
-with the RTSP and SAP demuxers, which open their own URLs).
+with the RTSP, SAT>IP and SAP demuxers, which open their own URLs; a nested scheme such as
+``hls+http`` is FFmpeg's when its first part is).
 
 Guarantees:
 
@@ -26,7 +27,7 @@ __all__ = ["ffmpeg_schemes", "gst_schemes", "unread_scheme"]
 
 _ASK_SECONDS = 10.0
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://", re.IGNORECASE)
-_FFMPEG_DEMUXER_SCHEMES = frozenset({"rtsp", "rtsps", "sap"})
+_FFMPEG_DEMUXER_SCHEMES = frozenset({"rtsp", "rtsps", "sap", "satip"})
 
 
 @functools.cache
@@ -74,8 +75,10 @@ def ffmpeg_schemes() -> frozenset[str]:
 
 
 def unread_scheme(spec: str, *, gst: bool) -> str | None:
-    """Why no capture command reads stream URL ``spec``'s scheme (ffmpeg's, and with ``gst``
-    gst-launch-1.0's too), or None when one does or a list cannot be had."""
+    """Why no capture command that may run reads stream URL ``spec``'s scheme: ffmpeg, and
+    with ``gst`` (``capture="auto"``, which takes whichever reads it) gst-launch-1.0 too; None
+    when one does or a list cannot be had. A forced gst-launch-1.0 is not asked here: its own
+    check names a scheme it has no source for."""
     match = _SCHEME.match(spec)
     if match is None:
         return None
@@ -84,7 +87,8 @@ def unread_scheme(spec: str, *, gst: bool) -> str | None:
     if gst and shutil.which("gst-launch-1.0") is not None:
         lists.append(("GStreamer", gst_schemes()))
     if shutil.which("ffmpeg") is not None:
-        lists.append(("FFmpeg", ffmpeg_schemes()))
+        ffmpeg = ffmpeg_schemes()
+        lists.append(("FFmpeg", ffmpeg | {scheme} if scheme.split("+")[0] in ffmpeg else ffmpeg))
     if not lists or any(not schemes or scheme in schemes for _, schemes in lists):
         return None
     known = sorted(set().union(*(schemes for _, schemes in lists)))

@@ -16,8 +16,11 @@ Guarantees:
   its way short (:meth:`SegmentFlow.cut`, see :mod:`framepipe.stream.shutdown`). A sink's
   ``segment_closed`` runs in a thread of its own and is noted, so a stop never calls it twice.
 * The end of the stream closes every open segment before it flows on: ``reason="end"`` when
-  the stream ended by itself (a file played to its end), ``"stopped"`` when a stop ended it
-  (:attr:`SegmentFlow.stopping`), so an order cut by a stop is told from a recording's end.
+  the stream ended by itself (a file played to its end, a source that failed for good),
+  ``"stopped"`` when a stop ended it, so an order cut by a stop is told from a recording's
+  end. Which is decided when the capture ends (:meth:`SegmentFlow.ended`), not when the end
+  reaches the segmenter: a recording that ended before a stop came, its last frames still
+  in the stages, says ``"end"``.
 * With ``taken`` (the pipeline's sinks' :meth:`~framepipe.stream.sinks.Sink.segment_taken`),
   an id is asked about once, in a thread, before a frame could open a segment with it: an id
   an earlier run's frames hold in the store is not issued again (``ORDER_1`` of a restarted
@@ -105,8 +108,8 @@ class SegmentFlow:
         self._unsure = False  # the last question about an id went unanswered
         self._asking: _Asking | None = None  # the question about an id in flight
         self.stopping = False
-        """Set by the pipeline's stop: the end of this run's stream closes the open segments
-        with ``reason="stopped"``."""
+        """Set by the pipeline's stop, before it stops the capture."""
+        self._end_reason = "end"  # why this run's stream ended, once its capture ended
 
     def new_run(self, segmenter: Segmenter | None, taken: Taken | None = None) -> None:
         """A run begins, segmented by ``segmenter`` (None: no segmenter); ``taken(frame,
@@ -116,6 +119,12 @@ class SegmentFlow:
         self._closing = {}
         self._taken = taken
         self.stopping = False
+        self._end_reason = "end"
+
+    def ended(self, *, stopped: bool) -> None:
+        """This run's capture ended: by a stop (its open segments close as ``"stopped"``) or
+        by itself (``"end"``)."""
+        self._end_reason = "stopped" if stopped else "end"
 
     async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
         """Ask ``taken`` about the id ``frame``'s key would get next, until one is free
@@ -216,7 +225,7 @@ class SegmentFlow:
         while True:
             item = await queue.get()
             if item is END:
-                await send(state.close_all("stopped" if self.stopping else "end"))
+                await send(state.close_all(self._end_reason))
                 self.open = None
                 await out(END)
                 return
