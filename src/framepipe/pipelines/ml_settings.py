@@ -59,7 +59,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from framepipe.config import config_file, config_file_values
+from framepipe.config_file import config_file, config_file_values
 from framepipe.errors import ConfigError
 from framepipe.processors.adapters import HttpModel, MockModel, ModelAdapter, SubprocessModel
 
