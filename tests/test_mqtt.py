@@ -337,7 +337,7 @@ def test_the_urls_labels_rename_a_segmenters_label_and_qos_0_publishes(
 
 
 def test_every_name_becomes_a_topic_level_a_broker_takes() -> None:
-    from framepipe.mqtt.urls import topic_level
+    from framepipe.mqtt_urls import topic_level
 
     assert topic_level("front door/1+#") == "front_door_1__"
     assert topic_level("") == "_"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from framepipe.errors import ConfigError, StateStoreError
+from framepipe.mqtt_urls import parse_mqtt_url
 from framepipe.urls import safe_url
 
 __all__ = [
@@ -166,12 +167,10 @@ def finished_statuses(value: Any) -> list[str]:
 
 
 def check_mqtt_url(value: str | None) -> str | None:
-    """The MQTT URL (None when blank), unless :func:`framepipe.mqtt.urls.parse_mqtt_url`
+    """The MQTT URL (None when blank), unless :func:`framepipe.mqtt_urls.parse_mqtt_url`
     refuses it."""
     if not value:
         return None
-    from framepipe.mqtt.urls import parse_mqtt_url
-
     try:
         parse_mqtt_url(value)
     except ConfigError as exc:

@@ -44,7 +44,7 @@ Guarantees:
 """
 
 from framepipe.mqtt.sink import MqttEventSink
-from framepipe.mqtt.urls import MqttTarget, parse_mqtt_url
+from framepipe.mqtt_urls import MqttTarget, parse_mqtt_url
 from framepipe.urls import safe_url
 
 __all__ = ["MqttEventSink", "MqttTarget", "parse_mqtt_url", "safe_url"]

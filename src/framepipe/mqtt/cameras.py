@@ -5,7 +5,7 @@ retained topics, the segments open per label and the health (the topics are list
 
 Guarantees:
 
-* A camera's or a label's name enters a topic only as :func:`~framepipe.mqtt.urls.topic_level`
+* A camera's or a label's name enters a topic only as :func:`~framepipe.mqtt_urls.topic_level`
   makes it: one valid level, never ``/``, ``+`` or ``#``.
 * ``segment.started`` is ``type: "new"`` and ``segment.completed`` ``type: "end"``, with the
   ``before``/``after`` segment objects; the open-segment count of the camera's label follows
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from framepipe.mqtt.retained import RetainedTopics
-from framepipe.mqtt.urls import topic_level
+from framepipe.mqtt_urls import topic_level
 
 __all__ = ["AppView", "Cameras", "encode"]
 

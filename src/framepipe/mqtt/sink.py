@@ -22,8 +22,8 @@ from framepipe.logs import get_logger
 from framepipe.mqtt.cameras import HEALTH_EVENTS, AppView, Cameras, encode
 from framepipe.mqtt.metrics import SinkCollector
 from framepipe.mqtt.pending import PendingEvents
-from framepipe.mqtt.urls import parse_mqtt_url
 from framepipe.mqtt.writer import Writer
+from framepipe.mqtt_urls import parse_mqtt_url
 from framepipe.urls import safe_url
 
 __all__ = ["AttachableApp", "MqttEventSink"]

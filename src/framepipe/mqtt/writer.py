@@ -31,7 +31,7 @@ from framepipe.backoff import Backoff
 from framepipe.logs import ComponentLogger
 from framepipe.mqtt.cameras import Cameras
 from framepipe.mqtt.pending import PendingEvents
-from framepipe.mqtt.urls import MqttTarget
+from framepipe.mqtt_urls import MqttTarget
 from framepipe.outage import Outage
 from framepipe.urls import safe_text
 

@@ -1,5 +1,10 @@
 """MQTT URLs: what ``mqtt://user:pass@host:1883/prefix?qos=1`` names (:class:`MqttTarget`),
-checked at the boundary with errors that name the wrong part and never the password."""
+checked at the boundary with errors that name the wrong part and never the password; and how a
+name becomes one topic level (:func:`topic_level`).
+
+It sits outside :mod:`framepipe.mqtt` and imports nothing of it, so that the settings can check
+an MQTT URL (:func:`framepipe.config_checks.check_mqtt_url`) without loading the sink; the sink
+and :mod:`framepipe.mqtt` take their names from here."""
 
 from __future__ import annotations
 
