@@ -63,8 +63,14 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"MQTT URL {shown!r}: {exc}") from None
+    except ValueError:
+        # urllib's message repeats the host part, which holds the password when it was read
+        # wrongly: a '/', '?' or '#' in it ends the host part early
+        raise ConfigError(
+            f"MQTT URL {shown!r}: its host and port do not parse (a user name or password "
+            "holding '/', '?', '#', '@' or '[', or a full-width form of one, must be "
+            "percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, '[' %5B)"
+        ) from None
     if parts.scheme not in _DEFAULT_PORTS:
         raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
     if not parts.hostname:

@@ -1,0 +1,43 @@
+"""MQTT URLs as the settings and the sink read them: a wrong one is refused naming what is
+wrong, and never with any part of its password (no broker needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from framepipe.config import load_settings
+from framepipe.errors import ConfigError
+from framepipe.mqtt import parse_mqtt_url
+
+SECRET = "hunter2"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mqtt://user:{SECRET}/xyz@broker:1883/fp",  # '/' unescaped: read as 'user:<port>'
+        f"mqtt://user:{SECRET}?xyz@broker/fp",
+        f"mqtt://user:{SECRET}#xyz@broker/fp",
+        f"mqtt://user:{SECRET}\uff0fxyz@broker/fp",  # a full-width '/' (NFKC makes it '/')
+        f"mqtt://user:{SECRET}\uff20xyz@broker/fp",  # a full-width '@'
+    ],
+)
+def test_a_password_the_url_parser_misreads_is_never_in_the_error(
+    url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        parse_mqtt_url(url)
+    assert SECRET not in str(caught.value) and "xyz" not in str(caught.value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_MQTT_URL", url)
+    with pytest.raises(ConfigError, match="FRAMEPIPE_MQTT_URL") as caught:
+        load_settings()
+    assert SECRET not in str(caught.value) and "xyz" not in str(caught.value)
+    assert SECRET not in str(caught.value.__cause__)
+
+
+def test_a_percent_encoded_password_with_those_characters_is_read_whole() -> None:
+    target = parse_mqtt_url("mqtt://user:a%2Fb%3Fc%23d%40e@broker/fp")
+    assert (target.host, target.username, target.password) == ("broker", "user", "a/b?c#d@e")
