@@ -3,7 +3,7 @@ transaction in the engine's database thread, and the retries of its store calls.
 
 The scheduler (:mod:`framepipe.jobs.scheduler`) marks what a round changed (steps, executions,
 events, ledger rows) and what is to happen once it is durable; :meth:`GroupCommit._flush`
-takes all of it as one :class:`~framepipe.jobs.records.Batch`. Guarantees:
+takes all of it as one :class:`~framepipe.jobs.batches.Batch`. Guarantees:
 
 * the round's events are published, and its after-commit callbacks run (steps made ready are
   queued, waiters released), only after the transaction that holds them committed, so no step
