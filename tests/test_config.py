@@ -286,6 +286,15 @@ SECRET = "S3cretPW"
         ("FRAMEPIPE_ALLOWED_ORIGINS", "https://a.example/app", "no '*', path or user"),
         ("FRAMEPIPE_ALLOWED_ORIGINS", f"https://u:{SECRET}@a.example", "not a web origin"),
         ("FRAMEPIPE_ALLOWED_ORIGINS", "a.example:5173", "not a web origin"),
+        # an undecodable byte of the environment (Python reads it as a lone surrogate): no
+        # broker, Redis key or Host header can carry it, so it is refused at load
+        ("FRAMEPIPE_MQTT_URL", f"mqtt://user:{SECRET}\udcff@broker/fp", "not UTF-8"),
+        ("FRAMEPIPE_MQTT_URL", "mqtt://bro\udcffker/fp", "not UTF-8"),
+        ("FRAMEPIPE_MQTT_URL", "mqtt://broker/fp?client_id=cam\udcff", "not UTF-8"),
+        ("FRAMEPIPE_BROKER_URL", f"redis://:{SECRET}\udcff@127.0.0.1:6379/0", "not UTF-8"),
+        ("FRAMEPIPE_BROKER_NAMESPACE", "fp\udcff", "not UTF-8"),
+        ("FRAMEPIPE_ALLOWED_HOSTS", "cam\udcff.example", "not UTF-8"),
+        ("FRAMEPIPE_ALLOWED_ORIGINS", "https://cam\udcff.example", "not UTF-8"),
     ],
 )
 def test_bad_values_are_refused_at_load_naming_the_setting_without_the_secret(

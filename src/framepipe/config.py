@@ -42,7 +42,9 @@ database URL that does not parse or names neither SQLite nor PostgreSQL; a broke
 known scheme (checked at load only: built in code, a :class:`WorkerSettings` may carry any
 URL, read as in-process); an object store URL of a scheme other than ``file`` and ``s3`` (only
 the scheme is checked: nothing is contacted); a home that exists and is not a folder; an
-infinite or NaN number; an input root that is not an absolute path.
+infinite or NaN number; an input root that is not an absolute path; bytes that are not UTF-8
+where the value is sent as UTF-8 (the broker URL and namespace, the MQTT URL's host, user,
+password and client id, the allowed hosts and origins).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from framepipe.amqp import AMQP_SCHEMES
-from framepipe.config_checks import url_beginning
+from framepipe.config_checks import check_utf8, url_beginning
 from framepipe.config_file import config_file, config_file_values
 from framepipe.config_sections import (
     JobSettings,
@@ -208,12 +210,16 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
 
 def _check_broker_url(settings: SettingsSection) -> None:
     """Refuse, at load, a broker URL of none of :data:`BROKER_SCHEMES` (blank counts as
-    ``memory://``). Not a validator of the field: a :class:`WorkerSettings` built in code may
-    carry any URL, which :attr:`~WorkerSettings.distributed_jobs` reads as in-process and a
-    worker refuses itself."""
+    ``memory://``) or one that is not UTF-8. Not a validator of the field: a
+    :class:`WorkerSettings` built in code may carry any URL, which
+    :attr:`~WorkerSettings.distributed_jobs` reads as in-process and a worker refuses itself."""
     if not isinstance(settings, WorkerSettings):
         return
     url = settings.broker_url
+    try:
+        check_utf8(url)
+    except ValueError as exc:
+        raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
     if url.strip() and not url.startswith(BROKER_SCHEMES):
         raise ConfigError(
             f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: not a broker URL "

@@ -30,9 +30,11 @@ __all__ = [
     "check_mqtt_url",
     "check_objects_url",
     "check_prune_objects",
+    "check_utf8",
     "comma_list",
     "default_home_when_blank",
     "finished_statuses",
+    "not_utf8",
     "url_beginning",
 ]
 
@@ -166,15 +168,41 @@ def finished_statuses(value: Any) -> list[str]:
     return statuses or list(FINISHED_STATUSES)
 
 
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate, which no UTF-8 encoder takes: how Python reads
+    a byte of an environment value that is not UTF-8 (U+DC80-U+DCFF)."""
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
+_NOT_UTF8 = (
+    "holds bytes that are not UTF-8 (an environment value or file in another encoding); "
+    "write it in UTF-8"
+)
+
+
+def check_utf8(value: Any) -> Any:
+    """The value (a text, a list of texts or None), unless a text :func:`not_utf8`: a broker
+    name, a Redis key or a Host header is sent as UTF-8, so it could never be used. The value
+    is not shown (it may hold a secret)."""
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and not_utf8(text) for text in texts):
+        raise ValueError(_NOT_UTF8)
+    return value
+
+
 def check_mqtt_url(value: str | None) -> str | None:
     """The MQTT URL (None when blank), unless :func:`framepipe.mqtt_urls.parse_mqtt_url`
-    refuses it."""
+    refuses it or its host, user name, password or client id :func:`not_utf8` (MQTT sends
+    them as UTF-8: the sink could never connect)."""
     if not value:
         return None
     try:
-        parse_mqtt_url(value)
+        target = parse_mqtt_url(value)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
+    sent = (target.host, target.username, target.password, target.client_id)
+    if any(text is not None and not_utf8(text) for text in sent):
+        raise ValueError(f"its host, user name, password or client_id {_NOT_UTF8}")
     return value
 
 

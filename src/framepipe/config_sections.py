@@ -45,6 +45,7 @@ from framepipe.config_checks import (
     check_mqtt_url,
     check_objects_url,
     check_prune_objects,
+    check_utf8,
     comma_list,
     default_home_when_blank,
     finished_statuses,
@@ -254,6 +255,8 @@ class WorkerSettings(SettingsSection):
         "published is published again.",
     )
 
+    _namespace = field_validator("broker_namespace")(check_utf8)
+
     @property
     def distributed_jobs(self) -> bool:
         """True when job steps run on workers: ``jobs_mode='workers'``, or ``auto`` with a
@@ -313,6 +316,7 @@ class ServerSettings(SettingsSection):
     _comma_list = field_validator("allowed_hosts", "allowed_origins", "input_roots", mode="before")(
         comma_list
     )
+    _utf8 = field_validator("allowed_hosts", "allowed_origins")(check_utf8)
     _input_roots = field_validator("input_roots")(check_input_roots)
     _origins = field_validator("allowed_origins")(check_allowed_origins)
     _token = field_validator("api_token")(check_api_token)
