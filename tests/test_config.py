@@ -418,6 +418,14 @@ def test_good_values_are_kept_as_given(
     assert getattr(load_settings(**{name: value}), name) == value
 
 
+def test_a_redis_socket_path_that_is_not_utf8_is_a_file_name_and_kept(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRAMEPIPE_BROKER_URL", "unix:///run/caf\udce9/redis.sock")
+    assert load_settings().broker_url == "unix:///run/caf\udce9/redis.sock"
+
+
 def test_the_broker_url_is_checked_at_load_and_blank_is_in_process(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -210,14 +210,15 @@ def load_section(section: type[SectionT], **overrides: Any) -> SectionT:
 
 def _check_broker_url(settings: SettingsSection) -> None:
     """Refuse, at load, a broker URL of none of :data:`BROKER_SCHEMES` (blank counts as
-    ``memory://``) or one that is not UTF-8. Not a validator of the field: a
-    :class:`WorkerSettings` built in code may carry any URL, which
+    ``memory://``) or one that is not UTF-8 (but a ``unix:`` socket's path). Not a validator
+    of the field: a :class:`WorkerSettings` built in code may carry any URL, which
     :attr:`~WorkerSettings.distributed_jobs` reads as in-process and a worker refuses itself."""
     if not isinstance(settings, WorkerSettings):
         return
     url = settings.broker_url
     try:
-        check_utf8(url)
+        if not url.startswith("unix:"):  # a socket's path is a file name: any bytes will do
+            check_utf8(url)
     except ValueError as exc:
         raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
     if url.strip() and not url.startswith(BROKER_SCHEMES):
