@@ -470,6 +470,37 @@ def test_an_event_queued_outside_the_loop_is_published_at_close(broker: tuple[st
     asyncio.run(_clear_retained(host, port, [f"{prefix}/available"]))
 
 
+def test_numbers_json_cannot_hold_are_published_as_null_so_every_json_parser_reads_it(
+    broker: tuple[str, int],
+) -> None:
+    """A ``nan`` score or an infinite area in an event's data: the message stays JSON
+    (RFC 8259, which ``JSON.parse`` in Node-RED and Home Assistant's parser hold to), with null
+    there, as the stored events have it; the rest of the data is kept as emitted."""
+    host, port = broker
+    prefix = unique_prefix("finite")
+    sink = MqttEventSink(f"mqtt://{host}:{port}/{prefix}")
+
+    def strict(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    async def main() -> Subscriber:
+        sub = Subscriber(host, port, f"{prefix}/events")
+        async with sub.connected():
+            sink(
+                "tag.measured", {"camera": "c1", "score": float("nan"), "area": [float("-inf"), 2]}
+            )
+            await sink.aclose()
+            await wait_until_async("the event", lambda: sub.payloads(f"{prefix}/events"))
+        return sub
+
+    sub = asyncio.run(main())
+    [payload] = sub.payloads(f"{prefix}/events")
+    message = json.loads(payload, parse_constant=strict)
+    assert message["data"] == {"camera": "c1", "score": None, "area": [None, 2]}
+    assert (sink.published, sink.dropped) == (1, 0)
+    asyncio.run(_clear_retained(host, port, [f"{prefix}/available"]))
+
+
 def test_a_close_that_gives_up_on_the_queue_still_says_offline(broker: tuple[str, int]) -> None:
     host, port = broker
     prefix = unique_prefix("gave-up")

@@ -8,7 +8,8 @@ publishes under the URL's path, the topic prefix (default ``framepipe``):
   "camera", "time", "data"}``; ``segment.started`` is ``type: "new"`` and
   ``segment.completed`` ``type: "end"``, both with ``before``/``after`` segment objects
   (``id``, ``camera``, ``label``, ``sub_label``, ``start_time``, ``end_time`` ...); every
-  other event has its own name as ``type``. ``data`` is the event's data as emitted.
+  other event has its own name as ``type``. ``data`` is the event's data as emitted (a NaN
+  or an infinity, which JSON cannot hold, as null).
 * ``<prefix>/<camera>/<label>``: retained, the number of segments open on that camera (its
   pipeline), ``label`` being the segmenter's label (``order``, ``segment``; renamed with
   ``labels={"segment": "visitor"}``).

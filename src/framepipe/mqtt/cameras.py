@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -67,8 +68,25 @@ class AppView(Protocol):
 
 
 def encode(value: Any) -> bytes:
-    """``value`` as compact JSON (what JSON cannot hold as is, as its ``str``)."""
-    return json.dumps(value, default=str, separators=(",", ":")).encode()
+    """``value`` as compact JSON that every JSON parser reads (RFC 8259): an object JSON cannot
+    hold as its ``str``, a NaN or an infinity as null (as the stored events have it). A value
+    that cannot be encoded (a circular one) raises ValueError."""
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a NaN or an infinity in it (a circular value fails again below)
+        plain = json.loads(json.dumps(value, default=str))
+        return json.dumps(_finite(plain), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _finite(plain: Any) -> Any:
+    """``plain`` (as :func:`json.loads` gives it) with every NaN and infinity made None."""
+    if isinstance(plain, float):
+        return plain if math.isfinite(plain) else None
+    if isinstance(plain, dict):
+        return {key: _finite(item) for key, item in plain.items()}
+    if isinstance(plain, list):
+        return [_finite(item) for item in plain]
+    return plain
 
 
 def _seconds(ms: object) -> float | None:
