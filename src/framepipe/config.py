@@ -4,18 +4,10 @@ Precedence, highest first: keyword arguments, environment variables, the config 
 (``FRAMEPIPE_CONFIG`` or ``./framepipe.toml`` when present), defaults. With no settings at all
 framepipe runs embedded: SQLite and local files under ``./.framepipe/``, in-process queues.
 
-The settings are grouped by concern into sections (:mod:`framepipe.config_sections`; their
-values checked by :mod:`framepipe.config_checks`, the file read by
-:mod:`framepipe.config_file`), and :class:`Settings` is all of them:
-
-- :class:`StorageSettings`: where state lives (home, state database, object store, events kept);
-- :class:`JobSettings`: how job steps run (concurrency, retries, outputs, inputs, shutdown);
-- :class:`WorkerSettings`: workers and the broker (broker URL and namespace, leases, sweep,
-  prefetch, republishing);
-- :class:`ServerSettings`: the HTTP service (token, hosts, origins, uploads, input roots,
-  thumbnails);
-- :class:`MediaSettings`: the media job steps (picture size and length limits);
-- :class:`LogSettings`: logging.
+The settings are grouped by concern into sections (storage, jobs, workers, server, media,
+logging: listed in :mod:`framepipe.config_sections`, their values checked by
+:mod:`framepipe.config_checks`, the file read by :mod:`framepipe.config_file`), and
+:class:`Settings` is all of them.
 
 Why sections combined by inheritance rather than nested models (``settings.jobs.concurrency``):
 every field stays a top-level field of :class:`Settings`, so each ``FRAMEPIPE_<FIELD>``

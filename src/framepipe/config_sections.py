@@ -1,5 +1,6 @@
 """The sections of framepipe's settings, one class per concern (:mod:`framepipe.config` combines
-them into :class:`~framepipe.config.Settings` and says why by inheritance):
+them into :class:`~framepipe.config.Settings` and says why by inheritance; the README's
+configuration tables follow the same groups):
 
 - :class:`StorageSettings`: where state lives (home, state database, object store, events kept);
 - :class:`JobSettings`: how job steps run (concurrency, retries, outputs, inputs, shutdown);
