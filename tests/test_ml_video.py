@@ -160,6 +160,21 @@ def test_an_upload_cut_off_past_its_header_fails_preprocess_once_naming_it(
     assert info.step("preprocess").attempt == 1
 
 
+def test_a_video_shorter_than_half_a_frame_at_the_fps_asked_fails_preprocess_once(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    one = make_clip(tmp_path / "one.mp4", frames=1)  # 0.04 s
+    info, _, _ = run_ml(settings, one, fps=10)
+    assert info.status == ExecutionStatus.FAILED and info.step("preprocess").attempt == 1
+    error = info.errors["preprocess"]
+    assert "InvalidInputError: inputs.fps" in error and f"{one}: lasts 0.04s" in error
+    assert "fps of at least 12.5" in error
+    done, _, _ = run_ml(settings, one, fps=12.5)  # half a frame: one frame kept
+    assert done.status == ExecutionStatus.COMPLETED
+    assert done.data["preprocessed_info"]["frames"] == 1
+
+
 # -- inputs checked at submit (issue 14) ----------------------------------------------------
 
 

@@ -303,10 +303,18 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
 def preprocess(ctx: StepContext) -> dict[str, Any]:
     """Validate and normalise: H.264, ``width`` wide, ``fps`` frames a second, yuv420p. An
     upload that fetch's probe took for a video but that cannot be decoded to its end (cut off
-    or corrupt past its header) is an :class:`~framepipe.errors.InvalidInputError` naming the
-    user's file: refused for good, since every retry would read the same copy."""
+    or corrupt past its header), or one shorter than half a frame at ``fps`` (it would keep no
+    frame), is an :class:`~framepipe.errors.InvalidInputError` naming the user's file: refused
+    for good, since every retry would read the same copy."""
     with _stage(ctx):
         inputs = _inputs(ctx)
+        seconds = ctx.data["input_info"].get("duration") or 0.0
+        if 0 < seconds * inputs.fps < 0.5:  # normalising would keep no frame
+            raise InvalidInputError(
+                f"{inputs.input}: lasts {seconds:g}s, less than half a frame at fps={inputs.fps:g}:"
+                f" no frame to process; give an fps of at least {0.5 / seconds:g}",
+                where="inputs.fps",
+            )
         try:
             out = media.run_media(
                 ctx,
