@@ -562,6 +562,7 @@ def test_bad_results_and_malformed_entries_are_reported_and_acked(ns: str) -> No
                 ({"camera_id": "c"}, "image_data"),
                 ({"image_data": b"definitely not a jpeg"}, "not a jpeg image"),
                 ({"image_data": jpeg, "metadata": "{oops"}, "metadata is not JSON"),
+                ({"image_data": jpeg, "metadata": "[" * 100_000}, "metadata is JSON nested too"),
                 ({"image_data": jpeg, "width": "wide"}, "width"),
             ]
             for fields, message in malformed:
@@ -575,8 +576,8 @@ def test_bad_results_and_malformed_entries_are_reported_and_acked(ns: str) -> No
             assert client.xpending(f"{ns}proc:face-1:frames", "processors")["pending"] == 0
             statuses = [f[b"status"] for f in results_on(REDIS_URL, f"{ns}faces:detected")]
             client.close()
-            assert statuses.count(b"error") == 8  # errors are published too
-            assert detector.failed == 8
+            assert statuses.count(b"error") == 9  # errors are published too
+            assert detector.failed == 9
 
     asyncio.run(asyncio.wait_for(main(), 60))
 

@@ -2,7 +2,8 @@
 settings came from.
 
 The defaults are the processor fleet's (capacity 10, base64 image data, a heartbeat every
-5 s). :func:`check_options` refuses, with :class:`ValueError` or :class:`TypeError` naming
+5 s, at most :data:`~framepipe.processors.fleet.protocol.MAX_PERIOD`). :func:`check_options`
+refuses, with :class:`ValueError` or :class:`TypeError` naming
 the option, what no processor can run with, before anything is started.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from framepipe.logs import ComponentLogger
+from framepipe.processors.fleet.protocol import MAX_PERIOD
 from framepipe.redis import safe_url
 
 __all__ = [
@@ -92,10 +94,11 @@ def check_options(
         (v for v in (health_interval, health_check_interval) if v is not None),
         DEFAULT_HEALTH_INTERVAL,
     )
-    if not (0 < interval < math.inf and 0 < poll_interval < math.inf):  # (also refuses nan)
+    if not (0 < interval <= MAX_PERIOD and 0 < poll_interval < math.inf):  # (refuses nan)
         raise ValueError(
             f"processor {processor_id!r}: health_interval and poll_interval must be positive "
-            f"numbers of seconds, not {interval!r} and {poll_interval!r}"
+            f"numbers of seconds (health_interval at most {MAX_PERIOD:g}: a longer heartbeat "
+            f"period reads as none), not {interval!r} and {poll_interval!r}"
         )
     if image_encoding not in (None, "raw", "base64"):
         raise ValueError(f"image_encoding must be 'raw' or 'base64', not {image_encoding!r}")

@@ -92,6 +92,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "DEFAULT_REDIS_URL",
     "GROUP",
+    "MAX_PERIOD",
     "Attempts",
     "BadEntryError",
     "Fields",
@@ -109,6 +110,7 @@ __all__ = [
     "frame_entry",
     "lost_result",
     "moved_fields",
+    "read_json",
     "result_fields",
     "text",
 ]
@@ -191,15 +193,23 @@ def text(value: bytes | str | None) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+MAX_PERIOD = 300.0
+"""The longest heartbeat period (seconds) a record may state, and a client may beat at. The
+registry declares a processor dead after three of its periods of silence and a newcomer
+watches a record for three of them before taking its id over: a record written by hand with a
+huge period (``1e300``) would otherwise keep a dead processor routable, and its id held, for
+ever. A period above it reads as no period (:func:`as_period`)."""
+
+
 def as_period(value: bytes | None, default: float) -> float:
     """A record's period in seconds (``health_interval``); ``default`` when missing, not a
-    number, not finite or not positive (a record written by hand must not make its holder
-    immortal, nor keep a newcomer watching it forever)."""
+    number, not positive or above :data:`MAX_PERIOD` (a record written by hand must not make
+    its holder immortal, nor keep a newcomer watching it forever)."""
     try:
         period = float(value) if value else default
     except ValueError:
         return default
-    return period if 0 < period < math.inf else default
+    return period if 0 < period <= MAX_PERIOD else default
 
 
 def as_int(value: bytes | None, default: int) -> int:
@@ -220,7 +230,26 @@ _MAGIC: dict[str, tuple[bytes, ...]] = {
 
 
 class BadEntryError(ValueError):
-    """A frame entry that cannot be handled (reported as an ``input`` error)."""
+    """An entry read from Redis that cannot be read: a frame entry that cannot be handled
+    (reported as an ``input`` error), or a field of a result entry or a record that is not
+    the JSON it should hold (:func:`read_json`)."""
+
+
+def read_json(raw: bytes | str, what: str) -> Any:
+    """The JSON value of field ``what`` of an entry or record written by anyone with access
+    to Redis. Whatever the bytes, the only error is :class:`BadEntryError` naming ``what`` and
+    why: not UTF-8, not JSON, or nested too deeply for the parser (which would otherwise
+    raise :class:`RecursionError` out of whatever task read the entry)."""
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except RecursionError:
+        raise BadEntryError(f"{what} is JSON nested too deeply to be read") from None
+    except UnicodeDecodeError as exc:
+        raise BadEntryError(
+            f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    except ValueError as exc:
+        raise BadEntryError(f"{what} is not JSON ({exc}): {text(raw[:200])!r}") from None
 
 
 def decode_image_data(data: bytes, fmt: str = "jpeg") -> bytes:
@@ -267,10 +296,7 @@ def check_entry(fields: Fields, image_encoding: str = "raw") -> Fields:
             raise BadEntryError(f"{name.decode()} is not a whole number: {value[:20]!r}")
     meta = fields.get(b"metadata")
     if meta:
-        try:
-            parsed = json.loads(meta)
-        except ValueError as exc:
-            raise BadEntryError(f"metadata is not JSON: {exc}") from exc
+        parsed = read_json(meta, "metadata")
         if not isinstance(parsed, dict):
             raise BadEntryError(f"metadata is not a JSON object: {meta[:40]!r}")
     data = dict(fields)
@@ -514,11 +540,9 @@ def _result_data(raw: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
     if not raw:
         return None, None
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, f"its result is not UTF-8 text ({exc.reason} at byte {exc.start})"
-    except ValueError as exc:
-        return None, f"its result is not JSON ({exc}): {text(raw[:200])!r}"
+        data = read_json(raw, "its result")
+    except BadEntryError as exc:
+        return None, str(exc)
     if data is None:
         return None, None
     if not isinstance(data, dict):

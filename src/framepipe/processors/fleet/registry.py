@@ -28,10 +28,12 @@ from framepipe.processors.fleet.identity import pid_namespace
 from framepipe.processors.fleet.outages import unavailable
 from framepipe.processors.fleet.protocol import (
     GROUP,
+    BadEntryError,
     Keys,
     ProcessorState,
     as_int,
     as_period,
+    read_json,
     text,
 )
 from framepipe.processors.fleet.shown import loggable
@@ -252,9 +254,9 @@ class Registration:
     def update(self, h: Mapping[bytes, bytes], now: float) -> None:
         """Take the record ``h`` as read at ``now`` (monotonic)."""
         try:
-            caps = json.loads(h.get(b"capabilities") or b"[]")
-        except ValueError:
-            caps = []
+            caps = read_json(h.get(b"capabilities") or b"[]", "capabilities")
+        except BadEntryError:
+            caps = []  # (a record without capabilities: nothing is routed to it)
         self.capability_order = tuple(str(c) for c in caps) if isinstance(caps, list) else ()
         self.capabilities = frozenset(self.capability_order)
         self.capacity = max(1, as_int(h.get(b"capacity"), 1))

@@ -18,6 +18,8 @@ A reaper's announcement that it moved the entry of a request to another processo
 (:class:`~framepipe.processors.fleet.protocol.Moved`, read before any result of the new entry)
 adds the new entry to that request's entries: the request in flight under the frame id when
 the token is its own, else an ended one (:class:`Ended`).
+An entry whose handling fails is logged and left (:meth:`ReplyReader.take`): the reader never
+stops before the registry closes, and a result it matched to a request still reaches its call.
 Entries read are trimmed by the health watch (:meth:`ReplyReader.trim`), not one by one.
 """
 
@@ -149,7 +151,21 @@ class ReplyReader:
                 for mid, fields in stream_entries(reply):
                     last = self.read = mid
                     if fields is not None:
-                        self.on_reply(fields)
+                        self.take(mid, fields)
+
+    def take(self, mid: bytes | str, fields: Mapping[bytes, bytes]) -> None:
+        """Take reply entry ``mid``; one whose handling fails (anyone with access to Redis can
+        write to the stream) is logged and left, never the end of the reader: every later
+        call of the registry depends on it. A result matched to its request reaches its call
+        even then (:meth:`on_reply`)."""
+        try:
+            self.on_reply(fields)
+        except Exception:
+            self.registry.log.exception(
+                "reply entry %s: taking it failed (frame %s); going on with the next",
+                loggable(mid),
+                loggable(fields.get(b"frame_id")) or "?",
+            )
 
     def on_reply(self, fields: Mapping[bytes, bytes]) -> None:
         """Take one reply entry."""
@@ -176,14 +192,16 @@ class ReplyReader:
                 loggable(result.entry_id),
             )
             return
-        proc = registry._procs.get(result.processor_id)
-        if proc is not None:
-            proc.breaker.record(result.ok, result.error_kind, result.error)
-        track.entries.append((result.processor_id, result.entry_id))  # remembered as ended's
-        registry._inflight.release(track)
-        received(result, track)
-        if track.future is not None and not track.future.done():
-            track.future.set_result(result)
+        try:
+            proc = registry._procs.get(result.processor_id)
+            if proc is not None:
+                proc.breaker.record(result.ok, result.error_kind, result.error)
+            track.entries.append((result.processor_id, result.entry_id))  # as ended's
+            registry._inflight.release(track)
+            received(result, track)
+        finally:  # (the call has its result even when the bookkeeping failed)
+            if track.future is not None and not track.future.done():
+                track.future.set_result(result)
 
     def on_moved(self, moved: Moved) -> None:
         """Take a reaper's announcement: its new entry is one more entry of the request it
