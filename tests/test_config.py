@@ -270,6 +270,10 @@ SECRET = "S3cretPW"
         ("FRAMEPIPE_BROKER_URL", "redis:/127.0.0.1:6379/0", "it begins 'redis:/'"),
         ("FRAMEPIPE_BROKER_URL", f"bogus://:{SECRET}@x", "it begins 'bogus://'"),
         ("FRAMEPIPE_BROKER_URL", f"{SECRET}@127.0.0.1", "not a broker URL"),
+        # a '/' in a password ends urllib's host part early: its "port" was the password
+        ("FRAMEPIPE_BROKER_URL", f"redis://:{SECRET}/x@127.0.0.1:6379/0", "must be percent-enc"),
+        ("FRAMEPIPE_BROKER_URL", f"amqp://u:{SECRET}#x@127.0.0.1:5672/", "must be percent-enc"),
+        ("FRAMEPIPE_BROKER_URL", f"rediss://u:{SECRET}@127.0.0.1:63x79/0", "do not parse"),
         ("FRAMEPIPE_OBJECTS_URL", f"bogus://u:{SECRET}@x", "scheme 'bogus'"),
         ("FRAMEPIPE_OBJECTS_URL", f"s3://k:{SECRET}@bucket/x", "carries credentials"),
         ("FRAMEPIPE_OBJECTS_URL", f"s3://bucket/x?secret={SECRET}", "unknown option 'secret'"),

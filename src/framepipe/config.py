@@ -63,6 +63,7 @@ from framepipe.config_sections import (
 )
 from framepipe.errors import ConfigError
 from framepipe.redis import REDIS_SCHEMES
+from framepipe.urls import split_url
 
 __all__ = [
     "BROKER_SCHEMES",
@@ -219,3 +220,8 @@ def _check_broker_url(settings: SettingsSection) -> None:
             f"({url_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
             "unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
         )
+    if not url.startswith(("unix:", "memory:")):
+        try:
+            split_url(url, "broker URL")
+        except ConfigError as exc:
+            raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None

@@ -9,10 +9,10 @@ and :mod:`framepipe.mqtt` take their names from here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from framepipe.errors import ConfigError
-from framepipe.urls import safe_url
+from framepipe.urls import safe_url, split_url
 
 __all__ = ["MqttTarget", "parse_mqtt_url", "topic_level", "unfit_in_topic"]
 
@@ -60,17 +60,8 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     prefix may have several levels (``home/framepipe``); the default is ``framepipe``. Raises
     :class:`ConfigError` naming the URL (password masked) and the part that is wrong."""
     shown = safe_url(url)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        # urllib's message repeats the host part, which holds the password when it was read
-        # wrongly: a '/', '?' or '#' in it ends the host part early
-        raise ConfigError(
-            f"MQTT URL {shown!r}: its host and port do not parse (a user name or password "
-            "holding '/', '?', '#', '@' or '[', or a full-width form of one, must be "
-            "percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, '[' %5B)"
-        ) from None
+    parts = split_url(url, "MQTT URL")
+    port = parts.port
     if parts.scheme not in _DEFAULT_PORTS:
         raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
     if not parts.hostname:

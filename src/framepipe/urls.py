@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import SplitResult, unquote_plus, urlsplit
+
+from framepipe.errors import ConfigError
 
 __all__ = ["safe_json", "safe_text", "safe_url", "secret_name", "secret_segment"]
 
@@ -147,3 +149,20 @@ def safe_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [safe_json(v) for v in value]
     return value
+
+
+def split_url(url: str, what: str) -> SplitResult:
+    """``url`` split, its port read; a :class:`~framepipe.errors.ConfigError` naming ``what``
+    and the URL (shown by :func:`safe_url`) when its host and port do not parse. urllib's own
+    message repeats the host part, which holds the password when it was read wrongly (a
+    ``/``, ``?`` or ``#`` in the password ends the host part early): it is never shown."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - reading it is the check
+    except ValueError:
+        raise ConfigError(
+            f"{what} {safe_url(url)!r}: its host and port do not parse (a user name or "
+            "password holding '/', '?', '#', '@' or '[', or a full-width form of one, must be "
+            "percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, '[' %5B)"
+        ) from None
+    return parts
