@@ -183,7 +183,7 @@ async def _main(prefix: str) -> int:
     os.environ.update(map_settings().environment)  # MINIO_*, DATABASE_FILE, RABBITMQ_URL
     async with JobEngine() as engine:
         ids = await import_new(engine, engine.objects, prefix)
-        print(f"{len(ids)} new upload(s) under {prefix!r} submitted")
+        print(f"{len(ids)} new upload(s) under {prefix!r} submitted: {' '.join(ids)}", flush=True)
         failed = 0
         for execution_id in ids:
             info = await engine.wait(execution_id, raise_on_failure=False)
@@ -195,4 +195,12 @@ async def _main(prefix: str) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Submit every new upload under PREFIX once.")
     parser.add_argument("prefix", help="object-key prefix of the uploads (uploads/)")
-    sys.exit(asyncio.run(_main(parser.parse_args().prefix)))
+    try:
+        sys.exit(asyncio.run(_main(parser.parse_args().prefix)))
+    except KeyboardInterrupt:  # the engine handed its running steps back
+        print(
+            "interrupted: the jobs that did not end are interrupted (framepipe jobs list); "
+            "resume each with framepipe jobs retry <id>, the importer does not submit them again",
+            file=sys.stderr,
+        )
+        sys.exit(130)
