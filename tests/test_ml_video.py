@@ -158,6 +158,7 @@ def test_an_upload_cut_off_past_its_header_fails_preprocess_once_naming_it(
     error = info.errors["preprocess"]
     assert "InvalidInputError" in error and f"{cut}: truncated" in error
     assert info.step("preprocess").attempt == 1
+    assert "submit a new job for a replaced upload" in error
 
 
 def test_a_video_shorter_than_half_a_frame_at_the_fps_asked_fails_preprocess_once(
@@ -169,7 +170,7 @@ def test_a_video_shorter_than_half_a_frame_at_the_fps_asked_fails_preprocess_onc
     assert info.status == ExecutionStatus.FAILED and info.step("preprocess").attempt == 1
     error = info.errors["preprocess"]
     assert "InvalidInputError: inputs.fps" in error and f"{one}: lasts 0.04s" in error
-    assert "fps of at least 12.5" in error
+    assert "submit it with an fps of at least 12.5" in error
     done, _, _ = run_ml(settings, one, fps=12.5)  # half a frame: one frame kept
     assert done.status == ExecutionStatus.COMPLETED
     assert done.data["preprocessed_info"]["frames"] == 1

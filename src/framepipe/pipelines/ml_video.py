@@ -312,7 +312,7 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
         if 0 < seconds * inputs.fps < 0.5:  # normalising would keep no frame
             raise InvalidInputError(
                 f"{inputs.input}: lasts {seconds:g}s, less than half a frame at fps={inputs.fps:g}:"
-                f" no frame to process; give an fps of at least {0.5 / seconds:g}",
+                f" no frame to process; submit it with an fps of at least {0.5 / seconds:g}",
                 where="inputs.fps",
             )
         try:
@@ -330,7 +330,11 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
                 raise  # the output, not the upload: maybe not the same on a retry
             # The job's copy of the upload cannot be decoded to its end (data cut off or
             # corrupt past a readable header): its bytes are pinned, so a retry reads the same.
-            raise InvalidInputError(f"{inputs.input}: {exc.reason}", where="inputs.input") from exc
+            raise InvalidInputError(
+                f"{inputs.input}: {exc.reason} (a retry decodes this job's copy again: submit a "
+                "new job for a replaced upload)",
+                where="inputs.input",
+            ) from exc
         return {"preprocessed_key": out["key"], "preprocessed_info": out["info"]}
 
 
