@@ -60,7 +60,9 @@ together on one loop. This module carries requests and routes what detectors sen
 connections are :mod:`framepipe.server.detector_connections`, the ownership of sessions and
 their metadata :mod:`framepipe.server.detector_sessions`, a waiting request and its ending
 :mod:`framepipe.server.detector_requests`, the registered types
-:mod:`framepipe.server.detector_message_types`.
+:mod:`framepipe.server.detector_message_types`. None of them imports this module: the endpoint,
+the relay and a handler's :class:`DetectorMessage` see the hub through a Protocol naming what
+each uses of it (``ServedHub``, ``RelayedHub``, ``MessageHub``).
 """
 
 from __future__ import annotations

@@ -50,11 +50,13 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from framepipe.errors import DetectorUnavailableError, InvalidInputError, MissingDependencyError
 from framepipe.logs import get_logger
 from framepipe.server.detector_messages import (
+    MessageRole,
+    Registration,
     check_hello,
     close_reason,
     error_message,
@@ -68,10 +70,9 @@ from framepipe.untrusted import dumps
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, WebSocket
+    from pydantic import BaseModel
 
-    from framepipe.server.detector import DetectorHub
-
-__all__ = ["SEND_TIMEOUT", "DetectorConnection", "mount_detector", "serve_detector"]
+__all__ = ["SEND_TIMEOUT", "DetectorConnection", "ServedHub", "mount_detector", "serve_detector"]
 
 SEND_TIMEOUT = 10.0
 """Seconds a detector's connection may take to accept one message before it is cut off: a
@@ -137,7 +138,40 @@ class DetectorConnection:
         }
 
 
-async def serve_detector(hub: DetectorHub, websocket: WebSocket, token: str | None) -> None:
+class ServedHub(Protocol):
+    """What the endpoint uses of the hub it serves
+    (:class:`~framepipe.server.detector.DetectorHub`): its settings, its listings, and the
+    hub's side of a connection (taking it on, routing what passed the checks, forgetting it),
+    which only the endpoint calls."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def hello_timeout(self) -> float: ...
+    @property
+    def session_metadata(self) -> type[BaseModel] | None: ...
+    @property
+    def max_metadata_bytes(self) -> int: ...
+    def message_types(self) -> dict[str, MessageRole]: ...
+    def detectors(self) -> list[dict[str, Any]]: ...
+    async def serve(self, websocket: WebSocket, token: str | None) -> None: ...
+    async def _attach(
+        self, conn: DetectorConnection, sessions: list[tuple[str, dict[str, Any]]]
+    ) -> list[dict[str, Any]]: ...
+    async def _detach(self, conn: DetectorConnection) -> None: ...
+    def _registration(self, message_type: str) -> Registration | None: ...
+    async def _route(
+        self,
+        conn: DetectorConnection,
+        message: dict[str, Any],
+        registered: Registration,
+        parsed: BaseModel | None,
+        session_id: str | None,
+        fields: dict[str, Any],
+    ) -> None: ...
+
+
+async def serve_detector(hub: ServedHub, websocket: WebSocket, token: str | None) -> None:
     """Run one detector connection of ``hub`` until it closes (the ``/ws/detector`` endpoint,
     :meth:`DetectorHub.serve`)."""
     if not await admit_websocket(websocket, token):
@@ -178,7 +212,7 @@ async def serve_detector(hub: DetectorHub, websocket: WebSocket, token: str | No
         _log.info("detector %s disconnected", detector_id)
 
 
-async def _dispatch(hub: DetectorHub, conn: DetectorConnection, raw: str | bytes) -> None:
+async def _dispatch(hub: ServedHub, conn: DetectorConnection, raw: str | bytes) -> None:
     """Check one message at the boundary, answering a refusal with ``error``; hand a message
     that passes to the hub."""
     session_id: str | None = None
@@ -251,7 +285,7 @@ async def _refuse(websocket: WebSocket, exc: InvalidInputError, code: int = 1008
 
 
 def mount_detector(
-    app: FastAPI, hub: DetectorHub, token: str | None, check_token: Callable[..., Awaitable[None]]
+    app: FastAPI, hub: ServedHub, token: str | None, check_token: Callable[..., Awaitable[None]]
 ) -> None:
     """Serve ``hub`` at ``/ws/detector`` and list its detectors at ``GET /api/detectors``
     (both behind the service's token)."""

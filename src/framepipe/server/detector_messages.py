@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
     import builtins
 
     from framepipe.jobs.engine import JobEngine
-    from framepipe.server.detector import DetectorHub
-    from framepipe.server.detector_endpoint import DetectorConnection
 
 __all__ = [
     "DEFAULT_MAX_METADATA_BYTES",
@@ -62,6 +60,8 @@ __all__ = [
     "MESSAGE_ROLES",
     "DetectorMessage",
     "Handler",
+    "MessageConnection",
+    "MessageHub",
     "MessageRole",
     "Registration",
     "check_hello",
@@ -91,14 +91,37 @@ HUB_MESSAGE_TYPES = frozenset({"detector:hello", "detector:welcome", "error"})
 M = TypeVar("M", bound=BaseModel)
 
 
+class MessageHub(Protocol):
+    """What a message carries of the hub it arrived at
+    (:class:`~framepipe.server.detector.DetectorHub`): its id (what
+    :func:`~framepipe.server.detector.get_hub` finds it by), the service's engine, and a
+    message to the detector owning a session."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def engine(self) -> JobEngine: ...
+    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool: ...
+
+
+class MessageConnection(Protocol):
+    """What a message carries of the connection it came on
+    (:class:`~framepipe.server.detector_endpoint.DetectorConnection`): its detector, and a
+    message back to it."""
+
+    @property
+    def detector_id(self) -> str: ...
+    async def send(self, message: Mapping[str, Any]) -> None: ...
+
+
 @dataclass
 class DetectorMessage:
     """What a handler gets: the message (as received, checked), ``parsed`` (the message
     validated by its type's model; None without one), who sent it, and the service it
     arrived at."""
 
-    hub: DetectorHub
-    connection: DetectorConnection
+    hub: MessageHub
+    connection: MessageConnection
     message: dict[str, Any]
     parsed: BaseModel | None = None
 

@@ -30,7 +30,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from framepipe.backoff import Backoff
 from framepipe.errors import DetectorError, DetectorUnavailableError, MissingDependencyError
@@ -39,14 +39,29 @@ from framepipe.outage import Outage, cause
 from framepipe.redis import namespaced
 from framepipe.urls import safe_text, safe_url
 
-if TYPE_CHECKING:
-    from framepipe.server.detector import DetectorHub
-
-__all__ = ["ProgressCallback", "Relay", "RemoteDetectorHub"]
+__all__ = ["ProgressCallback", "Relay", "RelayedHub", "RemoteDetectorHub"]
 
 _log = get_logger("server.detector")
 
 ProgressCallback = Callable[[Mapping[str, Any]], None]
+
+
+class RelayedHub(Protocol):
+    """What a :class:`Relay` uses of the hub whose requests it relays
+    (:class:`~framepipe.server.detector.DetectorHub`)."""
+
+    @property
+    def id(self) -> str: ...
+    async def send(self, session_id: str, message: Mapping[str, Any]) -> bool: ...
+    async def request(
+        self,
+        session_id: str,
+        message: Mapping[str, Any],
+        *,
+        answer_timeout: float | None = None,
+        what: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]: ...
 
 
 _ALIVE_TTL = 5
@@ -146,7 +161,7 @@ class _Outage:
 class Relay:
     """The service's side: takes workers' requests from Redis, answers through Redis."""
 
-    def __init__(self, hub: DetectorHub, url: str, namespace: str) -> None:
+    def __init__(self, hub: RelayedHub, url: str, namespace: str) -> None:
         self.hub = hub
         self.url = url
         self.requests, self.alive = _keys(namespace, hub.id)
