@@ -9,7 +9,11 @@ The importer reads the settings a worker does, the team's ``MINIO_*``, ``DATABAS
 ``RABBITMQ_URL`` mapped as :mod:`framepipe.pipelines.ml_worker` maps them; with a broker its
 jobs run on the workers (``python -m framepipe.pipelines.ml_worker``), else in it.
 
-Steps (each retried on its own; ``framepipe jobs retry <id>`` resumes at the failed one):
+Steps (each retried on its own; ``framepipe jobs retry <id>`` resumes at the failed one).
+Their weights make the execution's progress: the chunks count once ``probe`` has spawned them
+and progress never goes back, so ``probe`` weighs little (1) beside each chunk (10) and
+``aggregate`` (10): otherwise the bar would stand still at ``probe``'s share until the chunks
+caught up.
 
 - ``probe`` takes the job's own copy of the upload (``frames/<execution id>/input.<ext>``, the
   version pinned when the job was submitted: :func:`~framepipe.pipelines.ml_input.take_object`)
@@ -88,7 +92,7 @@ def _inputs(ctx: StepContext) -> FramesInputs:
     return load_inputs(FramesInputs, ctx.inputs)
 
 
-@frames_dag.step(weight=5, retries=2)
+@frames_dag.step(weight=1, retries=2)
 def probe(ctx: StepContext) -> dict[str, Any]:
     inputs = _inputs(ctx)
     path = local_input(ctx, inputs.input, where="inputs.input", declared=True)
@@ -111,7 +115,7 @@ def probe(ctx: StepContext) -> dict[str, Any]:
     return {"input_key": key, "input_info": info, "input_source": taken}
 
 
-@frames_dag.step(depends_on=["probe"], weight=85, retries=2)
+@frames_dag.step(depends_on=["probe"], weight=10, retries=2)
 def score(ctx: StepContext, start: int, count: int) -> None:
     """Frames ``start`` .. ``start + count - 1`` (``count`` 0: to the end), one in ``every``
     scored. Decodes from the first frame (a real one seeks to the key frame before
@@ -127,6 +131,8 @@ def score(ctx: StepContext, start: int, count: int) -> None:
                 ctx.check_cancelled()
                 if (n - start) % inputs.every == 0:
                     scores[str(n)] = score_frame(frame.to_ndarray(format="bgr24"))
+                if count and (n - start + 1) % 25 == 0:
+                    ctx.progress(100 * (n - start + 1) / count)
         problem = None if scores else "no frame there"
     except av.error.InvalidDataError as exc:
         problem = str(exc)
