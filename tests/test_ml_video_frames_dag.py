@@ -122,3 +122,19 @@ def test_frames_cut_off_past_the_header_fail_their_chunk_at_once(
     chunk = _chunk(info, 25)
     assert info.status == ExecutionStatus.FAILED and chunk.attempt == 1
     assert f"{cut}: frames 25.. cannot be decoded" in info.errors[chunk.key]
+
+
+def test_a_video_over_the_operators_length_limit_fails_probe_at_once(
+    dag: ModuleType, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FRAMEPIPE_MEDIA_MAX_DURATION", "1")
+    clip = make_clip(tmp_path / "long.mp4", frames=50)  # 2 s
+
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(dag.frames_dag, {"input": str(clip)}, raise_on_failure=False)
+
+    info = asyncio.run(main())
+    assert info.status == ExecutionStatus.FAILED and info.step("probe").attempt == 1
+    assert "longer than the limit of 1 s" in info.errors["probe"]
+    assert "FRAMEPIPE_MEDIA_MAX_DURATION" in info.errors["probe"]

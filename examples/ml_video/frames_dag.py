@@ -17,7 +17,8 @@ caught up.
 
 - ``probe`` takes the job's own copy of the upload (``frames/<execution id>/input.<ext>``, the
   version pinned when the job was submitted: :func:`~framepipe.pipelines.ml_input.take_object`)
-  and probes it: an empty, non-video or audio-only upload fails here for good (not retried).
+  and probes it: an empty, non-video or audio-only upload, or one over the operator's media
+  limits (``FRAMEPIPE_MEDIA_MAX_*``), fails here for good (not retried).
   It spawns one ``score`` step per ``chunk`` frames (``score:{"count":50,"start":0}`` ...).
 - ``score(start, count)`` decodes its frames, runs :func:`score_frame` (the model: replace it
   with yours) on one frame in ``every`` and writes ``frames/<id>/scores/<start>.json``. A
@@ -48,11 +49,13 @@ import av
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from framepipe import JobEngine, Pipeline, StepContext
+from framepipe import JobEngine, Pipeline, StepContext, media
 from framepipe.backends.objects import ObjectStore
-from framepipe.errors import InvalidInputError
+from framepipe.config import MediaSettings, load_section
+from framepipe.errors import InvalidInputError, MediaError
 from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, local_input
 from framepipe.jobs.ledger import Ledger
+from framepipe.media.limits import check_length, length_limit
 from framepipe.pipelines.ml_input import pin_input, probed, take_object
 from framepipe.pipelines.ml_worker import map_settings
 
@@ -104,7 +107,13 @@ def probe(ctx: StepContext) -> dict[str, Any]:
     else:
         copy = copy_local_file(path, ctx.tempdir() / path.name)
         taken = {"path": inputs.input, "size": copy.stat().st_size}
-    info = probed(inputs.input, copy, {})
+    settings = load_section(MediaSettings)
+    info = probed(inputs.input, copy, media.limits_from(settings, length=False))
+    limit = length_limit(settings.media_max_duration, settings.media_max_frame_count)
+    try:
+        check_length(inputs.input, limit, seconds=info["duration"], frames=info["frames"] or 0)
+    except MediaError as exc:
+        raise InvalidInputError(str(exc), where="inputs.input") from exc
     if path is not None:
         ctx.objects.put_file(key, copy)
     frames = int(info.get("frames") or 0)
