@@ -950,3 +950,34 @@ def test_the_hosted_stations_take_input_options_from_the_environment(tmp_path: P
     bad = load("framerate")
     assert bad.returncode != 0
     assert "ORDER_INPUT_OPTIONS 'framerate': use NAME=VALUE" in bad.stderr
+
+
+def test_a_stations_file_turned_into_a_symlink_loop_leaves_the_stop_completing_orders(
+    station_video: tuple[Path, dict[str, Any]],
+    runner_factory: Callable[..., Runner],
+    tmp_path: Path,
+) -> None:
+    """A stations file that can no longer be looked at (here a symlink loop) is logged and
+    changes nothing: the stop still completes the open order and the run ends cleanly."""
+    video, _schedule = station_video
+    stations_file = tmp_path / "stations.json"
+    stations_file.write_text(json.dumps({"station_1": str(video)}))
+    runner = runner_factory("--stations-file", str(stations_file), "--loop")
+    runner.wait_for(
+        lambda e: e["type"] == "order.started" and e["station_id"] == "station_1",
+        what="an order of station_1",
+    )
+    stations_file.unlink()
+    os.symlink(stations_file.name, stations_file)
+    wait_until(
+        "the symlink loop to be logged",
+        lambda: any(
+            f"stations file {stations_file} cannot be looked at" in line for line in runner.logs
+        ),
+        30,
+    )
+    assert runner.stop() == 0
+    started = {e["segment_id"] for e in runner.of("order.started", "station_1")}
+    done = {e["segment_id"] for e in runner.of("order.completed", "station_1")}
+    assert started and started <= done  # the one open at the stop included
+    assert runner.of("station.removed") == []

@@ -162,20 +162,23 @@ async def main_async(args: argparse.Namespace) -> int:
         raise ConfigError("no station could be started")
     tasks = []
     if args.stations_file is not None:
-        tasks.append(asyncio.create_task(watch_stations(service, args.stations_file, stop)))
+        watch = watch_stations(service, args.stations_file, stop)
+        tasks.append(asyncio.create_task(watch, name="the stations file's watch"))
     else:  # no station can be added: the run is over once every station ended
-        tasks.append(asyncio.create_task(_stop_when_all_ended(service, stop)))
+        ended = _stop_when_all_ended(service, stop)
+        tasks.append(asyncio.create_task(ended, name="the watch for every station's end"))
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.duration)
     finally:
         stop.set()
-        for task in tasks:
-            await task
-        await service.stop()
-        if args.metrics_port is not None:
-            server.shutdown()
-            thread.join(5)
+        try:
+            await _finish(tasks)
+        finally:  # (the open orders are completed whatever the tasks did)
+            await service.stop()
+            if args.metrics_port is not None:
+                server.shutdown()
+                thread.join(5)
     health = service.health()
     for name, pipeline in service.app.pipelines.items():
         read = pipeline.stats[0].frames_out if pipeline.stats else 0
@@ -189,6 +192,15 @@ async def main_async(args: argparse.Namespace) -> int:
         if p.state.value == "failed" and name not in service.invalid
     ]
     return 1 if failed else 0
+
+
+async def _finish(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for ``tasks`` (told to stop) to end; one that failed is logged, never raised: the
+    service is stopped after them either way."""
+    ended = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, outcome in zip(tasks, ended, strict=True):
+        if isinstance(outcome, BaseException):
+            log.error("%s failed", task.get_name(), exc_info=outcome)
 
 
 def _check_stations(stations: dict[str, str], stations_file: Path | None) -> None:
