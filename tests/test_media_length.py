@@ -415,3 +415,18 @@ def test_steps_that_call_the_toolkit_pass_the_operators_limits(
     for limits in (ml_video._limits, sd_pipeline.limits):
         assert limits() == expected
         assert limits(length=False) == {"max_pixels": 1_000_000}
+
+
+def test_a_video_shorter_than_half_a_frame_at_the_fps_asked_is_refused_leaving_no_output(
+    tmp_path: Path,
+) -> None:
+    """One frame at 25 fps lasts 40 ms; at 10 fps half a frame is 50 ms, so the output would
+    hold no frame: refused naming the file and the rate, not written as an empty MP4."""
+    src = make_clip(tmp_path / "one.mp4", frames=1, size=SIZE)
+    dst = tmp_path / "out.mp4"
+    with pytest.raises(MediaError, match=r"less than half a frame at 10 fps") as refused:
+        normalise(src, dst, fps=10, preset=FAST)
+    assert refused.value.path == src
+    assert not dst.exists() and list(tmp_path.iterdir()) == [src]
+    normalise(src, dst, fps=12.5, preset=FAST)  # 40 ms is half a frame at 12.5 fps: one frame
+    assert probe(dst).frames == 1

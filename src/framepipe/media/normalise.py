@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+from framepipe.errors import MediaError
 from framepipe.media.atomic import atomic_output
 from framepipe.media.decoding import decode_source, open_video
 from framepipe.media.limits import (
@@ -73,7 +74,8 @@ def normalise(
     ``progress`` gets 0-100 (output frames done / expected). The write is atomic. A file whose
     header announces more frames, or a longer video, than can be decoded (a truncated upload)
     is a :class:`MediaError`, not a short output (see
-    :func:`~framepipe.media.decoding.decode_source`)."""
+    :func:`~framepipe.media.decoding.decode_source`); so is a video shorter than half a frame
+    at ``fps``, whose output would hold no frame."""
     src, dst = Path(src), Path(dst)
     limit = pixel_limit(max_pixels)
     length = length_limit(max_duration, max_frame_count)
@@ -103,8 +105,17 @@ def normalise(
                 guard=LengthGuard(src, length, "its output", writing=True),
             ) as writer,
         ):
+            written = 0
             for frame in turn.frames(resample(source.frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
+                written += 1
+            if written == 0:  # nothing is left at dst: an empty MP4 is no video
+                raise MediaError(
+                    src,
+                    f"its video lasts less than half a frame at {float(out_rate):g} fps "
+                    f"({0.5 / float(out_rate):.3g} s), so the output would hold no frame: "
+                    "ask for a higher fps, or none to keep its own rate",
+                )
     report.finish()
     return dst
