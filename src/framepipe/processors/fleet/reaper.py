@@ -43,7 +43,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from framepipe.errors import (
     CircuitOpenError,
@@ -70,10 +70,13 @@ from framepipe.redis.scripts import MARK_DEAD_LUA, REPLY_STREAM_TTL, Script
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from framepipe.processors.fleet.inflight import Track
-    from framepipe.processors.fleet.routing import ProcessorRegistry
+    from framepipe.logs import ComponentLogger
+    from framepipe.processors.fleet.inflight import InFlight, Track
+    from framepipe.processors.fleet.protocol import Keys
+    from framepipe.processors.fleet.registry import Registrations
+    from framepipe.redis.wire import Wire
 
-__all__ = ["MOVE_LUA", "REAPER", "TAKE_NEW_LUA", "Reaper"]
+__all__ = ["MOVE_LUA", "REAPER", "TAKE_NEW_LUA", "ReapedRegistry", "Reaper"]
 
 REAPER = "framepipe-reaper"
 """The consumer name the registry takes a dead processor's undelivered entries under."""
@@ -138,11 +141,56 @@ MOVE = Script(MOVE_LUA)
 _BATCH = 200
 
 
+class _Trimmed(Protocol):
+    """The reply stream, trimmed at every tick
+    (:class:`~framepipe.processors.fleet.replies.ReplyReader`)."""
+
+    async def trim(self) -> None: ...
+
+
+class ReapedRegistry(Protocol):
+    """What the health watch uses of its registry
+    (:class:`~framepipe.processors.fleet.routing.ProcessorRegistry`): its settings, its
+    route connection, its mirror of the processors, its frames in flight and its reply
+    stream."""
+
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def reply_stream(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def poll_interval(self) -> float: ...
+    @property
+    def heartbeat_timeout(self) -> float: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def log(self) -> ComponentLogger: ...
+    @property
+    def _closed(self) -> bool: ...
+    @property
+    def _routes(self) -> Wire | None: ...
+    @property
+    def _mirror(self) -> Registrations: ...
+    @property
+    def _procs(self) -> Mapping[str, Registration]: ...
+    @property
+    def _inflight(self) -> InFlight: ...
+    @property
+    def _routed(self) -> Mapping[str, Track]: ...
+    @property
+    def _reader(self) -> _Trimmed: ...
+    def _require(self) -> Redis: ...
+    async def refresh(self) -> object: ...
+
+
 class Reaper:
     """The health watch of one registry (its collaborator: it reads and changes the
     registry's mirror and its frames in flight, and routes through it)."""
 
-    def __init__(self, registry: ProcessorRegistry) -> None:
+    def __init__(self, registry: ReapedRegistry) -> None:
         self.registry = registry
         self._waiting_logged: set[str] = set()
         self._failing: set[str] = set()  # processors whose last check Redis refused (logged)

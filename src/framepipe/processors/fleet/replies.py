@@ -29,7 +29,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Container, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from framepipe.processors.fleet.outages import REDIS_ERRORS, denied, kind, outage, unavailable
 from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
@@ -38,9 +38,22 @@ from framepipe.processors.fleet.spans import received
 from framepipe.redis.streams import stream_entries
 
 if TYPE_CHECKING:
-    from framepipe.processors.fleet.routing import ProcessorRegistry
+    from redis.asyncio import Redis
 
-__all__ = ["ENDED_FRAMES", "ENDED_PER_FRAME", "ENDED_TTL", "Ended", "ReplyReader"]
+    from framepipe.backoff import Backoff
+    from framepipe.logs import ComponentLogger
+    from framepipe.processors.fleet.inflight import InFlight, Track
+    from framepipe.processors.fleet.registry import Registration
+    from framepipe.redis.wire import Wire
+
+__all__ = [
+    "ENDED_FRAMES",
+    "ENDED_PER_FRAME",
+    "ENDED_TTL",
+    "Ended",
+    "RepliedRegistry",
+    "ReplyReader",
+]
 
 ENDED_FRAMES = 10_000
 """How many frame ids :class:`Ended` remembers ended requests of (the latest ones)."""
@@ -91,11 +104,37 @@ class Ended:
         return got[1]
 
 
+class RepliedRegistry(Protocol):
+    """What the reply reader uses of its registry
+    (:class:`~framepipe.processors.fleet.routing.ProcessorRegistry`): its settings, its reply
+    connection, its mirror of the processors and its frames in flight."""
+
+    @property
+    def reply_stream(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def backoff(self) -> Backoff: ...
+    @property
+    def log(self) -> ComponentLogger: ...
+    @property
+    def _closed(self) -> bool: ...
+    @property
+    def _replies(self) -> Wire | None: ...
+    @property
+    def _inflight(self) -> InFlight: ...
+    @property
+    def _procs(self) -> Mapping[str, Registration]: ...
+    @property
+    def _routed(self) -> Mapping[str, Track]: ...
+    def _require(self) -> Redis: ...
+
+
 class ReplyReader:
     """The reply stream of one registry (its collaborator: it settles the registry's frames
     in flight)."""
 
-    def __init__(self, registry: ProcessorRegistry) -> None:
+    def __init__(self, registry: RepliedRegistry) -> None:
         self.registry = registry
         self.read: bytes | str = ""
         """The id of the last reply entry read."""
