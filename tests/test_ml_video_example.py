@@ -230,7 +230,7 @@ def test_the_model_script_refuses_an_unreadable_input(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert done.returncode == 2
+    assert done.returncode == 65  # EX_DATAERR: SubprocessModel does not run it again
     assert "notes.mp4" in done.stderr and "not a readable video" in done.stderr
     assert "frames_path" not in done.stdout
 

@@ -164,6 +164,47 @@ def test_subprocess_nonzero_exit_names_code_and_stderr(tmp_path: Path, clip: Pat
     assert not isinstance(err, ModelOutputError | ModelTimeoutError)
 
 
+@pytest.mark.parametrize(
+    ("code", "error", "step_error"),
+    [
+        (65, ModelRefusedError, InvalidInputError),  # EX_DATAERR: this input, never
+        (66, ModelRefusedError, InvalidInputError),  # EX_NOINPUT
+        (64, ModelSetupError, ConfigError),  # EX_USAGE: the command is wrong
+        (78, ModelSetupError, ConfigError),  # EX_CONFIG
+    ],
+)
+def test_a_script_refuses_for_good_with_a_sysexits_code(
+    tmp_path: Path, clip: Path, code: int, error: type[ModelError], step_error: type[Exception]
+) -> None:
+    """A script cannot answer HTTP 400, but it can exit with ``sysexits.h``'s codes: its
+    refusal is not retried by the adapter nor run again by a step, as a server's 4xx."""
+    script = tmp_path / "refusing_model.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        "runs = pathlib.Path(sys.argv[sys.argv.index('--output-dir') + 1]) / 'runs.txt'\n"
+        "runs.write_text(str(int(runs.read_text()) + 1 if runs.exists() else 1))\n"
+        "print('unsupported codec: prores', file=sys.stderr)\n"
+        f"sys.exit({code})\n"
+    )
+    model = SubprocessModel(script, max_retries=3, retry_initial=0.01)
+    with pytest.raises(error) as info:
+        run(model.infer(clip, output_dir=tmp_path))
+    assert (tmp_path / "runs.txt").read_text() == "1"
+    refused = info.value
+    assert refused.exit_code == code and not refused.retryable
+    assert isinstance(refused, step_error) and is_permanent(refused)
+    first = str(refused).splitlines()[0]
+    assert first.endswith(f"exited with code {code}: unsupported codec: prores")
+    assert "not run again" in str(refused)
+
+
+def test_other_exit_codes_stay_retryable(tmp_path: Path, clip: Path) -> None:
+    model = SubprocessModel(MODELS / "crash_model.py", max_retries=0)
+    with pytest.raises(ModelError) as info:
+        run(model.infer(clip, output_dir=tmp_path))
+    assert info.value.retryable and not is_permanent(info.value)
+
+
 def test_subprocess_without_frames_path_is_an_output_error(tmp_path: Path, clip: Path) -> None:
     seen: list[float] = []
     model = SubprocessModel(MODELS / "silent_model.py", max_retries=2, retry_initial=0.01)

@@ -43,6 +43,10 @@ STYLES = ("cartoon", "sketch", "invert")
 ALIASES = {"default": "cartoon", "studio": "cartoon", "anime": "cartoon"}
 
 
+EX_DATAERR = 65
+"""The exit code (``sysexits.h``) by which this script refuses its input for good."""
+
+
 class ModelInputError(Exception):
     """The input is not a decodable video (the message names the file)."""
 
@@ -155,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=lambda pct: print(f"progress: {pct}", flush=True),
         )
-    except (ModelInputError, ValueError, OSError) as exc:
+    except (ModelInputError, ValueError) as exc:  # this input, never: EX_DATAERR
         print(f"model.py: error: {exc}", file=sys.stderr)
-        return 2
+        return EX_DATAERR
+    except OSError as exc:  # a disk full, a folder away: worth another try
+        print(f"model.py: error: {exc}", file=sys.stderr)
+        return 1
     print(f"frames_path: {frames.resolve()}", flush=True)
     return 0
 

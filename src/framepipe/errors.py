@@ -498,15 +498,16 @@ class ModelOutputError(ModelError):
 
 
 class ModelSetupError(ModelError, ConfigError):
-    """A model server refused the request for its setup, not its content (HTTP 401, 403,
-    404, 405: a wrong URL or credentials): neither the adapter nor a step's retry runs it
-    again (a :class:`ConfigError`); a resume after the fix does."""
+    """A model refused the request for its setup, not its content (HTTP 401, 403, 404, 405: a
+    wrong URL or credentials; a script's exit code 64 or 78): neither the adapter nor a step's
+    retry runs it again (a :class:`ConfigError`); a resume after the fix does."""
 
 
 class ModelRefusedError(ModelError, InvalidInputError):
-    """A model server refused what it was sent (an HTTP 4xx other than those of
-    :class:`ModelSetupError` and those that mean "not now": 408, 409, 425, 429): neither the
-    adapter nor a step's retry sends it again (an :class:`InvalidInputError`)."""
+    """A model refused what it was sent (an HTTP 4xx other than those of
+    :class:`ModelSetupError` and those that mean "not now": 408, 409, 425, 429; a script's
+    exit code 65 or 66): neither the adapter nor a step's retry sends it again (an
+    :class:`InvalidInputError`)."""
 
 
 class MediaError(FramepipeError):

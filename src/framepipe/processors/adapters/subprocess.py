@@ -10,8 +10,12 @@ when the process exits, even while a process it started outside its group (which
 killed with it: it is logged as left running) still holds its output open; a non-zero exit is
 a retryable :class:`~framepipe.errors.ModelError` carrying the exit code and the last lines of
 stderr, its first line ending with stderr's last line (the cause, which an execution's
-one-line error shows); no ``frames_path`` line is a
-:class:`~framepipe.errors.ModelOutputError`.
+one-line error shows), except the ``sysexits.h`` codes by which a script refuses for good:
+65 (``EX_DATAERR``) and 66 (``EX_NOINPUT``) refuse its input
+(:class:`~framepipe.errors.ModelRefusedError`, an invalid input: neither the adapter nor a
+step's retry runs it again), 64 (``EX_USAGE``) and 78 (``EX_CONFIG``) its command or setup
+(:class:`~framepipe.errors.ModelSetupError`, a setting to fix, then resume); no
+``frames_path`` line is a :class:`~framepipe.errors.ModelOutputError`.
 
 Processes the model started itself are killed with it on timeout, cancellation and exit (its
 process group), but not when the process that started the model dies: nothing is left to
@@ -32,13 +36,26 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from framepipe.errors import ConfigError, ModelError, ModelOutputError
+from framepipe.errors import (
+    ConfigError,
+    ModelError,
+    ModelOutputError,
+    ModelRefusedError,
+    ModelSetupError,
+)
 from framepipe.pipes import lines
 from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLike
 from framepipe.sources.child import parent_death_command
 from framepipe.urls import safe_text
 
-__all__ = ["DEFAULT_ARGV", "SubprocessModel"]
+__all__ = ["DEFAULT_ARGV", "REFUSED_INPUT", "REFUSED_SETUP", "SubprocessModel"]
+
+REFUSED_INPUT = {65: "EX_DATAERR", 66: "EX_NOINPUT"}
+"""Exit codes (BSD ``sysexits.h``) by which a model script refuses its input for good: a
+:class:`~framepipe.errors.ModelRefusedError`, as an HTTP model's 400."""
+REFUSED_SETUP = {64: "EX_USAGE", 78: "EX_CONFIG"}
+"""Exit codes by which a model script says its command line or setup is wrong: a
+:class:`~framepipe.errors.ModelSetupError`, as an HTTP model's 401 or 404."""
 
 log = logging.getLogger("framepipe.models")
 
@@ -268,8 +285,25 @@ class SubprocessModel(ModelAdapter):
         stderr_tail = "\n".join(tail)
         if code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            said = f"{self.describe()} {how}" + (_stderr_part(tail) or " (no stderr)")
+            if code in REFUSED_INPUT:
+                raise ModelRefusedError(
+                    f"{said}\n(exit code {code}, {REFUSED_INPUT[code]}: the model refused its "
+                    "input; not run again)",
+                    model=self.describe(),
+                    exit_code=code,
+                    stderr_tail=stderr_tail,
+                )
+            if code in REFUSED_SETUP:
+                raise ModelSetupError(
+                    f"{said}\n(exit code {code}, {REFUSED_SETUP[code]}: the model's command or "
+                    "setup is wrong; not run again until it is fixed)",
+                    model=self.describe(),
+                    exit_code=code,
+                    stderr_tail=stderr_tail,
+                )
             raise ModelError(
-                f"{self.describe()} {how}" + (_stderr_part(tail) or " (no stderr)"),
+                said,
                 model=self.describe(),
                 retryable=True,
                 exit_code=code,
