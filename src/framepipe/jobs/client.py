@@ -16,7 +16,8 @@ client's :class:`~framepipe.jobs.engine.JobEngine`, in this process; with worker
         for summary in await client.list(status="failed"):
             print(summary.id, summary.steps_done, summary.steps_total)
 
-:class:`SyncJobClient` is the same client for code without an event loop.
+:class:`SyncJobClient` is the same client for code without an event loop. What the calls
+return is defined in :mod:`framepipe.jobs.client_types`.
 
 Guarantees of every call:
 
@@ -40,28 +41,34 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import functools
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeVar
-
-import sqlalchemy as sa
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from typing import Any, TypeVar
 
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
-from framepipe.errors import ExecutionStateError, InvalidInputError, StateStoreError
+from framepipe.errors import ExecutionStateError, InvalidInputError
 from framepipe.events import Event, EventBus
 from framepipe.jobs import records
+from framepipe.jobs.client_types import (
+    CancelResult,
+    EventPage,
+    ExecutionSummary,
+    Mode,
+    StatusFilter,
+    status_values,
+)
 from framepipe.jobs.control import request_cancel
 from framepipe.jobs.engine import JobEngine
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.pruning import FINISHED, ObjectsAfter, PrunedExecution, prune_executions
 from framepipe.jobs.recovery import recover_for
+from framepipe.jobs.retry_checks import check_retryable
+from framepipe.jobs.store_failures import database_errors
 
 __all__ = [
     "CancelResult",
@@ -73,131 +80,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Mode = Literal["embedded", "workers"]
-"""Where executions run: in the client's engine, or on ``framepipe worker`` processes."""
-StatusFilter = str | ExecutionStatus | Iterable[str | ExecutionStatus] | None
 
 MAX_PAGE = 10_000
 """The most events one :meth:`JobClient.events` page may hold."""
-
-
-# -- results ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExecutionSummary:
-    """One execution in a listing: what :class:`ExecutionInfo` holds but its steps and data,
-    with its step counts. ``inputs`` is None when the listing did not read them."""
-
-    id: str
-    pipeline: str
-    pipeline_ref: str | None
-    status: ExecutionStatus
-    inputs: dict[str, Any] | None
-    progress: float
-    error: str | None
-    owner: str | None
-    runs: int
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    steps_done: int
-    steps_total: int
-
-    @classmethod
-    def of(
-        cls, info: ExecutionInfo, steps_done: int, steps_total: int, *, with_inputs: bool
-    ) -> ExecutionSummary:
-        """The summary of ``info`` (read without its steps)."""
-        return cls(
-            id=info.id,
-            pipeline=info.pipeline,
-            pipeline_ref=info.pipeline_ref,
-            status=info.status,
-            inputs=info.inputs if with_inputs else None,
-            progress=info.progress,
-            error=info.error,
-            owner=info.owner,
-            runs=info.runs,
-            created_at=info.created_at,
-            started_at=info.started_at,
-            finished_at=info.finished_at,
-            steps_done=steps_done,
-            steps_total=steps_total,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; without ``inputs`` when they were not read."""
-        out = asdict(self)
-        if self.inputs is None:
-            del out["inputs"]
-        return out
-
-
-@dataclass(frozen=True)
-class EventPage:
-    """Stored events, oldest first; ``next`` is the ``after`` that reads the page after this
-    one (the last event's id, or the ``after`` asked for when the page is empty)."""
-
-    events: list[Event]
-    next: int
-
-    def __iter__(self) -> Iterator[Event]:
-        return iter(self.events)
-
-    def __len__(self) -> int:
-        return len(self.events)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"events": [...], "next": id}``."""
-        return {"events": [e.to_dict() for e in self.events], "next": self.next}
-
-
-@dataclass(frozen=True)
-class CancelResult:
-    """What :meth:`JobClient.cancel` did, the same in both modes. ``cancelled``: the store
-    records the execution cancelled on return (no step of it was running; ``events`` are the
-    committed ones). Otherwise its waiting steps will not start and its running steps were
-    asked to stop: by this client's engine at once, by another process's engine within its
-    heartbeat interval, by workers at their next lease renewal; the store shows ``cancelled``
-    once the last of them has ended, so a finished execution has no step running."""
-
-    execution_id: str
-    cancelled: bool
-    events: list[Event]
-
-
-def check_retryable(info: ExecutionInfo) -> None:
-    """:class:`ExecutionStateError` unless ``info`` is failed, cancelled or interrupted (worded
-    as :meth:`JobClient.retry` words it), for a caller that checks before loading code."""
-    if info.status.retryable:
-        return
-    what = (
-        "has completed; nothing to retry"
-        if info.status is ExecutionStatus.COMPLETED
-        else f"is {info.status.value} (owner {info.owner})"
-    )
-    raise ExecutionStateError(
-        f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}", execution_id=info.id
-    )
-
-
-@contextlib.contextmanager
-def _database_errors() -> Iterator[None]:
-    """A failing state database as :class:`StateStoreError` (SQLAlchemy's error its cause)."""
-    try:
-        yield
-    except sa.exc.SQLAlchemyError as exc:
-        reason = getattr(exc, "orig", None) or type(exc).__name__
-        raise StateStoreError(f"the state database failed: {reason}") from exc
-
-
-def _statuses(status: StatusFilter) -> builtins.list[str] | None:
-    if status is None:
-        return None
-    if isinstance(status, str):
-        return [str(status)]
-    return [str(s) for s in status]
 
 
 # -- the async client ---------------------------------------------------------------------------
@@ -326,7 +211,7 @@ class JobClient:
         initial steps are committed before this returns. Embedded, it runs in this client's
         engine: keep the client open until it ends (:meth:`wait`)."""
         engine = await self._ready_engine()
-        with _database_errors():
+        with database_errors():
             return await engine.submit(pipeline, inputs, ref=ref, input_roots=input_roots)
 
     async def run(
@@ -366,7 +251,7 @@ class JobClient:
         a listing's size does not depend on what clients submitted."""
         if limit < 1:
             raise InvalidInputError(f"must be at least 1, not {limit}", where="limit")
-        statuses = _statuses(status)
+        statuses = status_values(status)
         await self._recover()
         rows = await self._db(
             functools.partial(
@@ -416,7 +301,7 @@ class JobClient:
         published on :attr:`bus` as they appear."""
         engine = await self._ready_engine()
         full_id = await self._find(execution_id)
-        with _database_errors():
+        with database_errors():
             return await engine.wait(
                 full_id, raise_on_failure=raise_on_failure, poll_interval=poll_interval
             )
@@ -433,7 +318,7 @@ class JobClient:
         :class:`ExecutionStateError` (see :func:`check_retryable`); see
         :meth:`JobEngine.retry` for the rest."""
         engine = await self._ready_engine()
-        with _database_errors():
+        with database_errors():
             return await engine.retry(execution_id, pipeline, ref=ref)
 
     async def cancel(self, execution_id: str) -> CancelResult:
@@ -442,7 +327,7 @@ class JobClient:
         already cancelled: :class:`ExecutionStateError`."""
         full_id = await self._find(execution_id)
         if full_id in self._engine.active_executions:
-            with _database_errors():
+            with database_errors():
                 await self._engine.cancel(full_id)
             return CancelResult(full_id, cancelled=False, events=[])
         events = await self._db(request_cancel, self.store, full_id)
@@ -548,7 +433,7 @@ class JobClient:
         if not self._engine_started:
             async with self._lock:
                 if not self._engine_started:
-                    with _database_errors():
+                    with database_errors():
                         await self._engine.start()
                     self._engine_started = self._recovered = True
         return self._engine
@@ -569,5 +454,5 @@ class JobClient:
         return await self._db(records.find_execution, self.store, execution_id)
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        with _database_errors():
+        with database_errors():
             return await asyncio.to_thread(fn, *args)

@@ -2,10 +2,11 @@
 
 :class:`JobEngine` is the public face of the embedded mode (submit, wait, run, retry, cancel,
 interrupt) and the submitter of the distributed one (``FRAMEPIPE_BROKER_URL`` / ``jobs_mode``:
-executions are handed to ``framepipe worker`` processes through :mod:`framepipe.jobs.dispatch`
-and followed through the store). How embedded executions run is :mod:`framepipe.jobs.scheduler`
-(in-memory state, group commit), by the rules of :mod:`framepipe.jobs.rules`, the same as on
-the workers.
+executions are handed to ``framepipe worker`` processes by :mod:`framepipe.jobs.worker_handoff`
+and followed through the store by :mod:`framepipe.jobs.following`). How embedded executions run
+is :mod:`framepipe.jobs.scheduler` (in-memory state, group commit), by the rules of
+:mod:`framepipe.jobs.rules`, the same as on the workers. What a submit checks and stores is
+:mod:`framepipe.jobs.submission`; what refuses a retry, :mod:`framepipe.jobs.retry_checks`.
 
 Failure policy (fail fast): when a step fails for good, nothing new starts in its execution;
 steps already running are allowed to finish and their results are kept, so ``retry`` does not
@@ -26,51 +27,36 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from framepipe import tracing
 from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings, load_settings
-from framepipe.errors import (
-    ExecutionFailedError,
-    ExecutionStateError,
-    FramepipeError,
-    InvalidInputError,
-    PipelineDefinitionError,
-    UnknownStepError,
-)
+from framepipe.errors import ExecutionFailedError, ExecutionStateError, InvalidInputError
 from framepipe.events import Event, EventBus
 from framepipe.jobs import dispatch
-from framepipe.jobs.batches import Batch, write_batch
-from framepipe.jobs.inputs import recorded_roots
-from framepipe.jobs.keys import canonical_json
+from framepipe.jobs.batches import write_batch
+from framepipe.jobs.following import follow_stored, poll_stored
 from framepipe.jobs.memory import ExecState
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus, StepStatus
 from framepipe.jobs.ownership import give_back, take_over
 from framepipe.jobs.pipeline import Pipeline
-from framepipe.jobs.records import (
-    execution_mode,
-    execution_status,
-    get_execution,
-    list_events,
-    load_rows,
-)
+from framepipe.jobs.records import execution_mode, get_execution, load_rows
 from framepipe.jobs.recovery import recover_for
-from framepipe.jobs.rounds import Delivery
-from framepipe.jobs.rules import created_data
+from framepipe.jobs.retry_checks import (
+    check_defines_stored_steps,
+    check_retry_pipeline,
+    check_retryable,
+)
 from framepipe.jobs.scheduler import Scheduler
+from framepipe.jobs.submission import checked_inputs, new_execution
+from framepipe.jobs.worker_handoff import WorkerHandoff
 from framepipe.liveness import this_owner
 from framepipe.logs import get_logger
-from framepipe.outage import Outage
-from framepipe.untrusted import check_json, check_size
-
-if TYPE_CHECKING:
-    from framepipe.jobs.delivery import StepDelivery
 
 __all__ = ["JobEngine"]
 
-T = TypeVar("T")
 _log = get_logger("jobs.engine")
 
 
@@ -110,8 +96,9 @@ class JobEngine(Scheduler):
         self._started = False
         self._closed = False
         self._fatal: BaseException | None = None
-        self._broker: StepDelivery | None = None
-        self._publishing = Outage()  # of the broker, as publishing finds it
+        self._workers = WorkerHandoff(
+            self.store, settings=self.settings, bus=self.bus, in_db=self._in_db
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -172,8 +159,7 @@ class JobEngine(Scheduler):
                 await task
         await self._flush()
         self._close()
-        if self._broker is not None:
-            self._broker.close()
+        self._workers.close()
         if self._own_store:
             self.store.close()
 
@@ -189,17 +175,6 @@ class JobEngine(Scheduler):
         """Make ``pipeline`` known by name, for :meth:`retry` of its executions."""
         pipeline.validate()
         self._pipelines[pipeline.name] = pipeline
-
-    def _storable_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``inputs`` once checked storable: JSON within ``max_inputs_bytes``."""
-        check_json(inputs, "inputs")
-        check_size(
-            inputs,
-            "inputs",
-            limit=self.settings.max_inputs_bytes,
-            setting="FRAMEPIPE_MAX_INPUTS_BYTES",
-        )
-        return inputs
 
     async def submit(
         self,
@@ -234,22 +209,13 @@ class JobEngine(Scheduler):
         self._check_started()
         pipeline.validate()
         self.register(pipeline)
-        inputs = self._storable_inputs(dict(inputs or {}))
-        if pipeline.inputs is not None:  # paths are resolved: file system calls
-            inputs = await asyncio.to_thread(pipeline.check_inputs, inputs, input_roots=input_roots)
-        if pipeline.on_submit is not None:  # pins what the inputs name (Pipeline)
-            hook, checked = pipeline.on_submit, inputs
-            pinned = await asyncio.to_thread(lambda: hook(checked, self.objects))
-            inputs = self._storable_inputs(dict(pinned))
-        roots = (
-            None if input_roots is None else await asyncio.to_thread(recorded_roots, input_roots)
+        checked, roots = await checked_inputs(
+            pipeline,
+            dict(inputs or {}),
+            input_roots=input_roots,
+            settings=self.settings,
+            objects=lambda: self.objects,
         )
-        try:
-            canonical_json(inputs)
-        except (TypeError, ValueError) as exc:
-            raise PipelineDefinitionError(
-                f"inputs are not JSON-serialisable: {exc}", pipeline=pipeline.name
-            ) from exc
         mode = "worker" if self.settings.distributed_jobs else "embedded"
         with tracing.span(
             f"execution {pipeline.name}",
@@ -257,7 +223,7 @@ class JobEngine(Scheduler):
             attributes={"framepipe.pipeline": pipeline.name, "framepipe.mode": mode},
         ) as span:
             execution_id = await self._create(
-                pipeline, inputs, ref, roots, tracing.traceparent_of(span)
+                pipeline, checked, ref, roots, tracing.traceparent_of(span)
             )
             if span is not None:
                 span.set_attribute("framepipe.execution_id", execution_id)
@@ -274,39 +240,17 @@ class JobEngine(Scheduler):
         """Store the execution (its checked ``inputs``, its ``roots`` and the ``traceparent``
         of its submit's span) and start it, here or on the workers."""
         if self.settings.distributed_jobs:
-            return await self._submit_to_workers(
+            return await self._workers.submit(
                 pipeline, inputs, ref or pipeline.ref, roots, traceparent
             )
-        now = time.time()
-        row = {
-            "id": uuid.uuid4().hex,
-            "pipeline": pipeline.name,
-            "pipeline_ref": ref or pipeline.ref,
-            "status": ExecutionStatus.RUNNING.value,
-            "inputs": inputs,
-            "input_roots": roots,
-            "progress": 0.0,
-            "error": None,
-            "owner": self.owner,
-            "heartbeat_at": now,
-            "cancel_requested": False,
-            "runs": 1,
-            "created_at": now,
-            "started_at": now,
-            "finished_at": None,
-            "traceparent": traceparent,
-        }
-        x = ExecState(row, pipeline)
-        step_rows = [
-            x.new_step_row(step, {}, step.name, [], None, now) for step in pipeline.initial_steps
-        ]
-        batch = Batch(
-            new_executions=[row],
-            new_steps=step_rows,
-            events=[
-                Event("execution.created", now, x.id, None, created_data(pipeline.name, inputs)),
-                Event("execution.started", now, x.id, None, {"run": 1}),
-            ],
+        x, step_rows, batch = new_execution(
+            pipeline,
+            inputs,
+            ref=ref or pipeline.ref,
+            roots=roots,
+            traceparent=traceparent,
+            owner=self.owner,
+            now=time.time(),
         )
         events = await self._in_db(write_batch, self.store, batch)
         self.bus.publish(events)
@@ -340,17 +284,13 @@ class JobEngine(Scheduler):
                 if poll_interval is not None
                 else (0.05 if self.settings.distributed_jobs else 0.5)
             )
-            after = 0
-            while True:
-                status, new = await self._in_db_retried(
-                    self._poll, execution_id, after, self.bus.watched
-                )
-                if new:
-                    after = new[-1].id or after
-                    self.bus.publish(new)
-                if status.finished:
-                    break
-                await asyncio.sleep(interval)
+            await follow_stored(
+                execution_id,
+                bus=self.bus,
+                in_db=self._in_db_retried,
+                poll=self._poll,
+                interval=interval,
+            )
         info = await self._in_db_retried(get_execution, self.store, execution_id)
         if raise_on_failure and info.status is not ExecutionStatus.COMPLETED:
             raise ExecutionFailedError(
@@ -365,70 +305,7 @@ class JobEngine(Scheduler):
     def _poll(
         self, execution_id: str, after: int, with_events: bool
     ) -> tuple[ExecutionStatus, list[Event]]:
-        status = execution_status(self.store, execution_id)
-        return status, (
-            list_events(self.store, execution_id, after_id=after) if with_events else []
-        )
-
-    async def _submit_to_workers(
-        self,
-        pipeline: Pipeline,
-        inputs: dict[str, Any],
-        ref: str | None,
-        input_roots: list[str] | None,
-        traceparent: str | None,
-    ) -> str:
-        if not ref:
-            raise PipelineDefinitionError(
-                "workers load a pipeline by reference, and this one has none (defined "
-                "interactively?): define it in a module or file",
-                pipeline=pipeline.name,
-            )
-        execution_id, ready, events = await self._in_db(
-            functools.partial(
-                dispatch.submit,
-                self.store,
-                pipeline,
-                inputs,
-                ref=ref,
-                input_roots=input_roots,
-                traceparent=traceparent,
-            )
-        )
-        self.bus.publish(events)
-        await self._publish(ready)
-        _log.info(
-            "[%s/%s] execution submitted to the workers (%d step(s) ready)",
-            pipeline.name,
-            execution_id[:8],
-            len(ready),
-        )
-        return execution_id
-
-    async def _publish(self, ready: list[Delivery]) -> None:
-        """Hand ready steps to the broker (Redis or RabbitMQ, from ``broker_url``); returns once
-        it holds them. If it is down, the workers' sweep publishes them later."""
-        if not ready:
-            return
-        if self._broker is None:
-            from framepipe.jobs.delivery import open_delivery
-
-            self._broker = open_delivery(self.settings.broker_url, self.settings.broker_namespace)
-        try:
-            await self._in_db(self._broker.publish, ready)
-        except FramepipeError as exc:
-            if self._publishing.failed(exc):
-                _log.warning(
-                    "%s; the steps stay ready in the store and the workers publish them again "
-                    "(said once until the broker takes steps again)",
-                    exc,
-                )
-            else:
-                _log.debug("publishing %d step(s) failed again: %s", len(ready), exc)
-            return
-        lasted = self._publishing.answered()
-        if lasted is not None:
-            _log.info("the job broker takes steps again after %.0f s", lasted)
+        return poll_stored(self.store, execution_id, after, with_events)
 
     async def run(
         self,
@@ -472,38 +349,12 @@ class JobEngine(Scheduler):
             await self._check_retry_pipeline(info, pipeline)
             ref = ref or pipeline.ref
         if await self._in_db(execution_mode, self.store, info.id) == dispatch.MODE:
-            if pipeline is not None and not ref:
-                raise PipelineDefinitionError(
-                    "workers load a pipeline by reference, and this one has none (defined "
-                    "interactively?): define it in a module or file",
-                    pipeline=pipeline.name,
-                )
-            full_id, ready, events = await self._in_db(
-                functools.partial(dispatch.resume, self.store, info.id, ref=ref)
-            )
-            self.bus.publish(events)
-            await self._publish(ready)
-            _log.info(
-                "[%s/%s] execution resumed on the workers (%d step(s) ready)",
-                info.pipeline,
-                full_id[:8],
-                len(ready),
-            )
-            return full_id
+            return await self._workers.resume(info.id, info.pipeline, pipeline, ref)
         if info.id in self._execs:
             raise ExecutionStateError(
                 f"execution {info.id[:12]} is running in this engine", execution_id=info.id
             )
-        if not info.status.retryable:
-            what = (
-                "has completed; nothing to retry"
-                if info.status is ExecutionStatus.COMPLETED
-                else f"is {info.status.value} (owner {info.owner})"
-            )
-            raise ExecutionStateError(
-                f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}",
-                execution_id=info.id,
-            )
+        check_retryable(info)
         if pipeline is None:
             pipeline = self._pipelines.get(info.pipeline)
             if pipeline is None:
@@ -554,20 +405,9 @@ class JobEngine(Scheduler):
     async def _check_retry_pipeline(self, info: ExecutionInfo, pipeline: Pipeline) -> None:
         """Refuse ``pipeline`` for a retry of ``info`` unless it bears its name, is valid and
         defines every step it has stored."""
-        if pipeline.name != info.pipeline:
-            raise ExecutionStateError(
-                f"execution {info.id[:12]} is of pipeline '{info.pipeline}', not '{pipeline.name}'",
-                execution_id=info.id,
-            )
-        pipeline.validate()
+        check_retry_pipeline(info, pipeline)
         _row, stored_steps = await self._in_db(load_rows, self.store, info.id)
-        for r in stored_steps:
-            if pipeline.get(r["name"]) is None:
-                raise UnknownStepError(
-                    f"execution {info.id[:12]} has step {r['key']!r}, which "
-                    "the pipeline no longer defines",
-                    pipeline=pipeline.name,
-                )
+        check_defines_stored_steps(info, pipeline, stored_steps)
 
     async def cancel(self, execution_id: str) -> None:
         """Cancel an execution: nothing new starts, running steps are asked to stop, unfinished

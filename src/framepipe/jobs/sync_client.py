@@ -13,11 +13,11 @@ from framepipe.backends.objects import ObjectStore
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
 from framepipe.errors import ExecutionStateError
-from framepipe.jobs.client import (
+from framepipe.jobs.client import JobClient
+from framepipe.jobs.client_types import (
     CancelResult,
     EventPage,
     ExecutionSummary,
-    JobClient,
     Mode,
     StatusFilter,
 )
