@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from framepipe import Pipeline, StepContext
 from framepipe.backends.state import StateStore
 from framepipe.jobs.running import run_attempt
-from framepipe.processors.fleet.protocol import Outcome, ProcessorResult
+from framepipe.processors.fleet.result_entries import Outcome, ProcessorResult
 from framepipe.processors.fleet.routing import Track
 from framepipe.processors.fleet.spans import end_process_span, process_span, received, send_spans
 from framepipe.tracing import end_span

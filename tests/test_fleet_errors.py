@@ -28,8 +28,8 @@ redis_sync = pytest.importorskip("redis")
 
 from framepipe.frames import decode_jpeg  # noqa: E402
 from framepipe.processors import ProcessorRegistry  # noqa: E402
+from framepipe.processors.fleet.frame_entries import frame_entry  # noqa: E402
 from framepipe.processors.fleet.handling import about_image  # noqa: E402
-from framepipe.processors.fleet.protocol import frame_entry  # noqa: E402
 from framepipe.processors.fleet.shown import loggable  # noqa: E402
 from test_processors_remote import Detector, make_frame, serving  # noqa: E402
 

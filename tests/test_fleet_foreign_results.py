@@ -34,7 +34,8 @@ from redis.asyncio import Redis
 from framepipe.frames import Frame
 from framepipe.processors import ProcessorClient, ProcessorRegistry
 from framepipe.processors.fleet import replies
-from framepipe.processors.fleet.protocol import GROUP, MAX_PERIOD, Keys
+from framepipe.processors.fleet.field_values import MAX_PERIOD
+from framepipe.processors.fleet.keys import GROUP, Keys
 from framepipe.processors.fleet.registry import register
 
 

@@ -23,8 +23,8 @@ redis_sync = pytest.importorskip("redis")
 from fleet_processes import Processor, entry, processor_script  # noqa: E402
 from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
-from framepipe.processors.fleet.protocol import Keys, ProcessorState  # noqa: E402
-from framepipe.processors.fleet.reaper import REAPER, TAKE_NEW_LUA  # noqa: E402
+from framepipe.processors.fleet.keys import Keys, ProcessorState  # noqa: E402
+from framepipe.processors.fleet.rerouting import REAPER, TAKE_NEW_LUA  # noqa: E402
 from framepipe.processors.fleet.registry import register  # noqa: E402
 from framepipe.redis.connection import REDIS_DOWN, connect  # noqa: E402
 from framepipe.redis.wire import Wire  # noqa: E402
@@ -338,7 +338,7 @@ def test_a_reaper_whose_view_is_behind_leaves_the_frames_of_a_processor_that_cam
                 await registry.refresh()
                 seen = registry._procs["gated"]
                 seen.state = ProcessorState.DEAD  # what it saw a poll ago
-                await registry._reaper.reap(seen)
+                await registry._reaper.rerouter.reap(seen)
                 assert client.xlen(gated.stream) == 2
                 assert client.hget(f"{ns}proc:gated", "state") == b"ready"
             gated.release.set()

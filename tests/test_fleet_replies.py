@@ -31,15 +31,14 @@ from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.frames import encode_jpeg  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
 from framepipe.processors.fleet import replies  # noqa: E402
-from framepipe.processors.fleet.protocol import (  # noqa: E402
-    GROUP,
-    Keys,
+from framepipe.processors.fleet.field_values import text  # noqa: E402
+from framepipe.processors.fleet.keys import GROUP, Keys  # noqa: E402
+from framepipe.processors.fleet.registry import register  # noqa: E402
+from framepipe.processors.fleet.result_entries import (  # noqa: E402
     Outcome,
     ProcessorResult,
     result_fields,
-    text,
 )
-from framepipe.processors.fleet.registry import register  # noqa: E402
 from framepipe.redis.scripts import REPLY_STREAM_TTL  # noqa: E402
 from test_fleet_recovery import in_process  # noqa: E402
 from waiting import wait_until_async  # noqa: E402
@@ -443,7 +442,7 @@ def test_frames_the_reaper_moves_to_an_older_processor_are_answered(
             await register_as(redis, ns, "old", capacity=8)
             with OldServer(ns) as old:
                 await registry.refresh()
-                move = registry._reaper._move
+                move = registry._reaper.rerouter._move
 
                 async def move_then_wait(scripts: list[list[bytes | str]]) -> list[Any]:
                     results = await move(scripts)
@@ -454,7 +453,7 @@ def test_frames_the_reaper_moves_to_an_older_processor_are_answered(
                     )
                     return results
 
-                monkeypatch.setattr(registry._reaper, "_move", move_then_wait)
+                monkeypatch.setattr(registry._reaper.rerouter, "_move", move_then_wait)
                 await redis.hset(Keys(ns).proc("doomed"), "state", "dead")
                 await registry._reaper.tick()
                 results = await asyncio.wait_for(asyncio.gather(*calls), 30)

@@ -316,7 +316,7 @@ def test_a_long_heartbeat_period_is_not_taken_for_death() -> None:
     """The guide's ``health_check_interval`` is 30 s; its rollback plan raises it further. The
     registry waits three periods when that is longer than its ``heartbeat_timeout``."""
     from framepipe.processors.fleet.breaker import CircuitBreaker
-    from framepipe.processors.fleet.protocol import Keys
+    from framepipe.processors.fleet.keys import Keys
 
     proc = Registration("p", Keys(), CircuitBreaker.__new__(CircuitBreaker))
     proc.update({b"health_interval": b"30.0", b"last_heartbeat": b"1"}, 0.0)

@@ -539,7 +539,7 @@ from framepipe.backends.state import StateStore, executions
 from framepipe.config import Settings
 from framepipe.frames import Frame, encode_jpeg
 from framepipe.jobs.engine import JobEngine
-from framepipe.processors.fleet.protocol import frame_entry
+from framepipe.processors.fleet.frame_entries import frame_entry
 import numpy as np
 
 p = Pipeline("plain")

@@ -11,18 +11,16 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 
 from framepipe.processors.fleet.breaker import CircuitState
 from framepipe.processors.fleet.client import ProcessorClient
-from framepipe.processors.fleet.protocol import (
+from framepipe.processors.fleet.frame_entries import Routable, decode_image_data, frame_entry
+from framepipe.processors.fleet.keys import (
     DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL,
     Keys,
-    ProcessorResult,
     ProcessorState,
-    Routable,
-    decode_image_data,
-    frame_entry,
 )
 from framepipe.processors.fleet.registry import ProcessorInfo
 from framepipe.processors.fleet.remote import RemoteProcessor
+from framepipe.processors.fleet.result_entries import ProcessorResult
 from framepipe.processors.fleet.routing import ProcessorRegistry
 
 __all__ = [

@@ -12,17 +12,13 @@ import time
 from typing import TYPE_CHECKING
 
 from framepipe.processors.fleet.client_state import ClientState
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.frame_entries import Attempts
 from framepipe.processors.fleet.handling import run_frame
-from framepipe.processors.fleet.protocol import (
-    Attempts,
-    Fields,
-    Outcome,
-    lost_result,
-    result_fields,
-    text,
-)
+from framepipe.processors.fleet.result_entries import Outcome, lost_result, result_fields
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import end_process_span, process_span
+from framepipe.redis.streams import Fields
 from framepipe.tracing import parse_traceparent
 
 if TYPE_CHECKING:

@@ -24,12 +24,12 @@ import argparse
 import os
 from typing import Any
 
+from framepipe.processors.fleet.keys import DEFAULT_NAMESPACE
 from framepipe.processors.fleet.options import (
     DEFAULT_CAPACITY,
     DEFAULT_HEALTH_HOST,
     DEFAULT_HEALTH_INTERVAL,
 )
-from framepipe.processors.fleet.protocol import DEFAULT_NAMESPACE
 
 __all__ = ["add_client_arguments", "client_arguments"]
 

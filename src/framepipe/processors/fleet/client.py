@@ -47,7 +47,7 @@ Guarantees:
   another consumer (the registry takes the entries of a processor it declared dead; when none
   can take them over and the processor turns out alive, they are answered here). Each taking
   back is a delivery: an entry already delivered ``max_attempts`` times (its router's setting,
-  :class:`~framepipe.processors.fleet.protocol.Attempts`) is not run again but answered with
+  :class:`~framepipe.processors.fleet.frame_entries.Attempts`) is not run again but answered with
   an error result (``error_kind`` ``lost``) and acknowledged, so a frame that kills the process
   stops after ``max_attempts`` restarts under the same id.
 * A ``process_frame`` that raises while ``image_encoding`` was left to its default gets a

@@ -28,8 +28,11 @@ from framepipe.processors.fleet.environment import (
     processor_id_from,
     redis_url_from,
 )
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.frame_entries import Attempts
 from framepipe.processors.fleet.handling import Raised
 from framepipe.processors.fleet.health import HealthServer
+from framepipe.processors.fleet.keys import Keys, ProcessorState
 from framepipe.processors.fleet.membership import Membership
 from framepipe.processors.fleet.options import (
     DEFAULT_CAPACITY,
@@ -42,16 +45,10 @@ from framepipe.processors.fleet.outages import (
     REDIS_ERRORS,
     unavailable,
 )
-from framepipe.processors.fleet.protocol import (
-    Attempts,
-    Fields,
-    Keys,
-    ProcessorState,
-    text,
-)
 from framepipe.processors.fleet.publishing import Publisher
 from framepipe.processors.fleet.registry import set_state
 from framepipe.redis import safe_url
+from framepipe.redis.streams import Fields
 from framepipe.redis.wire import Wire
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ a task of its own, and the entries pending in its stream that it does not hold t
   registry took while it was declared dead) are queued with their delivery counts
   (:meth:`Consumer.recover`) and claimed as capacity frees up, before anything new is read.
   Each taking back is a delivery: an entry delivered ``max_attempts`` times already
-  (:class:`~framepipe.processors.fleet.protocol.Attempts`) is given up instead of run again.
+  (:class:`~framepipe.processors.fleet.frame_entries.Attempts`) is given up instead of run again.
 * An entry read or taken back past its deadline (its sender stopped waiting for it:
   :mod:`~framepipe.processors.fleet.deadlines`) is acknowledged and deleted unrun, before
   anything else is done with it.
@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.deadlines import Expiry, RedisClock
-from framepipe.processors.fleet.protocol import GROUP, Attempts, Fields, text
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.frame_entries import Attempts
+from framepipe.processors.fleet.keys import GROUP
 from framepipe.processors.fleet.registry import pending_deliveries
 from framepipe.redis.connection import ResponseError
-from framepipe.redis.streams import stream_entries
+from framepipe.redis.streams import Fields, stream_entries
 from framepipe.redis.wire import Wire
 
 if TYPE_CHECKING:

@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 from framepipe.logs import ComponentLogger, Repeats
-from framepipe.processors.fleet.protocol import GROUP, Fields, as_int
+from framepipe.processors.fleet.field_values import as_int
+from framepipe.processors.fleet.keys import GROUP
+from framepipe.redis.streams import Fields
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -29,9 +29,10 @@ from framepipe.errors import (
     NoProcessorError,
     RegistryConnectionError,
 )
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.frame_entries import Routable
 from framepipe.processors.fleet.inflight import InFlight, Track
 from framepipe.processors.fleet.outages import unavailable
-from framepipe.processors.fleet.protocol import Routable, text
 from framepipe.processors.fleet.registry import Registration, Registrations
 from framepipe.processors.fleet.sending import stream_fields
 from framepipe.processors.fleet.spans import send_spans

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from framepipe.processors.fleet.protocol import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
+from framepipe.processors.fleet.keys import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL
 
 __all__ = [
     "REDIS_SCHEMES",

@@ -2,10 +2,10 @@
 
 :func:`run_frame` never raises for the frame's sake: a malformed entry, a ``process_frame``
 that raises or runs past its timeout, and a result that is not a JSON-serialisable dict each
-become an error :class:`~framepipe.processors.fleet.protocol.Outcome` (``error_kind``
+become an error :class:`~framepipe.processors.fleet.result_entries.Outcome` (``error_kind``
 ``input``, ``processor``, ``output``), which the processor publishes like any result. An entry
 whose ``reply_to`` is not a reply stream of the processor's namespace
-(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`) is malformed too: its
+(:meth:`~framepipe.processors.fleet.keys.Keys.reply_stream_of`) is malformed too: its
 result goes to the result stream only.
 
 A ``process_frame`` that raises on every frame (a camera sending corrupt images) does not
@@ -23,14 +23,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from framepipe.logs import ComponentLogger, Repeats
-from framepipe.processors.fleet.protocol import (
-    BadEntryError,
-    Fields,
-    Keys,
-    Outcome,
-    check_entry,
-)
+from framepipe.processors.fleet.field_values import BadEntryError
+from framepipe.processors.fleet.frame_entries import check_entry
+from framepipe.processors.fleet.keys import Keys
+from framepipe.processors.fleet.result_entries import Outcome
 from framepipe.processors.fleet.shown import loggable
+from framepipe.redis.streams import Fields
 from framepipe.tracing import activate, attach_trace, detach_trace
 
 __all__ = ["FrameHandler", "Raised", "about_image", "run_frame"]

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, cast
 from framepipe.errors import ConfigError
 from framepipe.liveness import pid_gone, pid_namespace
 from framepipe.logs import ComponentLogger
-from framepipe.processors.fleet.protocol import Keys, ProcessorState, as_int, as_period, text
+from framepipe.processors.fleet.field_values import as_int, as_period, text
+from framepipe.processors.fleet.keys import Keys, ProcessorState
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

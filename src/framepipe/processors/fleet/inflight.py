@@ -25,8 +25,9 @@ from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from framepipe.errors import ResultTimeoutError
-from framepipe.processors.fleet.protocol import ProcessorResult, answers, text
+from framepipe.processors.fleet.field_values import text
 from framepipe.processors.fleet.registry import Registration
+from framepipe.processors.fleet.result_entries import ProcessorResult, answers
 
 __all__ = ["InFlight", "Track"]
 
@@ -47,7 +48,7 @@ class Track:
     ``XADD`` replied; the reaper's move of it sets it when its script replied)."""
     reply_token: str = ""
     """The request's token on the wire: only a result that echoes it is this frame's (see
-    :func:`~framepipe.processors.fleet.protocol.answers`)."""
+    :func:`~framepipe.processors.fleet.result_entries.answers`)."""
     redis_life: int = 0
     """The :attr:`InFlight.redis_life` it was routed in."""
     entries: list[tuple[str, str]] = field(default_factory=list)

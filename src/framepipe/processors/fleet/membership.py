@@ -35,8 +35,9 @@ from framepipe.errors import ConfigError
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.consuming import Consumer
 from framepipe.processors.fleet.deadlines import RedisClock
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.keys import Keys
 from framepipe.processors.fleet.outages import unavailable
-from framepipe.processors.fleet.protocol import Keys, text
 from framepipe.processors.fleet.registry import heartbeat, register
 from framepipe.redis import safe_url
 from framepipe.redis.connection import REDIS_DOWN

@@ -2,7 +2,7 @@
 settings came from.
 
 The defaults are the processor fleet's (capacity 10, base64 image data, a heartbeat every
-5 s, at most :data:`~framepipe.processors.fleet.protocol.MAX_PERIOD`). :func:`check_options`
+5 s, at most :data:`~framepipe.processors.fleet.field_values.MAX_PERIOD`). :func:`check_options`
 refuses, with :class:`ValueError` or :class:`TypeError` naming
 the option, what no processor can run with, before anything is started.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from framepipe.logs import ComponentLogger
-from framepipe.processors.fleet.protocol import MAX_PERIOD
+from framepipe.processors.fleet.field_values import MAX_PERIOD
 from framepipe.redis import safe_url
 
 __all__ = [

@@ -2,7 +2,7 @@
 one script (:data:`~framepipe.redis.scripts.PUBLISH`): to the processor's result stream (unless
 the frame gave nothing to publish) and to the reply stream of the router that sent it. A
 ``reply_to`` that is not a reply stream of the processor's namespace is never written to
-(:meth:`~framepipe.processors.fleet.protocol.Keys.reply_stream_of`; the frame's result is then
+(:meth:`~framepipe.processors.fleet.keys.Keys.reply_stream_of`; the frame's result is then
 an ``input`` error, on the result stream only).
 
 A frame entry is thus acknowledged only once its result is out (or, when Redis rejects the
@@ -20,10 +20,13 @@ import asyncio
 
 from framepipe.backoff import Backoff
 from framepipe.logs import ComponentLogger, Repeats
+from framepipe.processors.fleet.field_values import BadEntryError
+from framepipe.processors.fleet.keys import GROUP, Keys
 from framepipe.processors.fleet.outages import REDIS_ERRORS, refusal, unavailable
-from framepipe.processors.fleet.protocol import GROUP, BadEntryError, Fields, Keys, Outcome
+from framepipe.processors.fleet.result_entries import Outcome
 from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.scripts import PUBLISH
+from framepipe.redis.streams import Fields
 from framepipe.redis.wire import Wire
 
 __all__ = ["Publisher"]

@@ -24,18 +24,16 @@ from typing import TYPE_CHECKING, Any
 from framepipe.errors import CircuitOpenError, NoProcessorError
 from framepipe.logs import ComponentLogger
 from framepipe.processors.fleet.breaker import CircuitBreaker, CircuitPolicy, CircuitState
-from framepipe.processors.fleet.identity import pid_namespace
-from framepipe.processors.fleet.outages import unavailable
-from framepipe.processors.fleet.protocol import (
-    GROUP,
+from framepipe.processors.fleet.field_values import (
     BadEntryError,
-    Keys,
-    ProcessorState,
     as_int,
     as_period,
     read_json,
     text,
 )
+from framepipe.processors.fleet.identity import pid_namespace
+from framepipe.processors.fleet.keys import GROUP, Keys, ProcessorState
+from framepipe.processors.fleet.outages import unavailable
 from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import CLEANUP_LUA, HEARTBEAT_LUA

@@ -5,7 +5,7 @@ One blocking ``XREAD`` loop on the registry's own connection reads its reply str
 circuit breaker, frees the capacity its frame held and resolves the awaiting call (and is
 traced as the frame's ``result`` span: :mod:`~framepipe.processors.fleet.spans`). A result
 resolves only the request that produced it: the frame in flight under its ``frame_id`` whose
-``reply_token`` it echoes (:func:`~framepipe.processors.fleet.protocol.answers`); a result
+``reply_token`` it echoes (:func:`~framepipe.processors.fleet.result_entries.answers`); a result
 without a token (an older processor's) resolves the frame in flight under its ``frame_id``
 unless it answered an entry of an earlier request of that frame id that ended
 (:class:`Ended`, the record of those).
@@ -15,7 +15,7 @@ level and counted (:attr:`ReplyReader.dropped`); it does not count for the circu
 either: each request counts there once, by how it ended, and the end of a request whose
 result came late was counted already (its timeout, a failure).
 A reaper's announcement that it moved the entry of a request to another processor
-(:class:`~framepipe.processors.fleet.protocol.Moved`, read before any result of the new entry)
+(:class:`~framepipe.processors.fleet.result_entries.Moved`, read before any result of the new entry)
 adds the new entry to that request's entries: the request in flight under the frame id when
 the token is its own, else an ended one (:class:`Ended`).
 An entry whose handling fails is logged and left (:meth:`ReplyReader.take`): the reader never
@@ -31,8 +31,9 @@ import time
 from collections.abc import Container, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from framepipe.processors.fleet.field_values import text
 from framepipe.processors.fleet.outages import REDIS_ERRORS, denied, kind, outage, unavailable
-from framepipe.processors.fleet.protocol import Moved, ProcessorResult, text
+from framepipe.processors.fleet.result_entries import Moved, ProcessorResult
 from framepipe.processors.fleet.shown import loggable
 from framepipe.processors.fleet.spans import received
 from framepipe.redis.streams import stream_entries

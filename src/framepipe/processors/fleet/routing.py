@@ -75,19 +75,14 @@ from framepipe.errors import (
 from framepipe.logs import get_logger
 from framepipe.processors.fleet.deadlines import check_max_age, route_limits
 from framepipe.processors.fleet.dispatch import Dispatcher
+from framepipe.processors.fleet.frame_entries import DEFAULT_MAX_ATTEMPTS, Routable
 from framepipe.processors.fleet.inflight import InFlight, Track
+from framepipe.processors.fleet.keys import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL, Keys
 from framepipe.processors.fleet.outages import REDIS_ERRORS, reach, unavailable
-from framepipe.processors.fleet.protocol import (
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_NAMESPACE,
-    DEFAULT_REDIS_URL,
-    Keys,
-    ProcessorResult,
-    Routable,
-)
 from framepipe.processors.fleet.reaper import Reaper
 from framepipe.processors.fleet.registry import ProcessorInfo, Registration, Registrations
 from framepipe.processors.fleet.replies import ReplyReader
+from framepipe.processors.fleet.result_entries import ProcessorResult
 from framepipe.processors.fleet.sending import INLINE_ENCODE_PIXELS, send_entries
 from framepipe.processors.fleet.waiting import Waiting
 from framepipe.redis import safe_url

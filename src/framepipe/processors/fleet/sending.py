@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from framepipe.frames import Frame
-from framepipe.processors.fleet.protocol import Routable, entry_fields, frame_entry
+from framepipe.processors.fleet.frame_entries import Routable, entry_fields, frame_entry
 from framepipe.processors.fleet.registry import Registration
 from framepipe.redis.scripts import ROUTE
 from framepipe.redis.wire import Wire

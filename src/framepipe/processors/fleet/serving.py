@@ -15,6 +15,7 @@ from framepipe.errors import RegistryConnectionError
 from framepipe.processors.fleet.answering import Answering
 from framepipe.processors.fleet.health import HealthServer
 from framepipe.processors.fleet.identity import RUNNING, claim
+from framepipe.processors.fleet.keys import ProcessorState
 from framepipe.processors.fleet.options import (
     log_settings,
 )
@@ -25,9 +26,6 @@ from framepipe.processors.fleet.outages import (
     outage,
     reach,
     unavailable,
-)
-from framepipe.processors.fleet.protocol import (
-    ProcessorState,
 )
 from framepipe.processors.fleet.publishing import Publisher
 from framepipe.processors.fleet.registry import deregister, set_state

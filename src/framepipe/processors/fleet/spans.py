@@ -23,7 +23,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from framepipe.frames import Frame
-from framepipe.processors.fleet.protocol import Fields, Outcome, ProcessorResult, Routable, text
+from framepipe.processors.fleet.field_values import text
+from framepipe.processors.fleet.frame_entries import Routable
+from framepipe.processors.fleet.result_entries import Outcome, ProcessorResult
+from framepipe.redis.streams import Fields
 from framepipe.tracing import end_span, parse_traceparent, start_span, tracer
 
 if TYPE_CHECKING:
