@@ -22,6 +22,9 @@ SECRET = "hunter2"
         f"mqtt://user:{SECRET}#xyz@broker/fp",
         f"mqtt://user:{SECRET}\uff0fxyz@broker/fp",  # a full-width '/' (NFKC makes it '/')
         f"mqtt://user:{SECRET}\uff20xyz@broker/fp",  # a full-width '@'
+        f"mqtt://user:{SECRET}\uff20broker:1883/fp",  # a full-width '@' and no other
+        f"mqtt://us[er:{SECRET}@broker:1883/fp",  # a '[' in the user name
+        f"mqtt://ops team:{SECRET}/xyz@broker:1883/fp",  # a space in the user name
     ],
 )
 def test_a_password_the_url_parser_misreads_is_never_in_the_error(

@@ -153,16 +153,20 @@ def safe_json(value: Any) -> Any:
 
 def split_url(url: str, what: str) -> SplitResult:
     """``url`` split, its port read; a :class:`~framepipe.errors.ConfigError` naming ``what``
-    and the URL (shown by :func:`safe_url`) when its host and port do not parse. urllib's own
-    message repeats the host part, which holds the password when it was read wrongly (a
-    ``/``, ``?`` or ``#`` in the password ends the host part early): it is never shown."""
+    when its host and port do not parse. Nothing after the scheme is shown then: a URL that
+    does not parse is one whose user name and password cannot be told from its host
+    (:func:`safe_url` may not find them), and urllib's own message repeats the host part,
+    which holds the password when it was read wrongly."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - reading it is the check
     except ValueError:
+        scheme, sep, _rest = url.partition("://")
+        shown = f"{scheme}://***" if sep and scheme.isascii() and scheme.isalnum() else "***"
         raise ConfigError(
-            f"{what} {safe_url(url)!r}: its host and port do not parse (a user name or "
-            "password holding '/', '?', '#', '@' or '[', or a full-width form of one, must be "
-            "percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, '[' %5B)"
+            f"{what} {shown!r} (the rest hidden): its host and port do not parse (a user "
+            "name or password holding '/', '?', '#', '@', '[' or a space, or a full-width "
+            "form of one, must be percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, "
+            "'[' %5B, ' ' %20)"
         ) from None
     return parts
