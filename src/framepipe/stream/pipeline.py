@@ -48,7 +48,11 @@ of their own beside it: the run's tasks and its end (:mod:`framepipe.stream.run_
 capture's frames into the first queue (:mod:`framepipe.stream.intake`), the segments from the
 segmenter to their completion (:mod:`framepipe.stream.segment_flow`), the listeners
 (:mod:`framepipe.stream.pipeline_events`) and the log of failed frames
-(:mod:`framepipe.stream.processor_errors`).
+(:mod:`framepipe.stream.processor_errors`); its decisions kept apart from its state: the
+capture's supervisor (:mod:`framepipe.stream.capture_supervision`), the checks of its settings
+(:mod:`framepipe.stream.pipeline_settings`), its sinks as stages
+(:mod:`framepipe.stream.sink_stages`), its state (:mod:`framepipe.stream.pipeline_state`), its
+performance and health report (:mod:`framepipe.stream.pipeline_health`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from framepipe.backoff import Backoff
@@ -67,25 +71,28 @@ from framepipe.frames import Frame
 from framepipe.health import HealthState
 from framepipe.logs import get_logger
 from framepipe.sources.base import Source
+from framepipe.stream.capture_supervision import FAILURE_EVENTS, capture_supervisor, keepalive
+from framepipe.stream.collector import leaving
 from framepipe.stream.hop import Hop
 from framepipe.stream.intake import Intake
-from framepipe.stream.performance import Performance, failed_frames, measure
+from framepipe.stream.performance import Performance, failed_frames
 from framepipe.stream.pipeline_events import EventCallback, PipelineEvents
+from framepipe.stream.pipeline_health import health_report, pipeline_performance
+from framepipe.stream.pipeline_settings import check_settings
+from framepipe.stream.pipeline_state import pipeline_state, retried_at_cap, source_is_down
 from framepipe.stream.processor_errors import ERROR_LOG_EVERY, ProcessorErrorLog
+from framepipe.stream.queue import FrameQueue
 from framepipe.stream.run_tasks import RunTasks
-from framepipe.stream.segment import Segment, Segmenter, SegmentMarker
+from framepipe.stream.segment import Segment, Segmenter
 from framepipe.stream.segment_flow import SegmentFlow
 from framepipe.stream.shutdown import Cut, abandoned_frames, tear_down
+from framepipe.stream.sink_stages import segment_taken, sink_stages
 from framepipe.stream.sinks import Sink
 from framepipe.stream.stage import END, Stage, StageStats
-from framepipe.stream.wiring import wire
+from framepipe.stream.wiring import Wiring, wire
 from framepipe.supervise import Supervisor, SupervisorContext
 
 __all__ = ["ERROR_LOG_EVERY", "EventCallback", "StreamPipeline"]
-
-
-_DOWN = frozenset((HealthState.BACKOFF, HealthState.STALLED, HealthState.RETRYING))
-"""Capture states in which the source is down (see :attr:`StreamPipeline.source_down`)."""
 
 
 class StreamPipeline:
@@ -116,27 +123,28 @@ class StreamPipeline:
         self.source = source
         self.stages = list(stages)
         self.segmenter = segmenter
-        self.sinks = [
-            s if isinstance(s, Stage) else Stage(s, workers=max(1, s.workers), name=s.label)
-            for s in sinks
-        ]
+        self.sinks = sink_stages(sinks)
+        check_settings(
+            name,
+            max_restarts=max_restarts,
+            after_restarts=after_restarts,
+            stall_timeout=stall_timeout,
+            start_timeout=start_timeout,
+            healthy_after=healthy_after,
+            retry_delay=retry_delay,
+            teardown_timeout=teardown_timeout,
+            performance_window=performance_window,
+            names=[s.label for s in [*self.stages, *self.sinks]],
+        )
         self.stall_timeout = stall_timeout
         self.start_timeout = start_timeout
         self.backoff = backoff or Backoff(2.0, 2.0, 60.0, 0.1)
-        if max_restarts is not None and max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0 or None, got {max_restarts}")
         self.max_restarts = max_restarts
         self.healthy_after = healthy_after
         self.restart_on_end = source.live if restart_on_end is None else restart_on_end
-        if after_restarts not in ("fail", "keep_trying"):
-            raise ValueError(
-                f"after_restarts must be 'fail' or 'keep_trying', not {after_restarts!r}"
-            )
         self.after_restarts = after_restarts
         self.retry_delay = retry_delay
         self.drain_timeout = drain_timeout
-        if not teardown_timeout > 0:
-            raise ValueError(f"teardown_timeout must be > 0, got {teardown_timeout}")
         self.teardown_timeout = teardown_timeout
         """The bound of each stage's teardown after a drain cut short or a failure (see
         :mod:`framepipe.stream.shutdown`); unbounded otherwise."""
@@ -145,22 +153,18 @@ class StreamPipeline:
             name, source.source_id, self.log, [on_event] if on_event else []
         )
         source.emit = lambda kind, **data: self._events.emit(f"source.{kind}", **data)
-        names = [s.label for s in [*self.stages, *self.sinks]]
-        if len(set(names)) != len(names):
-            raise ValueError(f"pipeline {name!r}: stage names must be unique, got {names}")
         self._phase = HealthState.STOPPED
         """The run's own part of :attr:`state`: stopped, starting (setting up), running (its
         capture supervised: the state is the capture's) or failed."""
         self.last_error: str | None = None
         self.started_at: float | None = None
-        if performance_window <= 0:
-            raise ValueError(f"performance_window must be > 0, got {performance_window}")
         self._intake = Intake(performance_window)
         self.frames_out = 0
         self._segments = SegmentFlow(self._events.emit, self.log)
         self.stats: list[StageStats] = []
         self.supervisor: Supervisor | None = None
         self._hops: list[Hop] = []
+        self._wiring: Wiring | None = None  # the current or last run's queues and hops
         self._run: RunTasks | None = None  # the current or last run's
         self._error_log = ProcessorErrorLog(self.log)
         self._run_counts = (0, 0)  # frames queued in and out before this run
@@ -207,34 +211,19 @@ class StreamPipeline:
 
     @property
     def state(self) -> HealthState:
-        """The pipeline's state, decided here only. Once its capture is launched it is the
-        capture's (its supervisor's :attr:`~framepipe.health.Health.state`): ``starting``
-        until a session's first frame (after a restart too), ``running``, ``stalled``,
-        ``backoff``, ``retrying``, ``failed``; a capture that stopped (the end of a recording,
-        or :meth:`stop`) leaves the pipeline ``running`` while its queued frames drain.
-        Otherwise it is the run's own: ``stopped`` (not started, or torn down), ``starting``
-        (its stages are being set up) or ``failed`` (a setup, a task or a stage failed, or
-        the capture gave up: a failure stands until the next start)."""
-        phase, capture = self._phase, self.supervisor
-        if phase is not HealthState.RUNNING or capture is None:
-            return phase
-        state = capture.health.state
-        if state is HealthState.STOPPED:
-            return HealthState.RUNNING if self.running else HealthState.STOPPED
-        return state
+        """The pipeline's state (the rule: :mod:`framepipe.stream.pipeline_state`): its
+        capture's once launched, ``running`` while its queued frames drain after the capture
+        stopped; otherwise the run's own: ``stopped`` (not started, or torn down),
+        ``starting`` (its stages are being set up) or ``failed`` (a setup, a task or a stage
+        failed, or the capture gave up: a failure stands until the next start)."""
+        return pipeline_state(self._phase, self.supervisor, self.running)
 
     @property
     def source_down(self) -> bool:
         """True while the run's capture is down after a failure: backing off, stalled, retried
         at the backoff's cap, or started again and without a frame yet. Not at a first start
         (nor after a looped recording's pass), not once failed (see :attr:`state`)."""
-        capture = self.supervisor
-        if self._phase is not HealthState.RUNNING or capture is None:
-            return False
-        health = capture.health
-        return health.state in _DOWN or (
-            health.state is HealthState.STARTING and health.attempt > 0
-        )
+        return source_is_down(self._phase, self.supervisor)
 
     async def start(self) -> None:
         """Set the processors up, start the hops and the supervised capture; returns at once.
@@ -251,7 +240,7 @@ class StreamPipeline:
         self.last_error = None
         self._events.attach(asyncio.get_running_loop())
         self._run_counts = (self._intake.queued, self.frames_out)
-        self._build()
+        wiring = self._build()
         try:
             for hop in self._hops:
                 await hop.setup()
@@ -264,26 +253,16 @@ class StreamPipeline:
         for hop in self._hops:
             run.spawn(hop.run(), f"{self.name}:{hop.name}")
         if self.segmenter is not None:
-            assert self._seg_q is not None
-            run.spawn(self._segments.run(self._seg_q, self._sink_q.put), f"{self.name}:segmenter")
-        run.spawn(self._collect(run), f"{self.name}:collector")
-        self.supervisor = Supervisor(
-            self.source.source_id,
-            self._capture,
-            backoff=self.backoff,
-            max_attempts=None if self.max_restarts is None else self.max_restarts + 1,
-            stall_timeout=self.stall_timeout,
-            start_timeout=self.start_timeout,
-            healthy_after=self.healthy_after,
-            restart_on_end=self.restart_on_end,
-            loop=self.source.loops,
-            after_attempts=self.after_restarts,
-            retry_delay=self.retry_delay,
-            on_event=self._on_supervisor_event,
-        )
+            assert wiring.segments is not None
+            run.spawn(
+                self._segments.run(wiring.segments, wiring.sinks.put), f"{self.name}:segmenter"
+            )
+        run.spawn(self._collect(run, wiring.out), f"{self.name}:collector")
+        session = functools.partial(self._capture, wiring.first)
+        self.supervisor = capture_supervisor(self, session, self._on_supervisor_event)
         await self.supervisor.start()
         self._phase = HealthState.RUNNING
-        run.spawn(self._end_of_capture(), f"{self.name}:capture-end")
+        run.spawn(self._end_of_capture(wiring.first), f"{self.name}:capture-end")
         self._events.emit("pipeline.started", source=self.source.describe())
 
     def _fail(self, error: str) -> None:
@@ -367,10 +346,10 @@ class StreamPipeline:
 
     # -- building -------------------------------------------------------------------------------
 
-    def _build(self) -> None:
+    def _build(self) -> Wiring:
         """Queues in flow order: stages, the segmenter, sinks, the collector (see
         :mod:`framepipe.stream.wiring`)."""
-        wiring = wire(
+        wiring = self._wiring = wire(
             self.stages,
             self.sinks,
             segmented=self.segmenter is not None,
@@ -382,40 +361,25 @@ class StreamPipeline:
             on_crash=self._on_stage_crash,
             log=self.log,
         )
-        self._seg_q = wiring.segments
-        self._out_q = wiring.out
-        self._first_q = wiring.first
-        self._sink_q = wiring.sinks
         self._hops, self.stats = wiring.hops, wiring.stats
-        self._segments.new_run(self.segmenter, self._segment_taken())
+        self._segments.new_run(self.segmenter, segment_taken(self.sinks))
         self._error_log = ProcessorErrorLog(self.log)  # a new run logs its first errors
-
-    def _segment_taken(self) -> Callable[[Frame, str], bool] | None:
-        """Whether any sink holds an earlier run's frames of a segment id (None: no sink
-        can tell)."""
-        sinks = [
-            s.processor
-            for s in self.sinks
-            if isinstance(s.processor, Sink)
-            and type(s.processor).segment_taken is not Sink.segment_taken
-        ]
-        if not sinks:
-            return None
-        return lambda frame, segment_id: any(s.segment_taken(frame, segment_id) for s in sinks)
+        return wiring
 
     # -- capture --------------------------------------------------------------------------------
 
-    async def _capture(self, ctx: SupervisorContext) -> None:
-        """One session of the supervised capture (see :mod:`framepipe.stream.intake`)."""
+    async def _capture(self, first: FrameQueue, ctx: SupervisorContext) -> None:
+        """One session of the supervised capture into the run's ``first`` queue (see
+        :mod:`framepipe.stream.intake`)."""
         await self._intake.capture(
             ctx,
             self.source,
-            self._first_q,
-            keepalive=max(0.05, (self.stall_timeout or 4.0) / 4),
-            failed=lambda: failed_frames(self._stage_stats),
+            first,
+            keepalive=keepalive(self.stall_timeout),
+            failed=lambda: failed_frames(self.stats[: len(self.stages)]),
         )
 
-    async def _end_of_capture(self) -> None:
+    async def _end_of_capture(self, first: FrameQueue) -> None:
         assert self.supervisor is not None
         await self.supervisor.wait()
         health = self.supervisor.health
@@ -423,12 +387,12 @@ class StreamPipeline:
             self._phase = HealthState.FAILED
             self.last_error = health.last_error
         self._segments.ended(stopped=self._segments.stopping)  # decided as the capture ends
-        await self._first_q.put(END)
+        await first.put(END)
 
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:
         # a capture winding down after a failure: the failure's reason stands
         ended = self._run is not None and self._run.over
-        if not ended and kind in ("died", "stalled", "failed", "retrying"):
+        if not ended and kind in FAILURE_EVENTS:
             self.last_error = data.get("error") or self.last_error
         self._events.emit(f"source.{kind}", **{k: v for k, v in data.items() if k != "name"})
 
@@ -450,93 +414,49 @@ class StreamPipeline:
 
     # -- the end of the line ------------------------------------------------------------------
 
-    async def _collect(self, run: RunTasks) -> None:
-        queue = self._out_q
-        while True:
-            item = await queue.get()
-            if item is END:
-                run.drained_out()
-                return
-            if isinstance(item, SegmentMarker):
-                self._segments.complete(item.segment)
-            elif not getattr(item, "control", False):
-                self.frames_out += 1
+    async def _collect(self, run: RunTasks, queue: FrameQueue) -> None:
+        """Count the frames out (see :mod:`framepipe.stream.collector`) until the run drained."""
+        async for _frame in leaving(queue, self._segments.complete):
+            self.frames_out += 1
+        run.drained_out()
 
     # -- health ---------------------------------------------------------------------------------
 
     def performance(self) -> Performance:
-        """How well the pipeline keeps up with its source, and why not (the rule is in
-        :mod:`framepipe.stream.performance`): a paced source is judged by the rate at which
-        the pipeline takes frames in against its nominal rate over the last few seconds, a
-        source read on demand only by its failed frames. Stopped: 1; failed, or a source down
-        and retried at the backoff's cap: 0."""
-        if self.state is HealthState.FAILED:
-            return Performance(score=0.0, reason=f"the pipeline failed: {self.last_error}")
-        if self._retried_at_cap():
-            return Performance(
-                score=0.0,
-                reason=f"the source is down and retried at the backoff's cap: {self.last_error}",
-            )
-        sup = self.supervisor
-        running = (
-            self.state is not HealthState.STOPPED
-            and sup is not None
-            and sup.health.state is HealthState.RUNNING
-        )
-        return measure(
+        """How well the pipeline keeps up with its source, and why not (the rule:
+        :mod:`framepipe.stream.performance`). Stopped: 1; failed, or a source down and retried
+        at the backoff's cap: 0."""
+        return pipeline_performance(
+            state=self.state,
+            last_error=self.last_error,
+            retried_at_cap=retried_at_cap(self._phase, self.supervisor),
+            capture=self.supervisor,
+            source=self.source,
             stages=self.stages,
-            stats=self._stage_stats,
-            capture_rate=self._intake.rate.rate,
-            frames_captured=self.frames_captured,
-            nominal_fps=self.source.fps,
-            paced=self.source.paced,
-            session=self._intake.session if running else None,
-            window=self._intake.rate.window,
             sinks=self.sinks,
-            sink_stats=self.stats[len(self.stages) :],
+            stats=self.stats,
+            intake=self._intake,
         )
-
-    def _retried_at_cap(self) -> bool:
-        """The capture failed ``max_restarts`` + 1 times in a row and is retried at the
-        backoff's cap (``keep_trying``): waiting, or an attempt without a frame yet."""
-        capture = self.supervisor
-        if self._phase is not HealthState.RUNNING or capture is None:
-            return False
-        health = capture.health
-        return health.retrying_since is not None and health.state is not HealthState.RUNNING
-
-    @property
-    def _stage_stats(self) -> list[StageStats]:
-        """The counters of the stages (not the sinks): what the performance score judges."""
-        return self.stats[: len(self.stages)]
 
     def performance_score(self) -> float:
         """0-1, see :meth:`performance`."""
         return self.performance().score
 
-    def _capture_q_dropped(self) -> int:
-        return self._first_q.dropped if hasattr(self, "_first_q") else 0
-
     def health(self) -> dict[str, Any]:
         """State, performance score (and its reading), uptime, last error, source, frames
         captured and the capture's frames per second over the measuring window, per-stage
-        status."""
-        sup = self.supervisor.health.to_dict() if self.supervisor is not None else None
-        performance = self.performance()
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "performance_score": performance.score,
-            "performance": performance.to_dict(),
-            "uptime": round(time.time() - self.started_at, 3) if self.started_at else 0.0,
-            "last_error": self.last_error,
-            "source": sup,
-            "source_description": self.source.describe(),
-            "frames_captured": self.frames_captured,
-            "capture_fps": round(self._intake.rate.rate, 2),
-            "frames_out": self.frames_out,
-            "capture_dropped": self._capture_q_dropped(),
-            "segments_completed": self.segments_completed,
-            "open_segment": self.open_segment.id if self.open_segment else None,
-            "stages": [s.to_dict() for s in self.stats],
-        }
+        status (see :mod:`framepipe.stream.pipeline_health`)."""
+        return health_report(
+            name=self.name,
+            state=self.state,
+            performance=self.performance(),
+            started_at=self.started_at,
+            last_error=self.last_error,
+            capture=self.supervisor,
+            source=self.source,
+            intake=self._intake,
+            frames_out=self.frames_out,
+            capture_dropped=self._wiring.first.dropped if self._wiring is not None else 0,
+            segments=self._segments,
+            stats=self.stats,
+        )
