@@ -20,6 +20,10 @@ Guarantees:
   (the hook's own exception is its ``__cause__``).
 - Without ``onnxruntime``: a :class:`~framepipe.errors.MissingDependencyError` giving the pip
   command, when the model is made.
+
+Loading the session is in :mod:`~framepipe.processors.adapters.onnx_session`, checking the
+inputs and running them in :mod:`~framepipe.processors.adapters.onnx_inference`; this module
+holds the model's calls, its hooks and its batching.
 """
 
 from __future__ import annotations
@@ -28,20 +32,34 @@ import asyncio
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from framepipe.errors import MissingDependencyError, ModelError, ModelOutputError
+from framepipe.errors import ModelError
 from framepipe.processors.adapters.base import ModelResult
 from framepipe.processors.adapters.batching import Batcher
+from framepipe.processors.adapters.onnx_inference import (
+    InferenceStats,
+    conform,
+    run_group,
+    sample,
+    session_run,
+    shape_key,
+)
+from framepipe.processors.adapters.onnx_session import (
+    CPU,
+    GraphOptimization,
+    LoadedModel,
+    Provider,
+    Sample,
+    load_session,
+    onnxruntime,
+)
 from framepipe.processors.adapters.python import PythonModel
 from framepipe.processors.adapters.tensors import (
-    Array,
     ImageToTensor,
     Outputs,
     TensorSpec,
@@ -60,56 +78,8 @@ __all__ = [
 
 log = logging.getLogger("framepipe.models")
 
-Sample = dict[str, Array]
-GraphOptimization = Literal["disable", "basic", "extended", "all"]
-Provider = str | tuple[str, Mapping[str, Any]]
-
-CPU = "CPUExecutionProvider"
 DEFAULT_PREPROCESS = ImageToTensor()
 """Pixels in 0-1, BGR, channels first, at the image's own size."""
-
-
-def _ort() -> Any:
-    try:
-        import onnxruntime  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnx", "OnnxModel") from exc
-    return onnxruntime
-
-
-class InferenceStats:
-    """Counts of what a model ran since it was made: ``runs`` (inferences) and ``frames``
-    (samples in them); ``mean_batch`` is their ratio. Updated from any thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.runs = 0
-        self.frames = 0
-
-    def record(self, frames: int) -> None:
-        """Count one inference of ``frames`` samples."""
-        with self._lock:
-            self.runs += 1
-            self.frames += frames
-
-    @property
-    def mean_batch(self) -> float:
-        """Samples per inference (0 before the first)."""
-        with self._lock:
-            return self.frames / self.runs if self.runs else 0.0
-
-
-@dataclass
-class _Loaded:
-    """What :meth:`OnnxModel.setup` loaded: the session and what was read from it."""
-
-    session: Any
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    providers: tuple[str, ...]
-    has_batch_axis: bool
-    batchable: bool
-    batcher: Batcher[Sample, Outputs] | None = None
 
 
 class OnnxModel(PythonModel):
@@ -177,7 +147,7 @@ class OnnxModel(PythonModel):
                 "graph_optimization must be 'disable', 'basic', 'extended' or 'all', "
                 f"not {graph_optimization!r}"
             )
-        _ort()  # a missing onnxruntime is said when the model is made, not at the first frame
+        onnxruntime()  # a missing onnxruntime is said when the model is made, not at a frame
         super().__init__(self.predict, name=name)
         self.path = Path(path)
         self.requested_providers = tuple(providers)
@@ -190,7 +160,7 @@ class OnnxModel(PythonModel):
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.stats = InferenceStats()
-        self._loaded: _Loaded | None = None
+        self._loaded: LoadedModel | None = None
 
     @property
     def target(self) -> str:
@@ -230,7 +200,7 @@ class OnnxModel(PythonModel):
                     functools.partial(self._run_group, loaded),
                     size=self.batch_size,
                     max_wait=self.max_wait,
-                    group_key=_shape_key,
+                    group_key=shape_key,
                     name=f"onnx-batcher-{self.label}",
                 )
             elif self.batch_size > 1:
@@ -248,7 +218,7 @@ class OnnxModel(PythonModel):
         if loaded is not None and loaded.batcher is not None:
             loaded.batcher.close()
 
-    def _state(self) -> _Loaded:
+    def _state(self) -> LoadedModel:
         loaded = self._loaded
         if loaded is None:
             self.setup()
@@ -256,70 +226,16 @@ class OnnxModel(PythonModel):
             assert loaded is not None
         return loaded
 
-    def _load(self) -> _Loaded:
-        ort = _ort()
-        who = self.describe()
-        if not self.path.exists():
-            raise ModelError(f"{who}: no such file", model=who)
-        if not self.path.is_file():
-            raise ModelError(f"{who}: not a file", model=who)
-        options = ort.SessionOptions()
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = self.intra_op_threads
-        if self.inter_op_threads is not None:
-            options.inter_op_num_threads = self.inter_op_threads
-        for pool in ("intra_op", "inter_op"):
-            options.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(self.spin)))
-        level = ort.GraphOptimizationLevel
-        options.graph_optimization_level = {
-            "disable": level.ORT_DISABLE_ALL,
-            "basic": level.ORT_ENABLE_BASIC,
-            "extended": level.ORT_ENABLE_EXTENDED,
-            "all": level.ORT_ENABLE_ALL,
-        }[self.graph_optimization]
-        try:
-            session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=self._providers(ort)
-            )
-        except Exception as exc:
-            raise ModelError(
-                f"{who}: cannot load the model (not a valid ONNX file?): {_first_line(exc)}",
-                model=who,
-            ) from exc
-        inputs = tuple(TensorSpec.of(a) for a in session.get_inputs())
-        outputs = tuple(TensorSpec.of(a) for a in session.get_outputs())
-        has_batch_axis = bool(inputs) and all(
-            s.shape and (s.batch_dynamic or s.shape[0] == 1) for s in inputs
+    def _load(self) -> LoadedModel:
+        return load_session(
+            self.path,
+            self.describe(),
+            providers=self.requested_providers,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            graph_optimization=self.graph_optimization,
+            spin=self.spin,
         )
-        batchable = has_batch_axis and all(s.batch_dynamic for s in inputs)
-        used = tuple(session.get_providers())
-        log.info(
-            "%s loaded: inputs %s, outputs %s, providers %s",
-            who,
-            ", ".join(f"{s.name}{s.text(s.shape)}" for s in inputs),
-            ", ".join(f"{s.name}{s.text(s.shape)}" for s in outputs),
-            ", ".join(used),
-        )
-        return _Loaded(session, inputs, outputs, used, has_batch_axis, batchable)
-
-    def _providers(self, ort: Any) -> list[Provider]:
-        available = set(ort.get_available_providers())
-        chosen: list[Provider] = []
-        for provider in self.requested_providers:
-            name = provider if isinstance(provider, str) else provider[0]
-            if name in available:
-                chosen.append(provider if isinstance(provider, str) else (name, dict(provider[1])))
-            else:
-                log.warning(
-                    "%s: execution provider %s is not available in this onnxruntime "
-                    "(available: %s); skipped",
-                    self.describe(),
-                    name,
-                    ", ".join(sorted(available)),
-                )
-        if not any((p if isinstance(p, str) else p[0]) == CPU for p in chosen):
-            chosen.append(CPU)
-        return chosen
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -327,13 +243,13 @@ class OnnxModel(PythonModel):
         """One frame's result: ``postprocess(outputs, image)``; batched with other callers'
         frames when :attr:`batching`. Called from the live stage's worker threads."""
         loaded = self._state()
-        sample = self._sample(loaded, self._hook("preprocess", self.preprocess, image))
+        one = self._sample(loaded, self._hook("preprocess", self.preprocess, image))
         outputs: Outputs | None = None
         while outputs is None:
             if loaded.batcher is None:
-                outputs = self._run_group(loaded, [sample])[0]
+                outputs = self._run_group(loaded, [one])[0]
             else:
-                outputs = loaded.batcher.submit(sample)
+                outputs = loaded.batcher.submit(one)
                 if outputs is None:  # torn down meanwhile (a pipeline sharing it ended):
                     loaded = self._state()  # loaded again, as by any call after teardown
         return self._hook("postprocess", self.postprocess, outputs, image)
@@ -348,8 +264,8 @@ class OnnxModel(PythonModel):
         results: list[Outputs | None] = [None] * len(samples)
         size = self.batch_size if loaded.batchable else 1
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, sample in enumerate(samples):
-            groups.setdefault(_shape_key(sample), []).append(i)
+        for i, one in enumerate(samples):
+            groups.setdefault(shape_key(one), []).append(i)
         for indices in groups.values():
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
@@ -378,10 +294,10 @@ class OnnxModel(PythonModel):
                 f"are {sorted(names)}",
                 model=self.describe(),
             )
-        checked = {s.name: self._conform(s, feeds[s.name], s.shape) for s in loaded.inputs}
-        return dict(
-            zip([s.name for s in loaded.outputs], self._session_run(loaded, checked), strict=True)
-        )
+        who = self.describe()
+        checked = {s.name: conform(s, feeds[s.name], s.shape, who) for s in loaded.inputs}
+        outputs = session_run(loaded, checked, who, self.stats)
+        return dict(zip([s.name for s in loaded.outputs], outputs, strict=True))
 
     async def _infer_once(
         self,
@@ -416,115 +332,10 @@ class OnnxModel(PythonModel):
                 model=self.describe(),
             ) from exc
 
-    def _sample(self, loaded: _Loaded, value: Any) -> Sample:
+    def _sample(self, loaded: LoadedModel, value: Any) -> Sample:
         """``preprocess``'s answer as one checked sample (input name -> array)."""
-        if isinstance(value, Mapping):
-            given = dict(value)
-        elif len(loaded.inputs) == 1:
-            given = {loaded.inputs[0].name: value}
-        else:
-            raise ModelError(
-                f"{self.describe()}: the model has inputs "
-                f"{', '.join(repr(s.name) for s in loaded.inputs)}: preprocess must return a "
-                f"dict of them, not {type(value).__name__}",
-                model=self.describe(),
-            )
-        names = [s.name for s in loaded.inputs]
-        if set(given) != set(names):
-            raise ModelError(
-                f"{self.describe()}: preprocess gave inputs {sorted(given)}; the model's "
-                f"inputs are {sorted(names)}",
-                model=self.describe(),
-            )
-        sample: Sample = {}
-        for spec in loaded.inputs:
-            array = np.asarray(given[spec.name])
-            if not loaded.has_batch_axis:
-                sample[spec.name] = self._conform(spec, array, spec.shape)
-                continue
-            if array.ndim == len(spec.shape) and array.shape[:1] == (1,):
-                array = array[0]  # a preprocess that added the batch axis itself
-            sample[spec.name] = self._conform(spec, array, spec.shape[1:], per_sample=True)
-        return sample
+        return sample(loaded, value, self.describe())
 
-    def _conform(
-        self, spec: TensorSpec, value: Any, shape: Sequence[int | str], *, per_sample: bool = False
-    ) -> Array:
-        """``value`` converted to the input's type and checked against ``shape``."""
-        array: Array = np.asarray(value)
-        who = self.describe()
-        what = "one frame of" if per_sample else "arrays of"
-        wanted = spec.text(shape) + (" (the batch axis is added)" if per_sample else "")
-        if array.ndim != len(shape):
-            raise ModelError(
-                f"{who}: input {spec.name!r} takes {what} shape {wanted}, got an array of "
-                f"shape {tuple(array.shape)}",
-                model=who,
-            )
-        for axis, (want, got) in enumerate(zip(shape, array.shape, strict=True)):
-            if isinstance(want, int) and want != got:
-                raise ModelError(
-                    f"{who}: input {spec.name!r} takes {what} shape {wanted}, got "
-                    f"{tuple(array.shape)}: axis {axis} must be {want}, not {got}",
-                    model=who,
-                )
-        dtype = spec.dtype
-        if dtype is not None and array.dtype != dtype:
-            if not (
-                np.can_cast(array.dtype, dtype, "same_kind")
-                or (array.dtype.kind in "biu" and dtype.kind == "f")
-            ):
-                raise ModelError(
-                    f"{who}: input {spec.name!r} is {spec.type}; an array of {array.dtype} "
-                    "cannot be converted to it without loss",
-                    model=who,
-                )
-            array = array.astype(dtype)
-        return array
-
-    def _run_group(self, loaded: _Loaded, samples: list[Sample]) -> list[Outputs]:
+    def _run_group(self, loaded: LoadedModel, samples: list[Sample]) -> list[Outputs]:
         """Run samples of one shape as one batch (one sample when there is no batch axis)."""
-        if not loaded.has_batch_axis:
-            (sample,) = samples
-            names = [s.name for s in loaded.outputs]
-            return [dict(zip(names, self._session_run(loaded, sample), strict=True))]
-        n = len(samples)
-        feeds = {
-            s.name: np.stack([x[s.name] for x in samples]) if n > 1 else samples[0][s.name][None]
-            for s in loaded.inputs
-        }
-        raw = self._session_run(loaded, feeds, n)
-        per: list[Outputs] = [{} for _ in range(n)]
-        for spec, array in zip(loaded.outputs, raw, strict=True):
-            if array.ndim == 0 or array.shape[0] != n:
-                raise ModelOutputError(
-                    f"{self.describe()}: output {spec.name!r} has shape {tuple(array.shape)} "
-                    f"for a batch of {n}: its first axis is not the batch axis",
-                    model=self.describe(),
-                )
-            for i in range(n):
-                per[i][spec.name] = array[i]
-        return per
-
-    def _session_run(
-        self, loaded: _Loaded, feeds: Mapping[str, Array], frames: int = 1
-    ) -> list[Array]:
-        try:
-            outputs: list[Array] = loaded.session.run(None, dict(feeds))
-            self.stats.record(frames)
-        except Exception as exc:
-            shapes = ", ".join(f"{k}{tuple(v.shape)}" for k, v in feeds.items())
-            raise ModelError(
-                f"{self.describe()}: inference failed for input {shapes}: {_first_line(exc)}",
-                model=self.describe(),
-            ) from exc
-        return outputs
-
-
-def _shape_key(sample: Sample) -> tuple[Any, ...]:
-    return tuple((name, a.shape, a.dtype.str) for name, a in sorted(sample.items()))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        return run_group(loaded, samples, self.describe(), self.stats)
