@@ -1046,3 +1046,17 @@ def test_read_snapshots_reads_only_what_apps_write_and_skips_the_rest(tmp_path: 
         assert "…" not in shown.stdout, shown.stdout
         state = "ok" if command == "sources" else "stopped"  # the pipeline's, the app's
         assert any("mixed" in line and state in line for line in shown.stdout.splitlines())
+
+
+def test_recovery_counts_set_by_hand_are_the_ones_a_reset_forgets(tmp_path: Path) -> None:
+    """``app.restart_attempts = {...}`` (an operator's manual count, as the doorbell's
+    manager sets it) replaces the counts the recoveries read: a reset of one pipeline or of
+    all forgets them, and a new count lands in what the attribute shows."""
+    app = App("t", settings=Settings(home=tmp_path))
+    app.restart_attempts = {"cam": 3, "door": 1}
+    app.reset_recovery("cam")
+    assert app.restart_attempts == {"door": 1}
+    app.reset_recovery()
+    assert app.restart_attempts == {}
+    app.restart_attempts = {"cam": 2}
+    assert app._recoveries.attempts is app.restart_attempts

@@ -47,3 +47,28 @@ def test_a_late_answer_or_progress_does_not_bring_an_ended_session_back(tmp_path
         assert recv(ws) == {"type": "level:ok", "session_id": "card-2"}
         assert [s["session_id"] for s in detectors(server)[0]["sessions"]] == ["card-2"]
         assert hub.owner("card-1") == "reader"  # still refused to other detectors
+
+
+def test_a_handler_that_changed_its_message_and_failed_is_answered_with_an_error(
+    tmp_path: Path,
+) -> None:
+    """The error a failed handler's detector gets names the message as it came, even when
+    the handler took the type out of it (to forward the rest) before it raised; the detector
+    stays connected and its next message is handled."""
+    hub = DetectorHub("sessions-test-2", reconnect_wait=1)
+
+    async def on_level(msg: DetectorMessage) -> None:
+        msg.message.pop("type")
+        if msg.message["percent"] > 50:
+            raise ValueError("boom")
+        await msg.reply({"type": "level:ok", "session_id": msg.message["session_id"]})
+
+    hub.register_message("level", Level, on_level)
+    settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 's.db'}")
+    with Server(settings, detector_hub=hub) as server, connect(server) as ws:
+        assert hello(ws, "reader")["type"] == "detector:welcome"
+        ws.send(json.dumps({"type": "level", "session_id": "card-1", "percent": 90}))
+        error = recv(ws)
+        assert error["type"] == "error" and error["detail"] == "level failed: boom"
+        ws.send(json.dumps({"type": "level", "session_id": "card-1", "percent": 10}))
+        assert recv(ws) == {"type": "level:ok", "session_id": "card-1"}

@@ -100,8 +100,6 @@ class App:
             self._kept,
             lambda: self.max_restart_attempts,
         )
-        self.restart_attempts = self._recoveries.attempts
-        """Each pipeline's recoveries in a row (forgotten once it ran healthy)."""
         self._reports = SnapshotWriter(self.log)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self.paused: set[str] = set()
@@ -115,6 +113,17 @@ class App:
         self.registry = metrics_registry(lambda: list(self.pipelines.values()))
         self.mqtt: Any = None
         """The :class:`~framepipe.mqtt.MqttEventSink` of setting ``mqtt_url`` while running."""
+
+    @property
+    def restart_attempts(self) -> dict[str, int]:
+        """Each pipeline's recoveries in a row (forgotten once it ran healthy). Setting it
+        (``app.restart_attempts = {}``, a manual reset) replaces the counts the recoveries
+        read, in one place."""
+        return self._recoveries.attempts
+
+    @restart_attempts.setter
+    def restart_attempts(self, counts: dict[str, int]) -> None:
+        self._recoveries.attempts = dict(counts)
 
     # -- events ---------------------------------------------------------------------------------
 

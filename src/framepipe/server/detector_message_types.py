@@ -69,13 +69,13 @@ class MessageTypes:
 async def handle(handler: Handler, message: DetectorMessage, session_id: str | None) -> None:
     """Give ``message`` (about ``session_id``, if any) to ``handler``, its type's (see the
     module for a handler that raises)."""
-    try:
+    kind, connection, detector = message.type, message.connection, message.detector_id
+    try:  # what the error names is taken first: the handler may change the message
         await handler(message)
     except DetectorUnavailableError:
         raise
     except Exception as exc:
-        kind = message.type
-        _log.exception("handler of %s from detector %s failed", kind, message.detector_id)
-        await message.connection.send(
+        _log.exception("handler of %s from detector %s failed", kind, detector)
+        await connection.send(
             {"type": "error", "detail": f"{kind} failed: {exc}", "session_id": session_id}
         )
