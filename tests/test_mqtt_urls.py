@@ -44,3 +44,22 @@ def test_a_password_the_url_parser_misreads_is_never_in_the_error(
 def test_a_percent_encoded_password_with_those_characters_is_read_whole() -> None:
     target = parse_mqtt_url("mqtt://user:a%2Fb%3Fc%23d%40e@broker/fp")
     assert (target.host, target.username, target.password) == ("broker", "user", "a/b?c#d@e")
+
+
+def test_a_sinks_settings_are_read_from_their_one_owner_and_cannot_be_changed() -> None:
+    """The topic prefix, labels and queue bound are each held once (the counts, health and
+    events topics cannot drift apart): read them, but a change is refused, not half-made."""
+    pytest.importorskip("aiomqtt")
+    from framepipe.mqtt import MqttEventSink
+
+    sink = MqttEventSink("mqtt://broker/home/fp?labels=segment:visitor", max_pending=5)
+    assert (sink.prefix, sink.available_topic, sink.max_pending) == (
+        "home/fp",
+        "home/fp/available",
+        5,
+    )
+    assert dict(sink.labels) == {"segment": "visitor"}
+    with pytest.raises(AttributeError):
+        sink.prefix = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        sink.labels["order"] = "orders"  # type: ignore[index]

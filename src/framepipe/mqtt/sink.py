@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from prometheus_client.registry import CollectorRegistry
@@ -23,7 +24,7 @@ from framepipe.mqtt.cameras import HEALTH_EVENTS, AppView, Cameras, encode
 from framepipe.mqtt.metrics import SinkCollector
 from framepipe.mqtt.pending import PendingEvents
 from framepipe.mqtt.writer import Writer
-from framepipe.mqtt_urls import parse_mqtt_url
+from framepipe.mqtt_urls import MqttTarget, parse_mqtt_url
 from framepipe.urls import safe_url
 
 __all__ = ["AttachableApp", "MqttEventSink"]
@@ -73,36 +74,72 @@ class MqttEventSink:
             target = replace(target, client_id=client_id)
         if max_pending < 1 or health_interval <= 0 or publish_timeout <= 0:
             raise ValueError("max_pending must be >= 1, health_interval and publish_timeout > 0")
-        self.target = target
         self.url = safe_url(url)
         """The URL with its password masked."""
-        self.prefix = target.prefix
-        self.labels = {**dict(target.labels), **(labels or {})}
-        self.max_pending = max_pending
-        self.backoff = backoff or Backoff(0.5, 2.0, 10.0, 0.1)
-        self.health_interval = health_interval
-        self.publish_timeout = publish_timeout
-        self.client_id = target.client_id or (
+        client_id = target.client_id or (
             f"framepipe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self.app: AttachableApp | None = None
         self._log = get_logger("events.mqtt")
-        self._cameras = Cameras(self.prefix, self.labels)
+        self._cameras = Cameras(target.prefix, {**dict(target.labels), **(labels or {})})
         self._pending = PendingEvents(max_pending, self.url, self._log)
         self._writer = Writer(
             aiomqtt,
             target,
             url=self.url,
-            client_id=self.client_id,
+            client_id=client_id,
             pending=self._pending,
             cameras=self._cameras,
-            backoff=self.backoff,
+            backoff=backoff or Backoff(0.5, 2.0, 10.0, 0.1),
             health_interval=health_interval,
             publish_timeout=publish_timeout,
             log=self._log,
         )
         self._detach: Callable[[], None] | None = None
         self._collector: SinkCollector | None = None
+
+    # Each setting has one owner, read through these (none can be changed once made: a
+    # new sink takes new settings).
+
+    @property
+    def target(self) -> MqttTarget:
+        """The broker, prefix, QoS and client id the URL named."""
+        return self._writer.target
+
+    @property
+    def prefix(self) -> str:
+        """The topic prefix (``framepipe``, ``home/framepipe``)."""
+        return self._cameras.prefix
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        """Segmenter labels renamed in the topics (``segment`` -> ``visitor``)."""
+        return MappingProxyType(self._cameras.labels)
+
+    @property
+    def max_pending(self) -> int:
+        """The most event messages queued; past it the oldest is dropped."""
+        return self._pending.max_pending
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id."""
+        return self._writer.client_id
+
+    @property
+    def backoff(self) -> Backoff:
+        """The delays between connection attempts."""
+        return self._writer.backoff
+
+    @property
+    def health_interval(self) -> float:
+        """Seconds between health messages."""
+        return self._writer.health_interval
+
+    @property
+    def publish_timeout(self) -> float:
+        """Seconds a publish may take before the connection is taken for lost."""
+        return self._writer.publish_timeout
 
     @property
     def available_topic(self) -> str:
