@@ -176,6 +176,23 @@ def test_a_video_shorter_than_half_a_frame_at_the_fps_asked_fails_preprocess_onc
     assert done.data["preprocessed_info"]["frames"] == 1
 
 
+def test_the_fps_suggested_for_a_too_short_video_keeps_a_frame(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One frame at 3 fps lasts 1/3 s: half a frame needs 1.5 fps, which ``:g`` would show as
+    exactly that and the same check then refuses (1.5 x 0.33333 < 0.5); the fps suggested is
+    rounded up, so a job submitted with it keeps the frame."""
+    monkeypatch.setenv("MODEL_ADAPTER_TYPE", "mock")
+    one = make_clip(tmp_path / "third.mp4", frames=1, fps=3)
+    info, _, _ = run_ml(settings, one, fps=1)
+    assert info.status == ExecutionStatus.FAILED
+    found = re.search(r"submit it with an fps of at least ([0-9.]+)", info.errors["preprocess"])
+    assert found is not None, info.errors["preprocess"]
+    done, _, _ = run_ml(settings, one, fps=float(found[1]))
+    assert done.status == ExecutionStatus.COMPLETED, done.errors
+    assert done.data["preprocessed_info"]["frames"] == 1
+
+
 # -- inputs checked at submit (issue 14) ----------------------------------------------------
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import threading
 import time
@@ -83,6 +84,9 @@ __all__ = ["INTERMEDIATES", "MlVideoInputs", "ml_video", "model_from_settings"]
 
 T = TypeVar("T")
 
+MAX_FPS = 240.0
+"""The highest ``fps`` a job may ask for."""
+
 
 class MlVideoInputs(BaseModel):
     """The inputs of :data:`ml_video`; an input not listed here is refused."""
@@ -101,7 +105,7 @@ class MlVideoInputs(BaseModel):
     style: str = Field("default", description="The model's style.")
     seed: int = Field(0, description="The model's random seed.")
     width: int = Field(640, ge=2, le=8192, description="Preprocess width, in pixels.")
-    fps: float = Field(25.0, gt=0, le=240, description="Frames a second, in and out.")
+    fps: float = Field(25.0, gt=0, le=MAX_FPS, description="Frames a second, in and out.")
     brightness: float = Field(0.0, description="Postprocess: added to every pixel value.")
     contrast: float = Field(1.0, description="Postprocess: every pixel value times this.")
 
@@ -310,9 +314,15 @@ def preprocess(ctx: StepContext) -> dict[str, Any]:
         inputs = _inputs(ctx)
         seconds = ctx.data["input_info"].get("duration") or 0.0
         if 0 < seconds * inputs.fps < 0.5:  # normalising would keep no frame
+            least = math.ceil(0.5 / seconds * 1000) / 1000  # rounded up: it keeps a frame
+            advice = (
+                f"submit it with an fps of at least {least:g}"
+                if least <= MAX_FPS
+                else f"no fps up to {MAX_FPS:g} keeps a frame of it"
+            )
             raise InvalidInputError(
                 f"{inputs.input}: lasts {seconds:g}s, less than half a frame at fps={inputs.fps:g}:"
-                f" no frame to process; submit it with an fps of at least {0.5 / seconds:g}",
+                f" no frame to process; {advice}",
                 where="inputs.fps",
             )
         try:
