@@ -45,6 +45,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
@@ -210,7 +211,10 @@ def _check_broker_url(settings: SettingsSection) -> None:
         return
     url = settings.broker_url
     try:
-        if not url.startswith("unix:"):  # a socket's path is a file name: any bytes will do
+        if url.startswith("unix:"):  # a socket's path is a file name: any bytes will do
+            parts = urlsplit(url)
+            check_utf8(f"{parts.netloc}?{parts.query}#{parts.fragment}")  # user, password, db
+        else:
             check_utf8(url)
     except ValueError as exc:
         raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
