@@ -720,9 +720,16 @@ def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch, tmp_pa
     # the events reloaded at start are the latest recent_events: 0 or less read every stored one
     for kept in (0, -3):
         with pytest.raises(
-            ConfigError, match=rf"event_processing\.recent_events must be > 0, not {kept}"
+            ConfigError,
+            match=rf"event_processing\.recent_events must be a finite number > 0, not {kept}",
         ):
             load_config({"pipeline_config": {"event_processing": {"recent_events": kept}}})
+    with pytest.raises(ConfigError, match=r"recent_events must be at most 100000, not 1000"):
+        load_config({"pipeline_config": {"event_processing": {"recent_events": 10**20}}})
+    # a NaN compares false with every bound: refused by name, not an order never closed
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"visit_timeout must be a finite number > 0"):
+            load_config({"pipeline_config": {"event_processing": {"visit_timeout": bad}}})
 
 
 def test_migration_utils(tmp_path: Path, media: dict[str, Path]) -> None:

@@ -14,6 +14,7 @@ naming the key (or the variable) before anything starts.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -186,11 +187,20 @@ def _get(raw: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
-def _positive(path: str, value: float, *, zero: bool = False) -> float:
-    if value < 0 or (value == 0 and not zero):
+MAX_RECENT_EVENTS = 100_000
+"""The most events read back at start (each is one object read from the store)."""
+
+
+def _positive(path: str, value: float, *, zero: bool = False, most: float | None = None) -> float:
+    """``value``, unless it is not a finite number ``> 0`` (``>= 0`` with ``zero``) up to
+    ``most``: a NaN compares false with every bound, so it is refused by name."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise ConfigError(
-            f"doorbell config: {path} must be {'>= 0' if zero else '> 0'}, not {value}"
+            f"doorbell config: {path} must be a finite number {'>= 0' if zero else '> 0'}, "
+            f"not {value}"
         )
+    if most is not None and value > most:
+        raise ConfigError(f"doorbell config: {path} must be at most {most:g}, not {value}")
     return value
 
 
@@ -328,6 +338,7 @@ def load_config(
             _positive(
                 pc + "event_processing.recent_events",
                 _get(raw, pc + "event_processing.recent_events", int),
+                most=MAX_RECENT_EVENTS,
             )
         ),
         webhook_url=webhook or None,
