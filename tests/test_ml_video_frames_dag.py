@@ -138,3 +138,42 @@ def test_a_video_over_the_operators_length_limit_fails_probe_at_once(
     assert info.status == ExecutionStatus.FAILED and info.step("probe").attempt == 1
     assert "longer than the limit of 1 s" in info.errors["probe"]
     assert "FRAMEPIPE_MEDIA_MAX_DURATION" in info.errors["probe"]
+
+
+def test_one_frame_in_every_is_scored_over_the_whole_video_whatever_the_chunks(
+    dag: ModuleType, settings: Settings, tmp_path: Path
+) -> None:
+    """Chunks of 7 frames, one in 5 scored: frames 0, 5, 10 ... (not 0, 5, 7, 12 ...)."""
+    clip = make_clip(tmp_path / "a.mp4", frames=30)
+
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            return await engine.run(dag.frames_dag, {"input": str(clip), "chunk": 7, "every": 5})
+
+    info = asyncio.run(main())
+    objects = open_object_store(settings.resolved_objects_url)
+    manifest = json.loads(objects.get(info.data["manifest"]))
+    assert [int(n) for n in manifest["scores"]] == [0, 5, 10, 15, 20, 25]
+
+
+def test_a_chunk_cut_off_partway_fails_instead_of_scoring_what_is_left(
+    dag: ModuleType, settings: Settings, tmp_path: Path
+) -> None:
+    """A Matroska header promises 50 frames and the bytes stop about halfway, between two
+    clusters (the decoder meets a clean end, no error): the first chunk of 40 decodes some and
+    not all, and fails at once naming how many came (a mean over silently missing frames is
+    no result)."""
+    whole = make_clip(tmp_path / "whole.mkv", frames=50)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+    async def main() -> ExecutionInfo:
+        async with JobEngine(settings=settings) as engine:
+            inputs = {"input": str(cut), "chunk": 40}
+            return await engine.run(dag.frames_dag, inputs, raise_on_failure=False)
+
+    info = asyncio.run(main())
+    chunk = _chunk(info, 0)
+    assert info.status == ExecutionStatus.FAILED and chunk.attempt == 1
+    assert f"{cut}: frames 0.. cannot be decoded" in info.errors[chunk.key]
+    assert "of its 40 frames decoded" in info.errors[chunk.key]

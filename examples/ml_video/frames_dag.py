@@ -133,16 +133,23 @@ def score(ctx: StepContext, start: int, count: int) -> None:
     copy = ctx.objects.get_file(ctx.data["input_key"], ctx.tempdir() / "input")
     scores: dict[str, float] = {}
     end = start + count if count else None
+    decoded = 0
     try:
         with av.open(str(copy)) as container:
             frames = enumerate(container.decode(video=0))
             for n, frame in itertools.islice(frames, start, end):
                 ctx.check_cancelled()
-                if (n - start) % inputs.every == 0:
+                decoded += 1
+                if n % inputs.every == 0:  # one in every over the whole video, not per chunk
                     scores[str(n)] = score_frame(frame.to_ndarray(format="bgr24"))
                 if count and (n - start + 1) % 25 == 0:
                     ctx.progress(100 * (n - start + 1) / count)
-        problem = None if scores else "no frame there"
+        if decoded == 0:
+            problem: str | None = "no frame there"
+        elif count and decoded < count:  # the header promised more: cut off in this chunk
+            problem = f"{decoded} of its {count} frames decoded"
+        else:
+            problem = None
     except av.error.InvalidDataError as exc:
         problem = str(exc)
     if problem is not None:  # the pinned copy: a retry would read the same bytes

@@ -133,6 +133,8 @@ def run(
                     if pct >= last + 5:
                         report(pct)
                         last = pct
+    except (av.error.OSError, av.error.MemoryError):
+        raise  # a read error or no memory: worth another try, not the input's fault
     except av.FFmpegError as exc:
         raise ModelInputError(f"{input_path}: not a readable video ({exc})") from exc
     if count == 0:
