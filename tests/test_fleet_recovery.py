@@ -24,8 +24,8 @@ from fleet_processes import Processor, entry, processor_script  # noqa: E402
 from framepipe.errors import ResultTimeoutError  # noqa: E402
 from framepipe.processors import ProcessorClient, ProcessorRegistry  # noqa: E402
 from framepipe.processors.fleet.keys import Keys, ProcessorState  # noqa: E402
-from framepipe.processors.fleet.rerouting import REAPER, TAKE_NEW_LUA  # noqa: E402
 from framepipe.processors.fleet.registry import register  # noqa: E402
+from framepipe.processors.fleet.rerouting import REAPER, TAKE_NEW_LUA  # noqa: E402
 from framepipe.redis.connection import REDIS_DOWN, connect  # noqa: E402
 from framepipe.redis.wire import Wire  # noqa: E402
 from waiting import free_port, wait_until_async  # noqa: E402
