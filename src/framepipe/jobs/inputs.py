@@ -79,7 +79,7 @@ import shutil
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo
 
@@ -88,10 +88,8 @@ from framepipe.confined import confine, open_beneath
 from framepipe.errors import InvalidInputError, InvalidKeyError
 from framepipe.untrusted import check_json, check_text
 
-if TYPE_CHECKING:
-    from framepipe.jobs.context import StepContext
-
 __all__ = [
+    "HasInputRoots",
     "LocalPath",
     "LocalPathOrKey",
     "copy_local_file",
@@ -177,6 +175,14 @@ and with the submitter's roots it must be an absolute path inside one of them
 or not). Read it with :func:`local_input` (``declared=True``), which checks it again."""
 
 
+class HasInputRoots(Protocol):
+    """What :func:`local_input` reads of a step's context: the execution's
+    :attr:`~framepipe.jobs.context.StepContext.input_roots` (None: unrestricted)."""
+
+    @property
+    def input_roots(self) -> tuple[Path, ...] | None: ...
+
+
 def recorded_roots(input_roots: Iterable[str | os.PathLike[str]] | None) -> list[str] | None:
     """``input_roots`` as an execution records them: None stays None (unrestricted), else
     each folder resolved (links followed) and absolute, in order, without repeats. Touches
@@ -193,7 +199,9 @@ def recorded_roots(input_roots: Iterable[str | os.PathLike[str]] | None) -> list
     return recorded
 
 
-def local_input(ctx: StepContext, value: str, *, where: str, declared: bool = False) -> Path | None:
+def local_input(
+    ctx: HasInputRoots, value: str, *, where: str, declared: bool = False
+) -> Path | None:
     """The local file (or folder) that the input ``value`` names, or None when it is to be
     taken as an object key; the one way a step should turn an input into a local path.
 
