@@ -122,3 +122,63 @@ def test_both_modes_run_a_step_and_decide_its_fate_with_the_same_code() -> None:
         assert "check_output" not in source, name
         assert ".fn(ctx" not in source, name
     assert "framepipe.jobs.rules" in _imports(SRC / "jobs" / "dispatch.py")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _framepipe_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The framepipe modules (not packages' ``__init__``) ``path`` imports anywhere in it:
+    at the top, in functions, under ``TYPE_CHECKING``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(name.split(".")[: -node.level] + ([base] if base else []))
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
+        elif isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        found.update(t for t in targets if t in modules and t != name)
+    return {t for t in found if modules[t].name != "__init__.py"}
+
+
+def test_no_modules_import_each_other_round_in_a_circle() -> None:
+    """Each module sits on one floor: no chain of imports (type hints included) leads from a
+    module back to itself. A module that needs a few names of one above it takes a Protocol."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py") if "migrations" not in p.parts}
+    graph = {
+        name: _framepipe_imports(name, path, modules)
+        for name, path in modules.items()
+        if path.name != "__init__.py"
+    }
+    circles: list[list[str]] = []
+    order: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:  # Tarjan's strongly connected components
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for other in graph.get(module, ()):
+            if other not in order:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], order[other])
+        if low[module] == order[module]:
+            members = []
+            while (top := stack.pop()) != module:
+                members.append(top)
+            if members:
+                circles.append(sorted([module, *members]))
+
+    for module in graph:
+        if module not in order:
+            visit(module)
+    assert not circles, f"modules importing each other in a circle: {circles}"
