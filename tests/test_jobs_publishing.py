@@ -48,3 +48,35 @@ def test_a_broker_away_is_said_once_per_outage_and_once_when_back(
             assert len(said("the job broker takes steps again after")) == 1
 
     asyncio.run(main())
+
+
+def test_a_bus_and_settings_given_to_the_engine_later_are_what_a_workers_submit_uses(
+    tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    """The hand-off to the workers reads the engine's bus and settings at each call: an
+    engine given another bus (or settings, before its first publish) submits with them."""
+    import redis
+
+    from framepipe.events import EventBus
+
+    def settings(namespace: str) -> Settings:
+        return Settings(
+            home=tmp_path / "home",
+            database_url=f"sqlite:///{tmp_path / 'state.db'}",
+            broker_url=private_redis.url,
+            broker_namespace=namespace,
+        )
+
+    heard: list[str] = []
+
+    async def main() -> None:
+        async with JobEngine(settings=settings("fp-first")) as engine:
+            engine.bus = EventBus()
+            engine.bus.add_listener(lambda event: heard.append(event.type))
+            engine.settings = settings("fp-second")
+            await engine.submit(wp.chain, {"dir": str(tmp_path)})
+
+    asyncio.run(main())
+    assert "execution.created" in heard
+    client = redis.Redis.from_url(private_redis.url)
+    assert client.exists("fp-second:jobs:steps") and not client.exists("fp-first:jobs:steps")

@@ -96,9 +96,7 @@ class JobEngine(Scheduler):
         self._started = False
         self._closed = False
         self._fatal: BaseException | None = None
-        self._workers = WorkerHandoff(
-            self.store, settings=self.settings, bus=self.bus, in_db=self._in_db
-        )
+        self._workers = WorkerHandoff(self, in_db=self._in_db)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

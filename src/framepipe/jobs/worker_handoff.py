@@ -19,7 +19,7 @@ settings send executions to ``framepipe worker`` processes (``FRAMEPIPE_BROKER_U
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from framepipe.backends.state import StateStore
 from framepipe.config import Settings
@@ -35,7 +35,7 @@ from framepipe.outage import Outage
 if TYPE_CHECKING:
     from framepipe.jobs.delivery import StepDelivery
 
-__all__ = ["WorkerHandoff", "require_ref"]
+__all__ = ["HandoffOwner", "WorkerHandoff", "require_ref"]
 
 _log = get_logger("jobs.engine")
 
@@ -51,17 +51,23 @@ def require_ref(pipeline: Pipeline, ref: str | None) -> None:
         )
 
 
+class HandoffOwner(Protocol):
+    """What the hand-off reads of its engine, at each call (never a copy: an engine given
+    another bus or settings hands off with them)."""
+
+    store: StateStore
+    settings: Settings
+    bus: EventBus
+
+
 class WorkerHandoff:
-    """Creates and resumes executions on the workers and publishes their ready steps.
+    """Creates and resumes executions on the workers and publishes their ready steps, with
+    its ``owner``'s store, settings and bus as they are at each call.
 
     Every store call runs through ``in_db`` (the engine's database thread)."""
 
-    def __init__(
-        self, store: StateStore, *, settings: Settings, bus: EventBus, in_db: InDatabase
-    ) -> None:
-        self.store = store
-        self.settings = settings
-        self.bus = bus
+    def __init__(self, owner: HandoffOwner, *, in_db: InDatabase) -> None:
+        self._owner = owner
         self._in_db = in_db
         self._broker: StepDelivery | None = None
         self._publishing = Outage()  # of the broker, as publishing finds it
@@ -81,7 +87,7 @@ class WorkerHandoff:
         execution_id, ready, events = await self._in_db(
             functools.partial(
                 dispatch.submit,
-                self.store,
+                self._owner.store,
                 pipeline,
                 inputs,
                 ref=ref,
@@ -89,7 +95,7 @@ class WorkerHandoff:
                 traceparent=traceparent,
             )
         )
-        self.bus.publish(events)
+        self._owner.bus.publish(events)
         await self.publish(ready)
         _log.info(
             "[%s/%s] execution submitted to the workers (%d step(s) ready)",
@@ -108,9 +114,9 @@ class WorkerHandoff:
         if pipeline is not None:
             require_ref(pipeline, ref)
         full_id, ready, events = await self._in_db(
-            functools.partial(dispatch.resume, self.store, execution_id, ref=ref)
+            functools.partial(dispatch.resume, self._owner.store, execution_id, ref=ref)
         )
-        self.bus.publish(events)
+        self._owner.bus.publish(events)
         await self.publish(ready)
         _log.info(
             "[%s/%s] execution resumed on the workers (%d step(s) ready)",
@@ -128,7 +134,8 @@ class WorkerHandoff:
         if self._broker is None:
             from framepipe.jobs.delivery import open_delivery
 
-            self._broker = open_delivery(self.settings.broker_url, self.settings.broker_namespace)
+            settings = self._owner.settings
+            self._broker = open_delivery(settings.broker_url, settings.broker_namespace)
         try:
             await self._in_db(self._broker.publish, ready)
         except FramepipeError as exc:
