@@ -780,3 +780,36 @@ def test_the_reaper_writes_nothing_to_a_reply_to_that_is_not_a_reply_stream_of_i
             await redis.aclose()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_health_watch_and_its_rerouting_have_one_registry_and_keep_their_names() -> None:
+    """The health watch's registry is one attribute shared with the re-routing it does (a
+    registry given to it later is the one reaped through), ``Reaper.reap`` is what the watch
+    calls (a subclass's override runs), and the Lua scripts' names are still importable from
+    ``reaper``."""
+    from framepipe.processors.fleet import reaper as reaper_module
+    from framepipe.processors.fleet.breaker import CircuitBreaker
+    from framepipe.processors.fleet.keys import Keys, ProcessorState
+    from framepipe.processors.fleet.registry import Registration
+    from framepipe.processors.fleet.rerouting import MOVE_LUA, REAPER, TAKE_NEW_LUA
+
+    first = ProcessorRegistry("redis://127.0.0.1:6379/0")
+    second = ProcessorRegistry("redis://127.0.0.1:6379/0")
+    watch = first._reaper
+    watch.registry = second
+    assert watch.rerouter.registry is second
+    assert (reaper_module.REAPER, reaper_module.TAKE_NEW_LUA, reaper_module.MOVE_LUA) == (
+        REAPER,
+        TAKE_NEW_LUA,
+        MOVE_LUA,
+    )
+    reaped: list[str] = []
+
+    class Counting(reaper_module.Reaper):
+        async def reap(self, proc: Registration) -> None:
+            reaped.append(proc.id)
+
+    stopped = Registration("p", Keys(), CircuitBreaker.__new__(CircuitBreaker))
+    stopped.state = ProcessorState.STOPPED
+    asyncio.run(Counting(second).check(None, stopped, 0.0))  # type: ignore[arg-type]
+    assert reaped == ["p"]

@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Protocol
 from framepipe.errors import RegistryConnectionError
 from framepipe.processors.fleet.keys import ProcessorState
 from framepipe.processors.fleet.outages import REDIS_ERRORS, denied, kind, outage, unavailable
-from framepipe.processors.fleet.rerouting import Rerouter, ReroutingRegistry
+from framepipe.processors.fleet.rerouting import (
+    MOVE_LUA,
+    REAPER,
+    TAKE_NEW_LUA,
+    Rerouter,
+    ReroutingRegistry,
+)
 from framepipe.processors.fleet.shown import loggable
 from framepipe.redis.connection import ResponseError
 from framepipe.redis.scripts import MARK_DEAD_LUA
@@ -46,7 +52,7 @@ if TYPE_CHECKING:
 
     from framepipe.processors.fleet.registry import Registration
 
-__all__ = ["ReapedRegistry", "Reaper"]
+__all__ = ["MOVE_LUA", "REAPER", "TAKE_NEW_LUA", "ReapedRegistry", "Reaper"]
 
 
 class _Trimmed(Protocol):
@@ -82,11 +88,26 @@ class Reaper:
     registry's mirror and its frames in flight, and routes through it)."""
 
     def __init__(self, registry: ReapedRegistry) -> None:
-        self.registry = registry
+        self._registry = registry
         self.rerouter = Rerouter(registry)
         """The emptying of dead and stopped processors' streams."""
         self._failing: set[str] = set()  # processors whose last check Redis refused (logged)
         self._run_id: str | None = ""  # Redis's run id as last seen (None: INFO refused)
+
+    @property
+    def registry(self) -> ReapedRegistry:
+        """The registry watched; one owner with :attr:`rerouter` (setting it sets both)."""
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry: ReapedRegistry) -> None:
+        self._registry = registry
+        self.rerouter.registry = registry
+
+    async def reap(self, proc: Registration) -> None:
+        """Empty the stream of ``proc``, dead or stopped (see
+        :meth:`~framepipe.processors.fleet.rerouting.Rerouter.reap`)."""
+        await self.rerouter.reap(proc)
 
     async def watch(self) -> None:
         """Tick every ``poll_interval`` until the registry closes; Redis being away or
@@ -202,7 +223,7 @@ class Reaper:
                     limit,
                 )
         if proc.state in (ProcessorState.DEAD, ProcessorState.STOPPED):
-            await self.rerouter.reap(proc)
+            await self.reap(proc)
 
     def _failed(self, proc: Registration, exc: BaseException) -> None:
         """Redis refused a command about ``proc`` for good (its stream a key of another type,
