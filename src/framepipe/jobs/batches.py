@@ -24,12 +24,12 @@ from framepipe.backends.state import StateStore, executions, ledger, steps
 from framepipe.backends.state.event_log import insert_events
 from framepipe.events import Event
 
-__all__ = ["Batch", "upsert_ledger", "write_batch", "write_batch_in"]
+__all__ = ["EXECUTION_COLUMNS", "Batch", "upsert_ledger", "write_batch", "write_batch_in"]
 
 _STEP_COLS = [c.name for c in steps.columns]
 # cancel_requested is not here: only request_cancel sets it and only a claim clears it, so an
 # engine's routine write can never undo a cancel request made by another process.
-_EXEC_MUTABLE = [
+EXECUTION_COLUMNS = (
     "status",
     "progress",
     "error",
@@ -38,7 +38,8 @@ _EXEC_MUTABLE = [
     "runs",
     "started_at",
     "finished_at",
-]
+)
+"""The columns of an execution row a batch writes (with its ``id``, which names it)."""
 # The distributed columns (waiting, lease_until, worker, published_at) are the workers' alone.
 _STEP_MUTABLE = [
     c
@@ -70,7 +71,7 @@ _update_step = (
 _update_exec = (
     executions.update()
     .where(executions.c.id == sa.bindparam("b_id"))
-    .values({c: sa.bindparam(f"b_{c}") for c in _EXEC_MUTABLE})
+    .values({c: sa.bindparam(f"b_{c}") for c in EXECUTION_COLUMNS})
 )
 
 

@@ -31,7 +31,7 @@ import tenacity
 
 from framepipe.backends.state import StateStore
 from framepipe.events import Event, EventBus
-from framepipe.jobs.batches import Batch, write_batch
+from framepipe.jobs.batches import EXECUTION_COLUMNS, Batch, write_batch
 from framepipe.jobs.memory import ExecState, StepState
 from framepipe.jobs.storable import brief_error
 from framepipe.jobs.transient import is_transient_store_error
@@ -125,22 +125,7 @@ class GroupCommit:
         batch.new_steps.sort(key=lambda r: r["seq"])
         self._dirty_steps = {}
         for x in self._dirty_execs.values():
-            batch.executions.append(
-                {
-                    k: x.row[k]
-                    for k in (
-                        "id",
-                        "status",
-                        "progress",
-                        "error",
-                        "owner",
-                        "heartbeat_at",
-                        "runs",
-                        "started_at",
-                        "finished_at",
-                    )
-                }
-            )
+            batch.executions.append({k: x.row[k] for k in ("id", *EXECUTION_COLUMNS)})
         self._dirty_execs = {}
         batch.events = self._events
         batch.events.extend(self._progress_events.values())

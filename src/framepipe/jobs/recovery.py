@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from framepipe.backends.state import StateStore, executions, steps
 from framepipe.config import Settings
 from framepipe.events import Event
-from framepipe.jobs.batches import Batch, write_batch_in
+from framepipe.jobs.batches import EXECUTION_COLUMNS, Batch, write_batch_in
 from framepipe.jobs.journal import journal_path, read_unfinished
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.liveness import owner_is_dead
@@ -132,20 +132,7 @@ def _recover_one(
         )
     else:
         error = f"pipeline '{x.pipeline}': the process {x.owner} stopped; retry to resume"
-    row_x = {
-        c: x._mapping[c]
-        for c in (
-            "id",
-            "status",
-            "progress",
-            "error",
-            "owner",
-            "heartbeat_at",
-            "runs",
-            "started_at",
-            "finished_at",
-        )
-    }
+    row_x = {c: x._mapping[c] for c in ("id", *EXECUTION_COLUMNS)}
     row_x.update(status=status.value, error=error, finished_at=now)
     batch.executions.append(row_x)
     batch.events.append(
