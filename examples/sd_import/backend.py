@@ -75,7 +75,7 @@ from retention import Retention, retention_from_env
 from sd_imports import SESSIONS, UNENDED
 from sd_keys import identity
 from sd_messages import CardInfo, FileEntry, FileList, register_sd_messages
-from shared_root import SharedFolderError, check_shared
+from shared_root import SharedFolderError, add_shared_options, check_shared
 
 from framepipe.config import Settings, load_settings
 from framepipe.errors import ConfigError, FramepipeError
@@ -384,20 +384,7 @@ def build_app(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
-    )
-    parser.add_argument(
-        "--create-shared",
-        action="store_true",
-        help="create --shared when it is missing (a local folder); without it a missing "
-        "--shared is refused",
-    )
-    parser.add_argument(
-        "--shared-is-mount",
-        action="store_true",
-        help="--shared is where the share is mounted: refuse it while nothing is mounted there",
-    )
+    add_shared_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

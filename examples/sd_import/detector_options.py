@@ -15,6 +15,8 @@ import os
 import socket
 from pathlib import Path
 
+from shared_root import add_shared_options
+
 from framepipe.urls import safe_url
 
 __all__ = ["parse_args", "refusal_reason"]
@@ -38,21 +40,7 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
         help="a folder that is a card while it exists, e.g. E:\\ (repeatable)",
     )
     parser.add_argument("--backend", required=True, help="ws://HOST:PORT/ws/detector")
-    parser.add_argument(
-        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
-    )
-    parser.add_argument(
-        "--create-shared",
-        action="store_true",
-        help="create --shared when it is missing (a local folder); without it a missing "
-        "--shared is refused: an unmounted share must not be written to",
-    )
-    parser.add_argument(
-        "--shared-is-mount",
-        action="store_true",
-        help="--shared is where the share is mounted: refuse it (at start and before each "
-        "copy) while nothing is mounted there",
-    )
+    add_shared_options(parser, when=" (at start and before each copy)")
     parser.add_argument(
         "--token",
         default=os.environ.get("FRAMEPIPE_API_TOKEN"),

@@ -21,10 +21,11 @@ This module imports nothing of the backend, so the detector can use it as it is.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
-__all__ = ["SharedFolderError", "check_shared", "shared_problem"]
+__all__ = ["SharedFolderError", "add_shared_options", "check_shared", "shared_problem"]
 
 
 class SharedFolderError(Exception):
@@ -74,3 +75,23 @@ def check_shared(path: Path, *, create: bool, mount: bool, writable: bool = Fals
     if problem is not None:
         raise SharedFolderError(problem)
     return path
+
+
+def add_shared_options(parser: argparse.ArgumentParser, *, when: str = "") -> None:
+    """``--shared``, ``--create-shared`` and ``--shared-is-mount``, the same on each side of
+    the share; ``when`` says when a mount is checked (" (at start and before each copy)")."""
+    parser.add_argument(
+        "--shared", type=Path, required=True, help="the shared folder as this machine sees it"
+    )
+    parser.add_argument(
+        "--create-shared",
+        action="store_true",
+        help="create --shared when it is missing (a local folder); without it a missing "
+        "--shared is refused: an unmounted share must not be written to",
+    )
+    parser.add_argument(
+        "--shared-is-mount",
+        action="store_true",
+        help=f"--shared is where the share is mounted: refuse it{when} while nothing is "
+        "mounted there",
+    )
