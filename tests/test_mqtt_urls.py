@@ -46,6 +46,24 @@ def test_a_percent_encoded_password_with_those_characters_is_read_whole() -> Non
     assert (target.host, target.username, target.password) == ("broker", "user", "a/b?c#d@e")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mqtt://user:{SECRET}%FF@broker/fp",  # %FF begins no UTF-8 character
+        "mqtt://us%C3er@broker/fp",  # a UTF-8 sequence cut short
+        "mqtt://broker/fp%FE",
+    ],
+)
+def test_a_percent_escape_that_is_no_utf8_is_refused_not_read_as_another_character(
+    url: str,
+) -> None:
+    """Read leniently, ``%FF`` would become U+FFFD: another password sent, refused by the
+    broker for a reason nobody can see. It is refused here, saying which parts to look at."""
+    with pytest.raises(ConfigError, match="percent-decoded, is not UTF-8") as caught:
+        parse_mqtt_url(url)
+    assert SECRET not in str(caught.value)
+
+
 def test_a_sinks_settings_are_read_from_their_one_owner_and_cannot_be_changed() -> None:
     """The topic prefix, labels and queue bound are each held once (the counts, health and
     events topics cannot drift apart): read them, but a change is refused, not half-made."""

@@ -66,7 +66,15 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
         raise ConfigError(f"MQTT URL {shown!r}: no host")
-    prefix = unquote(parts.path).strip("/") or "framepipe"
+    try:  # a %XX of a byte that begins no UTF-8 character would be read as U+FFFD
+        prefix = unquote(parts.path, errors="strict").strip("/") or "framepipe"
+        username = unquote(parts.username, errors="strict") if parts.username else None
+        password = unquote(parts.password, errors="strict") if parts.password is not None else None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"MQTT URL {shown!r}: its topic prefix, user name or password, percent-decoded, "
+            "is not UTF-8 (a %XX escape of a byte that is no UTF-8 text)"
+        ) from None
     if any(c in "+#" or unfit_in_topic(c) for c in prefix) or "//" in prefix:
         raise ConfigError(
             f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
@@ -103,8 +111,8 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         tls=parts.scheme == "mqtts",
         prefix=prefix,
         qos=qos,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
+        username=username,
+        password=password,
         client_id=query.get("client_id") or None,
         ca_file=query.get("ca") or None,
         keepalive=keepalive,
