@@ -301,6 +301,8 @@ SECRET = "S3cretPW"
         ("FRAMEPIPE_BROKER_URL", f"redis://:{SECRET}\udcff@127.0.0.1:6379/0", "not UTF-8"),
         # a socket's path may hold any bytes, but not its password
         ("FRAMEPIPE_BROKER_URL", f"unix://:{SECRET}\udcff@/run/redis.sock", "not UTF-8"),
+        ("FRAMEPIPE_BROKER_URL", f"redis://:{SECRET}%FF@127.0.0.1:6379/0", "not UTF-8"),
+        ("FRAMEPIPE_BROKER_URL", f"amqp://u%C3:{SECRET}@127.0.0.1:5672/", "not UTF-8"),
         ("FRAMEPIPE_BROKER_NAMESPACE", "fp\udcff", "not UTF-8"),
         ("FRAMEPIPE_ALLOWED_HOSTS", "cam\udcff.example", "not UTF-8"),
         ("FRAMEPIPE_ALLOWED_ORIGINS", "https://cam\udcff.example", "not UTF-8"),

@@ -45,7 +45,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
@@ -224,8 +224,15 @@ def _check_broker_url(settings: SettingsSection) -> None:
             f"({url_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
             "unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
         )
-    if not url.startswith(("unix:", "memory:")):
+    if not url.startswith("memory:"):
         try:
-            split_url(url, "broker URL")
+            parts = urlsplit(url) if url.startswith("unix:") else split_url(url, "broker URL")
+            for part in (parts.username, parts.password):  # the client sends them as UTF-8
+                unquote(part or "", errors="strict")
         except ConfigError as exc:
             raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                "invalid framepipe settings: FRAMEPIPE_BROKER_URL: its user name or password, "
+                "percent-decoded, is not UTF-8 (a %XX escape of a byte that is no UTF-8 text)"
+            ) from None
