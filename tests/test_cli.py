@@ -911,6 +911,9 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0
     for command in ("list", "show", "retry", "cancel"):
         assert command in result.stdout
+    # a docstring's lines make one paragraph: its line breaks are not kept in the listing
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).stdout
+    assert "or run a live App / StreamPipeline" in listing
 
 
 def test_console_script_module_entry_point(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",  # a docstring's lines are one paragraph, not kept as broken
     help="Video pipelines that keep running: batch jobs, embedded or distributed.",
 )
 """The ``framepipe`` command."""
