@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from framepipe import App, PatternSource, Settings, Stage, StreamPipeline
+from framepipe.errors import ConfigError
 
 
 def test_any_pipeline_name_keeps_the_exposition_valid_for_every_pipeline(tmp_path: Path) -> None:
@@ -38,20 +41,22 @@ def test_any_pipeline_name_keeps_the_exposition_valid_for_every_pipeline(tmp_pat
     assert 'framepipe_source_stalls_total{pipeline="caf\\\\udce9",source="caf\\\\udce9"}' in text
 
 
-def test_an_mqtt_sink_whose_url_is_not_utf8_keeps_the_exposition_valid(tmp_path: Path) -> None:
-    """An MQTT user name from an environment variable holding bytes that are not UTF-8: the
-    sink's broker label is escaped like any other label, and the scrape renders."""
+def test_a_sink_whose_url_is_not_utf8_is_refused_when_built(tmp_path: Path) -> None:
+    """An MQTT or Redis user name from an environment variable holding bytes that are not
+    UTF-8 could never be sent (both protocols send it as UTF-8): the sink is refused when built,
+    naming what is wrong and not the password, instead of failing at every reconnect; the
+    app's scrape renders without it."""
+    from framepipe.event_sinks import RedisEventSink
     from framepipe.mqtt import MqttEventSink
 
     user = os.fsdecode(b"op\xe9rateur")
     app = App("mqtt-names", settings=Settings(home=tmp_path))
-    MqttEventSink(f"mqtt://{user}:pw@127.0.0.1:1/x").attach(app)
-    text = app.metrics_text()
-    brokers = {
-        sample.labels["broker"]
-        for family in text_string_to_metric_families(text)
-        if family.name == "framepipe_mqtt_pending"
-        for sample in family.samples
-    }
-    assert brokers == {"mqtt://op\\udce9rateur:***@127.0.0.1:1/x"}
-    assert "pw@" not in text
+    builds: list[Callable[[], object]] = [
+        lambda: MqttEventSink(f"mqtt://{user}:S3cretPW@127.0.0.1:1/x"),
+        lambda: RedisEventSink(f"redis://{user}:S3cretPW@127.0.0.1:1/0", "events"),
+    ]
+    for build in builds:
+        with pytest.raises(ConfigError, match="not UTF-8") as refused:
+            build()
+        assert "S3cretPW" not in str(refused.value)
+    assert list(text_string_to_metric_families(app.metrics_text()))

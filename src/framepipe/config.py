@@ -45,13 +45,12 @@ import difflib
 import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from framepipe.amqp import AMQP_SCHEMES
-from framepipe.config_checks import check_utf8, url_beginning
+from framepipe.config_checks import url_beginning
 from framepipe.config_file import config_file, config_file_values
 from framepipe.config_sections import (
     JobSettings,
@@ -64,7 +63,7 @@ from framepipe.config_sections import (
 )
 from framepipe.errors import ConfigError
 from framepipe.redis import REDIS_SCHEMES
-from framepipe.urls import split_url
+from framepipe.urls import check_sent_url
 
 __all__ = [
     "BROKER_SCHEMES",
@@ -210,29 +209,14 @@ def _check_broker_url(settings: SettingsSection) -> None:
     if not isinstance(settings, WorkerSettings):
         return
     url = settings.broker_url
-    try:
-        if url.startswith("unix:"):  # a socket's path is a file name: any bytes will do
-            parts = urlsplit(url)
-            check_utf8(f"{parts.netloc}?{parts.query}#{parts.fragment}")  # user, password, db
-        else:
-            check_utf8(url)
-    except ValueError as exc:
-        raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
     if url.strip() and not url.startswith(BROKER_SCHEMES):
         raise ConfigError(
             f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: not a broker URL "
             f"({url_beginning(url)}): give memory:// (in-process), redis://, rediss:// or "
             "unix:// (Redis) or amqp:// or amqps:// (RabbitMQ)"
         )
-    if not url.startswith("memory:"):
+    if url.strip() and not url.startswith("memory:"):
         try:
-            parts = urlsplit(url) if url.startswith("unix:") else split_url(url, "broker URL")
-            for part in (parts.username, parts.password):  # the client sends them as UTF-8
-                unquote(part or "", errors="strict")
+            check_sent_url(url, "broker URL")
         except ConfigError as exc:
             raise ConfigError(f"invalid framepipe settings: FRAMEPIPE_BROKER_URL: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(
-                "invalid framepipe settings: FRAMEPIPE_BROKER_URL: its user name or password, "
-                "percent-decoded, is not UTF-8 (a %XX escape of a byte that is no UTF-8 text)"
-            ) from None

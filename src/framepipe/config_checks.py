@@ -17,7 +17,7 @@ from typing import Any
 
 from framepipe.errors import ConfigError, StateStoreError
 from framepipe.mqtt_urls import parse_mqtt_url
-from framepipe.urls import safe_url
+from framepipe.urls import not_utf8, safe_url
 
 __all__ = [
     "DEFAULT_HOME",
@@ -168,12 +168,6 @@ def finished_statuses(value: Any) -> list[str]:
     return statuses or list(FINISHED_STATUSES)
 
 
-def not_utf8(text: str) -> bool:
-    """Whether ``text`` holds a lone surrogate, which no UTF-8 encoder takes: how Python reads
-    a byte of an environment value that is not UTF-8 (U+DC80-U+DCFF)."""
-    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
-
-
 _NOT_UTF8 = (
     "holds bytes that are not UTF-8 (an environment value or file in another encoding); "
     "write it in UTF-8"
@@ -192,17 +186,13 @@ def check_utf8(value: Any) -> Any:
 
 def check_mqtt_url(value: str | None) -> str | None:
     """The MQTT URL (None when blank), unless :func:`framepipe.mqtt_urls.parse_mqtt_url`
-    refuses it or its host, user name, password or client id :func:`not_utf8` (MQTT sends
-    them as UTF-8: the sink could never connect)."""
+    refuses it (its host, user name, password or client id not UTF-8 among the reasons)."""
     if not value:
         return None
     try:
-        target = parse_mqtt_url(value)
+        parse_mqtt_url(value)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
-    sent = (target.host, target.username, target.password, target.client_id)
-    if any(text is not None and not_utf8(text) for text in sent):
-        raise ValueError(f"its host, user name, password or client_id {_NOT_UTF8}")
     return value
 
 

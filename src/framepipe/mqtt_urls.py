@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
 from framepipe.errors import ConfigError
-from framepipe.urls import safe_url, split_url
+from framepipe.urls import not_utf8, safe_url, split_url
 
 __all__ = ["MqttTarget", "parse_mqtt_url", "topic_level", "unfit_in_topic"]
 
@@ -81,6 +81,12 @@ def parse_mqtt_url(url: str) -> MqttTarget:
             "an empty level, a control character, a lone surrogate or a Unicode non-character"
         )
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    sent = (parts.hostname, username, password, query.get("client_id"))
+    if any(text is not None and not_utf8(text) for text in sent):  # MQTT sends them as UTF-8
+        raise ConfigError(
+            f"MQTT URL {shown!r}: its host, user name, password or client_id holds bytes that "
+            "are not UTF-8 (an environment value in another encoding); write it in UTF-8"
+        )
     unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
     if unknown:
         raise ConfigError(

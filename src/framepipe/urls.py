@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import SplitResult, unquote_plus, urlsplit
+from urllib.parse import SplitResult, unquote, unquote_plus, urlsplit
 
 from framepipe.errors import ConfigError
 
@@ -170,3 +170,40 @@ def split_url(url: str, what: str) -> SplitResult:
             "'[' %5B, ' ' %20)"
         ) from None
     return parts
+
+
+def not_utf8(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate, which no UTF-8 encoder takes: how Python reads
+    a byte of an environment value that is not UTF-8 (U+DC80-U+DCFF)."""
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
+def check_sent_url(url: str, what: str) -> None:
+    """A :class:`~framepipe.errors.ConfigError` naming ``what`` (no part of the URL but its
+    scheme shown) when a client could never connect with ``url``: its host and port do not
+    parse (:func:`split_url`), or its user name, password, host or options, percent-decoded,
+    are no UTF-8 text (a lone surrogate: an environment byte in another encoding; or a
+    ``%FF``), which a client sends as UTF-8 or, leniently read, as another text. A ``unix:``
+    socket's path is a file name: any bytes will do there."""
+    socket = url.startswith("unix:")
+    parts = urlsplit(url) if socket else split_url(url, what)
+    sent = [parts.query]
+    sent += (
+        [parts.netloc]
+        if socket
+        else [parts.username or "", parts.password or "", parts.hostname or ""]
+    )
+    if not all(_utf8_text(text) for text in sent):
+        raise ConfigError(
+            f"{what} '{url.partition('://')[0]}://***': its user name, password, host or "
+            "options hold bytes that are not UTF-8 (an environment value in another encoding, "
+            "or a %XX escape of such a byte); write it in UTF-8"
+        )
+
+
+def _utf8_text(text: str) -> bool:
+    """Whether ``text``, percent-decoded, is UTF-8 text."""
+    try:
+        return not not_utf8(unquote(text, errors="strict"))
+    except UnicodeDecodeError:
+        return False

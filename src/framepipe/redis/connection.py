@@ -19,7 +19,7 @@ from typing import Any
 
 from framepipe.backoff import Backoff
 from framepipe.errors import ConfigError, MissingDependencyError, RegistryConnectionError
-from framepipe.redis.urls import safe_url
+from framepipe.redis.urls import check_redis_url, safe_url
 
 try:
     import redis
@@ -66,7 +66,9 @@ def connect(
     """An asyncio client for ``url``. ``connect_timeout``/``socket_timeout`` in seconds (None:
     none); ``retries`` is redis-py's own transparent retry count on a broken connection, done
     at once (callers do their own backoff; None keeps redis-py's default retry policy).
-    ``options`` go to ``redis.asyncio.Redis.from_url`` as they are."""
+    ``options`` go to ``redis.asyncio.Redis.from_url`` as they are. A URL that can never
+    reach Redis is a :class:`~framepipe.errors.ConfigError` at once (:func:`check_redis_url`)."""
+    check_redis_url(url)
     if retries is not None:
         options["retry"] = Retry(NoBackoff(), retries)
     return aioredis.Redis.from_url(
@@ -83,6 +85,7 @@ def connect_sync(
     **options: Any,
 ) -> redis.Redis:
     """:func:`connect` for blocking code (``redis.Redis``), with the same arguments."""
+    check_redis_url(url)
     if retries is not None:
         options["retry"] = SyncRetry(NoBackoff(), retries)
     return redis.Redis.from_url(
