@@ -763,10 +763,10 @@ def test_a_step_handed_back_logs_that_it_stopped_not_that_it_failed(
 
 
 def test_frames_are_taken_in_playing_order_past_their_zero_padding(tmp_path: Path) -> None:
-    from framepipe.pipelines.ml_video import _images
+    from framepipe.pipelines.ml_folders import images
 
     names = ["frame_9998.png", "frame_9999.png", "frame_10000.png", "frame_10001.png"]
     for name in names:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "log.txt").write_text("a model's other file")
-    assert [p.name for p in _images(tmp_path)] == names
+    assert [p.name for p in images(tmp_path)] == names

@@ -75,6 +75,7 @@ from framepipe.jobs.inputs import LocalPathOrKey, copy_local_file, load_inputs, 
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.logs import get_logger
 from framepipe.media.frames import read_image, write_image
+from framepipe.pipelines.ml_folders import download_folder, fetch_object, images, upload_folder
 from framepipe.pipelines.ml_input import ignored_minio, pin_input, probed, take_object
 from framepipe.pipelines.ml_manifest import INTERMEDIATES, delete_intermediates, manifest
 from framepipe.pipelines.ml_settings import MlVideoSettings
@@ -228,53 +229,6 @@ def _check_storage(ctx: StepContext) -> None:
         )
 
 
-def _fetch(ctx: StepContext, key: str) -> Path:
-    """Download ``key`` into a new folder of this step."""
-    return ctx.objects.get_file(key, ctx.tempdir() / key.rsplit("/", 1)[-1])
-
-
-_IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-def _images(folder: Path) -> list[Path]:
-    """The image files of ``folder`` in playing order (:func:`media.frame_order
-    <framepipe.media.frames.frame_order>`: ``frame_10000`` after ``frame_9999``); a model may
-    write other files too."""
-    return sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGES),
-        key=media.frame_order,
-    )
-
-
-def _upload_folder(
-    ctx: StepContext,
-    folder: Path,
-    prefix: str,
-    checkpoint: Callable[[], None] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[str]:
-    """Upload the images of ``folder`` under ``prefix``; ``checkpoint`` (default:
-    ``ctx.check_cancelled``) is called before each, ``progress(done, total)`` after each."""
-    keys = []
-    paths = _images(folder)
-    for n, path in enumerate(paths, 1):
-        (checkpoint or ctx.check_cancelled)()
-        key = f"{prefix}/{path.name}"
-        ctx.objects.put_file(key, path)
-        keys.append(key)
-        if progress is not None:
-            progress(n, len(paths))
-    return keys
-
-
-def _download_folder(ctx: StepContext, prefix: str) -> Path:
-    folder = ctx.tempdir()
-    for info in ctx.objects.list(prefix + "/"):
-        ctx.check_cancelled()
-        ctx.objects.get_file(info.key, folder / info.key.rsplit("/", 1)[-1])
-    return folder
-
-
 @ml_video.step(weight=10, retries=2)
 def fetch(ctx: StepContext) -> dict[str, Any]:
     """Take the job's own copy of the input, ``ml/<execution id>/input.<ext>``, which every
@@ -293,7 +247,7 @@ def fetch(ctx: StepContext) -> dict[str, Any]:
         key = f"{_prefix(ctx)}/input{Path(name).suffix.lower() or '.mp4'}"
         if path is None:
             taken = take_object(ctx, source, key, _inputs(ctx).input_version)
-            copy = _fetch(ctx, key)
+            copy = fetch_object(ctx, key)
         else:
             copy = copy_local_file(path, ctx.tempdir() / path.name)
             taken = {"key": None, "size": copy.stat().st_size, "path": source}
@@ -360,7 +314,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
         def prepare(
             checkpoint: Callable[[], None],
         ) -> tuple[Path, MlVideoInputs, ModelAdapter, MlVideoSettings, Path]:
-            src = _fetch(ctx, ctx.data["preprocessed_key"])
+            src = fetch_object(ctx, ctx.data["preprocessed_key"])
             checkpoint()
             settings = MlVideoSettings.load()
             return src, _inputs(ctx), model_from_settings(), settings, ctx.tempdir()
@@ -386,7 +340,7 @@ async def inference(ctx: StepContext) -> dict[str, Any]:
         prefix = f"{_prefix(ctx)}/frames"
         keys = await _in_thread(
             ctx,
-            lambda checkpoint: _upload_folder(
+            lambda checkpoint: upload_folder(
                 ctx,
                 Path(result.frames_path),
                 prefix,
@@ -414,9 +368,9 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
         alpha, beta = inputs.contrast, inputs.brightness
         if alpha == 1 and beta == 0:
             return {"post_prefix": ctx.data["frames_prefix"], "post_frames": ctx.data["frames"]}
-        folder = _download_folder(ctx, ctx.data["frames_prefix"])
+        folder = download_folder(ctx, ctx.data["frames_prefix"])
         out = ctx.tempdir()
-        paths = _images(folder)
+        paths = images(folder)
         for n, path in enumerate(paths, 1):
             # read and written by Python, decoded and encoded in memory: OpenCV given a path
             # that is not valid UTF-8 (a model's file name) crashes the process
@@ -429,7 +383,7 @@ def postprocess(ctx: StepContext) -> dict[str, Any]:
             write_image(out / f"{path.stem}.png", adjusted)
             if n % 10 == 0 or n == len(paths):
                 ctx.progress(100 * n / len(paths), "postprocess")
-        keys = _upload_folder(ctx, out, f"{_prefix(ctx)}/post")
+        keys = upload_folder(ctx, out, f"{_prefix(ctx)}/post")
         return {"post_prefix": f"{_prefix(ctx)}/post", "post_frames": len(keys)}
 
 
@@ -439,10 +393,10 @@ def stitch(ctx: StepContext) -> dict[str, Any]:
     track, on the frames' timeline; none if the upload had none, and then the preprocessed
     video is not downloaded)."""
     with _stage(ctx):
-        folder = _download_folder(ctx, ctx.data["post_prefix"])
+        folder = download_folder(ctx, ctx.data["post_prefix"])
         probed = ctx.data.get("preprocessed_info") or {}
         silent = "audio_codec" in probed and probed["audio_codec"] is None
-        sound = None if silent else _fetch(ctx, ctx.data["preprocessed_key"])
+        sound = None if silent else fetch_object(ctx, ctx.data["preprocessed_key"])
         dst = ctx.tempdir() / "output.mp4"
         media.stitch(
             folder,
