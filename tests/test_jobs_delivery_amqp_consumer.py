@@ -150,7 +150,7 @@ def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> Non
     delivery.publish(singles)
     held = take_until(delivery, 16, window=16)
     assert len(held) == 16, "the window's worth of one-step messages, held at once"
-    assert delivery.backlog().waiting == 16
+    wait_until("the 16 others to wait in the queue", lambda: delivery.backlog().waiting == 16)
     delivery.ack(held)
     rest = take_until(delivery, 16, window=16)
     assert len(rest) == 16  # room again: the 16 others
@@ -161,8 +161,9 @@ def test_the_prefetch_follows_the_window_in_steps(delivery: AmqpDelivery) -> Non
     # for messages of 16 steps: one at a time.
     fan_out = [Delivery("run-f", f"f{i}") for i in range(48)]
     delivery.publish(fan_out)
-    first = take_for(delivery, 1.5, count=16, window=16)  # takes again once it has them
+    first = take_until(delivery, 16, window=16)  # takes again once it has them
     assert len(first) == 16
+    assert take_for(delivery, 0.5, count=16, window=16) == []  # the window is full: no more
     wait_until(
         "the 2 messages sent ahead and not touched to be back in the queue",
         lambda: delivery.backlog().waiting == 2,

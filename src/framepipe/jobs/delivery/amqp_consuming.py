@@ -143,15 +143,17 @@ class Consuming:
 
     def subscribed(self, window: int) -> bool:
         """Whether it consumes with the prefetch of ``window`` at the size of the recent
-        messages: false also when its consumer was given less (the steps held left less
-        room) and it holds nothing now."""
+        messages: false also when its consumer was given less (the steps an earlier consumer
+        sent left less room) and no message of an earlier consumer is held now (its own count
+        against its prefetch: while they are held, it had all the room there was)."""
         with self._cond:
             size = self._recent_size()
+            earlier = any(t.message.consumer_tag != self._tag for t in self._held)
             return (
                 self._consuming
                 and self._window == window
                 and self._size == size
-                and (self._prefetch == prefetch_of(window, size) or bool(self._held))
+                and (self._prefetch == prefetch_of(window, size) or earlier)
             )
 
     def _recent_size(self) -> int:
