@@ -16,36 +16,19 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from framepipe.app_health import AppHealth, SystemState
 from framepipe.errors import FramepipeError
 from framepipe.health import HealthState
 from framepipe.liveness import this_host
 from framepipe.logs import ComponentLogger
+from framepipe.sink_counts import SinkCounts
 from framepipe.snapshots import PREVIEW_QUALITY, preview_file_name, preview_jpeg
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.urls import safe_json
 
 __all__ = ["SinkCounts", "SnapshotWriter", "app_health", "performance_warnings"]
-
-
-class SinkCounts(Protocol):
-    """What an app's health reads of an attached event sink (a part of
-    :class:`~framepipe.telemetry.EventSinkCounts`)."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def target(self) -> str: ...
-    @property
-    def written(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
-    @property
-    def pending(self) -> int: ...
-    @property
-    def failing_since(self) -> float | None: ...
 
 
 def app_health(

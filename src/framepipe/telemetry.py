@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from framepipe.sink_counts import SinkCounts
 from framepipe.urls import safe_text
 
 if TYPE_CHECKING:
@@ -134,23 +135,12 @@ class StreamCollector(Collector):
         )
 
 
-class EventSinkCounts(Protocol):
-    """What :class:`EventSinkCollector` reads of a sink (:mod:`framepipe.event_sinks`)."""
+class EventSinkCounts(SinkCounts, Protocol):
+    """What :class:`EventSinkCollector` reads of a sink (:mod:`framepipe.event_sinks`): its
+    counts and the app it is attached to."""
 
     @property
-    def kind(self) -> str: ...
-    @property
-    def target(self) -> str: ...
-    @property
     def app_name(self) -> str | None: ...
-    @property
-    def written(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
-    @property
-    def pending(self) -> int: ...
-    @property
-    def failing_since(self) -> float | None: ...
 
 
 class EventSinkCollector(Collector):
