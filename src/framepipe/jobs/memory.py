@@ -24,6 +24,7 @@ from framepipe.jobs.rules import (
     execution_progress,
     is_key_dependency,
     missing_dependency_error,
+    new_step_row,
     plan_step,
 )
 
@@ -261,30 +262,7 @@ class ExecState:
         plan = plan_step(self.pipeline, step.name, params, key, deps, spawned_by)
         seq = self.next_seq
         self.next_seq += 1
-        return {
-            "execution_id": self.id,
-            "key": key,
-            "name": step.name,
-            "params": plan.params,
-            "depends_on": plan.deps,
-            "spawned_by": spawned_by,
-            "status": StepStatus.PENDING.value,
-            "weight": plan.weight,
-            "progress": 0.0,
-            "message": None,
-            "attempt": 0,
-            "failures": 0,
-            "crashes": 0,
-            "output": None,
-            "error": None,
-            "seq": seq,
-            "done_seq": None,
-            "created_at": now,
-            "ready_at": None,
-            "started_at": None,
-            "finished_at": None,
-            "next_attempt_at": None,
-        }
+        return new_step_row(self.id, plan, StepStatus.PENDING, seq=seq, created_at=now)
 
     def add_rows(self, step_rows: list[dict[str, Any]]) -> None:
         """Take stored steps (a resume) in: their states, numbering and completed outputs."""

@@ -53,6 +53,7 @@ __all__ = [
     "is_key_dependency",
     "is_ready",
     "missing_dependency_error",
+    "new_step_row",
     "plan_step",
     "released_by_names",
     "stuck_error",
@@ -73,6 +74,38 @@ class StepPlan:
     name_deps: list[str]
     weight: float
     spawned_by: str | None = None
+
+
+def new_step_row(
+    execution_id: str, plan: StepPlan, status: StepStatus, *, seq: int, created_at: float
+) -> dict[str, Any]:
+    """The row of a new step planned as ``plan`` (``status``, ``seq`` in its execution): not
+    started, no output, no error. The same in both modes; the workers' columns are added by
+    :func:`framepipe.jobs.step_graph.step_row`."""
+    return {
+        "execution_id": execution_id,
+        "key": plan.key,
+        "name": plan.name,
+        "params": plan.params,
+        "depends_on": plan.deps,
+        "spawned_by": plan.spawned_by,
+        "status": status.value,
+        "weight": plan.weight,
+        "progress": 0.0,
+        "message": None,
+        "attempt": 0,
+        "failures": 0,
+        "crashes": 0,
+        "output": None,
+        "error": None,
+        "seq": seq,
+        "done_seq": None,
+        "created_at": created_at,
+        "ready_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "next_attempt_at": None,
+    }
 
 
 def is_key_dependency(pipeline: Pipeline, dep: str) -> bool:

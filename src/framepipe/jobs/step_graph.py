@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, step_deps, steps
 from framepipe.jobs.models import StepStatus
-from framepipe.jobs.rules import StepPlan
+from framepipe.jobs.rules import StepPlan, new_step_row
 
 __all__ = [
     "CHUNK",
@@ -68,33 +68,14 @@ def step_row(
 ) -> dict[str, Any]:
     """The row of a new step planned as ``s``, ``status`` (a ready one is ready and published
     from ``now``), waiting for ``waiting`` unfinished steps, ``seq`` in its execution."""
+    ready = now if status is StepStatus.READY else None
     return {
-        "execution_id": execution_id,
-        "key": s.key,
-        "name": s.name,
-        "params": s.params,
-        "depends_on": s.deps,
-        "spawned_by": s.spawned_by,
-        "status": status.value,
-        "weight": s.weight,
-        "progress": 0.0,
-        "message": None,
-        "attempt": 0,
-        "failures": 0,
-        "crashes": 0,
-        "output": None,
-        "error": None,
-        "seq": seq,
-        "done_seq": None,
-        "created_at": created_at,
-        "ready_at": now if status is StepStatus.READY else None,
-        "started_at": None,
-        "finished_at": None,
-        "next_attempt_at": None,
+        **new_step_row(execution_id, s, status, seq=seq, created_at=created_at),
+        "ready_at": ready,
         "waiting": waiting,
         "lease_until": None,
         "worker": None,
-        "published_at": now if status is StepStatus.READY else None,
+        "published_at": ready,
     }
 
 
