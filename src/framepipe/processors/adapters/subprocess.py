@@ -48,14 +48,18 @@ from framepipe.processors.adapters.base import ModelAdapter, ModelResult, PathLi
 from framepipe.sources.child import parent_death_command
 from framepipe.urls import safe_text
 
-__all__ = ["DEFAULT_ARGV", "REFUSED_INPUT", "REFUSED_SETUP", "SubprocessModel"]
+__all__ = ["DEFAULT_ARGV", "REFUSALS", "SubprocessModel"]
 
-REFUSED_INPUT = {65: "EX_DATAERR", 66: "EX_NOINPUT"}
-"""Exit codes (BSD ``sysexits.h``) by which a model script refuses its input for good: a
-:class:`~framepipe.errors.ModelRefusedError`, as an HTTP model's 400."""
-REFUSED_SETUP = {64: "EX_USAGE", 78: "EX_CONFIG"}
-"""Exit codes by which a model script says its command line or setup is wrong: a
-:class:`~framepipe.errors.ModelSetupError`, as an HTTP model's 401 or 404."""
+REFUSALS: dict[int, tuple[type[ModelError], str, str]] = {
+    65: (ModelRefusedError, "EX_DATAERR", "the model refused its input; not run again"),
+    66: (ModelRefusedError, "EX_NOINPUT", "the model refused its input; not run again"),
+    64: (ModelSetupError, "EX_USAGE", "the model's command or setup is wrong; not run again"),
+    78: (ModelSetupError, "EX_CONFIG", "the model's command or setup is wrong; not run again"),
+}
+"""Exit codes (BSD ``sysexits.h``) by which a model script refuses for good: its input (a
+:class:`~framepipe.errors.ModelRefusedError`, as an HTTP model's 400) or its command line or
+setup (a :class:`~framepipe.errors.ModelSetupError`, as an HTTP model's 401 or 404); with
+the name of the code and what the error adds."""
 
 log = logging.getLogger("framepipe.models")
 
@@ -286,18 +290,10 @@ class SubprocessModel(ModelAdapter):
         if code != 0:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
             said = f"{self.describe()} {how}" + (_stderr_part(tail) or " (no stderr)")
-            if code in REFUSED_INPUT:
-                raise ModelRefusedError(
-                    f"{said}\n(exit code {code}, {REFUSED_INPUT[code]}: the model refused its "
-                    "input; not run again)",
-                    model=self.describe(),
-                    exit_code=code,
-                    stderr_tail=stderr_tail,
-                )
-            if code in REFUSED_SETUP:
-                raise ModelSetupError(
-                    f"{said}\n(exit code {code}, {REFUSED_SETUP[code]}: the model's command or "
-                    "setup is wrong; not run again until it is fixed)",
+            if code in REFUSALS:
+                error, name, meaning = REFUSALS[code]
+                raise error(
+                    f"{said}\n(exit code {code}, {name}: {meaning})",
                     model=self.describe(),
                     exit_code=code,
                     stderr_tail=stderr_tail,
