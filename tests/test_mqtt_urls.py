@@ -59,7 +59,7 @@ def test_a_percent_escape_that_is_no_utf8_is_refused_not_read_as_another_charact
 ) -> None:
     """Read leniently, ``%FF`` would become U+FFFD: another password sent, refused by the
     broker for a reason nobody can see. It is refused here, saying which parts to look at."""
-    with pytest.raises(ConfigError, match="percent-decoded, is not UTF-8") as caught:
+    with pytest.raises(ConfigError, match="not UTF-8") as caught:
         parse_mqtt_url(url)
     assert SECRET not in str(caught.value)
 
@@ -81,3 +81,32 @@ def test_a_sinks_settings_are_read_from_their_one_owner_and_cannot_be_changed() 
         sink.prefix = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         sink.labels["order"] = "orders"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mqtt://broker/fp?keepalive=70000", "keepalive must be 1 to 65535"),
+        ("mqtt://broker/fp?keepalive=0", "keepalive must be 1 to 65535"),
+        ("mqtts://broker/fp?ca=/no/such/ca.pem", "is not a file this process can read"),
+        ("mqtt://broker/fp?client_id=cam%FF", "not UTF-8"),
+        ("mqtt://broker/fp?labels=segment:%FF", "not UTF-8"),
+    ],
+)
+def test_a_setting_the_client_could_never_use_is_refused_at_once(url: str, said: str) -> None:
+    """A keep-alive past MQTT's 16 bits or a CA file that is not there failed at every
+    reconnect (a stack trace each time, or a broker taken for down); a client id or label that
+    percent-decodes to no UTF-8 was read as U+FFFD."""
+    with pytest.raises(ConfigError, match=said):
+        parse_mqtt_url(url)
+
+
+def test_a_url_without_a_plain_scheme_shows_nothing_of_it() -> None:
+    from framepipe.urls import check_sent_url, scheme_only
+
+    assert scheme_only("redis://u:pw@h/0") == "redis://***"
+    assert scheme_only("unix:/tmp/r.sock?password=x") == "unix:***"
+    assert scheme_only("pa$$word@host") == "***"
+    with pytest.raises(ConfigError) as refused:
+        check_sent_url("unix:/tmp/r.sock?password=s3cr%FFet", "Redis URL")
+    assert "s3cr" not in str(refused.value)

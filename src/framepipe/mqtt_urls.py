@@ -8,11 +8,12 @@ and :mod:`framepipe.mqtt` take their names from here."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote
 
 from framepipe.errors import ConfigError
-from framepipe.urls import not_utf8, safe_url, split_url
+from framepipe.urls import check_sent_url, safe_url, split_url
 
 __all__ = ["MqttTarget", "parse_mqtt_url", "topic_level", "unfit_in_topic"]
 
@@ -61,6 +62,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     :class:`ConfigError` naming the URL (password masked) and the part that is wrong."""
     shown = safe_url(url)
     parts = split_url(url, "MQTT URL")
+    check_sent_url(url, "MQTT URL")  # MQTT sends its host, user, password, client id as UTF-8
     port = parts.port
     if parts.scheme not in _DEFAULT_PORTS:
         raise ConfigError(f"MQTT URL {shown!r}: the scheme must be mqtt:// or mqtts://")
@@ -68,25 +70,19 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ConfigError(f"MQTT URL {shown!r}: no host")
     try:  # a %XX of a byte that begins no UTF-8 character would be read as U+FFFD
         prefix = unquote(parts.path, errors="strict").strip("/") or "framepipe"
-        username = unquote(parts.username, errors="strict") if parts.username else None
-        password = unquote(parts.password, errors="strict") if parts.password is not None else None
     except UnicodeDecodeError:
         raise ConfigError(
-            f"MQTT URL {shown!r}: its topic prefix, user name or password, percent-decoded, "
-            "is not UTF-8 (a %XX escape of a byte that is no UTF-8 text)"
+            f"MQTT URL {shown!r}: its topic prefix, percent-decoded, is not UTF-8 (a %XX "
+            "escape of a byte that is no UTF-8 text)"
         ) from None
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
     if any(c in "+#" or unfit_in_topic(c) for c in prefix) or "//" in prefix:
         raise ConfigError(
             f"MQTT URL {shown!r}: the topic prefix {prefix!r} may not hold '+', '#', "
             "an empty level, a control character, a lone surrogate or a Unicode non-character"
         )
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    sent = (parts.hostname, username, password, query.get("client_id"))
-    if any(text is not None and not_utf8(text) for text in sent):  # MQTT sends them as UTF-8
-        raise ConfigError(
-            f"MQTT URL {shown!r}: its host, user name, password or client_id holds bytes that "
-            "are not UTF-8 (an environment value in another encoding); write it in UTF-8"
-        )
     unknown = set(query) - {"qos", "client_id", "keepalive", "ca", "labels"}
     if unknown:
         raise ConfigError(
@@ -109,8 +105,11 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         raise ConfigError(f"MQTT URL {shown!r}: qos and keepalive must be integers") from None
     if qos not in (0, 1, 2):
         raise ConfigError(f"MQTT URL {shown!r}: qos must be 0, 1 or 2, not {qos}")
-    if keepalive < 1:
-        raise ConfigError(f"MQTT URL {shown!r}: keepalive must be >= 1 second")
+    if not 1 <= keepalive <= 65535:  # MQTT's keep alive is a 16-bit number of seconds
+        raise ConfigError(f"MQTT URL {shown!r}: keepalive must be 1 to 65535 seconds")
+    ca = query.get("ca") or None
+    if ca is not None and not (os.path.isfile(ca) and os.access(ca, os.R_OK)):
+        raise ConfigError(f"MQTT URL {shown!r}: ca={ca!r} is not a file this process can read")
     return MqttTarget(
         host=parts.hostname,
         port=port or _DEFAULT_PORTS[parts.scheme],
@@ -120,7 +119,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
         username=username,
         password=password,
         client_id=query.get("client_id") or None,
-        ca_file=query.get("ca") or None,
+        ca_file=ca,
         keepalive=keepalive,
         labels=tuple(labels),
     )

@@ -151,6 +151,16 @@ def safe_json(value: Any) -> Any:
     return value
 
 
+def scheme_only(url: str) -> str:
+    """``url`` shown by its scheme alone (``redis://***``; ``***`` when it has no plain scheme):
+    for a URL whose password cannot be told from the rest."""
+    scheme, sep, _rest = url.partition("://")
+    if not sep:
+        scheme, sep, _rest = url.partition(":")
+    plain = sep and scheme.isascii() and scheme.replace("+", "").isalnum()
+    return f"{scheme}{sep}***" if plain else "***"
+
+
 def split_url(url: str, what: str) -> SplitResult:
     """``url`` split, its port read; a :class:`~framepipe.errors.ConfigError` naming ``what``
     when its host and port do not parse. Nothing after the scheme is shown then: a URL that
@@ -161,11 +171,9 @@ def split_url(url: str, what: str) -> SplitResult:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - reading it is the check
     except ValueError:
-        scheme, sep, _rest = url.partition("://")
-        shown = f"{scheme}://***" if sep and scheme.isascii() and scheme.isalnum() else "***"
         raise ConfigError(
-            f"{what} {shown!r} (the rest hidden): its host and port do not parse (a user "
-            "name or password holding '/', '?', '#', '@', '[' or a space, or a full-width "
+            f"{what} {scheme_only(url)!r} (the rest hidden): its host and port do not parse "
+            "(a user name or password holding '/', '?', '#', '@', '[' or a space, or a full-width "
             "form of one, must be percent-encoded: '/' is %2F, '?' %3F, '#' %23, '@' %40, "
             "'[' %5B, ' ' %20)"
         ) from None
@@ -195,7 +203,7 @@ def check_sent_url(url: str, what: str) -> None:
     )
     if not all(_utf8_text(text) for text in sent):
         raise ConfigError(
-            f"{what} '{url.partition('://')[0]}://***': its user name, password, host or "
+            f"{what} {scheme_only(url)!r}: its user name, password, host or "
             "options hold bytes that are not UTF-8 (an environment value in another encoding, "
             "or a %XX escape of such a byte); write it in UTF-8"
         )
