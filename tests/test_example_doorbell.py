@@ -726,6 +726,10 @@ def test_configuration_from_env_and_dict(monkeypatch: pytest.MonkeyPatch, tmp_pa
             load_config({"pipeline_config": {"event_processing": {"recent_events": kept}}})
     with pytest.raises(ConfigError, match=r"recent_events must be at most 100000, not 1000"):
         load_config({"pipeline_config": {"event_processing": {"recent_events": 10**20}}})
+    with pytest.raises(ConfigError, match=r"recent_events must be at most 100000"):
+        load_config({"pipeline_config": {"event_processing": {"recent_events": 10**400}}})
+    with pytest.raises(ConfigError, match=r"visit_timeout is too large a number"):
+        load_config({"pipeline_config": {"event_processing": {"visit_timeout": 10**400}}})
     # a NaN compares false with every bound: refused by name, not an order never closed
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=r"visit_timeout must be a finite number > 0"):

@@ -180,7 +180,10 @@ def _get(raw: Mapping[str, Any], path: str, kind: type | tuple[type, ...]) -> An
             raise ConfigError(f"doorbell config: {path} is missing")
         value = value[part]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"doorbell config: {path} is too large a number") from None
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"doorbell config: {path} must be a {want}, not {value!r}")
@@ -194,7 +197,8 @@ MAX_RECENT_EVENTS = 100_000
 def _positive(path: str, value: float, *, zero: bool = False, most: float | None = None) -> float:
     """``value``, unless it is not a finite number ``> 0`` (``>= 0`` with ``zero``) up to
     ``most``: a NaN compares false with every bound, so it is refused by name."""
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+    finite = not isinstance(value, float) or math.isfinite(value)  # an int of any size is
+    if not finite or value < 0 or (value == 0 and not zero):
         raise ConfigError(
             f"doorbell config: {path} must be a finite number {'>= 0' if zero else '> 0'}, "
             f"not {value}"
