@@ -130,33 +130,32 @@ def _module_name(path: Path) -> str:
 
 
 def _framepipe_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The framepipe modules (not packages' ``__init__``) ``path`` imports anywhere in it:
-    at the top, in functions, under ``TYPE_CHECKING``."""
+    """The framepipe modules ``path`` imports anywhere in it: at the top, in functions, under
+    ``TYPE_CHECKING``; a package's name is its ``__init__``, a node as any other (a circle
+    through a package that both defines names and imports its submodules counts)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         targets: list[str] = []
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(name.split(".")[: -node.level] + ([base] if base else []))
+                parent = package[: len(package) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             targets = [
                 f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
             ]
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         found.update(t for t in targets if t in modules and t != name)
-    return {t for t in found if modules[t].name != "__init__.py"}
+    return found
 
 
 def test_no_modules_import_each_other_round_in_a_circle() -> None:
     """Each module sits on one floor: no chain of imports (type hints included) leads from a
     module back to itself. A module that needs a few names of one above it takes a Protocol."""
     modules = {_module_name(p): p for p in SRC.rglob("*.py") if "migrations" not in p.parts}
-    graph = {
-        name: _framepipe_imports(name, path, modules)
-        for name, path in modules.items()
-        if path.name != "__init__.py"
-    }
+    graph = {name: _framepipe_imports(name, path, modules) for name, path in modules.items()}
     circles: list[list[str]] = []
     order: dict[str, int] = {}
     low: dict[str, int] = {}

@@ -69,10 +69,10 @@ except ModuleNotFoundError as exc:
     raise MissingDependencyError(
         "aio-pika", "amqp", "distributed jobs on an amqp:// broker"
     ) from exc
-from framepipe.jobs.delivery import Backlog, Received, StepDelivery
 from framepipe.jobs.delivery.amqp_consuming import Consuming
 from framepipe.jobs.delivery.amqp_publishing import Publishing
 from framepipe.jobs.delivery.amqp_wire import channel_closed_by_server
+from framepipe.jobs.delivery.contract import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 from framepipe.redis import safe_url

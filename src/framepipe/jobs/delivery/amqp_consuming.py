@@ -50,7 +50,6 @@ from aio_pika.exceptions import (
 from aiormq.abc import DeliveredMessage
 
 from framepipe.errors import BrokerError
-from framepipe.jobs.delivery import Received
 from framepipe.jobs.delivery.amqp_publishing import Publishing
 from framepipe.jobs.delivery.amqp_wire import (
     BATCH,
@@ -65,6 +64,7 @@ from framepipe.jobs.delivery.amqp_wire import (
     tag_of,
     vhost_of,
 )
+from framepipe.jobs.delivery.contract import Received
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 

@@ -36,7 +36,7 @@ try:
     import redis
 except ModuleNotFoundError as exc:
     raise MissingDependencyError("redis", "redis", "distributed jobs on a redis:// broker") from exc
-from framepipe.jobs.delivery import Backlog, Received, StepDelivery
+from framepipe.jobs.delivery.contract import Backlog, Received, StepDelivery
 from framepipe.jobs.rounds import Delivery
 from framepipe.logs import get_logger
 from framepipe.outage import Outage
