@@ -37,13 +37,14 @@ import sqlalchemy as sa
 
 from framepipe.backends.state import StateStore, executions, step_deps, steps
 from framepipe.backends.state.event_log import insert_events
-from framepipe.errors import ExecutionNotFoundError, ExecutionStateError
+from framepipe.errors import ExecutionNotFoundError
 from framepipe.events import Event
 from framepipe.jobs.claims import claim_statement, held_by
 from framepipe.jobs.execution_row import MODE, RUNNING, ExecutionRow
 from framepipe.jobs.models import ExecutionStatus, StepStatus
 from framepipe.jobs.pipeline import Pipeline
 from framepipe.jobs.records import find_execution
+from framepipe.jobs.retry_checks import check_status_retryable
 from framepipe.jobs.rounds import (
     Claimed,
     Delivery,
@@ -146,17 +147,7 @@ def resume(
                 f"execution {execution_id[:12]} was deleted (pruned) meanwhile",
                 execution_id=execution_id,
             )
-        status = ExecutionStatus(x.status)
-        if not status.retryable:
-            what = (
-                "has completed; nothing to retry"
-                if status is ExecutionStatus.COMPLETED
-                else f"is {status.value}"
-            )
-            raise ExecutionStateError(
-                f"execution {execution_id[:12]} of pipeline '{x.pipeline}' {what}",
-                execution_id=execution_id,
-            )
+        check_status_retryable(execution_id, x.pipeline, ExecutionStatus(x.status), x.owner)
         conn.execute(
             steps.update()
             .where(

@@ -47,6 +47,7 @@ class ExecutionRow:
         self.input_roots: list[str] | None = row["input_roots"]
         self.stopping: str | None = row["stopping"]
         self.traceparent: str | None = row["traceparent"]
+        self.owner: str | None = row.get("owner")
 
     @property
     def running(self) -> bool:

@@ -1,7 +1,8 @@
 """The refusals of a retry, checked before anything of it is stored.
 
-Plain functions the engine (:meth:`~framepipe.jobs.engine.JobEngine.retry`) and the command
-line (through :func:`framepipe.jobs.client.check_retryable`) share, so a retry is refused with
+Plain functions the engine (:meth:`~framepipe.jobs.engine.JobEngine.retry`), the workers'
+resume (:func:`framepipe.jobs.dispatch.resume`) and the command line (through
+:func:`framepipe.jobs.client.check_retryable`) share, so a retry is refused with
 the same words wherever it is asked for. Each raises, and returns nothing when the retry may
 go on; none reads or writes the store.
 """
@@ -15,21 +16,35 @@ from framepipe.errors import ExecutionStateError, UnknownStepError
 from framepipe.jobs.models import ExecutionInfo, ExecutionStatus
 from framepipe.jobs.pipeline import Pipeline
 
-__all__ = ["check_defines_stored_steps", "check_retry_pipeline", "check_retryable"]
+__all__ = [
+    "check_defines_stored_steps",
+    "check_retry_pipeline",
+    "check_retryable",
+    "check_status_retryable",
+]
 
 
 def check_retryable(info: ExecutionInfo) -> None:
     """:class:`ExecutionStateError` unless ``info`` is failed, cancelled or interrupted (worded
     as :meth:`JobClient.retry` words it), for a caller that checks before loading code."""
-    if info.status.retryable:
+    check_status_retryable(info.id, info.pipeline, info.status, info.owner)
+
+
+def check_status_retryable(
+    execution_id: str, pipeline: str, status: ExecutionStatus, owner: str | None
+) -> None:
+    """:func:`check_retryable` on an execution's fields (the workers' resume checks its locked
+    row with it)."""
+    if status.retryable:
         return
     what = (
         "has completed; nothing to retry"
-        if info.status is ExecutionStatus.COMPLETED
-        else f"is {info.status.value} (owner {info.owner})"
+        if status is ExecutionStatus.COMPLETED
+        else f"is {status.value} (owner {owner})"
     )
     raise ExecutionStateError(
-        f"execution {info.id[:12]} of pipeline '{info.pipeline}' {what}", execution_id=info.id
+        f"execution {execution_id[:12]} of pipeline '{pipeline}' {what}",
+        execution_id=execution_id,
     )
 
 
