@@ -54,7 +54,7 @@ def test_a_bus_and_settings_given_to_the_engine_later_are_what_a_workers_submit_
     tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
     """The hand-off to the workers reads the engine's bus and settings at each call: an
-    engine given another bus (or settings, before its first publish) submits with them."""
+    engine given another bus (or settings, also after a first publish) submits with them."""
     import redis
 
     from framepipe.events import EventBus
@@ -75,8 +75,11 @@ def test_a_bus_and_settings_given_to_the_engine_later_are_what_a_workers_submit_
             engine.bus.add_listener(lambda event: heard.append(event.type))
             engine.settings = settings("fp-second")
             await engine.submit(wp.chain, {"dir": str(tmp_path)})
+            engine.settings = settings("fp-third")  # after a first publish too
+            await engine.submit(wp.chain, {"dir": str(tmp_path)})
 
     asyncio.run(main())
     assert "execution.created" in heard
     client = redis.Redis.from_url(private_redis.url)
     assert client.exists("fp-second:jobs:steps") and not client.exists("fp-first:jobs:steps")
+    assert client.exists("fp-third:jobs:steps")

@@ -70,6 +70,7 @@ class WorkerHandoff:
         self._owner = owner
         self._in_db = in_db
         self._broker: StepDelivery | None = None
+        self._opened: tuple[str, str] | None = None  # the broker's URL and namespace
         self._publishing = Outage()  # of the broker, as publishing finds it
 
     async def submit(
@@ -131,11 +132,13 @@ class WorkerHandoff:
         it holds them. If it is down, the workers' sweep publishes them later."""
         if not ready:
             return
-        if self._broker is None:
+        settings = self._owner.settings
+        where = (settings.broker_url, settings.broker_namespace)
+        if self._broker is None or self._opened != where:  # the owner's settings changed
             from framepipe.jobs.delivery import open_delivery
 
-            settings = self._owner.settings
-            self._broker = open_delivery(settings.broker_url, settings.broker_namespace)
+            self.close()
+            self._broker, self._opened = open_delivery(*where), where
         try:
             await self._in_db(self._broker.publish, ready)
         except FramepipeError as exc:
@@ -156,3 +159,4 @@ class WorkerHandoff:
         """Close the broker connection, if one was opened."""
         if self._broker is not None:
             self._broker.close()
+            self._broker = None
