@@ -28,7 +28,7 @@ from framepipe.snapshots import PREVIEW_QUALITY, preview_file_name, preview_jpeg
 from framepipe.stream.pipeline import StreamPipeline
 from framepipe.urls import safe_json
 
-__all__ = ["SinkCounts", "SnapshotWriter", "app_health", "performance_warnings"]
+__all__ = ["SnapshotWriter", "app_health", "performance_warnings"]
 
 
 def app_health(

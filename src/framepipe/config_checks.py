@@ -34,7 +34,6 @@ __all__ = [
     "comma_list",
     "default_home_when_blank",
     "finished_statuses",
-    "not_utf8",
     "url_beginning",
 ]
 

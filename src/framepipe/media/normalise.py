@@ -105,12 +105,10 @@ def normalise(
                 guard=LengthGuard(src, length, "its output", writing=True),
             ) as writer,
         ):
-            written = 0
             for frame in turn.frames(resample(source.frames, src_rate, out_rate)):
                 writer.write(frame)
                 report.step()
-                written += 1
-            if written == 0:  # nothing is left at dst: an empty MP4 is no video
+            if report.done == 0:  # nothing is left at dst: an empty MP4 is no video
                 raise MediaError(
                     src,
                     f"its video lasts less than half a frame at {float(out_rate):g} fps "

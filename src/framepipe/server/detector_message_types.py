@@ -23,6 +23,7 @@ from framepipe.server.detector_messages import (
     MessageRole,
     Registration,
 )
+from framepipe.urls import safe_text
 
 __all__ = ["MessageTypes", "handle"]
 
@@ -77,5 +78,9 @@ async def handle(handler: Handler, message: DetectorMessage, session_id: str | N
     except Exception as exc:
         _log.exception("handler of %s from detector %s failed", kind, detector)
         await connection.send(
-            {"type": "error", "detail": f"{kind} failed: {exc}", "session_id": session_id}
+            {
+                "type": "error",
+                "detail": f"{kind} failed: {safe_text(str(exc))}",
+                "session_id": session_id,
+            }
         )

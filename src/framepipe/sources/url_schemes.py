@@ -49,8 +49,6 @@ def gst_schemes() -> frozenset[str]:
         element, sep, protocols = line.partition(":")
         if sep and "(read" in element:
             schemes.update(p.strip().lower() for p in protocols.split(","))
-    if "rtspsrc" in done.stdout:
-        schemes.update({"rtsp", "rtsps"})
     return frozenset(schemes)
 
 

@@ -386,7 +386,7 @@ class StreamPipeline:
         if health.state is HealthState.FAILED:
             self._phase = HealthState.FAILED
             self.last_error = health.last_error
-        self._segments.ended(stopped=self._segments.stopping)  # decided as the capture ends
+        self._segments.ended()  # the reason is decided as the capture ends
         await first.put(END)
 
     def _on_supervisor_event(self, kind: str, data: dict[str, Any]) -> None:

@@ -121,10 +121,10 @@ class SegmentFlow:
         self.stopping = False
         self._end_reason = "end"
 
-    def ended(self, *, stopped: bool) -> None:
-        """This run's capture ended: by a stop (its open segments close as ``"stopped"``) or
-        by itself (``"end"``)."""
-        self._end_reason = "stopped" if stopped else "end"
+    def ended(self) -> None:
+        """This run's capture ended: by a stop (:attr:`stopping` set: its open segments close
+        as ``"stopped"``) or by itself (``"end"``)."""
+        self._end_reason = "stopped" if self.stopping else "end"
 
     async def _settle(self, state: SegmenterState, frame: Frame, taken: Taken) -> None:
         """Ask ``taken`` about the id ``frame``'s key would get next, until one is free
